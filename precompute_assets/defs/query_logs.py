@@ -1,0 +1,147 @@
+"""Query logs: the hourly partitions drained from the serving client's Redis Stream, and their cleanup."""
+
+
+from datetime import datetime
+from zoneinfo import ZoneInfo
+
+import dagster as dg
+import pandas as pd
+
+from ..serving.querylog import quarantine_row, read_stream_window, validate_entry
+from ..tables import query_log_frame, quarantine_frame
+from .partitions import hourly_partitions
+from .resources import RedisResource
+
+QUARANTINE_WARN_RATE = 0.001
+QUARANTINE_FAIL_RATE = 0.05
+
+
+def epoch_ms(moment: datetime) -> int:
+    return int(moment.timestamp() * 1000)
+
+
+def quarantine_check(quarantined: int, total: int) -> dg.AssetCheckResult:
+    """Passes up to 0.1% quarantined, warns up to 5%, errors above."""
+    rate = quarantined / total if total else 0.0
+    return dg.AssetCheckResult(
+        check_name="quarantine_rate",
+        asset_key="query_logs",
+        passed=rate <= QUARANTINE_WARN_RATE,
+        severity=dg.AssetCheckSeverity.ERROR if rate > QUARANTINE_FAIL_RATE else dg.AssetCheckSeverity.WARN,
+        metadata={"quarantine_rate": rate, "quarantined": quarantined, "events": total},
+        description=f"{quarantined} of {total} events quarantined ({rate:.3%})",
+    )
+
+
+@dg.multi_asset(
+    outs={
+        "query_logs": dg.AssetOut(
+            description="Validated prediction-query events of one hour, read from the query-log stream.",
+            kinds={"redis", "pandas"},
+        ),
+        "query_log_quarantine": dg.AssetOut(
+            description="Malformed query-log events of one hour, with the reason each was rejected.",
+            kinds={"pandas"},
+        ),
+    },
+    partitions_def=hourly_partitions,
+    check_specs=[dg.AssetCheckSpec("quarantine_rate", asset="query_logs")],
+    group_name="query_logs",
+)
+def query_logs(context: dg.AssetExecutionContext, redis: RedisResource):
+    """Range-read the stream entries that arrived in this hour (idempotent), validate, quarantine the rest."""
+    window = context.partition_time_window
+    client = redis.client()
+    rows, rejected = [], []
+    for page in read_stream_window(client, redis.schema(), epoch_ms(window.start), epoch_ms(window.end)):
+        for entry_id, fields in page:
+            row, reason = validate_entry(entry_id, fields)
+            if row is not None:
+                rows.append(row)
+            else:
+                rejected.append(quarantine_row(entry_id, fields, reason))
+        context.log.info(f"read {len(rows) + len(rejected)} events ({len(rejected)} quarantined)")
+    logs, quarantine = query_log_frame(rows), quarantine_frame(rejected)
+    total = len(logs) + len(quarantine)
+    yield dg.Output(
+        logs,
+        output_name="query_logs",
+        metadata={
+            "dagster/row_count": len(logs),
+            "hit_rate": float(logs["hit"].mean()) if len(logs) else 0.0,
+            "distinct_keys": int(logs["key"].nunique()),
+            "quarantined": len(quarantine),
+            "events_by_kind": dg.MetadataValue.json(logs["kind"].value_counts().to_dict()),
+        },
+    )
+    yield dg.Output(
+        quarantine,
+        output_name="query_log_quarantine",
+        metadata={
+            "dagster/row_count": len(quarantine),
+            "reasons": dg.MetadataValue.json(_reason_counts(quarantine)),
+        },
+    )
+    yield quarantine_check(len(quarantine), total)
+
+
+def _reason_counts(quarantine: pd.DataFrame) -> dict[str, int]:
+    if quarantine.empty:
+        return {}
+    # Reasons embed offending values; group by their stable prefix.
+    return quarantine["reason"].str.split(":").str[0].value_counts().head(20).to_dict()
+
+
+# --- cleanup -------------------------------------------------------------------------------------------
+
+
+def safe_trim_boundary(
+    first_entry_ms: int,
+    cutoff_ms: int,
+    materialized: set[str],
+    partitions_def: dg.TimeWindowPartitionsDefinition = hourly_partitions,
+) -> int:
+    """The newest stream ID (ms) that may be trimmed: the retention cutoff, or earlier if an hour before
+    it has not been materialized yet (its events would be lost)."""
+    if first_entry_ms >= cutoff_ms:
+        return first_entry_ms
+    first_key = partitions_def.get_partition_key_for_timestamp(first_entry_ms / 1000)
+    start = partitions_def.time_window_for_partition_key(first_key).start
+    end = datetime.fromtimestamp(cutoff_ms / 1000, tz=ZoneInfo(partitions_def.timezone))
+    for key in partitions_def.get_partition_keys_in_time_window(dg.TimeWindow(start, end)):
+        if key not in materialized:
+            return min(cutoff_ms, epoch_ms(partitions_def.time_window_for_partition_key(key).start))
+    return cutoff_ms
+
+
+class CleanupConfig(dg.Config):
+    retention_hours: int = 7 * 24
+
+
+@dg.op(description="Trim query-log stream entries older than the retention, never an unmaterialized hour.")
+def trim_query_log(context: dg.OpExecutionContext, config: CleanupConfig, redis: RedisResource) -> int:
+    client, stream = redis.client(), redis.schema().query_log()
+    first = client.xrange(stream, count=1)
+    if not first:
+        context.log.info("query-log stream is empty")
+        return 0
+    first_ms = int(first[0][0].split(b"-")[0])
+    now_ms = epoch_ms(datetime.now(tz=ZoneInfo(hourly_partitions.timezone)))
+    cutoff_ms = now_ms - config.retention_hours * 3_600_000
+    materialized = context.instance.get_materialized_partitions(dg.AssetKey("query_logs"))
+    boundary = safe_trim_boundary(first_ms, cutoff_ms, materialized)
+    removed = client.xtrim(stream, minid=f"{boundary}-0") if boundary > first_ms else 0
+    if boundary < cutoff_ms:
+        context.log.warning("stopped trimming at an hour that is not materialized yet")
+    context.log.info(f"trimmed {removed} entries older than {boundary}")
+    return removed
+
+
+@dg.job(description="Trim the query-log stream past its retention.")
+def query_log_cleanup_job():
+    trim_query_log()
+
+
+query_logs_job = dg.define_asset_job(
+    "query_logs_job", selection=dg.AssetSelection.assets(query_logs), description="Drain one hour of query logs."
+)

@@ -1,0 +1,58 @@
+"""The offline store: one Parquet file per asset partition, on a local folder or any pyarrow filesystem URI."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+ENV_LAKE = "PRECOMPUTE_LAKE_URI"
+
+
+def default_lake_uri() -> str:
+    """``$PRECOMPUTE_LAKE_URI`` (``s3://bucket/prefix``, ``gs://...``) or a folder in the local state."""
+    from .stack import default_home
+
+    return os.environ.get(ENV_LAKE) or str(default_home() / "lake")
+
+
+@dataclass(frozen=True)
+class Lake:
+    """Reads and writes ``{base}/{asset}/{partition}.parquet``; a write replaces the file atomically."""
+
+    base_uri: str
+
+    @cached_property
+    def _fs(self) -> tuple[pafs.FileSystem, str]:
+        uri = self.base_uri if "://" in self.base_uri else str(Path(self.base_uri).resolve())
+        return pafs.FileSystem.from_uri(uri)
+
+    def path(self, asset: str, partition: str | None = None) -> str:
+        root = self._fs[1].rstrip("/")
+        return f"{root}/{asset}/{partition or '__unpartitioned__'}.parquet"
+
+    def write(self, asset: str, partition: str | None, table: pd.DataFrame | pa.Table) -> str:
+        fs, _ = self._fs
+        path = self.path(asset, partition)
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        if isinstance(table, pd.DataFrame):
+            table = pa.Table.from_pandas(table, preserve_index=False)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        pq.write_table(table, tmp, filesystem=fs, compression="zstd")
+        fs.move(tmp, path)
+        return path
+
+    def exists(self, asset: str, partition: str | None = None) -> bool:
+        fs, _ = self._fs
+        return fs.get_file_info(self.path(asset, partition)).type == pafs.FileType.File
+
+    def read(self, asset: str, partition: str | None = None, columns: list[str] | None = None) -> pd.DataFrame:
+        fs, _ = self._fs
+        return pq.read_table(self.path(asset, partition), filesystem=fs, columns=columns).to_pandas()

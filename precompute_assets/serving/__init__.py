@@ -1,0 +1,23 @@
+"""The contract with online services: key schema, codecs, read-through client and query logging.
+
+Imports redis, numpy and the standard library only, so services can depend on it without Dagster.
+"""
+
+from .cache import PredictionCache
+from .connection import connect
+from .keys import SCHEMA_VERSION, KeySchema, Pointer
+from .publish import PublishResult, publish_version
+from .querylog import QueryLogger, log_prediction_query, query_logger
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "KeySchema",
+    "Pointer",
+    "PredictionCache",
+    "PublishResult",
+    "QueryLogger",
+    "connect",
+    "log_prediction_query",
+    "publish_version",
+    "query_logger",
+]

@@ -1,0 +1,174 @@
+"""``PredictionCache``: the read side of the serving cache, with read-through compute and query logging."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import redis
+
+from .connection import REDIS_ERRORS, connect
+from .keys import KeySchema, Pointer, bucket_of, codec_for
+from .querylog import QueryLogger
+
+
+class PredictionCache:
+    """Reads precomputed predictions from Redis; falls back to values computed live.
+
+    A lookup reads the bucket of the currently published version (the pointer is re-read at most every
+    ``pointer_ttl_s``; a batch always reads one version), then the live read-through key. A Redis error
+    makes lookups misses for ``backoff_s`` instead of making every caller wait for a timeout.
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        schema: KeySchema | None = None,
+        logger: QueryLogger | None = None,
+        live_ttl_s: int = 3600,
+        pointer_ttl_s: float = 1.0,
+        backoff_s: float = 1.0,
+    ) -> None:
+        self.client = client
+        self.schema = schema or KeySchema()
+        self.logger = logger
+        self.live_ttl_s = live_ttl_s
+        self.pointer_ttl_s = pointer_ttl_s
+        self.backoff_s = backoff_s
+        self.errors = 0
+        self._pointers: dict[str, tuple[Pointer | None, float]] = {}
+        self._retry_at = 0.0
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        socket_timeout: float = 0.05,
+        namespace: str = "pc",
+        log_queries: bool = True,
+        clock: Callable[[], int] | None = None,
+        **options: Any,
+    ) -> PredictionCache:
+        """A cache on ``url``; query logging uses its own connection so it never queues behind lookups."""
+        schema = KeySchema(namespace)
+        client = connect(url, socket_timeout=socket_timeout)
+        logger = (
+            QueryLogger(connect(url, socket_timeout=max(socket_timeout, 1.0)), schema, clock=clock)
+            if log_queries
+            else None
+        )
+        return cls(client, schema=schema, logger=logger, **options)
+
+    # --- public API -----------------------------------------------------------------------------------
+
+    def get(self, kind: str, key: str, *, user: str | None = None, tenant: str | None = None) -> Any | None:
+        """The cached value of ``key`` or None on a miss (or when Redis is unreachable)."""
+        start = time.perf_counter_ns()
+        raw = self._lookup(kind, key)
+        self._log(kind, key, raw is not None, start, user, tenant)
+        return None if raw is None else codec_for(kind).decode(raw)
+
+    def get_many(
+        self, kind: str, keys: Sequence[str], *, user: str | None = None, tenant: str | None = None
+    ) -> list[Any | None]:
+        """Values for ``keys`` in order (None for misses), read from one published version in one round trip."""
+        start = time.perf_counter_ns()
+        raws = self._lookup_many(kind, keys)
+        codec = codec_for(kind)
+        for key, raw in zip(keys, raws, strict=True):
+            self._log(kind, key, raw is not None, start, user, tenant)
+        return [None if raw is None else codec.decode(raw) for raw in raws]
+
+    def get_or_compute(
+        self,
+        kind: str,
+        key: str,
+        compute: Callable[[str], Any],
+        *,
+        user: str | None = None,
+        tenant: str | None = None,
+    ) -> Any:
+        """The cached value, or ``compute(key)`` stored with the live TTL. Redis trouble never raises here."""
+        start = time.perf_counter_ns()
+        raw = self._lookup(kind, key)
+        self._log(kind, key, raw is not None, start, user, tenant)
+        codec = codec_for(kind)
+        if raw is not None:
+            return codec.decode(raw)
+        value = compute(key)
+        if self._available():
+            try:
+                self.client.set(self.schema.live(kind, key), codec.encode(value), ex=self.live_ttl_s)
+            except REDIS_ERRORS:
+                self._trip()
+        return value
+
+    def current_version(self, kind: str) -> Pointer | None:
+        """The published version of ``kind`` as this reader currently sees it."""
+        return self._pointer(kind)
+
+    def close(self) -> None:
+        """Flush pending query events and close connections."""
+        if self.logger is not None:
+            self.logger.close()
+            self.logger.client.close()
+        self.client.close()
+
+    # --- internals ------------------------------------------------------------------------------------
+
+    def _available(self) -> bool:
+        return time.monotonic() >= self._retry_at
+
+    def _trip(self) -> None:
+        self.errors += 1
+        self._retry_at = time.monotonic() + self.backoff_s
+
+    def _pointer(self, kind: str) -> Pointer | None:
+        now = time.monotonic()
+        cached = self._pointers.get(kind)
+        if cached is not None and now - cached[1] < self.pointer_ttl_s:
+            return cached[0]
+        raw = self.client.get(self.schema.pointer(kind))
+        pointer = None if raw is None else Pointer.decode(raw)
+        self._pointers[kind] = (pointer, now)
+        return pointer
+
+    def _lookup(self, kind: str, key: str) -> bytes | None:
+        if not self._available():
+            return None
+        try:
+            pointer = self._pointer(kind)
+            if pointer is not None:
+                raw = self.client.hget(self.schema.bucket_for_key(kind, pointer, key), key)
+                if raw is not None:
+                    return raw
+            return self.client.get(self.schema.live(kind, key))
+        except REDIS_ERRORS:
+            self._trip()
+            return None
+
+    def _lookup_many(self, kind: str, keys: Sequence[str]) -> list[bytes | None]:
+        if not keys or not self._available():
+            return [None] * len(keys)
+        try:
+            pointer = self._pointer(kind)
+            pipe = self.client.pipeline(transaction=False)
+            for key in keys:
+                if pointer is not None:
+                    pipe.hget(self.schema.bucket(kind, pointer.version, bucket_of(key, pointer.buckets)), key)
+                pipe.get(self.schema.live(kind, key))
+            replies = pipe.execute()
+        except REDIS_ERRORS:
+            self._trip()
+            return [None] * len(keys)
+        if pointer is None:
+            return replies
+        return [pre if pre is not None else live for pre, live in zip(replies[::2], replies[1::2], strict=True)]
+
+    def _log(self, kind: str, key: str, hit: bool, start_ns: int, user: str | None, tenant: str | None) -> None:
+        if self.logger is not None:
+            latency_us = (time.perf_counter_ns() - start_ns) // 1000
+            self.logger.log(kind, key, hit=hit, latency_us=latency_us, user=user, tenant=tenant)

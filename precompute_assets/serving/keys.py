@@ -1,0 +1,140 @@
+"""The Redis key schema and value codecs: the one contract between the publisher and every reader.
+
+Schema version 1 (all keys start with ``{namespace}:1:``, namespace ``pc`` by default):
+
+=====================================  ========  ==========================================================
+key                                    type      content
+=====================================  ========  ==========================================================
+``pc:1:{kind}:current``                string    ``{version}:{buckets}``: the published version and its
+                                                 bucket count. Flipping this one key publishes a version.
+``pc:1:{kind}:{version}:{bucket}``     hash      field = prediction key, value = encoded prediction.
+                                                 ``bucket = crc32(utf8(key)) % buckets``. Each bucket has
+                                                 a TTL; a whole version expires together.
+``pc:1:{kind}:live:{key}``             string    a value computed live by a read-through miss, with a TTL.
+``pc:1:qlog``                          stream    one entry per prediction query (see ``querylog``).
+``pc:1:stats:{kind}``                  hash      ``hit`` / ``miss`` counters.
+=====================================  ========  ==========================================================
+
+Values are encoded per kind (``CODECS``): ``ctr`` and ``campaign`` are 4-byte little-endian float32;
+anything else is UTF-8 JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+import zlib
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+SCHEMA_VERSION = 1
+KIND_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+VERSION_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+class Codec(Protocol):
+    name: str
+
+    def encode(self, value: Any) -> bytes: ...
+
+    def decode(self, raw: bytes) -> Any: ...
+
+
+class Float32Codec:
+    """A probability or score as 4 little-endian bytes."""
+
+    name = "f32"
+    _struct = struct.Struct("<f")
+
+    def encode(self, value: Any) -> bytes:
+        return self._struct.pack(float(value))
+
+    def decode(self, raw: bytes) -> float:
+        return self._struct.unpack(raw)[0]
+
+
+class JsonCodec:
+    """Any JSON-serialisable value as compact UTF-8 JSON."""
+
+    name = "json"
+
+    def encode(self, value: Any) -> bytes:
+        return json.dumps(value, separators=(",", ":")).encode()
+
+    def decode(self, raw: bytes) -> Any:
+        return json.loads(raw)
+
+
+CODECS: dict[str, Codec] = {"ctr": Float32Codec(), "campaign": Float32Codec()}
+DEFAULT_CODEC: Codec = JsonCodec()
+
+
+def codec_for(kind: str) -> Codec:
+    """The codec that encodes values of ``kind``."""
+    return CODECS.get(kind, DEFAULT_CODEC)
+
+
+def bucket_of(key: str, buckets: int) -> int:
+    """The hash bucket of ``key`` in a version with ``buckets`` buckets (crc32, portable to any language)."""
+    return zlib.crc32(key.encode()) % buckets
+
+
+@dataclass(frozen=True)
+class Pointer:
+    """What ``{kind}:current`` holds: the published version and how its keys are bucketed."""
+
+    version: str
+    buckets: int
+
+    def encode(self) -> bytes:
+        return f"{self.version}:{self.buckets}".encode()
+
+    @classmethod
+    def decode(cls, raw: bytes | str) -> Pointer:
+        text = raw.decode() if isinstance(raw, bytes) else raw
+        version, _, buckets = text.rpartition(":")
+        return cls(version, int(buckets))
+
+
+@dataclass(frozen=True)
+class KeySchema:
+    """Builds every Redis key the project uses; ``namespace`` separates deployments sharing a server."""
+
+    namespace: str = "pc"
+
+    @property
+    def prefix(self) -> str:
+        return f"{self.namespace}:{SCHEMA_VERSION}"
+
+    def pointer(self, kind: str) -> str:
+        return f"{self.prefix}:{check_kind(kind)}:current"
+
+    def bucket(self, kind: str, version: str, bucket: int) -> str:
+        return f"{self.prefix}:{kind}:{version}:{bucket}"
+
+    def bucket_for_key(self, kind: str, pointer: Pointer, key: str) -> str:
+        return self.bucket(kind, pointer.version, bucket_of(key, pointer.buckets))
+
+    def live(self, kind: str, key: str) -> str:
+        return f"{self.prefix}:{kind}:live:{key}"
+
+    def query_log(self) -> str:
+        return f"{self.prefix}:qlog"
+
+    def stats(self, kind: str) -> str:
+        return f"{self.prefix}:stats:{kind}"
+
+
+def check_kind(kind: str) -> str:
+    """Return ``kind`` if it is a valid kind name, else raise ``ValueError``."""
+    if not KIND_PATTERN.match(kind):
+        raise ValueError(f"invalid kind {kind!r}: expected lower-case letters, digits and '_' (max 64)")
+    return kind
+
+
+def check_version(version: str) -> str:
+    """Return ``version`` if it is a valid version id (no ':' so pointers stay parseable)."""
+    if not VERSION_PATTERN.match(version):
+        raise ValueError(f"invalid version {version!r}: expected [A-Za-z0-9_.-]{{1,64}}")
+    return version

@@ -1,0 +1,318 @@
+"""Query logging: one Redis Stream entry per prediction query, written off the caller's path.
+
+Stream entry fields (all strings): ``ts`` query time in ms since the epoch, ``kind``, ``key``, ``hit``
+(``1``/``0``), ``lat_us`` lookup latency in microseconds, and ``user`` / ``tenant`` when known. The stream
+ID is the arrival time, so an hour of logs is one ``XRANGE``. ``{ns}:1:stats:{kind}`` counts hits/misses.
+
+Logging never breaks or slows the caller: events go to a bounded in-memory buffer that a background
+thread flushes in pipelines; when Redis is down or the buffer is full, events are counted as dropped,
+never retried without bound.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from .connection import REDIS_ERRORS
+from .keys import KIND_PATTERN, KeySchema
+
+MAX_KEY_LENGTH = 256
+MAX_CLOCK_SKEW_MS = 3_600_000  # an event's own time may trail its arrival by at most an hour
+
+
+@dataclass
+class QueryEvent:
+    ts_ms: int
+    kind: str
+    key: str
+    hit: bool
+    latency_us: int
+    user: str | None = None
+    tenant: str | None = None
+
+    def fields(self) -> dict[str, str]:
+        out = {
+            "ts": str(self.ts_ms),
+            "kind": self.kind,
+            "key": self.key,
+            "hit": "1" if self.hit else "0",
+            "lat_us": str(self.latency_us),
+        }
+        if self.user is not None:
+            out["user"] = self.user
+        if self.tenant is not None:
+            out["tenant"] = self.tenant
+        return out
+
+
+@dataclass
+class LoggerStats:
+    """Counters; each is written by one thread only (caller or flusher), so no lock is needed."""
+
+    logged: int = 0
+    written: int = 0
+    dropped_buffer_full: int = 0
+    dropped_write_failed: int = 0
+    flush_errors: int = 0
+
+    @property
+    def dropped(self) -> int:
+        return self.dropped_buffer_full + self.dropped_write_failed
+
+
+class QueryLogger:
+    """Appends query events to the query-log stream from a background thread.
+
+    ``clock`` returns milliseconds since the epoch; pass a simulated clock to replay traffic into the past,
+    in which case stream IDs are derived from the event times (single writer only).
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        schema: KeySchema | None = None,
+        *,
+        max_buffer: int = 100_000,
+        batch_size: int = 1000,
+        flush_interval_s: float = 0.05,
+        stream_maxlen: int = 50_000_000,
+        clock: Callable[[], int] | None = None,
+        backoff_s: float = 1.0,
+    ) -> None:
+        self.client = client
+        self.schema = schema or KeySchema()
+        self.max_buffer = max_buffer
+        self.batch_size = batch_size
+        self.flush_interval_s = flush_interval_s
+        self.stream_maxlen = stream_maxlen
+        self.clock = clock or (lambda: time.time_ns() // 1_000_000)
+        self.explicit_ids = clock is not None
+        self.backoff_s = backoff_s
+        self.stats = LoggerStats()
+        self._buffer: deque[QueryEvent] = deque()
+        self._last_id = (0, 0)
+        self._retry_at = 0.0
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="query-logger", daemon=True)
+        self._thread.start()
+
+    def log(
+        self,
+        kind: str,
+        key: str,
+        *,
+        hit: bool,
+        latency_us: int = 0,
+        user: str | None = None,
+        tenant: str | None = None,
+    ) -> None:
+        """Queue one event; never raises, never blocks on Redis."""
+        self.stats.logged += 1
+        if len(self._buffer) >= self.max_buffer:
+            self.stats.dropped_buffer_full += 1
+            return
+        self._buffer.append(QueryEvent(self.clock(), kind, key, hit, latency_us, user, tenant))
+        if len(self._buffer) >= self.batch_size:
+            self._wake.set()
+
+    def flush(self) -> None:
+        """Write everything buffered now (drops what Redis refuses)."""
+        while self._buffer and self._flush_batch():
+            pass
+
+    def close(self) -> None:
+        """Flush and stop the background thread."""
+        self._stopped = True
+        self._wake.set()
+        self._thread.join(timeout=5)
+        self.flush()
+
+    def _run(self) -> None:
+        while not self._stopped:
+            self._wake.wait(self.flush_interval_s)
+            self._wake.clear()
+            while self._buffer and not self._stopped and self._flush_batch():
+                pass
+
+    def _flush_batch(self) -> bool:
+        """Write one batch; returns False when Redis is failing (events of the batch are dropped)."""
+        with self._lock:
+            if time.monotonic() < self._retry_at:
+                # Redis failed recently: shed the backlog beyond the buffer limit instead of retrying.
+                return False
+            batch = [self._buffer.popleft() for _ in range(min(self.batch_size, len(self._buffer)))]
+            if not batch:
+                return False
+            stream = self.schema.query_log()
+            pipe = self.client.pipeline(transaction=False)
+            counts: Counter[tuple[str, str]] = Counter()
+            for event in batch:
+                pipe.xadd(stream, event.fields(), id=self._next_id(event), maxlen=self.stream_maxlen)
+                counts[(event.kind, "hit" if event.hit else "miss")] += 1
+            for (kind, outcome), n in counts.items():
+                pipe.hincrby(self.schema.stats(kind), outcome, n)
+            try:
+                pipe.execute()
+            except (*REDIS_ERRORS, redis.ResponseError):
+                self.stats.dropped_write_failed += len(batch)
+                self.stats.flush_errors += 1
+                self._retry_at = time.monotonic() + self.backoff_s
+                return False
+            self.stats.written += len(batch)
+            return True
+
+    def _next_id(self, event: QueryEvent) -> str:
+        if not self.explicit_ids:
+            return "*"
+        ms, seq = self._last_id
+        self._last_id = (event.ts_ms, 0) if event.ts_ms > ms else (ms, seq + 1)
+        return f"{self._last_id[0]}-{self._last_id[1]}"
+
+
+def log_prediction_query(
+    kind: str, logger: QueryLogger, *, key_arg: int | str = 0
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorate a live prediction function so that every call logs a query (a miss: computed live).
+
+    The key is the positional argument at index ``key_arg`` or the keyword argument named ``key_arg``;
+    ``user=`` / ``tenant=`` keyword arguments of the call are logged when present.
+    """
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            key = kwargs[key_arg] if isinstance(key_arg, str) else args[key_arg]
+            with query_logger(logger, kind, str(key), user=kwargs.get("user"), tenant=kwargs.get("tenant")):
+                return fn(*args, **kwargs)
+
+        return wrapper
+
+    return decorate
+
+
+@dataclass
+class QueryRecord:
+    """What a ``query_logger`` block reports; set ``hit = True`` when the answer came from a cache."""
+
+    hit: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def query_logger(
+    logger: QueryLogger, kind: str, key: str, *, user: str | None = None, tenant: str | None = None
+) -> Iterator[QueryRecord]:
+    """Time the block and log one query event for it, even when the block raises."""
+    record = QueryRecord()
+    start = time.perf_counter_ns()
+    try:
+        yield record
+    finally:
+        latency_us = (time.perf_counter_ns() - start) // 1000
+        logger.log(kind, key, hit=record.hit, latency_us=latency_us, user=user, tenant=tenant)
+
+
+# --- reading the stream back (used by the query_logs asset) -------------------------------------------
+
+
+def read_stream_window(
+    client: redis.Redis, schema: KeySchema, start_ms: int, end_ms: int, *, page: int = 10_000
+) -> Iterator[list[tuple[bytes, dict[bytes, bytes]]]]:
+    """Yield pages of stream entries that arrived in ``[start_ms, end_ms)``, in ID order."""
+    stream = schema.query_log()
+    lower: str = f"{start_ms}-0"
+    upper = f"{end_ms - 1}-18446744073709551615"
+    while True:
+        entries = client.xrange(stream, min=lower, max=upper, count=page)
+        if not entries:
+            return
+        yield entries
+        if len(entries) < page:
+            return
+        lower = "(" + entries[-1][0].decode()
+
+
+def _clean_text(raw: bytes | None, name: str, *, required: bool) -> tuple[str | None, str | None]:
+    """Decode a text field; returns (value, reason-if-invalid)."""
+    if raw is None:
+        return None, (f"missing field {name}" if required else None)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None, f"{name} is not valid UTF-8"
+    if required and not text:
+        return None, f"empty {name}"
+    if len(text) > MAX_KEY_LENGTH:
+        return None, f"{name} longer than {MAX_KEY_LENGTH} characters"
+    if any(ord(c) < 32 or ord(c) == 127 for c in text):
+        return None, f"{name} contains control characters"
+    return text, None
+
+
+def _int_field(raw: bytes | None, name: str) -> tuple[int | None, str | None]:
+    if raw is None:
+        return None, f"missing field {name}"
+    try:
+        return int(raw), None
+    except ValueError:
+        return None, f"{name} is not an integer: {raw[:32]!r}"
+
+
+def validate_entry(entry_id: bytes, fields: dict[bytes, bytes]) -> tuple[dict[str, Any] | None, str | None]:
+    """Turn one stream entry into a clean row, or return the reason it must be quarantined."""
+    arrival_ms = int(entry_id.split(b"-")[0])
+    ts, reason = _int_field(fields.get(b"ts"), "ts")
+    if reason:
+        return None, reason
+    if not arrival_ms - MAX_CLOCK_SKEW_MS <= ts <= arrival_ms + 1000:
+        return None, f"ts {ts} is more than an hour from its arrival {arrival_ms} (or in the future)"
+    kind, reason = _clean_text(fields.get(b"kind"), "kind", required=True)
+    if reason:
+        return None, reason
+    if not KIND_PATTERN.match(kind):
+        return None, f"invalid kind {kind!r}"
+    key, reason = _clean_text(fields.get(b"key"), "key", required=True)
+    if reason:
+        return None, reason
+    hit = fields.get(b"hit")
+    if hit not in (b"0", b"1"):
+        return None, "missing field hit" if hit is None else f"hit must be 0 or 1, got {hit[:32]!r}"
+    latency, reason = _int_field(fields.get(b"lat_us"), "lat_us")
+    if reason:
+        return None, reason
+    if latency < 0:
+        return None, f"negative lat_us {latency}"
+    user, reason = _clean_text(fields.get(b"user"), "user", required=False)
+    if reason:
+        return None, reason
+    tenant, reason = _clean_text(fields.get(b"tenant"), "tenant", required=False)
+    if reason:
+        return None, reason
+    row = {
+        "stream_id": entry_id.decode(),
+        "ts_ms": ts,
+        "kind": kind,
+        "key": key,
+        "hit": hit == b"1",
+        "latency_us": latency,
+        "user": user,
+        "tenant": tenant,
+    }
+    return row, None
+
+
+def quarantine_row(entry_id: bytes, fields: dict[bytes, bytes], reason: str) -> dict[str, Any]:
+    """A quarantine record keeping the raw entry (bytes shown with escapes, truncated) and the reason."""
+    raw = {k.decode("utf-8", "backslashreplace"): v[:1024].decode("utf-8", "backslashreplace") for k, v in fields.items()}
+    return {"stream_id": entry_id.decode(), "reason": reason, "raw": repr(raw)}

@@ -1,0 +1,76 @@
+"""Shared fixtures: one real embedded stack (Redis + PostgreSQL) per test session, isolated per test by
+Redis key namespace and by a fresh Dagster instance on the same PostgreSQL."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import dagster as dg
+import pytest
+import redis
+
+from precompute_assets.serving import KeySchema, connect
+from precompute_assets.stack import ENV_APP_DB, ENV_DAGSTER_PG, ENV_REDIS, Stack, libpq_url
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """The real embedded services, started by our own code (or the servers named by the environment)."""
+    services = Stack(tmp_path_factory.mktemp("stack"))
+    services.up()
+    yield services
+    services.down()
+
+
+@pytest.fixture(scope="session")
+def redis_url(stack: Stack) -> str:
+    return stack.env()[ENV_REDIS]
+
+
+@pytest.fixture(scope="session")
+def dagster_pg_url(stack: Stack) -> str:
+    return stack.env()[ENV_DAGSTER_PG]
+
+
+@pytest.fixture(scope="session")
+def app_db_url(stack: Stack) -> str:
+    return stack.env()[ENV_APP_DB]
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> Iterator[redis.Redis]:
+    client = connect(redis_url, socket_timeout=5)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def schema() -> KeySchema:
+    """A namespace of its own for each test, so tests share one Redis without seeing each other."""
+    return KeySchema(f"t{uuid.uuid4().hex[:10]}")
+
+
+@pytest.fixture
+def lake_uri(tmp_path: Path) -> str:
+    return str(tmp_path / "lake")
+
+
+@pytest.fixture
+def pg_instance(dagster_pg_url: str) -> Iterator[dg.DagsterInstance]:
+    """A Dagster instance whose run/event/schedule storage is the real PostgreSQL, in a fresh database."""
+    import psycopg2
+
+    name = f"dagster_{uuid.uuid4().hex[:10]}"
+    admin = psycopg2.connect(libpq_url(dagster_pg_url))
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{name}"')
+    url = dagster_pg_url.rsplit("/", 1)[0] + "/" + name
+    with dg.instance_for_test(overrides={"storage": {"postgres": {"postgres_url": url}}}) as instance:
+        yield instance
+    with admin.cursor() as cur:
+        cur.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+    admin.close()
+
