@@ -204,9 +204,7 @@ class PostgresServer:
         if not (self.data / "PG_VERSION").exists():
             self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "--encoding=UTF8")
         options = f"-h 127.0.0.1 -p {self.port} -c unix_socket_directories=''"
-        self._run(
-            "pg_ctl", "-D", str(self.data), "-l", str(self.dir / "postgres.log"), "-o", options, "-w", "start"
-        )
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.dir / "postgres.log"), "-o", options, "-w", "start")
         self.ensure_databases(DAGSTER_DB, APP_DB)
 
     def ensure_databases(self, *names: str) -> None:
@@ -250,6 +248,8 @@ class Stack:
 
     def __init__(self, home: Path | None = None, *, redis_password: str | None = None) -> None:
         self.home = (home or default_home()).resolve()
+        # Read once: exporting this stack's own URLs later must not make them look external.
+        self._externals = {name: os.environ.get(name) or None for name in (ENV_REDIS, ENV_DAGSTER_PG, ENV_APP_DB)}
         self.state_file = self.home / "stack.json"
         state = json.loads(self.state_file.read_text()) if self.state_file.exists() else {}
         self.redis = RedisServer(self.home / "redis", state.get("redis_port") or free_port(), redis_password)
@@ -260,7 +260,7 @@ class Stack:
         return self.home / "dagster"
 
     def _external(self, name: str) -> str | None:
-        return os.environ.get(name) or None
+        return self._externals[name]
 
     def up(self) -> dict[str, str]:
         """Start whatever is not provided by the environment; return the environment for child processes."""
@@ -301,9 +301,18 @@ class Stack:
     def status(self) -> list[ServiceStatus]:
         env = self.env()
         return [
-            ServiceStatus("redis", env[ENV_REDIS], self._external(ENV_REDIS) is not None or self.redis.pid is not None,
-                          self._external(ENV_REDIS) is None, self.redis.pid),
-            ServiceStatus("postgres", env[ENV_DAGSTER_PG],
-                          self._external(ENV_DAGSTER_PG) is not None or self.postgres.pid is not None,
-                          self._external(ENV_DAGSTER_PG) is None, self.postgres.pid),
+            ServiceStatus(
+                "redis",
+                env[ENV_REDIS],
+                self._external(ENV_REDIS) is not None or self.redis.pid is not None,
+                self._external(ENV_REDIS) is None,
+                self.redis.pid,
+            ),
+            ServiceStatus(
+                "postgres",
+                env[ENV_DAGSTER_PG],
+                self._external(ENV_DAGSTER_PG) is not None or self.postgres.pid is not None,
+                self._external(ENV_DAGSTER_PG) is None,
+                self.postgres.pid,
+            ),
         ]

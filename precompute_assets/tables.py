@@ -27,9 +27,7 @@ def query_log_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     """Validated query events (from ``serving.querylog.validate_entry``) as a typed DataFrame."""
     columns = {name: [row[name] for row in rows] for name in QUERY_LOGS.names if name != "ts"}
     columns["ts"] = [row["ts_ms"] for row in rows]
-    table = pa.table(
-        {name: pa.array(columns[name], type=QUERY_LOGS.field(name).type) for name in QUERY_LOGS.names}
-    )
+    table = pa.table({name: pa.array(columns[name], type=QUERY_LOGS.field(name).type) for name in QUERY_LOGS.names})
     return table.to_pandas()
 
 

@@ -73,4 +73,3 @@ def pg_instance(dagster_pg_url: str) -> Iterator[dg.DagsterInstance]:
     with admin.cursor() as cur:
         cur.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
     admin.close()
-

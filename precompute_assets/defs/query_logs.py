@@ -1,6 +1,5 @@
 """Query logs: the hourly partitions drained from the serving client's Redis Stream, and their cleanup."""
 
-
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
@@ -8,7 +7,7 @@ import dagster as dg
 import pandas as pd
 
 from ..serving.querylog import quarantine_row, read_stream_window, validate_entry
-from ..tables import query_log_frame, quarantine_frame
+from ..tables import quarantine_frame, query_log_frame
 from .partitions import hourly_partitions
 from .resources import RedisResource
 
@@ -130,7 +129,7 @@ def trim_query_log(context: dg.OpExecutionContext, config: CleanupConfig, redis:
     cutoff_ms = now_ms - config.retention_hours * 3_600_000
     materialized = context.instance.get_materialized_partitions(dg.AssetKey("query_logs"))
     boundary = safe_trim_boundary(first_ms, cutoff_ms, materialized)
-    removed = client.xtrim(stream, minid=f"{boundary}-0") if boundary > first_ms else 0
+    removed = client.xtrim(stream, minid=f"{boundary}-0", approximate=False) if boundary > first_ms else 0
     if boundary < cutoff_ms:
         context.log.warning("stopped trimming at an hour that is not materialized yet")
     context.log.info(f"trimmed {removed} entries older than {boundary}")

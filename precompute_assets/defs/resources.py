@@ -1,6 +1,5 @@
 """ConfigurableResources: where Redis, the offline store and the app database are, from the environment."""
 
-
 import dagster as dg
 import pandas as pd
 import redis

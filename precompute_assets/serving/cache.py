@@ -19,6 +19,7 @@ class PredictionCache:
     A lookup reads the bucket of the currently published version (the pointer is re-read at most every
     ``pointer_ttl_s``; a batch always reads one version), then the live read-through key. A Redis error
     makes lookups misses for ``backoff_s`` instead of making every caller wait for a timeout.
+    ``hits``, ``misses`` and ``errors`` count what this client saw.
     """
 
     def __init__(
@@ -38,6 +39,8 @@ class PredictionCache:
         self.pointer_ttl_s = pointer_ttl_s
         self.backoff_s = backoff_s
         self.errors = 0
+        self.hits = 0
+        self.misses = 0
         self._pointers: dict[str, tuple[Pointer | None, float]] = {}
         self._retry_at = 0.0
 
@@ -169,6 +172,10 @@ class PredictionCache:
         return [pre if pre is not None else live for pre, live in zip(replies[::2], replies[1::2], strict=True)]
 
     def _log(self, kind: str, key: str, hit: bool, start_ns: int, user: str | None, tenant: str | None) -> None:
+        if hit:
+            self.hits += 1
+        else:
+            self.misses += 1
         if self.logger is not None:
             latency_us = (time.perf_counter_ns() - start_ns) // 1000
             self.logger.log(kind, key, hit=hit, latency_us=latency_us, user=user, tenant=tenant)

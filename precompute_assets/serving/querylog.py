@@ -126,6 +126,11 @@ class QueryLogger:
         if len(self._buffer) >= self.batch_size:
             self._wake.set()
 
+    @property
+    def pending(self) -> int:
+        """Events buffered and not yet written."""
+        return len(self._buffer)
+
     def flush(self) -> None:
         """Write everything buffered now (drops what Redis refuses)."""
         while self._buffer and self._flush_batch():
@@ -314,5 +319,7 @@ def validate_entry(entry_id: bytes, fields: dict[bytes, bytes]) -> tuple[dict[st
 
 def quarantine_row(entry_id: bytes, fields: dict[bytes, bytes], reason: str) -> dict[str, Any]:
     """A quarantine record keeping the raw entry (bytes shown with escapes, truncated) and the reason."""
-    raw = {k.decode("utf-8", "backslashreplace"): v[:1024].decode("utf-8", "backslashreplace") for k, v in fields.items()}
+    raw = {
+        k.decode("utf-8", "backslashreplace"): v[:1024].decode("utf-8", "backslashreplace") for k, v in fields.items()
+    }
     return {"stream_id": entry_id.decode(), "reason": reason, "raw": repr(raw)}

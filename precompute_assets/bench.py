@@ -1,0 +1,89 @@
+"""Benchmarks: each measures ours and a reference in the same run and returns one JSON-able dict."""
+
+from __future__ import annotations
+
+import random
+import time
+import uuid
+from collections.abc import Callable
+
+import numpy as np
+
+from .serving import KeySchema, PredictionCache, QueryLogger, connect, publish_version
+
+
+def percentile_us(samples_ns: list[int], q: float) -> float:
+    return round(float(np.percentile(np.asarray(samples_ns), q)) / 1000, 1)
+
+
+def _timed(fn: Callable[[str], object], keys: list[str]) -> list[int]:
+    out = []
+    clock = time.perf_counter_ns
+    for key in keys:
+        start = clock()
+        fn(key)
+        out.append(clock() - start)
+    return out
+
+
+def bench_serve(redis_url: str, *, n_keys: int = 10_000, lookups: int = 50_000, seed: int = 0) -> dict:
+    """p50/p99 of ``PredictionCache.get`` with query logging on vs a bare redis-py GET of the same values,
+    and the query-event rate the logger sustains."""
+    schema = KeySchema(f"bench{uuid.uuid4().hex[:8]}")
+    admin = connect(redis_url, socket_timeout=10)
+    keys = [f"ad{i:06d}" for i in range(n_keys)]
+    values = {key: random.Random(key).random() for key in keys}
+    publish_version(admin, "ctr", "bench", values.items(), n_keys=n_keys, schema=schema, ttl_s=600)
+    raw_prefix = f"{schema.prefix}:raw:"
+    pipe = admin.pipeline(transaction=False)
+    codec_bytes = {key: np.float32(v).tobytes() for key, v in values.items()}
+    for key in keys:
+        pipe.set(raw_prefix + key, codec_bytes[key], ex=600)
+    pipe.execute()
+
+    cache = PredictionCache.from_url(redis_url, namespace=schema.namespace, socket_timeout=1.0)
+    raw = connect(redis_url, socket_timeout=1.0)
+    rng = random.Random(seed)
+    sample = [keys[min(int(rng.paretovariate(1.0)) - 1, n_keys - 1)] for _ in range(lookups)]
+    # Warm both connections, then interleave blocks so drift on a shared machine hits both alike.
+    _timed(lambda k: cache.get("ctr", k), sample[:2000])
+    _timed(lambda k: raw.get(raw_prefix + k), sample[:2000])
+    ours, bare = [], []
+    for start in range(0, lookups, 1000):
+        block = sample[start : start + 1000]
+        ours += _timed(lambda k: cache.get("ctr", k), block)
+        bare += _timed(lambda k: raw.get(raw_prefix + k), block)
+    cache.close()
+    lookup_stats = cache.logger.stats
+
+    logger = QueryLogger(connect(redis_url, socket_timeout=5), schema)
+    n_events = 200_000
+    started = time.perf_counter()
+    for i in range(n_events):
+        logger.log("ctr", keys[i % n_keys], hit=True, latency_us=40, user="u1")
+        if i % 1000 == 999:
+            # Stay within the buffer: a sustained rate is what the flusher keeps up with.
+            while logger.pending > logger.max_buffer // 2:
+                time.sleep(0.001)
+    logger.close()
+    elapsed = time.perf_counter() - started
+
+    for name in admin.scan_iter(f"{schema.prefix}:*", count=1000):
+        admin.unlink(name)
+    result = {
+        "bench": "serve",
+        "lookups": lookups,
+        "keys": n_keys,
+        "get_p50_us": percentile_us(ours, 50),
+        "get_p99_us": percentile_us(ours, 99),
+        "raw_get_p50_us": percentile_us(bare, 50),
+        "raw_get_p99_us": percentile_us(bare, 99),
+        "log_events_per_s": round(logger.stats.written / elapsed),
+        "log_events_dropped": logger.stats.dropped,
+        "lookup_events_logged": lookup_stats.written,
+        "lookup_events_dropped": lookup_stats.dropped,
+        "redis_version": admin.info("server")["redis_version"],
+    }
+    result["p50_ratio"] = round(result["get_p50_us"] / result["raw_get_p50_us"], 3)
+    result["p99_ratio"] = round(result["get_p99_us"] / result["raw_get_p99_us"], 3)
+    return result

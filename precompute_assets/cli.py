@@ -1,0 +1,107 @@
+"""The ``precompute`` command: local stack, demo, benchmarks and tools."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .stack import ENV_REDIS, Stack, project_dir
+
+
+def _up(stack: Stack) -> dict[str, str]:
+    env = stack.up()
+    os.environ.update(env)
+    return env
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    _up(Stack())
+    return cmd_status(args)
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    Stack().down()
+    print("embedded services stopped")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    stack = Stack()
+    for service in stack.status():
+        where = "embedded" if service.embedded else "external"
+        state = f"running (pid {service.pid})" if service.pid else ("running" if service.running else "stopped")
+        print(f"{service.name:<9} {where:<9} {state:<22} {service.url}")
+    print(f"state     {stack.home}")
+    return 0
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    for name, value in Stack().env().items():
+        print(f"export {name}={value}")
+    return 0
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    env = _up(Stack())
+    command = ["dagster", "dev", "-w", str(project_dir() / "workspace.yaml"), "-h", args.host, "-p", str(args.port)]
+    print(f"Dagster UI on http://{args.host}:{args.port}  (DAGSTER_HOME={env['DAGSTER_HOME']})", flush=True)
+    os.chdir(project_dir())
+    os.execvpe(command[0], command, {**os.environ, **env})
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    stack = Stack()
+    _up(stack)
+    summary = run_demo(stack, hours=args.hours, queries_per_hour=args.queries_per_hour, seed=args.seed)
+    print(json.dumps(summary, indent=2))
+    print("\nServices are still running for `precompute dev`; stop them with `precompute down`.")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from . import bench
+
+    env = _up(Stack())
+    if args.what == "serve":
+        result = bench.bench_serve(env[ENV_REDIS], n_keys=args.keys, lookups=args.lookups)
+    else:
+        raise SystemExit(f"unknown benchmark {args.what!r}")
+    print(json.dumps(result))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="precompute", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("up", help="start the embedded PostgreSQL and Redis (unless URLs are set)").set_defaults(fn=cmd_up)
+    sub.add_parser("down", help="stop the embedded services").set_defaults(fn=cmd_down)
+    sub.add_parser("status", help="what runs where").set_defaults(fn=cmd_status)
+    sub.add_parser("env", help="print the environment variables of the stack").set_defaults(fn=cmd_env)
+    dev = sub.add_parser("dev", help="up + the Dagster UI (dagster dev -w workspace.yaml)")
+    dev.add_argument("--host", default="127.0.0.1")
+    dev.add_argument("--port", type=int, default=3000)
+    dev.set_defaults(fn=cmd_dev)
+    demo = sub.add_parser("demo", help="synthetic traffic through the serving client, then the asset graph")
+    demo.add_argument("--hours", type=int, default=3)
+    demo.add_argument("--queries-per-hour", type=int, default=20_000)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(fn=cmd_demo)
+    bench = sub.add_parser("bench", help="benchmarks: print one JSON object")
+    bench.add_argument("what", choices=["serve"])
+    bench.add_argument("--keys", type=int, default=10_000)
+    bench.add_argument("--lookups", type=int, default=50_000)
+    bench.set_defaults(fn=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.fn(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

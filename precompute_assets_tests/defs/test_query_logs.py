@@ -1,0 +1,145 @@
+"""The query_logs asset on real Redis + PostgreSQL: range reads, quarantine, check severities, cleanup."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import dagster as dg
+import pytest
+
+from precompute_assets.defs.partitions import hourly_partitions
+from precompute_assets.defs.query_logs import (
+    quarantine_check,
+    query_log_cleanup_job,
+    query_logs,
+    safe_trim_boundary,
+)
+from precompute_assets.defs.resources import ParquetIOManager, RedisResource
+from precompute_assets.lake import Lake
+from precompute_assets.serving import QueryLogger, connect
+
+HOUR = "2026-11-20-10:00"
+HOUR_START_MS = int(datetime(2026, 11, 20, 10, tzinfo=UTC).timestamp() * 1000)
+
+
+def fill(redis_url, schema, at_ms: int, n: int, *, hit_every: int = 2) -> None:
+    logger = QueryLogger(connect(redis_url), schema, clock=lambda: at_ms)
+    for i in range(n):
+        logger.log("ctr", f"ad{i % 7}", hit=i % hit_every == 0, latency_us=40, user=f"u{i}")
+    logger.close()
+
+
+def resources(redis_url, schema, lake_uri):
+    return {
+        "redis": RedisResource(url=redis_url, namespace=schema.namespace),
+        "io_manager": ParquetIOManager(base_uri=lake_uri),
+    }
+
+
+def materialize(redis_url, schema, lake_uri, instance, partition=HOUR):
+    return dg.materialize(
+        [query_logs], resources=resources(redis_url, schema, lake_uri), partition_key=partition, instance=instance
+    )
+
+
+def test_partition_reads_exactly_its_hour_and_is_idempotent(redis_url, schema, lake_uri, pg_instance):
+    fill(redis_url, schema, HOUR_START_MS - 1, 5)  # previous hour
+    fill(redis_url, schema, HOUR_START_MS, 100)
+    fill(redis_url, schema, HOUR_START_MS + 3_599_999, 10)
+    fill(redis_url, schema, HOUR_START_MS + 3_600_000, 7)  # next hour
+    first = materialize(redis_url, schema, lake_uri, pg_instance)
+    assert first.success
+    logs = Lake(lake_uri).read("query_logs", HOUR)
+    assert len(logs) == 110
+    assert logs["hit"].mean() == pytest.approx(0.5, abs=0.01)
+    meta = first.asset_materializations_for_node("query_logs")[0].metadata
+    assert meta["dagster/row_count"].value == 110
+    assert meta["distinct_keys"].value == 7
+    assert meta["hit_rate"].value == pytest.approx(logs["hit"].mean())
+
+    again = materialize(redis_url, schema, lake_uri, pg_instance)
+    assert again.success
+    assert Lake(lake_uri).read("query_logs", HOUR).equals(logs)
+    # The run history went to PostgreSQL.
+    assert pg_instance.get_materialized_partitions(dg.AssetKey("query_logs")) == {HOUR}
+
+
+def test_malformed_events_are_quarantined_with_reasons(redis_url, redis_client, schema, lake_uri, pg_instance):
+    fill(redis_url, schema, HOUR_START_MS, 60)
+    stream = schema.query_log()
+    bad = [
+        {"kind": "ctr", "key": "ad1", "hit": "1"},  # missing lat_us, ts
+        {"ts": "soon", "kind": "ctr", "key": "ad1", "hit": "1", "lat_us": "1"},
+        {"ts": str(HOUR_START_MS), "kind": "ctr", "key": "a\tb", "hit": "1", "lat_us": "1"},
+        {"ts": str(HOUR_START_MS), "kind": "ctr", "key": "k" * 300, "hit": "1", "lat_us": "1"},
+        {"ts": str(HOUR_START_MS), "kind": "ctr", "key": "ad1", "hit": "maybe", "lat_us": "1"},
+    ]
+    for offset, fields in enumerate(bad, start=1):
+        redis_client.xadd(stream, fields, id=f"{HOUR_START_MS + 1000 + offset}-0")
+    result = materialize(redis_url, schema, lake_uri, pg_instance)
+    assert result.success
+    quarantine = Lake(lake_uri).read("query_log_quarantine", HOUR)
+    assert len(quarantine) == 5
+    assert len(Lake(lake_uri).read("query_logs", HOUR)) == 60
+    reasons = " | ".join(quarantine["reason"])
+    for expected in ("missing field ts", "ts is not an integer", "control characters", "longer than", "hit must be"):
+        assert expected in reasons
+    check = result.get_asset_check_evaluations()[0]
+    assert not check.passed
+    assert check.severity == dg.AssetCheckSeverity.ERROR  # 5/65 > 5%
+    assert check.metadata["quarantined"].value == 5
+
+
+@pytest.mark.parametrize(
+    ("quarantined", "total", "passed", "severity"),
+    [
+        (0, 1000, True, None),
+        (1, 1000, True, None),
+        (2, 1000, False, dg.AssetCheckSeverity.WARN),
+        (50, 1000, False, dg.AssetCheckSeverity.WARN),
+        (51, 1000, False, dg.AssetCheckSeverity.ERROR),
+        (0, 0, True, None),
+    ],
+)
+def test_quarantine_check_thresholds(quarantined, total, passed, severity):
+    result = quarantine_check(quarantined, total)
+    assert result.passed is passed
+    if severity is not None:
+        assert result.severity == severity
+
+
+def test_empty_hour_materializes_empty(redis_url, schema, lake_uri, pg_instance):
+    result = materialize(redis_url, schema, lake_uri, pg_instance)
+    assert result.success
+    assert Lake(lake_uri).read("query_logs", HOUR).empty
+    assert result.get_asset_check_evaluations()[0].passed
+
+
+def _ms(hour: int) -> int:
+    return int(datetime(2026, 11, 20, hour, tzinfo=UTC).timestamp() * 1000)
+
+
+def test_trim_boundary_stops_at_the_first_unmaterialized_hour():
+    done = {f"2026-11-20-{h:02d}:00" for h in range(0, 6)} - {"2026-11-20-03:00"}
+    assert safe_trim_boundary(_ms(0) + 5, _ms(5) + 10, done) == _ms(3)
+    done.add("2026-11-20-03:00")
+    assert safe_trim_boundary(_ms(0) + 5, _ms(5) + 10, done) == _ms(5) + 10
+    assert safe_trim_boundary(_ms(6), _ms(5), done) == _ms(6)  # nothing older than the cutoff
+
+
+def test_cleanup_job_trims_only_materialized_hours(redis_url, redis_client, schema, lake_uri, pg_instance):
+    old = HOUR_START_MS - 30 * 86_400_000  # 30 days ago: past retention
+    old_hours = [hourly_partitions.get_partition_key_for_timestamp((old + h * 3_600_000) / 1000) for h in range(2)]
+    fill(redis_url, schema, old, 10)
+    fill(redis_url, schema, old + 3_600_000, 10)
+    fill(redis_url, schema, HOUR_START_MS, 10)
+    res = resources(redis_url, schema, lake_uri)
+    dg.materialize([query_logs], resources=res, partition_key=old_hours[0], instance=pg_instance)
+
+    query_log_cleanup_job.execute_in_process(resources={"redis": res["redis"]}, instance=pg_instance)
+    remaining = redis_client.xrange(schema.query_log())
+    assert len(remaining) == 20  # the second old hour was never materialized: kept, and all after it
+
+    dg.materialize([query_logs], resources=res, partition_key=old_hours[1], instance=pg_instance)
+    query_log_cleanup_job.execute_in_process(resources={"redis": res["redis"]}, instance=pg_instance)
+    assert len(redis_client.xrange(schema.query_log())) == 10

@@ -1,0 +1,140 @@
+"""PredictionCache against a real Redis: reads, read-through, versions, and a dead or silent server."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+
+from precompute_assets.serving import KeySchema, PredictionCache, QueryLogger, connect, publish_version
+
+
+def make_cache(url: str, schema: KeySchema, **options) -> PredictionCache:
+    return PredictionCache(connect(url, socket_timeout=1.0), schema=schema, pointer_ttl_s=0, **options)
+
+
+def test_get_reads_the_published_version(redis_url, redis_client, schema):
+    publish_version(redis_client, "ctr", "v1", [("ad1", 0.25), ("ad2", 0.5)], n_keys=2, schema=schema)
+    cache = make_cache(redis_url, schema)
+    assert cache.get("ctr", "ad1") == pytest.approx(0.25)
+    assert cache.get("ctr", "missing") is None
+    assert cache.get_many("ctr", ["ad2", "nope", "ad1"]) == [pytest.approx(0.5), None, pytest.approx(0.25)]
+    assert cache.current_version("ctr").version == "v1"
+
+
+def test_get_or_compute_stores_with_ttl_and_serves_from_cache(redis_url, redis_client, schema):
+    cache = make_cache(redis_url, schema, live_ttl_s=120)
+    calls = []
+
+    def compute(key: str) -> dict:
+        calls.append(key)
+        return {"score": len(key)}
+
+    assert cache.get_or_compute("rank", "abc", compute) == {"score": 3}
+    assert cache.get_or_compute("rank", "abc", compute) == {"score": 3}
+    assert calls == ["abc"]
+    ttl = redis_client.ttl(schema.live("rank", "abc"))
+    assert 0 < ttl <= 120
+
+
+def test_new_version_replaces_old_and_old_expires(redis_url, redis_client, schema):
+    publish_version(redis_client, "ctr", "v1", [("a", 0.1)], n_keys=1, schema=schema)
+    result = publish_version(redis_client, "ctr", "v2", [("a", 0.2)], n_keys=1, schema=schema, grace_s=30)
+    assert result.previous_version == "v1"
+    assert make_cache(redis_url, schema).get("ctr", "a") == pytest.approx(0.2)
+    assert 0 < redis_client.ttl(schema.bucket("ctr", "v1", 0)) <= 30
+
+
+def test_publish_rejects_a_count_mismatch_without_flipping(redis_client, schema):
+    publish_version(redis_client, "ctr", "v1", [("a", 0.1)], n_keys=1, schema=schema)
+    with pytest.raises(ValueError, match="expected 3 keys, got 1"):
+        publish_version(redis_client, "ctr", "v2", [("a", 0.9)], n_keys=3, schema=schema)
+    assert redis_client.get(schema.pointer("ctr")) == b"v1:1"
+
+
+def test_queries_are_logged_with_hit_and_miss(redis_url, redis_client, schema):
+    publish_version(redis_client, "ctr", "v1", [("ad1", 0.3)], n_keys=1, schema=schema)
+    logger = QueryLogger(connect(redis_url), schema)
+    cache = make_cache(redis_url, schema, logger=logger)
+    cache.get("ctr", "ad1", user="u7", tenant="acme")
+    cache.get("ctr", "ad404")
+    cache.get_or_compute("ctr", "ad9", lambda key: 0.9)
+    logger.close()
+    entries = redis_client.xrange(schema.query_log())
+    assert [(e[b"key"], e[b"hit"]) for _, e in entries] == [(b"ad1", b"1"), (b"ad404", b"0"), (b"ad9", b"0")]
+    assert entries[0][1][b"user"] == b"u7" and entries[0][1][b"tenant"] == b"acme"
+    assert b"user" not in entries[1][1]
+    assert redis_client.hgetall(schema.stats("ctr")) == {b"hit": b"1", b"miss": b"2"}
+
+
+def test_dead_redis_computes_live_without_raising(schema):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead_url = f"redis://127.0.0.1:{s.getsockname()[1]}/0"  # nothing listens once closed
+    cache = PredictionCache.from_url(dead_url, socket_timeout=0.1, namespace=schema.namespace)
+    started = time.monotonic()
+    assert cache.get_or_compute("ctr", "ad1", lambda key: 0.42) == 0.42
+    assert cache.get("ctr", "ad1") is None
+    assert cache.get_many("ctr", ["a", "b"]) == [None, None]
+    # Bounded by the socket timeout, not hanging (a generous bound: this is not a speed assertion).
+    assert time.monotonic() - started < 5
+    assert cache.errors >= 1
+    cache.close()
+    assert cache.logger.stats.written == 0
+    assert cache.logger.stats.dropped == 4  # every event accounted for, none retried
+
+
+def test_silent_redis_times_out_and_degrades(schema):
+    """A server that accepts connections but never answers: the socket timeout bounds the wait."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    url = f"redis://127.0.0.1:{listener.getsockname()[1]}/0"
+    try:
+        cache = PredictionCache(connect(url, socket_timeout=0.2), schema=schema, backoff_s=60)
+        started = time.monotonic()
+        assert cache.get_or_compute("ctr", "ad1", lambda key: 0.1) == 0.1
+        first = time.monotonic() - started
+        # While the breaker is open, callers do not pay the timeout again.
+        assert cache.get_or_compute("ctr", "ad2", lambda key: 0.2) == 0.2
+        assert first < 5 and cache.errors == 1
+    finally:
+        listener.close()
+
+
+def test_logger_buffer_is_bounded_and_counts_drops(schema):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead_url = f"redis://127.0.0.1:{s.getsockname()[1]}/0"
+    logger = QueryLogger(connect(dead_url, socket_timeout=0.05), schema, max_buffer=100, backoff_s=60)
+    for i in range(1000):
+        logger.log("ctr", f"k{i}", hit=False)
+    assert logger.pending <= 100
+    logger.close()
+    assert logger.stats.logged == 1000
+    assert logger.stats.written == 0
+    assert logger.stats.dropped + logger.pending == 1000
+
+
+def test_readers_never_see_a_mix_during_publish(redis_url, redis_client, schema):
+    """A concurrent reader sees all-old or all-new values in every batch while versions flip."""
+    keys = [f"ad{i}" for i in range(500)]
+    publish_version(redis_client, "ctr", "v0", [(k, 0.0) for k in keys], n_keys=len(keys), schema=schema)
+    cache = make_cache(redis_url, schema)
+    seen: set[tuple[float, ...]] = set()
+    stop = threading.Event()
+
+    def read() -> None:
+        while not stop.is_set():
+            seen.add(tuple(sorted(set(cache.get_many("ctr", keys)))))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    for version in range(1, 6):
+        value = float(version)
+        publish_version(redis_client, "ctr", f"v{version}", [(k, value) for k in keys], n_keys=len(keys), schema=schema)
+    stop.set()
+    reader.join()
+    assert seen and all(len(values) == 1 for values in seen), seen

@@ -1,0 +1,108 @@
+"""Query logging: decorator, context manager, simulated clocks, and what the validator rejects."""
+
+from __future__ import annotations
+
+import pytest
+
+from precompute_assets.serving import QueryLogger, connect, log_prediction_query, query_logger
+from precompute_assets.serving.querylog import read_stream_window, validate_entry
+
+
+def test_decorator_logs_each_call_as_a_live_miss(redis_url, redis_client, schema):
+    logger = QueryLogger(connect(redis_url), schema)
+
+    @log_prediction_query("ctr", logger)
+    def predict(ad_id: str, *, user: str | None = None) -> float:
+        return 0.5
+
+    assert predict("ad1", user="u1") == 0.5
+    assert predict("ad2") == 0.5
+    logger.close()
+    events = [fields for _, fields in redis_client.xrange(schema.query_log())]
+    assert [(e[b"key"], e[b"hit"], e.get(b"user")) for e in events] == [
+        (b"ad1", b"0", b"u1"),
+        (b"ad2", b"0", None),
+    ]
+
+
+def test_context_manager_logs_even_when_the_block_raises(redis_url, redis_client, schema):
+    logger = QueryLogger(connect(redis_url), schema)
+    with query_logger(logger, "ctr", "ad1", tenant="t1") as record:
+        record.hit = True
+    with pytest.raises(RuntimeError), query_logger(logger, "ctr", "ad2"):
+        raise RuntimeError("model crashed")
+    logger.close()
+    events = [fields for _, fields in redis_client.xrange(schema.query_log())]
+    assert [(e[b"key"], e[b"hit"]) for e in events] == [(b"ad1", b"1"), (b"ad2", b"0")]
+    assert events[0][b"tenant"] == b"t1"
+
+
+def test_simulated_clock_writes_ids_at_event_time(redis_url, redis_client, schema):
+    now = [1_790_000_000_000]
+    logger = QueryLogger(connect(redis_url), schema, clock=lambda: now[0])
+    for _ in range(3):
+        logger.log("ctr", "a", hit=True)
+    now[0] += 3_600_000
+    logger.log("ctr", "b", hit=False)
+    logger.close()
+    first_hour = [e for page in read_stream_window(redis_client, schema, now[0] - 3_600_000, now[0]) for e in page]
+    assert [i for i, _ in first_hour] == [b"1790000000000-0", b"1790000000000-1", b"1790000000000-2"]
+    later = [e for page in read_stream_window(redis_client, schema, now[0], now[0] + 1) for e in page]
+    assert [f[b"key"] for _, f in later] == [b"b"]
+
+
+def test_read_stream_window_pages_through_everything(redis_url, redis_client, schema):
+    logger = QueryLogger(connect(redis_url), schema, clock=lambda: 1_790_000_000_000)
+    for i in range(2500):
+        logger.log("ctr", f"k{i}", hit=True)
+    logger.close()
+    pages = list(read_stream_window(redis_client, schema, 1_790_000_000_000, 1_790_000_000_001, page=1000))
+    assert [len(p) for p in pages] == [1000, 1000, 500]
+    assert len({i for p in pages for i, _ in p}) == 2500
+
+
+GOOD = {b"ts": b"1000", b"kind": b"ctr", b"key": b"ad1", b"hit": b"1", b"lat_us": b"55"}
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({b"kind": None}, "missing field kind"),
+        ({b"key": None}, "missing field key"),
+        ({b"hit": None}, "missing field hit"),
+        ({b"ts": None}, "missing field ts"),
+        ({b"ts": b"yesterday"}, "ts is not an integer"),
+        ({b"ts": b"-5000000"}, "more than an hour"),
+        ({b"ts": b"99999999999"}, "in the future"),
+        ({b"lat_us": b"fast"}, "lat_us is not an integer"),
+        ({b"lat_us": b"-3"}, "negative lat_us"),
+        ({b"hit": b"yes"}, "hit must be 0 or 1"),
+        ({b"kind": b"CTR!"}, "invalid kind"),
+        ({b"key": b""}, "empty key"),
+        ({b"key": b"x" * 257}, "key longer than 256"),
+        ({b"key": b"ad\n1"}, "key contains control characters"),
+        ({b"key": b"\xff\xfe"}, "key is not valid UTF-8"),
+        ({b"user": b"u\x00"}, "user contains control characters"),
+    ],
+)
+def test_validator_rejects_each_malformed_kind(change, reason):
+    fields = {**GOOD, **change}
+    fields = {k: v for k, v in fields.items() if v is not None}
+    row, why = validate_entry(b"1000-0", fields)
+    assert row is None
+    assert reason in why
+
+
+def test_validator_accepts_a_good_event():
+    row, why = validate_entry(b"1000-3", GOOD)
+    assert why is None
+    assert row == {
+        "stream_id": "1000-3",
+        "ts_ms": 1000,
+        "kind": "ctr",
+        "key": "ad1",
+        "hit": True,
+        "latency_us": 55,
+        "user": None,
+        "tenant": None,
+    }
