@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 
 from .stack import ENV_REDIS, Stack, project_dir
@@ -17,8 +18,9 @@ def _up(stack: Stack) -> dict[str, str]:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    _up(Stack())
-    return cmd_status(args)
+    stack = Stack()
+    _up(stack)
+    return print_status(stack)
 
 
 def cmd_down(args: argparse.Namespace) -> int:
@@ -28,11 +30,21 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    stack = Stack()
+    return print_status(Stack())
+
+
+def redact(url: str) -> str:
+    """The URL with its password replaced by ***."""
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+
+
+def print_status(stack: Stack) -> int:
     for service in stack.status():
         where = "embedded" if service.embedded else "external"
-        state = f"running (pid {service.pid})" if service.pid else ("running" if service.running else "stopped")
-        print(f"{service.name:<9} {where:<9} {state:<22} {service.url}")
+        state = f"running (pid {service.pid})" if service.pid else ("reachable" if service.running else "stopped")
+        if not service.embedded and not service.running:
+            state = "unreachable"
+        print(f"{service.name:<9} {where:<9} {state:<22} {redact(service.url)}")
     print(f"state     {stack.home}")
     return 0
 
@@ -45,10 +57,21 @@ def cmd_env(args: argparse.Namespace) -> int:
 
 def cmd_dev(args: argparse.Namespace) -> int:
     env = _up(Stack())
-    command = ["dagster", "dev", "-w", str(project_dir() / "workspace.yaml"), "-h", args.host, "-p", str(args.port)]
+    command = [
+        sys.executable,
+        "-m",
+        "dagster",
+        "dev",
+        "-w",
+        str(project_dir() / "workspace.yaml"),
+        "-h",
+        args.host,
+        "-p",
+        str(args.port),
+    ]
     print(f"Dagster UI on http://{args.host}:{args.port}  (DAGSTER_HOME={env['DAGSTER_HOME']})", flush=True)
     os.chdir(project_dir())
-    os.execvpe(command[0], command, {**os.environ, **env})
+    os.execve(command[0], command, {**os.environ, **env})
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -56,7 +79,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     stack = Stack()
     _up(stack)
-    summary = run_demo(stack, hours=args.hours, queries_per_hour=args.queries_per_hour, seed=args.seed)
+    summary = run_demo(
+        stack, days=args.days, queries_per_day=args.queries_per_day, n_ads=args.ads, top_n=args.top_n, seed=args.seed
+    )
     print(json.dumps(summary, indent=2))
     print("\nServices are still running for `precompute dev`; stop them with `precompute down`.")
     return 0
@@ -74,6 +99,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_replay(args: argparse.Namespace) -> int:
+    from .ml.replay import TraceError, parse_trace, replay, split_days
+
+    try:
+        trace = parse_trace(args.trace)
+    except (TraceError, OSError) as error:
+        print(f"precompute replay: {args.trace}: {error}", file=sys.stderr)
+        return 2
+    try:
+        result = replay(split_days(trace, args.days), top_n=args.top_n, capacity=args.capacity)
+    except ValueError as error:
+        print(f"precompute replay: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps({"trace": str(args.trace), **result}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="precompute", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -86,8 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--port", type=int, default=3000)
     dev.set_defaults(fn=cmd_dev)
     demo = sub.add_parser("demo", help="synthetic traffic through the serving client, then the asset graph")
-    demo.add_argument("--hours", type=int, default=3)
-    demo.add_argument("--queries-per-hour", type=int, default=20_000)
+    demo.add_argument("--days", type=int, default=3, help="days of history before the replayed day")
+    demo.add_argument("--queries-per-day", type=int, default=40_000)
+    demo.add_argument("--ads", type=int, default=20_000)
+    demo.add_argument("--top-n", type=int, default=1000)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(fn=cmd_demo)
     bench = sub.add_parser("bench", help="benchmarks: print one JSON object")
@@ -95,6 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--keys", type=int, default=10_000)
     bench.add_argument("--lookups", type=int, default=50_000)
     bench.set_defaults(fn=cmd_bench)
+    replay = sub.add_parser("replay", help="hit rates of LRU, static top-N, ours and Belady on a key trace")
+    replay.add_argument("--trace", required=True, help="one integer key per line, or timestamp,key lines")
+    replay.add_argument("--days", type=int, required=True, help="split the trace into this many days")
+    replay.add_argument("--top-n", type=int, required=True, help="keys precomputed each day")
+    replay.add_argument("--capacity", type=int, required=True, help="cache capacity in keys (>= top-n)")
+    replay.set_defaults(fn=cmd_replay)
     return parser
 
 

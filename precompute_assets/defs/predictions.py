@@ -1,0 +1,53 @@
+"""Predictions: batch-scored CTR for the selected ads, from exactly the model version of the partition."""
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+
+from ..ml import ctr
+from .models import CTR_MODEL, model_version
+from .partitions import daily_partitions
+from .resources import LakeResource, ModelStoreResource
+
+
+@dg.asset(
+    partitions_def=daily_partitions,
+    deps=[CTR_MODEL, "ads"],
+    kinds={"sklearn", "pandas"},
+    group_name="predictions",
+    check_specs=[dg.AssetCheckSpec("valid_ctr", asset="ctr_predictions", blocking=True)],
+)
+def ctr_predictions(
+    context: dg.AssetExecutionContext, top_ads: pd.DataFrame, lake: LakeResource, model_store: ModelStoreResource
+):
+    """CTR of every ad in ``top_ads``; ads that cannot be scored are listed, not dropped silently."""
+    version = model_version(context.instance, context.partition_key)
+    model = model_store.store().load(CTR_MODEL, version)
+    scores, skipped = ctr.score_ads(model, lake.lake().read("ads"), top_ads["ad_id"].tolist())
+    scores["model_version"] = version
+    if skipped:
+        context.log.warning(f"{len(skipped)} selected ads could not be scored, e.g. {skipped[:5]}")
+    yield dg.Output(
+        scores,
+        metadata={
+            "dagster/row_count": len(scores),
+            "model_version": version,
+            "skipped_ads": len(skipped),
+            "mean_ctr": float(scores["ctr"].mean()) if len(scores) else 0.0,
+        },
+    )
+    yield valid_ctr_check(scores)
+
+
+def valid_ctr_check(scores: pd.DataFrame) -> dg.AssetCheckResult:
+    """Every prediction is a finite probability, and there is at least one."""
+    values = scores["ctr"].to_numpy(dtype=float)
+    bad = int((~np.isfinite(values) | (values < 0) | (values > 1)).sum())
+    passed = len(values) > 0 and bad == 0
+    return dg.AssetCheckResult(
+        check_name="valid_ctr",
+        passed=passed,
+        severity=dg.AssetCheckSeverity.ERROR,
+        description="no predictions" if not len(values) else f"{bad} predictions outside [0, 1] or not finite",
+        metadata={"invalid": bad, "predictions": len(values)},
+    )

@@ -1,0 +1,181 @@
+"""Selection: what will be asked tomorrow. Daily assets over a week of hourly query logs."""
+
+from collections.abc import Iterator
+
+import dagster as dg
+import pandas as pd
+
+from ..lake import Lake
+from ..ml.selection import ad_demand as weighted_demand
+from ..ml.selection import coverage, select_top
+from ..ml.selection import traffic_profile as offpeak_profile
+from .partitions import daily_partitions, hourly_partitions
+from .resources import LakeResource
+
+PREDICTION_KIND = "ctr"
+
+
+class SelectionConfig(dg.Config):
+    lookback_days: int = 7
+    half_life_days: float = 2.0
+    top_n: int = 1000
+    offpeak_window_hours: int = 4
+
+
+def lookback_days(day: str, n: int) -> list[str]:
+    """The daily partition ``day`` and the ``n - 1`` days before it, oldest first."""
+    window = daily_partitions.time_window_for_partition_key(day)
+    days = [day]
+    while len(days) < n:
+        previous = daily_partitions.get_prev_partition_window(window.start)
+        if previous is None:
+            break
+        window = previous
+        days.insert(0, daily_partitions.get_partition_key_for_timestamp(window.start.timestamp()))
+    return days
+
+
+def hours_of(day: str) -> list[str]:
+    return list(
+        hourly_partitions.get_partition_keys_in_time_window(daily_partitions.time_window_for_partition_key(day))
+    )
+
+
+def hourly_logs(
+    lake: Lake, hours: list[str], *, kind: str = PREDICTION_KIND
+) -> Iterator[tuple[str, pd.DataFrame | None]]:
+    """One hour of logs at a time (``ts``, ``key`` of ``kind``), so a week never sits in memory at once."""
+    for hour in hours:
+        if not lake.exists("query_logs", hour):
+            yield hour, None
+            continue
+        frame = lake.read("query_logs", hour, columns=["ts", "kind", "key"])
+        yield hour, frame[frame["kind"] == kind]
+
+
+def day_counts(lake: Lake, day: str) -> tuple[pd.Series, list[str]]:
+    """Requests per key on ``day`` and the hours whose logs are missing."""
+    parts, missing = [], []
+    for hour, frame in hourly_logs(lake, hours_of(day)):
+        if frame is None:
+            missing.append(hour)
+        elif len(frame):
+            parts.append(frame["key"].value_counts())
+    counts = pd.concat(parts).groupby(level=0).sum() if parts else pd.Series(dtype="int64")
+    return counts.astype("int64"), missing
+
+
+LOOKBACK = dg.TimeWindowPartitionMapping(start_offset=-6)
+
+
+@dg.asset(
+    partitions_def=daily_partitions,
+    deps=[dg.AssetDep("query_logs", partition_mapping=LOOKBACK)],
+    kinds={"pandas"},
+    group_name="selection",
+)
+def traffic_profile(context: dg.AssetExecutionContext, config: SelectionConfig, lake: LakeResource) -> dg.Output:
+    """Queries per hour of day over the lookback, and the off-peak window derived from it."""
+    tz_hours = [0.0] * 24
+    missing = 0
+    for day in lookback_days(context.partition_key, config.lookback_days):
+        for hour, frame in hourly_logs(lake.lake(), hours_of(day)):
+            if frame is None:
+                missing += 1
+                continue
+            local_hour = hourly_partitions.time_window_for_partition_key(hour).start.hour
+            tz_hours[local_hour] += len(frame)
+    profile = offpeak_profile(tz_hours, window_hours=config.offpeak_window_hours)
+    frame = pd.DataFrame({"hour": range(24), "queries": profile["queries_per_hour"]})
+    context.log.info(f"off-peak window starts at {profile['offpeak_start_hour']:02d}:00 ({missing} hours missing)")
+    return dg.Output(
+        frame,
+        metadata={
+            "offpeak_start_hour": profile["offpeak_start_hour"],
+            "offpeak_hours": profile["offpeak_hours"],
+            "queries": int(sum(tz_hours)),
+            "missing_hours": missing,
+        },
+    )
+
+
+@dg.asset(
+    partitions_def=daily_partitions,
+    deps=[dg.AssetDep("query_logs", partition_mapping=LOOKBACK)],
+    kinds={"pandas"},
+    group_name="selection",
+    check_specs=[dg.AssetCheckSpec("has_traffic", asset="ad_demand", blocking=True)],
+)
+def ad_demand(context: dg.AssetExecutionContext, config: SelectionConfig, lake: LakeResource):
+    """Recency-weighted demand per ad over the lookback (the newest day weighs most)."""
+    days, missing = [], []
+    for day in lookback_days(context.partition_key, config.lookback_days):
+        counts, missing_hours = day_counts(lake.lake(), day)
+        days.append(counts)
+        missing += missing_hours
+        context.log.info(f"{day}: {int(counts.sum())} requests for {len(counts)} keys")
+    demand = weighted_demand(days, half_life_days=config.half_life_days)
+    frame = pd.DataFrame(
+        {
+            "ad_id": demand.index.astype(str),
+            "demand": demand.to_numpy(),
+            "last_day_requests": days[-1].reindex(demand.index).fillna(0).astype("int64").to_numpy(),
+        }
+    )
+    last_day = int(days[-1].sum())
+    yield dg.Output(
+        frame,
+        metadata={
+            "dagster/row_count": len(frame),
+            "requests_last_day": last_day,
+            "missing_hours": len(missing),
+        },
+    )
+    yield dg.AssetCheckResult(
+        check_name="has_traffic",
+        passed=last_day > 0,
+        severity=dg.AssetCheckSeverity.ERROR,
+        description="no prediction queries were logged on this day" if last_day == 0 else f"{last_day} requests",
+        metadata={"requests_last_day": last_day},
+    )
+
+
+@dg.asset(
+    partitions_def=daily_partitions,
+    kinds={"pandas"},
+    group_name="selection",
+    deps=["ads"],
+    check_specs=[dg.AssetCheckSpec("known_ads", asset="top_ads", blocking=True)],
+)
+def top_ads(context: dg.AssetExecutionContext, config: SelectionConfig, ad_demand: pd.DataFrame, lake: LakeResource):
+    """The N known ads to precompute; unknown keys in the logs are counted, never scored."""
+    catalog = set(lake.lake().read("ads", columns=["ad_id"])["ad_id"])
+    known = ad_demand[ad_demand["ad_id"].isin(catalog)]
+    unknown = ad_demand[~ad_demand["ad_id"].isin(catalog)]
+    demand = known.set_index("ad_id")["demand"]
+    selected = select_top(demand, config.top_n)
+    last_day = ad_demand.set_index("ad_id")["last_day_requests"]
+    covered = coverage(selected, last_day)
+    frame = pd.DataFrame({"rank": range(1, len(selected) + 1), "ad_id": selected})
+    unknown_share = float(unknown["demand"].sum() / ad_demand["demand"].sum()) if len(ad_demand) else 0.0
+    context.log.info(f"selected {len(selected)} ads covering {covered:.1%} of yesterday's requests")
+    yield dg.Output(
+        frame,
+        metadata={
+            "dagster/row_count": len(frame),
+            "coverage_last_day": covered,
+            "unknown_ads": len(unknown),
+            "unknown_demand_share": unknown_share,
+        },
+    )
+    yield dg.AssetCheckResult(
+        check_name="known_ads",
+        passed=bool(len(selected)) and unknown_share <= 0.01,
+        severity=dg.AssetCheckSeverity.ERROR if not len(selected) else dg.AssetCheckSeverity.WARN,
+        description=(
+            "nothing to precompute: no known ad was requested"
+            if not len(selected)
+            else f"{len(unknown)} unknown ads carry {unknown_share:.2%} of the demand"
+        ),
+        metadata={"unknown_ads": len(unknown), "unknown_demand_share": unknown_share, "selected": len(selected)},
+    )

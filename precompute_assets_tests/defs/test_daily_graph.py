@@ -1,0 +1,145 @@
+"""The daily graph on real Redis + PostgreSQL: selection, model, predictions, publish, and their checks."""
+
+from __future__ import annotations
+
+import shutil
+
+import dagster as dg
+import pytest
+
+from precompute_assets.defs.models import ctr_model
+from precompute_assets.defs.predictions import ctr_predictions
+from precompute_assets.defs.publishing import ctr_cache
+from precompute_assets.defs.resources import LakeResource, ModelStoreResource, ParquetIOManager, RedisResource
+from precompute_assets.defs.selection import ad_demand, top_ads, traffic_profile
+from precompute_assets.defs.sources import ad_impressions, ads
+from precompute_assets.lake import Lake
+from precompute_assets.serving import PredictionCache, connect
+from precompute_assets_tests.factories import write_ad_platform, write_query_logs
+
+DAYS = ["2026-11-16", "2026-11-17", "2026-11-18"]
+GRAPH = [ads, ad_impressions, traffic_profile, ad_demand, top_ads, ctr_model, ctr_predictions, ctr_cache]
+
+
+@pytest.fixture(scope="module")
+def platform_template(tmp_path_factory) -> str:
+    """Three days of ad traffic, generated once per module and copied into each test's lake."""
+    root = tmp_path_factory.mktemp("platform")
+    write_ad_platform(Lake(str(root)), DAYS)
+    return str(root)
+
+
+@pytest.fixture
+def platform(platform_template, lake_uri) -> Lake:
+    shutil.copytree(platform_template, lake_uri)
+    return Lake(lake_uri)
+
+
+@pytest.fixture
+def resources(redis_url, schema, lake_uri, tmp_path):
+    return {
+        "redis": RedisResource(url=redis_url, namespace=schema.namespace),
+        "lake": LakeResource(base_uri=lake_uri),
+        "model_store": ModelStoreResource(root=str(tmp_path / "models")),
+        "io_manager": ParquetIOManager(base_uri=lake_uri),
+    }
+
+
+def run(resources, instance, *, top_n: int = 50, day: str = DAYS[-1], selection=None):
+    return dg.materialize(
+        GRAPH,
+        selection=selection,
+        resources=resources,
+        partition_key=day,
+        instance=instance,
+        run_config={"ops": {"top_ads": {"config": {"top_n": top_n}}}},
+        raise_on_error=False,
+    )
+
+
+def materialized(result, name: str) -> bool:
+    return bool(result.asset_materializations_for_node(name))
+
+
+def test_whole_graph_publishes_predictions_readers_can_get(
+    resources, pg_instance, platform, lake_uri, redis_url, schema
+):
+    result = run(resources, pg_instance)
+    assert result.success
+    top = Lake(lake_uri).read("top_ads", DAYS[-1])
+    assert len(top) == 50 and list(top["rank"]) == list(range(1, 51))
+    model_meta = result.asset_materializations_for_node("ctr_model")[0].metadata
+    assert 0.5 < model_meta["auc"].value <= 1 and model_meta["auc"].value >= model_meta["baseline_auc"].value
+    publish = result.asset_materializations_for_node("ctr_cache")[0].metadata
+    assert publish["keys_written"].value == 50
+    assert publish["model_version"].value == model_meta["model_version"].value
+    cache = PredictionCache(connect(redis_url), schema=schema)
+    predictions = Lake(lake_uri).read("ctr_predictions", DAYS[-1]).set_index("ad_id")["ctr"]
+    first = top["ad_id"].iloc[0]
+    assert cache.get("ctr", first) == pytest.approx(predictions[first], rel=1e-6)
+    profile = result.asset_materializations_for_node("traffic_profile")[0].metadata
+    assert profile["offpeak_start_hour"].value in (1, 2, 3)  # the workload's trough is around 04:00 UTC
+
+
+def test_empty_day_blocks_everything_downstream(resources, pg_instance, lake_uri, redis_client, schema):
+    lake = Lake(lake_uri)
+    write_ad_platform(lake, DAYS[:2])
+    write_query_logs(lake, DAYS[-1], [])
+    result = run(resources, pg_instance)
+    check = [c for c in result.get_asset_check_evaluations() if c.check_name == "has_traffic"][0]
+    assert not check.passed and "no prediction queries" in check.description
+    assert not materialized(result, "top_ads") and not materialized(result, "ctr_cache")
+    assert redis_client.get(schema.pointer("ctr")) is None
+
+
+def test_unknown_ads_are_counted_and_never_published(resources, pg_instance, platform, lake_uri):
+    ghosts = [f"ghost{i}" for i in range(40)]
+    for day in DAYS:  # a lot of traffic for ads the catalog does not know
+        write_query_logs(platform, day, ghosts * 20, append=True)
+    result = run(resources, pg_instance)
+    check = [c for c in result.get_asset_check_evaluations() if c.check_name == "known_ads"][0]
+    assert not check.passed and check.severity == dg.AssetCheckSeverity.WARN
+    assert check.metadata["unknown_ads"].value == 40
+    assert result.success  # a warning does not block
+    published = Lake(lake_uri).read("ctr_predictions", DAYS[-1])
+    assert not set(published["ad_id"]) & set(ghosts)
+
+
+def test_single_ad_day_fails_the_model_check_and_publishes_nothing(
+    resources, pg_instance, lake_uri, redis_client, schema
+):
+    lake = Lake(lake_uri)
+    ads_table = write_ad_platform(lake, DAYS, n_ads=1, queries_per_day=500)
+    assert len(ads_table) == 1
+    result = run(resources, pg_instance)
+    check = [c for c in result.get_asset_check_evaluations() if c.check_name == "beats_baseline"][0]
+    assert not check.passed and "no model trained" in check.description
+    assert not materialized(result, "ctr_predictions") and not materialized(result, "ctr_cache")
+    assert redis_client.get(schema.pointer("ctr")) is None
+
+
+def test_ads_with_missing_features_are_skipped_and_counted(resources, pg_instance, platform, lake_uri):
+    broken = platform.read("ads")
+    popular = platform.read("ad_impressions", DAYS[-1])["ad_id"].value_counts().index[:5]
+    broken.loc[broken["ad_id"].isin(popular), "quality"] = float("nan")
+    platform.write("ads", None, broken)
+    result = run(resources, pg_instance, top_n=300)
+    assert result.success
+    model_meta = result.asset_materializations_for_node("ctr_model")[0].metadata
+    assert model_meta["ads_missing_features"].value > 0
+    pred_meta = result.asset_materializations_for_node("ctr_predictions")[0].metadata
+    scored = len(Lake(lake_uri).read("ctr_predictions", DAYS[-1]))
+    assert pred_meta["skipped_ads"].value + scored == len(Lake(lake_uri).read("top_ads", DAYS[-1]))
+    assert pred_meta["skipped_ads"].value > 0
+
+
+def test_publish_failure_keeps_the_previous_version(resources, pg_instance, platform, redis_client, schema):
+    assert run(resources, pg_instance).success
+    before = redis_client.get(schema.pointer("ctr"))
+    dead = {**resources, "redis": RedisResource(url="redis://127.0.0.1:1/0", namespace=schema.namespace, retries=0)}
+    result = dg.materialize(
+        GRAPH, selection=[ctr_cache], resources=dead, partition_key=DAYS[-1], instance=pg_instance, raise_on_error=False
+    )
+    assert not result.success
+    assert redis_client.get(schema.pointer("ctr")) == before
+    assert ctr_cache.op.retry_policy is not None and ctr_cache.op.retry_policy.max_retries >= 1

@@ -1,0 +1,53 @@
+"""Test data written straight into the lake: hourly query logs, an ad catalog, daily impressions."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from precompute_assets.defs.partitions import daily_partitions
+from precompute_assets.defs.selection import hours_of
+from precompute_assets.lake import Lake
+from precompute_assets.tables import query_log_frame
+from precompute_assets.workload.ads import generate_traffic, make_ads
+
+
+def day_start_ms(day: str) -> int:
+    return int(daily_partitions.time_window_for_partition_key(day).start.timestamp() * 1000)
+
+
+def write_query_logs(
+    lake: Lake, day: str, keys_per_hour: list[list[str]] | list[str], *, kind: str = "ctr", append: bool = False
+) -> None:
+    """Write one day of hourly query_logs partitions; ``keys_per_hour`` is one list of keys per hour, or one
+    list used for every hour; ``append`` adds them to what the hour already holds."""
+    hours = hours_of(day)
+    for index, hour in enumerate(hours):
+        keys = keys_per_hour[index] if keys_per_hour and isinstance(keys_per_hour[0], list) else keys_per_hour
+        start = day_start_ms(day) + index * 3_600_000
+        rows = [
+            {"stream_id": f"{start + i}-0", "ts_ms": start + i, "kind": kind, "key": key, "hit": False,
+             "latency_us": 50, "user": None, "tenant": None}
+            for i, key in enumerate(keys)
+        ]  # fmt: skip
+        frame = query_log_frame(rows)
+        if append and lake.exists("query_logs", hour):
+            frame = pd.concat([lake.read("query_logs", hour), frame], ignore_index=True)
+        lake.write("query_logs", hour, frame)
+
+
+def write_ad_platform(lake: Lake, days: list[str], *, n_ads: int = 2000, queries_per_day: int = 40_000, seed: int = 0):
+    """An ad catalog, its traffic as hourly query logs and as daily impressions. Returns the ads table."""
+    ads = make_ads(n_ads, days=len(days), seed=seed)
+    lake.write("ads", None, ads)
+    traffic = pd.concat(
+        generate_traffic(
+            ads, start_ms=day_start_ms(days[0]), days=len(days), queries_per_day=queries_per_day, seed=seed
+        )
+    )
+    for day in days:
+        start = day_start_ms(day)
+        todays = traffic[(traffic["ts_ms"] >= start) & (traffic["ts_ms"] < start + 86_400_000)]
+        lake.write("ad_impressions", day, todays[["ts_ms", "ad_id", "clicked"]])
+        hour_index = (todays["ts_ms"].to_numpy() - start) // 3_600_000
+        write_query_logs(lake, day, [todays["ad_id"][hour_index == h].tolist() for h in range(24)])
+    return ads

@@ -1,0 +1,379 @@
+"""The CTR model on small synthetic data whose true click-through rate is known and non-linear."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from precompute_assets.ml.ctr import (
+    FEATURES,
+    MS_PER_DAY,
+    TrainingIssues,
+    ad_features,
+    calibration_error,
+    evaluate,
+    predict_ctr,
+    score_ads,
+    time_split,
+    train_baseline,
+    train_ctr_model,
+    training_frame,
+)
+
+FIRST_DAY = 19_700  # an arbitrary UTC day number, so days are not 0-based by accident
+
+
+def make_ads(n_ads: int, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame(
+        {
+            "ad_id": [f"ad{i:05d}" for i in range(n_ads)],
+            "campaign_id": [f"c{i % 37}" for i in range(n_ads)],
+            "category": rng.integers(0, 20, n_ads),
+            "quality": rng.uniform(0, 1, n_ads),
+            "bid": rng.lognormal(0.0, 0.7, n_ads),
+            "text_len": rng.integers(10, 200, n_ads),
+            "created_day": rng.integers(0, 30, n_ads),
+        }
+    )
+
+
+def true_ctr(ads: pd.DataFrame) -> np.ndarray:
+    """Mostly an XOR of two thresholds (invisible to a linear model), plus a category x length interaction."""
+    xor = (ads["quality"].to_numpy() > 0.5) != (ads["bid"].to_numpy() > 1.0)
+    wordy_category = (ads["category"].to_numpy() % 4 == 0) & (ads["text_len"].to_numpy() > 100)
+    return 0.01 + 0.08 * xor + 0.04 * wordy_category
+
+
+def make_impressions(ads: pd.DataFrame, days: int, per_ad_day: float, seed: int = 1) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    ctr = true_ctr(ads)
+    counts = rng.poisson(per_ad_day, (days, len(ads)))
+    ad_index = np.concatenate([np.repeat(np.arange(len(ads)), counts[d]) for d in range(days)])
+    day = np.repeat(np.arange(days), counts.sum(axis=1))
+    ts_ms = (FIRST_DAY + day) * MS_PER_DAY + rng.integers(0, MS_PER_DAY, len(day))
+    frame = pd.DataFrame(
+        {
+            "ts_ms": ts_ms.astype(np.int64),
+            "ad_id": ads["ad_id"].to_numpy()[ad_index],
+            "clicked": rng.random(len(day)) < ctr[ad_index],
+        }
+    )
+    return frame.sample(frac=1.0, random_state=2).reset_index(drop=True)
+
+
+def agg_frame(rows: list[tuple[str, int, int, int]], quality: list[float] | None = None) -> pd.DataFrame:
+    """A training-shaped frame from (ad_id, day, impressions, clicks) rows, with neutral features."""
+    frame = pd.DataFrame(rows, columns=["ad_id", "day", "impressions", "clicks"])
+    for name in FEATURES:
+        frame[name] = 0.0
+    frame["category_00"] = 1.0
+    frame["quality"] = quality if quality is not None else np.linspace(0.1, 0.9, len(frame))
+    return frame
+
+
+class Oracle:
+    """A stand-in regressor whose prediction is the ``quality`` column."""
+
+    def predict(self, x: pd.DataFrame) -> np.ndarray:
+        return x["quality"].to_numpy()
+
+
+@pytest.fixture(scope="module")
+def synthetic() -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    ads = make_ads(400)
+    frame, issues = training_frame(make_impressions(ads, days=8, per_ad_day=50), ads)
+    assert issues == TrainingIssues(unknown_ads=0, missing_features=0, excluded_impressions=0)
+    train, valid = time_split(frame, valid_fraction=0.25)
+    return ads, train, valid
+
+
+@pytest.fixture(scope="module")
+def forest(synthetic):
+    _, train, _ = synthetic
+    return train_ctr_model(train, n_estimators=30, min_samples_leaf=5, n_jobs=2)
+
+
+@pytest.fixture(scope="module")
+def baseline(synthetic):
+    _, train, _ = synthetic
+    return train_baseline(train)
+
+
+# --- features -------------------------------------------------------------------------------------------
+
+
+def test_ad_features_are_indexed_by_ad_and_encoded() -> None:
+    ads = make_ads(5)
+    features = ad_features(ads)
+    assert list(features.columns) == FEATURES
+    assert features.index.tolist() == ads["ad_id"].tolist()
+    one_hot = features[[c for c in FEATURES if c.startswith("category_")]].to_numpy()
+    assert (one_hot.sum(axis=1) == 1).all()
+    assert (one_hot.argmax(axis=1) == ads["category"].to_numpy()).all()
+    np.testing.assert_allclose(features["log_bid"], np.log(ads["bid"]))
+    np.testing.assert_allclose(features["log_text_len"], np.log1p(ads["text_len"]))
+    np.testing.assert_allclose(features["quality"], ads["quality"])
+
+
+def test_invalid_ad_inputs_become_missing_features() -> None:
+    ads = make_ads(6)
+    ads["category"] = ads["category"].astype(float)
+    ads.loc[1, "quality"] = np.nan
+    ads.loc[2, "category"] = 20.0
+    ads.loc[3, "category"] = np.nan
+    ads.loc[4, "bid"] = 0.0
+    ads.loc[5, "text_len"] = np.nan
+    complete = ad_features(ads).notna().all(axis=1)
+    assert complete.tolist() == [True, False, False, False, False, False]
+
+
+def test_ads_table_problems_raise() -> None:
+    ads = make_ads(3)
+    with pytest.raises(ValueError, match="duplicate ad_id"):
+        ad_features(pd.concat([ads, ads.iloc[[0]]]))
+    with pytest.raises(ValueError, match=r"missing columns \['bid'\]"):
+        ad_features(ads.drop(columns="bid"))
+
+
+# --- training frame -------------------------------------------------------------------------------------
+
+
+def test_training_frame_aggregates_per_ad_and_utc_day_and_reports_exclusions() -> None:
+    ads = make_ads(3)
+    ads.loc[2, "quality"] = np.nan
+    a1, a2, nan_ad = ads["ad_id"]
+    day0 = FIRST_DAY * MS_PER_DAY
+    impressions = pd.DataFrame(
+        [
+            (day0, a1, False),
+            (day0 + 1000, a1, True),
+            (day0 + MS_PER_DAY - 1, a1, False),  # last ms of day 0
+            (day0 + MS_PER_DAY, a1, True),  # first ms of day 1
+            (day0 + MS_PER_DAY + 5, a1, True),
+            (day0 + MS_PER_DAY + 7, a2, False),
+            (day0, nan_ad, True),
+            (day0 + 9, nan_ad, False),
+            (day0, "unknown-1", True),
+            (day0 + 1, "unknown-2", False),
+            (day0 + MS_PER_DAY, "unknown-1", False),
+            (day0 + 2, None, False),
+        ],
+        columns=["ts_ms", "ad_id", "clicked"],
+    )
+    frame, issues = training_frame(impressions, ads)
+    assert issues == TrainingIssues(unknown_ads=4, missing_features=1, excluded_impressions=6)
+    assert frame[["ad_id", "day", "impressions", "clicks"]].values.tolist() == [
+        [a1, FIRST_DAY, 3, 1],
+        [a1, FIRST_DAY + 1, 2, 2],
+        [a2, FIRST_DAY + 1, 1, 0],
+    ]
+    expected = ad_features(ads).loc[[a1, a1, a2]].to_numpy()
+    np.testing.assert_array_equal(frame[FEATURES].to_numpy(), expected)
+    assert frame[FEATURES].notna().all().all()
+
+
+def test_training_frame_compresses_impressions_into_ad_days(synthetic) -> None:
+    _, train, valid = synthetic
+    both = pd.concat([train, valid])
+    assert len(both) <= 400 * 8
+    assert not both.duplicated(["ad_id", "day"]).any()
+    assert int(both["impressions"].sum()) > 100_000
+    assert (both["clicks"] <= both["impressions"]).all()
+
+
+# --- time split -----------------------------------------------------------------------------------------
+
+
+def test_time_split_holds_out_the_last_days() -> None:
+    frame = agg_frame([(f"a{d % 3}", d, 10, 1) for d in range(10, 20)])
+    train, valid = time_split(frame, valid_fraction=0.2)
+    assert sorted(valid["day"]) == [18, 19]
+    assert sorted(train["day"]) == list(range(10, 18))
+    # Days are counted as distinct days present, so gaps do not matter.
+    gappy = agg_frame([("a", 1, 5, 1), ("b", 1, 5, 1), ("a", 5, 5, 1), ("b", 9, 5, 1)])
+    train, valid = time_split(gappy, valid_fraction=0.2)
+    assert valid["day"].tolist() == [9]
+    assert train["day"].max() < valid["day"].min()
+
+
+def test_time_split_always_keeps_a_training_day() -> None:
+    frame = agg_frame([("a", 1, 5, 1), ("b", 2, 5, 1)])
+    train, valid = time_split(frame, valid_fraction=0.9)
+    assert train["day"].tolist() == [1]
+    assert valid["day"].tolist() == [2]
+
+
+def test_time_split_rejects_single_day_empty_data_and_bad_fractions() -> None:
+    one_day = agg_frame([("a", 3, 5, 1), ("b", 3, 5, 0)])
+    with pytest.raises(ValueError, match="at least 2 distinct days.*has 1"):
+        time_split(one_day)
+    with pytest.raises(ValueError, match="at least 2 distinct days.*has 0"):
+        time_split(one_day.iloc[:0])
+    for fraction in (0.0, 1.0, -0.1):
+        with pytest.raises(ValueError, match="valid_fraction"):
+            time_split(one_day, valid_fraction=fraction)
+
+
+# --- models and metrics ---------------------------------------------------------------------------------
+
+
+def test_forest_beats_logistic_baseline_on_non_linear_ctr(synthetic, forest, baseline) -> None:
+    ads, _, valid = synthetic
+    rf = evaluate(forest, valid)
+    lr = evaluate(baseline, valid)
+    assert set(rf) == {"auc", "log_loss", "calibration_error", "valid_impressions"}
+    assert rf["auc"] > lr["auc"] + 0.05
+    assert rf["log_loss"] < lr["log_loss"]
+    assert 0.5 < lr["auc"] < rf["auc"]
+    # Clicks are coin flips, so even the true CTR ranks them imperfectly: the forest should come close.
+    truth = pd.Series(true_ctr(ads), index=ads["ad_id"])
+    oracle = evaluate(Oracle(), valid.assign(quality=truth.loc[valid["ad_id"]].to_numpy()))
+    assert rf["auc"] > oracle["auc"] - 0.02
+    assert rf["log_loss"] < oracle["log_loss"] + 0.005
+
+
+def test_metrics_are_in_sane_ranges(synthetic, forest, baseline) -> None:
+    _, train, valid = synthetic
+    prior = train["clicks"].sum() / train["impressions"].sum()
+    valid_ctr = valid["clicks"].sum() / valid["impressions"].sum()
+    constant_log_loss = -(valid_ctr * math.log(prior) + (1 - valid_ctr) * math.log(1 - prior))
+    for model in (forest, baseline):
+        metrics = evaluate(model, valid)
+        assert 0 < metrics["log_loss"] < constant_log_loss
+        assert 0 <= metrics["calibration_error"] < 0.02
+        assert metrics["valid_impressions"] == valid["impressions"].sum()
+
+
+def test_forest_predictions_track_the_true_ctr(synthetic, forest) -> None:
+    ads, _, _ = synthetic
+    predicted = predict_ctr(forest, ad_features(ads))
+    assert np.corrcoef(predicted, true_ctr(ads))[0, 1] > 0.8
+
+
+def test_weighted_auc_and_log_loss_equal_the_expanded_impressions() -> None:
+    valid = agg_frame(
+        [("a", 1, 7, 2), ("b", 1, 5, 0), ("c", 1, 4, 3), ("d", 1, 6, 1)], quality=[0.3, 0.1, 0.6, 0.2]
+    )
+    metrics = evaluate(Oracle(), valid)
+    ctr = valid["quality"].to_numpy()
+    pairs = zip(valid["clicks"], valid["impressions"], strict=True)
+    y = np.concatenate([np.repeat([1, 0], [c, n - c]) for c, n in pairs])
+    p = np.repeat(ctr, valid["impressions"])
+    assert metrics["auc"] == pytest.approx(roc_auc_score(y, p))
+    assert metrics["log_loss"] == pytest.approx(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+    assert metrics["valid_impressions"] == 22
+
+
+def test_calibration_error_is_zero_for_a_calibrated_predictor_and_measures_bias() -> None:
+    rng = np.random.default_rng(3)
+    ctr = rng.integers(1, 400, 200) / 1000
+    impressions = np.full(200, 1000)
+    clicks = impressions * ctr
+    assert calibration_error(ctr, impressions, clicks) == pytest.approx(0.0, abs=1e-12)
+    # Predicting double the rate is off by exactly the mean rate in every bin.
+    assert calibration_error(2 * ctr, impressions, clicks) == pytest.approx(ctr.mean())
+    # A constant at the mean rate is calibrated (if useless): one bin, no gap.
+    flat = np.full(200, ctr.mean())
+    assert calibration_error(flat, impressions, clicks) == pytest.approx(0.0, abs=1e-12)
+    # Right rates, wrong ads: the lowest predictions get the highest observed rates and vice versa.
+    reversed_ctr = np.sort(ctr)
+    reversed_clicks = impressions * reversed_ctr[::-1]
+    assert calibration_error(reversed_ctr, impressions, reversed_clicks) > 0.1
+
+
+def test_evaluate_reports_zero_calibration_error_for_an_oracle() -> None:
+    rows = [(f"a{i}", 1, 1000, q) for i, q in enumerate(range(10, 400, 13))]
+    valid = agg_frame(rows, quality=[r[3] / 1000 for r in rows])
+    assert evaluate(Oracle(), valid)["calibration_error"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_predict_ctr_clips_and_uses_the_click_class(baseline, synthetic) -> None:
+    class Wild:
+        def predict(self, x: pd.DataFrame) -> np.ndarray:
+            return np.array([-0.5, 0.0, 0.3, 1.0, 2.0])
+
+    clipped = predict_ctr(Wild(), agg_frame([(f"a{i}", 1, 1, 0) for i in range(5)]))
+    np.testing.assert_allclose(clipped, [1e-6, 1e-6, 0.3, 1 - 1e-6, 1 - 1e-6])
+    _, _, valid = synthetic
+    np.testing.assert_allclose(predict_ctr(baseline, valid), baseline.predict_proba(valid[FEATURES])[:, 1])
+
+
+# --- clear errors on degenerate data --------------------------------------------------------------------
+
+
+def test_empty_training_data_raises() -> None:
+    ads = make_ads(3)
+    no_impressions = pd.DataFrame({"ts_ms": pd.Series(dtype="int64"), "ad_id": [], "clicked": []})
+    frame, issues = training_frame(no_impressions, ads)
+    assert len(frame) == 0
+    assert issues == TrainingIssues(0, 0, 0)
+    for train in (train_ctr_model, train_baseline):
+        with pytest.raises(ValueError, match="training data is empty"):
+            train(frame)
+
+
+def test_only_unknown_ads_leave_nothing_to_train_on() -> None:
+    ads = make_ads(3)
+    impressions = make_impressions(ads, days=2, per_ad_day=5)
+    impressions["ad_id"] = "gone-" + impressions["ad_id"]
+    frame, issues = training_frame(impressions, ads)
+    assert issues.unknown_ads == len(impressions) == issues.excluded_impressions
+    with pytest.raises(ValueError, match="training data is empty"):
+        train_ctr_model(frame, n_jobs=1)
+
+
+def test_single_ad_data_raises() -> None:
+    single = agg_frame([("a", 1, 50, 5), ("a", 2, 50, 4), ("a", 3, 40, 2)])
+    train, valid = time_split(single)
+    with pytest.raises(ValueError, match="single ad"):
+        train_ctr_model(train, n_jobs=1)
+    with pytest.raises(ValueError, match="single ad"):
+        train_baseline(train)
+    with pytest.raises(ValueError, match="validation set has a single ad"):
+        evaluate(Oracle(), valid)
+
+
+def test_validation_without_clicks_or_non_clicks_raises() -> None:
+    with pytest.raises(ValueError, match="validation set has no clicks"):
+        evaluate(Oracle(), agg_frame([("a", 9, 10, 0), ("b", 9, 20, 0)]))
+    with pytest.raises(ValueError, match="validation set has no non-clicks"):
+        evaluate(Oracle(), agg_frame([("a", 9, 10, 10), ("b", 9, 20, 20)]))
+    with pytest.raises(ValueError, match="validation set is empty"):
+        evaluate(Oracle(), agg_frame([]))
+    with pytest.raises(ValueError, match="training data has no clicks"):
+        train_baseline(agg_frame([("a", 1, 10, 0), ("b", 1, 20, 0)]))
+
+
+# --- scoring --------------------------------------------------------------------------------------------
+
+
+def test_score_ads_keeps_order_and_returns_skipped_ids(synthetic, forest) -> None:
+    ads, _, _ = synthetic
+    ads = ads.copy()
+    ads.loc[7, "bid"] = np.nan
+    ids = ads["ad_id"]
+    requested = [ids[5], "no-such-ad", ids[2], ids[7], ids[5], ids[300]]
+    scores, skipped = score_ads(forest, ads, requested)
+    assert list(scores.columns) == ["ad_id", "ctr"]
+    assert scores["ad_id"].tolist() == [ids[5], ids[2], ids[5], ids[300]]
+    assert skipped == ["no-such-ad", ids[7]]
+    assert scores["ctr"].dtype == np.float64
+    expected = predict_ctr(forest, ad_features(ads).loc[[ids[5], ids[2], ids[5], ids[300]]])
+    np.testing.assert_allclose(scores["ctr"], expected)
+    assert ((scores["ctr"] > 0) & (scores["ctr"] < 1)).all()
+
+
+def test_score_ads_works_for_the_baseline_and_empty_requests(synthetic, baseline) -> None:
+    ads, _, _ = synthetic
+    scores, skipped = score_ads(baseline, ads, ads["ad_id"].tolist())
+    assert skipped == []
+    assert scores["ad_id"].tolist() == ads["ad_id"].tolist()
+    empty, skipped = score_ads(baseline, ads, [])
+    assert list(empty.columns) == ["ad_id", "ctr"]
+    assert len(empty) == 0
+    assert skipped == []
