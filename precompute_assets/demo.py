@@ -42,7 +42,9 @@ class Stages(dict):
 def _by_day(chunks: list[pd.DataFrame], day_starts_ms: list[int]) -> list[pd.DataFrame]:
     traffic = pd.concat(chunks, ignore_index=True)
     bounds = [*day_starts_ms, day_starts_ms[-1] + 86_400_000]
-    return [traffic[(traffic["ts_ms"] >= lo) & (traffic["ts_ms"] < hi)] for lo, hi in zip(bounds, bounds[1:])]
+    return [
+        traffic[(traffic["ts_ms"] >= lo) & (traffic["ts_ms"] < hi)] for lo, hi in zip(bounds, bounds[1:], strict=False)
+    ]
 
 
 def run_demo(
