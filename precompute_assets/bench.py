@@ -87,3 +87,69 @@ def bench_serve(redis_url: str, *, n_keys: int = 10_000, lookups: int = 50_000, 
     result["p50_ratio"] = round(result["get_p50_us"] / result["raw_get_p50_us"], 3)
     result["p99_ratio"] = round(result["get_p99_us"] / result["raw_get_p99_us"], 3)
     return result
+
+
+def redis_benchmark_set(redis_url: str, *, requests: int, value_size: int, pipeline: int = 1000) -> float | None:
+    """SET requests/s that ``redis-benchmark`` (Debian's redis-tools) reaches on the same server; None if absent."""
+    import csv
+    import io
+    import shutil
+    import subprocess
+    from urllib.parse import urlsplit
+
+    binary = shutil.which("redis-benchmark")
+    if binary is None:
+        return None
+    url = urlsplit(redis_url)
+    command = [binary, "-h", url.hostname or "127.0.0.1", "-p", str(url.port or 6379), "-t", "set"]
+    command += ["-n", str(requests), "-P", str(pipeline), "-d", str(value_size), "-r", str(requests), "--csv"]
+    if url.password:
+        command += ["-a", url.password, "--no-auth-warning"]
+    if url.scheme == "rediss":
+        command += ["--tls"]
+    output = subprocess.run(command, check=True, capture_output=True, text=True, timeout=600).stdout
+    rows = [row for row in csv.reader(io.StringIO(output)) if row and row[0] == "SET"]
+    return float(rows[0][1]) if rows else None
+
+
+def bench_publish(redis_url: str, *, n: int = 1_000_000, naive_n: int = 50_000, seed: int = 0) -> dict:
+    """Keys/s of ``publish_version`` vs a naive one-``SET``-per-key JSON loop vs ``redis-benchmark`` SET."""
+    import json as _json
+
+    from tqdm import tqdm
+
+    schema = KeySchema(f"bench{uuid.uuid4().hex[:8]}")
+    client = connect(redis_url, socket_timeout=30)
+    rng = np.random.default_rng(seed)
+    keys = [f"ad{i:07d}" for i in range(n)]
+    values = rng.random(n).tolist()
+    with tqdm(total=n, desc="publish", unit="key", disable=None, leave=False) as bar:
+        items = zip(keys, values, strict=True)
+        ours = publish_version(client, "ctr", "bench", items, n_keys=n, schema=schema, ttl_s=600, progress=bar.update)
+
+    naive_n = min(naive_n, n)
+    started = time.perf_counter()
+    for key, value in zip(keys[:naive_n], values[:naive_n], strict=True):
+        client.set(f"{schema.prefix}:naive:{key}", _json.dumps(value), ex=600)
+    naive_s = time.perf_counter() - started
+
+    value_size = len(np.float32(0).tobytes())
+    reference = redis_benchmark_set(redis_url, requests=n, value_size=value_size)
+    for name in client.scan_iter(f"{schema.prefix}:*", count=5000):
+        client.unlink(name)
+    for name in client.scan_iter("key:__rand_int__*", count=5000):  # redis-benchmark's own keys
+        client.unlink(name)
+    result = {
+        "bench": "publish",
+        "keys": n,
+        "keys_per_s": round(ours.keys_per_s),
+        "publish_seconds": round(ours.seconds, 3),
+        "naive_keys": naive_n,
+        "naive_keys_per_s": round(naive_n / naive_s),
+        "redis_benchmark_set_per_s": reference,
+        "redis_benchmark_args": f"-t set -n {n} -P 1000 -d {value_size} -r {n}" if reference else None,
+        "value_bytes": value_size,
+    }
+    result["ratio_vs_naive"] = round(result["keys_per_s"] / result["naive_keys_per_s"], 2)
+    result["ratio_vs_redis_benchmark"] = round(result["keys_per_s"] / reference, 3) if reference else None
+    return result

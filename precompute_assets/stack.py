@@ -97,10 +97,9 @@ class RedisServer:
         pidfile = self.dir / "redis.pid"
         try:
             pid = int(pidfile.read_text())
-            os.kill(pid, 0)
-            return pid
-        except (FileNotFoundError, ValueError, ProcessLookupError):
+        except (FileNotFoundError, ValueError):
             return None
+        return pid if alive(pid) else None
 
     def start(self, timeout_s: float = 10) -> None:
         if self.pid is not None:
@@ -156,10 +155,9 @@ class PostgresServer:
     def pid(self) -> int | None:
         try:
             pid = int((self.data / "postmaster.pid").read_text().split("\n", 1)[0])
-            os.kill(pid, 0)
-            return pid
-        except (FileNotFoundError, ValueError, ProcessLookupError):
+        except (FileNotFoundError, ValueError):
             return None
+        return pid if alive(pid) else None
 
     def _run(self, program: str, *args: str) -> None:
         user = PG_SYSTEM_USER if os.geteuid() == 0 else None
@@ -238,6 +236,19 @@ def pg_binaries() -> Path:
     return Path(spec.origin).parent / "pginstall" / "bin"
 
 
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie does not: containers often have no init that reaps daemons)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
 def reachable(url: str, timeout_s: float = 0.5) -> bool:
     """Whether the host:port of a service URL accepts TCP connections."""
     from urllib.parse import urlsplit
@@ -253,9 +264,7 @@ def reachable(url: str, timeout_s: float = 0.5) -> bool:
 def wait_for_exit(pid: int, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not alive(pid):
             return
         time.sleep(0.05)
     os.kill(pid, signal.SIGKILL)
