@@ -89,6 +89,9 @@ def bench_serve(redis_url: str, *, n_keys: int = 10_000, lookups: int = 50_000, 
     return result
 
 
+BENCHMARK_DB = 9  # redis-benchmark writes keys named key:NNN; keep them out of database 0
+
+
 def redis_benchmark_set(redis_url: str, *, requests: int, value_size: int, pipeline: int = 1000) -> float | None:
     """SET requests/s that ``redis-benchmark`` (Debian's redis-tools) reaches on the same server; None if absent."""
     import csv
@@ -103,11 +106,15 @@ def redis_benchmark_set(redis_url: str, *, requests: int, value_size: int, pipel
     url = urlsplit(redis_url)
     command = [binary, "-h", url.hostname or "127.0.0.1", "-p", str(url.port or 6379), "-t", "set"]
     command += ["-n", str(requests), "-P", str(pipeline), "-d", str(value_size), "-r", str(requests), "--csv"]
+    command += ["--dbnum", str(BENCHMARK_DB)]
     if url.password:
         command += ["-a", url.password, "--no-auth-warning"]
     if url.scheme == "rediss":
         command += ["--tls"]
     output = subprocess.run(command, check=True, capture_output=True, text=True, timeout=600).stdout
+    scratch = connect(url._replace(path=f"/{BENCHMARK_DB}").geturl(), socket_timeout=30)
+    for name in scratch.scan_iter("key:*", count=5000):  # redis-benchmark's keys, in its own database
+        scratch.unlink(name)
     rows = [row for row in csv.reader(io.StringIO(output)) if row and row[0] == "SET"]
     return float(rows[0][1]) if rows else None
 
@@ -137,8 +144,6 @@ def bench_publish(redis_url: str, *, n: int = 1_000_000, naive_n: int = 50_000, 
     reference = redis_benchmark_set(redis_url, requests=n, value_size=value_size)
     for name in client.scan_iter(f"{schema.prefix}:*", count=5000):
         client.unlink(name)
-    for name in client.scan_iter("key:__rand_int__*", count=5000):  # redis-benchmark's own keys
-        client.unlink(name)
     result = {
         "bench": "publish",
         "keys": n,
@@ -153,3 +158,99 @@ def bench_publish(redis_url: str, *, n: int = 1_000_000, naive_n: int = 50_000, 
     result["ratio_vs_naive"] = round(result["keys_per_s"] / result["naive_keys_per_s"], 2)
     result["ratio_vs_redis_benchmark"] = round(result["keys_per_s"] / reference, 3) if reference else None
     return result
+
+
+def bench_graph(*, queries: int = 10_000_000, ads: int = 100_000, days: int = 7, top_ns=(1000, 100_000)) -> dict:
+    """Seconds of asset compute of the daily graph on ``queries`` logged queries over ``ads`` ads.
+
+    The hourly ``query_logs`` partitions and daily impressions are written straight to a scratch lake
+    (as the hourly job would have), then the daily graph runs once per ``top_n`` against the local Redis.
+    """
+    import tempfile
+
+    import dagster as dg
+    import pandas as pd
+
+    from .definitions import defs
+    from .defs.automation import daily_precompute_job
+    from .defs.partitions import daily_partitions
+    from .defs.resources import LakeResource, ModelStoreResource, ParquetIOManager, RedisResource
+    from .defs.selection import hours_of
+    from .lake import Lake
+    from .stack import ENV_REDIS, Stack
+    from .tables import QUERY_LOGS
+    from .workload.ads import generate_traffic, make_ads
+
+    redis_url = Stack().env()[ENV_REDIS]
+    scratch = tempfile.mkdtemp(prefix="precompute-bench-graph-")
+    lake = Lake(f"{scratch}/lake")
+    last = daily_partitions.get_last_partition_key()
+    window = daily_partitions.time_window_for_partition_key(last)
+    day_keys = [(window.start - pd.Timedelta(days=d)).date().isoformat() for d in range(days - 1, -1, -1)]
+    start_ms = int(daily_partitions.time_window_for_partition_key(day_keys[0]).start.timestamp() * 1000)
+    started = time.perf_counter()
+    catalog = make_ads(ads, days=days, seed=0)
+    lake.write("ads", None, catalog)
+    written = 0
+    for day_index, day in enumerate(day_keys):
+        traffic = pd.concat(
+            generate_traffic(catalog, start_ms=start_ms + day_index * 86_400_000, days=1,
+                             queries_per_day=queries // days, seed=day_index)
+        )  # fmt: skip
+        lake.write("ad_impressions", day, traffic[["ts_ms", "ad_id", "clicked"]])
+        hour = (traffic["ts_ms"].to_numpy() - (start_ms + day_index * 86_400_000)) // 3_600_000
+        for index, key in enumerate(hours_of(day)):
+            part = traffic[hour == index]
+            frame = pd.DataFrame(
+                {
+                    "stream_id": (part["ts_ms"].astype(str) + "-0").to_numpy(),
+                    "ts": pd.to_datetime(part["ts_ms"].to_numpy(), unit="ms", utc=True),
+                    "kind": "ctr",
+                    "key": part["ad_id"].to_numpy(),
+                    "hit": False,
+                    "latency_us": 50,
+                    "user": part["user"].to_numpy(),
+                    "tenant": None,
+                }
+            )
+            lake.write("query_logs", key, pa_table(frame, QUERY_LOGS))
+        written += len(traffic)
+    setup_s = time.perf_counter() - started
+
+    resources = {
+        "redis": RedisResource(url=redis_url, namespace=f"bench{uuid.uuid4().hex[:6]}"),
+        "lake": LakeResource(base_uri=f"{scratch}/lake"),
+        "model_store": ModelStoreResource(root=f"{scratch}/models"),
+        "io_manager": ParquetIOManager(base_uri=f"{scratch}/lake"),
+    }
+    runs = {}
+    assets = defs.resolve_job_def(daily_precompute_job.name).asset_layer.executable_asset_keys
+    with dg.instance_for_test() as instance:
+        for top_n in top_ns:
+            result = dg.materialize(
+                [spec for spec in defs.assets if getattr(spec, "keys", None) and spec.keys & assets],
+                resources=resources,
+                partition_key=day_keys[-1],
+                instance=instance,
+                run_config={"ops": {"top_ads": {"config": {"top_n": top_n}}}},
+            )
+            steps = {
+                s.step_key: round(s.end_time - s.start_time, 2) for s in instance.get_run_step_stats(result.run_id)
+            }
+            runs[f"top_{top_n}"] = {
+                "asset_seconds": steps,
+                "total_asset_seconds": round(sum(steps.values()), 2),
+                "keys_published": result.asset_materializations_for_node("ctr_cache")[0].metadata["keys_written"].value,
+            }
+    import shutil
+
+    shutil.rmtree(scratch, ignore_errors=True)
+    return {"bench": "graph", "queries": written, "ads": ads, "days": days, "setup_seconds": round(setup_s, 1),
+            "goal_seconds": 120, **runs}  # fmt: skip
+
+
+def pa_table(frame, schema):
+    """``frame`` as a pyarrow table of ``schema``."""
+    import pyarrow as pa
+
+    return pa.Table.from_pandas(frame, schema=schema, preserve_index=False)

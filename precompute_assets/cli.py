@@ -95,6 +95,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         result = bench.bench_serve(env[ENV_REDIS], n_keys=args.keys, lookups=args.lookups)
     elif args.what == "publish":
         result = bench.bench_publish(env[ENV_REDIS], n=args.n)
+    elif args.what == "graph":
+        result = bench.bench_graph(queries=args.queries, ads=args.ads)
     else:
         raise SystemExit(f"unknown benchmark {args.what!r}")
     print(json.dumps(result))
@@ -137,7 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(fn=cmd_demo)
     bench = sub.add_parser("bench", help="benchmarks: print one JSON object")
-    bench.add_argument("what", choices=["serve", "publish"])
+    bench.add_argument("what", choices=["serve", "publish", "graph"])
+    bench.add_argument("--queries", type=int, default=10_000_000, help="graph: logged queries over 7 days")
+    bench.add_argument("--ads", type=int, default=100_000, help="graph: ads in the catalog")
     bench.add_argument("--n", type=int, default=1_000_000, help="publish: keys to publish")
     bench.add_argument("--keys", type=int, default=10_000)
     bench.add_argument("--lookups", type=int, default=50_000)

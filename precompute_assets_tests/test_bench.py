@@ -1,0 +1,22 @@
+"""The benchmark commands run and report every promised key (small sizes; no assertion on speed)."""
+
+from precompute_assets.bench import bench_publish, bench_serve
+
+
+def test_bench_serve_reports_latencies_and_ratio(redis_url):
+    result = bench_serve(redis_url, n_keys=500, lookups=3000)
+    for key in ("get_p50_us", "get_p99_us", "raw_get_p50_us", "raw_get_p99_us", "p50_ratio", "log_events_per_s"):
+        assert result[key] > 0, key
+    assert result["p50_ratio"] == round(result["get_p50_us"] / result["raw_get_p50_us"], 3)
+    assert result["lookup_events_logged"] + result["lookup_events_dropped"] == 3000 + 2000  # + warm-up
+
+
+def test_bench_publish_reports_rates_and_ratios(redis_url, redis_client):
+    result = bench_publish(redis_url, n=5000, naive_n=500)
+    assert result["keys"] == 5000 and result["keys_per_s"] > 0 and result["naive_keys_per_s"] > 0
+    assert result["ratio_vs_naive"] == round(result["keys_per_s"] / result["naive_keys_per_s"], 2)
+    if result["redis_benchmark_set_per_s"] is None:  # redis-tools not installed: reported as null
+        assert result["ratio_vs_redis_benchmark"] is None
+    else:
+        assert result["ratio_vs_redis_benchmark"] > 0
+    assert not list(redis_client.scan_iter("bench*", count=1000))  # cleaned up after itself
