@@ -87,7 +87,10 @@ def ctr_model(
         )
     seconds = time.perf_counter() - started
     version = f"{context.partition_key}.{context.run_id[:8]}"
-    uri = model_store.store().save(CTR_MODEL, version, model, {"metrics": metrics, "baseline": baseline})
+    # overwrite: a step retry in the same run retrains and replaces the model of this unfinished version
+    uri = model_store.store().save(
+        CTR_MODEL, version, model, {"metrics": metrics, "baseline": baseline}, overwrite=True
+    )
     context.log.info(f"trained {version}: AUC {metrics['auc']:.4f} (baseline {baseline['auc']:.4f})")
     return dg.MaterializeResult(
         metadata={

@@ -128,13 +128,13 @@ class KeySchema:
 
 def check_kind(kind: str) -> str:
     """Return ``kind`` if it is a valid kind name, else raise ``ValueError``."""
-    if not KIND_PATTERN.match(kind):
+    if not KIND_PATTERN.fullmatch(kind):
         raise ValueError(f"invalid kind {kind!r}: expected lower-case letters, digits and '_' (max 64)")
     return kind
 
 
 def check_version(version: str) -> str:
     """Return ``version`` if it is a valid version id (no ':' so pointers stay parseable)."""
-    if not VERSION_PATTERN.match(version):
+    if not VERSION_PATTERN.fullmatch(version):
         raise ValueError(f"invalid version {version!r}: expected [A-Za-z0-9_.-]{{1,64}}")
     return version

@@ -285,7 +285,7 @@ def validate_entry(entry_id: bytes, fields: dict[bytes, bytes]) -> tuple[dict[st
     kind, reason = _clean_text(fields.get(b"kind"), "kind", required=True)
     if reason:
         return None, reason
-    if not KIND_PATTERN.match(kind):
+    if not KIND_PATTERN.fullmatch(kind):
         return None, f"invalid kind {kind!r}"
     key, reason = _clean_text(fields.get(b"key"), "key", required=True)
     if reason:

@@ -28,3 +28,12 @@ def test_pointer_round_trip_and_bad_kind():
     assert Pointer.decode(Pointer("2026-11-21.1", 12).encode()) == Pointer("2026-11-21.1", 12)
     with pytest.raises(ValueError, match="invalid kind"):
         check_kind("Bad Kind")
+
+
+def test_names_with_a_trailing_newline_are_rejected():
+    from precompute_assets.serving.keys import check_version
+
+    with pytest.raises(ValueError):
+        check_kind("ctr\n")
+    with pytest.raises(ValueError):
+        check_version("v1\n")
