@@ -254,3 +254,89 @@ def pa_table(frame, schema):
     import pyarrow as pa
 
     return pa.Table.from_pandas(frame, schema=schema, preserve_index=False)
+
+
+def bench_embed(redis_url: str, app_db_url: str, *, docs: int = 1_000_000, chunk_size: int = 20_000) -> dict:
+    """End-to-end embedding sync (PostgreSQL → embed → quantise → offline store → Redis) vs the
+    embedder's raw encode on the same texts; Redis bytes per document; lookup latency vs a bare GET."""
+    import psycopg2
+
+    from .docstore import DocumentStore
+    from .embedding_sync import EmbeddingStore, int8_recall, sync_embeddings
+    from .ml.embedder import HashingSvdEmbedder, check_document
+    from .serving.keys import EMBEDDING_KIND
+    from .stack import libpq_url
+    from .workload.documents import generate_documents
+
+    scratch_db = f"bench_{uuid.uuid4().hex[:8]}"
+    admin = psycopg2.connect(libpq_url(app_db_url))
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{scratch_db}"')
+    db_url = app_db_url.rsplit("/", 1)[0] + "/" + scratch_db
+    schema = KeySchema(f"bench{uuid.uuid4().hex[:8]}")
+    client = connect(redis_url, socket_timeout=30)
+    try:
+        store = DocumentStore(db_url)
+        store.ensure_schema()
+        started = time.perf_counter()
+        texts = []
+        for chunk in generate_documents(docs, seed=0):
+            store.load_frame(chunk)
+            texts += [check_document(t, b)[0] for t, b in zip(chunk["title"], chunk["body"], strict=True)]
+        load_s = time.perf_counter() - started
+        embedder = HashingSvdEmbedder.fit(texts, sample=20_000)
+
+        started = time.perf_counter()
+        for i in range(0, len(texts), chunk_size):
+            embedder.encode(texts[i : i + chunk_size])
+        encode_s = time.perf_counter() - started
+        del texts
+
+        memory_before = client.info("memory")["used_memory"]
+        stats = sync_embeddings(store, EmbeddingStore(db_url), client, embedder, schema=schema,
+                                chunk_size=chunk_size, log=lambda message: None)  # fmt: skip
+        redis_bytes = client.info("memory")["used_memory"] - memory_before
+
+        cache = PredictionCache(connect(redis_url, socket_timeout=1.0), schema=schema)
+        rng = np.random.default_rng(0)
+        ids = [f"doc{i:08d}" for i in rng.integers(0, docs, 20_000)]
+        raw_prefix = f"{schema.prefix}:raw:"
+        values = cache.client.pipeline(transaction=False)
+        for doc_id in ids[:5000]:
+            values.hget(schema.bucket_for_key(EMBEDDING_KIND, cache.current_version(EMBEDDING_KIND), doc_id), doc_id)
+        pipe = client.pipeline(transaction=False)
+        for doc_id, value in zip(ids[:5000], values.execute(), strict=True):
+            pipe.set(raw_prefix + doc_id, value, ex=600)
+        pipe.execute()
+        cache.get_embeddings(ids[:1000])  # warm
+        single = _timed(cache.get_embedding, ids[:10_000])
+        bare = _timed(lambda doc_id: client.get(raw_prefix + doc_id), ids[:5000])
+        batches = [ids[i : i + 100] for i in range(0, 10_000, 100)]
+        batch = _timed(cache.get_embeddings, batches)
+        recall = int8_recall(EmbeddingStore(db_url), store, embedder, n=2000)
+        result = {
+            "bench": "embed",
+            "docs": stats.embedded,
+            "failed": stats.failed,
+            "load_seconds": round(load_s, 1),
+            "sync_seconds": round(stats.seconds, 1),
+            "encode_seconds": round(encode_s, 1),
+            "docs_per_s": round(stats.embedded / stats.seconds),
+            "encode_only_docs_per_s": round(docs / encode_s),
+            "overhead": round((stats.seconds - encode_s) / encode_s, 3),
+            "redis_bytes_per_doc": round(redis_bytes / max(stats.embedded, 1), 1),
+            "get_p50_us": percentile_us(single, 50),
+            "get_p99_us": percentile_us(single, 99),
+            "batch100_p99_us": percentile_us(batch, 99),
+            "raw_get_p99_us": percentile_us(bare, 99),
+            "recall_at_10_int8": round(recall, 4),
+            "model_version": embedder.version,
+        }
+    finally:
+        for name in client.scan_iter(f"{schema.prefix}:*", count=5000):
+            client.unlink(name)
+        with admin.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{scratch_db}" WITH (FORCE)')
+        admin.close()
+    return result

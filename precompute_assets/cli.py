@@ -8,7 +8,7 @@ import os
 import re
 import sys
 
-from .stack import ENV_REDIS, Stack, project_dir
+from .stack import ENV_APP_DB, ENV_REDIS, Stack, project_dir
 
 
 def _up(stack: Stack) -> dict[str, str]:
@@ -80,7 +80,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     stack = Stack()
     _up(stack)
     summary = run_demo(
-        stack, days=args.days, queries_per_day=args.queries_per_day, n_ads=args.ads, top_n=args.top_n, seed=args.seed
+        stack,
+        days=args.days,
+        queries_per_day=args.queries_per_day,
+        n_ads=args.ads,
+        top_n=args.top_n,
+        n_docs=args.docs,
+        seed=args.seed,
     )
     print(json.dumps(summary, indent=2))
     print("\nServices are still running for `precompute dev`; stop them with `precompute down`.")
@@ -95,6 +101,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         result = bench.bench_serve(env[ENV_REDIS], n_keys=args.keys, lookups=args.lookups)
     elif args.what == "publish":
         result = bench.bench_publish(env[ENV_REDIS], n=args.n)
+    elif args.what == "embed":
+        result = bench.bench_embed(env[ENV_REDIS], env[ENV_APP_DB], docs=args.docs)
     elif args.what == "graph":
         result = bench.bench_graph(queries=args.queries, ads=args.ads)
     else:
@@ -120,6 +128,36 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_docs(args: argparse.Namespace) -> int:
+    from .docstore import DocumentStore
+
+    env = _up(Stack())
+    store = DocumentStore(env[ENV_APP_DB])
+    store.ensure_schema()
+    if args.docs_command == "load":
+        result = store.load_file(args.file)
+    else:
+        from tqdm import tqdm
+
+        from .docstore import LoadResult
+        from .workload.documents import generate_documents
+
+        result = LoadResult()
+        with tqdm(total=args.n, desc="documents", unit="doc", disable=None) as bar:
+            for chunk in generate_documents(args.n, seed=args.seed, start_id=args.start_id):
+                part = store.load_frame(chunk)
+                result.rows += part.rows
+                result.inserted += part.inserted
+                result.updated += part.updated
+                result.unchanged += part.unchanged
+                bar.update(len(chunk))
+    summary = {k: v for k, v in vars(result).items() if k != "rejections"}
+    summary["first_rejections"] = [f"{r.where}: {r.reason}" for r in result.rejections[:20]]
+    summary["documents"] = store.count()
+    print(json.dumps(summary))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="precompute", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -136,16 +174,27 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--queries-per-day", type=int, default=40_000)
     demo.add_argument("--ads", type=int, default=20_000)
     demo.add_argument("--top-n", type=int, default=1000)
+    demo.add_argument("--docs", type=int, default=50_000, help="documents to generate and embed")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(fn=cmd_demo)
     bench = sub.add_parser("bench", help="benchmarks: print one JSON object")
-    bench.add_argument("what", choices=["serve", "publish", "graph"])
+    bench.add_argument("what", choices=["serve", "publish", "graph", "embed"])
+    bench.add_argument("--docs", type=int, default=1_000_000, help="embed: documents")
     bench.add_argument("--queries", type=int, default=10_000_000, help="graph: logged queries over 7 days")
     bench.add_argument("--ads", type=int, default=100_000, help="graph: ads in the catalog")
     bench.add_argument("--n", type=int, default=1_000_000, help="publish: keys to publish")
     bench.add_argument("--keys", type=int, default=10_000)
     bench.add_argument("--lookups", type=int, default=50_000)
     bench.set_defaults(fn=cmd_bench)
+    docs = sub.add_parser("docs", help="the document store: load a file or generate synthetic documents")
+    docs_sub = docs.add_subparsers(dest="docs_command", required=True)
+    load = docs_sub.add_parser("load", help="upsert documents from JSONL or Parquet (doc_id, title, body, language)")
+    load.add_argument("file")
+    generate = docs_sub.add_parser("generate", help="synthetic documents in 14 languages and scripts")
+    generate.add_argument("--n", type=int, required=True)
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--start-id", type=int, default=0)
+    docs.set_defaults(fn=cmd_docs)
     replay = sub.add_parser("replay", help="hit rates of LRU, static top-N, ours and Belady on a key trace")
     replay.add_argument("--trace", required=True, help="one integer key per line, or timestamp,key lines")
     replay.add_argument("--days", type=int, required=True, help="split the trace into this many days")

@@ -3,6 +3,7 @@
 import dagster as dg
 
 from .defs.automation import build_schedules, daily_precompute_job
+from .defs.embeddings import document_embeddings, document_embeddings_job, documents_changed, embedding_model
 from .defs.models import ctr_model
 from .defs.predictions import ctr_predictions
 from .defs.publishing import ctr_cache
@@ -22,8 +23,11 @@ defs = dg.Definitions(
         ctr_model,
         ctr_predictions,
         ctr_cache,
+        embedding_model,
+        document_embeddings,
     ],
-    jobs=[query_logs_job, daily_precompute_job, query_log_cleanup_job],
+    jobs=[query_logs_job, daily_precompute_job, query_log_cleanup_job, document_embeddings_job],
+    sensors=[documents_changed],
     schedules=build_schedules(),
     resources=build_resources(),
 )

@@ -48,7 +48,14 @@ def _by_day(chunks: list[pd.DataFrame], day_starts_ms: list[int]) -> list[pd.Dat
 
 
 def run_demo(
-    stack: Stack, *, days: int = 3, queries_per_day: int = 40_000, n_ads: int = 20_000, top_n: int = 1000, seed: int = 0
+    stack: Stack,
+    *,
+    days: int = 3,
+    queries_per_day: int = 40_000,
+    n_ads: int = 20_000,
+    top_n: int = 1000,
+    n_docs: int = 50_000,
+    seed: int = 0,
 ) -> dict:
     """``days`` of history ending yesterday-minus-one, the daily graph for the last of them, then yesterday's
     traffic replayed against the warmed cache and against a read-through cache alone."""
@@ -118,6 +125,9 @@ def run_demo(
             baseline = serve_traffic(alone, SimClock(), [next_day], live_ctr.__getitem__, progress=bar)
         lookup_us = ours_latency(redis_url, next_day["ad_id"].head(5000).tolist())
 
+    with stages.timed("embed_documents"):
+        embeddings = embed_demo_documents(stack, defs, instance, n_docs=n_docs, seed=seed)
+
     return {
         "history_days": days,
         "queries_per_day": queries_per_day,
@@ -132,6 +142,7 @@ def run_demo(
         "keys_published": meta["ctr_cache"]["keys_written"].value,
         "publish_keys_per_s": round(meta["ctr_cache"]["keys_per_s"].value),
         "get_p99_us": lookup_us,
+        **embeddings,
         "stage_seconds": dict(stages),
         "dagster_home": env["DAGSTER_HOME"],
         "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -146,3 +157,39 @@ def ours_latency(redis_url: str, keys: list[str]) -> float:
     samples = _timed(lambda key: cache.get("ctr", key), keys)
     cache.close()
     return percentile_us(samples, 99)
+
+
+def embed_demo_documents(stack: Stack, defs, instance: dg.DagsterInstance, *, n_docs: int, seed: int) -> dict:
+    """Generate documents into the document store, fit the embedder, embed and publish; measure Redis."""
+    from .bench import _timed, percentile_us
+    from .docstore import DocumentStore
+    from .stack import ENV_APP_DB
+    from .workload.documents import generate_documents
+
+    env = stack.env()
+    store = DocumentStore(env[ENV_APP_DB])
+    store.ensure_schema()
+    for chunk in generate_documents(n_docs, seed=seed):
+        store.load_frame(chunk)
+    client = connect(env[ENV_REDIS], socket_timeout=10)
+    before = client.info("memory")["used_memory"]
+    job = dg.define_asset_job("demo_embeddings", selection=["embedding_model", "document_embeddings"])
+    result = (
+        dg.Definitions(assets=defs.assets, jobs=[job], resources=defs.resources)
+        .resolve_job_def("demo_embeddings")
+        .execute_in_process(instance=instance)
+    )
+    meta = result.asset_materializations_for_node("document_embeddings")[0].metadata
+    after = client.info("memory")["used_memory"]
+    cache = PredictionCache.from_url(env[ENV_REDIS], log_queries=False, socket_timeout=1.0)
+    ids = [f"doc{i:08d}" for i in range(0, n_docs, max(1, n_docs // 5000))]
+    samples = _timed(cache.get_embedding, ids)
+    cache.close()
+    return {
+        "documents": store.count(),
+        "docs_embedded": meta["embedded"].value,
+        "embed_docs_per_s": round(meta["docs_per_s"].value),
+        "redis_bytes_per_doc": round((after - before) / max(meta["embedded"].value, 1), 1),
+        "embedding_get_p99_us": percentile_us(samples, 99),
+        "recall_at_10_int8": round(meta["recall_at_10_int8"].value, 4),
+    }

@@ -117,6 +117,9 @@ class RedisServer:
             "appendfsync everysec",
             'save ""',
             "protected-mode yes",
+            # Version buckets hold up to ~128 values of up to 312 bytes (int8 embeddings): keep them in the
+            # compact listpack encoding (Redis 7 reads this name as an alias of hash-max-listpack-value).
+            "hash-max-ziplist-value 512",
         ]
         if self.password:
             lines.append(f"requirepass {self.password}")

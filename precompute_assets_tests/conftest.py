@@ -66,6 +66,22 @@ def lake_uri(tmp_path: Path) -> str:
 
 
 @pytest.fixture
+def app_db(app_db_url: str) -> Iterator[str]:
+    """A fresh application database of its own (documents, embeddings) on the real PostgreSQL."""
+    import psycopg2
+
+    name = f"app_{uuid.uuid4().hex[:10]}"
+    admin = psycopg2.connect(libpq_url(app_db_url))
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{name}"')
+    yield app_db_url.rsplit("/", 1)[0] + "/" + name
+    with admin.cursor() as cur:
+        cur.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+    admin.close()
+
+
+@pytest.fixture
 def pg_instance(dagster_pg_url: str) -> Iterator[dg.DagsterInstance]:
     """A Dagster instance whose run/event/schedule storage is the real PostgreSQL, in a fresh database."""
     import psycopg2

@@ -17,18 +17,20 @@ def test_asset_keys_checks_jobs_schedules_sensors():
     r = repo()
     assert {k.to_user_string() for k in r.asset_graph.get_all_asset_keys()} == {
         "ads", "ad_impressions", "query_logs", "query_log_quarantine", "traffic_profile", "ad_demand", "top_ads",
-        "ctr_model", "ctr_predictions", "ctr_cache",
+        "ctr_model", "ctr_predictions", "ctr_cache", "embedding_model", "document_embeddings",
     }  # fmt: skip
     checks = {(c.asset_key.to_user_string(), c.name) for c in r.asset_graph.asset_check_keys}
     assert checks == {
         ("query_logs", "quarantine_rate"), ("ad_demand", "has_traffic"), ("top_ads", "known_ads"),
         ("ctr_model", "beats_baseline"), ("ctr_predictions", "valid_ctr"),
+        ("document_embeddings", "embedding_error_rate"), ("document_embeddings", "int8_recall"),
+        ("document_embeddings", "staleness"),
     }  # fmt: skip
     assert {j.name for j in r.get_all_jobs()} - {"__ASSET_JOB"} == {
-        "query_logs_job", "daily_precompute_job", "query_log_cleanup_job",
+        "query_logs_job", "daily_precompute_job", "query_log_cleanup_job", "document_embeddings_job",
     }  # fmt: skip
     assert {s.name for s in r.schedule_defs} == {"query_logs_hourly", "daily_precompute", "query_log_cleanup_daily"}
-    assert {s.name for s in r.sensor_defs} == set()
+    assert {s.name for s in r.sensor_defs} == {"documents_changed"}
 
 
 def ticks(schedule: dg.ScheduleDefinition, start: datetime, end: datetime) -> list[datetime]:

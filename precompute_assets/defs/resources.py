@@ -4,10 +4,11 @@ import dagster as dg
 import pandas as pd
 import redis
 
+from ..docstore import DocumentStore
 from ..lake import Lake, default_lake_uri
 from ..ml.model_store import LocalModelStore
 from ..serving import KeySchema, connect
-from ..stack import ENV_REDIS
+from ..stack import ENV_APP_DB, ENV_REDIS
 
 
 class RedisResource(dg.ConfigurableResource):
@@ -46,6 +47,24 @@ class ModelStoreResource(dg.ConfigurableResource):
         return LocalModelStore(self.root or default_home() / "models")
 
 
+class AppDatabaseResource(dg.ConfigurableResource):
+    """Our own tables (``PRECOMPUTE_APP_DB_URL``), beside Dagster's database."""
+
+    url: str
+
+
+class DocumentStoreResource(dg.ConfigurableResource):
+    """The documents table of the application database."""
+
+    url: str
+    table: str = "documents"
+
+    def store(self) -> DocumentStore:
+        store = DocumentStore(self.url, table=self.table)
+        store.ensure_schema()
+        return store
+
+
 class ParquetIOManager(dg.ConfigurableIOManager):
     """One Parquet file per asset partition in the lake (local folder, or an object-store URI)."""
 
@@ -77,5 +96,7 @@ def build_resources() -> dict[str, object]:
         "redis": RedisResource(url=dg.EnvVar(ENV_REDIS)),
         "lake": LakeResource(),
         "model_store": ModelStoreResource(),
+        "app_db": AppDatabaseResource(url=dg.EnvVar(ENV_APP_DB)),
+        "documents": DocumentStoreResource(url=dg.EnvVar(ENV_APP_DB)),
         "io_manager": ParquetIOManager(),
     }

@@ -9,7 +9,7 @@ from typing import Any
 import redis
 
 from .connection import REDIS_ERRORS, connect
-from .keys import KeySchema, Pointer, bucket_of, codec_for
+from .keys import EMBEDDING_KIND, KeySchema, Pointer, bucket_of, codec_for
 from .querylog import QueryLogger
 
 
@@ -108,6 +108,14 @@ class PredictionCache:
             except REDIS_ERRORS:
                 self._trip()
         return value
+
+    def get_embedding(self, doc_id: str, *, user: str | None = None, tenant: str | None = None):
+        """The document's embedding as a float32 numpy vector, or None."""
+        return self.get(EMBEDDING_KIND, doc_id, user=user, tenant=tenant)
+
+    def get_embeddings(self, doc_ids: Sequence[str], *, user: str | None = None, tenant: str | None = None):
+        """Embeddings of ``doc_ids`` in order (None where missing), from one version in one round trip."""
+        return self.get_many(EMBEDDING_KIND, doc_ids, user=user, tenant=tenant)
 
     def current_version(self, kind: str) -> Pointer | None:
         """The published version of ``kind`` as this reader currently sees it."""

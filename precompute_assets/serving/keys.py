@@ -16,7 +16,7 @@ key                                    type      content
 =====================================  ========  ==========================================================
 
 Values are encoded per kind (``CODECS``): ``ctr`` and ``campaign`` are 4-byte little-endian float32;
-anything else is UTF-8 JSON.
+``doc_embedding`` is the vector layout of ``serving.vectors``; anything else is UTF-8 JSON.
 """
 
 from __future__ import annotations
@@ -66,7 +66,28 @@ class JsonCodec:
         return json.loads(raw)
 
 
-CODECS: dict[str, Codec] = {"ctr": Float32Codec(), "campaign": Float32Codec()}
+class VectorCodec:
+    """An embedding in the binary layout of ``serving.vectors`` (12-byte header + int8/float32 payload).
+
+    ``encode`` takes bytes already encoded by ``vectors.encode_batch`` (quantisation happens in batches);
+    ``decode`` returns the dequantised float32 vector.
+    """
+
+    name = "vec"
+
+    def encode(self, value: Any) -> bytes:
+        if not isinstance(value, bytes | bytearray | memoryview):
+            raise TypeError("encode embeddings with serving.vectors.encode_batch, then publish the bytes")
+        return bytes(value)
+
+    def decode(self, raw: bytes) -> Any:
+        from .vectors import decode_vector
+
+        return decode_vector(raw).vector
+
+
+EMBEDDING_KIND = "doc_embedding"
+CODECS: dict[str, Codec] = {"ctr": Float32Codec(), "campaign": Float32Codec(), EMBEDDING_KIND: VectorCodec()}
 DEFAULT_CODEC: Codec = JsonCodec()
 
 

@@ -54,15 +54,16 @@ def publish_version(
     items: Iterable[tuple[str, Any]],
     *,
     n_keys: int,
-    ttl_s: int = 2 * 86400,
+    ttl_s: int | None = 2 * 86400,
     grace_s: int = 600,
     schema: KeySchema | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> PublishResult:
     """Write ``items`` (``n_keys`` of them) as ``version`` of ``kind`` and make it the current version.
 
-    Buckets are written with their TTL in the same pipeline; the previous version is given ``grace_s``
-    to live so that readers holding its pointer finish their reads, then expires as a whole.
+    Buckets are written with their TTL in the same pipeline (``ttl_s=None``: no TTL while current, for
+    versions patched in place); the previous version is given ``grace_s`` to live so that readers holding
+    its pointer finish their reads, then expires as a whole.
     """
     schema = schema or KeySchema()
     check_kind(kind)
@@ -91,11 +92,13 @@ def publish_version(
         send_commands(client, [(b"DEL", name) for name in names])
     batch: list[tuple[bytes, ...]] = []
     pending = 0
-    ttl = str(ttl_s).encode()
+    ttl = None if ttl_s is None else str(ttl_s).encode()
     for index, fields in enumerate(grouped):
         if not fields:
             continue
-        batch += [(b"HSET", names[index], *fields), (b"EXPIRE", names[index], ttl)]
+        batch.append((b"HSET", names[index], *fields))
+        if ttl is not None:
+            batch.append((b"EXPIRE", names[index], ttl))
         pending += len(fields) // 2
         if len(batch) >= COMMANDS_PER_PIPELINE:
             send_commands(client, batch)
@@ -157,6 +160,37 @@ def send_commands(client: redis.Redis, commands: list[tuple[bytes, ...]]) -> Non
         pool.release(connection)
     if errors:
         raise errors[0]
+
+
+def patch_version(
+    client: redis.Redis,
+    kind: str,
+    pointer: Pointer,
+    upserts: Iterable[tuple[str, Any]] = (),
+    deletes: Iterable[str] = (),
+    *,
+    schema: KeySchema | None = None,
+) -> int:
+    """Write and delete single keys of an existing version in place; returns commands sent.
+
+    For incremental updates of independent values (one document's embedding): each key changes
+    atomically, and the version's bucket layout stays what its pointer says.
+    """
+    schema = schema or KeySchema()
+    codec = codec_for(kind)
+    writes: dict[bytes, list[bytes]] = {}
+    for key, value in upserts:
+        field = key.encode()
+        writes.setdefault(schema.bucket_for_key(kind, pointer, key).encode(), []).extend((field, codec.encode(value)))
+    removals: dict[bytes, list[bytes]] = {}
+    for key in deletes:
+        removals.setdefault(schema.bucket_for_key(kind, pointer, key).encode(), []).append(key.encode())
+    # One command per bucket: a chunk of 20,000 documents is ~300 HSETs, not 20,000.
+    commands = [(b"HSET", name, *fields) for name, fields in writes.items()]
+    commands += [(b"HDEL", name, *fields) for name, fields in removals.items()]
+    for start in range(0, len(commands), COMMANDS_PER_PIPELINE):
+        send_commands(client, commands[start : start + COMMANDS_PER_PIPELINE])
+    return len(commands)
 
 
 def flip_pointer(

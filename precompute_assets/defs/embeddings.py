@@ -1,0 +1,166 @@
+"""Document embeddings: an embedding model fitted on the corpus, and embeddings kept in step with the
+document store, offline (PostgreSQL) and in Redis. A sensor runs the sync when documents change."""
+
+import json
+import time
+from pathlib import Path
+
+import dagster as dg
+
+from ..embedding_sync import EmbeddingStore, int8_recall, latest_change, sample_documents, sync_embeddings
+from ..ml.embedder import HashingSvdEmbedder, SentenceTransformerEmbedder, document_text
+from .resources import AppDatabaseResource, DocumentStoreResource, ModelStoreResource, RedisResource
+
+EMBEDDING_MODEL = "embedding_model"
+ERROR_WARN, ERROR_FAIL = 0.01, 0.05
+RECALL_GOAL = 0.95
+STALE_GOAL = 0.01
+
+
+class EmbeddingModelConfig(dg.Config):
+    backend: str = "hashing-svd"  # or "sentence-transformers" (optional extra)
+    model: str = ""  # sentence-transformers: a local path or an installed model name
+    dim: int = 300
+    sample: int = 20_000
+
+
+def load_embedder(path: Path):
+    """The embedder saved at ``path`` by the ``embedding_model`` asset."""
+    meta = json.loads((path / "embedder.json").read_text())
+    if meta["backend"] == "sentence-transformers":
+        return SentenceTransformerEmbedder(meta["model"])
+    return HashingSvdEmbedder.load(path / "hashing_svd")
+
+
+@dg.asset(kinds={"sklearn"}, group_name="embeddings")
+def embedding_model(
+    context: dg.AssetExecutionContext,
+    config: EmbeddingModelConfig,
+    documents: DocumentStoreResource,
+    model_store: ModelStoreResource,
+) -> dg.MaterializeResult:
+    """The default embedder: hashed character n-grams reduced by a truncated SVD fitted on a corpus sample
+    (any language or script, CPU only, nothing downloaded). Its version is a hash of its content."""
+    started = time.perf_counter()
+    if config.backend == "sentence-transformers":
+        embedder, sampled = SentenceTransformerEmbedder(config.model), 0
+    else:
+        rows = sample_documents(documents.store(), config.sample)
+        texts = [document_text(title or "", body or "") for _, title, body in rows]
+        if len(texts) <= config.dim:
+            raise dg.Failure(description=f"need more than {config.dim} documents to fit, found {len(texts)}")
+        embedder, sampled = HashingSvdEmbedder.fit(texts, dim=config.dim, sample=config.sample), len(texts)
+    path = Path(model_store.store().root) / EMBEDDING_MODEL / embedder.version.replace(":", "_").replace("/", "_")
+    path.mkdir(parents=True, exist_ok=True)
+    if isinstance(embedder, HashingSvdEmbedder):
+        embedder.save(path / "hashing_svd")
+    (path / "embedder.json").write_text(json.dumps({"backend": config.backend, "model": config.model}))
+    context.log.info(f"embedding model {embedder.version} ({embedder.dim} dims, {sampled} documents sampled)")
+    return dg.MaterializeResult(
+        metadata={
+            "model_version": embedder.version,
+            "model_path": dg.MetadataValue.path(str(path)),
+            "dim": embedder.dim,
+            "documents_sampled": sampled,
+            "fit_seconds": time.perf_counter() - started,
+        }
+    )
+
+
+class EmbeddingSyncConfig(dg.Config):
+    chunk_size: int = 10_000
+    dtype: str = "int8"  # or "float32"
+    recall_sample: int = 2000
+
+
+def current_model_path(instance: dg.DagsterInstance) -> Path:
+    event = instance.get_latest_materialization_event(dg.AssetKey(EMBEDDING_MODEL))
+    if event is None or event.asset_materialization is None:
+        raise dg.Failure(description="materialize embedding_model first: there is no embedder yet")
+    return Path(event.asset_materialization.metadata["model_path"].value)
+
+
+@dg.asset(
+    deps=[EMBEDDING_MODEL],
+    kinds={"redis", "pandas"},
+    group_name="embeddings",
+    retry_policy=dg.RetryPolicy(max_retries=3, delay=5, backoff=dg.Backoff.EXPONENTIAL),
+    check_specs=[
+        dg.AssetCheckSpec("embedding_error_rate", asset="document_embeddings"),
+        dg.AssetCheckSpec("int8_recall", asset="document_embeddings"),
+        dg.AssetCheckSpec("staleness", asset="document_embeddings"),
+    ],
+)
+def document_embeddings(
+    context: dg.AssetExecutionContext,
+    config: EmbeddingSyncConfig,
+    documents: DocumentStoreResource,
+    app_db: AppDatabaseResource,
+    redis: RedisResource,
+) -> dg.MaterializeResult:
+    """Embed new and modified documents (everything when the embedder changes), drop deleted ones, and
+    keep Redis in step; resumes from the last finished chunk after a crash."""
+    embedder = load_embedder(current_model_path(context.instance))
+    store, docs = EmbeddingStore(app_db.url), documents.store()
+    stats = sync_embeddings(
+        docs, store, redis.client(), embedder, schema=redis.schema(), dtype=config.dtype,
+        chunk_size=config.chunk_size, log=context.log.info,
+    )  # fmt: skip
+    recall = int8_recall(store, docs, embedder, n=config.recall_sample) if config.dtype == "int8" else 1.0
+    stale, stale_docs, aged_docs = store.stale_share(docs)
+    return dg.MaterializeResult(
+        metadata={
+            "model_version": stats.model_version,
+            "redis_version": stats.redis_version,
+            "full_build": stats.full_build,
+            "embedded": stats.embedded,
+            "deleted": stats.deleted,
+            "failed": stats.failed,
+            "failure_reasons": dg.MetadataValue.json(stats.failure_reasons),
+            "error_rate": stats.error_rate,
+            "docs_per_s": stats.docs_per_s,
+            "seconds": stats.seconds,
+            "recall_at_10_int8": recall,
+            "stale_share": stale,
+        },
+        check_results=[
+            dg.AssetCheckResult(
+                check_name="embedding_error_rate",
+                passed=stats.error_rate <= ERROR_WARN,
+                severity=dg.AssetCheckSeverity.ERROR if stats.error_rate > ERROR_FAIL else dg.AssetCheckSeverity.WARN,
+                metadata={"error_rate": stats.error_rate, "failed": stats.failed},
+                description=f"{stats.failed} of {stats.embedded + stats.failed} failed: {stats.failure_reasons}",
+            ),
+            dg.AssetCheckResult(
+                check_name="int8_recall",
+                passed=not recall < RECALL_GOAL,  # NaN (too few documents to measure) passes
+                severity=dg.AssetCheckSeverity.WARN,
+                metadata={"recall_at_10": recall, "goal": RECALL_GOAL},
+            ),
+            dg.AssetCheckResult(
+                check_name="staleness",
+                passed=stale < STALE_GOAL,
+                severity=dg.AssetCheckSeverity.WARN,
+                metadata={"stale_share": stale, "stale_documents": stale_docs, "documents_older_than_24h": aged_docs},
+                description="share of documents changed over 24 h ago whose embedding is missing or older",
+            ),
+        ],
+    )
+
+
+document_embeddings_job = dg.define_asset_job(
+    "document_embeddings_job", selection=dg.AssetSelection.assets(document_embeddings)
+)
+
+
+@dg.sensor(job=document_embeddings_job, minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.RUNNING)
+def documents_changed(context: dg.SensorEvaluationContext, documents: DocumentStoreResource):
+    """Run the incremental sync when documents were added, modified or deleted since the last request."""
+    latest = latest_change(documents.store())
+    if latest is None:
+        return dg.SkipReason("no documents yet")
+    marker = latest.isoformat()
+    if context.cursor == marker:
+        return dg.SkipReason(f"no document changed since {marker}")
+    context.update_cursor(marker)
+    return dg.RunRequest(run_key=f"documents-{marker}")

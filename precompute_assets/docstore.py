@@ -1,0 +1,392 @@
+"""The ``documents`` table in PostgreSQL: bulk upserts through COPY, soft deletes, keyset change scans.
+
+Every load stages its rows with COPY into a temporary table and upserts them with one statement, so a
+million documents cost a few round trips, not a million. ``modified_at`` moves only when a document's
+content (title, body, language, deleted) really changes, which makes ``(modified_at, doc_id)`` a
+watermark for incremental consumers such as the embedding assets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import io
+import json
+import re
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import pandas as pd
+import psycopg2
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
+from psycopg2 import sql
+
+_ISO_639_1 = """
+aa ab ae af ak am an ar as av ay az ba be bg bh bi bm bn bo br bs ca ce ch co cr cs cu cv cy da de
+dv dz ee el en eo es et eu fa ff fi fj fo fr fy ga gd gl gn gu gv ha he hi ho hr ht hu hy hz ia id
+ie ig ii ik io is it iu ja jv ka kg ki kj kk kl km kn ko kr ks ku kv kw ky la lb lg li ln lo lt lu
+lv mg mh mi mk ml mn mr ms mt my na nb nd ne ng nl nn no nr nv ny oc oj om or os pa pi pl ps pt qu
+rm rn ro ru rw sa sc sd se sg si sk sl sm sn so sq sr ss st su sv sw ta te tg th ti tk tl tn to tr
+ts tt tw ty ug uk ur uz ve vi vo wa wo xh yi yo za zh zu
+"""
+# ISO 639-1 two-letter codes; others are stored as given and reported in LoadResult.unknown_languages
+KNOWN_LANGUAGES = frozenset(_ISO_639_1.split())
+COLUMNS = ("doc_id", "title", "body", "language")
+CHUNK_ROWS = 50_000  # rows read and COPYed at a time by load_file
+MAX_REJECTIONS_KEPT = 1000  # all rejections are counted; the first ones are kept with their reason
+_IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,50}$")
+
+
+@dataclass(frozen=True)
+class Rejection:
+    where: str  # "row 12" (0-based, across a whole load) or "line 7" (1-based, JSONL)
+    reason: str
+
+
+@dataclass
+class LoadResult:
+    rows: int = 0  # input rows (or non-blank JSONL lines) seen
+    inserted: int = 0
+    updated: int = 0  # existing documents whose content changed, including re-created deleted ones
+    unchanged: int = 0
+    duplicates: int = 0  # rows superseded by a later row with the same doc_id in the same load
+    rejected: int = 0
+    rejections: list[Rejection] = field(default_factory=list)
+    unknown_languages: dict[str, int] = field(default_factory=dict)  # code -> documents, after dedup
+
+    def reject(self, where: str, reason: str) -> None:
+        self.rejected += 1
+        if len(self.rejections) < MAX_REJECTIONS_KEPT:
+            self.rejections.append(Rejection(where, reason))
+
+
+@dataclass(frozen=True)
+class DocumentRow:
+    doc_id: str
+    title: str | None
+    body: str | None
+    language: str | None
+    indexed_at: datetime | None
+    modified_at: datetime
+    deleted: bool
+
+    @property
+    def watermark(self) -> tuple[datetime, str]:
+        """Pass the last row's watermark to ``changed_since`` to continue after it."""
+        return self.modified_at, self.doc_id
+
+
+def libpq_url(url: str) -> str:
+    """``postgresql+psycopg2://...`` (SQLAlchemy style) in the form psycopg2.connect accepts."""
+    return url.replace("postgresql+psycopg2://", "postgresql://", 1)
+
+
+def _missing(value: Any) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, str):
+        return not value.strip()
+    with contextlib.suppress(TypeError, ValueError):
+        return bool(pd.isna(value))
+    return False
+
+
+def _text_or_none(value: Any) -> str | None:
+    return None if value is None or (not isinstance(value, str) and _missing(value)) else str(value)
+
+
+def _storable(value: str | None) -> str | None:
+    """Why PostgreSQL would refuse this text, or None if it can be stored."""
+    if value is None:
+        return None
+    if "\x00" in value:
+        return "contains a NUL character"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return "invalid UTF-8 (lone surrogate)"
+    return None
+
+
+def _row_problem(row: dict[str, str | None]) -> str | None:
+    """Why one row (values already through ``_text_or_none``) cannot be loaded, or None."""
+    if row["doc_id"] is None or not row["doc_id"].strip():
+        return "missing doc_id"
+    return next((f"{c}: {p}" for c in COLUMNS if (p := _storable(row[c]))), None)
+
+
+def _arrow_columns(df: pd.DataFrame) -> dict[str, pa.Array] | None:
+    """The four columns as Arrow strings, or None if some value is not a plain storable-encoding string."""
+    n = len(df)
+    try:
+        return {
+            c: pa.array(df[c], type=pa.string(), from_pandas=True)
+            if c in df.columns
+            else pa.nulls(n, pa.string())
+            for c in COLUMNS
+        }
+    except (pa.ArrowException, UnicodeError):  # numbers, lists, lone surrogates: the row-by-row path
+        return None
+
+
+def _clean_frame(
+    df: pd.DataFrame, first_row: int, labels: Sequence[str] | None, result: LoadResult
+) -> pa.Table:
+    """The loadable rows of ``df`` as an Arrow table (seq, doc_id, title, body, language); rejects the rest.
+
+    ``labels`` name each row in rejections (JSONL line numbers); by default rows are numbered from
+    ``first_row``, which also orders rows across chunks so the last occurrence of a doc_id wins.
+    """
+    if "doc_id" not in df.columns:
+        raise ValueError(f"documents need a doc_id column; got {list(df.columns)}")
+    n = len(df)
+    result.rows += n
+    columns = _arrow_columns(df)
+    if columns is not None:
+        # vectorised screening; only suspect rows are looked at one by one
+        blank = pc.equal(pc.utf8_trim_whitespace(columns["doc_id"]), "")
+        suspect = pc.fill_null(blank, True).to_numpy(zero_copy_only=False)
+        for c in COLUMNS:
+            has_nul = pc.fill_null(pc.match_substring(columns[c], "\x00"), False)
+            suspect |= has_nul.to_numpy(zero_copy_only=False)
+        rows = {int(i): {c: columns[c][i].as_py() for c in COLUMNS} for i in np.flatnonzero(suspect)}
+    else:
+        values = {c: (df[c].tolist() if c in df.columns else [None] * n) for c in COLUMNS}
+        rows = {i: {c: _text_or_none(values[c][i]) for c in COLUMNS} for i in range(n)}
+    keep = np.ones(n, dtype=bool)
+    for i, row in rows.items():
+        if problem := _row_problem(row):
+            keep[i] = False
+            result.reject(labels[i] if labels is not None else f"row {first_row + i}", problem)
+    if columns is None:
+        kept = [row for i, row in rows.items() if keep[i]]
+        columns = {c: pa.array([row[c] for row in kept], pa.string()) for c in COLUMNS}
+        seq = pa.array(np.flatnonzero(keep) + first_row)
+        return pa.table({"seq": seq, **columns})
+    table = pa.table({"seq": pa.array(np.arange(first_row, first_row + n, dtype=np.int64)), **columns})
+    return table if keep.all() else table.filter(pa.array(keep))
+
+
+def _object_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
+    # object columns: JSON \ud800 escapes decode to lone surrogates, which Arrow-backed strings refuse
+    return pd.DataFrame(records, columns=list(COLUMNS), dtype=object)
+
+
+def _frames_of_jsonl(stream: IO[bytes], result: LoadResult) -> Iterator[tuple[pd.DataFrame, list[str]]]:
+    """Chunks of parsed JSONL objects with their line labels; bad lines become rejections."""
+    records: list[dict[str, Any]] = []
+    labels: list[str] = []
+    for number, line in enumerate(stream, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+            result.rows += 1
+            result.reject(f"line {number}", f"malformed JSON: {exc}")
+            continue
+        if not isinstance(record, dict):
+            result.rows += 1
+            result.reject(f"line {number}", "not a JSON object")
+            continue
+        records.append({c: record.get(c) for c in COLUMNS})
+        labels.append(f"line {number}")
+        if len(records) >= CHUNK_ROWS:
+            yield _object_frame(records), labels
+            records, labels = [], []
+    if records:
+        yield _object_frame(records), labels
+
+
+def _frames_of_parquet(path: Path) -> Iterator[tuple[pd.DataFrame, None]]:
+    parquet = pq.ParquetFile(path)
+    wanted = [c for c in COLUMNS if c in parquet.schema_arrow.names]
+    for batch in parquet.iter_batches(batch_size=CHUNK_ROWS, columns=wanted):
+        yield batch.to_pandas(), None
+
+
+class DocumentStore:
+    """The documents table behind ``url`` (``table`` lets tests use a table of their own)."""
+
+    def __init__(self, url: str, *, table: str = "documents") -> None:
+        if not _IDENTIFIER.match(table):
+            raise ValueError(f"table must be a lower-case SQL identifier, got {table!r}")
+        self.url = url
+        self.table = table
+        self._t = sql.Identifier(table)
+
+    @contextlib.contextmanager
+    def _connect(self) -> Iterator[psycopg2.extensions.connection]:
+        """A connection whose work commits on success and rolls back on error, then closes."""
+        conn = psycopg2.connect(libpq_url(self.url))
+        try:
+            with conn:
+                yield conn
+        finally:
+            conn.close()
+
+    def ensure_schema(self) -> None:
+        """Create the table and its (modified_at, doc_id) index if missing."""
+        with self._connect() as conn, conn.cursor() as cur:
+            cur.execute(
+                sql.SQL(
+                    # byte-order collation: doc_id order (and so keyset pages) does not depend on the locale
+                    """CREATE TABLE IF NOT EXISTS {t} (
+                        doc_id TEXT COLLATE "C" PRIMARY KEY,
+                        title TEXT,
+                        body TEXT,
+                        language TEXT,
+                        indexed_at TIMESTAMPTZ,
+                        modified_at TIMESTAMPTZ NOT NULL,
+                        deleted BOOLEAN NOT NULL DEFAULT false
+                    )"""
+                ).format(t=self._t)
+            )
+            cur.execute(
+                sql.SQL("CREATE INDEX IF NOT EXISTS {i} ON {t} (modified_at, doc_id)").format(
+                    i=sql.Identifier(f"{self.table}_modified_at_doc_id"), t=self._t
+                )
+            )
+
+    def load_frame(self, df: pd.DataFrame) -> LoadResult:
+        """Upsert the documents of one DataFrame (columns doc_id, title, body, language)."""
+        return self._load((df.iloc[at : at + CHUNK_ROWS], None) for at in range(0, len(df), CHUNK_ROWS))
+
+    def load_file(self, path: str | Path) -> LoadResult:
+        """Upsert the documents of a JSONL (``.jsonl``/``.ndjson``, optionally ``.gz``) or Parquet file,
+        read in chunks; a malformed JSONL line is a rejection, not an error."""
+        path = Path(path)
+        suffixes = [s.lower() for s in path.suffixes]
+        if suffixes[-1:] in ([".parquet"], [".pq"]):
+            return self._load(_frames_of_parquet(path))
+        if suffixes and suffixes[-1] == ".gz":
+            suffixes = suffixes[:-1]
+        if suffixes[-1:] not in ([".jsonl"], [".ndjson"], [".json"]):
+            raise ValueError(f"{path}: expected a .jsonl, .ndjson or .parquet file")
+        opener = gzip.open if path.suffix.lower() == ".gz" else open
+        result = LoadResult()
+        with opener(path, "rb") as stream:
+            return self._load(_frames_of_jsonl(stream, result), result)
+
+    def _load(
+        self, frames: Iterable[tuple[pd.DataFrame, list[str] | None]], result: LoadResult | None = None
+    ) -> LoadResult:
+        result = result or LoadResult()
+        t = self._t
+        with self._connect() as conn, conn.cursor() as cur:
+            cur.execute(
+                'CREATE TEMP TABLE staging (seq BIGINT, doc_id TEXT COLLATE "C", title TEXT, body TEXT,'
+                " language TEXT) ON COMMIT DROP"
+            )
+            staged = 0
+            for df, labels in frames:
+                table = _clean_frame(df, result.rows, labels, result)
+                staged += table.num_rows
+                if table.num_rows:
+                    cur.copy_expert(
+                        "COPY staging (seq, doc_id, title, body, language) FROM STDIN WITH (FORMAT csv)",
+                        _csv(table),
+                    )
+            cur.execute("SELECT count(DISTINCT doc_id) FROM staging")
+            distinct = cur.fetchone()[0]
+            result.duplicates = staged - distinct
+            if result.duplicates:
+                # the last occurrence wins: drop every row that a later row of the same doc_id supersedes
+                cur.execute(
+                    "DELETE FROM staging s USING staging later"
+                    " WHERE later.doc_id = s.doc_id AND later.seq > s.seq"
+                )
+            cur.execute(
+                "SELECT language, count(*) FROM staging WHERE language IS NOT NULL"
+                " AND NOT (language = ANY(%s)) GROUP BY language",
+                (sorted(KNOWN_LANGUAGES),),
+            )
+            result.unknown_languages = dict(Counter(dict(cur.fetchall())).most_common())
+            cur.execute(
+                sql.SQL(
+                    """WITH upserted AS (
+                        INSERT INTO {t} AS d (doc_id, title, body, language, modified_at, deleted)
+                        SELECT doc_id, title, body, language, now(), false FROM staging
+                        ON CONFLICT (doc_id) DO UPDATE
+                        SET title = EXCLUDED.title, body = EXCLUDED.body, language = EXCLUDED.language,
+                            deleted = false, modified_at = now()
+                        WHERE (d.title, d.body, d.language, d.deleted)
+                              IS DISTINCT FROM (EXCLUDED.title, EXCLUDED.body, EXCLUDED.language, false)
+                        -- xmax is 0 for a freshly inserted row version, the locking txn for an update
+                        RETURNING (d.xmax = 0) AS inserted
+                    )
+                    SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted)
+                    FROM upserted"""
+                ).format(t=t)
+            )
+            result.inserted, result.updated = cur.fetchone()
+            result.unchanged = distinct - result.inserted - result.updated
+        return result
+
+    def delete(self, doc_ids: Iterable[str]) -> int:
+        """Soft-delete documents (bumping modified_at so consumers see it); returns how many were live."""
+        with self._connect() as conn, conn.cursor() as cur:
+            cur.execute(
+                sql.SQL(
+                    "UPDATE {t} SET deleted = true, modified_at = now()"
+                    " WHERE doc_id = ANY(%s) AND NOT deleted"
+                ).format(t=self._t),
+                (list(doc_ids),),
+            )
+            return cur.rowcount
+
+    def mark_indexed(self, doc_ids: Iterable[str], at: datetime | None = None) -> int:
+        """Record when documents were last embedded (``indexed_at``); does not touch modified_at."""
+        with self._connect() as conn, conn.cursor() as cur:
+            cur.execute(
+                sql.SQL("UPDATE {t} SET indexed_at = COALESCE(%s, now()) WHERE doc_id = ANY(%s)").format(
+                    t=self._t
+                ),
+                (at, list(doc_ids)),
+            )
+            return cur.rowcount
+
+    def changed_since(
+        self, watermark: tuple[datetime, str] | None, *, limit: int = 10_000
+    ) -> list[DocumentRow]:
+        """Up to ``limit`` rows (deleted ones included) after ``watermark`` in (modified_at, doc_id) order.
+
+        Keyset pagination: feed the last row's ``watermark`` back to get the next page; rows with equal
+        modified_at are split by doc_id, so a scan never skips or repeats a row. A writer whose transaction
+        began before the watermark but commits after it can still be missed: re-scan with some overlap
+        if loads run concurrently with consumers.
+        """
+        if limit <= 0:
+            raise ValueError("limit must be positive")
+        query = sql.SQL(
+            "SELECT doc_id, title, body, language, indexed_at, modified_at, deleted FROM {t} {where}"
+            " ORDER BY modified_at, doc_id LIMIT %s"
+        )
+        where = sql.SQL("WHERE (modified_at, doc_id) > (%s, %s)") if watermark else sql.SQL("")
+        params: tuple[Any, ...] = (*watermark, limit) if watermark else (limit,)
+        with self._connect() as conn, conn.cursor() as cur:
+            cur.execute(query.format(t=self._t, where=where), params)
+            return [DocumentRow(*row) for row in cur.fetchall()]
+
+    def count(self, *, include_deleted: bool = False) -> int:
+        """How many documents the table holds (live ones only by default)."""
+        where = sql.SQL("") if include_deleted else sql.SQL(" WHERE NOT deleted")
+        with self._connect() as conn, conn.cursor() as cur:
+            cur.execute(sql.SQL("SELECT count(*) FROM {t}").format(t=self._t) + where)
+            return cur.fetchone()[0]
+
+
+def _csv(table: pa.Table) -> io.BytesIO:
+    """PostgreSQL CSV for COPY: strings always quoted, NULLs as an unquoted empty field."""
+    buffer = io.BytesIO()
+    pa_csv.write_csv(table, buffer, pa_csv.WriteOptions(include_header=False, quoting_style="needed"))
+    buffer.seek(0)
+    return buffer

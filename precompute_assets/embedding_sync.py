@@ -1,0 +1,364 @@
+"""Keep document embeddings in step with the document store: offline (PostgreSQL) and online (Redis).
+
+One sync walks the documents changed since its watermark in (modified_at, doc_id) order, chunk by chunk:
+embed, quantise, write Redis, then commit the chunk's embeddings, failures and the advanced watermark in
+one PostgreSQL transaction. A crash loses at most the chunk in flight, which the next sync redoes (Redis
+writes are idempotent), so nothing is duplicated or skipped.
+
+The first sync of an embedding model version builds a new Redis version and flips to it at the end;
+later syncs patch that version in place (new, modified and deleted documents only).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import numpy as np
+import psycopg2
+import redis
+
+from .docstore import DocumentRow, DocumentStore, libpq_url
+from .ml.embedder import Embedder, embed_documents
+from .serving.keys import EMBEDDING_KIND, KeySchema, Pointer
+from .serving.publish import bucket_count, flip_pointer, patch_version
+from .serving.vectors import encode_batch
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS document_embeddings (
+    doc_id TEXT COLLATE "C" PRIMARY KEY,
+    model_version TEXT NOT NULL,
+    modified_at TIMESTAMPTZ NOT NULL,   -- the document version that was embedded
+    embedded_at TIMESTAMPTZ NOT NULL,
+    value BYTEA NOT NULL                -- serving.vectors layout: dtype, dim, scale, model id, payload
+);
+CREATE TABLE IF NOT EXISTS embedding_failures (
+    doc_id TEXT COLLATE "C" PRIMARY KEY,
+    model_version TEXT NOT NULL,
+    modified_at TIMESTAMPTZ NOT NULL,
+    reason TEXT NOT NULL,
+    failed_at TIMESTAMPTZ NOT NULL
+);
+CREATE TABLE IF NOT EXISTS embedding_progress (
+    model_version TEXT PRIMARY KEY,
+    redis_version TEXT NOT NULL,
+    buckets INTEGER NOT NULL,
+    watermark_modified_at TIMESTAMPTZ,
+    watermark_doc_id TEXT,
+    complete BOOLEAN NOT NULL DEFAULT false,
+    updated_at TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+"""
+
+
+@dataclass
+class SyncStats:
+    model_version: str
+    redis_version: str
+    full_build: bool
+    embedded: int = 0
+    deleted: int = 0
+    failed: int = 0
+    chunks: int = 0
+    seconds: float = 0.0
+    failure_reasons: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def docs_per_s(self) -> float:
+        return self.embedded / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def error_rate(self) -> float:
+        seen = self.embedded + self.failed
+        return self.failed / seen if seen else 0.0
+
+
+@dataclass(frozen=True)
+class Progress:
+    redis_version: str
+    buckets: int
+    watermark: tuple[datetime, str] | None
+    complete: bool
+
+
+class EmbeddingStore:
+    """The offline embedding tables in the application database."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    @contextlib.contextmanager
+    def connect(self) -> Iterator[psycopg2.extensions.connection]:
+        conn = psycopg2.connect(libpq_url(self.url))
+        try:
+            with conn:
+                yield conn
+        finally:
+            conn.close()
+
+    def ensure_schema(self) -> None:
+        with self.connect() as conn, conn.cursor() as cur:
+            cur.execute(SCHEMA)
+
+    def progress(self, model_version: str) -> Progress | None:
+        with self.connect() as conn, conn.cursor() as cur:
+            cur.execute(
+                "SELECT redis_version, buckets, watermark_modified_at, watermark_doc_id, complete"
+                " FROM embedding_progress WHERE model_version = %s",
+                (model_version,),
+            )
+            row = cur.fetchone()
+        if row is None:
+            return None
+        watermark = (row[2], row[3]) if row[2] is not None else None
+        return Progress(row[0], row[1], watermark, row[4])
+
+    def start_build(self, model_version: str, redis_version: str, buckets: int) -> Progress:
+        with self.connect() as conn, conn.cursor() as cur:
+            cur.execute(
+                "INSERT INTO embedding_progress (model_version, redis_version, buckets) VALUES (%s, %s, %s)"
+                " ON CONFLICT (model_version) DO UPDATE SET redis_version = EXCLUDED.redis_version,"
+                " buckets = EXCLUDED.buckets, watermark_modified_at = NULL, watermark_doc_id = NULL,"
+                " complete = false, updated_at = now()",
+                (model_version, redis_version, buckets),
+            )
+        return Progress(redis_version, buckets, None, False)
+
+    def mark_complete(self, model_version: str) -> None:
+        with self.connect() as conn, conn.cursor() as cur:
+            cur.execute(
+                "UPDATE embedding_progress SET complete = true, updated_at = now() WHERE model_version = %s",
+                (model_version,),
+            )
+
+    def commit_chunk(
+        self,
+        model_version: str,
+        embedded: list[tuple[str, datetime, bytes]],
+        deleted: list[str],
+        failures: list[tuple[str, datetime, str]],
+        watermark: tuple[datetime, str],
+    ) -> None:
+        """Upsert a chunk's embeddings and failures, drop deleted documents, advance the watermark: atomically."""
+        now = datetime.now(UTC)
+        with self.connect() as conn, conn.cursor() as cur:
+            if embedded:
+                cur.execute(
+                    'CREATE TEMP TABLE chunk (doc_id TEXT COLLATE "C", modified_at TIMESTAMPTZ, value BYTEA)'
+                    " ON COMMIT DROP"
+                )
+                buffer = io.StringIO()
+                for doc_id, modified_at, value in embedded:
+                    # COPY text format: escape the id; bytea as hex (\\x... in the stream is \x... in SQL)
+                    buffer.write(f"{_copy_escape(doc_id)}\t{modified_at.isoformat()}\t\\\\x{value.hex()}\n")
+                buffer.seek(0)
+                cur.copy_expert("COPY chunk (doc_id, modified_at, value) FROM STDIN", buffer)
+                cur.execute(
+                    "INSERT INTO document_embeddings (doc_id, model_version, modified_at, embedded_at, value)"
+                    " SELECT doc_id, %s, modified_at, %s, value FROM chunk"
+                    " ON CONFLICT (doc_id) DO UPDATE SET model_version = EXCLUDED.model_version,"
+                    " modified_at = EXCLUDED.modified_at, embedded_at = EXCLUDED.embedded_at, value = EXCLUDED.value",
+                    (model_version, now),
+                )
+                cur.execute("DELETE FROM embedding_failures f USING chunk c WHERE f.doc_id = c.doc_id")
+            gone = deleted + [doc_id for doc_id, _, _ in failures]
+            if gone:
+                cur.execute("DELETE FROM document_embeddings WHERE doc_id = ANY(%s)", (gone,))
+            if deleted:
+                cur.execute("DELETE FROM embedding_failures WHERE doc_id = ANY(%s)", (deleted,))
+            for doc_id, modified_at, reason in failures:
+                cur.execute(
+                    "INSERT INTO embedding_failures (doc_id, model_version, modified_at, reason, failed_at)"
+                    " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (doc_id) DO UPDATE SET"
+                    " model_version = EXCLUDED.model_version, modified_at = EXCLUDED.modified_at,"
+                    " reason = EXCLUDED.reason, failed_at = EXCLUDED.failed_at",
+                    (doc_id, model_version, modified_at, reason, now),
+                )
+            cur.execute(
+                "UPDATE embedding_progress SET watermark_modified_at = %s, watermark_doc_id = %s, updated_at = now()"
+                " WHERE model_version = %s",
+                (*watermark, model_version),
+            )
+
+    def stale_share(self, documents: DocumentStore, *, max_age_hours: float = 24) -> tuple[float, int, int]:
+        """Share of live documents modified more than ``max_age_hours`` ago whose embedding is missing or
+        older than the document (failures excluded: they are reported on their own)."""
+        query = f"""
+            SELECT count(*) FILTER (WHERE e.doc_id IS NULL OR e.modified_at < d.modified_at), count(*)
+            FROM {documents.table} d
+            LEFT JOIN document_embeddings e ON e.doc_id = d.doc_id
+            LEFT JOIN embedding_failures f ON f.doc_id = d.doc_id AND f.modified_at >= d.modified_at
+            WHERE NOT d.deleted AND f.doc_id IS NULL AND d.modified_at < now() - make_interval(hours => %s)
+        """
+        with self.connect() as conn, conn.cursor() as cur:
+            cur.execute(query, (max_age_hours,))
+            stale, total = cur.fetchone()
+        return (stale / total if total else 0.0), stale, total
+
+    def sample(self, n: int, *, seed: float = 0.42) -> list[tuple[str, bytes]]:
+        """A repeatable sample of stored embeddings (doc_id, value)."""
+        with self.connect() as conn, conn.cursor() as cur:
+            cur.execute("SELECT setseed(%s)", (seed,))
+            cur.execute("SELECT doc_id, value FROM document_embeddings ORDER BY random() LIMIT %s", (n,))
+            return [(doc_id, bytes(value)) for doc_id, value in cur.fetchall()]
+
+
+def _copy_escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+
+
+def stable_horizon(documents: DocumentStore) -> datetime:
+    """A time before which no more document changes can appear: the start of the oldest open transaction.
+
+    ``modified_at`` is a transaction's start time, so a long load commits rows dated in the past;
+    stopping the scan here means a watermark never jumps over them.
+    """
+    with documents._connect() as conn, conn.cursor() as cur:
+        cur.execute(
+            "SELECT LEAST(now(), min(xact_start)) FROM pg_stat_activity"
+            " WHERE xact_start IS NOT NULL AND pid <> pg_backend_pid() AND datname = current_database()"
+        )
+        return cur.fetchone()[0]
+
+
+def sync_embeddings(
+    documents: DocumentStore,
+    store: EmbeddingStore,
+    client: redis.Redis,
+    embedder: Embedder,
+    *,
+    schema: KeySchema | None = None,
+    dtype: str = "int8",
+    chunk_size: int = 10_000,
+    grace_s: int = 600,
+    log: Callable[[str], None] = print,
+    stop_after_chunks: int | None = None,
+) -> SyncStats:
+    """Bring the embeddings of ``embedder.version`` up to date; see the module docstring.
+
+    ``stop_after_chunks`` ends the sync early as a crash would (for tests of resumption).
+    """
+    schema = schema or KeySchema()
+    store.ensure_schema()
+    model_version = embedder.version
+    progress = store.progress(model_version)
+    current = _current_pointer(client, schema)
+    if progress is None or (progress.complete and (current is None or current.version != progress.redis_version)):
+        # A new model version, or Redis lost the version we patch: rebuild from scratch.
+        n_docs = max(documents.count(), 1)
+        redis_version = f"emb{int(time.time())}.{uuid.uuid4().hex[:8]}"  # never the version being read
+        progress = store.start_build(model_version, redis_version, bucket_count(n_docs))
+        log(f"full build of {n_docs} documents with {model_version} into Redis version {redis_version}")
+    target = Pointer(progress.redis_version, progress.buckets)
+    stats = SyncStats(model_version, target.version, full_build=not progress.complete)
+    horizon = stable_horizon(documents)
+    watermark = progress.watermark
+    started = time.perf_counter()
+    while stop_after_chunks is None or stats.chunks < stop_after_chunks:
+        rows = [row for row in documents.changed_since(watermark, limit=chunk_size) if row.modified_at < horizon]
+        if not rows:
+            break
+        _sync_chunk(rows, store, client, embedder, schema, target, dtype, model_version, stats)
+        watermark = rows[-1].watermark
+        stats.chunks += 1
+        elapsed = time.perf_counter() - started
+        log(f"chunk {stats.chunks}: {stats.embedded} embedded, {stats.deleted} deleted, {stats.failed} failed"
+            f" ({stats.embedded / max(elapsed, 1e-9):,.0f} docs/s)")  # fmt: skip
+        if len(rows) < chunk_size:
+            break
+    else:
+        stats.seconds = time.perf_counter() - started
+        return stats  # stopped early, like a crash: the next sync resumes at the watermark
+    if stats.full_build:
+        flip_pointer(client, schema, EMBEDDING_KIND, target, grace_s=grace_s)
+        store.mark_complete(model_version)
+    stats.seconds = time.perf_counter() - started
+    return stats
+
+
+def _current_pointer(client: redis.Redis, schema: KeySchema) -> Pointer | None:
+    raw = client.get(schema.pointer(EMBEDDING_KIND))
+    return None if raw is None else Pointer.decode(raw)
+
+
+def _sync_chunk(
+    rows: list[DocumentRow],
+    store: EmbeddingStore,
+    client: redis.Redis,
+    embedder: Embedder,
+    schema: KeySchema,
+    target: Pointer,
+    dtype: str,
+    model_version: str,
+    stats: SyncStats,
+) -> None:
+    live = [row for row in rows if not row.deleted]
+    deleted = [row.doc_id for row in rows if row.deleted]
+    result = embed_documents(embedder, [(row.title, row.body) for row in live])
+    values = encode_batch(np.asarray(result.vectors, dtype=np.float32), dtype=dtype, model_version=model_version)
+    embedded_rows = [live[i] for i in result.indices]
+    failures = [(live[i].doc_id, live[i].modified_at, reason) for i, reason in result.failures.items()]
+    # Redis first: a crash before the commit below only makes the next sync write the same values again.
+    # Failed documents are removed from Redis too: a stale vector must not outlive its document's change.
+    patch_version(
+        client,
+        EMBEDDING_KIND,
+        target,
+        upserts=[(row.doc_id, value) for row, value in zip(embedded_rows, values, strict=True)],
+        deletes=deleted + [doc_id for doc_id, _, _ in failures],
+        schema=schema,
+    )
+    store.commit_chunk(
+        model_version,
+        [(row.doc_id, row.modified_at, value) for row, value in zip(embedded_rows, values, strict=True)],
+        deleted,
+        failures,
+        rows[-1].watermark,
+    )
+    stats.embedded += len(embedded_rows)
+    stats.deleted += len(deleted)
+    stats.failed += len(failures)
+    for _, _, reason in failures:
+        stats.failure_reasons[reason] = stats.failure_reasons.get(reason, 0) + 1
+
+
+def sample_documents(
+    documents: DocumentStore, n: int, *, seed: float = 0.42
+) -> list[tuple[str, str | None, str | None]]:
+    """A repeatable random sample of live documents: (doc_id, title, body)."""
+    with documents._connect() as conn, conn.cursor() as cur:
+        cur.execute("SELECT setseed(%s)", (seed,))
+        cur.execute(
+            f"SELECT doc_id, title, body FROM {documents.table} WHERE NOT deleted ORDER BY random() LIMIT %s", (n,)
+        )
+        return cur.fetchall()
+
+
+def int8_recall(store: EmbeddingStore, documents: DocumentStore, embedder: Embedder, *, n: int = 2000) -> float:
+    """recall@10 of the stored int8 vectors against float32 vectors re-encoded from the same documents."""
+    from .ml.embedder import check_document
+    from .ml.quantize import recall_at_k
+    from .serving.vectors import decode_vector
+
+    stored = dict(store.sample(n))
+    texts, approx = [], []
+    for doc_id, title, body in sample_documents(documents, 10 * n):
+        text, reason = check_document(title, body)
+        if doc_id in stored and reason is None:
+            texts.append(text)
+            approx.append(decode_vector(stored[doc_id]).vector)
+    if len(texts) < 20:
+        return float("nan")
+    return recall_at_k(embedder.encode(texts), np.stack(approx), k=10, sample=min(500, len(texts)))
+
+
+def latest_change(documents: DocumentStore) -> datetime | None:
+    """When the newest change (insert, update, delete) of the document store happened."""
+    with documents._connect() as conn, conn.cursor() as cur:
+        cur.execute(f"SELECT max(modified_at) FROM {documents.table}")
+        return cur.fetchone()[0]

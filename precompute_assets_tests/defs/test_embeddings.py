@@ -1,0 +1,181 @@
+"""Document embeddings end to end on real PostgreSQL + Redis: full build, incremental sync, deletes,
+failures, crash resume, embedder change, Redis outage, and the sensor."""
+
+from __future__ import annotations
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+import pytest
+
+from precompute_assets.defs.embeddings import document_embeddings, documents_changed, embedding_model
+from precompute_assets.defs.resources import (
+    AppDatabaseResource,
+    DocumentStoreResource,
+    ModelStoreResource,
+    RedisResource,
+)
+from precompute_assets.docstore import DocumentStore
+from precompute_assets.embedding_sync import EmbeddingStore, sync_embeddings
+from precompute_assets.ml.embedder import HashingSvdEmbedder, document_text
+from precompute_assets.serving import PredictionCache, connect
+from precompute_assets.serving.keys import EMBEDDING_KIND
+from precompute_assets.workload.documents import generate_documents
+
+N_DOCS = 3000
+
+
+@pytest.fixture(scope="module")
+def corpus() -> pd.DataFrame:
+    return pd.concat(generate_documents(N_DOCS, seed=3))
+
+
+@pytest.fixture(scope="module")
+def embedder(corpus) -> HashingSvdEmbedder:
+    return HashingSvdEmbedder.fit([document_text(t, b) for t, b in zip(corpus.title, corpus.body, strict=True)],
+                                  dim=64, sample=2000)  # fmt: skip
+
+
+@pytest.fixture
+def docs(app_db, corpus) -> DocumentStore:
+    store = DocumentStore(app_db)
+    store.ensure_schema()
+    store.load_frame(corpus)
+    return store
+
+
+def resources(app_db, redis_url, schema, tmp_path):
+    return {
+        "documents": DocumentStoreResource(url=app_db),
+        "app_db": AppDatabaseResource(url=app_db),
+        "redis": RedisResource(url=redis_url, namespace=schema.namespace),
+        "model_store": ModelStoreResource(root=str(tmp_path / "models")),
+    }
+
+
+def test_assets_embed_everything_and_serve_from_redis(docs, app_db, redis_url, redis_client, schema, tmp_path):
+    with dg.instance_for_test() as instance:
+        res = resources(app_db, redis_url, schema, tmp_path)
+        model = dg.materialize(
+            [embedding_model], resources=res, instance=instance,
+            run_config={"ops": {"embedding_model": {"config": {"dim": 300, "sample": 2000}}}},
+        )  # fmt: skip
+        assert model.success
+        result = dg.materialize([embedding_model, document_embeddings], selection=[document_embeddings],
+                                resources=res, instance=instance)  # fmt: skip
+        assert result.success
+        meta = result.asset_materializations_for_node("document_embeddings")[0].metadata
+        assert meta["embedded"].value == N_DOCS and meta["full_build"].value is True
+        assert meta["recall_at_10_int8"].value >= 0.95
+        checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
+        assert checks["embedding_error_rate"].passed and checks["int8_recall"].passed and checks["staleness"].passed
+
+        cache = PredictionCache(connect(redis_url), schema=schema)
+        ids = ["doc00000000", "doc00000001", "missing"]
+        vectors = cache.get_embeddings(ids)
+        assert vectors[0].shape == (300,) and vectors[0].dtype == np.float32 and vectors[2] is None
+        assert np.linalg.norm(cache.get_embedding("doc00000000")) == pytest.approx(1.0, abs=0.02)
+        # Incremental: nothing changed, nothing embedded.
+        again = dg.materialize([embedding_model, document_embeddings], selection=[document_embeddings],
+                               resources=res, instance=instance)  # fmt: skip
+        meta = again.asset_materializations_for_node("document_embeddings")[0].metadata
+        assert meta["embedded"].value == 0 and meta["full_build"].value is False
+
+
+def test_incremental_sync_handles_changes_deletes_and_recreation(docs, app_db, redis_client, schema, embedder):
+    store = EmbeddingStore(app_db)
+    first = sync_embeddings(docs, store, redis_client, embedder, schema=schema, chunk_size=1000, log=lambda m: None)
+    assert first.embedded == N_DOCS and first.full_build
+    version = redis_client.get(schema.pointer(EMBEDDING_KIND))
+    cache = PredictionCache(redis_client, schema=schema, pointer_ttl_s=0)
+    before = cache.get_embedding("doc00000005")
+
+    docs.load_frame(pd.DataFrame({"doc_id": ["doc00000005", "brand-new"], "title": ["Changed title", "New"],
+                                  "body": ["a completely different body text", "fresh words"],
+                                  "language": ["en", "en"]}))  # fmt: skip
+    docs.delete(["doc00000007"])
+    second = sync_embeddings(docs, store, redis_client, embedder, schema=schema, log=lambda m: None)
+    assert (second.embedded, second.deleted, second.full_build) == (2, 1, False)
+    assert redis_client.get(schema.pointer(EMBEDDING_KIND)) == version  # patched in place, no flip
+    assert not np.allclose(cache.get_embedding("doc00000005"), before)
+    assert cache.get_embedding("brand-new") is not None
+    assert cache.get_embedding("doc00000007") is None
+    with store.connect() as conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*), count(DISTINCT doc_id) FROM document_embeddings")
+        assert cur.fetchone() == (N_DOCS + 1 - 1, N_DOCS)
+
+    # Deleted, then re-created: embedded again.
+    docs.load_frame(pd.DataFrame({"doc_id": ["doc00000007"], "title": ["Back"], "body": ["again"], "language": ["en"]}))
+    third = sync_embeddings(docs, store, redis_client, embedder, schema=schema, log=lambda m: None)
+    assert third.embedded == 1 and cache.get_embedding("doc00000007") is not None
+
+
+def test_bad_documents_are_recorded_not_fatal(docs, app_db, redis_client, schema, embedder):
+    bad = pd.DataFrame({
+        "doc_id": ["empty", "blank", "huge", "unknown-lang"],
+        "title": ["", "   ", "big", "ok"],
+        "body": ["", "\n", "x" * (10 * 1024 * 1024 + 1), "words in a language code nobody knows"],
+        "language": ["en", "en", "en", "xx"],
+    })  # fmt: skip
+    docs.load_frame(bad)
+    store = EmbeddingStore(app_db)
+    stats = sync_embeddings(docs, store, redis_client, embedder, schema=schema, log=lambda m: None)
+    assert stats.embedded == N_DOCS + 1
+    assert stats.failure_reasons == {"empty": 2, "too large": 1}
+    assert stats.error_rate == pytest.approx(3 / (N_DOCS + 4))
+    with store.connect() as conn, conn.cursor() as cur:
+        cur.execute("SELECT doc_id, reason FROM embedding_failures ORDER BY doc_id")
+        assert cur.fetchall() == [("blank", "empty"), ("empty", "empty"), ("huge", "too large")]
+
+
+def test_a_killed_sync_resumes_without_duplicates_or_gaps(docs, app_db, redis_client, schema, embedder):
+    store = EmbeddingStore(app_db)
+    partial = sync_embeddings(docs, store, redis_client, embedder, schema=schema, chunk_size=700,
+                              stop_after_chunks=2, log=lambda m: None)  # fmt: skip
+    assert partial.embedded == 1400
+    assert redis_client.get(schema.pointer(EMBEDDING_KIND)) is None  # not flipped: readers see nothing new
+    rest = sync_embeddings(docs, store, redis_client, embedder, schema=schema, chunk_size=700, log=lambda m: None)
+    assert rest.embedded == N_DOCS - 1400
+    with store.connect() as conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM document_embeddings")
+        assert cur.fetchone()[0] == N_DOCS
+    cache = PredictionCache(redis_client, schema=schema)
+    assert all(v is not None for v in cache.get_embeddings([f"doc{i:08d}" for i in range(0, N_DOCS, 37)]))
+
+
+def test_a_new_embedder_version_rebuilds_and_flips(docs, app_db, redis_client, schema, embedder, corpus):
+    store = EmbeddingStore(app_db)
+    sync_embeddings(docs, store, redis_client, embedder, schema=schema, log=lambda m: None)
+    old = redis_client.get(schema.pointer(EMBEDDING_KIND))
+    other = HashingSvdEmbedder.fit([document_text(t, b) for t, b in zip(corpus.title, corpus.body, strict=True)],
+                                   dim=32, sample=1500, seed=1)  # fmt: skip
+    stats = sync_embeddings(docs, store, redis_client, other, schema=schema, log=lambda m: None)
+    assert stats.full_build and stats.embedded == N_DOCS
+    assert redis_client.get(schema.pointer(EMBEDDING_KIND)) != old
+    assert PredictionCache(redis_client, schema=schema).get_embedding("doc00000001").shape == (32,)
+
+
+def test_redis_down_during_publish_keeps_the_previous_version(docs, app_db, redis_client, schema, embedder):
+    store = EmbeddingStore(app_db)
+    sync_embeddings(docs, store, redis_client, embedder, schema=schema, log=lambda m: None)
+    docs.load_frame(pd.DataFrame({"doc_id": ["doc00000001"], "title": ["edited"], "body": ["edited body"],
+                                  "language": ["en"]}))  # fmt: skip
+    before = PredictionCache(redis_client, schema=schema).get_embedding("doc00000001")
+    dead = connect("redis://127.0.0.1:1/0", socket_timeout=0.2)
+    with pytest.raises(Exception, match="(?i)connect"):
+        sync_embeddings(docs, store, dead, embedder, schema=schema, log=lambda m: None)
+    assert np.allclose(PredictionCache(redis_client, schema=schema).get_embedding("doc00000001"), before)
+    retry = sync_embeddings(docs, store, redis_client, embedder, schema=schema, log=lambda m: None)
+    assert retry.embedded == 1  # the watermark did not move past the failed chunk
+
+
+def test_sensor_requests_a_run_only_when_documents_change(docs, app_db):
+    resources_ = {"documents": DocumentStoreResource(url=app_db)}
+    with dg.instance_for_test() as instance:
+        context = dg.build_sensor_context(instance=instance, resources=resources_)
+        first = documents_changed(context)
+        assert isinstance(first, dg.RunRequest)
+        context = dg.build_sensor_context(instance=instance, resources=resources_, cursor=context.cursor)
+        assert isinstance(documents_changed(context), dg.SkipReason)
+        docs.delete(["doc00000002"])
+        assert isinstance(documents_changed(context), dg.RunRequest)

@@ -1,0 +1,181 @@
+"""DocumentStore against the real embedded PostgreSQL; each test gets a table of its own."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+import pandas as pd
+import psycopg2
+import pytest
+
+from precompute_assets.docstore import DocumentStore, libpq_url
+from precompute_assets.workload.documents import generate_documents
+
+
+@pytest.fixture
+def store(app_db_url: str) -> DocumentStore:
+    documents = DocumentStore(app_db_url, table=f"documents_{uuid.uuid4().hex[:10]}")
+    documents.ensure_schema()
+    return documents
+
+
+def frame(*rows: tuple) -> pd.DataFrame:
+    # object dtype: pandas' Arrow-backed strings cannot even hold the lone surrogates some tests need
+    return pd.DataFrame(list(rows), columns=["doc_id", "title", "body", "language"], dtype=object)
+
+
+def scan_all(store: DocumentStore, limit: int) -> list[str]:
+    ids: list[str] = []
+    watermark = None
+    while page := store.changed_since(watermark, limit=limit):
+        ids.extend(row.doc_id for row in page)
+        watermark = page[-1].watermark
+    return ids
+
+
+def test_schema_is_idempotent_and_indexed(store: DocumentStore, app_db_url: str) -> None:
+    store.ensure_schema()
+    with psycopg2.connect(libpq_url(app_db_url)) as conn, conn.cursor() as cur:
+        cur.execute("SELECT indexdef FROM pg_indexes WHERE tablename = %s", (store.table,))
+        indexes = [row[0] for row in cur.fetchall()]
+    conn.close()
+    assert any("(modified_at, doc_id)" in definition for definition in indexes)
+
+
+def test_load_inserts_then_only_changed_rows_are_updated(store: DocumentStore) -> None:
+    first = store.load_frame(frame(("a", "t", "b", "en"), ("b", "t", "b", "de"), ("c", None, "x", "fr")))
+    assert (first.inserted, first.updated, first.unchanged, first.rejected) == (3, 0, 0, 0)
+    before = {row.doc_id: row.modified_at for row in store.changed_since(None, limit=10)}
+
+    again = store.load_frame(
+        frame(("a", "t", "b", "en"), ("b", "t", "changed", "de"), ("c", None, "x", "fr"))
+    )
+    assert (again.inserted, again.updated, again.unchanged) == (0, 1, 2)
+    after = {row.doc_id: row for row in store.changed_since(None, limit=10)}
+    assert after["a"].modified_at == before["a"] and after["c"].modified_at == before["c"]
+    assert after["b"].modified_at > before["b"] and after["b"].body == "changed"
+    assert after["c"].title is None  # NULL stays NULL; an unchanged NULL is not a change
+    assert store.count() == 3
+
+
+def test_duplicates_in_one_load_last_occurrence_wins(store: DocumentStore, tmp_path: Path) -> None:
+    path = tmp_path / "docs.jsonl"
+    lines = [
+        {"doc_id": "d1", "title": "first", "body": "x", "language": "en"},
+        {"doc_id": "d2", "title": "only", "body": "y", "language": "en"},
+        {"doc_id": "d1", "title": "second", "body": "x", "language": "en"},
+        {"doc_id": "d1", "title": "third", "body": "x", "language": "en"},
+    ]
+    path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    result = store.load_file(path)
+    assert (result.rows, result.inserted, result.duplicates) == (4, 2, 2)
+    rows = {row.doc_id: row for row in store.changed_since(None, limit=10)}
+    assert rows["d1"].title == "third"
+
+
+def test_malformed_lines_and_missing_ids_are_rejected_not_fatal(store: DocumentStore, tmp_path: Path) -> None:
+    path = tmp_path / "docs.jsonl"
+    path.write_bytes(
+        b'{"doc_id": "ok1", "title": "a", "body": "b", "language": "en"}\n'
+        b'{"doc_id": "broken", "title": \n'  # line 2: truncated JSON
+        b"\n"  # blank lines are skipped, not rejected
+        b'{"title": "no id", "body": "b", "language": "en"}\n'  # line 4
+        b'{"doc_id": "bad-utf8", "title": "\xff\xfe"}\n'  # line 5
+        b"[1, 2, 3]\n"  # line 6
+        b'{"doc_id": "nul", "title": "a\\u0000b"}\n'  # line 7: PostgreSQL text cannot hold NUL
+        b'{"doc_id": "surrogate", "body": "x\\ud800y"}\n'  # line 8: valid JSON, not storable text
+        b'{"doc_id": "ok2", "title": "a", "body": "b", "language": "ja"}\n'
+    )
+    result = store.load_file(path)
+    assert result.inserted == 2 and result.rejected == 6 and result.rows == 8
+    reasons = {r.where: r.reason for r in result.rejections}
+    assert reasons["line 2"].startswith("malformed JSON")
+    assert reasons["line 4"] == "missing doc_id"
+    assert reasons["line 5"].startswith("malformed JSON")
+    assert reasons["line 6"] == "not a JSON object"
+    assert "NUL" in reasons["line 7"]
+    assert reasons["line 8"] == "body: invalid UTF-8 (lone surrogate)"
+    assert sorted(scan_all(store, 10)) == ["ok1", "ok2"]
+
+
+def test_frame_rows_without_id_or_with_lone_surrogates_are_rejected(store: DocumentStore) -> None:
+    result = store.load_frame(
+        frame(
+            ("a", "t", "b", "en"),
+            (None, "t", "b", "en"),
+            ("  ", "t", "b", "en"),
+            ("s", "bad \ud800", "b", "en"),
+        )
+    )
+    assert result.inserted == 1 and result.rejected == 3
+    assert [r.where for r in result.rejections] == ["row 1", "row 2", "row 3"]
+    assert "surrogate" in result.rejections[2].reason
+
+
+def test_unknown_languages_are_stored_and_counted(store: DocumentStore) -> None:
+    result = store.load_frame(
+        frame(("a", "t", "b", "en"), ("b", "t", "b", "xx"), ("c", "t", "b", "xx"), ("d", "t", "b", "klingon"))
+    )
+    assert result.inserted == 4
+    assert result.unknown_languages == {"xx": 2, "klingon": 1}
+    languages = {row.doc_id: row.language for row in store.changed_since(None, limit=10)}
+    assert languages["d"] == "klingon"
+
+
+def test_delete_then_recreate(store: DocumentStore) -> None:
+    store.load_frame(frame(("a", "t", "b", "en"), ("b", "t", "b", "en")))
+    assert store.delete(["a", "missing"]) == 1
+    assert store.delete(["a"]) == 0  # already deleted: no second bump
+    assert store.count() == 1 and store.count(include_deleted=True) == 2
+    deleted = {row.doc_id: row for row in store.changed_since(None, limit=10)}["a"]
+    assert deleted.deleted
+
+    # the same content again re-creates the document: a change, with a later modified_at
+    result = store.load_frame(frame(("a", "t", "b", "en")))
+    assert (result.inserted, result.updated) == (0, 1)
+    row = {row.doc_id: row for row in store.changed_since(None, limit=10)}["a"]
+    assert not row.deleted and row.modified_at > deleted.modified_at
+    assert store.count() == 2
+
+
+def test_keyset_scan_never_skips_or_repeats_under_equal_timestamps(store: DocumentStore) -> None:
+    # one load shares one transaction timestamp: 500 rows tie on modified_at
+    ids = [f"doc{i:04d}" for i in range(500)]
+    store.load_frame(frame(*[(i, "t", "b", "en") for i in ids]))
+    assert len({row.modified_at for row in store.changed_since(None, limit=1000)}) == 1
+    for limit in (1, 7, 100, 499, 500, 1000):
+        scanned = scan_all(store, limit)
+        assert scanned == sorted(ids)
+
+    # a later change sorts after the watermark of a finished scan, and only it is returned
+    watermark = store.changed_since(None, limit=1000)[-1].watermark
+    store.load_frame(frame(("doc0003", "t", "new body", "en")))
+    assert [row.doc_id for row in store.changed_since(watermark, limit=10)] == ["doc0003"]
+
+
+def test_mark_indexed_does_not_bump_modified_at(store: DocumentStore) -> None:
+    store.load_frame(frame(("a", "t", "b", "en")))
+    before = store.changed_since(None, limit=1)[0]
+    assert store.mark_indexed(["a"]) == 1
+    after = store.changed_since(None, limit=1)[0]
+    assert after.indexed_at is not None and after.modified_at == before.modified_at
+
+
+def test_load_generated_parquet_in_chunks(store: DocumentStore, tmp_path: Path) -> None:
+    import precompute_assets.docstore as docstore
+
+    docs = pd.concat(generate_documents(3000, seed=4, chunk_size=1000), ignore_index=True)
+    path = tmp_path / "docs.parquet"
+    docs.to_parquet(path)
+    old = docstore.CHUNK_ROWS
+    docstore.CHUNK_ROWS = 700  # several chunks, several COPYs, one upsert
+    try:
+        result = store.load_file(path)
+    finally:
+        docstore.CHUNK_ROWS = old
+    assert (result.rows, result.inserted, result.rejected, result.unknown_languages) == (3000, 3000, 0, {})
+    assert store.count() == 3000
+    row = next(r for r in store.changed_since(None, limit=3000) if r.doc_id == docs.doc_id[42])
+    assert (row.title, row.body, row.language) == (docs.title[42], docs.body[42], docs.language[42])
