@@ -1,0 +1,20 @@
+"""The offline store takes a folder or a filesystem URI, and replaces files atomically."""
+
+import pandas as pd
+import pytest
+
+from precompute_assets.lake import Lake
+
+
+@pytest.mark.parametrize("as_uri", [False, True])
+def test_write_read_by_folder_or_uri(tmp_path, as_uri):
+    base = f"file://{tmp_path}/lake" if as_uri else str(tmp_path / "lake")
+    lake = Lake(base)
+    frame = pd.DataFrame({"key": ["a", "b"], "n": [1, 2]})
+    path = lake.write("query_logs", "2026-11-20-10:00", frame)
+    assert path.endswith("/query_logs/2026-11-20-10:00.parquet")
+    assert lake.exists("query_logs", "2026-11-20-10:00") and not lake.exists("query_logs", "2026-11-20-11:00")
+    assert lake.read("query_logs", "2026-11-20-10:00").equals(frame)
+    lake.write("query_logs", "2026-11-20-10:00", frame.head(1))  # replaced, no temp file left behind
+    assert len(lake.read("query_logs", "2026-11-20-10:00")) == 1
+    assert [p.name for p in (tmp_path / "lake" / "query_logs").iterdir()] == ["2026-11-20-10:00.parquet"]
