@@ -6,10 +6,14 @@ publish that fails half-way leaves the pointer untouched, and its partial bucket
 
 from __future__ import annotations
 
+import contextlib
 import math
+import operator
+import queue
+import threading
 import time
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,16 +78,19 @@ def publish_version(
     pairs = list(items)
     if len(pairs) != n_keys:
         raise ValueError(f"publish of {kind} {version}: expected {n_keys} keys, got {len(pairs)}")
-    fields = [key.encode() for key, _ in pairs]
-    values = encode_many(codec, [value for _, value in pairs])
+    keys, raw_values = zip(*pairs, strict=True) if pairs else ((), ())
+    fields = list(map(str.encode, keys))
+    values = encode_many(codec, list(raw_values))
     written, n_bytes = len(pairs), sum(map(len, fields)) + sum(map(len, values))
     # Group by bucket with numpy: the per-key Python work is what bounds a million-key publish.
     bucket_ids = np.fromiter(map(zlib.crc32, fields), dtype=np.int64, count=written) % buckets
     order = np.argsort(bucket_ids, kind="stable").tolist()
     bounds = (2 * np.searchsorted(bucket_ids[order], np.arange(buckets + 1))).tolist()
     flat: list[bytes] = [b""] * (2 * written)  # field, value, field, value ... in bucket order
-    flat[0::2] = [fields[i] for i in order]
-    flat[1::2] = [values[i] for i in order]
+    if written:
+        pick = operator.itemgetter(*order)
+        flat[0::2] = pick(fields) if written > 1 else [fields[0]]
+        flat[1::2] = pick(values) if written > 1 else [values[0]]
     grouped = [flat[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
 
     names = [schema.bucket(kind, version, index).encode() for index in range(buckets)]
@@ -93,19 +100,20 @@ def publish_version(
     batch: list[tuple[bytes, ...]] = []
     pending = 0
     ttl = None if ttl_s is None else str(ttl_s).encode()
-    for index, fields in enumerate(grouped):
-        if not fields:
-            continue
-        batch.append((b"HSET", names[index], *fields))
-        if ttl is not None:
-            batch.append((b"EXPIRE", names[index], ttl))
-        pending += len(fields) // 2
-        if len(batch) >= COMMANDS_PER_PIPELINE:
-            send_commands(client, batch)
-            if progress:
-                progress(pending)
-            batch, pending = [], 0
-    send_commands(client, batch)
+    with command_stream(client) as send:
+        for index, fields in enumerate(grouped):
+            if not fields:
+                continue
+            batch.append((b"HSET", names[index], *fields))
+            if ttl is not None:
+                batch.append((b"EXPIRE", names[index], ttl))
+            pending += len(fields) // 2
+            if len(batch) >= COMMANDS_PER_PIPELINE:
+                send(batch)
+                if progress:
+                    progress(pending)
+                batch, pending = [], 0
+        send(batch)
     if progress and pending:
         progress(pending)
 
@@ -127,6 +135,55 @@ def encode_many(codec: Codec, values: list[Any]) -> list[bytes]:
         raw = np.asarray(values, dtype="<f4").tobytes()
         return [raw[i : i + 4] for i in range(0, len(raw), 4)]
     return [codec.encode(value) for value in values]
+
+
+@contextlib.contextmanager
+def command_stream(client: redis.Redis) -> Iterator[Callable[[list[tuple[bytes, ...]]], None]]:
+    """Yield ``send(commands)``, which writes a pipeline without waiting for its replies; a reader thread
+    drains them meanwhile, so Redis works on one batch while the next is packed. On exit every reply
+    has been read; the first error reply or connection error is raised."""
+    pool = getattr(client, "connection_pool", None)
+    if hiredis is None or pool is None:  # Redis Cluster, or no hiredis: one ordinary pipeline per batch
+        yield lambda commands: send_commands(client, commands)
+        return
+    connection = pool.get_connection()
+    expected: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+    errors: list[BaseException] = []
+
+    def drain() -> None:
+        while (count := expected.get()) is not None:
+            for _ in range(count):
+                try:
+                    connection.read_response()
+                except redis.ResponseError as error:
+                    errors.append(error)
+                except BaseException as error:  # the connection is gone: nothing more will come
+                    errors.append(error)
+                    return
+
+    def send(commands: list[tuple[bytes, ...]]) -> None:
+        if errors:
+            raise errors[0]
+        if commands:
+            connection.send_packed_command([hiredis.pack_command(command) for command in commands])
+            expected.put(len(commands))
+
+    reader = threading.Thread(target=drain, name="publish-replies", daemon=True)
+    reader.start()
+    failed = False
+    try:
+        yield send
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        expected.put(None)
+        reader.join()
+        if failed or errors:
+            connection.disconnect()  # replies may be left unread: never hand this connection out again
+        pool.release(connection)
+    if errors:
+        raise errors[0]
 
 
 def send_commands(client: redis.Redis, commands: list[tuple[bytes, ...]]) -> None:
