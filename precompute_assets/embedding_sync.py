@@ -16,6 +16,7 @@ import io
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -257,26 +258,43 @@ def sync_embeddings(
     target = Pointer(progress.redis_version, progress.buckets)
     stats = SyncStats(model_version, target.version, full_build=not progress.complete)
     horizon = stable_horizon(documents)
-    watermark = progress.watermark
     started = time.perf_counter()
-    while stop_after_chunks is None or stats.chunks < stop_after_chunks:
-        rows = [row for row in documents.changed_since(watermark, limit=chunk_size) if row.modified_at < horizon]
-        if not rows:
-            break
-        _sync_chunk(rows, store, client, embedder, schema, target, dtype, model_version, stats)
-        watermark = rows[-1].watermark
-        stats.chunks += 1
-        elapsed = time.perf_counter() - started
-        log(f"chunk {stats.chunks}: {stats.embedded} embedded, {stats.deleted} deleted, {stats.failed} failed"
-            f" ({stats.embedded / max(elapsed, 1e-9):,.0f} docs/s)")  # fmt: skip
-        if len(rows) < chunk_size:
-            break
-    else:
-        stats.seconds = time.perf_counter() - started
-        return stats  # stopped early, like a crash: the next sync resumes at the watermark
-    if stats.full_build:
+
+    def read(watermark: tuple[datetime, str] | None) -> list[DocumentRow]:
+        return [row for row in documents.changed_since(watermark, limit=chunk_size) if row.modified_at < horizon]
+
+    # Three stages overlap: the next chunk is read and the previous one written (Redis, then the
+    # PostgreSQL commit that advances the watermark) while this one is embedded. Writes stay in order.
+    stopped_early = False
+    with ThreadPoolExecutor(1, "embedding-read") as reader, ThreadPoolExecutor(1, "embedding-write") as writer:
+        next_rows: Future = reader.submit(read, progress.watermark)
+        written: Future | None = None
+        while True:
+            if stop_after_chunks is not None and stats.chunks >= stop_after_chunks:
+                stopped_early = True
+                break
+            rows = next_rows.result()
+            if not rows:
+                break
+            last = len(rows) < chunk_size
+            if not last:
+                next_rows = reader.submit(read, rows[-1].watermark)
+            chunk = _embed_chunk(rows, embedder, dtype, model_version)
+            if written is not None:
+                written.result()
+            written = writer.submit(_write_chunk, chunk, store, client, schema, target, model_version)
+            chunk.count_into(stats)
+            elapsed = time.perf_counter() - started
+            log(f"chunk {stats.chunks}: {stats.embedded} embedded, {stats.deleted} deleted, {stats.failed} failed"
+                f" ({stats.embedded / max(elapsed, 1e-9):,.0f} docs/s)")  # fmt: skip
+            if last:
+                break
+        if written is not None:
+            written.result()
+    if not stopped_early and stats.full_build:
         flip_pointer(client, schema, EMBEDDING_KIND, target, grace_s=grace_s)
         store.mark_complete(model_version)
+    # stopped early (as a crash would): the next sync resumes at the committed watermark
     stats.seconds = time.perf_counter() - started
     return stats
 
@@ -286,45 +304,52 @@ def _current_pointer(client: redis.Redis, schema: KeySchema) -> Pointer | None:
     return None if raw is None else Pointer.decode(raw)
 
 
-def _sync_chunk(
-    rows: list[DocumentRow],
-    store: EmbeddingStore,
-    client: redis.Redis,
-    embedder: Embedder,
-    schema: KeySchema,
-    target: Pointer,
-    dtype: str,
-    model_version: str,
-    stats: SyncStats,
-) -> None:
+@dataclass
+class Chunk:
+    """One chunk of documents, embedded and encoded, ready to write."""
+
+    embedded: list[tuple[str, datetime, bytes]]  # doc_id, modified_at, encoded vector
+    deleted: list[str]
+    failures: list[tuple[str, datetime, str]]  # doc_id, modified_at, reason
+    watermark: tuple[datetime, str]
+
+    def count_into(self, stats: SyncStats) -> None:
+        stats.chunks += 1
+        stats.embedded += len(self.embedded)
+        stats.deleted += len(self.deleted)
+        stats.failed += len(self.failures)
+        for _, _, reason in self.failures:
+            stats.failure_reasons[reason] = stats.failure_reasons.get(reason, 0) + 1
+
+
+def _embed_chunk(rows: list[DocumentRow], embedder: Embedder, dtype: str, model_version: str) -> Chunk:
     live = [row for row in rows if not row.deleted]
-    deleted = [row.doc_id for row in rows if row.deleted]
     result = embed_documents(embedder, [(row.title, row.body) for row in live])
     values = encode_batch(np.asarray(result.vectors, dtype=np.float32), dtype=dtype, model_version=model_version)
-    embedded_rows = [live[i] for i in result.indices]
-    failures = [(live[i].doc_id, live[i].modified_at, reason) for i, reason in result.failures.items()]
+    return Chunk(
+        embedded=[
+            (live[i].doc_id, live[i].modified_at, value) for i, value in zip(result.indices, values, strict=True)
+        ],
+        deleted=[row.doc_id for row in rows if row.deleted],
+        failures=[(live[i].doc_id, live[i].modified_at, reason) for i, reason in result.failures.items()],
+        watermark=rows[-1].watermark,
+    )
+
+
+def _write_chunk(
+    chunk: Chunk, store: EmbeddingStore, client: redis.Redis, schema: KeySchema, target: Pointer, model_version: str
+) -> None:
     # Redis first: a crash before the commit below only makes the next sync write the same values again.
     # Failed documents are removed from Redis too: a stale vector must not outlive its document's change.
     patch_version(
         client,
         EMBEDDING_KIND,
         target,
-        upserts=[(row.doc_id, value) for row, value in zip(embedded_rows, values, strict=True)],
-        deletes=deleted + [doc_id for doc_id, _, _ in failures],
+        upserts=[(doc_id, value) for doc_id, _, value in chunk.embedded],
+        deletes=chunk.deleted + [doc_id for doc_id, _, _ in chunk.failures],
         schema=schema,
     )
-    store.commit_chunk(
-        model_version,
-        [(row.doc_id, row.modified_at, value) for row, value in zip(embedded_rows, values, strict=True)],
-        deleted,
-        failures,
-        rows[-1].watermark,
-    )
-    stats.embedded += len(embedded_rows)
-    stats.deleted += len(deleted)
-    stats.failed += len(failures)
-    for _, _, reason in failures:
-        stats.failure_reasons[reason] = stats.failure_reasons.get(reason, 0) + 1
+    store.commit_chunk(model_version, chunk.embedded, chunk.deleted, chunk.failures, chunk.watermark)
 
 
 def sample_documents(
