@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 import uuid
@@ -14,6 +15,12 @@ from .serving import KeySchema, PredictionCache, QueryLogger, connect, publish_v
 
 def percentile_us(samples_ns: list[int], q: float) -> float:
     return round(float(np.percentile(np.asarray(samples_ns), q)) / 1000, 1)
+
+
+def drop_namespace(client, schema: KeySchema) -> None:
+    """Remove every key of a benchmark's own namespace (SCAN: maintenance only, never a serving path)."""
+    for name in client.scan_iter(f"{schema.prefix}:*", count=5000):
+        client.unlink(name)
 
 
 def _timed(fn: Callable[[str], object], keys: list[str]) -> list[int]:
@@ -68,8 +75,7 @@ def bench_serve(redis_url: str, *, n_keys: int = 10_000, lookups: int = 50_000, 
     logger.close()
     elapsed = time.perf_counter() - started
 
-    for name in admin.scan_iter(f"{schema.prefix}:*", count=1000):
-        admin.unlink(name)
+    drop_namespace(admin, schema)
     result = {
         "bench": "serve",
         "lookups": lookups,
@@ -142,8 +148,7 @@ def bench_publish(redis_url: str, *, n: int = 1_000_000, naive_n: int = 50_000, 
 
     value_size = len(np.float32(0).tobytes())
     reference = redis_benchmark_set(redis_url, requests=n, value_size=value_size)
-    for name in client.scan_iter(f"{schema.prefix}:*", count=5000):
-        client.unlink(name)
+    drop_namespace(client, schema)
     result = {
         "bench": "publish",
         "keys": n,
@@ -259,24 +264,18 @@ def pa_table(frame, schema):
 def bench_embed(redis_url: str, app_db_url: str, *, docs: int = 1_000_000, chunk_size: int = 20_000) -> dict:
     """End-to-end embedding sync (PostgreSQL → embed → quantise → offline store → Redis) vs the
     embedder's raw encode on the same texts; Redis bytes per document; lookup latency vs a bare GET."""
-    import psycopg2
-
     from .docstore import DocumentStore
     from .embedding_sync import EmbeddingStore, int8_recall, sync_embeddings
     from .ml.embedder import HashingSvdEmbedder, check_document
+    from .pg import scratch_database
     from .serving.keys import EMBEDDING_KIND
-    from .stack import libpq_url
     from .workload.documents import generate_documents
 
-    scratch_db = f"bench_{uuid.uuid4().hex[:8]}"
-    admin = psycopg2.connect(libpq_url(app_db_url))
-    admin.autocommit = True
-    with admin.cursor() as cur:
-        cur.execute(f'CREATE DATABASE "{scratch_db}"')
-    db_url = app_db_url.rsplit("/", 1)[0] + "/" + scratch_db
     schema = KeySchema(f"bench{uuid.uuid4().hex[:8]}")
     client = connect(redis_url, socket_timeout=30)
-    try:
+    with contextlib.ExitStack() as cleanup:
+        db_url = cleanup.enter_context(scratch_database(app_db_url, "bench"))
+        cleanup.callback(drop_namespace, client, schema)
         store = DocumentStore(db_url)
         store.ensure_schema()
         started = time.perf_counter()
@@ -333,10 +332,4 @@ def bench_embed(redis_url: str, app_db_url: str, *, docs: int = 1_000_000, chunk
             "recall_at_10_int8": round(recall, 4),
             "model_version": embedder.version,
         }
-    finally:
-        for name in client.scan_iter(f"{schema.prefix}:*", count=5000):
-            client.unlink(name)
-        with admin.cursor() as cur:
-            cur.execute(f'DROP DATABASE IF EXISTS "{scratch_db}" WITH (FORCE)')
-        admin.close()
     return result

@@ -29,6 +29,8 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 from psycopg2 import sql
 
+from .pg import transaction
+
 _ISO_639_1 = """
 aa ab ae af ak am an ar as av ay az ba be bg bh bi bm bn bo br bs ca ce ch co cr cs cu cv cy da de
 dv dz ee el en eo es et eu fa ff fi fj fo fr fy ga gd gl gn gu gv ha he hi ho hr ht hu hy hz ia id
@@ -84,11 +86,6 @@ class DocumentRow:
         return self.modified_at, self.doc_id
 
 
-def libpq_url(url: str) -> str:
-    """``postgresql+psycopg2://...`` (SQLAlchemy style) in the form psycopg2.connect accepts."""
-    return url.replace("postgresql+psycopg2://", "postgresql://", 1)
-
-
 def _missing(value: Any) -> bool:
     if value is None:
         return True
@@ -128,18 +125,14 @@ def _arrow_columns(df: pd.DataFrame) -> dict[str, pa.Array] | None:
     n = len(df)
     try:
         return {
-            c: pa.array(df[c], type=pa.string(), from_pandas=True)
-            if c in df.columns
-            else pa.nulls(n, pa.string())
+            c: pa.array(df[c], type=pa.string(), from_pandas=True) if c in df.columns else pa.nulls(n, pa.string())
             for c in COLUMNS
         }
     except (pa.ArrowException, UnicodeError):  # numbers, lists, lone surrogates: the row-by-row path
         return None
 
 
-def _clean_frame(
-    df: pd.DataFrame, first_row: int, labels: Sequence[str] | None, result: LoadResult
-) -> pa.Table:
+def _clean_frame(df: pd.DataFrame, first_row: int, labels: Sequence[str] | None, result: LoadResult) -> pa.Table:
     """The loadable rows of ``df`` as an Arrow table (seq, doc_id, title, body, language); rejects the rest.
 
     ``labels`` name each row in rejections (JSONL line numbers); by default rows are numbered from
@@ -223,15 +216,9 @@ class DocumentStore:
         self.table = table
         self._t = sql.Identifier(table)
 
-    @contextlib.contextmanager
-    def _connect(self) -> Iterator[psycopg2.extensions.connection]:
+    def _connect(self) -> contextlib.AbstractContextManager[psycopg2.extensions.connection]:
         """A connection whose work commits on success and rolls back on error, then closes."""
-        conn = psycopg2.connect(libpq_url(self.url))
-        try:
-            with conn:
-                yield conn
-        finally:
-            conn.close()
+        return transaction(self.url)
 
     def ensure_schema(self) -> None:
         """Create the table and its (modified_at, doc_id) index if missing."""
@@ -301,8 +288,7 @@ class DocumentStore:
             if result.duplicates:
                 # the last occurrence wins: drop every row that a later row of the same doc_id supersedes
                 cur.execute(
-                    "DELETE FROM staging s USING staging later"
-                    " WHERE later.doc_id = s.doc_id AND later.seq > s.seq"
+                    "DELETE FROM staging s USING staging later WHERE later.doc_id = s.doc_id AND later.seq > s.seq"
                 )
             cur.execute(
                 "SELECT language, count(*) FROM staging WHERE language IS NOT NULL"
@@ -336,8 +322,7 @@ class DocumentStore:
         with self._connect() as conn, conn.cursor() as cur:
             cur.execute(
                 sql.SQL(
-                    "UPDATE {t} SET deleted = true, modified_at = now()"
-                    " WHERE doc_id = ANY(%s) AND NOT deleted"
+                    "UPDATE {t} SET deleted = true, modified_at = now() WHERE doc_id = ANY(%s) AND NOT deleted"
                 ).format(t=self._t),
                 (list(doc_ids),),
             )
@@ -347,16 +332,12 @@ class DocumentStore:
         """Record when documents were last embedded (``indexed_at``); does not touch modified_at."""
         with self._connect() as conn, conn.cursor() as cur:
             cur.execute(
-                sql.SQL("UPDATE {t} SET indexed_at = COALESCE(%s, now()) WHERE doc_id = ANY(%s)").format(
-                    t=self._t
-                ),
+                sql.SQL("UPDATE {t} SET indexed_at = COALESCE(%s, now()) WHERE doc_id = ANY(%s)").format(t=self._t),
                 (at, list(doc_ids)),
             )
             return cur.rowcount
 
-    def changed_since(
-        self, watermark: tuple[datetime, str] | None, *, limit: int = 10_000
-    ) -> list[DocumentRow]:
+    def changed_since(self, watermark: tuple[datetime, str] | None, *, limit: int = 10_000) -> list[DocumentRow]:
         """Up to ``limit`` rows (deleted ones included) after ``watermark`` in (modified_at, doc_id) order.
 
         Keyset pagination: feed the last row's ``watermark`` back to get the next page; rows with equal

@@ -15,7 +15,7 @@ import contextlib
 import io
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -24,8 +24,9 @@ import numpy as np
 import psycopg2
 import redis
 
-from .docstore import DocumentRow, DocumentStore, libpq_url
+from .docstore import DocumentRow, DocumentStore
 from .ml.embedder import Embedder, embed_documents
+from .pg import transaction
 from .serving.keys import EMBEDDING_KIND, KeySchema, Pointer
 from .serving.publish import bucket_count, flip_pointer, patch_version
 from .serving.vectors import encode_batch
@@ -93,14 +94,8 @@ class EmbeddingStore:
     def __init__(self, url: str) -> None:
         self.url = url
 
-    @contextlib.contextmanager
-    def connect(self) -> Iterator[psycopg2.extensions.connection]:
-        conn = psycopg2.connect(libpq_url(self.url))
-        try:
-            with conn:
-                yield conn
-        finally:
-            conn.close()
+    def connect(self) -> contextlib.AbstractContextManager[psycopg2.extensions.connection]:
+        return transaction(self.url)
 
     def ensure_schema(self) -> None:
         with self.connect() as conn, conn.cursor() as cur:

@@ -17,6 +17,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from .pg import libpq_url
+
 ENV_REDIS = "PRECOMPUTE_REDIS_URL"
 ENV_DAGSTER_PG = "DAGSTER_PG_URL"
 ENV_APP_DB = "PRECOMPUTE_APP_DB_URL"
@@ -55,11 +57,6 @@ def sqlalchemy_url(url: str) -> str:
         if url.startswith(prefix):
             return "postgresql+psycopg2://" + url[len(prefix) :]
     return url
-
-
-def libpq_url(url: str) -> str:
-    """The same URL in the form psycopg2.connect accepts."""
-    return url.replace("postgresql+psycopg2://", "postgresql://", 1)
 
 
 @dataclass

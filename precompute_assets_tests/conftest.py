@@ -13,8 +13,9 @@ import dagster as dg
 import pytest
 import redis
 
+from precompute_assets.pg import scratch_database
 from precompute_assets.serving import KeySchema, connect
-from precompute_assets.stack import ENV_APP_DB, ENV_DAGSTER_PG, ENV_REDIS, Stack, libpq_url
+from precompute_assets.stack import ENV_APP_DB, ENV_DAGSTER_PG, ENV_REDIS, Stack
 
 
 @pytest.fixture(scope="session")
@@ -68,32 +69,15 @@ def lake_uri(tmp_path: Path) -> str:
 @pytest.fixture
 def app_db(app_db_url: str) -> Iterator[str]:
     """A fresh application database of its own (documents, embeddings) on the real PostgreSQL."""
-    import psycopg2
-
-    name = f"app_{uuid.uuid4().hex[:10]}"
-    admin = psycopg2.connect(libpq_url(app_db_url))
-    admin.autocommit = True
-    with admin.cursor() as cur:
-        cur.execute(f'CREATE DATABASE "{name}"')
-    yield app_db_url.rsplit("/", 1)[0] + "/" + name
-    with admin.cursor() as cur:
-        cur.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-    admin.close()
+    with scratch_database(app_db_url, "app") as url:
+        yield url
 
 
 @pytest.fixture
 def pg_instance(dagster_pg_url: str) -> Iterator[dg.DagsterInstance]:
     """A Dagster instance whose run/event/schedule storage is the real PostgreSQL, in a fresh database."""
-    import psycopg2
-
-    name = f"dagster_{uuid.uuid4().hex[:10]}"
-    admin = psycopg2.connect(libpq_url(dagster_pg_url))
-    admin.autocommit = True
-    with admin.cursor() as cur:
-        cur.execute(f'CREATE DATABASE "{name}"')
-    url = dagster_pg_url.rsplit("/", 1)[0] + "/" + name
-    with dg.instance_for_test(overrides={"storage": {"postgres": {"postgres_url": url}}}) as instance:
+    with (
+        scratch_database(dagster_pg_url, "dagster") as url,
+        dg.instance_for_test(overrides={"storage": {"postgres": {"postgres_url": url}}}) as instance,
+    ):
         yield instance
-    with admin.cursor() as cur:
-        cur.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-    admin.close()

@@ -10,7 +10,8 @@ import pandas as pd
 import psycopg2
 import pytest
 
-from precompute_assets.docstore import DocumentStore, libpq_url
+from precompute_assets.docstore import DocumentStore
+from precompute_assets.pg import libpq_url
 from precompute_assets.workload.documents import generate_documents
 
 

@@ -124,9 +124,7 @@ def time_split(frame: pd.DataFrame, *, valid_fraction: float = 0.2) -> tuple[pd.
         raise ValueError(f"valid_fraction must be strictly between 0 and 1, got {valid_fraction}")
     days = np.unique(frame["day"].to_numpy())
     if len(days) < 2:
-        raise ValueError(
-            f"a time split needs impressions on at least 2 distinct days, the frame has {len(days)}"
-        )
+        raise ValueError(f"a time split needs impressions on at least 2 distinct days, the frame has {len(days)}")
     n_valid = min(len(days) - 1, max(1, round(len(days) * valid_fraction)))
     first_valid_day = days[-n_valid]
     in_valid = frame["day"].to_numpy() >= first_valid_day

@@ -109,9 +109,7 @@ def _words(texts: Sequence[str], max_chars: int) -> _Words:
     first = np.empty(len(distinct), dtype=np.int64)
     first[tokens] = np.arange(len(tokens))  # any occurrence will do: equal hashes are equal words
     per_text = np.zeros(len(texts) + 1, dtype=np.int64)
-    np.cumsum(
-        np.bincount(np.searchsorted(text_starts, starts, "right") - 1, minlength=len(texts)), out=per_text[1:]
-    )
+    np.cumsum(np.bincount(np.searchsorted(text_starts, starts, "right") - 1, minlength=len(texts)), out=per_text[1:])
     return _Words(codes, starts[first], lengths[first], tokens.astype(np.int64), per_text)
 
 
@@ -143,9 +141,7 @@ def _word_ngrams(words: _Words, bits: int, ngram_range: tuple[int, int]) -> sp.c
     counts = np.add.reduceat(per_position, slot_starts) if len(slot) else per_position[:0]
     indptr = np.concatenate([[0], np.cumsum(counts)])
     indices = cols[keep]
-    return sp.csr_matrix(
-        (np.ones(len(indices), dtype=np.float32), indices, indptr), shape=(len(lengths), 2**bits)
-    )
+    return sp.csr_matrix((np.ones(len(indices), dtype=np.float32), indices, indptr), shape=(len(lengths), 2**bits))
 
 
 def _text_words(words: _Words) -> sp.csr_matrix:
@@ -278,9 +274,7 @@ class HashingSvdEmbedder:
 
         rng = np.random.default_rng(seed)
         picked = np.sort(rng.choice(len(texts), size=min(sample, len(texts)), replace=False))
-        counts = ngram_counts(
-            [texts[i] for i in picked], bits=bits, ngram_range=ngram_range, max_chars=max_chars
-        )
+        counts = ngram_counts([texts[i] for i in picked], bits=bits, ngram_range=ngram_range, max_chars=max_chars)
         df = np.bincount(counts.indices, minlength=counts.shape[1])
         columns = np.flatnonzero(df >= min_df)
         if len(columns) > max_columns:

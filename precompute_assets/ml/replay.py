@@ -63,9 +63,7 @@ def parse_trace(path: str | Path) -> Trace:
     clean = text.replace(" ", "").replace("\t", "")
     dtypes = {"timestamp": np.float64, "key": np.int64} if kind == "csv" else {"key": np.int64}
     try:
-        frame = pd.read_csv(
-            io.StringIO(clean), header=None, names=list(dtypes), dtype=dtypes, na_filter=False
-        )
+        frame = pd.read_csv(io.StringIO(clean), header=None, names=list(dtypes), dtype=dtypes, na_filter=False)
     except (OverflowError, ValueError):
         raise _out_of_range(text, kind) from None
     keys = frame["key"].to_numpy(dtype=np.int64)
@@ -100,9 +98,7 @@ def split_days(trace: Trace, days: int) -> list[np.ndarray]:
     return [keys[bounds[d] : bounds[d + 1]] for d in range(days)]
 
 
-def replay(
-    day_keys: Sequence[np.ndarray], *, top_n: int, capacity: int, half_life_days: float = 2.0
-) -> dict:
+def replay(day_keys: Sequence[np.ndarray], *, top_n: int, capacity: int, half_life_days: float = 2.0) -> dict:
     """Hit rates of four caches over days 1..D-1 (day 0 only warms them); see the helpers for each policy.
 
     ``hit_rate_lru``: read-through LRU of ``capacity`` keys. ``hit_rate_static_top_n``: only the top-N keys

@@ -221,9 +221,9 @@ def _block(seed: int, block: int) -> pd.DataFrame:
     lang = rng.choice(len(codes), size=n, p=weights / weights.sum())
     topic = rng.integers(0, N_TOPICS, size=n)
     title_len = rng.integers(TITLE_WORDS[0], TITLE_WORDS[1] + 1, size=n)
-    body_len = np.clip(
-        np.rint(rng.lognormal(np.log(BODY_MEDIAN_WORDS), BODY_SIGMA, size=n)), *BODY_WORDS
-    ).astype(np.int64)
+    body_len = np.clip(np.rint(rng.lognormal(np.log(BODY_MEDIAN_WORDS), BODY_SIGMA, size=n)), *BODY_WORDS).astype(
+        np.int64
+    )
 
     doc_len = title_len + body_len
     doc_start = np.cumsum(doc_len) - doc_len

@@ -1,0 +1,41 @@
+"""PostgreSQL helpers shared by the stack, the document store, the embedding store and the tests."""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import Iterator
+
+import psycopg2
+
+
+def libpq_url(url: str) -> str:
+    """A SQLAlchemy-style ``postgresql+psycopg2://...`` URL in the form psycopg2.connect accepts."""
+    return url.replace("postgresql+psycopg2://", "postgresql://", 1)
+
+
+@contextlib.contextmanager
+def transaction(url: str) -> Iterator[psycopg2.extensions.connection]:
+    """A connection whose work commits on success and rolls back on error, then closes."""
+    conn = psycopg2.connect(libpq_url(url))
+    try:
+        with conn:
+            yield conn
+    finally:
+        conn.close()
+
+
+@contextlib.contextmanager
+def scratch_database(url: str, prefix: str = "scratch") -> Iterator[str]:
+    """Create a fresh database on the server of ``url``, yield its URL, drop it afterwards."""
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    admin = psycopg2.connect(libpq_url(url))
+    admin.autocommit = True  # CREATE/DROP DATABASE cannot run in a transaction
+    try:
+        with admin.cursor() as cur:
+            cur.execute(f'CREATE DATABASE "{name}"')
+        yield url.rsplit("/", 1)[0] + "/" + name
+    finally:
+        with admin.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
