@@ -28,7 +28,7 @@ from .docstore import DocumentRow, DocumentStore
 from .ml.embedder import Embedder, embed_documents
 from .pg import transaction
 from .serving.keys import EMBEDDING_KIND, KeySchema, Pointer
-from .serving.publish import bucket_count, flip_pointer, patch_version
+from .serving.publish import bucket_count, flip_pointer, patch_version, send_commands
 from .serving.vectors import encode_batch
 
 SCHEMA = """
@@ -196,12 +196,11 @@ class EmbeddingStore:
             stale, total = cur.fetchone()
         return (stale / total if total else 0.0), stale, total
 
-    def sample(self, n: int, *, seed: float = 0.42) -> list[tuple[str, bytes]]:
-        """A repeatable sample of stored embeddings (doc_id, value)."""
+    def values(self, doc_ids: list[str]) -> dict[str, bytes]:
+        """Stored embeddings of ``doc_ids`` (those that have one)."""
         with self.connect() as conn, conn.cursor() as cur:
-            cur.execute("SELECT setseed(%s)", (seed,))
-            cur.execute("SELECT doc_id, value FROM document_embeddings ORDER BY random() LIMIT %s", (n,))
-            return [(doc_id, bytes(value)) for doc_id, value in cur.fetchall()]
+            cur.execute("SELECT doc_id, value FROM document_embeddings WHERE doc_id = ANY(%s)", (doc_ids,))
+            return {doc_id: bytes(value) for doc_id, value in cur.fetchall()}
 
 
 def _copy_escape(text: str) -> str:
@@ -232,11 +231,13 @@ def sync_embeddings(
     dtype: str = "int8",
     chunk_size: int = 10_000,
     grace_s: int = 600,
+    ttl_s: int = 7 * 86400,
     log: Callable[[str], None] = print,
     stop_after_chunks: int | None = None,
 ) -> SyncStats:
     """Bring the embeddings of ``embedder.version`` up to date; see the module docstring.
 
+    Each sync renews the TTL (``ttl_s``) of the version it wrote; a replaced version gets ``grace_s``.
     ``stop_after_chunks`` ends the sync early as a crash would (for tests of resumption).
     """
     schema = schema or KeySchema()
@@ -286,6 +287,10 @@ def sync_embeddings(
                 break
         if written is not None:
             written.result()
+    if not stopped_early:
+        # Every sync renews the version's TTL: it outlives a stalled pipeline by ``ttl_s``, never forever.
+        send_commands(client, [(b"EXPIRE", schema.bucket(EMBEDDING_KIND, target.version, b).encode(), b"%d" % ttl_s)
+                               for b in range(target.buckets)])  # fmt: skip
     if not stopped_early and stats.full_build:
         flip_pointer(client, schema, EMBEDDING_KIND, target, grace_s=grace_s)
         store.mark_complete(model_version)
@@ -360,14 +365,16 @@ def sample_documents(
 
 
 def int8_recall(store: EmbeddingStore, documents: DocumentStore, embedder: Embedder, *, n: int = 2000) -> float:
-    """recall@10 of the stored int8 vectors against float32 vectors re-encoded from the same documents."""
+    """recall@10 of the stored int8 vectors against float32 vectors re-encoded from the same documents,
+    over a random sample of ``n`` documents (neighbours searched within the sample)."""
     from .ml.embedder import check_document
     from .ml.quantize import recall_at_k
     from .serving.vectors import decode_vector
 
-    stored = dict(store.sample(n))
+    rows = sample_documents(documents, n)
+    stored = store.values([doc_id for doc_id, _, _ in rows])
     texts, approx = [], []
-    for doc_id, title, body in sample_documents(documents, 10 * n):
+    for doc_id, title, body in rows:
         text, reason = check_document(title, body)
         if doc_id in stored and reason is None:
             texts.append(text)

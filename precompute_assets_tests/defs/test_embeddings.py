@@ -179,3 +179,53 @@ def test_sensor_requests_a_run_only_when_documents_change(docs, app_db):
         assert isinstance(documents_changed(context), dg.SkipReason)
         docs.delete(["doc00000002"])
         assert isinstance(documents_changed(context), dg.RunRequest)
+
+
+KILLABLE_SYNC = """
+import sys
+from precompute_assets.docstore import DocumentStore
+from precompute_assets.embedding_sync import EmbeddingStore, sync_embeddings
+from precompute_assets.ml.embedder import HashingSvdEmbedder
+from precompute_assets.serving import KeySchema, connect
+
+app_db, redis_url, namespace, model = sys.argv[1:]
+sync_embeddings(DocumentStore(app_db), EmbeddingStore(app_db), connect(redis_url, socket_timeout=10),
+                HashingSvdEmbedder.load(model), schema=KeySchema(namespace), chunk_size=200,
+                log=lambda message: print(message, flush=True))
+"""
+
+
+def test_a_sync_killed_with_sigkill_resumes_without_duplicates_or_gaps(
+    docs, app_db, redis_url, redis_client, schema, embedder, tmp_path
+):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    embedder.save(tmp_path / "model")
+    process = subprocess.Popen(
+        [sys.executable, "-c", KILLABLE_SYNC, app_db, redis_url, schema.namespace, str(tmp_path / "model")],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    for line in process.stdout:
+        if line.startswith("chunk 4:"):
+            os.kill(process.pid, signal.SIGKILL)
+            break
+    process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    store = EmbeddingStore(app_db)
+    with store.connect() as conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM document_embeddings")
+        committed = cur.fetchone()[0]
+    assert 0 < committed < N_DOCS
+    assert redis_client.get(schema.pointer(EMBEDDING_KIND)) is None  # the unfinished build was never served
+
+    resumed = sync_embeddings(docs, store, redis_client, embedder, schema=schema, chunk_size=200, log=lambda m: None)
+    assert resumed.embedded == N_DOCS - committed  # exactly the rest: nothing skipped, nothing twice
+    with store.connect() as conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*), count(DISTINCT doc_id) FROM document_embeddings")
+        assert cur.fetchone() == (N_DOCS, N_DOCS)
+    cache = PredictionCache(redis_client, schema=schema)
+    assert all(v is not None for v in cache.get_embeddings([f"doc{i:08d}" for i in range(N_DOCS)]))
+    assert 0 < redis_client.ttl(schema.bucket(EMBEDDING_KIND, resumed.redis_version, 0)) <= 7 * 86400
