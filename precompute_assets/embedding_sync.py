@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import io
+import struct
 import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import psycopg2
@@ -148,12 +149,8 @@ class EmbeddingStore:
                     'CREATE TEMP TABLE chunk (doc_id TEXT COLLATE "C", modified_at TIMESTAMPTZ, value BYTEA)'
                     " ON COMMIT DROP"
                 )
-                buffer = io.StringIO()
-                for doc_id, modified_at, value in embedded:
-                    # COPY text format: escape the id; bytea as hex (\\x... in the stream is \x... in SQL)
-                    buffer.write(f"{_copy_escape(doc_id)}\t{modified_at.isoformat()}\t\\\\x{value.hex()}\n")
-                buffer.seek(0)
-                cur.copy_expert("COPY chunk (doc_id, modified_at, value) FROM STDIN", buffer)
+                cur.copy_expert("COPY chunk (doc_id, modified_at, value) FROM STDIN WITH (FORMAT binary)",
+                                 io.BytesIO(binary_copy(embedded)))  # fmt: skip
                 cur.execute(
                     "INSERT INTO document_embeddings (doc_id, model_version, modified_at, embedded_at, value)"
                     " SELECT doc_id, %s, modified_at, %s, value FROM chunk"
@@ -203,8 +200,19 @@ class EmbeddingStore:
             return {doc_id: bytes(value) for doc_id, value in cur.fetchall()}
 
 
-def _copy_escape(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
+_ROW = struct.Struct("!hi")  # field count, then the first field's length
+
+
+def binary_copy(rows: list[tuple[str, datetime, bytes]]) -> bytes:
+    """PostgreSQL binary COPY of (text, timestamptz, bytea) rows: no hex or escaping to build or parse."""
+    parts = [b"PGCOPY\n\xff\r\n\x00", struct.pack("!ii", 0, 0)]
+    for doc_id, modified_at, value in rows:
+        key = doc_id.encode()
+        micros = (modified_at - PG_EPOCH) // timedelta(microseconds=1)
+        parts += [_ROW.pack(3, len(key)), key, struct.pack("!iqi", 8, micros, len(value)), value]
+    parts.append(struct.pack("!h", -1))
+    return b"".join(parts)
 
 
 def stable_horizon(documents: DocumentStore) -> datetime:
