@@ -94,20 +94,20 @@ def publish_version(
     grouped = [flat[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
 
     names = [schema.bucket(kind, version, index).encode() for index in range(buckets)]
-    if client.exists(*names[:1]):
+    if client.exists(*names):
         # A retry of this version: start clean so no field of the failed attempt survives.
         send_commands(client, [(b"DEL", name) for name in names])
     batch: list[tuple[bytes, ...]] = []
     pending = 0
     ttl = None if ttl_s is None else str(ttl_s).encode()
     with command_stream(client) as send:
-        for index, fields in enumerate(grouped):
-            if not fields:
+        for name, bucket in zip(names, grouped, strict=True):
+            if not bucket:
                 continue
-            batch.append((b"HSET", names[index], *fields))
+            batch.append((b"HSET", name, *bucket))
             if ttl is not None:
-                batch.append((b"EXPIRE", names[index], ttl))
-            pending += len(fields) // 2
+                batch.append((b"EXPIRE", name, ttl))
+            pending += len(bucket) // 2
             if len(batch) >= COMMANDS_PER_PIPELINE:
                 send(batch)
                 if progress:

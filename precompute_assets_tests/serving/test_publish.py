@@ -65,3 +65,10 @@ def test_redis_dying_mid_publish_keeps_readers_on_the_old_version(tmp_path, sche
         assert cache.get_many("ctr", keys[::101]) == [pytest.approx(0.75)] * len(keys[::101])
     finally:
         server.stop()
+
+
+def test_a_retried_version_starts_clean(redis_url, redis_client, schema):
+    publish_version(redis_client, "ctr", "v1", [("a", 0.1), ("b", 0.2)], n_keys=2, schema=schema)
+    publish_version(redis_client, "ctr", "v1", [("a", 0.3)], n_keys=1, schema=schema)
+    cache = PredictionCache(connect(redis_url), schema=schema)
+    assert cache.get_many("ctr", ["a", "b"]) == [pytest.approx(0.3), None]
