@@ -77,7 +77,8 @@ class PredictionCache:
     def get_many(
         self, kind: str, keys: Sequence[str], *, user: str | None = None, tenant: str | None = None
     ) -> list[Any | None]:
-        """Values for ``keys`` in order (None for misses), read from one published version in one round trip."""
+        """Values for ``keys`` in order (None for misses), from one published version: one round trip, plus
+        one for live read-through values when some keys are not in the published version."""
         start = time.perf_counter_ns()
         raws = self._lookup_many(kind, keys)
         codec = codec_for(kind)
@@ -114,7 +115,7 @@ class PredictionCache:
         return self.get(EMBEDDING_KIND, doc_id, user=user, tenant=tenant)
 
     def get_embeddings(self, doc_ids: Sequence[str], *, user: str | None = None, tenant: str | None = None):
-        """Embeddings of ``doc_ids`` in order (None where missing), from one version in one round trip."""
+        """Embeddings of ``doc_ids`` in order (None where missing), from one version (see ``get_many``)."""
         return self.get_many(EMBEDDING_KIND, doc_ids, user=user, tenant=tenant)
 
     def current_version(self, kind: str) -> Pointer | None:
@@ -166,18 +167,24 @@ class PredictionCache:
             return [None] * len(keys)
         try:
             pointer = self._pointer(kind)
-            pipe = self.client.pipeline(transaction=False)
-            for key in keys:
-                if pointer is not None:
+            found: list[bytes | None] = [None] * len(keys)
+            if pointer is not None:
+                pipe = self.client.pipeline(transaction=False)
+                for key in keys:
                     pipe.hget(self.schema.bucket(kind, pointer.version, bucket_of(key, pointer.buckets)), key)
-                pipe.get(self.schema.live(kind, key))
-            replies = pipe.execute()
+                found = pipe.execute()
+            # Live read-through values only for the keys the published version lacks (often none).
+            missing = [i for i, raw in enumerate(found) if raw is None]
+            if missing:
+                pipe = self.client.pipeline(transaction=False)
+                for i in missing:
+                    pipe.get(self.schema.live(kind, keys[i]))
+                for i, raw in zip(missing, pipe.execute(), strict=True):
+                    found[i] = raw
+            return found
         except REDIS_ERRORS:
             self._trip()
             return [None] * len(keys)
-        if pointer is None:
-            return replies
-        return [pre if pre is not None else live for pre, live in zip(replies[::2], replies[1::2], strict=True)]
 
     def _log(self, kind: str, key: str, hit: bool, start_ns: int, user: str | None, tenant: str | None) -> None:
         if hit:
