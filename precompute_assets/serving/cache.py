@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -70,9 +71,9 @@ class PredictionCache:
     def get(self, kind: str, key: str, *, user: str | None = None, tenant: str | None = None) -> Any | None:
         """The cached value of ``key`` or None on a miss (or when Redis is unreachable)."""
         start = time.perf_counter_ns()
-        raw = self._lookup(kind, key)
-        self._log(kind, key, raw is not None, start, user, tenant)
-        return None if raw is None else codec_for(kind).decode(raw)
+        value = self._decode(kind, self._lookup(kind, key))
+        self._log(kind, key, value is not None, start, user, tenant)
+        return value
 
     def get_many(
         self, kind: str, keys: Sequence[str], *, user: str | None = None, tenant: str | None = None
@@ -80,11 +81,10 @@ class PredictionCache:
         """Values for ``keys`` in order (None for misses), from one published version: one round trip, plus
         one for live read-through values when some keys are not in the published version."""
         start = time.perf_counter_ns()
-        raws = self._lookup_many(kind, keys)
-        codec = codec_for(kind)
-        for key, raw in zip(keys, raws, strict=True):
-            self._log(kind, key, raw is not None, start, user, tenant)
-        return [None if raw is None else codec.decode(raw) for raw in raws]
+        values = [self._decode(kind, raw) for raw in self._lookup_many(kind, keys)]
+        for key, value in zip(keys, values, strict=True):
+            self._log(kind, key, value is not None, start, user, tenant)
+        return values
 
     def get_or_compute(
         self,
@@ -97,16 +97,15 @@ class PredictionCache:
     ) -> Any:
         """The cached value, or ``compute(key)`` stored with the live TTL. Redis trouble never raises here."""
         start = time.perf_counter_ns()
-        raw = self._lookup(kind, key)
-        self._log(kind, key, raw is not None, start, user, tenant)
-        codec = codec_for(kind)
-        if raw is not None:
-            return codec.decode(raw)
+        cached = self._decode(kind, self._lookup(kind, key))
+        self._log(kind, key, cached is not None, start, user, tenant)
+        if cached is not None:
+            return cached
         value = compute(key)
         if self._available():
             try:
-                self.client.set(self.schema.live(kind, key), codec.encode(value), ex=self.live_ttl_s)
-            except REDIS_ERRORS:
+                self.client.set(self.schema.live(kind, key), codec_for(kind).encode(value), ex=self.live_ttl_s)
+            except REDIS_ERRORS:  # OOM, READONLY, a dead server: the caller still gets its value
                 self._trip()
         return value
 
@@ -130,6 +129,16 @@ class PredictionCache:
         self.client.close()
 
     # --- internals ------------------------------------------------------------------------------------
+
+    def _decode(self, kind: str, raw: bytes | None) -> Any | None:
+        """Decode a stored value; a corrupt one counts as an error and a miss, never an exception."""
+        if raw is None:
+            return None
+        try:
+            return codec_for(kind).decode(raw)
+        except (ValueError, TypeError, struct.error):
+            self.errors += 1
+            return None
 
     def _available(self) -> bool:
         return time.monotonic() >= self._retry_at

@@ -33,4 +33,6 @@ def connect(
     return redis.Redis.from_url(url, **options)
 
 
-REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
+# Everything a serving path degrades on: dead or slow servers, and error replies (OOM, READONLY,
+# CLUSTERDOWN, LOADING, NOPERM) alike.
+REDIS_ERRORS = (redis.RedisError, OSError)

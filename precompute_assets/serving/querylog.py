@@ -142,6 +142,9 @@ class QueryLogger:
         self._wake.set()
         self._thread.join(timeout=5)
         self.flush()
+        # Whatever Redis would not take (backoff after a failure) is counted, not silently discarded.
+        self.stats.dropped_write_failed += len(self._buffer)
+        self._buffer.clear()
 
     def _run(self) -> None:
         while not self._stopped:
@@ -169,7 +172,7 @@ class QueryLogger:
                 pipe.hincrby(self.schema.stats(kind), outcome, n)
             try:
                 pipe.execute()
-            except (*REDIS_ERRORS, redis.ResponseError):
+            except REDIS_ERRORS:
                 self.stats.dropped_write_failed += len(batch)
                 self.stats.flush_errors += 1
                 self._retry_at = time.monotonic() + self.backoff_s
