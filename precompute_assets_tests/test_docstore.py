@@ -50,9 +50,7 @@ def test_load_inserts_then_only_changed_rows_are_updated(store: DocumentStore) -
     assert (first.inserted, first.updated, first.unchanged, first.rejected) == (3, 0, 0, 0)
     before = {row.doc_id: row.modified_at for row in store.changed_since(None, limit=10)}
 
-    again = store.load_frame(
-        frame(("a", "t", "b", "en"), ("b", "t", "changed", "de"), ("c", None, "x", "fr"))
-    )
+    again = store.load_frame(frame(("a", "t", "b", "en"), ("b", "t", "changed", "de"), ("c", None, "x", "fr")))
     assert (again.inserted, again.updated, again.unchanged) == (0, 1, 2)
     after = {row.doc_id: row for row in store.changed_since(None, limit=10)}
     assert after["a"].modified_at == before["a"] and after["c"].modified_at == before["c"]

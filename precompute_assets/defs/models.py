@@ -92,9 +92,11 @@ def ctr_model(
         CTR_MODEL, version, model, {"metrics": metrics, "baseline": baseline}, overwrite=True
     )
     context.log.info(f"trained {version}: AUC {metrics['auc']:.4f} (baseline {baseline['auc']:.4f})")
+    check = beats_baseline_check(metrics, baseline, None)
     return dg.MaterializeResult(
         metadata={
             "model_version": version,
+            "approved": check.passed,  # predictions load only approved versions
             "model_uri": uri,
             "auc": metrics["auc"],
             "log_loss": metrics["log_loss"],
@@ -107,7 +109,7 @@ def ctr_model(
             "missing_days": len(missing),
             "train_seconds": seconds,
         },
-        check_results=[beats_baseline_check(metrics, baseline, None)],
+        check_results=[check],
     )
 
 
@@ -116,6 +118,9 @@ def model_version(instance: dg.DagsterInstance, partition: str) -> str:
     records = instance.fetch_materializations(
         dg.AssetRecordsFilter(asset_key=dg.AssetKey(CTR_MODEL), asset_partitions=[partition]), limit=1
     ).records
-    if not records or "model_version" not in records[0].asset_materialization.metadata:
+    metadata = records[0].asset_materialization.metadata if records else {}
+    if "model_version" not in metadata:
         raise dg.Failure(description=f"no trained ctr_model for partition {partition}")
-    return records[0].asset_materialization.metadata["model_version"].value
+    if not metadata["approved"].value:
+        raise dg.Failure(description=f"ctr_model {metadata['model_version'].value} failed beats_baseline")
+    return metadata["model_version"].value

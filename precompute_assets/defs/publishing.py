@@ -1,11 +1,15 @@
 """Publishing: precomputed values into Redis as a new version, made current by one pointer flip."""
 
+import re
+
 import dagster as dg
 import pandas as pd
 
-from ..serving import publish_version
+from ..serving import Pointer, publish_version
 from .partitions import daily_partitions
 from .resources import RedisResource
+
+DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 
 class PublishConfig(dg.Config):
@@ -18,6 +22,7 @@ class PublishConfig(dg.Config):
     kinds={"redis"},
     group_name="publishing",
     retry_policy=dg.RetryPolicy(max_retries=3, delay=5, backoff=dg.Backoff.EXPONENTIAL),
+    pool="redis_publish",
 )
 def ctr_cache(
     context: dg.AssetExecutionContext, config: PublishConfig, ctr_predictions: pd.DataFrame, redis: RedisResource
@@ -26,21 +31,28 @@ def ctr_cache(
 
     A failure before the flip leaves readers on the previous version; the retry writes the version again.
     """
-    version = f"{context.partition_key}.{context.run_id[:8]}"
+    version = f"{context.partition_key}.{context.run_id[:8]}.{context.retry_number}"
+    client, schema = redis.client(), redis.schema()
+    newer = newer_current_version(client.get(schema.pointer("ctr")), context.partition_key)
+    if newer is not None:
+        # A backfill of an older day must not replace the predictions of a newer one.
+        context.log.warning(f"not published: {newer} (a newer day) is current")
+        return dg.MaterializeResult(metadata={"published": False, "current_version": newer, "keys_written": 0})
     items = zip(ctr_predictions["ad_id"].tolist(), ctr_predictions["ctr"].tolist(), strict=True)
     result = publish_version(
-        redis.client(),
+        client,
         "ctr",
         version,
         items,
         n_keys=len(ctr_predictions),
         ttl_s=config.ttl_hours * 3600,
         grace_s=config.grace_seconds,
-        schema=redis.schema(),
+        schema=schema,
     )
     context.log.info(f"published {result.keys} keys as ctr version {version} ({result.keys_per_s:,.0f} keys/s)")
     return dg.MaterializeResult(
         metadata={
+            "published": True,
             "version": version,
             "previous_version": result.previous_version or "",
             "keys_written": result.keys,
@@ -50,3 +62,12 @@ def ctr_cache(
             "model_version": str(ctr_predictions["model_version"].iloc[0]) if len(ctr_predictions) else "",
         }
     )
+
+
+def newer_current_version(raw_pointer: bytes | None, partition: str) -> str | None:
+    """The current version if it was published for a later day than ``partition``, else None."""
+    if raw_pointer is None:
+        return None
+    current = Pointer.decode(raw_pointer).version
+    day = current.split(".", 1)[0]
+    return current if DAY.fullmatch(day) and day > partition else None

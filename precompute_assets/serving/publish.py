@@ -40,6 +40,7 @@ class PublishResult:
     bytes: int
     seconds: float
     previous_version: str | None
+    already_current: bool = False  # a retry of a publish whose flip had succeeded: nothing rewritten
 
     @property
     def keys_per_s(self) -> float:
@@ -93,6 +94,10 @@ def publish_version(
         flat[1::2] = pick(values) if written > 1 else [values[0]]
     grouped = [flat[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
 
+    current = client.get(schema.pointer(kind))
+    if current is not None and Pointer.decode(current).version == version:
+        # Never rewrite the version readers are on (a step retried after its flip succeeded).
+        return PublishResult(kind, version, written, buckets, n_bytes, time.perf_counter() - started, None, True)
     names = [schema.bucket(kind, version, index).encode() for index in range(buckets)]
     if client.exists(*names):
         # A retry of this version: start clean so no field of the failed attempt survives.

@@ -143,3 +143,30 @@ def test_publish_failure_keeps_the_previous_version(resources, pg_instance, plat
     assert not result.success
     assert redis_client.get(schema.pointer("ctr")) == before
     assert ctr_cache.op.retry_policy is not None and ctr_cache.op.retry_policy.max_retries >= 1
+
+
+def test_an_older_day_never_replaces_a_newer_version():
+    from precompute_assets.defs.publishing import newer_current_version
+
+    assert newer_current_version(b"2026-11-18.abcd1234.0:16", "2026-11-17") == "2026-11-18.abcd1234.0"
+    assert newer_current_version(b"2026-11-18.abcd1234.0:16", "2026-11-18") is None
+    assert newer_current_version(b"2026-11-18.abcd1234.0:16", "2026-11-19") is None
+    assert newer_current_version(b"bench:16", "2026-11-19") is None
+    assert newer_current_version(None, "2026-11-19") is None
+
+
+def test_predictions_refuse_a_model_that_failed_its_gate():
+    from precompute_assets.defs.models import model_version
+
+    with dg.instance_for_test() as instance:
+        instance.report_runless_asset_event(
+            dg.AssetMaterialization(
+                "ctr_model", partition=DAYS[-1], metadata={"model_version": "m1", "approved": False}
+            )
+        )
+        with pytest.raises(dg.Failure, match="failed beats_baseline"):
+            model_version(instance, DAYS[-1])
+        instance.report_runless_asset_event(
+            dg.AssetMaterialization("ctr_model", partition=DAYS[-1], metadata={"model_version": "m2", "approved": True})
+        )
+        assert model_version(instance, DAYS[-1]) == "m2"

@@ -256,9 +256,7 @@ def test_forest_predictions_track_the_true_ctr(synthetic, forest) -> None:
 
 
 def test_weighted_auc_and_log_loss_equal_the_expanded_impressions() -> None:
-    valid = agg_frame(
-        [("a", 1, 7, 2), ("b", 1, 5, 0), ("c", 1, 4, 3), ("d", 1, 6, 1)], quality=[0.3, 0.1, 0.6, 0.2]
-    )
+    valid = agg_frame([("a", 1, 7, 2), ("b", 1, 5, 0), ("c", 1, 4, 3), ("d", 1, 6, 1)], quality=[0.3, 0.1, 0.6, 0.2])
     metrics = evaluate(Oracle(), valid)
     ctr = valid["quality"].to_numpy()
     pairs = zip(valid["clicks"], valid["impressions"], strict=True)

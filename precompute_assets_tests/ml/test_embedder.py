@@ -51,9 +51,7 @@ def test_output_is_unit_float32(model: HashingSvdEmbedder, eval_vectors: np.ndar
     assert model.encode([]).shape == (0, 300)
 
 
-def test_neighbours_share_topic_and_language_in_every_script(
-    docs: pd.DataFrame, eval_vectors: np.ndarray
-) -> None:
+def test_neighbours_share_topic_and_language_in_every_script(docs: pd.DataFrame, eval_vectors: np.ndarray) -> None:
     held_out = docs.iloc[FIT_DOCS:].reset_index(drop=True)
     cluster = (held_out.language + ":" + held_out.topic.astype(str)).to_numpy(dtype=object)
     sims = eval_vectors @ eval_vectors.T
@@ -147,9 +145,7 @@ def test_fit_needs_more_texts_than_dimensions() -> None:
         HashingSvdEmbedder.fit(["a few words", "not enough", "for three hundred dimensions"] * 10)
 
 
-def test_bad_documents_are_reported_and_do_not_fail_the_batch(
-    model: HashingSvdEmbedder, texts: list[str]
-) -> None:
+def test_bad_documents_are_reported_and_do_not_fail_the_batch(model: HashingSvdEmbedder, texts: list[str]) -> None:
     good_title, good_body = "Tokyo news", texts[FIT_DOCS + 1]
     docs = [
         (good_title, good_body),  # 0

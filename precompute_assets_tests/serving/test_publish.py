@@ -68,7 +68,16 @@ def test_redis_dying_mid_publish_keeps_readers_on_the_old_version(tmp_path, sche
 
 
 def test_a_retried_version_starts_clean(redis_url, redis_client, schema):
+    # Leftovers of an earlier attempt at v1 that never became current (v0 is).
     publish_version(redis_client, "ctr", "v1", [("a", 0.1), ("b", 0.2)], n_keys=2, schema=schema)
+    publish_version(redis_client, "ctr", "v0", [("z", 0.0)], n_keys=1, schema=schema, grace_s=600)
     publish_version(redis_client, "ctr", "v1", [("a", 0.3)], n_keys=1, schema=schema)
     cache = PredictionCache(connect(redis_url), schema=schema)
     assert cache.get_many("ctr", ["a", "b"]) == [pytest.approx(0.3), None]
+
+
+def test_republishing_the_current_version_rewrites_nothing(redis_url, redis_client, schema):
+    publish_version(redis_client, "ctr", "v1", [("a", 0.1)], n_keys=1, schema=schema)
+    again = publish_version(redis_client, "ctr", "v1", [("a", 0.9)], n_keys=1, schema=schema)
+    assert again.already_current
+    assert PredictionCache(connect(redis_url), schema=schema).get("ctr", "a") == pytest.approx(0.1)

@@ -102,8 +102,7 @@ def test_a_partition_model_beats_a_linear_model_on_true_ctr():
     coef = np.linalg.lstsq(x[train], y[train], rcond=None)[0]
     linear_r2 = r_squared(x[~train] @ coef, y[~train])
     quality, bid, text_len = (
-        pd.qcut(ads[column], n, labels=False).to_numpy()
-        for column, n in (("quality", 5), ("bid", 4), ("text_len", 4))
+        pd.qcut(ads[column], n, labels=False).to_numpy() for column, n in (("quality", 5), ("bid", 4), ("text_len", 4))
     )
     cell = ((ads["category"].to_numpy() * 5 + quality) * 4 + bid) * 4 + text_len
     cell_mean = pd.Series(y[train]).groupby(cell[train]).mean()
