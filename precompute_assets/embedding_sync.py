@@ -16,7 +16,7 @@ import io
 import struct
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -27,7 +27,7 @@ import redis
 
 from .docstore import DocumentRow, DocumentStore
 from .ml.embedder import Embedder, embed_documents
-from .pg import transaction
+from .pg import libpq_url, transaction
 from .serving.keys import EMBEDDING_KIND, KeySchema, Pointer
 from .serving.publish import bucket_count, flip_pointer, patch_version, send_commands
 from .serving.vectors import encode_batch
@@ -101,6 +101,20 @@ class EmbeddingStore:
     def ensure_schema(self) -> None:
         with self.connect() as conn, conn.cursor() as cur:
             cur.execute(SCHEMA)
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold the embedding-sync advisory lock: two syncs never interleave their chunks and watermarks."""
+        conn = psycopg2.connect(libpq_url(self.url))
+        try:
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                cur.execute("SELECT pg_try_advisory_lock(hashtext('precompute.embedding_sync'))")
+                if not cur.fetchone()[0]:
+                    raise RuntimeError("another embedding sync is running on this database; try again later")
+            yield
+        finally:
+            conn.close()  # closing the session releases the lock, even after a crash
 
     def progress(self, model_version: str) -> Progress | None:
         with self.connect() as conn, conn.cursor() as cur:
@@ -250,14 +264,24 @@ def sync_embeddings(
     """
     schema = schema or KeySchema()
     store.ensure_schema()
+    with store.exclusive():
+        return _sync(documents, store, client, embedder, schema, dtype, chunk_size, grace_s, ttl_s, log,
+                     stop_after_chunks)  # fmt: skip
+
+
+def _sync(documents, store, client, embedder, schema, dtype, chunk_size, grace_s, ttl_s, log, stop_after_chunks):
+    """The body of ``sync_embeddings``, run under the sync lock."""
     model_version = embedder.version
     progress = store.progress(model_version)
     current = _current_pointer(client, schema)
-    if progress is None or (progress.complete and (current is None or current.version != progress.redis_version)):
-        # A new model version, or Redis lost the version we patch: rebuild from scratch.
+    intact = progress is not None and bool(client.exists(_sentinel(schema, progress.redis_version)))
+    if not intact or (progress.complete and (current is None or current.version != progress.redis_version)):
+        # A new model version, or Redis lost (flushed, expired, evicted) the version we build or patch:
+        # rebuild from scratch rather than patch a version that is no longer whole.
         n_docs = max(documents.count(), 1)
         redis_version = f"emb{int(time.time())}.{uuid.uuid4().hex[:8]}"  # never the version being read
         progress = store.start_build(model_version, redis_version, bucket_count(n_docs))
+        client.set(_sentinel(schema, redis_version), b"building", ex=ttl_s)
         log(f"full build of {n_docs} documents with {model_version} into Redis version {redis_version}")
     target = Pointer(progress.redis_version, progress.buckets)
     stats = SyncStats(model_version, target.version, full_build=not progress.complete)
@@ -299,12 +323,18 @@ def sync_embeddings(
         # Every sync renews the version's TTL: it outlives a stalled pipeline by ``ttl_s``, never forever.
         send_commands(client, [(b"EXPIRE", schema.bucket(EMBEDDING_KIND, target.version, b).encode(), b"%d" % ttl_s)
                                for b in range(target.buckets)])  # fmt: skip
+        client.set(_sentinel(schema, target.version), b"synced", ex=ttl_s)
     if not stopped_early and stats.full_build:
         flip_pointer(client, schema, EMBEDDING_KIND, target, grace_s=grace_s)
         store.mark_complete(model_version)
     # stopped early (as a crash would): the next sync resumes at the committed watermark
     stats.seconds = time.perf_counter() - started
     return stats
+
+
+def _sentinel(schema: KeySchema, version: str) -> str:
+    """A key that lives exactly as long as the version's buckets: its absence means the version is gone."""
+    return schema.bucket(EMBEDDING_KIND, version, "meta")
 
 
 def _current_pointer(client: redis.Redis, schema: KeySchema) -> Pointer | None:

@@ -29,7 +29,9 @@ def test_asset_keys_checks_jobs_schedules_sensors():
     assert {j.name for j in r.get_all_jobs()} - {"__ASSET_JOB"} == {
         "query_logs_job", "daily_precompute_job", "query_log_cleanup_job", "document_embeddings_job",
     }  # fmt: skip
-    assert {s.name for s in r.schedule_defs} == {"query_logs_hourly", "daily_precompute", "query_log_cleanup_daily"}
+    assert {s.name for s in r.schedule_defs} == {
+        "query_logs_hourly", "daily_precompute", "query_log_cleanup_daily", "document_embeddings_daily",
+    }  # fmt: skip
     assert {s.name for s in r.sensor_defs} == {"documents_changed"}
 
 
@@ -90,9 +92,28 @@ def test_daily_precompute_on_dst_days():
         assert requested == {(previous, f"precompute-{previous}")}, (month, day)
 
 
+def _logs_done(instance, day: str, hours: int = 24) -> None:
+    from precompute_assets.defs.selection import hours_of
+
+    for hour in hours_of(day)[:hours]:
+        instance.report_runless_asset_event(dg.AssetMaterialization("query_logs", partition=hour))
+
+
+def test_daily_precompute_waits_for_every_hour_of_the_day():
+    tz = ZoneInfo("UTC")
+    with dg.instance_for_test() as instance:
+        _logs_done(instance, "2026-11-19", hours=23)
+        waiting = _precompute(datetime(2026, 11, 20, 2, tzinfo=tz), "UTC", instance)
+        assert not waiting.run_requests and "waiting for 1 query_logs hours" in waiting.skip_message
+        _logs_done(instance, "2026-11-19")
+        fired = _precompute(datetime(2026, 11, 20, 3, tzinfo=tz), "UTC", instance)
+        assert [r.partition_key for r in fired.run_requests] == ["2026-11-19"]
+
+
 def test_daily_precompute_follows_the_learned_offpeak_window():
     tz = ZoneInfo("UTC")
     with dg.instance_for_test() as instance:
+        _logs_done(instance, "2026-11-19")
         instance.report_runless_asset_event(
             dg.AssetMaterialization("traffic_profile", partition="2026-11-19", metadata={"offpeak_start_hour": 4})
         )

@@ -5,12 +5,13 @@ from zoneinfo import ZoneInfo
 
 import dagster as dg
 
+from .embeddings import build_embedding_schedule
 from .models import ctr_model
 from .partitions import TIMEZONE
 from .predictions import ctr_predictions
 from .publishing import ctr_cache
 from .query_logs import query_log_cleanup_job, query_logs_job
-from .selection import ad_demand, top_ads, traffic_profile
+from .selection import ad_demand, hours_of, top_ads, traffic_profile
 
 DEFAULT_OFFPEAK_START_HOUR = 2
 OFFPEAK_WINDOW_HOURS = 4
@@ -46,8 +47,14 @@ def precompute_request(moment: datetime, start_hour: int, timezone: str) -> dg.R
     return dg.RunRequest(run_key=f"precompute-{partition}", partition_key=partition)
 
 
+def missing_log_hours(instance: dg.DagsterInstance, day: str) -> list[str]:
+    """Hourly query_logs partitions of ``day`` not materialized yet."""
+    done = instance.get_materialized_partitions(dg.AssetKey("query_logs"))
+    return [hour for hour in hours_of(day) if hour not in done]
+
+
 def build_schedules(timezone: str = TIMEZONE) -> list:
-    """Hourly query-log drain, the off-peak daily precompute, and the 03:00 stream cleanup."""
+    """Hourly query-log drain, the off-peak daily precompute, the 04:00 embedding sync, the 03:00 cleanup."""
 
     @dg.schedule(
         name="daily_precompute",
@@ -58,11 +65,18 @@ def build_schedules(timezone: str = TIMEZONE) -> list:
     )
     def daily_precompute(context: dg.ScheduleEvaluationContext):
         instance = context.instance if context.instance_ref is not None else None
-        return precompute_request(context.scheduled_execution_time, offpeak_start_hour(instance), timezone)
+        request = precompute_request(context.scheduled_execution_time, offpeak_start_hour(instance), timezone)
+        if instance is not None and isinstance(request, dg.RunRequest):
+            missing = missing_log_hours(instance, request.partition_key)
+            if missing:
+                # Later ticks of the window try again; the run key keeps it to one run a day.
+                return dg.SkipReason(f"waiting for {len(missing)} query_logs hours of {request.partition_key}")
+        return request
 
     return [
         dg.build_schedule_from_partitioned_job(query_logs_job, name="query_logs_hourly", minute_of_hour=5),
         daily_precompute,
+        build_embedding_schedule(timezone),
         dg.ScheduleDefinition(
             name="query_log_cleanup_daily",
             target=query_log_cleanup_job,

@@ -85,6 +85,7 @@ def current_model_path(instance: dg.DagsterInstance) -> Path:
     kinds={"redis", "pandas"},
     group_name="embeddings",
     retry_policy=dg.RetryPolicy(max_retries=3, delay=5, backoff=dg.Backoff.EXPONENTIAL),
+    pool="embedding_sync",
     check_specs=[
         dg.AssetCheckSpec("embedding_error_rate", asset="document_embeddings"),
         dg.AssetCheckSpec("int8_recall", asset="document_embeddings"),
@@ -148,6 +149,13 @@ def document_embeddings(
     )
 
 
+ACTIVE_STATUSES = [
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+]
+
 document_embeddings_job = dg.define_asset_job(
     "document_embeddings_job", selection=dg.AssetSelection.assets(document_embeddings)
 )
@@ -156,6 +164,11 @@ document_embeddings_job = dg.define_asset_job(
 @dg.sensor(job=document_embeddings_job, minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.RUNNING)
 def documents_changed(context: dg.SensorEvaluationContext, documents: DocumentStoreResource):
     """Run the incremental sync when documents were added, modified or deleted since the last request."""
+    active = context.instance.get_runs(
+        dg.RunsFilter(job_name=document_embeddings_job.name, statuses=ACTIVE_STATUSES), limit=1
+    )
+    if active:
+        return dg.SkipReason(f"a sync is already running ({active[0].run_id[:8]}); it will pick the changes up")
     latest = latest_change(documents.store())
     if latest is None:
         return dg.SkipReason("no documents yet")
@@ -164,3 +177,13 @@ def documents_changed(context: dg.SensorEvaluationContext, documents: DocumentSt
         return dg.SkipReason(f"no document changed since {marker}")
     context.update_cursor(marker)
     return dg.RunRequest(run_key=f"documents-{marker}")
+
+
+def build_embedding_schedule(timezone: str) -> dg.ScheduleDefinition:
+    """A daily sync even without changes: renews the version's TTL and catches anything a sensor missed."""
+    return dg.ScheduleDefinition(
+        name="document_embeddings_daily",
+        target=document_embeddings_job,
+        cron_schedule="0 4 * * *",
+        execution_timezone=timezone,
+    )

@@ -131,7 +131,7 @@ class KeySchema:
     def pointer(self, kind: str) -> str:
         return f"{self.prefix}:{check_kind(kind)}:current"
 
-    def bucket(self, kind: str, version: str, bucket: int) -> str:
+    def bucket(self, kind: str, version: str, bucket: int | str) -> str:
         return f"{self.prefix}:{kind}:{version}:{bucket}"
 
     def bucket_for_key(self, kind: str, pointer: Pointer, key: str) -> str:

@@ -229,3 +229,19 @@ def test_a_sync_killed_with_sigkill_resumes_without_duplicates_or_gaps(
     cache = PredictionCache(redis_client, schema=schema)
     assert all(v is not None for v in cache.get_embeddings([f"doc{i:08d}" for i in range(N_DOCS)]))
     assert 0 < redis_client.ttl(schema.bucket(EMBEDDING_KIND, resumed.redis_version, 0)) <= 7 * 86400
+
+
+def test_a_lost_redis_version_is_rebuilt_not_patched(docs, app_db, redis_client, schema, embedder):
+    store = EmbeddingStore(app_db)
+    first = sync_embeddings(docs, store, redis_client, embedder, schema=schema, log=lambda m: None)
+    for name in redis_client.scan_iter(f"{schema.prefix}:{EMBEDDING_KIND}:{first.redis_version}:*"):
+        redis_client.unlink(name)  # as an eviction, an expiry or a flush would
+    again = sync_embeddings(docs, store, redis_client, embedder, schema=schema, log=lambda m: None)
+    assert again.full_build and again.embedded == N_DOCS and again.redis_version != first.redis_version
+    assert PredictionCache(redis_client, schema=schema).get_embedding("doc00000003") is not None
+
+
+def test_two_syncs_never_run_at_once(docs, app_db, redis_client, schema, embedder):
+    store = EmbeddingStore(app_db)
+    with store.exclusive(), pytest.raises(RuntimeError, match="another embedding sync is running"):
+        sync_embeddings(docs, store, redis_client, embedder, schema=schema, log=lambda m: None)
