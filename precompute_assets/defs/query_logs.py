@@ -9,7 +9,7 @@ import pandas as pd
 from ..serving.querylog import quarantine_row, read_stream_window, validate_entry
 from ..tables import quarantine_frame, query_log_frame
 from .partitions import hourly_partitions
-from .resources import RedisResource
+from .resources import LakeResource, RedisResource
 
 QUARANTINE_WARN_RATE = 0.001
 QUARANTINE_FAIL_RATE = 0.05
@@ -47,10 +47,19 @@ def quarantine_check(quarantined: int, total: int) -> dg.AssetCheckResult:
     check_specs=[dg.AssetCheckSpec("quarantine_rate", asset="query_logs")],
     group_name="query_logs",
 )
-def query_logs(context: dg.AssetExecutionContext, redis: RedisResource):
+def query_logs(context: dg.AssetExecutionContext, redis: RedisResource, lake: LakeResource):
     """Range-read the stream entries that arrived in this hour (idempotent), validate, quarantine the rest."""
     window = context.partition_time_window
     client = redis.client()
+    trimmed_before = int(client.get(redis.schema().query_log_trimmed()) or 0)
+    trimmed = epoch_ms(window.start) < trimmed_before
+    if trimmed and lake.lake().exists("query_logs", context.partition_key):
+        raise dg.Failure(
+            description=f"the stream was trimmed past {context.partition_key}: re-reading it would replace the "
+            "materialized partition with a partial one, so the existing partition is kept"
+        )
+    if trimmed:
+        context.log.warning("the stream was trimmed inside this hour: materializing what is left")
     rows, rejected = [], []
     for page in read_stream_window(client, redis.schema(), epoch_ms(window.start), epoch_ms(window.end)):
         for entry_id, fields in page:
@@ -70,6 +79,7 @@ def query_logs(context: dg.AssetExecutionContext, redis: RedisResource):
             "hit_rate": float(logs["hit"].mean()) if len(logs) else 0.0,
             "distinct_keys": int(logs["key"].nunique()),
             "quarantined": len(quarantine),
+            "stream_trimmed": trimmed,
             "events_by_kind": dg.MetadataValue.json(logs["kind"].value_counts().to_dict()),
         },
     )
@@ -129,7 +139,12 @@ def trim_query_log(context: dg.OpExecutionContext, config: CleanupConfig, redis:
     cutoff_ms = now_ms - config.retention_hours * 3_600_000
     materialized = context.instance.get_materialized_partitions(dg.AssetKey("query_logs"))
     boundary = safe_trim_boundary(first_ms, cutoff_ms, materialized)
-    removed = client.xtrim(stream, minid=f"{boundary}-0", approximate=False) if boundary > first_ms else 0
+    removed = 0
+    if boundary > first_ms:
+        # Record the boundary first: a re-run of a trimmed hour must know it can no longer read it whole.
+        marker = redis.schema().query_log_trimmed()
+        client.set(marker, max(boundary, int(client.get(marker) or 0)))
+        removed = client.xtrim(stream, minid=f"{boundary}-0", approximate=False)
     if boundary < cutoff_ms:
         context.log.warning("stopped trimming at an hour that is not materialized yet")
     context.log.info(f"trimmed {removed} entries older than {boundary}")

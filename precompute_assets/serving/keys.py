@@ -12,6 +12,7 @@ key                                    type      content
                                                  a TTL; a whole version expires together.
 ``pc:1:{kind}:live:{key}``             string    a value computed live by a read-through miss, with a TTL.
 ``pc:1:qlog``                          stream    one entry per prediction query (see ``querylog``).
+``pc:1:qlog:trimmed_before``           string    ms: entries older than this were trimmed by the cleanup.
 ``pc:1:stats:{kind}``                  hash      ``hit`` / ``miss`` counters.
 =====================================  ========  ==========================================================
 
@@ -142,6 +143,10 @@ class KeySchema:
 
     def query_log(self) -> str:
         return f"{self.prefix}:qlog"
+
+    def query_log_trimmed(self) -> str:
+        """Stream IDs (ms) below this were trimmed by the cleanup job: those hours cannot be re-read."""
+        return f"{self.prefix}:qlog:trimmed_before"
 
     def stats(self, kind: str) -> str:
         return f"{self.prefix}:stats:{kind}"

@@ -14,7 +14,7 @@ from precompute_assets.defs.query_logs import (
     query_logs,
     safe_trim_boundary,
 )
-from precompute_assets.defs.resources import ParquetIOManager, RedisResource
+from precompute_assets.defs.resources import LakeResource, ParquetIOManager, RedisResource
 from precompute_assets.lake import Lake
 from precompute_assets.serving import QueryLogger, connect
 
@@ -33,6 +33,7 @@ def resources(redis_url, schema, lake_uri):
     return {
         "redis": RedisResource(url=redis_url, namespace=schema.namespace),
         "io_manager": ParquetIOManager(base_uri=lake_uri),
+        "lake": LakeResource(base_uri=lake_uri),
     }
 
 
@@ -143,3 +144,22 @@ def test_cleanup_job_trims_only_materialized_hours(redis_url, redis_client, sche
     dg.materialize([query_logs], resources=res, partition_key=old_hours[1], instance=pg_instance)
     query_log_cleanup_job.execute_in_process(resources={"redis": res["redis"]}, instance=pg_instance)
     assert len(redis_client.xrange(schema.query_log())) == 10
+
+
+def test_rematerializing_a_trimmed_hour_keeps_the_good_partition(
+    redis_url, redis_client, schema, lake_uri, pg_instance
+):
+    old = HOUR_START_MS - 30 * 86_400_000
+    old_hour = hourly_partitions.get_partition_key_for_timestamp(old / 1000)
+    fill(redis_url, schema, old, 10)
+    fill(redis_url, schema, HOUR_START_MS, 10)
+    res = resources(redis_url, schema, lake_uri)
+    assert dg.materialize([query_logs], resources=res, partition_key=old_hour, instance=pg_instance).success
+    query_log_cleanup_job.execute_in_process(resources={"redis": res["redis"]}, instance=pg_instance)
+    assert len(redis_client.xrange(schema.query_log())) == 10  # the old hour is gone from the stream
+
+    again = dg.materialize(
+        [query_logs], resources=res, partition_key=old_hour, instance=pg_instance, raise_on_error=False
+    )
+    assert not again.success
+    assert len(Lake(lake_uri).read("query_logs", old_hour)) == 10  # not replaced by an empty hour
