@@ -106,7 +106,7 @@ class RedisServer:
             pid = int(pidfile.read_text())
         except (FileNotFoundError, ValueError):
             return None
-        return pid if alive(pid) else None
+        return pid if alive(pid, "redis-server") else None
 
     def start(self, timeout_s: float = 10) -> None:
         if self.pid is not None:
@@ -140,7 +140,7 @@ class RedisServer:
                 raise RuntimeError(f"redis-server did not start on port {self.port}; see {self.dir / 'redis.log'}")
             time.sleep(0.05)
 
-    def stop(self, timeout_s: float = 10) -> None:
+    def stop(self, timeout_s: float = 60) -> None:
         pid = self.pid
         if pid is None:
             return
@@ -168,7 +168,7 @@ class PostgresServer:
             pid = int((self.data / "postmaster.pid").read_text().split("\n", 1)[0])
         except (FileNotFoundError, ValueError):
             return None
-        return pid if alive(pid) else None
+        return pid if alive(pid, "postgres") else None
 
     def _run(self, program: str, *args: str) -> None:
         user = PG_SYSTEM_USER if os.geteuid() == 0 else None
@@ -247,17 +247,23 @@ def pg_binaries() -> Path:
     return Path(spec.origin).parent / "pginstall" / "bin"
 
 
-def alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie does not: containers often have no init that reaps daemons)."""
+def alive(pid: int, program: str | None = None) -> bool:
+    """Whether ``pid`` runs ``program`` (a zombie does not: containers often have no init that reaps
+    daemons; and after a reboot a stale pid file may name some unrelated process)."""
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, PermissionError):
         return False
     try:
         with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+            if stat.read().rsplit(")", 1)[1].split()[0] == "Z":
+                return False
+        if program is not None:
+            with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+                return program.encode() in cmdline.read()
     except OSError:
-        return True
+        pass
+    return True
 
 
 def reachable(url: str, timeout_s: float = 0.5) -> bool:
