@@ -23,7 +23,8 @@ def drop_namespace(client, schema: KeySchema) -> None:
         client.unlink(name)
 
 
-def _timed(fn: Callable[[str], object], keys: list[str]) -> list[int]:
+def timed(fn: Callable[[str], object], keys: list[str]) -> list[int]:
+    """Nanoseconds of ``fn(key)`` for each key."""
     out = []
     clock = time.perf_counter_ns
     for key in keys:
@@ -53,13 +54,13 @@ def bench_serve(redis_url: str, *, n_keys: int = 10_000, lookups: int = 50_000, 
     rng = random.Random(seed)
     sample = [keys[min(int(rng.paretovariate(1.0)) - 1, n_keys - 1)] for _ in range(lookups)]
     # Warm both connections, then interleave blocks so drift on a shared machine hits both alike.
-    _timed(lambda k: cache.get("ctr", k), sample[:2000])
-    _timed(lambda k: raw.get(raw_prefix + k), sample[:2000])
+    timed(lambda k: cache.get("ctr", k), sample[:2000])
+    timed(lambda k: raw.get(raw_prefix + k), sample[:2000])
     ours, bare = [], []
     for start in range(0, lookups, 1000):
         block = sample[start : start + 1000]
-        ours += _timed(lambda k: cache.get("ctr", k), block)
-        bare += _timed(lambda k: raw.get(raw_prefix + k), block)
+        ours += timed(lambda k: cache.get("ctr", k), block)
+        bare += timed(lambda k: raw.get(raw_prefix + k), block)
     cache.close()
     lookup_stats = cache.logger.stats
 
@@ -309,10 +310,10 @@ def bench_embed(redis_url: str, app_db_url: str, *, docs: int = 1_000_000, chunk
             pipe.set(raw_prefix + doc_id, value, ex=600)
         pipe.execute()
         cache.get_embeddings(ids[:1000])  # warm
-        single = _timed(cache.get_embedding, ids[:10_000])
-        bare = _timed(lambda doc_id: client.get(raw_prefix + doc_id), ids[:5000])
+        single = timed(cache.get_embedding, ids[:10_000])
+        bare = timed(lambda doc_id: client.get(raw_prefix + doc_id), ids[:5000])
         batches = [ids[i : i + 100] for i in range(0, 10_000, 100)]
-        batch = _timed(cache.get_embeddings, batches)
+        batch = timed(cache.get_embeddings, batches)
         recall = int8_recall(EmbeddingStore(db_url), store, embedder, n=2000)
         result = {
             "bench": "embed",

@@ -151,17 +151,17 @@ def run_demo(
 
 def ours_latency(redis_url: str, keys: list[str]) -> float:
     """p99 of ``PredictionCache.get`` over ``keys`` (microseconds), logging off."""
-    from .bench import _timed, percentile_us
+    from .bench import percentile_us, timed
 
     cache = PredictionCache.from_url(redis_url, log_queries=False, socket_timeout=1.0)
-    samples = _timed(lambda key: cache.get("ctr", key), keys)
+    samples = timed(lambda key: cache.get("ctr", key), keys)
     cache.close()
     return percentile_us(samples, 99)
 
 
 def embed_demo_documents(stack: Stack, defs, instance: dg.DagsterInstance, *, n_docs: int, seed: int) -> dict:
     """Generate documents into the document store, fit the embedder, embed and publish; measure Redis."""
-    from .bench import _timed, percentile_us
+    from .bench import percentile_us, timed
     from .docstore import DocumentStore
     from .stack import ENV_APP_DB
     from .workload.documents import generate_documents
@@ -183,7 +183,7 @@ def embed_demo_documents(stack: Stack, defs, instance: dg.DagsterInstance, *, n_
     after = client.info("memory")["used_memory"]
     cache = PredictionCache.from_url(env[ENV_REDIS], log_queries=False, socket_timeout=1.0)
     ids = [f"doc{i:08d}" for i in range(0, n_docs, max(1, n_docs // 5000))]
-    samples = _timed(cache.get_embedding, ids)
+    samples = timed(cache.get_embedding, ids)
     cache.close()
     return {
         "documents": store.count(),

@@ -357,6 +357,37 @@ class DocumentStore:
             cur.execute(query.format(t=self._t, where=where), params)
             return [DocumentRow(*row) for row in cur.fetchall()]
 
+    def latest_change(self) -> datetime | None:
+        """When the newest change (insert, update, delete) happened."""
+        with self._connect() as conn, conn.cursor() as cur:
+            cur.execute(sql.SQL("SELECT max(modified_at) FROM {t}").format(t=self._t))
+            return cur.fetchone()[0]
+
+    def stable_horizon(self) -> datetime:
+        """A time before which no more changes can appear: the start of the oldest open transaction.
+
+        ``modified_at`` is a transaction's start time, so a long load commits rows dated in the past;
+        a consumer that stops its scan here never jumps its watermark over them.
+        """
+        with self._connect() as conn, conn.cursor() as cur:
+            cur.execute(
+                "SELECT LEAST(now(), min(xact_start)) FROM pg_stat_activity"
+                " WHERE xact_start IS NOT NULL AND pid <> pg_backend_pid() AND datname = current_database()"
+            )
+            return cur.fetchone()[0]
+
+    def sample(self, n: int, *, seed: float = 0.42) -> list[tuple[str, str | None, str | None]]:
+        """A repeatable random sample of live documents: (doc_id, title, body)."""
+        with self._connect() as conn, conn.cursor() as cur:
+            cur.execute("SELECT setseed(%s)", (seed,))
+            cur.execute(
+                sql.SQL("SELECT doc_id, title, body FROM {t} WHERE NOT deleted ORDER BY random() LIMIT %s").format(
+                    t=self._t
+                ),
+                (n,),
+            )
+            return cur.fetchall()
+
     def count(self, *, include_deleted: bool = False) -> int:
         """How many documents the table holds (live ones only by default)."""
         where = sql.SQL("") if include_deleted else sql.SQL(" WHERE NOT deleted")

@@ -229,20 +229,6 @@ def binary_copy(rows: list[tuple[str, datetime, bytes]]) -> bytes:
     return b"".join(parts)
 
 
-def stable_horizon(documents: DocumentStore) -> datetime:
-    """A time before which no more document changes can appear: the start of the oldest open transaction.
-
-    ``modified_at`` is a transaction's start time, so a long load commits rows dated in the past;
-    stopping the scan here means a watermark never jumps over them.
-    """
-    with documents._connect() as conn, conn.cursor() as cur:
-        cur.execute(
-            "SELECT LEAST(now(), min(xact_start)) FROM pg_stat_activity"
-            " WHERE xact_start IS NOT NULL AND pid <> pg_backend_pid() AND datname = current_database()"
-        )
-        return cur.fetchone()[0]
-
-
 def sync_embeddings(
     documents: DocumentStore,
     store: EmbeddingStore,
@@ -285,7 +271,7 @@ def _sync(documents, store, client, embedder, schema, dtype, chunk_size, grace_s
         log(f"full build of {n_docs} documents with {model_version} into Redis version {redis_version}")
     target = Pointer(progress.redis_version, progress.buckets)
     stats = SyncStats(model_version, target.version, full_build=not progress.complete)
-    horizon = stable_horizon(documents)
+    horizon = documents.stable_horizon()
     started = time.perf_counter()
 
     def read(watermark: tuple[datetime, str] | None) -> list[DocumentRow]:
@@ -390,18 +376,6 @@ def _write_chunk(
     store.commit_chunk(model_version, chunk.embedded, chunk.deleted, chunk.failures, chunk.watermark)
 
 
-def sample_documents(
-    documents: DocumentStore, n: int, *, seed: float = 0.42
-) -> list[tuple[str, str | None, str | None]]:
-    """A repeatable random sample of live documents: (doc_id, title, body)."""
-    with documents._connect() as conn, conn.cursor() as cur:
-        cur.execute("SELECT setseed(%s)", (seed,))
-        cur.execute(
-            f"SELECT doc_id, title, body FROM {documents.table} WHERE NOT deleted ORDER BY random() LIMIT %s", (n,)
-        )
-        return cur.fetchall()
-
-
 def int8_recall(store: EmbeddingStore, documents: DocumentStore, embedder: Embedder, *, n: int = 2000) -> float:
     """recall@10 of the stored int8 vectors against float32 vectors re-encoded from the same documents,
     over a random sample of ``n`` documents (neighbours searched within the sample)."""
@@ -409,7 +383,7 @@ def int8_recall(store: EmbeddingStore, documents: DocumentStore, embedder: Embed
     from .ml.quantize import recall_at_k
     from .serving.vectors import decode_vector
 
-    rows = sample_documents(documents, n)
+    rows = documents.sample(n)
     stored = store.values([doc_id for doc_id, _, _ in rows])
     texts, approx = [], []
     for doc_id, title, body in rows:
@@ -420,10 +394,3 @@ def int8_recall(store: EmbeddingStore, documents: DocumentStore, embedder: Embed
     if len(texts) < 20:
         return float("nan")
     return recall_at_k(embedder.encode(texts), np.stack(approx), k=10, sample=min(500, len(texts)))
-
-
-def latest_change(documents: DocumentStore) -> datetime | None:
-    """When the newest change (insert, update, delete) of the document store happened."""
-    with documents._connect() as conn, conn.cursor() as cur:
-        cur.execute(f"SELECT max(modified_at) FROM {documents.table}")
-        return cur.fetchone()[0]

@@ -45,12 +45,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def port_open(port: int, host: str = "127.0.0.1") -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.2)
-        return s.connect_ex((host, port)) == 0
-
-
 def sqlalchemy_url(url: str) -> str:
     """Dagster's SQLAlchemy defaults to psycopg 3 for ``postgresql://``; dagster-postgres ships psycopg2."""
     for prefix in ("postgresql://", "postgres://"):
@@ -135,7 +129,7 @@ class RedisServer:
         conf.write_text("\n".join(lines) + "\n")
         subprocess.run([self._binary or self.binary(), str(conf)], check=True, capture_output=True)
         deadline = time.monotonic() + timeout_s
-        while not port_open(self.port):
+        while not reachable(f"redis://127.0.0.1:{self.port}", timeout_s=0.2):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"redis-server did not start on port {self.port}; see {self.dir / 'redis.log'}")
             time.sleep(0.05)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from ..embedding_sync import EmbeddingStore, int8_recall, latest_change, sample_documents, sync_embeddings
+from ..embedding_sync import EmbeddingStore, int8_recall, sync_embeddings
 from ..ml.embedder import HashingSvdEmbedder, SentenceTransformerEmbedder, document_text
 from .resources import AppDatabaseResource, DocumentStoreResource, ModelStoreResource, RedisResource
 
@@ -45,7 +45,7 @@ def embedding_model(
     if config.backend == "sentence-transformers":
         embedder, sampled = SentenceTransformerEmbedder(config.model), 0
     else:
-        rows = sample_documents(documents.store(), config.sample)
+        rows = documents.store().sample(config.sample)
         texts = [document_text(title or "", body or "") for _, title, body in rows]
         if len(texts) <= config.dim:
             raise dg.Failure(description=f"need more than {config.dim} documents to fit, found {len(texts)}")
@@ -169,7 +169,7 @@ def documents_changed(context: dg.SensorEvaluationContext, documents: DocumentSt
     )
     if active:
         return dg.SkipReason(f"a sync is already running ({active[0].run_id[:8]}); it will pick the changes up")
-    latest = latest_change(documents.store())
+    latest = documents.store().latest_change()
     if latest is None:
         return dg.SkipReason("no documents yet")
     marker = latest.isoformat()

@@ -17,7 +17,7 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -214,7 +214,6 @@ class QueryRecord:
     """What a ``query_logger`` block reports; set ``hit = True`` when the answer came from a cache."""
 
     hit: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @contextlib.contextmanager
