@@ -42,6 +42,7 @@ CHROMIUM_ARGS = [
 SERVER_START_TIMEOUT_S = 120
 RUN_TIMEOUT_S = 180
 UI_TIMEOUT_MS = 60_000
+DEFAULT_EXPECT_TIMEOUT_MS = 5_000  # playwright's own default, restored after the test
 CODE_LOCATION = "precompute_assets.definitions:defs"  # workspace.yaml: module:attribute
 
 pytestmark = [
@@ -211,6 +212,9 @@ def _int_metadata(materialization: dict) -> dict[str, int]:
 def test_materialize_query_logs_partition_from_ui(stack: Stack, dagster_dev: Dagster, tmp_path: Path) -> None:
     partition = fill_past_hour(stack.env()[ENV_REDIS], EVENTS)
     expect = sync_api.expect
+    # Every wait below gets the long timeout: on a busy 2-core CI machine the UI renders slowly, and
+    # expect()'s own default (5 s) is not governed by page.set_default_timeout.
+    expect.set_options(timeout=UI_TIMEOUT_MS)
     base = dagster_dev.url
 
     with sync_api.sync_playwright() as p:
@@ -230,7 +234,7 @@ def test_materialize_query_logs_partition_from_ui(stack: Stack, dagster_dev: Dag
             page.goto(f"{base}/assets")
             for name in ("query_logs", "query_log_quarantine"):
                 link = page.get_by_role("link", name=re.compile(rf"^{name}(\s|$)"))
-                expect(link.first).to_be_visible(timeout=UI_TIMEOUT_MS)
+                expect(link.first).to_be_visible()
                 expect(link.first).to_have_attribute("href", f"/assets/{name}")
 
             # ... and the lineage graph of their group draws a node for each (with links into its views).
@@ -286,6 +290,7 @@ def test_materialize_query_logs_partition_from_ui(stack: Stack, dagster_dev: Dag
                 pass
             raise
         finally:
+            expect.set_options(timeout=DEFAULT_EXPECT_TIMEOUT_MS)
             context.close()
             browser.close()
 
