@@ -158,6 +158,9 @@ class EmbeddingStore:
         """Upsert a chunk's embeddings and failures, drop deleted documents, advance the watermark: atomically."""
         now = datetime.now(UTC)
         with self.connect() as conn, conn.cursor() as cur:
+            # Safe without waiting for the WAL flush: a commit lost in a server crash takes its watermark
+            # with it, so the next sync redoes exactly that chunk.
+            cur.execute("SET LOCAL synchronous_commit = off")
             if embedded:
                 cur.execute(
                     'CREATE TEMP TABLE chunk (doc_id TEXT COLLATE "C", modified_at TIMESTAMPTZ, value BYTEA)'

@@ -388,12 +388,11 @@ class EmbeddedDocuments:
 
 
 def _as_text(value: str | bytes | None) -> str:
-    """Text of a title or body; raises UnicodeError for bytes that are not UTF-8 and lone surrogates."""
+    """Text of a title or body; raises UnicodeError for bytes that are not UTF-8."""
     if value is None:
         return ""
     if isinstance(value, bytes | bytearray | memoryview):
         return bytes(value).decode("utf-8")
-    value.encode("utf-8")  # lone surrogates cannot be stored or served
     return value
 
 
@@ -409,16 +408,21 @@ def _utf8_size_over(value: str | bytes | None, limit: int) -> bool:
 def check_document(
     title: str | bytes | None, body: str | bytes | None, *, max_chars: int = MAX_CHARS
 ) -> tuple[str, str | None]:
-    """The text to embed for one document, or ``("", reason)`` when it cannot be embedded."""
+    """The text to embed for one document, or ``("", reason)`` when it cannot be embedded.
+
+    Only what is embedded (the first ``max_chars`` characters) must be non-blank and free of lone
+    surrogates, which can be neither stored nor served; that keeps the check cheap for long documents.
+    """
     if _utf8_size_over(body, MAX_BODY_BYTES):
         return "", TOO_LARGE
     try:
-        title_text, body_text = _as_text(title), _as_text(body)
+        text = document_text(_as_text(title), _as_text(body), max_chars)
+        text.encode("utf-8")
     except UnicodeError:
         return "", INVALID_UTF8
-    if not title_text.strip() and not body_text.strip():
+    if not text or text.isspace():
         return "", EMPTY
-    return document_text(title_text, body_text, max_chars), None
+    return text, None
 
 
 def embed_documents(

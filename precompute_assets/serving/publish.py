@@ -239,17 +239,23 @@ def patch_version(
     atomically, and the version's bucket layout stays what its pointer says.
     """
     schema = schema or KeySchema()
-    codec = codec_for(kind)
-    writes: dict[bytes, list[bytes]] = {}
+    encode = codec_for(kind).encode
+    n = pointer.buckets
+    writes: dict[int, list[bytes]] = {}
     for key, value in upserts:
         field = key.encode()
-        writes.setdefault(schema.bucket_for_key(kind, pointer, key).encode(), []).extend((field, codec.encode(value)))
-    removals: dict[bytes, list[bytes]] = {}
+        writes.setdefault(zlib.crc32(field) % n, []).extend((field, encode(value)))  # keys.bucket_of, inlined
+    removals: dict[int, list[bytes]] = {}
     for key in deletes:
-        removals.setdefault(schema.bucket_for_key(kind, pointer, key).encode(), []).append(key.encode())
+        field = key.encode()
+        removals.setdefault(zlib.crc32(field) % n, []).append(field)
+
+    def name(index: int) -> bytes:
+        return schema.bucket(kind, pointer.version, index).encode()
+
     # One command per bucket: a chunk of 20,000 documents is ~300 HSETs, not 20,000.
-    commands = [(b"HSET", name, *fields) for name, fields in writes.items()]
-    commands += [(b"HDEL", name, *fields) for name, fields in removals.items()]
+    commands = [(b"HSET", name(index), *fields) for index, fields in writes.items()]
+    commands += [(b"HDEL", name(index), *fields) for index, fields in removals.items()]
     for start in range(0, len(commands), COMMANDS_PER_PIPELINE):
         send_commands(client, commands[start : start + COMMANDS_PER_PIPELINE])
     return len(commands)
