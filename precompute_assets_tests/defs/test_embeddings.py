@@ -143,6 +143,32 @@ def test_a_killed_sync_resumes_without_duplicates_or_gaps(docs, app_db, redis_cl
     assert all(v is not None for v in cache.get_embeddings([f"doc{i:08d}" for i in range(0, N_DOCS, 37)]))
 
 
+def test_held_chunks_are_written_in_order_and_the_last_word_on_a_document_wins(app_db, redis_client, schema):
+    from datetime import UTC, datetime
+
+    from precompute_assets.embedding_sync import Chunk, _ChunkWriter
+    from precompute_assets.serving.keys import Pointer
+    from precompute_assets.serving.vectors import encode_vector
+
+    store = EmbeddingStore(app_db)
+    store.ensure_schema()
+    store.start_build("m1", "v1", 4)
+    target = Pointer("v1", 4)
+    t = datetime(2026, 1, 1, tzinfo=UTC)
+    value = encode_vector(np.ones(8, dtype=np.float32), model_version="m1")
+    writer = _ChunkWriter(store, redis_client, schema, target, "m1", batch=10)
+    writer.add(Chunk([("a", t, value), ("b", t, value)], [], [], (t, "b")))
+    writer.add(Chunk([("c", t, value)], ["a"], [("b", t, "empty")], (t, "c")))  # a deleted, b now fails
+    cache = PredictionCache(redis_client, schema=schema)
+    redis_client.set(schema.pointer(EMBEDDING_KIND), target.encode())
+    assert cache.get_embedding("c") is None and store.progress("m1").watermark is None  # held, not yet written
+    writer.flush()
+    assert cache.get_embedding("a") is None and cache.get_embedding("b") is None
+    assert cache.get_embedding("c") is not None
+    assert set(store.values(["a", "b", "c"])) == {"c"}
+    assert store.progress("m1").watermark == (t, "c")
+
+
 def test_a_new_embedder_version_rebuilds_and_flips(docs, app_db, redis_client, schema, embedder, corpus):
     store = EmbeddingStore(app_db)
     sync_embeddings(docs, store, redis_client, embedder, schema=schema, log=lambda m: None)
@@ -190,7 +216,7 @@ from precompute_assets.serving import KeySchema, connect
 
 app_db, redis_url, namespace, model = sys.argv[1:]
 sync_embeddings(DocumentStore(app_db), EmbeddingStore(app_db), connect(redis_url, socket_timeout=10),
-                HashingSvdEmbedder.load(model), schema=KeySchema(namespace), chunk_size=200,
+                HashingSvdEmbedder.load(model), schema=KeySchema(namespace), chunk_size=200, write_batch=500,
                 log=lambda message: print(message, flush=True))
 """
 
