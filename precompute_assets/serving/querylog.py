@@ -56,7 +56,8 @@ class QueryEvent:
 
 @dataclass
 class LoggerStats:
-    """Counters; each is written by one thread only (caller or flusher), so no lock is needed."""
+    """Counters: ``logged`` and ``dropped_buffer_full`` are kept by callers (under a lock, since callers may
+    share a logger across threads), the others by the flushing thread."""
 
     logged: int = 0
     written: int = 0
@@ -101,7 +102,8 @@ class QueryLogger:
         self._buffer: deque[QueryEvent] = deque()
         self._last_id = (0, 0)
         self._retry_at = 0.0
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # one batch write at a time
+        self._count_lock = threading.Lock()
         self._wake = threading.Event()
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name="query-logger", daemon=True)
@@ -118,10 +120,11 @@ class QueryLogger:
         tenant: str | None = None,
     ) -> None:
         """Queue one event; never raises, never blocks on Redis."""
-        self.stats.logged += 1
-        if len(self._buffer) >= self.max_buffer:
-            self.stats.dropped_buffer_full += 1
-            return
+        with self._count_lock:  # callers share the logger across threads; `+=` alone can lose counts
+            self.stats.logged += 1
+            if len(self._buffer) >= self.max_buffer:
+                self.stats.dropped_buffer_full += 1
+                return
         self._buffer.append(QueryEvent(self.clock(), kind, key, hit, latency_us, user, tenant))
         if len(self._buffer) >= self.batch_size:
             self._wake.set()

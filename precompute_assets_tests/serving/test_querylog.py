@@ -106,3 +106,24 @@ def test_validator_accepts_a_good_event():
         "user": None,
         "tenant": None,
     }
+
+
+def test_counts_are_exact_when_threads_share_a_logger(redis_url, redis_client, schema):
+    import threading
+
+    # A buffer smaller than what the threads log: some events are dropped, and each is counted once.
+    logger = QueryLogger(connect(redis_url), schema, max_buffer=3000)
+    per_thread, threads = 5000, 8
+    workers = [
+        threading.Thread(target=lambda: [logger.log("ctr", f"ad{i}", hit=True) for i in range(per_thread)])
+        for _ in range(threads)
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    logger.close()
+    stats = logger.stats
+    assert stats.logged == per_thread * threads
+    assert stats.written + stats.dropped == stats.logged  # every event is accounted for
+    assert redis_client.xlen(schema.query_log()) == stats.written
