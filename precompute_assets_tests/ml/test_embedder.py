@@ -182,3 +182,16 @@ def test_sentence_transformer_backend(texts: list[str]) -> None:
     vectors = model.encode(texts[:4])
     assert vectors.shape == (4, model.dim) and vectors.dtype == np.float32
     assert model.version == f"st:sentence-transformers/paraphrase-multilingual-MiniLM-L12-v2:{model.dim}"
+
+
+def test_the_check_looks_at_the_embedded_text_only() -> None:
+    from precompute_assets.ml.embedder import check_document
+
+    n = 100
+    # a lone surrogate past what is embedded cannot reach Redis: the document is embedded from its start
+    text, reason = check_document("title", "x" * n + "\ud800", max_chars=n)
+    assert reason is None and text == ("title\n" + "x" * n)[:n]
+    # ... but within it, it can: the document fails
+    assert check_document("title", "\ud800 body", max_chars=n) == ("", INVALID_UTF8)
+    # nothing but blanks in what would be embedded is an empty document, whatever follows
+    assert check_document(" " * n, "words after the cut", max_chars=n) == ("", EMPTY)
