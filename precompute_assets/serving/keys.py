@@ -26,8 +26,11 @@ import json
 import re
 import struct
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+import numpy as np
 
 SCHEMA_VERSION = 1
 KIND_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
@@ -100,6 +103,11 @@ def codec_for(kind: str) -> Codec:
 def bucket_of(key: str, buckets: int) -> int:
     """The hash bucket of ``key`` in a version with ``buckets`` buckets (crc32, portable to any language)."""
     return zlib.crc32(key.encode()) % buckets
+
+
+def bucket_ids(fields: Sequence[bytes], buckets: int) -> np.ndarray:
+    """``bucket_of`` for many keys at once, given as their UTF-8 bytes: int64 (len(fields),)."""
+    return np.fromiter(map(zlib.crc32, fields), dtype=np.int64, count=len(fields)) % buckets
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,6 @@ import operator
 import queue
 import threading
 import time
-import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +24,7 @@ try:
 except ImportError:  # redis[hiredis] is a dependency; stay importable without it
     hiredis = None
 
-from .keys import Codec, Float32Codec, KeySchema, Pointer, check_kind, check_version, codec_for
+from .keys import Codec, Float32Codec, KeySchema, Pointer, bucket_ids, check_kind, check_version, codec_for
 
 KEYS_PER_BUCKET = 64  # small hashes stay in Redis' compact listpack encoding
 COMMANDS_PER_PIPELINE = 1000
@@ -84,9 +83,9 @@ def publish_version(
     values = encode_many(codec, list(raw_values))
     written, n_bytes = len(pairs), sum(map(len, fields)) + sum(map(len, values))
     # Group by bucket with numpy: the per-key Python work is what bounds a million-key publish.
-    bucket_ids = np.fromiter(map(zlib.crc32, fields), dtype=np.int64, count=written) % buckets
-    order = np.argsort(bucket_ids, kind="stable").tolist()
-    bounds = (2 * np.searchsorted(bucket_ids[order], np.arange(buckets + 1))).tolist()
+    ids = bucket_ids(fields, buckets)
+    order = np.argsort(ids, kind="stable").tolist()
+    bounds = (2 * np.searchsorted(ids[order], np.arange(buckets + 1))).tolist()
     flat: list[bytes] = [b""] * (2 * written)  # field, value, field, value ... in bucket order
     if written:
         pick = operator.itemgetter(*order)
@@ -240,15 +239,15 @@ def patch_version(
     """
     schema = schema or KeySchema()
     encode = codec_for(kind).encode
-    n = pointer.buckets
+    upserts = list(upserts)
+    fields = [key.encode() for key, _ in upserts]
     writes: dict[int, list[bytes]] = {}
-    for key, value in upserts:
-        field = key.encode()
-        writes.setdefault(zlib.crc32(field) % n, []).extend((field, encode(value)))  # keys.bucket_of, inlined
+    for index, field, (_, value) in zip(bucket_ids(fields, pointer.buckets).tolist(), fields, upserts, strict=True):
+        writes.setdefault(index, []).extend((field, encode(value)))
+    fields = [key.encode() for key in deletes]
     removals: dict[int, list[bytes]] = {}
-    for key in deletes:
-        field = key.encode()
-        removals.setdefault(zlib.crc32(field) % n, []).append(field)
+    for index, field in zip(bucket_ids(fields, pointer.buckets).tolist(), fields, strict=True):
+        removals.setdefault(index, []).append(field)
 
     def name(index: int) -> bytes:
         return schema.bucket(kind, pointer.version, index).encode()
