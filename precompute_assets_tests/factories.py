@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import pandas as pd
 
-from precompute_assets.defs.partitions import daily_partitions
-from precompute_assets.defs.selection import hours_of
-from precompute_assets.lake import Lake
-from precompute_assets.tables import query_log_frame
+from precompute_assets.defs.partitions import DEFAULT_PARTITIONS
+from precompute_assets.storage.lake import Lake
+from precompute_assets.storage.tables import query_log_frame
 from precompute_assets.workload.ads import generate_traffic, make_ads
 
 
 def day_start_ms(day: str) -> int:
-    return int(daily_partitions.time_window_for_partition_key(day).start.timestamp() * 1000)
+    return int(DEFAULT_PARTITIONS.daily.time_window_for_partition_key(day).start.timestamp() * 1000)
 
 
 def write_query_logs(
@@ -20,7 +19,7 @@ def write_query_logs(
 ) -> None:
     """Write one day of hourly query_logs partitions; ``keys_per_hour`` is one list of keys per hour, or one
     list used for every hour; ``append`` adds them to what the hour already holds."""
-    hours = hours_of(day)
+    hours = DEFAULT_PARTITIONS.hours_of(day)
     for index, hour in enumerate(hours):
         keys = keys_per_hour[index] if keys_per_hour and isinstance(keys_per_hour[0], list) else keys_per_hour
         start = day_start_ms(day) + index * 3_600_000

@@ -1,16 +1,33 @@
-"""The Definitions load and contain exactly what we expect."""
+"""The Definitions load and contain exactly what we expect, on the partitions and timezone of the environment."""
 
+import os
+import subprocess
+import sys
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
 import dagster as dg
+import pytest
 
-from precompute_assets.definitions import defs
+from precompute_assets.definitions import build_definitions, defs
 from precompute_assets.defs.automation import build_schedules
+from precompute_assets.defs.partitions import DEFAULT_PARTITIONS, Partitions
+from precompute_assets.defs.settings import SettingError, Settings
+
+SETTINGS = ("PRECOMPUTE_TIMEZONE", "PRECOMPUTE_PARTITIONS_START")
+
+
+@pytest.fixture(autouse=True)
+def environment(monkeypatch, tmp_path):
+    """The variables ``precompute up`` exports, and none of the deployment settings (their defaults apply)."""
+    monkeypatch.setenv("PRECOMPUTE_LAKE_URI", str(tmp_path / "lake"))
+    monkeypatch.setenv("PRECOMPUTE_MODEL_STORE", str(tmp_path / "models"))
+    for name in SETTINGS:
+        monkeypatch.delenv(name, raising=False)
 
 
 def repo():
-    return defs.get_repository_def()
+    return defs().get_repository_def()
 
 
 def test_asset_keys_checks_jobs_schedules_sensors():
@@ -51,7 +68,7 @@ def ticks(schedule: dg.ScheduleDefinition, start: datetime, end: datetime) -> li
 
 def test_cleanup_runs_at_three_local_time_even_on_dst_days():
     tz = ZoneInfo("America/New_York")
-    cleanup = {s.name: s for s in build_schedules("America/New_York")}["query_log_cleanup_daily"]
+    cleanup = {s.name: s for s in build_schedules(Partitions("America/New_York"))}["query_log_cleanup_daily"]
     # 2026-03-08: spring forward (02:00 does not exist); 2026-11-01: fall back (01:00 happens twice).
     for month, day in ((3, 7), (3, 8), (3, 9), (11, 1)):
         fired = ticks(cleanup, datetime(2026, month, day, tzinfo=tz), datetime(2026, month, day, 23, 59, tzinfo=tz))
@@ -59,16 +76,18 @@ def test_cleanup_runs_at_three_local_time_even_on_dst_days():
 
 
 def test_hourly_schedule_requests_the_previous_hour():
-    schedule = defs.get_schedule_def("query_logs_hourly")
+    schedule = repo().get_schedule_def("query_logs_hourly")
     context = dg.build_schedule_context(scheduled_execution_time=datetime(2026, 11, 20, 11, 5, tzinfo=ZoneInfo("UTC")))
     requests = list(schedule.evaluate_tick(context).run_requests)
     assert [r.partition_key for r in requests] == ["2026-11-20-10:00"]
 
 
 def _precompute(moment: datetime, timezone: str = "America/New_York", instance=None):
-    schedule = {s.name: s for s in build_schedules(timezone)}["daily_precompute"]
+    schedule = {s.name: s for s in build_schedules(Partitions(timezone))}["daily_precompute"]
     context = dg.build_schedule_context(
-        instance=instance, scheduled_execution_time=moment, repository_def=defs.get_repository_def()
+        instance=instance,
+        scheduled_execution_time=moment,
+        repository_def=build_definitions(Settings(timezone)).get_repository_def(),
     )
     return schedule.evaluate_tick(context)
 
@@ -82,7 +101,7 @@ def test_daily_precompute_fires_at_two_for_yesterday_and_skips_otherwise():
 
 def test_daily_precompute_on_dst_days():
     tz = ZoneInfo("America/New_York")
-    schedule = {s.name: s for s in build_schedules("America/New_York")}["daily_precompute"]
+    schedule = {s.name: s for s in build_schedules(Partitions("America/New_York"))}["daily_precompute"]
     for month, day in ((3, 8), (11, 1)):  # spring forward: no 02:00; fall back: 01:00 twice
         requested = set()
         for tick in ticks(schedule, datetime(2026, month, day, tzinfo=tz), datetime(2026, month, day, 23, tzinfo=tz)):
@@ -93,9 +112,7 @@ def test_daily_precompute_on_dst_days():
 
 
 def _logs_done(instance, day: str, hours: int = 24) -> None:
-    from precompute_assets.defs.selection import hours_of
-
-    for hour in hours_of(day)[:hours]:
+    for hour in DEFAULT_PARTITIONS.hours_of(day)[:hours]:
         instance.report_runless_asset_event(dg.AssetMaterialization("query_logs", partition=hour))
 
 
@@ -120,3 +137,72 @@ def test_daily_precompute_follows_the_learned_offpeak_window():
         assert not _precompute(datetime(2026, 11, 20, 2, tzinfo=tz), "UTC", instance).run_requests
         fired = _precompute(datetime(2026, 11, 20, 4, tzinfo=tz), "UTC", instance)
         assert [r.partition_key for r in fired.run_requests] == ["2026-11-19"]
+
+
+PARTITIONED = {"ad_impressions", "query_logs", "query_log_quarantine", "traffic_profile", "ad_demand", "top_ads",
+               "ctr_model", "ctr_predictions", "ctr_cache"}  # fmt: skip
+
+
+def test_defaults_are_utc_from_2026():
+    r = repo()
+    for key in PARTITIONED:
+        definition = r.asset_graph.get(dg.AssetKey(key)).partitions_def
+        assert (definition.timezone, definition.start.date().isoformat()) == ("UTC", "2026-01-01"), key
+    assert {s.execution_timezone for s in r.schedule_defs} == {"UTC"}
+
+
+def test_the_environment_moves_every_partition_and_schedule(monkeypatch):
+    monkeypatch.setenv("PRECOMPUTE_TIMEZONE", "America/New_York")
+    monkeypatch.setenv("PRECOMPUTE_PARTITIONS_START", "2025-06-01")
+    loaded = defs()
+    r = loaded.get_repository_def()
+    for key in PARTITIONED:
+        node = r.asset_graph.get(dg.AssetKey(key))
+        assert node.partitions_def in (Partitions("America/New_York", "2025-06-01").hourly,
+                                       Partitions("America/New_York", "2025-06-01").daily), key  # fmt: skip
+        # ... and the UI shows both values with the asset
+        assert node.metadata["partitions_timezone"] == "America/New_York", key
+        assert node.metadata["partitions_start"] == "2025-06-01", key
+    assert {s.execution_timezone for s in r.schedule_defs} == {"America/New_York"}
+    assert r.get_job("query_logs_job").partitions_def.timezone == "America/New_York"
+    deployment = loaded.resources["deployment"]
+    assert (deployment.timezone, deployment.partitions_start) == ("America/New_York", "2025-06-01")
+    # the hourly drain follows the deployment's hours
+    hourly = r.get_schedule_def("query_logs_hourly")
+    tz = ZoneInfo("America/New_York")
+    context = dg.build_schedule_context(scheduled_execution_time=datetime(2026, 11, 20, 11, 5, tzinfo=tz))
+    assert [q.partition_key for q in hourly.evaluate_tick(context).run_requests] == ["2026-11-20-10:00"]
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("PRECOMPUTE_TIMEZONE", "Europe/Atlantis", "PRECOMPUTE_TIMEZONE='Europe/Atlantis' is not a known timezone"),
+        ("PRECOMPUTE_PARTITIONS_START", "2026-02-30", "PRECOMPUTE_PARTITIONS_START='2026-02-30' is not a date"),
+    ],
+)
+def test_a_bad_setting_fails_loading_with_its_name(monkeypatch, variable, value, message):
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SettingError, match=message):
+        defs()
+
+
+def test_importing_reads_no_setting():
+    """A bad setting breaks loading the Definitions, not importing the modules (tests import assets directly)."""
+    code = (
+        "import precompute_assets.defs.automation, precompute_assets.defs.selection\n"
+        "from precompute_assets.definitions import defs\n"
+        "from precompute_assets.defs.settings import SettingError\n"
+        "try:\n    defs()\nexcept SettingError as error:\n    print('refused:', error)"
+    )
+    env = {**os.environ, "PRECOMPUTE_TIMEZONE": "Nowhere/Special"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "refused: PRECOMPUTE_TIMEZONE='Nowhere/Special'" in out.stdout
+
+
+def test_every_schedule_and_sensor_runs_by_default():
+    r = repo()
+    statuses = {d.name: d.default_status for d in [*r.schedule_defs, *r.sensor_defs]}
+    assert len(statuses) == 5
+    assert {name: status.value for name, status in statuses.items()} == dict.fromkeys(statuses, "RUNNING")

@@ -1,20 +1,22 @@
-"""Jobs, schedules and sensors: when things run."""
+"""Jobs, schedules and sensors: when things run. Every schedule and sensor starts RUNNING, so a fresh
+deployment drains its query logs and precomputes without anyone switching it on."""
 
 from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import dagster as dg
 
-from .embeddings import build_embedding_schedule
+from .embeddings import document_embeddings_job
 from .models import ctr_model
-from .partitions import TIMEZONE
+from .partitions import Partitions
 from .predictions import ctr_predictions
 from .publishing import ctr_cache
 from .query_logs import query_log_cleanup_job, query_logs_job
-from .selection import ad_demand, hours_of, top_ads, traffic_profile
+from .selection import OFFPEAK_WINDOW_HOURS, ad_demand, top_ads, traffic_profile
 
+# Until traffic_profile has learned the quiet window of the traffic, it is assumed to start at 02:00.
 DEFAULT_OFFPEAK_START_HOUR = 2
-OFFPEAK_WINDOW_HOURS = 4
+RUNNING = dg.DefaultScheduleStatus.RUNNING
 
 daily_precompute_job = dg.define_asset_job(
     "daily_precompute_job",
@@ -24,7 +26,7 @@ daily_precompute_job = dg.define_asset_job(
 
 
 def offpeak_start_hour(instance: dg.DagsterInstance | None) -> int:
-    """The start of the off-peak window learned by the newest ``traffic_profile``, or 02:00."""
+    """The start of the off-peak window learned by the newest ``traffic_profile``, or the default."""
     if instance is None:
         return DEFAULT_OFFPEAK_START_HOUR
     event = instance.get_latest_materialization_event(dg.AssetKey("traffic_profile"))
@@ -47,40 +49,86 @@ def precompute_request(moment: datetime, start_hour: int, timezone: str) -> dg.R
     return dg.RunRequest(run_key=f"precompute-{partition}", partition_key=partition)
 
 
-def missing_log_hours(instance: dg.DagsterInstance, day: str) -> list[str]:
-    """Hourly query_logs partitions of ``day`` not materialized yet."""
+def missing_log_hours(instance: dg.DagsterInstance, hours: list[str]) -> list[str]:
+    """The hourly query_logs partitions among ``hours`` not materialized yet."""
     done = instance.get_materialized_partitions(dg.AssetKey("query_logs"))
-    return [hour for hour in hours_of(day) if hour not in done]
+    return [hour for hour in hours if hour not in done]
 
 
-def build_schedules(timezone: str = TIMEZONE) -> list:
-    """Hourly query-log drain, the off-peak daily precompute, the 04:00 embedding sync, the 03:00 cleanup."""
+def build_schedules(partitions: Partitions) -> list:
+    """Hourly query-log drain, the off-peak daily precompute, the 03:00 cleanup and the 04:00 embedding sync,
+    all in the timezone of ``partitions`` and all RUNNING by default."""
+    timezone = partitions.timezone
 
     @dg.schedule(
         name="daily_precompute",
         cron_schedule="0 * * * *",
         execution_timezone=timezone,
         target=daily_precompute_job,
-        description="At the start of the off-peak window (02:00 until traffic_profile learns better).",
+        default_status=RUNNING,
+        description=f"Yesterday's precompute at the start of the off-peak window ({DEFAULT_OFFPEAK_START_HOUR:02d}:00 "
+        f"{timezone} until traffic_profile learns better), once all its query_logs hours are materialized.",
     )
     def daily_precompute(context: dg.ScheduleEvaluationContext):
         instance = context.instance if context.instance_ref is not None else None
         request = precompute_request(context.scheduled_execution_time, offpeak_start_hour(instance), timezone)
         if instance is not None and isinstance(request, dg.RunRequest):
-            missing = missing_log_hours(instance, request.partition_key)
+            missing = missing_log_hours(instance, partitions.hours_of(request.partition_key))
             if missing:
                 # Later ticks of the window try again; the run key keeps it to one run a day.
                 return dg.SkipReason(f"waiting for {len(missing)} query_logs hours of {request.partition_key}")
         return request
 
     return [
-        dg.build_schedule_from_partitioned_job(query_logs_job, name="query_logs_hourly", minute_of_hour=5),
+        dg.build_schedule_from_partitioned_job(
+            query_logs_job,
+            name="query_logs_hourly",
+            minute_of_hour=5,
+            default_status=RUNNING,
+            description=f"Drain the previous hour of query logs, 5 minutes past every hour ({timezone}).",
+        ),
         daily_precompute,
-        build_embedding_schedule(timezone),
         dg.ScheduleDefinition(
             name="query_log_cleanup_daily",
             target=query_log_cleanup_job,
             cron_schedule="0 3 * * *",
             execution_timezone=timezone,
+            default_status=RUNNING,
+            description=f"Trim the query-log stream past its retention, at 03:00 {timezone}.",
+        ),
+        dg.ScheduleDefinition(
+            name="document_embeddings_daily",
+            target=document_embeddings_job,
+            cron_schedule="0 4 * * *",
+            execution_timezone=timezone,
+            default_status=RUNNING,
+            description=f"A sync even without changes, at 04:00 {timezone}: renews the embedding version's TTL and "
+            "catches anything the documents_changed sensor missed.",
         ),
     ]
+
+
+def automation_states(
+    instance: dg.DagsterInstance, defs: dg.Definitions, *, location_name: str | None = None
+) -> list[tuple[str, str, str]]:
+    """``(name, "schedule" | "sensor", "RUNNING" | "STOPPED")`` for every schedule and sensor of ``defs``, by name.
+
+    The state is the one the daemon acts on: what was stored when someone started or stopped it (UI toggle,
+    ``dagster schedule stop``), else its default in code. ``location_name`` narrows the stored states to one
+    code location (by default any: our instigator names are unique in the instance).
+    """
+    repository = defs.get_repository_def()
+    stored = {
+        (state.instigator_name, state.instigator_type.value.lower()): state.status.value
+        for state in instance.all_instigator_state()
+        if location_name is None or state.origin.location_name == location_name
+    }
+    rows = []
+    for kind, definitions in (("schedule", repository.schedule_defs), ("sensor", repository.sensor_defs)):
+        for definition in definitions:
+            # DECLARED_IN_CODE (or nothing stored) means "as the code says"; Dagster stores it for defaults.
+            status = stored.get((definition.name, kind), "DECLARED_IN_CODE")
+            if status == "DECLARED_IN_CODE":
+                status = definition.default_status.value
+            rows.append((definition.name, kind, "STOPPED" if status == "STOPPED" else "RUNNING"))
+    return sorted(rows)

@@ -7,14 +7,18 @@ from pathlib import Path
 
 import dagster as dg
 
-from ..embedding_sync import EmbeddingStore, int8_recall, sync_embeddings
 from ..ml.embedder import HashingSvdEmbedder, SentenceTransformerEmbedder, document_text
+from ..storage.embeddings import EmbeddingStore
+from ..sync.embedding_quality import int8_recall
+from ..sync.embeddings import sync_embeddings
+from .publishing import GRACE_SECONDS
 from .resources import AppDatabaseResource, DocumentStoreResource, ModelStoreResource, RedisResource
 
 EMBEDDING_MODEL = "embedding_model"
 ERROR_WARN, ERROR_FAIL = 0.01, 0.05
 RECALL_GOAL = 0.95
 STALE_GOAL = 0.01
+STALE_AFTER_HOURS = 24  # a document changed longer ago than this should have its embedding
 
 
 class EmbeddingModelConfig(dg.Config):
@@ -71,6 +75,8 @@ class EmbeddingSyncConfig(dg.Config):
     chunk_size: int = 10_000
     dtype: str = "int8"  # or "float32"
     recall_sample: int = 2000
+    ttl_days: int = 7  # every sync renews the version's TTL: it outlives a stalled pipeline, not forever
+    grace_seconds: int = GRACE_SECONDS
 
 
 def current_model_path(instance: dg.DagsterInstance) -> Path:
@@ -105,10 +111,11 @@ def document_embeddings(
     store, docs = EmbeddingStore(app_db.url), documents.store()
     stats = sync_embeddings(
         docs, store, redis.client(), embedder, schema=redis.schema(), dtype=config.dtype,
-        chunk_size=config.chunk_size, log=context.log.info,
+        chunk_size=config.chunk_size, ttl_s=config.ttl_days * 86_400, grace_s=config.grace_seconds,
+        log=context.log.info,
     )  # fmt: skip
     recall = int8_recall(store, docs, embedder, n=config.recall_sample) if config.dtype == "int8" else 1.0
-    stale, stale_docs, aged_docs = store.stale_share(docs)
+    stale, stale_docs, aged_docs = store.stale_share(docs, max_age_hours=STALE_AFTER_HOURS)
     return dg.MaterializeResult(
         metadata={
             "model_version": stats.model_version,
@@ -142,8 +149,13 @@ def document_embeddings(
                 check_name="staleness",
                 passed=stale < STALE_GOAL,
                 severity=dg.AssetCheckSeverity.WARN,
-                metadata={"stale_share": stale, "stale_documents": stale_docs, "documents_older_than_24h": aged_docs},
-                description="share of documents changed over 24 h ago whose embedding is missing or older",
+                metadata={
+                    "stale_share": stale,
+                    "stale_documents": stale_docs,
+                    f"documents_older_than_{STALE_AFTER_HOURS}h": aged_docs,
+                },
+                description=f"share of documents changed over {STALE_AFTER_HOURS} h ago whose embedding is missing "
+                "or older",
             ),
         ],
     )
@@ -177,13 +189,3 @@ def documents_changed(context: dg.SensorEvaluationContext, documents: DocumentSt
         return dg.SkipReason(f"no document changed since {marker}")
     context.update_cursor(marker)
     return dg.RunRequest(run_key=f"documents-{marker}")
-
-
-def build_embedding_schedule(timezone: str) -> dg.ScheduleDefinition:
-    """A daily sync even without changes: renews the version's TTL and catches anything a sensor missed."""
-    return dg.ScheduleDefinition(
-        name="document_embeddings_daily",
-        target=document_embeddings_job,
-        cron_schedule="0 4 * * *",
-        execution_timezone=timezone,
-    )

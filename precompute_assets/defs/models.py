@@ -6,9 +6,8 @@ import dagster as dg
 import pandas as pd
 
 from ..ml import ctr
-from .partitions import daily_partitions
+from .partitions import DEFAULT_PARTITIONS, Partitions
 from .resources import LakeResource, ModelStoreResource
-from .selection import lookback_days
 
 CTR_MODEL = "ctr_model"
 
@@ -52,7 +51,7 @@ def beats_baseline_check(metrics: dict | None, baseline: dict | None, error: str
 
 
 @dg.asset(
-    partitions_def=daily_partitions,
+    partitions_def=DEFAULT_PARTITIONS.daily,
     deps=["ads", "ad_impressions"],
     kinds={"sklearn"},
     group_name="models",
@@ -66,7 +65,8 @@ def ctr_model(
     Its version is this materialization (partition + run id); predictions load exactly that version.
     """
     store = lake.lake()
-    impressions, missing = read_impressions(store, lookback_days(context.partition_key, config.training_days))
+    days = Partitions.of(context).days_ending(context.partition_key, config.training_days)
+    impressions, missing = read_impressions(store, days)
     ads = store.read("ads")
     started = time.perf_counter()
     try:

@@ -6,12 +6,12 @@ import pandas as pd
 
 from ..ml import ctr
 from .models import CTR_MODEL, model_version
-from .partitions import daily_partitions
+from .partitions import DEFAULT_PARTITIONS
 from .resources import LakeResource, ModelStoreResource
 
 
 @dg.asset(
-    partitions_def=daily_partitions,
+    partitions_def=DEFAULT_PARTITIONS.daily,
     deps=[CTR_MODEL, "ads"],
     kinds={"sklearn", "pandas"},
     group_name="predictions",

@@ -6,19 +6,22 @@ import dagster as dg
 import pandas as pd
 
 from ..serving import Pointer, publish_version
-from .partitions import daily_partitions
+from .partitions import DEFAULT_PARTITIONS
 from .resources import RedisResource
 
 DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
+# How long a replaced version stays readable after a flip, for every kind we publish (ctr, doc_embedding):
+# a reader that fetched the old pointer a moment ago still finds its buckets.
+GRACE_SECONDS = 600
 
 
 class PublishConfig(dg.Config):
     ttl_hours: int = 48
-    grace_seconds: int = 600
+    grace_seconds: int = GRACE_SECONDS
 
 
 @dg.asset(
-    partitions_def=daily_partitions,
+    partitions_def=DEFAULT_PARTITIONS.daily,
     kinds={"redis"},
     group_name="publishing",
     retry_policy=dg.RetryPolicy(max_retries=3, delay=5, backoff=dg.Backoff.EXPONENTIAL),

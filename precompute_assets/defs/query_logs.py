@@ -1,15 +1,15 @@
 """Query logs: the hourly partitions drained from the serving client's Redis Stream, and their cleanup."""
 
-from datetime import datetime
+from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
 import dagster as dg
 import pandas as pd
 
 from ..serving.querylog import quarantine_row, read_stream_window, validate_entry
-from ..tables import quarantine_frame, query_log_frame
-from .partitions import hourly_partitions
-from .resources import LakeResource, RedisResource
+from ..storage.tables import quarantine_frame, query_log_frame
+from .partitions import DEFAULT_PARTITIONS
+from .resources import DeploymentResource, LakeResource, RedisResource
 
 QUARANTINE_WARN_RATE = 0.001
 QUARANTINE_FAIL_RATE = 0.05
@@ -43,7 +43,7 @@ def quarantine_check(quarantined: int, total: int) -> dg.AssetCheckResult:
             kinds={"pandas"},
         ),
     },
-    partitions_def=hourly_partitions,
+    partitions_def=DEFAULT_PARTITIONS.hourly,
     check_specs=[dg.AssetCheckSpec("quarantine_rate", asset="query_logs")],
     group_name="query_logs",
 )
@@ -108,7 +108,7 @@ def safe_trim_boundary(
     first_entry_ms: int,
     cutoff_ms: int,
     materialized: set[str],
-    partitions_def: dg.TimeWindowPartitionsDefinition = hourly_partitions,
+    partitions_def: dg.TimeWindowPartitionsDefinition,
 ) -> int:
     """The newest stream ID (ms) that may be trimmed: the retention cutoff, or earlier if an hour before
     it has not been materialized yet (its events would be lost)."""
@@ -128,17 +128,19 @@ class CleanupConfig(dg.Config):
 
 
 @dg.op(description="Trim query-log stream entries older than the retention, never an unmaterialized hour.")
-def trim_query_log(context: dg.OpExecutionContext, config: CleanupConfig, redis: RedisResource) -> int:
+def trim_query_log(
+    context: dg.OpExecutionContext, config: CleanupConfig, redis: RedisResource, deployment: DeploymentResource
+) -> int:
     client, stream = redis.client(), redis.schema().query_log()
     first = client.xrange(stream, count=1)
     if not first:
         context.log.info("query-log stream is empty")
         return 0
     first_ms = int(first[0][0].split(b"-")[0])
-    now_ms = epoch_ms(datetime.now(tz=ZoneInfo(hourly_partitions.timezone)))
+    now_ms = epoch_ms(datetime.now(tz=UTC))
     cutoff_ms = now_ms - config.retention_hours * 3_600_000
     materialized = context.instance.get_materialized_partitions(dg.AssetKey("query_logs"))
-    boundary = safe_trim_boundary(first_ms, cutoff_ms, materialized)
+    boundary = safe_trim_boundary(first_ms, cutoff_ms, materialized, deployment.partitions().hourly)
     removed = 0
     if boundary > first_ms:
         # Record the boundary first: a re-run of a trimmed hour must know it can no longer read it whole.

@@ -1,14 +1,19 @@
-"""ConfigurableResources: where Redis, the offline store and the app database are, from the environment."""
+"""ConfigurableResources: where Redis, the offline store, the models and the app database are, from the
+environment, and the deployment's timezone and partitions, so the UI shows every one of them."""
+
+import os
 
 import dagster as dg
 import pandas as pd
 import redis
 
-from ..docstore import DocumentStore
-from ..lake import Lake, default_lake_uri
 from ..ml.model_store import LocalModelStore
 from ..serving import KeySchema, connect
-from ..stack import ENV_APP_DB, ENV_REDIS
+from ..stack import ENV_APP_DB, ENV_LAKE, ENV_MODEL_STORE, ENV_REDIS
+from ..storage.documents import DocumentStore
+from ..storage.lake import Lake
+from .partitions import Partitions
+from .settings import DEFAULT_PARTITIONS_START, DEFAULT_TIMEZONE, Settings, unset_error
 
 
 class RedisResource(dg.ConfigurableResource):
@@ -28,23 +33,37 @@ class RedisResource(dg.ConfigurableResource):
 
 
 class LakeResource(dg.ConfigurableResource):
-    """The offline Parquet store for assets that read partitions themselves (a week of hours, say)."""
+    """The offline Parquet store (``PRECOMPUTE_LAKE_URI``: a folder, ``s3://bucket/prefix``, ``gs://...``); the IO
+    manager writes through this same resource."""
 
     base_uri: str | None = None
 
     def lake(self) -> Lake:
-        return Lake(self.base_uri or default_lake_uri())
+        if not self.base_uri:
+            raise unset_error(ENV_LAKE, "the offline Parquet store (a folder or an object-store URI)")
+        return Lake(self.base_uri)
 
 
 class ModelStoreResource(dg.ConfigurableResource):
-    """Where trained models live (a local folder by default); models are loaded only from here."""
+    """Where trained models live (``PRECOMPUTE_MODEL_STORE``, a folder); models are loaded only from here."""
 
     root: str | None = None
 
     def store(self) -> LocalModelStore:
-        from ..stack import default_home
+        if not self.root:
+            raise unset_error(ENV_MODEL_STORE, "the folder of trained models")
+        return LocalModelStore(self.root)
 
-        return LocalModelStore(self.root or default_home() / "models")
+
+class DeploymentResource(dg.ConfigurableResource):
+    """The timezone of partitions and schedules and the first daily partition (``PRECOMPUTE_TIMEZONE``,
+    ``PRECOMPUTE_PARTITIONS_START``), as the Definitions were built with them."""
+
+    timezone: str = DEFAULT_TIMEZONE
+    partitions_start: str = DEFAULT_PARTITIONS_START
+
+    def partitions(self) -> Partitions:
+        return Partitions.of_settings(Settings(self.timezone, self.partitions_start))
 
 
 class AppDatabaseResource(dg.ConfigurableResource):
@@ -66,12 +85,9 @@ class DocumentStoreResource(dg.ConfigurableResource):
 
 
 class ParquetIOManager(dg.ConfigurableIOManager):
-    """One Parquet file per asset partition in the lake (local folder, or an object-store URI)."""
+    """One Parquet file per asset partition in the lake of ``lake`` (the one ``LakeResource``)."""
 
-    base_uri: str | None = None
-
-    def _lake(self) -> Lake:
-        return Lake(self.base_uri or default_lake_uri())
+    lake: LakeResource
 
     @staticmethod
     def _name(key: dg.AssetKey) -> str:
@@ -79,24 +95,32 @@ class ParquetIOManager(dg.ConfigurableIOManager):
 
     def handle_output(self, context: dg.OutputContext, obj: pd.DataFrame) -> None:
         partition = context.partition_key if context.has_partition_key else None
-        path = self._lake().write(self._name(context.asset_key), partition, obj)
+        path = self.lake.lake().write(self._name(context.asset_key), partition, obj)
         context.add_output_metadata({"path": dg.MetadataValue.path(path)})
 
     def load_input(self, context: dg.InputContext) -> pd.DataFrame:
-        lake, name = self._lake(), self._name(context.asset_key)
+        lake, name = self.lake.lake(), self._name(context.asset_key)
         if not context.has_asset_partitions:
             return lake.read(name)
         frames = [lake.read(name, key) for key in context.asset_partition_keys if lake.exists(name, key)]
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-def build_resources() -> dict[str, object]:
+def from_env(variable: str) -> dg.EnvVar | None:
+    """``EnvVar(variable)`` when it is set, so the UI shows where the value comes from; otherwise None, and the
+    resource raises a clear error when it is used, rather than guessing a location."""
+    return dg.EnvVar(variable) if os.environ.get(variable) else None
+
+
+def build_resources(settings: Settings) -> dict[str, object]:
     """The resources of the Definitions: everything points where the environment says."""
+    lake = LakeResource(base_uri=from_env(ENV_LAKE))
     return {
         "redis": RedisResource(url=dg.EnvVar(ENV_REDIS)),
-        "lake": LakeResource(),
-        "model_store": ModelStoreResource(),
+        "lake": lake,
+        "io_manager": ParquetIOManager(lake=lake),
+        "model_store": ModelStoreResource(root=from_env(ENV_MODEL_STORE)),
         "app_db": AppDatabaseResource(url=dg.EnvVar(ENV_APP_DB)),
         "documents": DocumentStoreResource(url=dg.EnvVar(ENV_APP_DB)),
-        "io_manager": ParquetIOManager(),
+        "deployment": DeploymentResource(timezone=settings.timezone, partitions_start=settings.partitions_start),
     }

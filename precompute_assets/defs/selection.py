@@ -5,40 +5,25 @@ from collections.abc import Iterator
 import dagster as dg
 import pandas as pd
 
-from ..lake import Lake
 from ..ml.selection import ad_demand as weighted_demand
 from ..ml.selection import coverage, select_top
 from ..ml.selection import traffic_profile as offpeak_profile
-from .partitions import daily_partitions, hourly_partitions
+from ..storage.lake import Lake
+from .partitions import DEFAULT_PARTITIONS, Partitions
 from .resources import LakeResource
 
 PREDICTION_KIND = "ctr"
+# A daily selection asset reads this many days of hourly logs: the day itself and the days before it. The
+# declared dependency says the same, so the UI's lineage and backfills match what the asset reads.
+LOOKBACK_DAYS = 7
+LOOKBACK = dg.TimeWindowPartitionMapping(start_offset=-(LOOKBACK_DAYS - 1))
+# Length of the quiet window traffic_profile learns and daily_precompute runs in.
+OFFPEAK_WINDOW_HOURS = 4
 
 
 class SelectionConfig(dg.Config):
-    lookback_days: int = 7
     half_life_days: float = 2.0
     top_n: int = 1000
-    offpeak_window_hours: int = 4
-
-
-def lookback_days(day: str, n: int) -> list[str]:
-    """The daily partition ``day`` and the ``n - 1`` days before it, oldest first."""
-    window = daily_partitions.time_window_for_partition_key(day)
-    days = [day]
-    while len(days) < n:
-        previous = daily_partitions.get_prev_partition_window(window.start)
-        if previous is None:
-            break
-        window = previous
-        days.insert(0, daily_partitions.get_partition_key_for_timestamp(window.start.timestamp()))
-    return days
-
-
-def hours_of(day: str) -> list[str]:
-    return list(
-        hourly_partitions.get_partition_keys_in_time_window(daily_partitions.time_window_for_partition_key(day))
-    )
 
 
 def hourly_logs(
@@ -53,10 +38,10 @@ def hourly_logs(
         yield hour, frame[frame["kind"] == kind]
 
 
-def day_counts(lake: Lake, day: str) -> tuple[pd.Series, list[str]]:
-    """Requests per key on ``day`` and the hours whose logs are missing."""
+def day_counts(lake: Lake, hours: list[str]) -> tuple[pd.Series, list[str]]:
+    """Requests per key over ``hours`` (one day's) and the hours whose logs are missing."""
     parts, missing = [], []
-    for hour, frame in hourly_logs(lake, hours_of(day)):
+    for hour, frame in hourly_logs(lake, hours):
         if frame is None:
             missing.append(hour)
         elif len(frame):
@@ -65,27 +50,26 @@ def day_counts(lake: Lake, day: str) -> tuple[pd.Series, list[str]]:
     return counts.astype("int64"), missing
 
 
-LOOKBACK = dg.TimeWindowPartitionMapping(start_offset=-6)
-
-
 @dg.asset(
-    partitions_def=daily_partitions,
+    partitions_def=DEFAULT_PARTITIONS.daily,
     deps=[dg.AssetDep("query_logs", partition_mapping=LOOKBACK)],
     kinds={"pandas"},
     group_name="selection",
+    description=f"Queries per local hour of day over {LOOKBACK_DAYS} days of query logs, and the quietest "
+    f"{OFFPEAK_WINDOW_HOURS}-hour window (metadata offpeak_start_hour), which daily_precompute follows.",
 )
-def traffic_profile(context: dg.AssetExecutionContext, config: SelectionConfig, lake: LakeResource) -> dg.Output:
-    """Queries per hour of day over the lookback, and the off-peak window derived from it."""
+def traffic_profile(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.Output:
+    partitions = Partitions.of(context)
     tz_hours = [0.0] * 24
     missing = 0
-    for day in lookback_days(context.partition_key, config.lookback_days):
-        for hour, frame in hourly_logs(lake.lake(), hours_of(day)):
+    for day in partitions.days_ending(context.partition_key, LOOKBACK_DAYS):
+        for hour, frame in hourly_logs(lake.lake(), partitions.hours_of(day)):
             if frame is None:
                 missing += 1
                 continue
-            local_hour = hourly_partitions.time_window_for_partition_key(hour).start.hour
+            local_hour = partitions.hourly.time_window_for_partition_key(hour).start.hour
             tz_hours[local_hour] += len(frame)
-    profile = offpeak_profile(tz_hours, window_hours=config.offpeak_window_hours)
+    profile = offpeak_profile(tz_hours, window_hours=OFFPEAK_WINDOW_HOURS)
     frame = pd.DataFrame({"hour": range(24), "queries": profile["queries_per_hour"]})
     context.log.info(f"off-peak window starts at {profile['offpeak_start_hour']:02d}:00 ({missing} hours missing)")
     return dg.Output(
@@ -100,17 +84,19 @@ def traffic_profile(context: dg.AssetExecutionContext, config: SelectionConfig, 
 
 
 @dg.asset(
-    partitions_def=daily_partitions,
+    partitions_def=DEFAULT_PARTITIONS.daily,
     deps=[dg.AssetDep("query_logs", partition_mapping=LOOKBACK)],
     kinds={"pandas"},
     group_name="selection",
     check_specs=[dg.AssetCheckSpec("has_traffic", asset="ad_demand", blocking=True)],
+    description=f"Recency-weighted demand per ad over {LOOKBACK_DAYS} days of hourly query logs (the newest "
+    "day weighs most), read one hour file at a time.",
 )
 def ad_demand(context: dg.AssetExecutionContext, config: SelectionConfig, lake: LakeResource):
-    """Recency-weighted demand per ad over the lookback (the newest day weighs most)."""
+    partitions = Partitions.of(context)
     days, missing = [], []
-    for day in lookback_days(context.partition_key, config.lookback_days):
-        counts, missing_hours = day_counts(lake.lake(), day)
+    for day in partitions.days_ending(context.partition_key, LOOKBACK_DAYS):
+        counts, missing_hours = day_counts(lake.lake(), partitions.hours_of(day))
         days.append(counts)
         missing += missing_hours
         context.log.info(f"{day}: {int(counts.sum())} requests for {len(counts)} keys")
@@ -141,7 +127,7 @@ def ad_demand(context: dg.AssetExecutionContext, config: SelectionConfig, lake: 
 
 
 @dg.asset(
-    partitions_def=daily_partitions,
+    partitions_def=DEFAULT_PARTITIONS.daily,
     kinds={"pandas"},
     group_name="selection",
     deps=["ads"],

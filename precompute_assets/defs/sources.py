@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from .partitions import daily_partitions
+from .partitions import DEFAULT_PARTITIONS
 
 ads = dg.AssetSpec(
     "ads",
@@ -13,7 +13,7 @@ ads = dg.AssetSpec(
 ad_impressions = dg.AssetSpec(
     "ad_impressions",
     description="Impressions and clicks of one day (ts_ms, ad_id, clicked), written by the ad server.",
-    partitions_def=daily_partitions,
+    partitions_def=DEFAULT_PARTITIONS.daily,
     group_name="sources",
     kinds={"pandas"},
 )

@@ -56,6 +56,8 @@ class LocalModelStore:
     """A ``ModelStore`` on a local (or mounted) folder."""
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
+        if not os.fspath(root).strip():
+            raise ValueError("the model store needs a folder: an empty path would be the working directory")
         self.root = Path(root)
 
     def path(self, name: str, version: str) -> Path:

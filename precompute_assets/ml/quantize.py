@@ -1,25 +1,11 @@
-"""int8 quantisation of embeddings, and how much nearest-neighbour quality it keeps."""
+"""How much nearest-neighbour quality int8 embeddings keep (the quantiser itself is ``serving.vectors.quantize_int8``,
+the one used for every stored value)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-INT8_MAX = 127  # symmetric: -127..127, so -x quantises to -q
 QUERY_BLOCK = 256  # query rows scored at once; bounds the (block, n) similarity matrix
-
-
-def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-row symmetric int8: ``x ~= q * scale[:, None]``; returns ``(q int8 (n, d), scale float32 (n,))``.
-
-    A zero row gets scale 0 and all-zero codes.
-    """
-    x = np.asarray(x, dtype=np.float32)
-    if x.ndim != 2:
-        raise ValueError(f"expected a 2-d array of vectors, got shape {x.shape}")
-    scale = (np.abs(x).max(axis=1, initial=0.0) / INT8_MAX).astype(np.float32)
-    scaled = np.divide(x, scale[:, None], out=np.zeros_like(x), where=scale[:, None] > 0)
-    q = np.clip(np.rint(scaled), -INT8_MAX, INT8_MAX).astype(np.int8)
-    return q, scale
 
 
 def dequantize(q: np.ndarray, scale: np.ndarray) -> np.ndarray:

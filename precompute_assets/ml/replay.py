@@ -1,12 +1,15 @@
-"""Honest hit-rate measurement: replay a key trace against LRU, static top-N, ours and an offline bound."""
+"""Honest hit-rate measurement: replay a key trace against LRU, static top-N, ours and two offline bounds."""
 
 from __future__ import annotations
 
+import codecs
+import csv
 import heapq
 import io
+import itertools
 import re
 from collections import OrderedDict
-from collections.abc import Hashable, Sequence
+from collections.abc import Collection, Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,67 +18,69 @@ import pandas as pd
 
 from .selection import ad_demand, daily_counts, select_top
 
-_INT = r"[ \t]*[+-]?[0-9]+[ \t]*"
-_NUM = r"[ \t]*[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?[ \t]*"
+_PAD = r"[^\S\n]*"  # whitespace around a field: any whitespace but the newline that ends the line
+_NUM = r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
+_INT = r"[+-]?[0-9]+"
+_CSV_START = rf"{_PAD}{_NUM}{_PAD},"  # a line whose part before the first comma is a number
 # The first line that is not a valid line of the format; one regex pass is fast and gives its position.
 _BAD_LINE = {
-    "key": re.compile(rf"^(?!{_INT}$)", re.MULTILINE),
-    "csv": re.compile(rf"^(?!{_NUM},{_INT}$)", re.MULTILINE),
+    "key": re.compile(rf"^(?!(?!{_CSV_START}){_PAD}\S+{_PAD}$)", re.MULTILINE),
+    "csv": re.compile(rf"^(?!{_CSV_START}{_PAD}[^\s,]+{_PAD}$)", re.MULTILINE),
 }
-_INT_TOKEN = re.compile(_INT)
-_NUM_TOKEN = re.compile(_NUM)
-_INT64 = np.iinfo(np.int64)
+# The first line whose key is not an integer; none means the fast integer parser can take the whole trace.
+_NOT_INT_LINE = {
+    "key": re.compile(rf"^(?!{_PAD}{_INT}{_PAD}$)", re.MULTILINE),
+    "csv": re.compile(rf"^(?!{_CSV_START}{_PAD}{_INT}{_PAD}$)", re.MULTILINE),
+}
+_CSV_START_RE = re.compile(_CSV_START)
+_NUM_RE = re.compile(_NUM)
+_ODD_SPACE = re.compile(r"[^\S\n \t]")  # whitespace other than spaces and tabs, which str.replace removes faster
 
 
 class TraceError(ValueError):
-    """A trace file that is not one integer key per line, nor ``timestamp,key`` lines."""
+    """A trace file that is not one key per line, nor ``timestamp,key`` lines."""
 
 
 @dataclass(frozen=True)
 class Trace:
-    """Requested keys in request order, with their timestamps (seconds or ms) when the trace had them."""
+    """Requested keys in request order, with their timestamps (seconds or ms) when the trace had them.
+
+    ``keys`` is int64 when every key is an integer that fits, else an object array of ``str``.
+    """
 
     keys: np.ndarray
     timestamps: np.ndarray | None = None
 
 
 def parse_trace(path: str | Path) -> Trace:
-    """Read one integer key per line, or ``timestamp,key`` lines; raise TraceError naming the bad line."""
-    data = Path(path).read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line_no = data.count(b"\n", 0, exc.start) + 1
-        raise TraceError(f"line {line_no}: not valid UTF-8 text") from None
-    text = text.replace("\r\n", "\n")
-    if text.endswith("\n"):
-        text = text[:-1]  # the newline that ends the last line, not an extra blank line
-    if not text:
-        raise TraceError("trace is empty")
-    first_line = text.partition("\n")[0]
-    kind = "csv" if "," in first_line else "key"
-    bad = _BAD_LINE[kind].search(text)
-    if bad is not None:
+    """Read one key per line, or ``timestamp,key`` lines; raise TraceError naming the bad line.
+
+    A key is any token without whitespace (padding is stripped); the first line decides the format: it is
+    ``timestamp,key`` when the part before its first comma is a number, and then keys hold no comma.
+    """
+    text = _read_text(Path(path))
+    kind = "csv" if _CSV_START_RE.match(text.partition("\n")[0]) else "key"
+    integer = _NOT_INT_LINE[kind].search(text) is None  # an integer line is always a valid line
+    if not integer and (bad := _BAD_LINE[kind].search(text)) is not None:
         line_no = text.count("\n", 0, bad.start()) + 1
         line = text[bad.start() :].partition("\n")[0]
         raise TraceError(f"line {line_no}: {_line_problem(line, kind)}")
-    # Every line is valid, so whitespace only pads fields and can go before the fast C parser runs.
+    # Every line is valid, so whitespace only pads fields and can go before the fast parsers run.
     clean = text.replace(" ", "").replace("\t", "")
-    dtypes = {"timestamp": np.float64, "key": np.int64} if kind == "csv" else {"key": np.int64}
-    try:
-        frame = pd.read_csv(io.StringIO(clean), header=None, names=list(dtypes), dtype=dtypes, na_filter=False)
-    except (OverflowError, ValueError):
-        raise _out_of_range(text, kind) from None
-    keys = frame["key"].to_numpy(dtype=np.int64)
+    if _ODD_SPACE.search(clean):
+        clean = _ODD_SPACE.sub("", clean)
+    frame = _parse_integer_keys(clean, kind) if integer else None
+    if frame is None:  # string keys, or integers beyond int64 (then they are kept as the strings they are)
+        frame = _parse_string_keys(clean, kind)
     if kind == "key":
-        return Trace(keys=keys)
+        return Trace(keys=frame["key"].to_numpy())
     timestamps = frame["timestamp"].to_numpy(dtype=np.float64)
     infinite = np.flatnonzero(~np.isfinite(timestamps))
     if len(infinite):
         line_no = int(infinite[0]) + 1
         field = text.split("\n")[line_no - 1].split(",")[0].strip()
         raise TraceError(f"line {line_no}: timestamp {field!r} is not a finite number")
-    return Trace(keys=keys, timestamps=timestamps)
+    return Trace(keys=frame["key"].to_numpy(), timestamps=timestamps)
 
 
 def split_days(trace: Trace, days: int) -> list[np.ndarray]:
@@ -98,12 +103,28 @@ def split_days(trace: Trace, days: int) -> list[np.ndarray]:
     return [keys[bounds[d] : bounds[d + 1]] for d in range(days)]
 
 
-def replay(day_keys: Sequence[np.ndarray], *, top_n: int, capacity: int, half_life_days: float = 2.0) -> dict:
-    """Hit rates of four caches over days 1..D-1 (day 0 only warms them); see the helpers for each policy.
+def replay(
+    day_keys: Sequence[np.ndarray],
+    *,
+    top_n: int,
+    capacity: int,
+    half_life_days: float = 2.0,
+    warmup_days: int = 1,
+    precomputed: Sequence[Collection[Hashable]] | None = None,
+) -> dict:
+    """Hit rates over days W..D-1 (days 0..W-1, ``warmup_days``, only warm the caches) of three policies and
+    two offline bounds.
 
-    ``hit_rate_lru``: read-through LRU of ``capacity`` keys. ``hit_rate_static_top_n``: only the top-N keys
-    selected each day from the previous days' demand. ``hit_rate_ours``: that top-N set plus a read-through
-    LRU of ``capacity - top_n`` keys. ``hit_rate_belady``: the offline optimum for ``capacity`` keys.
+    Policies: ``hit_rate_lru``, a read-through LRU of ``capacity`` keys; ``hit_rate_static_top_n``, only the
+    top-N keys selected each day from the previous days' demand; ``hit_rate_ours``, that top-N set plus a
+    read-through LRU of ``capacity - top_n`` keys. ``precomputed`` replaces the selection on the counted days
+    by given sets of at most ``top_n`` keys each (what a real run published); warm-up days keep the selection.
+
+    Bounds: ``hit_rate_belady``, the classic offline optimum (Belady's MIN) of a read-through cache of
+    ``capacity`` keys, the number published trace tables use (see ``belady_hits``). It bounds read-through
+    policies such as LRU, but ours and static top-N load keys without a miss at day boundaries and can beat it.
+    ``hit_rate_oracle_preload`` is a bound on a different question: a cache that may be refilled for free by an
+    oracle at each day boundary; no precompute policy with ``capacity`` slots can beat it.
     """
     if capacity < 1 or top_n < 0:
         raise ValueError("need capacity >= 1 and top_n >= 0")
@@ -111,64 +132,156 @@ def replay(day_keys: Sequence[np.ndarray], *, top_n: int, capacity: int, half_li
         raise ValueError(f"top_n ({top_n}) cannot exceed capacity ({capacity})")
     if not day_keys:
         raise ValueError("need at least one day")
-    days = [np.asarray(day) for day in day_keys]
-    precomputed = _precomputed_sets(days, top_n=top_n, half_life_days=half_life_days)
-    requests = sum(len(day) for day in days[1:])
+    # A one-day trace is all warm-up (every rate 0.0), as it always was; otherwise at least one day counts.
+    if not 1 <= warmup_days <= max(1, len(day_keys) - 1):
+        raise ValueError(f"warmup_days must be at least 1 and less than the {len(day_keys)} days, got {warmup_days}")
+    counted_days = len(day_keys) - warmup_days
+    if precomputed is not None:
+        if len(precomputed) != counted_days:
+            raise ValueError(f"precomputed has {len(precomputed)} sets for {counted_days} counted days")
+        precomputed = [set(given) for given in precomputed]
+        if too_big := [len(given) for given in precomputed if len(given) > top_n]:
+            raise ValueError(f"a precomputed set of {too_big[0]} keys exceeds top_n ({top_n})")
+    days, keys = _as_codes(day_keys)
+    selected_days = days if precomputed is None else days[:warmup_days]  # the given sets stand for the rest
+    chosen = _precomputed_sets(selected_days, top_n=top_n, half_life_days=half_life_days)
+    if precomputed is not None:
+        chosen += [_codes_of(given, keys) for given in precomputed]
+    counted = days[warmup_days:]
+    requests = sum(len(day) for day in counted)
     hits = {
-        "lru": _lru_hits(days, capacity),
-        "static_top_n": sum(_static_hits(day, precomputed[d]) for d, day in enumerate(days) if d > 0),
-        "ours": _lru_hits(days, capacity - top_n, precomputed=precomputed),
-        "belady": sum(belady_day_hits(day, capacity) for day in days[1:]),
+        "lru": _lru_hits(days, capacity, count_from=warmup_days),
+        "static_top_n": sum(_static_hits(day, chosen[warmup_days + d]) for d, day in enumerate(counted)),
+        "ours": _lru_hits(days, capacity - top_n, precomputed=chosen, count_from=warmup_days),
+        "belady": belady_hits(days, capacity, warmup_days=warmup_days),
+        "oracle_preload": sum(oracle_preload_day_hits(day, capacity) for day in counted),
     }
     result: dict = {f"hit_rate_{name}": (n / requests if requests else 0.0) for name, n in hits.items()}
     result.update(requests=int(requests), days=len(days), top_n=int(top_n), capacity=int(capacity))
     return result
 
 
-def belady_day_hits(day: np.ndarray, capacity: int) -> int:
+def belady_hits(day_keys: Sequence[np.ndarray], capacity: int, *, warmup_days: int = 1) -> int:
+    """Hits on days W..D-1 of Belady's MIN, a read-through cache of ``capacity`` keys carried across days.
+
+    Demand paging: a missed key is always admitted; when the cache is full, the cached key requested again
+    farthest in the future (never again counts as infinitely far) is evicted. Days 0..W-1 (``warmup_days``)
+    are replayed but not counted, like the other policies. MIN gets the most hits of any such cache over the
+    whole trace, so it bounds LRU; counted after the warm-up only, a cache that gave up warm-up hits for a
+    better state at the boundary can exceed it by at most ``capacity - 1`` hits (the keys in which the two
+    states differ). Only the position where counting starts matters, not where the warm-up days split.
+    """
+    days = [np.asarray(day) for day in day_keys]
+    if not days or capacity < 1:
+        return 0
+    if not 0 <= warmup_days <= len(days):
+        raise ValueError(f"warmup_days must be between 0 and the {len(days)} days, got {warmup_days}")
+    codes = pd.factorize(np.concatenate(days))[0]
+    return _farthest_first_hits(codes, capacity, count_from=sum(len(day) for day in days[:warmup_days]))
+
+
+def oracle_preload_day_hits(day: np.ndarray, capacity: int) -> int:
     """Most hits any cache of ``capacity`` keys can get on one day, given a free reload at the day's start.
 
-    Plain demand-paging Belady (MIN) is not an upper bound here: a policy that swaps in precomputed keys at a
-    day boundary (ours does) can beat it. So the bound gets the same power: at each boundary it reloads, for
-    free, the ``capacity`` distinct keys that the coming day requests soonest; then, on a miss, it evicts the
-    key whose next request is farthest away (declining to admit the requested key if that one is farthest).
-    Reloading the keys needed soonest is MIN's own eviction rule applied to "every key is cached" at the
-    boundary, so it is optimal; and since the reload erases any earlier state, days are independent. No
-    online policy holding at most ``capacity`` keys and changing its contents only at day boundaries or on
-    a miss can get more hits.
+    The bound for precompute policies, which classic MIN is not: a policy that swaps in precomputed keys at
+    a day boundary (ours does) can beat MIN. So this bound gets the same power: at each boundary an oracle
+    reloads, for free, the ``capacity`` distinct keys that the coming day requests soonest; then, on a miss,
+    it evicts the key whose next request is farthest away (declining to admit the requested key if that one
+    is farthest). Reloading the keys needed soonest is MIN's own eviction rule applied to "every key is
+    cached" at the boundary, so it is optimal; and since the reload erases any earlier state, days are
+    independent. No online policy holding at most ``capacity`` keys and changing its contents only at day
+    boundaries or on a miss can get more hits.
     """
     codes = pd.factorize(np.asarray(day))[0]
-    m = len(codes)
-    if m == 0 or capacity < 1:
+    if len(codes) == 0 or capacity < 1:
         return 0
+    # factorize numbers keys in order of first request: keys 0..capacity-1 are the ones requested soonest.
+    first_requests = np.unique(codes, return_index=True)[1][:capacity]
+    return _farthest_first_hits(codes, capacity, preload=first_requests, bypass=True)
+
+
+def next_requests(codes: np.ndarray) -> np.ndarray:
+    """Position of the next request for the same key as each request; ``len(codes)`` when there is none.
+
+    A stable sort by key lists each key's requests in order, so neighbours of one key are successive uses:
+    the vectorized equivalent of a backwards pass that remembers the last position of every key.
+    """
+    n = len(codes)
     order = np.argsort(codes, kind="stable")
     same = codes[order[1:]] == codes[order[:-1]]
-    next_use = np.full(m, m, dtype=np.int64)  # m means "not again today"
-    next_use[order[:-1][same]] = order[1:][same]
-    first_use = np.sort(order[np.concatenate(([True], ~same))])[:capacity]
+    following = np.full(n, n, dtype=np.int64)
+    following[order[:-1][same]] = order[1:][same]
+    return following
 
-    cached_until = [-1] * (int(codes.max()) + 1)  # next use of each cached key, -1 when not cached
-    heap = []  # (-next use, key); entries whose next use no longer matches are stale (lazy deletion)
-    for position in first_use.tolist():
-        key = int(codes[position])
-        cached_until[key] = position
-        heap.append((-position, key))
+
+def _farthest_first_hits(
+    codes: np.ndarray, capacity: int, *, count_from: int = 0, preload: np.ndarray | None = None, bypass: bool = False
+) -> int:
+    """Hits at positions >= ``count_from`` of a cache that evicts the key requested again farthest away.
+
+    ``codes`` are keys as ints in 0..K-1. ``preload`` lists positions of requests whose keys are cached at the
+    start. With ``bypass`` a missed key is not admitted when it is itself the one needed farthest away.
+    O(n log capacity): a max-heap of next-request positions with lazy deletion of the ones a hit outdated.
+    """
+    n = len(codes)
+    keys = codes.tolist()
+    following = next_requests(codes)
+    cached_until = [-1] * (max(keys) + 1 if n else 0)  # next request of each cached key, -1 when not cached
+    # -(next request) of cached keys; the key is keys[position], and the entry is valid while
+    # cached_until[key] == position. Plain ints compare much faster than (position, key) tuples.
+    heap = [-int(position) for position in (preload if preload is not None else ())]
+    for entry in heap:
+        cached_until[keys[-entry]] = -entry
     heapq.heapify(heap)
-    size, hits = len(heap), 0
-    for key, upcoming in zip(codes.tolist(), next_use.tolist(), strict=True):
-        if cached_until[key] >= 0:
-            hits += 1
-        elif size < capacity:
-            size += 1
-        else:
-            while cached_until[heap[0][1]] != -heap[0][0]:
-                heapq.heappop(heap)
-            if upcoming >= -heap[0][0]:
-                continue  # the requested key is the one needed farthest away: do not admit it
-            cached_until[heapq.heappop(heap)[1]] = -1
-        cached_until[key] = upcoming
-        heapq.heappush(heap, (-upcoming, key))
-    return hits
+    done: list[int] = []  # cached keys never requested again: the best victims, and they never go stale
+    size, hits, warm_hits = len(heap), 0, 0
+    compact_at = 4 * capacity + 1024  # hits leave outdated entries; rebuilding past this keeps memory O(capacity)
+    push, pop = heapq.heappush, heapq.heappop
+    # Next requests as Python ints a chunk at a time: a list of all of them would double the memory.
+    upcoming_ints = itertools.chain.from_iterable(following[i : i + 65536].tolist() for i in range(0, n, 65536))
+    requests = zip(keys, upcoming_ints, strict=True)
+    for part in (itertools.islice(requests, count_from), requests):
+        warm_hits = hits  # 0 in the warm-up part, its hits in the counted part
+        for key, upcoming in part:
+            if cached_until[key] >= 0:
+                hits += 1
+            elif size < capacity:
+                size += 1
+            else:
+                if not done:
+                    while cached_until[keys[-heap[0]]] != -heap[0]:
+                        pop(heap)
+                if bypass and upcoming >= (n if done else -heap[0]):
+                    continue  # the requested key is the one needed farthest away: do not admit it
+                cached_until[done.pop() if done else keys[-pop(heap)]] = -1
+            cached_until[key] = upcoming
+            if upcoming == n:
+                done.append(key)
+                continue
+            push(heap, -upcoming)
+            if len(heap) > compact_at:
+                heap = [entry for entry in heap if cached_until[keys[-entry]] == -entry]
+                heapq.heapify(heap)
+    return hits - warm_hits
+
+
+def _as_codes(day_keys: Sequence[np.ndarray]) -> tuple[list[np.ndarray], pd.Index]:
+    """Each day's keys as int codes numbered in key order, so the replay runs on ints whatever the keys are;
+    and the keys, the code of each being its position.
+
+    Sorted codes keep every tie-break "by key ascending" of the selection, so results equal those on the keys.
+    """
+    days = [np.asarray(day) for day in day_keys]
+    codes, keys = pd.factorize(np.concatenate(days), sort=True)
+    return np.split(codes.astype(np.int64), np.cumsum([len(day) for day in days])[:-1]), pd.Index(keys)
+
+
+def _codes_of(chosen: set[Hashable], keys: pd.Index) -> set[int]:
+    """The codes of the ``chosen`` keys; keys never requested have none (they could only fill a slot)."""
+    if not chosen:
+        return set()
+    positions = keys.get_indexer(pd.Index(list(chosen)))
+    return {int(position) for position in positions if position >= 0}
 
 
 def _precomputed_sets(days: list[np.ndarray], *, top_n: int, half_life_days: float) -> list[set]:
@@ -184,8 +297,8 @@ def _static_hits(day: np.ndarray, chosen: set[Hashable]) -> int:
     return int(np.isin(day, np.array(list(chosen), dtype=day.dtype)).sum())
 
 
-def _lru_hits(days: list[np.ndarray], slots: int, *, precomputed: list[set] | None = None) -> int:
-    """Hits on days >= 1 of a read-through LRU of ``slots`` keys carried across days.
+def _lru_hits(days: list[np.ndarray], slots: int, *, precomputed: list[set] | None = None, count_from: int = 1) -> int:
+    """Hits on days >= ``count_from`` of a read-through LRU of ``slots`` keys carried across days.
 
     Requests for that day's precomputed keys are hits and leave the LRU untouched.
     """
@@ -204,9 +317,44 @@ def _lru_hits(days: list[np.ndarray], slots: int, *, precomputed: list[set] | No
                 cache[key] = None
                 if len(cache) > slots:
                     cache.popitem(last=False)
-        if d > 0:
+        if d >= count_from:
             hits += day_hits
     return hits
+
+
+def _read_text(path: Path) -> str:
+    """The file as text: UTF-8 (a leading byte-order mark dropped), CRLF as LF, without the final newline."""
+    data = path.read_bytes().removeprefix(codecs.BOM_UTF8)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line_no = data.count(b"\n", 0, exc.start) + 1
+        raise TraceError(f"line {line_no}: not valid UTF-8 text") from None
+    text = text.replace("\r\n", "\n")
+    if text.endswith("\n"):
+        text = text[:-1]  # the newline that ends the last line, not an extra blank line
+    if not text:
+        raise TraceError("trace is empty")
+    return text
+
+
+def _parse_integer_keys(clean: str, kind: str) -> pd.DataFrame | None:
+    """The trace with int64 keys, or None when a key is out of the int64 range."""
+    dtypes = {"timestamp": np.float64, "key": np.int64} if kind == "csv" else {"key": np.int64}
+    try:
+        return pd.read_csv(io.StringIO(clean), header=None, names=list(dtypes), dtype=dtypes, na_filter=False)
+    except (OverflowError, ValueError):
+        return None
+
+
+def _parse_string_keys(clean: str, kind: str) -> pd.DataFrame:
+    """The trace with ``str`` keys taken verbatim (bare keys may hold commas and quotes, so no CSV parser)."""
+    if kind == "key":
+        return pd.DataFrame({"key": np.array(clean.split("\n"), dtype=object)})
+    names, dtypes = ["timestamp", "key"], {"timestamp": np.float64, "key": str}
+    return pd.read_csv(
+        io.StringIO(clean), header=None, names=names, dtype=dtypes, na_filter=False, quoting=csv.QUOTE_NONE
+    )
 
 
 def _line_problem(line: str, kind: str) -> str:
@@ -215,27 +363,18 @@ def _line_problem(line: str, kind: str) -> str:
         return "blank line"
     if line.lstrip().startswith("#"):
         return "comment lines are not allowed"
-    if kind == "key" and "," in line:
-        return "mixed formats: line 1 is a bare key but this line has 'timestamp,key' fields"
-    if kind == "csv" and "," not in line:
+    if kind == "key":
+        if _CSV_START_RE.match(line):
+            return "mixed formats: line 1 is a bare key but this line has 'timestamp,key' fields"
+        return f"key {line.strip()!r} contains whitespace"
+    if "," not in line:
         return "mixed formats: line 1 has 'timestamp,key' fields but this line is a bare key"
-    if kind == "csv":
-        fields = line.split(",")
-        if len(fields) != 2:
-            return f"expected 2 comma-separated fields 'timestamp,key', got {len(fields)}"
-        if not _NUM_TOKEN.fullmatch(fields[0]):
-            return f"timestamp {fields[0].strip()!r} is not numeric"
-        line = fields[1]
-    token = line.strip(" \t")
-    if _NUM_TOKEN.fullmatch(token):
-        return f"key {token!r} is not an integer"
-    return f"key {token!r} is not numeric"
-
-
-def _out_of_range(text: str, kind: str) -> TraceError:
-    """Locate the key that does not fit in int64 (the only way a validated trace fails to convert)."""
-    for line_no, line in enumerate(text.split("\n"), start=1):
-        token = line.rsplit(",", 1)[-1].strip()
-        if not _INT64.min <= int(token) <= _INT64.max:
-            return TraceError(f"line {line_no}: key {token!r} is out of the int64 range")
-    return TraceError("trace could not be converted to numbers")
+    fields = line.split(",")
+    if len(fields) != 2:
+        return f"expected 2 comma-separated fields 'timestamp,key', got {len(fields)}"
+    timestamp, key = fields[0].strip(), fields[1].strip()
+    if not _NUM_RE.fullmatch(timestamp):
+        return f"timestamp {timestamp!r} is not numeric"
+    if not key:
+        return "empty key after the comma"
+    return f"key {key!r} contains whitespace"

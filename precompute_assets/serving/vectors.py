@@ -33,7 +33,7 @@ HEADER_SIZE = HEADER.size  # 12
 DTYPE_CODES = {"int8": 1, "float32": 2}
 DTYPE_NAMES = {code: name for name, code in DTYPE_CODES.items()}
 PAYLOAD_TYPES = {"int8": np.dtype("<i1"), "float32": np.dtype("<f4")}
-INT8_MAX = 127
+INT8_MAX = 127  # symmetric: -127..127, so -x quantises to -q
 MAX_DIM = 0xFFFF
 
 
@@ -66,6 +66,20 @@ def _records(n: int, dim: int, dtype: str) -> np.ndarray:
     return np.empty(n, dtype=layout)
 
 
+def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row symmetric int8: ``x ~= q * scale[:, None]``; returns ``(q int8 (n, d), scale float32 (n,))``.
+
+    A zero row gets scale 0 and all-zero codes.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"expected a 2-d array of vectors, got shape {x.shape}")
+    scale = (np.abs(x).max(axis=1, initial=0.0) / INT8_MAX).astype(np.float32)
+    scaled = np.divide(x, scale[:, None], out=np.zeros_like(x), where=scale[:, None] > 0)
+    q = np.clip(np.rint(scaled), -INT8_MAX, INT8_MAX).astype(np.int8)
+    return q, scale
+
+
 def encode_batch(vectors: np.ndarray, *, dtype: str = "int8", model_version: str) -> list[bytes]:
     """One value per row of ``vectors`` (n, dim), quantising all rows at once."""
     if dtype not in DTYPE_CODES:
@@ -81,10 +95,7 @@ def encode_batch(vectors: np.ndarray, *, dtype: str = "int8", model_version: str
     records["dim"] = x.shape[1]
     records["model"] = model_id(model_version)
     if dtype == "int8":
-        scale = (np.abs(x).max(axis=1) / INT8_MAX).astype(np.float32)
-        scaled = np.divide(x, scale[:, None], out=np.zeros_like(x), where=scale[:, None] > 0)
-        records["payload"] = np.clip(np.rint(scaled), -INT8_MAX, INT8_MAX)
-        records["scale"] = scale
+        records["payload"], records["scale"] = quantize_int8(x)
     else:
         records["payload"] = x
         records["scale"] = 1.0

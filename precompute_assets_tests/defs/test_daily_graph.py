@@ -13,8 +13,8 @@ from precompute_assets.defs.publishing import ctr_cache
 from precompute_assets.defs.resources import LakeResource, ModelStoreResource, ParquetIOManager, RedisResource
 from precompute_assets.defs.selection import ad_demand, top_ads, traffic_profile
 from precompute_assets.defs.sources import ad_impressions, ads
-from precompute_assets.lake import Lake
 from precompute_assets.serving import PredictionCache, connect
+from precompute_assets.storage.lake import Lake
 from precompute_assets_tests.factories import write_ad_platform, write_query_logs
 
 DAYS = ["2026-11-16", "2026-11-17", "2026-11-18"]
@@ -37,11 +37,12 @@ def platform(platform_template, lake_uri) -> Lake:
 
 @pytest.fixture
 def resources(redis_url, schema, lake_uri, tmp_path):
+    lake = LakeResource(base_uri=lake_uri)
     return {
         "redis": RedisResource(url=redis_url, namespace=schema.namespace),
-        "lake": LakeResource(base_uri=lake_uri),
+        "lake": lake,
         "model_store": ModelStoreResource(root=str(tmp_path / "models")),
-        "io_manager": ParquetIOManager(base_uri=lake_uri),
+        "io_manager": ParquetIOManager(lake=lake),
     }
 
 

@@ -15,11 +15,12 @@ from precompute_assets.defs.resources import (
     ModelStoreResource,
     RedisResource,
 )
-from precompute_assets.docstore import DocumentStore
-from precompute_assets.embedding_sync import EmbeddingStore, sync_embeddings
 from precompute_assets.ml.embedder import HashingSvdEmbedder, document_text
 from precompute_assets.serving import PredictionCache, connect
 from precompute_assets.serving.keys import EMBEDDING_KIND
+from precompute_assets.storage.documents import DocumentStore
+from precompute_assets.storage.embeddings import EmbeddingStore
+from precompute_assets.sync.embeddings import sync_embeddings
 from precompute_assets.workload.documents import generate_documents
 
 N_DOCS = 3000
@@ -146,9 +147,9 @@ def test_a_killed_sync_resumes_without_duplicates_or_gaps(docs, app_db, redis_cl
 def test_held_chunks_are_written_in_order_and_the_last_word_on_a_document_wins(app_db, redis_client, schema):
     from datetime import UTC, datetime
 
-    from precompute_assets.embedding_sync import Chunk, _ChunkWriter
     from precompute_assets.serving.keys import Pointer
     from precompute_assets.serving.vectors import encode_vector
+    from precompute_assets.sync.embeddings import Chunk, _ChunkWriter
 
     store = EmbeddingStore(app_db)
     store.ensure_schema()
@@ -209,8 +210,9 @@ def test_sensor_requests_a_run_only_when_documents_change(docs, app_db):
 
 KILLABLE_SYNC = """
 import sys
-from precompute_assets.docstore import DocumentStore
-from precompute_assets.embedding_sync import EmbeddingStore, sync_embeddings
+from precompute_assets.storage.documents import DocumentStore
+from precompute_assets.storage.embeddings import EmbeddingStore
+from precompute_assets.sync.embeddings import sync_embeddings
 from precompute_assets.ml.embedder import HashingSvdEmbedder
 from precompute_assets.serving import KeySchema, connect
 

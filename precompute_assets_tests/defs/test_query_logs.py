@@ -7,18 +7,19 @@ from datetime import UTC, datetime
 import dagster as dg
 import pytest
 
-from precompute_assets.defs.partitions import hourly_partitions
+from precompute_assets.defs.partitions import DEFAULT_PARTITIONS
 from precompute_assets.defs.query_logs import (
     quarantine_check,
     query_log_cleanup_job,
     query_logs,
     safe_trim_boundary,
 )
-from precompute_assets.defs.resources import LakeResource, ParquetIOManager, RedisResource
-from precompute_assets.lake import Lake
+from precompute_assets.defs.resources import DeploymentResource, LakeResource, ParquetIOManager, RedisResource
 from precompute_assets.serving import QueryLogger, connect
+from precompute_assets.storage.lake import Lake
 
 HOUR = "2026-11-20-10:00"
+HOURLY = DEFAULT_PARTITIONS.hourly
 HOUR_START_MS = int(datetime(2026, 11, 20, 10, tzinfo=UTC).timestamp() * 1000)
 
 
@@ -30,11 +31,17 @@ def fill(redis_url, schema, at_ms: int, n: int, *, hit_every: int = 2) -> None:
 
 
 def resources(redis_url, schema, lake_uri):
+    lake = LakeResource(base_uri=lake_uri)
     return {
         "redis": RedisResource(url=redis_url, namespace=schema.namespace),
-        "io_manager": ParquetIOManager(base_uri=lake_uri),
-        "lake": LakeResource(base_uri=lake_uri),
+        "io_manager": ParquetIOManager(lake=lake),
+        "lake": lake,
     }
+
+
+def cleanup(res, instance) -> None:
+    resources = {"redis": res["redis"], "deployment": DeploymentResource()}
+    query_log_cleanup_job.execute_in_process(resources=resources, instance=instance)
 
 
 def materialize(redis_url, schema, lake_uri, instance, partition=HOUR):
@@ -122,27 +129,27 @@ def _ms(hour: int) -> int:
 
 def test_trim_boundary_stops_at_the_first_unmaterialized_hour():
     done = {f"2026-11-20-{h:02d}:00" for h in range(0, 6)} - {"2026-11-20-03:00"}
-    assert safe_trim_boundary(_ms(0) + 5, _ms(5) + 10, done) == _ms(3)
+    assert safe_trim_boundary(_ms(0) + 5, _ms(5) + 10, done, HOURLY) == _ms(3)
     done.add("2026-11-20-03:00")
-    assert safe_trim_boundary(_ms(0) + 5, _ms(5) + 10, done) == _ms(5) + 10
-    assert safe_trim_boundary(_ms(6), _ms(5), done) == _ms(6)  # nothing older than the cutoff
+    assert safe_trim_boundary(_ms(0) + 5, _ms(5) + 10, done, HOURLY) == _ms(5) + 10
+    assert safe_trim_boundary(_ms(6), _ms(5), done, HOURLY) == _ms(6)  # nothing older than the cutoff
 
 
 def test_cleanup_job_trims_only_materialized_hours(redis_url, redis_client, schema, lake_uri, pg_instance):
     old = HOUR_START_MS - 30 * 86_400_000  # 30 days ago: past retention
-    old_hours = [hourly_partitions.get_partition_key_for_timestamp((old + h * 3_600_000) / 1000) for h in range(2)]
+    old_hours = [HOURLY.get_partition_key_for_timestamp((old + h * 3_600_000) / 1000) for h in range(2)]
     fill(redis_url, schema, old, 10)
     fill(redis_url, schema, old + 3_600_000, 10)
     fill(redis_url, schema, HOUR_START_MS, 10)
     res = resources(redis_url, schema, lake_uri)
     dg.materialize([query_logs], resources=res, partition_key=old_hours[0], instance=pg_instance)
 
-    query_log_cleanup_job.execute_in_process(resources={"redis": res["redis"]}, instance=pg_instance)
+    cleanup(res, pg_instance)
     remaining = redis_client.xrange(schema.query_log())
     assert len(remaining) == 20  # the second old hour was never materialized: kept, and all after it
 
     dg.materialize([query_logs], resources=res, partition_key=old_hours[1], instance=pg_instance)
-    query_log_cleanup_job.execute_in_process(resources={"redis": res["redis"]}, instance=pg_instance)
+    cleanup(res, pg_instance)
     assert len(redis_client.xrange(schema.query_log())) == 10
 
 
@@ -150,12 +157,12 @@ def test_rematerializing_a_trimmed_hour_keeps_the_good_partition(
     redis_url, redis_client, schema, lake_uri, pg_instance
 ):
     old = HOUR_START_MS - 30 * 86_400_000
-    old_hour = hourly_partitions.get_partition_key_for_timestamp(old / 1000)
+    old_hour = HOURLY.get_partition_key_for_timestamp(old / 1000)
     fill(redis_url, schema, old, 10)
     fill(redis_url, schema, HOUR_START_MS, 10)
     res = resources(redis_url, schema, lake_uri)
     assert dg.materialize([query_logs], resources=res, partition_key=old_hour, instance=pg_instance).success
-    query_log_cleanup_job.execute_in_process(resources={"redis": res["redis"]}, instance=pg_instance)
+    cleanup(res, pg_instance)
     assert len(redis_client.xrange(schema.query_log())) == 10  # the old hour is gone from the stream
 
     again = dg.materialize(

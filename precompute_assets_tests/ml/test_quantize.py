@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 
 from precompute_assets.ml.embedder import HashingSvdEmbedder, document_text
-from precompute_assets.ml.quantize import dequantize, quantize_int8, recall_at_k
+from precompute_assets.ml.quantize import dequantize, recall_at_k
+from precompute_assets.serving.vectors import quantize_int8
 from precompute_assets.workload.documents import generate_documents
 
 

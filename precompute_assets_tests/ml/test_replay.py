@@ -1,18 +1,30 @@
-"""Trace parsing, day splitting, and the replayed hit rates, with Belady's bound checked by brute force."""
+"""Trace parsing, day splitting, the replayed hit rates, both offline bounds checked by brute force, and the CLI."""
 
 from __future__ import annotations
 
 import itertools
+import json
 from functools import cache
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from precompute_assets.ml.replay import Trace, TraceError, belady_day_hits, parse_trace, replay, split_days
+from precompute_assets.ml.replay import (
+    Trace,
+    TraceError,
+    belady_hits,
+    next_requests,
+    oracle_preload_day_hits,
+    parse_trace,
+    replay,
+    split_days,
+)
 from precompute_assets.ml.selection import ad_demand, coverage, daily_counts, select_top
+from precompute_assets.tools.cli import main
 
-RATES = ("hit_rate_lru", "hit_rate_static_top_n", "hit_rate_ours", "hit_rate_belady")
+POLICIES = ("hit_rate_lru", "hit_rate_static_top_n", "hit_rate_ours")
+RATES = (*POLICIES, "hit_rate_belady", "hit_rate_oracle_preload")
 
 
 def write(tmp_path: Path, text: str | bytes) -> Path:
@@ -52,10 +64,56 @@ def test_parse_csv_seconds_and_milliseconds(tmp_path: Path):
     assert ms.keys.tolist() == [4, 5]
 
 
+def test_parse_string_keys_verbatim(tmp_path: Path):
+    text = 'ad:42\n  user-7/home.json\t\nx_y.z\n#tag\n"quoted"\nnan\n2.5\n7\nabc,def\n\u00e9t\u00e9\n'
+    trace = parse_trace(write(tmp_path, text))
+    assert trace.keys.dtype == object
+    # Once one key is not an integer, every key is the string it is ("7" too): keys are compared as written.
+    assert trace.keys.tolist() == [
+        "ad:42", "user-7/home.json", "x_y.z", "#tag", '"quoted"', "nan", "2.5", "7", "abc,def", "\u00e9t\u00e9"
+    ]  # fmt: skip
+    assert trace.timestamps is None
+
+
+def test_parse_csv_with_string_keys(tmp_path: Path):
+    trace = parse_trace(write(tmp_path, '1700000000,ad:1\n1700000000.25, user/7 \r\n1.7e9,"q"\n5,12\n'))
+    assert trace.keys.tolist() == ["ad:1", "user/7", '"q"', "12"]
+    assert trace.timestamps.tolist() == [1700000000.0, 1700000000.25, 1.7e9, 5.0]
+
+
+def test_the_first_line_decides_the_format(tmp_path: Path):
+    # "abc" is not a number, so line 1 is a bare key that happens to hold a comma.
+    assert parse_trace(write(tmp_path, "abc,1\nx\n")).keys.tolist() == ["abc,1", "x"]
+    with pytest.raises(TraceError, match="^line 2: mixed formats"):
+        parse_trace(write(tmp_path, "abc,1\n2,x\n"))
+    csv = parse_trace(write(tmp_path, "123,abc\n124,abd\n"))
+    assert csv.keys.tolist() == ["abc", "abd"] and csv.timestamps.tolist() == [123.0, 124.0]
+
+
+def test_integers_beyond_int64_stay_strings(tmp_path: Path):
+    # A 64-bit unsigned hash is a valid key; it does not fit int64, so the trace keeps its keys as strings.
+    trace = parse_trace(write(tmp_path, "1\n18446744073709551615\n1\n"))
+    assert trace.keys.tolist() == ["1", "18446744073709551615", "1"]
+
+
+def test_parse_drops_a_byte_order_mark(tmp_path: Path):
+    trace = parse_trace(write(tmp_path, "\ufeff1\n2\n".encode()))
+    assert trace.keys.dtype == np.int64 and trace.keys.tolist() == [1, 2]
+
+
 def test_parse_a_large_trace(tmp_path: Path):
     keys = np.random.default_rng(0).integers(0, 10**12, 200_000)
     path = write(tmp_path, "\n".join(map(str, keys.tolist())) + "\n")
     np.testing.assert_array_equal(parse_trace(path).keys, keys)
+
+
+def test_parse_a_large_string_trace(tmp_path: Path):
+    keys = [f"ad:{k:x}/v{k % 3}" for k in np.random.default_rng(1).integers(0, 10**9, 200_000).tolist()]
+    stamps = np.arange(len(keys)) * 0.5
+    assert parse_trace(write(tmp_path, "\n".join(keys))).keys.tolist() == keys
+    csv = parse_trace(write(tmp_path, "\n".join(f"{t},{k}" for t, k in zip(stamps.tolist(), keys, strict=True))))
+    assert csv.keys.tolist() == keys
+    np.testing.assert_array_equal(csv.timestamps, stamps)
 
 
 @pytest.mark.parametrize(
@@ -64,17 +122,22 @@ def test_parse_a_large_trace(tmp_path: Path):
         ("1\n2\n\n3\n", "line 3: blank line"),
         ("1\n2\n3\n\n", "line 4: blank line"),
         ("   \n1\n", "line 1: blank line"),
+        ("a\n \t \nb\n", "line 2: blank line"),
+        ("1,a\n\n", "line 2: blank line"),
         ("1\n# warm-up\n2\n", "line 2: comment lines are not allowed"),
         ("# keys\n1\n", "line 1: comment lines are not allowed"),
-        ("1\n2\nabc\n", "line 3: key 'abc' is not numeric"),
-        ("1\n2.5\n", "line 2: key '2.5' is not an integer"),
+        ("a\nb c\n", "line 2: key 'b c' contains whitespace"),
+        ("1\n2\nad 7\n", "line 3: key 'ad 7' contains whitespace"),
+        ("1,a\n2,b c\n", "line 2: key 'b c' contains whitespace"),
+        ("1,a\n2,\n", "line 2: empty key after the comma"),
+        ("1,a\n2,  \n", "line 2: empty key after the comma"),
         ("1\n2\n3,4\n", "line 3: mixed formats"),
+        ("a\n3,x\n", "line 2: mixed formats"),
         ("1.0,1\n2.0,2\n3\n", "line 3: mixed formats"),
         ("1,2\n3,4,5\n", "line 2: expected 2 comma-separated fields"),
         ("1,2\nnoon,4\n", "line 2: timestamp 'noon' is not numeric"),
-        ("1,2\n3,x\n", "line 2: key 'x' is not numeric"),
-        ("1\n99999999999999999999\n", "line 2: key '99999999999999999999' is out of the int64 range"),
         ("1,1\n1e999,2\n", "line 2: timestamp '1e999' is not a finite number"),
+        ("1,a\n1e999,b\n", "line 2: timestamp '1e999' is not a finite number"),
     ],
 )
 def test_parse_errors_name_the_line(tmp_path: Path, text: str, message: str):
@@ -84,8 +147,8 @@ def test_parse_errors_name_the_line(tmp_path: Path, text: str, message: str):
 
 def test_parse_error_deep_in_a_large_trace(tmp_path: Path):
     lines = [str(i) for i in range(100_000)]
-    lines[76_543] = "oops"
-    with pytest.raises(TraceError, match="^line 76544: key 'oops' is not numeric$"):
+    lines[76_543] = "oops 1"
+    with pytest.raises(TraceError, match="^line 76544: key 'oops 1' contains whitespace$"):
         parse_trace(write(tmp_path, "\n".join(lines)))
 
 
@@ -94,6 +157,8 @@ def test_parse_rejects_empty_and_binary_files(tmp_path: Path):
         parse_trace(write(tmp_path, ""))
     with pytest.raises(TraceError, match="^line 3: not valid UTF-8"):
         parse_trace(write(tmp_path, b"1\n2\n\xff\xfe\n"))
+    with pytest.raises(TraceError, match="^line 2: not valid UTF-8"):
+        parse_trace(write(tmp_path, b"ad:1\nad:\xe9\n"))
     assert issubclass(TraceError, ValueError)
 
 
@@ -136,13 +201,34 @@ def test_replay_small_example_by_hand():
         "hit_rate_static_top_n": 0.5,
         # Key 1 precomputed, one LRU slot holding 2: 1, 2, 1 hit; 3 misses.
         "hit_rate_ours": 0.75,
-        # Reload {1, 2}; 3 is needed no sooner than 2, so it is not admitted; 1 hits.
+        # Day 0 leaves {1, 2}: 1, 2 hit; 3 evicts 2 (never again) rather than 1 (needed next); 1 hits.
         "hit_rate_belady": 0.75,
+        # Reload {1, 2}; 3 is needed no sooner than 2, so it is not admitted; 1 hits.
+        "hit_rate_oracle_preload": 0.75,
         "requests": 4,
         "days": 2,
         "top_n": 1,
         "capacity": 2,
     }
+
+
+def test_classic_belady_by_hand():
+    # Capacity 2. Day 0: 1, 2 fill the cache; 3 evicts 2 (next at 4) rather than 1 (next at 3) -> {1, 3}.
+    # Day 1: 1 hit; 2 evicts 3 (next at 8) -> {1, 2}; 4 evicts 2 (next at 7) -> {1, 4}; 1 hit;
+    # 2 evicts 1 or 4 (both never again); 3 misses. Two hits of six.
+    days = days_of([1, 2, 3], [1, 2, 4, 1, 2, 3])
+    assert belady_hits(days, 2) == 2
+    result = replay(days, top_n=0, capacity=2)
+    assert result["hit_rate_belady"] == pytest.approx(2 / 6)
+    # LRU keeps the two most recent keys and misses all six; the oracle reloads {1, 2} and only 4 and 3 miss.
+    assert result["hit_rate_lru"] == 0.0
+    assert result["hit_rate_oracle_preload"] == pytest.approx(4 / 6)
+
+
+def test_next_requests():
+    codes = np.array([0, 1, 0, 2, 1, 0])
+    assert next_requests(codes).tolist() == [2, 4, 5, 6, 6, 6]
+    assert next_requests(np.array([], dtype=np.int64)).tolist() == []
 
 
 def test_precomputed_hits_leave_the_lru_alone():
@@ -161,22 +247,32 @@ def test_day_zero_only_warms():
         "capacity": 1,
     }
     result = replay(days_of([1, 2], [], [1, 2]), top_n=0, capacity=2)
-    assert result["requests"] == 2 and result["hit_rate_lru"] == 1.0
+    assert result["requests"] == 2 and result["hit_rate_lru"] == 1.0 and result["hit_rate_belady"] == 1.0
 
 
-def test_lru_fails_on_a_scan_longer_than_the_cache_while_belady_does_not():
+def test_lru_fails_on_a_scan_longer_than_the_cache_while_the_bounds_do_not():
     scan = list(range(5)) * 4
     result = replay(days_of(scan, scan), top_n=0, capacity=4)
     assert result["hit_rate_lru"] == 0.0
+    # MIN on a cyclic scan of 5 keys through 4 slots misses once every 4 requests from day 0 on.
+    assert result["hit_rate_belady"] == 0.75
     # Reload 0..3; key 4 is always the one needed last, so it is never admitted and only its 4 requests miss.
-    assert result["hit_rate_belady"] == 0.8
+    assert result["hit_rate_oracle_preload"] == 0.8
 
 
-def test_belady_with_room_for_every_key_misses_nothing():
+def test_with_room_for_every_key_only_first_requests_miss():
+    # The oracle's free reload makes it 1.0 whenever a day fits in the cache; classic Belady still pays
+    # the first request of every key, like LRU (here 3 and 4 on day 1, 5 on day 2).
+    days = days_of([1, 2, 1], [1, 3, 4, 3, 2], [5, 5, 1])
+    result = replay(days, top_n=0, capacity=10)
+    assert result["hit_rate_oracle_preload"] == 1.0
+    assert result["hit_rate_belady"] == result["hit_rate_lru"] == 5 / 8
     day = np.random.default_rng(1).integers(0, 50, 500)
-    assert belady_day_hits(day, 50) == 500
-    assert belady_day_hits(day, 0) == 0
-    assert belady_day_hits(np.array([], dtype=np.int64), 3) == 0
+    assert oracle_preload_day_hits(day, 50) == 500
+    assert oracle_preload_day_hits(day, 0) == 0
+    assert oracle_preload_day_hits(np.array([], dtype=np.int64), 3) == 0
+    assert belady_hits([day[:100], day[100:]], 50) == 400 - len(set(day[100:].tolist()) - set(day[:100].tolist()))
+    assert belady_hits([], 3) == 0
 
 
 def test_static_top_n_is_the_selection_modules_choice():
@@ -188,6 +284,15 @@ def test_static_top_n_is_the_selection_modules_choice():
         demand = ad_demand([daily_counts(day) for day in days[:d]], half_life_days=1.5)
         expected += coverage(select_top(demand, 20), daily_counts(days[d])) * len(days[d])
     assert result["hit_rate_static_top_n"] == pytest.approx(expected / result["requests"])
+
+
+def test_string_keys_replay_like_the_integers_they_stand_for():
+    # Zero-padded names sort like their numbers, so even the selection's "ties by key" agree.
+    rng = np.random.default_rng(8)
+    days = [np.minimum(rng.zipf(1.3, 1500), 500) for _ in range(4)]
+    named = [np.array([f"ad:{k:06d}" for k in day.tolist()], dtype=object) for day in days]
+    for top_n, capacity in [(0, 5), (10, 30), (50, 50)]:
+        assert replay(named, top_n=top_n, capacity=capacity) == replay(days, top_n=top_n, capacity=capacity)
 
 
 def test_ours_reduces_to_lru_and_to_static_at_the_extremes():
@@ -208,7 +313,110 @@ def test_invalid_arguments():
         replay([], top_n=0, capacity=1)
 
 
-# --- replay: the bound -----------------------------------------------------------------------------------
+# --- classic Belady against independent implementations --------------------------------------------------
+
+
+def naive_belady_hits(days: list[list], capacity: int) -> int:
+    """Classic MIN the slow, obvious way: a list of cached keys and a forward scan for each next request."""
+    requests = [key for day in days for key in day]
+    counted_from = len(days[0])
+    cached: list = []
+    hits = 0
+    for i, key in enumerate(requests):
+        if key in cached:
+            hits += i >= counted_from
+            continue
+        if len(cached) == capacity:
+            later = requests[i + 1 :]
+            cached.remove(max(cached, key=lambda k: later.index(k) if k in later else len(later)))
+        cached.append(key)
+    return hits
+
+
+def random_days(rng: np.random.Generator, *, strings: bool) -> list[list]:
+    """2-5 days over a small pool of keys that repeat, mixed with one-off keys that are never seen again."""
+    pool, fresh = int(rng.integers(2, 9)), itertools.count(1000)
+    days = []
+    for _ in range(int(rng.integers(2, 6))):
+        size = int(rng.integers(0, 25))
+        day = [int(rng.integers(0, pool)) if rng.random() < 0.75 else next(fresh) for _ in range(size)]
+        days.append([f"k{key}" for key in day] if strings else day)
+    return days
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_belady_equals_a_naive_implementation(seed: int):
+    rng = np.random.default_rng(seed)
+    for trial in range(60):
+        days = random_days(rng, strings=trial % 2 == 1)
+        capacity = int(rng.integers(1, 6))
+        expected = naive_belady_hits(days, capacity)
+        arrays = [np.array(day, dtype=object if trial % 2 else np.int64) for day in days]
+        assert belady_hits(arrays, capacity) == expected, (days, capacity)
+        if sum(len(day) for day in days[1:]):
+            assert hits(replay(arrays, top_n=0, capacity=capacity), "hit_rate_belady") == expected
+
+
+def best_demand_paging_hits(requests: list, capacity: int, *, counted_from: int = 0) -> int:
+    """Exhaustive search over every demand-paging cache: a missed key is admitted, evicting any cached key.
+
+    Hits count at request positions >= ``counted_from``.
+    """
+
+    @cache
+    def best(i: int, held: frozenset) -> int:
+        if i == len(requests):
+            return 0
+        key = requests[i]
+        if key in held:
+            return int(i >= counted_from) + best(i + 1, held)
+        if len(held) < capacity:
+            return best(i + 1, held | {key})
+        return max(best(i + 1, held - {victim} | {key}) for victim in held)
+
+    return best(0, frozenset())
+
+
+def tiny_traces(seed: int, count: int) -> list[tuple[list[list[int]], int]]:
+    rng = np.random.default_rng(seed)
+    traces = []
+    for _ in range(count):
+        keys = int(rng.integers(2, 6))
+        days = [rng.integers(0, keys, int(rng.integers(0, 5))).tolist() for _ in range(int(rng.integers(2, 4)))]
+        traces.append((days, int(rng.integers(1, 4))))
+    return traces
+
+
+def test_no_demand_paging_cache_beats_belady_over_a_whole_trace():
+    for days, capacity in tiny_traces(12, 300):
+        requests = [key for day in days for key in day]
+        # An empty day 0 makes every request count.
+        assert belady_hits([[], *map(np.array, days)], capacity) == best_demand_paging_hits(requests, capacity)
+
+
+def test_after_warm_up_belady_is_within_capacity_minus_one_of_any_demand_paging_cache():
+    """MIN also spends day 0 well, so from day 1 on a cache that gave up day-0 hits can do slightly better.
+
+    It can start day 1 in a better state, but only by the keys in which the states differ; the request that
+    ends day 0 is cached in both, so at most ``capacity - 1`` hits.
+    """
+    for days, capacity in tiny_traces(13, 300):
+        requests = [key for day in days for key in day]
+        best = best_demand_paging_hits(requests, capacity, counted_from=len(days[0]))
+        ours = belady_hits([np.array(day) for day in days], capacity)
+        assert ours <= best <= ours + capacity - 1, (days, capacity)
+
+
+def test_warm_up_can_cost_belady_a_hit_on_day_1():
+    # Capacity 2, day 0 "a b c a", day 1 "b". MIN keeps a at c (needed at 3, b only at 4), so b misses on
+    # day 1. Evicting a instead costs the day-0 hit on a, then a evicts c and b hits on day 1.
+    a, b, c = 1, 2, 3
+    days = [[a, b, c, a], [b]]
+    assert belady_hits([np.array(day) for day in days], 2) == 0
+    assert best_demand_paging_hits([a, b, c, a, b], 2, counted_from=4) == 1
+
+
+# --- the oracle-preload bound ----------------------------------------------------------------------------
 
 
 def best_possible_hits(days: list[list[int]], capacity: int, *, reload: bool = True) -> int:
@@ -241,24 +449,25 @@ def best_possible_hits(days: list[list[int]], capacity: int, *, reload: bool = T
     return best(0, frozenset())
 
 
-def test_belady_is_optimal_by_exhaustive_search():
+def test_oracle_preload_is_optimal_by_exhaustive_search():
     rng = np.random.default_rng(11)
     for _ in range(150):
         capacity = int(rng.integers(1, 3))
         days = [rng.integers(0, int(rng.integers(2, 5)), int(rng.integers(1, 5))).tolist() for _ in range(3)]
         result = replay([np.array(day) for day in days], top_n=0, capacity=capacity)
-        assert hits(result, "hit_rate_belady") == best_possible_hits(days, capacity), (days, capacity)
+        assert hits(result, "hit_rate_oracle_preload") == best_possible_hits(days, capacity), (days, capacity)
 
 
-def test_day_boundary_preload_beats_any_demand_paging_cache():
-    """Why the bound needs the free reload: ours beats the best cache that only loads on misses."""
+def test_day_boundary_preload_beats_classic_belady():
+    """Why the precompute bound needs the free reload: ours beats the best cache that only loads on misses."""
     a, b, c = 1, 2, 3
     days = [[a, a, a], [b] * 6 + [a] + [c] * 4 + [a], [b, c]]
     result = replay([np.array(day) for day in days], top_n=1, capacity=2)
     demand_paging_optimum = best_possible_hits(days, 2, reload=False)
     assert demand_paging_optimum == 11
+    assert hits(result, "hit_rate_belady") == 11
     assert hits(result, "hit_rate_ours") == 12
-    assert hits(result, "hit_rate_belady") == best_possible_hits(days, 2) == 13
+    assert hits(result, "hit_rate_oracle_preload") == best_possible_hits(days, 2) == 13
 
 
 def random_traces() -> list[tuple[str, list[np.ndarray]]]:
@@ -277,10 +486,168 @@ def random_traces() -> list[tuple[str, list[np.ndarray]]]:
 
 @pytest.mark.parametrize(("name", "days"), random_traces(), ids=lambda v: v if isinstance(v, str) else "")
 @pytest.mark.parametrize(("top_n", "capacity"), [(0, 1), (1, 1), (1, 2), (5, 20), (20, 50), (100, 100)])
-def test_no_policy_beats_belady(name: str, days: list[np.ndarray], top_n: int, capacity: int):
+def test_rates_against_the_two_bounds(name: str, days: list[np.ndarray], top_n: int, capacity: int):
     result = replay(days, top_n=top_n, capacity=capacity)
     assert result["requests"] == sum(len(day) for day in days[1:])
-    for rate in RATES:
-        assert 0.0 <= result[rate] <= result["hit_rate_belady"] <= 1.0, (rate, result)
+    # No policy with ``capacity`` slots, precomputing or not, beats the oracle that reloads at each boundary;
+    # classic Belady is itself such a policy.
+    for rate in (*POLICIES, "hit_rate_belady"):
+        assert 0.0 <= result[rate] <= result["hit_rate_oracle_preload"] <= 1.0, (rate, result)
+    # LRU is a read-through policy, which classic Belady bounds (up to capacity - 1 hits after warm-up, see
+    # above; none on these traces).
+    assert result["hit_rate_lru"] <= result["hit_rate_belady"], result
     # Ours serves every precomputed hit static top-N gets, and more from its LRU.
     assert result["hit_rate_ours"] >= result["hit_rate_static_top_n"]
+
+
+# --- warm-up days and given precomputed sets -------------------------------------------------------------
+
+
+def merged_warm_up(days: list[np.ndarray], warmup_days: int) -> list[np.ndarray]:
+    """The same trace with its first ``warmup_days`` days as one warm-up day."""
+    return [np.concatenate(days[:warmup_days]), *days[warmup_days:]]
+
+
+def test_one_warm_up_day_is_the_default():
+    for _, days in random_traces():
+        for top_n, capacity in [(0, 5), (5, 20)]:
+            default = replay(days, top_n=top_n, capacity=capacity)
+            assert replay(days, top_n=top_n, capacity=capacity, warmup_days=1) == default
+            assert belady_hits(days, capacity, warmup_days=1) == belady_hits(days, capacity)
+
+
+@pytest.mark.parametrize(("name", "days"), random_traces(), ids=lambda v: v if isinstance(v, str) else "")
+def test_lru_and_the_bounds_do_not_care_how_the_warm_up_is_split_into_days(name: str, days: list[np.ndarray]):
+    """LRU and Belady carry one cache through every request; the oracle's reload erases the warm-up anyway."""
+    for warmup_days in range(1, len(days)):
+        for top_n, capacity in [(0, 1), (0, 7), (5, 20)]:
+            split = replay(days, top_n=top_n, capacity=capacity, warmup_days=warmup_days)
+            merged = replay(merged_warm_up(days, warmup_days), top_n=top_n, capacity=capacity)
+            for key in ("hit_rate_lru", "hit_rate_belady", "hit_rate_oracle_preload", "requests"):
+                assert split[key] == merged[key], (warmup_days, top_n, capacity, key)
+            if top_n == 0:  # nothing precomputed: ours is the LRU
+                assert split["hit_rate_ours"] == split["hit_rate_lru"]
+            # Up to capacity - 1 hits of slack after the warm-up (see above); none on these traces.
+            assert split["hit_rate_lru"] <= split["hit_rate_belady"] <= split["hit_rate_oracle_preload"]
+
+
+def test_belady_warm_up_against_the_naive_implementation():
+    rng = np.random.default_rng(21)
+    for _ in range(200):
+        days = random_days(rng, strings=False)
+        capacity = int(rng.integers(1, 6))
+        for warmup_days in range(len(days) + 1):
+            expected = naive_belady_hits([sum(days[:warmup_days], []), *days[warmup_days:]], capacity)
+            assert belady_hits([np.array(day) for day in days], capacity, warmup_days=warmup_days) == expected
+
+
+def test_a_split_warm_up_changes_the_selection_of_static_top_n_and_ours():
+    # Recency weighting: split, day 1 (b, b) outweighs day 0 (a, a) and b is selected for day 2; as one warm-up
+    # day, a and b tie and a wins by key.
+    a, b = 1, 2
+    days = days_of([a, a], [b, b], [b])
+    split = replay(days, top_n=1, capacity=1, warmup_days=2)
+    merged = replay(merged_warm_up(days, 2), top_n=1, capacity=1)
+    assert (split["hit_rate_static_top_n"], merged["hit_rate_static_top_n"]) == (1.0, 0.0)
+    assert (split["hit_rate_ours"], merged["hit_rate_ours"]) == (1.0, 0.0)  # top_n == capacity: ours is static
+    assert split["hit_rate_lru"] == merged["hit_rate_lru"] == 1.0
+
+
+def test_ours_warm_up_depends_on_its_days_even_with_the_same_given_set():
+    # Ours' LRU (1 slot) only sees what the day's precomputed set misses. Split, day 1 precomputes a (day 0's
+    # top key), so the LRU keeps b and b hits on day 2; merged, nothing is precomputed and a evicts b.
+    a, b, c = 1, 2, 3
+    days = days_of([a], [b, a], [b])
+    split = replay(days, top_n=1, capacity=2, warmup_days=2, precomputed=[{c}])
+    merged = replay(merged_warm_up(days, 2), top_n=1, capacity=2, precomputed=[{c}])
+    assert (split["hit_rate_ours"], merged["hit_rate_ours"]) == (1.0, 0.0)
+    assert split["hit_rate_static_top_n"] == merged["hit_rate_static_top_n"] == 0.0  # same set on day 2
+
+
+def test_given_precomputed_sets_replace_the_selection_on_counted_days():
+    rng = np.random.default_rng(6)
+    days = [np.array([f"ad{k:04d}" for k in np.minimum(rng.zipf(1.2, 2000), 300)], dtype=object) for _ in range(4)]
+    selected = [set(select_top(ad_demand([daily_counts(day) for day in days[:d]]), 20)) for d in range(2, len(days))]
+    # The sets the selection would choose give the same result as choosing them inside.
+    assert replay(days, top_n=20, capacity=50, warmup_days=2, precomputed=selected) == replay(
+        days, top_n=20, capacity=50, warmup_days=2
+    )
+    # Any other set: static top-N serves exactly the requests for it; unknown keys take a slot and serve nothing.
+    given = [{"ad0001", "ad0002", "never-asked"}, set()]
+    result = replay(days, top_n=20, capacity=50, warmup_days=2, precomputed=given)
+    expected = sum(np.isin(day, list(chosen)).sum() for day, chosen in zip(days[2:], given, strict=True))
+    assert hits(result, "hit_rate_static_top_n") == expected
+    assert result["hit_rate_ours"] >= result["hit_rate_static_top_n"]
+    # Ours still has only capacity - top_n LRU slots, however small the given set.
+    assert replay(days, top_n=20, capacity=20, warmup_days=2, precomputed=[set(), set()])["hit_rate_ours"] == 0.0
+
+
+def test_invalid_warm_up_and_precomputed_sets():
+    days = days_of([1], [2], [1, 2])
+    for warmup_days in (0, -1, 3, 4):
+        with pytest.raises(ValueError, match="warmup_days"):
+            replay(days, top_n=1, capacity=2, warmup_days=warmup_days)
+    with pytest.raises(ValueError, match="warmup_days"):
+        replay(days_of([1]), top_n=0, capacity=1, warmup_days=2)
+    with pytest.raises(ValueError, match="warmup_days"):
+        belady_hits(days, 2, warmup_days=4)
+    with pytest.raises(ValueError, match="2 sets for 1 counted days"):
+        replay(days, top_n=1, capacity=2, warmup_days=2, precomputed=[{1}, {2}])
+    with pytest.raises(ValueError, match="exceeds top_n"):
+        replay(days, top_n=1, capacity=2, warmup_days=2, precomputed=[{1, 2}])
+    assert replay(days, top_n=1, capacity=2, warmup_days=2, precomputed=[{2}])["hit_rate_static_top_n"] == 0.5
+
+
+# --- the `precompute replay` command ---------------------------------------------------------------------
+
+
+def run_replay(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
+    """Exit code, stdout and stderr of ``precompute replay ARGS``."""
+    try:
+        code = main(["replay", *args])
+    except SystemExit as exit_:  # argparse's own usage errors
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_prints_one_json_object_with_every_rate(tmp_path: Path, capsys: pytest.CaptureFixture):
+    keys = np.minimum(np.random.default_rng(0).zipf(1.3, 4000), 500)
+    trace = write(tmp_path, "\n".join(f"user:{k}/feed" for k in keys.tolist()) + "\n")
+    code, out, err = run_replay(capsys, "--trace", str(trace), "--days", "4", "--top-n", "20", "--capacity", "60")
+    assert (code, err) == (0, "")
+    result = json.loads(out)
+    assert set(RATES) <= set(result)
+    assert result["requests"] == 3000 and result["days"] == 4 and result["trace"] == str(trace)
+    assert 0 < result["hit_rate_lru"] <= result["hit_rate_belady"] <= result["hit_rate_oracle_preload"] <= 1
+
+
+def bad_inputs(tmp_path: Path) -> list[tuple[list[str], str]]:
+    good = write(tmp_path, "1\n2\n3\n1\n")
+    (tmp_path / "bad.txt").write_text("a\nb c\n")
+    (tmp_path / "folder").mkdir()
+
+    def with_(days: str = "2", top_n: str = "1", capacity: str = "2", trace: Path = good) -> list[str]:
+        return ["--trace", str(trace), "--days", days, "--top-n", top_n, "--capacity", capacity]
+
+    return [
+        (with_(trace=tmp_path / "missing.txt"), "missing.txt: No such file or directory"),
+        (with_(trace=tmp_path / "folder"), "folder: Is a directory"),
+        (with_(trace=tmp_path / "bad.txt"), "bad.txt: line 2: key 'b c' contains whitespace"),
+        (with_(days="1"), "--days must be at least 2"),
+        (with_(days="0"), "--days must be at least 2"),
+        (with_(days="5"), "--days 5 is larger than the number of requests (4)"),
+        (with_(top_n="0", capacity="0"), "--capacity must be at least 1"),
+        (with_(top_n="-1"), "--top-n must be at least 0"),
+        (with_(top_n="5", capacity="2"), "capacity 2 is smaller than --top-n 5"),
+        (with_(days="two"), "--days"),  # argparse's own error
+        (["--trace", str(good), "--days", "2"], "required"),
+    ]
+
+
+def test_cli_bad_inputs_are_one_line_and_exit_code_2(tmp_path: Path, capsys: pytest.CaptureFixture):
+    for args, expected in bad_inputs(tmp_path):
+        code, out, err = run_replay(capsys, *args)
+        assert code == 2, (args, err)
+        assert out == "" and err.count("\n") == 1 and err.startswith("precompute replay: "), (args, err)
+        assert expected in err and "Traceback" not in err, (args, err)

@@ -9,22 +9,18 @@ import pytest
 import redis
 
 from precompute_assets.serving import KeySchema, PredictionCache, connect, publish_version
-from precompute_assets.stack import RedisServer, free_port
+from precompute_assets.stack import free_port
 
 
-def test_auth_is_required_and_works_with_the_password_in_the_url(tmp_path):
-    server = RedisServer(tmp_path / "redis", free_port(), password="s3cret-pw")
-    server.start()
-    try:
-        with pytest.raises(redis.AuthenticationError):
-            connect(server.url.replace(":s3cret-pw@", ""), socket_timeout=2).ping()
-        client = connect(server.url, socket_timeout=2)
-        publish_version(client, "ctr", "v1", [("ad1", 0.5)], n_keys=1, schema=KeySchema())
-        cache = PredictionCache.from_url(server.url, socket_timeout=2)
-        assert cache.get("ctr", "ad1") == pytest.approx(0.5)
-        cache.close()
-    finally:
-        server.stop()
+def test_auth_is_required_and_works_with_the_password_in_the_url(redis_server):
+    server = redis_server(password="s3cret-pw")
+    with pytest.raises(redis.AuthenticationError):
+        connect(server.url.replace(":s3cret-pw@", ""), socket_timeout=2).ping()
+    client = connect(server.url, socket_timeout=2)
+    publish_version(client, "ctr", "v1", [("ad1", 0.5)], n_keys=1, schema=KeySchema())
+    cache = PredictionCache.from_url(server.url, socket_timeout=2)
+    assert cache.get("ctr", "ad1") == pytest.approx(0.5)
+    cache.close()
 
 
 def tls_redis_server() -> str | None:
@@ -37,7 +33,7 @@ def tls_redis_server() -> str | None:
 
 
 @pytest.mark.skipif(tls_redis_server() is None, reason="no TLS-capable redis-server (apt-get install redis-server)")
-def test_rediss_url_with_a_verified_certificate(tmp_path):
+def test_rediss_url_with_a_verified_certificate(tmp_path, redis_server):
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
@@ -45,23 +41,17 @@ def test_rediss_url_with_a_verified_certificate(tmp_path):
         check=True, capture_output=True,
     )  # fmt: skip
     port = free_port()
-    server = RedisServer(
-        tmp_path / "redis",
-        free_port(),
+    redis_server(
         password="tls-pw",
         binary=tls_redis_server(),
         extra_config=(f"tls-port {port}", f"tls-cert-file {cert}", f"tls-key-file {key}", "tls-auth-clients no"),
     )
-    server.start()
     url = f"rediss://:tls-pw@127.0.0.1:{port}/0?ssl_cert_reqs=required&ssl_ca_certs={cert}"
-    try:
-        client = connect(url, socket_timeout=5)
-        assert client.ping()
-        publish_version(client, "ctr", "v1", [("ad1", 0.25)], n_keys=1, schema=KeySchema())
-        cache = PredictionCache.from_url(url, socket_timeout=5)
-        assert cache.get("ctr", "ad1") == pytest.approx(0.25)
-        cache.close()
-        with pytest.raises(redis.ConnectionError):  # plain text on the TLS port is refused
-            connect(f"redis://:tls-pw@127.0.0.1:{port}/0", socket_timeout=2).ping()
-    finally:
-        server.stop()
+    client = connect(url, socket_timeout=5)
+    assert client.ping()
+    publish_version(client, "ctr", "v1", [("ad1", 0.25)], n_keys=1, schema=KeySchema())
+    cache = PredictionCache.from_url(url, socket_timeout=5)
+    assert cache.get("ctr", "ad1") == pytest.approx(0.25)
+    cache.close()
+    with pytest.raises(redis.ConnectionError):  # plain text on the TLS port is refused
+        connect(f"redis://:tls-pw@127.0.0.1:{port}/0", socket_timeout=2).ping()

@@ -12,7 +12,6 @@ import redis
 
 from precompute_assets.serving import PredictionCache, connect, publish_version
 from precompute_assets.serving.publish import bucket_count
-from precompute_assets.stack import RedisServer, free_port
 
 
 def test_publish_writes_every_key_into_compact_buckets(redis_url, redis_client, schema):
@@ -28,11 +27,10 @@ def test_publish_writes_every_key_into_compact_buckets(redis_url, redis_client, 
     assert 0 < redis_client.ttl(schema.bucket("ctr", "v1", 0)) <= 2 * 86400
 
 
-def test_redis_dying_mid_publish_keeps_readers_on_the_old_version(tmp_path, schema):
+def test_redis_dying_mid_publish_keeps_readers_on_the_old_version(redis_server, schema):
     """A private Redis is killed (SIGKILL) after the first pipeline of a publish: the publish fails, and
     once Redis is back readers still see the complete old version; the retry then flips to the new one."""
-    server = RedisServer(tmp_path / "redis", free_port())
-    server.start()
+    server = redis_server()
     keys = [f"ad{i}" for i in range(60_000)]  # several pipelines
     publisher = connect(server.url, socket_timeout=2)
     publish_version(publisher, "ctr", "old", [(k, 0.25) for k in keys], n_keys=len(keys), schema=schema)
@@ -58,13 +56,10 @@ def test_redis_dying_mid_publish_keeps_readers_on_the_old_version(tmp_path, sche
     finally:
         stop.set()
         reader.join()
-    try:
-        assert seen <= {0.25, None} and 0.25 in seen  # never 0.75, never a mix
-        assert cache.get_many("ctr", keys[::101]) == [pytest.approx(0.25)] * len(keys[::101])
-        publish_version(publisher, "ctr", "new", [(k, 0.75) for k in keys], n_keys=len(keys), schema=schema)
-        assert cache.get_many("ctr", keys[::101]) == [pytest.approx(0.75)] * len(keys[::101])
-    finally:
-        server.stop()
+    assert seen <= {0.25, None} and 0.25 in seen  # never 0.75, never a mix
+    assert cache.get_many("ctr", keys[::101]) == [pytest.approx(0.25)] * len(keys[::101])
+    publish_version(publisher, "ctr", "new", [(k, 0.75) for k in keys], n_keys=len(keys), schema=schema)
+    assert cache.get_many("ctr", keys[::101]) == [pytest.approx(0.75)] * len(keys[::101])
 
 
 def test_a_retried_version_starts_clean(redis_url, redis_client, schema):

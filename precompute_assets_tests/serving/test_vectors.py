@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from precompute_assets.ml.quantize import dequantize, quantize_int8
+from precompute_assets.ml.quantize import dequantize
 from precompute_assets.serving import vectors
-from precompute_assets.serving.vectors import decode_vector, encode_batch, encode_vector, model_id
+from precompute_assets.serving.vectors import decode_vector, encode_batch, encode_vector, model_id, quantize_int8
 
 VERSION = "hsvd300-0123456789abcdef"
 

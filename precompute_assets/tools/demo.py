@@ -1,23 +1,26 @@
 """The demo: days of synthetic ad traffic through the serving client, the daily graph through Dagster,
-then the next day's traffic served from the warmed cache."""
+then the next day's traffic served from the warmed cache, and the policies compared on that same traffic."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Collection, Hashable, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import dagster as dg
+import numpy as np
 import pandas as pd
 
-from .defs.partitions import TIMEZONE
-from .defs.selection import hours_of
-from .lake import Lake, default_lake_uri
-from .serving import KeySchema, PredictionCache, connect
-from .stack import ENV_REDIS, Stack
-from .workload.ads import generate_traffic, make_ads, true_ctr
-from .workload.serve import SimClock, serve_traffic
+from ..defs.partitions import deployment_partitions
+from ..ml.replay import replay
+from ..serving import KeySchema, Pointer, PredictionCache, connect
+from ..stack import ENV_LAKE, ENV_REDIS, Stack
+from ..storage.lake import Lake
+from ..workload.ads import generate_traffic, make_ads, true_ctr
+from ..workload.serve import SimClock, serve_traffic
+from .measure import percentile_us, timed
 
 
 @contextmanager
@@ -54,21 +57,28 @@ def run_demo(
     queries_per_day: int = 40_000,
     n_ads: int = 20_000,
     top_n: int = 1000,
+    capacity: int | None = None,
     n_docs: int = 50_000,
     seed: int = 0,
 ) -> dict:
     """``days`` of history ending yesterday-minus-one, the daily graph for the last of them, then yesterday's
-    traffic replayed against the warmed cache and against a read-through cache alone."""
-    from .definitions import defs
+    traffic served end to end from the warmed cache, and the policies compared on it at ``capacity`` keys
+    (default ``2 * top_n``), all warmed on the same history (see ``compare_policies``)."""
+    capacity = 2 * top_n if capacity is None else capacity
+    if capacity < top_n:
+        raise ValueError(f"capacity {capacity} is smaller than top_n {top_n}: the precomputed keys would not fit")
+    from ..definitions import defs as load_definitions
 
+    defs = load_definitions()
     env = stack.env()
     if not stack.status()[0].embedded:  # the Redis entry
         raise SystemExit("the demo resets Redis: run it on the embedded stack, not on a shared server")
     stages = Stages()
     redis_url = env[ENV_REDIS]
     connect(redis_url, socket_timeout=10).flushdb()  # embedded demo server only (checked above)
-    lake = Lake(default_lake_uri())
-    tz = ZoneInfo(TIMEZONE)
+    lake = Lake(env[ENV_LAKE])
+    partitions = deployment_partitions()
+    tz = ZoneInfo(partitions.timezone)
     today = datetime.now(tz).replace(hour=0, minute=0, second=0, microsecond=0)
     day_starts = [today - timedelta(days=days + 1 - d) for d in range(days + 1)]
     day_keys = [d.date().isoformat() for d in day_starts]
@@ -97,7 +107,7 @@ def run_demo(
     with stages.timed("materialize_query_logs"):
         job = defs.resolve_job_def("query_logs_job")
         logged = 0
-        for hour in [h for key in day_keys[:-1] for h in hours_of(key)]:
+        for hour in [h for key in day_keys[:-1] for h in partitions.hours_of(key)]:
             result = job.execute_in_process(partition_key=hour, instance=instance, raise_on_error=True)
             logged += result.asset_materializations_for_node("query_logs")[0].metadata["dagster/row_count"].value
         print(f"   {logged} events in {days * 24} hourly partitions", flush=True)
@@ -115,15 +125,14 @@ def run_demo(
         }
 
     with stages.timed("serve_next_day"):
-        clock = SimClock()
-        ours = PredictionCache.from_url(redis_url, clock=clock, socket_timeout=1.0)
-        with _progress(len(next_day), "serving next day (precomputed + read-through)") as bar:
-            served = serve_traffic(ours, clock, [next_day], live_ctr.__getitem__, progress=bar)
-        ours.close()
-        alone = PredictionCache(connect(redis_url, socket_timeout=1.0), schema=KeySchema("readthrough"))
-        with _progress(len(next_day), "serving next day (read-through alone)") as bar:
-            baseline = serve_traffic(alone, SimClock(), [next_day], live_ctr.__getitem__, progress=bar)
+        # Ours in the comparison is exactly the version ctr_cache published in this run.
+        published = published_keys(redis_url, "ctr", version=meta["ctr_cache"]["version"].value)
+        served = serve_end_to_end(redis_url, next_day, published, live_ctr.__getitem__)
         lookup_us = ours_latency(redis_url, next_day["ad_id"].head(5000).tolist())
+
+    with stages.timed("compare_policies"):
+        history_keys = [day["ad_id"].to_numpy() for day in history]
+        rates = compare_policies(history_keys, next_day["ad_id"].to_numpy(), published, top_n=top_n, capacity=capacity)
 
     with stages.timed("embed_documents"):
         embeddings = embed_demo_documents(stack, defs, instance, n_docs=n_docs, seed=seed)
@@ -134,8 +143,9 @@ def run_demo(
         "ads": n_ads,
         "events_logged": logged,
         "precomputed_day": partition,
-        "hit_rate_ours": round(served.hit_rate, 4),
-        "hit_rate_read_through_alone": round(baseline.hit_rate, 4),
+        "top_n": top_n,
+        **{name: round(value, 4) if isinstance(value, float) else value for name, value in rates.items()},
+        "served_end_to_end": served,
         "top_ads_coverage_last_day": round(meta["top_ads"]["coverage_last_day"].value, 4),
         "auc": round(meta["ctr_model"]["auc"].value, 4),
         "baseline_auc": round(meta["ctr_model"]["baseline_auc"].value, 4),
@@ -149,9 +159,92 @@ def run_demo(
     }
 
 
+def compare_policies(
+    history_days: Sequence[np.ndarray],
+    next_day: np.ndarray,
+    published: Collection[Hashable],
+    *,
+    top_n: int,
+    capacity: int,
+) -> dict:
+    """Hit rates on ``next_day`` at equal capacity in keys, every policy warmed on the same ``history_days``.
+
+    Ours: the ``published`` set (at most ``top_n`` keys) plus a read-through LRU of ``capacity - top_n`` keys.
+    Read-through: an LRU of ``capacity`` keys. Static top-N, and the two bounds (Belady, the read-through
+    optimum; oracle preload, the precompute optimum), as ``replay`` defines them.
+    """
+    if not history_days:
+        raise ValueError("need at least one day of history to warm the caches")
+    if capacity < top_n:
+        raise ValueError(f"capacity {capacity} is smaller than top_n {top_n}")
+    result = replay(
+        [*history_days, next_day],
+        top_n=top_n,
+        capacity=capacity,
+        warmup_days=len(history_days),
+        precomputed=[published],
+    )
+    return {
+        "capacity_keys": capacity,
+        "warmup_days": len(history_days),
+        "requests_compared": result["requests"],
+        "hit_rate_ours": result["hit_rate_ours"],
+        "hit_rate_read_through": result["hit_rate_lru"],
+        "hit_rate_static_top_n": result["hit_rate_static_top_n"],
+        "hit_rate_belady": result["hit_rate_belady"],
+        "hit_rate_oracle_preload": result["hit_rate_oracle_preload"],
+    }
+
+
+def published_keys(redis_url: str, kind: str, *, version: str) -> set[str]:
+    """The keys of the current published ``version`` of ``kind``, read bucket by bucket from Redis."""
+    client, schema = connect(redis_url, socket_timeout=10), KeySchema()
+    try:
+        raw = client.get(schema.pointer(kind))
+        pointer = None if raw is None else Pointer.decode(raw)
+        if pointer is None or pointer.version != version:
+            current = pointer.version if pointer else "nothing"
+            raise RuntimeError(f"{kind} version {version} is not the current one ({current} is)")
+        pipe = client.pipeline(transaction=False)
+        for bucket in range(pointer.buckets):
+            pipe.hkeys(schema.bucket(kind, version, bucket))
+        return {key.decode() for fields in pipe.execute() for key in fields}
+    finally:
+        client.close()
+
+
+def serve_end_to_end(
+    redis_url: str, next_day: pd.DataFrame, published: set[str], compute: Callable[[str], float]
+) -> dict:
+    """The day through the real ``PredictionCache``: the published version, then live read-through keys.
+
+    A miss is exactly a call of ``compute``, so hits on published keys (the version) and on the others (live
+    keys) are counted without touching the client.
+    """
+    missed: list[str] = []
+
+    def compute_and_count(key: str) -> float:
+        missed.append(key)
+        return compute(key)
+
+    clock = SimClock()
+    cache = PredictionCache.from_url(redis_url, clock=clock, socket_timeout=1.0)
+    with _progress(len(next_day), "serving next day (precomputed + read-through)") as bar:
+        served = serve_traffic(cache, clock, [next_day], compute_and_count, progress=bar)
+    cache.close()
+    version_hits = int(next_day["ad_id"].isin(published).sum()) - sum(key in published for key in missed)
+    return {
+        "hit_rate": round(served.hit_rate, 4),
+        "queries": served.queries,
+        "hits_published_version": version_hits,
+        "hits_live_read_through": served.hits - version_hits,
+        "note": "live read-through keys expire on wall-clock time, so every key asked in the history is still "
+        "live: not bounded in capacity, not comparable with the hit rates above",
+    }
+
+
 def ours_latency(redis_url: str, keys: list[str]) -> float:
     """p99 of ``PredictionCache.get`` over ``keys`` (microseconds), logging off."""
-    from .bench import percentile_us, timed
 
     cache = PredictionCache.from_url(redis_url, log_queries=False, socket_timeout=1.0)
     samples = timed(lambda key: cache.get("ctr", key), keys)
@@ -161,10 +254,9 @@ def ours_latency(redis_url: str, keys: list[str]) -> float:
 
 def embed_demo_documents(stack: Stack, defs, instance: dg.DagsterInstance, *, n_docs: int, seed: int) -> dict:
     """Generate documents into the document store, fit the embedder, embed and publish; measure Redis."""
-    from .bench import percentile_us, timed
-    from .docstore import DocumentStore
-    from .stack import ENV_APP_DB
-    from .workload.documents import generate_documents
+    from ..stack import ENV_APP_DB
+    from ..storage.documents import DocumentStore
+    from ..workload.documents import generate_documents
 
     env = stack.env()
     store = DocumentStore(env[ENV_APP_DB])

@@ -5,10 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
+import shlex
 import sys
+from typing import NoReturn
 
-from .stack import ENV_APP_DB, ENV_REDIS, Stack, project_dir
+from ..stack import ENV_APP_DB, ENV_REDIS, RedisError, Stack, StackError, project_dir, redact
+
+
+class CliError(Exception):
+    """Bad input or an unusable service: printed as one line, exit code 2."""
 
 
 def _up(stack: Stack) -> dict[str, str]:
@@ -33,25 +38,45 @@ def cmd_status(args: argparse.Namespace) -> int:
     return print_status(Stack())
 
 
-def redact(url: str) -> str:
-    """The URL with its password replaced by ***."""
-    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
-
-
 def print_status(stack: Stack) -> int:
     for service in stack.status():
         where = "embedded" if service.embedded else "external"
         state = f"running (pid {service.pid})" if service.pid else ("reachable" if service.running else "stopped")
         if not service.embedded and not service.running:
             state = "unreachable"
-        print(f"{service.name:<9} {where:<9} {state:<22} {redact(service.url)}")
+        version = f"  ({service.version})" if service.version else ""
+        print(f"{service.name:<9} {where:<9} {state:<22} {redact(service.url)}{version}")
     print(f"state     {stack.home}")
+    for name, kind, status in automation(stack):
+        print(f"{kind:<9} {status:<9} {name}")
     return 0
+
+
+def automation(stack: Stack) -> list[tuple[str, str, str]]:
+    """Each schedule and sensor with the state the Dagster daemon acts on, when Dagster's database answers."""
+    postgres = next(service for service in stack.status() if service.name == "postgres")
+    if not postgres.running or not (stack.dagster_home / "dagster.yaml").exists():
+        return [("(unknown until `precompute up`: Dagster's database is stopped)", "automation", "")]
+    import dagster as dg
+
+    from ..definitions import defs
+    from ..defs.automation import automation_states
+
+    saved = dict(os.environ)
+    os.environ.update(stack.env())
+    try:
+        with dg.DagsterInstance.from_config(str(stack.env()["DAGSTER_HOME"])) as instance:
+            return automation_states(instance, defs())
+    except Exception as error:  # status reports; it never fails because Dagster's storage cannot be read
+        return [(f"(unknown: {type(error).__name__}: {str(error).splitlines()[0][:120]})", "automation", "")]
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def cmd_env(args: argparse.Namespace) -> int:
     for name, value in Stack().env().items():
-        print(f"export {name}={value}")
+        print(f"export {name}={shlex.quote(value)}")
     return 0
 
 
@@ -77,6 +102,9 @@ def cmd_dev(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
+    capacity = 2 * args.top_n if args.capacity is None else args.capacity
+    if capacity < args.top_n:  # checked before anything starts
+        raise CliError(f"--capacity {capacity} is smaller than --top-n {args.top_n}")
     stack = Stack()
     _up(stack)
     summary = run_demo(
@@ -85,6 +113,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         queries_per_day=args.queries_per_day,
         n_ads=args.ads,
         top_n=args.top_n,
+        capacity=capacity,
         n_docs=args.docs,
         seed=args.seed,
     )
@@ -112,25 +141,42 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from .ml.replay import TraceError, parse_trace, replay, split_days
+    """Print the replayed hit rates as one JSON object; a bad input raises CliError (one line, exit code 2)."""
+    from ..ml.replay import TraceError, parse_trace, replay, split_days
 
+    # Arguments first: they are cheap to check and a long trace should not be read for nothing.
+    if args.days < 2:
+        raise CliError(f"--days must be at least 2 (day 0 only warms the caches), got {args.days}")
+    if args.capacity < 1:
+        raise CliError(f"--capacity must be at least 1, got {args.capacity}")
+    if args.top_n < 0:
+        raise CliError(f"--top-n must be at least 0, got {args.top_n}")
+    if args.capacity < args.top_n:
+        raise CliError(f"--capacity {args.capacity} is smaller than --top-n {args.top_n}")
     try:
         trace = parse_trace(args.trace)
-    except (TraceError, OSError) as error:
-        print(f"precompute replay: {args.trace}: {error}", file=sys.stderr)
-        return 2
+    except TraceError as error:
+        raise CliError(f"{args.trace}: {error}") from None
+    except OSError as error:
+        raise CliError(f"{args.trace}: {error.strerror or error}") from None
+    if args.days > len(trace.keys):
+        raise CliError(f"--days {args.days} is larger than the number of requests ({len(trace.keys)})")
     try:
         result = replay(split_days(trace, args.days), top_n=args.top_n, capacity=args.capacity)
     except ValueError as error:
-        print(f"precompute replay: {error}", file=sys.stderr)
-        return 2
+        raise CliError(str(error)) from None
     print(json.dumps({"trace": str(args.trace), **result}))
     return 0
 
 
 def cmd_docs(args: argparse.Namespace) -> int:
-    from .docstore import DocumentStore
+    from ..storage.documents import DocumentStore, check_document_file
 
+    if args.docs_command == "load":
+        try:
+            check_document_file(args.file)
+        except (OSError, ValueError) as error:
+            raise CliError(str(error)) from None
     env = _up(Stack())
     store = DocumentStore(env[ENV_APP_DB])
     store.ensure_schema()
@@ -139,8 +185,8 @@ def cmd_docs(args: argparse.Namespace) -> int:
     else:
         from tqdm import tqdm
 
-        from .docstore import LoadResult
-        from .workload.documents import generate_documents
+        from ..storage.documents import LoadResult
+        from ..workload.documents import generate_documents
 
         result = LoadResult()
         with tqdm(total=args.n, desc="documents", unit="doc", disable=None) as bar:
@@ -158,8 +204,26 @@ def cmd_docs(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (``precompute: ...``) and exit code 2, like every CLI error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message}\n")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="precompute", description=__doc__)
+    parser = _Parser(prog="precompute", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("up", help="start the embedded PostgreSQL and Redis (unless URLs are set)").set_defaults(fn=cmd_up)
     sub.add_parser("down", help="stop the embedded services").set_defaults(fn=cmd_down)
@@ -170,34 +234,37 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--port", type=int, default=3000)
     dev.set_defaults(fn=cmd_dev)
     demo = sub.add_parser("demo", help="synthetic traffic through the serving client, then the asset graph")
-    demo.add_argument("--days", type=int, default=3, help="days of history before the replayed day")
-    demo.add_argument("--queries-per-day", type=int, default=40_000)
-    demo.add_argument("--ads", type=int, default=20_000)
-    demo.add_argument("--top-n", type=int, default=1000)
-    demo.add_argument("--docs", type=int, default=50_000, help="documents to generate and embed")
+    demo.add_argument("--days", type=positive_int, default=3, help="days of history before the replayed day")
+    demo.add_argument("--queries-per-day", type=positive_int, default=40_000)
+    demo.add_argument("--ads", type=positive_int, default=20_000)
+    demo.add_argument("--top-n", type=positive_int, default=1000)
+    demo.add_argument(
+        "--capacity", type=positive_int, help="cache capacity in keys for the hit-rate comparison (default 2 x top-n)"
+    )
+    demo.add_argument("--docs", type=positive_int, default=50_000, help="documents to generate and embed")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(fn=cmd_demo)
     bench = sub.add_parser("bench", help="benchmarks: print one JSON object")
     bench.add_argument("what", choices=["serve", "publish", "graph", "embed"])
-    bench.add_argument("--docs", type=int, default=1_000_000, help="embed: documents")
-    bench.add_argument("--queries", type=int, default=10_000_000, help="graph: logged queries over 7 days")
-    bench.add_argument("--ads", type=int, default=100_000, help="graph: ads in the catalog")
-    bench.add_argument("--n", type=int, default=1_000_000, help="publish: keys to publish")
-    bench.add_argument("--keys", type=int, default=10_000)
-    bench.add_argument("--lookups", type=int, default=50_000)
+    bench.add_argument("--docs", type=positive_int, default=1_000_000, help="embed: documents")
+    bench.add_argument("--queries", type=positive_int, default=10_000_000, help="graph: logged queries over 7 days")
+    bench.add_argument("--ads", type=positive_int, default=100_000, help="graph: ads in the catalog")
+    bench.add_argument("--n", type=positive_int, default=1_000_000, help="publish: keys to publish")
+    bench.add_argument("--keys", type=positive_int, default=10_000)
+    bench.add_argument("--lookups", type=positive_int, default=50_000)
     bench.set_defaults(fn=cmd_bench)
     docs = sub.add_parser("docs", help="the document store: load a file or generate synthetic documents")
     docs_sub = docs.add_subparsers(dest="docs_command", required=True)
     load = docs_sub.add_parser("load", help="upsert documents from JSONL or Parquet (doc_id, title, body, language)")
     load.add_argument("file")
     generate = docs_sub.add_parser("generate", help="synthetic documents in 14 languages and scripts")
-    generate.add_argument("--n", type=int, required=True)
+    generate.add_argument("--n", type=positive_int, required=True)
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--start-id", type=int, default=0)
     docs.set_defaults(fn=cmd_docs)
-    replay = sub.add_parser("replay", help="hit rates of LRU, static top-N, ours and Belady on a key trace")
-    replay.add_argument("--trace", required=True, help="one integer key per line, or timestamp,key lines")
-    replay.add_argument("--days", type=int, required=True, help="split the trace into this many days")
+    replay = sub.add_parser("replay", help="hit rates of LRU, static top-N, ours and two offline bounds on a trace")
+    replay.add_argument("--trace", required=True, help="one key per line, or timestamp,key lines")
+    replay.add_argument("--days", type=int, required=True, help="split the trace into this many days (>= 2)")
     replay.add_argument("--top-n", type=int, required=True, help="keys precomputed each day")
     replay.add_argument("--capacity", type=int, required=True, help="cache capacity in keys (>= top-n)")
     replay.set_defaults(fn=cmd_replay)
@@ -206,7 +273,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.fn(args) or 0
+    try:
+        return args.fn(args) or 0
+    except (CliError, StackError, RedisError) as error:
+        print(f"precompute {args.command}: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

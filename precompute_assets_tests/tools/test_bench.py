@@ -1,6 +1,6 @@
 """The benchmark commands run and report every promised key (small sizes; no assertion on speed)."""
 
-from precompute_assets.bench import bench_publish, bench_serve
+from precompute_assets.tools.bench import bench_graph, bench_publish, bench_serve
 
 
 def test_bench_serve_reports_latencies_and_ratio(redis_url):
@@ -15,8 +15,23 @@ def test_bench_publish_reports_rates_and_ratios(redis_url, redis_client):
     result = bench_publish(redis_url, n=5000, naive_n=500)
     assert result["keys"] == 5000 and result["keys_per_s"] > 0 and result["naive_keys_per_s"] > 0
     assert result["ratio_vs_naive"] == round(result["keys_per_s"] / result["naive_keys_per_s"], 2)
+    for key in ("redis_bytes_per_key", "naive_redis_bytes_per_key"):
+        assert 1 <= result[key] <= 1000, (key, result[key])
+    assert result["ratio_bytes_vs_naive"] == round(
+        result["redis_bytes_per_key"] / result["naive_redis_bytes_per_key"], 3
+    )
     if result["redis_benchmark_set_per_s"] is None:  # redis-tools not installed: reported as null
         assert result["ratio_vs_redis_benchmark"] is None
     else:
         assert result["ratio_vs_redis_benchmark"] > 0
     assert not list(redis_client.scan_iter("bench*", count=1000))  # cleaned up after itself
+
+
+def test_bench_graph_reports_asset_seconds_and_io_floor(redis_url, redis_client):
+    result = bench_graph(queries=20_000, ads=500, days=7, top_ns=(100,), redis_url=redis_url)
+    assert result["queries"] > 0 and result["io_floor_seconds"] > 0
+    assert result["io_floor_rows"] == 2 * result["queries"]  # every logged query and every impression, once
+    run = result["top_100"]
+    assert run["keys_published"] == 100 and run["total_asset_seconds"] > 0
+    assert run["ratio_vs_io_floor"] == round(run["total_asset_seconds"] / result["io_floor_seconds"], 2)
+    assert not list(redis_client.scan_iter("bench*", count=1000))

@@ -29,7 +29,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 from psycopg2 import sql
 
-from .pg import transaction
+from .postgres import transaction
 
 _ISO_639_1 = """
 aa ab ae af ak am an ar as av ay az ba be bg bh bi bm bn bo br bs ca ce ch co cr cs cu cv cy da de
@@ -39,12 +39,32 @@ lv mg mh mi mk ml mn mr ms mt my na nb nd ne ng nl nn no nr nv ny oc oj om or os
 rm rn ro ru rw sa sc sd se sg si sk sl sm sn so sq sr ss st su sv sw ta te tg th ti tk tl tn to tr
 ts tt tw ty ug uk ur uz ve vi vo wa wo xh yi yo za zh zu
 """
-# ISO 639-1 two-letter codes; others are stored as given and reported in LoadResult.unknown_languages
+# ISO 639-1 two-letter codes. A language tag is known when it is a well-formed BCP 47 tag whose primary
+# subtag is one of them (see primary_language); others are stored as given and counted as unknown.
 KNOWN_LANGUAGES = frozenset(_ISO_639_1.split())
+# BCP 47 (RFC 5646) syntax, lower-cased, for the tags whose primary language subtag has 2 or 3 letters:
+# extlang, script, region, variants, extensions, private use. Grandfathered tags (i-klingon) do not match.
+_LANGUAGE_TAG = re.compile(
+    r"(?P<primary>[a-z]{2,3})(?:-[a-z]{3}){0,3}(?:-[a-z]{4})?(?:-(?:[a-z]{2}|[0-9]{3}))?"
+    r"(?:-(?:[a-z0-9]{5,8}|[0-9][a-z0-9]{3}))*(?:-[a-wyz0-9](?:-[a-z0-9]{2,8})+)*(?:-x(?:-[a-z0-9]{1,8})+)?"
+)
 COLUMNS = ("doc_id", "title", "body", "language")
 CHUNK_ROWS = 50_000  # rows read and COPYed at a time by load_file
 MAX_REJECTIONS_KEPT = 1000  # all rejections are counted; the first ones are kept with their reason
 _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,50}$")
+
+
+def primary_language(tag: str) -> str | None:
+    """The primary language subtag of a well-formed BCP 47 tag, lower-cased (``pt-BR``, ``zh-Hant-TW`` ->
+    ``pt``, ``zh``), or None when the tag is malformed. Case-insensitive; ``_`` is accepted as a separator too
+    (POSIX locale style, ``pt_BR``)."""
+    match = _LANGUAGE_TAG.fullmatch(tag.lower().replace("_", "-")) if isinstance(tag, str) else None
+    return match["primary"] if match else None
+
+
+def is_known_language(tag: str) -> bool:
+    """Whether ``tag`` is a well-formed BCP 47 tag whose primary subtag is an ISO 639-1 code."""
+    return primary_language(tag) in KNOWN_LANGUAGES
 
 
 @dataclass(frozen=True)
@@ -200,6 +220,32 @@ def _frames_of_jsonl(stream: IO[bytes], result: LoadResult) -> Iterator[tuple[pd
         yield _object_frame(records), labels
 
 
+def check_document_file(path: str | Path) -> str:
+    """``"parquet"`` or ``"jsonl"`` by the file's suffix; ``ValueError``/``OSError`` naming the problem when the
+    suffix is unknown or the file is missing or unreadable."""
+    path = Path(path)
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes[-1:] == [".gz"]:
+        suffixes = suffixes[:-1]
+    if suffixes[-1:] in ([".parquet"], [".pq"]) and path.suffix.lower() != ".gz":
+        kind = "parquet"
+    elif suffixes[-1:] in ([".jsonl"], [".ndjson"], [".json"]):
+        kind = "jsonl"
+    else:
+        raise ValueError(f"{path}: unknown suffix {path.suffix or '(none)'!r}; expected .jsonl, .ndjson, .json"
+                         " (optionally .gz) or .parquet")  # fmt: skip
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file")
+    if not path.is_file():
+        raise IsADirectoryError(f"{path}: not a file")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as error:
+        raise OSError(f"{path}: cannot read ({error.strerror})") from None
+    return kind
+
+
 def _frames_of_parquet(path: Path) -> Iterator[tuple[pd.DataFrame, None]]:
     parquet = pq.ParquetFile(path)
     wanted = [c for c in COLUMNS if c in parquet.schema_arrow.names]
@@ -252,13 +298,8 @@ class DocumentStore:
         """Upsert the documents of a JSONL (``.jsonl``/``.ndjson``, optionally ``.gz``) or Parquet file,
         read in chunks; a malformed JSONL line is a rejection, not an error."""
         path = Path(path)
-        suffixes = [s.lower() for s in path.suffixes]
-        if suffixes[-1:] in ([".parquet"], [".pq"]):
+        if check_document_file(path) == "parquet":
             return self._load(_frames_of_parquet(path))
-        if suffixes and suffixes[-1] == ".gz":
-            suffixes = suffixes[:-1]
-        if suffixes[-1:] not in ([".jsonl"], [".ndjson"], [".json"]):
-            raise ValueError(f"{path}: expected a .jsonl, .ndjson or .parquet file")
         opener = gzip.open if path.suffix.lower() == ".gz" else open
         result = LoadResult()
         with opener(path, "rb") as stream:
@@ -296,7 +337,9 @@ class DocumentStore:
                 " AND NOT (language = ANY(%s)) GROUP BY language",
                 (sorted(KNOWN_LANGUAGES),),
             )
-            result.unknown_languages = dict(Counter(dict(cur.fetchall())).most_common())
+            # Plain codes are ruled out in SQL; the rest (pt-BR, zh-Hans, typos) are judged by their tag.
+            unknown = {tag: n for tag, n in cur.fetchall() if not is_known_language(tag)}
+            result.unknown_languages = dict(Counter(unknown).most_common())
             cur.execute(
                 sql.SQL(
                     """WITH upserted AS (

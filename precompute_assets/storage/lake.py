@@ -1,8 +1,11 @@
-"""The offline store: one Parquet file per asset partition, on a local folder or any pyarrow filesystem URI."""
+"""The offline store: one Parquet file per asset partition, on a local folder or any pyarrow filesystem URI.
+
+Where it is comes from the caller (``LakeResource``, from ``PRECOMPUTE_LAKE_URI``): nothing here reads the
+environment or guesses a folder.
+"""
 
 from __future__ import annotations
 
-import os
 import uuid
 from dataclasses import dataclass
 from functools import cached_property
@@ -13,21 +16,16 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-ENV_LAKE = "PRECOMPUTE_LAKE_URI"
-
-
-def default_lake_uri() -> str:
-    """``$PRECOMPUTE_LAKE_URI`` (``s3://bucket/prefix``, ``gs://...``) or a folder in the local state."""
-    from .stack import default_home
-
-    return os.environ.get(ENV_LAKE) or str(default_home() / "lake")
-
 
 @dataclass(frozen=True)
 class Lake:
     """Reads and writes ``{base}/{asset}/{partition}.parquet``; a write replaces the file atomically."""
 
     base_uri: str
+
+    def __post_init__(self) -> None:
+        if not self.base_uri or not self.base_uri.strip():
+            raise ValueError("the lake needs a folder or URI: an empty one would be the working directory")
 
     @cached_property
     def _fs(self) -> tuple[pafs.FileSystem, str]:

@@ -3,7 +3,7 @@
 import pandas as pd
 import pytest
 
-from precompute_assets.lake import Lake
+from precompute_assets.storage.lake import Lake
 
 
 @pytest.mark.parametrize("as_uri", [False, True])

@@ -10,8 +10,8 @@ import pandas as pd
 import psycopg2
 import pytest
 
-from precompute_assets.docstore import DocumentStore
-from precompute_assets.pg import libpq_url
+from precompute_assets.storage.documents import DocumentStore, is_known_language, primary_language
+from precompute_assets.storage.postgres import libpq_url
 from precompute_assets.workload.documents import generate_documents
 
 
@@ -123,6 +123,40 @@ def test_unknown_languages_are_stored_and_counted(store: DocumentStore) -> None:
     assert languages["d"] == "klingon"
 
 
+@pytest.mark.parametrize(
+    "tag", ["en", "EN", "pt-BR", "pt_BR", "zh-Hans", "sr-Cyrl", "zh-Hant-TW", "ZH-hant-tw", "de-DE-1996",
+            "en-US-u-ca-gregory", "en-x-twain", "es-419"],
+)  # fmt: skip
+def test_bcp47_tags_of_known_languages_are_known(tag: str) -> None:
+    assert is_known_language(tag)
+
+
+@pytest.mark.parametrize(
+    "tag", ["", "x", "123", "en-", "-en", "en--US", "en US", " en", "pt-BRR1", "en-toolongsubtag", "xx", "xx-YY",
+            "fil", "klingon", "i-klingon", "x-private"],
+)  # fmt: skip
+def test_malformed_tags_and_unknown_primary_languages_are_unknown(tag: str) -> None:
+    assert not is_known_language(tag)
+
+
+def test_primary_subtag_decides() -> None:
+    assert [primary_language(t) for t in ("pt-BR", "zh_Hant_TW", "SR-Cyrl", "xx-YY", "en-")] == [
+        "pt", "zh", "sr", "xx", None,
+    ]  # fmt: skip
+
+
+def test_region_and_script_tags_are_not_counted_as_unknown(store: DocumentStore) -> None:
+    result = store.load_frame(
+        frame(("a", "t", "b", "pt-BR"), ("b", "t", "b", "zh-Hans"), ("c", "t", "b", "sr-Cyrl"),
+              ("d", "t", "b", "zh-Hant-TW"), ("e", "t", "b", "pt_br"), ("f", "t", "b", "EN"),
+              ("g", "t", "b", "x"), ("h", "t", "b", "123"), ("i", "t", "b", "xx-YY"), ("j", "t", "b", "123"))
+    )  # fmt: skip
+    assert result.inserted == 10
+    assert result.unknown_languages == {"123": 2, "x": 1, "xx-YY": 1}
+    languages = {row.doc_id: row.language for row in store.changed_since(None, limit=20)}
+    assert languages["e"] == "pt_br" and languages["b"] == "zh-Hans"  # stored as given
+
+
 def test_delete_then_recreate(store: DocumentStore) -> None:
     store.load_frame(frame(("a", "t", "b", "en"), ("b", "t", "b", "en")))
     assert store.delete(["a", "missing"]) == 1
@@ -163,7 +197,7 @@ def test_mark_indexed_does_not_bump_modified_at(store: DocumentStore) -> None:
 
 
 def test_load_generated_parquet_in_chunks(store: DocumentStore, tmp_path: Path) -> None:
-    import precompute_assets.docstore as docstore
+    import precompute_assets.storage.documents as docstore
 
     docs = pd.concat(generate_documents(3000, seed=4, chunk_size=1000), ignore_index=True)
     path = tmp_path / "docs.parquet"

@@ -1,0 +1,104 @@
+"""The embedded stack: works from private folders, changes nothing outside its own, and is ready when `up` returns."""
+
+from __future__ import annotations
+
+import os
+import stat
+import tempfile
+from pathlib import Path
+
+import psycopg2
+import pytest
+import redis
+
+from precompute_assets.stack import (
+    ENV_APP_DB,
+    ENV_REDIS,
+    RedisServer,
+    Stack,
+    default_redis_binary,
+    free_port,
+    server_version,
+    service_root,
+    wheel_pg_install,
+)
+from precompute_assets.storage.postgres import libpq_url
+
+
+def modes_of_parents(*paths: Path) -> dict[Path, tuple[int, int, int]]:
+    """Mode, owner and group of every ancestor of ``paths`` (the paths themselves excluded)."""
+    out = {}
+    for path in paths:
+        for parent in Path(path).resolve().parents:
+            info = parent.stat()
+            out[parent] = (stat.S_IMODE(info.st_mode), info.st_uid, info.st_gid)
+    return out
+
+
+def test_up_from_a_private_folder_changes_no_mode_or_owner_outside_its_own(session_dir: Path) -> None:
+    """A checkout in a 0700 folder (like /root or mktemp -d): `up` works, and no directory outside the home
+    and the service folder has its mode or owner changed."""
+    private = Path(tempfile.mkdtemp(prefix="precompute-private-"))  # mode 0700
+    try:
+        assert stat.S_IMODE(private.stat().st_mode) == 0o700
+        home = private / "checkout" / ".precompute"
+        home.parent.mkdir()
+        watched = [home, wheel_pg_install() / "bin" / "postgres", Path(default_redis_binary()), service_root()]
+        before = modes_of_parents(*watched)
+        stack = Stack(home)
+        try:
+            env = stack.up()
+            after = modes_of_parents(*watched)
+            changed = {p: (before[p], after.get(p)) for p in before if after.get(p) != before[p]}
+            assert not changed, f"modes/owners changed outside our folders: {changed}"
+            assert stat.S_IMODE(private.stat().st_mode) == 0o700
+            with psycopg2.connect(libpq_url(env[ENV_APP_DB])) as conn, conn.cursor() as cur:
+                cur.execute("SELECT 1")
+                assert cur.fetchone() == (1,)
+            assert redis.Redis.from_url(env[ENV_REDIS]).ping()
+            if os.geteuid() == 0:  # PostgreSQL's data lives in the service folder, owned by its user, 0700
+                assert stack.postgres.data.is_relative_to(service_root())
+                assert stat.S_IMODE(stack.postgres.data.stat().st_mode) == 0o700
+        finally:
+            stack.purge()
+        assert stack.postgres.pid is None and stack.redis.pid is None
+        assert not stack.postgres.data.exists()
+    finally:
+        import shutil
+
+        shutil.rmtree(private, ignore_errors=True)
+
+
+def test_the_embedded_redis_is_a_supported_release(redis_server) -> None:
+    name, version = server_version(default_redis_binary())
+    assert (name == "valkey" and version >= (7, 2)) or (name == "redis" and version >= (7, 2)), (name, version)
+    server = redis_server()
+    client = redis.Redis.from_url(server.url)
+    assert client.config_get("hash-max-listpack-value") == {"hash-max-listpack-value": "512"}
+    assert server.info_version() == f"{name} {'.'.join(map(str, version))}"
+
+
+def test_start_returns_only_when_redis_answers_after_loading_a_large_dataset(redis_server) -> None:
+    """A restart replays the saved data; `start` must not return while Redis still replies LOADING."""
+    server = redis_server(extra_config=("enable-debug-command local",))
+    client = redis.Redis.from_url(server.url, socket_timeout=60)
+    client.execute_command("DEBUG", "POPULATE", 2_000_000, "k", 64)
+    client.bgrewriteaof()
+    while client.info("persistence")["aof_rewrite_in_progress"]:
+        pass
+    server.stop()
+    server.start()
+    assert client.info("persistence")["loading"] == 0
+    client.set("first-write", "ok")  # raised BusyLoadingError before `start` waited
+    assert client.dbsize() == 2_000_001
+
+
+def test_a_server_that_cannot_start_is_one_clear_error(tmp_path: Path) -> None:
+    from precompute_assets.stack import RedisError
+
+    busy = RedisServer(tmp_path / "a", free_port(), extra_config=("maxmemory not-a-size",))
+    with pytest.raises(RedisError, match="failed|exited"):
+        busy.start(timeout_s=10)
+    missing = RedisServer(tmp_path / "b", free_port(), binary=str(tmp_path / "no-such-server"))
+    with pytest.raises(RedisError, match="cannot run"):
+        missing.start()

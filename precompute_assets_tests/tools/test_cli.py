@@ -1,0 +1,158 @@
+"""The `precompute` command: replay output and errors, and the stack commands."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from precompute_assets.stack import Stack
+from precompute_assets.tools.cli import main
+
+
+def test_replay_prints_one_json_object_with_the_five_rates(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    keys = np.minimum(rng.zipf(1.3, 20_000), 5000)
+    trace = tmp_path / "trace.txt"
+    trace.write_text("\n".join(f"user:{k}" for k in keys) + "\n")  # string keys, as real traffic has
+    assert main(["replay", "--trace", str(trace), "--days", "4", "--top-n", "50", "--capacity", "200"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    rates = [result[f"hit_rate_{name}"] for name in ("lru", "static_top_n", "ours", "belady")]
+    assert all(0 < rate <= result["hit_rate_oracle_preload"] for rate in rates)
+    assert result["hit_rate_lru"] <= result["hit_rate_belady"] < result["hit_rate_oracle_preload"]
+    assert result["requests"] == 15_000
+
+
+def test_replay_names_the_bad_line(tmp_path, capsys):
+    trace = tmp_path / "trace.txt"
+    for content, expected in [
+        ("1\n2\n\n3\n", "line 3: blank line"),
+        ("1\n# comment\n2\n", "line 2"),
+        ("1\n2\nad 7\n", "line 3"),
+    ]:
+        trace.write_text(content)
+        assert main(["replay", "--trace", str(trace), "--days", "2", "--top-n", "1", "--capacity", "2"]) == 2
+        err = capsys.readouterr().err
+        assert expected in err and err.count("\n") == 1
+
+
+def test_replay_rejects_top_n_above_capacity(tmp_path, capsys):
+    trace = tmp_path / "trace.txt"
+    trace.write_text("1\n2\n3\n4\n")
+    assert main(["replay", "--trace", str(trace), "--days", "2", "--top-n", "5", "--capacity", "2"]) == 2
+    assert "--capacity 2 is smaller than --top-n 5" in capsys.readouterr().err
+
+
+@pytest.fixture(autouse=True)
+def private_environ(monkeypatch):
+    """`precompute up` exports the stack's URLs into os.environ: keep them out of other tests."""
+    monkeypatch.setattr(os, "environ", os.environ.copy())
+
+
+def test_up_status_down_manage_real_servers(tmp_path, monkeypatch, capsys):
+    for name in ("PRECOMPUTE_REDIS_URL", "DAGSTER_PG_URL", "PRECOMPUTE_APP_DB_URL", "DAGSTER_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "home"))
+    try:
+        assert main(["up"]) == 0
+        out = capsys.readouterr().out
+        assert "redis     embedded  running (pid" in out and "postgres  embedded  running (pid" in out
+        assert "(valkey 8." in out or "(redis " in out  # the server's own version
+        assert main(["status"]) == 0
+        out = capsys.readouterr().out
+        for kind, name in [
+            ("schedule", "daily_precompute"),
+            ("schedule", "query_logs_hourly"),
+            ("sensor", "documents_changed"),
+        ]:
+            assert f"{kind:<9} RUNNING   {name}" in out, out
+        assert main(["env"]) == 0
+        env = capsys.readouterr().out
+        assert f"export DAGSTER_HOME={tmp_path / 'home' / 'dagster'}" in env
+        assert (tmp_path / "home" / "dagster" / "dagster.yaml").resolve().name == "dagster.yaml"
+    finally:
+        main(["down"])
+        Stack(tmp_path / "home").purge()
+    for name in ("PRECOMPUTE_REDIS_URL", "DAGSTER_PG_URL", "PRECOMPUTE_APP_DB_URL"):  # exported by `up`
+        os.environ.pop(name, None)
+    main(["status"])
+    assert "running" not in capsys.readouterr().out
+
+
+def test_unreachable_external_servers_are_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("PRECOMPUTE_REDIS_URL", "rediss://user:secret@127.0.0.1:1/0")
+    monkeypatch.setenv("DAGSTER_PG_URL", "postgresql://u:secret@127.0.0.1:1/dagster")
+    monkeypatch.setenv("PRECOMPUTE_APP_DB_URL", "postgresql://u:secret@127.0.0.1:1/app")
+    assert main(["up"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and "does not answer" in captured.err and "Traceback" not in captured.err
+    assert "secret" not in captured.err
+    assert main(["status"]) == 0
+    out = capsys.readouterr().out
+    assert "redis     external  unreachable" in out and "postgresql+psycopg2://u:***@127.0.0.1:1/dagster" in out
+    assert "secret" not in out
+    assert not (tmp_path / "home" / "redis").exists() and not (tmp_path / "home" / "postgres").exists()
+
+
+def test_env_is_shell_safe_and_stable_before_up(tmp_path, monkeypatch, capsys):
+    """`eval "$(precompute env)"` must reproduce every value, and ports must not change between calls."""
+    import subprocess
+
+    monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "home with space"))
+    monkeypatch.setenv("PRECOMPUTE_REDIS_URL", "rediss://:p$w`d@127.0.0.1:6380/0?a=1&b=2")
+    monkeypatch.delenv("DAGSTER_PG_URL", raising=False)
+    main(["env"])
+    first = capsys.readouterr().out
+    main(["env"])
+    assert capsys.readouterr().out == first
+    shown = subprocess.run(
+        ["bash", "-c", first + 'printf "%s\\n" "$PRECOMPUTE_REDIS_URL" "$PRECOMPUTE_HOME" "$DAGSTER_PG_URL"'],
+        capture_output=True, text=True, check=True, env={"PATH": os.environ["PATH"]},
+    ).stdout.splitlines()  # fmt: skip
+    assert shown[0] == "rediss://:p$w`d@127.0.0.1:6380/0?a=1&b=2"
+    assert shown[1] == str(tmp_path / "home with space")
+    assert shown[2].startswith("postgresql+psycopg2://postgres@127.0.0.1:")
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["demo", "--days", "0"], "--days: must be at least 1, got 0"),
+        (["demo", "--top-n", "x"], "--top-n: expected a whole number, got 'x'"),
+        (["bench", "publish", "--n", "-5"], "--n: must be at least 1, got -5"),
+        (["bench", "nonsense"], "invalid choice"),
+        (["nonsense"], "invalid choice"),
+    ],
+)
+def test_bad_arguments_are_one_line_and_exit_2(argv, expected, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and expected in err and err.startswith("precompute")
+
+
+def test_docs_load_bad_files_are_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "never-started"))
+    unreadable = tmp_path / "locked.jsonl"
+    unreadable.write_text("{}\n")
+    unreadable.chmod(0)
+    folder = tmp_path / "folder.jsonl"
+    folder.mkdir()
+    cases = [
+        (tmp_path / "missing.jsonl", "no such file"),
+        (tmp_path / "docs.csv", "unknown suffix '.csv'"),
+        (folder, "not a file"),
+    ]
+    if os.geteuid() != 0:  # root reads a file of mode 000
+        cases.append((unreadable, "cannot read"))
+    for path, expected in cases:
+        if path.suffix == ".csv":
+            path.write_text("doc_id\n1\n")
+        assert main(["docs", "load", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and expected in err and "Traceback" not in err, err
+    assert not (tmp_path / "never-started" / "redis").exists()  # nothing was started for a bad file

@@ -1,0 +1,160 @@
+"""The demo's hit-rate comparison (equal capacity, equal warm-up) and its end-to-end serving counts.
+
+A real demo run starts the whole stack and takes minutes; these test its parts on synthetic data.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Hashable, Iterable
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from precompute_assets.serving import KeySchema, PredictionCache, connect, publish_version
+from precompute_assets.tools.cli import main
+from precompute_assets.tools.demo import compare_policies, published_keys, serve_end_to_end
+from precompute_assets.workload.serve import SimClock, serve_traffic
+
+RATES = ("hit_rate_ours", "hit_rate_read_through", "hit_rate_static_top_n", "hit_rate_belady")
+
+
+def keys(*names: str) -> np.ndarray:
+    return np.array(names, dtype=object)
+
+
+def counted_hits(result: dict, rate: str) -> int:
+    return round(result[rate] * result["requests_compared"])
+
+
+def reference_lru_hits(history: Iterable[Hashable], day: Iterable[Hashable], slots: int, precomputed=frozenset()):
+    """Hits on ``day`` of an LRU of ``slots`` keys warmed on ``history``; ``precomputed`` keys hit on ``day``
+    without touching the LRU. The obvious implementation, for one day of history (no selection in it)."""
+    cache: OrderedDict[Hashable, None] = OrderedDict()
+    hits = 0
+    for counted, requests in ((False, history), (True, day)):
+        for key in requests:
+            if counted and key in precomputed:
+                hits += 1
+            elif key in cache:
+                cache.move_to_end(key)
+                hits += counted
+            elif slots:
+                cache[key] = None
+                if len(cache) > slots:
+                    cache.popitem(last=False)
+    return hits
+
+
+def test_the_comparison_names_every_rate_and_its_terms():
+    result = compare_policies([keys("b", "a")], keys("a", "c"), {"c"}, top_n=1, capacity=2)
+    assert result == {
+        "capacity_keys": 2,
+        "warmup_days": 1,
+        "requests_compared": 2,
+        "hit_rate_ours": 1.0,  # a in its one LRU slot, c published: the preload beats read-through's optimum
+        "hit_rate_read_through": 0.5,
+        "hit_rate_static_top_n": 0.5,
+        "hit_rate_belady": 0.5,
+        "hit_rate_oracle_preload": 1.0,
+    }
+
+
+def test_ours_gets_the_same_capacity_top_n_slots_are_reserved_even_when_unused():
+    # Read-through keeps both history keys in its 2 slots; ours has 1 LRU slot beside its top-N slot, so with
+    # nothing published it is an LRU of 1 key and the scan x, y misses twice.
+    history, day = [keys("x", "y")], keys("x", "y")
+    result = compare_policies(history, day, set(), top_n=1, capacity=2)
+    assert result["hit_rate_read_through"] == 1.0
+    assert result["hit_rate_ours"] == 0.0
+    assert result["hit_rate_ours"] == compare_policies(history, day, set(), top_n=0, capacity=1)["hit_rate_ours"]
+    # With every slot precomputed, ours is the published set and nothing else.
+    only_published = compare_policies(history, day, {"y"}, top_n=2, capacity=2)
+    assert only_published["hit_rate_ours"] == only_published["hit_rate_static_top_n"] == 0.5
+
+
+def test_both_policies_are_warmed_on_the_same_history():
+    # k1 and k2 are asked only in the history: with room for them, both policies hit them on the next day.
+    history = [keys("k1", "k2"), keys("k2", "k1")]
+    day = keys("k1", "k2", "p", "p")
+    result = compare_policies(history, day, {"p"}, top_n=1, capacity=3)
+    assert result["hit_rate_read_through"] == 0.75  # k1, k2 warm; p misses once, then hits
+    assert result["hit_rate_ours"] == 1.0  # k1, k2 warm in its 2 LRU slots; p published
+    assert result["warmup_days"] == 2 and result["requests_compared"] == 4
+
+
+def test_ours_and_read_through_against_an_independent_lru():
+    rng = np.random.default_rng(7)
+    for _ in range(40):
+        history, day = (np.array([f"ad{k}" for k in np.minimum(rng.zipf(1.3, 300), 80)], dtype=object) for _ in "hd")
+        top_n = int(rng.integers(0, 12))
+        capacity = top_n + int(rng.integers(1, 20))
+        published = set(rng.choice([f"ad{k}" for k in range(1, 100)], size=top_n, replace=False).tolist())
+        result = compare_policies([history], day, published, top_n=top_n, capacity=capacity)
+        assert counted_hits(result, "hit_rate_read_through") == reference_lru_hits(history, day, capacity)
+        assert counted_hits(result, "hit_rate_ours") == reference_lru_hits(
+            history, day, capacity - top_n, frozenset(published)
+        )
+        assert counted_hits(result, "hit_rate_static_top_n") == int(np.isin(day, list(published)).sum())
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_the_bounds_hold_on_drifting_traffic(seed: int):
+    rng = np.random.default_rng(seed)
+    days = [np.array([f"ad{k + 15 * d}" for k in np.minimum(rng.zipf(1.2, 2000), 400)]) for d in range(4)]
+    history, day = days[:-1], days[-1]
+    top_n, capacity = 30, 60
+    counts = pd.Series(np.concatenate(history)).value_counts()
+    published = set(counts.index[:top_n])
+    result = compare_policies(history, day, published, top_n=top_n, capacity=capacity)
+    # Belady bounds read-through caches (up to capacity - 1 hits of slack after a warm-up; none here).
+    assert result["hit_rate_read_through"] <= result["hit_rate_belady"]
+    # No cache of ``capacity`` keys, precomputing or not, beats the oracle that reloads at the day boundary.
+    assert all(result[rate] <= result["hit_rate_oracle_preload"] <= 1.0 for rate in RATES)
+    assert result["hit_rate_ours"] >= result["hit_rate_static_top_n"]
+
+
+def test_bad_comparisons():
+    with pytest.raises(ValueError, match="capacity 1 is smaller than top_n 2"):
+        compare_policies([keys("a")], keys("a"), set(), top_n=2, capacity=1)
+    with pytest.raises(ValueError, match="exceeds top_n"):
+        compare_policies([keys("a")], keys("a"), {"a", "b"}, top_n=1, capacity=3)
+    with pytest.raises(ValueError, match="history"):
+        compare_policies([], keys("a"), set(), top_n=0, capacity=1)
+
+
+def test_demo_capacity_below_top_n_is_one_line_and_starts_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "never-started"))
+    assert main(["demo", "--top-n", "10", "--capacity", "5"]) == 2
+    err = capsys.readouterr().err
+    assert err == "precompute demo: --capacity 5 is smaller than --top-n 10\n"
+    assert not (tmp_path / "never-started").exists()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--capacity", "0"])
+    assert exit_info.value.code == 2 and "--capacity: must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_end_to_end_counts_hits_of_the_published_version_and_of_live_keys(redis_server):
+    url = redis_server().url
+    client, schema = connect(url, socket_timeout=5), KeySchema()
+    publish_version(client, "ctr", "2024-01-02.abcd1234.0", [("a", 0.1), ("b", 0.2)], n_keys=2, schema=schema)
+    published = published_keys(url, "ctr", version="2024-01-02.abcd1234.0")
+    assert published == {"a", "b"}
+    with pytest.raises(RuntimeError, match="not the current one"):
+        published_keys(url, "ctr", version="2024-01-01.older000.0")
+
+    def traffic(ad_ids: list[str], start_ms: int) -> pd.DataFrame:
+        return pd.DataFrame({"ts_ms": range(start_ms, start_ms + len(ad_ids)), "ad_id": ad_ids, "user": "u1"})
+
+    clock = SimClock()
+    history = PredictionCache.from_url(url, clock=clock, socket_timeout=1.0)
+    serve_traffic(history, clock, [traffic(["c", "d"], 1_000)], lambda key: 0.5)
+    history.close()
+    served = serve_end_to_end(url, traffic(["a", "c", "e", "a", "e", "b"], 2_000), published, lambda key: 0.5)
+    client.close()
+    assert served["queries"] == 6
+    assert served["hits_published_version"] == 3  # a, a, b
+    assert served["hits_live_read_through"] == 2  # c from the history, e from its own first miss
+    assert served["hit_rate"] == round(5 / 6, 4)
+    assert "not bounded in capacity" in served["note"]
