@@ -29,8 +29,13 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    Stack().down()
-    print("embedded services stopped")
+    stack = Stack()
+    if args.purge:
+        stack.purge()
+        print(f"embedded services stopped; their data is deleted ({stack.home} and {stack.postgres.runtime})")
+    else:
+        stack.down()
+        print("embedded services stopped")
     return 0
 
 
@@ -226,7 +231,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="precompute", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("up", help="start the embedded PostgreSQL and Redis (unless URLs are set)").set_defaults(fn=cmd_up)
-    sub.add_parser("down", help="stop the embedded services").set_defaults(fn=cmd_down)
+    down = sub.add_parser("down", help="stop the embedded services")
+    down.add_argument(
+        "--purge",
+        action="store_true",
+        help="also delete their data (PRECOMPUTE_HOME and, as root, PostgreSQL's folder)",
+    )
+    down.set_defaults(fn=cmd_down)
     sub.add_parser("status", help="what runs where").set_defaults(fn=cmd_status)
     sub.add_parser("env", help="print the environment variables of the stack").set_defaults(fn=cmd_env)
     dev = sub.add_parser("dev", help="up + the Dagster UI (dagster dev -w workspace.yaml)")

@@ -74,7 +74,10 @@ def test_up_status_down_manage_real_servers(tmp_path, monkeypatch, capsys):
         assert (tmp_path / "home" / "dagster" / "dagster.yaml").resolve().name == "dagster.yaml"
     finally:
         main(["down"])
-        Stack(tmp_path / "home").purge()
+    runtime = Stack(tmp_path / "home").postgres.runtime
+    assert runtime.exists()  # `down` keeps the data
+    assert main(["down", "--purge"]) == 0
+    assert not runtime.exists() and not (tmp_path / "home" / "redis").exists()
     for name in ("PRECOMPUTE_REDIS_URL", "DAGSTER_PG_URL", "PRECOMPUTE_APP_DB_URL"):  # exported by `up`
         os.environ.pop(name, None)
     main(["status"])
