@@ -8,6 +8,14 @@ loads, not when a module is imported. Call ``defs()`` for the Definitions.
 import dagster as dg
 
 from .defs.automation import build_schedules, daily_precompute_job
+from .defs.campaigns import (
+    build_campaign_schedules,
+    campaign_budget,
+    campaign_cleanup_job,
+    campaign_ctr,
+    campaign_launch_sensor,
+    campaign_warming_job,
+)
 from .defs.embeddings import document_embeddings, document_embeddings_job, documents_changed, embedding_model
 from .defs.models import ctr_model
 from .defs.partitions import Partitions
@@ -32,16 +40,25 @@ ASSETS = [
     embedding_model,
     document_embeddings,
 ]
+# On the dynamic "campaigns" partitions, which no deployment setting moves.
+CAMPAIGN_ASSETS = [campaign_ctr, campaign_budget]
 
 
 def build_definitions(settings: Settings) -> dg.Definitions:
     """Every asset, job, schedule, sensor and resource, on the partitions and in the timezone of ``settings``."""
     partitions = Partitions.of_settings(settings)
     return dg.Definitions(
-        assets=[partitions.move(asset) for asset in ASSETS],
-        jobs=[query_logs_job, daily_precompute_job, query_log_cleanup_job, document_embeddings_job],
-        sensors=[documents_changed],
-        schedules=build_schedules(partitions),
+        assets=[*(partitions.move(asset) for asset in ASSETS), *CAMPAIGN_ASSETS],
+        jobs=[
+            query_logs_job,
+            daily_precompute_job,
+            query_log_cleanup_job,
+            document_embeddings_job,
+            campaign_warming_job,
+            campaign_cleanup_job,
+        ],
+        sensors=[documents_changed, campaign_launch_sensor],
+        schedules=[*build_schedules(partitions), *build_campaign_schedules(partitions.timezone)],
         resources=build_resources(settings),
     )
 

@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "precompute_assets"
 ALLOWED_INTERNAL = {
     "serving": set(),
     "ml": {"serving"},
-    "storage": {"serving"},
+    "storage": {"serving", "ml"},  # ml.features: the ad feature set that validates stored ads
     "workload": {"serving", "ml"},
     "sync": {"serving", "ml", "storage"},
     "stack": {"storage"},

@@ -34,22 +34,25 @@ def test_asset_keys_checks_jobs_schedules_sensors():
     r = repo()
     assert {k.to_user_string() for k in r.asset_graph.get_all_asset_keys()} == {
         "ads", "ad_impressions", "query_logs", "query_log_quarantine", "traffic_profile", "ad_demand", "top_ads",
-        "ctr_model", "ctr_predictions", "ctr_cache", "embedding_model", "document_embeddings",
+        "ctr_model", "ctr_predictions", "ctr_cache", "embedding_model", "document_embeddings", "campaign_ctr",
+        "campaign_budget",
     }  # fmt: skip
     checks = {(c.asset_key.to_user_string(), c.name) for c in r.asset_graph.asset_check_keys}
     assert checks == {
         ("query_logs", "quarantine_rate"), ("ad_demand", "has_traffic"), ("top_ads", "known_ads"),
-        ("ctr_model", "beats_baseline"), ("ctr_predictions", "valid_ctr"),
+        ("ctr_model", "beats_baseline"), ("ctr_model", "new_ads_beat_baseline"), ("ctr_predictions", "valid_ctr"),
         ("document_embeddings", "embedding_error_rate"), ("document_embeddings", "int8_recall"),
         ("document_embeddings", "staleness"),
     }  # fmt: skip
     assert {j.name for j in r.get_all_jobs()} - {"__ASSET_JOB"} == {
         "query_logs_job", "daily_precompute_job", "query_log_cleanup_job", "document_embeddings_job",
+        "campaign_warming_job", "campaign_cleanup_job",
     }  # fmt: skip
     assert {s.name for s in r.schedule_defs} == {
         "query_logs_hourly", "daily_precompute", "query_log_cleanup_daily", "document_embeddings_daily",
+        "campaign_warming_backstop",
     }  # fmt: skip
-    assert {s.name for s in r.sensor_defs} == {"documents_changed"}
+    assert {s.name for s in r.sensor_defs} == {"documents_changed", "campaign_launch_sensor"}
 
 
 def ticks(schedule: dg.ScheduleDefinition, start: datetime, end: datetime) -> list[datetime]:
@@ -204,5 +207,5 @@ def test_importing_reads_no_setting():
 def test_every_schedule_and_sensor_runs_by_default():
     r = repo()
     statuses = {d.name: d.default_status for d in [*r.schedule_defs, *r.sensor_defs]}
-    assert len(statuses) == 5
+    assert len(statuses) == 7
     assert {name: status.value for name, status in statuses.items()} == dict.fromkeys(statuses, "RUNNING")

@@ -1,11 +1,15 @@
-"""Models: the CTR RandomForest, gated by a blocking check against a logistic-regression baseline."""
+"""Models: the CTR RandomForest, gated by a blocking check against a logistic-regression baseline, and
+measured on cold-start ads (first seen after the training cutoff) by a warning check."""
 
+import math
 import time
+from dataclasses import asdict
 
 import dagster as dg
 import pandas as pd
 
 from ..ml import ctr
+from ..ml.features import spec_dict
 from .partitions import DEFAULT_PARTITIONS, Partitions
 from .resources import LakeResource, ModelStoreResource
 
@@ -13,11 +17,17 @@ CTR_MODEL = "ctr_model"
 
 
 class CtrModelConfig(dg.Config):
+    """Training window and forest; the ad columns it reads are the lake resource's ad feature set."""
+
     training_days: int = 14
     valid_fraction: float = 0.2
     n_estimators: int = 100
     max_depth: int = 12
     min_samples_leaf: int = 5
+    # A category value seen on fewer training ads is folded into the unseen bucket (all-zero one-hot), like a
+    # value first seen after training; at most max_category_values per column are learned (the most common).
+    min_category_ads: int = 5
+    max_category_values: int = 100
 
 
 def read_impressions(lake, days: list[str]) -> tuple[pd.DataFrame, list[str]]:
@@ -50,19 +60,61 @@ def beats_baseline_check(metrics: dict | None, baseline: dict | None, error: str
     )
 
 
+def new_ad_metadata(new_ads: ctr.NewAdEvaluation) -> dict[str, object]:
+    """The cold-start numbers as metadata: NaN AUCs and a note when they could not be measured."""
+    nan_safe = {
+        "new_ad_auc": math.nan if new_ads.auc is None else new_ads.auc,
+        "baseline_new_ad_auc": math.nan if new_ads.baseline_auc is None else new_ads.baseline_auc,
+        "new_ads": new_ads.ads,
+        "new_ad_impressions": new_ads.impressions,
+    }
+    return nan_safe if new_ads.note is None else {**nan_safe, "new_ad_auc_note": new_ads.note}
+
+
+def new_ads_check(new_ads: ctr.NewAdEvaluation | None, error: str | None) -> dg.AssetCheckResult:
+    """Warns (never blocks) when the forest ranks ads first seen after the training cutoff worse than the baseline
+    on the same rows; passes with a note when that cannot be measured."""
+    name, severity = "new_ads_beat_baseline", dg.AssetCheckSeverity.WARN
+    if error is not None:
+        return dg.AssetCheckResult(check_name=name, passed=False, severity=severity, description=error)
+    metadata = new_ad_metadata(new_ads)
+    if new_ads.note is not None:
+        description, passed = f"not measured: {new_ads.note}", True
+    else:
+        passed = new_ads.auc >= new_ads.baseline_auc
+        metadata["new_ad_auc_lift"] = new_ads.auc - new_ads.baseline_auc
+        description = (
+            f"new-ad AUC {new_ads.auc:.4f} vs baseline {new_ads.baseline_auc:.4f} on the "
+            f"{new_ads.ads} ads first seen after the training cutoff"
+        )
+    return dg.AssetCheckResult(
+        check_name=name, passed=passed, severity=severity, description=description, metadata=metadata
+    )
+
+
 @dg.asset(
     partitions_def=DEFAULT_PARTITIONS.daily,
     deps=["ads", "ad_impressions"],
     kinds={"sklearn"},
     group_name="models",
-    check_specs=[dg.AssetCheckSpec("beats_baseline", asset=CTR_MODEL, blocking=True)],
+    check_specs=[
+        dg.AssetCheckSpec("beats_baseline", asset=CTR_MODEL, blocking=True),
+        dg.AssetCheckSpec(
+            "new_ads_beat_baseline",
+            asset=CTR_MODEL,
+            description="Warns when the forest's AUC on ads first seen after the training cutoff is below the "
+            "logistic baseline's on the same rows (cold start); never blocks.",
+        ),
+    ],
 )
 def ctr_model(
     context: dg.AssetExecutionContext, config: CtrModelConfig, lake: LakeResource, model_store: ModelStoreResource
 ) -> dg.MaterializeResult:
-    """RandomForest CTR model on the last ``training_days`` of impressions, split by time.
+    """RandomForest CTR model on the last ``training_days`` of impressions, split by time, on the ad columns the
+    lake resource names (category vocabularies learned from the training days).
 
-    Its version is this materialization (partition + run id); predictions load exactly that version.
+    Its version is this materialization (partition + run id); predictions load exactly that version, and the
+    stored model carries its feature spec and vocabularies.
     """
     store = lake.lake()
     days = Partitions.of(context).days_ending(context.partition_key, config.training_days)
@@ -70,28 +122,44 @@ def ctr_model(
     ads = store.read("ads")
     started = time.perf_counter()
     try:
-        frame, issues = ctr.training_frame(impressions, ads)
+        spec = lake.ad_feature_spec()
+        frame, issues = ctr.training_frame(impressions, ads, spec)
         train, valid = ctr.time_split(frame, valid_fraction=config.valid_fraction)
+        encoder = ctr.fit_encoder(
+            train, spec, min_category_ads=config.min_category_ads, max_category_values=config.max_category_values
+        )
         model = ctr.train_ctr_model(
             train,
+            encoder,
             n_estimators=config.n_estimators,
             max_depth=config.max_depth,
             min_samples_leaf=config.min_samples_leaf,
         )
-        metrics, baseline = ctr.evaluate(model, valid), ctr.evaluate(ctr.train_baseline(train), valid)
+        baseline_model = ctr.train_baseline(train, encoder)
+        metrics, baseline = ctr.evaluate(model, valid), ctr.evaluate(baseline_model, valid)
+        new_ads = ctr.evaluate_new_ads(model, baseline_model, train, valid)
     except ValueError as error:
         context.log.error(f"no model trained: {error}")
         return dg.MaterializeResult(
             metadata={"error": str(error), "impressions": len(impressions), "missing_days": len(missing)},
-            check_results=[beats_baseline_check(None, None, f"no model trained: {error}")],
+            check_results=[
+                beats_baseline_check(None, None, f"no model trained: {error}"),
+                new_ads_check(None, f"no model trained: {error}"),
+            ],
         )
     seconds = time.perf_counter() - started
     version = f"{context.partition_key}.{context.run_id[:8]}"
     # overwrite: a step retry in the same run retrains and replaces the model of this unfinished version
     uri = model_store.store().save(
-        CTR_MODEL, version, model, {"metrics": metrics, "baseline": baseline}, overwrite=True
+        CTR_MODEL,
+        version,
+        model,
+        {"metrics": metrics, "baseline": baseline, "new_ads": asdict(new_ads), "features": encoder.describe()},
+        overwrite=True,
     )
     context.log.info(f"trained {version}: AUC {metrics['auc']:.4f} (baseline {baseline['auc']:.4f})")
+    if new_ads.note is not None:
+        context.log.info(f"new-ad AUC not measured: {new_ads.note}")
     check = beats_baseline_check(metrics, baseline, None)
     return dg.MaterializeResult(
         metadata={
@@ -102,6 +170,10 @@ def ctr_model(
             "log_loss": metrics["log_loss"],
             "calibration_error": metrics["calibration_error"],
             "baseline_auc": baseline["auc"],
+            **new_ad_metadata(new_ads),
+            "feature_spec": dg.MetadataValue.json(spec_dict(spec)),
+            "category_values": dg.MetadataValue.json({c: list(v) for c, v in encoder.vocabularies.items()}),
+            "n_features": len(encoder.feature_names),
             "training_rows": len(train),
             "impressions": len(impressions),
             "unknown_ad_impressions": issues.unknown_ads,
@@ -109,7 +181,7 @@ def ctr_model(
             "missing_days": len(missing),
             "train_seconds": seconds,
         },
-        check_results=[check],
+        check_results=[check, new_ads_check(new_ads, None)],
     )
 
 

@@ -20,13 +20,19 @@ from .resources import LakeResource, ModelStoreResource
 def ctr_predictions(
     context: dg.AssetExecutionContext, top_ads: pd.DataFrame, lake: LakeResource, model_store: ModelStoreResource
 ):
-    """CTR of every ad in ``top_ads``; ads that cannot be scored are listed, not dropped silently."""
+    """CTR of every ad in ``top_ads``; ads that cannot be scored are listed, not dropped silently. The model
+    encodes the ads with its own feature spec; category values it never learned are counted."""
     version = model_version(context.instance, context.partition_key)
     model = model_store.store().load(CTR_MODEL, version)
-    scores, skipped = ctr.score_ads(model, lake.lake().read("ads"), top_ads["ad_id"].tolist())
+    ads = lake.lake().read("ads")
+    try:
+        scores, skipped = ctr.score_ads(model, ads, top_ads["ad_id"].tolist())
+    except (TypeError, ValueError) as error:
+        raise dg.Failure(description=f"ctr_model {version} cannot score the ads table: {error}") from None
     scores["model_version"] = version
     if skipped:
         context.log.warning(f"{len(skipped)} selected ads could not be scored, e.g. {skipped[:5]}")
+    unseen = model.encoder.unseen(ads[ads["ad_id"].astype(str).isin(scores["ad_id"])])
     yield dg.Output(
         scores,
         metadata={
@@ -34,6 +40,7 @@ def ctr_predictions(
             "model_version": version,
             "skipped_ads": len(skipped),
             "mean_ctr": float(scores["ctr"].mean()) if len(scores) else 0.0,
+            "unseen_category_values": dg.MetadataValue.json(unseen),
         },
     )
     yield valid_ctr_check(scores)

@@ -2,14 +2,17 @@
 environment, and the deployment's timezone and partitions, so the UI shows every one of them."""
 
 import os
+from datetime import timedelta
 
 import dagster as dg
 import pandas as pd
 import redis
 
+from ..ml.features import AdFeatureSpec, spec_from_names
 from ..ml.model_store import LocalModelStore
 from ..serving import KeySchema, connect
 from ..stack import ENV_APP_DB, ENV_LAKE, ENV_MODEL_STORE, ENV_REDIS
+from ..storage.campaigns import CampaignRegistry
 from ..storage.documents import DocumentStore
 from ..storage.lake import Lake
 from .partitions import Partitions
@@ -32,16 +35,39 @@ class RedisResource(dg.ConfigurableResource):
         return KeySchema(self.namespace)
 
 
+# The ad feature set of the lake's `ads` table, as comma-separated column names.
+ENV_AD_NUMERIC = "PRECOMPUTE_AD_NUMERIC"
+ENV_AD_CATEGORICAL = "PRECOMPUTE_AD_CATEGORICAL"
+ENV_AD_LOG_SCALED = "PRECOMPUTE_AD_LOG_SCALED"
+AD_FEATURE_FIELDS = {
+    "ad_numeric": ENV_AD_NUMERIC,
+    "ad_categorical": ENV_AD_CATEGORICAL,
+    "ad_log_scaled": ENV_AD_LOG_SCALED,
+}
+
+
 class LakeResource(dg.ConfigurableResource):
     """The offline Parquet store (``PRECOMPUTE_LAKE_URI``: a folder, ``s3://bucket/prefix``, ``gs://...``); the IO
-    manager writes through this same resource."""
+    manager writes through this same resource.
+
+    Also which columns of its ``ads`` table are the CTR model's features (comma-separated names,
+    ``PRECOMPUTE_AD_NUMERIC``, ``PRECOMPUTE_AD_CATEGORICAL``, ``PRECOMPUTE_AD_LOG_SCALED``); the defaults are the
+    synthetic workload's. Unset log-scaling means the default log-scaled columns that are numeric features.
+    """
 
     base_uri: str | None = None
+    ad_numeric: str = ",".join(AdFeatureSpec().numeric)
+    ad_categorical: str = ",".join(AdFeatureSpec().categorical)
+    ad_log_scaled: str | None = None
 
     def lake(self) -> Lake:
         if not self.base_uri:
             raise unset_error(ENV_LAKE, "the offline Parquet store (a folder or an object-store URI)")
         return Lake(self.base_uri)
+
+    def ad_feature_spec(self) -> AdFeatureSpec:
+        """The ad feature set the CTR model trains on (``ValueError`` naming the problem if it is malformed)."""
+        return spec_from_names(self.ad_numeric, self.ad_categorical, self.ad_log_scaled)
 
 
 class ModelStoreResource(dg.ConfigurableResource):
@@ -84,6 +110,24 @@ class DocumentStoreResource(dg.ConfigurableResource):
         return store
 
 
+class CampaignRegistryResource(dg.ConfigurableResource):
+    """The campaign registry of the application database; campaigns launching within ``warming_horizon_hours``
+    are warmed (the ``campaign_launch_sensor`` and its backstop look that far ahead)."""
+
+    url: str
+    warming_horizon_hours: float = 24.0
+
+    @property
+    def warming_horizon(self) -> timedelta:
+        return timedelta(hours=self.warming_horizon_hours)
+
+    def registry(self, spec: AdFeatureSpec | None = None) -> CampaignRegistry:
+        """The registry; ``spec`` is the ad feature set its ``ads`` returns (the CTR model's, ``LakeResource``'s)."""
+        registry = CampaignRegistry(self.url, spec=spec, warming_horizon=self.warming_horizon)
+        registry.ensure_schema()
+        return registry
+
+
 class ParquetIOManager(dg.ConfigurableIOManager):
     """One Parquet file per asset partition in the lake of ``lake`` (the one ``LakeResource``)."""
 
@@ -112,9 +156,22 @@ def from_env(variable: str) -> dg.EnvVar | None:
     return dg.EnvVar(variable) if os.environ.get(variable) else None
 
 
+def ad_feature_fields(environ: dict[str, str] | None = None) -> dict[str, dg.EnvVar]:
+    """``LakeResource``'s ad feature fields whose variable is set (blank included: no log-scaling), as ``EnvVar``."""
+    env = os.environ if environ is None else environ
+    return {field: dg.EnvVar(variable) for field, variable in AD_FEATURE_FIELDS.items() if variable in env}
+
+
+def ad_feature_spec_from_env(environ: dict[str, str] | None = None) -> AdFeatureSpec:
+    """The ad feature set the Definitions use in this environment (for tools outside Dagster)."""
+    env = os.environ if environ is None else environ
+    fields = {field: env[variable] for field, variable in AD_FEATURE_FIELDS.items() if variable in env}
+    return LakeResource(**fields).ad_feature_spec()
+
+
 def build_resources(settings: Settings) -> dict[str, object]:
     """The resources of the Definitions: everything points where the environment says."""
-    lake = LakeResource(base_uri=from_env(ENV_LAKE))
+    lake = LakeResource(base_uri=from_env(ENV_LAKE), **ad_feature_fields())
     return {
         "redis": RedisResource(url=dg.EnvVar(ENV_REDIS)),
         "lake": lake,
@@ -122,5 +179,6 @@ def build_resources(settings: Settings) -> dict[str, object]:
         "model_store": ModelStoreResource(root=from_env(ENV_MODEL_STORE)),
         "app_db": AppDatabaseResource(url=dg.EnvVar(ENV_APP_DB)),
         "documents": DocumentStoreResource(url=dg.EnvVar(ENV_APP_DB)),
+        "campaign_registry": CampaignRegistryResource(url=dg.EnvVar(ENV_APP_DB)),
         "deployment": DeploymentResource(timezone=settings.timezone, partitions_start=settings.partitions_start),
     }

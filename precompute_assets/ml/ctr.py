@@ -1,5 +1,6 @@
-"""Click-through-rate model: ad-level features, per-(ad, day) training rows, a time split, two models
-(random forest and a logistic-regression baseline), impression-weighted evaluation and batch scoring.
+"""Click-through-rate model: per-(ad, day) training rows from the ad columns an ``AdFeatureSpec`` names, a time
+split, two models (random forest and a logistic-regression baseline) on one learned encoding, impression-weighted
+evaluation (overall and on ads first seen after the training cutoff) and batch scoring.
 
 Pure pandas / scikit-learn: no Dagster, no Redis. The cached value is one CTR per ad, so every feature
 is a property of the ad alone (nothing about the viewer or the moment of the impression).
@@ -16,12 +17,8 @@ from sklearn.ensemble import RandomForestRegressor
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import log_loss, roc_auc_score
 
-N_CATEGORIES = 20
-CATEGORY_FEATURES = [f"category_{c:02d}" for c in range(N_CATEGORIES)]
-# One-hot category so the linear baseline can give each category its own offset; log scales so the
-# unscaled logistic regression converges and the forest's thresholds are not bunched up by the tails.
-FEATURES: list[str] = [*CATEGORY_FEATURES, "quality", "log_bid", "log_text_len"]
-AD_COLUMNS = ["ad_id", "category", "quality", "bid", "text_len"]
+from .features import ID_COLUMN, AdEncoder, AdFeatureSpec, clean_ad_columns, feature_problems, missing_columns
+
 IMPRESSION_COLUMNS = ["ts_ms", "ad_id", "clicked"]
 MS_PER_DAY = 86_400_000
 CTR_CLIP = 1e-6
@@ -37,56 +34,65 @@ class TrainingIssues:
     excluded_impressions: int  # all impressions left out, for either reason
 
 
+@dataclass(frozen=True)
+class CtrModel:
+    """What the model store holds: an estimator with the encoding it was trained on (spec and vocabularies),
+    so scoring needs nothing but this object and the ads."""
+
+    encoder: AdEncoder
+    estimator: RandomForestRegressor | LogisticRegression
+
+    @property
+    def spec(self) -> AdFeatureSpec:
+        return self.encoder.spec
+
+
+@dataclass(frozen=True)
+class NewAdEvaluation:
+    """AUC of the forest and the baseline on the validation rows of ads with no training rows (cold start).
+
+    ``auc`` and ``baseline_auc`` are None when it cannot be measured; ``note`` then says why.
+    """
+
+    auc: float | None
+    baseline_auc: float | None
+    ads: int
+    impressions: int
+    note: str | None = None
+
+
 def _require_columns(frame: pd.DataFrame, columns: list[str], what: str) -> None:
     missing = [c for c in columns if c not in frame.columns]
     if missing:
         raise ValueError(f"{what} is missing columns {missing}; it has {list(frame.columns)}")
 
 
-def ad_features(ads: pd.DataFrame) -> pd.DataFrame:
-    """``FEATURES`` per ad, indexed by ``ad_id``; a row is all-NaN-free only if every input was valid.
-
-    Invalid inputs (NaN, category outside 0..19, bid <= 0, negative text_len) become NaN rather than
-    raising, so callers can count and skip those ads.
-    """
-    _require_columns(ads, AD_COLUMNS, "ads table")
-    duplicated = ads["ad_id"][ads["ad_id"].duplicated()]
+def _ad_table(ads: pd.DataFrame, spec: AdFeatureSpec) -> tuple[pd.DataFrame, np.ndarray]:
+    """The spec's columns of ``ads`` cleaned and indexed by ``ad_id`` (as text), and which rows are valid."""
+    missing = missing_columns(ads, spec)
+    if missing:
+        raise ValueError(f"ads table is missing columns {missing}; it has {list(ads.columns)}")
+    duplicated = ads[ID_COLUMN][ads[ID_COLUMN].duplicated()]
     if len(duplicated):
         raise ValueError(f"ads table has duplicate ad_id values, e.g. {duplicated.iloc[:5].tolist()}")
-
-    category = pd.to_numeric(ads["category"], errors="coerce").to_numpy(dtype=float)
-    valid_category = np.isfinite(category) & (category == np.round(category))
-    valid_category &= (category >= 0) & (category < N_CATEGORIES)
-    one_hot = np.zeros((len(ads), N_CATEGORIES))
-    rows = np.flatnonzero(valid_category)
-    one_hot[rows, category[rows].astype(int)] = 1.0
-    one_hot[~valid_category] = np.nan
-
-    quality = pd.to_numeric(ads["quality"], errors="coerce").to_numpy(dtype=float)
-    bid = pd.to_numeric(ads["bid"], errors="coerce").to_numpy(dtype=float)
-    text_len = pd.to_numeric(ads["text_len"], errors="coerce").to_numpy(dtype=float)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        log_bid = np.where(bid > 0, np.log(bid), np.nan)
-        log_text_len = np.where(text_len >= 0, np.log1p(text_len), np.nan)
-
-    columns = np.column_stack([one_hot, quality, log_bid, log_text_len])
-    index = pd.Index(ads["ad_id"].astype(str), name="ad_id")
-    return pd.DataFrame(columns, index=index, columns=FEATURES)
+    valid = feature_problems(ads, spec).isna().to_numpy()
+    table = clean_ad_columns(ads, spec)
+    table.index = pd.Index(ads[ID_COLUMN].astype(str).to_numpy(dtype=object), name=ID_COLUMN)
+    return table, valid
 
 
-def _complete(features: pd.DataFrame) -> np.ndarray:
-    return features.notna().all(axis=1).to_numpy()
-
-
-def training_frame(impressions: pd.DataFrame, ads: pd.DataFrame) -> tuple[pd.DataFrame, TrainingIssues]:
-    """One row per (ad, UTC day) with ``impressions``, ``clicks``, ``day`` and ``FEATURES``, plus what was
-    excluded (impressions of unknown ads, ads with missing features)."""
+def training_frame(
+    impressions: pd.DataFrame, ads: pd.DataFrame, spec: AdFeatureSpec | None = None
+) -> tuple[pd.DataFrame, TrainingIssues]:
+    """One row per (ad, UTC day) with ``ad_id``, ``day``, ``impressions``, ``clicks`` and the ad's ``spec``
+    columns (numeric as floats, categorical as labels), plus what was excluded (impressions of unknown ads, ads
+    whose features are invalid). A spec column the ads table lacks is a ``ValueError``."""
+    spec = spec or AdFeatureSpec()
     _require_columns(impressions, IMPRESSION_COLUMNS, "impressions table")
-    features = ad_features(ads)
-    complete = _complete(features)
+    table, complete = _ad_table(ads, spec)
 
     # Integer codes instead of grouping on strings: ~10x faster at 10M impressions.
-    codes = pd.Categorical(impressions["ad_id"], categories=features.index).codes.astype(np.int64)
+    codes = pd.Categorical(impressions["ad_id"], categories=table.index).codes.astype(np.int64)
     known = codes >= 0
     usable = known.copy()
     usable[known] = complete[codes[known]]
@@ -105,7 +111,7 @@ def training_frame(impressions: pd.DataFrame, ads: pd.DataFrame) -> tuple[pd.Dat
         .agg(impressions="size", clicks="sum")
         .reset_index()
     )
-    row_features = features.iloc[grouped["code"].to_numpy()].reset_index()
+    row_columns = table.iloc[grouped["code"].to_numpy()].reset_index()
     counts = pd.DataFrame(
         {
             "day": grouped["day"].to_numpy(dtype=np.int64),
@@ -113,7 +119,7 @@ def training_frame(impressions: pd.DataFrame, ads: pd.DataFrame) -> tuple[pd.Dat
             "clicks": grouped["clicks"].to_numpy(dtype=np.int64),
         }
     )
-    frame = pd.concat([row_features[["ad_id"]], counts, row_features[FEATURES]], axis=1)
+    frame = pd.concat([row_columns[[ID_COLUMN]], counts, row_columns[spec.columns[1:]]], axis=1)
     return frame, issues
 
 
@@ -145,15 +151,25 @@ def _check_labelled(frame: pd.DataFrame, what: str) -> None:
         raise ValueError(f"{what} has a single ad; ad-level features cannot be learned or ranked from one ad")
 
 
+def fit_encoder(
+    train: pd.DataFrame, spec: AdFeatureSpec | None = None, *, min_category_ads: int = 5, max_category_values: int = 100
+) -> AdEncoder:
+    """The encoding both models share, learned from the training rows only: a categorical value is learned when
+    at least ``min_category_ads`` training ads have it (at most ``max_category_values`` per column, the most
+    common); rarer and unseen values encode as all zeros."""
+    return AdEncoder.fit(train, spec or AdFeatureSpec(), min_ads=min_category_ads, max_values=max_category_values)
+
+
 def train_ctr_model(
     train: pd.DataFrame,
+    encoder: AdEncoder,
     *,
     n_estimators: int = 100,
     max_depth: int = 12,
     min_samples_leaf: int = 20,
     seed: int = 0,
     n_jobs: int = -1,
-) -> RandomForestRegressor:
+) -> CtrModel:
     """A random forest regressing clicks/impressions per (ad, day) row, weighted by impressions."""
     _check_labelled(train, "training data")
     # Regression on the rate with impression weights minimises the same squared error as a classifier's
@@ -167,37 +183,40 @@ def train_ctr_model(
         n_jobs=n_jobs,
     )
     rate = train["clicks"].to_numpy(dtype=float) / train["impressions"].to_numpy(dtype=float)
-    model.fit(train[FEATURES], rate, sample_weight=train["impressions"].to_numpy(dtype=float))
-    return model
+    model.fit(encoder.encode(train), rate, sample_weight=train["impressions"].to_numpy(dtype=float))
+    return CtrModel(encoder, model)
 
 
-def _expanded(frame: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+def _expanded(x: np.ndarray, frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Two rows per (ad, day): clicked with weight=clicks, not clicked with weight=impressions-clicks."""
     clicks = frame["clicks"].to_numpy(dtype=float)
     no_clicks = frame["impressions"].to_numpy(dtype=float) - clicks
-    x = pd.concat([frame[FEATURES], frame[FEATURES]], ignore_index=True)
     y = np.concatenate([np.ones(len(frame), dtype=int), np.zeros(len(frame), dtype=int)])
     weight = np.concatenate([clicks, no_clicks])
     # Zero-weight rows add nothing but cost; drop them.
     keep = weight > 0
-    return x[keep].reset_index(drop=True), y[keep], weight[keep]
+    return np.vstack([x, x])[keep], y[keep], weight[keep]
 
 
-def train_baseline(train: pd.DataFrame) -> LogisticRegression:
-    """A logistic regression on the same rows, as click/no-click pairs weighted by their counts."""
+def train_baseline(train: pd.DataFrame, encoder: AdEncoder) -> CtrModel:
+    """A logistic regression on the same rows and encoding, as click/no-click pairs weighted by their counts."""
     _check_labelled(train, "training data")
-    x, y, weight = _expanded(train)
-    return LogisticRegression(max_iter=1000).fit(x, y, sample_weight=weight)
+    x, y, weight = _expanded(encoder.encode(train), train)
+    return CtrModel(encoder, LogisticRegression(max_iter=1000).fit(x, y, sample_weight=weight))
 
 
-def predict_ctr(model: object, features: pd.DataFrame) -> np.ndarray:
-    """CTR for each row of ``features`` (extra columns ignored), clipped to [1e-6, 1 - 1e-6]."""
-    x = features[FEATURES]
-    if hasattr(model, "predict_proba"):
-        classes = list(model.classes_)
-        ctr = model.predict_proba(x)[:, classes.index(1)]
+def predict_ctr(model: object, rows: pd.DataFrame) -> np.ndarray:
+    """CTR for each row of ``rows`` (valid ads' spec columns; extra columns ignored), clipped to
+    [1e-6, 1 - 1e-6]. ``model`` is a ``CtrModel``, or any object whose ``predict(rows)`` gives rates."""
+    if not isinstance(model, CtrModel):
+        ctr = model.predict(rows)
+    elif len(rows) == 0:
+        ctr = np.empty(0)
+    elif hasattr(model.estimator, "predict_proba"):
+        classes = list(model.estimator.classes_)
+        ctr = model.estimator.predict_proba(model.encoder.encode(rows))[:, classes.index(1)]
     else:
-        ctr = model.predict(x)
+        ctr = model.estimator.predict(model.encoder.encode(rows))
     return np.clip(np.asarray(ctr, dtype=float), CTR_CLIP, 1.0 - CTR_CLIP)
 
 
@@ -224,30 +243,78 @@ def calibration_error(
     return float(np.abs(observed - predicted).sum() / total)
 
 
+def _weighted(ctr: np.ndarray, frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Labels, scores and weights of the click/no-click pairs of ``frame``'s rows (never expanded)."""
+    clicks = frame["clicks"].to_numpy(dtype=float)
+    impressions = frame["impressions"].to_numpy(dtype=float)
+    y = np.concatenate([np.ones(len(frame)), np.zeros(len(frame))])
+    return y, np.concatenate([ctr, ctr]), np.concatenate([clicks, impressions - clicks])
+
+
 def evaluate(model: object, valid: pd.DataFrame) -> dict[str, float]:
     """``auc``, ``log_loss``, ``calibration_error`` and ``valid_impressions`` on ``valid``, every metric
     weighted per impression (click/no-click counts as sample weights, never expanded)."""
     _check_labelled(valid, "validation set")
     ctr = predict_ctr(model, valid)
-    clicks = valid["clicks"].to_numpy(dtype=float)
+    y, score, weight = _weighted(ctr, valid)
     impressions = valid["impressions"].to_numpy(dtype=float)
-    y = np.concatenate([np.ones(len(valid)), np.zeros(len(valid))])
-    score = np.concatenate([ctr, ctr])
-    weight = np.concatenate([clicks, impressions - clicks])
     return {
         "auc": float(roc_auc_score(y, score, sample_weight=weight)),
         "log_loss": float(log_loss(y, score, sample_weight=weight, labels=[0, 1])),
-        "calibration_error": calibration_error(ctr, impressions, clicks),
+        "calibration_error": calibration_error(ctr, impressions, valid["clicks"].to_numpy(dtype=float)),
         "valid_impressions": float(impressions.sum()),
     }
 
 
+def new_ad_rows(train: pd.DataFrame, valid: pd.DataFrame) -> pd.DataFrame:
+    """The rows of ``valid`` whose ad has no row in ``train``: ads first seen after the training cutoff."""
+    return valid[~valid[ID_COLUMN].isin(train[ID_COLUMN])].reset_index(drop=True)
+
+
+def evaluate_new_ads(model: object, baseline: object, train: pd.DataFrame, valid: pd.DataFrame) -> NewAdEvaluation:
+    """Impression-weighted AUC of ``model`` and ``baseline`` on the same rows: ``new_ad_rows(train, valid)``.
+
+    Not measurable (AUCs None, ``note`` says why) without such rows, with a single new ad, or when their
+    impressions are all clicks or all non-clicks.
+    """
+    rows = new_ad_rows(train, valid)
+    n_ads, impressions = int(rows[ID_COLUMN].nunique()), int(rows["impressions"].sum())
+    clicks = int(rows["clicks"].sum())
+    note = None
+    if n_ads == 0:
+        note = "no ads first seen after the training cutoff in the validation days"
+    elif n_ads == 1:
+        note = "a single ad first seen after the training cutoff: one ad cannot be ranked"
+    elif clicks == 0:
+        note = f"no clicks among the {impressions} impressions of ads first seen after the training cutoff"
+    elif clicks == impressions:
+        note = f"every one of the {impressions} impressions of ads first seen after the training cutoff was clicked"
+    if note is not None:
+        return NewAdEvaluation(None, None, n_ads, impressions, note)
+
+    def auc(candidate: object) -> float:
+        y, score, weight = _weighted(predict_ctr(candidate, rows), rows)
+        return float(roc_auc_score(y, score, sample_weight=weight))
+
+    return NewAdEvaluation(auc(model), auc(baseline), n_ads, impressions)
+
+
 def score_ads(model: object, ads: pd.DataFrame, ad_ids: Sequence[str]) -> tuple[pd.DataFrame, list[str]]:
     """``(scores, skipped)``: a frame of ``ad_id``, ``ctr`` in the order of ``ad_ids``, and the ids that
-    could not be scored (not in ``ads`` or with missing features), also in the order given."""
-    features = ad_features(ads).reindex(pd.Index([str(a) for a in ad_ids], name="ad_id"))
-    scorable = _complete(features)
-    skipped = features.index[~scorable].tolist()
-    rows = features[scorable]
-    ctr = predict_ctr(model, rows) if len(rows) else np.empty(0)
-    return pd.DataFrame({"ad_id": rows.index.to_numpy(dtype=object), "ctr": ctr}), skipped
+    could not be scored (not in ``ads`` or with invalid features), also in the order given.
+
+    ``model`` is a ``CtrModel`` from the model store: its own spec and vocabularies encode ``ads`` (category
+    values it never learned encode as all zeros). An ads table without a column of the model's spec, or with
+    duplicate ids, is a ``ValueError``.
+    """
+    if not isinstance(model, CtrModel):
+        raise TypeError(
+            f"score_ads needs a CtrModel (an estimator with its feature encoding), got {type(model).__name__}: "
+            "a model saved before feature specs existed must be trained again"
+        )
+    table, valid = _ad_table(ads, model.spec)
+    requested = pd.Index([str(a) for a in ad_ids], name=ID_COLUMN)
+    scorable = requested.isin(table.index[valid])
+    rows = table[valid].reindex(requested[scorable])
+    ctr = predict_ctr(model, rows)
+    return pd.DataFrame({"ad_id": rows.index.to_numpy(dtype=object), "ctr": ctr}), requested[~scorable].tolist()

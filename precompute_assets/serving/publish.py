@@ -274,3 +274,45 @@ def flip_pointer(
                 pipe.execute()
         pipe.execute()
     return previous
+
+
+def write_live_values(
+    client: redis.Redis,
+    kind: str,
+    items: Iterable[tuple[str, Any]],
+    *,
+    expire_at: int | None,
+    schema: KeySchema | None = None,
+) -> int:
+    """Write ``items`` as live values of ``kind`` (``{kind}:live:{key}``), each expiring at the Unix time
+    ``expire_at`` (None: no expiry), in one MULTI/EXEC transaction; returns how many were written.
+
+    Readers see all of them or none; a later publish of a version leaves them in place (readers fall back to
+    live values for keys the published version lacks). On Redis Cluster a transaction cannot span the slots
+    of many keys: there they go out as one pipeline, each key atomic on its own.
+    """
+    schema = schema or KeySchema()
+    check_kind(kind)
+    pairs = list(items)
+    if not pairs:
+        return 0
+    values = encode_many(codec_for(kind), [value for _, value in pairs])
+    pipe = client.pipeline(transaction=getattr(client, "connection_pool", None) is not None)
+    options = {} if expire_at is None else {"exat": int(expire_at)}
+    for (key, _), value in zip(pairs, values, strict=True):
+        pipe.set(schema.live(kind, key), value, **options)
+    pipe.execute()
+    return len(pairs)
+
+
+def delete_live_values(client: redis.Redis, keys: Iterable[tuple[str, str]], *, schema: KeySchema | None = None) -> int:
+    """Delete the live values of ``(kind, key)`` pairs in one MULTI/EXEC transaction (one pipeline on Redis
+    Cluster); returns how many existed."""
+    schema = schema or KeySchema()
+    names = [schema.live(check_kind(kind), key) for kind, key in keys]
+    if not names:
+        return 0
+    pipe = client.pipeline(transaction=getattr(client, "connection_pool", None) is not None)
+    for name in names:  # one key per DEL: a cluster pipeline refuses multi-key ones
+        pipe.delete(name)
+    return int(sum(pipe.execute()))

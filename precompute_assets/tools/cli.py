@@ -209,6 +209,61 @@ def cmd_docs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ads(args: argparse.Namespace) -> int:
+    """Validate an ads file and make its valid rows the lake's ``ads``; print one JSON summary."""
+    from functools import partial
+
+    from ..defs.resources import ad_feature_spec_from_env
+    from ..ml.features import feature_problems, spec_dict
+    from ..stack import ENV_LAKE
+    from ..storage.ad_data import AdDataError, file_format, load_ads
+    from ..storage.lake import Lake
+
+    try:
+        file_format(args.file)  # checked before anything is touched
+        spec = ad_feature_spec_from_env()
+    except ValueError as error:  # AdDataError, or a malformed PRECOMPUTE_AD_* feature set
+        raise CliError(str(error)) from None
+    lake = Lake(Stack().env()[ENV_LAKE])
+    try:
+        summary = load_ads(
+            args.file,
+            lake,
+            required=spec.columns,
+            row_problems=partial(feature_problems, spec=spec),
+            text_columns=spec.categorical,
+        )
+    except AdDataError as error:
+        raise CliError(str(error)) from None
+    print(json.dumps({**summary.as_dict(), "features": spec_dict(spec)}))
+    return 0
+
+
+def cmd_impressions(args: argparse.Namespace) -> int:
+    """Validate an impressions file and write its rows into the lake's daily ``ad_impressions``; print JSON."""
+    from ..defs.partitions import deployment_partitions
+    from ..stack import ENV_LAKE
+    from ..storage.ad_data import AdDataError, file_format, load_impressions, unknown_ad_impressions
+    from ..storage.lake import Lake
+
+    try:
+        file_format(args.file)
+        partitions = deployment_partitions()
+    except ValueError as error:  # AdDataError, or a malformed PRECOMPUTE_TIMEZONE / PRECOMPUTE_PARTITIONS_START
+        raise CliError(str(error)) from None
+    lake = Lake(Stack().env()[ENV_LAKE])
+    try:
+        summary = load_impressions(
+            args.file, lake, timezone=partitions.timezone, first_day=partitions.start, append=args.append
+        )
+    except AdDataError as error:
+        raise CliError(str(error)) from None
+    result = {**summary.as_dict(), "timezone": partitions.timezone, "mode": "append" if args.append else "replace"}
+    result["unknown_ad_impressions"] = unknown_ad_impressions(lake, list(summary.written))
+    print(json.dumps(result))
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (``precompute: ...``) and exit code 2, like every CLI error."""
 
@@ -273,6 +328,35 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--start-id", type=int, default=0)
     docs.set_defaults(fn=cmd_docs)
+    ads = sub.add_parser("ads", help="the lake's ad catalog: load your own ads")
+    ads_sub = ads.add_subparsers(dest="ads_command", required=True)
+    ads_load = ads_sub.add_parser("load", help="validate a Parquet or CSV file and make it the lake's ads table")
+    ads_load.add_argument("file")
+    ads.set_defaults(fn=cmd_ads)
+    impressions = sub.add_parser("impressions", help="the lake's daily ad impressions: load your own")
+    impressions_sub = impressions.add_subparsers(dest="impressions_command", required=True)
+    impressions_load = impressions_sub.add_parser(
+        "load", help="validate a Parquet or CSV file (ts_ms, ad_id, clicked) into daily ad_impressions partitions"
+    )
+    impressions_load.add_argument("file")
+    impressions_load.add_argument(
+        "--append", action="store_true", help="add to the days' partitions instead of replacing them"
+    )
+    impressions.set_defaults(fn=cmd_impressions)
+    from .campaigns import cmd_campaign
+
+    campaign = sub.add_parser("campaign", help="the campaign registry: register, list, show, cancel (JSON out)")
+    campaign_sub = campaign.add_subparsers(dest="campaign_command", required=True)
+    register = campaign_sub.add_parser("register", help="register or update the campaigns of a JSONL or CSV file")
+    register.add_argument("--file", required=True, help="JSONL: one campaign per line; CSV: one row per ad")
+    listing = campaign_sub.add_parser("list", help="registered campaigns by launch time")
+    listing.add_argument("--tenant", help="only this tenant's campaigns")
+    listing.add_argument("--status", choices=["active", "cancelled"])
+    show = campaign_sub.add_parser("show", help="one campaign with its ads")
+    show.add_argument("campaign_id")
+    cancel = campaign_sub.add_parser("cancel", help="cancel a campaign (its warmed values are removed)")
+    cancel.add_argument("campaign_id")
+    campaign.set_defaults(fn=cmd_campaign)
     replay = sub.add_parser("replay", help="hit rates of LRU, static top-N, ours and two offline bounds on a trace")
     replay.add_argument("--trace", required=True, help="one key per line, or timestamp,key lines")
     replay.add_argument("--days", type=int, required=True, help="split the trace into this many days (>= 2)")

@@ -11,6 +11,8 @@ from precompute_assets.definitions import defs
 from precompute_assets.defs.automation import automation_states
 
 EVERYTHING = [
+    ("campaign_launch_sensor", "sensor"),
+    ("campaign_warming_backstop", "schedule"),
     ("daily_precompute", "schedule"),
     ("document_embeddings_daily", "schedule"),
     ("documents_changed", "sensor"),

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 
 import dagster as dg
 import pytest
 
-from precompute_assets.defs.models import ctr_model
+from precompute_assets.defs.models import ctr_model, new_ads_check
 from precompute_assets.defs.predictions import ctr_predictions
 from precompute_assets.defs.publishing import ctr_cache
 from precompute_assets.defs.resources import LakeResource, ModelStoreResource, ParquetIOManager, RedisResource
 from precompute_assets.defs.selection import ad_demand, top_ads, traffic_profile
 from precompute_assets.defs.sources import ad_impressions, ads
+from precompute_assets.ml.ctr import CtrModel, NewAdEvaluation
+from precompute_assets.ml.features import AdFeatureSpec
+from precompute_assets.ml.model_store import LocalModelStore
 from precompute_assets.serving import PredictionCache, connect
 from precompute_assets.storage.lake import Lake
 from precompute_assets_tests.factories import write_ad_platform, write_query_logs
@@ -62,6 +66,10 @@ def materialized(result, name: str) -> bool:
     return bool(result.asset_materializations_for_node(name))
 
 
+def check(result, name: str) -> dg.AssetCheckEvaluation:
+    return next(c for c in result.get_asset_check_evaluations() if c.check_name == name)
+
+
 def test_whole_graph_publishes_predictions_readers_can_get(
     resources, pg_instance, platform, lake_uri, redis_url, schema
 ):
@@ -80,6 +88,71 @@ def test_whole_graph_publishes_predictions_readers_can_get(
     assert cache.get("ctr", first) == pytest.approx(predictions[first], rel=1e-6)
     profile = result.asset_materializations_for_node("traffic_profile")[0].metadata
     assert profile["offpeak_start_hour"].value in (1, 2, 3)  # the workload's trough is around 04:00 UTC
+
+
+def test_the_model_reports_cold_start_auc_beside_its_overall_auc(resources, pg_instance, platform, tmp_path):
+    result = run(resources, pg_instance)
+    assert result.success
+    meta = result.asset_materializations_for_node("ctr_model")[0].metadata
+    # The synthetic workload launches ads on later days: the last day's new ads have no training rows.
+    assert meta["new_ads"].value > 0 and meta["new_ad_impressions"].value > 0
+    assert 0.5 < meta["new_ad_auc"].value <= 1 and 0.5 < meta["baseline_new_ad_auc"].value <= 1
+    assert "new_ad_auc_note" not in meta
+    assert meta["feature_spec"].value == {"numeric": ["quality", "bid", "text_len"], "categorical": ["category"],
+                                          "log_scaled": ["bid", "text_len"]}  # fmt: skip
+    assert meta["category_values"].value == {"category": [str(c) for c in sorted(range(20), key=str)]}
+    cold = check(result, "new_ads_beat_baseline")
+    assert cold.severity == dg.AssetCheckSeverity.WARN
+    assert cold.passed == (meta["new_ad_auc"].value >= meta["baseline_new_ad_auc"].value)
+    assert cold.metadata["new_ad_auc"].value == meta["new_ad_auc"].value
+    spec = next(s for s in ctr_model.check_specs if s.name == "new_ads_beat_baseline")
+    assert not spec.blocking
+    # The stored artifact carries the spec and vocabularies the predictions were made with.
+    model = LocalModelStore(tmp_path / "models").load("ctr_model", meta["model_version"].value)
+    assert isinstance(model, CtrModel) and model.spec == AdFeatureSpec()
+    assert len(model.encoder.vocabularies["category"]) == 20
+
+
+def test_new_ads_check_warns_when_the_forest_loses_and_passes_with_a_note_when_unmeasurable():
+    lost = new_ads_check(NewAdEvaluation(auc=0.61, baseline_auc=0.65, ads=40, impressions=900), None)
+    assert not lost.passed and lost.severity == dg.AssetCheckSeverity.WARN
+    assert lost.metadata["new_ad_auc_lift"].value == pytest.approx(-0.04)
+    assert "0.6100 vs baseline 0.6500 on the 40 ads" in lost.description
+    assert new_ads_check(NewAdEvaluation(0.7, 0.65, 40, 900), None).passed
+    unmeasured = new_ads_check(NewAdEvaluation(None, None, 0, 0, "no ads first seen after the cutoff"), None)
+    assert unmeasured.passed and unmeasured.description == "not measured: no ads first seen after the cutoff"
+    assert math.isnan(unmeasured.metadata["new_ad_auc"].value)
+    assert math.isnan(unmeasured.metadata["baseline_new_ad_auc"].value)
+    assert unmeasured.metadata["new_ad_auc_note"].value == "no ads first seen after the cutoff"
+
+
+def test_a_users_own_ad_columns_train_and_publish(resources, pg_instance, platform, lake_uri, redis_url, schema):
+    own = platform.read("ads").rename(columns={"quality": "score", "category": "segment"})
+    own["segment"] = "seg-" + own["segment"].astype(str)  # text categories
+    own = own.drop(columns=["bid", "text_len"])
+    platform.write("ads", None, own)
+    configured = {**resources, "lake": LakeResource(base_uri=lake_uri, ad_numeric="score", ad_categorical="segment")}
+    configured["io_manager"] = ParquetIOManager(lake=configured["lake"])
+    result = run(configured, pg_instance)
+    assert result.success
+    meta = result.asset_materializations_for_node("ctr_model")[0].metadata
+    assert meta["feature_spec"].value == {"numeric": ["score"], "categorical": ["segment"], "log_scaled": []}
+    assert all(v.startswith("seg-") for v in meta["category_values"].value["segment"])
+    assert meta["n_features"].value == 1 + len(meta["category_values"].value["segment"])
+    first = Lake(lake_uri).read("top_ads", DAYS[-1])["ad_id"].iloc[0]
+    assert 0 < PredictionCache(connect(redis_url), schema=schema).get("ctr", first) < 1
+
+
+def test_a_spec_naming_a_column_the_ads_lack_trains_nothing(resources, pg_instance, platform, lake_uri, redis_client,
+                                                            schema):  # fmt: skip
+    configured = {**resources, "lake": LakeResource(base_uri=lake_uri, ad_categorical="category,brand")}
+    result = run(configured, pg_instance)
+    gate = check(result, "beats_baseline")
+    assert not gate.passed and "ads table is missing columns ['brand']" in gate.description
+    cold = check(result, "new_ads_beat_baseline")
+    assert not cold.passed and cold.severity == dg.AssetCheckSeverity.WARN and "no model trained" in cold.description
+    assert not materialized(result, "ctr_predictions") and not materialized(result, "ctr_cache")
+    assert redis_client.get(schema.pointer("ctr")) is None
 
 
 def test_empty_day_blocks_everything_downstream(resources, pg_instance, lake_uri, redis_client, schema):

@@ -40,8 +40,9 @@ def resources(redis_url, schema, lake_uri):
 
 
 def cleanup(res, instance) -> None:
-    resources = {"redis": res["redis"], "deployment": DeploymentResource()}
-    query_log_cleanup_job.execute_in_process(resources=resources, instance=instance)
+    """The cleanup job with the resources it has in the Definitions, the lake's IO manager included."""
+    resources = {"redis": res["redis"], "deployment": DeploymentResource(), "io_manager": res["io_manager"]}
+    assert query_log_cleanup_job.execute_in_process(resources=resources, instance=instance).success
 
 
 def materialize(redis_url, schema, lake_uri, instance, partition=HOUR):

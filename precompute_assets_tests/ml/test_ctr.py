@@ -1,4 +1,5 @@
-"""The CTR model on small synthetic data whose true click-through rate is known and non-linear."""
+"""The CTR model on small synthetic data whose true click-through rate is known and non-linear, with the default
+feature spec and with a user's own columns (text categories, unseen values, cold-start ads)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,15 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from precompute_assets.ml.ctr import (
-    FEATURES,
     MS_PER_DAY,
+    CtrModel,
+    NewAdEvaluation,
     TrainingIssues,
-    ad_features,
     calibration_error,
     evaluate,
+    evaluate_new_ads,
+    fit_encoder,
+    new_ad_rows,
     predict_ctr,
     score_ads,
     time_split,
@@ -23,6 +27,8 @@ from precompute_assets.ml.ctr import (
     train_ctr_model,
     training_frame,
 )
+from precompute_assets.ml.features import AdFeatureSpec, clean_ad_columns
+from precompute_assets.ml.model_store import LocalModelStore
 
 FIRST_DAY = 19_700  # an arbitrary UTC day number, so days are not 0-based by accident
 
@@ -69,10 +75,8 @@ def make_impressions(ads: pd.DataFrame, days: int, per_ad_day: float, seed: int 
 def agg_frame(rows: list[tuple[str, int, int, int]], quality: list[float] | None = None) -> pd.DataFrame:
     """A training-shaped frame from (ad_id, day, impressions, clicks) rows, with neutral features."""
     frame = pd.DataFrame(rows, columns=["ad_id", "day", "impressions", "clicks"])
-    for name in FEATURES:
-        frame[name] = 0.0
-    frame["category_00"] = 1.0
     frame["quality"] = quality if quality is not None else np.linspace(0.1, 0.9, len(frame))
+    frame["bid"], frame["text_len"], frame["category"] = 1.0, 50.0, "0"
     return frame
 
 
@@ -93,51 +97,58 @@ def synthetic() -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
 
 
 @pytest.fixture(scope="module")
-def forest(synthetic):
+def encoder(synthetic):
     _, train, _ = synthetic
-    return train_ctr_model(train, n_estimators=30, min_samples_leaf=5, n_jobs=2)
+    return fit_encoder(train)
 
 
 @pytest.fixture(scope="module")
-def baseline(synthetic):
+def forest(synthetic, encoder):
     _, train, _ = synthetic
-    return train_baseline(train)
+    return train_ctr_model(train, encoder, n_estimators=30, min_samples_leaf=5, n_jobs=2)
 
 
-# --- features -------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def baseline(synthetic, encoder):
+    _, train, _ = synthetic
+    return train_baseline(train, encoder)
 
 
-def test_ad_features_are_indexed_by_ad_and_encoded() -> None:
-    ads = make_ads(5)
-    features = ad_features(ads)
-    assert list(features.columns) == FEATURES
-    assert features.index.tolist() == ads["ad_id"].tolist()
-    one_hot = features[[c for c in FEATURES if c.startswith("category_")]].to_numpy()
-    assert (one_hot.sum(axis=1) == 1).all()
-    assert (one_hot.argmax(axis=1) == ads["category"].to_numpy()).all()
-    np.testing.assert_allclose(features["log_bid"], np.log(ads["bid"]))
-    np.testing.assert_allclose(features["log_text_len"], np.log1p(ads["text_len"]))
-    np.testing.assert_allclose(features["quality"], ads["quality"])
+# --- ad columns -----------------------------------------------------------------------------------------
 
 
-def test_invalid_ad_inputs_become_missing_features() -> None:
+def test_both_models_carry_the_encoding_learned_from_the_training_rows(synthetic, encoder, forest, baseline) -> None:
+    _, train, _ = synthetic
+    assert isinstance(forest, CtrModel) and isinstance(baseline, CtrModel)
+    assert forest.encoder is encoder and baseline.encoder is encoder and forest.spec == AdFeatureSpec()
+    assert encoder.vocabularies == {"category": tuple(sorted(str(c) for c in range(20)))}
+    assert encoder.feature_names[:3] == ["quality", "log1p_bid", "log1p_text_len"]
+    assert forest.estimator.n_features_in_ == baseline.estimator.n_features_in_ == 3 + 20
+
+
+def test_invalid_ads_are_left_out_of_training_and_counted() -> None:
     ads = make_ads(6)
     ads["category"] = ads["category"].astype(float)
+    ads["text_len"] = ads["text_len"].astype(float)
     ads.loc[1, "quality"] = np.nan
-    ads.loc[2, "category"] = 20.0
+    ads.loc[2, "bid"] = -1.0  # log-scaled columns must be >= 0
     ads.loc[3, "category"] = np.nan
-    ads.loc[4, "bid"] = 0.0
-    ads.loc[5, "text_len"] = np.nan
-    complete = ad_features(ads).notna().all(axis=1)
-    assert complete.tolist() == [True, False, False, False, False, False]
+    ads.loc[4, "text_len"] = np.inf
+    ads.loc[5, "ad_id"] = " "
+    frame, issues = training_frame(make_impressions(ads, days=2, per_ad_day=5), ads)
+    assert set(frame["ad_id"]) == {ads.loc[0, "ad_id"]}
+    assert issues.missing_features == 5 and issues.unknown_ads == 0
 
 
 def test_ads_table_problems_raise() -> None:
     ads = make_ads(3)
+    impressions = make_impressions(ads, days=2, per_ad_day=5)
     with pytest.raises(ValueError, match="duplicate ad_id"):
-        ad_features(pd.concat([ads, ads.iloc[[0]]]))
+        training_frame(impressions, pd.concat([ads, ads.iloc[[0]]]))
     with pytest.raises(ValueError, match=r"missing columns \['bid'\]"):
-        ad_features(ads.drop(columns="bid"))
+        training_frame(impressions, ads.drop(columns="bid"))
+    with pytest.raises(ValueError, match=r"ads table is missing columns \['brand'\]"):
+        training_frame(impressions, ads, AdFeatureSpec(numeric=("quality",), categorical=("brand",), log_scaled=()))
 
 
 # --- training frame -------------------------------------------------------------------------------------
@@ -172,9 +183,11 @@ def test_training_frame_aggregates_per_ad_and_utc_day_and_reports_exclusions() -
         [a1, FIRST_DAY + 1, 2, 2],
         [a2, FIRST_DAY + 1, 1, 0],
     ]
-    expected = ad_features(ads).loc[[a1, a1, a2]].to_numpy()
-    np.testing.assert_array_equal(frame[FEATURES].to_numpy(), expected)
-    assert frame[FEATURES].notna().all().all()
+    columns = ["quality", "bid", "text_len", "category"]
+    expected = clean_ad_columns(ads, AdFeatureSpec()).set_index(ads["ad_id"]).loc[[a1, a1, a2], columns]
+    assert frame[columns].values.tolist() == expected.values.tolist()
+    assert frame[columns].notna().all().all()
+    assert frame["category"].tolist() == [str(c) for c in ads["category"].iloc[[0, 0, 1]]]
 
 
 def test_training_frame_compresses_impressions_into_ad_days(synthetic) -> None:
@@ -251,7 +264,7 @@ def test_metrics_are_in_sane_ranges(synthetic, forest, baseline) -> None:
 
 def test_forest_predictions_track_the_true_ctr(synthetic, forest) -> None:
     ads, _, _ = synthetic
-    predicted = predict_ctr(forest, ad_features(ads))
+    predicted = predict_ctr(forest, ads)
     assert np.corrcoef(predicted, true_ctr(ads))[0, 1] > 0.8
 
 
@@ -298,7 +311,8 @@ def test_predict_ctr_clips_and_uses_the_click_class(baseline, synthetic) -> None
     clipped = predict_ctr(Wild(), agg_frame([(f"a{i}", 1, 1, 0) for i in range(5)]))
     np.testing.assert_allclose(clipped, [1e-6, 1e-6, 0.3, 1 - 1e-6, 1 - 1e-6])
     _, _, valid = synthetic
-    np.testing.assert_allclose(predict_ctr(baseline, valid), baseline.predict_proba(valid[FEATURES])[:, 1])
+    expected = baseline.estimator.predict_proba(baseline.encoder.encode(valid))[:, 1]
+    np.testing.assert_allclose(predict_ctr(baseline, valid), expected)
 
 
 # --- clear errors on degenerate data --------------------------------------------------------------------
@@ -310,9 +324,11 @@ def test_empty_training_data_raises() -> None:
     frame, issues = training_frame(no_impressions, ads)
     assert len(frame) == 0
     assert issues == TrainingIssues(0, 0, 0)
+    encoder = fit_encoder(frame)
+    assert encoder.vocabularies == {"category": ()}
     for train in (train_ctr_model, train_baseline):
         with pytest.raises(ValueError, match="training data is empty"):
-            train(frame)
+            train(frame, encoder)
 
 
 def test_only_unknown_ads_leave_nothing_to_train_on() -> None:
@@ -322,16 +338,16 @@ def test_only_unknown_ads_leave_nothing_to_train_on() -> None:
     frame, issues = training_frame(impressions, ads)
     assert issues.unknown_ads == len(impressions) == issues.excluded_impressions
     with pytest.raises(ValueError, match="training data is empty"):
-        train_ctr_model(frame, n_jobs=1)
+        train_ctr_model(frame, fit_encoder(frame), n_jobs=1)
 
 
 def test_single_ad_data_raises() -> None:
     single = agg_frame([("a", 1, 50, 5), ("a", 2, 50, 4), ("a", 3, 40, 2)])
     train, valid = time_split(single)
     with pytest.raises(ValueError, match="single ad"):
-        train_ctr_model(train, n_jobs=1)
+        train_ctr_model(train, fit_encoder(train), n_jobs=1)
     with pytest.raises(ValueError, match="single ad"):
-        train_baseline(train)
+        train_baseline(train, fit_encoder(train))
     with pytest.raises(ValueError, match="validation set has a single ad"):
         evaluate(Oracle(), valid)
 
@@ -343,8 +359,9 @@ def test_validation_without_clicks_or_non_clicks_raises() -> None:
         evaluate(Oracle(), agg_frame([("a", 9, 10, 10), ("b", 9, 20, 20)]))
     with pytest.raises(ValueError, match="validation set is empty"):
         evaluate(Oracle(), agg_frame([]))
+    no_clicks = agg_frame([("a", 1, 10, 0), ("b", 1, 20, 0)])
     with pytest.raises(ValueError, match="training data has no clicks"):
-        train_baseline(agg_frame([("a", 1, 10, 0), ("b", 1, 20, 0)]))
+        train_baseline(no_clicks, fit_encoder(no_clicks))
 
 
 # --- scoring --------------------------------------------------------------------------------------------
@@ -361,7 +378,7 @@ def test_score_ads_keeps_order_and_returns_skipped_ids(synthetic, forest) -> Non
     assert scores["ad_id"].tolist() == [ids[5], ids[2], ids[5], ids[300]]
     assert skipped == ["no-such-ad", ids[7]]
     assert scores["ctr"].dtype == np.float64
-    expected = predict_ctr(forest, ad_features(ads).loc[[ids[5], ids[2], ids[5], ids[300]]])
+    expected = predict_ctr(forest, ads.set_index("ad_id").loc[[ids[5], ids[2], ids[5], ids[300]]])
     np.testing.assert_allclose(scores["ctr"], expected)
     assert ((scores["ctr"] > 0) & (scores["ctr"] < 1)).all()
 
@@ -375,3 +392,146 @@ def test_score_ads_works_for_the_baseline_and_empty_requests(synthetic, baseline
     assert list(empty.columns) == ["ad_id", "ctr"]
     assert len(empty) == 0
     assert skipped == []
+
+
+def test_score_ads_needs_a_model_with_its_encoding_and_the_spec_columns(synthetic, forest) -> None:
+    ads, _, _ = synthetic
+    with pytest.raises(TypeError, match="needs a CtrModel.*trained again"):
+        score_ads(forest.estimator, ads, ads["ad_id"].tolist())
+    with pytest.raises(ValueError, match=r"ads table is missing columns \['category'\]"):
+        score_ads(forest, ads.drop(columns="category"), ads["ad_id"].tolist())
+
+
+def test_a_stored_model_scores_with_nothing_but_the_ads(tmp_path, synthetic, forest) -> None:
+    ads, _, _ = synthetic
+    store = LocalModelStore(tmp_path)
+    store.save("ctr_model", "v1", forest, {})
+    loaded = store.load("ctr_model", "v1")
+    ids = ads["ad_id"].tolist()[:50]
+    pd.testing.assert_frame_equal(score_ads(loaded, ads, ids)[0], score_ads(forest, ads, ids)[0])
+    assert loaded.encoder == forest.encoder
+
+
+# --- a user's own ad columns ------------------------------------------------------------------------------
+
+OWN_SPEC = AdFeatureSpec(numeric=("price", "age_days"), categorical=("brand", "device"), log_scaled=("price",))
+BRANDS = ["acme", "globex", "initech", "umbrella", "hooli"]
+
+
+def make_own_ads(n_ads: int, seed: int = 0) -> pd.DataFrame:
+    """A catalog with text categories and no synthetic-workload columns at all."""
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame(
+        {
+            "ad_id": [f"own-{i}" for i in range(n_ads)],
+            "price": rng.lognormal(3.0, 1.0, n_ads),
+            "age_days": rng.integers(0, 400, n_ads).astype(float),
+            "brand": rng.choice(BRANDS, n_ads),
+            "device": rng.choice(["mobile", "desktop", "tablet"], n_ads),
+        }
+    )
+
+
+def own_ctr(ads: pd.DataFrame) -> np.ndarray:
+    """Brand x device interaction (a linear model sees only the average of each) plus a price step."""
+    liked = {("acme", "mobile"), ("globex", "desktop"), ("initech", "tablet"), ("umbrella", "mobile")}
+    pairs = zip(ads["brand"], ads["device"], strict=True)
+    return 0.01 + 0.07 * np.array([pair in liked for pair in pairs]) + 0.03 * (ads["price"].to_numpy() > 20)
+
+
+def own_impressions(ads: pd.DataFrame, days: int, *, first_day: np.ndarray | None = None) -> pd.DataFrame:
+    rng = np.random.default_rng(5)
+    counts = rng.poisson(60, (days, len(ads)))
+    if first_day is not None:
+        counts[np.arange(days)[:, None] < first_day[None, :]] = 0
+    ad_index = np.concatenate([np.repeat(np.arange(len(ads)), counts[d]) for d in range(days)])
+    day = np.repeat(np.arange(days), counts.sum(axis=1))
+    return pd.DataFrame(
+        {
+            "ts_ms": ((FIRST_DAY + day) * MS_PER_DAY + rng.integers(0, MS_PER_DAY, len(day))).astype(np.int64),
+            "ad_id": ads["ad_id"].to_numpy()[ad_index],
+            "clicked": rng.random(len(day)) < own_ctr(ads)[ad_index],
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def own() -> dict:
+    """300 ads of a user's own columns; the last 90 launch on the first validation day (cold start)."""
+    ads = make_own_ads(300)
+    first_day = np.where(np.arange(300) >= 210, 6, 0)
+    frame, issues = training_frame(own_impressions(ads, 8, first_day=first_day), ads, OWN_SPEC)
+    assert issues == TrainingIssues(0, 0, 0)
+    train, valid = time_split(frame, valid_fraction=0.25)
+    encoder = fit_encoder(train, OWN_SPEC)
+    forest = train_ctr_model(train, encoder, n_estimators=40, min_samples_leaf=5, n_jobs=2)
+    return {"ads": ads, "train": train, "valid": valid, "forest": forest, "baseline": train_baseline(train, encoder)}
+
+
+def test_own_columns_are_learned_with_text_vocabularies(own) -> None:
+    forest, baseline, valid = own["forest"], own["baseline"], own["valid"]
+    assert forest.encoder.vocabularies == {"brand": tuple(sorted(BRANDS)), "device": ("desktop", "mobile", "tablet")}
+    assert forest.encoder.feature_names[:2] == ["log1p_price", "age_days"]
+    assert list(own["train"].columns) == ["ad_id", "day", "impressions", "clicks", *OWN_SPEC.columns[1:]]
+    rf, lr = evaluate(forest, valid), evaluate(baseline, valid)
+    assert rf["auc"] > lr["auc"] > 0.5
+
+
+def test_unseen_category_values_score_as_the_unseen_bucket_never_an_error(own) -> None:
+    forest = own["forest"]
+    ads = own["ads"].iloc[:3].copy()
+    ads["ad_id"] = ["n1", "n2", "n3"]
+    ads["price"], ads["age_days"], ads["device"] = 30.0, 10.0, "mobile"
+    ads["brand"] = ["brand-new", "another-new", "acme"]
+    ads.loc[2, "device"] = "smart-tv"  # a known brand on an unseen device
+    scores, skipped = score_ads(forest, ads, ["n1", "n2", "n3"])
+    assert skipped == [] and scores["ad_id"].tolist() == ["n1", "n2", "n3"]
+    assert scores["ctr"].iloc[0] == scores["ctr"].iloc[1]  # both brands encode as all zeros
+    brand_block = forest.encoder.encode(ads)[:, 2 : 2 + len(BRANDS)]
+    assert brand_block[:2].sum() == 0 and brand_block[2].sum() == 1
+    assert forest.encoder.unseen(ads) == {"brand": 2, "device": 1}
+
+
+def test_rare_category_values_are_folded_into_the_unseen_bucket() -> None:
+    ads = make_own_ads(60)
+    ads.loc[:1, "brand"] = "tiny"  # two ads
+    frame, _ = training_frame(own_impressions(ads, 2), ads, OWN_SPEC)
+    assert "tiny" not in fit_encoder(frame, OWN_SPEC, min_category_ads=3).vocabularies["brand"]
+    assert "tiny" in fit_encoder(frame, OWN_SPEC, min_category_ads=2).vocabularies["brand"]
+    capped = fit_encoder(frame, OWN_SPEC, max_category_values=2).vocabularies["brand"]
+    counts = ads[ads["brand"] != "tiny"]["brand"].value_counts()
+    assert len(capped) == 2 and set(capped) <= set(counts.index)
+    assert min(counts[list(capped)]) >= counts.drop(list(capped)).max()
+
+
+# --- cold start: ads first seen after the training cutoff -------------------------------------------------
+
+
+def test_new_ad_auc_is_measured_for_both_models_on_the_same_rows(own) -> None:
+    train, valid = own["train"], own["valid"]
+    rows = new_ad_rows(train, valid)
+    assert set(rows["ad_id"]) == {f"own-{i}" for i in range(210, 300)}
+    assert not set(rows["ad_id"]) & set(train["ad_id"])
+    result = evaluate_new_ads(own["forest"], own["baseline"], train, valid)
+    assert result.ads == 90 and result.impressions == int(rows["impressions"].sum()) and result.note is None
+    assert 0.5 < result.baseline_auc < result.auc <= 1.0
+    # The same number evaluate() gives on exactly those rows.
+    assert result.auc == pytest.approx(evaluate(own["forest"], rows)["auc"])
+    assert result.baseline_auc == pytest.approx(evaluate(own["baseline"], rows)["auc"])
+
+
+def test_new_ad_auc_is_not_measurable_without_new_ads_one_ad_or_one_class() -> None:
+    train = agg_frame([("a", 1, 10, 2), ("b", 1, 10, 1)])
+    cases = {
+        "no ads first seen": agg_frame([("a", 2, 10, 1), ("b", 2, 10, 3)]),
+        "a single ad first seen": agg_frame([("a", 2, 10, 1), ("new", 2, 10, 3)]),
+        "no clicks among the 30 impressions": agg_frame([("n1", 2, 10, 0), ("n2", 2, 20, 0), ("a", 2, 5, 1)]),
+        "every one of the 30 impressions": agg_frame([("n1", 2, 10, 10), ("n2", 2, 20, 20)]),
+    }
+    for expected, valid in cases.items():
+        result = evaluate_new_ads(Oracle(), Oracle(), train, valid)
+        assert result.auc is None and result.baseline_auc is None and expected in result.note, result
+    measured = evaluate_new_ads(Oracle(), Oracle(), train, agg_frame([("n1", 2, 10, 1), ("n2", 2, 10, 5)]))
+    # clicks 1 at 0.1 and 5 at 0.9, non-clicks 9 at 0.1 and 5 at 0.9: (5 * 9 + 34 ties / 2) / (6 * 14) pairs
+    assert measured == NewAdEvaluation(auc=pytest.approx(62 / 84), baseline_auc=pytest.approx(62 / 84), ads=2,
+                                       impressions=20)  # fmt: skip

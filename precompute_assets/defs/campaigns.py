@@ -1,0 +1,416 @@
+"""Campaign warming: before a registered campaign launches, every one of its ads gets its CTR, and the campaign
+its budget split, in Redis. A sensor on the campaign registry requests the runs, ahead of nightly work in the
+run queue; an every-2-hours schedule is the backstop for whatever the sensor missed.
+
+Campaign values are live keys (``pc:1:ctr:live:{ad_id}``, ``pc:1:budget:live:{campaign_id}``) written in one
+MULTI/EXEC with a TTL until the campaign ends: readers see all of a campaign or none of it, and a nightly
+publish (a new version and a pointer flip) leaves them in place, since readers fall back to live keys for the
+ads the published version lacks. A cancelled campaign's keys are removed by a run of ``campaign_cleanup_job``.
+"""
+
+import json
+import time
+import zlib
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import dagster as dg
+import pandas as pd
+import redis as redis_py
+
+from ..ml import ctr
+from ..ml.budget import DEFAULT_DRAWS, DEFAULT_PRIOR_STRENGTH, thompson_split
+from ..serving import KeySchema
+from ..serving.publish import delete_live_values, write_live_values
+from ..storage.campaigns import Campaign, CampaignRegistry
+from .models import CTR_MODEL
+from .resources import CampaignRegistryResource, LakeResource, ModelStoreResource, RedisResource
+
+CAMPAIGNS = dg.DynamicPartitionsDefinition(name="campaigns")
+
+# Run tags. dagster.yaml limits runs carrying WARMING_TAG, and runs of one campaign to one at a time (so its
+# revisions and its cancellation apply in order); the queue launches higher dagster/priority first.
+PRIORITY_TAG = "dagster/priority"
+WARMING_TAG = "precompute/warming"
+CAMPAIGN_TAG = "precompute/campaign"
+WARMING_PRIORITY = 10  # nightly runs have the default 0, backfills -1
+WARMING_TAGS = {PRIORITY_TAG: str(WARMING_PRIORITY), WARMING_TAG: "campaign"}
+
+WARMING_RETRY = dg.RetryPolicy(max_retries=3, delay=1, backoff=dg.Backoff.EXPONENTIAL)  # 1 s, 2 s, 4 s
+APPROVAL_LOOKBACK = 100  # newest ctr_model materializations searched for an approved one
+BEATS_BASELINE = dg.AssetCheckKey(dg.AssetKey(CTR_MODEL), "beats_baseline")
+RUNNING = dg.DefaultSensorStatus.RUNNING
+ACTIVE_RUN_STATUSES = [
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+]
+
+
+class CampaignWarmingConfig(dg.Config):
+    grace_hours: float = 1.0  # values outlive the campaign's end by this much (late requests, clock skew)
+    open_ended_ttl_days: float = 30.0  # a campaign without an end keeps its values this long after warming
+
+
+class CampaignBudgetConfig(CampaignWarmingConfig):
+    prior_strength: float = DEFAULT_PRIOR_STRENGTH  # pseudo-impressions behind each predicted CTR
+    draws: int = DEFAULT_DRAWS
+    seed: int = 0  # mixed with the campaign id and revision: reproducible, and independent across campaigns
+
+
+# --- what to warm ------------------------------------------------------------------------------------
+
+
+def warming_run_key(campaign: Campaign) -> str:
+    """One warming run per campaign revision: a changed campaign (new revision) is warmed again."""
+    return f"{campaign.campaign_id}-r{campaign.revision}"
+
+
+def warming_request(campaign: Campaign) -> dg.RunRequest:
+    """The run that warms ``campaign``'s current revision (the sensor's and the backstop's alike)."""
+    return dg.RunRequest(
+        run_key=warming_run_key(campaign),
+        job_name="campaign_warming_job",
+        partition_key=campaign.campaign_id,
+        tags={**WARMING_TAGS, CAMPAIGN_TAG: campaign.campaign_id},
+    )
+
+
+def cleanup_request(campaign: Campaign) -> dg.RunRequest:
+    """The run that removes a cancelled campaign's values from the cache."""
+    return dg.RunRequest(
+        run_key=f"{warming_run_key(campaign)}-cancel",
+        job_name="campaign_cleanup_job",
+        run_config={"ops": {"remove_campaign": {"config": {"campaign_id": campaign.campaign_id}}}},
+        tags={**WARMING_TAGS, CAMPAIGN_TAG: campaign.campaign_id},
+    )
+
+
+def expiry(campaign: Campaign, now: datetime, config: CampaignWarmingConfig) -> int:
+    """Unix time at which the campaign's values expire: its end plus the grace, or the open-ended TTL."""
+    if campaign.end_at is not None:
+        return int((campaign.end_at + timedelta(hours=config.grace_hours)).timestamp())
+    return int((now + timedelta(days=config.open_ended_ttl_days)).timestamp())
+
+
+def not_warmable(campaign: Campaign, now: datetime) -> str | None:
+    """Why ``campaign`` must not be warmed now (cancelled, ended), or None."""
+    if campaign.status != "active":
+        return f"campaign {campaign.campaign_id} is {campaign.status}"
+    if campaign.end_at is not None and campaign.end_at <= now:
+        return f"campaign {campaign.campaign_id} ended at {campaign.end_at.isoformat()}"
+    return None
+
+
+def current_campaign(registry: CampaignRegistry, campaign_id: str) -> tuple[Campaign, pd.DataFrame]:
+    """The campaign and the ads of one revision (read again if a re-registration lands in between)."""
+    for _ in range(3):
+        campaign = registry.get(campaign_id)
+        if campaign is None:
+            raise dg.Failure(description=f"campaign {campaign_id!r} is not registered", allow_retries=False)
+        ads = registry.ads(campaign_id)
+        again = registry.get(campaign_id)
+        if again is not None and again.revision == campaign.revision:
+            return campaign, ads
+    raise dg.Failure(description=f"campaign {campaign_id!r} kept changing while its ads were read")
+
+
+def approved_model_version(instance: dg.DagsterInstance) -> str:
+    """The current approved ``ctr_model`` version: among materializations whose blocking check ``beats_baseline``
+    passed, the one of the newest day (the newest run of that day); a backfill of an older day never wins."""
+    passed = {
+        record.run_id
+        for record in instance.event_log_storage.get_asset_check_execution_history(BEATS_BASELINE, APPROVAL_LOOKBACK)
+        if record.status.value == "SUCCEEDED"
+    }
+    approved = []
+    for record in instance.fetch_materializations(dg.AssetKey(CTR_MODEL), limit=APPROVAL_LOOKBACK).records:
+        metadata = record.asset_materialization.metadata if record.asset_materialization else {}
+        flag = metadata.get("approved")
+        if record.run_id in passed and "model_version" in metadata and (flag is None or flag.value):
+            approved.append(((record.partition_key or "", record.storage_id), metadata["model_version"].value))
+    if not approved:
+        raise dg.Failure(
+            description="no approved ctr_model: campaigns are scored only by a model that passed beats_baseline; "
+            "materialize ctr_model (daily_precompute_job) first",
+            allow_retries=False,
+        )
+    return max(approved)[1]
+
+
+def remove_campaign_values(
+    registry: CampaignRegistry, client: redis_py.Redis, schema: KeySchema, campaign: Campaign, now: datetime
+) -> int:
+    """Delete a campaign's budget and the CTRs of its ads that no other live campaign of its tenant still has, in
+    one transaction; returns how many keys existed."""
+    ads = set(registry.ads(campaign.campaign_id)["ad_id"])
+    for other in registry.list(tenant_id=campaign.tenant_id, status="active"):
+        if other.campaign_id != campaign.campaign_id and not_warmable(other, now) is None:
+            ads -= set(registry.ads(other.campaign_id)["ad_id"])
+    keys = [("ctr", ad_id) for ad_id in sorted(ads)] + [("budget", campaign.campaign_id)]
+    return delete_live_values(client, keys, schema=schema)
+
+
+# --- assets --------------------------------------------------------------------------------------------
+
+
+@dg.asset(
+    partitions_def=CAMPAIGNS,
+    kinds={"redis", "sklearn"},
+    group_name="campaigns",
+    retry_policy=WARMING_RETRY,
+    description="CTR of every ad of one campaign from the current approved ctr_model, written to Redis as live keys "
+    "in one transaction that expire when the campaign ends (plus a grace); readers see all of them or none.",
+)
+def campaign_ctr(
+    context: dg.AssetExecutionContext,
+    config: CampaignWarmingConfig,
+    campaign_registry: CampaignRegistryResource,
+    model_store: ModelStoreResource,
+    lake: LakeResource,
+    redis: RedisResource,
+) -> dg.Output[pd.DataFrame]:
+    started = time.perf_counter()
+    registry = campaign_registry.registry(spec=lake.ad_feature_spec())  # the ads' columns the model reads
+    campaign, ads = current_campaign(registry, context.partition_key)
+    now = datetime.now(UTC)
+    frame = pd.DataFrame({"ad_id": pd.Series(dtype=object), "ctr": pd.Series(dtype=float)})
+    reason = not_warmable(campaign, now)
+    version, skipped = "", []
+    if reason is None:
+        version = approved_model_version(context.instance)
+        model = model_store.store().load(CTR_MODEL, version)
+        frame, skipped = ctr.score_ads(model, ads, ads["ad_id"].tolist())
+        if frame.empty:
+            raise dg.Failure(
+                description=f"none of the {len(ads)} ads of {campaign.campaign_id} could be scored", allow_retries=False
+            )
+        if skipped:
+            context.log.warning(f"{len(skipped)} ads could not be scored (readers compute them live): {skipped[:5]}")
+        client, schema = redis.client(), redis.schema()
+        items = zip(frame["ad_id"].tolist(), frame["ctr"].tolist(), strict=True)
+        write_live_values(client, "ctr", items, expire_at=expiry(campaign, now, config), schema=schema)
+        latest = registry.get(campaign.campaign_id)
+        if latest is None or latest.status != "active":
+            # cancelled while we scored: its cleanup run may have come first, so take our writes back here
+            remove_campaign_values(registry, client, schema, campaign, now)
+            reason, frame = f"campaign {campaign.campaign_id} was cancelled while it was warmed", frame.iloc[:0]
+    if reason is not None:
+        context.log.warning(f"nothing warmed: {reason}")
+    minutes = (campaign.launch_at - now).total_seconds() / 60
+    context.log.info(f"warmed {len(frame)} ads of {campaign.campaign_id} r{campaign.revision}, {minutes:.0f} min early")
+    return dg.Output(
+        frame.assign(model_version=version, revision=campaign.revision),
+        metadata={
+            "dagster/row_count": len(frame),
+            "ads_warmed": len(frame),
+            "ads_skipped": len(skipped),
+            "seconds": time.perf_counter() - started,
+            "minutes_before_launch": minutes,
+            "model_version": version,
+            "revision": campaign.revision,
+            "published": reason is None,
+            "reason": reason or "",
+        },
+    )
+
+
+@dg.asset(
+    partitions_def=CAMPAIGNS,
+    kinds={"redis", "numpy"},
+    group_name="campaigns",
+    retry_policy=WARMING_RETRY,
+    description="The campaign's budget split across its ads by Thompson sampling over Beta posteriors seeded from "
+    "their predicted CTRs, readable as cache.get('budget', campaign_id); then the campaign revision is marked warm.",
+)
+def campaign_budget(
+    context: dg.AssetExecutionContext,
+    config: CampaignBudgetConfig,
+    campaign_ctr: pd.DataFrame,
+    campaign_registry: CampaignRegistryResource,
+    redis: RedisResource,
+) -> dg.MaterializeResult:
+    registry = campaign_registry.registry()
+    campaign_id = context.partition_key
+    campaign, now = registry.get(campaign_id), datetime.now(UTC)
+    revision = int(campaign_ctr["revision"].iloc[0]) if len(campaign_ctr) else None
+    if campaign is None or campaign_ctr.empty or campaign.revision != revision or not_warmable(campaign, now):
+        # the newer revision's run (or the cleanup of a cancelled campaign) has this campaign now
+        context.log.warning(f"no budget published for {campaign_id}: nothing warmed for its current revision")
+        return dg.MaterializeResult(metadata={"published": False, "warm": False, "ads": 0})
+    seed = [config.seed, zlib.crc32(campaign_id.encode()), campaign.revision]
+    amounts = thompson_split(
+        campaign_ctr["ctr"].to_numpy(), campaign.budget, prior_strength=config.prior_strength, draws=config.draws,
+        seed=seed,
+    )  # fmt: skip
+    split = dict(zip(campaign_ctr["ad_id"].tolist(), amounts.tolist(), strict=True))
+    client, schema = redis.client(), redis.schema()
+    write_live_values(client, "budget", [(campaign_id, split)], expire_at=expiry(campaign, now, config), schema=schema)
+    # Warm means everything a launch needs is in the cache, so the revision is marked at the end of the run.
+    warm = registry.mark_warm(campaign_id, campaign.revision)
+    latest = registry.get(campaign_id)
+    if latest is None or latest.status != "active":
+        remove_campaign_values(registry, client, schema, campaign, now)  # cancelled meanwhile, see campaign_ctr
+        warm = False
+    context.log.info(f"budget {campaign.budget:,.2f} of {campaign_id} split across {len(split)} ads; warm: {warm}")
+    return dg.MaterializeResult(
+        metadata={
+            "published": True,
+            "warm": warm,
+            "ads": len(split),
+            "budget": campaign.budget,
+            "max_share": float(amounts.max() / campaign.budget),
+            "ads_funded": int((amounts > 0).sum()),
+            "prior_strength": config.prior_strength,
+            "revision": campaign.revision,
+        }
+    )
+
+
+campaign_warming_job = dg.define_asset_job(
+    "campaign_warming_job",
+    selection=dg.AssetSelection.assets(campaign_ctr, campaign_budget),
+    tags=WARMING_TAGS,
+    description="Warm one campaign (partition): CTR of its ads, then its budget split; ahead of nightly runs.",
+)
+
+
+# --- cancellation --------------------------------------------------------------------------------------
+
+
+class CampaignCleanupConfig(dg.Config):
+    campaign_id: str
+
+
+@dg.op(retry_policy=WARMING_RETRY, description="Remove a cancelled campaign's CTRs and budget from the cache.")
+def remove_campaign(
+    context: dg.OpExecutionContext,
+    config: CampaignCleanupConfig,
+    campaign_registry: CampaignRegistryResource,
+    redis: RedisResource,
+) -> None:
+    # Returns nothing on purpose: an output would go to the Definitions' IO manager (the Parquet lake, which
+    # stores asset partitions only); what was removed is an observation of the campaign_ctr partition instead.
+    registry = campaign_registry.registry()
+    campaign = registry.get(config.campaign_id)
+    if campaign is None:
+        raise dg.Failure(description=f"campaign {config.campaign_id!r} is not registered", allow_retries=False)
+    if campaign.status == "active":
+        context.log.info(f"{campaign.campaign_id} was registered again since its cancellation: its values stay")
+        return
+    removed = remove_campaign_values(registry, redis.client(), redis.schema(), campaign, datetime.now(UTC))
+    context.log.info(f"removed {removed} keys of cancelled campaign {campaign.campaign_id}")
+    context.log_event(
+        dg.AssetObservation(
+            asset_key=campaign_ctr.key,
+            partition=campaign.campaign_id,
+            metadata={"cancelled": True, "keys_removed": removed, "revision": campaign.revision},
+        )
+    )
+
+
+@dg.job(tags=WARMING_TAGS, description="Remove a cancelled campaign's values from the cache.")
+def campaign_cleanup_job():
+    remove_campaign()
+
+
+# --- automation ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LaunchCursor:
+    """What the sensor has seen: every registry change up to ``seq``, and due campaigns launching by ``until``."""
+
+    seq: int = 0
+    until: datetime | None = None
+
+    @classmethod
+    def decode(cls, raw: str | None) -> "LaunchCursor":
+        if not raw:
+            return cls()
+        data = json.loads(raw)
+        return cls(int(data["seq"]), datetime.fromisoformat(data["until"]) if data.get("until") else None)
+
+    def encode(self) -> str:
+        return json.dumps({"seq": self.seq, "until": self.until.isoformat() if self.until else None})
+
+
+def changes_since(registry: CampaignRegistry, seq: int, *, page: int = 10_000, pages: int = 10) -> list[Campaign]:
+    """Campaigns changed after ``seq``, ascending, at most ``pages`` pages (the next tick reads on)."""
+    changed: list[Campaign] = []
+    for _ in range(pages):
+        batch = registry.changed_since(changed[-1].change_seq if changed else seq, limit=page)
+        changed += batch
+        if len(batch) < page:
+            break
+    return changed
+
+
+@dg.sensor(
+    jobs=[campaign_warming_job, campaign_cleanup_job],
+    minimum_interval_seconds=30,
+    default_status=RUNNING,
+    description="Warm campaigns launching within the warming horizon whose current revision is not warm (one run "
+    "per campaign revision, high priority), and remove cancelled campaigns from the cache.",
+)
+def campaign_launch_sensor(context: dg.SensorEvaluationContext, campaign_registry: CampaignRegistryResource):
+    """Reads the registry's changes since the cursor (cancellations, re-registrations) and the due campaigns (one
+    indexed query); requests only campaigns that became due since the last tick. A run that failed is the
+    backstop's: a sensor never launches the same run key twice."""
+    registry, cursor = campaign_registry.registry(), LaunchCursor.decode(context.cursor)
+    now = datetime.now(UTC)
+    horizon = campaign_registry.warming_horizon
+    changed = changes_since(registry, cursor.seq)
+    due = registry.due(now, horizon)
+    # new since the last tick: changed (a new revision), or its launch entered the horizon since then
+    fresh = [c for c in due if c.change_seq > cursor.seq or cursor.until is None or c.launch_at > cursor.until]
+    cancelled = [c for c in changed if c.status == "cancelled"]
+    known = set(context.instance.get_dynamic_partitions(CAMPAIGNS.name)) if fresh else set()
+    new_partitions = sorted({c.campaign_id for c in fresh} - known)
+    next_cursor = LaunchCursor(changed[-1].change_seq if changed else cursor.seq, now + horizon).encode()
+    context.log.info(
+        f"{len(changed)} changed, {len(due)} due and not warm, {len(fresh)} requested, {len(cancelled)} cancelled"
+    )
+    if not fresh and not cancelled:
+        return dg.SensorResult(
+            skip_reason=f"nothing new to warm ({len(due)} due, requested before)", cursor=next_cursor
+        )
+    return dg.SensorResult(
+        run_requests=[*map(warming_request, fresh), *map(cleanup_request, cancelled)],
+        dynamic_partitions_requests=[CAMPAIGNS.build_add_request(new_partitions)] if new_partitions else [],
+        cursor=next_cursor,
+    )
+
+
+def build_campaign_schedules(timezone: str) -> list[dg.ScheduleDefinition]:
+    """The every-2-hours backstop, in the deployment's timezone."""
+
+    @dg.schedule(
+        name="campaign_warming_backstop",
+        cron_schedule="0 */2 * * *",
+        execution_timezone=timezone,
+        target=campaign_warming_job,
+        default_status=dg.DefaultScheduleStatus.RUNNING,
+        description="Every 2 hours: warm every due campaign that is still not warm (the sensor was off, a run failed), "
+        "with the sensor's run keys; skips campaigns whose warming run is still queued or running.",
+    )
+    def campaign_warming_backstop(context: dg.ScheduleEvaluationContext, campaign_registry: CampaignRegistryResource):
+        registry = campaign_registry.registry()
+        now = context.scheduled_execution_time or datetime.now(UTC)
+        due = registry.due(now, campaign_registry.warming_horizon)
+        instance = context.instance if context.instance_ref is not None else None
+        if instance is not None and due:
+            active = instance.get_runs(dg.RunsFilter(job_name=campaign_warming_job.name, statuses=ACTIVE_RUN_STATUSES))
+            busy = {run.tags.get("dagster/run_key") for run in active}
+            due = [c for c in due if warming_run_key(c) not in busy]
+            # a schedule cannot return partition requests: the partitions the sensor never added are added here
+            missing = sorted({c.campaign_id for c in due} - set(instance.get_dynamic_partitions(CAMPAIGNS.name)))
+            if missing:
+                instance.add_dynamic_partitions(CAMPAIGNS.name, missing)
+        if not due:
+            return dg.SkipReason("every due campaign is warm or being warmed")
+        context.log.info(f"backstop: warming {len(due)} campaigns")
+        return [warming_request(c) for c in due]
+
+    return [campaign_warming_backstop]

@@ -1,0 +1,442 @@
+"""A user's own ad data into the lake: the ``ads`` catalog and daily ``ad_impressions``, from Parquet or CSV.
+
+A file whose schema is wrong (a required column missing, a duplicated header, not CSV or Parquet at all, no header)
+is refused as a whole with one ``AdDataError``. Rows that cannot be used are quarantined, never dropped silently:
+each with where it was (``line N`` of a CSV, counting the header as line 1; ``row N`` of a Parquet file, from 1), the
+reason and the raw values, in the lake's ``ads_quarantine`` / ``ad_impressions_quarantine`` (one file per load).
+
+What each load writes (so loading the same file twice changes nothing):
+- ads: the valid rows replace the lake's ``ads`` table (an export is a snapshot of the catalog). Which columns are
+  required and what makes a row valid is the caller's (the ad feature set, see ``ml.features``); an ``ad_id`` that
+  appears more than once keeps its last valid row, the earlier ones are counted as ``duplicates``.
+- impressions: rows are split into daily partitions by ``ts_ms`` in the deployment's timezone; each day in the file
+  replaces that day's partition, or is added to it with ``append=True``.
+
+Pure pandas / pyarrow: the caller (the ``precompute`` command) passes the lake, the timezone and the validation.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import re
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from ..serving.querylog import MAX_KEY_LENGTH
+from .lake import Lake
+
+ID_COLUMN = "ad_id"
+IMPRESSION_COLUMNS = ("ts_ms", "ad_id", "clicked")
+ADS, ADS_QUARANTINE = "ads", "ads_quarantine"
+IMPRESSIONS, IMPRESSIONS_QUARANTINE = "ad_impressions", "ad_impressions_quarantine"
+# ts_ms must be epoch milliseconds in [2000-01-01, 2100-01-01): catches epoch seconds (1.7e9 is January 1970).
+MIN_TS_MS, MAX_TS_MS = 946_684_800_000, 4_102_444_800_000
+CHUNK_ROWS = 100_000
+EXAMPLES = 20  # quarantined rows named in the summary; all are counted and kept in the lake
+_CLICKED = {"1": True, "0": False, "true": True, "false": False, "1.0": True, "0.0": False}
+_CONTROL = "[\x00-\x1f\x7f]"
+_UNDECODABLE = "[\udc80-\udcff]"  # bytes that were not UTF-8, as surrogateescape decodes them
+
+
+class AdDataError(ValueError):
+    """The file cannot be loaded at all (wrong schema, unreadable, unknown format); the message is one line."""
+
+
+@dataclass
+class LoadSummary:
+    """What a load read, wrote and quarantined (printed as JSON by the ``precompute`` command)."""
+
+    file: str
+    format: str
+    rows: int = 0  # data rows read (blank CSV lines are not rows)
+    loaded: int = 0  # rows written to the lake
+    quarantined: int = 0
+    quarantine_reasons: dict[str, int] = field(default_factory=dict)
+    first_quarantined: list[str] = field(default_factory=list)
+    quarantine_path: str | None = None
+    written: dict[str, int] = field(default_factory=dict)  # lake partition ("" when unpartitioned) -> rows now
+    duplicates: int | None = None  # ads: valid rows superseded by a later row with the same ad_id
+    columns: list[str] | None = None  # ads: the columns of the written table
+    note: str | None = None  # why nothing was written
+
+    def as_dict(self) -> dict[str, Any]:
+        """The summary without the fields that do not apply (None)."""
+        return {name: value for name, value in asdict(self).items() if value is not None}
+
+
+class _Quarantine:
+    """Collects bad rows with where they were and why; counts them in the summary."""
+
+    def __init__(self, summary: LoadSummary, unit: str) -> None:
+        self.summary, self.unit = summary, unit
+        self.rows: list[tuple[int, str, str]] = []  # (number, reason, raw JSON)
+        self.load_id = f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
+
+    def add(self, number: int, reason: str, raw: object) -> None:
+        self.rows.append((number, reason, json.dumps(raw, default=str, ensure_ascii=False)))
+        self.summary.quarantined += 1
+        reasons = self.summary.quarantine_reasons
+        reasons[reason] = reasons.get(reason, 0) + 1
+
+    def add_rows(self, frame: pd.DataFrame, numbers: np.ndarray, problems: pd.Series | np.ndarray, reason=None):
+        """Quarantines the rows of ``frame`` with a problem (a reason per row, or a mask and one ``reason``);
+        returns the mask of the good ones."""
+        problems = np.asarray(problems, dtype=object)
+        bad = problems.astype(bool) if reason else ~pd.isna(problems)
+        for i in np.flatnonzero(bad):
+            raw = {c: _plain(v) for c, v in zip(frame.columns, frame.iloc[i].tolist(), strict=True)}
+            self.add(int(numbers[i]), reason or problems[i], raw)
+        return ~bad
+
+    def write(self, lake: Lake, asset: str) -> None:
+        """The quarantined rows, in file order, as one lake file of this load; the first ones in the summary."""
+        if not self.rows:
+            return
+        self.rows.sort(key=lambda row: row[0])
+        where = [f"{self.unit} {number}" for number, _, _ in self.rows]
+        reasons = [reason for _, reason, _ in self.rows]
+        self.summary.first_quarantined = [f"{w}: {r}" for w, r in zip(where[:EXAMPLES], reasons, strict=False)]
+        n = len(self.rows)
+        table = pa.table(
+            {
+                "load_id": pa.array([self.load_id] * n, pa.string()),
+                "file": pa.array([self.summary.file] * n, pa.string()),
+                "where": pa.array(where, pa.string()),
+                "reason": pa.array(reasons, pa.string()),
+                # raw values as JSON; undecodable bytes stay visible as \udcXX escapes
+                "raw": pa.array([raw.encode("utf-8", "backslashreplace").decode() for _, _, raw in self.rows]),
+            }
+        )
+        self.summary.quarantine_path = lake.write(asset, self.load_id, table)
+
+
+def _plain(value: object) -> object:
+    """A cell as a plain Python value for JSON; missing (None, NaN, NA, NaT) is None."""
+    if value is None or value is pd.NA or value is pd.NaT or (isinstance(value, float) and np.isnan(value)):
+        return None
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def file_format(path: str | Path) -> str:
+    """``"csv"`` (also ``.csv.gz``) or ``"parquet"`` (``.parquet``, ``.pq``) by suffix, for a readable file."""
+    path = Path(path)
+    suffixes = [s.lower() for s in path.suffixes[-2:]]
+    if suffixes[-1:] in ([".parquet"], [".pq"]):
+        kind = "parquet"
+    elif suffixes[-1:] == [".csv"] or suffixes == [".csv", ".gz"]:
+        kind = "csv"
+    else:
+        raise AdDataError(f"{path}: unknown suffix {path.suffix or '(none)'!r}; expected .csv, .csv.gz or .parquet")
+    if not path.exists():
+        raise AdDataError(f"{path}: no such file")
+    if not path.is_file():
+        raise AdDataError(f"{path}: not a file")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as error:
+        raise AdDataError(f"{path}: cannot read ({error.strerror})") from None
+    return kind
+
+
+def _check_header(path: Path, names: Sequence[str], required: Sequence[str]) -> None:
+    seen = Counter(names)
+    twice = sorted(name for name, n in seen.items() if n > 1)
+    if twice:
+        raise AdDataError(f"{path}: columns {twice} appear more than once in the header")
+    missing = [c for c in required if c not in seen]
+    if missing:
+        raise AdDataError(f"{path}: missing columns {missing}; it has {list(names)} and needs {list(required)}")
+
+
+def _csv_chunks(
+    path: Path, required: Sequence[str], quarantine: _Quarantine
+) -> Iterator[tuple[pd.DataFrame, np.ndarray]]:
+    """Chunks of data rows (text, object dtype) with their line numbers; ragged and malformed lines are
+    quarantined here. A file without a header is an ``AdDataError``."""
+    opener = gzip.open if path.suffix.lower() == ".gz" else open
+    # surrogateescape: a line with bytes that are not UTF-8 is quarantined, not the whole file refused
+    with opener(path, "rt", encoding="utf-8-sig", errors="surrogateescape", newline="") as stream:
+        reader = csv.reader(stream)
+        try:
+            header = next(record for record in reader if record)
+        except StopIteration:
+            raise AdDataError(f"{path}: empty file: no header row (it needs the columns {list(required)})") from None
+        except (csv.Error, OSError, EOFError) as error:
+            raise AdDataError(f"{path}: cannot read the header: {error}") from None
+        header = [name.strip() for name in header]
+        _check_header(path, header, required)
+        rows: list[list[str]] = []
+        numbers: list[int] = []
+        start = reader.line_num + 1
+        while True:
+            try:
+                record = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as error:
+                quarantine.summary.rows += 1
+                quarantine.add(start, f"malformed CSV: {error}", None)
+                start = reader.line_num + 1
+                continue
+            except (OSError, EOFError) as error:  # a truncated .gz
+                raise AdDataError(f"{path}: cannot read line {start}: {error}") from None
+            line, start = start, reader.line_num + 1
+            if not record:
+                continue  # a blank line
+            quarantine.summary.rows += 1
+            if len(record) != len(header):
+                quarantine.add(line, f"{len(record)} fields, expected {len(header)}", record)
+                continue
+            rows.append(record)
+            numbers.append(line)
+            if len(rows) >= CHUNK_ROWS:
+                yield pd.DataFrame(rows, columns=header, dtype=object), np.array(numbers)
+                rows, numbers = [], []
+        if rows:
+            yield pd.DataFrame(rows, columns=header, dtype=object), np.array(numbers)
+
+
+def _parquet_chunks(
+    path: Path, required: Sequence[str], quarantine: _Quarantine, columns: Sequence[str] | None = None
+) -> Iterator[tuple[pd.DataFrame, np.ndarray]]:
+    """Chunks of rows with their row numbers (from 1); a file that is not Parquet is an ``AdDataError``."""
+    try:
+        parquet = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as error:
+        raise AdDataError(f"{path}: not a readable Parquet file: {str(error).splitlines()[0]}") from None
+    _check_header(path, parquet.schema_arrow.names, required)
+    first = 1
+    for batch in parquet.iter_batches(batch_size=CHUNK_ROWS, columns=list(columns) if columns else None):
+        # timestamps as epoch milliseconds, so ts_ms may be stored as a timestamp column too
+        arrays = [a.cast(pa.timestamp("ms", tz="UTC")).cast(pa.int64()) if pa.types.is_timestamp(a.type) else a
+                  for a in batch.columns]  # fmt: skip
+        frame = pa.Table.from_arrays(arrays, names=batch.schema.names).to_pandas()
+        quarantine.summary.rows += len(frame)
+        yield frame, np.arange(first, first + len(frame))
+        first += len(frame)
+
+
+def _chunks(path: Path, kind: str, required: Sequence[str], quarantine: _Quarantine, columns=None):
+    if kind == "csv":
+        return _csv_chunks(path, required, quarantine)
+    return _parquet_chunks(path, required, quarantine, columns)
+
+
+def _stripped(values: pd.Series) -> pd.Series:
+    """Text stripped, blanks as None (object dtype, which also holds undecodable bytes); other values as they are."""
+    out = [(v.strip() or None) if isinstance(v, str) else v for v in values.to_numpy(dtype=object)]
+    return pd.Series(out, index=values.index, dtype=object)
+
+
+def _undecodable(frame: pd.DataFrame) -> np.ndarray:
+    """Rows with a text value that held bytes that were not UTF-8 (CSV only)."""
+    pattern = re.compile(_UNDECODABLE)
+    bad = np.zeros(len(frame), dtype=bool)
+    for column in frame.columns:
+        values = frame[column].to_numpy(dtype=object)
+        bad |= np.array([isinstance(v, str) and not v.isascii() and bool(pattern.search(v)) for v in values], bool)
+    return bad
+
+
+def _id_problems(ids: pd.Series) -> np.ndarray:
+    """Per id (stripped text or None): why it cannot be an ad id, or None."""
+    reasons = np.full(len(ids), None, dtype=object)
+    undecodable = _undecodable(ids.to_frame())
+    reasons[undecodable] = "not valid UTF-8"
+    text = pa.array(np.where(undecodable, None, ids.to_numpy(dtype=object)), type=pa.string(), from_pandas=True)
+    control = pc.fill_null(pc.match_substring_regex(text, _CONTROL), False).to_numpy(zero_copy_only=False)
+    long = pc.fill_null(pc.greater(pc.utf8_length(text), MAX_KEY_LENGTH), False).to_numpy(zero_copy_only=False)
+    reasons[control & ~undecodable] = f"{ID_COLUMN} has control characters"
+    reasons[long & ~undecodable] = f"{ID_COLUMN} is longer than {MAX_KEY_LENGTH} characters"
+    reasons[ids.isna().to_numpy()] = f"{ID_COLUMN} is missing"
+    return reasons
+
+
+def _typed(values: pd.Series) -> pd.Series:
+    """A CSV column as numbers when every non-blank value is one, otherwise as text."""
+    try:
+        return pd.to_numeric(values)
+    except (ValueError, TypeError):
+        return values
+
+
+def _ids(values: pd.Series) -> pd.Series:
+    """Ids as stripped text (object dtype; blank is None): numbers without ``.0`` (a Parquet int or float column)."""
+    if pd.api.types.is_numeric_dtype(values.dtype) and not pd.api.types.is_bool_dtype(values.dtype):
+        numbers = values.to_numpy(dtype=float, na_value=np.nan)
+        whole = np.isfinite(numbers) & (numbers == np.round(numbers))
+        text = np.where(whole, np.nan_to_num(numbers).astype(np.int64).astype(str), numbers.astype(str))
+        return pd.Series(text, index=values.index, dtype=object).where(~np.isnan(numbers), None)
+    text = [v if isinstance(v, str) else (None if _plain(v) is None else str(v)) for v in values.to_numpy(dtype=object)]
+    return _stripped(pd.Series(text, index=values.index, dtype=object))
+
+
+def load_ads(
+    path: str | Path,
+    lake: Lake,
+    *,
+    required: Sequence[str],
+    row_problems: Callable[[pd.DataFrame], pd.Series],
+    text_columns: Sequence[str] = (),
+) -> LoadSummary:
+    """Validate ``path`` and make its valid rows the lake's ``ads`` table.
+
+    ``required`` columns must all be in the file (``ad_id`` first); ``row_problems(frame)`` gives one reason or None
+    per row (``ml.features.feature_problems``). CSV values are text: ``text_columns`` (the categorical ones) stay
+    text even when they look like numbers, other columns become numbers where every value is one. Parquet columns
+    keep their types; ids are text either way.
+    """
+    path = Path(path)
+    kind = file_format(path)
+    summary = LoadSummary(file=str(path), format=kind)
+    quarantine = _Quarantine(summary, "line" if kind == "csv" else "row")
+    frames, numbers = [], []
+    for frame, lines in _chunks(path, kind, required, quarantine):
+        frames.append(frame)
+        numbers.append(lines)
+    if frames:
+        frame, lines = pd.concat(frames, ignore_index=True), np.concatenate(numbers)
+    else:
+        frame, lines = pd.DataFrame(columns=list(required), dtype=object), np.empty(0, dtype=np.int64)
+    frame[ID_COLUMN] = _ids(frame[ID_COLUMN])
+    if kind == "csv":
+        frame = frame.apply(_stripped)
+        undecodable = _undecodable(frame)
+        frame, lines = frame[quarantine.add_rows(frame, lines, undecodable, "not valid UTF-8")], lines[~undecodable]
+    frame = frame[quarantine.add_rows(frame, lines, row_problems(frame))]
+    if kind == "csv":
+        frame = frame.apply(lambda column: column if column.name in (ID_COLUMN, *text_columns) else _typed(column))
+    last = ~frame[ID_COLUMN].duplicated(keep="last").to_numpy()
+    summary.duplicates = int((~last).sum())
+    frame = frame[last].reset_index(drop=True)
+    summary.columns = list(frame.columns)
+    quarantine.write(lake, ADS_QUARANTINE)
+    if len(frame):
+        lake.write(ADS, None, frame)
+        summary.loaded = len(frame)
+        summary.written = {"": len(frame)}
+    else:
+        summary.note = "no valid rows: the lake's ads table was left as it was"
+    return summary
+
+
+def _clicked(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """``(clicked, valid)``: booleans, and which values were 0/1 or true/false (any case, or a bool column)."""
+    if pd.api.types.is_bool_dtype(values.dtype):
+        return values.to_numpy(dtype=bool), np.ones(len(values), dtype=bool)
+    if pd.api.types.is_numeric_dtype(values.dtype):
+        numbers = values.to_numpy(dtype=float, na_value=np.nan)
+        return numbers == 1, (numbers == 0) | (numbers == 1)
+    mapped = values.map(lambda v: _CLICKED.get(str(v).strip().lower()) if v is not None else None)
+    valid = mapped.notna().to_numpy()
+    return mapped.fillna(False).to_numpy(dtype=bool), valid
+
+
+def _timestamps(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """``(ts_ms, reason)``: int64 milliseconds, and a reason where the value is not a plausible one."""
+    numbers = pd.to_numeric(values, errors="coerce").to_numpy(dtype=float, na_value=np.nan)
+    reason = np.full(len(numbers), None, dtype=object)
+    with np.errstate(invalid="ignore"):
+        out_of_range = (numbers < MIN_TS_MS) | (numbers >= MAX_TS_MS)
+        fractional = numbers != np.floor(numbers)
+    reason[out_of_range] = "ts_ms is out of range: epoch milliseconds from 2000-01-01 to 2100-01-01"
+    reason[fractional & ~out_of_range] = "ts_ms is not a whole number of milliseconds"
+    reason[~np.isfinite(numbers)] = "ts_ms is not an epoch-milliseconds number"
+    ts = np.where(pd.isna(reason), numbers, 0).astype(np.int64)
+    return ts, reason
+
+
+def _impression_problems(frame: pd.DataFrame, ts_reason: np.ndarray, clicked_ok: np.ndarray) -> np.ndarray:
+    """The first problem of each row: its ad id, then ts_ms, then clicked."""
+    problems = _id_problems(frame[ID_COLUMN])
+    fresh = pd.isna(problems)
+    problems[fresh] = ts_reason[fresh]
+    problems[pd.isna(problems) & ~clicked_ok] = "clicked is not 0/1 or true/false"
+    return problems
+
+
+def _local_days(ts_ms: np.ndarray, timezone: str) -> np.ndarray:
+    """Days since 1970-01-01 of the local date of each timestamp in ``timezone``."""
+    local = pd.DatetimeIndex(pd.to_datetime(ts_ms, unit="ms", utc=True)).tz_convert(timezone).tz_localize(None)
+    return local.to_numpy().astype("datetime64[D]").astype(np.int64)
+
+
+def load_impressions(
+    path: str | Path, lake: Lake, *, timezone: str, first_day: str | None = None, append: bool = False
+) -> LoadSummary:
+    """Validate ``path`` (``ts_ms``, ``ad_id``, ``clicked``; other columns are ignored) and write its valid rows
+    into the lake's daily ``ad_impressions`` partitions: the local date of ``ts_ms`` in ``timezone``.
+
+    Rows before ``first_day`` (the first daily partition) are quarantined: no partition would ever read them.
+    Each day in the file replaces its partition, or is added to it with ``append``.
+    """
+    path = Path(path)
+    kind = file_format(path)
+    summary = LoadSummary(file=str(path), format=kind)
+    quarantine = _Quarantine(summary, "line" if kind == "csv" else "row")
+    first = (date.fromisoformat(first_day) - date(1970, 1, 1)).days if first_day else None
+    parts: list[pd.DataFrame] = []
+    for frame, lines in _chunks(path, kind, IMPRESSION_COLUMNS, quarantine, IMPRESSION_COLUMNS):
+        frame = frame[list(IMPRESSION_COLUMNS)].reset_index(drop=True)
+        frame[ID_COLUMN] = _ids(frame[ID_COLUMN])
+        ts_ms, ts_reason = _timestamps(frame["ts_ms"])
+        clicked, clicked_ok = _clicked(frame["clicked"])
+        problems = _impression_problems(frame, ts_reason, clicked_ok)
+        days = _local_days(ts_ms, timezone)
+        if first is not None:
+            problems[(days < first) & pd.isna(problems)] = f"ts_ms falls before the first daily partition {first_day}"
+        good = quarantine.add_rows(frame, lines, problems)
+        parts.append(
+            pd.DataFrame(
+                {
+                    "ts_ms": ts_ms[good],
+                    ID_COLUMN: frame[ID_COLUMN].to_numpy(dtype=object)[good],
+                    "clicked": clicked[good],
+                    "day": days[good],
+                }
+            )
+        )
+    valid = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame({"day": []})
+    quarantine.write(lake, IMPRESSIONS_QUARANTINE)
+    for day, rows in valid.groupby("day", sort=True):
+        key = (date(1970, 1, 1) + timedelta(days=int(day))).isoformat()
+        rows = rows[list(IMPRESSION_COLUMNS)]
+        if append and lake.exists(IMPRESSIONS, key):
+            rows = pd.concat([lake.read(IMPRESSIONS, key, columns=list(IMPRESSION_COLUMNS)), rows], ignore_index=True)
+        rows = rows.sort_values("ts_ms", kind="stable").reset_index(drop=True)
+        lake.write(IMPRESSIONS, key, _impressions_table(rows))
+        summary.written[key] = len(rows)
+    summary.loaded = len(valid)
+    if not len(valid):
+        summary.note = "no valid rows: no ad_impressions partition was written"
+    return summary
+
+
+def _impressions_table(rows: pd.DataFrame) -> pa.Table:
+    schema = pa.schema([("ts_ms", pa.int64()), (ID_COLUMN, pa.string()), ("clicked", pa.bool_())])
+    return pa.Table.from_pandas(rows, schema=schema, preserve_index=False)
+
+
+def unknown_ad_impressions(lake: Lake, days: Sequence[str]) -> int | None:
+    """Impressions of ``days`` whose ad is not in the lake's ``ads`` (None without an ads table)."""
+    if not lake.exists(ADS):
+        return None
+    known = set(lake.read(ADS, columns=[ID_COLUMN])[ID_COLUMN].astype(str))
+    return sum(
+        int((~lake.read(IMPRESSIONS, day, columns=[ID_COLUMN])[ID_COLUMN].astype(str).isin(known)).sum())
+        for day in days
+    )

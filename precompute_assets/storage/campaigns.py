@@ -1,0 +1,684 @@
+"""The campaign registry in PostgreSQL: campaigns, their ads with features, and which tenant owns each ad.
+
+Services register a campaign before it launches (``register_campaign_launch``); a sensor reads what changed
+since its cursor (``changed_since``) and what must be warmed (``due``), and a warming run records the revision
+it warmed (``mark_warm``). A registration is validated whole before anything is written, and written in one
+transaction: a refused campaign (or batch) leaves nothing behind.
+
+``change_seq`` comes from one sequence, and every writer takes one advisory lock before drawing from it, so
+sequence numbers become visible in the order they were drawn: a reader that has seen ``change_seq`` n has
+seen every change up to n, and a sensor cursor never jumps over a change that commits late.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import hashlib
+import io
+import json
+import math
+import re
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pandas as pd
+import psycopg2
+from psycopg2.extras import execute_values
+
+from ..ml.features import ID_COLUMN, AdFeatureSpec, feature_problems
+from .postgres import transaction
+
+CAMPAIGN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # fit for a Dagster partition key: no commas
+STATUSES = ("active", "cancelled")
+FIELDS = ("campaign_id", "tenant_id", "launch_at", "end_at", "budget", "ads")
+REQUIRED = ("campaign_id", "tenant_id", "launch_at", "ads")
+DEFAULT_BUDGET = 1000.0
+_WRITE_LOCK = "precompute.campaign_registry"  # advisory lock of every writer that draws a change_seq
+
+SCHEMA = """
+CREATE SEQUENCE IF NOT EXISTS campaign_change_seq;
+CREATE TABLE IF NOT EXISTS campaigns (
+    campaign_id TEXT COLLATE "C" PRIMARY KEY,
+    tenant_id TEXT NOT NULL,
+    launch_at TIMESTAMPTZ NOT NULL,
+    end_at TIMESTAMPTZ,
+    budget DOUBLE PRECISION NOT NULL CHECK (budget > 0 AND budget < 'Infinity'),
+    status TEXT NOT NULL CHECK (status IN ('active', 'cancelled')),
+    revision INTEGER NOT NULL CHECK (revision >= 1),
+    warm_revision INTEGER,
+    change_seq BIGINT NOT NULL,
+    updated_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    n_ads INTEGER NOT NULL,
+    ads_digest TEXT NOT NULL,  -- sha256 of the normalised ads: an identical re-registration is a no-op
+    CHECK (end_at IS NULL OR end_at > launch_at)
+);
+CREATE UNIQUE INDEX IF NOT EXISTS campaigns_change_seq ON campaigns (change_seq);
+CREATE INDEX IF NOT EXISTS campaigns_status_launch_at ON campaigns (status, launch_at);
+-- exactly the predicate of due(): a sensor tick reads only the cold active campaigns, whatever the table size
+CREATE INDEX IF NOT EXISTS campaigns_cold_launch_at ON campaigns (launch_at)
+    WHERE status = 'active' AND warm_revision IS DISTINCT FROM revision;
+CREATE INDEX IF NOT EXISTS campaigns_tenant ON campaigns (tenant_id);
+CREATE TABLE IF NOT EXISTS campaign_ads (
+    campaign_id TEXT COLLATE "C" NOT NULL REFERENCES campaigns ON DELETE CASCADE,
+    position INTEGER NOT NULL,
+    ad_id TEXT COLLATE "C" NOT NULL,
+    features JSONB NOT NULL,
+    PRIMARY KEY (campaign_id, position),
+    UNIQUE (campaign_id, ad_id)
+);
+CREATE TABLE IF NOT EXISTS ad_tenants (
+    ad_id TEXT COLLATE "C" PRIMARY KEY,
+    tenant_id TEXT NOT NULL
+);
+"""
+_OBJECTS = ("campaign_change_seq", "campaigns", "campaign_ads", "ad_tenants", "campaigns_cold_launch_at")
+_COLUMNS = (
+    "campaign_id, tenant_id, launch_at, end_at, budget, status, revision, warm_revision, change_seq, updated_at, n_ads"
+)
+
+
+class CampaignError(ValueError):
+    """A registration, batch or cancellation refused; the message names each campaign and every bad ad.
+
+    ``problems`` holds the same as (campaign id or record label, reason) pairs.
+    """
+
+    def __init__(self, message: str, problems: Sequence[tuple[str, str]] = ()) -> None:
+        super().__init__(message)
+        self.problems = list(problems)
+
+
+@dataclass(frozen=True)
+class Campaign:
+    campaign_id: str
+    tenant_id: str
+    launch_at: datetime  # timezone-aware
+    end_at: datetime | None
+    budget: float
+    status: str  # "active" | "cancelled"
+    revision: int  # 1 when first registered; every change bumps it
+    warm_revision: int | None  # the revision whose ads were warmed (None, or equal to revision)
+    change_seq: int  # position in the registry's change log (a sensor's cursor)
+    updated_at: datetime
+    n_ads: int
+
+    @property
+    def is_warm(self) -> bool:
+        return self.warm_revision == self.revision
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict (ISO 8601 times in UTC), ``is_warm`` included."""
+        return {
+            "campaign_id": self.campaign_id,
+            "tenant_id": self.tenant_id,
+            "launch_at": self.launch_at.astimezone(UTC).isoformat(),
+            "end_at": self.end_at.astimezone(UTC).isoformat() if self.end_at else None,
+            "budget": self.budget,
+            "status": self.status,
+            "revision": self.revision,
+            "warm_revision": self.warm_revision,
+            "is_warm": self.is_warm,
+            "change_seq": self.change_seq,
+            "updated_at": self.updated_at.astimezone(UTC).isoformat(),
+            "n_ads": self.n_ads,
+        }
+
+
+@dataclass
+class _Checked:
+    """One record after the checks that need no database: normalised, with its ads as COPY-ready rows."""
+
+    where: str  # how messages name it: "campaign 'c1'", or "campaign 'c1' (line 3)" in a labelled batch
+    campaign_id: str
+    tenant_id: str
+    launch_at: datetime
+    end_at: datetime | None
+    budget: float
+    ads: list[tuple[str, str]]  # (ad_id, features as JSON text)
+    digest: str
+
+
+def _unstorable(text: str) -> str | None:
+    """Why PostgreSQL would refuse this text, or None."""
+    if "\x00" in text:
+        return "contains a NUL character"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "is not valid UTF-8 (lone surrogate)"
+    return None
+
+
+def _is_missing(value: Any) -> bool:
+    """None, NaN, NaT or pd.NA: an absent value (a NaN budget is not absent, it is refused)."""
+    if value is None:
+        return True
+    try:
+        return bool(pd.isna(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def _ad_name(ad_id: str | None, position: int) -> str:
+    """How messages name an ad: by its id, or by its 1-based position when it has none."""
+    return f"ad {ad_id!r}" if ad_id is not None and ad_id.strip() else f"ad #{position + 1}"
+
+
+def _category_label(value: Any) -> str:
+    """A categorical value as its text label: ``7``, ``7.0`` and ``" 7"`` are one category, ``"7"``."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and float(value).is_integer():
+        return str(int(value))
+    return str(value).strip()
+
+
+def _timestamp(value: Any, name: str, problems: list[str]) -> datetime | None:
+    """An aware datetime from a datetime or an ISO 8601 string; None (and a problem) otherwise."""
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value.strip())
+        except ValueError:
+            problems.append(f"{name} {value!r} is not an ISO 8601 time")
+            return None
+    if not isinstance(value, datetime):
+        problems.append(f"{name} must be a timezone-aware datetime, got {type(value).__name__}")
+        return None
+    if value.tzinfo is None or value.utcoffset() is None:
+        problems.append(f"{name} {value.isoformat()} has no timezone (give an offset, e.g. +00:00)")
+        return None
+    return value.to_pydatetime() if isinstance(value, pd.Timestamp) else value
+
+
+def _budget(value: Any, problems: list[str]) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        problems.append(f"budget must be a number, got {type(value).__name__}")
+        return math.nan
+    try:
+        budget = float(value)
+    except ValueError:
+        problems.append(f"budget {value!r} is not a number")
+        return math.nan
+    if not math.isfinite(budget) or budget <= 0:
+        problems.append(f"budget must be a positive finite number, got {value!r}")
+    return budget
+
+
+def _aware_now(now: datetime | None) -> datetime:
+    if now is None:
+        return datetime.now(UTC)
+    if now.tzinfo is None or now.utcoffset() is None:
+        raise ValueError(f"now must be timezone-aware, got {now.isoformat()}")
+    return now
+
+
+def _describe(problems: Sequence[tuple[str, str]], total: int) -> str:
+    """One line naming each refused campaign with all its reasons (and the count, for a batch)."""
+    grouped: dict[str, list[str]] = defaultdict(list)
+    for where, reason in problems:
+        grouped[where].append(reason)
+    body = " | ".join(f"{where}: {'; '.join(reasons)}" for where, reasons in grouped.items())
+    if total == 1:
+        return f"refused, nothing registered: {body}"
+    return f"{len(grouped)} of {total} campaigns refused, nothing registered: {body}"
+
+
+def _copy_rows(rows: Iterable[Sequence[Any]]) -> io.StringIO:
+    """PostgreSQL CSV for COPY; every field quoted, so an empty string is never read as NULL."""
+    buffer = io.StringIO()
+    csv.writer(buffer, quoting=csv.QUOTE_ALL, lineterminator="\n").writerows(rows)
+    buffer.seek(0)
+    return buffer
+
+
+def _check_ad_owners(checked: list[_Checked], problems: list[tuple[str, str]]) -> None:
+    """An ad belongs to one tenant only: within a batch too."""
+    tenant_of: dict[str, str] = {}
+    shared: set[str] = set()
+    for c in checked:
+        for ad_id, _ in c.ads:
+            if tenant_of.setdefault(ad_id, c.tenant_id) != c.tenant_id:
+                shared.add(ad_id)
+    for c in checked if shared else ():
+        clash = sorted({ad_id for ad_id, _ in c.ads if ad_id in shared})
+        if clash:
+            problems.append((c.where, f"ads {clash} are given to other tenants in the same batch"))
+
+
+class CampaignRegistry:
+    """The campaign registry in the application database behind ``url``.
+
+    ``spec`` names the feature columns every ad must carry (the CTR model's); ``warming_horizon`` is how far
+    ahead ``due`` looks by default, and how far in the past a new launch time may lie.
+    """
+
+    def __init__(
+        self, url: str, *, spec: AdFeatureSpec | None = None, warming_horizon: timedelta = timedelta(hours=24)
+    ) -> None:
+        if warming_horizon <= timedelta(0):
+            raise ValueError(f"warming_horizon must be positive, got {warming_horizon}")
+        self.url = url
+        self.spec = spec or AdFeatureSpec()
+        self.warming_horizon = warming_horizon
+
+    def ensure_schema(self) -> None:
+        """Create the sequence, tables and indexes if missing (safe to call from many services at once)."""
+        with transaction(self.url) as conn, conn.cursor() as cur:
+            cur.execute("SELECT " + ", ".join(f"to_regclass('{name}')" for name in _OBJECTS))
+            if all(cur.fetchone()):
+                return
+            # concurrent CREATE ... IF NOT EXISTS can still collide in the catalog: one creator at a time
+            cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (_WRITE_LOCK,))
+            cur.execute(SCHEMA)
+
+    # -- registration --------------------------------------------------------------------------------
+
+    def register(
+        self,
+        campaign_id: str,
+        tenant_id: str,
+        launch_at: datetime,
+        ads: Sequence[Mapping[str, Any]],
+        *,
+        end_at: datetime | None = None,
+        budget: float = DEFAULT_BUDGET,
+        now: datetime | None = None,
+    ) -> Campaign:
+        """Register a campaign or a new revision of it, in one transaction; an identical one is a no-op."""
+        record = {
+            "campaign_id": campaign_id,
+            "tenant_id": tenant_id,
+            "launch_at": launch_at,
+            "end_at": end_at,
+            "budget": budget,
+            "ads": ads,
+        }
+        return self.register_many([record], now=now)[0]
+
+    def register_many(
+        self,
+        records: Iterable[Mapping[str, Any]],
+        *,
+        now: datetime | None = None,
+        labels: Sequence[str] | None = None,
+    ) -> list[Campaign]:
+        """Register many campaigns (mappings with the fields of ``register``) in one transaction, in order.
+
+        Every record is checked first; if any is refused, the whole batch is, with a ``CampaignError`` that
+        names every bad record and ad, and nothing is written. ``labels`` (``line 3``) name the records in that
+        message beside their campaign id (default ``record 1``, ``record 2``...). Launch and end times may be
+        aware datetimes or ISO 8601 strings with an offset.
+        """
+        records = list(records)
+        now = _aware_now(now)
+        show_labels = labels is not None or len(records) > 1
+        labels = list(labels) if labels is not None else [f"record {i}" for i in range(1, len(records) + 1)]
+        if len(labels) != len(records):
+            raise ValueError(f"{len(labels)} labels for {len(records)} records")
+        if not records:
+            return []
+        checked, problems, wheres = self._check(records, labels, show_labels)
+        with transaction(self.url) as conn, conn.cursor() as cur:
+            cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (_WRITE_LOCK,))
+            ids = [c.campaign_id for c in checked]
+            cur.execute(
+                "SELECT campaign_id, tenant_id, launch_at, end_at, budget, status, ads_digest FROM campaigns"
+                " WHERE campaign_id = ANY(%s) FOR UPDATE",
+                (ids,),
+            )
+            existing = {row[0]: row[1:] for row in cur.fetchall()}
+            problems += self._check_registered(checked, existing, now)
+            # an unchanged campaign's ads were accepted for its tenant already
+            changed = [c for c in checked if self._differs(c, existing.get(c.campaign_id))]
+            problems += self._check_ad_tenants(cur, changed)
+            if problems:
+                order = {where: i for i, where in enumerate(wheres)}  # the file's order, not the checks'
+                problems.sort(key=lambda problem: order.get(problem[0], len(order)))
+                raise CampaignError(_describe(problems, len(records)), problems)
+            if changed:
+                self._write(cur, changed)
+            cur.execute(f"SELECT {_COLUMNS} FROM campaigns WHERE campaign_id = ANY(%s)", (ids,))
+            rows = {row[0]: Campaign(*row) for row in cur.fetchall()}
+        return [rows[c.campaign_id] for c in checked]
+
+    def _check(
+        self, records: list[Mapping[str, Any]], labels: list[str], show_labels: bool
+    ) -> tuple[list[_Checked], list[tuple[str, str]], list[str]]:
+        """The checks that need no database: fields, id, tenant, times, budget, ads and their features."""
+        parts = [self._check_record(record, label, show_labels) for record, label in zip(records, labels, strict=True)]
+        seen: dict[str, str] = {}
+        for part in parts:
+            campaign_id = part.get("campaign_id")
+            if isinstance(campaign_id, str) and CAMPAIGN_ID.fullmatch(campaign_id):
+                if campaign_id in seen:
+                    part["reasons"].append(f"registered twice in one batch (also {seen[campaign_id]})")
+                seen.setdefault(campaign_id, part["label"])
+        ad_rows = self._check_ads(parts)
+        problems: list[tuple[str, str]] = []
+        checked: list[_Checked] = []
+        for index, part in enumerate(parts):
+            if part["reasons"]:
+                problems.extend((part["where"], reason) for reason in part["reasons"])
+                continue
+            rows = ad_rows[index]
+            digest = hashlib.sha256(json.dumps([self.spec.columns, rows]).encode()).hexdigest()
+            checked.append(
+                _Checked(part["where"], part["campaign_id"], part["tenant_id"], part["launch_at"], part["end_at"],
+                         part["budget"], rows, digest)
+            )  # fmt: skip
+        _check_ad_owners(checked, problems)
+        return checked, problems, [part["where"] for part in parts]
+
+    def _check_record(self, record: Any, label: str, show_labels: bool) -> dict[str, Any]:
+        """One record's fields, normalised, with the reasons it is refused (its ads are checked later)."""
+        if not isinstance(record, Mapping):
+            reason = f"not a mapping of campaign fields ({type(record).__name__})"
+            return {"label": label, "where": label, "reasons": [reason], "ads": []}
+        reasons: list[str] = []
+        campaign_id = record.get("campaign_id")
+        suffix = f" ({label})" if show_labels else ""
+        if campaign_id is None:
+            where = label
+            reasons.append("missing campaign_id")
+        else:
+            where = f"campaign {campaign_id!r}{suffix}"
+            if not (isinstance(campaign_id, str) and CAMPAIGN_ID.fullmatch(campaign_id)):
+                reasons.append(
+                    "campaign_id must be 1-64 characters of letters, digits, '_', '.', '-', starting with a letter"
+                    " or digit (it becomes a Dagster partition key)"
+                )
+        unknown = sorted(map(str, set(record) - set(FIELDS)))
+        if unknown:
+            reasons.append(f"unknown fields {unknown}; expected {list(FIELDS)}")
+        missing = [name for name in REQUIRED if name not in record and name != "campaign_id"]
+        if missing:
+            reasons.append(f"missing {', '.join(missing)}")
+        tenant_id = record.get("tenant_id")
+        if "tenant_id" in record:
+            if tenant_id is not None and not isinstance(tenant_id, str):
+                reasons.append(f"tenant_id must be a string, got {type(tenant_id).__name__}")
+            elif tenant_id is None or not tenant_id.strip():
+                reasons.append("tenant_id is blank")
+            elif problem := _unstorable(tenant_id):
+                reasons.append(f"tenant_id {problem}")
+        launch_at = _timestamp(record["launch_at"], "launch_at", reasons) if "launch_at" in record else None
+        end_at = record.get("end_at")
+        end_at = None if _is_missing(end_at) else _timestamp(end_at, "end_at", reasons)
+        if launch_at and end_at and end_at <= launch_at:
+            reasons.append(f"end_at {end_at.isoformat()} is not after launch_at {launch_at.isoformat()}")
+        budget = record.get("budget")
+        budget = _budget(DEFAULT_BUDGET if budget is None else budget, reasons)
+        ads: Any = record.get("ads", ())
+        if isinstance(ads, (str, bytes, Mapping)) or not isinstance(ads, Iterable):
+            reasons.append(f"ads must be a list of ads, got {type(ads).__name__}")
+            ads = []
+        else:
+            ads = list(ads)
+            if "ads" in record and not ads:
+                reasons.append("no ads")
+        not_mappings = [i for i, ad in enumerate(ads, start=1) if not isinstance(ad, Mapping)]
+        if not_mappings:
+            reasons.append(f"ads {not_mappings} are not mappings of ad fields")
+            ads = []
+        elif ads:
+            present = set().union(*(ad.keys() for ad in ads))
+            absent = [column for column in self.spec.columns if column not in present]
+            if absent:
+                reasons.append(f"ads lack the feature columns {absent} (the feature set is {self.spec.columns})")
+                ads = []
+        return {
+            "label": label, "where": where, "reasons": reasons, "campaign_id": campaign_id, "tenant_id": tenant_id,
+            "launch_at": launch_at, "end_at": end_at, "budget": budget, "ads": ads,
+        }  # fmt: skip
+
+    def _check_ads(self, parts: list[dict[str, Any]]) -> dict[int, list[tuple[str, str]]]:
+        """Validate every ad of the batch in one vectorised pass; bad ads become reasons of their campaign.
+
+        Returns each campaign's ads as (ad_id, features as a JSON object: numbers as floats, categories as text).
+        """
+        spec = self.spec
+        rows: dict[int, list[tuple[str, str]]] = {}
+        every_ad = [ad for part in parts for ad in part["ads"]]
+        if not every_ad:
+            return rows
+        # object columns as given: pandas would infer Arrow strings, which refuse lone surrogates
+        frame = pd.DataFrame({c: pd.Series([ad.get(c) for ad in every_ad], dtype=object) for c in spec.columns})
+        ids = [None if _is_missing(v) else (v if isinstance(v, str) else str(v)) for v in frame[ID_COLUMN]]
+        frame[ID_COLUMN] = pd.Series(ids, index=frame.index, dtype=object)
+        problems = feature_problems(frame, spec).tolist()
+        numeric = {c: pd.to_numeric(frame[c], errors="coerce").astype(float).tolist() for c in spec.numeric}
+        categorical = {c: [_category_label(v) for v in frame[c]] for c in spec.categorical}
+        texts = [text for text in ids if text is not None] + [text for c in spec.categorical for text in categorical[c]]
+        if _unstorable("".join(texts)):  # one check for the whole batch; ad by ad only when it fails
+            for i, problem in enumerate(problems):
+                named = [(ID_COLUMN, ids[i]), *((c, categorical[c][i]) for c in spec.categorical)]
+                found = next((f"{c} {p}" for c, text in named if text is not None and (p := _unstorable(text))), None)
+                problems[i] = problem or found
+        # JSON by hand, column by column: 200,000 json.dumps calls of small dicts cost seconds; the repr of a
+        # finite float is JSON, and categories repeat
+        quoted = functools.lru_cache(maxsize=4096)(json.dumps)
+        columns = [[f'"{c}": {v!r}' for v in numeric[c]] for c in spec.numeric]
+        columns += [[f'"{c}": {quoted(v)}' for v in categorical[c]] for c in spec.categorical]
+        features = ["{" + ", ".join(values) + "}" for values in zip(*columns, strict=True)]
+        start = 0
+        for index, part in enumerate(parts):
+            n = len(part["ads"])
+            span = range(start, start + n)
+            start += n
+            if not n:
+                continue
+            bad = [f"{_ad_name(ids[i], i - span.start)}: {problems[i]}" for i in span if problems[i] is not None]
+            if bad:
+                part["reasons"].append(f"{len(bad)} of {n} ads are invalid: " + ", ".join(bad))
+            good = [(ids[i], features[i]) for i in span if problems[i] is None]
+            counts = Counter(ids[i] for i in span if ids[i] is not None)  # valid or not: each id once
+            if any(k > 1 for k in counts.values()):
+                part["reasons"].append(f"duplicate ad ids {sorted(a for a, k in counts.items() if k > 1)}")
+            rows[index] = good
+        return rows
+
+    def _check_registered(
+        self, checked: list[_Checked], existing: dict[str, tuple], now: datetime
+    ) -> list[tuple[str, str]]:
+        """The checks against what is registered: the tenant of an existing campaign, and its launch time."""
+        problems: list[tuple[str, str]] = []
+        for c in checked:
+            where = c.where
+            before = existing.get(c.campaign_id)
+            if before is not None and before[0] != c.tenant_id:
+                problems.append((where, f"belongs to tenant {before[0]!r}, not {c.tenant_id!r}"))
+            # a launch time already accepted stays acceptable: an old campaign can still change its end or ads
+            if (before is None or before[1] != c.launch_at) and now - c.launch_at > self.warming_horizon:
+                problems.append(
+                    (where, f"launch_at {c.launch_at.isoformat()} is more than the warming horizon "
+                            f"({self.warming_horizon}) in the past (now {now.isoformat()})")
+                )  # fmt: skip
+        return problems
+
+    @staticmethod
+    def _check_ad_tenants(cur: psycopg2.extensions.cursor, checked: list[_Checked]) -> list[tuple[str, str]]:
+        """Ads registered to another tenant; stages the batch's (ad, tenant) pairs in ``incoming_ads``."""
+        problems: list[tuple[str, str]] = []
+        pairs = {(ad_id, c.tenant_id) for c in checked for ad_id, _ in c.ads}
+        cur.execute('CREATE TEMP TABLE incoming_ads (ad_id TEXT COLLATE "C", tenant_id TEXT) ON COMMIT DROP')
+        cur.copy_expert("COPY incoming_ads (ad_id, tenant_id) FROM STDIN WITH (FORMAT csv)", _copy_rows(pairs))
+        cur.execute(
+            "SELECT i.ad_id, i.tenant_id, t.tenant_id FROM incoming_ads i JOIN ad_tenants t USING (ad_id)"
+            " WHERE t.tenant_id <> i.tenant_id"
+        )
+        foreign = {(ad_id, tenant): other for ad_id, tenant, other in cur.fetchall()}
+        if foreign:
+            for c in checked:
+                clash = sorted(f"{ad_id!r} (tenant {foreign[ad_id, c.tenant_id]!r})"
+                               for ad_id, _ in c.ads if (ad_id, c.tenant_id) in foreign)  # fmt: skip
+                if clash:
+                    problems.append((c.where, f"ads registered to another tenant: {', '.join(clash)}"))
+        return problems
+
+    def _differs(self, c: _Checked, before: tuple | None) -> bool:
+        if before is None:
+            return True
+        return tuple(before) != (c.tenant_id, c.launch_at, c.end_at, c.budget, "active", c.digest)
+
+    @staticmethod
+    def _write(cur: psycopg2.extensions.cursor, changed: list[_Checked]) -> None:
+        """Insert or bump the changed campaigns, record their ads' tenant, and replace their ads."""
+        cur.execute(
+            "INSERT INTO ad_tenants (ad_id, tenant_id) SELECT DISTINCT ad_id, tenant_id FROM incoming_ads"
+            " ON CONFLICT (ad_id) DO NOTHING"
+        )
+        execute_values(
+            cur,
+            """INSERT INTO campaigns AS c (campaign_id, tenant_id, launch_at, end_at, budget, n_ads, ads_digest,
+                   status, revision, warm_revision, change_seq, updated_at)
+               VALUES %s
+               ON CONFLICT (campaign_id) DO UPDATE
+               SET launch_at = EXCLUDED.launch_at, end_at = EXCLUDED.end_at, budget = EXCLUDED.budget,
+                   n_ads = EXCLUDED.n_ads, ads_digest = EXCLUDED.ads_digest, status = 'active',
+                   revision = c.revision + 1, warm_revision = NULL, change_seq = EXCLUDED.change_seq,
+                   updated_at = now()""",
+            [(c.campaign_id, c.tenant_id, c.launch_at, c.end_at, c.budget, len(c.ads), c.digest) for c in changed],
+            template="(%s, %s, %s, %s, %s, %s, %s, 'active', 1, NULL, nextval('campaign_change_seq'), now())",
+            page_size=1000,
+        )
+        cur.execute("DELETE FROM campaign_ads WHERE campaign_id = ANY(%s)", ([c.campaign_id for c in changed],))
+        rows = (
+            (c.campaign_id, position, ad_id, features)
+            for c in changed
+            for position, (ad_id, features) in enumerate(c.ads)
+        )
+        cur.copy_expert(
+            "COPY campaign_ads (campaign_id, position, ad_id, features) FROM STDIN WITH (FORMAT csv)", _copy_rows(rows)
+        )
+
+    def cancel(self, campaign_id: str) -> Campaign:
+        """Cancel a campaign: bumps its revision and change_seq (its warmed values are to be removed).
+
+        Cancelling a cancelled campaign changes nothing; an unknown id is a ``CampaignError``.
+        """
+        with transaction(self.url) as conn, conn.cursor() as cur:
+            cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (_WRITE_LOCK,))
+            cur.execute(
+                f"UPDATE campaigns SET status = 'cancelled', revision = revision + 1, warm_revision = NULL,"
+                f" change_seq = nextval('campaign_change_seq'), updated_at = now()"
+                f" WHERE campaign_id = %s AND status <> 'cancelled' RETURNING {_COLUMNS}",
+                (campaign_id,),
+            )
+            row = cur.fetchone()
+            if row is None:
+                cur.execute(f"SELECT {_COLUMNS} FROM campaigns WHERE campaign_id = %s", (campaign_id,))
+                row = cur.fetchone()
+            if row is None:
+                raise CampaignError(f"campaign {campaign_id!r} is not registered", [(campaign_id, "not registered")])
+            return Campaign(*row)
+
+    def mark_warm(self, campaign_id: str, revision: int) -> bool:
+        """Record that ``revision`` of the campaign is warm, only if it is still the current revision.
+
+        Not a change for ``changed_since`` (change_seq stays): a sensor does not re-read what it warmed.
+        """
+        with transaction(self.url) as conn, conn.cursor() as cur:
+            cur.execute(
+                "UPDATE campaigns SET warm_revision = revision WHERE campaign_id = %s AND revision = %s",
+                (campaign_id, revision),
+            )
+            return cur.rowcount == 1
+
+    # -- reading -------------------------------------------------------------------------------------
+
+    def get(self, campaign_id: str) -> Campaign | None:
+        """The campaign, or None when it is not registered."""
+        with transaction(self.url) as conn, conn.cursor() as cur:
+            cur.execute(f"SELECT {_COLUMNS} FROM campaigns WHERE campaign_id = %s", (campaign_id,))
+            row = cur.fetchone()
+        return Campaign(*row) if row else None
+
+    def ads(self, campaign_id: str) -> pd.DataFrame:
+        """The campaign's ads in registration order: ``ad_id`` and the spec's feature columns (empty if unknown)."""
+        with transaction(self.url) as conn, conn.cursor() as cur:
+            cur.execute(
+                "SELECT ad_id, features FROM campaign_ads WHERE campaign_id = %s ORDER BY position", (campaign_id,)
+            )
+            rows = cur.fetchall()
+        frame = pd.DataFrame([{ID_COLUMN: ad_id, **features} for ad_id, features in rows], columns=self.spec.columns)
+        for column in self.spec.numeric:
+            frame[column] = pd.to_numeric(frame[column], errors="coerce").astype(float)
+        for column in (ID_COLUMN, *self.spec.categorical):
+            frame[column] = frame[column].astype(object)
+        return frame
+
+    def list(self, *, tenant_id: str | None = None, status: str | None = None) -> list[Campaign]:
+        """Campaigns by launch time (then id), optionally of one tenant and/or one status."""
+        if status is not None and status not in STATUSES:
+            raise CampaignError(f"unknown status {status!r}; expected one of {list(STATUSES)}")
+        with transaction(self.url) as conn, conn.cursor() as cur:
+            cur.execute(
+                f"SELECT {_COLUMNS} FROM campaigns WHERE (%(tenant)s::text IS NULL OR tenant_id = %(tenant)s)"
+                " AND (%(status)s::text IS NULL OR status = %(status)s) ORDER BY launch_at, campaign_id",
+                {"tenant": tenant_id, "status": status},
+            )
+            return [Campaign(*row) for row in cur.fetchall()]
+
+    def changed_since(self, change_seq: int, *, limit: int = 10_000) -> list[Campaign]:
+        """Up to ``limit`` campaigns changed after ``change_seq`` (registered, changed, cancelled), ascending.
+
+        Feed the last campaign's ``change_seq`` back to read the next page; a change that commits later
+        always gets a higher number (see the module docstring), so the cursor never skips one.
+        """
+        if limit <= 0:
+            raise ValueError("limit must be positive")
+        with transaction(self.url) as conn, conn.cursor() as cur:
+            cur.execute(
+                f"SELECT {_COLUMNS} FROM campaigns WHERE change_seq > %s ORDER BY change_seq LIMIT %s",
+                (change_seq, limit),
+            )
+            return [Campaign(*row) for row in cur.fetchall()]
+
+    def due(self, now: datetime, horizon: timedelta | None = None) -> list[Campaign]:
+        """Active campaigns launching by ``now + horizon`` (default the warming horizon), not ended, not warm;
+        by launch time. Campaigns that launched already but have not ended are due too."""
+        now = _aware_now(now)
+        until = now + (self.warming_horizon if horizon is None else horizon)
+        with transaction(self.url) as conn, conn.cursor() as cur:
+            cur.execute(
+                f"SELECT {_COLUMNS} FROM campaigns"
+                " WHERE status = 'active' AND warm_revision IS DISTINCT FROM revision"  # the partial index
+                " AND launch_at <= %s AND (end_at IS NULL OR end_at > %s)"
+                " ORDER BY launch_at, campaign_id",
+                (until, now),
+            )
+            return [Campaign(*row) for row in cur.fetchall()]
+
+    def max_change_seq(self) -> int:
+        """The newest change_seq (0 when the registry is empty): a sensor's starting cursor."""
+        with transaction(self.url) as conn, conn.cursor() as cur:
+            cur.execute("SELECT COALESCE(max(change_seq), 0) FROM campaigns")
+            return int(cur.fetchone()[0])
+
+
+def register_campaign_launch(
+    url: str,
+    campaign_id: str,
+    tenant_id: str,
+    launch_at: datetime,
+    ads: Sequence[Mapping[str, Any]],
+    *,
+    end_at: datetime | None = None,
+    budget: float = DEFAULT_BUDGET,
+) -> Campaign:
+    """Register a campaign before its launch (creating the registry's tables if needed); the entry point for
+    services. Raises ``CampaignError`` naming every problem; nothing is written then."""
+    registry = CampaignRegistry(url)
+    registry.ensure_schema()
+    return registry.register(campaign_id, tenant_id, launch_at, ads, end_at=end_at, budget=budget)
+
+
+__all__ = [
+    "CAMPAIGN_ID",
+    "Campaign",
+    "CampaignError",
+    "CampaignRegistry",
+    "register_campaign_launch",
+]

@@ -1,0 +1,526 @@
+"""Campaign warming on real Redis + PostgreSQL: the sensor, the warming run, the budget split, cancellations, the
+backstop, run priorities in the queue, and what readers see when Redis fails."""
+
+import uuid
+import zlib
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import pytest
+import yaml
+from dagster._core.remote_origin import RegisteredCodeLocationOrigin, RemoteJobOrigin, RemoteRepositoryOrigin
+from dagster._core.test_utils import MockedRunLauncher, create_run_for_test
+from dagster._core.workspace.context import WorkspaceProcessContext
+from dagster._core.workspace.load_target import EmptyWorkspaceTarget
+from dagster._daemon.run_coordinator.queued_run_coordinator_daemon import QueuedRunCoordinatorDaemon
+
+from precompute_assets.definitions import build_definitions
+from precompute_assets.defs import campaigns as warming
+from precompute_assets.defs.campaigns import (
+    CAMPAIGNS,
+    LaunchCursor,
+    approved_model_version,
+    build_campaign_schedules,
+    campaign_budget,
+    campaign_cleanup_job,
+    campaign_ctr,
+    campaign_launch_sensor,
+    campaign_warming_job,
+)
+from precompute_assets.defs.models import ctr_model
+from precompute_assets.defs.resources import (
+    CampaignRegistryResource,
+    LakeResource,
+    ModelStoreResource,
+    ParquetIOManager,
+    RedisResource,
+)
+from precompute_assets.defs.settings import Settings
+from precompute_assets.defs.sources import ad_impressions, ads
+from precompute_assets.ml.budget import thompson_split
+from precompute_assets.serving import KeySchema, PredictionCache, connect, publish_version
+from precompute_assets.serving.publish import write_live_values
+from precompute_assets.storage.campaigns import Campaign, CampaignRegistry
+from precompute_assets.storage.lake import Lake
+from precompute_assets.storage.postgres import scratch_database
+from precompute_assets.workload.ads import make_ads
+from precompute_assets_tests.factories import write_ad_platform
+
+DAYS = ["2026-11-16", "2026-11-17", "2026-11-18"]
+ROOT = Path(__file__).resolve().parents[2]
+HOUR = timedelta(hours=1)
+REPOSITORY = build_definitions(Settings()).get_repository_def()  # schedules resolve partitioned requests in it
+
+
+# --- fixtures ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model_home(tmp_path_factory, dagster_pg_url) -> dict:
+    """One Dagster instance on real PostgreSQL with an approved ctr_model, trained once for the module on three
+    days of synthetic traffic the way the daily graph trains it (its beats_baseline check passed)."""
+    root = tmp_path_factory.mktemp("campaign-model")
+    lake_uri, models = str(root / "lake"), str(root / "models")
+    write_ad_platform(Lake(lake_uri), DAYS)
+    with (
+        scratch_database(dagster_pg_url, "dagster") as url,
+        dg.instance_for_test(overrides={"storage": {"postgres": {"postgres_url": url}}}) as instance,
+    ):
+        lake = LakeResource(base_uri=lake_uri)
+        result = dg.materialize(
+            [ads, ad_impressions, ctr_model],
+            selection=[ctr_model],
+            partition_key=DAYS[-1],
+            instance=instance,
+            resources={"lake": lake, "model_store": ModelStoreResource(root=models)},
+            run_config={"ops": {"ctr_model": {"config": {"n_estimators": 40}}}},
+        )
+        version = result.asset_materializations_for_node("ctr_model")[0].metadata["model_version"].value
+        yield {"instance": instance, "lake_uri": lake_uri, "models": models, "version": version}
+
+
+@pytest.fixture
+def instance(model_home) -> dg.DagsterInstance:
+    return model_home["instance"]
+
+
+@pytest.fixture
+def registry(app_db) -> CampaignRegistry:
+    registry = CampaignRegistry(app_db)
+    registry.ensure_schema()
+    return registry
+
+
+@pytest.fixture
+def resources(model_home, app_db, redis_url, schema, tmp_path) -> dict:
+    lake = LakeResource(base_uri=str(tmp_path / "lake"))
+    return {
+        "redis": RedisResource(url=redis_url, namespace=schema.namespace),
+        "lake": lake,
+        "io_manager": ParquetIOManager(lake=lake),
+        "model_store": ModelStoreResource(root=model_home["models"]),
+        "campaign_registry": CampaignRegistryResource(url=app_db),
+    }
+
+
+@pytest.fixture
+def cache(redis_url, schema):
+    reader = PredictionCache(connect(redis_url, socket_timeout=5), schema=schema, pointer_ttl_s=0)
+    yield reader
+    reader.close()
+
+
+def unique(name: str) -> str:
+    """Campaign ids unique across the module's shared Dagster instance (dynamic partitions, run keys)."""
+    return f"{name}-{uuid.uuid4().hex[:6]}"
+
+
+def campaign_ads(prefix: str, n: int, *, seed: int = 0) -> list[dict]:
+    """``n`` new ads (never seen in any traffic) with the features of the synthetic workload."""
+    table = make_ads(n, days=1, seed=seed)
+    return [
+        {"ad_id": f"{prefix}-ad{i:04d}", "category": int(row.category), "quality": float(row.quality),
+         "bid": float(row.bid), "text_len": int(row.text_len)}
+        for i, row in enumerate(table.itertuples())
+    ]  # fmt: skip
+
+
+def tick(instance, resource: CampaignRegistryResource, cursor: str | None = None) -> dg.SensorResult:
+    return campaign_launch_sensor(
+        dg.build_sensor_context(instance=instance, cursor=cursor, resources={"campaign_registry": resource})
+    )
+
+
+def add_partitions(instance, result: dg.SensorResult) -> None:
+    """What the daemon does with the sensor's partition requests."""
+    for request in result.dynamic_partitions_requests:
+        instance.add_dynamic_partitions(request.partitions_def_name, request.partition_keys)
+
+
+def warm(instance, resources, campaign_id: str, **kwargs) -> dg.ExecuteInProcessResult:
+    """Run the warming job's assets for one campaign partition, as the requested run does."""
+    return dg.materialize(
+        [campaign_ctr, campaign_budget], partition_key=campaign_id, instance=instance, resources=resources, **kwargs
+    )
+
+
+def live_keys(client, schema: KeySchema, kind: str) -> list[bytes]:
+    return sorted(client.scan_iter(match=f"{schema.prefix}:{kind}:live:*", count=1000))
+
+
+# --- the sensor --------------------------------------------------------------------------------------------
+
+
+def test_the_sensor_adds_partitions_and_requests_one_prioritised_run_per_due_campaign(registry, app_db):
+    now = datetime.now(UTC)
+    soon, later, far = unique("soon"), unique("later"), unique("far")
+    registry.register(later, "acme", now + 5 * HOUR, campaign_ads(later, 3))
+    registry.register(soon, "acme", now + HOUR, campaign_ads(soon, 3))
+    registry.register(far, "acme", now + 30 * HOUR, campaign_ads(far, 3))  # beyond the 24 h horizon
+    resource = CampaignRegistryResource(url=app_db)
+    with dg.instance_for_test() as instance:
+        first = tick(instance, resource)
+        assert [(r.partition_key, r.run_key, r.job_name) for r in first.run_requests] == [
+            (soon, f"{soon}-r1", "campaign_warming_job"),  # soonest launch first
+            (later, f"{later}-r1", "campaign_warming_job"),
+        ]
+        for request in first.run_requests:
+            assert request.tags["dagster/priority"] == "10" and int(request.tags["dagster/priority"]) > 0
+            assert request.tags["precompute/warming"] == "campaign"
+            assert request.tags["precompute/campaign"] == request.partition_key
+        (partitions,) = first.dynamic_partitions_requests
+        assert partitions.partitions_def_name == CAMPAIGNS.name == "campaigns"
+        assert sorted(partitions.partition_keys) == sorted([soon, later])
+        add_partitions(instance, first)
+
+        # nothing changed: nothing requested again, and the cursor moves on
+        second = tick(instance, resource, first.cursor)
+        assert not second.run_requests and "nothing new" in second.skip_reason.skip_message
+        assert LaunchCursor.decode(second.cursor).seq == registry.max_change_seq()
+
+        # a changed campaign (new revision) is warmed again; its partition exists already
+        registry.register(soon, "acme", now + HOUR, campaign_ads(soon, 4))
+        third = tick(instance, resource, second.cursor)
+        assert [r.run_key for r in third.run_requests] == [f"{soon}-r2"]
+        assert not third.dynamic_partitions_requests
+
+        # a campaign whose launch enters the horizon is requested once it does (here: a wider horizon)
+        wider = CampaignRegistryResource(url=app_db, warming_horizon_hours=48)
+        fourth = tick(instance, wider, third.cursor)
+        assert [r.run_key for r in fourth.run_requests] == [f"{far}-r1"]
+        assert fourth.dynamic_partitions_requests[0].partition_keys == [far]
+
+        # a cancelled campaign gets a cleanup run, with the same priority and per-campaign tag
+        registry.cancel(later)
+        fifth = tick(instance, wider, fourth.cursor)
+        (cleanup,) = fifth.run_requests
+        assert (cleanup.job_name, cleanup.run_key) == ("campaign_cleanup_job", f"{later}-r2-cancel")
+        assert cleanup.run_config == {"ops": {"remove_campaign": {"config": {"campaign_id": later}}}}
+        assert cleanup.tags["dagster/priority"] == "10" and cleanup.tags["precompute/campaign"] == later
+
+
+def test_a_tick_over_10000_campaigns_is_a_constant_number_of_queries(registry, app_db, monkeypatch):
+    now = datetime.now(UTC)
+    records = [
+        {"campaign_id": f"bulk{i:05d}", "tenant_id": "acme", "launch_at": now + timedelta(minutes=10 + i % 600),
+         "ads": [{"ad_id": f"bulk{i:05d}-a", "category": 1, "quality": 0.5, "bid": 1.0, "text_len": 80}]}
+        for i in range(10_000)
+    ]  # fmt: skip
+    registry.register_many(records)
+    calls: dict[str, int] = {}
+    for name in ("changed_since", "due", "get", "ads", "list"):
+        original = getattr(CampaignRegistry, name)
+
+        def counted(self, *args, _name=name, _original=original, **kwargs):
+            calls[_name] = calls.get(_name, 0) + 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(CampaignRegistry, name, counted)
+    resource = CampaignRegistryResource(url=app_db)
+    with dg.instance_for_test() as instance:
+        result = tick(instance, resource)
+        # a page of changes (and an empty one: the first was full), one indexed due() query: nothing per campaign
+        assert calls == {"changed_since": 2, "due": 1}
+        assert len(result.run_requests) == 10_000 and len({r.run_key for r in result.run_requests}) == 10_000
+        assert len(result.dynamic_partitions_requests[0].partition_keys) == 10_000
+        add_partitions(instance, result)
+        calls.clear()
+        again = tick(instance, resource, result.cursor)
+        assert not again.run_requests and calls == {"changed_since": 1, "due": 1}
+
+
+# --- warming end to end ------------------------------------------------------------------------------------
+
+
+def test_register_tick_run_and_every_ad_is_readable_before_launch(
+    registry, resources, instance, model_home, cache, redis_client, schema, app_db
+):
+    now = datetime.now(UTC)
+    campaign_id, launch, end = unique("spring"), now + 2 * HOUR, now + 26 * HOUR
+    ad_list = campaign_ads(campaign_id, 60, seed=3)
+    registry.register(campaign_id, "acme", launch, ad_list, end_at=end, budget=2500.0)
+    ids = [ad["ad_id"] for ad in ad_list]
+    assert cache.get_many("ctr", ids) == [None] * len(ids)  # cold: every first user would miss
+
+    result = tick(instance, resources["campaign_registry"])
+    (request,) = result.run_requests
+    add_partitions(instance, result)
+    run = warm(instance, resources, request.partition_key, tags=request.tags)
+    assert run.success and datetime.now(UTC) < launch
+
+    values = cache.get_many("ctr", ids)
+    assert all(isinstance(v, float) and 0 < v < 1 for v in values)
+    frame = Lake(resources["lake"].base_uri).read("campaign_ctr", campaign_id).set_index("ad_id")
+    assert values == pytest.approx(frame.loc[ids, "ctr"].tolist(), rel=1e-6)
+    meta = run.asset_materializations_for_node("campaign_ctr")[0].metadata
+    assert meta["ads_warmed"].value == 60 and meta["ads_skipped"].value == 0
+    assert meta["model_version"].value == model_home["version"]
+    assert 100 < meta["minutes_before_launch"].value <= 120 and meta["seconds"].value > 0
+    # the values live until the campaign ends (plus the one-hour grace), not a day more
+    ttl = redis_client.ttl(schema.live("ctr", ids[0]))
+    assert (end + HOUR - datetime.now(UTC)).total_seconds() - 60 < ttl <= (end + HOUR - now).total_seconds() + 1
+
+    # the budget: a split across the ads adding up to the budget, exactly the seeded Thompson split
+    split = cache.get("budget", campaign_id)
+    assert set(split) == set(ids) and sum(split.values()) == pytest.approx(2500.0)
+    expected = thompson_split(frame.loc[ids, "ctr"].to_numpy(), 2500.0, seed=[0, zlib.crc32(campaign_id.encode()), 1])
+    assert [split[i] for i in ids] == pytest.approx(expected.tolist())
+    assert registry.get(campaign_id).is_warm
+    assert not tick(instance, resources["campaign_registry"], result.cursor).run_requests
+
+    # two nightly publishes (new versions, pointer flips) later, every campaign ad is still readable; where the
+    # nightly version has an ad, it answers (both come from approved models)
+    nightly = [(f"ad{i:06d}", 0.05) for i in range(200)] + [(ids[0], 0.5)]
+    for version in ("2026-11-18.nightly1.0", "2026-11-19.nightly2.0"):
+        publish_version(redis_client, "ctr", version, nightly, n_keys=len(nightly), schema=schema)
+    after = cache.get_many("ctr", ids)
+    assert after[0] == pytest.approx(0.5) and after[1:] == pytest.approx(values[1:], rel=1e-6)
+
+
+def test_a_cancelled_campaign_is_removed_but_ads_of_other_live_campaigns_stay(
+    registry, resources, instance, cache, redis_client, schema
+):
+    now = datetime.now(UTC)
+    first, second = unique("first"), unique("second")
+    shared = campaign_ads(first, 5)
+    registry.register(first, "acme", now + HOUR, shared)
+    registry.register(second, "acme", now + HOUR, [shared[0], *campaign_ads(second, 3)])
+    result = tick(instance, resources["campaign_registry"])
+    add_partitions(instance, result)
+    for request in result.run_requests:
+        assert warm(instance, resources, request.partition_key).success
+    assert all(v is not None for v in cache.get_many("ctr", [ad["ad_id"] for ad in shared]))
+
+    registry.cancel(first)
+    (cleanup,) = tick(instance, resources["campaign_registry"], result.cursor).run_requests
+    run = campaign_cleanup_job.execute_in_process(run_config=cleanup.run_config, instance=instance, resources=resources)
+    assert run.success
+    assert cache.get_many("ctr", [ad["ad_id"] for ad in shared[1:]]) == [None] * 4
+    assert cache.get("budget", first) is None
+    assert cache.get("ctr", shared[0]["ad_id"]) is not None  # still in the live campaign
+    assert cache.get("budget", second) is not None
+    observation = instance.fetch_observations(campaign_ctr.key, limit=1).records[0]
+    assert observation.partition_key == first and observation.asset_observation.metadata["cancelled"].value
+    assert observation.asset_observation.metadata["keys_removed"].value == 5  # 4 ads + the budget
+
+
+def test_a_cancelled_campaign_is_not_warmed(registry, resources, instance, redis_client, schema):
+    campaign_id = unique("gone")
+    registry.register(campaign_id, "acme", datetime.now(UTC) + HOUR, campaign_ads(campaign_id, 4))
+    registry.cancel(campaign_id)
+    instance.add_dynamic_partitions(CAMPAIGNS.name, [campaign_id])
+    run = warm(instance, resources, campaign_id)
+    assert run.success
+    assert run.asset_materializations_for_node("campaign_ctr")[0].metadata["published"].value is False
+    assert run.asset_materializations_for_node("campaign_budget")[0].metadata["published"].value is False
+    assert live_keys(redis_client, schema, "ctr") == [] and live_keys(redis_client, schema, "budget") == []
+
+
+def test_warming_without_an_approved_model_fails_clearly_and_writes_nothing(registry, resources, redis_client, schema):
+    campaign_id = unique("nomodel")
+    registry.register(campaign_id, "acme", datetime.now(UTC) + HOUR, campaign_ads(campaign_id, 4))
+    with dg.instance_for_test() as empty:
+        empty.add_dynamic_partitions(CAMPAIGNS.name, [campaign_id])
+        run = warm(empty, resources, campaign_id, raise_on_error=False)
+        assert not run.success
+        (failure,) = [e for e in run.all_events if e.event_type_value == "STEP_FAILURE"]
+        assert "no approved ctr_model" in failure.step_failure_data.error.message
+        assert not [e for e in run.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]  # not worth a retry
+    assert live_keys(redis_client, schema, "ctr") == [] and not registry.get(campaign_id).is_warm
+
+
+# --- which model -------------------------------------------------------------------------------------------
+
+
+class FakeModelConfig(dg.Config):
+    version: str
+    passes: bool
+
+
+@dg.asset(
+    name="ctr_model",
+    partitions_def=dg.DailyPartitionsDefinition(start_date="2026-11-01"),
+    check_specs=[dg.AssetCheckSpec("beats_baseline", asset="ctr_model", blocking=True)],
+)
+def fake_ctr_model(config: FakeModelConfig):
+    yield dg.MaterializeResult(
+        metadata={"model_version": config.version, "approved": config.passes},
+        check_results=[dg.AssetCheckResult(check_name="beats_baseline", passed=config.passes)],
+    )
+
+
+def test_the_approved_model_is_the_newest_day_whose_beats_baseline_passed():
+    def train(instance, day: str, version: str, passes: bool) -> None:
+        config = {"ops": {"ctr_model": {"config": {"version": version, "passes": passes}}}}
+        dg.materialize([fake_ctr_model], partition_key=day, instance=instance, run_config=config, raise_on_error=False)
+
+    with dg.instance_for_test() as instance:
+        with pytest.raises(dg.Failure, match="no approved ctr_model"):
+            approved_model_version(instance)
+        train(instance, "2026-11-17", "v17", True)
+        assert approved_model_version(instance) == "v17"
+        train(instance, "2026-11-18", "v18-bad", False)  # newer, but failed its gate
+        assert approved_model_version(instance) == "v17"
+        train(instance, "2026-11-18", "v18", True)
+        assert approved_model_version(instance) == "v18"
+        train(instance, "2026-11-16", "v16-backfill", True)  # materialized last, but of an older day
+        assert approved_model_version(instance) == "v18"
+
+
+# --- the backstop ------------------------------------------------------------------------------------------
+
+
+def test_the_backstop_requests_what_is_due_and_not_being_warmed(registry, app_db):
+    now = datetime.now(UTC)
+    idle, busy, warm_one = unique("idle"), unique("busy"), unique("warm")
+    for campaign_id in (idle, busy, warm_one):
+        registry.register(campaign_id, "acme", now + 3 * HOUR, campaign_ads(campaign_id, 2))
+    registry.mark_warm(warm_one, 1)
+    (backstop,) = build_campaign_schedules("UTC")
+    assert backstop.cron_schedule == "0 */2 * * *" and backstop.default_status == dg.DefaultScheduleStatus.RUNNING
+    resource = CampaignRegistryResource(url=app_db)
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(CAMPAIGNS.name, [busy])
+        create_run_for_test(
+            instance, job_name="campaign_warming_job", status=dg.DagsterRunStatus.STARTED,
+            tags={"dagster/run_key": f"{busy}-r1", "precompute/campaign": busy},
+        )  # fmt: skip
+        context = dg.build_schedule_context(
+            instance=instance, scheduled_execution_time=now, resources={"campaign_registry": resource},
+            repository_def=REPOSITORY,
+        )  # fmt: skip
+        requests = backstop.evaluate_tick(context).run_requests
+        assert [(r.run_key, r.partition_key) for r in requests] == [(f"{idle}-r1", idle)]
+        assert requests[0].tags["dagster/priority"] == "10"
+        # the sensor never added the partition (it was off): the backstop did
+        assert idle in instance.get_dynamic_partitions(CAMPAIGNS.name)
+
+
+# --- faults ------------------------------------------------------------------------------------------------
+
+
+def test_redis_down_fails_the_run_after_retries_then_the_backstop_warms_it(
+    registry, resources, instance, redis_server, schema
+):
+    server = redis_server()
+    private = {**resources, "redis": RedisResource(url=server.url, namespace=schema.namespace)}
+    reader = PredictionCache(connect(server.url, socket_timeout=0.5), schema=schema, pointer_ttl_s=0, backoff_s=0)
+    now = datetime.now(UTC)
+    campaign_id = unique("outage")
+    ad_list = campaign_ads(campaign_id, 30)
+    ids = [ad["ad_id"] for ad in ad_list]
+    registry.register(campaign_id, "acme", now + 3 * HOUR, ad_list)
+    result = tick(instance, resources["campaign_registry"])
+    add_partitions(instance, result)
+
+    server.stop()
+    run = warm(instance, private, campaign_id, raise_on_error=False)
+    assert not run.success
+    retries = [e for e in run.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]
+    assert len(retries) == warming.WARMING_RETRY.max_retries == 3
+    assert not registry.get(campaign_id).is_warm
+    assert reader.get_many("ctr", ids) == [None] * len(ids)  # misses, never an error
+
+    server.start()
+    assert reader.get_many("ctr", ids) == [None] * len(ids)  # nothing of the failed run is visible
+    (backstop,) = build_campaign_schedules("UTC")
+    with dg.build_schedule_context(
+        instance=instance, scheduled_execution_time=datetime.now(UTC), resources=private, repository_def=REPOSITORY
+    ) as context:
+        (request,) = [r for r in backstop.evaluate_tick(context).run_requests if r.partition_key == campaign_id]
+    assert request.run_key == f"{campaign_id}-r1"  # the sensor's run key
+    assert warm(instance, private, campaign_id, tags=request.tags).success
+    assert registry.get(campaign_id).is_warm
+    assert all(value is not None for value in reader.get_many("ctr", ids))
+    reader.close()
+
+
+def test_a_write_refused_half_way_leaves_nothing_visible(redis_server, schema):
+    """Redis refuses writes once it is full: a plain pipeline leaves part of a campaign behind, our transaction
+    leaves none of it, so readers see the whole campaign or misses."""
+    server = redis_server(extra_config=("maxmemory-policy noeviction",))
+    client = connect(server.url, socket_timeout=5)
+    items = [(f"ad{i:05d}", 0.01) for i in range(5000)]
+
+    def fill_to_the_brim() -> None:
+        client.flushall()
+        client.config_set("maxmemory", client.info("memory")["used_memory"] + 100_000)
+
+    fill_to_the_brim()
+    plain = client.pipeline(transaction=False)
+    for key, value in items:
+        plain.set(schema.live("ctr", key), np.float32(value).tobytes())
+    with pytest.raises(Exception, match="maxmemory"):
+        plain.execute()
+    assert 0 < client.dbsize() < len(items)  # a partial campaign
+
+    fill_to_the_brim()
+    with pytest.raises(Exception, match="maxmemory"):
+        write_live_values(client, "ctr", items, expire_at=None, schema=schema)
+    assert client.dbsize() == 0
+    client.close()
+
+
+# --- priorities and concurrency (dagster.yaml) -------------------------------------------------------------
+
+
+def test_the_queue_launches_warming_first_then_nightly_then_backfills_within_the_limits(dagster_pg_url):
+    config = yaml.safe_load((ROOT / "dagster.yaml").read_text())
+    launcher = {"module": MockedRunLauncher.__module__, "class": MockedRunLauncher.__name__}
+    now = datetime.now(UTC)
+
+    def campaign(campaign_id: str, revision: int = 1) -> Campaign:
+        return Campaign(campaign_id, "acme", now, None, 1000.0, "active", revision, None, revision, now, 1)
+
+    with (
+        scratch_database(dagster_pg_url, "dagster") as url,
+        dg.instance_for_test(
+            overrides={
+                "storage": {"postgres": {"postgres_url": url}},
+                "run_coordinator": config["run_coordinator"],
+                "concurrency": config["concurrency"],
+                "run_launcher": launcher,
+            }
+        ) as instance,
+    ):
+        names = {}
+
+        def enqueue(name: str, job: str, tags: dict) -> None:
+            origin = RemoteJobOrigin(RemoteRepositoryOrigin(RegisteredCodeLocationOrigin("precompute"), "repo"), job)
+            run = create_run_for_test(
+                instance, job_name=job, status=dg.DagsterRunStatus.QUEUED, tags=tags, remote_job_origin=origin
+            )
+            names[run.run_id] = name
+
+        backfill = {"dagster/backfill": "bf1", "dagster/priority": "-1"}  # as the README says to launch them
+        for day in ("b16", "b17", "b18"):
+            enqueue(day, "daily_precompute_job", backfill)
+        enqueue("nightly", "daily_precompute_job", {})
+        for name, request in (
+            ("a-r1", warming.warming_request(campaign("a"))),
+            ("a-r2", warming.warming_request(campaign("a", 2))),
+            ("b-r1", warming.warming_request(campaign("b"))),
+            ("c-r1", warming.warming_request(campaign("c"))),
+        ):
+            enqueue(name, campaign_warming_job.name, {**campaign_warming_job.tags, **request.tags})
+
+        daemon = QueuedRunCoordinatorDaemon(interval_seconds=1)
+        with WorkspaceProcessContext(instance, EmptyWorkspaceTarget()) as workspace:
+
+            def iteration() -> list[str]:
+                before = len(instance.run_launcher.queue())
+                list(daemon.run_iteration(workspace))
+                return [names[run.run_id] for run in instance.run_launcher.queue()[before:]]
+
+            # 4 run slots: warming first (at most 2 at once, one per campaign), then nightly, then a backfill
+            assert iteration() == ["a-r1", "b-r1", "nightly", "b16"]
+            by_name = {name: run_id for run_id, name in names.items()}
+            for name in ("a-r1", "b16"):
+                instance.report_run_failed(instance.get_run_by_id(by_name[name]))  # two slots free up
+            # a's next revision goes before the backfills; c waits for a warming slot (b-r1 and a-r2 run)
+            assert iteration() == ["a-r2", "b17"]
+            for name in ("b-r1", "nightly", "a-r2", "b17"):
+                instance.report_run_failed(instance.get_run_by_id(by_name[name]))
+            assert iteration() == ["c-r1", "b18"]

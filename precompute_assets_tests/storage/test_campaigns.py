@@ -1,0 +1,428 @@
+"""The campaign registry against the real PostgreSQL: revisions, change log, warmth, and every refusal."""
+
+from __future__ import annotations
+
+import math
+import threading
+from datetime import UTC, datetime, timedelta, timezone
+
+import pandas as pd
+import psycopg2
+import pytest
+
+from precompute_assets.ml.features import AdFeatureSpec
+from precompute_assets.storage.campaigns import (
+    CAMPAIGN_ID,
+    Campaign,
+    CampaignError,
+    CampaignRegistry,
+    register_campaign_launch,
+)
+from precompute_assets.storage.postgres import libpq_url
+
+NOW = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
+LAUNCH = NOW + timedelta(hours=6)
+
+
+def ad(ad_id: str, **features) -> dict:
+    return {"ad_id": ad_id, "quality": 0.5, "bid": 1.0, "text_len": 40, "category": "shoes", **features}
+
+
+def ads(*ids: str) -> list[dict]:
+    return [ad(ad_id) for ad_id in ids]
+
+
+@pytest.fixture
+def registry(app_db: str) -> CampaignRegistry:
+    registry = CampaignRegistry(app_db)
+    registry.ensure_schema()
+    return registry
+
+
+def count(url: str, table: str) -> int:
+    with psycopg2.connect(libpq_url(url)) as conn, conn.cursor() as cur:
+        cur.execute(f"SELECT count(*) FROM {table}")
+        return cur.fetchone()[0]
+
+
+def nothing_written(registry: CampaignRegistry) -> bool:
+    return all(count(registry.url, t) == 0 for t in ("campaigns", "campaign_ads", "ad_tenants"))
+
+
+# -- registering, revisions, the change log -------------------------------------------------------------
+
+
+def test_register_stores_the_campaign_and_its_ads_in_order(registry):
+    campaign = registry.register(
+        "spring-sale_1.0", "acme", LAUNCH, [ad("a2", quality=0.9), ad("a1", category=7)], budget=250, now=NOW
+    )
+    assert isinstance(campaign, Campaign)
+    assert (campaign.campaign_id, campaign.tenant_id, campaign.status) == ("spring-sale_1.0", "acme", "active")
+    assert campaign.launch_at == LAUNCH and campaign.launch_at.tzinfo is not None and campaign.end_at is None
+    assert (campaign.budget, campaign.revision, campaign.warm_revision, campaign.n_ads) == (250.0, 1, None, 2)
+    assert campaign.change_seq >= 1 and not campaign.is_warm
+    assert registry.get("spring-sale_1.0") == campaign
+    assert registry.get("unknown") is None
+    frame = registry.ads("spring-sale_1.0")
+    assert list(frame.columns) == ["ad_id", "quality", "bid", "text_len", "category"]
+    assert frame["ad_id"].tolist() == ["a2", "a1"]  # registration order
+    assert frame["quality"].tolist() == [0.9, 0.5] and frame["quality"].dtype == float
+    assert frame["category"].tolist() == ["shoes", "7"]  # categories are text labels
+    assert registry.ads("unknown").empty and list(registry.ads("unknown").columns) == list(frame.columns)
+
+
+def test_identical_registration_is_a_no_op(registry):
+    first = registry.register("c1", "acme", LAUNCH, ads("a1", "a2"), end_at=LAUNCH + timedelta(days=7), now=NOW)
+    same_values = [ad("a1", text_len=40.0, bid=1, category=" shoes"), ad("a2")]  # the same, written differently
+    again = registry.register(
+        "c1", "acme", LAUNCH.astimezone(timezone(timedelta(hours=2))), same_values,
+        end_at=LAUNCH + timedelta(days=7), now=NOW + timedelta(hours=1),
+    )  # fmt: skip
+    assert again == first
+    assert registry.max_change_seq() == first.change_seq
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"ads": ads("a1", "a2", "a3")},  # an ad added
+        {"ads": ads("a2", "a1")},  # the order changed
+        {"ads": [ad("a1"), ad("a2", bid=2.5)]},  # a feature changed
+        {"launch_at": LAUNCH + timedelta(hours=1)},
+        {"end_at": LAUNCH + timedelta(days=3)},
+        {"budget": 999.0},
+    ],
+)
+def test_any_change_bumps_revision_and_change_seq_and_clears_warmth(registry, change):
+    first = registry.register("c1", "acme", LAUNCH, ads("a1", "a2"), now=NOW)
+    assert registry.mark_warm("c1", first.revision) and registry.get("c1").is_warm
+    fields = {"launch_at": LAUNCH, "ads": ads("a1", "a2"), **change}
+    changed = registry.register("c1", "acme", fields.pop("launch_at"), fields.pop("ads"), now=NOW, **fields)
+    assert changed.revision == 2 and changed.change_seq > first.change_seq
+    assert not changed.is_warm and changed.warm_revision is None
+    assert changed.n_ads == len(registry.ads("c1"))
+
+
+def test_cancel_bumps_the_revision_once_and_registering_again_reactivates(registry):
+    first = registry.register("c1", "acme", LAUNCH, ads("a1"), now=NOW)
+    registry.mark_warm("c1", 1)
+    cancelled = registry.cancel("c1")
+    assert (cancelled.status, cancelled.revision, cancelled.is_warm) == ("cancelled", 2, False)
+    assert cancelled.change_seq > first.change_seq
+    assert registry.cancel("c1") == cancelled  # cancelling twice changes nothing
+    back = registry.register("c1", "acme", LAUNCH, ads("a1"), now=NOW)  # same content, active again
+    assert (back.status, back.revision) == ("active", 3) and back.change_seq > cancelled.change_seq
+    with pytest.raises(CampaignError, match="campaign 'nope' is not registered"):
+        registry.cancel("nope")
+
+
+def test_mark_warm_only_marks_the_current_revision_and_is_not_a_change(registry):
+    registry.register("c1", "acme", LAUNCH, ads("a1"), now=NOW)
+    registry.register("c1", "acme", LAUNCH, ads("a1", "a2"), now=NOW)
+    seq = registry.max_change_seq()
+    assert not registry.mark_warm("c1", 1)  # a run that warmed the old revision finished late
+    assert not registry.get("c1").is_warm
+    assert registry.mark_warm("c1", 2) and registry.mark_warm("c1", 2)
+    assert registry.get("c1").warm_revision == 2 and registry.get("c1").is_warm
+    assert registry.max_change_seq() == seq and registry.changed_since(seq) == []
+    assert not registry.mark_warm("unknown", 1)
+
+
+def test_changed_since_pages_through_changes_in_order(registry):
+    assert registry.max_change_seq() == 0 and registry.changed_since(0) == []
+    for i in range(5):
+        registry.register(f"c{i}", "acme", LAUNCH, ads(f"a{i}"), now=NOW)
+    registry.register("c1", "acme", LAUNCH, ads("a1"), budget=5, now=NOW)  # c1 moves to the end
+    registry.cancel("c3")
+    seen, cursor = [], 0
+    while page := registry.changed_since(cursor, limit=2):
+        assert len(page) <= 2
+        seen += [c.campaign_id for c in page]
+        cursor = page[-1].change_seq
+    assert seen == ["c0", "c2", "c4", "c1", "c3"]
+    assert cursor == registry.max_change_seq()
+    with pytest.raises(ValueError):
+        registry.changed_since(0, limit=0)
+
+
+def test_due_lists_active_cold_campaigns_inside_the_horizon_that_have_not_ended(registry):
+    def register(campaign_id, launch_in_hours, **options):
+        launch = NOW + timedelta(hours=launch_in_hours)
+        return registry.register(campaign_id, "acme", launch, ads(f"{campaign_id}-ad"), now=NOW, **options)
+
+    register("soon", 2)
+    register("tomorrow", 23)
+    register("later", 25)  # outside the default 24 h
+    register("live", -3)  # launched already, still running: warm it now
+    register("over", -3, end_at=NOW - timedelta(hours=1))
+    register("ends-now", -3, end_at=NOW)
+    register("warm", 1)
+    registry.mark_warm("warm", 1)
+    register("gone", 1)
+    registry.cancel("gone")
+    assert [c.campaign_id for c in registry.due(NOW)] == ["live", "soon", "tomorrow"]
+    assert [c.campaign_id for c in registry.due(NOW, timedelta(hours=3))] == ["live", "soon"]
+    assert "later" in [c.campaign_id for c in registry.due(NOW + timedelta(hours=2))]
+    register("warm", 1, budget=1)  # a change makes it cold again
+    assert "warm" in [c.campaign_id for c in registry.due(NOW)]
+    narrow = CampaignRegistry(registry.url, warming_horizon=timedelta(hours=2))
+    assert [c.campaign_id for c in narrow.due(NOW)] == ["live", "warm", "soon"]
+
+
+def test_list_filters_by_tenant_and_status(registry):
+    registry.register("b", "acme", LAUNCH + timedelta(hours=1), ads("a1"), now=NOW)
+    registry.register("a", "acme", LAUNCH, ads("a2"), now=NOW)
+    registry.register("c", "globex", LAUNCH, ads("g1"), now=NOW)
+    registry.cancel("c")
+    assert [c.campaign_id for c in registry.list()] == ["a", "c", "b"]  # by launch time, then id
+    assert [c.campaign_id for c in registry.list(tenant_id="acme")] == ["a", "b"]
+    assert [c.campaign_id for c in registry.list(status="cancelled")] == ["c"]
+    assert registry.list(tenant_id="globex", status="active") == []
+    with pytest.raises(CampaignError, match="unknown status 'paused'"):
+        registry.list(status="paused")
+
+
+def test_register_campaign_launch_creates_the_tables_and_registers(app_db):
+    campaign = register_campaign_launch(app_db, "launch-1", "acme", datetime.now(UTC) + timedelta(hours=3), ads("x"))
+    assert campaign.revision == 1 and campaign.n_ads == 1
+    again = register_campaign_launch(app_db, "launch-1", "acme", campaign.launch_at, ads("x"))
+    assert again == campaign
+    assert [c.campaign_id for c in CampaignRegistry(app_db).due(datetime.now(UTC))] == ["launch-1"]
+
+
+def test_an_accepted_launch_time_stays_acceptable_when_the_campaign_changes_later(registry):
+    registry.register("old", "acme", LAUNCH, ads("a1"), now=NOW)
+    three_days_later = NOW + timedelta(days=3)
+    changed = registry.register("old", "acme", LAUNCH, ads("a1", "a2"), budget=50, now=three_days_later)
+    assert changed.revision == 2
+    with pytest.raises(CampaignError, match="more than the warming horizon"):
+        registry.register("old", "acme", LAUNCH + timedelta(hours=1), ads("a1"), now=three_days_later)
+
+
+def test_times_may_be_iso_strings_in_a_batch(registry):
+    [campaign] = registry.register_many(
+        [{"campaign_id": "iso", "tenant_id": "acme", "launch_at": "2026-03-10T20:00:00+01:00",
+          "end_at": "2026-03-12T00:00:00Z", "ads": ads("a1")}],
+        now=NOW,
+    )  # fmt: skip
+    assert campaign.launch_at == datetime(2026, 3, 10, 19, tzinfo=UTC)
+    assert campaign.end_at == datetime(2026, 3, 12, tzinfo=UTC)
+
+
+def test_an_ad_may_move_between_campaigns_of_its_tenant(registry):
+    registry.register("c1", "acme", LAUNCH, ads("a1", "a2"), now=NOW)
+    registry.register("c2", "acme", LAUNCH, ads("a2", "a3"), now=NOW)
+    registry.register("c1", "acme", LAUNCH, ads("a1"), now=NOW)  # a2 leaves c1: it stays acme's
+    with pytest.raises(CampaignError, match="'a2' \\(tenant 'acme'\\)"):
+        registry.register("g1", "globex", LAUNCH, ads("a2"), now=NOW)
+
+
+# -- refusals: a clear message, and nothing written ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "fields, expected",
+    [
+        ({"ads": []}, "no ads"),
+        ({"launch_at": datetime(2026, 3, 10, 18)}, "launch_at 2026-03-10T18:00:00 has no timezone"),
+        ({"end_at": datetime(2026, 3, 11)}, "end_at 2026-03-11T00:00:00 has no timezone"),
+        ({"end_at": LAUNCH - timedelta(minutes=1)}, "is not after launch_at"),
+        ({"end_at": LAUNCH}, "is not after launch_at"),
+        ({"launch_at": NOW - timedelta(hours=25)}, "more than the warming horizon (1 day, 0:00:00) in the past"),
+        ({"campaign_id": "a,b"}, "campaign_id must be 1-64 characters"),
+        ({"campaign_id": "has space"}, "campaign_id must be 1-64 characters"),
+        ({"campaign_id": "-leading"}, "campaign_id must be 1-64 characters"),
+        ({"campaign_id": "c" * 65}, "campaign_id must be 1-64 characters"),
+        ({"campaign_id": ""}, "campaign_id must be 1-64 characters"),
+        ({"campaign_id": "caf\u00e9"}, "campaign_id must be 1-64 characters"),
+        ({"tenant_id": "  "}, "tenant_id is blank"),
+        ({"tenant_id": ""}, "tenant_id is blank"),
+        ({"ads": ads("a1", "a2", "a1", "a2")}, "duplicate ad ids ['a1', 'a2']"),
+        ({"ads": [{"ad_id": "a1", "quality": 0.5, "text_len": 3, "category": "x"}]}, "feature columns ['bid']"),
+        ({"budget": 0}, "budget must be a positive finite number, got 0"),
+        ({"budget": -5.0}, "budget must be a positive finite number"),
+        ({"budget": math.nan}, "budget must be a positive finite number"),
+        ({"budget": math.inf}, "budget must be a positive finite number"),
+        ({"budget": "lots"}, "budget 'lots' is not a number"),
+        ({"ads": [ad("a\x00b")]}, "ad 'a\\x00b': ad_id"),  # NUL: PostgreSQL cannot store it
+        ({"ads": [ad("a1", category="x\ud800")]}, "category is not valid UTF-8"),
+    ],
+)
+def test_a_bad_campaign_is_refused_with_a_clear_message(registry, fields, expected):
+    record = {"campaign_id": "c1", "tenant_id": "acme", "launch_at": LAUNCH, "ads": ads("a1", "a2"), **fields}
+    with pytest.raises(CampaignError) as error:
+        registry.register(**record, now=NOW)
+    message = str(error.value)
+    assert expected in message and "nothing registered" in message and "\n" not in message
+    assert f"campaign {record['campaign_id']!r}" in message
+    assert error.value.problems and nothing_written(registry)
+
+
+def test_every_invalid_ad_is_named_and_the_whole_campaign_refused(registry):
+    bad = [
+        ad("ok-1"),
+        ad("a-nan", quality=math.nan),
+        ad("ok-2"),
+        ad("a-neg", bid=-1),
+        ad("a-text", text_len="long"),
+        ad("a-cat", category=" "),
+        ad("", quality=0.1),  # no id: named by its position
+    ]
+    with pytest.raises(CampaignError) as error:
+        registry.register("c1", "acme", LAUNCH, bad, now=NOW)
+    message = str(error.value)
+    assert "5 of 7 ads are invalid" in message
+    for expected in [
+        "ad 'a-nan': quality is not a finite number",
+        "ad 'a-neg': bid is negative",
+        "ad 'a-text': text_len is not a finite number",
+        "ad 'a-cat': category is missing",
+        "ad #7: ad_id is missing",
+    ]:
+        assert expected in message
+    assert "ok-1" not in message and nothing_written(registry)
+
+
+def test_a_tenant_cannot_take_over_another_tenants_campaign(registry):
+    first = registry.register("c1", "acme", LAUNCH, ads("a1"), now=NOW)
+    with pytest.raises(CampaignError, match="campaign 'c1': belongs to tenant 'acme', not 'globex'"):
+        registry.register("c1", "globex", LAUNCH, ads("g1"), now=NOW)
+    assert registry.get("c1") == first and registry.ads("c1")["ad_id"].tolist() == ["a1"]
+    assert count(registry.url, "ad_tenants") == 1  # g1 was not claimed for globex
+
+
+def test_an_ad_of_another_tenant_is_refused(registry):
+    registry.register("c1", "acme", LAUNCH, ads("a1", "a2"), now=NOW)
+    with pytest.raises(CampaignError) as error:
+        registry.register("g1", "globex", LAUNCH, ads("g1", "a2", "a1"), now=NOW)
+    assert "ads registered to another tenant: 'a1' (tenant 'acme'), 'a2' (tenant 'acme')" in str(error.value)
+    assert registry.get("g1") is None and count(registry.url, "ad_tenants") == 2
+
+
+def test_a_batch_is_refused_whole_and_every_bad_record_is_named(registry):
+    good = {"campaign_id": "good", "tenant_id": "acme", "launch_at": LAUNCH, "ads": ads("a1")}
+    records = [
+        good,
+        {"campaign_id": "empty", "tenant_id": "acme", "launch_at": LAUNCH, "ads": []},
+        {"tenant_id": "acme", "launch_at": LAUNCH, "ads": ads("a2")},
+        {"campaign_id": "typo", "tenant_id": "acme", "launch": LAUNCH, "ads": ads("a3")},
+        {**good, "ads": ads("a4")},  # the same campaign twice
+        "not a record",
+    ]
+    with pytest.raises(CampaignError) as error:
+        registry.register_many(records, now=NOW)
+    message = str(error.value)
+    assert message.startswith("5 of 6 campaigns refused, nothing registered: ")
+    for expected in [
+        "campaign 'empty' (record 2): no ads",
+        "record 3: missing campaign_id",
+        "campaign 'typo' (record 4): unknown fields ['launch']",
+        "missing launch_at",
+        "campaign 'good' (record 5): registered twice in one batch (also record 1)",
+        "record 6: not a mapping of campaign fields (str)",
+    ]:
+        assert expected in message, message
+    assert nothing_written(registry)
+
+
+def test_a_batch_refused_by_the_registry_writes_nothing(registry):
+    registry.register("acme-1", "acme", LAUNCH, ads("a1"), now=NOW)
+    records = [
+        {"campaign_id": "new-1", "tenant_id": "globex", "launch_at": LAUNCH, "ads": ads("n1", "n2")},
+        {"campaign_id": "acme-1", "tenant_id": "globex", "launch_at": LAUNCH, "ads": ads("a1")},
+        {"campaign_id": "new-2", "tenant_id": "initech", "launch_at": LAUNCH, "ads": ads("n2")},  # n2 twice
+    ]
+    with pytest.raises(CampaignError) as error:
+        registry.register_many(records, labels=["line 1", "line 2", "line 3"], now=NOW)
+    message = str(error.value)
+    assert "campaign 'acme-1' (line 2): belongs to tenant 'acme', not 'globex'" in message
+    assert "ads registered to another tenant: 'a1' (tenant 'acme')" in message
+    assert "campaign 'new-1' (line 1): ads ['n2'] are given to other tenants in the same batch" in message
+    assert [c.campaign_id for c in registry.list()] == ["acme-1"]
+    assert count(registry.url, "ad_tenants") == 1 and count(registry.url, "campaign_ads") == 1
+
+
+def test_a_batch_registers_many_campaigns_in_one_go(registry):
+    records = [
+        {"campaign_id": f"c{i:04d}", "tenant_id": f"t{i % 7}", "launch_at": LAUNCH + timedelta(minutes=i),
+         "ads": [ad(f"c{i:04d}-ad{j:02d}", quality=j / 20) for j in range(20)]}
+        for i in range(500)
+    ]  # fmt: skip
+    campaigns = registry.register_many(records, now=NOW)
+    assert [c.campaign_id for c in campaigns] == [r["campaign_id"] for r in records]
+    assert [c.change_seq for c in campaigns] == sorted(c.change_seq for c in campaigns)
+    assert count(registry.url, "campaign_ads") == 10_000 and count(registry.url, "ad_tenants") == 10_000
+    assert registry.ads("c0042")["quality"].tolist() == [j / 20 for j in range(20)]
+    records[3]["budget"] = 7
+    again = registry.register_many(records, now=NOW)
+    assert [c.revision for c in again[:5]] == [1, 1, 1, 2, 1]
+    assert registry.changed_since(campaigns[-1].change_seq) == [again[3]]
+
+
+def test_concurrent_writers_never_let_a_cursor_skip_a_change(registry):
+    """Readers only ever see change_seq without gaps that fill later: every writer draws under one lock."""
+    errors: list[BaseException] = []
+
+    def write(tenant: str) -> None:
+        try:
+            for i in range(15):
+                registry.register(f"{tenant}-{i}", tenant, LAUNCH, ads(f"{tenant}-ad{i}"), now=NOW)
+        except BaseException as error:  # surfaced below
+            errors.append(error)
+
+    threads = [threading.Thread(target=write, args=(t,)) for t in ("a", "b", "c")]
+    for thread in threads:
+        thread.start()
+    cursor, seen = 0, []
+    while any(t.is_alive() for t in threads) or cursor < registry.max_change_seq():
+        page = registry.changed_since(cursor)
+        if page:
+            seqs = [c.change_seq for c in page]
+            assert seqs == sorted(seqs)
+            seen += [c.campaign_id for c in page]
+            cursor = seqs[-1]
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert sorted(seen) == sorted(f"{t}-{i}" for t in "abc" for i in range(15))
+
+
+def test_campaign_ids_fit_partition_keys():
+    for good in ["a", "A9", "spring-sale_2026.v2", "9" * 64]:
+        assert CAMPAIGN_ID.fullmatch(good)
+    for bad in ["", "-a", ".a", "a,b", "a b", "a/b", "9" * 65, "a\n"]:
+        assert not CAMPAIGN_ID.fullmatch(bad)
+
+
+def test_a_custom_feature_set_is_what_ads_must_carry(app_db):
+    spec = AdFeatureSpec(numeric=("price",), categorical=("brand", "region"), log_scaled=())
+    registry = CampaignRegistry(app_db, spec=spec)
+    registry.ensure_schema()
+    registry.register("c1", "acme", LAUNCH, [{"ad_id": 1, "price": "9.5", "brand": "z", "region": "eu"}], now=NOW)
+    frame = registry.ads("c1")
+    assert frame.to_dict("records") == [{"ad_id": "1", "price": 9.5, "brand": "z", "region": "eu"}]
+    with pytest.raises(CampaignError, match="lack the feature columns \\['region'\\]"):
+        registry.register("c2", "acme", LAUNCH, [{"ad_id": "2", "price": 1, "brand": "z"}], now=NOW)
+
+
+@pytest.mark.slow
+def test_ten_thousand_campaigns_of_twenty_ads(registry):
+    """The sensor's scale: one batch of 200,000 ads; due() and changed_since() read through their indexes."""
+    records = [
+        {"campaign_id": f"c{i:05d}", "tenant_id": f"t{i % 50}", "launch_at": NOW + timedelta(minutes=i),
+         "ads": [ad(f"c{i:05d}-{j:02d}") for j in range(20)]}
+        for i in range(10_000)
+    ]  # fmt: skip
+    campaigns = registry.register_many(records, now=NOW)
+    assert len(campaigns) == 10_000 and count(registry.url, "campaign_ads") == 200_000
+    for campaign in campaigns[::100]:
+        assert registry.mark_warm(campaign.campaign_id, campaign.revision)
+    assert len(registry.due(NOW, timedelta(days=30))) == 10_000 - 100
+    assert [c.campaign_id for c in registry.due(NOW, timedelta(minutes=3))] == ["c00001", "c00002", "c00003"]
+    assert len(registry.changed_since(campaigns[-5].change_seq)) == 4
+    with psycopg2.connect(libpq_url(registry.url)) as conn, conn.cursor() as cur:
+        cur.execute("ANALYZE campaigns")
+        cur.execute("EXPLAIN SELECT * FROM campaigns WHERE change_seq > %s ORDER BY change_seq LIMIT 10000",
+                    (campaigns[-5].change_seq,))  # fmt: skip
+        assert "campaigns_change_seq" in "\n".join(row[0] for row in cur.fetchall())
+    assert isinstance(registry.ads("c09999"), pd.DataFrame) and len(registry.ads("c09999")) == 20
