@@ -158,7 +158,9 @@ def command_stream(client: redis.Redis) -> Iterator[Callable[[list[tuple[bytes, 
         while (count := expected.get()) is not None:
             for _ in range(count):
                 try:
-                    connection.read_response()
+                    # Never close the socket from this thread: the sender may be writing on it. A dead
+                    # connection then fails the sender's next write with a ConnectionError of its own.
+                    connection.read_response(disconnect_on_error=False)
                 except redis.ResponseError as error:
                     errors.append(error)
                 except BaseException as error:  # the connection is gone: nothing more will come

@@ -139,6 +139,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         result = bench.bench_embed(env[ENV_REDIS], env[ENV_APP_DB], docs=args.docs)
     elif args.what == "graph":
         result = bench.bench_graph(queries=args.queries, ads=args.ads)
+    elif args.what == "campaign":
+        from ..stack import ENV_DAGSTER_PG
+
+        result = bench.bench_campaign(env[ENV_REDIS], env[ENV_APP_DB], env[ENV_DAGSTER_PG])
     else:
         raise SystemExit(f"unknown benchmark {args.what!r}")
     print(json.dumps(result))
@@ -311,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(fn=cmd_demo)
     bench = sub.add_parser("bench", help="benchmarks: print one JSON object")
-    bench.add_argument("what", choices=["serve", "publish", "graph", "embed"])
+    bench.add_argument("what", choices=["serve", "publish", "graph", "embed", "campaign"])
     bench.add_argument("--docs", type=positive_int, default=1_000_000, help="embed: documents")
     bench.add_argument("--queries", type=positive_int, default=10_000_000, help="graph: logged queries over 7 days")
     bench.add_argument("--ads", type=positive_int, default=100_000, help="graph: ads in the catalog")

@@ -1,6 +1,10 @@
 """The benchmark commands run and report every promised key (small sizes; no assertion on speed)."""
 
-from precompute_assets.tools.bench import bench_graph, bench_publish, bench_serve
+import psycopg2
+import pytest
+
+from precompute_assets.storage.postgres import libpq_url
+from precompute_assets.tools.bench import bench_campaign, bench_graph, bench_publish, bench_serve
 
 
 def test_bench_serve_reports_latencies_and_ratio(redis_url):
@@ -35,3 +39,24 @@ def test_bench_graph_reports_asset_seconds_and_io_floor(redis_url, redis_client)
     assert run["keys_published"] == 100 and run["total_asset_seconds"] > 0
     assert run["ratio_vs_io_floor"] == round(run["total_asset_seconds"] / result["io_floor_seconds"], 2)
     assert not list(redis_client.scan_iter("bench*", count=1000))
+
+
+def test_bench_campaign_reports_the_tick_the_warming_and_the_naive_loop(
+    redis_url, app_db_url, dagster_pg_url, redis_client
+):
+    def scratch_databases() -> set[str]:
+        with psycopg2.connect(libpq_url(app_db_url)) as conn, conn.cursor() as cur:
+            cur.execute("SELECT datname FROM pg_database WHERE datname LIKE 'bench%'")
+            return {row[0] for row in cur.fetchall()}
+
+    before = scratch_databases()
+    result = bench_campaign(redis_url, app_db_url, dagster_pg_url, campaigns=200, ads_per_campaign=5, warm_ads=50)
+    assert result["campaigns"] == result["runs_requested"] == 200  # one run request per due campaign
+    assert result["sensor_tick_s"] > 0 and result["sensor_next_tick_s"] > 0
+    assert result["warm_ads"] == 50 and result["values_agree"] is True
+    assert result["warm_seconds"] >= result["register_seconds"] + result["run_seconds"] - 0.002 > 0
+    assert 0 < result["minutes_before_launch"] <= 120  # launched 2 h after registration
+    assert result["naive_warm_seconds"] > 0
+    assert result["ratio_vs_naive"] == pytest.approx(result["naive_warm_seconds"] / result["warm_seconds"], rel=0.01)
+    assert not list(redis_client.scan_iter("bench*", count=1000))  # both namespaces removed
+    assert scratch_databases() == before  # the scratch app and Dagster databases dropped
