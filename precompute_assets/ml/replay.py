@@ -1,4 +1,4 @@
-"""Honest hit-rate measurement: replay a key trace against LRU, static top-N, ours and two offline bounds."""
+"""Honest hit-rate measurement: a key trace replayed against LRU, S3-FIFO, ARC, top-N, ours and two bounds."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import heapq
 import io
 import itertools
 import re
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Collection, Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,19 +106,27 @@ def split_days(trace: Trace, days: int) -> list[np.ndarray]:
 def replay(
     day_keys: Sequence[np.ndarray],
     *,
-    top_n: int,
+    top_n: int | str,
     capacity: int,
     half_life_days: float = 2.0,
     warmup_days: int = 1,
     precomputed: Sequence[Collection[Hashable]] | None = None,
 ) -> dict:
-    """Hit rates over days W..D-1 (days 0..W-1, ``warmup_days``, only warm the caches) of three policies and
+    """Hit rates over days W..D-1 (days 0..W-1, ``warmup_days``, only warm the caches) of five policies and
     two offline bounds.
 
-    Policies: ``hit_rate_lru``, a read-through LRU of ``capacity`` keys; ``hit_rate_static_top_n``, only the
-    top-N keys selected each day from the previous days' demand; ``hit_rate_ours``, that top-N set plus a
-    read-through LRU of ``capacity - top_n`` keys. ``precomputed`` replaces the selection on the counted days
-    by given sets of at most ``top_n`` keys each (what a real run published); warm-up days keep the selection.
+    Read-through policies of ``capacity`` keys (a missed key is admitted by the policy's own rules):
+    ``hit_rate_lru``; ``hit_rate_s3fifo`` and ``hit_rate_arc`` (see ``s3fifo_hits`` and ``arc_hits``).
+    Precompute policies: ``hit_rate_static_top_n``, only the top-N keys selected each day from the previous
+    days' demand; ``hit_rate_ours``, that top-N set plus a read-through LRU of ``capacity - top_n`` keys.
+    ``precomputed`` replaces the selection on the counted days by given sets of at most ``top_n`` keys each
+    (what a real run published); warm-up days keep the selection.
+
+    ``top_n="auto"`` tunes the precompute share itself (see ``_self_tuned_shares``): each counted day gets the
+    N whose "top-N + LRU of C-N" got the most hits on the previous counted days (ties: the smaller N); the
+    first counted day and the warm-up days use N = 0, plain read-through. Ours is then one LRU whose size
+    follows C-N (shrinking evicts its least recent keys), and static top-N precomputes the chosen N. The
+    result adds ``top_n_chosen`` (N per counted day) and ``top_n_mean``; ``top_n`` is ``"auto"``.
 
     Bounds: ``hit_rate_belady``, the classic offline optimum (Belady's MIN) of a read-through cache of
     ``capacity`` keys, the number published trace tables use (see ``belady_hits``). It bounds read-through
@@ -126,9 +134,12 @@ def replay(
     ``hit_rate_oracle_preload`` is a bound on a different question: a cache that may be refilled for free by an
     oracle at each day boundary; no precompute policy with ``capacity`` slots can beat it.
     """
-    if capacity < 1 or top_n < 0:
+    auto = isinstance(top_n, str)
+    if auto and top_n != "auto":
+        raise ValueError(f"top_n must be an integer or 'auto', got {top_n!r}")
+    if capacity < 1 or (not auto and top_n < 0):
         raise ValueError("need capacity >= 1 and top_n >= 0")
-    if top_n > capacity:
+    if not auto and top_n > capacity:
         raise ValueError(f"top_n ({top_n}) cannot exceed capacity ({capacity})")
     if not day_keys:
         raise ValueError("need at least one day")
@@ -137,28 +148,77 @@ def replay(
         raise ValueError(f"warmup_days must be at least 1 and less than the {len(day_keys)} days, got {warmup_days}")
     counted_days = len(day_keys) - warmup_days
     if precomputed is not None:
+        if auto:
+            raise ValueError("precomputed sets need a fixed top_n, not 'auto'")
         if len(precomputed) != counted_days:
             raise ValueError(f"precomputed has {len(precomputed)} sets for {counted_days} counted days")
         precomputed = [set(given) for given in precomputed]
         if too_big := [len(given) for given in precomputed if len(given) > top_n]:
             raise ValueError(f"a precomputed set of {too_big[0]} keys exceeds top_n ({top_n})")
     days, keys = _as_codes(day_keys)
-    selected_days = days if precomputed is None else days[:warmup_days]  # the given sets stand for the rest
-    chosen = _precomputed_sets(selected_days, top_n=top_n, half_life_days=half_life_days)
-    if precomputed is not None:
-        chosen += [_codes_of(given, keys) for given in precomputed]
+    if auto:
+        shares, chosen = _self_tuned_shares(days, capacity, warmup_days=warmup_days, half_life_days=half_life_days)
+        slots: int | list[int] = [capacity - share for share in shares]
+    else:
+        selected_days = days if precomputed is None else days[:warmup_days]  # the given sets stand for the rest
+        chosen = _precomputed_sets(selected_days, top_n=top_n, half_life_days=half_life_days)
+        if precomputed is not None:
+            chosen += [_codes_of(given, keys) for given in precomputed]
+        slots = capacity - top_n
     counted = days[warmup_days:]
     requests = sum(len(day) for day in counted)
     hits = {
         "lru": _lru_hits(days, capacity, count_from=warmup_days),
+        "s3fifo": _s3fifo_hits(days, capacity, count_from=warmup_days),
+        "arc": _arc_hits(days, capacity, count_from=warmup_days),
         "static_top_n": sum(_static_hits(day, chosen[warmup_days + d]) for d, day in enumerate(counted)),
-        "ours": _lru_hits(days, capacity - top_n, precomputed=chosen, count_from=warmup_days),
+        "ours": _lru_hits(days, slots, precomputed=chosen, count_from=warmup_days),
         "belady": belady_hits(days, capacity, warmup_days=warmup_days),
         "oracle_preload": sum(oracle_preload_day_hits(day, capacity) for day in counted),
     }
     result: dict = {f"hit_rate_{name}": (n / requests if requests else 0.0) for name, n in hits.items()}
-    result.update(requests=int(requests), days=len(days), top_n=int(top_n), capacity=int(capacity))
+    result.update(requests=int(requests), days=len(days), top_n="auto" if auto else int(top_n), capacity=int(capacity))
+    if auto:
+        chosen_shares = [int(share) for share in shares[warmup_days:]]
+        result.update(
+            top_n_chosen=chosen_shares,
+            top_n_mean=sum(chosen_shares) / len(chosen_shares) if chosen_shares else 0.0,
+        )
     return result
+
+
+def s3fifo_hits(day_keys: Sequence[np.ndarray], capacity: int, *, warmup_days: int = 1) -> int:
+    """Hits on days W..D-1 of S3-FIFO (Yang et al., SOSP'23) of ``capacity`` keys carried across days.
+
+    A small FIFO S of ``max(1, capacity // 10)`` keys, a main FIFO M of the rest, and a ghost FIFO G of as
+    many keys as M that remembers keys only. Each cached key has a 2-bit frequency (0..3, +1 per hit). A
+    missed key goes to M if G remembers it (and G forgets it), else to S, with frequency 0; before that, while
+    the cache is full, one eviction runs: from S if S holds at least its share (or M is empty), else from M.
+    Evicting from S takes its oldest key: requested since it came in (frequency >= 1), it moves to M (which,
+    if then over its size, evicts from M), and S goes on; else it leaves for G (G drops its oldest key beyond
+    its size) and the eviction is done. Evicting from M takes its oldest key: with frequency >= 1 it is
+    reinserted at M's head with frequency - 1 (a 2-bit clock), else it leaves the cache. O(1) amortized.
+    """
+    days = [np.asarray(day) for day in day_keys]
+    if not days or capacity < 1:
+        return 0
+    _check_warmup(days, warmup_days)
+    return _s3fifo_hits(days, capacity, count_from=warmup_days)
+
+
+def arc_hits(day_keys: Sequence[np.ndarray], capacity: int, *, warmup_days: int = 1) -> int:
+    """Hits on days W..D-1 of ARC (Megiddo and Modha, FAST'03) of ``capacity`` keys carried across days.
+
+    The paper's algorithm: cached lists T1 (seen once recently) and T2 (seen at least twice), ghost lists B1
+    and B2 of keys evicted from them, and a target size p of T1 (a real number, 0 at the start) that a hit in
+    B1 raises by max(|B2|/|B1|, 1) and a hit in B2 lowers by max(|B1|/|B2|, 1). REPLACE evicts the LRU key of
+    T1 into B1 when T1 is not empty and |T1| > p (or = p when the request is in B2), else T2's into B2.
+    """
+    days = [np.asarray(day) for day in day_keys]
+    if not days or capacity < 1:
+        return 0
+    _check_warmup(days, warmup_days)
+    return _arc_hits(days, capacity, count_from=warmup_days)
 
 
 def belady_hits(day_keys: Sequence[np.ndarray], capacity: int, *, warmup_days: int = 1) -> int:
@@ -284,11 +344,51 @@ def _codes_of(chosen: set[Hashable], keys: pd.Index) -> set[int]:
     return {int(position) for position in positions if position >= 0}
 
 
-def _precomputed_sets(days: list[np.ndarray], *, top_n: int, half_life_days: float) -> list[set]:
-    """The top-N set each day would get from the previous days' demand (day 0 has no history: empty)."""
+def _check_warmup(days: list[np.ndarray], warmup_days: int) -> None:
+    if not 0 <= warmup_days <= len(days):
+        raise ValueError(f"warmup_days must be between 0 and the {len(days)} days, got {warmup_days}")
+
+
+def _ranked_keys(days: list[np.ndarray], *, limit: int, half_life_days: float) -> list[list]:
+    """The ``limit`` keys of highest demand before each day, best first (day 0 has no history: none).
+
+    ``select_top`` ranks once, so the top N of any N <= ``limit`` is a prefix of these lists.
+    """
     counts = [daily_counts(day) for day in days]
     demands = [ad_demand(counts[:d], half_life_days=half_life_days) for d in range(1, len(days))]
-    return [set()] + [set(select_top(demand, top_n)) for demand in demands]
+    return [[]] + [select_top(demand, limit) for demand in demands]
+
+
+def _precomputed_sets(days: list[np.ndarray], *, top_n: int, half_life_days: float) -> list[set]:
+    """The top-N set each day would get from the previous days' demand (day 0 has no history: empty)."""
+    return [set(ranked) for ranked in _ranked_keys(days, limit=top_n, half_life_days=half_life_days)]
+
+
+def _share_candidates(capacity: int) -> list[int]:
+    """Precompute shares tried by ``top_n="auto"``: 0, C/16, C/8, C/4, C/2, 3C/4 and C (rounded down)."""
+    return sorted({capacity * sixteenths // 16 for sixteenths in (0, 1, 2, 4, 8, 12, 16)})
+
+
+def _self_tuned_shares(
+    days: list[np.ndarray], capacity: int, *, warmup_days: int, half_life_days: float
+) -> tuple[list[int], list[set]]:
+    """The precompute share N of each day, and its top-N set, chosen without looking at that day.
+
+    Every candidate N replays "top-N selected from the demand before each day + LRU of C-N" over the whole
+    trace once, keeping its hits per day; a day's hits only depend on the days up to it. Counted day d then
+    takes the candidate with the most hits on counted days W..d-1 (ties: the smaller N), so nothing of day d
+    or later is used. The first counted day has no evidence and takes N = 0, as do the warm-up days.
+    """
+    candidates = _share_candidates(capacity)
+    ranked = _ranked_keys(days, limit=capacity, half_life_days=half_life_days)
+    day_hits = {
+        n: _lru_day_hits(days, capacity - n, precomputed=[set(keys[:n]) for keys in ranked]) for n in candidates
+    }
+    shares = [0] * len(days)
+    for d in range(warmup_days + 1, len(days)):
+        scores = {n: sum(day_hits[n][warmup_days:d]) for n in candidates}
+        shares[d] = max(candidates, key=lambda n: (scores[n], -n))
+    return shares, [set(keys[:share]) for keys, share in zip(ranked, shares, strict=True)]
 
 
 def _static_hits(day: np.ndarray, chosen: set[Hashable]) -> int:
@@ -297,14 +397,31 @@ def _static_hits(day: np.ndarray, chosen: set[Hashable]) -> int:
     return int(np.isin(day, np.array(list(chosen), dtype=day.dtype)).sum())
 
 
-def _lru_hits(days: list[np.ndarray], slots: int, *, precomputed: list[set] | None = None, count_from: int = 1) -> int:
+def _lru_hits(
+    days: list[np.ndarray],
+    slots: int | Sequence[int],
+    *,
+    precomputed: list[set] | None = None,
+    count_from: int = 1,
+) -> int:
     """Hits on days >= ``count_from`` of a read-through LRU of ``slots`` keys carried across days.
 
-    Requests for that day's precomputed keys are hits and leave the LRU untouched.
+    Requests for that day's precomputed keys are hits and leave the LRU untouched. ``slots`` may give the
+    size per day; a day with fewer slots first evicts the least recent keys.
     """
+    return sum(_lru_day_hits(days, slots, precomputed=precomputed)[count_from:])
+
+
+def _lru_day_hits(
+    days: list[np.ndarray], slots: int | Sequence[int], *, precomputed: list[set] | None = None
+) -> list[int]:
+    """Hits per day of the read-through LRU that ``_lru_hits`` describes."""
     cache: OrderedDict[Hashable, None] = OrderedDict()
-    hits = 0
+    per_day: list[int] = []
     for d, day in enumerate(days):
+        size = slots[d] if isinstance(slots, Sequence) else slots
+        while len(cache) > size:
+            cache.popitem(last=False)
         chosen = precomputed[d] if precomputed is not None else set()
         day_hits = 0
         for key in day.tolist():
@@ -313,10 +430,122 @@ def _lru_hits(days: list[np.ndarray], slots: int, *, precomputed: list[set] | No
             elif key in cache:
                 cache.move_to_end(key)
                 day_hits += 1
-            elif slots > 0:
+            elif size > 0:
                 cache[key] = None
-                if len(cache) > slots:
+                if len(cache) > size:
                     cache.popitem(last=False)
+        per_day.append(day_hits)
+    return per_day
+
+
+def _s3fifo_hits(days: list[np.ndarray], capacity: int, *, count_from: int) -> int:
+    """Hits on days >= ``count_from`` of the S3-FIFO cache that ``s3fifo_hits`` describes."""
+    small_size = max(1, capacity // 10)
+    main_size = capacity - small_size
+    small: deque[Hashable] = deque()  # oldest key on the left
+    main: deque[Hashable] = deque()
+    ghost: OrderedDict[Hashable, None] = OrderedDict()  # oldest first, as big as main
+    freq: dict[Hashable, int] = {}  # every cached key (in small or main) and its frequency 0..3
+
+    def evict_main() -> None:
+        while main:
+            oldest = main.popleft()
+            seen = freq[oldest]
+            if seen:
+                freq[oldest] = seen - 1
+                main.append(oldest)
+            else:
+                del freq[oldest]
+                return
+
+    def evict_small() -> None:
+        while small:
+            oldest = small.popleft()
+            if freq[oldest]:
+                main.append(oldest)
+                if len(main) > main_size:
+                    evict_main()
+            else:
+                del freq[oldest]
+                ghost[oldest] = None
+                if len(ghost) > main_size:
+                    ghost.popitem(last=False)
+                return
+
+    hits = 0
+    for d, day in enumerate(days):
+        day_hits = 0
+        for key in day.tolist():
+            seen = freq.get(key)
+            if seen is not None:
+                day_hits += 1
+                if seen < 3:
+                    freq[key] = seen + 1
+                continue
+            while len(small) + len(main) >= capacity:
+                if len(small) >= small_size or not main:
+                    evict_small()
+                else:
+                    evict_main()
+            if key in ghost:
+                del ghost[key]
+                main.append(key)
+            else:
+                small.append(key)
+            freq[key] = 0
+        if d >= count_from:
+            hits += day_hits
+    return hits
+
+
+def _arc_hits(days: list[np.ndarray], capacity: int, *, count_from: int) -> int:
+    """Hits on days >= ``count_from`` of the ARC cache that ``arc_hits`` describes."""
+    c = capacity
+    t1: OrderedDict[Hashable, None] = OrderedDict()  # least recent first
+    t2: OrderedDict[Hashable, None] = OrderedDict()
+    b1: OrderedDict[Hashable, None] = OrderedDict()
+    b2: OrderedDict[Hashable, None] = OrderedDict()
+    p = 0.0
+
+    def replace(requested_in_b2: bool) -> None:  # the paper's REPLACE(x, p)
+        if t1 and (len(t1) > p or (requested_in_b2 and len(t1) == p)):
+            b1[t1.popitem(last=False)[0]] = None
+        else:
+            b2[t2.popitem(last=False)[0]] = None
+
+    hits = 0
+    for d, day in enumerate(days):
+        day_hits = 0
+        for key in day.tolist():
+            if key in t2:  # case I: a hit
+                t2.move_to_end(key)
+                day_hits += 1
+            elif key in t1:
+                del t1[key]
+                t2[key] = None
+                day_hits += 1
+            elif key in b1:  # case II: a miss that T1 should have been bigger for
+                p = min(float(c), p + max(len(b2) / len(b1), 1))
+                replace(False)
+                del b1[key]
+                t2[key] = None
+            elif key in b2:  # case III: a miss that T2 should have been bigger for
+                p = max(0.0, p - max(len(b1) / len(b2), 1))
+                replace(True)
+                del b2[key]
+                t2[key] = None
+            else:  # case IV: a key in no list
+                if len(t1) + len(b1) == c:
+                    if len(t1) < c:
+                        b1.popitem(last=False)
+                        replace(False)
+                    else:
+                        t1.popitem(last=False)
+                elif (total := len(t1) + len(b1) + len(t2) + len(b2)) >= c:
+                    if total == 2 * c:
+                        b2.popitem(last=False)
+                    replace(False)
+                t1[key] = None
         if d >= count_from:
             hits += day_hits
     return hits

@@ -287,7 +287,8 @@ def write_live_values(
     schema: KeySchema | None = None,
 ) -> int:
     """Write ``items`` as live values of ``kind`` (``{kind}:live:{key}``), each expiring at the Unix time
-    ``expire_at`` (None: no expiry), in one MULTI/EXEC transaction; returns how many were written.
+    ``expire_at`` or later if it already lived longer (None: no expiry), in one MULTI/EXEC transaction;
+    returns how many were written.
 
     Readers see all of them or none; a later publish of a version leaves them in place (readers fall back to
     live values for keys the published version lacks). On Redis Cluster a transaction cannot span the slots
@@ -300,9 +301,16 @@ def write_live_values(
         return 0
     values = encode_many(codec_for(kind), [value for _, value in pairs])
     pipe = client.pipeline(transaction=getattr(client, "connection_pool", None) is not None)
-    options = {} if expire_at is None else {"exat": int(expire_at)}
     for (key, _), value in zip(pairs, values, strict=True):
-        pipe.set(schema.live(kind, key), value, **options)
+        name = schema.live(kind, key)
+        if expire_at is None:
+            pipe.set(name, value)
+            continue
+        # A key shared by several campaigns lives until the latest of their ends: set the expiry where there is
+        # none (a new key), extend it where it is earlier, never shorten it (Redis 7+: EXPIREAT NX / GT).
+        pipe.set(name, value, keepttl=True)
+        pipe.expireat(name, int(expire_at), nx=True)
+        pipe.expireat(name, int(expire_at), gt=True)
     pipe.execute()
     return len(pairs)
 

@@ -220,10 +220,18 @@ def _parquet_chunks(
         raise AdDataError(f"{path}: not a readable Parquet file: {str(error).splitlines()[0]}") from None
     _check_header(path, parquet.schema_arrow.names, required)
     first = 1
-    for batch in parquet.iter_batches(batch_size=CHUNK_ROWS, columns=list(columns) if columns else None):
-        # timestamps as epoch milliseconds, so ts_ms may be stored as a timestamp column too
-        arrays = [a.cast(pa.timestamp("ms", tz="UTC")).cast(pa.int64()) if pa.types.is_timestamp(a.type) else a
-                  for a in batch.columns]  # fmt: skip
+    batches = parquet.iter_batches(batch_size=CHUNK_ROWS, columns=list(columns) if columns else None)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            break
+        except (pa.ArrowException, OSError) as error:
+            raise AdDataError(f"{path}: unreadable Parquet data: {str(error).splitlines()[0]}") from None
+        # timestamps as epoch milliseconds (truncating finer units: pandas writes nanoseconds), so ts_ms may be
+        # stored as a timestamp column too
+        arrays = [a.cast(pa.timestamp("ms", tz="UTC"), safe=False).cast(pa.int64()) if pa.types.is_timestamp(a.type)
+                  else a for a in batch.columns]  # fmt: skip
         frame = pa.Table.from_arrays(arrays, names=batch.schema.names).to_pandas()
         quarantine.summary.rows += len(frame)
         yield frame, np.arange(first, first + len(frame))
@@ -276,6 +284,8 @@ def _typed(values: pd.Series) -> pd.Series:
 
 def _ids(values: pd.Series) -> pd.Series:
     """Ids as stripped text (object dtype; blank is None): numbers without ``.0`` (a Parquet int or float column)."""
+    if pd.api.types.is_integer_dtype(values.dtype):  # exact: ids above 2**53 must not pass through float64
+        return _stripped(values.astype("Int64").astype("string").astype(object).where(values.notna(), None))
     if pd.api.types.is_numeric_dtype(values.dtype) and not pd.api.types.is_bool_dtype(values.dtype):
         numbers = values.to_numpy(dtype=float, na_value=np.nan)
         whole = np.isfinite(numbers) & (numbers == np.round(numbers))

@@ -149,6 +149,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def top_n_or_auto(text: str) -> int | str:
+    """``--top-n``: a number of keys, or ``auto`` (the share is tuned each day on the previous days)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number or 'auto', got {text!r}") from None
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     """Print the replayed hit rates as one JSON object; a bad input raises CliError (one line, exit code 2)."""
     from ..ml.replay import TraceError, parse_trace, replay, split_days
@@ -158,9 +168,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
         raise CliError(f"--days must be at least 2 (day 0 only warms the caches), got {args.days}")
     if args.capacity < 1:
         raise CliError(f"--capacity must be at least 1, got {args.capacity}")
-    if args.top_n < 0:
+    if args.top_n != "auto" and args.top_n < 0:
         raise CliError(f"--top-n must be at least 0, got {args.top_n}")
-    if args.capacity < args.top_n:
+    if args.top_n != "auto" and args.capacity < args.top_n:
         raise CliError(f"--capacity {args.capacity} is smaller than --top-n {args.top_n}")
     try:
         trace = parse_trace(args.trace)
@@ -361,10 +371,17 @@ def build_parser() -> argparse.ArgumentParser:
     cancel = campaign_sub.add_parser("cancel", help="cancel a campaign (its warmed values are removed)")
     cancel.add_argument("campaign_id")
     campaign.set_defaults(fn=cmd_campaign)
-    replay = sub.add_parser("replay", help="hit rates of LRU, static top-N, ours and two offline bounds on a trace")
+    replay = sub.add_parser(
+        "replay", help="hit rates of LRU, S3-FIFO, ARC, static top-N, ours and two offline bounds on a trace"
+    )
     replay.add_argument("--trace", required=True, help="one key per line, or timestamp,key lines")
     replay.add_argument("--days", type=int, required=True, help="split the trace into this many days (>= 2)")
-    replay.add_argument("--top-n", type=int, required=True, help="keys precomputed each day")
+    replay.add_argument(
+        "--top-n",
+        type=top_n_or_auto,
+        required=True,
+        help="keys precomputed each day, or 'auto': chosen each day by replaying the previous days",
+    )
     replay.add_argument("--capacity", type=int, required=True, help="cache capacity in keys (>= top-n)")
     replay.set_defaults(fn=cmd_replay)
     return parser

@@ -76,3 +76,18 @@ def test_republishing_the_current_version_rewrites_nothing(redis_url, redis_clie
     again = publish_version(redis_client, "ctr", "v1", [("a", 0.9)], n_keys=1, schema=schema)
     assert again.already_current
     assert PredictionCache(connect(redis_url), schema=schema).get("ctr", "a") == pytest.approx(0.1)
+
+
+def test_a_live_value_shared_by_campaigns_lives_until_the_latest_end(redis_client, schema):
+    """Two campaigns share an ad: warming the one that ends first must not cut the other's value short."""
+    import time as clock
+
+    from precompute_assets.serving.publish import write_live_values
+
+    now = int(clock.time())
+    late, early = now + 30 * 86400, now + 86400
+    write_live_values(redis_client, "ctr", [("shared", 0.1), ("only_a", 0.2)], expire_at=late, schema=schema)
+    write_live_values(redis_client, "ctr", [("shared", 0.3), ("only_b", 0.4)], expire_at=early, schema=schema)
+    assert redis_client.expiretime(schema.live("ctr", "shared")) == late  # not shortened
+    assert redis_client.expiretime(schema.live("ctr", "only_b")) == early  # a new key gets its campaign's end
+    assert PredictionCache(redis_client, schema=schema).get("ctr", "shared") == pytest.approx(0.3)  # newest value

@@ -431,3 +431,22 @@ def test_bad_files_and_a_malformed_feature_set_are_one_line_and_exit_2(home, tmp
     assert main(["ads", "load", str(write(tmp_path / "ads.csv", ADS_HEADER))]) == 2
     assert "a feature column is listed twice" in capsys.readouterr().err
     assert not home.exists()  # nothing was created for a bad file or setting
+
+
+def test_nanosecond_timestamps_and_large_integer_ids_from_pandas_parquet(lake, tmp_path):
+    """pandas writes datetime64[ns] and int64: the milliseconds are kept and ids above 2**53 stay exact."""
+    t = ms("2026-11-18T12:00:00+00:00")
+    frame = pd.DataFrame(
+        {
+            "ts_ms": pd.to_datetime([t, t + 1], unit="ms", utc=True) + pd.Timedelta(nanoseconds=123),
+            "ad_id": pd.Series([1234567890123456789, 1234567890123456788], dtype="int64"),
+            "clicked": [1, 0],
+        }
+    )
+    path = tmp_path / "impressions.parquet"
+    frame.to_parquet(path)
+    summary = load_impressions(path, lake, timezone="UTC")
+    assert summary.quarantined == 0
+    day = lake.read("ad_impressions", "2026-11-18")
+    assert day["ts_ms"].tolist() == [t, t + 1]
+    assert day["ad_id"].tolist() == ["1234567890123456789", "1234567890123456788"]
