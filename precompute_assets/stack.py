@@ -434,8 +434,10 @@ def alive(pid: int, programs: tuple[str, ...] | None = None) -> bool:
     daemons; and after a reboot a stale pid file may name some unrelated process)."""
     try:
         os.kill(pid, 0)
-    except (ProcessLookupError, PermissionError):
+    except ProcessLookupError:
         return False
+    except PermissionError:
+        pass  # it exists, and belongs to another user
     try:
         with open(f"/proc/{pid}/stat") as stat:
             if stat.read().rsplit(")", 1)[1].split()[0] == "Z":

@@ -52,10 +52,11 @@ def stop_orphaned_sessions() -> None:
             continue
         if alive(owner, ("pytest", "python")):
             continue
-        os.environ[ENV_SERVICE_ROOT] = str(folder / "services")
         for home in [folder / "stack", *folder.glob("servers/*")]:
-            if home.is_dir():
-                Stack(home).purge() if (home / "stack.json").exists() else RedisServer(home, 0).stop()
+            if (home / "stack.json").exists():
+                Stack(home, services=folder / "services").purge()
+            elif home.is_dir():
+                RedisServer(home, 0).stop()
         shutil.rmtree(folder, ignore_errors=True)
 
 
