@@ -23,6 +23,7 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import tempfile
 import time
@@ -264,6 +265,9 @@ class PostgresServer:
         self.services = services or service_root()
         key = hashlib.sha256(str(directory.resolve()).encode()).hexdigest()[:16]
         self.runtime = self.services / f"postgres-{key}" if self.as_root else directory
+        recorded = directory / "runtime"  # a home moved with its checkout keeps finding its data
+        if self.as_root and recorded.is_file():
+            self.runtime = Path(recorded.read_text().strip())
 
     @property
     def data(self) -> Path:
@@ -319,6 +323,13 @@ class PostgresServer:
         if not self.services.exists():
             self.services.mkdir(parents=True, mode=0o711)
             self.services.chmod(0o711)  # mkdir's mode is filtered by the umask
+        # Root chowns folders inside it: refuse one that others could have prepared (a symlink, a foreign owner,
+        # write access for group or others).
+        info = os.lstat(self.services)
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != 0 or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise StackError(
+                f"{ENV_SERVICE_ROOT}={self.services} must be a real folder owned by root and writable only by root"
+            )
 
     def _prepare_runtime(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -332,7 +343,9 @@ class PostgresServer:
         self._make_service_root()
         for path in (self.runtime, self.data):
             path.mkdir(exist_ok=True, mode=0o700)
-            os.chown(path, entry.pw_uid, entry.pw_gid)
+            if os.path.islink(path):
+                raise StackError(f"{path} is a symbolic link; refusing to hand it to {PG_SYSTEM_USER}")
+            os.chown(path, entry.pw_uid, entry.pw_gid, follow_symlinks=False)
             path.chmod(0o700)
         (self.dir / "runtime").write_text(str(self.runtime) + "\n")  # where this home's data lives
         assert pwd.getpwuid(self.data.stat().st_uid).pw_name == PG_SYSTEM_USER
@@ -515,9 +528,22 @@ class Stack:
     def _external(self, name: str) -> str | None:
         return self._externals[name]
 
+    @contextlib.contextmanager
+    def _locked(self):
+        """One ``up``/``down`` of this home at a time (two terminals, a test and a CLI)."""
+        import fcntl
+
+        self.home.mkdir(parents=True, exist_ok=True)
+        with open(self.home / "stack.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
     def up(self) -> dict[str, str]:
         """Start whatever is not provided by the environment; return once every service answers."""
-        self.home.mkdir(parents=True, exist_ok=True)
+        with self._locked():
+            return self._up()
+
+    def _up(self) -> dict[str, str]:
         for variable in (ENV_REDIS, ENV_DAGSTER_PG, ENV_APP_DB):
             url = self._external(variable)
             if url and not reachable(url, timeout_s=3):
@@ -553,8 +579,9 @@ class Stack:
 
     def down(self) -> None:
         """Stop the embedded servers (external ones are left alone)."""
-        self.redis.stop()
-        self.postgres.stop()
+        with self._locked():
+            self.redis.stop()
+            self.postgres.stop()
 
     def purge(self) -> None:
         """Stop the embedded servers and delete all their state (the home and its service folder)."""

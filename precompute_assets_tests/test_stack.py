@@ -116,3 +116,40 @@ def test_a_port_held_by_another_program_is_one_clear_error(tmp_path: Path) -> No
         with pytest.raises(RedisError, match="in use by another program"):
             server.start()
     assert server.pid is None
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the service folder is used only as root")
+def test_a_moved_home_keeps_its_postgresql_data(session_dir: Path) -> None:
+    import shutil
+
+    first = session_dir / "moved-a"
+    stack = Stack(first)
+    env = stack.up()
+    try:
+        with psycopg2.connect(libpq_url(env[ENV_APP_DB])) as conn, conn.cursor() as cur:
+            cur.execute("CREATE TABLE survives (x int)")
+        stack.down()
+        shutil.move(first, session_dir / "moved-b")
+        moved = Stack(session_dir / "moved-b")
+        assert moved.postgres.runtime == stack.postgres.runtime
+        env = moved.up()
+        with psycopg2.connect(libpq_url(env[ENV_APP_DB])) as conn, conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM survives")
+            assert cur.fetchone() == (0,)
+    finally:
+        Stack(session_dir / "moved-b").purge() if (session_dir / "moved-b").exists() else stack.purge()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the service folder is used only as root")
+def test_a_service_root_others_can_write_is_refused(tmp_path: Path, monkeypatch) -> None:
+    from precompute_assets.stack import StackError
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    monkeypatch.setenv("PRECOMPUTE_SERVICE_ROOT", str(shared))
+    stack = Stack(tmp_path / "home")
+    with pytest.raises(StackError, match="writable only by root"):
+        stack.postgres.start()
+    assert not any(shared.iterdir())  # nothing was created or chowned in it
+    stack.redis.stop()
