@@ -36,6 +36,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..serving.querylog import MAX_KEY_LENGTH
+from .files import unreadable_reason
 from .lake import Lake
 
 ID_COLUMN = "ad_id"
@@ -140,15 +141,9 @@ def file_format(path: str | Path) -> str:
         kind = "csv"
     else:
         raise AdDataError(f"{path}: unknown suffix {path.suffix or '(none)'!r}; expected .csv, .csv.gz or .parquet")
-    if not path.exists():
-        raise AdDataError(f"{path}: no such file")
-    if not path.is_file():
-        raise AdDataError(f"{path}: not a file")
-    try:
-        with open(path, "rb"):
-            pass
-    except OSError as error:
-        raise AdDataError(f"{path}: cannot read ({error.strerror})") from None
+    reason = unreadable_reason(path)
+    if reason is not None:
+        raise AdDataError(f"{path}: {reason}")
     return kind
 
 

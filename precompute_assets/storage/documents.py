@@ -29,6 +29,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 from psycopg2 import sql
 
+from .files import unreadable_reason
 from .postgres import transaction
 
 _ISO_639_1 = """
@@ -234,15 +235,9 @@ def check_document_file(path: str | Path) -> str:
     else:
         raise ValueError(f"{path}: unknown suffix {path.suffix or '(none)'!r}; expected .jsonl, .ndjson, .json"
                          " (optionally .gz) or .parquet")  # fmt: skip
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file")
-    if not path.is_file():
-        raise IsADirectoryError(f"{path}: not a file")
-    try:
-        with open(path, "rb"):
-            pass
-    except OSError as error:
-        raise OSError(f"{path}: cannot read ({error.strerror})") from None
+    reason = unreadable_reason(path)
+    if reason is not None:
+        raise OSError(f"{path}: {reason}")
     return kind
 
 

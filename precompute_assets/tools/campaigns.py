@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..storage.files import unreadable_reason
+
 SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv"}
 # CSV columns that describe the campaign (the same on each of its rows); every other column belongs to the ad
 CAMPAIGN_COLUMNS = ("campaign_id", "tenant_id", "launch_at", "end_at", "budget")
@@ -31,15 +33,9 @@ def check_campaign_file(path: str | Path) -> str:
     kind = SUFFIXES.get(path.suffix.lower())
     if kind is None:
         raise _error(f"{path}: unknown suffix {path.suffix or '(none)'!r}; expected .jsonl, .ndjson or .csv")
-    if not path.exists():
-        raise _error(f"{path}: no such file")
-    if not path.is_file():
-        raise _error(f"{path}: not a file")
-    try:
-        with open(path, "rb"):
-            pass
-    except OSError as error:
-        raise _error(f"{path}: cannot read ({error.strerror})") from None
+    reason = unreadable_reason(path)
+    if reason is not None:
+        raise _error(f"{path}: {reason}")
     return kind
 
 
