@@ -16,6 +16,7 @@ from .defs.campaigns import (
     campaign_launch_sensor,
     campaign_warming_job,
 )
+from .defs.demand import demand_model
 from .defs.embeddings import document_embeddings, document_embeddings_job, documents_changed, embedding_model
 from .defs.models import ctr_model
 from .defs.partitions import Partitions
@@ -34,6 +35,7 @@ ASSETS = [
     traffic_profile,
     ad_demand,
     top_ads,
+    demand_model,
     ctr_model,
     ctr_predictions,
     ctr_cache,

@@ -10,7 +10,7 @@ from ..ml.selection import coverage, select_top
 from ..ml.selection import traffic_profile as offpeak_profile
 from ..storage.lake import Lake
 from .partitions import DEFAULT_PARTITIONS, Partitions
-from .resources import LakeResource
+from .resources import LakeResource, ModelStoreResource
 
 PREDICTION_KIND = "ctr"
 # A daily selection asset reads this many days of hourly logs: the day itself and the days before it. The
@@ -24,6 +24,13 @@ OFFPEAK_WINDOW_HOURS = 4
 class SelectionConfig(dg.Config):
     half_life_days: float = 2.0
     top_n: int = 1000
+
+
+class TopAdsConfig(SelectionConfig):
+    """``strategy``: how tomorrow's demand is ranked: ``frequency`` (ad_demand), ``ewma``, ``seasonal``, ``lstm``
+    (the approved demand_model), or ``auto`` (the best on the held-back day per demand_model's evaluation)."""
+
+    strategy: str = "frequency"
 
 
 def hourly_logs(
@@ -133,22 +140,41 @@ def ad_demand(context: dg.AssetExecutionContext, config: SelectionConfig, lake: 
     deps=["ads"],
     check_specs=[dg.AssetCheckSpec("known_ads", asset="top_ads", blocking=True)],
 )
-def top_ads(context: dg.AssetExecutionContext, config: SelectionConfig, ad_demand: pd.DataFrame, lake: LakeResource):
-    """The N known ads to precompute; unknown keys in the logs are counted, never scored."""
+def top_ads(
+    context: dg.AssetExecutionContext,
+    config: TopAdsConfig,
+    ad_demand: pd.DataFrame,
+    lake: LakeResource,
+    model_store: ModelStoreResource,
+):
+    """The N known ads to precompute, ranked by the configured strategy; unknown keys in the logs are counted,
+    never scored."""
+    from .demand import resolve_strategy, strategy_demand  # demand reads the hourly logs through this module
+
     catalog = set(lake.lake().read("ads", columns=["ad_id"])["ad_id"])
     known = ad_demand[ad_demand["ad_id"].isin(catalog)]
     unknown = ad_demand[~ad_demand["ad_id"].isin(catalog)]
     demand = known.set_index("ad_id")["demand"]
+    strategy, reason = resolve_strategy(context.instance, context.partition_key, config.strategy)
+    if strategy != "frequency":
+        forecast, note = strategy_demand(context, strategy, lake.lake(), model_store)
+        if forecast is None:
+            strategy, reason = "frequency", f"{reason}; {note}: fell back to frequency"
+        else:
+            demand = forecast[forecast.index.isin(catalog)]
+            reason = f"{reason} ({note})" if note else reason
     selected = select_top(demand, config.top_n)
     last_day = ad_demand.set_index("ad_id")["last_day_requests"]
     covered = coverage(selected, last_day)
     frame = pd.DataFrame({"rank": range(1, len(selected) + 1), "ad_id": selected})
     unknown_share = float(unknown["demand"].sum() / ad_demand["demand"].sum()) if len(ad_demand) else 0.0
-    context.log.info(f"selected {len(selected)} ads covering {covered:.1%} of yesterday's requests")
+    context.log.info(f"selected {len(selected)} ads by {strategy} ({reason}), covering {covered:.1%} of yesterday's")
     yield dg.Output(
         frame,
         metadata={
             "dagster/row_count": len(frame),
+            "strategy": strategy,
+            "strategy_reason": reason,
             "coverage_last_day": covered,
             "unknown_ads": len(unknown),
             "unknown_demand_share": unknown_share,

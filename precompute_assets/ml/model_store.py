@@ -21,6 +21,7 @@ import joblib
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 MODEL_FILE = "model.joblib"
 METADATA_FILE = "metadata.json"
+STATE_DICT_FILE = "state_dict.pt"  # torch weights only: read with weights_only=True, never unpickled
 _TEMP_PREFIX = ".tmp-"
 
 
@@ -122,3 +123,40 @@ class LocalModelStore:
     def metadata(self, name: str, version: str) -> dict:
         """The metadata saved with ``name``/``version``; ``KeyError`` if there is none."""
         return json.loads(self._existing(name, version, METADATA_FILE).read_text(encoding="utf-8"))
+
+    def save_state_dict(
+        self, name: str, version: str, state_dict: dict, metadata: dict, *, overwrite: bool = False
+    ) -> str:
+        """Write a PyTorch ``state_dict`` (names to tensors, via ``torch.save``) and ``metadata`` as
+        ``name``/``version``, all or nothing like ``save``; returns its ``file://`` URI."""
+        from .demand import save_weights  # torch only where weights are stored
+
+        final = self.path(name, version)
+        if final.exists() and not overwrite:
+            raise FileExistsError(f"model {name!r} version {version!r} already exists at {final}")
+        metadata_json = json.dumps(metadata, indent=2, sort_keys=True, allow_nan=False)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        staging = final.parent / f"{_TEMP_PREFIX}{version}-{uuid.uuid4().hex}"
+        staging.mkdir()
+        try:
+            with open(staging / STATE_DICT_FILE, "wb") as f:
+                save_weights(state_dict, f)
+                f.flush()
+                os.fsync(f.fileno())
+            with open(staging / METADATA_FILE, "w", encoding="utf-8") as f:
+                f.write(metadata_json)
+                f.flush()
+                os.fsync(f.fileno())
+            self._publish(staging, final)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        _fsync_dir(final.parent)
+        return final.resolve().as_uri()
+
+    def load_state_dict(self, name: str, version: str) -> dict:
+        """The ``state_dict`` saved as ``name``/``version``, read with ``torch.load(weights_only=True)``: a file that
+        is not a plain state_dict raises ``demand.UnsafeModelFile`` and nothing in it runs; ``KeyError`` if none."""
+        from .demand import load_weights
+
+        return load_weights(self._existing(name, version, STATE_DICT_FILE))

@@ -1,0 +1,289 @@
+"""Demand model: a PyTorch LSTM forecasting each key's requests for the next day, scored on a held-back day
+against the frequency, seasonal-naive and smoothed-rate baselines, and approved only when it beats them."""
+
+import math
+from dataclasses import asdict
+
+import dagster as dg
+import pandas as pd
+
+from ..ml.demand import (
+    METHODS,
+    DemandEvaluation,
+    DemandHyperParams,
+    HourlyCounts,
+    evaluate_demand,
+    ewma_forecast,
+    forecast_next_day,
+    load_model,
+    seasonal_forecast,
+)
+from .partitions import DEFAULT_PARTITIONS, Partitions
+from .resources import LakeResource, ModelStoreResource
+from .selection import hourly_logs
+
+DEMAND_MODEL = "demand_model"
+BEATS_BASELINES = "beats_baselines"
+DEMAND_LOOKBACK_DAYS = 14
+APPROVAL_LOOKBACK = 100  # newest demand_model materializations searched for a version to warm-start from
+
+
+class DemandModelConfig(dg.Config):
+    """Lookback, LSTM, training budget, the baselines' parameters and the approval margin."""
+
+    lookback_days: int = DEMAND_LOOKBACK_DAYS  # the declared query_logs dependency covers the default
+    window_days: int = 7
+    hidden_size: int = 32
+    max_epochs: int = 30
+    max_seconds: float = 120.0
+    learning_rate: float = 0.01
+    batch_size: int = 256
+    max_train_keys: int = 2000
+    top_n: int = 1000
+    half_life_days: float = 2.0
+    ewma_half_life_hours: float = 12.0
+    seed: int = 0
+    threads: int | None = 1
+    # The LSTM is approved only when its held-back hit rate beats the best baseline's by more than this.
+    margin: float = 0.005
+    warm_start: bool = True
+
+    def hyper_params(self) -> DemandHyperParams:
+        fields = DemandHyperParams.__dataclass_fields__
+        return DemandHyperParams(**{k: v for k, v in self.model_dump().items() if k in fields})
+
+
+def read_hourly_counts(lake, partitions: Partitions, days: list[str]) -> HourlyCounts:
+    """Requests per key and hour of ``days``, read one hour file at a time; missing hours stay NaN."""
+
+    def hours():
+        for index, day in enumerate(days):
+            for hour in partitions.hours_of(day):
+                start = partitions.hourly.time_window_for_partition_key(hour).start
+                _, frame = next(hourly_logs(lake, [hour]))
+                yield index, start, None if frame is None else frame["key"].astype(str).value_counts()
+
+    return HourlyCounts.from_hours(hours())
+
+
+def previous_approved_version(instance: dg.DagsterInstance, partition: str, run_id: str) -> str | None:
+    """The newest approved ``demand_model`` version of this day or an earlier one, from another run (its
+    ``beats_baselines`` check passed); None when there is none."""
+    check_key = dg.AssetCheckKey(dg.AssetKey(DEMAND_MODEL), BEATS_BASELINES)
+    passed = {
+        record.run_id
+        for record in instance.event_log_storage.get_asset_check_execution_history(check_key, APPROVAL_LOOKBACK)
+        if record.status.value == "SUCCEEDED"
+    }
+    approved = []
+    for record in instance.fetch_materializations(dg.AssetKey(DEMAND_MODEL), limit=APPROVAL_LOOKBACK).records:
+        metadata = record.asset_materialization.metadata if record.asset_materialization else {}
+        flag = metadata.get("approved")
+        if (
+            record.run_id != run_id
+            and record.run_id in passed
+            and (record.partition_key or "") <= partition
+            and "model_version" in metadata
+            and flag is not None
+            and flag.value
+        ):
+            approved.append(((record.partition_key or "", record.storage_id), metadata["model_version"].value))
+    return max(approved)[1] if approved else None
+
+
+STRATEGIES = ("frequency", "ewma", "seasonal", "lstm", "auto")
+
+
+def demand_evaluation(instance: dg.DagsterInstance, partition: str) -> dict | None:
+    """The metadata of the newest ``demand_model`` materialization of ``partition`` that evaluated the methods."""
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey(DEMAND_MODEL), asset_partitions=[partition]), limit=1
+    ).records
+    metadata = records[0].asset_materialization.metadata if records else {}
+    return {k: v.value for k, v in metadata.items()} if "strategy" in metadata else None
+
+
+def resolve_strategy(instance: dg.DagsterInstance, partition: str, strategy: str) -> tuple[str, str]:
+    """The strategy to use for ``partition`` and why: ``auto`` follows demand_model's held-back evaluation of the
+    day (``lstm`` only if its blocking check approved it), ``frequency`` when there is none."""
+    if strategy not in STRATEGIES:
+        raise dg.Failure(description=f"unknown strategy {strategy!r}: use one of {', '.join(STRATEGIES)}")
+    if strategy != "auto":
+        return strategy, "configured"
+    evaluation = demand_evaluation(instance, partition)
+    if evaluation is None:
+        return "frequency", f"auto: no demand_model evaluation of {partition}, frequency (today's default)"
+    used = evaluation["strategy"]
+    best = evaluation["best_baseline"]
+    return used, (
+        f"auto: best on the held-back day per demand_model {evaluation['model_version']}: lstm hit rate "
+        f"{evaluation['hit_rate_lstm']:.4f}, best baseline {best} {evaluation[f'hit_rate_{best}']:.4f}"
+        f"{'' if evaluation['approved'] else ' (lstm not approved by beats_baselines)'}"
+    )
+
+
+def strategy_demand(
+    context: dg.AssetExecutionContext, strategy: str, lake, model_store: ModelStoreResource
+) -> tuple[pd.Series | None, str]:
+    """Tomorrow's expected requests per key under ``ewma``, ``seasonal`` or ``lstm`` (from the approved
+    demand_model version of this day or before), and a note; ``None`` when the lstm has no approved version."""
+    partitions = Partitions.of(context)
+    hp = DemandHyperParams()
+    note = ""
+    state = None
+    if strategy == "lstm":
+        version = previous_approved_version(context.instance, context.partition_key, "")
+        if version is None:
+            return None, "no approved demand_model version"
+        store = model_store.store()
+        stored = store.metadata(DEMAND_MODEL, version)["hyper_params"]
+        hp = DemandHyperParams(**{k: v for k, v in stored.items() if k in DemandHyperParams.__dataclass_fields__})
+        state = store.load_state_dict(DEMAND_MODEL, version)
+        note = f"demand_model {version}"
+    days = partitions.days_ending(context.partition_key, max(7, hp.window_days))
+    data = read_hourly_counts(lake, partitions, days)
+    if len(data.keys) == 0:
+        return pd.Series(dtype=float), note
+    if strategy == "seasonal":
+        values = seasonal_forecast(data.daily(), data.n_days)
+    elif strategy == "ewma":
+        values = ewma_forecast(data, data.n_days, hp)
+    else:
+        return forecast_next_day(load_model(state, hp.hidden_size), data, hp), note
+    return pd.Series(values, index=pd.Index(data.keys)), note
+
+
+def beats_baselines_check(evaluation: DemandEvaluation | None, margin: float, error: str | None = None):
+    """Passes only when the LSTM's held-back hit rate beats the best baseline's by more than ``margin``."""
+    if evaluation is None:
+        return dg.AssetCheckResult(
+            check_name=BEATS_BASELINES, passed=False, severity=dg.AssetCheckSeverity.ERROR, description=error
+        )
+    hit = evaluation.hit_rate
+    best = evaluation.best_baseline
+    lift = hit["lstm"] - hit[best]
+    passed = lift > margin
+    used = "lstm" if passed else best
+    return dg.AssetCheckResult(
+        check_name=BEATS_BASELINES,
+        passed=passed,
+        severity=dg.AssetCheckSeverity.ERROR,
+        description=(
+            f"held-back hit rate: lstm {hit['lstm']:.4f} vs best baseline {best} {hit[best]:.4f} "
+            f"(lift {lift:+.4f}, margin {margin}): use {used}"
+        ),
+        metadata={
+            "winner": evaluation.winner,
+            "best_baseline": best,
+            "use": used,
+            "hit_rate_lstm": hit["lstm"],
+            "hit_rate_best_baseline": hit[best],
+            "lift": lift,
+            "margin": margin,
+        },
+    )
+
+
+def _finite_or_none(value: float) -> float | None:
+    return None if math.isnan(value) else value
+
+
+@dg.asset(
+    partitions_def=DEFAULT_PARTITIONS.daily,
+    deps=[
+        dg.AssetDep(
+            "query_logs", partition_mapping=dg.TimeWindowPartitionMapping(start_offset=-(DEMAND_LOOKBACK_DAYS - 1))
+        )
+    ],
+    kinds={"pytorch"},
+    group_name="models",
+    check_specs=[
+        dg.AssetCheckSpec(
+            BEATS_BASELINES,
+            asset=DEMAND_MODEL,
+            blocking=True,
+            description="The LSTM's held-back hit rate beats the best baseline's (frequency, seasonal naive, ewma) "
+            "by the configured margin; otherwise selection keeps the baseline.",
+        )
+    ],
+    description=f"PyTorch LSTM forecasting each key's requests for the next day from {DEMAND_LOOKBACK_DAYS} days "
+    "of hourly query logs (read one hour at a time), scored with the baselines on the held-back last day.",
+)
+def demand_model(
+    context: dg.AssetExecutionContext,
+    config: DemandModelConfig,
+    lake: LakeResource,
+    model_store: ModelStoreResource,
+) -> dg.MaterializeResult:
+    """Train (warm-started from the previous approved version), evaluate every method on the held-back day, and
+    store the weights as a plain state_dict; the version is this materialization (partition + run id)."""
+    partitions = Partitions.of(context)
+    days = partitions.days_ending(context.partition_key, config.lookback_days)
+    data = read_hourly_counts(lake.lake(), partitions, days)
+    read = {
+        "days": len(days),
+        "days_short_of_lookback": config.lookback_days - len(days),
+        "keys": len(data.keys),
+        "missing_hours": data.missing_hours,
+    }
+    store = model_store.store()
+    previous = previous_approved_version(context.instance, context.partition_key, context.run_id)
+    init_state = None
+    if config.warm_start and previous is not None:
+        try:
+            init_state = store.load_state_dict(DEMAND_MODEL, previous)
+        except (KeyError, ValueError) as error:  # gone from the store, or refused: train from scratch
+            context.log.warning(f"not warm-starting from {previous}: {error}")
+            previous = None
+    try:
+        hp = config.hyper_params()
+        result = evaluate_demand(data, hp, init_state=init_state)
+    except ValueError as error:
+        context.log.error(f"no demand model trained: {error}")
+        return dg.MaterializeResult(
+            metadata={"error": str(error), **read},
+            check_results=[beats_baselines_check(None, config.margin, f"no demand model trained: {error}")],
+        )
+    evaluation = result.evaluation
+    check = beats_baselines_check(evaluation, config.margin)
+    version = f"{context.partition_key}.{context.run_id[:8]}"
+    scores = {
+        **{f"hit_rate_{name}": evaluation.hit_rate[name] for name in METHODS},
+        **{f"mase_{name}": evaluation.mase[name] for name in METHODS},
+    }
+    # overwrite: a step retry in the same run retrains and replaces the weights of this unfinished version
+    uri = store.save_state_dict(
+        DEMAND_MODEL,
+        version,
+        result.state_dict(),
+        {
+            "hyper_params": asdict(hp),
+            "scores": {k: _finite_or_none(v) for k, v in scores.items()},
+            "winner": evaluation.winner,
+            "approved": check.passed,
+            "warm_started_from": previous if evaluation.warm_started else None,
+        },
+        overwrite=True,
+    )
+    for note in evaluation.notes:
+        context.log.warning(note)
+    context.log.info(f"trained {version}: {check.description}")
+    return dg.MaterializeResult(
+        metadata={
+            "model_version": version,
+            "approved": check.passed,
+            "model_uri": uri,
+            **scores,
+            "winner": evaluation.winner,
+            "best_baseline": evaluation.best_baseline,
+            "strategy": "lstm" if check.passed else evaluation.best_baseline,
+            "top_n": hp.top_n,
+            "train_seconds": evaluation.train_seconds,
+            "epochs": evaluation.epochs,
+            "train_samples": evaluation.train_samples,
+            "warm_started_from": (previous if evaluation.warm_started else None) or "",
+            **read,
+            "requests_held_back_day": int(pd.Series(data.daily()[:, -1]).sum()),
+        },
+        check_results=[check],
+    )

@@ -1,0 +1,435 @@
+"""Next-day demand per key: a PyTorch LSTM over hourly request counts, and the baselines it must beat.
+
+Everything here is measured on a held-back day: the last day of the data is never seen in training, each method
+forecasts it from the days before, and is scored by
+
+- ``hit_rate``: the share of the held-back day's requests whose key is in the method's top-N (what a precompute
+  of N keys would have served), and
+- ``mase``: mean absolute scaled error of the per-key daily forecast, ``mean_k |f_k - y_k| / s`` where the scale
+  ``s`` is the in-sample error of the seasonal-naive forecast of daily totals, pooled over keys and over the days
+  before the held-back day: ``mean_{k,j} |y_{k,j} - y_{k,j-m}|`` with season ``m`` = 7 days (1 day when there are
+  not more than 7 days before the held-back day). One pooled scale, because a per-key scale is zero for every
+  key that was never requested. Below 1: better than the in-sample seasonal-naive error; NaN when ``s`` is 0.
+
+Methods: ``lstm``; ``frequency`` (recency-weighted daily counts, ``selection.ad_demand``'s semantics over
+``window_days``); ``seasonal`` (seasonal naive: the same hours a week earlier, or the day before when the data
+holds no day a week earlier); ``ewma`` (an exponentially smoothed hourly rate, times 24).
+
+Weights are plain ``state_dict``s written with ``torch.save`` and read only with ``torch.load(weights_only=True)``:
+a file that holds anything else (a pickle that would run code) is refused with ``UnsafeModelFile``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pickle
+import time
+from collections.abc import Iterable, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from .selection import ad_demand, coverage, select_top
+
+METHODS = ("lstm", "frequency", "seasonal", "ewma")
+BASELINES = METHODS[1:]
+HOURS_PER_DAY = 24
+# Step features: log1p(count), missing hour, sin/cos hour of day, sin/cos day of week, same weekday as the target
+# day, key age. Head features beside the LSTM's last state: target weekday one-hot and three log1p daily totals
+# (window mean, last day, a week before the target), so the network can lean on what the baselines see.
+STEP_FEATURES = 8
+HEAD_FEATURES = 7 + 3
+AGE_CAP_HOURS = 28 * HOURS_PER_DAY
+
+
+class UnsafeModelFile(ValueError):
+    """A weights file that is not a plain ``state_dict`` of tensors (refused, never executed)."""
+
+
+@dataclass(frozen=True)
+class DemandHyperParams:
+    """The LSTM and its training budget (training stops at ``max_epochs`` or ``max_seconds``, whichever comes
+    first; results are deterministic under ``seed`` when the epochs bound is reached first)."""
+
+    window_days: int = 7
+    hidden_size: int = 32
+    max_epochs: int = 30
+    max_seconds: float = 60.0
+    learning_rate: float = 0.01
+    batch_size: int = 256
+    max_train_keys: int = 2000  # keys sampled (by seed) for training; every key is forecast
+    top_n: int = 1000
+    half_life_days: float = 2.0  # frequency baseline, as ad_demand
+    ewma_half_life_hours: float = 12.0
+    seed: int = 0
+    # torch CPU threads while training and forecasting (None: torch's default). One by default: on 2 shared cores a
+    # second thread made the LSTM's steps several times slower, and one thread is bit-for-bit reproducible.
+    threads: int | None = 1
+
+    def __post_init__(self) -> None:
+        for name in ("window_days", "hidden_size", "max_epochs", "batch_size", "max_train_keys"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        for name in ("max_seconds", "learning_rate", "half_life_days", "ewma_half_life_hours"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive")
+        if self.top_n < 0:
+            raise ValueError("top_n must be non-negative")
+
+
+@dataclass
+class HourlyCounts:
+    """Requests per key and hour: ``counts`` is keys × hours (NaN where the hour's log is missing), with each
+    hour's local hour of day, weekday (Monday 0) and day index (0 = the oldest day)."""
+
+    keys: np.ndarray
+    counts: np.ndarray
+    hour_of_day: np.ndarray
+    weekday: np.ndarray
+    day: np.ndarray
+    missing: np.ndarray | None = None  # hours whose log is missing (default: the hours that are NaN for every key)
+
+    @classmethod
+    def from_hours(cls, hours: Iterable[tuple[int, datetime, pd.Series | None]]) -> HourlyCounts:
+        """From ``(day index, local start of the hour, requests per key or None if missing)``, oldest first."""
+        series, hour_of_day, weekday, day = [], [], [], []
+        for index, start, counts in hours:
+            series.append(counts)
+            hour_of_day.append(start.hour)
+            weekday.append(start.weekday())
+            day.append(index)
+        present = [s for s in series if s is not None and len(s)]
+        keys = pd.Index(sorted(set().union(*(s.index for s in present)), key=str)) if present else pd.Index([])
+        matrix = np.zeros((len(keys), len(series)), dtype=np.float32)
+        for t, s in enumerate(series):
+            if s is None:
+                matrix[:, t] = np.nan
+            elif len(s):
+                matrix[keys.get_indexer(s.index), t] = s.to_numpy(dtype=np.float32)
+        return cls(
+            np.asarray(keys, dtype=object),
+            matrix,
+            np.asarray(hour_of_day, dtype=np.int64),
+            np.asarray(weekday, dtype=np.int64),
+            np.asarray(day, dtype=np.int64),
+            np.asarray([s is None for s in series], dtype=bool),
+        )
+
+    @property
+    def n_days(self) -> int:
+        return int(self.day.max()) + 1 if len(self.day) else 0
+
+    @property
+    def missing_hours(self) -> int:
+        if self.missing is not None:
+            return int(self.missing.sum())
+        return int(np.isnan(self.counts).all(axis=0).sum()) if len(self.keys) else 0
+
+    def daily(self) -> np.ndarray:
+        """Requests per key and day (keys × days; a missing hour counts 0)."""
+        filled = np.nan_to_num(self.counts, nan=0.0)
+        out = np.zeros((len(self.keys), self.n_days), dtype=np.float64)
+        for d in range(self.n_days):
+            out[:, d] = filled[:, self.day == d].sum(axis=1)
+        return out
+
+    def day_start(self, d: int) -> int:
+        """Index of the first hour of day ``d`` (the number of hours when ``d`` is one past the last day)."""
+        return int(np.searchsorted(self.day, d, side="left"))
+
+
+class DemandLSTM(nn.Module):
+    """LSTM over a window of hourly steps, and a small head on its last state plus calendar/total features;
+    predicts log1p of the key's requests on the target day."""
+
+    def __init__(self, hidden_size: int = 32) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(STEP_FEATURES, hidden_size, batch_first=True)
+        self.head = nn.Sequential(
+            nn.Linear(hidden_size + HEAD_FEATURES, hidden_size), nn.ReLU(), nn.Linear(hidden_size, 1)
+        )
+
+    def forward(self, steps: torch.Tensor, static: torch.Tensor) -> torch.Tensor:
+        _, (h, _) = self.lstm(steps)
+        return self.head(torch.cat([h[-1], static], dim=1)).squeeze(1)
+
+
+@dataclass
+class DemandEvaluation:
+    """The held-back day's scores of every method, the forecasts they came from, and how the LSTM was trained."""
+
+    hit_rate: dict[str, float]
+    mase: dict[str, float]
+    forecasts: dict[str, pd.Series]
+    winner: str
+    best_baseline: str
+    keys: int
+    train_seconds: float
+    epochs: int
+    train_samples: int
+    warm_started: bool
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DemandResult:
+    model: DemandLSTM
+    evaluation: DemandEvaluation
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+
+@contextmanager
+def _threads(n: int | None):
+    previous = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _window(data: HourlyCounts, rows: np.ndarray, target_day: int, hp: DemandHyperParams, first_seen: np.ndarray,
+            daily: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Step and head features of ``rows`` for forecasting ``target_day`` from the window of hours before it."""
+    length = hp.window_days * HOURS_PER_DAY
+    end = data.day_start(target_day)
+    begin = max(0, end - length)
+    pad = length - (end - begin)
+    counts = data.counts[rows, begin:end]
+    target_weekday = (
+        int(data.weekday[end]) if end < len(data.weekday) else (int(data.weekday[end - 1]) + 1) % 7
+    )  # the day after the data: the next weekday
+    steps = np.zeros((len(rows), length, STEP_FEATURES), dtype=np.float32)
+    hours = np.arange(begin, end)
+    steps[:, pad:, 0] = np.log1p(np.nan_to_num(counts, nan=0.0))
+    steps[:, pad:, 1] = np.isnan(counts)
+    steps[:, :pad, 1] = 1.0
+    hod, dow = data.hour_of_day[begin:end], data.weekday[begin:end]
+    steps[:, pad:, 2] = np.sin(2 * np.pi * hod / 24)
+    steps[:, pad:, 3] = np.cos(2 * np.pi * hod / 24)
+    steps[:, pad:, 4] = np.sin(2 * np.pi * dow / 7)
+    steps[:, pad:, 5] = np.cos(2 * np.pi * dow / 7)
+    steps[:, pad:, 6] = dow == target_weekday
+    first = first_seen[rows][:, None]
+    age = np.where((first >= 0) & (first <= hours[None, :]), hours[None, :] - first, 0)
+    steps[:, pad:, 7] = np.minimum(age, AGE_CAP_HOURS) / AGE_CAP_HOURS
+    static = np.zeros((len(rows), HEAD_FEATURES), dtype=np.float32)
+    static[:, target_weekday] = 1.0
+    first_day = max(0, target_day - hp.window_days)
+    static[:, 7] = np.log1p(daily[rows, first_day:target_day].mean(axis=1)) if target_day > first_day else 0.0
+    static[:, 8] = np.log1p(daily[rows, target_day - 1]) if target_day >= 1 else 0.0
+    static[:, 9] = np.log1p(daily[rows, target_day - 7]) if target_day >= 7 else 0.0
+    return steps, static
+
+
+def _first_seen(data: HourlyCounts) -> np.ndarray:
+    seen = np.nan_to_num(data.counts, nan=0.0) > 0
+    return np.where(seen.any(axis=1), seen.argmax(axis=1), -1)
+
+
+def _predict(model: DemandLSTM, data: HourlyCounts, target_day: int, hp: DemandHyperParams, first_seen, daily,
+             chunk: int = 4096) -> np.ndarray:  # fmt: skip
+    out = np.zeros(len(data.keys), dtype=np.float64)
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(data.keys), chunk):
+            rows = np.arange(start, min(start + chunk, len(data.keys)))
+            steps, static = _window(data, rows, target_day, hp, first_seen, daily)
+            out[rows] = torch.expm1(model(torch.from_numpy(steps), torch.from_numpy(static))).clamp(min=0).numpy()
+    return out
+
+
+def train_lstm(
+    data: HourlyCounts, hp: DemandHyperParams, last_day: int, *, init_state: Mapping[str, torch.Tensor] | None = None
+) -> tuple[DemandLSTM, dict]:
+    """An LSTM trained to forecast days ``window_days .. last_day - 1`` (never ``last_day``), warm-started from
+    ``init_state`` when its shapes fit; returns the model and ``{"seconds", "epochs", "samples", "warm_started"}``."""
+    first_seen, daily = _first_seen(data), data.daily()
+    window = min(hp.window_days, last_day - 1)
+    if window < 1:
+        raise ValueError(f"need at least 3 days of logs to train and hold back a day, got {data.n_days}")
+    hp_window = DemandHyperParams(**{**hp.__dict__, "window_days": window})
+    rng = np.random.default_rng(hp.seed)
+    rows = np.arange(len(data.keys))
+    if len(rows) > hp.max_train_keys:
+        rows = np.sort(rng.choice(rows, hp.max_train_keys, replace=False))
+    parts = [(_window(data, rows, d, hp_window, first_seen, daily), daily[rows, d]) for d in range(window, last_day)]
+    steps = torch.from_numpy(np.concatenate([p[0][0] for p in parts]))
+    static = torch.from_numpy(np.concatenate([p[0][1] for p in parts]))
+    target = torch.from_numpy(np.log1p(np.concatenate([p[1] for p in parts])).astype(np.float32))
+    torch.manual_seed(hp.seed)
+    model = DemandLSTM(hp.hidden_size)
+    warm = False
+    if init_state is not None:
+        try:
+            model.load_state_dict(dict(init_state))
+            warm = True
+        except (RuntimeError, KeyError):
+            warm = False  # other shapes (changed hyper-parameters): a cold start
+    optimizer = torch.optim.Adam(model.parameters(), lr=hp.learning_rate)
+    generator = torch.Generator().manual_seed(hp.seed)
+    started, epochs = time.perf_counter(), 0
+    model.train()
+    while epochs < hp.max_epochs and time.perf_counter() - started < hp.max_seconds:
+        order = torch.randperm(len(target), generator=generator)
+        for begin in range(0, len(order), hp.batch_size):
+            batch = order[begin : begin + hp.batch_size]
+            optimizer.zero_grad()
+            loss = nn.functional.mse_loss(model(steps[batch], static[batch]), target[batch])
+            loss.backward()
+            optimizer.step()
+            if time.perf_counter() - started >= hp.max_seconds:
+                break
+        epochs += 1
+    info = {"seconds": time.perf_counter() - started, "epochs": epochs, "samples": len(target), "warm_started": warm}
+    return model, info
+
+
+def frequency_forecast(daily: np.ndarray, keys: np.ndarray, target_day: int, hp: DemandHyperParams) -> np.ndarray:
+    """Recency-weighted requests per day over the ``window_days`` before ``target_day`` (``ad_demand``)."""
+    first = max(0, target_day - hp.window_days)
+    days = [pd.Series(daily[:, d], index=pd.Index(keys)) for d in range(first, target_day)]
+    demand = ad_demand(days, half_life_days=hp.half_life_days)
+    weights = sum(0.5 ** ((len(days) - 1 - i) / hp.half_life_days) for i in range(len(days))) or 1.0
+    return (demand.reindex(pd.Index(keys)).fillna(0.0) / weights).to_numpy()
+
+
+def seasonal_forecast(daily: np.ndarray, target_day: int) -> np.ndarray:
+    """The same hours a week earlier (the day before when the data holds no day a week earlier)."""
+    if target_day < 1:
+        return np.zeros(daily.shape[0])
+    return daily[:, target_day - 7] if target_day >= 7 else daily[:, target_day - 1]
+
+
+def ewma_forecast(data: HourlyCounts, target_day: int, hp: DemandHyperParams) -> np.ndarray:
+    """24 × the exponentially smoothed hourly rate at the end of the day before ``target_day`` (missing hours
+    leave it unchanged)."""
+    alpha = 1 - 0.5 ** (1 / hp.ewma_half_life_hours)
+    rate = np.zeros(len(data.keys))
+    started = np.zeros(len(data.keys), dtype=bool)
+    for t in range(data.day_start(target_day)):
+        x = data.counts[:, t]
+        if np.isnan(x).all():
+            continue
+        x = np.nan_to_num(x, nan=0.0)
+        rate = np.where(started, alpha * x + (1 - alpha) * rate, x)
+        started[:] = True
+    return HOURS_PER_DAY * rate
+
+
+def mase(forecast: np.ndarray, actual: np.ndarray, daily: np.ndarray, held_day: int) -> float:
+    """Mean absolute error of ``forecast`` scaled by the pooled in-sample seasonal-naive error (module doc)."""
+    season = 7 if held_day > 7 else 1
+    if held_day <= season or daily.shape[0] == 0:
+        return math.nan
+    history = daily[:, :held_day]
+    scale = float(np.abs(history[:, season:] - history[:, :-season]).mean())
+    if scale == 0:
+        return math.nan
+    return float(np.abs(forecast - actual).mean() / scale)
+
+
+def evaluate_demand(
+    data: HourlyCounts, hp: DemandHyperParams, *, init_state: Mapping[str, torch.Tensor] | None = None
+) -> DemandResult:
+    """Train the LSTM on every day but the last, forecast the last with it and the baselines, score them all."""
+    if len(data.keys) == 0:
+        raise ValueError("no requests in the lookback: nothing to forecast")
+    if data.n_days < 3:
+        raise ValueError(f"need at least 3 days of logs to train and hold back a day, got {data.n_days}")
+    held = data.n_days - 1
+    daily = data.daily()
+    notes = []
+    if data.missing_hours:
+        notes.append(f"{data.missing_hours} hours of logs missing (counted as no requests)")
+    with _threads(hp.threads):
+        model, info = train_lstm(data, hp, held, init_state=init_state)
+        window = min(hp.window_days, held - 1)
+        hp_window = DemandHyperParams(**{**hp.__dict__, "window_days": window})
+        lstm = _predict(model, data, held, hp_window, _first_seen(data), daily)
+    if init_state is not None and not info["warm_started"]:
+        notes.append("previous weights did not fit these hyper-parameters: trained from scratch")
+    forecasts = {
+        "lstm": lstm,
+        "frequency": frequency_forecast(daily, data.keys, held, hp),
+        "seasonal": seasonal_forecast(daily, held),
+        "ewma": ewma_forecast(data, held, hp),
+    }
+    actual = daily[:, held]
+    known = daily[:, :held].sum(axis=1) > 0  # a method can only choose keys requested before the held-back day
+    actual_series = pd.Series(actual, index=pd.Index(data.keys))
+    hit_rate, errors, series = {}, {}, {}
+    for name, forecast in forecasts.items():
+        s = pd.Series(forecast, index=pd.Index(data.keys))
+        series[name] = s
+        chosen = select_top(s[known], hp.top_n)
+        hit_rate[name] = coverage(chosen, actual_series)
+        errors[name] = mase(forecast, actual, daily, held)
+    best_baseline = max(BASELINES, key=lambda name: (hit_rate[name], -BASELINES.index(name)))
+    winner = "lstm" if hit_rate["lstm"] > hit_rate[best_baseline] else best_baseline
+    evaluation = DemandEvaluation(
+        hit_rate=hit_rate,
+        mase=errors,
+        forecasts=series,
+        winner=winner,
+        best_baseline=best_baseline,
+        keys=len(data.keys),
+        train_seconds=info["seconds"],
+        epochs=info["epochs"],
+        train_samples=info["samples"],
+        warm_started=info["warm_started"],
+        notes=notes,
+    )
+    return DemandResult(model, evaluation)
+
+
+def forecast_next_day(model: DemandLSTM, data: HourlyCounts, hp: DemandHyperParams) -> pd.Series:
+    """Requests per key the LSTM expects on the day after the data (for choosing tomorrow's keys)."""
+    window = max(1, min(hp.window_days, data.n_days))
+    hp_window = DemandHyperParams(**{**hp.__dict__, "window_days": window})
+    daily = np.concatenate([data.daily(), np.zeros((len(data.keys), 1))], axis=1)
+    with _threads(hp.threads):
+        values = _predict(model, data, data.n_days, hp_window, _first_seen(data), daily)
+    return pd.Series(values, index=pd.Index(data.keys), name="forecast")
+
+
+def load_model(state: Mapping[str, torch.Tensor], hidden_size: int) -> DemandLSTM:
+    """A ``DemandLSTM`` with the weights of ``state``."""
+    model = DemandLSTM(hidden_size)
+    model.load_state_dict(dict(state))
+    return model
+
+
+def save_weights(state: Mapping[str, torch.Tensor], file) -> None:
+    """Write a plain ``state_dict`` (str → tensor) with ``torch.save``; anything else is refused."""
+    _check_plain(state, "refusing to save")
+    torch.save(dict(state), file)
+
+
+def load_weights(file: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Read a plain ``state_dict`` with ``torch.load(weights_only=True)``: nothing in the file is executed, and a
+    file holding anything but tensors by name raises ``UnsafeModelFile``."""
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, ValueError) as error:
+        raise UnsafeModelFile(
+            f"{file} is not a plain state_dict: refused by the weights-only loader ({error})"
+        ) from error
+    _check_plain(state, f"{file} is not a plain state_dict")
+    return state
+
+
+def _check_plain(state: object, what: str) -> None:
+    if not isinstance(state, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise UnsafeModelFile(f"{what}: expected a mapping of names to tensors, got {type(state).__name__}")

@@ -1,0 +1,191 @@
+"""demand_model on real PostgreSQL: hourly logs read from the lake, weights in the model store, beats_baselines."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from datetime import date, timedelta
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+import pytest
+
+from precompute_assets.defs.demand import beats_baselines_check, demand_model
+from precompute_assets.defs.partitions import DEFAULT_PARTITIONS
+from precompute_assets.defs.resources import LakeResource, ModelStoreResource, ParquetIOManager
+from precompute_assets.defs.selection import ad_demand, day_counts, top_ads
+from precompute_assets.ml.demand import DemandEvaluation
+from precompute_assets.ml.model_store import LocalModelStore
+from precompute_assets.ml.selection import select_top
+from precompute_assets.storage.lake import Lake
+from precompute_assets_tests.factories import write_query_logs
+from precompute_assets_tests.ml.test_demand import MONDAY, synthetic_hours
+
+DAYS = [(date(2026, 11, 9) + timedelta(days=d)).isoformat() for d in range(14)]  # Monday to Sunday, twice
+
+
+def write_traffic(lake: Lake, days: list[str], hours) -> None:
+    """One day of hourly logs at a time from ``(day index, hour start, counts)``."""
+    per_day: dict[int, list[list[str]]] = {}
+    for d, _, counts in hours:
+        per_day.setdefault(d, []).append(np.repeat(counts.index.to_numpy(), counts.to_numpy()).tolist())
+    for d, keys_per_hour in per_day.items():
+        write_query_logs(lake, days[d], keys_per_hour)
+
+
+@pytest.fixture(scope="module")
+def weekly_template(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("weekly")
+    write_traffic(Lake(str(root)), DAYS, synthetic_hours(days=14, start=MONDAY + timedelta(days=7)))
+    return str(root)
+
+
+@pytest.fixture
+def resources(lake_uri, tmp_path):
+    return {"lake": LakeResource(base_uri=lake_uri), "model_store": ModelStoreResource(root=str(tmp_path / "models"))}
+
+
+def run(resources, instance, day: str = DAYS[-1], **config):
+    config = {"top_n": 20, "max_epochs": 4, **config}
+    return dg.materialize(
+        [demand_model],
+        resources=resources,
+        partition_key=day,
+        instance=instance,
+        run_config={"ops": {"demand_model": {"config": config}}},
+        raise_on_error=False,
+    )
+
+
+def metadata(result) -> dict:
+    return {k: v.value for k, v in result.asset_materializations_for_node("demand_model")[0].metadata.items()}
+
+
+def check(result) -> dg.AssetCheckEvaluation:
+    return next(c for c in result.get_asset_check_evaluations() if c.check_name == "beats_baselines")
+
+
+def test_weekly_traffic_the_lstm_beats_frequency_and_its_weights_are_stored(
+    resources, pg_instance, weekly_template, lake_uri, tmp_path
+):
+    shutil.copytree(weekly_template, lake_uri)
+    result = run(resources, pg_instance)
+    meta = metadata(result)
+    for name in ("lstm", "frequency", "seasonal", "ewma"):
+        assert 0 <= meta[f"hit_rate_{name}"] <= 1 and meta[f"mase_{name}"] >= 0
+    assert meta["hit_rate_lstm"] > meta["hit_rate_frequency"] + 0.1
+    assert meta["keys"] == 200 and meta["missing_hours"] == 0 and meta["days"] == 14 and meta["epochs"] == 4
+    assert meta["train_seconds"] > 0 and meta["warm_started_from"] == ""
+    gate = check(result)
+    best = max(meta[f"hit_rate_{n}"] for n in ("frequency", "seasonal", "ewma"))
+    assert gate.passed == (meta["hit_rate_lstm"] > best + 0.005) == meta["approved"]
+    assert gate.metadata["use"].value == meta["strategy"]
+    assert meta["model_version"].startswith(f"{DAYS[-1]}.")
+    store = LocalModelStore(tmp_path / "models")
+    assert store.metadata("demand_model", meta["model_version"])["hyper_params"]["top_n"] == 20
+    assert "lstm.weight_ih_l0" in store.load_state_dict("demand_model", meta["model_version"])
+
+
+def test_an_approved_version_warm_starts_the_next_day(resources, pg_instance, weekly_template, lake_uri):
+    shutil.copytree(weekly_template, lake_uri)
+    first = run(resources, pg_instance, DAYS[-2], margin=-1.0, max_epochs=1)  # a negative margin approves anything
+    assert check(first).passed
+    second = metadata(run(resources, pg_instance, DAYS[-1], max_epochs=1))
+    assert second["warm_started_from"] == metadata(first)["model_version"]
+    assert second["days"] == 14 and second["days_short_of_lookback"] == 0
+
+
+def test_stationary_zipf_traffic_is_approved_only_if_the_lstm_wins(resources, pg_instance, lake_uri):
+    write_traffic(Lake(lake_uri), DAYS[-8:], synthetic_hours(days=8, weekly_share=0.0, seed=5))
+    meta = metadata(run(resources, pg_instance, lookback_days=8, max_epochs=2))
+    best = max(meta[f"hit_rate_{n}"] for n in ("frequency", "seasonal", "ewma"))
+    assert meta["approved"] == (meta["hit_rate_lstm"] > best + 0.005)
+    assert meta["days_short_of_lookback"] == 0 and meta["days"] == 8
+
+
+def test_missing_hours_a_short_lookback_and_a_single_key_are_reported(resources, pg_instance, lake_uri):
+    lake = Lake(lake_uri)
+    start = ["2026-01-01", "2026-01-02", "2026-01-03", "2026-01-04"]  # the first days: no longer lookback exists
+    hours = [(d, t, c[c.index == "k0000"]) for d, t, c in synthetic_hours(n_keys=20, days=4, weekly_share=0.0)]
+    write_traffic(lake, start, hours)
+    os.remove(lake.path("query_logs", "2026-01-02-05:00"))
+    meta = metadata(run(resources, pg_instance, start[-1], max_epochs=1))
+    assert meta["days"] == 4 and meta["days_short_of_lookback"] == 10
+    assert meta["missing_hours"] == 1 and meta["keys"] == 1
+    assert meta["hit_rate_lstm"] == meta["hit_rate_frequency"] == 1.0 and not meta["approved"]
+
+
+def test_a_lookback_without_traffic_fails_the_check_without_crashing(resources, pg_instance, lake_uri):
+    for day in DAYS[-3:]:
+        write_query_logs(Lake(lake_uri), day, [])
+    result = run(resources, pg_instance)
+    meta = metadata(result)
+    assert "no requests" in meta["error"] and meta["keys"] == 0 and meta["missing_hours"] == 11 * 24
+    gate = check(result)
+    assert not gate.passed and "no demand model trained" in gate.description
+
+
+def test_the_check_names_the_winner_and_respects_the_margin():
+    def evaluation(lstm: float) -> DemandEvaluation:
+        hits = {"lstm": lstm, "frequency": 0.40, "seasonal": 0.50, "ewma": 0.45}
+        winner = "lstm" if lstm > 0.50 else "seasonal"
+        return DemandEvaluation(hits, dict.fromkeys(hits, 1.0), {}, winner, "seasonal", 10, 1.0, 1, 10, False)
+
+    won = beats_baselines_check(evaluation(0.52), 0.005)
+    assert won.passed and won.metadata["use"].value == "lstm" and won.metadata["winner"].value == "lstm"
+    assert won.metadata["lift"].value == pytest.approx(0.02)
+    close = beats_baselines_check(evaluation(0.503), 0.005)
+    assert not close.passed and close.metadata["use"].value == "seasonal" and close.metadata["winner"].value == "lstm"
+    assert "lstm 0.5030 vs best baseline seasonal 0.5000" in close.description
+    spec = next(iter(demand_model.check_specs))
+    assert spec.name == "beats_baselines" and spec.blocking
+
+
+@pytest.fixture
+def selection_resources(resources, lake_uri):
+    return {**resources, "io_manager": ParquetIOManager(lake=resources["lake"])}
+
+
+def select(resources, instance, strategy: str):
+    return dg.materialize(
+        [ad_demand, top_ads],
+        resources=resources,
+        partition_key=DAYS[-1],
+        instance=instance,
+        run_config={"ops": {"top_ads": {"config": {"top_n": 20, "strategy": strategy}}}},
+        raise_on_error=False,
+    )
+
+
+def with_catalog(template: str, lake_uri: str) -> Lake:
+    shutil.copytree(template, lake_uri)
+    lake = Lake(lake_uri)
+    lake.write("ads", None, pd.DataFrame({"ad_id": [f"k{i:04d}" for i in range(200)]}))
+    return lake
+
+
+def test_top_ads_ranks_by_the_configured_strategy(selection_resources, pg_instance, weekly_template, lake_uri):
+    lake = with_catalog(weekly_template, lake_uri)
+    result = select(selection_resources, pg_instance, "seasonal")
+    meta = result.asset_materializations_for_node("top_ads")[0].metadata
+    assert meta["strategy"].value == "seasonal" and meta["strategy_reason"].value == "configured"
+    week_before_tomorrow, _ = day_counts(lake, DEFAULT_PARTITIONS.hours_of(DAYS[-7]))
+    chosen = lake.read("top_ads", DAYS[-1])["ad_id"].tolist()
+    assert chosen == select_top(week_before_tomorrow.astype(float), 20)
+    ewma = select(selection_resources, pg_instance, "ewma").asset_materializations_for_node("top_ads")[0].metadata
+    assert ewma["strategy"].value == "ewma" and ewma["dagster/row_count"].value == 20
+
+
+def test_auto_and_lstm_follow_the_demand_models_evaluation(selection_resources, pg_instance, weekly_template, lake_uri):
+    with_catalog(weekly_template, lake_uri)
+    before = select(selection_resources, pg_instance, "auto").asset_materializations_for_node("top_ads")[0].metadata
+    assert before["strategy"].value == "frequency" and "no demand_model evaluation" in before["strategy_reason"].value
+    lstm = select(selection_resources, pg_instance, "lstm").asset_materializations_for_node("top_ads")[0].metadata
+    assert lstm["strategy"].value == "frequency" and "fell back to frequency" in lstm["strategy_reason"].value
+    version = metadata(run(selection_resources, pg_instance, margin=-1.0, max_epochs=1))["model_version"]
+    after = select(selection_resources, pg_instance, "auto").asset_materializations_for_node("top_ads")[0].metadata
+    assert after["strategy"].value == "lstm" and f"demand_model {version}" in after["strategy_reason"].value
+    assert after["dagster/row_count"].value == 20
+    bad = select(selection_resources, pg_instance, "oracle")
+    assert not bad.success and not bad.asset_materializations_for_node("top_ads")

@@ -1,0 +1,169 @@
+"""The LSTM demand model against its baselines on held-back days, its bounded training, and its weights file."""
+
+from __future__ import annotations
+
+import math
+import pickle
+from datetime import datetime, timedelta
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from precompute_assets.ml.demand import (
+    DemandHyperParams,
+    HourlyCounts,
+    UnsafeModelFile,
+    evaluate_demand,
+    forecast_next_day,
+    load_weights,
+    mase,
+    save_weights,
+)
+from precompute_assets.ml.model_store import LocalModelStore
+
+MONDAY = datetime(2026, 11, 2)
+FAST = DemandHyperParams(top_n=20, max_epochs=5, max_seconds=60, threads=1)
+
+
+def synthetic_hours(n_keys=200, days=21, *, weekly_share=0.3, seed=0, start=MONDAY):
+    """Hourly requests per key: Zipf keys every day, and (``weekly_share``) keys asked for on one weekday only,
+    which a recency-weighted frequency ranks a week late. Yields ``(day, hour start, counts)``."""
+    rng = np.random.default_rng(seed)
+    n_weekly = int(n_keys * weekly_share)
+    zipf = 1.0 / np.arange(1, n_keys - n_weekly + 1) ** 0.9
+    base = 4000 * zipf / zipf.sum()
+    diurnal = 1 + 0.6 * np.sin(2 * np.pi * (np.arange(24) - 9) / 24)
+    weekday_of = rng.integers(0, 7, n_weekly)
+    weekly_rate = rng.uniform(150, 400, n_weekly)
+    keys = np.array([f"k{i:04d}" for i in range(n_keys)], dtype=object)
+    for d in range(days):
+        for h in range(24):
+            t = start + timedelta(days=d, hours=h)
+            rate = np.concatenate([base, np.where(weekday_of == t.weekday(), weekly_rate, 0.0)]) * diurnal[h] / 24
+            counts = pd.Series(rng.poisson(rate), index=keys)
+            yield d, t, counts[counts > 0]
+
+
+def synthetic(**kwargs) -> HourlyCounts:
+    return HourlyCounts.from_hours(synthetic_hours(**kwargs))
+
+
+@pytest.fixture(scope="module")
+def weekly() -> HourlyCounts:
+    return synthetic()
+
+
+@pytest.fixture(scope="module")
+def weekly_result(weekly):
+    return evaluate_demand(weekly, FAST)
+
+
+def test_the_lstm_sees_weekly_keys_that_frequency_ranks_a_week_late(weekly_result):
+    e = weekly_result.evaluation
+    assert set(e.hit_rate) == set(e.mase) == {"lstm", "frequency", "seasonal", "ewma"}
+    assert e.hit_rate["lstm"] > e.hit_rate["frequency"] + 0.1
+    assert e.mase["lstm"] < e.mase["frequency"]
+    assert e.keys == 200 and e.epochs == 5 and not e.warm_started
+    assert all(0 <= v <= 1 for v in e.hit_rate.values())
+
+
+def test_on_stationary_zipf_traffic_the_winner_is_whoever_scores_best():
+    e = evaluate_demand(synthetic(weekly_share=0.0, days=10, seed=3), FAST).evaluation
+    best = max(e.hit_rate[name] for name in ("frequency", "seasonal", "ewma"))
+    assert (e.winner == "lstm") == (e.hit_rate["lstm"] > best)
+    assert e.hit_rate[e.best_baseline] == best
+
+
+def test_training_is_deterministic_under_a_seed_and_warm_starts(weekly, weekly_result):
+    hp = DemandHyperParams(top_n=20, max_epochs=1, max_seconds=60, threads=1)
+    a, b = evaluate_demand(weekly, hp), evaluate_demand(weekly, hp)
+    for name, tensor in a.state_dict().items():
+        assert torch.equal(tensor, b.state_dict()[name]), name
+    warm = evaluate_demand(weekly, hp, init_state=weekly_result.state_dict())
+    assert warm.evaluation.warm_started
+    other = evaluate_demand(weekly, DemandHyperParams(**{**hp.__dict__, "hidden_size": 8}),
+                            init_state=weekly_result.state_dict())  # fmt: skip
+    assert not other.evaluation.warm_started and "trained from scratch" in other.evaluation.notes[0]
+
+
+def test_the_training_budget_is_bounded_in_seconds(weekly):
+    e = evaluate_demand(weekly, DemandHyperParams(top_n=20, max_epochs=1000, max_seconds=0.5)).evaluation
+    assert e.epochs < 1000 and e.train_seconds < 60  # stopped by the clock, not by the epochs
+
+
+def test_the_next_day_forecast_covers_every_key(weekly, weekly_result):
+    forecast = forecast_next_day(weekly_result.model, weekly, FAST)
+    assert len(forecast) == 200 and (forecast >= 0).all()
+
+
+def test_missing_hours_are_reported_not_fatal():
+    hours = [(d, t, None if (d == 5 and t.hour < 6) else c) for d, t, c in synthetic_hours(n_keys=30, days=9)]
+    data = HourlyCounts.from_hours(hours)
+    assert data.missing_hours == 6
+    e = evaluate_demand(data, DemandHyperParams(top_n=5, max_epochs=1, threads=1)).evaluation
+    assert "6 hours of logs missing" in e.notes[0]
+
+
+def test_a_single_key_a_silent_day_and_a_short_lookback():
+    one = [(d, t, c[c.index == "k0000"]) for d, t, c in synthetic_hours(n_keys=20, days=4)]
+    e = evaluate_demand(HourlyCounts.from_hours(one), DemandHyperParams(top_n=5, max_epochs=1)).evaluation
+    assert e.keys == 1 and e.hit_rate == dict.fromkeys(e.hit_rate, 1.0) and e.winner != "lstm"
+    silent = [(d, t, c if d < 3 else c.iloc[:0]) for d, t, c in synthetic_hours(n_keys=20, days=4)]
+    e = evaluate_demand(HourlyCounts.from_hours(silent), DemandHyperParams(top_n=5, max_epochs=1)).evaluation
+    assert e.hit_rate == dict.fromkeys(e.hit_rate, 0.0)
+    with pytest.raises(ValueError, match="at least 3 days"):
+        evaluate_demand(synthetic(n_keys=20, days=2), FAST)
+    with pytest.raises(ValueError, match="no requests"):
+        evaluate_demand(HourlyCounts.from_hours([(0, MONDAY, None)]), FAST)
+
+
+def test_mase_is_scaled_by_the_in_sample_seasonal_naive_error():
+    daily = np.array([[1.0, 3.0, 1.0, 3.0]])  # in-sample naive (season 1) error over days 0..2: |3-1|, |1-3| → 2
+    assert mase(np.array([4.0]), np.array([3.0]), daily, held_day=3) == pytest.approx(0.5)
+    assert math.isnan(mase(np.array([1.0]), np.array([1.0]), np.ones((1, 4)), held_day=3))
+
+
+class WritesAFile:
+    """A pickle that would create ``path`` if it were ever unpickled."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_weights_round_trip_and_a_malicious_pickle_is_refused_without_running(tmp_path, weekly_result):
+    state = weekly_result.state_dict()
+    save_weights(state, tmp_path / "ok.pt")
+    loaded = load_weights(tmp_path / "ok.pt")
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
+    victim = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(pickle.dumps(WritesAFile(victim)))
+    with pytest.raises(UnsafeModelFile, match="not a plain state_dict"):
+        load_weights(evil)
+    assert not victim.exists()
+    torch.save({"weights": [1, 2]}, tmp_path / "not_tensors.pt")  # loadable, but not names to tensors
+    with pytest.raises(UnsafeModelFile, match="mapping of names to tensors"):
+        load_weights(tmp_path / "not_tensors.pt")
+    with pytest.raises(UnsafeModelFile):
+        save_weights({"x": object()}, tmp_path / "bad.pt")
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_the_model_store_keeps_state_dicts_and_refuses_a_swapped_file(tmp_path, weekly_result):
+    store = LocalModelStore(tmp_path / "models")
+    uri = store.save_state_dict("demand_model", "2026-11-22.abc", weekly_result.state_dict(), {"top_n": 20})
+    assert uri.startswith("file://") and store.metadata("demand_model", "2026-11-22.abc") == {"top_n": 20}
+    assert set(store.load_state_dict("demand_model", "2026-11-22.abc")) == set(weekly_result.state_dict())
+    victim = tmp_path / "pwned"
+    (store.path("demand_model", "2026-11-22.abc") / "state_dict.pt").write_bytes(pickle.dumps(WritesAFile(victim)))
+    with pytest.raises(UnsafeModelFile):
+        store.load_state_dict("demand_model", "2026-11-22.abc")
+    assert not victim.exists()
+    with pytest.raises(KeyError):
+        store.load_state_dict("demand_model", "missing")
