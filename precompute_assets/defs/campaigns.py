@@ -3,9 +3,14 @@ its budget split, in Redis. A sensor on the campaign registry requests the runs,
 run queue; an every-2-hours schedule is the backstop for whatever the sensor missed.
 
 Campaign values are live keys (``pc:1:ctr:live:{ad_id}``, ``pc:1:budget:live:{campaign_id}``) written in one
-MULTI/EXEC with a TTL until the campaign ends: readers see all of a campaign or none of it, and a nightly
-publish (a new version and a pointer flip) leaves them in place, since readers fall back to live keys for the
-ads the published version lacks. A cancelled campaign's keys are removed by a run of ``campaign_cleanup_job``.
+MULTI/EXEC with a TTL until the campaign ends: the campaign's own writes land all at once or not at all (a
+reader never sees some of them without the others). Readers look in the published nightly version first and
+fall back to live keys for the ads it lacks, so where the nightly version has one of the campaign's ads, its
+value answers: a ``get_many`` over a campaign's ads can mix nightly values with the campaign's live ones. A
+nightly publish (a new version and a pointer flip) leaves live keys in place. An open-ended campaign's values
+expire ``open_ended_ttl_days`` after warming; the registry records when (``warm_until``) and lists the campaign
+as due again a day before, for the backstop (and the sensor) to warm it again. A cancelled campaign's keys are
+removed by a run of ``campaign_cleanup_job``.
 """
 
 import json
@@ -17,6 +22,7 @@ from datetime import UTC, datetime, timedelta
 import dagster as dg
 import pandas as pd
 import redis as redis_py
+from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
 
 from ..ml import ctr
 from ..ml.budget import DEFAULT_DRAWS, DEFAULT_PRIOR_STRENGTH, thompson_split
@@ -37,7 +43,7 @@ WARMING_PRIORITY = 10  # nightly runs have the default 0, backfills -1
 WARMING_TAGS = {PRIORITY_TAG: str(WARMING_PRIORITY), WARMING_TAG: "campaign"}
 
 WARMING_RETRY = dg.RetryPolicy(max_retries=3, delay=1, backoff=dg.Backoff.EXPONENTIAL)  # 1 s, 2 s, 4 s
-APPROVAL_LOOKBACK = 100  # newest ctr_model materializations searched for an approved one
+APPROVAL_PAGE = 1000  # records per read when searching every ctr_model materialization for the approved one
 BEATS_BASELINE = dg.AssetCheckKey(dg.AssetKey(CTR_MODEL), "beats_baseline")
 RUNNING = dg.DefaultSensorStatus.RUNNING
 ACTIVE_RUN_STATUSES = [
@@ -63,8 +69,12 @@ class CampaignBudgetConfig(CampaignWarmingConfig):
 
 
 def warming_run_key(campaign: Campaign) -> str:
-    """One warming run per campaign revision: a changed campaign (new revision) is warmed again."""
-    return f"{campaign.campaign_id}-r{campaign.revision}"
+    """One warming run per campaign revision: a changed campaign (new revision) is warmed again. Warming a warm
+    revision again, before its values expire (an open-ended campaign), is one more run per expiry day."""
+    key = f"{campaign.campaign_id}-r{campaign.revision}"
+    if campaign.warm_revision == campaign.revision and campaign.warm_until is not None:
+        key += f"-until{campaign.warm_until.astimezone(UTC):%Y%m%d}"
+    return key
 
 
 def warming_request(campaign: Campaign) -> dg.RunRequest:
@@ -88,7 +98,8 @@ def cleanup_request(campaign: Campaign) -> dg.RunRequest:
 
 
 def expiry(campaign: Campaign, now: datetime, config: CampaignWarmingConfig) -> int:
-    """Unix time at which the campaign's values expire: its end plus the grace, or the open-ended TTL."""
+    """Unix time at which the campaign's values expire: its end plus the grace, or the open-ended TTL (the
+    registry lists such a campaign as due again before then)."""
     if campaign.end_at is not None:
         return int((campaign.end_at + timedelta(hours=config.grace_hours)).timestamp())
     return int((now + timedelta(days=config.open_ended_ttl_days)).timestamp())
@@ -118,18 +129,32 @@ def current_campaign(registry: CampaignRegistry, campaign_id: str) -> tuple[Camp
 
 def approved_model_version(instance: dg.DagsterInstance) -> str:
     """The current approved ``ctr_model`` version: among materializations whose blocking check ``beats_baseline``
-    passed, the one of the newest day (the newest run of that day); a backfill of an older day never wins."""
-    passed = {
-        record.run_id
-        for record in instance.event_log_storage.get_asset_check_execution_history(BEATS_BASELINE, APPROVAL_LOOKBACK)
-        if record.status.value == "SUCCEEDED"
-    }
+    passed, the one of the newest day (the newest run of that day); a backfill of an older day never wins.
+
+    Reads every materialization and every passed check, page by page: however many backfilled days or retries
+    came after the newest approved model, it is found."""
+    passed: set[str] = set()
+    check_cursor = None
+    while True:
+        page = instance.event_log_storage.get_asset_check_execution_history(
+            BEATS_BASELINE, APPROVAL_PAGE, cursor=check_cursor, status={AssetCheckExecutionRecordStatus.SUCCEEDED}
+        )
+        passed |= {record.run_id for record in page}
+        if len(page) < APPROVAL_PAGE:
+            break
+        check_cursor = page[-1].id
     approved = []
-    for record in instance.fetch_materializations(dg.AssetKey(CTR_MODEL), limit=APPROVAL_LOOKBACK).records:
-        metadata = record.asset_materialization.metadata if record.asset_materialization else {}
-        flag = metadata.get("approved")
-        if record.run_id in passed and "model_version" in metadata and (flag is None or flag.value):
-            approved.append(((record.partition_key or "", record.storage_id), metadata["model_version"].value))
+    cursor = None
+    while True:
+        result = instance.fetch_materializations(dg.AssetKey(CTR_MODEL), limit=APPROVAL_PAGE, cursor=cursor)
+        for record in result.records:
+            metadata = record.asset_materialization.metadata if record.asset_materialization else {}
+            flag = metadata.get("approved")
+            if record.run_id in passed and "model_version" in metadata and (flag is None or flag.value):
+                approved.append(((record.partition_key or "", record.storage_id), metadata["model_version"].value))
+        if not result.has_more:
+            break
+        cursor = result.cursor
     if not approved:
         raise dg.Failure(
             description="no approved ctr_model: campaigns are scored only by a model that passed beats_baseline; "
@@ -161,7 +186,8 @@ def remove_campaign_values(
     group_name="campaigns",
     retry_policy=WARMING_RETRY,
     description="CTR of every ad of one campaign from the current approved ctr_model, written to Redis as live keys "
-    "in one transaction that expire when the campaign ends (plus a grace); readers see all of them or none.",
+    "in one transaction (all of them land or none) that expire when the campaign ends (plus a grace). Readers "
+    "look in the published nightly version first: where it has one of these ads, its value answers.",
 )
 def campaign_ctr(
     context: dg.AssetExecutionContext,
@@ -177,7 +203,7 @@ def campaign_ctr(
     now = datetime.now(UTC)
     frame = pd.DataFrame({"ad_id": pd.Series(dtype=object), "ctr": pd.Series(dtype=float)})
     reason = not_warmable(campaign, now)
-    version, skipped = "", []
+    version, skipped, expire_at = "", [], expiry(campaign, now, config)
     if reason is None:
         version = approved_model_version(context.instance)
         model = model_store.store().load(CTR_MODEL, version)
@@ -190,7 +216,7 @@ def campaign_ctr(
             context.log.warning(f"{len(skipped)} ads could not be scored (readers compute them live): {skipped[:5]}")
         client, schema = redis.client(), redis.schema()
         items = zip(frame["ad_id"].tolist(), frame["ctr"].tolist(), strict=True)
-        write_live_values(client, "ctr", items, expire_at=expiry(campaign, now, config), schema=schema)
+        write_live_values(client, "ctr", items, expire_at=expire_at, schema=schema)
         latest = registry.get(campaign.campaign_id)
         if latest is None or latest.status != "active":
             # cancelled while we scored: its cleanup run may have come first, so take our writes back here
@@ -201,7 +227,7 @@ def campaign_ctr(
     minutes = (campaign.launch_at - now).total_seconds() / 60
     context.log.info(f"warmed {len(frame)} ads of {campaign.campaign_id} r{campaign.revision}, {minutes:.0f} min early")
     return dg.Output(
-        frame.assign(model_version=version, revision=campaign.revision),
+        frame.assign(model_version=version, revision=campaign.revision, expire_at=expire_at),
         metadata={
             "dagster/row_count": len(frame),
             "ads_warmed": len(frame),
@@ -210,6 +236,7 @@ def campaign_ctr(
             "minutes_before_launch": minutes,
             "model_version": version,
             "revision": campaign.revision,
+            "expire_at": expire_at,
             "published": reason is None,
             "reason": reason or "",
         },
@@ -246,14 +273,21 @@ def campaign_budget(
     )  # fmt: skip
     split = dict(zip(campaign_ctr["ad_id"].tolist(), amounts.tolist(), strict=True))
     client, schema = redis.client(), redis.schema()
-    write_live_values(client, "budget", [(campaign_id, split)], expire_at=expiry(campaign, now, config), schema=schema)
-    # Warm means everything a launch needs is in the cache, so the revision is marked at the end of the run.
-    warm = registry.mark_warm(campaign_id, campaign.revision)
+    # the budget expires with the CTRs (older campaign_ctr outputs lack the column: then from now)
+    expire_at = int(campaign_ctr["expire_at"].iloc[0]) if "expire_at" in campaign_ctr else expiry(campaign, now, config)
+    write_live_values(client, "budget", [(campaign_id, split)], expire_at=expire_at, schema=schema)
+    # Warm means everything a launch needs is in the cache, so the revision is marked at the end of the run, with
+    # when its values expire: the registry lists it as due again before then, if it is still running.
+    warm_until = datetime.fromtimestamp(expire_at, UTC)
+    warm = registry.mark_warm(campaign_id, campaign.revision, warm_until=warm_until)
     latest = registry.get(campaign_id)
     if latest is None or latest.status != "active":
         remove_campaign_values(registry, client, schema, campaign, now)  # cancelled meanwhile, see campaign_ctr
         warm = False
-    context.log.info(f"budget {campaign.budget:,.2f} of {campaign_id} split across {len(split)} ads; warm: {warm}")
+    context.log.info(
+        f"budget {campaign.budget:,.2f} of {campaign_id} split across {len(split)} ads; warm: {warm}"
+        f" until {warm_until.isoformat()}"
+    )
     return dg.MaterializeResult(
         metadata={
             "published": True,
@@ -264,6 +298,7 @@ def campaign_budget(
             "ads_funded": int((amounts > 0).sum()),
             "prior_strength": config.prior_strength,
             "revision": campaign.revision,
+            "warm_until": warm_until.isoformat(),
         }
     )
 
@@ -320,20 +355,24 @@ def campaign_cleanup_job():
 
 @dataclass(frozen=True)
 class LaunchCursor:
-    """What the sensor has seen: every registry change up to ``seq``, and due campaigns launching by ``until``."""
+    """What the sensor has seen: every registry change up to ``seq``, due campaigns launching by ``until``, and
+    warm campaigns whose values were due to be refreshed by ``at`` (the time of its last tick)."""
 
     seq: int = 0
     until: datetime | None = None
+    at: datetime | None = None
 
     @classmethod
     def decode(cls, raw: str | None) -> "LaunchCursor":
         if not raw:
             return cls()
         data = json.loads(raw)
-        return cls(int(data["seq"]), datetime.fromisoformat(data["until"]) if data.get("until") else None)
+        times = [datetime.fromisoformat(data[k]) if data.get(k) else None for k in ("until", "at")]
+        return cls(int(data["seq"]), *times)
 
     def encode(self) -> str:
-        return json.dumps({"seq": self.seq, "until": self.until.isoformat() if self.until else None})
+        times = {k: v.isoformat() if v else None for k, v in (("until", self.until), ("at", self.at))}
+        return json.dumps({"seq": self.seq, **times})
 
 
 def changes_since(registry: CampaignRegistry, seq: int, *, page: int = 10_000, pages: int = 10) -> list[Campaign]:
@@ -352,7 +391,8 @@ def changes_since(registry: CampaignRegistry, seq: int, *, page: int = 10_000, p
     minimum_interval_seconds=30,
     default_status=RUNNING,
     description="Warm campaigns launching within the warming horizon whose current revision is not warm (one run "
-    "per campaign revision, high priority), and remove cancelled campaigns from the cache.",
+    "per campaign revision, high priority), warm open-ended campaigns again before their values expire, and remove "
+    "cancelled campaigns from the cache.",
 )
 def campaign_launch_sensor(context: dg.SensorEvaluationContext, campaign_registry: CampaignRegistryResource):
     """Reads the registry's changes since the cursor (cancellations, re-registrations) and the due campaigns (one
@@ -363,14 +403,21 @@ def campaign_launch_sensor(context: dg.SensorEvaluationContext, campaign_registr
     horizon = campaign_registry.warming_horizon
     changed = changes_since(registry, cursor.seq)
     due = registry.due(now, horizon)
-    # new since the last tick: changed (a new revision), or its launch entered the horizon since then
-    fresh = [c for c in due if c.change_seq > cursor.seq or cursor.until is None or c.launch_at > cursor.until]
+
+    def became_due(c: Campaign) -> bool:
+        if c.warm_revision == c.revision and c.warm_until is not None:  # warm, its values expire soon
+            return cursor.at is None or c.warm_until - registry.refresh_margin > cursor.at
+        # cold: changed (a new revision), or its launch entered the horizon since the last tick
+        return c.change_seq > cursor.seq or cursor.until is None or c.launch_at > cursor.until
+
+    fresh = [c for c in due if became_due(c)]
     cancelled = [c for c in changed if c.status == "cancelled"]
     known = set(context.instance.get_dynamic_partitions(CAMPAIGNS.name)) if fresh else set()
     new_partitions = sorted({c.campaign_id for c in fresh} - known)
-    next_cursor = LaunchCursor(changed[-1].change_seq if changed else cursor.seq, now + horizon).encode()
+    next_cursor = LaunchCursor(changed[-1].change_seq if changed else cursor.seq, now + horizon, now).encode()
     context.log.info(
-        f"{len(changed)} changed, {len(due)} due and not warm, {len(fresh)} requested, {len(cancelled)} cancelled"
+        f"{len(changed)} changed, {len(due)} due (cold, or values expiring), {len(fresh)} requested,"
+        f" {len(cancelled)} cancelled"
     )
     if not fresh and not cancelled:
         return dg.SensorResult(
@@ -393,7 +440,8 @@ def build_campaign_schedules(timezone: str) -> list[dg.ScheduleDefinition]:
         target=campaign_warming_job,
         default_status=dg.DefaultScheduleStatus.RUNNING,
         description="Every 2 hours: warm every due campaign that is still not warm (the sensor was off, a run failed), "
-        "with the sensor's run keys; skips campaigns whose warming run is still queued or running.",
+        "or whose values expire within a day while it runs on (open-ended), with the sensor's run keys; skips "
+        "campaigns whose warming run is still queued or running.",
     )
     def campaign_warming_backstop(context: dg.ScheduleEvaluationContext, campaign_registry: CampaignRegistryResource):
         registry = campaign_registry.registry()

@@ -8,7 +8,14 @@ import dagster as dg
 import pandas as pd
 import redis
 
-from ..ml.features import AdFeatureSpec, spec_from_names
+from ..ml.features import (
+    ENV_AD_CATEGORICAL,
+    ENV_AD_LOG_SCALED,
+    ENV_AD_NUMERIC,
+    AdFeatureSpec,
+    spec_from_env,
+    spec_from_names,
+)
 from ..ml.model_store import LocalModelStore
 from ..serving import KeySchema, connect
 from ..stack import ENV_APP_DB, ENV_LAKE, ENV_MODEL_STORE, ENV_REDIS
@@ -36,9 +43,6 @@ class RedisResource(dg.ConfigurableResource):
 
 
 # The ad feature set of the lake's `ads` table, as comma-separated column names.
-ENV_AD_NUMERIC = "PRECOMPUTE_AD_NUMERIC"
-ENV_AD_CATEGORICAL = "PRECOMPUTE_AD_CATEGORICAL"
-ENV_AD_LOG_SCALED = "PRECOMPUTE_AD_LOG_SCALED"
 AD_FEATURE_FIELDS = {
     "ad_numeric": ENV_AD_NUMERIC,
     "ad_categorical": ENV_AD_CATEGORICAL,
@@ -162,11 +166,9 @@ def ad_feature_fields(environ: dict[str, str] | None = None) -> dict[str, dg.Env
     return {field: dg.EnvVar(variable) for field, variable in AD_FEATURE_FIELDS.items() if variable in env}
 
 
-def ad_feature_spec_from_env(environ: dict[str, str] | None = None) -> AdFeatureSpec:
-    """The ad feature set the Definitions use in this environment (for tools outside Dagster)."""
-    env = os.environ if environ is None else environ
-    fields = {field: env[variable] for field, variable in AD_FEATURE_FIELDS.items() if variable in env}
-    return LakeResource(**fields).ad_feature_spec()
+# The ad feature set the Definitions use in this environment, for code outside Dagster: ``spec_from_env`` of
+# ``ml.features`` (no Dagster), under its old name here.
+ad_feature_spec_from_env = spec_from_env
 
 
 def build_resources(settings: Settings) -> dict[str, object]:

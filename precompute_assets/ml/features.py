@@ -7,8 +7,9 @@ Pure pandas.
 
 from __future__ import annotations
 
+import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +19,10 @@ from ..serving.querylog import MAX_KEY_LENGTH
 
 ID_COLUMN = "ad_id"
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+# The deployment's ad feature set, as comma-separated column names (see ``spec_from_env``).
+ENV_AD_NUMERIC = "PRECOMPUTE_AD_NUMERIC"
+ENV_AD_CATEGORICAL = "PRECOMPUTE_AD_CATEGORICAL"
+ENV_AD_LOG_SCALED = "PRECOMPUTE_AD_LOG_SCALED"
 
 
 @dataclass(frozen=True)
@@ -105,6 +110,20 @@ def spec_from_names(
     else:
         log_names = parse_names(log_scaled)
     return AdFeatureSpec(numeric=numeric_names, categorical=parse_names(categorical), log_scaled=log_names)
+
+
+def spec_from_env(environ: Mapping[str, str] | None = None) -> AdFeatureSpec:
+    """The deployment's ad feature set from ``PRECOMPUTE_AD_NUMERIC``, ``PRECOMPUTE_AD_CATEGORICAL`` and
+    ``PRECOMPUTE_AD_LOG_SCALED`` (``os.environ`` by default), as the Definitions read it; an unset variable means
+    the default (unset log-scaling: the default log-scaled columns that are numeric, a blank one: none).
+    ``ValueError`` naming the problem if the set is malformed. No Dagster: services and tools use it too."""
+    env = os.environ if environ is None else environ
+    default = AdFeatureSpec()
+    return spec_from_names(
+        env.get(ENV_AD_NUMERIC, ",".join(default.numeric)),
+        env.get(ENV_AD_CATEGORICAL, ",".join(default.categorical)),
+        env.get(ENV_AD_LOG_SCALED),
+    )
 
 
 def spec_dict(spec: AdFeatureSpec) -> dict[str, list[str]]:

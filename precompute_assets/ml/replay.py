@@ -9,13 +9,14 @@ import io
 import itertools
 import re
 from collections import OrderedDict, deque
-from collections.abc import Collection, Hashable, Sequence
+from collections.abc import Callable, Collection, Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from ..serving.admission import COUNTER_MAX, AdmissionPolicy, FrequencySketch, SecondMiss, admission_policy
 from .selection import ad_demand, daily_counts, select_top
 
 _PAD = r"[^\S\n]*"  # whitespace around a field: any whitespace but the newline that ends the line
@@ -111,6 +112,8 @@ def replay(
     half_life_days: float = 2.0,
     warmup_days: int = 1,
     precomputed: Sequence[Collection[Hashable]] | None = None,
+    admission: str | AdmissionPolicy | None = None,
+    admission_window: int | None = None,
 ) -> dict:
     """Hit rates over days W..D-1 (days 0..W-1, ``warmup_days``, only warm the caches) of five policies and
     two offline bounds.
@@ -133,7 +136,13 @@ def replay(
     policies such as LRU, but ours and static top-N load keys without a miss at day boundaries and can beat it.
     ``hit_rate_oracle_preload`` is a bound on a different question: a cache that may be refilled for free by an
     oracle at each day boundary; no precompute policy with ``capacity`` slots can beat it.
+
+    ``admission`` (a name or a ``serving.admission`` policy) adds ``hit_rate_lru_admission`` and
+    ``hit_rate_ours_admission``: the same LRU and ours, but a missed key enters the LRU only when the policy
+    admits it, decided exactly as ``PredictionCache.get_or_compute`` decides (see ``admission_decisions``;
+    ``second_miss`` counts its window in requests, ``admission_window``, default ``capacity``).
     """
+    model = None if admission is None else _admission_model(admission, admission_window, capacity)
     auto = isinstance(top_n, str)
     if auto and top_n != "auto":
         raise ValueError(f"top_n must be an integer or 'auto', got {top_n!r}")
@@ -176,8 +185,15 @@ def replay(
         "belady": belady_hits(days, capacity, warmup_days=warmup_days),
         "oracle_preload": sum(oracle_preload_day_hits(day, capacity) for day in counted),
     }
+    if model is not None:
+        hits["lru_admission"] = sum(_admitted_lru_day_hits(days, capacity, model(keys))[warmup_days:])
+        hits["ours_admission"] = sum(_admitted_lru_day_hits(days, slots, model(keys), precomputed=chosen)[warmup_days:])
     result: dict = {f"hit_rate_{name}": (n / requests if requests else 0.0) for name, n in hits.items()}
     result.update(requests=int(requests), days=len(days), top_n="auto" if auto else int(top_n), capacity=int(capacity))
+    if model is not None:
+        result["admission"] = admission_policy(admission).name
+        if result["admission"] == "second_miss":
+            result["admission_window"] = int(admission_window or capacity)
     if auto:
         chosen_shares = [int(share) for share in shares[warmup_days:]]
         result.update(
@@ -185,6 +201,33 @@ def replay(
             top_n_mean=sum(chosen_shares) / len(chosen_shares) if chosen_shares else 0.0,
         )
     return result
+
+
+def admission_decisions(
+    keys: Sequence[Hashable] | np.ndarray,
+    admission: str | AdmissionPolicy,
+    *,
+    window: int | None = None,
+    capacity: int | None = None,
+) -> list[str]:
+    """What a read-through cache with ``admission`` does with each request: ``"hit"``, ``"admitted"`` (a miss
+    whose value is stored) or ``"rejected"`` (a miss whose value is not).
+
+    The model of ``PredictionCache.get_or_compute`` (nothing published): every lookup is a live-tier lookup
+    the policy sees. ``second_miss`` keeps a marker per key that its first lookup sets and that lives
+    ``window`` requests, default the whole trace (the client's lives ``window_s`` seconds: the replay counts
+    requests, so that traces without timestamps work too); a miss is admitted when the marker is alive.
+    ``frequency`` keeps the same count-min sketch with the same hashes, saturating 4-bit counters and aging
+    (at the first miss that sees ``sample`` lookups counted) as the Redis sketch. Stored keys stay cached
+    forever when ``capacity`` is None (the client's live keys are bounded by their TTL, not by a capacity),
+    else in an LRU of ``capacity`` keys.
+    """
+    codes, index = pd.factorize(np.asarray(keys))
+    slots = len(index) if capacity is None else capacity
+    admit = _admission_model(admission, window, max(1, len(codes)))(pd.Index(index))
+    outcomes: list[str] = []
+    _admitted_lru_day_hits([codes.astype(np.int64)], slots, admit, outcomes=outcomes)
+    return outcomes
 
 
 def s3fifo_hits(day_keys: Sequence[np.ndarray], capacity: int, *, warmup_days: int = 1) -> int:
@@ -434,6 +477,113 @@ def _lru_day_hits(
                 cache[key] = None
                 if len(cache) > size:
                     cache.popitem(last=False)
+        per_day.append(day_hits)
+    return per_day
+
+
+def _admission_model(
+    admission: str | AdmissionPolicy, window: int | None, capacity: int
+) -> Callable[[pd.Index], Callable[[int, int, bool], bool]]:
+    """A factory of fresh admission states for a trace's keys: ``admit(code, position, hit)`` is called at
+    every live-tier lookup (hits too: the client's policy sees them in the same round trip) and tells
+    whether a miss would be stored. Arguments are checked here, before any replay runs."""
+    policy = admission_policy(admission)
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int | np.integer) or window < 1):
+        raise ValueError(f"admission_window must be a whole number of requests >= 1, got {window!r}")
+    if isinstance(policy, SecondMiss):
+        span = int(window or capacity)
+
+        def second_miss(keys: pd.Index) -> Callable[[int, int, bool], bool]:
+            alive_until: dict[int, int] = {}  # the marker's expiry position (exclusive), like its PX TTL
+
+            def admit(code: int, position: int, hit: bool) -> bool:
+                until = alive_until.get(code)
+                if until is not None and position < until:
+                    return True
+                alive_until[code] = position + span  # SET NX: a new marker only when there is none
+                return False
+
+            return admit
+
+        return second_miss
+    if isinstance(policy, FrequencySketch):
+        return lambda keys: _sketch_admission(policy, keys)
+    return lambda keys: lambda code, position, hit: True
+
+
+def _sketch_admission(policy: FrequencySketch, keys: pd.Index) -> Callable[[int, int, bool], bool]:
+    """The Redis count-min sketch of ``serving.admission`` as a bytearray of counters, one per byte."""
+    table = bytearray(policy.depth * policy.width)
+    view = np.frombuffer(table, dtype=np.uint8)  # aging halves every counter in place
+    positions: dict[int, list[int]] = {}
+    threshold, sample, count_max, seen_max = policy.threshold, policy.sample, COUNTER_MAX, (1 << 32) - 1
+    seen = 0
+
+    def admit(code: int, position: int, hit: bool) -> bool:
+        nonlocal seen
+        counters = positions.get(code)
+        if counters is None:
+            counters = positions[code] = policy.counters(str(keys[code]))
+        estimate = count_max
+        for at in counters:  # BITFIELD OVERFLOW SAT INCRBY u4 ... 1: the new value of each counter
+            value = table[at]
+            if value < count_max:
+                value += 1
+                table[at] = value
+            if value < estimate:
+                estimate = value
+        seen = min(seen + 1, seen_max)  # INCRBY u32 0 1, saturating too
+        if hit:
+            return True
+        admitted = estimate >= threshold
+        if seen >= sample:  # the client ages on the miss that finds the sample full, after deciding
+            np.right_shift(view, 1, out=view)
+            seen = 0
+        return admitted
+
+    return admit
+
+
+def _admitted_lru_day_hits(
+    days: list[np.ndarray],
+    slots: int | Sequence[int],
+    admit: Callable[[int, int, bool], bool],
+    *,
+    precomputed: list[set] | None = None,
+    outcomes: list[str] | None = None,
+) -> list[int]:
+    """Hits per day of ``_lru_day_hits``'s LRU where a missed key enters only if ``admit`` says so.
+
+    Positions count every request of the trace, precomputed ones included. ``outcomes``, when given,
+    receives ``"hit"``, ``"admitted"`` or ``"rejected"`` per request."""
+    cache: OrderedDict[int, None] = OrderedDict()
+    per_day: list[int] = []
+    position = 0
+    for d, day in enumerate(days):
+        size = slots[d] if isinstance(slots, Sequence) else slots
+        while len(cache) > size:
+            cache.popitem(last=False)
+        chosen = precomputed[d] if precomputed is not None else set()
+        day_hits = 0
+        for key in day.tolist():
+            if key in chosen:
+                day_hits += 1
+                outcome = "hit"
+            elif key in cache:
+                admit(key, position, True)
+                cache.move_to_end(key)
+                day_hits += 1
+                outcome = "hit"
+            elif admit(key, position, False) and size > 0:
+                cache[key] = None
+                if len(cache) > size:
+                    cache.popitem(last=False)
+                outcome = "admitted"
+            else:
+                outcome = "rejected"
+            if outcomes is not None:
+                outcomes.append(outcome)
+            position += 1
         per_day.append(day_hits)
     return per_day
 

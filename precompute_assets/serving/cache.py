@@ -9,6 +9,7 @@ from typing import Any
 
 import redis
 
+from .admission import AdmissionPolicy, Decision, admission_policy
 from .connection import REDIS_ERRORS, connect
 from .keys import EMBEDDING_KIND, KeySchema, Pointer, bucket_of, codec_for
 from .querylog import QueryLogger
@@ -20,7 +21,8 @@ class PredictionCache:
     A lookup reads the bucket of the currently published version (the pointer is re-read at most every
     ``pointer_ttl_s``; a batch always reads one version), then the live read-through key. A Redis error
     makes lookups misses for ``backoff_s`` instead of making every caller wait for a timeout.
-    ``hits``, ``misses`` and ``errors`` count what this client saw.
+    ``hits``, ``misses`` and ``errors`` count what this client saw; ``rejected`` the misses of
+    ``get_or_compute`` whose value the ``admission`` policy did not store (see ``serving.admission``).
     """
 
     def __init__(
@@ -32,8 +34,10 @@ class PredictionCache:
         live_ttl_s: int = 3600,
         pointer_ttl_s: float = 1.0,
         backoff_s: float = 1.0,
+        admission: AdmissionPolicy | str = "always",
     ) -> None:
         self.client = client
+        self.admission = admission_policy(admission)
         self.schema = schema or KeySchema()
         self.logger = logger
         self.live_ttl_s = live_ttl_s
@@ -42,6 +46,7 @@ class PredictionCache:
         self.errors = 0
         self.hits = 0
         self.misses = 0
+        self.rejected = 0
         self._pointers: dict[str, tuple[Pointer | None, float]] = {}
         self._retry_at = 0.0
 
@@ -94,19 +99,28 @@ class PredictionCache:
         *,
         user: str | None = None,
         tenant: str | None = None,
+        admission: AdmissionPolicy | str | None = None,
     ) -> Any:
-        """The cached value, or ``compute(key)`` stored with the live TTL. Redis trouble never raises here."""
+        """The cached value, or ``compute(key)``, stored with the live TTL if the admission policy (this
+        call's ``admission``, else the cache's) admits it. Redis trouble never raises here."""
+        policy = self.admission if admission is None else admission_policy(admission)
         start = time.perf_counter_ns()
-        cached = self._decode(kind, self._lookup(kind, key))
+        raw, decision = self._lookup_admitting(kind, key, policy)
+        cached = self._decode(kind, raw)
         self._log(kind, key, cached is not None, start, user, tenant)
         if cached is not None:
             return cached
         value = compute(key)
-        if self._available():
-            try:
+        if decision is None or not self._available():
+            return value  # Redis failed during the lookup: nothing is stored
+        if not decision.admit:
+            self.rejected += 1
+        try:
+            if decision.admit:
                 self.client.set(self.schema.live(kind, key), codec_for(kind).encode(value), ex=self.live_ttl_s)
-            except REDIS_ERRORS:  # OOM, READONLY, a dead server: the caller still gets its value
-                self._trip()
+            policy.after_miss(self.client, self.schema, kind, decision)
+        except REDIS_ERRORS:  # OOM, READONLY, a dead server: the caller still gets its value
+            self._trip()
         return value
 
     def get_embedding(self, doc_id: str, *, user: str | None = None, tenant: str | None = None):
@@ -170,6 +184,27 @@ class PredictionCache:
         except REDIS_ERRORS:
             self._trip()
             return None
+
+    def _lookup_admitting(self, kind: str, key: str, policy: AdmissionPolicy) -> tuple[bytes | None, Decision | None]:
+        """``_lookup`` whose live ``GET`` carries the policy's commands in the same round trip; the decision is
+        None when Redis failed (or the client is backing off)."""
+        if not self._available():
+            return None, None
+        try:
+            pointer = self._pointer(kind)
+            if pointer is not None:
+                raw = self.client.hget(self.schema.bucket_for_key(kind, pointer, key), key)
+                if raw is not None:
+                    return raw, Decision(True)  # published: the policy never sees it
+            pipe = self.client.pipeline(transaction=False)
+            pipe.get(self.schema.live(kind, key))
+            if not policy.observe(pipe, self.schema, kind, key):
+                return self.client.get(self.schema.live(kind, key)), Decision(True)  # "always": a plain GET
+            raw, *replies = pipe.execute()
+            return raw, policy.decide(replies)
+        except REDIS_ERRORS:
+            self._trip()
+            return None, None
 
     def _lookup_many(self, kind: str, keys: Sequence[str]) -> list[bytes | None]:
         if not keys or not self._available():

@@ -14,6 +14,10 @@ key                                    type      content
 ``pc:1:qlog``                          stream    one entry per prediction query (see ``querylog``).
 ``pc:1:qlog:trimmed_before``           string    ms: entries older than this were trimmed by the cleanup.
 ``pc:1:stats:{kind}``                  hash      ``hit`` / ``miss`` counters.
+``pc:1:{kind}:seen:{key}``             string    ``1``: admission ``second_miss`` saw a live-tier lookup of the
+                                                 key; TTL = the window.
+``pc:1:{kind}:sketch``                 string    admission ``frequency``: a u32 request count, then a count-min
+                                                 sketch of 4-bit counters (``serving.admission``).
 =====================================  ========  ==========================================================
 
 Values are encoded per kind (``CODECS``): ``ctr`` and ``campaign`` are 4-byte little-endian float32;
@@ -158,6 +162,14 @@ class KeySchema:
 
     def stats(self, kind: str) -> str:
         return f"{self.prefix}:stats:{kind}"
+
+    def admission_seen(self, kind: str, key: str) -> str:
+        """Marker of a recent live-tier lookup of ``key`` (admission ``second_miss``), with the window as TTL."""
+        return f"{self.prefix}:{kind}:seen:{key}"
+
+    def admission_sketch(self, kind: str) -> str:
+        """The count-min sketch of live-tier lookups of ``kind`` (admission ``frequency``)."""
+        return f"{self.prefix}:{kind}:sketch"
 
 
 def check_kind(kind: str) -> str:

@@ -1,9 +1,11 @@
 """The campaign registry in PostgreSQL: campaigns, their ads with features, and which tenant owns each ad.
 
 Services register a campaign before it launches (``register_campaign_launch``); a sensor reads what changed
-since its cursor (``changed_since``) and what must be warmed (``due``), and a warming run records the revision
-it warmed (``mark_warm``). A registration is validated whole before anything is written, and written in one
-transaction: a refused campaign (or batch) leaves nothing behind.
+since its cursor (``changed_since``) and what must be warmed (``due``: cold campaigns, and warm ones whose
+values expire before they end), and a warming run records the revision it warmed and until when its values
+live (``mark_warm``). A registration is validated whole before anything is written, and written in one
+transaction: a refused campaign (or batch) leaves nothing behind. The feature set defaults to the deployment's
+(``PRECOMPUTE_AD_*``, see ``spec_from_env``), and every field of an ad is stored, not only the feature columns.
 
 ``change_seq`` comes from one sequence, and every writer takes one advisory lock before drawing from it, so
 sequence numbers become visible in the order they were drawn: a reader that has seen ``change_seq`` n has
@@ -22,14 +24,14 @@ import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import pandas as pd
 import psycopg2
 from psycopg2.extras import execute_values
 
-from ..ml.features import ID_COLUMN, AdFeatureSpec, feature_problems
+from ..ml.features import ID_COLUMN, AdFeatureSpec, feature_problems, spec_from_env
 from .postgres import transaction
 
 CAMPAIGN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # fit for a Dagster partition key: no commas
@@ -50,17 +52,23 @@ CREATE TABLE IF NOT EXISTS campaigns (
     status TEXT NOT NULL CHECK (status IN ('active', 'cancelled')),
     revision INTEGER NOT NULL CHECK (revision >= 1),
     warm_revision INTEGER,
+    warm_until TIMESTAMPTZ,  -- when the warmed values expire (NULL: at the campaign's end)
     change_seq BIGINT NOT NULL,
     updated_at TIMESTAMPTZ NOT NULL DEFAULT now(),
     n_ads INTEGER NOT NULL,
     ads_digest TEXT NOT NULL,  -- sha256 of the normalised ads: an identical re-registration is a no-op
     CHECK (end_at IS NULL OR end_at > launch_at)
 );
+ALTER TABLE campaigns ADD COLUMN IF NOT EXISTS warm_until TIMESTAMPTZ;  -- registries created before it
 CREATE UNIQUE INDEX IF NOT EXISTS campaigns_change_seq ON campaigns (change_seq);
 CREATE INDEX IF NOT EXISTS campaigns_status_launch_at ON campaigns (status, launch_at);
--- exactly the predicate of due(): a sensor tick reads only the cold active campaigns, whatever the table size
+-- exactly the predicate of due()'s first arm: a sensor tick reads only the cold active campaigns, whatever
+-- the table size
 CREATE INDEX IF NOT EXISTS campaigns_cold_launch_at ON campaigns (launch_at)
     WHERE status = 'active' AND warm_revision IS DISTINCT FROM revision;
+-- the other arm of due(): warm campaigns by when their values expire (an open-ended one is warmed again)
+CREATE INDEX IF NOT EXISTS campaigns_warm_until ON campaigns (warm_until)
+    WHERE status = 'active' AND warm_revision = revision;
 CREATE INDEX IF NOT EXISTS campaigns_tenant ON campaigns (tenant_id);
 CREATE TABLE IF NOT EXISTS campaign_ads (
     campaign_id TEXT COLLATE "C" NOT NULL REFERENCES campaigns ON DELETE CASCADE,
@@ -75,9 +83,22 @@ CREATE TABLE IF NOT EXISTS ad_tenants (
     tenant_id TEXT NOT NULL
 );
 """
-_OBJECTS = ("campaign_change_seq", "campaigns", "campaign_ads", "ad_tenants", "campaigns_cold_launch_at")
+_OBJECTS = (
+    "campaign_change_seq", "campaigns", "campaign_ads", "ad_tenants", "campaigns_cold_launch_at",
+    "campaigns_warm_until",
+)  # fmt: skip
 _COLUMNS = (
-    "campaign_id, tenant_id, launch_at, end_at, budget, status, revision, warm_revision, change_seq, updated_at, n_ads"
+    "campaign_id, tenant_id, launch_at, end_at, budget, status, revision, warm_revision, change_seq, updated_at, n_ads,"
+    " warm_until"
+)
+DEFAULT_REFRESH_MARGIN = timedelta(days=1)  # warm values again this long before they expire
+_LIVE = "launch_at <= %(until)s AND (end_at IS NULL OR end_at > %(now)s)"
+# due(): each arm has its partial index (the cold campaigns; the warm ones by when their values expire)
+_DUE = (
+    f"SELECT {_COLUMNS} FROM campaigns WHERE status = 'active' AND warm_revision IS DISTINCT FROM revision AND {_LIVE}"
+    f" UNION ALL SELECT {_COLUMNS} FROM campaigns WHERE status = 'active' AND warm_revision = revision AND {_LIVE}"
+    " AND warm_until < %(refresh)s AND (end_at IS NULL OR warm_until < end_at)"
+    " ORDER BY launch_at, campaign_id"
 )
 
 
@@ -105,10 +126,14 @@ class Campaign:
     change_seq: int  # position in the registry's change log (a sensor's cursor)
     updated_at: datetime
     n_ads: int
+    warm_until: datetime | None = None  # when the warmed values expire (None: at the campaign's end)
 
     @property
     def is_warm(self) -> bool:
-        return self.warm_revision == self.revision
+        """The current revision was warmed and its values have not expired."""
+        if self.warm_revision != self.revision:
+            return False
+        return self.warm_until is None or self.warm_until > datetime.now(UTC)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (ISO 8601 times in UTC), ``is_warm`` included."""
@@ -122,6 +147,7 @@ class Campaign:
             "revision": self.revision,
             "warm_revision": self.warm_revision,
             "is_warm": self.is_warm,
+            "warm_until": self.warm_until.astimezone(UTC).isoformat() if self.warm_until else None,
             "change_seq": self.change_seq,
             "updated_at": self.updated_at.astimezone(UTC).isoformat(),
             "n_ads": self.n_ads,
@@ -173,6 +199,28 @@ def _category_label(value: Any) -> str:
     if isinstance(value, (int, float)) and not isinstance(value, bool) and float(value).is_integer():
         return str(int(value))
     return str(value).strip()
+
+
+def _json_value(value: Any) -> tuple[str, str | None]:
+    """A field of an ad outside the feature set as JSON text, and why it cannot be stored (or None): missing
+    values become null, numpy scalars plain numbers, times ISO 8601 text; lists and objects stay as they are."""
+    if getattr(value, "shape", None) == () and hasattr(value, "item"):
+        value = value.item()  # a numpy scalar
+    if _is_missing(value):
+        return "null", None
+    if isinstance(value, (datetime, date)):
+        value = value.isoformat()
+    if isinstance(value, str):
+        return json.dumps(value), _unstorable(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return "null", "is not a finite number"
+    if isinstance(value, (bool, int, float, list, tuple, dict)):
+        try:
+            text = json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError):
+            return "null", "is not a JSON value (a number, text, true/false, a list or an object)"
+        return text, _unstorable(json.dumps(value, ensure_ascii=False))
+    return "null", f"is a {type(value).__name__}, not a JSON value (a number, text, true/false, a list or an object)"
 
 
 def _timestamp(value: Any, name: str, problems: list[str]) -> datetime | None:
@@ -250,28 +298,51 @@ def _check_ad_owners(checked: list[_Checked], problems: list[tuple[str, str]]) -
 class CampaignRegistry:
     """The campaign registry in the application database behind ``url``.
 
-    ``spec`` names the feature columns every ad must carry (the CTR model's); ``warming_horizon`` is how far
-    ahead ``due`` looks by default, and how far in the past a new launch time may lie.
+    ``spec`` names the feature columns every ad must carry (the CTR model's; default: the deployment's, from
+    ``PRECOMPUTE_AD_*``, see ``spec_from_env``); ``warming_horizon`` is how far ahead ``due`` looks by default,
+    and how far in the past a new launch time may lie; ``refresh_margin`` is how long before warmed values
+    expire ``due`` lists their campaign again (if it runs past them).
     """
 
     def __init__(
-        self, url: str, *, spec: AdFeatureSpec | None = None, warming_horizon: timedelta = timedelta(hours=24)
+        self,
+        url: str,
+        *,
+        spec: AdFeatureSpec | None = None,
+        warming_horizon: timedelta = timedelta(hours=24),
+        refresh_margin: timedelta = DEFAULT_REFRESH_MARGIN,
     ) -> None:
         if warming_horizon <= timedelta(0):
             raise ValueError(f"warming_horizon must be positive, got {warming_horizon}")
+        if refresh_margin < timedelta(0):
+            raise ValueError(f"refresh_margin must not be negative, got {refresh_margin}")
         self.url = url
-        self.spec = spec or AdFeatureSpec()
+        self.spec = spec or spec_from_env()
         self.warming_horizon = warming_horizon
+        self.refresh_margin = refresh_margin
 
     def ensure_schema(self) -> None:
-        """Create the sequence, tables and indexes if missing (safe to call from many services at once)."""
+        """Create the sequence, tables and indexes if missing, and upgrade a registry created before
+        ``warm_until`` (safe to call from many services at once)."""
         with transaction(self.url) as conn, conn.cursor() as cur:
             cur.execute("SELECT " + ", ".join(f"to_regclass('{name}')" for name in _OBJECTS))
             if all(cur.fetchone()):
                 return
             # concurrent CREATE ... IF NOT EXISTS can still collide in the catalog: one creator at a time
             cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (_WRITE_LOCK,))
+            cur.execute(
+                "SELECT to_regclass('campaigns') IS NOT NULL AND NOT EXISTS (SELECT FROM pg_attribute"
+                " WHERE attrelid = to_regclass('campaigns') AND attname = 'warm_until' AND NOT attisdropped)"
+            )
+            upgrading = cur.fetchone()[0]
             cur.execute(SCHEMA)
+            if upgrading:
+                # when the values of warm open-ended campaigns expire was not recorded: no earlier than their
+                # registration (warmed after it), so that lower bound has them warmed again, once
+                cur.execute(
+                    "UPDATE campaigns SET warm_until = updated_at"
+                    " WHERE warm_revision = revision AND end_at IS NULL AND warm_until IS NULL"
+                )
 
     # -- registration --------------------------------------------------------------------------------
 
@@ -436,7 +507,8 @@ class CampaignRegistry:
     def _check_ads(self, parts: list[dict[str, Any]]) -> dict[int, list[tuple[str, str]]]:
         """Validate every ad of the batch in one vectorised pass; bad ads become reasons of their campaign.
 
-        Returns each campaign's ads as (ad_id, features as a JSON object: numbers as floats, categories as text).
+        Returns each campaign's ads as (ad_id, features as a JSON object: numbers as floats, categories as text,
+        then the ad's other fields by name, as given), so a later feature set finds them.
         """
         spec = self.spec
         rows: dict[int, list[tuple[str, str]]] = {}
@@ -461,7 +533,25 @@ class CampaignRegistry:
         quoted = functools.lru_cache(maxsize=4096)(json.dumps)
         columns = [[f'"{c}": {v!r}' for v in numeric[c]] for c in spec.numeric]
         columns += [[f'"{c}": {quoted(v)}' for v in categorical[c]] for c in spec.categorical]
-        features = ["{" + ", ".join(values) + "}" for values in zip(*columns, strict=True)]
+        # fields outside the feature set, stored too (a batch of feature columns only skips this)
+        extra = sorted((set().union(*(ad.keys() for ad in every_ad)) - set(spec.columns)), key=str)
+        if extra:
+            names = {field: json.dumps(str(field)) for field in extra}
+            other: list[list[str]] = []
+            for i, ad in enumerate(every_ad):
+                parts_of_ad = []
+                for field in extra:
+                    if field not in ad:
+                        continue
+                    text, problem = _json_value(ad[field])
+                    problem = problem and f"field {str(field)!r} {problem}"
+                    if name_problem := _unstorable(str(field)):
+                        problem = f"a field name {name_problem}"
+                    problems[i] = problems[i] or problem
+                    parts_of_ad.append(f"{names[field]}: {text}")
+                other.append(parts_of_ad)
+            columns.append([", ".join(parts_of_ad) for parts_of_ad in other])
+        features = ["{" + ", ".join(v for v in values if v) + "}" for values in zip(*columns, strict=True)]
         start = 0
         for index, part in enumerate(parts):
             n = len(part["ads"])
@@ -537,8 +627,8 @@ class CampaignRegistry:
                ON CONFLICT (campaign_id) DO UPDATE
                SET launch_at = EXCLUDED.launch_at, end_at = EXCLUDED.end_at, budget = EXCLUDED.budget,
                    n_ads = EXCLUDED.n_ads, ads_digest = EXCLUDED.ads_digest, status = 'active',
-                   revision = c.revision + 1, warm_revision = NULL, change_seq = EXCLUDED.change_seq,
-                   updated_at = now()""",
+                   revision = c.revision + 1, warm_revision = NULL, warm_until = NULL,
+                   change_seq = EXCLUDED.change_seq, updated_at = now()""",
             [(c.campaign_id, c.tenant_id, c.launch_at, c.end_at, c.budget, len(c.ads), c.digest) for c in changed],
             template="(%s, %s, %s, %s, %s, %s, %s, 'active', 1, NULL, nextval('campaign_change_seq'), now())",
             page_size=1000,
@@ -562,7 +652,7 @@ class CampaignRegistry:
             cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (_WRITE_LOCK,))
             cur.execute(
                 f"UPDATE campaigns SET status = 'cancelled', revision = revision + 1, warm_revision = NULL,"
-                f" change_seq = nextval('campaign_change_seq'), updated_at = now()"
+                f" warm_until = NULL, change_seq = nextval('campaign_change_seq'), updated_at = now()"
                 f" WHERE campaign_id = %s AND status <> 'cancelled' RETURNING {_COLUMNS}",
                 (campaign_id,),
             )
@@ -574,15 +664,20 @@ class CampaignRegistry:
                 raise CampaignError(f"campaign {campaign_id!r} is not registered", [(campaign_id, "not registered")])
             return Campaign(*row)
 
-    def mark_warm(self, campaign_id: str, revision: int) -> bool:
-        """Record that ``revision`` of the campaign is warm, only if it is still the current revision.
+    def mark_warm(self, campaign_id: str, revision: int, warm_until: datetime | None = None) -> bool:
+        """Record that ``revision`` of the campaign is warm, only if it is still the current revision, with its
+        values expiring at ``warm_until`` (timezone-aware; None: at the campaign's end). ``due`` lists the
+        campaign again ``refresh_margin`` before they expire, unless it ends first.
 
         Not a change for ``changed_since`` (change_seq stays): a sensor does not re-read what it warmed.
         """
+        if warm_until is not None and (warm_until.tzinfo is None or warm_until.utcoffset() is None):
+            raise ValueError(f"warm_until must be timezone-aware, got {warm_until.isoformat()}")
         with transaction(self.url) as conn, conn.cursor() as cur:
             cur.execute(
-                "UPDATE campaigns SET warm_revision = revision WHERE campaign_id = %s AND revision = %s",
-                (campaign_id, revision),
+                "UPDATE campaigns SET warm_revision = revision, warm_until = %s WHERE campaign_id = %s"
+                " AND revision = %s",
+                (warm_until, campaign_id, revision),
             )
             return cur.rowcount == 1
 
@@ -636,19 +731,18 @@ class CampaignRegistry:
             )
             return [Campaign(*row) for row in cur.fetchall()]
 
-    def due(self, now: datetime, horizon: timedelta | None = None) -> list[Campaign]:
-        """Active campaigns launching by ``now + horizon`` (default the warming horizon), not ended, not warm;
-        by launch time. Campaigns that launched already but have not ended are due too."""
+    def due(
+        self, now: datetime, horizon: timedelta | None = None, *, refresh_margin: timedelta | None = None
+    ) -> list[Campaign]:
+        """Active campaigns launching by ``now + horizon`` (default the warming horizon), not ended, and either
+        not warm or warm with values that expire before ``now + refresh_margin`` (default the registry's, 1 day)
+        and before the campaign ends (an open-ended campaign outlives its values: it is warmed again); by launch
+        time. Campaigns that launched already but have not ended are due too. Two indexed reads, one per case."""
         now = _aware_now(now)
         until = now + (self.warming_horizon if horizon is None else horizon)
+        refresh = now + (self.refresh_margin if refresh_margin is None else refresh_margin)
         with transaction(self.url) as conn, conn.cursor() as cur:
-            cur.execute(
-                f"SELECT {_COLUMNS} FROM campaigns"
-                " WHERE status = 'active' AND warm_revision IS DISTINCT FROM revision"  # the partial index
-                " AND launch_at <= %s AND (end_at IS NULL OR end_at > %s)"
-                " ORDER BY launch_at, campaign_id",
-                (until, now),
-            )
+            cur.execute(_DUE, {"until": until, "now": now, "refresh": refresh})
             return [Campaign(*row) for row in cur.fetchall()]
 
     def max_change_seq(self) -> int:
@@ -669,7 +763,8 @@ def register_campaign_launch(
     budget: float = DEFAULT_BUDGET,
 ) -> Campaign:
     """Register a campaign before its launch (creating the registry's tables if needed); the entry point for
-    services. Raises ``CampaignError`` naming every problem; nothing is written then."""
+    services. The ads must carry the deployment's feature columns (``PRECOMPUTE_AD_*``, see ``spec_from_env``);
+    their other fields are stored too. Raises ``CampaignError`` naming every problem; nothing is written then."""
     registry = CampaignRegistry(url)
     registry.ensure_schema()
     return registry.register(campaign_id, tenant_id, launch_at, ads, end_at=end_at, budget=budget)

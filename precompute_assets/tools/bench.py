@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import time
 import uuid
@@ -635,3 +636,124 @@ def bench_campaign(
             "values_agree": bool(np.allclose(ours, naive, rtol=0, atol=1e-7)),
             "setup_seconds": round(setup_s, 1),
         }
+
+
+def synthetic_hourly_counts(keys: int, days: int, *, seed: int = 0):
+    """Hourly requests of ``keys`` keys over ``days`` days starting on a Monday, generated in memory and
+    deterministic under ``seed``: Zipf(0.9) popularity (about 20 requests per key and day on average), a
+    diurnal cycle, quieter weekends, and a weekly structure that a recency-weighted frequency sees a week late:
+    a random 30 % of the keys are asked for on one weekday only (at 7× their daily rate)."""
+    from ..ml.demand import HOURS_PER_DAY, HourlyCounts
+
+    rng = np.random.default_rng(seed)
+    zipf = 1.0 / np.arange(1, keys + 1) ** 0.9
+    daily_rate = rng.permutation(20.0 * keys * zipf / zipf.sum())
+    weekly = rng.random(keys) < 0.3
+    weekday_of = rng.integers(0, 7, keys)
+    diurnal = 1 + 0.6 * np.sin(2 * np.pi * (np.arange(HOURS_PER_DAY) - 9) / HOURS_PER_DAY)
+    diurnal = diurnal / diurnal.sum()
+    weekend = np.array([1.0, 1.0, 1.0, 1.0, 1.0, 0.7, 0.7])
+    counts = np.zeros((keys, days * HOURS_PER_DAY), dtype=np.float32)
+    for d in range(days):
+        weekday = d % 7
+        rate = daily_rate * weekend[weekday] * np.where(weekly, np.where(weekday_of == weekday, 7.0, 0.0), 1.0)
+        hours = slice(d * HOURS_PER_DAY, (d + 1) * HOURS_PER_DAY)
+        counts[:, hours] = rng.poisson(rate[:, None] * diurnal[None, :])
+    return HourlyCounts(
+        keys=np.array([f"k{i:07d}" for i in range(keys)], dtype=object),
+        counts=counts,
+        hour_of_day=np.tile(np.arange(HOURS_PER_DAY), days),
+        weekday=np.repeat(np.arange(days) % 7, HOURS_PER_DAY),
+        day=np.repeat(np.arange(days), HOURS_PER_DAY),
+        missing=np.zeros(days * HOURS_PER_DAY, dtype=bool),
+    )
+
+
+def bench_demand(keys: int = 100_000, days: int = 14, seed: int = 0, *, hp=None) -> dict:
+    """The LSTM demand model on ``keys`` keys × ``days`` days of synthetic hourly counts
+    (``synthetic_hourly_counts``), the last day held back, next to the frequency baseline in the same run.
+
+    - ``lstm_train_s``: wall seconds of ``train_lstm`` (features of the sampled training keys, then the epochs,
+      bounded by ``max_epochs`` and ``max_seconds`` of ``hp``; default: ``DemandHyperParams()``, torch threads
+      as ``hp.threads``) on the days before the held-back day.
+    - ``lstm_forecast_s``: ``forecast_next_day`` of every key for the held-back day from the days before it.
+    - ``frequency_s``: the frequency baseline on the same data (daily totals, then ``frequency_forecast``).
+    - ``heldout_hit_rate``: for lstm, frequency, seasonal and ewma, the share of the held-back day's requests
+      whose key is in the method's top ``hp.top_n`` (keys requested before that day), as ``evaluate_demand``.
+    - ``lstm_forecast_vs_frequency`` = ``lstm_forecast_s / frequency_s`` (above 1: the LSTM is slower).
+    """
+    import pandas as pd
+    import torch
+
+    from ..ml.demand import (
+        DemandHyperParams,
+        ewma_forecast,
+        forecast_next_day,
+        frequency_forecast,
+        seasonal_forecast,
+        train_lstm,
+    )
+    from ..ml.selection import coverage, select_top
+
+    if days < 3:
+        raise ValueError(f"need at least 3 days (train, hold back a day), got {days}")
+    hp = hp or DemandHyperParams()
+    started = time.perf_counter()
+    data = synthetic_hourly_counts(keys, days, seed=seed)
+    generate_s = time.perf_counter() - started
+    held = days - 1
+    end = data.day_start(held)
+    before = type(data)(data.keys, data.counts[:, :end], data.hour_of_day[:end], data.weekday[:end],
+                        data.day[:end], data.missing[:end])  # fmt: skip
+    previous_threads = torch.get_num_threads()
+    if hp.threads:
+        torch.set_num_threads(hp.threads)
+    try:
+        started = time.perf_counter()
+        model, info = train_lstm(before, hp, held)
+        train_s = time.perf_counter() - started
+        started = time.perf_counter()
+        lstm = forecast_next_day(model, before, hp).to_numpy()
+        forecast_s = time.perf_counter() - started
+    finally:
+        torch.set_num_threads(previous_threads)
+    started = time.perf_counter()
+    daily_before = before.daily()
+    frequency = frequency_forecast(daily_before, before.keys, held, hp)
+    frequency_s = time.perf_counter() - started
+    forecasts = {
+        "lstm": lstm,
+        "frequency": frequency,
+        "seasonal": seasonal_forecast(daily_before, held),
+        "ewma": ewma_forecast(before, held, hp),
+    }
+    actual = pd.Series(data.daily()[:, held], index=pd.Index(data.keys))
+    known = daily_before.sum(axis=1) > 0
+    hit_rate = {
+        name: round(coverage(select_top(pd.Series(values, index=pd.Index(data.keys))[known], hp.top_n), actual), 4)
+        for name, values in forecasts.items()
+    }
+    return {
+        "bench": "demand",
+        "keys": keys,
+        "days": days,
+        "top_n": hp.top_n,
+        "requests_held_back_day": int(actual.sum()),
+        "lstm_train_s": round(train_s, 3),
+        "lstm_epochs": info["epochs"],
+        "lstm_train_samples": info["samples"],
+        "lstm_budget": {
+            "max_epochs": hp.max_epochs,
+            "max_seconds": hp.max_seconds,
+            "max_train_keys": hp.max_train_keys,
+        },
+        "torch_threads": hp.threads or torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "lstm_forecast_s": round(forecast_s, 3),
+        "frequency_s": round(frequency_s, 3),
+        "lstm_forecast_vs_frequency": round(forecast_s / frequency_s, 2) if frequency_s > 0 else None,
+        "heldout_hit_rate": hit_rate,
+        "train_goal_s": 60,
+        "forecast_goal_s": 5,
+        "generate_s": round(generate_s, 1),
+    }

@@ -119,18 +119,17 @@ def _read_csv(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
 
 def cmd_campaign(args: argparse.Namespace) -> int:
     """Run ``precompute campaign ...`` and print its JSON; registry refusals are CliErrors (one line, exit 2)."""
+    from ..ml.features import AdFeatureSpec, spec_from_env
     from ..stack import ENV_APP_DB, Stack
     from ..storage.campaigns import CampaignError, CampaignRegistry
     from .cli import _up
 
     command = args.campaign_command
     records, labels = read_campaign_file(args.file) if command == "register" else ([], [])  # before any server
-    spec = None
-    if command in ("register", "show"):
-        from ..defs.resources import ad_feature_spec_from_env  # the feature set the Definitions train on
-
+    spec = AdFeatureSpec()  # list and cancel read no ads: a malformed feature set does not stop them
+    if command in ("register", "show"):  # the feature set the Definitions train on (PRECOMPUTE_AD_*)
         try:
-            spec = ad_feature_spec_from_env()
+            spec = spec_from_env()
         except ValueError as error:
             raise _error(f"the ad feature set: {error}") from None
     env = _up(Stack())

@@ -130,9 +130,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from . import bench
 
+    if args.what == "demand":  # in memory: no services needed
+        keys = 100_000 if args.keys is None else args.keys
+        try:
+            result = bench.bench_demand(keys=keys, days=args.days, seed=args.seed)
+        except ValueError as error:
+            raise CliError(str(error)) from None
+        print(json.dumps(result))
+        return 0
     env = _up(Stack())
+    keys = 10_000 if args.keys is None else args.keys
     if args.what == "serve":
-        result = bench.bench_serve(env[ENV_REDIS], n_keys=args.keys, lookups=args.lookups)
+        result = bench.bench_serve(env[ENV_REDIS], n_keys=keys, lookups=args.lookups)
     elif args.what == "publish":
         result = bench.bench_publish(env[ENV_REDIS], n=args.n)
     elif args.what == "embed":
@@ -172,6 +181,15 @@ def cmd_replay(args: argparse.Namespace) -> int:
         raise CliError(f"--top-n must be at least 0, got {args.top_n}")
     if args.top_n != "auto" and args.capacity < args.top_n:
         raise CliError(f"--capacity {args.capacity} is smaller than --top-n {args.top_n}")
+    strategies: list[str] = []
+    if args.strategy is not None:
+        from ..ml.strategies import STRATEGIES
+
+        strategies = list(STRATEGIES) if args.strategy == "all" else [args.strategy]
+        if args.strategy != "all" and args.strategy not in STRATEGIES:
+            raise CliError(f"unknown --strategy {args.strategy!r}: use one of {', '.join(STRATEGIES)} or all")
+        if args.top_n == "auto":
+            raise CliError("--strategy needs a fixed --top-n: 'auto' is not supported with --strategy yet")
     try:
         trace = parse_trace(args.trace)
     except TraceError as error:
@@ -182,6 +200,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
         raise CliError(f"--days {args.days} is larger than the number of requests ({len(trace.keys)})")
     try:
         result = replay(split_days(trace, args.days), top_n=args.top_n, capacity=args.capacity)
+        if strategies:
+            from ..ml.strategies import compare_strategies
+
+            result.update(compare_strategies(trace, args.days, strategies, top_n=args.top_n, capacity=args.capacity))
     except ValueError as error:
         raise CliError(str(error)) from None
     print(json.dumps({"trace": str(args.trace), **result}))
@@ -325,12 +347,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(fn=cmd_demo)
     bench = sub.add_parser("bench", help="benchmarks: print one JSON object")
-    bench.add_argument("what", choices=["serve", "publish", "graph", "embed", "campaign"])
+    bench.add_argument("what", choices=["serve", "publish", "graph", "embed", "campaign", "demand"])
     bench.add_argument("--docs", type=positive_int, default=1_000_000, help="embed: documents")
     bench.add_argument("--queries", type=positive_int, default=10_000_000, help="graph: logged queries over 7 days")
     bench.add_argument("--ads", type=positive_int, default=100_000, help="graph: ads in the catalog")
     bench.add_argument("--n", type=positive_int, default=1_000_000, help="publish: keys to publish")
-    bench.add_argument("--keys", type=positive_int, default=10_000)
+    bench.add_argument("--keys", type=positive_int, help="serve: keys (default 10,000); demand: keys (100,000)")
+    bench.add_argument("--days", type=positive_int, default=14, help="demand: days of hourly counts (last held back)")
+    bench.add_argument("--seed", type=int, default=0, help="demand: synthetic counts")
     bench.add_argument("--lookups", type=positive_int, default=50_000)
     bench.set_defaults(fn=cmd_bench)
     docs = sub.add_parser("docs", help="the document store: load a file or generate synthetic documents")
@@ -383,6 +407,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="keys precomputed each day, or 'auto': chosen each day by replaying the previous days",
     )
     replay.add_argument("--capacity", type=int, required=True, help="cache capacity in keys (>= top-n)")
+    replay.add_argument(
+        "--strategy",
+        help="also replay top-N ranked by this demand strategy (frequency, ewma, seasonal, lstm) or 'all', "
+        "each plus an LRU of capacity - top-n keys (a fixed --top-n only)",
+    )
     replay.set_defaults(fn=cmd_replay)
     return parser
 

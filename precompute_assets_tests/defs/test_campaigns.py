@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import yaml
 from dagster._core.remote_origin import RegisteredCodeLocationOrigin, RemoteJobOrigin, RemoteRepositoryOrigin
+from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 from dagster._core.test_utils import MockedRunLauncher, create_run_for_test
 from dagster._core.workspace.context import WorkspaceProcessContext
 from dagster._core.workspace.load_target import EmptyWorkspaceTarget
@@ -31,14 +32,17 @@ from precompute_assets.defs.campaigns import (
 )
 from precompute_assets.defs.models import ctr_model
 from precompute_assets.defs.resources import (
+    AD_FEATURE_FIELDS,
     CampaignRegistryResource,
     LakeResource,
     ModelStoreResource,
     ParquetIOManager,
     RedisResource,
+    ad_feature_spec_from_env,
 )
 from precompute_assets.defs.settings import Settings
 from precompute_assets.defs.sources import ad_impressions, ads
+from precompute_assets.ml import features
 from precompute_assets.ml.budget import thompson_split
 from precompute_assets.serving import KeySchema, PredictionCache, connect, publish_version
 from precompute_assets.serving.publish import write_live_values
@@ -279,6 +283,15 @@ def test_register_tick_run_and_every_ad_is_readable_before_launch(
     assert after[0] == pytest.approx(0.5) and after[1:] == pytest.approx(values[1:], rel=1e-6)
 
 
+def test_the_docs_say_where_the_nightly_version_answers_for_a_campaigns_ads():
+    """What the test above shows: a campaign's own writes land all at once, but readers look in the published
+    nightly version first, so a get_many over a campaign's ads can mix nightly and live values."""
+    for text in (warming.__doc__, campaign_ctr.descriptions_by_key[campaign_ctr.key]):
+        flat = " ".join(text.split())
+        assert "all of a campaign or none" not in flat and "all of them or none" not in flat
+        assert "nightly version" in flat and "its value answers" in flat
+
+
 def test_a_cancelled_campaign_is_removed_but_ads_of_other_live_campaigns_stay(
     registry, resources, instance, cache, redis_client, schema
 ):
@@ -341,7 +354,7 @@ class FakeModelConfig(dg.Config):
 
 @dg.asset(
     name="ctr_model",
-    partitions_def=dg.DailyPartitionsDefinition(start_date="2026-11-01"),
+    partitions_def=dg.DailyPartitionsDefinition(start_date="2026-01-01"),
     check_specs=[dg.AssetCheckSpec("beats_baseline", asset="ctr_model", blocking=True)],
 )
 def fake_ctr_model(config: FakeModelConfig):
@@ -366,6 +379,28 @@ def test_the_approved_model_is_the_newest_day_whose_beats_baseline_passed():
         train(instance, "2026-11-18", "v18", True)
         assert approved_model_version(instance) == "v18"
         train(instance, "2026-11-16", "v16-backfill", True)  # materialized last, but of an older day
+        assert approved_model_version(instance) == "v18"
+
+
+def test_the_approved_model_is_found_behind_more_than_100_newer_materializations(monkeypatch):
+    def train(instance, version: str, passes: bool, day: str, last_day: str | None = None) -> None:
+        """One run of ``day``, or one run of the days ``day``..``last_day`` (a single-run backfill)."""
+        config = {"ops": {"ctr_model": {"config": {"version": version, "passes": passes}}}}
+        options = (
+            {"tags": {ASSET_PARTITION_RANGE_START_TAG: day, ASSET_PARTITION_RANGE_END_TAG: last_day}}
+            if last_day
+            else {"partition_key": day}
+        )
+        dg.materialize([fake_ctr_model], instance=instance, run_config=config, raise_on_error=False, **options)
+
+    with dg.instance_for_test() as instance:
+        train(instance, "v18", True, "2026-11-18")
+        train(instance, "backfill-bad", False, "2026-07-01", "2026-11-17")  # 140 older days, failing their gate
+        assert len(instance.fetch_materializations(dg.AssetKey("ctr_model"), limit=1000).records) == 141
+        assert approved_model_version(instance) == "v18"
+        train(instance, "backfill-good", True, "2026-07-01", "2026-11-17")  # and again, passing it
+        assert approved_model_version(instance) == "v18"  # not the newest backfilled day, 2026-11-17
+        monkeypatch.setattr(warming, "APPROVAL_PAGE", 7)  # many pages of both reads
         assert approved_model_version(instance) == "v18"
 
 
@@ -396,6 +431,58 @@ def test_the_backstop_requests_what_is_due_and_not_being_warmed(registry, app_db
         assert requests[0].tags["dagster/priority"] == "10"
         # the sensor never added the partition (it was off): the backstop did
         assert idle in instance.get_dynamic_partitions(CAMPAIGNS.name)
+
+
+def test_an_open_ended_campaign_is_warmed_again_before_its_values_expire(
+    registry, resources, instance, cache, redis_client, schema, monkeypatch
+):
+    now = datetime.now(UTC)
+    campaign_id = unique("evergreen")
+    ad_list = campaign_ads(campaign_id, 5)
+    ids = [ad["ad_id"] for ad in ad_list]
+    registry.register(campaign_id, "acme", now + HOUR, ad_list)  # no end: its values live 30 days
+    result = tick(instance, resources["campaign_registry"])
+    (request,) = result.run_requests
+    add_partitions(instance, result)
+    assert warm(instance, resources, campaign_id, tags=request.tags).success
+    warmed = registry.get(campaign_id)
+    assert warmed.is_warm and 29.9 < (warmed.warm_until - now) / timedelta(days=1) < 30.1
+    for kind, key in (("ctr", ids[0]), ("budget", campaign_id)):  # the registry knows when the values expire
+        assert abs(redis_client.expiretime(schema.live(kind, key)) - warmed.warm_until.timestamp()) <= 1
+    assert registry.due(now) == []
+
+    # day 29.5: within a day of the expiry, the backstop and the sensor request one more run, under a new key
+    day29 = now + timedelta(days=29, hours=12)
+    refresh_key = f"{campaign_id}-r1-until{warmed.warm_until:%Y%m%d}"
+    (backstop,) = build_campaign_schedules("UTC")
+    context = dg.build_schedule_context(
+        instance=instance, scheduled_execution_time=day29, repository_def=REPOSITORY,
+        resources={"campaign_registry": resources["campaign_registry"]},
+    )  # fmt: skip
+    (again,) = backstop.evaluate_tick(context).run_requests
+    assert (again.run_key, again.partition_key) == (refresh_key, campaign_id) and refresh_key != request.run_key
+
+    class Day29(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return day29
+
+    with monkeypatch.context() as frozen:
+        frozen.setattr(warming, "datetime", Day29)
+        later = tick(instance, resources["campaign_registry"], result.cursor)
+        assert [r.run_key for r in later.run_requests] == [refresh_key]
+        assert not tick(instance, resources["campaign_registry"], later.cursor).run_requests  # requested once
+
+    # day 31 without that run: the values are gone and the registry says so
+    for key in [schema.live("ctr", ad_id) for ad_id in ids] + [schema.live("budget", campaign_id)]:
+        redis_client.expireat(key, int(now.timestamp()) - 1)
+    assert cache.get_many("ctr", ids) == [None] * len(ids) and cache.get("budget", campaign_id) is None
+    registry.mark_warm(campaign_id, 1, warm_until=now - HOUR)
+    assert not registry.get(campaign_id).is_warm
+    # the run warms it again, for another 30 days
+    assert warm(instance, resources, campaign_id, tags=again.tags).success
+    assert registry.get(campaign_id).is_warm and registry.get(campaign_id).warm_until >= warmed.warm_until
+    assert None not in cache.get_many("ctr", ids) and cache.get("budget", campaign_id) is not None
 
 
 # --- faults ------------------------------------------------------------------------------------------------
@@ -461,6 +548,26 @@ def test_a_write_refused_half_way_leaves_nothing_visible(redis_server, schema):
         write_live_values(client, "ctr", items, expire_at=None, schema=schema)
     assert client.dbsize() == 0
     client.close()
+
+
+# --- the feature set ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {},
+        {"PRECOMPUTE_AD_NUMERIC": "price, stock", "PRECOMPUTE_AD_CATEGORICAL": "brand"},
+        {"PRECOMPUTE_AD_NUMERIC": "bid,quality", "PRECOMPUTE_AD_LOG_SCALED": ""},
+        {"PRECOMPUTE_AD_NUMERIC": "", "PRECOMPUTE_AD_CATEGORICAL": "brand,region", "PRECOMPUTE_AD_LOG_SCALED": " "},
+    ],
+)
+def test_services_and_the_definitions_read_one_feature_set_from_the_environment(env):
+    assert ad_feature_spec_from_env is features.spec_from_env  # the old name, for code that imports it
+    names = (features.ENV_AD_NUMERIC, features.ENV_AD_CATEGORICAL, features.ENV_AD_LOG_SCALED)
+    assert set(AD_FEATURE_FIELDS.values()) == set(names)
+    lake = LakeResource(**{field: env[variable] for field, variable in AD_FEATURE_FIELDS.items() if variable in env})
+    assert features.spec_from_env(env) == lake.ad_feature_spec()
 
 
 # --- priorities and concurrency (dagster.yaml) -------------------------------------------------------------

@@ -13,6 +13,7 @@ import pytest
 from precompute_assets.ml.replay import (
     Trace,
     TraceError,
+    admission_decisions,
     arc_hits,
     belady_hits,
     next_requests,
@@ -990,3 +991,87 @@ def test_cli_top_n_auto(tmp_path: Path, capsys: pytest.CaptureFixture):
         code, out, err = run_replay(capsys, "--trace", str(trace), "--days", "4", "--top-n", top_n, "--capacity", "9")
         assert code == 2 and out == "" and err.count("\n") == 1 and "--top-n" in err, (top_n, err)
         assert "expected a whole number or 'auto'" in err and err.startswith("precompute replay: "), err
+
+
+# --- admission of live values (the read-through half, as serving.admission decides it) ---------------------
+
+
+def one_hit_wonders_days(rng: np.random.Generator, days: int = 4, per_day: int = 5000, hot: int = 120) -> list:
+    """A hot working set slightly larger than the cache, interleaved with as many keys asked for only once."""
+    fresh = itertools.count(1_000_000)
+    return [
+        np.array([next(fresh) if i % 2 else int(rng.integers(hot)) for i in range(per_day)], dtype=np.int64)
+        for _ in range(days)
+    ]
+
+
+def test_second_miss_admission_beats_lru_on_one_hit_wonders():
+    days = one_hit_wonders_days(np.random.default_rng(50))
+    result = replay(days, top_n=0, capacity=100, admission="second_miss")
+    assert result["admission"] == "second_miss" and result["admission_window"] == 100
+    # Plain LRU keeps losing hot keys to keys never asked for again; admission keeps those out.
+    assert result["hit_rate_lru_admission"] > result["hit_rate_lru"] + 0.15
+    assert result["hit_rate_ours_admission"] == result["hit_rate_lru_admission"]  # top_n=0: ours is the LRU
+    assert result["hit_rate_lru_admission"] <= result["hit_rate_belady"]
+    with_top = replay(days, top_n=20, capacity=100, admission="second_miss", admission_window=400)
+    assert with_top["hit_rate_ours_admission"] > with_top["hit_rate_ours"] + 0.15
+    frequency = replay(days, top_n=0, capacity=100, admission="frequency")
+    assert frequency["hit_rate_lru_admission"] > frequency["hit_rate_lru"] + 0.15
+
+
+def test_admission_always_is_plain_read_through_and_leaves_every_other_key_alone():
+    days = stable_days(np.random.default_rng(51), 4)
+    plain = replay(days, top_n=10, capacity=60)
+    assert not {key for key in plain if "admission" in key}
+    always = replay(days, top_n=10, capacity=60, admission="always")
+    assert always == {
+        **plain,
+        "hit_rate_lru_admission": plain["hit_rate_lru"],
+        "hit_rate_ours_admission": plain["hit_rate_ours"],
+        "admission": "always",
+    }
+    for policy in ("second_miss", "frequency"):
+        result = replay(days, top_n="auto", capacity=60, admission=policy)
+        assert {key: value for key, value in result.items() if "admission" not in key} == replay(
+            days, top_n="auto", capacity=60
+        )
+
+
+def test_admission_decisions_by_hand():
+    from precompute_assets.serving.admission import FrequencySketch
+
+    keys = ["a", "b", "a", "a", "c", "b"]
+    assert admission_decisions(keys, "always") == ["admitted", "admitted", "hit", "hit", "admitted", "hit"]
+    second = ["rejected", "rejected", "admitted", "hit", "rejected", "admitted"]
+    assert admission_decisions(keys, "second_miss") == second
+    # A marker lives `window` requests from the lookup that set it: b's (set at 1) is gone at 5 and set anew.
+    assert admission_decisions(keys, "second_miss", window=4)[5] == "rejected"
+    assert admission_decisions(keys, "second_miss", window=5)[5] == "admitted"
+    # One shared counter: it counts every lookup (hits too), saturates at 15, and the miss that finds the
+    # sample (3 lookups) full halves it after deciding.
+    shared = FrequencySketch(width=1, depth=1, threshold=3, sample_size=3)
+    assert admission_decisions(["a", "b", "c", "d", "e", "f"], shared) == [
+        "rejected",  # counter 1
+        "rejected",  # 2
+        "admitted",  # 3, then halved to 1
+        "rejected",  # 2
+        "admitted",  # 3
+        "admitted",  # 4, then halved to 2
+    ]
+    # With a capacity, the LRU evicts and a key comes back as a miss that the policy judges again.
+    assert admission_decisions(["a", "a", "b", "b", "a"], "second_miss", capacity=1) == [
+        "rejected",
+        "admitted",
+        "rejected",
+        "admitted",
+        "admitted",
+    ]
+
+
+def test_admission_arguments():
+    days = days_of([1, 2], [1, 2])
+    for bad in ({"admission": "lfu"}, {"admission": "second_miss", "admission_window": 0}):
+        with pytest.raises(ValueError):
+            replay(days, top_n=0, capacity=2, **bad)
+    with pytest.raises(ValueError, match="admission_window"):
+        admission_decisions([1, 2], "second_miss", window=1.5)

@@ -11,6 +11,7 @@ import psycopg2
 import pytest
 
 from precompute_assets.ml.features import AdFeatureSpec
+from precompute_assets.storage import campaigns as registry_module
 from precompute_assets.storage.campaigns import (
     CAMPAIGN_ID,
     Campaign,
@@ -169,6 +170,78 @@ def test_due_lists_active_cold_campaigns_inside_the_horizon_that_have_not_ended(
     assert [c.campaign_id for c in narrow.due(NOW)] == ["live", "warm", "soon"]
 
 
+def test_warm_values_that_expire_while_the_campaign_runs_make_it_due_again(registry):
+    registry.register("open", "acme", LAUNCH, ads("o1"), now=NOW)  # no end
+    end = LAUNCH + timedelta(days=60)
+    registry.register("ends", "acme", LAUNCH, ads("e1"), end_at=end, now=NOW)
+    registry.register("legacy", "acme", LAUNCH, ads("l1"), now=NOW)
+    expires = NOW + timedelta(days=30)  # an open-ended campaign's values: 30 days after warming
+    assert registry.mark_warm("open", 1, warm_until=expires)
+    assert registry.mark_warm("ends", 1, warm_until=end + timedelta(hours=1))  # its end plus the grace
+    assert registry.mark_warm("legacy", 1)  # the old call: values live until the campaign's end (here: none)
+    assert registry.get("open").warm_until == expires and registry.get("legacy").warm_until is None
+    assert registry.get("open").to_json()["warm_until"] == expires.isoformat()
+
+    def due(at, **options):
+        return [c.campaign_id for c in registry.due(at, **options)]
+
+    assert due(NOW) == [] and due(NOW + timedelta(days=28)) == []
+    assert due(NOW + timedelta(days=29, hours=1)) == ["open"]  # a day before its values expire
+    assert due(NOW + timedelta(days=31)) == ["open"]  # day 31: expired, still running, still due
+    assert due(NOW + timedelta(days=26), refresh_margin=timedelta(days=5)) == ["open"]
+    narrow = CampaignRegistry(registry.url, refresh_margin=timedelta(hours=1))
+    assert [c.campaign_id for c in narrow.due(NOW + timedelta(days=29, hours=1))] == []
+    assert due(end - timedelta(hours=12)) == ["open"]  # "ends" outlives its values' refresh: never again
+    assert due(end + timedelta(hours=1)) == ["open"]
+
+    # warmed again: no longer due; is_warm says whether the values are still there
+    assert registry.mark_warm("open", 1, warm_until=expires + timedelta(days=30))
+    assert due(NOW + timedelta(days=31)) == []
+    registry.mark_warm("open", 1, warm_until=datetime.now(UTC) - timedelta(hours=1))
+    assert registry.get("open").warm_revision == 1 and not registry.get("open").is_warm
+    registry.mark_warm("open", 1, warm_until=datetime.now(UTC) + timedelta(days=30))
+    assert registry.get("open").is_warm and registry.get("legacy").is_warm
+    with pytest.raises(ValueError, match="warm_until must be timezone-aware"):
+        registry.mark_warm("open", 1, warm_until=datetime(2026, 4, 1))
+
+    # a change or a cancellation forgets when the old revision's values expire
+    changed = registry.register("open", "acme", LAUNCH, ads("o1", "o2"), now=NOW)
+    assert changed.warm_until is None and due(NOW) == ["open"]
+    assert registry.cancel("ends").warm_until is None
+
+
+def test_due_reads_both_of_its_cases_through_their_partial_indexes(registry):
+    registry.register("cold", "acme", LAUNCH, ads("c1"), now=NOW)
+    registry.register("warm", "acme", LAUNCH, ads("w1"), now=NOW)
+    registry.mark_warm("warm", 1, warm_until=NOW + timedelta(hours=3))
+    assert [c.campaign_id for c in registry.due(NOW)] == ["cold", "warm"]
+    with psycopg2.connect(libpq_url(registry.url)) as conn, conn.cursor() as cur:
+        cur.execute("ANALYZE campaigns")
+        cur.execute("SET enable_seqscan = off")  # a tiny table: ask whether an index serves each arm
+        cur.execute("EXPLAIN " + registry_module._DUE, {"until": LAUNCH, "now": NOW, "refresh": NOW})
+        plan = "\n".join(row[0] for row in cur.fetchall())
+    assert "campaigns_cold_launch_at" in plan and "campaigns_warm_until" in plan, plan
+
+
+def test_ensure_schema_upgrades_a_registry_created_before_warm_until(registry):
+    registry.register("open", "acme", LAUNCH, ads("o1"), now=NOW)
+    registry.register("ends", "acme", LAUNCH, ads("e1"), end_at=LAUNCH + timedelta(days=9), now=NOW)
+    registry.register("cold", "acme", LAUNCH, ads("c1"), now=NOW)
+    registry.mark_warm("open", 1)
+    registry.mark_warm("ends", 1)
+    with psycopg2.connect(libpq_url(registry.url)) as conn, conn.cursor() as cur:
+        cur.execute("DROP INDEX campaigns_warm_until; ALTER TABLE campaigns DROP COLUMN warm_until")
+    registry.ensure_schema()  # as every service and run does: the column and index come back
+    # when the open-ended campaign's values expire was never recorded: it is warmed again, once
+    assert registry.get("open").warm_until == registry.get("open").updated_at
+    assert registry.get("ends").warm_until is None
+    now = datetime.now(UTC)
+    assert [c.campaign_id for c in registry.due(now)] == ["cold", "open"]
+    registry.mark_warm("open", 1, warm_until=now + timedelta(days=30))
+    registry.ensure_schema()
+    assert [c.campaign_id for c in registry.due(now)] == ["cold"]
+
+
 def test_list_filters_by_tenant_and_status(registry):
     registry.register("b", "acme", LAUNCH + timedelta(hours=1), ads("a1"), now=NOW)
     registry.register("a", "acme", LAUNCH, ads("a2"), now=NOW)
@@ -180,6 +253,49 @@ def test_list_filters_by_tenant_and_status(registry):
     assert registry.list(tenant_id="globex", status="active") == []
     with pytest.raises(CampaignError, match="unknown status 'paused'"):
         registry.list(status="paused")
+
+
+def test_register_campaign_launch_uses_the_deployments_feature_set(app_db, monkeypatch):
+    monkeypatch.setenv("PRECOMPUTE_AD_NUMERIC", "price")
+    monkeypatch.setenv("PRECOMPUTE_AD_CATEGORICAL", "brand,region")
+    monkeypatch.setenv("PRECOMPUTE_AD_LOG_SCALED", "price")
+    own = {"ad_id": "p1", "price": 9.5, "brand": "zeta", "region": "eu", "title": "Red shoes"}
+    launch = datetime.now(UTC) + timedelta(hours=3)
+    campaign = register_campaign_launch(app_db, "own-data", "acme", launch, [own])
+    assert campaign.n_ads == 1
+    registry = CampaignRegistry(app_db)
+    assert registry.spec == AdFeatureSpec(numeric=("price",), categorical=("brand", "region"), log_scaled=("price",))
+    assert registry.ads("own-data").to_dict("records") == [
+        {"ad_id": "p1", "price": 9.5, "brand": "zeta", "region": "eu"}
+    ]
+    with pytest.raises(CampaignError, match="lack the feature columns \\['price', 'brand', 'region'\\]"):
+        register_campaign_launch(app_db, "defaults", "acme", launch, ads("d1"))
+    monkeypatch.setenv("PRECOMPUTE_AD_NUMERIC", "price,price")
+    with pytest.raises(ValueError, match="listed twice"):
+        register_campaign_launch(app_db, "own-data", "acme", launch, [own])
+
+
+def test_every_field_of_an_ad_is_stored_for_a_later_feature_set(registry):
+    tagged = [ad("a1", title="Red shoes", colour="red", n=3, tags=["x", "y"], stock=None),
+              ad("a2", colour="blue", n=math.nan)]  # fmt: skip
+    registry.register("c1", "acme", LAUNCH, tagged, now=NOW)
+    assert list(registry.ads("c1").columns) == ["ad_id", "quality", "bid", "text_len", "category"]
+    later = AdFeatureSpec(numeric=("quality", "n"), categorical=("category", "colour"), log_scaled=())
+    frame = CampaignRegistry(registry.url, spec=later).ads("c1")
+    assert frame["colour"].tolist() == ["red", "blue"] and frame["n"].tolist()[0] == 3.0 and math.isnan(frame["n"][1])
+    with psycopg2.connect(libpq_url(registry.url)) as conn, conn.cursor() as cur:
+        cur.execute("SELECT features FROM campaign_ads WHERE ad_id = 'a1'")
+        stored = cur.fetchone()[0]
+    assert stored == {"quality": 0.5, "bid": 1.0, "text_len": 40.0, "category": "shoes", "colour": "red", "n": 3,
+                      "stock": None, "tags": ["x", "y"], "title": "Red shoes"}  # fmt: skip
+    # the same content again is no change; a changed extra field is one
+    assert registry.register("c1", "acme", LAUNCH, tagged, now=NOW).revision == 1
+    assert registry.register("c1", "acme", LAUNCH, [tagged[0], {**tagged[1], "colour": "green"}], now=NOW).revision == 2
+    with pytest.raises(CampaignError) as error:
+        registry.register("c2", "acme", LAUNCH, [ad("b1", note="a\x00b"), ad("b2", when=object())], now=NOW)
+    assert "ad 'b1': field 'note' contains a NUL character" in str(error.value)
+    assert "ad 'b2': field 'when' is a object, not a JSON value" in str(error.value)
+    assert registry.get("c2") is None
 
 
 def test_register_campaign_launch_creates_the_tables_and_registers(app_db):

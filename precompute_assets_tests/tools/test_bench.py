@@ -1,10 +1,19 @@
 """The benchmark commands run and report every promised key (small sizes; no assertion on speed)."""
 
+import numpy as np
 import psycopg2
 import pytest
 
+from precompute_assets.ml.demand import DemandHyperParams
 from precompute_assets.storage.postgres import libpq_url
-from precompute_assets.tools.bench import bench_campaign, bench_graph, bench_publish, bench_serve
+from precompute_assets.tools.bench import (
+    bench_campaign,
+    bench_demand,
+    bench_graph,
+    bench_publish,
+    bench_serve,
+    synthetic_hourly_counts,
+)
 
 
 def test_bench_serve_reports_latencies_and_ratio(redis_url):
@@ -60,3 +69,19 @@ def test_bench_campaign_reports_the_tick_the_warming_and_the_naive_loop(
     assert result["ratio_vs_naive"] == pytest.approx(result["naive_warm_seconds"] / result["warm_seconds"], rel=0.01)
     assert not list(redis_client.scan_iter("bench*", count=1000))  # both namespaces removed
     assert scratch_databases() == before  # the scratch app and Dagster databases dropped
+
+
+def test_bench_demand_reports_every_promised_key_on_a_tiny_size():
+    hp = DemandHyperParams(max_epochs=2, top_n=50)
+    result = bench_demand(keys=300, days=9, seed=1, hp=hp)
+    assert result["keys"] == 300 and result["days"] == 9 and result["lstm_epochs"] == 2
+    assert result["lstm_train_s"] > 0 and result["lstm_forecast_s"] > 0 and result["frequency_s"] > 0
+    assert result["lstm_forecast_vs_frequency"] > 0  # from the unrounded seconds
+    assert set(result["heldout_hit_rate"]) == {"lstm", "frequency", "seasonal", "ewma"}
+    assert all(0 <= rate <= 1 for rate in result["heldout_hit_rate"].values())
+    data = synthetic_hourly_counts(300, 9, seed=1)  # deterministic under the seed
+    assert result["requests_held_back_day"] == int(data.daily()[:, -1].sum())
+    assert data.counts.shape == (300, 9 * 24) and data.n_days == 9
+    assert np.array_equal(data.counts, synthetic_hourly_counts(300, 9, seed=1).counts)
+    with pytest.raises(ValueError, match="at least 3 days"):
+        bench_demand(keys=10, days=2)

@@ -115,6 +115,29 @@ def test_the_feature_set_comes_from_the_environment(servers, tmp_path, capsys, m
     assert "lack the feature columns ['price', 'brand']" in fails(capsys, "register", "--file", str(path))
 
 
+def test_every_column_of_a_campaign_file_is_kept_for_a_later_feature_set(servers, tmp_path, capsys, monkeypatch):
+    path = tmp_path / "campaigns.csv"
+    path.write_text(
+        "campaign_id,tenant_id,launch_at,ad_id,quality,bid,text_len,category,title\n"
+        f"c1,acme,{LAUNCH.isoformat()},a1,0.5,1.0,30,shoes,Red shoes\n"
+        f"c1,acme,{LAUNCH.isoformat()},a2,0.6,1.5,25,hats,\n"
+    )
+    assert run(capsys, "register", "--file", str(path))["ads"] == 2
+    assert "title" not in run(capsys, "show", "c1")["ads"][0]
+    monkeypatch.setenv("PRECOMPUTE_AD_CATEGORICAL", "category,title")  # the feature set grows a column
+    titles = [ad["title"] for ad in run(capsys, "show", "c1")["ads"]]
+    assert titles[0] == "Red shoes" and not isinstance(titles[1], str)  # a blank cell was stored as null
+
+
+def test_list_and_cancel_need_no_feature_set_but_register_names_a_bad_one(servers, tmp_path, capsys, monkeypatch):
+    run(capsys, "register", "--file", str(jsonl(tmp_path / "a.jsonl", campaign("c1"))))
+    monkeypatch.setenv("PRECOMPUTE_AD_NUMERIC", "bid,bid")
+    assert run(capsys, "list")["count"] == 1 and run(capsys, "cancel", "c1")["status"] == "cancelled"
+    assert "the ad feature set: a feature column is listed twice" in fails(
+        capsys, "register", "--file", str(tmp_path / "a.jsonl")
+    )
+
+
 def test_a_refused_campaign_is_one_line_and_registers_nothing(servers, tmp_path, capsys):
     bad_ads = campaign("bad-ads", n_ads=3)
     bad_ads["ads"][1]["quality"] = "high"

@@ -1,0 +1,197 @@
+"""Demand strategies replayed on a key trace: each ranks the keys of every day from the days before it only, and
+"ours" is its top-N precomputed plus a read-through LRU of C-N keys, at the same capacity as ``replay``'s policies.
+
+Strategies are the ones ``top_ads`` can use (``ml.demand``): ``frequency`` (recency-weighted daily counts over
+the ``window_days`` before the day, ``ad_demand``'s semantics), ``ewma`` (an exponentially smoothed hourly rate),
+``seasonal`` (the same day a week earlier; the day before while there is none) and ``lstm``. The baselines see
+the 7 days before the day (``max(7, window_days)``), as ``strategy_demand`` reads them for ``top_ads``.
+
+The LSTM is trained the way the ``demand_model`` asset trains it: for day d, ``evaluate_demand`` on the
+``lookback_days`` days before d (the last of them, d-1, held back and scored, never trained on), warm-started
+from the model of the day before when that model passed the asset's ``beats_baselines`` rule (its held-back hit
+rate above the best baseline's by more than ``margin``); then ``forecast_next_day`` over the days before d ranks
+day d. Its ranking is used on every day it could be trained, approved or not, so the LSTM itself is measured;
+a day with fewer than 3 days before it cannot train a model and takes the frequency ranking, as ``top_ads``
+falls back to frequency when there is no model (``notes`` says on how many days). Training is bounded by the
+hyper-parameters' ``max_epochs`` and ``max_seconds`` per day, and ``compare_strategies`` lowers ``max_seconds`` so
+that the days together stay within ``lstm_budget_s``.
+
+Hours: with timestamps, each day (the same equal time spans as ``replay.split_days``) is cut into 24 equal spans;
+without, each day's requests (equal counts, as ``split_days``) into 24 equal counts. The calendar features see
+hour 0..23 of the day and a weekday of ``day index mod 7``: a trace's days are spans, not calendar dates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+import pandas as pd
+
+from .demand import (
+    HOURS_PER_DAY,
+    DemandHyperParams,
+    HourlyCounts,
+    evaluate_demand,
+    ewma_forecast,
+    forecast_next_day,
+    frequency_forecast,
+    seasonal_forecast,
+)
+from .replay import Trace, replay
+from .selection import select_top
+
+STRATEGIES = ("frequency", "ewma", "seasonal", "lstm")
+LOOKBACK_DAYS = 14  # demand_model's lookback (defs.demand.DEMAND_LOOKBACK_DAYS)
+BASELINE_DAYS = 7  # what strategy_demand reads for the baselines (at least 7 days)
+MARGIN = 0.005  # demand_model's default approval margin (DemandModelConfig.margin)
+# Bounded training per replayed day: the asset's budget, with fewer seconds so a whole trace replays in minutes.
+REPLAY_HYPER_PARAMS = DemandHyperParams(max_seconds=30.0)
+LSTM_BUDGET_S = 180.0  # training seconds of all replayed days together
+
+
+@dataclass(frozen=True)
+class TraceHours:
+    """A trace's requests in time order with the day (0..n_days-1) and hour (0..23) each belongs to."""
+
+    keys: np.ndarray
+    day: np.ndarray
+    hour: np.ndarray
+    n_days: int
+
+    def day_keys(self) -> list[np.ndarray]:
+        """Each day's requested keys, in order (the same days as ``split_days``)."""
+        bounds = np.searchsorted(self.day, np.arange(self.n_days + 1), side="left")
+        return [self.keys[bounds[d] : bounds[d + 1]] for d in range(self.n_days)]
+
+
+def trace_hours(trace: Trace, days: int) -> TraceHours:
+    """Split ``trace`` into ``days`` days exactly as ``split_days`` does, and each day into 24 hours."""
+    if days < 1:
+        raise ValueError("days must be >= 1")
+    keys = np.asarray(trace.keys)
+    ts = trace.timestamps
+    n = len(keys)
+    if ts is None or n == 0 or ts.min() == ts.max():
+        day = np.empty(n, dtype=np.int64)
+        hour = np.empty(n, dtype=np.int64)
+        for d, part in enumerate(np.array_split(np.arange(n), days)):
+            day[part] = d
+            for h, piece in enumerate(np.array_split(part, HOURS_PER_DAY)):
+                hour[piece] = h
+        return TraceHours(keys, day, hour, days)
+    order = np.argsort(ts, kind="stable")
+    ts, keys = ts[order], keys[order]
+    position = (ts - ts[0]) / (ts[-1] - ts[0]) * days  # split_days' expression, so the days are the same
+    day = np.minimum(position.astype(np.int64), days - 1)
+    hour = np.clip(((position - day) * HOURS_PER_DAY).astype(np.int64), 0, HOURS_PER_DAY - 1)
+    return TraceHours(keys, day, hour, days)
+
+
+def _counts(hours: TraceHours, first: int, last: int) -> HourlyCounts:
+    """Requests per key and hour of days ``first..last`` (keys sorted; every hour present, possibly empty)."""
+    lo, hi = np.searchsorted(hours.day, [first, last + 1], side="left")
+    n_days = last - first + 1
+    n_hours = n_days * HOURS_PER_DAY
+    keys, rows = np.unique(hours.keys[lo:hi], return_inverse=True)
+    column = (hours.day[lo:hi] - first) * HOURS_PER_DAY + hours.hour[lo:hi]
+    flat = np.bincount(rows.ravel() * n_hours + column, minlength=len(keys) * n_hours)
+    return HourlyCounts(
+        keys=keys,
+        counts=flat.reshape(len(keys), n_hours).astype(np.float32),
+        hour_of_day=np.tile(np.arange(HOURS_PER_DAY), n_days),
+        weekday=np.repeat((first + np.arange(n_days)) % 7, HOURS_PER_DAY),
+        day=np.repeat(np.arange(n_days), HOURS_PER_DAY),
+        missing=np.zeros(n_hours, dtype=bool),
+    )
+
+
+def _top(values: np.ndarray, keys: np.ndarray, top_n: int) -> set[Hashable]:
+    return set(select_top(pd.Series(values, index=pd.Index(keys)), top_n))
+
+
+def strategy_sets(
+    hours: TraceHours,
+    strategy: str,
+    top_n: int,
+    *,
+    hp: DemandHyperParams = REPLAY_HYPER_PARAMS,
+    lookback_days: int = LOOKBACK_DAYS,
+    margin: float = MARGIN,
+) -> tuple[list[set[Hashable]], dict]:
+    """The top-N set of every day (day 0: empty) ranked by ``strategy`` from the days before it only, and
+    ``{"fallback_days", "approved_days", "trained_days"}`` (the LSTM's; zeros for the baselines)."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}: use one of {', '.join(STRATEGIES)} or all")
+    hp = replace(hp, top_n=top_n)
+    sets: list[set[Hashable]] = [set()]
+    info = {"trained_days": 0, "approved_days": 0, "fallback_days": 0}
+    state = None  # the previous day's model when it was approved: the next day warm-starts from it
+    for d in range(1, hours.n_days):
+        recent = _counts(hours, max(0, d - max(BASELINE_DAYS, hp.window_days)), d - 1)  # days before d only
+        if len(recent.keys) == 0 or top_n == 0:
+            sets.append(set())
+            continue
+        if strategy == "lstm" and d >= 3:
+            history = _counts(hours, max(0, d - lookback_days), d - 1)
+            result = evaluate_demand(history, hp, init_state=state)
+            evaluation = result.evaluation
+            approved = evaluation.hit_rate["lstm"] - evaluation.hit_rate[evaluation.best_baseline] > margin
+            state = result.state_dict() if approved else state
+            info["trained_days"] += 1
+            info["approved_days"] += int(approved)
+            forecast = forecast_next_day(result.model, recent, hp)
+            sets.append(_top(forecast.to_numpy(), recent.keys, top_n))
+            continue
+        if strategy == "lstm":
+            info["fallback_days"] += 1
+        if strategy == "seasonal":
+            values = seasonal_forecast(recent.daily(), recent.n_days)
+        elif strategy == "ewma":
+            values = ewma_forecast(recent, recent.n_days, hp)
+        else:  # frequency, and the lstm before it can be trained
+            values = frequency_forecast(recent.daily(), recent.keys, recent.n_days, hp)
+        sets.append(_top(values, recent.keys, top_n))
+    return sets, info
+
+
+def compare_strategies(
+    trace: Trace,
+    days: int,
+    strategies: Sequence[str],
+    *,
+    top_n: int,
+    capacity: int,
+    hp: DemandHyperParams = REPLAY_HYPER_PARAMS,
+    warmup_days: int = 1,
+    lstm_budget_s: float = LSTM_BUDGET_S,
+) -> dict:
+    """``{"strategies": {name: {"hit_rate", "top_n"}}, "strategy_notes": [...]}``: the hit rate over the
+    counted days of each strategy's top-N plus an LRU of ``capacity - top_n`` keys (``replay``'s ``ours`` with
+    the strategy's sets), at the same capacity and warm-up as ``replay``. A fixed ``top_n`` only."""
+    if isinstance(top_n, str) or top_n < 0:
+        raise ValueError(f"strategies need a fixed top_n >= 0, got {top_n!r}")
+    unknown = [name for name in strategies if name not in STRATEGIES]
+    if unknown:
+        raise ValueError(f"unknown strategy {unknown[0]!r}: use one of {', '.join(STRATEGIES)} or all")
+    hours = trace_hours(trace, days)
+    day_keys = hours.day_keys()
+    trained_days = max(0, days - 3)  # days 3..D-1 have the 3 days before them that training needs
+    per_day = min(hp.max_seconds, lstm_budget_s / trained_days) if trained_days else hp.max_seconds
+    out, notes = {}, []
+    for name in strategies:
+        sets, info = strategy_sets(hours, name, top_n, hp=replace(hp, max_seconds=per_day))
+        result = replay(
+            day_keys, top_n=top_n, capacity=capacity, warmup_days=warmup_days, precomputed=sets[warmup_days:]
+        )
+        out[name] = {"hit_rate": result["hit_rate_ours"], "top_n": int(top_n)}
+        if name == "lstm":
+            counted = range(warmup_days, days)
+            notes.append(
+                f"lstm: trained on {info['trained_days']} days (approved by the beats_baselines rule on "
+                f"{info['approved_days']}; at most {hp.max_epochs} epochs and {per_day:.1f} s a day); "
+                f"{sum(d < 3 for d in counted)} counted days had fewer than 3 days before them and used the "
+                "frequency ranking"
+            )
+    return {"strategies": out, "strategy_notes": notes}

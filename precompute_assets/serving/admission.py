@@ -1,0 +1,197 @@
+"""Admission policies for live values: which read-through misses ``PredictionCache.get_or_compute`` stores.
+
+A *live-tier lookup* is a lookup of a key that the published version does not hold (the client then reads
+``{kind}:live:{key}``). A policy sees every live-tier lookup of ``get_or_compute`` in the same pipeline as
+that ``GET`` (so a hit costs no extra round trip) and decides, on a miss, whether the computed value is
+stored:
+
+- ``always``: every miss is stored (the default, and the behaviour before admission existed).
+- ``second_miss``: the first live-tier lookup of a key sets ``{kind}:seen:{key}`` with ``SET ... PX W NX GET``;
+  a miss is stored only when that marker was already there, i.e. the key was looked up in the live tier
+  (and, the first time, missed) within the window ``W`` that started at the marker's creation. Memory: one
+  marker of about ``70 + len(key)`` bytes (measured on Valkey 8) per distinct key looked up in the last ``W``;
+  each expires, so the total is bounded by the live-tier lookup rate times ``W``.
+- ``frequency``: a count-min sketch in one string ``{kind}:sketch``: a big-endian u32 count of lookups, then
+  ``depth`` rows of ``width`` 4-bit saturating counters (``BITFIELD ... OVERFLOW SAT INCRBY u4``). Every
+  live-tier lookup increments its key's counter in each row; a miss is stored when the key's estimate (the
+  smallest of its counters, this lookup included) is at least ``threshold``. The first miss that sees the
+  count at ``sample_size`` or more halves every counter and zeroes the count (one Lua script, atomic;
+  about 4 ms of server time for the default 64 KiB), so old popularity fades. Memory: a string of
+  ``4 + depth * width / 2`` bytes per kind, fixed (``FrequencySketch.bytes``; Redis may allocate up to twice
+  that while ``BITFIELD`` grows it, until the first aging rewrites it).
+
+``ml.replay`` models these decisions request by request (``admission_decisions``). Redis errors are never
+raised by the client: a failed lookup is a miss that stores nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import redis
+
+from .keys import KeySchema
+
+ADMISSION_NAMES = ("always", "second_miss", "frequency")
+SKETCH_HEADER_NIBBLES = 8  # the u32 lookup count in front of the counters, in 4-bit units
+COUNTER_MAX = 15  # 4-bit counters saturate here
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the live-tier lookup told the policy: store a miss?, and should the sketch be aged now?"""
+
+    admit: bool
+    age: bool = False
+
+
+class AdmissionPolicy(Protocol):
+    name: str
+
+    def observe(self, pipe: Any, schema: KeySchema, kind: str, key: str) -> int:
+        """Queue the policy's commands after the live ``GET`` on ``pipe``; return how many were queued."""
+        ...
+
+    def decide(self, replies: list) -> Decision:
+        """The decision from the replies of the commands ``observe`` queued."""
+        ...
+
+    def after_miss(self, client: redis.Redis, schema: KeySchema, kind: str, decision: Decision) -> None:
+        """Housekeeping on a miss (the sketch's aging); may raise Redis errors, which the caller absorbs."""
+        ...
+
+
+@dataclass(frozen=True)
+class Always:
+    """Store every computed value (no extra commands at all)."""
+
+    name = "always"
+
+    def observe(self, pipe: Any, schema: KeySchema, kind: str, key: str) -> int:
+        return 0
+
+    def decide(self, replies: list) -> Decision:
+        return Decision(True)
+
+    def after_miss(self, client: redis.Redis, schema: KeySchema, kind: str, decision: Decision) -> None:
+        return None
+
+
+@dataclass(frozen=True)
+class SecondMiss:
+    """Store a miss only when the key had a live-tier lookup (a first miss) within ``window_s`` before."""
+
+    window_s: float = 3600.0
+    name = "second_miss"
+
+    def __post_init__(self) -> None:
+        if not self.window_s > 0:
+            raise ValueError(f"window_s must be positive, got {self.window_s}")
+
+    def observe(self, pipe: Any, schema: KeySchema, kind: str, key: str) -> int:
+        # NX keeps the window anchored at the first lookup; GET tells whether the marker was already there.
+        pipe.set(schema.admission_seen(kind, key), 1, px=max(1, round(self.window_s * 1000)), nx=True, get=True)
+        return 1
+
+    def decide(self, replies: list) -> Decision:
+        return Decision(replies[0] is not None)
+
+    def after_miss(self, client: redis.Redis, schema: KeySchema, kind: str, decision: Decision) -> None:
+        return None
+
+
+# Halves every 4-bit counter after the 4-byte count (byte b -> (b >> 1) & 0x77) and zeroes the count, only if
+# the count still is at least ARGV[1]: two clients that both saw the sample full age the sketch once.
+_AGE_SKETCH = """
+local n = redis.call('BITFIELD', KEYS[1], 'GET', 'u32', 0)[1]
+if n < tonumber(ARGV[1]) then return 0 end
+local s = redis.call('GET', KEYS[1])
+local half = {}
+for b = 0, 255 do half[string.char(b)] = string.char(math.floor(b / 32) * 16 + math.floor((b % 16) / 2)) end
+local halved = string.gsub(string.sub(s, 5), '.', half)
+redis.call('SET', KEYS[1], string.rep('\\0', 4) .. halved, 'KEEPTTL')
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class FrequencySketch:
+    """Store a miss when the count-min estimate of the key's live-tier lookups reaches ``threshold``.
+
+    ``width`` counters per row, ``depth`` rows, counters of 4 bits (0..15); aged (halved) once
+    ``sample_size`` lookups (default ``10 * width``) were counted since the last aging.
+    """
+
+    width: int = 32768
+    depth: int = 4
+    threshold: int = 2
+    sample_size: int = 0  # 0: 10 * width
+    name = "frequency"
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.width <= 1 << 24:
+            raise ValueError(f"width must be between 1 and 2**24, got {self.width}")
+        if not 1 <= self.depth <= 16:
+            raise ValueError(f"depth must be between 1 and 16, got {self.depth}")
+        if not 1 <= self.threshold <= COUNTER_MAX:
+            raise ValueError(f"threshold must be between 1 and {COUNTER_MAX} (4-bit counters), got {self.threshold}")
+        if not 0 <= self.sample_size < 1 << 32:
+            raise ValueError(f"sample_size must be between 1 and 2**32 - 1 (0: 10 * width), got {self.sample_size}")
+
+    @property
+    def sample(self) -> int:
+        """Lookups counted between two agings."""
+        return self.sample_size or min(10 * self.width, (1 << 32) - 1)
+
+    @property
+    def bytes(self) -> int:
+        """The sketch's size in Redis (the string's length; plus Redis's per-key overhead of ~60 bytes)."""
+        return 4 + (self.depth * self.width + 1) // 2
+
+    def counters(self, key: str) -> list[int]:
+        """Positions of ``key``'s counters, one per row, in 0..depth*width-1 (row r at r*width + column)."""
+        return [row * self.width + column for row, column in enumerate(sketch_columns(key, self.width, self.depth))]
+
+    def observe(self, pipe: Any, schema: KeySchema, kind: str, key: str) -> int:
+        args: list[Any] = ["BITFIELD", schema.admission_sketch(kind), "OVERFLOW", "SAT"]
+        for position in self.counters(key):
+            args += ["INCRBY", "u4", f"#{SKETCH_HEADER_NIBBLES + position}", 1]
+        args += ["INCRBY", "u32", 0, 1]
+        pipe.execute_command(*args)
+        return 1
+
+    def decide(self, replies: list) -> Decision:
+        *counts, seen = replies[0]
+        return Decision(min(counts) >= self.threshold, age=seen >= self.sample)
+
+    def after_miss(self, client: redis.Redis, schema: KeySchema, kind: str, decision: Decision) -> None:
+        if decision.age:
+            client.eval(_AGE_SKETCH, 1, schema.admission_sketch(kind), self.sample)
+
+
+def sketch_columns(key: str, width: int, depth: int) -> list[int]:
+    """The column of ``key`` in each row: double hashing of its 64-bit BLAKE2b hash (portable to any language).
+
+    ``h = blake2b(utf8(key), digest_size=8)`` read little-endian; ``h1`` its low and ``h2`` its high 32 bits
+    with the lowest bit set; row r uses ``(h1 + r * h2) % width``.
+    """
+    h = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
+    h1, h2 = h & 0xFFFFFFFF, (h >> 32) | 1
+    return [(h1 + row * h2) % width for row in range(depth)]
+
+
+def admission_policy(spec: str | AdmissionPolicy | None) -> AdmissionPolicy:
+    """A policy from its name (default parameters) or a policy itself; None is ``always``."""
+    if spec is None or spec == "always":
+        return Always()
+    if spec == "second_miss":
+        return SecondMiss()
+    if spec == "frequency":
+        return FrequencySketch()
+    if isinstance(spec, str):
+        raise ValueError(f"unknown admission policy {spec!r}: expected one of {', '.join(ADMISSION_NAMES)}")
+    if getattr(spec, "name", None) not in ADMISSION_NAMES:
+        raise ValueError(f"not an admission policy: {spec!r}")
+    return spec

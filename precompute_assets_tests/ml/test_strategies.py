@@ -1,0 +1,123 @@
+"""Demand strategies replayed on a trace: the same days and capacity as replay, nothing of the counted day seen."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from precompute_assets.ml.demand import DemandHyperParams
+from precompute_assets.ml.replay import Trace, replay, split_days
+from precompute_assets.ml.strategies import STRATEGIES, TraceHours, compare_strategies, strategy_sets, trace_hours
+from precompute_assets.tools.cli import main
+
+TINY = DemandHyperParams(max_epochs=1, max_seconds=30, max_train_keys=200, hidden_size=8)
+
+
+def zipf_trace(n=6000, keys=400, seed=0, timestamps=False) -> Trace:
+    rng = np.random.default_rng(seed)
+    p = 1.0 / np.arange(1, keys + 1)
+    drawn = rng.choice(keys, size=n, p=p / p.sum())
+    ts = np.sort(rng.uniform(0, 86_400 * 6, n)) if timestamps else None
+    return Trace(keys=drawn.astype(np.int64), timestamps=ts)
+
+
+def weekly_trace(days=15, seed=0) -> Trace:
+    """Every day 600 requests of 200 steady Zipf keys and 600 of the 30 keys of that weekday's group (20 each),
+    which are asked for on that weekday only: frequency ranks them a week late, seasonal naive on time."""
+    rng = np.random.default_rng(seed)
+    p = 1.0 / np.arange(1, 201)
+    out = []
+    for d in range(days):
+        steady = [f"s{k:03d}" for k in rng.choice(200, size=600, p=p / p.sum())]
+        weekly = [f"w{d % 7}_{i:02d}" for i in range(30) for _ in range(20)]
+        day = np.array(steady + weekly, dtype=object)
+        out.append(day[rng.permutation(len(day))])
+    return Trace(keys=np.concatenate(out))
+
+
+@pytest.mark.parametrize("timestamps", [False, True])
+def test_days_are_split_days_and_hours_cover_each_day(timestamps):
+    trace = zipf_trace(timestamps=timestamps)
+    hours = trace_hours(trace, 5)
+    for mine, theirs in zip(hours.day_keys(), split_days(trace, 5), strict=True):
+        assert np.array_equal(mine, theirs)
+    assert hours.hour.min() == 0 and hours.hour.max() == 23
+    assert np.all(np.diff(hours.day) >= 0)
+    if timestamps:  # time order: within a day the hour never goes back
+        assert all(np.all(np.diff(hours.hour[hours.day == d]) >= 0) for d in range(5))
+
+
+def test_frequency_is_replays_own_top_n_at_the_same_capacity():
+    trace = zipf_trace()
+    ours = replay(split_days(trace, 6), top_n=40, capacity=120)["hit_rate_ours"]
+    result = compare_strategies(trace, 6, ["frequency"], top_n=40, capacity=120)
+    assert result["strategies"] == {"frequency": {"hit_rate": ours, "top_n": 40}}
+
+
+def test_no_precompute_is_plain_lru_for_every_baseline():
+    trace = zipf_trace(seed=2)
+    lru = replay(split_days(trace, 5), top_n=0, capacity=80)["hit_rate_lru"]
+    result = compare_strategies(trace, 5, ["frequency", "ewma", "seasonal"], top_n=0, capacity=80)
+    assert {name: entry["hit_rate"] for name, entry in result["strategies"].items()} == {
+        "frequency": lru,
+        "ewma": lru,
+        "seasonal": lru,
+    }
+
+
+def test_on_weekly_traffic_seasonal_beats_frequency():
+    result = compare_strategies(weekly_trace(), 15, ["frequency", "seasonal", "ewma"], top_n=60, capacity=100)
+    rates = {name: entry["hit_rate"] for name, entry in result["strategies"].items()}
+    assert rates["seasonal"] > rates["frequency"] + 0.05
+    assert all(0 <= rate <= 1 for rate in rates.values())
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_a_day_is_ranked_from_the_days_before_it_only(strategy):
+    hours = trace_hours(zipf_trace(seed=3), 5)
+    d = 4
+    changed = hours.keys.copy()
+    counted = hours.day >= d
+    changed[counted] = changed[counted][::-1] + 10_000  # other keys on the counted day
+    other = TraceHours(changed, hours.day, hours.hour, hours.n_days)
+    mine, _ = strategy_sets(hours, strategy, 30, hp=TINY)
+    theirs, _ = strategy_sets(other, strategy, 30, hp=TINY)
+    assert mine == theirs
+    assert mine[0] == set() and all(len(chosen) <= 30 for chosen in mine)
+    assert not any(key >= 10_000 for chosen in mine for key in chosen)
+
+
+def test_the_lstm_is_trained_once_it_has_three_days_and_reported():
+    trace = zipf_trace(seed=4)
+    result = compare_strategies(trace, 5, ["lstm"], top_n=30, capacity=90, hp=TINY)
+    assert set(result["strategies"]) == {"lstm"} and result["strategies"]["lstm"]["top_n"] == 30
+    assert 0 <= result["strategies"]["lstm"]["hit_rate"] <= 1
+    (note,) = result["strategy_notes"]
+    assert "trained on 2 days" in note and "2 counted days had fewer than 3 days" in note
+    assert "at most 1 epochs and 30.0 s a day" in note  # 180 s over 2 trained days: the 30 s per day bound
+    _, info = strategy_sets(trace_hours(trace, 5), "lstm", 30, hp=TINY)
+    assert info["trained_days"] == 2 and info["fallback_days"] == 2
+
+
+def test_unknown_strategy_and_auto_share_are_refused():
+    with pytest.raises(ValueError, match="unknown strategy 'oracle'"):
+        compare_strategies(zipf_trace(), 3, ["oracle"], top_n=5, capacity=10)
+    with pytest.raises(ValueError, match="fixed top_n"):
+        compare_strategies(zipf_trace(), 3, ["frequency"], top_n="auto", capacity=10)
+
+
+def test_replay_cli_merges_the_strategies(tmp_path, capsys):
+    trace = tmp_path / "trace.txt"
+    trace.write_text("\n".join(str(k) for k in zipf_trace(n=3000).keys) + "\n")
+    args = ["replay", "--trace", str(trace), "--days", "4", "--top-n", "20", "--capacity", "60"]
+    assert main([*args, "--strategy", "seasonal"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out["strategies"]) == {"seasonal"} and out["strategies"]["seasonal"]["top_n"] == 20
+    assert "hit_rate_lru" in out and "hit_rate_belady" in out
+    assert main([*args, "--strategy", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("precompute replay: unknown --strategy 'nope'") and err.count("\n") == 1
+    assert main([*args[:-4], "--top-n", "auto", "--capacity", "60", "--strategy", "all"]) == 2
+    assert "fixed --top-n" in capsys.readouterr().err

@@ -1,0 +1,196 @@
+"""Admission of live values against a real Redis: the policies, their memory bound, Redis trouble, and the
+replay's model of the same decisions (``ml.replay.admission_decisions``) request by request."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import numpy as np
+import pytest
+
+from precompute_assets.ml.replay import admission_decisions
+from precompute_assets.serving import KeySchema, PredictionCache, connect, publish_version
+from precompute_assets.serving.admission import (
+    Always,
+    FrequencySketch,
+    SecondMiss,
+    admission_policy,
+    sketch_columns,
+)
+
+
+def make_cache(url: str, schema: KeySchema, **options) -> PredictionCache:
+    return PredictionCache(connect(url, socket_timeout=2.0), schema=schema, pointer_ttl_s=0, **options)
+
+
+class Calls:
+    """A ``compute`` that remembers the keys it was asked for."""
+
+    def __init__(self) -> None:
+        self.keys: list[str] = []
+
+    def __call__(self, key: str) -> dict:
+        self.keys.append(key)
+        return {"key": key}
+
+
+def run_through_client(cache: PredictionCache, redis_client, schema: KeySchema, keys: list[str]) -> list[str]:
+    """``hit`` / ``admitted`` / ``rejected`` for each request, as the real client handled it."""
+    outcomes = []
+    for key in keys:
+        compute = Calls()
+        assert cache.get_or_compute("rank", key, compute) == {"key": key}
+        if not compute.keys:
+            outcomes.append("hit")
+        else:
+            outcomes.append("admitted" if redis_client.exists(schema.live("rank", key)) else "rejected")
+    return outcomes
+
+
+def test_policy_names_and_arguments():
+    assert admission_policy(None) == Always() == admission_policy("always")
+    assert admission_policy("second_miss") == SecondMiss()
+    assert admission_policy("frequency") == FrequencySketch()
+    assert admission_policy(SecondMiss(5.0)).window_s == 5.0
+    for bad in ("lfu", "", 3):
+        with pytest.raises(ValueError):
+            admission_policy(bad)
+    for options in ({"width": 0}, {"depth": 17}, {"threshold": 16}, {"threshold": 0}, {"sample_size": -1}):
+        with pytest.raises(ValueError):
+            FrequencySketch(**options)
+    with pytest.raises(ValueError):
+        SecondMiss(0)
+    # 4-byte count + 4 rows of 32768 4-bit counters: the documented 64 KiB per kind.
+    assert FrequencySketch().bytes == 4 + 65536 and FrequencySketch().sample == 327680
+    assert FrequencySketch(width=3, depth=1).bytes == 6
+
+
+def test_sketch_columns_are_portable_double_hashing():
+    import hashlib
+
+    h = int.from_bytes(hashlib.blake2b(b"ad000001", digest_size=8).digest(), "little")
+    h1, h2 = h & 0xFFFFFFFF, (h >> 32) | 1
+    assert sketch_columns("ad000001", 1000, 3) == [h1 % 1000, (h1 + h2) % 1000, (h1 + 2 * h2) % 1000]
+    assert FrequencySketch(width=1000, depth=3).counters("ad000001")[1] == 1000 + (h1 + h2) % 1000
+
+
+def test_always_is_the_default_and_stores_every_miss(redis_url, redis_client, schema):
+    cache = make_cache(redis_url, schema, live_ttl_s=60)
+    assert cache.admission == Always()
+    assert run_through_client(cache, redis_client, schema, ["a", "a", "b"]) == ["admitted", "hit", "admitted"]
+    assert cache.rejected == 0
+    assert not redis_client.exists(schema.admission_seen("rank", "a"), schema.admission_sketch("rank"))
+
+
+def test_second_miss_stores_on_the_second_miss_within_the_window(redis_url, redis_client, schema):
+    cache = make_cache(redis_url, schema, live_ttl_s=60, admission=SecondMiss(window_s=30))
+    outcomes = run_through_client(cache, redis_client, schema, ["a", "b", "a", "a", "b", "c"])
+    assert outcomes == ["rejected", "rejected", "admitted", "hit", "admitted", "rejected"]
+    assert (cache.hits, cache.misses, cache.rejected, cache.errors) == (1, 5, 3, 0)
+    marker = schema.admission_seen("rank", "c")
+    assert redis_client.get(marker) == b"1" and 0 < redis_client.pttl(marker) <= 30_000
+
+
+def test_second_miss_marker_expires_after_the_window(redis_url, redis_client, schema):
+    cache = make_cache(redis_url, schema, admission=SecondMiss(window_s=0.05))
+    assert run_through_client(cache, redis_client, schema, ["a"]) == ["rejected"]
+    time.sleep(0.2)  # the marker's PX TTL has passed: the next miss is a first miss again
+    assert run_through_client(cache, redis_client, schema, ["a", "a"]) == ["rejected", "admitted"]
+
+
+def test_a_per_call_policy_overrides_the_caches(redis_url, redis_client, schema):
+    cache = make_cache(redis_url, schema, admission="second_miss")
+    cache.get_or_compute("rank", "a", Calls(), admission="always")
+    assert redis_client.exists(schema.live("rank", "a"))
+
+
+def test_published_keys_never_reach_the_policy(redis_url, redis_client, schema):
+    publish_version(redis_client, "ctr", "v1", [("ad1", 0.25)], n_keys=1, schema=schema)
+    for policy in (SecondMiss(), FrequencySketch(width=64)):
+        cache = make_cache(redis_url, schema, admission=policy)
+        assert cache.get_or_compute("ctr", "ad1", lambda key: 0.9) == pytest.approx(0.25)
+    assert not redis_client.exists(schema.admission_seen("ctr", "ad1"), schema.admission_sketch("ctr"))
+
+
+def test_frequency_admits_at_the_threshold_and_stays_within_its_bytes(redis_url, redis_client, schema):
+    policy = FrequencySketch(width=256, depth=3, threshold=3)
+    cache = make_cache(redis_url, schema, admission=policy)
+    assert run_through_client(cache, redis_client, schema, ["a", "a", "a", "a"]) == [
+        "rejected",
+        "rejected",
+        "admitted",
+        "hit",
+    ]
+    sketch = schema.admission_sketch("rank")
+    assert int.from_bytes(redis_client.get(sketch)[:4], "big") == 4  # the lookup count, hits included
+    for key in map(str, range(3000)):
+        cache.get_or_compute("rank", key, Calls())
+    assert redis_client.strlen(sketch) <= policy.bytes == 4 + 384
+
+
+def test_frequency_sketch_ages_by_halving(redis_url, redis_client, schema):
+    policy = FrequencySketch(width=8, depth=2, threshold=15, sample_size=20)
+    cache = make_cache(redis_url, schema, admission=policy)
+    keys = ["hot"] * 12 + [f"k{i}" for i in range(7)]
+    assert run_through_client(cache, redis_client, schema, keys) == ["rejected"] * 19  # 15 is never reached
+    sketch = schema.admission_sketch("rank")
+    before = np.frombuffer(redis_client.get(sketch)[4:], dtype=np.uint8).copy()
+    nibbles = np.stack([before >> 4, before & 15], axis=1).ravel()  # BITFIELD u4 #i: high nibble first
+    assert min(int(nibbles[position]) for position in policy.counters("hot")) == 12
+    cache.get_or_compute("rank", "hot", Calls())  # the 20th lookup fills the sample: this miss ages
+    after = redis_client.get(sketch)
+    assert int.from_bytes(after[:4], "big") == 0
+    for position in policy.counters("hot"):
+        nibbles[position] = min(15, nibbles[position] + 1)  # the 20th lookup counted, then every counter halved
+    expected = ((nibbles[0::2] >> 1) << 4) | (nibbles[1::2] >> 1)
+    assert np.frombuffer(after[4:], dtype=np.uint8).tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [Always(), SecondMiss(window_s=3600), FrequencySketch(width=64, depth=3, threshold=2, sample_size=60)],
+    ids=lambda policy: policy.name,
+)
+def test_client_and_replay_make_the_same_decisions(redis_server, policy):
+    """The replay's model against the real client on a private server, request by request.
+
+    Capacity semantics differ (live keys are bounded by their TTL, the replay's LRU by a capacity), so both
+    run without a bound (a TTL longer than the test, no capacity) and the admission decisions are compared.
+    """
+    rng = np.random.default_rng(7)
+    hot = [f"item:{k}" for k in rng.zipf(1.4, 500) % 40]
+    once = [f"once:{i}" for i in range(500)]
+    keys = [hot[i // 2] if i % 2 else once[i // 2] for i in range(1000)]
+    server = redis_server()
+    client = connect(server.url, socket_timeout=5)
+    schema = KeySchema("adm")
+    cache = make_cache(server.url, schema, live_ttl_s=3600, admission=policy)
+    got = run_through_client(cache, client, schema, keys)
+    assert got == admission_decisions(keys, policy, window=None)
+    assert cache.errors == 0 and cache.hits == got.count("hit") and cache.rejected == got.count("rejected")
+    if policy.name != "always":
+        assert got.count("rejected") > 500  # the one-hit wonders, at least, were kept out
+    assert sorted(k.decode().rpartition(":live:")[2] for k in client.scan_iter("adm:1:rank:live:*")) == sorted(
+        {key for key, outcome in zip(keys, got, strict=True) if outcome == "admitted"}
+    )
+
+
+def test_redis_that_refuses_the_policys_commands_never_raises(redis_server):
+    server = redis_server(extra_config=('rename-command BITFIELD ""',))
+    schema = KeySchema("adm")
+    cache = make_cache(server.url, schema, admission=FrequencySketch(width=64), backoff_s=0)
+    assert cache.get_or_compute("rank", "a", lambda key: 1.5) == 1.5
+    assert cache.errors == 1 and cache.misses == 1
+    assert not connect(server.url).exists(schema.live("rank", "a"))
+
+
+def test_dead_redis_with_admission_computes_without_raising(schema):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead_url = f"redis://127.0.0.1:{s.getsockname()[1]}/0"
+    for policy in ("second_miss", "frequency"):
+        cache = PredictionCache.from_url(dead_url, socket_timeout=0.1, namespace=schema.namespace, admission=policy)
+        assert cache.get_or_compute("ctr", "ad1", lambda key: 0.42) == 0.42
+        assert cache.errors == 1 and cache.rejected == 0
+        cache.close()
