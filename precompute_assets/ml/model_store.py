@@ -12,8 +12,9 @@ import os
 import re
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import IO, Any, Protocol, runtime_checkable
 
 import joblib
 
@@ -73,18 +74,24 @@ class LocalModelStore:
 
         An existing version is only replaced with ``overwrite=True``: a version names one model for good.
         """
+        return self._write(name, version, MODEL_FILE, lambda f: joblib.dump(model, f), metadata, overwrite)
+
+    def _write(
+        self, name: str, version: str, filename: str, dump: Callable[[IO[bytes]], object], metadata: dict,
+        overwrite: bool,
+    ) -> str:  # fmt: skip
+        """Write one version all or nothing: into a staging folder, fsynced, then renamed into place."""
         final = self.path(name, version)
         if final.exists() and not overwrite:
             raise FileExistsError(f"model {name!r} version {version!r} already exists at {final}")
         # Serialise metadata first so a bad value fails before anything touches the disk.
         metadata_json = json.dumps(metadata, indent=2, sort_keys=True, allow_nan=False)
-
         final.parent.mkdir(parents=True, exist_ok=True)
         staging = final.parent / f"{_TEMP_PREFIX}{version}-{uuid.uuid4().hex}"
         staging.mkdir()
         try:
-            with open(staging / MODEL_FILE, "wb") as f:
-                joblib.dump(model, f)
+            with open(staging / filename, "wb") as f:
+                dump(f)
                 f.flush()
                 os.fsync(f.fileno())
             with open(staging / METADATA_FILE, "w", encoding="utf-8") as f:
@@ -131,28 +138,7 @@ class LocalModelStore:
         ``name``/``version``, all or nothing like ``save``; returns its ``file://`` URI."""
         from .demand import save_weights  # torch only where weights are stored
 
-        final = self.path(name, version)
-        if final.exists() and not overwrite:
-            raise FileExistsError(f"model {name!r} version {version!r} already exists at {final}")
-        metadata_json = json.dumps(metadata, indent=2, sort_keys=True, allow_nan=False)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        staging = final.parent / f"{_TEMP_PREFIX}{version}-{uuid.uuid4().hex}"
-        staging.mkdir()
-        try:
-            with open(staging / STATE_DICT_FILE, "wb") as f:
-                save_weights(state_dict, f)
-                f.flush()
-                os.fsync(f.fileno())
-            with open(staging / METADATA_FILE, "w", encoding="utf-8") as f:
-                f.write(metadata_json)
-                f.flush()
-                os.fsync(f.fileno())
-            self._publish(staging, final)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        _fsync_dir(final.parent)
-        return final.resolve().as_uri()
+        return self._write(name, version, STATE_DICT_FILE, lambda f: save_weights(state_dict, f), metadata, overwrite)
 
     def load_state_dict(self, name: str, version: str) -> dict:
         """The ``state_dict`` saved as ``name``/``version``, read with ``torch.load(weights_only=True)``: a file that
