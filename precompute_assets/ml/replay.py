@@ -458,27 +458,12 @@ def _lru_hits(
 def _lru_day_hits(
     days: list[np.ndarray], slots: int | Sequence[int], *, precomputed: list[set] | None = None
 ) -> list[int]:
-    """Hits per day of the read-through LRU that ``_lru_hits`` describes."""
-    cache: OrderedDict[Hashable, None] = OrderedDict()
-    per_day: list[int] = []
-    for d, day in enumerate(days):
-        size = slots[d] if isinstance(slots, Sequence) else slots
-        while len(cache) > size:
-            cache.popitem(last=False)
-        chosen = precomputed[d] if precomputed is not None else set()
-        day_hits = 0
-        for key in day.tolist():
-            if key in chosen:
-                day_hits += 1
-            elif key in cache:
-                cache.move_to_end(key)
-                day_hits += 1
-            elif size > 0:
-                cache[key] = None
-                if len(cache) > size:
-                    cache.popitem(last=False)
-        per_day.append(day_hits)
-    return per_day
+    """Hits per day of the read-through LRU that ``_lru_hits`` describes: every miss is admitted."""
+    return _admitted_lru_day_hits(days, slots, _admit_always, precomputed=precomputed)
+
+
+def _admit_always(code: int, position: int, hit: bool) -> bool:
+    return True
 
 
 def _admission_model(

@@ -44,7 +44,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def print_status(stack: Stack) -> int:
-    for service in stack.status():
+    services = stack.status()
+    for service in services:
         where = "embedded" if service.embedded else "external"
         state = f"running (pid {service.pid})" if service.pid else ("reachable" if service.running else "stopped")
         if not service.embedded and not service.running:
@@ -52,25 +53,25 @@ def print_status(stack: Stack) -> int:
         version = f"  ({service.version})" if service.version else ""
         print(f"{service.name:<9} {where:<9} {state:<22} {redact(service.url)}{version}")
     print(f"state     {stack.home}")
-    for name, kind, status in automation(stack):
+    postgres_running = any(service.name == "postgres" and service.running for service in services)
+    for name, kind, status in automation(stack, postgres_running):
         print(f"{kind:<9} {status:<9} {name}")
     return 0
 
 
-def automation(stack: Stack) -> list[tuple[str, str, str]]:
+def automation(stack: Stack, postgres_running: bool) -> list[tuple[str, str, str]]:
     """Each schedule and sensor with the state the Dagster daemon acts on, when Dagster's database answers."""
-    postgres = next(service for service in stack.status() if service.name == "postgres")
-    if not postgres.running or not (stack.dagster_home / "dagster.yaml").exists():
+    if not postgres_running or not (stack.dagster_home / "dagster.yaml").exists():
         return [("(unknown until `precompute up`: Dagster's database is stopped)", "automation", "")]
     import dagster as dg
 
     from ..definitions import defs
     from ..defs.automation import automation_states
 
-    saved = dict(os.environ)
-    os.environ.update(stack.env())
+    env, saved = stack.env(), dict(os.environ)
+    os.environ.update(env)
     try:
-        with dg.DagsterInstance.from_config(str(stack.env()["DAGSTER_HOME"])) as instance:
+        with dg.DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
             return automation_states(instance, defs())
     except Exception as error:  # status reports; it never fails because Dagster's storage cannot be read
         return [(f"(unknown: {type(error).__name__}: {str(error).splitlines()[0][:120]})", "automation", "")]
