@@ -22,14 +22,13 @@ from datetime import UTC, datetime, timedelta
 import dagster as dg
 import pandas as pd
 import redis as redis_py
-from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
 
 from ..ml import ctr
 from ..ml.budget import DEFAULT_DRAWS, DEFAULT_PRIOR_STRENGTH, thompson_split
 from ..serving import KeySchema
 from ..serving.publish import delete_live_values, write_live_values
 from ..storage.campaigns import Campaign, CampaignRegistry
-from .models import CTR_MODEL
+from .models import CTR_MODEL, approved_materializations
 from .resources import CampaignRegistryResource, LakeResource, ModelStoreResource, RedisResource
 
 CAMPAIGNS = dg.DynamicPartitionsDefinition(name="campaigns")
@@ -133,28 +132,12 @@ def approved_model_version(instance: dg.DagsterInstance) -> str:
 
     Reads every materialization and every passed check, page by page: however many backfilled days or retries
     came after the newest approved model, it is found."""
-    passed: set[str] = set()
-    check_cursor = None
-    while True:
-        page = instance.event_log_storage.get_asset_check_execution_history(
-            BEATS_BASELINE, APPROVAL_PAGE, cursor=check_cursor, status={AssetCheckExecutionRecordStatus.SUCCEEDED}
-        )
-        passed |= {record.run_id for record in page}
-        if len(page) < APPROVAL_PAGE:
-            break
-        check_cursor = page[-1].id
-    approved = []
-    cursor = None
-    while True:
-        result = instance.fetch_materializations(dg.AssetKey(CTR_MODEL), limit=APPROVAL_PAGE, cursor=cursor)
-        for record in result.records:
-            metadata = record.asset_materialization.metadata if record.asset_materialization else {}
-            flag = metadata.get("approved")
-            if record.run_id in passed and "model_version" in metadata and (flag is None or flag.value):
-                approved.append(((record.partition_key or "", record.storage_id), metadata["model_version"].value))
-        if not result.has_more:
-            break
-        cursor = result.cursor
+    records = approved_materializations(instance, BEATS_BASELINE, page=APPROVAL_PAGE)
+    approved = [
+        ((partition, storage_id), metadata["model_version"].value)
+        for partition, storage_id, _, metadata in records
+        if "model_version" in metadata and (metadata.get("approved") is None or metadata["approved"].value)
+    ]
     if not approved:
         raise dg.Failure(
             description="no approved ctr_model: campaigns are scored only by a model that passed beats_baseline; "

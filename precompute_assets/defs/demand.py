@@ -18,6 +18,7 @@ from ..ml.demand import (
     load_model,
     seasonal_forecast,
 )
+from .models import approved_materializations
 from .partitions import DEFAULT_PARTITIONS, Partitions
 from .resources import LakeResource, ModelStoreResource
 from .selection import hourly_logs
@@ -25,7 +26,6 @@ from .selection import hourly_logs
 DEMAND_MODEL = "demand_model"
 BEATS_BASELINES = "beats_baselines"
 DEMAND_LOOKBACK_DAYS = 14
-APPROVAL_LOOKBACK = 100  # newest demand_model materializations searched for a version to warm-start from
 
 
 class DemandModelConfig(dg.Config):
@@ -69,25 +69,16 @@ def read_hourly_counts(lake, partitions: Partitions, days: list[str]) -> HourlyC
 def previous_approved_version(instance: dg.DagsterInstance, partition: str, run_id: str) -> str | None:
     """The newest approved ``demand_model`` version of this day or an earlier one, from another run (its
     ``beats_baselines`` check passed); None when there is none."""
-    check_key = dg.AssetCheckKey(dg.AssetKey(DEMAND_MODEL), BEATS_BASELINES)
-    passed = {
-        record.run_id
-        for record in instance.event_log_storage.get_asset_check_execution_history(check_key, APPROVAL_LOOKBACK)
-        if record.status.value == "SUCCEEDED"
-    }
-    approved = []
-    for record in instance.fetch_materializations(dg.AssetKey(DEMAND_MODEL), limit=APPROVAL_LOOKBACK).records:
-        metadata = record.asset_materialization.metadata if record.asset_materialization else {}
-        flag = metadata.get("approved")
-        if (
-            record.run_id != run_id
-            and record.run_id in passed
-            and (record.partition_key or "") <= partition
-            and "model_version" in metadata
-            and flag is not None
-            and flag.value
-        ):
-            approved.append(((record.partition_key or "", record.storage_id), metadata["model_version"].value))
+    check = dg.AssetCheckKey(dg.AssetKey(DEMAND_MODEL), BEATS_BASELINES)
+    approved = [
+        ((day, storage_id), metadata["model_version"].value)
+        for day, storage_id, other_run, metadata in approved_materializations(instance, check)
+        if other_run != run_id
+        and day <= partition
+        and "model_version" in metadata
+        and metadata.get("approved") is not None
+        and metadata["approved"].value
+    ]
     return max(approved)[1] if approved else None
 
 

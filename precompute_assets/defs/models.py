@@ -3,10 +3,12 @@ measured on cold-start ads (first seen after the training cutoff) by a warning c
 
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import asdict
 
 import dagster as dg
 import pandas as pd
+from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
 
 from ..ml import ctr
 from ..ml.features import spec_dict
@@ -196,3 +198,31 @@ def model_version(instance: dg.DagsterInstance, partition: str) -> str:
     if not metadata["approved"].value:
         raise dg.Failure(description=f"ctr_model {metadata['model_version'].value} failed beats_baseline")
     return metadata["model_version"].value
+
+
+def approved_materializations(
+    instance: dg.DagsterInstance, check: dg.AssetCheckKey, *, page: int = 1000
+) -> Iterator[tuple[str, int, str, dict]]:
+    """``(partition, storage_id, run_id, metadata)`` of every materialization of ``check``'s asset whose run
+    passed the blocking ``check``; all records are read, page by page, so no number of later backfills or
+    retries hides one (model lineage: a version is approved by its materialization's check, never by a file)."""
+    passed: set[str] = set()
+    check_cursor = None
+    while True:
+        records = instance.event_log_storage.get_asset_check_execution_history(
+            check, page, cursor=check_cursor, status={AssetCheckExecutionRecordStatus.SUCCEEDED}
+        )
+        passed |= {record.run_id for record in records}
+        if len(records) < page:
+            break
+        check_cursor = records[-1].id
+    cursor = None
+    while True:
+        result = instance.fetch_materializations(check.asset_key, limit=page, cursor=cursor)
+        for record in result.records:
+            if record.run_id in passed:
+                metadata = record.asset_materialization.metadata if record.asset_materialization else {}
+                yield record.partition_key or "", record.storage_id, record.run_id, metadata
+        if not result.has_more:
+            break
+        cursor = result.cursor
