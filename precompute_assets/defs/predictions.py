@@ -43,18 +43,23 @@ def ctr_predictions(
             "unseen_category_values": dg.MetadataValue.json(unseen),
         },
     )
-    yield valid_ctr_check(scores)
+    yield valid_ctr_check(scores, selected=len(top_ads))
 
 
-def valid_ctr_check(scores: pd.DataFrame) -> dg.AssetCheckResult:
-    """Every prediction is a finite probability, and there is at least one."""
+def valid_ctr_check(scores: pd.DataFrame, *, selected: int) -> dg.AssetCheckResult:
+    """Every prediction is a finite probability, and there is at least one unless nothing was selected (a
+    precompute share of 0: read-through only, and the empty version published ends yesterday's)."""
     values = scores["ctr"].to_numpy(dtype=float)
     bad = int((~np.isfinite(values) | (values < 0) | (values > 1)).sum())
-    passed = len(values) > 0 and bad == 0
+    passed = (len(values) > 0 or selected == 0) and bad == 0
+    if not len(values):
+        description = "nothing selected: read-through only" if selected == 0 else "no predictions"
+    else:
+        description = f"{bad} predictions outside [0, 1] or not finite"
     return dg.AssetCheckResult(
         check_name="valid_ctr",
         passed=passed,
         severity=dg.AssetCheckSeverity.ERROR,
-        description="no predictions" if not len(values) else f"{bad} predictions outside [0, 1] or not finite",
+        description=description,
         metadata={"invalid": bad, "predictions": len(values)},
     )

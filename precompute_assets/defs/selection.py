@@ -3,11 +3,14 @@
 from collections.abc import Iterator
 
 import dagster as dg
+import numpy as np
 import pandas as pd
 
+from ..ml.replay import ShareChoice, tune_share
 from ..ml.selection import ad_demand as weighted_demand
 from ..ml.selection import coverage, select_top
 from ..ml.selection import traffic_profile as offpeak_profile
+from ..ml.strategies import TraceHours, strategy_rankings
 from ..storage.lake import Lake
 from .partitions import DEFAULT_PARTITIONS, Partitions
 from .resources import LakeResource, ModelStoreResource
@@ -28,9 +31,16 @@ class SelectionConfig(dg.Config):
 
 class TopAdsConfig(SelectionConfig):
     """``strategy``: how tomorrow's demand is ranked: ``frequency`` (ad_demand), ``ewma``, ``seasonal``, ``lstm``
-    (the approved demand_model), or ``auto`` (the best on the held-back day per demand_model's evaluation)."""
+    (the approved demand_model), or ``auto`` (the best on the held-back day per demand_model's evaluation).
 
-    strategy: str = "frequency"
+    ``precompute_share``: ``fixed`` precomputes ``top_n`` ads; ``auto`` chooses how many within
+    ``cache_capacity`` (the keys the serving cache holds, precomputed plus read-through): the N of
+    0, C/16, C/8, C/4, C/2, 3C/4, C whose "top-N + read-through LRU of C-N" got the most hits replaying the
+    logged days (``ml.replay.tune_share``), so where precomputing would hurt it precomputes nothing."""
+
+    strategy: str = "auto"
+    precompute_share: str = "fixed"
+    cache_capacity: int = 0
 
 
 def hourly_logs(
@@ -133,6 +143,39 @@ def ad_demand(context: dg.AssetExecutionContext, config: SelectionConfig, lake: 
     )
 
 
+def logged_trace(lake: Lake, partitions: Partitions, days: list[str]) -> TraceHours:
+    """The ``ctr`` queries logged on ``days``, in time order, with the day (0..) and hour (0..23) of each."""
+    keys, day_index, hour_index = [], [], []
+    for d, day in enumerate(days):
+        for h, (_, frame) in enumerate(hourly_logs(lake, partitions.hours_of(day))):
+            if frame is None or not len(frame):
+                continue
+            ordered = frame.sort_values("ts", kind="stable")["key"].astype(str).to_numpy(dtype=object)
+            keys.append(ordered)
+            day_index.append(np.full(len(ordered), d, dtype=np.int64))
+            hour_index.append(np.full(len(ordered), min(h, 23), dtype=np.int64))  # a 25-hour DST day: 24 -> 23
+
+    def joined(parts: list[np.ndarray], dtype) -> np.ndarray:
+        return np.concatenate(parts) if parts else np.empty(0, dtype=dtype)
+
+    return TraceHours(joined(keys, object), joined(day_index, np.int64), joined(hour_index, np.int64), len(days))
+
+
+def self_tuned_share(lake: Lake, partitions: Partitions, day: str, strategy: str, capacity: int) -> ShareChoice:
+    """The precompute share for the day after ``day`` within ``capacity`` keys, from replaying the logged days
+    (``LOOKBACK_DAYS`` up to ``day``, from the first with logs; that one only warms the caches). Each replayed
+    day is ranked by ``strategy`` from the days before it; the LSTM, whose daily retraining a replay cannot
+    afford here, is replayed with the frequency ranking."""
+    days = partitions.days_ending(day, LOOKBACK_DAYS)
+    hours = logged_trace(lake, partitions, days)
+    if len(hours.keys):  # days before the first logged one would only make the first logged day count cold
+        first = int(hours.day[0])
+        hours = logged_trace(lake, partitions, days[first:]) if first else hours
+    replayed = strategy if strategy in ("frequency", "ewma", "seasonal") else "frequency"
+    rankings, _ = strategy_rankings(hours, replayed, capacity)
+    return tune_share(hours.day_keys(), capacity, ranked=rankings)
+
+
 @dg.asset(
     partitions_def=DEFAULT_PARTITIONS.daily,
     kinds={"pandas"},
@@ -155,6 +198,12 @@ def top_ads(
     known = ad_demand[ad_demand["ad_id"].isin(catalog)]
     unknown = ad_demand[~ad_demand["ad_id"].isin(catalog)]
     demand = known.set_index("ad_id")["demand"]
+    if config.precompute_share not in ("fixed", "auto"):
+        raise dg.Failure(description=f"unknown precompute_share {config.precompute_share!r}: use fixed or auto")
+    if config.precompute_share == "auto" and config.cache_capacity < 1:
+        raise dg.Failure(description="precompute_share auto needs cache_capacity: the keys the serving cache holds")
+    if config.precompute_share == "fixed" and config.top_n < 0:
+        raise dg.Failure(description=f"top_n must be at least 0, got {config.top_n}")
     strategy, reason = resolve_strategy(context.instance, context.partition_key, config.strategy)
     if strategy != "frequency":
         forecast, note = strategy_demand(context, strategy, lake.lake(), model_store)
@@ -163,7 +212,26 @@ def top_ads(
         else:
             demand = forecast[forecast.index.isin(catalog)]
             reason = f"{reason} ({note})" if note else reason
-    selected = select_top(demand, config.top_n)
+    share_metadata: dict = {"precompute_share": config.precompute_share}
+    top_n = config.top_n
+    if config.precompute_share == "auto":
+        choice = self_tuned_share(
+            lake.lake(), Partitions.of(context), context.partition_key, strategy, config.cache_capacity
+        )
+        top_n = choice.share
+        share_metadata.update(
+            cache_capacity=config.cache_capacity,
+            share_hit_rate=choice.hit_rates[choice.share],
+            read_through_hit_rate=choice.hit_rates[0],
+            share_replayed_requests=choice.requests,
+            share_candidates=dg.MetadataValue.json({str(n): rate for n, rate in choice.hit_rates.items()}),
+        )
+        context.log.info(
+            f"self-tuned share: {top_n} of {config.cache_capacity} keys (replayed hit rate "
+            f"{choice.hit_rates[top_n]:.4f}, read-through only {choice.hit_rates[0]:.4f}, "
+            f"{choice.requests} replayed requests)"
+        )
+    selected = select_top(demand, top_n)
     last_day = ad_demand.set_index("ad_id")["last_day_requests"]
     covered = coverage(selected, last_day)
     frame = pd.DataFrame({"rank": range(1, len(selected) + 1), "ad_id": selected})
@@ -175,17 +243,22 @@ def top_ads(
             "dagster/row_count": len(frame),
             "strategy": strategy,
             "strategy_reason": reason,
+            "top_n": top_n,
+            **share_metadata,
             "coverage_last_day": covered,
             "unknown_ads": len(unknown),
             "unknown_demand_share": unknown_share,
         },
     )
+    read_through = top_n == 0  # chosen or configured: nothing to precompute is then the intended result
     yield dg.AssetCheckResult(
         check_name="known_ads",
-        passed=bool(len(selected)) and unknown_share <= 0.01,
-        severity=dg.AssetCheckSeverity.ERROR if not len(selected) else dg.AssetCheckSeverity.WARN,
+        passed=(bool(len(selected)) or read_through) and unknown_share <= 0.01,
+        severity=dg.AssetCheckSeverity.ERROR if not len(selected) and not read_through else dg.AssetCheckSeverity.WARN,
         description=(
-            "nothing to precompute: no known ad was requested"
+            f"precompute share {top_n}: read-through only"
+            if read_through
+            else "nothing to precompute: no known ad was requested"
             if not len(selected)
             else f"{len(unknown)} unknown ads carry {unknown_share:.2%} of the demand"
         ),

@@ -114,6 +114,7 @@ def replay(
     precomputed: Sequence[Collection[Hashable]] | None = None,
     admission: str | AdmissionPolicy | None = None,
     admission_window: int | None = None,
+    ranked: Sequence[Sequence[Hashable]] | None = None,
 ) -> dict:
     """Hit rates over days W..D-1 (days 0..W-1, ``warmup_days``, only warm the caches) of five policies and
     two offline bounds.
@@ -130,6 +131,10 @@ def replay(
     first counted day and the warm-up days use N = 0, plain read-through. Ours is then one LRU whose size
     follows C-N (shrinking evicts its least recent keys), and static top-N precomputes the chosen N. The
     result adds ``top_n_chosen`` (N per counted day) and ``top_n_mean``; ``top_n`` is ``"auto"``.
+
+    ``ranked`` replaces the recency-weighted frequency ranking by a given one (a demand strategy's): per day,
+    keys best first, chosen from the days before it only; each day's top-N is the first N of its list (with
+    ``"auto"``, the first N of the chosen share). Keys never requested in the trace are skipped.
 
     Bounds: ``hit_rate_belady``, the classic offline optimum (Belady's MIN) of a read-through cache of
     ``capacity`` keys, the number published trace tables use (see ``belady_hits``). It bounds read-through
@@ -156,6 +161,8 @@ def replay(
     if not 1 <= warmup_days <= max(1, len(day_keys) - 1):
         raise ValueError(f"warmup_days must be at least 1 and less than the {len(day_keys)} days, got {warmup_days}")
     counted_days = len(day_keys) - warmup_days
+    if ranked is not None and (precomputed is not None or len(ranked) != len(day_keys)):
+        raise ValueError(f"ranked needs one list per day ({len(day_keys)}) and no precomputed sets")
     if precomputed is not None:
         if auto:
             raise ValueError("precomputed sets need a fixed top_n, not 'auto'")
@@ -165,13 +172,19 @@ def replay(
         if too_big := [len(given) for given in precomputed if len(given) > top_n]:
             raise ValueError(f"a precomputed set of {too_big[0]} keys exceeds top_n ({top_n})")
     days, keys = _as_codes(day_keys)
+    limit = capacity if auto else top_n
+    if ranked is not None:
+        ranking = [_ranked_codes(given, keys)[:limit] for given in ranked]
+    elif precomputed is None:
+        ranking = _ranked_keys(days, limit=limit, half_life_days=half_life_days)
+    else:
+        ranking = _ranked_keys(days[:warmup_days], limit=limit, half_life_days=half_life_days)
     if auto:
-        shares, chosen = _self_tuned_shares(days, capacity, warmup_days=warmup_days, half_life_days=half_life_days)
+        shares, chosen = _self_tuned_shares(days, capacity, ranking, warmup_days=warmup_days)
         slots: int | list[int] = [capacity - share for share in shares]
     else:
-        selected_days = days if precomputed is None else days[:warmup_days]  # the given sets stand for the rest
-        chosen = _precomputed_sets(selected_days, top_n=top_n, half_life_days=half_life_days)
-        if precomputed is not None:
+        chosen = [set(given) for given in ranking]
+        if precomputed is not None:  # the given sets stand for the selection on the counted days
             chosen += [_codes_of(given, keys) for given in precomputed]
         slots = capacity - top_n
     counted = days[warmup_days:]
@@ -407,31 +420,92 @@ def _precomputed_sets(days: list[np.ndarray], *, top_n: int, half_life_days: flo
     return [set(ranked) for ranked in _ranked_keys(days, limit=top_n, half_life_days=half_life_days)]
 
 
-def _share_candidates(capacity: int) -> list[int]:
-    """Precompute shares tried by ``top_n="auto"``: 0, C/16, C/8, C/4, C/2, 3C/4 and C (rounded down)."""
+def _ranked_codes(ranked: Sequence[Hashable], keys: pd.Index) -> list[int]:
+    """The codes of ``ranked`` in its order; keys never requested have none and are skipped."""
+    if len(ranked) == 0:
+        return []
+    positions = keys.get_indexer(pd.Index(list(ranked)))
+    return [int(position) for position in positions if position >= 0]
+
+
+def share_candidates(capacity: int) -> list[int]:
+    """Precompute shares a self-tuned replay tries: 0, C/16, C/8, C/4, C/2, 3C/4 and C (rounded down)."""
     return sorted({capacity * sixteenths // 16 for sixteenths in (0, 1, 2, 4, 8, 12, 16)})
 
 
+def _candidate_day_hits(days: list[np.ndarray], capacity: int, ranking: list[list[int]]) -> dict[int, list[int]]:
+    """Hits per day of "top-N of each day's ranking + LRU of C-N" for every candidate N: one replay each, and a
+    day's hits depend only on the days up to it."""
+    return {
+        n: _lru_day_hits(days, capacity - n, precomputed=[set(keys[:n]) for keys in ranking])
+        for n in share_candidates(capacity)
+    }
+
+
+def _best_share(day_hits: dict[int, list[int]], first: int, last: int) -> int:
+    """The candidate with the most hits on days ``first..last-1`` (ties: the smaller N); 0 without evidence."""
+    if last <= first:
+        return 0
+    return max(day_hits, key=lambda n: (sum(day_hits[n][first:last]), -n))
+
+
 def _self_tuned_shares(
-    days: list[np.ndarray], capacity: int, *, warmup_days: int, half_life_days: float
+    days: list[np.ndarray], capacity: int, ranking: list[list[int]], *, warmup_days: int
 ) -> tuple[list[int], list[set]]:
     """The precompute share N of each day, and its top-N set, chosen without looking at that day.
 
-    Every candidate N replays "top-N selected from the demand before each day + LRU of C-N" over the whole
-    trace once, keeping its hits per day; a day's hits only depend on the days up to it. Counted day d then
-    takes the candidate with the most hits on counted days W..d-1 (ties: the smaller N), so nothing of day d
-    or later is used. The first counted day has no evidence and takes N = 0, as do the warm-up days.
+    Every candidate N replays "top-N of the day's ranking (made from the days before it) + LRU of C-N" over the
+    whole trace once, keeping its hits per day. Counted day d then takes the candidate with the most hits on
+    counted days W..d-1 (ties: the smaller N), so nothing of day d or later is used. The first counted day has
+    no evidence and takes N = 0, as do the warm-up days.
     """
-    candidates = _share_candidates(capacity)
-    ranked = _ranked_keys(days, limit=capacity, half_life_days=half_life_days)
-    day_hits = {
-        n: _lru_day_hits(days, capacity - n, precomputed=[set(keys[:n]) for keys in ranked]) for n in candidates
-    }
+    day_hits = _candidate_day_hits(days, capacity, ranking)
     shares = [0] * len(days)
     for d in range(warmup_days + 1, len(days)):
-        scores = {n: sum(day_hits[n][warmup_days:d]) for n in candidates}
-        shares[d] = max(candidates, key=lambda n: (scores[n], -n))
-    return shares, [set(keys[:share]) for keys, share in zip(ranked, shares, strict=True)]
+        shares[d] = _best_share(day_hits, warmup_days, d)
+    return shares, [set(keys[:share]) for keys, share in zip(ranking, shares, strict=True)]
+
+
+@dataclass(frozen=True)
+class ShareChoice:
+    """The precompute share chosen for the day after a replayed history, and the evidence."""
+
+    share: int
+    capacity: int
+    hit_rates: dict[int, float]  # candidate N -> hit rate of "top-N + LRU of C-N" on the counted days
+    requests: int  # requests on the counted days
+
+
+def tune_share(
+    day_keys: Sequence[np.ndarray],
+    capacity: int,
+    *,
+    ranked: Sequence[Sequence[Hashable]] | None = None,
+    warmup_days: int = 1,
+    half_life_days: float = 2.0,
+) -> ShareChoice:
+    """The precompute share for the day after ``day_keys``: the candidate N (``share_candidates``) whose
+    "top-N + read-through LRU of C-N" got the most hits on days W..D-1 of the history (ties: the smaller N),
+    each day's top-N ranked from the days before it (``ranked``, else recency-weighted frequency). Without a
+    counted day with requests the share is 0: plain read-through until there is evidence."""
+    if capacity < 1:
+        raise ValueError(f"capacity must be at least 1, got {capacity}")
+    if warmup_days < 0:
+        raise ValueError(f"warmup_days must be at least 0, got {warmup_days}")
+    if ranked is not None and len(ranked) != len(day_keys):
+        raise ValueError(f"ranked needs one list per day ({len(day_keys)}), got {len(ranked)}")
+    if not day_keys or sum(len(day) for day in day_keys) == 0:
+        return ShareChoice(0, capacity, {n: 0.0 for n in share_candidates(capacity)}, 0)
+    days, keys = _as_codes(day_keys)
+    if ranked is None:
+        ranking = _ranked_keys(days, limit=capacity, half_life_days=half_life_days)
+    else:
+        ranking = [_ranked_codes(given, keys)[:capacity] for given in ranked]
+    day_hits = _candidate_day_hits(days, capacity, ranking)
+    requests = sum(len(day) for day in days[warmup_days:])
+    share = _best_share(day_hits, warmup_days, len(days)) if requests else 0
+    rates = {n: (sum(hits[warmup_days:]) / requests if requests else 0.0) for n, hits in day_hits.items()}
+    return ShareChoice(share, capacity, rates, requests)
 
 
 def _static_hits(day: np.ndarray, chosen: set[Hashable]) -> int:

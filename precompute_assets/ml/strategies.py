@@ -107,8 +107,53 @@ def _counts(hours: TraceHours, first: int, last: int) -> HourlyCounts:
     )
 
 
-def _top(values: np.ndarray, keys: np.ndarray, top_n: int) -> set[Hashable]:
-    return set(select_top(pd.Series(values, index=pd.Index(keys)), top_n))
+def _ranking(values: np.ndarray, keys: np.ndarray, limit: int) -> list[Hashable]:
+    return select_top(pd.Series(values, index=pd.Index(keys)), limit)
+
+
+def strategy_rankings(
+    hours: TraceHours,
+    strategy: str,
+    limit: int,
+    *,
+    hp: DemandHyperParams = REPLAY_HYPER_PARAMS,
+    lookback_days: int = LOOKBACK_DAYS,
+    margin: float = MARGIN,
+) -> tuple[list[list[Hashable]], dict]:
+    """The ``limit`` best keys of every day (day 0: none), best first, ranked by ``strategy`` from the days
+    before it only, and ``{"fallback_days", "approved_days", "trained_days"}`` (the LSTM's; zeros for the
+    baselines). The LSTM's approval rule and evaluation use ``hp.top_n``; the ranking uses ``limit``."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}: use one of {', '.join(STRATEGIES)} or all")
+    rankings: list[list[Hashable]] = [[]]
+    info = {"trained_days": 0, "approved_days": 0, "fallback_days": 0}
+    state = None  # the previous day's model when it was approved: the next day warm-starts from it
+    for d in range(1, hours.n_days):
+        recent = _counts(hours, max(0, d - max(BASELINE_DAYS, hp.window_days)), d - 1)  # days before d only
+        if len(recent.keys) == 0 or limit == 0:
+            rankings.append([])
+            continue
+        if strategy == "lstm" and d >= 3:
+            history = _counts(hours, max(0, d - lookback_days), d - 1)
+            result = evaluate_demand(history, hp, init_state=state)
+            evaluation = result.evaluation
+            approved = evaluation.hit_rate["lstm"] - evaluation.hit_rate[evaluation.best_baseline] > margin
+            state = result.state_dict() if approved else state
+            info["trained_days"] += 1
+            info["approved_days"] += int(approved)
+            forecast = forecast_next_day(result.model, recent, hp)
+            rankings.append(_ranking(forecast.to_numpy(), recent.keys, limit))
+            continue
+        if strategy == "lstm":
+            info["fallback_days"] += 1
+        if strategy == "seasonal":
+            values = seasonal_forecast(recent.daily(), recent.n_days)
+        elif strategy == "ewma":
+            values = ewma_forecast(recent, recent.n_days, hp)
+        else:  # frequency, and the lstm before it can be trained
+            values = frequency_forecast(recent.daily(), recent.keys, recent.n_days, hp)
+        rankings.append(_ranking(values, recent.keys, limit))
+    return rankings, info
 
 
 def strategy_sets(
@@ -120,40 +165,11 @@ def strategy_sets(
     lookback_days: int = LOOKBACK_DAYS,
     margin: float = MARGIN,
 ) -> tuple[list[set[Hashable]], dict]:
-    """The top-N set of every day (day 0: empty) ranked by ``strategy`` from the days before it only, and
-    ``{"fallback_days", "approved_days", "trained_days"}`` (the LSTM's; zeros for the baselines)."""
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}: use one of {', '.join(STRATEGIES)} or all")
-    hp = replace(hp, top_n=top_n)
-    sets: list[set[Hashable]] = [set()]
-    info = {"trained_days": 0, "approved_days": 0, "fallback_days": 0}
-    state = None  # the previous day's model when it was approved: the next day warm-starts from it
-    for d in range(1, hours.n_days):
-        recent = _counts(hours, max(0, d - max(BASELINE_DAYS, hp.window_days)), d - 1)  # days before d only
-        if len(recent.keys) == 0 or top_n == 0:
-            sets.append(set())
-            continue
-        if strategy == "lstm" and d >= 3:
-            history = _counts(hours, max(0, d - lookback_days), d - 1)
-            result = evaluate_demand(history, hp, init_state=state)
-            evaluation = result.evaluation
-            approved = evaluation.hit_rate["lstm"] - evaluation.hit_rate[evaluation.best_baseline] > margin
-            state = result.state_dict() if approved else state
-            info["trained_days"] += 1
-            info["approved_days"] += int(approved)
-            forecast = forecast_next_day(result.model, recent, hp)
-            sets.append(_top(forecast.to_numpy(), recent.keys, top_n))
-            continue
-        if strategy == "lstm":
-            info["fallback_days"] += 1
-        if strategy == "seasonal":
-            values = seasonal_forecast(recent.daily(), recent.n_days)
-        elif strategy == "ewma":
-            values = ewma_forecast(recent, recent.n_days, hp)
-        else:  # frequency, and the lstm before it can be trained
-            values = frequency_forecast(recent.daily(), recent.keys, recent.n_days, hp)
-        sets.append(_top(values, recent.keys, top_n))
-    return sets, info
+    """The top-N set of every day (day 0: empty) of ``strategy_rankings``; the LSTM is evaluated at ``top_n``."""
+    rankings, info = strategy_rankings(
+        hours, strategy, top_n, hp=replace(hp, top_n=top_n), lookback_days=lookback_days, margin=margin
+    )
+    return [set(ranking) for ranking in rankings], info
 
 
 def compare_strategies(
@@ -161,7 +177,7 @@ def compare_strategies(
     days: int,
     strategies: Sequence[str],
     *,
-    top_n: int,
+    top_n: int | str,
     capacity: int,
     hp: DemandHyperParams = REPLAY_HYPER_PARAMS,
     warmup_days: int = 1,
@@ -169,9 +185,15 @@ def compare_strategies(
 ) -> dict:
     """``{"strategies": {name: {"hit_rate", "top_n"}}, "strategy_notes": [...]}``: the hit rate over the
     counted days of each strategy's top-N plus an LRU of ``capacity - top_n`` keys (``replay``'s ``ours`` with
-    the strategy's sets), at the same capacity and warm-up as ``replay``. A fixed ``top_n`` only."""
-    if isinstance(top_n, str) or top_n < 0:
-        raise ValueError(f"strategies need a fixed top_n >= 0, got {top_n!r}")
+    the strategy's ranking), at the same capacity and warm-up as ``replay``.
+
+    ``top_n="auto"``: each strategy tunes its own share as ``replay`` does (each day the candidate N whose
+    "top-N of this strategy + LRU of C-N" got the most hits on the counted days before it), and ``top_n`` is
+    the mean share it chose. The LSTM is evaluated for approval at ``hp.top_n`` then (at ``top_n`` otherwise).
+    """
+    auto = top_n == "auto"
+    if not auto and (isinstance(top_n, str) or top_n < 0):
+        raise ValueError(f"top_n must be a whole number >= 0 or 'auto', got {top_n!r}")
     unknown = [name for name in strategies if name not in STRATEGIES]
     if unknown:
         raise ValueError(f"unknown strategy {unknown[0]!r}: use one of {', '.join(STRATEGIES)} or all")
@@ -179,13 +201,17 @@ def compare_strategies(
     day_keys = hours.day_keys()
     trained_days = max(0, days - 3)  # days 3..D-1 have the 3 days before them that training needs
     per_day = min(hp.max_seconds, lstm_budget_s / trained_days) if trained_days else hp.max_seconds
+    day_hp = replace(hp, max_seconds=per_day) if auto else replace(hp, max_seconds=per_day, top_n=top_n)
     out, notes = {}, []
     for name in strategies:
-        sets, info = strategy_sets(hours, name, top_n, hp=replace(hp, max_seconds=per_day))
-        result = replay(
-            day_keys, top_n=top_n, capacity=capacity, warmup_days=warmup_days, precomputed=sets[warmup_days:]
-        )
-        out[name] = {"hit_rate": result["hit_rate_ours"], "top_n": int(top_n)}
+        rankings, info = strategy_rankings(hours, name, capacity if auto else top_n, hp=day_hp)
+        result = replay(day_keys, top_n=top_n, capacity=capacity, warmup_days=warmup_days, ranked=rankings)
+        out[name] = {
+            "hit_rate": result["hit_rate_ours"],
+            "top_n": result["top_n_mean"] if auto else int(top_n),
+        }
+        if auto:
+            out[name]["top_n_chosen"] = result["top_n_chosen"]
         if name == "lstm":
             counted = range(warmup_days, days)
             notes.append(

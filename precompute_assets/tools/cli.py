@@ -189,8 +189,6 @@ def cmd_replay(args: argparse.Namespace) -> int:
         strategies = list(STRATEGIES) if args.strategy == "all" else [args.strategy]
         if args.strategy != "all" and args.strategy not in STRATEGIES:
             raise CliError(f"unknown --strategy {args.strategy!r}: use one of {', '.join(STRATEGIES)} or all")
-        if args.top_n == "auto":
-            raise CliError("--strategy needs a fixed --top-n: 'auto' is not supported with --strategy yet")
     try:
         trace = parse_trace(args.trace)
     except TraceError as error:

@@ -50,14 +50,14 @@ def resources(redis_url, schema, lake_uri, tmp_path):
     }
 
 
-def run(resources, instance, *, top_n: int = 50, day: str = DAYS[-1], selection=None):
+def run(resources, instance, *, top_n: int = 50, day: str = DAYS[-1], selection=None, **top_ads_config):
     return dg.materialize(
         GRAPH,
         selection=selection,
         resources=resources,
         partition_key=day,
         instance=instance,
-        run_config={"ops": {"top_ads": {"config": {"top_n": top_n}}}},
+        run_config={"ops": {"top_ads": {"config": {"top_n": top_n, **top_ads_config}}}},
         raise_on_error=False,
     )
 
@@ -244,3 +244,51 @@ def test_predictions_refuse_a_model_that_failed_its_gate():
             dg.AssetMaterialization("ctr_model", partition=DAYS[-1], metadata={"model_version": "m2", "approved": True})
         )
         assert model_version(instance, DAYS[-1]) == "m2"
+
+
+def test_self_tuned_share_precomputes_what_the_replayed_days_say(resources, pg_instance, platform, lake_uri):
+    result = run(resources, pg_instance, precompute_share="auto", cache_capacity=400)
+    assert result.success
+    meta = result.asset_materializations_for_node("top_ads")[0].metadata
+    candidates = {int(n): rate for n, rate in meta["share_candidates"].value.items()}
+    assert sorted(candidates) == [0, 25, 50, 100, 200, 300, 400]
+    chosen = meta["top_n"].value
+    assert candidates[chosen] == max(candidates.values()) == meta["share_hit_rate"].value
+    assert meta["read_through_hit_rate"].value == candidates[0] and meta["share_replayed_requests"].value > 0
+    assert len(Lake(lake_uri).read("top_ads", DAYS[-1])) == min(chosen, meta["dagster/row_count"].value)
+    assert chosen > 0  # the workload's popular ads recur day after day: precomputing them pays
+
+
+def test_self_tuned_share_of_zero_publishes_an_empty_version(
+    resources, pg_instance, platform, lake_uri, redis_client, schema
+):
+    """Where yesterday's keys are never asked for again, any share hurts: the share is 0, the graph still
+    succeeds, and the version it publishes is empty, so readers go read-through instead of keeping stale keys."""
+    catalog = sorted(platform.read("ads")["ad_id"])
+    for index, day in enumerate(DAYS):
+        keys = catalog[index * 300 : (index + 1) * 300]
+        write_query_logs(platform, day, [keys[h * 12 : (h + 1) * 12] * 3 for h in range(24)])
+    result = run(resources, pg_instance, precompute_share="auto", cache_capacity=100)
+    assert result.success
+    meta = result.asset_materializations_for_node("top_ads")[0].metadata
+    assert meta["top_n"].value == 0 and meta["dagster/row_count"].value == 0
+    known = check(result, "known_ads")
+    assert known.passed and "read-through only" in known.description
+    assert check(result, "valid_ctr").passed
+    assert result.asset_materializations_for_node("ctr_cache")[0].metadata["keys_written"].value == 0
+    assert redis_client.get(schema.pointer("ctr")) is not None
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"precompute_share": "some"}, "unknown precompute_share 'some'"),
+        ({"precompute_share": "auto"}, "needs cache_capacity"),
+        ({"top_n": -3}, "top_n must be at least 0"),
+    ],
+)
+def test_bad_share_config_fails_top_ads_clearly(resources, pg_instance, platform, config, message):
+    result = run(resources, pg_instance, **{"top_n": 50, **config})
+    assert not materialized(result, "top_ads")
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE" and e.step_key == "top_ads")
+    assert message in str(failure.event_specific_data.error)

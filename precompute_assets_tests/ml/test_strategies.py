@@ -101,11 +101,50 @@ def test_the_lstm_is_trained_once_it_has_three_days_and_reported():
     assert info["trained_days"] == 2 and info["fallback_days"] == 2
 
 
-def test_unknown_strategy_and_auto_share_are_refused():
+def test_unknown_strategy_and_bad_share_are_refused():
     with pytest.raises(ValueError, match="unknown strategy 'oracle'"):
         compare_strategies(zipf_trace(), 3, ["oracle"], top_n=5, capacity=10)
-    with pytest.raises(ValueError, match="fixed top_n"):
-        compare_strategies(zipf_trace(), 3, ["frequency"], top_n="auto", capacity=10)
+    with pytest.raises(ValueError, match="whole number >= 0 or 'auto'"):
+        compare_strategies(zipf_trace(), 3, ["frequency"], top_n="some", capacity=10)
+    with pytest.raises(ValueError, match="whole number >= 0 or 'auto'"):
+        compare_strategies(zipf_trace(), 3, ["frequency"], top_n=-1, capacity=10)
+
+
+def drifting_trace(days=6, seed=40) -> Trace:
+    """Each day's keys are new: whatever yesterday ranked is never asked for again, so precompute only hurts."""
+    rng = np.random.default_rng(seed)
+    return Trace(keys=np.concatenate([np.minimum(rng.zipf(1.1, 3000), 5000) + 100_000 * d for d in range(days)]))
+
+
+@pytest.mark.parametrize("strategy", ["frequency", "ewma", "seasonal"])
+def test_auto_share_falls_back_to_lru_where_every_strategy_hurts(strategy):
+    trace = drifting_trace()
+    lru = replay(split_days(trace, 6), top_n=0, capacity=100)["hit_rate_lru"]
+    result = compare_strategies(trace, 6, [strategy], top_n="auto", capacity=100)["strategies"][strategy]
+    assert result["top_n_chosen"] == [0] * 5 and result["top_n"] == 0.0
+    assert result["hit_rate"] == lru
+    fixed = compare_strategies(trace, 6, [strategy], top_n=50, capacity=100)["strategies"][strategy]
+    assert fixed["hit_rate"] < lru  # the fixed share it avoided
+
+
+@pytest.mark.parametrize("strategy", ["frequency", "ewma", "seasonal"])
+def test_auto_share_precomputes_where_it_helps(strategy):
+    """Skewed days over the same keys, with many keys asked for once that push popular ones out of an LRU: each
+    strategy's tuned share precomputes after the first counted day and beats plain LRU."""
+    rng = np.random.default_rng(41)
+    trace = Trace(keys=np.concatenate([np.minimum(rng.zipf(1.1, 3000), 20_000) for _ in range(6)]))
+    lru = replay(split_days(trace, 6), top_n=0, capacity=100)["hit_rate_lru"]
+    result = compare_strategies(trace, 6, [strategy], top_n="auto", capacity=100)["strategies"][strategy]
+    assert result["top_n_chosen"][0] == 0 and all(share > 0 for share in result["top_n_chosen"][1:])
+    assert result["hit_rate"] > lru + 0.02
+
+
+def test_auto_share_on_zipf_is_within_noise_of_lru_or_better():
+    trace = zipf_trace(n=12_000, keys=3000, seed=5)
+    lru = replay(split_days(trace, 6), top_n=0, capacity=200)["hit_rate_lru"]
+    result = compare_strategies(trace, 6, ["frequency", "ewma", "seasonal"], top_n="auto", capacity=200)
+    for name, entry in result["strategies"].items():
+        assert entry["hit_rate"] >= lru - 0.01, name
 
 
 def test_replay_cli_merges_the_strategies(tmp_path, capsys):
@@ -119,5 +158,8 @@ def test_replay_cli_merges_the_strategies(tmp_path, capsys):
     assert main([*args, "--strategy", "nope"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("precompute replay: unknown --strategy 'nope'") and err.count("\n") == 1
-    assert main([*args[:-4], "--top-n", "auto", "--capacity", "60", "--strategy", "all"]) == 2
-    assert "fixed --top-n" in capsys.readouterr().err
+    assert main([*args[:-4], "--top-n", "auto", "--capacity", "60", "--strategy", "ewma"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["top_n"] == "auto" and out["strategies"]["ewma"]["top_n"] == pytest.approx(
+        sum(out["strategies"]["ewma"]["top_n_chosen"]) / 3
+    )
