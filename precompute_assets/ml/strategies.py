@@ -43,6 +43,7 @@ from .replay import Trace, replay
 from .selection import select_top
 
 STRATEGIES = ("frequency", "ewma", "seasonal", "lstm")
+REPLAY_STRATEGIES = (*STRATEGIES, "prefetch")  # prefetch: ours plus learned next-key prefetch (ml.next_key)
 LOOKBACK_DAYS = 14  # demand_model's lookback (defs.demand.DEMAND_LOOKBACK_DAYS)
 BASELINE_DAYS = 7  # what strategy_demand reads for the baselines (at least 7 days)
 MARGIN = 0.005  # demand_model's default approval margin (DemandModelConfig.margin)

@@ -184,11 +184,17 @@ def cmd_replay(args: argparse.Namespace) -> int:
         raise CliError(f"--capacity {args.capacity} is smaller than --top-n {args.top_n}")
     strategies: list[str] = []
     if args.strategy is not None:
-        from ..ml.strategies import STRATEGIES
+        from ..ml.strategies import REPLAY_STRATEGIES
 
-        strategies = list(STRATEGIES) if args.strategy == "all" else [args.strategy]
-        if args.strategy != "all" and args.strategy not in STRATEGIES:
-            raise CliError(f"unknown --strategy {args.strategy!r}: use one of {', '.join(STRATEGIES)} or all")
+        strategies = list(REPLAY_STRATEGIES) if args.strategy == "all" else [args.strategy]
+        if args.strategy != "all" and args.strategy not in REPLAY_STRATEGIES:
+            raise CliError(f"unknown --strategy {args.strategy!r}: use one of {', '.join(REPLAY_STRATEGIES)} or all")
+    learned = args.next_key or "prefetch" in strategies
+    train_days = args.train_days if args.train_days is not None else max(1, args.days // 2)
+    if learned and not 1 <= train_days < args.days:
+        raise CliError(f"--train-days must be at least 1 and less than --days {args.days}, got {train_days}")
+    if not args.prefetch_threshold >= 0:  # NaN too
+        raise CliError(f"--prefetch-threshold must be a number >= 0, got {args.prefetch_threshold}")
     try:
         trace = parse_trace(args.trace)
     except TraceError as error:
@@ -198,15 +204,48 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if args.days > len(trace.keys):
         raise CliError(f"--days {args.days} is larger than the number of requests ({len(trace.keys)})")
     try:
-        result = replay(split_days(trace, args.days), top_n=args.top_n, capacity=args.capacity)
-        if strategies:
+        day_keys = split_days(trace, args.days)
+        result = replay(day_keys, top_n=args.top_n, capacity=args.capacity)
+        demand_strategies = [name for name in strategies if name != "prefetch"]
+        if demand_strategies:
             from ..ml.strategies import compare_strategies
 
-            result.update(compare_strategies(trace, args.days, strategies, top_n=args.top_n, capacity=args.capacity))
+            result.update(
+                compare_strategies(trace, args.days, demand_strategies, top_n=args.top_n, capacity=args.capacity)
+            )
+        if learned:
+            learned_out = learned_results(day_keys, args, train_days, with_prefetch="prefetch" in strategies)
+            prefetch = learned_out.pop("strategies", {})
+            result.update(learned_out)
+            if prefetch:
+                result["strategies"] = {**result.get("strategies", {}), **prefetch}
     except ValueError as error:
         raise CliError(str(error)) from None
     print(json.dumps({"trace": str(args.trace), **result}))
     return 0
+
+
+def learned_results(day_keys: list, args: argparse.Namespace, train_days: int, *, with_prefetch: bool) -> dict:
+    """``replay --next-key`` and the ``prefetch`` strategy from one next-key LSTM trained on the first
+    ``train_days`` days. Under ``--top-n auto`` prefetch runs beside no precompute (top-N 0: LRU plus prefetch)."""
+    from ..ml.next_key import learned_prefetch, next_key_accuracy, train_next_key
+
+    model = train_next_key(day_keys, train_days=train_days)
+    out: dict = {}
+    if args.next_key:
+        out.update(next_key_accuracy(day_keys, train_days=train_days, model=model))
+    if with_prefetch:
+        top_n = 0 if args.top_n == "auto" else args.top_n
+        entry = learned_prefetch(
+            day_keys,
+            top_n=top_n,
+            capacity=args.capacity,
+            model=model,
+            train_days=train_days,
+            threshold=args.prefetch_threshold,
+        )
+        out["strategies"] = {"prefetch": entry}
+    return out
 
 
 def cmd_docs(args: argparse.Namespace) -> int:
@@ -408,8 +447,19 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--capacity", type=int, required=True, help="cache capacity in keys (>= top-n)")
     replay.add_argument(
         "--strategy",
-        help="also replay top-N ranked by this demand strategy (frequency, ewma, seasonal, lstm) or 'all', "
-        "each plus an LRU of capacity - top-n keys (a fixed --top-n only)",
+        help="also replay top-N ranked by this demand strategy (frequency, ewma, seasonal, lstm), or prefetch "
+        "(ours plus learned next-key prefetch), or 'all', each plus an LRU of capacity - top-n keys",
+    )
+    replay.add_argument(
+        "--next-key",
+        action="store_true",
+        help="next-key top-1/top-10 accuracy of an LSTM, Markov-1 and most-popular on the later days",
+    )
+    replay.add_argument(
+        "--train-days", type=int, help="days the next-key LSTM trains on (default: the first half of --days)"
+    )
+    replay.add_argument(
+        "--prefetch-threshold", type=float, default=0.5, help="prefetch a predicted key at this confidence or more"
     )
     replay.set_defaults(fn=cmd_replay)
     return parser

@@ -1,0 +1,515 @@
+"""Next-key prediction on a key trace, measured honestly, and a learned prefetch replayed against ``replay``'s ours.
+
+``next_key_accuracy`` trains an LSTM language model over the key sequence of the earlier days (vocabulary: the
+``vocab_size`` most frequent training keys plus one out-of-vocabulary class) and scores top-1 and top-10 next-key
+accuracy on the later days beside two baselines fitted on the same training days:
+
+- ``markov1``: the most frequent successors of the previous key in the training days (ties: the more frequent
+  training key, then key order), the top-k filled up with ``most_popular`` keys when the previous key has fewer
+  than k successors or was never seen;
+- ``most_popular``: the 10 most frequent training keys (ties: key order), the same prediction at every position.
+
+Honest scoring: every evaluated request counts in the denominator; a target outside the LSTM's vocabulary is a
+miss for the LSTM, and the OOV class is never a prediction (top-k is taken among real keys). The evaluated stream
+is the first ``max_eval_requests`` requests of the later days, processed causally: the prediction of request i
+sees only the requests before it (the training days included), the LSTM running over the stream in chunks with
+its hidden state carried.
+
+``prefetch_replay`` replays ``replay``'s ``ours`` (each day's frequency top-N precomputed plus a read-through LRU
+of ``capacity - top_n`` keys) and, after each request of a day with predictions, inserts the model's predicted
+next key into that LRU when its confidence reaches ``threshold``: prefetched keys take LRU slots, so what the
+prefetch costs in evictions is measured together with what it gains.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from .replay import _as_codes, _precomputed_sets, replay
+
+TOP_K = 10  # the wider of the two accuracies; most_popular is this many keys
+PREDICTORS = ("lstm", "markov1", "most_popular")
+
+
+@dataclass(frozen=True)
+class NextKeyHyperParams:
+    """The next-key LSTM, its training budget and the evaluation bound.
+
+    Training runs ``max_epochs`` epochs, or more on a short trace until ``min_steps`` gradient steps are made,
+    and never beyond ``max_seconds`` (deterministic under ``seed`` when the time bound is not reached). An epoch
+    is one pass of truncated backpropagation through time over the training stream cut into ``batch_size``
+    contiguous streams, ``seq_len`` steps at a time, state carried.
+    """
+
+    vocab_size: int = 5000  # most frequent training keys; one more class stands for every other key
+    embedding_dim: int = 32
+    hidden_size: int = 64
+    seq_len: int = 64
+    batch_size: int = 64
+    learning_rate: float = 0.005
+    max_epochs: int = 5
+    min_steps: int = 300  # a short trace's few steps per epoch would leave the net untrained after max_epochs
+    max_seconds: float = 60.0
+    max_eval_requests: int = 300_000  # next_key_accuracy scores the first this many requests of the later days
+    chunk: int = 4096  # steps per inference chunk (the hidden state is carried between chunks)
+    seed: int = 0
+    # torch CPU threads while training and predicting (None: torch's default), as ml.demand.
+    threads: int | None = 1
+
+    def __post_init__(self) -> None:
+        for name in (
+            "vocab_size",
+            "embedding_dim",
+            "hidden_size",
+            "seq_len",
+            "batch_size",
+            "max_epochs",
+            "min_steps",
+            "max_eval_requests",
+            "chunk",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+                raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+        for name in ("learning_rate", "max_seconds"):
+            if not getattr(self, name) > 0:  # NaN fails too
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1 or None, got {self.threads!r}")
+
+
+DEFAULT_HYPER_PARAMS = NextKeyHyperParams()
+
+
+class NextKeyLSTM(nn.Module):
+    """Embedding of the current key (vocabulary + OOV), an LSTM, and logits over the next key (vocabulary + OOV)."""
+
+    def __init__(self, classes: int, embedding_dim: int, hidden_size: int) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(classes, embedding_dim)
+        self.lstm = nn.LSTM(embedding_dim, hidden_size, batch_first=True)
+        self.head = nn.Linear(hidden_size, classes)
+
+    def forward(self, codes: torch.Tensor, state=None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        out, state = self.lstm(self.embed(codes), state)
+        return self.head(out), state
+
+
+@dataclass
+class NextKeyModel:
+    """A trained next-key LSTM: ``vocab`` holds the key of each class (class ``len(vocab)`` is OOV)."""
+
+    net: NextKeyLSTM
+    vocab: np.ndarray
+    train_days: int
+    train_requests: int
+    epochs: int
+    seconds: float
+    stopped_by_time: bool
+    hp: NextKeyHyperParams
+
+    def classes_of(self, keys: np.ndarray) -> np.ndarray:
+        """The class of each key: its vocabulary index, or the OOV class ``len(vocab)``."""
+        index = pd.Index(self.vocab).get_indexer(pd.Index(np.asarray(keys)))
+        return np.where(index >= 0, index, len(self.vocab)).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class NextKeyPredictions:
+    """The predicted next key after each request of days ``first_day``..D-1 (in order, concatenated) and its
+    confidence, the softmax probability the model gives it (OOV mass included in the normalisation)."""
+
+    first_day: int
+    keys: np.ndarray
+    confidence: np.ndarray = field(repr=False)
+
+
+@contextmanager
+def _threads(n: int | None) -> Iterator[None]:
+    previous = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _split(day_keys: Sequence[np.ndarray], train_days: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The training stream (days 0..train_days-1 concatenated) and the later days; ValueError on bad input."""
+    days = [np.asarray(day) for day in day_keys]
+    if isinstance(train_days, bool) or not isinstance(train_days, int | np.integer):
+        raise ValueError(f"train_days must be a whole number, got {train_days!r}")
+    if not 1 <= train_days < len(days):
+        raise ValueError(f"train_days must be at least 1 and less than the {len(days)} days, got {train_days}")
+    train = np.concatenate(days[:train_days])
+    if len(train) == 0:
+        raise ValueError(f"the training days 0..{train_days - 1} hold no requests")
+    if sum(len(day) for day in days[train_days:]) == 0:
+        raise ValueError(f"the evaluation days {train_days}..{len(days) - 1} hold no requests")
+    return train, days[train_days:]
+
+
+def _factorize(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Int codes numbered in key order (first-seen order when keys do not sort), and the keys."""
+    try:
+        codes, uniques = pd.factorize(keys, sort=True)
+    except TypeError:  # keys of mixed types
+        codes, uniques = pd.factorize(keys, sort=False)
+    return codes.astype(np.int64), np.asarray(uniques)
+
+
+def _popularity(codes: np.ndarray, n_keys: int) -> np.ndarray:
+    """Codes of the keys requested in ``codes``, most requested first (ties: smaller code, i.e. key order)."""
+    counts = np.bincount(codes, minlength=n_keys)
+    order = np.lexsort((np.arange(n_keys), -counts))
+    return order[counts[order] > 0]
+
+
+def train_next_key(
+    day_keys: Sequence[np.ndarray], *, train_days: int, hp: NextKeyHyperParams = DEFAULT_HYPER_PARAMS
+) -> NextKeyModel:
+    """Train the next-key LSTM on days 0..train_days-1 (never on a later day); bounded by ``hp``'s budget."""
+    train, _ = _split(day_keys, train_days)
+    codes, uniques = _factorize(train)
+    vocab = uniques[_popularity(codes, len(uniques))[: hp.vocab_size]]
+    classes = len(vocab) + 1
+    with _threads(hp.threads):
+        torch.manual_seed(hp.seed)
+        net = NextKeyLSTM(classes, hp.embedding_dim, hp.hidden_size)
+        model = NextKeyModel(net, vocab, train_days, len(train), 0, 0.0, False, hp)
+        stream = model.classes_of(train)
+        pairs = len(stream) - 1
+        if pairs < 1:  # a single training request: nothing to learn from, the untrained net stays
+            net.eval()
+            return model
+        streams = max(1, min(hp.batch_size, pairs // hp.seq_len))
+        length = pairs // streams
+        inputs = torch.from_numpy(stream[: streams * length].reshape(streams, length))
+        targets = torch.from_numpy(stream[1 : streams * length + 1].reshape(streams, length))
+        optimizer = torch.optim.Adam(net.parameters(), lr=hp.learning_rate)
+        loss_fn = nn.CrossEntropyLoss()
+        started, epochs, steps, stopped = time.perf_counter(), 0, 0, False
+        net.train()
+        while (epochs < hp.max_epochs or steps < hp.min_steps) and not stopped:
+            state = None
+            for begin in range(0, length, hp.seq_len):
+                optimizer.zero_grad()
+                logits, state = net(inputs[:, begin : begin + hp.seq_len], state)
+                loss = loss_fn(logits.reshape(-1, classes), targets[:, begin : begin + hp.seq_len].reshape(-1))
+                loss.backward()
+                nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+                optimizer.step()
+                steps += 1
+                state = (state[0].detach(), state[1].detach())
+                if time.perf_counter() - started >= hp.max_seconds:
+                    stopped = True
+                    break
+            epochs += 1
+        net.eval()
+    model.epochs, model.seconds, model.stopped_by_time = epochs, time.perf_counter() - started, stopped
+    return model
+
+
+def _scan(
+    model: NextKeyModel,
+    warm: np.ndarray,
+    inputs: np.ndarray,
+    consume: Callable[[int, torch.Tensor], None],
+) -> None:
+    """Run the LSTM over the classes ``warm`` (outputs ignored) then ``inputs``, state carried, ``chunk`` steps at
+    a time; ``consume(start, logits)`` receives the logits of ``inputs[start : start + len(logits)]``, each the
+    prediction of the key after that input."""
+    chunk = model.hp.chunk
+    state = None
+    with _threads(model.hp.threads), torch.no_grad():
+        model.net.eval()
+        for begin in range(0, len(warm), chunk):
+            _, state = model.net.lstm(model.net.embed(torch.from_numpy(warm[None, begin : begin + chunk])), state)
+        for begin in range(0, len(inputs), chunk):
+            logits, state = model.net(torch.from_numpy(inputs[None, begin : begin + chunk]), state)
+            consume(begin, logits[0])
+
+
+def _markov_top(train: np.ndarray, prev: np.ndarray, popular: np.ndarray, k: int, n_keys: int) -> np.ndarray:
+    """Markov-1's top-``k`` codes after each code of ``prev`` (-2 pads when the training days hold fewer than
+    ``k`` keys): successors by count (ties: the more popular key), then ``popular`` keys not among them.
+
+    ``train`` and ``prev`` are codes 0..n_keys-1 of one numbering; keys never seen in training simply have no
+    successors. Tables are built only for the distinct previous keys that occur."""
+    rank = np.full(n_keys, len(popular), dtype=np.int64)
+    rank[popular] = np.arange(len(popular))
+    pair, count = np.unique(train[:-1] * n_keys + train[1:], return_counts=True)
+    before, after = pair // n_keys, pair % n_keys
+    order = np.lexsort((rank[after], -count, before))
+    before, after = before[order], after[order]
+    starts = np.searchsorted(before, before, side="left")  # first pair of each previous key
+    keep = np.arange(len(before)) - starts < k
+    before, after = before[keep], after[keep]
+    slot = np.arange(len(before)) - np.searchsorted(before, before, side="left")
+    wanted, inverse = np.unique(prev, return_inverse=True)
+    row_of = np.full(n_keys, -1, dtype=np.int64)
+    row_of[wanted] = np.arange(len(wanted))
+    table = np.full((len(wanted), k), -2, dtype=np.int64)
+    known = row_of[before] >= 0
+    table[row_of[before[known]], slot[known]] = after[known]
+    # Fill the empty slots, row by row in order, with popular keys that are not already successors.
+    candidates = popular[: 2 * k]  # at most k - 1 of them can already be in a row
+    for begin in range(0, len(wanted), 65536):
+        rows = table[begin : begin + 65536]
+        filled = (rows >= 0).sum(axis=1)
+        present = (rows[:, :, None] == candidates[None, None, :]).any(axis=1)
+        free = np.argsort(present, axis=1, kind="stable")  # absent candidates first, in popularity order
+        usable = np.take_along_axis(~present, free, axis=1)
+        picks = np.where(usable, candidates[free], -2)
+        picks = np.concatenate([picks, np.full((len(rows), k), -2, dtype=np.int64)], axis=1)  # too few candidates
+        for j in range(k):
+            need = filled <= j  # slot j is empty: take the (j - filled)-th usable candidate
+            if need.any():
+                rows[need, j] = picks[need, j - filled[need]]
+    return table[inverse.reshape(-1)]
+
+
+def next_key_accuracy(
+    day_keys: Sequence[np.ndarray],
+    *,
+    train_days: int,
+    hp: NextKeyHyperParams = DEFAULT_HYPER_PARAMS,
+    model: NextKeyModel | None = None,
+) -> dict:
+    """Top-1 and top-10 next-key accuracy on days train_days..D-1 of the LSTM, Markov-1 and most-popular, all
+    fitted on days 0..train_days-1 (module doc). ``model`` reuses a ``train_next_key`` model of the same split
+    (its hyper-parameters then apply, not ``hp``).
+
+    Returns ``next_key_top1`` and ``next_key_top10`` (predictor -> accuracy), ``next_key_eval_requests``,
+    ``next_key_train_requests``, ``next_key_vocab`` (keys in the vocabulary, OOV class not counted),
+    ``next_key_oov_share`` (evaluated targets outside it), ``next_key_lstm_epochs``, ``next_key_lstm_seconds``
+    and ``next_key_notes``."""
+    train, later = _split(day_keys, train_days)
+    if model is None:
+        model = train_next_key(day_keys, train_days=train_days, hp=hp)
+    elif model.train_days != train_days or model.train_requests != len(train):
+        raise ValueError("model was trained on another split of the days: train it with the same train_days")
+    hp = model.hp
+    later_all = np.concatenate(later)
+    targets = later_all[: hp.max_eval_requests]
+    n = len(targets)
+    codes, _ = _factorize(np.concatenate([train, targets]))
+    train_codes, target_codes = codes[: len(train)], codes[len(train) :]
+    prev_codes = np.concatenate([train_codes[-1:], target_codes[:-1]])
+    n_keys = int(codes.max()) + 1
+    popular = _popularity(train_codes, n_keys)
+    hits1: dict[str, int] = {}
+    hits10: dict[str, int] = {}
+
+    top = popular[:TOP_K]
+    hits1["most_popular"] = int((target_codes == top[0]).sum())
+    hits10["most_popular"] = int(np.isin(target_codes, top).sum())
+
+    markov = _markov_top(train_codes, prev_codes, popular, TOP_K, n_keys)
+    hits1["markov1"] = int((markov[:, 0] == target_codes).sum())
+    hits10["markov1"] = int((markov == target_codes[:, None]).any(axis=1).sum())
+
+    vocab = len(model.vocab)
+    target_classes = model.classes_of(targets)
+    train_classes = model.classes_of(train)
+    inputs = np.concatenate([train_classes[-1:], target_classes[:-1]])
+    warm = train_classes[-(hp.seq_len + 1) : -1]
+    k = min(TOP_K, vocab)
+    lstm1 = lstm10 = 0
+
+    def score(begin: int, logits: torch.Tensor) -> None:
+        nonlocal lstm1, lstm10
+        logits[:, vocab] = -torch.inf  # the OOV class is never a prediction
+        best = torch.topk(logits, k, dim=1).indices.numpy()
+        truth = target_classes[begin : begin + len(best), None]  # OOV truth (= vocab) never matches
+        lstm1 += int((best[:, 0:1] == truth).sum())
+        lstm10 += int((best == truth).any(axis=1).sum())
+
+    _scan(model, warm, inputs, score)
+    hits1["lstm"], hits10["lstm"] = lstm1, lstm10
+    oov = int((target_classes == vocab).sum())
+    notes = [
+        f"next-key accuracy over the first {n} of {len(later_all)} requests of days {train_days}.."
+        f"{len(day_keys) - 1}, fitted on {len(train)} requests of days 0..{train_days - 1}",
+        f"lstm vocabulary: the {vocab} most frequent training keys; {oov / n:.1%} of evaluated next keys are "
+        "outside it and count as lstm misses (markov1 and most_popular may predict any training key)",
+    ]
+    if model.stopped_by_time:
+        notes.append(f"lstm training stopped by max_seconds ({hp.max_seconds:g} s) in epoch {model.epochs}")
+    if len(popular) < TOP_K:
+        notes.append(f"the training days hold {len(popular)} distinct keys: top-10 lists are that short")
+    return {
+        "next_key_top1": {name: hits1[name] / n for name in PREDICTORS},
+        "next_key_top10": {name: hits10[name] / n for name in PREDICTORS},
+        "next_key_eval_requests": int(n),
+        "next_key_train_requests": int(len(train)),
+        "next_key_vocab": int(vocab),
+        "next_key_oov_share": oov / n,
+        "next_key_lstm_epochs": int(model.epochs),
+        "next_key_lstm_seconds": float(model.seconds),
+        "next_key_notes": notes,
+    }
+
+
+def prefetch_predictions(
+    day_keys: Sequence[np.ndarray],
+    *,
+    train_days: int,
+    hp: NextKeyHyperParams = DEFAULT_HYPER_PARAMS,
+    model: NextKeyModel | None = None,
+) -> NextKeyPredictions:
+    """The LSTM's most likely real next key after every request of days train_days..D-1 (all of them:
+    ``max_eval_requests`` does not apply) and its softmax probability, the model trained on the earlier days
+    (or ``model``, a ``train_next_key`` model of the same split, whose hyper-parameters then apply). Causal: each
+    uses the requests up to it, the training days included."""
+    train, later = _split(day_keys, train_days)
+    if model is None:
+        model = train_next_key(day_keys, train_days=train_days, hp=hp)
+    elif model.train_days != train_days or model.train_requests != len(train):
+        raise ValueError("model was trained on another split of the days: train it with the same train_days")
+    requests = np.concatenate(later)
+    vocab = len(model.vocab)
+    best = np.empty(len(requests), dtype=np.int64)
+    confidence = np.empty(len(requests), dtype=np.float64)
+
+    def keep(begin: int, logits: torch.Tensor) -> None:
+        total = torch.logsumexp(logits, dim=1)
+        value, index = logits[:, :vocab].max(dim=1)  # the OOV class is never a prediction
+        best[begin : begin + len(index)] = index.numpy()
+        confidence[begin : begin + len(index)] = torch.exp(value - total).double().numpy()
+
+    _scan(model, model.classes_of(train[-model.hp.seq_len :]), model.classes_of(requests), keep)
+    return NextKeyPredictions(first_day=train_days, keys=model.vocab[best], confidence=confidence)
+
+
+def prefetch_replay(
+    day_keys: Sequence[np.ndarray],
+    *,
+    top_n: int,
+    capacity: int,
+    warmup_days: int,
+    predictions: NextKeyPredictions,
+    threshold: float = 0.5,
+    half_life_days: float = 2.0,
+) -> dict:
+    """``replay``'s ``ours`` with learned prefetch: hits over days warmup_days..D-1 of each day's frequency top-N
+    plus a read-through LRU of ``capacity - top_n`` keys (requests to the day's top-N are hits and leave the LRU
+    untouched), where after each request of a day with predictions the predicted next key, when its confidence
+    is >= ``threshold`` and it is neither precomputed that day nor cached, enters the LRU as most recent
+    (evicting the least recent key: prefetches use the same capacity).
+
+    Days before ``predictions.first_day`` replay plain ours; they can only be warm-up days (``warmup_days`` must
+    be >= ``predictions.first_day``), so every counted day has predictions. With ``threshold`` above 1 nothing is
+    prefetched and ``hit_rate`` equals ``replay``'s ``hit_rate_ours``. Returns ``hit_rate``, ``top_n``,
+    ``capacity``, ``threshold``, ``prefetched`` (prefetches on counted days) and ``prefetch_used`` (those whose
+    key was then requested while still in the LRU: a hit the prefetch made, or kept)."""
+    if len(day_keys) < 2:
+        raise ValueError(
+            f"prefetch needs at least 2 days (a warm-up day with predictions after it), got {len(day_keys)}"
+        )
+    if isinstance(top_n, bool) or not isinstance(top_n, int | np.integer):
+        raise ValueError(f"prefetch needs a fixed whole top_n, got {top_n!r}")
+    if capacity < 1 or top_n < 0:
+        raise ValueError("need capacity >= 1 and top_n >= 0")
+    if top_n > capacity:
+        raise ValueError(f"top_n ({top_n}) cannot exceed capacity ({capacity})")
+    if not 1 <= warmup_days < len(day_keys):
+        raise ValueError(f"warmup_days must be at least 1 and less than the {len(day_keys)} days, got {warmup_days}")
+    days, keys = _as_codes(day_keys)
+    first = predictions.first_day
+    if not 1 <= first <= warmup_days:
+        raise ValueError(
+            f"warmup_days ({warmup_days}) must be >= the first predicted day ({first}): only days with "
+            "predictions can be counted"
+        )
+    predicted = sum(len(day) for day in days[first:])
+    if len(predictions.keys) != predicted or len(predictions.confidence) != predicted:
+        raise ValueError(
+            f"predictions hold {len(predictions.keys)} keys and {len(predictions.confidence)} confidences for "
+            f"the {predicted} requests of days {first}..{len(days) - 1}"
+        )
+    if np.isnan(threshold):
+        raise ValueError("threshold must be a number, got NaN")
+    chosen = _precomputed_sets(days, top_n=top_n, half_life_days=half_life_days)
+    slots = capacity - top_n
+    # Codes of the predicted keys (-1: a key the trace never requests, which is never prefetched).
+    codes = keys.get_indexer(pd.Index(np.asarray(predictions.keys))) if predicted else np.empty(0, np.int64)
+    go = (np.asarray(predictions.confidence) >= threshold) & (codes >= 0)
+    cache: OrderedDict[int, None] = OrderedDict()
+    pending: dict[int, bool] = {}  # prefetched keys in the LRU not yet requested -> prefetched on a counted day
+    hits = prefetched = used = 0
+    offset = 0
+    for d, day in enumerate(days):
+        top = chosen[d]
+        counted = d >= warmup_days
+        day_hits = 0
+        if d >= first:
+            guesses = np.where(go[offset : offset + len(day)], codes[offset : offset + len(day)], -1).tolist()
+            offset += len(day)
+        else:
+            guesses = [-1] * len(day)
+        for key, guess in zip(day.tolist(), guesses, strict=True):
+            if key in top:
+                day_hits += 1
+            elif key in cache:
+                cache.move_to_end(key)
+                day_hits += 1
+                if pending.pop(key, False) and counted:
+                    used += 1
+            elif slots > 0:
+                cache[key] = None
+                if len(cache) > slots:
+                    pending.pop(cache.popitem(last=False)[0], None)
+            if guess >= 0 and slots > 0 and guess not in top and guess not in cache:
+                cache[guess] = None
+                pending[guess] = counted
+                prefetched += counted
+                if len(cache) > slots:
+                    pending.pop(cache.popitem(last=False)[0], None)
+        if counted:
+            hits += day_hits
+    requests = sum(len(day) for day in days[warmup_days:])
+    return {
+        "hit_rate": hits / requests if requests else 0.0,
+        "top_n": int(top_n),
+        "capacity": int(capacity),
+        "threshold": float(threshold),
+        "prefetched": int(prefetched),
+        "prefetch_used": int(used),
+    }
+
+
+def learned_prefetch(
+    day_keys: Sequence[np.ndarray],
+    *,
+    top_n: int,
+    capacity: int,
+    model: NextKeyModel,
+    train_days: int,
+    threshold: float = 0.5,
+    hp: NextKeyHyperParams = DEFAULT_HYPER_PARAMS,
+) -> dict:
+    """The ``prefetch`` entry of ``replay --strategy``: ``prefetch_replay`` with ``model``'s predictions, counted
+    on days ``train_days``..D-1 (the days the model did not train on), beside ``replay``'s ours and LRU on those
+    same days (``hit_rate_ours_same_days``, ``hit_rate_lru_same_days``), so its effect is measured, not assumed."""
+    predictions = prefetch_predictions(day_keys, train_days=train_days, hp=hp, model=model)
+    result = prefetch_replay(
+        day_keys, top_n=top_n, capacity=capacity, warmup_days=train_days, predictions=predictions, threshold=threshold
+    )
+    same_days = replay(day_keys, top_n=top_n, capacity=capacity, warmup_days=train_days)
+    return {
+        **result,
+        "counted_from_day": train_days,
+        "hit_rate_ours_same_days": same_days["hit_rate_ours"],
+        "hit_rate_lru_same_days": same_days["hit_rate_lru"],
+    }

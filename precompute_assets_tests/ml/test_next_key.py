@@ -1,0 +1,372 @@
+"""Next-key accuracy of the LSTM beside Markov-1 and most-popular, scored honestly, and the learned prefetch replay."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from precompute_assets.ml.next_key import (
+    NextKeyHyperParams,
+    NextKeyPredictions,
+    next_key_accuracy,
+    prefetch_predictions,
+    prefetch_replay,
+    train_next_key,
+)
+from precompute_assets.ml.replay import _precomputed_sets, replay
+
+TINY = NextKeyHyperParams(
+    vocab_size=64,
+    embedding_dim=16,
+    hidden_size=32,
+    seq_len=32,
+    batch_size=16,
+    learning_rate=0.02,
+    max_epochs=8,
+    min_steps=1,
+    max_seconds=30.0,
+)
+PREDICTORS = ("lstm", "markov1", "most_popular")
+
+
+def cyclic_days(days=4, per_day=1500, cycle=40, noise=0.1, seed=0) -> list[np.ndarray]:
+    """A fixed cycle of ``cycle`` keys walked in order; ``noise`` of the requests are random other keys."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(cycle)
+    noisy = rng.random(days * per_day) < noise
+    walk = order[np.cumsum(~noisy) % cycle]
+    keys = np.where(noisy, cycle + rng.integers(0, 200, size=len(noisy)), walk).astype(np.int64)
+    return np.split(keys, days)
+
+
+def zipf_days(days=4, per_day=1500, keys=200, seed=0) -> list[np.ndarray]:
+    """Independent Zipf requests: the previous key says nothing about the next one."""
+    rng = np.random.default_rng(seed)
+    p = 1.0 / np.arange(1, keys + 1)
+    return np.split(rng.choice(keys, size=days * per_day, p=p / p.sum()).astype(np.int64), days)
+
+
+def objects(*keys: str) -> np.ndarray:
+    return np.array(keys, dtype=object)
+
+
+@pytest.fixture(scope="module")
+def cyclic_result():
+    return next_key_accuracy(cyclic_days(), train_days=2, hp=TINY)
+
+
+@pytest.fixture(scope="module")
+def zipf_result():
+    return next_key_accuracy(zipf_days(), train_days=2, hp=TINY)
+
+
+def test_a_deterministic_successor_beats_most_popular(cyclic_result):
+    top1 = cyclic_result["next_key_top1"]
+    assert top1["most_popular"] < 0.05  # one key of a 40-key cycle
+    assert top1["markov1"] > 0.7
+    assert top1["lstm"] > 0.7
+    assert cyclic_result["next_key_eval_requests"] == 3000
+    assert cyclic_result["next_key_train_requests"] == 3000
+
+
+def test_independent_zipf_traffic_gives_no_gain_over_most_popular(zipf_result):
+    top1, top10 = zipf_result["next_key_top1"], zipf_result["next_key_top10"]
+    assert top1["most_popular"] > 0.15  # the head key of 200 Zipf keys
+    for name in ("lstm", "markov1"):
+        assert top1[name] <= top1["most_popular"] + 0.02
+        assert top10[name] <= top10["most_popular"] + 0.03
+
+
+def test_accuracies_are_shares_and_top10_contains_top1(cyclic_result, zipf_result):
+    for result in (cyclic_result, zipf_result):
+        assert set(result["next_key_top1"]) == set(result["next_key_top10"]) == set(PREDICTORS)
+        for name in PREDICTORS:
+            assert 0.0 <= result["next_key_top1"][name] <= result["next_key_top10"][name] <= 1.0
+        assert 0.0 <= result["next_key_oov_share"] <= 1.0
+        assert result["next_key_vocab"] == TINY.vocab_size
+        assert 1 <= result["next_key_lstm_epochs"] <= TINY.max_epochs
+        assert result["next_key_notes"] and all(isinstance(note, str) for note in result["next_key_notes"])
+
+
+def test_targets_outside_the_vocabulary_are_misses():
+    train = objects(*(["a", "b"] * 50))
+    later = objects("c", "c", "a", "b")
+    hp = NextKeyHyperParams(
+        vocab_size=2, embedding_dim=4, hidden_size=4, seq_len=8, batch_size=4, max_epochs=2, min_steps=1
+    )
+    result = next_key_accuracy([train, later], train_days=1, hp=hp)
+    assert result["next_key_vocab"] == 2
+    assert result["next_key_oov_share"] == 0.5
+    # Both real keys are in the LSTM's top-10 whatever it learned; the two "c" cannot be.
+    assert result["next_key_top10"]["lstm"] == 0.5
+    # markov1: after "b" comes "a" (then "b"), "c" was never seen (most popular: "a" then "b", tie by key).
+    assert result["next_key_top1"]["markov1"] == 0.5  # "a" after "c" and "b" after "a"
+    assert result["next_key_top10"]["markov1"] == 0.5
+    assert result["next_key_top1"]["most_popular"] == 0.25
+    assert result["next_key_top10"]["most_popular"] == 0.5
+
+
+def test_the_oov_class_is_never_predicted_even_when_it_is_most_likely():
+    rng = np.random.default_rng(3)
+    # A random one in four requests is "hot"; every other is a key seen once: OOV is the most frequent class.
+    train = objects(*[("hot" if rng.random() < 0.25 else f"once{i}") for i in range(2000)])
+    later = objects(*[("hot" if rng.random() < 0.3 else f"new{i}") for i in range(400)])
+    hp = NextKeyHyperParams(
+        vocab_size=1, embedding_dim=4, hidden_size=8, seq_len=16, batch_size=8, max_epochs=3, min_steps=1
+    )
+    result = next_key_accuracy([train, later], train_days=1, hp=hp)
+    share = float(np.mean(later == "hot"))
+    assert result["next_key_vocab"] == 1
+    assert result["next_key_oov_share"] == pytest.approx(1 - share)
+    assert result["next_key_top1"]["lstm"] == result["next_key_top10"]["lstm"] == pytest.approx(share)
+    predictions = prefetch_predictions([train, later], train_days=1, hp=hp)
+    assert set(predictions.keys.tolist()) == {"hot"}
+    assert np.all((predictions.confidence > 0) & (predictions.confidence < 0.5))  # OOV mass is in the softmax
+
+
+def test_a_single_distinct_training_key_works():
+    result = next_key_accuracy([objects("a", "a", "a", "a"), objects("a", "b", "a")], train_days=1, hp=TINY)
+    assert result["next_key_vocab"] == 1
+    for name in ("lstm", "markov1"):
+        assert result["next_key_top1"][name] == pytest.approx(2 / 3)  # "a" is all any of them can predict
+    assert result["next_key_top10"]["most_popular"] == pytest.approx(2 / 3)
+    one = next_key_accuracy([objects("a"), objects("a", "b")], train_days=1, hp=TINY)  # no pair to train on
+    assert one["next_key_lstm_epochs"] == 0
+    assert one["next_key_top1"]["lstm"] == 0.5
+
+
+def brute_force_markov(train: list, later: list, k: int = 10) -> tuple[float, float]:
+    counts = Counter(train)
+    popular = sorted(counts, key=lambda key: (-counts[key], key))
+    successors: dict = {}
+    for before, after in zip(train, train[1:], strict=False):
+        successors.setdefault(before, Counter())[after] += 1
+    hits1 = hits10 = 0
+    previous = train[-1]
+    for key in later:
+        after = successors.get(previous, Counter())
+        ranked = sorted(after, key=lambda s: (-after[s], popular.index(s)))[:k]
+        ranked += [p for p in popular if p not in ranked][: k - len(ranked)]
+        hits1 += ranked[0] == key
+        hits10 += key in ranked
+        previous = key
+    return hits1 / len(later), hits10 / len(later)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_markov1_and_most_popular_match_a_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    # Few keys, so successor counts tie often; a rare key gets fewer than 10 successors; some keys are new later.
+    keys = [f"k{i:02d}" for i in range(25)]
+    stream = [keys[i] for i in rng.integers(0, 25, size=900)] + ["rare", "k00"]
+    later = [keys[i] for i in rng.integers(0, 25, size=300)] + ["unseen", "rare", "k01", "unseen"]
+    days = [objects(*stream[:450]), objects(*stream[450:]), objects(*later)]
+    hp = NextKeyHyperParams(
+        vocab_size=8, embedding_dim=4, hidden_size=4, seq_len=8, batch_size=4, max_epochs=1, min_steps=1
+    )
+    result = next_key_accuracy(days, train_days=2, hp=hp)
+    top1, top10 = brute_force_markov(stream, later)
+    assert result["next_key_top1"]["markov1"] == pytest.approx(top1)
+    assert result["next_key_top10"]["markov1"] == pytest.approx(top10)
+    counts = Counter(stream)
+    popular = sorted(counts, key=lambda key: (-counts[key], key))[:10]
+    assert result["next_key_top1"]["most_popular"] == pytest.approx(np.mean([key == popular[0] for key in later]))
+    assert result["next_key_top10"]["most_popular"] == pytest.approx(np.mean([key in popular for key in later]))
+
+
+def test_evaluation_is_the_first_requests_of_the_later_days():
+    days = cyclic_days(days=4, per_day=500)
+    hp = NextKeyHyperParams(**{**TINY.__dict__, "max_eval_requests": 700, "max_epochs": 2})
+    bounded = next_key_accuracy(days, train_days=2, hp=hp)
+    later = np.concatenate(days[2:])
+    cut = next_key_accuracy([*days[:2], later[:700]], train_days=2, hp=hp)
+    assert bounded["next_key_eval_requests"] == cut["next_key_eval_requests"] == 700
+    for what in ("next_key_top1", "next_key_top10"):
+        assert bounded[what] == cut[what]  # the same model (same training days and seed), the same 700 targets
+
+
+def test_deterministic_under_seed_and_chunking():
+    days = cyclic_days(days=3, per_day=800)
+    first = next_key_accuracy(days, train_days=1, hp=TINY)
+    again = next_key_accuracy(days, train_days=1, hp=TINY)
+    for result in (first, again):
+        del result["next_key_lstm_seconds"]
+    assert first == again
+    model = train_next_key(days, train_days=1, hp=TINY)
+    whole = prefetch_predictions(days, train_days=1, model=model)
+    small = NextKeyHyperParams(**{**TINY.__dict__, "chunk": 7})
+    model.hp = small  # inference only: the carried state makes chunks of 7 steps the same as one chunk
+    chunked = prefetch_predictions(days, train_days=1, model=model)
+    assert np.array_equal(whole.keys, chunked.keys)
+    np.testing.assert_allclose(whole.confidence, chunked.confidence, rtol=1e-5)
+
+
+def test_predictions_are_causal():
+    days = cyclic_days(days=3, per_day=600)
+    model = train_next_key(days, train_days=1, hp=TINY)
+    base = prefetch_predictions(days, train_days=1, model=model)
+    changed = [day.copy() for day in days]
+    changed[2][300:] = 999  # rewrite the future from request 300 of day 2
+    other = prefetch_predictions(changed, train_days=1, model=model)
+    before = len(days[1]) + 300  # predictions made after requests before the change
+    assert np.array_equal(base.keys[:before], other.keys[:before])
+    np.testing.assert_allclose(base.confidence[:before], other.confidence[:before], rtol=1e-6)
+    assert len(base.keys) == len(base.confidence) == len(days[1]) + len(days[2]) and base.first_day == 1
+
+
+@pytest.mark.parametrize(
+    ("maker", "top_n", "capacity", "warmup"),
+    [(cyclic_days, 2, 10, 1), (cyclic_days, 0, 25, 2), (zipf_days, 20, 40, 1), (zipf_days, 30, 30, 3)],
+)
+def test_never_prefetching_is_replays_ours(maker, top_n, capacity, warmup):
+    days = maker()
+    if maker is zipf_days:
+        days = [np.array([f"z{key}" for key in day], dtype=object) for day in days]  # string keys too
+    predictions = prefetch_predictions(days, train_days=1, hp=TINY)
+    result = prefetch_replay(
+        days, top_n=top_n, capacity=capacity, warmup_days=warmup, predictions=predictions, threshold=1.01
+    )
+    expected = replay(days, top_n=top_n, capacity=capacity, warmup_days=warmup)["hit_rate_ours"]
+    assert result["hit_rate"] == expected
+    assert result["prefetched"] == result["prefetch_used"] == 0
+
+
+def test_prefetch_raises_the_hit_rate_of_a_cycle_at_small_capacity():
+    days = cyclic_days()
+    predictions = prefetch_predictions(days, train_days=1, hp=TINY)
+    ours = replay(days, top_n=2, capacity=10, warmup_days=1)["hit_rate_ours"]
+    result = prefetch_replay(days, top_n=2, capacity=10, warmup_days=1, predictions=predictions, threshold=0.5)
+    assert ours < 0.1  # a 40-key cycle through 8 LRU slots: LRU always evicts the key needed next
+    assert result["hit_rate"] > ours + 0.5
+    assert 0 < result["prefetch_used"] <= result["prefetched"]
+    assert result["threshold"] == 0.5 and result["top_n"] == 2 and result["capacity"] == 10
+
+
+def test_prefetch_replay_counts_by_hand():
+    days = [objects("a", "b"), objects("a", "b", "a", "b")]
+    predictions = NextKeyPredictions(first_day=1, keys=objects("b", "a", "b", "a"), confidence=np.ones(4))
+    result = prefetch_replay(days, top_n=0, capacity=1, warmup_days=1, predictions=predictions, threshold=0.5)
+    # Day 1: "a" misses (the cache holds "b") and then "b" is prefetched over it; every later request is a hit.
+    assert result["hit_rate"] == 0.75
+    assert result["prefetched"] == 4 and result["prefetch_used"] == 3
+    # A prediction below the threshold, or a key precomputed that day, is not prefetched.
+    low = NextKeyPredictions(first_day=1, keys=predictions.keys, confidence=np.array([0.4, 1.0, 1.0, 1.0]))
+    result = prefetch_replay(days, top_n=0, capacity=1, warmup_days=1, predictions=low, threshold=0.5)
+    # "a" misses, "b" misses and "a" is prefetched over it, then both hit: 2 of 4, 3 prefetches, 2 of them used.
+    assert result["hit_rate"] == 0.5 and result["prefetched"] == 3 and result["prefetch_used"] == 2
+    # Day 1 precomputes "a" (day 0's top-1, tie by key) and the LRU already holds "b": nothing to prefetch.
+    result = prefetch_replay(days, top_n=1, capacity=2, warmup_days=1, predictions=predictions, threshold=0.5)
+    assert result["prefetched"] == 0 and result["hit_rate"] == 1.0
+
+
+def test_bad_inputs_are_refused_with_clear_messages():
+    days = cyclic_days(days=3, per_day=100)
+    with pytest.raises(ValueError, match="train_days must be at least 1 and less than the 3 days, got 0"):
+        next_key_accuracy(days, train_days=0, hp=TINY)
+    with pytest.raises(ValueError, match="train_days must be at least 1 and less than the 3 days, got 3"):
+        next_key_accuracy(days, train_days=3, hp=TINY)
+    empty = np.array([], dtype=np.int64)
+    with pytest.raises(ValueError, match=r"the training days 0\.\.1 hold no requests"):
+        next_key_accuracy([empty, empty, days[2]], train_days=2, hp=TINY)
+    with pytest.raises(ValueError, match=r"the evaluation days 1\.\.2 hold no requests"):
+        prefetch_predictions([days[0], empty, empty], train_days=1, hp=TINY)
+    for bad in ({"vocab_size": 0}, {"seq_len": 0}, {"max_eval_requests": -1}, {"batch_size": 1.5}):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))} must be a whole number >= 1"):
+            NextKeyHyperParams(**bad)
+    for bad in ({"max_seconds": 0}, {"learning_rate": float("nan")}):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))} must be positive"):
+            NextKeyHyperParams(**bad)
+    model = train_next_key(days, train_days=1, hp=TINY)
+    with pytest.raises(ValueError, match="model was trained on another split"):
+        next_key_accuracy(days, train_days=2, model=model)
+    predictions = prefetch_predictions(days, train_days=2, hp=TINY)
+    with pytest.raises(ValueError, match=r"warmup_days \(1\) must be >= the first predicted day \(2\)"):
+        prefetch_replay(days, top_n=1, capacity=5, warmup_days=1, predictions=predictions)
+    with pytest.raises(ValueError, match="predictions hold 100 keys and 100 confidences for the 200 requests"):
+        prefetch_replay(days[:1] + days[1:] + days[2:], top_n=1, capacity=5, warmup_days=2, predictions=predictions)
+    with pytest.raises(ValueError, match=r"top_n \(6\) cannot exceed capacity \(5\)"):
+        prefetch_replay(days, top_n=6, capacity=5, warmup_days=2, predictions=predictions)
+    with pytest.raises(ValueError, match="warmup_days must be at least 1 and less than the 3 days, got 3"):
+        prefetch_replay(days, top_n=1, capacity=5, warmup_days=3, predictions=predictions)
+
+
+def brute_force_ours_with_prefetch(days, chosen, slots, guesses, warmup) -> int:
+    """An independent LRU as a list, most recent last: each insertion, then a trim to ``slots``."""
+    cache: list = []
+    hits = 0
+    for d, day in enumerate(days):
+        for key, guess in zip(day.tolist(), guesses[d], strict=True):
+            if d >= warmup:
+                hits += key in chosen[d] or key in cache
+            if key not in chosen[d]:
+                if key in cache:
+                    cache.remove(key)
+                cache.append(key)
+                del cache[: max(0, len(cache) - slots)]
+            if guess is not None and guess not in chosen[d] and guess not in cache:  # after the request
+                cache.append(guess)
+                del cache[: max(0, len(cache) - slots)]
+    return hits
+
+
+@pytest.mark.parametrize(("top_n", "capacity", "warmup"), [(0, 3, 1), (3, 8, 2), (5, 5, 1), (2, 4, 1)])
+def test_prefetch_replay_matches_a_brute_force_with_random_predictions(top_n, capacity, warmup):
+    rng = np.random.default_rng(top_n + capacity)
+    days = [rng.integers(0, 15, size=size).astype(np.int64) for size in (60, 80, 70)]
+    keys = rng.integers(0, 18, size=150).astype(np.int64)  # keys 15..17 are never requested: never prefetched
+    confidence = rng.random(150)
+    predictions = NextKeyPredictions(first_day=1, keys=keys, confidence=confidence)
+    result = prefetch_replay(
+        days, top_n=top_n, capacity=capacity, warmup_days=warmup, predictions=predictions, threshold=0.4
+    )
+    go = [None if c < 0.4 or k >= 15 else int(k) for k, c in zip(keys, confidence, strict=True)]
+    guesses = [[None] * 60, go[:80], go[80:]]
+    chosen = _precomputed_sets(days, top_n=top_n, half_life_days=2.0)
+    hits = brute_force_ours_with_prefetch(days, chosen, capacity - top_n, guesses, warmup)
+    assert result["hit_rate"] == hits / sum(len(day) for day in days[warmup:])
+
+
+def write_trace(path, days: list[np.ndarray]) -> str:
+    path.write_text("\n".join(str(key) for key in np.concatenate(days)) + "\n")
+    return str(path)
+
+
+def test_replay_cli_reports_next_key_accuracy_and_merges_prefetch(tmp_path, capsys):
+    import json
+
+    from precompute_assets.tools.cli import main
+
+    trace = write_trace(tmp_path / "cycle.txt", cyclic_days(days=4, per_day=800))
+    args = ["replay", "--trace", trace, "--days", "4", "--top-n", "2", "--capacity", "10"]
+    assert main([*args, "--next-key", "--strategy", "prefetch", "--prefetch-threshold", "0.3"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out["next_key_top1"]) == set(out["next_key_top10"]) == {"lstm", "markov1", "most_popular"}
+    assert out["next_key_top1"]["markov1"] > out["next_key_top1"]["most_popular"] + 0.3
+    prefetch = out["strategies"]["prefetch"]
+    assert prefetch["counted_from_day"] == 2 and prefetch["top_n"] == 2 and prefetch["threshold"] == 0.3
+    assert prefetch["prefetched"] > 0 and prefetch["hit_rate"] > prefetch["hit_rate_ours_same_days"] + 0.3
+    # With a demand strategy too, both land in one strategies mapping; auto replays prefetch at top-N 0.
+    assert main([*args[:-4], "--top-n", "auto", "--capacity", "10", "--strategy", "all"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out["strategies"]) == {"frequency", "ewma", "seasonal", "lstm", "prefetch"}
+    assert out["strategies"]["prefetch"]["top_n"] == 0 and "next_key_top1" not in out
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--next-key", "--train-days", "4"], "--train-days must be at least 1 and less than --days 4, got 4"),
+        (["--strategy", "prefetch", "--train-days", "0"], "--train-days must be at least 1"),
+        (["--next-key", "--prefetch-threshold", "nan"], "--prefetch-threshold must be a number >= 0"),
+        (["--strategy", "prefetcher"], "unknown --strategy 'prefetcher'"),
+    ],
+)
+def test_replay_cli_refuses_bad_learned_options_in_one_line(tmp_path, capsys, extra, message):
+    from precompute_assets.tools.cli import main
+
+    trace = write_trace(tmp_path / "cycle.txt", cyclic_days(days=4, per_day=200))
+    assert main(["replay", "--trace", trace, "--days", "4", "--top-n", "2", "--capacity", "10", *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
