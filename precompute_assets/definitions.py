@@ -18,6 +18,7 @@ from .defs.campaigns import (
 )
 from .defs.demand import demand_model
 from .defs.embeddings import document_embeddings, document_embeddings_job, documents_changed, embedding_model
+from .defs.experiment import selection_experiment
 from .defs.models import ctr_model
 from .defs.partitions import Partitions
 from .defs.predictions import ctr_predictions
@@ -41,6 +42,7 @@ ASSETS = [
     ctr_cache,
     embedding_model,
     document_embeddings,
+    selection_experiment,
 ]
 # On the dynamic "campaigns" partitions, which no deployment setting moves.
 CAMPAIGN_ASSETS = [campaign_ctr, campaign_budget]

@@ -35,7 +35,7 @@ def test_asset_keys_checks_jobs_schedules_sensors():
     assert {k.to_user_string() for k in r.asset_graph.get_all_asset_keys()} == {
         "ads", "ad_impressions", "query_logs", "query_log_quarantine", "traffic_profile", "ad_demand", "top_ads",
         "ctr_model", "ctr_predictions", "ctr_cache", "embedding_model", "document_embeddings", "campaign_ctr",
-        "campaign_budget", "demand_model",
+        "campaign_budget", "demand_model", "selection_experiment",
     }  # fmt: skip
     checks = {(c.asset_key.to_user_string(), c.name) for c in r.asset_graph.asset_check_keys}
     assert checks == {
@@ -43,6 +43,7 @@ def test_asset_keys_checks_jobs_schedules_sensors():
         ("ctr_model", "beats_baseline"), ("ctr_model", "new_ads_beat_baseline"), ("ctr_predictions", "valid_ctr"),
         ("document_embeddings", "embedding_error_rate"), ("document_embeddings", "int8_recall"),
         ("document_embeddings", "staleness"), ("demand_model", "beats_baselines"),
+        ("selection_experiment", "sample_ratio"),
     }  # fmt: skip
     assert {j.name for j in r.get_all_jobs()} - {"__ASSET_JOB"} == {
         "query_logs_job", "daily_precompute_job", "query_log_cleanup_job", "document_embeddings_job",
@@ -143,7 +144,7 @@ def test_daily_precompute_follows_the_learned_offpeak_window():
 
 
 PARTITIONED = {"ad_impressions", "query_logs", "query_log_quarantine", "traffic_profile", "ad_demand", "top_ads",
-               "ctr_model", "ctr_predictions", "ctr_cache", "demand_model"}  # fmt: skip
+               "ctr_model", "ctr_predictions", "ctr_cache", "demand_model", "selection_experiment"}  # fmt: skip
 
 
 def test_defaults_are_utc_from_2026():

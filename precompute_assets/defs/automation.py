@@ -7,6 +7,7 @@ from zoneinfo import ZoneInfo
 import dagster as dg
 
 from .embeddings import document_embeddings_job
+from .experiment import selection_experiment
 from .models import ctr_model
 from .partitions import Partitions
 from .predictions import ctr_predictions
@@ -20,8 +21,11 @@ RUNNING = dg.DefaultScheduleStatus.RUNNING
 
 daily_precompute_job = dg.define_asset_job(
     "daily_precompute_job",
-    selection=dg.AssetSelection.assets(traffic_profile, ad_demand, top_ads, ctr_model, ctr_predictions, ctr_cache),
-    description="Selection, model, predictions and publish for one day (run off-peak for the day just ended).",
+    selection=dg.AssetSelection.assets(
+        traffic_profile, ad_demand, top_ads, ctr_model, ctr_predictions, ctr_cache, selection_experiment
+    ),
+    description="Selection, model, predictions and publish for one day (run off-peak for the day just ended), "
+    "and the report of the A/B experiment that served that day, if any.",
 )
 
 

@@ -33,6 +33,7 @@ class DemandModelConfig(dg.Config):
 
     lookback_days: int = DEMAND_LOOKBACK_DAYS  # the declared query_logs dependency covers the default
     window_days: int = 7
+    sequence_days: int = 2  # the last days the LSTM steps through hour by hour; the head sees window_days
     hidden_size: int = 32
     max_epochs: int = 30
     max_seconds: float = 120.0

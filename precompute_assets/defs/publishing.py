@@ -6,6 +6,7 @@ import dagster as dg
 import pandas as pd
 
 from ..serving import Pointer, publish_version
+from .experiment import selected_experiment
 from .partitions import DEFAULT_PARTITIONS
 from .resources import RedisResource
 
@@ -30,7 +31,8 @@ class PublishConfig(dg.Config):
 def ctr_cache(
     context: dg.AssetExecutionContext, config: PublishConfig, ctr_predictions: pd.DataFrame, redis: RedisResource
 ) -> dg.MaterializeResult:
-    """Write every prediction as a new version in pipelined batches with its TTL, then flip the pointer.
+    """Write every prediction as a new version in pipelined batches with its TTL, then flip the pointer, with the
+    A/B experiment the day's ``top_ads`` selected with (none ends the previous one) in the same transaction.
 
     A failure before the flip leaves readers on the previous version; the retry writes the version again.
     """
@@ -42,6 +44,7 @@ def ctr_cache(
         context.log.warning(f"not published: {newer} (a newer day) is current")
         return dg.MaterializeResult(metadata={"published": False, "current_version": newer, "keys_written": 0})
     items = zip(ctr_predictions["ad_id"].tolist(), ctr_predictions["ctr"].tolist(), strict=True)
+    experiment = selected_experiment(context.instance, context.partition_key)
     result = publish_version(
         client,
         "ctr",
@@ -51,8 +54,11 @@ def ctr_cache(
         ttl_s=config.ttl_hours * 3600,
         grace_s=config.grace_seconds,
         schema=schema,
+        experiment=experiment,
     )
     context.log.info(f"published {result.keys} keys as ctr version {version} ({result.keys_per_s:,.0f} keys/s)")
+    if experiment is not None:
+        context.log.info(f"serving experiment {experiment.name}: arms {', '.join(experiment.arms)}")
     return dg.MaterializeResult(
         metadata={
             "published": True,
@@ -63,6 +69,7 @@ def ctr_cache(
             "seconds": result.seconds,
             "keys_per_s": result.keys_per_s,
             "model_version": str(ctr_predictions["model_version"].iloc[0]) if len(ctr_predictions) else "",
+            "experiment": ",".join(experiment.arms) if experiment else "",
         }
     )
 

@@ -70,6 +70,8 @@ def query_logs(context: dg.AssetExecutionContext, redis: RedisResource, lake: La
                 rejected.append(quarantine_row(entry_id, fields, reason))
         context.log.info(f"read {len(rows) + len(rejected)} events ({len(rejected)} quarantined)")
     logs, quarantine = query_log_frame(rows), quarantine_frame(rejected)
+    if "arm" not in logs:  # the A/B arm of each query (None outside an experiment); older files lack it
+        logs["arm"] = pd.Series([row["arm"] for row in rows], index=logs.index, dtype=object)
     total = len(logs) + len(quarantine)
     yield dg.Output(
         logs,
@@ -81,6 +83,7 @@ def query_logs(context: dg.AssetExecutionContext, redis: RedisResource, lake: La
             "quarantined": len(quarantine),
             "stream_trimmed": trimmed,
             "events_by_kind": dg.MetadataValue.json(logs["kind"].value_counts().to_dict()),
+            "experiment_rows": int(logs["arm"].notna().sum()),
         },
     )
     yield dg.Output(

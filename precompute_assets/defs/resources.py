@@ -1,13 +1,15 @@
 """ConfigurableResources: where Redis, the offline store, the models and the app database are, from the
-environment, and the deployment's timezone and partitions, so the UI shows every one of them."""
+environment, the deployment's timezone and partitions, and its A/B experiment, so the UI shows every one of them."""
 
 import os
+from collections.abc import Mapping
 from datetime import timedelta
 
 import dagster as dg
 import pandas as pd
 import redis
 
+from ..ml.experiment import parse_arms
 from ..ml.features import (
     ENV_AD_CATEGORICAL,
     ENV_AD_LOG_SCALED,
@@ -17,13 +19,17 @@ from ..ml.features import (
     spec_from_names,
 )
 from ..ml.model_store import LocalModelStore
-from ..serving import KeySchema, connect
+from ..serving import Experiment, KeySchema, connect
 from ..stack import ENV_APP_DB, ENV_LAKE, ENV_MODEL_STORE, ENV_REDIS
 from ..storage.campaigns import CampaignRegistry
 from ..storage.documents import DocumentStore
 from ..storage.lake import Lake
 from .partitions import Partitions
-from .settings import DEFAULT_PARTITIONS_START, DEFAULT_TIMEZONE, Settings, unset_error
+from .settings import DEFAULT_PARTITIONS_START, DEFAULT_TIMEZONE, SettingError, Settings, unset_error
+
+ENV_EXPERIMENT = "PRECOMPUTE_EXPERIMENT"
+ENV_EXPERIMENT_SALT = "PRECOMPUTE_EXPERIMENT_SALT"
+DEFAULT_EXPERIMENT_SALT = "ab1"
 
 
 class RedisResource(dg.ConfigurableResource):
@@ -94,6 +100,45 @@ class DeploymentResource(dg.ConfigurableResource):
 
     def partitions(self) -> Partitions:
         return Partitions.of_settings(Settings(self.timezone, self.partitions_start))
+
+
+class ExperimentResource(dg.ConfigurableResource):
+    """An A/B experiment between two selection strategies (``PRECOMPUTE_EXPERIMENT``, e.g. ``frequency,lstm``;
+    blank: none): keys are split between the arms by a hash salted with ``salt``
+    (``PRECOMPUTE_EXPERIMENT_SALT``; a new salt reshuffles every key), each arm's half of ``top_n`` is chosen
+    by its own strategy, and the serving client logs each query's arm."""
+
+    arms: str = ""
+    salt: str = DEFAULT_EXPERIMENT_SALT
+    name: str = ""
+
+    def experiment(self) -> Experiment | None:
+        """The experiment, or None when it is off; ``SettingError`` naming the variable when it is malformed."""
+        if not self.arms.strip():
+            return None
+        try:
+            first, second = parse_arms(self.arms)
+        except ValueError as error:
+            raise SettingError(f"{ENV_EXPERIMENT}={self.arms!r}: {error}") from None
+        salt = self.salt.strip()
+        if not salt or len(salt) > 256 or any(ord(c) < 32 or ord(c) == 127 for c in salt):
+            raise SettingError(
+                f"{ENV_EXPERIMENT_SALT}={self.salt!r} is not a salt: use a short printable string such as 'ab1'"
+            )
+        return Experiment(self.name.strip() or f"{first}-vs-{second}", salt, (first, second))
+
+
+def experiment_fields(environ: Mapping[str, str] | None = None) -> dict[str, dg.EnvVar]:
+    """``ExperimentResource``'s fields whose variable is set and not blank, as ``EnvVar``; a malformed experiment
+    fails loading the Definitions with a ``SettingError`` naming its variable, as a bad setting does."""
+    env = os.environ if environ is None else environ
+    fields = {
+        field: variable
+        for field, variable in (("arms", ENV_EXPERIMENT), ("salt", ENV_EXPERIMENT_SALT))
+        if (env.get(variable) or "").strip()
+    }
+    ExperimentResource(**{field: env[variable] for field, variable in fields.items()}).experiment()
+    return {field: dg.EnvVar(variable) for field, variable in fields.items()}
 
 
 class AppDatabaseResource(dg.ConfigurableResource):
@@ -183,4 +228,5 @@ def build_resources(settings: Settings) -> dict[str, object]:
         "documents": DocumentStoreResource(url=dg.EnvVar(ENV_APP_DB)),
         "campaign_registry": CampaignRegistryResource(url=dg.EnvVar(ENV_APP_DB)),
         "deployment": DeploymentResource(timezone=settings.timezone, partitions_start=settings.partitions_start),
+        "experiment": ExperimentResource(**experiment_fields()),
     }

@@ -6,6 +6,7 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 
+from ..ml.experiment import split_selection
 from ..ml.replay import ShareChoice, tune_share
 from ..ml.selection import ad_demand as weighted_demand
 from ..ml.selection import coverage, select_top
@@ -13,7 +14,7 @@ from ..ml.selection import traffic_profile as offpeak_profile
 from ..ml.strategies import TraceHours, strategy_rankings
 from ..storage.lake import Lake
 from .partitions import DEFAULT_PARTITIONS, Partitions
-from .resources import LakeResource, ModelStoreResource
+from .resources import ExperimentResource, LakeResource, ModelStoreResource
 
 PREDICTION_KIND = "ctr"
 # A daily selection asset reads this many days of hourly logs: the day itself and the days before it. The
@@ -189,29 +190,37 @@ def top_ads(
     ad_demand: pd.DataFrame,
     lake: LakeResource,
     model_store: ModelStoreResource,
+    experiment: ExperimentResource,
 ):
     """The N known ads to precompute, ranked by the configured strategy; unknown keys in the logs are counted,
-    never scored."""
+    never scored. Under an A/B experiment (``ExperimentResource``) the keys are split between its two arms by a
+    salted hash and each arm's half of N is ranked by the arm's own strategy (column ``arm``)."""
     from .demand import resolve_strategy, strategy_demand  # demand reads the hourly logs through this module
+    from .experiment import experiment_metadata
 
     catalog = set(lake.lake().read("ads", columns=["ad_id"])["ad_id"])
     known = ad_demand[ad_demand["ad_id"].isin(catalog)]
     unknown = ad_demand[~ad_demand["ad_id"].isin(catalog)]
-    demand = known.set_index("ad_id")["demand"]
     if config.precompute_share not in ("fixed", "auto"):
         raise dg.Failure(description=f"unknown precompute_share {config.precompute_share!r}: use fixed or auto")
     if config.precompute_share == "auto" and config.cache_capacity < 1:
         raise dg.Failure(description="precompute_share auto needs cache_capacity: the keys the serving cache holds")
     if config.precompute_share == "fixed" and config.top_n < 0:
         raise dg.Failure(description=f"top_n must be at least 0, got {config.top_n}")
-    strategy, reason = resolve_strategy(context.instance, context.partition_key, config.strategy)
-    if strategy != "frequency":
-        forecast, note = strategy_demand(context, strategy, lake.lake(), model_store)
+    frequency = known.set_index("ad_id")["demand"]
+
+    def ranked_by(name: str) -> tuple[pd.Series, str, str]:
+        """Known ads' demand under strategy ``name`` (``auto`` resolved), the strategy used and why."""
+        used, why = resolve_strategy(context.instance, context.partition_key, name)
+        if used == "frequency":
+            return frequency, used, why
+        forecast, note = strategy_demand(context, used, lake.lake(), model_store)
         if forecast is None:
-            strategy, reason = "frequency", f"{reason}; {note}: fell back to frequency"
-        else:
-            demand = forecast[forecast.index.isin(catalog)]
-            reason = f"{reason} ({note})" if note else reason
+            return frequency, "frequency", f"{why}; {note}: fell back to frequency"
+        return forecast[forecast.index.isin(catalog)], used, f"{why} ({note})" if note else why
+
+    running = experiment.experiment()
+    demand, strategy, reason = ranked_by(config.strategy)
     share_metadata: dict = {"precompute_share": config.precompute_share}
     top_n = config.top_n
     if config.precompute_share == "auto":
@@ -231,10 +240,20 @@ def top_ads(
             f"{choice.hit_rates[top_n]:.4f}, read-through only {choice.hit_rates[0]:.4f}, "
             f"{choice.requests} replayed requests)"
         )
-    selected = select_top(demand, top_n)
+    arm_metadata: dict = {}
+    if running is None:
+        selected = select_top(demand, top_n)
+        frame = pd.DataFrame({"rank": range(1, len(selected) + 1), "ad_id": selected})
+    else:
+        arms = {arm: ranked_by(arm) for arm in running.arms}
+        split = split_selection({arm: ranked[0] for arm, ranked in arms.items()}, salt=running.salt, top_n=top_n)
+        selected = split["ad_id"].tolist()
+        frame = pd.DataFrame({"rank": range(1, len(split) + 1), "ad_id": selected, "arm": split["arm"].tolist()})
+        strategy = ",".join(f"{arm}:{used}" for arm, (_, used, _) in arms.items())
+        reason = "; ".join(f"arm {arm}: {why}" for arm, (_, _, why) in arms.items())
+        arm_metadata = {f"{arm}_selected": int((split["arm"] == arm).sum()) for arm in running.arms}
     last_day = ad_demand.set_index("ad_id")["last_day_requests"]
     covered = coverage(selected, last_day)
-    frame = pd.DataFrame({"rank": range(1, len(selected) + 1), "ad_id": selected})
     unknown_share = float(unknown["demand"].sum() / ad_demand["demand"].sum()) if len(ad_demand) else 0.0
     context.log.info(f"selected {len(selected)} ads by {strategy} ({reason}), covering {covered:.1%} of yesterday's")
     yield dg.Output(
@@ -245,6 +264,8 @@ def top_ads(
             "strategy_reason": reason,
             "top_n": top_n,
             **share_metadata,
+            **experiment_metadata(running),
+            **arm_metadata,
             "coverage_last_day": covered,
             "unknown_ads": len(unknown),
             "unknown_demand_share": unknown_share,

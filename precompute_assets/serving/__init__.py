@@ -5,17 +5,19 @@ Imports redis, numpy and the standard library only, so services can depend on it
 
 from .cache import PredictionCache
 from .connection import connect
-from .keys import SCHEMA_VERSION, KeySchema, Pointer
+from .keys import SCHEMA_VERSION, Experiment, KeySchema, Pointer, arm_of
 from .publish import PublishResult, publish_version
 from .querylog import QueryLogger, log_prediction_query, query_logger
 
 __all__ = [
     "SCHEMA_VERSION",
+    "Experiment",
     "KeySchema",
     "Pointer",
     "PredictionCache",
     "PublishResult",
     "QueryLogger",
+    "arm_of",
     "connect",
     "log_prediction_query",
     "publish_version",

@@ -11,7 +11,7 @@ import redis
 
 from .admission import AdmissionPolicy, Decision, admission_policy
 from .connection import REDIS_ERRORS, connect
-from .keys import EMBEDDING_KIND, KeySchema, Pointer, bucket_of, codec_for
+from .keys import EMBEDDING_KIND, Experiment, KeySchema, Pointer, bucket_of, codec_for
 from .querylog import QueryLogger
 
 
@@ -23,6 +23,9 @@ class PredictionCache:
     makes lookups misses for ``backoff_s`` instead of making every caller wait for a timeout.
     ``hits``, ``misses`` and ``errors`` count what this client saw; ``rejected`` the misses of
     ``get_or_compute`` whose value the ``admission`` policy did not store (see ``serving.admission``).
+
+    The A/B experiment of a kind (``{kind}:experiment``) is read with its pointer, in the same round trip and
+    on the same cadence; while one is active, every logged query of the kind carries its key's ``arm``.
     """
 
     def __init__(
@@ -47,7 +50,7 @@ class PredictionCache:
         self.hits = 0
         self.misses = 0
         self.rejected = 0
-        self._pointers: dict[str, tuple[Pointer | None, float]] = {}
+        self._pointers: dict[str, tuple[Pointer | None, Experiment | None, float]] = {}
         self._retry_at = 0.0
 
     @classmethod
@@ -135,6 +138,11 @@ class PredictionCache:
         """The published version of ``kind`` as this reader currently sees it."""
         return self._pointer(kind)
 
+    def current_experiment(self, kind: str) -> Experiment | None:
+        """The A/B experiment of ``kind`` as this reader currently sees it (refreshed with the pointer)."""
+        self._pointer(kind)
+        return self._experiment(kind)
+
     def close(self) -> None:
         """Flush pending query events and close connections."""
         if self.logger is not None:
@@ -162,14 +170,29 @@ class PredictionCache:
         self._retry_at = time.monotonic() + self.backoff_s
 
     def _pointer(self, kind: str) -> Pointer | None:
+        """The current pointer of ``kind``; refreshing it also refreshes the kind's experiment (one round trip)."""
         now = time.monotonic()
         cached = self._pointers.get(kind)
-        if cached is not None and now - cached[1] < self.pointer_ttl_s:
+        if cached is not None and now - cached[2] < self.pointer_ttl_s:
             return cached[0]
-        raw = self.client.get(self.schema.pointer(kind))
+        pipe = self.client.pipeline(transaction=False)
+        pipe.get(self.schema.pointer(kind))
+        pipe.get(self.schema.experiment(kind))
+        raw, raw_experiment = pipe.execute()
         pointer = None if raw is None else Pointer.decode(raw)
-        self._pointers[kind] = (pointer, now)
+        experiment = None
+        if raw_experiment is not None:
+            try:
+                experiment = Experiment.decode(raw_experiment)
+            except ValueError:  # a malformed experiment is no experiment: queries are logged without arms
+                self.errors += 1
+        self._pointers[kind] = (pointer, experiment, now)
         return pointer
+
+    def _experiment(self, kind: str) -> Experiment | None:
+        """The experiment last read for ``kind``, without touching Redis (logging never adds a round trip)."""
+        cached = self._pointers.get(kind)
+        return None if cached is None else cached[1]
 
     def _lookup(self, kind: str, key: str) -> bytes | None:
         if not self._available():
@@ -237,4 +260,6 @@ class PredictionCache:
             self.misses += 1
         if self.logger is not None:
             latency_us = (time.perf_counter_ns() - start_ns) // 1000
-            self.logger.log(kind, key, hit=hit, latency_us=latency_us, user=user, tenant=tenant)
+            experiment = self._experiment(kind)
+            arm = None if experiment is None else experiment.arm(key)
+            self.logger.log(kind, key, hit=hit, latency_us=latency_us, user=user, tenant=tenant, arm=arm)

@@ -10,6 +10,10 @@ key                                    type      content
 ``pc:1:{kind}:{version}:{bucket}``     hash      field = prediction key, value = encoded prediction.
                                                  ``bucket = crc32(utf8(key)) % buckets``. Each bucket has
                                                  a TTL; a whole version expires together.
+``pc:1:{kind}:experiment``             string    JSON ``{"name", "salt", "arms": [A, B]}``: the A/B experiment the
+                                                 current version of ``kind`` serves (absent: none). Set or
+                                                 deleted in the same MULTI/EXEC as the pointer flip; a key's
+                                                 arm is ``arm_of(salt, key, arms)``.
 ``pc:1:{kind}:live:{key}``             string    a value computed live by a read-through miss, with a TTL.
 ``pc:1:qlog``                          stream    one entry per prediction query (see ``querylog``).
 ``pc:1:qlog:trimmed_before``           string    ms: entries older than this were trimmed by the cleanup.
@@ -26,6 +30,7 @@ Values are encoded per kind (``CODECS``): ``ctr`` and ``campaign`` are 4-byte li
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import struct
@@ -38,6 +43,7 @@ import numpy as np
 
 SCHEMA_VERSION = 1
 KIND_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+ARM_PATTERN = KIND_PATTERN  # an experiment arm is named like a kind (the strategy it selects by: ``lstm``)
 VERSION_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
@@ -150,6 +156,10 @@ class KeySchema:
     def bucket_for_key(self, kind: str, pointer: Pointer, key: str) -> str:
         return self.bucket(kind, pointer.version, bucket_of(key, pointer.buckets))
 
+    def experiment(self, kind: str) -> str:
+        """The A/B experiment served with the current version of ``kind`` (JSON, see ``Experiment``)."""
+        return f"{self.prefix}:{check_kind(kind)}:experiment"
+
     def live(self, kind: str, key: str) -> str:
         return f"{self.prefix}:{kind}:live:{key}"
 
@@ -184,3 +194,62 @@ def check_version(version: str) -> str:
     if not VERSION_PATTERN.fullmatch(version):
         raise ValueError(f"invalid version {version!r}: expected [A-Za-z0-9_.-]{{1,64}}")
     return version
+
+
+# --- A/B experiments ------------------------------------------------------------------------------------
+
+
+def arm_index(salt: str, key: str, n_arms: int) -> int:
+    """The arm number (0..n_arms-1) of ``key``: the first 8 bytes of SHA-256 of ``utf8(salt + ":" + key)`` as a
+    big-endian unsigned integer, modulo ``n_arms``. Portable to any language; a new salt reshuffles every key
+    (unlike crc32, whose salted values differ by a constant for keys of equal length)."""
+    digest = hashlib.sha256(f"{salt}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % n_arms
+
+
+def arm_of(salt: str, key: str, arms: Sequence[str]) -> str:
+    """The arm of ``key`` in an experiment salted with ``salt`` over ``arms`` (see ``arm_index``)."""
+    return arms[arm_index(salt, key, len(arms))]
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """An A/B experiment between two arms (selection strategies): each key belongs to ``arm_of(salt, key, arms)``."""
+
+    name: str
+    salt: str
+    arms: tuple[str, str]
+
+    def __post_init__(self) -> None:
+        arms = tuple(self.arms)
+        object.__setattr__(self, "arms", arms)
+        if (
+            len(arms) != 2
+            or len(set(arms)) != 2
+            or not all(isinstance(a, str) and ARM_PATTERN.fullmatch(a) for a in arms)
+        ):
+            raise ValueError(f"an experiment needs two distinct arm names like 'frequency', got {list(arms)!r}")
+        if not isinstance(self.salt, str) or not self.salt or len(self.salt) > 256:
+            raise ValueError(f"an experiment needs a non-empty salt (at most 256 characters), got {self.salt!r}")
+        if not isinstance(self.name, str) or len(self.name) > 256:
+            raise ValueError(f"an experiment name is a string of at most 256 characters, got {self.name!r}")
+
+    def arm(self, key: str) -> str:
+        """The arm of ``key``."""
+        return arm_of(self.salt, key, self.arms)
+
+    def encode(self) -> bytes:
+        return json.dumps(
+            {"name": self.name, "salt": self.salt, "arms": list(self.arms)}, separators=(",", ":")
+        ).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes | str) -> Experiment:
+        """Parse ``encode``'s JSON; ``ValueError`` when it is malformed."""
+        try:
+            data = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as error:
+            raise ValueError(f"experiment is not JSON: {error}") from None
+        if not isinstance(data, dict) or not isinstance(data.get("arms"), list):
+            raise ValueError("experiment must be a JSON object with name, salt and arms")
+        return cls(data.get("name", ""), data.get("salt"), tuple(data["arms"]))

@@ -24,7 +24,17 @@ try:
 except ImportError:  # redis[hiredis] is a dependency; stay importable without it
     hiredis = None
 
-from .keys import Codec, Float32Codec, KeySchema, Pointer, bucket_ids, check_kind, check_version, codec_for
+from .keys import (
+    Codec,
+    Experiment,
+    Float32Codec,
+    KeySchema,
+    Pointer,
+    bucket_ids,
+    check_kind,
+    check_version,
+    codec_for,
+)
 
 KEYS_PER_BUCKET = 64  # small hashes stay in Redis' compact listpack encoding
 COMMANDS_PER_PIPELINE = 1000
@@ -62,12 +72,14 @@ def publish_version(
     grace_s: int = 600,
     schema: KeySchema | None = None,
     progress: Callable[[int], None] | None = None,
+    experiment: Experiment | None = None,
 ) -> PublishResult:
     """Write ``items`` (``n_keys`` of them) as ``version`` of ``kind`` and make it the current version.
 
     Buckets are written with their TTL in the same pipeline (``ttl_s=None``: no TTL while current, for
     versions patched in place); the previous version is given ``grace_s`` to live so that readers holding
-    its pointer finish their reads, then expires as a whole.
+    its pointer finish their reads, then expires as a whole. ``experiment`` is the A/B experiment the version
+    serves, published with the flip (None ends any experiment of ``kind``).
     """
     schema = schema or KeySchema()
     check_kind(kind)
@@ -121,7 +133,7 @@ def publish_version(
     if progress and pending:
         progress(pending)
 
-    previous = flip_pointer(client, schema, kind, Pointer(version, buckets), grace_s=grace_s)
+    previous = flip_pointer(client, schema, kind, Pointer(version, buckets), grace_s=grace_s, experiment=experiment)
     return PublishResult(
         kind=kind,
         version=version,
@@ -263,10 +275,28 @@ def patch_version(
 
 
 def flip_pointer(
-    client: redis.Redis, schema: KeySchema, kind: str, pointer: Pointer, *, grace_s: int
+    client: redis.Redis,
+    schema: KeySchema,
+    kind: str,
+    pointer: Pointer,
+    *,
+    grace_s: int,
+    experiment: Experiment | None = None,
 ) -> Pointer | None:
-    """Atomically make ``pointer`` current; shorten the life of the version it replaces to ``grace_s``."""
-    raw = client.set(schema.pointer(kind), pointer.encode(), get=True)
+    """Atomically make ``pointer`` current, with ``experiment`` (or none: its key is deleted) in the same
+    MULTI/EXEC; shorten the life of the version it replaces to ``grace_s``.
+
+    On Redis Cluster the two keys live in different slots, which one transaction cannot span: there they go
+    out as one pipeline, each key atomic on its own (a reader may pair the old version with the new
+    experiment, or the reverse, until its next pointer refresh).
+    """
+    pipe = client.pipeline(transaction=getattr(client, "connection_pool", None) is not None)
+    if experiment is None:
+        pipe.delete(schema.experiment(kind))
+    else:
+        pipe.set(schema.experiment(kind), experiment.encode())
+    pipe.set(schema.pointer(kind), pointer.encode(), get=True)
+    raw = pipe.execute()[-1]
     previous = None if raw is None else Pointer.decode(raw)
     if previous is not None and previous.version != pointer.version:
         pipe = client.pipeline(transaction=False)

@@ -1,7 +1,8 @@
 """Query logging: one Redis Stream entry per prediction query, written off the caller's path.
 
 Stream entry fields (all strings): ``ts`` query time in ms since the epoch, ``kind``, ``key``, ``hit``
-(``1``/``0``), ``lat_us`` lookup latency in microseconds, and ``user`` / ``tenant`` when known. The stream
+(``1``/``0``), ``lat_us`` lookup latency in microseconds, ``user`` / ``tenant`` when known, and ``arm``, the
+A/B experiment arm of the key, when an experiment is active for the kind (see ``keys.Experiment``). The stream
 ID is the arrival time, so an hour of logs is one ``XRANGE``. ``{ns}:1:stats:{kind}`` counts hits/misses.
 
 Logging never breaks or slows the caller: events go to a bounded in-memory buffer that a background
@@ -23,7 +24,7 @@ from typing import Any
 import redis
 
 from .connection import REDIS_ERRORS
-from .keys import KIND_PATTERN, KeySchema
+from .keys import ARM_PATTERN, KIND_PATTERN, KeySchema
 
 MAX_KEY_LENGTH = 256
 MAX_CLOCK_SKEW_MS = 3_600_000  # an event's own time may trail its arrival by at most an hour
@@ -38,6 +39,7 @@ class QueryEvent:
     latency_us: int
     user: str | None = None
     tenant: str | None = None
+    arm: str | None = None
 
     def fields(self) -> dict[str, str]:
         out = {
@@ -51,6 +53,8 @@ class QueryEvent:
             out["user"] = self.user
         if self.tenant is not None:
             out["tenant"] = self.tenant
+        if self.arm is not None:
+            out["arm"] = self.arm
         return out
 
 
@@ -118,6 +122,7 @@ class QueryLogger:
         latency_us: int = 0,
         user: str | None = None,
         tenant: str | None = None,
+        arm: str | None = None,
     ) -> None:
         """Queue one event; never raises, never blocks on Redis."""
         with self._count_lock:  # callers share the logger across threads; `+=` alone can lose counts
@@ -125,7 +130,7 @@ class QueryLogger:
             if len(self._buffer) >= self.max_buffer:
                 self.stats.dropped_buffer_full += 1
                 return
-        self._buffer.append(QueryEvent(self.clock(), kind, key, hit, latency_us, user, tenant))
+        self._buffer.append(QueryEvent(self.clock(), kind, key, hit, latency_us, user, tenant, arm))
         if len(self._buffer) >= self.batch_size:
             self._wake.set()
 
@@ -221,16 +226,22 @@ class QueryRecord:
 
 @contextlib.contextmanager
 def query_logger(
-    logger: QueryLogger, kind: str, key: str, *, user: str | None = None, tenant: str | None = None
+    logger: QueryLogger,
+    kind: str,
+    key: str,
+    *,
+    user: str | None = None,
+    tenant: str | None = None,
+    arm: str | None = None,
 ) -> Iterator[QueryRecord]:
-    """Time the block and log one query event for it, even when the block raises."""
+    """Time the block and log one query event for it, even when the block raises (``arm``: the key's A/B arm)."""
     record = QueryRecord()
     start = time.perf_counter_ns()
     try:
         yield record
     finally:
         latency_us = (time.perf_counter_ns() - start) // 1000
-        logger.log(kind, key, hit=record.hit, latency_us=latency_us, user=user, tenant=tenant)
+        logger.log(kind, key, hit=record.hit, latency_us=latency_us, user=user, tenant=tenant, arm=arm)
 
 
 # --- reading the stream back (used by the query_logs asset) -------------------------------------------
@@ -309,6 +320,11 @@ def validate_entry(entry_id: bytes, fields: dict[bytes, bytes]) -> tuple[dict[st
     tenant, reason = _clean_text(fields.get(b"tenant"), "tenant", required=False)
     if reason:
         return None, reason
+    arm, reason = _clean_text(fields.get(b"arm"), "arm", required=False)
+    if reason:
+        return None, reason
+    if arm is not None and not ARM_PATTERN.fullmatch(arm):
+        return None, f"invalid arm {arm[:64]!r}"
     row = {
         "stream_id": entry_id.decode(),
         "ts_ms": ts,
@@ -318,6 +334,7 @@ def validate_entry(entry_id: bytes, fields: dict[bytes, bytes]) -> tuple[dict[st
         "latency_us": latency,
         "user": user,
         "tenant": tenant,
+        "arm": arm,
     }
     return row, None
 

@@ -153,6 +153,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from ..stack import ENV_DAGSTER_PG
 
         result = bench.bench_campaign(env[ENV_REDIS], env[ENV_APP_DB], env[ENV_DAGSTER_PG])
+    elif args.what == "load":
+        from .load import bench_load
+
+        keys = 100_000 if args.keys is None else args.keys
+        result = bench_load(env[ENV_REDIS], processes=args.processes, seconds=args.seconds, keys=keys)
     else:
         raise SystemExit(f"unknown benchmark {args.what!r}")
     print(json.dumps(result))
@@ -189,6 +194,16 @@ def cmd_replay(args: argparse.Namespace) -> int:
         strategies = list(REPLAY_STRATEGIES) if args.strategy == "all" else [args.strategy]
         if args.strategy != "all" and args.strategy not in REPLAY_STRATEGIES:
             raise CliError(f"unknown --strategy {args.strategy!r}: use one of {', '.join(REPLAY_STRATEGIES)} or all")
+    arms = None
+    if args.ab is not None:
+        from ..ml.experiment import parse_arms
+
+        try:
+            arms = parse_arms(args.ab)
+        except ValueError as error:
+            raise CliError(f"--ab {args.ab!r}: {error}") from None
+        if args.top_n == "auto":
+            raise CliError("--ab needs a fixed --top-n: each arm precomputes half of it")
     learned = args.next_key or "prefetch" in strategies
     train_days = args.train_days if args.train_days is not None else max(1, args.days // 2)
     if learned and not 1 <= train_days < args.days:
@@ -212,6 +227,12 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
             result.update(
                 compare_strategies(trace, args.days, demand_strategies, top_n=args.top_n, capacity=args.capacity)
+            )
+        if arms is not None:
+            from ..ml.experiment import ab_replay
+
+            result.update(
+                ab_replay(trace, args.days, arms=arms, top_n=args.top_n, capacity=args.capacity, salt=args.ab_salt)
             )
         if learned:
             learned_out = learned_results(day_keys, args, train_days, with_prefetch="prefetch" in strategies)
@@ -385,7 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(fn=cmd_demo)
     bench = sub.add_parser("bench", help="benchmarks: print one JSON object")
-    bench.add_argument("what", choices=["serve", "publish", "graph", "embed", "campaign", "demand"])
+    bench.add_argument("what", choices=["serve", "publish", "graph", "embed", "campaign", "demand", "load"])
+    bench.add_argument("--processes", type=positive_int, default=2, help="load: client processes")
+    bench.add_argument("--seconds", type=positive_int, default=10, help="load: seconds per phase")
     bench.add_argument("--docs", type=positive_int, default=1_000_000, help="embed: documents")
     bench.add_argument("--queries", type=positive_int, default=10_000_000, help="graph: logged queries over 7 days")
     bench.add_argument("--ads", type=positive_int, default=100_000, help="graph: ads in the catalog")
@@ -458,6 +481,13 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument(
         "--train-days", type=int, help="days the next-key LSTM trains on (default: the first half of --days)"
     )
+    replay.add_argument(
+        "--ab",
+        metavar="A,B",
+        help="an A/B experiment of two strategies: keys split by a salted hash, each arm precomputing half of "
+        "top-n by its own strategy; per-arm hit rates with bootstrap-over-keys intervals and a sample-ratio check",
+    )
+    replay.add_argument("--ab-salt", default="ab1", help="the salt of --ab's key split")
     replay.add_argument(
         "--prefetch-threshold", type=float, default=0.5, help="prefetch a predicted key at this confidence or more"
     )

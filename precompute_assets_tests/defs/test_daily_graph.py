@@ -11,13 +11,20 @@ import pytest
 from precompute_assets.defs.models import ctr_model, new_ads_check
 from precompute_assets.defs.predictions import ctr_predictions
 from precompute_assets.defs.publishing import ctr_cache
-from precompute_assets.defs.resources import LakeResource, ModelStoreResource, ParquetIOManager, RedisResource
+from precompute_assets.defs.resources import (
+    ExperimentResource,
+    LakeResource,
+    ModelStoreResource,
+    ParquetIOManager,
+    RedisResource,
+)
 from precompute_assets.defs.selection import ad_demand, top_ads, traffic_profile
 from precompute_assets.defs.sources import ad_impressions, ads
 from precompute_assets.ml.ctr import CtrModel, NewAdEvaluation
 from precompute_assets.ml.features import AdFeatureSpec
 from precompute_assets.ml.model_store import LocalModelStore
 from precompute_assets.serving import PredictionCache, connect
+from precompute_assets.serving.keys import arm_of
 from precompute_assets.storage.lake import Lake
 from precompute_assets_tests.factories import write_ad_platform, write_query_logs
 
@@ -46,6 +53,7 @@ def resources(redis_url, schema, lake_uri, tmp_path):
         "redis": RedisResource(url=redis_url, namespace=schema.namespace),
         "lake": lake,
         "model_store": ModelStoreResource(root=str(tmp_path / "models")),
+        "experiment": ExperimentResource(),
         "io_manager": ParquetIOManager(lake=lake),
     }
 
@@ -292,3 +300,20 @@ def test_bad_share_config_fails_top_ads_clearly(resources, pg_instance, platform
     assert not materialized(result, "top_ads")
     failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE" and e.step_key == "top_ads")
     assert message in str(failure.event_specific_data.error)
+
+
+def test_an_experiment_splits_the_selection_and_is_published_with_the_version(
+    resources, pg_instance, platform, lake_uri, redis_url, schema
+):
+    experiment = ExperimentResource(arms="frequency,seasonal", salt="t1")
+    result = run({**resources, "experiment": experiment}, pg_instance, top_n=50)
+    assert result.success
+    top = Lake(lake_uri).read("top_ads", DAYS[-1])
+    assert sorted(top["arm"].value_counts().to_dict().items()) == [("frequency", 25), ("seasonal", 25)]
+    pairs = zip(top["ad_id"], top["arm"], strict=True)
+    assert all(arm_of("t1", ad, ("frequency", "seasonal")) == arm for ad, arm in pairs)
+    meta = result.asset_materializations_for_node("top_ads")[0].metadata
+    assert meta["experiment"].value == "frequency,seasonal" and meta["experiment_salt"].value == "t1"
+    assert meta["frequency_selected"].value == 25 and "arm frequency:" in meta["strategy_reason"].value
+    published = PredictionCache(connect(redis_url), schema=schema).current_experiment("ctr")
+    assert published is not None and published.arms == ("frequency", "seasonal") and published.salt == "t1"

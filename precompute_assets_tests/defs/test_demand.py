@@ -13,7 +13,7 @@ import pytest
 
 from precompute_assets.defs.demand import beats_baselines_check, demand_model
 from precompute_assets.defs.partitions import DEFAULT_PARTITIONS
-from precompute_assets.defs.resources import LakeResource, ModelStoreResource, ParquetIOManager
+from precompute_assets.defs.resources import ExperimentResource, LakeResource, ModelStoreResource, ParquetIOManager
 from precompute_assets.defs.selection import ad_demand, day_counts, top_ads
 from precompute_assets.ml.demand import DemandEvaluation
 from precompute_assets.ml.model_store import LocalModelStore
@@ -43,7 +43,11 @@ def weekly_template(tmp_path_factory) -> str:
 
 @pytest.fixture
 def resources(lake_uri, tmp_path):
-    return {"lake": LakeResource(base_uri=lake_uri), "model_store": ModelStoreResource(root=str(tmp_path / "models"))}
+    return {
+        "lake": LakeResource(base_uri=lake_uri),
+        "model_store": ModelStoreResource(root=str(tmp_path / "models")),
+        "experiment": ExperimentResource(),
+    }
 
 
 def run(resources, instance, day: str = DAYS[-1], **config):

@@ -99,6 +99,36 @@ def test_malformed_events_are_quarantined_with_reasons(redis_url, redis_client, 
     assert check.metadata["quarantined"].value == 5
 
 
+def test_the_arm_of_each_query_is_stored_and_a_bad_arm_is_quarantined(
+    redis_url, redis_client, schema, lake_uri, pg_instance
+):
+    logger = QueryLogger(connect(redis_url), schema, clock=lambda: HOUR_START_MS)
+    for i in range(30):
+        logger.log("ctr", f"ad{i}", hit=i % 2 == 0, arm="lstm" if i % 3 else "frequency")
+    logger.log("ctr", "plain", hit=False)  # outside any experiment
+    logger.close()
+    stream = schema.query_log()
+    for offset, arm in enumerate(("", "Not An Arm", "x" * 300), start=1):
+        fields = {"ts": str(HOUR_START_MS), "kind": "ctr", "key": "ad1", "hit": "1", "lat_us": "1", "arm": arm}
+        redis_client.xadd(stream, fields, id=f"{HOUR_START_MS + 1000 + offset}-0")
+    result = materialize(redis_url, schema, lake_uri, pg_instance)
+    assert result.success
+    logs = Lake(lake_uri).read("query_logs", HOUR)
+    assert len(logs) == 31
+    assert logs["arm"].value_counts().to_dict() == {"lstm": 20, "frequency": 10}
+    assert logs.loc[logs["key"] == "plain", "arm"].isna().all()
+    assert result.asset_materializations_for_node("query_logs")[0].metadata["experiment_rows"].value == 30
+    reasons = Lake(lake_uri).read("query_log_quarantine", HOUR)["reason"].tolist()
+    assert reasons == ["invalid arm ''", "invalid arm 'Not An Arm'", "arm longer than 256 characters"]
+
+
+def test_an_hour_without_arms_still_has_the_column(redis_url, schema, lake_uri, pg_instance):
+    fill(redis_url, schema, HOUR_START_MS, 5)
+    assert materialize(redis_url, schema, lake_uri, pg_instance).success
+    logs = Lake(lake_uri).read("query_logs", HOUR, columns=["key", "arm"])
+    assert len(logs) == 5 and logs["arm"].isna().all()
+
+
 @pytest.mark.parametrize(
     ("quarantined", "total", "passed", "severity"),
     [

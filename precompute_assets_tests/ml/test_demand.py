@@ -15,11 +15,15 @@ from precompute_assets.ml.demand import (
     DemandHyperParams,
     HourlyCounts,
     UnsafeModelFile,
+    _first_seen,
+    _predict,
     evaluate_demand,
     forecast_next_day,
+    load_model,
     load_weights,
     mase,
     save_weights,
+    train_lstm,
 )
 from precompute_assets.ml.model_store import LocalModelStore
 
@@ -91,6 +95,41 @@ def test_training_is_deterministic_under_a_seed_and_warm_starts(weekly, weekly_r
 def test_the_training_budget_is_bounded_in_seconds(weekly):
     e = evaluate_demand(weekly, DemandHyperParams(top_n=20, max_epochs=1000, max_seconds=0.5)).evaluation
     assert e.epochs < 1000 and e.train_seconds < 60  # stopped by the clock, not by the epochs
+
+
+def test_the_clock_counts_feature_building_too(weekly):
+    hp = DemandHyperParams(top_n=20, max_epochs=1000, max_seconds=1e-9)
+    model, info = train_lstm(weekly, hp, weekly.n_days - 1)
+    assert info["epochs"] == 0 and info["seconds"] >= hp.max_seconds  # the features alone used up the budget
+    assert info["samples"] == 200 * (weekly.n_days - 1 - hp.window_days)
+
+
+def test_the_sequence_length_does_not_change_the_weights_shapes(weekly, weekly_result):
+    assert FAST.sequence_days < FAST.window_days  # the default steps through fewer days than the window holds
+    whole_window = DemandHyperParams(**{**FAST.__dict__, "sequence_days": FAST.window_days, "max_epochs": 1})
+    warm = evaluate_demand(weekly, whole_window, init_state=weekly_result.state_dict())
+    assert warm.evaluation.warm_started  # weights of one sequence length warm-start (and forecast) another
+    assert len(forecast_next_day(load_model(warm.state_dict(), FAST.hidden_size), weekly, FAST)) == 200
+    with pytest.raises(ValueError, match="sequence_days"):
+        DemandHyperParams(sequence_days=0)
+
+
+def test_chunked_forecasts_equal_a_single_pass(weekly, weekly_result):
+    daily = weekly.daily()
+    first_seen = _first_seen(weekly)
+    args = (weekly_result.model, weekly, weekly.n_days - 1, FAST, first_seen, daily)
+    whole = _predict(*args, chunk=1000, batch=1000)
+    assert np.allclose(_predict(*args, chunk=64, batch=7), whole, rtol=1e-5, atol=1e-6)
+
+
+def test_daily_totals_count_a_missing_hour_as_zero_in_any_hour_order():
+    counts = np.array([[1.0, np.nan, 2.0, 3.0], [np.nan, np.nan, 0.0, 5.0]], dtype=np.float32)
+    day = np.array([0, 0, 1, 1])
+    data = HourlyCounts(np.array(["a", "b"], dtype=object), counts, np.array([0, 1, 0, 1]), day % 7, day)
+    assert data.daily().tolist() == [[1.0, 5.0], [0.0, 5.0]]
+    shuffled = HourlyCounts(data.keys, counts[:, [2, 0, 3, 1]], np.array([0, 0, 1, 1]), day % 7, day[[2, 0, 3, 1]])
+    assert shuffled.daily().tolist() == [[1.0, 5.0], [0.0, 5.0]]
+    assert _first_seen(data).tolist() == [0, 3]  # a NaN hour is not a request
 
 
 def test_the_next_day_forecast_covers_every_key(weekly, weekly_result):

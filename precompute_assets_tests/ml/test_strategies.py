@@ -163,3 +163,21 @@ def test_replay_cli_merges_the_strategies(tmp_path, capsys):
     assert out["top_n"] == "auto" and out["strategies"]["ewma"]["top_n"] == pytest.approx(
         sum(out["strategies"]["ewma"]["top_n_chosen"]) / 3
     )
+
+
+def test_replay_cli_runs_an_ab_experiment_and_refuses_bad_arms(tmp_path, capsys):
+    trace = tmp_path / "weekly.txt"
+    trace.write_text("\n".join(weekly_trace().keys) + "\n")
+    args = ["replay", "--trace", str(trace), "--days", "15", "--top-n", "60", "--capacity", "60"]
+    assert main([*args, "--ab", "frequency,seasonal", "--ab-salt", "s2"]) == 0
+    ab = json.loads(capsys.readouterr().out)["ab"]
+    assert ab["arms"] == ["frequency", "seasonal"] and ab["salt"] == "s2"
+    assert ab["top_n"] == {"frequency": 30, "seasonal": 30}
+    # Seasonal ranks each weekday's keys on time, frequency a week late; with no LRU to hide it the gap is clear.
+    assert ab["difference"]["excludes_zero"] and ab["difference"]["value"] > 0
+    for bad, message in [("frequency", "--ab 'frequency'"), ("frequency,oracle", "--ab 'frequency,oracle'")]:
+        assert main([*args, "--ab", bad]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1
+    assert main([*args[:-4], "--top-n", "auto", "--capacity", "60", "--ab", "frequency,ewma"]) == 2
+    assert "--ab needs a fixed --top-n" in capsys.readouterr().err

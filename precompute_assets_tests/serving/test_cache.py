@@ -8,7 +8,15 @@ import time
 
 import pytest
 
-from precompute_assets.serving import KeySchema, PredictionCache, QueryLogger, connect, publish_version
+from precompute_assets.serving import (
+    Experiment,
+    KeySchema,
+    PredictionCache,
+    QueryLogger,
+    arm_of,
+    connect,
+    publish_version,
+)
 
 
 def make_cache(url: str, schema: KeySchema, **options) -> PredictionCache:
@@ -151,3 +159,112 @@ def test_error_replies_and_corrupt_values_degrade_to_misses(redis_url, redis_cli
     finally:
         redis_client.config_set("maxmemory", "0")
     assert cache.errors == 2
+
+
+EXPERIMENT = Experiment("freq-vs-lstm", "s1", ("frequency", "lstm"))
+
+
+def test_the_experiment_key_and_value_layout_is_pinned():
+    assert KeySchema("pc").experiment("ctr") == "pc:1:ctr:experiment"
+    assert EXPERIMENT.encode() == b'{"name":"freq-vs-lstm","salt":"s1","arms":["frequency","lstm"]}'
+    assert Experiment.decode(EXPERIMENT.encode()) == EXPERIMENT
+
+
+def test_queries_carry_the_arm_of_the_published_experiment(redis_url, redis_client, schema):
+    keys = [f"ad{i}" for i in range(200)]
+    items = [(k, 0.1) for k in keys[:100]]
+    publish_version(redis_client, "ctr", "v1", items, n_keys=100, schema=schema, experiment=EXPERIMENT)
+    assert Experiment.decode(redis_client.get(schema.experiment("ctr"))) == EXPERIMENT
+    logger = QueryLogger(connect(redis_url), schema)
+    cache = make_cache(redis_url, schema, logger=logger)
+    assert cache.current_experiment("ctr") == EXPERIMENT
+    for key in keys[:150]:
+        cache.get("ctr", key)
+    cache.get_many("ctr", keys[150:175])
+    cache.get_or_compute("ctr", keys[175], lambda key: 0.5)
+    cache.get("rank", "other-kind")  # no experiment for this kind: no arm
+    # A publish without an experiment ends it, in the same transaction as the flip.
+    publish_version(redis_client, "ctr", "v2", items, n_keys=100, schema=schema)
+    assert redis_client.get(schema.experiment("ctr")) is None
+    cache.get("ctr", keys[0])
+    logger.close()
+    events = [fields for _, fields in redis_client.xrange(schema.query_log())]
+    assert len(events) == 178
+    with_arm = events[:176]
+    for event in with_arm:
+        assert event[b"arm"].decode() == arm_of("s1", event[b"key"].decode(), ["frequency", "lstm"])
+    assert {e[b"arm"] for e in with_arm} == {b"frequency", b"lstm"}
+    assert b"arm" not in events[176] and b"arm" not in events[177]
+    assert cache.current_experiment("ctr") is None
+
+
+class CountingClient:
+    """A redis client that counts round trips: every direct command, and every pipeline executed."""
+
+    def __init__(self, client):
+        self.client, self.round_trips = client, 0
+
+    def pipeline(self, *args, **kwargs):
+        pipe = self.client.pipeline(*args, **kwargs)
+        execute = pipe.execute
+
+        def counted(*a, **k):
+            self.round_trips += 1
+            return execute(*a, **k)
+
+        pipe.execute = counted
+        return pipe
+
+    def __getattr__(self, name):
+        attribute = getattr(self.client, name)
+        if not callable(attribute):
+            return attribute
+
+        def counted(*args, **kwargs):
+            self.round_trips += 1
+            return attribute(*args, **kwargs)
+
+        return counted
+
+
+def test_the_experiment_costs_no_round_trip_per_lookup(redis_url, redis_client, schema):
+    publish_version(redis_client, "ctr", "v1", [("a", 0.1)], n_keys=1, schema=schema, experiment=EXPERIMENT)
+    client = CountingClient(connect(redis_url, socket_timeout=1.0))
+    logger = QueryLogger(connect(redis_url), schema)
+    cache = PredictionCache(client, schema=schema, logger=logger, pointer_ttl_s=3600)
+    assert cache.get("ctr", "a") == pytest.approx(0.1)
+    assert client.round_trips == 2  # pointer and experiment together, then the bucket
+    for _ in range(10):
+        cache.get("ctr", "a")
+    assert client.round_trips == 12  # one per lookup, as without an experiment
+    logger.close()
+    assert all(
+        f[b"arm"] == arm_of("s1", "a", EXPERIMENT.arms).encode() for _, f in redis_client.xrange(schema.query_log())
+    )
+
+
+def test_a_malformed_experiment_is_ignored_and_counted(redis_url, redis_client, schema):
+    publish_version(redis_client, "ctr", "v1", [("a", 0.1)], n_keys=1, schema=schema)
+    redis_client.set(schema.experiment("ctr"), b'{"name": "x", "salt": "s", "arms": ["lstm", "lstm"]}')
+    logger = QueryLogger(connect(redis_url), schema)
+    cache = make_cache(redis_url, schema, logger=logger)
+    assert cache.get("ctr", "a") == pytest.approx(0.1)
+    assert cache.current_experiment("ctr") is None and cache.errors >= 1
+    logger.close()
+    assert all(b"arm" not in f for _, f in redis_client.xrange(schema.query_log()))
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (b"not json", "not JSON"),
+        (b"[1, 2]", "JSON object"),
+        (b'{"name": "x", "salt": "s", "arms": ["a"]}', "two distinct arm names"),
+        (b'{"name": "x", "salt": "s", "arms": ["a", "B!"]}', "two distinct arm names"),
+        (b'{"name": "x", "salt": "", "arms": ["a", "b"]}', "non-empty salt"),
+        (b'{"name": "x", "arms": ["a", "b"]}', "non-empty salt"),
+    ],
+)
+def test_experiment_decode_rejects_malformed_values(raw, message):
+    with pytest.raises(ValueError, match=message):
+        Experiment.decode(raw)

@@ -83,6 +83,13 @@ GOOD = {b"ts": b"1000", b"kind": b"ctr", b"key": b"ad1", b"hit": b"1", b"lat_us"
         ({b"key": b"ad\n1"}, "key contains control characters"),
         ({b"key": b"\xff\xfe"}, "key is not valid UTF-8"),
         ({b"user": b"u\x00"}, "user contains control characters"),
+        ({b"arm": b""}, "invalid arm ''"),
+        ({b"arm": b"LSTM"}, "invalid arm 'LSTM'"),
+        ({b"arm": b"freq uency"}, "invalid arm"),
+        ({b"arm": b"a" * 65}, "invalid arm"),
+        ({b"arm": b"a" * 300}, "arm longer than 256"),
+        ({b"arm": b"lstm\n"}, "arm contains control characters"),
+        ({b"arm": b"\xffx"}, "arm is not valid UTF-8"),
     ],
 )
 def test_validator_rejects_each_malformed_kind(change, reason):
@@ -105,7 +112,24 @@ def test_validator_accepts_a_good_event():
         "latency_us": 55,
         "user": None,
         "tenant": None,
+        "arm": None,
     }
+
+
+def test_validator_keeps_a_valid_arm():
+    row, why = validate_entry(b"1000-3", {**GOOD, b"arm": b"lstm"})
+    assert why is None and row["arm"] == "lstm"
+
+
+def test_the_logger_writes_the_arm_only_when_given(redis_url, redis_client, schema):
+    logger = QueryLogger(connect(redis_url), schema)
+    logger.log("ctr", "ad1", hit=True, arm="frequency")
+    logger.log("ctr", "ad2", hit=False)
+    with query_logger(logger, "ctr", "ad3", arm="lstm"):
+        pass
+    logger.close()
+    events = [fields for _, fields in redis_client.xrange(schema.query_log())]
+    assert [e.get(b"arm") for e in events] == [b"frequency", None, b"lstm"]
 
 
 def test_counts_are_exact_when_threads_share_a_logger(redis_url, redis_client, schema):

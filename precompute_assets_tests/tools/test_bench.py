@@ -85,3 +85,26 @@ def test_bench_demand_reports_every_promised_key_on_a_tiny_size():
     assert np.array_equal(data.counts, synthetic_hourly_counts(300, 9, seed=1).counts)
     with pytest.raises(ValueError, match="at least 3 days"):
         bench_demand(keys=10, days=2)
+
+
+def test_bench_load_reports_ours_beside_the_bare_load(redis_url, redis_client):
+    from precompute_assets.tools.load import bench_load
+
+    result = bench_load(redis_url, processes=2, seconds=1.0, keys=2000)
+    for key in ("processes", "requests_per_s", "p50_us", "p99_us", "p999_us", "errors", "events_dropped",
+                "raw_requests_per_s", "raw_p99_us"):  # fmt: skip
+        assert key in result, key
+    assert result["processes"] == 2 and result["errors"] == 0 and result["raw_errors"] == 0
+    assert result["requests_per_s"] > 0 and result["raw_requests_per_s"] > 0
+    assert 0 < result["p50_us"] <= result["p99_us"] <= result["p999_us"]
+    # Every lookup was logged: written and dropped add up to the calls made in the timed loop and the warm-up.
+    assert result["events_written"] + result["events_dropped"] >= result["requests_per_s"] * 1.0
+    assert result["throughput_ratio"] == round(result["requests_per_s"] / result["raw_requests_per_s"], 3)
+    assert not list(redis_client.scan_iter("load*"))  # its namespace is dropped
+
+
+def test_bench_load_refuses_bad_arguments():
+    from precompute_assets.tools.load import bench_load
+
+    with pytest.raises(ValueError, match="processes >= 1"):
+        bench_load("redis://127.0.0.1:1/0", processes=0)

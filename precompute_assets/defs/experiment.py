@@ -1,0 +1,185 @@
+"""A/B experiments between selection strategies: what ``top_ads`` records, what ``ctr_cache`` publishes, and the
+daily ``selection_experiment`` report of per-arm hit rates from the serving client's query logs.
+
+The experiment a day runs is the one its ``top_ads`` selected with (``experiment_metadata`` in its materialization):
+``ctr_cache`` publishes that one with the version, so the arms the client logs always match the split that chose
+the precomputed keys, even if ``PRECOMPUTE_EXPERIMENT`` changed in between.
+"""
+
+from collections.abc import Mapping
+from typing import Any
+
+import dagster as dg
+import pandas as pd
+import pyarrow as pa
+
+from ..ml.experiment import arm_report
+from ..serving import Experiment
+from ..storage.lake import Lake
+from .partitions import DEFAULT_PARTITIONS, Partitions
+from .resources import ExperimentResource, LakeResource
+
+EXPERIMENT_KIND = "ctr"  # the kind whose selection is split (top_ads) and whose queries carry arms
+SELECTION_ASSET = "top_ads"
+# Metadata keys of top_ads that name the experiment it selected with ("" when none).
+ARMS_KEY, SALT_KEY, NAME_KEY = "experiment", "experiment_salt", "experiment_name"
+
+
+def experiment_metadata(experiment: Experiment | None) -> dict[str, str]:
+    """What ``top_ads`` adds to its metadata: the experiment's arms (``A,B``), salt and name, or blanks for none."""
+    if experiment is None:
+        return {ARMS_KEY: "", SALT_KEY: "", NAME_KEY: ""}
+    return {ARMS_KEY: ",".join(experiment.arms), SALT_KEY: experiment.salt, NAME_KEY: experiment.name}
+
+
+def experiment_from_metadata(metadata: Mapping[str, Any]) -> Experiment | None:
+    """The experiment ``experiment_metadata`` recorded (values or ``MetadataValue``s), or None."""
+
+    def text(key: str) -> str:
+        value = metadata.get(key, "")
+        return str(getattr(value, "value", value) or "")
+
+    arms = text(ARMS_KEY)
+    if not arms:
+        return None
+    return Experiment(text(NAME_KEY), text(SALT_KEY), tuple(arms.split(",")))
+
+
+def selected_experiment(instance: dg.DagsterInstance, partition: str) -> Experiment | None:
+    """The experiment the newest ``top_ads`` of ``partition`` selected with (None: none, or no top_ads yet)."""
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey(SELECTION_ASSET), asset_partitions=[partition]), limit=1
+    ).records
+    metadata = records[0].asset_materialization.metadata if records and records[0].asset_materialization else {}
+    return experiment_from_metadata(metadata)
+
+
+class ExperimentReportConfig(dg.Config):
+    """Bootstrap draws, their seed and the interval's ``alpha`` (0.05: 95 % intervals)."""
+
+    n_boot: int = 1000
+    seed: int = 0
+    alpha: float = 0.05
+
+
+def experiment_rows(
+    lake: Lake, hours: list[str], *, kind: str = EXPERIMENT_KIND
+) -> tuple[pd.DataFrame, dict[str, int]]:
+    """The day's queries of ``kind`` that carry an arm (``key``, ``hit``, ``arm``), and how many hours are
+    ``missing`` and how many were written before query logs had an ``arm`` column (``without_arm``: none of
+    their rows belongs to an experiment)."""
+    parts, counts = [], {"missing_hours": 0, "hours_without_arm": 0}
+    for hour in hours:
+        if not lake.exists("query_logs", hour):
+            counts["missing_hours"] += 1
+            continue
+        try:
+            frame = lake.read("query_logs", hour, columns=["kind", "key", "hit", "arm"])
+        except (KeyError, pa.ArrowInvalid):  # no such column in an older file
+            counts["hours_without_arm"] += 1
+            continue
+        frame = frame[(frame["kind"] == kind) & frame["arm"].notna()]
+        if len(frame):
+            parts.append(frame[["key", "hit", "arm"]])
+    if not parts:
+        return pd.DataFrame({"key": [], "hit": [], "arm": []}), counts
+    return pd.concat(parts, ignore_index=True), counts
+
+
+def report_arms(configured: Experiment | None, counts: pd.Series) -> tuple[list[str] | None, str]:
+    """The two arms to compare (first: the baseline of the difference) and why: the configured experiment's when
+    its arms are in the logs, else the two arms with most rows (alphabetical order); None with one arm only."""
+    seen = counts.index.tolist()
+    if configured is not None and set(configured.arms) & set(seen):
+        return list(configured.arms), f"the configured experiment {configured.name}"
+    if len(seen) < 2:
+        return None, f"only arm {seen[0]!r} in the logs and no configured experiment names the other"
+    top = sorted(counts.sort_values(ascending=False, kind="stable").index[:2].tolist())
+    return top, "the two arms with the most rows in the logs (no configured experiment matches them)"
+
+
+def report_metadata(report: dict) -> dict[str, Any]:
+    """The report as plain numbers the UI charts (undefined values left out), plus the whole report as JSON."""
+    out: dict[str, Any] = {"experiment_rows": int(report["rows"]), "arms": ",".join(report["arms"])}
+    for arm, stats in report["per_arm"].items():
+        out[f"{arm}_requests"] = int(stats["requests"])
+        out[f"{arm}_keys"] = int(stats["keys"])
+        if stats["hit_rate"] is not None:
+            out[f"{arm}_hit_rate"] = float(stats["hit_rate"])
+        if stats["ci"][0] is not None:
+            out[f"{arm}_hit_rate_ci_low"], out[f"{arm}_hit_rate_ci_high"] = map(float, stats["ci"])
+    difference = report["difference"]
+    if difference["value"] is not None:
+        out["difference"] = float(difference["value"])
+    if difference["ci"][0] is not None:
+        out["difference_ci_low"], out["difference_ci_high"] = map(float, difference["ci"])
+    if report["srm"]["p_value"] is not None:
+        out["srm_p_value"] = float(report["srm"]["p_value"])
+    out["report"] = dg.MetadataValue.json(report)
+    return out
+
+
+def sample_ratio_check(report: dict | None) -> dg.AssetCheckResult:
+    """Fails (WARN) on a sample-ratio mismatch: the arms then differ by more than the strategies."""
+    if report is None or report["srm"]["p_value"] is None:
+        return dg.AssetCheckResult(
+            check_name="sample_ratio",
+            passed=True,
+            severity=dg.AssetCheckSeverity.WARN,
+            description="no experiment rows on this day: nothing to check",
+        )
+    srm = report["srm"]
+    keys = ", ".join(f"{arm} {n}" for arm, n in srm["keys"].items())
+    return dg.AssetCheckResult(
+        check_name="sample_ratio",
+        passed=not srm["mismatch"],
+        severity=dg.AssetCheckSeverity.WARN,
+        description=(
+            f"sample-ratio mismatch: keys per arm {keys} (p={srm['p_value']:.2g}); the arms are not comparable"
+            if srm["mismatch"]
+            else f"keys per arm {keys} (p={srm['p_value']:.3g})"
+        ),
+        metadata={"srm_p_value": float(srm["p_value"]), **{f"{arm}_keys": int(n) for arm, n in srm["keys"].items()}},
+    )
+
+
+@dg.asset(
+    partitions_def=DEFAULT_PARTITIONS.daily,
+    deps=[dg.AssetDep("query_logs", partition_mapping=dg.TimeWindowPartitionMapping())],
+    kinds={"pandas"},
+    group_name="selection",
+    check_specs=[dg.AssetCheckSpec("sample_ratio", asset="selection_experiment")],
+    description="The day's A/B experiment between two selection strategies: per-arm hit rates of ctr queries with "
+    "95% intervals from a bootstrap over keys, the difference (second arm minus first) and a sample-ratio check.",
+)
+def selection_experiment(
+    context: dg.AssetExecutionContext,
+    config: ExperimentReportConfig,
+    lake: LakeResource,
+    experiment: ExperimentResource,
+) -> dg.MaterializeResult:
+    partitions = Partitions.of(context)
+    frame, hours = experiment_rows(lake.lake(), partitions.hours_of(context.partition_key))
+    if frame.empty:
+        context.log.info(f"no ctr queries with an experiment arm on {context.partition_key}: nothing to compare")
+        return dg.MaterializeResult(metadata={"experiment_rows": 0, **hours}, check_results=[sample_ratio_check(None)])
+    arms, why = report_arms(experiment.experiment(), frame["arm"].value_counts())
+    if arms is None:
+        context.log.warning(f"{len(frame)} experiment rows, but {why}")
+        return dg.MaterializeResult(
+            metadata={"experiment_rows": len(frame), **hours, "note": why},
+            check_results=[sample_ratio_check(None)],
+        )
+    report = arm_report(frame, arms=arms, n_boot=config.n_boot, seed=config.seed, alpha=config.alpha)
+    for note in report["notes"]:
+        context.log.warning(note)
+    difference = report["difference"]
+    context.log.info(
+        f"arms {arms} ({why}): hit rates "
+        + ", ".join(f"{arm} {stats['hit_rate']}" for arm, stats in report["per_arm"].items())
+        + f"; difference {difference['of']} = {difference['value']} (CI {difference['ci']})"
+    )
+    return dg.MaterializeResult(
+        metadata={**report_metadata(report), **hours},
+        check_results=[sample_ratio_check(report)],
+    )

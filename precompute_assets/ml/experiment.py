@@ -1,0 +1,280 @@
+"""A/B experiments between two selection strategies: arms by a salted hash of the key, each arm's half of the
+precompute budget chosen by its own strategy, and per-arm hit rates with honest confidence intervals.
+
+The arm of a key is ``serving.keys.arm_of`` (the serving client computes the same one when it logs a query).
+Requests of one key are not independent (a key is hot or cold, precomputed or not, for a whole day), so the
+intervals come from a bootstrap over keys: each key's requests and hits are resampled together. It is a Poisson
+bootstrap (every key gets a Poisson(1) weight), grouped by identical (requests, hits) pairs, whose summed weights
+are Poisson(multiplicity): exact, and its cost grows with the number of distinct pairs, not of keys.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import replace
+from statistics import NormalDist
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from ..serving.keys import arm_index, arm_of
+from .replay import Trace, _admit_always, _admitted_lru_day_hits, _as_codes, _codes_of, _precomputed_sets
+from .selection import select_top
+
+if TYPE_CHECKING:  # ml.strategies imports torch: only the replay needs it, so it is imported there
+    from .demand import DemandHyperParams
+
+__all__ = ["SRM_ALPHA", "ab_replay", "arm_budgets", "arm_of", "arm_report", "arms_of", "parse_arms", "split_selection"]
+
+SRM_ALPHA = 0.001  # a sample-ratio mismatch is flagged below this p-value (the usual, conservative threshold)
+_BOOT_CELLS = 4_000_000  # weights drawn at once (bootstrap draws x distinct pairs), to bound memory
+
+
+def parse_arms(arms: str | Sequence[str]) -> tuple[str, str]:
+    """Two distinct known strategy names, from ``"frequency,lstm"`` or a sequence; ``ValueError`` otherwise."""
+    from .strategies import STRATEGIES
+
+    names = [a.strip() for a in arms.split(",")] if isinstance(arms, str) else [str(a).strip() for a in arms]
+    if len(names) != 2 or names[0] == names[1] or not all(names):
+        raise ValueError(f"an experiment needs exactly two distinct strategies such as 'frequency,lstm', got {arms!r}")
+    unknown = [name for name in names if name not in STRATEGIES]
+    if unknown:
+        raise ValueError(f"unknown strategy {unknown[0]!r} in experiment arms: use two of {', '.join(STRATEGIES)}")
+    return names[0], names[1]
+
+
+def arms_of(salt: str, keys: Sequence[Hashable] | np.ndarray | pd.Index, arms: Sequence[str]) -> np.ndarray:
+    """``arm_of(salt, str(key), arms)`` for every key (an object array of arm names), hashing each distinct key
+    once."""
+    codes, unique = pd.factorize(keys if isinstance(keys, pd.Index) else np.asarray(keys))
+    table = np.array([arms[arm_index(salt, str(key), len(arms))] for key in unique] + [None], dtype=object)
+    return table[codes]  # code -1 (a missing key) maps to None
+
+
+def arm_budgets(top_n: int, n_arms: int = 2) -> list[int]:
+    """Each arm's share of ``top_n`` precomputed keys: equal, the first arms taking the remainder."""
+    if top_n < 0:
+        raise ValueError(f"top_n must be >= 0, got {top_n}")
+    return [top_n // n_arms + (i < top_n % n_arms) for i in range(n_arms)]
+
+
+def split_selection(rankings: Mapping[str, pd.Series], *, salt: str, top_n: int) -> pd.DataFrame:
+    """The keys to precompute under an experiment: ``ad_id`` and ``arm``, arm by arm, best first.
+
+    ``rankings`` maps each arm's strategy name (in arm order, two of them) to its demand scores per key (index:
+    key; higher: more demand). Each arm takes the top of its own scores among the keys hashed into it, up to
+    its budget (``arm_budgets``: half each, the first arm the extra one); a budget an arm cannot fill stays
+    unused rather than going to the other arm, so neither arm is helped by the other.
+    """
+    arms = list(rankings)
+    if len(arms) != 2 or len(set(arms)) != 2:
+        raise ValueError(f"split_selection needs the rankings of exactly two arms, got {arms!r}")
+    parts = []
+    for arm, budget in zip(arms, arm_budgets(top_n), strict=True):
+        scores = rankings[arm]
+        mine = scores[arms_of(salt, scores.index, arms) == arm] if len(scores) else scores
+        chosen = select_top(mine, budget)
+        parts.append(pd.DataFrame({"ad_id": pd.Series(chosen, dtype=object), "arm": arm}))
+    return pd.concat(parts, ignore_index=True)
+
+
+def _chi2_sf_1dof(x: float) -> float:
+    """P(X > x) for a chi-square variable with one degree of freedom (= scipy.stats.chi2.sf(x, 1))."""
+    return math.erfc(math.sqrt(max(x, 0.0) / 2))
+
+
+def _boot_rates(requests: np.ndarray, hits: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """``n_boot`` bootstrap hit rates over keys, from per-key request and hit counts (NaN: a draw without
+    requests)."""
+    pairs, multiplicity = np.unique(np.stack([requests, hits], axis=1), axis=0, return_counts=True)
+    n, h = pairs[:, 0].astype(float), pairs[:, 1].astype(float)
+    rates = np.empty(n_boot)
+    step = max(1, _BOOT_CELLS // len(pairs))
+    for lo in range(0, n_boot, step):
+        weights = rng.poisson(multiplicity, size=(min(step, n_boot - lo), len(pairs))).astype(float)
+        total = weights @ n
+        with np.errstate(invalid="ignore", divide="ignore"):
+            rates[lo : lo + len(weights)] = np.where(total > 0, (weights @ h) / total, np.nan)
+    return rates
+
+
+def _interval(draws: np.ndarray, alpha: float) -> list[float | None]:
+    finite = draws[np.isfinite(draws)]
+    if not len(finite):
+        return [None, None]
+    low, high = np.quantile(finite, [alpha / 2, 1 - alpha / 2])
+    return [float(low), float(high)]
+
+
+def arm_report(
+    frame: pd.DataFrame, *, arms: Sequence[str], n_boot: int = 1000, seed: int = 0, alpha: float = 0.05
+) -> dict:
+    """Per-arm hit rates with bootstrap-over-keys intervals, the difference (second arm minus first) and a
+    sample-ratio-mismatch check, from per-request rows ``key``, ``hit`` (bool), ``arm``.
+
+    Returns ``{"arms", "rows", "per_arm": {arm: {"requests", "keys", "hits", "hit_rate", "ci", "naive_ci"}},
+    "difference": {"value", "ci", "excludes_zero"}, "srm": {"keys", "chi2", "p_value", "mismatch"}, "alpha",
+    "n_boot", "notes"}``. ``ci`` is the ``1 - alpha`` percentile interval of the bootstrap over keys; ``naive_ci``
+    the per-request (Wald) binomial interval, shown to make the effect of repeated keys visible. SRM is a
+    chi-square test (1 dof) of the distinct keys per arm against the equal split the hash promises, flagged
+    below ``SRM_ALPHA``. Undefined values are None, never NaN: an arm without requests has hit rate and
+    intervals None (and so has the difference), no keys at all gives an SRM p-value of None; ``notes`` says why.
+    Rows of other arms are ignored and counted in ``notes``.
+    """
+    arms = list(arms)
+    if len(arms) != 2 or len(set(arms)) != 2:
+        raise ValueError(f"arm_report compares exactly two distinct arms, got {arms!r}")
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    missing = {"key", "hit", "arm"} - set(frame.columns)
+    if missing:
+        raise ValueError(f"arm_report needs columns key, hit and arm; missing {sorted(missing)}")
+    notes: list[str] = []
+    inside = frame["arm"].isin(arms)
+    if (~inside).any():
+        notes.append(f"{int((~inside).sum())} rows of other arms (or none) ignored")
+    rows = frame.loc[inside, ["key", "hit", "arm"]]
+    rng = np.random.default_rng(seed)
+    z = NormalDist().inv_cdf(1 - alpha / 2)
+    per_arm: dict[str, dict] = {}
+    draws: dict[str, np.ndarray | None] = {}
+    for arm in arms:
+        mine = rows[rows["arm"] == arm]
+        per_key = mine.groupby("key", sort=False)["hit"].agg(["size", "sum"])
+        requests, hits = int(per_key["size"].sum()), int(per_key["sum"].sum())
+        if requests == 0:
+            notes.append(f"arm {arm} has no requests: its hit rate and interval are undefined (None)")
+            per_arm[arm] = {"requests": 0, "keys": 0, "hits": 0, "hit_rate": None, "ci": [None, None],
+                            "naive_ci": [None, None]}  # fmt: skip
+            draws[arm] = None
+            continue
+        rate = hits / requests
+        draws[arm] = _boot_rates(per_key["size"].to_numpy(np.int64), per_key["sum"].to_numpy(np.int64), n_boot, rng)
+        half = z * math.sqrt(rate * (1 - rate) / requests)
+        per_arm[arm] = {
+            "requests": requests,
+            "keys": len(per_key),
+            "hits": hits,
+            "hit_rate": rate,
+            "ci": _interval(draws[arm], alpha),
+            "naive_ci": [max(0.0, rate - half), min(1.0, rate + half)],
+        }
+    first, second = arms
+    difference: dict = {"value": None, "ci": [None, None], "excludes_zero": None}
+    if draws[first] is not None and draws[second] is not None:
+        difference["value"] = per_arm[second]["hit_rate"] - per_arm[first]["hit_rate"]
+        difference["ci"] = _interval(draws[second] - draws[first], alpha)
+        low, high = difference["ci"]
+        difference["excludes_zero"] = None if low is None else bool(low > 0 or high < 0)
+    keys = {arm: per_arm[arm]["keys"] for arm in arms}
+    total = sum(keys.values())
+    srm: dict = {"keys": keys, "chi2": None, "p_value": None, "mismatch": False}
+    if total == 0:
+        notes.append("no keys in either arm: the sample-ratio check is undefined (p_value None)")
+    else:
+        chi2 = (keys[first] - keys[second]) ** 2 / total  # sum of (observed - total/2)^2 / (total/2)
+        p_value = _chi2_sf_1dof(chi2)
+        srm.update(chi2=float(chi2), p_value=p_value, mismatch=p_value < SRM_ALPHA)
+        if srm["mismatch"]:
+            notes.append(
+                f"sample-ratio mismatch: {keys[first]} vs {keys[second]} keys (p={p_value:.2g}): arms are not "
+                "comparable (a logging gap, a changed salt, or traffic that depends on the arm)"
+            )
+    return {
+        "arms": arms,
+        "rows": len(rows),
+        "per_arm": per_arm,
+        "difference": {"of": f"{second} - {first}", **difference},
+        "srm": srm,
+        "alpha": alpha,
+        "n_boot": n_boot,
+        "notes": notes,
+    }
+
+
+def ab_replay(
+    trace: Trace,
+    days: int,
+    *,
+    arms: Sequence[str],
+    top_n: int,
+    capacity: int,
+    salt: str,
+    warmup_days: int = 1,
+    hp: DemandHyperParams | None = None,
+    lstm_budget_s: float | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+) -> dict:
+    """The A/B experiment replayed on a trace: ``{"ab": {...}}`` to merge into ``precompute replay``'s JSON.
+
+    The trace is cut into ``days`` days as ``compare_strategies`` cuts it. Each day, each arm's strategy ranks
+    the keys hashed into its arm from the days before only (``strategy_sets`` on that arm's requests alone) and
+    precomputes its budget (``arm_budgets(top_n)``); the union is precomputed, beside one read-through LRU of
+    ``capacity - top_n`` keys that both arms share: ``replay``'s "ours" with these ``precomputed=`` sets (its
+    warm-up days keep replay's own selection). Every counted request's outcome then goes to ``arm_report``.
+
+    The shared LRU couples the arms a little: an arm whose precomputed keys answer more of its traffic leaves
+    more LRU room to the other arm, which narrows the measured difference rather than inflating it. ``hp`` and
+    ``lstm_budget_s`` default to ``compare_strategies``'s.
+    """
+    from .strategies import LSTM_BUDGET_S, REPLAY_HYPER_PARAMS, TraceHours, strategy_sets, trace_hours
+
+    hp = REPLAY_HYPER_PARAMS if hp is None else hp
+    lstm_budget_s = LSTM_BUDGET_S if lstm_budget_s is None else lstm_budget_s
+    names = parse_arms(arms)
+    if isinstance(top_n, str | bool) or top_n < 0:
+        raise ValueError(f"an A/B replay needs a fixed top_n >= 0, got {top_n!r}")
+    if capacity < 1 or top_n > capacity:
+        raise ValueError(f"need capacity >= 1 and top_n <= capacity, got top_n={top_n}, capacity={capacity}")
+    if not salt:
+        raise ValueError("an A/B replay needs a non-empty salt")
+    hours = trace_hours(trace, days)
+    day_keys = hours.day_keys()
+    if not 1 <= warmup_days <= max(1, days - 1):
+        raise ValueError(f"warmup_days must be at least 1 and less than the {days} days, got {warmup_days}")
+    key_arm = arms_of(salt, hours.keys, names)
+    budgets = dict(zip(names, arm_budgets(top_n), strict=True))
+    trained_days = max(0, days - 3)  # as compare_strategies: the LSTM's seconds shared by the days it trains on
+    per_day = min(hp.max_seconds, lstm_budget_s / trained_days) if trained_days else hp.max_seconds
+    arm_sets, infos = {}, {}
+    for name in names:
+        mask = key_arm == name  # the arm's requests on the same days and hours: its strategy sees its keys only
+        sub = TraceHours(hours.keys[mask], hours.day[mask], hours.hour[mask], hours.n_days)
+        arm_sets[name], infos[name] = strategy_sets(sub, name, budgets[name], hp=replace(hp, max_seconds=per_day))
+    union = [arm_sets[names[0]][d] | arm_sets[names[1]][d] for d in range(days)]
+
+    codes, index = _as_codes(day_keys)
+    chosen = _precomputed_sets(codes[:warmup_days], top_n=top_n, half_life_days=2.0)
+    chosen += [_codes_of(given, index) for given in union[warmup_days:]]
+    outcomes: list[str] = []
+    _admitted_lru_day_hits(codes, capacity - top_n, _admit_always, precomputed=chosen, outcomes=outcomes)
+    start = sum(len(day) for day in day_keys[:warmup_days])
+    hit = np.asarray(outcomes[start:]) == "hit"
+    frame = pd.DataFrame({"key": hours.keys[start:], "hit": hit, "arm": key_arm[start:]})
+    report = arm_report(frame, arms=names, n_boot=n_boot, seed=seed, alpha=alpha)
+    notes = report.pop("notes")
+    for name in names:
+        if name == "lstm":
+            notes.append(
+                f"lstm arm: trained on {infos[name]['trained_days']} days (approved on {infos[name]['approved_days']});"
+                f" {infos[name]['fallback_days']} days before training was possible used the frequency ranking"
+            )
+    return {
+        "ab": {
+            "salt": salt,
+            **report,
+            "top_n": {name: int(budgets[name]) for name in names},
+            "capacity": int(capacity),
+            "requests": int(len(frame)),
+            "hit_rate_ours": float(hit.mean()) if len(hit) else 0.0,
+            "warmup_days": int(warmup_days),
+            "days": int(days),
+            "notes": notes,
+        }
+    }

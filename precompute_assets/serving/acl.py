@@ -1,0 +1,209 @@
+"""Least-privilege Redis ACL users for one namespace: a *publisher* and a *reader* (Redis 7+ / Valkey ACL syntax).
+
+Every key of schema version 1 starts with ``{namespace}:1:`` (``keys.KeySchema``). The two users:
+
+- **publisher** (Dagster: ``publish_version``, ``flip_pointer``, ``patch_version``, ``write_live_values``,
+  ``delete_live_values``, the embedding sync, the ``query_logs`` drain and the query-log cleanup): reads and writes
+  keys under ``{ns}:1:*`` and nothing else, with ``PUBLISHER_COMMANDS`` only.
+- **reader** (``PredictionCache``, its ``QueryLogger`` and the admission policies): reads ``{ns}:1:*`` with
+  ``READER_COMMANDS`` only, and writes exactly what the serving client writes: the live read-through values
+  (``SET ... EX`` on ``{ns}:1:{kind}:live:*``), the ``second_miss`` markers (``SET ... PX NX GET`` on
+  ``{ns}:1:{kind}:seen:*``), the ``frequency`` sketch (``BITFIELD ... INCRBY`` and the aging ``EVAL`` on
+  ``{ns}:1:{kind}:sketch``), the query-log stream (``XADD ... MAXLEN``, write-only, on ``{ns}:1:qlog``) and the
+  hit/miss counters (``HINCRBY`` on ``{ns}:1:stats:*``). It can neither write a version bucket, the pointer or the
+  experiment, nor read the query-log stream back.
+
+Neither user gets a command of ``@admin``/``@dangerous`` (``FLUSHALL``, ``FLUSHDB``, ``CONFIG``, ``KEYS``, ``DEBUG``,
+``SHUTDOWN``, ``ACL``, ``MODULE``...) nor ``SCAN`` (its replies are not filtered by key patterns: it would list
+other namespaces' key names), nor any Pub/Sub channel, nor ``SELECT`` (use database 0). Commands inside Lua scripts
+are checked against the same rules, so the reader's ``EVAL`` can only run its own commands on its own keys.
+
+Passwords go to the server as SHA-256 hashes (``#<hex>``), never in clear text, in ``ACL SETUSER`` and in ACL
+files alike. ``ACL SETUSER`` rules last until the server restarts: persist them in the server's ACL file
+(``acl_file_lines``) or with ``ACL SAVE`` when it has one. Residual risks, inherent to Redis ACLs (they restrict
+commands and keys, not arguments): the reader's ``XADD ... MAXLEN`` could trim the query-log stream, its ``SET``
+could overwrite a live value, and its ``EVAL`` could run a busy script until ``busy-reply-threshold``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Sequence
+from typing import Any
+
+SCHEMA_VERSION = 1  # keys.SCHEMA_VERSION: all our keys start with "{namespace}:1:"
+NAMESPACE_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # no glob characters, spaces or ':' in a key pattern
+USERNAME_PATTERN = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
+KIND_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,63}")  # keys.KIND_PATTERN
+MIN_PASSWORD_LENGTH = 16
+
+# Handshake: redis-py sends CLIENT SETINFO after AUTH (its errors ignored, but logged in ACL LOG); PING for health.
+CONNECTION_COMMANDS = ("ping", "client|setinfo")
+
+PUBLISHER_COMMANDS = (
+    *CONNECTION_COMMANDS,
+    # publish_version / flip_pointer / patch_version / the embedding sync: buckets, pointer, experiment, sentinels
+    "get", "set", "del", "exists", "expire", "expireat", "hset", "hdel",
+    "multi", "exec", "discard",
+    # the query_logs drain and the cleanup: read the stream, record the trimmed boundary, trim
+    "xrange", "xtrim", "xdel", "xlen",
+    # read-only inspection inside the namespace (operators, checks)
+    "hget", "hmget", "hlen", "ttl", "pttl", "type",
+)  # fmt: skip
+
+# The reader's root permissions: these commands read anywhere in the namespace, and write nowhere.
+READER_COMMANDS = (*CONNECTION_COMMANDS, "get", "hget", "hmget")  # pointer + experiment, buckets, live values
+# Each of its writes is granted only with the keys it writes, as a Redis 7 selector ``(keys commands)``.
+READER_WRITES = (
+    ("~{prefix}:{kind}:live:*", ("set",)),  # get_or_compute: SET EX of an admitted live value
+    ("~{prefix}:{kind}:seen:*", ("set",)),  # second_miss: SET PX NX GET of the marker (reads it back: ~)
+    ("~{prefix}:{kind}:sketch", ("bitfield", "eval", "set")),  # frequency: INCRBY, and the aging script's SET
+    ("%W~{prefix}:qlog", ("xadd",)),  # the query logger: XADD MAXLEN, write-only (the stream is never read back)
+    ("~{prefix}:stats:*", ("hincrby",)),  # its hit/miss counters (HINCRBY replies the count: ~)
+)
+
+# Never granted to either user (checked by ``check_rules`` and the tests).
+FORBIDDEN_COMMANDS = frozenset(
+    {"flushall", "flushdb", "config", "keys", "scan", "debug", "shutdown", "acl", "module", "save", "bgsave",
+     "bgrewriteaof", "replicaof", "slaveof", "migrate", "restore", "sort", "monitor", "script", "function", "select",
+     "swapdb", "move", "copy", "rename", "renamenx", "object", "client", "cluster", "failover", "sync", "psync"}
+)  # fmt: skip
+ALLOWED_SUBCOMMANDS = frozenset({"client|setinfo"})  # of a forbidden command: redis-py's handshake only
+
+
+def password_hash(password: str) -> str:
+    """The ACL rule that sets ``password`` without sending or storing it in clear: ``#`` + SHA-256 hex."""
+    return "#" + hashlib.sha256(password.encode()).hexdigest()
+
+
+def _check_user(user: tuple[str, str], role: str) -> tuple[str, str]:
+    if not isinstance(user, tuple | list) or len(user) != 2:
+        raise ValueError(f"the {role} user is a (name, password) pair")
+    name, password = user
+    if not isinstance(name, str) or not USERNAME_PATTERN.fullmatch(name) or name == "default":
+        raise ValueError(f"invalid {role} user name {name!r}: 1-64 characters from [A-Za-z0-9_.@-], not 'default'")
+    if not isinstance(password, str) or len(password) < MIN_PASSWORD_LENGTH:
+        raise ValueError(
+            f"the {role} password must be at least {MIN_PASSWORD_LENGTH} characters (e.g. `openssl rand -hex 24`)"
+        )
+    return name, password
+
+
+def _prefix(namespace: str) -> str:
+    if not isinstance(namespace, str) or not NAMESPACE_PATTERN.fullmatch(namespace):
+        raise ValueError(f"invalid namespace {namespace!r}: 1-64 characters from [A-Za-z0-9_.-]")
+    return f"{namespace}:{SCHEMA_VERSION}"
+
+
+def _kinds(kinds: Sequence[str] | None) -> list[str]:
+    """The kind part of per-kind key patterns: ``*`` for every kind, else the named kinds."""
+    if kinds is None:
+        return ["*"]
+    if isinstance(kinds, str) or not kinds:
+        raise ValueError("kinds is a non-empty list of kind names, or None for every kind")
+    for kind in kinds:
+        if not isinstance(kind, str) or not KIND_PATTERN.fullmatch(kind):
+            raise ValueError(f"invalid kind {kind!r}: expected lower-case letters, digits and '_' (max 64)")
+    return list(dict.fromkeys(kinds))
+
+
+def publisher_rules(namespace: str = "pc") -> list[str]:
+    """The publisher's key and command rules (no user, state or password): read/write ``{ns}:1:*`` only."""
+    prefix = _prefix(namespace)
+    return ["resetkeys", f"~{prefix}:*", "resetchannels", "-@all", *(f"+{c}" for c in PUBLISHER_COMMANDS)]
+
+
+def reader_rules(namespace: str = "pc", *, kinds: Sequence[str] | None = None) -> list[str]:
+    """The reader's rules: read ``{ns}:1:*``; each write only on the keys the serving client writes it to.
+
+    ``kinds`` limits the writable live/admission keys to those kinds (None: any kind, ``{ns}:1:*:live:*``).
+    """
+    prefix = _prefix(namespace)
+    selectors = []
+    for keys, commands in READER_WRITES:
+        patterns = dict.fromkeys(keys.format(prefix=prefix, kind=kind) for kind in _kinds(kinds))
+        selectors.append("(" + " ".join([*patterns, *(f"+{c}" for c in commands)]) + ")")
+    rules = ["resetkeys", f"%R~{prefix}:*", "resetchannels", "-@all", *(f"+{c}" for c in READER_COMMANDS)]
+    return [*rules, "clearselectors", *selectors]
+
+
+def _user_rules(user: tuple[str, str], role: str, rules: list[str]) -> list[str]:
+    name, password = _check_user(user, role)
+    return [name, "reset", "on", password_hash(password), *rules]
+
+
+def _both(
+    namespace: str, publisher: tuple[str, str], reader: tuple[str, str], kinds: Sequence[str] | None
+) -> list[list[str]]:
+    users = [
+        _user_rules(publisher, "publisher", publisher_rules(namespace)),
+        _user_rules(reader, "reader", reader_rules(namespace, kinds=kinds)),
+    ]
+    if users[0][0] == users[1][0]:
+        raise ValueError("the publisher and the reader must be two different users")
+    for user in users:
+        check_rules(user[1:])
+    return users
+
+
+def acl_setuser_commands(
+    namespace: str = "pc",
+    *,
+    publisher: tuple[str, str],
+    reader: tuple[str, str],
+    kinds: Sequence[str] | None = None,
+) -> list[list[str]]:
+    """``ACL SETUSER`` commands (argument lists) that create or reset the two users of ``namespace``.
+
+    ``publisher`` and ``reader`` are ``(name, password)`` pairs (passwords of at least 16 characters, sent as
+    SHA-256 hashes). Each command starts with ``reset``, so applying them again converges to exactly these rules.
+    """
+    return [["ACL", "SETUSER", *user] for user in _both(namespace, publisher, reader, kinds)]
+
+
+def acl_file_lines(
+    namespace: str = "pc",
+    *,
+    publisher: tuple[str, str],
+    reader: tuple[str, str],
+    kinds: Sequence[str] | None = None,
+) -> list[str]:
+    """The two users as lines of a Redis/Valkey ACL file (``aclfile``; no clear-text password in it). The file must
+    also define every other user the server needs, ``default`` included (an ACL file replaces all users)."""
+    return [" ".join(["user", *user]) for user in _both(namespace, publisher, reader, kinds)]
+
+
+def apply_acl(
+    client: Any,
+    namespace: str = "pc",
+    *,
+    publisher: tuple[str, str],
+    reader: tuple[str, str],
+    kinds: Sequence[str] | None = None,
+) -> list[str]:
+    """Create or reset both users on the server of ``client`` (a connection allowed to run ``ACL SETUSER``) in one
+    MULTI/EXEC; returns their names. They last until a restart unless saved (see the module)."""
+    commands = acl_setuser_commands(namespace, publisher=publisher, reader=reader, kinds=kinds)
+    pipe = client.pipeline(transaction=True)
+    for command in commands:
+        pipe.execute_command(*command)
+    pipe.execute()
+    return [command[2] for command in commands]
+
+
+def check_rules(rules: Sequence[str]) -> None:
+    """Raise ``ValueError`` if ``rules`` grant a forbidden command, a category, all keys or any channel."""
+    for rule in [part for argument in rules for part in argument.strip("()").split()]:
+        lowered = rule.lower()
+        if lowered.startswith("+"):
+            name = lowered[1:]
+            forbidden = name in FORBIDDEN_COMMANDS or (
+                name.split("|")[0] in FORBIDDEN_COMMANDS and name not in ALLOWED_SUBCOMMANDS
+            )
+            if name.startswith("@") or forbidden:
+                raise ValueError(f"rule {rule!r} grants a forbidden command or a whole category")
+        elif lowered in {"allkeys", "allcommands", "allchannels", "nopass", "~*", "%r~*", "%w~*", "&*"}:
+            raise ValueError(f"rule {rule!r} is too broad")
+        elif lowered.startswith("&"):
+            raise ValueError(f"rule {rule!r} grants a Pub/Sub channel")

@@ -1,0 +1,179 @@
+"""``precompute bench load``: the serving client under load from several processes, beside a bare load.
+
+Each of ``processes`` worker processes (spawned, so each has its own interpreter and GIL, like service
+workers) opens its own ``PredictionCache`` with query logging on and calls ``get`` in a closed loop for
+``seconds``, on keys drawn from a Zipf-like popularity over a published version (a share of them missing, so
+misses and their live-tier lookup are part of the load). Then the same processes run the bare reference for
+the same time: a redis-py ``HGET`` of the same field in the same bucket, with no logging — what a service
+would do with no client at all. Latency is per call, measured in the worker; Redis CPU is the server's own
+``used_cpu_user + used_cpu_sys`` over each phase.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import random
+import time
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..serving import KeySchema, PredictionCache, connect, publish_version
+from ..serving.keys import Pointer
+from ..stack import running_version
+from .bench import drop_namespace
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    redis_url: str
+    namespace: str
+    keys: int
+    seconds: float
+    miss_share: float
+    seed: int
+
+
+def _sample(plan: LoadPlan, worker: int, n: int) -> list[str]:
+    """``n`` keys: Pareto-popular published keys, and ``miss_share`` of keys that were never published."""
+    rng = random.Random(plan.seed * 1000 + worker)
+    out = []
+    for _ in range(n):
+        if rng.random() < plan.miss_share:
+            out.append(f"absent{rng.randrange(plan.keys)}")
+        else:
+            out.append(f"ad{min(int(rng.paretovariate(1.0)) - 1, plan.keys - 1):07d}")
+    return out
+
+
+def _worker(plan: LoadPlan, worker: int, mode: str, start_at: float, queue) -> None:
+    """Closed loop of lookups from ``start_at`` for ``plan.seconds``; puts (latencies ns, calls, errors, logger
+    stats) on ``queue``."""
+    keys = _sample(plan, worker, 200_000)
+    errors = 0
+    latencies = np.empty(4_000_000, dtype=np.int64)
+    calls = 0
+    clock = time.perf_counter_ns
+    written = dropped = 0
+    if mode == "ours":
+        cache = PredictionCache.from_url(plan.redis_url, namespace=plan.namespace, socket_timeout=1.0)
+        lookup = lambda key: cache.get("ctr", key)  # noqa: E731
+    else:
+        client = connect(plan.redis_url, socket_timeout=1.0)
+        schema = KeySchema(plan.namespace)
+        pointer = Pointer.decode(client.get(schema.pointer("ctr")))
+
+        def lookup(key: str):
+            return client.hget(schema.bucket_for_key("ctr", pointer, key), key)
+
+    for key in keys[:2000]:  # warm the connection and the pointer
+        lookup(key)
+    while time.time() < start_at:
+        time.sleep(0.001)
+    deadline = clock() + int(plan.seconds * 1e9)
+    n = len(keys)
+    while True:
+        key = keys[calls % n]
+        started = clock()
+        try:
+            lookup(key)
+        except Exception:  # the bare client raises; ours never should, and any raise is counted as an error
+            errors += 1
+        done = clock()
+        if calls < len(latencies):
+            latencies[calls] = done - started
+        calls += 1
+        if done >= deadline:
+            break
+    if mode == "ours":
+        errors += cache.errors
+        cache.close()  # flushes the query log
+        written, dropped = cache.logger.stats.written, cache.logger.stats.dropped
+    queue.put((latencies[: min(calls, len(latencies))].tobytes(), calls, errors, written, dropped))
+
+
+def _phase(plan: LoadPlan, processes: int, mode: str, admin) -> dict:
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    start_at = time.time() + 3.0 + 0.5 * processes  # spawned interpreters import before the start
+    workers = [context.Process(target=_worker, args=(plan, i, mode, start_at, queue)) for i in range(processes)]
+    for worker in workers:
+        worker.start()
+    while time.time() < start_at:
+        time.sleep(0.01)
+    cpu_before = _redis_cpu(admin)
+    results = [queue.get(timeout=plan.seconds + 120) for _ in workers]
+    cpu_after = _redis_cpu(admin)
+    for worker in workers:
+        worker.join(timeout=30)
+    latencies = np.concatenate([np.frombuffer(raw, dtype=np.int64) for raw, *_ in results])
+    calls = sum(r[1] for r in results)
+    return {
+        "requests_per_s": round(calls / plan.seconds),
+        "p50_us": round(float(np.percentile(latencies, 50)) / 1000, 1),
+        "p99_us": round(float(np.percentile(latencies, 99)) / 1000, 1),
+        "p999_us": round(float(np.percentile(latencies, 99.9)) / 1000, 1),
+        "errors": sum(r[2] for r in results),
+        "events_written": sum(r[3] for r in results),
+        "events_dropped": sum(r[4] for r in results),
+        "redis_cpu_s": round(cpu_after - cpu_before, 2),
+    }
+
+
+def _redis_cpu(client) -> float:
+    info = client.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+def bench_load(
+    redis_url: str, *, processes: int = 2, seconds: float = 10.0, keys: int = 100_000, miss_share: float = 0.05
+) -> dict:
+    """Ours (``PredictionCache.get`` with query logging) then the bare ``HGET`` load, each from ``processes``
+    processes for ``seconds``; one JSON-able dict with the issue's keys and the ratios to the bare load."""
+    if processes < 1 or seconds <= 0 or keys < 1 or not 0 <= miss_share < 1:
+        raise ValueError("need processes >= 1, seconds > 0, keys >= 1 and 0 <= miss_share < 1")
+    schema = KeySchema(f"load{uuid.uuid4().hex[:8]}")
+    admin = connect(redis_url, socket_timeout=30)
+    rng = random.Random(0)
+    items = [(f"ad{i:07d}", rng.random()) for i in range(keys)]
+    publish_version(admin, "ctr", "load", items, n_keys=keys, schema=schema, ttl_s=3600)
+    plan = LoadPlan(redis_url, schema.namespace, keys, seconds, miss_share, seed=0)
+    try:
+        ours = _phase(plan, processes, "ours", admin)
+        bare = _phase(plan, processes, "bare", admin)
+        memory = admin.info("memory")
+        stream_length = admin.xlen(schema.query_log())
+    finally:
+        drop_namespace(admin, schema)
+    return {
+        "bench": "load",
+        "processes": processes,
+        "seconds": seconds,
+        "keys": keys,
+        "miss_share": miss_share,
+        **{key: ours[key] for key in ("requests_per_s", "p50_us", "p99_us", "p999_us", "errors")},
+        "events_written": ours["events_written"],
+        "events_dropped": ours["events_dropped"],
+        "query_log_length": stream_length,
+        "redis_cpu_s": ours["redis_cpu_s"],
+        "redis_used_memory_bytes": int(memory["used_memory"]),
+        "redis_maxmemory_bytes": int(memory.get("maxmemory", 0)),
+        "redis_maxmemory_policy": memory.get("maxmemory_policy", ""),
+        "raw_requests_per_s": bare["requests_per_s"],
+        "raw_p50_us": bare["p50_us"],
+        "raw_p99_us": bare["p99_us"],
+        "raw_p999_us": bare["p999_us"],
+        "raw_errors": bare["errors"],
+        "raw_redis_cpu_s": bare["redis_cpu_s"],
+        "throughput_ratio": round(ours["requests_per_s"] / bare["requests_per_s"], 3)
+        if bare["requests_per_s"]
+        else None,
+        "p999_ratio": round(ours["p999_us"] / bare["p999_us"], 3) if bare["p999_us"] else None,
+        "goals": {"p99_us": 1000, "p999_ratio_max": 2.0, "throughput_ratio_min": 0.7},
+        "redis_version": running_version(redis_url),
+    }
+
+
+def _ratio(ours: float, bare: float) -> float | None:
+    return round(ours / bare, 3) if bare else None

@@ -1,0 +1,218 @@
+"""The selection_experiment asset on lake data, the experiment resource, and ctr_cache publishing the experiment
+its day's top_ads selected with."""
+
+from __future__ import annotations
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+import pytest
+
+from precompute_assets.defs.experiment import (
+    experiment_from_metadata,
+    experiment_metadata,
+    report_arms,
+    selection_experiment,
+)
+from precompute_assets.defs.partitions import DEFAULT_PARTITIONS
+from precompute_assets.defs.publishing import ctr_cache
+from precompute_assets.defs.resources import (
+    ExperimentResource,
+    LakeResource,
+    ParquetIOManager,
+    RedisResource,
+    build_resources,
+    experiment_fields,
+)
+from precompute_assets.defs.settings import SettingError, Settings
+from precompute_assets.ml.experiment import arms_of
+from precompute_assets.serving import Experiment
+from precompute_assets.storage.lake import Lake
+from precompute_assets.storage.tables import query_log_frame
+from precompute_assets_tests.factories import day_start_ms, write_query_logs
+
+DAY = "2026-11-20"
+ARMS = ("frequency", "lstm")
+
+
+def write_experiment_day(lake: Lake, *, salt: str = "s1", n_keys: int = 2000, drop_lstm_share: float = 0.0, seed=0):
+    """A day of hourly ctr logs whose keys carry their arm: lstm keys are hit more often than frequency keys;
+    a few rows of another kind and without arm are mixed in. ``drop_lstm_share`` loses that share of lstm keys
+    (a logging gap: the sample-ratio check should notice)."""
+    rng = np.random.default_rng(seed)
+    keys = np.array([f"ad{i}" for i in range(n_keys)], dtype=object)
+    arm = arms_of(salt, keys, ARMS)
+    keep = (arm == "frequency") | (rng.random(n_keys) >= drop_lstm_share)
+    keys, arm = keys[keep], arm[keep]
+    p_hit = np.where(arm == "lstm", 0.7, 0.4)
+    for index, hour in enumerate(DEFAULT_PARTITIONS.hours_of(DAY)):
+        chosen = rng.integers(0, len(keys), 400)
+        start = day_start_ms(DAY) + index * 3_600_000
+        rows = [
+            {"stream_id": f"{start + i}-0", "ts_ms": start + i, "kind": "ctr", "key": keys[j],
+             "hit": bool(rng.random() < p_hit[j]), "latency_us": 50, "user": None, "tenant": None}
+            for i, j in enumerate(chosen)
+        ]  # fmt: skip
+        frame = query_log_frame(rows)
+        frame["arm"] = arm[chosen]
+        extra = query_log_frame(
+            [{"stream_id": f"{start + 500}-0", "ts_ms": start + 500, "kind": "doc_embedding", "key": "d1", "hit": True,
+              "latency_us": 1, "user": None, "tenant": None},
+             {"stream_id": f"{start + 501}-0", "ts_ms": start + 501, "kind": "ctr", "key": "ad1", "hit": True,
+              "latency_us": 1, "user": None, "tenant": None}]
+        )  # fmt: skip
+        extra["arm"] = ["lstm", None]  # another kind's arm, and a ctr query outside the experiment
+        lake.write("query_logs", hour, pd.concat([frame, extra], ignore_index=True))
+
+
+@pytest.fixture(scope="module")
+def instance():
+    with dg.instance_for_test() as instance:
+        yield instance
+
+
+def materialize(instance, lake_uri: str, *, arms: str = "frequency,lstm", salt: str = "s1", **kwargs):
+    return dg.materialize(
+        [selection_experiment],
+        partition_key=DAY,
+        instance=instance,
+        resources={"lake": LakeResource(base_uri=lake_uri), "experiment": ExperimentResource(arms=arms, salt=salt)},
+        **kwargs,
+    )
+
+
+def test_the_report_has_per_arm_rates_intervals_difference_and_srm(instance, lake_uri):
+    write_experiment_day(Lake(lake_uri))
+    result = materialize(instance, lake_uri, run_config={"ops": {"selection_experiment": {"config": {"n_boot": 300}}}})
+    assert result.success
+    meta = result.asset_materializations_for_node("selection_experiment")[0].metadata
+    assert meta["experiment_rows"].value == 24 * 400
+    assert meta["arms"].value == "frequency,lstm"
+    assert meta["frequency_hit_rate"].value == pytest.approx(0.4, abs=0.03)
+    assert meta["lstm_hit_rate"].value == pytest.approx(0.7, abs=0.03)
+    assert meta["frequency_requests"].value + meta["lstm_requests"].value == 24 * 400
+    low, high = meta["difference_ci_low"].value, meta["difference_ci_high"].value
+    assert 0.2 < low < meta["difference"].value < high < 0.4
+    assert meta["lstm_hit_rate_ci_low"].value < meta["lstm_hit_rate"].value < meta["lstm_hit_rate_ci_high"].value
+    assert meta["srm_p_value"].value > 0.001
+    for name in ("frequency_hit_rate", "difference", "difference_ci_low", "srm_p_value"):
+        assert isinstance(meta[name], dg.FloatMetadataValue), name  # plain numbers: the UI charts them
+    assert isinstance(meta["lstm_keys"], dg.IntMetadataValue)
+    assert meta["report"].value["difference"]["of"] == "lstm - frequency"
+    (check,) = result.get_asset_check_evaluations()
+    assert check.check_name == "sample_ratio" and check.passed
+
+
+def test_a_sample_ratio_mismatch_fails_the_check_as_a_warning(instance, lake_uri):
+    write_experiment_day(Lake(lake_uri), drop_lstm_share=0.2)
+    result = materialize(instance, lake_uri, run_config={"ops": {"selection_experiment": {"config": {"n_boot": 50}}}})
+    assert result.success  # a warning, not a failed run
+    (check,) = result.get_asset_check_evaluations()
+    assert not check.passed and check.severity == dg.AssetCheckSeverity.WARN
+    assert "sample-ratio mismatch" in check.description
+    meta = result.asset_materializations_for_node("selection_experiment")[0].metadata
+    assert meta["srm_p_value"].value < 0.001
+
+
+def test_a_day_without_experiment_rows_materializes_with_zero_rows(instance, lake_uri):
+    write_query_logs(Lake(lake_uri), DAY, ["ad1", "ad2"])  # files written before the arm column existed
+    result = materialize(instance, lake_uri)
+    assert result.success
+    meta = result.asset_materializations_for_node("selection_experiment")[0].metadata
+    assert meta["experiment_rows"].value == 0 and meta["missing_hours"].value == 0
+    assert meta["hours_without_arm"].value == 24
+    assert "frequency_hit_rate" not in meta
+    (check,) = result.get_asset_check_evaluations()
+    assert check.passed and "no experiment rows" in check.description
+    # No logs at all: every hour missing, still materialized.
+    empty = materialize(instance, lake_uri + "-empty")
+    assert empty.asset_materializations_for_node("selection_experiment")[0].metadata["missing_hours"].value == 24
+
+
+def test_the_logs_arms_are_reported_when_the_configured_experiment_differs(instance, lake_uri):
+    write_experiment_day(Lake(lake_uri))
+    result = materialize(
+        instance, lake_uri, arms="", run_config={"ops": {"selection_experiment": {"config": {"n_boot": 50}}}}
+    )
+    meta = result.asset_materializations_for_node("selection_experiment")[0].metadata
+    assert meta["arms"].value == "frequency,lstm" and "lstm_hit_rate" in meta
+    counts = pd.Series({"seasonal": 5, "ewma": 9, "lstm": 1})
+    assert report_arms(None, counts)[0] == ["ewma", "seasonal"]
+    assert report_arms(Experiment("e", "s", ("lstm", "frequency")), counts)[0] == ["lstm", "frequency"]
+    assert report_arms(None, pd.Series({"lstm": 3}))[0] is None
+
+
+# --- the resource ----------------------------------------------------------------------------------------
+
+
+def test_the_resource_builds_the_experiment_and_names_the_variable_when_it_is_wrong():
+    assert ExperimentResource().experiment() is None
+    assert ExperimentResource(arms="  ").experiment() is None
+    assert ExperimentResource(arms="frequency, lstm").experiment() == Experiment("frequency-vs-lstm", "ab1", ARMS)
+    assert ExperimentResource(arms="ewma,seasonal", salt="x", name="n").experiment().name == "n"
+    for arms, message in (("lstm", "exactly two"), ("lstm,lstm", "exactly two"), ("lstm,oracle", "unknown")):
+        with pytest.raises(SettingError, match=f"PRECOMPUTE_EXPERIMENT='{arms}'.*{message}"):
+            ExperimentResource(arms=arms).experiment()
+    with pytest.raises(SettingError, match="PRECOMPUTE_EXPERIMENT_SALT"):
+        ExperimentResource(arms="frequency,lstm", salt=" ").experiment()
+
+
+def test_the_environment_sets_the_experiment_when_the_definitions_load(monkeypatch):
+    assert experiment_fields({}) == {}
+    assert experiment_fields({"PRECOMPUTE_EXPERIMENT": " "}) == {}
+    fields = experiment_fields({"PRECOMPUTE_EXPERIMENT": "frequency,lstm", "PRECOMPUTE_EXPERIMENT_SALT": "s7"})
+    assert fields == {"arms": dg.EnvVar("PRECOMPUTE_EXPERIMENT"), "salt": dg.EnvVar("PRECOMPUTE_EXPERIMENT_SALT")}
+    with pytest.raises(SettingError, match="PRECOMPUTE_EXPERIMENT='frequency,magic'"):
+        experiment_fields({"PRECOMPUTE_EXPERIMENT": "frequency,magic"})
+    monkeypatch.delenv("PRECOMPUTE_EXPERIMENT", raising=False)
+    assert build_resources(Settings())["experiment"].arms == ""
+    monkeypatch.setenv("PRECOMPUTE_EXPERIMENT", "seasonal,lstm")
+    resource = build_resources(Settings())["experiment"]
+    assert resource.arms == dg.EnvVar("PRECOMPUTE_EXPERIMENT")
+
+
+# --- publishing ------------------------------------------------------------------------------------------
+
+
+def test_metadata_round_trip():
+    experiment = Experiment("n", "salt", ARMS)
+    assert experiment_from_metadata(experiment_metadata(experiment)) == experiment
+    assert experiment_from_metadata(experiment_metadata(None)) is None
+    assert experiment_from_metadata({}) is None
+
+
+def publish(instance, lake_uri, redis_url, schema):
+    lake = LakeResource(base_uri=lake_uri)
+    predictions = dg.AssetSpec("ctr_predictions", partitions_def=DEFAULT_PARTITIONS.daily)
+    return dg.materialize(
+        [predictions, ctr_cache],
+        selection=[ctr_cache],
+        partition_key=DAY,
+        instance=instance,
+        resources={
+            "lake": lake,
+            "io_manager": ParquetIOManager(lake=lake),
+            "redis": RedisResource(url=redis_url, namespace=schema.namespace),
+        },
+    )
+
+
+def test_ctr_cache_publishes_the_experiment_its_top_ads_selected_with(lake_uri, redis_url, redis_client, schema):
+    # An instance of its own: the top_ads events below must not leak into other tests.
+    frame = pd.DataFrame({"ad_id": ["ad1", "ad2"], "ctr": [0.1, 0.2], "model_version": "m1"})
+    Lake(lake_uri).write("ctr_predictions", DAY, frame)
+    experiment = Experiment("frequency-vs-lstm", "s1", ARMS)
+    with dg.instance_for_test() as instance:
+        instance.report_runless_asset_event(
+            dg.AssetMaterialization("top_ads", partition=DAY, metadata=experiment_metadata(experiment))
+        )
+        first = publish(instance, lake_uri, redis_url, schema)
+        assert first.success
+        assert Experiment.decode(redis_client.get(schema.experiment("ctr"))) == experiment
+        assert first.asset_materializations_for_node("ctr_cache")[0].metadata["experiment"].value == "frequency,lstm"
+        # The day is selected again without an experiment: the next publish ends it.
+        instance.report_runless_asset_event(
+            dg.AssetMaterialization("top_ads", partition=DAY, metadata=experiment_metadata(None))
+        )
+        assert publish(instance, lake_uri, redis_url, schema).success
+        assert redis_client.get(schema.experiment("ctr")) is None

@@ -1,0 +1,299 @@
+"""A/B experiments: the salted split, the budget split, honest intervals, the SRM check and the replay."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import fakeredis
+import numpy as np
+import pandas as pd
+import pytest
+
+from precompute_assets.ml.experiment import (
+    ab_replay,
+    arm_budgets,
+    arm_of,
+    arm_report,
+    arms_of,
+    parse_arms,
+    split_selection,
+)
+from precompute_assets.ml.replay import Trace, replay
+from precompute_assets.ml.strategies import strategy_sets, trace_hours
+from precompute_assets.serving import Experiment, PredictionCache, QueryLogger, publish_version
+from precompute_assets.serving.keys import KeySchema
+
+ARMS = ("frequency", "lstm")
+
+
+# --- the split -------------------------------------------------------------------------------------------
+
+
+def test_arm_of_is_the_documented_salted_sha256():
+    for key in ("ad1", "ad000001", "ключ", "42"):
+        digest = hashlib.sha256(f"ab1:{key}".encode()).digest()
+        assert arm_of("ab1", key, ARMS) == ARMS[int.from_bytes(digest[:8], "big") % 2]
+    # Pinned: a change of the hash would silently reshuffle running experiments (and other languages' clients).
+    assert "".join("fl"[ARMS.index(arm_of("ab1", f"ad{i}", ARMS))] for i in range(12)) == "fffllfllflfl"
+    assert arm_of("ab2", "ad1", ARMS) == "lstm"
+
+
+def test_arms_split_many_keys_about_evenly_and_a_new_salt_reshuffles():
+    keys = [f"ad{i:06d}" for i in range(100_000)]
+    first = arms_of("ab1", keys, ARMS)
+    share = float(np.mean(first == "frequency"))
+    assert abs(share - 0.5) < 0.01  # sd 0.0016
+    second = arms_of("ab2", keys, ARMS)
+    assert abs(float(np.mean(first == second)) - 0.5) < 0.01  # independent of the first split
+    # Vectorised and scalar agree, for integer keys (a trace's) too: the arm of 7 is the arm of "7".
+    assert [arm_of("ab1", k, ARMS) for k in keys[:500]] == first[:500].tolist()
+    ints = np.arange(1000, dtype=np.int64)
+    assert arms_of("s", ints, ARMS).tolist() == [arm_of("s", str(i), ARMS) for i in range(1000)]
+
+
+def test_the_serving_client_logs_the_arm_ml_computes():
+    """Client and ml agree (fakeredis: a pure unit test; the real-Redis one is in serving/test_cache.py)."""
+    client = fakeredis.FakeRedis()
+    schema = KeySchema("unit")
+    experiment = Experiment("e", "s9", ARMS)
+    keys = [f"ad{i}" for i in range(300)]
+    publish_version(client, "ctr", "v1", [(k, 0.1) for k in keys[:50]], n_keys=50, schema=schema, experiment=experiment)
+    logger = QueryLogger(client, schema)
+    cache = PredictionCache(client, schema=schema, logger=logger, pointer_ttl_s=0)
+    for key in keys:
+        cache.get("ctr", key)
+    logger.close()
+    logged = {f[b"key"].decode(): f[b"arm"].decode() for _, f in client.xrange(schema.query_log())}
+    assert logged == dict(zip(keys, arms_of("s9", keys, ARMS).tolist(), strict=True))
+
+
+@pytest.mark.parametrize(
+    ("arms", "message"),
+    [
+        ("frequency", "exactly two distinct"),
+        ("frequency,frequency", "exactly two distinct"),
+        ("frequency,lstm,ewma", "exactly two distinct"),
+        ("frequency,", "exactly two distinct"),
+        ("frequency,magic", "unknown strategy 'magic'"),
+    ],
+)
+def test_parse_arms_rejects_bad_experiments(arms, message):
+    with pytest.raises(ValueError, match=message):
+        parse_arms(arms)
+
+
+def test_parse_arms_accepts_spaces_and_sequences():
+    assert parse_arms(" ewma , seasonal ") == ("ewma", "seasonal")
+    assert parse_arms(["lstm", "frequency"]) == ("lstm", "frequency")
+
+
+def test_split_selection_gives_each_arm_half_the_budget_from_its_own_keys_by_its_own_scores():
+    keys = [f"ad{i}" for i in range(1000)]
+    up = pd.Series(np.arange(1000.0), index=keys)  # frequency: higher index, more demand
+    down = pd.Series(-np.arange(1000.0), index=keys)  # lstm: the opposite
+    frame = split_selection({"frequency": up, "lstm": down}, salt="s", top_n=101)
+    assert list(frame.columns) == ["ad_id", "arm"]
+    counts = frame["arm"].value_counts()
+    assert (counts["frequency"], counts["lstm"]) == (51, 50) == tuple(arm_budgets(101))
+    assert frame["ad_id"].is_unique
+    # Purity: every key chosen by an arm hashes into that arm.
+    assert (arms_of("s", frame["ad_id"], ARMS) == frame["arm"].to_numpy()).all()
+    # Each arm took its own top: the highest indexes for frequency, the lowest for lstm.
+    freq_keys = [k for k in keys if arm_of("s", k, ARMS) == "frequency"]
+    lstm_keys = [k for k in keys if arm_of("s", k, ARMS) == "lstm"]
+    assert frame.loc[frame["arm"] == "frequency", "ad_id"].tolist() == freq_keys[::-1][:51]
+    assert frame.loc[frame["arm"] == "lstm", "ad_id"].tolist() == lstm_keys[:50]
+
+
+def test_split_selection_leaves_an_arms_unfillable_budget_unused():
+    scores = pd.Series([3.0, 2.0, 1.0], index=["a", "b", "c"])
+    frame = split_selection({"frequency": scores, "lstm": pd.Series(dtype=float)}, salt="s", top_n=10)
+    assert set(frame["arm"]) <= {"frequency"}
+    assert len(frame) == int((arms_of("s", ["a", "b", "c"], ARMS) == "frequency").sum())
+    assert split_selection({"frequency": scores, "lstm": scores}, salt="s", top_n=0).empty
+    with pytest.raises(ValueError, match="exactly two arms"):
+        split_selection({"frequency": scores}, salt="s", top_n=2)
+
+
+# --- intervals and SRM -----------------------------------------------------------------------------------
+
+
+def population(rng: np.random.Generator, n_keys: int) -> pd.DataFrame:
+    """Keys with heavy-tailed request counts and their own hit probability (hot keys are hit more)."""
+    requests = rng.geometric(0.05, n_keys)  # mean 20 requests a key
+    p = np.clip(0.2 + 0.5 * (requests > 30) + rng.normal(0, 0.1, n_keys), 0, 1)
+    hits = rng.binomial(requests, p)
+    key = np.repeat(np.arange(n_keys), requests)
+    hit = np.concatenate([np.arange(n) < h for n, h in zip(requests, hits, strict=True)])
+    return pd.DataFrame({"key": key, "hit": hit, "arm": "frequency"})
+
+
+def test_bootstrap_interval_covers_the_true_rate_at_about_the_nominal_rate():
+    # The population's rate: E[requests * p] / E[requests], from a large sample.
+    big = population(np.random.default_rng(10_000), 400_000)
+    truth = big["hit"].mean()
+    covered = 0
+    for seed in range(100):
+        sample = population(np.random.default_rng(seed), 300)
+        report = arm_report(sample, arms=ARMS, n_boot=400, seed=seed)
+        low, high = report["per_arm"]["frequency"]["ci"]
+        covered += low <= truth <= high
+    assert covered >= 85, covered
+
+
+def test_bootstrap_is_wider_than_the_per_request_interval_when_keys_repeat():
+    rng = np.random.default_rng(3)
+    n_keys, repeats = 100, 200
+    p = np.where(rng.random(n_keys) < 0.5, 0.05, 0.95)  # a key is either almost always hit or almost never
+    hits = rng.random((n_keys, repeats)) < p[:, None]
+    frame = pd.DataFrame({"key": np.repeat(np.arange(n_keys), repeats), "hit": hits.ravel(), "arm": "lstm"})
+    stats = arm_report(frame, arms=ARMS, n_boot=1000)["per_arm"]["lstm"]
+    boot = stats["ci"][1] - stats["ci"][0]
+    naive = stats["naive_ci"][1] - stats["naive_ci"][0]
+    assert naive == pytest.approx(2 * 1.959964 * math.sqrt(stats["hit_rate"] * (1 - stats["hit_rate"]) / 20_000))
+    assert boot > 5 * naive, (boot, naive)  # ~0.19 vs ~0.014: 100 keys, not 20,000 requests
+
+
+def keys_frame(n_first: int, n_second: int) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "key": np.arange(n_first + n_second),
+            "hit": np.arange(n_first + n_second) % 3 == 0,
+            "arm": ["frequency"] * n_first + ["lstm"] * n_second,
+        }
+    )
+
+
+def test_srm_flags_a_55_45_split_of_20k_keys_and_not_a_hashed_one():
+    skewed = arm_report(keys_frame(11_000, 9_000), arms=ARMS, n_boot=50)["srm"]
+    assert skewed["mismatch"] and skewed["p_value"] < 1e-30
+    assert skewed["keys"] == {"frequency": 11_000, "lstm": 9_000}
+    keys = [f"ad{i}" for i in range(20_000)]
+    hashed = pd.DataFrame({"key": keys, "hit": True, "arm": arms_of("ab1", keys, ARMS)})
+    fair = arm_report(hashed, arms=ARMS, n_boot=50)["srm"]
+    assert not fair["mismatch"] and fair["p_value"] > 0.001
+    # The chi-square survival function with one degree of freedom, checked against scipy.
+    stats = pytest.importorskip("scipy.stats")
+    assert fair["p_value"] == pytest.approx(stats.chi2.sf(fair["chi2"], 1))
+    assert skewed["p_value"] == pytest.approx(stats.chi2.sf(200.0, 1))
+
+
+def test_repeated_requests_count_once_in_the_srm_check():
+    frame = keys_frame(1000, 1000)
+    heavy = pd.concat([frame, *[frame[frame["arm"] == "frequency"]] * 5])  # one arm's keys asked 6 times as often
+    report = arm_report(heavy, arms=ARMS, n_boot=20)
+    assert report["per_arm"]["frequency"]["requests"] == 6000 and not report["srm"]["mismatch"]
+
+
+def test_the_difference_and_its_interval():
+    rng = np.random.default_rng(5)
+    n = 4000
+    arm = np.where(np.arange(n) % 2 == 0, "frequency", "lstm")
+    hit = rng.random(n) < np.where(arm == "lstm", 0.6, 0.4)
+    report = arm_report(pd.DataFrame({"key": np.arange(n), "hit": hit, "arm": arm}), arms=ARMS, n_boot=500)
+    diff = report["difference"]
+    assert diff["of"] == "lstm - frequency"
+    rates = report["per_arm"]
+    assert diff["value"] == pytest.approx(rates["lstm"]["hit_rate"] - rates["frequency"]["hit_rate"])
+    assert diff["ci"][0] < diff["value"] < diff["ci"][1] and diff["ci"][0] > 0.1 and diff["excludes_zero"]
+    # Same seed, same report; requests and hits add up.
+    again = arm_report(pd.DataFrame({"key": np.arange(n), "hit": hit, "arm": arm}), arms=ARMS, n_boot=500)
+    assert again == report
+    assert sum(s["requests"] for s in rates.values()) == n and sum(s["hits"] for s in rates.values()) == hit.sum()
+
+
+def test_degenerate_inputs_give_defined_values_and_notes():
+    empty = arm_report(pd.DataFrame({"key": [], "hit": [], "arm": []}), arms=ARMS)
+    assert empty["rows"] == 0
+    assert empty["per_arm"]["frequency"] == {
+        "requests": 0, "keys": 0, "hits": 0, "hit_rate": None, "ci": [None, None], "naive_ci": [None, None]
+    }  # fmt: skip
+    assert empty["difference"]["value"] is None and empty["difference"]["excludes_zero"] is None
+    assert empty["srm"]["p_value"] is None and not empty["srm"]["mismatch"]
+    assert any("no keys in either arm" in note for note in empty["notes"])
+    one = arm_report(pd.DataFrame({"key": ["a", "b", "c"], "hit": [True, False, True], "arm": "lstm"}), arms=ARMS)
+    assert one["per_arm"]["lstm"]["hit_rate"] == pytest.approx(2 / 3)
+    assert one["per_arm"]["frequency"]["hit_rate"] is None
+    assert one["difference"]["value"] is None
+    assert any("arm frequency has no requests" in note for note in one["notes"])
+    stray = arm_report(pd.DataFrame({"key": ["a", "b"], "hit": [True, True], "arm": ["lstm", None]}), arms=ARMS)
+    assert stray["rows"] == 1 and any("1 rows of other arms" in note for note in stray["notes"])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"arms": ["lstm"]}, "exactly two distinct arms"),
+        ({"arms": ["lstm", "lstm"]}, "exactly two distinct arms"),
+        ({"arms": ARMS, "n_boot": 0}, "n_boot"),
+        ({"arms": ARMS, "alpha": 1.5}, "alpha"),
+    ],
+)
+def test_arm_report_rejects_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        arm_report(keys_frame(5, 5), **kwargs)
+    with pytest.raises(ValueError, match="missing"):
+        arm_report(pd.DataFrame({"key": [1]}), arms=ARMS)
+
+
+# --- the replay ------------------------------------------------------------------------------------------
+
+
+def weekly_trace(days: int = 10, per_day: int = 3000, hot: int = 60, seed: int = 0) -> Trace:
+    """Each weekday has its own hot keys (disjoint sets): the same day a week earlier predicts a day, the days
+    just before it do not."""
+    rng = np.random.default_rng(seed)
+    keys = []
+    for d in range(days):
+        weekday = d % 7
+        hot_keys = np.arange(hot) + 1000 * weekday
+        keys.append(rng.choice(hot_keys, per_day))
+    return Trace(np.concatenate(keys).astype(np.int64))
+
+
+def test_ab_replay_finds_the_strategy_that_wins_with_an_interval_excluding_zero():
+    trace = weekly_trace()
+    out = ab_replay(trace, 10, arms=("frequency", "seasonal"), top_n=60, capacity=66, salt="ab1", warmup_days=7)
+    ab = out["ab"]
+    assert ab["arms"] == ["frequency", "seasonal"] and ab["salt"] == "ab1"
+    assert ab["top_n"] == {"frequency": 30, "seasonal": 30}
+    rates = ab["per_arm"]
+    assert rates["seasonal"]["hit_rate"] > 0.8 > 0.3 > rates["frequency"]["hit_rate"]
+    assert ab["difference"]["of"] == "seasonal - frequency"
+    assert ab["difference"]["ci"][0] > 0.5 and ab["difference"]["excludes_zero"]
+    assert not ab["srm"]["mismatch"]
+    assert ab["requests"] == 3 * 3000 == sum(s["requests"] for s in rates.values())
+
+
+def test_ab_replay_is_replays_ours_with_the_union_of_the_arms_sets():
+    trace = weekly_trace(days=9, seed=1)
+    out = ab_replay(trace, 9, arms=("seasonal", "ewma"), top_n=41, capacity=50, salt="x", warmup_days=2)["ab"]
+    hours = trace_hours(trace, 9)
+    arm = arms_of("x", hours.keys, ("seasonal", "ewma"))
+    sets = {}
+    for name, budget in (("seasonal", 21), ("ewma", 20)):
+        mask = arm == name
+        sub = type(hours)(hours.keys[mask], hours.day[mask], hours.hour[mask], 9)
+        sets[name] = strategy_sets(sub, name, budget)[0]
+    union = [sets["seasonal"][d] | sets["ewma"][d] for d in range(9)]
+    expected = replay(hours.day_keys(), top_n=41, capacity=50, warmup_days=2, precomputed=union[2:])
+    assert out["hit_rate_ours"] == pytest.approx(expected["hit_rate_ours"])
+    assert out["requests"] == expected["requests"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"arms": ("frequency", "frequency")}, "exactly two distinct"),
+        ({"arms": ("frequency", "oracle")}, "unknown strategy"),
+        ({"top_n": 70}, "top_n <= capacity"),
+        ({"top_n": "auto"}, "fixed top_n"),
+        ({"salt": ""}, "salt"),
+        ({"warmup_days": 5}, "warmup_days"),
+    ],
+)
+def test_ab_replay_rejects_bad_arguments(kwargs, message):
+    arguments = {"arms": ("frequency", "ewma"), "top_n": 10, "capacity": 20, "salt": "s", **kwargs}
+    with pytest.raises(ValueError, match=message):
+        ab_replay(weekly_trace(days=5, per_day=100), 5, **arguments)

@@ -1,0 +1,310 @@
+"""Least-privilege ACL users against a real server (Valkey 8, Redis 7 ACL syntax): what the publisher and the
+reader may do, proven with connections authenticated as each; and URLs printed without their secrets."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from precompute_assets.serving import KeySchema, PredictionCache, QueryLogger, connect, publish_version
+from precompute_assets.serving.acl import (
+    FORBIDDEN_COMMANDS,
+    PUBLISHER_COMMANDS,
+    READER_COMMANDS,
+    acl_file_lines,
+    acl_setuser_commands,
+    apply_acl,
+    check_rules,
+    password_hash,
+    publisher_rules,
+    reader_rules,
+)
+from precompute_assets.serving.admission import FrequencySketch, SecondMiss
+from precompute_assets.serving.keys import Pointer
+from precompute_assets.serving.publish import (
+    delete_live_values,
+    flip_pointer,
+    patch_version,
+    write_live_values,
+)
+from precompute_assets.serving.querylog import read_stream_window
+from precompute_assets.stack import RedisServer, free_port, redact
+
+ADMIN_PASSWORD = "admin-pw-0123456789"
+PUBLISHER_PASSWORD = "publisher-pw-0123456789"
+READER_PASSWORD = "reader-pw-0123456789"
+
+
+@pytest.fixture(scope="module")
+def server(session_dir: Path) -> Iterator[RedisServer]:
+    """One private server for this module (its default user needs a password); tests use their own namespace."""
+    instance = RedisServer(session_dir / "servers" / f"acl-{uuid.uuid4().hex[:8]}", free_port(), ADMIN_PASSWORD)
+    try:
+        instance.start()
+        yield instance
+    finally:
+        instance.stop()
+
+
+@pytest.fixture
+def admin(server: RedisServer) -> Iterator[redis.Redis]:
+    client = connect(server.url, socket_timeout=5)
+    yield client
+    client.close()
+
+
+def url_of(server: RedisServer, user: str, password: str) -> str:
+    return f"redis://{user}:{password}@127.0.0.1:{server.port}/0"
+
+
+@pytest.fixture
+def users(server: RedisServer, admin: redis.Redis, schema: KeySchema) -> Iterator[dict[str, redis.Redis]]:
+    """The publisher and reader of this test's namespace, and a client authenticated as each."""
+    publisher, reader = f"{schema.namespace}-publisher", f"{schema.namespace}-reader"
+    names = apply_acl(
+        admin, schema.namespace, publisher=(publisher, PUBLISHER_PASSWORD), reader=(reader, READER_PASSWORD)
+    )
+    assert names == [publisher, reader]
+    clients = {
+        "publisher": connect(url_of(server, publisher, PUBLISHER_PASSWORD), socket_timeout=5),
+        "reader": connect(url_of(server, reader, READER_PASSWORD), socket_timeout=5),
+    }
+    yield clients
+    for client in clients.values():
+        client.close()
+    admin.execute_command("ACL", "DELUSER", publisher, reader)
+
+
+def refused_by_acl(admin: redis.Redis, user: str, *command: str) -> None:
+    """The server's ACL check (``ACL DRYRUN``) denies ``command`` to ``user``; for commands that are refused for
+    other reasons first (``DEBUG`` is disabled by configuration) or would be harmful to really try."""
+    assert admin.execute_command("ACL", "DRYRUN", user, *command) != b"OK", command
+
+
+def refused(call) -> None:
+    """``call`` is refused by the ACL (NOPERM, or an ACL failure inside a script), not by anything else."""
+    with pytest.raises(redis.ResponseError, match="(?i)no permissions|ACL failure in script"):
+        call()
+
+
+# --- the rules themselves ----------------------------------------------------------------------------------
+
+
+def test_the_exact_rules_of_namespace_pc() -> None:
+    assert publisher_rules() == [
+        "resetkeys", "~pc:1:*", "resetchannels", "-@all",
+        "+ping", "+client|setinfo", "+get", "+set", "+del", "+exists", "+expire", "+expireat", "+hset", "+hdel",
+        "+multi", "+exec", "+discard", "+xrange", "+xtrim", "+xdel", "+xlen", "+hget", "+hmget", "+hlen", "+ttl",
+        "+pttl", "+type",
+    ]  # fmt: skip
+    assert reader_rules() == [
+        "resetkeys", "%R~pc:1:*", "resetchannels", "-@all", "+ping", "+client|setinfo", "+get", "+hget", "+hmget",
+        "clearselectors",
+        "(~pc:1:*:live:* +set)",
+        "(~pc:1:*:seen:* +set)",
+        "(~pc:1:*:sketch +bitfield +eval +set)",
+        "(%W~pc:1:qlog +xadd)",
+        "(~pc:1:stats:* +hincrby)",
+    ]  # fmt: skip
+    assert reader_rules(kinds=["ctr", "campaign"])[-5] == "(~pc:1:ctr:live:* ~pc:1:campaign:live:* +set)"
+    commands = acl_setuser_commands("pc", publisher=("pub", PUBLISHER_PASSWORD), reader=("rd", READER_PASSWORD))
+    assert commands[0][:6] == ["ACL", "SETUSER", "pub", "reset", "on", password_hash(PUBLISHER_PASSWORD)]
+    assert commands[1][:6] == ["ACL", "SETUSER", "rd", "reset", "on", password_hash(READER_PASSWORD)]
+    lines = acl_file_lines("pc", publisher=("pub", PUBLISHER_PASSWORD), reader=("rd", READER_PASSWORD))
+    assert lines == [" ".join(["user", *command[2:]]) for command in commands]
+    assert not any(PUBLISHER_PASSWORD in line or READER_PASSWORD in line for line in lines)  # hashes only
+    assert not {c.split("|")[0] for c in PUBLISHER_COMMANDS + READER_COMMANDS} & (FORBIDDEN_COMMANDS - {"client"})
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"namespace": "p*"}, "invalid namespace"),
+        ({"namespace": "a b"}, "invalid namespace"),
+        ({"publisher": ("default", PUBLISHER_PASSWORD)}, "not 'default'"),
+        ({"reader": ("rd", "short")}, "at least 16 characters"),
+        ({"reader": ("pub", READER_PASSWORD)}, "two different users"),
+        ({"kinds": ["Bad"]}, "invalid kind"),
+        ({"kinds": "ctr"}, "non-empty list"),
+    ],
+)
+def test_bad_arguments_are_refused(arguments: dict, message: str) -> None:
+    options = {"namespace": "pc", "publisher": ("pub", PUBLISHER_PASSWORD), "reader": ("rd", READER_PASSWORD)}
+    with pytest.raises(ValueError, match=message):
+        acl_setuser_commands(**{**options, **arguments})
+
+
+@pytest.mark.parametrize("rule", ["+@all", "+flushall", "+config|get", "+client|kill", "allkeys", "~*", "&*"])
+def test_the_rule_checker_refuses_broad_grants(rule: str) -> None:
+    with pytest.raises(ValueError):
+        check_rules(["-@all", f"({rule})" if rule.startswith("+") else rule])
+
+
+# --- the reader --------------------------------------------------------------------------------------------
+
+
+def test_the_reader_serves_logs_and_admits_but_cannot_write_versions(
+    server: RedisServer, admin: redis.Redis, users: dict[str, redis.Redis], schema: KeySchema
+) -> None:
+    publish_version(users["publisher"], "ctr", "v1", [("ad1", 0.5), ("ad2", 0.25)], n_keys=2, schema=schema)
+    reader = users["reader"]
+    logger = QueryLogger(connect(url_of(server, f"{schema.namespace}-reader", READER_PASSWORD), socket_timeout=5),
+                         schema, flush_interval_s=3600)  # fmt: skip
+    cache = PredictionCache(reader, schema=schema, logger=logger, pointer_ttl_s=0)
+    assert cache.get("ctr", "ad1") == pytest.approx(0.5)
+    assert cache.get_many("ctr", ["ad2", "nope", "ad1"]) == [pytest.approx(0.25), None, pytest.approx(0.5)]
+    # Live read-through values, and both admission policies that write to Redis.
+    assert cache.get_or_compute("ctr", "new", lambda key: 0.125) == 0.125
+    assert cache.get("ctr", "new") == 0.125
+    second = [cache.get_or_compute("ctr", "rare", lambda key: 0.5, admission=SecondMiss(60)) for _ in range(3)]
+    assert second == [0.5, 0.5, 0.5] and cache.rejected == 1  # stored on its second miss, a hit the third time
+    sketch = FrequencySketch(width=64, depth=2, threshold=2, sample_size=3)
+    for key in ("h1", "h2", "h3"):  # the third miss fills the sample and ages the sketch (EVAL)
+        assert cache.get_or_compute("ctr", key, lambda key: 0.75, admission=sketch) == 0.75
+    assert cache.rejected == 4 and admin.exists(schema.admission_sketch("ctr"))
+    assert int.from_bytes(admin.getrange(schema.admission_sketch("ctr"), 0, 3), "big") == 0  # aged: count zeroed
+    for _ in range(2):  # aging halved h3's count to 0: two more lookups reach the threshold, and it is stored
+        assert cache.get_or_compute("ctr", "h3", lambda key: 0.75, admission=sketch) == 0.75
+    assert cache.rejected == 5 and admin.exists(schema.live("ctr", "h3"))
+    logger.flush()
+    assert cache.errors == 0  # the client absorbs Redis errors: none happened
+    assert logger.stats.flush_errors == 0 and logger.stats.written == logger.stats.logged == 14
+    assert admin.xlen(schema.query_log()) == 14
+    assert admin.hgetall(schema.stats("ctr")) == {b"hit": b"5", b"miss": b"9"}
+    cache.close()
+
+    bucket = schema.bucket("ctr", "v1", 0)
+    refused(lambda: reader.hset(bucket, "ad1", b"\x00\x00\x00\x00"))
+    refused(lambda: reader.set(bucket, b"x"))
+    refused(lambda: reader.delete(bucket))
+    refused(lambda: reader.expire(bucket, 1))
+    refused(lambda: reader.set(schema.pointer("ctr"), b"evil:1"))
+    refused(lambda: reader.set(schema.experiment("ctr"), b"{}"))
+    refused(lambda: flip_pointer(reader, schema, "ctr", Pointer("evil", 1), grace_s=1))
+    refused(lambda: publish_version(reader, "ctr", "v2", [("ad1", 0.9)], n_keys=1, schema=schema))
+    refused(lambda: reader.set(schema.query_log(), b"x"))  # XADD only on the stream, not SET
+    refused(lambda: reader.xrange(schema.query_log(), count=1))  # and it cannot read it back
+    refused(lambda: reader.xtrim(schema.query_log(), maxlen=0))
+    refused(lambda: reader.set(schema.stats("ctr"), b"x"))
+    refused(lambda: reader.set(schema.query_log_trimmed(), b"9999999999999"))
+    refused(lambda: reader.eval("return redis.call('SET', KEYS[1], 'evil:1')", 1, schema.pointer("ctr")))
+    refused(lambda: reader.eval("return redis.call('DEL', KEYS[1])", 1, schema.admission_sketch("ctr")))
+    admin.set("other:1:ctr:current", b"v1:1")
+    refused(lambda: reader.get("other:1:ctr:current"))
+    refused(lambda: reader.set("other:1:ctr:live:x", b"x"))
+    refused(lambda: reader.xadd("other:1:qlog", {"a": "1"}))
+    for command in (("CONFIG", "GET", "*"), ("FLUSHALL",), ("FLUSHDB",), ("KEYS", "*"), ("SCAN", "0"),
+                    ("ACL", "LIST"), ("MODULE", "LIST"), ("SHUTDOWN", "NOSAVE"), ("CLIENT", "LIST"), ("SELECT", "1"),
+                    ("SUBSCRIBE", "x")):  # fmt: skip
+        refused(lambda command=command: reader.execute_command(*command))
+    for command in (("DEBUG", "SLEEP", "0"), ("FUNCTION", "FLUSH"), ("SCRIPT", "FLUSH"), ("CLIENT", "KILL", "ID", "1"),
+                    ("MIGRATE", "h", "1", "k", "0", "1"), ("XRANGE", schema.query_log(), "-", "+")):  # fmt: skip
+        refused_by_acl(admin, f"{schema.namespace}-reader", *command)
+    assert reader.get(schema.pointer("ctr")) == b"v1:1" and admin.get("other:1:ctr:current") == b"v1:1"
+
+
+# --- the publisher -----------------------------------------------------------------------------------------
+
+
+def test_the_publisher_publishes_flips_and_drains_but_nothing_outside_its_namespace(
+    admin: redis.Redis, users: dict[str, redis.Redis], schema: KeySchema
+) -> None:
+    publisher = users["publisher"]
+    publish_version(publisher, "ctr", "v1", [("ad1", 0.5)], n_keys=1, schema=schema)
+    result = publish_version(publisher, "ctr", "v2", [("ad1", 0.75), ("ad2", 0.25)], n_keys=2, schema=schema)
+    assert result.previous_version == "v1" and publisher.ttl(schema.bucket("ctr", "v1", 0)) <= 600
+    patch_version(publisher, "ctr", Pointer("v2", result.buckets), [("ad3", 0.5)], ["ad2"], schema=schema)
+    write_live_values(publisher, "ctr", [("ad9", 0.5)], expire_at=int(time.time()) + 60, schema=schema)
+    assert delete_live_values(publisher, [("ctr", "ad9")], schema=schema) == 1
+    reader = PredictionCache(users["reader"], schema=schema, pointer_ttl_s=0)
+    assert reader.get_many("ctr", ["ad1", "ad2", "ad3"]) == [pytest.approx(0.75), None, pytest.approx(0.5)]
+    assert reader.errors == 0
+
+    # The query-log drain and cleanup: read a window, record the trimmed boundary, trim, delete.
+    stream = schema.query_log()
+    for ms in (1000, 2000, 3000):
+        users["reader"].xadd(stream, {"ts": str(ms), "kind": "ctr", "key": "ad1", "hit": "1", "lat_us": "5"}, id=ms)
+    assert [len(page) for page in read_stream_window(publisher, schema, 0, 2500)] == [2]
+    publisher.set(schema.query_log_trimmed(), 2000)
+    assert publisher.xtrim(stream, minid="2000-0", approximate=False) == 1
+    assert publisher.xdel(stream, "3000-0") == 1 and publisher.xlen(stream) == 1
+
+    admin.set("other:1:ctr:current", b"v1:1")
+    refused(lambda: publisher.get("other:1:ctr:current"))
+    refused(lambda: publisher.set("other:1:ctr:current", b"evil:1"))
+    refused(lambda: publisher.delete("other:1:ctr:current"))
+    refused(lambda: publish_version(publisher, "ctr", "v1", [("ad1", 0.5)], n_keys=1, schema=KeySchema("other")))
+    refused(lambda: publisher.set(f"{schema.namespace}:2:x", b"x"))  # another schema version
+    refused(lambda: publisher.eval("return 1", 0))
+    for command in (("FLUSHALL",), ("FLUSHDB",), ("CONFIG", "SET", "appendonly", "no"), ("KEYS", "*"),
+                    ("SCAN", "0"), ("ACL", "SETUSER", "evil", "on", "nopass", "~*", "+@all"), ("ACL", "WHOAMI"),
+                    ("MODULE", "LIST"), ("SHUTDOWN", "NOSAVE"), ("SWAPDB", "0", "1"),
+                    ("RENAME", schema.pointer("ctr"), "other:x")):  # fmt: skip
+        refused(lambda command=command: publisher.execute_command(*command))
+    for command in (("DEBUG", "SLEEP", "0"), ("MONITOR",), ("FUNCTION", "FLUSH"), ("SCRIPT", "FLUSH"),
+                    ("CLIENT", "KILL", "ID", "1"), ("REPLICAOF", "127.0.0.1", "1"), ("BGSAVE",)):  # fmt: skip
+        refused_by_acl(admin, f"{schema.namespace}-publisher", *command)
+    assert admin.get("other:1:ctr:current") == b"v1:1" and admin.acl_getuser("evil") is None
+
+
+def test_applying_again_converges_and_replaces_the_password(
+    server: RedisServer, admin: redis.Redis, users: dict[str, redis.Redis], schema: KeySchema
+) -> None:
+    publisher, reader = f"{schema.namespace}-publisher", f"{schema.namespace}-reader"
+    apply_acl(admin, schema.namespace, publisher=(publisher, "a-new-publisher-pw!"), reader=(reader, READER_PASSWORD))
+    with pytest.raises(redis.AuthenticationError):
+        connect(url_of(server, publisher, PUBLISHER_PASSWORD), socket_timeout=5).ping()
+    assert connect(url_of(server, publisher, "a-new-publisher-pw!"), socket_timeout=5).ping()
+    assert admin.acl_getuser(reader) is not None
+    assert admin.execute_command("ACL", "DRYRUN", reader, "SET", schema.live("ctr", "k"), "x") == b"OK"
+    assert admin.execute_command("ACL", "DRYRUN", reader, "SET", schema.pointer("ctr"), "x") != b"OK"
+
+
+def test_an_acl_file_of_these_lines_is_loaded_by_the_server(session_dir: Path, schema: KeySchema) -> None:
+    folder = session_dir / "servers" / f"aclfile-{uuid.uuid4().hex[:8]}"
+    folder.mkdir(parents=True)
+    users = {"publisher": ("pub", PUBLISHER_PASSWORD), "reader": ("rd", READER_PASSWORD)}
+    lines = [f"user default on {password_hash(ADMIN_PASSWORD)} ~* &* +@all",
+             *acl_file_lines(schema.namespace, **users)]  # fmt: skip
+    (folder / "users.acl").write_text("\n".join(lines) + "\n")
+    server = RedisServer(folder, free_port(), ADMIN_PASSWORD, extra_config=(f"aclfile {folder / 'users.acl'}",))
+    server.config = lambda version, config=server.config: [  # requirepass and aclfile do not mix
+        line for line in config(version) if not line.startswith("requirepass")
+    ]
+    try:
+        server.start(timeout_s=30)
+        reader = connect(url_of(server, "rd", READER_PASSWORD), socket_timeout=5)
+        publisher = connect(url_of(server, "pub", PUBLISHER_PASSWORD), socket_timeout=5)
+        publish_version(publisher, "ctr", "v1", [("ad1", 0.5)], n_keys=1, schema=schema)
+        assert PredictionCache(reader, schema=schema).get("ctr", "ad1") == pytest.approx(0.5)
+        refused(lambda: reader.set(schema.pointer("ctr"), b"evil:1"))
+        refused(lambda: publisher.execute_command("FLUSHALL"))
+        reader.close()
+        publisher.close()
+    finally:
+        server.stop()
+
+
+# --- secrets are never printed -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://publisher:s3cret@127.0.0.1:6379/0", "redis://publisher:***@127.0.0.1:6379/0"),
+        ("redis://:s3cret@127.0.0.1:6379/0", "redis://:***@127.0.0.1:6379/0"),
+        ("rediss://reader:s3cret@cache.example:6380/0?ssl_cert_reqs=required",
+         "rediss://reader:***@cache.example:6380/0?ssl_cert_reqs=required"),
+        ("postgresql://user:pw@db.example:5432/app", "postgresql://user:***@db.example:5432/app"),
+        ("postgresql://user:p%40ss:w/rd@db.example/app", "postgresql://user:***@db.example/app"),
+        ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+    ],
+)  # fmt: skip
+def test_redact_hides_the_password(url: str, shown: str) -> None:
+    assert redact(url) == shown
+    assert "s3cret" not in redact(url) and ":pw@" not in redact(url)
