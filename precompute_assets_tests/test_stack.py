@@ -14,6 +14,7 @@ import redis
 from precompute_assets.stack import (
     ENV_APP_DB,
     ENV_REDIS,
+    RedisError,
     RedisServer,
     Stack,
     default_redis_binary,
@@ -153,3 +154,14 @@ def test_a_service_root_others_can_write_is_refused(tmp_path: Path, monkeypatch)
         stack.postgres.start()
     assert not any(shared.iterdir())  # nothing was created or chowned in it
     stack.redis.stop()
+
+
+def test_the_embedded_redis_has_bounded_memory_and_evicts_only_keys_with_a_ttl(redis_server, monkeypatch):
+    monkeypatch.setenv("PRECOMPUTE_REDIS_MAXMEMORY", "64MB")
+    server = redis_server()
+    client = redis.Redis.from_url(server.url)
+    assert client.config_get("maxmemory") == {"maxmemory": str(64 * 1024 * 1024)}
+    assert client.config_get("maxmemory-policy") == {"maxmemory-policy": "volatile-lru"}
+    monkeypatch.setenv("PRECOMPUTE_REDIS_MAXMEMORY", "lots")
+    with pytest.raises(RedisError, match="PRECOMPUTE_REDIS_MAXMEMORY='lots' is not a size"):
+        RedisServer(Path(tempfile.mkdtemp()), free_port())

@@ -6,7 +6,8 @@ Every key of schema version 1 starts with ``{namespace}:1:`` (``keys.KeySchema``
   ``delete_live_values``, the embedding sync, the ``query_logs`` drain and the query-log cleanup): reads and writes
   keys under ``{ns}:1:*`` and nothing else, with ``PUBLISHER_COMMANDS`` only.
 - **reader** (``PredictionCache``, its ``QueryLogger`` and the admission policies): reads ``{ns}:1:*`` with
-  ``READER_COMMANDS`` only, and writes exactly what the serving client writes: the live read-through values
+  ``READER_COMMANDS`` only, and writes exactly what the serving client writes, each command granted on its keys
+  alone by a Redis 7 selector ``(keys +commands)`` (``READER_WRITES``): the live read-through values
   (``SET ... EX`` on ``{ns}:1:{kind}:live:*``), the ``second_miss`` markers (``SET ... PX NX GET`` on
   ``{ns}:1:{kind}:seen:*``), the ``frequency`` sketch (``BITFIELD ... INCRBY`` and the aging ``EVAL`` on
   ``{ns}:1:{kind}:sketch``), the query-log stream (``XADD ... MAXLEN``, write-only, on ``{ns}:1:qlog``) and the
@@ -20,9 +21,14 @@ are checked against the same rules, so the reader's ``EVAL`` can only run its ow
 
 Passwords go to the server as SHA-256 hashes (``#<hex>``), never in clear text, in ``ACL SETUSER`` and in ACL
 files alike. ``ACL SETUSER`` rules last until the server restarts: persist them in the server's ACL file
-(``acl_file_lines``) or with ``ACL SAVE`` when it has one. Residual risks, inherent to Redis ACLs (they restrict
-commands and keys, not arguments): the reader's ``XADD ... MAXLEN`` could trim the query-log stream, its ``SET``
-could overwrite a live value, and its ``EVAL`` could run a busy script until ``busy-reply-threshold``.
+(``acl_file_lines``) or with ``ACL SAVE`` when it has one. Connections authenticate with the user in the URL:
+``redis://pc-reader:PASSWORD@host:6379/0`` (``connection.connect``, ``PredictionCache.from_url``).
+
+Residual risks, inherent to Redis ACLs (they restrict commands and keys, not arguments): a stolen reader password
+can still trim the query-log stream (``XADD ... MAXLEN 0``), overwrite live values and admission state, and run a
+busy Lua script until ``busy-reply-threshold``; it cannot touch a published version. Key patterns are globs over
+the key schema: a model version named ``live`` or ``seen`` would put its buckets under the reader's writable
+patterns (and collide with live keys in the schema itself), so never name a version like that.
 """
 
 from __future__ import annotations
@@ -30,12 +36,13 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Sequence
-from typing import Any
 
-SCHEMA_VERSION = 1  # keys.SCHEMA_VERSION: all our keys start with "{namespace}:1:"
+import redis
+
+from .keys import KIND_PATTERN, SCHEMA_VERSION
+
 NAMESPACE_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # no glob characters, spaces or ':' in a key pattern
 USERNAME_PATTERN = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
-KIND_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,63}")  # keys.KIND_PATTERN
 MIN_PASSWORD_LENGTH = 16
 
 # Handshake: redis-py sends CLIENT SETINFO after AUTH (its errors ignored, but logged in ACL LOG); PING for health.
@@ -175,7 +182,7 @@ def acl_file_lines(
 
 
 def apply_acl(
-    client: Any,
+    client: redis.Redis,
     namespace: str = "pc",
     *,
     publisher: tuple[str, str],

@@ -28,6 +28,7 @@ from .keys import ARM_PATTERN, KIND_PATTERN, KeySchema
 
 MAX_KEY_LENGTH = 256
 MAX_CLOCK_SKEW_MS = 3_600_000  # an event's own time may trail its arrival by at most an hour
+PACK_CHUNK = 8  # commands packed and sent at a time by the flushing thread (see QueryLogger._send)
 
 
 @dataclass
@@ -103,6 +104,8 @@ class QueryLogger:
         self.explicit_ids = clock is not None
         self.backoff_s = backoff_s
         self.stats = LoggerStats()
+        self._stream = self.schema.query_log().encode()
+        self._maxlen = str(stream_maxlen).encode()
         self._buffer: deque[QueryEvent] = deque()
         self._last_id = (0, 0)
         self._retry_at = 0.0
@@ -170,16 +173,8 @@ class QueryLogger:
             batch = [self._buffer.popleft() for _ in range(min(self.batch_size, len(self._buffer)))]
             if not batch:
                 return False
-            stream = self.schema.query_log()
-            pipe = self.client.pipeline(transaction=False)
-            counts: Counter[tuple[str, str]] = Counter()
-            for event in batch:
-                pipe.xadd(stream, event.fields(), id=self._next_id(event), maxlen=self.stream_maxlen)
-                counts[(event.kind, "hit" if event.hit else "miss")] += 1
-            for (kind, outcome), n in counts.items():
-                pipe.hincrby(self.schema.stats(kind), outcome, n)
             try:
-                pipe.execute()
+                self._send(batch)
             except REDIS_ERRORS:
                 self.stats.dropped_write_failed += len(batch)
                 self.stats.flush_errors += 1
@@ -187,6 +182,67 @@ class QueryLogger:
                 return False
             self.stats.written += len(batch)
             return True
+
+    def _xadd(self, event: QueryEvent) -> tuple[bytes, ...]:
+        """``XADD stream MAXLEN ~ N id field value ...`` (approximate trimming: exact trimming costs Redis a
+        listpack rewrite on every add)."""
+        args = [b"XADD", self._stream, b"MAXLEN", b"~", self._maxlen, self._next_id(event).encode()]
+        for name, value in event.fields().items():
+            args += (name.encode(), value.encode())
+        return tuple(args)
+
+    def _commands(self, batch: list[QueryEvent]) -> Iterator[tuple[bytes, ...]]:
+        """An ``XADD`` per event, then one ``HINCRBY`` per kind and outcome."""
+        counts: Counter[tuple[str, str]] = Counter()
+        for event in batch:
+            counts[(event.kind, "hit" if event.hit else "miss")] += 1
+            yield self._xadd(event)
+        for (kind, outcome), n in counts.items():
+            yield (b"HINCRBY", self.schema.stats(kind).encode(), outcome.encode(), b"%d" % n)
+
+    def _send(self, batch: list[QueryEvent]) -> None:
+        """Write ``batch`` and read every reply; raises a Redis error if any reply is one (the connection is then
+        dropped, not reused).
+
+        On a plain client the commands are built, packed and sent ``PACK_CHUNK`` at a time, handing the GIL over
+        after each chunk and every ``PACK_CHUNK`` replies: a lookup in another thread of the process then waits
+        for at most one chunk's Python work, never for a whole batch's (redis-py's pipeline packs and parses a
+        batch in one go, which held lookups up for milliseconds at p999). Other clients (a cluster) use their
+        pipeline."""
+        pool = getattr(self.client, "connection_pool", None)
+        if pool is None or not isinstance(self.client, redis.Redis):
+            pipe = self.client.pipeline(transaction=False)
+            for command in self._commands(batch):
+                pipe.execute_command(*command)
+            pipe.execute()
+            return
+        connection = pool.get_connection()
+        try:
+            sent, chunk = 0, []
+            for command in self._commands(batch):
+                chunk.append(command)
+                if len(chunk) == PACK_CHUNK:
+                    connection.send_packed_command(connection.pack_commands(chunk), check_health=False)
+                    sent, chunk = sent + len(chunk), []
+                    time.sleep(0)  # hand the GIL to a lookup waiting for it
+            if chunk:
+                connection.send_packed_command(connection.pack_commands(chunk), check_health=False)
+                sent += len(chunk)
+            error = None
+            for index in range(sent):  # every reply, so the connection stays in step after an error reply
+                try:
+                    connection.read_response()
+                except redis.ResponseError as reply:
+                    error = error or reply
+                if index % PACK_CHUNK == PACK_CHUNK - 1:
+                    time.sleep(0)
+            if error is not None:
+                raise error
+        except BaseException:
+            connection.disconnect()
+            raise
+        finally:
+            pool.release(connection)
 
     def _next_id(self, event: QueryEvent) -> str:
         if not self.explicit_ids:

@@ -80,6 +80,47 @@ def automation(stack: Stack, postgres_running: bool) -> list[tuple[str, str, str
         os.environ.update(saved)
 
 
+ENV_REDIS_ADMIN = "PRECOMPUTE_REDIS_ADMIN_URL"
+ENV_PUBLISHER_PASSWORD = "PRECOMPUTE_REDIS_PUBLISHER_PASSWORD"
+ENV_READER_PASSWORD = "PRECOMPUTE_REDIS_READER_PASSWORD"
+
+
+def cmd_redis_acl(args: argparse.Namespace) -> int:
+    """Print the ACL file lines of a namespace's publisher and reader users, or apply them with ``--apply``."""
+    import redis
+
+    from ..serving import connect
+    from ..serving.acl import acl_file_lines, apply_acl
+
+    users = {}
+    for role, variable, name in (
+        ("publisher", ENV_PUBLISHER_PASSWORD, args.publisher_user),
+        ("reader", ENV_READER_PASSWORD, args.reader_user),
+    ):
+        password = os.environ.get(variable, "")
+        if not password:
+            raise CliError(f"set {variable} to the {role}'s password (passwords never go on the command line)")
+        users[role] = (name or f"{args.namespace}-{role}", password)
+    kinds = [kind for kind in args.kinds.split(",") if kind] if args.kinds else None
+    url = ""
+    try:
+        if not args.apply:
+            print("\n".join(acl_file_lines(args.namespace, kinds=kinds, **users)))  # password hashes only
+            return 0
+        url = os.environ.get(ENV_REDIS_ADMIN) or Stack().env()[ENV_REDIS]
+        client = connect(url, socket_timeout=5)
+        try:
+            names = apply_acl(client, args.namespace, kinds=kinds, **users)
+        finally:
+            client.close()
+    except ValueError as error:
+        raise CliError(str(error)) from None
+    except redis.RedisError as error:
+        raise CliError(f"{redact(url)}: {error}") from None
+    print(f"users {' and '.join(names)} set on {redact(url)} until it restarts: persist them in its aclfile")
+    return 0
+
+
 def cmd_env(args: argparse.Namespace) -> int:
     for name, value in Stack().env().items():
         print(f"export {name}={shlex.quote(value)}")
@@ -390,6 +431,22 @@ def build_parser() -> argparse.ArgumentParser:
     down.set_defaults(fn=cmd_down)
     sub.add_parser("status", help="what runs where").set_defaults(fn=cmd_status)
     sub.add_parser("env", help="print the environment variables of the stack").set_defaults(fn=cmd_env)
+    redis_sub = sub.add_parser("redis", help="Redis administration").add_subparsers(dest="redis_command", required=True)
+    acl = redis_sub.add_parser(
+        "acl",
+        help="least-privilege publisher and reader users of a namespace: print ACL file lines, or --apply them "
+        f"(passwords from {ENV_PUBLISHER_PASSWORD} and {ENV_READER_PASSWORD})",
+    )
+    acl.add_argument("--namespace", default="pc")
+    acl.add_argument("--publisher-user", help="default: NAMESPACE-publisher")
+    acl.add_argument("--reader-user", help="default: NAMESPACE-reader")
+    acl.add_argument("--kinds", help="comma-separated kinds the reader may write live values of (default: any)")
+    acl.add_argument(
+        "--apply",
+        action="store_true",
+        help=f"ACL SETUSER both users on {ENV_REDIS_ADMIN} (default {ENV_REDIS}), as a user allowed to",
+    )
+    acl.set_defaults(fn=cmd_redis_acl)
     dev = sub.add_parser("dev", help="up + the Dagster UI (dagster dev -w workspace.yaml)")
     dev.add_argument("--host", default="127.0.0.1")
     dev.add_argument("--port", type=int, default=3000)

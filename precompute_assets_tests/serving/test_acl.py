@@ -308,3 +308,32 @@ def test_an_acl_file_of_these_lines_is_loaded_by_the_server(session_dir: Path, s
 def test_redact_hides_the_password(url: str, shown: str) -> None:
     assert redact(url) == shown
     assert "s3cret" not in redact(url) and ":pw@" not in redact(url)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://127.0.0.1:6379/0?password=s3cret",  # redis-py reads a password from the query string
+        "redis://user:s3@cret@127.0.0.1:6379/0",  # an unencoded '@' in the password
+        "postgresql://db.example/app?user=u&password=s3cret",
+        "host=db.example password=s3cret dbname=app",  # a libpq key=value string
+    ],
+)
+def test_redact_hides_passwords_given_in_other_forms(url: str) -> None:
+    assert "s3cret" not in redact(url) and "cret@" not in redact(url)
+
+
+def test_cli_prints_acl_lines_with_hashes_only_and_refuses_a_missing_password(monkeypatch, capsys):
+    from precompute_assets.tools.cli import main
+
+    monkeypatch.setenv("PRECOMPUTE_REDIS_PUBLISHER_PASSWORD", "publisher-password-1234")
+    monkeypatch.delenv("PRECOMPUTE_REDIS_READER_PASSWORD", raising=False)
+    assert main(["redis", "acl", "--namespace", "pc"]) == 2
+    err = capsys.readouterr().err
+    assert "set PRECOMPUTE_REDIS_READER_PASSWORD" in err and err.count("\n") == 1
+    monkeypatch.setenv("PRECOMPUTE_REDIS_READER_PASSWORD", "reader-password-12345")
+    assert main(["redis", "acl", "--namespace", "pc"]) == 0
+    out = capsys.readouterr().out
+    lines = out.strip().split("\n")
+    assert [line.split()[1] for line in lines] == ["pc-publisher", "pc-reader"]
+    assert "password-1234" not in out and "password-12345" not in out and "#" in out

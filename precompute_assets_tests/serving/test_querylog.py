@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from precompute_assets.serving import QueryLogger, connect, log_prediction_query, query_logger
@@ -151,3 +153,25 @@ def test_counts_are_exact_when_threads_share_a_logger(redis_url, redis_client, s
     assert stats.logged == per_thread * threads
     assert stats.written + stats.dropped == stats.logged  # every event is accounted for
     assert redis_client.xlen(schema.query_log()) == stats.written
+
+
+def test_a_batch_with_an_error_reply_is_counted_and_the_connection_stays_usable(redis_url, redis_client, schema):
+    """A simulated clock behind the stream's last ID makes Redis refuse those XADDs: the batch is counted as
+    dropped (not retried), and once the backoff passes the next batch goes through the same pool intact."""
+    redis_client.xadd(schema.query_log(), {"ts": "0"}, id="1790000000100-0")
+    now = [1_790_000_000_000]
+    logger = QueryLogger(connect(redis_url), schema, clock=lambda: now[0], backoff_s=0.01, batch_size=40)
+    for i in range(25):  # more than one PACK_CHUNK: the error reply is not the last one read
+        logger.log("ctr", f"k{i}", hit=i % 2 == 0)
+    logger.flush()
+    assert logger.stats.flush_errors == 1 and logger.stats.dropped_write_failed == 25 and logger.stats.written == 0
+    now[0] = 1_790_000_000_200  # after the existing entry: accepted
+    time.sleep(0.02)
+    for i in range(30):
+        logger.log("ctr", f"later{i}", hit=True)
+    logger.close()
+    assert logger.stats.written == 30
+    keys = [fields[b"key"] for _, fields in redis_client.xrange(schema.query_log(), min="1790000000101")]
+    assert keys == [f"later{i}".encode() for i in range(30)]
+    # The stats count the lookups of every batch Redis received, the refused batch's 13 hits included.
+    assert redis_client.hget(schema.stats("ctr"), "hit") == b"43"
