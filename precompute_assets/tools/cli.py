@@ -121,6 +121,66 @@ def cmd_redis_acl(args: argparse.Namespace) -> int:
     return 0
 
 
+def duration_s(text: str) -> float:
+    """``90s``, ``30m``, ``1h``, ``2d`` (or plain seconds) as seconds; argparse's type for ``--window``."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "s")
+    try:
+        value = float(number) * units[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a duration such as 90s, 30m, 1h or 2d, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive duration, got {text!r}")
+    return value
+
+
+def _serving_client(args: argparse.Namespace):
+    """A client of the serving Redis (``PRECOMPUTE_REDIS_URL``, else the embedded one, which must be up)."""
+    from ..serving import KeySchema, connect
+
+    url = os.environ.get(ENV_REDIS) or Stack().env()[ENV_REDIS]
+    try:
+        return connect(url, socket_timeout=10), KeySchema(args.namespace), url
+    except ValueError as error:
+        raise CliError(str(error)) from None
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    """``cache invalidate`` and ``cache stats``; Redis errors and bad input are one line, exit code 2."""
+    import redis
+
+    from ..serving.invalidate import invalidate
+    from ..serving.stats import cache_stats
+
+    client, schema, url = _serving_client(args)
+    try:
+        if args.cache_command == "invalidate":
+            done = invalidate(client, args.kind, key=args.key, prefix=args.prefix, version=args.version, schema=schema)
+            print(json.dumps({"kind": done.kind, "version": done.version, "live_keys": done.live_keys,
+                              "fields": done.fields, "buckets": done.buckets, "total": done.total}))  # fmt: skip
+            return 0
+        stats = cache_stats(client, schema, kinds=[args.kind] if args.kind else None, window_s=args.window)
+    except ValueError as error:
+        raise CliError(str(error)) from None
+    except redis.RedisError as error:
+        raise CliError(f"{redact(url)}: {error}") from None
+    if args.json:
+        print(json.dumps(stats))
+        return 0
+    print(f"{'kind':<16} {'version':<28} {'keys':>10} {'memory':>10} {'ttl':>8} {'requests':>9} {'hit rate':>8}")
+    for kind, entry in stats["kinds"].items():
+        current, window = entry["current"], entry["window"]
+        rate = "-" if window["hit_rate"] is None else f"{window['hit_rate']:.1%}"
+        print(
+            f"{kind:<16} {current.get('version') or '-':<28} {current.get('keys', 0):>10} "
+            f"{current.get('memory_bytes', 0) / 1e6:>8.1f}MB {current.get('ttl_s', 0):>7}s "
+            f"{window['requests']:>9} {rate:>8}"
+        )
+        if window["most_missed"]:
+            print("  most missed: " + ", ".join(f"{key} ({n})" for key, n in window["most_missed"]))
+    return 0
+
+
 def cmd_env(args: argparse.Namespace) -> int:
     for name, value in Stack().env().items():
         print(f"export {name}={shlex.quote(value)}")
@@ -431,6 +491,22 @@ def build_parser() -> argparse.ArgumentParser:
     down.set_defaults(fn=cmd_down)
     sub.add_parser("status", help="what runs where").set_defaults(fn=cmd_status)
     sub.add_parser("env", help="print the environment variables of the stack").set_defaults(fn=cmd_env)
+    cache = sub.add_parser("cache", help="operate the serving cache: invalidate values, show statistics")
+    cache_sub = cache.add_subparsers(dest="cache_command", required=True)
+    inval = cache_sub.add_parser("invalidate", help="remove values of one kind by key, key prefix or old version")
+    inval.add_argument("--kind", required=True)
+    target = inval.add_mutually_exclusive_group(required=True)
+    target.add_argument("--key", help="one key: from the current version and the live tier")
+    target.add_argument("--prefix", help="every key starting with this (SCAN/HSCAN in bounded batches)")
+    target.add_argument("--version", help="every bucket of a version that is not current")
+    inval.add_argument("--namespace", default="pc")
+    inval.set_defaults(fn=cmd_cache)
+    stats = cache_sub.add_parser("stats", help="per kind: current version, keys, memory, TTL, hit rate, most missed")
+    stats.add_argument("--kind")
+    stats.add_argument("--window", type=duration_s, default=3600.0, help="query-log window: 90s, 30m, 1h, 2d")
+    stats.add_argument("--json", action="store_true", help="one JSON object")
+    stats.add_argument("--namespace", default="pc")
+    stats.set_defaults(fn=cmd_cache)
     redis_sub = sub.add_parser("redis", help="Redis administration").add_subparsers(dest="redis_command", required=True)
     acl = redis_sub.add_parser(
         "acl",

@@ -1,0 +1,122 @@
+"""Invalidation: take values out of the serving cache by key, key prefix or whole version, within one kind.
+
+Every pattern stays inside the kind's own namespace (``{ns}:1:{kind}:``), is glob-escaped, and is walked with
+``SCAN``/``HSCAN`` in bounded batches (never ``KEYS``), so a large delete neither blocks Redis nor reaches
+another kind. The current version's buckets are never deleted whole: invalidating keys removes their fields
+from it (readers then miss, never read a mix), and ``version=`` refuses the version readers are on.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import redis
+
+from .keys import KeySchema, Pointer, check_kind, check_version
+
+SCAN_COUNT = 1000  # keys or fields per SCAN/HSCAN call, and per delete
+_GLOB = re.compile(r"([*?\[\]\\])")
+
+
+@dataclass(frozen=True)
+class Invalidated:
+    """What one invalidation removed."""
+
+    kind: str
+    live_keys: int = 0  # read-through values (``{kind}:live:{key}``) deleted
+    fields: int = 0  # keys removed from the current version's buckets
+    buckets: int = 0  # whole buckets of a non-current version deleted
+    version: str | None = None  # the current version the fields were removed from, or the version deleted
+
+    @property
+    def total(self) -> int:
+        return self.live_keys + self.fields + self.buckets
+
+
+def glob_escape(text: str) -> str:
+    """``text`` as a literal in a Redis MATCH pattern."""
+    return _GLOB.sub(r"\\\1", text)
+
+
+def invalidate(
+    client: redis.Redis,
+    kind: str,
+    *,
+    key: str | None = None,
+    prefix: str | None = None,
+    version: str | None = None,
+    schema: KeySchema | None = None,
+) -> Invalidated:
+    """Remove one ``key``, every key starting with ``prefix``, or every bucket of a non-current ``version`` of
+    ``kind`` (exactly one of the three). Keys go from the current version and from the live tier."""
+    schema = schema or KeySchema()
+    check_kind(kind)
+    if sum(arg is not None for arg in (key, prefix, version)) != 1:
+        raise ValueError("give exactly one of key, prefix or version")
+    if version is not None:
+        return _drop_version(client, kind, check_version(version), schema)
+    if key is not None:
+        live_name = schema.live(kind, key)  # validates the key
+        pointer = _current(client, kind, schema)
+        fields = 0
+        if pointer is not None:
+            fields = int(client.hdel(schema.bucket_for_key(kind, pointer, key), key))
+        return Invalidated(kind, live_keys=int(client.unlink(live_name)), fields=fields, version=_name(pointer))
+    if not prefix:
+        raise ValueError("an empty prefix would invalidate every key of the kind: use a version, or a real prefix")
+    live_pattern = f"{schema.live(kind, 'x')[:-1]}{glob_escape(prefix)}*"
+    live = 0
+    batch: list = []
+    for name in client.scan_iter(match=live_pattern, count=SCAN_COUNT):
+        batch.append(name)
+        if len(batch) >= SCAN_COUNT:
+            live += int(client.unlink(*batch))
+            batch = []
+    if batch:
+        live += int(client.unlink(*batch))
+    pointer = _current(client, kind, schema)
+    fields = 0
+    if pointer is not None:
+        for index in range(pointer.buckets):
+            bucket = schema.bucket(kind, pointer.version, index)
+            found: list = []
+            for field, _ in client.hscan_iter(bucket, match=f"{glob_escape(prefix)}*", count=SCAN_COUNT):
+                found.append(field)
+                if len(found) >= SCAN_COUNT:
+                    fields += int(client.hdel(bucket, *found))
+                    found = []
+            if found:
+                fields += int(client.hdel(bucket, *found))
+    return Invalidated(kind, live_keys=live, fields=fields, version=_name(pointer))
+
+
+def _drop_version(client: redis.Redis, kind: str, version: str, schema: KeySchema) -> Invalidated:
+    pointer = _current(client, kind, schema)
+    if pointer is not None and pointer.version == version:
+        raise ValueError(
+            f"{kind} version {version} is current: readers are on it; publish or flip to another version first, "
+            "or invalidate keys or a prefix"
+        )
+    pattern = f"{glob_escape(schema.bucket(kind, version, ''))}*"
+    deleted, batch = 0, []
+    for name in client.scan_iter(match=pattern, count=SCAN_COUNT):
+        suffix = name.decode().rpartition(":")[2] if isinstance(name, bytes) else str(name).rpartition(":")[2]
+        if not suffix.isdigit() and suffix != "meta":
+            continue  # e.g. a version whose name extends this one's: not ours to delete
+        batch.append(name)
+        if len(batch) >= SCAN_COUNT:
+            deleted += int(client.unlink(*batch))
+            batch = []
+    if batch:
+        deleted += int(client.unlink(*batch))
+    return Invalidated(kind, buckets=deleted, version=version)
+
+
+def _current(client: redis.Redis, kind: str, schema: KeySchema) -> Pointer | None:
+    raw = client.get(schema.pointer(kind))
+    return None if raw is None else Pointer.decode(raw)
+
+
+def _name(pointer: Pointer | None) -> str | None:
+    return None if pointer is None else pointer.version

@@ -1,0 +1,120 @@
+"""Cache statistics for the people who run it: what each kind serves, how well, and what it costs in Redis.
+
+``cache_stats`` reads, never writes: per kind, the current version (buckets, keys, memory of its buckets, TTL
+left) and, over a window of the query log, requests, hits, the hit rate and the most-missed keys. The window
+is read newest first, at most ``sample`` entries (``sampled`` says when the window held more), so a busy hour
+costs a bounded read. Kinds are found by their pointers (``SCAN`` for ``{ns}:1:*:current``, bounded batches).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Sequence
+
+import redis
+
+from .keys import KIND_PATTERN, KeySchema, Pointer, check_kind
+
+MEMORY_SAMPLE_BUCKETS = 64  # buckets whose MEMORY USAGE is read; the version's memory is extrapolated from them
+TOP_MISSED = 10
+
+
+def kinds_with_versions(client: redis.Redis, schema: KeySchema) -> list[str]:
+    """Every kind that has a published pointer, sorted."""
+    found = set()
+    for name in client.scan_iter(match=f"{schema.prefix}:*:current", count=1000):
+        text = name.decode() if isinstance(name, bytes) else str(name)
+        found.add(text[len(schema.prefix) + 1 : -len(":current")])
+    return sorted(kind for kind in found if ":" not in kind)
+
+
+def version_stats(client: redis.Redis, schema: KeySchema, kind: str) -> dict:
+    """The current version of ``kind``: ``version``, ``buckets``, ``keys``, ``memory_bytes`` (exact up to
+    ``MEMORY_SAMPLE_BUCKETS`` buckets, else extrapolated: ``memory_estimated``), ``ttl_s`` (-1: no TTL)."""
+    raw = client.get(schema.pointer(check_kind(kind)))
+    if raw is None:
+        return {"version": None}
+    pointer = Pointer.decode(raw)
+    names = [schema.bucket(kind, pointer.version, index) for index in range(pointer.buckets)]
+    pipe = client.pipeline(transaction=False)
+    for name in names:
+        pipe.hlen(name)
+    keys = sum(int(n) for n in pipe.execute())
+    sampled = names[:: max(1, len(names) // MEMORY_SAMPLE_BUCKETS)][:MEMORY_SAMPLE_BUCKETS]
+    pipe = client.pipeline(transaction=False)
+    for name in sampled:
+        pipe.memory_usage(name, samples=0)
+    usage = [int(n or 0) for n in pipe.execute()]
+    memory = round(sum(usage) * len(names) / len(sampled)) if sampled else 0
+    return {
+        "version": pointer.version,
+        "buckets": pointer.buckets,
+        "keys": keys,
+        "memory_bytes": memory,
+        "memory_estimated": len(sampled) < len(names),
+        "ttl_s": int(client.ttl(names[0])),
+    }
+
+
+def window_stats(
+    client: redis.Redis, schema: KeySchema, *, window_s: float, now_ms: int | None = None, sample: int = 200_000
+) -> dict[str, dict]:
+    """Per kind over the last ``window_s`` of the query log: ``requests``, ``hits``, ``hit_rate``,
+    ``most_missed`` ([key, misses] pairs), and ``sampled`` when the window held more than ``sample`` entries."""
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    start_ms = now_ms - int(window_s * 1000)
+    upper: str = "+"
+    requests: Counter[str] = Counter()
+    hits: Counter[str] = Counter()
+    missed: dict[str, Counter[str]] = {}
+    read, sampled = 0, False
+    while True:
+        page = client.xrevrange(schema.query_log(), max=upper, min=f"{start_ms}-0", count=min(10_000, sample - read))
+        for _, fields in page:
+            kind = fields.get(b"kind", b"").decode(errors="replace")
+            requests[kind] += 1
+            if fields.get(b"hit") == b"1":
+                hits[kind] += 1
+            else:
+                missed.setdefault(kind, Counter())[fields.get(b"key", b"").decode(errors="replace")] += 1
+        read += len(page)
+        if not page or len(page) < 10_000 or read >= sample:
+            sampled = read >= sample and bool(page)
+            break
+        upper = "(" + page[-1][0].decode()
+    return {
+        kind: {
+            "requests": n,
+            "hits": hits[kind],
+            "hit_rate": hits[kind] / n,
+            "most_missed": [[key, count] for key, count in missed.get(kind, Counter()).most_common(TOP_MISSED)],
+            "sampled": sampled,
+        }
+        for kind, n in sorted(requests.items())
+    }
+
+
+def cache_stats(
+    client: redis.Redis,
+    schema: KeySchema | None = None,
+    *,
+    kinds: Sequence[str] | None = None,
+    window_s: float = 3600,
+    now_ms: int | None = None,
+    sample: int = 200_000,
+) -> dict:
+    """``{"window_s", "kinds": {kind: {"current": version_stats, "window": window_stats or empty}}}``."""
+    schema = schema or KeySchema()
+    if window_s <= 0:
+        raise ValueError(f"window must be positive, got {window_s} s")
+    windows = window_stats(client, schema, window_s=window_s, now_ms=now_ms, sample=sample)
+    found = set(kinds_with_versions(client, schema)) | {kind for kind in windows if KIND_PATTERN.fullmatch(kind)}
+    names = [check_kind(kind) for kind in kinds] if kinds else sorted(found)
+    empty = {"requests": 0, "hits": 0, "hit_rate": None, "most_missed": [], "sampled": False}
+    return {
+        "window_s": window_s,
+        "kinds": {
+            kind: {"current": version_stats(client, schema, kind), "window": windows.get(kind, empty)} for kind in names
+        },
+    }

@@ -1,0 +1,116 @@
+"""Invalidation and stats against a real Redis: within one kind's namespace, bounded, never the current version."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from precompute_assets.serving import PredictionCache, QueryLogger, connect, publish_version
+from precompute_assets.serving.invalidate import glob_escape, invalidate
+from precompute_assets.serving.stats import cache_stats
+from precompute_assets.tools.cli import duration_s, main
+
+
+def publish(client, schema, kind: str, version: str, keys: list[str]) -> None:
+    items = [(key, {"v": version, "k": key}) if kind == "json" else (key, 0.5) for key in keys]
+    publish_version(client, kind, version, items, n_keys=len(items), schema=schema, ttl_s=600)
+
+
+def test_a_key_goes_from_the_current_version_and_the_live_tier(redis_client, schema):
+    publish(redis_client, schema, "ctr", "v1", ["a", "b"])
+    redis_client.set(schema.live("ctr", "a"), b"\x00\x00\x00?")
+    done = invalidate(redis_client, "ctr", key="a", schema=schema)
+    assert (done.fields, done.live_keys, done.version, done.total) == (1, 1, "v1", 2)
+    cache = PredictionCache(redis_client, schema=schema)
+    assert cache.get("ctr", "a") is None and cache.get("ctr", "b") == pytest.approx(0.5)
+    assert invalidate(redis_client, "ctr", key="a", schema=schema).total == 0  # idempotent
+
+
+def test_a_prefix_is_a_literal_within_its_kind(redis_client, schema):
+    keys = ["ad1", "ad10", "ad2", "x*1", "xa1", "a?d"]
+    publish(redis_client, schema, "ctr", "v1", keys)
+    publish(redis_client, schema, "campaign", "v1", keys)  # another kind with the same keys
+    for key in keys:
+        redis_client.set(schema.live("ctr", key), b"\x00\x00\x00?")
+    done = invalidate(redis_client, "ctr", prefix="ad1", schema=schema)
+    assert (done.fields, done.live_keys) == (2, 2)
+    done = invalidate(redis_client, "ctr", prefix="x*", schema=schema)  # '*' is a character, not a glob
+    assert (done.fields, done.live_keys) == (1, 1)
+    cache = PredictionCache(redis_client, schema=schema)
+    left = {key for key in keys if cache.get("ctr", key) is not None}
+    assert left == {"ad2", "xa1", "a?d"}
+    assert all(cache.get("campaign", key) is not None for key in keys)  # the other kind is untouched
+    assert glob_escape("a*b?[c]\\") == "a\\*b\\?\\[c\\]\\\\"
+
+
+def test_a_version_is_deleted_only_when_it_is_not_current(redis_client, schema):
+    publish(redis_client, schema, "ctr", "v1", [f"k{i}" for i in range(300)])
+    publish(redis_client, schema, "ctr", "v1.2", ["k1"])  # current now; v1 lives on for its grace period
+    v1_buckets = list(redis_client.scan_iter(match=f"{schema.prefix}:ctr:v1:*"))
+    assert len(v1_buckets) >= 2
+    with pytest.raises(ValueError, match="v1.2 is current"):
+        invalidate(redis_client, "ctr", version="v1.2", schema=schema)
+    done = invalidate(redis_client, "ctr", version="v1", schema=schema)
+    assert done.buckets == len(v1_buckets) and done.fields == 0 and done.live_keys == 0
+    assert not list(redis_client.scan_iter(match=f"{schema.prefix}:ctr:v1:*"))
+    assert PredictionCache(redis_client, schema=schema).get("ctr", "k1") == pytest.approx(0.5)  # v1.2 intact
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({}, "exactly one of key, prefix or version"),
+        ({"key": "a", "prefix": "b"}, "exactly one of key, prefix or version"),
+        ({"prefix": ""}, "empty prefix"),
+        ({"version": "v:1"}, "invalid version"),
+        ({"kind": "ctr:live", "key": "a"}, "invalid kind"),
+    ],
+)
+def test_bad_invalidations_are_refused(redis_client, schema, arguments, message):
+    kind = arguments.pop("kind", "ctr")
+    with pytest.raises(ValueError, match=message):
+        invalidate(redis_client, kind, schema=schema, **arguments)
+
+
+def test_stats_report_the_current_version_and_the_hit_rate_of_the_window(redis_url, redis_client, schema):
+    publish(redis_client, schema, "ctr", "v1", [f"k{i}" for i in range(500)])
+    logger = QueryLogger(connect(redis_url), schema)
+    for i in range(40):
+        logger.log("ctr", f"k{i}", hit=True)
+    for _ in range(3):
+        logger.log("ctr", "never", hit=False)
+    logger.log("ctr", "rare", hit=False)
+    logger.close()
+    stats = cache_stats(redis_client, schema, window_s=600)
+    ctr = stats["kinds"]["ctr"]
+    assert ctr["current"]["version"] == "v1" and ctr["current"]["keys"] == 500
+    assert ctr["current"]["memory_bytes"] > 0 and 0 < ctr["current"]["ttl_s"] <= 600
+    assert ctr["window"]["requests"] == 44 and ctr["window"]["hits"] == 40
+    assert ctr["window"]["hit_rate"] == pytest.approx(40 / 44)
+    assert ctr["window"]["most_missed"] == [["never", 3], ["rare", 1]]
+    sampled = cache_stats(redis_client, schema, window_s=600, sample=10)["kinds"]["ctr"]["window"]
+    assert sampled["sampled"] and sampled["requests"] == 10  # the newest 10 entries only
+    with pytest.raises(ValueError, match="window must be positive"):
+        cache_stats(redis_client, schema, window_s=0)
+
+
+def test_cache_cli_invalidates_and_reports_in_one_line_errors(redis_url, redis_client, schema, monkeypatch, capsys):
+    monkeypatch.setenv("PRECOMPUTE_REDIS_URL", redis_url)
+    publish(redis_client, schema, "ctr", "v1", ["a", "b"])
+    ns = ["--namespace", schema.namespace]
+    assert main(["cache", "invalidate", "--kind", "ctr", "--key", "a", *ns]) == 0
+    assert json.loads(capsys.readouterr().out)["fields"] == 1
+    assert main(["cache", "invalidate", "--kind", "ctr", "--version", "v1", *ns]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("precompute cache: ") and "is current" in err and err.count("\n") == 1
+    assert main(["cache", "stats", "--json", "--window", "30m", *ns]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["window_s"] == 1800 and out["kinds"]["ctr"]["current"]["keys"] == 1
+    assert main(["cache", "stats", "--kind", "ctr", *ns]) == 0
+    assert "ctr" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exited:
+        main(["cache", "stats", "--window", "soon", *ns])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and "expected a duration" in err and err.count("\n") == 1
+    assert duration_s("2d") == 172_800 and duration_s("90") == 90
