@@ -7,7 +7,7 @@ loads, not when a module is imported. Call ``defs()`` for the Definitions.
 
 import dagster as dg
 
-from .defs.automation import build_schedules, daily_precompute_job
+from .defs.automation import build_cache_health_sensor, build_schedules, daily_precompute_job
 from .defs.campaigns import (
     build_campaign_schedules,
     campaign_budget,
@@ -61,7 +61,7 @@ def build_definitions(settings: Settings) -> dg.Definitions:
             campaign_warming_job,
             campaign_cleanup_job,
         ],
-        sensors=[documents_changed, campaign_launch_sensor],
+        sensors=[documents_changed, campaign_launch_sensor, build_cache_health_sensor(partitions.timezone)],
         schedules=[*build_schedules(partitions), *build_campaign_schedules(partitions.timezone)],
         resources=build_resources(settings),
     )

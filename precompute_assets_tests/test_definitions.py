@@ -53,7 +53,7 @@ def test_asset_keys_checks_jobs_schedules_sensors():
         "query_logs_hourly", "daily_precompute", "query_log_cleanup_daily", "document_embeddings_daily",
         "campaign_warming_backstop",
     }  # fmt: skip
-    assert {s.name for s in r.sensor_defs} == {"documents_changed", "campaign_launch_sensor"}
+    assert {s.name for s in r.sensor_defs} == {"documents_changed", "campaign_launch_sensor", "cache_health"}
 
 
 def ticks(schedule: dg.ScheduleDefinition, start: datetime, end: datetime) -> list[datetime]:
@@ -208,5 +208,5 @@ def test_importing_reads_no_setting():
 def test_every_schedule_and_sensor_runs_by_default():
     r = repo()
     statuses = {d.name: d.default_status for d in [*r.schedule_defs, *r.sensor_defs]}
-    assert len(statuses) == 7
+    assert len(statuses) == 8
     assert {name: status.value for name, status in statuses.items()} == dict.fromkeys(statuses, "RUNNING")

@@ -6,6 +6,7 @@ from zoneinfo import ZoneInfo
 
 import dagster as dg
 
+from ..serving.stats import window_stats
 from .embeddings import document_embeddings_job
 from .experiment import selection_experiment
 from .models import ctr_model
@@ -13,6 +14,7 @@ from .partitions import Partitions
 from .predictions import ctr_predictions
 from .publishing import ctr_cache
 from .query_logs import query_log_cleanup_job, query_logs_job
+from .resources import RedisResource
 from .selection import OFFPEAK_WINDOW_HOURS, ad_demand, top_ads, traffic_profile
 
 # Until traffic_profile has learned the quiet window of the traffic, it is assumed to start at 02:00.
@@ -51,6 +53,67 @@ def precompute_request(moment: datetime, start_hour: int, timezone: str) -> dg.R
     day = (local - timedelta(hours=(local.hour - start_hour) % 24)).date() - timedelta(days=1)
     partition = day.isoformat()
     return dg.RunRequest(run_key=f"precompute-{partition}", partition_key=partition)
+
+
+HEALTH_THRESHOLD = 0.8  # cache_health refreshes when the last hour's ctr hit rate falls below this
+HEALTH_MIN_REQUESTS = 200  # ... over at least this many requests (fewer say nothing)
+HEALTH_COOLDOWN_S = 6 * 3600  # and at most once in this long, so a cache that stays cold is not rebuilt hourly
+
+
+def health_request(
+    window: dict | None,
+    now: datetime,
+    timezone: str,
+    last_request_s: float | None,
+    *,
+    threshold: float = HEALTH_THRESHOLD,
+    min_requests: int = HEALTH_MIN_REQUESTS,
+    cooldown_s: float = HEALTH_COOLDOWN_S,
+) -> dg.RunRequest | dg.SkipReason:
+    """A refresh of yesterday's precompute when the last hour's hit rate (``window``: ``serving.stats``'s entry
+    of the ``ctr`` kind) is below ``threshold``, saying why; else why not."""
+    requests = 0 if window is None else window["requests"]
+    if requests < min_requests:
+        return dg.SkipReason(f"{requests} ctr requests in the last hour: fewer than {min_requests}, nothing to judge")
+    rate = window["hits"] / requests
+    if rate >= threshold:
+        return dg.SkipReason(f"hit rate {rate:.1%} over {requests} requests: at or above {threshold:.0%}")
+    if last_request_s is not None and now.timestamp() - last_request_s < cooldown_s:
+        return dg.SkipReason(f"hit rate {rate:.1%} is below {threshold:.0%}, but a refresh was requested less "
+                             f"than {cooldown_s / 3600:g} h ago")  # fmt: skip
+    day = (now.astimezone(ZoneInfo(timezone)).date() - timedelta(days=1)).isoformat()
+    missed = ", ".join(key for key, _ in window["most_missed"][:5])
+    reason = f"hit rate {rate:.1%} over the last hour's {requests} requests is below {threshold:.0%}"
+    return dg.RunRequest(
+        run_key=f"cache-health-{day}-{int(now.timestamp()) // 3600}",
+        partition_key=day,
+        tags={"precompute/reason": reason[:200], "precompute/most_missed": missed[:200]},
+    )
+
+
+def build_cache_health_sensor(timezone: str, *, threshold: float = HEALTH_THRESHOLD) -> dg.SensorDefinition:
+    """``cache_health``: every 5 minutes, the ctr hit rate of the last hour from the query log; below
+    ``threshold`` it requests ``daily_precompute_job`` for yesterday (at most every 6 hours) and says why."""
+
+    @dg.sensor(
+        name="cache_health",
+        target=daily_precompute_job,
+        minimum_interval_seconds=300,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description=f"Refresh yesterday's precompute when the last hour's ctr hit rate is below {threshold:.0%} "
+        f"(over at least {HEALTH_MIN_REQUESTS} requests; at most every {HEALTH_COOLDOWN_S // 3600} h).",
+    )
+    def cache_health(context: dg.SensorEvaluationContext, redis: RedisResource):
+        window = window_stats(redis.client(), redis.schema(), window_s=3600).get("ctr")
+        now = datetime.now(ZoneInfo("UTC"))
+        last = float(context.cursor) if context.cursor else None
+        result = health_request(window, now, timezone, last, threshold=threshold)
+        if isinstance(result, dg.RunRequest):
+            context.log.info(result.tags["precompute/reason"])
+            context.update_cursor(str(now.timestamp()))
+        return result
+
+    return cache_health
 
 
 def missing_log_hours(instance: dg.DagsterInstance, hours: list[str]) -> list[str]:

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+from zoneinfo import ZoneInfo
+
 import dagster as dg
 import pytest
 from dagster._core.test_utils import in_process_test_workspace
 from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
 
 from precompute_assets.definitions import defs
-from precompute_assets.defs.automation import automation_states
+from precompute_assets.defs.automation import automation_states, build_cache_health_sensor, health_request
 
 EVERYTHING = [
+    ("cache_health", "sensor"),
     ("campaign_launch_sensor", "sensor"),
     ("campaign_warming_backstop", "schedule"),
     ("daily_precompute", "schedule"),
@@ -56,3 +60,45 @@ def test_a_toggle_in_the_ui_is_what_is_reported():
 
             instance.start_schedule(hourly)
             assert ("query_logs_hourly", "schedule", "RUNNING") in automation_states(instance, defs())
+
+
+def window(requests: int, hits: int) -> dict:
+    return {"requests": requests, "hits": hits, "hit_rate": hits / requests if requests else None,
+            "most_missed": [["ad9", 30], ["ad7", 4]], "sampled": False}  # fmt: skip
+
+
+NOON = datetime(2026, 11, 20, 12, 0, tzinfo=ZoneInfo("UTC"))
+
+
+def test_cache_health_requests_a_refresh_below_the_threshold_and_says_why():
+    request = health_request(window(1000, 700), NOON, "UTC", None)
+    assert isinstance(request, dg.RunRequest) and request.partition_key == "2026-11-19"
+    assert "hit rate 70.0% over the last hour's 1000 requests is below 80%" in request.tags["precompute/reason"]
+    assert request.tags["precompute/most_missed"] == "ad9, ad7"
+    healthy = health_request(window(1000, 850), NOON, "UTC", None)
+    assert isinstance(healthy, dg.SkipReason) and "85.0%" in healthy.skip_message
+    quiet = health_request(window(50, 0), NOON, "UTC", None)
+    assert isinstance(quiet, dg.SkipReason) and "fewer than 200" in quiet.skip_message
+    assert isinstance(health_request(None, NOON, "UTC", None), dg.SkipReason)
+    recently = health_request(window(1000, 700), NOON, "UTC", NOON.timestamp() - 3600)
+    assert isinstance(recently, dg.SkipReason) and "less than 6 h ago" in recently.skip_message
+    later = health_request(window(1000, 700), NOON, "UTC", NOON.timestamp() - 7 * 3600)
+    assert isinstance(later, dg.RunRequest)
+
+
+def test_cache_health_reads_the_query_log_of_a_real_redis(redis_url, schema):
+    from precompute_assets.defs.resources import RedisResource
+    from precompute_assets.serving import QueryLogger, connect
+
+    logger = QueryLogger(connect(redis_url), schema)
+    for i in range(300):
+        logger.log("ctr", f"ad{i % 40}", hit=i % 2 == 0)
+    logger.close()
+    sensor = build_cache_health_sensor("UTC")
+    redis = RedisResource(url=redis_url, namespace=schema.namespace)
+    with dg.build_sensor_context(resources={"redis": redis}) as context:
+        result = sensor(context)
+    assert isinstance(result, dg.RunRequest) and "hit rate 50.0%" in result.tags["precompute/reason"]
+    assert context.cursor is not None  # the cooldown starts
+    with dg.build_sensor_context(resources={"redis": redis}, cursor=context.cursor) as again:
+        assert isinstance(sensor(again), dg.SkipReason)
