@@ -26,7 +26,7 @@ import math
 import os
 import pickle
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -203,7 +203,8 @@ class DemandResult:
 
 
 @contextmanager
-def _threads(n: int | None):
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run the block with ``n`` torch CPU threads (None: torch's default), then restore the previous count."""
     previous = torch.get_num_threads()
     if n:
         torch.set_num_threads(n)
@@ -392,7 +393,7 @@ def evaluate_demand(
     notes = []
     if data.missing_hours:
         notes.append(f"{data.missing_hours} hours of logs missing (counted as no requests)")
-    with _threads(hp.threads):
+    with torch_threads(hp.threads):
         model, info = train_lstm(data, hp, held, init_state=init_state)
         window = min(hp.window_days, held - 1)
         hp_window = DemandHyperParams(**{**hp.__dict__, "window_days": window})
@@ -438,7 +439,7 @@ def forecast_next_day(model: DemandLSTM, data: HourlyCounts, hp: DemandHyperPara
     window = max(1, min(hp.window_days, data.n_days))
     hp_window = DemandHyperParams(**{**hp.__dict__, "window_days": window})
     daily = np.concatenate([data.daily(), np.zeros((len(data.keys), 1))], axis=1)
-    with _threads(hp.threads):
+    with torch_threads(hp.threads):
         values = _predict(model, data, data.n_days, hp_window, _first_seen(data), daily)
     return pd.Series(values, index=pd.Index(data.keys), name="forecast")
 

@@ -25,8 +25,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,6 +33,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from .demand import torch_threads
 from .replay import _as_codes, _precomputed_sets, replay
 
 TOP_K = 10  # the wider of the two accuracies; most_popular is this many keys
@@ -133,17 +133,6 @@ class NextKeyPredictions:
     confidence: np.ndarray = field(repr=False)
 
 
-@contextmanager
-def _threads(n: int | None) -> Iterator[None]:
-    previous = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def _split(day_keys: Sequence[np.ndarray], train_days: int) -> tuple[np.ndarray, list[np.ndarray]]:
     """The training stream (days 0..train_days-1 concatenated) and the later days; ValueError on bad input."""
     days = [np.asarray(day) for day in day_keys]
@@ -183,7 +172,7 @@ def train_next_key(
     codes, uniques = _factorize(train)
     vocab = uniques[_popularity(codes, len(uniques))[: hp.vocab_size]]
     classes = len(vocab) + 1
-    with _threads(hp.threads):
+    with torch_threads(hp.threads):
         torch.manual_seed(hp.seed)
         net = NextKeyLSTM(classes, hp.embedding_dim, hp.hidden_size)
         model = NextKeyModel(net, vocab, train_days, len(train), 0, 0.0, False, hp)
@@ -231,7 +220,7 @@ def _scan(
     prediction of the key after that input."""
     chunk = model.hp.chunk
     state = None
-    with _threads(model.hp.threads), torch.no_grad():
+    with torch_threads(model.hp.threads), torch.no_grad():
         model.net.eval()
         for begin in range(0, len(warm), chunk):
             _, state = model.net.lstm(model.net.embed(torch.from_numpy(warm[None, begin : begin + chunk])), state)

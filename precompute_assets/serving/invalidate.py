@@ -9,6 +9,7 @@ from it (readers then miss, never read a mix), and ``version=`` refuses the vers
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import redis
@@ -66,29 +67,27 @@ def invalidate(
     if not prefix:
         raise ValueError("an empty prefix would invalidate every key of the kind: use a version, or a real prefix")
     live_pattern = f"{schema.live(kind, 'x')[:-1]}{glob_escape(prefix)}*"
-    live = 0
-    batch: list = []
-    for name in client.scan_iter(match=live_pattern, count=SCAN_COUNT):
-        batch.append(name)
-        if len(batch) >= SCAN_COUNT:
-            live += int(client.unlink(*batch))
-            batch = []
-    if batch:
-        live += int(client.unlink(*batch))
+    live = _delete_in_batches(client.scan_iter(match=live_pattern, count=SCAN_COUNT), client.unlink)
     pointer = _current(client, kind, schema)
     fields = 0
     if pointer is not None:
         for index in range(pointer.buckets):
             bucket = schema.bucket(kind, pointer.version, index)
-            found: list = []
-            for field, _ in client.hscan_iter(bucket, match=f"{glob_escape(prefix)}*", count=SCAN_COUNT):
-                found.append(field)
-                if len(found) >= SCAN_COUNT:
-                    fields += int(client.hdel(bucket, *found))
-                    found = []
-            if found:
-                fields += int(client.hdel(bucket, *found))
+            pairs = client.hscan_iter(bucket, match=f"{glob_escape(prefix)}*", count=SCAN_COUNT)  # NOVALUES: 7.4+
+            matching = (field for field, _ in pairs)
+            fields += _delete_in_batches(matching, lambda *found, bucket=bucket: client.hdel(bucket, *found))
     return Invalidated(kind, live_keys=live, fields=fields, version=_name(pointer))
+
+
+def _delete_in_batches(names: Iterable, delete: Callable[..., int]) -> int:
+    """``delete(*batch)`` for every ``SCAN_COUNT`` of ``names``; how many went."""
+    deleted, batch = 0, []
+    for name in names:
+        batch.append(name)
+        if len(batch) >= SCAN_COUNT:
+            deleted += int(delete(*batch))
+            batch = []
+    return deleted + (int(delete(*batch)) if batch else 0)
 
 
 def _drop_version(client: redis.Redis, kind: str, version: str, schema: KeySchema) -> Invalidated:
@@ -99,18 +98,13 @@ def _drop_version(client: redis.Redis, kind: str, version: str, schema: KeySchem
             "or invalidate keys or a prefix"
         )
     pattern = f"{glob_escape(schema.bucket(kind, version, ''))}*"
-    deleted, batch = 0, []
-    for name in client.scan_iter(match=pattern, count=SCAN_COUNT):
-        suffix = name.decode().rpartition(":")[2] if isinstance(name, bytes) else str(name).rpartition(":")[2]
-        if not suffix.isdigit() and suffix != "meta":
-            continue  # e.g. a version whose name extends this one's: not ours to delete
-        batch.append(name)
-        if len(batch) >= SCAN_COUNT:
-            deleted += int(client.unlink(*batch))
-            batch = []
-    if batch:
-        deleted += int(client.unlink(*batch))
-    return Invalidated(kind, buckets=deleted, version=version)
+
+    def ours(name: bytes | str) -> bool:  # bucket numbers and the embedding version's meta, nothing else
+        suffix = (name.decode() if isinstance(name, bytes) else name).rpartition(":")[2]
+        return suffix.isdigit() or suffix == "meta"
+
+    names = (name for name in client.scan_iter(match=pattern, count=SCAN_COUNT) if ours(name))
+    return Invalidated(kind, buckets=_delete_in_batches(names, client.unlink), version=version)
 
 
 def _current(client: redis.Redis, kind: str, schema: KeySchema) -> Pointer | None:
