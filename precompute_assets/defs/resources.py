@@ -33,7 +33,9 @@ DEFAULT_EXPERIMENT_SALT = "ab1"
 
 
 class RedisResource(dg.ConfigurableResource):
-    """The serving Redis (``PRECOMPUTE_REDIS_URL``: AUTH, ``rediss://`` TLS; ``cluster`` for Redis Cluster)."""
+    """The serving Redis (``PRECOMPUTE_REDIS_URL``: AUTH, ``rediss://`` TLS). Redis Cluster: ``?cluster=1`` in the URL
+    (``redis://any-node:6379?cluster=1``) or ``cluster=True``; a URL saying ``cluster=0`` with ``cluster=True`` is
+    refused (``ValueError``), as is a cluster URL naming a database other than 0."""
 
     url: str
     namespace: str = "pc"

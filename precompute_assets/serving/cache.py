@@ -10,9 +10,21 @@ from typing import Any
 import redis
 
 from .admission import AdmissionPolicy, Decision, admission_policy
-from .connection import REDIS_ERRORS, connect
-from .keys import EMBEDDING_KIND, Experiment, KeySchema, Pointer, bucket_of, codec_for
+from .connection import REDIS_ERRORS, cluster_send, connect, is_cluster, key_slot
+from .keys import (
+    EMBEDDING_KIND,
+    Experiment,
+    KeySchema,
+    Pointer,
+    bucket_of,
+    check_key,
+    check_keys,
+    check_kind,
+    codec_for,
+)
 from .querylog import QueryLogger
+
+FAILED = object()  # a cluster reply that did not come: an error reply, or its master failed
 
 
 class PredictionCache:
@@ -25,7 +37,13 @@ class PredictionCache:
     ``get_or_compute`` whose value the ``admission`` policy did not store (see ``serving.admission``).
 
     The A/B experiment of a kind (``{kind}:experiment``) is read with its pointer, in the same round trip and
-    on the same cadence; while one is active, every logged query of the kind carries its key's ``arm``.
+    on the same cadence; while one is active, every logged query of the kind carries its key's ``arm``. On Redis
+    Cluster the two live in different slots: the pointer is read first and the experiment after its reply (two
+    round trips per refresh, see ``publish.flip_pointer``), so the new version is never paired with the old
+    experiment.
+
+    Kinds and keys are checked first (``keys.check_kind``, ``keys.check_key``): a malformed one raises
+    ``ValueError`` before anything is read or stored.
     """
 
     def __init__(
@@ -52,6 +70,12 @@ class PredictionCache:
         self.rejected = 0
         self._pointers: dict[str, tuple[Pointer | None, Experiment | None, float]] = {}
         self._retry_at = 0.0
+        # Redis Cluster: lookups go to each master directly, and a failing master backs off alone (its keys are
+        # misses for backoff_s) while the others keep answering.
+        self._cluster = is_cluster(client)
+        self._node_retry_at: dict[str, float] = {}
+        self._refreshed_at = 0.0
+        self._recorder = redis.Redis() if self._cluster else None  # builds admission commands, never connects
 
     @classmethod
     def from_url(
@@ -78,6 +102,8 @@ class PredictionCache:
 
     def get(self, kind: str, key: str, *, user: str | None = None, tenant: str | None = None) -> Any | None:
         """The cached value of ``key`` or None on a miss (or when Redis is unreachable)."""
+        check_kind(kind)
+        check_key(key)
         start = time.perf_counter_ns()
         value = self._decode(kind, self._lookup(kind, key))
         self._log(kind, key, value is not None, start, user, tenant)
@@ -87,7 +113,10 @@ class PredictionCache:
         self, kind: str, keys: Sequence[str], *, user: str | None = None, tenant: str | None = None
     ) -> list[Any | None]:
         """Values for ``keys`` in order (None for misses), from one published version: one round trip, plus
-        one for live read-through values when some keys are not in the published version."""
+        one for live read-through values when some keys are not in the published version (on Redis Cluster: one
+        round trip per master, in parallel)."""
+        check_kind(kind)
+        check_keys(keys)
         start = time.perf_counter_ns()
         values = [self._decode(kind, raw) for raw in self._lookup_many(kind, keys)]
         for key, value in zip(keys, values, strict=True):
@@ -106,6 +135,8 @@ class PredictionCache:
     ) -> Any:
         """The cached value, or ``compute(key)``, stored with the live TTL if the admission policy (this
         call's ``admission``, else the cache's) admits it. Redis trouble never raises here."""
+        check_kind(kind)
+        check_key(key)
         policy = self.admission if admission is None else admission_policy(admission)
         start = time.perf_counter_ns()
         raw, decision = self._lookup_admitting(kind, key, policy)
@@ -120,7 +151,11 @@ class PredictionCache:
             self.rejected += 1
         try:
             if decision.admit:
-                self.client.set(self.schema.live(kind, key), codec_for(kind).encode(value), ex=self.live_ttl_s)
+                name, encoded = self.schema.live(kind, key), codec_for(kind).encode(value)
+                if self._cluster:
+                    self._cluster_fetch([(b"SET", name, encoded, b"EX", b"%d" % self.live_ttl_s)])
+                else:
+                    self.client.set(name, encoded, ex=self.live_ttl_s)
             policy.after_miss(self.client, self.schema, kind, decision)
         except REDIS_ERRORS:  # OOM, READONLY, a dead server: the caller still gets its value
             self._trip()
@@ -167,7 +202,57 @@ class PredictionCache:
 
     def _trip(self) -> None:
         self.errors += 1
-        self._retry_at = time.monotonic() + self.backoff_s
+        if not self._cluster:  # a cluster backs off per master (``_cluster_fetch``)
+            self._retry_at = time.monotonic() + self.backoff_s
+
+    def _refresh_slots(self) -> None:
+        """Re-read the cluster's slot map (a failover moved slots), at most once per ``backoff_s``."""
+        now = time.monotonic()
+        if now - self._refreshed_at < self.backoff_s:
+            return
+        self._refreshed_at = now
+        try:
+            self.client.nodes_manager.initialize()
+        except REDIS_ERRORS:
+            self.errors += 1
+
+    def _cluster_fetch(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Run single-key ``commands`` on a cluster (``connection.cluster_send``: one round trip, every master in
+        parallel). Replies come back in order; an error reply is ``FAILED``, and so is every command of a master
+        that fails or is backing off (it then backs off for ``backoff_s``: its keys are misses without touching
+        the network, while the other masters keep answering)."""
+        now = time.monotonic()
+        replies: list[Any] = [FAILED] * len(commands)
+        nodes, chosen = [], []
+        for index, command in enumerate(commands):
+            try:
+                node = self.client.nodes_manager.get_node_from_slot(key_slot(command[1])).name
+            except REDIS_ERRORS:  # a slot no master serves
+                self.errors += 1
+                continue
+            if self._node_retry_at.get(node, 0.0) <= now:
+                nodes.append(node)
+                chosen.append(index)
+        failed: set[str] = set()
+        for index, node, reply in zip(
+            chosen, nodes, cluster_send(self.client, [commands[i] for i in chosen]), strict=True
+        ):
+            if not isinstance(reply, BaseException):
+                replies[index] = reply
+            elif isinstance(reply, redis.ResponseError):  # OOM, NOPERM, MOVED after a failover: this key fails
+                self.errors += 1
+                if isinstance(reply, redis.exceptions.AskError):
+                    self._refresh_slots()
+            else:
+                failed.add(node)
+        for node in failed:
+            self._node_failed(node)
+        return replies
+
+    def _node_failed(self, name: str) -> None:
+        self.errors += 1
+        self._node_retry_at[name] = time.monotonic() + self.backoff_s
+        self._refresh_slots()
 
     def _pointer(self, kind: str) -> Pointer | None:
         """The current pointer of ``kind``; refreshing it also refreshes the kind's experiment (one round trip)."""
@@ -175,11 +260,28 @@ class PredictionCache:
         cached = self._pointers.get(kind)
         if cached is not None and now - cached[2] < self.pointer_ttl_s:
             return cached[0]
-        pipe = self.client.pipeline(transaction=False)
-        pipe.get(self.schema.pointer(kind))
-        pipe.get(self.schema.experiment(kind))
-        raw, raw_experiment = pipe.execute()
-        pointer = None if raw is None else Pointer.decode(raw)
+        if self._cluster:
+            # Pointer first, experiment after its reply: the experiment is written before the pointer.
+            (raw,) = self._cluster_fetch([(b"GET", self.schema.pointer(kind))])
+            (raw_experiment,) = self._cluster_fetch([(b"GET", self.schema.experiment(kind))])
+            if raw is FAILED:  # its master is down: the last pointer read is still the current one (nobody can flip)
+                last = cached or (None, None, 0.0)
+                self._pointers[kind] = (last[0], last[1], now)
+                return last[0]
+            if raw_experiment is FAILED:  # the experiment's master is down: keep what was read with this pointer
+                kept = cached[1] if cached is not None and cached[0] is not None else None
+                raw_experiment = kept.encode() if kept is not None and cached[0].encode() == raw else None
+        else:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.get(self.schema.pointer(kind))
+            pipe.get(self.schema.experiment(kind))
+            raw, raw_experiment = pipe.execute()
+        pointer = None
+        if raw is not None:
+            try:
+                pointer = Pointer.decode(raw)
+            except (ValueError, UnicodeDecodeError):  # a malformed pointer is no published version: live values
+                self.errors += 1
         experiment = None
         if raw_experiment is not None:
             try:
@@ -195,6 +297,8 @@ class PredictionCache:
         return None if cached is None else cached[1]
 
     def _lookup(self, kind: str, key: str) -> bytes | None:
+        if self._cluster:
+            return self._lookup_many(kind, [key])[0]
         if not self._available():
             return None
         try:
@@ -211,6 +315,8 @@ class PredictionCache:
     def _lookup_admitting(self, kind: str, key: str, policy: AdmissionPolicy) -> tuple[bytes | None, Decision | None]:
         """``_lookup`` whose live ``GET`` carries the policy's commands in the same round trip; the decision is
         None when Redis failed (or the client is backing off)."""
+        if self._cluster:
+            return self._lookup_admitting_cluster(kind, key, policy)
         if not self._available():
             return None, None
         try:
@@ -229,7 +335,29 @@ class PredictionCache:
             self._trip()
             return None, None
 
+    def _lookup_admitting_cluster(
+        self, kind: str, key: str, policy: AdmissionPolicy
+    ) -> tuple[bytes | None, Decision | None]:
+        """``_lookup_admitting`` on a cluster: the live ``GET`` and the policy's commands go out together, each
+        to its own master; a failing master makes the decision None (nothing stored)."""
+        pointer = self._pointer(kind)
+        if pointer is not None:
+            (raw,) = self._cluster_fetch([(b"HGET", self.schema.bucket_for_key(kind, pointer, key), key)])
+            if raw is FAILED:
+                return None, None
+            if raw is not None:
+                return raw, Decision(True)
+        recorder = self._recorder.pipeline(transaction=False)
+        policy.observe(recorder, self.schema, kind, key)
+        commands = [(b"GET", self.schema.live(kind, key)), *(args for args, _ in recorder.command_stack)]
+        raw, *replies = self._cluster_fetch(commands)
+        if raw is FAILED or any(reply is FAILED for reply in replies):
+            return None, None
+        return raw, (policy.decide(replies) if replies else Decision(True))
+
     def _lookup_many(self, kind: str, keys: Sequence[str]) -> list[bytes | None]:
+        if keys and self._cluster:
+            return self._lookup_many_cluster(kind, keys)
         if not keys or not self._available():
             return [None] * len(keys)
         try:
@@ -252,6 +380,22 @@ class PredictionCache:
         except REDIS_ERRORS:
             self._trip()
             return [None] * len(keys)
+
+    def _lookup_many_cluster(self, kind: str, keys: Sequence[str]) -> list[bytes | None]:
+        """``_lookup_many`` on a cluster: one round trip to every master holding a bucket, plus one for live values;
+        the keys of a failing master are misses, the others answer from the same version."""
+        pointer = self._pointer(kind)
+        found: list[Any] = [None] * len(keys)
+        if pointer is not None:
+            found = self._cluster_fetch(
+                [(b"HGET", self.schema.bucket(kind, pointer.version, bucket_of(k, pointer.buckets)), k) for k in keys]
+            )
+        missing = [i for i, raw in enumerate(found) if raw is None]  # not FAILED: a dead master's keys stay misses
+        if missing:
+            live = self._cluster_fetch([(b"GET", self.schema.live(kind, keys[i])) for i in missing])
+            for i, raw in zip(missing, live, strict=True):
+                found[i] = raw
+        return [raw if isinstance(raw, bytes) else None for raw in found]
 
     def _log(self, kind: str, key: str, hit: bool, start_ns: int, user: str | None, tenant: str | None) -> None:
         if hit:

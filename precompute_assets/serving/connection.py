@@ -1,10 +1,163 @@
-"""Redis clients built from URLs, with timeouts that fail fast instead of hanging the caller."""
+"""Redis clients built from URLs, with timeouts that fail fast instead of hanging the caller.
+
+A URL selects Redis Cluster with the query parameter ``cluster``: ``redis://host:port?cluster=1`` (or
+``rediss://...?cluster=1`` with TLS). ``host:port`` is any node of the cluster (the client discovers the others);
+``cluster=0`` or no parameter is a single server. A cluster has one database, so a cluster URL names none (or
+``/0``).
+"""
 
 from __future__ import annotations
 
+import contextlib
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
 import redis
 from redis.backoff import NoBackoff
+from redis.exceptions import RedisClusterException
 from redis.retry import Retry
+
+# Everything a serving path degrades on: dead or slow servers, and error replies (OOM, READONLY,
+# CLUSTERDOWN, LOADING, NOPERM) alike; on a cluster also "no node reachable" and "slot not covered", which
+# redis-py raises as ``RedisClusterException`` (not a ``RedisError``).
+REDIS_ERRORS = (redis.RedisError, OSError, RedisClusterException)
+CLUSTER_PARAMETER = "cluster"
+CONNECT_RETRIES = 3  # attempts of a cluster client's constructor, each on the next node if one fails
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def split_cluster_url(url: str) -> tuple[str, bool | None]:
+    """``url`` without its ``cluster`` parameter, and what that parameter says (None: absent).
+
+    ``ValueError`` for an unknown value, a repeated parameter, or a cluster URL that names a database other than 0.
+    """
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    values = [value for name, value in query if name == CLUSTER_PARAMETER]
+    if not values:
+        return url, None
+    if len(values) > 1:
+        raise ValueError(f"the Redis URL names '{CLUSTER_PARAMETER}' {len(values)} times; give it once")
+    value = values[0].strip().lower()
+    if value not in _TRUE + _FALSE:
+        raise ValueError(f"the Redis URL's '{CLUSTER_PARAMETER}={values[0]}' is not one of 1/0, true/false, yes/no")
+    cluster = value in _TRUE
+    if cluster and parts.path.strip("/") not in ("", "0"):
+        raise ValueError(f"a Redis Cluster has only database 0; the URL names database {parts.path.strip('/')!r}")
+    rest = urlencode([(name, v) for name, v in query if name != CLUSTER_PARAMETER])
+    return urlunsplit(parts._replace(query=rest)), cluster
+
+
+def is_cluster_url(url: str) -> bool:
+    """Whether ``url`` selects Redis Cluster (``?cluster=1``)."""
+    return bool(split_cluster_url(url)[1])
+
+
+def is_cluster(client: object) -> bool:
+    """Whether ``client`` is a Redis Cluster client (a cluster has no single connection pool)."""
+    from redis.cluster import RedisCluster
+
+    return isinstance(client, RedisCluster)
+
+
+def key_slot(name: bytes | str) -> int:
+    """The Redis Cluster slot of the key ``name`` (CRC16 of its hash tag, or of the whole name)."""
+    from redis.crc import key_slot as slot
+
+    return slot(name.encode() if isinstance(name, str) else name)
+
+
+def cluster_send(client, commands: list[tuple], *, retry: bool = False) -> list:
+    """Run single-key ``commands`` (``(NAME, key, args...)``) on a Redis Cluster client: one packed write per master
+    holding their slots, every master written before any is read, so one round trip in parallel. Returns the
+    replies in order, error replies and the failure of a master's connection as exception objects in place (a
+    connection failure or a MOVED reply also refreshes the client's slot map, which a failover changed).
+
+    ``retry=True`` sends the commands that failed that way once more after the refresh (for idempotent writes:
+    a publish after a failover reaches the promoted replica)."""
+    replies, refresh = _cluster_send_once(client, commands)
+    if refresh:
+        with contextlib.suppress(*REDIS_ERRORS):
+            client.nodes_manager.initialize()
+        redo = [i for i, reply in enumerate(replies) if _moved_or_gone(reply)] if retry else []
+        if redo:
+            again = cluster_send(client, [commands[i] for i in redo])
+            for index, reply in zip(redo, again, strict=True):
+                replies[index] = reply
+    return replies
+
+
+def _moved_or_gone(reply: object) -> bool:
+    from redis.exceptions import AskError
+
+    return isinstance(reply, AskError | redis.ConnectionError | redis.TimeoutError | OSError)
+
+
+def _cluster_send_once(client, commands: list[tuple]) -> tuple[list, bool]:
+    groups: dict[str, tuple[object, list[int]]] = {}
+    replies: list = [None] * len(commands)
+    for index, command in enumerate(commands):
+        try:
+            node = client.nodes_manager.get_node_from_slot(key_slot(command[1]))
+        except REDIS_ERRORS as error:  # a slot no master serves
+            replies[index] = error
+            continue
+        groups.setdefault(node.name, (node, []))[1].append(index)
+    sent, failed = [], False
+    for node, indexes in groups.values():
+        pool = client.get_redis_connection(node).connection_pool
+        connection = None
+        try:
+            connection = pool.get_connection()
+            connection.send_packed_command(connection.pack_commands([commands[i] for i in indexes]))
+            sent.append((pool, connection, indexes))
+        except REDIS_ERRORS as error:
+            if connection is not None:
+                connection.disconnect()
+                pool.release(connection)
+            for index in indexes:
+                replies[index] = error
+            failed = True
+    for pool, connection, indexes in sent:
+        done = 0
+        try:
+            for index in indexes:
+                try:
+                    replies[index] = connection.read_response()
+                except redis.ResponseError as error:
+                    replies[index] = error
+                done += 1
+        except REDIS_ERRORS as error:
+            connection.disconnect()  # replies may be left unread: never hand this connection out again
+            for index in indexes[done:]:
+                replies[index] = error
+            failed = True
+        finally:
+            pool.release(connection)
+    return replies, failed or any(_moved_or_gone(reply) for reply in replies)
+
+
+def _cluster_class():
+    from redis.cluster import RedisCluster
+
+    class ClusterClient(RedisCluster):
+        """``RedisCluster`` that also takes command names as bytes (``b"XADD"``), as a single-server client does:
+        redis-py's cluster routing looks names up as text."""
+
+        def execute_command(self, *args, **options):
+            return super().execute_command(*_text_name(args), **options)
+
+        def pipeline(self, transaction=None, shard_hint=None):
+            pipe = super().pipeline(transaction, shard_hint)
+            execute = pipe.execute_command
+            pipe.execute_command = lambda *args, **options: execute(*_text_name(args), **options)
+            return pipe
+
+    return ClusterClient
+
+
+def _text_name(args: tuple) -> tuple:
+    return (args[0].decode(), *args[1:]) if args and isinstance(args[0], bytes) else args
 
 
 def connect(
@@ -18,21 +171,29 @@ def connect(
 
     ``socket_timeout`` bounds every connect and command, so a dead server costs at most that long;
     ``retries`` defaults to none because a serving path would rather compute live than wait twice.
-    ``cluster=True`` returns a Redis Cluster client.
+    ``cluster=True`` or ``?cluster=1`` in the URL returns a ``redis.cluster.RedisCluster`` (``cluster=True`` with
+    ``?cluster=0`` is a contradiction: ``ValueError``). The cluster client tolerates slots without a master (a
+    dead master and no replica): commands on the other slots still work.
     """
+    plain_url, in_url = split_cluster_url(url)
+    if cluster and in_url is False:
+        raise ValueError("cluster=True, but the Redis URL says cluster=0")
     options = dict(
         socket_timeout=socket_timeout,
         socket_connect_timeout=socket_timeout,
         retry=Retry(NoBackoff(), retries),
         health_check_interval=0,
     )
-    if cluster:
-        from redis.cluster import RedisCluster
-
-        return RedisCluster.from_url(url, **options)
-    return redis.Redis.from_url(url, **options)
-
-
-# Everything a serving path degrades on: dead or slow servers, and error replies (OOM, READONLY,
-# CLUSTERDOWN, LOADING, NOPERM) alike.
-REDIS_ERRORS = (redis.RedisError, OSError)
+    if cluster or in_url:
+        # The path's "/0" would become db=0, which the cluster client refuses outright.
+        parts = urlsplit(plain_url)
+        if parts.path.strip("/") not in ("", "0"):
+            raise ValueError(f"a Redis Cluster has only database 0; the URL names database {parts.path.strip('/')!r}")
+        # Building the client reads the slot map and the command table from some node: while a master is down
+        # (and not yet replaced) that may be the dead one, so the constructor gets a few retries of its own,
+        # on other nodes; then the client keeps the caller's.
+        options["retry"] = Retry(NoBackoff(), max(retries, CONNECT_RETRIES))
+        client = _cluster_class().from_url(urlunsplit(parts._replace(path="")), require_full_coverage=False, **options)
+        client.set_retry(Retry(NoBackoff(), retries))
+        return client
+    return redis.Redis.from_url(plain_url, **options)

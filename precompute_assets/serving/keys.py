@@ -24,12 +24,29 @@ key                                    type      content
                                                  sketch of 4-bit counters (``serving.admission``).
 =====================================  ========  ==========================================================
 
+Redis Cluster (``?cluster=1``, see ``connection``): the names carry no hash tag, so every key hashes whole and the
+buckets of a version spread over all slots and masters (a publish spreads its write load; a ``get_many`` is one
+round trip per master, in parallel). Readers resolve the pointer once, then read buckets of exactly that version:
+the version is in every bucket's name, so a batch never mixes versions, on a cluster as on one server. The pointer
+and the experiment are two slots, so the flip writes the experiment first and the pointer second, and readers read
+the pointer first and the experiment second (``publish.flip_pointer``); campaign live values are one MULTI/EXEC per
+slot (``publish.transact_per_slot``). A master that is down makes its slots' keys misses for readers, never errors.
+
+Names that could reach into another kind's keys are refused with ``ValueError``: a namespace, kind or version
+outside its pattern (no ``:``, no ``{``/``}`` hash-tag braces, no control characters), a kind named like one of
+the shared keys (``qlog``, ``stats``), a version named like one of a kind's own keys (``live``, ``current``,
+``experiment``, ``sketch``, ``seen``: version ``live`` would put bucket 0 at ``{kind}:live:0``, the live value of
+key ``0``), and a prediction key (``check_key``) that is empty, longer than ``MAX_KEY_LENGTH`` characters, or
+holds a control character, a lone surrogate or a brace (in ``{kind}:live:{key}`` braces would pick the key's
+Redis Cluster slot).
+
 Values are encoded per kind (``CODECS``): ``ctr`` and ``campaign`` are 4-byte little-endian float32;
 ``doc_embedding`` is the vector layout of ``serving.vectors``; anything else is UTF-8 JSON.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -45,6 +62,14 @@ SCHEMA_VERSION = 1
 KIND_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 ARM_PATTERN = KIND_PATTERN  # an experiment arm is named like a kind (the strategy it selects by: ``lstm``)
 VERSION_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+NAMESPACE_PATTERN = VERSION_PATTERN
+# Kinds whose keys would be the shared keys: kind ``stats``'s pointer ``stats:current`` is kind ``current``'s stats.
+RESERVED_KINDS = frozenset({"qlog", "stats"})
+# Versions whose buckets ``{kind}:{version}:{n}`` would be a kind's own keys (``live:0`` is key 0's live value).
+RESERVED_VERSIONS = frozenset({"live", "current", "experiment", "sketch", "seen"})
+MAX_KEY_LENGTH = 256  # characters of a prediction key (the query log quarantines longer ones)
+# Control characters, hash-tag braces and lone surrogates (not encodable as UTF-8).
+BAD_KEY_CHARACTERS = re.compile(r"[\x00-\x1f\x7f{}\ud800-\udfff]")
 
 
 class Codec(Protocol):
@@ -132,9 +157,12 @@ class Pointer:
 
     @classmethod
     def decode(cls, raw: bytes | str) -> Pointer:
+        """Parse ``version:buckets``; ``ValueError`` when it is malformed."""
         text = raw.decode() if isinstance(raw, bytes) else raw
         version, _, buckets = text.rpartition(":")
-        return cls(version, int(buckets))
+        if not (buckets.isascii() and buckets.isdigit()) or int(buckets) < 1:
+            raise ValueError(f"malformed pointer {text[:80]!r}: expected version:buckets")
+        return cls(check_version(version), int(buckets))
 
 
 @dataclass(frozen=True)
@@ -142,6 +170,10 @@ class KeySchema:
     """Builds every Redis key the project uses; ``namespace`` separates deployments sharing a server."""
 
     namespace: str = "pc"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.namespace, str) or not NAMESPACE_PATTERN.fullmatch(self.namespace):
+            raise ValueError(f"invalid namespace {self.namespace!r}: expected [A-Za-z0-9_.-]{{1,64}}")
 
     @property
     def prefix(self) -> str:
@@ -151,7 +183,7 @@ class KeySchema:
         return f"{self.prefix}:{check_kind(kind)}:current"
 
     def bucket(self, kind: str, version: str, bucket: int | str) -> str:
-        return f"{self.prefix}:{kind}:{version}:{bucket}"
+        return f"{self.prefix}:{check_kind(kind)}:{version}:{bucket}"
 
     def bucket_for_key(self, kind: str, pointer: Pointer, key: str) -> str:
         return self.bucket(kind, pointer.version, bucket_of(key, pointer.buckets))
@@ -161,7 +193,8 @@ class KeySchema:
         return f"{self.prefix}:{check_kind(kind)}:experiment"
 
     def live(self, kind: str, key: str) -> str:
-        return f"{self.prefix}:{kind}:live:{key}"
+        """A value computed live (``key`` checked by ``check_key``: it stays under ``{kind}:live:``)."""
+        return f"{self.prefix}:{check_kind(kind)}:live:{check_key(key)}"
 
     def query_log(self) -> str:
         return f"{self.prefix}:qlog"
@@ -171,29 +204,73 @@ class KeySchema:
         return f"{self.prefix}:qlog:trimmed_before"
 
     def stats(self, kind: str) -> str:
+        # Not checked: the query logger's flushing thread builds these and must never raise; whatever the kind,
+        # the name stays under ``stats:``, where nothing but these counters lives (kind ``stats`` is refused).
         return f"{self.prefix}:stats:{kind}"
 
     def admission_seen(self, kind: str, key: str) -> str:
         """Marker of a recent live-tier lookup of ``key`` (admission ``second_miss``), with the window as TTL."""
-        return f"{self.prefix}:{kind}:seen:{key}"
+        return f"{self.prefix}:{check_kind(kind)}:seen:{check_key(key)}"
 
     def admission_sketch(self, kind: str) -> str:
         """The count-min sketch of live-tier lookups of ``kind`` (admission ``frequency``)."""
-        return f"{self.prefix}:{kind}:sketch"
+        return f"{self.prefix}:{check_kind(kind)}:sketch"
 
 
+@functools.lru_cache(maxsize=1024)
 def check_kind(kind: str) -> str:
-    """Return ``kind`` if it is a valid kind name, else raise ``ValueError``."""
-    if not KIND_PATTERN.fullmatch(kind):
+    """Return ``kind`` if it is a valid kind name, else raise ``ValueError`` (cached: a lookup checks it once)."""
+    if not isinstance(kind, str) or not KIND_PATTERN.fullmatch(kind):
         raise ValueError(f"invalid kind {kind!r}: expected lower-case letters, digits and '_' (max 64)")
+    if kind in RESERVED_KINDS:
+        raise ValueError(f"invalid kind {kind!r}: its keys would collide with the shared {kind!r} keys")
     return kind
 
 
 def check_version(version: str) -> str:
-    """Return ``version`` if it is a valid version id (no ':' so pointers stay parseable)."""
-    if not VERSION_PATTERN.fullmatch(version):
+    """Return ``version`` if it is a valid version id (no ':' so pointers stay parseable, no braces, none of a
+    kind's own key names), else raise ``ValueError``."""
+    if not isinstance(version, str) or not VERSION_PATTERN.fullmatch(version):
         raise ValueError(f"invalid version {version!r}: expected [A-Za-z0-9_.-]{{1,64}}")
+    if version.lower() in RESERVED_VERSIONS:
+        raise ValueError(
+            f"invalid version {version!r}: its buckets would collide with the kind's own keys "
+            f"({', '.join(sorted(RESERVED_VERSIONS))} are reserved)"
+        )
     return version
+
+
+def check_key(key: str) -> str:
+    """Return the prediction key ``key`` if it can be stored and looked up, else raise ``ValueError``: 1 to
+    ``MAX_KEY_LENGTH`` characters, without control characters, lone surrogates or ``{``/``}`` (which would choose
+    the Redis Cluster slot of its live key)."""
+    if not isinstance(key, str):
+        raise ValueError(f"invalid prediction key {key!r}: expected a string")
+    if not key or len(key) > MAX_KEY_LENGTH:
+        raise ValueError(
+            f"invalid prediction key {key[:64]!r}: expected 1 to {MAX_KEY_LENGTH} characters, got {len(key)}"
+        )
+    bad = BAD_KEY_CHARACTERS.search(key)
+    if bad is not None:
+        raise ValueError(
+            f"invalid prediction key {key[:64]!r}: character {bad.group()!r} at {bad.start()} "
+            "(control characters, braces and lone surrogates are refused)"
+        )
+    return key
+
+
+def check_keys(keys: Sequence[str]) -> None:
+    """``check_key`` for many keys at C speed (one scan of all of them); raises for the first bad one."""
+    if not keys:
+        return
+    try:
+        lengths = list(map(len, keys))
+        clean = BAD_KEY_CHARACTERS.search("".join(keys)) is None
+    except TypeError:
+        clean, lengths = False, [0]
+    if not clean or min(lengths) == 0 or max(lengths) > MAX_KEY_LENGTH:
+        for key in keys:
+            check_key(key)
 
 
 # --- A/B experiments ------------------------------------------------------------------------------------

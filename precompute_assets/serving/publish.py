@@ -2,6 +2,13 @@
 
 Readers see the previous version until the single ``SET`` of the pointer, and the new one after it; a
 publish that fails half-way leaves the pointer untouched, and its partial buckets expire by their TTL.
+
+On Redis Cluster the buckets of a version spread over every slot (their names carry no hash tag), so a publish
+spreads its write load over all masters; readers resolve the pointer once and read buckets of exactly that
+version, so they never mix versions there either. The pointer and the experiment are two slots: the experiment
+is written first and the pointer second (readers read them in the opposite order, see ``flip_pointer``).
+Campaign live values cannot be one transaction across slots: there each slot's keys are one MULTI/EXEC
+(``transact_per_slot``).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ try:
 except ImportError:  # redis[hiredis] is a dependency; stay importable without it
     hiredis = None
 
+from .connection import REDIS_ERRORS, cluster_send, is_cluster, key_slot
 from .keys import (
     Codec,
     Experiment,
@@ -31,6 +39,8 @@ from .keys import (
     KeySchema,
     Pointer,
     bucket_ids,
+    check_key,
+    check_keys,
     check_kind,
     check_version,
     codec_for,
@@ -91,6 +101,7 @@ def publish_version(
     if len(pairs) != n_keys:
         raise ValueError(f"publish of {kind} {version}: expected {n_keys} keys, got {len(pairs)}")
     keys, raw_values = zip(*pairs, strict=True) if pairs else ((), ())
+    check_keys(keys)
     fields = list(map(str.encode, keys))
     values = encode_many(codec, list(raw_values))
     written, n_bytes = len(pairs), sum(map(len, fields)) + sum(map(len, values))
@@ -105,33 +116,44 @@ def publish_version(
         flat[1::2] = pick(values) if written > 1 else [values[0]]
     grouped = [flat[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
 
-    current = client.get(schema.pointer(kind))
-    if current is not None and Pointer.decode(current).version == version:
-        # Never rewrite the version readers are on (a step retried after its flip succeeded).
-        return PublishResult(kind, version, written, buckets, n_bytes, time.perf_counter() - started, None, True)
-    names = [schema.bucket(kind, version, index).encode() for index in range(buckets)]
-    if client.exists(*names):
-        # A retry of this version: start clean so no field of the failed attempt survives.
-        send_commands(client, [(b"DEL", name) for name in names])
-    batch: list[tuple[bytes, ...]] = []
-    pending = 0
-    ttl = None if ttl_s is None else str(ttl_s).encode()
-    with command_stream(client) as send:
-        for name, bucket in zip(names, grouped, strict=True):
-            if not bucket:
-                continue
-            batch.append((b"HSET", name, *bucket))
-            if ttl is not None:
-                batch.append((b"EXPIRE", name, ttl))
-            pending += len(bucket) // 2
-            if len(batch) >= COMMANDS_PER_PIPELINE:
-                send(batch)
-                if progress:
-                    progress(pending)
-                batch, pending = [], 0
-        send(batch)
-    if progress and pending:
-        progress(pending)
+    try:
+        (current,) = run_commands(client, [(b"GET", schema.pointer(kind).encode())])
+        if current is not None and Pointer.decode(current).version == version:
+            # Never rewrite the version readers are on (a step retried after its flip succeeded).
+            return PublishResult(kind, version, written, buckets, n_bytes, time.perf_counter() - started, None, True)
+        names = [schema.bucket(kind, version, index).encode() for index in range(buckets)]
+        if is_cluster(client):
+            exists = sum(run_commands(client, [(b"EXISTS", name) for name in names]))
+        else:
+            exists = client.exists(*names)
+        if exists:
+            # A retry of this version: start clean so no field of the failed attempt survives.
+            send_commands(client, [(b"DEL", name) for name in names])
+        batch: list[tuple[bytes, ...]] = []
+        pending = 0
+        ttl = None if ttl_s is None else str(ttl_s).encode()
+        with command_stream(client) as send:
+            for name, bucket in zip(names, grouped, strict=True):
+                if not bucket:
+                    continue
+                batch.append((b"HSET", name, *bucket))
+                if ttl is not None:
+                    batch.append((b"EXPIRE", name, ttl))
+                pending += len(bucket) // 2
+                if len(batch) >= COMMANDS_PER_PIPELINE:
+                    send(batch)
+                    if progress:
+                        progress(pending)
+                    batch, pending = [], 0
+            send(batch)
+        if progress and pending:
+            progress(pending)
+    except REDIS_ERRORS as error:
+        error.add_note(
+            f"publish of {kind} version {version} failed before its flip: readers stay on the previous version, "
+            "and the partial buckets expire by their TTL; retry the publish"
+        )
+        raise
 
     previous = flip_pointer(client, schema, kind, Pointer(version, buckets), grace_s=grace_s, experiment=experiment)
     return PublishResult(
@@ -158,7 +180,7 @@ def command_stream(client: redis.Redis) -> Iterator[Callable[[list[tuple[bytes, 
     """Yield ``send(commands)``, which writes a pipeline without waiting for its replies; a reader thread
     drains them meanwhile, so Redis works on one batch while the next is packed. On exit every reply
     has been read; the first error reply or connection error is raised."""
-    pool = getattr(client, "connection_pool", None)
+    pool = None if is_cluster(client) else getattr(client, "connection_pool", None)
     if hiredis is None or pool is None:  # Redis Cluster, or no hiredis: one ordinary pipeline per batch
         yield lambda commands: send_commands(client, commands)
         return
@@ -212,8 +234,13 @@ def send_commands(client: redis.Redis, commands: list[tuple[bytes, ...]]) -> Non
     """
     if not commands:
         return
+    if is_cluster(client):  # one packed write per master, all of them in parallel
+        errors = [reply for reply in cluster_send(client, commands, retry=True) if isinstance(reply, BaseException)]
+        if errors:
+            raise errors[0]
+        return
     pool = getattr(client, "connection_pool", None)
-    if hiredis is None or pool is None:  # Redis Cluster, or no hiredis: the ordinary pipeline
+    if hiredis is None or pool is None:  # no hiredis: the ordinary pipeline
         pipe = client.pipeline(transaction=False)
         for command in commands:
             pipe.execute_command(*command)
@@ -252,8 +279,13 @@ def patch_version(
     atomically, and the version's bucket layout stays what its pointer says.
     """
     schema = schema or KeySchema()
+    check_kind(kind)
+    check_version(pointer.version)
     encode = codec_for(kind).encode
     upserts = list(upserts)
+    deletes = list(deletes)
+    check_keys([key for key, _ in upserts])
+    check_keys(deletes)
     fields = [key.encode() for key, _ in upserts]
     writes: dict[int, list[bytes]] = {}
     for index, field, (_, value) in zip(bucket_ids(fields, pointer.buckets).tolist(), fields, upserts, strict=True):
@@ -286,19 +318,44 @@ def flip_pointer(
     """Atomically make ``pointer`` current, with ``experiment`` (or none: its key is deleted) in the same
     MULTI/EXEC; shorten the life of the version it replaces to ``grace_s``.
 
-    On Redis Cluster the two keys live in different slots, which one transaction cannot span: there they go
-    out as one pipeline, each key atomic on its own (a reader may pair the old version with the new
-    experiment, or the reverse, until its next pointer refresh).
+    On Redis Cluster the two keys live in different slots, which one transaction cannot span: there the
+    experiment is written first and the pointer second, each waiting for its reply, and readers on a cluster
+    read the pointer first and the experiment second (``PredictionCache``). A reader that sees the new pointer
+    therefore read the experiment after it was written: it never pairs the new version with the old experiment.
+    It may pair the old version with the new experiment until its next pointer refresh, as a single-server reader
+    may too (its GET of the pointer can run just before the EXEC, its GET of the experiment just after). If the
+    pointer write fails, the old experiment is put back (best effort) and the error is raised.
     """
-    pipe = client.pipeline(transaction=getattr(client, "connection_pool", None) is not None)
-    if experiment is None:
-        pipe.delete(schema.experiment(kind))
+    check_kind(kind)
+    check_version(pointer.version)
+    if is_cluster(client):
+        experiment_key = schema.experiment(kind).encode()
+        (previous_experiment,) = run_commands(client, [(b"GET", experiment_key)])
+        run_commands(client, [experiment_command(experiment_key, experiment)])
+        try:
+            (raw,) = run_commands(client, [(b"SET", schema.pointer(kind).encode(), pointer.encode(), b"GET")])
+        except REDIS_ERRORS as error:
+            with contextlib.suppress(*REDIS_ERRORS):  # put the old experiment back with the old pointer
+                restore = None if previous_experiment is None else Experiment.decode(previous_experiment)
+                run_commands(client, [experiment_command(experiment_key, restore)])
+            error.add_note(f"the pointer of {kind} was not flipped to {pointer.version}: readers stay where they were")
+            raise
     else:
-        pipe.set(schema.experiment(kind), experiment.encode())
-    pipe.set(schema.pointer(kind), pointer.encode(), get=True)
-    raw = pipe.execute()[-1]
+        pipe = client.pipeline(transaction=True)
+        if experiment is None:
+            pipe.delete(schema.experiment(kind))
+        else:
+            pipe.set(schema.experiment(kind), experiment.encode())
+        pipe.set(schema.pointer(kind), pointer.encode(), get=True)
+        raw = pipe.execute()[-1]
     previous = None if raw is None else Pointer.decode(raw)
-    if previous is not None and previous.version != pointer.version:
+    if previous is not None and previous.version != pointer.version and is_cluster(client):
+        name = schema.bucket
+        run_commands(
+            client,
+            [(b"EXPIRE", name(kind, previous.version, i).encode(), b"%d" % grace_s) for i in range(previous.buckets)],
+        )
+    elif previous is not None and previous.version != pointer.version:
         pipe = client.pipeline(transaction=False)
         for index in range(previous.buckets):
             pipe.expire(schema.bucket(kind, previous.version, index), grace_s)
@@ -306,6 +363,105 @@ def flip_pointer(
                 pipe.execute()
         pipe.execute()
     return previous
+
+
+def experiment_command(name: bytes, experiment: Experiment | None) -> tuple[bytes, ...]:
+    """The command that makes ``experiment`` (None: none) the one stored at ``name``."""
+    return (b"DEL", name) if experiment is None else (b"SET", name, experiment.encode())
+
+
+def run_commands(client: redis.Redis, commands: list[tuple[bytes, ...]]) -> list[Any]:
+    """Run single-key ``commands`` and return their replies; raise the first error reply. On Redis Cluster one
+    round trip per master (``connection.cluster_send``), sent once more to the new master after a failover."""
+    if not is_cluster(client):
+        pipe = client.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        return pipe.execute()
+    replies = cluster_send(client, commands, retry=True)
+    errors = [reply for reply in replies if isinstance(reply, BaseException)]
+    if errors:
+        raise errors[0]
+    return replies
+
+
+def transact_per_slot(client: redis.Redis, commands: list[tuple[bytes, ...]]) -> list[Any]:
+    """Run ``commands`` (each ``(NAME, key, args...)`` on one key) as MULTI/EXEC transactions and return their
+    replies in order; raise the first error reply (``ExecAbortError`` when a transaction was refused whole).
+
+    On a single server: one transaction. On Redis Cluster, which cannot run a transaction over several slots:
+    one transaction per slot, all of a master's slots packed in one write, so one round trip per master. Each
+    slot's keys change together; keys of different slots do not (a reader may see one slot's writes and not yet
+    another's, and a master failing mid-way leaves the slots it had written).
+    """
+    if not commands:
+        return []
+    if not is_cluster(client):
+        pipe = client.pipeline(transaction=True)
+        for command in commands:
+            pipe.execute_command(*command)
+        return pipe.execute()
+    by_slot: dict[int, list[int]] = {}
+    for index, command in enumerate(commands):
+        by_slot.setdefault(key_slot(command[1]), []).append(index)
+    by_node: dict[str, tuple[Any, list[list[int]]]] = {}
+    for slot, indexes in by_slot.items():
+        node = client.nodes_manager.get_node_from_slot(slot)
+        by_node.setdefault(node.name, (node, []))[1].append(indexes)
+    replies: list[Any] = [None] * len(commands)
+    first_error: BaseException | None = None
+    for node, groups in by_node.values():
+        packed: list[tuple[bytes, ...]] = []
+        for indexes in groups:
+            packed += [(b"MULTI",), *(commands[i] for i in indexes), (b"EXEC",)]
+        try:
+            results = raw_replies(client.get_redis_connection(node), packed)
+        except REDIS_ERRORS as error:  # a dead master: the slots of the others are still written
+            with contextlib.suppress(*REDIS_ERRORS):
+                client.nodes_manager.initialize()  # the slot map may have moved (failover): refresh it
+            first_error = first_error or error
+            continue
+        position = 0
+        for indexes in groups:
+            block = results[position : position + len(indexes) + 2]  # MULTI's OK, a QUEUED per command, EXEC
+            position += len(indexes) + 2
+            executed = block[-1]
+            if not isinstance(executed, list):  # refused whole (EXECABORT): name the command's own error
+                errors = [reply for reply in block if isinstance(reply, BaseException)]
+                causes = [e for e in errors if not isinstance(e, redis.exceptions.ExecAbortError)] or errors
+                first_error = first_error or (causes[0] if causes else redis.ResponseError(repr(executed)))
+                if any(isinstance(e, redis.exceptions.AskError) for e in errors):  # MOVED/ASK: the slot moved
+                    with contextlib.suppress(*REDIS_ERRORS):
+                        client.nodes_manager.initialize()
+                continue
+            for i, reply in zip(indexes, executed, strict=True):
+                replies[i] = reply
+                if isinstance(reply, BaseException):
+                    first_error = first_error or reply
+    if first_error is not None:
+        raise first_error
+    return replies
+
+
+def raw_replies(client: redis.Redis, commands: list[tuple[bytes, ...]]) -> list[Any]:
+    """Send ``commands`` in one write on one connection of a single-server client; every reply, error replies as
+    exception objects (a connection error is raised, and the connection dropped)."""
+    pool = client.connection_pool
+    connection = pool.get_connection()
+    try:
+        connection.send_packed_command(connection.pack_commands(commands))
+        replies: list[Any] = []
+        for _ in commands:
+            try:
+                replies.append(connection.read_response())
+            except redis.ResponseError as error:
+                replies.append(error)
+        return replies
+    except BaseException:
+        connection.disconnect()  # replies may be left unread: never hand this connection out again
+        raise
+    finally:
+        pool.release(connection)
 
 
 def write_live_values(
@@ -322,37 +478,40 @@ def write_live_values(
 
     Readers see all of them or none; a later publish of a version leaves them in place (readers fall back to
     live values for keys the published version lacks). On Redis Cluster a transaction cannot span the slots
-    of many keys: there they go out as one pipeline, each key atomic on its own.
+    of many keys: there each slot's keys are one transaction (``transact_per_slot``): a key's value and its
+    expiry always change together, but readers may see some keys of a campaign before others for the length of
+    the write (one round trip per master), and a master that fails mid-way leaves the other masters' keys
+    written (the run fails and its retry writes all of them again).
     """
     schema = schema or KeySchema()
     check_kind(kind)
     pairs = list(items)
     if not pairs:
         return 0
+    check_keys([key for key, _ in pairs])
     values = encode_many(codec_for(kind), [value for _, value in pairs])
-    pipe = client.pipeline(transaction=getattr(client, "connection_pool", None) is not None)
+    commands: list[tuple[bytes, ...]] = []
+    when = None if expire_at is None else b"%d" % int(expire_at)
     for (key, _), value in zip(pairs, values, strict=True):
-        name = schema.live(kind, key)
-        if expire_at is None:
-            pipe.set(name, value)
+        name = schema.live(kind, key).encode()
+        if when is None:
+            commands.append((b"SET", name, value))
             continue
         # A key shared by several campaigns lives until the latest of their ends: set the expiry where there is
         # none (a new key), extend it where it is earlier, never shorten it (Redis 7+: EXPIREAT NX / GT).
-        pipe.set(name, value, keepttl=True)
-        pipe.expireat(name, int(expire_at), nx=True)
-        pipe.expireat(name, int(expire_at), gt=True)
-    pipe.execute()
+        commands += [
+            (b"SET", name, value, b"KEEPTTL"),
+            (b"EXPIREAT", name, when, b"NX"),
+            (b"EXPIREAT", name, when, b"GT"),
+        ]
+    transact_per_slot(client, commands)
     return len(pairs)
 
 
 def delete_live_values(client: redis.Redis, keys: Iterable[tuple[str, str]], *, schema: KeySchema | None = None) -> int:
-    """Delete the live values of ``(kind, key)`` pairs in one MULTI/EXEC transaction (one pipeline on Redis
-    Cluster); returns how many existed."""
+    """Delete the live values of ``(kind, key)`` pairs in one MULTI/EXEC transaction (one per slot on Redis
+    Cluster, see ``transact_per_slot``); returns how many existed."""
     schema = schema or KeySchema()
-    names = [schema.live(check_kind(kind), key) for kind, key in keys]
-    if not names:
-        return 0
-    pipe = client.pipeline(transaction=getattr(client, "connection_pool", None) is not None)
-    for name in names:  # one key per DEL: a cluster pipeline refuses multi-key ones
-        pipe.delete(name)
-    return int(sum(pipe.execute()))
+    names = [schema.live(check_kind(kind), check_key(key)).encode() for kind, key in keys]
+    # one key per DEL: a cluster refuses multi-key commands over several slots
+    return int(sum(transact_per_slot(client, [(b"DEL", name) for name in names])))

@@ -6,6 +6,7 @@ environment or guesses a folder.
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from dataclasses import dataclass
 from functools import cached_property
@@ -43,8 +44,18 @@ class Lake:
         if isinstance(table, pd.DataFrame):
             table = pa.Table.from_pandas(table, preserve_index=False)
         tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        pq.write_table(table, tmp, filesystem=fs, compression="zstd")
-        fs.move(tmp, path)
+        try:
+            pq.write_table(table, tmp, filesystem=fs, compression="zstd")
+            fs.move(tmp, path)
+        except BaseException as error:
+            # A failed write (disk full, interrupted) leaves the previous file as it was and no partial temp file
+            # behind, which would otherwise hold the space a retry needs.
+            with contextlib.suppress(OSError):
+                fs.delete_file(tmp)
+            if isinstance(error, OSError):  # say which file; the errno (ENOSPC, EDQUOT) stays for callers
+                message = f"the lake could not write {path}: {error}"
+                raise (OSError(error.errno, message) if error.errno else OSError(message)) from error
+            raise
         return path
 
     def exists(self, asset: str, partition: str | None = None) -> bool:

@@ -268,3 +268,34 @@ def test_a_malformed_experiment_is_ignored_and_counted(redis_url, redis_client, 
 def test_experiment_decode_rejects_malformed_values(raw, message):
     with pytest.raises(ValueError, match=message):
         Experiment.decode(raw)
+
+
+@pytest.mark.parametrize("key", ["", "x" * 257, "a\nb", "ad\x00", "{ad1}", "ad}1"])
+def test_crafted_keys_are_refused_at_the_boundary(redis_url, redis_client, schema, key):
+    """Input that could reach out of its kind's namespace (or choose a cluster slot) is a ValueError before any
+    command is sent, and nothing is stored or logged."""
+    logger = QueryLogger(connect(redis_url), schema)
+    cache = make_cache(redis_url, schema, logger=logger)
+    calls = []
+    for lookup in (
+        lambda: cache.get("ctr", key),
+        lambda: cache.get_many("ctr", ["ad1", key]),
+        lambda: cache.get_or_compute("ctr", key, calls.append),
+        lambda: cache.get_or_compute("ctr", key, calls.append, admission="second_miss"),
+    ):
+        with pytest.raises(ValueError, match="invalid prediction key"):
+            lookup()
+    for kind in ("ctr:live", "stats", "Ctr"):
+        with pytest.raises(ValueError, match="invalid kind"):
+            cache.get(kind, "ad1")
+    logger.close()
+    assert calls == [] and cache.errors == 0 and logger.stats.logged == 0
+    assert redis_client.keys(f"{schema.prefix}:*") == []
+
+
+def test_a_malformed_pointer_is_no_version_and_never_raises(redis_url, redis_client, schema):
+    redis_client.set(schema.live("ctr", "ad1"), b"\x00\x00\x80>")  # 0.25
+    redis_client.set(schema.pointer("ctr"), b"live:3")  # a version that would read live keys as buckets
+    cache = make_cache(redis_url, schema)
+    assert cache.get("ctr", "ad1") == pytest.approx(0.25)  # the live value, not a bucket
+    assert cache.current_version("ctr") is None and cache.errors >= 1

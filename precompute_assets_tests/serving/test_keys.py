@@ -37,3 +37,92 @@ def test_names_with_a_trailing_newline_are_rejected():
         check_kind("ctr\n")
     with pytest.raises(ValueError):
         check_version("v1\n")
+
+
+# --- input that could reach across namespaces is refused ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["ctr:live", "ctr:v1", "Ctr", "ctr{x}", "{ctr}", "ctr*", "", "c" * 65, "stats", "qlog", 7, None],
+)
+def test_kinds_that_could_collide_are_refused(kind):
+    schema = KeySchema("pc")
+    with pytest.raises(ValueError, match="invalid kind"):
+        check_kind(kind)
+    for build in (schema.pointer, schema.experiment, schema.admission_sketch):
+        with pytest.raises(ValueError, match="invalid kind"):
+            build(kind)
+    with pytest.raises(ValueError, match="invalid kind"):
+        schema.live(kind, "k")
+    with pytest.raises(ValueError, match="invalid kind"):
+        schema.bucket(kind, "v1", 0)
+
+
+def test_the_stats_kind_would_have_been_the_stats_of_kind_current():
+    # Why "stats" is reserved: its pointer would be the hit/miss counters of a kind named "current".
+    assert KeySchema("pc").stats("current") == "pc:1:stats:current"
+    with pytest.raises(ValueError, match="shared 'stats' keys"):
+        KeySchema("pc").pointer("stats")
+
+
+@pytest.mark.parametrize(
+    "version",
+    ["live", "LIVE", "current", "experiment", "sketch", "seen", "v1:2", "v{1}", "{v1}", "v 1", "", "v" * 65, "v1\n"],
+)
+def test_versions_that_could_collide_are_refused(version):
+    from precompute_assets.serving.keys import check_version
+
+    with pytest.raises(ValueError, match="invalid version"):
+        check_version(version)
+
+
+def test_version_live_would_overwrite_live_values():
+    # Why "live" is reserved: bucket 0 of version "live" is the live value of prediction key "0".
+    schema = KeySchema("pc")
+    assert schema.bucket("ctr", "live", 0) == schema.live("ctr", "0")
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["", "x" * 257, "a\nb", "a\rb", "a\x00b", "tab\tkey", "del\x7f", "{tag}", "ad{1}", "ad}", "\ud800", None, 5],
+)
+def test_prediction_keys_that_could_escape_are_refused(key):
+    from precompute_assets.serving.keys import check_key, check_keys
+
+    schema = KeySchema("pc")
+    with pytest.raises(ValueError, match="invalid prediction key"):
+        check_key(key)
+    with pytest.raises(ValueError, match="invalid prediction key"):
+        check_keys(["ok", key])
+    with pytest.raises(ValueError, match="invalid prediction key"):
+        schema.live("ctr", key)
+    with pytest.raises(ValueError, match="invalid prediction key"):
+        schema.admission_seen("ctr", key)
+
+
+def test_ordinary_keys_stay_under_their_kinds_prefix():
+    from precompute_assets.serving.connection import key_slot
+    from precompute_assets.serving.keys import MAX_KEY_LENGTH, check_keys
+
+    schema = KeySchema("pc")
+    keys = ["ad1", "tenant:ad1", "ctr:current", "x" * MAX_KEY_LENGTH, "é-ü 1", "a/b?c=d"]
+    check_keys(keys)
+    for key in keys:
+        assert schema.live("ctr", key).startswith("pc:1:ctr:live:")
+        assert schema.admission_seen("ctr", key).startswith("pc:1:ctr:seen:")
+    # Without braces, a live key's cluster slot is the hash of its whole name, like every other key.
+    name = schema.live("ctr", "ad1")
+    assert key_slot(name) != key_slot("ad1")
+
+
+@pytest.mark.parametrize("namespace", ["", "pc:1", "{pc}", "p c", "pc*", "p" * 65])
+def test_namespaces_that_could_collide_are_refused(namespace):
+    with pytest.raises(ValueError, match="invalid namespace"):
+        KeySchema(namespace)
+
+
+@pytest.mark.parametrize("raw", [b"v1", b"v1:x", b"v1:0", b"live:3", b"v:1:2", b":4", b"v1:\xc2\xb2"])
+def test_malformed_pointers_are_refused(raw):
+    with pytest.raises(ValueError):
+        Pointer.decode(raw)

@@ -91,3 +91,39 @@ def test_a_live_value_shared_by_campaigns_lives_until_the_latest_end(redis_clien
     assert redis_client.expiretime(schema.live("ctr", "shared")) == late  # not shortened
     assert redis_client.expiretime(schema.live("ctr", "only_b")) == early  # a new key gets its campaign's end
     assert PredictionCache(redis_client, schema=schema).get("ctr", "shared") == pytest.approx(0.3)  # newest value
+
+
+@pytest.mark.parametrize(
+    ("kind", "version", "key", "message"),
+    [
+        ("ctr", "live", "ad1", "invalid version"),
+        ("ctr", "seen", "ad1", "invalid version"),
+        ("ctr", "v:1", "ad1", "invalid version"),
+        ("ctr", "{v1}", "ad1", "invalid version"),
+        ("ctr:live", "v1", "ad1", "invalid kind"),
+        ("stats", "v1", "ad1", "invalid kind"),
+        ("ctr", "v1", "", "invalid prediction key"),
+        ("ctr", "v1", "a\nb", "invalid prediction key"),
+        ("ctr", "v1", "{tag}x", "invalid prediction key"),
+        ("ctr", "v1", "k" * 257, "invalid prediction key"),
+    ],
+)
+def test_publish_refuses_crafted_names_before_writing(redis_client, schema, kind, version, key, message):
+    from precompute_assets.serving.keys import Pointer
+    from precompute_assets.serving.publish import delete_live_values, flip_pointer, patch_version, write_live_values
+
+    with pytest.raises(ValueError, match=message):
+        publish_version(redis_client, kind, version, [("ok", 0.1), (key, 0.2)], n_keys=2, schema=schema)
+    if message == "invalid version":
+        with pytest.raises(ValueError, match=message):
+            flip_pointer(redis_client, schema, kind, Pointer(version, 1), grace_s=1)
+        with pytest.raises(ValueError, match=message):
+            patch_version(redis_client, kind, Pointer(version, 1), [("ok", 0.1)], schema=schema)
+    else:
+        with pytest.raises(ValueError, match=message):
+            write_live_values(redis_client, kind, [("ok", 0.1), (key, 0.2)], expire_at=None, schema=schema)
+        with pytest.raises(ValueError, match=message):
+            delete_live_values(redis_client, [(kind, key)], schema=schema)
+        with pytest.raises(ValueError, match=message):
+            patch_version(redis_client, kind, Pointer("v1", 1), [("ok", 0.1)], [key], schema=schema)
+    assert redis_client.keys(f"{schema.prefix}:*") == []  # nothing written

@@ -1,0 +1,362 @@
+"""The serving contract on a real Redis Cluster (three masters of the embedded server on 127.0.0.1): publish and
+flip, readers that never mix versions, admission, query logging, campaign live values, and a master killed
+mid-publish."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+import uuid
+
+import pytest
+import redis
+from redis.cluster import RedisCluster
+
+from precompute_assets.defs.resources import RedisResource
+from precompute_assets.serving import Experiment, KeySchema, PredictionCache, QueryLogger, connect, publish_version
+from precompute_assets.serving.admission import FrequencySketch, SecondMiss
+from precompute_assets.serving.connection import REDIS_ERRORS, key_slot, split_cluster_url
+from precompute_assets.serving.keys import Pointer, bucket_of
+from precompute_assets.serving.publish import delete_live_values, patch_version, write_live_values
+
+from .conftest import Cluster
+
+
+@pytest.fixture
+def ns() -> KeySchema:
+    return KeySchema(f"c{uuid.uuid4().hex[:10]}")
+
+
+@pytest.fixture
+def cluster_client(redis_cluster: Cluster):
+    client = connect(redis_cluster.url, socket_timeout=5)
+    yield client
+    client.close()
+
+
+def cache_on(cluster: Cluster, schema: KeySchema, **options) -> PredictionCache:
+    return PredictionCache(connect(cluster.url, socket_timeout=1.0), schema=schema, pointer_ttl_s=0, **options)
+
+
+def master_port(client: RedisCluster, name: str) -> int:
+    return client.nodes_manager.get_node_from_slot(key_slot(name)).port
+
+
+# --- selecting cluster mode -------------------------------------------------------------------------------
+
+
+def test_the_url_selects_cluster_mode():
+    assert split_cluster_url("redis://h:1/0") == ("redis://h:1/0", None)
+    assert split_cluster_url("rediss://u:p@h:1?cluster=1") == ("rediss://u:p@h:1", True)
+    assert split_cluster_url("redis://h:1/0?cluster=no&ssl_cert_reqs=none") == (
+        "redis://h:1/0?ssl_cert_reqs=none",
+        False,
+    )
+    with pytest.raises(ValueError, match="not one of"):
+        split_cluster_url("redis://h:1?cluster=maybe")
+    with pytest.raises(ValueError, match="only database 0"):
+        split_cluster_url("redis://h:1/3?cluster=1")
+    with pytest.raises(ValueError, match="2 times"):
+        split_cluster_url("redis://h:1?cluster=1&cluster=0")
+    with pytest.raises(ValueError, match="only database 0"):
+        connect("redis://127.0.0.1:1/2", cluster=True)
+    with pytest.raises(ValueError, match="says cluster=0"):
+        connect("redis://127.0.0.1:1?cluster=0", cluster=True)
+    assert type(connect("redis://127.0.0.1:1/0?cluster=0")) is redis.Redis  # no connection made yet
+
+
+def test_the_resource_and_the_url_give_a_cluster_client(redis_cluster: Cluster):
+    plain = redis_cluster.url.replace("?cluster=1", "")
+    for resource in (RedisResource(url=redis_cluster.url), RedisResource(url=plain, cluster=True)):
+        client = resource.client()
+        try:
+            assert isinstance(client, RedisCluster) and len(client.get_primaries()) == 3
+        finally:
+            client.close()
+    cache = PredictionCache.from_url(redis_cluster.url, namespace="fromurl")
+    try:
+        assert isinstance(cache.client, RedisCluster) and isinstance(cache.logger.client, RedisCluster)
+    finally:
+        cache.close()
+
+
+# --- publish and read ---------------------------------------------------------------------------------------
+
+
+def test_publish_spreads_buckets_over_the_masters_and_readers_never_mix(redis_cluster, cluster_client, ns):
+    keys = [f"ad{i}" for i in range(3000)]
+    first = publish_version(cluster_client, "ctr", "v0", [(k, 0.0) for k in keys], n_keys=len(keys), schema=ns)
+    per_master: dict[int, int] = {}
+    for bucket in range(first.buckets):
+        port = master_port(cluster_client, ns.bucket("ctr", "v0", bucket))
+        per_master[port] = per_master.get(port, 0) + cluster_client.hlen(ns.bucket("ctr", "v0", bucket))
+    assert len(per_master) == 3 and sum(per_master.values()) == len(keys)  # write load on every master
+    assert min(per_master.values()) > len(keys) / 6
+
+    stop, failures = threading.Event(), []
+    batches: set[tuple[float, ...]] = set()
+    pairs: set[tuple[str, str | None]] = set()
+
+    def read(cache: PredictionCache) -> None:
+        try:
+            while not stop.is_set():
+                batches.add(tuple(sorted(set(cache.get_many("ctr", keys[::7])))))
+                single = cache.get("ctr", keys[11])
+                batches.add((single,))
+                pointer, experiment, _ = cache._pointers["ctr"]
+                pairs.add((pointer.version, None if experiment is None else experiment.name))
+        except Exception as error:  # noqa: BLE001 - a reader must never raise: record it for the assertion
+            failures.append(error)
+
+    readers = [threading.Thread(target=read, args=(cache_on(redis_cluster, ns),)) for _ in range(2)]
+    for reader in readers:
+        reader.start()
+    try:
+        for version in range(1, 6):
+            experiment = Experiment(f"e{version}", f"s{version}", ("frequency", "lstm")) if version % 2 else None
+            items = [(k, float(version)) for k in keys]
+            publish_version(
+                cluster_client, "ctr", f"v{version}", items, n_keys=len(keys), schema=ns, experiment=experiment
+            )
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        for reader in readers:
+            reader.join()
+    assert not failures
+    assert batches and all(len(values) == 1 for values in batches), batches  # whole versions only
+    assert {values[0] for values in batches} >= {0.0, 5.0}
+
+    # The experiment is written before the pointer and read after it: a reader on a new version never holds an
+    # older version's experiment (it may hold the next one's, for a refresh, as a single-server reader may).
+    def experiment_of(number: int) -> str | None:
+        return f"e{number}" if number % 2 else None
+
+    for version, name in pairs:  # (v2, e1) or (v5, None) would be the new version with an older experiment
+        assert any(experiment_of(m) == name for m in range(int(version[1:]), 6)), (version, name)
+    assert PredictionCache(cluster_client, schema=ns).current_experiment("ctr").name == "e5"
+    assert cluster_client.ttl(ns.bucket("ctr", "v4", 0)) <= 600  # the replaced version expires after its grace
+
+
+def test_patch_version_and_a_retried_version_on_the_cluster(redis_cluster, cluster_client, ns):
+    publish_version(cluster_client, "emb", "v1", [("a", [1]), ("b", [2])], n_keys=2, schema=ns)
+    publish_version(cluster_client, "emb", "v0", [("z", [0])], n_keys=1, schema=ns)
+    result = publish_version(cluster_client, "emb", "v1", [(f"k{i}", [i]) for i in range(300)], n_keys=300, schema=ns)
+    cache = cache_on(redis_cluster, ns)
+    assert cache.get_many("emb", ["a", "k7", "k299"]) == [None, [7], [299]]  # the retry started clean
+    patch_version(
+        cluster_client, "emb", Pointer("v1", result.buckets), [("k7", [70]), ("new", [1])], ["k299"], schema=ns
+    )
+    assert cache.get_many("emb", ["k7", "new", "k299"]) == [[70], [1], None]
+
+
+def test_get_or_compute_and_admission_on_the_cluster(redis_cluster, cluster_client, ns):
+    publish_version(cluster_client, "ctr", "v1", [("published", 0.5)], n_keys=1, schema=ns)
+    cache = cache_on(redis_cluster, ns, live_ttl_s=60)
+    assert cache.get_or_compute("ctr", "published", lambda key: 0.9) == pytest.approx(0.5)
+    assert cache.get_or_compute("ctr", "fresh", lambda key: 0.25) == pytest.approx(0.25)
+    assert cache.get("ctr", "fresh") == pytest.approx(0.25)
+    assert 0 < cluster_client.ttl(ns.live("ctr", "fresh")) <= 60
+
+    second = cache_on(redis_cluster, ns, admission=SecondMiss(window_s=60))
+    assert second.get_or_compute("ctr", "twice", lambda key: 0.1) == pytest.approx(0.1)
+    assert cluster_client.get(ns.live("ctr", "twice")) is None and second.rejected == 1
+    assert cluster_client.exists(ns.admission_seen("ctr", "twice"))
+    second.get_or_compute("ctr", "twice", lambda key: 0.1)
+    assert second.get("ctr", "twice") == pytest.approx(0.1)  # stored on the second miss
+
+    sketch = FrequencySketch(width=64, depth=2, threshold=2, sample_size=4)
+    frequent = cache_on(redis_cluster, ns, admission=sketch)
+    for _ in range(2):
+        frequent.get_or_compute("rank", "hot", lambda key: {"v": 1})
+    assert frequent.get("rank", "hot") == {"v": 1} and frequent.rejected == 1
+    for i in range(3):
+        frequent.get_or_compute("rank", f"cold{i}", lambda key: 0)  # the 4th lookup ages the sketch (Lua, one key)
+    # aged at the 4th lookup (count back to 0), then the 5th counted
+    assert int.from_bytes(cluster_client.get(ns.admission_sketch("rank"))[:4], "big") == 1
+    assert frequent.errors == 0 and second.errors == 0 and cache.errors == 0
+
+
+def test_query_logger_and_stats_on_the_cluster(redis_cluster, cluster_client, ns):
+    publish_version(cluster_client, "ctr", "v1", [("ad1", 0.3)], n_keys=1, schema=ns)
+    logger = QueryLogger(connect(redis_cluster.url, socket_timeout=1), ns)
+    cache = cache_on(redis_cluster, ns, logger=logger)
+    cache.get("ctr", "ad1", user="u1")
+    cache.get_many("ctr", ["ad1", "ad404"])
+    cache.get_or_compute("rank", "r1", lambda key: 1)
+    logger.close()
+    assert logger.stats.written == 4 and logger.stats.dropped == 0
+    entries = [fields for _, fields in cluster_client.xrange(ns.query_log())]
+    assert [(e[b"kind"], e[b"key"], e[b"hit"]) for e in entries] == [
+        (b"ctr", b"ad1", b"1"),
+        (b"ctr", b"ad1", b"1"),
+        (b"ctr", b"ad404", b"0"),
+        (b"rank", b"r1", b"0"),
+    ]
+    assert cluster_client.hgetall(ns.stats("ctr")) == {b"hit": b"2", b"miss": b"1"}
+    assert cluster_client.hgetall(ns.stats("rank")) == {b"miss": b"1"}
+
+
+def test_campaign_live_values_are_written_per_slot_on_the_cluster(redis_cluster, cluster_client, ns):
+    now = int(time.time())
+    late, early = now + 30 * 86400, now + 86400
+    ads = [f"ad{i}" for i in range(40)]
+    assert len({master_port(cluster_client, ns.live("ctr", ad)) for ad in ads}) == 3  # keys on every master
+    assert write_live_values(cluster_client, "ctr", [(ad, 0.1) for ad in ads], expire_at=late, schema=ns) == 40
+    write_live_values(cluster_client, "ctr", [(ads[0], 0.3), ("only_b", 0.4)], expire_at=early, schema=ns)
+    assert cluster_client.expiretime(ns.live("ctr", ads[0])) == late  # not shortened
+    assert cluster_client.expiretime(ns.live("ctr", "only_b")) == early
+    cache = cache_on(redis_cluster, ns)
+    assert cache.get_many("ctr", [ads[0], ads[1], "only_b"]) == [pytest.approx(v) for v in (0.3, 0.1, 0.4)]
+    write_live_values(cluster_client, "budget", [("camp", {"ad1": 10})], expire_at=None, schema=ns)
+    assert cache.get("budget", "camp") == {"ad1": 10}
+    assert delete_live_values(cluster_client, [("ctr", ad) for ad in ads] + [("budget", "camp")], schema=ns) == 41
+    assert cache.get_many("ctr", ads[:3]) == [None, None, None]
+
+
+def test_crafted_keys_are_refused_before_touching_the_cluster(redis_cluster, cluster_client, ns):
+    cache = cache_on(redis_cluster, ns)
+    for bad in ("{tag}", "a\nb", "", "x" * 257):
+        with pytest.raises(ValueError, match="invalid prediction key"):
+            cache.get("ctr", bad)
+        with pytest.raises(ValueError, match="invalid prediction key"):
+            write_live_values(cluster_client, "ctr", [(bad, 0.1)], expire_at=None, schema=ns)
+    # A key with ':' stays under its kind's live prefix, in the slot its full name hashes to.
+    name = ns.live("ctr", "tenant:ad1")
+    assert name == f"{ns.prefix}:ctr:live:tenant:ad1" and key_slot(name) == key_slot(name.encode())
+
+
+# --- a master killed mid-publish ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("victim_holds", ["buckets", "pointer"])
+def test_a_master_killed_mid_publish(cluster_factory, victim_holds):
+    """SIGKILL of a master (no replica) after the first pipeline of a publish: the publish raises; readers never
+    raise and see the old version or misses; keys whose bucket lives on the dead master are misses, every other key
+    keeps the old value, and the pointer stays on the old version. When the dead master holds the pointer, a reader
+    keeps the pointer it last read (nobody can flip it meanwhile); a reader that never read it has no version."""
+    cluster = cluster_factory()
+    schema = KeySchema(f"k{uuid.uuid4().hex[:8]}")
+    publisher = connect(cluster.url, socket_timeout=2)
+    keys = [f"ad{i}" for i in range(66_000)]  # 1,032 buckets: three pipelines (1,000 commands each at most)
+    old = publish_version(publisher, "ctr", "old", [(k, 0.25) for k in keys], n_keys=len(keys), schema=schema)
+    pointer_port = master_port(publisher, schema.pointer("ctr"))
+    victim = next(s for s in cluster.masters if (s.port == pointer_port) == (victim_holds == "pointer"))
+    on_victim = {b for b in range(old.buckets) if master_port(publisher, schema.bucket("ctr", "old", b)) == victim.port}
+    cache = PredictionCache(connect(cluster.url, socket_timeout=0.5), schema=schema, pointer_ttl_s=0, backoff_s=0.2)
+    seen: set[float | None] = set()
+    stop, failures = threading.Event(), []
+
+    def read() -> None:
+        try:
+            while not stop.is_set():
+                seen.update(None if v is None else round(v, 3) for v in cache.get_many("ctr", keys[::97]))
+        except Exception as error:  # noqa: BLE001 - recorded for the assertion below
+            failures.append(error)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(REDIS_ERRORS) as raised:
+            publish_version(
+                publisher, "ctr", "new", [(k, 0.75) for k in keys], n_keys=len(keys), schema=schema,
+                progress=lambda written: os.kill(victim.pid, signal.SIGKILL) if victim.pid else None,
+            )  # fmt: skip
+        failed_after = time.monotonic() - started
+        time.sleep(0.3)  # the reader keeps reading past the failure
+    finally:
+        stop.set()
+        reader.join()
+    assert not failures
+    assert "readers stay on the previous version" in "\n".join(getattr(raised.value, "__notes__", []))
+    assert seen <= {0.25, None} and 0.25 in seen  # never 0.75
+    assert failed_after < 30
+    # The figure: the old version stays current; the keys whose bucket lives on the dead master are misses.
+    values = cache.get_many("ctr", keys)
+    lost = [k for k in keys if bucket_of(k, old.buckets) in on_victim]
+    lost_set = set(lost)
+    assert [value is None for value in values] == [k in lost_set for k in keys]
+    assert all(v == pytest.approx(0.25) for v in values if v is not None)
+    assert 0.2 < len(lost) / len(keys) < 0.5  # about a third: that master's share of the buckets
+    alive = next(s for s in cluster.masters if s is not victim)  # a new client needs a live node to start from
+    fresh = PredictionCache(connect(f"redis://127.0.0.1:{alive.port}?cluster=1"), schema=schema, pointer_ttl_s=0)
+    if victim_holds == "pointer":
+        assert fresh.get_many("ctr", keys[:100]) == [None] * 100  # no pointer was ever read: no version
+    else:
+        assert fresh.get_many("ctr", keys) == values
+        assert Pointer.decode(publisher.get(schema.pointer("ctr"))).version == "old"
+    print(
+        f"master killed ({victim_holds}): {len(lost)} of {len(keys)} keys unreadable "
+        f"({len(on_victim)} of {old.buckets} buckets)"
+    )
+
+
+def test_a_replica_takes_over_a_killed_master(cluster_factory):
+    """With a replica per master the killed master's slots fail over within a few seconds: then every key of the old
+    version is readable again, by the same client, after it refreshed its slot map."""
+    cluster = cluster_factory(replicas=1)
+    schema = KeySchema(f"r{uuid.uuid4().hex[:8]}")
+    publisher = connect(cluster.url, socket_timeout=2, retries=2)  # as RedisResource
+    keys = [f"ad{i}" for i in range(3000)]
+    publish_version(publisher, "ctr", "old", [(k, 0.25) for k in keys], n_keys=len(keys), schema=schema)
+    # Replication is asynchronous: wait until every master's replica has the buckets.
+    for primary in publisher.get_primaries():
+        assert publisher.execute_command("WAIT", 1, 5000, target_nodes=primary) == 1
+    cache = PredictionCache(connect(cluster.url, socket_timeout=0.5), schema=schema, pointer_ttl_s=0, backoff_s=0.2)
+    assert cache.get_many("ctr", keys[::50]) == [pytest.approx(0.25)] * len(keys[::50])
+    victim = cluster.masters[1]
+    os.kill(victim.pid, signal.SIGKILL)
+    deadline, values = time.monotonic() + 20, []
+    while time.monotonic() < deadline:
+        values = cache.get_many("ctr", keys)  # never raises: misses while the slots have no master
+        if all(v is not None for v in values):
+            break
+        time.sleep(0.2)
+    assert values == [pytest.approx(0.25)] * len(keys)
+    publish_version(publisher, "ctr", "new", [(k, 0.75) for k in keys], n_keys=len(keys), schema=schema)
+    assert cache.get_many("ctr", keys[::50]) == [pytest.approx(0.75)] * len(keys[::50])
+
+
+# --- invalidation, stats and the event logger on the cluster (modules of their own; tested here on a cluster) -----
+
+
+def test_invalidation_on_the_cluster(redis_cluster, cluster_client, ns):
+    from precompute_assets.serving.invalidate import invalidate
+
+    keys = [f"ad{i}" for i in range(300)]
+    publish_version(cluster_client, "ctr", "v1", [(k, 0.5) for k in keys], n_keys=len(keys), schema=ns)
+    publish_version(cluster_client, "ctr", "v2", [(k, 0.6) for k in keys], n_keys=len(keys), schema=ns)
+    write_live_values(cluster_client, "ctr", [(f"ad{i}", 0.1) for i in range(10, 20)], expire_at=None, schema=ns)
+    cache = cache_on(redis_cluster, ns)
+    assert invalidate(cluster_client, "ctr", key="ad1", schema=ns).fields == 1
+    gone = invalidate(cluster_client, "ctr", prefix="ad1", schema=ns)  # ad1x, ad1xx and the live ad10..ad19
+    assert gone.live_keys == 10 and gone.fields == 110
+    assert cache.get_many("ctr", ["ad1", "ad15", "ad150", "ad2"]) == [None, None, None, pytest.approx(0.6)]
+    assert invalidate(cluster_client, "ctr", version="v1", schema=ns).buckets == 5  # on every master
+
+
+def test_cache_stats_on_the_cluster(redis_cluster, cluster_client, ns):
+    from precompute_assets.serving.stats import cache_stats
+
+    publish_version(cluster_client, "ctr", "v1", [(f"ad{i}", 0.5) for i in range(300)], n_keys=300, schema=ns)
+    logger = QueryLogger(connect(redis_cluster.url, socket_timeout=1), ns)
+    cache = cache_on(redis_cluster, ns, logger=logger)
+    cache.get_many("ctr", ["ad1", "ad2", "nope"])
+    logger.close()
+    stats = cache_stats(cluster_client, ns)["kinds"]["ctr"]
+    assert stats["current"]["version"] == "v1" and stats["current"]["keys"] == 300
+    assert stats["window"]["requests"] == 3 and stats["window"]["hits"] == 2
+
+
+def test_event_logger_on_the_cluster(redis_cluster, cluster_client, ns):
+    from precompute_assets.serving.events import EventLogger, events_stream
+
+    events = EventLogger(connect(redis_cluster.url, socket_timeout=1), ns)
+    events.record_event("u1", "login", tenant="acme")
+    events.record_event("u1", "campaign_create", entity="c1")
+    events.close()
+    assert events.stats.written == 2 and events.stats.dropped == 0
+    assert [f[b"action"] for _, f in cluster_client.xrange(events_stream(ns))] == [b"login", b"campaign_create"]
