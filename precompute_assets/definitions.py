@@ -18,6 +18,7 @@ from .defs.campaigns import (
 )
 from .defs.demand import demand_model
 from .defs.embeddings import document_embeddings, document_embeddings_job, documents_changed, embedding_model
+from .defs.executors import executor_from_env
 from .defs.experiment import selection_experiment
 from .defs.models import ctr_model
 from .defs.partitions import Partitions
@@ -28,6 +29,14 @@ from .defs.resources import build_resources
 from .defs.selection import ad_demand, top_ads, traffic_profile
 from .defs.settings import Settings, load_settings
 from .defs.sources import ad_impressions, ads
+from .defs.tasks import precompute_tasks_job, user_event_sensor
+from .defs.user_events import (
+    build_user_event_schedules,
+    next_action_model,
+    next_action_model_job,
+    user_events,
+    user_events_job,
+)
 
 ASSETS = [
     ads,
@@ -43,13 +52,16 @@ ASSETS = [
     embedding_model,
     document_embeddings,
     selection_experiment,
+    user_events,
+    next_action_model,
 ]
 # On the dynamic "campaigns" partitions, which no deployment setting moves.
 CAMPAIGN_ASSETS = [campaign_ctr, campaign_budget]
 
 
-def build_definitions(settings: Settings) -> dg.Definitions:
-    """Every asset, job, schedule, sensor and resource, on the partitions and in the timezone of ``settings``."""
+def build_definitions(settings: Settings, executor: dg.ExecutorDefinition | None = None) -> dg.Definitions:
+    """Every asset, job, schedule, sensor and resource, on the partitions and in the timezone of ``settings``;
+    ``executor`` runs every job's steps (None: Dagster's multiprocess default)."""
     partitions = Partitions.of_settings(settings)
     return dg.Definitions(
         assets=[*(partitions.move(asset) for asset in ASSETS), *CAMPAIGN_ASSETS],
@@ -60,14 +72,27 @@ def build_definitions(settings: Settings) -> dg.Definitions:
             document_embeddings_job,
             campaign_warming_job,
             campaign_cleanup_job,
+            user_events_job,
+            next_action_model_job,
+            precompute_tasks_job,
         ],
-        sensors=[documents_changed, campaign_launch_sensor, build_cache_health_sensor(partitions.timezone)],
-        schedules=[*build_schedules(partitions), *build_campaign_schedules(partitions.timezone)],
+        sensors=[
+            documents_changed,
+            campaign_launch_sensor,
+            build_cache_health_sensor(partitions.timezone),
+            user_event_sensor,
+        ],
+        schedules=[
+            *build_schedules(partitions),
+            *build_campaign_schedules(partitions.timezone),
+            *build_user_event_schedules(partitions),
+        ],
         resources=build_resources(settings),
+        executor=executor,
     )
 
 
 @dg.definitions
 def defs() -> dg.Definitions:
-    """The Definitions of this deployment, with its settings read from the environment now."""
-    return build_definitions(load_settings())
+    """The Definitions of this deployment, with its settings and executor read from the environment now."""
+    return build_definitions(load_settings(), executor=executor_from_env())

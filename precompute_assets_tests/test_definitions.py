@@ -35,7 +35,8 @@ def test_asset_keys_checks_jobs_schedules_sensors():
     assert {k.to_user_string() for k in r.asset_graph.get_all_asset_keys()} == {
         "ads", "ad_impressions", "query_logs", "query_log_quarantine", "traffic_profile", "ad_demand", "top_ads",
         "ctr_model", "ctr_predictions", "ctr_cache", "embedding_model", "document_embeddings", "campaign_ctr",
-        "campaign_budget", "demand_model", "selection_experiment",
+        "campaign_budget", "demand_model", "selection_experiment", "user_events", "user_event_quarantine",
+        "next_action_model",
     }  # fmt: skip
     checks = {(c.asset_key.to_user_string(), c.name) for c in r.asset_graph.asset_check_keys}
     assert checks == {
@@ -43,17 +44,21 @@ def test_asset_keys_checks_jobs_schedules_sensors():
         ("ctr_model", "beats_baseline"), ("ctr_model", "new_ads_beat_baseline"), ("ctr_predictions", "valid_ctr"),
         ("document_embeddings", "embedding_error_rate"), ("document_embeddings", "int8_recall"),
         ("document_embeddings", "staleness"), ("demand_model", "beats_baselines"),
-        ("selection_experiment", "sample_ratio"),
+        ("selection_experiment", "sample_ratio"), ("user_events", "quarantine_rate"),
+        ("next_action_model", "beats_baselines"),
     }  # fmt: skip
     assert {j.name for j in r.get_all_jobs()} - {"__ASSET_JOB"} == {
         "query_logs_job", "daily_precompute_job", "query_log_cleanup_job", "document_embeddings_job",
-        "campaign_warming_job", "campaign_cleanup_job",
+        "campaign_warming_job", "campaign_cleanup_job", "user_events_job", "next_action_model_job",
+        "precompute_tasks_job",
     }  # fmt: skip
     assert {s.name for s in r.schedule_defs} == {
         "query_logs_hourly", "daily_precompute", "query_log_cleanup_daily", "document_embeddings_daily",
-        "campaign_warming_backstop",
+        "campaign_warming_backstop", "user_events_hourly", "next_action_model_daily",
     }  # fmt: skip
-    assert {s.name for s in r.sensor_defs} == {"documents_changed", "campaign_launch_sensor", "cache_health"}
+    assert {s.name for s in r.sensor_defs} == {
+        "documents_changed", "campaign_launch_sensor", "cache_health", "user_event_sensor",
+    }  # fmt: skip
 
 
 def ticks(schedule: dg.ScheduleDefinition, start: datetime, end: datetime) -> list[datetime]:
@@ -144,7 +149,8 @@ def test_daily_precompute_follows_the_learned_offpeak_window():
 
 
 PARTITIONED = {"ad_impressions", "query_logs", "query_log_quarantine", "traffic_profile", "ad_demand", "top_ads",
-               "ctr_model", "ctr_predictions", "ctr_cache", "demand_model", "selection_experiment"}  # fmt: skip
+               "ctr_model", "ctr_predictions", "ctr_cache", "demand_model", "selection_experiment",
+               "user_events", "user_event_quarantine", "next_action_model"}  # fmt: skip
 
 
 def test_defaults_are_utc_from_2026():
@@ -208,5 +214,5 @@ def test_importing_reads_no_setting():
 def test_every_schedule_and_sensor_runs_by_default():
     r = repo()
     statuses = {d.name: d.default_status for d in [*r.schedule_defs, *r.sensor_defs]}
-    assert len(statuses) == 8
+    assert len(statuses) == 11
     assert {name: status.value for name, status in statuses.items()} == dict.fromkeys(statuses, "RUNNING")

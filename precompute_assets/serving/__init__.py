@@ -5,12 +5,15 @@ Imports redis, numpy and the standard library only, so services can depend on it
 
 from .cache import PredictionCache
 from .connection import connect
+from .events import ACTIONS, EventLogger
 from .keys import SCHEMA_VERSION, Experiment, KeySchema, Pointer, arm_of
 from .publish import PublishResult, publish_version
 from .querylog import QueryLogger, log_prediction_query, query_logger
 
 __all__ = [
+    "ACTIONS",
     "SCHEMA_VERSION",
+    "EventLogger",
     "Experiment",
     "KeySchema",
     "Pointer",

@@ -67,6 +67,7 @@ READER_WRITES = (
     ("~{prefix}:{kind}:seen:*", ("set",)),  # second_miss: SET PX NX GET of the marker (reads it back: ~)
     ("~{prefix}:{kind}:sketch", ("bitfield", "eval", "set")),  # frequency: INCRBY, and the aging script's SET
     ("%W~{prefix}:qlog", ("xadd",)),  # the query logger: XADD MAXLEN, write-only (the stream is never read back)
+    ("%W~{prefix}:events", ("xadd",)),  # the event logger (record_event), write-only too
     ("~{prefix}:stats:*", ("hincrby",)),  # its hit/miss counters (HINCRBY replies the count: ~)
 )
 

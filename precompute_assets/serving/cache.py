@@ -11,6 +11,7 @@ import redis
 
 from .admission import AdmissionPolicy, Decision, admission_policy
 from .connection import REDIS_ERRORS, cluster_send, connect, is_cluster, key_slot
+from .events import EventLogger
 from .keys import (
     EMBEDDING_KIND,
     Experiment,
@@ -52,6 +53,7 @@ class PredictionCache:
         *,
         schema: KeySchema | None = None,
         logger: QueryLogger | None = None,
+        events: EventLogger | None = None,
         live_ttl_s: int = 3600,
         pointer_ttl_s: float = 1.0,
         backoff_s: float = 1.0,
@@ -61,6 +63,7 @@ class PredictionCache:
         self.admission = admission_policy(admission)
         self.schema = schema or KeySchema()
         self.logger = logger
+        self.events = events
         self.live_ttl_s = live_ttl_s
         self.pointer_ttl_s = pointer_ttl_s
         self.backoff_s = backoff_s
@@ -85,10 +88,12 @@ class PredictionCache:
         socket_timeout: float = 0.05,
         namespace: str = "pc",
         log_queries: bool = True,
+        log_events: bool = True,
         clock: Callable[[], int] | None = None,
         **options: Any,
     ) -> PredictionCache:
-        """A cache on ``url``; query logging uses its own connection so it never queues behind lookups."""
+        """A cache on ``url``; query and event logging use connections of their own so they never queue behind
+        lookups."""
         schema = KeySchema(namespace)
         client = connect(url, socket_timeout=socket_timeout)
         logger = (
@@ -96,7 +101,8 @@ class PredictionCache:
             if log_queries
             else None
         )
-        return cls(client, schema=schema, logger=logger, **options)
+        events = EventLogger(connect(url, socket_timeout=max(socket_timeout, 1.0)), schema) if log_events else None
+        return cls(client, schema=schema, logger=logger, events=events, **options)
 
     # --- public API -----------------------------------------------------------------------------------
 
@@ -178,11 +184,18 @@ class PredictionCache:
         self._pointer(kind)
         return self._experiment(kind)
 
+    def record_event(self, user: str, action: str, *, entity: str | None = None, tenant: str | None = None) -> None:
+        """Queue one user event (login, creative_upload, ...; see ``serving.events``) on the event stream, from which
+        ``user_event_sensor`` precomputes what the user will ask for next; never raises, never blocks on Redis."""
+        if self.events is not None:
+            self.events.record_event(user, action, entity=entity, tenant=tenant)
+
     def close(self) -> None:
-        """Flush pending query events and close connections."""
-        if self.logger is not None:
-            self.logger.close()
-            self.logger.client.close()
+        """Flush pending query and user events and close connections."""
+        for logger in (self.logger, self.events):
+            if logger is not None:
+                logger.close()
+                logger.client.close()
         self.client.close()
 
     # --- internals ------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ key                                    type      content
                                                  arm is ``arm_of(salt, key, arms)``.
 ``pc:1:{kind}:live:{key}``             string    a value computed live by a read-through miss, with a TTL.
 ``pc:1:qlog``                          stream    one entry per prediction query (see ``querylog``).
+``pc:1:events``                        stream    one entry per user event (see ``events``).
 ``pc:1:qlog:trimmed_before``           string    ms: entries older than this were trimmed by the cleanup.
 ``pc:1:stats:{kind}``                  hash      ``hit`` / ``miss`` counters.
 ``pc:1:{kind}:seen:{key}``             string    ``1``: admission ``second_miss`` saw a live-tier lookup of the
@@ -64,7 +65,7 @@ ARM_PATTERN = KIND_PATTERN  # an experiment arm is named like a kind (the strate
 VERSION_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 NAMESPACE_PATTERN = VERSION_PATTERN
 # Kinds whose keys would be the shared keys: kind ``stats``'s pointer ``stats:current`` is kind ``current``'s stats.
-RESERVED_KINDS = frozenset({"qlog", "stats"})
+RESERVED_KINDS = frozenset({"qlog", "stats", "events"})
 # Versions whose buckets ``{kind}:{version}:{n}`` would be a kind's own keys (``live:0`` is key 0's live value).
 RESERVED_VERSIONS = frozenset({"live", "current", "experiment", "sketch", "seen"})
 MAX_KEY_LENGTH = 256  # characters of a prediction key (the query log quarantines longer ones)
@@ -195,6 +196,10 @@ class KeySchema:
     def live(self, kind: str, key: str) -> str:
         """A value computed live (``key`` checked by ``check_key``: it stays under ``{kind}:live:``)."""
         return f"{self.prefix}:{check_kind(kind)}:live:{check_key(key)}"
+
+    def events(self) -> str:
+        """The user-event stream (``serving.events``)."""
+        return f"{self.prefix}:events"
 
     def query_log(self) -> str:
         return f"{self.prefix}:qlog"

@@ -20,8 +20,11 @@ EVERYTHING = [
     ("daily_precompute", "schedule"),
     ("document_embeddings_daily", "schedule"),
     ("documents_changed", "sensor"),
+    ("next_action_model_daily", "schedule"),
     ("query_log_cleanup_daily", "schedule"),
     ("query_logs_hourly", "schedule"),
+    ("user_event_sensor", "sensor"),
+    ("user_events_hourly", "schedule"),
 ]
 
 

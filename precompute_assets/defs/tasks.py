@@ -1,0 +1,648 @@
+"""Precompute tasks: a small registry of task types, the sensor that turns user events into prioritised task runs,
+and the op that computes a task type for its entities and writes the values to Redis as live values.
+
+A task type (``TaskType``) is a name (also the cache kind its values are read under, unless ``kind`` says
+otherwise), a function from an entity to a value (``compute(entity, ctx)``), a TTL, a priority (1-10: the run's
+``dagster/priority``) and a batch size (entities per run). Built in:
+
+- ``ctr`` (priority 8): a newly uploaded creative's CTR from the current approved ``ctr_model`` (its features from
+  the lake's ``ads`` table); ``cache.get("ctr", creative_id)``.
+- ``next_actions`` (7): a user's next-action probabilities from the approved ``next_action_model``, from the user's
+  latest events in the stream; ``cache.get("next_actions", user)`` -> ``{"probabilities": {action: p}, ...}``.
+- ``dashboard`` (3): a tenant's summary of the last 24 hours of query logs; ``cache.get("dashboard", tenant)``.
+
+Which events imply which tasks is the registry's too (``on_event``): ``campaign_create`` -> the tenant's dashboard
+and the user's next actions at priority 9, ``creative_upload`` -> ``ctr`` of the creative (8), ``login`` -> the
+user's ``next_actions`` (7) and the tenant's ``dashboard`` (3, a refresh). Predicted actions (``on_predicted``): when
+the model gives a user's next action a probability of at least the sensor's confidence (0.5), the tasks that action
+needs are requested as background work (1): ``dashboard_view`` and ``analytics_view`` -> the tenant's dashboard.
+
+Your own task types live in your own module: call ``register_task_type`` (and ``on_event`` / ``on_predicted``)
+there, and name the module in an entry point of the group ``precompute_assets.task_types`` so that every process
+(the sensor's code location and the run workers) imports it; ``task_registry()`` loads the entry points once.
+"""
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from importlib.metadata import entry_points
+from typing import Any
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+
+from ..ml import ctr, next_action
+from ..serving.events import ACTION_INDEX, read_event_window, read_events_after, validate_event
+from ..serving.keys import KIND_PATTERN, RESERVED_KINDS, check_key, codec_for
+from ..serving.publish import write_live_values
+from .campaigns import approved_model_version
+from .models import CTR_MODEL
+from .resources import DeploymentResource, LakeResource, ModelStoreResource, RedisResource
+from .user_events import NEXT_ACTION_MODEL, approved_next_action_version
+
+PRIORITY_TAG = "dagster/priority"
+TASK_TAG = "precompute/task"
+ENTRY_POINT_GROUP = "precompute_assets.task_types"
+ENTITY_FIELDS = ("entity", "user", "tenant")
+DEFAULT_CONFIDENCE = 0.5
+BACKGROUND_PRIORITY = 1
+JOB_NAME = "precompute_tasks_job"
+OP_NAME = "run_precompute_task"
+# The whole run is retried when Redis refuses the write or every entity failed (1 s, 2 s, 4 s); a failing entity is
+# retried inside the run first (TaskRunConfig.max_retries, backoff_s), and a codec error is never retried.
+TASK_RETRY = dg.RetryPolicy(max_retries=3, delay=1, backoff=dg.Backoff.EXPONENTIAL)
+
+log = logging.getLogger(__name__)
+
+
+class TaskValueError(TypeError):
+    """A task returned a value its kind's codec cannot encode."""
+
+
+@dataclass(frozen=True)
+class TaskType:
+    """A kind of precomputed value: ``compute(entity, ctx)`` returns the value of one entity."""
+
+    name: str
+    compute: Callable[[str, "TaskContext"], Any]
+    ttl_s: int
+    priority: int
+    batch_size: int = 500
+    kind: str | None = None  # the cache kind its values are written under (default: the name)
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not isinstance(self.name, str) or not KIND_PATTERN.fullmatch(self.name):
+            problems.append(f"name {self.name!r} must be lower-case letters, digits and '_' (max 64)")
+        kind = self.cache_kind if isinstance(self.name, str) else None
+        if kind is not None and (not KIND_PATTERN.fullmatch(kind) or kind in RESERVED_KINDS):
+            problems.append(f"kind {kind!r} is not a valid cache kind")
+        if not callable(self.compute):
+            problems.append("compute must be a function (entity, ctx) -> value")
+        if not isinstance(self.ttl_s, int) or isinstance(self.ttl_s, bool) or self.ttl_s < 1:
+            problems.append(f"ttl_s must be a positive number of seconds, got {self.ttl_s!r}")
+        if not isinstance(self.priority, int) or isinstance(self.priority, bool) or not 1 <= self.priority <= 10:
+            problems.append(f"priority must be an integer from 1 to 10, got {self.priority!r}")
+        if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size < 1:
+            problems.append(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        if problems:
+            raise ValueError(f"invalid task type {self.name!r}: " + "; ".join(problems))
+
+    @property
+    def cache_kind(self) -> str:
+        return self.kind or self.name
+
+
+@dataclass(frozen=True)
+class Trigger:
+    """An event (or a predicted next action) of ``action`` requests ``task`` for the event's ``entity_field``
+    (``entity``, ``user`` or ``tenant``) at ``priority`` (None: the task type's own)."""
+
+    action: str
+    task: str
+    entity_field: str
+    priority: int | None = None
+
+
+class TaskRegistry:
+    """Task types by name, and which events (and predicted next actions) request which of them."""
+
+    def __init__(self) -> None:
+        self.types: dict[str, TaskType] = {}
+        self.triggers: dict[str, list[Trigger]] = {}
+        self.predicted: dict[str, list[Trigger]] = {}
+
+    def register(self, task_type: TaskType, *, replace: bool = False) -> TaskType:
+        if not isinstance(task_type, TaskType):
+            raise TypeError(f"register a TaskType, got {type(task_type).__name__}")
+        if task_type.name in self.types and not replace and self.types[task_type.name] != task_type:
+            raise ValueError(f"task type {task_type.name!r} is already registered (pass replace=True to replace it)")
+        self.types[task_type.name] = task_type
+        return task_type
+
+    def get(self, name: str) -> TaskType:
+        try:
+            return self.types[name]
+        except KeyError:
+            raise KeyError(f"unknown task type {name!r}; registered: {', '.join(sorted(self.types))}") from None
+
+    def on_event(self, action: str, task: str, *, entity: str = "entity", priority: int | None = None) -> Trigger:
+        """Request ``task`` for the ``entity`` field (``entity``, ``user``, ``tenant``) of every ``action`` event."""
+        return self._add(self.triggers, Trigger(action, task, entity, priority))
+
+    def on_predicted(
+        self, action: str, task: str, *, entity: str = "user", priority: int | None = BACKGROUND_PRIORITY
+    ) -> Trigger:
+        """Request ``task`` when a user's predicted next action is ``action`` (above the sensor's confidence), for
+        the ``user`` or ``tenant`` of the user's latest event (background priority 1 unless given)."""
+        if entity not in ("user", "tenant"):
+            raise ValueError("a predicted action has no entity yet: request a task of its user or tenant")
+        return self._add(self.predicted, Trigger(action, task, entity, priority))
+
+    @staticmethod
+    def _add(table: dict[str, list[Trigger]], trigger: Trigger) -> Trigger:
+        if trigger.entity_field not in ENTITY_FIELDS:
+            raise ValueError(f"entity must be one of {ENTITY_FIELDS}, got {trigger.entity_field!r}")
+        if trigger.priority is not None and not (isinstance(trigger.priority, int) and 1 <= trigger.priority <= 10):
+            raise ValueError(f"priority must be an integer from 1 to 10, got {trigger.priority!r}")
+        if trigger.action not in ACTION_INDEX:
+            raise ValueError(f"unknown action {trigger.action!r}: one of {', '.join(ACTION_INDEX)}")
+        rules = table.setdefault(trigger.action, [])
+        if trigger not in rules:
+            rules.append(trigger)
+        return trigger
+
+    def priority_of(self, trigger: Trigger) -> int:
+        return trigger.priority if trigger.priority is not None else self.get(trigger.task).priority
+
+
+# --- running a task type -------------------------------------------------------------------------------
+
+
+@dataclass
+class TaskContext:
+    """What a task function may use: the run's entities and clock, the resources, and ``memo`` to load a model or
+    a table once per run (a factory that raised is tried again in the next retry round)."""
+
+    task: TaskType
+    entities: list[str]
+    now_ms: int
+    instance: dg.DagsterInstance | None = None
+    redis: RedisResource | None = None
+    lake: LakeResource | None = None
+    model_store: ModelStoreResource | None = None
+    deployment: DeploymentResource | None = None
+    log: Any = field(default=log)
+    _memo: dict[str, Any] = field(default_factory=dict)
+
+    def memo(self, name: str, factory: Callable[[], Any]) -> Any:
+        if name not in self._memo:
+            try:
+                self._memo[name] = (True, factory())
+            except Exception as error:  # remembered for this round only: every entity fails fast with it
+                self._memo[name] = (False, error)
+        ok, value = self._memo[name]
+        if not ok:
+            raise value
+        return value
+
+    def new_round(self) -> None:
+        """Forget failed loads, so a retry round tries them again."""
+        self._memo = {k: v for k, v in self._memo.items() if v[0]}
+
+
+@dataclass
+class TaskOutcome:
+    values: dict[str, Any]
+    failed: dict[str, str]  # entity -> the last error
+    retries: int  # retry rounds run
+    encode_errors: dict[str, str] = field(default_factory=dict)
+
+
+def compute_task(
+    ctx: TaskContext,
+    *,
+    max_retries: int = 3,
+    backoff_s: float = 0.5,
+    sleep: Callable[[float], None] = time.sleep,
+) -> TaskOutcome:
+    """``ctx.task.compute`` for every entity; entities whose call raised are retried in rounds after
+    ``backoff_s``, 2x, 4x... while the others keep their values; then every value is encoded with the kind's codec
+    (a value it cannot encode is an ``encode_errors`` entry naming the type and entity)."""
+    task, values, failed = ctx.task, {}, {}
+    pending, rounds = list(dict.fromkeys(ctx.entities)), 0
+    while True:
+        for entity in pending:
+            try:
+                values[entity] = task.compute(entity, ctx)
+                failed.pop(entity, None)
+            except Exception as error:  # a task function's failure is its entity's, never the batch's
+                failed[entity] = f"{type(error).__name__}: {error}"
+        pending = [e for e in pending if e in failed]
+        if not pending or rounds >= max_retries:
+            break
+        sleep(backoff_s * 2**rounds)
+        rounds += 1
+        ctx.new_round()
+    codec, encode_errors = codec_for(task.cache_kind), {}
+    for entity in list(values):
+        try:
+            raw = codec.encode(values[entity])
+            if codec.name == "f32" and not math.isfinite(codec.decode(raw)):
+                raise ValueError("not a finite number")
+            if codec.name == "json":  # NaN and Infinity are not JSON: readers in other languages refuse them
+                json.dumps(values[entity], allow_nan=False)
+        except (TypeError, ValueError, OverflowError) as error:
+            del values[entity]
+            encode_errors[entity] = (
+                f"task type {task.name!r} returned a value for entity {entity!r} that codec {codec.name!r} of kind "
+                f"{task.cache_kind!r} cannot encode: {type(error).__name__}: {error}"
+            )
+    return TaskOutcome(values, failed, rounds, encode_errors)
+
+
+def publish_task_values(redis: RedisResource, task: TaskType, values: dict[str, Any], now_s: float) -> int:
+    """Write ``values`` as live values of the task's kind, expiring ``ttl_s`` from ``now_s`` (or later where a key
+    already lives longer), in one transaction: readable with ``PredictionCache.get(kind, entity)``."""
+    expire_at = int(now_s) + task.ttl_s
+    client, schema = redis.client(), redis.schema()
+    return write_live_values(client, task.cache_kind, values.items(), expire_at=expire_at, schema=schema)
+
+
+class TaskRunConfig(dg.Config):
+    task_type: str
+    entities: list[str]
+    max_retries: int = 3
+    backoff_s: float = 0.5
+    as_of_ms: int | None = None  # "now" for tasks that look back (a dashboard's 24 hours); None: the wall clock
+
+
+@dg.op(
+    name=OP_NAME,
+    out=dg.Out(dg.Nothing),
+    retry_policy=TASK_RETRY,
+    description="Compute one task type for its entities (retrying failed entities with backoff) and write the values "
+    "to Redis as live values with the type's TTL.",
+)
+def run_precompute_task(
+    context: dg.OpExecutionContext,
+    config: TaskRunConfig,
+    redis: RedisResource,
+    lake: LakeResource,
+    model_store: ModelStoreResource,
+    deployment: DeploymentResource,
+):
+    started = time.perf_counter()
+    try:
+        task = task_registry().get(config.task_type)
+    except KeyError as error:  # a module that registers it is not loaded here: retrying cannot help
+        raise dg.Failure(description=str(error.args[0]), allow_retries=False) from None
+    entities = list(dict.fromkeys(config.entities))
+    bad = []
+    for entity in entities:
+        try:
+            check_key(entity)
+        except ValueError as error:
+            bad.append(str(error))
+    if bad:
+        raise dg.Failure(description=f"task {task.name}: {len(bad)} invalid entities: {bad[:3]}", allow_retries=False)
+    now_ms = config.as_of_ms if config.as_of_ms is not None else time.time_ns() // 1_000_000
+    ctx = TaskContext(task, entities, now_ms, context.instance, redis, lake, model_store, deployment, context.log)
+    outcome = compute_task(ctx, max_retries=config.max_retries, backoff_s=config.backoff_s)
+    written = publish_task_values(redis, task, outcome.values, time.time()) if outcome.values else 0
+    for entity, error in list(outcome.failed.items())[:20]:
+        context.log.warning(f"task {task.name} failed for {entity} after {outcome.retries} retries: {error}")
+    metadata = {
+        "task_type": task.name,
+        "kind": task.cache_kind,
+        "entities": len(entities),
+        "written": written,
+        "failed": len(outcome.failed),
+        "failed_entities": dg.MetadataValue.json(dict(list(outcome.failed.items())[:20])),
+        "encode_errors": len(outcome.encode_errors),
+        "retry_rounds": outcome.retries,
+        "ttl_s": task.ttl_s,
+        "seconds": time.perf_counter() - started,
+    }
+    context.log.info(f"task {task.name}: {written} of {len(entities)} written, {len(outcome.failed)} failed")
+    if outcome.encode_errors:
+        first = next(iter(outcome.encode_errors.values()))
+        raise dg.Failure(
+            description=f"{first} ({len(outcome.encode_errors)} such values; the other {written} were published)",
+            metadata=metadata,
+            allow_retries=False,
+        )
+    if entities and not written and outcome.failed:
+        first_entity, first_error = next(iter(outcome.failed.items()))
+        raise dg.Failure(
+            description=f"task {task.name} failed for all {len(entities)} entities, e.g. {first_entity}: {first_error}",
+            metadata=metadata,
+        )
+    yield dg.Output(None, metadata=metadata)
+
+
+@dg.job(name=JOB_NAME, description="Compute one precompute task type for a batch of entities into Redis.")
+def precompute_tasks_job():
+    run_precompute_task()
+
+
+def task_run_config(task: str, entities: list[str], **options: Any) -> dict:
+    return {"ops": {OP_NAME: {"config": {"task_type": task, "entities": entities, **options}}}}
+
+
+# --- the built-in task types ---------------------------------------------------------------------------
+
+
+def _ctr_scores(ctx: TaskContext) -> dict[str, float]:
+    version = approved_model_version(ctx.instance)
+    model = ctx.model_store.store().load(CTR_MODEL, version)
+    ads = ctx.lake.lake().read("ads")
+    known = set(ads["ad_id"].astype(str))
+    frame, _ = ctr.score_ads(model, ads, [e for e in ctx.entities if e in known])
+    return dict(zip(frame["ad_id"].tolist(), frame["ctr"].tolist(), strict=True))
+
+
+def creative_ctr(entity: str, ctx: TaskContext) -> float:
+    """The creative's CTR from the approved ``ctr_model`` (the whole batch is scored once)."""
+    scores = ctx.memo("ctr_scores", lambda: _ctr_scores(ctx))
+    if entity not in scores:
+        raise LookupError(f"creative {entity!r} has no valid features in the lake's ads table")
+    return float(scores[entity])
+
+
+def _recent_query_logs(ctx: TaskContext, hours: int = 24) -> pd.DataFrame:
+    partitions = (ctx.deployment or DeploymentResource()).partitions().hourly
+    end = datetime.fromtimestamp(ctx.now_ms / 1000, UTC)
+    window = dg.TimeWindow(end - timedelta(hours=hours), end)
+    lake, frames = ctx.lake.lake(), []
+    for key in partitions.get_partition_keys_in_time_window(window):
+        if lake.exists("query_logs", key):
+            frames.append(lake.read("query_logs", key, columns=["kind", "key", "hit", "user", "tenant"]))
+    if not frames:
+        return pd.DataFrame({"kind": [], "key": [], "hit": pd.Series(dtype=bool), "user": [], "tenant": []})
+    return pd.concat(frames, ignore_index=True)
+
+
+def tenant_dashboard(entity: str, ctx: TaskContext) -> dict:
+    """The tenant's last 24 hours of prediction queries: volume, hit rate, users, per kind, top keys."""
+    logs = ctx.memo("query_logs_24h", lambda: _recent_query_logs(ctx))
+    mine = logs[logs["tenant"] == entity]
+    top = mine["key"].value_counts().head(5)
+    return {
+        "tenant": entity,
+        "as_of_ms": ctx.now_ms,
+        "hours": 24,
+        "queries": len(mine),
+        "hit_rate": round(float(mine["hit"].mean()), 4) if len(mine) else None,
+        "users": int(mine["user"].nunique()),
+        "by_kind": {str(k): int(v) for k, v in mine["kind"].value_counts().items()},
+        "top_keys": [[str(k), int(v)] for k, v in top.items()],
+    }
+
+
+def _next_action_model(ctx: TaskContext) -> tuple[str, next_action.NextActionModel]:
+    version = approved_next_action_version(ctx.instance)
+    if version is None:
+        raise LookupError("no approved next_action_model: materialize next_action_model first")
+    return version, ctx.model_store.store().load(NEXT_ACTION_MODEL, version)
+
+
+def _user_states(ctx: TaskContext, timezone: str, hours: int = 24) -> pd.DataFrame:
+    """The latest state of each of the batch's users, from the last ``hours`` of the event stream."""
+    wanted, rows = set(ctx.entities), []
+    start = ctx.now_ms - hours * 3_600_000
+    for page in read_event_window(ctx.redis.client(), ctx.redis.schema(), start, ctx.now_ms + 1):
+        for entry_id, fields in page:
+            if fields.get(b"user", b"").decode("utf-8", "replace") in wanted:
+                row, _ = validate_event(entry_id, fields)
+                if row is not None:
+                    rows.append(row)
+    frame = pd.DataFrame(rows, columns=["ts_ms", "user", "action"])
+    return next_action.latest_states(frame, timezone).set_index("user")
+
+
+def user_next_actions(entity: str, ctx: TaskContext) -> dict:
+    """The user's next-action probabilities after their latest event (a user without events today: as if they
+    had just logged in now)."""
+    version, model = ctx.memo("next_action_model", lambda: _next_action_model(ctx))
+    states = ctx.memo("user_states", lambda: _user_states(ctx, model.timezone))
+    if entity in states.index:
+        state = states.loc[[entity]]
+    else:
+        now = pd.Timestamp(ctx.now_ms, unit="ms", tz="UTC").tz_convert(model.timezone)
+        state = pd.DataFrame(
+            {"hour": [now.hour + now.minute / 60], "day_of_week": [now.dayofweek], "action": ["login"],
+             "actions_today": [1], "session_minutes": [0.0]}
+        )  # fmt: skip
+    proba = next_action.probabilities(model, state)[0]
+    return {"model_version": version, "as_of_ms": ctx.now_ms, "probabilities": proba}
+
+
+def builtin_registry() -> TaskRegistry:
+    """The registry with the built-in task types and triggers."""
+    registry = TaskRegistry()
+    registry.register(TaskType("ctr", creative_ctr, ttl_s=7 * 86_400, priority=8, batch_size=1000,
+                               description="CTR of a newly uploaded creative from the approved ctr_model"))  # fmt: skip
+    registry.register(TaskType("next_actions", user_next_actions, ttl_s=3_600, priority=7, batch_size=500,
+                               description="a user's next-action probabilities"))  # fmt: skip
+    registry.register(TaskType("dashboard", tenant_dashboard, ttl_s=900, priority=3, batch_size=200,
+                               description="a tenant's summary of the last 24 hours of query logs"))  # fmt: skip
+    registry.on_event("campaign_create", "dashboard", entity="tenant", priority=9)
+    registry.on_event("campaign_create", "next_actions", entity="user", priority=9)
+    registry.on_event("creative_upload", "ctr", entity="entity")
+    registry.on_event("login", "next_actions", entity="user")
+    registry.on_event("login", "dashboard", entity="tenant")
+    registry.on_predicted("dashboard_view", "dashboard", entity="tenant")
+    registry.on_predicted("analytics_view", "dashboard", entity="tenant")
+    return registry
+
+
+REGISTRY = builtin_registry()
+_entry_points_loaded = False
+
+
+def load_entry_points(group: str = ENTRY_POINT_GROUP) -> list[str]:
+    """Import every module named by an entry point of ``group`` (they register their task types); returns the
+    names loaded. A module that fails to import is logged and skipped, never a broken code location."""
+    loaded = []
+    for point in entry_points(group=group):
+        try:
+            target = point.load()
+            if callable(target):
+                target(REGISTRY)  # an entry point may name a function taking the registry
+            loaded.append(point.name)
+        except Exception:
+            log.exception(f"task type entry point {point.name!r} ({point.value}) failed to load")
+    return loaded
+
+
+def task_registry() -> TaskRegistry:
+    """The process's registry: the built-ins, entry points (loaded once) and whatever ``register_task_type`` added."""
+    global _entry_points_loaded
+    if not _entry_points_loaded:
+        _entry_points_loaded = True
+        load_entry_points()
+    return REGISTRY
+
+
+def register_task_type(
+    name: str,
+    compute: Callable[[str, "TaskContext"], Any],
+    *,
+    ttl_s: int,
+    priority: int,
+    batch_size: int = 500,
+    kind: str | None = None,
+    description: str = "",
+    replace: bool = False,
+) -> TaskType:
+    """Add a task type to the process's registry (from your own module; see the module docstring)."""
+    return REGISTRY.register(TaskType(name, compute, ttl_s, priority, batch_size, kind, description), replace=replace)
+
+
+def on_event(action: str, task: str, *, entity: str = "entity", priority: int | None = None) -> Trigger:
+    return REGISTRY.on_event(action, task, entity=entity, priority=priority)
+
+
+def on_predicted(
+    action: str, task: str, *, entity: str = "user", priority: int | None = BACKGROUND_PRIORITY
+) -> Trigger:
+    return REGISTRY.on_predicted(action, task, entity=entity, priority=priority)
+
+
+# --- the sensor ----------------------------------------------------------------------------------------
+
+_MODELS: dict[str, next_action.NextActionModel] = {}  # loaded once per process and version
+
+
+@dataclass
+class TickPlan:
+    """What one tick over some events asks for: ``wanted[(task, entity)] = priority``, and counts."""
+
+    wanted: dict[tuple[str, str], int] = field(default_factory=dict)
+    events: int = 0
+    malformed: int = 0
+    no_entity: int = 0
+    predicted: int = 0
+
+    def want(self, task: str, entity: str, priority: int) -> None:
+        key = (task, entity)
+        if self.wanted.get(key, 0) < priority:
+            self.wanted[key] = priority
+
+
+def _valid_entity(value: Any) -> bool:
+    if not value:
+        return False
+    try:
+        check_key(value)
+    except ValueError:
+        return False
+    return True
+
+
+def plan_events(
+    registry: TaskRegistry,
+    entries: Iterable[tuple[bytes, dict[bytes, bytes]]],
+    *,
+    model: next_action.NextActionModel | None = None,
+    confidence: float = DEFAULT_CONFIDENCE,
+) -> TickPlan:
+    """The task requests implied by ``entries`` (raw stream entries): each valid event's triggers, then for each
+    user's latest event the tasks its predicted next actions (probability >= ``confidence``) need."""
+    plan, rows = TickPlan(), []
+    for entry_id, fields in entries:
+        plan.events += 1
+        row, _ = validate_event(entry_id, fields)
+        if row is None:
+            plan.malformed += 1
+            continue
+        rows.append(row)
+        for trigger in registry.triggers.get(row["action"], ()):
+            if trigger.task not in registry.types:
+                continue
+            entity = row[trigger.entity_field]
+            if not _valid_entity(entity):
+                plan.no_entity += 1
+                continue
+            plan.want(trigger.task, entity, registry.priority_of(trigger))
+    if model is None or not rows or not registry.predicted:
+        return plan
+    states = next_action.latest_states(pd.DataFrame(rows), model.timezone)
+    proba = model.predict_proba(states)
+    users, tenants = states["user"].tolist(), states["tenant"].tolist()
+    for i, j in zip(*np.nonzero(proba >= confidence), strict=True):
+        for trigger in registry.predicted.get(next_action.ACTIONS[j], ()):
+            entity = users[i] if trigger.entity_field == "user" else tenants[i]
+            if trigger.task in registry.types and _valid_entity(entity):
+                plan.predicted += 1
+                plan.want(trigger.task, entity, registry.priority_of(trigger))
+    return plan
+
+
+def run_requests(registry: TaskRegistry, plan: TickPlan, key_prefix: str) -> list[dg.RunRequest]:
+    """One run per task type and priority, per ``batch_size`` entities (sorted), tagged with the priority."""
+    groups: dict[tuple[str, int], list[str]] = {}
+    for (task, entity), priority in plan.wanted.items():
+        groups.setdefault((task, priority), []).append(entity)
+    requests = []
+    for (task, priority), entities in sorted(groups.items(), key=lambda item: (-item[0][1], item[0][0])):
+        entities.sort()
+        size = registry.get(task).batch_size
+        for start in range(0, len(entities), size):
+            requests.append(
+                dg.RunRequest(
+                    run_key=f"{key_prefix}:{task}:p{priority}:{start // size}",
+                    job_name=JOB_NAME,
+                    run_config=task_run_config(task, entities[start : start + size]),
+                    tags={PRIORITY_TAG: str(priority), TASK_TAG: task},
+                )
+            )
+    return requests
+
+
+def _approved_model(context: dg.SensorEvaluationContext, model_store: ModelStoreResource):
+    try:
+        version = approved_next_action_version(context.instance)
+        if version is None:
+            return None
+        if version not in _MODELS:
+            _MODELS.clear()
+            _MODELS[version] = model_store.store().load(NEXT_ACTION_MODEL, version)
+        return _MODELS[version]
+    except Exception as error:  # predictions are an extra: without them the triggers still run
+        context.log.warning(f"no next-action predictions this tick: {error}")
+        return None
+
+
+def build_user_event_sensor(
+    *,
+    name: str = "user_event_sensor",
+    confidence: float = DEFAULT_CONFIDENCE,
+    max_events: int = 100_000,
+    first_lookback_s: int = 300,
+    minimum_interval_seconds: int = 15,
+    registry: Callable[[], TaskRegistry] = task_registry,
+) -> dg.SensorDefinition:
+    """The sensor: reads the events after its cursor (a stream ID; a first tick starts ``first_lookback_s`` back),
+    at most ``max_events`` a tick, and requests the implied task runs, batched and prioritised."""
+
+    @dg.sensor(
+        name=name,
+        job=precompute_tasks_job,
+        minimum_interval_seconds=minimum_interval_seconds,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description="Turn new user events (and confident next-action predictions) into precompute task runs: one "
+        "run per task type and priority per batch, tagged dagster/priority (campaign creation 9, upload 8, login 7, "
+        "refresh 3, background 1).",
+    )
+    def user_event_sensor(context: dg.SensorEvaluationContext, redis: RedisResource, model_store: ModelStoreResource):
+        started = time.perf_counter()
+        after = context.cursor or f"{time.time_ns() // 1_000_000 - first_lookback_s * 1000}-0"
+        entries = read_events_after(redis.client(), redis.schema(), after, limit=max_events)
+        if not entries:
+            return dg.SkipReason(f"no user events after {after}")
+        tasks = registry()
+        model = _approved_model(context, model_store) if tasks.predicted else None
+        plan = plan_events(tasks, entries, model=model, confidence=confidence)
+        last = entries[-1][0].decode()
+        requests = run_requests(tasks, plan, f"{after}..{last}")
+        context.log.info(
+            f"{plan.events} events ({plan.malformed} malformed, {plan.no_entity} without an entity), "
+            f"{plan.predicted} predicted needs, {len(plan.wanted)} tasks in {len(requests)} runs, "
+            f"{time.perf_counter() - started:.2f} s"
+        )
+        if not requests:
+            return dg.SensorResult(skip_reason=f"{plan.events} events, nothing to precompute", cursor=last)
+        return dg.SensorResult(run_requests=requests, cursor=last)
+
+    return user_event_sensor
+
+
+user_event_sensor = build_user_event_sensor()

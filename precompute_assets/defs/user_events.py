@@ -1,0 +1,282 @@
+"""User events: the hourly partitions drained from the serving client's event stream, and the next-action model
+trained on them (a calibrated RandomForest gated by a blocking check against two baselines)."""
+
+import time
+from typing import Any
+
+import dagster as dg
+import pandas as pd
+import pyarrow as pa
+
+from ..ml import next_action
+from ..serving.events import read_event_window, unknown_action, validate_event
+from ..serving.querylog import quarantine_row
+from ..storage.tables import quarantine_frame
+from .models import approved_materializations
+from .partitions import DEFAULT_PARTITIONS, Partitions
+from .query_logs import QUARANTINE_FAIL_RATE, QUARANTINE_WARN_RATE, epoch_ms
+from .resources import LakeResource, ModelStoreResource, RedisResource
+
+USER_EVENTS = "user_events"
+NEXT_ACTION_MODEL = "next_action_model"
+NEXT_ACTION_LOOKBACK_DAYS = 14
+BEATS_BASELINES = dg.AssetCheckKey(dg.AssetKey(NEXT_ACTION_MODEL), "beats_baselines")
+
+USER_EVENT_SCHEMA = pa.schema(
+    [
+        ("stream_id", pa.string()),
+        ("ts", pa.timestamp("ms", tz="UTC")),
+        ("ts_ms", pa.int64()),
+        ("user", pa.string()),
+        ("action", pa.string()),
+        ("entity", pa.string()),
+        ("tenant", pa.string()),
+    ]
+)
+
+
+def user_event_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """Validated events (``serving.events.validate_event``) as a typed DataFrame."""
+    columns = {name: [row[name] for row in rows] for name in USER_EVENT_SCHEMA.names if name != "ts"}
+    columns["ts"] = columns["ts_ms"]
+    return pa.table(
+        {name: pa.array(columns[name], type=USER_EVENT_SCHEMA.field(name).type) for name in USER_EVENT_SCHEMA.names}
+    ).to_pandas()
+
+
+def user_event_quarantine_check(quarantined: int, total: int) -> dg.AssetCheckResult:
+    """Passes up to 0.1% quarantined (unknown actions included), warns up to 5%, errors above."""
+    rate = quarantined / total if total else 0.0
+    return dg.AssetCheckResult(
+        check_name="quarantine_rate",
+        asset_key=USER_EVENTS,
+        passed=rate <= QUARANTINE_WARN_RATE,
+        severity=dg.AssetCheckSeverity.ERROR if rate > QUARANTINE_FAIL_RATE else dg.AssetCheckSeverity.WARN,
+        metadata={"quarantine_rate": rate, "quarantined": quarantined, "events": total},
+        description=f"{quarantined} of {total} events quarantined ({rate:.3%})",
+    )
+
+
+@dg.multi_asset(
+    outs={
+        USER_EVENTS: dg.AssetOut(
+            description="Validated user events (login, dashboard_view, ...) of one hour, read from the event stream.",
+            kinds={"redis", "pandas"},
+        ),
+        "user_event_quarantine": dg.AssetOut(
+            description="Malformed or unknown-action user events of one hour, with the reason each was rejected.",
+            kinds={"pandas"},
+        ),
+    },
+    partitions_def=DEFAULT_PARTITIONS.hourly,
+    check_specs=[dg.AssetCheckSpec("quarantine_rate", asset=USER_EVENTS)],
+    group_name="user_events",
+)
+def user_events(context: dg.AssetExecutionContext, redis: RedisResource):
+    """Range-read the events that arrived in this hour (idempotent: the same hour reads the same entries), validate,
+    quarantine the rest with their reason; unknown actions are counted per action."""
+    window = context.partition_time_window
+    rows, rejected, unknown = [], [], {}
+    client, schema = redis.client(), redis.schema()
+    for page in read_event_window(client, schema, epoch_ms(window.start), epoch_ms(window.end)):
+        for entry_id, fields in page:
+            row, reason = validate_event(entry_id, fields)
+            if row is not None:
+                rows.append(row)
+                continue
+            rejected.append(quarantine_row(entry_id, fields, reason))
+            if unknown_action(reason):
+                name = fields.get(b"action", b"")[:64].decode("utf-8", "backslashreplace")
+                unknown[name] = unknown.get(name, 0) + 1
+    events, quarantine = user_event_frame(rows), quarantine_frame(rejected)
+    context.log.info(f"read {len(rows) + len(rejected)} events ({len(rejected)} quarantined)")
+    reasons = quarantine["reason"].str.split(":").str[0].value_counts().head(20).to_dict() if len(quarantine) else {}
+    yield dg.Output(
+        events,
+        output_name=USER_EVENTS,
+        metadata={
+            "dagster/row_count": len(events),
+            "distinct_users": int(events["user"].nunique()),
+            "events_by_action": dg.MetadataValue.json(events["action"].value_counts().to_dict()),
+            "quarantined": len(quarantine),
+            "unknown_actions": sum(unknown.values()),
+            "unknown_action_names": dg.MetadataValue.json(dict(sorted(unknown.items())[:20])),
+        },
+    )
+    yield dg.Output(
+        quarantine,
+        output_name="user_event_quarantine",
+        metadata={"dagster/row_count": len(quarantine), "reasons": dg.MetadataValue.json(reasons)},
+    )
+    yield user_event_quarantine_check(len(quarantine), len(events) + len(quarantine))
+
+
+user_events_job = dg.define_asset_job(
+    "user_events_job", selection=dg.AssetSelection.assets(user_events), description="Drain one hour of user events."
+)
+
+
+# --- the next-action model --------------------------------------------------------------------------------
+
+
+class NextActionModelConfig(dg.Config):
+    training_days: int = NEXT_ACTION_LOOKBACK_DAYS
+    valid_fraction: float = 0.2
+    n_estimators: int = 100
+    max_depth: int = 10
+    min_samples_leaf: int = 10
+    calibration: str = "isotonic"  # or "sigmoid"
+
+
+def read_user_events(lake, hours: list[str]) -> tuple[pd.DataFrame, int]:
+    """The events of ``hours`` from the lake (one file at a time), and how many hours are missing."""
+    frames, missing = [], 0
+    for hour in hours:
+        if lake.exists(USER_EVENTS, hour):
+            frames.append(lake.read(USER_EVENTS, hour, columns=["ts_ms", "user", "action"]))
+        else:
+            missing += 1
+    if not frames:
+        return pd.DataFrame({"ts_ms": pd.Series(dtype="int64"), "user": [], "action": []}), missing
+    return pd.concat(frames, ignore_index=True), missing
+
+
+def baselines_check(
+    metrics: dict | None, baselines: dict | None, error: str | None
+) -> tuple[dg.AssetCheckResult, bool]:
+    """Blocking: passes only when the model's log-loss is below the better baseline's on the same rows."""
+    if error is not None:
+        check = dg.AssetCheckResult(
+            check_name="beats_baselines", passed=False, severity=dg.AssetCheckSeverity.ERROR, description=error
+        )
+        return check, False
+    passed, best = next_action.beats_baselines(metrics, baselines)
+    check = dg.AssetCheckResult(
+        check_name="beats_baselines",
+        passed=passed,
+        severity=dg.AssetCheckSeverity.ERROR,
+        description=f"log-loss {metrics['log_loss']:.4f} vs {best} {baselines[best]['log_loss']:.4f}",
+        metadata={
+            "log_loss": metrics["log_loss"],
+            "best_baseline": best,
+            "best_baseline_log_loss": baselines[best]["log_loss"],
+            "log_loss_gain": baselines[best]["log_loss"] - metrics["log_loss"],
+        },
+    )
+    return check, passed
+
+
+@dg.asset(
+    partitions_def=DEFAULT_PARTITIONS.daily,
+    deps=[
+        dg.AssetDep(
+            USER_EVENTS, partition_mapping=dg.TimeWindowPartitionMapping(start_offset=-(NEXT_ACTION_LOOKBACK_DAYS - 1))
+        )
+    ],
+    kinds={"sklearn"},
+    group_name="models",
+    check_specs=[
+        dg.AssetCheckSpec(
+            "beats_baselines",
+            asset=NEXT_ACTION_MODEL,
+            blocking=True,
+            description="The calibrated forest's validation log-loss is below the better of the most-frequent-action "
+            "and first-order Markov baselines on the same rows; otherwise the version is not approved.",
+        )
+    ],
+)
+def next_action_model(
+    context: dg.AssetExecutionContext,
+    config: NextActionModelConfig,
+    lake: LakeResource,
+    model_store: ModelStoreResource,
+) -> dg.MaterializeResult:
+    """Calibrated RandomForest of each user's next action on the last ``training_days`` of user events, split by
+    time; top-1/top-3 accuracy and log-loss beside the most-frequent-action and Markov-1 baselines."""
+    partitions = Partitions.of(context)
+    hours = [h for day in partitions.days_ending(context.partition_key, config.training_days)
+             for h in partitions.hours_of(day)]  # fmt: skip
+    events, missing = read_user_events(lake.lake(), hours)
+    started = time.perf_counter()
+    try:
+        rows = next_action.labelled(next_action.event_features(events, partitions.timezone))
+        train, valid = next_action.time_split(rows, valid_fraction=config.valid_fraction)
+        model = next_action.train_next_action_model(
+            train,
+            timezone=partitions.timezone,
+            n_estimators=config.n_estimators,
+            max_depth=config.max_depth,
+            min_samples_leaf=config.min_samples_leaf,
+            calibration=config.calibration,
+        )
+        metrics, baselines = next_action.compare(model, train, valid)
+    except ValueError as error:
+        context.log.error(f"no model trained: {error}")
+        check, _ = baselines_check(None, None, f"no model trained: {error}")
+        return dg.MaterializeResult(
+            metadata={"error": str(error), "events": len(events), "missing_hours": missing}, check_results=[check]
+        )
+    seconds = time.perf_counter() - started
+    version = f"{context.partition_key}.{context.run_id[:8]}"
+    check, passed = baselines_check(metrics, baselines, None)
+    uri = model_store.store().save(
+        NEXT_ACTION_MODEL, version, model, {"metrics": metrics, "baselines": baselines}, overwrite=True
+    )
+    context.log.info(f"trained {version}: {metrics} vs {baselines}")
+    baseline_metadata = {f"{name}_{m}": value for name, ms in baselines.items() for m, value in ms.items()}
+    return dg.MaterializeResult(
+        metadata={
+            "model_version": version,
+            "approved": passed,
+            "model_uri": uri,
+            **metrics,
+            **baseline_metadata,
+            "training_rows": len(train),
+            "validation_rows": len(valid),
+            "events": len(events),
+            "users": int(events["user"].nunique()),
+            "missing_hours": missing,
+            "train_seconds": seconds,
+        },
+        check_results=[check],
+    )
+
+
+def approved_next_action_version(instance: dg.DagsterInstance) -> str | None:
+    """The newest day's ``next_action_model`` version whose ``beats_baselines`` passed, or None."""
+    approved = [
+        ((partition, storage_id), metadata["model_version"].value)
+        for partition, storage_id, _, metadata in approved_materializations(instance, BEATS_BASELINES)
+        if "model_version" in metadata and (metadata.get("approved") is None or metadata["approved"].value)
+    ]
+    return max(approved)[1] if approved else None
+
+
+next_action_model_job = dg.define_asset_job(
+    "next_action_model_job",
+    selection=dg.AssetSelection.assets(next_action_model),
+    description="Train the next-action model on the user events of the days up to one day.",
+)
+
+
+def build_user_event_schedules(partitions: Partitions) -> list[dg.ScheduleDefinition]:
+    """The hourly drain (5 past every hour, the previous hour) and the daily next-action model (03:30, the day just
+    ended), in the timezone of ``partitions``, RUNNING by default."""
+    timezone = partitions.timezone
+    return [
+        dg.build_schedule_from_partitioned_job(
+            user_events_job,
+            name="user_events_hourly",
+            minute_of_hour=5,
+            default_status=dg.DefaultScheduleStatus.RUNNING,
+            description=f"Drain the previous hour of user events, 5 minutes past every hour ({timezone}).",
+        ),
+        dg.build_schedule_from_partitioned_job(
+            next_action_model_job,
+            name="next_action_model_daily",
+            hour_of_day=3,
+            minute_of_hour=30,
+            default_status=dg.DefaultScheduleStatus.RUNNING,
+            description=f"Train next_action_model on the day just ended, at 03:30 {timezone}.",
+        ),
+    ]

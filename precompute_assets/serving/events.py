@@ -1,0 +1,175 @@
+"""User events: one Redis Stream entry per user action, written off the caller's path.
+
+``EventLogger.record_event(user, action, entity=..., tenant=...)`` queues an event and returns at once; the
+query logger's background thread (``QueryLogger``, reused here) writes them in pipelined ``XADD ... MAXLEN ~``
+chunks to ``{ns}:1:events``. A full buffer or a failing Redis drops events and counts them
+(``stats.dropped_buffer_full``, ``stats.dropped_write_failed``): a caller is never blocked and never sees an error.
+
+Stream entry fields (all strings): ``ts`` event time in ms since the epoch, ``user``, ``action`` (one of
+``ACTIONS``; others are stored and quarantined downstream as unknown), ``entity`` (what the action was about:
+a creative id for ``creative_upload`` / ``variant_review``, a campaign id for ``campaign_create`` /
+``analytics_view``) and ``tenant`` when known. The stream ID is the arrival time: an hour is one ``XRANGE``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from .connection import connect
+from .keys import KeySchema
+from .querylog import MAX_CLOCK_SKEW_MS, QueryLogger, _clean_text, _int_field
+
+ACTIONS = ("login", "dashboard_view", "campaign_create", "creative_upload", "variant_review", "analytics_view")
+ACTION_INDEX = {action: i for i, action in enumerate(ACTIONS)}
+EVENT_FIELDS = (b"ts", b"user", b"action", b"entity", b"tenant")
+DEFAULT_EVENTS_MAXLEN = 10_000_000
+MAX_ID = 18446744073709551615
+
+
+def events_stream(schema: KeySchema) -> str:
+    """The user-event stream of ``schema``'s namespace (``{ns}:1:events``)."""
+    return schema.events()
+
+
+@dataclass
+class UserEvent:
+    ts_ms: int
+    user: str
+    action: str
+    entity: str | None = None
+    tenant: str | None = None
+
+    def fields(self) -> dict[str, str]:
+        out = {"ts": str(self.ts_ms), "user": self.user, "action": self.action}
+        if self.entity is not None:
+            out["entity"] = self.entity
+        if self.tenant is not None:
+            out["tenant"] = self.tenant
+        return out
+
+
+class EventLogger(QueryLogger):
+    """Appends user events to the event stream from a background thread (the query logger's machinery: bounded
+    buffer, chunked pipelined ``XADD`` with ``MAXLEN ~``, backoff after a failure, drops counted in ``stats``).
+
+    ``clock`` returns ms since the epoch; a simulated clock (replaying a workload into the past) makes stream
+    IDs follow event times (single writer only).
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        schema: KeySchema | None = None,
+        *,
+        max_buffer: int = 100_000,
+        batch_size: int = 1000,
+        flush_interval_s: float = 0.05,
+        stream_maxlen: int = DEFAULT_EVENTS_MAXLEN,
+        clock: Callable[[], int] | None = None,
+        backoff_s: float = 1.0,
+    ) -> None:
+        super().__init__(
+            client,
+            schema,
+            max_buffer=max_buffer,
+            batch_size=batch_size,
+            flush_interval_s=flush_interval_s,
+            stream_maxlen=stream_maxlen,
+            clock=clock,
+            backoff_s=backoff_s,
+        )
+        self._stream = events_stream(self.schema).encode()
+        self._thread.name = "event-logger"
+
+    @classmethod
+    def from_url(cls, url: str, *, namespace: str = "pc", socket_timeout: float = 1.0, **options: Any) -> EventLogger:
+        """A logger on its own connection to ``url`` (it never queues behind a service's lookups)."""
+        return cls(connect(url, socket_timeout=socket_timeout), KeySchema(namespace), **options)
+
+    def record_event(self, user: str, action: str, *, entity: str | None = None, tenant: str | None = None) -> None:
+        """Queue one user event; never raises, never blocks on Redis (a full buffer drops it, counted)."""
+        with self._count_lock:
+            self.stats.logged += 1
+            if len(self._buffer) >= self.max_buffer:
+                self.stats.dropped_buffer_full += 1
+                return
+        event = UserEvent(
+            self.clock(),
+            str(user),
+            str(action),
+            None if entity is None else str(entity),
+            None if tenant is None else str(tenant),
+        )
+        self._buffer.append(event)  # type: ignore[arg-type]  # _xadd needs only .fields() and .ts_ms
+        if len(self._buffer) >= self.batch_size:
+            self._wake.set()
+
+    def log(self, *args: Any, **kwargs: Any) -> None:  # pragma: no cover - guard against misuse
+        raise TypeError("EventLogger records user events: call record_event(user, action, entity=, tenant=)")
+
+    def _commands(self, batch: list[Any]) -> Iterator[tuple[bytes, ...]]:
+        """One ``XADD`` per event (no hit/miss statistics: events are not lookups)."""
+        for event in batch:
+            yield self._xadd(event)
+
+
+# --- reading the stream back (the user_events asset and the user_event_sensor) ---------------------------
+
+
+def read_event_window(
+    client: redis.Redis, schema: KeySchema, start_ms: int, end_ms: int, *, page: int = 10_000
+) -> Iterator[list[tuple[bytes, dict[bytes, bytes]]]]:
+    """Yield pages of event entries that arrived in ``[start_ms, end_ms)``, in ID order (idempotent)."""
+    stream = events_stream(schema)
+    lower = f"{start_ms}-0"
+    upper = f"{end_ms - 1}-{MAX_ID}"
+    while True:
+        entries = client.xrange(stream, min=lower, max=upper, count=page)
+        if not entries:
+            return
+        yield entries
+        if len(entries) < page:
+            return
+        lower = "(" + entries[-1][0].decode()
+
+
+def read_events_after(
+    client: redis.Redis, schema: KeySchema, after_id: str, *, limit: int, page: int = 10_000
+) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    """At most ``limit`` entries with IDs after ``after_id`` (``ms-seq``), in ID order: what a cursor reads."""
+    stream, lower, out = events_stream(schema), f"({after_id}", []
+    while len(out) < limit:
+        want = min(page, limit - len(out))
+        entries = client.xrange(stream, min=lower, max="+", count=want)
+        out += entries
+        if len(entries) < want:
+            break
+        lower = "(" + entries[-1][0].decode()
+    return out
+
+
+def validate_event(entry_id: bytes, fields: dict[bytes, bytes]) -> tuple[dict[str, Any] | None, str | None]:
+    """One stream entry as a clean row, or the reason it must be quarantined. An action outside ``ACTIONS`` is
+    quarantined with a reason starting ``unknown action`` (counted per action by the asset)."""
+    arrival_ms = int(entry_id.split(b"-")[0])
+    ts, reason = _int_field(fields.get(b"ts"), "ts")
+    if reason:
+        return None, reason
+    if not arrival_ms - MAX_CLOCK_SKEW_MS <= ts <= arrival_ms + 1000:
+        return None, f"ts {ts} is more than an hour from its arrival {arrival_ms} (or in the future)"
+    values: dict[str, str | None] = {}
+    for name, required in (("user", True), ("action", True), ("entity", False), ("tenant", False)):
+        values[name], reason = _clean_text(fields.get(name.encode()), name, required=required)
+        if reason:
+            return None, reason
+    if values["action"] not in ACTION_INDEX:
+        return None, f"unknown action: {values['action'][:64]!r}"
+    return {"stream_id": entry_id.decode(), "ts_ms": ts, **values}, None
+
+
+def unknown_action(reason: str | None) -> bool:
+    return reason is not None and reason.startswith("unknown action")

@@ -1,0 +1,446 @@
+"""Precompute tasks: the registry, retries and codec errors, the user_event_sensor over 10,000 events on the real
+Redis, and the vertical slice events -> lake -> model -> sensor -> runs -> values readable through PredictionCache."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import Counter
+from importlib.metadata import EntryPoint
+
+import dagster as dg
+import numpy as np
+import pytest
+
+from precompute_assets.definitions import build_definitions
+from precompute_assets.defs import tasks
+from precompute_assets.defs.models import ctr_model
+from precompute_assets.defs.partitions import DEFAULT_PARTITIONS
+from precompute_assets.defs.resources import (
+    DeploymentResource,
+    LakeResource,
+    ModelStoreResource,
+    ParquetIOManager,
+    RedisResource,
+)
+from precompute_assets.defs.settings import Settings
+from precompute_assets.defs.sources import ad_impressions, ads
+from precompute_assets.defs.tasks import (
+    ENTRY_POINT_GROUP,
+    PRIORITY_TAG,
+    TASK_TAG,
+    TaskContext,
+    TaskRegistry,
+    TaskType,
+    build_user_event_sensor,
+    builtin_registry,
+    compute_task,
+    plan_events,
+    precompute_tasks_job,
+    register_task_type,
+    run_requests,
+    task_registry,
+    task_run_config,
+)
+from precompute_assets.defs.user_events import (
+    NEXT_ACTION_MODEL,
+    next_action_model,
+    user_events,
+)
+from precompute_assets.ml.next_action import NextActionModel
+from precompute_assets.serving import PredictionCache, connect
+from precompute_assets.serving.events import ACTIONS, EventLogger
+from precompute_assets.storage.lake import Lake
+from precompute_assets.storage.tables import query_log_frame
+from precompute_assets_tests.defs.test_user_events import write_user_event_lake
+from precompute_assets_tests.factories import write_ad_platform
+
+DAY = "2026-11-20"
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:6]}"
+
+
+def task_resources(redis_url, schema, lake_uri, models) -> dict:
+    lake = LakeResource(base_uri=lake_uri)
+    return {
+        "redis": RedisResource(url=redis_url, namespace=schema.namespace),
+        "lake": lake,
+        "io_manager": ParquetIOManager(lake=lake),
+        "model_store": ModelStoreResource(root=models),
+        "deployment": DeploymentResource(),
+    }
+
+
+def op_metadata(result) -> dict:
+    (output,) = [e for e in result.all_events if e.event_type_value == "STEP_OUTPUT"]
+    return {k: v.value for k, v in output.event_specific_data.metadata.items()}
+
+
+@pytest.fixture
+def cache(redis_url, schema):
+    reader = PredictionCache(connect(redis_url, socket_timeout=5), schema=schema, pointer_ttl_s=0)
+    yield reader
+    reader.close()
+
+
+# --- the registry ------------------------------------------------------------------------------------------
+
+
+def test_task_types_are_validated_and_triggers_checked():
+    def compute(entity, ctx):
+        return 1
+
+    for bad, message in [
+        ({"priority": 0}, "priority must be an integer from 1 to 10"),
+        ({"priority": 11}, "priority must be an integer from 1 to 10"),
+        ({"ttl_s": 0}, "ttl_s must be a positive"),
+        ({"batch_size": 0}, "batch_size must be a positive"),
+        ({"name": "Bad-Name"}, "must be lower-case"),
+        ({"name": "stats"}, "not a valid cache kind"),
+    ]:
+        options = {"name": "ok", "compute": compute, "ttl_s": 60, "priority": 5, **bad}
+        with pytest.raises(ValueError, match=message):
+            TaskType(**options)
+    registry = TaskRegistry()
+    registry.register(TaskType("ok", compute, 60, 5))
+    with pytest.raises(ValueError, match="already registered"):
+        registry.register(TaskType("ok", compute, 120, 5))
+    registry.register(TaskType("ok", compute, 120, 5), replace=True)
+    with pytest.raises(KeyError, match="unknown task type 'nope'; registered: ok"):
+        registry.get("nope")
+    with pytest.raises(ValueError, match="unknown action"):
+        registry.on_event("logout", "ok")
+    with pytest.raises(ValueError, match="no entity yet"):
+        registry.on_predicted("login", "ok", entity="entity")
+    built_in = builtin_registry()
+    assert {n: (t.priority, t.ttl_s) for n, t in built_in.types.items()} == {
+        "ctr": (8, 7 * 86_400), "next_actions": (7, 3_600), "dashboard": (3, 900),
+    }  # fmt: skip
+
+
+def test_failing_entities_are_retried_with_backoff_while_the_rest_are_kept():
+    calls: Counter[str] = Counter()
+
+    def flaky(entity, ctx):
+        calls[entity] += 1
+        if entity == "broken" or (entity == "flaky" and calls[entity] < 3):
+            raise RuntimeError(f"{entity} is down")
+        return {"entity": entity}
+
+    task = TaskType("flaky_task", flaky, ttl_s=60, priority=5)
+    delays: list[float] = []
+    outcome = compute_task(
+        TaskContext(task, ["a", "flaky", "broken", "b"], now_ms=0), max_retries=3, backoff_s=0.1, sleep=delays.append
+    )
+    assert outcome.values == {"a": {"entity": "a"}, "flaky": {"entity": "flaky"}, "b": {"entity": "b"}}
+    assert outcome.failed == {"broken": "RuntimeError: broken is down"}
+    assert delays == [0.1, 0.2, 0.4] and outcome.retries == 3
+    assert calls == {"a": 1, "b": 1, "flaky": 3, "broken": 4}  # the good ones are never computed again
+
+
+def test_a_value_its_codec_cannot_encode_names_the_type_and_entity():
+    task = TaskType("ctr", lambda entity, ctx: {"not": "a float"} if entity == "ad2" else 0.25, ttl_s=60, priority=8)
+    outcome = compute_task(TaskContext(task, ["ad1", "ad2"], now_ms=0), sleep=lambda s: None)
+    assert outcome.values == {"ad1": 0.25}
+    (message,) = outcome.encode_errors.values()
+    assert "task type 'ctr'" in message and "entity 'ad2'" in message and "'f32'" in message
+    nan = TaskType("scores", lambda entity, ctx: {"p": float("nan")}, ttl_s=60, priority=2)
+    assert "entity 'x'" in compute_task(TaskContext(nan, ["x"], now_ms=0)).encode_errors["x"]
+
+
+def test_the_job_writes_live_values_with_their_ttl_and_counts_failures(
+    redis_url, redis_client, schema, tmp_path, pg_instance, cache
+):
+    name = unique("greeting")
+
+    def greet(entity, ctx):
+        if entity == "mallory":
+            raise PermissionError("no greeting for mallory")
+        if entity == "bytes":
+            return b"\x00"  # JSON cannot encode bytes
+        return {"hello": entity, "as_of_ms": ctx.now_ms}
+
+    register_task_type(name, greet, ttl_s=600, priority=4, batch_size=10)
+    assert task_registry().get(name).priority == 4
+    res = task_resources(redis_url, schema, str(tmp_path / "lake"), str(tmp_path / "models"))
+    config = task_run_config(name, ["alice", "bob", "mallory"], backoff_s=0.01, max_retries=2, as_of_ms=123)
+    result = precompute_tasks_job.execute_in_process(run_config=config, resources=res, instance=pg_instance)
+    assert result.success
+    meta = op_metadata(result)
+    assert (meta["written"], meta["failed"], meta["retry_rounds"]) == (2, 1, 2)
+    assert meta["failed_entities"] == {"mallory": "PermissionError: no greeting for mallory"}
+    assert cache.get(name, "alice") == {"hello": "alice", "as_of_ms": 123}
+    assert cache.get(name, "mallory") is None
+    assert 590 <= redis_client.ttl(schema.live(name, "bob")) <= 600
+
+    bad = task_run_config(name, ["carol", "bytes"], backoff_s=0.01)
+    failed = precompute_tasks_job.execute_in_process(
+        run_config=bad, resources=res, instance=pg_instance, raise_on_error=False
+    )
+    assert not failed.success
+    message = failed.failure_data_for_node("run_precompute_task").error.message
+    assert f"task type {name!r}" in message and "entity 'bytes'" in message
+    assert cache.get(name, "carol") == {"hello": "carol", "as_of_ms": pytest.approx(time.time() * 1000, abs=60_000)}
+
+    unknown = precompute_tasks_job.execute_in_process(
+        run_config=task_run_config("no_such_task", ["x"]), resources=res, instance=pg_instance, raise_on_error=False
+    )
+    assert "unknown task type 'no_such_task'" in unknown.failure_data_for_node("run_precompute_task").error.message
+
+
+# --- the sensor ------------------------------------------------------------------------------------------
+
+
+def burst(redis_url, schema, n=10_000, seed=0) -> list[tuple[str, str, str | None, str]]:
+    """``n`` events of 600 users in 100 tenants sent through the serving client (real clock), plus malformed ones."""
+    rng = np.random.default_rng(seed)
+    weights = np.array([0.2, 0.295, 0.005, 0.3, 0.1, 0.1])  # ~50 campaigns: some tenants only log in
+    events = []
+    for i in range(n):
+        user = f"u{rng.integers(600):04d}"
+        action = ACTIONS[rng.choice(6, p=weights)]
+        entity = {"creative_upload": f"cr{i:05d}", "campaign_create": f"c{i:05d}", "dashboard_view": None}.get(action)
+        events.append((user, action, entity, f"t{int(user[1:]) % 100:02d}"))
+    logger = EventLogger(connect(redis_url), schema, max_buffer=n)
+    for user, action, entity, tenant in events:
+        logger.record_event(user, action, entity=entity, tenant=tenant)
+    logger.close()
+    assert logger.stats.written == n
+    return events
+
+
+def expected_tasks(events) -> dict[tuple[str, str], int]:
+    want: dict[tuple[str, str], int] = {}
+
+    def add(task, entity, priority):
+        want[(task, entity)] = max(want.get((task, entity), 0), priority)
+
+    for user, action, entity, tenant in events:
+        if action == "campaign_create":
+            add("dashboard", tenant, 9)
+            add("next_actions", user, 9)
+        elif action == "creative_upload":
+            add("ctr", entity, 8)
+        elif action == "login":
+            add("next_actions", user, 7)
+            add("dashboard", tenant, 3)
+    return want
+
+
+def tick(sensor, instance, redis_url, schema, models, cursor=None):
+    resources = {"redis": RedisResource(url=redis_url, namespace=schema.namespace),
+                 "model_store": ModelStoreResource(root=models)}  # fmt: skip
+    return sensor(dg.build_sensor_context(instance=instance, cursor=cursor, resources=resources))
+
+
+def test_a_tick_over_10000_events_requests_few_batched_prioritised_runs(
+    redis_url, redis_client, schema, tmp_path, pg_instance
+):
+    events = burst(redis_url, schema)
+    stream = f"{schema.prefix}:events"
+    redis_client.xadd(stream, {"ts": "soon", "user": "u1", "action": "login"})  # malformed: skipped, counted
+    redis_client.xadd(stream, {"ts": str(time.time_ns() // 1_000_000), "user": "u1", "action": "logout"})
+    sensor = build_user_event_sensor()
+    result = tick(sensor, pg_instance, redis_url, schema, str(tmp_path))
+    want = expected_tasks(events)
+    by_group = Counter((task, priority) for (task, _), priority in want.items())
+    sizes = {"ctr": 1000, "next_actions": 500, "dashboard": 200}
+    runs = {(task, p): -(-n // sizes[task]) for (task, p), n in by_group.items()}
+    assert len(result.run_requests) == sum(runs.values()) <= 12  # a few runs, not 10,000
+    requested: dict[tuple[str, str], int] = {}
+    for request in result.run_requests:
+        task, priority = request.tags[TASK_TAG], int(request.tags[PRIORITY_TAG])
+        assert request.job_name == "precompute_tasks_job"
+        entities = request.run_config["ops"]["run_precompute_task"]["config"]["entities"]
+        assert (
+            len(entities) <= sizes[task]
+            and request.run_config["ops"]["run_precompute_task"]["config"]["task_type"] == task
+        )
+        requested.update({(task, e): priority for e in entities})
+    assert requested == want
+    priorities = [int(r.tags[PRIORITY_TAG]) for r in result.run_requests]
+    assert priorities == sorted(priorities, reverse=True)  # campaign creation 9, upload 8, login 7, refresh 3
+    assert set(priorities) == {9, 8, 7, 3}
+    assert len({r.run_key for r in result.run_requests}) == len(result.run_requests)
+    # the cursor is the last entry read: the next tick reads nothing more
+    ((last_id, _),) = redis_client.xrevrange(stream, count=1)
+    assert result.cursor == last_id.decode()
+    again = tick(sensor, pg_instance, redis_url, schema, str(tmp_path), cursor=result.cursor)
+    assert isinstance(again, dg.SkipReason)
+
+
+class _Stub:
+    """An estimator that is sure the next action is a dashboard view."""
+
+    classes_ = np.array(ACTIONS[1:], dtype=object)
+
+    def predict_proba(self, x):
+        return np.tile([0.6, 0.1, 0.1, 0.1, 0.1], (len(x), 1))
+
+
+def test_confident_predictions_request_what_the_predicted_action_needs():
+    now = time.time_ns() // 1_000_000
+    entries = [
+        (f"{now}-0".encode(), {b"ts": str(now).encode(), b"user": b"u1", b"action": b"login", b"tenant": b"t1"}),
+        (
+            f"{now}-1".encode(),
+            {b"ts": str(now).encode(), b"user": b"u2", b"action": b"analytics_view", b"tenant": b"t2"},
+        ),  # fmt: skip
+        (f"{now}-2".encode(), {b"ts": str(now).encode(), b"user": b"u3", b"action": b"variant_review"}),
+    ]
+    model = NextActionModel(_Stub(), list(ACTIONS[1:]))
+    registry = builtin_registry()
+    plan = plan_events(registry, entries, model=model, confidence=0.5)
+    assert plan.wanted == {("next_actions", "u1"): 7, ("dashboard", "t1"): 3, ("dashboard", "t2"): 1}
+    assert plan.predicted == 2  # u3 has no tenant: nothing to prefetch for it
+    requests = run_requests(registry, plan, "k")
+    assert [(r.tags[TASK_TAG], r.tags[PRIORITY_TAG]) for r in requests] == [
+        ("next_actions", "7"), ("dashboard", "3"), ("dashboard", "1"),
+    ]  # fmt: skip
+    unsure = plan_events(registry, entries, model=model, confidence=0.7)
+    assert unsure.wanted == {("next_actions", "u1"): 7, ("dashboard", "t1"): 3} and unsure.predicted == 0
+
+
+# --- the vertical slice ----------------------------------------------------------------------------------
+
+
+def test_events_to_lake_to_model_to_sensor_to_values_readable_through_the_cache(
+    redis_url, redis_client, schema, tmp_path, pg_instance, cache
+):
+    lake_uri, models = str(tmp_path / "lake"), str(tmp_path / "models")
+    lake = Lake(lake_uri)
+    res = task_resources(redis_url, schema, lake_uri, models)
+    days = DEFAULT_PARTITIONS.days_ending(DAY, 7)
+    # 1. an approved ctr_model, trained as the daily graph trains it
+    ads_table = write_ad_platform(lake, days[-3:], n_ads=2000, queries_per_day=40_000)
+    trained = dg.materialize([ads, ad_impressions, ctr_model], selection=[ctr_model], partition_key=days[-1],
+                             instance=pg_instance, resources=res,
+                             run_config={"ops": {"ctr_model": {"config": {"n_estimators": 30}}}})  # fmt: skip
+    assert trained.success
+    # 2. a week of user events in the lake; one hour of them drained from the stream by the user_events asset
+    write_user_event_lake(lake, days)
+    hour = DEFAULT_PARTITIONS.hours_of(DAY)[14]
+    written = lake.read("user_events", hour)
+    clock = [0]
+    logger = EventLogger(connect(redis_url), schema, clock=lambda: clock[0])
+    columns = ["ts_ms", "user", "action", "entity", "tenant"]
+    for ts, user, action, entity, tenant in written[columns].itertuples(index=False):
+        clock[0] = int(ts)
+        logger.record_event(user, action, entity=entity if isinstance(entity, str) else None, tenant=tenant)
+    logger.close()
+    drained = dg.materialize([user_events], partition_key=hour, instance=pg_instance, resources=res)
+    assert drained.success
+    again = lake.read("user_events", hour)
+    assert again[columns].equals(written[columns]) and len(again) > 10
+    # 3. the next-action model, approved by its blocking check
+    config = {"ops": {NEXT_ACTION_MODEL: {"config": {"training_days": 7, "n_estimators": 30}}}}
+    model_run = dg.materialize([next_action_model], partition_key=DAY, instance=pg_instance, resources=res,
+                               run_config=config)  # fmt: skip
+    assert model_run.success
+    # 4. query logs of the last hours for the dashboards
+    now_ms = time.time_ns() // 1_000_000
+    previous_hour = DEFAULT_PARTITIONS.hourly.get_partition_key_for_timestamp(now_ms / 1000 - 3600)
+    start = int(DEFAULT_PARTITIONS.hourly.time_window_for_partition_key(previous_hour).start.timestamp() * 1000)
+    rows = [
+        {"stream_id": f"{start + i}-0", "ts_ms": start + i, "kind": "ctr", "key": f"ad{i % 3}", "hit": i % 2 == 0,
+         "latency_us": 50, "user": f"u{i % 4}", "tenant": "t001" if i < 30 else "t002"}
+        for i in range(40)
+    ]  # fmt: skip
+    lake.write("query_logs", previous_hour, query_log_frame(rows))
+    # 5. live events through the serving client, a sensor tick, and the runs it requests
+    creatives = ads_table["ad_id"].head(3).tolist()
+    live = EventLogger(connect(redis_url), schema)
+    live.record_event("u00001", "login", tenant="t001")
+    for creative in creatives:
+        live.record_event("u00002", "creative_upload", entity=creative, tenant="t002")
+    live.record_event("u00002", "creative_upload", entity="never-seen-creative", tenant="t002")
+    live.record_event("u00003", "campaign_create", entity="u00003-c1", tenant="t002")
+    live.close()
+    result = tick(build_user_event_sensor(), pg_instance, redis_url, schema, models)
+    summary = sorted((r.tags[TASK_TAG], int(r.tags[PRIORITY_TAG])) for r in result.run_requests)
+    assert ("ctr", 8) in summary and ("next_actions", 7) in summary and ("next_actions", 9) in summary
+    assert ("dashboard", 9) in summary  # t002 by the campaign; t001 by the login (3), unless a prediction ran
+    outcomes = {}
+    for request in sorted(result.run_requests, key=lambda r: -int(r.tags[PRIORITY_TAG])):
+        run_config = request.run_config
+        run_config["ops"]["run_precompute_task"]["config"]["backoff_s"] = 0.01
+        run = precompute_tasks_job.execute_in_process(
+            run_config=run_config, tags=request.tags, instance=pg_instance, resources=res
+        )
+        assert run.success
+        outcomes[(request.tags[TASK_TAG], request.tags[PRIORITY_TAG])] = op_metadata(run)
+    assert outcomes[("ctr", "8")]["written"] == 3 and outcomes[("ctr", "8")]["failed"] == 1
+    assert "never-seen-creative" in outcomes[("ctr", "8")]["failed_entities"]
+    # 6. every value is readable through the serving client
+    for creative in creatives:
+        assert 0 < cache.get("ctr", creative) < 1
+    for user in ("u00001", "u00003"):
+        value = cache.get("next_actions", user)
+        assert set(value["probabilities"]) == set(ACTIONS)
+        assert sum(value["probabilities"].values()) == pytest.approx(1, abs=0.01)
+    board = cache.get("dashboard", "t001")
+    assert board["tenant"] == "t001" and board["queries"] == 30 and board["users"] == 4
+    assert cache.get("dashboard", "t002")["queries"] == 10
+    assert 800 < redis_client.ttl(schema.live("dashboard", "t001")) <= 900
+    run_tags = [r.tags for r in pg_instance.get_runs()]
+    assert any(t.get(PRIORITY_TAG) == "9" for t in run_tags)
+
+
+# --- registration beside the project's Definitions ----------------------------------------------------------
+
+
+def test_the_registration_loads_with_the_project(monkeypatch, tmp_path):
+    """In the deployment's Definitions, on a deployment timezone: every name resolves, the sensor's and the op's
+    resources are the project's, and the schedules fire in that timezone."""
+    monkeypatch.setenv("PRECOMPUTE_LAKE_URI", str(tmp_path / "lake"))
+    monkeypatch.setenv("PRECOMPUTE_MODEL_STORE", str(tmp_path / "models"))
+    settings = Settings("Europe/Berlin", "2026-01-01")
+    repo = build_definitions(settings).get_repository_def()
+    keys = {k.to_user_string() for k in repo.asset_graph.get_all_asset_keys()}
+    assert {"user_events", "user_event_quarantine", "next_action_model"} <= keys
+    checks = {(c.asset_key.to_user_string(), c.name) for c in repo.asset_graph.asset_check_keys}
+    assert {("user_events", "quarantine_rate"), ("next_action_model", "beats_baselines")} <= checks
+    assert repo.get_job("precompute_tasks_job") and repo.get_job("user_events_job")
+    assert repo.get_sensor_def("user_event_sensor").job_name == "precompute_tasks_job"
+    hourly = repo.get_schedule_def("user_events_hourly")
+    assert hourly.execution_timezone == "Europe/Berlin" and hourly.cron_schedule == "5 * * * *"
+    assert repo.get_schedule_def("next_action_model_daily").cron_schedule == "30 3 * * *"
+    job = repo.get_job("user_events_job")
+    assert job.partitions_def.timezone == "Europe/Berlin"
+
+
+def campaign_forecast(campaign_id: str, ctx: TaskContext) -> dict:
+    """The worked example of a user task type (README): one value per campaign, computed from the entity."""
+    if campaign_id.startswith("broken"):
+        raise LookupError(f"no stats for {campaign_id}")
+    return {"campaign": campaign_id, "expected_clicks": 10.0 * len(campaign_id)}
+
+
+def register_example(registry: TaskRegistry) -> None:
+    """What an entry point of the group ``precompute_assets.task_types`` may name: a function taking the registry
+    (or a module that calls ``register_task_type`` / ``on_event`` when imported)."""
+    registry.register(TaskType("campaign_forecast", campaign_forecast, ttl_s=6 * 3600, priority=9, batch_size=200))
+    registry.on_event("campaign_create", "campaign_forecast", entity="entity")
+
+
+def test_task_types_from_entry_points_are_loaded_and_requested(monkeypatch):
+    points = [
+        EntryPoint("example", "precompute_assets_tests.defs.test_tasks:register_example", ENTRY_POINT_GROUP),
+        EntryPoint("broken", "no_such_module_for_tasks:register", ENTRY_POINT_GROUP),
+    ]
+    monkeypatch.setattr(tasks, "entry_points", lambda group: [p for p in points if p.group == group])
+    registry = builtin_registry()
+    monkeypatch.setattr(tasks, "REGISTRY", registry)
+    assert tasks.load_entry_points() == ["example"]  # the broken one is logged and skipped
+    assert registry.get("campaign_forecast").priority == 9
+    now = time.time_ns() // 1_000_000
+    fields = {b"ts": str(now).encode(), b"user": b"u1", b"action": b"campaign_create", b"entity": b"spring-sale",
+              b"tenant": b"acme"}  # fmt: skip
+    plan = plan_events(registry, [(f"{now}-0".encode(), fields)])
+    assert plan.wanted[("campaign_forecast", "spring-sale")] == 9
+    requests = run_requests(registry, plan, "k")
+    assert {(r.tags[TASK_TAG], r.tags[PRIORITY_TAG]) for r in requests} == {
+        ("campaign_forecast", "9"), ("dashboard", "9"), ("next_actions", "9"),
+    }  # fmt: skip

@@ -1,0 +1,149 @@
+"""The user_events asset (hourly drain of the event stream, quarantine) and next_action_model, on real Redis and
+PostgreSQL."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import dagster as dg
+import pytest
+
+from precompute_assets.defs.partitions import DEFAULT_PARTITIONS
+from precompute_assets.defs.resources import LakeResource, ModelStoreResource, ParquetIOManager, RedisResource
+from precompute_assets.defs.user_events import (
+    NEXT_ACTION_MODEL,
+    approved_next_action_version,
+    next_action_model,
+    user_event_frame,
+    user_events,
+)
+from precompute_assets.ml.model_store import LocalModelStore
+from precompute_assets.ml.next_action import NextActionModel
+from precompute_assets.serving import connect
+from precompute_assets.serving.events import EventLogger, events_stream
+from precompute_assets.storage.lake import Lake
+from precompute_assets.workload.users import generate_user_events, make_users
+
+HOUR = "2026-11-20-10:00"
+HOUR_START_MS = int(datetime(2026, 11, 20, 10, tzinfo=UTC).timestamp() * 1000)
+DAY = "2026-11-20"
+
+
+def resources(redis_url, schema, lake_uri, models=None):
+    lake = LakeResource(base_uri=lake_uri)
+    out = {
+        "redis": RedisResource(url=redis_url, namespace=schema.namespace),
+        "io_manager": ParquetIOManager(lake=lake),
+        "lake": lake,
+    }
+    if models is not None:
+        out["model_store"] = ModelStoreResource(root=models)
+    return out
+
+
+def record(redis_url, schema, at_ms: int, n: int) -> None:
+    logger = EventLogger(connect(redis_url), schema, clock=lambda: at_ms)
+    for i in range(n):
+        logger.record_event(f"u{i % 5}", ["login", "dashboard_view", "creative_upload"][i % 3], tenant="acme",
+                            entity=f"cr{i}" if i % 3 == 2 else None)  # fmt: skip
+    logger.close()
+
+
+def test_an_hour_is_drained_exactly_idempotently_with_quarantine(
+    redis_url, redis_client, schema, lake_uri, pg_instance
+):
+    record(redis_url, schema, HOUR_START_MS - 1, 4)  # the hour before
+    record(redis_url, schema, HOUR_START_MS, 90)
+    record(redis_url, schema, HOUR_START_MS + 3_599_999, 10)
+    stream, at = events_stream(schema), HOUR_START_MS + 3_599_999
+    bad = [
+        {"ts": str(at), "user": "u1", "action": "logout"},
+        {"ts": str(at), "user": "u2", "action": "logout"},
+        {"ts": str(at), "user": "u3", "action": "teleport"},
+        {"ts": str(at), "action": "login"},
+        {"ts": "later", "user": "u1", "action": "login"},
+        {"ts": str(at), "user": "u\x01", "action": "login"},
+    ]
+    for i, fields in enumerate(bad):
+        redis_client.xadd(stream, fields, id=f"{at}-{100 + i}")
+    record(redis_url, schema, HOUR_START_MS + 3_600_000, 6)  # the hour after
+    res = resources(redis_url, schema, lake_uri)
+    result = dg.materialize([user_events], resources=res, partition_key=HOUR, instance=pg_instance)
+    assert result.success
+    lake = Lake(lake_uri)
+    events = lake.read("user_events", HOUR)
+    assert len(events) == 100 and set(events["tenant"]) == {"acme"}
+    assert events["ts_ms"].between(HOUR_START_MS, HOUR_START_MS + 3_599_999).all()
+    meta = result.asset_materializations_for_node("user_events")
+    by_key = {m.asset_key.path[-1]: m.metadata for m in meta}
+    assert by_key["user_events"]["dagster/row_count"].value == 100
+    assert by_key["user_events"]["unknown_actions"].value == 3
+    assert by_key["user_events"]["unknown_action_names"].value == {"logout": 2, "teleport": 1}
+    assert by_key["user_events"]["quarantined"].value == 6
+    assert by_key["user_event_quarantine"]["reasons"].value == {
+        "unknown action": 3, "missing field user": 1, "ts is not an integer": 1, "user contains control characters": 1,
+    }  # fmt: skip
+    quarantine = lake.read("user_event_quarantine", HOUR)
+    assert len(quarantine) == 6 and "logout" in quarantine["raw"].iloc[0]
+    (check,) = result.get_asset_check_evaluations()
+    assert not check.passed and check.severity == dg.AssetCheckSeverity.ERROR  # 6 of 106 is above 5 %
+
+    again = dg.materialize([user_events], resources=res, partition_key=HOUR, instance=pg_instance)
+    assert again.success and lake.read("user_events", HOUR).equals(events)
+
+
+def write_user_event_lake(lake: Lake, days: list[str], *, n_users: int = 120, seed: int = 5) -> int:
+    """The workload's events written straight into the hourly user_events partitions; returns how many."""
+    start = int(DEFAULT_PARTITIONS.daily.time_window_for_partition_key(days[0]).start.timestamp() * 1000)
+    frame = generate_user_events(make_users(n_users, seed=seed), start_ms=start, days=len(days), seed=seed)
+    hour_of = (frame["ts_ms"] - start) // 3_600_000
+    for day_index, day in enumerate(days):
+        for h, hour in enumerate(DEFAULT_PARTITIONS.hours_of(day)):
+            part = frame[hour_of == day_index * 24 + h]
+            rows = [
+                {"stream_id": f"{ts}-0", "ts_ms": ts, "user": u, "action": a, "entity": e, "tenant": t}
+                for ts, u, a, e, t in part[["ts_ms", "user", "action", "entity", "tenant"]].itertuples(index=False)
+            ]
+            lake.write("user_events", hour, user_event_frame(rows))
+    return len(frame)
+
+
+def test_next_action_model_beats_its_baselines_and_is_approved(tmp_path, pg_instance):
+    lake_uri, models = str(tmp_path / "lake"), str(tmp_path / "models")
+    days = DEFAULT_PARTITIONS.days_ending(DAY, 7)
+    n = write_user_event_lake(Lake(lake_uri), days)
+    config = {"ops": {NEXT_ACTION_MODEL: {"config": {"training_days": 7, "n_estimators": 40}}}}
+    res = {"lake": LakeResource(base_uri=lake_uri), "model_store": ModelStoreResource(root=models)}
+    result = dg.materialize([next_action_model], resources=res, partition_key=DAY, instance=pg_instance,
+                            run_config=config)  # fmt: skip
+    assert result.success
+    meta = result.asset_materializations_for_node(NEXT_ACTION_MODEL)[0].metadata
+    assert meta["events"].value == n and meta["approved"].value is True
+    for name in ("top1", "top3", "log_loss", "most_frequent_top1", "most_frequent_log_loss", "markov1_top1",
+                 "markov1_top3", "markov1_log_loss"):  # fmt: skip
+        assert isinstance(meta[name].value, float), name
+    assert meta["log_loss"].value < min(meta["markov1_log_loss"].value, meta["most_frequent_log_loss"].value)
+    (check,) = result.get_asset_check_evaluations()
+    assert check.passed and check.metadata["best_baseline"].value == "markov1"
+    version = approved_next_action_version(pg_instance)
+    assert version == meta["model_version"].value
+    model = LocalModelStore(models).load(NEXT_ACTION_MODEL, version)  # checksummed by the store
+    assert isinstance(model, NextActionModel)
+
+
+def test_without_enough_events_no_model_is_approved(tmp_path, pg_instance):
+    res = {"lake": LakeResource(base_uri=str(tmp_path / "lake")), "model_store": ModelStoreResource(root=str(tmp_path))}
+    result = dg.materialize([next_action_model], resources=res, partition_key=DAY, instance=pg_instance,
+                            raise_on_error=False)  # fmt: skip
+    (check,) = result.get_asset_check_evaluations()
+    assert not check.passed and "no model trained" in check.description
+    assert approved_next_action_version(pg_instance) is None
+
+
+@pytest.mark.parametrize("n", [0])
+def test_an_empty_hour_is_an_empty_partition(redis_url, schema, lake_uri, pg_instance, n):
+    result = dg.materialize([user_events], resources=resources(redis_url, schema, lake_uri), partition_key=HOUR,
+                            instance=pg_instance)  # fmt: skip
+    assert result.success and len(Lake(lake_uri).read("user_events", HOUR)) == n
+    (check,) = result.get_asset_check_evaluations()
+    assert check.passed

@@ -1,0 +1,134 @@
+"""User events through the serving client: non-blocking, capped, validated, and counted when Redis is down."""
+
+from __future__ import annotations
+
+import time
+
+from precompute_assets.serving import connect
+from precompute_assets.serving.events import (
+    ACTIONS,
+    EventLogger,
+    events_stream,
+    read_event_window,
+    read_events_after,
+    unknown_action,
+    validate_event,
+)
+from precompute_assets.stack import free_port
+
+T0 = 1_790_000_000_000
+
+
+def test_record_event_lands_in_the_event_stream(redis_url, redis_client, schema):
+    logger = EventLogger(connect(redis_url), schema)
+    logger.record_event("u1", "login", tenant="acme")
+    logger.record_event("u1", "creative_upload", entity="cr-1", tenant="acme")
+    logger.record_event("u2", "dashboard_view")
+    logger.close()
+    stream = events_stream(schema)
+    assert stream == f"{schema.prefix}:events"
+    entries = redis_client.xrange(stream)
+    assert [(f[b"user"], f[b"action"], f.get(b"entity"), f.get(b"tenant")) for _, f in entries] == [
+        (b"u1", b"login", None, b"acme"),
+        (b"u1", b"creative_upload", b"cr-1", b"acme"),
+        (b"u2", b"dashboard_view", None, None),
+    ]
+    rows = [validate_event(i, f)[0] for i, f in entries]
+    assert [r["action"] for r in rows] == ["login", "creative_upload", "dashboard_view"]
+    assert logger.stats.written == 3 and logger.stats.dropped == 0
+    assert not redis_client.exists(schema.query_log())  # the query log is untouched
+
+
+def test_the_stream_is_capped_with_approximate_maxlen(redis_url, redis_client, schema):
+    logger = EventLogger(connect(redis_url), schema, stream_maxlen=200, batch_size=500)
+    for i in range(3000):
+        logger.record_event(f"u{i}", "login")
+    logger.close()
+    assert logger.stats.written == 3000
+    assert redis_client.xlen(events_stream(schema)) < 1000  # MAXLEN ~ trims whole nodes: near 200, never 3000
+
+
+def test_simulated_clock_ids_follow_event_times_and_windows_read_exactly(redis_url, redis_client, schema):
+    now = [T0]
+    logger = EventLogger(connect(redis_url), schema, clock=lambda: now[0])
+    for i in range(2500):
+        now[0] = T0 + i * 1000  # 2,500 seconds
+        logger.record_event(f"u{i % 7}", ACTIONS[i % len(ACTIONS)])
+    logger.close()
+    window = [e for page in read_event_window(redis_client, schema, T0, T0 + 1_000_000, page=300) for e in page]
+    assert len(window) == 1000 and window[0][0] == f"{T0}-0".encode()
+    after = read_events_after(redis_client, schema, f"{T0 + 999_000}-0", limit=10_000, page=700)
+    assert len(after) == 1500 and after[0][0] == f"{T0 + 1_000_000}-0".encode()
+    assert len(read_events_after(redis_client, schema, "0-0", limit=1234, page=500)) == 1234
+
+
+def test_redis_down_during_a_burst_drops_and_counts_but_never_blocks():
+    client = connect(f"redis://127.0.0.1:{free_port()}/0", socket_timeout=0.2)
+    logger = EventLogger(client, max_buffer=5000, batch_size=500, backoff_s=0.05)
+    started = time.perf_counter()
+    for i in range(20_000):
+        logger.record_event(f"u{i}", "login", tenant="t")
+    recorded_in = time.perf_counter() - started
+    logger.close()
+    stats = logger.stats
+    assert stats.written == 0 and stats.logged == 20_000
+    assert stats.dropped == 20_000  # every event is accounted for: buffer full or write failed
+    assert stats.dropped_write_failed > 0 and stats.flush_errors > 0
+    # never blocked on the dead server: 20,000 calls take far less than one connect timeout each
+    assert recorded_in < 2.0
+
+
+def test_a_failing_redis_recovers_after_the_backoff(redis_server, schema):
+    server = redis_server()
+    logger = EventLogger(connect(server.url, socket_timeout=0.5), schema, backoff_s=0.05)
+    logger.record_event("u1", "login")
+    logger.flush()
+    server.stop()
+    for i in range(50):
+        logger.record_event(f"u{i}", "login")
+    logger.flush()
+    assert logger.stats.dropped_write_failed == 50
+    logger.close()
+    assert logger.stats.written == 1
+
+
+def test_validation_quarantines_malformed_and_unknown_events():
+    entry = f"{T0}-0".encode()
+    good = {b"ts": str(T0).encode(), b"user": b"u1", b"action": b"login"}
+    assert validate_event(entry, good)[0] == {
+        "stream_id": f"{T0}-0", "ts_ms": T0, "user": "u1", "action": "login", "entity": None, "tenant": None,
+    }  # fmt: skip
+    cases = {
+        "missing field ts": {b"user": b"u1", b"action": b"login"},
+        "ts is not an integer": {**good, b"ts": b"soon"},
+        "ts 1 is more than an hour": {**good, b"ts": b"1"},
+        "missing field user": {b"ts": str(T0).encode(), b"action": b"login"},
+        "empty action": {**good, b"action": b""},
+        "user contains control characters": {**good, b"user": b"u\x00"},
+        "entity is not valid UTF-8": {**good, b"entity": b"\xff"},
+        "tenant longer than 256": {**good, b"tenant": b"t" * 300},
+        "unknown action: 'logout'": {**good, b"action": b"logout"},
+    }
+    for expected, fields in cases.items():
+        row, reason = validate_event(entry, fields)
+        assert row is None and reason.startswith(expected), (expected, reason)
+    assert unknown_action(validate_event(entry, cases["unknown action: 'logout'"])[1])
+    assert not unknown_action(validate_event(entry, cases["empty action"])[1])
+
+
+def test_the_serving_client_records_events_on_the_event_stream(redis_url, redis_client, schema):
+    from precompute_assets.serving import PredictionCache
+
+    cache = PredictionCache.from_url(redis_url, namespace=schema.namespace)
+    cache.record_event("u1", "creative_upload", entity="cr9", tenant="t1")
+    cache.record_event("u1", "login")
+    cache.close()  # flushes
+    entries = [fields for _, fields in redis_client.xrange(schema.events())]
+    assert [(e[b"user"], e[b"action"], e.get(b"entity")) for e in entries] == [
+        (b"u1", b"creative_upload", b"cr9"),
+        (b"u1", b"login", None),
+    ]
+    silent = PredictionCache.from_url(redis_url, namespace=schema.namespace, log_events=False)
+    silent.record_event("u2", "login")  # no event logger: nothing queued, nothing raised
+    silent.close()
+    assert redis_client.xlen(schema.events()) == 2
