@@ -130,3 +130,23 @@ def decode_vector(raw: bytes) -> DecodedVector:
     if dtype == "int8":
         vector *= np.float32(scale)
     return DecodedVector(vector=vector, dtype=dtype, dim=dim, scale=float(scale), model_id=model)
+
+
+def decode_batch(raws: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """``(vectors float32 (n, dim), model ids uint32 (n,))`` of values that share one layout (dtype and dim), in
+    one numpy pass; ``ValueError`` when they do not, or a value is malformed (``decode_vector`` names why)."""
+    if not raws:
+        return np.empty((0, 0), dtype=np.float32), np.empty(0, dtype=np.uint32)
+    first = decode_vector(raws[0])
+    size = HEADER_SIZE + first.dim * PAYLOAD_TYPES[first.dtype].itemsize
+    if any(len(raw) != size for raw in raws):
+        bad = next(raw for raw in raws if len(raw) != size)
+        decode_vector(bad)  # raises if malformed on its own
+        raise ValueError(f"embeddings of different layouts: {len(bad)} bytes beside {size}")
+    records = np.frombuffer(b"".join(raws), dtype=_records(0, first.dim, first.dtype).dtype)
+    if (records["version"] != FORMAT_VERSION).any() or (records["dtype"] != DTYPE_CODES[first.dtype]).any():
+        raise ValueError("embeddings of different format versions or dtypes in one batch")
+    vectors = records["payload"].astype(np.float32)
+    if first.dtype == "int8":
+        vectors *= records["scale"][:, None]
+    return vectors, records["model"].astype(np.uint32)

@@ -768,3 +768,67 @@ def bench_demand(keys: int = 100_000, days: int = 14, seed: int = 0, *, hp=None)
         "forecast_goal_s": 5,
         "generate_s": round(generate_s, 1),
     }
+
+
+def bench_rerank(
+    redis_url: str, *, docs: int = 100_000, dim: int = 300, candidates: int = 100, queries: int = 3000
+) -> dict:
+    """p50/p99 of ``rerank`` (query logging on) for ``candidates`` documents of a published ``docs``-document
+    int8 version, against a bare pipelined ``HMGET`` of the same fields grouped the same way (no decode, no
+    scoring, no logging), interleaved in blocks in the same run."""
+    from ..serving.keys import EMBEDDING_KIND, bucket_of
+    from ..serving.rerank import rerank
+    from ..serving.vectors import encode_batch
+
+    schema = KeySchema(f"bench{uuid.uuid4().hex[:8]}")
+    admin = connect(redis_url, socket_timeout=30)
+    rng = np.random.default_rng(0)
+    ids = [f"doc{i:07d}" for i in range(docs)]
+    raws: list[bytes] = []
+    for start in range(0, docs, 50_000):  # encode in slices: 100k × 300 floats at once is 120 MB
+        part = rng.normal(size=(min(50_000, docs - start), dim)).astype(np.float32)
+        raws += encode_batch(part, model_version="bench")
+    publish_version(admin, EMBEDDING_KIND, "bench", zip(ids, raws, strict=True), n_keys=docs, schema=schema, ttl_s=600)
+    pointer_buckets = admin.get(schema.pointer(EMBEDDING_KIND)).decode().rpartition(":")[2]
+    buckets = int(pointer_buckets)
+    cache = PredictionCache.from_url(redis_url, namespace=schema.namespace, socket_timeout=1.0)
+    raw = connect(redis_url, socket_timeout=1.0)
+    sets = [[ids[i] for i in rng.choice(docs, candidates, replace=False)] for _ in range(queries)]
+    query = rng.normal(size=dim).astype(np.float32)
+
+    def bare(doc_ids: list[str]) -> None:
+        groups: dict[int, list[str]] = {}
+        for doc_id in doc_ids:
+            groups.setdefault(bucket_of(doc_id, buckets), []).append(doc_id)
+        pipe = raw.pipeline(transaction=False)
+        for bucket, members in groups.items():
+            pipe.hmget(schema.bucket(EMBEDDING_KIND, "bench", bucket), members)
+        pipe.execute()
+
+    def ours(doc_ids: list[str]) -> None:
+        rerank(cache, query, doc_ids)
+
+    timed(ours, sets[:200])  # warm both
+    timed(bare, sets[:200])
+    mine, theirs = [], []
+    for start in range(0, queries, 100):
+        block = sets[start : start + 100]
+        mine += timed(ours, block)
+        theirs += timed(bare, block)
+    cache.close()
+    drop_namespace(admin, schema)
+    result = {
+        "bench": "rerank",
+        "docs": docs,
+        "dim": dim,
+        "candidates": candidates,
+        "queries": queries,
+        "buckets": buckets,
+        "rerank_p50_us": percentile_us(mine, 50),
+        "rerank_p99_us": percentile_us(mine, 99),
+        "raw_hmget_p50_us": percentile_us(theirs, 50),
+        "raw_hmget_p99_us": percentile_us(theirs, 99),
+        "goal_p99_us": 2000,
+    }
+    result["p99_ratio"] = round(result["rerank_p99_us"] / result["raw_hmget_p99_us"], 3)
+    return result

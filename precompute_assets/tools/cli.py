@@ -254,6 +254,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from ..stack import ENV_DAGSTER_PG
 
         result = bench.bench_campaign(env[ENV_REDIS], env[ENV_APP_DB], env[ENV_DAGSTER_PG])
+    elif args.what == "rerank":
+        result = bench.bench_rerank(env[ENV_REDIS], docs=100_000 if args.keys is None else args.keys)
     elif args.what == "load":
         from .load import bench_load
 
@@ -539,14 +541,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(fn=cmd_demo)
     bench = sub.add_parser("bench", help="benchmarks: print one JSON object")
-    bench.add_argument("what", choices=["serve", "publish", "graph", "embed", "campaign", "demand", "load"])
+    bench.add_argument("what", choices=["serve", "publish", "graph", "embed", "campaign", "demand", "load", "rerank"])
     bench.add_argument("--processes", type=positive_int, default=2, help="load: client processes")
     bench.add_argument("--seconds", type=positive_int, default=10, help="load: seconds per phase")
     bench.add_argument("--docs", type=positive_int, default=1_000_000, help="embed: documents")
     bench.add_argument("--queries", type=positive_int, default=10_000_000, help="graph: logged queries over 7 days")
     bench.add_argument("--ads", type=positive_int, default=100_000, help="graph: ads in the catalog")
     bench.add_argument("--n", type=positive_int, default=1_000_000, help="publish: keys to publish")
-    bench.add_argument("--keys", type=positive_int, help="serve: keys (default 10,000); demand: keys (100,000)")
+    bench.add_argument(
+        "--keys",
+        type=positive_int,
+        help="serve: keys (default 10,000); demand, load, rerank: keys or documents (100,000)",
+    )
     bench.add_argument("--days", type=positive_int, default=14, help="demand: days of hourly counts (last held back)")
     bench.add_argument("--seed", type=int, default=0, help="demand: synthetic counts")
     bench.add_argument("--lookups", type=positive_int, default=50_000)

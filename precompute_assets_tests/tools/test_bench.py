@@ -108,3 +108,14 @@ def test_bench_load_refuses_bad_arguments():
 
     with pytest.raises(ValueError, match="processes >= 1"):
         bench_load("redis://127.0.0.1:1/0", processes=0)
+
+
+def test_bench_rerank_reports_ours_beside_a_bare_hmget(redis_url, redis_client):
+    from precompute_assets.tools.bench import bench_rerank
+
+    result = bench_rerank(redis_url, docs=2000, dim=16, candidates=20, queries=300)
+    for key in ("rerank_p99_us", "raw_hmget_p99_us", "p99_ratio"):
+        assert key in result
+    assert 0 < result["rerank_p50_us"] <= result["rerank_p99_us"] and 0 < result["raw_hmget_p99_us"]
+    assert result["p99_ratio"] == round(result["rerank_p99_us"] / result["raw_hmget_p99_us"], 3)
+    assert not list(redis_client.scan_iter("bench*"))

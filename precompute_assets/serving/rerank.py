@@ -1,0 +1,80 @@
+"""Re-ranking from the cache: candidates ordered by cosine similarity to a query vector, their embeddings read
+from one published version in one round trip (one ``HMGET`` per bucket the candidates fall in)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .connection import REDIS_ERRORS
+from .keys import EMBEDDING_KIND, bucket_of, check_keys
+from .vectors import decode_batch
+
+if TYPE_CHECKING:
+    from .cache import PredictionCache
+
+
+def rerank(
+    cache: PredictionCache,
+    query_vector: np.ndarray,
+    doc_ids: Sequence[str],
+    *,
+    kind: str = EMBEDDING_KIND,
+    user: str | None = None,
+    tenant: str | None = None,
+) -> list[tuple[str, float | None]]:
+    """``doc_ids`` as ``(doc_id, cosine)`` pairs, most similar first; candidates without an embedding in the
+    current version (or when Redis is unreachable) come last with ``None``, in their given order. Every
+    candidate is logged as a query of ``kind``. A query vector of another dimension than the stored ones, or
+    stored vectors of different models, raise ``ValueError`` (comparing them would rank nonsense)."""
+    check_keys(doc_ids)
+    query = np.asarray(query_vector, dtype=np.float32).ravel()
+    if not np.isfinite(query).all() or not query.any():
+        raise ValueError("the query vector must be finite and not all zeros")
+    start = time.perf_counter_ns()
+    raws = _fetch(cache, kind, list(doc_ids))
+    found = [i for i, raw in enumerate(raws) if raw is not None]
+    for doc_id, raw in zip(doc_ids, raws, strict=True):
+        cache._log(kind, doc_id, raw is not None, start, user, tenant)  # counted and logged as get_many does
+    if not found:
+        return [(doc_id, None) for doc_id in doc_ids]
+    vectors, models = decode_batch([raws[i] for i in found])
+    if len(set(models.tolist())) > 1:
+        raise ValueError("candidates carry embeddings of different models: re-rank within one version")
+    if vectors.shape[1] != len(query):
+        raise ValueError(f"query vector has {len(query)} dimensions, the stored embeddings {vectors.shape[1]}")
+    norms = np.linalg.norm(vectors, axis=1) * np.linalg.norm(query)
+    scores = np.divide(vectors @ query, norms, out=np.zeros(len(found), dtype=np.float32), where=norms > 0)
+    order = np.argsort(-scores, kind="stable")
+    ranked: list[tuple[str, float | None]] = [(doc_ids[found[j]], float(scores[j])) for j in order]
+    missing = set(range(len(doc_ids))) - set(found)
+    return ranked + [(doc_ids[i], None) for i in sorted(missing)]
+
+
+def _fetch(cache: PredictionCache, kind: str, doc_ids: list[str]) -> list[bytes | None]:
+    """The stored values of ``doc_ids`` in one version: one pipelined ``HMGET`` per bucket; all None when Redis
+    fails (the cache then backs off, as its own lookups do)."""
+    if not doc_ids or not cache._available():
+        return [None] * len(doc_ids)
+    try:
+        pointer = cache.current_version(kind)
+        if pointer is None:
+            return [None] * len(doc_ids)
+        groups: dict[int, list[int]] = {}
+        for i, doc_id in enumerate(doc_ids):
+            groups.setdefault(bucket_of(doc_id, pointer.buckets), []).append(i)
+        pipe = cache.client.pipeline(transaction=False)
+        for bucket, members in groups.items():
+            pipe.hmget(cache.schema.bucket(kind, pointer.version, bucket), [doc_ids[i] for i in members])
+        replies = pipe.execute()
+    except REDIS_ERRORS:
+        cache._trip()
+        return [None] * len(doc_ids)
+    out: list[bytes | None] = [None] * len(doc_ids)
+    for members, values in zip(groups.values(), replies, strict=True):
+        for i, value in zip(members, values, strict=True):
+            out[i] = value
+    return out

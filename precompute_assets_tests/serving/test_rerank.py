@@ -1,0 +1,68 @@
+"""Re-ranking from the cache against a real Redis: the order numpy gives, from one version, never a raise."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from precompute_assets.serving import PredictionCache, QueryLogger, connect, publish_version
+from precompute_assets.serving.rerank import rerank
+from precompute_assets.serving.vectors import decode_batch, decode_vector, encode_batch
+
+
+def publish_docs(client, schema, n: int = 500, dim: int = 32, seed: int = 0, version: str = "e1"):
+    rng = np.random.default_rng(seed)
+    vectors = rng.normal(size=(n, dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    ids = [f"doc{i}" for i in range(n)]
+    raws = encode_batch(vectors, model_version="m1")
+    publish_version(client, "doc_embedding", version, zip(ids, raws, strict=True), n_keys=n, schema=schema)
+    return ids, raws
+
+
+def test_candidates_come_back_in_cosine_order_with_the_missing_last(redis_url, redis_client, schema):
+    ids, raws = publish_docs(redis_client, schema)
+    logger = QueryLogger(connect(redis_url), schema)
+    cache = PredictionCache(connect(redis_url), schema=schema, logger=logger)
+    rng = np.random.default_rng(1)
+    query = rng.normal(size=32).astype(np.float32)
+    candidates = [ids[i] for i in rng.choice(len(ids), 100, replace=False)] + ["absent1", "absent2"]
+    result = rerank(cache, query, candidates)
+    stored = {doc_id: decode_vector(raw).vector for doc_id, raw in zip(ids, raws, strict=True)}
+    expected = sorted(
+        candidates[:100],
+        key=lambda d: -float(stored[d] @ query / (np.linalg.norm(stored[d]) * np.linalg.norm(query))),
+    )
+    assert [doc_id for doc_id, _ in result[:100]] == expected
+    assert result[100:] == [("absent1", None), ("absent2", None)]
+    assert all(-1.0 <= score <= 1.0 for _, score in result[:100])
+    assert cache.hits == 100 and cache.misses == 2
+    logger.close()
+    assert redis_client.xlen(schema.query_log()) == 102
+
+
+def test_bad_queries_are_refused_and_redis_trouble_is_misses(redis_url, redis_client, schema):
+    ids, _ = publish_docs(redis_client, schema, n=50)
+    cache = PredictionCache(connect(redis_url), schema=schema)
+    with pytest.raises(ValueError, match="query vector has 16 dimensions, the stored embeddings 32"):
+        rerank(cache, np.ones(16), ids[:5])
+    with pytest.raises(ValueError, match="finite and not all zeros"):
+        rerank(cache, np.zeros(32), ids[:5])
+    with pytest.raises(ValueError, match="finite and not all zeros"):
+        rerank(cache, np.full(32, np.nan), ids[:5])
+    assert rerank(cache, np.ones(32), []) == []
+    dead = PredictionCache(connect("redis://127.0.0.1:1/0", socket_timeout=0.05), schema=schema)
+    assert rerank(dead, np.ones(32), ids[:3]) == [(doc_id, None) for doc_id in ids[:3]]
+
+
+def test_decode_batch_equals_one_at_a_time_and_refuses_mixed_layouts():
+    rng = np.random.default_rng(2)
+    raws = encode_batch(rng.normal(size=(20, 8)), model_version="m1")
+    vectors, models = decode_batch(raws)
+    assert np.array_equal(vectors, np.stack([decode_vector(raw).vector for raw in raws]))
+    assert set(models.tolist()) == {decode_vector(raws[0]).model_id}
+    floats = encode_batch(rng.normal(size=(1, 8)), dtype="float32", model_version="m1")
+    with pytest.raises(ValueError, match="different layouts"):
+        decode_batch(raws + floats)
+    with pytest.raises(ValueError, match="shorter than its 12-byte header"):
+        decode_batch([raws[0], b"\x01"])
