@@ -116,6 +116,6 @@ def test_bench_rerank_reports_ours_beside_a_bare_hmget(redis_url, redis_client):
     result = bench_rerank(redis_url, docs=2000, dim=16, candidates=20, queries=300)
     for key in ("rerank_p99_us", "raw_hmget_p99_us", "p99_ratio"):
         assert key in result
-    assert 0 < result["rerank_p50_us"] <= result["rerank_p99_us"] and 0 < result["raw_hmget_p99_us"]
+    assert 0 < result["rerank_p50_us"] <= result["rerank_p99_us"] and result["raw_hmget_p99_us"] > 0
     assert result["p99_ratio"] == round(result["rerank_p99_us"] / result["raw_hmget_p99_us"], 3)
     assert not list(redis_client.scan_iter("bench*"))
