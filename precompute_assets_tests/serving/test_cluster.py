@@ -360,3 +360,23 @@ def test_event_logger_on_the_cluster(redis_cluster, cluster_client, ns):
     events.close()
     assert events.stats.written == 2 and events.stats.dropped == 0
     assert [f[b"action"] for _, f in cluster_client.xrange(events_stream(ns))] == [b"login", b"campaign_create"]
+
+
+def test_rerank_on_the_cluster(redis_cluster, cluster_client, ns):
+    import numpy as np
+
+    from precompute_assets.serving.rerank import rerank
+    from precompute_assets.serving.vectors import decode_vector, encode_batch
+
+    rng = np.random.default_rng(3)
+    ids = [f"doc{i}" for i in range(400)]
+    raws = encode_batch(rng.normal(size=(400, 16)), model_version="m1")
+    publish_version(cluster_client, "doc_embedding", "e1", zip(ids, raws, strict=True), n_keys=400, schema=ns)
+    cache = cache_on(redis_cluster, ns)
+    query = rng.normal(size=16).astype(np.float32)
+    candidates = ids[::7] + ["absent"]
+    result = rerank(cache, query, candidates)
+    vectors = {doc_id: decode_vector(raw).vector for doc_id, raw in zip(ids, raws, strict=True)}
+    cosine = {d: float(vectors[d] @ query / np.linalg.norm(vectors[d]) / np.linalg.norm(query)) for d in ids[::7]}
+    assert [doc_id for doc_id, _ in result[:-1]] == sorted(cosine, key=lambda d: -cosine[d])
+    assert result[-1] == ("absent", None)
