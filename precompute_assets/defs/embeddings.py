@@ -8,7 +8,8 @@ from pathlib import Path
 import dagster as dg
 
 from ..ml.embedder import HashingSvdEmbedder, SentenceTransformerEmbedder, document_text
-from ..storage.embeddings import EmbeddingStore
+from ..ml.embedding_service import ENV_API_KEY, http_embedder_from_config
+from ..storage.embeddings import EmbeddingStore, sample_documents
 from ..sync.embedding_quality import int8_recall
 from ..sync.embeddings import sync_embeddings
 from .publishing import GRACE_SECONDS
@@ -22,10 +23,21 @@ STALE_AFTER_HOURS = 24  # a document changed longer ago than this should have it
 
 
 class EmbeddingModelConfig(dg.Config):
-    backend: str = "hashing-svd"  # or "sentence-transformers" (optional extra)
-    model: str = ""  # sentence-transformers: a local path or an installed model name
-    dim: int = 300
+    backend: str = "hashing-svd"  # or "sentence-transformers" (optional extra) or "http" (a service)
+    model: str = ""  # sentence-transformers: a local path or an installed model name; http: the model name
+    dim: int = 300  # hashing-svd: dimensions fitted (http: the service's, asked once)
     sample: int = 20_000
+    # backend "http": an inference service (OpenAI-compatible /v1/embeddings, or api "tei": /embed)
+    url: str = ""  # "" reads PRECOMPUTE_EMBEDDING_URL
+    api: str = "openai"
+    api_key_env: str = ENV_API_KEY  # the NAME of the environment variable holding the key, never the key
+    batch_size: int = 64
+    max_concurrency: int = 4
+    timeout_s: float = 30.0
+    max_retries: int = 5
+
+
+HTTP_SETTINGS = ("url", "model", "api", "api_key_env", "batch_size", "max_concurrency", "timeout_s", "max_retries")
 
 
 def load_embedder(path: Path):
@@ -33,6 +45,8 @@ def load_embedder(path: Path):
     meta = json.loads((path / "embedder.json").read_text())
     if meta["backend"] == "sentence-transformers":
         return SentenceTransformerEmbedder(meta["model"])
+    if meta["backend"] == "http":
+        return http_embedder_from_config(meta)  # the dimension saved at fit: no probe request
     return HashingSvdEmbedder.load(path / "hashing_svd")
 
 
@@ -46,10 +60,17 @@ def embedding_model(
     """The default embedder: hashed character n-grams reduced by a truncated SVD fitted on a corpus sample
     (any language or script, CPU only, nothing downloaded). Its version is a hash of its content."""
     started = time.perf_counter()
+    saved: dict[str, object] = {"backend": config.backend, "model": config.model}
     if config.backend == "sentence-transformers":
         embedder, sampled = SentenceTransformerEmbedder(config.model), 0
+    elif config.backend == "http":
+        settings = {name: getattr(config, name) for name in HTTP_SETTINGS}
+        embedder, sampled = http_embedder_from_config(settings), 0  # dim 0: one probe request
+        saved |= settings | {"dim": embedder.dim}  # url "" stays "": read from the environment at load
+    elif config.backend != "hashing-svd":
+        raise dg.Failure(description=f"unknown embedding backend {config.backend!r}")
     else:
-        rows = documents.store().sample(config.sample)
+        rows = sample_documents(documents.store(), config.sample)
         texts = [document_text(title or "", body or "") for _, title, body in rows]
         if len(texts) <= config.dim:
             raise dg.Failure(description=f"need more than {config.dim} documents to fit, found {len(texts)}")
@@ -58,7 +79,7 @@ def embedding_model(
     path.mkdir(parents=True, exist_ok=True)
     if isinstance(embedder, HashingSvdEmbedder):
         embedder.save(path / "hashing_svd")
-    (path / "embedder.json").write_text(json.dumps({"backend": config.backend, "model": config.model}))
+    (path / "embedder.json").write_text(json.dumps(saved))
     context.log.info(f"embedding model {embedder.version} ({embedder.dim} dims, {sampled} documents sampled)")
     return dg.MaterializeResult(
         metadata={
@@ -115,7 +136,7 @@ def document_embeddings(
         log=context.log.info,
     )  # fmt: skip
     recall = int8_recall(store, docs, embedder, n=config.recall_sample) if config.dtype == "int8" else 1.0
-    stale, stale_docs, aged_docs = store.stale_share(docs, max_age_hours=STALE_AFTER_HOURS)
+    stale, stale_docs, aged_docs = store.stale_share(docs, stats.model_version, max_age_hours=STALE_AFTER_HOURS)
     return dg.MaterializeResult(
         metadata={
             "model_version": stats.model_version,
@@ -125,6 +146,8 @@ def document_embeddings(
             "deleted": stats.deleted,
             "failed": stats.failed,
             "failure_reasons": dg.MetadataValue.json(stats.failure_reasons),
+            "retried": stats.retried,
+            "rebuilt_buckets": dg.MetadataValue.json(list(stats.rebuilt_buckets or [])),
             "error_rate": stats.error_rate,
             "docs_per_s": stats.docs_per_s,
             "seconds": stats.seconds,

@@ -45,7 +45,9 @@ _MIX = np.uint64(0x9E3779B97F4A7C15)  # golden-ratio multiply-shift spreads hash
 
 
 class Embedder(Protocol):
-    """What the embedding assets need from a model."""
+    """What the embedding assets need from a model. A backend that can fail per text (an inference
+    service) also has ``encode_checked(texts) -> (vectors, {position: reason})``, which ``embed_documents``
+    prefers: its failures are recorded per document instead of failing the batch."""
 
     @property
     def version(self) -> str: ...
@@ -384,7 +386,7 @@ class EmbeddedDocuments:
 
     vectors: np.ndarray  # (len(indices), dim) float32
     indices: list[int]  # positions in the input of the embedded documents, in input order
-    failures: dict[int, str]  # position in the input -> reason (EMPTY, INVALID_UTF8, TOO_LARGE)
+    failures: dict[int, str]  # position in the input -> reason (EMPTY, INVALID_UTF8, TOO_LARGE, "service: ...")
 
 
 def _as_text(value: str | bytes | None) -> str:
@@ -440,5 +442,16 @@ def embed_documents(
             indices.append(i)
         else:
             failures[i] = reason
-    vectors = embedder.encode(texts) if texts else np.zeros((0, embedder.dim), dtype=np.float32)
+    if not texts:
+        return EmbeddedDocuments(np.zeros((0, embedder.dim), dtype=np.float32), indices, failures)
+    encode_checked = getattr(embedder, "encode_checked", None)
+    if encode_checked is None:
+        return EmbeddedDocuments(embedder.encode(texts), indices, failures)
+    # a backend that can fail per text (an inference service): its failures join the document failures
+    vectors, failed = encode_checked(texts)
+    if failed:
+        failures.update((indices[j], reason) for j, reason in failed.items())
+        keep = np.array([j not in failed for j in range(len(texts))])
+        vectors, indices = vectors[keep], [i for j, i in enumerate(indices) if j not in failed]
+        failures = dict(sorted(failures.items()))
     return EmbeddedDocuments(vectors=vectors, indices=indices, failures=failures)

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import psycopg2
+from psycopg2 import sql
 
-from .documents import DocumentStore
+from .documents import DocumentRow, DocumentStore
 from .postgres import libpq_url, transaction
 
 SCHEMA = """
@@ -38,7 +40,12 @@ CREATE TABLE IF NOT EXISTS embedding_progress (
     complete BOOLEAN NOT NULL DEFAULT false,
     updated_at TIMESTAMPTZ NOT NULL DEFAULT now()
 );
+-- failures the next sync retries (an inference service's), found without scanning the whole table
+CREATE INDEX IF NOT EXISTS embedding_failures_retry ON embedding_failures (model_version, doc_id)
+    WHERE reason LIKE 'service:%';
 """
+EXACT_COUNT_BELOW = 10_000  # the staleness denominator is counted exactly below this, else estimated
+SAMPLE_OVERSAMPLE = 3  # TABLESAMPLE reads this many times the rows asked for, then picks among them
 
 
 @dataclass(frozen=True)
@@ -113,9 +120,11 @@ class EmbeddingStore:
         embedded: list[tuple[str, datetime, bytes]],
         deleted: list[str],
         failures: list[tuple[str, datetime, str]],
-        watermark: tuple[datetime, str],
+        watermark: tuple[datetime, str] | None,
     ) -> None:
-        """Upsert a chunk's embeddings and failures, drop deleted documents, advance the watermark: atomically."""
+        """Upsert a chunk's embeddings and failures, drop deleted documents, advance the watermark: atomically.
+
+        ``watermark`` None leaves it where it is (a retry of earlier failures, behind the watermark)."""
         now = datetime.now(UTC)
         with self.connect() as conn, conn.cursor() as cur:
             # Safe without waiting for the WAL flush: a commit lost in a server crash takes its watermark
@@ -149,32 +158,162 @@ class EmbeddingStore:
                     " reason = EXCLUDED.reason, failed_at = EXCLUDED.failed_at",
                     (doc_id, model_version, modified_at, reason, now),
                 )
-            cur.execute(
-                "UPDATE embedding_progress SET watermark_modified_at = %s, watermark_doc_id = %s, updated_at = now()"
-                " WHERE model_version = %s",
-                (*watermark, model_version),
-            )
+            if watermark is not None:
+                cur.execute(
+                    "UPDATE embedding_progress SET watermark_modified_at = %s, watermark_doc_id = %s,"
+                    " updated_at = now() WHERE model_version = %s",
+                    (*watermark, model_version),
+                )
 
-    def stale_share(self, documents: DocumentStore, *, max_age_hours: float = 24) -> tuple[float, int, int]:
-        """Share of live documents modified more than ``max_age_hours`` ago whose embedding is missing or
-        older than the document (failures excluded: they are reported on their own)."""
-        query = f"""
-            SELECT count(*) FILTER (WHERE e.doc_id IS NULL OR e.modified_at < d.modified_at), count(*)
-            FROM {documents.table} d
-            LEFT JOIN document_embeddings e ON e.doc_id = d.doc_id
-            LEFT JOIN embedding_failures f ON f.doc_id = d.doc_id AND f.modified_at >= d.modified_at
-            WHERE NOT d.deleted AND f.doc_id IS NULL AND d.modified_at < now() - make_interval(hours => %s)
-        """
+    def retryable_failures(
+        self, documents: DocumentStore, model_version: str, *, after: str = "", limit: int = 10_000
+    ) -> list[DocumentRow]:
+        """Up to ``limit`` documents (doc_id order, after ``after``) whose embedding by ``model_version``
+        failed in the service (reason ``service:...``) and that have not changed since: the next sync
+        retries them. A changed document is left to the watermark scan. Reads the partial index only."""
+        query = sql.SQL(
+            "SELECT d.doc_id, d.title, d.body, d.language, d.indexed_at, d.modified_at, d.deleted"
+            " FROM embedding_failures f JOIN {t} d ON d.doc_id = f.doc_id"
+            " WHERE f.model_version = %s AND f.reason LIKE 'service:%%' AND f.doc_id > %s"
+            " AND d.modified_at = f.modified_at AND NOT d.deleted ORDER BY f.doc_id LIMIT %s"
+        ).format(t=sql.Identifier(documents.table))
         with self.connect() as conn, conn.cursor() as cur:
-            cur.execute(query, (max_age_hours,))
-            stale, total = cur.fetchone()
+            cur.execute(query, (model_version, after, limit))
+            return list(map(DocumentRow._make, cur.fetchall()))
+
+    def stale_share(
+        self, documents: DocumentStore, model_version: str | None = None, *, max_age_hours: float = 24
+    ) -> tuple[float, int, int]:
+        """Share of live documents modified more than ``max_age_hours`` ago whose embedding is missing or
+        older than the document: those past the sync watermark of ``model_version`` (the newest version
+        synced when None). Everything at or before the watermark was embedded or recorded as a failure
+        (failures are reported on their own), so only the backlog is read, by the (modified_at, doc_id)
+        index: the cost follows the change, not the corpus. The denominator is counted exactly for small
+        tables and estimated by the planner above ``EXACT_COUNT_BELOW`` documents."""
+        t = sql.Identifier(documents.table)
+        with self.connect() as conn, conn.cursor() as cur:
+            cur.execute(
+                "SELECT watermark_modified_at, watermark_doc_id FROM embedding_progress"
+                " WHERE model_version = %s OR %s IS NULL ORDER BY updated_at DESC LIMIT 1",
+                (model_version, model_version),
+            )
+            row = cur.fetchone()
+            watermark = (row[0], row[1]) if row and row[0] is not None else None
+            cur.execute(*stale_count_query(t, watermark, max_age_hours))
+            stale = cur.fetchone()[0]
+            total_query = sql.SQL(
+                "SELECT count(*) FROM {t} WHERE NOT deleted AND modified_at < now() - make_interval(hours => %s)"
+            ).format(t=t)
+            total = planner_rows(cur, total_query, (max_age_hours,))
+            if total < EXACT_COUNT_BELOW:
+                cur.execute(total_query, (max_age_hours,))
+                total = cur.fetchone()[0]
+        total = max(total, stale)
         return (stale / total if total else 0.0), stale, total
+
+    def embedded_count(self, model_version: str) -> int:
+        with self.connect() as conn, conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM document_embeddings WHERE model_version = %s", (model_version,))
+            return cur.fetchone()[0]
+
+    def iter_values(self, model_version: str, *, page: int = 50_000) -> Iterator[list[tuple[str, bytes]]]:
+        """Every stored (doc_id, value) of ``model_version`` in pages, by doc_id (keyset over the primary key)."""
+        after = ""
+        while True:
+            with self.connect() as conn, conn.cursor() as cur:
+                cur.execute(
+                    "SELECT doc_id, value FROM document_embeddings WHERE doc_id > %s AND model_version = %s"
+                    " ORDER BY doc_id LIMIT %s",
+                    (after, model_version, page),
+                )
+                rows = [(doc_id, bytes(value)) for doc_id, value in cur.fetchall()]
+            if rows:
+                yield rows
+            if len(rows) < page:
+                return
+            after = rows[-1][0]
+
+    def move_version(self, model_version: str, redis_version: str, buckets: int) -> None:
+        """Record that ``model_version`` is now served from ``redis_version`` with ``buckets`` buckets."""
+        with self.connect() as conn, conn.cursor() as cur:
+            cur.execute(
+                "UPDATE embedding_progress SET redis_version = %s, buckets = %s, updated_at = now()"
+                " WHERE model_version = %s",
+                (redis_version, buckets, model_version),
+            )
 
     def values(self, doc_ids: list[str]) -> dict[str, bytes]:
         """Stored embeddings of ``doc_ids`` (those that have one)."""
         with self.connect() as conn, conn.cursor() as cur:
             cur.execute("SELECT doc_id, value FROM document_embeddings WHERE doc_id = ANY(%s)", (doc_ids,))
             return {doc_id: bytes(value) for doc_id, value in cur.fetchall()}
+
+
+def stale_count_query(
+    table: sql.Composable, watermark: tuple[datetime, str] | None, max_age_hours: float
+) -> tuple[sql.Composable, tuple]:
+    """Live documents past ``watermark`` and older than ``max_age_hours``: a range of the
+    (modified_at, doc_id) index."""
+    if watermark is None:
+        where, params = sql.SQL(""), ()
+    else:
+        where, params = sql.SQL("(modified_at, doc_id) > (%s, %s) AND "), tuple(watermark)
+    query = sql.SQL(
+        "SELECT count(*) FROM {t} WHERE {where}modified_at < now() - make_interval(hours => %s) AND NOT deleted"
+    ).format(t=table, where=where)
+    return query, (*params, max_age_hours)
+
+
+def planner_rows(cur, query: sql.Composable, params: tuple) -> int:
+    """The planner's estimate of the rows ``query`` returns (its top node): costs one EXPLAIN."""
+    cur.execute(sql.SQL("EXPLAIN (FORMAT JSON) ") + query, params)
+    plan = cur.fetchone()[0]
+    if isinstance(plan, str):
+        plan = json.loads(plan)
+    top = plan[0]["Plan"]
+    while top.get("Node Type") == "Aggregate" and top.get("Plans"):  # count(*): the rows under it
+        top = top["Plans"][0]
+    return int(top.get("Plan Rows", 0))
+
+
+def sample_query(table: str, percent: float, n: int, seed: int) -> tuple[sql.Composable, tuple]:
+    """A repeatable sample of live documents: ``percent`` of the table's pages (``TABLESAMPLE SYSTEM``
+    reads only those), then ``n`` of their rows by a hash of doc_id: only the sampled rows are sorted."""
+    query = sql.SQL(
+        "SELECT doc_id, title, body FROM {t} TABLESAMPLE SYSTEM (%s) REPEATABLE (%s)"
+        " WHERE NOT deleted ORDER BY md5(doc_id || %s) LIMIT %s"
+    ).format(t=sql.Identifier(table))
+    return query, (percent, seed, str(seed), n)
+
+
+def sample_documents(documents: DocumentStore, n: int, *, seed: int = 42) -> list[tuple[str, str | None, str | None]]:
+    """About ``n`` random live documents (doc_id, title, body), repeatable for a seed, reading about
+    ``SAMPLE_OVERSAMPLE * n`` rows whatever the size of the table (no ``ORDER BY random()`` over all of it).
+
+    The share of pages is computed from the planner's row estimate (``pg_class.reltuples``, or pages when
+    the table was never analysed) and widened when too few rows come back; pages are sampled whole, so
+    documents loaded together come together: good enough for quality checks and fitting."""
+    if n <= 0:
+        return []
+    with transaction(documents.url) as conn, conn.cursor() as cur:
+        cur.execute(
+            "SELECT reltuples, relpages, pg_relation_size(oid) / current_setting('block_size')::int"
+            " FROM pg_class WHERE oid = to_regclass(%s)",
+            (documents.table,),
+        )
+        found = cur.fetchone()
+        if found is None:
+            return []
+        reltuples, relpages, pages = found
+        # never analysed (reltuples -1): assume small rows, so the first try reads at least what we need
+        rows = reltuples if reltuples and reltuples > 0 else max(pages, 1) * 50
+        percent = min(100.0, 100.0 * SAMPLE_OVERSAMPLE * n / max(rows, 1))
+        while True:
+            cur.execute(*sample_query(documents.table, percent, n, seed))
+            picked = cur.fetchall()
+            if len(picked) >= n or percent >= 100.0:
+                return picked
+            percent = min(100.0, percent * 4)
 
 
 PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)

@@ -4,24 +4,24 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..ml.embedder import Embedder, check_document
+from ..ml.embedder import Embedder, embed_documents
 from ..ml.quantize import recall_at_k
 from ..serving.vectors import decode_vector
 from ..storage.documents import DocumentStore
-from ..storage.embeddings import EmbeddingStore
+from ..storage.embeddings import EmbeddingStore, sample_documents
 
 
 def int8_recall(store: EmbeddingStore, documents: DocumentStore, embedder: Embedder, *, n: int = 2000) -> float:
     """recall@10 of the stored int8 vectors against float32 vectors re-encoded from the same documents,
-    over a random sample of ``n`` documents (neighbours searched within the sample)."""
-    rows = documents.sample(n)
+    over a random sample of about ``n`` documents (neighbours searched within the sample).
+
+    The sample reads a bounded share of the table's pages (``sample_documents``), so the check costs the
+    same on a corpus of thousands or millions; documents the embedder fails on now are left out."""
+    rows = sample_documents(documents, n)
     stored = store.values([doc_id for doc_id, _, _ in rows])
-    texts, approx = [], []
-    for doc_id, title, body in rows:
-        text, reason = check_document(title, body)
-        if doc_id in stored and reason is None:
-            texts.append(text)
-            approx.append(decode_vector(stored[doc_id]).vector)
-    if len(texts) < 20:
+    rows = [row for row in rows if row[0] in stored]
+    result = embed_documents(embedder, [(title, body) for _, title, body in rows])
+    if len(result.indices) < 20:
         return float("nan")
-    return recall_at_k(embedder.encode(texts), np.stack(approx), k=10, sample=min(500, len(texts)))
+    approx = np.stack([decode_vector(stored[rows[i][0]]).vector for i in result.indices])
+    return recall_at_k(result.vectors, approx, k=10, sample=min(500, len(result.indices)))

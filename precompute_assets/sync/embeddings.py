@@ -8,13 +8,22 @@ are idempotent), so nothing is duplicated or skipped.
 
 The first sync of an embedding model version builds a new Redis version and flips to it at the end;
 later syncs patch that version in place (new, modified and deleted documents only).
+
+Documents an inference service failed to embed (reason ``service: ...``, see ``ml.embedding_service``) are
+retried at the start of the next sync, before the watermark scan, without moving the watermark.
+
+A version patched in place grows with the corpus; when a sample of its buckets holds more than
+``max_bucket_fill`` keys on average (past that, hashing puts some buckets over the 128 entries of Redis'
+compact listpack encoding), the sync copies the stored embeddings into a new version with
+``bucket_count(n)`` buckets and flips the pointer to it atomically: nothing is re-embedded.
 """
 
 from __future__ import annotations
 
+import random
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -24,12 +33,14 @@ import redis
 
 from ..ml.embedder import Embedder, embed_documents
 from ..serving.keys import EMBEDDING_KIND, KeySchema, Pointer
-from ..serving.publish import bucket_count, flip_pointer, patch_version, send_commands
+from ..serving.publish import KEYS_PER_BUCKET, bucket_count, flip_pointer, patch_version, run_commands, send_commands
 from ..serving.vectors import encode_batch
 from ..storage.documents import DocumentRow, DocumentStore
 from ..storage.embeddings import EmbeddingStore
 
 REDIS_BATCH_DOCS = 100_000  # documents whose Redis writes go out together (see _ChunkWriter)
+MAX_BUCKET_FILL = 1.25 * KEYS_PER_BUCKET  # mean keys per bucket past which a version is rebuilt wider
+FILL_SAMPLE_BUCKETS = 64  # buckets whose HLEN estimates the mean fill
 
 
 @dataclass
@@ -41,6 +52,8 @@ class SyncStats:
     deleted: int = 0
     failed: int = 0
     chunks: int = 0
+    retried: int = 0  # earlier service failures tried again (counted in embedded or failed as well)
+    rebuilt_buckets: tuple[int, int] | None = None  # (old, new) when the version was widened
     seconds: float = 0.0
     failure_reasons: dict[str, int] = field(default_factory=dict)
 
@@ -68,23 +81,26 @@ def sync_embeddings(
     log: Callable[[str], None] = print,
     write_batch: int = REDIS_BATCH_DOCS,
     stop_after_chunks: int | None = None,
+    max_bucket_fill: float = MAX_BUCKET_FILL,
 ) -> SyncStats:
     """Bring the embeddings of ``embedder.version`` up to date; see the module docstring.
 
     Each sync renews the TTL (``ttl_s``) of the version it wrote; a replaced version gets ``grace_s``.
     Redis writes of up to ``write_batch`` documents go out together, before their chunks commit.
     ``stop_after_chunks`` ends the sync early as a crash would (for tests of resumption).
+    ``max_bucket_fill``: the mean keys per bucket past which the version is rebuilt with more buckets.
     """
     schema = schema or KeySchema()
     store.ensure_schema()
     with store.exclusive():
         return _sync(documents, store, client, embedder, schema, dtype, chunk_size, grace_s, ttl_s, log,
-                     write_batch, stop_after_chunks)  # fmt: skip
+                     write_batch, stop_after_chunks, max_bucket_fill)  # fmt: skip
 
 
 def _sync(
-    documents, store, client, embedder, schema, dtype, chunk_size, grace_s, ttl_s, log, write_batch, stop_after_chunks
-):
+    documents, store, client, embedder, schema, dtype, chunk_size, grace_s, ttl_s, log, write_batch, stop_after_chunks,
+    max_bucket_fill,
+):  # fmt: skip
     """The body of ``sync_embeddings``, run under the sync lock."""
     model_version = embedder.version
     progress = store.progress(model_version)
@@ -106,6 +122,17 @@ def _sync(
     def read(watermark: tuple[datetime, str] | None) -> list[DocumentRow]:
         return [row for row in documents.changed_since(watermark, limit=chunk_size) if row.modified_at < horizon]
 
+    def retry_pages() -> Iterator[list[DocumentRow]]:
+        """Earlier service failures, a page at a time (a fresh build embeds everything anyway)."""
+        after = ""
+        while progress.watermark is not None:
+            page = store.retryable_failures(documents, model_version, after=after, limit=chunk_size)
+            if page:
+                yield page
+            if len(page) < chunk_size:
+                return
+            after = page[-1].doc_id
+
     # Three stages overlap: the next chunk is read and the previous ones written (Redis, then the
     # PostgreSQL commits that advance the watermark) while this one is embedded. Writes stay in order.
     stopped_early = False
@@ -113,6 +140,19 @@ def _sync(
     with ThreadPoolExecutor(1, "embedding-read") as reader, ThreadPoolExecutor(1, "embedding-write") as writer:
         next_rows: Future = reader.submit(read, progress.watermark)
         written: Future | None = None
+        # Earlier service failures first, in doc_id pages; their chunks leave the watermark where it is,
+        # and the scan after them finds the documents changed meanwhile.
+        for page in retry_pages():
+            if stop_after_chunks is not None and stats.chunks >= stop_after_chunks:
+                break
+            log(f"retrying {len(page)} documents the embedding service failed on before")
+            chunk = _embed_chunk(page, embedder, dtype, model_version)
+            chunk.watermark = None  # behind the watermark: leave it where it is
+            if written is not None:
+                written.result()
+            written = writer.submit(chunks.add, chunk)
+            chunk.count_into(stats)
+            stats.retried += len(page)
         while True:
             if stop_after_chunks is not None and stats.chunks >= stop_after_chunks:
                 stopped_early = True
@@ -144,9 +184,46 @@ def _sync(
     if not stopped_early and stats.full_build:
         flip_pointer(client, schema, EMBEDDING_KIND, target, grace_s=grace_s)
         store.mark_complete(model_version)
+    elif not stopped_early and (fill := _mean_fill(client, schema, target)) > max_bucket_fill:
+        log(f"Redis version {target.version} holds {fill:.0f} keys per bucket (> {max_bucket_fill:.0f}): rebuilding")
+        wider = _rebuild_wider(store, client, schema, model_version, ttl_s, grace_s)
+        client.expire(_sentinel(schema, target.version), grace_s)  # the old version's marker goes with it
+        stats.rebuilt_buckets, stats.redis_version = (target.buckets, wider.buckets), wider.version
+        log(f"embeddings moved to Redis version {wider.version}: {target.buckets} -> {wider.buckets} buckets")
     # stopped early (as a crash would): the next sync resumes at the committed watermark
     stats.seconds = time.perf_counter() - started
     return stats
+
+
+def _mean_fill(client: redis.Redis, schema: KeySchema, target: Pointer, sample: int = FILL_SAMPLE_BUCKETS) -> float:
+    """Mean keys per bucket of ``target``, from the HLEN of up to ``sample`` random buckets: bounded work."""
+    picked = random.sample(range(target.buckets), min(sample, target.buckets))
+    lengths = run_commands(client, [(b"HLEN", schema.bucket(EMBEDDING_KIND, target.version, b).encode())
+                                     for b in picked])  # fmt: skip
+    return sum(lengths) / len(lengths)
+
+
+def _rebuild_wider(
+    store: EmbeddingStore, client: redis.Redis, schema: KeySchema, model_version: str, ttl_s: int, grace_s: int
+) -> Pointer:
+    """Copy the stored embeddings of ``model_version`` into a new Redis version with ``bucket_count(n)``
+    buckets, then flip to it (one atomic SET of the pointer; the old version lives ``grace_s`` more).
+
+    The offline store mirrors the version being patched (every chunk commits after its Redis writes), so
+    nothing is re-embedded. A crash before the flip leaves readers on the old version and the copy to
+    expire; between recording the new version and the flip, the next sync sees a pointer that is not its
+    version and rebuilds from scratch, as after any lost version."""
+    n_docs = store.embedded_count(model_version)
+    wider = Pointer(f"emb{int(time.time())}.{uuid.uuid4().hex[:8]}", bucket_count(n_docs))
+    client.set(_sentinel(schema, wider.version), b"building", ex=ttl_s)
+    for page in store.iter_values(model_version):
+        patch_version(client, EMBEDDING_KIND, wider, upserts=page, schema=schema)
+    send_commands(client, [(b"EXPIRE", schema.bucket(EMBEDDING_KIND, wider.version, b).encode(), b"%d" % ttl_s)
+                           for b in range(wider.buckets)])  # fmt: skip
+    client.set(_sentinel(schema, wider.version), b"synced", ex=ttl_s)
+    store.move_version(model_version, wider.version, wider.buckets)
+    flip_pointer(client, schema, EMBEDDING_KIND, wider, grace_s=grace_s)
+    return wider
 
 
 def _sentinel(schema: KeySchema, version: str) -> str:
@@ -166,7 +243,7 @@ class Chunk:
     embedded: list[tuple[str, datetime, bytes]]  # doc_id, modified_at, encoded vector
     deleted: list[str]
     failures: list[tuple[str, datetime, str]]  # doc_id, modified_at, reason
-    watermark: tuple[datetime, str]
+    watermark: tuple[datetime, str] | None  # None: a retry of earlier failures, the watermark stays
 
     def count_into(self, stats: SyncStats) -> None:
         stats.chunks += 1

@@ -273,3 +273,39 @@ def test_two_syncs_never_run_at_once(docs, app_db, redis_client, schema, embedde
     store = EmbeddingStore(app_db)
     with store.exclusive(), pytest.raises(RuntimeError, match="another embedding sync is running"):
         sync_embeddings(docs, store, redis_client, embedder, schema=schema, log=lambda m: None)
+
+
+def test_http_backend_from_config_embeds_and_retries_service_failures(docs, app_db, redis_url, schema, tmp_path,
+                                                                       monkeypatch):  # fmt: skip
+    import json
+    from pathlib import Path
+
+    from precompute_assets_tests.sync.fake_embedding_service import FakeEmbeddingService
+
+    monkeypatch.setenv("PRECOMPUTE_EMBEDDING_API_KEY", "sk-do-not-store")
+    with dg.instance_for_test() as instance, FakeEmbeddingService(dim=48) as service:
+        poisoned = docs.changed_since(None, limit=1)[0].title
+        service.item_plan = lambda text: "nan" if text.startswith(poisoned) else None
+        res = resources(app_db, redis_url, schema, tmp_path)
+        config = {"backend": "http", "url": service.url, "model": "fake-model", "batch_size": 50, "max_retries": 1}
+        model = dg.materialize([embedding_model], resources=res, instance=instance,
+                               run_config={"ops": {"embedding_model": {"config": config}}})  # fmt: skip
+        meta = model.asset_materializations_for_node("embedding_model")[0].metadata
+        assert meta["model_version"].value.startswith("http:fake-model:48:") and meta["dim"].value == 48
+        saved = (Path(meta["model_path"].value) / "embedder.json").read_text()
+        assert json.loads(saved)["dim"] == 48 and "sk-do-not-store" not in saved
+        assert service.authorization[-1] == "Bearer sk-do-not-store"
+
+        first = dg.materialize([embedding_model, document_embeddings], selection=[document_embeddings],
+                               resources=res, instance=instance)  # fmt: skip
+        meta = first.asset_materializations_for_node("document_embeddings")[0].metadata
+        assert meta["embedded"].value + meta["failed"].value == N_DOCS and meta["failed"].value >= 1
+        assert set(meta["failure_reasons"].value) == {"service: non-finite value"}
+        assert meta["recall_at_10_int8"].value >= 0.95
+
+        service.item_plan = lambda text: None  # the service recovered: the next run retries the failures
+        second = dg.materialize([embedding_model, document_embeddings], selection=[document_embeddings],
+                                resources=res, instance=instance)  # fmt: skip
+        meta2 = second.asset_materializations_for_node("document_embeddings")[0].metadata
+        assert meta2["retried"].value == meta["failed"].value == meta2["embedded"].value
+        assert meta2["failed"].value == 0

@@ -1,0 +1,153 @@
+"""Sync work that follows the change, not the corpus: the int8-recall sample and the staleness check read a
+bounded number of rows of a 50,000-document table (their EXPLAIN ANALYZE plans), and a version that outgrew
+Redis' compact bucket encoding is rebuilt wider and flipped atomically."""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import pytest
+from psycopg2 import sql
+
+from precompute_assets.serving import PredictionCache
+from precompute_assets.serving.keys import EMBEDDING_KIND, Pointer
+from precompute_assets.storage.documents import DocumentStore
+from precompute_assets.storage.embeddings import (
+    EmbeddingStore,
+    sample_documents,
+    sample_query,
+    stale_count_query,
+)
+from precompute_assets.sync.embeddings import sync_embeddings
+
+N_BIG = 50_000
+STALE = 120  # documents past the watermark, all changed over 24 h ago
+
+
+def quiet(message: str) -> None:
+    pass
+
+
+@pytest.fixture
+def big(app_db) -> DocumentStore:
+    docs = DocumentStore(app_db, table="big_documents")
+    docs.ensure_schema()
+    with docs._connect() as conn, conn.cursor() as cur:
+        cur.execute(
+            "INSERT INTO big_documents (doc_id, title, body, language, modified_at)"
+            " SELECT 'doc' || lpad(i::text, 8, '0'), 'title ' || i, 'some words of body ' || i, 'en',"
+            " now() - interval '48 hours' - i * interval '1 second' FROM generate_series(1, %s) i",
+            (N_BIG,),
+        )
+        cur.execute("ANALYZE big_documents")
+    return docs
+
+
+def plan_nodes(cur, query: sql.Composable, params: tuple) -> list[dict]:
+    cur.execute(sql.SQL("EXPLAIN (ANALYZE, FORMAT JSON) ") + query, params)
+    nodes, todo = [], [cur.fetchone()[0][0]["Plan"]]
+    while todo:
+        node = todo.pop()
+        nodes.append(node)
+        todo.extend(node.get("Plans", []))
+    return nodes
+
+
+def test_the_recall_sample_reads_a_bounded_share_of_the_table(big):
+    n = 500
+    with big._connect() as conn, conn.cursor() as cur:
+        nodes = plan_nodes(cur, *sample_query(big.table, 100.0 * 3 * n / N_BIG, n, 42))
+    types = {node["Node Type"] for node in nodes}
+    assert "Seq Scan" not in types and "Sample Scan" in types, types
+    scanned = sum(node["Actual Rows"] for node in nodes if node["Node Type"] == "Sample Scan")
+    assert n <= scanned <= 10 * n  # ~3n rows of ~3 % of the pages, not 50,000 sorted by random()
+
+    picked = sample_documents(big, n)
+    assert len(picked) == n and len({doc_id for doc_id, _, _ in picked}) == n
+    assert picked == sample_documents(big, n)  # repeatable
+    assert {d for d, _, _ in picked} != {d for d, _, _ in sample_documents(big, n, seed=7)}
+    assert len(sample_documents(big, N_BIG * 2)) == N_BIG  # asking for more than there is: all of it
+
+
+def test_the_staleness_check_reads_only_the_backlog_past_the_watermark(big, app_db):
+    store = EmbeddingStore(app_db)
+    store.ensure_schema()
+    store.start_build("m1", "v1", 1)
+    with big._connect() as conn, conn.cursor() as cur:
+        cur.execute("SELECT modified_at, doc_id FROM big_documents ORDER BY modified_at DESC, doc_id LIMIT 1 OFFSET %s",
+                    (STALE,))  # fmt: skip
+        watermark = cur.fetchone()
+        cur.execute(
+            "INSERT INTO big_documents (doc_id, title, body, modified_at) SELECT 'new' || i, 't', 'b', now()"
+            " FROM generate_series(1, 30) i"
+        )  # fmt: skip  (changed within 24 h: not stale yet)
+    store.commit_chunk("m1", [], [], [], watermark)
+
+    with big._connect() as conn, conn.cursor() as cur:
+        nodes = plan_nodes(cur, *stale_count_query(sql.Identifier(big.table), watermark, 24))
+    assert "Seq Scan" not in {node["Node Type"] for node in nodes}
+    assert sum(node["Actual Rows"] for node in nodes if "Scan" in node["Node Type"]) <= 2 * STALE + 30
+
+    share, stale, total = store.stale_share(big, "m1", max_age_hours=24)
+    assert stale == STALE
+    assert abs(total - N_BIG) < N_BIG * 0.1  # the planner's estimate of the live documents over 24 h old
+    assert share == pytest.approx(STALE / total)
+
+
+class HashEmbedder:
+    """Deterministic random unit vectors per text: fast, for tests of the sync itself."""
+
+    version = "hash16-test"
+    dim = 16
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        vectors = np.stack([np.random.default_rng(zlib.crc32(t.encode())).standard_normal(16) for t in texts])
+        return (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+
+
+def frame(start: int, n: int, title: str = "title") -> pd.DataFrame:
+    ids = range(start, start + n)
+    return pd.DataFrame({"doc_id": [f"d{i:06d}" for i in ids], "title": [f"{title} {i}" for i in ids],
+                         "body": [f"words {i}" for i in ids], "language": ["en"] * n})  # fmt: skip
+
+
+def test_a_version_that_outgrew_its_buckets_is_rebuilt_wider_and_flipped(app_db, redis_client, schema):
+    docs = DocumentStore(app_db)
+    docs.ensure_schema()
+    docs.load_frame(frame(0, 300))
+    store, embedder = EmbeddingStore(app_db), HashEmbedder()
+    first = sync_embeddings(docs, store, redis_client, embedder, schema=schema, log=quiet)
+    assert Pointer.decode(redis_client.get(schema.pointer(EMBEDDING_KIND))) == Pointer(first.redis_version, 5)
+
+    docs.load_frame(frame(300, 500))  # 800 documents in 5 buckets: 160 a bucket, past listpack's 128
+    grown = sync_embeddings(docs, store, redis_client, embedder, schema=schema, grace_s=60, log=quiet)
+    assert grown.embedded == 500 and grown.rebuilt_buckets == (5, 13)
+    assert grown.redis_version != first.redis_version
+    assert Pointer.decode(redis_client.get(schema.pointer(EMBEDDING_KIND))) == Pointer(grown.redis_version, 13)
+    assert store.progress(embedder.version).redis_version == grown.redis_version
+    assert store.progress(embedder.version).buckets == 13
+    old = schema.bucket(EMBEDDING_KIND, first.redis_version, 0)
+    # past Redis' default hash-max-listpack-entries (128): a hashtable there (the embedded server allows 512)
+    assert redis_client.hlen(old) > 128
+    assert 0 < redis_client.ttl(old) <= 60  # the old version lives out its grace
+    new = [schema.bucket(EMBEDDING_KIND, grown.redis_version, b) for b in range(13)]
+    assert {redis_client.object("encoding", name) for name in new} == {b"listpack"}
+    assert max(redis_client.hlen(name) for name in new) <= 128
+    assert all(redis_client.ttl(name) > 0 for name in new)
+    cache = PredictionCache(redis_client, schema=schema, pointer_ttl_s=0)
+    ids = [f"d{i:06d}" for i in range(800)]
+    served = cache.get_embeddings(ids)
+    assert all(v is not None for v in served)
+    np.testing.assert_allclose(served[7], embedder.encode(["title 7\nwords 7"])[0], atol=0.02)  # int8
+
+    # The next sync patches the wider version in place: no second rebuild.
+    docs.load_frame(frame(5, 1, title="changed"))
+    docs.delete(["d000009"])
+    after = sync_embeddings(docs, store, redis_client, embedder, schema=schema, log=quiet)
+    assert (after.embedded, after.deleted, after.rebuilt_buckets) == (1, 1, None)
+    assert after.redis_version == grown.redis_version
+    np.testing.assert_allclose(cache.get_embedding("d000005"), embedder.encode(["changed 5\nwords 5"])[0], atol=0.02)
+    assert cache.get_embedding("d000009") is None
