@@ -324,7 +324,9 @@ def pa_table(frame, schema):
     return pa.Table.from_pandas(frame, schema=schema, preserve_index=False)
 
 
-def bench_embed(redis_url: str, app_db_url: str, *, docs: int = 1_000_000, chunk_size: int = 20_000) -> dict:
+def bench_embed(
+    redis_url: str, app_db_url: str, *, docs: int = 1_000_000, chunk_size: int = 20_000, service_docs: int = 100_000
+) -> dict:
     """End-to-end embedding sync (PostgreSQL → embed → quantise → offline store → Redis) vs the
     embedder's raw encode on the same texts; Redis bytes per document; lookup latency vs a bare GET."""
     from ..ml.embedder import HashingSvdEmbedder, check_document
@@ -396,8 +398,52 @@ def bench_embed(redis_url: str, app_db_url: str, *, docs: int = 1_000_000, chunk
             "raw_get_p99_us": percentile_us(bare, 99),
             "recall_at_10_int8": round(recall, 4),
             "model_version": embedder.version,
+            **bench_service_sync(db_url, client, schema, service_docs=min(docs, service_docs)),
         }
     return result
+
+
+def bench_service_sync(db_url: str, client, schema: KeySchema, *, service_docs: int) -> dict:
+    """The HTTP embedding backend against a stub that answers at once (``stub_embedding_service``): docs/s of a
+    full sync of the first ``service_docs`` documents through it, beside its bare ``encode`` of the same texts
+    (the service round trips alone) in the same run; ``service_overhead`` = the sync's extra time over that."""
+    from ..ml.embedder import check_document
+    from ..ml.embedding_service import HttpEmbedder
+    from ..storage.documents import DocumentStore
+    from ..storage.embeddings import EmbeddingStore
+    from ..storage.postgres import transaction
+    from ..sync.embeddings import sync_embeddings
+    from .stub_embedding_service import stub_embedding_service
+
+    subset = DocumentStore(db_url, table="service_docs")
+    subset.ensure_schema()
+    with transaction(db_url) as conn, conn.cursor() as cur:  # the same documents, copied inside PostgreSQL
+        cur.execute(
+            "INSERT INTO service_docs SELECT * FROM documents WHERE NOT deleted ORDER BY doc_id LIMIT %s",
+            (service_docs,),
+        )
+        cur.execute("SELECT title, body FROM service_docs")
+        texts = [check_document(title, body)[0] for title, body in cur.fetchall()]
+    with stub_embedding_service() as url:
+        embedder = HttpEmbedder(url=url, model="stub", batch_size=64, max_concurrency=4)
+        embedder.encode(texts[:256])  # warm: the dimension, the connections
+        started = time.perf_counter()
+        embedder.encode(texts)
+        encode_s = time.perf_counter() - started
+        service_schema = KeySchema(f"{schema.namespace}s")
+        try:
+            stats = sync_embeddings(subset, EmbeddingStore(db_url), client, embedder, schema=service_schema,
+                                    chunk_size=10_000, log=lambda message: None)  # fmt: skip
+        finally:
+            drop_namespace(client, service_schema)
+    return {
+        "service_docs": stats.embedded,
+        "service_failed": stats.failed,
+        "service_docs_per_s": round(stats.embedded / stats.seconds),
+        "service_encode_only_docs_per_s": round(len(texts) / encode_s),
+        "service_overhead": round((stats.seconds - encode_s) / encode_s, 3),
+        "service_stub": "OpenAI-compatible, answers at once, its own process; batch 64, 4 requests at once",
+    }
 
 
 def bench_campaign(

@@ -119,3 +119,14 @@ def test_bench_rerank_reports_ours_beside_a_bare_hmget(redis_url, redis_client):
     assert 0 < result["rerank_p50_us"] <= result["rerank_p99_us"] and result["raw_hmget_p99_us"] > 0
     assert result["p99_ratio"] == round(result["rerank_p99_us"] / result["raw_hmget_p99_us"], 3)
     assert not list(redis_client.scan_iter("bench*"))
+
+
+def test_bench_embed_reports_the_service_backend_beside_its_bare_encode(redis_url, app_db_url, redis_client):
+    from precompute_assets.tools.bench import bench_embed
+
+    result = bench_embed(redis_url, app_db_url, docs=3000, chunk_size=1000, service_docs=600)
+    assert result["docs"] == 3000 and result["failed"] == 0
+    assert result["service_docs"] == 600 and result["service_failed"] == 0
+    assert result["service_docs_per_s"] > 0 and result["service_encode_only_docs_per_s"] > 0
+    assert 0 < result["recall_at_10_int8"] <= 1
+    assert not list(redis_client.scan_iter("bench*"))
