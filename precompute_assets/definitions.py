@@ -29,7 +29,7 @@ from .defs.resources import build_resources
 from .defs.selection import ad_demand, top_ads, traffic_profile
 from .defs.settings import Settings, load_settings
 from .defs.sources import ad_impressions, ads
-from .defs.tasks import precompute_tasks_job, user_event_sensor
+from .defs.tasks import live_refresh_sensor, precompute_tasks_job, user_event_sensor
 from .defs.user_events import (
     build_user_event_schedules,
     next_action_model,
@@ -81,6 +81,7 @@ def build_definitions(settings: Settings, executor: dg.ExecutorDefinition | None
             campaign_launch_sensor,
             build_cache_health_sensor(partitions.timezone),
             user_event_sensor,
+            live_refresh_sensor,
         ],
         schedules=[
             *build_schedules(partitions),

@@ -57,7 +57,7 @@ def test_asset_keys_checks_jobs_schedules_sensors():
         "campaign_warming_backstop", "user_events_hourly", "next_action_model_daily",
     }  # fmt: skip
     assert {s.name for s in r.sensor_defs} == {
-        "documents_changed", "campaign_launch_sensor", "cache_health", "user_event_sensor",
+        "documents_changed", "campaign_launch_sensor", "cache_health", "user_event_sensor", "live_refresh_sensor",
     }  # fmt: skip
 
 
@@ -214,5 +214,5 @@ def test_importing_reads_no_setting():
 def test_every_schedule_and_sensor_runs_by_default():
     r = repo()
     statuses = {d.name: d.default_status for d in [*r.schedule_defs, *r.sensor_defs]}
-    assert len(statuses) == 11
+    assert len(statuses) == 12
     assert {name: status.value for name, status in statuses.items()} == dict.fromkeys(statuses, "RUNNING")

@@ -23,8 +23,12 @@ STALE_AFTER_HOURS = 24  # a document changed longer ago than this should have it
 
 
 class EmbeddingModelConfig(dg.Config):
-    backend: str = "hashing-svd"  # or "sentence-transformers" (optional extra) or "http" (a service)
-    model: str = ""  # sentence-transformers: a local path or an installed model name; http: the model name
+    # or "pretrained" (a multilingual encoder shipped with its weights, extra "pretrained"), "http" (a service),
+    # "sentence-transformers" (optional extra)
+    backend: str = "hashing-svd"
+    # pretrained: use-multilingual-v3 (default) or multilingual-e5-small; http: the service's model name;
+    # sentence-transformers: a local path or an installed model name
+    model: str = ""
     dim: int = 300  # hashing-svd: dimensions fitted (http: the service's, asked once)
     sample: int = 20_000
     # backend "http": an inference service (OpenAI-compatible /v1/embeddings, or api "tei": /embed)
@@ -47,6 +51,10 @@ def load_embedder(path: Path):
         return SentenceTransformerEmbedder(meta["model"])
     if meta["backend"] == "http":
         return http_embedder_from_config(meta)  # the dimension saved at fit: no probe request
+    if meta["backend"] == "pretrained":
+        from ..ml.pretrained import PretrainedEmbedder
+
+        return PretrainedEmbedder(meta["model"] or "use-multilingual-v3")
     return HashingSvdEmbedder.load(path / "hashing_svd")
 
 
@@ -67,6 +75,10 @@ def embedding_model(
         settings = {name: getattr(config, name) for name in HTTP_SETTINGS}
         embedder, sampled = http_embedder_from_config(settings), 0  # dim 0: one probe request
         saved |= settings | {"dim": embedder.dim}  # url "" stays "": read from the environment at load
+    elif config.backend == "pretrained":
+        from ..ml.pretrained import PretrainedEmbedder
+
+        embedder, sampled = PretrainedEmbedder(config.model or "use-multilingual-v3"), 0
     elif config.backend != "hashing-svd":
         raise dg.Failure(description=f"unknown embedding backend {config.backend!r}")
     else:

@@ -17,6 +17,11 @@ user's ``next_actions`` (7) and the tenant's ``dashboard`` (3, a refresh). Predi
 the model gives a user's next action a probability of at least the sensor's confidence (0.5), the tasks that action
 needs are requested as background work (1): ``dashboard_view`` and ``analytics_view`` -> the tenant's dashboard.
 
+Live values are written with their type's TTL. ``live_refresh_sensor`` (every minute) keeps the hot ones warm: the
+keys of registered task types that had hits in the query log in the last 10 minutes and whose live value has less
+than 20 % of its type's TTL left are requested again as runs at priority 3 (refresh); keys nobody read lately (the
+cold tail) are left to expire (``serving.refresh``, ``plan_refresh``).
+
 Your own task types live in your own module: call ``register_task_type`` (and ``on_event`` / ``on_predicted``)
 there, and name the module in an entry point of the group ``precompute_assets.task_types`` so that every process
 (the sensor's code location and the run workers) imports it; ``task_registry()`` loads the entry points once.
@@ -37,6 +42,7 @@ import numpy as np
 import pandas as pd
 
 from ..ml import ctr, next_action
+from ..serving import refresh
 from ..serving.events import ACTION_INDEX, read_event_window, read_events_after, validate_event
 from ..serving.keys import KIND_PATTERN, RESERVED_KINDS, check_key, codec_for
 from ..serving.publish import write_live_values
@@ -607,7 +613,7 @@ def build_user_event_sensor(
     confidence: float = DEFAULT_CONFIDENCE,
     max_events: int = 100_000,
     first_lookback_s: int = 300,
-    minimum_interval_seconds: int = 15,
+    minimum_interval_seconds: int = 5,
     registry: Callable[[], TaskRegistry] = task_registry,
 ) -> dg.SensorDefinition:
     """The sensor: reads the events after its cursor (a stream ID; a first tick starts ``first_lookback_s`` back),
@@ -646,3 +652,121 @@ def build_user_event_sensor(
 
 
 user_event_sensor = build_user_event_sensor()
+
+
+# --- proactive refresh ---------------------------------------------------------------------------------------
+
+REFRESH_PRIORITY = 3
+
+
+@dataclass
+class RefreshPlan:
+    """What one refresh tick found: hot keys of task kinds, how many of them are due, and the requests."""
+
+    plan: TickPlan
+    entries_read: int = 0
+    hot: int = 0
+    due: int = 0
+    cooling: int = 0  # due, but requested less than cooldown_s ago (its run is still queued, or it failed)
+    requested: dict[str, dict[str, int]] = field(default_factory=dict)  # task -> entity -> requested at (ms)
+
+
+def plan_refresh(
+    registry: TaskRegistry,
+    client: Any,
+    schema: Any,
+    *,
+    now_ms: int,
+    window_s: int = refresh.DEFAULT_WINDOW_S,
+    fraction: float = refresh.DEFAULT_FRACTION,
+    min_hits: int = 1,
+    max_entries: int = refresh.DEFAULT_MAX_ENTRIES,
+    max_keys: int = 10_000,
+    cooldown_s: int = 600,
+    requested: dict[str, dict[str, int]] | None = None,
+) -> RefreshPlan:
+    """The live keys of registered task types that had hits in the query log in the last ``window_s`` and whose
+    ``PTTL`` is below ``fraction`` of their type's TTL (``serving.refresh``), at most ``max_keys`` (soonest expiry
+    first), each at ``REFRESH_PRIORITY``, skipping those requested in the last ``cooldown_s`` (``requested``)."""
+    task_of: dict[str, TaskType] = {}
+    for task in registry.types.values():
+        task_of.setdefault(task.cache_kind, task)  # two types of one kind: the first registered refreshes it
+    since = {
+        task: {entity: at for entity, at in entities.items() if now_ms - at < cooldown_s * 1000}
+        for task, entities in (requested or {}).items()
+    }
+    out = RefreshPlan(TickPlan(), requested={task: entities for task, entities in since.items() if entities})
+    if not task_of:
+        return out
+    hot, out.entries_read = refresh.read_recent_hits(
+        client, schema, task_of, since_ms=now_ms - window_s * 1000, max_entries=max_entries, min_hits=min_hits
+    )
+    out.hot = len(hot)
+    pttls = refresh.live_pttls(client, schema, hot)
+    due = refresh.due_for_refresh(pttls, {kind: task.ttl_s for kind, task in task_of.items()}, fraction=fraction)
+    out.due = len(due)
+    for kind, key in due:
+        task = task_of[kind].name
+        if key in out.requested.get(task, {}):
+            out.cooling += 1
+            continue
+        if len(out.plan.wanted) >= max_keys:
+            break
+        out.plan.want(task, key, REFRESH_PRIORITY)
+        out.requested.setdefault(task, {})[key] = now_ms
+    return out
+
+
+def build_live_refresh_sensor(
+    *,
+    name: str = "live_refresh_sensor",
+    window_s: int = refresh.DEFAULT_WINDOW_S,
+    fraction: float = refresh.DEFAULT_FRACTION,
+    min_hits: int = 1,
+    max_entries: int = refresh.DEFAULT_MAX_ENTRIES,
+    max_keys: int = 10_000,
+    cooldown_s: int = 600,
+    minimum_interval_seconds: int = 60,
+    registry: Callable[[], TaskRegistry] = task_registry,
+) -> dg.SensorDefinition:
+    """The sensor that keeps hot live values of task types warm: every minute, the keys read (hits) in the last
+    ``window_s`` whose remaining TTL is below ``fraction`` of their type's TTL are requested as
+    ``precompute_tasks_job`` runs at priority 3 (refresh); keys nobody read lately are left to expire. Its cursor
+    remembers what it requested in the last ``cooldown_s`` so that a queued run is not requested again."""
+
+    @dg.sensor(
+        name=name,
+        job=precompute_tasks_job,
+        minimum_interval_seconds=minimum_interval_seconds,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description=f"Refresh live values of task types that were read in the last {window_s // 60} minutes and "
+        f"expire within {fraction:.0%} of their TTL (dagster/priority 3); the cold tail is left to expire.",
+    )
+    def live_refresh_sensor(context: dg.SensorEvaluationContext, redis: RedisResource):
+        started, now_ms = time.perf_counter(), time.time_ns() // 1_000_000
+        try:
+            requested = json.loads(context.cursor)["requested"] if context.cursor else {}
+        except (ValueError, KeyError, TypeError):
+            requested = {}
+        tasks = registry()
+        found = plan_refresh(
+            tasks, redis.client(), redis.schema(), now_ms=now_ms, window_s=window_s, fraction=fraction,
+            min_hits=min_hits, max_entries=max_entries, max_keys=max_keys, cooldown_s=cooldown_s,
+            requested=requested,
+        )  # fmt: skip
+        requests = run_requests(tasks, found.plan, f"refresh:{now_ms}")
+        cursor = json.dumps({"requested": found.requested}, separators=(",", ":"), sort_keys=True)
+        summary = (
+            f"{found.entries_read} query-log entries, {found.hot} hot keys, {found.due} due "
+            f"({found.cooling} already requested), {len(found.plan.wanted)} refreshed in {len(requests)} runs, "
+            f"{time.perf_counter() - started:.2f} s"
+        )
+        context.log.info(summary)
+        if not requests:
+            return dg.SensorResult(skip_reason=summary, cursor=cursor)
+        return dg.SensorResult(run_requests=requests, cursor=cursor)
+
+    return live_refresh_sensor
+
+
+live_refresh_sensor = build_live_refresh_sensor()

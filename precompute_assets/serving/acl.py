@@ -60,10 +60,18 @@ PUBLISHER_COMMANDS = (
 )  # fmt: skip
 
 # The reader's root permissions: these commands read anywhere in the namespace, and write nowhere.
-READER_COMMANDS = (*CONNECTION_COMMANDS, "get", "hget", "hmget")  # pointer + experiment, buckets, live values
+READER_COMMANDS = (
+    *CONNECTION_COMMANDS,
+    "get",
+    "hget",
+    "hmget",
+    "pttl",
+)  # pointer, experiment, buckets, live values; PTTL: XFetch
 # Each of its writes is granted only with the keys it writes, as a Redis 7 selector ``(keys commands)``.
 READER_WRITES = (
     ("~{prefix}:{kind}:live:*", ("set",)),  # get_or_compute: SET EX of an admitted live value
+    ("~{prefix}:{kind}:delta:*", ("set",)),  # get_or_compute: SET EX of its compute seconds (XFetch's delta)
+    ("~{prefix}:{kind}:lock:*", ("set",)),  # get_or_compute: SET NX PX of the recompute lock, SET 0 PX 1 XX releases
     ("~{prefix}:{kind}:seen:*", ("set",)),  # second_miss: SET PX NX GET of the marker (reads it back: ~)
     ("~{prefix}:{kind}:sketch", ("bitfield", "eval", "set")),  # frequency: INCRBY, and the aging script's SET
     ("%W~{prefix}:qlog", ("xadd",)),  # the query logger: XADD MAXLEN, write-only (the stream is never read back)

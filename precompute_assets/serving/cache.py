@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import math
+import random
 import struct
 import time
 from collections.abc import Callable, Sequence
@@ -26,6 +29,49 @@ from .keys import (
 from .querylog import QueryLogger
 
 FAILED = object()  # a cluster reply that did not come: an error reply, or its master failed
+DEFAULT_XFETCH_BETA = 1.0
+DEFAULT_RECOMPUTE_LOCK_MS = 1000
+DEFAULT_LOCK_POLL_S = 0.005
+
+log = logging.getLogger(__name__)
+
+
+def live_delta_key(schema: KeySchema, kind: str, key: str) -> str:
+    """``{ns}:1:{kind}:delta:{key}``: the seconds (decimal text) the live value of ``key`` took to compute, written
+    by ``get_or_compute`` beside the value with the same TTL (the XFetch rule's delta)."""
+    return f"{schema.prefix}:{check_kind(kind)}:delta:{check_key(key)}"
+
+
+def recompute_lock_key(schema: KeySchema, kind: str, key: str) -> str:
+    """``{ns}:1:{kind}:lock:{key}``: held (``SET NX PX``) by the one reader recomputing the live value of ``key``."""
+    return f"{schema.prefix}:{check_kind(kind)}:lock:{check_key(key)}"
+
+
+def xfetch_due(ttl_ms: int | None, delta_s: float | None, beta: float, rand: float) -> bool:
+    """The XFetch rule (Vattani et al., "Optimal probabilistic cache stampede prevention", VLDB 2015): recompute
+    early when ``now - delta * beta * ln(rand) >= expiry``, i.e. when ``-delta * beta * ln(rand) >= ttl``.
+    ``rand`` is uniform in (0, 1]; an unknown delta or TTL, or a key without expiry (``ttl_ms < 0``), is never
+    due."""
+    if ttl_ms is None or delta_s is None or ttl_ms < 0 or beta <= 0 or delta_s <= 0:
+        return False
+    return -delta_s * beta * math.log(max(rand, 1e-300)) * 1000.0 >= ttl_ms
+
+
+def _release_command(schema: KeySchema, kind: str, key: str) -> tuple[bytes | str, ...]:
+    """Let a recompute lock lapse within a millisecond: ``SET {lock} 0 PX 1 XX`` (only ``SET`` is granted on lock
+    keys; waiters read ``0`` as released)."""
+    return (b"SET", recompute_lock_key(schema, kind, key), b"0", b"PX", b"1", b"XX")
+
+
+def _seconds(raw: Any) -> float | None:
+    """A stored delta (decimal seconds) as a float; anything else is unknown."""
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) and value >= 0 else None
 
 
 class PredictionCache:
@@ -43,6 +89,9 @@ class PredictionCache:
     round trips per refresh, see ``publish.flip_pointer``), so the new version is never paired with the old
     experiment.
 
+    ``get_or_compute`` protects hot live values from stampedes (the XFetch rule and a short recompute lock, see
+    its docstring); ``computes``, ``early_recomputes``, ``lock_waits`` and ``refused`` count what that did.
+
     Kinds and keys are checked first (``keys.check_kind``, ``keys.check_key``): a malformed one raises
     ``ValueError`` before anything is read or stored.
     """
@@ -58,7 +107,16 @@ class PredictionCache:
         pointer_ttl_s: float = 1.0,
         backoff_s: float = 1.0,
         admission: AdmissionPolicy | str = "always",
+        xfetch_beta: float = DEFAULT_XFETCH_BETA,
+        recompute_lock_ms: int = DEFAULT_RECOMPUTE_LOCK_MS,
+        lock_poll_s: float = DEFAULT_LOCK_POLL_S,
     ) -> None:
+        if not xfetch_beta >= 0:
+            raise ValueError(f"xfetch_beta must be >= 0 (0: no early recomputation), got {xfetch_beta}")
+        if not isinstance(recompute_lock_ms, int) or recompute_lock_ms < 0:
+            raise ValueError(f"recompute_lock_ms must be an integer >= 0 (0: no lock), got {recompute_lock_ms!r}")
+        if not lock_poll_s > 0:
+            raise ValueError(f"lock_poll_s must be positive, got {lock_poll_s}")
         self.client = client
         self.admission = admission_policy(admission)
         self.schema = schema or KeySchema()
@@ -71,6 +129,15 @@ class PredictionCache:
         self.hits = 0
         self.misses = 0
         self.rejected = 0
+        self.xfetch_beta = float(xfetch_beta)
+        self.recompute_lock_ms = recompute_lock_ms
+        self.lock_poll_s = lock_poll_s
+        self.computes = 0  # calls of get_or_compute's compute
+        self.early_recomputes = 0  # of them, XFetch recomputations of a value that was still there
+        self.lock_waits = 0  # misses served with the value another reader computed while holding the lock
+        self.refused = 0  # NOPERM on PTTL / the delta or lock keys: XFetch and the lock are then off for this client
+        self._stampede_refused = False
+        self._random = random.Random()
         self._pointers: dict[str, tuple[Pointer | None, Experiment | None, float]] = {}
         self._retry_at = 0.0
         # Redis Cluster: lookups go to each master directly, and a failing master backs off alone (its keys are
@@ -140,16 +207,69 @@ class PredictionCache:
         admission: AdmissionPolicy | str | None = None,
     ) -> Any:
         """The cached value, or ``compute(key)``, stored with the live TTL if the admission policy (this
-        call's ``admission``, else the cache's) admits it. Redis trouble never raises here."""
+        call's ``admission``, else the cache's) admits it. Redis trouble never raises here.
+
+        Stampede protection (on unless ``xfetch_beta=0`` and ``recompute_lock_ms=0``, the plain read-through):
+
+        - the live ``GET`` carries ``PTTL`` of the value and ``GET {kind}:delta:{key}`` (the seconds its last
+          computation took, written beside it with the same TTL) in the same round trip; a value that is still
+          there is recomputed early when the XFetch rule says so (``xfetch_due``: ``-delta * beta * ln(rand) >=
+          ttl``), by the one reader that wins the lock; every other reader keeps serving the value it read;
+        - a miss that will be stored takes the lock ``{kind}:lock:{key}`` (``SET NX PX recompute_lock_ms``) before
+          computing; a reader that finds it taken polls the live value every ``lock_poll_s`` for at most
+          ``recompute_lock_ms`` (less if the lock goes away) and computes itself if the value still is not there.
+
+        A value without a delta (written by a task run) is never recomputed early. A reader whose ACL refuses
+        ``PTTL`` or the delta/lock keys (``NOPERM``) falls back to the plain read-through, counted in ``refused``.
+        """
         check_kind(kind)
         check_key(key)
         policy = self.admission if admission is None else admission_policy(admission)
+        early_on = self.xfetch_beta > 0 and not self._stampede_refused
+        if not early_on and (self.recompute_lock_ms <= 0 or self._stampede_refused):
+            return self._get_or_compute_plain(kind, key, compute, policy, user, tenant)
         start = time.perf_counter_ns()
-        raw, decision = self._lookup_admitting(kind, key, policy)
+        raw, decision, ttl_ms, delta_s = self._lookup_admitting(kind, key, policy, extras=early_on)
+        cached = self._decode(kind, raw)
+        self._log(kind, key, cached is not None, start, user, tenant)
+        if cached is not None:
+            if decision is not None and xfetch_due(ttl_ms, delta_s, self.xfetch_beta, 1.0 - self._random.random()):
+                lock = self._take_lock(kind, key)
+                if lock is not False and self._available():  # ours, or no lock (off): recompute; else the holder does
+                    self.early_recomputes += 1
+                    return self._compute_and_store(kind, key, compute, policy, None, locked=lock is True)
+            return cached
+        if decision is None or not self._available():
+            self.computes += 1
+            return compute(key)  # Redis failed during the lookup: nothing is stored
+        if not decision.admit:
+            self.rejected += 1
+            return self._compute_and_store(kind, key, compute, policy, decision, store=False)
+        lock = self._take_lock(kind, key)
+        if lock is False:  # another reader computes it: wait for its value, bounded
+            waited = self._decode(kind, self._wait_for_value(kind, key))
+            if waited is not None:
+                self.lock_waits += 1
+                return waited
+        return self._compute_and_store(kind, key, compute, policy, decision, locked=lock is True)
+
+    def _get_or_compute_plain(
+        self,
+        kind: str,
+        key: str,
+        compute: Callable[[str], Any],
+        policy: AdmissionPolicy,
+        user: str | None,
+        tenant: str | None,
+    ) -> Any:
+        """The read-through without XFetch or lock: every reader that misses computes and stores."""
+        start = time.perf_counter_ns()
+        raw, decision, _, _ = self._lookup_admitting(kind, key, policy)
         cached = self._decode(kind, raw)
         self._log(kind, key, cached is not None, start, user, tenant)
         if cached is not None:
             return cached
+        self.computes += 1
         value = compute(key)
         if decision is None or not self._available():
             return value  # Redis failed during the lookup: nothing is stored
@@ -197,6 +317,148 @@ class PredictionCache:
                 logger.close()
                 logger.client.close()
         self.client.close()
+
+    # --- stampede protection ----------------------------------------------------------------------------
+
+    def _compute_and_store(
+        self,
+        kind: str,
+        key: str,
+        compute: Callable[[str], Any],
+        policy: AdmissionPolicy,
+        decision: Decision | None,
+        *,
+        store: bool = True,
+        locked: bool = False,
+    ) -> Any:
+        """``compute(key)``, timed; stored with its delta when ``store``; the policy's housekeeping after a miss
+        (``decision``; None for an early recomputation, which is no miss). Redis errors are absorbed."""
+        self.computes += 1
+        started = time.perf_counter()
+        try:
+            value = compute(key)
+        except BaseException:
+            if locked:  # let the waiting readers compute for themselves now
+                self._release_lock(kind, key)
+            raise
+        delta_s = time.perf_counter() - started
+        if not self._available():
+            return value
+        try:
+            if store:
+                self._store(kind, key, codec_for(kind).encode(value), delta_s, release=locked)
+            if decision is not None:
+                policy.after_miss(self.client, self.schema, kind, decision)
+        except REDIS_ERRORS:  # OOM, READONLY, a dead server: the caller still gets its value
+            self._trip()
+        return value
+
+    def _store(self, kind: str, key: str, encoded: bytes, delta_s: float, *, release: bool = False) -> None:
+        """``SET`` the live value with the live TTL and, when XFetch is on, its delta beside it; ``release`` lets the
+        recompute lock lapse after them (``_release_lock``). One round trip."""
+        name, ttl = self.schema.live(kind, key), b"%d" % self.live_ttl_s
+        commands: list[tuple[Any, ...]] = [(b"SET", name, encoded, b"EX", ttl)]
+        with_delta = self.xfetch_beta > 0 and not self._stampede_refused
+        if with_delta:
+            commands.append((b"SET", live_delta_key(self.schema, kind, key), b"%.6f" % delta_s, b"EX", ttl))
+        if release:
+            commands.append(_release_command(self.schema, kind, key))
+        if self._cluster:
+            self._cluster_fetch(commands)
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        replies = pipe.execute(raise_on_error=False)
+        if isinstance(replies[0], BaseException):
+            raise replies[0]
+        if with_delta:
+            self._extra_reply(replies[1])  # the release's reply (if any) needs nothing: the lock lapses anyway
+
+    def _take_lock(self, kind: str, key: str) -> bool | None:
+        """True: this reader holds the recompute lock; False: another does; None: no lock (off, refused, or
+        Redis failed: compute without one)."""
+        if self.recompute_lock_ms <= 0 or self._stampede_refused or not self._available():
+            return None
+        command = (
+            b"SET",
+            recompute_lock_key(self.schema, kind, key),
+            b"1",
+            b"NX",
+            b"PX",
+            b"%d" % self.recompute_lock_ms,
+        )
+        if self._cluster:
+            (reply,) = self._cluster_fetch([command])
+            return None if reply is FAILED else reply is not None
+        try:
+            return self.client.execute_command(*command) is not None
+        except redis.exceptions.NoPermissionError:
+            self._refuse()
+            return None
+        except REDIS_ERRORS:
+            self._trip()
+            return None
+
+    def _release_lock(self, kind: str, key: str) -> None:
+        """Let the lock lapse within a millisecond (``SET ... PX 1 XX``: only ``SET`` is granted on lock keys)."""
+        command = _release_command(self.schema, kind, key)
+        if self._cluster:
+            self._cluster_fetch([command])
+            return
+        try:
+            self.client.execute_command(*command)
+        except REDIS_ERRORS:
+            self.errors += 1
+
+    def _wait_for_value(self, kind: str, key: str) -> bytes | None:
+        """Poll the live value (and the lock) every ``lock_poll_s`` for at most ``recompute_lock_ms``: the value
+        once the lock holder stored it; None when the time is up, the lock went away without a value, or Redis
+        failed."""
+        live, lock = self.schema.live(kind, key), recompute_lock_key(self.schema, kind, key)
+        deadline = time.monotonic() + self.recompute_lock_ms / 1000
+        while time.monotonic() < deadline:
+            time.sleep(min(self.lock_poll_s, max(0.0, deadline - time.monotonic())))
+            if self._cluster:
+                raw, held = self._cluster_fetch([(b"GET", live), (b"GET", lock)])
+                if raw is FAILED:
+                    return None
+            else:
+                try:
+                    pipe = self.client.pipeline(transaction=False)
+                    pipe.get(live)
+                    pipe.get(lock)
+                    raw, held = pipe.execute()
+                except REDIS_ERRORS:
+                    self._trip()
+                    return None
+            if raw is not None:
+                return raw
+            if held is None or held == b"0":
+                return None
+        return None
+
+    def _extra_reply(self, reply: Any) -> Any:
+        """A reply of PTTL / the delta key: an error is None (unknown), and NOPERM turns the extras off."""
+        if isinstance(reply, redis.exceptions.NoPermissionError):
+            self._refuse()
+            return None
+        if isinstance(reply, BaseException) or reply is FAILED:
+            if reply is not FAILED:
+                self.errors += 1
+            return None
+        return reply
+
+    def _refuse(self) -> None:
+        if not self._stampede_refused:
+            log.warning(
+                "the Redis user may not run PTTL or write %s:*:delta:* / %s:*:lock:*: get_or_compute falls back to "
+                "the plain read-through (no early recomputation, no lock); see serving.acl",
+                self.schema.prefix,
+                self.schema.prefix,
+            )
+        self._stampede_refused = True
+        self.refused += 1
 
     # --- internals ------------------------------------------------------------------------------------
 
@@ -325,48 +587,68 @@ class PredictionCache:
             self._trip()
             return None
 
-    def _lookup_admitting(self, kind: str, key: str, policy: AdmissionPolicy) -> tuple[bytes | None, Decision | None]:
+    def _lookup_admitting(
+        self, kind: str, key: str, policy: AdmissionPolicy, *, extras: bool = False
+    ) -> tuple[bytes | None, Decision | None, int | None, float | None]:
         """``_lookup`` whose live ``GET`` carries the policy's commands in the same round trip; the decision is
-        None when Redis failed (or the client is backing off)."""
+        None when Redis failed (or the client is backing off). With ``extras``, the same round trip also reads the
+        live value's ``PTTL`` (ms) and its delta (s): both None when published, unknown or refused."""
         if self._cluster:
-            return self._lookup_admitting_cluster(kind, key, policy)
+            return self._lookup_admitting_cluster(kind, key, policy, extras)
         if not self._available():
-            return None, None
+            return None, None, None, None
         try:
             pointer = self._pointer(kind)
             if pointer is not None:
                 raw = self.client.hget(self.schema.bucket_for_key(kind, pointer, key), key)
                 if raw is not None:
-                    return raw, Decision(True)  # published: the policy never sees it
+                    return raw, Decision(True), None, None  # published: the policy never sees it
+            live = self.schema.live(kind, key)
             pipe = self.client.pipeline(transaction=False)
-            pipe.get(self.schema.live(kind, key))
-            if not policy.observe(pipe, self.schema, kind, key):
-                return self.client.get(self.schema.live(kind, key)), Decision(True)  # "always": a plain GET
-            raw, *replies = pipe.execute()
-            return raw, policy.decide(replies)
+            pipe.get(live)
+            if extras:
+                pipe.pttl(live)
+                pipe.get(live_delta_key(self.schema, kind, key))
+            if not policy.observe(pipe, self.schema, kind, key) and not extras:
+                return self.client.get(live), Decision(True), None, None  # "always": a plain GET
+            if not extras:
+                raw, *replies = pipe.execute()
+                return raw, policy.decide(replies), None, None
+            raw, ttl, delta, *replies = pipe.execute(raise_on_error=False)
+            for reply in (raw, *replies):
+                if isinstance(reply, BaseException):
+                    raise reply
+            return raw, policy.decide(replies), self._extra_reply(ttl), _seconds(self._extra_reply(delta))
         except REDIS_ERRORS:
             self._trip()
-            return None, None
+            return None, None, None, None
 
     def _lookup_admitting_cluster(
-        self, kind: str, key: str, policy: AdmissionPolicy
-    ) -> tuple[bytes | None, Decision | None]:
-        """``_lookup_admitting`` on a cluster: the live ``GET`` and the policy's commands go out together, each
-        to its own master; a failing master makes the decision None (nothing stored)."""
+        self, kind: str, key: str, policy: AdmissionPolicy, extras: bool = False
+    ) -> tuple[bytes | None, Decision | None, int | None, float | None]:
+        """``_lookup_admitting`` on a cluster: the live ``GET`` (and with ``extras`` its ``PTTL`` and delta) and the
+        policy's commands go out together, each to its own master; a failing master makes the decision None
+        (nothing stored)."""
         pointer = self._pointer(kind)
         if pointer is not None:
             (raw,) = self._cluster_fetch([(b"HGET", self.schema.bucket_for_key(kind, pointer, key), key)])
             if raw is FAILED:
-                return None, None
+                return None, None, None, None
             if raw is not None:
-                return raw, Decision(True)
+                return raw, Decision(True), None, None
         recorder = self._recorder.pipeline(transaction=False)
         policy.observe(recorder, self.schema, kind, key)
-        commands = [(b"GET", self.schema.live(kind, key)), *(args for args, _ in recorder.command_stack)]
-        raw, *replies = self._cluster_fetch(commands)
+        live = self.schema.live(kind, key)
+        head = [(b"GET", live)]
+        if extras:
+            head += [(b"PTTL", live), (b"GET", live_delta_key(self.schema, kind, key))]
+        raw, *rest = self._cluster_fetch([*head, *(args for args, _ in recorder.command_stack)])
+        ttl, delta = (rest[0], rest[1]) if extras else (None, None)
+        replies = rest[2:] if extras else rest
         if raw is FAILED or any(reply is FAILED for reply in replies):
-            return None, None
-        return raw, (policy.decide(replies) if replies else Decision(True))
+            return None, None, None, None
+        decision = policy.decide(replies) if replies else Decision(True)
+        return raw, decision, self._extra_reply(ttl), _seconds(self._extra_reply(delta))
 
     def _lookup_many(self, kind: str, keys: Sequence[str]) -> list[bytes | None]:
         if keys and self._cluster:

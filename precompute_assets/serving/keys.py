@@ -67,7 +67,7 @@ NAMESPACE_PATTERN = VERSION_PATTERN
 # Kinds whose keys would be the shared keys: kind ``stats``'s pointer ``stats:current`` is kind ``current``'s stats.
 RESERVED_KINDS = frozenset({"qlog", "stats", "events"})
 # Versions whose buckets ``{kind}:{version}:{n}`` would be a kind's own keys (``live:0`` is key 0's live value).
-RESERVED_VERSIONS = frozenset({"live", "current", "experiment", "sketch", "seen"})
+RESERVED_VERSIONS = frozenset({"live", "current", "experiment", "sketch", "seen", "delta", "lock"})
 MAX_KEY_LENGTH = 256  # characters of a prediction key (the query log quarantines longer ones)
 # Control characters, hash-tag braces and lone surrogates (not encodable as UTF-8).
 BAD_KEY_CHARACTERS = re.compile(r"[\x00-\x1f\x7f{}\ud800-\udfff]")

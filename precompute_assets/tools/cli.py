@@ -254,6 +254,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from ..stack import ENV_DAGSTER_PG
 
         result = bench.bench_campaign(env[ENV_REDIS], env[ENV_APP_DB], env[ENV_DAGSTER_PG])
+    elif args.what == "events":
+        from ..stack import ENV_DAGSTER_PG
+        from .bench_events import bench_events
+
+        result = bench_events(env[ENV_REDIS], env[ENV_APP_DB], env[ENV_DAGSTER_PG], daemon_logins=args.daemon_logins)
     elif args.what == "rerank":
         result = bench.bench_rerank(env[ENV_REDIS], docs=100_000 if args.keys is None else args.keys)
     elif args.what == "load":
@@ -541,8 +546,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(fn=cmd_demo)
     bench = sub.add_parser("bench", help="benchmarks: print one JSON object")
-    bench.add_argument("what", choices=["serve", "publish", "graph", "embed", "campaign", "demand", "load", "rerank"])
+    bench.add_argument(
+        "what", choices=["serve", "publish", "graph", "embed", "campaign", "demand", "load", "rerank", "events"]
+    )
     bench.add_argument("--processes", type=positive_int, default=2, help="load: client processes")
+    bench.add_argument(
+        "--daemon-logins",
+        type=int,
+        default=0,
+        help="events: logins also timed through a real dagster-daemon (about 10-35 s each; 0: none)",
+    )
     bench.add_argument("--seconds", type=positive_int, default=10, help="load: seconds per phase")
     bench.add_argument("--docs", type=positive_int, default=1_000_000, help="embed: documents")
     bench.add_argument("--queries", type=positive_int, default=10_000_000, help="graph: logged queries over 7 days")

@@ -154,6 +154,20 @@ def run_demo(
         history_keys = [day["ad_id"].to_numpy() for day in history]
         rates = compare_policies(history_keys, next_day["ad_id"].to_numpy(), published, top_n=top_n, capacity=capacity)
 
+    with stages.timed("demand_model"):
+        job = dg.define_asset_job("demo_demand", selection=["demand_model"])
+        demand = dg.Definitions(assets=defs.assets, jobs=[job], resources=defs.resources).resolve_job_def("demo_demand")
+        trained = demand.execute_in_process(
+            partition_key=partition,
+            instance=instance,
+            run_config={"ops": {"demand_model": {"config": {"max_seconds": 30.0, "top_n": top_n}}}},
+            raise_on_error=False,
+        )
+        demand_meta = _metadata(trained, "demand_model")
+
+    with stages.timed("predictive_precompute"):
+        predictive = predictive_precompute(redis_url, defs, instance, day_keys, starts_ms, days=days, seed=seed)
+
     with stages.timed("embed_documents"):
         embeddings = embed_demo_documents(stack, defs, instance, n_docs=n_docs, seed=seed)
 
@@ -173,6 +187,11 @@ def run_demo(
         "keys_published": meta["ctr_cache"]["keys_written"].value,
         "publish_keys_per_s": round(meta["ctr_cache"]["keys_per_s"].value),
         "get_p99_us": lookup_us,
+        "demand_model": {
+            key: round(demand_meta[key], 4) if isinstance(demand_meta.get(key), float) else demand_meta.get(key)
+            for key in ("strategy", "hit_rate_lstm", "hit_rate_frequency", "hit_rate_seasonal", "hit_rate_ewma")
+        },
+        "predictive_precompute": predictive,
         **embeddings,
         "stage_seconds": dict(stages),
         "dagster_home": env["DAGSTER_HOME"],
@@ -451,3 +470,89 @@ def embed_demo_documents(stack: Stack, defs, instance: dg.DagsterInstance, *, n_
         "embedding_get_p99_us": percentile_us(samples, 99),
         "recall_at_10_int8": round(meta["recall_at_10_int8"].value, 4),
     }
+
+
+def predictive_precompute(
+    redis_url: str,
+    defs: dg.Definitions,
+    instance: dg.DagsterInstance,
+    day_keys: list[str],
+    starts_ms: list[int],
+    *,
+    days: int,
+    seed: int,
+    n_users: int = 300,
+) -> dict:
+    """Users' sessions of the history days through the event stream, drained hour by hour by ``user_events``,
+    ``next_action_model`` trained on them, then live events (a login, creative uploads) through
+    ``PredictionCache.record_event``, one ``user_event_sensor`` tick as the daemon evaluates it, the runs it
+    requests executed in-process in priority order, and the values read back through the serving client."""
+    from ..serving import KeySchema
+    from ..workload.users import generate_user_events, make_users, send_user_events
+
+    partitions = deployment_partitions()
+    users = make_users(n_users, seed=seed)
+    events = generate_user_events(users, start_ms=starts_ms[0], days=days, seed=seed)
+    sent = send_user_events(events, connect(redis_url, socket_timeout=10), KeySchema())
+    drained = 0
+    job = defs.resolve_job_def("user_events_job")
+    for hour in [h for key in day_keys[:-1] for h in partitions.hours_of(key)]:
+        result = job.execute_in_process(partition_key=hour, instance=instance, raise_on_error=True)
+        for materialization in result.asset_materializations_for_node("user_events"):
+            if materialization.asset_key == dg.AssetKey("user_events"):
+                drained += materialization.metadata["dagster/row_count"].value
+    model_run = defs.resolve_job_def("next_action_model_job").execute_in_process(
+        partition_key=day_keys[-2],
+        instance=instance,
+        run_config={"ops": {"next_action_model": {"config": {"training_days": days, "n_estimators": 50}}}},
+        raise_on_error=False,
+    )
+    model_meta = _metadata(model_run, "next_action_model")
+    user, tenant = users["user"].iloc[0], users["tenant"].iloc[0]
+    creatives = _known_creatives(defs)
+    started = time.perf_counter()
+    cache = PredictionCache.from_url(redis_url, socket_timeout=1.0)
+    cache.record_event(user, "login", tenant=tenant)
+    for creative in creatives:
+        cache.record_event(user, "creative_upload", entity=creative, tenant=tenant)
+    cache.events.flush()
+    sensor = defs.resolve_sensor_def("user_event_sensor")
+    top_level = defs.get_repository_def().get_top_level_resources()
+    resources = {key: top_level[key] for key in sensor.required_resource_keys}
+    with dg.build_sensor_context(instance=instance, cursor=None, definitions=defs, resources=resources) as context:
+        result = sensor(context)
+    requests = sorted(result.run_requests or [], key=lambda r: -int(r.tags.get("dagster/priority", 0)))
+    for request in requests:
+        defs.resolve_job_def(request.job_name).execute_in_process(
+            instance=instance, tags=request.tags, run_config=request.run_config, raise_on_error=False
+        )
+    next_actions = cache.get("next_actions", user)
+    ctr = [cache.get("ctr", creative) for creative in creatives]
+    readable_s = time.perf_counter() - started
+    cache.close()
+    return {
+        "users": n_users,
+        "events_sent": sent.written,
+        "events_dropped": sent.dropped,
+        "events_drained": drained,
+        "next_action_approved": bool(model_run.success),
+        "next_action_log_loss": round(model_meta.get("log_loss", float("nan")), 4),
+        "markov1_log_loss": round(model_meta.get("markov1_log_loss", float("nan")), 4),
+        "runs_requested": [f"{r.tags.get('precompute/task')}@{r.tags.get('dagster/priority')}" for r in requests],
+        "next_actions_readable": next_actions is not None,
+        "creative_ctr_readable": sum(value is not None for value in ctr),
+        "creatives_uploaded": len(creatives),
+        "events_to_readable_s": round(readable_s, 2),
+    }
+
+
+def _known_creatives(defs: dg.Definitions, n: int = 3) -> list[str]:
+    """A few ads of the lake's catalog, standing for creatives just uploaded."""
+    lake = defs.get_repository_def().get_top_level_resources()["lake"].lake()
+    return lake.read("ads", columns=["ad_id"])["ad_id"].head(n).tolist()
+
+
+def _metadata(result: dg.ExecuteInProcessResult, node: str) -> dict:
+    """The plain metadata values of ``node``'s first materialization in ``result`` ({} when it has none)."""
+    materializations = result.asset_materializations_for_node(node)
+    return {key: value.value for key, value in materializations[0].metadata.items()} if materializations else {}

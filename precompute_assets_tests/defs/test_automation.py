@@ -20,6 +20,7 @@ EVERYTHING = [
     ("daily_precompute", "schedule"),
     ("document_embeddings_daily", "schedule"),
     ("documents_changed", "sensor"),
+    ("live_refresh_sensor", "sensor"),
     ("next_action_model_daily", "schedule"),
     ("query_log_cleanup_daily", "schedule"),
     ("query_logs_hourly", "schedule"),

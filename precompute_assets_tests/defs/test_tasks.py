@@ -444,3 +444,53 @@ def test_task_types_from_entry_points_are_loaded_and_requested(monkeypatch):
     assert {(r.tags[TASK_TAG], r.tags[PRIORITY_TAG]) for r in requests} == {
         ("campaign_forecast", "9"), ("dashboard", "9"), ("next_actions", "9"),
     }  # fmt: skip
+
+
+# --- proactive refresh --------------------------------------------------------------------------------------
+
+
+def test_live_refresh_requests_hot_keys_near_expiry_and_never_the_cold_tail(
+    redis_url, redis_client, schema, tmp_path, pg_instance, cache
+):
+    from precompute_assets.defs.tasks import REFRESH_PRIORITY, build_live_refresh_sensor
+    from precompute_assets.serving import QueryLogger
+
+    name = unique("board")
+    register_task_type(name, lambda entity, ctx: {"tenant": entity, "as_of_ms": ctx.now_ms}, ttl_s=900, priority=5)
+    other = unique("forecast")  # a second task type: its hot key is fresh, nothing to do
+    register_task_type(other, lambda entity, ctx: 1.0, ttl_s=600, priority=6)
+    # hot and expiring (< 20 % of 900 s left), hot and fresh, cold and expiring, hot but only published (no live key)
+    for key, ttl_ms in [("hot", 60_000), ("fresh", 800_000), ("cold", 60_000)]:
+        redis_client.set(schema.live(name, key), b'{"old": 1}', px=ttl_ms)
+    redis_client.set(schema.live(other, "x"), b"1.0", px=550_000)
+    reader = PredictionCache(connect(redis_url, socket_timeout=5), schema=schema, pointer_ttl_s=0,
+                             logger=QueryLogger(connect(redis_url), schema))  # fmt: skip
+    for _ in range(5):
+        reader.get(name, "hot")
+        reader.get(name, "fresh")
+        reader.get(other, "x")
+        reader.get(name, "never-written")
+    reader.close()
+    res = task_resources(redis_url, schema, str(tmp_path / "lake"), str(tmp_path / "models"))
+    sensor = build_live_refresh_sensor(registry=task_registry)
+
+    def evaluate(cursor=None):
+        context = dg.build_sensor_context(instance=pg_instance, cursor=cursor, resources={"redis": res["redis"]})
+        return sensor(context)
+
+    result = evaluate()
+    (request,) = result.run_requests
+    assert request.tags == {PRIORITY_TAG: str(REFRESH_PRIORITY), TASK_TAG: name}
+    assert request.run_config["ops"]["run_precompute_task"]["config"]["entities"] == ["hot"]
+    # The next tick does not request it again while its run is queued (the cursor remembers it)...
+    again = evaluate(result.cursor)
+    assert not again.run_requests and "1 due (1 already requested)" in again.skip_reason.skip_message
+    # ...and once the run wrote it with the full TTL it is no longer due.
+    run = precompute_tasks_job.execute_in_process(
+        run_config=request.run_config, tags=request.tags, instance=pg_instance, resources=res
+    )
+    assert run.success and op_metadata(run)["written"] == 1
+    assert cache.get(name, "hot")["tenant"] == "hot" and redis_client.pttl(schema.live(name, "hot")) > 890_000
+    assert cache.get(name, "cold") == {"old": 1} and redis_client.pttl(schema.live(name, "cold")) <= 60_000
+    after = evaluate()
+    assert not after.run_requests and "0 due" in after.skip_reason.skip_message

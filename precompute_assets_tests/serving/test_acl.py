@@ -104,15 +104,17 @@ def test_the_exact_rules_of_namespace_pc() -> None:
     ]  # fmt: skip
     assert reader_rules() == [
         "resetkeys", "%R~pc:1:*", "resetchannels", "-@all", "+ping", "+client|setinfo", "+get", "+hget", "+hmget",
-        "clearselectors",
+        "+pttl", "clearselectors",
         "(~pc:1:*:live:* +set)",
+        "(~pc:1:*:delta:* +set)",
+        "(~pc:1:*:lock:* +set)",
         "(~pc:1:*:seen:* +set)",
         "(~pc:1:*:sketch +bitfield +eval +set)",
         "(%W~pc:1:qlog +xadd)",
         "(%W~pc:1:events +xadd)",
         "(~pc:1:stats:* +hincrby)",
     ]  # fmt: skip
-    assert reader_rules(kinds=["ctr", "campaign"])[-6] == "(~pc:1:ctr:live:* ~pc:1:campaign:live:* +set)"
+    assert reader_rules(kinds=["ctr", "campaign"])[-8] == "(~pc:1:ctr:live:* ~pc:1:campaign:live:* +set)"
     commands = acl_setuser_commands("pc", publisher=("pub", PUBLISHER_PASSWORD), reader=("rd", READER_PASSWORD))
     assert commands[0][:6] == ["ACL", "SETUSER", "pub", "reset", "on", password_hash(PUBLISHER_PASSWORD)]
     assert commands[1][:6] == ["ACL", "SETUSER", "rd", "reset", "on", password_hash(READER_PASSWORD)]

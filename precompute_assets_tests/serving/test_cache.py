@@ -299,3 +299,154 @@ def test_a_malformed_pointer_is_no_version_and_never_raises(redis_url, redis_cli
     cache = make_cache(redis_url, schema)
     assert cache.get("ctr", "ad1") == pytest.approx(0.25)  # the live value, not a bucket
     assert cache.current_version("ctr") is None and cache.errors >= 1
+
+
+# --- stampede protection: the XFetch rule and the recompute lock ---------------------------------------------
+
+
+def test_xfetch_rule():
+    from precompute_assets.serving.cache import xfetch_due
+
+    assert xfetch_due(100, 1.0, 1.0, 0.5)  # -1 s * ln(0.5) = 0.69 s >= 0.1 s left
+    assert not xfetch_due(10_000, 1.0, 1.0, 0.5)  # 0.69 s < 10 s left
+    assert xfetch_due(10_000, 1.0, 20.0, 0.5)  # beta 20: 13.9 s >= 10 s
+    assert not xfetch_due(100, 1.0, 1.0, 1.0)  # ln(1) = 0: never early
+    assert xfetch_due(0, 0.001, 1.0, 0.9)  # no time left: due
+    for ttl, delta, beta in [(None, 1.0, 1.0), (100, None, 1.0), (-1, 1.0, 1.0), (100, 1.0, 0.0), (100, 0.0, 1.0)]:
+        assert not xfetch_due(ttl, delta, beta, 1e-9)
+
+
+def test_the_delta_is_stored_beside_a_plain_value(redis_url, redis_client, schema):
+    from precompute_assets.serving.cache import live_delta_key
+    from precompute_assets.serving.keys import codec_for
+
+    cache = make_cache(redis_url, schema, live_ttl_s=120)
+
+    def slow(key):
+        time.sleep(0.02)
+        return 0.25
+
+    assert cache.get_or_compute("ctr", "ad1", slow) == 0.25
+    assert redis_client.get(schema.live("ctr", "ad1")) == codec_for("ctr").encode(0.25)  # GET is the codec's bytes
+    assert cache.get("ctr", "ad1") == 0.25
+    delta = float(redis_client.get(live_delta_key(schema, "ctr", "ad1")))
+    assert 0.02 <= delta < 5
+    assert 0 < redis_client.ttl(live_delta_key(schema, "ctr", "ad1")) <= 120
+    assert cache.computes == 1 and cache.early_recomputes == 0 and cache.errors == 0
+
+
+def test_a_value_near_expiry_is_recomputed_early_by_the_lock_holder_only(redis_url, redis_client, schema):
+    from precompute_assets.serving.cache import live_delta_key, recompute_lock_key
+
+    cache = make_cache(redis_url, schema, live_ttl_s=300)
+    cache._random.random = lambda: 0.5  # ln(0.5): due when delta * 0.69 >= the time left
+    calls = []
+    assert cache.get_or_compute("rank", "k", lambda key: calls.append(key) or {"v": len(calls)}) == {"v": 1}
+    redis_client.set(live_delta_key(schema, "rank", "k"), b"10.0")  # a 10 s computation...
+    redis_client.pexpire(schema.live("rank", "k"), 5000)  # ...of a value with 5 s left: due
+    redis_client.set(recompute_lock_key(schema, "rank", "k"), b"1", px=60_000)  # but another reader holds the lock
+    assert cache.get_or_compute("rank", "k", lambda key: calls.append(key) or {"v": len(calls)}) == {"v": 1}
+    assert calls == ["k"] and cache.early_recomputes == 0  # served the still-valid value
+    redis_client.delete(recompute_lock_key(schema, "rank", "k"))
+    recorded = []  # the lock is taken (SET NX PX) before the early computation
+    compute = lambda key: recorded.append(redis_client.pttl(recompute_lock_key(schema, "rank", "k"))) or {"v": 2}  # noqa: E731
+    assert cache.get_or_compute("rank", "k", compute) == {"v": 2} and 0 < recorded[0] <= 1000
+    assert cache.early_recomputes == 1 and cache.get("rank", "k") == {"v": 2}
+    assert redis_client.pttl(schema.live("rank", "k")) > 250_000  # rewritten with the full TTL
+    time.sleep(0.01)
+    assert redis_client.get(recompute_lock_key(schema, "rank", "k")) is None  # released with the write
+    # Far from expiry nothing is recomputed, and a value written by a task run (no delta) never early.
+    assert cache.get_or_compute("rank", "k", lambda key: calls.append(key)) == {"v": 2}
+    redis_client.set(schema.live("rank", "t"), b'{"v": 0}', px=50)
+    assert cache.get_or_compute("rank", "t", lambda key: calls.append(key)) == {"v": 0}
+    assert calls == ["k"] and cache.early_recomputes == 1
+
+
+def test_a_hot_miss_is_computed_once_by_concurrent_readers(redis_url, schema):
+    def run(**options) -> tuple[int, list]:
+        caches = [make_cache(redis_url, schema, **options) for _ in range(8)]
+        calls, results = [], []
+        barrier = threading.Barrier(len(caches))
+
+        def compute(key):
+            calls.append(key)
+            time.sleep(0.2)
+            return 0.5
+
+        def reader(cache):
+            barrier.wait()
+            results.append(cache.get_or_compute("ctr", key, compute))
+
+        threads = [threading.Thread(target=reader, args=(cache,)) for cache in caches]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert sum(c.lock_waits for c in caches) == (len(caches) - len(calls) if "xfetch_beta" not in options else 0)
+        return len(calls), results
+
+    key = "hot-locked"
+    locked, results = run()
+    assert locked == 1 and results == [0.5] * 8
+    key = "hot-plain"
+    plain, results = run(xfetch_beta=0, recompute_lock_ms=0)
+    assert plain > 1 and results == [0.5] * 8  # the old read-through: every reader that missed computed
+
+
+def test_the_wait_for_a_lock_holder_is_bounded(redis_url, redis_client, schema):
+    from precompute_assets.serving.cache import recompute_lock_key
+
+    cache = make_cache(redis_url, schema, recompute_lock_ms=150)
+    redis_client.set(recompute_lock_key(schema, "ctr", "stuck"), b"1", px=60_000)  # a holder that died
+    started = time.monotonic()
+    assert cache.get_or_compute("ctr", "stuck", lambda key: 0.5) == 0.5
+    assert time.monotonic() - started < 30  # bounded by recompute_lock_ms (a generous bound, not a speed check)
+    assert cache.computes == 1 and cache.lock_waits == 0 and cache.get("ctr", "stuck") == 0.5
+    # A holder whose compute raises lets the lock lapse at once, so the waiters compute without waiting it out.
+    with pytest.raises(RuntimeError):
+        cache.get_or_compute("ctr", "fails", lambda key: (_ for _ in ()).throw(RuntimeError("model down")))
+    time.sleep(0.01)
+    assert redis_client.get(recompute_lock_key(schema, "ctr", "fails")) is None
+    assert cache.get_or_compute("ctr", "fails", lambda key: 0.75) == 0.75 and cache.errors == 0
+
+
+def test_a_reader_without_the_new_permissions_falls_back_to_the_plain_read_through(redis_url, redis_client, schema):
+    from precompute_assets.serving.acl import reader_rules
+
+    name, password = f"{schema.namespace}-r", "p" * 24
+    redis_client.execute_command("ACL", "SETUSER", name, "reset", "on", f">{password}", *reader_rules(schema.namespace))
+    try:
+        host, port = (
+            redis_client.connection_pool.connection_kwargs["host"],
+            redis_client.connection_pool.connection_kwargs["port"],
+        )
+        reader = connect(f"redis://{name}:{password}@{host}:{port}/0", socket_timeout=5)
+        cache = PredictionCache(reader, schema=schema, pointer_ttl_s=0)
+        assert [cache.get_or_compute("ctr", "a", lambda key: 0.5) for _ in range(3)] == [0.5] * 3
+        assert cache.computes == 1 and cache.errors == 0
+        granted = "+pttl" in reader_rules(schema.namespace)
+        assert cache.refused == (0 if granted else 1)
+        reader.close()
+    finally:
+        redis_client.execute_command("ACL", "DELUSER", name)
+
+
+def test_xfetch_and_the_lock_on_redis_cluster(redis_cluster, schema):
+    from precompute_assets.serving.cache import live_delta_key, recompute_lock_key
+
+    client = connect(redis_cluster.url, socket_timeout=5)
+    cache = PredictionCache(connect(redis_cluster.url, socket_timeout=5), schema=schema, pointer_ttl_s=0)
+    cache._random.random = lambda: 0.5
+    calls = []
+    assert cache.get_or_compute("rank", "k", lambda key: calls.append(key) or len(calls)) == 1
+    assert float(client.get(live_delta_key(schema, "rank", "k"))) >= 0  # another slot than the value: one round trip
+    client.set(live_delta_key(schema, "rank", "k"), b"10.0")
+    client.pexpire(schema.live("rank", "k"), 5000)
+    assert cache.get_or_compute("rank", "k", lambda key: calls.append(key) or len(calls)) == 2  # early
+    assert cache.early_recomputes == 1 and client.pttl(schema.live("rank", "k")) > 3_000_000
+    client.set(recompute_lock_key(schema, "rank", "m"), b"1", px=60_000)  # held by a reader that never writes
+    other = PredictionCache(connect(redis_cluster.url, socket_timeout=5), schema=schema, recompute_lock_ms=100)
+    assert other.get_or_compute("rank", "m", lambda key: 7) == 7 and other.computes == 1 and other.lock_waits == 0
+    assert cache.errors == other.errors == 0
+    for closing in (cache, other, client):
+        closing.close()
