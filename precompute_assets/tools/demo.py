@@ -29,6 +29,7 @@ DEMO_TENANT = "demo"
 # the demo campaign is registered to launch this long after now, which stands for its launch in the replayed day.
 CAMPAIGN_LEAD = timedelta(hours=1)
 HOUR_MS = 3_600_000
+EVENT_DAYS = 7  # days of users' sessions the demo's next_action_model is trained on
 
 
 @contextmanager
@@ -166,7 +167,7 @@ def run_demo(
         demand_meta = _metadata(trained, "demand_model")
 
     with stages.timed("predictive_precompute"):
-        predictive = predictive_precompute(redis_url, defs, instance, day_keys, starts_ms, days=days, seed=seed)
+        predictive = predictive_precompute(redis_url, defs, instance, lake, day_keys, seed=seed)
 
     with stages.timed("embed_documents"):
         embeddings = embed_demo_documents(stack, defs, instance, n_docs=n_docs, seed=seed)
@@ -476,10 +477,9 @@ def predictive_precompute(
     redis_url: str,
     defs: dg.Definitions,
     instance: dg.DagsterInstance,
+    lake: Lake,
     day_keys: list[str],
-    starts_ms: list[int],
     *,
-    days: int,
     seed: int,
     n_users: int = 300,
 ) -> dict:
@@ -492,11 +492,14 @@ def predictive_precompute(
 
     partitions = deployment_partitions()
     users = make_users(n_users, seed=seed)
-    events = generate_user_events(users, start_ms=starts_ms[0], days=days, seed=seed)
+    # A week of sessions ending with the last history day: the model needs every weekday and hour in training.
+    event_days = partitions.days_ending(day_keys[-2], EVENT_DAYS)
+    first_ms = int(partitions.daily.time_window_for_partition_key(event_days[0]).start.timestamp() * 1000)
+    events = generate_user_events(users, start_ms=first_ms, days=len(event_days), seed=seed)
     sent = send_user_events(events, connect(redis_url, socket_timeout=10), KeySchema())
     drained = 0
     job = defs.resolve_job_def("user_events_job")
-    for hour in [h for key in day_keys[:-1] for h in partitions.hours_of(key)]:
+    for hour in [h for key in event_days for h in partitions.hours_of(key)]:
         result = job.execute_in_process(partition_key=hour, instance=instance, raise_on_error=True)
         for materialization in result.asset_materializations_for_node("user_events"):
             if materialization.asset_key == dg.AssetKey("user_events"):
@@ -504,12 +507,12 @@ def predictive_precompute(
     model_run = defs.resolve_job_def("next_action_model_job").execute_in_process(
         partition_key=day_keys[-2],
         instance=instance,
-        run_config={"ops": {"next_action_model": {"config": {"training_days": days, "n_estimators": 50}}}},
+        run_config={"ops": {"next_action_model": {"config": {"training_days": len(event_days), "n_estimators": 50}}}},
         raise_on_error=False,
     )
     model_meta = _metadata(model_run, "next_action_model")
     user, tenant = users["user"].iloc[0], users["tenant"].iloc[0]
-    creatives = _known_creatives(defs)
+    creatives = lake.read("ads", columns=["ad_id"])["ad_id"].head(3).tolist()  # standing for new uploads
     started = time.perf_counter()
     cache = PredictionCache.from_url(redis_url, socket_timeout=1.0)
     cache.record_event(user, "login", tenant=tenant)
@@ -544,12 +547,6 @@ def predictive_precompute(
         "creatives_uploaded": len(creatives),
         "events_to_readable_s": round(readable_s, 2),
     }
-
-
-def _known_creatives(defs: dg.Definitions, n: int = 3) -> list[str]:
-    """A few ads of the lake's catalog, standing for creatives just uploaded."""
-    lake = defs.get_repository_def().get_top_level_resources()["lake"].lake()
-    return lake.read("ads", columns=["ad_id"])["ad_id"].head(n).tolist()
 
 
 def _metadata(result: dg.ExecuteInProcessResult, node: str) -> dict:
