@@ -192,8 +192,7 @@ class PredictionCache:
         check_keys(keys)
         start = time.perf_counter_ns()
         values = [self._decode(kind, raw) for raw in self._lookup_many(kind, keys)]
-        for key, value in zip(keys, values, strict=True):
-            self._log(kind, key, value is not None, start, user, tenant)
+        self._log_many(kind, keys, [value is not None for value in values], start, user, tenant)
         return values
 
     def get_or_compute(
@@ -691,6 +690,19 @@ class PredictionCache:
             for i, raw in zip(missing, live, strict=True):
                 found[i] = raw
         return [raw if isinstance(raw, bytes) else None for raw in found]
+
+    def _log_many(
+        self, kind: str, keys: Sequence[str], hits: Sequence[bool], start_ns: int, user: str | None, tenant: str | None
+    ) -> None:
+        """``_log`` for every key of one batch lookup, queued at once."""
+        found = sum(hits)
+        self.hits += found
+        self.misses += len(hits) - found
+        if self.logger is not None:
+            latency_us = (time.perf_counter_ns() - start_ns) // 1000
+            experiment = self._experiment(kind)
+            arms = None if experiment is None else [experiment.arm(key) for key in keys]
+            self.logger.log_many(kind, keys, hits, latency_us=latency_us, user=user, tenant=tenant, arms=arms)
 
     def _log(self, kind: str, key: str, hit: bool, start_ns: int, user: str | None, tenant: str | None) -> None:
         if hit:

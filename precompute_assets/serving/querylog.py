@@ -17,7 +17,7 @@ import functools
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -134,6 +134,30 @@ class QueryLogger:
                 self.stats.dropped_buffer_full += 1
                 return
         self._buffer.append(QueryEvent(self.clock(), kind, key, hit, latency_us, user, tenant, arm))
+        if len(self._buffer) >= self.batch_size:
+            self._wake.set()
+
+    def log_many(
+        self,
+        kind: str,
+        keys: Sequence[str],
+        hits: Sequence[bool],
+        *,
+        latency_us: int = 0,
+        user: str | None = None,
+        tenant: str | None = None,
+        arms: Sequence[str | None] | None = None,
+    ) -> None:
+        """Queue one event per key of a batch lookup (one time, one latency), under one lock; never raises."""
+        with self._count_lock:
+            self.stats.logged += len(keys)
+            room = max(0, self.max_buffer - len(self._buffer))
+            self.stats.dropped_buffer_full += max(0, len(keys) - room)
+        now, arms = self.clock(), arms or [None] * len(keys)
+        self._buffer.extend(
+            QueryEvent(now, kind, key, hit, latency_us, user, tenant, arm)
+            for key, hit, arm in zip(keys[:room], hits[:room], arms[:room], strict=True)
+        )
         if len(self._buffer) >= self.batch_size:
             self._wake.set()
 

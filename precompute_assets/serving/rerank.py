@@ -1,5 +1,6 @@
 """Re-ranking from the cache: candidates ordered by cosine similarity to a query vector, their embeddings read
-from one published version in one round trip (one ``HMGET`` per bucket the candidates fall in)."""
+from one published version in one round trip (one ``HMGET`` per bucket the candidates fall in, packed and sent
+at once by ``connection.send_pipelined``)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .connection import REDIS_ERRORS
+from .connection import REDIS_ERRORS, send_pipelined
 from .keys import EMBEDDING_KIND, bucket_of, check_keys
 from .vectors import decode_batch
 
@@ -37,8 +38,7 @@ def rerank(
     start = time.perf_counter_ns()
     raws = _fetch(cache, kind, list(doc_ids))
     found = [i for i, raw in enumerate(raws) if raw is not None]
-    for doc_id, raw in zip(doc_ids, raws, strict=True):
-        cache._log(kind, doc_id, raw is not None, start, user, tenant)  # counted and logged as get_many does
+    cache._log_many(kind, doc_ids, [raw is not None for raw in raws], start, user, tenant)  # as get_many logs
     if not found:
         return [(doc_id, None) for doc_id in doc_ids]
     vectors, models = decode_batch([raws[i] for i in found])
@@ -66,10 +66,13 @@ def _fetch(cache: PredictionCache, kind: str, doc_ids: list[str]) -> list[bytes 
         groups: dict[int, list[int]] = {}
         for i, doc_id in enumerate(doc_ids):
             groups.setdefault(bucket_of(doc_id, pointer.buckets), []).append(i)
-        pipe = cache.client.pipeline(transaction=False)
-        for bucket, members in groups.items():
-            pipe.hmget(cache.schema.bucket(kind, pointer.version, bucket), [doc_ids[i] for i in members])
-        replies = pipe.execute()
+        commands = [
+            ("HMGET", cache.schema.bucket(kind, pointer.version, bucket), *(doc_ids[i] for i in members))
+            for bucket, members in groups.items()
+        ]
+        replies = send_pipelined(cache.client, commands)
+        if any(isinstance(reply, Exception) for reply in replies):
+            raise next(reply for reply in replies if isinstance(reply, Exception))
     except REDIS_ERRORS:
         cache._trip()
         return [None] * len(doc_ids)

@@ -175,3 +175,16 @@ def test_a_batch_with_an_error_reply_is_counted_and_the_connection_stays_usable(
     assert keys == [f"later{i}".encode() for i in range(30)]
     # The stats count the lookups of every batch Redis received, the refused batch's 13 hits included.
     assert redis_client.hget(schema.stats("ctr"), "hit") == b"43"
+
+
+def test_log_many_queues_one_event_per_key_and_counts_what_does_not_fit(redis_url, redis_client, schema):
+    logger = QueryLogger(connect(redis_url), schema, max_buffer=3, flush_interval_s=60)
+    logger.log_many("ctr", ["a", "b", "c", "d", "e"], [True, False, True, True, False], latency_us=7, user="u1",
+                    arms=["x", "y", None, "x", "y"])  # fmt: skip
+    assert logger.stats.logged == 5 and logger.stats.dropped_buffer_full == 2 and logger.pending == 3
+    logger.close()
+    events = [fields for _, fields in redis_client.xrange(schema.query_log())]
+    assert [(e[b"key"], e[b"hit"], e[b"lat_us"], e.get(b"arm")) for e in events] == [
+        (b"a", b"1", b"7", b"x"), (b"b", b"0", b"7", b"y"), (b"c", b"1", b"7", None),
+    ]  # fmt: skip
+    assert len({e[b"ts"] for e in events}) == 1 and all(e[b"user"] == b"u1" for e in events)
