@@ -19,12 +19,12 @@ def epoch_ms(moment: datetime) -> int:
     return int(moment.timestamp() * 1000)
 
 
-def quarantine_check(quarantined: int, total: int) -> dg.AssetCheckResult:
-    """Passes up to 0.1% quarantined, warns up to 5%, errors above."""
+def quarantine_check(quarantined: int, total: int, asset_key: str = "query_logs") -> dg.AssetCheckResult:
+    """``quarantine_rate`` of ``asset_key``: passes up to 0.1% quarantined, warns up to 5%, errors above."""
     rate = quarantined / total if total else 0.0
     return dg.AssetCheckResult(
         check_name="quarantine_rate",
-        asset_key="query_logs",
+        asset_key=asset_key,
         passed=rate <= QUARANTINE_WARN_RATE,
         severity=dg.AssetCheckSeverity.ERROR if rate > QUARANTINE_FAIL_RATE else dg.AssetCheckSeverity.WARN,
         metadata={"quarantine_rate": rate, "quarantined": quarantined, "events": total},

@@ -14,7 +14,7 @@ from ..serving.querylog import quarantine_row
 from ..storage.tables import quarantine_frame
 from .models import approved_materializations
 from .partitions import DEFAULT_PARTITIONS, Partitions
-from .query_logs import QUARANTINE_FAIL_RATE, QUARANTINE_WARN_RATE, epoch_ms
+from .query_logs import epoch_ms, quarantine_check
 from .resources import LakeResource, ModelStoreResource, RedisResource
 
 USER_EVENTS = "user_events"
@@ -42,19 +42,6 @@ def user_event_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     return pa.table(
         {name: pa.array(columns[name], type=USER_EVENT_SCHEMA.field(name).type) for name in USER_EVENT_SCHEMA.names}
     ).to_pandas()
-
-
-def user_event_quarantine_check(quarantined: int, total: int) -> dg.AssetCheckResult:
-    """Passes up to 0.1% quarantined (unknown actions included), warns up to 5%, errors above."""
-    rate = quarantined / total if total else 0.0
-    return dg.AssetCheckResult(
-        check_name="quarantine_rate",
-        asset_key=USER_EVENTS,
-        passed=rate <= QUARANTINE_WARN_RATE,
-        severity=dg.AssetCheckSeverity.ERROR if rate > QUARANTINE_FAIL_RATE else dg.AssetCheckSeverity.WARN,
-        metadata={"quarantine_rate": rate, "quarantined": quarantined, "events": total},
-        description=f"{quarantined} of {total} events quarantined ({rate:.3%})",
-    )
 
 
 @dg.multi_asset(
@@ -108,7 +95,8 @@ def user_events(context: dg.AssetExecutionContext, redis: RedisResource):
         output_name="user_event_quarantine",
         metadata={"dagster/row_count": len(quarantine), "reasons": dg.MetadataValue.json(reasons)},
     )
-    yield user_event_quarantine_check(len(quarantine), len(events) + len(quarantine))
+    # unknown actions are among the quarantined
+    yield quarantine_check(len(quarantine), len(events) + len(quarantine), USER_EVENTS)
 
 
 user_events_job = dg.define_asset_job(

@@ -21,7 +21,7 @@ import redis
 
 from .connection import connect
 from .keys import KeySchema
-from .querylog import MAX_CLOCK_SKEW_MS, QueryLogger, _clean_text, _int_field
+from .querylog import MAX_CLOCK_SKEW_MS, QueryLogger, _clean_text, _int_field, read_stream_window
 
 ACTIONS = ("login", "dashboard_view", "campaign_create", "creative_upload", "variant_review", "analytics_view")
 ACTION_INDEX = {action: i for i, action in enumerate(ACTIONS)}
@@ -124,17 +124,7 @@ def read_event_window(
     client: redis.Redis, schema: KeySchema, start_ms: int, end_ms: int, *, page: int = 10_000
 ) -> Iterator[list[tuple[bytes, dict[bytes, bytes]]]]:
     """Yield pages of event entries that arrived in ``[start_ms, end_ms)``, in ID order (idempotent)."""
-    stream = events_stream(schema)
-    lower = f"{start_ms}-0"
-    upper = f"{end_ms - 1}-{MAX_ID}"
-    while True:
-        entries = client.xrange(stream, min=lower, max=upper, count=page)
-        if not entries:
-            return
-        yield entries
-        if len(entries) < page:
-            return
-        lower = "(" + entries[-1][0].decode()
+    return read_stream_window(client, schema, start_ms, end_ms, page=page, stream=events_stream(schema))
 
 
 def read_events_after(

@@ -328,10 +328,17 @@ def query_logger(
 
 
 def read_stream_window(
-    client: redis.Redis, schema: KeySchema, start_ms: int, end_ms: int, *, page: int = 10_000
+    client: redis.Redis,
+    schema: KeySchema,
+    start_ms: int,
+    end_ms: int,
+    *,
+    page: int = 10_000,
+    stream: str | None = None,
 ) -> Iterator[list[tuple[bytes, dict[bytes, bytes]]]]:
-    """Yield pages of stream entries that arrived in ``[start_ms, end_ms)``, in ID order."""
-    stream = schema.query_log()
+    """Yield pages of entries of ``stream`` (default: the query log) that arrived in ``[start_ms, end_ms)``, in
+    ID order; the same window reads the same entries (idempotent)."""
+    stream = stream or schema.query_log()
     lower: str = f"{start_ms}-0"
     upper = f"{end_ms - 1}-18446744073709551615"
     while True:
