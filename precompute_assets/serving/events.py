@@ -27,7 +27,6 @@ ACTIONS = ("login", "dashboard_view", "campaign_create", "creative_upload", "var
 ACTION_INDEX = {action: i for i, action in enumerate(ACTIONS)}
 EVENT_FIELDS = (b"ts", b"user", b"action", b"entity", b"tenant")
 DEFAULT_EVENTS_MAXLEN = 10_000_000
-MAX_ID = 18446744073709551615
 
 
 def events_stream(schema: KeySchema) -> str:
