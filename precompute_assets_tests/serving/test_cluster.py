@@ -99,7 +99,7 @@ def test_publish_spreads_buckets_over_the_masters_and_readers_never_mix(redis_cl
     batches: set[tuple[float, ...]] = set()
     pairs: set[tuple[str, str | None]] = set()
 
-    def read(cache: PredictionCache) -> None:
+    def read(cache: PredictionCache, first_read: threading.Event) -> None:
         try:
             while not stop.is_set():
                 batches.add(tuple(sorted(set(cache.get_many("ctr", keys[::7])))))
@@ -107,12 +107,17 @@ def test_publish_spreads_buckets_over_the_masters_and_readers_never_mix(redis_cl
                 batches.add((single,))
                 pointer, experiment, _ = cache._pointers["ctr"]
                 pairs.add((pointer.version, None if experiment is None else experiment.name))
+                first_read.set()
         except Exception as error:  # noqa: BLE001 - a reader must never raise: record it for the assertion
             failures.append(error)
+            first_read.set()
 
-    readers = [threading.Thread(target=read, args=(cache_on(redis_cluster, ns),)) for _ in range(2)]
+    ready = [threading.Event() for _ in range(2)]
+    readers = [threading.Thread(target=read, args=(cache_on(redis_cluster, ns), event)) for event in ready]
     for reader in readers:
         reader.start()
+    for event in ready:  # every reader has read v0 before the first flip, however loaded the machine is
+        assert event.wait(timeout=60)
     try:
         for version in range(1, 6):
             experiment = Experiment(f"e{version}", f"s{version}", ("frequency", "lstm")) if version % 2 else None
