@@ -116,9 +116,9 @@ def test_publish_spreads_buckets_over_the_masters_and_readers_never_mix(redis_cl
     readers = [threading.Thread(target=read, args=(cache_on(redis_cluster, ns), event)) for event in ready]
     for reader in readers:
         reader.start()
-    for event in ready:  # every reader has read v0 before the first flip, however loaded the machine is
-        assert event.wait(timeout=60)
     try:
+        for event in ready:  # every reader has read v0 before the first flip, however loaded the machine is
+            assert event.wait(timeout=60)
         for version in range(1, 6):
             experiment = Experiment(f"e{version}", f"s{version}", ("frequency", "lstm")) if version % 2 else None
             items = [(k, float(version)) for k in keys]
