@@ -13,7 +13,7 @@ a creative id for ``creative_upload`` / ``variant_review``, a campaign id for ``
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,23 +64,11 @@ class EventLogger(QueryLogger):
         client: redis.Redis,
         schema: KeySchema | None = None,
         *,
-        max_buffer: int = 100_000,
-        batch_size: int = 1000,
-        flush_interval_s: float = 0.05,
         stream_maxlen: int = DEFAULT_EVENTS_MAXLEN,
-        clock: Callable[[], int] | None = None,
-        backoff_s: float = 1.0,
+        **options: Any,
     ) -> None:
-        super().__init__(
-            client,
-            schema,
-            max_buffer=max_buffer,
-            batch_size=batch_size,
-            flush_interval_s=flush_interval_s,
-            stream_maxlen=stream_maxlen,
-            clock=clock,
-            backoff_s=backoff_s,
-        )
+        """``QueryLogger``'s options, with the event stream's own cap."""
+        super().__init__(client, schema, stream_maxlen=stream_maxlen, **options)
         self._stream = events_stream(self.schema).encode()
         self._thread.name = "event-logger"
 

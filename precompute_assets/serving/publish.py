@@ -31,7 +31,7 @@ try:
 except ImportError:  # redis[hiredis] is a dependency; stay importable without it
     hiredis = None
 
-from .connection import REDIS_ERRORS, cluster_send, is_cluster, key_slot
+from .connection import REDIS_ERRORS, cluster_send, is_cluster, key_slot, send_pipelined
 from .keys import (
     Codec,
     Experiment,
@@ -415,7 +415,7 @@ def transact_per_slot(client: redis.Redis, commands: list[tuple[bytes, ...]]) ->
         for indexes in groups:
             packed += [(b"MULTI",), *(commands[i] for i in indexes), (b"EXEC",)]
         try:
-            results = raw_replies(client.get_redis_connection(node), packed)
+            results = send_pipelined(client.get_redis_connection(node), packed)
         except REDIS_ERRORS as error:  # a dead master: the slots of the others are still written
             with contextlib.suppress(*REDIS_ERRORS):
                 client.nodes_manager.initialize()  # the slot map may have moved (failover): refresh it
@@ -441,27 +441,6 @@ def transact_per_slot(client: redis.Redis, commands: list[tuple[bytes, ...]]) ->
     if first_error is not None:
         raise first_error
     return replies
-
-
-def raw_replies(client: redis.Redis, commands: list[tuple[bytes, ...]]) -> list[Any]:
-    """Send ``commands`` in one write on one connection of a single-server client; every reply, error replies as
-    exception objects (a connection error is raised, and the connection dropped)."""
-    pool = client.connection_pool
-    connection = pool.get_connection()
-    try:
-        connection.send_packed_command(connection.pack_commands(commands))
-        replies: list[Any] = []
-        for _ in commands:
-            try:
-                replies.append(connection.read_response())
-            except redis.ResponseError as error:
-                replies.append(error)
-        return replies
-    except BaseException:
-        connection.disconnect()  # replies may be left unread: never hand this connection out again
-        raise
-    finally:
-        pool.release(connection)
 
 
 def write_live_values(
