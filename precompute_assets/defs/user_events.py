@@ -12,6 +12,7 @@ from ..ml import next_action
 from ..serving.events import read_event_window, unknown_action, validate_event
 from ..serving.querylog import quarantine_row
 from ..storage.tables import quarantine_frame
+from ..workload.users import generate_user_events, make_users
 from .models import approved_materializations
 from .partitions import DEFAULT_PARTITIONS, Partitions
 from .query_logs import epoch_ms, quarantine_check
@@ -268,3 +269,20 @@ def build_user_event_schedules(partitions: Partitions) -> list[dg.ScheduleDefini
             description=f"Train next_action_model on the day just ended, at 03:30 {timezone}.",
         ),
     ]
+
+
+def write_user_event_lake(lake, days: list[str], *, n_users: int = 120, seed: int = 5) -> int:
+    """The workload's sessions of ``days`` written straight into the hourly ``user_events`` partitions, as the
+    drain would have (for benchmarks and tests that need a model's input without a stream); returns how many."""
+    start = int(DEFAULT_PARTITIONS.daily.time_window_for_partition_key(days[0]).start.timestamp() * 1000)
+    frame = generate_user_events(make_users(n_users, seed=seed), start_ms=start, days=len(days), seed=seed)
+    hour_of = (frame["ts_ms"] - start) // 3_600_000
+    for day_index, day in enumerate(days):
+        for h, hour in enumerate(DEFAULT_PARTITIONS.hours_of(day)):
+            part = frame[hour_of == day_index * 24 + h]
+            rows = [
+                {"stream_id": f"{ts}-0", "ts_ms": ts, "user": u, "action": a, "entity": e, "tenant": t}
+                for ts, u, a, e, t in part[["ts_ms", "user", "action", "entity", "tenant"]].itertuples(index=False)
+            ]
+            lake.write("user_events", hour, user_event_frame(rows))
+    return len(frame)

@@ -172,26 +172,6 @@ def _recomputes(redis_url: str, namespace: str, *, plain: bool, threads: int, ra
     return stats
 
 
-def _write_event_lake(lake, days: list[str], n_users: int, seed: int) -> int:
-    """A synthetic week of user events written into the hourly ``user_events`` partitions (the model's input)."""
-    from ..defs.partitions import DEFAULT_PARTITIONS
-    from ..defs.user_events import user_event_frame
-    from ..workload.users import generate_user_events, make_users
-
-    start = int(DEFAULT_PARTITIONS.daily.time_window_for_partition_key(days[0]).start.timestamp() * 1000)
-    frame = generate_user_events(make_users(n_users, seed=seed), start_ms=start, days=len(days), seed=seed)
-    hour_of = (frame["ts_ms"] - start) // 3_600_000
-    for day_index, day in enumerate(days):
-        for h, hour in enumerate(DEFAULT_PARTITIONS.hours_of(day)):
-            part = frame[hour_of == day_index * 24 + h]
-            rows = [
-                {"stream_id": f"{ts}-0", "ts_ms": ts, "user": u, "action": a, "entity": e, "tenant": t}
-                for ts, u, a, e, t in part[["ts_ms", "user", "action", "entity", "tenant"]].itertuples(index=False)
-            ]
-            lake.write("user_events", hour, user_event_frame(rows))
-    return len(frame)
-
-
 def _login_pipeline(
     redis_url: str, dagster_pg_url: str, namespace: str, *, sensor_events: int, seed: int, daemon_logins: int = 0
 ) -> dict:
@@ -200,7 +180,7 @@ def _login_pipeline(
     from ..defs.partitions import DEFAULT_PARTITIONS
     from ..defs.resources import DeploymentResource, LakeResource, ModelStoreResource, ParquetIOManager, RedisResource
     from ..defs.tasks import TASK_TAG, build_user_event_sensor, precompute_tasks_job
-    from ..defs.user_events import NEXT_ACTION_MODEL, next_action_model
+    from ..defs.user_events import NEXT_ACTION_MODEL, next_action_model, write_user_event_lake
     from ..storage.lake import Lake
     from ..storage.postgres import scratch_database
 
@@ -225,7 +205,7 @@ def _login_pipeline(
             "model_store": ModelStoreResource(root=models),
             "deployment": DeploymentResource(),
         }
-        _write_event_lake(Lake(lake_uri), DEFAULT_PARTITIONS.days_ending(DAY, 7), 120, seed)
+        write_user_event_lake(Lake(lake_uri), DEFAULT_PARTITIONS.days_ending(DAY, 7), n_users=120, seed=seed)
         trained = dg.materialize(
             [next_action_model], partition_key=DAY, instance=instance, resources=resources,
             run_config={"ops": {NEXT_ACTION_MODEL: {"config": {"training_days": 7, "n_estimators": 30}}}},

@@ -46,13 +46,13 @@ from precompute_assets.defs.user_events import (
     NEXT_ACTION_MODEL,
     next_action_model,
     user_events,
+    write_user_event_lake,
 )
 from precompute_assets.ml.next_action import NextActionModel
 from precompute_assets.serving import PredictionCache, connect
 from precompute_assets.serving.events import ACTIONS, EventLogger
 from precompute_assets.storage.lake import Lake
 from precompute_assets.storage.tables import query_log_frame
-from precompute_assets_tests.defs.test_user_events import write_user_event_lake
 from precompute_assets_tests.factories import write_ad_platform
 
 DAY = "2026-11-20"

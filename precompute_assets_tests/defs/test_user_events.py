@@ -14,15 +14,14 @@ from precompute_assets.defs.user_events import (
     NEXT_ACTION_MODEL,
     approved_next_action_version,
     next_action_model,
-    user_event_frame,
     user_events,
+    write_user_event_lake,
 )
 from precompute_assets.ml.model_store import LocalModelStore
 from precompute_assets.ml.next_action import NextActionModel
 from precompute_assets.serving import connect
 from precompute_assets.serving.events import EventLogger, events_stream
 from precompute_assets.storage.lake import Lake
-from precompute_assets.workload.users import generate_user_events, make_users
 
 HOUR = "2026-11-20-10:00"
 HOUR_START_MS = int(datetime(2026, 11, 20, 10, tzinfo=UTC).timestamp() * 1000)
@@ -90,22 +89,6 @@ def test_an_hour_is_drained_exactly_idempotently_with_quarantine(
 
     again = dg.materialize([user_events], resources=res, partition_key=HOUR, instance=pg_instance)
     assert again.success and lake.read("user_events", HOUR).equals(events)
-
-
-def write_user_event_lake(lake: Lake, days: list[str], *, n_users: int = 120, seed: int = 5) -> int:
-    """The workload's events written straight into the hourly user_events partitions; returns how many."""
-    start = int(DEFAULT_PARTITIONS.daily.time_window_for_partition_key(days[0]).start.timestamp() * 1000)
-    frame = generate_user_events(make_users(n_users, seed=seed), start_ms=start, days=len(days), seed=seed)
-    hour_of = (frame["ts_ms"] - start) // 3_600_000
-    for day_index, day in enumerate(days):
-        for h, hour in enumerate(DEFAULT_PARTITIONS.hours_of(day)):
-            part = frame[hour_of == day_index * 24 + h]
-            rows = [
-                {"stream_id": f"{ts}-0", "ts_ms": ts, "user": u, "action": a, "entity": e, "tenant": t}
-                for ts, u, a, e, t in part[["ts_ms", "user", "action", "entity", "tenant"]].itertuples(index=False)
-            ]
-            lake.write("user_events", hour, user_event_frame(rows))
-    return len(frame)
 
 
 def test_next_action_model_beats_its_baselines_and_is_approved(tmp_path, pg_instance):
