@@ -169,9 +169,9 @@ def self_tuned_share(lake: Lake, partitions: Partitions, day: str, strategy: str
     afford here, is replayed with the frequency ranking."""
     days = partitions.days_ending(day, LOOKBACK_DAYS)
     hours = logged_trace(lake, partitions, days)
-    if len(hours.keys):  # days before the first logged one would only make the first logged day count cold
+    if len(hours.keys) and hours.day[0] > 0:  # days before the first logged one would make that day count cold
         first = int(hours.day[0])
-        hours = logged_trace(lake, partitions, days[first:]) if first else hours
+        hours = TraceHours(hours.keys, hours.day - first, hours.hour, hours.n_days - first)
     replayed = strategy if strategy in ("frequency", "ewma", "seasonal") else "frequency"
     rankings, _ = strategy_rankings(hours, replayed, capacity)
     return tune_share(hours.day_keys(), capacity, ranked=rankings)
