@@ -443,6 +443,7 @@ def test_xfetch_and_the_lock_on_redis_cluster(redis_cluster, schema):
     assert float(client.get(live_delta_key(schema, "rank", "k"))) >= 0  # another slot than the value: one round trip
     client.set(live_delta_key(schema, "rank", "k"), b"10.0")
     client.pexpire(schema.live("rank", "k"), 5000)
+    time.sleep(0.01)  # the first computation's lock lapses 1 ms after its write (SET 0 PX 1 XX); until then it is held
     assert cache.get_or_compute("rank", "k", lambda key: calls.append(key) or len(calls)) == 2  # early
     assert cache.early_recomputes == 1 and client.pttl(schema.live("rank", "k")) > 3_000_000
     client.set(recompute_lock_key(schema, "rank", "m"), b"1", px=60_000)  # held by a reader that never writes
