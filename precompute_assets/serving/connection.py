@@ -87,6 +87,18 @@ def cluster_send(client, commands: list[tuple], *, retry: bool = False) -> list:
     return replies
 
 
+def pack_resp(commands: list[tuple[bytes, ...]]) -> bytes:
+    """``commands`` of ``bytes`` arguments as one RESP2 byte string, ready to send (about twice as fast as
+    redis-py's ``pack_commands``, which converts and checks every argument; the query and event loggers send tens
+    of thousands a second from a thread that shares the GIL with the service's lookups)."""
+    parts = []
+    for command in commands:
+        parts.append(b"*%d\r\n" % len(command))
+        for argument in command:
+            parts.append(b"$%d\r\n%s\r\n" % (len(argument), argument))
+    return b"".join(parts)
+
+
 def send_pipelined(client, commands: list[tuple]) -> list:
     """Replies of ``commands`` in order, in one round trip: on a plain client packed and written at once on one
     pooled connection and read back reply by reply (about half the Python time of a redis-py pipeline for a

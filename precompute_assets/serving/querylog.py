@@ -23,12 +23,13 @@ from typing import Any
 
 import redis
 
-from .connection import REDIS_ERRORS
+from .connection import REDIS_ERRORS, pack_resp
 from .keys import ARM_PATTERN, KIND_PATTERN, KeySchema
 
 MAX_KEY_LENGTH = 256
 MAX_CLOCK_SKEW_MS = 3_600_000  # an event's own time may trail its arrival by at most an hour
 PACK_CHUNK = 8  # commands packed and sent at a time by the flushing thread (see QueryLogger._send)
+CATCH_UP_CHUNK = 128  # the same while the backlog exceeds an eighth of the buffer: drain first, drop nothing
 
 
 @dataclass
@@ -194,11 +195,12 @@ class QueryLogger:
             if time.monotonic() < self._retry_at:
                 # Redis failed recently: shed the backlog beyond the buffer limit instead of retrying.
                 return False
-            batch = [self._buffer.popleft() for _ in range(min(self.batch_size, len(self._buffer)))]
+            backlog = len(self._buffer)
+            batch = [self._buffer.popleft() for _ in range(min(self.batch_size, backlog))]
             if not batch:
                 return False
             try:
-                self._send(batch)
+                self._send(batch, catching_up=backlog > self.max_buffer // 8)
             except REDIS_ERRORS:
                 self.stats.dropped_write_failed += len(batch)
                 self.stats.flush_errors += 1
@@ -224,15 +226,17 @@ class QueryLogger:
         for (kind, outcome), n in counts.items():
             yield (b"HINCRBY", self.schema.stats(kind).encode(), outcome.encode(), b"%d" % n)
 
-    def _send(self, batch: list[QueryEvent]) -> None:
+    def _send(self, batch: list[QueryEvent], *, catching_up: bool = False) -> None:
         """Write ``batch`` and read every reply; raises a Redis error if any reply is one (the connection is then
         dropped, not reused).
 
         On a plain client the commands are built, packed and sent ``PACK_CHUNK`` at a time, handing the GIL over
         after each chunk and every ``PACK_CHUNK`` replies: a lookup in another thread of the process then waits
         for at most one chunk's Python work, never for a whole batch's (redis-py's pipeline packs and parses a
-        batch in one go, which held lookups up for milliseconds at p999). Other clients (a cluster) use their
-        pipeline."""
+        batch in one go, which held lookups up for milliseconds at p999). A hand-over (``sleep(0)``) costs about
+        as much as writing ten events, so while ``catching_up`` (the backlog exceeds an eighth of ``max_buffer``)
+        the writer hands over every ``CATCH_UP_CHUNK`` commands instead: falling behind would end in dropped
+        events, and a lookup then waits a little longer at p999. Other clients (a cluster) use their pipeline."""
         pool = getattr(self.client, "connection_pool", None)
         if pool is None or not isinstance(self.client, redis.Redis):
             pipe = self.client.pipeline(transaction=False)
@@ -240,17 +244,18 @@ class QueryLogger:
                 pipe.execute_command(*command)
             pipe.execute()
             return
+        size = CATCH_UP_CHUNK if catching_up else PACK_CHUNK
         connection = pool.get_connection()
         try:
             sent, chunk = 0, []
             for command in self._commands(batch):
                 chunk.append(command)
-                if len(chunk) == PACK_CHUNK:
-                    connection.send_packed_command(connection.pack_commands(chunk), check_health=False)
+                if len(chunk) == size:
+                    connection.send_packed_command([pack_resp(chunk)], check_health=False)
                     sent, chunk = sent + len(chunk), []
                     time.sleep(0)  # hand the GIL to a lookup waiting for it
             if chunk:
-                connection.send_packed_command(connection.pack_commands(chunk), check_health=False)
+                connection.send_packed_command([pack_resp(chunk)], check_health=False)
                 sent += len(chunk)
             error = None
             for index in range(sent):  # every reply, so the connection stays in step after an error reply
@@ -258,7 +263,7 @@ class QueryLogger:
                     connection.read_response()
                 except redis.ResponseError as reply:
                     error = error or reply
-                if index % PACK_CHUNK == PACK_CHUNK - 1:
+                if index % size == size - 1:
                     time.sleep(0)
             if error is not None:
                 raise error

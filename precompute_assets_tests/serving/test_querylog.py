@@ -188,3 +188,31 @@ def test_log_many_queues_one_event_per_key_and_counts_what_does_not_fit(redis_ur
         (b"a", b"1", b"7", b"x"), (b"b", b"0", b"7", b"y"), (b"c", b"1", b"7", None),
     ]  # fmt: skip
     assert len({e[b"ts"] for e in events}) == 1 and all(e[b"user"] == b"u1" for e in events)
+
+
+def test_pack_resp_is_the_wire_format_redis_py_sends(redis_client):
+    from precompute_assets.serving.connection import pack_resp
+
+    commands = [(b"XADD", b"s", b"MAXLEN", b"~", b"10", b"*", b"key", "caf\u00e9 \r\n".encode()), (b"PING",)]
+    connection = redis_client.connection_pool.get_connection()
+    try:
+        assert pack_resp(commands) == b"".join(connection.pack_commands(commands))
+    finally:
+        redis_client.connection_pool.release(connection)
+    assert pack_resp([]) == b""
+
+
+def test_a_backlog_is_drained_in_catch_up_chunks_in_order_with_every_reply_read(redis_url, redis_client, schema):
+    from precompute_assets.serving.querylog import CATCH_UP_CHUNK
+
+    # A backlog above an eighth of the buffer: written CATCH_UP_CHUNK commands at a time, nothing lost or reordered.
+    logger = QueryLogger(connect(redis_url), schema, max_buffer=4000, batch_size=10**6, flush_interval_s=60)
+    n = 3 * CATCH_UP_CHUNK + 5 + 1000
+    for i in range(n):
+        logger.log("ctr", f"k{i}", hit=i % 3 == 0)
+    assert logger.pending == n > logger.max_buffer // 8
+    logger.close()
+    assert logger.stats.written == n and logger.stats.dropped == 0 and logger.stats.flush_errors == 0
+    keys = [fields[b"key"] for _, fields in redis_client.xrange(schema.query_log())]
+    assert keys == [f"k{i}".encode() for i in range(n)]
+    assert int(redis_client.hget(schema.stats("ctr"), "hit")) == len(range(0, n, 3))
