@@ -10,6 +10,9 @@ executors, never a home-made worker pool.
 - ``k8s``: every step is a Kubernetes Job (``dagster-k8s``), with the image, namespace and environment of the
   ``K8sRunLauncher`` of the instance; its config can be refined per run under ``execution.config``.
 
+``precompute_tasks_job`` (one step, started by user events) always runs in its run's process: a step process
+or task would only add start-up time between a user's action and the value.
+
 Steps hand data over through the lake (the ``ParquetIOManager``), never through memory, and report to the
 PostgreSQL instance: both must be reachable from every worker. The executor packages are imported only when
 they are chosen.

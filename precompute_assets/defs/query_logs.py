@@ -70,8 +70,9 @@ def query_logs(context: dg.AssetExecutionContext, redis: RedisResource, lake: La
                 rejected.append(quarantine_row(entry_id, fields, reason))
         context.log.info(f"read {len(rows) + len(rejected)} events ({len(rejected)} quarantined)")
     logs, quarantine = query_log_frame(rows), quarantine_frame(rejected)
-    if "arm" not in logs:  # the A/B arm of each query (None outside an experiment); older files lack it
-        logs["arm"] = pd.Series([row["arm"] for row in rows], index=logs.index, dtype=object)
+    for column in ("arm", "version"):  # the A/B arm (None outside an experiment), the version read (None: none)
+        if column not in logs:
+            logs[column] = pd.Series([row[column] for row in rows], index=logs.index, dtype=object)
     total = len(logs) + len(quarantine)
     yield dg.Output(
         logs,

@@ -333,7 +333,13 @@ def run_precompute_task(
     yield dg.Output(None, metadata=metadata)
 
 
-@dg.job(name=JOB_NAME, description="Compute one precompute task type for a batch of entities into Redis.")
+@dg.job(
+    name=JOB_NAME,
+    description="Compute one precompute task type for a batch of entities into Redis.",
+    # One step: in the run's own process. A step process would import the code location a second time, seconds
+    # that a user who just logged in would wait for (whichever executor the other jobs use).
+    executor_def=dg.in_process_executor,
+)
 def precompute_tasks_job():
     run_precompute_task()
 
@@ -343,6 +349,46 @@ def task_run_config(task: str, entities: list[str], **options: Any) -> dict:
 
 
 # --- the built-in task types ---------------------------------------------------------------------------
+
+
+def task_run_stats(
+    instance: dg.DagsterInstance,
+    tasks: Iterable[str],
+    *,
+    window_s: float,
+    now_s: float | None = None,
+    limit: int = 1000,
+) -> dict[str, dict]:
+    """Per task type, from Dagster's run storage: ``queued`` (queued or not yet started), ``running``, and over
+    the last ``window_s`` the runs that ended: ``succeeded``, ``failed``, ``avg_run_s`` / ``max_run_s`` (start to
+    end; None without one). At most ``limit`` ended runs per type are read (``ended_sampled`` says when more)."""
+    now_s = time.time() if now_s is None else now_s
+    since = datetime.fromtimestamp(now_s - window_s, UTC)
+    out = {}
+    for task in sorted(set(tasks)):
+        tags = {TASK_TAG: task}
+
+        def count(statuses: list[dg.DagsterRunStatus], tags: dict = tags) -> int:
+            return instance.get_runs_count(dg.RunsFilter(tags=tags, statuses=statuses))
+
+        records = instance.get_run_records(
+            dg.RunsFilter(
+                tags=tags, statuses=[dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE], updated_after=since
+            ),
+            limit=limit,
+        )
+        ended = [r for r in records if r.end_time is not None and r.end_time >= now_s - window_s]
+        seconds = [r.end_time - r.start_time for r in ended if r.start_time is not None]
+        out[task] = {
+            "queued": count([dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED]),
+            "running": count([dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED]),
+            "succeeded": sum(r.dagster_run.status == dg.DagsterRunStatus.SUCCESS for r in ended),
+            "failed": sum(r.dagster_run.status == dg.DagsterRunStatus.FAILURE for r in ended),
+            "avg_run_s": round(sum(seconds) / len(seconds), 3) if seconds else None,
+            "max_run_s": round(max(seconds), 3) if seconds else None,
+            "ended_sampled": len(records) >= limit,
+        }
+    return out
 
 
 def _ctr_scores(ctx: TaskContext) -> dict[str, float]:

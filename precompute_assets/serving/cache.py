@@ -565,6 +565,11 @@ class PredictionCache:
         self._pointers[kind] = (pointer, experiment, now)
         return pointer
 
+    def _version(self, kind: str) -> str | None:
+        """The published version last read for ``kind`` (the one the lookup read), without touching Redis."""
+        cached = self._pointers.get(kind)
+        return None if cached is None or cached[0] is None else cached[0].version
+
     def _experiment(self, kind: str) -> Experiment | None:
         """The experiment last read for ``kind``, without touching Redis (logging never adds a round trip)."""
         cached = self._pointers.get(kind)
@@ -702,7 +707,8 @@ class PredictionCache:
             latency_us = (time.perf_counter_ns() - start_ns) // 1000
             experiment = self._experiment(kind)
             arms = None if experiment is None else [experiment.arm(key) for key in keys]
-            self.logger.log_many(kind, keys, hits, latency_us=latency_us, user=user, tenant=tenant, arms=arms)
+            self.logger.log_many(kind, keys, hits, latency_us=latency_us, user=user, tenant=tenant, arms=arms,
+                                 version=self._version(kind))  # fmt: skip
 
     def _log(self, kind: str, key: str, hit: bool, start_ns: int, user: str | None, tenant: str | None) -> None:
         if hit:
@@ -713,4 +719,5 @@ class PredictionCache:
             latency_us = (time.perf_counter_ns() - start_ns) // 1000
             experiment = self._experiment(kind)
             arm = None if experiment is None else experiment.arm(key)
-            self.logger.log(kind, key, hit=hit, latency_us=latency_us, user=user, tenant=tenant, arm=arm)
+            self.logger.log(kind, key, hit=hit, latency_us=latency_us, user=user, tenant=tenant, arm=arm,
+                            version=self._version(kind))  # fmt: skip

@@ -1,8 +1,9 @@
 """Query logging: one Redis Stream entry per prediction query, written off the caller's path.
 
 Stream entry fields (all strings): ``ts`` query time in ms since the epoch, ``kind``, ``key``, ``hit``
-(``1``/``0``), ``lat_us`` lookup latency in microseconds, ``user`` / ``tenant`` when known, and ``arm``, the
-A/B experiment arm of the key, when an experiment is active for the kind (see ``keys.Experiment``). The stream
+(``1``/``0``), ``lat_us`` lookup latency in microseconds, ``user`` / ``tenant`` when known, ``ver`` the published
+version the lookup read (absent when the kind had none), and ``arm``, the A/B experiment arm of the key, when an
+experiment is active for the kind (see ``keys.Experiment``). The stream
 ID is the arrival time, so an hour of logs is one ``XRANGE``. ``{ns}:1:stats:{kind}`` counts hits/misses.
 
 Logging never breaks or slows the caller: events go to a bounded in-memory buffer that a background
@@ -24,7 +25,7 @@ from typing import Any
 import redis
 
 from .connection import REDIS_ERRORS, pack_resp
-from .keys import ARM_PATTERN, KIND_PATTERN, KeySchema
+from .keys import ARM_PATTERN, KIND_PATTERN, VERSION_PATTERN, KeySchema
 
 MAX_KEY_LENGTH = 256
 MAX_CLOCK_SKEW_MS = 3_600_000  # an event's own time may trail its arrival by at most an hour
@@ -42,6 +43,7 @@ class QueryEvent:
     user: str | None = None
     tenant: str | None = None
     arm: str | None = None
+    version: str | None = None
 
     def fields(self) -> dict[str, str]:
         out = {
@@ -57,6 +59,8 @@ class QueryEvent:
             out["tenant"] = self.tenant
         if self.arm is not None:
             out["arm"] = self.arm
+        if self.version is not None:
+            out["ver"] = self.version
         return out
 
 
@@ -127,14 +131,15 @@ class QueryLogger:
         user: str | None = None,
         tenant: str | None = None,
         arm: str | None = None,
+        version: str | None = None,
     ) -> None:
-        """Queue one event; never raises, never blocks on Redis."""
+        """Queue one event (``version``: the published version the lookup read); never raises, never blocks."""
         with self._count_lock:  # callers share the logger across threads; `+=` alone can lose counts
             self.stats.logged += 1
             if len(self._buffer) >= self.max_buffer:
                 self.stats.dropped_buffer_full += 1
                 return
-        self._buffer.append(QueryEvent(self.clock(), kind, key, hit, latency_us, user, tenant, arm))
+        self._buffer.append(QueryEvent(self.clock(), kind, key, hit, latency_us, user, tenant, arm, version))
         if len(self._buffer) >= self.batch_size:
             self._wake.set()
 
@@ -148,6 +153,7 @@ class QueryLogger:
         user: str | None = None,
         tenant: str | None = None,
         arms: Sequence[str | None] | None = None,
+        version: str | None = None,
     ) -> None:
         """Queue one event per key of a batch lookup (one time, one latency), under one lock; never raises."""
         with self._count_lock:
@@ -156,7 +162,7 @@ class QueryLogger:
             self.stats.dropped_buffer_full += max(0, len(keys) - room)
         now, arms = self.clock(), arms or [None] * len(keys)
         self._buffer.extend(
-            QueryEvent(now, kind, key, hit, latency_us, user, tenant, arm)
+            QueryEvent(now, kind, key, hit, latency_us, user, tenant, arm, version)
             for key, hit, arm in zip(keys[:room], hits[:room], arms[:room], strict=True)
         )
         if len(self._buffer) >= self.batch_size:
@@ -417,6 +423,11 @@ def validate_entry(entry_id: bytes, fields: dict[bytes, bytes]) -> tuple[dict[st
         return None, reason
     if arm is not None and not ARM_PATTERN.fullmatch(arm):
         return None, f"invalid arm {arm[:64]!r}"
+    version, reason = _clean_text(fields.get(b"ver"), "ver", required=False)
+    if reason:
+        return None, reason
+    if version is not None and not VERSION_PATTERN.fullmatch(version):
+        return None, f"invalid ver {version[:64]!r}"
     row = {
         "stream_id": entry_id.decode(),
         "ts_ms": ts,
@@ -427,6 +438,7 @@ def validate_entry(entry_id: bytes, fields: dict[bytes, bytes]) -> tuple[dict[st
         "user": user,
         "tenant": tenant,
         "arm": arm,
+        "version": version,
     }
     return row, None
 

@@ -1,7 +1,8 @@
 """Cache statistics for the people who run it: what each kind serves, how well, and what it costs in Redis.
 
 ``cache_stats`` reads, never writes: per kind, the current version (buckets, keys, memory of its buckets, TTL
-left) and, over a window of the query log, requests, hits, the hit rate and the most-missed keys. The window
+left) and, over a window of the query log, requests, hits, the hit rate (also per published version the lookups
+read: a publish inside the window shows the old and the new version side by side) and the most-missed keys. The window
 is read newest first, at most ``sample`` entries (``sampled`` says when the window held more), so a busy hour
 costs a bounded read. Kinds are found by their pointers (``SCAN`` for ``{ns}:1:*:current``, bounded batches).
 """
@@ -61,12 +62,14 @@ def window_stats(
     client: redis.Redis, schema: KeySchema, *, window_s: float, now_ms: int | None = None, sample: int = 200_000
 ) -> dict[str, dict]:
     """Per kind over the last ``window_s`` of the query log: ``requests``, ``hits``, ``hit_rate``,
-    ``most_missed`` ([key, misses] pairs), and ``sampled`` when the window held more than ``sample`` entries."""
+    ``most_missed`` ([key, misses] pairs), ``versions`` (the same per version read, ``_per_version``), and
+    ``sampled`` when the window held more than ``sample`` entries."""
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     start_ms = now_ms - int(window_s * 1000)
     upper: str = "+"
     requests: Counter[str] = Counter()
     hits: Counter[str] = Counter()
+    by_version: dict[str, Counter[tuple[str | None, bool]]] = {}
     missed: dict[str, Counter[str]] = {}
     read, sampled = 0, False
     while True:
@@ -74,7 +77,12 @@ def window_stats(
         for _, fields in page:
             kind = fields.get(b"kind", b"").decode(errors="replace")
             requests[kind] += 1
-            if fields.get(b"hit") == b"1":
+            hit = fields.get(b"hit") == b"1"
+            version = fields.get(b"ver")
+            by_version.setdefault(kind, Counter())[
+                (None if version is None else version.decode(errors="replace"), hit)
+            ] += 1
+            if hit:
                 hits[kind] += 1
             else:
                 missed.setdefault(kind, Counter())[fields.get(b"key", b"").decode(errors="replace")] += 1
@@ -89,10 +97,22 @@ def window_stats(
             "hits": hits[kind],
             "hit_rate": hits[kind] / n,
             "most_missed": [[key, count] for key, count in missed.get(kind, Counter()).most_common(TOP_MISSED)],
+            "versions": _per_version(by_version[kind]),
             "sampled": sampled,
         }
         for kind, n in sorted(requests.items())
     }
+
+
+def _per_version(counts: Counter[tuple[str | None, bool]]) -> list[dict]:
+    """``[{"version", "requests", "hits", "hit_rate"}]``, most requested first (version None: lookups made while the
+    kind had no published version, or logged by a client that does not record it)."""
+    versions = {version for version, _ in counts}
+    rows = []
+    for version in versions:
+        hit, miss = counts[(version, True)], counts[(version, False)]
+        rows.append({"version": version, "requests": hit + miss, "hits": hit, "hit_rate": hit / (hit + miss)})
+    return sorted(rows, key=lambda row: (-row["requests"], row["version"] or ""))
 
 
 def cache_stats(
@@ -111,7 +131,7 @@ def cache_stats(
     windows = window_stats(client, schema, window_s=window_s, now_ms=now_ms, sample=sample)
     found = set(kinds_with_versions(client, schema)) | {kind for kind in windows if KIND_PATTERN.fullmatch(kind)}
     names = [check_kind(kind) for kind in kinds] if kinds else sorted(found)
-    empty = {"requests": 0, "hits": 0, "hit_rate": None, "most_missed": [], "sampled": False}
+    empty = {"requests": 0, "hits": 0, "hit_rate": None, "most_missed": [], "versions": [], "sampled": False}
     return {
         "window_s": window_s,
         "kinds": {

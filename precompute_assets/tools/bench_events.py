@@ -10,13 +10,13 @@ One JSON object; every ratio is against a reference measured in the same run:
 - ``sensor_tick_s``: one ``user_event_sensor`` evaluation over ``sensor_events`` new events on the real Redis,
   with the approved next-action model (its predictions included), on a PostgreSQL-backed instance.
 - ``login_to_readable_s``: ``PredictionCache.record_event(login)`` → the logger's flush → one sensor tick (called
-  in-process right away: a daemon ticks it every 15 s, which would add up to 15 s) → the requested
+  in-process right away: a daemon ticks it every 5 s, which would add up to 5 s) → the requested
   ``next_actions`` run executed in-process (``execute_in_process`` on that instance, not a daemon-launched run
   worker) → ``PredictionCache.get("next_actions", user)`` polled until readable. With ``daemon_logins=N``, also
-  ``login_to_readable_daemon_s``: N logins (3.7 s, 7.4 s... apart, unaligned with the 15 s sensor interval) through
-  a real ``dagster-daemon`` subprocess on the same PostgreSQL instance (QueuedRunCoordinator, default run launcher:
-  each run in its own process), with ``daemon_breakdown_s`` from the run records (login → run created → started →
-  value readable).
+  ``login_to_readable_daemon_s``: N logins (3.7 s, 7.4 s... apart, unaligned with the 5 s sensor interval)
+  through a real ``dagster-daemon`` subprocess on the same PostgreSQL instance (the project's dagster.yaml:
+  QueuedRunCoordinator dequeuing every second, default run launcher: each run in its own process), with
+  ``daemon_breakdown_s`` from the run records (login → run created → started → value readable).
 - ``recomputes_per_expiry_early`` vs ``recomputes_per_expiry_plain``: one hot key with a ``hot_ttl_s`` live TTL
   read ~``hot_rate`` times a second by ``hot_threads`` threads (a client each) through ``get_or_compute`` for
   ``hot_seconds``; a compute takes ``compute_s``. Early = XFetch (beta 1) + the recompute lock (the default);
@@ -282,7 +282,7 @@ def _login_pipeline(
             "login_to_tick_s": round(tick_done - started, 3),
             "login_run_s": round(run_done - tick_done, 3),
             "login_path": "record_event -> sensor tick called in-process at once -> precompute_tasks_job "
-            "execute_in_process on a PostgreSQL instance -> cache.get (no dagster-daemon: its 15 s sensor interval "
+            "execute_in_process on a PostgreSQL instance -> cache.get (no dagster-daemon: its 5 s sensor interval "
             "and a run worker process would add to this)",
             "login_goal_s": 15,
             "setup_seconds": round(setup_s, 1),
@@ -307,16 +307,27 @@ defs = dg.Definitions(
 )
 """
 
-_INSTANCE_YAML = """
-storage:
-  postgres:
-    postgres_url: {url}
-run_coordinator:
-  module: dagster._core.run_coordinator
-  class: QueuedRunCoordinator
-telemetry:
-  enabled: false
-"""
+
+def _instance_yaml(url: str) -> str:
+    """The project's dagster.yaml (its run coordinator, dequeue interval and concurrency limits: what a deployment
+    runs with), its storage pointed at the scratch database."""
+    import yaml
+
+    from ..stack import project_dir
+
+    config = yaml.safe_load((project_dir() / "dagster.yaml").read_text())
+    config["storage"] = {"postgres": {"postgres_url": url}}
+    return yaml.safe_dump(config)
+
+
+def _dequeue_interval_s() -> float:
+    """The queued run coordinator's dequeue interval in the project's dagster.yaml (Dagster's default: 5 s)."""
+    import yaml
+
+    from ..stack import project_dir
+
+    config = yaml.safe_load((project_dir() / "dagster.yaml").read_text()).get("run_coordinator", {})
+    return float(config.get("config", {}).get("dequeue_interval_seconds", 5))
 
 
 def _run_breakdown(instance, logged: list[tuple[str, float, float]]) -> list[dict]:
@@ -350,9 +361,11 @@ def _login_with_daemon(
     import sys
     from pathlib import Path
 
+    from ..defs.tasks import user_event_sensor
+
     home = Path(scratch) / "dagster_home"
     home.mkdir()
-    (home / "dagster.yaml").write_text(_INSTANCE_YAML.format(url=dagster_db))
+    (home / "dagster.yaml").write_text(_instance_yaml(dagster_db))
     (home / "bench_location.py").write_text(
         _CODE_LOCATION.format(redis_url=redis_url, namespace=namespace, lake_uri=lake_uri, models=models)
     )
@@ -379,7 +392,7 @@ def _login_with_daemon(
             time.sleep(0.2)
         daemon_start_s = time.perf_counter() - started
         for i in range(logins):
-            time.sleep(3.7 * (i + 1))  # unaligned with the sensor's 15 s interval
+            time.sleep(3.7 * (i + 1))  # unaligned with the sensor's 5 s interval
             user = f"dlogin{i}{uuid.uuid4().hex[:6]}"
             begun = time.perf_counter()
             cache.record_event(user, "login", tenant="t01")
@@ -407,8 +420,10 @@ def _login_with_daemon(
     return {
         "login_to_readable_daemon_s": [round(t, 2) for t in times],
         "login_to_readable_daemon_max_s": round(max(times), 2),
-        "daemon_path": "record_event -> dagster-daemon sensor tick (minimum_interval 15 s) -> QueuedRunCoordinator "
-        "(default dequeue interval) -> DefaultRunLauncher run process -> cache.get",
+        "daemon_path": f"record_event -> dagster-daemon sensor tick (minimum_interval "
+        f"{user_event_sensor.minimum_interval_seconds} s) -> QueuedRunCoordinator (the project's dagster.yaml: dequeue "
+        f"every {_dequeue_interval_s():g} s) -> DefaultRunLauncher run process (a code location of the job and the "
+        "sensor only) -> cache.get",
         "daemon_breakdown_s": parts,
         "daemon_start_s": round(daemon_start_s, 1),
     }

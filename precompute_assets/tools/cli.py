@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
 import sys
+from collections.abc import Iterator
 from typing import NoReturn
 
 from ..stack import ENV_APP_DB, ENV_REDIS, RedisError, Stack, StackError, project_dir, redact
@@ -63,21 +65,49 @@ def automation(stack: Stack, postgres_running: bool) -> list[tuple[str, str, str
     """Each schedule and sensor with the state the Dagster daemon acts on, when Dagster's database answers."""
     if not postgres_running or not (stack.dagster_home / "dagster.yaml").exists():
         return [("(unknown until `precompute up`: Dagster's database is stopped)", "automation", "")]
-    import dagster as dg
-
     from ..definitions import defs
     from ..defs.automation import automation_states
+
+    try:
+        with dagster_instance(stack) as instance:
+            return automation_states(instance, defs())
+    except Exception as error:  # status reports; it never fails because Dagster's storage cannot be read
+        return [(f"(unknown: {_one_line(error)})", "automation", "")]
+
+
+@contextlib.contextmanager
+def dagster_instance(stack: Stack) -> Iterator:
+    """The Dagster instance of ``DAGSTER_HOME`` (the stack's unless set), with the stack's variables set while
+    it is open (its dagster.yaml reads the PostgreSQL URL from them)."""
+    import dagster as dg
 
     env, saved = stack.env(), dict(os.environ)
     os.environ.update(env)
     try:
         with dg.DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
-            return automation_states(instance, defs())
-    except Exception as error:  # status reports; it never fails because Dagster's storage cannot be read
-        return [(f"(unknown: {type(error).__name__}: {str(error).splitlines()[0][:120]})", "automation", "")]
+            yield instance
     finally:
         os.environ.clear()
         os.environ.update(saved)
+
+
+def _one_line(error: BaseException) -> str:
+    return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:120]}"
+
+
+def task_stats(window_s: float) -> dict:
+    """``defs.tasks.task_run_stats`` for every registered task type, or ``{"unavailable": why}`` when Dagster's
+    storage cannot be read (stats never fail because of it)."""
+    from ..defs.tasks import task_registry, task_run_stats
+
+    stack = Stack()
+    if "DAGSTER_HOME" not in os.environ and not (stack.dagster_home / "dagster.yaml").exists():
+        return {"unavailable": "no DAGSTER_HOME and no local stack (`precompute up`)"}
+    try:
+        with dagster_instance(stack) as instance:
+            return task_run_stats(instance, task_registry().types, window_s=window_s)
+    except Exception as error:
+        return {"unavailable": _one_line(error)}
 
 
 ENV_REDIS_ADMIN = "PRECOMPUTE_REDIS_ADMIN_URL"
@@ -164,6 +194,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
         raise CliError(str(error)) from None
     except redis.RedisError as error:
         raise CliError(f"{redact(url)}: {error}") from None
+    stats["tasks"] = task_stats(args.window)
     if args.json:
         print(json.dumps(stats))
         return 0
@@ -176,8 +207,20 @@ def cmd_cache(args: argparse.Namespace) -> int:
             f"{current.get('memory_bytes', 0) / 1e6:>8.1f}MB {current.get('ttl_s', 0):>7}s "
             f"{window['requests']:>9} {rate:>8}"
         )
+        for row in window["versions"]:
+            print(f"  read {row['version'] or '(none)':<26} {row['requests']:>9} requests {row['hit_rate']:>8.1%}")
         if window["most_missed"]:
             print("  most missed: " + ", ".join(f"{key} ({n})" for key, n in window["most_missed"]))
+    tasks = stats["tasks"]
+    if "unavailable" in tasks:
+        print(f"task runs: unavailable ({tasks['unavailable']})")
+        return 0
+    print(f"{'task type':<16} {'queued':>7} {'running':>8} {'succeeded':>10} {'failed':>7} {'avg run':>9}")
+    for task, row in tasks.items():
+        average = "-" if row["avg_run_s"] is None else f"{row['avg_run_s']:.1f}s"
+        print(
+            f"{task:<16} {row['queued']:>7} {row['running']:>8} {row['succeeded']:>10} {row['failed']:>7} {average:>9}"
+        )
     return 0
 
 
@@ -508,7 +551,11 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--version", help="every bucket of a version that is not current")
     inval.add_argument("--namespace", default="pc")
     inval.set_defaults(fn=cmd_cache)
-    stats = cache_sub.add_parser("stats", help="per kind: current version, keys, memory, TTL, hit rate, most missed")
+    stats = cache_sub.add_parser(
+        "stats",
+        help="per kind: current version, keys, memory, TTL, hit rate (per version read), most missed; "
+        "per task type: queued and running runs, average run time",
+    )
     stats.add_argument("--kind")
     stats.add_argument("--window", type=duration_s, default=3600.0, help="query-log window: 90s, 30m, 1h, 2d")
     stats.add_argument("--json", action="store_true", help="one JSON object")

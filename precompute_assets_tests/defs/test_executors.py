@@ -367,6 +367,8 @@ def test_every_job_of_the_deployment_takes_the_chosen_executor(monkeypatch, tmp_
     defs = deployment_definitions()
     for name in ("daily_precompute_job", "document_embeddings_job", "query_logs_job", "campaign_warming_job"):
         assert defs.resolve_job_def(name).executor_def.name == "celery"
+    # ... except the one-step predictive task job, which runs in its run's process (no second start-up).
+    assert defs.resolve_job_def("precompute_tasks_job").executor_def.name == "in_process"
     monkeypatch.delenv(ENV_EXECUTOR)
     assert (
         deployment_definitions().resolve_job_def("daily_precompute_job").executor_def.name

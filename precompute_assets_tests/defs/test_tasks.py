@@ -190,6 +190,31 @@ def test_the_job_writes_live_values_with_their_ttl_and_counts_failures(
     assert "unknown task type 'no_such_task'" in unknown.failure_data_for_node("run_precompute_task").error.message
 
 
+def test_task_run_stats_count_queued_and_ended_runs_per_task_type(redis_url, schema, tmp_path, pg_instance):
+    name = unique("stats")
+    register_task_type(name, lambda entity, ctx: 1.0 if entity != "bad" else b"\x00", ttl_s=60, priority=2,
+                       batch_size=10)  # fmt: skip
+    res = task_resources(redis_url, schema, str(tmp_path / "lake"), str(tmp_path / "models"))
+    tags = {TASK_TAG: name, PRIORITY_TAG: "2"}
+    for entities in (["a"], ["b", "c"], ["bad"]):  # two succeed, one fails (its value cannot be encoded)
+        precompute_tasks_job.execute_in_process(run_config=task_run_config(name, entities), tags=tags,
+                                                instance=pg_instance, resources=res, raise_on_error=False)  # fmt: skip
+    precompute_tasks_job.execute_in_process(run_config=task_run_config(name, ["d"]), instance=pg_instance,
+                                            resources=res, tags={TASK_TAG: "other"})  # fmt: skip
+    for _ in range(2):  # created, never launched (QUEUED needs a code location's origin; both count as queued)
+        pg_instance.create_run_for_job(precompute_tasks_job, run_config=task_run_config(name, ["e"]), tags=tags,
+                                       status=dg.DagsterRunStatus.NOT_STARTED)  # fmt: skip
+    stats = tasks.task_run_stats(pg_instance, [name, "idle"], window_s=3600)
+    mine = stats[name]
+    assert (mine["queued"], mine["running"], mine["succeeded"], mine["failed"]) == (2, 0, 2, 1)
+    assert 0 < mine["avg_run_s"] <= mine["max_run_s"] and not mine["ended_sampled"]
+    assert stats["idle"] == {"queued": 0, "running": 0, "succeeded": 0, "failed": 0, "avg_run_s": None,
+                             "max_run_s": None, "ended_sampled": False}  # fmt: skip
+    later = tasks.task_run_stats(pg_instance, [name], window_s=60, now_s=time.time() + 3600)[name]
+    assert (later["queued"], later["succeeded"], later["avg_run_s"]) == (2, 0, None)  # ended before the window
+    assert tasks.task_run_stats(pg_instance, [name], window_s=3600, limit=2)[name]["ended_sampled"]
+
+
 # --- the sensor ------------------------------------------------------------------------------------------
 
 

@@ -95,6 +95,26 @@ def test_stats_report_the_current_version_and_the_hit_rate_of_the_window(redis_u
         cache_stats(redis_client, schema, window_s=0)
 
 
+def test_stats_split_the_hit_rate_by_the_version_each_lookup_read(redis_url, redis_client, schema):
+    logger = QueryLogger(connect(redis_url), schema)
+    cache = PredictionCache(connect(redis_url), schema=schema, pointer_ttl_s=0, logger=logger)
+    cache.get("ctr", "k0")  # no version published yet: logged without one
+    publish(redis_client, schema, "ctr", "v1", [f"k{i}" for i in range(10)])
+    [cache.get("ctr", f"k{i}") for i in range(20)]  # 10 hits, 10 misses on v1
+    publish(redis_client, schema, "ctr", "v2", [f"k{i}" for i in range(20)])
+    [cache.get("ctr", f"k{i}") for i in range(5)]  # 5 hits on v2
+    cache.get_many("ctr", ["k19", "k20"])  # a batch: 1 hit, 1 miss on v2
+    logger.close()
+    window = cache_stats(redis_client, schema, window_s=600)["kinds"]["ctr"]["window"]
+    assert window["requests"] == 28 and window["hits"] == 16
+    assert window["versions"] == [
+        {"version": "v1", "requests": 20, "hits": 10, "hit_rate": 0.5},
+        {"version": "v2", "requests": 7, "hits": 6, "hit_rate": pytest.approx(6 / 7)},
+        {"version": None, "requests": 1, "hits": 0, "hit_rate": 0.0},
+    ]
+    cache.close()
+
+
 def test_cache_cli_invalidates_and_reports_in_one_line_errors(redis_url, redis_client, schema, monkeypatch, capsys):
     monkeypatch.setenv("PRECOMPUTE_REDIS_URL", redis_url)
     publish(redis_client, schema, "ctr", "v1", ["a", "b"])
@@ -107,6 +127,7 @@ def test_cache_cli_invalidates_and_reports_in_one_line_errors(redis_url, redis_c
     assert main(["cache", "stats", "--json", "--window", "30m", *ns]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["window_s"] == 1800 and out["kinds"]["ctr"]["current"]["keys"] == 1
+    assert set(out["tasks"]) >= {"ctr", "dashboard", "next_actions"}, out["tasks"]  # the session's Dagster storage
     assert main(["cache", "stats", "--kind", "ctr", *ns]) == 0
     assert "ctr" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exited:
@@ -114,3 +135,12 @@ def test_cache_cli_invalidates_and_reports_in_one_line_errors(redis_url, redis_c
     err = capsys.readouterr().err
     assert exited.value.code == 2 and "expected a duration" in err and err.count("\n") == 1
     assert duration_s("2d") == 172_800 and duration_s("90") == 90
+
+
+def test_task_stats_say_why_when_dagster_storage_is_not_there(monkeypatch, tmp_path):
+    from precompute_assets.stack import ENV_HOME
+    from precompute_assets.tools.cli import task_stats
+
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    monkeypatch.setenv(ENV_HOME, str(tmp_path / "nothing-here"))
+    assert task_stats(3600) == {"unavailable": "no DAGSTER_HOME and no local stack (`precompute up`)"}

@@ -92,6 +92,9 @@ GOOD = {b"ts": b"1000", b"kind": b"ctr", b"key": b"ad1", b"hit": b"1", b"lat_us"
         ({b"arm": b"a" * 300}, "arm longer than 256"),
         ({b"arm": b"lstm\n"}, "arm contains control characters"),
         ({b"arm": b"\xffx"}, "arm is not valid UTF-8"),
+        ({b"ver": b"v:1"}, "invalid ver 'v:1'"),
+        ({b"ver": b""}, "invalid ver ''"),
+        ({b"ver": b"v\x00"}, "ver contains control characters"),
     ],
 )
 def test_validator_rejects_each_malformed_kind(change, reason):
@@ -115,12 +118,13 @@ def test_validator_accepts_a_good_event():
         "user": None,
         "tenant": None,
         "arm": None,
+        "version": None,
     }
 
 
-def test_validator_keeps_a_valid_arm():
-    row, why = validate_entry(b"1000-3", {**GOOD, b"arm": b"lstm"})
-    assert why is None and row["arm"] == "lstm"
+def test_validator_keeps_a_valid_arm_and_version():
+    row, why = validate_entry(b"1000-3", {**GOOD, b"arm": b"lstm", b"ver": b"2026-11-20.a1"})
+    assert why is None and row["arm"] == "lstm" and row["version"] == "2026-11-20.a1"
 
 
 def test_the_logger_writes_the_arm_only_when_given(redis_url, redis_client, schema):
