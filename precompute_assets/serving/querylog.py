@@ -14,7 +14,9 @@ never retried without bound.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
+import sys
 import threading
 import time
 from collections import Counter, deque
@@ -30,7 +32,20 @@ from .keys import ARM_PATTERN, KIND_PATTERN, VERSION_PATTERN, KeySchema
 MAX_KEY_LENGTH = 256
 MAX_CLOCK_SKEW_MS = 3_600_000  # an event's own time may trail its arrival by at most an hour
 PACK_CHUNK = 8  # commands packed and sent at a time by the flushing thread (see QueryLogger._send)
-CATCH_UP_CHUNK = 128  # the same while the backlog exceeds an eighth of the buffer: drain first, drop nothing
+PR_SET_TIMERSLACK = 29  # Linux prctl: the calling thread's timer slack in ns (default 50,000)
+
+
+def fine_timer_slack() -> bool:
+    """Give the calling thread a timer slack of 1 ns (Linux; elsewhere nothing): its ``sleep(0)`` GIL hand-over
+    then takes about 30 us instead of about 90 us (the default 50 us slack plus the wake-up), so the flushing
+    thread writes about three times as many events a second at the same hand-over points. Only this thread's
+    timers change. True when it was set."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_TIMERSLACK, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
 
 
 @dataclass
@@ -189,6 +204,7 @@ class QueryLogger:
         self._buffer.clear()
 
     def _run(self) -> None:
+        fine_timer_slack()
         while not self._stopped:
             self._wake.wait(self.flush_interval_s)
             self._wake.clear()
@@ -201,12 +217,11 @@ class QueryLogger:
             if time.monotonic() < self._retry_at:
                 # Redis failed recently: shed the backlog beyond the buffer limit instead of retrying.
                 return False
-            backlog = len(self._buffer)
-            batch = [self._buffer.popleft() for _ in range(min(self.batch_size, backlog))]
+            batch = [self._buffer.popleft() for _ in range(min(self.batch_size, len(self._buffer)))]
             if not batch:
                 return False
             try:
-                self._send(batch, catching_up=backlog > self.max_buffer // 8)
+                self._send(batch)
             except REDIS_ERRORS:
                 self.stats.dropped_write_failed += len(batch)
                 self.stats.flush_errors += 1
@@ -232,17 +247,15 @@ class QueryLogger:
         for (kind, outcome), n in counts.items():
             yield (b"HINCRBY", self.schema.stats(kind).encode(), outcome.encode(), b"%d" % n)
 
-    def _send(self, batch: list[QueryEvent], *, catching_up: bool = False) -> None:
+    def _send(self, batch: list[QueryEvent]) -> None:
         """Write ``batch`` and read every reply; raises a Redis error if any reply is one (the connection is then
         dropped, not reused).
 
         On a plain client the commands are built, packed and sent ``PACK_CHUNK`` at a time, handing the GIL over
         after each chunk and every ``PACK_CHUNK`` replies: a lookup in another thread of the process then waits
         for at most one chunk's Python work, never for a whole batch's (redis-py's pipeline packs and parses a
-        batch in one go, which held lookups up for milliseconds at p999). A hand-over (``sleep(0)``) costs about
-        as much as writing ten events, so while ``catching_up`` (the backlog exceeds an eighth of ``max_buffer``)
-        the writer hands over every ``CATCH_UP_CHUNK`` commands instead: falling behind would end in dropped
-        events, and a lookup then waits a little longer at p999. Other clients (a cluster) use their pipeline."""
+        batch in one go, which held lookups up for milliseconds at p999); ``fine_timer_slack`` keeps each
+        hand-over short. Other clients (a cluster) use their pipeline."""
         pool = getattr(self.client, "connection_pool", None)
         if pool is None or not isinstance(self.client, redis.Redis):
             pipe = self.client.pipeline(transaction=False)
@@ -250,13 +263,12 @@ class QueryLogger:
                 pipe.execute_command(*command)
             pipe.execute()
             return
-        size = CATCH_UP_CHUNK if catching_up else PACK_CHUNK
         connection = pool.get_connection()
         try:
             sent, chunk = 0, []
             for command in self._commands(batch):
                 chunk.append(command)
-                if len(chunk) == size:
+                if len(chunk) == PACK_CHUNK:
                     connection.send_packed_command([pack_resp(chunk)], check_health=False)
                     sent, chunk = sent + len(chunk), []
                     time.sleep(0)  # hand the GIL to a lookup waiting for it
@@ -269,7 +281,7 @@ class QueryLogger:
                     connection.read_response()
                 except redis.ResponseError as reply:
                     error = error or reply
-                if index % size == size - 1:
+                if index % PACK_CHUNK == PACK_CHUNK - 1:
                     time.sleep(0)
             if error is not None:
                 raise error

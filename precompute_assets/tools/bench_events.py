@@ -416,6 +416,9 @@ def _login_with_daemon(
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+        # The daemon's code server outlives a SIGTERM (and its heartbeat timeout): the group is ours, end it.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
         log.close()
     return {
         "login_to_readable_daemon_s": [round(t, 2) for t in times],

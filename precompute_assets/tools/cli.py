@@ -601,7 +601,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--daemon-logins",
         type=int,
         default=0,
-        help="events: logins also timed through a real dagster-daemon (about 10-35 s each; 0: none)",
+        help="events: logins also timed through a real dagster-daemon (about 5-15 s each; 0: none)",
     )
     bench.add_argument("--seconds", type=positive_int, default=10, help="load: seconds per phase")
     bench.add_argument("--docs", type=positive_int, default=1_000_000, help="embed: documents")
