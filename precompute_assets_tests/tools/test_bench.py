@@ -97,6 +97,10 @@ def test_bench_load_reports_ours_beside_the_bare_load(redis_url, redis_client):
     assert result["processes"] == 2 and result["errors"] == 0 and result["raw_errors"] == 0
     assert result["requests_per_s"] > 0 and result["raw_requests_per_s"] > 0
     assert 0 < result["p50_us"] <= result["p99_us"] <= result["p999_us"]
+    # Latency at one sustained rate for both: half the bare load's capacity, paced in every process.
+    assert result["rate_per_s"] == pytest.approx(result["raw_requests_per_s"] / 2, abs=2)
+    assert result["raw_paced_requests_per_s"] <= result["rate_per_s"] * 1.02
+    assert 0 < result["saturated"]["p50_us"] <= result["saturated"]["p999_us"]
     # Every lookup was logged: written and dropped add up to the calls made in the timed loop and the warm-up.
     assert result["events_written"] + result["events_dropped"] >= result["requests_per_s"] * 1.0
     assert result["throughput_ratio"] == round(result["requests_per_s"] / result["raw_requests_per_s"], 3)
@@ -108,6 +112,8 @@ def test_bench_load_refuses_bad_arguments():
 
     with pytest.raises(ValueError, match="processes >= 1"):
         bench_load("redis://127.0.0.1:1/0", processes=0)
+    with pytest.raises(ValueError, match="0 < rate_share <= 1"):
+        bench_load("redis://127.0.0.1:1/0", rate_share=0)
 
 
 def test_bench_rerank_reports_ours_beside_a_bare_hmget(redis_url, redis_client):
