@@ -13,7 +13,7 @@ One JSON object; every ratio is against a reference measured in the same run:
   in-process right away: a daemon ticks it every 5 s, which would add up to 5 s) → the requested
   ``next_actions`` run executed in-process (``execute_in_process`` on that instance, not a daemon-launched run
   worker) → ``PredictionCache.get("next_actions", user)`` polled until readable. With ``daemon_logins=N``, also
-  ``login_to_readable_daemon_s``: N logins (3.7 s, 7.4 s... apart, unaligned with the 5 s sensor interval)
+  ``login_to_readable_daemon_s``: N logins (3.7 s, 7.4 s... apart, unaligned with the daemon's 5 s sensor visits)
   through a real ``dagster-daemon`` subprocess on the same PostgreSQL instance (the project's dagster.yaml:
   QueuedRunCoordinator dequeuing every second, default run launcher: each run in its own process), with
   ``daemon_breakdown_s`` from the run records (login → run created → started → value readable).
@@ -282,7 +282,7 @@ def _login_pipeline(
             "login_to_tick_s": round(tick_done - started, 3),
             "login_run_s": round(run_done - tick_done, 3),
             "login_path": "record_event -> sensor tick called in-process at once -> precompute_tasks_job "
-            "execute_in_process on a PostgreSQL instance -> cache.get (no dagster-daemon: its 5 s sensor interval "
+            "execute_in_process on a PostgreSQL instance -> cache.get (no dagster-daemon: its sensor visits every 5 s "
             "and a run worker process would add to this)",
             "login_goal_s": 15,
             "setup_seconds": round(setup_s, 1),
@@ -392,7 +392,7 @@ def _login_with_daemon(
             time.sleep(0.2)
         daemon_start_s = time.perf_counter() - started
         for i in range(logins):
-            time.sleep(3.7 * (i + 1))  # unaligned with the sensor's 5 s interval
+            time.sleep(3.7 * (i + 1))  # unaligned with the daemon's 5 s sensor visits
             user = f"dlogin{i}{uuid.uuid4().hex[:6]}"
             begun = time.perf_counter()
             cache.record_event(user, "login", tenant="t01")
