@@ -3,8 +3,8 @@
 Stream entry fields (all strings): ``ts`` query time in ms since the epoch, ``kind``, ``key``, ``hit``
 (``1``/``0``), ``lat_us`` lookup latency in microseconds, ``user`` / ``tenant`` when known, ``ver`` the published
 version the lookup read (absent when the kind had none), and ``arm``, the A/B experiment arm of the key, when an
-experiment is active for the kind (see ``keys.Experiment``). The stream
-ID is the arrival time, so an hour of logs is one ``XRANGE``. ``{ns}:1:stats:{kind}`` counts hits/misses.
+experiment is active for the kind (see ``keys.Experiment``). The stream ID is the arrival time, so an hour of logs
+is one ``XRANGE``. ``{ns}:1:stats:{kind}`` counts hits/misses.
 
 Logging never breaks or slows the caller: events go to a bounded in-memory buffer that a background
 thread flushes in pipelines; when Redis is down or the buffer is full, events are counted as dropped,
