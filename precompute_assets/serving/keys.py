@@ -10,6 +10,8 @@ key                                    type      content
 ``pc:1:{kind}:{version}:{bucket}``     hash      field = prediction key, value = encoded prediction.
                                                  ``bucket = crc32(utf8(key)) % buckets``. Each bucket has
                                                  a TTL; a whole version expires together.
+``pc:1:{kind}:previous``               string    the pointer the last flip replaced, with the TTL of its
+                                                 buckets' grace: what ``cache stats`` reports besides current.
 ``pc:1:{kind}:experiment``             string    JSON ``{"name", "salt", "arms": [A, B]}``: the A/B experiment the
                                                  current version of ``kind`` serves (absent: none). Set or
                                                  deleted in the same MULTI/EXEC as the pointer flip; a key's
@@ -188,6 +190,10 @@ class KeySchema:
 
     def bucket_for_key(self, kind: str, pointer: Pointer, key: str) -> str:
         return self.bucket(kind, pointer.version, bucket_of(key, pointer.buckets))
+
+    def previous(self, kind: str) -> str:
+        """The pointer of the version the last flip replaced, for as long as its buckets live (its grace)."""
+        return f"{self.prefix}:{check_kind(kind)}:previous"
 
     def experiment(self, kind: str) -> str:
         """The A/B experiment served with the current version of ``kind`` (JSON, see ``Experiment``)."""

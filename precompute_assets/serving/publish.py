@@ -316,7 +316,8 @@ def flip_pointer(
     experiment: Experiment | None = None,
 ) -> Pointer | None:
     """Atomically make ``pointer`` current, with ``experiment`` (or none: its key is deleted) in the same
-    MULTI/EXEC; shorten the life of the version it replaces to ``grace_s``.
+    MULTI/EXEC; shorten the life of the version it replaces to ``grace_s``, and remember its pointer for as long
+    (``KeySchema.previous``).
 
     On Redis Cluster the two keys live in different slots, which one transaction cannot span: there the
     experiment is written first and the pointer second, each waiting for its reply, and readers on a cluster
@@ -349,18 +350,23 @@ def flip_pointer(
         pipe.set(schema.pointer(kind), pointer.encode(), get=True)
         raw = pipe.execute()[-1]
     previous = None if raw is None else Pointer.decode(raw)
-    if previous is not None and previous.version != pointer.version and is_cluster(client):
+    if previous is None or previous.version == pointer.version:
+        return previous
+    remember = (b"SET", schema.previous(kind).encode(), previous.encode(), b"EX", b"%d" % max(1, grace_s))
+    if is_cluster(client):
         name = schema.bucket
         run_commands(
             client,
             [(b"EXPIRE", name(kind, previous.version, i).encode(), b"%d" % grace_s) for i in range(previous.buckets)],
         )
-    elif previous is not None and previous.version != pointer.version:
+        run_commands(client, [remember])
+    else:
         pipe = client.pipeline(transaction=False)
         for index in range(previous.buckets):
             pipe.expire(schema.bucket(kind, previous.version, index), grace_s)
             if len(pipe) >= COMMANDS_PER_PIPELINE:
                 pipe.execute()
+        pipe.execute_command(*remember)
         pipe.execute()
     return previous
 

@@ -30,10 +30,11 @@ def kinds_with_versions(client: redis.Redis, schema: KeySchema) -> list[str]:
     return sorted(kind for kind in found if ":" not in kind)
 
 
-def version_stats(client: redis.Redis, schema: KeySchema, kind: str) -> dict:
-    """The current version of ``kind``: ``version``, ``buckets``, ``keys``, ``memory_bytes`` (exact up to
-    ``MEMORY_SAMPLE_BUCKETS`` buckets, else extrapolated: ``memory_estimated``), ``ttl_s`` (-1: no TTL)."""
-    raw = client.get(schema.pointer(check_kind(kind)))
+def version_stats(client: redis.Redis, schema: KeySchema, kind: str, *, previous: bool = False) -> dict:
+    """The current version of ``kind`` (with ``previous``: the one the last flip replaced, while it lives out its
+    grace): ``version``, ``buckets``, ``keys``, ``memory_bytes`` (exact up to ``MEMORY_SAMPLE_BUCKETS`` buckets,
+    else extrapolated: ``memory_estimated``), ``ttl_s`` (-1: no TTL)."""
+    raw = client.get(schema.previous(kind) if previous else schema.pointer(check_kind(kind)))
     if raw is None:
         return {"version": None}
     pointer = Pointer.decode(raw)
@@ -124,7 +125,8 @@ def cache_stats(
     now_ms: int | None = None,
     sample: int = 200_000,
 ) -> dict:
-    """``{"window_s", "kinds": {kind: {"current": version_stats, "window": window_stats or empty}}}``."""
+    """``{"window_s", "kinds": {kind: {"current": version_stats, "previous": version_stats of the replaced
+    version, "window": window_stats or empty}}}``."""
     schema = schema or KeySchema()
     if window_s <= 0:
         raise ValueError(f"window must be positive, got {window_s} s")
@@ -135,6 +137,11 @@ def cache_stats(
     return {
         "window_s": window_s,
         "kinds": {
-            kind: {"current": version_stats(client, schema, kind), "window": windows.get(kind, empty)} for kind in names
+            kind: {
+                "current": version_stats(client, schema, kind),
+                "previous": version_stats(client, schema, kind, previous=True),
+                "window": windows.get(kind, empty),
+            }
+            for kind in names
         },
     }

@@ -207,6 +207,11 @@ def cmd_cache(args: argparse.Namespace) -> int:
             f"{current.get('memory_bytes', 0) / 1e6:>8.1f}MB {current.get('ttl_s', 0):>7}s "
             f"{window['requests']:>9} {rate:>8}"
         )
+        replaced = entry["previous"]
+        if replaced.get("version"):
+            megabytes = replaced["memory_bytes"] / 1e6
+            print(f"  replaced {replaced['version']:<22} {replaced['keys']:>10} {megabytes:>8.1f}MB "
+                  f"{replaced['ttl_s']:>7}s  (its grace)")  # fmt: skip
         for row in window["versions"]:
             print(f"  read {row['version'] or '(none)':<26} {row['requests']:>9} requests {row['hit_rate']:>8.1%}")
         if window["most_missed"]:

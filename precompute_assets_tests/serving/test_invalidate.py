@@ -90,6 +90,14 @@ def test_stats_report_the_current_version_and_the_hit_rate_of_the_window(redis_u
     assert ctr["window"]["requests"] == 44 and ctr["window"]["hits"] == 40
     assert ctr["window"]["hit_rate"] == pytest.approx(40 / 44)
     assert ctr["window"]["most_missed"] == [["never", 3], ["rare", 1]]
+    assert ctr["previous"] == {"version": None}  # nothing replaced yet
+    publish(redis_client, schema, "ctr", "v2", [f"k{i}" for i in range(300)])  # v1 lives out its grace
+    both = cache_stats(redis_client, schema, window_s=600)["kinds"]["ctr"]
+    assert both["current"]["version"] == "v2" and both["current"]["keys"] == 300
+    assert both["previous"]["version"] == "v1" and both["previous"]["keys"] == 500
+    assert both["previous"]["memory_bytes"] > 0 and 0 < both["previous"]["ttl_s"] <= 600
+    redis_client.delete(schema.previous("ctr"))  # its grace is over: no longer reported
+    assert cache_stats(redis_client, schema, window_s=600)["kinds"]["ctr"]["previous"] == {"version": None}
     sampled = cache_stats(redis_client, schema, window_s=600, sample=10)["kinds"]["ctr"]["window"]
     assert sampled["sampled"] and sampled["requests"] == 10  # the newest 10 entries only
     with pytest.raises(ValueError, match="window must be positive"):
