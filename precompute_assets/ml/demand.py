@@ -30,13 +30,16 @@ from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import cache
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-import torch
-from torch import nn
 
 from .selection import ad_demand, coverage, select_top
+
+if TYPE_CHECKING:  # torch is imported where the LSTM is built, trained or loaded: a code location that only
+    import torch  # defines the assets, and every run of another job, start 1.3 s sooner without it
 
 METHODS = ("lstm", "frequency", "seasonal", "ewma")
 BASELINES = METHODS[1:]
@@ -160,20 +163,33 @@ class HourlyCounts:
         return int(np.searchsorted(self.day, d, side="left"))
 
 
-class DemandLSTM(nn.Module):
-    """LSTM over the hourly steps of the last ``sequence_days``, and a small head on its last state plus
-    calendar/total features; predicts log1p of the key's requests on the target day."""
+@cache
+def _demand_lstm_class() -> type:
+    """The ``DemandLSTM`` module class, defined on first use (it needs torch)."""
+    import torch
+    from torch import nn
 
-    def __init__(self, hidden_size: int = 32) -> None:
-        super().__init__()
-        self.lstm = nn.LSTM(STEP_FEATURES, hidden_size, batch_first=True)
-        self.head = nn.Sequential(
-            nn.Linear(hidden_size + HEAD_FEATURES, hidden_size), nn.ReLU(), nn.Linear(hidden_size, 1)
-        )
+    class DemandLSTM(nn.Module):
+        """LSTM over the hourly steps of the last ``sequence_days``, and a small head on its last state plus
+        calendar/total features; predicts log1p of the key's requests on the target day."""
 
-    def forward(self, steps: torch.Tensor, static: torch.Tensor) -> torch.Tensor:
-        _, (h, _) = self.lstm(steps)
-        return self.head(torch.cat([h[-1], static], dim=1)).squeeze(1)
+        def __init__(self, hidden_size: int = 32) -> None:
+            super().__init__()
+            self.lstm = nn.LSTM(STEP_FEATURES, hidden_size, batch_first=True)
+            self.head = nn.Sequential(
+                nn.Linear(hidden_size + HEAD_FEATURES, hidden_size), nn.ReLU(), nn.Linear(hidden_size, 1)
+            )
+
+        def forward(self, steps: torch.Tensor, static: torch.Tensor) -> torch.Tensor:
+            _, (h, _) = self.lstm(steps)
+            return self.head(torch.cat([h[-1], static], dim=1)).squeeze(1)
+
+    return DemandLSTM
+
+
+def demand_lstm(hidden_size: int = 32) -> torch.nn.Module:
+    """A new, untrained ``DemandLSTM`` (see ``_demand_lstm_class``)."""
+    return _demand_lstm_class()(hidden_size)
 
 
 @dataclass
@@ -195,7 +211,7 @@ class DemandEvaluation:
 
 @dataclass
 class DemandResult:
-    model: DemandLSTM
+    model: torch.nn.Module  # a DemandLSTM
     evaluation: DemandEvaluation
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -205,6 +221,8 @@ class DemandResult:
 @contextmanager
 def torch_threads(n: int | None) -> Iterator[None]:
     """Run the block with ``n`` torch CPU threads (None: torch's default), then restore the previous count."""
+    import torch
+
     previous = torch.get_num_threads()
     if n:
         torch.set_num_threads(n)
@@ -265,10 +283,12 @@ def _first_seen(data: HourlyCounts) -> np.ndarray:
     return np.where(seen.any(axis=1), seen.argmax(axis=1), -1)
 
 
-def _predict(model: DemandLSTM, data: HourlyCounts, target_day: int, hp: DemandHyperParams, first_seen, daily,
+def _predict(model: torch.nn.Module, data: HourlyCounts, target_day: int, hp: DemandHyperParams, first_seen, daily,
              chunk: int = 8192, batch: int = 1024) -> np.ndarray:  # fmt: skip
     """The model's forecast of every key for ``target_day``: features a ``chunk`` of keys at a time, the network
     ``batch`` keys at a time (small batches keep the LSTM's per-step state in cache: faster than large ones)."""
+    import torch
+
     out = np.zeros(len(data.keys), dtype=np.float64)
     model.eval()
     with torch.inference_mode():
@@ -284,12 +304,15 @@ def _predict(model: DemandLSTM, data: HourlyCounts, target_day: int, hp: DemandH
 
 def train_lstm(
     data: HourlyCounts, hp: DemandHyperParams, last_day: int, *, init_state: Mapping[str, torch.Tensor] | None = None
-) -> tuple[DemandLSTM, dict]:
+) -> tuple[torch.nn.Module, dict]:
     """An LSTM trained to forecast days ``window_days .. last_day - 1`` (never ``last_day``) of up to
     ``max_train_keys`` keys sampled by ``seed``, warm-started from ``init_state`` when its shapes fit; returns the
     model and ``{"seconds", "epochs", "samples", "warm_started"}``. ``max_seconds`` bounds everything here, feature
     building included (``seconds`` is that whole time); training stops at ``max_epochs`` or when the clock runs
     out, checked after every batch."""
+    import torch
+    from torch import nn
+
     started = time.perf_counter()
     window = min(hp.window_days, last_day - 1)
     if window < 1:
@@ -309,7 +332,7 @@ def train_lstm(
     target = torch.from_numpy(np.log1p(daily[:, window:last_day].T.reshape(-1)).astype(np.float32))
     del parts
     torch.manual_seed(hp.seed)
-    model = DemandLSTM(hp.hidden_size)
+    model = demand_lstm(hp.hidden_size)
     warm = False
     if init_state is not None:
         try:
@@ -434,7 +457,7 @@ def evaluate_demand(
     return DemandResult(model, evaluation)
 
 
-def forecast_next_day(model: DemandLSTM, data: HourlyCounts, hp: DemandHyperParams) -> pd.Series:
+def forecast_next_day(model: torch.nn.Module, data: HourlyCounts, hp: DemandHyperParams) -> pd.Series:
     """Requests per key the LSTM expects on the day after the data (for choosing tomorrow's keys)."""
     window = max(1, min(hp.window_days, data.n_days))
     hp_window = DemandHyperParams(**{**hp.__dict__, "window_days": window})
@@ -444,15 +467,17 @@ def forecast_next_day(model: DemandLSTM, data: HourlyCounts, hp: DemandHyperPara
     return pd.Series(values, index=pd.Index(data.keys), name="forecast")
 
 
-def load_model(state: Mapping[str, torch.Tensor], hidden_size: int) -> DemandLSTM:
+def load_model(state: Mapping[str, torch.Tensor], hidden_size: int) -> torch.nn.Module:
     """A ``DemandLSTM`` with the weights of ``state``."""
-    model = DemandLSTM(hidden_size)
+    model = demand_lstm(hidden_size)
     model.load_state_dict(dict(state))
     return model
 
 
 def save_weights(state: Mapping[str, torch.Tensor], file) -> None:
     """Write a plain ``state_dict`` (str → tensor) with ``torch.save``; anything else is refused."""
+    import torch
+
     _check_plain(state, "refusing to save")
     torch.save(dict(state), file)
 
@@ -460,6 +485,8 @@ def save_weights(state: Mapping[str, torch.Tensor], file) -> None:
 def load_weights(file: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """Read a plain ``state_dict`` with ``torch.load(weights_only=True)``: nothing in the file is executed, and a
     file holding anything but tensors by name raises ``UnsafeModelFile``."""
+    import torch
+
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, ValueError) as error:
@@ -471,6 +498,8 @@ def load_weights(file: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
 
 
 def _check_plain(state: object, what: str) -> None:
+    import torch
+
     if not isinstance(state, Mapping) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
     ):
