@@ -348,9 +348,6 @@ def task_run_config(task: str, entities: list[str], **options: Any) -> dict:
     return {"ops": {OP_NAME: {"config": {"task_type": task, "entities": entities, **options}}}}
 
 
-# --- the built-in task types ---------------------------------------------------------------------------
-
-
 def task_run_stats(
     instance: dg.DagsterInstance,
     tasks: Iterable[str],
@@ -365,30 +362,28 @@ def task_run_stats(
     now_s = time.time() if now_s is None else now_s
     since = datetime.fromtimestamp(now_s - window_s, UTC)
     out = {}
+    status = dg.DagsterRunStatus
     for task in sorted(set(tasks)):
         tags = {TASK_TAG: task}
-
-        def count(statuses: list[dg.DagsterRunStatus], tags: dict = tags) -> int:
-            return instance.get_runs_count(dg.RunsFilter(tags=tags, statuses=statuses))
-
         records = instance.get_run_records(
-            dg.RunsFilter(
-                tags=tags, statuses=[dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE], updated_after=since
-            ),
+            dg.RunsFilter(tags=tags, statuses=[status.SUCCESS, status.FAILURE], updated_after=since),
             limit=limit,
         )
         ended = [r for r in records if r.end_time is not None and r.end_time >= now_s - window_s]
         seconds = [r.end_time - r.start_time for r in ended if r.start_time is not None]
         out[task] = {
-            "queued": count([dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED]),
-            "running": count([dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED]),
-            "succeeded": sum(r.dagster_run.status == dg.DagsterRunStatus.SUCCESS for r in ended),
-            "failed": sum(r.dagster_run.status == dg.DagsterRunStatus.FAILURE for r in ended),
+            "queued": instance.get_runs_count(dg.RunsFilter(tags=tags, statuses=[status.QUEUED, status.NOT_STARTED])),
+            "running": instance.get_runs_count(dg.RunsFilter(tags=tags, statuses=[status.STARTING, status.STARTED])),
+            "succeeded": sum(r.dagster_run.status == status.SUCCESS for r in ended),
+            "failed": sum(r.dagster_run.status == status.FAILURE for r in ended),
             "avg_run_s": round(sum(seconds) / len(seconds), 3) if seconds else None,
             "max_run_s": round(max(seconds), 3) if seconds else None,
             "ended_sampled": len(records) >= limit,
         }
     return out
+
+
+# --- the built-in task types ---------------------------------------------------------------------------
 
 
 def _ctr_scores(ctx: TaskContext) -> dict[str, float]:

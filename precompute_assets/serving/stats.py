@@ -68,41 +68,38 @@ def window_stats(
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     start_ms = now_ms - int(window_s * 1000)
     upper: str = "+"
-    requests: Counter[str] = Counter()
-    hits: Counter[str] = Counter()
-    by_version: dict[str, Counter[tuple[str | None, bool]]] = {}
+    by_version: dict[str, Counter[tuple[str | None, bool]]] = {}  # kind -> (version read, hit) -> lookups
     missed: dict[str, Counter[str]] = {}
     read, sampled = 0, False
     while True:
         page = client.xrevrange(schema.query_log(), max=upper, min=f"{start_ms}-0", count=min(10_000, sample - read))
         for _, fields in page:
             kind = fields.get(b"kind", b"").decode(errors="replace")
-            requests[kind] += 1
             hit = fields.get(b"hit") == b"1"
             version = fields.get(b"ver")
             by_version.setdefault(kind, Counter())[
                 (None if version is None else version.decode(errors="replace"), hit)
             ] += 1
-            if hit:
-                hits[kind] += 1
-            else:
+            if not hit:
                 missed.setdefault(kind, Counter())[fields.get(b"key", b"").decode(errors="replace")] += 1
         read += len(page)
         if not page or len(page) < 10_000 or read >= sample:
             sampled = read >= sample and bool(page)
             break
         upper = "(" + page[-1][0].decode()
-    return {
-        kind: {
-            "requests": n,
-            "hits": hits[kind],
-            "hit_rate": hits[kind] / n,
+    out = {}
+    for kind, counts in sorted(by_version.items()):
+        versions = _per_version(counts)
+        requests, hits = sum(row["requests"] for row in versions), sum(row["hits"] for row in versions)
+        out[kind] = {
+            "requests": requests,
+            "hits": hits,
+            "hit_rate": hits / requests,
             "most_missed": [[key, count] for key, count in missed.get(kind, Counter()).most_common(TOP_MISSED)],
-            "versions": _per_version(by_version[kind]),
+            "versions": versions,
             "sampled": sampled,
         }
-        for kind, n in sorted(requests.items())
-    }
+    return out
 
 
 def _per_version(counts: Counter[tuple[str | None, bool]]) -> list[dict]:

@@ -308,7 +308,7 @@ defs = dg.Definitions(
 """
 
 
-def _instance_yaml(url: str) -> str:
+def _instance_config(url: str) -> dict:
     """The project's dagster.yaml (its run coordinator, dequeue interval and concurrency limits: what a deployment
     runs with), its storage pointed at the scratch database."""
     import yaml
@@ -317,17 +317,7 @@ def _instance_yaml(url: str) -> str:
 
     config = yaml.safe_load((project_dir() / "dagster.yaml").read_text())
     config["storage"] = {"postgres": {"postgres_url": url}}
-    return yaml.safe_dump(config)
-
-
-def _dequeue_interval_s() -> float:
-    """The queued run coordinator's dequeue interval in the project's dagster.yaml (Dagster's default: 5 s)."""
-    import yaml
-
-    from ..stack import project_dir
-
-    config = yaml.safe_load((project_dir() / "dagster.yaml").read_text()).get("run_coordinator", {})
-    return float(config.get("config", {}).get("dequeue_interval_seconds", 5))
+    return config
 
 
 def _run_breakdown(instance, logged: list[tuple[str, float, float]]) -> list[dict]:
@@ -361,11 +351,16 @@ def _login_with_daemon(
     import sys
     from pathlib import Path
 
+    import yaml
+
     from ..defs.tasks import user_event_sensor
 
     home = Path(scratch) / "dagster_home"
     home.mkdir()
-    (home / "dagster.yaml").write_text(_instance_yaml(dagster_db))
+    config = _instance_config(dagster_db)
+    (home / "dagster.yaml").write_text(yaml.safe_dump(config))
+    # The queued run coordinator's dequeue interval (Dagster's default: 5 s).
+    dequeue_s = float(config.get("run_coordinator", {}).get("config", {}).get("dequeue_interval_seconds", 5))
     (home / "bench_location.py").write_text(
         _CODE_LOCATION.format(redis_url=redis_url, namespace=namespace, lake_uri=lake_uri, models=models)
     )
@@ -425,7 +420,7 @@ def _login_with_daemon(
         "login_to_readable_daemon_max_s": round(max(times), 2),
         "daemon_path": f"record_event -> dagster-daemon sensor tick (minimum_interval "
         f"{user_event_sensor.minimum_interval_seconds} s) -> QueuedRunCoordinator (the project's dagster.yaml: dequeue "
-        f"every {_dequeue_interval_s():g} s) -> DefaultRunLauncher run process (a code location of the job and the "
+        f"every {dequeue_s:g} s) -> DefaultRunLauncher run process (a code location of the job and the "
         "sensor only) -> cache.get",
         "daemon_breakdown_s": parts,
         "daemon_start_s": round(daemon_start_s, 1),
