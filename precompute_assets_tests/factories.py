@@ -50,3 +50,10 @@ def write_ad_platform(lake: Lake, days: list[str], *, n_ads: int = 2000, queries
         hour_index = (todays["ts_ms"].to_numpy() - start) // 3_600_000
         write_query_logs(lake, day, [todays["ad_id"][hour_index == h].tolist() for h in range(24)])
     return ads
+
+
+def logged_queries(client, schema, *, min: str = "-", max: str = "+") -> list[tuple[bytes, dict[bytes, bytes]]]:
+    """Every query in the query-log stream between stream IDs ``min`` and ``max``, one ``(id, fields)`` each."""
+    from precompute_assets.serving.querylog import expand_entries
+
+    return list(expand_entries(client.xrange(schema.query_log(), min=min, max=max)))

@@ -6,7 +6,7 @@ from zoneinfo import ZoneInfo
 import dagster as dg
 import pandas as pd
 
-from ..serving.querylog import quarantine_row, read_stream_window, validate_entry
+from ..serving.querylog import expand_entries, quarantine_row, read_stream_window, validate_entry
 from ..storage.tables import quarantine_frame, query_log_frame
 from .partitions import DEFAULT_PARTITIONS
 from .resources import DeploymentResource, LakeResource, RedisResource
@@ -62,7 +62,7 @@ def query_logs(context: dg.AssetExecutionContext, redis: RedisResource, lake: La
         context.log.warning("the stream was trimmed inside this hour: materializing what is left")
     rows, rejected = [], []
     for page in read_stream_window(client, redis.schema(), epoch_ms(window.start), epoch_ms(window.end)):
-        for entry_id, fields in page:
+        for entry_id, fields in expand_entries(page):
             row, reason = validate_entry(entry_id, fields)
             if row is not None:
                 rows.append(row)

@@ -708,7 +708,7 @@ class RefreshPlan:
     """What one refresh tick found: hot keys of task kinds, how many of them are due, and the requests."""
 
     plan: TickPlan
-    entries_read: int = 0
+    queries_read: int = 0
     hot: int = 0
     due: int = 0
     cooling: int = 0  # due, but requested less than cooldown_s ago (its run is still queued, or it failed)
@@ -724,7 +724,7 @@ def plan_refresh(
     window_s: int = refresh.DEFAULT_WINDOW_S,
     fraction: float = refresh.DEFAULT_FRACTION,
     min_hits: int = 1,
-    max_entries: int = refresh.DEFAULT_MAX_ENTRIES,
+    max_queries: int = refresh.DEFAULT_MAX_QUERIES,
     max_keys: int = 10_000,
     cooldown_s: int = 600,
     requested: dict[str, dict[str, int]] | None = None,
@@ -742,8 +742,8 @@ def plan_refresh(
     out = RefreshPlan(TickPlan(), requested={task: entities for task, entities in since.items() if entities})
     if not task_of:
         return out
-    hot, out.entries_read = refresh.read_recent_hits(
-        client, schema, task_of, since_ms=now_ms - window_s * 1000, max_entries=max_entries, min_hits=min_hits
+    hot, out.queries_read = refresh.read_recent_hits(
+        client, schema, task_of, since_ms=now_ms - window_s * 1000, max_queries=max_queries, min_hits=min_hits
     )
     out.hot = len(hot)
     pttls = refresh.live_pttls(client, schema, hot)
@@ -767,7 +767,7 @@ def build_live_refresh_sensor(
     window_s: int = refresh.DEFAULT_WINDOW_S,
     fraction: float = refresh.DEFAULT_FRACTION,
     min_hits: int = 1,
-    max_entries: int = refresh.DEFAULT_MAX_ENTRIES,
+    max_queries: int = refresh.DEFAULT_MAX_QUERIES,
     max_keys: int = 10_000,
     cooldown_s: int = 600,
     minimum_interval_seconds: int = 60,
@@ -795,13 +795,13 @@ def build_live_refresh_sensor(
         tasks = registry()
         found = plan_refresh(
             tasks, redis.client(), redis.schema(), now_ms=now_ms, window_s=window_s, fraction=fraction,
-            min_hits=min_hits, max_entries=max_entries, max_keys=max_keys, cooldown_s=cooldown_s,
+            min_hits=min_hits, max_queries=max_queries, max_keys=max_keys, cooldown_s=cooldown_s,
             requested=requested,
         )  # fmt: skip
         requests = run_requests(tasks, found.plan, f"refresh:{now_ms}")
         cursor = json.dumps({"requested": found.requested}, separators=(",", ":"), sort_keys=True)
         summary = (
-            f"{found.entries_read} query-log entries, {found.hot} hot keys, {found.due} due "
+            f"{found.queries_read} logged queries, {found.hot} hot keys, {found.due} due "
             f"({found.cooling} already requested), {len(found.plan.wanted)} refreshed in {len(requests)} runs, "
             f"{time.perf_counter() - started:.2f} s"
         )

@@ -1,14 +1,19 @@
-"""Query logging: one Redis Stream entry per prediction query, written off the caller's path.
+"""Query logging: prediction queries appended to a Redis Stream in batches, written off the caller's path.
 
-Stream entry fields (all strings): ``ts`` query time in ms since the epoch, ``kind``, ``key``, ``hit``
-(``1``/``0``), ``lat_us`` lookup latency in microseconds, ``user`` / ``tenant`` when known, ``ver`` the published
-version the lookup read (absent when the kind had none), and ``arm``, the A/B experiment arm of the key, when an
-experiment is active for the kind (see ``keys.Experiment``). The stream ID is the arrival time, so an hour of logs
-is one ``XRANGE``. ``{ns}:1:stats:{kind}`` counts hits/misses.
+A stream entry holds up to ``ENTRY_EVENTS`` queries of one flush: ``n`` the count, ``cols`` the comma-separated
+column names (``LOG_COLUMNS``) and ``rows`` a JSON array of rows, one array of values per query in ``cols``
+order, ``null`` where a value is unknown. Columns: ``ts`` query time in ms since the epoch, ``kind``, ``key``,
+``hit`` (``1``/``0``), ``lat_us`` lookup latency in microseconds, ``user`` / ``tenant`` when known, ``ver`` the
+published version the lookup read (null when the kind had none), and ``arm``, the A/B experiment arm of the key,
+when an experiment is active for the kind (see ``keys.Experiment``). One entry per query cost Redis an ``XADD``
+per lookup and the service process the packing of one: about a third of Redis's CPU and the lookups' p999 under
+load. ``expand_entries`` turns entries back into one field mapping per query, and still reads an entry of the
+earlier one-query-per-entry form (the fields above as entry fields). The stream ID is the arrival time, so an
+hour of logs is one ``XRANGE``. ``{ns}:1:stats:{kind}`` counts hits/misses.
 
-Logging never breaks or slows the caller: events go to a bounded in-memory buffer that a background
-thread flushes in pipelines; when Redis is down or the buffer is full, events are counted as dropped,
-never retried without bound.
+Logging never breaks or slows the caller: a query is queued as one tuple in a bounded in-memory buffer that a
+background thread flushes; when Redis is down or the buffer is full, queries are counted as dropped, never
+retried without bound.
 """
 
 from __future__ import annotations
@@ -16,11 +21,12 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import json
 import sys
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,52 +37,24 @@ from .keys import ARM_PATTERN, KIND_PATTERN, VERSION_PATTERN, KeySchema
 
 MAX_KEY_LENGTH = 256
 MAX_CLOCK_SKEW_MS = 3_600_000  # an event's own time may trail its arrival by at most an hour
-PACK_CHUNK = 8  # commands packed and sent at a time by the flushing thread (see QueryLogger._send)
 PR_SET_TIMERSLACK = 29  # Linux prctl: the calling thread's timer slack in ns (default 50,000)
+LOG_COLUMNS = ("ts", "kind", "key", "hit", "lat_us", "user", "tenant", "arm", "ver")
+ENTRY_EVENTS = 64  # queries per stream entry: its JSON takes the flushing thread about 35 us to build
+ENTRY_ERROR = b"_error"  # in an expanded entry: why the entry or its row could not be read (see validate_entry)
+_COLS = ",".join(LOG_COLUMNS).encode()
 
 
 def fine_timer_slack() -> bool:
     """Give the calling thread a timer slack of 1 ns (Linux; elsewhere nothing): its ``sleep(0)`` GIL hand-over
     then takes about 30 us instead of about 90 us (the default 50 us slack plus the wake-up), so the flushing
-    thread writes about three times as many events a second at the same hand-over points. Only this thread's
-    timers change. True when it was set."""
+    thread gives a lookup waiting for the GIL its turn sooner. Only this thread's timers change. True when it
+    was set."""
     if not sys.platform.startswith("linux"):
         return False
     try:
         return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_TIMERSLACK, 1, 0, 0, 0) == 0
     except (OSError, AttributeError):
         return False
-
-
-@dataclass
-class QueryEvent:
-    ts_ms: int
-    kind: str
-    key: str
-    hit: bool
-    latency_us: int
-    user: str | None = None
-    tenant: str | None = None
-    arm: str | None = None
-    version: str | None = None
-
-    def fields(self) -> dict[str, str]:
-        out = {
-            "ts": str(self.ts_ms),
-            "kind": self.kind,
-            "key": self.key,
-            "hit": "1" if self.hit else "0",
-            "lat_us": str(self.latency_us),
-        }
-        if self.user is not None:
-            out["user"] = self.user
-        if self.tenant is not None:
-            out["tenant"] = self.tenant
-        if self.arm is not None:
-            out["arm"] = self.arm
-        if self.version is not None:
-            out["ver"] = self.version
-        return out
 
 
 @dataclass
@@ -99,8 +77,11 @@ class QueryLogger:
     """Appends query events to the query-log stream from a background thread.
 
     ``clock`` returns milliseconds since the epoch; pass a simulated clock to replay traffic into the past,
-    in which case stream IDs are derived from the event times (single writer only).
+    in which case stream IDs are derived from the event times (single writer only). ``stream_maxlen`` caps the
+    stream's entries (each up to ``ENTRY_EVENTS`` queries).
     """
+
+    pack_chunk = 1  # commands packed and sent between GIL hand-overs: one entry's JSON is work enough
 
     def __init__(
         self,
@@ -110,7 +91,7 @@ class QueryLogger:
         max_buffer: int = 100_000,
         batch_size: int = 1000,
         flush_interval_s: float = 0.05,
-        stream_maxlen: int = 50_000_000,
+        stream_maxlen: int = 10_000_000,
         clock: Callable[[], int] | None = None,
         backoff_s: float = 1.0,
     ) -> None:
@@ -126,7 +107,7 @@ class QueryLogger:
         self.stats = LoggerStats()
         self._stream = self.schema.query_log().encode()
         self._maxlen = str(stream_maxlen).encode()
-        self._buffer: deque[QueryEvent] = deque()
+        self._buffer: deque = deque()  # rows in LOG_COLUMNS order (the event logger: UserEvents)
         self._last_id = (0, 0)
         self._retry_at = 0.0
         self._lock = threading.Lock()  # one batch write at a time
@@ -154,7 +135,7 @@ class QueryLogger:
             if len(self._buffer) >= self.max_buffer:
                 self.stats.dropped_buffer_full += 1
                 return
-        self._buffer.append(QueryEvent(self.clock(), kind, key, hit, latency_us, user, tenant, arm, version))
+        self._buffer.append((self.clock(), kind, key, 1 if hit else 0, latency_us, user, tenant, arm, version))
         if len(self._buffer) >= self.batch_size:
             self._wake.set()
 
@@ -175,11 +156,17 @@ class QueryLogger:
             self.stats.logged += len(keys)
             room = max(0, self.max_buffer - len(self._buffer))
             self.stats.dropped_buffer_full += max(0, len(keys) - room)
-        now, arms = self.clock(), arms or [None] * len(keys)
-        self._buffer.extend(
-            QueryEvent(now, kind, key, hit, latency_us, user, tenant, arm, version)
-            for key, hit, arm in zip(keys[:room], hits[:room], arms[:room], strict=True)
-        )
+        now = self.clock()
+        if arms is None:
+            self._buffer.extend(
+                (now, kind, key, 1 if hit else 0, latency_us, user, tenant, None, version)
+                for key, hit in zip(keys[:room], hits[:room], strict=True)
+            )
+        else:
+            self._buffer.extend(
+                (now, kind, key, 1 if hit else 0, latency_us, user, tenant, arm, version)
+                for key, hit, arm in zip(keys[:room], hits[:room], arms[:room], strict=True)
+            )
         if len(self._buffer) >= self.batch_size:
             self._wake.set()
 
@@ -230,29 +217,44 @@ class QueryLogger:
             self.stats.written += len(batch)
             return True
 
-    def _xadd(self, event: QueryEvent) -> tuple[bytes, ...]:
+    def _xadd(self, entry_id: str, fields: Iterable[tuple[bytes, bytes]]) -> tuple[bytes, ...]:
         """``XADD stream MAXLEN ~ N id field value ...`` (approximate trimming: exact trimming costs Redis a
         listpack rewrite on every add)."""
-        args = [b"XADD", self._stream, b"MAXLEN", b"~", self._maxlen, self._next_id(event).encode()]
-        for name, value in event.fields().items():
-            args += (name.encode(), value.encode())
+        args = [b"XADD", self._stream, b"MAXLEN", b"~", self._maxlen, entry_id.encode()]
+        for name, value in fields:
+            args += (name, value)
         return tuple(args)
 
-    def _commands(self, batch: list[QueryEvent]) -> Iterator[tuple[bytes, ...]]:
-        """An ``XADD`` per event, then one ``HINCRBY`` per kind and outcome."""
-        counts: Counter[tuple[str, str]] = Counter()
-        for event in batch:
-            counts[(event.kind, "hit" if event.hit else "miss")] += 1
-            yield self._xadd(event)
-        for (kind, outcome), n in counts.items():
-            yield (b"HINCRBY", self.schema.stats(kind).encode(), outcome.encode(), b"%d" % n)
+    def _commands(self, batch: list[tuple]) -> Iterator[tuple[bytes, ...]]:
+        """An ``XADD`` per ``ENTRY_EVENTS`` rows (on a simulated clock, also per second of query time, so an
+        entry's ID stays within a second of its queries' times), then one ``HINCRBY`` per kind and outcome."""
+        counts: Counter[tuple[str, int]] = Counter((row[1], row[3]) for row in batch)
+        for entry_id, rows in self._entries(batch):
+            payload = json.dumps(rows, separators=(",", ":"), default=str).encode()
+            yield self._xadd(entry_id, ((b"n", b"%d" % len(rows)), (b"cols", _COLS), (b"rows", payload)))
+        for (kind, hit), n in counts.items():
+            yield (b"HINCRBY", self.schema.stats(kind).encode(), b"hit" if hit else b"miss", b"%d" % n)
 
-    def _send(self, batch: list[QueryEvent]) -> None:
+    def _entries(self, batch: list[tuple]) -> Iterator[tuple[str, list[tuple]]]:
+        if not self.explicit_ids:
+            for start in range(0, len(batch), ENTRY_EVENTS):
+                yield "*", batch[start : start + ENTRY_EVENTS]
+            return
+        rows: list[tuple] = []
+        for row in batch:
+            if rows and not (rows[0][0] <= row[0] < rows[0][0] + 1000 and len(rows) < ENTRY_EVENTS):
+                yield self._next_id(rows[0][0]), rows
+                rows = []
+            rows.append(row)
+        if rows:
+            yield self._next_id(rows[0][0]), rows
+
+    def _send(self, batch: list) -> None:
         """Write ``batch`` and read every reply; raises a Redis error if any reply is one (the connection is then
         dropped, not reused).
 
-        On a plain client the commands are built, packed and sent ``PACK_CHUNK`` at a time, handing the GIL over
-        after each chunk and every ``PACK_CHUNK`` replies: a lookup in another thread of the process then waits
+        On a plain client the commands are built, packed and sent ``pack_chunk`` at a time, handing the GIL over
+        after each chunk and every ``pack_chunk`` replies: a lookup in another thread of the process then waits
         for at most one chunk's Python work, never for a whole batch's (redis-py's pipeline packs and parses a
         batch in one go, which held lookups up for milliseconds at p999); ``fine_timer_slack`` keeps each
         hand-over short. Other clients (a cluster) use their pipeline."""
@@ -264,11 +266,12 @@ class QueryLogger:
             pipe.execute()
             return
         connection = pool.get_connection()
+        chunk_size = self.pack_chunk
         try:
             sent, chunk = 0, []
             for command in self._commands(batch):
                 chunk.append(command)
-                if len(chunk) == PACK_CHUNK:
+                if len(chunk) == chunk_size:
                     connection.send_packed_command([pack_resp(chunk)], check_health=False)
                     sent, chunk = sent + len(chunk), []
                     time.sleep(0)  # hand the GIL to a lookup waiting for it
@@ -281,7 +284,7 @@ class QueryLogger:
                     connection.read_response()
                 except redis.ResponseError as reply:
                     error = error or reply
-                if index % PACK_CHUNK == PACK_CHUNK - 1:
+                if index % 8 == 7:
                     time.sleep(0)
             if error is not None:
                 raise error
@@ -291,11 +294,10 @@ class QueryLogger:
         finally:
             pool.release(connection)
 
-    def _next_id(self, event: QueryEvent) -> str:
-        if not self.explicit_ids:
-            return "*"
+    def _next_id(self, ts_ms: int) -> str:
+        """The next explicit stream ID for an entry whose first event happened at ``ts_ms``: never below the last."""
         ms, seq = self._last_id
-        self._last_id = (event.ts_ms, 0) if event.ts_ms > ms else (ms, seq + 1)
+        self._last_id = (ts_ms, 0) if ts_ms > ms else (ms, seq + 1)
         return f"{self._last_id[0]}-{self._last_id[1]}"
 
 
@@ -374,6 +376,65 @@ def read_stream_window(
         lower = "(" + entries[-1][0].decode()
 
 
+def expand_entries(
+    entries: Iterable[tuple[bytes, dict[bytes, bytes]]],
+) -> Iterator[tuple[bytes, dict[bytes, bytes]]]:
+    """One ``(event_id, fields)`` per query of query-log ``entries``: a batch entry's rows as field mappings of the
+    one-query form (values as bytes, nulls left out) with the ID ``{entry_id}/{row}``; an entry of the one-query
+    form as it is. A batch that cannot be read, or a row of it, comes out once with ``ENTRY_ERROR`` saying why
+    (``validate_entry`` quarantines it)."""
+    for entry_id, fields in entries:
+        payload = fields.get(b"rows")
+        if payload is None:
+            yield entry_id, fields
+            continue
+        try:
+            columns = [name.encode() for name in fields.get(b"cols", b"").decode("ascii").split(",")]
+            rows = json.loads(payload)
+        except (UnicodeDecodeError, ValueError) as error:
+            yield entry_id, {**fields, ENTRY_ERROR: f"unreadable batch entry: {error}".encode()}
+            continue
+        if not isinstance(rows, list):
+            yield entry_id, {**fields, ENTRY_ERROR: b"unreadable batch entry: rows is not a JSON array"}
+            continue
+        for index, row in enumerate(rows):
+            event_id = b"%s/%d" % (entry_id, index)
+            if not isinstance(row, list) or len(row) != len(columns):
+                reason = f"batch row is not an array of {len(columns)} values"
+                yield event_id, {b"row": json.dumps(row).encode(), ENTRY_ERROR: reason.encode()}
+                continue
+            event, reason = {}, None
+            for name, value in zip(columns, row, strict=True):
+                if isinstance(value, str):
+                    event[name] = value.encode("utf-8", "surrogatepass")
+                elif isinstance(value, int) and not isinstance(value, bool):
+                    event[name] = b"%d" % value
+                elif value is not None:
+                    reason = f"{name.decode()} is a JSON {type(value).__name__}, not a string or an integer"
+            if reason:
+                event[ENTRY_ERROR] = reason.encode()
+            yield event_id, event
+
+
+def read_newest_queries(
+    client: redis.Redis, schema: KeySchema, since_ms: int, *, limit: int, page: int = 1000
+) -> Iterator[tuple[bytes, dict[bytes, bytes]]]:
+    """The queries (``expand_entries``) of the query-log entries that arrived since ``since_ms``, newest first, at
+    most ``limit`` of them, reading ``page`` entries at a time."""
+    upper, left = "+", limit
+    while left > 0:
+        entries = client.xrevrange(schema.query_log(), max=upper, min=f"{since_ms}-0", count=page)
+        for entry in entries:
+            queries = list(expand_entries([entry]))
+            yield from reversed(queries[-left:])
+            left -= len(queries)
+            if left <= 0:
+                return
+        if len(entries) < page:
+            return
+        upper = "(" + entries[-1][0].decode()
+
+
 def _clean_text(raw: bytes | None, name: str, *, required: bool) -> tuple[str | None, str | None]:
     """Decode a text field; returns (value, reason-if-invalid)."""
     if raw is None:
@@ -401,7 +462,10 @@ def _int_field(raw: bytes | None, name: str) -> tuple[int | None, str | None]:
 
 
 def validate_entry(entry_id: bytes, fields: dict[bytes, bytes]) -> tuple[dict[str, Any] | None, str | None]:
-    """Turn one stream entry into a clean row, or return the reason it must be quarantined."""
+    """Turn one query (an entry, or a row of a batch entry, from ``expand_entries``) into a clean row, or return
+    the reason it must be quarantined."""
+    if ENTRY_ERROR in fields:
+        return None, fields[ENTRY_ERROR].decode("utf-8", "replace")
     arrival_ms = int(entry_id.split(b"-")[0])
     ts, reason = _int_field(fields.get(b"ts"), "ts")
     if reason:
@@ -458,6 +522,8 @@ def validate_entry(entry_id: bytes, fields: dict[bytes, bytes]) -> tuple[dict[st
 def quarantine_row(entry_id: bytes, fields: dict[bytes, bytes], reason: str) -> dict[str, Any]:
     """A quarantine record keeping the raw entry (bytes shown with escapes, truncated) and the reason."""
     raw = {
-        k.decode("utf-8", "backslashreplace"): v[:1024].decode("utf-8", "backslashreplace") for k, v in fields.items()
+        k.decode("utf-8", "backslashreplace"): v[:1024].decode("utf-8", "backslashreplace")
+        for k, v in fields.items()
+        if k != ENTRY_ERROR
     }
     return {"stream_id": entry_id.decode(), "reason": reason, "raw": repr(raw)}

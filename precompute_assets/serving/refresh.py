@@ -7,7 +7,7 @@ it had at least ``min_hits`` hits (``hit=1``) in the last ``window_s``; a hot ke
 ``PTTL`` is below ``fraction`` of its kind's TTL. A key whose live value is gone (``PTTL -2``: its hits came from a
 published version, or it expired) or has no expiry (``-1``) is never due.
 
-``read_recent_hits`` and ``live_pttls`` talk to Redis (bounded: at most ``max_entries`` log entries, newest first;
+``read_recent_hits`` and ``live_pttls`` talk to Redis (bounded: at most ``max_queries`` logged queries, newest first;
 one pipelined ``PTTL`` per key, in chunks); ``hot_keys`` and ``due_for_refresh`` are pure. ``live_refresh_sensor``
 (``defs.tasks``) turns the due keys into ``precompute_tasks_job`` runs at priority 3.
 """
@@ -20,10 +20,11 @@ from collections.abc import Iterable, Mapping
 import redis
 
 from .keys import KeySchema, check_key, check_kind
+from .querylog import read_newest_queries
 
 DEFAULT_WINDOW_S = 600
 DEFAULT_FRACTION = 0.2
-DEFAULT_MAX_ENTRIES = 500_000
+DEFAULT_MAX_QUERIES = 500_000
 PTTL_GONE = -2
 PTTL_PERSISTENT = -1
 
@@ -31,8 +32,9 @@ PTTL_PERSISTENT = -1
 def hot_keys(
     entries: Iterable[tuple[bytes, Mapping[bytes, bytes]]], kinds: Iterable[str], *, min_hits: int = 1
 ) -> Counter:
-    """``(kind, key) -> hits`` over query-log ``entries`` for keys of ``kinds`` with at least ``min_hits`` hits.
-    Misses do not count (a key that only missed has no live value to keep warm); malformed entries are skipped."""
+    """``(kind, key) -> hits`` over logged queries (``querylog.expand_entries``) for keys of ``kinds`` with at least
+    ``min_hits`` hits. Misses do not count (a key that only missed has no live value to keep warm); malformed
+    queries are skipped."""
     wanted = {kind.encode() for kind in kinds}
     counts: Counter = Counter()
     for _, fields in entries:
@@ -73,24 +75,15 @@ def read_recent_hits(
     kinds: Iterable[str],
     *,
     since_ms: int,
-    max_entries: int = DEFAULT_MAX_ENTRIES,
+    max_queries: int = DEFAULT_MAX_QUERIES,
     min_hits: int = 1,
-    page: int = 10_000,
+    page: int = 1000,
 ) -> tuple[Counter, int]:
-    """Hot keys of ``kinds`` from the query log since ``since_ms`` (arrival time), newest entries first, reading at
-    most ``max_entries``; returns ``(hot_keys, entries_read)``."""
+    """Hot keys of ``kinds`` from the query log since ``since_ms`` (arrival time), newest queries first, reading at
+    most ``max_queries`` (``page`` stream entries at a time); returns ``(hot_keys, queries_read)``."""
     kinds = [check_kind(kind) for kind in kinds]
-    stream, upper, read = schema.query_log(), "+", 0
-    pages: list = []
-    while read < max_entries:
-        want = min(page, max_entries - read)
-        entries = client.xrevrange(stream, max=upper, min=f"{since_ms}-0", count=want)
-        pages += entries
-        read += len(entries)
-        if len(entries) < want:
-            break
-        upper = "(" + entries[-1][0].decode()
-    return hot_keys(pages, kinds, min_hits=min_hits), read
+    queries = list(read_newest_queries(client, schema, since_ms, limit=max_queries, page=page))
+    return hot_keys(queries, kinds, min_hits=min_hits), len(queries)
 
 
 def live_pttls(

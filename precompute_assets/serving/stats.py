@@ -3,7 +3,7 @@
 ``cache_stats`` reads, never writes: per kind, the current version (buckets, keys, memory of its buckets, TTL
 left) and, over a window of the query log, requests, hits, the hit rate (also per published version the lookups
 read: a publish inside the window shows the old and the new version side by side) and the most-missed keys. The window
-is read newest first, at most ``sample`` entries (``sampled`` says when the window held more), so a busy hour
+is read newest first, at most ``sample`` queries (``sampled`` says when the window held more), so a busy hour
 costs a bounded read. Kinds are found by their pointers (``SCAN`` for ``{ns}:1:*:current``, bounded batches).
 """
 
@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import redis
 
 from .keys import KIND_PATTERN, KeySchema, Pointer, check_kind
+from .querylog import read_newest_queries
 
 MEMORY_SAMPLE_BUCKETS = 64  # buckets whose MEMORY USAGE is read; the version's memory is extrapolated from them
 TOP_MISSED = 10
@@ -64,29 +65,24 @@ def window_stats(
 ) -> dict[str, dict]:
     """Per kind over the last ``window_s`` of the query log: ``requests``, ``hits``, ``hit_rate``,
     ``most_missed`` ([key, misses] pairs), ``versions`` (the same per version read, ``_per_version``), and
-    ``sampled`` when the window held more than ``sample`` entries."""
+    ``sampled`` when the window held more than ``sample`` queries."""
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     start_ms = now_ms - int(window_s * 1000)
-    upper: str = "+"
     by_version: dict[str, Counter[tuple[str | None, bool]]] = {}  # kind -> (version read, hit) -> lookups
     missed: dict[str, Counter[str]] = {}
-    read, sampled = 0, False
-    while True:
-        page = client.xrevrange(schema.query_log(), max=upper, min=f"{start_ms}-0", count=min(10_000, sample - read))
-        for _, fields in page:
-            kind = fields.get(b"kind", b"").decode(errors="replace")
-            hit = fields.get(b"hit") == b"1"
-            version = fields.get(b"ver")
-            by_version.setdefault(kind, Counter())[
-                (None if version is None else version.decode(errors="replace"), hit)
-            ] += 1
-            if not hit:
-                missed.setdefault(kind, Counter())[fields.get(b"key", b"").decode(errors="replace")] += 1
-        read += len(page)
-        if not page or len(page) < 10_000 or read >= sample:
-            sampled = read >= sample and bool(page)
+    read = 0
+    for _, fields in read_newest_queries(client, schema, start_ms, limit=sample + 1):
+        read += 1
+        if read > sample:
             break
-        upper = "(" + page[-1][0].decode()
+        kind = fields.get(b"kind", b"").decode(errors="replace")
+        hit = fields.get(b"hit") == b"1"
+        version = fields.get(b"ver")
+        version = None if version is None else version.decode(errors="replace")
+        by_version.setdefault(kind, Counter())[(version, hit)] += 1
+        if not hit:
+            missed.setdefault(kind, Counter())[fields.get(b"key", b"").decode(errors="replace")] += 1
+    sampled = read > sample
     out = {}
     for kind, counts in sorted(by_version.items()):
         versions = _per_version(counts)

@@ -171,7 +171,7 @@ def bench_load(
         ours = _phase(plan, processes, "ours", admin, rate)
         bare = _phase(plan, processes, "bare", admin, rate)
         memory = admin.info("memory")
-        stream_length = admin.xlen(schema.query_log())
+        stream_entries = admin.xlen(schema.query_log())
     finally:
         drop_namespace(admin, schema)
     return {
@@ -191,7 +191,7 @@ def bench_load(
         "errors": ours["errors"] + ours_closed["errors"],
         "events_written": ours["events_written"] + ours_closed["events_written"],
         "events_dropped": ours["events_dropped"] + ours_closed["events_dropped"],
-        "query_log_length": stream_length,
+        "query_log_entries": stream_entries,
         "redis_cpu_s": ours["redis_cpu_s"],
         "redis_used_memory_bytes": int(memory["used_memory"]),
         "redis_maxmemory_bytes": int(memory.get("maxmemory", 0)),

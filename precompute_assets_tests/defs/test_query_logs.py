@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 
 import dagster as dg
@@ -17,6 +18,7 @@ from precompute_assets.defs.query_logs import (
 from precompute_assets.defs.resources import DeploymentResource, LakeResource, ParquetIOManager, RedisResource
 from precompute_assets.serving import QueryLogger, connect
 from precompute_assets.storage.lake import Lake
+from precompute_assets_tests.factories import logged_queries
 
 HOUR = "2026-11-20-10:00"
 HOURLY = DEFAULT_PARTITIONS.hourly
@@ -83,20 +85,27 @@ def test_malformed_events_are_quarantined_with_reasons(redis_url, redis_client, 
         {"ts": str(HOUR_START_MS), "kind": "ctr", "key": "k" * 300, "hit": "1", "lat_us": "1"},
         {"ts": str(HOUR_START_MS), "kind": "ctr", "key": "ad1", "hit": "maybe", "lat_us": "1"},
     ]
+    cols = "ts,kind,key,hit,lat_us,user,tenant,arm,ver"
+    good_row = [HOUR_START_MS, "ctr", "ad9", 1, 3, None, None, None, None]
+    bad += [
+        {"n": "2", "cols": cols, "rows": "[[1, 2"},  # a batch that is not JSON: quarantined once
+        {"n": "3", "cols": cols, "rows": json.dumps([good_row, [HOUR_START_MS, "ctr"], good_row])},  # one bad row
+    ]
     for offset, fields in enumerate(bad, start=1):
         redis_client.xadd(stream, fields, id=f"{HOUR_START_MS + 1000 + offset}-0")
     result = materialize(redis_url, schema, lake_uri, pg_instance)
     assert result.success
     quarantine = Lake(lake_uri).read("query_log_quarantine", HOUR)
-    assert len(quarantine) == 5
-    assert len(Lake(lake_uri).read("query_logs", HOUR)) == 60
+    assert len(quarantine) == 7
+    assert len(Lake(lake_uri).read("query_logs", HOUR)) == 62  # the two good rows of the last batch are kept
     reasons = " | ".join(quarantine["reason"])
-    for expected in ("missing field ts", "ts is not an integer", "control characters", "longer than", "hit must be"):
+    for expected in ("missing field ts", "ts is not an integer", "control characters", "longer than", "hit must be",
+                     "unreadable batch entry", "batch row is not an array of 9 values"):  # fmt: skip
         assert expected in reasons
     check = result.get_asset_check_evaluations()[0]
     assert not check.passed
-    assert check.severity == dg.AssetCheckSeverity.ERROR  # 5/65 > 5%
-    assert check.metadata["quarantined"].value == 5
+    assert check.severity == dg.AssetCheckSeverity.ERROR  # 7/69 > 5%
+    assert check.metadata["quarantined"].value == 7
 
 
 def test_the_arm_of_each_query_is_stored_and_a_bad_arm_is_quarantined(
@@ -176,12 +185,12 @@ def test_cleanup_job_trims_only_materialized_hours(redis_url, redis_client, sche
     dg.materialize([query_logs], resources=res, partition_key=old_hours[0], instance=pg_instance)
 
     cleanup(res, pg_instance)
-    remaining = redis_client.xrange(schema.query_log())
+    remaining = logged_queries(redis_client, schema)
     assert len(remaining) == 20  # the second old hour was never materialized: kept, and all after it
 
     dg.materialize([query_logs], resources=res, partition_key=old_hours[1], instance=pg_instance)
     cleanup(res, pg_instance)
-    assert len(redis_client.xrange(schema.query_log())) == 10
+    assert len(logged_queries(redis_client, schema)) == 10
 
 
 def test_rematerializing_a_trimmed_hour_keeps_the_good_partition(
@@ -194,7 +203,7 @@ def test_rematerializing_a_trimmed_hour_keeps_the_good_partition(
     res = resources(redis_url, schema, lake_uri)
     assert dg.materialize([query_logs], resources=res, partition_key=old_hour, instance=pg_instance).success
     cleanup(res, pg_instance)
-    assert len(redis_client.xrange(schema.query_log())) == 10  # the old hour is gone from the stream
+    assert len(logged_queries(redis_client, schema)) == 10  # the old hour is gone from the stream
 
     again = dg.materialize(
         [query_logs], resources=res, partition_key=old_hour, instance=pg_instance, raise_on_error=False

@@ -23,6 +23,7 @@ from precompute_assets.ml.replay import Trace, replay
 from precompute_assets.ml.strategies import strategy_sets, trace_hours
 from precompute_assets.serving import Experiment, PredictionCache, QueryLogger, publish_version
 from precompute_assets.serving.keys import KeySchema
+from precompute_assets_tests.factories import logged_queries
 
 ARMS = ("frequency", "lstm")
 
@@ -64,7 +65,7 @@ def test_the_serving_client_logs_the_arm_ml_computes():
     for key in keys:
         cache.get("ctr", key)
     logger.close()
-    logged = {f[b"key"].decode(): f[b"arm"].decode() for _, f in client.xrange(schema.query_log())}
+    logged = {f[b"key"].decode(): f[b"arm"].decode() for _, f in logged_queries(client, schema)}
     assert logged == dict(zip(keys, arms_of("s9", keys, ARMS).tolist(), strict=True))
 
 

@@ -34,6 +34,7 @@ from precompute_assets.serving.publish import (
 )
 from precompute_assets.serving.querylog import read_stream_window
 from precompute_assets.stack import RedisServer, free_port, redact
+from precompute_assets_tests.factories import logged_queries
 
 ADMIN_PASSWORD = "admin-pw-0123456789"
 PUBLISHER_PASSWORD = "publisher-pw-0123456789"
@@ -177,7 +178,7 @@ def test_the_reader_serves_logs_and_admits_but_cannot_write_versions(
     logger.flush()
     assert cache.errors == 0  # the client absorbs Redis errors: none happened
     assert logger.stats.flush_errors == 0 and logger.stats.written == logger.stats.logged == 14
-    assert admin.xlen(schema.query_log()) == 14
+    assert len(logged_queries(admin, schema)) == 14
     assert admin.hgetall(schema.stats("ctr")) == {b"hit": b"5", b"miss": b"9"}
     cache.close()
 

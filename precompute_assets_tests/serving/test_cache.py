@@ -17,6 +17,7 @@ from precompute_assets.serving import (
     connect,
     publish_version,
 )
+from precompute_assets_tests.factories import logged_queries
 
 
 def make_cache(url: str, schema: KeySchema, **options) -> PredictionCache:
@@ -70,7 +71,7 @@ def test_queries_are_logged_with_hit_and_miss(redis_url, redis_client, schema):
     cache.get("ctr", "ad404")
     cache.get_or_compute("ctr", "ad9", lambda key: 0.9)
     logger.close()
-    entries = redis_client.xrange(schema.query_log())
+    entries = logged_queries(redis_client, schema)
     assert [(e[b"key"], e[b"hit"]) for _, e in entries] == [(b"ad1", b"1"), (b"ad404", b"0"), (b"ad9", b"0")]
     assert entries[0][1][b"user"] == b"u7" and entries[0][1][b"tenant"] == b"acme"
     assert b"user" not in entries[1][1]
@@ -189,7 +190,7 @@ def test_queries_carry_the_arm_of_the_published_experiment(redis_url, redis_clie
     assert redis_client.get(schema.experiment("ctr")) is None
     cache.get("ctr", keys[0])
     logger.close()
-    events = [fields for _, fields in redis_client.xrange(schema.query_log())]
+    events = [fields for _, fields in logged_queries(redis_client, schema)]
     assert len(events) == 178
     with_arm = events[:176]
     for event in with_arm:
@@ -240,7 +241,7 @@ def test_the_experiment_costs_no_round_trip_per_lookup(redis_url, redis_client, 
     assert client.round_trips == 12  # one per lookup, as without an experiment
     logger.close()
     assert all(
-        f[b"arm"] == arm_of("s1", "a", EXPERIMENT.arms).encode() for _, f in redis_client.xrange(schema.query_log())
+        f[b"arm"] == arm_of("s1", "a", EXPERIMENT.arms).encode() for _, f in logged_queries(redis_client, schema)
     )
 
 
@@ -252,7 +253,7 @@ def test_a_malformed_experiment_is_ignored_and_counted(redis_url, redis_client, 
     assert cache.get("ctr", "a") == pytest.approx(0.1)
     assert cache.current_experiment("ctr") is None and cache.errors >= 1
     logger.close()
-    assert all(b"arm" not in f for _, f in redis_client.xrange(schema.query_log()))
+    assert all(b"arm" not in f for _, f in logged_queries(redis_client, schema))
 
 
 @pytest.mark.parametrize(

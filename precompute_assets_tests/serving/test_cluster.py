@@ -20,6 +20,7 @@ from precompute_assets.serving.admission import FrequencySketch, SecondMiss
 from precompute_assets.serving.connection import REDIS_ERRORS, key_slot, split_cluster_url
 from precompute_assets.serving.keys import Pointer, bucket_of
 from precompute_assets.serving.publish import delete_live_values, patch_version, write_live_values
+from precompute_assets_tests.factories import logged_queries
 
 from .conftest import Cluster
 
@@ -193,7 +194,7 @@ def test_query_logger_and_stats_on_the_cluster(redis_cluster, cluster_client, ns
     cache.get_or_compute("rank", "r1", lambda key: 1)
     logger.close()
     assert logger.stats.written == 4 and logger.stats.dropped == 0
-    entries = [fields for _, fields in cluster_client.xrange(ns.query_log())]
+    entries = [fields for _, fields in logged_queries(cluster_client, ns)]
     assert [(e[b"kind"], e[b"key"], e[b"hit"]) for e in entries] == [
         (b"ctr", b"ad1", b"1"),
         (b"ctr", b"ad1", b"1"),

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 
 import pytest
 
 from precompute_assets.serving import QueryLogger, connect, log_prediction_query, query_logger
-from precompute_assets.serving.querylog import read_stream_window, validate_entry
+from precompute_assets.serving.querylog import (
+    ENTRY_EVENTS,
+    expand_entries,
+    quarantine_row,
+    read_stream_window,
+    validate_entry,
+)
+from precompute_assets_tests.factories import logged_queries
 
 
 def test_decorator_logs_each_call_as_a_live_miss(redis_url, redis_client, schema):
@@ -21,7 +29,7 @@ def test_decorator_logs_each_call_as_a_live_miss(redis_url, redis_client, schema
     assert predict("ad1", user="u1") == 0.5
     assert predict("ad2") == 0.5
     logger.close()
-    events = [fields for _, fields in redis_client.xrange(schema.query_log())]
+    events = [fields for _, fields in logged_queries(redis_client, schema)]
     assert [(e[b"key"], e[b"hit"], e.get(b"user")) for e in events] == [
         (b"ad1", b"0", b"u1"),
         (b"ad2", b"0", None),
@@ -35,7 +43,7 @@ def test_context_manager_logs_even_when_the_block_raises(redis_url, redis_client
     with pytest.raises(RuntimeError), query_logger(logger, "ctr", "ad2"):
         raise RuntimeError("model crashed")
     logger.close()
-    events = [fields for _, fields in redis_client.xrange(schema.query_log())]
+    events = [fields for _, fields in logged_queries(redis_client, schema)]
     assert [(e[b"key"], e[b"hit"]) for e in events] == [(b"ad1", b"1"), (b"ad2", b"0")]
     assert events[0][b"tenant"] == b"t1"
 
@@ -45,13 +53,20 @@ def test_simulated_clock_writes_ids_at_event_time(redis_url, redis_client, schem
     logger = QueryLogger(connect(redis_url), schema, clock=lambda: now[0])
     for _ in range(3):
         logger.log("ctr", "a", hit=True)
+    now[0] += 999  # the same entry: within a second of its first query
+    logger.log("ctr", "a2", hit=True)
+    now[0] += 1  # a second after it: an entry of its own
+    logger.log("ctr", "a3", hit=True)
     now[0] += 3_600_000
     logger.log("ctr", "b", hit=False)
     logger.close()
-    first_hour = [e for page in read_stream_window(redis_client, schema, now[0] - 3_600_000, now[0]) for e in page]
-    assert [i for i, _ in first_hour] == [b"1790000000000-0", b"1790000000000-1", b"1790000000000-2"]
+    first_hour = [e for page in read_stream_window(redis_client, schema, 1_790_000_000_000, now[0]) for e in page]
+    assert [i for i, _ in first_hour] == [b"1790000000000-0", b"1790000001000-0"]
+    assert [i for i, _ in expand_entries(first_hour)] == [b"1790000000000-0/0", b"1790000000000-0/1",
+                                                         b"1790000000000-0/2", b"1790000000000-0/3",
+                                                         b"1790000001000-0/0"]  # fmt: skip
     later = [e for page in read_stream_window(redis_client, schema, now[0], now[0] + 1) for e in page]
-    assert [f[b"key"] for _, f in later] == [b"b"]
+    assert [f[b"key"] for _, f in expand_entries(later)] == [b"b"]
 
 
 def test_read_stream_window_pages_through_everything(redis_url, redis_client, schema):
@@ -59,9 +74,78 @@ def test_read_stream_window_pages_through_everything(redis_url, redis_client, sc
     for i in range(2500):
         logger.log("ctr", f"k{i}", hit=True)
     logger.close()
-    pages = list(read_stream_window(redis_client, schema, 1_790_000_000_000, 1_790_000_000_001, page=1000))
-    assert [len(p) for p in pages] == [1000, 1000, 500]
-    assert len({i for p in pages for i, _ in p}) == 2500
+    pages = list(read_stream_window(redis_client, schema, 1_790_000_000_000, 1_790_000_000_001, page=15))
+    entries = -(-2500 // ENTRY_EVENTS)
+    assert [len(p) for p in pages] == [15] * (entries // 15) + [entries % 15]
+    queries = [query for page in pages for query in expand_entries(page)]
+    assert [f[b"key"] for _, f in queries] == [f"k{i}".encode() for i in range(2500)]
+    assert len({i for i, _ in queries}) == 2500
+
+
+def test_a_flush_writes_an_entry_per_entry_events_queries(redis_url, redis_client, schema):
+    logger = QueryLogger(connect(redis_url), schema, flush_interval_s=60)
+    n = 2 * ENTRY_EVENTS + 3
+    logger.log_many("ctr", [f"k{i}" for i in range(n)], [True] * n, version="v1")
+    logger.close()
+    entries = redis_client.xrange(schema.query_log())
+    assert [int(fields[b"n"]) for _, fields in entries] == [ENTRY_EVENTS, ENTRY_EVENTS, 3]
+    assert all(fields[b"cols"] == b"ts,kind,key,hit,lat_us,user,tenant,arm,ver" for _, fields in entries)
+    rows = json.loads(entries[-1][1][b"rows"])
+    assert rows[-1][1:] == ["ctr", f"k{n - 1}", 1, 0, None, None, None, "v1"]
+
+
+ROWS = [[1000, "ctr", "ad1", 1, 5, None, None, None, None], [1001, "ctr", "ad2", 0, 6, "u1", None, "lstm", "v1"]]
+COLS = b"ts,kind,key,hit,lat_us,user,tenant,arm,ver"
+
+
+def batch(rows, cols: bytes = COLS) -> dict[bytes, bytes]:
+    return {b"n": str(len(rows)).encode(), b"cols": cols, b"rows": json.dumps(rows).encode()}
+
+
+def test_expand_entries_reads_batches_and_the_one_query_form():
+    queries = list(expand_entries([(b"1000-0", batch(ROWS)), (b"1001-0", dict(GOOD))]))
+    assert [i for i, _ in queries] == [b"1000-0/0", b"1000-0/1", b"1001-0"]
+    assert queries[0][1] == {b"ts": b"1000", b"kind": b"ctr", b"key": b"ad1", b"hit": b"1", b"lat_us": b"5"}
+    rows = [validate_entry(i, f) for i, f in queries]
+    assert all(reason is None for _, reason in rows)
+    assert rows[1][0]["stream_id"] == "1000-0/1" and rows[1][0]["arm"] == "lstm" and rows[1][0]["user"] == "u1"
+
+
+@pytest.mark.parametrize(
+    ("fields", "reason"),
+    [
+        ({b"n": b"1", b"cols": COLS, b"rows": b"[[1000,"}, "unreadable batch entry"),
+        ({b"n": b"1", b"cols": COLS, b"rows": b"\xff"}, "unreadable batch entry"),
+        ({b"n": b"1", b"cols": COLS, b"rows": b'{"a": 1}'}, "rows is not a JSON array"),
+        ({b"n": b"1", b"cols": b"\xffts", b"rows": b"[]"}, "unreadable batch entry"),
+    ],
+)
+def test_an_unreadable_batch_entry_is_quarantined_once(fields, reason):
+    ((event_id, event),) = expand_entries([(b"1000-0", fields)])
+    row, why = validate_entry(event_id, event)
+    assert row is None and reason in why
+    assert "_error" not in quarantine_row(event_id, event, why)["raw"]  # the raw entry, as it was
+
+
+@pytest.mark.parametrize(
+    ("row", "reason"),
+    [
+        ([1000, "ctr", "ad1", 1, 5], "not an array of 9 values"),
+        ("ad1", "not an array of 9 values"),
+        ([1000, "ctr", "ad1", True, 5, None, None, None, None], "hit is a JSON bool"),
+        ([1000.5, "ctr", "ad1", 1, 5, None, None, None, None], "ts is a JSON float"),
+        ([1000, "ctr", ["ad1"], 1, 5, None, None, None, None], "key is a JSON list"),
+        ([1000, "ctr", "\ud800", 1, 5, None, None, None, None], "key is not valid UTF-8"),
+        ([1000, "ctr", "ad\n1", 1, 5, None, None, None, None], "key contains control characters"),
+        ([1000, "ctr", "ad1", 2, 5, None, None, None, None], "hit must be 0 or 1"),
+        ([1000, "ctr", "ad1", 1, 5, None, None, "LSTM", None], "invalid arm"),
+    ],
+)
+def test_a_malformed_row_of_a_batch_is_quarantined_alone(row, reason):
+    queries = list(expand_entries([(b"1000-0", batch([ROWS[0], row, ROWS[1]]))]))
+    checked = [validate_entry(i, f) for i, f in queries]
+    assert [r is not None for r, _ in checked] == [True, False, True]
+    assert reason in checked[1][1]
 
 
 GOOD = {b"ts": b"1000", b"kind": b"ctr", b"key": b"ad1", b"hit": b"1", b"lat_us": b"55"}
@@ -135,7 +219,7 @@ def test_the_logger_writes_the_arm_only_when_given(redis_url, redis_client, sche
     with query_logger(logger, "ctr", "ad3", arm="lstm"):
         pass
     logger.close()
-    events = [fields for _, fields in redis_client.xrange(schema.query_log())]
+    events = [fields for _, fields in logged_queries(redis_client, schema)]
     assert [e.get(b"arm") for e in events] == [b"frequency", None, b"lstm"]
 
 
@@ -157,7 +241,7 @@ def test_counts_are_exact_when_threads_share_a_logger(redis_url, redis_client, s
     stats = logger.stats
     assert stats.logged == per_thread * threads
     assert stats.written + stats.dropped == stats.logged  # every event is accounted for
-    assert redis_client.xlen(schema.query_log()) == stats.written
+    assert len(logged_queries(redis_client, schema)) == stats.written
 
 
 def test_a_batch_with_an_error_reply_is_counted_and_the_connection_stays_usable(redis_url, redis_client, schema):
@@ -166,7 +250,7 @@ def test_a_batch_with_an_error_reply_is_counted_and_the_connection_stays_usable(
     redis_client.xadd(schema.query_log(), {"ts": "0"}, id="1790000000100-0")
     now = [1_790_000_000_000]
     logger = QueryLogger(connect(redis_url), schema, clock=lambda: now[0], backoff_s=0.01, batch_size=40)
-    for i in range(25):  # more than one PACK_CHUNK: the error reply is not the last one read
+    for i in range(25):  # one refused XADD, then the HINCRBYs: the error reply is not the last one read
         logger.log("ctr", f"k{i}", hit=i % 2 == 0)
     logger.flush()
     assert logger.stats.flush_errors == 1 and logger.stats.dropped_write_failed == 25 and logger.stats.written == 0
@@ -176,7 +260,7 @@ def test_a_batch_with_an_error_reply_is_counted_and_the_connection_stays_usable(
         logger.log("ctr", f"later{i}", hit=True)
     logger.close()
     assert logger.stats.written == 30
-    keys = [fields[b"key"] for _, fields in redis_client.xrange(schema.query_log(), min="1790000000101")]
+    keys = [fields[b"key"] for _, fields in logged_queries(redis_client, schema, min="1790000000101")]
     assert keys == [f"later{i}".encode() for i in range(30)]
     # The stats count the lookups of every batch Redis received, the refused batch's 13 hits included.
     assert redis_client.hget(schema.stats("ctr"), "hit") == b"43"
@@ -188,7 +272,7 @@ def test_log_many_queues_one_event_per_key_and_counts_what_does_not_fit(redis_ur
                     arms=["x", "y", None, "x", "y"])  # fmt: skip
     assert logger.stats.logged == 5 and logger.stats.dropped_buffer_full == 2 and logger.pending == 3
     logger.close()
-    events = [fields for _, fields in redis_client.xrange(schema.query_log())]
+    events = [fields for _, fields in logged_queries(redis_client, schema)]
     assert [(e[b"key"], e[b"hit"], e[b"lat_us"], e.get(b"arm")) for e in events] == [
         (b"a", b"1", b"7", b"x"), (b"b", b"0", b"7", b"y"), (b"c", b"1", b"7", None),
     ]  # fmt: skip
@@ -209,14 +293,14 @@ def test_pack_resp_is_the_wire_format_redis_py_sends(redis_client):
 
 
 def test_a_backlog_is_drained_in_order_with_every_reply_read(redis_url, redis_client, schema):
-    # One batch of many PACK_CHUNKs (and a partial one): nothing lost or reordered, the stats counted once.
+    # One batch of many entries (and a partial one): nothing lost or reordered, the stats counted once.
     logger = QueryLogger(connect(redis_url), schema, max_buffer=4000, batch_size=10**6, flush_interval_s=60)
     n = 3005
     for i in range(n):
         logger.log("ctr", f"k{i}", hit=i % 3 == 0)
     logger.close()
     assert logger.stats.written == n and logger.stats.dropped == 0 and logger.stats.flush_errors == 0
-    keys = [fields[b"key"] for _, fields in redis_client.xrange(schema.query_log())]
+    keys = [fields[b"key"] for _, fields in logged_queries(redis_client, schema)]
     assert keys == [f"k{i}".encode() for i in range(n)]
     assert int(redis_client.hget(schema.stats("ctr"), "hit")) == len(range(0, n, 3))
 

@@ -48,8 +48,8 @@ def test_recent_hits_and_pttls_on_the_real_redis(redis_url, redis_client, schema
     since = time.time_ns() // 1_000_000 - 60_000
     hot, read = read_recent_hits(redis_client, schema, ["dash"], since_ms=since, page=2)
     assert read == 9 and hot == {("dash", "warm"): 3, ("dash", "fresh"): 3}
-    bounded, read = read_recent_hits(redis_client, schema, ["dash"], since_ms=since, max_entries=4, page=3)
-    assert read == 4 and sum(bounded.values()) <= 3  # the newest entries only
+    bounded, read = read_recent_hits(redis_client, schema, ["dash"], since_ms=since, max_queries=4, page=3)
+    assert read == 4 and sum(bounded.values()) <= 3  # the newest queries only
     assert read_recent_hits(redis_client, schema, ["dash"], since_ms=since + 120_000)[1] == 0
     pttls = live_pttls(redis_client, schema, [*hot, ("dash", "nothing")], chunk=2)
     assert pttls[("dash", "nothing")] == -2 and 0 < pttls[("dash", "warm")] <= 60_000

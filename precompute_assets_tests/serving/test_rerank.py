@@ -8,6 +8,7 @@ import pytest
 from precompute_assets.serving import PredictionCache, QueryLogger, connect, publish_version
 from precompute_assets.serving.rerank import rerank
 from precompute_assets.serving.vectors import decode_batch, decode_vector, encode_batch
+from precompute_assets_tests.factories import logged_queries
 
 
 def publish_docs(client, schema, n: int = 500, dim: int = 32, seed: int = 0, version: str = "e1"):
@@ -38,7 +39,7 @@ def test_candidates_come_back_in_cosine_order_with_the_missing_last(redis_url, r
     assert all(-1.0 <= score <= 1.0 for _, score in result[:100])
     assert cache.hits == 100 and cache.misses == 2
     logger.close()
-    assert redis_client.xlen(schema.query_log()) == 102
+    assert len(logged_queries(redis_client, schema)) == 102
 
 
 def test_bad_queries_are_refused_and_redis_trouble_is_misses(redis_url, redis_client, schema):
