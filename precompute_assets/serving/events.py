@@ -60,6 +60,7 @@ class EventLogger(QueryLogger):
     """
 
     pack_chunk = 8  # one small XADD per event: 8 packed and sent between GIL hand-overs
+    caller_flush = False  # a few events a second: the thread sends them
 
     def __init__(
         self,
@@ -100,11 +101,12 @@ class EventLogger(QueryLogger):
     def log(self, *args: Any, **kwargs: Any) -> None:  # pragma: no cover - guard against misuse
         raise TypeError("EventLogger records user events: call record_event(user, action, entity=, tenant=)")
 
-    def _commands(self, batch: list[UserEvent]) -> Iterator[tuple[bytes, ...]]:
+    def _commands(self, batch: list[UserEvent]) -> Iterator[tuple[tuple[bytes, ...], int]]:
         """One ``XADD`` per event (no hit/miss statistics: events are not lookups)."""
         for event in batch:
             entry_id = self._next_id(event.ts_ms) if self.explicit_ids else "*"
-            yield self._xadd(entry_id, ((name.encode(), value.encode()) for name, value in event.fields().items()))
+            fields = ((name.encode(), value.encode()) for name, value in event.fields().items())
+            yield self._xadd(entry_id, fields), 1
 
 
 # --- reading the stream back (the user_events asset and the user_event_sensor) ---------------------------

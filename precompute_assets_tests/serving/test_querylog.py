@@ -318,3 +318,53 @@ def test_the_flushing_thread_alone_gets_a_fine_timer_slack():
     worker.start()
     worker.join()
     assert seen == [(True, 1)] and prctl(30, 0, 0, 0, 0) == before  # the caller's thread keeps its own
+
+
+def _wait_for(condition, seconds: float = 5.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def test_a_full_entry_is_sent_by_the_callers_thread(redis_url, redis_client, schema):
+    """With the flushing thread asleep for a minute, the lookup that fills an entry sends it itself."""
+    logger = QueryLogger(connect(redis_url), schema, flush_interval_s=60)
+    assert _wait_for(lambda: logger._connection is not None)  # the thread connects at once
+    for i in range(ENTRY_EVENTS - 1):
+        logger.log("ctr", f"k{i}", hit=True)
+    assert logger.pending == ENTRY_EVENTS - 1  # not a full entry: it waits for the thread
+    logger.log("ctr", "last", hit=False)
+    assert logger.pending == 0  # sent before log() returned
+    assert _wait_for(lambda: redis_client.xlen(schema.query_log()) == 1)
+    logger.close()
+    assert logger.stats.written == ENTRY_EVENTS and logger.stats.dropped == 0
+    assert [f[b"key"] for _, f in logged_queries(redis_client, schema)][-1] == b"last"
+
+
+class _ShortSends:
+    """A socket whose non-blocking ``send`` takes a few bytes at a time (a kernel buffer that is full)."""
+
+    def __init__(self, sock):
+        self._real = sock
+
+    def send(self, data, flags=0):
+        return self._real.send(data[:10], flags)
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+
+def test_what_a_callers_send_could_not_hand_over_is_sent_by_the_thread(redis_url, redis_client, schema):
+    logger = QueryLogger(connect(redis_url), schema, flush_interval_s=0.05)
+    assert _wait_for(lambda: logger._connection is not None)
+    with logger._lock:
+        logger._connection._sock = _ShortSends(logger._connection._sock)
+    logger.log_many("ctr", [f"k{i}" for i in range(3 * ENTRY_EVENTS)], [True] * (3 * ENTRY_EVENTS))
+    assert logger.pending == 0 and logger._unsent  # three entries queued, most of their bytes still unsent
+    assert _wait_for(lambda: logger.stats.written == 3 * ENTRY_EVENTS)
+    logger.close()
+    keys = [f[b"key"] for _, f in logged_queries(redis_client, schema)]
+    assert keys == [f"k{i}".encode() for i in range(3 * ENTRY_EVENTS)]  # whole, in order, once
