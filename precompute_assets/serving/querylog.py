@@ -217,7 +217,7 @@ class QueryLogger:
         if self._caller_sends:
             with self._lock:  # connect now, so that callers can send from their first full entry
                 try:
-                    self._connection = self.client.connection_pool.get_connection()
+                    self._connect()
                 except REDIS_ERRORS:
                     self._fail()
         while not self._stopped:
@@ -287,7 +287,7 @@ class QueryLogger:
         queued = 0  # queries of the batch whose command is counted in _sent (_fail counts those as dropped)
         try:
             if self._connection is None:
-                self._connection = self.client.connection_pool.get_connection()
+                self._connect()
             connection, chunk = self._connection, []
             for command, events in self._commands(batch):
                 chunk.append(command)
@@ -302,6 +302,12 @@ class QueryLogger:
         except REDIS_ERRORS:
             self.stats.dropped_write_failed += len(batch) - queued
             raise
+
+    def _connect(self) -> None:
+        """(Holding ``_lock``.) Open the logger's own connection. Callers send on it only if its socket is a plain
+        TCP or Unix one (not TLS, not a test double); otherwise the thread sends everything."""
+        self._connection = self.client.connection_pool.get_connection()
+        self._caller_sends = self._caller_sends and type(self._connection._sock) is socket.socket
 
     def _read_replies(self, *, block: bool) -> None:
         """(Holding ``_lock``.) Read the replies of the commands sent, counting their queries as written or, for an

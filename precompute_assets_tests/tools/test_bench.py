@@ -66,7 +66,8 @@ def test_bench_campaign_reports_the_tick_the_warming_and_the_naive_loop(
     assert result["warm_seconds"] >= result["register_seconds"] + result["run_seconds"] - 0.002 > 0
     assert 0 < result["minutes_before_launch"] <= 120  # launched 2 h after registration
     assert result["naive_warm_seconds"] > 0
-    assert result["ratio_vs_naive"] == pytest.approx(result["naive_warm_seconds"] / result["warm_seconds"], rel=0.01)
+    # Both times are rounded to ms: a naive time of tens of ms moves their ratio by up to about 1 %.
+    assert result["ratio_vs_naive"] == pytest.approx(result["naive_warm_seconds"] / result["warm_seconds"], rel=0.03)
     assert not list(redis_client.scan_iter("bench*", count=1000))  # both namespaces removed
     assert scratch_databases() == before  # the scratch app and Dagster databases dropped
 
