@@ -4,8 +4,8 @@ Each of ``processes`` worker processes (spawned, so each has its own interpreter
 workers) opens its own ``PredictionCache`` with query logging on and calls ``get`` on keys drawn from a
 Zipf-like popularity over a published version (a share of them missing, so misses and their live-tier lookup
 are part of the load). The bare reference is the same processes doing a redis-py ``HGET`` of the same field in
-the same bucket, with no logging: what a service would do with no client at all. Two measurements, each ours
-then bare for ``seconds``:
+the same bucket, with no logging: what a service would do with no client at all. Two measurements, each of four
+phases of ``seconds`` in the order ours, bare, bare, ours (a drift of the machine falls on both alike):
 
 - capacity: a closed loop (each call right after the last): ``requests_per_s`` / ``raw_requests_per_s``;
 - latency at a sustained rate: every process paced at the same rate for both, ``rate_share`` (default half) of
@@ -15,7 +15,7 @@ then bare for ``seconds``:
 
 Latency is per call, measured in the worker (a call that starts late because the one before ran long is not
 charged for the wait: the paced rate leaves headroom for both). Redis CPU is the server's own ``used_cpu_user +
-used_cpu_sys`` over each phase.
+used_cpu_sys`` in a phase, the mean of the phases of a side.
 """
 
 from __future__ import annotations
@@ -112,6 +112,7 @@ def _worker(plan: LoadPlan, worker: int, mode: str, start_at: float, queue, rate
 
 
 def _phase(plan: LoadPlan, processes: int, mode: str, admin, rate: float | None = None) -> dict:
+    """One phase: ``processes`` workers of ``mode`` for ``plan.seconds``; their raw results and Redis's CPU."""
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
     start_at = time.time() + 3.0 + 0.5 * processes  # spawned interpreters import before the start
@@ -125,18 +126,33 @@ def _phase(plan: LoadPlan, processes: int, mode: str, admin, rate: float | None 
     cpu_after = _redis_cpu(admin)
     for worker in workers:
         worker.join(timeout=30)
+    return {"results": results, "redis_cpu_s": cpu_after - cpu_before}
+
+
+def _summary(phases: list[dict], seconds: float) -> dict:
+    """Requests/s and latency percentiles over ``phases`` of ``seconds`` each, as if they were one."""
+    results = [result for phase in phases for result in phase["results"]]
     latencies = np.concatenate([np.frombuffer(raw, dtype=np.int64) for raw, *_ in results])
     calls = sum(r[1] for r in results)
     return {
-        "requests_per_s": round(calls / plan.seconds),
+        "requests_per_s": round(calls / (seconds * len(phases))),
         "p50_us": round(float(np.percentile(latencies, 50)) / 1000, 1),
         "p99_us": round(float(np.percentile(latencies, 99)) / 1000, 1),
         "p999_us": round(float(np.percentile(latencies, 99.9)) / 1000, 1),
         "errors": sum(r[2] for r in results),
         "events_written": sum(r[3] for r in results),
         "events_dropped": sum(r[4] for r in results),
-        "redis_cpu_s": round(cpu_after - cpu_before, 2),
+        "redis_cpu_s": round(sum(phase["redis_cpu_s"] for phase in phases) / len(phases), 2),
     }
+
+
+def _abba(plan: LoadPlan, processes: int, admin, rate: float | None = None) -> tuple[dict, dict]:
+    """Ours, bare, bare, ours: a drift of the machine over the four phases (another tenant's load, Redis's own
+    background work after the publish) falls on both sides alike. Returns (ours, bare) summaries."""
+    ours = [_phase(plan, processes, "ours", admin, rate)]
+    bare = [_phase(plan, processes, "bare", admin, rate) for _ in range(2)]
+    ours.append(_phase(plan, processes, "ours", admin, rate))
+    return _summary(ours, plan.seconds), _summary(bare, plan.seconds)
 
 
 def _redis_cpu(client) -> float:
@@ -153,9 +169,9 @@ def bench_load(
     miss_share: float = 0.05,
     rate_share: float = 0.5,
 ) -> dict:
-    """Ours (``PredictionCache.get`` with query logging) then the bare ``HGET`` load, each from ``processes``
-    processes for ``seconds``, in a closed loop (capacity) and then paced at ``rate_share`` of the bare load's
-    capacity (latency); one JSON-able dict with the issue's keys and the ratios to the bare load."""
+    """Ours (``PredictionCache.get`` with query logging) and the bare ``HGET`` load from ``processes`` processes,
+    ours-bare-bare-ours phases of ``seconds`` each, in a closed loop (capacity) and then paced at ``rate_share`` of
+    the bare load's capacity (latency); one JSON-able dict with the issue's keys and the ratios to the bare load."""
     if processes < 1 or seconds <= 0 or keys < 1 or not 0 <= miss_share < 1 or not 0 < rate_share <= 1:
         raise ValueError("need processes >= 1, seconds > 0, keys >= 1, 0 <= miss_share < 1 and 0 < rate_share <= 1")
     schema = KeySchema(f"load{uuid.uuid4().hex[:8]}")
@@ -165,11 +181,9 @@ def bench_load(
     publish_version(admin, "ctr", "load", items, n_keys=keys, schema=schema, ttl_s=3600)
     plan = LoadPlan(redis_url, schema.namespace, keys, seconds, miss_share, seed=0)
     try:
-        ours_closed = _phase(plan, processes, "ours", admin)
-        bare_closed = _phase(plan, processes, "bare", admin)
+        ours_closed, bare_closed = _abba(plan, processes, admin)
         rate = rate_share * bare_closed["requests_per_s"] / processes  # per process, the same for both
-        ours = _phase(plan, processes, "ours", admin, rate)
-        bare = _phase(plan, processes, "bare", admin, rate)
+        ours, bare = _abba(plan, processes, admin, rate)
         memory = admin.info("memory")
         stream_entries = admin.xlen(schema.query_log())
     finally:
