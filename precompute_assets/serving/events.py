@@ -59,7 +59,7 @@ class EventLogger(QueryLogger):
     IDs follow event times (single writer only).
     """
 
-    pack_chunk = 8  # one small XADD per event: 8 packed and sent between GIL hand-overs
+    send_unit = 8  # one small XADD per event: 8 packed and sent per hold of the lock
     caller_flush = False  # a few events a second: the thread sends them
 
     def __init__(
@@ -82,11 +82,9 @@ class EventLogger(QueryLogger):
 
     def record_event(self, user: str, action: str, *, entity: str | None = None, tenant: str | None = None) -> None:
         """Queue one user event; never raises, never blocks on Redis (a full buffer drops it, counted)."""
-        with self._count_lock:
-            self.stats.logged += 1
-            if len(self._buffer) >= self.max_buffer:
-                self.stats.dropped_buffer_full += 1
-                return
+        if not self._room(1):
+            self._after_queue()
+            return
         event = UserEvent(
             self.clock(),
             str(user),
@@ -95,11 +93,14 @@ class EventLogger(QueryLogger):
             None if tenant is None else str(tenant),
         )
         self._buffer.append(event)
-        if len(self._buffer) >= self.batch_size:
-            self._wake.set()
+        self._after_queue()
 
     def log(self, *args: Any, **kwargs: Any) -> None:  # pragma: no cover - guard against misuse
         raise TypeError("EventLogger records user events: call record_event(user, action, entity=, tenant=)")
+
+    @staticmethod
+    def _size(item: UserEvent) -> int:
+        return 1
 
     def _commands(self, batch: list[UserEvent]) -> Iterator[tuple[tuple[bytes, ...], int]]:
         """One ``XADD`` per event (no hit/miss statistics: events are not lookups)."""

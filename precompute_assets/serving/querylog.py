@@ -1,17 +1,20 @@
 """Query logging: prediction queries appended to a Redis Stream in batches, written off the caller's path.
 
-A stream entry holds up to ``ENTRY_EVENTS`` queries of one flush: ``n`` the count, ``cols`` the comma-separated
-column names (``LOG_COLUMNS``) and ``rows`` a JSON array of rows, one array of values per query in ``cols``
-order, ``null`` where a value is unknown. Columns: ``ts`` query time in ms since the epoch, ``kind``, ``key``,
-``hit`` (``1``/``0``), ``lat_us`` lookup latency in microseconds, ``user`` / ``tenant`` when known, ``ver`` the
-published version the lookup read (null when the kind had none), and ``arm``, the A/B experiment arm of the key,
-when an experiment is active for the kind (see ``keys.Experiment``). One entry per query cost Redis an ``XADD``
-per lookup and the service process the packing of one: about a third of Redis's CPU and the lookups' p999 under
-load. ``expand_entries`` turns entries back into one field mapping per query, and still reads an entry of the
-earlier one-query-per-entry form (the fields above as entry fields). The stream ID is the arrival time, so an
-hour of logs is one ``XRANGE``. ``{ns}:1:stats:{kind}`` counts hits/misses.
+A stream entry holds the queries of one flush, at least ``ENTRY_EVENTS`` of them unless the flush had fewer:
+``n`` the number of queries, ``cols`` the comma-separated names of a group's values (``GROUP_COLUMNS``) and
+``groups`` a JSON array of groups, one per logging call (a ``get`` logs one key, a ``get_many`` or ``rerank``
+all of theirs): ``[ts, kind, keys, hits, lat_us, user, tenant, arms, ver]`` with ``ts`` the query time in ms
+since the epoch, ``keys`` an array of keys, ``hits`` a string with one ``1`` (hit) or ``0`` (miss) per key,
+``lat_us`` the lookup latency in microseconds, ``user`` / ``tenant`` when known, ``arms`` the A/B experiment
+arm of each key (an array, or null outside an experiment: see ``keys.Experiment``) and ``ver`` the published
+version the lookup read; null where a value is unknown. One entry per query cost Redis an ``XADD`` per lookup
+and the service process the packing of one: about a third of Redis's CPU and the lookups' p999 under load.
+``expand_entries`` turns entries back into one field mapping per query (``ts``, ``kind``, ``key``, ``hit``,
+``lat_us``, ``user``, ``tenant``, ``arm``, ``ver``), and still reads an entry of the earlier
+one-query-per-entry form, whose fields were those. The stream ID is the arrival time, so an hour of logs is one
+``XRANGE``. ``{ns}:1:stats:{kind}`` counts hits/misses.
 
-Logging never breaks or blocks the caller: a query is queued as one tuple in a bounded in-memory buffer. The
+Logging never breaks or blocks the caller: a call is queued as one group in a bounded in-memory buffer. The
 lookup that fills an entry sends it itself, with one non-blocking ``send`` on the logger's own connection (about
 35 us of Python per 64 lookups); a background thread sends the rest every ``flush_interval_s``, whatever a caller
 could not send without blocking, and reads the replies. A writer thread that did all the work competed with the
@@ -42,10 +45,11 @@ from .keys import ARM_PATTERN, KIND_PATTERN, VERSION_PATTERN, KeySchema
 MAX_KEY_LENGTH = 256
 MAX_CLOCK_SKEW_MS = 3_600_000  # an event's own time may trail its arrival by at most an hour
 PR_SET_TIMERSLACK = 29  # Linux prctl: the calling thread's timer slack in ns (default 50,000)
-LOG_COLUMNS = ("ts", "kind", "key", "hit", "lat_us", "user", "tenant", "arm", "ver")
-ENTRY_EVENTS = 64  # queries per stream entry: its JSON takes the flushing thread about 35 us to build
-ENTRY_ERROR = b"_error"  # in an expanded entry: why the entry or its row could not be read (see validate_entry)
-_COLS = ",".join(LOG_COLUMNS).encode()
+GROUP_COLUMNS = ("ts", "kind", "keys", "hits", "lat_us", "user", "tenant", "arms", "ver")
+ENTRY_EVENTS = 64  # queries per stream entry, at least: 64 single lookups' JSON takes about 25 us to build
+UNREAD_REPLIES = 64  # commands sent whose replies a caller leaves for the thread to read
+ENTRY_ERROR = b"_error"  # in an expanded entry: why the entry or its group could not be read (see validate_entry)
+_COLS = ",".join(GROUP_COLUMNS).encode()
 
 
 def fine_timer_slack() -> bool:
@@ -85,7 +89,7 @@ class QueryLogger:
     stream's entries (each up to ``ENTRY_EVENTS`` queries).
     """
 
-    pack_chunk = 1  # commands packed and sent between GIL hand-overs: one entry's JSON is work enough
+    send_unit = ENTRY_EVENTS  # queries the thread sends per hold of the lock (one entry: ~25 us of Python)
     caller_flush = True  # full entries are sent by the lookup's own thread (``_caller_flush``)
 
     def __init__(
@@ -112,7 +116,8 @@ class QueryLogger:
         self.stats = LoggerStats()
         self._stream = self.schema.query_log().encode()
         self._maxlen = str(stream_maxlen).encode()
-        self._buffer: deque = deque()  # rows in LOG_COLUMNS order (the event logger: UserEvents)
+        self._buffer: deque = deque()  # groups in GROUP_COLUMNS order (the event logger: UserEvents)
+        self._queued = 0  # queries in the buffer (a group holds len(keys); an event is one)
         self._last_id = (0, 0)
         self._retry_at = 0.0
         self._lock = threading.Lock()  # the connection and the counts of what was sent: one writer at a time
@@ -143,13 +148,11 @@ class QueryLogger:
         version: str | None = None,
     ) -> None:
         """Queue one event (``version``: the published version the lookup read); never raises, never blocks."""
-        with self._count_lock:  # callers share the logger across threads; `+=` alone can lose counts
-            self.stats.logged += 1
-            if len(self._buffer) >= self.max_buffer:
-                self.stats.dropped_buffer_full += 1
-                return
-        self._buffer.append((self.clock(), kind, key, 1 if hit else 0, latency_us, user, tenant, arm, version))
-        self._queued()
+        if self._room(1):
+            arms = None if arm is None else [arm]
+            flag = "1" if hit else "0"
+            self._buffer.append((self.clock(), kind, [key], flag, latency_us, user, tenant, arms, version))
+        self._after_queue()  # a full buffer too: sending is what empties it
 
     def log_many(
         self,
@@ -163,50 +166,66 @@ class QueryLogger:
         arms: Sequence[str | None] | None = None,
         version: str | None = None,
     ) -> None:
-        """Queue one event per key of a batch lookup (one time, one latency), under one lock; never raises."""
-        with self._count_lock:
-            self.stats.logged += len(keys)
-            room = max(0, self.max_buffer - len(self._buffer))
-            self.stats.dropped_buffer_full += max(0, len(keys) - room)
-        now = self.clock()
-        if arms is None:
-            self._buffer.extend(
-                (now, kind, key, 1 if hit else 0, latency_us, user, tenant, None, version)
-                for key, hit in zip(keys[:room], hits[:room], strict=True)
-            )
-        else:
-            self._buffer.extend(
-                (now, kind, key, 1 if hit else 0, latency_us, user, tenant, arm, version)
-                for key, hit, arm in zip(keys[:room], hits[:room], arms[:room], strict=True)
-            )
-        self._queued()
+        """Queue one event per key of a batch lookup (one time, one latency) as one group; never raises (keys,
+        hits and arms of different lengths are the caller's bug: ``ValueError``)."""
+        if len(keys) != len(hits) or (arms is not None and len(arms) != len(keys)):
+            raise ValueError("log_many needs one hit (and one arm, when given) per key")
+        room = self._room(len(keys))
+        if room:
+            flags = "".join("1" if hit else "0" for hit in hits[:room])
+            arms = None if arms is None else list(arms[:room])
+            self._buffer.append((self.clock(), kind, list(keys[:room]), flags, latency_us, user, tenant, arms, version))
+        self._after_queue()
 
-    def _queued(self) -> None:
-        if len(self._buffer) >= ENTRY_EVENTS and self._caller_sends:
+    def _room(self, size: int) -> int:
+        """Count ``size`` queries as logged; how many of them fit in the buffer (the rest are dropped, counted)."""
+        with self._count_lock:  # callers share the logger across threads; `+=` alone can lose counts
+            self.stats.logged += size
+            room = max(0, min(size, self.max_buffer - self._queued))
+            self.stats.dropped_buffer_full += size - room
+            self._queued += room
+        return room
+
+    def _after_queue(self) -> None:
+        if self._queued >= ENTRY_EVENTS and self._caller_sends:
             self._caller_flush()
-        elif len(self._buffer) >= self.batch_size:
+        elif self._queued >= self.batch_size:
             self._wake.set()
+
+    def _take(self, limit: int) -> tuple[list, int]:
+        """Buffered items from the oldest, until they hold ``limit`` queries or the buffer is empty; and how many
+        queries they hold."""
+        items, size = [], 0
+        while size < limit and self._buffer:
+            item = self._buffer.popleft()
+            items.append(item)
+            size += self._size(item)
+        with self._count_lock:
+            self._queued -= size
+        return items, size
+
+    @staticmethod
+    def _size(item: tuple) -> int:
+        return len(item[2])
 
     @property
     def pending(self) -> int:
-        """Events buffered and not yet sent."""
-        return len(self._buffer)
+        """Queries buffered and not yet sent."""
+        return self._queued
 
     def flush(self) -> None:
         """Send everything buffered now and read Redis's replies (what Redis refuses is dropped, counted)."""
-        with self._lock:
-            self._write_all()
+        self._drain()
 
     def close(self) -> None:
         """Flush, stop the background thread and give the connection back."""
         self._stopped = True
         self._wake.set()
         self._thread.join(timeout=5)
+        self._drain()
         with self._lock:
-            self._write_all()
             # Whatever Redis would not take (backoff after a failure) is counted, not silently discarded.
-            self.stats.dropped_write_failed += len(self._buffer)
-            self._buffer.clear()
+            self.stats.dropped_write_failed += self._take(self._queued + 1)[1]
             if self._connection is not None:
                 self._connection.disconnect()
                 self.client.connection_pool.release(self._connection)
@@ -224,26 +243,26 @@ class QueryLogger:
             self._wake.wait(self.flush_interval_s)
             self._wake.clear()
             if not self._stopped:
-                with self._lock:
-                    self._write_all()
+                self._drain()
 
     def _caller_flush(self) -> None:
-        """On the caller's thread, once ``ENTRY_EVENTS`` queries are buffered: send the full entries with one
-        non-blocking ``send`` and read the replies that have already arrived; whatever would block (the thread
-        holds the connection, it is not connected yet, Redis is failing or slow to read) is left to the thread.
-        Building an entry is about 35 us of Python per 64 lookups, on the lookup's own thread: no second thread
-        competes for the GIL or a core on the request path (it did, and tripled the lookups' p999 under load)."""
+        """On the caller's thread, once ``ENTRY_EVENTS`` queries are buffered: send them with one non-blocking
+        ``send`` (and, past ``UNREAD_REPLIES`` commands, read the replies that have arrived); whatever would block
+        (the thread holds the connection, it is not connected yet, Redis is failing or slow to read) is left to the
+        thread. This costs the lookup that fills an entry about 50 us (the JSON and the loopback send), on its own
+        thread: no second thread competes for the GIL or a core on the request path (one did, and tripled the
+        lookups' p999 under load)."""
         if not self._lock.acquire(blocking=False):
             return
         try:
             connection = self._connection
             if connection is None or self._unsent or time.monotonic() < self._retry_at:
                 return
-            self._read_replies(block=False)
-            if self._connection is None:
-                return
-            rows = [self._buffer.popleft() for _ in range(len(self._buffer) // ENTRY_EVENTS * ENTRY_EVENTS)]
-            commands = list(self._commands(rows))
+            if len(self._sent) > UNREAD_REPLIES:  # else the thread reads them: a poll and a recv cost ~20 us here
+                self._read_replies()
+                if self._connection is None:
+                    return
+            commands = list(self._commands(self._take(self._queued)[0]))
             self._sent.extend(events for _, events in commands)
             payload = pack_resp([command for command, _ in commands])
             try:
@@ -259,49 +278,46 @@ class QueryLogger:
         finally:
             self._lock.release()
 
-    def _write_all(self) -> None:
-        """(Holding ``_lock``.) Send what is buffered, ``batch_size`` queries at a time, and read every reply; after
-        a failure, nothing is sent for ``backoff_s``: the buffer fills up and sheds what does not fit."""
-        if self._unsent:
-            try:
-                self._connection.send_packed_command([self._unsent], check_health=False)
-                self._unsent = b""
-            except REDIS_ERRORS:
-                self._fail()
-        while self._buffer and time.monotonic() >= self._retry_at:
-            batch = [self._buffer.popleft() for _ in range(min(self.batch_size, len(self._buffer)))]
-            if not self._direct:
-                self._write_pipeline(batch)
-                continue
-            try:
-                self._send(batch)
-            except REDIS_ERRORS:
-                self._fail()
-        self._read_replies(block=True)
+    def _drain(self) -> None:
+        """Send what is buffered now, then read every reply; after a failure, nothing is sent for ``backoff_s``:
+        the buffer fills up and sheds what does not fit. The lock is taken for ``send_unit`` queries at a time and
+        the GIL handed over between: a lookup in another thread waits for at most one unit's Python work
+        (``fine_timer_slack`` keeps each hand-over short), and callers may send their own entries in between."""
+        left = self._queued  # callers adding more do not keep the thread here
+        while True:
+            with self._lock:
+                if self._unsent:
+                    try:
+                        self._connection.send_packed_command([self._unsent], check_health=False)
+                        self._unsent = b""
+                    except REDIS_ERRORS:
+                        self._fail()
+                if left <= 0 or not self._buffer or time.monotonic() < self._retry_at:
+                    break
+                batch, size = self._take(min(self.send_unit, left))
+                left -= size
+                if self._direct:
+                    self._send(batch)
+                else:
+                    self._write_pipeline(batch)
+            time.sleep(0)  # hand the GIL to a lookup waiting for it
+        while True:
+            with self._lock:
+                if not self._read_replies(limit=8):
+                    return
+            time.sleep(0)
 
     def _send(self, batch: list) -> None:
-        """(Holding ``_lock``.) Send ``batch``'s commands on the logger's connection (connecting if needed),
-        ``pack_chunk`` commands at a time with the GIL handed over after each: a lookup waiting for the GIL waits
-        for at most one chunk's Python work (``fine_timer_slack`` keeps each hand-over short). The replies are read
-        by ``_read_replies``."""
-        queued = 0  # queries of the batch whose command is counted in _sent (_fail counts those as dropped)
+        """(Holding ``_lock``.) Send ``batch``'s commands on the logger's connection (connecting if needed), in one
+        write; ``_read_replies`` reads the replies. A failure drops the connection and counts the queries."""
+        commands = list(self._commands(batch))
+        self._sent.extend(events for _, events in commands)
         try:
             if self._connection is None:
                 self._connect()
-            connection, chunk = self._connection, []
-            for command, events in self._commands(batch):
-                chunk.append(command)
-                self._sent.append(events)
-                queued += events
-                if len(chunk) == self.pack_chunk:
-                    connection.send_packed_command([pack_resp(chunk)], check_health=False)
-                    chunk = []
-                    time.sleep(0)  # hand the GIL to a lookup waiting for it
-            if chunk:
-                connection.send_packed_command([pack_resp(chunk)], check_health=False)
+            self._connection.send_packed_command([pack_resp([command for command, _ in commands])], check_health=False)
         except REDIS_ERRORS:
-            self.stats.dropped_write_failed += len(batch) - queued
-            raise
+            self._fail()
 
     def _connect(self) -> None:
         """(Holding ``_lock``.) Open the logger's own connection. Callers send on it only if its socket is a plain
@@ -309,14 +325,17 @@ class QueryLogger:
         self._connection = self.client.connection_pool.get_connection()
         self._caller_sends = self._caller_sends and type(self._connection._sock) is socket.socket
 
-    def _read_replies(self, *, block: bool) -> None:
-        """(Holding ``_lock``.) Read the replies of the commands sent, counting their queries as written or, for an
-        error reply, dropped (then back off); without ``block``, only those that have arrived."""
+    def _read_replies(self, *, limit: int | None = None) -> bool:
+        """(Holding ``_lock``.) Read replies of the commands sent, counting their queries as written or, for an
+        error reply, dropped (then back off): at most ``limit`` of them, waiting for each; without a limit, only
+        those that have arrived. True when replies are still due."""
         connection, index = self._connection, 0
         while self._sent and connection is not None:
+            if limit is not None and index == limit:
+                return True
             try:
-                if not block and not connection.can_read(0):
-                    return
+                if limit is None and not connection.can_read(0):
+                    return True
                 try:
                     connection.read_response()
                     self.stats.written += self._sent.popleft()
@@ -326,10 +345,9 @@ class QueryLogger:
                     self._retry_at = time.monotonic() + self.backoff_s
             except REDIS_ERRORS:
                 self._fail()
-                return
+                return False
             index += 1
-            if block and index % 8 == 0:
-                time.sleep(0)
+        return False
 
     def _fail(self) -> None:
         """(Holding ``_lock``.) The connection failed: what was sent and not answered is counted as dropped, the
@@ -353,7 +371,7 @@ class QueryLogger:
         try:
             replies = pipe.execute(raise_on_error=False)
         except REDIS_ERRORS:
-            self.stats.dropped_write_failed += len(batch)
+            self.stats.dropped_write_failed += sum(self._size(item) for item in batch)
             self.stats.flush_errors += 1
             self._retry_at = time.monotonic() + self.backoff_s
             return
@@ -374,29 +392,38 @@ class QueryLogger:
         return tuple(args)
 
     def _commands(self, batch: list[tuple]) -> Iterator[tuple[tuple[bytes, ...], int]]:
-        """``(command, queries it writes)``: an ``XADD`` per ``ENTRY_EVENTS`` rows (on a simulated clock, also per
-        second of query time, so an entry's ID stays within a second of its queries' times), then one ``HINCRBY``
-        per kind and outcome."""
-        counts: Counter[tuple[str, int]] = Counter((row[1], row[3]) for row in batch)
-        for entry_id, rows in self._entries(batch):
-            payload = json.dumps(rows, separators=(",", ":"), default=str).encode()
-            yield self._xadd(entry_id, ((b"n", b"%d" % len(rows)), (b"cols", _COLS), (b"rows", payload))), len(rows)
-        for (kind, hit), n in counts.items():
-            yield (b"HINCRBY", self.schema.stats(kind).encode(), b"hit" if hit else b"miss", b"%d" % n), 0
+        """``(command, queries it writes)``: an ``XADD`` per entry of groups holding ``ENTRY_EVENTS`` queries or more
+        (on a simulated clock, also per second of query time, so an entry's ID stays within a second of its
+        queries' times), then one ``HINCRBY`` per kind and outcome."""
+        counts: Counter[tuple[str, bytes]] = Counter()
+        for group in batch:
+            hits = group[3].count("1")
+            counts[(group[1], b"hit")] += hits
+            counts[(group[1], b"miss")] += len(group[3]) - hits
+        for entry_id, groups, n in self._entries(batch):
+            payload = json.dumps(groups, separators=(",", ":"), default=str).encode()
+            yield self._xadd(entry_id, ((b"n", b"%d" % n), (b"cols", _COLS), (b"groups", payload))), n
+        for (kind, outcome), n in counts.items():
+            if n:
+                yield (b"HINCRBY", self.schema.stats(kind).encode(), outcome, b"%d" % n), 0
 
-    def _entries(self, batch: list[tuple]) -> Iterator[tuple[str, list[tuple]]]:
-        if not self.explicit_ids:
-            for start in range(0, len(batch), ENTRY_EVENTS):
-                yield "*", batch[start : start + ENTRY_EVENTS]
-            return
-        rows: list[tuple] = []
-        for row in batch:
-            if rows and not (rows[0][0] <= row[0] < rows[0][0] + 1000 and len(rows) < ENTRY_EVENTS):
-                yield self._next_id(rows[0][0]), rows
-                rows = []
-            rows.append(row)
-        if rows:
-            yield self._next_id(rows[0][0]), rows
+    def _entries(self, batch: list[tuple]) -> Iterator[tuple[str, list[tuple], int]]:
+        """``(entry ID, groups, queries)`` per entry."""
+        groups: list[tuple] = []
+        n = 0
+        for group in batch:
+            if groups and (
+                n >= ENTRY_EVENTS or (self.explicit_ids and not groups[0][0] <= group[0] < groups[0][0] + 1000)
+            ):
+                yield self._entry_id(groups[0][0]), groups, n
+                groups, n = [], 0
+            groups.append(group)
+            n += len(group[2])
+        if groups:
+            yield self._entry_id(groups[0][0]), groups, n
+
+    def _entry_id(self, ts_ms: int) -> str:
+        return self._next_id(ts_ms) if self.explicit_ids else "*"
 
     def _next_id(self, ts_ms: int) -> str:
         """The next explicit stream ID for an entry whose first event happened at ``ts_ms``: never below the last."""
@@ -483,41 +510,65 @@ def read_stream_window(
 def expand_entries(
     entries: Iterable[tuple[bytes, dict[bytes, bytes]]],
 ) -> Iterator[tuple[bytes, dict[bytes, bytes]]]:
-    """One ``(event_id, fields)`` per query of query-log ``entries``: a batch entry's rows as field mappings of the
-    one-query form (values as bytes, nulls left out) with the ID ``{entry_id}/{row}``; an entry of the one-query
-    form as it is. A batch that cannot be read, or a row of it, comes out once with ``ENTRY_ERROR`` saying why
-    (``validate_entry`` quarantines it)."""
+    """One ``(query_id, fields)`` per query of query-log ``entries``: each key of each group of a batch entry as a
+    field mapping of the one-query form (values as bytes, nulls left out) with the ID ``{entry_id}/{i}``, ``i``
+    counting the entry's queries; an entry of the one-query form as it is. A batch that cannot be read, or a
+    group of it, comes out once with ``ENTRY_ERROR`` saying why (``validate_entry`` quarantines it)."""
     for entry_id, fields in entries:
-        payload = fields.get(b"rows")
-        if payload is None:
+        if b"groups" not in fields:
             yield entry_id, fields
             continue
         try:
-            columns = [name.encode() for name in fields.get(b"cols", b"").decode("ascii").split(",")]
-            rows = json.loads(payload)
+            columns = tuple(fields.get(b"cols", b"").decode("ascii").split(","))
+            groups = json.loads(fields[b"groups"])
         except (UnicodeDecodeError, ValueError) as error:
             yield entry_id, {**fields, ENTRY_ERROR: f"unreadable batch entry: {error}".encode()}
             continue
-        if not isinstance(rows, list):
-            yield entry_id, {**fields, ENTRY_ERROR: b"unreadable batch entry: rows is not a JSON array"}
+        if columns != GROUP_COLUMNS or not isinstance(groups, list):
+            reason = "unreadable batch entry: " + ("unknown cols" if columns != GROUP_COLUMNS else "not an array")
+            yield entry_id, {**fields, ENTRY_ERROR: reason.encode()}
             continue
-        for index, row in enumerate(rows):
-            event_id = b"%s/%d" % (entry_id, index)
-            if not isinstance(row, list) or len(row) != len(columns):
-                reason = f"batch row is not an array of {len(columns)} values"
-                yield event_id, {b"row": json.dumps(row).encode(), ENTRY_ERROR: reason.encode()}
-                continue
-            event, reason = {}, None
-            for name, value in zip(columns, row, strict=True):
-                if isinstance(value, str):
-                    event[name] = value.encode("utf-8", "surrogatepass")
-                elif isinstance(value, int) and not isinstance(value, bool):
-                    event[name] = b"%d" % value
-                elif value is not None:
-                    reason = f"{name.decode()} is a JSON {type(value).__name__}, not a string or an integer"
-            if reason:
-                event[ENTRY_ERROR] = reason.encode()
-            yield event_id, event
+        index = 0
+        for group in groups:
+            for query in _expand_group(group):
+                yield b"%s/%d" % (entry_id, index), query
+                index += 1
+
+
+def _expand_group(group: Any) -> Iterator[dict[bytes, bytes]]:
+    """The queries of one group (``GROUP_COLUMNS``), or one error mapping when its shape is wrong."""
+    if not isinstance(group, list) or len(group) != len(GROUP_COLUMNS):
+        yield {b"group": json.dumps(group).encode()[:1024], ENTRY_ERROR: b"batch group is not an array of 9 values"}
+        return
+    ts, kind, keys, hits, latency, user, tenant, arms, version = group
+    if not (isinstance(keys, list) and isinstance(hits, str) and len(hits) == len(keys)) or not (
+        arms is None or (isinstance(arms, list) and len(arms) == len(keys))
+    ):
+        reason = b"batch group needs keys (an array), hits (a string) and arms (null or an array) of one length"
+        yield {b"group": json.dumps(group).encode()[:1024], ENTRY_ERROR: reason}
+        return
+    shared: dict[bytes, bytes] = {}
+    reason = None
+    for name, value in ((b"ts", ts), (b"kind", kind), (b"lat_us", latency), (b"user", user), (b"tenant", tenant),
+                        (b"ver", version)):  # fmt: skip
+        reason = reason or _put(shared, name, value)
+    for i, key in enumerate(keys):
+        query = {**shared, b"hit": hits[i].encode("utf-8", "surrogatepass")}
+        why = reason or _put(query, b"key", key) or (None if arms is None else _put(query, b"arm", arms[i]))
+        if why:
+            query[ENTRY_ERROR] = why.encode()
+        yield query
+
+
+def _put(fields: dict[bytes, bytes], name: bytes, value: Any) -> str | None:
+    """``fields[name]`` = a JSON string or integer as bytes (null: left out); or why ``value`` cannot be one."""
+    if isinstance(value, str):
+        fields[name] = value.encode("utf-8", "surrogatepass")
+    elif isinstance(value, int) and not isinstance(value, bool):
+        fields[name] = b"%d" % value
+    elif value is not None:
+        return f"{name.decode()} is a JSON {type(value).__name__}, not a string or an integer"
+    return None
 
 
 def read_newest_queries(

@@ -85,11 +85,11 @@ def test_malformed_events_are_quarantined_with_reasons(redis_url, redis_client, 
         {"ts": str(HOUR_START_MS), "kind": "ctr", "key": "k" * 300, "hit": "1", "lat_us": "1"},
         {"ts": str(HOUR_START_MS), "kind": "ctr", "key": "ad1", "hit": "maybe", "lat_us": "1"},
     ]
-    cols = "ts,kind,key,hit,lat_us,user,tenant,arm,ver"
-    good_row = [HOUR_START_MS, "ctr", "ad9", 1, 3, None, None, None, None]
+    cols = "ts,kind,keys,hits,lat_us,user,tenant,arms,ver"
+    good = [HOUR_START_MS, "ctr", ["ad9"], "1", 3, None, None, None, None]
     bad += [
-        {"n": "2", "cols": cols, "rows": "[[1, 2"},  # a batch that is not JSON: quarantined once
-        {"n": "3", "cols": cols, "rows": json.dumps([good_row, [HOUR_START_MS, "ctr"], good_row])},  # one bad row
+        {"n": "2", "cols": cols, "groups": "[[1, 2"},  # a batch that is not JSON: quarantined once
+        {"n": "3", "cols": cols, "groups": json.dumps([good, [HOUR_START_MS, "ctr"], good])},  # one bad group
     ]
     for offset, fields in enumerate(bad, start=1):
         redis_client.xadd(stream, fields, id=f"{HOUR_START_MS + 1000 + offset}-0")
@@ -97,10 +97,10 @@ def test_malformed_events_are_quarantined_with_reasons(redis_url, redis_client, 
     assert result.success
     quarantine = Lake(lake_uri).read("query_log_quarantine", HOUR)
     assert len(quarantine) == 7
-    assert len(Lake(lake_uri).read("query_logs", HOUR)) == 62  # the two good rows of the last batch are kept
+    assert len(Lake(lake_uri).read("query_logs", HOUR)) == 62  # the two good groups of the last batch are kept
     reasons = " | ".join(quarantine["reason"])
     for expected in ("missing field ts", "ts is not an integer", "control characters", "longer than", "hit must be",
-                     "unreadable batch entry", "batch row is not an array of 9 values"):  # fmt: skip
+                     "unreadable batch entry", "batch group is not an array of 9 values"):  # fmt: skip
         assert expected in reasons
     check = result.get_asset_check_evaluations()[0]
     assert not check.passed

@@ -85,39 +85,50 @@ def test_read_stream_window_pages_through_everything(redis_url, redis_client, sc
 def test_a_flush_writes_an_entry_per_entry_events_queries(redis_url, redis_client, schema):
     logger = QueryLogger(connect(redis_url), schema, flush_interval_s=60)
     n = 2 * ENTRY_EVENTS + 3
-    logger.log_many("ctr", [f"k{i}" for i in range(n)], [True] * n, version="v1")
+    for i in range(n - 5):
+        logger.log("ctr", f"k{i}", hit=i % 2 == 0, version="v1")
+    logger.log_many("ctr", [f"m{i}" for i in range(5)], [True, False, True, True, True], arms=["a", "b", "a", "a", "b"])
     logger.close()
     entries = redis_client.xrange(schema.query_log())
-    assert [int(fields[b"n"]) for _, fields in entries] == [ENTRY_EVENTS, ENTRY_EVENTS, 3]
-    assert all(fields[b"cols"] == b"ts,kind,key,hit,lat_us,user,tenant,arm,ver" for _, fields in entries)
-    rows = json.loads(entries[-1][1][b"rows"])
-    assert rows[-1][1:] == ["ctr", f"k{n - 1}", 1, 0, None, None, None, "v1"]
+    # An entry closes once it holds ENTRY_EVENTS queries; a group (one call's keys) is never split.
+    assert [int(fields[b"n"]) for _, fields in entries] == [ENTRY_EVENTS, ENTRY_EVENTS + 3]
+    assert all(fields[b"cols"] == b"ts,kind,keys,hits,lat_us,user,tenant,arms,ver" for _, fields in entries)
+    groups = json.loads(entries[-1][1][b"groups"])
+    assert groups[-2][1:] == ["ctr", [f"k{n - 6}"], "0", 0, None, None, None, "v1"]  # a get: a group of one key
+    arms = ["a", "b", "a", "a", "b"]
+    assert groups[-1][1:] == ["ctr", [f"m{i}" for i in range(5)], "10111", 0, None, None, arms, None]
+    assert redis_client.hgetall(schema.stats("ctr")) == {b"hit": b"%d" % (len(range(0, n - 5, 2)) + 4),
+                                                         b"miss": b"%d" % (len(range(1, n - 5, 2)) + 1)}  # fmt: skip
 
 
-ROWS = [[1000, "ctr", "ad1", 1, 5, None, None, None, None], [1001, "ctr", "ad2", 0, 6, "u1", None, "lstm", "v1"]]
-COLS = b"ts,kind,key,hit,lat_us,user,tenant,arm,ver"
+GROUPS = [[1000, "ctr", ["ad1"], "1", 5, None, None, None, None], [1001, "ctr", ["ad2", "ad3"], "01", 6, "u1", None,
+          ["lstm", "frequency"], "v1"]]  # fmt: skip
+COLS = b"ts,kind,keys,hits,lat_us,user,tenant,arms,ver"
 
 
-def batch(rows, cols: bytes = COLS) -> dict[bytes, bytes]:
-    return {b"n": str(len(rows)).encode(), b"cols": cols, b"rows": json.dumps(rows).encode()}
+def batch(groups, cols: bytes = COLS) -> dict[bytes, bytes]:
+    return {b"n": b"3", b"cols": cols, b"groups": json.dumps(groups).encode()}
 
 
 def test_expand_entries_reads_batches_and_the_one_query_form():
-    queries = list(expand_entries([(b"1000-0", batch(ROWS)), (b"1001-0", dict(GOOD))]))
-    assert [i for i, _ in queries] == [b"1000-0/0", b"1000-0/1", b"1001-0"]
+    queries = list(expand_entries([(b"1000-0", batch(GROUPS)), (b"1001-0", dict(GOOD))]))
+    assert [i for i, _ in queries] == [b"1000-0/0", b"1000-0/1", b"1000-0/2", b"1001-0"]
     assert queries[0][1] == {b"ts": b"1000", b"kind": b"ctr", b"key": b"ad1", b"hit": b"1", b"lat_us": b"5"}
     rows = [validate_entry(i, f) for i, f in queries]
     assert all(reason is None for _, reason in rows)
-    assert rows[1][0]["stream_id"] == "1000-0/1" and rows[1][0]["arm"] == "lstm" and rows[1][0]["user"] == "u1"
+    assert [(row["key"], row["hit"], row["arm"], row["user"], row["version"]) for row, _ in rows[1:3]] == [
+        ("ad2", False, "lstm", "u1", "v1"), ("ad3", True, "frequency", "u1", "v1")]  # fmt: skip
+    assert rows[2][0]["stream_id"] == "1000-0/2"
 
 
 @pytest.mark.parametrize(
     ("fields", "reason"),
     [
-        ({b"n": b"1", b"cols": COLS, b"rows": b"[[1000,"}, "unreadable batch entry"),
-        ({b"n": b"1", b"cols": COLS, b"rows": b"\xff"}, "unreadable batch entry"),
-        ({b"n": b"1", b"cols": COLS, b"rows": b'{"a": 1}'}, "rows is not a JSON array"),
-        ({b"n": b"1", b"cols": b"\xffts", b"rows": b"[]"}, "unreadable batch entry"),
+        ({b"n": b"1", b"cols": COLS, b"groups": b"[[1000,"}, "unreadable batch entry"),
+        ({b"n": b"1", b"cols": COLS, b"groups": b"\xff"}, "unreadable batch entry"),
+        ({b"n": b"1", b"cols": COLS, b"groups": b'{"a": 1}'}, "not an array"),
+        ({b"n": b"1", b"cols": b"\xffts", b"groups": b"[]"}, "unreadable batch entry"),
+        ({b"n": b"1", b"cols": b"ts,kind,key,hit", b"groups": b"[]"}, "unknown cols"),
     ],
 )
 def test_an_unreadable_batch_entry_is_quarantined_once(fields, reason):
@@ -128,23 +139,28 @@ def test_an_unreadable_batch_entry_is_quarantined_once(fields, reason):
 
 
 @pytest.mark.parametrize(
-    ("row", "reason"),
+    ("group", "reason"),
     [
-        ([1000, "ctr", "ad1", 1, 5], "not an array of 9 values"),
+        ([1000, "ctr", ["ad1"], "1", 5], "not an array of 9 values"),
         ("ad1", "not an array of 9 values"),
-        ([1000, "ctr", "ad1", True, 5, None, None, None, None], "hit is a JSON bool"),
-        ([1000.5, "ctr", "ad1", 1, 5, None, None, None, None], "ts is a JSON float"),
-        ([1000, "ctr", ["ad1"], 1, 5, None, None, None, None], "key is a JSON list"),
-        ([1000, "ctr", "\ud800", 1, 5, None, None, None, None], "key is not valid UTF-8"),
-        ([1000, "ctr", "ad\n1", 1, 5, None, None, None, None], "key contains control characters"),
-        ([1000, "ctr", "ad1", 2, 5, None, None, None, None], "hit must be 0 or 1"),
-        ([1000, "ctr", "ad1", 1, 5, None, None, "LSTM", None], "invalid arm"),
+        ([1000, "ctr", "ad1", "1", 5, None, None, None, None], "of one length"),
+        ([1000, "ctr", ["ad1"], "10", 5, None, None, None, None], "of one length"),
+        ([1000, "ctr", ["ad1"], [1], 5, None, None, None, None], "of one length"),
+        ([1000, "ctr", ["ad1"], "1", 5, None, None, ["a", "b"], None], "of one length"),
+        ([1000, "ctr", ["ad1"], "1", True, None, None, None, None], "lat_us is a JSON bool"),
+        ([1000.5, "ctr", ["ad1"], "1", 5, None, None, None, None], "ts is a JSON float"),
+        ([1000, "ctr", [["ad1"]], "1", 5, None, None, None, None], "key is a JSON list"),
+        ([1000, "ctr", ["\ud800"], "1", 5, None, None, None, None], "key is not valid UTF-8"),
+        ([1000, "ctr", ["ad\n1"], "1", 5, None, None, None, None], "key contains control characters"),
+        ([1000, "ctr", ["ad1"], "2", 5, None, None, None, None], "hit must be 0 or 1"),
+        ([1000, "ctr", ["ad1"], "\u00e9", 5, None, None, None, None], "hit must be 0 or 1"),
+        ([1000, "ctr", ["ad1"], "1", 5, None, None, ["LSTM"], None], "invalid arm"),
     ],
 )
-def test_a_malformed_row_of_a_batch_is_quarantined_alone(row, reason):
-    queries = list(expand_entries([(b"1000-0", batch([ROWS[0], row, ROWS[1]]))]))
+def test_a_malformed_group_of_a_batch_is_quarantined_alone(group, reason):
+    queries = list(expand_entries([(b"1000-0", batch([GROUPS[0], group, GROUPS[1]]))]))
     checked = [validate_entry(i, f) for i, f in queries]
-    assert [r is not None for r, _ in checked] == [True, False, True]
+    assert [r is not None for r, _ in checked] == [True, False, True, True]
     assert reason in checked[1][1]
 
 
