@@ -13,7 +13,7 @@ from typing import Any
 import redis
 
 from .admission import AdmissionPolicy, Decision, admission_policy
-from .connection import REDIS_ERRORS, cluster_send, connect, is_cluster, key_slot
+from .connection import REDIS_ERRORS, cluster_send, connect, is_cluster, key_slot, send_pipelined
 from .events import EventLogger
 from .keys import (
     EMBEDDING_KIND,
@@ -121,6 +121,10 @@ class PredictionCache:
         self.admission = admission_policy(admission)
         self.schema = schema or KeySchema()
         self.logger = logger
+        # While Redis answers a lookup, the query logger sends its full entries: logging then costs lookups no time.
+        self._while_waiting = None if logger is None else logger.send_ready
+        if logger is not None:
+            logger.lookup_sends = True
         self.events = events
         self.live_ttl_s = live_ttl_s
         self.pointer_ttl_s = pointer_ttl_s
@@ -583,13 +587,23 @@ class PredictionCache:
         try:
             pointer = self._pointer(kind)
             if pointer is not None:
-                raw = self.client.hget(self.schema.bucket_for_key(kind, pointer, key), key)
+                (raw,) = self._round_trip([(b"HGET", self.schema.bucket_for_key(kind, pointer, key), key)])
                 if raw is not None:
                     return raw
-            return self.client.get(self.schema.live(kind, key))
+            (raw,) = self._round_trip([(b"GET", self.schema.live(kind, key))])
+            return raw
         except REDIS_ERRORS:
             self._trip()
             return None
+
+    def _round_trip(self, commands: list[tuple]) -> list:
+        """The replies of ``commands`` (``connection.send_pipelined``), the query logger sending its full entries
+        while Redis works on them; an error reply raises."""
+        replies = send_pipelined(self.client, commands, while_waiting=self._while_waiting)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return replies
 
     def _lookup_admitting(
         self, kind: str, key: str, policy: AdmissionPolicy, *, extras: bool = False
@@ -663,17 +677,17 @@ class PredictionCache:
             pointer = self._pointer(kind)
             found: list[bytes | None] = [None] * len(keys)
             if pointer is not None:
-                pipe = self.client.pipeline(transaction=False)
-                for key in keys:
-                    pipe.hget(self.schema.bucket(kind, pointer.version, bucket_of(key, pointer.buckets)), key)
-                found = pipe.execute()
+                found = self._round_trip(
+                    [
+                        (b"HGET", self.schema.bucket(kind, pointer.version, bucket_of(k, pointer.buckets)), k)
+                        for k in keys
+                    ]
+                )
             # Live read-through values only for the keys the published version lacks (often none).
             missing = [i for i, raw in enumerate(found) if raw is None]
             if missing:
-                pipe = self.client.pipeline(transaction=False)
-                for i in missing:
-                    pipe.get(self.schema.live(kind, keys[i]))
-                for i, raw in zip(missing, pipe.execute(), strict=True):
+                live = self._round_trip([(b"GET", self.schema.live(kind, keys[i])) for i in missing])
+                for i, raw in zip(missing, live, strict=True):
                     found[i] = raw
             return found
         except REDIS_ERRORS:

@@ -132,6 +132,7 @@ class QueryLogger:
         self._count_lock = threading.Lock()
         self._wake = threading.Event()
         self._stopped = False
+        self.lookup_sends = False  # True: lookups call send_ready while they wait; log() sends only past 4 entries
         self._thread = threading.Thread(target=self._run, name="query-logger", daemon=True)
         self._thread.start()
 
@@ -186,8 +187,16 @@ class QueryLogger:
             self._queued += room
         return room
 
-    def _after_queue(self) -> None:
+    def send_ready(self) -> None:
+        """Send the full entries buffered, on the caller's thread, if that can be done without blocking. A serving
+        client calls it while it waits for a lookup's reply (``PredictionCache`` does, and sets
+        ``lookup_sends``), so the work overlaps Redis's. Never raises."""
         if self._queued >= ENTRY_EVENTS and self._caller_sends:
+            with contextlib.suppress(Exception):  # logging must never break a lookup; the thread sends the rest
+                self._caller_flush()
+
+    def _after_queue(self) -> None:
+        if self._queued >= (4 * ENTRY_EVENTS if self.lookup_sends else ENTRY_EVENTS) and self._caller_sends:
             self._caller_flush()
         elif self._queued >= self.batch_size:
             self._wake.set()

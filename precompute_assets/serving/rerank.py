@@ -70,7 +70,7 @@ def _fetch(cache: PredictionCache, kind: str, doc_ids: list[str]) -> list[bytes 
             ("HMGET", cache.schema.bucket(kind, pointer.version, bucket), *(doc_ids[i] for i in members))
             for bucket, members in groups.items()
         ]
-        replies = send_pipelined(cache.client, commands)
+        replies = send_pipelined(cache.client, commands, while_waiting=cache._while_waiting)
         if any(isinstance(reply, Exception) for reply in replies):
             raise next(reply for reply in replies if isinstance(reply, Exception))
     except REDIS_ERRORS:

@@ -201,10 +201,12 @@ def test_queries_carry_the_arm_of_the_published_experiment(redis_url, redis_clie
 
 
 class CountingClient:
-    """A redis client that counts round trips: every direct command, and every pipeline executed."""
+    """A redis client that counts round trips: every direct command, every pipeline executed, and every connection
+    taken from its pool (``connection.send_pipelined`` sends on one)."""
 
     def __init__(self, client):
         self.client, self.round_trips = client, 0
+        self.connection_pool = _CountingPool(self)
 
     def pipeline(self, *args, **kwargs):
         pipe = self.client.pipeline(*args, **kwargs)
@@ -227,6 +229,18 @@ class CountingClient:
             return attribute(*args, **kwargs)
 
         return counted
+
+
+class _CountingPool:
+    def __init__(self, counter: CountingClient):
+        self._counter, self._pool = counter, counter.client.connection_pool
+
+    def get_connection(self, *args, **kwargs):
+        self._counter.round_trips += 1
+        return self._pool.get_connection(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._pool, name)
 
 
 def test_the_experiment_costs_no_round_trip_per_lookup(redis_url, redis_client, schema):

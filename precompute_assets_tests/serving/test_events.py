@@ -88,7 +88,7 @@ def test_a_failing_redis_recovers_after_the_backoff(redis_server, schema):
         logger.record_event(f"u{i}", "login")
     logger.flush()
     # The first unit sent is dropped, counted; the rest waits out the backoff in the buffer.
-    assert 0 < logger.stats.dropped_write_failed and logger.stats.dropped_write_failed + logger.pending == 50
+    assert logger.stats.dropped_write_failed > 0 and logger.stats.dropped_write_failed + logger.pending == 50
     logger.close()
     assert logger.stats.written == 1 and logger.stats.dropped_write_failed == 50  # still down at close: all counted
 

@@ -384,3 +384,25 @@ def test_what_a_callers_send_could_not_hand_over_is_sent_by_the_thread(redis_url
     logger.close()
     keys = [f[b"key"] for _, f in logged_queries(redis_client, schema)]
     assert keys == [f"k{i}".encode() for i in range(3 * ENTRY_EVENTS)]  # whole, in order, once
+
+
+def test_a_serving_client_sends_the_log_while_it_waits_for_a_lookup(redis_url, redis_client, schema):
+    """PredictionCache hands its logger the time its lookups wait for Redis: a full entry goes out during the next
+    lookup, not inside the log() call after one (which sends only once four entries are waiting)."""
+    from precompute_assets.serving import PredictionCache, publish_version
+
+    publish_version(redis_client, "ctr", "v1", [("a", 0.5)], n_keys=1, schema=schema)
+    logger = QueryLogger(connect(redis_url), schema, flush_interval_s=60)
+    cache = PredictionCache(connect(redis_url, socket_timeout=5), schema=schema, logger=logger)
+    assert logger.lookup_sends and _wait_for(lambda: logger._connection is not None)
+    for _ in range(ENTRY_EVENTS):
+        cache.get("ctr", "a")
+    assert logger.pending == ENTRY_EVENTS  # full, but log() leaves it to the next lookup
+    cache.get("ctr", "a")
+    assert logger.pending == 1  # the full entry went out while Redis answered; this lookup's query waits
+    assert _wait_for(lambda: redis_client.xlen(schema.query_log()) == 1)
+    for i in range(4 * ENTRY_EVENTS - 1):
+        logger.log("ctr", f"direct{i}", hit=True)  # no lookups: log() itself sends at four entries
+    assert logger.pending == 0
+    cache.close()
+    assert logger.stats.written == 5 * ENTRY_EVENTS and logger.stats.dropped == 0
