@@ -36,9 +36,8 @@ class TopAdsConfig(SelectionConfig):
 
     ``precompute_share``: ``fixed`` precomputes ``top_n`` ads; ``auto`` chooses how many within
     ``cache_capacity`` (the keys the serving cache holds, precomputed plus read-through): the N of
-    0, C/16, C/8, C/4, C/2, 3C/4, C whose "top-N + read-through LRU of C-N" beat read-through by the most,
-    less its noise, replaying the logged days (``ml.replay.tune_share``), so where precomputing would hurt, or
-    its gain is within noise, it precomputes nothing."""
+    0, C/16, C/8, C/4, C/2, 3C/4, C whose "top-N + read-through LRU of C-N" got the most hits replaying the
+    logged days (``ml.replay.tune_share``), so where precomputing would hurt it precomputes nothing."""
 
     strategy: str = "auto"
     precompute_share: str = "fixed"

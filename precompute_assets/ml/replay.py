@@ -7,7 +7,6 @@ import csv
 import heapq
 import io
 import itertools
-import math
 import re
 from collections import OrderedDict, deque
 from collections.abc import Callable, Collection, Hashable, Sequence
@@ -128,10 +127,10 @@ def replay(
     (what a real run published); warm-up days keep the selection.
 
     ``top_n="auto"`` tunes the precompute share itself (see ``_self_tuned_shares``): each counted day gets the
-    N whose "top-N + LRU of C-N" beat N = 0 on the previous counted days by the most, less its noise
-    (``_best_share``); the first counted day and the warm-up days use N = 0, plain read-through. Ours is then
-    one LRU whose size follows C-N (shrinking evicts its least recent keys), and static top-N precomputes the
-    chosen N. The result adds ``top_n_chosen`` (N per counted day) and ``top_n_mean``; ``top_n`` is ``"auto"``.
+    N whose "top-N + LRU of C-N" got the most hits on the previous counted days (ties: the smaller N); the
+    first counted day and the warm-up days use N = 0, plain read-through. Ours is then one LRU whose size
+    follows C-N (shrinking evicts its least recent keys), and static top-N precomputes the chosen N. The
+    result adds ``top_n_chosen`` (N per counted day) and ``top_n_mean``; ``top_n`` is ``"auto"``.
 
     ``ranked`` replaces the recency-weighted frequency ranking by a given one (a demand strategy's): per day,
     keys best first, chosen from the days before it only; each day's top-N is the first N of its list (with
@@ -443,29 +442,11 @@ def _candidate_day_hits(days: list[np.ndarray], capacity: int, ranking: list[lis
     }
 
 
-def _best_share(day_hits: dict[int, list[int]], day_requests: Sequence[int], first: int, last: int) -> int:
-    """The candidate whose gain over plain read-through (N = 0) on days ``first..last-1`` has the highest lower
-    bound, when that bound is positive; else 0 (ties: the smaller N).
-
-    The bound is the total gain in hits minus its standard error, the larger of two: the spread of the daily
-    gains (their standard deviation times the square root of the number of days: demand drifts, and a share that
-    won one day and lost the next has not proven itself) and the square root of the requests (a request's gain
-    is -1, 0 or 1, so the gain of R requests varies by at most sqrt(R) by chance). Choosing the plain best total
-    instead followed one good day into a share that lost the next (a storage trace at C = 16,000: 0.65 points
-    below LRU)."""
-    if last <= first or 0 not in day_hits:
+def _best_share(day_hits: dict[int, list[int]], first: int, last: int) -> int:
+    """The candidate with the most hits on days ``first..last-1`` (ties: the smaller N); 0 without evidence."""
+    if last <= first:
         return 0
-    baseline = np.asarray(day_hits[0][first:last], dtype=np.float64)
-    noise = math.sqrt(sum(day_requests[first:last]))
-
-    def lower_bound(n: int) -> float:
-        gains = np.asarray(day_hits[n][first:last], dtype=np.float64) - baseline
-        spread = float(gains.std(ddof=1)) * math.sqrt(len(gains)) if len(gains) > 1 else 0.0
-        return float(gains.sum()) - max(noise, spread)
-
-    bounds = {n: lower_bound(n) for n in day_hits if n}
-    best = max(bounds, key=lambda n: (bounds[n], -n), default=0)
-    return best if best and bounds[best] > 0 else 0
+    return max(day_hits, key=lambda n: (sum(day_hits[n][first:last]), -n))
 
 
 def _self_tuned_shares(
@@ -474,14 +455,14 @@ def _self_tuned_shares(
     """The precompute share N of each day, and its top-N set, chosen without looking at that day.
 
     Every candidate N replays "top-N of the day's ranking (made from the days before it) + LRU of C-N" over the
-    whole trace once, keeping its hits per day. Counted day d then takes ``_best_share`` of counted days
-    W..d-1, so nothing of day d or later is used. The first counted day has no evidence and takes N = 0, as do
-    the warm-up days.
+    whole trace once, keeping its hits per day. Counted day d then takes the candidate with the most hits on
+    counted days W..d-1 (ties: the smaller N), so nothing of day d or later is used. The first counted day has
+    no evidence and takes N = 0, as do the warm-up days.
     """
     day_hits = _candidate_day_hits(days, capacity, ranking)
     shares = [0] * len(days)
     for d in range(warmup_days + 1, len(days)):
-        shares[d] = _best_share(day_hits, [len(day) for day in days], warmup_days, d)
+        shares[d] = _best_share(day_hits, warmup_days, d)
     return shares, [set(keys[:share]) for keys, share in zip(ranking, shares, strict=True)]
 
 
@@ -504,10 +485,9 @@ def tune_share(
     half_life_days: float = 2.0,
 ) -> ShareChoice:
     """The precompute share for the day after ``day_keys``: the candidate N (``share_candidates``) whose
-    "top-N + read-through LRU of C-N" beat read-through on days W..D-1 of the history by the most, less its
-    noise (``_best_share``), each day's top-N ranked from the days before it (``ranked``, else recency-weighted
-    frequency). Without a counted day with requests the share is 0: plain read-through until there is
-    evidence."""
+    "top-N + read-through LRU of C-N" got the most hits on days W..D-1 of the history (ties: the smaller N),
+    each day's top-N ranked from the days before it (``ranked``, else recency-weighted frequency). Without a
+    counted day with requests the share is 0: plain read-through until there is evidence."""
     if capacity < 1:
         raise ValueError(f"capacity must be at least 1, got {capacity}")
     if warmup_days < 0:
@@ -523,7 +503,7 @@ def tune_share(
         ranking = [_ranked_codes(given, keys)[:capacity] for given in ranked]
     day_hits = _candidate_day_hits(days, capacity, ranking)
     requests = sum(len(day) for day in days[warmup_days:])
-    share = _best_share(day_hits, [len(day) for day in days], warmup_days, len(days)) if requests else 0
+    share = _best_share(day_hits, warmup_days, len(days)) if requests else 0
     rates = {n: (sum(hits[warmup_days:]) / requests if requests else 0.0) for n, hits in day_hits.items()}
     return ShareChoice(share, capacity, rates, requests)
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
-import statistics
 from functools import cache
 from pathlib import Path
 
@@ -825,28 +823,13 @@ def test_a_large_trace_replays_every_policy_within_the_bounds():
 
 
 def reference_auto(days: list[np.ndarray], capacity: int, *, warmup_days: int = 1) -> tuple[list[int], int]:
-    """Shares chosen the slow way, from ``replay`` of only the days before each; and the hits they get. A day's
-    hits under a fixed N are the counted hits of the replay up to that day minus those of the replay up to the day
-    before. N > 0 is taken when its gain over N = 0 minus the larger of sqrt(requests) and the spread of the daily
-    gains (their sample standard deviation times the square root of their number) is positive, the largest such."""
+    """Shares chosen the slow way, each from ``replay`` of only the days before it; and the hits they get."""
     candidates = sorted({capacity * k // 16 for k in (0, 1, 2, 4, 8, 12, 16)})
-    per_day = {}
-    for n in candidates:
-        totals = [0] + [hits(replay(days[: e + 1], top_n=n, capacity=capacity, warmup_days=warmup_days),
-                             "hit_rate_ours") for e in range(warmup_days, len(days))]  # fmt: skip
-        per_day[n] = [after - before for before, after in itertools.pairwise(totals)]  # counted days, in order
     shares = [0] * len(days)
     for d in range(warmup_days + 1, len(days)):
-        seen = d - warmup_days  # counted days before day d
-        noise = math.sqrt(sum(len(day) for day in days[warmup_days:d]))
-        best, best_bound = 0, 0.0
-        for n in candidates[1:]:
-            gains = [mine - base for mine, base in zip(per_day[n][:seen], per_day[0][:seen], strict=True)]
-            spread = statistics.stdev(gains) * math.sqrt(len(gains)) if len(gains) > 1 else 0.0
-            bound = sum(gains) - max(noise, spread)
-            if bound > best_bound + 1e-9:
-                best, best_bound = n, bound
-        shares[d] = best
+        rates = {n: replay(days[:d], top_n=n, capacity=capacity, warmup_days=warmup_days) for n in candidates}
+        best = max(rates[n]["hit_rate_ours"] for n in candidates)
+        shares[d] = min(n for n in candidates if rates[n]["hit_rate_ours"] == best)
     # One LRU (a list, least recent first) whose size follows capacity - share, beside the day's top-N.
     counts = [daily_counts(day) for day in days]
     cache: list = []
@@ -923,8 +906,8 @@ def test_auto_does_not_peek_at_the_day_it_chooses_for():
 def test_auto_is_never_far_below_lru(name: str, days: list[np.ndarray]):
     for capacity in (1, 5, 20, 100):
         result = replay(days, top_n="auto", capacity=capacity)
-        # A share is chosen only when its gain over N = 0 so far exceeds its standard error; a bad day costs at
-        # most the share it wrongly kept. Within noise: two points of hit rate or one request in fifty.
+        # A share is chosen only when it got strictly more hits than N = 0 so far; a bad day costs at most
+        # the share it wrongly kept. Within noise: two points of hit rate or one request in fifty.
         assert result["hit_rate_ours"] >= result["hit_rate_lru"] - 0.02, (capacity, result)
         assert result["hit_rate_ours"] <= result["hit_rate_oracle_preload"]
         assert len(result["top_n_chosen"]) == len(days) - 1
@@ -1092,18 +1075,3 @@ def test_admission_arguments():
             replay(days, top_n=0, capacity=2, **bad)
     with pytest.raises(ValueError, match="admission_window"):
         admission_decisions([1, 2], "second_miss", window=1.5)
-
-
-def test_a_share_must_beat_read_through_by_more_than_its_noise():
-    from precompute_assets.ml.replay import _best_share
-
-    # The daily gains a storage trace showed at C = 16,000: one good day among losses is no evidence.
-    base = [4490, 5451, 5285, 4551, 4620]
-    lucky = [hit + gain for hit, gain in zip(base, [-327, -51, 175, -30, 1285], strict=True)]
-    steady = [hit + gain for hit, gain in zip(base, [160, 150, 170, 155, 165], strict=True)]
-    requests = [14_234] * 5
-    assert _best_share({0: base, 12_000: lucky}, requests, 0, 5) == 0  # the most hits, but not beyond the noise
-    assert _best_share({0: base, 12_000: lucky, 2000: steady}, requests, 0, 5) == 2000  # 800 more, steadily
-    assert _best_share({0: base, 2000: steady}, [40_000] * 5, 0, 1) == 0  # 160 on one day: within sqrt(40,000)
-    assert _best_share({0: base, 2000: steady}, requests, 0, 1) == 2000  # ... not within sqrt(14,234)
-    assert _best_share({0: base, 2000: steady}, requests, 3, 3) == 0  # no evidence: read-through
