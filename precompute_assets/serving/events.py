@@ -106,7 +106,7 @@ class EventLogger(QueryLogger):
         """One ``XADD`` per event (no hit/miss statistics: events are not lookups)."""
         for event in batch:
             entry_id = self._next_id(event.ts_ms) if self.explicit_ids else "*"
-            fields = ((name.encode(), value.encode()) for name, value in event.fields().items())
+            fields = ((name.encode(), value.encode("utf-8", "surrogatepass")) for name, value in event.fields().items())
             yield self._xadd(entry_id, fields), 1
 
 

@@ -47,7 +47,7 @@ MAX_CLOCK_SKEW_MS = 3_600_000  # an event's own time may trail its arrival by at
 PR_SET_TIMERSLACK = 29  # Linux prctl: the calling thread's timer slack in ns (default 50,000)
 GROUP_COLUMNS = ("ts", "kind", "keys", "hits", "lat_us", "user", "tenant", "arms", "ver")
 ENTRY_EVENTS = 64  # queries per stream entry, at least: 64 single lookups' JSON takes about 25 us to build
-UNREAD_REPLIES = 64  # commands sent whose replies a caller leaves for the thread to read
+CALLER_QUERIES = 4 * ENTRY_EVENTS  # at most this much JSON (whole groups) is built and sent by one lookup
 ENTRY_ERROR = b"_error"  # in an expanded entry: why the entry or its group could not be read (see validate_entry)
 _COLS = ",".join(GROUP_COLUMNS).encode()
 
@@ -197,7 +197,8 @@ class QueryLogger:
 
     def _after_queue(self) -> None:
         if self._queued >= (4 * ENTRY_EVENTS if self.lookup_sends else ENTRY_EVENTS) and self._caller_sends:
-            self._caller_flush()
+            with contextlib.suppress(Exception):  # logging never breaks its caller; the thread sends the rest
+                self._caller_flush()
         elif self._queued >= self.batch_size:
             self._wake.set()
 
@@ -234,7 +235,9 @@ class QueryLogger:
         self._drain()
         with self._lock:
             # Whatever Redis would not take (backoff after a failure) is counted, not silently discarded.
-            self.stats.dropped_write_failed += self._take(self._queued + 1)[1]
+            self.stats.dropped_write_failed += self._take(self._queued + 1)[1] + sum(self._sent)
+            self._sent.clear()
+            self._unsent = b""
             if self._connection is not None:
                 self._connection.disconnect()
                 self.client.connection_pool.release(self._connection)
@@ -252,33 +255,40 @@ class QueryLogger:
             self._wake.wait(self.flush_interval_s)
             self._wake.clear()
             if not self._stopped:
-                self._drain()
+                try:
+                    self._drain()
+                except Exception:  # noqa: BLE001 - the thread must outlive any one batch; losses are counted
+                    self.stats.flush_errors += 1
 
     def _caller_flush(self) -> None:
-        """On the caller's thread, once ``ENTRY_EVENTS`` queries are buffered: send them with one non-blocking
-        ``send`` (and, past ``UNREAD_REPLIES`` commands, read the replies that have arrived); whatever would block
-        (the thread holds the connection, it is not connected yet, Redis is failing or slow to read) is left to the
-        thread. This costs the lookup that fills an entry about 50 us (the JSON and the loopback send), on its own
-        thread: no second thread competes for the GIL or a core on the request path (one did, and tripled the
-        lookups' p999 under load)."""
+        """On the caller's thread, once ``ENTRY_EVENTS`` queries are buffered: send up to ``CALLER_QUERIES`` of them
+        with one non-blocking ``send``; whatever would block (the thread holds the connection, it is not connected
+        yet, Redis is failing or slow to read: the socket's buffer is full) is left to the thread, which also reads
+        the replies. This costs the lookup that fills an entry about 50 us (the JSON and the loopback send), on
+        its own thread: no second thread competes for the GIL or a core on the request path (one did, and tripled
+        the lookups' p999 under load)."""
         if not self._lock.acquire(blocking=False):
             return
         try:
             connection = self._connection
-            if connection is None or self._unsent or time.monotonic() < self._retry_at:
+            if connection is None or self._unsent or self._stopped or time.monotonic() < self._retry_at:
                 return
-            if len(self._sent) > UNREAD_REPLIES:  # else the thread reads them: a poll and a recv cost ~20 us here
-                self._read_replies()
-                if self._connection is None:
-                    return
-            commands = list(self._commands(self._take(self._queued)[0]))
+            commands = self._built(self._take(CALLER_QUERIES)[0])
+            if not commands:
+                return
             self._sent.extend(events for _, events in commands)
             payload = pack_resp([command for command, _ in commands])
+            sock = connection._sock
             try:
-                sent = connection._sock.send(payload, socket.MSG_DONTWAIT)  # no _sock: AttributeError, an OSError
+                timeout = sock.gettimeout()  # redis-py's socket timeout: a send would wait for room that long
+                sock.settimeout(0)
+                try:
+                    sent = sock.send(payload)
+                finally:
+                    sock.settimeout(timeout)
             except BlockingIOError:
                 sent = 0
-            except (OSError, AttributeError):
+            except (OSError, AttributeError):  # AttributeError: the connection has no socket any more
                 self._fail()
                 return
             if sent < len(payload):
@@ -286,6 +296,16 @@ class QueryLogger:
                 self._wake.set()
         finally:
             self._lock.release()
+
+    def _built(self, batch: list) -> list[tuple[tuple[bytes, ...], int]]:
+        """``_commands`` of ``batch``; a batch whose commands cannot be built (a value no encoding takes) is counted
+        as dropped, never raised to a caller or the thread."""
+        try:
+            return list(self._commands(batch))
+        except Exception:  # noqa: BLE001 - a logger never raises; the loss is counted
+            self.stats.dropped_write_failed += sum(self._size(item) for item in batch)
+            self.stats.flush_errors += 1
+            return []
 
     def _drain(self) -> None:
         """Send what is buffered now, then read every reply; after a failure, nothing is sent for ``backoff_s``:
@@ -295,12 +315,7 @@ class QueryLogger:
         left = self._queued  # callers adding more do not keep the thread here
         while True:
             with self._lock:
-                if self._unsent:
-                    try:
-                        self._connection.send_packed_command([self._unsent], check_health=False)
-                        self._unsent = b""
-                    except REDIS_ERRORS:
-                        self._fail()
+                self._send_unsent()
                 if left <= 0 or not self._buffer or time.monotonic() < self._retry_at:
                     break
                 batch, size = self._take(min(self.send_unit, left))
@@ -312,14 +327,26 @@ class QueryLogger:
             time.sleep(0)  # hand the GIL to a lookup waiting for it
         while True:
             with self._lock:
+                self._send_unsent()  # a caller may have sent part of a command since: its reply comes after it
                 if not self._read_replies(limit=8):
                     return
             time.sleep(0)
 
+    def _send_unsent(self) -> None:
+        """(Holding ``_lock``.) The rest of a caller's partial send, with a blocking write."""
+        if self._unsent and self._connection is not None:
+            try:
+                self._connection.send_packed_command([self._unsent], check_health=False)
+                self._unsent = b""
+            except REDIS_ERRORS:
+                self._fail()
+
     def _send(self, batch: list) -> None:
         """(Holding ``_lock``.) Send ``batch``'s commands on the logger's connection (connecting if needed), in one
         write; ``_read_replies`` reads the replies. A failure drops the connection and counts the queries."""
-        commands = list(self._commands(batch))
+        commands = self._built(batch)
+        if not commands:
+            return
         self._sent.extend(events for _, events in commands)
         try:
             if self._connection is None:
@@ -334,29 +361,25 @@ class QueryLogger:
         self._connection = self.client.connection_pool.get_connection()
         self._caller_sends = self._caller_sends and type(self._connection._sock) is socket.socket
 
-    def _read_replies(self, *, limit: int | None = None) -> bool:
-        """(Holding ``_lock``.) Read replies of the commands sent, counting their queries as written or, for an
-        error reply, dropped (then back off): at most ``limit`` of them, waiting for each; without a limit, only
-        those that have arrived. True when replies are still due."""
-        connection, index = self._connection, 0
-        while self._sent and connection is not None:
-            if limit is not None and index == limit:
-                return True
+    def _read_replies(self, *, limit: int) -> bool:
+        """(Holding ``_lock``; the thread.) Read at most ``limit`` replies of the commands sent, waiting for each,
+        counting their queries as written or, for an error reply, dropped (then back off). True when replies are
+        still due."""
+        connection = self._connection
+        for _ in range(limit):
+            if not self._sent or connection is None:
+                return False
             try:
-                if limit is None and not connection.can_read(0):
-                    return True
-                try:
-                    connection.read_response()
-                    self.stats.written += self._sent.popleft()
-                except redis.ResponseError:
-                    self.stats.dropped_write_failed += self._sent.popleft()
-                    self.stats.flush_errors += 1
-                    self._retry_at = time.monotonic() + self.backoff_s
+                connection.read_response()
+                self.stats.written += self._sent.popleft()
+            except redis.ResponseError:
+                self.stats.dropped_write_failed += self._sent.popleft()
+                self.stats.flush_errors += 1
+                self._retry_at = time.monotonic() + self.backoff_s
             except REDIS_ERRORS:
                 self._fail()
                 return False
-            index += 1
-        return False
+        return bool(self._sent) and self._connection is not None
 
     def _fail(self) -> None:
         """(Holding ``_lock``.) The connection failed: what was sent and not answered is counted as dropped, the
@@ -374,7 +397,7 @@ class QueryLogger:
     def _write_pipeline(self, batch: list) -> None:
         """A client without a plain connection pool (a cluster): ``batch`` through its pipeline, replies at once."""
         pipe = self.client.pipeline(transaction=False)
-        commands = list(self._commands(batch))
+        commands = self._built(batch)
         for command, _ in commands:
             pipe.execute_command(*command)
         try:
@@ -414,7 +437,7 @@ class QueryLogger:
             yield self._xadd(entry_id, ((b"n", b"%d" % n), (b"cols", _COLS), (b"groups", payload))), n
         for (kind, outcome), n in counts.items():
             if n:
-                yield (b"HINCRBY", self.schema.stats(kind).encode(), outcome, b"%d" % n), 0
+                yield (b"HINCRBY", self.schema.stats(kind).encode("utf-8", "surrogatepass"), outcome, b"%d" % n), 0
 
     def _entries(self, batch: list[tuple]) -> Iterator[tuple[str, list[tuple], int]]:
         """``(entry ID, groups, queries)`` per entry."""
@@ -530,8 +553,8 @@ def expand_entries(
         try:
             columns = tuple(fields.get(b"cols", b"").decode("ascii").split(","))
             groups = json.loads(fields[b"groups"])
-        except (UnicodeDecodeError, ValueError) as error:
-            yield entry_id, {**fields, ENTRY_ERROR: f"unreadable batch entry: {error}".encode()}
+        except (UnicodeDecodeError, ValueError, RecursionError) as error:
+            yield entry_id, {**fields, ENTRY_ERROR: f"unreadable batch entry: {str(error)[:200]}".encode()}
             continue
         if columns != GROUP_COLUMNS or not isinstance(groups, list):
             reason = "unreadable batch entry: " + ("unknown cols" if columns != GROUP_COLUMNS else "not an array")
@@ -542,19 +565,22 @@ def expand_entries(
             for query in _expand_group(group):
                 yield b"%s/%d" % (entry_id, index), query
                 index += 1
+        if fields.get(b"n") != b"%d" % index:  # empty groups, or an entry whose count says queries are missing
+            reason = f"batch entry holds {index} queries, its n says {fields.get(b'n', b'nothing')[:32]!r}"
+            yield b"%s/n" % entry_id, {**fields, ENTRY_ERROR: reason.encode()}
 
 
 def _expand_group(group: Any) -> Iterator[dict[bytes, bytes]]:
     """The queries of one group (``GROUP_COLUMNS``), or one error mapping when its shape is wrong."""
     if not isinstance(group, list) or len(group) != len(GROUP_COLUMNS):
-        yield {b"group": json.dumps(group).encode()[:1024], ENTRY_ERROR: b"batch group is not an array of 9 values"}
+        yield {b"group": _shown(group), ENTRY_ERROR: b"batch group is not an array of 9 values"}
         return
     ts, kind, keys, hits, latency, user, tenant, arms, version = group
     if not (isinstance(keys, list) and isinstance(hits, str) and len(hits) == len(keys)) or not (
         arms is None or (isinstance(arms, list) and len(arms) == len(keys))
     ):
         reason = b"batch group needs keys (an array), hits (a string) and arms (null or an array) of one length"
-        yield {b"group": json.dumps(group).encode()[:1024], ENTRY_ERROR: reason}
+        yield {b"group": _shown(group), ENTRY_ERROR: reason}
         return
     shared: dict[bytes, bytes] = {}
     reason = None
@@ -567,6 +593,14 @@ def _expand_group(group: Any) -> Iterator[dict[bytes, bytes]]:
         if why:
             query[ENTRY_ERROR] = why.encode()
         yield query
+
+
+def _shown(group: Any) -> bytes:
+    """A malformed group as kept in the quarantine (JSON, truncated)."""
+    try:
+        return json.dumps(group).encode()[:1024]
+    except (ValueError, RecursionError):
+        return b"(nested too deep to show)"
 
 
 def _put(fields: dict[bytes, bytes], name: bytes, value: Any) -> str | None:

@@ -106,8 +106,10 @@ GROUPS = [[1000, "ctr", ["ad1"], "1", 5, None, None, None, None], [1001, "ctr", 
 COLS = b"ts,kind,keys,hits,lat_us,user,tenant,arms,ver"
 
 
-def batch(groups, cols: bytes = COLS) -> dict[bytes, bytes]:
-    return {b"n": b"3", b"cols": cols, b"groups": json.dumps(groups).encode()}
+def batch(groups, cols: bytes = COLS, n: int | None = None) -> dict[bytes, bytes]:
+    n = sum(len(g[2]) if isinstance(g, list) and len(g) == 9 and isinstance(g[2], list) else 1 for g in groups) \
+        if n is None else n  # fmt: skip
+    return {b"n": b"%d" % max(n, 1), b"cols": cols, b"groups": json.dumps(groups).encode()}
 
 
 def test_expand_entries_reads_batches_and_the_one_query_form():
@@ -136,6 +138,24 @@ def test_an_unreadable_batch_entry_is_quarantined_once(fields, reason):
     row, why = validate_entry(event_id, event)
     assert row is None and reason in why
     assert "_error" not in quarantine_row(event_id, event, why)["raw"]  # the raw entry, as it was
+
+
+def test_a_batch_whose_count_does_not_match_is_flagged():
+    queries = list(expand_entries([(b"1000-0", batch(GROUPS, n=5))]))  # holds 3
+    assert [i for i, _ in queries] == [b"1000-0/0", b"1000-0/1", b"1000-0/2", b"1000-0/n"]
+    assert all(validate_entry(i, f)[1] is None for i, f in queries[:3])
+    assert "holds 3 queries, its n says b'5'" in validate_entry(*queries[3])[1]
+    empty_keys = b'[[1000, "ctr", [], "", 5, null, null, null, null]]'
+    for fields in ({b"cols": COLS, b"groups": b"[]"}, {b"n": b"1", b"cols": COLS, b"groups": b"[]"},
+                   {b"n": b"1", b"cols": COLS, b"groups": empty_keys}):  # fmt: skip
+        ((event_id, event),) = expand_entries([(b"1000-0", fields)])  # no query, and no count saying so
+        assert "holds 0 queries" in validate_entry(event_id, event)[1]
+
+
+def test_expand_entries_never_raises_on_deep_nesting():
+    for raw in (b"[" * 100_000, b"[" * 5000 + b"]" * 5000):
+        ((_, event),) = expand_entries([(b"1000-0", {b"n": b"1", b"cols": COLS, b"groups": raw})])
+        assert validate_entry(b"1000-0", event)[0] is None
 
 
 @pytest.mark.parametrize(
@@ -406,3 +426,48 @@ def test_a_serving_client_sends_the_log_while_it_waits_for_a_lookup(redis_url, r
     assert logger.pending == 0
     cache.close()
     assert logger.stats.written == 5 * ENTRY_EVENTS and logger.stats.dropped == 0
+
+
+def test_a_callers_send_never_waits_for_room_in_the_socket(redis_url, redis_client, schema):
+    """With the logger's socket full (a peer that never reads), the lookup that fills an entry hands everything to
+    the thread instead of waiting: a wait would end in the socket's timeout, counted as a failed flush."""
+    import socket
+
+    logger = QueryLogger(connect(redis_url), schema, flush_interval_s=60)
+    assert _wait_for(lambda: logger._connection is not None)
+    mine, peer = socket.socketpair()
+    mine.setblocking(False)
+    while True:  # fill both buffers
+        try:
+            mine.send(b"x" * 65536)
+        except BlockingIOError:
+            break
+    mine.settimeout(0.5)  # what redis-py's socket_timeout sets
+    with logger._lock:
+        real, logger._connection._sock = logger._connection._sock, mine
+    for i in range(ENTRY_EVENTS):
+        logger.log("ctr", f"k{i}", hit=True)
+    assert logger.pending == 0 and len(logger._unsent) > 0  # built and queued for the thread, not sent
+    assert logger.stats.flush_errors == 0 and mine.gettimeout() == 0.5  # no wait, no timeout; the timeout kept
+    with logger._lock:  # nothing went out on the full socket: on the real one the thread sends it all
+        logger._connection._sock = real
+    logger.close()
+    mine.close()
+    peer.close()
+    assert logger.stats.written == ENTRY_EVENTS and logger.stats.dropped == 0
+    assert [f[b"key"] for _, f in logged_queries(redis_client, schema)] == [f"k{i}".encode() for i in range(64)]
+
+
+def test_an_event_no_encoding_takes_does_not_stop_the_thread(redis_url, redis_client, schema):
+    from precompute_assets.serving import EventLogger
+    from precompute_assets.serving.events import events_stream, read_event_window, validate_event
+
+    logger = EventLogger(connect(redis_url), schema, flush_interval_s=0.01)
+    logger.record_event("\ud800", "login")  # a lone surrogate, e.g. from a JSON body
+    assert _wait_for(lambda: logger.stats.written + logger.stats.dropped == 1)
+    logger.record_event("u2", "login")
+    assert _wait_for(lambda: logger.stats.written + logger.stats.dropped == 2)  # the thread is still there
+    logger.close()
+    assert logger.stats.written == 2 and redis_client.xlen(events_stream(schema)) == 2
+    entries = [e for page in read_event_window(redis_client, schema, 0, 2**62) for e in page]
+    assert "not valid UTF-8" in validate_event(*entries[0])[1]  # written as it came, quarantined downstream
