@@ -105,9 +105,8 @@ class EventLogger(QueryLogger):
     def _commands(self, batch: list[UserEvent]) -> Iterator[tuple[tuple[bytes, ...], int]]:
         """One ``XADD`` per event (no hit/miss statistics: events are not lookups)."""
         for event in batch:
-            entry_id = self._next_id(event.ts_ms) if self.explicit_ids else "*"
             fields = ((name.encode(), value.encode("utf-8", "surrogatepass")) for name, value in event.fields().items())
-            yield self._xadd(entry_id, fields), 1
+            yield self._xadd(self._entry_id(event.ts_ms), fields), 1
 
 
 # --- reading the stream back (the user_events asset and the user_event_sensor) ---------------------------

@@ -14,10 +14,11 @@ and the service process the packing of one: about a third of Redis's CPU and the
 one-query-per-entry form, whose fields were those. The stream ID is the arrival time, so an hour of logs is one
 ``XRANGE``. ``{ns}:1:stats:{kind}`` counts hits/misses.
 
-Logging never breaks or blocks the caller: a call is queued as one group in a bounded in-memory buffer. The
-lookup that fills an entry sends it itself, with one non-blocking ``send`` on the logger's own connection (about
-35 us of Python per 64 lookups); a background thread sends the rest every ``flush_interval_s``, whatever a caller
-could not send without blocking, and reads the replies. A writer thread that did all the work competed with the
+Logging never breaks or blocks the caller: a call is queued as one group in a bounded in-memory buffer. Full
+entries go out on the caller's thread with one non-blocking ``send`` on the logger's own connection: while a
+``PredictionCache`` lookup waits for Redis (``send_ready``), or from ``log()`` itself for other callers. A
+background thread sends the rest every ``flush_interval_s``, whatever a caller could not send without blocking,
+and reads the replies. A writer thread that did all the work competed with the
 lookups for the GIL and the cores: it tripled their p999 under load. When Redis is down or the buffer is full,
 queries are counted as dropped, never retried without bound.
 """
@@ -187,18 +188,17 @@ class QueryLogger:
             self._queued += room
         return room
 
-    def send_ready(self) -> None:
-        """Send the full entries buffered, on the caller's thread, if that can be done without blocking. A serving
-        client calls it while it waits for a lookup's reply (``PredictionCache`` does, and sets
-        ``lookup_sends``), so the work overlaps Redis's. Never raises."""
-        if self._queued >= ENTRY_EVENTS and self._caller_sends:
+    def send_ready(self, *, at_least: int = ENTRY_EVENTS) -> None:
+        """Send the full entries buffered, on the caller's thread, if that can be done without blocking and at
+        least ``at_least`` queries wait. A serving client calls it while it waits for a lookup's reply
+        (``PredictionCache`` does, and sets ``lookup_sends``), so the work overlaps Redis's. Never raises."""
+        if self._queued >= at_least and self._caller_sends:
             with contextlib.suppress(Exception):  # logging must never break a lookup; the thread sends the rest
                 self._caller_flush()
 
     def _after_queue(self) -> None:
-        if self._queued >= (4 * ENTRY_EVENTS if self.lookup_sends else ENTRY_EVENTS) and self._caller_sends:
-            with contextlib.suppress(Exception):  # logging never breaks its caller; the thread sends the rest
-                self._caller_flush()
+        if self._caller_sends:  # past four entries when lookups send the log as they wait, else at one
+            self.send_ready(at_least=4 * ENTRY_EVENTS if self.lookup_sends else ENTRY_EVENTS)
         elif self._queued >= self.batch_size:
             self._wake.set()
 
@@ -238,10 +238,7 @@ class QueryLogger:
             self.stats.dropped_write_failed += self._take(self._queued + 1)[1] + sum(self._sent)
             self._sent.clear()
             self._unsent = b""
-            if self._connection is not None:
-                self._connection.disconnect()
-                self.client.connection_pool.release(self._connection)
-                self._connection = None
+            self._release_connection()
 
     def _run(self) -> None:
         fine_timer_slack()
@@ -303,8 +300,7 @@ class QueryLogger:
         try:
             return list(self._commands(batch))
         except Exception:  # noqa: BLE001 - a logger never raises; the loss is counted
-            self.stats.dropped_write_failed += sum(self._size(item) for item in batch)
-            self.stats.flush_errors += 1
+            self._dropped(sum(self._size(item) for item in batch), back_off=False)
             return []
 
     def _drain(self) -> None:
@@ -373,9 +369,7 @@ class QueryLogger:
                 connection.read_response()
                 self.stats.written += self._sent.popleft()
             except redis.ResponseError:
-                self.stats.dropped_write_failed += self._sent.popleft()
-                self.stats.flush_errors += 1
-                self._retry_at = time.monotonic() + self.backoff_s
+                self._dropped(self._sent.popleft())
             except REDIS_ERRORS:
                 self._fail()
                 return False
@@ -384,11 +378,19 @@ class QueryLogger:
     def _fail(self) -> None:
         """(Holding ``_lock``.) The connection failed: what was sent and not answered is counted as dropped, the
         connection is dropped (the thread reconnects after ``backoff_s``)."""
-        self.stats.dropped_write_failed += sum(self._sent)
-        self.stats.flush_errors += 1
+        self._dropped(sum(self._sent))
         self._sent.clear()
         self._unsent = b""
-        self._retry_at = time.monotonic() + self.backoff_s
+        self._release_connection()
+
+    def _dropped(self, queries: int, *, back_off: bool = True) -> None:
+        """Count ``queries`` as lost to a failed write, and (``back_off``) send nothing for ``backoff_s``."""
+        self.stats.dropped_write_failed += queries
+        self.stats.flush_errors += 1
+        if back_off:
+            self._retry_at = time.monotonic() + self.backoff_s
+
+    def _release_connection(self) -> None:
         if self._connection is not None:
             self._connection.disconnect()
             self.client.connection_pool.release(self._connection)
@@ -403,15 +405,11 @@ class QueryLogger:
         try:
             replies = pipe.execute(raise_on_error=False)
         except REDIS_ERRORS:
-            self.stats.dropped_write_failed += sum(self._size(item) for item in batch)
-            self.stats.flush_errors += 1
-            self._retry_at = time.monotonic() + self.backoff_s
+            self._dropped(sum(self._size(item) for item in batch))
             return
         for (_, events), reply in zip(commands, replies, strict=True):
             if isinstance(reply, Exception):
-                self.stats.dropped_write_failed += events
-                self.stats.flush_errors += 1
-                self._retry_at = time.monotonic() + self.backoff_s
+                self._dropped(events)
             else:
                 self.stats.written += events
 

@@ -1,6 +1,6 @@
 """Re-ranking from the cache: candidates ordered by cosine similarity to a query vector, their embeddings read
 from one published version in one round trip (one ``HMGET`` per bucket the candidates fall in, packed and sent
-at once by ``connection.send_pipelined``)."""
+at once by ``connection.send_pipelined``, through the cache's ``_round_trip``)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .connection import REDIS_ERRORS, send_pipelined
+from .connection import REDIS_ERRORS
 from .keys import EMBEDDING_KIND, bucket_of, check_keys
 from .vectors import decode_batch
 
@@ -70,9 +70,7 @@ def _fetch(cache: PredictionCache, kind: str, doc_ids: list[str]) -> list[bytes 
             ("HMGET", cache.schema.bucket(kind, pointer.version, bucket), *(doc_ids[i] for i in members))
             for bucket, members in groups.items()
         ]
-        replies = send_pipelined(cache.client, commands, while_waiting=cache._while_waiting)
-        if any(isinstance(reply, Exception) for reply in replies):
-            raise next(reply for reply in replies if isinstance(reply, Exception))
+        replies = cache._round_trip(commands)
     except REDIS_ERRORS:
         cache._trip()
         return [None] * len(doc_ids)
