@@ -12,11 +12,20 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Collection, Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import pandas as pd
 
-from ..serving.admission import COUNTER_MAX, AdmissionPolicy, FrequencySketch, SecondMiss, admission_policy
+from ..serving.admission import (
+    COUNTER_MAX,
+    AdmissionPolicy,
+    FrequencySketch,
+    Probation,
+    SecondMiss,
+    admission_policy,
+    probation_sizes,
+)
 from .selection import ad_demand, daily_counts, select_top
 
 _PAD = r"[^\S\n]*"  # whitespace around a field: any whitespace but the newline that ends the line
@@ -147,7 +156,7 @@ def replay(
     admits it, decided exactly as ``PredictionCache.get_or_compute`` decides (see ``admission_decisions``;
     ``second_miss`` counts its window in requests, ``admission_window``, default ``capacity``).
     """
-    model = None if admission is None else _admission_model(admission, admission_window, capacity)
+    live = None if admission is None else _live_tier(admission, admission_window, capacity)
     auto = isinstance(top_n, str)
     if auto and top_n != "auto":
         raise ValueError(f"top_n must be an integer or 'auto', got {top_n!r}")
@@ -198,22 +207,34 @@ def replay(
         "belady": belady_hits(days, capacity, warmup_days=warmup_days),
         "oracle_preload": sum(oracle_preload_day_hits(day, capacity) for day in counted),
     }
-    if model is not None:
-        hits["lru_admission"] = sum(_admitted_lru_day_hits(days, capacity, model(keys))[warmup_days:])
-        hits["ours_admission"] = sum(_admitted_lru_day_hits(days, slots, model(keys), precomputed=chosen)[warmup_days:])
+    if live is not None:
+        hits["lru_admission"] = sum(live(days, capacity, keys)[warmup_days:])
+        if auto:  # the share is tuned on the live tier it shares the capacity with
+            shares_admission, chosen_admission = _self_tuned_shares(
+                days, capacity, ranking, warmup_days=warmup_days, live=lambda d, n, **kw: live(d, n, keys, **kw)
+            )
+            slots_admission: int | list[int] = [capacity - share for share in shares_admission]
+        else:
+            slots_admission, chosen_admission = slots, chosen
+        hits["ours_admission"] = sum(live(days, slots_admission, keys, precomputed=chosen_admission)[warmup_days:])
     result: dict = {f"hit_rate_{name}": (n / requests if requests else 0.0) for name, n in hits.items()}
     result.update(requests=int(requests), days=len(days), top_n="auto" if auto else int(top_n), capacity=int(capacity))
-    if model is not None:
+    if live is not None:
         result["admission"] = admission_policy(admission).name
         if result["admission"] == "second_miss":
             result["admission_window"] = int(admission_window or capacity)
     if auto:
-        chosen_shares = [int(share) for share in shares[warmup_days:]]
-        result.update(
-            top_n_chosen=chosen_shares,
-            top_n_mean=sum(chosen_shares) / len(chosen_shares) if chosen_shares else 0.0,
-        )
+        result.update(_share_summary(shares[warmup_days:]))
+        if live is not None:
+            result.update(
+                {f"{name}_admission": value for name, value in _share_summary(shares_admission[warmup_days:]).items()}
+            )
     return result
+
+
+def _share_summary(shares: Sequence[int]) -> dict:
+    chosen = [int(share) for share in shares]
+    return {"top_n_chosen": chosen, "top_n_mean": sum(chosen) / len(chosen) if chosen else 0.0}
 
 
 def admission_decisions(
@@ -233,13 +254,20 @@ def admission_decisions(
     ``frequency`` keeps the same count-min sketch with the same hashes, saturating 4-bit counters and aging
     (at the first miss that sees ``sample`` lookups counted) as the Redis sketch. Stored keys stay cached
     forever when ``capacity`` is None (the client's live keys are bounded by their TTL, not by a capacity),
-    else in an LRU of ``capacity`` keys.
+    else in an LRU of ``capacity`` keys. ``probation`` keeps its own queues of ``capacity`` keys (None: the
+    policy's ``capacity``), every miss admitted.
     """
+    if capacity is not None and (
+        isinstance(capacity, bool) or not isinstance(capacity, int | np.integer) or capacity < 1
+    ):
+        raise ValueError(f"capacity must be a whole number of keys >= 1 (None: unbounded), got {capacity!r}")
     codes, index = pd.factorize(np.asarray(keys))
-    slots = len(index) if capacity is None else capacity
-    admit = _admission_model(admission, window, max(1, len(codes)))(pd.Index(index))
+    policy = admission_policy(admission)
+    if capacity is None:
+        capacity = policy.capacity if isinstance(policy, Probation) else len(index)
+    live = _live_tier(policy, window, max(1, len(codes)))
     outcomes: list[str] = []
-    _admitted_lru_day_hits([codes.astype(np.int64)], slots, admit, outcomes=outcomes)
+    live([codes.astype(np.int64)], capacity, pd.Index(index), outcomes=outcomes)
     return outcomes
 
 
@@ -433,12 +461,14 @@ def share_candidates(capacity: int) -> list[int]:
     return sorted({capacity * sixteenths // 16 for sixteenths in (0, 1, 2, 4, 8, 12, 16)})
 
 
-def _candidate_day_hits(days: list[np.ndarray], capacity: int, ranking: list[list[int]]) -> dict[int, list[int]]:
-    """Hits per day of "top-N of each day's ranking + LRU of C-N" for every candidate N: one replay each, and a
-    day's hits depend only on the days up to it."""
+def _candidate_day_hits(
+    days: list[np.ndarray], capacity: int, ranking: list[list[int]], live: LiveTier | None = None
+) -> dict[int, list[int]]:
+    """Hits per day of "top-N of each day's ranking + read-through of C-N" (``live``, default LRU) for every
+    candidate N: one replay each, and a day's hits depend only on the days up to it."""
+    live = live or _lru_day_hits
     return {
-        n: _lru_day_hits(days, capacity - n, precomputed=[set(keys[:n]) for keys in ranking])
-        for n in share_candidates(capacity)
+        n: live(days, capacity - n, precomputed=[set(keys[:n]) for keys in ranking]) for n in share_candidates(capacity)
     }
 
 
@@ -450,7 +480,7 @@ def _best_share(day_hits: dict[int, list[int]], first: int, last: int) -> int:
 
 
 def _self_tuned_shares(
-    days: list[np.ndarray], capacity: int, ranking: list[list[int]], *, warmup_days: int
+    days: list[np.ndarray], capacity: int, ranking: list[list[int]], *, warmup_days: int, live: LiveTier | None = None
 ) -> tuple[list[int], list[set]]:
     """The precompute share N of each day, and its top-N set, chosen without looking at that day.
 
@@ -459,7 +489,7 @@ def _self_tuned_shares(
     counted days W..d-1 (ties: the smaller N), so nothing of day d or later is used. The first counted day has
     no evidence and takes N = 0, as do the warm-up days.
     """
-    day_hits = _candidate_day_hits(days, capacity, ranking)
+    day_hits = _candidate_day_hits(days, capacity, ranking, live)
     shares = [0] * len(days)
     for d in range(warmup_days + 1, len(days)):
         shares[d] = _best_share(day_hits, warmup_days, d)
@@ -601,6 +631,89 @@ def _sketch_admission(policy: FrequencySketch, keys: pd.Index) -> Callable[[int,
         return admitted
 
     return admit
+
+
+class LiveTier(Protocol):
+    """Hits per day of a read-through tier of ``slots`` keys (per day, or fixed) beside precomputed sets."""
+
+    def __call__(
+        self,
+        days: list[np.ndarray],
+        slots: int | Sequence[int],
+        *,
+        precomputed: list[set] | None = None,
+        outcomes: list[str] | None = None,
+    ) -> list[int]: ...
+
+
+def _live_tier(admission: str | AdmissionPolicy, window: int | None, capacity: int) -> Callable[..., list[int]]:
+    """``tier(days, slots, keys, precomputed=, outcomes=)``: the per-day hits of the live tier that ``admission``
+    gives the client: an LRU behind an admission filter, or (``probation``) the policy's own queues, sized to
+    ``slots`` (the client's ``Probation.capacity``)."""
+    if isinstance(admission_policy(admission), Probation):
+        return lambda days, slots, keys, **kw: _probation_day_hits(days, slots, **kw)
+    model = _admission_model(admission, window, capacity)
+    return lambda days, slots, keys, **kw: _admitted_lru_day_hits(days, slots, model(keys), **kw)
+
+
+def _probation_day_hits(
+    days: list[np.ndarray],
+    slots: int | Sequence[int],
+    *,
+    precomputed: list[set] | None = None,
+    outcomes: list[str] | None = None,
+) -> list[int]:
+    """Hits per day of admission ``probation``'s live tier, step for step as its scripts (``_TOUCH`` at every
+    live-tier lookup, ``_ADMIT`` at every miss) run them: a probation FIFO with hit counts, a main LRU and a
+    ghost list, evicting only when ``slots`` keys are tracked. A day with fewer slots evicts at its next miss,
+    as the client does when its capacity shrinks."""
+    small: deque[int] = deque()
+    hits: dict[int, int] = {}  # the keys in probation and their hits there
+    main: OrderedDict[int, None] = OrderedDict()  # least recent first
+    ghost: OrderedDict[int, None] = OrderedDict()  # oldest first
+    per_day: list[int] = []
+    for d, day in enumerate(days):
+        size = slots[d] if isinstance(slots, Sequence) else slots
+        small_size, ghost_size = probation_sizes(max(1, size))
+        chosen = precomputed[d] if precomputed is not None else set()
+        day_hits = 0
+        for key in day.tolist():
+            if key in chosen:  # served by the published version: the policy never sees it
+                day_hits += 1
+                outcome = "hit"
+            elif key in hits:
+                hits[key] += 1
+                day_hits += 1
+                outcome = "hit"
+            elif key in main:
+                main.move_to_end(key)
+                day_hits += 1
+                outcome = "hit"
+            elif size > 0:
+                while len(small) + len(main) >= size:
+                    if small and (len(small) >= small_size or not main):
+                        oldest = small.popleft()
+                        if hits.pop(oldest):
+                            main[oldest] = None
+                        else:
+                            ghost[oldest] = None
+                            if len(ghost) > ghost_size:
+                                ghost.popitem(last=False)
+                    else:
+                        main.popitem(last=False)
+                if key in ghost:
+                    del ghost[key]
+                    main[key] = None
+                else:
+                    small.append(key)
+                    hits[key] = 0
+                outcome = "admitted"
+            else:
+                outcome = "rejected"
+            if outcomes is not None:
+                outcomes.append(outcome)
+        per_day.append(day_hits)
+    return per_day
 
 
 def _admitted_lru_day_hits(

@@ -8,7 +8,9 @@ Every key of schema version 1 starts with ``{namespace}:1:`` (``keys.KeySchema``
 - **reader** (``PredictionCache``, its ``QueryLogger`` and the admission policies): reads ``{ns}:1:*`` with
   ``READER_COMMANDS`` only, and writes exactly what the serving client writes, each command granted on its keys
   alone by a Redis 7 selector ``(keys +commands)`` (``READER_WRITES``): the live read-through values
-  (``SET ... EX`` on ``{ns}:1:{kind}:live:*``), the ``second_miss`` markers (``SET ... PX NX GET`` on
+  (``SET ... EX`` on ``{ns}:1:{kind}:live:*``, and ``UNLINK`` of the values ``probation`` evicts), the
+  ``probation`` queues (its two ``EVAL`` scripts and their list, hash and sorted-set commands on
+  ``{ns}:1:{kind}:fifo:*``), the ``second_miss`` markers (``SET ... PX NX GET`` on
   ``{ns}:1:{kind}:seen:*``), the ``frequency`` sketch (``BITFIELD ... INCRBY`` and the aging ``EVAL`` on
   ``{ns}:1:{kind}:sketch``), the query-log stream (``XADD ... MAXLEN``, write-only, on ``{ns}:1:qlog``) and the
   hit/miss counters (``HINCRBY`` on ``{ns}:1:stats:*``). It can neither write a version bucket, the pointer or the
@@ -69,11 +71,30 @@ READER_COMMANDS = (
 )  # pointer, experiment, buckets, live values; PTTL: XFetch
 # Each of its writes is granted only with the keys it writes, as a Redis 7 selector ``(keys commands)``.
 READER_WRITES = (
-    ("~{prefix}:{kind}:live:*", ("set",)),  # get_or_compute: SET EX of an admitted live value
-    ("~{prefix}:{kind}:delta:*", ("set",)),  # get_or_compute: SET EX of its compute seconds (XFetch's delta)
+    ("~{prefix}:{kind}:live:*", ("set", "unlink")),  # get_or_compute: SET EX of an admitted value; probation evicts
+    ("~{prefix}:{kind}:delta:*", ("set", "unlink")),  # get_or_compute: SET EX of its compute seconds (XFetch's delta)
     ("~{prefix}:{kind}:lock:*", ("set",)),  # get_or_compute: SET NX PX of the recompute lock, SET 0 PX 1 XX releases
     ("~{prefix}:{kind}:seen:*", ("set",)),  # second_miss: SET PX NX GET of the marker (reads it back: ~)
     ("~{prefix}:{kind}:sketch", ("bitfield", "eval", "set")),  # frequency: INCRBY, and the aging script's SET
+    (  # probation: its two scripts and the commands they run on its queues
+        "~{prefix}:{kind}:fifo:*",
+        (
+            "eval",
+            "hexists",
+            "hincrby",
+            "hset",
+            "hdel",
+            "zscore",
+            "zadd",
+            "zrem",
+            "zcard",
+            "zpopmin",
+            "incr",
+            "llen",
+            "lpop",
+            "rpush",
+        ),
+    ),  # fmt: skip
     ("%W~{prefix}:qlog", ("xadd",)),  # the query logger: XADD MAXLEN, write-only (the stream is never read back)
     ("%W~{prefix}:events", ("xadd",)),  # the event logger (record_event), write-only too
     ("~{prefix}:stats:*", ("hincrby",)),  # its hit/miss counters (HINCRBY replies the count: ~)

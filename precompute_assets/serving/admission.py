@@ -19,6 +19,18 @@ stored:
   about 4 ms of server time for the default 64 KiB), so old popularity fades. Memory: a string of
   ``4 + depth * width / 2`` bytes per kind, fixed (``FrequencySketch.bytes``; Redis may allocate up to twice
   that while ``BITFIELD`` grows it, until the first aging rewrites it).
+- ``probation``: the live tier is a cache of ``capacity`` keys per kind that the policy itself keeps, in the
+  manner of S3-FIFO (Yang et al., SOSP'23) with an LRU main queue. A missed key enters a small FIFO
+  (``probation_sizes``: a tenth of the capacity) unless it is in the ghost list, which sends it straight to
+  the main LRU. When the tier is full, the oldest probation key moves to the main LRU if it was looked up while
+  in probation, else it leaves (its value is deleted) and its name goes to the ghost list; once probation is
+  short, the main LRU's least recent key leaves instead. Keys asked for once thus pass through a tenth of the
+  cache and never push out keys asked for again. Every live-tier lookup runs one script (``_TOUCH``: count a
+  probation hit, or refresh the key in the LRU); every stored miss runs ``_ADMIT`` (evict, insert), and the
+  client deletes the live values of the keys it evicted. State, in one Redis Cluster slot per kind (hash tag):
+  ``{kind}:fifo:{{...}}:small`` (list), ``:hits`` (hash), ``:main`` and ``:ghost`` (sorted sets by a sequence
+  number), ``:seq``; at most ``capacity`` tracked keys and ``capacity - small`` ghost names, about 100 bytes
+  plus the key twice per tracked key. Redis's own maxmemory eviction stays a safety net beneath it.
 
 ``ml.replay`` models these decisions request by request (``admission_decisions``). Redis errors are never
 raised by the client: a failed lookup is a miss that stores nothing.
@@ -27,6 +39,7 @@ raised by the client: a failed lookup is a miss that stores nothing.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -34,7 +47,7 @@ import redis
 
 from .keys import KeySchema
 
-ADMISSION_NAMES = ("always", "second_miss", "frequency")
+ADMISSION_NAMES = ("always", "second_miss", "frequency", "probation")
 SKETCH_HEADER_NIBBLES = 8  # the u32 lookup count in front of the counters, in 4-bit units
 COUNTER_MAX = 15  # 4-bit counters saturate here
 
@@ -58,8 +71,11 @@ class AdmissionPolicy(Protocol):
         """The decision from the replies of the commands ``observe`` queued."""
         ...
 
-    def after_miss(self, client: redis.Redis, schema: KeySchema, kind: str, decision: Decision) -> None:
-        """Housekeeping on a miss (the sketch's aging); may raise Redis errors, which the caller absorbs."""
+    def after_miss(
+        self, client: redis.Redis, schema: KeySchema, kind: str, key: str, decision: Decision
+    ) -> Sequence[str]:
+        """Housekeeping on a miss of ``key`` (the sketch's aging, the probation queues); may raise Redis errors,
+        which the caller absorbs. Returns the keys whose live values the policy evicts: the caller deletes them."""
         ...
 
 
@@ -75,8 +91,10 @@ class Always:
     def decide(self, replies: list) -> Decision:
         return Decision(True)
 
-    def after_miss(self, client: redis.Redis, schema: KeySchema, kind: str, decision: Decision) -> None:
-        return None
+    def after_miss(
+        self, client: redis.Redis, schema: KeySchema, kind: str, key: str, decision: Decision
+    ) -> Sequence[str]:
+        return ()
 
 
 @dataclass(frozen=True)
@@ -98,8 +116,10 @@ class SecondMiss:
     def decide(self, replies: list) -> Decision:
         return Decision(replies[0] is not None)
 
-    def after_miss(self, client: redis.Redis, schema: KeySchema, kind: str, decision: Decision) -> None:
-        return None
+    def after_miss(
+        self, client: redis.Redis, schema: KeySchema, kind: str, key: str, decision: Decision
+    ) -> Sequence[str]:
+        return ()
 
 
 # Halves every 4-bit counter after the 4-byte count (byte b -> (b >> 1) & 0x77) and zeroes the count, only if
@@ -166,9 +186,99 @@ class FrequencySketch:
         *counts, seen = replies[0]
         return Decision(min(counts) >= self.threshold, age=seen >= self.sample)
 
-    def after_miss(self, client: redis.Redis, schema: KeySchema, kind: str, decision: Decision) -> None:
+    def after_miss(
+        self, client: redis.Redis, schema: KeySchema, kind: str, key: str, decision: Decision
+    ) -> Sequence[str]:
         if decision.age:
             client.eval(_AGE_SKETCH, 1, schema.admission_sketch(kind), self.sample)
+        return ()
+
+
+# KEYS: hits, main, seq; ARGV: key. A lookup of a key in probation counts a hit; one in the main LRU becomes its most
+# recent. Replies 1 when the key is tracked, else 0.
+_TOUCH = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then
+  redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+  return 1
+end
+if redis.call('ZSCORE', KEYS[2], ARGV[1]) then
+  redis.call('ZADD', KEYS[2], redis.call('INCR', KEYS[3]), ARGV[1])
+  return 1
+end
+return 0
+"""
+
+# KEYS: small, hits, main, ghost, seq; ARGV: key, capacity, small size, ghost size. Evicts until a key fits, then
+# inserts ARGV[1] (into the main LRU if its name is in the ghost list, else at the tail of probation). Replies the
+# keys that left the cache (their values are to be deleted). A key already tracked (its value expired) stays put.
+_ADMIT = """
+local key, capacity, small_size, ghost_size = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+if redis.call('HEXISTS', KEYS[2], key) == 1 or redis.call('ZSCORE', KEYS[3], key) then return {} end
+local evicted = {}
+while redis.call('LLEN', KEYS[1]) + redis.call('ZCARD', KEYS[3]) >= capacity do
+  local small = redis.call('LLEN', KEYS[1])
+  if small > 0 and (small >= small_size or redis.call('ZCARD', KEYS[3]) == 0) then
+    local oldest = redis.call('LPOP', KEYS[1])
+    local hits = tonumber(redis.call('HGET', KEYS[2], oldest) or '0')
+    redis.call('HDEL', KEYS[2], oldest)
+    if hits > 0 then
+      redis.call('ZADD', KEYS[3], redis.call('INCR', KEYS[5]), oldest)
+    else
+      redis.call('ZADD', KEYS[4], redis.call('INCR', KEYS[5]), oldest)
+      if redis.call('ZCARD', KEYS[4]) > ghost_size then redis.call('ZPOPMIN', KEYS[4]) end
+      evicted[#evicted + 1] = oldest
+    end
+  else
+    evicted[#evicted + 1] = redis.call('ZPOPMIN', KEYS[3])[1]
+  end
+end
+if redis.call('ZREM', KEYS[4], key) == 1 then
+  redis.call('ZADD', KEYS[3], redis.call('INCR', KEYS[5]), key)
+else
+  redis.call('RPUSH', KEYS[1], key)
+  redis.call('HSET', KEYS[2], key, 0)
+end
+return evicted
+"""
+
+
+def probation_sizes(capacity: int) -> tuple[int, int]:
+    """The probation FIFO's size and the ghost list's for a live tier of ``capacity`` keys: a tenth (at least
+    one key), and the rest."""
+    small = max(1, capacity // 10)
+    return small, max(0, capacity - small)
+
+
+@dataclass(frozen=True)
+class Probation:
+    """Keep the live tier to ``capacity`` keys per kind: a probation FIFO, a main LRU and a ghost list (see the
+    module docstring). Every miss is stored; what the policy decides is which keys leave."""
+
+    capacity: int = 100_000
+    name = "probation"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.capacity, bool) or not isinstance(self.capacity, int) or self.capacity < 1:
+            raise ValueError(f"capacity must be a whole number of keys >= 1, got {self.capacity!r}")
+
+    def observe(self, pipe: Any, schema: KeySchema, kind: str, key: str) -> int:
+        pipe.execute_command("EVAL", _TOUCH, 3, *_fifo_keys(schema, kind, "hits", "main", "seq"), key)
+        return 1
+
+    def decide(self, replies: list) -> Decision:
+        return Decision(True)
+
+    def after_miss(
+        self, client: redis.Redis, schema: KeySchema, kind: str, key: str, decision: Decision
+    ) -> Sequence[str]:
+        small, ghost = probation_sizes(self.capacity)
+        names = _fifo_keys(schema, kind, "small", "hits", "main", "ghost", "seq")
+        evicted = client.eval(_ADMIT, len(names), *names, key, self.capacity, small, ghost)
+        return [name.decode() if isinstance(name, bytes) else str(name) for name in evicted]
+
+
+def _fifo_keys(schema: KeySchema, kind: str, *parts: str) -> list[str]:
+    return [schema.admission_fifo(kind, part) for part in parts]
 
 
 def sketch_columns(key: str, width: int, depth: int) -> list[int]:
@@ -190,6 +300,8 @@ def admission_policy(spec: str | AdmissionPolicy | None) -> AdmissionPolicy:
         return SecondMiss()
     if spec == "frequency":
         return FrequencySketch()
+    if spec == "probation":
+        return Probation()
     if isinstance(spec, str):
         raise ValueError(f"unknown admission policy {spec!r}: expected one of {', '.join(ADMISSION_NAMES)}")
     if getattr(spec, "name", None) not in ADMISSION_NAMES:

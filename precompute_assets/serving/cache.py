@@ -13,7 +13,7 @@ from typing import Any
 import redis
 
 from .admission import AdmissionPolicy, Decision, admission_policy
-from .connection import REDIS_ERRORS, cluster_send, connect, is_cluster, key_slot, send_pipelined
+from .connection import REDIS_ERRORS, cluster_send, connect, is_cluster, key_slot, routing_key, send_pipelined
 from .events import EventLogger
 from .keys import (
     EMBEDDING_KIND,
@@ -285,7 +285,7 @@ class PredictionCache:
                     self._cluster_fetch([(b"SET", name, encoded, b"EX", b"%d" % self.live_ttl_s)])
                 else:
                     self.client.set(name, encoded, ex=self.live_ttl_s)
-            policy.after_miss(self.client, self.schema, kind, decision)
+            self._evict_live(kind, policy.after_miss(self.client, self.schema, kind, key, decision))
         except REDIS_ERRORS:  # OOM, READONLY, a dead server: the caller still gets its value
             self._trip()
         return value
@@ -351,10 +351,22 @@ class PredictionCache:
             if store:
                 self._store(kind, key, codec_for(kind).encode(value), delta_s, release=locked)
             if decision is not None:
-                policy.after_miss(self.client, self.schema, kind, decision)
+                self._evict_live(kind, policy.after_miss(self.client, self.schema, kind, key, decision))
         except REDIS_ERRORS:  # OOM, READONLY, a dead server: the caller still gets its value
             self._trip()
         return value
+
+    def _evict_live(self, kind: str, keys: Sequence[str]) -> None:
+        """Delete the live values (and their deltas) of ``keys``, which the admission policy evicted; one round
+        trip (``UNLINK`` per key: on a cluster each goes to its own master)."""
+        if not keys:
+            return
+        names = [name for key in keys for name in (self.schema.live(kind, key), live_delta_key(self.schema, kind, key))]
+        commands = [(b"UNLINK", name) for name in names]
+        if self._cluster:
+            self._cluster_fetch(commands)
+            return
+        self._round_trip(commands)
 
     def _store(self, kind: str, key: str, encoded: bytes, delta_s: float, *, release: bool = False) -> None:
         """``SET`` the live value with the live TTL and, when XFetch is on, its delta beside it; ``release`` lets the
@@ -504,7 +516,7 @@ class PredictionCache:
         nodes, chosen = [], []
         for index, command in enumerate(commands):
             try:
-                node = self.client.nodes_manager.get_node_from_slot(key_slot(command[1])).name
+                node = self.client.nodes_manager.get_node_from_slot(key_slot(routing_key(command))).name
             except REDIS_ERRORS:  # a slot no master serves
                 self.errors += 1
                 continue

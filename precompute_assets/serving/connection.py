@@ -88,6 +88,15 @@ def cluster_send(client, commands: list[tuple], *, retry: bool = False) -> list:
     return replies
 
 
+def routing_key(command: Sequence[bytes | str | int]) -> bytes | str | int:
+    """The key that picks a command's cluster slot: the first key of ``EVAL``/``EVALSHA`` (``EVAL script
+    numkeys key ...``), else the first argument."""
+    name = command[0]
+    if (name.decode() if isinstance(name, bytes) else str(name)).upper() in ("EVAL", "EVALSHA"):
+        return command[3]
+    return command[1]
+
+
 def pack_resp(commands: Sequence[Sequence[bytes | str | int]]) -> bytes:
     """``commands`` as one RESP2 byte string, ready to send: about twice as fast as redis-py's ``pack_commands``
     (the query and event loggers send tens of thousands of commands a second from a thread that shares the GIL
@@ -141,7 +150,7 @@ def _cluster_send_once(client, commands: list[tuple]) -> tuple[list, bool]:
     replies: list = [None] * len(commands)
     for index, command in enumerate(commands):
         try:
-            node = client.nodes_manager.get_node_from_slot(key_slot(command[1]))
+            node = client.nodes_manager.get_node_from_slot(key_slot(routing_key(command)))
         except REDIS_ERRORS as error:  # a slot no master serves
             replies[index] = error
             continue

@@ -25,6 +25,8 @@ key                                    type      content
                                                  key; TTL = the window.
 ``pc:1:{kind}:sketch``                 string    admission ``frequency``: a u32 request count, then a count-min
                                                  sketch of 4-bit counters (``serving.admission``).
+``pc:1:{kind}:fifo:{pc:1:{kind}}:*``   various   admission ``probation``: ``small`` list, ``hits`` hash, ``main``
+                                                 and ``ghost`` sorted sets, ``seq`` counter; one hash tag.
 =====================================  ========  ==========================================================
 
 Redis Cluster (``?cluster=1``, see ``connection``): the names carry no hash tag, so every key hashes whole and the
@@ -38,8 +40,8 @@ slot (``publish.transact_per_slot``). A master that is down makes its slots' key
 Names that could reach into another kind's keys are refused with ``ValueError``: a namespace, kind or version
 outside its pattern (no ``:``, no ``{``/``}`` hash-tag braces, no control characters), a kind named like one of
 the shared keys (``qlog``, ``stats``), a version named like one of a kind's own keys (``live``, ``current``,
-``experiment``, ``sketch``, ``seen``: version ``live`` would put bucket 0 at ``{kind}:live:0``, the live value of
-key ``0``), and a prediction key (``check_key``) that is empty, longer than ``MAX_KEY_LENGTH`` characters, or
+``experiment``, ``sketch``, ``seen``, ``fifo``...: version ``live`` would put bucket 0 at ``{kind}:live:0``, the live
+value of key ``0``), and a prediction key (``check_key``) that is empty, longer than ``MAX_KEY_LENGTH`` characters, or
 holds a control character, a lone surrogate or a brace (in ``{kind}:live:{key}`` braces would pick the key's
 Redis Cluster slot).
 
@@ -69,7 +71,8 @@ NAMESPACE_PATTERN = VERSION_PATTERN
 # Kinds whose keys would be the shared keys: kind ``stats``'s pointer ``stats:current`` is kind ``current``'s stats.
 RESERVED_KINDS = frozenset({"qlog", "stats", "events"})
 # Versions whose buckets ``{kind}:{version}:{n}`` would be a kind's own keys (``live:0`` is key 0's live value).
-RESERVED_VERSIONS = frozenset({"live", "current", "experiment", "sketch", "seen", "delta", "lock"})
+RESERVED_VERSIONS = frozenset({"live", "current", "experiment", "sketch", "seen", "delta", "lock", "fifo"})
+FIFO_PARTS = ("small", "hits", "main", "ghost", "seq")  # admission ``probation``'s state (``admission_fifo``)
 MAX_KEY_LENGTH = 256  # characters of a prediction key (the query log quarantines longer ones)
 # Control characters, hash-tag braces and lone surrogates (not encodable as UTF-8).
 BAD_KEY_CHARACTERS = re.compile(r"[\x00-\x1f\x7f{}\ud800-\udfff]")
@@ -226,6 +229,13 @@ class KeySchema:
     def admission_sketch(self, kind: str) -> str:
         """The count-min sketch of live-tier lookups of ``kind`` (admission ``frequency``)."""
         return f"{self.prefix}:{check_kind(kind)}:sketch"
+
+    def admission_fifo(self, kind: str, part: str) -> str:
+        """Part ``small``, ``hits``, ``main``, ``ghost`` or ``seq`` of admission ``probation``'s state of ``kind``;
+        the hash tag puts all five in one Redis Cluster slot, as its scripts need."""
+        if part not in FIFO_PARTS:
+            raise ValueError(f"unknown probation part {part!r}: expected one of {', '.join(FIFO_PARTS)}")
+        return f"{self.prefix}:{check_kind(kind)}:fifo:{{{self.prefix}:{kind}}}:{part}"
 
 
 @functools.lru_cache(maxsize=1024)

@@ -343,6 +343,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
         raise CliError(f"--top-n must be at least 0, got {args.top_n}")
     if args.top_n != "auto" and args.capacity < args.top_n:
         raise CliError(f"--capacity {args.capacity} is smaller than --top-n {args.top_n}")
+    if args.admission is not None:
+        from ..serving.admission import ADMISSION_NAMES
+
+        if args.admission not in ADMISSION_NAMES:
+            raise CliError(f"unknown --admission {args.admission!r}: use one of {', '.join(ADMISSION_NAMES)}")
     strategies: list[str] = []
     if args.strategy is not None:
         from ..ml.strategies import REPLAY_STRATEGIES
@@ -376,7 +381,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         raise CliError(f"--days {args.days} is larger than the number of requests ({len(trace.keys)})")
     try:
         day_keys = split_days(trace, args.days)
-        result = replay(day_keys, top_n=args.top_n, capacity=args.capacity)
+        result = replay(day_keys, top_n=args.top_n, capacity=args.capacity, admission=args.admission)
         demand_strategies = [name for name in strategies if name != "prefetch"]
         if demand_strategies:
             from ..ml.strategies import compare_strategies
@@ -694,6 +699,12 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--ab-salt", default="ab1", help="the salt of --ab's key split")
     replay.add_argument(
         "--prefetch-threshold", type=float, default=0.5, help="prefetch a predicted key at this confidence or more"
+    )
+    replay.add_argument(
+        "--admission",
+        help="always, second_miss, frequency or probation: also replay LRU and ours with get_or_compute's "
+        "admission policy (hit_rate_lru_admission, hit_rate_ours_admission; with --top-n auto the share is tuned "
+        "on that live tier)",
     )
     replay.set_defaults(fn=cmd_replay)
     return parser

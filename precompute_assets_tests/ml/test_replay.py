@@ -21,6 +21,7 @@ from precompute_assets.ml.replay import (
     parse_trace,
     replay,
     s3fifo_hits,
+    share_candidates,
     split_days,
 )
 from precompute_assets.ml.selection import ad_demand, coverage, daily_counts, select_top
@@ -964,6 +965,7 @@ def bad_inputs(tmp_path: Path) -> list[tuple[list[str], str]]:
         (with_(top_n="0", capacity="0"), "--capacity must be at least 1"),
         (with_(top_n="-1"), "--top-n must be at least 0"),
         (with_(top_n="5", capacity="2"), "capacity 2 is smaller than --top-n 5"),
+        (with_() + ["--admission", "lfu"], "unknown --admission 'lfu': use one of always, second_miss, frequency"),
         (with_(days="two"), "--days"),  # argparse's own error
         (["--trace", str(good), "--days", "2"], "required"),
     ]
@@ -991,6 +993,12 @@ def test_cli_top_n_auto(tmp_path: Path, capsys: pytest.CaptureFixture):
         code, out, err = run_replay(capsys, "--trace", str(trace), "--days", "4", "--top-n", top_n, "--capacity", "9")
         assert code == 2 and out == "" and err.count("\n") == 1 and "--top-n" in err, (top_n, err)
         assert "expected a whole number or 'auto'" in err and err.startswith("precompute replay: "), err
+    # --admission adds the live tier's rates, the share tuned on it beside the LRU's.
+    args = ("--trace", str(trace), "--days", "4", "--top-n", "auto", "--capacity", "100", "--admission", "probation")
+    code, out, err = run_replay(capsys, *args)
+    assert (code, err) == (0, "")
+    assert json.loads(out) == {"trace": str(trace), **replay(days, top_n="auto", capacity=100, admission="probation")}
+    assert {"hit_rate_ours_admission", "top_n_chosen_admission"} <= set(json.loads(out))
 
 
 # --- admission of live values (the read-through half, as serving.admission decides it) ---------------------
@@ -1068,10 +1076,60 @@ def test_admission_decisions_by_hand():
     ]
 
 
+def test_probation_by_hand_and_against_lru_on_one_hit_wonders():
+    from precompute_assets.serving.admission import Probation
+
+    # Capacity 3: probation holds 1 key once the tier is full, the ghost list 2 names (the Redis test runs the
+    # same trace through the real scripts).
+    keys = ["a", "b", "a", "c", "d", "a", "b"]
+    expected = ["admitted", "admitted", "hit", "admitted", "admitted", "hit", "admitted"]
+    assert admission_decisions(keys, Probation(capacity=3)) == expected
+    # Without a capacity the policy's own is used; a capacity given here wins.
+    assert admission_decisions(keys, "probation") == [
+        "admitted",
+        "admitted",
+        "hit",
+        "admitted",
+        "admitted",
+        "hit",
+        "hit",
+    ]
+    assert admission_decisions(keys, "probation", capacity=3) == expected
+
+    days = one_hit_wonders_days(np.random.default_rng(52))
+    result = replay(days, top_n=0, capacity=100, admission="probation")
+    assert result["admission"] == "probation" and "admission_window" not in result
+    # Keys asked for once pass through a tenth of the cache: far above LRU, level with S3-FIFO.
+    assert result["hit_rate_lru_admission"] > result["hit_rate_lru"] + 0.15
+    assert result["hit_rate_lru_admission"] >= result["hit_rate_s3fifo"] - 0.01
+    assert result["hit_rate_ours_admission"] == result["hit_rate_lru_admission"]  # top_n=0
+    assert result["hit_rate_lru_admission"] <= result["hit_rate_belady"]
+
+
+def test_auto_share_is_tuned_on_the_live_tier_it_shares_capacity_with():
+    days = one_hit_wonders_days(np.random.default_rng(53), days=6)
+    result = replay(days, top_n="auto", capacity=100, admission="probation")
+    chosen = result["top_n_chosen_admission"]
+    assert len(chosen) == 5 and chosen[0] == 0 and result["top_n_mean_admission"] == sum(chosen) / 5
+    assert all(share in share_candidates(100) for share in chosen)
+    # A stable hot set precomputed, one-hit wonders kept in probation on the first counted day: above both
+    # published policies at the same capacity, and above either half alone.
+    best_published = max(result["hit_rate_s3fifo"], result["hit_rate_arc"])
+    assert result["hit_rate_ours_admission"] > best_published + 0.03
+    assert result["hit_rate_ours_admission"] > max(result["hit_rate_lru_admission"], result["hit_rate_ours"])
+    # The share tuned on the LRU is reported as before, beside the one tuned on the probation tier.
+    assert result["top_n_chosen"] == replay(days, top_n="auto", capacity=100)["top_n_chosen"]
+
+
 def test_admission_arguments():
     days = days_of([1, 2], [1, 2])
-    for bad in ({"admission": "lfu"}, {"admission": "second_miss", "admission_window": 0}):
+    for bad in (
+        {"admission": "lfu"},
+        {"admission": "second_miss", "admission_window": 0},
+    ):
         with pytest.raises(ValueError):
             replay(days, top_n=0, capacity=2, **bad)
     with pytest.raises(ValueError, match="admission_window"):
         admission_decisions([1, 2], "second_miss", window=1.5)
+    with pytest.raises(ValueError, match="capacity"):
+        admission_decisions([1, 2], "probation", capacity=0)

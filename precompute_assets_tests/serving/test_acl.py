@@ -24,7 +24,7 @@ from precompute_assets.serving.acl import (
     publisher_rules,
     reader_rules,
 )
-from precompute_assets.serving.admission import FrequencySketch, SecondMiss
+from precompute_assets.serving.admission import FrequencySketch, Probation, SecondMiss
 from precompute_assets.serving.keys import Pointer
 from precompute_assets.serving.publish import (
     delete_live_values,
@@ -106,16 +106,18 @@ def test_the_exact_rules_of_namespace_pc() -> None:
     assert reader_rules() == [
         "resetkeys", "%R~pc:1:*", "resetchannels", "-@all", "+ping", "+client|setinfo", "+get", "+hget", "+hmget",
         "+pttl", "clearselectors",
-        "(~pc:1:*:live:* +set)",
-        "(~pc:1:*:delta:* +set)",
+        "(~pc:1:*:live:* +set +unlink)",
+        "(~pc:1:*:delta:* +set +unlink)",
         "(~pc:1:*:lock:* +set)",
         "(~pc:1:*:seen:* +set)",
         "(~pc:1:*:sketch +bitfield +eval +set)",
+        "(~pc:1:*:fifo:* +eval +hexists +hincrby +hset +hdel +zscore +zadd +zrem +zcard +zpopmin +incr +llen +lpop"
+        " +rpush)",
         "(%W~pc:1:qlog +xadd)",
         "(%W~pc:1:events +xadd)",
         "(~pc:1:stats:* +hincrby)",
     ]  # fmt: skip
-    assert reader_rules(kinds=["ctr", "campaign"])[-8] == "(~pc:1:ctr:live:* ~pc:1:campaign:live:* +set)"
+    assert reader_rules(kinds=["ctr", "campaign"])[-9] == "(~pc:1:ctr:live:* ~pc:1:campaign:live:* +set +unlink)"
     commands = acl_setuser_commands("pc", publisher=("pub", PUBLISHER_PASSWORD), reader=("rd", READER_PASSWORD))
     assert commands[0][:6] == ["ACL", "SETUSER", "pub", "reset", "on", password_hash(PUBLISHER_PASSWORD)]
     assert commands[1][:6] == ["ACL", "SETUSER", "rd", "reset", "on", password_hash(READER_PASSWORD)]
@@ -175,10 +177,15 @@ def test_the_reader_serves_logs_and_admits_but_cannot_write_versions(
     for _ in range(2):  # aging halved h3's count to 0: two more lookups reach the threshold, and it is stored
         assert cache.get_or_compute("ctr", "h3", lambda key: 0.75, admission=sketch) == 0.75
     assert cache.rejected == 5 and admin.exists(schema.live("ctr", "h3"))
+    probation = Probation(capacity=2)  # its scripts, and the UNLINK of the values they evict
+    for key in ("p1", "p2", "p1", "p3"):  # p3's miss: p1 (hit in probation) moves to main, p2 leaves
+        assert cache.get_or_compute("rank", key, lambda key: 1, admission=probation) == 1
+    assert not admin.exists(schema.live("rank", "p2")) and admin.exists(schema.live("rank", "p3"))
+    assert admin.zrange(schema.admission_fifo("rank", "main"), 0, -1) == [b"p1"]
     logger.flush()
     assert cache.errors == 0  # the client absorbs Redis errors: none happened
-    assert logger.stats.flush_errors == 0 and logger.stats.written == logger.stats.logged == 14
-    assert len(logged_queries(admin, schema)) == 14
+    assert logger.stats.flush_errors == 0 and logger.stats.written == logger.stats.logged == 18
+    assert len(logged_queries(admin, schema)) == 18
     assert admin.hgetall(schema.stats("ctr")) == {b"hit": b"5", b"miss": b"9"}
     cache.close()
 
@@ -198,6 +205,8 @@ def test_the_reader_serves_logs_and_admits_but_cannot_write_versions(
     refused(lambda: reader.set(schema.query_log_trimmed(), b"9999999999999"))
     refused(lambda: reader.eval("return redis.call('SET', KEYS[1], 'evil:1')", 1, schema.pointer("ctr")))
     refused(lambda: reader.eval("return redis.call('DEL', KEYS[1])", 1, schema.admission_sketch("ctr")))
+    refused(lambda: reader.eval("return redis.call('DEL', KEYS[1])", 1, schema.admission_fifo("ctr", "main")))
+    refused(lambda: reader.unlink(schema.pointer("ctr")))  # UNLINK only on live values and their deltas
     admin.set("other:1:ctr:current", b"v1:1")
     refused(lambda: reader.get("other:1:ctr:current"))
     refused(lambda: reader.set("other:1:ctr:live:x", b"x"))

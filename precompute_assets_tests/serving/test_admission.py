@@ -14,8 +14,10 @@ from precompute_assets.serving import KeySchema, PredictionCache, connect, publi
 from precompute_assets.serving.admission import (
     Always,
     FrequencySketch,
+    Probation,
     SecondMiss,
     admission_policy,
+    probation_sizes,
     sketch_columns,
 )
 
@@ -61,6 +63,11 @@ def test_policy_names_and_arguments():
             FrequencySketch(**options)
     with pytest.raises(ValueError):
         SecondMiss(0)
+    assert admission_policy("probation") == Probation()
+    for bad in (0, -1, 1.5, True, "10"):
+        with pytest.raises(ValueError, match="capacity"):
+            Probation(capacity=bad)
+    assert probation_sizes(1) == (1, 0) and probation_sizes(10) == (1, 9) and probation_sizes(1000) == (100, 900)
     # 4-byte count + 4 rows of 32768 4-bit counters: the documented 64 KiB per kind.
     assert FrequencySketch().bytes == 4 + 65536 and FrequencySketch().sample == 327680
     assert FrequencySketch(width=3, depth=1).bytes == 6
@@ -176,6 +183,63 @@ def test_client_and_replay_make_the_same_decisions(redis_server, policy):
     )
 
 
+def probation_state(client, schema: KeySchema, kind: str) -> dict:
+    """What ``Probation`` keeps in Redis for ``kind``, as Python collections (queues oldest first)."""
+    name = lambda part: schema.admission_fifo(kind, part)  # noqa: E731
+    decode = lambda items: [item.decode() for item in items]  # noqa: E731
+    return {
+        "small": decode(client.lrange(name("small"), 0, -1)),
+        "hits": {key.decode(): int(count) for key, count in client.hgetall(name("hits")).items()},
+        "main": decode(client.zrange(name("main"), 0, -1)),
+        "ghost": decode(client.zrange(name("ghost"), 0, -1)),
+    }
+
+
+def test_probation_keeps_one_hit_wonders_in_a_small_queue(redis_server):
+    """By hand, capacity 3 (probation 1 key, ghost 2): a hit in probation promotes, a key without one leaves
+    (its value deleted) for the ghost list, and a ghost that comes back goes straight to the main LRU."""
+    server = redis_server()
+    client = connect(server.url, socket_timeout=5)
+    schema = KeySchema("fifo")
+    cache = make_cache(server.url, schema, live_ttl_s=3600, admission=Probation(capacity=3))
+    keys = ["a", "b", "a", "c", "d", "a", "b"]
+    got = run_through_client(cache, client, schema, keys)
+    assert got == ["admitted", "admitted", "hit", "admitted", "admitted", "hit", "admitted"]
+    assert got == admission_decisions(keys, Probation(capacity=3))
+    # d's miss found 3 keys: a (hit in probation) moved to main, b (none) left; b's miss then evicted c and
+    # came back from the ghost list into main.
+    assert probation_state(client, schema, "rank") == {"small": ["d"], "hits": {"d": 0}, "main": ["a", "b"],
+                                                       "ghost": ["c"]}  # fmt: skip
+    live = sorted(k.decode().rpartition(":live:")[2] for k in client.scan_iter("fifo:1:rank:live:*"))
+    assert live == ["a", "b", "d"]  # evicted values are deleted, with their XFetch deltas
+    assert sorted(k.decode().rpartition(":delta:")[2] for k in client.scan_iter("fifo:1:rank:delta:*")) == live
+    assert cache.errors == 0 and cache.rejected == 0
+
+
+def test_probation_client_and_replay_agree_and_stay_within_capacity(redis_server):
+    rng = np.random.default_rng(8)
+    hot = [f"item:{k}" for k in rng.zipf(1.3, 1500) % 60]
+    once = [f"once:{i}" for i in range(500)]
+    keys = [once[i // 4] if i % 4 == 0 else hot[i - i // 4 - 1] for i in range(2000)]
+    server = redis_server()
+    client = connect(server.url, socket_timeout=5)
+    schema = KeySchema("fifo")
+    policy = Probation(capacity=40)
+    cache = make_cache(server.url, schema, live_ttl_s=3600, admission=policy)
+    got = run_through_client(cache, client, schema, keys)
+    assert got == admission_decisions(keys, policy)
+    assert "rejected" not in got and cache.errors == 0
+    state = probation_state(client, schema, "rank")
+    tracked = set(state["small"]) | set(state["main"])
+    assert len(state["small"]) + len(state["main"]) == len(tracked) == 40  # full, and never more
+    assert set(state["hits"]) == set(state["small"]) and len(state["ghost"]) <= probation_sizes(40)[1]
+    assert not tracked & set(state["ghost"])
+    live = {k.decode().rpartition(":live:")[2] for k in client.scan_iter("fifo:1:rank:live:*")}
+    assert live == tracked  # every value the policy evicted was deleted
+    # The one-hit wonders passed through probation and left; the hot keys hold the main LRU.
+    assert sum(key.startswith("once:") for key in state["main"]) <= 2
+
+
 def test_redis_that_refuses_the_policys_commands_never_raises(redis_server):
     server = redis_server(extra_config=('rename-command BITFIELD ""',))
     schema = KeySchema("adm")
@@ -189,7 +253,7 @@ def test_dead_redis_with_admission_computes_without_raising(schema):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         dead_url = f"redis://127.0.0.1:{s.getsockname()[1]}/0"
-    for policy in ("second_miss", "frequency"):
+    for policy in ("second_miss", "frequency", "probation"):
         cache = PredictionCache.from_url(dead_url, socket_timeout=0.1, namespace=schema.namespace, admission=policy)
         assert cache.get_or_compute("ctr", "ad1", lambda key: 0.42) == 0.42
         assert cache.errors == 1 and cache.rejected == 0

@@ -16,9 +16,9 @@ from redis.cluster import RedisCluster
 
 from precompute_assets.defs.resources import RedisResource
 from precompute_assets.serving import Experiment, KeySchema, PredictionCache, QueryLogger, connect, publish_version
-from precompute_assets.serving.admission import FrequencySketch, SecondMiss
+from precompute_assets.serving.admission import FrequencySketch, Probation, SecondMiss
 from precompute_assets.serving.connection import REDIS_ERRORS, key_slot, split_cluster_url
-from precompute_assets.serving.keys import Pointer, bucket_of
+from precompute_assets.serving.keys import FIFO_PARTS, Pointer, bucket_of
 from precompute_assets.serving.publish import delete_live_values, patch_version, write_live_values
 from precompute_assets_tests.factories import logged_queries
 
@@ -182,7 +182,15 @@ def test_get_or_compute_and_admission_on_the_cluster(redis_cluster, cluster_clie
         frequent.get_or_compute("rank", f"cold{i}", lambda key: 0)  # the 4th lookup ages the sketch (Lua, one key)
     # aged at the 4th lookup (count back to 0), then the 5th counted
     assert int.from_bytes(cluster_client.get(ns.admission_sketch("rank"))[:4], "big") == 1
-    assert frequent.errors == 0 and second.errors == 0 and cache.errors == 0
+
+    # Probation: its state shares one slot (the scripts need it), the evicted values live on other masters.
+    probation = cache_on(redis_cluster, ns, admission=Probation(capacity=2))
+    for key in ("p1", "p2", "p1", "p3", "p4"):
+        probation.get_or_compute("emb", key, lambda key: [1])
+    assert len({key_slot(ns.admission_fifo("emb", part)) for part in FIFO_PARTS}) == 1
+    assert cluster_client.zrange(ns.admission_fifo("emb", "main"), 0, -1) == [b"p1"]
+    assert [cluster_client.exists(ns.live("emb", key)) for key in ("p1", "p2", "p3", "p4")] == [1, 0, 0, 1]
+    assert frequent.errors == 0 and second.errors == 0 and cache.errors == 0 and probation.errors == 0
 
 
 def test_query_logger_and_stats_on_the_cluster(redis_cluster, cluster_client, ns):

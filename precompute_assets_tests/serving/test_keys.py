@@ -54,6 +54,8 @@ def test_kinds_that_could_collide_are_refused(kind):
         with pytest.raises(ValueError, match="invalid kind"):
             build(kind)
     with pytest.raises(ValueError, match="invalid kind"):
+        schema.admission_fifo(kind, "main")
+    with pytest.raises(ValueError, match="invalid kind"):
         schema.live(kind, "k")
     with pytest.raises(ValueError, match="invalid kind"):
         schema.bucket(kind, "v1", 0)
@@ -68,13 +70,39 @@ def test_the_stats_kind_would_have_been_the_stats_of_kind_current():
 
 @pytest.mark.parametrize(
     "version",
-    ["live", "LIVE", "current", "experiment", "sketch", "seen", "v1:2", "v{1}", "{v1}", "v 1", "", "v" * 65, "v1\n"],
+    [
+        "live",
+        "LIVE",
+        "current",
+        "experiment",
+        "sketch",
+        "seen",
+        "fifo",
+        "v1:2",
+        "v{1}",
+        "{v1}",
+        "v 1",
+        "",
+        "v" * 65,
+        "v1\n",
+    ],
 )
 def test_versions_that_could_collide_are_refused(version):
     from precompute_assets.serving.keys import check_version
 
     with pytest.raises(ValueError, match="invalid version"):
         check_version(version)
+
+
+def test_probation_state_shares_one_hash_tag_per_kind():
+    from precompute_assets.serving.connection import key_slot
+    from precompute_assets.serving.keys import FIFO_PARTS
+
+    schema = KeySchema("pc")
+    assert schema.admission_fifo("ctr", "main") == "pc:1:ctr:fifo:{pc:1:ctr}:main"
+    assert len({key_slot(schema.admission_fifo("ctr", part)) for part in FIFO_PARTS}) == 1
+    with pytest.raises(ValueError, match="unknown probation part"):
+        schema.admission_fifo("ctr", "live")
 
 
 def test_version_live_would_overwrite_live_values():
