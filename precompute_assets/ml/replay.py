@@ -154,9 +154,11 @@ def replay(
     ``admission`` (a name or a ``serving.admission`` policy) adds ``hit_rate_lru_admission`` and
     ``hit_rate_ours_admission``: the same LRU and ours, but a missed key enters the LRU only when the policy
     admits it, decided exactly as ``PredictionCache.get_or_compute`` decides (see ``admission_decisions``;
-    ``second_miss`` counts its window in requests, ``admission_window``, default ``capacity``).
+    ``second_miss`` counts its window in requests, ``admission_window``, default ``capacity``). ``probation`` is
+    the policy's own live tier of ``capacity - N`` keys. With ``top_n="auto"`` ours with admission gets its own
+    share, tuned on that live tier: ``top_n_chosen_admission`` and ``top_n_mean_admission``.
     """
-    live = None if admission is None else _live_tier(admission, admission_window, capacity)
+    live_tier = None if admission is None else _live_tier(admission, admission_window, capacity)
     auto = isinstance(top_n, str)
     if auto and top_n != "auto":
         raise ValueError(f"top_n must be an integer or 'auto', got {top_n!r}")
@@ -207,34 +209,33 @@ def replay(
         "belady": belady_hits(days, capacity, warmup_days=warmup_days),
         "oracle_preload": sum(oracle_preload_day_hits(day, capacity) for day in counted),
     }
-    if live is not None:
-        hits["lru_admission"] = sum(live(days, capacity, keys)[warmup_days:])
+    if live_tier is not None:
+        live = live_tier(keys)
+        hits["lru_admission"] = sum(live(days, capacity)[warmup_days:])
         if auto:  # the share is tuned on the live tier it shares the capacity with
             shares_admission, chosen_admission = _self_tuned_shares(
-                days, capacity, ranking, warmup_days=warmup_days, live=lambda d, n, **kw: live(d, n, keys, **kw)
+                days, capacity, ranking, warmup_days=warmup_days, live=live
             )
             slots_admission: int | list[int] = [capacity - share for share in shares_admission]
         else:
             slots_admission, chosen_admission = slots, chosen
-        hits["ours_admission"] = sum(live(days, slots_admission, keys, precomputed=chosen_admission)[warmup_days:])
+        hits["ours_admission"] = sum(live(days, slots_admission, precomputed=chosen_admission)[warmup_days:])
     result: dict = {f"hit_rate_{name}": (n / requests if requests else 0.0) for name, n in hits.items()}
     result.update(requests=int(requests), days=len(days), top_n="auto" if auto else int(top_n), capacity=int(capacity))
-    if live is not None:
+    if live_tier is not None:
         result["admission"] = admission_policy(admission).name
         if result["admission"] == "second_miss":
             result["admission_window"] = int(admission_window or capacity)
     if auto:
         result.update(_share_summary(shares[warmup_days:]))
-        if live is not None:
-            result.update(
-                {f"{name}_admission": value for name, value in _share_summary(shares_admission[warmup_days:]).items()}
-            )
+        if live_tier is not None:
+            result.update(_share_summary(shares_admission[warmup_days:], suffix="_admission"))
     return result
 
 
-def _share_summary(shares: Sequence[int]) -> dict:
+def _share_summary(shares: Sequence[int], *, suffix: str = "") -> dict:
     chosen = [int(share) for share in shares]
-    return {"top_n_chosen": chosen, "top_n_mean": sum(chosen) / len(chosen) if chosen else 0.0}
+    return {f"top_n_chosen{suffix}": chosen, f"top_n_mean{suffix}": sum(chosen) / len(chosen) if chosen else 0.0}
 
 
 def admission_decisions(
@@ -265,9 +266,9 @@ def admission_decisions(
     policy = admission_policy(admission)
     if capacity is None:
         capacity = policy.capacity if isinstance(policy, Probation) else len(index)
-    live = _live_tier(policy, window, max(1, len(codes)))
+    live = _live_tier(policy, window, max(1, len(codes)))(pd.Index(index))
     outcomes: list[str] = []
-    live([codes.astype(np.int64)], capacity, pd.Index(index), outcomes=outcomes)
+    live([codes.astype(np.int64)], capacity, outcomes=outcomes)
     return outcomes
 
 
@@ -646,14 +647,14 @@ class LiveTier(Protocol):
     ) -> list[int]: ...
 
 
-def _live_tier(admission: str | AdmissionPolicy, window: int | None, capacity: int) -> Callable[..., list[int]]:
-    """``tier(days, slots, keys, precomputed=, outcomes=)``: the per-day hits of the live tier that ``admission``
-    gives the client: an LRU behind an admission filter, or (``probation``) the policy's own queues, sized to
-    ``slots`` (the client's ``Probation.capacity``)."""
+def _live_tier(admission: str | AdmissionPolicy, window: int | None, capacity: int) -> Callable[[pd.Index], LiveTier]:
+    """A factory of the live tier that ``admission`` gives the client, for a trace's keys: an LRU behind an
+    admission filter (fresh filter state at every replay), or (``probation``) the policy's own queues, sized to
+    ``slots`` (the client's ``Probation.capacity``). Arguments are checked here, before any replay runs."""
     if isinstance(admission_policy(admission), Probation):
-        return lambda days, slots, keys, **kw: _probation_day_hits(days, slots, **kw)
+        return lambda keys: _probation_day_hits
     model = _admission_model(admission, window, capacity)
-    return lambda days, slots, keys, **kw: _admitted_lru_day_hits(days, slots, model(keys), **kw)
+    return lambda keys: lambda days, slots, **kw: _admitted_lru_day_hits(days, slots, model(keys), **kw)
 
 
 def _probation_day_hits(
@@ -674,7 +675,7 @@ def _probation_day_hits(
     per_day: list[int] = []
     for d, day in enumerate(days):
         size = slots[d] if isinstance(slots, Sequence) else slots
-        small_size, ghost_size = probation_sizes(max(1, size))
+        small_size, ghost_size = probation_sizes(size)
         chosen = precomputed[d] if precomputed is not None else set()
         day_hits = 0
         for key in day.tolist():

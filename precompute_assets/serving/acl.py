@@ -69,6 +69,9 @@ READER_COMMANDS = (
     "hmget",
     "pttl",
 )  # pointer, experiment, buckets, live values; PTTL: XFetch
+# ``EVAL`` of admission ``probation``'s two scripts, and the commands they run on its list, hash and sorted sets.
+PROBATION_COMMANDS = ("eval", "hexists", "hincrby", "hset", "hdel", "zscore", "zadd", "zrem", "zcard", "zpopmin",
+                      "incr", "llen", "lpop", "rpush")  # fmt: skip
 # Each of its writes is granted only with the keys it writes, as a Redis 7 selector ``(keys commands)``.
 READER_WRITES = (
     ("~{prefix}:{kind}:live:*", ("set", "unlink")),  # get_or_compute: SET EX of an admitted value; probation evicts
@@ -76,25 +79,7 @@ READER_WRITES = (
     ("~{prefix}:{kind}:lock:*", ("set",)),  # get_or_compute: SET NX PX of the recompute lock, SET 0 PX 1 XX releases
     ("~{prefix}:{kind}:seen:*", ("set",)),  # second_miss: SET PX NX GET of the marker (reads it back: ~)
     ("~{prefix}:{kind}:sketch", ("bitfield", "eval", "set")),  # frequency: INCRBY, and the aging script's SET
-    (  # probation: its two scripts and the commands they run on its queues
-        "~{prefix}:{kind}:fifo:*",
-        (
-            "eval",
-            "hexists",
-            "hincrby",
-            "hset",
-            "hdel",
-            "zscore",
-            "zadd",
-            "zrem",
-            "zcard",
-            "zpopmin",
-            "incr",
-            "llen",
-            "lpop",
-            "rpush",
-        ),
-    ),  # fmt: skip
+    ("~{prefix}:{kind}:fifo:*", PROBATION_COMMANDS),  # probation: its two scripts and what they run on its queues
     ("%W~{prefix}:qlog", ("xadd",)),  # the query logger: XADD MAXLEN, write-only (the stream is never read back)
     ("%W~{prefix}:events", ("xadd",)),  # the event logger (record_event), write-only too
     ("~{prefix}:stats:*", ("hincrby",)),  # its hit/miss counters (HINCRBY replies the count: ~)

@@ -38,6 +38,7 @@ raised by the client: a failed lookup is a miss that stores nothing.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -45,7 +46,7 @@ from typing import Any, Protocol
 
 import redis
 
-from .keys import KeySchema
+from .keys import FIFO_PARTS, KeySchema
 
 ADMISSION_NAMES = ("always", "second_miss", "frequency", "probation")
 SKETCH_HEADER_NIBBLES = 8  # the u32 lookup count in front of the counters, in 4-bit units
@@ -262,7 +263,8 @@ class Probation:
             raise ValueError(f"capacity must be a whole number of keys >= 1, got {self.capacity!r}")
 
     def observe(self, pipe: Any, schema: KeySchema, kind: str, key: str) -> int:
-        pipe.execute_command("EVAL", _TOUCH, 3, *_fifo_keys(schema, kind, "hits", "main", "seq"), key)
+        _, hits, main, _, seq = _fifo_names(schema, kind)
+        pipe.execute_command("EVAL", _TOUCH, 3, hits, main, seq, key)
         return 1
 
     def decide(self, replies: list) -> Decision:
@@ -271,14 +273,16 @@ class Probation:
     def after_miss(
         self, client: redis.Redis, schema: KeySchema, kind: str, key: str, decision: Decision
     ) -> Sequence[str]:
-        small, ghost = probation_sizes(self.capacity)
-        names = _fifo_keys(schema, kind, "small", "hits", "main", "ghost", "seq")
-        evicted = client.eval(_ADMIT, len(names), *names, key, self.capacity, small, ghost)
+        names = _fifo_names(schema, kind)
+        evicted = client.eval(_ADMIT, len(names), *names, key, self.capacity, *probation_sizes(self.capacity))
         return [name.decode() if isinstance(name, bytes) else str(name) for name in evicted]
 
 
-def _fifo_keys(schema: KeySchema, kind: str, *parts: str) -> list[str]:
-    return [schema.admission_fifo(kind, part) for part in parts]
+@functools.lru_cache(maxsize=256)
+def _fifo_names(schema: KeySchema, kind: str) -> tuple[str, ...]:
+    """``probation``'s five keys of ``kind`` in ``FIFO_PARTS`` order (small, hits, main, ghost, seq), built once:
+    every live-tier lookup needs three of them."""
+    return tuple(schema.admission_fifo(kind, part) for part in FIFO_PARTS)
 
 
 def sketch_columns(key: str, width: int, depth: int) -> list[int]:

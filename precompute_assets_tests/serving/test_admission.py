@@ -20,6 +20,7 @@ from precompute_assets.serving.admission import (
     probation_sizes,
     sketch_columns,
 )
+from precompute_assets.serving.keys import FIFO_PARTS
 
 
 def make_cache(url: str, schema: KeySchema, **options) -> PredictionCache:
@@ -185,13 +186,12 @@ def test_client_and_replay_make_the_same_decisions(redis_server, policy):
 
 def probation_state(client, schema: KeySchema, kind: str) -> dict:
     """What ``Probation`` keeps in Redis for ``kind``, as Python collections (queues oldest first)."""
-    name = lambda part: schema.admission_fifo(kind, part)  # noqa: E731
-    decode = lambda items: [item.decode() for item in items]  # noqa: E731
+    small, hits, main, ghost, _ = (schema.admission_fifo(kind, part) for part in FIFO_PARTS)
     return {
-        "small": decode(client.lrange(name("small"), 0, -1)),
-        "hits": {key.decode(): int(count) for key, count in client.hgetall(name("hits")).items()},
-        "main": decode(client.zrange(name("main"), 0, -1)),
-        "ghost": decode(client.zrange(name("ghost"), 0, -1)),
+        "small": [key.decode() for key in client.lrange(small, 0, -1)],
+        "hits": {key.decode(): int(count) for key, count in client.hgetall(hits).items()},
+        "main": [key.decode() for key in client.zrange(main, 0, -1)],
+        "ghost": [key.decode() for key in client.zrange(ghost, 0, -1)],
     }
 
 
