@@ -12,6 +12,7 @@ from ..ml.selection import ad_demand as weighted_demand
 from ..ml.selection import coverage, select_top
 from ..ml.selection import traffic_profile as offpeak_profile
 from ..ml.strategies import TraceHours, strategy_rankings
+from ..serving.admission import ADMISSION_NAMES
 from ..storage.lake import Lake
 from .partitions import DEFAULT_PARTITIONS, Partitions
 from .resources import ExperimentResource, LakeResource, ModelStoreResource
@@ -36,12 +37,16 @@ class TopAdsConfig(SelectionConfig):
 
     ``precompute_share``: ``fixed`` precomputes ``top_n`` ads; ``auto`` chooses how many within
     ``cache_capacity`` (the keys the serving cache holds, precomputed plus read-through): the N of
-    0, C/16, C/8, C/4, C/2, 3C/4, C whose "top-N + read-through LRU of C-N" got the most hits replaying the
-    logged days (``ml.replay.tune_share``), so where precomputing would hurt it precomputes nothing."""
+    0, C/16, C/8, C/4, C/2, 3C/4, C whose "top-N + read-through of C-N" got the most hits replaying the
+    logged days (``ml.replay.tune_share``), so where precomputing would hurt it precomputes nothing.
+
+    ``admission``: the serving clients' admission policy (``serving.admission``: ``always``, ``second_miss``,
+    ``frequency``, ``probation``), so the share is tuned on the live tier that shares the capacity with it."""
 
     strategy: str = "auto"
     precompute_share: str = "fixed"
     cache_capacity: int = 0
+    admission: str = "always"
 
 
 def hourly_logs(
@@ -162,11 +167,13 @@ def logged_trace(lake: Lake, partitions: Partitions, days: list[str]) -> TraceHo
     return TraceHours(joined(keys, object), joined(day_index, np.int64), joined(hour_index, np.int64), len(days))
 
 
-def self_tuned_share(lake: Lake, partitions: Partitions, day: str, strategy: str, capacity: int) -> ShareChoice:
+def self_tuned_share(
+    lake: Lake, partitions: Partitions, day: str, strategy: str, capacity: int, admission: str = "always"
+) -> ShareChoice:
     """The precompute share for the day after ``day`` within ``capacity`` keys, from replaying the logged days
-    (``LOOKBACK_DAYS`` up to ``day``, from the first with logs; that one only warms the caches). Each replayed
-    day is ranked by ``strategy`` from the days before it; the LSTM, whose daily retraining a replay cannot
-    afford here, is replayed with the frequency ranking."""
+    (``LOOKBACK_DAYS`` up to ``day``, from the first with logs; that one only warms the caches) beside the live
+    tier ``admission`` gives. Each replayed day is ranked by ``strategy`` from the days before it; the LSTM,
+    whose daily retraining a replay cannot afford here, is replayed with the frequency ranking."""
     days = partitions.days_ending(day, LOOKBACK_DAYS)
     hours = logged_trace(lake, partitions, days)
     if len(hours.keys) and hours.day[0] > 0:  # days before the first logged one would make that day count cold
@@ -174,7 +181,7 @@ def self_tuned_share(lake: Lake, partitions: Partitions, day: str, strategy: str
         hours = TraceHours(hours.keys, hours.day - first, hours.hour, hours.n_days - first)
     replayed = strategy if strategy in ("frequency", "ewma", "seasonal") else "frequency"
     rankings, _ = strategy_rankings(hours, replayed, capacity)
-    return tune_share(hours.day_keys(), capacity, ranked=rankings)
+    return tune_share(hours.day_keys(), capacity, ranked=rankings, admission=admission)
 
 
 @dg.asset(
@@ -205,6 +212,8 @@ def top_ads(
         raise dg.Failure(description=f"unknown precompute_share {config.precompute_share!r}: use fixed or auto")
     if config.precompute_share == "auto" and config.cache_capacity < 1:
         raise dg.Failure(description="precompute_share auto needs cache_capacity: the keys the serving cache holds")
+    if config.admission not in ADMISSION_NAMES:
+        raise dg.Failure(description=f"unknown admission {config.admission!r}: use one of {', '.join(ADMISSION_NAMES)}")
     if config.precompute_share == "fixed" and config.top_n < 0:
         raise dg.Failure(description=f"top_n must be at least 0, got {config.top_n}")
     frequency = known.set_index("ad_id")["demand"]
@@ -225,11 +234,17 @@ def top_ads(
     top_n = config.top_n
     if config.precompute_share == "auto":
         choice = self_tuned_share(
-            lake.lake(), Partitions.of(context), context.partition_key, strategy, config.cache_capacity
+            lake.lake(),
+            Partitions.of(context),
+            context.partition_key,
+            strategy,
+            config.cache_capacity,
+            config.admission,
         )
         top_n = choice.share
         share_metadata.update(
             cache_capacity=config.cache_capacity,
+            share_admission=config.admission,
             share_hit_rate=choice.hit_rates[choice.share],
             read_through_hit_rate=choice.hit_rates[0],
             share_replayed_requests=choice.requests,
@@ -238,7 +253,7 @@ def top_ads(
         context.log.info(
             f"self-tuned share: {top_n} of {config.cache_capacity} keys (replayed hit rate "
             f"{choice.hit_rates[top_n]:.4f}, read-through only {choice.hit_rates[0]:.4f}, "
-            f"{choice.requests} replayed requests)"
+            f"{choice.requests} replayed requests, live tier: {config.admission})"
         )
     arm_metadata: dict = {}
     if running is None:

@@ -514,13 +514,18 @@ def tune_share(
     ranked: Sequence[Sequence[Hashable]] | None = None,
     warmup_days: int = 1,
     half_life_days: float = 2.0,
+    admission: str | AdmissionPolicy | None = None,
 ) -> ShareChoice:
     """The precompute share for the day after ``day_keys``: the candidate N (``share_candidates``) whose
-    "top-N + read-through LRU of C-N" got the most hits on days W..D-1 of the history (ties: the smaller N),
+    "top-N + read-through of C-N" got the most hits on days W..D-1 of the history (ties: the smaller N),
     each day's top-N ranked from the days before it (``ranked``, else recency-weighted frequency). Without a
-    counted day with requests the share is 0: plain read-through until there is evidence."""
+    counted day with requests the share is 0: plain read-through until there is evidence.
+
+    The read-through is the live tier the serving client's ``admission`` gives (as ``replay`` models it): an LRU
+    by default (``always``), behind the policy's filter, or ``probation``'s own queues of C-N keys."""
     if capacity < 1:
         raise ValueError(f"capacity must be at least 1, got {capacity}")
+    live_tier = None if admission is None else _live_tier(admission, None, capacity)
     if warmup_days < 0:
         raise ValueError(f"warmup_days must be at least 0, got {warmup_days}")
     if ranked is not None and len(ranked) != len(day_keys):
@@ -532,7 +537,7 @@ def tune_share(
         ranking = _ranked_keys(days, limit=capacity, half_life_days=half_life_days)
     else:
         ranking = [_ranked_codes(given, keys)[:capacity] for given in ranked]
-    day_hits = _candidate_day_hits(days, capacity, ranking)
+    day_hits = _candidate_day_hits(days, capacity, ranking, None if live_tier is None else live_tier(keys))
     requests = sum(len(day) for day in days[warmup_days:])
     share = _best_share(day_hits, warmup_days, len(days)) if requests else 0
     rates = {n: (sum(hits[warmup_days:]) / requests if requests else 0.0) for n, hits in day_hits.items()}

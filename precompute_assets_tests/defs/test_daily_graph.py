@@ -9,6 +9,7 @@ import dagster as dg
 import pytest
 
 from precompute_assets.defs.models import ctr_model, new_ads_check
+from precompute_assets.defs.partitions import Partitions
 from precompute_assets.defs.predictions import ctr_predictions
 from precompute_assets.defs.publishing import ctr_cache
 from precompute_assets.defs.resources import (
@@ -18,7 +19,7 @@ from precompute_assets.defs.resources import (
     ParquetIOManager,
     RedisResource,
 )
-from precompute_assets.defs.selection import ad_demand, top_ads, traffic_profile
+from precompute_assets.defs.selection import ad_demand, self_tuned_share, top_ads, traffic_profile
 from precompute_assets.defs.sources import ad_impressions, ads
 from precompute_assets.ml.ctr import CtrModel, NewAdEvaluation
 from precompute_assets.ml.features import AdFeatureSpec
@@ -267,6 +268,22 @@ def test_self_tuned_share_precomputes_what_the_replayed_days_say(resources, pg_i
     assert chosen > 0  # the workload's popular ads recur day after day: precomputing them pays
 
 
+def test_self_tuned_share_is_tuned_on_the_serving_clients_live_tier(resources, pg_instance, platform, lake_uri):
+    result = run(resources, pg_instance, precompute_share="auto", cache_capacity=400, admission="probation")
+    assert result.success
+    meta = result.asset_materializations_for_node("top_ads")[0].metadata
+    assert meta["share_admission"].value == "probation"
+    candidates = {int(n): rate for n, rate in meta["share_candidates"].value.items()}
+    replayed = meta["strategy"].value if meta["strategy"].value in ("ewma", "seasonal") else "frequency"
+
+    def tuned(admission: str):
+        return self_tuned_share(Lake(lake_uri), Partitions(), DAYS[-1], replayed, 400, admission)
+
+    probation, lru = tuned("probation"), tuned("always")
+    assert candidates == probation.hit_rates and meta["top_n"].value == probation.share
+    assert probation.hit_rates != lru.hit_rates  # a different live tier, replayed as the client runs it
+
+
 def test_self_tuned_share_of_zero_publishes_an_empty_version(
     resources, pg_instance, platform, lake_uri, redis_client, schema
 ):
@@ -293,6 +310,7 @@ def test_self_tuned_share_of_zero_publishes_an_empty_version(
         ({"precompute_share": "some"}, "unknown precompute_share 'some'"),
         ({"precompute_share": "auto"}, "needs cache_capacity"),
         ({"top_n": -3}, "top_n must be at least 0"),
+        ({"precompute_share": "auto", "cache_capacity": 100, "admission": "lfu"}, "unknown admission 'lfu'"),
     ],
 )
 def test_bad_share_config_fails_top_ads_clearly(resources, pg_instance, platform, config, message):

@@ -23,6 +23,7 @@ from precompute_assets.ml.replay import (
     s3fifo_hits,
     share_candidates,
     split_days,
+    tune_share,
 )
 from precompute_assets.ml.selection import ad_demand, coverage, daily_counts, select_top
 from precompute_assets.tools.cli import main
@@ -1119,6 +1120,23 @@ def test_auto_share_is_tuned_on_the_live_tier_it_shares_capacity_with():
     assert result["hit_rate_ours_admission"] > max(result["hit_rate_lru_admission"], result["hit_rate_ours"])
     # The share tuned on the LRU is reported as before, beside the one tuned on the probation tier.
     assert result["top_n_chosen"] == replay(days, top_n="auto", capacity=100)["top_n_chosen"]
+
+
+@pytest.mark.parametrize("admission", ["probation", "second_miss"])
+def test_tune_share_chooses_what_the_replay_chooses_on_the_same_live_tier(admission):
+    days = one_hit_wonders_days(np.random.default_rng(54), days=6)
+    result = replay(days, top_n="auto", capacity=100, admission=admission)
+    # The share for the day after a history is the one the replay gives that day, from the same days before it.
+    for d in range(2, len(days)):
+        choice = tune_share(days[:d], 100, admission=admission)
+        assert choice.share == result["top_n_chosen_admission"][d - 1]
+        assert choice.share == max(choice.hit_rates, key=lambda n: (choice.hit_rates[n], -n))
+    # The live tier is what the share is tuned on: the read-through rates differ from the LRU's.
+    plain, admitted = tune_share(days, 100), tune_share(days, 100, admission=admission)
+    assert admitted.hit_rates[0] > plain.hit_rates[0] + 0.1
+    assert tune_share(days[:-1], 100).share == result["top_n_chosen"][-1]
+    with pytest.raises(ValueError, match="unknown admission"):
+        tune_share(days, 100, admission="lfu")
 
 
 def test_admission_arguments():
