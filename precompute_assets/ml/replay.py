@@ -19,6 +19,7 @@ import pandas as pd
 
 from ..serving.admission import (
     COUNTER_MAX,
+    MAX_EVICTIONS,
     AdmissionPolicy,
     FrequencySketch,
     Probation,
@@ -671,8 +672,9 @@ def _probation_day_hits(
 ) -> list[int]:
     """Hits per day of admission ``probation``'s live tier, step for step as its scripts (``_TOUCH`` at every
     live-tier lookup, ``_ADMIT`` at every miss) run them: a probation FIFO with hit counts, a main LRU and a
-    ghost list, evicting only when ``slots`` keys are tracked. A day with fewer slots evicts at its next miss,
-    as the client does when its capacity shrinks."""
+    ghost list, evicting only when ``slots`` keys are tracked (the client's capacity less the published keys).
+    A day with fewer slots shrinks the tier over its next misses, at most ``MAX_EVICTIONS`` keys each, and a
+    miss that finds no room is not kept, as the client does when a bigger version is published."""
     small: deque[int] = deque()
     hits: dict[int, int] = {}  # the keys in probation and their hits there
     main: OrderedDict[int, None] = OrderedDict()  # least recent first
@@ -695,8 +697,9 @@ def _probation_day_hits(
                 main.move_to_end(key)
                 day_hits += 1
                 outcome = "hit"
-            elif size > 0:
-                while len(small) + len(main) >= size:
+            else:
+                evicted = 0
+                while 0 < len(small) + len(main) >= size and evicted < MAX_EVICTIONS:
                     if small and (len(small) >= small_size or not main):
                         oldest = small.popleft()
                         if hits.pop(oldest):
@@ -705,17 +708,20 @@ def _probation_day_hits(
                             ghost[oldest] = None
                             if len(ghost) > ghost_size:
                                 ghost.popitem(last=False)
+                            evicted += 1
                     else:
                         main.popitem(last=False)
-                if key in ghost:
-                    del ghost[key]
-                    main[key] = None
+                        evicted += 1
+                if len(small) + len(main) >= size:  # no room: the stored value is deleted again
+                    outcome = "rejected"
                 else:
-                    small.append(key)
-                    hits[key] = 0
-                outcome = "admitted"
-            else:
-                outcome = "rejected"
+                    outcome = "admitted"
+                    if key in ghost:
+                        del ghost[key]
+                        main[key] = None
+                    else:
+                        small.append(key)
+                        hits[key] = 0
             if outcomes is not None:
                 outcomes.append(outcome)
         per_day.append(day_hits)

@@ -19,9 +19,14 @@ stored:
   about 4 ms of server time for the default 64 KiB), so old popularity fades. Memory: a string of
   ``4 + depth * width / 2`` bytes per kind, fixed (``FrequencySketch.bytes``; Redis may allocate up to twice
   that while ``BITFIELD`` grows it, until the first aging rewrites it).
-- ``probation``: the live tier is a cache of ``capacity`` keys per kind that the policy itself keeps, in the
-  manner of S3-FIFO (Yang et al., SOSP'23) with an LRU main queue. A missed key enters a small FIFO
-  (``probation_sizes``: a tenth of the capacity) unless it is in the ghost list, which sends it straight to
+- ``probation``: a kind holds ``capacity`` keys in Redis, published and live together: the live tier is a cache
+  of ``capacity - N`` keys (N: the published version's keys, which ``publish_version`` writes to
+  ``{kind}:fifo:{{...}}:published``; the embedding sync's versions, patched in place, record none, leaving the
+  tier the whole capacity) that the policy itself keeps, in the manner of S3-FIFO (Yang et al.,
+  SOSP'23) with an LRU main queue; this is the split of one capacity that ``ml.replay`` and the self-tuned
+  precompute share model. A bigger published version shrinks the tier over the next misses, at most
+  ``MAX_EVICTIONS`` keys each; a miss that finds no room is not kept. A missed key enters a small FIFO
+  (``probation_sizes``: a tenth of the tier) unless it is in the ghost list, which sends it straight to
   the main LRU. When the tier is full, the oldest probation key moves to the main LRU if it was looked up while
   in probation, else it leaves (its value is deleted) and its name goes to the ghost list; once probation is
   short, the main LRU's least recent key leaves instead. Keys asked for once thus pass through a tenth of the
@@ -29,8 +34,8 @@ stored:
   probation hit, or refresh the key in the LRU); every stored miss runs ``_ADMIT`` (evict, insert), and the
   client deletes the live values of the keys it evicted. State, in one Redis Cluster slot per kind (hash tag):
   ``{kind}:fifo:{{...}}:small`` (list), ``:hits`` (hash), ``:main`` and ``:ghost`` (sorted sets by a sequence
-  number), ``:seq``; at most ``capacity`` tracked keys and ``capacity - small`` ghost names, about 100 bytes
-  plus the key twice per tracked key. Redis's own maxmemory eviction stays a safety net beneath it.
+  number), ``:seq``, ``:published``; at most ``capacity`` tracked keys and ``capacity - small`` ghost names,
+  about 100 bytes plus the key twice per tracked key. Redis's own maxmemory eviction stays a safety net beneath it.
 
 ``ml.replay`` models these decisions request by request (``admission_decisions``). Redis errors are never
 raised by the client: a failed lookup is a miss that stores nothing.
@@ -209,14 +214,22 @@ end
 return 0
 """
 
-# KEYS: small, hits, main, ghost, seq; ARGV: key, capacity, small size, ghost size. Evicts until a key fits, then
-# inserts ARGV[1] (into the main LRU if its name is in the ghost list, else at the tail of probation). Replies the
-# keys that left the cache (their values are to be deleted). A key already tracked (its value expired) stays put.
+# KEYS: small, hits, main, ghost, seq, published; ARGV: key, capacity, most evictions. The tier's size is the
+# capacity less the published version's keys (``published``, written by ``publish_version``), its probation and
+# ghost sizes ``probation_sizes`` of that. Evicts (at most ARGV[3] keys) until a key fits, then inserts ARGV[1]
+# (into the main LRU if its name is in the ghost list, else at the tail of probation); a key that still does not
+# fit (no room beside the published keys, or a tier still shrinking to a smaller size) is not kept. Replies the
+# keys that left the cache (their values are to be deleted; ARGV[1] itself when not kept). A key already tracked
+# (its value expired) stays put.
 _ADMIT = """
-local key, capacity, small_size, ghost_size = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local key, capacity, most = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 if redis.call('HEXISTS', KEYS[2], key) == 1 or redis.call('ZSCORE', KEYS[3], key) then return {} end
+local size = capacity - (tonumber(redis.call('GET', KEYS[6])) or 0)
+local small_size = math.max(1, math.floor(size / 10))
+local ghost_size = math.max(0, size - small_size)
 local evicted = {}
-while redis.call('LLEN', KEYS[1]) + redis.call('ZCARD', KEYS[3]) >= capacity do
+local function tracked() return redis.call('LLEN', KEYS[1]) + redis.call('ZCARD', KEYS[3]) end
+while tracked() > 0 and tracked() >= size and #evicted < most do
   local small = redis.call('LLEN', KEYS[1])
   if small > 0 and (small >= small_size or redis.call('ZCARD', KEYS[3]) == 0) then
     local oldest = redis.call('LPOP', KEYS[1])
@@ -233,6 +246,10 @@ while redis.call('LLEN', KEYS[1]) + redis.call('ZCARD', KEYS[3]) >= capacity do
     evicted[#evicted + 1] = redis.call('ZPOPMIN', KEYS[3])[1]
   end
 end
+if tracked() >= size then
+  evicted[#evicted + 1] = key
+  return evicted
+end
 if redis.call('ZREM', KEYS[4], key) == 1 then
   redis.call('ZADD', KEYS[3], redis.call('INCR', KEYS[5]), key)
 else
@@ -241,18 +258,22 @@ else
 end
 return evicted
 """
+# A miss evicts at most this many keys: a tier that must shrink by many (a bigger published version) shrinks over
+# the next misses, each script staying short.
+MAX_EVICTIONS = 64
 
 
 def probation_sizes(capacity: int) -> tuple[int, int]:
     """The probation FIFO's size and the ghost list's for a live tier of ``capacity`` keys: a tenth (at least
-    one key), and the rest."""
+    one key), and the rest (``_ADMIT`` computes the same in Lua)."""
     small = max(1, capacity // 10)
     return small, max(0, capacity - small)
 
 
 @dataclass(frozen=True)
 class Probation:
-    """Keep the live tier to ``capacity`` keys per kind: a probation FIFO, a main LRU and a ghost list (see the
+    """Keep a kind to ``capacity`` keys in Redis, its published version's and its live tier's together: the live
+    tier holds ``capacity`` less the published keys, as a probation FIFO, a main LRU and a ghost list (see the
     module docstring). Every miss is stored; what the policy decides is which keys leave."""
 
     capacity: int = 100_000
@@ -263,7 +284,7 @@ class Probation:
             raise ValueError(f"capacity must be a whole number of keys >= 1, got {self.capacity!r}")
 
     def observe(self, pipe: Any, schema: KeySchema, kind: str, key: str) -> int:
-        _, hits, main, _, seq = _fifo_names(schema, kind)
+        _, hits, main, _, seq, _ = _fifo_names(schema, kind)
         pipe.execute_command("EVAL", _TOUCH, 3, hits, main, seq, key)
         return 1
 
@@ -274,14 +295,14 @@ class Probation:
         self, client: redis.Redis, schema: KeySchema, kind: str, key: str, decision: Decision
     ) -> Sequence[str]:
         names = _fifo_names(schema, kind)
-        evicted = client.eval(_ADMIT, len(names), *names, key, self.capacity, *probation_sizes(self.capacity))
+        evicted = client.eval(_ADMIT, len(names), *names, key, self.capacity, MAX_EVICTIONS)
         return [name.decode() if isinstance(name, bytes) else str(name) for name in evicted]
 
 
 @functools.lru_cache(maxsize=256)
 def _fifo_names(schema: KeySchema, kind: str) -> tuple[str, ...]:
-    """``probation``'s five keys of ``kind`` in ``FIFO_PARTS`` order (small, hits, main, ghost, seq), built once:
-    every live-tier lookup needs three of them."""
+    """``probation``'s keys of ``kind`` in ``FIFO_PARTS`` order (small, hits, main, ghost, seq, published), built
+    once: every live-tier lookup needs three of them."""
     return tuple(schema.admission_fifo(kind, part) for part in FIFO_PARTS)
 
 

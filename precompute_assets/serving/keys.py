@@ -26,7 +26,8 @@ key                                    type      content
 ``pc:1:{kind}:sketch``                 string    admission ``frequency``: a u32 request count, then a count-min
                                                  sketch of 4-bit counters (``serving.admission``).
 ``pc:1:{kind}:fifo:{pc:1:{kind}}:*``   various   admission ``probation``: ``small`` list, ``hits`` hash, ``main``
-                                                 and ``ghost`` sorted sets, ``seq`` counter; one hash tag.
+                                                 and ``ghost`` sorted sets, ``seq`` counter, ``published`` (the
+                                                 current version's key count); one hash tag.
 =====================================  ========  ==========================================================
 
 Redis Cluster (``?cluster=1``, see ``connection``): the names carry no hash tag, so every key hashes whole and the
@@ -72,7 +73,8 @@ NAMESPACE_PATTERN = VERSION_PATTERN
 RESERVED_KINDS = frozenset({"qlog", "stats", "events"})
 # Versions whose buckets ``{kind}:{version}:{n}`` would be a kind's own keys (``live:0`` is key 0's live value).
 RESERVED_VERSIONS = frozenset({"live", "current", "experiment", "sketch", "seen", "delta", "lock", "fifo"})
-FIFO_PARTS = ("small", "hits", "main", "ghost", "seq")  # admission ``probation``'s state (``admission_fifo``)
+# admission ``probation``'s state (``admission_fifo``), and the published version's key count it sizes itself by
+FIFO_PARTS = ("small", "hits", "main", "ghost", "seq", "published")
 MAX_KEY_LENGTH = 256  # characters of a prediction key (the query log quarantines longer ones)
 # Control characters, hash-tag braces and lone surrogates (not encodable as UTF-8).
 BAD_KEY_CHARACTERS = re.compile(r"[\x00-\x1f\x7f{}\ud800-\udfff]")

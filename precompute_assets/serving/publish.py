@@ -84,7 +84,8 @@ def publish_version(
     progress: Callable[[int], None] | None = None,
     experiment: Experiment | None = None,
 ) -> PublishResult:
-    """Write ``items`` (``n_keys`` of them) as ``version`` of ``kind`` and make it the current version.
+    """Write ``items`` (``n_keys`` of them) as ``version`` of ``kind``, make it the current version, and record its
+    key count for admission ``probation`` (``{kind}:fifo:{{...}}:published``).
 
     Buckets are written with their TTL in the same pipeline (``ttl_s=None``: no TTL while current, for
     versions patched in place); the previous version is given ``grace_s`` to live so that readers holding
@@ -156,6 +157,9 @@ def publish_version(
         raise
 
     previous = flip_pointer(client, schema, kind, Pointer(version, buckets), grace_s=grace_s, experiment=experiment)
+    # The live tier of admission ``probation`` holds its capacity less the published keys (its own slot: after the
+    # flip; until this write lands, it sizes itself by the version before).
+    run_commands(client, [(b"SET", schema.admission_fifo(kind, "published").encode(), b"%d" % written)])
     return PublishResult(
         kind=kind,
         version=version,

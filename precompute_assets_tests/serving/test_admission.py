@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from precompute_assets.ml.replay import admission_decisions
+from precompute_assets.ml.replay import _probation_day_hits, admission_decisions
 from precompute_assets.serving import KeySchema, PredictionCache, connect, publish_version
 from precompute_assets.serving.admission import (
     Always,
@@ -186,7 +186,7 @@ def test_client_and_replay_make_the_same_decisions(redis_server, policy):
 
 def probation_state(client, schema: KeySchema, kind: str) -> dict:
     """What ``Probation`` keeps in Redis for ``kind``, as Python collections (queues oldest first)."""
-    small, hits, main, ghost, _ = (schema.admission_fifo(kind, part) for part in FIFO_PARTS)
+    small, hits, main, ghost, *_ = (schema.admission_fifo(kind, part) for part in FIFO_PARTS)
     return {
         "small": [key.decode() for key in client.lrange(small, 0, -1)],
         "hits": {key.decode(): int(count) for key, count in client.hgetall(hits).items()},
@@ -238,6 +238,47 @@ def test_probation_client_and_replay_agree_and_stay_within_capacity(redis_server
     assert live == tracked  # every value the policy evicted was deleted
     # The one-hit wonders passed through probation and left; the hot keys hold the main LRU.
     assert sum(key.startswith("once:") for key in state["main"]) <= 2
+
+
+def test_probation_shares_its_capacity_with_the_published_version(redis_server):
+    """``capacity`` counts the published keys too: a version of N keys shrinks the live tier to capacity - N over
+    the next misses (at most ``MAX_EVICTIONS`` each, a miss without room not kept), as the replay models it; a
+    version of capacity keys or more leaves no room at all."""
+    rng = np.random.default_rng(9)
+    keys = [f"item:{k}" for k in rng.zipf(1.2, 2000) % 400]
+    first, second = keys[:1000], keys[1000:]
+    published = sorted(set(second), key=second.count, reverse=True)[:130]
+    server = redis_server()
+    client = connect(server.url, socket_timeout=5)
+    schema = KeySchema("fifo")
+    cache = make_cache(server.url, schema, live_ttl_s=3600, admission=Probation(capacity=200))
+    got = run_through_client(cache, client, schema, first)
+    assert len(tracked_keys(client, schema)) == 200
+    publish(client, schema, "v1", published)
+    assert client.get(schema.admission_fifo("rank", "published")) == b"130"
+    got += run_through_client(cache, client, schema, second)
+    assert len(tracked_keys(client, schema)) == 70  # 200 less the 130 published
+    everything = sorted(set(keys))
+    publish(client, schema, "v2", everything)
+    got += run_through_client(cache, client, schema, ["new:0", "new:1", "new:2"])
+    assert got[-3:] == ["rejected"] * 3 and tracked_keys(client, schema) == set()  # 70 keys: two misses
+    assert not list(client.scan_iter("fifo:1:rank:live:*"))  # every evicted or unkept value deleted
+    expected: list[str] = []
+    days = [np.array(day, dtype=object) for day in (first, second, ["new:0", "new:1", "new:2"])]
+    _probation_day_hits(days, [200, 70, 200 - len(everything)], precomputed=[set(), set(published), set(everything)],
+                        outcomes=expected)  # fmt: skip
+    assert got == expected and "rejected" in got[1000:2000]  # the shrink took more than one miss
+    assert cache.errors == 0
+
+
+def publish(client, schema: KeySchema, version: str, keys: list[str]) -> None:
+    publish_version(client, "rank", version, [(key, {"key": key}) for key in keys], n_keys=len(keys), schema=schema)
+
+
+def tracked_keys(client, schema: KeySchema) -> set[str]:
+    state = probation_state(client, schema, "rank")
+    assert len(state["small"]) + len(state["main"]) == len(set(state["small"]) | set(state["main"]))
+    return set(state["small"]) | set(state["main"])
 
 
 def test_redis_that_refuses_the_policys_commands_never_raises(redis_server):
