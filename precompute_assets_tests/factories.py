@@ -57,3 +57,46 @@ def logged_queries(client, schema, *, min: str = "-", max: str = "+") -> list[tu
     from precompute_assets.serving.querylog import expand_entries
 
     return list(expand_entries(client.xrange(schema.query_log(), min=min, max=max)))
+
+
+class CountingClient:
+    """A redis client that counts round trips: every direct command, every pipeline executed, and every connection
+    taken from its pool (``connection.send_pipelined`` sends on one)."""
+
+    def __init__(self, client):
+        self.client, self.round_trips = client, 0
+        self.connection_pool = _CountingPool(self)
+
+    def pipeline(self, *args, **kwargs):
+        pipe = self.client.pipeline(*args, **kwargs)
+        execute = pipe.execute
+
+        def counted(*a, **k):
+            self.round_trips += 1
+            return execute(*a, **k)
+
+        pipe.execute = counted
+        return pipe
+
+    def __getattr__(self, name):
+        attribute = getattr(self.client, name)
+        if not callable(attribute):
+            return attribute
+
+        def counted(*args, **kwargs):
+            self.round_trips += 1
+            return attribute(*args, **kwargs)
+
+        return counted
+
+
+class _CountingPool:
+    def __init__(self, counter: CountingClient):
+        self._counter, self._pool = counter, counter.client.connection_pool
+
+    def get_connection(self, *args, **kwargs):
+        self._counter.round_trips += 1
+        return self._pool.get_connection(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._pool, name)

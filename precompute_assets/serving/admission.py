@@ -49,8 +49,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import redis
-
 from .keys import FIFO_PARTS, KeySchema
 
 ADMISSION_NAMES = ("always", "second_miss", "frequency", "probation")
@@ -77,11 +75,13 @@ class AdmissionPolicy(Protocol):
         """The decision from the replies of the commands ``observe`` queued."""
         ...
 
-    def after_miss(
-        self, client: redis.Redis, schema: KeySchema, kind: str, key: str, decision: Decision
-    ) -> Sequence[str]:
-        """Housekeeping on a miss of ``key`` (the sketch's aging, the probation queues); may raise Redis errors,
-        which the caller absorbs. Returns the keys whose live values the policy evicts: the caller deletes them."""
+    def after_miss(self, schema: KeySchema, kind: str, key: str, decision: Decision) -> tuple[Any, ...] | None:
+        """The command of the policy's housekeeping on a miss of ``key`` (the sketch's aging, the probation
+        queues), which the caller sends in the same round trip as the value it stores; None: nothing to do."""
+        ...
+
+    def evicted(self, reply: Any) -> Sequence[str]:
+        """The keys whose live values ``after_miss``'s command evicted, from its reply: the caller deletes them."""
         ...
 
 
@@ -97,9 +97,10 @@ class Always:
     def decide(self, replies: list) -> Decision:
         return Decision(True)
 
-    def after_miss(
-        self, client: redis.Redis, schema: KeySchema, kind: str, key: str, decision: Decision
-    ) -> Sequence[str]:
+    def after_miss(self, schema: KeySchema, kind: str, key: str, decision: Decision) -> tuple[Any, ...] | None:
+        return None
+
+    def evicted(self, reply: Any) -> Sequence[str]:
         return ()
 
 
@@ -122,9 +123,10 @@ class SecondMiss:
     def decide(self, replies: list) -> Decision:
         return Decision(replies[0] is not None)
 
-    def after_miss(
-        self, client: redis.Redis, schema: KeySchema, kind: str, key: str, decision: Decision
-    ) -> Sequence[str]:
+    def after_miss(self, schema: KeySchema, kind: str, key: str, decision: Decision) -> tuple[Any, ...] | None:
+        return None
+
+    def evicted(self, reply: Any) -> Sequence[str]:
         return ()
 
 
@@ -192,11 +194,10 @@ class FrequencySketch:
         *counts, seen = replies[0]
         return Decision(min(counts) >= self.threshold, age=seen >= self.sample)
 
-    def after_miss(
-        self, client: redis.Redis, schema: KeySchema, kind: str, key: str, decision: Decision
-    ) -> Sequence[str]:
-        if decision.age:
-            client.eval(_AGE_SKETCH, 1, schema.admission_sketch(kind), self.sample)
+    def after_miss(self, schema: KeySchema, kind: str, key: str, decision: Decision) -> tuple[Any, ...] | None:
+        return ("EVAL", _AGE_SKETCH, 1, schema.admission_sketch(kind), self.sample) if decision.age else None
+
+    def evicted(self, reply: Any) -> Sequence[str]:
         return ()
 
 
@@ -291,12 +292,12 @@ class Probation:
     def decide(self, replies: list) -> Decision:
         return Decision(True)
 
-    def after_miss(
-        self, client: redis.Redis, schema: KeySchema, kind: str, key: str, decision: Decision
-    ) -> Sequence[str]:
+    def after_miss(self, schema: KeySchema, kind: str, key: str, decision: Decision) -> tuple[Any, ...] | None:
         names = _fifo_names(schema, kind)
-        evicted = client.eval(_ADMIT, len(names), *names, key, self.capacity, MAX_EVICTIONS)
-        return [name.decode() if isinstance(name, bytes) else str(name) for name in evicted]
+        return ("EVAL", _ADMIT, len(names), *names, key, self.capacity, MAX_EVICTIONS)
+
+    def evicted(self, reply: Any) -> Sequence[str]:
+        return [name.decode() if isinstance(name, bytes) else str(name) for name in reply]
 
 
 @functools.lru_cache(maxsize=256)

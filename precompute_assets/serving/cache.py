@@ -279,13 +279,11 @@ class PredictionCache:
         if not decision.admit:
             self.rejected += 1
         try:
+            commands = []
             if decision.admit:
-                name, encoded = self.schema.live(kind, key), codec_for(kind).encode(value)
-                if self._cluster:
-                    self._cluster_fetch([(b"SET", name, encoded, b"EX", b"%d" % self.live_ttl_s)])
-                else:
-                    self.client.set(name, encoded, ex=self.live_ttl_s)
-            self._evict_live(kind, policy.after_miss(self.client, self.schema, kind, key, decision))
+                encoded = codec_for(kind).encode(value)
+                commands.append((b"SET", self.schema.live(kind, key), encoded, b"EX", b"%d" % self.live_ttl_s))
+            self._send_with_housekeeping(kind, key, commands, policy, decision)
         except REDIS_ERRORS:  # OOM, READONLY, a dead server: the caller still gets its value
             self._trip()
         return value
@@ -348,10 +346,11 @@ class PredictionCache:
         if not self._available():
             return value
         try:
+            commands = []
             if store:
-                self._store(kind, key, codec_for(kind).encode(value), delta_s, release=locked)
-            if decision is not None:
-                self._evict_live(kind, policy.after_miss(self.client, self.schema, kind, key, decision))
+                encoded = codec_for(kind).encode(value)
+                commands = self._store_commands(kind, key, encoded, delta_s, release=locked)
+            self._send_with_housekeeping(kind, key, commands, policy, decision)
         except REDIS_ERRORS:  # OOM, READONLY, a dead server: the caller still gets its value
             self._trip()
         return value
@@ -368,27 +367,53 @@ class PredictionCache:
             return
         self._round_trip(commands)
 
-    def _store(self, kind: str, key: str, encoded: bytes, delta_s: float, *, release: bool = False) -> None:
-        """``SET`` the live value with the live TTL and, when XFetch is on, its delta beside it; ``release`` lets the
-        recompute lock lapse after them (``_release_lock``). One round trip."""
+    def _store_commands(
+        self, kind: str, key: str, encoded: bytes, delta_s: float, *, release: bool = False
+    ) -> list[tuple[Any, ...]]:
+        """``SET`` of the live value with the live TTL and, when XFetch is on, of its delta beside it; ``release``
+        lets the recompute lock lapse after them (``_release_lock``)."""
         name, ttl = self.schema.live(kind, key), b"%d" % self.live_ttl_s
         commands: list[tuple[Any, ...]] = [(b"SET", name, encoded, b"EX", ttl)]
-        with_delta = self.xfetch_beta > 0 and not self._stampede_refused
-        if with_delta:
+        if self.xfetch_beta > 0 and not self._stampede_refused:
             commands.append((b"SET", live_delta_key(self.schema, kind, key), b"%.6f" % delta_s, b"EX", ttl))
         if release:
             commands.append(_release_command(self.schema, kind, key))
-        if self._cluster:
-            self._cluster_fetch(commands)
+        return commands
+
+    def _send_with_housekeeping(
+        self,
+        kind: str,
+        key: str,
+        commands: list[tuple[Any, ...]],
+        policy: AdmissionPolicy,
+        decision: Decision | None,
+    ) -> None:
+        """Send the store's ``commands`` (value first, then its delta, then the lock release) and the admission
+        policy's housekeeping after a miss (``decision``; None for an early recomputation, which is no miss) in
+        one round trip, then delete the live values the policy evicted. The value's error reply raises; the
+        delta's is handled as ``_extra_reply`` handles it (NOPERM turns XFetch off)."""
+        after = None if decision is None else policy.after_miss(self.schema, kind, key, decision)
+        if after is not None:
+            commands = [*commands, after]
+        if not commands:
             return
-        pipe = self.client.pipeline(transaction=False)
-        for command in commands:
-            pipe.execute_command(*command)
-        replies = pipe.execute(raise_on_error=False)
-        if isinstance(replies[0], BaseException):
-            raise replies[0]
-        if with_delta:
-            self._extra_reply(replies[1])  # the release's reply (if any) needs nothing: the lock lapses anyway
+        if self._cluster:
+            replies = self._cluster_fetch(commands)
+        else:
+            pipe = self.client.pipeline(transaction=False)
+            for command in commands:
+                pipe.execute_command(*command)
+            replies = pipe.execute(raise_on_error=False)
+            if isinstance(replies[0], BaseException):
+                raise replies[0]
+        delta = live_delta_key(self.schema, kind, key)
+        for command, reply in zip(commands, replies, strict=True):
+            if command[1] == delta:
+                self._extra_reply(reply)  # the release's reply needs nothing: the lock lapses anyway
+        if after is not None and replies[-1] is not FAILED:
+            if isinstance(replies[-1], BaseException):
+                raise replies[-1]
+            self._evict_live(kind, policy.evicted(replies[-1]))
 
     def _take_lock(self, kind: str, key: str) -> bool | None:
         """True: this reader holds the recompute lock; False: another does; None: no lock (off, refused, or

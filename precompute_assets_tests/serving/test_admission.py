@@ -21,6 +21,7 @@ from precompute_assets.serving.admission import (
     sketch_columns,
 )
 from precompute_assets.serving.keys import FIFO_PARTS
+from precompute_assets_tests.factories import CountingClient
 
 
 def make_cache(url: str, schema: KeySchema, **options) -> PredictionCache:
@@ -268,6 +269,21 @@ def test_probation_shares_its_capacity_with_the_published_version(redis_server):
     _probation_day_hits(days, [200, 70, 200 - len(everything)], precomputed=[set(), set(published), set(everything)],
                         outcomes=expected)  # fmt: skip
     assert got == expected and "rejected" in got[1000:2000]  # the shrink took more than one miss
+    assert cache.errors == 0
+
+
+def test_probation_stores_and_admits_a_miss_in_one_round_trip(redis_server):
+    server = redis_server()
+    client = CountingClient(connect(server.url, socket_timeout=5))
+    schema = KeySchema("fifo")
+    cache = PredictionCache(client, schema=schema, pointer_ttl_s=3600, admission=Probation(capacity=1))
+    assert cache.get_or_compute("rank", "a", Calls()) == {"key": "a"}
+    # pointer and experiment; live GET + PTTL + delta + touch; the lock; value + delta + release + admit
+    assert client.round_trips == 4
+    assert cache.get_or_compute("rank", "b", Calls()) == {"key": "b"}
+    assert client.round_trips == 4 + 4  # the same, and the UNLINK of a, which b's admission evicted
+    assert cache.get_or_compute("rank", "b", Calls()) == {"key": "b"} and client.round_trips == 9  # a hit
+    assert probation_state(connect(server.url), schema, "rank")["small"] == ["b"]
     assert cache.errors == 0
 
 

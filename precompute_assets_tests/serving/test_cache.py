@@ -17,7 +17,7 @@ from precompute_assets.serving import (
     connect,
     publish_version,
 )
-from precompute_assets_tests.factories import logged_queries
+from precompute_assets_tests.factories import CountingClient, logged_queries
 
 
 def make_cache(url: str, schema: KeySchema, **options) -> PredictionCache:
@@ -198,49 +198,6 @@ def test_queries_carry_the_arm_of_the_published_experiment(redis_url, redis_clie
     assert {e[b"arm"] for e in with_arm} == {b"frequency", b"lstm"}
     assert b"arm" not in events[176] and b"arm" not in events[177]
     assert cache.current_experiment("ctr") is None
-
-
-class CountingClient:
-    """A redis client that counts round trips: every direct command, every pipeline executed, and every connection
-    taken from its pool (``connection.send_pipelined`` sends on one)."""
-
-    def __init__(self, client):
-        self.client, self.round_trips = client, 0
-        self.connection_pool = _CountingPool(self)
-
-    def pipeline(self, *args, **kwargs):
-        pipe = self.client.pipeline(*args, **kwargs)
-        execute = pipe.execute
-
-        def counted(*a, **k):
-            self.round_trips += 1
-            return execute(*a, **k)
-
-        pipe.execute = counted
-        return pipe
-
-    def __getattr__(self, name):
-        attribute = getattr(self.client, name)
-        if not callable(attribute):
-            return attribute
-
-        def counted(*args, **kwargs):
-            self.round_trips += 1
-            return attribute(*args, **kwargs)
-
-        return counted
-
-
-class _CountingPool:
-    def __init__(self, counter: CountingClient):
-        self._counter, self._pool = counter, counter.client.connection_pool
-
-    def get_connection(self, *args, **kwargs):
-        self._counter.round_trips += 1
-        return self._pool.get_connection(*args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self._pool, name)
 
 
 def test_the_experiment_costs_no_round_trip_per_lookup(redis_url, redis_client, schema):
