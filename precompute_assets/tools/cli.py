@@ -309,6 +309,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         result = bench_events(env[ENV_REDIS], env[ENV_APP_DB], env[ENV_DAGSTER_PG], daemon_logins=args.daemon_logins)
     elif args.what == "rerank":
         result = bench.bench_rerank(env[ENV_REDIS], docs=100_000 if args.keys is None else args.keys)
+    elif args.what == "admission":
+        from .bench_admission import bench_admission
+
+        keys = 100_000 if args.keys is None else args.keys
+        result = bench_admission(env[ENV_REDIS], n_keys=keys, lookups=args.lookups, capacity=args.capacity)
     elif args.what == "load":
         from .load import bench_load
 
@@ -604,7 +609,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(fn=cmd_demo)
     bench = sub.add_parser("bench", help="benchmarks: print one JSON object")
     bench.add_argument(
-        "what", choices=["serve", "publish", "graph", "embed", "campaign", "demand", "load", "rerank", "events"]
+        "what",
+        choices=["serve", "publish", "graph", "embed", "campaign", "demand", "load", "rerank", "events", "admission"],
     )
     bench.add_argument("--processes", type=positive_int, default=2, help="load: client processes")
     bench.add_argument(
@@ -621,11 +627,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--keys",
         type=positive_int,
-        help="serve: keys (default 10,000); demand, load, rerank: keys or documents (100,000)",
+        help="serve: keys (default 10,000); demand, load, rerank, admission: keys or documents (100,000)",
     )
     bench.add_argument("--days", type=positive_int, default=14, help="demand: days of hourly counts (last held back)")
     bench.add_argument("--seed", type=int, default=0, help="demand: synthetic counts")
     bench.add_argument("--lookups", type=positive_int, default=50_000)
+    bench.add_argument("--capacity", type=positive_int, help="admission: probation's keys (default: a tenth of --keys)")
     bench.set_defaults(fn=cmd_bench)
     docs = sub.add_parser("docs", help="the document store: load a file or generate synthetic documents")
     docs_sub = docs.add_subparsers(dest="docs_command", required=True)
