@@ -19,7 +19,7 @@ import pandas as pd
 
 from ..serving.admission import (
     COUNTER_MAX,
-    MAX_EVICTIONS,
+    MAX_STEPS,
     AdmissionPolicy,
     FrequencySketch,
     Probation,
@@ -656,7 +656,8 @@ class LiveTier(Protocol):
 def _live_tier(admission: str | AdmissionPolicy, window: int | None, capacity: int) -> Callable[[pd.Index], LiveTier]:
     """A factory of the live tier that ``admission`` gives the client, for a trace's keys: an LRU behind an
     admission filter (fresh filter state at every replay), or (``probation``) the policy's own queues, sized to
-    ``slots`` (the client's ``Probation.capacity``). Arguments are checked here, before any replay runs."""
+    ``slots`` (the client's ``Probation.capacity`` less the published keys). Arguments are checked here, before
+    any replay runs."""
     if isinstance(admission_policy(admission), Probation):
         return lambda keys: _probation_day_hits
     model = _admission_model(admission, window, capacity)
@@ -673,8 +674,8 @@ def _probation_day_hits(
     """Hits per day of admission ``probation``'s live tier, step for step as its scripts (``_TOUCH`` at every
     live-tier lookup, ``_ADMIT`` at every miss) run them: a probation FIFO with hit counts, a main LRU and a
     ghost list, evicting only when ``slots`` keys are tracked (the client's capacity less the published keys).
-    A day with fewer slots shrinks the tier over its next misses, at most ``MAX_EVICTIONS`` keys each, and a
-    miss that finds no room is not kept, as the client does when a bigger version is published."""
+    A day with fewer slots shrinks the tier over its next misses (each moves or evicts at most ``MAX_STEPS`` keys),
+    and a miss that finds no room is not kept, as the client does when a bigger version is published."""
     small: deque[int] = deque()
     hits: dict[int, int] = {}  # the keys in probation and their hits there
     main: OrderedDict[int, None] = OrderedDict()  # least recent first
@@ -698,8 +699,9 @@ def _probation_day_hits(
                 day_hits += 1
                 outcome = "hit"
             else:
-                evicted = 0
-                while 0 < len(small) + len(main) >= size and evicted < MAX_EVICTIONS:
+                steps = 0
+                while 0 < len(small) + len(main) >= size and steps < MAX_STEPS:
+                    steps += 1
                     if small and (len(small) >= small_size or not main):
                         oldest = small.popleft()
                         if hits.pop(oldest):
@@ -708,10 +710,8 @@ def _probation_day_hits(
                             ghost[oldest] = None
                             if len(ghost) > ghost_size:
                                 ghost.popitem(last=False)
-                            evicted += 1
                     else:
                         main.popitem(last=False)
-                        evicted += 1
                 if len(small) + len(main) >= size:  # no room: the stored value is deleted again
                     outcome = "rejected"
                 else:

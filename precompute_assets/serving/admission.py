@@ -24,8 +24,8 @@ stored:
   ``{kind}:fifo:{{...}}:published``; the embedding sync's versions, patched in place, record none, leaving the
   tier the whole capacity) that the policy itself keeps, in the manner of S3-FIFO (Yang et al.,
   SOSP'23) with an LRU main queue; this is the split of one capacity that ``ml.replay`` and the self-tuned
-  precompute share model. A bigger published version shrinks the tier over the next misses, at most
-  ``MAX_EVICTIONS`` keys each; a miss that finds no room is not kept. A missed key enters a small FIFO
+  precompute share model. A bigger published version shrinks the tier over the next misses (each moves or evicts
+  at most ``MAX_STEPS`` keys); a miss that finds no room is not kept. A missed key enters a small FIFO
   (``probation_sizes``: a tenth of the tier) unless it is in the ghost list, which sends it straight to
   the main LRU. When the tier is full, the oldest probation key moves to the main LRU if it was looked up while
   in probation, else it leaves (its value is deleted) and its name goes to the ghost list; once probation is
@@ -215,9 +215,10 @@ end
 return 0
 """
 
-# KEYS: small, hits, main, ghost, seq, published; ARGV: key, capacity, most evictions. The tier's size is the
+# KEYS: small, hits, main, ghost, seq, published; ARGV: key, capacity, most steps. The tier's size is the
 # capacity less the published version's keys (``published``, written by ``publish_version``), its probation and
-# ghost sizes ``probation_sizes`` of that. Evicts (at most ARGV[3] keys) until a key fits, then inserts ARGV[1]
+# ghost sizes ``probation_sizes`` of that. Evicts until a key fits (at most ARGV[3] steps, each moving a
+# probation key to the main LRU or evicting one), then inserts ARGV[1]
 # (into the main LRU if its name is in the ghost list, else at the tail of probation); a key that still does not
 # fit (no room beside the published keys, or a tier still shrinking to a smaller size) is not kept. Replies the
 # keys that left the cache (their values are to be deleted; ARGV[1] itself when not kept). A key already tracked
@@ -228,9 +229,10 @@ if redis.call('HEXISTS', KEYS[2], key) == 1 or redis.call('ZSCORE', KEYS[3], key
 local size = capacity - (tonumber(redis.call('GET', KEYS[6])) or 0)
 local small_size = math.max(1, math.floor(size / 10))
 local ghost_size = math.max(0, size - small_size)
-local evicted = {}
+local evicted, steps = {}, 0
 local function tracked() return redis.call('LLEN', KEYS[1]) + redis.call('ZCARD', KEYS[3]) end
-while tracked() > 0 and tracked() >= size and #evicted < most do
+while tracked() > 0 and tracked() >= size and steps < most do
+  steps = steps + 1
   local small = redis.call('LLEN', KEYS[1])
   if small > 0 and (small >= small_size or redis.call('ZCARD', KEYS[3]) == 0) then
     local oldest = redis.call('LPOP', KEYS[1])
@@ -259,9 +261,9 @@ else
 end
 return evicted
 """
-# A miss evicts at most this many keys: a tier that must shrink by many (a bigger published version) shrinks over
-# the next misses, each script staying short.
-MAX_EVICTIONS = 64
+# A miss moves or evicts at most this many keys: a tier that must shrink by many (a bigger published version) shrinks
+# over the next misses, each script staying short.
+MAX_STEPS = 64
 
 
 def probation_sizes(capacity: int) -> tuple[int, int]:
@@ -294,7 +296,7 @@ class Probation:
 
     def after_miss(self, schema: KeySchema, kind: str, key: str, decision: Decision) -> tuple[Any, ...] | None:
         names = _fifo_names(schema, kind)
-        return ("EVAL", _ADMIT, len(names), *names, key, self.capacity, MAX_EVICTIONS)
+        return ("EVAL", _ADMIT, len(names), *names, key, self.capacity, MAX_STEPS)
 
     def evicted(self, reply: Any) -> Sequence[str]:
         return [name.decode() if isinstance(name, bytes) else str(name) for name in reply]

@@ -390,8 +390,10 @@ class PredictionCache:
     ) -> None:
         """Send the store's ``commands`` (value first, then its delta, then the lock release) and the admission
         policy's housekeeping after a miss (``decision``; None for an early recomputation, which is no miss) in
-        one round trip, then delete the live values the policy evicted. The value's error reply raises; the
-        delta's is handled as ``_extra_reply`` handles it (NOPERM turns XFetch off)."""
+        one round trip, then delete the live values the policy evicted, even when the value could not be stored.
+        On one server an error reply of the value or the housekeeping then raises, and the delta's is handled as
+        ``_extra_reply`` handles it (NOPERM turns XFetch off); on a cluster every error is ``FAILED``, counted in
+        ``errors`` (``_cluster_fetch``)."""
         after = None if decision is None else policy.after_miss(self.schema, kind, key, decision)
         if after is not None:
             commands = [*commands, after]
@@ -404,16 +406,16 @@ class PredictionCache:
             for command in commands:
                 pipe.execute_command(*command)
             replies = pipe.execute(raise_on_error=False)
-            if isinstance(replies[0], BaseException):
-                raise replies[0]
         delta = live_delta_key(self.schema, kind, key)
         for command, reply in zip(commands, replies, strict=True):
             if command[1] == delta:
                 self._extra_reply(reply)  # the release's reply needs nothing: the lock lapses anyway
-        if after is not None and replies[-1] is not FAILED:
-            if isinstance(replies[-1], BaseException):
-                raise replies[-1]
-            self._evict_live(kind, policy.evicted(replies[-1]))
+        evicted = None if after is None else replies[-1]
+        if evicted is not None and evicted is not FAILED and not isinstance(evicted, BaseException):
+            self._evict_live(kind, policy.evicted(evicted))
+        for reply in (replies[0], evicted):
+            if isinstance(reply, BaseException):
+                raise reply
 
     def _take_lock(self, kind: str, key: str) -> bool | None:
         """True: this reader holds the recompute lock; False: another does; None: no lock (off, refused, or

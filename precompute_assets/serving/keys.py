@@ -233,8 +233,8 @@ class KeySchema:
         return f"{self.prefix}:{check_kind(kind)}:sketch"
 
     def admission_fifo(self, kind: str, part: str) -> str:
-        """Part ``small``, ``hits``, ``main``, ``ghost`` or ``seq`` of admission ``probation``'s state of ``kind``;
-        the hash tag puts all five in one Redis Cluster slot, as its scripts need."""
+        """Part ``small``, ``hits``, ``main``, ``ghost``, ``seq`` or ``published`` of admission ``probation``'s state
+        of ``kind``; the hash tag puts all six in one Redis Cluster slot, as its scripts need."""
         if part not in FIFO_PARTS:
             raise ValueError(f"unknown probation part {part!r}: expected one of {', '.join(FIFO_PARTS)}")
         return f"{self.prefix}:{check_kind(kind)}:fifo:{{{self.prefix}:{kind}}}:{part}"

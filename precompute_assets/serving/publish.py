@@ -120,7 +120,9 @@ def publish_version(
     try:
         (current,) = run_commands(client, [(b"GET", schema.pointer(kind).encode())])
         if current is not None and Pointer.decode(current).version == version:
-            # Never rewrite the version readers are on (a step retried after its flip succeeded).
+            # Never rewrite the version readers are on (a step retried after its flip succeeded); its key count,
+            # written after the flip, may be what failed.
+            run_commands(client, [_published_count(schema, kind, written)])
             return PublishResult(kind, version, written, buckets, n_bytes, time.perf_counter() - started, None, True)
         names = [schema.bucket(kind, version, index).encode() for index in range(buckets)]
         if is_cluster(client):
@@ -158,8 +160,8 @@ def publish_version(
 
     previous = flip_pointer(client, schema, kind, Pointer(version, buckets), grace_s=grace_s, experiment=experiment)
     # The live tier of admission ``probation`` holds its capacity less the published keys (its own slot: after the
-    # flip; until this write lands, it sizes itself by the version before).
-    run_commands(client, [(b"SET", schema.admission_fifo(kind, "published").encode(), b"%d" % written)])
+    # flip; until this write lands, it sizes itself by the version before; a retry writes it again).
+    run_commands(client, [_published_count(schema, kind, written)])
     return PublishResult(
         kind=kind,
         version=version,
@@ -169,6 +171,11 @@ def publish_version(
         seconds=time.perf_counter() - started,
         previous_version=previous.version if previous else None,
     )
+
+
+def _published_count(schema: KeySchema, kind: str, keys: int) -> tuple[bytes, ...]:
+    """The command recording that ``kind``'s current version holds ``keys`` keys (admission ``probation``)."""
+    return (b"SET", schema.admission_fifo(kind, "published").encode(), b"%d" % keys)
 
 
 def encode_many(codec: Codec, values: list[Any]) -> list[bytes]:

@@ -1116,7 +1116,7 @@ def test_auto_share_is_tuned_on_the_live_tier_it_shares_capacity_with():
     # A stable hot set precomputed, one-hit wonders kept in probation on the first counted day: above both
     # published policies at the same capacity, and above either half alone.
     best_published = max(result["hit_rate_s3fifo"], result["hit_rate_arc"])
-    assert result["hit_rate_ours_admission"] > best_published
+    assert result["hit_rate_ours_admission"] > best_published + 0.005
     assert result["hit_rate_ours_admission"] > max(result["hit_rate_lru_admission"], result["hit_rate_ours"])
     # The share tuned on the LRU is reported as before, beside the one tuned on the probation tier.
     assert result["top_n_chosen"] == replay(days, top_n="auto", capacity=100)["top_n_chosen"]
@@ -1130,7 +1130,6 @@ def test_tune_share_chooses_what_the_replay_chooses_on_the_same_live_tier(admiss
     for d in range(2, len(days)):
         choice = tune_share(days[:d], 100, admission=admission)
         assert choice.share == result["top_n_chosen_admission"][d - 1]
-        assert choice.share == max(choice.hit_rates, key=lambda n: (choice.hit_rates[n], -n))
     # The live tier is what the share is tuned on: the read-through rates differ from the LRU's.
     plain, admitted = tune_share(days, 100), tune_share(days, 100, admission=admission)
     assert admitted.hit_rates[0] > plain.hit_rates[0] + 0.1

@@ -243,8 +243,8 @@ def test_probation_client_and_replay_agree_and_stay_within_capacity(redis_server
 
 def test_probation_shares_its_capacity_with_the_published_version(redis_server):
     """``capacity`` counts the published keys too: a version of N keys shrinks the live tier to capacity - N over
-    the next misses (at most ``MAX_EVICTIONS`` each, a miss without room not kept), as the replay models it; a
-    version of capacity keys or more leaves no room at all."""
+    the next misses (at most ``MAX_STEPS`` moves or evictions each, a miss without room not kept), as the replay
+    models it; a version of capacity keys or more leaves no room at all."""
     rng = np.random.default_rng(9)
     keys = [f"item:{k}" for k in rng.zipf(1.2, 2000) % 400]
     first, second = keys[:1000], keys[1000:]
@@ -285,6 +285,22 @@ def test_probation_stores_and_admits_a_miss_in_one_round_trip(redis_server):
     assert cache.get_or_compute("rank", "b", Calls()) == {"key": "b"} and client.round_trips == 9  # a hit
     assert probation_state(connect(server.url), schema, "rank")["small"] == ["b"]
     assert cache.errors == 0
+
+
+def test_probation_deletes_what_it_evicted_even_when_the_value_is_not_stored(redis_server):
+    """The admit script rides in the store's round trip: when the SET fails there (here SET is no command at all),
+    the script has still run, so the values it evicted are deleted before the error counts."""
+    server = redis_server(extra_config=('rename-command SET ""',))
+    client = connect(server.url, socket_timeout=5)
+    schema = KeySchema("fifo")
+    cache = make_cache(server.url, schema, admission=Probation(capacity=1), backoff_s=0, xfetch_beta=0,
+                       recompute_lock_ms=0)  # fmt: skip
+    assert cache.get_or_compute("rank", "a", Calls()) == {"key": "a"}
+    assert cache.errors == 1 and tracked_keys(client, schema) == {"a"}
+    client.execute_command("SETEX", schema.live("rank", "a"), 3600, b"stale")  # as if a's SET had worked
+    assert cache.get_or_compute("rank", "b", Calls()) == {"key": "b"}
+    assert cache.errors == 2 and tracked_keys(client, schema) == {"b"}
+    assert not client.exists(schema.live("rank", "a"))  # evicted by b's admission: deleted, not left untracked
 
 
 def publish(client, schema: KeySchema, version: str, keys: list[str]) -> None:

@@ -78,6 +78,17 @@ def test_republishing_the_current_version_rewrites_nothing(redis_url, redis_clie
     assert PredictionCache(connect(redis_url), schema=schema).get("ctr", "a") == pytest.approx(0.1)
 
 
+def test_publish_records_the_versions_key_count_and_a_retry_records_it_again(redis_client, schema):
+    count = schema.admission_fifo("ctr", "published")
+    publish_version(redis_client, "ctr", "v1", [("a", 0.1), ("b", 0.2)], n_keys=2, schema=schema)
+    assert redis_client.get(count) == b"2"
+    redis_client.delete(count)  # the count's write, after the flip, failed: the step is retried
+    assert publish_version(redis_client, "ctr", "v1", [("a", 0.1), ("b", 0.2)], n_keys=2, schema=schema).already_current
+    assert redis_client.get(count) == b"2"
+    publish_version(redis_client, "ctr", "v2", [], n_keys=0, schema=schema)
+    assert redis_client.get(count) == b"0"
+
+
 def test_a_live_value_shared_by_campaigns_lives_until_the_latest_end(redis_client, schema):
     """Two campaigns share an ad: warming the one that ends first must not cut the other's value short."""
     import time as clock
