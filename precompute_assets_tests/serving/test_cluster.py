@@ -190,6 +190,13 @@ def test_get_or_compute_and_admission_on_the_cluster(redis_cluster, cluster_clie
     assert len({key_slot(ns.admission_fifo("emb", part)) for part in FIFO_PARTS}) == 1
     assert cluster_client.zrange(ns.admission_fifo("emb", "main"), 0, -1) == [b"p1"]
     assert [cluster_client.exists(ns.live("emb", key)) for key in ("p1", "p2", "p3", "p4")] == [1, 0, 0, 1]
+    # A published key takes one of the two: the next miss shrinks the tier to one key (its count shares the slot).
+    publish_version(cluster_client, "emb", "v1", [("z", [0])], n_keys=1, schema=ns)
+    assert cluster_client.get(ns.admission_fifo("emb", "published")) == b"1"
+    probation.get_or_compute("emb", "p5", lambda key: [1])
+    assert cluster_client.lrange(ns.admission_fifo("emb", "small"), 0, -1) == [b"p5"]
+    assert cluster_client.zcard(ns.admission_fifo("emb", "main")) == 0
+    assert [cluster_client.exists(ns.live("emb", key)) for key in ("p1", "p4", "p5")] == [0, 0, 1]
     assert frequent.errors == 0 and second.errors == 0 and cache.errors == 0 and probation.errors == 0
 
 
