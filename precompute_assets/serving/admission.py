@@ -230,16 +230,17 @@ local size = capacity - (tonumber(redis.call('GET', KEYS[6])) or 0)
 local small_size = math.max(1, math.floor(size / 10))
 local ghost_size = math.max(0, size - small_size)
 local evicted, steps = {}, 0
-local function tracked() return redis.call('LLEN', KEYS[1]) + redis.call('ZCARD', KEYS[3]) end
-while tracked() > 0 and tracked() >= size and steps < most do
+local small, main = redis.call('LLEN', KEYS[1]), redis.call('ZCARD', KEYS[3])
+while small + main > 0 and small + main >= size and steps < most do
   steps = steps + 1
-  local small = redis.call('LLEN', KEYS[1])
-  if small > 0 and (small >= small_size or redis.call('ZCARD', KEYS[3]) == 0) then
+  if small > 0 and (small >= small_size or main == 0) then
     local oldest = redis.call('LPOP', KEYS[1])
+    small = small - 1
     local hits = tonumber(redis.call('HGET', KEYS[2], oldest) or '0')
     redis.call('HDEL', KEYS[2], oldest)
     if hits > 0 then
       redis.call('ZADD', KEYS[3], redis.call('INCR', KEYS[5]), oldest)
+      main = main + 1
     else
       redis.call('ZADD', KEYS[4], redis.call('INCR', KEYS[5]), oldest)
       if redis.call('ZCARD', KEYS[4]) > ghost_size then redis.call('ZPOPMIN', KEYS[4]) end
@@ -247,9 +248,10 @@ while tracked() > 0 and tracked() >= size and steps < most do
     end
   else
     evicted[#evicted + 1] = redis.call('ZPOPMIN', KEYS[3])[1]
+    main = main - 1
   end
 end
-if tracked() >= size then
+if small + main >= size then
   evicted[#evicted + 1] = key
   return evicted
 end

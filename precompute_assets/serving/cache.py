@@ -410,8 +410,8 @@ class PredictionCache:
         for command, reply in zip(commands, replies, strict=True):
             if command[1] == delta:
                 self._extra_reply(reply)  # the release's reply needs nothing: the lock lapses anyway
-        evicted = None if after is None else replies[-1]
-        if evicted is not None and evicted is not FAILED and not isinstance(evicted, BaseException):
+        evicted = replies[-1] if after is not None else None
+        if after is not None and evicted is not FAILED and not isinstance(evicted, BaseException):
             self._evict_live(kind, policy.evicted(evicted))
         for reply in (replies[0], evicted):
             if isinstance(reply, BaseException):
