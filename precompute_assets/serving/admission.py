@@ -19,23 +19,22 @@ stored:
   about 4 ms of server time for the default 64 KiB), so old popularity fades. Memory: a string of
   ``4 + depth * width / 2`` bytes per kind, fixed (``FrequencySketch.bytes``; Redis may allocate up to twice
   that while ``BITFIELD`` grows it, until the first aging rewrites it).
-- ``probation``: a kind holds ``capacity`` keys in Redis, published and live together: the live tier is a cache
-  of ``capacity - N`` keys (N: the published version's keys, which ``publish_version`` writes to
-  ``{kind}:fifo:{{...}}:published``; the embedding sync's versions, patched in place, record none, leaving the
-  tier the whole capacity) that the policy itself keeps, in the manner of S3-FIFO (Yang et al.,
-  SOSP'23) with an LRU main queue; this is the split of one capacity that ``ml.replay`` and the self-tuned
-  precompute share model. A bigger published version shrinks the tier over the next misses (each moves or evicts
-  at most ``MAX_STEPS`` keys); a miss that finds no room is not kept. A missed key enters a small FIFO
-  (``probation_sizes``: a tenth of the tier) unless it is in the ghost list, which sends it straight to
-  the main LRU. When the tier is full, the oldest probation key moves to the main LRU if it was looked up while
-  in probation, else it leaves (its value is deleted) and its name goes to the ghost list; once probation is
-  short, the main LRU's least recent key leaves instead. Keys asked for once thus pass through a tenth of the
-  cache and never push out keys asked for again. Every live-tier lookup runs one script (``_TOUCH``: count a
-  probation hit, or refresh the key in the LRU); every stored miss runs ``_ADMIT`` (evict, insert), and the
-  client deletes the live values of the keys it evicted. State, in one Redis Cluster slot per kind (hash tag):
-  ``{kind}:fifo:{{...}}:small`` (list), ``:hits`` (hash), ``:main`` and ``:ghost`` (sorted sets by a sequence
-  number), ``:seq``, ``:published``; at most ``capacity`` tracked keys and ``capacity - small`` ghost names,
-  about 100 bytes plus the key twice per tracked key. Redis's own maxmemory eviction stays a safety net beneath it.
+- ``probation``: a kind holds ``capacity`` keys in Redis, published and live together: the live tier is a cache of
+  ``capacity - N`` keys (N: the current version's keys, which ``publish_version`` and the embedding sync write to
+  ``{kind}:fifo:{{...}}:published`` after each flip or in-place patch) that the policy itself keeps, in the manner of
+  S3-FIFO (Yang et al., SOSP'23) with an LRU main queue; this is the split of one capacity that ``ml.replay`` and the
+  self-tuned precompute share model. A bigger published version shrinks the tier over the next misses (each moves or
+  evicts at most ``MAX_STEPS`` keys); a miss that finds no room is not kept. A missed key enters a small FIFO
+  (``probation_sizes``: a tenth of the tier) unless it is in the ghost list, which sends it straight to the main LRU.
+  When the tier is full, the oldest probation key moves to the main LRU if it was looked up while in probation, else
+  it leaves (its value is deleted) and its name goes to the ghost list; once probation is short, the main LRU's least
+  recent key leaves instead. Keys asked for once thus pass through a tenth of the cache and never push out keys asked
+  for again. Every live-tier lookup runs one script (``_TOUCH``: count a probation hit, or refresh the key in the
+  LRU); every stored miss runs ``_ADMIT`` (evict, insert), and the client deletes the live values of the keys it
+  evicted. State, in one Redis Cluster slot per kind (hash tag): ``{kind}:fifo:{{...}}:small`` (list), ``:hits``
+  (hash), ``:main`` and ``:ghost`` (sorted sets by a sequence number), ``:seq``, ``:published``; at most ``capacity``
+  tracked keys and ``capacity - small`` ghost names, about 100 bytes plus the key twice per tracked key. Redis's own
+  maxmemory eviction stays a safety net beneath it.
 
 ``ml.replay`` models these decisions request by request (``admission_decisions``). Redis errors are never
 raised by the client: a failed lookup is a miss that stores nothing.
@@ -216,7 +215,7 @@ return 0
 """
 
 # KEYS: small, hits, main, ghost, seq, published; ARGV: key, capacity, most steps. The tier's size is the
-# capacity less the published version's keys (``published``, written by ``publish_version``), its probation and
+# capacity less the published version's keys (``published``, see ``publish.record_published``), its probation and
 # ghost sizes ``probation_sizes`` of that. Evicts until a key fits (at most ARGV[3] steps, each moving a
 # probation key to the main LRU or evicting one), then inserts ARGV[1]
 # (into the main LRU if its name is in the ghost list, else at the tail of probation); a key that still does not

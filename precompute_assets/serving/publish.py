@@ -122,7 +122,7 @@ def publish_version(
         if current is not None and Pointer.decode(current).version == version:
             # Never rewrite the version readers are on (a step retried after its flip succeeded); its key count,
             # written after the flip, may be what failed.
-            run_commands(client, [_published_count(schema, kind, written)])
+            record_published(client, schema, kind, written)
             return PublishResult(kind, version, written, buckets, n_bytes, time.perf_counter() - started, None, True)
         names = [schema.bucket(kind, version, index).encode() for index in range(buckets)]
         if is_cluster(client):
@@ -161,7 +161,7 @@ def publish_version(
     previous = flip_pointer(client, schema, kind, Pointer(version, buckets), grace_s=grace_s, experiment=experiment)
     # The live tier of admission ``probation`` holds its capacity less the published keys (its own slot: after the
     # flip; until this write lands, it sizes itself by the version before; a retry writes it again).
-    run_commands(client, [_published_count(schema, kind, written)])
+    record_published(client, schema, kind, written)
     return PublishResult(
         kind=kind,
         version=version,
@@ -173,9 +173,10 @@ def publish_version(
     )
 
 
-def _published_count(schema: KeySchema, kind: str, keys: int) -> tuple[bytes, ...]:
-    """The command recording that ``kind``'s current version holds ``keys`` keys (admission ``probation``)."""
-    return (b"SET", schema.admission_fifo(kind, "published").encode(), b"%d" % keys)
+def record_published(client: redis.Redis, schema: KeySchema, kind: str, keys: int) -> None:
+    """Record that ``kind``'s current version holds ``keys`` keys: admission ``probation`` sizes the live tier to
+    its capacity less these (``{kind}:fifo:{{...}}:published``). Written after every flip or in-place patch."""
+    run_commands(client, [(b"SET", schema.admission_fifo(kind, "published").encode(), b"%d" % keys)])
 
 
 def encode_many(codec: Codec, values: list[Any]) -> list[bytes]:

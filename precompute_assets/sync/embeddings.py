@@ -33,7 +33,15 @@ import redis
 
 from ..ml.embedder import Embedder, embed_documents
 from ..serving.keys import EMBEDDING_KIND, KeySchema, Pointer
-from ..serving.publish import KEYS_PER_BUCKET, bucket_count, flip_pointer, patch_version, run_commands, send_commands
+from ..serving.publish import (
+    KEYS_PER_BUCKET,
+    bucket_count,
+    flip_pointer,
+    patch_version,
+    record_published,
+    run_commands,
+    send_commands,
+)
 from ..serving.vectors import encode_batch
 from ..storage.documents import DocumentRow, DocumentStore
 from ..storage.embeddings import EmbeddingStore
@@ -190,6 +198,8 @@ def _sync(
         client.expire(_sentinel(schema, target.version), grace_s)  # the old version's marker goes with it
         stats.rebuilt_buckets, stats.redis_version = (target.buckets, wider.buckets), wider.version
         log(f"embeddings moved to Redis version {wider.version}: {target.buckets} -> {wider.buckets} buckets")
+    if not stopped_early:  # the current version, flipped or patched in place, holds the stored embeddings
+        record_published(client, schema, EMBEDDING_KIND, store.embedded_count(model_version))
     # stopped early (as a crash would): the next sync resumes at the committed watermark
     stats.seconds = time.perf_counter() - started
     return stats

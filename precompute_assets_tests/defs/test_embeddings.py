@@ -17,7 +17,7 @@ from precompute_assets.defs.resources import (
 )
 from precompute_assets.ml.embedder import HashingSvdEmbedder, document_text
 from precompute_assets.serving import PredictionCache, connect
-from precompute_assets.serving.keys import EMBEDDING_KIND
+from precompute_assets.serving.keys import EMBEDDING_KIND, Pointer
 from precompute_assets.storage.documents import DocumentStore
 from precompute_assets.storage.embeddings import EmbeddingStore
 from precompute_assets.sync.embeddings import sync_embeddings
@@ -83,10 +83,24 @@ def test_assets_embed_everything_and_serve_from_redis(docs, app_db, redis_url, r
         assert meta["embedded"].value == 0 and meta["full_build"].value is False
 
 
+def published_keys(redis_client, schema) -> tuple[int | None, int]:
+    """The key count recorded for admission ``probation``, and the fields the current version really holds."""
+    recorded = redis_client.get(schema.admission_fifo(EMBEDDING_KIND, "published"))
+    raw = redis_client.get(schema.pointer(EMBEDDING_KIND))
+    pointer = None if raw is None else Pointer.decode(raw)
+    held = (
+        0
+        if pointer is None
+        else sum(redis_client.hlen(schema.bucket(EMBEDDING_KIND, pointer.version, b)) for b in range(pointer.buckets))
+    )
+    return (None if recorded is None else int(recorded)), held
+
+
 def test_incremental_sync_handles_changes_deletes_and_recreation(docs, app_db, redis_client, schema, embedder):
     store = EmbeddingStore(app_db)
     first = sync_embeddings(docs, store, redis_client, embedder, schema=schema, chunk_size=1000, log=lambda m: None)
     assert first.embedded == N_DOCS and first.full_build
+    assert published_keys(redis_client, schema) == (N_DOCS, N_DOCS)  # probation's tier leaves room for them
     version = redis_client.get(schema.pointer(EMBEDDING_KIND))
     cache = PredictionCache(redis_client, schema=schema, pointer_ttl_s=0)
     before = cache.get_embedding("doc00000005")
@@ -101,6 +115,7 @@ def test_incremental_sync_handles_changes_deletes_and_recreation(docs, app_db, r
     assert not np.allclose(cache.get_embedding("doc00000005"), before)
     assert cache.get_embedding("brand-new") is not None
     assert cache.get_embedding("doc00000007") is None
+    assert published_keys(redis_client, schema) == (N_DOCS, N_DOCS)  # one added, one deleted, in place
     with store.connect() as conn, conn.cursor() as cur:
         cur.execute("SELECT count(*), count(DISTINCT doc_id) FROM document_embeddings")
         assert cur.fetchone() == (N_DOCS + 1 - 1, N_DOCS)
@@ -109,6 +124,7 @@ def test_incremental_sync_handles_changes_deletes_and_recreation(docs, app_db, r
     docs.load_frame(pd.DataFrame({"doc_id": ["doc00000007"], "title": ["Back"], "body": ["again"], "language": ["en"]}))
     third = sync_embeddings(docs, store, redis_client, embedder, schema=schema, log=lambda m: None)
     assert third.embedded == 1 and cache.get_embedding("doc00000007") is not None
+    assert published_keys(redis_client, schema) == (N_DOCS + 1, N_DOCS + 1)
 
 
 def test_bad_documents_are_recorded_not_fatal(docs, app_db, redis_client, schema, embedder):
@@ -135,6 +151,7 @@ def test_a_killed_sync_resumes_without_duplicates_or_gaps(docs, app_db, redis_cl
                               stop_after_chunks=2, log=lambda m: None)  # fmt: skip
     assert partial.embedded == 1400
     assert redis_client.get(schema.pointer(EMBEDDING_KIND)) is None  # not flipped: readers see nothing new
+    assert published_keys(redis_client, schema) == (None, 0)  # nor does probation's tier shrink for it
     rest = sync_embeddings(docs, store, redis_client, embedder, schema=schema, chunk_size=700, log=lambda m: None)
     assert rest.embedded == N_DOCS - 1400
     with store.connect() as conn, conn.cursor() as cur:
