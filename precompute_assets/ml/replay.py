@@ -156,8 +156,9 @@ def replay(
     ``hit_rate_ours_admission``: the same LRU and ours, but a missed key enters the LRU only when the policy
     admits it, decided exactly as ``PredictionCache.get_or_compute`` decides (see ``admission_decisions``;
     ``second_miss`` counts its window in requests, ``admission_window``, default ``capacity``). ``probation`` is
-    the policy's own live tier of ``capacity - N`` keys. With ``top_n="auto"`` ours with admission gets its own
-    share, tuned on that live tier: ``top_n_chosen_admission`` and ``top_n_mean_admission``.
+    the policy's own live tier of ``capacity`` less the keys the day publishes (its top-N set, which holds fewer
+    than N keys when the history knows fewer), as the client sizes it. With ``top_n="auto"`` ours with admission
+    gets its own share, tuned on that live tier: ``top_n_chosen_admission`` and ``top_n_mean_admission``.
     """
     live_tier = None if admission is None else _live_tier(admission, admission_window, capacity)
     auto = isinstance(top_n, str)
@@ -523,7 +524,7 @@ def tune_share(
     counted day with requests the share is 0: plain read-through until there is evidence.
 
     The read-through is the live tier the serving client's ``admission`` gives (as ``replay`` models it): an LRU
-    by default (``always``), behind the policy's filter, or ``probation``'s own queues of C-N keys."""
+    by default (``always``), behind the policy's filter, or ``probation``'s own queues of C less the published keys."""
     if capacity < 1:
         raise ValueError(f"capacity must be at least 1, got {capacity}")
     live_tier = None if admission is None else _live_tier(admission, None, capacity)
@@ -655,11 +656,18 @@ class LiveTier(Protocol):
 
 def _live_tier(admission: str | AdmissionPolicy, window: int | None, capacity: int) -> Callable[[pd.Index], LiveTier]:
     """A factory of the live tier that ``admission`` gives the client, for a trace's keys: an LRU behind an
-    admission filter (fresh filter state at every replay), or (``probation``) the policy's own queues, sized to
-    ``slots`` (the client's ``Probation.capacity`` less the published keys). Arguments are checked here, before
-    any replay runs."""
+    admission filter (fresh filter state at every replay), or (``probation``) the policy's own queues, sized as
+    the client sizes them: ``capacity`` less the keys each day publishes (its precomputed set, which may hold
+    fewer keys than the share, as on early days of short history), or ``slots`` when nothing is published.
+    Arguments are checked here, before any replay runs."""
     if isinstance(admission_policy(admission), Probation):
-        return lambda keys: _probation_day_hits
+
+        def probation_tier(days, slots, *, precomputed=None, outcomes=None):  # noqa: ANN001, ANN202
+            if precomputed is not None:
+                slots = [capacity - len(chosen) for chosen in precomputed]
+            return _probation_day_hits(days, slots, precomputed=precomputed, outcomes=outcomes)
+
+        return lambda keys: probation_tier
     model = _admission_model(admission, window, capacity)
     return lambda keys: lambda days, slots, **kw: _admitted_lru_day_hits(days, slots, model(keys), **kw)
 

@@ -1107,6 +1107,18 @@ def test_probation_by_hand_and_against_lru_on_one_hit_wonders():
     assert result["hit_rate_lru_admission"] <= result["hit_rate_belady"]
 
 
+def test_probation_tier_holds_the_capacity_less_the_keys_really_published():
+    """The client sizes probation's tier by the published version's key count, not by the share: a share of 10
+    with only 3 keys of history publishes 3, and the other 7 slots serve live values."""
+    days = [np.array(list("abcabc"), dtype=object), np.array(list("axxxyy"), dtype=object)]
+    result = replay(days, top_n=10, capacity=10, admission="probation")
+    # a (published); x missed, then hit twice in probation; y missed, then hit once.
+    assert result["hit_rate_ours_admission"] == pytest.approx(4 / 6)
+    assert result["hit_rate_ours"] == pytest.approx(1 / 6)  # the LRU model keeps capacity - top_n slots
+    # The self-tuned share weighs its candidates on the same tier.
+    assert tune_share(days, 10, admission="probation").hit_rates[10] == pytest.approx(4 / 6)
+
+
 def test_auto_share_is_tuned_on_the_live_tier_it_shares_capacity_with():
     days = one_hit_wonders_days(np.random.default_rng(53), days=6)
     result = replay(days, top_n="auto", capacity=100, admission="probation")
