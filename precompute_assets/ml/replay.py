@@ -662,7 +662,13 @@ def _live_tier(admission: str | AdmissionPolicy, window: int | None, capacity: i
     Arguments are checked here, before any replay runs."""
     if isinstance(admission_policy(admission), Probation):
 
-        def probation_tier(days, slots, *, precomputed=None, outcomes=None):  # noqa: ANN001, ANN202
+        def probation_tier(
+            days: list[np.ndarray],
+            slots: int | Sequence[int],
+            *,
+            precomputed: list[set] | None = None,
+            outcomes: list[str] | None = None,
+        ) -> list[int]:
             if precomputed is not None:
                 slots = [capacity - len(chosen) for chosen in precomputed]
             return _probation_day_hits(days, slots, precomputed=precomputed, outcomes=outcomes)
