@@ -7,6 +7,7 @@ from zoneinfo import ZoneInfo
 import dagster as dg
 
 from ..serving.stats import window_stats
+from .demand import demand_model
 from .embeddings import document_embeddings_job
 from .experiment import selection_experiment
 from .models import ctr_model
@@ -24,10 +25,11 @@ RUNNING = dg.DefaultScheduleStatus.RUNNING
 daily_precompute_job = dg.define_asset_job(
     "daily_precompute_job",
     selection=dg.AssetSelection.assets(
-        traffic_profile, ad_demand, top_ads, ctr_model, ctr_predictions, ctr_cache, selection_experiment
+        traffic_profile, ad_demand, demand_model, top_ads, ctr_model, ctr_predictions, ctr_cache, selection_experiment
     ),
-    description="Selection, model, predictions and publish for one day (run off-peak for the day just ended), "
-    "and the report of the A/B experiment that served that day, if any.",
+    description="Selection (after demand_model's held-back evaluation, which strategy auto follows), model, "
+    "predictions and publish for one day (run off-peak for the day just ended), and the report of the A/B "
+    "experiment that served that day, if any.",
 )
 
 

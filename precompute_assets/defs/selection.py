@@ -188,7 +188,8 @@ def self_tuned_share(
     partitions_def=DEFAULT_PARTITIONS.daily,
     kinds={"pandas"},
     group_name="selection",
-    deps=["ads"],
+    # demand_model: strategy auto (and lstm) read its verdict on the day, so it runs first in the daily job.
+    deps=["ads", "demand_model"],
     check_specs=[dg.AssetCheckSpec("known_ads", asset="top_ads", blocking=True)],
 )
 def top_ads(

@@ -123,15 +123,18 @@ def run_demo(
 
     with stages.timed("daily_precompute"):
         partition = day_keys[-2]
+        # demand_model (the LSTM, a 30 s budget here) scores every strategy at the N top_ads selects.
+        demand_config = {"max_seconds": 30.0, "top_n": top_n}
         result = defs.resolve_job_def("daily_precompute_job").execute_in_process(
             partition_key=partition,
             instance=instance,
-            run_config={"ops": {"top_ads": {"config": {"top_n": top_n}}}},
+            run_config={"ops": {"top_ads": {"config": {"top_n": top_n}}, "demand_model": {"config": demand_config}}},
         )
         meta = {
             step: result.asset_materializations_for_node(step)[0].metadata
             for step in ("ctr_model", "top_ads", "ctr_cache")
         }
+        demand_meta = _metadata(result, "demand_model")
 
     with stages.timed("warm_campaign"):
         # The ads the workload launches on the replayed day, registered as one campaign and warmed by the sensor.
@@ -154,17 +157,6 @@ def run_demo(
     with stages.timed("compare_policies"):
         history_keys = [day["ad_id"].to_numpy() for day in history]
         rates = compare_policies(history_keys, next_day["ad_id"].to_numpy(), published, top_n=top_n, capacity=capacity)
-
-    with stages.timed("demand_model"):
-        job = dg.define_asset_job("demo_demand", selection=["demand_model"])
-        demand = dg.Definitions(assets=defs.assets, jobs=[job], resources=defs.resources).resolve_job_def("demo_demand")
-        trained = demand.execute_in_process(
-            partition_key=partition,
-            instance=instance,
-            run_config={"ops": {"demand_model": {"config": {"max_seconds": 30.0, "top_n": top_n}}}},
-            raise_on_error=False,
-        )
-        demand_meta = _metadata(trained, "demand_model")
 
     with stages.timed("predictive_precompute"):
         predictive = predictive_precompute(redis_url, defs, instance, lake, day_keys, seed=seed)
@@ -192,6 +184,7 @@ def run_demo(
             key: round(demand_meta[key], 4) if isinstance(demand_meta.get(key), float) else demand_meta.get(key)
             for key in ("strategy", "hit_rate_lstm", "hit_rate_frequency", "hit_rate_seasonal", "hit_rate_ewma")
         },
+        "top_ads_strategy": meta["top_ads"]["strategy"].value,
         "predictive_precompute": predictive,
         **embeddings,
         "stage_seconds": dict(stages),

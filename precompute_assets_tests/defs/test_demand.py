@@ -193,3 +193,39 @@ def test_auto_and_lstm_follow_the_demand_models_evaluation(selection_resources, 
     assert after["dagster/row_count"].value == 20
     bad = select(selection_resources, pg_instance, "oracle")
     assert not bad.success and not bad.asset_materializations_for_node("top_ads")
+
+
+def test_in_the_daily_job_demand_model_runs_first_and_a_losing_lstm_never_stops_the_selection(
+    selection_resources, pg_instance, weekly_template, lake_uri
+):
+    from precompute_assets.definitions import defs
+
+    job = defs().resolve_job_def("daily_precompute_job")
+    assert dg.AssetKey("demand_model") in job.asset_layer.executable_asset_keys
+    upstream = job.asset_layer.asset_graph.get(dg.AssetKey("top_ads")).parent_keys
+    assert dg.AssetKey("demand_model") in upstream  # so top_ads reads the verdict of the same run
+
+    with_catalog(weekly_template, lake_uri)
+    result = dg.materialize(
+        [ad_demand, demand_model, top_ads],
+        resources=selection_resources,
+        partition_key=DAYS[-1],
+        instance=pg_instance,
+        run_config={
+            "ops": {
+                "demand_model": {"config": {"top_n": 20, "max_epochs": 1, "margin": 1.0}},
+                "top_ads": {"config": {"top_n": 20, "strategy": "auto"}},
+            }
+        },  # fmt: skip
+        raise_on_error=False,
+    )
+    assert result.success
+    gate = check(result)
+    assert not gate.passed and gate.severity == dg.AssetCheckSeverity.WARN  # no LSTM beats by a whole 1.0
+    evaluation = metadata(result)
+    chosen = result.asset_materializations_for_node("top_ads")[0].metadata
+    assert chosen["strategy"].value == evaluation["best_baseline"] != "lstm"
+    assert "not approved" in chosen["strategy_reason"].value and evaluation["model_version"] in (
+        chosen["strategy_reason"].value
+    )
+    assert chosen["dagster/row_count"].value == 20
