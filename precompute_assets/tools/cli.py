@@ -406,6 +406,12 @@ def cmd_replay(args: argparse.Namespace) -> int:
             result.update(learned_out)
             if prefetch:
                 result["strategies"] = {**result.get("strategies", {}), **prefetch}
+                first = prefetch["prefetch"]["counted_from_day"]
+                result["strategy_notes"] = [
+                    *result.get("strategy_notes", []),
+                    f"prefetch: counted on days {first}..{args.days - 1} only (its next-key model trains on the days "
+                    "before), the other strategies from day 1: compare its hit_rate with hit_rate_ours_same_days",
+                ]
     except ValueError as error:
         raise CliError(str(error)) from None
     print(json.dumps({"trace": str(args.trace), **result}))

@@ -347,6 +347,10 @@ def test_replay_cli_reports_next_key_accuracy_and_merges_prefetch(tmp_path, caps
     prefetch = out["strategies"]["prefetch"]
     assert prefetch["counted_from_day"] == 2 and prefetch["top_n"] == 2 and prefetch["threshold"] == 0.3
     assert prefetch["prefetched"] > 0 and prefetch["hit_rate"] > prefetch["hit_rate_ours_same_days"] + 0.3
+    assert out["strategy_notes"] == [
+        "prefetch: counted on days 2..3 only (its next-key model trains on the days before), the other strategies "
+        "from day 1: compare its hit_rate with hit_rate_ours_same_days"
+    ]
     # With a demand strategy too, both land in one strategies mapping; auto replays prefetch at top-N 0.
     assert main([*args[:-4], "--top-n", "auto", "--capacity", "10", "--strategy", "all"]) == 0
     out = json.loads(capsys.readouterr().out)
