@@ -374,8 +374,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
     train_days = args.train_days if args.train_days is not None else max(1, args.days // 2)
     if learned and not 1 <= train_days < args.days:
         raise CliError(f"--train-days must be at least 1 and less than --days {args.days}, got {train_days}")
-    if not args.prefetch_threshold >= 0:  # NaN too
-        raise CliError(f"--prefetch-threshold must be a number >= 0, got {args.prefetch_threshold}")
+    if not 0 <= args.prefetch_threshold <= 1:  # a probability; NaN and infinity too
+        raise CliError(f"--prefetch-threshold must be a probability between 0 and 1, got {args.prefetch_threshold}")
     try:
         trace = parse_trace(args.trace)
     except TraceError as error:

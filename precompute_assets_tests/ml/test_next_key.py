@@ -363,7 +363,8 @@ def test_replay_cli_reports_next_key_accuracy_and_merges_prefetch(tmp_path, caps
     [
         (["--next-key", "--train-days", "4"], "--train-days must be at least 1 and less than --days 4, got 4"),
         (["--strategy", "prefetch", "--train-days", "0"], "--train-days must be at least 1"),
-        (["--next-key", "--prefetch-threshold", "nan"], "--prefetch-threshold must be a number >= 0"),
+        (["--next-key", "--prefetch-threshold", "nan"], "--prefetch-threshold must be a probability between 0 and 1"),
+        (["--strategy", "prefetch", "--prefetch-threshold", "1e999"], "between 0 and 1, got inf"),
         (["--strategy", "prefetcher"], "unknown --strategy 'prefetcher'"),
     ],
 )
