@@ -3,8 +3,10 @@
 
 Strategies are the ones ``top_ads`` can use (``ml.demand``): ``frequency`` (recency-weighted daily counts over
 the ``window_days`` before the day, ``ad_demand``'s semantics), ``ewma`` (an exponentially smoothed hourly rate),
-``seasonal`` (the same day a week earlier; the day before while there is none) and ``lstm``. The baselines see
-the 7 days before the day (``max(7, window_days)``), as ``strategy_demand`` reads them for ``top_ads``.
+``seasonal`` (the same day a week earlier; the day before while there is none), ``lstm``, and ``auto``, what
+``top_ads`` uses by default: each day the LSTM when the ``beats_baselines`` rule approved that day's model, else
+the best baseline on its held-back day (frequency while no model can be trained). The baselines see the 7 days
+before the day (``max(7, window_days)``), as ``strategy_demand`` reads them for ``top_ads``.
 
 The LSTM is trained the way the ``demand_model`` asset trains it: for day d, ``evaluate_demand`` on the
 ``lookback_days`` days before d (the last of them, d-1, held back and scored, never trained on), warm-started
@@ -23,6 +25,7 @@ hour 0..23 of the day and a weekday of ``day index mod 7``: a trace's days are s
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, replace
 
@@ -42,7 +45,8 @@ from .demand import (
 from .replay import Trace, replay
 from .selection import select_top
 
-STRATEGIES = ("frequency", "ewma", "seasonal", "lstm")
+STRATEGIES = ("frequency", "ewma", "seasonal", "lstm", "auto")
+BASELINES = ("frequency", "ewma", "seasonal")
 REPLAY_STRATEGIES = (*STRATEGIES, "prefetch")  # prefetch: ours plus learned next-key prefetch (ml.next_key)
 LOOKBACK_DAYS = 14  # demand_model's lookback (defs.demand.DEMAND_LOOKBACK_DAYS)
 BASELINE_DAYS = 7  # what strategy_demand reads for the baselines (at least 7 days)
@@ -122,39 +126,81 @@ def strategy_rankings(
     margin: float = MARGIN,
 ) -> tuple[list[list[Hashable]], dict]:
     """The ``limit`` best keys of every day (day 0: none), best first, ranked by ``strategy`` from the days
-    before it only, and ``{"fallback_days", "approved_days", "trained_days"}`` (the LSTM's; zeros for the
-    baselines). The LSTM's approval rule and evaluation use ``hp.top_n``; the ranking uses ``limit``."""
+    before it only, and ``{"fallback_days", "approved_days", "trained_days"}`` (the LSTM's, for ``lstm`` and
+    ``auto``; zeros for the baselines; ``auto`` adds ``used``: the strategy it followed each day). The LSTM's
+    approval rule and evaluation use ``hp.top_n``; the ranking uses ``limit``."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}: use one of {', '.join(STRATEGIES)} or all")
-    rankings: list[list[Hashable]] = [[]]
-    info = {"trained_days": 0, "approved_days": 0, "fallback_days": 0}
+    return rankings_of(hours, [strategy], limit, hp=hp, lookback_days=lookback_days, margin=margin)[strategy]
+
+
+def rankings_of(
+    hours: TraceHours,
+    strategies: Sequence[str],
+    limit: int,
+    *,
+    hp: DemandHyperParams = REPLAY_HYPER_PARAMS,
+    lookback_days: int = LOOKBACK_DAYS,
+    margin: float = MARGIN,
+) -> dict[str, tuple[list[list[Hashable]], dict]]:
+    """``strategy_rankings`` of several strategies at once: ``lstm`` and ``auto`` share one trained model a day."""
+    learned = [name for name in strategies if name in ("lstm", "auto")]
+    out = {name: ([[]], {"trained_days": 0, "approved_days": 0, "fallback_days": 0}) for name in strategies}
+    if "auto" in out:
+        out["auto"][1]["used"] = ["frequency"]  # day 0: nothing to rank, as frequency
     state = None  # the previous day's model when it was approved: the next day warm-starts from it
     for d in range(1, hours.n_days):
         recent = _counts(hours, max(0, d - max(BASELINE_DAYS, hp.window_days)), d - 1)  # days before d only
         if len(recent.keys) == 0 or limit == 0:
-            rankings.append([])
+            for name in strategies:
+                out[name][0].append([])
+            if "auto" in out:
+                out["auto"][1]["used"].append("frequency")
             continue
-        if strategy == "lstm" and d >= 3:
-            history = _counts(hours, max(0, d - lookback_days), d - 1)
-            result = evaluate_demand(history, hp, init_state=state)
-            evaluation = result.evaluation
-            approved = evaluation.hit_rate["lstm"] - evaluation.hit_rate[evaluation.best_baseline] > margin
-            state = result.state_dict() if approved else state
-            info["trained_days"] += 1
-            info["approved_days"] += int(approved)
-            forecast = forecast_next_day(result.model, recent, hp)
-            rankings.append(_ranking(forecast.to_numpy(), recent.keys, limit))
+        ranked: dict[str, list[Hashable]] = {}  # each baseline's ranking of the day, made once
+
+        def baseline(name: str, recent: HourlyCounts = recent, ranked: dict = ranked) -> list[Hashable]:
+            if name not in ranked:
+                ranked[name] = _ranking(_baseline_forecast(name, recent, hp), recent.keys, limit)
+            return ranked[name]
+
+        for name in strategies:
+            if name not in learned:
+                out[name][0].append(baseline(name))
+        if not learned:
             continue
-        if strategy == "lstm":
-            info["fallback_days"] += 1
-        if strategy == "seasonal":
-            values = seasonal_forecast(recent.daily(), recent.n_days)
-        elif strategy == "ewma":
-            values = ewma_forecast(recent, recent.n_days, hp)
-        else:  # frequency, and the lstm before it can be trained
-            values = frequency_forecast(recent.daily(), recent.keys, recent.n_days, hp)
-        rankings.append(_ranking(values, recent.keys, limit))
-    return rankings, info
+        if d < 3:  # too few days to train: frequency, as top_ads falls back to it without a model
+            for name in learned:
+                out[name][0].append(baseline("frequency"))
+                out[name][1]["fallback_days"] += 1
+            if "auto" in out:
+                out["auto"][1]["used"].append("frequency")
+            continue
+        history = _counts(hours, max(0, d - lookback_days), d - 1)
+        result = evaluate_demand(history, hp, init_state=state)
+        evaluation = result.evaluation
+        approved = evaluation.hit_rate["lstm"] - evaluation.hit_rate[evaluation.best_baseline] > margin
+        state = result.state_dict() if approved else state
+        lstm = _ranking(forecast_next_day(result.model, recent, hp).to_numpy(), recent.keys, limit)
+        for name in learned:
+            out[name][1]["trained_days"] += 1
+            out[name][1]["approved_days"] += int(approved)
+        if "lstm" in out:
+            out["lstm"][0].append(lstm)
+        if "auto" in out:
+            used = "lstm" if approved else evaluation.best_baseline
+            out["auto"][0].append(lstm if approved else baseline(used))
+            out["auto"][1]["used"].append(used)
+    return out
+
+
+def _baseline_forecast(name: str, recent: HourlyCounts, hp: DemandHyperParams) -> np.ndarray:
+    """Tomorrow's demand per key of ``recent``'s keys under a baseline."""
+    if name == "seasonal":
+        return seasonal_forecast(recent.daily(), recent.n_days)
+    if name == "ewma":
+        return ewma_forecast(recent, recent.n_days, hp)
+    return frequency_forecast(recent.daily(), recent.keys, recent.n_days, hp)
 
 
 def strategy_sets(
@@ -190,7 +236,8 @@ def compare_strategies(
 
     ``top_n="auto"``: each strategy tunes its own share as ``replay`` does (each day the candidate N whose
     "top-N of this strategy + LRU of C-N" got the most hits on the counted days before it), and ``top_n`` is
-    the mean share it chose. The LSTM is evaluated for approval at ``hp.top_n`` then (at ``top_n`` otherwise).
+    the mean share it chose. The LSTM is evaluated for approval at ``hp.top_n`` then (at ``top_n`` otherwise);
+    ``lstm`` and ``auto`` share its daily models.
     """
     auto = top_n == "auto"
     if not auto and (isinstance(top_n, str) or top_n < 0):
@@ -204,8 +251,9 @@ def compare_strategies(
     per_day = min(hp.max_seconds, lstm_budget_s / trained_days) if trained_days else hp.max_seconds
     day_hp = replace(hp, max_seconds=per_day) if auto else replace(hp, max_seconds=per_day, top_n=top_n)
     out, notes = {}, []
+    ranked = rankings_of(hours, strategies, capacity if auto else top_n, hp=day_hp)
     for name in strategies:
-        rankings, info = strategy_rankings(hours, name, capacity if auto else top_n, hp=day_hp)
+        rankings, info = ranked[name]
         result = replay(day_keys, top_n=top_n, capacity=capacity, warmup_days=warmup_days, ranked=rankings)
         out[name] = {
             "hit_rate": result["hit_rate_ours"],
@@ -220,5 +268,13 @@ def compare_strategies(
                 f"{info['approved_days']}; at most {hp.max_epochs} epochs and {per_day:.1f} s a day); "
                 f"{sum(d < 3 for d in counted)} counted days had fewer than 3 days before them and used the "
                 "frequency ranking"
+            )
+        if name == "auto":
+            used = Counter(info["used"][warmup_days:])
+            notes.append(
+                "auto: followed "
+                + ", ".join(f"{strategy} on {used[strategy]}" for strategy in sorted(used))
+                + " of the counted days (the lstm when its day's model was approved, else the best baseline on "
+                "the held-back day)"
             )
     return {"strategies": out, "strategy_notes": notes}

@@ -692,7 +692,7 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--capacity", type=int, required=True, help="cache capacity in keys (>= top-n)")
     replay.add_argument(
         "--strategy",
-        help="also replay top-N ranked by this demand strategy (frequency, ewma, seasonal, lstm), or prefetch "
+        help="also replay top-N ranked by this demand strategy (frequency, ewma, seasonal, lstm, auto), or prefetch "
         "(ours plus learned next-key prefetch), or 'all', each plus an LRU of capacity - top-n keys",
     )
     replay.add_argument(

@@ -354,7 +354,7 @@ def test_replay_cli_reports_next_key_accuracy_and_merges_prefetch(tmp_path, caps
     # With a demand strategy too, both land in one strategies mapping; auto replays prefetch at top-N 0.
     assert main([*args[:-4], "--top-n", "auto", "--capacity", "10", "--strategy", "all"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert set(out["strategies"]) == {"frequency", "ewma", "seasonal", "lstm", "prefetch"}
+    assert set(out["strategies"]) == {"frequency", "ewma", "seasonal", "lstm", "auto", "prefetch"}
     assert out["strategies"]["prefetch"]["top_n"] == 0 and "next_key_top1" not in out
 
 

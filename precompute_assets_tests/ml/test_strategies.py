@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from precompute_assets.ml.demand import DemandHyperParams
 from precompute_assets.ml.replay import Trace, replay, split_days
-from precompute_assets.ml.strategies import STRATEGIES, TraceHours, compare_strategies, strategy_sets, trace_hours
+from precompute_assets.ml.strategies import (
+    STRATEGIES,
+    TraceHours,
+    compare_strategies,
+    rankings_of,
+    strategy_sets,
+    trace_hours,
+)
 from precompute_assets.tools.cli import main
 
 TINY = DemandHyperParams(max_epochs=1, max_seconds=30, max_train_keys=200, hidden_size=8)
@@ -101,6 +109,24 @@ def test_the_lstm_is_trained_once_it_has_three_days_and_reported():
     assert info["trained_days"] == 2 and info["fallback_days"] == 2
 
 
+def test_auto_follows_the_approved_lstm_else_the_best_baseline_of_each_held_back_day():
+    hours = trace_hours(weekly_trace(), 15)
+    ranked = rankings_of(hours, STRATEGIES, 30, hp=replace(TINY, top_n=30))
+    auto, info = ranked["auto"]
+    used = info["used"]
+    assert len(auto) == len(used) == 15 and used[:3] == ["frequency"] * 3  # no model before day 3
+    for d in range(15):
+        assert auto[d] == ranked[used[d]][0][d], d  # the very ranking of the strategy it followed
+    assert set(used) <= {"lstm", "frequency", "ewma", "seasonal"}
+    assert used.count("lstm") == info["approved_days"] and info["trained_days"] == 12
+    assert ranked["lstm"][1] == {k: v for k, v in info.items() if k != "used"}  # one model a day, shared
+    # The weekday groups: once the held-back day has a week before it, frequency never wins (seasonal naive sees them).
+    assert used[8:] and "frequency" not in used[8:]
+    result = compare_strategies(weekly_trace(), 15, ["auto"], top_n=60, capacity=60, hp=TINY)
+    (note,) = result["strategy_notes"]
+    assert note.startswith("auto: followed ") and "frequency on 2" in note  # counted days 1 and 2
+
+
 def test_unknown_strategy_and_bad_share_are_refused():
     with pytest.raises(ValueError, match="unknown strategy 'oracle'"):
         compare_strategies(zipf_trace(), 3, ["oracle"], top_n=5, capacity=10)
@@ -155,6 +181,9 @@ def test_replay_cli_merges_the_strategies(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert set(out["strategies"]) == {"seasonal"} and out["strategies"]["seasonal"]["top_n"] == 20
     assert "hit_rate_lru" in out and "hit_rate_belady" in out
+    assert main([*args, "--strategy", "auto"]) == 0  # top_ads' default, replayed like the others
+    out = json.loads(capsys.readouterr().out)
+    assert set(out["strategies"]) == {"auto"} and out["strategy_notes"][0].startswith("auto: followed frequency")
     assert main([*args, "--strategy", "nope"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("precompute replay: unknown --strategy 'nope'") and err.count("\n") == 1
