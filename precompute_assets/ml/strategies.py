@@ -229,6 +229,7 @@ def compare_strategies(
     hp: DemandHyperParams = REPLAY_HYPER_PARAMS,
     warmup_days: int = 1,
     lstm_budget_s: float = LSTM_BUDGET_S,
+    admission: str | None = None,
 ) -> dict:
     """``{"strategies": {name: {"hit_rate", "top_n"}}, "strategy_notes": [...]}``: the hit rate over the
     counted days of each strategy's top-N plus an LRU of ``capacity - top_n`` keys (``replay``'s ``ours`` with
@@ -238,6 +239,10 @@ def compare_strategies(
     "top-N of this strategy + LRU of C-N" got the most hits on the counted days before it), and ``top_n`` is
     the mean share it chose. The LSTM is evaluated for approval at ``hp.top_n`` then (at ``top_n`` otherwise);
     ``lstm`` and ``auto`` share its daily models.
+
+    ``admission`` (a serving admission policy's name, as ``replay`` takes it) adds ``hit_rate_admission`` to each
+    entry: the same top-N beside that policy's live tier instead of the LRU (with ``"auto"``, its own share
+    tuned on that tier, ``top_n_admission``).
     """
     auto = top_n == "auto"
     if not auto and (isinstance(top_n, str) or top_n < 0):
@@ -254,13 +259,19 @@ def compare_strategies(
     ranked = rankings_of(hours, strategies, capacity if auto else top_n, hp=day_hp)
     for name in strategies:
         rankings, info = ranked[name]
-        result = replay(day_keys, top_n=top_n, capacity=capacity, warmup_days=warmup_days, ranked=rankings)
+        result = replay(
+            day_keys, top_n=top_n, capacity=capacity, warmup_days=warmup_days, ranked=rankings, admission=admission
+        )
         out[name] = {
             "hit_rate": result["hit_rate_ours"],
             "top_n": result["top_n_mean"] if auto else int(top_n),
         }
         if auto:
             out[name]["top_n_chosen"] = result["top_n_chosen"]
+        if admission is not None:
+            out[name]["hit_rate_admission"] = result["hit_rate_ours_admission"]
+            if auto:
+                out[name]["top_n_admission"] = result["top_n_mean_admission"]
         if name == "lstm":
             counted = range(warmup_days, days)
             notes.append(

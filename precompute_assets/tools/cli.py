@@ -392,7 +392,14 @@ def cmd_replay(args: argparse.Namespace) -> int:
             from ..ml.strategies import compare_strategies
 
             result.update(
-                compare_strategies(trace, args.days, demand_strategies, top_n=args.top_n, capacity=args.capacity)
+                compare_strategies(
+                    trace,
+                    args.days,
+                    demand_strategies,
+                    top_n=args.top_n,
+                    capacity=args.capacity,
+                    admission=args.admission,
+                )
             )
         if arms is not None:
             from ..ml.experiment import ab_replay
@@ -717,7 +724,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--admission",
         help="always, second_miss, frequency or probation: also replay LRU and ours with get_or_compute's "
         "admission policy (hit_rate_lru_admission, hit_rate_ours_admission; with --top-n auto the share is tuned "
-        "on that live tier)",
+        "on that live tier), and each --strategy beside it (hit_rate_admission)",
     )
     replay.set_defaults(fn=cmd_replay)
     return parser

@@ -62,6 +62,14 @@ def test_frequency_is_replays_own_top_n_at_the_same_capacity():
     ours = replay(split_days(trace, 6), top_n=40, capacity=120)["hit_rate_ours"]
     result = compare_strategies(trace, 6, ["frequency"], top_n=40, capacity=120)
     assert result["strategies"] == {"frequency": {"hit_rate": ours, "top_n": 40}}
+    # Beside the serving clients' live tier instead of the LRU: replay's ours with the same admission.
+    for admission, share in (("probation", 40), ("second_miss", "auto")):
+        expected = replay(split_days(trace, 6), top_n=share, capacity=120, admission=admission)
+        entry = compare_strategies(trace, 6, ["frequency"], top_n=share, capacity=120, admission=admission)
+        entry = entry["strategies"]["frequency"]
+        assert entry["hit_rate_admission"] == expected["hit_rate_ours_admission"] != expected["hit_rate_ours"]
+        if share == "auto":
+            assert entry["top_n_admission"] == expected["top_n_mean_admission"]
 
 
 def test_no_precompute_is_plain_lru_for_every_baseline():
