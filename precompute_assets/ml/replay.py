@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import codecs
 import csv
+import functools
 import heapq
 import io
 import itertools
@@ -661,19 +662,7 @@ def _live_tier(admission: str | AdmissionPolicy, window: int | None, capacity: i
     fewer keys than the share, as on early days of short history), or ``slots`` when nothing is published.
     Arguments are checked here, before any replay runs."""
     if isinstance(admission_policy(admission), Probation):
-
-        def probation_tier(
-            days: list[np.ndarray],
-            slots: int | Sequence[int],
-            *,
-            precomputed: list[set] | None = None,
-            outcomes: list[str] | None = None,
-        ) -> list[int]:
-            if precomputed is not None:
-                slots = [capacity - len(chosen) for chosen in precomputed]
-            return _probation_day_hits(days, slots, precomputed=precomputed, outcomes=outcomes)
-
-        return lambda keys: probation_tier
+        return lambda keys: functools.partial(_probation_day_hits, capacity=capacity)
     model = _admission_model(admission, window, capacity)
     return lambda keys: lambda days, slots, **kw: _admitted_lru_day_hits(days, slots, model(keys), **kw)
 
@@ -684,12 +673,17 @@ def _probation_day_hits(
     *,
     precomputed: list[set] | None = None,
     outcomes: list[str] | None = None,
+    capacity: int | None = None,
 ) -> list[int]:
     """Hits per day of admission ``probation``'s live tier, step for step as its scripts (``_TOUCH`` at every
     live-tier lookup, ``_ADMIT`` at every miss) run them: a probation FIFO with hit counts, a main LRU and a
-    ghost list, evicting only when ``slots`` keys are tracked (the client's capacity less the published keys).
-    A day with fewer slots shrinks the tier over its next misses (each moves or evicts at most ``MAX_STEPS`` keys),
-    and a miss that finds no room is not kept, as the client does when a bigger version is published."""
+    ghost list, evicting only when ``slots`` keys are tracked (the client's capacity less the published keys;
+    given ``capacity`` and ``precomputed``, each day's slots are ``capacity`` less that day's set, whatever
+    ``slots`` says). A day with fewer slots shrinks the tier over its next misses (each moves or evicts at most
+    ``MAX_STEPS`` keys), and a miss that finds no room is not kept, as the client does when a bigger version is
+    published."""
+    if capacity is not None and precomputed is not None:
+        slots = [capacity - len(chosen) for chosen in precomputed]
     small: deque[int] = deque()
     hits: dict[int, int] = {}  # the keys in probation and their hits there
     main: OrderedDict[int, None] = OrderedDict()  # least recent first
