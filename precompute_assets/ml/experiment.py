@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from ..serving.keys import arm_index, arm_of
-from .replay import Trace, _admit_always, _admitted_lru_day_hits, _as_codes, _codes_of, _precomputed_sets
+from .replay import Trace, _as_codes, _codes_of, _live_tier, _precomputed_sets
 from .selection import select_top
 
 if TYPE_CHECKING:  # ml.strategies imports torch: only the replay needs it, so it is imported there
@@ -210,6 +210,7 @@ def ab_replay(
     n_boot: int = 1000,
     seed: int = 0,
     alpha: float = 0.05,
+    admission: str | None = None,
 ) -> dict:
     """The A/B experiment replayed on a trace: ``{"ab": {...}}`` to merge into ``precompute replay``'s JSON.
 
@@ -218,6 +219,8 @@ def ab_replay(
     precomputes its budget (``arm_budgets(top_n)``); the union is precomputed, beside one read-through LRU of
     ``capacity - top_n`` keys that both arms share: ``replay``'s "ours" with these ``precomputed=`` sets (its
     warm-up days keep replay's own selection). Every counted request's outcome then goes to ``arm_report``.
+    ``admission`` (a serving admission policy's name) replaces that LRU by the policy's live tier, as ``replay``
+    models it (``hit_rate_ours_admission``).
 
     The shared LRU couples the arms a little: an arm whose precomputed keys answer more of its traffic leaves
     more LRU room to the other arm, which narrows the measured difference rather than inflating it. ``hp`` and
@@ -253,7 +256,8 @@ def ab_replay(
     chosen = _precomputed_sets(codes[:warmup_days], top_n=top_n, half_life_days=2.0)
     chosen += [_codes_of(given, index) for given in union[warmup_days:]]
     outcomes: list[str] = []
-    _admitted_lru_day_hits(codes, capacity - top_n, _admit_always, precomputed=chosen, outcomes=outcomes)
+    live = _live_tier(admission or "always", None, capacity)(index)
+    live(codes, capacity - top_n, precomputed=chosen, outcomes=outcomes)
     start = sum(len(day) for day in day_keys[:warmup_days])
     hit = np.asarray(outcomes[start:]) == "hit"
     frame = pd.DataFrame({"key": hours.keys[start:], "hit": hit, "arm": key_arm[start:]})
@@ -275,6 +279,7 @@ def ab_replay(
             "hit_rate_ours": float(hit.mean()) if len(hit) else 0.0,
             "warmup_days": int(warmup_days),
             "days": int(days),
+            "admission": admission or "always",
             "notes": notes,
         }
     }

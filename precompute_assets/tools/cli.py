@@ -405,7 +405,15 @@ def cmd_replay(args: argparse.Namespace) -> int:
             from ..ml.experiment import ab_replay
 
             result.update(
-                ab_replay(trace, args.days, arms=arms, top_n=args.top_n, capacity=args.capacity, salt=args.ab_salt)
+                ab_replay(
+                    trace,
+                    args.days,
+                    arms=arms,
+                    top_n=args.top_n,
+                    capacity=args.capacity,
+                    salt=args.ab_salt,
+                    admission=args.admission,
+                )
             )
         if learned:
             learned_out = learned_results(day_keys, args, train_days, with_prefetch="prefetch" in strategies)
@@ -724,7 +732,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--admission",
         help="always, second_miss, frequency or probation: also replay LRU and ours with get_or_compute's "
         "admission policy (hit_rate_lru_admission, hit_rate_ours_admission; with --top-n auto the share is tuned "
-        "on that live tier), and each --strategy beside it (hit_rate_admission)",
+        "on that live tier), each --strategy beside it (hit_rate_admission), and --ab's arms beside it",
     )
     replay.set_defaults(fn=cmd_replay)
     return parser

@@ -280,7 +280,15 @@ def test_ab_replay_is_replays_ours_with_the_union_of_the_arms_sets():
     union = [sets["seasonal"][d] | sets["ewma"][d] for d in range(9)]
     expected = replay(hours.day_keys(), top_n=41, capacity=50, warmup_days=2, precomputed=union[2:])
     assert out["hit_rate_ours"] == pytest.approx(expected["hit_rate_ours"])
-    assert out["requests"] == expected["requests"]
+    assert out["requests"] == expected["requests"] and out["admission"] == "always"
+    # Beside the serving clients' live tier: replay's ours with the same admission and the same sets.
+    kwargs = {"arms": ("seasonal", "ewma"), "top_n": 41, "capacity": 50, "salt": "x", "warmup_days": 2}
+    for admission in ("probation", "second_miss"):
+        tier = ab_replay(trace, 9, **kwargs, admission=admission)["ab"]
+        expected = replay(hours.day_keys(), top_n=41, capacity=50, warmup_days=2, precomputed=union[2:],
+                          admission=admission)  # fmt: skip
+        assert tier["hit_rate_ours"] == pytest.approx(expected["hit_rate_ours_admission"])
+        assert tier["admission"] == admission and tier["hit_rate_ours"] != out["hit_rate_ours"]
 
 
 @pytest.mark.parametrize(
