@@ -86,12 +86,15 @@ def experiment_rows(
     return pd.concat(parts, ignore_index=True), counts
 
 
-def report_arms(configured: Experiment | None, counts: pd.Series) -> tuple[list[str] | None, str]:
-    """The two arms to compare (first: the baseline of the difference) and why: the configured experiment's when
-    its arms are in the logs, else the two arms with most rows (alphabetical order); None with one arm only."""
+def report_arms(
+    configured: Experiment | None, counts: pd.Series, *, source: str = "the configured experiment"
+) -> tuple[list[str] | None, str]:
+    """The two arms to compare (first: the baseline of the difference) and why: ``configured``'s (the experiment
+    that served the day, ``source`` says how it is known) when its arms are in the logs, else the two arms with most
+    rows (alphabetical order); None with one arm only."""
     seen = counts.index.tolist()
     if configured is not None and set(configured.arms) & set(seen):
-        return list(configured.arms), f"the configured experiment {configured.name}"
+        return list(configured.arms), f"{source} {configured.name}"
     if len(seen) < 2:
         return None, f"only arm {seen[0]!r} in the logs and no configured experiment names the other"
     top = sorted(counts.sort_values(ascending=False, kind="stable").index[:2].tolist())
@@ -163,7 +166,13 @@ def selection_experiment(
     if frame.empty:
         context.log.info(f"no ctr queries with an experiment arm on {context.partition_key}: nothing to compare")
         return dg.MaterializeResult(metadata={"experiment_rows": 0, **hours}, check_results=[sample_ratio_check(None)])
-    arms, why = report_arms(experiment.experiment(), frame["arm"].value_counts())
+    # Day D was served by the version the run of day D-1 published: its top_ads recorded the experiment.
+    previous = partitions.days_ending(context.partition_key, 2)[0]
+    served = selected_experiment(context.instance, previous) if previous != context.partition_key else None
+    if served is not None:
+        arms, why = report_arms(served, frame["arm"].value_counts(), source=f"the experiment top_ads of {previous} ran")
+    else:
+        arms, why = report_arms(experiment.experiment(), frame["arm"].value_counts())
     if arms is None:
         context.log.warning(f"{len(frame)} experiment rows, but {why}")
         return dg.MaterializeResult(

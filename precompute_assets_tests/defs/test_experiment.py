@@ -142,6 +142,19 @@ def test_the_logs_arms_are_reported_when_the_configured_experiment_differs(insta
     assert report_arms(None, pd.Series({"lstm": 3}))[0] is None
 
 
+def test_the_report_follows_the_experiment_the_serving_days_top_ads_ran_not_todays_setting(lake_uri):
+    write_experiment_day(Lake(lake_uri))
+    served = Experiment("served", "s1", ("lstm", "frequency"))
+    with dg.instance_for_test() as fresh:
+        fresh.report_runless_asset_event(
+            dg.AssetMaterialization("top_ads", partition="2026-11-19", metadata=experiment_metadata(served))
+        )
+        result = materialize(fresh, lake_uri, run_config={"ops": {"selection_experiment": {"config": {"n_boot": 50}}}})
+    meta = result.asset_materializations_for_node("selection_experiment")[0].metadata
+    # PRECOMPUTE_EXPERIMENT now says frequency,lstm; the day was served by lstm,frequency (its baseline is lstm).
+    assert meta["arms"].value == "lstm,frequency" and meta["report"].value["difference"]["of"] == "frequency - lstm"
+
+
 # --- the resource ----------------------------------------------------------------------------------------
 
 
