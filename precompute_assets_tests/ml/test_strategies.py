@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from precompute_assets.ml.demand import DemandHyperParams
-from precompute_assets.ml.replay import Trace, replay, split_days
+from precompute_assets.ml.replay import Trace, parse_trace, replay, split_days
 from precompute_assets.ml.strategies import (
     STRATEGIES,
     TraceHours,
@@ -218,3 +218,48 @@ def test_replay_cli_runs_an_ab_experiment_and_refuses_bad_arms(tmp_path, capsys)
         assert message in err and err.count("\n") == 1
     assert main([*args[:-4], "--top-n", "auto", "--capacity", "60", "--ab", "frequency,ewma"]) == 2
     assert "--ab needs a fixed --top-n" in capsys.readouterr().err
+
+
+def strict_json(text: str) -> dict:
+    """JSON as other languages read it: NaN and Infinity are not JSON."""
+
+    def refuse(constant: str):
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def timed_trace(path, rows: list[tuple[float, str]]) -> str:
+    path.write_text("".join(f"{ts},{key}\n" for ts, key in rows))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("name", "rows", "days"),
+    [
+        # Day 2 of 5 has no requests at all (a gap in the timestamps).
+        ("empty_day", [(d * 86_400 + i * 60, f"k{(i * 7 + d) % 40}") for d in (0, 1, 3, 4) for i in range(300)], 5),
+        ("single_key", [(i * 300.0, "only") for i in range(5 * 288)], 5),
+        # Three days: shorter than every lookback (the LSTM's 14, the baselines' 7, seasonal's week).
+        ("shorter_than_lookback", [(d * 86_400 + i * 90, f"k{i % 25}") for d in range(3) for i in range(500)], 3),
+    ],
+)
+def test_replay_cli_runs_every_strategy_on_degenerate_traces(tmp_path, capsys, name, rows, days):
+    trace = timed_trace(tmp_path / f"{name}.csv", rows)
+    if name == "empty_day":
+        assert [len(day) for day in split_days(parse_trace(trace), days)].count(0) == 1
+    args = ["replay", "--trace", trace, "--days", str(days), "--top-n", "auto", "--capacity", "10"]
+    assert main([*args, "--strategy", "all", "--next-key", "--admission", "probation"]) == 0
+    out = strict_json(capsys.readouterr().out)
+    assert set(out["strategies"]) == {*STRATEGIES, "prefetch"}
+    rates = [entry["hit_rate"] for entry in out["strategies"].values()]
+    rates += [value for key, value in out.items() if key.startswith("hit_rate_")]
+    assert all(0.0 <= rate <= 1.0 for rate in rates), rates
+    if name == "single_key":  # one key: after its first request every lookup hits, whatever the strategy
+        assert out["hit_rate_lru"] == out["strategies"]["frequency"]["hit_rate"] == 1.0
+    if name == "shorter_than_lookback":
+        assert "2 counted days had fewer than 3 days" in " ".join(out["strategy_notes"])
+    fixed = [*args[:5], "--top-n", "4", "--capacity", "10", "--ab", "frequency,lstm"]
+    assert main(fixed) == 0
+    ab = strict_json(capsys.readouterr().out)["ab"]
+    assert ab["arms"] == ["frequency", "lstm"] and ab["requests"] == sum(a["requests"] for a in ab["per_arm"].values())
