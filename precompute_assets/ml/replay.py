@@ -425,11 +425,13 @@ def _as_codes(day_keys: Sequence[np.ndarray]) -> tuple[list[np.ndarray], pd.Inde
 
 
 def _codes_of(chosen: set[Hashable], keys: pd.Index) -> set[int]:
-    """The codes of the ``chosen`` keys; keys never requested have none (they could only fill a slot)."""
+    """The codes of the ``chosen`` keys; a key never requested gets a code of its own below 0, which no request
+    matches, so the set still counts every published key (each fills a slot, as in the client's capacity)."""
     if not chosen:
         return set()
     positions = keys.get_indexer(pd.Index(list(chosen)))
-    return {int(position) for position in positions if position >= 0}
+    unseen = itertools.count(-1, -1)
+    return {int(position) if position >= 0 else next(unseen) for position in positions}
 
 
 def _check_warmup(days: list[np.ndarray], warmup_days: int) -> None:
@@ -659,7 +661,7 @@ def _live_tier(admission: str | AdmissionPolicy, window: int | None, capacity: i
     """A factory of the live tier that ``admission`` gives the client, for a trace's keys: an LRU behind an
     admission filter (fresh filter state at every replay), or (``probation``) the policy's own queues, sized as
     the client sizes them: ``capacity`` less the keys each day publishes (its precomputed set, which may hold
-    fewer keys than the share, as on early days of short history), or ``slots`` when nothing is published.
+    fewer keys than the share, as on early days of short history), or ``slots`` when no sets are given.
     Arguments are checked here, before any replay runs."""
     if isinstance(admission_policy(admission), Probation):
         return lambda keys: functools.partial(_probation_day_hits, capacity=capacity)

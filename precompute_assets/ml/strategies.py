@@ -144,6 +144,8 @@ def rankings_of(
     margin: float = MARGIN,
 ) -> dict[str, tuple[list[list[Hashable]], dict]]:
     """``strategy_rankings`` of several strategies at once: ``lstm`` and ``auto`` share one trained model a day."""
+    if unknown := [name for name in strategies if name not in STRATEGIES]:
+        raise ValueError(f"unknown strategy {unknown[0]!r}: use one of {', '.join(STRATEGIES)} or all")
     learned = [name for name in strategies if name in ("lstm", "auto")]
     out = {name: ([[]], {"trained_days": 0, "approved_days": 0, "fallback_days": 0}) for name in strategies}
     if "auto" in out:

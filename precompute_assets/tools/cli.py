@@ -732,7 +732,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--admission",
         help="always, second_miss, frequency or probation: also replay LRU and ours with get_or_compute's "
         "admission policy (hit_rate_lru_admission, hit_rate_ours_admission; with --top-n auto the share is tuned "
-        "on that live tier), each --strategy beside it (hit_rate_admission), and --ab's arms beside it",
+        "on that live tier), each demand strategy beside it (hit_rate_admission; not prefetch), and --ab's arms",
     )
     replay.set_defaults(fn=cmd_replay)
     return parser

@@ -1117,6 +1117,9 @@ def test_probation_tier_holds_the_capacity_less_the_keys_really_published():
     assert result["hit_rate_ours"] == pytest.approx(1 / 6)  # the LRU model keeps capacity - top_n slots
     # The self-tuned share weighs its candidates on the same tier.
     assert tune_share(days, 10, admission="probation").hit_rates[10] == pytest.approx(4 / 6)
+    # Given sets (what a run published) count every published key, requested in the trace or not.
+    tight = replay(days, top_n=10, capacity=10, precomputed=[{"a", *"0123456789"[:9]}], admission="probation")
+    assert tight["hit_rate_ours_admission"] == pytest.approx(1 / 6)  # 10 published: no live slot, only a hits
 
 
 def test_auto_share_is_tuned_on_the_live_tier_it_shares_capacity_with():
