@@ -7,7 +7,7 @@ loads, not when a module is imported. Call ``defs()`` for the Definitions.
 
 import dagster as dg
 
-from .defs.automation import build_cache_health_sensor, build_schedules, daily_precompute_job
+from .defs.automation import build_cache_health_sensor, build_schedules, daily_precompute_job, refresh_precompute_job
 from .defs.campaigns import (
     build_campaign_schedules,
     campaign_budget,
@@ -68,6 +68,7 @@ def build_definitions(settings: Settings, executor: dg.ExecutorDefinition | None
         jobs=[
             query_logs_job,
             daily_precompute_job,
+            refresh_precompute_job,
             query_log_cleanup_job,
             document_embeddings_job,
             campaign_warming_job,

@@ -32,6 +32,15 @@ daily_precompute_job = dg.define_asset_job(
     "experiment that served that day, if any.",
 )
 
+refresh_precompute_job = dg.define_asset_job(
+    "refresh_precompute_job",
+    selection=dg.AssetSelection.assets(
+        traffic_profile, ad_demand, top_ads, ctr_model, ctr_predictions, ctr_cache, selection_experiment
+    ),
+    description="daily_precompute_job without training demand_model: a refresh of a cold cache publishes at once, "
+    "top_ads following the demand_model verdict its nightly run left.",
+)
+
 
 def offpeak_start_hour(instance: dg.DagsterInstance | None) -> int:
     """The start of the off-peak window learned by the newest ``traffic_profile``, or the default."""
@@ -95,11 +104,12 @@ def health_request(
 
 def build_cache_health_sensor(timezone: str, *, threshold: float = HEALTH_THRESHOLD) -> dg.SensorDefinition:
     """``cache_health``: every 5 minutes, the ctr hit rate of the last hour from the query log; below
-    ``threshold`` it requests ``daily_precompute_job`` for yesterday (at most every 6 hours) and says why."""
+    ``threshold`` it requests ``refresh_precompute_job`` for yesterday (at most every 6 hours) and says why: the
+    daily graph without retraining the LSTM, which would delay the publish and could switch the day's strategy."""
 
     @dg.sensor(
         name="cache_health",
-        target=daily_precompute_job,
+        target=refresh_precompute_job,
         minimum_interval_seconds=300,
         default_status=dg.DefaultSensorStatus.RUNNING,
         description=f"Refresh yesterday's precompute when the last hour's ctr hit rate is below {threshold:.0%} "

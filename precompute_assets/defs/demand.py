@@ -234,11 +234,14 @@ def demand_model(
     try:
         hp = config.hyper_params()
         result = evaluate_demand(data, hp, init_state=init_state)
-    except ValueError as error:
-        context.log.error(f"no demand model trained: {error}")
+    except Exception as error:  # the LSTM is optional: its failure must not stop the day's publish
+        # ValueError: the data cannot train a model (no traffic); anything else is a fault, logged with its trace.
+        problem = str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {error}"
+        log = context.log.error if isinstance(error, ValueError) else context.log.exception
+        log(f"no demand model trained: {problem}; top_ads keeps the best baseline")
         return dg.MaterializeResult(
-            metadata={"error": str(error), **read},
-            check_results=[beats_baselines_check(None, config.margin, f"no demand model trained: {error}")],
+            metadata={"error": problem, **read},
+            check_results=[beats_baselines_check(None, config.margin, f"no demand model trained: {problem}")],
         )
     evaluation = result.evaluation
     check = beats_baselines_check(evaluation, config.margin)

@@ -229,3 +229,40 @@ def test_in_the_daily_job_demand_model_runs_first_and_a_losing_lstm_never_stops_
         chosen["strategy_reason"].value
     )
     assert chosen["dagster/row_count"].value == 20
+
+
+def test_a_crashing_lstm_is_a_warning_and_the_selection_goes_on(
+    selection_resources, pg_instance, weekly_template, lake_uri, monkeypatch
+):
+    import precompute_assets.defs.demand as demand
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("CUDA error: out of memory")
+
+    monkeypatch.setattr(demand, "evaluate_demand", crash)
+    with_catalog(weekly_template, lake_uri)
+    result = dg.materialize(
+        [ad_demand, demand_model, top_ads],
+        resources=selection_resources,
+        partition_key=DAYS[-1],
+        instance=pg_instance,
+        run_config={"ops": {"top_ads": {"config": {"top_n": 20, "strategy": "auto"}}}},
+        raise_on_error=False,
+    )
+    assert result.success
+    gate = check(result)
+    assert not gate.passed and gate.severity == dg.AssetCheckSeverity.WARN
+    assert "RuntimeError: CUDA error: out of memory" in gate.description
+    assert metadata(result)["error"] == "RuntimeError: CUDA error: out of memory"
+    chosen = result.asset_materializations_for_node("top_ads")[0].metadata
+    assert chosen["strategy"].value == "frequency" and chosen["dagster/row_count"].value == 20
+
+
+def test_the_cache_health_refresh_publishes_without_retraining_the_lstm():
+    from precompute_assets.definitions import defs
+    from precompute_assets.defs.automation import build_cache_health_sensor
+
+    assert build_cache_health_sensor("UTC").job_name == "refresh_precompute_job"
+    refresh = defs().resolve_job_def("refresh_precompute_job").asset_layer.executable_asset_keys
+    daily = defs().resolve_job_def("daily_precompute_job").asset_layer.executable_asset_keys
+    assert refresh == daily - {dg.AssetKey("demand_model")}
