@@ -195,6 +195,22 @@ def test_auto_and_lstm_follow_the_demand_models_evaluation(selection_resources, 
     assert not bad.success and not bad.asset_materializations_for_node("top_ads")
 
 
+def select_after_demand(resources, instance, **demand_config):
+    """demand_model then top_ads (strategy auto, top 20) in one run, as the daily job orders them; must succeed."""
+    result = dg.materialize(
+        [ad_demand, demand_model, top_ads],
+        resources=resources,
+        partition_key=DAYS[-1],
+        instance=instance,
+        run_config={
+            "ops": {"demand_model": {"config": demand_config}, "top_ads": {"config": {"top_n": 20, "strategy": "auto"}}}
+        },  # fmt: skip
+        raise_on_error=False,
+    )
+    assert result.success
+    return result
+
+
 def test_in_the_daily_job_demand_model_runs_first_and_a_losing_lstm_never_stops_the_selection(
     selection_resources, pg_instance, weekly_template, lake_uri
 ):
@@ -206,20 +222,7 @@ def test_in_the_daily_job_demand_model_runs_first_and_a_losing_lstm_never_stops_
     assert dg.AssetKey("demand_model") in upstream  # so top_ads reads the verdict of the same run
 
     with_catalog(weekly_template, lake_uri)
-    result = dg.materialize(
-        [ad_demand, demand_model, top_ads],
-        resources=selection_resources,
-        partition_key=DAYS[-1],
-        instance=pg_instance,
-        run_config={
-            "ops": {
-                "demand_model": {"config": {"top_n": 20, "max_epochs": 1, "margin": 1.0}},
-                "top_ads": {"config": {"top_n": 20, "strategy": "auto"}},
-            }
-        },  # fmt: skip
-        raise_on_error=False,
-    )
-    assert result.success
+    result = select_after_demand(selection_resources, pg_instance, top_n=20, max_epochs=1, margin=1.0)
     gate = check(result)
     assert not gate.passed and gate.severity == dg.AssetCheckSeverity.WARN  # no LSTM beats by a whole 1.0
     evaluation = metadata(result)
@@ -241,15 +244,7 @@ def test_a_crashing_lstm_is_a_warning_and_the_selection_goes_on(
 
     monkeypatch.setattr(demand, "evaluate_demand", crash)
     with_catalog(weekly_template, lake_uri)
-    result = dg.materialize(
-        [ad_demand, demand_model, top_ads],
-        resources=selection_resources,
-        partition_key=DAYS[-1],
-        instance=pg_instance,
-        run_config={"ops": {"top_ads": {"config": {"top_n": 20, "strategy": "auto"}}}},
-        raise_on_error=False,
-    )
-    assert result.success
+    result = select_after_demand(selection_resources, pg_instance)
     gate = check(result)
     assert not gate.passed and gate.severity == dg.AssetCheckSeverity.WARN
     assert "RuntimeError: CUDA error: out of memory" in gate.description
