@@ -125,8 +125,9 @@ class NextKeyModel:
 
 @dataclass(frozen=True)
 class NextKeyPredictions:
-    """The predicted next key after each request of days ``first_day``..D-1 (in order, concatenated) and its
-    confidence, the softmax probability the model gives it (OOV mass included in the normalisation)."""
+    """The predicted next keys after each request of days ``first_day``..D-1 (in order, concatenated) and their
+    confidence, the softmax probability the model gives each (OOV mass included in the normalisation): one key per
+    request (1-d arrays), or a row of the most likely keys per request, most likely first (2-d arrays)."""
 
     first_day: int
     keys: np.ndarray
@@ -350,17 +351,23 @@ def next_key_accuracy(
     }
 
 
+PREFETCH_KEYS = 4  # the most likely next keys kept per request: at a threshold above 1/5 no more can qualify
+
+
 def prefetch_predictions(
     day_keys: Sequence[np.ndarray],
     *,
     train_days: int,
     hp: NextKeyHyperParams = DEFAULT_HYPER_PARAMS,
     model: NextKeyModel | None = None,
+    top_k: int = PREFETCH_KEYS,
 ) -> NextKeyPredictions:
-    """The LSTM's most likely real next key after every request of days train_days..D-1 (all of them:
-    ``max_eval_requests`` does not apply) and its softmax probability, the model trained on the earlier days
-    (or ``model``, a ``train_next_key`` model of the same split, whose hyper-parameters then apply). Causal: each
-    uses the requests up to it, the training days included."""
+    """The LSTM's ``top_k`` most likely real next keys after every request of days train_days..D-1 (all of them:
+    ``max_eval_requests`` does not apply) and their softmax probabilities (2-d, most likely first), the model
+    trained on the earlier days (or ``model``, a ``train_next_key`` model of the same split, whose
+    hyper-parameters then apply). Causal: each uses the requests up to it, the training days included."""
+    if isinstance(top_k, bool) or not isinstance(top_k, int | np.integer) or top_k < 1:
+        raise ValueError(f"top_k must be a whole number >= 1, got {top_k!r}")
     train, later = _split(day_keys, train_days)
     if model is None:
         model = train_next_key(day_keys, train_days=train_days, hp=hp)
@@ -368,12 +375,13 @@ def prefetch_predictions(
         raise ValueError("model was trained on another split of the days: train it with the same train_days")
     requests = np.concatenate(later)
     vocab = len(model.vocab)
-    best = np.empty(len(requests), dtype=np.int64)
-    confidence = np.empty(len(requests), dtype=np.float64)
+    k = min(top_k, vocab)
+    best = np.empty((len(requests), k), dtype=np.int64)
+    confidence = np.empty((len(requests), k), dtype=np.float64)
 
     def keep(begin: int, logits: torch.Tensor) -> None:
-        total = torch.logsumexp(logits, dim=1)
-        value, index = logits[:, :vocab].max(dim=1)  # the OOV class is never a prediction
+        total = torch.logsumexp(logits, dim=1, keepdim=True)
+        value, index = logits[:, :vocab].topk(k, dim=1)  # the OOV class is never a prediction
         best[begin : begin + len(index)] = index.numpy()
         confidence[begin : begin + len(index)] = torch.exp(value - total).double().numpy()
 
@@ -393,9 +401,10 @@ def prefetch_replay(
 ) -> dict:
     """``replay``'s ``ours`` with learned prefetch: hits over days warmup_days..D-1 of each day's frequency top-N
     plus a read-through LRU of ``capacity - top_n`` keys (requests to the day's top-N are hits and leave the LRU
-    untouched), where after each request of a day with predictions the predicted next key, when its confidence
-    is >= ``threshold`` and it is neither precomputed that day nor cached, enters the LRU as most recent
-    (evicting the least recent key: prefetches use the same capacity).
+    untouched), where after each request of a day with predictions every predicted next key whose confidence is
+    >= ``threshold`` and that is neither precomputed that day nor cached enters the LRU as most recent (the less
+    likely first, so the most likely ends most recent; each evicts the least recent key: prefetches use the same
+    capacity).
 
     Days before ``predictions.first_day`` replay plain ours; they can only be warm-up days (``warmup_days`` must
     be >= ``predictions.first_day``), so every counted day has predictions. With ``threshold`` above 1 nothing is
@@ -422,18 +431,27 @@ def prefetch_replay(
             "predictions can be counted"
         )
     predicted = sum(len(day) for day in days[first:])
-    if len(predictions.keys) != predicted or len(predictions.confidence) != predicted:
+    guessed = np.asarray(predictions.keys)
+    sure = np.asarray(predictions.confidence, dtype=np.float64)
+    if guessed.ndim == 1:
+        guessed, sure = guessed.reshape(-1, 1), sure.reshape(-1, 1)
+    if guessed.shape != sure.shape or guessed.ndim != 2:
+        raise ValueError(f"predictions' keys {guessed.shape} and confidences {sure.shape} differ in shape")
+    if len(guessed) != predicted:
         raise ValueError(
-            f"predictions hold {len(predictions.keys)} keys and {len(predictions.confidence)} confidences for "
-            f"the {predicted} requests of days {first}..{len(days) - 1}"
+            f"predictions cover {len(guessed)} requests, not the {predicted} requests of days {first}..{len(days) - 1}"
         )
     if np.isnan(threshold):
         raise ValueError("threshold must be a number, got NaN")
     chosen = _precomputed_sets(days, top_n=top_n, half_life_days=half_life_days)
     slots = capacity - top_n
     # Codes of the predicted keys (-1: a key the trace never requests, which is never prefetched).
-    codes = keys.get_indexer(pd.Index(np.asarray(predictions.keys))) if predicted else np.empty(0, np.int64)
-    go = (np.asarray(predictions.confidence) >= threshold) & (codes >= 0)
+    codes = keys.get_indexer(pd.Index(guessed.ravel())).reshape(guessed.shape)
+    go = (sure >= threshold) & (codes >= 0)
+    # Per request, the keys to prefetch, the least likely first (most requests have none).
+    wanted: list = [()] * len(codes)
+    for i in np.flatnonzero(go.any(axis=1)).tolist():
+        wanted[i] = codes[i, ::-1][go[i, ::-1]].tolist()
     cache: OrderedDict[int, None] = OrderedDict()
     pending: dict[int, bool] = {}  # prefetched keys in the LRU not yet requested -> prefetched on a counted day
     hits = prefetched = used = 0
@@ -443,11 +461,11 @@ def prefetch_replay(
         counted = d >= warmup_days
         day_hits = 0
         if d >= first:
-            guesses = np.where(go[offset : offset + len(day)], codes[offset : offset + len(day)], -1).tolist()
+            guesses = wanted[offset : offset + len(day)]
             offset += len(day)
         else:
-            guesses = [-1] * len(day)
-        for key, guess in zip(day.tolist(), guesses, strict=True):
+            guesses = [()] * len(day)
+        for key, guessed_keys in zip(day.tolist(), guesses, strict=True):
             if key in top:
                 day_hits += 1
             elif key in cache:
@@ -459,12 +477,13 @@ def prefetch_replay(
                 cache[key] = None
                 if len(cache) > slots:
                     pending.pop(cache.popitem(last=False)[0], None)
-            if guess >= 0 and slots > 0 and guess not in top and guess not in cache:
-                cache[guess] = None
-                pending[guess] = counted
-                prefetched += counted
-                if len(cache) > slots:
-                    pending.pop(cache.popitem(last=False)[0], None)
+            for guess in guessed_keys:
+                if slots > 0 and guess not in top and guess not in cache:
+                    cache[guess] = None
+                    pending[guess] = counted
+                    prefetched += counted
+                    if len(cache) > slots:
+                        pending.pop(cache.popitem(last=False)[0], None)
         if counted:
             hits += day_hits
     requests = sum(len(day) for day in days[warmup_days:])

@@ -726,7 +726,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     replay.add_argument("--ab-salt", default="ab1", help="the salt of --ab's key split")
     replay.add_argument(
-        "--prefetch-threshold", type=float, default=0.5, help="prefetch a predicted key at this confidence or more"
+        "--prefetch-threshold",
+        type=float,
+        default=0.5,
+        help="prefetch each of the 4 most likely next keys at this confidence or more",
     )
     replay.add_argument(
         "--admission",

@@ -122,7 +122,7 @@ def test_the_oov_class_is_never_predicted_even_when_it_is_most_likely():
     assert result["next_key_oov_share"] == pytest.approx(1 - share)
     assert result["next_key_top1"]["lstm"] == result["next_key_top10"]["lstm"] == pytest.approx(share)
     predictions = prefetch_predictions([train, later], train_days=1, hp=hp)
-    assert set(predictions.keys.tolist()) == {"hot"}
+    assert predictions.keys.shape == (400, 1) and set(predictions.keys.ravel().tolist()) == {"hot"}  # vocab of 1
     assert np.all((predictions.confidence > 0) & (predictions.confidence < 0.5))  # OOV mass is in the softmax
 
 
@@ -201,6 +201,20 @@ def test_deterministic_under_seed_and_chunking():
     chunked = prefetch_predictions(days, train_days=1, model=model)
     assert np.array_equal(whole.keys, chunked.keys)
     np.testing.assert_allclose(whole.confidence, chunked.confidence, rtol=1e-5)
+
+
+def test_predictions_keep_the_most_likely_keys_of_each_request_best_first():
+    days = cyclic_days(days=3, per_day=300)
+    model = train_next_key(days, train_days=1, hp=TINY)
+    top3 = prefetch_predictions(days, train_days=1, model=model, top_k=3)
+    assert top3.keys.shape == top3.confidence.shape == (600, 3)
+    assert np.all(np.diff(top3.confidence, axis=1) <= 0) and np.all(top3.confidence.sum(axis=1) <= 1 + 1e-9)
+    assert np.all(top3.keys[:, 0] != top3.keys[:, 1])  # distinct keys in a row
+    top1 = prefetch_predictions(days, train_days=1, model=model, top_k=1)
+    assert np.array_equal(top1.keys[:, 0], top3.keys[:, 0])
+    np.testing.assert_allclose(top1.confidence[:, 0], top3.confidence[:, 0], rtol=1e-6)
+    with pytest.raises(ValueError, match="top_k must be a whole number >= 1, got 0"):
+        prefetch_predictions(days, train_days=1, model=model, top_k=0)
 
 
 def test_predictions_are_causal():
@@ -284,7 +298,7 @@ def test_bad_inputs_are_refused_with_clear_messages():
     predictions = prefetch_predictions(days, train_days=2, hp=TINY)
     with pytest.raises(ValueError, match=r"warmup_days \(1\) must be >= the first predicted day \(2\)"):
         prefetch_replay(days, top_n=1, capacity=5, warmup_days=1, predictions=predictions)
-    with pytest.raises(ValueError, match="predictions hold 100 keys and 100 confidences for the 200 requests"):
+    with pytest.raises(ValueError, match=r"predictions cover 100 requests, not the 200 requests of days 2\.\.3"):
         prefetch_replay(days[:1] + days[1:] + days[2:], top_n=1, capacity=5, warmup_days=2, predictions=predictions)
     with pytest.raises(ValueError, match=r"top_n \(6\) cannot exceed capacity \(5\)"):
         prefetch_replay(days, top_n=6, capacity=5, warmup_days=2, predictions=predictions)
@@ -293,11 +307,12 @@ def test_bad_inputs_are_refused_with_clear_messages():
 
 
 def brute_force_ours_with_prefetch(days, chosen, slots, guesses, warmup) -> int:
-    """An independent LRU as a list, most recent last: each insertion, then a trim to ``slots``."""
+    """An independent LRU as a list, most recent last: each insertion, then a trim to ``slots``; ``guesses`` holds
+    per request the keys to prefetch after it, in the order they go in."""
     cache: list = []
     hits = 0
     for d, day in enumerate(days):
-        for key, guess in zip(day.tolist(), guesses[d], strict=True):
+        for key, guess_list in zip(day.tolist(), guesses[d], strict=True):
             if d >= warmup:
                 hits += key in chosen[d] or key in cache
             if key not in chosen[d]:
@@ -305,24 +320,32 @@ def brute_force_ours_with_prefetch(days, chosen, slots, guesses, warmup) -> int:
                     cache.remove(key)
                 cache.append(key)
                 del cache[: max(0, len(cache) - slots)]
-            if guess is not None and guess not in chosen[d] and guess not in cache:  # after the request
-                cache.append(guess)
-                del cache[: max(0, len(cache) - slots)]
+            for guess in guess_list:  # after the request
+                if guess not in chosen[d] and guess not in cache:
+                    cache.append(guess)
+                    del cache[: max(0, len(cache) - slots)]
     return hits
 
 
-@pytest.mark.parametrize(("top_n", "capacity", "warmup"), [(0, 3, 1), (3, 8, 2), (5, 5, 1), (2, 4, 1)])
-def test_prefetch_replay_matches_a_brute_force_with_random_predictions(top_n, capacity, warmup):
+@pytest.mark.parametrize(
+    ("top_n", "capacity", "warmup", "per_request"),
+    [(0, 3, 1, None), (3, 8, 2, None), (5, 5, 1, None), (2, 4, 1, None), (0, 3, 1, 3), (3, 8, 2, 3), (2, 4, 1, 2)],
+)
+def test_prefetch_replay_matches_a_brute_force_with_random_predictions(top_n, capacity, warmup, per_request):
+    """One guess per request (1-d), or rows of ``per_request`` guesses, most likely first (2-d)."""
     rng = np.random.default_rng(top_n + capacity)
     days = [rng.integers(0, 15, size=size).astype(np.int64) for size in (60, 80, 70)]
-    keys = rng.integers(0, 18, size=150).astype(np.int64)  # keys 15..17 are never requested: never prefetched
-    confidence = rng.random(150)
+    shape = 150 if per_request is None else (150, per_request)
+    keys = rng.integers(0, 18, size=shape).astype(np.int64)  # keys 15..17 are never requested: never prefetched
+    confidence = rng.random(shape)
     predictions = NextKeyPredictions(first_day=1, keys=keys, confidence=confidence)
     result = prefetch_replay(
         days, top_n=top_n, capacity=capacity, warmup_days=warmup, predictions=predictions, threshold=0.4
     )
-    go = [None if c < 0.4 or k >= 15 else int(k) for k, c in zip(keys, confidence, strict=True)]
-    guesses = [[None] * 60, go[:80], go[80:]]
+    rows = zip(keys.reshape(150, -1), confidence.reshape(150, -1), strict=True)
+    # The less likely go in first, so the most likely ends most recent.
+    go = [[int(k) for k, c in zip(row[::-1], sure[::-1], strict=True) if c >= 0.4 and k < 15] for row, sure in rows]
+    guesses = [[[]] * 60, go[:80], go[80:]]
     chosen = _precomputed_sets(days, top_n=top_n, half_life_days=2.0)
     hits = brute_force_ours_with_prefetch(days, chosen, capacity - top_n, guesses, warmup)
     assert result["hit_rate"] == hits / sum(len(day) for day in days[warmup:])
