@@ -211,6 +211,7 @@ def ab_replay(
     seed: int = 0,
     alpha: float = 0.05,
     admission: str | None = None,
+    margin: float | None = None,
 ) -> dict:
     """The A/B experiment replayed on a trace: ``{"ab": {...}}`` to merge into ``precompute replay``'s JSON.
 
@@ -226,7 +227,7 @@ def ab_replay(
     more LRU room to the other arm, which narrows the measured difference rather than inflating it. ``hp`` and
     ``lstm_budget_s`` default to ``compare_strategies``'s.
     """
-    from .strategies import LSTM_BUDGET_S, REPLAY_HYPER_PARAMS, TraceHours, strategy_sets, trace_hours
+    from .strategies import LSTM_BUDGET_S, MARGIN, REPLAY_HYPER_PARAMS, TraceHours, strategy_sets, trace_hours
 
     hp = REPLAY_HYPER_PARAMS if hp is None else hp
     lstm_budget_s = LSTM_BUDGET_S if lstm_budget_s is None else lstm_budget_s
@@ -249,7 +250,9 @@ def ab_replay(
     for name in names:
         mask = key_arm == name  # the arm's requests on the same days and hours: its strategy sees its keys only
         sub = TraceHours(hours.keys[mask], hours.day[mask], hours.hour[mask], hours.n_days)
-        arm_sets[name], infos[name] = strategy_sets(sub, name, budgets[name], hp=replace(hp, max_seconds=per_day))
+        arm_sets[name], infos[name] = strategy_sets(
+            sub, name, budgets[name], hp=replace(hp, max_seconds=per_day), margin=MARGIN if margin is None else margin
+        )
     union = [arm_sets[names[0]][d] | arm_sets[names[1]][d] for d in range(days)]
 
     codes, index = _as_codes(day_keys)

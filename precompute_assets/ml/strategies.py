@@ -232,6 +232,7 @@ def compare_strategies(
     warmup_days: int = 1,
     lstm_budget_s: float = LSTM_BUDGET_S,
     admission: str | None = None,
+    margin: float = MARGIN,
 ) -> dict:
     """``{"strategies": {name: {"hit_rate", "top_n"}}, "strategy_notes": [...]}``: the hit rate over the
     counted days of each strategy's top-N plus an LRU of ``capacity - top_n`` keys (``replay``'s ``ours`` with
@@ -240,7 +241,7 @@ def compare_strategies(
     ``top_n="auto"``: each strategy tunes its own share as ``replay`` does (each day the candidate N whose
     "top-N of this strategy + LRU of C-N" got the most hits on the counted days before it), and ``top_n`` is
     the mean share it chose. The LSTM is evaluated for approval at ``hp.top_n`` then (at ``top_n`` otherwise);
-    ``lstm`` and ``auto`` share its daily models.
+    ``lstm`` and ``auto`` share its daily models, approved by the ``beats_baselines`` rule with ``margin``.
 
     ``admission`` (a serving admission policy's name, as ``replay`` takes it) adds ``hit_rate_admission`` to each
     entry: the same top-N beside that policy's live tier instead of the LRU (with ``"auto"``, its own share
@@ -258,7 +259,7 @@ def compare_strategies(
     per_day = min(hp.max_seconds, lstm_budget_s / trained_days) if trained_days else hp.max_seconds
     day_hp = replace(hp, max_seconds=per_day) if auto else replace(hp, max_seconds=per_day, top_n=top_n)
     out, notes = {}, []
-    ranked = rankings_of(hours, strategies, capacity if auto else top_n, hp=day_hp)
+    ranked = rankings_of(hours, strategies, capacity if auto else top_n, hp=day_hp, margin=margin)
     for name in strategies:
         rankings, info = ranked[name]
         result = replay(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import shlex
 import sys
@@ -374,6 +375,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
     train_days = args.train_days if args.train_days is not None else max(1, args.days // 2)
     if learned and not 1 <= train_days < args.days:
         raise CliError(f"--train-days must be at least 1 and less than --days {args.days}, got {train_days}")
+    if not math.isfinite(args.margin):
+        raise CliError(f"--margin must be a finite number, got {args.margin}")
     if not 0 <= args.prefetch_threshold <= 1:  # a probability; NaN and infinity too
         raise CliError(f"--prefetch-threshold must be a probability between 0 and 1, got {args.prefetch_threshold}")
     try:
@@ -399,6 +402,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
                     top_n=args.top_n,
                     capacity=args.capacity,
                     admission=args.admission,
+                    margin=args.margin,
                 )
             )
         if arms is not None:
@@ -413,6 +417,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
                     capacity=args.capacity,
                     salt=args.ab_salt,
                     admission=args.admission,
+                    margin=args.margin,
                 )
             )
         if learned:
@@ -725,6 +730,13 @@ def build_parser() -> argparse.ArgumentParser:
         "top-n by its own strategy; per-arm hit rates with bootstrap-over-keys intervals and a sample-ratio check",
     )
     replay.add_argument("--ab-salt", default="ab1", help="the salt of --ab's key split")
+    replay.add_argument(
+        "--margin",
+        type=float,
+        default=0.005,
+        help="the beats_baselines rule's margin (demand_model's margin): lstm and auto use a day's LSTM only when "
+        "its held-back hit rate beats the best baseline's by more than this",
+    )
     replay.add_argument(
         "--prefetch-threshold",
         type=float,

@@ -192,6 +192,13 @@ def test_replay_cli_merges_the_strategies(tmp_path, capsys):
     assert main([*args, "--strategy", "auto"]) == 0  # top_ads' default, replayed like the others
     out = json.loads(capsys.readouterr().out)
     assert set(out["strategies"]) == {"auto"} and out["strategy_notes"][0].startswith("auto: followed frequency")
+    # The approval margin, as demand_model's config sets it: below -1 every trained LSTM is approved, above 1 none.
+    for margin, approved in (("-1.5", True), ("1.5", False)):
+        assert main([*args, "--strategy", "auto", "--margin", margin]) == 0
+        note = strict_json(capsys.readouterr().out)["strategy_notes"][0]
+        assert note.startswith("auto: followed frequency on 2, ") and ("lstm on 1" in note) == approved, note
+    assert main([*args, "--strategy", "auto", "--margin", "nan"]) == 2
+    assert "--margin must be a finite number, got nan" in capsys.readouterr().err
     assert main([*args, "--strategy", "nope"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("precompute replay: unknown --strategy 'nope'") and err.count("\n") == 1
