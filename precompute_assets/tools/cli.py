@@ -734,8 +734,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--margin",
         type=float,
         default=0.005,
-        help="the beats_baselines rule's margin (demand_model's margin): lstm and auto use a day's LSTM only when "
-        "its held-back hit rate beats the best baseline's by more than this",
+        help="the beats_baselines rule's margin (demand_model's): auto uses a day's LSTM, and the next day's training "
+        "warm-starts from it, only when its held-back hit rate beats the best baseline's by more than this",
     )
     replay.add_argument(
         "--prefetch-threshold",
