@@ -22,11 +22,14 @@ from .selection import OFFPEAK_WINDOW_HOURS, ad_demand, top_ads, traffic_profile
 DEFAULT_OFFPEAK_START_HOUR = 2
 RUNNING = dg.DefaultScheduleStatus.RUNNING
 
+# One day's selection, model, predictions, publish and experiment report; the daily run also trains demand_model.
+PRECOMPUTE_SELECTION = dg.AssetSelection.assets(
+    traffic_profile, ad_demand, top_ads, ctr_model, ctr_predictions, ctr_cache, selection_experiment
+)
+
 daily_precompute_job = dg.define_asset_job(
     "daily_precompute_job",
-    selection=dg.AssetSelection.assets(
-        traffic_profile, ad_demand, demand_model, top_ads, ctr_model, ctr_predictions, ctr_cache, selection_experiment
-    ),
+    selection=PRECOMPUTE_SELECTION | dg.AssetSelection.assets(demand_model),
     description="Selection (after demand_model's held-back evaluation, which strategy auto follows), model, "
     "predictions and publish for one day (run off-peak for the day just ended), and the report of the A/B "
     "experiment that served that day, if any.",
@@ -34,9 +37,7 @@ daily_precompute_job = dg.define_asset_job(
 
 refresh_precompute_job = dg.define_asset_job(
     "refresh_precompute_job",
-    selection=dg.AssetSelection.assets(
-        traffic_profile, ad_demand, top_ads, ctr_model, ctr_predictions, ctr_cache, selection_experiment
-    ),
+    selection=PRECOMPUTE_SELECTION,
     description="daily_precompute_job without training demand_model: a refresh of a cold cache publishes at once, "
     "top_ads following the demand_model verdict its nightly run left.",
 )

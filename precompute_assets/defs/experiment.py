@@ -169,10 +169,11 @@ def selection_experiment(
     # Day D was served by the version the run of day D-1 published: its top_ads recorded the experiment.
     previous = partitions.days_ending(context.partition_key, 2)[0]
     served = selected_experiment(context.instance, previous) if previous != context.partition_key else None
-    if served is not None:
-        arms, why = report_arms(served, frame["arm"].value_counts(), source=f"the experiment top_ads of {previous} ran")
+    if served is None:
+        named, source = experiment.experiment(), "the configured experiment"
     else:
-        arms, why = report_arms(experiment.experiment(), frame["arm"].value_counts())
+        named, source = served, f"the experiment top_ads of {previous} ran"
+    arms, why = report_arms(named, frame["arm"].value_counts(), source=source)
     if arms is None:
         context.log.warning(f"{len(frame)} experiment rows, but {why}")
         return dg.MaterializeResult(

@@ -25,8 +25,9 @@ hour 0..23 of the day and a weekday of ``day index mod 7``: a trace's days are s
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -46,7 +47,6 @@ from .replay import Trace, replay
 from .selection import select_top
 
 STRATEGIES = ("frequency", "ewma", "seasonal", "lstm", "auto")
-BASELINES = ("frequency", "ewma", "seasonal")
 REPLAY_STRATEGIES = (*STRATEGIES, "prefetch")  # prefetch: ours plus learned next-key prefetch (ml.next_key)
 LOOKBACK_DAYS = 14  # demand_model's lookback (defs.demand.DEMAND_LOOKBACK_DAYS)
 BASELINE_DAYS = 7  # what strategy_demand reads for the baselines (at least 7 days)
@@ -129,8 +129,6 @@ def strategy_rankings(
     before it only, and ``{"fallback_days", "approved_days", "trained_days"}`` (the LSTM's, for ``lstm`` and
     ``auto``; zeros for the baselines; ``auto`` adds ``used``: the strategy it followed each day). The LSTM's
     approval rule and evaluation use ``hp.top_n``; the ranking uses ``limit``."""
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}: use one of {', '.join(STRATEGIES)} or all")
     return rankings_of(hours, [strategy], limit, hp=hp, lookback_days=lookback_days, margin=margin)[strategy]
 
 
@@ -159,13 +157,7 @@ def rankings_of(
             if "auto" in out:
                 out["auto"][1]["used"].append("frequency")
             continue
-        ranked: dict[str, list[Hashable]] = {}  # each baseline's ranking of the day, made once
-
-        def baseline(name: str, recent: HourlyCounts = recent, ranked: dict = ranked) -> list[Hashable]:
-            if name not in ranked:
-                ranked[name] = _ranking(_baseline_forecast(name, recent, hp), recent.keys, limit)
-            return ranked[name]
-
+        baseline = _baseline_rankings(recent, hp, limit)
         for name in strategies:
             if name not in learned:
                 out[name][0].append(baseline(name))
@@ -194,6 +186,16 @@ def rankings_of(
             out["auto"][0].append(lstm if approved else baseline(used))
             out["auto"][1]["used"].append(used)
     return out
+
+
+def _baseline_rankings(recent: HourlyCounts, hp: DemandHyperParams, limit: int) -> Callable[[str], list[Hashable]]:
+    """Each baseline's ``limit`` best keys of the day after ``recent``, by name, each made at most once."""
+
+    @functools.cache
+    def ranking(name: str) -> list[Hashable]:
+        return _ranking(_baseline_forecast(name, recent, hp), recent.keys, limit)
+
+    return ranking
 
 
 def _baseline_forecast(name: str, recent: HourlyCounts, hp: DemandHyperParams) -> np.ndarray:
@@ -250,9 +252,6 @@ def compare_strategies(
     auto = top_n == "auto"
     if not auto and (isinstance(top_n, str) or top_n < 0):
         raise ValueError(f"top_n must be a whole number >= 0 or 'auto', got {top_n!r}")
-    unknown = [name for name in strategies if name not in STRATEGIES]
-    if unknown:
-        raise ValueError(f"unknown strategy {unknown[0]!r}: use one of {', '.join(STRATEGIES)} or all")
     hours = trace_hours(trace, days)
     day_keys = hours.day_keys()
     trained_days = max(0, days - 3)  # days 3..D-1 have the 3 days before them that training needs
