@@ -44,6 +44,9 @@ class LoadPlan:
     seed: int
 
 
+_START_TIMEOUT_S = 120.0  # a worker that has not imported and warmed up by then breaks the barrier
+
+
 def _sample(plan: LoadPlan, worker: int, n: int) -> list[str]:
     """``n`` keys: Pareto-popular published keys, and ``miss_share`` of keys that were never published."""
     rng = random.Random(plan.seed * 1000 + worker)
@@ -56,9 +59,9 @@ def _sample(plan: LoadPlan, worker: int, n: int) -> list[str]:
     return out
 
 
-def _worker(plan: LoadPlan, worker: int, mode: str, start_at: float, queue, rate: float | None = None) -> None:
-    """Lookups from ``start_at`` for ``plan.seconds``, back to back or ``rate`` a second; puts (latencies ns,
-    calls, errors, logger stats) on ``queue``."""
+def _worker(plan: LoadPlan, worker: int, mode: str, start, queue, rate: float | None = None) -> None:
+    """Lookups for ``plan.seconds`` once every worker is warm (``start``, a barrier of all workers and the phase),
+    back to back or ``rate`` a second; puts (latencies ns, calls, errors, logger stats) on ``queue``."""
     from ..serving.querylog import fine_timer_slack
 
     fine_timer_slack()  # pacing sleeps end on time
@@ -81,8 +84,7 @@ def _worker(plan: LoadPlan, worker: int, mode: str, start_at: float, queue, rate
 
     for key in keys[:2000]:  # warm the connection and the pointer
         lookup(key)
-    while time.time() < start_at:
-        time.sleep(0.001)
+    start.wait(timeout=_START_TIMEOUT_S)
     begin = clock()
     deadline = begin + int(plan.seconds * 1e9)
     period = int(1e9 / rate) if rate else 0
@@ -115,12 +117,11 @@ def _phase(plan: LoadPlan, processes: int, mode: str, admin, rate: float | None 
     """One phase: ``processes`` workers of ``mode`` for ``plan.seconds``; their raw results and Redis's CPU."""
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    start_at = time.time() + 3.0 + 0.5 * processes  # spawned interpreters import before the start
-    workers = [context.Process(target=_worker, args=(plan, i, mode, start_at, queue, rate)) for i in range(processes)]
+    start = context.Barrier(processes + 1)  # spawned interpreters import and warm up before anyone starts
+    workers = [context.Process(target=_worker, args=(plan, i, mode, start, queue, rate)) for i in range(processes)]
     for worker in workers:
         worker.start()
-    while time.time() < start_at:
-        time.sleep(0.01)
+    start.wait(timeout=_START_TIMEOUT_S)
     cpu_before = _redis_cpu(admin)
     results = [queue.get(timeout=plan.seconds + 120) for _ in workers]
     cpu_after = _redis_cpu(admin)

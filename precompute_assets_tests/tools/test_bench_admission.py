@@ -7,9 +7,9 @@ from precompute_assets.tools.bench_admission import bench_admission, key_stream
 
 def test_bench_admission_reports_each_policy_beside_the_reference(redis_url, redis_client):
     before = set(redis_client.scan_iter("bench*", count=1000))
-    result = bench_admission(redis_url, n_keys=3000, lookups=4000, capacity=150, seed=3)
+    result = bench_admission(redis_url, n_keys=3000, lookups=2000, capacity=150, seed=3)
     assert result["bench"] == "admission" and result["reference"] == "always" and result["capacity"] == 150
-    stream = key_stream(3000, 4000, 3)
+    stream = key_stream(3000, 2000, 3)
     models = {
         "always": "always",
         "second_miss": SecondMiss(window_s=3600.0),
