@@ -34,17 +34,8 @@ _PAD = r"[^\S\n]*"  # whitespace around a field: any whitespace but the newline 
 _NUM = r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
 _INT = r"[+-]?[0-9]+"
 _CSV_START = rf"{_PAD}{_NUM}{_PAD},"  # a line whose part before the first comma is a number
-# The first line that is not a valid line of the format; one regex pass is fast and gives its position.
-_BAD_LINE = {
-    "key": re.compile(rf"^(?!(?!{_CSV_START}){_PAD}\S+{_PAD}$)", re.MULTILINE),
-    "csv": re.compile(rf"^(?!{_CSV_START}{_PAD}[^\s,]+{_PAD}$)", re.MULTILINE),
-}
-# The first line whose key is not an integer; none means the fast integer parser can take the whole trace.
-_NOT_INT_LINE = {
-    "key": re.compile(rf"^(?!{_PAD}{_INT}{_PAD}$)", re.MULTILINE),
-    "csv": re.compile(rf"^(?!{_CSV_START}{_PAD}{_INT}{_PAD}$)", re.MULTILINE),
-}
 _CSV_START_RE = re.compile(_CSV_START)
+_EXTRA_FIELDS = re.compile(r"^([^,\n]*,[^,\n]*),[^\n]*$", re.MULTILINE)  # timestamp,key,...: the rest goes
 _NUM_RE = re.compile(_NUM)
 _ODD_SPACE = re.compile(r"[^\S\n \t]")  # whitespace other than spaces and tabs, which str.replace removes faster
 
@@ -65,18 +56,29 @@ class Trace:
 
 
 def parse_trace(path: str | Path) -> Trace:
-    """Read one key per line, or ``timestamp,key`` lines; raise TraceError naming the bad line.
+    """Read one key per line, or ``timestamp,key[,more...]`` lines; raise TraceError naming the bad line.
 
     A key is any token without whitespace (padding is stripped); the first line decides the format: it is
-    ``timestamp,key`` when the part before its first comma is a number, and then keys hold no comma.
+    CSV when the part before its first comma is a number, and then keys hold no comma, every line has as
+    many fields as the first and fields after the key are ignored (``timestamp,key,size`` of libCacheSim,
+    Twitter's seven columns). A first line of names (no field a number, as many fields as the CSV line after
+    it) is a header and skipped.
     """
     text = _read_text(Path(path))
-    kind = "csv" if _CSV_START_RE.match(text.partition("\n")[0]) else "key"
-    integer = _NOT_INT_LINE[kind].search(text) is None  # an integer line is always a valid line
-    if not integer and (bad := _BAD_LINE[kind].search(text)) is not None:
-        line_no = text.count("\n", 0, bad.start()) + 1
+    first_line = 1
+    first, _, rest = text.partition("\n")
+    if _is_header(first, rest.partition("\n")[0]):
+        text, first_line = rest, 2
+    head = text.partition("\n")[0]
+    kind = "csv" if _CSV_START_RE.match(head) else "key"
+    fields = head.count(",") + 1 if kind == "csv" else 1
+    integer = _not_int_line(kind, fields).search(text) is None  # an integer line is always a valid line
+    if not integer and (bad := _bad_line(kind, fields).search(text)) is not None:
+        line_no = text.count("\n", 0, bad.start()) + first_line
         line = text[bad.start() :].partition("\n")[0]
-        raise TraceError(f"line {line_no}: {_line_problem(line, kind)}")
+        raise TraceError(f"line {line_no}: {_line_problem(line, kind, fields)}")
+    if fields > 2:
+        text = _EXTRA_FIELDS.sub(r"\1", text)
     # Every line is valid, so whitespace only pads fields and can go before the fast parsers run.
     clean = text.replace(" ", "").replace("\t", "")
     if _ODD_SPACE.search(clean):
@@ -89,10 +91,38 @@ def parse_trace(path: str | Path) -> Trace:
     timestamps = frame["timestamp"].to_numpy(dtype=np.float64)
     infinite = np.flatnonzero(~np.isfinite(timestamps))
     if len(infinite):
-        line_no = int(infinite[0]) + 1
-        field = text.split("\n")[line_no - 1].split(",")[0].strip()
-        raise TraceError(f"line {line_no}: timestamp {field!r} is not a finite number")
+        field = text.split("\n")[int(infinite[0])].split(",")[0].strip()
+        raise TraceError(f"line {int(infinite[0]) + first_line}: timestamp {field!r} is not a finite number")
     return Trace(keys=frame["key"].to_numpy(), timestamps=timestamps)
+
+
+def _is_header(line: str, next_line: str) -> bool:
+    """Whether ``line`` names the columns of the CSV lines after it: no field empty or a number, and as many
+    fields as ``next_line``, a CSV line."""
+    names = [name.strip() for name in line.split(",")]
+    return (
+        len(names) >= 2
+        and bool(_CSV_START_RE.match(next_line))
+        and next_line.count(",") + 1 == len(names)
+        and all(name and not _NUM_RE.fullmatch(name) for name in names)
+    )
+
+
+@functools.cache
+def _bad_line(kind: str, fields: int) -> re.Pattern:
+    """The first line that is not a valid line of the format; one regex pass is fast and gives its position."""
+    if kind == "key":
+        return re.compile(rf"^(?!(?!{_CSV_START}){_PAD}\S+{_PAD}$)", re.MULTILINE)
+    return re.compile(rf"^(?!{_CSV_START}{_PAD}[^\s,]+{_PAD}(?:,[^,\n]*){{{fields - 2}}}$)", re.MULTILINE)
+
+
+@functools.cache
+def _not_int_line(kind: str, fields: int) -> re.Pattern:
+    """The first line whose key is not an integer (or that is not valid); none means the fast integer parser
+    can take the whole trace."""
+    if kind == "key":
+        return re.compile(rf"^(?!{_PAD}{_INT}{_PAD}$)", re.MULTILINE)
+    return re.compile(rf"^(?!{_CSV_START}{_PAD}{_INT}{_PAD}(?:,[^,\n]*){{{fields - 2}}}$)", re.MULTILINE)
 
 
 def split_days(trace: Trace, days: int) -> list[np.ndarray]:
@@ -930,7 +960,7 @@ def _parse_string_keys(clean: str, kind: str) -> pd.DataFrame:
     )
 
 
-def _line_problem(line: str, kind: str) -> str:
+def _line_problem(line: str, kind: str, fields: int = 2) -> str:
     """Why one line is not a valid trace line of format ``kind``."""
     if not line.strip():
         return "blank line"
@@ -942,10 +972,10 @@ def _line_problem(line: str, kind: str) -> str:
         return f"key {line.strip()!r} contains whitespace"
     if "," not in line:
         return "mixed formats: line 1 has 'timestamp,key' fields but this line is a bare key"
-    fields = line.split(",")
-    if len(fields) != 2:
-        return f"expected 2 comma-separated fields 'timestamp,key', got {len(fields)}"
-    timestamp, key = fields[0].strip(), fields[1].strip()
+    parts = line.split(",")
+    if len(parts) != fields:
+        return f"expected {fields} comma-separated fields as on the first line, got {len(parts)}"
+    timestamp, key = parts[0].strip(), parts[1].strip()
     if not _NUM_RE.fullmatch(timestamp):
         return f"timestamp {timestamp!r} is not numeric"
     if not key:

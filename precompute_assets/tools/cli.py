@@ -701,7 +701,11 @@ def build_parser() -> argparse.ArgumentParser:
     replay = sub.add_parser(
         "replay", help="hit rates of LRU, S3-FIFO, ARC, static top-N, ours and two offline bounds on a trace"
     )
-    replay.add_argument("--trace", required=True, help="one key per line, or timestamp,key lines")
+    replay.add_argument(
+        "--trace",
+        required=True,
+        help="one key per line, or timestamp,key[,more fields] lines (a header line is skipped)",
+    )
     replay.add_argument("--days", type=int, required=True, help="split the trace into this many days (>= 2)")
     replay.add_argument(
         "--top-n",

@@ -96,6 +96,38 @@ def test_the_first_line_decides_the_format(tmp_path: Path):
     assert csv.keys.tolist() == ["abc", "abd"] and csv.timestamps.tolist() == [123.0, 124.0]
 
 
+def test_csv_fields_after_the_key_and_a_header_line_are_taken_as_real_traces_have_them(tmp_path: Path):
+    # libCacheSim's timestamp,obj_id,obj_size with its header line; the key stays an integer.
+    trace = parse_trace(write(tmp_path, "timestamp,obj_id,obj_size\n1,5,100\n2,7,200\n3,5,100\n"))
+    assert trace.keys.dtype == np.int64 and trace.keys.tolist() == [5, 7, 5]
+    assert trace.timestamps.tolist() == [1.0, 2.0, 3.0]
+    # Twitter's cache traces: timestamp, key, key size, value size, client, operation, TTL (no header).
+    twitter = "0,nz:u:eeW511W3dcH3de3d15ec,76,1,22,get,0\n0,nz:u:ewW511W3dcH3de3d15ec,76,1,22,get ,0\n"
+    assert parse_trace(write(tmp_path, twitter)).keys.tolist() == [
+        "nz:u:eeW511W3dcH3de3d15ec",
+        "nz:u:ewW511W3dcH3de3d15ec",
+    ]
+    assert parse_trace(write(tmp_path, " time , key \n1,a\n2,b\n")).keys.tolist() == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("timestamp,key\n1,a\n2,b c\n", "line 3: key 'b c' contains whitespace"),  # numbered as in the file
+        ("ts,key\n1,a\n1e999,b\n", "line 3: timestamp '1e999' is not a finite number"),
+        ("ts,key\n1,a\n2\n", "line 3: mixed formats"),
+        ("1,5,100\n2,7\n", "line 2: expected 3 comma-separated fields as on the first line, got 2"),
+        ("t,k,size\n1,5,100\n2,7,1,1\n", "line 3: expected 3 comma-separated fields"),
+        ("1,a,x\n2,,y\n", "line 2: empty key after the comma"),
+        ("name,7\n1,a\n", "line 2: mixed formats"),  # a field that is a number: a key, not a header
+        ("ts,key,size\n1,a\n", "line 2: mixed formats"),  # more names than the fields below them
+    ],
+)
+def test_a_header_or_extra_fields_keep_every_line_checked(tmp_path: Path, text: str, message: str):
+    with pytest.raises(TraceError, match=f"^{message}"):
+        parse_trace(write(tmp_path, text))
+
+
 def test_integers_beyond_int64_stay_strings(tmp_path: Path):
     # A 64-bit unsigned hash is a valid key; it does not fit int64, so the trace keeps its keys as strings.
     trace = parse_trace(write(tmp_path, "1\n18446744073709551615\n1\n"))

@@ -25,6 +25,22 @@ def test_replay_prints_one_json_object_with_the_five_rates(tmp_path, capsys):
     assert result["requests"] == 15_000
 
 
+def test_replay_takes_a_csv_trace_with_a_header_and_more_columns_as_its_keys_alone(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    keys = np.minimum(rng.zipf(1.3, 4000), 500)
+    bare, wide = tmp_path / "keys.txt", tmp_path / "wide.csv"
+    bare.write_text("\n".join(map(str, keys)) + "\n")
+    wide.write_text("timestamp,obj_id,obj_size\n" + "".join(f"{t},{k},{100 + k}\n" for t, k in enumerate(keys)))
+    results = []
+    for trace in (bare, wide):
+        assert main(["replay", "--trace", str(trace), "--days", "4", "--top-n", "20", "--capacity", "60"]) == 0
+        results.append(json.loads(capsys.readouterr().out))
+    # Timestamps one apart split the days exactly as equal counts do: the same requests, the same rates.
+    assert results[0]["requests"] == results[1]["requests"] == 3000
+    for name in ("lru", "s3fifo", "arc", "ours", "belady"):
+        assert results[0][f"hit_rate_{name}"] == results[1][f"hit_rate_{name}"], name
+
+
 def test_replay_names_the_bad_line(tmp_path, capsys):
     trace = tmp_path / "trace.txt"
     for content, expected in [
