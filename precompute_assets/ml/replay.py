@@ -31,7 +31,7 @@ from ..serving.admission import (
 from .selection import ad_demand, daily_counts, select_top
 
 _PAD = r"[^\S\n]*"  # whitespace around a field: any whitespace but the newline that ends the line
-_NUM = r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
+_NUM = r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"  # unambiguous: no backtracking
 _INT = r"[+-]?[0-9]+"
 _CSV_START = rf"{_PAD}{_NUM}{_PAD},"  # a line whose part before the first comma is a number
 _CSV_START_RE = re.compile(_CSV_START)
@@ -67,8 +67,11 @@ def parse_trace(path: str | Path) -> Trace:
     text = _read_text(Path(path))
     first_line = 1
     first, _, rest = text.partition("\n")
-    if _is_header(first, rest.partition("\n")[0]):
-        text, first_line = rest, 2
+    names, below = _header_names(first), rest.partition("\n")[0]
+    if names and not rest:
+        raise TraceError("line 1 is a header of column names, and no request follows it")
+    if names and _CSV_START_RE.match(below) and below.count(",") + 1 == len(names):
+        text, first_line = rest, 2  # it names the columns of the CSV lines below it
     head = text.partition("\n")[0]
     kind = "csv" if _CSV_START_RE.match(head) else "key"
     fields = head.count(",") + 1 if kind == "csv" else 1
@@ -96,16 +99,13 @@ def parse_trace(path: str | Path) -> Trace:
     return Trace(keys=frame["key"].to_numpy(), timestamps=timestamps)
 
 
-def _is_header(line: str, next_line: str) -> bool:
-    """Whether ``line`` names the columns of the CSV lines after it: no field empty or a number, and as many
-    fields as ``next_line``, a CSV line."""
+def _header_names(line: str) -> list[str] | None:
+    """The column names ``line`` holds if it can be a CSV header: two or more, none empty or a number, and
+    not a comment; else None."""
     names = [name.strip() for name in line.split(",")]
-    return (
-        len(names) >= 2
-        and bool(_CSV_START_RE.match(next_line))
-        and next_line.count(",") + 1 == len(names)
-        and all(name and not _NUM_RE.fullmatch(name) for name in names)
-    )
+    if len(names) < 2 or names[0].startswith("#") or not all(name and not _NUM_RE.fullmatch(name) for name in names):
+        return None
+    return names
 
 
 @functools.cache
@@ -926,14 +926,14 @@ def _arc_hits(days: list[np.ndarray], capacity: int, *, count_from: int) -> int:
 
 
 def _read_text(path: Path) -> str:
-    """The file as text: UTF-8 (a leading byte-order mark dropped), CRLF as LF, without the final newline."""
+    """The file as text: UTF-8 (a leading byte-order mark dropped), CRLF and CR as LF, without the final newline."""
     data = path.read_bytes().removeprefix(codecs.BOM_UTF8)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line_no = data.count(b"\n", 0, exc.start) + 1
         raise TraceError(f"line {line_no}: not valid UTF-8 text") from None
-    text = text.replace("\r\n", "\n")
+    text = text.replace("\r\n", "\n").replace("\r", "\n")  # a lone CR ends a line too (old Mac files)
     if text.endswith("\n"):
         text = text[:-1]  # the newline that ends the last line, not an extra blank line
     if not text:

@@ -108,6 +108,8 @@ def test_csv_fields_after_the_key_and_a_header_line_are_taken_as_real_traces_hav
         "nz:u:ewW511W3dcH3de3d15ec",
     ]
     assert parse_trace(write(tmp_path, " time , key \n1,a\n2,b\n")).keys.tolist() == ["a", "b"]
+    # Old Mac line ends (a lone CR) end lines too: never one long line whose rest looks like extra fields.
+    assert parse_trace(write(tmp_path, b"1,5,100\r2,6,100\r3,7,100\r")).keys.tolist() == [5, 6, 7]
 
 
 @pytest.mark.parametrize(
@@ -121,6 +123,9 @@ def test_csv_fields_after_the_key_and_a_header_line_are_taken_as_real_traces_hav
         ("1,a,x\n2,,y\n", "line 2: empty key after the comma"),
         ("name,7\n1,a\n", "line 2: mixed formats"),  # a field that is a number: a key, not a header
         ("ts,key,size\n1,a\n", "line 2: mixed formats"),  # more names than the fields below them
+        ("timestamp,obj_id,obj_size\n", "line 1 is a header of column names, and no request follows it"),
+        ("# ts,key\n1,a\n", "line 1: comment lines are not allowed"),  # a comment is never a header
+        ("1,a\n" + "7" * 20_000 + "x,b\n", "line 2: timestamp '7777"),  # a long number is read in linear time
     ],
 )
 def test_a_header_or_extra_fields_keep_every_line_checked(tmp_path: Path, text: str, message: str):
