@@ -64,26 +64,30 @@ def _worker(plan: LoadPlan, worker: int, mode: str, start, queue, rate: float | 
     back to back or ``rate`` a second; puts (latencies ns, calls, errors, logger stats) on ``queue``."""
     from ..serving.querylog import fine_timer_slack
 
-    fine_timer_slack()  # pacing sleeps end on time
-    keys = _sample(plan, worker, 200_000)
-    errors = 0
-    latencies = np.empty(4_000_000, dtype=np.int64)
-    calls = 0
-    clock = time.perf_counter_ns
-    written = dropped = 0
-    if mode == "ours":
-        cache = PredictionCache.from_url(plan.redis_url, namespace=plan.namespace, socket_timeout=1.0)
-        lookup = lambda key: cache.get("ctr", key)  # noqa: E731
-    else:
-        client = connect(plan.redis_url, socket_timeout=1.0)
-        schema = KeySchema(plan.namespace)
-        pointer = Pointer.decode(client.get(schema.pointer("ctr")))
+    try:  # a worker that cannot start breaks the barrier: the phase fails now, not at its timeout
+        fine_timer_slack()  # pacing sleeps end on time
+        keys = _sample(plan, worker, 200_000)
+        errors = 0
+        latencies = np.empty(4_000_000, dtype=np.int64)
+        calls = 0
+        clock = time.perf_counter_ns
+        written = dropped = 0
+        if mode == "ours":
+            cache = PredictionCache.from_url(plan.redis_url, namespace=plan.namespace, socket_timeout=1.0)
+            lookup = lambda key: cache.get("ctr", key)  # noqa: E731
+        else:
+            client = connect(plan.redis_url, socket_timeout=1.0)
+            schema = KeySchema(plan.namespace)
+            pointer = Pointer.decode(client.get(schema.pointer("ctr")))
 
-        def lookup(key: str):
-            return client.hget(schema.bucket_for_key("ctr", pointer, key), key)
+            def lookup(key: str):
+                return client.hget(schema.bucket_for_key("ctr", pointer, key), key)
 
-    for key in keys[:2000]:  # warm the connection and the pointer
-        lookup(key)
+        for key in keys[:2000]:  # warm the connection and the pointer
+            lookup(key)
+    except BaseException:
+        start.abort()
+        raise
     start.wait(timeout=_START_TIMEOUT_S)
     begin = clock()
     deadline = begin + int(plan.seconds * 1e9)
@@ -121,12 +125,16 @@ def _phase(plan: LoadPlan, processes: int, mode: str, admin, rate: float | None 
     workers = [context.Process(target=_worker, args=(plan, i, mode, start, queue, rate)) for i in range(processes)]
     for worker in workers:
         worker.start()
-    start.wait(timeout=_START_TIMEOUT_S)
-    cpu_before = _redis_cpu(admin)
-    results = [queue.get(timeout=plan.seconds + 120) for _ in workers]
-    cpu_after = _redis_cpu(admin)
-    for worker in workers:
-        worker.join(timeout=30)
+    try:
+        start.wait(timeout=_START_TIMEOUT_S)
+        cpu_before = _redis_cpu(admin)
+        results = [queue.get(timeout=plan.seconds + 120) for _ in workers]
+        cpu_after = _redis_cpu(admin)
+    finally:
+        for worker in workers:
+            worker.join(timeout=30)
+            if worker.is_alive():  # stuck: never left waiting on at exit
+                worker.terminate()
     return {"results": results, "redis_cpu_s": cpu_after - cpu_before}
 
 
