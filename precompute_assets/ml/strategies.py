@@ -235,6 +235,7 @@ def compare_strategies(
     lstm_budget_s: float = LSTM_BUDGET_S,
     admission: str | None = None,
     margin: float = MARGIN,
+    progress: Callable[[str], None] = lambda stage: None,
 ) -> dict:
     """``{"strategies": {name: {"hit_rate", "top_n"}}, "strategy_notes": [...]}``: the hit rate over the
     counted days of each strategy's top-N plus an LRU of ``capacity - top_n`` keys (``replay``'s ``ours`` with
@@ -247,7 +248,7 @@ def compare_strategies(
 
     ``admission`` (a serving admission policy's name, as ``replay`` takes it) adds ``hit_rate_admission`` to each
     entry: the same top-N beside that policy's live tier instead of the LRU (with ``"auto"``, its own share
-    tuned on that tier, ``top_n_admission``).
+    tuned on that tier, ``top_n_admission``). ``progress`` hears the name of each stage as it starts.
     """
     auto = top_n == "auto"
     if not auto and (isinstance(top_n, str) or top_n < 0):
@@ -258,8 +259,10 @@ def compare_strategies(
     per_day = min(hp.max_seconds, lstm_budget_s / trained_days) if trained_days else hp.max_seconds
     day_hp = replace(hp, max_seconds=per_day) if auto else replace(hp, max_seconds=per_day, top_n=top_n)
     out, notes = {}, []
+    progress(f"ranking {days} days by {', '.join(strategies)}")
     ranked = rankings_of(hours, strategies, capacity if auto else top_n, hp=day_hp, margin=margin)
     for name in strategies:
+        progress(f"replaying strategy {name}")
         rankings, info = ranked[name]
         result = replay(
             day_keys, top_n=top_n, capacity=capacity, warmup_days=warmup_days, ranked=rankings, admission=admission

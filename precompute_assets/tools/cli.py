@@ -338,8 +338,6 @@ def top_n_or_auto(text: str) -> int | str:
 
 def cmd_replay(args: argparse.Namespace) -> int:
     """Print the replayed hit rates as one JSON object; a bad input raises CliError (one line, exit code 2)."""
-    from ..ml.replay import TraceError, parse_trace, replay, split_days
-
     # Arguments first: they are cheap to check and a long trace should not be read for nothing.
     if args.days < 2:
         raise CliError(f"--days must be at least 2 (day 0 only warms the caches), got {args.days}")
@@ -379,6 +377,41 @@ def cmd_replay(args: argparse.Namespace) -> int:
         raise CliError(f"--margin must be a finite number, got {args.margin}")
     if not 0 <= args.prefetch_threshold <= 1:  # a probability; NaN and infinity too
         raise CliError(f"--prefetch-threshold must be a probability between 0 and 1, got {args.prefetch_threshold}")
+    demand = sum(name != "prefetch" for name in strategies)
+    with _Stages(2 + (demand + 1 if demand else 0) + (arms is not None) + learned) as stage:
+        return _replay_stages(args, stage, strategies, arms, learned, train_days)
+
+
+class _Stages:
+    """A progress bar of a command's stages on stderr (none when stderr is not a terminal): ``stage(name)``
+    starts the next one."""
+
+    def __init__(self, total: int) -> None:
+        from tqdm import tqdm
+
+        self._bar = tqdm(total=total, unit="stage", disable=None, file=sys.stderr, leave=False)
+        self._started = 0
+
+    def __call__(self, name: str) -> None:
+        if self._started:
+            self._bar.update()
+        self._started += 1
+        self._bar.set_description_str(name)
+
+    def __enter__(self) -> _Stages:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._bar.close()
+
+
+def _replay_stages(
+    args: argparse.Namespace, stage: _Stages, strategies: list[str], arms, learned: bool, train_days: int
+) -> int:
+    """``replay``'s work once its arguments are checked, announcing each stage to ``stage``."""
+    from ..ml.replay import TraceError, parse_trace, replay, split_days
+
+    stage("reading the trace")
     try:
         trace = parse_trace(args.trace)
     except TraceError as error:
@@ -389,6 +422,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         raise CliError(f"--days {args.days} is larger than the number of requests ({len(trace.keys)})")
     try:
         day_keys = split_days(trace, args.days)
+        stage(f"replaying the policies over {len(trace.keys):,} requests")
         result = replay(day_keys, top_n=args.top_n, capacity=args.capacity, admission=args.admission)
         demand_strategies = [name for name in strategies if name != "prefetch"]
         if demand_strategies:
@@ -403,11 +437,13 @@ def cmd_replay(args: argparse.Namespace) -> int:
                     capacity=args.capacity,
                     admission=args.admission,
                     margin=args.margin,
+                    progress=stage,
                 )
             )
         if arms is not None:
             from ..ml.experiment import ab_replay
 
+            stage(f"replaying the experiment {arms[0]} vs {arms[1]}")
             result.update(
                 ab_replay(
                     trace,
@@ -421,6 +457,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
                 )
             )
         if learned:
+            stage("training the next-key model")
             learned_out = learned_results(day_keys, args, train_days, with_prefetch="prefetch" in strategies)
             prefetch = learned_out.pop("strategies", {})
             result.update(learned_out)

@@ -75,12 +75,20 @@ def test_frequency_is_replays_own_top_n_at_the_same_capacity():
 def test_no_precompute_is_plain_lru_for_every_baseline():
     trace = zipf_trace(seed=2)
     lru = replay(split_days(trace, 5), top_n=0, capacity=80)["hit_rate_lru"]
-    result = compare_strategies(trace, 5, ["frequency", "ewma", "seasonal"], top_n=0, capacity=80)
+    stages: list[str] = []
+    result = compare_strategies(
+        trace, 5, ["frequency", "ewma", "seasonal"], top_n=0, capacity=80, progress=stages.append
+    )
     assert {name: entry["hit_rate"] for name, entry in result["strategies"].items()} == {
         "frequency": lru,
         "ewma": lru,
         "seasonal": lru,
     }
+    # A long replay says what it is doing: one ranking stage, then one per strategy (replay's progress bar).
+    assert stages == [
+        "ranking 5 days by frequency, ewma, seasonal",
+        *(f"replaying strategy {name}" for name in ("frequency", "ewma", "seasonal")),
+    ]
 
 
 def test_on_weekly_traffic_seasonal_beats_frequency():
