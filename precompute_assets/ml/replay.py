@@ -53,16 +53,33 @@ class Trace:
 
     keys: np.ndarray
     timestamps: np.ndarray | None = None
+    fields: int = 1  # fields per line in the file
+    timestamp_field: int | None = None  # which of them (1-based) held the timestamp, and the key
+    key_field: int = 1
+    header: tuple[str, ...] | None = None  # the column names of a header line, when the file had one
+
+    def layout(self) -> dict:
+        """How the file was read, for a reader to check: the fields per line, the two that were used, the
+        header's names and the distinct keys (a key read from the wrong field shows here)."""
+        out: dict = {"fields": self.fields, "timestamp_field": self.timestamp_field, "key_field": self.key_field}
+        if self.header is not None:
+            out["header"] = list(self.header)
+        out["distinct_keys"] = int(pd.Series(self.keys).nunique())
+        return out
 
 
-def parse_trace(path: str | Path) -> Trace:
+Columns = tuple[int | str | None, int | str]  # (timestamp field or None, key field): 1-based or header names
+
+
+def parse_trace(path: str | Path, *, columns: Columns | None = None) -> Trace:
     """Read one key per line, or ``timestamp,key[,more...]`` lines; raise TraceError naming the bad line.
 
     A key is any token without whitespace (padding is stripped); the first line decides the format: it is
     CSV when the part before its first comma is a number, and then keys hold no comma, every line has as
     many fields as the first and fields after the key are ignored (``timestamp,key,size`` of libCacheSim,
-    Twitter's seven columns). A first line of names (no field a number, as many fields as the CSV line after
-    it) is a header and skipped.
+    Twitter's seven columns). A first line of names (no field a number, as many fields as the line after
+    it) is a header and skipped. ``columns`` picks the timestamp and key fields of any other CSV layout
+    (``(1, 5)`` or ``("Timestamp", "Offset")`` for MSR Cambridge; a timestamp of None: keys only).
     """
     text = _read_text(Path(path))
     first_line = 1
@@ -70,11 +87,19 @@ def parse_trace(path: str | Path) -> Trace:
     names, below = _header_names(first), rest.partition("\n")[0]
     if names and not rest:
         raise TraceError("line 1 is a header of column names, and no request follows it")
-    if names and _CSV_START_RE.match(below) and below.count(",") + 1 == len(names):
+    if names and (columns or _CSV_START_RE.match(below)) and below.count(",") + 1 == len(names):
         text, first_line = rest, 2  # it names the columns of the CSV lines below it
-    head = text.partition("\n")[0]
-    kind = "csv" if _CSV_START_RE.match(head) else "key"
-    fields = head.count(",") + 1 if kind == "csv" else 1
+    header = tuple(names) if first_line == 2 else None
+    layout: dict = {"header": header}
+    if columns is not None:
+        text, time_field, key_field, in_file = _select_columns(text, first_line, header, columns)
+        layout.update(fields=in_file, timestamp_field=time_field, key_field=key_field)
+        kind = "key" if time_field is None else "csv"
+    else:
+        kind = "csv" if _CSV_START_RE.match(text.partition("\n")[0]) else "key"
+    fields = text.partition("\n")[0].count(",") + 1 if kind == "csv" else 1
+    if columns is None:
+        layout.update(fields=fields, timestamp_field=1 if kind == "csv" else None, key_field=2 if kind == "csv" else 1)
     integer = _not_int_line(kind, fields).search(text) is None  # an integer line is always a valid line
     if not integer and (bad := _bad_line(kind, fields).search(text)) is not None:
         line_no = text.count("\n", 0, bad.start()) + first_line
@@ -90,13 +115,45 @@ def parse_trace(path: str | Path) -> Trace:
     if frame is None:  # string keys, or integers beyond int64 (then they are kept as the strings they are)
         frame = _parse_string_keys(clean, kind)
     if kind == "key":
-        return Trace(keys=frame["key"].to_numpy())
+        return Trace(keys=frame["key"].to_numpy(), **layout)
     timestamps = frame["timestamp"].to_numpy(dtype=np.float64)
     infinite = np.flatnonzero(~np.isfinite(timestamps))
     if len(infinite):
         field = text.split("\n")[int(infinite[0])].split(",")[0].strip()
         raise TraceError(f"line {int(infinite[0]) + first_line}: timestamp {field!r} is not a finite number")
-    return Trace(keys=frame["key"].to_numpy(), timestamps=timestamps)
+    return Trace(keys=frame["key"].to_numpy(), timestamps=timestamps, **layout)
+
+
+def _select_columns(
+    text: str, first_line: int, header: tuple[str, ...] | None, columns: Columns
+) -> tuple[str, int | None, int, int]:
+    """``text`` as ``timestamp,key`` lines (or bare keys) taken from the chosen fields of every line, which
+    must all have as many fields as the first; with the fields' 1-based numbers and the count per line."""
+    fields = text.partition("\n")[0].count(",") + 1
+    time_field = None if columns[0] is None else _field_number(columns[0], header, fields, "timestamp")
+    key_field = _field_number(columns[1], header, fields, "key")
+    if time_field == key_field:
+        raise TraceError(f"the timestamp and the key are both field {key_field}")
+    line = "^" + ",".join(["([^,\n]*)"] * fields) + "$"
+    if (bad := re.compile(f"^(?!{line[1:]})", re.MULTILINE).search(text)) is not None:
+        line_no = text.count("\n", 0, bad.start()) + first_line
+        got = text[bad.start() :].partition("\n")[0].count(",") + 1
+        raise TraceError(f"line {line_no}: expected {fields} comma-separated fields as on the first line, got {got}")
+    picked = rf"\g<{key_field}>" if time_field is None else rf"\g<{time_field}>,\g<{key_field}>"
+    return re.sub(line, picked, text, flags=re.MULTILINE), time_field, key_field, fields
+
+
+def _field_number(field: int | str, header: tuple[str, ...] | None, fields: int, what: str) -> int:
+    """The 1-based number of the ``what`` field: a number, or a name of the header line."""
+    if isinstance(field, str) and not field.strip().isdigit():
+        if header is None or field.strip() not in header:
+            names = f"the header has {', '.join(header)}" if header else "the trace has no header line"
+            raise TraceError(f"no {what} column named {field!r}: {names}")
+        return header.index(field.strip()) + 1
+    number = int(field)
+    if not 1 <= number <= fields:
+        raise TraceError(f"{what} field {number} does not exist: the first line has {fields} fields")
+    return number
 
 
 def _header_names(line: str) -> list[str] | None:

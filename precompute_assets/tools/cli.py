@@ -412,8 +412,12 @@ def _replay_stages(
     from ..ml.replay import TraceError, parse_trace, replay, split_days
 
     stage("reading the trace")
+    columns = None
+    if args.time_field is not None or args.key_field is not None:
+        time_field = "1" if args.time_field is None else args.time_field
+        columns = (None if time_field.lower() == "none" else time_field, args.key_field or "2")
     try:
-        trace = parse_trace(args.trace)
+        trace = parse_trace(args.trace, columns=columns)
     except TraceError as error:
         raise CliError(f"{args.trace}: {error}") from None
     except OSError as error:
@@ -471,7 +475,7 @@ def _replay_stages(
                 ]
     except ValueError as error:
         raise CliError(str(error)) from None
-    print(json.dumps({"trace": str(args.trace), **result}))
+    print(json.dumps({"trace": str(args.trace), "trace_layout": trace.layout(), **result}))
     return 0
 
 
@@ -743,6 +747,12 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="one key per line, or timestamp,key[,more fields] lines (a header line is skipped)",
     )
+    replay.add_argument(
+        "--key-field", help="the key's field in each CSV line: a 1-based number or a header name (default 2)"
+    )
+    replay.add_argument(
+        "--time-field", help="the timestamp's field: a 1-based number, a header name, or none (default 1)"
+    )
     replay.add_argument("--days", type=int, required=True, help="split the trace into this many days (>= 2)")
     replay.add_argument(
         "--top-n",
@@ -801,6 +811,9 @@ def main(argv: list[str] | None = None) -> int:
     except (CliError, StackError, RedisError) as error:
         print(f"precompute {args.command}: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader of our output went away (`| head`): no traceback, and no flush at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

@@ -133,6 +133,60 @@ def test_a_header_or_extra_fields_keep_every_line_checked(tmp_path: Path, text: 
         parse_trace(write(tmp_path, text))
 
 
+MSR = (
+    "Timestamp,Hostname,DiskNumber,Type,Offset,Size,ResponseTime\n"
+    "128166372003061629,hm,1,Read,3154152960,4096,0\n"
+    "128166372016382155,hm,1,Write,3154152961,4096,0\n"
+    "128166372026382245,hm,1,Read,3154152960,4096,0\n"
+)
+
+
+def test_columns_pick_the_timestamp_and_key_of_any_csv_layout(tmp_path: Path):
+    # By default field 2 is the key: here the host name, one key, which the layout shows at once.
+    default = parse_trace(write(tmp_path, MSR))
+    assert default.layout() == {
+        "fields": 7,
+        "timestamp_field": 1,
+        "key_field": 2,
+        "header": ["Timestamp", "Hostname", "DiskNumber", "Type", "Offset", "Size", "ResponseTime"],
+        "distinct_keys": 1,
+    }
+    for columns in [(1, 5), ("Timestamp", "Offset"), ("1", "5")]:
+        trace = parse_trace(write(tmp_path, MSR), columns=columns)
+        assert trace.keys.tolist() == [3154152960, 3154152961, 3154152960]
+        assert trace.timestamps.tolist() == [128166372003061629.0, 128166372016382155.0, 128166372026382245.0]
+        assert trace.layout()["key_field"] == 5 and trace.layout()["distinct_keys"] == 2
+    keys_only = parse_trace(write(tmp_path, MSR), columns=(None, "Offset"))
+    assert keys_only.timestamps is None and keys_only.keys.tolist() == [3154152960, 3154152961, 3154152960]
+    # The key before the timestamp, without a header.
+    swapped = parse_trace(write(tmp_path, "a,10\nb,11\na,12\n"), columns=(2, 1))
+    assert swapped.keys.tolist() == ["a", "b", "a"] and swapped.timestamps.tolist() == [10.0, 11.0, 12.0]
+    assert parse_trace(write(tmp_path, "7\n8\n")).layout() == {
+        "fields": 1,
+        "timestamp_field": None,
+        "key_field": 1,
+        "distinct_keys": 2,
+    }
+
+
+@pytest.mark.parametrize(
+    ("text", "columns", "message"),
+    [
+        (MSR, (1, 9), "key field 9 does not exist: the first line has 7 fields"),
+        (MSR, (1, "Nope"), "no key column named 'Nope': the header has Timestamp, Hostname"),
+        ("1,a,b\n", (1, "key"), "no key column named 'key': the trace has no header line"),
+        (MSR, ("Offset", 5), "the timestamp and the key are both field 5"),
+        ("1,a,x\n2,b\n", (1, 3), "line 2: expected 3 comma-separated fields as on the first line, got 2"),
+        ("t,k,x\n1,a,x\n2,b,y,z\n", (1, 2), "line 3: expected 3 comma-separated fields"),
+        ("1,a,x\nnoon,b,y\n", (1, 2), "line 2: timestamp 'noon' is not numeric"),
+        ("1,a,x\n2,,y\n", (1, 2), "line 2: empty key after the comma"),
+    ],
+)
+def test_bad_columns_and_lines_under_them_are_one_clear_error(tmp_path: Path, text: str, columns, message: str):
+    with pytest.raises(TraceError, match=f"^{message}"):
+        parse_trace(write(tmp_path, text), columns=columns)
+
+
 def test_integers_beyond_int64_stay_strings(tmp_path: Path):
     # A 64-bit unsigned hash is a valid key; it does not fit int64, so the trace keeps its keys as strings.
     trace = parse_trace(write(tmp_path, "1\n18446744073709551615\n1\n"))
@@ -1023,7 +1077,13 @@ def test_cli_top_n_auto(tmp_path: Path, capsys: pytest.CaptureFixture):
     code, out, err = run_replay(capsys, "--trace", str(trace), "--days", "4", "--top-n", "auto", "--capacity", "100")
     assert (code, err) == (0, "")
     result = json.loads(out)
-    assert result == {"trace": str(trace), **replay(days, top_n="auto", capacity=100)}
+    layout = {
+        "fields": 1,
+        "timestamp_field": None,
+        "key_field": 1,
+        "distinct_keys": len(np.unique(np.concatenate(days))),
+    }
+    assert result == {"trace": str(trace), "trace_layout": layout, **replay(days, top_n="auto", capacity=100)}
     assert result["top_n"] == "auto" and len(result["top_n_chosen"]) == 3 and result["top_n_chosen"][0] == 0
     # Capacity is not compared with a share that is not a number; a top-N that is neither is a usage error.
     assert run_replay(capsys, "--trace", str(trace), "--days", "4", "--top-n", "AUTO", "--capacity", "1")[0] == 0
@@ -1035,7 +1095,8 @@ def test_cli_top_n_auto(tmp_path: Path, capsys: pytest.CaptureFixture):
     args = ("--trace", str(trace), "--days", "4", "--top-n", "auto", "--capacity", "100", "--admission", "probation")
     code, out, err = run_replay(capsys, *args)
     assert (code, err) == (0, "")
-    assert json.loads(out) == {"trace": str(trace), **replay(days, top_n="auto", capacity=100, admission="probation")}
+    expected = replay(days, top_n="auto", capacity=100, admission="probation")
+    assert json.loads(out) == {"trace": str(trace), "trace_layout": layout, **expected}
     assert {"hit_rate_ours_admission", "top_n_chosen_admission"} <= set(json.loads(out))
 
 

@@ -41,6 +41,28 @@ def test_replay_takes_a_csv_trace_with_a_header_and_more_columns_as_its_keys_alo
         assert results[0][f"hit_rate_{name}"] == results[1][f"hit_rate_{name}"], name
 
 
+def test_replay_reads_the_key_field_it_is_told_and_shows_the_layout(tmp_path, capsys):
+    trace = tmp_path / "msr.csv"
+    trace.write_text("Timestamp,Host,Offset\n" + "".join(f"{t},hm,{t % 7}\n" for t in range(100)))
+    base = ["replay", "--trace", str(trace), "--days", "2", "--top-n", "0", "--capacity", "3"]
+    assert main(base) == 0
+    assert json.loads(capsys.readouterr().out)["trace_layout"]["distinct_keys"] == 1  # field 2: the host
+    assert main([*base, "--key-field", "Offset"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["trace_layout"] == {
+        "fields": 3,
+        "timestamp_field": 1,
+        "key_field": 3,
+        "header": ["Timestamp", "Host", "Offset"],
+        "distinct_keys": 7,
+    }
+    assert main([*base, "--key-field", "3", "--time-field", "none"]) == 0
+    assert json.loads(capsys.readouterr().out)["trace_layout"]["timestamp_field"] is None
+    assert main([*base, "--key-field", "Size"]) == 2
+    err = capsys.readouterr().err
+    assert "no key column named 'Size'" in err and err.count("\n") == 1
+
+
 def test_replay_names_the_bad_line(tmp_path, capsys):
     trace = tmp_path / "trace.txt"
     for content, expected in [
