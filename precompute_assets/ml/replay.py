@@ -34,8 +34,17 @@ _PAD = r"[^\S\n]*"  # whitespace around a field: any whitespace but the newline 
 _NUM = r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"  # unambiguous: no backtracking
 _INT = r"[+-]?[0-9]+"
 _CSV_START = rf"{_PAD}{_NUM}{_PAD},"  # a line whose part before the first comma is a number
+# The first line that is not a valid line of the format; one regex pass is fast and gives its position.
+_BAD_LINE = {
+    "key": re.compile(rf"^(?!(?!{_CSV_START}){_PAD}\S+{_PAD}$)", re.MULTILINE),
+    "csv": re.compile(rf"^(?!{_CSV_START}{_PAD}[^\s,]+{_PAD}$)", re.MULTILINE),
+}
+# The first line whose key is not an integer; none means the fast integer parser can take the whole trace.
+_NOT_INT_LINE = {
+    "key": re.compile(rf"^(?!{_PAD}{_INT}{_PAD}$)", re.MULTILINE),
+    "csv": re.compile(rf"^(?!{_CSV_START}{_PAD}{_INT}{_PAD}$)", re.MULTILINE),
+}
 _CSV_START_RE = re.compile(_CSV_START)
-_EXTRA_FIELDS = re.compile(r"^([^,\n]*,[^,\n]*),[^\n]*$", re.MULTILINE)  # timestamp,key,...: the rest goes
 _NUM_RE = re.compile(_NUM)
 _ODD_SPACE = re.compile(r"[^\S\n \t]")  # whitespace other than spaces and tabs, which str.replace removes faster
 
@@ -90,23 +99,17 @@ def parse_trace(path: str | Path, *, columns: Columns | None = None) -> Trace:
     if names and (columns or _CSV_START_RE.match(below)) and below.count(",") + 1 == len(names):
         text, first_line = rest, 2  # it names the columns of the CSV lines below it
     header = tuple(names) if first_line == 2 else None
-    layout: dict = {"header": header}
+    if columns is None and _CSV_START_RE.match(text.partition("\n")[0]):
+        columns = (1, 2)  # timestamp,key and any fields after them
+    fields, time_field, key_field = 1, None, 1  # bare keys
     if columns is not None:
-        text, time_field, key_field, in_file = _select_columns(text, first_line, header, columns)
-        layout.update(fields=in_file, timestamp_field=time_field, key_field=key_field)
-        kind = "key" if time_field is None else "csv"
-    else:
-        kind = "csv" if _CSV_START_RE.match(text.partition("\n")[0]) else "key"
-    fields = text.partition("\n")[0].count(",") + 1 if kind == "csv" else 1
-    if columns is None:
-        layout.update(fields=fields, timestamp_field=1 if kind == "csv" else None, key_field=2 if kind == "csv" else 1)
-    integer = _not_int_line(kind, fields).search(text) is None  # an integer line is always a valid line
-    if not integer and (bad := _bad_line(kind, fields).search(text)) is not None:
+        text, time_field, key_field, fields = _select_columns(text, first_line, header, columns)
+    kind = "key" if time_field is None else "csv"  # now one key, or timestamp,key, per line
+    integer = _NOT_INT_LINE[kind].search(text) is None  # an integer line is always a valid line
+    if not integer and (bad := _BAD_LINE[kind].search(text)) is not None:
         line_no = text.count("\n", 0, bad.start()) + first_line
         line = text[bad.start() :].partition("\n")[0]
-        raise TraceError(f"line {line_no}: {_line_problem(line, kind, fields)}")
-    if fields > 2:
-        text = _EXTRA_FIELDS.sub(r"\1", text)
+        raise TraceError(f"line {line_no}: {_line_problem(line, kind)}")
     # Every line is valid, so whitespace only pads fields and can go before the fast parsers run.
     clean = text.replace(" ", "").replace("\t", "")
     if _ODD_SPACE.search(clean):
@@ -114,6 +117,7 @@ def parse_trace(path: str | Path, *, columns: Columns | None = None) -> Trace:
     frame = _parse_integer_keys(clean, kind) if integer else None
     if frame is None:  # string keys, or integers beyond int64 (then they are kept as the strings they are)
         frame = _parse_string_keys(clean, kind)
+    layout = {"fields": fields, "timestamp_field": time_field, "key_field": key_field, "header": header}
     if kind == "key":
         return Trace(keys=frame["key"].to_numpy(), **layout)
     timestamps = frame["timestamp"].to_numpy(dtype=np.float64)
@@ -128,17 +132,20 @@ def _select_columns(
     text: str, first_line: int, header: tuple[str, ...] | None, columns: Columns
 ) -> tuple[str, int | None, int, int]:
     """``text`` as ``timestamp,key`` lines (or bare keys) taken from the chosen fields of every line, which
-    must all have as many fields as the first; with the fields' 1-based numbers and the count per line."""
+    must all have as many fields as the first; with the fields' 1-based numbers and the count per line.
+    Two fields already in that order are left as they are: the ``timestamp,key`` checks cover them."""
     fields = text.partition("\n")[0].count(",") + 1
     time_field = None if columns[0] is None else _field_number(columns[0], header, fields, "timestamp")
     key_field = _field_number(columns[1], header, fields, "key")
     if time_field == key_field:
         raise TraceError(f"the timestamp and the key are both field {key_field}")
+    if (fields, time_field, key_field) == (2, 1, 2):
+        return text, 1, 2, 2
     line = "^" + ",".join(["([^,\n]*)"] * fields) + "$"
     if (bad := re.compile(f"^(?!{line[1:]})", re.MULTILINE).search(text)) is not None:
         line_no = text.count("\n", 0, bad.start()) + first_line
-        got = text[bad.start() :].partition("\n")[0].count(",") + 1
-        raise TraceError(f"line {line_no}: expected {fields} comma-separated fields as on the first line, got {got}")
+        problem = _line_problem(text[bad.start() :].partition("\n")[0], "csv", fields)
+        raise TraceError(f"line {line_no}: {problem}")
     picked = rf"\g<{key_field}>" if time_field is None else rf"\g<{time_field}>,\g<{key_field}>"
     return re.sub(line, picked, text, flags=re.MULTILINE), time_field, key_field, fields
 
@@ -163,23 +170,6 @@ def _header_names(line: str) -> list[str] | None:
     if len(names) < 2 or names[0].startswith("#") or not all(name and not _NUM_RE.fullmatch(name) for name in names):
         return None
     return names
-
-
-@functools.cache
-def _bad_line(kind: str, fields: int) -> re.Pattern:
-    """The first line that is not a valid line of the format; one regex pass is fast and gives its position."""
-    if kind == "key":
-        return re.compile(rf"^(?!(?!{_CSV_START}){_PAD}\S+{_PAD}$)", re.MULTILINE)
-    return re.compile(rf"^(?!{_CSV_START}{_PAD}[^\s,]+{_PAD}(?:,[^,\n]*){{{fields - 2}}}$)", re.MULTILINE)
-
-
-@functools.cache
-def _not_int_line(kind: str, fields: int) -> re.Pattern:
-    """The first line whose key is not an integer (or that is not valid); none means the fast integer parser
-    can take the whole trace."""
-    if kind == "key":
-        return re.compile(rf"^(?!{_PAD}{_INT}{_PAD}$)", re.MULTILINE)
-    return re.compile(rf"^(?!{_CSV_START}{_PAD}{_INT}{_PAD}(?:,[^,\n]*){{{fields - 2}}}$)", re.MULTILINE)
 
 
 def split_days(trace: Trace, days: int) -> list[np.ndarray]:
