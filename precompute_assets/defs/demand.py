@@ -236,9 +236,11 @@ def demand_model(
         result = evaluate_demand(data, hp, init_state=init_state)
     except Exception as error:  # the LSTM is optional: its failure must not stop the day's publish
         # ValueError: the data cannot train a model (no traffic); anything else is a fault, logged with its trace.
-        problem = str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {error}"
-        log = context.log.error if isinstance(error, ValueError) else context.log.exception
-        log(f"no demand model trained: {problem}; top_ads keeps the best baseline")
+        fault = not isinstance(error, ValueError)
+        problem = f"{type(error).__name__}: {error}" if fault else str(error)
+        (context.log.exception if fault else context.log.error)(
+            f"no demand model trained: {problem}; top_ads keeps the best baseline"
+        )
         return dg.MaterializeResult(
             metadata={"error": problem, **read},
             check_results=[beats_baselines_check(None, config.margin, f"no demand model trained: {problem}")],
