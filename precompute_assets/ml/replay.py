@@ -26,7 +26,9 @@ from ..serving.admission import (
     Probation,
     SecondMiss,
     admission_policy,
+    hand_over_order,
     probation_sizes,
+    published_order,
 )
 from .selection import ad_demand, daily_counts, select_top
 
@@ -274,7 +276,7 @@ def replay(
         shares, chosen = _self_tuned_shares(days, capacity, ranking, warmup_days=warmup_days)
         slots: int | list[int] = [capacity - share for share in shares]
     else:
-        chosen = [set(given) for given in ranking]
+        chosen = [list(given) for given in ranking]
         if precomputed is not None:  # the given sets stand for the selection on the counted days
             chosen += [_codes_of(given, keys) for given in precomputed]
         slots = capacity - top_n
@@ -550,9 +552,7 @@ def _candidate_day_hits(
     """Hits per day of "top-N of each day's ranking + read-through of C-N" (``live``, default LRU) for every
     candidate N: one replay each, and a day's hits depend only on the days up to it."""
     live = live or _lru_day_hits
-    return {
-        n: live(days, capacity - n, precomputed=[set(keys[:n]) for keys in ranking]) for n in share_candidates(capacity)
-    }
+    return {n: live(days, capacity - n, precomputed=[keys[:n] for keys in ranking]) for n in share_candidates(capacity)}
 
 
 def _best_share(day_hits: dict[int, list[int]], first: int, last: int) -> int:
@@ -564,7 +564,7 @@ def _best_share(day_hits: dict[int, list[int]], first: int, last: int) -> int:
 
 def _self_tuned_shares(
     days: list[np.ndarray], capacity: int, ranking: list[list[int]], *, warmup_days: int, live: LiveTier | None = None
-) -> tuple[list[int], list[set]]:
+) -> tuple[list[int], list[list[int]]]:
     """The precompute share N of each day, and its top-N set, chosen without looking at that day.
 
     Every candidate N replays "top-N of the day's ranking (made from the days before it) + LRU of C-N" over the
@@ -576,7 +576,7 @@ def _self_tuned_shares(
     shares = [0] * len(days)
     for d in range(warmup_days + 1, len(days)):
         shares[d] = _best_share(day_hits, warmup_days, d)
-    return shares, [set(keys[:share]) for keys, share in zip(ranking, shares, strict=True)]
+    return shares, [keys[:share] for keys, share in zip(ranking, shares, strict=True)]
 
 
 @dataclass(frozen=True)
@@ -636,7 +636,7 @@ def _lru_hits(
     days: list[np.ndarray],
     slots: int | Sequence[int],
     *,
-    precomputed: list[set] | None = None,
+    precomputed: Sequence[Collection[Hashable]] | None = None,
     count_from: int = 1,
 ) -> int:
     """Hits on days >= ``count_from`` of a read-through LRU of ``slots`` keys carried across days.
@@ -648,7 +648,7 @@ def _lru_hits(
 
 
 def _lru_day_hits(
-    days: list[np.ndarray], slots: int | Sequence[int], *, precomputed: list[set] | None = None
+    days: list[np.ndarray], slots: int | Sequence[int], *, precomputed: Sequence[Collection[Hashable]] | None = None
 ) -> list[int]:
     """Hits per day of the read-through LRU that ``_lru_hits`` describes: every miss is admitted."""
     return _admitted_lru_day_hits(days, slots, _admit_always, precomputed=precomputed)
@@ -729,7 +729,7 @@ class LiveTier(Protocol):
         days: list[np.ndarray],
         slots: int | Sequence[int],
         *,
-        precomputed: list[set] | None = None,
+        precomputed: Sequence[Collection[Hashable]] | None = None,
         outcomes: list[str] | None = None,
     ) -> list[int]: ...
 
@@ -750,7 +750,7 @@ def _probation_day_hits(
     days: list[np.ndarray],
     slots: int | Sequence[int],
     *,
-    precomputed: list[set] | None = None,
+    precomputed: Sequence[Collection[Hashable]] | None = None,
     outcomes: list[str] | None = None,
     capacity: int | None = None,
 ) -> list[int]:
@@ -768,10 +768,20 @@ def _probation_day_hits(
     main: OrderedDict[int, None] = OrderedDict()  # least recent first
     ghost: OrderedDict[int, None] = OrderedDict()  # oldest first
     per_day: list[int] = []
+    previous: list = []
     for d, day in enumerate(days):
         size = slots[d] if isinstance(slots, Sequence) else slots
         small_size, ghost_size = probation_sizes(size)
-        chosen = precomputed[d] if precomputed is not None else set()
+        chosen = set(precomputed[d]) if precomputed is not None else set()
+        if precomputed is not None:  # the day's publish, and what ``publish.settle_published`` does after it
+            for key in chosen & main.keys():
+                del main[key]
+            room = size - len(small) - len(main)
+            for key in hand_over_order(previous, chosen, hits.keys() | main.keys(), room):
+                ghost.pop(key, None)
+                main[key] = None
+                main.move_to_end(key, last=False)  # colder than every key there, the best one warmest
+            previous = published_order(precomputed[d])[:capacity]  # the client keeps the first ``capacity``
         day_hits = 0
         for key in day.tolist():
             if key in chosen:  # served by the published version: the policy never sees it
@@ -820,7 +830,7 @@ def _admitted_lru_day_hits(
     slots: int | Sequence[int],
     admit: Callable[[int, int, bool], bool],
     *,
-    precomputed: list[set] | None = None,
+    precomputed: Sequence[Collection[Hashable]] | None = None,
     outcomes: list[str] | None = None,
 ) -> list[int]:
     """Hits per day of ``_lru_day_hits``'s LRU where a missed key enters only if ``admit`` says so.
@@ -834,7 +844,7 @@ def _admitted_lru_day_hits(
         size = slots[d] if isinstance(slots, Sequence) else slots
         while len(cache) > size:
             cache.popitem(last=False)
-        chosen = precomputed[d] if precomputed is not None else set()
+        chosen = set(precomputed[d]) if precomputed is not None else set()
         day_hits = 0
         for key in day.tolist():
             if key in chosen:

@@ -59,6 +59,8 @@ PUBLISHER_COMMANDS = (
     "xrange", "xtrim", "xdel", "xlen",
     # read-only inspection inside the namespace (operators, checks)
     "hget", "hmget", "hlen", "ttl", "pttl", "type",
+    # settle_published: probation's scripts after a flip, its order list, and the live values it hands over or deletes
+    "eval", "lrange", "rpush", "unlink", "zrem", "zadd", "zscore", "zrange", "zcard", "llen", "hexists",
 )  # fmt: skip
 
 # The reader's root permissions: these commands read anywhere in the namespace, and write nowhere.

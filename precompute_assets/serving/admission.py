@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -214,7 +214,8 @@ end
 return 0
 """
 
-# KEYS: small, hits, main, ghost, seq, published; ARGV: key, capacity, most steps. The tier's size is the
+# KEYS: small, hits, main, ghost, seq, published, capacity; ARGV: key, capacity, most steps. Records the capacity
+# (``publish.settle_published`` sizes its hand-over by it). The tier's size is the
 # capacity less the published version's keys (``published``, see ``publish.record_published``), its probation and
 # ghost sizes ``probation_sizes`` of that. Evicts until a key fits (at most ARGV[3] steps, each moving a
 # probation key to the main LRU or evicting one), then inserts ARGV[1]
@@ -224,6 +225,7 @@ return 0
 # (its value expired) stays put.
 _ADMIT = """
 local key, capacity, most = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+redis.call('HSET', KEYS[7], 'keys', capacity)
 if redis.call('HEXISTS', KEYS[2], key) == 1 or redis.call('ZSCORE', KEYS[3], key) then return {} end
 local size = capacity - (tonumber(redis.call('GET', KEYS[6])) or 0)
 local small_size = math.max(1, math.floor(size / 10))
@@ -262,6 +264,62 @@ else
 end
 return evicted
 """
+# KEYS: main; ARGV: keys of a new version. Its keys leave the main LRU (the version serves them now; their live values
+# are to be deleted); replies those that were there. Keys in probation stay until it moves them.
+UNTRACK = """
+local gone = {}
+for _, key in ipairs(ARGV) do
+  if redis.call('ZREM', KEYS[1], key) == 1 then gone[#gone + 1] = key end
+end
+return gone
+"""
+
+# KEYS: small, hits, main, ghost, seq, published, capacity; ARGV: keys the version before served and the new one does
+# not, best first. Keys not tracked enter the main LRU, colder than every key there (the first the warmest of them),
+# while the tier has room beside the new version's keys (the capacity ``_ADMIT`` recorded, none before it ran):
+# slots that would start empty start with values known to have been wanted, and are the first to go. Replies the
+# room left and the keys taken.
+HAND_OVER = """
+local capacity = tonumber(redis.call('HGET', KEYS[7], 'keys'))
+if not capacity then return {0, {}} end
+local room = capacity - (tonumber(redis.call('GET', KEYS[6])) or 0) - redis.call('LLEN', KEYS[1])
+  - redis.call('ZCARD', KEYS[3])
+local coldest = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')[2]
+local score = tonumber(coldest) or (tonumber(redis.call('GET', KEYS[5])) or 0) + 1
+local taken = {}
+for _, key in ipairs(ARGV) do
+  if room <= 0 then break end
+  if redis.call('HEXISTS', KEYS[2], key) == 0 and not redis.call('ZSCORE', KEYS[3], key) then
+    score = score - 1
+    redis.call('ZADD', KEYS[3], score, key)
+    redis.call('ZREM', KEYS[4], key)
+    taken[#taken + 1] = key
+    room = room - 1
+  end
+end
+return {room, taken}
+"""
+
+
+def published_order(keys: Collection[Any]) -> list[Any]:
+    """A version's keys in the order its publish hands them over: as given when ordered (the caller's ranking,
+    best first), else sorted."""
+    return list(keys) if isinstance(keys, list | tuple) else sorted(keys)
+
+
+def hand_over_order(previous: Sequence[Any], published: Collection[Any], tracked: Collection[Any], room: int) -> list:
+    """The keys ``HAND_OVER`` moves into the main LRU after a publish, best first: those of the version before
+    (``previous``, in its order) that the new one (``published``) does not serve and the tier does not track,
+    at most ``room`` of them."""
+    taken: list[Any] = []
+    for key in previous:
+        if len(taken) >= room:
+            break
+        if key not in published and key not in tracked:
+            taken.append(key)
+    return taken
+
+
 # A miss moves or evicts at most this many keys: a tier that must shrink by many (a bigger published version) shrinks
 # over the next misses, each script staying short.
 MAX_STEPS = 64
@@ -288,7 +346,7 @@ class Probation:
             raise ValueError(f"capacity must be a whole number of keys >= 1, got {self.capacity!r}")
 
     def observe(self, pipe: Any, schema: KeySchema, kind: str, key: str) -> int:
-        _, hits, main, _, seq, _ = _fifo_names(schema, kind)
+        _, hits, main, _, seq, *_ = _fifo_names(schema, kind)
         pipe.execute_command("EVAL", _TOUCH, 3, hits, main, seq, key)
         return 1
 

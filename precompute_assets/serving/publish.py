@@ -19,7 +19,7 @@ import operator
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,8 +31,11 @@ try:
 except ImportError:  # redis[hiredis] is a dependency; stay importable without it
     hiredis = None
 
+from .admission import HAND_OVER, UNTRACK
+from .cache import live_delta_key
 from .connection import REDIS_ERRORS, cluster_send, is_cluster, key_slot, send_pipelined
 from .keys import (
+    FIFO_PARTS,
     Codec,
     Experiment,
     Float32Codec,
@@ -60,6 +63,7 @@ class PublishResult:
     seconds: float
     previous_version: str | None
     already_current: bool = False  # a retry of a publish whose flip had succeeded: nothing rewritten
+    handed_over: int = 0  # keys of the version before handed to admission probation's live tier (settle_published)
 
     @property
     def keys_per_s(self) -> float:
@@ -123,6 +127,7 @@ def publish_version(
             # Never rewrite the version readers are on (a step retried after its flip succeeded); its key count,
             # written after the flip, may be what failed.
             record_published(client, schema, kind, written)
+            settle_published(client, schema, kind, keys, None, ttl_s=ttl_s)
             return PublishResult(kind, version, written, buckets, n_bytes, time.perf_counter() - started, None, True)
         names = [schema.bucket(kind, version, index).encode() for index in range(buckets)]
         if is_cluster(client):
@@ -162,6 +167,7 @@ def publish_version(
     # The live tier of admission ``probation`` holds its capacity less the published keys (its own slot: after the
     # flip; until this write lands, it sizes itself by the version before; a retry writes it again).
     record_published(client, schema, kind, written)
+    handed = settle_published(client, schema, kind, keys, previous, ttl_s=ttl_s)
     return PublishResult(
         kind=kind,
         version=version,
@@ -170,6 +176,7 @@ def publish_version(
         bytes=n_bytes,
         seconds=time.perf_counter() - started,
         previous_version=previous.version if previous else None,
+        handed_over=len(handed),
     )
 
 
@@ -177,6 +184,86 @@ def record_published(client: redis.Redis, schema: KeySchema, kind: str, keys: in
     """Record that ``kind``'s current version holds ``keys`` keys: admission ``probation`` sizes the live tier to
     its capacity less these (``{kind}:fifo:{{...}}:published``). Written after every flip or in-place patch."""
     run_commands(client, [(b"SET", schema.admission_fifo(kind, "published").encode(), b"%d" % keys)])
+
+
+def settle_published(
+    client: redis.Redis,
+    schema: KeySchema,
+    kind: str,
+    keys: Sequence[str],
+    previous: Pointer | None,
+    *,
+    ttl_s: int | None,
+    chunk: int = 1000,
+) -> list[str]:
+    """After a flip, settle admission ``probation``'s live tier of ``kind`` with the new version (``keys``, best
+    first); nothing when no ``probation`` client has stored a miss of ``kind`` yet. Returns the keys handed over.
+
+    1. The new version's keys leave the main LRU and their live values are deleted: the version serves them, so
+       a live copy would only hold a slot.
+    2. The keys of the version before (``previous``, in its publish order) that the new one drops and the tier
+       does not track enter the main LRU below every key there, while the tier has room (``HAND_OVER``), with their
+       value from that version (``SET NX``, TTL ``ttl_s``): a smaller version leaves a warm tier, not an empty one.
+    3. The new version's order (its first ``capacity`` keys) is kept for the next publish (``{kind}:fifo:…:order``).
+
+    ``ml.replay`` models each step at every day's publish."""
+    names = [schema.admission_fifo(kind, part) for part in FIFO_PARTS]
+    main, capacity, order = (schema.admission_fifo(kind, part) for part in ("main", "capacity", "order"))
+    (raw_capacity,) = run_commands(client, [(b"HGET", capacity.encode(), b"keys")])
+    if raw_capacity is None:
+        return []
+    for start in range(0, len(keys), chunk):
+        gone = run_commands(client, [(b"EVAL", UNTRACK, 1, main, *keys[start : start + chunk])])[0]
+        _unlink_live(client, schema, kind, [_text(key) for key in gone])
+    handed: list[str] = []
+    if previous is not None:
+        before = [_text(key) for key in run_commands(client, [(b"LRANGE", order.encode(), 0, -1)])[0]]
+        new = set(keys)
+        dropped = [key for key in before if key not in new]
+        for start in range(0, len(dropped), chunk):
+            hand_over = (b"EVAL", HAND_OVER, 7, *names[:7], *dropped[start : start + chunk])  # all but the order
+            ((room, taken),) = run_commands(client, [hand_over])
+            handed += [_text(key) for key in taken]
+            if room <= 0:
+                break
+        _copy_to_live(client, schema, kind, handed, previous, ttl_s)
+    kept = list(keys[: int(raw_capacity)])
+    commands: list[tuple[Any, ...]] = [(b"DEL", order.encode())]
+    commands += [(b"RPUSH", order.encode(), *kept[start : start + chunk]) for start in range(0, len(kept), chunk)]
+    run_commands(client, commands)
+    return handed
+
+
+def _copy_to_live(
+    client: redis.Redis, schema: KeySchema, kind: str, keys: list[str], version: Pointer, ttl_s: int | None
+) -> None:
+    """Write the values ``keys`` have in ``version`` as their live values (``SET NX``: a value a reader computed
+    meanwhile stays); a key whose value that version no longer holds gets none, and its next lookup computes it."""
+    if not keys:
+        return
+    fields = [key.encode() for key in keys]
+    ids = bucket_ids(fields, version.buckets)
+    buckets = [schema.bucket(kind, version.version, int(bucket)).encode() for bucket in ids]
+    values = run_commands(client, [(b"HGET", bucket, field) for bucket, field in zip(buckets, fields, strict=True)])
+    expiry = () if ttl_s is None else (b"EX", b"%d" % ttl_s)
+    send_commands(
+        client,
+        [
+            (b"SET", schema.live(kind, key).encode(), value, b"NX", *expiry)
+            for key, value in zip(keys, values, strict=True)
+            if value is not None
+        ],
+    )
+
+
+def _unlink_live(client: redis.Redis, schema: KeySchema, kind: str, keys: list[str]) -> None:
+    """Delete the live values of ``keys`` and their XFetch deltas."""
+    names = [name for key in keys for name in (schema.live(kind, key), live_delta_key(schema, kind, key))]
+    send_commands(client, [(b"UNLINK", name.encode()) for name in names])
+
+
+def _text(key: bytes | str) -> str:
+    return key.decode() if isinstance(key, bytes) else key
 
 
 def encode_many(codec: Codec, values: list[Any]) -> list[bytes]:

@@ -101,7 +101,8 @@ def test_the_exact_rules_of_namespace_pc() -> None:
         "resetkeys", "~pc:1:*", "resetchannels", "-@all",
         "+ping", "+client|setinfo", "+get", "+set", "+del", "+exists", "+expire", "+expireat", "+hset", "+hdel",
         "+multi", "+exec", "+discard", "+xrange", "+xtrim", "+xdel", "+xlen", "+hget", "+hmget", "+hlen", "+ttl",
-        "+pttl", "+type",
+        "+pttl", "+type", "+eval", "+lrange", "+rpush", "+unlink", "+zrem", "+zadd", "+zscore", "+zrange", "+zcard",
+        "+llen", "+hexists",
     ]  # fmt: skip
     assert reader_rules() == [
         "resetkeys", "%R~pc:1:*", "resetchannels", "-@all", "+ping", "+client|setinfo", "+get", "+hget", "+hmget",
@@ -237,6 +238,12 @@ def test_the_publisher_publishes_flips_and_drains_but_nothing_outside_its_namesp
     reader = PredictionCache(users["reader"], schema=schema, pointer_ttl_s=0)
     assert reader.get_many("ctr", ["ad1", "ad2", "ad3"]) == [pytest.approx(0.75), None, pytest.approx(0.5)]
     assert reader.errors == 0
+    # With a probation reader's live tier, a publish settles it: the dropped key is handed over as a live value.
+    probation = PredictionCache(users["reader"], schema=schema, pointer_ttl_s=0, admission=Probation(capacity=4))
+    assert probation.get_or_compute("ctr", "ad7", lambda key: 0.125) == pytest.approx(0.125)
+    assert publish_version(publisher, "ctr", "v3", [("ad4", 0.5)], n_keys=1, schema=schema).handed_over == 0
+    assert publish_version(publisher, "ctr", "v4", [("ad5", 0.5)], n_keys=1, schema=schema).handed_over == 1
+    assert probation.get("ctr", "ad4") == pytest.approx(0.5) and probation.errors == 0
 
     # The query-log drain and cleanup: read a window, record the trimmed boundary, trim, delete.
     stream = schema.query_log()
@@ -253,7 +260,8 @@ def test_the_publisher_publishes_flips_and_drains_but_nothing_outside_its_namesp
     refused(lambda: publisher.delete("other:1:ctr:current"))
     refused(lambda: publish_version(publisher, "ctr", "v1", [("ad1", 0.5)], n_keys=1, schema=KeySchema("other")))
     refused(lambda: publisher.set(f"{schema.namespace}:2:x", b"x"))  # another schema version
-    refused(lambda: publisher.eval("return 1", 0))
+    refused(lambda: publisher.eval("return redis.call('GET', KEYS[1])", 1, "other:1:ctr:current"))
+    refused(lambda: publisher.eval("return redis.call('GET', 'other:1:ctr:current')", 0))
     for command in (("FLUSHALL",), ("FLUSHDB",), ("CONFIG", "SET", "appendonly", "no"), ("KEYS", "*"),
                     ("SCAN", "0"), ("ACL", "SETUSER", "evil", "on", "nopass", "~*", "+@all"), ("ACL", "WHOAMI"),
                     ("MODULE", "LIST"), ("SHUTDOWN", "NOSAVE"), ("SWAPDB", "0", "1"),

@@ -3,6 +3,7 @@ replay's model of the same decisions (``ml.replay.admission_decisions``) request
 
 from __future__ import annotations
 
+import itertools
 import socket
 import time
 
@@ -270,6 +271,39 @@ def test_probation_shares_its_capacity_with_the_published_version(redis_server):
                         outcomes=expected)  # fmt: skip
     assert got == expected and "rejected" in got[1000:2000]  # the shrink took more than one miss
     assert cache.errors == 0
+
+
+def test_a_publish_settles_the_live_tier_as_the_replay_models_it(redis_server):
+    """After each flip the new version's keys leave the main LRU (their live values deleted), and the keys the version
+    before served and the new one drops enter it below every key there, best first, as long as the tier has room,
+    with their value from that version; client and replay agree request by request over four publishes."""
+    rng = np.random.default_rng(11)
+    days = [[f"item:{k}" for k in rng.zipf(1.2, 300) % 150] for _ in range(5)]
+    ranked = [sorted(set(day), key=lambda key, day=day: (-day.count(key), key)) for day in days]
+    versions = [[], ranked[0][:30], ranked[1][:55], ranked[2][:20], []]  # each day's publish, best first
+    server = redis_server()
+    client = connect(server.url, socket_timeout=5)
+    schema = KeySchema("fifo")
+    cache = make_cache(server.url, schema, live_ttl_s=3600, admission=Probation(capacity=60))
+    got, handed = [], []
+    for number, (day, version) in enumerate(zip(days, versions, strict=True)):
+        if number:
+            result = publish_version(client, "rank", f"v{number}", [(key, {"key": key}) for key in version],
+                                     n_keys=len(version), schema=schema)  # fmt: skip
+            handed.append(result.handed_over)
+            tracked = tracked_keys(client, schema)
+            assert not tracked & set(version) - set(probation_state(client, schema, "rank")["small"])
+            assert len(tracked) + len(version) <= 60
+        got += run_through_client(cache, client, schema, day)
+    expected: list[str] = []
+    _probation_day_hits([np.array(day, dtype=object) for day in days], 60, precomputed=versions, capacity=60,
+                        outcomes=expected)  # fmt: skip
+    assert got == expected and cache.errors == 0
+    dropped = [len(set(before) - set(after)) for before, after in itertools.pairwise(versions)]
+    # v1: no version before it; v2 (55 keys) leaves at most 5 slots; v3: the room runs out; v4: all fit
+    assert handed[0] == 0 and handed[1] <= 60 - 55 and 0 < handed[2] < dropped[2] and handed[3] == dropped[3] > 0
+    live = {k.decode().rpartition(":live:")[2] for k in client.scan_iter("fifo:1:rank:live:*")}
+    assert live == tracked_keys(client, schema)  # every value the policy or a publish dropped was deleted
 
 
 def test_probation_stores_and_admits_a_miss_in_one_round_trip(redis_server):
