@@ -760,7 +760,10 @@ def _probation_day_hits(
     given ``capacity`` and ``precomputed``, each day's slots are ``capacity`` less that day's set, whatever
     ``slots`` says). A day with fewer slots shrinks the tier over its next misses (each moves or evicts at most
     ``MAX_STEPS`` keys), and a miss that finds no room is not kept, as the client does when a bigger version is
-    published."""
+    published. Each day's set is that day's publish, settled as ``publish.settle_published`` settles it: its keys
+    leave the main LRU, and the keys of the day before's set (in its order: a list as given, best first; any other
+    collection sorted) that it drops and the tier does not track enter the main LRU below every key there while
+    the tier has room."""
     if capacity is not None and precomputed is not None:
         slots = [capacity - len(chosen) for chosen in precomputed]
     small: deque[int] = deque()

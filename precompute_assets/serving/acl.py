@@ -2,9 +2,10 @@
 
 Every key of schema version 1 starts with ``{namespace}:1:`` (``keys.KeySchema``). The two users:
 
-- **publisher** (Dagster: ``publish_version``, ``flip_pointer``, ``patch_version``, ``write_live_values``,
-  ``delete_live_values``, the embedding sync, the ``query_logs`` drain and the query-log cleanup): reads and writes
-  keys under ``{ns}:1:*`` and nothing else, with ``PUBLISHER_COMMANDS`` only.
+- **publisher** (Dagster: ``publish_version`` with its settling of admission ``probation``'s live tier,
+  ``flip_pointer``, ``patch_version``, ``write_live_values``, ``delete_live_values``, the embedding sync, the
+  ``query_logs`` drain and the query-log cleanup): reads and writes keys under ``{ns}:1:*`` and nothing else, with
+  ``PUBLISHER_COMMANDS`` only (its ``EVAL`` runs the settling scripts, checked against the same key rules).
 - **reader** (``PredictionCache``, its ``QueryLogger`` and the admission policies): reads ``{ns}:1:*`` with
   ``READER_COMMANDS`` only, and writes exactly what the serving client writes, each command granted on its keys
   alone by a Redis 7 selector ``(keys +commands)`` (``READER_WRITES``): the live read-through values

@@ -30,11 +30,17 @@ stored:
   it leaves (its value is deleted) and its name goes to the ghost list; once probation is short, the main LRU's least
   recent key leaves instead. Keys asked for once thus pass through a tenth of the cache and never push out keys asked
   for again. Every live-tier lookup runs one script (``_TOUCH``: count a probation hit, or refresh the key in the
-  LRU); every stored miss runs ``_ADMIT`` (evict, insert), and the client deletes the live values of the keys it
-  evicted. State, in one Redis Cluster slot per kind (hash tag): ``{kind}:fifo:{{...}}:small`` (list), ``:hits``
-  (hash), ``:main`` and ``:ghost`` (sorted sets by a sequence number), ``:seq``, ``:published``; at most ``capacity``
-  tracked keys and ``capacity - small`` ghost names, about 100 bytes plus the key twice per tracked key. Redis's own
-  maxmemory eviction stays a safety net beneath it.
+  LRU); every stored miss runs ``_ADMIT`` (evict, insert; it also records ``capacity``), and the client deletes the
+  live values of the keys it evicted. After each flip the publisher settles the tier (``publish.settle_published``):
+  the new version's keys leave the main LRU (a live copy of a published key only holds a slot), and the keys the
+  version before served and the new one drops enter it below every key there, best first, while the tier has room
+  (``UNTRACK``, ``HAND_OVER``), so a smaller version leaves a warm tier rather than an empty one. State, in one Redis
+  Cluster slot per kind (hash tag): ``{kind}:fifo:{{...}}:small`` (list), ``:hits`` (hash), ``:main`` and ``:ghost``
+  (sorted sets by a sequence number), ``:seq``, ``:published``, ``:capacity`` (hash), ``:order`` (list: the current
+  version's first ``capacity`` keys in publish order, written only once a ``probation`` client has stored a miss);
+  at most ``capacity`` tracked keys and ``capacity - small`` ghost names, about 100 bytes plus the key twice per
+  tracked key, and up to ``capacity`` names in ``:order``. Redis's own maxmemory eviction stays a safety net beneath
+  it.
 
 ``ml.replay`` models these decisions request by request (``admission_decisions``). Redis errors are never
 raised by the client: a failed lookup is a miss that stores nothing.
@@ -363,8 +369,8 @@ class Probation:
 
 @functools.lru_cache(maxsize=256)
 def _fifo_names(schema: KeySchema, kind: str) -> tuple[str, ...]:
-    """``probation``'s keys of ``kind`` in ``FIFO_PARTS`` order (small, hits, main, ghost, seq, published), built
-    once: every live-tier lookup needs three of them."""
+    """``probation``'s keys of ``kind`` in ``FIFO_PARTS`` order (small, hits, main, ghost, seq, published, capacity,
+    order), built once: every live-tier lookup needs three of them."""
     return tuple(schema.admission_fifo(kind, part) for part in FIFO_PARTS)
 
 

@@ -197,6 +197,14 @@ def test_get_or_compute_and_admission_on_the_cluster(redis_cluster, cluster_clie
     assert cluster_client.lrange(ns.admission_fifo("emb", "small"), 0, -1) == [b"p5"]
     assert cluster_client.zcard(ns.admission_fifo("emb", "main")) == 0
     assert [cluster_client.exists(ns.live("emb", key)) for key in ("p1", "p4", "p5")] == [0, 0, 1]
+    # A version without z hands z over to the main LRU, its value copied from v1's bucket (another master); a
+    # version with z again takes it back out and deletes the live copy.
+    assert publish_version(cluster_client, "emb", "v2", [], n_keys=0, schema=ns).handed_over == 1
+    assert cluster_client.zrange(ns.admission_fifo("emb", "main"), 0, -1) == [b"z"]
+    assert probation.get("emb", "z") == pytest.approx([0])
+    assert publish_version(cluster_client, "emb", "v3", [("z", [0.5])], n_keys=1, schema=ns).handed_over == 0
+    assert cluster_client.zcard(ns.admission_fifo("emb", "main")) == 0
+    assert not cluster_client.exists(ns.live("emb", "z"))
     assert frequent.errors == 0 and second.errors == 0 and cache.errors == 0 and probation.errors == 0
 
 
