@@ -57,6 +57,10 @@ def ctr_cache(
         experiment=experiment,
     )
     context.log.info(f"published {result.keys} keys as ctr version {version} ({result.keys_per_s:,.0f} keys/s)")
+    if result.handed_over:
+        context.log.info(f"handed {result.handed_over} keys of the version before to probation's live tier")
+    if result.settle_error:
+        context.log.warning(f"probation's live tier was not settled after the flip: {result.settle_error}")
     if experiment is not None:
         context.log.info(f"serving experiment {experiment.name}: arms {', '.join(experiment.arms)}")
     return dg.MaterializeResult(
@@ -70,6 +74,8 @@ def ctr_cache(
             "keys_per_s": result.keys_per_s,
             "model_version": str(ctr_predictions["model_version"].iloc[0]) if len(ctr_predictions) else "",
             "experiment": ",".join(experiment.arms) if experiment else "",
+            "handed_over": result.handed_over,
+            "settle_error": result.settle_error or "",
         }
     )
 

@@ -14,6 +14,7 @@ Campaign live values cannot be one transaction across slots: there each slot's k
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import operator
 import queue
@@ -49,6 +50,7 @@ from .keys import (
     codec_for,
 )
 
+_log = logging.getLogger(__name__)
 KEYS_PER_BUCKET = 64  # small hashes stay in Redis' compact listpack encoding
 COMMANDS_PER_PIPELINE = 1000
 
@@ -64,6 +66,7 @@ class PublishResult:
     previous_version: str | None
     already_current: bool = False  # a retry of a publish whose flip had succeeded: nothing rewritten
     handed_over: int = 0  # keys of the version before handed to admission probation's live tier (settle_published)
+    settle_error: str | None = None  # why that settling failed (the publish itself succeeded)
 
     @property
     def keys_per_s(self) -> float:
@@ -127,8 +130,9 @@ def publish_version(
             # Never rewrite the version readers are on (a step retried after its flip succeeded); its key count,
             # written after the flip, may be what failed.
             record_published(client, schema, kind, written)
-            settle_published(client, schema, kind, keys, None, ttl_s=ttl_s)
-            return PublishResult(kind, version, written, buckets, n_bytes, time.perf_counter() - started, None, True)
+            handed, settle_error = _settle(client, schema, kind, keys, None, ttl_s)
+            seconds = time.perf_counter() - started
+            return PublishResult(kind, version, written, buckets, n_bytes, seconds, None, True, handed, settle_error)
         names = [schema.bucket(kind, version, index).encode() for index in range(buckets)]
         if is_cluster(client):
             exists = sum(run_commands(client, [(b"EXISTS", name) for name in names]))
@@ -167,7 +171,7 @@ def publish_version(
     # The live tier of admission ``probation`` holds its capacity less the published keys (its own slot: after the
     # flip; until this write lands, it sizes itself by the version before; a retry writes it again).
     record_published(client, schema, kind, written)
-    handed = settle_published(client, schema, kind, keys, previous, ttl_s=ttl_s)
+    handed, settle_error = _settle(client, schema, kind, keys, previous, ttl_s)
     return PublishResult(
         kind=kind,
         version=version,
@@ -176,7 +180,8 @@ def publish_version(
         bytes=n_bytes,
         seconds=time.perf_counter() - started,
         previous_version=previous.version if previous else None,
-        handed_over=len(handed),
+        handed_over=handed,
+        settle_error=settle_error,
     )
 
 
@@ -184,6 +189,20 @@ def record_published(client: redis.Redis, schema: KeySchema, kind: str, keys: in
     """Record that ``kind``'s current version holds ``keys`` keys: admission ``probation`` sizes the live tier to
     its capacity less these (``{kind}:fifo:{{...}}:published``). Written after every flip or in-place patch."""
     run_commands(client, [(b"SET", schema.admission_fifo(kind, "published").encode(), b"%d" % keys)])
+
+
+def _settle(
+    client: redis.Redis, schema: KeySchema, kind: str, keys: Sequence[str], previous: Pointer | None, ttl_s: int | None
+) -> tuple[int, str | None]:
+    """``settle_published`` after a flip that succeeded: a Redis error there (a publisher whose ACL predates it has
+    no ``EVAL``, a connection lost) leaves the tier unsettled, to shrink by itself as before, and is returned and
+    logged, never raised: readers are on the new version either way."""
+    try:
+        return len(settle_published(client, schema, kind, keys, previous, ttl_s=ttl_s)), None
+    except REDIS_ERRORS as error:
+        message = f"{type(error).__name__}: {str(error).rpartition('caused error: ')[2]}"[:300]  # not the script
+        _log.warning("%s version published, but probation's live tier was not settled: %s", kind, message)
+        return 0, message
 
 
 def settle_published(

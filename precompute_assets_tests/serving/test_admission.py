@@ -22,6 +22,7 @@ from precompute_assets.serving.admission import (
     sketch_columns,
 )
 from precompute_assets.serving.keys import FIFO_PARTS
+from precompute_assets.serving.publish import PublishResult
 from precompute_assets_tests.factories import CountingClient
 
 
@@ -306,6 +307,22 @@ def test_a_publish_settles_the_live_tier_as_the_replay_models_it(redis_server):
     assert live == tracked_keys(client, schema)  # every value the policy or a publish dropped was deleted
 
 
+def test_a_publish_whose_settling_fails_still_publishes(redis_server):
+    """The flip is what readers need; settling probation's tier after it may fail (here the server has no EVAL, as
+    for a publisher whose ACL predates it): the publish succeeds, says why the tier was not settled, and the
+    retry of the same version does not raise either."""
+    server = redis_server(extra_config=('rename-command EVAL ""',))
+    client = connect(server.url, socket_timeout=5)
+    schema = KeySchema("fifo")
+    client.hset(schema.admission_fifo("rank", "capacity"), "keys", 10)  # as a probation client's miss records it
+    assert publish(client, schema, "v1", ["a", "b"]).settle_error.startswith("ResponseError: unknown command 'EVAL'")
+    result = publish(client, schema, "v2", ["c"])
+    assert result.previous_version == "v1" and result.handed_over == 0 and "unknown command" in result.settle_error
+    reader = make_cache(server.url, schema)
+    assert reader.get("rank", "c") == {"key": "c"} and reader.get("rank", "a") is None
+    assert "unknown command" in publish(client, schema, "v2", ["c"]).settle_error  # the retry: already current
+
+
 def test_probation_stores_and_admits_a_miss_in_one_round_trip(redis_server):
     server = redis_server()
     client = CountingClient(connect(server.url, socket_timeout=5))
@@ -337,8 +354,10 @@ def test_probation_deletes_what_it_evicted_even_when_the_value_is_not_stored(red
     assert not client.exists(schema.live("rank", "a"))  # evicted by b's admission: deleted, not left untracked
 
 
-def publish(client, schema: KeySchema, version: str, keys: list[str]) -> None:
-    publish_version(client, "rank", version, [(key, {"key": key}) for key in keys], n_keys=len(keys), schema=schema)
+def publish(client, schema: KeySchema, version: str, keys: list[str]) -> PublishResult:
+    return publish_version(
+        client, "rank", version, [(key, {"key": key}) for key in keys], n_keys=len(keys), schema=schema
+    )
 
 
 def tracked_keys(client, schema: KeySchema) -> set[str]:
