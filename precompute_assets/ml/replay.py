@@ -763,7 +763,7 @@ def _probation_day_hits(
     published. Each day's set is that day's publish, settled as ``publish.settle_published`` settles it: its keys
     leave the main LRU, and the keys of the day before's set (in its order: a list as given, best first; any other
     collection sorted) that it drops and the tier does not track enter the main LRU below every key there while
-    the tier has room."""
+    the tier has room; nothing is settled before the first miss, which records the capacity the client settles by."""
     if capacity is not None and precomputed is not None:
         slots = [capacity - len(chosen) for chosen in precomputed]
     small: deque[int] = deque()
@@ -772,11 +772,12 @@ def _probation_day_hits(
     ghost: OrderedDict[int, None] = OrderedDict()  # oldest first
     per_day: list[int] = []
     previous: list = []
+    recorded = False  # has a miss reached ``_ADMIT``, which records the capacity the publish settles by?
     for d, day in enumerate(days):
         size = slots[d] if isinstance(slots, Sequence) else slots
         small_size, ghost_size = probation_sizes(size)
         chosen = set(precomputed[d]) if precomputed is not None else set()
-        if precomputed is not None:  # the day's publish, and what ``publish.settle_published`` does after it
+        if precomputed is not None and recorded:  # the day's publish, and what ``publish.settle_published`` does
             for key in chosen & main.keys():
                 del main[key]
             room = size - len(small) - len(main)
@@ -799,6 +800,7 @@ def _probation_day_hits(
                 day_hits += 1
                 outcome = "hit"
             else:
+                recorded = True
                 steps = 0
                 while 0 < len(small) + len(main) >= size and steps < MAX_STEPS:
                     steps += 1

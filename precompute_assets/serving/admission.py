@@ -31,16 +31,18 @@ stored:
   recent key leaves instead. Keys asked for once thus pass through a tenth of the cache and never push out keys asked
   for again. Every live-tier lookup runs one script (``_TOUCH``: count a probation hit, or refresh the key in the
   LRU); every stored miss runs ``_ADMIT`` (evict, insert; it also records ``capacity``), and the client deletes the
-  live values of the keys it evicted. After each flip the publisher settles the tier (``publish.settle_published``):
-  the new version's keys leave the main LRU (a live copy of a published key only holds a slot), and the keys the
-  version before served and the new one drops enter it below every key there, best first, while the tier has room
-  (``UNTRACK``, ``HAND_OVER``), so a smaller version leaves a warm tier rather than an empty one. State, in one Redis
-  Cluster slot per kind (hash tag): ``{kind}:fifo:{{...}}:small`` (list), ``:hits`` (hash), ``:main`` and ``:ghost``
-  (sorted sets by a sequence number), ``:seq``, ``:published``, ``:capacity`` (hash), ``:order`` (list: the current
-  version's first ``capacity`` keys in publish order, written only once a ``probation`` client has stored a miss);
-  at most ``capacity`` tracked keys and ``capacity - small`` ghost names, about 100 bytes plus the key twice per
-  tracked key, and up to ``capacity`` names in ``:order``. Redis's own maxmemory eviction stays a safety net beneath
-  it.
+  live values of the keys it evicted. After each flip of ``publish_version`` (not the embedding sync's in-place
+  patches) the publisher settles the tier (``publish.settle_published``): the new version's keys leave the main LRU
+  and their live values are deleted (a live copy of a published key only holds a slot; one still in probation stays
+  until the FIFO moves it), and the keys the version before served and the new one drops enter the main LRU below
+  every key there, best first, while the tier has room (``UNTRACK``, ``HAND_OVER``), so a smaller version leaves a
+  warm tier rather than an empty one. State, in one Redis Cluster slot per kind (hash tag):
+  ``{kind}:fifo:{{...}}:small`` (list), ``:hits`` (hash), ``:main`` and ``:ghost`` (sorted sets by a sequence number),
+  ``:seq``, ``:published``, ``:tier`` (hash: ``capacity``, and ``order_version``, the version ``:order`` lists),
+  ``:order`` (list: that version's first ``capacity`` keys in publish order, written only once a ``probation`` client
+  has stored a miss); at most ``capacity`` tracked keys and ``capacity - small`` ghost names, about 100 bytes plus the
+  key twice per tracked key, and up to ``capacity`` names in ``:order``. Redis's own maxmemory eviction stays a safety
+  net beneath it.
 
 ``ml.replay`` models these decisions request by request (``admission_decisions``). Redis errors are never
 raised by the client: a failed lookup is a miss that stores nothing.
@@ -220,8 +222,8 @@ end
 return 0
 """
 
-# KEYS: small, hits, main, ghost, seq, published, capacity; ARGV: key, capacity, most steps. Records the capacity
-# (``publish.settle_published`` sizes its hand-over by it). The tier's size is the
+# KEYS: small, hits, main, ghost, seq, published, tier; ARGV: key, capacity, most steps. Records the capacity in the
+# ``tier`` hash (``publish.settle_published`` sizes its hand-over by it). The tier's size is the
 # capacity less the published version's keys (``published``, see ``publish.record_published``), its probation and
 # ghost sizes ``probation_sizes`` of that. Evicts until a key fits (at most ARGV[3] steps, each moving a
 # probation key to the main LRU or evicting one), then inserts ARGV[1]
@@ -231,7 +233,7 @@ return 0
 # (its value expired) stays put.
 _ADMIT = """
 local key, capacity, most = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-redis.call('HSET', KEYS[7], 'keys', capacity)
+redis.call('HSET', KEYS[7], 'capacity', capacity)
 if redis.call('HEXISTS', KEYS[2], key) == 1 or redis.call('ZSCORE', KEYS[3], key) then return {} end
 local size = capacity - (tonumber(redis.call('GET', KEYS[6])) or 0)
 local small_size = math.max(1, math.floor(size / 10))
@@ -280,13 +282,13 @@ end
 return gone
 """
 
-# KEYS: small, hits, main, ghost, seq, published, capacity; ARGV: keys the version before served and the new one does
+# KEYS: small, hits, main, ghost, seq, published, tier; ARGV: keys the version before served and the new one does
 # not, best first. Keys not tracked enter the main LRU, colder than every key there (the first the warmest of them),
 # while the tier has room beside the new version's keys (the capacity ``_ADMIT`` recorded, none before it ran):
 # slots that would start empty start with values known to have been wanted, and are the first to go. Replies the
 # room left and the keys taken.
 HAND_OVER = """
-local capacity = tonumber(redis.call('HGET', KEYS[7], 'keys'))
+local capacity = tonumber(redis.call('HGET', KEYS[7], 'capacity'))
 if not capacity then return {0, {}} end
 local room = capacity - (tonumber(redis.call('GET', KEYS[6])) or 0) - redis.call('LLEN', KEYS[1])
   - redis.call('ZCARD', KEYS[3])
@@ -317,13 +319,13 @@ def hand_over_order(previous: Sequence[Any], published: Collection[Any], tracked
     """The keys ``HAND_OVER`` moves into the main LRU after a publish, best first: those of the version before
     (``previous``, in its order) that the new one (``published``) does not serve and the tier does not track,
     at most ``room`` of them."""
-    taken: list[Any] = []
+    taken: dict[Any, None] = {}  # a key listed twice is taken once, as the script finds it tracked the second time
     for key in previous:
         if len(taken) >= room:
             break
         if key not in published and key not in tracked:
-            taken.append(key)
-    return taken
+            taken[key] = None
+    return list(taken)
 
 
 # A miss moves or evicts at most this many keys: a tier that must shrink by many (a bigger published version) shrinks

@@ -74,7 +74,7 @@ RESERVED_KINDS = frozenset({"qlog", "stats", "events"})
 # Versions whose buckets ``{kind}:{version}:{n}`` would be a kind's own keys (``live:0`` is key 0's live value).
 RESERVED_VERSIONS = frozenset({"live", "current", "experiment", "sketch", "seen", "delta", "lock", "fifo"})
 # admission ``probation``'s state (``admission_fifo``), and the published version's key count it sizes itself by
-FIFO_PARTS = ("small", "hits", "main", "ghost", "seq", "published", "capacity", "order")
+FIFO_PARTS = ("small", "hits", "main", "ghost", "seq", "published", "tier", "order")
 MAX_KEY_LENGTH = 256  # characters of a prediction key (the query log quarantines longer ones)
 # Control characters, hash-tag braces and lone surrogates (not encodable as UTF-8).
 BAD_KEY_CHARACTERS = re.compile(r"[\x00-\x1f\x7f{}\ud800-\udfff]")
@@ -233,7 +233,7 @@ class KeySchema:
         return f"{self.prefix}:{check_kind(kind)}:sketch"
 
     def admission_fifo(self, kind: str, part: str) -> str:
-        """Part ``small``, ``hits``, ``main``, ``ghost``, ``seq``, ``published``, ``capacity`` or ``order`` of admission
+        """Part ``small``, ``hits``, ``main``, ``ghost``, ``seq``, ``published``, ``tier`` or ``order`` of admission
         ``probation``'s state of ``kind`` (``FIFO_PARTS``); the hash tag puts them in one Redis Cluster slot, as its
         scripts need."""
         if part not in FIFO_PARTS:

@@ -130,7 +130,8 @@ def publish_version(
             # Never rewrite the version readers are on (a step retried after its flip succeeded); its key count,
             # written after the flip, may be what failed.
             record_published(client, schema, kind, written)
-            handed, settle_error = _settle(client, schema, kind, keys, None, ttl_s)
+            previous = _replaced_pointer(client, schema, kind)
+            handed, settle_error = _settle(client, schema, kind, version, keys, previous, ttl_s)
             seconds = time.perf_counter() - started
             return PublishResult(kind, version, written, buckets, n_bytes, seconds, None, True, handed, settle_error)
         names = [schema.bucket(kind, version, index).encode() for index in range(buckets)]
@@ -171,7 +172,7 @@ def publish_version(
     # The live tier of admission ``probation`` holds its capacity less the published keys (its own slot: after the
     # flip; until this write lands, it sizes itself by the version before; a retry writes it again).
     record_published(client, schema, kind, written)
-    handed, settle_error = _settle(client, schema, kind, keys, previous, ttl_s)
+    handed, settle_error = _settle(client, schema, kind, version, keys, previous, ttl_s)
     return PublishResult(
         kind=kind,
         version=version,
@@ -191,14 +192,30 @@ def record_published(client: redis.Redis, schema: KeySchema, kind: str, keys: in
     run_commands(client, [(b"SET", schema.admission_fifo(kind, "published").encode(), b"%d" % keys)])
 
 
+def _replaced_pointer(client: redis.Redis, schema: KeySchema, kind: str) -> Pointer | None:
+    """The pointer the last flip replaced, while its grace lasts (``flip_pointer`` keeps it); None when it is gone
+    or cannot be read (a retried publish then hands nothing over)."""
+    try:
+        (raw,) = run_commands(client, [(b"GET", schema.previous(kind).encode())])
+        return None if raw is None else Pointer.decode(raw)
+    except (*REDIS_ERRORS, ValueError):
+        return None
+
+
 def _settle(
-    client: redis.Redis, schema: KeySchema, kind: str, keys: Sequence[str], previous: Pointer | None, ttl_s: int | None
+    client: redis.Redis,
+    schema: KeySchema,
+    kind: str,
+    version: str,
+    keys: Sequence[str],
+    previous: Pointer | None,
+    ttl_s: int | None,
 ) -> tuple[int, str | None]:
     """``settle_published`` after a flip that succeeded: a Redis error there (a publisher whose ACL predates it has
     no ``EVAL``, a connection lost) leaves the tier unsettled, to shrink by itself as before, and is returned and
     logged, never raised: readers are on the new version either way."""
     try:
-        return len(settle_published(client, schema, kind, keys, previous, ttl_s=ttl_s)), None
+        return len(settle_published(client, schema, kind, version, keys, previous, ttl_s=ttl_s)), None
     except REDIS_ERRORS as error:
         message = f"{type(error).__name__}: {str(error).rpartition('caused error: ')[2]}"[:300]  # not the script
         _log.warning("%s version published, but probation's live tier was not settled: %s", kind, message)
@@ -209,36 +226,48 @@ def settle_published(
     client: redis.Redis,
     schema: KeySchema,
     kind: str,
+    version: str,
     keys: Sequence[str],
     previous: Pointer | None,
     *,
     ttl_s: int | None,
     chunk: int = 1000,
 ) -> list[str]:
-    """After a flip, settle admission ``probation``'s live tier of ``kind`` with the new version (``keys``, best
-    first); nothing when no ``probation`` client has stored a miss of ``kind`` yet. Returns the keys handed over.
+    """After the flip to ``version`` (its ``keys``, best first), settle admission ``probation``'s live tier of
+    ``kind``; nothing before a ``probation`` client has stored a miss of ``kind`` (which records its capacity).
+    Returns the keys handed over.
 
     1. The new version's keys leave the main LRU and their live values are deleted: the version serves them, so
-       a live copy would only hold a slot.
-    2. The keys of the version before (``previous``, in its publish order) that the new one drops and the tier
-       does not track enter the main LRU below every key there, while the tier has room (``HAND_OVER``), with their
-       value from that version (``SET NX``, TTL ``ttl_s``): a smaller version leaves a warm tier, not an empty one.
-    3. The new version's order (its first ``capacity`` keys) is kept for the next publish (``{kind}:fifo:…:order``).
+       a live copy would only hold a slot (``UNTRACK``; only keys the main LRU holds are sent).
+    2. The keys of the version before (``previous``) that the new one drops and the tier does not track enter the
+       main LRU below every key there, best first, while the tier has room (``HAND_OVER``), with their value from
+       that version (``SET NX``, TTL ``ttl_s``): a smaller version leaves a warm tier, not an empty one. Their order
+       is ``:order``, kept by the settling of that version; when ``:order`` lists another version (that settling
+       failed or never ran), nothing is handed over.
+    3. The new version's first ``capacity`` keys become ``:order``, and ``version`` its ``order_version``.
 
-    ``ml.replay`` models each step at every day's publish."""
+    Settling again after a retried flip (``previous`` read back from ``KeySchema.previous``) hands over only what
+    the first attempt did not. ``ml.replay`` models each step at every day's publish."""
     names = [schema.admission_fifo(kind, part) for part in FIFO_PARTS]
-    main, capacity, order = (schema.admission_fifo(kind, part) for part in ("main", "capacity", "order"))
-    (raw_capacity,) = run_commands(client, [(b"HGET", capacity.encode(), b"keys")])
-    if raw_capacity is None:
+    main, tier, order = (schema.admission_fifo(kind, part).encode() for part in ("main", "tier", "order"))
+    ((capacity, order_version), tracked) = run_commands(
+        client, [(b"HMGET", tier, b"capacity", b"order_version"), (b"ZCARD", main)]
+    )
+    if capacity is None:
         return []
-    for start in range(0, len(keys), chunk):
-        gone = run_commands(client, [(b"EVAL", UNTRACK, 1, main, *keys[start : start + chunk])])[0]
+    published = set(keys)
+    if len(keys) > tracked:  # send the keys of the main LRU that the version serves, not the whole version
+        (members,) = run_commands(client, [(b"ZRANGE", main, 0, -1)])
+        keys_in_main = [key for key in map(_text, members) if key in published]
+    else:
+        keys_in_main = list(keys) if tracked else []
+    for start in range(0, len(keys_in_main), chunk):
+        gone = run_commands(client, [(b"EVAL", UNTRACK, 1, main, *keys_in_main[start : start + chunk])])[0]
         _unlink_live(client, schema, kind, [_text(key) for key in gone])
     handed: list[str] = []
-    if previous is not None:
-        before = [_text(key) for key in run_commands(client, [(b"LRANGE", order.encode(), 0, -1)])[0]]
-        new = set(keys)
-        dropped = [key for key in before if key not in new]
+    if previous is not None and order_version is not None and _text(order_version) == previous.version:
+        (before,) = run_commands(client, [(b"LRANGE", order, 0, -1)])
+        dropped = [key for key in map(_text, before) if key not in published]
         for start in range(0, len(dropped), chunk):
             hand_over = (b"EVAL", HAND_OVER, 7, *names[:7], *dropped[start : start + chunk])  # all but the order
             ((room, taken),) = run_commands(client, [hand_over])
@@ -246,9 +275,10 @@ def settle_published(
             if room <= 0:
                 break
         _copy_to_live(client, schema, kind, handed, previous, ttl_s)
-    kept = list(keys[: int(raw_capacity)])
-    commands: list[tuple[Any, ...]] = [(b"DEL", order.encode())]
-    commands += [(b"RPUSH", order.encode(), *kept[start : start + chunk]) for start in range(0, len(kept), chunk)]
+    kept = list(keys[: int(capacity)])
+    commands: list[tuple[Any, ...]] = [(b"DEL", order)]
+    commands += [(b"RPUSH", order, *kept[start : start + chunk]) for start in range(0, len(kept), chunk)]
+    commands.append((b"HSET", tier, b"order_version", version.encode()))
     run_commands(client, commands)
     return handed
 

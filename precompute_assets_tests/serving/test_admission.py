@@ -9,9 +9,11 @@ import time
 
 import numpy as np
 import pytest
+import redis
 
 from precompute_assets.ml.replay import _probation_day_hits, admission_decisions
 from precompute_assets.serving import KeySchema, PredictionCache, connect, publish_version
+from precompute_assets.serving import publish as publish_module
 from precompute_assets.serving.admission import (
     Always,
     FrequencySketch,
@@ -274,6 +276,24 @@ def test_probation_shares_its_capacity_with_the_published_version(redis_server):
     assert cache.errors == 0
 
 
+def through_publishes(redis_server, capacity: int, days: list[list[str]], versions: list[list[str]]):
+    """Each day publish its version (best first), then look its keys up through a ``probation`` client; return the
+    client's outcomes, the replay's, the keys each publish handed over, and the client and its Redis."""
+    server = redis_server()
+    client = connect(server.url, socket_timeout=5)
+    schema = KeySchema("fifo")
+    cache = make_cache(server.url, schema, live_ttl_s=3600, admission=Probation(capacity=capacity))
+    got, handed = [], []
+    for number, (day, version) in enumerate(zip(days, versions, strict=True)):
+        handed.append(publish(client, schema, f"v{number}", version).handed_over)
+        got += run_through_client(cache, client, schema, day)
+    expected: list[str] = []
+    _probation_day_hits([np.array(day, dtype=object) for day in days], capacity, precomputed=versions,
+                        capacity=capacity, outcomes=expected)  # fmt: skip
+    assert cache.errors == 0
+    return got, expected, handed, client, schema
+
+
 def test_a_publish_settles_the_live_tier_as_the_replay_models_it(redis_server):
     """After each flip the new version's keys leave the main LRU (their live values deleted), and the keys the version
     before served and the new one drops enter it below every key there, best first, as long as the tier has room,
@@ -282,29 +302,61 @@ def test_a_publish_settles_the_live_tier_as_the_replay_models_it(redis_server):
     days = [[f"item:{k}" for k in rng.zipf(1.2, 300) % 150] for _ in range(5)]
     ranked = [sorted(set(day), key=lambda key, day=day: (-day.count(key), key)) for day in days]
     versions = [[], ranked[0][:30], ranked[1][:55], ranked[2][:20], []]  # each day's publish, best first
+    got, expected, handed, client, schema = through_publishes(redis_server, 60, days, versions)
+    assert got == expected
+    dropped = [0] + [len(set(before) - set(after)) for before, after in itertools.pairwise(versions)]
+    # v1: no version before it; v2 (55 keys) leaves at most 5 slots; v3: the room runs out; v4: all fit
+    assert handed[:2] == [0, 0] and handed[2] <= 60 - 55 and 0 < handed[3] < dropped[3] and handed[4] == dropped[4] > 0
+    tracked = tracked_keys(client, schema)
+    assert not tracked & set(versions[-1]) and len(tracked) <= 60
+    live = {k.decode().rpartition(":live:")[2] for k in client.scan_iter("fifo:1:rank:live:*")}
+    assert live == tracked  # every value the policy or a publish dropped was deleted
+
+
+@pytest.mark.parametrize(
+    ("capacity", "days", "versions", "handed"),
+    [
+        # A version published before the first miss: no capacity recorded, nothing settled, no order kept for the next.
+        (10, [["a", "b", "c", "x"], ["a", "b", "c", "x"]], [["a", "b", "c"], ["x"]], [0, 0]),
+        # A version listing a key twice: the key is handed over once, and takes one slot.
+        (6, [["z"], ["a", "b"], ["a", "b"]], [[], ["a", "a", "b"], ["p", "q", "r"]], [0, 0, 2]),
+    ],
+)
+def test_settling_edge_cases_agree_with_the_replay(redis_server, capacity, days, versions, handed):
+    got, expected, handed_over, _, _ = through_publishes(redis_server, capacity, days, versions)
+    assert got == expected and handed_over == handed
+
+
+def test_a_failed_settling_hands_over_nothing_later_and_a_retry_finishes_it(redis_server, monkeypatch):
+    """``:order`` names the version it lists: after a settling that failed, the next publish hands over nothing
+    (not the keys of the version before that, whose values are gone); a retried publish of the same version, whose
+    first settling failed after its flip, settles again and hands over what the first did not."""
     server = redis_server()
     client = connect(server.url, socket_timeout=5)
     schema = KeySchema("fifo")
-    cache = make_cache(server.url, schema, live_ttl_s=3600, admission=Probation(capacity=60))
-    got, handed = [], []
-    for number, (day, version) in enumerate(zip(days, versions, strict=True)):
-        if number:
-            result = publish_version(client, "rank", f"v{number}", [(key, {"key": key}) for key in version],
-                                     n_keys=len(version), schema=schema)  # fmt: skip
-            handed.append(result.handed_over)
-            tracked = tracked_keys(client, schema)
-            assert not tracked & set(version) - set(probation_state(client, schema, "rank")["small"])
-            assert len(tracked) + len(version) <= 60
-        got += run_through_client(cache, client, schema, day)
-    expected: list[str] = []
-    _probation_day_hits([np.array(day, dtype=object) for day in days], 60, precomputed=versions, capacity=60,
-                        outcomes=expected)  # fmt: skip
-    assert got == expected and cache.errors == 0
-    dropped = [len(set(before) - set(after)) for before, after in itertools.pairwise(versions)]
-    # v1: no version before it; v2 (55 keys) leaves at most 5 slots; v3: the room runs out; v4: all fit
-    assert handed[0] == 0 and handed[1] <= 60 - 55 and 0 < handed[2] < dropped[2] and handed[3] == dropped[3] > 0
-    live = {k.decode().rpartition(":live:")[2] for k in client.scan_iter("fifo:1:rank:live:*")}
-    assert live == tracked_keys(client, schema)  # every value the policy or a publish dropped was deleted
+    cache = make_cache(server.url, schema, live_ttl_s=3600, admission=Probation(capacity=10))
+    run_through_client(cache, client, schema, ["m"])  # records the capacity
+    publish(client, schema, "v0", ["a", "b", "c"])
+    real = publish_module.settle_published
+
+    def lost(*args, **kwargs):
+        raise redis.ConnectionError("connection lost after the flip")
+
+    monkeypatch.setattr(publish_module, "settle_published", lost)
+    assert "connection lost" in publish(client, schema, "v1", ["d", "e"]).settle_error
+    monkeypatch.setattr(publish_module, "settle_published", real)
+    assert publish(client, schema, "v2", []).handed_over == 0  # :order still lists v0, not v1
+    assert tracked_keys(client, schema) == {"m"}
+    monkeypatch.setattr(publish_module, "settle_published", lost)
+    publish(client, schema, "v3", ["f", "g"])
+    monkeypatch.setattr(publish_module, "settle_published", real)
+    assert publish(client, schema, "v4", ["h"]).settle_error is None  # settled: :order lists v4 now
+    monkeypatch.setattr(publish_module, "settle_published", lost)
+    assert publish(client, schema, "v5", []).handed_over == 0  # flipped, not settled
+    monkeypatch.setattr(publish_module, "settle_published", real)
+    retried = publish(client, schema, "v5", [])
+    assert retried.already_current and retried.handed_over == 1 and tracked_keys(client, schema) == {"m", "h"}
+    assert make_cache(server.url, schema).get("rank", "h") == {"key": "h"}  # its value, from v4
 
 
 def test_a_publish_whose_settling_fails_still_publishes(redis_server):
@@ -314,10 +366,11 @@ def test_a_publish_whose_settling_fails_still_publishes(redis_server):
     server = redis_server(extra_config=('rename-command EVAL ""',))
     client = connect(server.url, socket_timeout=5)
     schema = KeySchema("fifo")
-    client.hset(schema.admission_fifo("rank", "capacity"), "keys", 10)  # as a probation client's miss records it
-    assert publish(client, schema, "v1", ["a", "b"]).settle_error.startswith("ResponseError: unknown command 'EVAL'")
-    result = publish(client, schema, "v2", ["c"])
-    assert result.previous_version == "v1" and result.handed_over == 0 and "unknown command" in result.settle_error
+    client.hset(schema.admission_fifo("rank", "tier"), "capacity", 10)  # as a probation client's miss records it
+    assert publish(client, schema, "v1", ["a", "b"]).settle_error is None  # no script needed: nothing tracked yet
+    result = publish(client, schema, "v2", ["c"])  # hands a and b over: a script
+    assert result.previous_version == "v1" and result.handed_over == 0
+    assert result.settle_error.startswith("ResponseError: unknown command 'EVAL'")
     reader = make_cache(server.url, schema)
     assert reader.get("rank", "c") == {"key": "c"} and reader.get("rank", "a") is None
     assert "unknown command" in publish(client, schema, "v2", ["c"]).settle_error  # the retry: already current
