@@ -8,6 +8,7 @@ import functools
 import heapq
 import io
 import itertools
+import lzma
 import re
 from collections import OrderedDict, deque
 from collections.abc import Callable, Collection, Hashable, Sequence
@@ -68,11 +69,17 @@ class Trace:
     timestamp_field: int | None = None  # which of them (1-based) held the timestamp, and the key
     key_field: int = 1
     header: tuple[str, ...] | None = None  # the column names of a header line, when the file had one
+    format: str = "text"  # or "oracle-general": libCacheSim's binary records
 
     def layout(self) -> dict:
-        """How the file was read, for a reader to check: the fields per line, the two that were used, the
-        header's names and the distinct keys (a key read from the wrong field shows here)."""
-        out: dict = {"fields": self.fields, "timestamp_field": self.timestamp_field, "key_field": self.key_field}
+        """How the file was read, for a reader to check: its format, the fields per line (record), the two that
+        were used, the header's names and the distinct keys (a key read from the wrong field shows here)."""
+        out: dict = {
+            "format": self.format,
+            "fields": self.fields,
+            "timestamp_field": self.timestamp_field,
+            "key_field": self.key_field,
+        }
         if self.header is not None:
             out["header"] = list(self.header)
         out["distinct_keys"] = int(pd.Series(self.keys).nunique())
@@ -80,10 +87,20 @@ class Trace:
 
 
 Columns = tuple[int | str | None, int | str]  # (timestamp field or None, key field): 1-based or header names
+TRACE_FORMATS = ("auto", "text", "oracle-general")
+# libCacheSim's oracleGeneral records, little-endian and packed: 24 bytes each.
+ORACLE_GENERAL = np.dtype([("time", "<u4"), ("obj_id", "<u8"), ("obj_size", "<u4"), ("next_access_vtime", "<i8")])
+# Compressed traces, by their file name's last suffix: pyarrow's codecs (a dependency already), and the stdlib's xz.
+_COMPRESSION = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd", ".zstd": "zstd", ".lz4": "lz4", ".br": "brotli"}
 
 
-def parse_trace(path: str | Path, *, columns: Columns | None = None) -> Trace:
+def parse_trace(path: str | Path, *, columns: Columns | None = None, trace_format: str = "auto") -> Trace:
     """Read one key per line, or ``timestamp,key[,more...]`` lines; raise TraceError naming the bad line.
+
+    The file may be compressed (``.gz``, ``.bz2``, ``.xz``, ``.zst``, ``.lz4``, ``.br``, by its suffix).
+    ``trace_format="oracle-general"`` reads libCacheSim's binary records instead (``ORACLE_GENERAL``: the time in
+    seconds and the object id are used; ids of 2^63 and above are read as the negative int64 of the same bits, so
+    every id stays distinct); ``"auto"`` takes it for a file whose name says ``oracleGeneral``.
 
     A key is any token without whitespace (padding is stripped); the first line decides the format: it is
     CSV when the part before its first comma is a number, and then keys hold no comma, every line has as
@@ -92,7 +109,15 @@ def parse_trace(path: str | Path, *, columns: Columns | None = None) -> Trace:
     it) is a header and skipped. ``columns`` picks the timestamp and key fields of any other CSV layout
     (``(1, 5)`` or ``("Timestamp", "Offset")`` for MSR Cambridge; a timestamp of None: keys only).
     """
-    text = _read_text(Path(path))
+    path = Path(path)
+    if trace_format not in TRACE_FORMATS:
+        raise ValueError(f"trace_format must be one of {', '.join(TRACE_FORMATS)}, got {trace_format!r}")
+    data = _read_bytes(path)
+    if trace_format == "oracle-general" or (trace_format == "auto" and "oraclegeneral" in path.name.lower()):
+        if columns is not None:
+            raise TraceError("--key-field and --time-field pick fields of text traces, not of oracleGeneral records")
+        return _oracle_general(data)
+    text = _decode_text(data)
     first_line = 1
     first, _, rest = text.partition("\n")
     names, below = _header_names(first), rest.partition("\n")[0]
@@ -987,14 +1012,52 @@ def _arc_hits(days: list[np.ndarray], capacity: int, *, count_from: int) -> int:
     return hits
 
 
-def _read_text(path: Path) -> str:
-    """The file as text: UTF-8 (a leading byte-order mark dropped), CRLF and CR as LF, without the final newline."""
-    data = path.read_bytes().removeprefix(codecs.BOM_UTF8)
+def _read_bytes(path: Path) -> bytes:
+    """The file's bytes, decompressed when its suffix names a compression; a corrupt file is a TraceError."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".xz":
+            return lzma.decompress(path.read_bytes())
+        if suffix in _COMPRESSION:
+            import pyarrow as pa
+
+            with pa.input_stream(str(path), compression=_COMPRESSION[suffix]) as stream:
+                return stream.read()
+    except (lzma.LZMAError, OSError, ValueError) as exc:
+        if isinstance(exc, FileNotFoundError | PermissionError | IsADirectoryError):
+            raise
+        raise TraceError(f"not a valid {suffix[1:]} file: {exc}") from None
+    return path.read_bytes()
+
+
+def _oracle_general(data: bytes) -> Trace:
+    """libCacheSim's oracleGeneral records as a trace: keys the object ids, timestamps the times."""
+    if not data:
+        raise TraceError("trace is empty")
+    if len(data) % ORACLE_GENERAL.itemsize:
+        raise TraceError(
+            f"{len(data)} bytes are not a whole number of {ORACLE_GENERAL.itemsize}-byte oracleGeneral records "
+            "(a text trace? use --format text)"
+        )
+    records = np.frombuffer(data, dtype=ORACLE_GENERAL)
+    return Trace(
+        keys=records["obj_id"].view(np.int64).copy(),
+        timestamps=records["time"].astype(np.float64),
+        fields=len(ORACLE_GENERAL.names),
+        timestamp_field=1,
+        key_field=2,
+        format="oracle-general",
+    )
+
+
+def _decode_text(data: bytes) -> str:
+    """The bytes as text: UTF-8 (a leading byte-order mark dropped), CRLF and CR as LF, without the final newline."""
+    data = data.removeprefix(codecs.BOM_UTF8)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line_no = data.count(b"\n", 0, exc.start) + 1
-        raise TraceError(f"line {line_no}: not valid UTF-8 text") from None
+        raise TraceError(f"line {line_no}: not valid UTF-8 text (a binary trace? see --format)") from None
     text = text.replace("\r\n", "\n").replace("\r", "\n")  # a lone CR ends a line too (old Mac files)
     if text.endswith("\n"):
         text = text[:-1]  # the newline that ends the last line, not an extra blank line

@@ -417,7 +417,7 @@ def _replay_stages(
         time_field = "1" if args.time_field is None else args.time_field
         columns = (None if time_field.lower() == "none" else time_field, args.key_field or "2")
     try:
-        trace = parse_trace(args.trace, columns=columns)
+        trace = parse_trace(args.trace, columns=columns, trace_format=args.format)
     except TraceError as error:
         raise CliError(f"{args.trace}: {error}") from None
     except OSError as error:
@@ -745,7 +745,14 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument(
         "--trace",
         required=True,
-        help="one key per line, or timestamp,key[,more fields] lines (a header line is skipped)",
+        help="one key per line, or timestamp,key[,more fields] lines (a header line is skipped), or libCacheSim's "
+        "binary oracleGeneral records; .gz, .bz2, .xz, .zst, .lz4 and .br files are decompressed",
+    )
+    replay.add_argument(
+        "--format",
+        choices=["auto", "text", "oracle-general"],
+        default="auto",
+        help="auto (default): oracleGeneral when the file name says so, else text",
     )
     replay.add_argument(
         "--key-field", help="the key's field in each CSV line: a 1-based number or a header name (default 2)"

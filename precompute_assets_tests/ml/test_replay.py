@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import itertools
 import json
+import lzma
 from functools import cache
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from precompute_assets.ml.replay import (
+    ORACLE_GENERAL,
     Trace,
     TraceError,
     admission_decisions,
@@ -145,6 +148,7 @@ def test_columns_pick_the_timestamp_and_key_of_any_csv_layout(tmp_path: Path):
     # By default field 2 is the key: here the host name, one key, which the layout shows at once.
     default = parse_trace(write(tmp_path, MSR))
     assert default.layout() == {
+        "format": "text",
         "fields": 7,
         "timestamp_field": 1,
         "key_field": 2,
@@ -196,6 +200,54 @@ def test_integers_beyond_int64_stay_strings(tmp_path: Path):
 def test_parse_drops_a_byte_order_mark(tmp_path: Path):
     trace = parse_trace(write(tmp_path, "\ufeff1\n2\n".encode()))
     assert trace.keys.dtype == np.int64 and trace.keys.tolist() == [1, 2]
+
+
+@pytest.mark.parametrize("suffix", [".gz", ".bz2", ".xz", ".zst", ".lz4", ".br"])
+def test_compressed_traces_are_read_as_their_suffix_says(tmp_path: Path, suffix: str):
+    text = b"timestamp,key,size\n" + b"".join(b"%d,%d,4096\n" % (t, t % 5) for t in range(50))
+    path = tmp_path / f"trace.csv{suffix}"
+    if suffix == ".xz":
+        path.write_bytes(lzma.compress(text))
+    else:
+        codec = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd", ".lz4": "lz4", ".br": "brotli"}[suffix]
+        with pa.output_stream(str(path), compression=codec) as stream:
+            stream.write(text)
+    trace = parse_trace(path)
+    assert trace.keys.tolist() == [t % 5 for t in range(50)] and trace.header == ("timestamp", "key", "size")
+    path.write_bytes(b"not compressed at all")
+    with pytest.raises(TraceError, match=f"^not a valid {suffix[1:]} file"):
+        parse_trace(path)
+
+
+def oracle_general(records: list[tuple[int, int, int, int]]) -> bytes:
+    return np.array(records, dtype=ORACLE_GENERAL).tobytes()
+
+
+def test_oracle_general_records_are_read_by_name_or_format(tmp_path: Path):
+    """libCacheSim's binary records: time and object id are used, an id of 2^63 or more stays distinct."""
+    records = [(10, 7, 4096, 2), (10, 2**64 - 1, 512, -1), (11, 7, 4096, -1), (86410, 2**63, 1, -1)]
+    path = tmp_path / "w106.oracleGeneral.bin.zst"
+    with pa.output_stream(str(path), compression="zstd") as stream:
+        stream.write(oracle_general(records))
+    trace = parse_trace(path)
+    assert trace.keys.tolist() == [7, -1, 7, -(2**63)] and trace.timestamps.tolist() == [10, 10, 11, 86410]
+    assert trace.layout() == {"format": "oracle-general", "fields": 4, "timestamp_field": 1, "key_field": 2,
+                              "distinct_keys": 3}  # fmt: skip
+    plain = tmp_path / "trace.bin"
+    plain.write_bytes(oracle_general(records))
+    assert parse_trace(plain, trace_format="oracle-general").keys.tolist() == trace.keys.tolist()
+    with pytest.raises(TraceError, match="not valid UTF-8 text .a binary trace"):
+        parse_trace(plain)  # read as text, the default for such a name
+    plain.write_bytes(oracle_general(records)[:-1])
+    with pytest.raises(TraceError, match="^95 bytes are not a whole number of 24-byte oracleGeneral records"):
+        parse_trace(plain, trace_format="oracle-general")
+    plain.write_bytes(b"")
+    with pytest.raises(TraceError, match="^trace is empty$"):
+        parse_trace(plain, trace_format="oracle-general")
+    with pytest.raises(TraceError, match="pick fields of text traces"):
+        parse_trace(path, columns=(1, 2))
+    with pytest.raises(ValueError, match="trace_format must be one of"):
+        parse_trace(path, trace_format="csv")
 
 
 def test_parse_a_large_trace(tmp_path: Path):
@@ -1078,6 +1130,7 @@ def test_cli_top_n_auto(tmp_path: Path, capsys: pytest.CaptureFixture):
     assert (code, err) == (0, "")
     result = json.loads(out)
     layout = {
+        "format": "text",
         "fields": 1,
         "timestamp_field": None,
         "key_field": 1,

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 
 import numpy as np
 import pytest
 
+from precompute_assets.ml.replay import ORACLE_GENERAL
 from precompute_assets.stack import Stack
 from precompute_assets.tools.cli import main
 
@@ -50,6 +52,7 @@ def test_replay_reads_the_key_field_it_is_told_and_shows_the_layout(tmp_path, ca
     assert main([*base, "--key-field", "Offset"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["trace_layout"] == {
+        "format": "text",
         "fields": 3,
         "timestamp_field": 1,
         "key_field": 3,
@@ -61,6 +64,21 @@ def test_replay_reads_the_key_field_it_is_told_and_shows_the_layout(tmp_path, ca
     assert main([*base, "--key-field", "Size"]) == 2
     err = capsys.readouterr().err
     assert "no key column named 'Size'" in err and err.count("\n") == 1
+
+
+def test_replay_reads_libcachesims_binary_records(tmp_path, capsys):
+    records = np.zeros(200, dtype=ORACLE_GENERAL)
+    records["time"], records["obj_id"] = np.arange(200) * 900, np.arange(200) % 9
+    trace = tmp_path / "block.oracleGeneral.bin.gz"
+    trace.write_bytes(gzip.compress(records.tobytes()))
+    base = ["replay", "--trace", str(trace), "--days", "2", "--top-n", "0", "--capacity", "3"]
+    assert main(base) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["trace_layout"]["format"] == "oracle-general" and result["trace_layout"]["distinct_keys"] == 9
+    assert result["requests"] == 100  # day 0 warms the caches
+    assert main([*base, "--format", "text"]) == 2
+    err = capsys.readouterr().err
+    assert "not valid UTF-8 text (a binary trace? see --format)" in err and err.count("\n") == 1
 
 
 def test_replay_names_the_bad_line(tmp_path, capsys):
