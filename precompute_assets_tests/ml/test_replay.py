@@ -166,6 +166,7 @@ def test_columns_pick_the_timestamp_and_key_of_any_csv_layout(tmp_path: Path):
     swapped = parse_trace(write(tmp_path, "a,10\nb,11\na,12\n"), columns=(2, 1))
     assert swapped.keys.tolist() == ["a", "b", "a"] and swapped.timestamps.tolist() == [10.0, 11.0, 12.0]
     assert parse_trace(write(tmp_path, "7\n8\n")).layout() == {
+        "format": "text",
         "fields": 1,
         "timestamp_field": None,
         "key_field": 1,
