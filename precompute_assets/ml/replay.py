@@ -70,6 +70,7 @@ class Trace:
     key_field: int = 1
     header: tuple[str, ...] | None = None  # the column names of a header line, when the file had one
     format: str = "text"  # or "oracle-general": libCacheSim's binary records
+    where: dict | None = None  # the filter of lines: field, values, lines dropped
 
     def layout(self) -> dict:
         """How the file was read, for a reader to check: its format, the fields per line (record), the two that
@@ -82,6 +83,8 @@ class Trace:
         }
         if self.header is not None:
             out["header"] = list(self.header)
+        if self.where is not None:
+            out["where"] = self.where
         out["distinct_keys"] = int(pd.Series(self.keys).nunique())
         return out
 
@@ -94,7 +97,13 @@ ORACLE_GENERAL = np.dtype([("time", "<u4"), ("obj_id", "<u8"), ("obj_size", "<u4
 _COMPRESSION = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd", ".zstd": "zstd", ".lz4": "lz4", ".br": "brotli"}
 
 
-def parse_trace(path: str | Path, *, columns: Columns | None = None, trace_format: str = "auto") -> Trace:
+def parse_trace(
+    path: str | Path,
+    *,
+    columns: Columns | None = None,
+    trace_format: str = "auto",
+    where: tuple[int | str, Collection[str]] | None = None,
+) -> Trace:
     """Read one key per line, or ``timestamp,key[,more...]`` lines; raise TraceError naming the bad line.
 
     The file may be compressed (``.gz``, ``.bz2``, ``.xz``, ``.zst``, ``.lz4``, ``.br``, by its suffix).
@@ -108,14 +117,18 @@ def parse_trace(path: str | Path, *, columns: Columns | None = None, trace_forma
     Twitter's seven columns). A first line of names (no field a number, as many fields as the line after
     it) is a header and skipped. ``columns`` picks the timestamp and key fields of any other CSV layout
     (``(1, 5)`` or ``("Timestamp", "Offset")`` for MSR Cambridge; a timestamp of None: keys only).
+
+    ``where=(field, values)`` keeps only the requests whose field (a 1-based number or a header name) is one of
+    ``values``, e.g. ``("operation", ["get", "gets"])`` for Twitter's cache traces or ``("Type", ["Read"])`` for
+    MSR's: every line is still read and checked, so an error names its line as numbered in the file.
     """
     path = Path(path)
     if trace_format not in TRACE_FORMATS:
         raise ValueError(f"trace_format must be one of {', '.join(TRACE_FORMATS)}, got {trace_format!r}")
     data = _read_bytes(path)
     if trace_format == "oracle-general" or (trace_format == "auto" and "oraclegeneral" in path.name.lower()):
-        if columns is not None:
-            raise TraceError("--key-field and --time-field pick fields of text traces, not of oracleGeneral records")
+        if columns is not None or where is not None:
+            raise TraceError("--key-field, --time-field and --where read fields of text traces, not oracleGeneral's")
         return _oracle_general(data)
     text = _decode_text(data)
     first_line = 1
@@ -129,6 +142,7 @@ def parse_trace(path: str | Path, *, columns: Columns | None = None, trace_forma
     if columns is None and _CSV_START_RE.match(text.partition("\n")[0]):
         columns = (1, 2)  # timestamp,key and any fields after them
     fields, time_field, key_field = 1, None, 1  # bare keys
+    every_field = text
     if columns is not None:
         text, time_field, key_field, fields = _select_columns(text, first_line, header, columns)
     kind = "key" if time_field is None else "csv"  # now one key, or timestamp,key, per line
@@ -145,14 +159,27 @@ def parse_trace(path: str | Path, *, columns: Columns | None = None, trace_forma
     if frame is None:  # string keys, or integers beyond int64 (then they are kept as the strings they are)
         frame = _parse_string_keys(clean, kind)
     layout = {"fields": fields, "timestamp_field": time_field, "key_field": key_field, "header": header}
-    if kind == "key":
-        return Trace(keys=frame["key"].to_numpy(), **layout)
-    timestamps = frame["timestamp"].to_numpy(dtype=np.float64)
-    infinite = np.flatnonzero(~np.isfinite(timestamps))
-    if len(infinite):
-        field = text.split("\n")[int(infinite[0])].split(",")[0].strip()
-        raise TraceError(f"line {int(infinite[0]) + first_line}: timestamp {field!r} is not a finite number")
-    return Trace(keys=frame["key"].to_numpy(), timestamps=timestamps, **layout)
+    keys, timestamps = frame["key"].to_numpy(), None
+    if kind == "csv":
+        timestamps = frame["timestamp"].to_numpy(dtype=np.float64)
+        infinite = np.flatnonzero(~np.isfinite(timestamps))
+        if len(infinite):
+            field = text.split("\n")[int(infinite[0])].split(",")[0].strip()
+            raise TraceError(f"line {int(infinite[0]) + first_line}: timestamp {field!r} is not a finite number")
+    if where is not None:
+        number = _field_number(where[0], header, fields, "--where")
+        kept = _kept_lines(every_field, number, where[1])
+        if not kept.any():
+            raise TraceError(f"no line has field {number} in {sorted(where[1])}")
+        keys, timestamps = keys[kept], None if timestamps is None else timestamps[kept]
+        layout["where"] = {"field": number, "values": sorted(where[1]), "dropped": int((~kept).sum())}
+    return Trace(keys=keys, timestamps=timestamps, **layout)
+
+
+def _kept_lines(text: str, field: int, values: Collection[str]) -> np.ndarray:
+    """Whether each line's ``field`` (1-based, padding stripped) is one of ``values``; every line has the field."""
+    found = re.findall(r"^" + r"[^,\n]*," * (field - 1) + r"([^,\n]*)", text, flags=re.MULTILINE)
+    return np.isin(np.char.strip(np.array(found, dtype=str)), list(values))
 
 
 def _select_columns(

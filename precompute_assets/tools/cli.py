@@ -336,6 +336,16 @@ def top_n_or_auto(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"expected a whole number or 'auto', got {text!r}") from None
 
 
+def field_filter(text: str) -> tuple[str, frozenset[str]]:
+    """``--where FIELD=VALUE[,VALUE...]``: keep the requests whose field (a 1-based number or a header name) is
+    one of the values, e.g. ``operation=get,gets``."""
+    field, equals, listed = text.partition("=")
+    values = frozenset(value.strip() for value in listed.split(",")) - {""}
+    if not equals or not field.strip() or not values:
+        raise argparse.ArgumentTypeError(f"expected FIELD=VALUE[,VALUE...], e.g. operation=get,gets; got {text!r}")
+    return field.strip(), values
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     """Print the replayed hit rates as one JSON object; a bad input raises CliError (one line, exit code 2)."""
     # Arguments first: they are cheap to check and a long trace should not be read for nothing.
@@ -417,7 +427,7 @@ def _replay_stages(
         time_field = "1" if args.time_field is None else args.time_field
         columns = (None if time_field.lower() == "none" else time_field, args.key_field or "2")
     try:
-        trace = parse_trace(args.trace, columns=columns, trace_format=args.format)
+        trace = parse_trace(args.trace, columns=columns, trace_format=args.format, where=args.where)
     except TraceError as error:
         raise CliError(f"{args.trace}: {error}") from None
     except OSError as error:
@@ -747,6 +757,12 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="one key per line, or timestamp,key[,more fields] lines (a header line is skipped), or libCacheSim's "
         "binary oracleGeneral records; .gz, .bz2, .xz, .zst, .lz4 and .br files are decompressed",
+    )
+    replay.add_argument(
+        "--where",
+        type=field_filter,
+        help="keep only the requests whose field is one of the values: FIELD=VALUE[,VALUE...], the field a 1-based "
+        "number or a header name (operation=get,gets for Twitter's cache traces, Type=Read for MSR's)",
     )
     replay.add_argument(
         "--format",

@@ -198,6 +198,27 @@ def test_integers_beyond_int64_stay_strings(tmp_path: Path):
     assert trace.keys.tolist() == ["1", "18446744073709551615", "1"]
 
 
+def test_where_keeps_the_requests_whose_field_has_one_of_the_values(tmp_path: Path):
+    msr = parse_trace(write(tmp_path, MSR), columns=("Timestamp", "Offset"), where=("Type", {"Read"}))
+    assert msr.keys.tolist() == [3154152960, 3154152960] and len(msr.timestamps) == 2
+    assert msr.layout()["where"] == {"field": 4, "values": ["Read"], "dropped": 1}
+    twitter = "".join(f"{t},k{t % 4},12,300,7,{('get', 'set', 'gets')[t % 3]} ,0\n" for t in range(12))
+    kept = parse_trace(write(tmp_path, twitter), where=(6, ["get", "gets"]))  # the operation, padding stripped
+    assert kept.keys.tolist() == [f"k{t % 4}" for t in range(12) if t % 3 != 1]
+    assert kept.timestamps.tolist() == [t for t in range(12) if t % 3 != 1]
+    assert parse_trace(write(tmp_path, "7\n8\n7\n"), where=(1, ["7"])).keys.tolist() == [7, 7]
+    # Every line is still read: a bad line among the dropped ones is named as numbered in the file.
+    with pytest.raises(TraceError, match="^line 3: "):
+        parse_trace(write(tmp_path, "1,a,get\n2,b,set\n3,c\n"), where=(3, ["get"]))
+    for where, message in [
+        ((3, ["delete"]), r"^no line has field 3 in \['delete'\]$"),
+        ((8, ["get"]), "^--where field 8 does not exist"),
+        (("Type", ["get"]), "^no --where column named 'Type': the trace has no header line$"),
+    ]:
+        with pytest.raises(TraceError, match=message):
+            parse_trace(write(tmp_path, "1,a,get\n2,b,set\n"), where=where)
+
+
 def test_parse_drops_a_byte_order_mark(tmp_path: Path):
     trace = parse_trace(write(tmp_path, "\ufeff1\n2\n".encode()))
     assert trace.keys.dtype == np.int64 and trace.keys.tolist() == [1, 2]
@@ -245,8 +266,9 @@ def test_oracle_general_records_are_read_by_name_or_format(tmp_path: Path):
     plain.write_bytes(b"")
     with pytest.raises(TraceError, match="^trace is empty$"):
         parse_trace(plain, trace_format="oracle-general")
-    with pytest.raises(TraceError, match="pick fields of text traces"):
-        parse_trace(path, columns=(1, 2))
+    for fields in ({"columns": (1, 2)}, {"where": (3, ["1"])}):
+        with pytest.raises(TraceError, match="read fields of text traces, not oracleGeneral's"):
+            parse_trace(path, **fields)
     with pytest.raises(ValueError, match="trace_format must be one of"):
         parse_trace(path, trace_format="csv")
 

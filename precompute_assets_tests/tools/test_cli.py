@@ -66,6 +66,21 @@ def test_replay_reads_the_key_field_it_is_told_and_shows_the_layout(tmp_path, ca
     assert "no key column named 'Size'" in err and err.count("\n") == 1
 
 
+def test_replay_keeps_the_requests_where_tells_it_to(tmp_path, capsys):
+    trace = tmp_path / "twitter.csv"
+    trace.write_text("".join(f"{t},k{t % 6},12,300,7,{'get' if t % 4 else 'set'},0\n" for t in range(400)))
+    base = ["replay", "--trace", str(trace), "--days", "2", "--top-n", "0", "--capacity", "3"]
+    assert main([*base, "--where", "6=get"]) == 0
+    layout = json.loads(capsys.readouterr().out)["trace_layout"]
+    assert layout["where"] == {"field": 6, "values": ["get"], "dropped": 100}
+    for bad in ("6", "=get", "6=", "6=,"):
+        with pytest.raises(SystemExit) as usage:  # argparse's usage error
+            main([*base, "--where", bad])
+        err = capsys.readouterr().err
+        assert usage.value.code == 2 and err.startswith("precompute replay: argument --where: ")
+        assert "expected FIELD=VALUE[,VALUE...]" in err and err.count("\n") == 1, err
+
+
 def test_replay_reads_libcachesims_binary_records(tmp_path, capsys):
     records = np.zeros(200, dtype=ORACLE_GENERAL)
     records["time"], records["obj_id"] = np.arange(200) * 900, np.arange(200) % 9
