@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import codecs
 import csv
+import errno
 import functools
 import heapq
 import io
 import itertools
 import lzma
+import os
 import re
 from collections import OrderedDict, deque
 from collections.abc import Callable, Collection, Hashable, Sequence
@@ -109,7 +111,8 @@ def parse_trace(
     The file may be compressed (``.gz``, ``.bz2``, ``.xz``, ``.zst``, ``.lz4``, ``.br``, by its suffix).
     ``trace_format="oracle-general"`` reads libCacheSim's binary records instead (``ORACLE_GENERAL``: the time in
     seconds and the object id are used; ids of 2^63 and above are read as the negative int64 of the same bits, so
-    every id stays distinct); ``"auto"`` takes it for a file whose name says ``oracleGeneral``.
+    every id stays distinct); ``"auto"`` takes it for a file whose name says ``oracleGeneral`` and whose first
+    records hold a NUL byte (which text never does, and records all but always do).
 
     A key is any token without whitespace (padding is stripped); the first line decides the format: it is
     CSV when the part before its first comma is a number, and then keys hold no comma, every line has as
@@ -126,7 +129,8 @@ def parse_trace(
     if trace_format not in TRACE_FORMATS:
         raise ValueError(f"trace_format must be one of {', '.join(TRACE_FORMATS)}, got {trace_format!r}")
     data = _read_bytes(path)
-    if trace_format == "oracle-general" or (trace_format == "auto" and "oraclegeneral" in path.name.lower()):
+    named = "oraclegeneral" in path.name.lower() and b"\0" in data[: 24 * 4096]  # text never holds a NUL byte
+    if trace_format == "oracle-general" or (trace_format == "auto" and named):
         if columns is not None or where is not None:
             raise TraceError("--key-field, --time-field and --where read fields of text traces, not oracleGeneral's")
         return _oracle_general(data)
@@ -168,7 +172,7 @@ def parse_trace(
             raise TraceError(f"line {int(infinite[0]) + first_line}: timestamp {field!r} is not a finite number")
     if where is not None:
         number = _field_number(where[0], header, fields, "--where")
-        kept = _kept_lines(every_field, number, where[1])
+        kept = _kept_lines(every_field, number, fields, where[1])
         if not kept.any():
             raise TraceError(f"no line has field {number} in {sorted(where[1])}")
         keys, timestamps = keys[kept], None if timestamps is None else timestamps[kept]
@@ -176,10 +180,14 @@ def parse_trace(
     return Trace(keys=keys, timestamps=timestamps, **layout)
 
 
-def _kept_lines(text: str, field: int, values: Collection[str]) -> np.ndarray:
-    """Whether each line's ``field`` (1-based, padding stripped) is one of ``values``; every line has the field."""
-    found = re.findall(r"^" + r"[^,\n]*," * (field - 1) + r"([^,\n]*)", text, flags=re.MULTILINE)
-    return np.isin(np.char.strip(np.array(found, dtype=str)), list(values))
+def _kept_lines(text: str, field: int, fields: int, values: Collection[str]) -> np.ndarray:
+    """Whether each line's ``field`` (1-based, padding stripped) is one of ``values``; every line has ``fields``
+    fields (one: the line is the key, commas and all)."""
+    if fields == 1:
+        found = text.split("\n")
+    else:
+        found = re.findall(r"^" + r"[^,\n]*," * (field - 1) + r"([^,\n]*)", text, flags=re.MULTILINE)
+    return pd.Series(found, dtype=object).str.strip().isin(set(values)).to_numpy()
 
 
 def _select_columns(
@@ -1042,6 +1050,8 @@ def _arc_hits(days: list[np.ndarray], capacity: int, *, count_from: int) -> int:
 def _read_bytes(path: Path) -> bytes:
     """The file's bytes, decompressed when its suffix names a compression; a corrupt file is a TraceError."""
     suffix = path.suffix.lower()
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
     try:
         if suffix == ".xz":
             return lzma.decompress(path.read_bytes())

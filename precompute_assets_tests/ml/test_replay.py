@@ -207,6 +207,8 @@ def test_where_keeps_the_requests_whose_field_has_one_of_the_values(tmp_path: Pa
     assert kept.keys.tolist() == [f"k{t % 4}" for t in range(12) if t % 3 != 1]
     assert kept.timestamps.tolist() == [t for t in range(12) if t % 3 != 1]
     assert parse_trace(write(tmp_path, "7\n8\n7\n"), where=(1, ["7"])).keys.tolist() == [7, 7]
+    bare = parse_trace(write(tmp_path, "a,b\nc\na\n"), where=(1, ["a"]))  # a bare key is the whole line
+    assert bare.keys.tolist() == ["a"] and bare.layout()["where"]["dropped"] == 2
     # Every line is still read: a bad line among the dropped ones is named as numbered in the file.
     with pytest.raises(TraceError, match="^line 3: "):
         parse_trace(write(tmp_path, "1,a,get\n2,b,set\n3,c\n"), where=(3, ["get"]))
@@ -271,6 +273,14 @@ def test_oracle_general_records_are_read_by_name_or_format(tmp_path: Path):
             parse_trace(path, **fields)
     with pytest.raises(ValueError, match="trace_format must be one of"):
         parse_trace(path, trace_format="csv")
+    # A text trace whose name says oracleGeneral, of a whole number of records in bytes, is still text.
+    text = tmp_path / "w106.oracleGeneral.csv"
+    text.write_text("".join(f"{t},k{t % 4}\n" for t in range(100000, 100012)))
+    assert len(text.read_bytes()) % 24 == 0 and parse_trace(text).format == "text"
+    folder = tmp_path / "folder.csv.gz"
+    folder.mkdir()
+    with pytest.raises(IsADirectoryError):
+        parse_trace(folder)
 
 
 def test_parse_a_large_trace(tmp_path: Path):
