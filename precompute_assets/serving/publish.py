@@ -290,19 +290,19 @@ def _copy_to_live(
     meanwhile stays); a key whose value that version no longer holds gets none, and its next lookup computes it."""
     if not keys:
         return
-    fields = [key.encode() for key in keys]
-    ids = bucket_ids(fields, version.buckets)
-    buckets = [schema.bucket(kind, version.version, int(bucket)).encode() for bucket in ids]
-    values = run_commands(client, [(b"HGET", bucket, field) for bucket, field in zip(buckets, fields, strict=True)])
+    by_bucket: dict[int, list[str]] = {}
+    for key, bucket in zip(keys, bucket_ids([key.encode() for key in keys], version.buckets).tolist(), strict=True):
+        by_bucket.setdefault(bucket, []).append(key)
+    reads = [(b"HMGET", schema.bucket(kind, version.version, bucket).encode(), *map(str.encode, members))
+             for bucket, members in by_bucket.items()]  # fmt: skip
     expiry = () if ttl_s is None else (b"EX", b"%d" % ttl_s)
-    send_commands(
-        client,
-        [
-            (b"SET", schema.live(kind, key).encode(), value, b"NX", *expiry)
-            for key, value in zip(keys, values, strict=True)
-            if value is not None
-        ],
-    )
+    writes = [
+        (b"SET", schema.live(kind, key).encode(), value, b"NX", *expiry)
+        for members, values in zip(by_bucket.values(), run_commands(client, reads), strict=True)
+        for key, value in zip(members, values, strict=True)
+        if value is not None
+    ]
+    send_commands(client, writes)
 
 
 def _unlink_live(client: redis.Redis, schema: KeySchema, kind: str, keys: list[str]) -> None:
@@ -353,7 +353,7 @@ def command_stream(client: redis.Redis) -> Iterator[Callable[[list[tuple[bytes, 
         if errors:
             raise errors[0]
         if commands:
-            connection.send_packed_command([hiredis.pack_command(command) for command in commands])
+            connection.send_packed_command([b"".join(map(hiredis.pack_command, commands))])  # one write
             expected.put(len(commands))
 
     reader = threading.Thread(target=drain, name="publish-replies", daemon=True)
@@ -396,7 +396,7 @@ def send_commands(client: redis.Redis, commands: list[tuple[bytes, ...]]) -> Non
         return
     connection = pool.get_connection()
     try:
-        connection.send_packed_command([hiredis.pack_command(command) for command in commands])
+        connection.send_packed_command([b"".join(map(hiredis.pack_command, commands))])  # one write
         errors = []
         for _ in commands:
             try:
