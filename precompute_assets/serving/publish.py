@@ -131,7 +131,7 @@ def publish_version(
             # written after the flip, may be what failed.
             record_published(client, schema, kind, written)
             previous = _replaced_pointer(client, schema, kind)
-            handed, settle_error = _settle(client, schema, kind, version, keys, previous, ttl_s)
+            handed, settle_error = _settle(client, schema, kind, version, keys, previous, ttl_s=ttl_s)
             seconds = time.perf_counter() - started
             return PublishResult(kind, version, written, buckets, n_bytes, seconds, None, True, handed, settle_error)
         names = [schema.bucket(kind, version, index).encode() for index in range(buckets)]
@@ -172,7 +172,7 @@ def publish_version(
     # The live tier of admission ``probation`` holds its capacity less the published keys (its own slot: after the
     # flip; until this write lands, it sizes itself by the version before; a retry writes it again).
     record_published(client, schema, kind, written)
-    handed, settle_error = _settle(client, schema, kind, version, keys, previous, ttl_s)
+    handed, settle_error = _settle(client, schema, kind, version, keys, previous, ttl_s=ttl_s)
     return PublishResult(
         kind=kind,
         version=version,
@@ -202,20 +202,13 @@ def _replaced_pointer(client: redis.Redis, schema: KeySchema, kind: str) -> Poin
         return None
 
 
-def _settle(
-    client: redis.Redis,
-    schema: KeySchema,
-    kind: str,
-    version: str,
-    keys: Sequence[str],
-    previous: Pointer | None,
-    ttl_s: int | None,
-) -> tuple[int, str | None]:
-    """``settle_published`` after a flip that succeeded: a Redis error there (a publisher whose ACL predates it has
-    no ``EVAL``, a connection lost) leaves the tier unsettled, to shrink by itself as before, and is returned and
-    logged, never raised: readers are on the new version either way."""
+def _settle(client: redis.Redis, schema: KeySchema, kind: str, *args: Any, ttl_s: int | None) -> tuple[int, str | None]:
+    """``settle_published(client, schema, kind, *args)`` after a flip that succeeded: how many keys it handed over,
+    and None. A Redis error there (a publisher whose ACL predates it has no ``EVAL``, a connection lost) leaves the tier
+    unsettled, to shrink by itself as before, and is returned and logged, never raised: readers are on the new
+    version either way."""
     try:
-        return len(settle_published(client, schema, kind, version, keys, previous, ttl_s=ttl_s)), None
+        return len(settle_published(client, schema, kind, *args, ttl_s=ttl_s)), None
     except REDIS_ERRORS as error:
         message = f"{type(error).__name__}: {str(error).rpartition('caused error: ')[2]}"[:300]  # not the script
         _log.warning("%s version published, but probation's live tier was not settled: %s", kind, message)
