@@ -38,7 +38,8 @@ stored:
   every key there, best first, while the tier has room (``UNTRACK``, ``HAND_OVER``), so a smaller version leaves a
   warm tier rather than an empty one. State, in one Redis Cluster slot per kind (hash tag):
   ``{kind}:fifo:{{...}}:small`` (list), ``:hits`` (hash), ``:main`` and ``:ghost`` (sorted sets by a sequence number),
-  ``:seq``, ``:published``, ``:tier`` (hash: ``capacity``, and ``order_version``, the version ``:order`` lists),
+  ``:seq``, ``:published``, ``:tier`` (hash: ``capacity``, ``live_ttl_s``, and ``order_version``, the version
+  ``:order`` lists),
   ``:order`` (list: that version's first ``capacity`` keys in publish order, written only once a ``probation`` client
   has stored a miss); at most ``capacity`` tracked keys and ``capacity - small`` ghost names, about 100 bytes plus the
   key twice per tracked key, and up to ``capacity`` names in ``:order``. Redis's own maxmemory eviction stays a safety
@@ -82,9 +83,12 @@ class AdmissionPolicy(Protocol):
         """The decision from the replies of the commands ``observe`` queued."""
         ...
 
-    def after_miss(self, schema: KeySchema, kind: str, key: str, decision: Decision) -> tuple[Any, ...] | None:
+    def after_miss(
+        self, schema: KeySchema, kind: str, key: str, decision: Decision, live_ttl_s: int
+    ) -> tuple[Any, ...] | None:
         """The command of the policy's housekeeping on a miss of ``key`` (the sketch's aging, the probation
-        queues), which the caller sends in the same round trip as the value it stores; None: nothing to do."""
+        queues), which the caller sends in the same round trip as the value it stores (for ``live_ttl_s``);
+        None: nothing to do."""
         ...
 
     def evicted(self, reply: Any) -> Sequence[str]:
@@ -104,7 +108,9 @@ class Always:
     def decide(self, replies: list) -> Decision:
         return Decision(True)
 
-    def after_miss(self, schema: KeySchema, kind: str, key: str, decision: Decision) -> tuple[Any, ...] | None:
+    def after_miss(
+        self, schema: KeySchema, kind: str, key: str, decision: Decision, live_ttl_s: int
+    ) -> tuple[Any, ...] | None:
         return None
 
     def evicted(self, reply: Any) -> Sequence[str]:
@@ -130,7 +136,9 @@ class SecondMiss:
     def decide(self, replies: list) -> Decision:
         return Decision(replies[0] is not None)
 
-    def after_miss(self, schema: KeySchema, kind: str, key: str, decision: Decision) -> tuple[Any, ...] | None:
+    def after_miss(
+        self, schema: KeySchema, kind: str, key: str, decision: Decision, live_ttl_s: int
+    ) -> tuple[Any, ...] | None:
         return None
 
     def evicted(self, reply: Any) -> Sequence[str]:
@@ -201,7 +209,9 @@ class FrequencySketch:
         *counts, seen = replies[0]
         return Decision(min(counts) >= self.threshold, age=seen >= self.sample)
 
-    def after_miss(self, schema: KeySchema, kind: str, key: str, decision: Decision) -> tuple[Any, ...] | None:
+    def after_miss(
+        self, schema: KeySchema, kind: str, key: str, decision: Decision, live_ttl_s: int
+    ) -> tuple[Any, ...] | None:
         return ("EVAL", _AGE_SKETCH, 1, schema.admission_sketch(kind), self.sample) if decision.age else None
 
     def evicted(self, reply: Any) -> Sequence[str]:
@@ -222,8 +232,9 @@ end
 return 0
 """
 
-# KEYS: small, hits, main, ghost, seq, published, tier; ARGV: key, capacity, most steps. Records the capacity in the
-# ``tier`` hash (``publish.settle_published`` sizes its hand-over by it). The tier's size is the
+# KEYS: small, hits, main, ghost, seq, published, tier; ARGV: key, capacity, most steps, the live values' TTL.
+# Records the capacity and the TTL in the ``tier`` hash (``publish.settle_published`` sizes its hand-over by the one
+# and gives what it hands over the other). The tier's size is the
 # capacity less the published version's keys (``published``, see ``publish.record_published``), its probation and
 # ghost sizes ``probation_sizes`` of that. Evicts until a key fits (at most ARGV[3] steps, each moving a
 # probation key to the main LRU or evicting one), then inserts ARGV[1]
@@ -233,7 +244,7 @@ return 0
 # (its value expired) stays put.
 _ADMIT = """
 local key, capacity, most = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-redis.call('HSET', KEYS[7], 'capacity', capacity)
+redis.call('HSET', KEYS[7], 'capacity', capacity, 'live_ttl_s', ARGV[4])
 if redis.call('HEXISTS', KEYS[2], key) == 1 or redis.call('ZSCORE', KEYS[3], key) then return {} end
 local size = capacity - (tonumber(redis.call('GET', KEYS[6])) or 0)
 local small_size = math.max(1, math.floor(size / 10))
@@ -361,9 +372,11 @@ class Probation:
     def decide(self, replies: list) -> Decision:
         return Decision(True)
 
-    def after_miss(self, schema: KeySchema, kind: str, key: str, decision: Decision) -> tuple[Any, ...] | None:
+    def after_miss(
+        self, schema: KeySchema, kind: str, key: str, decision: Decision, live_ttl_s: int
+    ) -> tuple[Any, ...] | None:
         names = _fifo_names(schema, kind)
-        return ("EVAL", _ADMIT, len(names), *names, key, self.capacity, MAX_STEPS)
+        return ("EVAL", _ADMIT, len(names), *names, key, self.capacity, MAX_STEPS, live_ttl_s)
 
     def evicted(self, reply: Any) -> Sequence[str]:
         return [name.decode() if isinstance(name, bytes) else str(name) for name in reply]

@@ -394,7 +394,7 @@ class PredictionCache:
         On one server an error reply of the value or the housekeeping then raises, and the delta's is handled as
         ``_extra_reply`` handles it (NOPERM turns XFetch off); on a cluster every error is ``FAILED``, counted in
         ``errors`` (``_cluster_fetch``)."""
-        after = None if decision is None else policy.after_miss(self.schema, kind, key, decision)
+        after = None if decision is None else policy.after_miss(self.schema, kind, key, decision, self.live_ttl_s)
         if after is not None:
             commands = [*commands, after]
         if not commands:

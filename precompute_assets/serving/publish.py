@@ -234,7 +234,8 @@ def settle_published(
        a live copy would only hold a slot (``UNTRACK``; only keys the main LRU holds are sent).
     2. The keys of the version before (``previous``) that the new one drops and the tier does not track enter the
        main LRU below every key there, best first, while the tier has room (``HAND_OVER``), with their value from
-       that version (``SET NX``, TTL ``ttl_s``): a smaller version leaves a warm tier, not an empty one. Their order
+       that version (``SET NX``; TTL: the client's live one, ``ttl_s`` if shorter): a smaller version leaves a warm
+       tier, not an empty one. Their order
        is ``:order``, kept by the settling of that version; when ``:order`` lists another version (that settling
        failed or never ran), nothing is handed over.
     3. The new version's first ``capacity`` keys become ``:order``, and ``version`` its ``order_version``.
@@ -243,8 +244,8 @@ def settle_published(
     the first attempt did not. ``ml.replay`` models each step at every day's publish."""
     names = [schema.admission_fifo(kind, part) for part in FIFO_PARTS]
     main, tier, order = (schema.admission_fifo(kind, part).encode() for part in ("main", "tier", "order"))
-    ((capacity, order_version), tracked) = run_commands(
-        client, [(b"HMGET", tier, b"capacity", b"order_version"), (b"ZCARD", main)]
+    ((capacity, live_ttl_s, order_version), tracked) = run_commands(
+        client, [(b"HMGET", tier, b"capacity", b"live_ttl_s", b"order_version"), (b"ZCARD", main)]
     )
     if capacity is None:
         return []
@@ -267,7 +268,8 @@ def settle_published(
             handed += [_text(key) for key in taken]
             if room <= 0:
                 break
-        _copy_to_live(client, schema, kind, handed, previous, ttl_s)
+        live = [int(ttl) for ttl in (ttl_s, live_ttl_s) if ttl is not None and int(ttl) > 0]
+        _copy_to_live(client, schema, kind, handed, previous, min(live) if live else None)
     kept = list(keys[: int(capacity)])
     commands: list[tuple[Any, ...]] = [(b"DEL", order)]
     commands += [(b"RPUSH", order, *kept[start : start + chunk]) for start in range(0, len(kept), chunk)]

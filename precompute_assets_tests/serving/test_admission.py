@@ -357,6 +357,7 @@ def test_a_failed_settling_hands_over_nothing_later_and_a_retry_finishes_it(redi
     retried = publish(client, schema, "v5", [])
     assert retried.already_current and retried.handed_over == 1 and tracked_keys(client, schema) == {"m", "h"}
     assert make_cache(server.url, schema).get("rank", "h") == {"key": "h"}  # its value, from v4
+    assert 3000 < client.ttl(schema.live("rank", "h")) <= 3600  # the client's live TTL, not the version's two days
 
 
 def test_a_publish_whose_settling_fails_still_publishes(redis_server):
