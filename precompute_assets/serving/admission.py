@@ -365,7 +365,7 @@ class Probation:
             raise ValueError(f"capacity must be a whole number of keys >= 1, got {self.capacity!r}")
 
     def observe(self, pipe: Any, schema: KeySchema, kind: str, key: str) -> int:
-        _, hits, main, _, seq, *_ = _fifo_names(schema, kind)
+        _, hits, main, _, seq, *_ = fifo_names(schema, kind)
         pipe.execute_command("EVAL", _TOUCH, 3, hits, main, seq, key)
         return 1
 
@@ -375,7 +375,7 @@ class Probation:
     def after_miss(
         self, schema: KeySchema, kind: str, key: str, decision: Decision, live_ttl_s: int
     ) -> tuple[Any, ...] | None:
-        names = _fifo_names(schema, kind)
+        names = fifo_names(schema, kind)
         return ("EVAL", _ADMIT, len(names), *names, key, self.capacity, MAX_STEPS, live_ttl_s)
 
     def evicted(self, reply: Any) -> Sequence[str]:
@@ -383,7 +383,7 @@ class Probation:
 
 
 @functools.lru_cache(maxsize=256)
-def _fifo_names(schema: KeySchema, kind: str) -> tuple[str, ...]:
+def fifo_names(schema: KeySchema, kind: str) -> tuple[str, ...]:
     """``probation``'s keys of ``kind`` in ``FIFO_PARTS`` order (small, hits, main, ghost, seq, published, capacity,
     order), built once: every live-tier lookup needs three of them."""
     return tuple(schema.admission_fifo(kind, part) for part in FIFO_PARTS)

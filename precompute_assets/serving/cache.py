@@ -42,6 +42,11 @@ def live_delta_key(schema: KeySchema, kind: str, key: str) -> str:
     return f"{schema.prefix}:{check_kind(kind)}:delta:{check_key(key)}"
 
 
+def live_value_keys(schema: KeySchema, kind: str, keys: Sequence[str]) -> list[str]:
+    """The Redis keys of the live values of ``keys`` and of their XFetch deltas, to delete together."""
+    return [name for key in keys for name in (schema.live(kind, key), live_delta_key(schema, kind, key))]
+
+
 def recompute_lock_key(schema: KeySchema, kind: str, key: str) -> str:
     """``{ns}:1:{kind}:lock:{key}``: held (``SET NX PX``) by the one reader recomputing the live value of ``key``."""
     return f"{schema.prefix}:{check_kind(kind)}:lock:{check_key(key)}"
@@ -360,8 +365,7 @@ class PredictionCache:
         trip (``UNLINK`` per key: on a cluster each goes to its own master)."""
         if not keys:
             return
-        names = [name for key in keys for name in (self.schema.live(kind, key), live_delta_key(self.schema, kind, key))]
-        commands = [(b"UNLINK", name) for name in names]
+        commands = [(b"UNLINK", name) for name in live_value_keys(self.schema, kind, keys)]
         if self._cluster:
             self._cluster_fetch(commands)
             return

@@ -32,11 +32,10 @@ try:
 except ImportError:  # redis[hiredis] is a dependency; stay importable without it
     hiredis = None
 
-from .admission import HAND_OVER, UNTRACK
-from .cache import live_delta_key
+from .admission import HAND_OVER, UNTRACK, fifo_names
+from .cache import live_value_keys
 from .connection import REDIS_ERRORS, cluster_send, is_cluster, key_slot, send_pipelined
 from .keys import (
-    FIFO_PARTS,
     Codec,
     Experiment,
     Float32Codec,
@@ -235,15 +234,14 @@ def settle_published(
     2. The keys of the version before (``previous``) that the new one drops and the tier does not track enter the
        main LRU below every key there, best first, while the tier has room (``HAND_OVER``), with their value from
        that version (``SET NX``; TTL: the client's live one, ``ttl_s`` if shorter): a smaller version leaves a warm
-       tier, not an empty one. Their order
-       is ``:order``, kept by the settling of that version; when ``:order`` lists another version (that settling
-       failed or never ran), nothing is handed over.
+       tier, not an empty one. Their order is ``:order``, kept by the settling of that version; when ``:order``
+       lists another version (that settling failed or never ran), nothing is handed over.
     3. The new version's first ``capacity`` keys become ``:order``, and ``version`` its ``order_version``.
 
     Settling again after a retried flip (``previous`` read back from ``KeySchema.previous``) hands over only what
     the first attempt did not. ``ml.replay`` models each step at every day's publish."""
-    names = [schema.admission_fifo(kind, part) for part in FIFO_PARTS]
-    main, tier, order = (schema.admission_fifo(kind, part).encode() for part in ("main", "tier", "order"))
+    names = fifo_names(schema, kind)
+    _, _, main, _, _, _, tier, order = (name.encode() for name in names)  # FIFO_PARTS order
     ((capacity, live_ttl_s, order_version), tracked) = run_commands(
         client, [(b"HMGET", tier, b"capacity", b"live_ttl_s", b"order_version"), (b"ZCARD", main)]
     )
@@ -302,8 +300,7 @@ def _copy_to_live(
 
 def _unlink_live(client: redis.Redis, schema: KeySchema, kind: str, keys: list[str]) -> None:
     """Delete the live values of ``keys`` and their XFetch deltas."""
-    names = [name for key in keys for name in (schema.live(kind, key), live_delta_key(schema, kind, key))]
-    send_commands(client, [(b"UNLINK", name.encode()) for name in names])
+    send_commands(client, [(b"UNLINK", name.encode()) for name in live_value_keys(schema, kind, keys)])
 
 
 def _text(key: bytes | str) -> str:
