@@ -52,6 +52,7 @@ _NOT_INT_LINE = {
 _CSV_START_RE = re.compile(_CSV_START)
 _NUM_RE = re.compile(_NUM)
 _ODD_SPACE = re.compile(r"[^\S\n \t]")  # whitespace other than spaces and tabs, which str.replace removes faster
+_EDGE_BLANKS = re.compile(r"^ +| +$", re.MULTILINE)
 
 
 class TraceError(ValueError):
@@ -72,6 +73,7 @@ class Trace:
     key_field: int = 1
     header: tuple[str, ...] | None = None  # the column names of a header line, when the file had one
     format: str = "text"  # or "oracle-general": libCacheSim's binary records
+    separator: str | None = None  # between fields of a text line: "comma" or "whitespace" (None: one field)
     where: dict | None = None  # the filter of lines: field, values, lines dropped
 
     def layout(self) -> dict:
@@ -83,6 +85,8 @@ class Trace:
             "timestamp_field": self.timestamp_field,
             "key_field": self.key_field,
         }
+        if self.separator is not None:
+            out["separator"] = self.separator
         if self.header is not None:
             out["header"] = list(self.header)
         if self.where is not None:
@@ -120,6 +124,9 @@ def parse_trace(
     Twitter's seven columns). A first line of names (no field a number, as many fields as the line after
     it) is a header and skipped. ``columns`` picks the timestamp and key fields of any other CSV layout
     (``(1, 5)`` or ``("Timestamp", "Offset")`` for MSR Cambridge; a timestamp of None: keys only).
+    Fields may be separated by spaces or tabs instead (``timestamp key size`` of the Wikipedia CDN traces): so
+    are they when the first line (or the one below a header of names) has no comma and two or more fields, the
+    first a number; every run of spaces and tabs then separates two fields, and keys hold no comma.
 
     ``where=(field, values)`` keeps only the requests whose field (a 1-based number or a header name) is one of
     ``values``, e.g. ``("operation", ["get", "gets"])`` for Twitter's cache traces or ``("Type", ["Read"])`` for
@@ -135,6 +142,15 @@ def parse_trace(
             raise TraceError("--key-field, --time-field and --where read fields of text traces, not oracleGeneral's")
         return _oracle_general(data)
     text = _decode_text(data)
+    separator = "whitespace" if _whitespace_separated(text) else "comma"
+    if separator == "whitespace":
+        if (comma := text.find(",")) >= 0:
+            line_no = text.count("\n", 0, comma) + 1
+            raise TraceError(f"line {line_no}: a comma in a trace of whitespace-separated fields")
+        text = text.replace("\t", " ")
+        if "  " in text or _EDGE_BLANKS.search(text):  # else one space between fields: replaced faster
+            text = re.sub(" +", " ", _EDGE_BLANKS.sub("", text))
+        text = text.replace(" ", ",")
     first_line = 1
     first, _, rest = text.partition("\n")
     names, below = _header_names(first), rest.partition("\n")[0]
@@ -163,6 +179,7 @@ def parse_trace(
     if frame is None:  # string keys, or integers beyond int64 (then they are kept as the strings they are)
         frame = _parse_string_keys(clean, kind)
     layout = {"fields": fields, "timestamp_field": time_field, "key_field": key_field, "header": header}
+    layout["separator"] = separator if fields > 1 else None
     keys, timestamps = frame["key"].to_numpy(), None
     if kind == "csv":
         timestamps = frame["timestamp"].to_numpy(dtype=np.float64)
@@ -223,6 +240,20 @@ def _field_number(field: int | str, header: tuple[str, ...] | None, fields: int,
     if not 1 <= number <= fields:
         raise TraceError(f"{what} field {number} does not exist: the first line has {fields} fields")
     return number
+
+
+def _whitespace_separated(text: str) -> bool:
+    """Whether ``text``'s fields are separated by spaces or tabs: its first line, or the one below a first line
+    of two or more names (a header), has no comma and two or more fields, the first a number."""
+    for line in text.split("\n", 2)[:2]:
+        fields = line.split()
+        if "," in line or len(fields) < 2:
+            return False
+        if _NUM_RE.fullmatch(fields[0]):
+            return True
+        if any(_NUM_RE.fullmatch(field) for field in fields):  # neither a request nor a header
+            return False
+    return False
 
 
 def _header_names(line: str) -> list[str] | None:
@@ -1136,7 +1167,7 @@ def _line_problem(line: str, kind: str, fields: int = 2) -> str:
         return "mixed formats: line 1 has 'timestamp,key' fields but this line is a bare key"
     parts = line.split(",")
     if len(parts) != fields:
-        return f"expected {fields} comma-separated fields as on the first line, got {len(parts)}"
+        return f"expected {fields} fields as on the first line, got {len(parts)}"
     timestamp, key = parts[0].strip(), parts[1].strip()
     if not _NUM_RE.fullmatch(timestamp):
         return f"timestamp {timestamp!r} is not numeric"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import lzma
+import re
 from functools import cache
 from pathlib import Path
 
@@ -115,14 +116,51 @@ def test_csv_fields_after_the_key_and_a_header_line_are_taken_as_real_traces_hav
     assert parse_trace(write(tmp_path, b"1,5,100\r2,6,100\r3,7,100\r")).keys.tolist() == [5, 6, 7]
 
 
+def test_fields_separated_by_spaces_or_tabs_are_read_as_the_wikipedia_cdn_traces_have_them(tmp_path: Path):
+    # timestamp, object id, size: one space between fields; runs of blanks and tabs separate fields too.
+    wiki = parse_trace(write(tmp_path, "0 20 3046\n0 21 1000\n1  20\t3046 \n"))
+    assert wiki.keys.tolist() == [20, 21, 20] and wiki.timestamps.tolist() == [0.0, 0.0, 1.0]
+    assert wiki.layout() == {
+        "format": "text",
+        "fields": 3,
+        "timestamp_field": 1,
+        "key_field": 2,
+        "separator": "whitespace",
+        "distinct_keys": 2,
+    }
+    named = parse_trace(write(tmp_path, "time\tid\tsize\n5\tad:1\t9\n6\tad:2\t9\n"), columns=("time", "id"))
+    assert named.keys.tolist() == ["ad:1", "ad:2"] and named.header == ("time", "id", "size")
+    kept = parse_trace(write(tmp_path, "1 a get\n2 b set\n3 a get\n"), where=(3, ["get"]))
+    assert kept.keys.tolist() == ["a", "a"] and kept.layout()["where"]["dropped"] == 1
+    # One field per line stays a key per line, and a key with a blank inside is still refused.
+    assert parse_trace(write(tmp_path, "7\n8\n")).layout().get("separator") is None
+    with pytest.raises(TraceError, match="^line 1: key 'ad 7' contains whitespace$"):
+        parse_trace(write(tmp_path, "ad 7\n"))
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("0 a 10\n1 b\n", "line 2: expected 3 fields as on the first line, got 2"),
+        ("0 a\n1 b,c\n", "line 2: a comma in a trace of whitespace-separated fields"),
+        ("0 a\n\n1 b\n", "line 2: blank line"),
+        ("0 a\nx b\n", "line 2: timestamp 'x' is not numeric"),
+        ("0 a\n1\n", "line 2: mixed formats"),
+    ],
+)
+def test_bad_lines_of_a_whitespace_separated_trace_are_named(tmp_path: Path, text: str, message: str):
+    with pytest.raises(TraceError, match=f"^{re.escape(message)}"):
+        parse_trace(write(tmp_path, text))
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
         ("timestamp,key\n1,a\n2,b c\n", "line 3: key 'b c' contains whitespace"),  # numbered as in the file
         ("ts,key\n1,a\n1e999,b\n", "line 3: timestamp '1e999' is not a finite number"),
         ("ts,key\n1,a\n2\n", "line 3: mixed formats"),
-        ("1,5,100\n2,7\n", "line 2: expected 3 comma-separated fields as on the first line, got 2"),
-        ("t,k,size\n1,5,100\n2,7,1,1\n", "line 3: expected 3 comma-separated fields"),
+        ("1,5,100\n2,7\n", "line 2: expected 3 fields as on the first line, got 2"),
+        ("t,k,size\n1,5,100\n2,7,1,1\n", "line 3: expected 3 fields"),
         ("1,a,x\n2,,y\n", "line 2: empty key after the comma"),
         ("name,7\n1,a\n", "line 2: mixed formats"),  # a field that is a number: a key, not a header
         ("ts,key,size\n1,a\n", "line 2: mixed formats"),  # more names than the fields below them
@@ -152,6 +190,7 @@ def test_columns_pick_the_timestamp_and_key_of_any_csv_layout(tmp_path: Path):
         "fields": 7,
         "timestamp_field": 1,
         "key_field": 2,
+        "separator": "comma",
         "header": ["Timestamp", "Hostname", "DiskNumber", "Type", "Offset", "Size", "ResponseTime"],
         "distinct_keys": 1,
     }
@@ -181,8 +220,8 @@ def test_columns_pick_the_timestamp_and_key_of_any_csv_layout(tmp_path: Path):
         (MSR, (1, "Nope"), "no key column named 'Nope': the header has Timestamp, Hostname"),
         ("1,a,b\n", (1, "key"), "no key column named 'key': the trace has no header line"),
         (MSR, ("Offset", 5), "the timestamp and the key are both field 5"),
-        ("1,a,x\n2,b\n", (1, 3), "line 2: expected 3 comma-separated fields as on the first line, got 2"),
-        ("t,k,x\n1,a,x\n2,b,y,z\n", (1, 2), "line 3: expected 3 comma-separated fields"),
+        ("1,a,x\n2,b\n", (1, 3), "line 2: expected 3 fields as on the first line, got 2"),
+        ("t,k,x\n1,a,x\n2,b,y,z\n", (1, 2), "line 3: expected 3 fields"),
         ("1,a,x\nnoon,b,y\n", (1, 2), "line 2: timestamp 'noon' is not numeric"),
         ("1,a,x\n2,,y\n", (1, 2), "line 2: empty key after the comma"),
     ],
@@ -316,7 +355,7 @@ def test_parse_a_large_string_trace(tmp_path: Path):
         ("1\n2\n3,4\n", "line 3: mixed formats"),
         ("a\n3,x\n", "line 2: mixed formats"),
         ("1.0,1\n2.0,2\n3\n", "line 3: mixed formats"),
-        ("1,2\n3,4,5\n", "line 2: expected 2 comma-separated fields"),
+        ("1,2\n3,4,5\n", "line 2: expected 2 fields"),
         ("1,2\nnoon,4\n", "line 2: timestamp 'noon' is not numeric"),
         ("1,1\n1e999,2\n", "line 2: timestamp '1e999' is not a finite number"),
         ("1,a\n1e999,b\n", "line 2: timestamp '1e999' is not a finite number"),

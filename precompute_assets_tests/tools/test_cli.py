@@ -56,8 +56,18 @@ def test_replay_reads_the_key_field_it_is_told_and_shows_the_layout(tmp_path, ca
         "fields": 3,
         "timestamp_field": 1,
         "key_field": 3,
+        "separator": "comma",
         "header": ["Timestamp", "Host", "Offset"],
         "distinct_keys": 7,
+    }
+    # The same requests with tab-separated fields replay alike.
+    tabs = tmp_path / "msr.tsv"
+    tabs.write_text(trace.read_text().replace(",", "\t"))
+    assert main(["replay", "--trace", str(tabs), *base[3:], "--key-field", "Offset"]) == 0
+    assert json.loads(capsys.readouterr().out) == {
+        **result,
+        "trace": str(tabs),
+        "trace_layout": {**result["trace_layout"], "separator": "whitespace"},
     }
     assert main([*base, "--key-field", "3", "--time-field", "none"]) == 0
     assert json.loads(capsys.readouterr().out)["trace_layout"]["timestamp_field"] is None
