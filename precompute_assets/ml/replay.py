@@ -296,6 +296,7 @@ def replay(
     admission: str | AdmissionPolicy | None = None,
     admission_window: int | None = None,
     ranked: Sequence[Sequence[Hashable]] | None = None,
+    baselines: bool = True,
 ) -> dict:
     """Hit rates over days W..D-1 (days 0..W-1, ``warmup_days``, only warm the caches) of five policies and
     two offline bounds.
@@ -330,6 +331,9 @@ def replay(
     the policy's own live tier of ``capacity`` less the keys the day publishes (its top-N set, which holds fewer
     than N keys when the history knows fewer), as the client sizes it. With ``top_n="auto"`` ours with admission
     gets its own share, tuned on that live tier: ``top_n_chosen_admission`` and ``top_n_mean_admission``.
+
+    ``baselines=False`` leaves out what depends on the trace and capacity alone (LRU, S3-FIFO, ARC, the bounds
+    and the LRU with admission), for a caller that compares rankings on the same trace and has them once.
     """
     live_tier = None if admission is None else _live_tier(admission, admission_window, capacity)
     auto = isinstance(top_n, str)
@@ -374,17 +378,22 @@ def replay(
     counted = days[warmup_days:]
     requests = sum(len(day) for day in counted)
     hits = {
-        "lru": _lru_hits(days, capacity, count_from=warmup_days),
-        "s3fifo": _s3fifo_hits(days, capacity, count_from=warmup_days),
-        "arc": _arc_hits(days, capacity, count_from=warmup_days),
         "static_top_n": sum(_static_hits(day, chosen[warmup_days + d]) for d, day in enumerate(counted)),
         "ours": _lru_hits(days, slots, precomputed=chosen, count_from=warmup_days),
-        "belady": belady_hits(days, capacity, warmup_days=warmup_days),
-        "oracle_preload": sum(oracle_preload_day_hits(day, capacity) for day in counted),
     }
+    if baselines:
+        hits = {
+            "lru": _lru_hits(days, capacity, count_from=warmup_days),
+            "s3fifo": _s3fifo_hits(days, capacity, count_from=warmup_days),
+            "arc": _arc_hits(days, capacity, count_from=warmup_days),
+            **hits,
+            "belady": belady_hits(days, capacity, warmup_days=warmup_days),
+            "oracle_preload": sum(oracle_preload_day_hits(day, capacity) for day in counted),
+        }
     if live_tier is not None:
         live = live_tier(keys)
-        hits["lru_admission"] = sum(live(days, capacity)[warmup_days:])
+        if baselines:
+            hits["lru_admission"] = sum(live(days, capacity)[warmup_days:])
         if auto:  # the share is tuned on the live tier it shares the capacity with
             shares_admission, chosen_admission = _self_tuned_shares(
                 days, capacity, ranking, warmup_days=warmup_days, live=live
@@ -892,20 +901,22 @@ def _probation_day_hits(
                 outcome = "hit"
             else:
                 recorded = True
-                steps = 0
-                while 0 < len(small) + len(main) >= size and steps < MAX_STEPS:
+                steps, tracked = 0, len(small) + len(main)
+                while 0 < tracked >= size and steps < MAX_STEPS:
                     steps += 1
                     if small and (len(small) >= small_size or not main):
                         oldest = small.popleft()
                         if hits.pop(oldest):
                             main[oldest] = None
                         else:
+                            tracked -= 1
                             ghost[oldest] = None
                             if len(ghost) > ghost_size:
                                 ghost.popitem(last=False)
                     else:
                         main.popitem(last=False)
-                if len(small) + len(main) >= size:  # no room: the stored value is deleted again
+                        tracked -= 1
+                if tracked >= size:  # no room: the stored value is deleted again
                     outcome = "rejected"
                 else:
                     outcome = "admitted"

@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 from collections import Counter
 from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -47,6 +48,7 @@ from .replay import Trace, replay
 from .selection import select_top
 
 STRATEGIES = ("frequency", "ewma", "seasonal", "lstm", "auto")
+LEARNED = ("lstm", "auto")  # ranked by the daily LSTM models (the others: baselines, ranked from counts alone)
 REPLAY_STRATEGIES = (*STRATEGIES, "prefetch")  # prefetch: ours plus learned next-key prefetch (ml.next_key)
 LOOKBACK_DAYS = 14  # demand_model's lookback (defs.demand.DEMAND_LOOKBACK_DAYS)
 BASELINE_DAYS = 7  # what strategy_demand reads for the baselines (at least 7 days)
@@ -144,7 +146,7 @@ def rankings_of(
     """``strategy_rankings`` of several strategies at once: ``lstm`` and ``auto`` share one trained model a day."""
     if unknown := [name for name in strategies if name not in STRATEGIES]:
         raise ValueError(f"unknown strategy {unknown[0]!r}: use one of {', '.join(STRATEGIES)} or all")
-    learned = [name for name in strategies if name in ("lstm", "auto")]
+    learned = [name for name in strategies if name in LEARNED]
     out = {name: ([[]], {"trained_days": 0, "approved_days": 0, "fallback_days": 0}) for name in strategies}
     if "auto" in out:
         out["auto"][1]["used"] = ["frequency"]  # day 0: nothing to rank, as frequency
@@ -223,6 +225,12 @@ def strategy_sets(
     return [set(ranking) for ranking in rankings], info
 
 
+def progress_stages(strategies: Sequence[str]) -> int:
+    """How many stages ``compare_strategies`` announces for ``strategies``: one ranking stage for the learned
+    strategies (when asked for), and one per strategy."""
+    return any(name in LEARNED for name in strategies) + len(strategies)
+
+
 def compare_strategies(
     trace: Trace,
     days: int,
@@ -236,6 +244,7 @@ def compare_strategies(
     admission: str | None = None,
     margin: float = MARGIN,
     progress: Callable[[str], None] = lambda stage: None,
+    pool: Executor | None = None,
 ) -> dict:
     """``{"strategies": {name: {"hit_rate", "top_n"}}, "strategy_notes": [...]}``: the hit rate over the
     counted days of each strategy's top-N plus an LRU of ``capacity - top_n`` keys (``replay``'s ``ours`` with
@@ -248,25 +257,47 @@ def compare_strategies(
 
     ``admission`` (a serving admission policy's name, as ``replay`` takes it) adds ``hit_rate_admission`` to each
     entry: the same top-N beside that policy's live tier instead of the LRU (with ``"auto"``, its own share
-    tuned on that tier, ``top_n_admission``). ``progress`` hears the name of each stage as it starts.
+    tuned on that tier, ``top_n_admission``). ``progress`` hears the name of each stage as it starts
+    (``progress_stages`` of them).
+
+    Given a ``pool`` of processes, each baseline's ranking and replay and each learned strategy's replay run there
+    as jobs of their own, the baselines' while the LSTM trains here. The jobs share nothing, so the results are
+    those of a run without one.
     """
     auto = top_n == "auto"
     if not auto and (isinstance(top_n, str) or top_n < 0):
         raise ValueError(f"top_n must be a whole number >= 0 or 'auto', got {top_n!r}")
+    if unknown := [name for name in strategies if name not in STRATEGIES]:
+        raise ValueError(f"unknown strategy {unknown[0]!r}: use one of {', '.join(STRATEGIES)} or all")
     hours = trace_hours(trace, days)
-    day_keys = hours.day_keys()
     trained_days = max(0, days - 3)  # days 3..D-1 have the 3 days before them that training needs
     per_day = min(hp.max_seconds, lstm_budget_s / trained_days) if trained_days else hp.max_seconds
     day_hp = replace(hp, max_seconds=per_day) if auto else replace(hp, max_seconds=per_day, top_n=top_n)
-    out, notes = {}, []
-    progress(f"ranking {days} days by {', '.join(strategies)}")
-    ranked = rankings_of(hours, strategies, capacity if auto else top_n, hp=day_hp, margin=margin)
+    limit = capacity if auto else top_n
+    # The read-through policies are the same for every strategy: the caller's own replay has them.
+    replay_args = dict(top_n=top_n, capacity=capacity, warmup_days=warmup_days, admission=admission, baselines=False)
+
+    def start(job: Callable, *args) -> Future | Callable[[], tuple[dict, dict]]:
+        """The job running in the pool, or (without one) to be run when its result is wanted."""
+        return pool.submit(job, *args) if pool is not None else functools.partial(job, *args)
+
+    jobs = {
+        name: start(_ranked_replay, hours, name, limit, day_hp, margin, replay_args)
+        for name in strategies
+        if name not in LEARNED
+    }
+    if learned := [name for name in strategies if name in LEARNED]:
+        progress(f"ranking {days} days by {', '.join(learned)}")
+        for name, ranked in rankings_of(hours, learned, limit, hp=day_hp, margin=margin).items():
+            jobs[name] = start(_replay_ranked, hours, ranked, replay_args)
+    results = {}
     for name in strategies:
         progress(f"replaying strategy {name}")
-        rankings, info = ranked[name]
-        result = replay(
-            day_keys, top_n=top_n, capacity=capacity, warmup_days=warmup_days, ranked=rankings, admission=admission
-        )
+        job = jobs[name]
+        results[name] = job.result() if isinstance(job, Future) else job()
+    out, notes = {}, []
+    for name in strategies:
+        result, info = results[name]
         out[name] = {
             "hit_rate": result["hit_rate_ours"],
             "top_n": result["top_n_mean"] if auto else int(top_n),
@@ -294,3 +325,18 @@ def compare_strategies(
                 "the held-back day)"
             )
     return {"strategies": out, "strategy_notes": notes}
+
+
+def _ranked_replay(
+    hours: TraceHours, name: str, limit: int, hp: DemandHyperParams, margin: float, replay_args: dict
+) -> tuple[dict, dict]:
+    """A baseline's rankings (``rankings_of``) and ``replay`` of them, with the rankings' info: a job."""
+    return _replay_ranked(hours, rankings_of(hours, [name], limit, hp=hp, margin=margin)[name], replay_args)
+
+
+def _replay_ranked(
+    hours: TraceHours, ranked: tuple[list[list[Hashable]], dict], replay_args: dict
+) -> tuple[dict, dict]:
+    """``replay`` of the days' rankings, with the rankings' info: a job."""
+    rankings, info = ranked
+    return replay(hours.day_keys(), ranked=rankings, **replay_args), info

@@ -6,10 +6,12 @@ import argparse
 import contextlib
 import json
 import math
+import multiprocessing
 import os
 import shlex
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from typing import NoReturn
 
 from ..stack import ENV_APP_DB, ENV_REDIS, RedisError, Stack, StackError, project_dir, redact
@@ -387,8 +389,13 @@ def cmd_replay(args: argparse.Namespace) -> int:
         raise CliError(f"--margin must be a finite number, got {args.margin}")
     if not 0 <= args.prefetch_threshold <= 1:  # a probability; NaN and infinity too
         raise CliError(f"--prefetch-threshold must be a probability between 0 and 1, got {args.prefetch_threshold}")
-    demand = sum(name != "prefetch" for name in strategies)
-    with _Stages(2 + (demand + 1 if demand else 0) + (arms is not None) + learned) as stage:
+    demand = [name for name in strategies if name != "prefetch"]
+    stages = 2 + (arms is not None) + learned
+    if demand:
+        from ..ml.strategies import progress_stages
+
+        stages += progress_stages(demand)
+    with _Stages(stages) as stage:
         return _replay_stages(args, stage, strategies, arms, learned, train_days)
 
 
@@ -436,14 +443,21 @@ def _replay_stages(
         raise CliError(f"--days {args.days} is larger than the number of requests ({len(trace.keys)})")
     try:
         day_keys = split_days(trace, args.days)
-        stage(f"replaying the policies over {len(trace.keys):,} requests")
-        result = replay(day_keys, top_n=args.top_n, capacity=args.capacity, admission=args.admission)
         demand_strategies = [name for name in strategies if name != "prefetch"]
-        if demand_strategies:
-            from ..ml.strategies import compare_strategies
+        # More than the policies to replay: each piece in a process of its own, while the LSTM trains here.
+        spawn = multiprocessing.get_context("spawn")
+        parallel = bool(demand_strategies) or learned
+        with ProcessPoolExecutor(os.cpu_count(), mp_context=spawn) if parallel else contextlib.nullcontext() as pool:
+            stage(f"replaying the policies over {len(trace.keys):,} requests")
+            policies = dict(top_n=args.top_n, capacity=args.capacity, admission=args.admission)
+            result = pool.submit(replay, day_keys, **policies) if pool else replay(day_keys, **policies)
+            if learned:
+                prefetching = "prefetch" in strategies
+                trained = pool.submit(learned_results, day_keys, args, train_days, with_prefetch=prefetching)
+            if demand_strategies:
+                from ..ml.strategies import compare_strategies
 
-            result.update(
-                compare_strategies(
+                compared = compare_strategies(
                     trace,
                     args.days,
                     demand_strategies,
@@ -452,37 +466,41 @@ def _replay_stages(
                     admission=args.admission,
                     margin=args.margin,
                     progress=stage,
+                    pool=pool,
                 )
-            )
-        if arms is not None:
-            from ..ml.experiment import ab_replay
+            result = result.result() if pool else result
+            if demand_strategies:
+                result.update(compared)
+            if arms is not None:
+                from ..ml.experiment import ab_replay
 
-            stage(f"replaying the experiment {arms[0]} vs {arms[1]}")
-            result.update(
-                ab_replay(
-                    trace,
-                    args.days,
-                    arms=arms,
-                    top_n=args.top_n,
-                    capacity=args.capacity,
-                    salt=args.ab_salt,
-                    admission=args.admission,
-                    margin=args.margin,
+                stage(f"replaying the experiment {arms[0]} vs {arms[1]}")
+                result.update(
+                    ab_replay(
+                        trace,
+                        args.days,
+                        arms=arms,
+                        top_n=args.top_n,
+                        capacity=args.capacity,
+                        salt=args.ab_salt,
+                        admission=args.admission,
+                        margin=args.margin,
+                    )
                 )
-            )
-        if learned:
-            stage("training the next-key model")
-            learned_out = learned_results(day_keys, args, train_days, with_prefetch="prefetch" in strategies)
-            prefetch = learned_out.pop("strategies", {})
-            result.update(learned_out)
-            if prefetch:
-                result["strategies"] = {**result.get("strategies", {}), **prefetch}
-                first = prefetch["prefetch"]["counted_from_day"]
-                result["strategy_notes"] = [
-                    *result.get("strategy_notes", []),
-                    f"prefetch: counted on days {first}..{args.days - 1} only (its next-key model trains on the days "
-                    "before), the other strategies from day 1: compare its hit_rate with hit_rate_ours_same_days",
-                ]
+            if learned:
+                stage("training the next-key model")
+                learned_out = trained.result()
+                prefetch = learned_out.pop("strategies", {})
+                result.update(learned_out)
+                if prefetch:
+                    result["strategies"] = {**result.get("strategies", {}), **prefetch}
+                    first = prefetch["prefetch"]["counted_from_day"]
+                    result["strategy_notes"] = [
+                        *result.get("strategy_notes", []),
+                        f"prefetch: counted on days {first}..{args.days - 1} only (its next-key model trains on the "
+                        "days before), the other strategies from day 1: compare its hit_rate with "
+                        "hit_rate_ours_same_days",
+                    ]
     except ValueError as error:
         raise CliError(str(error)) from None
     print(json.dumps({"trace": str(args.trace), "trace_layout": trace.layout(), **result}))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 
 import numpy as np
@@ -14,6 +16,7 @@ from precompute_assets.ml.strategies import (
     STRATEGIES,
     TraceHours,
     compare_strategies,
+    progress_stages,
     rankings_of,
     strategy_sets,
     trace_hours,
@@ -84,11 +87,11 @@ def test_no_precompute_is_plain_lru_for_every_baseline():
         "ewma": lru,
         "seasonal": lru,
     }
-    # A long replay says what it is doing: one ranking stage, then one per strategy (replay's progress bar).
-    assert stages == [
-        "ranking 5 days by frequency, ewma, seasonal",
-        *(f"replaying strategy {name}" for name in ("frequency", "ewma", "seasonal")),
-    ]
+    # A long replay says what it is doing: one stage per strategy (replay's progress bar), and one ranking stage
+    # when the LSTM trains.
+    assert stages == [f"replaying strategy {name}" for name in ("frequency", "ewma", "seasonal")]
+    assert len(stages) == progress_stages(["frequency", "ewma", "seasonal"])
+    assert progress_stages(["frequency", "lstm", "auto"]) == 4
 
 
 def test_on_weekly_traffic_seasonal_beats_frequency():
@@ -141,6 +144,18 @@ def test_auto_follows_the_approved_lstm_else_the_best_baseline_of_each_held_back
     result = compare_strategies(weekly_trace(), 15, ["auto"], top_n=60, capacity=60, hp=TINY)
     (note,) = result["strategy_notes"]
     assert note.startswith("auto: followed ") and "frequency on 2" in note  # counted days 1 and 2
+
+
+def test_a_process_pool_gives_the_results_of_one_process():
+    # The baselines rank and replay in the pool while the LSTM trains here; the LSTM's replays go there too.
+    trace, names = zipf_trace(seed=5, timestamps=True), ["frequency", "seasonal", "lstm"]
+    args = dict(top_n="auto", capacity=60, hp=TINY, admission="probation")
+    alone = compare_strategies(trace, 6, names, **args)
+    stages: list[str] = []
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pooled = compare_strategies(trace, 6, names, **args, pool=pool, progress=stages.append)
+    assert pooled == alone and set(pooled["strategies"]) == set(names)
+    assert stages == ["ranking 6 days by lstm", *(f"replaying strategy {name}" for name in names)]
 
 
 def test_unknown_strategy_and_bad_share_are_refused():
