@@ -52,7 +52,8 @@ _NOT_INT_LINE = {
 _CSV_START_RE = re.compile(_CSV_START)
 _NUM_RE = re.compile(_NUM)
 _ODD_SPACE = re.compile(r"[^\S\n \t]")  # whitespace other than spaces and tabs, which str.replace removes faster
-_EDGE_BLANKS = re.compile(r"^ +| +$", re.MULTILINE)
+_EDGE_BLANK = re.compile(r"^ | $", re.MULTILINE)
+_BLANKS = re.compile(r"[ \t]+")
 
 
 class TraceError(ValueError):
@@ -148,8 +149,10 @@ def parse_trace(
             line_no = text.count("\n", 0, comma) + 1
             raise TraceError(f"line {line_no}: a comma in a trace of whitespace-separated fields")
         text = text.replace("\t", " ")
-        if "  " in text or _EDGE_BLANKS.search(text):  # else one space between fields: replaced faster
-            text = re.sub(" +", " ", _EDGE_BLANKS.sub("", text))
+        if "  " in text:
+            text = re.sub(" +", " ", text)
+        if text.startswith(" ") or text.endswith(" ") or "\n " in text or " \n" in text:
+            text = _EDGE_BLANK.sub("", text)  # one space now: no run to backtrack over
         text = text.replace(" ", ",")
     first_line = 1
     first, _, rest = text.partition("\n")
@@ -245,9 +248,10 @@ def _field_number(field: int | str, header: tuple[str, ...] | None, fields: int,
 def _whitespace_separated(text: str) -> bool:
     """Whether ``text``'s fields are separated by spaces or tabs: its first line, or the one below a first line
     of two or more names (a header), has no comma and two or more fields, the first a number."""
-    for line in text.split("\n", 2)[:2]:
-        fields = line.split()
-        if "," in line or len(fields) < 2:
+    first, _, rest = text.partition("\n")
+    for line in (first, rest.partition("\n")[0]):
+        fields = _BLANKS.split(line.strip(" \t"))
+        if "," in line or len(fields) < 2 or fields[0].startswith("#"):  # a comment is left to the line checks
             return False
         if _NUM_RE.fullmatch(fields[0]):
             return True

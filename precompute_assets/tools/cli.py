@@ -12,6 +12,7 @@ import shlex
 import sys
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import NoReturn
 
 from ..stack import ENV_APP_DB, ENV_REDIS, RedisError, Stack, StackError, project_dir, redact
@@ -445,9 +446,7 @@ def _replay_stages(
         day_keys = split_days(trace, args.days)
         demand_strategies = [name for name in strategies if name != "prefetch"]
         # More than the policies to replay: each piece in a process of its own, while the LSTM trains here.
-        spawn = multiprocessing.get_context("spawn")
-        parallel = bool(demand_strategies) or learned
-        with ProcessPoolExecutor(os.cpu_count(), mp_context=spawn) if parallel else contextlib.nullcontext() as pool:
+        with _replay_pool(bool(demand_strategies) or learned) as pool:
             stage(f"replaying the policies over {len(trace.keys):,} requests")
             policies = dict(top_n=args.top_n, capacity=args.capacity, admission=args.admission)
             result = pool.submit(replay, day_keys, **policies) if pool else replay(day_keys, **policies)
@@ -503,8 +502,30 @@ def _replay_stages(
                     ]
     except ValueError as error:
         raise CliError(str(error)) from None
+    except BrokenProcessPool as error:  # a worker was killed, e.g. out of memory
+        raise CliError(f"a replay process ended abruptly: {error}") from None
     print(json.dumps({"trace": str(args.trace), "trace_layout": trace.layout(), **result}))
     return 0
+
+
+@contextlib.contextmanager
+def _replay_pool(wanted: bool) -> Iterator[ProcessPoolExecutor | None]:
+    """Processes for a replay's independent pieces (spawned, one per usable CPU) when ``wanted``, else None. On an
+    error or Ctrl-C the jobs not started are dropped and the running ones stopped, not waited for."""
+    if not wanted:
+        yield None
+        return
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    pool = ProcessPoolExecutor(cpus, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        yield pool
+    except BaseException:
+        processes = list((getattr(pool, "_processes", None) or {}).values())  # Python 3.14: terminate_workers()
+        pool.shutdown(wait=False, cancel_futures=True)
+        for process in processes:
+            process.terminate()
+        raise
+    pool.shutdown()
 
 
 def learned_results(day_keys: list, args: argparse.Namespace, train_days: int, *, with_prefetch: bool) -> dict:

@@ -132,6 +132,8 @@ def test_fields_separated_by_spaces_or_tabs_are_read_as_the_wikipedia_cdn_traces
     assert named.keys.tolist() == ["ad:1", "ad:2"] and named.header == ("time", "id", "size")
     kept = parse_trace(write(tmp_path, "1 a get\n2 b set\n3 a get\n"), where=(3, ["get"]))
     assert kept.keys.tolist() == ["a", "a"] and kept.layout()["where"]["dropped"] == 1
+    # A long run of blanks is one separator (and no slow regex backtracking over it).
+    assert parse_trace(write(tmp_path, "0 a" + " " * 100_000 + "b\n")).keys.tolist() == ["a"]
     # One field per line stays a key per line, and a key with a blank inside is still refused.
     assert parse_trace(write(tmp_path, "7\n8\n")).layout().get("separator") is None
     with pytest.raises(TraceError, match="^line 1: key 'ad 7' contains whitespace$"):
@@ -146,6 +148,7 @@ def test_fields_separated_by_spaces_or_tabs_are_read_as_the_wikipedia_cdn_traces
         ("0 a\n\n1 b\n", "line 2: blank line"),
         ("0 a\nx b\n", "line 2: timestamp 'x' is not numeric"),
         ("0 a\n1\n", "line 2: mixed formats"),
+        ("# t id size\n0 a 10\n", "line 1: comment lines are not allowed"),
     ],
 )
 def test_bad_lines_of_a_whitespace_separated_trace_are_named(tmp_path: Path, text: str, message: str):

@@ -240,3 +240,28 @@ def test_docs_load_bad_files_are_one_line_and_exit_2(tmp_path, monkeypatch, caps
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and expected in err and "Traceback" not in err, err
     assert not (tmp_path / "never-started" / "redis").exists()  # nothing was started for a bad file
+
+
+def test_a_failing_replay_stops_its_processes_instead_of_waiting_for_them():
+    import time
+    from concurrent.futures import CancelledError
+    from concurrent.futures.process import BrokenProcessPool
+
+    from precompute_assets.tools.cli import _replay_pool
+
+    with pytest.raises(RuntimeError, match="a stage failed"), _replay_pool(True) as pool:
+        running = [pool.submit(time.sleep, 600) for _ in range(pool._max_workers)]
+        queued = [pool.submit(time.sleep, 600) for _ in range(3)]
+        while not all(job.running() for job in running):
+            time.sleep(0.05)
+        processes = list(pool._processes.values())
+        raise RuntimeError("a stage failed")
+    # Dropped, or (already handed to a worker) ended with the pool: none sleeps on (a timeout fails the test).
+    for job in queued:
+        with pytest.raises((CancelledError, BrokenProcessPool)):
+            job.result(timeout=30)
+    for process in processes:
+        process.join(30)
+        assert process.exitcode is not None  # terminated, not left to sleep out its job
+    with _replay_pool(False) as none:
+        assert none is None
