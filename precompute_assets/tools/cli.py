@@ -522,8 +522,8 @@ def _replay_pool(wanted: bool) -> Iterator[ProcessPoolExecutor | None]:
     except BaseException:
         processes = list((getattr(pool, "_processes", None) or {}).values())  # Python 3.14: terminate_workers()
         pool.shutdown(wait=False, cancel_futures=True)
-        for process in processes:
-            process.terminate()
+        for process in processes:  # SIGKILL: a SIGTERM may be ignored (inherited from a shell's background job)
+            process.kill()
         raise
     pool.shutdown()
 
