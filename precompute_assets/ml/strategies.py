@@ -134,6 +134,12 @@ def strategy_rankings(
     return rankings_of(hours, [strategy], limit, hp=hp, lookback_days=lookback_days, margin=margin)[strategy]
 
 
+def check_strategies(strategies: Sequence[str]) -> None:
+    """Raise ValueError naming the first of ``strategies`` that is not one of ``STRATEGIES``."""
+    if unknown := [name for name in strategies if name not in STRATEGIES]:
+        raise ValueError(f"unknown strategy {unknown[0]!r}: use one of {', '.join(STRATEGIES)} or all")
+
+
 def rankings_of(
     hours: TraceHours,
     strategies: Sequence[str],
@@ -144,8 +150,7 @@ def rankings_of(
     margin: float = MARGIN,
 ) -> dict[str, tuple[list[list[Hashable]], dict]]:
     """``strategy_rankings`` of several strategies at once: ``lstm`` and ``auto`` share one trained model a day."""
-    if unknown := [name for name in strategies if name not in STRATEGIES]:
-        raise ValueError(f"unknown strategy {unknown[0]!r}: use one of {', '.join(STRATEGIES)} or all")
+    check_strategies(strategies)
     learned = [name for name in strategies if name in LEARNED]
     out = {name: ([[]], {"trained_days": 0, "approved_days": 0, "fallback_days": 0}) for name in strategies}
     if "auto" in out:
@@ -267,8 +272,7 @@ def compare_strategies(
     auto = top_n == "auto"
     if not auto and (isinstance(top_n, str) or top_n < 0):
         raise ValueError(f"top_n must be a whole number >= 0 or 'auto', got {top_n!r}")
-    if unknown := [name for name in strategies if name not in STRATEGIES]:
-        raise ValueError(f"unknown strategy {unknown[0]!r}: use one of {', '.join(STRATEGIES)} or all")
+    check_strategies(strategies)
     hours = trace_hours(trace, days)
     trained_days = max(0, days - 3)  # days 3..D-1 have the 3 days before them that training needs
     per_day = min(hp.max_seconds, lstm_budget_s / trained_days) if trained_days else hp.max_seconds
@@ -282,7 +286,7 @@ def compare_strategies(
         return pool.submit(job, *args) if pool is not None else functools.partial(job, *args)
 
     jobs = {
-        name: start(_ranked_replay, hours, name, limit, day_hp, margin, replay_args)
+        name: start(_baseline_replay, hours, name, limit, day_hp, margin, replay_args)
         for name in strategies
         if name not in LEARNED
     }
@@ -327,7 +331,7 @@ def compare_strategies(
     return {"strategies": out, "strategy_notes": notes}
 
 
-def _ranked_replay(
+def _baseline_replay(
     hours: TraceHours, name: str, limit: int, hp: DemandHyperParams, margin: float, replay_args: dict
 ) -> tuple[dict, dict]:
     """A baseline's rankings (``rankings_of``) and ``replay`` of them, with the rankings' info: a job."""

@@ -449,7 +449,7 @@ def _replay_stages(
         with _replay_pool(bool(demand_strategies) or learned) as pool:
             stage(f"replaying the policies over {len(trace.keys):,} requests")
             policies = dict(top_n=args.top_n, capacity=args.capacity, admission=args.admission)
-            result = pool.submit(replay, day_keys, **policies) if pool else replay(day_keys, **policies)
+            replayed = pool.submit(replay, day_keys, **policies) if pool else None
             if learned:
                 prefetching = "prefetch" in strategies
                 trained = pool.submit(learned_results, day_keys, args, train_days, with_prefetch=prefetching)
@@ -467,7 +467,7 @@ def _replay_stages(
                     progress=stage,
                     pool=pool,
                 )
-            result = result.result() if pool else result
+            result = replayed.result() if replayed else replay(day_keys, **policies)
             if demand_strategies:
                 result.update(compared)
             if arms is not None:
