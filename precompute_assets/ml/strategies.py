@@ -72,6 +72,24 @@ class TraceHours:
         bounds = np.searchsorted(self.day, np.arange(self.n_days + 1), side="left")
         return [self.keys[bounds[d] : bounds[d + 1]] for d in range(self.n_days)]
 
+    def hourly_counts(self, first: int, last: int) -> HourlyCounts:
+        """Requests per key and hour of days ``first..last`` (keys sorted; every hour present, possibly empty)."""
+        lo, hi = np.searchsorted(self.day, [first, last + 1], side="left")
+        n_days = last - first + 1
+        n_hours = n_days * HOURS_PER_DAY
+        keys, rows = np.unique(self.keys[lo:hi], return_inverse=True)
+        column = (self.day[lo:hi] - first) * HOURS_PER_DAY + self.hour[lo:hi]
+        counts = np.zeros((len(keys), n_hours), dtype=np.float32)  # filled in place: no int64 twice its size
+        np.add.at(counts, (rows.ravel(), column), 1)
+        return HourlyCounts(
+            keys=keys,
+            counts=counts,
+            hour_of_day=np.tile(np.arange(HOURS_PER_DAY), n_days),
+            weekday=np.repeat((first + np.arange(n_days)) % 7, HOURS_PER_DAY),
+            day=np.repeat(np.arange(n_days), HOURS_PER_DAY),
+            missing=np.zeros(n_hours, dtype=bool),
+        )
+
 
 def trace_hours(trace: Trace, days: int) -> TraceHours:
     """Split ``trace`` into ``days`` days exactly as ``split_days`` does, and each day into 24 hours."""
@@ -94,24 +112,6 @@ def trace_hours(trace: Trace, days: int) -> TraceHours:
     day = np.minimum(position.astype(np.int64), days - 1)
     hour = np.clip(((position - day) * HOURS_PER_DAY).astype(np.int64), 0, HOURS_PER_DAY - 1)
     return TraceHours(keys, day, hour, days)
-
-
-def _counts(hours: TraceHours, first: int, last: int) -> HourlyCounts:
-    """Requests per key and hour of days ``first..last`` (keys sorted; every hour present, possibly empty)."""
-    lo, hi = np.searchsorted(hours.day, [first, last + 1], side="left")
-    n_days = last - first + 1
-    n_hours = n_days * HOURS_PER_DAY
-    keys, rows = np.unique(hours.keys[lo:hi], return_inverse=True)
-    column = (hours.day[lo:hi] - first) * HOURS_PER_DAY + hours.hour[lo:hi]
-    flat = np.bincount(rows.ravel() * n_hours + column, minlength=len(keys) * n_hours)
-    return HourlyCounts(
-        keys=keys,
-        counts=flat.reshape(len(keys), n_hours).astype(np.float32),
-        hour_of_day=np.tile(np.arange(HOURS_PER_DAY), n_days),
-        weekday=np.repeat((first + np.arange(n_days)) % 7, HOURS_PER_DAY),
-        day=np.repeat(np.arange(n_days), HOURS_PER_DAY),
-        missing=np.zeros(n_hours, dtype=bool),
-    )
 
 
 def _ranking(values: np.ndarray, keys: np.ndarray, limit: int) -> list[Hashable]:
@@ -157,7 +157,7 @@ def rankings_of(
         out["auto"][1]["used"] = ["frequency"]  # day 0: nothing to rank, as frequency
     state = None  # the previous day's model when it was approved: the next day warm-starts from it
     for d in range(1, hours.n_days):
-        recent = _counts(hours, max(0, d - max(BASELINE_DAYS, hp.window_days)), d - 1)  # days before d only
+        recent = hours.hourly_counts(max(0, d - max(BASELINE_DAYS, hp.window_days)), d - 1)  # days before d only
         if len(recent.keys) == 0 or limit == 0:
             for name in strategies:
                 out[name][0].append([])
@@ -177,7 +177,7 @@ def rankings_of(
             if "auto" in out:
                 out["auto"][1]["used"].append("frequency")
             continue
-        history = _counts(hours, max(0, d - lookback_days), d - 1)
+        history = hours.hourly_counts(max(0, d - lookback_days), d - 1)
         result = evaluate_demand(history, hp, init_state=state)
         evaluation = result.evaluation
         approved = evaluation.hit_rate["lstm"] - evaluation.hit_rate[evaluation.best_baseline] > margin

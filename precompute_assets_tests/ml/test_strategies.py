@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 
@@ -58,6 +59,19 @@ def test_days_are_split_days_and_hours_cover_each_day(timestamps):
     assert np.all(np.diff(hours.day) >= 0)
     if timestamps:  # time order: within a day the hour never goes back
         assert all(np.all(np.diff(hours.hour[hours.day == d]) >= 0) for d in range(5))
+
+
+def test_hourly_counts_are_each_keys_requests_in_each_hour_of_the_days():
+    hours = trace_hours(zipf_trace(timestamps=True), 5)
+    data = hours.hourly_counts(1, 3)
+    inside = (hours.day >= 1) & (hours.day <= 3)
+    columns = (hours.day[inside] - 1) * 24 + hours.hour[inside]
+    expected = Counter(zip(hours.keys[inside].tolist(), columns.tolist(), strict=True))
+    assert data.counts.dtype == np.float32 and data.counts.shape == (len(data.keys), 72)
+    assert list(data.keys) == sorted({key for key, _ in expected})
+    got = {(data.keys[row], col): data.counts[row, col] for row, col in zip(*np.nonzero(data.counts), strict=True)}
+    assert got == expected and data.counts.sum() == inside.sum()
+    assert data.n_days == 3 and list(data.weekday[::24]) == [1, 2, 3]
 
 
 def test_frequency_is_replays_own_top_n_at_the_same_capacity():
