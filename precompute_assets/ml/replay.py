@@ -38,19 +38,26 @@ from .selection import ad_demand, daily_counts, select_top
 _PAD = r"[^\S\n]*"  # whitespace around a field: any whitespace but the newline that ends the line
 _NUM = r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"  # unambiguous: no backtracking
 _INT = r"[+-]?[0-9]+"
-_CSV_START = rf"{_PAD}{_NUM}{_PAD},"  # a line whose part before the first comma is a number
+# An ISO 8601 date, or date and time (a "T" or a space between them), with an optional UTC offset.
+_DATE = r"[0-9]{4}-[0-9]{2}-[0-9]{2}"
+_DATETIME = rf"{_DATE}(?:[T ][0-9]{{2}}:[0-9]{{2}}(?::[0-9]{{2}}(?:\.[0-9]+)?)?)?(?:Z|[+-][0-9]{{2}}(?::?[0-9]{{2}})?)?"
+_CSV_START = rf"{_PAD}(?:{_NUM}|{_DATETIME}){_PAD},"  # a line whose part before the first comma is a timestamp
+_NUM_START = rf"{_PAD}{_NUM}{_PAD},"  # the same with a number (date-times are numbers by the time lines are checked)
 # The first line that is not a valid line of the format; one regex pass is fast and gives its position.
 _BAD_LINE = {
     "key": re.compile(rf"^(?!(?!{_CSV_START}){_PAD}\S+{_PAD}$)", re.MULTILINE),
-    "csv": re.compile(rf"^(?!{_CSV_START}{_PAD}[^\s,]+{_PAD}$)", re.MULTILINE),
+    "csv": re.compile(rf"^(?!{_NUM_START}{_PAD}[^\s,]+{_PAD}$)", re.MULTILINE),
 }
 # The first line whose key is not an integer; none means the fast integer parser can take the whole trace.
 _NOT_INT_LINE = {
     "key": re.compile(rf"^(?!{_PAD}{_INT}{_PAD}$)", re.MULTILINE),
-    "csv": re.compile(rf"^(?!{_CSV_START}{_PAD}{_INT}{_PAD}$)", re.MULTILINE),
+    "csv": re.compile(rf"^(?!{_NUM_START}{_PAD}{_INT}{_PAD}$)", re.MULTILINE),
 }
 _CSV_START_RE = re.compile(_CSV_START)
+_DATETIME_START_RE = re.compile(rf"{_PAD}{_DATE}")  # a timestamp that is a date-time, not a number
+_DATETIME_FIELD_RE = re.compile(rf"{_DATE}T\S*")  # one without blanks: a field of a whitespace-separated line
 _NUM_RE = re.compile(_NUM)
+_TIMESTAMP_RE = re.compile(rf"{_NUM}|{_DATETIME}")
 _ODD_SPACE = re.compile(r"[^\S\n \t]")  # whitespace other than spaces and tabs, which str.replace removes faster
 _EDGE_BLANK = re.compile(r"^ | $", re.MULTILINE)
 _BLANKS = re.compile(r"[ \t]+")
@@ -120,10 +127,11 @@ def parse_trace(
     records hold a NUL byte (which text never does, and records all but always do).
 
     A key is any token without whitespace (padding is stripped); the first line decides the format: it is
-    CSV when the part before its first comma is a number, and then keys hold no comma, every line has as
-    many fields as the first and fields after the key are ignored (``timestamp,key,size`` of libCacheSim,
-    Twitter's seven columns). A first line of names (no field a number, as many fields as the line after
-    it) is a header and skipped. ``columns`` picks the timestamp and key fields of any other CSV layout
+    CSV when the part before its first comma is a number or an ISO 8601 date-time (read as seconds since the
+    epoch, UTC without an offset), and then keys hold no comma, every line has as many fields as the first and
+    fields after the key are ignored (``timestamp,key,size`` of libCacheSim, Twitter's seven columns). A first
+    line of names (no field a timestamp, as many fields as the line after it) is a header, skipped, and makes
+    the lines below it CSV. ``columns`` picks the timestamp and key fields of any other CSV layout
     (``(1, 5)`` or ``("Timestamp", "Offset")`` for MSR Cambridge; a timestamp of None: keys only).
     Fields may be separated by spaces or tabs instead (``timestamp key size`` of the Wikipedia CDN traces): so
     are they when the first line (or the one below a header of names) has no comma and two or more fields, the
@@ -159,21 +167,24 @@ def parse_trace(
     names, below = _header_names(first), rest.partition("\n")[0]
     if names and not rest:
         raise TraceError("line 1 is a header of column names, and no request follows it")
-    if names and (columns or _CSV_START_RE.match(below)) and below.count(",") + 1 == len(names):
+    if names and below.count(",") + 1 == len(names):
         text, first_line = rest, 2  # it names the columns of the CSV lines below it
     header = tuple(names) if first_line == 2 else None
-    if columns is None and _CSV_START_RE.match(text.partition("\n")[0]):
+    if columns is None and (header or _CSV_START_RE.match(text.partition("\n")[0])):
         columns = (1, 2)  # timestamp,key and any fields after them
     fields, time_field, key_field = 1, None, 1  # bare keys
     every_field = text
     if columns is not None:
         text, time_field, key_field, fields = _select_columns(text, first_line, header, columns)
     kind = "key" if time_field is None else "csv"  # now one key, or timestamp,key, per line
+    dated = None
+    if kind == "csv" and _DATETIME_START_RE.match(text):
+        text, dated = _date_times(text, first_line)
     integer = _NOT_INT_LINE[kind].search(text) is None  # an integer line is always a valid line
     if not integer and (bad := _BAD_LINE[kind].search(text)) is not None:
         line_no = text.count("\n", 0, bad.start()) + first_line
         line = text[bad.start() :].partition("\n")[0]
-        raise TraceError(f"line {line_no}: {_line_problem(line, kind)}")
+        raise TraceError(f"line {line_no}: {_line_problem(line, kind, header=header is not None)}")
     # Every line is valid, so whitespace only pads fields and can go before the fast parsers run.
     clean = text.replace(" ", "").replace("\t", "")
     if _ODD_SPACE.search(clean):
@@ -185,7 +196,7 @@ def parse_trace(
     layout["separator"] = separator if fields > 1 else None
     keys, timestamps = frame["key"].to_numpy(), None
     if kind == "csv":
-        timestamps = frame["timestamp"].to_numpy(dtype=np.float64)
+        timestamps = frame["timestamp"].to_numpy(dtype=np.float64) if dated is None else dated
         infinite = np.flatnonzero(~np.isfinite(timestamps))
         if len(infinite):
             field = text.split("\n")[int(infinite[0])].split(",")[0].strip()
@@ -253,7 +264,7 @@ def _whitespace_separated(text: str) -> bool:
         fields = _BLANKS.split(line.strip(" \t"))
         if "," in line or len(fields) < 2 or fields[0].startswith("#"):  # a comment is left to the line checks
             return False
-        if _NUM_RE.fullmatch(fields[0]):
+        if _NUM_RE.fullmatch(fields[0]) or _DATETIME_FIELD_RE.fullmatch(fields[0]):
             return True
         if any(_NUM_RE.fullmatch(field) for field in fields):  # neither a request nor a header
             return False
@@ -261,10 +272,14 @@ def _whitespace_separated(text: str) -> bool:
 
 
 def _header_names(line: str) -> list[str] | None:
-    """The column names ``line`` holds if it can be a CSV header: two or more, none empty or a number, and
+    """The column names ``line`` holds if it can be a CSV header: two or more, none empty or a timestamp, and
     not a comment; else None."""
     names = [name.strip() for name in line.split(",")]
-    if len(names) < 2 or names[0].startswith("#") or not all(name and not _NUM_RE.fullmatch(name) for name in names):
+    if (
+        len(names) < 2
+        or names[0].startswith("#")
+        or not all(name and not _TIMESTAMP_RE.fullmatch(name) for name in names)
+    ):
         return None
     return names
 
@@ -1133,6 +1148,23 @@ def _oracle_general(data: bytes) -> Trace:
     )
 
 
+def _date_times(text: str, first_line: int) -> tuple[str, np.ndarray]:
+    """``timestamp,key`` lines whose timestamps are ISO 8601 date-times: the lines with each timestamp replaced
+    by 0, for the line checks and parsers of numbers, and the timestamps as seconds since the epoch (a date-time
+    without an offset is read as UTC). A line without a comma is left for the line checks to name."""
+    parts = pd.Series(text.split("\n"), dtype=object).str.partition(",")
+    stamps, split = parts[0].str.strip(), parts[1].eq(",")
+    parsed = pd.to_datetime(stamps, format="ISO8601", utc=True, errors="coerce")
+    bad = np.flatnonzero((split & parsed.isna()).to_numpy())
+    if len(bad):
+        line = int(bad[0])
+        raise TraceError(
+            f"line {line + first_line}: timestamp {stamps[line]!r} is not a date-time like line {first_line}'s"
+        )
+    seconds = (parsed - pd.Timestamp(0, tz="UTC")).dt.total_seconds().to_numpy(dtype=np.float64)
+    return "\n".join(("0," + parts[2]).where(split, parts[0])), seconds
+
+
 def _decode_text(data: bytes) -> str:
     """The bytes as text: UTF-8 (a leading byte-order mark dropped), CRLF and CR as LF, without the final newline."""
     data = data.removeprefix(codecs.BOM_UTF8)
@@ -1168,8 +1200,8 @@ def _parse_string_keys(clean: str, kind: str) -> pd.DataFrame:
     )
 
 
-def _line_problem(line: str, kind: str, fields: int = 2) -> str:
-    """Why one line is not a valid trace line of format ``kind``."""
+def _line_problem(line: str, kind: str, fields: int = 2, *, header: bool = False) -> str:
+    """Why one line is not a valid trace line of format ``kind`` (``header``: the file names its fields)."""
     if not line.strip():
         return "blank line"
     if line.lstrip().startswith("#"):
@@ -1185,7 +1217,8 @@ def _line_problem(line: str, kind: str, fields: int = 2) -> str:
         return f"expected {fields} fields as on the first line, got {len(parts)}"
     timestamp, key = parts[0].strip(), parts[1].strip()
     if not _NUM_RE.fullmatch(timestamp):
-        return f"timestamp {timestamp!r} is not numeric"
+        hint = " (the header names the fields: choose them with --time-field and --key-field)" if header else ""
+        return f"timestamp {timestamp!r} is not numeric{hint}"
     if not key:
         return "empty key after the comma"
     return f"key {key!r} contains whitespace"

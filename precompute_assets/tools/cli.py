@@ -794,7 +794,8 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument(
         "--trace",
         required=True,
-        help="one key per line, or timestamp,key[,more fields] lines (a header line is skipped; fields separated by "
+        help="one key per line, or timestamp,key[,more fields] lines (timestamps in seconds, ms or ISO 8601; "
+        "a header line is skipped; fields separated by "
         "commas, or by spaces or tabs), or libCacheSim's binary oracleGeneral records; .gz, .bz2, .xz, .zst, .lz4 "
         "and .br files are decompressed",
     )

@@ -9,6 +9,7 @@ from functools import cache
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pytest
 
@@ -88,6 +89,38 @@ def test_parse_csv_with_string_keys(tmp_path: Path):
     trace = parse_trace(write(tmp_path, '1700000000,ad:1\n1700000000.25, user/7 \r\n1.7e9,"q"\n5,12\n'))
     assert trace.keys.tolist() == ["ad:1", "user/7", '"q"', "12"]
     assert trace.timestamps.tolist() == [1700000000.0, 1700000000.25, 1.7e9, 5.0]
+
+
+def test_timestamps_may_be_iso_8601_date_times(tmp_path: Path):
+    # A "T" or a space before the time, fractions of a second, an offset (none: UTC), or a date alone.
+    text = "ts,key,size\n2026-01-01T00:00:00Z,a,1\n2026-01-01 01:00:00.5+01:00,b,1\n2026-01-02,a,1\n"
+    trace = parse_trace(write(tmp_path, text))
+    one_day = 86_400.0
+    start = (pd.Timestamp("2026-01-01", tz="UTC") - pd.Timestamp(0, tz="UTC")).total_seconds()
+    assert trace.keys.tolist() == ["a", "b", "a"]
+    assert trace.timestamps.tolist() == [start, start + 0.5, start + one_day] and trace.header == ("ts", "key", "size")
+    # No header, integer keys, and fields separated by blanks: the same times.
+    assert parse_trace(write(tmp_path, "2026-01-01,7\n2026-01-02T00:00,8\n")).timestamps.tolist() == [
+        start,
+        start + one_day,
+    ]
+    blanks = parse_trace(write(tmp_path, "2026-01-01T00:00:00Z 7 10\n2026-01-02T00:00:00Z 8 10\n"))
+    assert blanks.keys.tolist() == [7, 8] and blanks.timestamps.tolist() == [start, start + one_day]
+    # The same requests with date-times or with seconds split into the same days.
+    seconds = "\n".join(f"{start + h * 3600:.0f},k{h % 5}" for h in range(96))
+    dated = "\n".join(f"{pd.Timestamp(start + h * 3600, unit='s'):%Y-%m-%dT%H:%M:%S},k{h % 5}" for h in range(96))
+    a, b = (split_days(parse_trace(write(tmp_path, text)), 4) for text in (seconds, dated))
+    assert [day.tolist() for day in a] == [day.tolist() for day in b]
+
+
+def test_a_header_line_names_the_fields_whatever_the_first_field_holds(tmp_path: Path):
+    # Before, a header over lines that do not start with a number was read as one more bare key.
+    with pytest.raises(TraceError, match="^line 2: timestamp 'k1' is not numeric"):
+        parse_trace(write(tmp_path, "key,time\nk1,5\nk2,6\n"))
+    swapped = parse_trace(write(tmp_path, "key,time\nk1,5\nk2,6\n"), columns=("time", "key"))
+    assert swapped.keys.tolist() == ["k1", "k2"] and swapped.timestamps.tolist() == [5.0, 6.0]
+    # A first line of a date-time and a key is a request, not a header.
+    assert parse_trace(write(tmp_path, "2026-01-01,a\n2026-01-02,b\n")).keys.tolist() == ["a", "b"]
 
 
 def test_the_first_line_decides_the_format(tmp_path: Path):
@@ -352,6 +385,14 @@ def test_parse_a_large_string_trace(tmp_path: Path):
         ("0 a\nx b\n", "line 2: timestamp 'x' is not numeric"),
         ("0 a\n1\n", "line 2: mixed formats"),
         ("# t id size\n0 a 10\n", "line 1: comment lines are not allowed"),
+        # ISO 8601 date-times
+        ("2026-01-01,a\n2026-01-02,b\n17,c\n", "line 3: timestamp '17' is not a date-time like line 1's"),
+        ("t,k\n2026-01-01T00:00Z,a\n2026-13-01,b\n", "line 3: timestamp '2026-13-01' is not a date-time like line 2's"),
+        ("2026-01-01,a\n2026-01-02\n", "line 2: mixed formats"),
+        ("2026-01-01,a\n2026-01-02,b c\n", "line 2: key 'b c' contains whitespace"),
+        ("2026-01-01 00:00:00 a\n", "line 1: key '2026-01-01 00:00:00 a' contains whitespace"),  # blanks: ambiguous
+        # a header names the fields: the first is the timestamp unless --time-field says otherwise
+        ("key,time\nk1,5\n", "line 2: timestamp 'k1' is not numeric \\(the header names the fields: choose them"),
     ],
 )
 def test_parse_errors_name_the_line(tmp_path: Path, text: str, message: str):
