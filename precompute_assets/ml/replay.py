@@ -58,6 +58,9 @@ _DATETIME_START_RE = re.compile(rf"{_PAD}{_DATE}")  # a timestamp that is a date
 _DATETIME_FIELD_RE = re.compile(rf"{_DATE}T\S*")  # one without blanks: a field of a whitespace-separated line
 _NUM_RE = re.compile(_NUM)
 _TIMESTAMP_RE = re.compile(rf"{_NUM}|{_DATETIME}")
+_FIRST_FIELD = re.compile(r"^[^,\n]*", re.MULTILINE)
+_FIRST_FIELD_COMMA = re.compile(r"^[^,\n]*,", re.MULTILINE)
+_PADDED_FIELD = re.compile(r"^[^\S\n]|[^\S\n],", re.MULTILINE)  # blanks before a line's first field or a comma
 _ODD_SPACE = re.compile(r"[^\S\n \t]")  # whitespace other than spaces and tabs, which str.replace removes faster
 _EDGE_BLANK = re.compile(r"^ | $", re.MULTILINE)
 _BLANKS = re.compile(r"[ \t]+")
@@ -1152,17 +1155,16 @@ def _date_times(text: str, first_line: int) -> tuple[str, np.ndarray]:
     """``timestamp,key`` lines whose timestamps are ISO 8601 date-times: the lines with each timestamp replaced
     by 0, for the line checks and parsers of numbers, and the timestamps as seconds since the epoch (a date-time
     without an offset is read as UTC). A line without a comma is left for the line checks to name."""
-    parts = pd.Series(text.split("\n"), dtype=object).str.partition(",")
-    stamps, split = parts[0].str.strip(), parts[1].eq(",")
+    stamps = pd.Series(_FIRST_FIELD.findall(text), dtype=object)  # a line without a comma: all of it
+    if _PADDED_FIELD.search(text):
+        stamps = stamps.str.strip()
     parsed = pd.to_datetime(stamps, format="ISO8601", utc=True, errors="coerce")
-    bad = np.flatnonzero((split & parsed.isna()).to_numpy())
-    if len(bad):
-        line = int(bad[0])
-        raise TraceError(
-            f"line {line + first_line}: timestamp {stamps[line]!r} is not a date-time like line {first_line}'s"
-        )
+    unread = np.flatnonzero(parsed.isna().to_numpy())
+    if len(unread) and "," in text.split("\n", unread[0] + 1)[unread[0]]:  # no comma: the line checks name it
+        problem = f"timestamp {stamps[unread[0]]!r} is not a date-time like line {first_line}'s"
+        raise TraceError(f"line {unread[0] + first_line}: {problem}")
     seconds = (parsed - pd.Timestamp(0, tz="UTC")).dt.total_seconds().to_numpy(dtype=np.float64)
-    return "\n".join(("0," + parts[2]).where(split, parts[0])), seconds
+    return _FIRST_FIELD_COMMA.sub("0,", text), seconds
 
 
 def _decode_text(data: bytes) -> str:

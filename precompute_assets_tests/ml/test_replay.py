@@ -92,8 +92,8 @@ def test_parse_csv_with_string_keys(tmp_path: Path):
 
 
 def test_timestamps_may_be_iso_8601_date_times(tmp_path: Path):
-    # A "T" or a space before the time, fractions of a second, an offset (none: UTC), or a date alone.
-    text = "ts,key,size\n2026-01-01T00:00:00Z,a,1\n2026-01-01 01:00:00.5+01:00,b,1\n2026-01-02,a,1\n"
+    # A "T" or a space before the time, fractions of a second, an offset (none: UTC), or a date alone; padded too.
+    text = "ts,key,size\n2026-01-01T00:00:00Z,a,1\n2026-01-01 01:00:00.5+01:00,b,1\n 2026-01-02 ,a,1\n"
     trace = parse_trace(write(tmp_path, text))
     one_day = 86_400.0
     start = (pd.Timestamp("2026-01-01", tz="UTC") - pd.Timestamp(0, tz="UTC")).total_seconds()
