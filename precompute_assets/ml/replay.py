@@ -107,7 +107,7 @@ class Trace:
 
 
 Columns = tuple[int | str | None, int | str]  # (timestamp field or None, key field): 1-based or header names
-TRACE_FORMATS = ("auto", "text", "oracle-general")
+TRACE_FORMATS = ("auto", "text", "oracle-general", "parquet")
 # libCacheSim's oracleGeneral records, little-endian and packed: 24 bytes each.
 ORACLE_GENERAL = np.dtype([("time", "<u4"), ("obj_id", "<u8"), ("obj_size", "<u4"), ("next_access_vtime", "<i8")])
 # Compressed traces, by their file name's last suffix: pyarrow's codecs (a dependency already), and the stdlib's xz.
@@ -127,7 +127,8 @@ def parse_trace(
     ``trace_format="oracle-general"`` reads libCacheSim's binary records instead (``ORACLE_GENERAL``: the time in
     seconds and the object id are used; ids of 2^63 and above are read as the negative int64 of the same bits, so
     every id stays distinct); ``"auto"`` takes it for a file whose name says ``oracleGeneral`` and whose first
-    records hold a NUL byte (which text never does, and records all but always do).
+    records hold a NUL byte (which text never does, and records all but always do). ``"parquet"`` (and ``"auto"``
+    for a folder, a ``.parquet`` file or Parquet's magic bytes) reads columns of Parquet files: ``parquet_trace``.
 
     A key is any token without whitespace (padding is stripped); the first line decides the format: it is
     CSV when the part before its first comma is a number or an ISO 8601 date-time (read as seconds since the
@@ -147,6 +148,10 @@ def parse_trace(
     path = Path(path)
     if trace_format not in TRACE_FORMATS:
         raise ValueError(f"trace_format must be one of {', '.join(TRACE_FORMATS)}, got {trace_format!r}")
+    from .parquet_trace import is_parquet, read_parquet_trace  # it builds on this module's Trace
+
+    if trace_format == "parquet" or (trace_format == "auto" and is_parquet(path)):
+        return read_parquet_trace(path, columns=columns, where=where)
     data = _read_bytes(path)
     named = "oraclegeneral" in path.name.lower() and b"\0" in data[: 24 * 4096]  # text never holds a NUL byte
     if trace_format == "oracle-general" or (trace_format == "auto" and named):

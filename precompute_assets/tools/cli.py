@@ -427,13 +427,16 @@ def _replay_stages(
     args: argparse.Namespace, stage: _Stages, strategies: list[str], arms, learned: bool, train_days: int
 ) -> int:
     """``replay``'s work once its arguments are checked, announcing each stage to ``stage``."""
+    from ..ml.parquet_trace import PARQUET_COLUMNS, is_parquet
     from ..ml.replay import TraceError, parse_trace, replay, split_days
 
     stage("reading the trace")
     columns = None
     if args.time_field is not None or args.key_field is not None:
-        time_field = "1" if args.time_field is None else args.time_field
-        columns = (None if time_field.lower() == "none" else time_field, args.key_field or "2")
+        parquet = args.format == "parquet" or (args.format == "auto" and is_parquet(args.trace))
+        default_time, default_key = PARQUET_COLUMNS if parquet else ("1", "2")
+        time_field = default_time if args.time_field is None else args.time_field
+        columns = (None if time_field.lower() == "none" else time_field, args.key_field or default_key)
     try:
         trace = parse_trace(args.trace, columns=columns, trace_format=args.format, where=args.where)
     except TraceError as error:
@@ -797,7 +800,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="one key per line, or timestamp,key[,more fields] lines (timestamps in seconds, ms or ISO 8601; "
         "a header line is skipped; fields separated by "
         "commas, or by spaces or tabs), or libCacheSim's binary oracleGeneral records; .gz, .bz2, .xz, .zst, .lz4 "
-        "and .br files are decompressed",
+        "and .br files are decompressed; or a Parquet file or folder of them (the lake's query_logs)",
     )
     replay.add_argument(
         "--where",
@@ -807,15 +810,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     replay.add_argument(
         "--format",
-        choices=["auto", "text", "oracle-general"],
+        choices=["auto", "text", "oracle-general", "parquet"],
         default="auto",
-        help="auto (default): oracleGeneral when the file name says so, else text",
+        help="auto (default): Parquet for a folder, a .parquet file or Parquet bytes; oracleGeneral when the file "
+        "name says so; else text",
     )
     replay.add_argument(
-        "--key-field", help="the key's field in each CSV line: a 1-based number or a header name (default 2)"
+        "--key-field",
+        help="the key's field in each CSV line: a 1-based number or a header name (default 2; Parquet: key)",
     )
     replay.add_argument(
-        "--time-field", help="the timestamp's field: a 1-based number, a header name, or none (default 1)"
+        "--time-field",
+        help="the timestamp's field: a 1-based number, a header name, or none (default 1; Parquet: ts)",
     )
     replay.add_argument("--days", type=int, required=True, help="split the trace into this many days (>= 2)")
     replay.add_argument(

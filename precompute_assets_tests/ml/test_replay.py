@@ -338,6 +338,8 @@ def test_oracle_general_records_are_read_by_name_or_format(tmp_path: Path):
     folder = tmp_path / "folder.csv.gz"
     folder.mkdir()
     with pytest.raises(IsADirectoryError):
+        parse_trace(folder, trace_format="text")
+    with pytest.raises(TraceError, match="^the folder holds no .parquet file$"):  # a folder: a Parquet dataset
         parse_trace(folder)
 
 
@@ -1207,7 +1209,7 @@ def bad_inputs(tmp_path: Path) -> list[tuple[list[str], str]]:
 
     return [
         (with_(trace=tmp_path / "missing.txt"), "missing.txt: No such file or directory"),
-        (with_(trace=tmp_path / "folder"), "folder: Is a directory"),
+        (with_(trace=tmp_path / "folder"), "folder: the folder holds no .parquet file"),
         (with_(trace=tmp_path / "bad.txt"), "bad.txt: line 2: key 'b c' contains whitespace"),
         (with_(days="1"), "--days must be at least 2"),
         (with_(days="0"), "--days must be at least 2"),

@@ -1,0 +1,160 @@
+"""Parquet traces: the lake's own query logs and other columnar files replay like text traces."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from precompute_assets.ml.parquet_trace import is_parquet
+from precompute_assets.ml.replay import TraceError, parse_trace
+from precompute_assets.storage.lake import Lake
+from precompute_assets.storage.tables import query_log_frame
+from precompute_assets.tools.cli import main
+
+T0_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
+
+
+def logged(hour: int, keys: list[str], kinds: list[str]) -> list[dict]:
+    """Query-log rows as the query_logs asset validates them: one request every second of the hour."""
+    return [
+        {
+            "stream_id": f"{T0_MS + hour * 3_600_000 + i * 1000}-0",
+            "ts_ms": T0_MS + hour * 3_600_000 + i * 1000,
+            "kind": kind,
+            "key": key,
+            "hit": False,
+            "latency_us": 50,
+            "user": None,
+            "tenant": None,
+        }
+        for i, (key, kind) in enumerate(zip(keys, kinds, strict=True))
+    ]
+
+
+def write_table(path: Path, columns: dict) -> Path:
+    pq.write_table(pa.table(columns), path)
+    return path
+
+
+def test_the_lakes_query_logs_replay_as_a_trace(tmp_path: Path):
+    lake = Lake(str(tmp_path / "lake"))
+    for hour, keys in ((1, ["ad:2", "ad:3"]), (0, ["ad:1", "ad:2", "ad:1"])):  # written out of order
+        lake.write("query_logs", f"2026-01-01-{hour:02d}:00", query_log_frame(logged(hour, keys, ["ctr"] * len(keys))))
+    folder = tmp_path / "lake" / "query_logs"
+    (folder / "2026-01-01-02:00.parquet.tmp-0a1b").write_bytes(b"an unfinished write is not a partition")
+    trace = parse_trace(folder)
+    assert is_parquet(folder) and trace.keys.tolist() == ["ad:1", "ad:2", "ad:1", "ad:2", "ad:3"]
+    assert trace.timestamps.tolist() == [T0_MS / 1000 + s for s in (0, 1, 2, 3600, 3601)]
+    layout = trace.layout()
+    assert layout["format"] == "parquet" and (layout["timestamp_field"], layout["key_field"]) == (2, 4)
+    assert layout["header"][:4] == ["stream_id", "ts", "kind", "key"] and layout["distinct_keys"] == 3
+    # One kind's cache: --where on the kind column.
+    mixed = tmp_path / "mixed.parquet"
+    pq.write_table(pa.Table.from_pandas(query_log_frame(logged(0, ["a", "b", "a"], ["ctr", "emb", "ctr"]))), mixed)
+    kept = parse_trace(mixed, where=("kind", ["ctr"]))
+    assert kept.keys.tolist() == ["a", "a"] and kept.layout()["where"] == {"field": 3, "values": ["ctr"], "dropped": 1}
+
+
+def test_columns_by_name_or_number_and_their_types(tmp_path: Path):
+    big = 2**64 - 1
+    file = write_table(
+        tmp_path / "t.pq",
+        {
+            "when": pa.array(["2026-01-01T00:00:00Z", " 2026-01-01 00:00:01+00:00", "2026-01-02"]),
+            "seconds": pa.array([5, 6, 7], pa.int32()),
+            "id": pa.array([1, big, 1], pa.uint64()),
+            "name": pa.array(["x", "y", "x"]).dictionary_encode(),
+        },
+    )
+    by_name = parse_trace(file, columns=("when", "id"))
+    assert by_name.keys.dtype == np.int64 and by_name.keys.tolist() == [1, -1, 1]  # 2^64-1: the same bits
+    start = T0_MS / 1000
+    assert by_name.timestamps.tolist() == [start, start + 1, start + 86_400]
+    by_number = parse_trace(file, columns=(2, 4))
+    assert by_number.keys.tolist() == ["x", "y", "x"] and by_number.timestamps.tolist() == [5.0, 6.0, 7.0]
+    assert parse_trace(file, columns=(None, "name")).timestamps is None
+    stamps = write_table(tmp_path / "s.parquet", {"ts": pa.array([0, 1500], pa.timestamp("ms")), "key": ["a", "b"]})
+    assert parse_trace(stamps).timestamps.tolist() == [0.0, 1.5]  # the defaults: ts and key
+    # No .parquet suffix: Parquet's magic bytes say what it is; --format parquet says it outright.
+    bare = tmp_path / "trace.bin"
+    bare.write_bytes(stamps.read_bytes())
+    assert is_parquet(bare) and parse_trace(bare).keys.tolist() == ["a", "b"]
+    assert parse_trace(bare, trace_format="parquet").keys.tolist() == ["a", "b"]
+    assert not is_parquet(tmp_path / "missing.txt")
+
+
+def bad_traces(tmp_path: Path) -> list[tuple[Path, dict, str]]:
+    """(trace, parse_trace arguments, the error it must raise)."""
+    good = {"ts": pa.array([1, 2], pa.int64()), "key": ["a", "b"]}
+    cases = [
+        ({"ts": [1, 2], "key": ["a", None]}, {}, "row 2: the key is missing"),
+        ({"ts": [1, 2], "key": ["a", ""]}, {}, "row 2: the key is empty"),
+        ({"ts": [1, 2], "key": [0.5, 1.5]}, {}, "key column 'key' holds double: keys are integers or strings"),
+        ({"ts": [1, None], "key": ["a", "b"]}, {}, "row 2: the timestamp is missing"),
+        ({"ts": [1.0, float("inf")], "key": ["a", "b"]}, {}, "row 2: timestamp inf is not a finite number"),
+        ({"ts": ["2026-01-01", "noon"], "key": ["a", "b"]}, {}, "row 2: timestamp 'noon' is not an ISO 8601"),
+        ({"ts": [True, False], "key": ["a", "b"]}, {}, "timestamp column 'ts' holds bool"),
+        ({"time": [1, 2], "key": ["a", "b"]}, {}, "no timestamp column named 'ts': the file has time, key"),
+        (good, {"columns": ("ts", 3)}, "key column 3 does not exist: the file has 2 columns"),
+        (good, {"columns": ("key", "key")}, "the timestamp and the key are both column 'key'"),
+        (good, {"where": ("key", ["z"])}, r"no row has column 'key' in \['z'\]"),
+        (good, {"where": ("op", ["get"])}, "no --where column named 'op'"),
+        ({"ts": pa.array([], pa.int64()), "key": pa.array([], pa.string())}, {}, "the trace has no rows"),
+    ]
+    out = []
+    for i, (columns, kwargs, message) in enumerate(cases):
+        out.append((write_table(tmp_path / f"bad{i}.parquet", columns), kwargs, message))
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    write_table(folder / "a.parquet", good)
+    write_table(folder / "b.parquet", {"ts": [3, 4], "key": ["c", None]})
+    out.append((folder, {}, "b.parquet row 2: the key is missing"))  # a folder's row is named with its file
+    (tmp_path / "other").mkdir()
+    write_table(tmp_path / "other" / "a.parquet", good)
+    write_table(tmp_path / "other" / "b.parquet", {"ts": [3], "id": ["c"]})
+    out.append((tmp_path / "other", {}, "b.parquet: no column named 'key', which the first file has"))
+    (tmp_path / "empty").mkdir()
+    out.append((tmp_path / "empty", {}, "the folder holds no .parquet file"))
+    (tmp_path / "torn.parquet").write_bytes(b"PAR1 then nothing a reader can use")
+    out.append((tmp_path / "torn.parquet", {}, "torn.parquet: not a readable Parquet file"))
+    return out
+
+
+def test_bad_parquet_traces_are_one_clear_error(tmp_path: Path):
+    for path, kwargs, message in bad_traces(tmp_path):
+        with pytest.raises(TraceError, match=f"^{message}"):
+            parse_trace(path, **kwargs)
+
+
+def test_cli_replays_a_parquet_trace_as_the_same_csv(tmp_path: Path, capsys: pytest.CaptureFixture):
+    rng = np.random.default_rng(1)
+    keys = [f"ad:{k}" for k in np.minimum(rng.zipf(1.3, 3000), 300).tolist()]
+    seconds = np.sort(rng.uniform(0, 4 * 86_400, 3000)).round(3)
+    write_table(
+        tmp_path / "t.parquet", {"ts": pa.array((seconds * 1000).astype(np.int64), pa.timestamp("ms")), "key": keys}
+    )
+    (tmp_path / "t.csv").write_text("".join(f"{s},{k}\n" for s, k in zip(seconds.tolist(), keys, strict=True)))
+    results = []
+    for name in ("t.parquet", "t.csv"):
+        args = ["replay", "--trace", str(tmp_path / name), "--days", "4", "--top-n", "auto", "--capacity", "40"]
+        assert main(args) == 0
+        out, err = capsys.readouterr()
+        assert err == ""
+        result = json.loads(out)
+        assert result.pop("trace_layout")["format"] == ("parquet" if name.endswith("parquet") else "text")
+        result.pop("trace")
+        results.append(result)
+    assert results[0] == results[1] and results[0]["requests"] > 0
+    # Naming one column keeps the other's Parquet default; a bad trace is one line and exit code 2.
+    assert main(["replay", "--trace", str(tmp_path / "t.parquet"), "--key-field", "key", "--days", "4",
+                 "--top-n", "5", "--capacity", "40"]) == 0  # fmt: skip
+    capsys.readouterr()
+    path, _, message = bad_traces(tmp_path)[0]
+    assert main(["replay", "--trace", str(path), "--days", "2", "--top-n", "1", "--capacity", "2"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == f"precompute replay: {path}: {message}\n"
