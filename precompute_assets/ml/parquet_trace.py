@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .replay import Columns, Trace, TraceError
+from .replay import PER_SECOND, Columns, Trace, TraceError, iso_seconds
 
 PARQUET_COLUMNS: Columns = ("ts", "key")  # the query log's timestamp and key
 _MAGIC = b"PAR1"
@@ -26,11 +26,13 @@ _MAGIC = b"PAR1"
 
 def is_parquet(path: str | Path) -> bool:
     """Whether ``path`` is a Parquet trace: a folder (of ``.parquet`` files), a ``.parquet`` or ``.pq`` file, or a
-    file that starts with Parquet's magic bytes."""
+    regular file that starts with Parquet's magic bytes (a pipe is never read here: its bytes would be gone)."""
     path = Path(path)
     if path.is_dir() or path.suffix.lower() in (".parquet", ".pq"):
         return True
     try:
+        if not path.is_file():
+            return False
         with path.open("rb") as file:
             return file.read(len(_MAGIC)) == _MAGIC
     except OSError:
@@ -41,15 +43,19 @@ def read_parquet_trace(
     path: str | Path, *, columns: Columns | None = None, where: tuple[int | str, Collection[str]] | None = None
 ) -> Trace:
     """The requests of a Parquet file, or of every ``.parquet`` file under a folder (in path order; the lake
-    names partitions by their start, so that is time order), as a ``Trace``; raise TraceError naming the bad row.
+    names partitions by their start, so that is time order), as a ``Trace``; raise TraceError naming the bad row
+    (and, in a folder, its file).
 
     ``columns`` is ``(timestamp column or None, key column)`` as for text traces (default ``PARQUET_COLUMNS``);
-    ``where=(column, values)`` keeps the rows whose column, as text without padding, is one of ``values``."""
+    ``where=(column, values)`` keeps the rows whose column, as text without padding, is one of ``values``. Each
+    file is read and converted on its own, so files may store a column in different types: integer keys become
+    strings when another file's keys are strings, as in a text trace."""
     path = Path(path)
     files = sorted(p for p in path.rglob("*.parquet") if p.is_file()) if path.is_dir() else [path]
     if not files:
         raise TraceError("the folder holds no .parquet file")
-    names = _schema(files[0]).names
+    folder = path.is_dir()  # its errors name the file
+    names = _schema(files[0], files[0].name if folder else "").names
     time_col, key_col = columns or PARQUET_COLUMNS
     time_name = None if time_col is None else _column(time_col, names, "timestamp")
     key_name = _column(key_col, names, "key")
@@ -57,41 +63,35 @@ def read_parquet_trace(
         raise TraceError(f"the timestamp and the key are both column {key_name!r}")
     where_name = None if where is None else _column(where[0], names, "--where")
     wanted = list(dict.fromkeys(name for name in (time_name, key_name, where_name) if name is not None))
-    tables, starts = [], []
-    rows = 0
+    values = None if where is None else pa.array(sorted(where[1]), pa.string())
+    keys, stamps, kept = [], [], []
     for file in files:
-        table = _read(file, wanted)
-        tables.append(table)
-        starts.append(rows)
-        rows += table.num_rows
-    if rows == 0:
+        label = file.name if folder else ""
+        table = _read(file, wanted, label)
+        keys.append(_keys(_decoded(table[key_name]), key_name, label))
+        if time_name is not None:
+            stamps.append(_seconds(_decoded(table[time_name]), time_name, label))
+        if values is not None:
+            kept.append(_kept(_decoded(table[where_name]), where_name, values, label))
+    if sum(len(part) for part in keys) == 0:
         raise TraceError("the trace has no rows")
-    table = pa.concat_tables(tables, promote_options="permissive")
-
-    def row_name(index: int) -> str:
-        k = int(np.searchsorted(starts, index, side="right")) - 1
-        where_from = f"{files[k].name} " if len(files) > 1 else ""
-        return f"{where_from}row {index - starts[k] + 1}"
-
-    kept = None
-    if where_name is not None:
-        text = pc.utf8_trim_whitespace(pc.cast(table[where_name], pa.string()))
-        kept = pc.fill_null(pc.is_in(text, value_set=pa.array(sorted(where[1]), pa.string())), False)
-        kept = kept.to_numpy(zero_copy_only=False)
-        if not kept.any():
-            raise TraceError(f"no row has column {where_name!r} in {sorted(where[1])}")
-    keys = _keys(table[key_name], key_name, row_name)
-    timestamps = None if time_name is None else _seconds(table[time_name], time_name, row_name)
+    if any(part.dtype == object for part in keys):
+        keys = [part if part.dtype == object else part.astype(str).astype(object) for part in keys]
+    trace_keys = np.concatenate(keys)
+    timestamps = np.concatenate(stamps) if time_name is not None else None
     layout: dict = {}
-    if kept is not None:
-        keys, timestamps = keys[kept], None if timestamps is None else timestamps[kept]
+    if values is not None:
+        mask = np.concatenate(kept)
+        if not mask.any():
+            raise TraceError(f"no row has column {where_name!r} in {sorted(where[1])}")
+        trace_keys, timestamps = trace_keys[mask], None if timestamps is None else timestamps[mask]
         layout["where"] = {
             "field": names.index(where_name) + 1,
             "values": sorted(where[1]),
-            "dropped": int((~kept).sum()),
+            "dropped": int((~mask).sum()),
         }
     return Trace(
-        keys=keys,
+        keys=trace_keys,
         timestamps=timestamps,
         fields=len(names),
         timestamp_field=None if time_name is None else names.index(time_name) + 1,
@@ -102,25 +102,25 @@ def read_parquet_trace(
     )
 
 
-def _schema(file: Path) -> pa.Schema:
+def _schema(file: Path, label: str) -> pa.Schema:
     try:
         return pq.read_schema(file)
-    except (pa.ArrowInvalid, OSError) as exc:
+    except (pa.ArrowException, OSError) as exc:
         if isinstance(exc, FileNotFoundError | PermissionError):
             raise
-        raise TraceError(f"{file.name}: not a readable Parquet file ({exc})") from None
+        raise TraceError(_at(label, f"not a readable Parquet file ({exc})")) from None
 
 
-def _read(file: Path, wanted: list[str]) -> pa.Table:
-    missing = [name for name in wanted if name not in _schema(file).names]
+def _read(file: Path, wanted: list[str], label: str) -> pa.Table:
+    missing = [name for name in wanted if name not in _schema(file, label).names]
     if missing:
-        raise TraceError(f"{file.name}: no column named {missing[0]!r}, which the first file has")
+        raise TraceError(_at(label, f"no column named {missing[0]!r}, which the first file has"))
     try:
         return pq.read_table(file, columns=wanted)
-    except (pa.ArrowInvalid, OSError) as exc:
+    except (pa.ArrowException, OSError) as exc:
         if isinstance(exc, FileNotFoundError | PermissionError):
             raise
-        raise TraceError(f"{file.name}: not a readable Parquet file ({exc})") from None
+        raise TraceError(_at(label, f"not a readable Parquet file ({exc})")) from None
 
 
 def _column(field: int | str, names: list[str], what: str) -> str:
@@ -135,47 +135,66 @@ def _column(field: int | str, names: list[str], what: str) -> str:
     return field.strip()
 
 
-def _first_null(column: pa.ChunkedArray) -> int | None:
-    if column.null_count == 0:
-        return None
-    return int(np.flatnonzero(pc.is_null(column).to_numpy(zero_copy_only=False))[0])
+def _at(file: str, problem: str, row: int | None = None) -> str:
+    """``problem`` prefixed with where it is: the file (in a folder) and the 1-based row, when known."""
+    place = " ".join(part for part in (file, "" if row is None else f"row {row + 1}") if part)
+    return f"{place}: {problem}" if place else problem
 
 
-def _keys(column: pa.ChunkedArray, name: str, row_name) -> np.ndarray:
+def _decoded(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    """A dictionary-encoded column as its plain values."""
+    return pc.cast(column, column.type.value_type) if pa.types.is_dictionary(column.type) else column
+
+
+def _first(mask: pa.ChunkedArray | np.ndarray) -> int | None:
+    found = np.flatnonzero(mask if isinstance(mask, np.ndarray) else mask.to_numpy(zero_copy_only=False))
+    return int(found[0]) if len(found) else None
+
+
+def _keys(column: pa.ChunkedArray, name: str, label: str) -> np.ndarray:
     """int64 keys for an integer column (uint64 beyond int64 as the int64 of the same bits, still distinct),
-    ``str`` keys for a string column; anything else is not a key."""
-    kind = column.type.value_type if pa.types.is_dictionary(column.type) else column.type
-    if (missing := _first_null(column)) is not None:
-        raise TraceError(f"{row_name(missing)}: the key is missing")
+    ``str`` keys without padding for a string column; anything else is not a key."""
+    if column.null_count and (row := _first(pc.is_null(column))) is not None:
+        raise TraceError(_at(label, "the key is missing", row))
+    kind = column.type
     if pa.types.is_integer(kind):
-        values = column.to_numpy()
-        return values.view(np.int64).copy() if values.dtype == np.uint64 else values.astype(np.int64)
+        ints = column.to_numpy()
+        return ints.view(np.int64).copy() if ints.dtype == np.uint64 else ints.astype(np.int64)
     if pa.types.is_string(kind) or pa.types.is_large_string(kind):
-        values = pc.cast(column, pa.large_string()).to_numpy(zero_copy_only=False).astype(object)
-        empty = np.flatnonzero(pd.Series(values).str.len().to_numpy() == 0)
-        if len(empty):
-            raise TraceError(f"{row_name(int(empty[0]))}: the key is empty")
-        return values
-    raise TraceError(f"key column {name!r} holds {kind}: keys are integers or strings")
+        text = pc.utf8_trim_whitespace(column)
+        if (row := _first(pc.equal(pc.utf8_length(text), 0))) is not None:
+            raise TraceError(_at(label, "the key is empty", row))
+        return text.to_numpy(zero_copy_only=False).astype(object)
+    raise TraceError(_at(label, f"key column {name!r} holds {kind}: keys are integers or strings"))
 
 
-def _seconds(column: pa.ChunkedArray, name: str, row_name) -> np.ndarray:
+def _seconds(column: pa.ChunkedArray, name: str, label: str) -> np.ndarray:
     """Timestamps as float seconds: a timestamp column since the epoch, numbers as they are, ISO 8601 strings."""
-    if (missing := _first_null(column)) is not None:
-        raise TraceError(f"{row_name(missing)}: the timestamp is missing")
+    if column.null_count and (row := _first(pc.is_null(column))) is not None:
+        raise TraceError(_at(label, "the timestamp is missing", row))
     kind = column.type
     if pa.types.is_timestamp(kind):
-        ticks = pc.cast(column, pa.int64()).to_numpy()
-        return ticks / {"s": 1, "ms": 1e3, "us": 1e6, "ns": 1e9}[kind.unit]
+        return pc.cast(column, pa.int64()).to_numpy() / PER_SECOND[kind.unit]
     if pa.types.is_integer(kind) or pa.types.is_floating(kind):
         seconds = column.to_numpy().astype(np.float64)
-        if len(bad := np.flatnonzero(~np.isfinite(seconds))):
-            raise TraceError(f"{row_name(int(bad[0]))}: timestamp {float(seconds[bad[0]])!r} is not a finite number")
+        if (row := _first(~np.isfinite(seconds))) is not None:
+            raise TraceError(_at(label, f"timestamp {float(seconds[row])!r} is not a finite number", row))
         return seconds
     if pa.types.is_string(kind) or pa.types.is_large_string(kind):
-        text = pd.Series(column.to_numpy(zero_copy_only=False), dtype=object).str.strip()
-        parsed = pd.to_datetime(text, format="ISO8601", utc=True, errors="coerce")
-        if len(bad := np.flatnonzero(parsed.isna().to_numpy())):
-            raise TraceError(f"{row_name(int(bad[0]))}: timestamp {text[bad[0]]!r} is not an ISO 8601 date-time")
-        return (parsed - pd.Timestamp(0, tz="UTC")).dt.total_seconds().to_numpy(dtype=np.float64)
-    raise TraceError(f"timestamp column {name!r} holds {kind}: timestamps are times, numbers or ISO 8601 text")
+        text = pd.Series(pc.utf8_trim_whitespace(column).to_numpy(zero_copy_only=False), dtype=object)
+        seconds = iso_seconds(text)
+        if (row := _first(np.isnan(seconds))) is not None:
+            raise TraceError(_at(label, f"timestamp {text[row]!r} is not an ISO 8601 date-time", row))
+        return seconds
+    raise TraceError(
+        _at(label, f"timestamp column {name!r} holds {kind}: timestamps are times, numbers or ISO 8601 text")
+    )
+
+
+def _kept(column: pa.ChunkedArray, name: str, values: pa.Array, label: str) -> np.ndarray:
+    """Whether each row's ``name`` column, as text without padding, is one of ``values`` (a null: no)."""
+    try:
+        text = pc.utf8_trim_whitespace(pc.cast(column, pa.string()))
+    except pa.ArrowException as exc:
+        raise TraceError(_at(label, f"--where column {name!r} holds {column.type}, not text ({exc})")) from None
+    return pc.fill_null(pc.is_in(text, value_set=values), False).to_numpy(zero_copy_only=False)

@@ -57,7 +57,8 @@ _CSV_START_RE = re.compile(_CSV_START)
 _DATETIME_START_RE = re.compile(rf"{_PAD}{_DATE}")  # a timestamp that is a date-time, not a number
 _DATETIME_FIELD_RE = re.compile(rf"{_DATE}T\S*")  # one without blanks: a field of a whitespace-separated line
 _NUM_RE = re.compile(_NUM)
-_TIMESTAMP_RE = re.compile(rf"{_NUM}|{_DATETIME}")
+_NUMBER_START = re.compile(r"[+-]?\.?[0-9]")  # a name never starts so; a timestamp in any form does
+PER_SECOND = {"s": 1, "ms": 1e3, "us": 1e6, "ns": 1e9}  # ticks of a datetime64 or Arrow timestamp unit
 _FIRST_FIELD = re.compile(r"^[^,\n]*", re.MULTILINE)
 _FIRST_FIELD_COMMA = re.compile(r"^[^,\n]*,", re.MULTILINE)
 _PADDED_FIELD = re.compile(r"^[^\S\n]|[^\S\n],", re.MULTILINE)  # blanks before a line's first field or a comma
@@ -280,14 +281,11 @@ def _whitespace_separated(text: str) -> bool:
 
 
 def _header_names(line: str) -> list[str] | None:
-    """The column names ``line`` holds if it can be a CSV header: two or more, none empty or a timestamp, and
-    not a comment; else None."""
+    """The column names ``line`` holds if it can be a CSV header: two or more, none empty or starting like a
+    number (so no timestamp in any form: ``2026-01-01T08,a`` is a request, even if not one of a trace), and not
+    a comment; else None."""
     names = [name.strip() for name in line.split(",")]
-    if (
-        len(names) < 2
-        or names[0].startswith("#")
-        or not all(name and not _TIMESTAMP_RE.fullmatch(name) for name in names)
-    ):
+    if len(names) < 2 or names[0].startswith("#") or not all(name and not _NUMBER_START.match(name) for name in names):
         return None
     return names
 
@@ -1163,13 +1161,21 @@ def _date_times(text: str, first_line: int) -> tuple[str, np.ndarray]:
     stamps = pd.Series(_FIRST_FIELD.findall(text), dtype=object)  # a line without a comma: all of it
     if _PADDED_FIELD.search(text):
         stamps = stamps.str.strip()
-    parsed = pd.to_datetime(stamps, format="ISO8601", utc=True, errors="coerce")
-    unread = np.flatnonzero(parsed.isna().to_numpy())
+    seconds = iso_seconds(stamps)
+    unread = np.flatnonzero(np.isnan(seconds))
     if len(unread) and "," in text.split("\n", unread[0] + 1)[unread[0]]:  # no comma: the line checks name it
         problem = f"timestamp {stamps[unread[0]]!r} is not a date-time like line {first_line}'s"
         raise TraceError(f"line {unread[0] + first_line}: {problem}")
-    seconds = (parsed - pd.Timestamp(0, tz="UTC")).dt.total_seconds().to_numpy(dtype=np.float64)
     return _FIRST_FIELD_COMMA.sub("0,", text), seconds
+
+
+def iso_seconds(text: pd.Series) -> np.ndarray:
+    """ISO 8601 date-times as float seconds since the epoch (UTC without an offset; NaN where one is not a
+    date-time), in the unit pandas parsed them in, so years before 1677 or after 2262 do not overflow."""
+    parsed = pd.to_datetime(text, format="ISO8601", utc=True, errors="coerce")
+    naive = parsed.dt.tz_localize(None).to_numpy()  # UTC
+    ticks = naive.view(np.int64) / PER_SECOND[np.datetime_data(naive.dtype)[0]]
+    return np.where(parsed.isna().to_numpy(), np.nan, ticks)
 
 
 def _decode_text(data: bytes) -> str:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -88,12 +90,40 @@ def test_columns_by_name_or_number_and_their_types(tmp_path: Path):
     assert not is_parquet(tmp_path / "missing.txt")
 
 
+def test_a_piped_text_trace_is_not_read_to_sniff_for_parquet(tmp_path: Path):
+    # A pipe's bytes can be read once: taking some to look for Parquet's magic would lose the first requests.
+    fifo = tmp_path / "trace.fifo"
+    os.mkfifo(fifo)
+    text = "".join(f"ad:{i:05d}\n" for i in range(20_000))
+    writer = threading.Thread(target=fifo.write_text, args=(text,))
+    writer.start()
+    try:
+        trace = parse_trace(fifo)
+    finally:
+        writer.join(timeout=30)
+    assert trace.format == "text" and len(trace.keys) == 20_000 and trace.keys[0] == "ad:00000"
+
+
+def test_a_folder_may_store_a_column_in_other_types_and_years_beyond_datetime64_ns(tmp_path: Path):
+    utc_ms = pa.timestamp("ms", tz="UTC")
+    write_table(tmp_path / "a.parquet", {"ts": pa.array([0, 1000], utc_ms), "key": pa.array([7, 8], pa.int64())})
+    tokyo = pa.array([2_000_000, 3_000_000], pa.timestamp("us", tz="Asia/Tokyo"))  # instants: the zone is display
+    write_table(tmp_path / "b.parquet", {"ts": tokyo, "key": pa.array([" x ", "y"]).dictionary_encode()})
+    write_table(tmp_path / "c.parquet", {"ts": pa.array(["1500-01-01", "2500-01-01"]).dictionary_encode(),
+                                         "key": pa.array([2**64 - 1, 9], pa.uint64())})  # fmt: skip
+    trace = parse_trace(tmp_path)
+    # String keys in one file make every key the string it is (as in a text trace); padding is stripped.
+    assert trace.keys.tolist() == ["7", "8", "x", "y", "-1", "9"]
+    year_1500, year_2500 = -14_831_769_600.0, 16_725_225_600.0
+    assert trace.timestamps.tolist() == [0.0, 1.0, 2.0, 3.0, year_1500, year_2500]
+
+
 def bad_traces(tmp_path: Path) -> list[tuple[Path, dict, str]]:
     """(trace, parse_trace arguments, the error it must raise)."""
     good = {"ts": pa.array([1, 2], pa.int64()), "key": ["a", "b"]}
     cases = [
         ({"ts": [1, 2], "key": ["a", None]}, {}, "row 2: the key is missing"),
-        ({"ts": [1, 2], "key": ["a", ""]}, {}, "row 2: the key is empty"),
+        ({"ts": [1, 2], "key": ["a", " \t"]}, {}, "row 2: the key is empty"),
         ({"ts": [1, 2], "key": [0.5, 1.5]}, {}, "key column 'key' holds double: keys are integers or strings"),
         ({"ts": [1, None], "key": ["a", "b"]}, {}, "row 2: the timestamp is missing"),
         ({"ts": [1.0, float("inf")], "key": ["a", "b"]}, {}, "row 2: timestamp inf is not a finite number"),
@@ -118,10 +148,15 @@ def bad_traces(tmp_path: Path) -> list[tuple[Path, dict, str]]:
     write_table(tmp_path / "other" / "a.parquet", good)
     write_table(tmp_path / "other" / "b.parquet", {"ts": [3], "id": ["c"]})
     out.append((tmp_path / "other", {}, "b.parquet: no column named 'key', which the first file has"))
+    (tmp_path / "where").mkdir()
+    write_table(tmp_path / "where" / "a.parquet", {**good, "op": pa.array([b"get", b"\xff"], pa.binary())})
+    out.append(
+        (tmp_path / "where", {"where": ("op", ["get"])}, "a.parquet: --where column 'op' holds binary, not text")
+    )
     (tmp_path / "empty").mkdir()
     out.append((tmp_path / "empty", {}, "the folder holds no .parquet file"))
     (tmp_path / "torn.parquet").write_bytes(b"PAR1 then nothing a reader can use")
-    out.append((tmp_path / "torn.parquet", {}, "torn.parquet: not a readable Parquet file"))
+    out.append((tmp_path / "torn.parquet", {}, "not a readable Parquet file"))  # the CLI says which file
     return out
 
 

@@ -104,6 +104,9 @@ def test_timestamps_may_be_iso_8601_date_times(tmp_path: Path):
         start,
         start + one_day,
     ]
+    # Years beyond datetime64[ns] (1677..2262) are still seconds.
+    far = parse_trace(write(tmp_path, "0001-01-01T00:00:00Z,a\n2500-01-01,b\n")).timestamps.tolist()
+    assert far == [-62_135_596_800.0, 16_725_225_600.0]
     blanks = parse_trace(write(tmp_path, "2026-01-01T00:00:00Z 7 10\n2026-01-02T00:00:00Z 8 10\n"))
     assert blanks.keys.tolist() == [7, 8] and blanks.timestamps.tolist() == [start, start + one_day]
     # The same requests with date-times or with seconds split into the same days.
@@ -393,6 +396,9 @@ def test_parse_a_large_string_trace(tmp_path: Path):
         ("2026-01-01,a\n2026-01-02\n", "line 2: mixed formats"),
         ("2026-01-01,a\n2026-01-02,b c\n", "line 2: key 'b c' contains whitespace"),
         ("2026-01-01 00:00:00 a\n", "line 1: key '2026-01-01 00:00:00 a' contains whitespace"),  # blanks: ambiguous
+        # a first field that starts like a number is never a header's name: a request of no format we read
+        ("2026-01-01T08,a\n2026-01-01T09:00:00Z,b\n", "line 2: mixed formats"),
+        ("20260101T083000Z,a\n2026-01-01T09:00:00Z,b\n", "line 2: mixed formats"),
         # a header names the fields: the first is the timestamp unless --time-field says otherwise
         ("key,time\nk1,5\n", "line 2: timestamp 'k1' is not numeric \\(the header names the fields: choose them"),
     ],
