@@ -54,8 +54,8 @@ def read_parquet_trace(
     files = sorted(p for p in path.rglob("*.parquet") if p.is_file()) if path.is_dir() else [path]
     if not files:
         raise TraceError("the folder holds no .parquet file")
-    folder = path.is_dir()  # its errors name the file
-    names = _schema(files[0], files[0].name if folder else "").names
+    label = {file: str(file.relative_to(path)) if path.is_dir() else "" for file in files}  # errors name the file
+    names = _schema(files[0], label[files[0]]).names
     time_col, key_col = columns or PARQUET_COLUMNS
     time_name = None if time_col is None else _column(time_col, names, "timestamp")
     key_name = _column(key_col, names, "key")
@@ -66,15 +66,15 @@ def read_parquet_trace(
     values = None if where is None else pa.array(sorted(where[1]), pa.string())
     keys, stamps, kept = [], [], []
     for file in files:
-        label = file.name if folder else ""
-        table = _read(file, wanted, label)
-        keys.append(_keys(_decoded(table[key_name]), key_name, label))
+        table = _read(file, wanted, label[file])
+        keys.append(_keys(_decoded(table[key_name]), key_name, label[file]))
         if time_name is not None:
-            stamps.append(_seconds(_decoded(table[time_name]), time_name, label))
+            stamps.append(_seconds(_decoded(table[time_name]), time_name, label[file]))
         if values is not None:
-            kept.append(_kept(_decoded(table[where_name]), where_name, values, label))
+            kept.append(_kept(_decoded(table[where_name]), where_name, values, label[file]))
     if sum(len(part) for part in keys) == 0:
         raise TraceError("the trace has no rows")
+    keys = [part for part in keys if len(part)]  # a file without rows has no say in the keys' type
     if any(part.dtype == object for part in keys):
         keys = [part if part.dtype == object else part.astype(str).astype(object) for part in keys]
     trace_keys = np.concatenate(keys)

@@ -118,6 +118,17 @@ def test_a_folder_may_store_a_column_in_other_types_and_years_beyond_datetime64_
     assert trace.timestamps.tolist() == [0.0, 1.0, 2.0, 3.0, year_1500, year_2500]
 
 
+def test_a_file_without_rows_does_not_change_the_key_type_and_errors_name_a_subfolders_file(tmp_path: Path):
+    write_table(tmp_path / "a.parquet", {"ts": [1, 2], "key": pa.array([7, 8], pa.int64())})
+    (tmp_path / "sub").mkdir()
+    write_table(tmp_path / "sub" / "b.parquet", {"ts": pa.array([], pa.int64()), "key": pa.array([], pa.string())})
+    trace = parse_trace(tmp_path)
+    assert trace.keys.dtype == np.int64 and trace.keys.tolist() == [7, 8]
+    write_table(tmp_path / "sub" / "c.parquet", {"ts": [3], "key": pa.array([None], pa.int64())})
+    with pytest.raises(TraceError, match="^sub/c.parquet row 1: the key is missing$"):
+        parse_trace(tmp_path)
+
+
 def bad_traces(tmp_path: Path) -> list[tuple[Path, dict, str]]:
     """(trace, parse_trace arguments, the error it must raise)."""
     good = {"ts": pa.array([1, 2], pa.int64()), "key": ["a", "b"]}
