@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 from .replay import PER_SECOND, Columns, Trace, TraceError, iso_seconds
 
 PARQUET_COLUMNS: Columns = ("ts", "key")  # the query log's timestamp and key
+LOGGED_HIT = "hit"  # the query log's boolean: did the serving client hit? (read when the file has it)
 _MAGIC = b"PAR1"
 
 
@@ -55,19 +56,26 @@ def read_parquet_trace(
     if not files:
         raise TraceError("the folder holds no .parquet file")
     label = {file: str(file.relative_to(path)) if path.is_dir() else "" for file in files}  # errors name the file
-    names = _schema(files[0], label[files[0]]).names
+    schema = _schema(files[0], label[files[0]])
+    names = schema.names
     time_col, key_col = columns or PARQUET_COLUMNS
     time_name = None if time_col is None else _column(time_col, names, "timestamp")
     key_name = _column(key_col, names, "key")
     if time_name == key_name:
         raise TraceError(f"the timestamp and the key are both column {key_name!r}")
     where_name = None if where is None else _column(where[0], names, "--where")
-    wanted = list(dict.fromkeys(name for name in (time_name, key_name, where_name) if name is not None))
+    logged = LOGGED_HIT in names and pa.types.is_boolean(schema.field(LOGGED_HIT).type)
+    hit_name = LOGGED_HIT if logged else None
+    named = (time_name, key_name, where_name, hit_name)
+    wanted = list(dict.fromkeys(name for name in named if name is not None))
     values = None if where is None else pa.array(sorted(where[1]), pa.string())
-    keys, stamps, kept = [], [], []
+    keys, stamps, kept, hits = [], [], [], []
     for file in files:
         table = _read(file, wanted, label[file])
         keys.append(_keys(_decoded(table[key_name]), key_name, label[file]))
+        if hit_name is not None:
+            column = table[hit_name]
+            hits.append(None if column.null_count else column.to_numpy(zero_copy_only=False).astype(bool))
         if time_name is not None:
             stamps.append(_seconds(_decoded(table[time_name]), time_name, label[file]))
         if values is not None:
@@ -79,12 +87,14 @@ def read_parquet_trace(
         keys = [part if part.dtype == object else part.astype(str).astype(object) for part in keys]
     trace_keys = np.concatenate(keys)
     timestamps = np.concatenate(stamps) if time_name is not None else None
+    logged_hits = np.concatenate(hits) if hits and all(part is not None for part in hits) else None  # a gap: none
     layout: dict = {}
     if values is not None:
         mask = np.concatenate(kept)
         if not mask.any():
             raise TraceError(f"no row has column {where_name!r} in {sorted(where[1])}")
         trace_keys, timestamps = trace_keys[mask], None if timestamps is None else timestamps[mask]
+        logged_hits = None if logged_hits is None else logged_hits[mask]
         layout["where"] = {
             "field": names.index(where_name) + 1,
             "values": sorted(where[1]),
@@ -98,6 +108,7 @@ def read_parquet_trace(
         key_field=names.index(key_name) + 1,
         header=tuple(names),
         format="parquet",
+        logged_hits=logged_hits,
         **layout,
     )
 

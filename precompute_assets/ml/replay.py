@@ -87,6 +87,7 @@ class Trace:
     format: str = "text"  # or "oracle-general": libCacheSim's binary records
     separator: str | None = None  # between fields of a text line: "comma" or "whitespace" (None: one field)
     where: dict | None = None  # the filter of lines: field, values, lines dropped
+    logged_hits: np.ndarray | None = None  # per request, whether the serving client hit (its query log's ``hit``)
 
     def layout(self) -> dict:
         """How the file was read, for a reader to check: its format, the fields per line (record), the two that
@@ -296,18 +297,31 @@ def split_days(trace: Trace, days: int) -> list[np.ndarray]:
     Requests are taken in time order (stable for equal times); if all timestamps are equal, time says nothing
     and the split falls back to equal counts.
     """
+    return _split(trace, days, np.asarray(trace.keys))
+
+
+def logged_hit_rate(trace: Trace, days: int, *, count_from: int = 1) -> float | None:
+    """The hit rate the serving client logged (``trace.logged_hits``) over the requests of days >= ``count_from``
+    of ``split_days``: what production saw on the requests the replayed policies are scored on (None: not logged)."""
+    if trace.logged_hits is None:
+        return None
+    counted = np.concatenate(_split(trace, days, np.asarray(trace.logged_hits, dtype=bool))[count_from:])
+    return float(counted.mean()) if len(counted) else 0.0
+
+
+def _split(trace: Trace, days: int, values: np.ndarray) -> list[np.ndarray]:
+    """``values`` (one per request) cut into the days ``split_days`` describes."""
     if days < 1:
         raise ValueError("days must be >= 1")
-    keys = np.asarray(trace.keys)
     ts = trace.timestamps
     if ts is None or len(ts) == 0 or ts.min() == ts.max():
-        return [np.asarray(part) for part in np.array_split(keys, days)]
+        return [np.asarray(part) for part in np.array_split(values, days)]
     order = np.argsort(ts, kind="stable")
-    ts, keys = ts[order], keys[order]
+    ts, values = ts[order], values[order]
     # Day of each request; the latest request belongs to the last day rather than one past it.
     day = np.minimum(((ts - ts[0]) / (ts[-1] - ts[0]) * days).astype(np.int64), days - 1)
     bounds = np.searchsorted(day, np.arange(days + 1), side="left")
-    return [keys[bounds[d] : bounds[d + 1]] for d in range(days)]
+    return [values[bounds[d] : bounds[d + 1]] for d in range(days)]
 
 
 def replay(

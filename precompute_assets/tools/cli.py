@@ -428,7 +428,7 @@ def _replay_stages(
 ) -> int:
     """``replay``'s work once its arguments are checked, announcing each stage to ``stage``."""
     from ..ml.parquet_trace import PARQUET_COLUMNS, is_parquet
-    from ..ml.replay import TraceError, parse_trace, replay, split_days
+    from ..ml.replay import TraceError, logged_hit_rate, parse_trace, replay, split_days
 
     stage("reading the trace")
     columns = None
@@ -471,6 +471,8 @@ def _replay_stages(
                     pool=pool,
                 )
             result = replayed.result() if replayed else replay(day_keys, **policies)
+            if trace.logged_hits is not None:  # what the serving client saw on the same counted requests
+                result["hit_rate_logged"] = logged_hit_rate(trace, args.days)
             if demand_strategies:
                 result.update(compared)
             if arms is not None:

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from precompute_assets.ml.parquet_trace import is_parquet
-from precompute_assets.ml.replay import TraceError, parse_trace
+from precompute_assets.ml.replay import TraceError, logged_hit_rate, parse_trace
 from precompute_assets.storage.lake import Lake
 from precompute_assets.storage.tables import query_log_frame
 from precompute_assets.tools.cli import main
@@ -60,6 +60,34 @@ def test_the_lakes_query_logs_replay_as_a_trace(tmp_path: Path):
     pq.write_table(pa.Table.from_pandas(query_log_frame(logged(0, ["a", "b", "a"], ["ctr", "emb", "ctr"]))), mixed)
     kept = parse_trace(mixed, where=("kind", ["ctr"]))
     assert kept.keys.tolist() == ["a", "a"] and kept.layout()["where"] == {"field": 3, "values": ["ctr"], "dropped": 1}
+
+
+def test_the_query_logs_hits_give_the_hit_rate_the_client_saw_on_the_counted_days(tmp_path: Path):
+    # Four days of four requests (one every 6 hours); day 0 only warms the caches, as in every replayed rate.
+    hit = [True, True, True, True] + [False, True, False, False] + [True, False, True, True] + [True] * 4
+    ts = pa.array([i * 6 * 3_600_000 for i in range(16)], pa.timestamp("ms", tz="UTC"))
+    kind = ["ctr", "emb"] * 8
+    file = write_table(
+        tmp_path / "log.parquet", {"ts": ts, "kind": kind, "key": [f"k{i % 3}" for i in range(16)], "hit": hit}
+    )
+    trace = parse_trace(file)
+    assert trace.logged_hits.tolist() == hit
+    assert logged_hit_rate(trace, 4) == 8 / 12 and logged_hit_rate(trace, 4, count_from=0) == 12 / 16
+    # --where keeps the hits of the rows it keeps.
+    ctr = parse_trace(file, where=("kind", ["ctr"]))
+    assert ctr.logged_hits.tolist() == hit[::2] and logged_hit_rate(ctr, 4) == 4 / 6
+    # No logged hits without a boolean "hit" column, or with a row that has none: never a guess.
+    assert (
+        parse_trace(write_table(tmp_path / "n.parquet", {"ts": [1, 2], "key": ["a", "b"], "hit": [1, 0]})).logged_hits
+        is None
+    )
+    assert (
+        parse_trace(
+            write_table(tmp_path / "g.parquet", {"ts": [1, 2], "key": ["a", "b"], "hit": [True, None]})
+        ).logged_hits
+        is None
+    )
+    assert logged_hit_rate(parse_trace(tmp_path / "n.parquet"), 2) is None
 
 
 def test_columns_by_name_or_number_and_their_types(tmp_path: Path):
@@ -195,7 +223,18 @@ def test_cli_replays_a_parquet_trace_as_the_same_csv(tmp_path: Path, capsys: pyt
         assert result.pop("trace_layout")["format"] == ("parquet" if name.endswith("parquet") else "text")
         result.pop("trace")
         results.append(result)
-    assert results[0] == results[1] and results[0]["requests"] > 0
+    assert results[0] == results[1] and results[0]["requests"] > 0 and "hit_rate_logged" not in results[0]
+    # A query log's hits: the client's own hit rate on the counted days, beside the replayed ones.
+    hit = (rng.random(3000) < 0.6).tolist()
+    logged = write_table(
+        tmp_path / "log.parquet",
+        {"ts": pa.array((seconds * 1000).astype(np.int64), pa.timestamp("ms")), "key": keys, "hit": hit},
+    )
+    assert main(["replay", "--trace", str(logged), "--days", "4", "--top-n", "5", "--capacity", "40"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (
+        result["hit_rate_logged"] == logged_hit_rate(parse_trace(logged), 4) and 0.5 < result["hit_rate_logged"] < 0.7
+    )
     # Naming one column keeps the other's Parquet default; a bad trace is one line and exit code 2.
     assert main(["replay", "--trace", str(tmp_path / "t.parquet"), "--key-field", "key", "--days", "4",
                  "--top-n", "5", "--capacity", "40"]) == 0  # fmt: skip
