@@ -443,6 +443,8 @@ def _replay_stages(
         raise CliError(f"{args.trace}: {error}") from None
     except OSError as error:
         raise CliError(f"{args.trace}: {error.strerror or error}") from None
+    except MemoryError:
+        raise CliError(f"{args.trace}: the trace does not fit in memory (replay a sample of it)") from None
     if args.days > len(trace.keys):
         raise CliError(f"--days {args.days} is larger than the number of requests ({len(trace.keys)})")
     try:
@@ -509,6 +511,8 @@ def _replay_stages(
         raise CliError(str(error)) from None
     except BrokenProcessPool as error:  # a worker was killed, e.g. out of memory
         raise CliError(f"a replay process ended abruptly: {error}") from None
+    except MemoryError:
+        raise CliError("out of memory while replaying (a smaller --capacity, fewer --strategy, or a sample)") from None
     print(json.dumps({"trace": str(args.trace), "trace_layout": trace.layout(), **result}))
     return 0
 

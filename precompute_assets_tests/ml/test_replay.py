@@ -1237,6 +1237,19 @@ def test_cli_bad_inputs_are_one_line_and_exit_code_2(tmp_path: Path, capsys: pyt
         assert expected in err and "Traceback" not in err, (args, err)
 
 
+@pytest.mark.parametrize("where", ["precompute_assets.ml.replay.parse_trace", "precompute_assets.ml.replay.replay"])
+def test_cli_out_of_memory_is_one_line_and_exit_code_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, where: str
+):
+    def exhausted(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(where, exhausted)  # a trace bigger than the machine's memory, read or replayed
+    trace = write(tmp_path, "1\n2\n3\n1\n")
+    code, out, err = run_replay(capsys, "--trace", str(trace), "--days", "2", "--top-n", "1", "--capacity", "2")
+    assert (code, out) == (2, "") and err.count("\n") == 1 and "memory" in err and "Traceback" not in err
+
+
 def test_cli_top_n_auto(tmp_path: Path, capsys: pytest.CaptureFixture):
     days = stable_days(np.random.default_rng(44), 4)
     trace = write(tmp_path, "\n".join(map(str, np.concatenate(days).tolist())) + "\n")
