@@ -136,8 +136,8 @@ def parse_trace(
     CSV when the part before its first comma is a number or an ISO 8601 date-time (read as seconds since the
     epoch, UTC without an offset), and then keys hold no comma, every line has as many fields as the first and
     fields after the key are ignored (``timestamp,key,size`` of libCacheSim, Twitter's seven columns). A first
-    line of names (no field a timestamp, as many fields as the line after it) is a header, skipped, and makes
-    the lines below it CSV. ``columns`` picks the timestamp and key fields of any other CSV layout
+    line of names (none starting like a number, as many fields as the line after it) is a header, skipped, and
+    makes the lines below it CSV. ``columns`` picks the timestamp and key fields of any other CSV layout
     (``(1, 5)`` or ``("Timestamp", "Offset")`` for MSR Cambridge; a timestamp of None: keys only).
     Fields may be separated by spaces or tabs instead (``timestamp key size`` of the Wikipedia CDN traces): so
     are they when the first line (or the one below a header of names) has no comma and two or more fields, the
