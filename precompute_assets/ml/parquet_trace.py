@@ -9,7 +9,8 @@ error that names its file and row, as a bad line of a text trace is.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import contextlib
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -52,11 +53,13 @@ def read_parquet_trace(
     file is read and converted on its own, so files may store a column in different types: integer keys become
     strings when another file's keys are strings, as in a text trace."""
     path = Path(path)
-    files = sorted(p for p in path.rglob("*.parquet") if p.is_file()) if path.is_dir() else [path]
+    folder = path.is_dir()
+    files = sorted(p for p in path.rglob("*.parquet") if p.is_file()) if folder else [path]
     if not files:
         raise TraceError("the folder holds no .parquet file")
-    label = {file: str(file.relative_to(path)) if path.is_dir() else "" for file in files}  # errors name the file
-    schema = _schema(files[0], label[files[0]])
+    label = {file: str(file.relative_to(path)) if folder else "" for file in files}  # errors name the file
+    with _reading(label[files[0]]):
+        schema = pq.read_schema(files[0])
     names = schema.names
     time_col, key_col = columns or PARQUET_COLUMNS
     time_name = None if time_col is None else _column(time_col, names, "timestamp")
@@ -113,9 +116,12 @@ def read_parquet_trace(
     )
 
 
-def _schema(file: Path, label: str) -> pa.Schema:
+@contextlib.contextmanager
+def _reading(label: str) -> Iterator[None]:
+    """Arrow's errors of a file that is not readable Parquet as one TraceError (a missing or forbidden file stays
+    the OSError it is)."""
     try:
-        return pq.read_schema(file)
+        yield
     except (pa.ArrowException, OSError) as exc:
         if isinstance(exc, FileNotFoundError | PermissionError):
             raise
@@ -123,15 +129,12 @@ def _schema(file: Path, label: str) -> pa.Schema:
 
 
 def _read(file: Path, wanted: list[str], label: str) -> pa.Table:
-    missing = [name for name in wanted if name not in _schema(file, label).names]
-    if missing:
-        raise TraceError(_at(label, f"no column named {missing[0]!r}, which the first file has"))
-    try:
-        return pq.read_table(file, columns=wanted)
-    except (pa.ArrowException, OSError) as exc:
-        if isinstance(exc, FileNotFoundError | PermissionError):
-            raise
-        raise TraceError(_at(label, f"not a readable Parquet file ({exc})")) from None
+    """The ``wanted`` columns of ``file``, its footer read once."""
+    with _reading(label), pq.ParquetFile(file) as parquet:
+        missing = [name for name in wanted if name not in parquet.schema_arrow.names]
+        if missing:
+            raise TraceError(_at(label, f"no column named {missing[0]!r}, which the first file has"))
+        return parquet.read(columns=wanted)
 
 
 def _column(field: int | str, names: list[str], what: str) -> str:
