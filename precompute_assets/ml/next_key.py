@@ -2,15 +2,25 @@
 
 ``next_key_accuracy`` trains an LSTM language model over the key sequence of the earlier days (vocabulary: the
 ``vocab_size`` most frequent training keys plus one out-of-vocabulary class) and scores top-1 and top-10 next-key
-accuracy on the later days beside two baselines fitted on the same training days:
+accuracy on the later days beside baselines fitted on the same training days.
+
+Integer keys (block addresses, ids handed out in order) also get a delta vocabulary, as learned prefetchers for
+address streams use (Hashemi et al., "Learning Memory Access Patterns", 2018): the ``delta_vocab_size`` most
+frequent differences "next key - current key" of the training days (each seen at least twice) are classes too, and
+the net also reads the delta that led to the current key. A next key in the key vocabulary is learned as its key
+class, any other whose delta is in the delta vocabulary as that delta; a key's probability is the sum of both
+classes that reach it. So the LSTM can predict keys it never saw (the next block of a scan). The baselines:
 
 - ``markov1``: the most frequent successors of the previous key in the training days (ties: the more frequent
   training key, then key order), the top-k filled up with ``most_popular`` keys when the previous key has fewer
   than k successors or was never seen;
-- ``most_popular``: the 10 most frequent training keys (ties: key order), the same prediction at every position.
+- ``most_popular``: the 10 most frequent training keys (ties: key order), the same prediction at every position;
+- ``markov1_delta`` (integer keys only): Markov-1 over deltas, the most frequent next deltas after the delta that
+  led to the current key (the same ties and fill-up, among training deltas), added to the current key.
 
 Honest scoring: every evaluated request counts in the denominator; a target outside the LSTM's vocabulary is a
-miss for the LSTM, and the OOV class is never a prediction (top-k is taken among real keys). The evaluated stream
+miss for the LSTM unless a delta class reaches it, and the OOV class is never a prediction (top-k is taken
+among real keys). The evaluated stream
 is the first ``max_eval_requests`` requests of the later days, processed causally: the prediction of request i
 sees only the requests before it (the training days included), the LSTM running over the stream in chunks with
 its hidden state carried.
@@ -37,7 +47,7 @@ from .demand import torch_threads
 from .replay import _as_codes, _precomputed_sets, replay
 
 TOP_K = 10  # the wider of the two accuracies; most_popular is this many keys
-PREDICTORS = ("lstm", "markov1", "most_popular")
+PREDICTORS = ("lstm", "markov1", "most_popular")  # and "markov1_delta" on integer keys
 
 
 @dataclass(frozen=True)
@@ -51,6 +61,7 @@ class NextKeyHyperParams:
     """
 
     vocab_size: int = 5000  # most frequent training keys; one more class stands for every other key
+    delta_vocab_size: int = 1000  # most frequent "next - current" differences of integer keys; 0: none
     embedding_dim: int = 32
     hidden_size: int = 64
     seq_len: int = 64
@@ -83,6 +94,9 @@ class NextKeyHyperParams:
         for name in ("learning_rate", "max_seconds"):
             if not getattr(self, name) > 0:  # NaN fails too
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        delta = self.delta_vocab_size
+        if isinstance(delta, bool) or not isinstance(delta, int | np.integer) or delta < 0:
+            raise ValueError(f"delta_vocab_size must be a whole number >= 0, got {delta!r}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1 or None, got {self.threads!r}")
 
@@ -91,25 +105,33 @@ DEFAULT_HYPER_PARAMS = NextKeyHyperParams()
 
 
 class NextKeyLSTM(nn.Module):
-    """Embedding of the current key (vocabulary + OOV), an LSTM, and logits over the next key (vocabulary + OOV)."""
+    """Embeddings of the current key (vocabulary + OOV) and of the delta that led to it (delta vocabulary + other),
+    summed; an LSTM; logits over the next key's classes (vocabulary, delta vocabulary, OOV)."""
 
-    def __init__(self, classes: int, embedding_dim: int, hidden_size: int) -> None:
+    def __init__(self, keys: int, deltas: int, embedding_dim: int, hidden_size: int) -> None:
         super().__init__()
-        self.embed = nn.Embedding(classes, embedding_dim)
+        self.embed = nn.Embedding(keys + 1, embedding_dim)
+        self.embed_delta = nn.Embedding(deltas + 1, embedding_dim)
         self.lstm = nn.LSTM(embedding_dim, hidden_size, batch_first=True)
-        self.head = nn.Linear(hidden_size, classes)
+        self.head = nn.Linear(hidden_size, keys + deltas + 1)
 
-    def forward(self, codes: torch.Tensor, state=None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        out, state = self.lstm(self.embed(codes), state)
+    def encode(self, key_codes: torch.Tensor, delta_codes: torch.Tensor, state=None):
+        """The LSTM's outputs and state over the inputs, before the head."""
+        return self.lstm(self.embed(key_codes) + self.embed_delta(delta_codes), state)
+
+    def forward(self, key_codes: torch.Tensor, delta_codes: torch.Tensor, state=None):
+        out, state = self.encode(key_codes, delta_codes, state)
         return self.head(out), state
 
 
 @dataclass
 class NextKeyModel:
-    """A trained next-key LSTM: ``vocab`` holds the key of each class (class ``len(vocab)`` is OOV)."""
+    """A trained next-key LSTM: ``vocab`` holds the key of each key class, ``deltas`` the difference of each delta
+    class (int64; empty unless keys are integers). Output classes: keys, then deltas, then OOV."""
 
     net: NextKeyLSTM
     vocab: np.ndarray
+    deltas: np.ndarray
     train_days: int
     train_requests: int
     epochs: int
@@ -121,6 +143,60 @@ class NextKeyModel:
         """The class of each key: its vocabulary index, or the OOV class ``len(vocab)``."""
         index = pd.Index(self.vocab).get_indexer(pd.Index(np.asarray(keys)))
         return np.where(index >= 0, index, len(self.vocab)).astype(np.int64)
+
+    def inputs_of(self, stream: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The net's inputs at each request of ``stream``: its key class, and the class of the delta from the
+        request before (``len(deltas)``, "other", for the first request and for deltas outside the vocabulary)."""
+        keys = self.classes_of(stream)
+        other = len(self.deltas)
+        moves = np.full(len(stream), other, dtype=np.int64)
+        if other and len(stream) > 1:
+            moves[1:] = self._delta_classes(np.diff(np.asarray(stream, dtype=np.int64)))
+        return keys, moves
+
+    def targets_of(self, stream: np.ndarray) -> np.ndarray:
+        """The class to learn after each request but the last: the next key's class when it is in the vocabulary,
+        else its delta's class when that is in the delta vocabulary, else OOV."""
+        vocab = len(self.vocab)
+        targets = self.classes_of(stream[1:])
+        if len(self.deltas) and len(stream) > 1:
+            moves = self._delta_classes(np.diff(np.asarray(stream, dtype=np.int64)))
+            targets = np.where(targets < vocab, targets, vocab + moves)  # moves = len(deltas) is OOV
+        else:
+            targets[targets == vocab] = vocab + len(self.deltas)
+        return targets
+
+    def _delta_classes(self, moves: np.ndarray) -> np.ndarray:
+        index = pd.Index(self.deltas).get_indexer(pd.Index(moves))
+        return np.where(index >= 0, index, len(self.deltas)).astype(np.int64)
+
+    def top_keys(self, logits: torch.Tensor, current: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` most likely real next keys after each of the ``current`` keys (rows of ``logits``), most likely
+        first, and their probabilities (softmax, OOV mass included). A key's probability is its key class's plus
+        that of the delta class that reaches it from the current key; the candidates are the keys of the ``k``
+        most likely key classes and those the ``k`` most likely delta classes reach. Fewer columns when fewer
+        keys are reachable; a key that both lists hold is listed once, its repeat at the end with probability 0."""
+        vocab, other = len(self.vocab), len(self.deltas)
+        probs = torch.softmax(logits.double(), dim=1).numpy()
+        index = np.argsort(-probs[:, :vocab], axis=1, kind="stable")[:, :k]
+        keys = self.vocab[index]
+        prob = np.take_along_axis(probs, index, axis=1)
+        if not other:
+            return keys, prob
+        now = np.asarray(current, dtype=np.int64)[:, None]
+        move = np.argsort(-probs[:, vocab : vocab + other], axis=1, kind="stable")[:, :k]
+        reached = now + self.deltas[move]
+        moved = np.take_along_axis(probs, vocab + move, axis=1)
+        # Each candidate's other class: the delta class of a key candidate, the key class of a reached key.
+        by_delta = pd.Index(self.deltas).get_indexer(pd.Index((keys - now).ravel())).reshape(keys.shape)
+        prob = prob + np.where(by_delta >= 0, np.take_along_axis(probs, vocab + np.maximum(by_delta, 0), axis=1), 0)
+        by_key = pd.Index(self.vocab).get_indexer(pd.Index(reached.ravel())).reshape(reached.shape)
+        moved = moved + np.where(by_key >= 0, np.take_along_axis(probs, np.maximum(by_key, 0), axis=1), 0)
+        listed = (keys[:, :, None] == reached[:, None, :]).any(axis=1)
+        moved = np.where(listed, -1.0, moved)  # already a key candidate: sorted last
+        keys, prob = np.concatenate([keys, reached], axis=1), np.concatenate([prob, moved], axis=1)
+        order = np.argsort(-prob, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(keys, order, axis=1), np.maximum(np.take_along_axis(prob, order, axis=1), 0.0)
 
 
 @dataclass(frozen=True)
@@ -165,6 +241,17 @@ def _popularity(codes: np.ndarray, n_keys: int) -> np.ndarray:
     return order[counts[order] > 0]
 
 
+def _frequent_deltas(train: np.ndarray, size: int) -> np.ndarray:
+    """The ``size`` most frequent differences between consecutive training keys that occur at least twice (ties:
+    the smaller magnitude, then the smaller delta); none unless the keys are integers."""
+    if not size or not np.issubdtype(train.dtype, np.integer) or len(train) < 3:
+        return np.empty(0, dtype=np.int64)
+    moves, counts = np.unique(np.diff(train.astype(np.int64)), return_counts=True)
+    order = np.lexsort((moves, np.abs(moves), -counts))
+    order = order[counts[order] >= 2][:size]
+    return moves[order]
+
+
 def train_next_key(
     day_keys: Sequence[np.ndarray], *, train_days: int, hp: NextKeyHyperParams = DEFAULT_HYPER_PARAMS
 ) -> NextKeyModel:
@@ -172,20 +259,24 @@ def train_next_key(
     train, _ = _split(day_keys, train_days)
     codes, uniques = _factorize(train)
     vocab = uniques[_popularity(codes, len(uniques))[: hp.vocab_size]]
-    classes = len(vocab) + 1
+    deltas = _frequent_deltas(train, hp.delta_vocab_size)
+    classes = len(vocab) + len(deltas) + 1
     with torch_threads(hp.threads):
         torch.manual_seed(hp.seed)
-        net = NextKeyLSTM(classes, hp.embedding_dim, hp.hidden_size)
-        model = NextKeyModel(net, vocab, train_days, len(train), 0, 0.0, False, hp)
-        stream = model.classes_of(train)
-        pairs = len(stream) - 1
+        net = NextKeyLSTM(len(vocab), len(deltas), hp.embedding_dim, hp.hidden_size)
+        model = NextKeyModel(net, vocab, deltas, train_days, len(train), 0, 0.0, False, hp)
+        pairs = len(train) - 1
         if pairs < 1:  # a single training request: nothing to learn from, the untrained net stays
             net.eval()
             return model
         streams = max(1, min(hp.batch_size, pairs // hp.seq_len))
         length = pairs // streams
-        inputs = torch.from_numpy(stream[: streams * length].reshape(streams, length))
-        targets = torch.from_numpy(stream[1 : streams * length + 1].reshape(streams, length))
+
+        def shaped(values: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(values[: streams * length].reshape(streams, length))
+
+        key_codes, delta_codes = (shaped(values) for values in model.inputs_of(train))
+        targets = shaped(model.targets_of(train))
         optimizer = torch.optim.Adam(net.parameters(), lr=hp.learning_rate)
         loss_fn = nn.CrossEntropyLoss()
         started, epochs, steps, stopped = time.perf_counter(), 0, 0, False
@@ -194,8 +285,9 @@ def train_next_key(
             state = None
             for begin in range(0, length, hp.seq_len):
                 optimizer.zero_grad()
-                logits, state = net(inputs[:, begin : begin + hp.seq_len], state)
-                loss = loss_fn(logits.reshape(-1, classes), targets[:, begin : begin + hp.seq_len].reshape(-1))
+                window = slice(begin, begin + hp.seq_len)
+                logits, state = net(key_codes[:, window], delta_codes[:, window], state)
+                loss = loss_fn(logits.reshape(-1, classes), targets[:, window].reshape(-1))
                 loss.backward()
                 nn.utils.clip_grad_norm_(net.parameters(), 1.0)
                 optimizer.step()
@@ -212,22 +304,25 @@ def train_next_key(
 
 def _scan(
     model: NextKeyModel,
-    warm: np.ndarray,
-    inputs: np.ndarray,
+    stream: np.ndarray,
+    warm: int,
     consume: Callable[[int, torch.Tensor], None],
 ) -> None:
-    """Run the LSTM over the classes ``warm`` (outputs ignored) then ``inputs``, state carried, ``chunk`` steps at
-    a time; ``consume(start, logits)`` receives the logits of ``inputs[start : start + len(logits)]``, each the
-    prediction of the key after that input."""
+    """Run the LSTM over the keys ``stream``, state carried, ``chunk`` steps at a time: over its first ``warm``
+    keys with the outputs ignored, then over the rest, where ``consume(start, logits)`` receives the logits after
+    ``stream[warm + start : warm + start + len(logits)]``, each the prediction of the key after that one."""
     chunk = model.hp.chunk
+    key_codes, delta_codes = (torch.from_numpy(codes[None]) for codes in model.inputs_of(stream))
     state = None
     with torch_threads(model.hp.threads), torch.no_grad():
         model.net.eval()
-        for begin in range(0, len(warm), chunk):
-            _, state = model.net.lstm(model.net.embed(torch.from_numpy(warm[None, begin : begin + chunk])), state)
-        for begin in range(0, len(inputs), chunk):
-            logits, state = model.net(torch.from_numpy(inputs[None, begin : begin + chunk]), state)
-            consume(begin, logits[0])
+        for begin in range(0, warm, chunk):
+            end = min(begin + chunk, warm)
+            _, state = model.net.encode(key_codes[:, begin:end], delta_codes[:, begin:end], state)
+        for begin in range(warm, len(stream), chunk):
+            end = begin + chunk
+            logits, state = model.net(key_codes[:, begin:end], delta_codes[:, begin:end], state)
+            consume(begin - warm, logits[0])
 
 
 def _markov_top(train: np.ndarray, prev: np.ndarray, popular: np.ndarray, k: int, n_keys: int) -> np.ndarray:
@@ -267,6 +362,20 @@ def _markov_top(train: np.ndarray, prev: np.ndarray, popular: np.ndarray, k: int
             if need.any():
                 rows[need, j] = picks[need, j - filled[need]]
     return table[inverse.reshape(-1)]
+
+
+def _markov1_delta_hits(train: np.ndarray, targets: np.ndarray) -> tuple[int, int]:
+    """Top-1 and top-``TOP_K`` hits of Markov-1 over deltas (module doc) on ``targets``, the requests after
+    ``train``; integer keys."""
+    if len(train) < 2:  # no training delta
+        return 0, 0
+    codes, _ = _factorize(np.diff(np.concatenate([train, targets]).astype(np.int64)))
+    fitted = codes[: len(train) - 1]  # the deltas between training requests
+    reaching = codes[len(train) - 1 :]  # the delta from the request before each target to it
+    before = codes[len(train) - 2 : len(train) - 2 + len(targets)]  # the delta that led to that request
+    n_codes = int(codes.max()) + 1
+    table = _markov_top(fitted, before, _popularity(fitted, n_codes), TOP_K, n_codes)
+    return int((table[:, 0] == reaching).sum()), int((table == reaching[:, None]).any(axis=1).sum())
 
 
 def next_key_accuracy(
@@ -309,42 +418,48 @@ def next_key_accuracy(
     hits1["markov1"] = int((markov[:, 0] == target_codes).sum())
     hits10["markov1"] = int((markov == target_codes[:, None]).any(axis=1).sum())
 
-    vocab = len(model.vocab)
-    target_classes = model.classes_of(targets)
-    train_classes = model.classes_of(train)
-    inputs = np.concatenate([train_classes[-1:], target_classes[:-1]])
-    warm = train_classes[-(hp.seq_len + 1) : -1]
-    k = min(TOP_K, vocab)
+    predictors = PREDICTORS
+    if np.issubdtype(train.dtype, np.integer):
+        predictors = (*PREDICTORS, "markov1_delta")
+        hits1["markov1_delta"], hits10["markov1_delta"] = _markov1_delta_hits(train, targets)
+
+    vocab, deltas = len(model.vocab), len(model.deltas)
+    context = train[-(hp.seq_len + 1) :]  # warm-up requests, then the last training request
+    stream = np.concatenate([context, targets[:-1]])
+    current = stream[len(context) - 1 :]  # the request before each target
     lstm1 = lstm10 = 0
 
     def score(begin: int, logits: torch.Tensor) -> None:
         nonlocal lstm1, lstm10
-        logits[:, vocab] = -torch.inf  # the OOV class is never a prediction
-        best = torch.topk(logits, k, dim=1).indices.numpy()
-        truth = target_classes[begin : begin + len(best), None]  # OOV truth (= vocab) never matches
-        lstm1 += int((best[:, 0:1] == truth).sum())
-        lstm10 += int((best == truth).any(axis=1).sum())
+        best, _ = model.top_keys(logits, current[begin : begin + len(logits)], TOP_K)
+        truth = targets[begin : begin + len(best)]
+        lstm1 += int((best[:, 0] == truth).sum())
+        lstm10 += int((best == truth[:, None]).any(axis=1).sum())
 
-    _scan(model, warm, inputs, score)
+    _scan(model, stream, len(context) - 1, score)
     hits1["lstm"], hits10["lstm"] = lstm1, lstm10
-    oov = int((target_classes == vocab).sum())
+    oov = int((model.classes_of(targets) == vocab).sum())
+    unreachable = int((model.targets_of(np.concatenate([train[-1:], targets])) == vocab + deltas).sum())
     notes = [
         f"next-key accuracy over the first {n} of {len(later_all)} requests of days {train_days}.."
         f"{len(day_keys) - 1}, fitted on {len(train)} requests of days 0..{train_days - 1}",
-        f"lstm vocabulary: the {vocab} most frequent training keys; {oov / n:.1%} of evaluated next keys are "
-        "outside it and count as lstm misses (markov1 and most_popular may predict any training key)",
+        f"lstm vocabulary: the {vocab} most frequent training keys and {deltas} deltas; {oov / n:.1%} of "
+        f"evaluated next keys are outside the keys, {unreachable / n:.1%} outside both, which count as lstm "
+        "misses (markov1 and most_popular may predict any training key)",
     ]
     if model.stopped_by_time:
         notes.append(f"lstm training stopped by max_seconds ({hp.max_seconds:g} s) in epoch {model.epochs}")
     if len(popular) < TOP_K:
         notes.append(f"the training days hold {len(popular)} distinct keys: top-10 lists are that short")
     return {
-        "next_key_top1": {name: hits1[name] / n for name in PREDICTORS},
-        "next_key_top10": {name: hits10[name] / n for name in PREDICTORS},
+        "next_key_top1": {name: hits1[name] / n for name in predictors},
+        "next_key_top10": {name: hits10[name] / n for name in predictors},
         "next_key_eval_requests": int(n),
         "next_key_train_requests": int(len(train)),
         "next_key_vocab": int(vocab),
         "next_key_oov_share": oov / n,
+        "next_key_delta_vocab": int(deltas),
+        "next_key_unreachable_share": unreachable / n,
         "next_key_lstm_epochs": int(model.epochs),
         "next_key_lstm_seconds": float(model.seconds),
         "next_key_notes": notes,
@@ -374,19 +489,18 @@ def prefetch_predictions(
     elif model.train_days != train_days or model.train_requests != len(train):
         raise ValueError("model was trained on another split of the days: train it with the same train_days")
     requests = np.concatenate(later)
-    vocab = len(model.vocab)
-    k = min(top_k, vocab)
-    best = np.empty((len(requests), k), dtype=np.int64)
-    confidence = np.empty((len(requests), k), dtype=np.float64)
+    context = train[-model.hp.seq_len :]
+    k = min(top_k, len(model.vocab)) + min(top_k, len(model.deltas))
+    best = np.empty((len(requests), min(top_k, k)), dtype=model.vocab.dtype)
+    confidence = np.empty(best.shape, dtype=np.float64)
 
     def keep(begin: int, logits: torch.Tensor) -> None:
-        total = torch.logsumexp(logits, dim=1, keepdim=True)
-        value, index = logits[:, :vocab].topk(k, dim=1)  # the OOV class is never a prediction
-        best[begin : begin + len(index)] = index.numpy()
-        confidence[begin : begin + len(index)] = torch.exp(value - total).double().numpy()
+        keys, probs = model.top_keys(logits, requests[begin : begin + len(logits)], top_k)
+        best[begin : begin + len(keys)] = keys
+        confidence[begin : begin + len(keys)] = probs
 
-    _scan(model, model.classes_of(train[-model.hp.seq_len :]), model.classes_of(requests), keep)
-    return NextKeyPredictions(first_day=train_days, keys=model.vocab[best], confidence=confidence)
+    _scan(model, np.concatenate([context, requests]), len(context), keep)
+    return NextKeyPredictions(first_day=train_days, keys=best, confidence=confidence)
 
 
 def prefetch_replay(
@@ -404,7 +518,7 @@ def prefetch_replay(
     untouched), where after each request of a day with predictions every predicted next key whose confidence is
     >= ``threshold`` and that is neither precomputed that day nor cached enters the LRU as most recent (the less
     likely first, so the most likely ends most recent; each evicts the least recent key: prefetches use the same
-    capacity).
+    capacity; a predicted key the trace never requests is prefetched too, and only costs its slot).
 
     Days before ``predictions.first_day`` replay plain ours; they can only be warm-up days (``warmup_days`` must
     be >= ``predictions.first_day``), so every counted day has predictions. With ``threshold`` above 1 nothing is
@@ -445,9 +559,15 @@ def prefetch_replay(
         raise ValueError("threshold must be a number, got NaN")
     chosen = _precomputed_sets(days, top_n=top_n, half_life_days=half_life_days)
     slots = capacity - top_n
-    # Codes of the predicted keys (-1: a key the trace never requests, which is never prefetched).
-    codes = keys.get_indexer(pd.Index(guessed.ravel())).reshape(guessed.shape)
-    go = (sure >= threshold) & (codes >= 0)
+    # Codes of the predicted keys; a key the trace never requests gets a code of its own after the trace's: it is
+    # prefetched like any other and takes a slot, a wrong guess that costs what it costs a real cache.
+    guesses = pd.Index(guessed.ravel())
+    codes = keys.get_indexer(guesses)
+    unknown = codes < 0
+    if unknown.any():
+        codes[unknown] = len(keys) + pd.factorize(guesses[unknown])[0]
+    codes = codes.reshape(guessed.shape)
+    go = sure >= threshold
     # Per request, the keys to prefetch, the least likely first (most requests have none).
     wanted: list = [()] * len(codes)
     for i in np.flatnonzero(go.any(axis=1)).tolist():

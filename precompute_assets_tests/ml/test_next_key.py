@@ -6,9 +6,11 @@ from collections import Counter
 
 import numpy as np
 import pytest
+import torch
 
 from precompute_assets.ml.next_key import (
     NextKeyHyperParams,
+    NextKeyModel,
     NextKeyPredictions,
     next_key_accuracy,
     prefetch_predictions,
@@ -29,6 +31,7 @@ TINY = NextKeyHyperParams(
     max_seconds=30.0,
 )
 PREDICTORS = ("lstm", "markov1", "most_popular")
+INTEGER_PREDICTORS = {*PREDICTORS, "markov1_delta"}  # integer keys also get Markov-1 over deltas
 
 
 def cyclic_days(days=4, per_day=1500, cycle=40, noise=0.1, seed=0) -> list[np.ndarray]:
@@ -81,8 +84,8 @@ def test_independent_zipf_traffic_gives_no_gain_over_most_popular(zipf_result):
 
 def test_accuracies_are_shares_and_top10_contains_top1(cyclic_result, zipf_result):
     for result in (cyclic_result, zipf_result):
-        assert set(result["next_key_top1"]) == set(result["next_key_top10"]) == set(PREDICTORS)
-        for name in PREDICTORS:
+        assert set(result["next_key_top1"]) == set(result["next_key_top10"]) == INTEGER_PREDICTORS
+        for name in INTEGER_PREDICTORS:
             assert 0.0 <= result["next_key_top1"][name] <= result["next_key_top10"][name] <= 1.0
         assert 0.0 <= result["next_key_oov_share"] <= 1.0
         assert result["next_key_vocab"] == TINY.vocab_size
@@ -137,6 +140,49 @@ def test_a_single_distinct_training_key_works():
     assert one["next_key_top1"]["lstm"] == 0.5
 
 
+def scan_days(days=3, per_day=2000, run=8, seed=0) -> list[np.ndarray]:
+    """Block-I/O-like scans: runs of ``run`` consecutive addresses, each from a random start in a space so large
+    that the later days' addresses were never requested before."""
+    rng = np.random.default_rng(seed)
+    starts = rng.integers(0, 10**12, size=days * per_day // run)
+    return np.split((starts[:, None] + np.arange(run)).ravel().astype(np.int64), days)
+
+
+def test_a_delta_vocabulary_predicts_keys_never_seen():
+    days = scan_days()
+    with_deltas = next_key_accuracy(days, train_days=1, hp=TINY)
+    keys_only = next_key_accuracy(days, train_days=1, hp=NextKeyHyperParams(**{**TINY.__dict__, "delta_vocab_size": 0}))
+    # 7 of every 8 next keys are the current one + 1; none of them was requested in training.
+    assert with_deltas["next_key_oov_share"] == keys_only["next_key_oov_share"] == 1.0
+    assert with_deltas["next_key_unreachable_share"] == pytest.approx(1 / 8, abs=0.01)
+    assert keys_only["next_key_unreachable_share"] == 1.0 and keys_only["next_key_delta_vocab"] == 0
+    assert with_deltas["next_key_delta_vocab"] == 1  # +1; every jump is seen once
+    assert with_deltas["next_key_top1"]["lstm"] > 0.8 and keys_only["next_key_top1"]["lstm"] == 0.0
+    assert with_deltas["next_key_top1"]["markov1_delta"] > 0.8
+    assert with_deltas["next_key_top1"]["markov1"] == keys_only["next_key_top1"]["markov1"] == 0.0
+    # Prefetch predictions name the keys the deltas reach.
+    predictions = prefetch_predictions(days, train_days=1, hp=TINY, top_k=1)
+    assert np.mean(predictions.keys[:-1, 0] == np.concatenate(days[1:])[1:]) > 0.8
+
+
+def test_a_key_reached_by_its_class_and_a_delta_is_listed_once_with_both_probabilities():
+    model = NextKeyModel(None, np.array([5, 7]), np.array([1, 2]), 1, 2, 0, 0.0, False, TINY)
+    logits = torch.log(torch.tensor([[0.1, 0.2, 0.3, 0.15, 0.25]]))  # keys 5, 7; deltas +1, +2; OOV
+    keys, probs = model.top_keys(logits, np.array([6]), 10)
+    assert keys.tolist() == [[7, 8, 5, 7]]  # 7 by its class and by +1, 8 by +2; the repeat of 7 is last
+    np.testing.assert_allclose(probs, [[0.5, 0.15, 0.1, 0.0]])
+    assert model.targets_of(np.array([6, 7, 9, 12, 5])).tolist() == [1, 3, 4, 0]  # key 7, +2, OOV, key 5
+    key_codes, delta_codes = model.inputs_of(np.array([6, 7, 9]))
+    assert key_codes.tolist() == [2, 1, 2] and delta_codes.tolist() == [2, 0, 1]  # 2: OOV key, other delta
+
+
+def test_string_keys_get_no_delta_vocabulary_and_deltas_need_two_sightings():
+    result = next_key_accuracy([objects(*"abcabcab"), objects(*"cab")], train_days=1, hp=TINY)
+    assert result["next_key_delta_vocab"] == 0 and set(result["next_key_top1"]) == set(PREDICTORS)
+    model = train_next_key([np.array([1, 2, 3, 10, 20, 21, 22]), np.array([1])], train_days=1, hp=TINY)
+    assert model.deltas.tolist() == [1]  # +1 four times; +7, +10, -? once each
+
+
 def brute_force_markov(train: list, later: list, k: int = 10) -> tuple[float, float]:
     counts = Counter(train)
     popular = sorted(counts, key=lambda key: (-counts[key], key))
@@ -174,6 +220,18 @@ def test_markov1_and_most_popular_match_a_brute_force(seed):
     popular = sorted(counts, key=lambda key: (-counts[key], key))[:10]
     assert result["next_key_top1"]["most_popular"] == pytest.approx(np.mean([key == popular[0] for key in later]))
     assert result["next_key_top10"]["most_popular"] == pytest.approx(np.mean([key in popular for key in later]))
+
+
+def test_markov1_delta_is_markov1_over_deltas():
+    """Markov-1 over deltas equals the key Markov-1 brute force run on the deltas (module doc)."""
+    rng = np.random.default_rng(4)
+    train = np.cumsum(rng.choice([1, 2, 3, -5, 40], size=600)).astype(np.int64)
+    later = train[-1] + np.cumsum(rng.choice([1, 2, 3, -5, 41], size=200)).astype(np.int64)  # +41: a new delta
+    result = next_key_accuracy([train, later], train_days=1, hp=TINY)
+    moves = np.diff(np.concatenate([train, later])).tolist()
+    top1, top10 = brute_force_markov(moves[: len(train) - 1], moves[len(train) - 1 :])
+    assert result["next_key_top1"]["markov1_delta"] == pytest.approx(top1)
+    assert result["next_key_top10"]["markov1_delta"] == pytest.approx(top10)
 
 
 def test_evaluation_is_the_first_requests_of_the_later_days():
@@ -289,6 +347,9 @@ def test_bad_inputs_are_refused_with_clear_messages():
     for bad in ({"vocab_size": 0}, {"seq_len": 0}, {"max_eval_requests": -1}, {"batch_size": 1.5}):
         with pytest.raises(ValueError, match=f"{next(iter(bad))} must be a whole number >= 1"):
             NextKeyHyperParams(**bad)
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="delta_vocab_size must be a whole number >= 0"):
+            NextKeyHyperParams(delta_vocab_size=bad)
     for bad in ({"max_seconds": 0}, {"learning_rate": float("nan")}):
         with pytest.raises(ValueError, match=f"{next(iter(bad))} must be positive"):
             NextKeyHyperParams(**bad)
@@ -336,7 +397,7 @@ def test_prefetch_replay_matches_a_brute_force_with_random_predictions(top_n, ca
     rng = np.random.default_rng(top_n + capacity)
     days = [rng.integers(0, 15, size=size).astype(np.int64) for size in (60, 80, 70)]
     shape = 150 if per_request is None else (150, per_request)
-    keys = rng.integers(0, 18, size=shape).astype(np.int64)  # keys 15..17 are never requested: never prefetched
+    keys = rng.integers(0, 18, size=shape).astype(np.int64)  # keys 15..17 are never requested, but take slots
     confidence = rng.random(shape)
     predictions = NextKeyPredictions(first_day=1, keys=keys, confidence=confidence)
     result = prefetch_replay(
@@ -344,7 +405,7 @@ def test_prefetch_replay_matches_a_brute_force_with_random_predictions(top_n, ca
     )
     rows = zip(keys.reshape(150, -1), confidence.reshape(150, -1), strict=True)
     # The less likely go in first, so the most likely ends most recent.
-    go = [[int(k) for k, c in zip(row[::-1], sure[::-1], strict=True) if c >= 0.4 and k < 15] for row, sure in rows]
+    go = [[int(k) for k, c in zip(row[::-1], sure[::-1], strict=True) if c >= 0.4] for row, sure in rows]
     guesses = [[[]] * 60, go[:80], go[80:]]
     chosen = _precomputed_sets(days, top_n=top_n, half_life_days=2.0)
     hits = brute_force_ours_with_prefetch(days, chosen, capacity - top_n, guesses, warmup)
@@ -365,7 +426,7 @@ def test_replay_cli_reports_next_key_accuracy_and_merges_prefetch(tmp_path, caps
     args = ["replay", "--trace", trace, "--days", "4", "--top-n", "2", "--capacity", "10"]
     assert main([*args, "--next-key", "--strategy", "prefetch", "--prefetch-threshold", "0.3"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert set(out["next_key_top1"]) == set(out["next_key_top10"]) == {"lstm", "markov1", "most_popular"}
+    assert set(out["next_key_top1"]) == set(out["next_key_top10"]) == INTEGER_PREDICTORS
     assert out["next_key_top1"]["markov1"] > out["next_key_top1"]["most_popular"] + 0.3
     prefetch = out["strategies"]["prefetch"]
     assert prefetch["counted_from_day"] == 2 and prefetch["top_n"] == 2 and prefetch["threshold"] == 0.3
