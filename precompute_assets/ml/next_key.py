@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from .demand import torch_threads
-from .replay import _as_codes, _precomputed_sets, replay
+from .replay import _as_codes, _precomputed_sets, arc_hits, replay, s3fifo_hits
 
 TOP_K = 10  # the wider of the two accuracies; most_popular is this many keys
 PREDICTORS = ("lstm", "markov1", "most_popular")  # and "markov1_delta" on integer keys
@@ -241,10 +241,15 @@ def _popularity(codes: np.ndarray, n_keys: int) -> np.ndarray:
     return order[counts[order] > 0]
 
 
+def _integer_keys(keys: np.ndarray) -> bool:
+    """Do ``keys`` have deltas (integer keys: block addresses, ids handed out in order)?"""
+    return bool(np.issubdtype(np.asarray(keys).dtype, np.integer))
+
+
 def _frequent_deltas(train: np.ndarray, size: int) -> np.ndarray:
     """The ``size`` most frequent differences between consecutive training keys that occur at least twice (ties:
     the smaller magnitude, then the smaller delta); none unless the keys are integers."""
-    if not size or not np.issubdtype(train.dtype, np.integer) or len(train) < 3:
+    if not size or not _integer_keys(train) or len(train) < 3:
         return np.empty(0, dtype=np.int64)
     moves, counts = np.unique(np.diff(train.astype(np.int64)), return_counts=True)
     order = np.lexsort((moves, np.abs(moves), -counts))
@@ -419,7 +424,7 @@ def next_key_accuracy(
     hits10["markov1"] = int((markov == target_codes[:, None]).any(axis=1).sum())
 
     predictors = PREDICTORS
-    if np.issubdtype(train.dtype, np.integer):
+    if _integer_keys(train):
         predictors = (*PREDICTORS, "markov1_delta")
         hits1["markov1_delta"], hits10["markov1_delta"] = _markov1_delta_hits(train, targets)
 
@@ -501,6 +506,44 @@ def prefetch_predictions(
 
     _scan(model, np.concatenate([context, requests]), len(context), keep)
     return NextKeyPredictions(first_day=train_days, keys=best, confidence=confidence)
+
+
+def markov1_predictions(
+    day_keys: Sequence[np.ndarray], *, train_days: int, top_k: int = PREFETCH_KEYS
+) -> NextKeyPredictions:
+    """The prefetch baseline beside the LSTM's: Markov-1's ``top_k`` most likely next keys after every request of
+    days train_days..D-1, with the probabilities count(previous, next) / count(previous) of the training days.
+    Over deltas for integer keys (``markov1_delta``: the next key is the current one plus a likely next delta,
+    given the delta that led to it), else over keys. A state never followed in training backs off to the most
+    frequent training symbols, each at its share of them; a row of a seen state is filled up with those at
+    probability 0, as ``next_key_accuracy``'s Markov-1 fills it."""
+    if isinstance(top_k, bool) or not isinstance(top_k, int | np.integer) or top_k < 1:
+        raise ValueError(f"top_k must be a whole number >= 1, got {top_k!r}")
+    train, later = _split(day_keys, train_days)
+    requests = np.concatenate(later)
+    stream = np.concatenate([train, requests])
+    deltas = _integer_keys(stream)
+    if deltas:  # symbol i leads from request i to request i + 1; a request's state is the symbol that led to it
+        codes, symbols = _factorize(np.diff(stream.astype(np.int64)))
+        fitted, states = codes[: len(train) - 1], codes[len(train) - 1 : len(stream) - 1]
+    else:
+        codes, symbols = _factorize(stream)
+        fitted, states = codes[: len(train)], codes[len(train) :]
+    n = int(codes.max()) + 1
+    table = _markov_top(fitted, states, _popularity(fitted, n), top_k, n)
+    pair, count = np.unique(fitted[:-1] * n + fitted[1:], return_counts=True)
+    wanted = states[:, None] * n + np.maximum(table, 0)
+    at = np.minimum(np.searchsorted(pair, wanted), max(len(pair) - 1, 0))
+    found = (table >= 0) & (pair[at] == wanted) if len(pair) else np.zeros(table.shape, dtype=bool)
+    totals = np.bincount(fitted[:-1], minlength=n)[states]
+    confidence = np.where(found, count[at] / np.maximum(totals, 1)[:, None] if len(pair) else 0.0, 0.0)
+    if len(fitted):  # back-off for states with no successor in training
+        share = np.bincount(fitted, minlength=n)[np.maximum(table, 0)] / len(fitted)
+        confidence = np.where((totals == 0)[:, None] & (table >= 0), share, confidence)
+    named = symbols[np.maximum(table, 0)]
+    keys = requests[:, None] + named if deltas else named
+    keys = np.where(table >= 0, keys, requests[:, None])  # no symbol: the current key, at probability 0
+    return NextKeyPredictions(first_day=train_days, keys=keys, confidence=confidence)
 
 
 def prefetch_replay(
@@ -629,15 +672,25 @@ def learned_prefetch(
 ) -> dict:
     """The ``prefetch`` entry of ``replay --strategy``: ``prefetch_replay`` with ``model``'s predictions, counted
     on days ``train_days``..D-1 (the days the model did not train on), beside ``replay``'s ours and LRU on those
-    same days (``hit_rate_ours_same_days``, ``hit_rate_lru_same_days``), so its effect is measured, not assumed."""
+    same days (``hit_rate_ours_same_days``, ``hit_rate_lru_same_days``, ``hit_rate_s3fifo_same_days``,
+    ``hit_rate_arc_same_days``, the last two of the whole capacity) and the same prefetch from Markov-1's
+    predictions (``markov1_predictions``: ``hit_rate_markov1_prefetch``, ``markov1_prefetched``,
+    ``markov1_prefetch_over`` deltas or keys), so its effect is measured, not assumed, and next to a simple
+    baseline."""
+    replayed = {"top_n": top_n, "capacity": capacity, "warmup_days": train_days, "threshold": threshold}
     predictions = prefetch_predictions(day_keys, train_days=train_days, hp=hp, model=model)
-    result = prefetch_replay(
-        day_keys, top_n=top_n, capacity=capacity, warmup_days=train_days, predictions=predictions, threshold=threshold
-    )
+    result = prefetch_replay(day_keys, predictions=predictions, **replayed)
+    baseline = prefetch_replay(day_keys, predictions=markov1_predictions(day_keys, train_days=train_days), **replayed)
     same_days = replay(day_keys, top_n=top_n, capacity=capacity, warmup_days=train_days)
+    requests = sum(len(day) for day in day_keys[train_days:])
     return {
         **result,
         "counted_from_day": train_days,
         "hit_rate_ours_same_days": same_days["hit_rate_ours"],
         "hit_rate_lru_same_days": same_days["hit_rate_lru"],
+        "hit_rate_s3fifo_same_days": s3fifo_hits(day_keys, capacity, warmup_days=train_days) / requests,
+        "hit_rate_arc_same_days": arc_hits(day_keys, capacity, warmup_days=train_days) / requests,
+        "hit_rate_markov1_prefetch": baseline["hit_rate"],
+        "markov1_prefetched": baseline["prefetched"],
+        "markov1_prefetch_over": "deltas" if _integer_keys(predictions.keys) else "keys",
     }

@@ -12,6 +12,8 @@ from precompute_assets.ml.next_key import (
     NextKeyHyperParams,
     NextKeyModel,
     NextKeyPredictions,
+    learned_prefetch,
+    markov1_predictions,
     next_key_accuracy,
     prefetch_predictions,
     prefetch_replay,
@@ -234,6 +236,64 @@ def test_markov1_delta_is_markov1_over_deltas():
     assert result["next_key_top10"]["markov1_delta"] == pytest.approx(top10)
 
 
+def brute_force_markov_rows(fitted: list, states: list, k: int) -> list[list[tuple]]:
+    """Per state, its k most frequent training successors (ties: the more popular symbol, then the smaller) with
+    count / count of the state; popular symbols fill the row at probability 0, or at their share of the training
+    symbols when the state has no successor."""
+    counts = Counter(fitted)
+    popular = sorted(counts, key=lambda symbol: (-counts[symbol], symbol))
+    after: dict = {}
+    for before, nxt in zip(fitted, fitted[1:], strict=False):
+        after.setdefault(before, Counter())[nxt] += 1
+    rows = []
+    for state in states:
+        seen = after.get(state, Counter())
+        total = sum(seen.values())
+        ranked = sorted(seen, key=lambda symbol: (-seen[symbol], popular.index(symbol)))[:k]
+        row = [(symbol, seen[symbol] / total) for symbol in ranked]
+        share = (lambda symbol: 0.0) if total else (lambda symbol: counts[symbol] / len(fitted))
+        row += [(symbol, share(symbol)) for symbol in popular if symbol not in ranked][: k - len(row)]
+        rows.append(row)
+    return rows
+
+
+@pytest.mark.parametrize("integer", [False, True])
+def test_markov1_predictions_match_a_brute_force(integer):
+    rng = np.random.default_rng(7)
+    train = rng.choice([3, 4, 7, 9, 30], size=300).cumsum() if integer else rng.choice(list("abcdefg"), size=300)
+    later = (train[-1] + rng.choice([3, 4, 5, 9], size=80).cumsum()) if integer else rng.choice(list("abcxy"), 80)
+    # New symbols later (5, x, y): states never seen in training back off to the training shares.
+    train, later = (np.asarray(part, dtype=np.int64 if integer else object) for part in (train, later))
+    got = markov1_predictions([train, later], train_days=1, top_k=3)
+    stream = np.concatenate([train, later]).tolist()
+    if integer:  # over deltas: the state of a request is the delta that led to it
+        moves = np.diff(stream).tolist()
+        rows = brute_force_markov_rows(moves[: len(train) - 1], moves[len(train) - 1 :], 3)
+        expected = [[current + move for move, _ in row] for current, row in zip(later.tolist(), rows, strict=True)]
+    else:
+        rows = brute_force_markov_rows(train.tolist(), later.tolist(), 3)
+        expected = [[symbol for symbol, _ in row] for row in rows]
+    sure = [[probability for _, probability in row] for row in rows]
+    np.testing.assert_allclose(got.confidence, sure)
+    assert got.keys.tolist() == expected
+    assert got.first_day == 1 and 0 < got.confidence.max() <= 1
+
+
+def test_markov1_prefetch_is_reported_beside_the_lstms():
+    days = scan_days(days=3, per_day=1200)
+    model = train_next_key(days, train_days=1, hp=TINY)
+    entry = learned_prefetch(days, top_n=0, capacity=50, model=model, train_days=1, threshold=0.5, hp=TINY)
+    assert entry["markov1_prefetch_over"] == "deltas"
+    # Scans through 50 slots: LRU never hits; prefetching the next address does, for the LSTM and Markov-1 alike
+    # (after a jump never seen in training, Markov-1 backs off to +1, 7 of 8 training deltas).
+    assert entry["hit_rate_lru_same_days"] == entry["hit_rate_s3fifo_same_days"] == 0.0
+    assert entry["hit_rate_arc_same_days"] == 0.0
+    assert entry["hit_rate_markov1_prefetch"] > 0.8 and entry["markov1_prefetched"] > 0
+    assert entry["hit_rate"] > 0.8
+    with pytest.raises(ValueError, match="top_k must be a whole number >= 1, got 0"):
+        markov1_predictions(days, train_days=1, top_k=0)
+
+
 def test_evaluation_is_the_first_requests_of_the_later_days():
     days = cyclic_days(days=4, per_day=500)
     hp = NextKeyHyperParams(**{**TINY.__dict__, "max_eval_requests": 700, "max_epochs": 2})
@@ -431,6 +491,7 @@ def test_replay_cli_reports_next_key_accuracy_and_merges_prefetch(tmp_path, caps
     prefetch = out["strategies"]["prefetch"]
     assert prefetch["counted_from_day"] == 2 and prefetch["top_n"] == 2 and prefetch["threshold"] == 0.3
     assert prefetch["prefetched"] > 0 and prefetch["hit_rate"] > prefetch["hit_rate_ours_same_days"] + 0.3
+    assert prefetch["markov1_prefetch_over"] == "deltas" and 0 <= prefetch["hit_rate_markov1_prefetch"] <= 1
     assert out["strategy_notes"] == [
         "prefetch: counted on days 2..3 only (its next-key model trains on the days before), the other strategies "
         "from day 1: compare its hit_rate with hit_rate_ours_same_days"
