@@ -177,21 +177,24 @@ class NextKeyModel:
         most likely key classes and those the ``k`` most likely delta classes reach. Fewer columns when fewer
         keys are reachable; a key that both lists hold is listed once, its repeat at the end with probability 0."""
         vocab, other = len(self.vocab), len(self.deltas)
-        probs = torch.softmax(logits.double(), dim=1).numpy()
-        index = np.argsort(-probs[:, :vocab], axis=1, kind="stable")[:, :k]
-        keys = self.vocab[index]
-        prob = np.take_along_axis(probs, index, axis=1)
+        total = torch.logsumexp(logits, dim=1).double().numpy()[:, None]
+        scores = logits.numpy()
+
+        def probs(index: np.ndarray) -> np.ndarray:  # softmax probabilities of the classes ``index`` of each row
+            return np.exp(np.take_along_axis(scores, index, axis=1).astype(np.float64) - total)
+
+        index = logits[:, :vocab].topk(min(k, vocab), dim=1).indices.numpy()  # softmax keeps the order
+        keys, prob = self.vocab[index], probs(index)
         if not other:
             return keys, prob
         now = np.asarray(current, dtype=np.int64)[:, None]
-        move = np.argsort(-probs[:, vocab : vocab + other], axis=1, kind="stable")[:, :k]
-        reached = now + self.deltas[move]
-        moved = np.take_along_axis(probs, vocab + move, axis=1)
+        move = logits[:, vocab : vocab + other].topk(min(k, other), dim=1).indices.numpy()
+        reached, moved = now + self.deltas[move], probs(vocab + move)
         # Each candidate's other class: the delta class of a key candidate, the key class of a reached key.
         by_delta = pd.Index(self.deltas).get_indexer(pd.Index((keys - now).ravel())).reshape(keys.shape)
-        prob = prob + np.where(by_delta >= 0, np.take_along_axis(probs, vocab + np.maximum(by_delta, 0), axis=1), 0)
+        prob = prob + np.where(by_delta >= 0, probs(vocab + np.maximum(by_delta, 0)), 0)
         by_key = pd.Index(self.vocab).get_indexer(pd.Index(reached.ravel())).reshape(reached.shape)
-        moved = moved + np.where(by_key >= 0, np.take_along_axis(probs, np.maximum(by_key, 0), axis=1), 0)
+        moved = moved + np.where(by_key >= 0, probs(np.maximum(by_key, 0)), 0)
         listed = (keys[:, :, None] == reached[:, None, :]).any(axis=1)
         moved = np.where(listed, -1.0, moved)  # already a key candidate: sorted last
         keys, prob = np.concatenate([keys, reached], axis=1), np.concatenate([prob, moved], axis=1)
