@@ -7,9 +7,10 @@ accuracy on the later days beside baselines fitted on the same training days.
 Integer keys (block addresses, ids handed out in order) also get a delta vocabulary, as learned prefetchers for
 address streams use (Hashemi et al., "Learning Memory Access Patterns", 2018): the ``delta_vocab_size`` most
 frequent differences "next key - current key" of the training days (each seen at least twice) are classes too, and
-the net also reads the delta that led to the current key. A next key in the key vocabulary is learned as its key
-class, any other whose delta is in the delta vocabulary as that delta; a key's probability is the sum of both
-classes that reach it. So the LSTM can predict keys it never saw (the next block of a scan). The baselines:
+the net also reads the delta that led to the current key. A key's probability is the sum of its key class's and
+that of the delta class that reaches it, and training maximises exactly that (the likelihood of the next key,
+however many classes name it), so the net splits the mass between the two as the data pays: it can predict keys
+it never saw (the next block of a scan) and still tell popular keys apart. The baselines:
 
 - ``markov1``: the most frequent successors of the previous key in the training days (ties: the more frequent
   training key, then key order), the top-k filled up with ``most_popular`` keys when the previous key has fewer
@@ -48,6 +49,7 @@ from .replay import _as_codes, _precomputed_sets, arc_hits, replay, s3fifo_hits
 
 TOP_K = 10  # the wider of the two accuracies; most_popular is this many keys
 PREDICTORS = ("lstm", "markov1", "most_popular")  # and "markov1_delta" on integer keys
+CANDIDATES = 16  # the LSTM's most likely key classes and delta classes whose keys are ranked (top_keys)
 
 
 @dataclass(frozen=True)
@@ -151,20 +153,21 @@ class NextKeyModel:
         other = len(self.deltas)
         moves = np.full(len(stream), other, dtype=np.int64)
         if other and len(stream) > 1:
-            moves[1:] = self._delta_classes(np.diff(np.asarray(stream, dtype=np.int64)))
+            moves[1:] = self._delta_classes(np.diff(stream))
         return keys, moves
 
-    def targets_of(self, stream: np.ndarray) -> np.ndarray:
-        """The class to learn after each request but the last: the next key's class when it is in the vocabulary,
-        else its delta's class when that is in the delta vocabulary, else OOV."""
-        vocab = len(self.vocab)
-        targets = self.classes_of(stream[1:])
-        if len(self.deltas) and len(stream) > 1:
-            moves = self._delta_classes(np.diff(np.asarray(stream, dtype=np.int64)))
-            targets = np.where(targets < vocab, targets, vocab + moves)  # moves = len(deltas) is OOV
-        else:
-            targets[targets == vocab] = vocab + len(self.deltas)
-        return targets
+    def targets_of(self, stream: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The output classes that name the key after each request but the last: its key class (-1: outside the
+        vocabulary) and its delta class (-1: outside the delta vocabulary); the OOV class as the key class when
+        neither names it."""
+        vocab, other = len(self.vocab), len(self.deltas)
+        keys = self.classes_of(stream[1:])
+        moves = np.full(len(keys), -1, dtype=np.int64)
+        if other and len(stream) > 1:
+            moves = self._delta_classes(np.diff(stream))
+            moves = np.where(moves < other, vocab + moves, -1)
+        keys = np.where(keys < vocab, keys, np.where(moves < 0, vocab + other, -1))
+        return keys, moves
 
     def _delta_classes(self, moves: np.ndarray) -> np.ndarray:
         index = pd.Index(self.deltas).get_indexer(pd.Index(moves))
@@ -173,9 +176,10 @@ class NextKeyModel:
     def top_keys(self, logits: torch.Tensor, current: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` most likely real next keys after each of the ``current`` keys (rows of ``logits``), most likely
         first, and their probabilities (softmax, OOV mass included). A key's probability is its key class's plus
-        that of the delta class that reaches it from the current key; the candidates are the keys of the ``k``
-        most likely key classes and those the ``k`` most likely delta classes reach. Fewer columns when fewer
-        keys are reachable; a key that both lists hold is listed once, its repeat at the end with probability 0."""
+        that of the delta class that reaches it from the current key; the candidates are the keys of the
+        ``max(k, CANDIDATES)`` most likely key classes and those as many most likely delta classes reach, so a
+        smaller ``k`` lists the first of the same ranking. Fewer columns when fewer keys are reachable; a key that
+        both lists hold is listed once, its repeat at the end with probability 0."""
         vocab, other = len(self.vocab), len(self.deltas)
         total = torch.logsumexp(logits, dim=1).double().numpy()[:, None]
         scores = logits.numpy()
@@ -183,12 +187,13 @@ class NextKeyModel:
         def probs(index: np.ndarray) -> np.ndarray:  # softmax probabilities of the classes ``index`` of each row
             return np.exp(np.take_along_axis(scores, index, axis=1).astype(np.float64) - total)
 
-        index = logits[:, :vocab].topk(min(k, vocab), dim=1).indices.numpy()  # softmax keeps the order
+        pool = max(k, CANDIDATES)
+        index = logits[:, :vocab].topk(min(pool, vocab), dim=1).indices.numpy()  # softmax keeps the order
         keys, prob = self.vocab[index], probs(index)
         if not other:
-            return keys, prob
-        now = np.asarray(current, dtype=np.int64)[:, None]
-        move = logits[:, vocab : vocab + other].topk(min(k, other), dim=1).indices.numpy()
+            return keys[:, :k], prob[:, :k]
+        now = np.asarray(current)[:, None]
+        move = logits[:, vocab : vocab + other].topk(min(pool, other), dim=1).indices.numpy()
         reached, moved = now + self.deltas[move], probs(vocab + move)
         # Each candidate's other class: the delta class of a key candidate, the key class of a reached key.
         by_delta = pd.Index(self.deltas).get_indexer(pd.Index((keys - now).ravel())).reshape(keys.shape)
@@ -213,9 +218,19 @@ class NextKeyPredictions:
     confidence: np.ndarray = field(repr=False)
 
 
-def _split(day_keys: Sequence[np.ndarray], train_days: int) -> tuple[np.ndarray, list[np.ndarray]]:
-    """The training stream (days 0..train_days-1 concatenated) and the later days; ValueError on bad input."""
+def _uniform_days(day_keys: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """The days with one key type: int64 when every day with requests holds integers (uint64 keeps its bits, as
+    trace loading does, so deltas and keys stay exact), else objects."""
     days = [np.asarray(day) for day in day_keys]
+    if all(np.issubdtype(day.dtype, np.integer) for day in days if len(day)):
+        return [day.view(np.int64) if day.dtype == np.uint64 else day.astype(np.int64, copy=False) for day in days]
+    return [day.astype(object, copy=False) for day in days]
+
+
+def _split(day_keys: Sequence[np.ndarray], train_days: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The training stream (days 0..train_days-1 concatenated) and the later days (``_uniform_days``); ValueError
+    on bad input."""
+    days = _uniform_days(day_keys)
     if isinstance(train_days, bool) or not isinstance(train_days, int | np.integer):
         raise ValueError(f"train_days must be a whole number, got {train_days!r}")
     if not 1 <= train_days < len(days):
@@ -260,6 +275,18 @@ def _frequent_deltas(train: np.ndarray, size: int) -> np.ndarray:
     return moves[order]
 
 
+def _next_key_loss(logits: torch.Tensor, key_targets: torch.Tensor, delta_targets: torch.Tensor) -> torch.Tensor:
+    """Mean -log P(next key): the softmax probability of its key class plus that of its delta class (targets of
+    -1 name no class; ``targets_of`` gives every position at least one)."""
+    total = torch.logsumexp(logits, dim=-1)
+
+    def named(targets: torch.Tensor) -> torch.Tensor:
+        chosen = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        return torch.where(targets >= 0, chosen, -torch.inf)
+
+    return (total - torch.logaddexp(named(key_targets), named(delta_targets))).mean()
+
+
 def train_next_key(
     day_keys: Sequence[np.ndarray], *, train_days: int, hp: NextKeyHyperParams = DEFAULT_HYPER_PARAMS
 ) -> NextKeyModel:
@@ -268,7 +295,6 @@ def train_next_key(
     codes, uniques = _factorize(train)
     vocab = uniques[_popularity(codes, len(uniques))[: hp.vocab_size]]
     deltas = _frequent_deltas(train, hp.delta_vocab_size)
-    classes = len(vocab) + len(deltas) + 1
     with torch_threads(hp.threads):
         torch.manual_seed(hp.seed)
         net = NextKeyLSTM(len(vocab), len(deltas), hp.embedding_dim, hp.hidden_size)
@@ -284,9 +310,8 @@ def train_next_key(
             return torch.from_numpy(values[: streams * length].reshape(streams, length))
 
         key_codes, delta_codes = (shaped(values) for values in model.inputs_of(train))
-        targets = shaped(model.targets_of(train))
+        key_targets, delta_targets = (shaped(values) for values in model.targets_of(train))
         optimizer = torch.optim.Adam(net.parameters(), lr=hp.learning_rate)
-        loss_fn = nn.CrossEntropyLoss()
         started, epochs, steps, stopped = time.perf_counter(), 0, 0, False
         net.train()
         while (epochs < hp.max_epochs or steps < hp.min_steps) and not stopped:
@@ -295,7 +320,7 @@ def train_next_key(
                 optimizer.zero_grad()
                 window = slice(begin, begin + hp.seq_len)
                 logits, state = net(key_codes[:, window], delta_codes[:, window], state)
-                loss = loss_fn(logits.reshape(-1, classes), targets[:, window].reshape(-1))
+                loss = _next_key_loss(logits, key_targets[:, window], delta_targets[:, window])
                 loss.backward()
                 nn.utils.clip_grad_norm_(net.parameters(), 1.0)
                 optimizer.step()
@@ -447,7 +472,7 @@ def next_key_accuracy(
     _scan(model, stream, len(context) - 1, score)
     hits1["lstm"], hits10["lstm"] = lstm1, lstm10
     oov = int((model.classes_of(targets) == vocab).sum())
-    unreachable = int((model.targets_of(np.concatenate([train[-1:], targets])) == vocab + deltas).sum())
+    unreachable = int((model.targets_of(np.concatenate([train[-1:], targets]))[0] == vocab + deltas).sum())
     notes = [
         f"next-key accuracy over the first {n} of {len(later_all)} requests of days {train_days}.."
         f"{len(day_keys) - 1}, fitted on {len(train)} requests of days 0..{train_days - 1}",
@@ -498,8 +523,9 @@ def prefetch_predictions(
         raise ValueError("model was trained on another split of the days: train it with the same train_days")
     requests = np.concatenate(later)
     context = train[-model.hp.seq_len :]
-    k = min(top_k, len(model.vocab)) + min(top_k, len(model.deltas))
-    best = np.empty((len(requests), min(top_k, k)), dtype=model.vocab.dtype)
+    pool = max(top_k, CANDIDATES)  # top_keys' candidates: its rows have this many columns
+    columns = min(top_k, min(pool, len(model.vocab)) + min(pool, len(model.deltas)))
+    best = np.empty((len(requests), columns), dtype=model.vocab.dtype)
     confidence = np.empty(best.shape, dtype=np.float64)
 
     def keep(begin: int, logits: torch.Tensor) -> None:
@@ -583,7 +609,7 @@ def prefetch_replay(
         raise ValueError(f"top_n ({top_n}) cannot exceed capacity ({capacity})")
     if not 1 <= warmup_days < len(day_keys):
         raise ValueError(f"warmup_days must be at least 1 and less than the {len(day_keys)} days, got {warmup_days}")
-    days, keys = _as_codes(day_keys)
+    days, keys = _as_codes(_uniform_days(day_keys))
     first = predictions.first_day
     if not 1 <= first <= warmup_days:
         raise ValueError(

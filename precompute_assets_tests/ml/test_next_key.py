@@ -173,9 +173,55 @@ def test_a_key_reached_by_its_class_and_a_delta_is_listed_once_with_both_probabi
     keys, probs = model.top_keys(logits, np.array([6]), 10)
     assert keys.tolist() == [[7, 8, 5, 7]]  # 7 by its class and by +1, 8 by +2; the repeat of 7 is last
     np.testing.assert_allclose(probs, [[0.5, 0.15, 0.1, 0.0]])
-    assert model.targets_of(np.array([6, 7, 9, 12, 5])).tolist() == [1, 3, 4, 0]  # key 7, +2, OOV, key 5
+    # 6 -> 7: key 7 and +1; 7 -> 9: +2 alone; 9 -> 12: neither (OOV); 12 -> 5: key 5 alone (-1: no class).
+    key_targets, delta_targets = model.targets_of(np.array([6, 7, 9, 12, 5]))
+    assert key_targets.tolist() == [1, -1, 4, 0] and delta_targets.tolist() == [2, 3, -1, -1]
     key_codes, delta_codes = model.inputs_of(np.array([6, 7, 9]))
     assert key_codes.tolist() == [2, 1, 2] and delta_codes.tolist() == [2, 0, 1]  # 2: OOV key, other delta
+
+
+def test_deltas_are_learned_even_when_the_vocabulary_holds_every_training_key():
+    """Scans of 5 within keys 0..99, then at new addresses: every training key is in the vocabulary, yet the
+    +1 delta class is trained too (the loss is the next key's probability through both classes)."""
+    rng = np.random.default_rng(0)
+    train = (rng.integers(0, 95, size=300)[:, None] + np.arange(5)).ravel().astype(np.int64)
+    later = (10**7 + rng.integers(0, 10**6, size=300)[:, None] + np.arange(5)).ravel().astype(np.int64)
+    hp = NextKeyHyperParams(**{**TINY.__dict__, "vocab_size": 200})
+    result = next_key_accuracy([train, later], train_days=1, hp=hp)
+    assert result["next_key_vocab"] == 99 and result["next_key_oov_share"] == 1.0
+    assert result["next_key_top1"]["lstm"] == pytest.approx(0.8, abs=0.02)  # the 4 of 5 after a run's first key
+
+
+def test_the_loss_is_the_next_keys_probability_through_both_classes():
+    from precompute_assets.ml.next_key import _next_key_loss
+
+    logits = torch.tensor([[[0.5, 1.0, -0.3, 2.0, 0.1], [0.2, 0.0, 1.5, -1.0, 0.3]]])
+    key_targets, delta_targets = torch.tensor([[1, -1]]), torch.tensor([[3, 2]])
+    p = torch.softmax(logits, dim=-1)[0]
+    expected = -(torch.log(p[0, 1] + p[0, 3]) + torch.log(p[1, 2])) / 2
+    assert float(_next_key_loss(logits, key_targets, delta_targets)) == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_unsigned_and_mixed_keys_are_read_as_the_trace_reader_reads_them():
+    # uint64 addresses beyond int64 keep their bits: the same accuracies as their int64 view, exact keys.
+    runs = (np.arange(400, dtype=np.uint64) // 5) * np.uint64(1000) + np.arange(400, dtype=np.uint64) % 5
+    addresses = np.uint64(2**63) + runs
+    unsigned = next_key_accuracy([addresses[:200], addresses[200:]], train_days=1, hp=TINY)
+    bits = next_key_accuracy([addresses[:200].view(np.int64), addresses[200:].view(np.int64)], train_days=1, hp=TINY)
+    for result in (unsigned, bits):
+        del result["next_key_lstm_seconds"]
+    assert unsigned == bits and unsigned["next_key_top1"]["markov1_delta"] == pytest.approx(0.8)
+    predictions = prefetch_predictions([addresses[:200], addresses[200:]], train_days=1, hp=TINY, top_k=1)
+    assert predictions.keys.dtype == np.int64
+    assert np.mean(predictions.keys[:-1, 0] == addresses[201:].view(np.int64)) > 0.7
+    # Integer training days then string keys: keys are objects throughout, with no deltas.
+    mixed = [np.arange(100, dtype=np.int64) % 7, objects("a", "b", "c", "a")]
+    result = next_key_accuracy(mixed, train_days=1, hp=TINY)
+    assert result["next_key_delta_vocab"] == 0 and set(result["next_key_top1"]) == set(PREDICTORS)
+    assert markov1_predictions(mixed, train_days=1).keys.dtype == object
+    model = train_next_key(mixed, train_days=1, hp=TINY)
+    entry = learned_prefetch(mixed, top_n=0, capacity=3, model=model, train_days=1, hp=TINY)
+    assert entry["markov1_prefetch_over"] == "keys"
 
 
 def test_string_keys_get_no_delta_vocabulary_and_deltas_need_two_sightings():
