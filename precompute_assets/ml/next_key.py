@@ -424,8 +424,9 @@ def next_key_accuracy(
 
     Returns ``next_key_top1`` and ``next_key_top10`` (predictor -> accuracy), ``next_key_eval_requests``,
     ``next_key_train_requests``, ``next_key_vocab`` (keys in the vocabulary, OOV class not counted),
-    ``next_key_oov_share`` (evaluated targets outside it), ``next_key_lstm_epochs``, ``next_key_lstm_seconds``
-    and ``next_key_notes``."""
+    ``next_key_oov_share`` (evaluated targets outside it), ``next_key_delta_vocab`` (deltas in the delta
+    vocabulary), ``next_key_unreachable_share`` (targets no class of the LSTM names: outside both vocabularies),
+    ``next_key_lstm_epochs``, ``next_key_lstm_seconds`` and ``next_key_notes``."""
     train, later = _split(day_keys, train_days)
     if model is None:
         model = train_next_key(day_keys, train_days=train_days, hp=hp)
