@@ -56,10 +56,12 @@ CANDIDATES = 16  # the LSTM's most likely key classes and delta classes whose ke
 class NextKeyHyperParams:
     """The next-key LSTM, its training budget and the evaluation bound.
 
-    Training runs ``max_epochs`` epochs, or more on a short trace until ``min_steps`` gradient steps are made,
-    and never beyond ``max_seconds`` (deterministic under ``seed`` when the time bound is not reached). An epoch
-    is one pass of truncated backpropagation through time over the training stream cut into ``batch_size``
-    contiguous streams, ``seq_len`` steps at a time, state carried.
+    An epoch is one pass of truncated backpropagation through time over the training stream cut into
+    ``batch_size`` contiguous streams, ``seq_len`` steps at a time, state carried. Each step's loss takes a random
+    ``loss_share`` of its positions: the output layer over every class costs most of a step, so the net makes
+    more passes in the same time. Training runs ``max_epochs / loss_share`` epochs (each target enters the loss
+    about ``max_epochs`` times), or more on a short trace until ``min_steps`` steps are made, and never beyond
+    ``max_seconds`` (deterministic under ``seed`` when the time bound is not reached).
     """
 
     vocab_size: int = 5000  # most frequent training keys; one more class stands for every other key
@@ -70,6 +72,7 @@ class NextKeyHyperParams:
     batch_size: int = 64
     learning_rate: float = 0.005
     max_epochs: int = 5
+    loss_share: float = 0.25  # of each step's positions, drawn at random, whose next key enters the loss
     min_steps: int = 300  # a short trace's few steps per epoch would leave the net untrained after max_epochs
     max_seconds: float = 60.0
     max_eval_requests: int = 300_000  # next_key_accuracy scores the first this many requests of the later days
@@ -93,6 +96,8 @@ class NextKeyHyperParams:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
                 raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+        if not 0 < self.loss_share <= 1:  # NaN fails too
+            raise ValueError(f"loss_share must be in (0, 1], got {self.loss_share!r}")
         for name in ("learning_rate", "max_seconds"):
             if not getattr(self, name) > 0:  # NaN fails too
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
@@ -314,13 +319,18 @@ def train_next_key(
         optimizer = torch.optim.Adam(net.parameters(), lr=hp.learning_rate)
         started, epochs, steps, stopped = time.perf_counter(), 0, 0, False
         net.train()
-        while (epochs < hp.max_epochs or steps < hp.min_steps) and not stopped:
+        while (epochs < hp.max_epochs / hp.loss_share or steps < hp.min_steps) and not stopped:
             state = None
             for begin in range(0, length, hp.seq_len):
                 optimizer.zero_grad()
                 window = slice(begin, begin + hp.seq_len)
-                logits, state = net(key_codes[:, window], delta_codes[:, window], state)
-                loss = _next_key_loss(logits, key_targets[:, window], delta_targets[:, window])
+                out, state = net.encode(key_codes[:, window], delta_codes[:, window], state)
+                out, keys, moves = out.flatten(0, 1), key_targets[:, window], delta_targets[:, window]
+                keys, moves = keys.flatten(), moves.flatten()
+                if hp.loss_share < 1:
+                    scored = torch.randperm(len(out))[: max(1, round(len(out) * hp.loss_share))]
+                    out, keys, moves = out[scored], keys[scored], moves[scored]
+                loss = _next_key_loss(net.head(out), keys, moves)
                 loss.backward()
                 nn.utils.clip_grad_norm_(net.parameters(), 1.0)
                 optimizer.step()

@@ -76,6 +76,12 @@ def test_a_deterministic_successor_beats_most_popular(cyclic_result):
     assert cyclic_result["next_key_train_requests"] == 3000
 
 
+def test_every_position_can_enter_the_loss():
+    whole = NextKeyHyperParams(**{**TINY.__dict__, "loss_share": 1.0})
+    result = next_key_accuracy(cyclic_days(), train_days=2, hp=whole)
+    assert result["next_key_top1"]["lstm"] > 0.7 and result["next_key_lstm_epochs"] == TINY.max_epochs
+
+
 def test_independent_zipf_traffic_gives_no_gain_over_most_popular(zipf_result):
     top1, top10 = zipf_result["next_key_top1"], zipf_result["next_key_top10"]
     assert top1["most_popular"] > 0.15  # the head key of 200 Zipf keys
@@ -91,7 +97,7 @@ def test_accuracies_are_shares_and_top10_contains_top1(cyclic_result, zipf_resul
             assert 0.0 <= result["next_key_top1"][name] <= result["next_key_top10"][name] <= 1.0
         assert 0.0 <= result["next_key_oov_share"] <= 1.0
         assert result["next_key_vocab"] == TINY.vocab_size
-        assert 1 <= result["next_key_lstm_epochs"] <= TINY.max_epochs
+        assert 1 <= result["next_key_lstm_epochs"] <= TINY.max_epochs / TINY.loss_share  # each target ~8 times
         assert result["next_key_notes"] and all(isinstance(note, str) for note in result["next_key_notes"])
 
 
@@ -456,6 +462,9 @@ def test_bad_inputs_are_refused_with_clear_messages():
     for bad in (-1, 2.5, True):
         with pytest.raises(ValueError, match="delta_vocab_size must be a whole number >= 0"):
             NextKeyHyperParams(delta_vocab_size=bad)
+    for bad in (0, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="loss_share must be in"):
+            NextKeyHyperParams(loss_share=bad)
     for bad in ({"max_seconds": 0}, {"learning_rate": float("nan")}):
         with pytest.raises(ValueError, match=f"{next(iter(bad))} must be positive"):
             NextKeyHyperParams(**bad)
