@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from .demand import torch_threads
-from .replay import _as_codes, _precomputed_sets, arc_hits, replay, s3fifo_hits
+from .replay import _as_codes, _precomputed_sets, arc_hits, int64_keys, replay, s3fifo_hits
 
 TOP_K = 10  # the wider of the two accuracies; most_popular is this many keys
 PREDICTORS = ("lstm", "markov1", "most_popular")  # and "markov1_delta" on integer keys
@@ -224,11 +224,11 @@ class NextKeyPredictions:
 
 
 def _uniform_days(day_keys: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """The days with one key type: int64 when every day with requests holds integers (uint64 keeps its bits, as
+    """The days with one key type: int64 when every day with requests holds integers (``replay.int64_keys``, as
     trace loading does, so deltas and keys stay exact), else objects."""
     days = [np.asarray(day) for day in day_keys]
     if all(np.issubdtype(day.dtype, np.integer) for day in days if len(day)):
-        return [day.view(np.int64) if day.dtype == np.uint64 else day.astype(np.int64, copy=False) for day in days]
+        return [int64_keys(day) for day in days]
     return [day.astype(object, copy=False) for day in days]
 
 
@@ -274,7 +274,7 @@ def _frequent_deltas(train: np.ndarray, size: int) -> np.ndarray:
     the smaller magnitude, then the smaller delta); none unless the keys are integers."""
     if not size or not _integer_keys(train) or len(train) < 3:
         return np.empty(0, dtype=np.int64)
-    moves, counts = np.unique(np.diff(train.astype(np.int64)), return_counts=True)
+    moves, counts = np.unique(np.diff(train), return_counts=True)
     order = np.lexsort((moves, np.abs(moves), -counts))
     order = order[counts[order] >= 2][:size]
     return moves[order]
@@ -412,7 +412,7 @@ def _markov1_delta_hits(train: np.ndarray, targets: np.ndarray) -> tuple[int, in
     ``train``; integer keys."""
     if len(train) < 2:  # no training delta
         return 0, 0
-    codes, _ = _factorize(np.diff(np.concatenate([train, targets]).astype(np.int64)))
+    codes, _ = _factorize(np.diff(np.concatenate([train, targets])))
     fitted = codes[: len(train) - 1]  # the deltas between training requests
     reaching = codes[len(train) - 1 :]  # the delta from the request before each target to it
     before = codes[len(train) - 2 : len(train) - 2 + len(targets)]  # the delta that led to that request
@@ -564,7 +564,7 @@ def markov1_predictions(
     stream = np.concatenate([train, requests])
     deltas = _integer_keys(stream)
     if deltas:  # symbol i leads from request i to request i + 1; a request's state is the symbol that led to it
-        codes, symbols = _factorize(np.diff(stream.astype(np.int64)))
+        codes, symbols = _factorize(np.diff(stream))
         fitted, states = codes[: len(train) - 1], codes[len(train) - 1 : len(stream) - 1]
     else:
         codes, symbols = _factorize(stream)

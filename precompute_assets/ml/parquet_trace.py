@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .replay import PER_SECOND, Columns, Trace, TraceError, iso_seconds
+from .replay import PER_SECOND, Columns, Trace, TraceError, int64_keys, iso_seconds
 
 PARQUET_COLUMNS: Columns = ("ts", "key")  # the query log's timestamp and key
 LOGGED_HIT = "hit"  # the query log's boolean: did the serving client hit? (read when the file has it)
@@ -166,14 +166,13 @@ def _first(mask: pa.ChunkedArray | np.ndarray) -> int | None:
 
 
 def _keys(column: pa.ChunkedArray, name: str, label: str) -> np.ndarray:
-    """int64 keys for an integer column (uint64 beyond int64 as the int64 of the same bits, still distinct),
-    ``str`` keys without padding for a string column; anything else is not a key."""
+    """int64 keys for an integer column (``replay.int64_keys``), ``str`` keys without padding for a string
+    column; anything else is not a key."""
     if column.null_count and (row := _first(pc.is_null(column))) is not None:
         raise TraceError(_at(label, "the key is missing", row))
     kind = column.type
     if pa.types.is_integer(kind):
-        ints = column.to_numpy()
-        return ints.view(np.int64).copy() if ints.dtype == np.uint64 else ints.astype(np.int64)
+        return int64_keys(column.to_numpy())
     if pa.types.is_string(kind) or pa.types.is_large_string(kind):
         text = pc.utf8_trim_whitespace(column)
         if (row := _first(pc.equal(pc.utf8_length(text), 0))) is not None:

@@ -1148,6 +1148,12 @@ def _read_bytes(path: Path) -> bytes:
     return path.read_bytes()
 
 
+def int64_keys(ints: np.ndarray) -> np.ndarray:
+    """Integer keys as a new int64 array; uint64 ids of 2^63 and above as the negative int64 of the same bits, so
+    every id stays distinct (and differences between keys stay exact, modulo 2^64)."""
+    return ints.view(np.int64).copy() if ints.dtype == np.uint64 else ints.astype(np.int64)
+
+
 def _oracle_general(data: bytes) -> Trace:
     """libCacheSim's oracleGeneral records as a trace: keys the object ids, timestamps the times."""
     if not data:
@@ -1159,7 +1165,7 @@ def _oracle_general(data: bytes) -> Trace:
         )
     records = np.frombuffer(data, dtype=ORACLE_GENERAL)
     return Trace(
-        keys=records["obj_id"].view(np.int64).copy(),
+        keys=int64_keys(records["obj_id"]),
         timestamps=records["time"].astype(np.float64),
         fields=len(ORACLE_GENERAL.names),
         timestamp_field=1,
