@@ -368,9 +368,12 @@ def _scan(
             consume(begin - warm, logits[0])
 
 
-def _markov_top(train: np.ndarray, prev: np.ndarray, popular: np.ndarray, k: int, n_keys: int) -> np.ndarray:
+def _markov_top(
+    train: np.ndarray, prev: np.ndarray, popular: np.ndarray, k: int, n_keys: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Markov-1's top-``k`` codes after each code of ``prev`` (-2 pads when the training days hold fewer than
-    ``k`` keys): successors by count (ties: the more popular key), then ``popular`` keys not among them.
+    ``k`` keys): successors by count (ties: the more popular key), then ``popular`` keys not among them; and
+    beside each, how often it followed that code in ``train`` (0 for the popular fill-up and the pads).
 
     ``train`` and ``prev`` are codes 0..n_keys-1 of one numbering; keys never seen in training simply have no
     successors. Tables are built only for the distinct previous keys that occur."""
@@ -379,17 +382,19 @@ def _markov_top(train: np.ndarray, prev: np.ndarray, popular: np.ndarray, k: int
     pair, count = np.unique(train[:-1] * n_keys + train[1:], return_counts=True)
     before, after = pair // n_keys, pair % n_keys
     order = np.lexsort((rank[after], -count, before))
-    before, after = before[order], after[order]
+    before, after, count = before[order], after[order], count[order]
     starts = np.searchsorted(before, before, side="left")  # first pair of each previous key
     keep = np.arange(len(before)) - starts < k
-    before, after = before[keep], after[keep]
+    before, after, count = before[keep], after[keep], count[keep]
     slot = np.arange(len(before)) - np.searchsorted(before, before, side="left")
     wanted, inverse = np.unique(prev, return_inverse=True)
     row_of = np.full(n_keys, -1, dtype=np.int64)
     row_of[wanted] = np.arange(len(wanted))
     table = np.full((len(wanted), k), -2, dtype=np.int64)
+    counts = np.zeros((len(wanted), k), dtype=np.int64)
     known = row_of[before] >= 0
     table[row_of[before[known]], slot[known]] = after[known]
+    counts[row_of[before[known]], slot[known]] = count[known]
     # Fill the empty slots, row by row in order, with popular keys that are not already successors.
     candidates = popular[: 2 * k]  # at most k - 1 of them can already be in a row
     for begin in range(0, len(wanted), 65536):
@@ -404,7 +409,7 @@ def _markov_top(train: np.ndarray, prev: np.ndarray, popular: np.ndarray, k: int
             need = filled <= j  # slot j is empty: take the (j - filled)-th usable candidate
             if need.any():
                 rows[need, j] = picks[need, j - filled[need]]
-    return table[inverse.reshape(-1)]
+    return table[inverse.reshape(-1)], counts[inverse.reshape(-1)]
 
 
 def _markov1_delta_hits(train: np.ndarray, targets: np.ndarray) -> tuple[int, int]:
@@ -417,7 +422,7 @@ def _markov1_delta_hits(train: np.ndarray, targets: np.ndarray) -> tuple[int, in
     reaching = codes[len(train) - 1 :]  # the delta from the request before each target to it
     before = codes[len(train) - 2 : len(train) - 2 + len(targets)]  # the delta that led to that request
     n_codes = int(codes.max()) + 1
-    table = _markov_top(fitted, before, _popularity(fitted, n_codes), TOP_K, n_codes)
+    table, _ = _markov_top(fitted, before, _popularity(fitted, n_codes), TOP_K, n_codes)
     return int((table[:, 0] == reaching).sum()), int((table == reaching[:, None]).any(axis=1).sum())
 
 
@@ -458,7 +463,7 @@ def next_key_accuracy(
     hits1["most_popular"] = int((target_codes == top[0]).sum())
     hits10["most_popular"] = int(np.isin(target_codes, top).sum())
 
-    markov = _markov_top(train_codes, prev_codes, popular, TOP_K, n_keys)
+    markov, _ = _markov_top(train_codes, prev_codes, popular, TOP_K, n_keys)
     hits1["markov1"] = int((markov[:, 0] == target_codes).sum())
     hits10["markov1"] = int((markov == target_codes[:, None]).any(axis=1).sum())
 
@@ -570,13 +575,9 @@ def markov1_predictions(
         codes, symbols = _factorize(stream)
         fitted, states = codes[: len(train)], codes[len(train) :]
     n = int(codes.max()) + 1
-    table = _markov_top(fitted, states, _popularity(fitted, n), top_k, n)
-    pair, count = np.unique(fitted[:-1] * n + fitted[1:], return_counts=True)
-    wanted = states[:, None] * n + np.maximum(table, 0)
-    at = np.minimum(np.searchsorted(pair, wanted), max(len(pair) - 1, 0))
-    found = (table >= 0) & (pair[at] == wanted) if len(pair) else np.zeros(table.shape, dtype=bool)
+    table, counts = _markov_top(fitted, states, _popularity(fitted, n), top_k, n)
     totals = np.bincount(fitted[:-1], minlength=n)[states]
-    confidence = np.where(found, count[at] / np.maximum(totals, 1)[:, None] if len(pair) else 0.0, 0.0)
+    confidence = counts / np.maximum(totals, 1)[:, None]
     if len(fitted):  # back-off for states with no successor in training
         share = np.bincount(fitted, minlength=n)[np.maximum(table, 0)] / len(fitted)
         confidence = np.where((totals == 0)[:, None] & (table >= 0), share, confidence)
