@@ -29,7 +29,8 @@ its hidden state carried.
 ``prefetch_replay`` replays ``replay``'s ``ours`` (each day's frequency top-N precomputed plus a read-through LRU
 of ``capacity - top_n`` keys) and, after each request of a day with predictions, inserts the model's predicted
 next key into that LRU when its confidence reaches ``threshold``: prefetched keys take LRU slots, so what the
-prefetch costs in evictions is measured together with what it gains.
+prefetch costs in evictions is measured together with what it gains. ``chosen_prefetch`` picks the predictor
+(or none) day by day from the days before, so a learned one prefetches only where it wins.
 """
 
 from __future__ import annotations
@@ -609,26 +610,184 @@ def prefetch_replay(
     prefetched and ``hit_rate`` equals ``replay``'s ``hit_rate_ours``. Returns ``hit_rate``, ``top_n``,
     ``capacity``, ``threshold``, ``prefetched`` (prefetches on counted days) and ``prefetch_used`` (those whose
     key was then requested while still in the LRU: a hit the prefetch made, or kept)."""
-    if len(day_keys) < 2:
-        raise ValueError(
-            f"prefetch needs at least 2 days (a warm-up day with predictions after it), got {len(day_keys)}"
-        )
-    if isinstance(top_n, bool) or not isinstance(top_n, int | np.integer):
-        raise ValueError(f"prefetch needs a fixed whole top_n, got {top_n!r}")
-    if capacity < 1 or top_n < 0:
-        raise ValueError("need capacity >= 1 and top_n >= 0")
-    if top_n > capacity:
-        raise ValueError(f"top_n ({top_n}) cannot exceed capacity ({capacity})")
-    if not 1 <= warmup_days < len(day_keys):
-        raise ValueError(f"warmup_days must be at least 1 and less than the {len(day_keys)} days, got {warmup_days}")
-    days, keys = _as_codes(_uniform_days(day_keys))
-    first = predictions.first_day
-    if not 1 <= first <= warmup_days:
-        raise ValueError(
-            f"warmup_days ({warmup_days}) must be >= the first predicted day ({first}): only days with "
-            "predictions can be counted"
-        )
-    predicted = sum(len(day) for day in days[first:])
+    run = _PrefetchRun.of(day_keys, top_n, capacity, warmup_days, [predictions], threshold, half_life_days)
+    day_hits, prefetched, used = run.replay(run.wanted[0])
+    return {
+        "hit_rate": run.rate(day_hits),
+        "top_n": int(top_n),
+        "capacity": int(capacity),
+        "threshold": float(threshold),
+        "prefetched": int(prefetched),
+        "prefetch_used": int(used),
+    }
+
+
+NO_PREFETCH = "none"
+
+
+def chosen_prefetch(
+    day_keys: Sequence[np.ndarray],
+    *,
+    candidates: dict[str, NextKeyPredictions],
+    top_n: int,
+    capacity: int,
+    warmup_days: int,
+    threshold: float = 0.5,
+    half_life_days: float = 2.0,
+) -> dict:
+    """``prefetch_replay`` whose predictor is chosen day by day, never by the day it serves: counted day d takes,
+    of no prefetch (``NO_PREFETCH``) and the ``candidates`` (name -> predictions of the same days), the one whose
+    replay on its own got the most hits on counted days warmup_days..d-1 (ties: the first, no prefetch before
+    any candidate, the candidates in the order given). The first counted day has no evidence and prefetches
+    nothing (as do the warm-up days), and a predictor that costs hits is dropped once the days before show it.
+    Returns ``hit_rate``, ``prefetched``,
+    ``chosen`` (the name of each counted day) and ``candidates``: each candidate's own ``prefetch_replay``
+    outcome (``hit_rate``, ``prefetched``, ``prefetch_used``)."""
+    if NO_PREFETCH in candidates:
+        raise ValueError(f"a candidate cannot be named {NO_PREFETCH!r}")
+    run = _PrefetchRun.of(day_keys, top_n, capacity, warmup_days, list(candidates.values()), threshold, half_life_days)
+    names = [NO_PREFETCH, *candidates]
+    options = [run.nothing, *run.wanted]
+    outcomes = [run.replay(wanted) for wanted in options]
+    day_hits = [hits for hits, _, _ in outcomes]
+    picks = [0] * len(run.days)
+    for d in range(warmup_days + 1, len(run.days)):
+        picks[d] = max(range(len(names)), key=lambda i: (sum(day_hits[i][warmup_days:d]), -i))
+    offsets = np.cumsum([0] + [len(day) for day in run.days[run.first :]]).tolist()
+    mixed: list = list(run.nothing)
+    for d in range(run.first, len(run.days)):
+        begin, end = offsets[d - run.first], offsets[d - run.first + 1]
+        mixed[begin:end] = options[picks[d]][begin:end]
+    hits, prefetched, _ = run.replay(mixed)
+    return {
+        "hit_rate": run.rate(hits),
+        "prefetched": int(prefetched),
+        "chosen": [names[pick] for pick in picks[warmup_days:]],
+        "candidates": {
+            name: {"hit_rate": run.rate(hits), "prefetched": int(done), "prefetch_used": int(used)}
+            for name, (hits, done, used) in zip(names[1:], outcomes[1:], strict=True)
+        },
+    }
+
+
+@dataclass(frozen=True)
+class _PrefetchRun:
+    """A checked trace, its days' precomputed sets and each prediction's keys to prefetch after each request
+    (codes, the least likely first); ``replay`` runs ours with one such list of the predicted requests."""
+
+    days: list[np.ndarray]
+    chosen: list[set]
+    slots: int
+    warmup_days: int
+    first: int
+    wanted: list[list]
+    nothing: list
+
+    @classmethod
+    def of(
+        cls,
+        day_keys: Sequence[np.ndarray],
+        top_n: int,
+        capacity: int,
+        warmup_days: int,
+        predictions: list[NextKeyPredictions],
+        threshold: float,
+        half_life_days: float,
+    ) -> _PrefetchRun:
+        if len(day_keys) < 2:
+            raise ValueError(
+                f"prefetch needs at least 2 days (a warm-up day with predictions after it), got {len(day_keys)}"
+            )
+        if isinstance(top_n, bool) or not isinstance(top_n, int | np.integer):
+            raise ValueError(f"prefetch needs a fixed whole top_n, got {top_n!r}")
+        if capacity < 1 or top_n < 0:
+            raise ValueError("need capacity >= 1 and top_n >= 0")
+        if top_n > capacity:
+            raise ValueError(f"top_n ({top_n}) cannot exceed capacity ({capacity})")
+        if not 1 <= warmup_days < len(day_keys):
+            raise ValueError(
+                f"warmup_days must be at least 1 and less than the {len(day_keys)} days, got {warmup_days}"
+            )
+        if np.isnan(threshold):
+            raise ValueError("threshold must be a number, got NaN")
+        days, keys = _as_codes(_uniform_days(day_keys))
+        firsts = {given.first_day for given in predictions}
+        if len(firsts) != 1:
+            raise ValueError(f"the predictions start on different days: {sorted(firsts)}")
+        first = firsts.pop()
+        if not 1 <= first <= warmup_days:
+            raise ValueError(
+                f"warmup_days ({warmup_days}) must be >= the first predicted day ({first}): only days with "
+                "predictions can be counted"
+            )
+        predicted = sum(len(day) for day in days[first:])
+        rows = [_prediction_rows(given, predicted, first, len(days)) for given in predictions]
+        # Codes of the predicted keys; a key the trace never requests gets a code of its own after the trace's
+        # (one per key across every prediction): it is prefetched like any other and takes a slot, a wrong guess
+        # that costs what it costs a real cache.
+        guesses = pd.Index(np.concatenate([guessed.ravel() for guessed, _ in rows]))
+        codes = keys.get_indexer(guesses)
+        unknown = codes < 0
+        if unknown.any():
+            codes[unknown] = len(keys) + pd.factorize(guesses[unknown])[0]
+        wanted, begin = [], 0
+        for guessed, sure in rows:
+            mine = codes[begin : begin + guessed.size].reshape(guessed.shape)
+            begin += guessed.size
+            go = sure >= threshold
+            per_request: list = [()] * len(mine)  # the keys to prefetch, the least likely first (most have none)
+            for i in np.flatnonzero(go.any(axis=1)).tolist():
+                per_request[i] = mine[i, ::-1][go[i, ::-1]].tolist()
+            wanted.append(per_request)
+        chosen = _precomputed_sets(days, top_n=top_n, half_life_days=half_life_days)
+        return cls(days, chosen, capacity - top_n, warmup_days, first, wanted, [()] * predicted)
+
+    def rate(self, day_hits: list[int]) -> float:
+        requests = sum(len(day) for day in self.days[self.warmup_days :])
+        return sum(day_hits[self.warmup_days :]) / requests if requests else 0.0
+
+    def replay(self, wanted: list) -> tuple[list[int], int, int]:
+        """Hits per day, prefetches on counted days and those of them used, prefetching ``wanted``."""
+        cache: OrderedDict[int, None] = OrderedDict()
+        pending: dict[int, bool] = {}  # prefetched keys in the LRU not yet requested -> prefetched on a counted day
+        slots, per_day = self.slots, []
+        prefetched = used = offset = 0
+        for d, day in enumerate(self.days):
+            top = self.chosen[d]
+            counted = d >= self.warmup_days
+            day_hits = 0
+            if d >= self.first:
+                guesses = wanted[offset : offset + len(day)]
+                offset += len(day)
+            else:
+                guesses = [()] * len(day)
+            for key, guessed_keys in zip(day.tolist(), guesses, strict=True):
+                if key in top:
+                    day_hits += 1
+                elif key in cache:
+                    cache.move_to_end(key)
+                    day_hits += 1
+                    if pending.pop(key, False) and counted:
+                        used += 1
+                elif slots > 0:
+                    cache[key] = None
+                    if len(cache) > slots:
+                        pending.pop(cache.popitem(last=False)[0], None)
+                for guess in guessed_keys:
+                    if slots > 0 and guess not in top and guess not in cache:
+                        cache[guess] = None
+                        pending[guess] = counted
+                        prefetched += counted
+                        if len(cache) > slots:
+                            pending.pop(cache.popitem(last=False)[0], None)
+            per_day.append(day_hits)
+        return per_day, prefetched, used
+
+
+def _prediction_rows(
+    predictions: NextKeyPredictions, predicted: int, first: int, days: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The predictions' keys and confidences as 2-d rows, checked against the ``predicted`` requests."""
     guessed = np.asarray(predictions.keys)
     sure = np.asarray(predictions.confidence, dtype=np.float64)
     if guessed.ndim == 1:
@@ -637,68 +796,9 @@ def prefetch_replay(
         raise ValueError(f"predictions' keys {guessed.shape} and confidences {sure.shape} differ in shape")
     if len(guessed) != predicted:
         raise ValueError(
-            f"predictions cover {len(guessed)} requests, not the {predicted} requests of days {first}..{len(days) - 1}"
+            f"predictions cover {len(guessed)} requests, not the {predicted} requests of days {first}..{days - 1}"
         )
-    if np.isnan(threshold):
-        raise ValueError("threshold must be a number, got NaN")
-    chosen = _precomputed_sets(days, top_n=top_n, half_life_days=half_life_days)
-    slots = capacity - top_n
-    # Codes of the predicted keys; a key the trace never requests gets a code of its own after the trace's: it is
-    # prefetched like any other and takes a slot, a wrong guess that costs what it costs a real cache.
-    guesses = pd.Index(guessed.ravel())
-    codes = keys.get_indexer(guesses)
-    unknown = codes < 0
-    if unknown.any():
-        codes[unknown] = len(keys) + pd.factorize(guesses[unknown])[0]
-    codes = codes.reshape(guessed.shape)
-    go = sure >= threshold
-    # Per request, the keys to prefetch, the least likely first (most requests have none).
-    wanted: list = [()] * len(codes)
-    for i in np.flatnonzero(go.any(axis=1)).tolist():
-        wanted[i] = codes[i, ::-1][go[i, ::-1]].tolist()
-    cache: OrderedDict[int, None] = OrderedDict()
-    pending: dict[int, bool] = {}  # prefetched keys in the LRU not yet requested -> prefetched on a counted day
-    hits = prefetched = used = 0
-    offset = 0
-    for d, day in enumerate(days):
-        top = chosen[d]
-        counted = d >= warmup_days
-        day_hits = 0
-        if d >= first:
-            guesses = wanted[offset : offset + len(day)]
-            offset += len(day)
-        else:
-            guesses = [()] * len(day)
-        for key, guessed_keys in zip(day.tolist(), guesses, strict=True):
-            if key in top:
-                day_hits += 1
-            elif key in cache:
-                cache.move_to_end(key)
-                day_hits += 1
-                if pending.pop(key, False) and counted:
-                    used += 1
-            elif slots > 0:
-                cache[key] = None
-                if len(cache) > slots:
-                    pending.pop(cache.popitem(last=False)[0], None)
-            for guess in guessed_keys:
-                if slots > 0 and guess not in top and guess not in cache:
-                    cache[guess] = None
-                    pending[guess] = counted
-                    prefetched += counted
-                    if len(cache) > slots:
-                        pending.pop(cache.popitem(last=False)[0], None)
-        if counted:
-            hits += day_hits
-    requests = sum(len(day) for day in days[warmup_days:])
-    return {
-        "hit_rate": hits / requests if requests else 0.0,
-        "top_n": int(top_n),
-        "capacity": int(capacity),
-        "threshold": float(threshold),
-        "prefetched": int(prefetched),
-        "prefetch_used": int(used),
-    }
+    return guessed, sure
 
 
 def learned_prefetch(
@@ -717,15 +817,21 @@ def learned_prefetch(
     ``hit_rate_arc_same_days``, the last two of the whole capacity) and the same prefetch from Markov-1's
     predictions (``markov1_predictions``: ``hit_rate_markov1_prefetch``, ``markov1_prefetched``,
     ``markov1_prefetch_over`` deltas or keys), so its effect is measured, not assumed, and next to a simple
-    baseline."""
-    replayed = {"top_n": top_n, "capacity": capacity, "warmup_days": train_days, "threshold": threshold}
+    baseline, and prefetch by whichever of them (or none) did best on the counted days before each day
+    (``chosen_prefetch``: ``hit_rate_chosen_prefetch``, ``chosen_prefetch``, ``chosen_prefetched``)."""
     predictions = prefetch_predictions(day_keys, train_days=train_days, hp=hp, model=model)
-    result = prefetch_replay(day_keys, predictions=predictions, **replayed)
-    baseline = prefetch_replay(day_keys, predictions=markov1_predictions(day_keys, train_days=train_days), **replayed)
+    candidates = {"markov1": markov1_predictions(day_keys, train_days=train_days), "lstm": predictions}
+    chosen = chosen_prefetch(
+        day_keys, candidates=candidates, top_n=top_n, capacity=capacity, warmup_days=train_days, threshold=threshold
+    )
+    lstm, baseline = chosen["candidates"]["lstm"], chosen["candidates"]["markov1"]
     same_days = replay(day_keys, top_n=top_n, capacity=capacity, warmup_days=train_days)
     requests = sum(len(day) for day in day_keys[train_days:])
     return {
-        **result,
+        **lstm,
+        "top_n": int(top_n),
+        "capacity": int(capacity),
+        "threshold": float(threshold),
         "counted_from_day": train_days,
         "hit_rate_ours_same_days": same_days["hit_rate_ours"],
         "hit_rate_lru_same_days": same_days["hit_rate_lru"],
@@ -733,5 +839,8 @@ def learned_prefetch(
         "hit_rate_arc_same_days": arc_hits(day_keys, capacity, warmup_days=train_days) / requests,
         "hit_rate_markov1_prefetch": baseline["hit_rate"],
         "markov1_prefetched": baseline["prefetched"],
+        "hit_rate_chosen_prefetch": chosen["hit_rate"],
+        "chosen_prefetch": chosen["chosen"],
+        "chosen_prefetched": chosen["prefetched"],
         "markov1_prefetch_over": "deltas" if _integer_keys(predictions.keys) else "keys",
     }

@@ -12,6 +12,7 @@ from precompute_assets.ml.next_key import (
     NextKeyHyperParams,
     NextKeyModel,
     NextKeyPredictions,
+    chosen_prefetch,
     learned_prefetch,
     markov1_predictions,
     next_key_accuracy,
@@ -527,6 +528,81 @@ def test_prefetch_replay_matches_a_brute_force_with_random_predictions(top_n, ca
     assert result["hit_rate"] == hits / sum(len(day) for day in days[warmup:])
 
 
+def random_predictions(rng, first_day: int, requests: int, per_request: int = 2) -> NextKeyPredictions:
+    keys = rng.integers(0, 18, size=(requests, per_request)).astype(np.int64)  # 15..17 never requested
+    return NextKeyPredictions(first_day=first_day, keys=keys, confidence=rng.random((requests, per_request)))
+
+
+@pytest.mark.parametrize(("top_n", "capacity", "warmup"), [(0, 3, 1), (2, 6, 1), (1, 4, 2), (0, 5, 3)])
+def test_chosen_prefetch_matches_a_brute_force_that_picks_from_earlier_days_only(top_n, capacity, warmup):
+    rng = np.random.default_rng(10 * top_n + capacity + warmup)
+    sizes = (50, 70, 60, 80, 40)
+    days = [rng.integers(0, 15, size=size).astype(np.int64) for size in sizes]
+    predicted = sum(sizes[1:])
+    candidates = {"a": random_predictions(rng, 1, predicted), "b": random_predictions(rng, 1, predicted)}
+    result = chosen_prefetch(
+        days, candidates=candidates, top_n=top_n, capacity=capacity, warmup_days=warmup, threshold=0.3
+    )
+    chosen = _precomputed_sets(days, top_n=top_n, half_life_days=2.0)
+
+    def guesses_of(predictions):  # per day, per request: the keys to prefetch, the least likely first
+        go = [
+            [int(k) for k, c in zip(row[::-1], sure[::-1], strict=True) if c >= 0.3]
+            for row, sure in zip(predictions.keys, predictions.confidence, strict=True)
+        ]
+        bounds = np.cumsum([0, *sizes[1:]])
+        return [[[]] * sizes[0]] + [go[bounds[i] : bounds[i + 1]] for i in range(len(sizes) - 1)]
+
+    options = {"none": [[[]] * size for size in sizes], **{name: guesses_of(p) for name, p in candidates.items()}}
+    per_day = {  # each option's hits on each day alone, from brute-force replays of days 0..d
+        name: [
+            brute_force_ours_with_prefetch(days[: d + 1], chosen, capacity - top_n, guesses, d)
+            for d in range(len(days))
+        ]
+        for name, guesses in options.items()
+    }
+    names = list(options)
+    picks = ["none"] * len(days)
+    for d in range(warmup + 1, len(days)):
+        picks[d] = max(names, key=lambda name: (sum(per_day[name][warmup:d]), -names.index(name)))
+    mixed = [options[picks[d]][d] for d in range(len(days))]
+    hits = brute_force_ours_with_prefetch(days, chosen, capacity - top_n, mixed, warmup)
+    counted = sum(sizes[warmup:])
+    assert result["chosen"] == picks[warmup:]
+    assert result["hit_rate"] == hits / counted
+    for name in candidates:
+        assert result["candidates"][name]["hit_rate"] == sum(per_day[name][warmup:]) / counted
+
+
+def test_chosen_prefetch_drops_a_predictor_that_loses_and_keeps_one_that_wins():
+    def junk_for(days):  # a guess after every request, each of a new key never requested: each costs a slot
+        predicted = sum(len(day) for day in days[1:])
+        return NextKeyPredictions(1, -1 - np.arange(predicted, dtype=np.int64), np.ones(predicted))
+
+    popular = zipf_days(days=5, per_day=600)
+    junk = junk_for(popular)
+    result = chosen_prefetch(popular, candidates={"junk": junk}, top_n=0, capacity=20, warmup_days=1)
+    nothing = prefetch_replay(popular, top_n=0, capacity=20, warmup_days=1, predictions=junk, threshold=1.01)
+    assert result["chosen"] == ["none"] * 4 and result["prefetched"] == 0
+    assert result["candidates"]["junk"]["hit_rate"] < nothing["hit_rate"] - 0.05
+    assert result["hit_rate"] == nothing["hit_rate"]  # LRU's hits on Zipf requests
+
+    cycle = cyclic_days(days=5, per_day=600)
+    after = np.concatenate(cycle[1:])[1:]  # the key that really comes next; the last request's guess is its own key
+    oracle = NextKeyPredictions(1, np.append(after, cycle[-1][-1]), np.ones(len(after) + 1))
+    result = chosen_prefetch(
+        cycle, candidates={"junk": junk_for(cycle), "oracle": oracle}, top_n=0, capacity=8, warmup_days=1
+    )
+    assert result["chosen"] == ["none", "oracle", "oracle", "oracle"]
+    # A 40-key cycle through 8 slots: LRU never hits, prefetching the next key does from day 2 on.
+    assert result["hit_rate"] > 0.6 and result["candidates"]["oracle"]["hit_rate"] > result["hit_rate"]
+    with pytest.raises(ValueError, match="a candidate cannot be named 'none'"):
+        chosen_prefetch(cycle, candidates={"none": oracle}, top_n=0, capacity=8, warmup_days=1)
+    late = NextKeyPredictions(2, oracle.keys[len(cycle[1]) :], oracle.confidence[len(cycle[1]) :])
+    with pytest.raises(ValueError, match=r"the predictions start on different days: \[1, 2\]"):
+        chosen_prefetch(cycle, candidates={"oracle": oracle, "late": late}, top_n=0, capacity=8, warmup_days=2)
+
+
 def write_trace(path, days: list[np.ndarray]) -> str:
     path.write_text("\n".join(str(key) for key in np.concatenate(days)) + "\n")
     return str(path)
@@ -547,6 +623,10 @@ def test_replay_cli_reports_next_key_accuracy_and_merges_prefetch(tmp_path, caps
     assert prefetch["counted_from_day"] == 2 and prefetch["top_n"] == 2 and prefetch["threshold"] == 0.3
     assert prefetch["prefetched"] > 0 and prefetch["hit_rate"] > prefetch["hit_rate_ours_same_days"] + 0.3
     assert prefetch["markov1_prefetch_over"] == "deltas" and 0 <= prefetch["hit_rate_markov1_prefetch"] <= 1
+    # The chooser prefetches nothing on the first counted day, then what did best on the days before.
+    assert prefetch["chosen_prefetch"][0] == "none" and len(prefetch["chosen_prefetch"]) == 2
+    assert prefetch["chosen_prefetch"][1] in {"none", "markov1", "lstm"} and prefetch["chosen_prefetched"] >= 0
+    assert 0 <= prefetch["hit_rate_chosen_prefetch"] <= 1
     assert out["strategy_notes"] == [
         "prefetch: counted on days 2..3 only (its next-key model trains on the days before), the other strategies "
         "from day 1: compare its hit_rate with hit_rate_ours_same_days"
