@@ -643,9 +643,13 @@ def chosen_prefetch(
     Returns ``hit_rate``, ``prefetched``,
     ``chosen`` (the name of each counted day) and ``candidates``: each candidate's own ``prefetch_replay``
     outcome (``hit_rate``, ``prefetched``, ``prefetch_used``)."""
+    if not candidates:
+        raise ValueError("chosen_prefetch needs at least one candidate")
     if NO_PREFETCH in candidates:
         raise ValueError(f"a candidate cannot be named {NO_PREFETCH!r}")
-    run = _PrefetchRun.of(day_keys, top_n, capacity, warmup_days, list(candidates.values()), threshold, half_life_days)
+    run = _PrefetchRun.of(
+        day_keys, top_n, capacity, warmup_days, list(candidates.values()), threshold, half_life_days, list(candidates)
+    )
     names = [NO_PREFETCH, *candidates]
     options = [run.nothing, *run.wanted]
     outcomes = [run.replay(wanted) for wanted in options]
@@ -693,6 +697,7 @@ class _PrefetchRun:
         predictions: list[NextKeyPredictions],
         threshold: float,
         half_life_days: float,
+        names: list[str] | None = None,
     ) -> _PrefetchRun:
         if len(day_keys) < 2:
             raise ValueError(
@@ -708,8 +713,6 @@ class _PrefetchRun:
             raise ValueError(
                 f"warmup_days must be at least 1 and less than the {len(day_keys)} days, got {warmup_days}"
             )
-        if np.isnan(threshold):
-            raise ValueError("threshold must be a number, got NaN")
         days, keys = _as_codes(_uniform_days(day_keys))
         firsts = {given.first_day for given in predictions}
         if len(firsts) != 1:
@@ -721,19 +724,25 @@ class _PrefetchRun:
                 "predictions can be counted"
             )
         predicted = sum(len(day) for day in days[first:])
-        rows = [_prediction_rows(given, predicted, first, len(days)) for given in predictions]
+        rows = [
+            _prediction_rows(given, predicted, first, len(days), name)
+            for given, name in zip(predictions, names or [None] * len(predictions), strict=True)
+        ]
+        if np.isnan(threshold):
+            raise ValueError("threshold must be a number, got NaN")
         # Codes of the predicted keys; a key the trace never requests gets a code of its own after the trace's
         # (one per key across every prediction): it is prefetched like any other and takes a slot, a wrong guess
-        # that costs what it costs a real cache.
-        guesses = pd.Index(np.concatenate([guessed.ravel() for guessed, _ in rows]))
-        codes = keys.get_indexer(guesses)
-        unknown = codes < 0
-        if unknown.any():
-            codes[unknown] = len(keys) + pd.factorize(guesses[unknown])[0]
-        wanted, begin = [], 0
-        for guessed, sure in rows:
-            mine = codes[begin : begin + guessed.size].reshape(guessed.shape)
-            begin += guessed.size
+        # that costs what it costs a real cache. Each prediction is looked up in its own dtype (pooled, int64 and
+        # uint64 would become float64, integers beside strings strings); only the unknown keys are pooled.
+        codes = [keys.get_indexer(pd.Index(guessed.ravel())) for guessed, _ in rows]
+        unknown = [guessed.ravel()[mine < 0].astype(object) for (guessed, _), mine in zip(rows, codes, strict=True)]
+        extra = len(keys) + pd.factorize(np.concatenate([np.array([], dtype=object), *unknown]))[0]
+        bounds = np.cumsum([0, *(len(new_keys) for new_keys in unknown)])
+        for mine, begin, end in zip(codes, bounds[:-1], bounds[1:], strict=True):
+            mine[mine < 0] = extra[begin:end]
+        wanted = []
+        for (guessed, sure), flat in zip(rows, codes, strict=True):
+            mine = flat.reshape(guessed.shape)
             go = sure >= threshold
             per_request: list = [()] * len(mine)  # the keys to prefetch, the least likely first (most have none)
             for i in np.flatnonzero(go.any(axis=1)).tolist():
@@ -785,18 +794,22 @@ class _PrefetchRun:
 
 
 def _prediction_rows(
-    predictions: NextKeyPredictions, predicted: int, first: int, days: int
+    predictions: NextKeyPredictions, predicted: int, first: int, days: int, name: str | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The predictions' keys and confidences as 2-d rows, checked against the ``predicted`` requests."""
+    """The predictions' keys (integers as int64, as the trace's: ``replay.int64_keys``) and confidences as 2-d
+    rows, checked against the ``predicted`` requests; an error names the candidate ``name`` if given."""
+    whose = "predictions" if name is None else f"candidate {name!r}'s predictions"
     guessed = np.asarray(predictions.keys)
+    if guessed.dtype.kind in "iu":
+        guessed = int64_keys(guessed)
     sure = np.asarray(predictions.confidence, dtype=np.float64)
     if guessed.ndim == 1:
         guessed, sure = guessed.reshape(-1, 1), sure.reshape(-1, 1)
     if guessed.shape != sure.shape or guessed.ndim != 2:
-        raise ValueError(f"predictions' keys {guessed.shape} and confidences {sure.shape} differ in shape")
+        raise ValueError(f"{whose}' keys {guessed.shape} and confidences {sure.shape} differ in shape")
     if len(guessed) != predicted:
         raise ValueError(
-            f"predictions cover {len(guessed)} requests, not the {predicted} requests of days {first}..{days - 1}"
+            f"{whose} cover {len(guessed)} requests, not the {predicted} requests of days {first}..{days - 1}"
         )
     return guessed, sure
 

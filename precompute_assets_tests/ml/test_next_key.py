@@ -603,6 +603,103 @@ def test_chosen_prefetch_drops_a_predictor_that_loses_and_keeps_one_that_wins():
         chosen_prefetch(cycle, candidates={"oracle": oracle, "late": late}, top_n=0, capacity=8, warmup_days=2)
 
 
+def cycle_of(sizes, cycle=40) -> list[np.ndarray]:
+    """Days of one 40-key cycle walked in order, of the given sizes."""
+    return np.split((np.arange(sum(sizes)) % cycle).astype(np.int64), np.cumsum(sizes)[:-1])
+
+
+def test_chosen_prefetch_switches_candidates_as_one_replay_of_the_mixed_predictions():
+    sizes = (400, 200, 400, 400)
+    days = cycle_of(sizes)
+    later = np.concatenate(days[1:])
+    after = np.append(later[1:], later[0])  # the key that really comes next
+    bounds = np.cumsum([0, *sizes[1:]])  # rows of days 1, 2, 3
+    day = np.repeat(np.arange(1, 4), sizes[1:])
+    keys = np.stack([after, np.full(len(after), 999)], axis=1)  # 999 is never requested
+    a_sure = np.stack([(day == 1).astype(float), np.zeros(len(after))], axis=1)
+    a_sure[bounds[2] - 1, 1] = 1.0  # a's last request of day 2 also prefetches 999
+    b_sure = np.stack([(day >= 2).astype(float), np.zeros(len(after))], axis=1)
+    b_sure[bounds[2], 1] = 1.0  # b's first request of day 3 guesses 999 too: still cached, no new prefetch
+    candidates = {"a": NextKeyPredictions(1, keys, a_sure), "b": NextKeyPredictions(1, keys, b_sure)}
+    replayed = {"top_n": 0, "capacity": 8, "warmup_days": 1}
+    result = chosen_prefetch(days, candidates=candidates, **replayed)
+    assert result["chosen"] == ["none", "a", "b"]  # a won day 1, b day 2 (twice a's requests)
+    sure = np.zeros_like(a_sure)  # the same run as one prediction: day 1 nothing, day 2 a's rows, day 3 b's
+    sure[bounds[1] : bounds[2]] = a_sure[bounds[1] : bounds[2]]
+    sure[bounds[2] :] = b_sure[bounds[2] :]
+    mixed = prefetch_replay(days, predictions=NextKeyPredictions(1, keys, sure), **replayed)
+    assert (result["hit_rate"], result["prefetched"]) == (mixed["hit_rate"], mixed["prefetched"])
+    for name, given in candidates.items():
+        alone = prefetch_replay(days, predictions=given, **replayed)
+        assert result["candidates"][name] == {k: alone[k] for k in ("hit_rate", "prefetched", "prefetch_used")}
+
+
+def test_chosen_prefetch_ties_go_to_none_then_the_order_given():
+    days = cycle_of((400, 400, 400, 400))
+    later = np.concatenate(days[1:])
+    good = NextKeyPredictions(1, np.append(later[1:], 0), np.ones(len(later)))
+    silent = NextKeyPredictions(1, good.keys, np.zeros(len(later)))
+    replayed = {"top_n": 0, "capacity": 8, "warmup_days": 1}
+    assert chosen_prefetch(days, candidates={"a": good, "b": good}, **replayed)["chosen"] == ["none", "a", "a"]
+    assert chosen_prefetch(days, candidates={"b": good, "a": good}, **replayed)["chosen"] == ["none", "b", "b"]
+    assert chosen_prefetch(days, candidates={"s": silent}, **replayed)["chosen"] == ["none", "none", "none"]
+
+
+def test_chosen_prefetch_scores_each_candidate_in_its_own_key_type():
+    """Pooled, int64 and uint64 guesses would become floats (keys near 2^60 merge) and integers beside strings
+    strings; uint64 guesses are read as the trace's int64 bits."""
+    big = 2**60
+    days = [np.arange(big, big + 40, dtype=np.int64)[np.arange(n) % 40] for n in (400, 400, 400)]
+    later = np.concatenate(days[1:])
+    after = np.append(later[1:], later[0])
+    exact = NextKeyPredictions(1, after, np.ones(len(after)))
+    replayed = {"top_n": 0, "capacity": 8, "warmup_days": 1}
+    alone = prefetch_replay(days, predictions=exact, **replayed)["hit_rate"]
+    assert alone > 0.45  # day 2 of the two counted ones prefetches every next key
+    others = {
+        "unsigned": NextKeyPredictions(1, (after + 1).astype(np.uint64), np.ones(len(after))),
+        "strings": NextKeyPredictions(1, after.astype(str), np.ones(len(after))),
+        "none_left": NextKeyPredictions(1, np.empty((len(after), 0)), np.empty((len(after), 0))),
+    }
+    for name, other in others.items():
+        result = chosen_prefetch(days, candidates={name: other, "exact": exact}, **replayed)
+        assert result["candidates"]["exact"]["hit_rate"] == alone, name
+    unsigned = NextKeyPredictions(1, after.astype(np.uint64), np.ones(len(after)))
+    assert prefetch_replay(days, predictions=unsigned, **replayed)["hit_rate"] == alone
+
+
+def test_chosen_prefetch_names_the_candidate_at_fault():
+    days = cycle_of((100, 100, 100))
+    short = NextKeyPredictions(1, np.zeros(150, dtype=np.int64), np.ones(150))
+    with pytest.raises(ValueError, match="chosen_prefetch needs at least one candidate"):
+        chosen_prefetch(days, candidates={}, top_n=0, capacity=8, warmup_days=1)
+    with pytest.raises(ValueError, match=r"candidate 'short''s predictions cover 150 requests, not the 200"):
+        chosen_prefetch(days, candidates={"short": short}, top_n=0, capacity=8, warmup_days=1)
+
+
+def test_learned_prefetch_reports_each_replay_under_its_own_name():
+    days = cyclic_days(days=4, per_day=400)
+    model = train_next_key(days, train_days=2, hp=TINY)
+    entry = learned_prefetch(days, top_n=3, capacity=10, model=model, train_days=2, threshold=0.5, hp=TINY)
+    replayed = {"top_n": 3, "capacity": 10, "warmup_days": 2, "threshold": 0.5}
+    lstm_predictions = prefetch_predictions(days, train_days=2, hp=TINY, model=model)
+    markov_predictions = markov1_predictions(days, train_days=2)
+    lstm = prefetch_replay(days, predictions=lstm_predictions, **replayed)
+    markov = prefetch_replay(days, predictions=markov_predictions, **replayed)
+    assert (lstm["hit_rate"], lstm["prefetched"]) != (markov["hit_rate"], markov["prefetched"])  # told apart
+    chosen = chosen_prefetch(days, candidates={"markov1": markov_predictions, "lstm": lstm_predictions}, **replayed)
+    assert {k: entry[k] for k in lstm} == lstm
+    assert (entry["hit_rate_markov1_prefetch"], entry["markov1_prefetched"]) == (
+        markov["hit_rate"],
+        markov["prefetched"],
+    )
+    assert (entry["hit_rate_chosen_prefetch"], entry["chosen_prefetch"], entry["chosen_prefetched"]) == (
+        chosen["hit_rate"],
+        chosen["chosen"],
+        chosen["prefetched"],
+    )
+
+
 def write_trace(path, days: list[np.ndarray]) -> str:
     path.write_text("\n".join(str(key) for key in np.concatenate(days)) + "\n")
     return str(path)
