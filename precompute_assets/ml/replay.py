@@ -258,7 +258,7 @@ def _field_number(field: int | str, header: tuple[str, ...] | None, fields: int,
     if isinstance(field, str) and not field.strip().isdigit():
         if header is None or field.strip() not in header:
             names = f"the header has {', '.join(header)}" if header else "the trace has no header line"
-            raise TraceError(f"no {what} column named {field!r}: {names}")
+            raise TraceError(f"no {what} column named {field!r}: {names} (or give the field's 1-based number)")
         return header.index(field.strip()) + 1
     number = int(field)
     if not 1 <= number <= fields:
@@ -298,6 +298,21 @@ def split_days(trace: Trace, days: int) -> list[np.ndarray]:
     and the split falls back to equal counts.
     """
     return _split(trace, days, np.asarray(trace.keys))
+
+
+def empty_days_note(trace: Trace, day_keys: Sequence[np.ndarray]) -> str | None:
+    """A warning when days of ``split_days`` hold no requests (an outlier timestamp or a gap in the trace leaves
+    equal time spans empty, and an empty day warms or counts nothing), else None."""
+    empty = [d for d, day in enumerate(day_keys) if len(day) == 0]
+    if not empty:
+        return None
+    ts = trace.timestamps
+    span = f" from {ts.min():.10g} to {ts.max():.10g} s" if ts is not None and len(ts) else ""
+    listed = ", ".join(map(str, empty[:10])) + (", ..." if len(empty) > 10 else "")
+    return (
+        f"{len(empty)} of the {len(day_keys)} days hold no requests (days {listed}): days are equal spans of the "
+        f"timestamps{span}; an outlier timestamp or a gap? Use fewer --days, or --time-field none to split by count"
+    )
 
 
 def logged_hit_rate(trace: Trace, days: int, *, count_from: int = 1) -> float | None:

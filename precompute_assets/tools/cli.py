@@ -341,11 +341,11 @@ def top_n_or_auto(text: str) -> int | str:
 
 def field_filter(text: str) -> tuple[str, frozenset[str]]:
     """``--where FIELD=VALUE[,VALUE...]``: keep the requests whose field (a 1-based number or a header name) is
-    one of the values, e.g. ``operation=get,gets``."""
+    one of the values, e.g. ``6=get,gets``."""
     field, equals, listed = text.partition("=")
     values = frozenset(value.strip() for value in listed.split(",")) - {""}
     if not equals or not field.strip() or not values:
-        raise argparse.ArgumentTypeError(f"expected FIELD=VALUE[,VALUE...], e.g. operation=get,gets; got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected FIELD=VALUE[,VALUE...], e.g. 6=get,gets; got {text!r}")
     return field.strip(), values
 
 
@@ -428,7 +428,7 @@ def _replay_stages(
 ) -> int:
     """``replay``'s work once its arguments are checked, announcing each stage to ``stage``."""
     from ..ml.parquet_trace import PARQUET_COLUMNS, is_parquet
-    from ..ml.replay import TraceError, logged_hit_rate, parse_trace, replay, split_days
+    from ..ml.replay import TraceError, empty_days_note, logged_hit_rate, parse_trace, replay, split_days
 
     stage("reading the trace")
     columns = None
@@ -449,6 +449,8 @@ def _replay_stages(
         raise CliError(f"--days {args.days} is larger than the number of requests ({len(trace.keys)})")
     try:
         day_keys = split_days(trace, args.days)
+        if note := empty_days_note(trace, day_keys):
+            print(f"precompute replay: warning: {note}", file=sys.stderr)
         demand_strategies = [name for name in strategies if name != "prefetch"]
         # More than the policies to replay: each piece in a process of its own, while the LSTM trains here.
         with _replay_pool(bool(demand_strategies) or learned) as pool:
@@ -513,7 +515,10 @@ def _replay_stages(
         raise CliError(f"a replay process ended abruptly: {error}") from None
     except MemoryError:
         raise CliError("out of memory while replaying (a smaller --capacity, fewer --strategy, or a sample)") from None
-    print(json.dumps({"trace": str(args.trace), "trace_layout": trace.layout(), **result}))
+    shape = {"trace": str(args.trace), "trace_layout": trace.layout(), "requests_per_day": [len(d) for d in day_keys]}
+    if note:
+        shape["trace_notes"] = [note]
+    print(json.dumps({**shape, **result}))
     return 0
 
 
@@ -812,7 +817,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--where",
         type=field_filter,
         help="keep only the requests whose field is one of the values: FIELD=VALUE[,VALUE...], the field a 1-based "
-        "number or a header name (operation=get,gets for Twitter's cache traces, Type=Read for MSR's)",
+        "number or a header name (6=get,gets for Twitter's cache traces, 4=Read for MSR's: neither has a header)",
     )
     replay.add_argument(
         "--format",

@@ -276,7 +276,10 @@ def test_where_keeps_the_requests_whose_field_has_one_of_the_values(tmp_path: Pa
     for where, message in [
         ((3, ["delete"]), r"^no line has field 3 in \['delete'\]$"),
         ((8, ["get"]), "^--where field 8 does not exist"),
-        (("Type", ["get"]), "^no --where column named 'Type': the trace has no header line$"),
+        (
+            ("Type", ["get"]),
+            "^no --where column named 'Type': the trace has no header line \(or give the field's 1-based number\)$",
+        ),
     ]:
         with pytest.raises(TraceError, match=message):
             parse_trace(write(tmp_path, "1,a,get\n2,b,set\n"), where=where)
@@ -1263,7 +1266,9 @@ def test_cli_top_n_auto(tmp_path: Path, capsys: pytest.CaptureFixture):
         "key_field": 1,
         "distinct_keys": len(np.unique(np.concatenate(days))),
     }
-    assert result == {"trace": str(trace), "trace_layout": layout, **replay(days, top_n="auto", capacity=100)}
+    per_day = [len(day) for day in days]
+    expected = replay(days, top_n="auto", capacity=100)
+    assert result == {"trace": str(trace), "trace_layout": layout, "requests_per_day": per_day, **expected}
     assert result["top_n"] == "auto" and len(result["top_n_chosen"]) == 3 and result["top_n_chosen"][0] == 0
     # Capacity is not compared with a share that is not a number; a top-N that is neither is a usage error.
     assert run_replay(capsys, "--trace", str(trace), "--days", "4", "--top-n", "AUTO", "--capacity", "1")[0] == 0
@@ -1276,7 +1281,7 @@ def test_cli_top_n_auto(tmp_path: Path, capsys: pytest.CaptureFixture):
     code, out, err = run_replay(capsys, *args)
     assert (code, err) == (0, "")
     expected = replay(days, top_n="auto", capacity=100, admission="probation")
-    assert json.loads(out) == {"trace": str(trace), "trace_layout": layout, **expected}
+    assert json.loads(out) == {"trace": str(trace), "trace_layout": layout, "requests_per_day": per_day, **expected}
     assert {"hit_rate_ours_admission", "top_n_chosen_admission"} <= set(json.loads(out))
 
 

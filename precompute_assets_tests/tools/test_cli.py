@@ -91,6 +91,31 @@ def test_replay_keeps_the_requests_where_tells_it_to(tmp_path, capsys):
         assert "expected FIELD=VALUE[,VALUE...]" in err and err.count("\n") == 1, err
 
 
+def test_replay_reports_requests_per_day_and_warns_of_empty_days(tmp_path, capsys):
+    keys = [f"k{t % 50}" for t in range(800)]
+    times = [1_600_000_000 + 10 * t for t in range(800)]
+    trace = tmp_path / "trace.csv"
+    trace.write_text("".join(f"{t},{k}\n" for t, k in zip(times, keys, strict=True)))
+    base = ["replay", "--trace", str(trace), "--days", "4", "--top-n", "0", "--capacity", "60"]
+    assert main(base) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    assert result["requests_per_day"] == [200, 200, 200, 200] and "trace_notes" not in result and not captured.err
+    outlier = tmp_path / "outlier.csv"  # one corrupt timestamp of 0 stretches the span: days 1 and 2 are empty
+    outlier.write_text(trace.read_text().replace(str(times[0]), "0", 1))
+    assert main(["replay", "--trace", str(outlier), *base[3:]]) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    assert result["requests_per_day"] == [1, 0, 0, 799]
+    assert result["trace_notes"] == [
+        "2 of the 4 days hold no requests (days 1, 2): days are equal spans of the timestamps from 0 to "
+        "1600007990 s; an outlier timestamp or a gap? Use fewer --days, or --time-field none to split by count"
+    ]
+    assert captured.err == f"precompute replay: warning: {result['trace_notes'][0]}\n"
+    assert main(["replay", "--trace", str(outlier), *base[3:], "--time-field", "none", "--key-field", "2"]) == 0
+    assert json.loads(capsys.readouterr().out)["requests_per_day"] == [200, 200, 200, 200]
+
+
 def test_replay_reads_libcachesims_binary_records(tmp_path, capsys):
     records = np.zeros(200, dtype=ORACLE_GENERAL)
     records["time"], records["obj_id"] = np.arange(200) * 900, np.arange(200) % 9
