@@ -84,7 +84,7 @@ class Trace:
     timestamp_field: int | None = None  # which of them (1-based) held the timestamp, and the key
     key_field: int = 1
     header: tuple[str, ...] | None = None  # the column names of a header line, when the file had one
-    format: str = "text"  # or "oracle-general": libCacheSim's binary records
+    format: str = "text"  # or "oracle-general", "oracle-general-opns": libCacheSim's binary records; "parquet"
     separator: str | None = None  # between fields of a text line: "comma" or "whitespace" (None: one field)
     where: dict | None = None  # the filter of lines: field, values, lines dropped
     logged_hits: np.ndarray | None = None  # per request, whether the serving client hit (its query log's ``hit``)
@@ -109,9 +109,16 @@ class Trace:
 
 
 Columns = tuple[int | str | None, int | str]  # (timestamp field or None, key field): 1-based or header names
-TRACE_FORMATS = ("auto", "text", "oracle-general", "parquet")
+TRACE_FORMATS = ("auto", "text", "oracle-general", "oracle-general-opns", "parquet")
 # libCacheSim's oracleGeneral records, little-endian and packed: 24 bytes each.
 ORACLE_GENERAL = np.dtype([("time", "<u4"), ("obj_id", "<u8"), ("obj_size", "<u4"), ("next_access_vtime", "<i8")])
+# Its oracleGeneralOpNS records: the same time, id and size, then the operation, namespace and next access, 27
+# bytes in all; only the time and the id are read.
+ORACLE_GENERAL_OPNS = np.dtype([("time", "<u4"), ("obj_id", "<u8"), ("rest", "V15")])
+_ORACLE = {  # format -> (record dtype, libCacheSim's name, fields per record)
+    "oracle-general": (ORACLE_GENERAL, "oracleGeneral", 4),
+    "oracle-general-opns": (ORACLE_GENERAL_OPNS, "oracleGeneralOpNS", 6),
+}
 # Compressed traces, by their file name's last suffix: pyarrow's codecs (a dependency already), and the stdlib's xz.
 _COMPRESSION = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd", ".zstd": "zstd", ".lz4": "lz4", ".br": "brotli"}
 
@@ -128,7 +135,8 @@ def parse_trace(
     The file may be compressed (``.gz``, ``.bz2``, ``.xz``, ``.zst``, ``.lz4``, ``.br``, by its suffix).
     ``trace_format="oracle-general"`` reads libCacheSim's binary records instead (``ORACLE_GENERAL``: the time in
     seconds and the object id are used; ids of 2^63 and above are read as the negative int64 of the same bits, so
-    every id stays distinct); ``"auto"`` takes it for a file whose name says ``oracleGeneral`` and whose first
+    every id stays distinct), ``"oracle-general-opns"`` its 27-byte oracleGeneralOpNS records the same way;
+    ``"auto"`` takes one for a file whose name says ``oracleGeneral`` (``oracleGeneralOpNS``) and whose first
     records hold a NUL byte (which text never does, and records all but always do). ``"parquet"`` (and ``"auto"``
     for a folder, a ``.parquet`` file or Parquet's magic bytes) reads columns of Parquet files: ``parquet_trace``.
 
@@ -155,11 +163,12 @@ def parse_trace(
     if trace_format == "parquet" or (trace_format == "auto" and is_parquet(path)):
         return read_parquet_trace(path, columns=columns, where=where)
     data = _read_bytes(path)
-    named = "oraclegeneral" in path.name.lower() and b"\0" in data[: 24 * 4096]  # text never holds a NUL byte
-    if trace_format == "oracle-general" or (trace_format == "auto" and named):
+    if trace_format == "auto" and "oraclegeneral" in path.name.lower() and b"\0" in data[: 27 * 4096]:
+        trace_format = "oracle-general-opns" if "oraclegeneralopns" in path.name.lower() else "oracle-general"
+    if trace_format in _ORACLE:  # text never holds a NUL byte, and these records all but always do
         if columns is not None or where is not None:
             raise TraceError("--key-field, --time-field and --where read fields of text traces, not oracleGeneral's")
-        return _oracle_general(data)
+        return _oracle_general(data, trace_format)
     text = _decode_text(data)
     separator = "whitespace" if _whitespace_separated(text) else "comma"
     if separator == "whitespace":
@@ -1169,23 +1178,26 @@ def int64_keys(ints: np.ndarray) -> np.ndarray:
     return ints.view(np.int64).copy() if ints.dtype == np.uint64 else ints.astype(np.int64)
 
 
-def _oracle_general(data: bytes) -> Trace:
-    """libCacheSim's oracleGeneral records as a trace: keys the object ids, timestamps the times."""
+def _oracle_general(data: bytes, trace_format: str = "oracle-general") -> Trace:
+    """libCacheSim's oracleGeneral (or oracleGeneralOpNS) records as a trace: keys the object ids, timestamps the
+    times."""
+    dtype, name, fields = _ORACLE[trace_format]
     if not data:
         raise TraceError("trace is empty")
-    if len(data) % ORACLE_GENERAL.itemsize:
+    if len(data) % dtype.itemsize:
+        other = next(f"{other_name}'s {d.itemsize}" for d, other_name, _ in _ORACLE.values() if d != dtype)
         raise TraceError(
-            f"{len(data)} bytes are not a whole number of {ORACLE_GENERAL.itemsize}-byte oracleGeneral records "
-            "(a text trace? use --format text)"
+            f"{len(data)} bytes are not a whole number of {dtype.itemsize}-byte {name} records (a text trace? use "
+            f"--format text; {other}-byte records? name the format with --format)"
         )
-    records = np.frombuffer(data, dtype=ORACLE_GENERAL)
+    records = np.frombuffer(data, dtype=dtype)
     return Trace(
         keys=int64_keys(records["obj_id"]),
         timestamps=records["time"].astype(np.float64),
-        fields=len(ORACLE_GENERAL.names),
+        fields=fields,
         timestamp_field=1,
         key_field=2,
-        format="oracle-general",
+        format=trace_format,
     )
 
 

@@ -821,10 +821,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     replay.add_argument(
         "--format",
-        choices=["auto", "text", "oracle-general", "parquet"],
+        choices=["auto", "text", "oracle-general", "oracle-general-opns", "parquet"],
         default="auto",
-        help="auto (default): Parquet for a folder, a .parquet file or Parquet bytes; oracleGeneral when the file "
-        "name says so; else text",
+        help="auto (default): Parquet for a folder, a .parquet file or Parquet bytes; oracleGeneral (or "
+        "oracleGeneralOpNS) when the file name says so; else text",
     )
     replay.add_argument(
         "--key-field",

@@ -349,6 +349,37 @@ def test_oracle_general_records_are_read_by_name_or_format(tmp_path: Path):
         parse_trace(folder)
 
 
+def oracle_general_opns(records: list[tuple[int, int, int, int]]) -> bytes:
+    """oracleGeneralOpNS records of the same time, id, size and next access: size, then op (u8) and namespace (u16),
+    then the next access (the reader uses only time and id, at the same offsets as oracleGeneral's)."""
+    packed = np.dtype(
+        [("time", "<u4"), ("obj_id", "<u8"), ("obj_size", "<u4"), ("op", "u1"), ("ns", "<u2"), ("next", "<i8")]
+    )
+    assert packed.itemsize == 27
+    return np.array([(t, key, size, 1, 3, after) for t, key, size, after in records], dtype=packed).tobytes()
+
+
+def test_oracle_general_opns_records_are_read_by_name_or_format(tmp_path: Path):
+    # 8 records are 216 bytes, a whole number of 24-byte records too: the name decides, not the length.
+    records = [(10 + t, [7, 2**64 - 1, 7, 5][t % 4], 4096, -1) for t in range(8)]
+    path = tmp_path / "cluster52.oracleGeneralOpNS.zst"
+    with pa.output_stream(str(path), compression="zstd") as stream:
+        stream.write(oracle_general_opns(records))
+    trace = parse_trace(path)
+    assert trace.keys.tolist() == [7, -1, 7, 5] * 2 and trace.timestamps.tolist() == list(range(10, 18))
+    assert trace.layout() == {"format": "oracle-general-opns", "fields": 6, "timestamp_field": 1, "key_field": 2,
+                              "distinct_keys": 3}  # fmt: skip
+    plain = tmp_path / "trace.bin"
+    plain.write_bytes(oracle_general_opns(records))
+    assert parse_trace(plain, trace_format="oracle-general-opns").keys.tolist() == trace.keys.tolist()
+    plain.write_bytes(oracle_general_opns(records)[:-1])
+    with pytest.raises(TraceError, match="^215 bytes are not a whole number of 27-byte oracleGeneralOpNS records"):
+        parse_trace(plain, trace_format="oracle-general-opns")
+    plain.write_bytes(oracle_general_opns(records[:7]))  # 189 bytes: read as oracleGeneral, says what else to try
+    with pytest.raises(TraceError, match="oracleGeneralOpNS's 27-byte records. name the format with --format"):
+        parse_trace(plain, trace_format="oracle-general")
+
+
 def test_parse_a_large_trace(tmp_path: Path):
     keys = np.random.default_rng(0).integers(0, 10**12, 200_000)
     path = write(tmp_path, "\n".join(map(str, keys.tolist())) + "\n")
