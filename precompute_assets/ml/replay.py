@@ -309,19 +309,35 @@ def split_days(trace: Trace, days: int) -> list[np.ndarray]:
     return _split(trace, days, np.asarray(trace.keys))
 
 
-def empty_days_note(trace: Trace, day_keys: Sequence[np.ndarray]) -> str | None:
-    """A warning when days of ``split_days`` hold no requests (an outlier timestamp or a gap in the trace leaves
-    equal time spans empty, and an empty day warms or counts nothing), else None."""
+def trace_notes(trace: Trace, day_keys: Sequence[np.ndarray]) -> list[str]:
+    """Warnings about a read that looks wrong though every line parsed: days of ``split_days`` without requests
+    (an outlier timestamp or a gap leaves equal time spans empty, and an empty day warms or counts nothing), one
+    key in every request of a trace of several fields (the key read from a constant field), and bare keys that all
+    hold a comma (a CSV whose first field is no timestamp this reader knows)."""
+    notes = []
     empty = [d for d, day in enumerate(day_keys) if len(day) == 0]
-    if not empty:
-        return None
-    ts = trace.timestamps
-    span = f" from {ts.min():.10g} to {ts.max():.10g} s" if ts is not None and len(ts) else ""
-    listed = ", ".join(map(str, empty[:10])) + (", ..." if len(empty) > 10 else "")
-    return (
-        f"{len(empty)} of the {len(day_keys)} days hold no requests (days {listed}): days are equal spans of the "
-        f"timestamps{span}; an outlier timestamp or a gap? Use fewer --days, or --time-field none to split by count"
-    )
+    if empty:
+        ts = trace.timestamps
+        span = f" from {ts.min():.10g} to {ts.max():.10g} s" if ts is not None and len(ts) else ""
+        listed = ", ".join(map(str, empty[:10])) + (", ..." if len(empty) > 10 else "")
+        notes.append(
+            f"{len(empty)} of the {len(day_keys)} days hold no requests (days {listed}): days are equal spans of the "
+            f"timestamps{span}; an outlier timestamp or a gap? Use fewer --days, or --time-field none to split by "
+            "count"
+        )
+    keys = np.asarray(trace.keys)
+    if trace.fields > 1 and len(keys) > 1 and (keys[:1] == keys).all():
+        notes.append(
+            f"every request is of one key, '{keys[0]}', read from field {trace.key_field} of {trace.fields}: "
+            "another field is the key? Name it with --key-field"
+        )
+    sample = keys[:1000]
+    if trace.fields == 1 and sample.dtype == object and all("," in str(key) for key in sample):
+        notes.append(
+            "the keys hold commas (whole lines were read as keys): a CSV whose timestamps are in a form this reader "
+            "does not know? Name the fields with --key-field and --time-field (none: no timestamps)"
+        )
+    return notes
 
 
 def logged_hit_rate(trace: Trace, days: int, *, count_from: int = 1) -> float | None:

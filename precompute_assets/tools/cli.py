@@ -428,7 +428,7 @@ def _replay_stages(
 ) -> int:
     """``replay``'s work once its arguments are checked, announcing each stage to ``stage``."""
     from ..ml.parquet_trace import PARQUET_COLUMNS, is_parquet
-    from ..ml.replay import TraceError, empty_days_note, logged_hit_rate, parse_trace, replay, split_days
+    from ..ml.replay import TraceError, logged_hit_rate, parse_trace, replay, split_days, trace_notes
 
     stage("reading the trace")
     columns = None
@@ -449,7 +449,8 @@ def _replay_stages(
         raise CliError(f"--days {args.days} is larger than the number of requests ({len(trace.keys)})")
     try:
         day_keys = split_days(trace, args.days)
-        if note := empty_days_note(trace, day_keys):
+        notes = trace_notes(trace, day_keys)
+        for note in notes:
             print(f"precompute replay: warning: {note}", file=sys.stderr)
         demand_strategies = [name for name in strategies if name != "prefetch"]
         # More than the policies to replay: each piece in a process of its own, while the LSTM trains here.
@@ -516,8 +517,8 @@ def _replay_stages(
     except MemoryError:
         raise CliError("out of memory while replaying (a smaller --capacity, fewer --strategy, or a sample)") from None
     shape = {"trace": str(args.trace), "trace_layout": trace.layout(), "requests_per_day": [len(d) for d in day_keys]}
-    if note:
-        shape["trace_notes"] = [note]
+    if notes:
+        shape["trace_notes"] = notes
     print(json.dumps({**shape, **result}))
     return 0
 

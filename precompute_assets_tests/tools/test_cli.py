@@ -116,6 +116,30 @@ def test_replay_reports_requests_per_day_and_warns_of_empty_days(tmp_path, capsy
     assert json.loads(capsys.readouterr().out)["requests_per_day"] == [200, 200, 200, 200]
 
 
+def test_replay_warns_of_a_key_read_from_the_wrong_field(tmp_path, capsys):
+    msr = tmp_path / "msr.csv"  # MSR Cambridge's layout, without a header: field 2 is the host
+    msr.write_text("".join(f"{128166372000000000 + t},hm,0,Read,{4096 * (t % 9)},4096,100\n" for t in range(60)))
+    base = ["--days", "2", "--top-n", "0", "--capacity", "3"]
+    assert main(["replay", "--trace", str(msr), *base]) == 0
+    captured = capsys.readouterr()
+    note = (
+        "every request is of one key, 'hm', read from field 2 of 7: another field is the key? Name it with --key-field"
+    )
+    assert json.loads(captured.out)["trace_notes"] == [note]
+    assert captured.err == f"precompute replay: warning: {note}\n"
+    assert main(["replay", "--trace", str(msr), *base, "--key-field", "5", "--where", "4=Read"]) == 0
+    captured = capsys.readouterr()
+    assert "trace_notes" not in json.loads(captured.out) and not captured.err
+    basic = tmp_path / "basic.csv"  # ISO 8601's basic form is no timestamp this reader knows: lines become keys
+    basic.write_text("".join(f"20240301T0000{t:02d}Z,k{t % 5}\n" for t in range(60)))
+    assert main(["replay", "--trace", str(basic), *base]) == 0
+    notes = json.loads(capsys.readouterr().out)["trace_notes"]
+    assert notes == [
+        "the keys hold commas (whole lines were read as keys): a CSV whose timestamps are in a form this reader "
+        "does not know? Name the fields with --key-field and --time-field (none: no timestamps)"
+    ]
+
+
 def test_replay_reads_libcachesims_binary_records(tmp_path, capsys):
     records = np.zeros(200, dtype=ORACLE_GENERAL)
     records["time"], records["obj_id"] = np.arange(200) * 900, np.arange(200) % 9
