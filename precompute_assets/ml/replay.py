@@ -53,6 +53,13 @@ _NOT_INT_LINE = {
     "key": re.compile(rf"^(?!{_PAD}{_INT}{_PAD}$)", re.MULTILINE),
     "csv": re.compile(rf"^(?!{_NUM_START}{_PAD}{_INT}{_PAD}$)", re.MULTILINE),
 }
+# A key line whose integer is not written the one usual way (a plus sign, a leading zero, minus zero): "007" and
+# "7" are distinct keys that integers would merge.
+_ODD_INT = r"(?:\+[0-9]+|-?0[0-9]+|-0)"
+_ODD_INT_LINE = {
+    "key": re.compile(rf"^{_PAD}{_ODD_INT}{_PAD}$", re.MULTILINE),
+    "csv": re.compile(rf"^{_NUM_START}{_PAD}{_ODD_INT}{_PAD}$", re.MULTILINE),
+}
 _CSV_START_RE = re.compile(_CSV_START)
 _DATETIME_START_RE = re.compile(rf"{_PAD}{_DATE}")  # a timestamp that is a date-time, not a number
 _DATETIME_FIELD_RE = re.compile(rf"{_DATE}T\S*")  # one without blanks: a field of a whitespace-separated line
@@ -209,6 +216,10 @@ def parse_trace(
     if _ODD_SPACE.search(clean):
         clean = _ODD_SPACE.sub("", clean)
     frame = _parse_integer_keys(clean, kind) if integer else None
+    if frame is not None and _ODD_INT_LINE[kind].search(clean):  # zero-padded ids stay integers unless two merge
+        as_written = _parse_string_keys(clean, kind)
+        if as_written["key"].nunique() != frame["key"].nunique():
+            frame = as_written
     if frame is None:  # string keys, or integers beyond int64 (then they are kept as the strings they are)
         frame = _parse_string_keys(clean, kind)
     layout = {"fields": fields, "timestamp_field": time_field, "key_field": key_field, "header": header}

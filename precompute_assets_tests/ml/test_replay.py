@@ -259,6 +259,22 @@ def test_integers_beyond_int64_stay_strings(tmp_path: Path):
     assert trace.keys.tolist() == ["1", "18446744073709551615", "1"]
 
 
+@pytest.mark.parametrize(
+    ("text", "keys"),
+    [
+        ("007\n7\n+7\n7\n", ["007", "7", "+7", "7"]),  # three keys, as written: integers would merge them
+        ("1\n-0\n0\n", ["1", "-0", "0"]),
+        ("5,007\n6,7\n7,7\n", ["007", "7", "7"]),
+        ("0001\n0002\n0001\n", [1, 2, 1]),  # zero-padded ids of one width stay integers: none merge
+        ("5,+3\n6,4\n", [3, 4]),
+    ],
+)
+def test_integer_keys_written_two_ways_stay_distinct(tmp_path: Path, text: str, keys: list):
+    trace = parse_trace(write(tmp_path, text))
+    assert trace.keys.tolist() == keys
+    assert trace.layout()["distinct_keys"] == len(set(keys))
+
+
 def test_where_keeps_the_requests_whose_field_has_one_of_the_values(tmp_path: Path):
     msr = parse_trace(write(tmp_path, MSR), columns=("Timestamp", "Offset"), where=("Type", {"Read"}))
     assert msr.keys.tolist() == [3154152960, 3154152960] and len(msr.timestamps) == 2
