@@ -55,10 +55,11 @@ _NOT_INT_LINE = {
 }
 # A key line whose integer is not written the one usual way (a plus sign, a leading zero, minus zero): "007" and
 # "7" are distinct keys that integers would merge.
-_ODD_INT = r"(?:\+[0-9]+|-?0[0-9]+|-0)"
+# Searched in the cleaned text of an all-integer trace (no blanks; ``key`` or ``timestamp,key`` lines), where a key
+# starting so is one: a cheap scan.
 _ODD_INT_LINE = {
-    "key": re.compile(rf"^{_PAD}{_ODD_INT}{_PAD}$", re.MULTILINE),
-    "csv": re.compile(rf"^{_NUM_START}{_PAD}{_ODD_INT}{_PAD}$", re.MULTILINE),
+    "key": re.compile(r"^(?:\+|-?0[0-9]|-0$)", re.MULTILINE),
+    "csv": re.compile(r",(?:\+|-?0[0-9]|-0(?:\n|$))"),
 }
 _CSV_START_RE = re.compile(_CSV_START)
 _DATETIME_START_RE = re.compile(rf"{_PAD}{_DATE}")  # a timestamp that is a date-time, not a number
@@ -174,7 +175,9 @@ def parse_trace(
         trace_format = "oracle-general-opns" if "oraclegeneralopns" in path.name.lower() else "oracle-general"
     if trace_format in _ORACLE:  # text never holds a NUL byte, and these records all but always do
         if columns is not None or where is not None:
-            raise TraceError("--key-field, --time-field and --where read fields of text traces, not oracleGeneral's")
+            raise TraceError(
+                f"--key-field, --time-field and --where read fields of text traces, not {_ORACLE[trace_format][1]}'s"
+            )
         return _oracle_general(data, trace_format)
     text = _decode_text(data)
     separator = "whitespace" if _whitespace_separated(text) else "comma"
@@ -320,30 +323,34 @@ def split_days(trace: Trace, days: int) -> list[np.ndarray]:
     return _split(trace, days, np.asarray(trace.keys))
 
 
-def trace_notes(trace: Trace, day_keys: Sequence[np.ndarray]) -> list[str]:
+def trace_notes(trace: Trace, day_keys: Sequence[np.ndarray], *, key_chosen: bool = False) -> list[str]:
     """Warnings about a read that looks wrong though every line parsed: days of ``split_days`` without requests
-    (an outlier timestamp or a gap leaves equal time spans empty, and an empty day warms or counts nothing), one
-    key in every request of a trace of several fields (the key read from a constant field), and bare keys that all
-    hold a comma (a CSV whose first field is no timestamp this reader knows)."""
+    (an outlier timestamp or a gap leaves equal time spans empty, and an empty day warms or counts nothing), and
+    in a text trace one key in every request of several fields (the key read from a constant field; not when the
+    caller chose the key field, ``key_chosen``, or filtered on it) and bare keys that all hold a comma (a CSV whose
+    first field is no timestamp this reader knows)."""
     notes = []
+    text = trace.format == "text"  # the fields of a text trace can be chosen; other readers know theirs
     empty = [d for d, day in enumerate(day_keys) if len(day) == 0]
     if empty:
         ts = trace.timestamps
-        span = f" from {ts.min():.10g} to {ts.max():.10g} s" if ts is not None and len(ts) else ""
+        span = f" from {ts.min():.10g} to {ts.max():.10g}" if ts is not None and len(ts) else ""
         listed = ", ".join(map(str, empty[:10])) + (", ..." if len(empty) > 10 else "")
+        by_count = ", or --time-field none to split by count" if text else ""
         notes.append(
             f"{len(empty)} of the {len(day_keys)} days hold no requests (days {listed}): days are equal spans of the "
-            f"timestamps{span}; an outlier timestamp or a gap? Use fewer --days, or --time-field none to split by "
-            "count"
+            f"timestamps{span}; an outlier timestamp or a gap? Use fewer --days{by_count}"
         )
     keys = np.asarray(trace.keys)
-    if trace.fields > 1 and len(keys) > 1 and (keys[:1] == keys).all():
+    filtered_on_key = trace.where is not None and trace.where["field"] == trace.key_field
+    chosen = key_chosen or filtered_on_key
+    if text and not chosen and trace.fields > 1 and len(keys) > 1 and (keys[:1] == keys).all():
         notes.append(
             f"every request is of one key, '{keys[0]}', read from field {trace.key_field} of {trace.fields}: "
             "another field is the key? Name it with --key-field"
         )
     sample = keys[:1000]
-    if trace.fields == 1 and sample.dtype == object and all("," in str(key) for key in sample):
+    if text and trace.fields == 1 and len(sample) and sample.dtype == object and all("," in str(k) for k in sample):
         notes.append(
             "the keys hold commas (whole lines were read as keys): a CSV whose timestamps are in a form this reader "
             "does not know? Name the fields with --key-field and --time-field (none: no timestamps)"
@@ -1212,10 +1219,11 @@ def _oracle_general(data: bytes, trace_format: str = "oracle-general") -> Trace:
     if not data:
         raise TraceError("trace is empty")
     if len(data) % dtype.itemsize:
-        other = next(f"{other_name}'s {d.itemsize}" for d, other_name, _ in _ORACLE.values() if d != dtype)
+        fitting = [f for f, (d, _, _) in _ORACLE.items() if f != trace_format and len(data) % d.itemsize == 0]
+        other = "".join(f"; {_ORACLE[f][1]} records? use --format {f}" for f in fitting)
         raise TraceError(
             f"{len(data)} bytes are not a whole number of {dtype.itemsize}-byte {name} records (a text trace? use "
-            f"--format text; {other}-byte records? name the format with --format)"
+            f"--format text{other})"
         )
     records = np.frombuffer(data, dtype=dtype)
     return Trace(

@@ -449,7 +449,7 @@ def _replay_stages(
         raise CliError(f"--days {args.days} is larger than the number of requests ({len(trace.keys)})")
     try:
         day_keys = split_days(trace, args.days)
-        notes = trace_notes(trace, day_keys)
+        notes = trace_notes(trace, day_keys, key_chosen=args.key_field is not None)
         for note in notes:
             print(f"precompute replay: warning: {note}", file=sys.stderr)
         demand_strategies = [name for name in strategies if name != "prefetch"]

@@ -27,6 +27,7 @@ from precompute_assets.ml.replay import (
     s3fifo_hits,
     share_candidates,
     split_days,
+    trace_notes,
     tune_share,
 )
 from precompute_assets.ml.selection import ad_demand, coverage, daily_counts, select_top
@@ -275,6 +276,21 @@ def test_integer_keys_written_two_ways_stay_distinct(tmp_path: Path, text: str, 
     assert trace.layout()["distinct_keys"] == len(set(keys))
 
 
+def test_trace_notes_warn_of_text_read_from_the_wrong_place_only():
+    commas = np.array(["a,1", "b,2", "a,1"], dtype=object)
+    days = [commas[:2], commas[2:]]
+    assert len(trace_notes(Trace(keys=commas), days)) == 1  # bare text lines holding commas: a CSV misread?
+    assert trace_notes(Trace(keys=commas, format="parquet"), days) == []  # a Parquet key column may hold commas
+    one = np.array(["hm"] * 4, dtype=object)
+    read = Trace(keys=one, fields=7, timestamp_field=1, key_field=2)
+    assert len(trace_notes(read, [one[:2], one[2:]])) == 1
+    assert trace_notes(read, [one[:2], one[2:]], key_chosen=True) == []
+    assert trace_notes(Trace(keys=one[:0]), [one[:0]]) == [  # an empty trace: only its empty day
+        "1 of the 1 days hold no requests (days 0): days are equal spans of the timestamps; an outlier timestamp or "
+        "a gap? Use fewer --days, or --time-field none to split by count"
+    ]
+
+
 def test_where_keeps_the_requests_whose_field_has_one_of_the_values(tmp_path: Path):
     msr = parse_trace(write(tmp_path, MSR), columns=("Timestamp", "Offset"), where=("Type", {"Read"}))
     assert msr.keys.tolist() == [3154152960, 3154152960] and len(msr.timestamps) == 2
@@ -392,8 +408,14 @@ def test_oracle_general_opns_records_are_read_by_name_or_format(tmp_path: Path):
     with pytest.raises(TraceError, match="^215 bytes are not a whole number of 27-byte oracleGeneralOpNS records"):
         parse_trace(plain, trace_format="oracle-general-opns")
     plain.write_bytes(oracle_general_opns(records[:7]))  # 189 bytes: read as oracleGeneral, says what else to try
-    with pytest.raises(TraceError, match="oracleGeneralOpNS's 27-byte records. name the format with --format"):
+    with pytest.raises(TraceError, match=r"use --format text; oracleGeneralOpNS records\? use --format oracle-gen"):
         parse_trace(plain, trace_format="oracle-general")
+    plain.write_bytes(b"\0" * 25)  # fits neither record size: no other format is suggested
+    with pytest.raises(TraceError, match=r"^25 bytes are not a whole number of 24-byte oracleGeneral records \(a text "
+                       r"trace\? use --format text\)$"):  # fmt: skip
+        parse_trace(plain, trace_format="oracle-general")
+    with pytest.raises(TraceError, match="read fields of text traces, not oracleGeneralOpNS's"):
+        parse_trace(path, columns=(1, 2))
 
 
 def test_parse_a_large_trace(tmp_path: Path):

@@ -109,7 +109,7 @@ def test_replay_reports_requests_per_day_and_warns_of_empty_days(tmp_path, capsy
     assert result["requests_per_day"] == [1, 0, 0, 799]
     assert result["trace_notes"] == [
         "2 of the 4 days hold no requests (days 1, 2): days are equal spans of the timestamps from 0 to "
-        "1600007990 s; an outlier timestamp or a gap? Use fewer --days, or --time-field none to split by count"
+        "1600007990; an outlier timestamp or a gap? Use fewer --days, or --time-field none to split by count"
     ]
     assert captured.err == f"precompute replay: warning: {result['trace_notes'][0]}\n"
     assert main(["replay", "--trace", str(outlier), *base[3:], "--time-field", "none", "--key-field", "2"]) == 0
@@ -130,6 +130,11 @@ def test_replay_warns_of_a_key_read_from_the_wrong_field(tmp_path, capsys):
     assert main(["replay", "--trace", str(msr), *base, "--key-field", "5", "--where", "4=Read"]) == 0
     captured = capsys.readouterr()
     assert "trace_notes" not in json.loads(captured.out) and not captured.err
+    # A key field chosen, or filtered on, holding one key is what was asked for: no warning.
+    for chosen in (["--key-field", "2"], ["--where", "2=hm"]):
+        assert main(["replay", "--trace", str(msr), *base, *chosen]) == 0
+        captured = capsys.readouterr()
+        assert "trace_notes" not in json.loads(captured.out) and not captured.err, chosen
     basic = tmp_path / "basic.csv"  # ISO 8601's basic form is no timestamp this reader knows: lines become keys
     basic.write_text("".join(f"20240301T0000{t:02d}Z,k{t % 5}\n" for t in range(60)))
     assert main(["replay", "--trace", str(basic), *base]) == 0
@@ -137,6 +142,19 @@ def test_replay_warns_of_a_key_read_from_the_wrong_field(tmp_path, capsys):
     assert notes == [
         "the keys hold commas (whole lines were read as keys): a CSV whose timestamps are in a form this reader "
         "does not know? Name the fields with --key-field and --time-field (none: no timestamps)"
+    ]
+
+
+def test_replay_warnings_give_only_advice_the_format_takes(tmp_path, capsys):
+    records = np.zeros(40, dtype=ORACLE_GENERAL)  # one object id; an outlier time leaves the middle days empty
+    records["time"], records["obj_id"] = np.r_[0, np.arange(1_000_000, 1_000_039)], 5
+    trace = tmp_path / "one.oracleGeneral.bin"
+    trace.write_bytes(records.tobytes())
+    assert main(["replay", "--trace", str(trace), "--days", "4", "--top-n", "0", "--capacity", "3"]) == 0
+    notes = json.loads(capsys.readouterr().out)["trace_notes"]
+    assert notes == [  # no --time-field (binary records have no fields to choose) and no one-key warning
+        "2 of the 4 days hold no requests (days 1, 2): days are equal spans of the timestamps from 0 to 1000038; "
+        "an outlier timestamp or a gap? Use fewer --days"
     ]
 
 
