@@ -67,7 +67,7 @@ def window_stats(
     ``most_missed`` ([key, misses] pairs), ``versions`` (the same per version read, ``_per_version``), and
     ``sampled`` when the window held more than ``sample`` queries."""
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
-    start_ms = now_ms - int(window_s * 1000)
+    start_ms = max(0, now_ms - int(window_s * 1000))  # a window longer than the epoch is the whole log
     by_version: dict[str, Counter[tuple[str | None, bool]]] = {}  # kind -> (version read, hit) -> lookups
     missed: dict[str, Counter[str]] = {}
     read = 0

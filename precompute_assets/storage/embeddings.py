@@ -14,7 +14,7 @@ import psycopg2
 from psycopg2 import sql
 
 from .documents import DocumentRow, DocumentStore
-from .postgres import libpq_url, transaction
+from .postgres import connect, transaction
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS document_embeddings (
@@ -72,7 +72,7 @@ class EmbeddingStore:
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
         """Hold the embedding-sync advisory lock: two syncs never interleave their chunks and watermarks."""
-        conn = psycopg2.connect(libpq_url(self.url))
+        conn = connect(self.url)
         try:
             conn.autocommit = True
             with conn.cursor() as cur:

@@ -14,10 +14,19 @@ def libpq_url(url: str) -> str:
     return url.replace("postgresql+psycopg2://", "postgresql://", 1)
 
 
+CONNECT_TIMEOUT_S = 10  # a server that accepts the connection but never answers (not PostgreSQL) fails, not hangs
+
+
+def connect(url: str) -> psycopg2.extensions.connection:
+    """A connection to ``url``, given up after ``CONNECT_TIMEOUT_S`` unless the URL sets its own connect_timeout."""
+    timeout = {} if "connect_timeout" in url else {"connect_timeout": CONNECT_TIMEOUT_S}
+    return psycopg2.connect(libpq_url(url), **timeout)
+
+
 @contextlib.contextmanager
 def transaction(url: str) -> Iterator[psycopg2.extensions.connection]:
     """A connection whose work commits on success and rolls back on error, then closes."""
-    conn = psycopg2.connect(libpq_url(url))
+    conn = connect(url)
     try:
         with conn:
             yield conn
@@ -29,7 +38,7 @@ def transaction(url: str) -> Iterator[psycopg2.extensions.connection]:
 def scratch_database(url: str, prefix: str = "scratch") -> Iterator[str]:
     """Create a fresh database on the server of ``url``, yield its URL, drop it afterwards."""
     name = f"{prefix}_{uuid.uuid4().hex[:10]}"
-    admin = psycopg2.connect(libpq_url(url))
+    admin = connect(url)
     admin.autocommit = True  # CREATE/DROP DATABASE cannot run in a transaction
     try:
         with admin.cursor() as cur:

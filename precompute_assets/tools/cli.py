@@ -352,6 +352,8 @@ def field_filter(text: str) -> tuple[str, frozenset[str]]:
 def cmd_replay(args: argparse.Namespace) -> int:
     """Print the replayed hit rates as one JSON object; a bad input raises CliError (one line, exit code 2)."""
     # Arguments first: they are cheap to check and a long trace should not be read for nothing.
+    if not str(args.trace).strip():
+        raise CliError("--trace is empty: give a trace file or folder")
     if args.days < 2:
         raise CliError(f"--days must be at least 2 (day 0 only warms the caches), got {args.days}")
     if args.capacity < 1:
@@ -665,12 +667,28 @@ class _Parser(argparse.ArgumentParser):
 
 def positive_int(text: str) -> int:
     """An argparse type: a whole number >= 1."""
+    return _whole_number(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: a whole number >= 0."""
+    return _whole_number(text, 0)
+
+
+def port_number(text: str) -> int:
+    """An argparse type: a TCP port, 1..65535."""
+    return _whole_number(text, 1, 65535)
+
+
+def _whole_number(text: str, least: int, most: int | None = None) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    if value < least:
+        raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
+    if most is not None and value > most:
+        raise argparse.ArgumentTypeError(f"must be at most {most}, got {value}")
     return value
 
 
@@ -725,7 +743,7 @@ def build_parser() -> argparse.ArgumentParser:
     acl.set_defaults(fn=cmd_redis_acl)
     dev = sub.add_parser("dev", help="up + the Dagster UI (dagster dev -w workspace.yaml)")
     dev.add_argument("--host", default="127.0.0.1")
-    dev.add_argument("--port", type=int, default=3000)
+    dev.add_argument("--port", type=port_number, default=3000)
     dev.set_defaults(fn=cmd_dev)
     demo = sub.add_parser("demo", help="synthetic traffic through the serving client, then the asset graph")
     demo.add_argument("--days", type=positive_int, default=3, help="days of history before the replayed day")
@@ -736,7 +754,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--capacity", type=positive_int, help="cache capacity in keys for the hit-rate comparison (default 2 x top-n)"
     )
     demo.add_argument("--docs", type=positive_int, default=50_000, help="documents to generate and embed")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=non_negative_int, default=0)
     demo.set_defaults(fn=cmd_demo)
     bench = sub.add_parser("bench", help="benchmarks: print one JSON object")
     bench.add_argument(
@@ -761,7 +779,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve: keys (default 10,000); demand, load, rerank, admission: keys or documents (100,000)",
     )
     bench.add_argument("--days", type=positive_int, default=14, help="demand: days of hourly counts (last held back)")
-    bench.add_argument("--seed", type=int, default=0, help="demand: synthetic counts")
+    bench.add_argument("--seed", type=non_negative_int, default=0, help="demand: synthetic counts")
     bench.add_argument("--lookups", type=positive_int, default=50_000)
     bench.add_argument("--capacity", type=positive_int, help="admission: probation's keys (default: a tenth of --keys)")
     bench.set_defaults(fn=cmd_bench)
@@ -771,8 +789,8 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("file")
     generate = docs_sub.add_parser("generate", help="synthetic documents in 14 languages and scripts")
     generate.add_argument("--n", type=positive_int, required=True)
-    generate.add_argument("--seed", type=int, default=0)
-    generate.add_argument("--start-id", type=int, default=0)
+    generate.add_argument("--seed", type=non_negative_int, default=0)
+    generate.add_argument("--start-id", type=non_negative_int, default=0)
     docs.set_defaults(fn=cmd_docs)
     ads = sub.add_parser("ads", help="the lake's ad catalog: load your own ads")
     ads_sub = ads.add_subparsers(dest="ads_command", required=True)
@@ -896,6 +914,35 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader of our output went away (`| head`): no traceback, and no flush at exit
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except _environment_errors() as error:  # a file, URL, server or value we were given that does not work
+        if os.environ.get(ENV_TRACEBACK):
+            raise
+        detail = " ".join(str(error).split()) or "no detail"
+        print(
+            f"precompute {args.command}: {type(error).__name__}: {detail} ({ENV_TRACEBACK}=1 shows where)",
+            file=sys.stderr,
+        )
+        return 2
+
+
+ENV_TRACEBACK = "PRECOMPUTE_TRACEBACK"
+
+
+def _environment_errors() -> tuple[type[BaseException], ...]:
+    """What bad input or a bad environment raises below the checks the commands make themselves: files (OSError),
+    values and formats (ValueError, pyarrow's ArrowInvalid among them; OverflowError), and the database and Redis
+    clients' errors (RedisClusterException is no RedisError)."""
+    import psycopg2
+    import redis.exceptions
+
+    return (
+        OSError,
+        ValueError,
+        ArithmeticError,
+        psycopg2.Error,
+        redis.exceptions.RedisError,
+        redis.exceptions.RedisClusterException,
+    )
 
 
 if __name__ == "__main__":

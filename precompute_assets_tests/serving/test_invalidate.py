@@ -100,6 +100,8 @@ def test_stats_report_the_current_version_and_the_hit_rate_of_the_window(redis_u
     assert cache_stats(redis_client, schema, window_s=600)["kinds"]["ctr"]["previous"] == {"version": None}
     sampled = cache_stats(redis_client, schema, window_s=600, sample=10)["kinds"]["ctr"]["window"]
     assert sampled["sampled"] and sampled["requests"] == 10  # the newest 10 entries only
+    ages = cache_stats(redis_client, schema, window_s=1e30)["kinds"]["ctr"]["window"]  # longer than the epoch
+    assert ages["requests"] == 44  # the whole log, not a stream-ID error
     with pytest.raises(ValueError, match="window must be positive"):
         cache_stats(redis_client, schema, window_s=0)
 

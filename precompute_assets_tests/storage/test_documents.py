@@ -212,3 +212,28 @@ def test_load_generated_parquet_in_chunks(store: DocumentStore, tmp_path: Path) 
     assert store.count() == 3000
     row = next(r for r in store.changed_since(None, limit=3000) if r.doc_id == docs.doc_id[42])
     assert (row.title, row.body, row.language) == (docs.title[42], docs.body[42], docs.language[42])
+
+
+def test_connections_give_up_on_a_server_that_never_answers(monkeypatch):
+    """A port that accepts TCP but is no PostgreSQL must fail, not hang: connect_timeout, unless the URL sets one."""
+    import socket
+
+    from precompute_assets.storage import postgres
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()
+    try:
+        url = f"postgresql://u@127.0.0.1:{silent.getsockname()[1]}/x?connect_timeout=1"
+        with pytest.raises(postgres.psycopg2.OperationalError, match="timeout"):
+            postgres.connect(url)
+    finally:
+        silent.close()
+    seen = []
+    monkeypatch.setattr(postgres.psycopg2, "connect", lambda dsn, **kwargs: seen.append((dsn, kwargs)))
+    postgres.connect("postgresql+psycopg2://u@h/db")
+    postgres.connect("postgresql://u@h/db?connect_timeout=3")
+    assert seen == [
+        ("postgresql://u@h/db", {"connect_timeout": postgres.CONNECT_TIMEOUT_S}),
+        ("postgresql://u@h/db?connect_timeout=3", {}),
+    ]

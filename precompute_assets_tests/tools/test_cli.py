@@ -248,6 +248,48 @@ def test_unreachable_external_servers_are_one_line_and_exit_2(tmp_path, monkeypa
     assert not (tmp_path / "home" / "redis").exists() and not (tmp_path / "home" / "postgres").exists()
 
 
+def test_bad_environments_are_one_line_and_exit_2_not_a_traceback(tmp_path, monkeypatch, capsys):
+    a_file = tmp_path / "a file"
+    a_file.write_text("")
+    cases = [  # (environment, command, what the line says); none starts a server
+        ({"PRECOMPUTE_HOME": str(a_file)}, ["env"], "FileExistsError"),
+        ({"PRECOMPUTE_REDIS_URL": "redis://127.0.0.1:abc/0"}, ["status"], "ValueError: Port could not be cast"),
+        ({"PRECOMPUTE_REDIS_URL": "redis://127.0.0.1:1/0?cluster=1"}, ["cache", "stats"], "RedisClusterException"),
+    ]
+    for environment, command, says in cases:
+        with monkeypatch.context() as patched:
+            patched.setenv("PRECOMPUTE_HOME", str(tmp_path / "home"))
+            for name, value in environment.items():
+                patched.setenv(name, value)
+            assert main(command) == 2, command
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and says in err and "Traceback" not in err, err
+            assert err.startswith(f"precompute {command[0]}: ") and "PRECOMPUTE_TRACEBACK=1 shows where" in err
+            patched.setenv("PRECOMPUTE_TRACEBACK", "1")  # the traceback, for whoever needs where
+            with pytest.raises(Exception) as raised:
+                main(command)
+            assert says.startswith(type(raised.value).__name__)
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["docs", "generate", "--n", "5", "--start-id=-10"], "argument --start-id: must be at least 0, got -10"),
+        (["docs", "generate", "--n", "5", "--seed=-1"], "argument --seed: must be at least 0, got -1"),
+        (["dev", "--port=-1"], "argument --port: must be at least 1, got -1"),
+        (["dev", "--port", "70000"], "argument --port: must be at most 65535, got 70000"),
+        (["replay", "--trace", " ", "--days", "3", "--top-n", "1", "--capacity", "5"], "--trace is empty"),
+    ],
+)
+def test_out_of_range_arguments_are_refused_before_any_work(argv, says, capsys):
+    try:
+        code = main(argv)
+    except SystemExit as usage:  # argparse's usage error
+        code = usage.code
+    err = capsys.readouterr().err
+    assert code == 2 and says in err and err.count("\n") == 1, err
+
+
 def test_env_is_shell_safe_and_stable_before_up(tmp_path, monkeypatch, capsys):
     """`eval "$(precompute env)"` must reproduce every value, and ports must not change between calls."""
     import subprocess
