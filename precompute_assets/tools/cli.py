@@ -292,6 +292,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise CliError(str(error)) from None
         print(json.dumps(result))
         return 0
+    if args.what == "rerank" and args.keys is not None and args.keys < 100:
+        raise CliError(f"bench rerank needs --keys of at least 100 (each call re-ranks 100 of them), got {args.keys}")
     env = _up(Stack())
     keys = 10_000 if args.keys is None else args.keys
     if args.what == "serve":
@@ -764,7 +766,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--processes", type=positive_int, default=2, help="load: client processes")
     bench.add_argument(
         "--daemon-logins",
-        type=int,
+        type=non_negative_int,
         default=0,
         help="events: logins also timed through a real dagster-daemon (about 5-15 s each; 0: none)",
     )

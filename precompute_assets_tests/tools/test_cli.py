@@ -279,6 +279,8 @@ def test_bad_environments_are_one_line_and_exit_2_not_a_traceback(tmp_path, monk
         (["dev", "--port=-1"], "argument --port: must be at least 1, got -1"),
         (["dev", "--port", "70000"], "argument --port: must be at most 65535, got 70000"),
         (["replay", "--trace", " ", "--days", "3", "--top-n", "1", "--capacity", "5"], "--trace is empty"),
+        (["bench", "events", "--daemon-logins=-5"], "argument --daemon-logins: must be at least 0, got -5"),
+        (["bench", "rerank", "--keys", "99"], "bench rerank needs --keys of at least 100"),
     ],
 )
 def test_out_of_range_arguments_are_refused_before_any_work(argv, says, capsys):
