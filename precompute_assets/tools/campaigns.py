@@ -74,9 +74,12 @@ def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
     return records, labels
 
 
+_SHORT = object()  # the value csv.DictReader gives the columns a row is too short to have
+
+
 def _read_csv(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
     with open(path, encoding="utf-8", newline="") as stream:
-        reader = csv.DictReader(stream)
+        reader = csv.DictReader(stream, restval=_SHORT)
         header = reader.fieldnames or []
         missing = [column for column in REQUIRED_CSV_COLUMNS if column not in header]
         if missing:
@@ -90,8 +93,8 @@ def _read_csv(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
         try:
             for row in reader:
                 line = reader.line_num
-                if None in row:
-                    fields_in_row = len(header) + len(row[None])
+                if None in row or _SHORT in row.values():
+                    fields_in_row = len(header) + len(row.get(None, [])) - list(row.values()).count(_SHORT)
                     raise _error(f"{path}: line {line}: {fields_in_row} fields, the header has {len(header)}")
                 values = {key: (None if value is None or value == "" else value) for key, value in row.items()}
                 campaign_id = values["campaign_id"] or ""

@@ -182,6 +182,7 @@ def test_bad_files_are_one_line_and_start_nothing(tmp_path, monkeypatch, capsys)
         "disagree.csv": "campaign_id,tenant_id,launch_at,ad_id\n"
         "c1,acme,2030-01-01T00:00Z,a1\nc1,acme,2030-01-02T00:00Z,a2\n",
         "ragged.csv": "campaign_id,tenant_id,launch_at,ad_id\nc1,acme,2030-01-01T00:00Z,a1,extra\n",
+        "short.csv": "campaign_id,tenant_id,launch_at,ad_id,quality\nc1,acme,2030-01-01T00:00Z,a1,0.5\nc1,acme\n",
     }
     expected = {
         "missing.jsonl": "no such file",
@@ -192,6 +193,7 @@ def test_bad_files_are_one_line_and_start_nothing(tmp_path, monkeypatch, capsys)
         "no-columns.csv": "missing columns ['tenant_id', 'launch_at']",
         "disagree.csv": "campaign 'c1': line 3 has launch_at '2030-01-02T00:00Z', line 2 has '2030-01-01T00:00Z'",
         "ragged.csv": "line 2: 5 fields, the header has 4",
+        "short.csv": "line 3: 2 fields, the header has 5",  # not a value error of the fields it lacks
         "folder.jsonl": "not a file",
     }
     for name, content in files.items():
