@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .storage.postgres import libpq_url
+from .storage.postgres import connect as postgres_connect
 
 ENV_REDIS = "PRECOMPUTE_REDIS_URL"
 ENV_DAGSTER_PG = "DAGSTER_PG_URL"
@@ -398,7 +398,7 @@ class PostgresServer:
         import psycopg2
 
         try:
-            conn = psycopg2.connect(libpq_url(self.url("postgres")), connect_timeout=10)
+            conn = postgres_connect(self.url("postgres"))  # gives up after its connect timeout
         except psycopg2.Error as error:
             raise StackError(f"PostgreSQL on port {self.port} does not accept connections: {error}".strip()) from None
         try:

@@ -1212,7 +1212,7 @@ def int64_keys(ints: np.ndarray) -> np.ndarray:
     return ints.view(np.int64).copy() if ints.dtype == np.uint64 else ints.astype(np.int64)
 
 
-def _oracle_general(data: bytes, trace_format: str = "oracle-general") -> Trace:
+def _oracle_general(data: bytes, trace_format: str) -> Trace:
     """libCacheSim's oracleGeneral (or oracleGeneralOpNS) records as a trace: keys the object ids, timestamps the
     times."""
     dtype, name, fields = _ORACLE[trace_format]
