@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import pandas as pd
+import redis
 
 from precompute_assets.defs.partitions import DEFAULT_PARTITIONS
+from precompute_assets.serving import connect
 from precompute_assets.storage.lake import Lake
 from precompute_assets.storage.tables import query_log_frame
 from precompute_assets.workload.ads import generate_traffic, make_ads
+
+
+def log_client(url: str) -> redis.Redis:
+    """A client for a test's query or event logger. The serving default (50 ms per command) suits lookups that
+    would rather compute live; on a busy 2-core machine it fails whole batches, and tests count every write."""
+    return connect(url, socket_timeout=5)
 
 
 def day_start_ms(day: str) -> int:

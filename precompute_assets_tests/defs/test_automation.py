@@ -12,6 +12,7 @@ from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
 
 from precompute_assets.definitions import defs
 from precompute_assets.defs.automation import automation_states, build_cache_health_sensor, health_request
+from precompute_assets_tests.factories import log_client
 
 EVERYTHING = [
     ("cache_health", "sensor"),
@@ -92,9 +93,9 @@ def test_cache_health_requests_a_refresh_below_the_threshold_and_says_why():
 
 def test_cache_health_reads_the_query_log_of_a_real_redis(redis_url, schema):
     from precompute_assets.defs.resources import RedisResource
-    from precompute_assets.serving import QueryLogger, connect
+    from precompute_assets.serving import QueryLogger
 
-    logger = QueryLogger(connect(redis_url), schema)
+    logger = QueryLogger(log_client(redis_url), schema)
     for i in range(300):
         logger.log("ctr", f"ad{i % 40}", hit=i % 2 == 0)
     logger.close()

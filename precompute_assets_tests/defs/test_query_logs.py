@@ -16,9 +16,9 @@ from precompute_assets.defs.query_logs import (
     safe_trim_boundary,
 )
 from precompute_assets.defs.resources import DeploymentResource, LakeResource, ParquetIOManager, RedisResource
-from precompute_assets.serving import QueryLogger, connect
+from precompute_assets.serving import QueryLogger
 from precompute_assets.storage.lake import Lake
-from precompute_assets_tests.factories import logged_queries
+from precompute_assets_tests.factories import log_client, logged_queries
 
 HOUR = "2026-11-20-10:00"
 HOURLY = DEFAULT_PARTITIONS.hourly
@@ -26,7 +26,7 @@ HOUR_START_MS = int(datetime(2026, 11, 20, 10, tzinfo=UTC).timestamp() * 1000)
 
 
 def fill(redis_url, schema, at_ms: int, n: int, *, hit_every: int = 2) -> None:
-    logger = QueryLogger(connect(redis_url), schema, clock=lambda: at_ms)
+    logger = QueryLogger(log_client(redis_url), schema, clock=lambda: at_ms)
     for i in range(n):
         logger.log("ctr", f"ad{i % 7}", hit=i % hit_every == 0, latency_us=40, user=f"u{i}")
     logger.close()
@@ -111,7 +111,7 @@ def test_malformed_events_are_quarantined_with_reasons(redis_url, redis_client, 
 def test_the_arm_of_each_query_is_stored_and_a_bad_arm_is_quarantined(
     redis_url, redis_client, schema, lake_uri, pg_instance
 ):
-    logger = QueryLogger(connect(redis_url), schema, clock=lambda: HOUR_START_MS)
+    logger = QueryLogger(log_client(redis_url), schema, clock=lambda: HOUR_START_MS)
     for i in range(30):
         logger.log("ctr", f"ad{i}", hit=i % 2 == 0, arm="lstm" if i % 3 else "frequency")
     logger.log("ctr", "plain", hit=False)  # outside any experiment

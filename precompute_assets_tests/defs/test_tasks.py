@@ -53,7 +53,7 @@ from precompute_assets.serving import PredictionCache, connect
 from precompute_assets.serving.events import ACTIONS, EventLogger
 from precompute_assets.storage.lake import Lake
 from precompute_assets.storage.tables import query_log_frame
-from precompute_assets_tests.factories import write_ad_platform
+from precompute_assets_tests.factories import log_client, write_ad_platform
 
 DAY = "2026-11-20"
 
@@ -228,7 +228,7 @@ def burst(redis_url, schema, n=10_000, seed=0) -> list[tuple[str, str, str | Non
         action = ACTIONS[rng.choice(6, p=weights)]
         entity = {"creative_upload": f"cr{i:05d}", "campaign_create": f"c{i:05d}", "dashboard_view": None}.get(action)
         events.append((user, action, entity, f"t{int(user[1:]) % 100:02d}"))
-    logger = EventLogger(connect(redis_url), schema, max_buffer=n)
+    logger = EventLogger(log_client(redis_url), schema, max_buffer=n)
     for user, action, entity, tenant in events:
         logger.record_event(user, action, entity=entity, tenant=tenant)
     logger.close()
@@ -349,7 +349,7 @@ def test_events_to_lake_to_model_to_sensor_to_values_readable_through_the_cache(
     hour = DEFAULT_PARTITIONS.hours_of(DAY)[14]
     written = lake.read("user_events", hour)
     clock = [0]
-    logger = EventLogger(connect(redis_url), schema, clock=lambda: clock[0])
+    logger = EventLogger(log_client(redis_url), schema, clock=lambda: clock[0])
     columns = ["ts_ms", "user", "action", "entity", "tenant"]
     for ts, user, action, entity, tenant in written[columns].itertuples(index=False):
         clock[0] = int(ts)
@@ -376,7 +376,7 @@ def test_events_to_lake_to_model_to_sensor_to_values_readable_through_the_cache(
     lake.write("query_logs", previous_hour, query_log_frame(rows))
     # 5. live events through the serving client, a sensor tick, and the runs it requests
     creatives = ads_table["ad_id"].head(3).tolist()
-    live = EventLogger(connect(redis_url), schema)
+    live = EventLogger(log_client(redis_url), schema)
     live.record_event("u00001", "login", tenant="t001")
     for creative in creatives:
         live.record_event("u00002", "creative_upload", entity=creative, tenant="t002")
@@ -489,7 +489,7 @@ def test_live_refresh_requests_hot_keys_near_expiry_and_never_the_cold_tail(
         redis_client.set(schema.live(name, key), b'{"old": 1}', px=ttl_ms)
     redis_client.set(schema.live(other, "x"), b"1.0", px=550_000)
     reader = PredictionCache(connect(redis_url, socket_timeout=5), schema=schema, pointer_ttl_s=0,
-                             logger=QueryLogger(connect(redis_url), schema))  # fmt: skip
+                             logger=QueryLogger(log_client(redis_url), schema))  # fmt: skip
     for _ in range(5):
         reader.get(name, "hot")
         reader.get(name, "fresh")

@@ -19,9 +19,9 @@ from precompute_assets.defs.user_events import (
 )
 from precompute_assets.ml.model_store import LocalModelStore
 from precompute_assets.ml.next_action import NextActionModel
-from precompute_assets.serving import connect
 from precompute_assets.serving.events import EventLogger, events_stream
 from precompute_assets.storage.lake import Lake
+from precompute_assets_tests.factories import log_client
 
 HOUR = "2026-11-20-10:00"
 HOUR_START_MS = int(datetime(2026, 11, 20, 10, tzinfo=UTC).timestamp() * 1000)
@@ -41,7 +41,7 @@ def resources(redis_url, schema, lake_uri, models=None):
 
 
 def record(redis_url, schema, at_ms: int, n: int) -> None:
-    logger = EventLogger(connect(redis_url), schema, clock=lambda: at_ms)
+    logger = EventLogger(log_client(redis_url), schema, clock=lambda: at_ms)
     for i in range(n):
         logger.record_event(f"u{i % 5}", ["login", "dashboard_view", "creative_upload"][i % 3], tenant="acme",
                             entity=f"cr{i}" if i % 3 == 2 else None)  # fmt: skip

@@ -17,7 +17,7 @@ from precompute_assets.serving import (
     connect,
     publish_version,
 )
-from precompute_assets_tests.factories import CountingClient, logged_queries
+from precompute_assets_tests.factories import CountingClient, log_client, logged_queries
 
 
 def make_cache(url: str, schema: KeySchema, **options) -> PredictionCache:
@@ -65,7 +65,7 @@ def test_publish_rejects_a_count_mismatch_without_flipping(redis_client, schema)
 
 def test_queries_are_logged_with_hit_and_miss(redis_url, redis_client, schema):
     publish_version(redis_client, "ctr", "v1", [("ad1", 0.3)], n_keys=1, schema=schema)
-    logger = QueryLogger(connect(redis_url), schema)
+    logger = QueryLogger(log_client(redis_url), schema)
     cache = make_cache(redis_url, schema, logger=logger)
     cache.get("ctr", "ad1", user="u7", tenant="acme")
     cache.get("ctr", "ad404")
@@ -177,7 +177,7 @@ def test_queries_carry_the_arm_of_the_published_experiment(redis_url, redis_clie
     items = [(k, 0.1) for k in keys[:100]]
     publish_version(redis_client, "ctr", "v1", items, n_keys=100, schema=schema, experiment=EXPERIMENT)
     assert Experiment.decode(redis_client.get(schema.experiment("ctr"))) == EXPERIMENT
-    logger = QueryLogger(connect(redis_url), schema)
+    logger = QueryLogger(log_client(redis_url), schema)
     cache = make_cache(redis_url, schema, logger=logger)
     assert cache.current_experiment("ctr") == EXPERIMENT
     for key in keys[:150]:
@@ -203,7 +203,7 @@ def test_queries_carry_the_arm_of_the_published_experiment(redis_url, redis_clie
 def test_the_experiment_costs_no_round_trip_per_lookup(redis_url, redis_client, schema):
     publish_version(redis_client, "ctr", "v1", [("a", 0.1)], n_keys=1, schema=schema, experiment=EXPERIMENT)
     client = CountingClient(connect(redis_url, socket_timeout=1.0))
-    logger = QueryLogger(connect(redis_url), schema)
+    logger = QueryLogger(log_client(redis_url), schema)
     cache = PredictionCache(client, schema=schema, logger=logger, pointer_ttl_s=3600)
     assert cache.get("ctr", "a") == pytest.approx(0.1)
     assert client.round_trips == 2  # pointer and experiment together, then the bucket
@@ -219,7 +219,7 @@ def test_the_experiment_costs_no_round_trip_per_lookup(redis_url, redis_client, 
 def test_a_malformed_experiment_is_ignored_and_counted(redis_url, redis_client, schema):
     publish_version(redis_client, "ctr", "v1", [("a", 0.1)], n_keys=1, schema=schema)
     redis_client.set(schema.experiment("ctr"), b'{"name": "x", "salt": "s", "arms": ["lstm", "lstm"]}')
-    logger = QueryLogger(connect(redis_url), schema)
+    logger = QueryLogger(log_client(redis_url), schema)
     cache = make_cache(redis_url, schema, logger=logger)
     assert cache.get("ctr", "a") == pytest.approx(0.1)
     assert cache.current_experiment("ctr") is None and cache.errors >= 1
@@ -247,7 +247,7 @@ def test_experiment_decode_rejects_malformed_values(raw, message):
 def test_crafted_keys_are_refused_at_the_boundary(redis_url, redis_client, schema, key):
     """Input that could reach out of its kind's namespace (or choose a cluster slot) is a ValueError before any
     command is sent, and nothing is stored or logged."""
-    logger = QueryLogger(connect(redis_url), schema)
+    logger = QueryLogger(log_client(redis_url), schema)
     cache = make_cache(redis_url, schema, logger=logger)
     calls = []
     for lookup in (

@@ -15,12 +15,13 @@ from precompute_assets.serving.events import (
     validate_event,
 )
 from precompute_assets.stack import free_port
+from precompute_assets_tests.factories import log_client
 
 T0 = 1_790_000_000_000
 
 
 def test_record_event_lands_in_the_event_stream(redis_url, redis_client, schema):
-    logger = EventLogger(connect(redis_url), schema)
+    logger = EventLogger(log_client(redis_url), schema)
     logger.record_event("u1", "login", tenant="acme")
     logger.record_event("u1", "creative_upload", entity="cr-1", tenant="acme")
     logger.record_event("u2", "dashboard_view")
@@ -40,7 +41,7 @@ def test_record_event_lands_in_the_event_stream(redis_url, redis_client, schema)
 
 
 def test_the_stream_is_capped_with_approximate_maxlen(redis_url, redis_client, schema):
-    logger = EventLogger(connect(redis_url), schema, stream_maxlen=200, batch_size=500)
+    logger = EventLogger(log_client(redis_url), schema, stream_maxlen=200, batch_size=500)
     for i in range(3000):
         logger.record_event(f"u{i}", "login")
     logger.close()
@@ -50,7 +51,7 @@ def test_the_stream_is_capped_with_approximate_maxlen(redis_url, redis_client, s
 
 def test_simulated_clock_ids_follow_event_times_and_windows_read_exactly(redis_url, redis_client, schema):
     now = [T0]
-    logger = EventLogger(connect(redis_url), schema, clock=lambda: now[0])
+    logger = EventLogger(log_client(redis_url), schema, clock=lambda: now[0])
     for i in range(2500):
         now[0] = T0 + i * 1000  # 2,500 seconds
         logger.record_event(f"u{i % 7}", ACTIONS[i % len(ACTIONS)])

@@ -11,6 +11,7 @@ from precompute_assets.serving.invalidate import glob_escape, invalidate
 from precompute_assets.serving.stats import cache_stats
 from precompute_assets.storage.postgres import scratch_database
 from precompute_assets.tools.cli import duration_s, main
+from precompute_assets_tests.factories import log_client
 
 
 def publish(client, schema, kind: str, version: str, keys: list[str]) -> None:
@@ -76,7 +77,7 @@ def test_bad_invalidations_are_refused(redis_client, schema, arguments, message)
 
 def test_stats_report_the_current_version_and_the_hit_rate_of_the_window(redis_url, redis_client, schema):
     publish(redis_client, schema, "ctr", "v1", [f"k{i}" for i in range(500)])
-    logger = QueryLogger(connect(redis_url), schema)
+    logger = QueryLogger(log_client(redis_url), schema)
     for i in range(40):
         logger.log("ctr", f"k{i}", hit=True)
     for _ in range(3):
@@ -107,7 +108,7 @@ def test_stats_report_the_current_version_and_the_hit_rate_of_the_window(redis_u
 
 
 def test_stats_split_the_hit_rate_by_the_version_each_lookup_read(redis_url, redis_client, schema):
-    logger = QueryLogger(connect(redis_url), schema)
+    logger = QueryLogger(log_client(redis_url), schema)
     cache = PredictionCache(connect(redis_url), schema=schema, pointer_ttl_s=0, logger=logger)
     cache.get("ctr", "k0")  # no version published yet: logged without one
     publish(redis_client, schema, "ctr", "v1", [f"k{i}" for i in range(10)])

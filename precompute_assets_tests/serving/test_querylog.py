@@ -16,11 +16,11 @@ from precompute_assets.serving.querylog import (
     read_stream_window,
     validate_entry,
 )
-from precompute_assets_tests.factories import logged_queries
+from precompute_assets_tests.factories import log_client, logged_queries
 
 
 def test_decorator_logs_each_call_as_a_live_miss(redis_url, redis_client, schema):
-    logger = QueryLogger(connect(redis_url), schema)
+    logger = QueryLogger(log_client(redis_url), schema)
 
     @log_prediction_query("ctr", logger)
     def predict(ad_id: str, *, user: str | None = None) -> float:
@@ -37,7 +37,7 @@ def test_decorator_logs_each_call_as_a_live_miss(redis_url, redis_client, schema
 
 
 def test_context_manager_logs_even_when_the_block_raises(redis_url, redis_client, schema):
-    logger = QueryLogger(connect(redis_url), schema)
+    logger = QueryLogger(log_client(redis_url), schema)
     with query_logger(logger, "ctr", "ad1", tenant="t1") as record:
         record.hit = True
     with pytest.raises(RuntimeError), query_logger(logger, "ctr", "ad2"):
@@ -50,7 +50,7 @@ def test_context_manager_logs_even_when_the_block_raises(redis_url, redis_client
 
 def test_simulated_clock_writes_ids_at_event_time(redis_url, redis_client, schema):
     now = [1_790_000_000_000]
-    logger = QueryLogger(connect(redis_url), schema, clock=lambda: now[0])
+    logger = QueryLogger(log_client(redis_url), schema, clock=lambda: now[0], flush_interval_s=60)
     for _ in range(3):
         logger.log("ctr", "a", hit=True)
     now[0] += 999  # the same entry: within a second of its first query
@@ -70,7 +70,7 @@ def test_simulated_clock_writes_ids_at_event_time(redis_url, redis_client, schem
 
 
 def test_read_stream_window_pages_through_everything(redis_url, redis_client, schema):
-    logger = QueryLogger(connect(redis_url), schema, clock=lambda: 1_790_000_000_000)
+    logger = QueryLogger(log_client(redis_url), schema, clock=lambda: 1_790_000_000_000, flush_interval_s=60)
     for i in range(2500):
         logger.log("ctr", f"k{i}", hit=True)
     logger.close()
@@ -83,7 +83,7 @@ def test_read_stream_window_pages_through_everything(redis_url, redis_client, sc
 
 
 def test_a_flush_writes_an_entry_per_entry_events_queries(redis_url, redis_client, schema):
-    logger = QueryLogger(connect(redis_url), schema, flush_interval_s=60)
+    logger = QueryLogger(log_client(redis_url), schema, flush_interval_s=60)
     n = 2 * ENTRY_EVENTS + 3
     for i in range(n - 5):
         logger.log("ctr", f"k{i}", hit=i % 2 == 0, version="v1")
@@ -249,7 +249,7 @@ def test_validator_keeps_a_valid_arm_and_version():
 
 
 def test_the_logger_writes_the_arm_only_when_given(redis_url, redis_client, schema):
-    logger = QueryLogger(connect(redis_url), schema)
+    logger = QueryLogger(log_client(redis_url), schema)
     logger.log("ctr", "ad1", hit=True, arm="frequency")
     logger.log("ctr", "ad2", hit=False)
     with query_logger(logger, "ctr", "ad3", arm="lstm"):
@@ -263,7 +263,7 @@ def test_counts_are_exact_when_threads_share_a_logger(redis_url, redis_client, s
     import threading
 
     # A buffer smaller than what the threads log: some events are dropped, and each is counted once.
-    logger = QueryLogger(connect(redis_url), schema, max_buffer=3000)
+    logger = QueryLogger(log_client(redis_url), schema, max_buffer=3000)
     per_thread, threads = 5000, 8
     workers = [
         threading.Thread(target=lambda: [logger.log("ctr", f"ad{i}", hit=True) for i in range(per_thread)])
@@ -285,7 +285,7 @@ def test_a_batch_with_an_error_reply_is_counted_and_the_connection_stays_usable(
     dropped (not retried), and once the backoff passes the next batch goes through the same pool intact."""
     redis_client.xadd(schema.query_log(), {"ts": "0"}, id="1790000000100-0")
     now = [1_790_000_000_000]
-    logger = QueryLogger(connect(redis_url), schema, clock=lambda: now[0], backoff_s=0.01, batch_size=40)
+    logger = QueryLogger(log_client(redis_url), schema, clock=lambda: now[0], backoff_s=0.01, batch_size=40)
     for i in range(25):  # one refused XADD, then the HINCRBYs: the error reply is not the last one read
         logger.log("ctr", f"k{i}", hit=i % 2 == 0)
     logger.flush()
@@ -303,7 +303,7 @@ def test_a_batch_with_an_error_reply_is_counted_and_the_connection_stays_usable(
 
 
 def test_log_many_queues_one_event_per_key_and_counts_what_does_not_fit(redis_url, redis_client, schema):
-    logger = QueryLogger(connect(redis_url), schema, max_buffer=3, flush_interval_s=60)
+    logger = QueryLogger(log_client(redis_url), schema, max_buffer=3, flush_interval_s=60)
     logger.log_many("ctr", ["a", "b", "c", "d", "e"], [True, False, True, True, False], latency_us=7, user="u1",
                     arms=["x", "y", None, "x", "y"])  # fmt: skip
     assert logger.stats.logged == 5 and logger.stats.dropped_buffer_full == 2 and logger.pending == 3
@@ -330,7 +330,7 @@ def test_pack_resp_is_the_wire_format_redis_py_sends(redis_client):
 
 def test_a_backlog_is_drained_in_order_with_every_reply_read(redis_url, redis_client, schema):
     # One batch of many entries (and a partial one): nothing lost or reordered, the stats counted once.
-    logger = QueryLogger(connect(redis_url), schema, max_buffer=4000, batch_size=10**6, flush_interval_s=60)
+    logger = QueryLogger(log_client(redis_url), schema, max_buffer=4000, batch_size=10**6, flush_interval_s=60)
     n = 3005
     for i in range(n):
         logger.log("ctr", f"k{i}", hit=i % 3 == 0)
@@ -367,7 +367,7 @@ def _wait_for(condition, seconds: float = 5.0) -> bool:
 
 def test_a_full_entry_is_sent_by_the_callers_thread(redis_url, redis_client, schema):
     """With the flushing thread asleep for a minute, the lookup that fills an entry sends it itself."""
-    logger = QueryLogger(connect(redis_url), schema, flush_interval_s=60)
+    logger = QueryLogger(log_client(redis_url), schema, flush_interval_s=60)
     assert _wait_for(lambda: logger._connection is not None)  # the thread connects at once
     for i in range(ENTRY_EVENTS - 1):
         logger.log("ctr", f"k{i}", hit=True)
@@ -394,7 +394,7 @@ class _ShortSends:
 
 
 def test_what_a_callers_send_could_not_hand_over_is_sent_by_the_thread(redis_url, redis_client, schema):
-    logger = QueryLogger(connect(redis_url), schema, flush_interval_s=0.05)
+    logger = QueryLogger(log_client(redis_url), schema, flush_interval_s=0.05)
     assert _wait_for(lambda: logger._connection is not None)
     with logger._lock:
         logger._connection._sock = _ShortSends(logger._connection._sock)
@@ -412,7 +412,7 @@ def test_a_serving_client_sends_the_log_while_it_waits_for_a_lookup(redis_url, r
     from precompute_assets.serving import PredictionCache, publish_version
 
     publish_version(redis_client, "ctr", "v1", [("a", 0.5)], n_keys=1, schema=schema)
-    logger = QueryLogger(connect(redis_url), schema, flush_interval_s=60)
+    logger = QueryLogger(log_client(redis_url), schema, flush_interval_s=60)
     cache = PredictionCache(connect(redis_url, socket_timeout=5), schema=schema, logger=logger)
     assert logger.lookup_sends and _wait_for(lambda: logger._connection is not None)
     for _ in range(ENTRY_EVENTS):
@@ -433,7 +433,7 @@ def test_a_callers_send_never_waits_for_room_in_the_socket(redis_url, redis_clie
     the thread instead of waiting: a wait would end in the socket's timeout, counted as a failed flush."""
     import socket
 
-    logger = QueryLogger(connect(redis_url), schema, flush_interval_s=60)
+    logger = QueryLogger(log_client(redis_url), schema, flush_interval_s=60)
     assert _wait_for(lambda: logger._connection is not None)
     mine, peer = socket.socketpair()
     mine.setblocking(False)
@@ -462,7 +462,7 @@ def test_an_event_no_encoding_takes_does_not_stop_the_thread(redis_url, redis_cl
     from precompute_assets.serving import EventLogger
     from precompute_assets.serving.events import events_stream, read_event_window, validate_event
 
-    logger = EventLogger(connect(redis_url), schema, flush_interval_s=0.01)
+    logger = EventLogger(log_client(redis_url), schema, flush_interval_s=0.01)
     logger.record_event("\ud800", "login")  # a lone surrogate, e.g. from a JSON body
     assert _wait_for(lambda: logger.stats.written + logger.stats.dropped == 1)
     logger.record_event("u2", "login")

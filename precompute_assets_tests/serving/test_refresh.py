@@ -8,6 +8,7 @@ import pytest
 
 from precompute_assets.serving import PredictionCache, QueryLogger, connect
 from precompute_assets.serving.refresh import due_for_refresh, hot_keys, live_pttls, read_recent_hits
+from precompute_assets_tests.factories import log_client
 
 
 def entry(kind: str, key: str, hit: bool) -> tuple[bytes, dict[bytes, bytes]]:
@@ -38,7 +39,7 @@ def test_recent_hits_and_pttls_on_the_real_redis(redis_url, redis_client, schema
     redis_client.set(schema.live("dash", "warm"), b"{}", px=60_000)
     redis_client.set(schema.live("dash", "cold"), b"{}", px=60_000)
     redis_client.set(schema.live("dash", "fresh"), b"{}", px=900_000)
-    logger = QueryLogger(connect(redis_url), schema)
+    logger = QueryLogger(log_client(redis_url), schema)
     cache = PredictionCache(connect(redis_url, socket_timeout=5), schema=schema, logger=logger, pointer_ttl_s=0)
     for _ in range(3):
         cache.get("dash", "warm")

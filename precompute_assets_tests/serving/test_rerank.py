@@ -8,7 +8,7 @@ import pytest
 from precompute_assets.serving import PredictionCache, QueryLogger, connect, publish_version
 from precompute_assets.serving.rerank import rerank
 from precompute_assets.serving.vectors import decode_batch, decode_vector, encode_batch
-from precompute_assets_tests.factories import logged_queries
+from precompute_assets_tests.factories import log_client, logged_queries
 
 
 def publish_docs(client, schema, n: int = 500, dim: int = 32, seed: int = 0, version: str = "e1"):
@@ -23,7 +23,7 @@ def publish_docs(client, schema, n: int = 500, dim: int = 32, seed: int = 0, ver
 
 def test_candidates_come_back_in_cosine_order_with_the_missing_last(redis_url, redis_client, schema):
     ids, raws = publish_docs(redis_client, schema)
-    logger = QueryLogger(connect(redis_url), schema)
+    logger = QueryLogger(log_client(redis_url), schema)
     cache = PredictionCache(connect(redis_url), schema=schema, logger=logger)
     rng = np.random.default_rng(1)
     query = rng.normal(size=32).astype(np.float32)
