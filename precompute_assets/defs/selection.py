@@ -8,8 +8,8 @@ import pandas as pd
 
 from ..ml.experiment import split_selection
 from ..ml.replay import ShareChoice, tune_share
+from ..ml.selection import DEMAND_WINDOW_DAYS, coverage, select_top
 from ..ml.selection import ad_demand as weighted_demand
-from ..ml.selection import coverage, select_top
 from ..ml.selection import traffic_profile as offpeak_profile
 from ..ml.strategies import TraceHours, strategy_rankings
 from ..serving.admission import ADMISSION_NAMES
@@ -20,7 +20,7 @@ from .resources import ExperimentResource, LakeResource, ModelStoreResource
 PREDICTION_KIND = "ctr"
 # A daily selection asset reads this many days of hourly logs: the day itself and the days before it. The
 # declared dependency says the same, so the UI's lineage and backfills match what the asset reads.
-LOOKBACK_DAYS = 7
+LOOKBACK_DAYS = DEMAND_WINDOW_DAYS
 LOOKBACK = dg.TimeWindowPartitionMapping(start_offset=-(LOOKBACK_DAYS - 1))
 # Length of the quiet window traffic_profile learns and daily_precompute runs in.
 OFFPEAK_WINDOW_HOURS = 4

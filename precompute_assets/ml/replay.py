@@ -33,7 +33,7 @@ from ..serving.admission import (
     probation_sizes,
     published_order,
 )
-from .selection import ad_demand, daily_counts, select_top
+from .selection import DEMAND_WINDOW_DAYS, ad_demand, daily_counts, select_top
 
 _PAD = r"[^\S\n]*"  # whitespace around a field: any whitespace but the newline that ends the line
 _NUM = r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"  # unambiguous: no backtracking
@@ -400,8 +400,9 @@ def replay(
 
     Read-through policies of ``capacity`` keys (a missed key is admitted by the policy's own rules):
     ``hit_rate_lru``; ``hit_rate_s3fifo`` and ``hit_rate_arc`` (see ``s3fifo_hits`` and ``arc_hits``).
-    Precompute policies: ``hit_rate_static_top_n``, only the top-N keys selected each day from the previous
-    days' demand; ``hit_rate_ours``, that top-N set plus a read-through LRU of ``capacity - top_n`` keys.
+    Precompute policies: ``hit_rate_static_top_n``, only the top-N keys selected each day from the demand of
+    the week before it (the ``ad_demand`` asset's); ``hit_rate_ours``, that top-N set plus a read-through LRU
+    of ``capacity - top_n`` keys.
     ``precomputed`` replaces the selection on the counted days by given sets of at most ``top_n`` keys each
     (what a real run published); warm-up days keep the selection.
 
@@ -716,12 +717,17 @@ def _check_warmup(days: list[np.ndarray], warmup_days: int) -> None:
 
 
 def _ranked_keys(days: list[np.ndarray], *, limit: int, half_life_days: float) -> list[list]:
-    """The ``limit`` keys of highest demand before each day, best first (day 0 has no history: none).
+    """The ``limit`` keys of highest demand before each day, best first (day 0 has no history: none). Demand is
+    the ``ad_demand`` asset's: the ``DEMAND_WINDOW_DAYS`` days before the day, so a long trace replays in time
+    linear in its days.
 
     ``select_top`` ranks once, so the top N of any N <= ``limit`` is a prefix of these lists.
     """
     counts = [daily_counts(day) for day in days]
-    demands = [ad_demand(counts[:d], half_life_days=half_life_days) for d in range(1, len(days))]
+    demands = [
+        ad_demand(counts[max(0, d - DEMAND_WINDOW_DAYS) : d], half_life_days=half_life_days)
+        for d in range(1, len(days))
+    ]
     return [[]] + [select_top(demand, limit) for demand in demands]
 
 

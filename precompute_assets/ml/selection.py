@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 HOURS_PER_DAY = 24
+DEMAND_WINDOW_DAYS = 7  # the days of logs ad_demand weighs: the newest and the six before it
 
 
 def daily_counts(keys: np.ndarray | pd.Series) -> pd.Series:
