@@ -177,6 +177,17 @@ def bench_publish(redis_url: str, *, n: int = 1_000_000, naive_n: int = 50_000, 
     return result
 
 
+def _run_failure(result) -> str:
+    """Why a Dagster run failed: its first failed asset check, else its first failed step's error."""
+    for check in result.get_asset_check_evaluations():
+        if not check.passed:
+            return f"{check.asset_key.to_user_string()}'s check {check.check_name}: {check.description}"
+    for event in result.get_step_failure_events():
+        error = event.event_specific_data.error
+        return f"step {event.step_key}: {' '.join((error.message if error else 'failed').split())}"
+    return "the run did not succeed"
+
+
 def bench_graph(
     *,
     queries: int = 10_000_000,
@@ -200,6 +211,7 @@ def bench_graph(
     twice (both selection assets) and does its compute besides, so ``ratio_vs_io_floor`` (each run's
     ``total_asset_seconds`` / ``io_floor_seconds``) is how far the graph is from what reading its inputs costs.
     """
+    import shutil
     import tempfile
 
     import dagster as dg
@@ -224,6 +236,8 @@ def bench_graph(
     from ..storage.tables import QUERY_LOGS
     from ..workload.ads import generate_traffic, make_ads
 
+    if queries < days:
+        raise ValueError(f"--queries must be at least {days} (some on each of the {days} days), got {queries}")
     redis_url = redis_url or Stack().env()[ENV_REDIS]
     defs, partitions = load_definitions(), deployment_partitions()
     scratch = tempfile.mkdtemp(prefix="precompute-bench-graph-")
@@ -287,7 +301,7 @@ def bench_graph(
         "experiment": ExperimentResource(),
         "io_manager": ParquetIOManager(lake=LakeResource(base_uri=f"{scratch}/lake")),
     }
-    runs = {}
+    runs, failure = {}, None
     # The daily graph without demand_model, whose LSTM has its own budget and benchmark (bench demand).
     assets = defs.resolve_job_def(refresh_precompute_job.name).asset_layer.executable_asset_keys
     with dg.instance_for_test() as instance:
@@ -298,7 +312,11 @@ def bench_graph(
                 partition_key=day_keys[-1],
                 instance=instance,
                 run_config={"ops": {"top_ads": {"config": {"top_n": top_n}}}},
+                raise_on_error=False,
             )
+            if not result.success:
+                failure = _run_failure(result)
+                break
             steps = {
                 s.step_key: round(s.end_time - s.start_time, 2) for s in instance.get_run_step_stats(result.run_id)
             }
@@ -309,10 +327,12 @@ def bench_graph(
                 "keys_published": result.asset_materializations_for_node("ctr_cache")[0].metadata["keys_written"].value,
                 "ratio_vs_io_floor": round(total_s / io_floor_s, 2),
             }
-    import shutil
-
     shutil.rmtree(scratch, ignore_errors=True)
     drop_namespace(connect(redis_url, socket_timeout=30), resources["redis"].schema())
+    if failure:
+        raise ValueError(
+            f"the daily graph failed on {written:,} queries over {ads:,} ads: {failure} (more --queries or --ads?)"
+        )
     return {"bench": "graph", "queries": written, "ads": ads, "days": days, "setup_seconds": round(setup_s, 1),
             "goal_seconds": 120, "io_floor_seconds": io_floor_s, "io_floor_rows": io_floor_rows,
             **runs}  # fmt: skip

@@ -50,6 +50,16 @@ def test_bench_graph_reports_asset_seconds_and_io_floor(redis_url, redis_client)
     assert not list(redis_client.scan_iter("bench*", count=1000))
 
 
+def test_bench_graph_on_too_little_traffic_says_which_check_failed_and_cleans_up(redis_url, redis_client):
+    with pytest.raises(
+        ValueError, match="ctr_model's check beats_baseline: no model trained: training data has a single"
+    ):
+        bench_graph(queries=1000, ads=1, days=7, top_ns=(100,), redis_url=redis_url)
+    assert not list(redis_client.scan_iter("bench*", count=1000))
+    with pytest.raises(ValueError, match="--queries must be at least 7"):
+        bench_graph(queries=6, ads=5, days=7, top_ns=(100,), redis_url=redis_url)
+
+
 def test_bench_campaign_reports_the_tick_the_warming_and_the_naive_loop(
     redis_url, app_db_url, dagster_pg_url, redis_client
 ):
