@@ -32,7 +32,7 @@ import psycopg2
 from psycopg2.extras import execute_values
 
 from ..ml.features import ID_COLUMN, AdFeatureSpec, feature_problems, spec_from_env
-from .postgres import transaction
+from .postgres import not_text, transaction
 
 CAMPAIGN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # fit for a Dagster partition key: no commas
 STATUSES = ("active", "cancelled")
@@ -517,9 +517,16 @@ class CampaignRegistry:
             return rows
         # object columns as given: pandas would infer Arrow strings, which refuse lone surrogates
         frame = pd.DataFrame({c: pd.Series([ad.get(c) for ad in every_ad], dtype=object) for c in spec.columns})
-        ids = [None if _is_missing(v) else (v if isinstance(v, str) else str(v)) for v in frame[ID_COLUMN]]
+        shapes = [
+            next((f"{c} {p}" for c in (ID_COLUMN, *spec.categorical) if (p := not_text(ad.get(c)))), None)
+            for ad in every_ad
+        ]
+        # an id that is no label (a list...) is no name either: such an ad is named by its position
+        ids = [
+            None if _is_missing(v) or not_text(v) else (v if isinstance(v, str) else str(v)) for v in frame[ID_COLUMN]
+        ]
         frame[ID_COLUMN] = pd.Series(ids, index=frame.index, dtype=object)
-        problems = feature_problems(frame, spec).tolist()
+        problems = [shape or problem for shape, problem in zip(shapes, feature_problems(frame, spec), strict=True)]
         numeric = {c: pd.to_numeric(frame[c], errors="coerce").astype(float).tolist() for c in spec.numeric}
         categorical = {c: [_category_label(v) for v in frame[c]] for c in spec.categorical}
         texts = [text for text in ids if text is not None] + [text for c in spec.categorical for text in categorical[c]]

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 from psycopg2 import sql
 
 from .files import unreadable_reason
-from .postgres import transaction
+from .postgres import not_text, transaction
 
 _ISO_639_1 = """
 aa ab ae af ak am an ar as av ay az ba be bg bh bi bm bn bo br bs ca ce ch co cr cs cu cv cy da de
@@ -165,6 +165,7 @@ def _clean_frame(df: pd.DataFrame, first_row: int, labels: Sequence[str] | None,
     n = len(df)
     result.rows += n
     columns = _arrow_columns(df)
+    shapes: dict[int, str] = {}  # a list or an object is refused, not stored as its repr
     if columns is not None:
         # vectorised screening; only suspect rows are looked at one by one
         blank = pc.equal(pc.utf8_trim_whitespace(columns["doc_id"]), "")
@@ -176,9 +177,11 @@ def _clean_frame(df: pd.DataFrame, first_row: int, labels: Sequence[str] | None,
     else:
         values = {c: (df[c].tolist() if c in df.columns else [None] * n) for c in COLUMNS}
         rows = {i: {c: _text_or_none(values[c][i]) for c in COLUMNS} for i in range(n)}
+        for c in reversed(COLUMNS):  # each row's first such column is the one named
+            shapes.update({i: f"{c}: {p}" for i, value in enumerate(values[c]) if (p := not_text(value))})
     keep = np.ones(n, dtype=bool)
     for i, row in rows.items():
-        if problem := _row_problem(row):
+        if problem := shapes.get(i) or _row_problem(row):
             keep[i] = False
             result.reject(labels[i] if labels is not None else f"row {first_row + i}", problem)
     if columns is None:

@@ -399,6 +399,32 @@ def test_every_invalid_ad_is_named_and_the_whole_campaign_refused(registry):
     assert "ok-1" not in message and nothing_written(registry)
 
 
+def test_an_id_or_category_that_is_no_label_is_refused_not_stored_as_its_repr(registry):
+    bad = [
+        ad("ok-1"),
+        ad(["x"]),
+        ad("a-dict", category={"a": 1}),
+        ad("a-bytes", category=b"x"),
+        ad("a-bool", category=True),
+        ad(7, category=3.0),  # numbers are labels: "7" and "3"
+    ]
+    with pytest.raises(CampaignError) as error:
+        registry.register("c1", "acme", LAUNCH, bad, now=NOW)
+    message = str(error.value)
+    assert "4 of 6 ads are invalid" in message
+    for expected in [
+        "ad #2: ad_id must be text or a number, got list",
+        "ad 'a-dict': category must be text or a number, got dict",
+        "ad 'a-bytes': category must be text or a number, got bytes",
+        "ad 'a-bool': category must be text or a number, got bool",
+    ]:
+        assert expected in message
+    assert nothing_written(registry)
+    registry.register("c1", "acme", LAUNCH, [ad("ok-1"), ad(7, category=3.0)], now=NOW)
+    stored = registry.ads("c1")
+    assert stored["ad_id"].tolist() == ["ok-1", "7"] and stored["category"].tolist() == ["shoes", "3"]
+
+
 def test_a_tenant_cannot_take_over_another_tenants_campaign(registry):
     first = registry.register("c1", "acme", LAUNCH, ads("a1"), now=NOW)
     with pytest.raises(CampaignError, match="campaign 'c1': belongs to tenant 'acme', not 'globex'"):

@@ -86,9 +86,12 @@ def test_malformed_lines_and_missing_ids_are_rejected_not_fatal(store: DocumentS
         b'{"doc_id": "nul", "title": "a\\u0000b"}\n'  # line 7: PostgreSQL text cannot hold NUL
         b'{"doc_id": "surrogate", "body": "x\\ud800y"}\n'  # line 8: valid JSON, not storable text
         b'{"doc_id": "ok2", "title": "a", "body": "b", "language": "ja"}\n'
+        b'{"doc_id": ["x"], "title": "a"}\n'  # line 10: a list is no id (its repr would be stored)
+        b'{"doc_id": "obj", "title": {"a": 1}, "body": [1, 2]}\n'  # line 11: nor text
+        b'{"doc_id": 12, "title": 3.5, "body": "numbers are text"}\n'  # line 12: stored as "12", "3.5"
     )
     result = store.load_file(path)
-    assert result.inserted == 2 and result.rejected == 6 and result.rows == 8
+    assert result.inserted == 3 and result.rejected == 8 and result.rows == 11
     reasons = {r.where: r.reason for r in result.rejections}
     assert reasons["line 2"].startswith("malformed JSON")
     assert reasons["line 4"] == "missing doc_id"
@@ -96,7 +99,9 @@ def test_malformed_lines_and_missing_ids_are_rejected_not_fatal(store: DocumentS
     assert reasons["line 6"] == "not a JSON object"
     assert "NUL" in reasons["line 7"]
     assert reasons["line 8"] == "body: invalid UTF-8 (lone surrogate)"
-    assert sorted(scan_all(store, 10)) == ["ok1", "ok2"]
+    assert reasons["line 10"] == "doc_id: must be text or a number, got list"
+    assert reasons["line 11"] == "title: must be text or a number, got dict"
+    assert sorted(scan_all(store, 10)) == ["12", "ok1", "ok2"]
 
 
 def test_frame_rows_without_id_or_with_lone_surrogates_are_rejected(store: DocumentStore) -> None:
