@@ -356,6 +356,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
     # Arguments first: they are cheap to check and a long trace should not be read for nothing.
     if not str(args.trace).strip():
         raise CliError("--trace is empty: give a trace file or folder")
+    for option, value in (("--key-field", args.key_field), ("--time-field", args.time_field)):
+        if value is not None and not value.strip():
+            raise CliError(f"{option} is empty: give a 1-based field number or a header name")
     if args.days < 2:
         raise CliError(f"--days must be at least 2 (day 0 only warms the caches), got {args.days}")
     if args.capacity < 1:
@@ -387,6 +390,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
         if args.top_n == "auto":
             raise CliError("--ab needs a fixed --top-n: each arm precomputes half of it")
     learned = args.next_key or "prefetch" in strategies
+    if args.train_days is not None and not learned:
+        raise CliError("--train-days is the next-key LSTM's: give it with --next-key or --strategy prefetch|all")
     train_days = args.train_days if args.train_days is not None else max(1, args.days // 2)
     if learned and not 1 <= train_days < args.days:
         raise CliError(f"--train-days must be at least 1 and less than --days {args.days}, got {train_days}")

@@ -193,6 +193,21 @@ def test_replay_rejects_top_n_above_capacity(tmp_path, capsys):
     assert "--capacity 2 is smaller than --top-n 5" in capsys.readouterr().err
 
 
+def test_replay_refuses_options_that_would_be_ignored_or_fall_back(tmp_path, capsys):
+    trace = tmp_path / "trace.csv"
+    trace.write_text("1,a\n2,b\n3,a\n4,b\n")
+    base = ["replay", "--trace", str(trace), "--days", "2", "--top-n", "0", "--capacity", "2"]
+    for extra, expected in [
+        (["--train-days", "1"], "--train-days is the next-key LSTM's: give it with --next-key"),
+        (["--key-field", ""], "--key-field is empty"),
+        (["--time-field", " "], "--time-field is empty"),
+    ]:
+        assert main([*base, *extra]) == 2
+        err = capsys.readouterr().err
+        assert expected in err and err.count("\n") == 1
+    assert main([*base, "--key-field", "2"]) == 0
+
+
 @pytest.fixture(autouse=True)
 def private_environ(monkeypatch):
     """`precompute up` exports the stack's URLs into os.environ: keep them out of other tests."""
