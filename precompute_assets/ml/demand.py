@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from .selection import ad_demand, coverage, select_top
+from .selection import DEMAND_WINDOW_DAYS, ad_demand, coverage, select_top
 
 if TYPE_CHECKING:  # torch is imported where the LSTM is built, trained or loaded: a code location that only
     import torch  # defines the assets, and every run of another job, start 1.3 s sooner without it
@@ -71,7 +71,7 @@ class DemandHyperParams:
     in about a quarter of the seconds: the LSTM's cost grows with its steps, and faster than linearly once a
     batch's states no longer fit in cache. Weight shapes do not depend on ``sequence_days``."""
 
-    window_days: int = 7
+    window_days: int = DEMAND_WINDOW_DAYS  # frequency: ad_demand's window, so replay and top_ads agree
     hidden_size: int = 32
     max_epochs: int = 30
     max_seconds: float = 45.0

@@ -732,7 +732,7 @@ def _ranked_keys(days: list[np.ndarray], *, limit: int, half_life_days: float) -
 
 
 def _precomputed_sets(days: list[np.ndarray], *, top_n: int, half_life_days: float) -> list[set]:
-    """The top-N set each day would get from the previous days' demand (day 0 has no history: empty)."""
+    """The top-N set each day would get from the demand of the week before it (day 0 has no history: empty)."""
     return [set(ranked) for ranked in _ranked_keys(days, limit=top_n, half_life_days=half_life_days)]
 
 

@@ -32,7 +32,8 @@ import psycopg2
 from psycopg2.extras import execute_values
 
 from ..ml.features import ID_COLUMN, AdFeatureSpec, feature_problems, spec_from_env
-from .postgres import not_text, transaction
+from .postgres import transaction
+from .tables import not_text
 
 CAMPAIGN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # fit for a Dagster partition key: no commas
 STATUSES = ("active", "cancelled")

@@ -30,7 +30,8 @@ import pyarrow.parquet as pq
 from psycopg2 import sql
 
 from .files import unreadable_reason
-from .postgres import not_text, transaction
+from .postgres import transaction
+from .tables import not_text
 
 _ISO_639_1 = """
 aa ab ae af ak am an ar as av ay az ba be bg bh bi bm bn bo br bs ca ce ch co cr cs cu cv cy da de
@@ -118,6 +119,13 @@ def _missing(value: Any) -> bool:
     return False
 
 
+def _decoded(value: Any) -> Any:
+    """Bytes as UTF-8 text, as Arrow reads a binary column (invalid bytes become lone surrogates, refused later)."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value).decode("utf-8", "surrogateescape")
+    return value
+
+
 def _text_or_none(value: Any) -> str | None:
     return None if value is None or (not isinstance(value, str) and _missing(value)) else str(value)
 
@@ -175,7 +183,7 @@ def _clean_frame(df: pd.DataFrame, first_row: int, labels: Sequence[str] | None,
             suspect |= has_nul.to_numpy(zero_copy_only=False)
         rows = {int(i): {c: columns[c][i].as_py() for c in COLUMNS} for i in np.flatnonzero(suspect)}
     else:
-        values = {c: (df[c].tolist() if c in df.columns else [None] * n) for c in COLUMNS}
+        values = {c: [_decoded(v) for v in df[c].tolist()] if c in df.columns else [None] * n for c in COLUMNS}
         rows = {i: {c: _text_or_none(values[c][i]) for c in COLUMNS} for i in range(n)}
         for c in reversed(COLUMNS):  # each row's first such column is the one named
             shapes.update({i: f"{c}: {p}" for i, value in enumerate(values[c]) if (p := not_text(value))})

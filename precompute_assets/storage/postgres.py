@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from collections.abc import Collection, Iterator
-from typing import Any
+from collections.abc import Iterator
 
 import psycopg2
 
@@ -13,16 +12,6 @@ import psycopg2
 def libpq_url(url: str) -> str:
     """A SQLAlchemy-style ``postgresql+psycopg2://...`` URL in the form psycopg2.connect accepts."""
     return url.replace("postgresql+psycopg2://", "postgresql://", 1)
-
-
-def not_text(value: Any) -> str | None:
-    """Why ``value`` cannot become a TEXT value (a list, a mapping, bytes, a bool: their repr is no text), or None:
-    text, numbers, times and missing values can."""
-    if isinstance(value, (bool, bytes, bytearray, memoryview)) or (
-        isinstance(value, Collection) and not isinstance(value, str)
-    ):
-        return f"must be text or a number, got {type(value).__name__}"
-    return None
 
 
 CONNECT_TIMEOUT_S = 10  # a server that accepts the connection but never answers (not PostgreSQL) fails, not hangs

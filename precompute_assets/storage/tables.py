@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import datetime
+import decimal
+import numbers
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 
@@ -19,6 +23,17 @@ QUERY_LOGS = pa.schema(
         ("tenant", pa.string()),
     ]
 )
+
+
+def not_text(value: Any) -> str | None:
+    """Why ``value`` cannot become a text value (a list, a mapping, bytes, any other object: its repr is no
+    text), or None: text, numbers, booleans, times and missing values can."""
+    if value is None or value is pd.NA or isinstance(value, (str, numbers.Real, np.bool_, np.datetime64)):
+        return None  # NaN is a Real; numpy's numbers register as Real, its booleans do not
+    if isinstance(value, (datetime.date, datetime.time, decimal.Decimal)):
+        return None
+    return f"must be text or a number, got {type(value).__name__}"
+
 
 QUARANTINE = pa.schema([("stream_id", pa.string()), ("reason", pa.string()), ("raw", pa.string())])
 

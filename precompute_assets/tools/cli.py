@@ -295,6 +295,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 0
     if args.what == "rerank" and args.keys is not None and args.keys < 100:
         raise CliError(f"bench rerank needs --keys of at least 100 (each call re-ranks 100 of them), got {args.keys}")
+    if args.what == "graph" and args.queries < bench.GRAPH_DAYS:
+        raise CliError(
+            f"bench graph needs --queries of at least {bench.GRAPH_DAYS} (some each day), got {args.queries}"
+        )
     env = _up(Stack())
     keys = 10_000 if args.keys is None else args.keys
     if args.what == "serve":
@@ -778,7 +782,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--seconds", type=positive_int, default=10, help="load: seconds per phase")
     bench.add_argument("--docs", type=positive_int, default=1_000_000, help="embed: documents")
-    bench.add_argument("--queries", type=positive_int, default=10_000_000, help="graph: logged queries over 7 days")
+    bench.add_argument(
+        "--queries", type=positive_int, default=10_000_000, help="graph: logged queries over 7 days (at least 7)"
+    )
     bench.add_argument("--ads", type=positive_int, default=100_000, help="graph: ads in the catalog")
     bench.add_argument("--n", type=positive_int, default=1_000_000, help="publish: keys to publish")
     bench.add_argument(

@@ -915,7 +915,10 @@ def test_ours_warm_up_depends_on_its_days_even_with_the_same_given_set():
 def test_given_precomputed_sets_replace_the_selection_on_counted_days():
     rng = np.random.default_rng(6)
     days = [np.array([f"ad{k:04d}" for k in np.minimum(rng.zipf(1.2, 2000), 300)], dtype=object) for _ in range(4)]
-    selected = [set(select_top(ad_demand([daily_counts(day) for day in days[:d]]), 20)) for d in range(2, len(days))]
+    selected = [
+        set(select_top(ad_demand([daily_counts(day) for day in days[max(0, d - DEMAND_WINDOW_DAYS) : d]]), 20))
+        for d in range(2, len(days))
+    ]
     # The sets the selection would choose give the same result as choosing them inside.
     assert replay(days, top_n=20, capacity=50, warmup_days=2, precomputed=selected) == replay(
         days, top_n=20, capacity=50, warmup_days=2
@@ -1174,7 +1177,7 @@ def reference_auto(days: list[np.ndarray], capacity: int, *, warmup_days: int = 
     cache: list = []
     total = 0
     for d, day in enumerate(days):
-        top = set(select_top(ad_demand(counts[:d]), shares[d])) if d else set()
+        top = set(select_top(ad_demand(counts[max(0, d - DEMAND_WINDOW_DAYS) : d]), shares[d])) if d else set()
         slots = capacity - shares[d]
         cache = cache[max(0, len(cache) - slots) :] if slots else []
         for key in day.tolist():

@@ -405,24 +405,26 @@ def test_an_id_or_category_that_is_no_label_is_refused_not_stored_as_its_repr(re
         ad(["x"]),
         ad("a-dict", category={"a": 1}),
         ad("a-bytes", category=b"x"),
-        ad("a-bool", category=True),
-        ad(7, category=3.0),  # numbers are labels: "7" and "3"
+        ad("a-tuple", category=("x",)),
+        ad(7, category=3.0),  # numbers and booleans are labels: "7", "3", "True"
+        ad("flag", category=True),
     ]
     with pytest.raises(CampaignError) as error:
         registry.register("c1", "acme", LAUNCH, bad, now=NOW)
     message = str(error.value)
-    assert "4 of 6 ads are invalid" in message
+    assert "4 of 7 ads are invalid" in message
     for expected in [
         "ad #2: ad_id must be text or a number, got list",
         "ad 'a-dict': category must be text or a number, got dict",
         "ad 'a-bytes': category must be text or a number, got bytes",
-        "ad 'a-bool': category must be text or a number, got bool",
+        "ad 'a-tuple': category must be text or a number, got tuple",
     ]:
         assert expected in message
     assert nothing_written(registry)
-    registry.register("c1", "acme", LAUNCH, [ad("ok-1"), ad(7, category=3.0)], now=NOW)
+    registry.register("c1", "acme", LAUNCH, [ad("ok-1"), ad(7, category=3.0), ad("flag", category=True)], now=NOW)
     stored = registry.ads("c1")
-    assert stored["ad_id"].tolist() == ["ok-1", "7"] and stored["category"].tolist() == ["shoes", "3"]
+    assert stored["ad_id"].tolist() == ["ok-1", "7", "flag"]
+    assert stored["category"].tolist() == ["shoes", "3", "True"]
 
 
 def test_a_tenant_cannot_take_over_another_tenants_campaign(registry):

@@ -118,6 +118,15 @@ def test_frame_rows_without_id_or_with_lone_surrogates_are_rejected(store: Docum
     assert "surrogate" in result.rejections[2].reason
 
 
+def test_bytes_are_read_as_utf8_text_on_either_path(store: DocumentStore) -> None:
+    # Arrow reads a column of bytes alone as UTF-8 text; beside a number the row-by-row path must agree.
+    alone = store.load_frame(frame((b"b1", b"t", "b", "en")))
+    mixed = store.load_frame(frame((b"b2", b"t", "b", "en"), (3, "t", "b", "en"), (b"b\xff", "t", "b", "en")))
+    assert alone.inserted == 1 and mixed.inserted == 2 and mixed.rejected == 1
+    assert mixed.rejections[0].reason == "doc_id: invalid UTF-8 (lone surrogate)"
+    assert sorted(scan_all(store, 10)) == ["3", "b1", "b2"]
+
+
 def test_unknown_languages_are_stored_and_counted(store: DocumentStore) -> None:
     result = store.load_frame(
         frame(("a", "t", "b", "en"), ("b", "t", "b", "xx"), ("c", "t", "b", "xx"), ("d", "t", "b", "klingon"))
