@@ -16,7 +16,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import NoReturn
 
-from ..stack import ENV_APP_DB, ENV_REDIS, RedisError, Stack, StackError, project_dir, redact
+from ..stack import ENV_APP_DB, ENV_DAGSTER_PG, ENV_REDIS, RedisError, Stack, StackError, project_dir, redact
 
 
 class CliError(Exception):
@@ -86,7 +86,11 @@ def dagster_instance(stack: Stack) -> Iterator:
     it is open (its dagster.yaml reads the PostgreSQL URL from them)."""
     import dagster as dg
 
+    from ..storage.postgres import connect as postgres_connect
+
     env, saved = stack.env(), dict(os.environ)
+    # One attempt first: Dagster's own connection retries for 15 s, logging a warning each time, before it fails.
+    postgres_connect(env[ENV_DAGSTER_PG]).close()
     os.environ.update(env)
     try:
         with dg.DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:

@@ -11,7 +11,7 @@ import pytest
 
 from precompute_assets.ml.replay import ORACLE_GENERAL
 from precompute_assets.stack import Stack
-from precompute_assets.tools.cli import main
+from precompute_assets.tools.cli import dagster_instance, main
 
 
 def test_replay_prints_one_json_object_with_the_five_rates(tmp_path, capsys):
@@ -206,6 +206,19 @@ def test_replay_refuses_options_that_would_be_ignored_or_fall_back(tmp_path, cap
         err = capsys.readouterr().err
         assert expected in err and err.count("\n") == 1
     assert main([*base, "--key-field", "2"]) == 0
+
+
+def test_a_missing_dagster_database_fails_at_once_with_postgres_reason(dagster_pg_url, monkeypatch, tmp_path):
+    # One connection attempt names the reason; Dagster's own would retry for 15 s first, warning each time.
+    import psycopg2
+
+    monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("DAGSTER_PG_URL", dagster_pg_url.rsplit("/", 1)[0] + "/nosuchdb")
+    with (
+        pytest.raises(psycopg2.OperationalError, match='database "nosuchdb" does not exist'),
+        dagster_instance(Stack()),
+    ):
+        pass
 
 
 @pytest.fixture(autouse=True)
