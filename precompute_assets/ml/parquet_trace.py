@@ -10,6 +10,9 @@ error that names its file and row, as a bad line of a text trace is.
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
+import re
 from collections.abc import Collection, Iterator
 from pathlib import Path
 
@@ -17,6 +20,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from .replay import PER_SECOND, Columns, Trace, TraceError, int64_keys, iso_seconds
@@ -24,11 +28,15 @@ from .replay import PER_SECOND, Columns, Trace, TraceError, int64_keys, iso_seco
 PARQUET_COLUMNS: Columns = ("ts", "key")  # the query log's timestamp and key
 LOGGED_HIT = "hit"  # the query log's boolean: did the serving client hit? (read when the file has it)
 _MAGIC = b"PAR1"
+_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 def is_parquet(path: str | Path) -> bool:
-    """Whether ``path`` is a Parquet trace: a folder (of ``.parquet`` files), a ``.parquet`` or ``.pq`` file, or a
-    regular file that starts with Parquet's magic bytes (a pipe is never read here: its bytes would be gone)."""
+    """Whether ``path`` is a Parquet trace: a URI (see ``is_uri``), a folder (of ``.parquet`` files), a ``.parquet``
+    or ``.pq`` file, or a regular file that starts with Parquet's magic bytes (a pipe is never read here: its
+    bytes would be gone)."""
+    if is_uri(path):
+        return True
     path = Path(path)
     if path.is_dir() or path.suffix.lower() in (".parquet", ".pq"):
         return True
@@ -52,14 +60,11 @@ def read_parquet_trace(
     ``where=(column, values)`` keeps the rows whose column, as text without padding, is one of ``values``. Each
     file is read and converted on its own, so files may store a column in different types: integer keys become
     strings when another file's keys are strings, as in a text trace."""
-    path = Path(path)
-    folder = path.is_dir()
-    files = sorted(p for p in path.rglob("*.parquet") if p.is_file()) if folder else [path]
+    filesystem, files, label = _files(path)  # label: how errors name each file (in a folder)
     if not files:
         raise TraceError("the folder holds no .parquet file")
-    label = {file: str(file.relative_to(path)) if folder else "" for file in files}  # errors name the file
     with _reading(label[files[0]]):
-        schema = pq.read_schema(files[0])
+        schema = pq.read_schema(files[0], filesystem=filesystem)
     names = schema.names
     time_col, key_col = columns or PARQUET_COLUMNS
     time_name = None if time_col is None else _column(time_col, names, "timestamp")
@@ -74,7 +79,7 @@ def read_parquet_trace(
     values = None if where is None else pa.array(sorted(where[1]), pa.string())
     keys, stamps, kept, hits = [], [], [], []
     for file in files:
-        table = _read(file, wanted, label[file])
+        table = _read(file, wanted, label[file], filesystem)
         keys.append(_keys(_decoded(table[key_name]), key_name, label[file]))
         if hit_name is not None:
             column = table[hit_name]
@@ -128,9 +133,37 @@ def _reading(label: str) -> Iterator[None]:
         raise TraceError(_at(label, f"not a readable Parquet file ({exc})")) from None
 
 
-def _read(file: Path, wanted: list[str], label: str) -> pa.Table:
+def _files(path: str | Path) -> tuple[pafs.FileSystem | None, list, dict]:
+    """The filesystem of ``path`` (None: the local one, by ``pathlib``), its ``.parquet`` files (a file itself, or
+    every one under a folder, in path order) and each one's name in errors (its path in the folder)."""
+    if not is_uri(path):
+        path = Path(path)
+        folder = path.is_dir()
+        files = sorted(p for p in path.rglob("*.parquet") if p.is_file()) if folder else [path]
+        return None, files, {file: str(file.relative_to(path)) if folder else "" for file in files}
+    try:
+        filesystem, root = pafs.FileSystem.from_uri(str(path))
+        info = filesystem.get_file_info(root)
+        if info.type == pafs.FileType.NotFound:
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(path))
+        if info.type != pafs.FileType.Directory:
+            return filesystem, [root], {root: ""}
+        found = filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
+    except pa.ArrowException as exc:  # an unknown scheme, a bucket we may not list, no credentials...
+        raise TraceError(f"not readable through Arrow's filesystems ({exc})") from None
+    files = sorted(f.path for f in found if f.type == pafs.FileType.File and f.path.endswith(".parquet"))
+    return filesystem, files, {file: file[len(root.rstrip("/")) + 1 :] for file in files}
+
+
+def is_uri(path: str | Path) -> bool:
+    """Whether ``path`` is a URI (``s3://bucket/lake/query_logs``, ``file:///...``): read through Arrow's
+    filesystems, as the lake's ``base_uri`` is."""
+    return isinstance(path, str) and _URI.match(path) is not None
+
+
+def _read(file: Path | str, wanted: list[str], label: str, filesystem: pafs.FileSystem | None) -> pa.Table:
     """The ``wanted`` columns of ``file``, its footer read once."""
-    with _reading(label), pq.ParquetFile(file) as parquet:
+    with _reading(label), pq.ParquetFile(file, filesystem=filesystem) as parquet:
         missing = [name for name in wanted if name not in parquet.schema_arrow.names]
         if missing:
             raise TraceError(_at(label, f"no column named {missing[0]!r}, which the first file has"))

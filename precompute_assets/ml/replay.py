@@ -163,13 +163,15 @@ def parse_trace(
     ``values``, e.g. ``("operation", ["get", "gets"])`` for Twitter's cache traces or ``("Type", ["Read"])`` for
     MSR's: every line is still read and checked, so an error names its line as numbered in the file.
     """
-    path = Path(path)
     if trace_format not in TRACE_FORMATS:
         raise ValueError(f"trace_format must be one of {', '.join(TRACE_FORMATS)}, got {trace_format!r}")
-    from .parquet_trace import is_parquet, read_parquet_trace  # it builds on this module's Trace
+    from .parquet_trace import is_parquet, is_uri, read_parquet_trace  # it builds on this module's Trace
 
+    if is_uri(path) and trace_format not in ("auto", "parquet"):
+        raise TraceError(f"a URI is read as Parquet (a lake's query_logs), not as {trace_format}: copy the file here")
     if trace_format == "parquet" or (trace_format == "auto" and is_parquet(path)):
         return read_parquet_trace(path, columns=columns, where=where)
+    path = Path(path)
     data = _read_bytes(path)
     if trace_format == "auto" and "oraclegeneral" in path.name.lower() and b"\0" in data[: 27 * 4096]:
         trace_format = "oracle-general-opns" if "oraclegeneralopns" in path.name.lower() else "oracle-general"

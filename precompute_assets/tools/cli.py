@@ -848,7 +848,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="one key per line, or timestamp,key[,more fields] lines (timestamps in seconds, ms or ISO 8601; "
         "a header line is skipped; fields separated by "
         "commas, or by spaces or tabs), or libCacheSim's binary oracleGeneral records; .gz, .bz2, .xz, .zst, .lz4 "
-        "and .br files are decompressed; or a Parquet file or folder of them (the lake's query_logs)",
+        "and .br files are decompressed; or a Parquet file or folder of them (the lake's query_logs), local or a URI (s3://...)",
     )
     replay.add_argument(
         "--where",

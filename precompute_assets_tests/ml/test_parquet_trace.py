@@ -157,6 +157,26 @@ def test_a_file_without_rows_does_not_change_the_key_type_and_errors_name_a_subf
         parse_trace(tmp_path)
 
 
+def test_a_uri_is_read_through_arrows_filesystems_like_the_same_local_path(tmp_path: Path):
+    # The lake's base_uri may be s3://...; file:// takes the same path through pyarrow.fs here.
+    write_table(tmp_path / "a.parquet", {"ts": [1, 2], "key": ["x", "y"]})
+    (tmp_path / "sub").mkdir()
+    write_table(tmp_path / "sub" / "b.parquet", {"ts": [3], "key": ["x"]})
+    local, uri = parse_trace(tmp_path), parse_trace(tmp_path.as_uri())
+    assert is_parquet(tmp_path.as_uri()) and uri.keys.tolist() == local.keys.tolist() == ["x", "y", "x"]
+    assert uri.timestamps.tolist() == local.timestamps.tolist() and uri.layout() == local.layout()
+    assert parse_trace((tmp_path / "sub" / "b.parquet").as_uri()).keys.tolist() == ["x"]
+    write_table(tmp_path / "sub" / "c.parquet", {"ts": [4], "key": pa.array([None], pa.string())})
+    with pytest.raises(TraceError, match="^sub/c.parquet row 1: the key is missing$"):
+        parse_trace(tmp_path.as_uri())
+    with pytest.raises(FileNotFoundError):
+        parse_trace((tmp_path / "nothing").as_uri())
+    with pytest.raises(TraceError, match="^not readable through Arrow's filesystems .*bogus"):
+        parse_trace("bogus://bucket/lake")
+    with pytest.raises(TraceError, match="^a URI is read as Parquet"):
+        parse_trace(tmp_path.as_uri(), trace_format="text")
+
+
 def bad_traces(tmp_path: Path) -> list[tuple[Path, dict, str]]:
     """(trace, parse_trace arguments, the error it must raise)."""
     good = {"ts": pa.array([1, 2], pa.int64()), "key": ["a", "b"]}
