@@ -128,9 +128,8 @@ def publish_version(
         if current is not None and Pointer.decode(current).version == version:
             # Never rewrite the version readers are on (a step retried after its flip succeeded); its key count,
             # written after the flip, may be what failed.
-            record_published(client, schema, kind, written)
             previous = _replaced_pointer(client, schema, kind)
-            handed, settle_error = _settle(client, schema, kind, version, keys, previous, ttl_s=ttl_s)
+            handed, settle_error = _settle(client, schema, kind, version, keys, previous, written=written, ttl_s=ttl_s)
             seconds = time.perf_counter() - started
             return PublishResult(kind, version, written, buckets, n_bytes, seconds, None, True, handed, settle_error)
         names = [schema.bucket(kind, version, index).encode() for index in range(buckets)]
@@ -167,11 +166,16 @@ def publish_version(
         )
         raise
 
-    previous = flip_pointer(client, schema, kind, Pointer(version, buckets), grace_s=grace_s, experiment=experiment)
-    # The live tier of admission ``probation`` holds its capacity less the published keys (its own slot: after the
-    # flip; until this write lands, it sizes itself by the version before; a retry writes it again).
-    record_published(client, schema, kind, written)
-    handed, settle_error = _settle(client, schema, kind, version, keys, previous, ttl_s=ttl_s)
+    try:
+        previous = flip_pointer(client, schema, kind, Pointer(version, buckets), grace_s=grace_s, experiment=experiment)
+    except REDIS_ERRORS as error:
+        error.add_note(
+            f"publish of {kind} version {version} failed at its flip: readers are on the previous version, or on this "
+            "complete one if the flip landed before the connection failed; retry the publish (a retry of the version "
+            "readers are on only records and settles it)"
+        )
+        raise
+    handed, settle_error = _settle(client, schema, kind, version, keys, previous, written=written, ttl_s=ttl_s)
     return PublishResult(
         kind=kind,
         version=version,
@@ -201,12 +205,17 @@ def _replaced_pointer(client: redis.Redis, schema: KeySchema, kind: str) -> Poin
         return None
 
 
-def _settle(client: redis.Redis, schema: KeySchema, kind: str, *args: Any, ttl_s: int | None) -> tuple[int, str | None]:
-    """``settle_published(client, schema, kind, *args)`` after a flip that succeeded: how many keys it handed over,
-    and None. A Redis error there (a publisher whose ACL predates it has no ``EVAL``, a connection lost) leaves the tier
-    unsettled, to shrink by itself as before, and is returned and logged, never raised: readers are on the new
-    version either way."""
+def _settle(
+    client: redis.Redis, schema: KeySchema, kind: str, *args: Any, written: int, ttl_s: int | None
+) -> tuple[int, str | None]:
+    """After a flip that succeeded, ``record_published`` (the live tier of admission ``probation`` holds its
+    capacity less the ``written`` published keys; until this lands it sizes itself by the version before) and
+    ``settle_published(client, schema, kind, *args)``: how many keys it handed over, and None. A Redis error there
+    (a publisher whose ACL predates it has no ``EVAL``, a connection lost) leaves the tier unsettled, to shrink by
+    itself as before, and is returned and logged, never raised: readers are on the new version either way, and a
+    retry of the publish records and settles again."""
     try:
+        record_published(client, schema, kind, written)
         return len(settle_published(client, schema, kind, *args, ttl_s=ttl_s)), None
     except REDIS_ERRORS as error:
         message = f"{type(error).__name__}: {str(error).rpartition('caused error: ')[2]}"[:300]  # not the script

@@ -11,6 +11,7 @@ import pytest
 import redis
 
 from precompute_assets.serving import PredictionCache, connect, publish_version
+from precompute_assets.serving import publish as publish_module
 from precompute_assets.serving.publish import bucket_count
 
 
@@ -87,6 +88,20 @@ def test_publish_records_the_versions_key_count_and_a_retry_records_it_again(red
     assert redis_client.get(count) == b"2"
     publish_version(redis_client, "ctr", "v2", [], n_keys=0, schema=schema)
     assert redis_client.get(count) == b"0"
+
+
+def test_redis_failing_right_after_the_flip_does_not_fail_the_publish(redis_url, redis_client, schema, monkeypatch):
+    # Readers are on the new version once the pointer flips: what fails after it is reported, not raised.
+    def lost(*args, **kwargs):
+        raise redis.ConnectionError("Connection reset by peer")
+
+    monkeypatch.setattr(publish_module, "record_published", lost)
+    result = publish_version(redis_client, "ctr", "v1", [("a", 0.1)], n_keys=1, schema=schema)
+    assert result.settle_error == "ConnectionError: Connection reset by peer" and not result.already_current
+    assert PredictionCache(connect(redis_url), schema=schema).get("ctr", "a") == pytest.approx(0.1)
+    monkeypatch.undo()
+    assert publish_version(redis_client, "ctr", "v1", [("a", 0.1)], n_keys=1, schema=schema).already_current
+    assert redis_client.get(schema.admission_fifo("ctr", "published")) == b"1"  # the retry records it
 
 
 def test_a_live_value_shared_by_campaigns_lives_until_the_latest_end(redis_client, schema):
