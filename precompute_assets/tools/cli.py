@@ -585,6 +585,8 @@ def learned_results(day_keys: list, args: argparse.Namespace, train_days: int, *
 
 
 def cmd_docs(args: argparse.Namespace) -> int:
+    import psycopg2
+
     from ..storage.documents import DocumentStore, check_document_file
 
     if args.docs_command == "load":
@@ -614,7 +616,11 @@ def cmd_docs(args: argparse.Namespace) -> int:
                 bar.update(len(chunk))
     summary = {k: v for k, v in vars(result).items() if k != "rejections"}
     summary["first_rejections"] = [f"{r.where}: {r.reason}" for r in result.rejections[:20]]
-    summary["documents"] = store.count()
+    try:
+        summary["documents"] = store.count()
+    except psycopg2.Error as error:  # the load has committed: a count that fails after it does not undo it
+        summary["documents"] = None
+        print(f"precompute docs: warning: loaded, but the count failed: {_one_line(error)}", file=sys.stderr)
     print(json.dumps(summary))
     return 0
 

@@ -381,6 +381,31 @@ def test_docs_load_bad_files_are_one_line_and_exit_2(tmp_path, monkeypatch, caps
     assert not (tmp_path / "never-started" / "redis").exists()  # nothing was started for a bad file
 
 
+def test_docs_that_loaded_but_cannot_be_counted_exit_0_and_say_so(stack, app_db, tmp_path, monkeypatch, capsys):
+    # The chunks committed: a database lost before the closing count must not report the load as failed.
+    import psycopg2
+
+    from precompute_assets.stack import ENV_APP_DB, ENV_DAGSTER_PG, ENV_REDIS
+    from precompute_assets.storage.documents import DocumentStore
+
+    monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "home"))
+    for name in (ENV_REDIS, ENV_DAGSTER_PG):
+        monkeypatch.setenv(name, stack.env()[name])
+    monkeypatch.setenv(ENV_APP_DB, app_db)
+
+    def lost(self, **kwargs):
+        raise psycopg2.OperationalError("server closed the connection unexpectedly")
+
+    count = DocumentStore.count
+    monkeypatch.setattr(DocumentStore, "count", lost)
+    assert main(["docs", "generate", "--n", "20"]) == 0
+    out, err = capsys.readouterr()
+    summary = json.loads(out)
+    assert summary["inserted"] == 20 and summary["documents"] is None
+    assert err.count("\n") == 1 and "loaded, but the count failed: OperationalError: server closed" in err
+    assert count(DocumentStore(app_db)) == 20
+
+
 def test_a_failing_replay_stops_its_processes_instead_of_waiting_for_them():
     import signal
     import time
