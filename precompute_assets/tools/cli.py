@@ -89,8 +89,9 @@ def dagster_instance(stack: Stack) -> Iterator:
     from ..storage.postgres import connect as postgres_connect
 
     env, saved = stack.env(), dict(os.environ)
-    # One attempt first: Dagster's own connection retries for 15 s, logging a warning each time, before it fails.
-    postgres_connect(env[ENV_DAGSTER_PG]).close()
+    if env["DAGSTER_HOME"] == str(stack.dagster_home):  # our dagster.yaml: its storage is DAGSTER_PG_URL
+        # One attempt first: Dagster's own connection retries for 15 s, logging a warning each time, before it fails.
+        postgres_connect(env[ENV_DAGSTER_PG]).close()
     os.environ.update(env)
     try:
         with dg.DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:

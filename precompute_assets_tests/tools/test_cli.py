@@ -213,6 +213,7 @@ def test_a_missing_dagster_database_fails_at_once_with_postgres_reason(dagster_p
     import psycopg2
 
     monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)  # the stack's own dagster.yaml, which reads the URL below
     monkeypatch.setenv("DAGSTER_PG_URL", dagster_pg_url.rsplit("/", 1)[0] + "/nosuchdb")
     with (
         pytest.raises(psycopg2.OperationalError, match='database "nosuchdb" does not exist'),
