@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -175,6 +176,32 @@ def test_a_uri_is_read_through_arrows_filesystems_like_the_same_local_path(tmp_p
         parse_trace("bogus://bucket/lake")
     with pytest.raises(TraceError, match="^a URI is read as Parquet"):
         parse_trace(tmp_path.as_uri(), trace_format="text")
+
+
+def test_a_folders_files_are_read_several_at_once_and_come_back_in_order(tmp_path: Path):
+    # On object storage each file costs a round trip: reads overlap, at most READ_AHEAD at once.
+    fsspec = pytest.importorskip("fsspec", reason="the slow filesystem of this test wraps fsspec's local one")
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    from precompute_assets.ml.parquet_trace import READ_AHEAD, _tables
+
+    files = [str(write_table(tmp_path / f"{i:02d}.parquet", {"ts": [i], "key": [f"k{i}"]})) for i in range(12)]
+    opened = {"now": 0, "most": 0}
+    lock = threading.Lock()
+
+    class Slow(FSSpecHandler):
+        def open_input_file(self, path):
+            with lock:
+                opened["now"] += 1
+                opened["most"] = max(opened["most"], opened["now"])
+            time.sleep(0.2)  # a round trip
+            with lock:
+                opened["now"] -= 1
+            return super().open_input_file(path)
+
+    tables = list(_tables(files, ["key"], dict.fromkeys(files, ""), PyFileSystem(Slow(fsspec.filesystem("file")))))
+    assert [table["key"][0].as_py() for table in tables] == [f"k{i}" for i in range(12)]
+    assert 1 < opened["most"] <= READ_AHEAD
 
 
 def bad_traces(tmp_path: Path) -> list[tuple[Path, dict, str]]:
