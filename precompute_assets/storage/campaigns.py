@@ -518,13 +518,17 @@ class CampaignRegistry:
             return rows
         # object columns as given: pandas would infer Arrow strings, which refuse lone surrogates
         frame = pd.DataFrame({c: pd.Series([ad.get(c) for ad in every_ad], dtype=object) for c in spec.columns})
+        id_shapes = [not_text(v) for v in frame[ID_COLUMN]]
         shapes = [
-            next((f"{c} {p}" for c in (ID_COLUMN, *spec.categorical) if (p := not_text(ad.get(c)))), None)
-            for ad in every_ad
+            f"{ID_COLUMN} {id_shape}"
+            if id_shape
+            else next((f"{c} {p}" for c in spec.categorical if (p := not_text(ad.get(c)))), None)
+            for id_shape, ad in zip(id_shapes, every_ad, strict=True)
         ]
         # an id that is no label (a list...) is no name either: such an ad is named by its position
         ids = [
-            None if _is_missing(v) or not_text(v) else (v if isinstance(v, str) else str(v)) for v in frame[ID_COLUMN]
+            None if id_shape or _is_missing(v) else (v if isinstance(v, str) else str(v))
+            for v, id_shape in zip(frame[ID_COLUMN], id_shapes, strict=True)
         ]
         frame[ID_COLUMN] = pd.Series(ids, index=frame.index, dtype=object)
         problems = [shape or problem for shape, problem in zip(shapes, feature_problems(frame, spec), strict=True)]

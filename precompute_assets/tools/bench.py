@@ -180,6 +180,12 @@ def bench_publish(redis_url: str, *, n: int = 1_000_000, naive_n: int = 50_000, 
 GRAPH_DAYS = 7  # bench graph's days of logs: the daily graph's lookback
 
 
+def check_graph_queries(queries: int, days: int = GRAPH_DAYS) -> None:
+    """Refuse fewer logged queries than ``bench graph`` has days (a day without any has nothing to generate)."""
+    if queries < days:
+        raise ValueError(f"--queries must be at least {days} (some on each of the {days} days), got {queries}")
+
+
 def _run_failure(result) -> str:
     """Why a Dagster run failed: its first failed blocking asset check (the input did not pass it), else its first
     failed step's error."""
@@ -243,8 +249,7 @@ def bench_graph(
     from ..storage.tables import QUERY_LOGS
     from ..workload.ads import generate_traffic, make_ads
 
-    if queries < days:
-        raise ValueError(f"--queries must be at least {days} (some on each of the {days} days), got {queries}")
+    check_graph_queries(queries, days)
     redis_url = redis_url or Stack().env()[ENV_REDIS]
     defs, partitions = load_definitions(), deployment_partitions()
     scratch = tempfile.mkdtemp(prefix="precompute-bench-graph-")

@@ -300,10 +300,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 0
     if args.what == "rerank" and args.keys is not None and args.keys < 100:
         raise CliError(f"bench rerank needs --keys of at least 100 (each call re-ranks 100 of them), got {args.keys}")
-    if args.what == "graph" and args.queries < bench.GRAPH_DAYS:
-        raise CliError(
-            f"bench graph needs --queries of at least {bench.GRAPH_DAYS} (some each day), got {args.queries}"
-        )
+    if args.what == "graph":
+        try:
+            bench.check_graph_queries(args.queries)  # before any service starts
+        except ValueError as error:
+            raise CliError(str(error)) from None
     env = _up(Stack())
     keys = 10_000 if args.keys is None else args.keys
     if args.what == "serve":
@@ -855,7 +856,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="one key per line, or timestamp,key[,more fields] lines (timestamps in seconds, ms or ISO 8601; "
         "a header line is skipped; fields separated by "
         "commas, or by spaces or tabs), or libCacheSim's binary oracleGeneral records; .gz, .bz2, .xz, .zst, .lz4 "
-        "and .br files are decompressed; or a Parquet file or folder of them (the lake's query_logs), local or a URI (s3://...)",
+        "and .br files are decompressed; or a Parquet file or folder of them (the lake's query_logs), local or "
+        "a URI (s3://...)",
     )
     replay.add_argument(
         "--where",

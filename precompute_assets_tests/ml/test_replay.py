@@ -619,7 +619,7 @@ def test_static_top_n_is_the_selection_modules_choice_over_its_window():
     # Each day ranks by ad_demand over the week before it, as the asset does: day 0's burst of key 5000 still
     # counts on day 7 and is forgotten from day 8 (over all history it would stay in the top 20).
     rng = np.random.default_rng(3)
-    days = [np.minimum(rng.zipf(1.2, 2000), 300) for d in range(10)]
+    days = [np.minimum(rng.zipf(1.2, 2000), 300) for _ in range(10)]
     days[0] = np.concatenate([days[0], np.full(100_000, 5000)])
     result = replay(days, top_n=20, capacity=40, half_life_days=1.5)
 
