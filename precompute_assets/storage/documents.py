@@ -8,13 +8,16 @@ watermark for incremental consumers such as the embedding assets.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
+import csv
 import gzip
 import io
+import itertools
 import json
 import re
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -69,9 +72,57 @@ def is_known_language(tag: str) -> bool:
     return primary_language(tag) in KNOWN_LANGUAGES
 
 
+class DocumentFileError(ValueError):
+    """A document file that cannot be read as asked: a named field it does not have, a bad header."""
+
+
+@dataclass(frozen=True)
+class DocumentFields:
+    """Where a document file holds each column (``doc_id``, ``title``, ``body``, ``language``).
+
+    ``names`` maps a column to the file's field: a JSONL key, a Parquet column, a CSV/TSV header name, or, with
+    ``header=False``, a CSV/TSV field's 1-based number. A column not in ``names`` is read from the field of its
+    own name when the file has one (``doc_id`` must exist); a field named in ``names`` must exist. ``language``
+    is the tag given to documents that have none.
+    """
+
+    names: Mapping[str, str] = field(default_factory=dict)
+    header: bool = True
+    language: str | None = None
+
+    def __post_init__(self) -> None:
+        if unknown := sorted(set(self.names) - set(COLUMNS)):
+            raise ValueError(f"unknown document columns {unknown}; the columns are {', '.join(COLUMNS)}")
+        for column, name in self.names.items():
+            if not str(name).strip():
+                raise ValueError(f"the {column} field is blank")
+            if not self.header and not (str(name).strip().isdigit() and int(name) >= 1):
+                raise ValueError(f"without a header, fields are 1-based numbers: the {column} field is {name!r}")
+        if not self.header and "doc_id" not in self.names:
+            raise ValueError("without a header, the doc_id field must be given by number")
+        if self.language is not None and primary_language(self.language) is None:
+            raise ValueError(f"language {self.language!r} is not a well-formed BCP 47 tag (en, pt-BR, zh-Hans)")
+
+    def source(self, column: str) -> str:
+        """The file's field that holds ``column``."""
+        return str(self.names.get(column, column)).strip()
+
+    def required(self) -> list[str]:
+        """The columns whose field must exist: doc_id, and every column named in ``names``."""
+        return [c for c in COLUMNS if c == "doc_id" or c in self.names]
+
+    def check(self, fields: Collection[str], what: str) -> None:
+        """``DocumentFileError`` unless ``fields`` (a header, a schema, the keys of the first records) hold every
+        required column's field; ``what`` names them in the message."""
+        for column in self.required():
+            if self.source(column) not in fields:
+                shown = ", ".join(map(str, list(fields)[:20])) or "nothing"
+                raise DocumentFileError(f"no {column} field {self.source(column)!r}: {what} {shown}")
+
+
 @dataclass(frozen=True)
 class Rejection:
-    where: str  # "row 12" (0-based, across a whole load) or "line 7" (1-based, JSONL)
+    where: str  # "row 12" (0-based, across a whole load) or "line 7" (1-based, JSONL, CSV, TSV)
     reason: str
 
 
@@ -206,11 +257,18 @@ def _object_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(records, columns=list(COLUMNS), dtype=object)
 
 
-def _frames_of_jsonl(stream: IO[bytes], result: LoadResult) -> Iterator[tuple[pd.DataFrame, list[str]]]:
-    """Chunks of parsed JSONL objects with their line labels; bad lines become rejections."""
+def _frames_of_jsonl(
+    stream: IO[bytes], fields: DocumentFields, result: LoadResult
+) -> Iterator[tuple[pd.DataFrame, list[str]]]:
+    """Chunks of parsed JSONL objects with their line labels; bad lines become rejections. The first chunk's keys
+    must hold the required fields (``DocumentFields.check``)."""
     records: list[dict[str, Any]] = []
     labels: list[str] = []
+    keys: dict[str, None] | None = {}  # the first chunk's keys, in order of appearance; None once checked
+    sources = {c: fields.source(c) for c in COLUMNS}
     for number, line in enumerate(stream, start=1):
+        if number == 1:
+            line = line.removeprefix(codecs.BOM_UTF8)
         if not line.strip():
             continue
         try:
@@ -223,7 +281,55 @@ def _frames_of_jsonl(stream: IO[bytes], result: LoadResult) -> Iterator[tuple[pd
             result.rows += 1
             result.reject(f"line {number}", "not a JSON object")
             continue
-        records.append({c: record.get(c) for c in COLUMNS})
+        if keys is not None:
+            keys.update(dict.fromkeys(record))
+        records.append({c: record.get(source) for c, source in sources.items()})
+        labels.append(f"line {number}")
+        if len(records) >= CHUNK_ROWS:
+            if keys is not None:
+                fields.check(keys, "the first records have")
+                keys = None
+            yield _object_frame(records), labels
+            records, labels = [], []
+    if keys:
+        fields.check(keys, "the records have")
+    if records:
+        yield _object_frame(records), labels
+
+
+def _frames_of_delimited(
+    stream: IO[str], delimiter: str, fields: DocumentFields, result: LoadResult
+) -> Iterator[tuple[pd.DataFrame, list[str]]]:
+    """Chunks of a CSV (RFC 4180 quoting) or TSV (no quoting: a quote is text) file with their line labels. Every
+    record must have as many fields as the first; an empty field is missing; other records are rejections."""
+    csv.field_size_limit(2**31 - 1)  # a body is one field: the default limit of 128 KiB would end the read
+    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+    reader = csv.reader(stream, delimiter=delimiter, quoting=quoting)
+    first = next((row for row in reader if row), None)
+    if first is None:
+        return
+    width = len(first)
+    if fields.header:
+        names = [name.strip() for name in first]
+        fields.check(names, "the header has")
+        at = {c: names.index(fields.source(c)) for c in COLUMNS if fields.source(c) in names}
+        rows: Iterable[list[str]] = reader
+    else:
+        if (widest := max(int(n) for n in fields.names.values())) > width:
+            raise DocumentFileError(f"field {widest} does not exist: the first line has {width} fields")
+        at = {c: int(n) - 1 for c, n in fields.names.items()}
+        rows = itertools.chain([first], reader)  # reader.line_num is still the first record's line
+    records: list[dict[str, Any]] = []
+    labels: list[str] = []
+    for row in rows:
+        if not row:
+            continue
+        number = reader.line_num
+        if len(row) != width:
+            result.rows += 1
+            result.reject(f"line {number}", f"{len(row)} fields, expected {width} as on the first line")
+            continue
+        records.append({c: row[i] or None for c, i in at.items()})
         labels.append(f"line {number}")
         if len(records) >= CHUNK_ROWS:
             yield _object_frame(records), labels
@@ -232,31 +338,37 @@ def _frames_of_jsonl(stream: IO[bytes], result: LoadResult) -> Iterator[tuple[pd
         yield _object_frame(records), labels
 
 
+DOCUMENT_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv"}
+
+
 def check_document_file(path: str | Path) -> str:
-    """``"parquet"`` or ``"jsonl"`` by the file's suffix; ``ValueError``/``OSError`` naming the problem when the
-    suffix is unknown or the file is missing or unreadable."""
+    """``"parquet"``, ``"jsonl"``, ``"csv"`` or ``"tsv"`` by the file's suffix; ``ValueError``/``OSError`` naming
+    the problem when the suffix is unknown or the file is missing or unreadable."""
     path = Path(path)
     suffixes = [s.lower() for s in path.suffixes]
     if suffixes[-1:] == [".gz"]:
         suffixes = suffixes[:-1]
     if suffixes[-1:] in ([".parquet"], [".pq"]) and path.suffix.lower() != ".gz":
         kind = "parquet"
-    elif suffixes[-1:] in ([".jsonl"], [".ndjson"], [".json"]):
-        kind = "jsonl"
+    elif suffixes and suffixes[-1] in DOCUMENT_FORMATS:
+        kind = DOCUMENT_FORMATS[suffixes[-1]]
     else:
-        raise ValueError(f"{path}: unknown suffix {path.suffix or '(none)'!r}; expected .jsonl, .ndjson, .json"
-                         " (optionally .gz) or .parquet")  # fmt: skip
+        raise ValueError(f"{path}: unknown suffix {path.suffix or '(none)'!r}; expected .jsonl, .ndjson, .json, .csv,"
+                         " .tsv (optionally .gz) or .parquet")  # fmt: skip
     reason = unreadable_reason(path)
     if reason is not None:
         raise OSError(f"{path}: {reason}")
     return kind
 
 
-def _frames_of_parquet(path: Path) -> Iterator[tuple[pd.DataFrame, None]]:
+def _frames_of_parquet(path: Path, fields: DocumentFields) -> Iterator[tuple[pd.DataFrame, None]]:
     parquet = pq.ParquetFile(path)
-    wanted = [c for c in COLUMNS if c in parquet.schema_arrow.names]
-    for batch in parquet.iter_batches(batch_size=CHUNK_ROWS, columns=wanted):
-        yield batch.to_pandas(), None
+    names = parquet.schema_arrow.names
+    fields.check(names, "the file has")
+    sources = {c: fields.source(c) for c in COLUMNS if fields.source(c) in names}
+    for batch in parquet.iter_batches(batch_size=CHUNK_ROWS, columns=sorted(set(sources.values()))):
+        df = batch.to_pandas()
+        yield pd.DataFrame({c: df[source] for c, source in sources.items()}), None
 
 
 class DocumentStore:
@@ -300,19 +412,32 @@ class DocumentStore:
         """Upsert the documents of one DataFrame (columns doc_id, title, body, language)."""
         return self._load((df.iloc[at : at + CHUNK_ROWS], None) for at in range(0, len(df), CHUNK_ROWS))
 
-    def load_file(self, path: str | Path) -> LoadResult:
-        """Upsert the documents of a JSONL (``.jsonl``/``.ndjson``, optionally ``.gz``) or Parquet file,
-        read in chunks; a malformed JSONL line is a rejection, not an error."""
-        path = Path(path)
-        if check_document_file(path) == "parquet":
-            return self._load(_frames_of_parquet(path))
+    def load_file(self, path: str | Path, fields: DocumentFields | None = None) -> LoadResult:
+        """Upsert the documents of a JSONL (``.jsonl``/``.ndjson``/``.json``), CSV or TSV file (optionally ``.gz``)
+        or a Parquet file, read in chunks, its fields mapped by ``fields``; a malformed line or row is a
+        rejection, not an error; a required field the file lacks is a ``DocumentFileError`` (nothing loaded)."""
+        path, fields = Path(path), fields or DocumentFields()
+        kind = check_document_file(path)
+        if not fields.header and kind not in ("csv", "tsv"):
+            raise DocumentFileError(f"{path}: only CSV and TSV files can be read without a header")
+        if kind == "parquet":
+            return self._load(_frames_of_parquet(path, fields), language=fields.language)
         opener = gzip.open if path.suffix.lower() == ".gz" else open
         result = LoadResult()
-        with opener(path, "rb") as stream:
-            return self._load(_frames_of_jsonl(stream, result), result)
+        if kind == "jsonl":
+            with opener(path, "rb") as stream:
+                return self._load(_frames_of_jsonl(stream, fields, result), result, language=fields.language)
+        # utf-8-sig drops a byte order mark; invalid bytes become lone surrogates, which rows are rejected for
+        with opener(path, "rt", encoding="utf-8-sig", errors="surrogateescape", newline="") as text:
+            frames = _frames_of_delimited(text, "," if kind == "csv" else "\t", fields, result)
+            return self._load(frames, result, language=fields.language)
 
     def _load(
-        self, frames: Iterable[tuple[pd.DataFrame, list[str] | None]], result: LoadResult | None = None
+        self,
+        frames: Iterable[tuple[pd.DataFrame, list[str] | None]],
+        result: LoadResult | None = None,
+        *,
+        language: str | None = None,
     ) -> LoadResult:
         result = result or LoadResult()
         t = self._t
@@ -324,6 +449,9 @@ class DocumentStore:
             staged = 0
             for df, labels in frames:
                 table = _clean_frame(df, result.rows, labels, result)
+                if language is not None:  # the tag of documents that have none
+                    at = table.schema.get_field_index("language")
+                    table = table.set_column(at, "language", pc.fill_null(table["language"], language))
                 staged += table.num_rows
                 if table.num_rows:
                     cur.copy_expert(

@@ -18,6 +18,13 @@ from typing import NoReturn
 
 from ..stack import ENV_APP_DB, ENV_DAGSTER_PG, ENV_REDIS, RedisError, Stack, StackError, project_dir, redact
 
+DOCUMENT_FIELD_OPTIONS = {
+    "doc_id": "--id-field",
+    "title": "--title-field",
+    "body": "--body-field",
+    "language": "--language-field",
+}
+
 
 class CliError(Exception):
     """Bad input or an unusable service: printed as one line, exit code 2."""
@@ -589,18 +596,27 @@ def learned_results(day_keys: list, args: argparse.Namespace, train_days: int, *
 def cmd_docs(args: argparse.Namespace) -> int:
     import psycopg2
 
-    from ..storage.documents import DocumentStore, check_document_file
+    from ..storage.documents import DocumentFields, DocumentFileError, DocumentStore, check_document_file
 
     if args.docs_command == "load":
         try:
-            check_document_file(args.file)
+            kind = check_document_file(args.file)
+            given = {c: getattr(args, f"field_{c}") for c in DOCUMENT_FIELD_OPTIONS}
+            names = {c: name for c, name in given.items() if name is not None}
+            fields = DocumentFields(names, header=not args.no_header, language=args.language)
         except (OSError, ValueError) as error:
             raise CliError(str(error)) from None
+        if args.no_header and kind not in ("csv", "tsv"):
+            raise CliError(f"--no-header is for CSV and TSV files, not {kind}")
     env = _up(Stack())
     store = DocumentStore(env[ENV_APP_DB])
     store.ensure_schema()
     if args.docs_command == "load":
-        result = store.load_file(args.file)
+        try:
+            result = store.load_file(args.file, fields)
+        except DocumentFileError as error:
+            options = ", ".join(DOCUMENT_FIELD_OPTIONS.values())
+            raise CliError(f"{args.file}: {error}; nothing was loaded ({options} name the file's fields)") from None
     else:
         from tqdm import tqdm
 
@@ -811,8 +827,21 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(fn=cmd_bench)
     docs = sub.add_parser("docs", help="the document store: load a file or generate synthetic documents")
     docs_sub = docs.add_subparsers(dest="docs_command", required=True)
-    load = docs_sub.add_parser("load", help="upsert documents from JSONL or Parquet (doc_id, title, body, language)")
-    load.add_argument("file")
+    load = docs_sub.add_parser(
+        "load", help="upsert documents from JSONL, CSV, TSV or Parquet (doc_id, title, body, language)"
+    )
+    load.add_argument("file", help=".jsonl/.ndjson/.json, .csv or .tsv (each optionally .gz), or .parquet")
+    for column, option in DOCUMENT_FIELD_OPTIONS.items():
+        load.add_argument(
+            option,
+            dest=f"field_{column}",
+            metavar="FIELD",
+            help=f"the file's field that holds {column} (default: {column}, if the file has it"
+            + (")" if column != "doc_id" else "; it must)")
+            + "; a 1-based number with --no-header",
+        )
+    load.add_argument("--no-header", action="store_true", help="a CSV or TSV file without a header line")
+    load.add_argument("--language", metavar="TAG", help="the BCP 47 tag of documents that have none (e.g. en)")
     generate = docs_sub.add_parser("generate", help="synthetic documents in 14 languages and scripts")
     generate.add_argument("--n", type=positive_int, required=True)
     generate.add_argument("--seed", type=non_negative_int, default=0)

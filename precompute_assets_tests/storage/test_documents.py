@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import uuid
 from pathlib import Path
@@ -10,7 +11,13 @@ import pandas as pd
 import psycopg2
 import pytest
 
-from precompute_assets.storage.documents import DocumentStore, is_known_language, primary_language
+from precompute_assets.storage.documents import (
+    DocumentFields,
+    DocumentFileError,
+    DocumentStore,
+    is_known_language,
+    primary_language,
+)
 from precompute_assets.storage.postgres import libpq_url
 from precompute_assets.workload.documents import generate_documents
 
@@ -251,3 +258,104 @@ def test_connections_give_up_on_a_server_that_never_answers(monkeypatch):
         ("postgresql://u@h/db", {"connect_timeout": postgres.CONNECT_TIMEOUT_S}),
         ("postgresql://u@h/db?connect_timeout=3", {}),
     ]
+
+
+def test_jsonl_fields_are_mapped_and_a_missing_language_gets_the_default(store: DocumentStore, tmp_path: Path) -> None:
+    path = tmp_path / "corpus.jsonl.gz"  # pyserini's layout: id, contents; one record with a language of its own
+    records = [{"id": 7, "contents": "seven"}, {"id": "x", "contents": "ex", "lang": "fr"}, {"contents": "no id"}]
+    with gzip.open(path, "wt") as out:
+        out.write("\ufeff" + "".join(json.dumps(r) + "\n" for r in records))  # a byte order mark is not a bad line
+    fields = DocumentFields({"doc_id": "id", "body": "contents", "language": "lang"}, language="en")
+    result = store.load_file(path, fields)
+    assert (result.rows, result.inserted, result.rejected) == (3, 2, 1)
+    assert [(r.where, r.reason) for r in result.rejections] == [("line 3", "missing doc_id")]
+    rows = {row.doc_id: (row.title, row.body, row.language) for row in store.changed_since(None, limit=10)}
+    assert rows == {"7": (None, "seven", "en"), "x": (None, "ex", "fr")}
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        (DocumentFields(), "no doc_id field 'doc_id': the records have _id, text"),
+        (
+            DocumentFields({"doc_id": "_id", "title": "headline"}),
+            "no title field 'headline': the records have _id, text",
+        ),
+    ],
+)
+def test_a_field_no_record_has_loads_nothing(store: DocumentStore, tmp_path: Path, fields, message) -> None:
+    path = tmp_path / "corpus.jsonl"
+    path.write_text('{"_id": "a", "text": "x"}\n{"_id": "b", "text": "y"}\n')
+    with pytest.raises(DocumentFileError, match=message):
+        store.load_file(path, fields)
+    assert store.count() == 0
+
+
+def test_headerless_tsv_keeps_quotes_and_rejects_rows_of_another_width(store: DocumentStore, tmp_path: Path) -> None:
+    path = tmp_path / "collection.tsv"  # MS MARCO's layout: pid <TAB> passage, no header, quotes are text
+    path.write_text('0\tThe "Manhattan" project\n1\t"quoted\n2\tbad\textra\n\n3\t\n4\tlast\n')
+    result = store.load_file(path, DocumentFields({"doc_id": "1", "body": "2"}, header=False, language="en"))
+    assert (result.rows, result.inserted, result.rejected) == (5, 4, 1)
+    assert [(r.where, r.reason) for r in result.rejections] == [("line 3", "3 fields, expected 2 as on the first line")]
+    rows = {row.doc_id: row.body for row in store.changed_since(None, limit=10)}
+    assert rows == {"0": 'The "Manhattan" project', "1": '"quoted', "3": None, "4": "last"}
+
+
+def test_csv_with_a_header_quoted_newlines_and_long_bodies(store: DocumentStore, tmp_path: Path) -> None:
+    path = tmp_path / "docs.csv"
+    long_body = "word " * 60_000  # 300 kB in one field: over the csv module's default limit of 128 KiB
+    path.write_bytes(
+        "\ufeffurl,id,title,text\n"
+        f'u1,a,"Title, with comma","line one\nline two"\n'
+        f"u2,b,,{long_body}\n"
+        "u3,c,only three\n"
+        "u4,d,T,\xe9t\xe9\n".encode()
+        + b"u5,e,T,\xff\n"  # invalid UTF-8
+    )
+    result = store.load_file(path, DocumentFields({"doc_id": "id", "body": "text"}))
+    assert (result.rows, result.inserted, result.rejected) == (5, 3, 2)
+    assert {r.where: r.reason for r in result.rejections} == {
+        "line 5": "3 fields, expected 4 as on the first line",
+        "line 7": "body: invalid UTF-8 (lone surrogate)",
+    }
+    rows = {row.doc_id: (row.title, row.body) for row in store.changed_since(None, limit=10)}
+    assert rows == {"a": ("Title, with comma", "line one\nline two"), "b": (None, long_body), "d": ("T", "été")}
+
+
+def test_csv_header_without_the_named_field_is_an_error(store: DocumentStore, tmp_path: Path) -> None:
+    path = tmp_path / "docs.csv"
+    path.write_text("id,text\na,x\n")
+    with pytest.raises(DocumentFileError, match="no body field 'body_text': the header has id, text"):
+        store.load_file(path, DocumentFields({"doc_id": "id", "body": "body_text"}))
+    with pytest.raises(DocumentFileError, match="field 3 does not exist: the first line has 2 fields"):
+        store.load_file(path, DocumentFields({"doc_id": "1", "body": "3"}, header=False))
+    pd.DataFrame({"id": ["a"]}).to_parquet(tmp_path / "docs.parquet")
+    with pytest.raises(DocumentFileError, match="only CSV and TSV files can be read without a header"):
+        store.load_file(tmp_path / "docs.parquet", DocumentFields({"doc_id": "1"}, header=False))
+    assert store.count() == 0
+
+
+def test_parquet_columns_are_mapped(store: DocumentStore, tmp_path: Path) -> None:
+    path = tmp_path / "wiki.parquet"  # Hugging Face's wikipedia layout: id, url, title, text
+    pd.DataFrame({"id": ["1", "2"], "url": ["u1", "u2"], "title": ["A", "B"], "text": ["a", "b"]}).to_parquet(path)
+    result = store.load_file(path, DocumentFields({"doc_id": "id", "body": "text"}, language="en"))
+    assert (result.inserted, result.rejected) == (2, 0)
+    rows = {row.doc_id: (row.title, row.body, row.language) for row in store.changed_since(None, limit=10)}
+    assert rows == {"1": ("A", "a", "en"), "2": ("B", "b", "en")}
+    with pytest.raises(DocumentFileError, match="no body field 'body': the file has id, url, title, text"):
+        store.load_file(path, DocumentFields({"doc_id": "id", "body": "body"}))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"names": {"doc": "id"}}, r"unknown document columns \['doc'\]"),
+        ({"names": {"doc_id": "id"}, "header": False}, "without a header, fields are 1-based numbers"),
+        ({"names": {"body": "2"}, "header": False}, "the doc_id field must be given by number"),
+        ({"names": {"doc_id": "0"}, "header": False}, "without a header, fields are 1-based numbers"),
+        ({"language": "not a tag"}, "is not a well-formed BCP 47 tag"),
+    ],
+)
+def test_document_fields_refuse_what_cannot_be_read(kwargs, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        DocumentFields(**kwargs)

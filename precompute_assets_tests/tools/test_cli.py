@@ -368,15 +368,25 @@ def test_docs_load_bad_files_are_one_line_and_exit_2(tmp_path, monkeypatch, caps
     folder.mkdir()
     cases = [
         (tmp_path / "missing.jsonl", "no such file"),
-        (tmp_path / "docs.csv", "unknown suffix '.csv'"),
+        (tmp_path / "docs.txt", "unknown suffix '.txt'"),
         (folder, "not a file"),
     ]
     if os.geteuid() != 0:  # root reads a file of mode 000
         cases.append((unreadable, "cannot read"))
-    for path, expected in cases:
-        if path.suffix == ".csv":
-            path.write_text("doc_id\n1\n")
-        assert main(["docs", "load", str(path)]) == 2
+    (tmp_path / "docs.txt").write_text("doc_id\n1\n")
+    (tmp_path / "docs.jsonl").write_text('{"doc_id": "1"}\n')
+    options = [[], ["--no-header", "--id-field", "1"], ["--id-field", " "], ["--language", "english!"]]
+    for path, expected, extra in [
+        *((path, expected, []) for path, expected in cases),
+        (tmp_path / "docs.jsonl", "--no-header is for CSV and TSV files, not jsonl", options[1]),
+        (tmp_path / "docs.jsonl", "the doc_id field is blank", options[2]),
+        (tmp_path / "docs.jsonl", "language 'english!' is not a well-formed BCP 47 tag", options[3]),
+        (tmp_path / "docs.tsv", "without a header, fields are 1-based numbers: the body field is 'text'",
+         ["--no-header", "--id-field", "1", "--body-field", "text"]),
+    ]:  # fmt: skip
+        if path.suffix == ".tsv":
+            path.write_text("1\tx\n")
+        assert main(["docs", "load", str(path), *extra]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and expected in err and "Traceback" not in err, err
     assert not (tmp_path / "never-started" / "redis").exists()  # nothing was started for a bad file
@@ -405,6 +415,41 @@ def test_docs_that_loaded_but_cannot_be_counted_exit_0_and_say_so(stack, app_db,
     assert summary["inserted"] == 20 and summary["documents"] is None
     assert err.count("\n") == 1 and "loaded, but the count failed: OperationalError: server closed" in err
     assert count(DocumentStore(app_db)) == 20
+
+
+def test_docs_load_maps_a_corpus_fields_and_refuses_a_field_it_lacks(stack, app_db, tmp_path, monkeypatch, capsys):
+    import uuid
+
+    import psycopg2
+
+    from precompute_assets.stack import ENV_APP_DB, ENV_DAGSTER_PG, ENV_REDIS
+    from precompute_assets.storage.documents import DocumentStore
+    from precompute_assets.storage.postgres import libpq_url
+
+    monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "home"))
+    for name in (ENV_REDIS, ENV_DAGSTER_PG):
+        monkeypatch.setenv(name, stack.env()[name])
+    monkeypatch.setenv(ENV_APP_DB, app_db)
+    ids = [f"beir-{uuid.uuid4().hex[:8]}-{i}" for i in range(3)]
+    corpus = tmp_path / "corpus.jsonl"  # the BEIR layout: _id, title, text, no language
+    corpus.write_text("".join(json.dumps({"_id": i, "title": "", "text": f"passage {i}"}) + "\n" for i in ids))
+    DocumentStore(app_db).ensure_schema()
+    before = DocumentStore(app_db).count()
+    assert main(["docs", "load", str(corpus)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no doc_id field 'doc_id': the records have _id, title, text" in err, err
+    assert "nothing was loaded (--id-field, --title-field" in err
+    assert main(["docs", "load", str(corpus), "--id-field", "_id", "--body-field", "txt"]) == 2
+    assert "no body field 'txt'" in capsys.readouterr().err
+    assert DocumentStore(app_db).count() == before
+    assert main(["docs", "load", str(corpus), "--id-field", "_id", "--body-field", "text", "--language", "en"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["inserted"], summary["rejected"], summary["documents"]) == (3, 0, before + 3)
+    with psycopg2.connect(libpq_url(app_db)) as conn, conn.cursor() as cur:
+        cur.execute(
+            "SELECT doc_id, title, body, language FROM documents WHERE doc_id = ANY(%s) ORDER BY doc_id", (ids,)
+        )
+        assert cur.fetchall() == [(i, "", f"passage {i}", "en") for i in sorted(ids)]
 
 
 def test_a_failing_replay_stops_its_processes_instead_of_waiting_for_them():
