@@ -17,7 +17,7 @@ import itertools
 import json
 import re
 from collections import Counter
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -412,25 +412,37 @@ class DocumentStore:
         """Upsert the documents of one DataFrame (columns doc_id, title, body, language)."""
         return self._load((df.iloc[at : at + CHUNK_ROWS], None) for at in range(0, len(df), CHUNK_ROWS))
 
-    def load_file(self, path: str | Path, fields: DocumentFields | None = None) -> LoadResult:
+    def load_file(
+        self, path: str | Path, fields: DocumentFields | None = None, progress: Callable[[float], None] | None = None
+    ) -> LoadResult:
         """Upsert the documents of a JSONL (``.jsonl``/``.ndjson``/``.json``), CSV or TSV file (optionally ``.gz``)
         or a Parquet file, read in chunks, its fields mapped by ``fields``; a malformed line or row is a
-        rejection, not an error; a required field the file lacks is a ``DocumentFileError`` (nothing loaded)."""
+        rejection, not an error; a required field the file lacks is a ``DocumentFileError`` (nothing loaded).
+        ``progress`` gets the share of the file read after each chunk."""
         path, fields = Path(path), fields or DocumentFields()
         kind = check_document_file(path)
         if not fields.header and kind not in ("csv", "tsv"):
             raise DocumentFileError(f"{path}: only CSV and TSV files can be read without a header")
+        report = progress or (lambda share: None)
         if kind == "parquet":
-            return self._load(_frames_of_parquet(path, fields), language=fields.language)
-        opener = gzip.open if path.suffix.lower() == ".gz" else open
+            rows = pq.ParquetFile(path).metadata.num_rows
+            frames = _frames_of_parquet(path, fields)
+            return self._load(frames, language=fields.language, after_chunk=lambda done: report(done / max(rows, 1)))
         result = LoadResult()
-        if kind == "jsonl":
-            with opener(path, "rb") as stream:
-                return self._load(_frames_of_jsonl(stream, fields, result), result, language=fields.language)
-        # utf-8-sig drops a byte order mark; invalid bytes become lone surrogates, which rows are rejected for
-        with opener(path, "rt", encoding="utf-8-sig", errors="surrogateescape", newline="") as text:
+        size = max(path.stat().st_size, 1)
+        with open(path, "rb") as raw:
+            binary = gzip.GzipFile(fileobj=raw) if path.suffix.lower() == ".gz" else raw
+
+            def after_chunk(done: int) -> None:
+                report(raw.tell() / size)  # the compressed bytes read, a buffer ahead of the rows loaded
+
+            if kind == "jsonl":
+                frames = _frames_of_jsonl(binary, fields, result)
+                return self._load(frames, result, language=fields.language, after_chunk=after_chunk)
+            # utf-8-sig drops a byte order mark; invalid bytes become lone surrogates, which rows are rejected for
+            text = io.TextIOWrapper(binary, encoding="utf-8-sig", errors="surrogateescape", newline="")
             frames = _frames_of_delimited(text, "," if kind == "csv" else "\t", fields, result)
-            return self._load(frames, result, language=fields.language)
+            return self._load(frames, result, language=fields.language, after_chunk=after_chunk)
 
     def _load(
         self,
@@ -438,6 +450,7 @@ class DocumentStore:
         result: LoadResult | None = None,
         *,
         language: str | None = None,
+        after_chunk: Callable[[int], None] | None = None,
     ) -> LoadResult:
         result = result or LoadResult()
         t = self._t
@@ -458,6 +471,8 @@ class DocumentStore:
                         "COPY staging (seq, doc_id, title, body, language) FROM STDIN WITH (FORMAT csv)",
                         _csv(table),
                     )
+                if after_chunk is not None:
+                    after_chunk(result.rows)
             cur.execute("SELECT count(DISTINCT doc_id) FROM staging")
             distinct = cur.fetchone()[0]
             result.duplicates = staged - distinct

@@ -26,6 +26,9 @@ DOCUMENT_FIELD_OPTIONS = {
 }
 
 
+PROGRESS_SHARE = "{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}"  # a bar over a share of 1.0
+
+
 class CliError(Exception):
     """Bad input or an unusable service: printed as one line, exit code 2."""
 
@@ -612,8 +615,11 @@ def cmd_docs(args: argparse.Namespace) -> int:
     store = DocumentStore(env[ENV_APP_DB])
     store.ensure_schema()
     if args.docs_command == "load":
+        from tqdm import tqdm
+
         try:
-            result = store.load_file(args.file, fields)
+            with tqdm(total=1.0, desc="documents", bar_format=PROGRESS_SHARE, disable=None) as bar:
+                result = store.load_file(args.file, fields, progress=lambda share: bar.update(share - bar.n))
         except DocumentFileError as error:
             options = ", ".join(DOCUMENT_FIELD_OPTIONS.values())
             raise CliError(f"{args.file}: {error}; nothing was loaded ({options} name the file's fields)") from None

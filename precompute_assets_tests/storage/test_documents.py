@@ -359,3 +359,18 @@ def test_parquet_columns_are_mapped(store: DocumentStore, tmp_path: Path) -> Non
 def test_document_fields_refuse_what_cannot_be_read(kwargs, message) -> None:
     with pytest.raises(ValueError, match=message):
         DocumentFields(**kwargs)
+
+
+def test_load_reports_the_share_of_the_file_read(store: DocumentStore, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr("precompute_assets.storage.documents.CHUNK_ROWS", 2)
+    parquet = tmp_path / "docs.parquet"
+    pd.DataFrame({"doc_id": [str(i) for i in range(5)], "body": ["b"] * 5}).to_parquet(parquet)
+    shares: list[float] = []
+    assert store.load_file(parquet, progress=shares.append).inserted == 5
+    assert shares == [0.4, 0.8, 1.0]
+    jsonl = tmp_path / "docs.jsonl.gz"
+    with gzip.open(jsonl, "wt") as out:
+        out.write("".join(json.dumps({"doc_id": f"j{i}"}) + "\n" for i in range(5)))
+    shares.clear()
+    assert store.load_file(jsonl, progress=shares.append).inserted == 5
+    assert len(shares) == 3 and shares == sorted(shares) and shares[-1] == 1.0
