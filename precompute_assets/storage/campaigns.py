@@ -32,7 +32,7 @@ import psycopg2
 from psycopg2.extras import execute_values
 
 from ..ml.features import ID_COLUMN, AdFeatureSpec, feature_problems, spec_from_env
-from .postgres import transaction
+from .postgres import copy_in, transaction
 from .tables import not_text
 
 CAMPAIGN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # fit for a Dagster partition key: no commas
@@ -605,7 +605,7 @@ class CampaignRegistry:
         problems: list[tuple[str, str]] = []
         pairs = {(ad_id, c.tenant_id) for c in checked for ad_id, _ in c.ads}
         cur.execute('CREATE TEMP TABLE incoming_ads (ad_id TEXT COLLATE "C", tenant_id TEXT) ON COMMIT DROP')
-        cur.copy_expert("COPY incoming_ads (ad_id, tenant_id) FROM STDIN WITH (FORMAT csv)", _copy_rows(pairs))
+        copy_in(cur, "COPY incoming_ads (ad_id, tenant_id) FROM STDIN WITH (FORMAT csv)", _copy_rows(pairs))
         cur.execute(
             "SELECT i.ad_id, i.tenant_id, t.tenant_id FROM incoming_ads i JOIN ad_tenants t USING (ad_id)"
             " WHERE t.tenant_id <> i.tenant_id"
@@ -651,8 +651,10 @@ class CampaignRegistry:
             for c in changed
             for position, (ad_id, features) in enumerate(c.ads)
         )
-        cur.copy_expert(
-            "COPY campaign_ads (campaign_id, position, ad_id, features) FROM STDIN WITH (FORMAT csv)", _copy_rows(rows)
+        copy_in(
+            cur,
+            "COPY campaign_ads (campaign_id, position, ad_id, features) FROM STDIN WITH (FORMAT csv)",
+            _copy_rows(rows),
         )
 
     def cancel(self, campaign_id: str) -> Campaign:

@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 from psycopg2 import sql
 
 from .files import unreadable_reason
-from .postgres import transaction
+from .postgres import copy_in, transaction
 from .tables import not_text
 
 _ISO_639_1 = """
@@ -467,7 +467,8 @@ class DocumentStore:
                     table = table.set_column(at, "language", pc.fill_null(table["language"], language))
                 staged += table.num_rows
                 if table.num_rows:
-                    cur.copy_expert(
+                    copy_in(
+                        cur,
                         "COPY staging (seq, doc_id, title, body, language) FROM STDIN WITH (FORMAT csv)",
                         _csv(table),
                     )

@@ -14,7 +14,7 @@ import psycopg2
 from psycopg2 import sql
 
 from .documents import DocumentRow, DocumentStore
-from .postgres import connect, transaction
+from .postgres import connect, copy_in, transaction
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS document_embeddings (
@@ -135,8 +135,8 @@ class EmbeddingStore:
                     'CREATE TEMP TABLE chunk (doc_id TEXT COLLATE "C", modified_at TIMESTAMPTZ, value BYTEA)'
                     " ON COMMIT DROP"
                 )
-                cur.copy_expert("COPY chunk (doc_id, modified_at, value) FROM STDIN WITH (FORMAT binary)",
-                                 io.BytesIO(binary_copy(embedded)))  # fmt: skip
+                copy_in(cur, "COPY chunk (doc_id, modified_at, value) FROM STDIN WITH (FORMAT binary)",
+                        io.BytesIO(binary_copy(embedded)))  # fmt: skip
                 cur.execute(
                     "INSERT INTO document_embeddings (doc_id, model_version, modified_at, embedded_at, value)"
                     " SELECT doc_id, %s, modified_at, %s, value FROM chunk"

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import io
+import sys
 import uuid
 from collections.abc import Iterator
+from typing import IO
 
 import psycopg2
 
@@ -28,10 +31,34 @@ def transaction(url: str) -> Iterator[psycopg2.extensions.connection]:
     """A connection whose work commits on success and rolls back on error, then closes."""
     conn = connect(url)
     try:
-        with conn:
-            yield conn
+        yield conn
+        conn.commit()
+    except BaseException:
+        # A connection the server dropped cannot roll back (the server already has): its InterfaceError would
+        # hide the error that says why.
+        with contextlib.suppress(psycopg2.Error):
+            conn.rollback()
+        raise
     finally:
         conn.close()
+
+
+def copy_in(cur: psycopg2.extensions.cursor, statement: str, data: IO) -> None:
+    """``COPY ... FROM STDIN`` of ``data``. When the server ends the connection mid-COPY, psycopg2 prints the
+    server's error as a traceback on stderr itself and raises a bare ``invalid socket``: that print is caught, and
+    the server's error (its first line) is raised instead. Otherwise what was printed is passed on."""
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(printed):
+            cur.copy_expert(statement, data)
+    except psycopg2.Error as error:
+        lines = printed.getvalue().splitlines()
+        if cause := next((line for line in lines if line.startswith("psycopg2.")), None):
+            name, _, message = cause.removeprefix("psycopg2.errors.").partition(": ")
+            raise psycopg2.OperationalError(f"the server ended the COPY: {message} ({name})") from error
+        sys.stderr.write(printed.getvalue())
+        raise
+    sys.stderr.write(printed.getvalue())
 
 
 @contextlib.contextmanager
