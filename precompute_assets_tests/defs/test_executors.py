@@ -419,6 +419,10 @@ K8S_DAGSTER_YAML = textwrap.dedent(
         max_concurrent_runs: 4
       pools:
         default_limit: 1
+    run_monitoring:
+      enabled: true
+      poll_interval_seconds: 60
+      free_slots_after_run_end_seconds: 30
     telemetry:
       enabled: false
     """
@@ -446,6 +450,7 @@ def test_the_production_kubernetes_configuration_loads(tmp_path, monkeypatch):
 
     (tmp_path / "dagster.yaml").write_text(K8S_DAGSTER_YAML)
     instance_config, _ = dagster_instance_config(str(tmp_path))  # the instance schema, as dagster reads it
+    assert instance_config["run_monitoring"]["free_slots_after_run_end_seconds"] == 30
     launcher = instance_config["run_launcher"]
     assert (launcher["module"], launcher["class"]) == ("dagster_k8s", "K8sRunLauncher")
     checked = validate_config(K8sRunLauncher.config_type(), launcher["config"])

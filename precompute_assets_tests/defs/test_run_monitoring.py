@@ -1,0 +1,91 @@
+"""A run killed while it holds a pool slot must not block the pool for good: dagster.yaml's run monitoring ends it.
+
+A real run, on the real PostgreSQL with the project's own dagster.yaml, is SIGKILLed inside a step of the
+``redis_publish`` pool; Dagster's own monitoring functions (what the daemon runs) then fail it and free its slot.
+Time is moved forward instead of waited for.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from datetime import timedelta
+from pathlib import Path
+from types import SimpleNamespace
+
+import dagster as dg
+import pytest
+from dagster._daemon.monitoring import concurrency, run_monitoring
+from dagster._time import datetime_from_timestamp
+
+from precompute_assets.stack import project_dir
+from precompute_assets.storage.postgres import scratch_database
+
+POOLED_RUN = textwrap.dedent(
+    """\
+    import time
+    import dagster as dg
+
+    @dg.asset(pool="redis_publish")
+    def publish():
+        time.sleep(600)
+
+    dg.materialize([publish], instance=dg.DagsterInstance.get())
+    """
+)
+
+
+@pytest.fixture
+def home(dagster_pg_url: str, tmp_path: Path, monkeypatch) -> Path:
+    with scratch_database(dagster_pg_url, "dagster") as url:
+        shutil.copy(project_dir() / "dagster.yaml", tmp_path / "dagster.yaml")
+        monkeypatch.setenv("DAGSTER_PG_URL", url)
+        monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
+        yield tmp_path
+
+
+def held_slots(instance: dg.DagsterInstance) -> set[str]:
+    return {slot.run_id for slot in instance.event_log_storage.get_concurrency_info("redis_publish").claimed_slots}
+
+
+def test_a_killed_run_is_failed_and_frees_its_pool_slot(home: Path, monkeypatch) -> None:
+    with dg.DagsterInstance.get() as instance:
+        assert instance.run_monitoring_enabled and instance.run_monitoring_settings["free_slots_after_run_end_seconds"]
+        max_runtime = instance.run_monitoring_max_runtime_seconds
+        assert max_runtime > 0
+        worker = subprocess.Popen([sys.executable, "-c", POOLED_RUN], env=os.environ.copy())
+        try:
+            deadline = time.monotonic() + 120
+            while not held_slots(instance) and worker.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.2)
+            (killed,) = held_slots(instance)
+        finally:
+            worker.send_signal(signal.SIGKILL)
+            worker.wait()
+        record = instance.get_run_record_by_id(killed)
+        assert record.dagster_run.status == dg.DagsterRunStatus.STARTED  # nothing told Dagster it died
+        blocked = instance.event_log_storage.claim_concurrency_slot("redis_publish", "next-run", "publish")
+        assert not blocked.is_claimed
+
+        later = record.start_time + max_runtime + 1
+        monkeypatch.setattr(run_monitoring, "get_current_timestamp", lambda: later)
+        run_monitoring.monitor_started_run(instance, None, record, logging.getLogger("test"))
+        assert instance.get_run_by_id(killed).status == dg.DagsterRunStatus.FAILURE
+        assert held_slots(instance) == {killed}  # ended, not yet freed
+
+        ended = instance.get_run_record_by_id(killed).end_time
+        wait = instance.run_monitoring_settings["free_slots_after_run_end_seconds"]
+        monkeypatch.setattr(
+            concurrency, "get_current_datetime", lambda: datetime_from_timestamp(ended) + timedelta(seconds=wait + 1)
+        )
+        list(concurrency.execute_concurrency_slots_iteration(SimpleNamespace(instance=instance), logging.getLogger()))
+        assert held_slots(instance) == set()
+        instance.event_log_storage.free_concurrency_slots_for_run("next-run")
+        claimed = instance.event_log_storage.claim_concurrency_slot("redis_publish", "next-run", "publish")
+        assert claimed.is_claimed
