@@ -191,6 +191,8 @@ def _sync(
         client.set(_sentinel(schema, target.version), b"synced", ex=ttl_s)
     if not stopped_early and stats.full_build:
         flip_pointer(client, schema, EMBEDDING_KIND, target, grace_s=grace_s)
+        if current is not None and current.version != target.version:
+            client.expire(_sentinel(schema, current.version), grace_s)  # the old version's marker goes with it
         store.mark_complete(model_version)
     elif not stopped_early and (fill := _mean_fill(client, schema, target)) > max_bucket_fill:
         log(f"Redis version {target.version} holds {fill:.0f} keys per bucket (> {max_bucket_fill:.0f}): rebuilding")

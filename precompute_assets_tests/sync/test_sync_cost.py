@@ -151,3 +151,22 @@ def test_a_version_that_outgrew_its_buckets_is_rebuilt_wider_and_flipped(app_db,
     assert after.redis_version == grown.redis_version
     np.testing.assert_allclose(cache.get_embedding("d000005"), embedder.encode(["changed 5\nwords 5"])[0], atol=0.02)
     assert cache.get_embedding("d000009") is None
+
+
+def test_a_new_model_version_flips_and_the_old_versions_marker_expires_with_its_buckets(app_db, redis_client, schema):
+    docs = DocumentStore(app_db)
+    docs.ensure_schema()
+    docs.load_frame(frame(0, 50))
+    store = EmbeddingStore(app_db)
+    first = sync_embeddings(docs, store, redis_client, HashEmbedder(), schema=schema, log=quiet)
+
+    class NextModel(HashEmbedder):
+        version = "hash16-test-v2"
+
+    second = sync_embeddings(docs, store, redis_client, NextModel(), schema=schema, grace_s=60, log=quiet)
+    assert second.full_build and second.redis_version != first.redis_version
+    assert Pointer.decode(redis_client.get(schema.pointer(EMBEDDING_KIND))).version == second.redis_version
+    for part in (0, "meta"):  # a bucket, and the marker of the version's life
+        name = schema.bucket(EMBEDDING_KIND, first.redis_version, part)
+        assert 0 < redis_client.ttl(name) <= 60, name  # the old version and its marker live out the same grace
+    assert redis_client.ttl(schema.bucket(EMBEDDING_KIND, second.redis_version, "meta")) > 60
