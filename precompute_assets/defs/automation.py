@@ -1,6 +1,7 @@
 """Jobs, schedules and sensors: when things run. Every schedule and sensor starts RUNNING, so a fresh
 deployment drains its query logs and precomputes without anyone switching it on."""
 
+import time
 from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
@@ -212,3 +213,35 @@ def automation_states(
                 status = definition.default_status.value
             rows.append((definition.name, kind, "STOPPED" if status == "STOPPED" else "RUNNING"))
     return sorted(rows)
+
+
+def pool_states(
+    instance: dg.DagsterInstance, defs: dg.Definitions, *, now: float | None = None
+) -> list[tuple[str, str]]:
+    """``(pool, "free" | what holds it)`` for every concurrency pool of ``defs``' assets: the runs holding a slot,
+    with their status and age, and the steps waiting. A STARTED run that holds a slot for long may have lost its
+    worker (run monitoring ends it, or force termination in the UI); an ended one frees its slot shortly."""
+    pools = sorted({a.op.pool for a in defs.resolve_asset_graph().assets_defs if a.is_executable and a.op.pool})
+    now = time.time() if now is None else now
+    rows = []
+    for pool in pools:
+        info = instance.event_log_storage.get_concurrency_info(pool)
+        holders = []
+        for run_id in sorted(info.active_run_ids):
+            record = instance.get_run_record_by_id(run_id)
+            if record is None:
+                holders.append(f"run {run_id[:8]} (deleted)")
+                continue
+            if record.end_time:
+                age = f"ended {_duration(now - record.end_time)} ago"
+            else:
+                age = f"for {_duration(now - (record.start_time or record.create_timestamp.timestamp()))}"
+            holders.append(f"run {run_id[:8]} {record.dagster_run.status.value} {age}")
+        waiting = f"; {info.pending_step_count} step(s) waiting" if info.pending_step_count else ""
+        rows.append((pool, f"held by {', '.join(holders)}{waiting}" if holders else f"free{waiting}"))
+    return rows
+
+
+def _duration(seconds: float) -> str:
+    minutes = max(0, int(seconds // 60))
+    return f"{minutes // 60} h {minutes % 60} min" if minutes >= 60 else f"{minutes} min"

@@ -77,15 +77,18 @@ def print_status(stack: Stack) -> int:
 
 
 def automation(stack: Stack, postgres_running: bool) -> list[tuple[str, str, str]]:
-    """Each schedule and sensor with the state the Dagster daemon acts on, when Dagster's database answers."""
+    """Each schedule and sensor with the state the Dagster daemon acts on, and each concurrency pool with what holds
+    it, when Dagster's database answers."""
     if not postgres_running or not (stack.dagster_home / "dagster.yaml").exists():
         return [("(unknown until `precompute up`: Dagster's database is stopped)", "automation", "")]
     from ..definitions import defs
-    from ..defs.automation import automation_states
+    from ..defs.automation import automation_states, pool_states
 
     try:
         with dagster_instance(stack) as instance:
-            return automation_states(instance, defs())
+            definitions = defs()
+            pools = [(state, "pool", name) for name, state in pool_states(instance, definitions)]
+            return automation_states(instance, definitions) + pools
     except Exception as error:  # status reports; it never fails because Dagster's storage cannot be read
         return [(f"(unknown: {_one_line(error)})", "automation", "")]
 

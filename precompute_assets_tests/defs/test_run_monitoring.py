@@ -24,6 +24,8 @@ import pytest
 from dagster._daemon.monitoring import concurrency, run_monitoring
 from dagster._time import datetime_from_timestamp
 
+from precompute_assets.definitions import defs
+from precompute_assets.defs.automation import pool_states
 from precompute_assets.stack import project_dir
 from precompute_assets.storage.postgres import scratch_database
 
@@ -72,20 +74,26 @@ def test_a_killed_run_is_failed_and_frees_its_pool_slot(home: Path, monkeypatch)
         assert record.dagster_run.status == dg.DagsterRunStatus.STARTED  # nothing told Dagster it died
         blocked = instance.event_log_storage.claim_concurrency_slot("redis_publish", "next-run", "publish")
         assert not blocked.is_claimed
+        states = dict(pool_states(instance, defs(), now=record.start_time + 3 * 3600 + 60))
+        held = f"held by run {killed[:8]} STARTED for 3 h 1 min; 1 step(s) waiting"
+        assert states == {"embedding_sync": "free", "redis_publish": held}
 
         later = record.start_time + max_runtime + 1
         monkeypatch.setattr(run_monitoring, "get_current_timestamp", lambda: later)
         run_monitoring.monitor_started_run(instance, None, record, logging.getLogger("test"))
         assert instance.get_run_by_id(killed).status == dg.DagsterRunStatus.FAILURE
         assert held_slots(instance) == {killed}  # ended, not yet freed
-
         ended = instance.get_run_record_by_id(killed).end_time
+        held = dict(pool_states(instance, defs(), now=ended + 10))["redis_publish"]
+        assert held == f"held by run {killed[:8]} FAILURE ended 0 min ago; 1 step(s) waiting"
+
         wait = instance.run_monitoring_settings["free_slots_after_run_end_seconds"]
         monkeypatch.setattr(
             concurrency, "get_current_datetime", lambda: datetime_from_timestamp(ended) + timedelta(seconds=wait + 1)
         )
         list(concurrency.execute_concurrency_slots_iteration(SimpleNamespace(instance=instance), logging.getLogger()))
         assert held_slots(instance) == set()
+        assert dict(pool_states(instance, defs()))["redis_publish"] == "free"  # the waiting step was given the slot
         instance.event_log_storage.free_concurrency_slots_for_run("next-run")
         claimed = instance.event_log_storage.claim_concurrency_slot("redis_publish", "next-run", "publish")
         assert claimed.is_claimed

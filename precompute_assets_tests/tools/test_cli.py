@@ -245,6 +245,7 @@ def test_up_status_down_manage_real_servers(tmp_path, monkeypatch, capsys):
             ("sensor", "documents_changed"),
         ]:
             assert f"{kind:<9} RUNNING   {name}" in out, out
+        assert "pool      redis_publish free" in out and "pool      embedding_sync free" in out, out
         assert main(["env"]) == 0
         env = capsys.readouterr().out
         assert f"export DAGSTER_HOME={tmp_path / 'home' / 'dagster'}" in env
