@@ -133,11 +133,7 @@ def publish_version(
             seconds = time.perf_counter() - started
             return PublishResult(kind, version, written, buckets, n_bytes, seconds, None, True, handed, settle_error)
         names = [schema.bucket(kind, version, index).encode() for index in range(buckets)]
-        if is_cluster(client):
-            exists = sum(run_commands(client, [(b"EXISTS", name) for name in names]))
-        else:
-            exists = client.exists(*names)
-        if exists:
+        if _existing(client, names):
             # A retry of this version: start clean so no field of the failed attempt survives.
             send_commands(client, [(b"DEL", name) for name in names])
         batch: list[tuple[bytes, ...]] = []
@@ -159,6 +155,15 @@ def publish_version(
             send(batch)
         if progress and pending:
             progress(pending)
+        filled = [name for name, bucket in zip(names, grouped, strict=True) if bucket]
+        if (present := _existing(client, filled)) < len(filled):
+            # At maxmemory a volatile policy evicts the version's own buckets (they carry a TTL) without an error.
+            send_commands(client, [(b"DEL", name) for name in filled])  # give the memory back to the live version
+            raise IncompleteVersionError(
+                f"publish of {kind} version {version}: {len(filled) - present} of {len(filled)} buckets were evicted "
+                f"while being written{_memory_note(client)}; readers stay on the previous version: give Redis more "
+                "memory, or publish fewer keys"
+            )
     except REDIS_ERRORS as error:
         error.add_note(
             f"publish of {kind} version {version} failed before its flip: readers stay on the previous version, "
@@ -187,6 +192,31 @@ def publish_version(
         handed_over=handed,
         settle_error=settle_error,
     )
+
+
+class IncompleteVersionError(RuntimeError):
+    """A version that lost buckets before its flip (evicted at maxmemory): it is not flipped to."""
+
+
+def _existing(client: redis.Redis, names: list[bytes]) -> int:
+    """How many of ``names`` exist (EXISTS counts each; a cluster client needs one per key's slot)."""
+    if not names:
+        return 0
+    if is_cluster(client):
+        return sum(run_commands(client, [(b"EXISTS", name) for name in names]))
+    return client.exists(*names)
+
+
+def _memory_note(client: redis.Redis) -> str:
+    """`` (Redis at U of maxmemory M bytes, policy P)``, or nothing when Redis does not say (a cluster client)."""
+    if is_cluster(client):
+        return ""
+    try:
+        memory = client.info("memory")
+    except REDIS_ERRORS:
+        return ""
+    return (f" (Redis at {memory.get('used_memory')} of maxmemory {memory.get('maxmemory')} bytes, policy "
+            f"{memory.get('maxmemory_policy')})")  # fmt: skip
 
 
 def record_published(client: redis.Redis, schema: KeySchema, kind: str, keys: int) -> None:

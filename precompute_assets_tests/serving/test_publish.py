@@ -153,3 +153,19 @@ def test_publish_refuses_crafted_names_before_writing(redis_client, schema, kind
         with pytest.raises(ValueError, match=message):
             patch_version(redis_client, kind, Pointer("v1", 1), [("ok", 0.1)], [key], schema=schema)
     assert redis_client.keys(f"{schema.prefix}:*") == []  # nothing written
+
+
+def test_a_version_evicted_while_written_is_never_flipped_to(redis_server, schema):
+    """Redis at maxmemory with a volatile policy evicts the new version's own buckets (they carry a TTL) as they are
+    written, without an error: a flip would serve a version with holes. The publish checks first and refuses."""
+    server = redis_server(extra_config=("maxmemory-policy volatile-lru",))
+    client = connect(server.url, socket_timeout=5)
+    publish_version(client, "ctr", "v1", [(f"ad{i}", 0.5) for i in range(100)], n_keys=100, schema=schema)
+    client.config_set("maxmemory", client.info("memory")["used_memory"] + 200_000)
+    items = [(f"ad{i:06d}", 0.25) for i in range(50_000)]  # several MB: far past the limit
+    with pytest.raises(publish_module.IncompleteVersionError, match=r"publish of ctr version v2: \d+ of \d+ buckets"):
+        publish_version(client, "ctr", "v2", items, n_keys=len(items), schema=schema)
+    cache = PredictionCache(client, schema=schema, pointer_ttl_s=0)
+    assert cache.current_version("ctr").version == "v1"  # readers stay on the previous version
+    assert not client.keys(f"{schema.bucket('ctr', 'v2', 0)[:-1]}*")  # its buckets were given back
+    client.close()
