@@ -7,6 +7,7 @@ import dagster as dg
 import pandas as pd
 
 from ..serving.querylog import expand_entries, quarantine_row, read_stream_window, validate_entry
+from ..storage.query_log_import import is_imported
 from ..storage.tables import quarantine_frame, query_log_frame
 from .partitions import DEFAULT_PARTITIONS
 from .resources import DeploymentResource, LakeResource, RedisResource
@@ -73,6 +74,10 @@ def query_logs(context: dg.AssetExecutionContext, redis: RedisResource, lake: La
     for column in ("arm", "version"):  # the A/B arm (None outside an experiment), the version read (None: none)
         if column not in logs:
             logs[column] = pd.Series([row[column] for row in rows], index=logs.index, dtype=object)
+    if not rows and not rejected and (kept := _imported(lake, context.partition_key)) is not None:
+        context.log.info(f"the stream holds nothing for this hour: keeping its {len(kept)} imported requests")
+        yield from _keep_imported(kept, quarantine)
+        return
     total = len(logs) + len(quarantine)
     yield dg.Output(
         logs,
@@ -96,6 +101,23 @@ def query_logs(context: dg.AssetExecutionContext, redis: RedisResource, lake: La
         },
     )
     yield quarantine_check(len(quarantine), total)
+
+
+def _imported(lake: LakeResource, hour: str) -> pd.DataFrame | None:
+    """The hour's partition when it holds imported requests (``precompute query-logs import``), else None."""
+    store = lake.lake()
+    if not store.exists("query_logs", hour):
+        return None
+    existing = store.read("query_logs", hour)
+    return existing if is_imported(existing) else None
+
+
+def _keep_imported(logs: pd.DataFrame, quarantine: pd.DataFrame):
+    """The outputs of an hour whose imported requests stay: the stream never had its traffic."""
+    metadata = {"dagster/row_count": len(logs), "distinct_keys": int(logs["key"].nunique()), "imported": True}
+    yield dg.Output(logs, output_name="query_logs", metadata=metadata)
+    yield dg.Output(quarantine, output_name="query_log_quarantine", metadata={"dagster/row_count": 0})
+    yield quarantine_check(0, len(logs))
 
 
 def _reason_counts(quarantine: pd.DataFrame) -> dict[str, int]:

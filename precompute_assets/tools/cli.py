@@ -375,14 +375,65 @@ def field_filter(text: str) -> tuple[str, frozenset[str]]:
     return field.strip(), values
 
 
+def add_trace_options(parser: argparse.ArgumentParser) -> None:
+    """The options that say how to read a trace: ``--where``, ``--format``, ``--key-field``, ``--time-field``."""
+    parser.add_argument(
+        "--where",
+        type=field_filter,
+        help="keep only the requests whose field is one of the values: FIELD=VALUE[,VALUE...], the field a 1-based "
+        "number or a header name (6=get,gets for Twitter's cache traces, 4=Read for MSR's: neither has a header)",
+    )
+    parser.add_argument(
+        "--format",
+        choices=["auto", "text", "oracle-general", "oracle-general-opns", "parquet"],
+        default="auto",
+        help="auto (default): Parquet for a folder, a .parquet file or Parquet bytes; oracleGeneral (or "
+        "oracleGeneralOpNS) when the file name says so; else text",
+    )
+    parser.add_argument(
+        "--key-field",
+        help="the key's field in each CSV line: a 1-based number or a header name (default 2; Parquet: key)",
+    )
+    parser.add_argument(
+        "--time-field",
+        help="the timestamp's field: a 1-based number, a header name, or none (default 1; Parquet: ts)",
+    )
+
+
+def check_trace_options(args: argparse.Namespace) -> None:
+    """CliError for an empty ``--key-field`` or ``--time-field``."""
+    for option, value in (("--key-field", args.key_field), ("--time-field", args.time_field)):
+        if value is not None and not value.strip():
+            raise CliError(f"{option} is empty: give a 1-based field number or a header name")
+
+
+def read_trace(path: str, args: argparse.Namespace):
+    """The trace at ``path`` read as ``add_trace_options``' options say; a file that cannot be read is a CliError."""
+    from ..ml.parquet_trace import PARQUET_COLUMNS, is_parquet
+    from ..ml.replay import TraceError, parse_trace
+
+    columns = None
+    if args.time_field is not None or args.key_field is not None:
+        parquet = args.format == "parquet" or (args.format == "auto" and is_parquet(path))
+        default_time, default_key = PARQUET_COLUMNS if parquet else ("1", "2")
+        time_field = default_time if args.time_field is None else args.time_field
+        columns = (None if time_field.lower() == "none" else time_field, args.key_field or default_key)
+    try:
+        return parse_trace(path, columns=columns, trace_format=args.format, where=args.where)
+    except TraceError as error:
+        raise CliError(f"{path}: {error}") from None
+    except OSError as error:
+        raise CliError(f"{path}: {error.strerror or error}") from None
+    except MemoryError:
+        raise CliError(f"{path}: the trace does not fit in memory (read a sample of it)") from None
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     """Print the replayed hit rates as one JSON object; a bad input raises CliError (one line, exit code 2)."""
     # Arguments first: they are cheap to check and a long trace should not be read for nothing.
     if not str(args.trace).strip():
         raise CliError("--trace is empty: give a trace file or folder")
-    for option, value in (("--key-field", args.key_field), ("--time-field", args.time_field)):
-        if value is not None and not value.strip():
-            raise CliError(f"{option} is empty: give a 1-based field number or a header name")
+    check_trace_options(args)
     if args.days < 2:
         raise CliError(f"--days must be at least 2 (day 0 only warms the caches), got {args.days}")
     if args.capacity < 1:
@@ -460,24 +511,10 @@ def _replay_stages(
     args: argparse.Namespace, stage: _Stages, strategies: list[str], arms, learned: bool, train_days: int
 ) -> int:
     """``replay``'s work once its arguments are checked, announcing each stage to ``stage``."""
-    from ..ml.parquet_trace import PARQUET_COLUMNS, is_parquet
-    from ..ml.replay import TraceError, logged_hit_rate, parse_trace, replay, split_days, trace_notes
+    from ..ml.replay import logged_hit_rate, replay, split_days, trace_notes
 
     stage("reading the trace")
-    columns = None
-    if args.time_field is not None or args.key_field is not None:
-        parquet = args.format == "parquet" or (args.format == "auto" and is_parquet(args.trace))
-        default_time, default_key = PARQUET_COLUMNS if parquet else ("1", "2")
-        time_field = default_time if args.time_field is None else args.time_field
-        columns = (None if time_field.lower() == "none" else time_field, args.key_field or default_key)
-    try:
-        trace = parse_trace(args.trace, columns=columns, trace_format=args.format, where=args.where)
-    except TraceError as error:
-        raise CliError(f"{args.trace}: {error}") from None
-    except OSError as error:
-        raise CliError(f"{args.trace}: {error.strerror or error}") from None
-    except MemoryError:
-        raise CliError(f"{args.trace}: the trace does not fit in memory (replay a sample of it)") from None
+    trace = read_trace(args.trace, args)
     if args.days > len(trace.keys):
         raise CliError(f"--days {args.days} is larger than the number of requests ({len(trace.keys)})")
     try:
@@ -707,6 +744,87 @@ def cmd_impressions(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_query_logs(args: argparse.Namespace) -> int:
+    """Import a request log into the lake's hourly ``query_logs`` partitions; print one JSON summary."""
+    import time
+    from datetime import date, datetime
+    from pathlib import Path
+    from zoneinfo import ZoneInfo
+
+    import dagster as dg
+    import numpy as np
+    from tqdm import tqdm
+
+    from ..defs.partitions import deployment_partitions
+    from ..serving.keys import KIND_PATTERN
+    from ..stack import ENV_LAKE
+    from ..storage.lake import Lake
+    from ..storage.query_log_import import epoch_seconds, hour_rows, is_relative
+
+    check_trace_options(args)
+    if not KIND_PATTERN.fullmatch(args.kind):
+        raise CliError(f"invalid --kind {args.kind!r}: lower-case letters, digits and _, starting with a letter")
+    try:
+        partitions = deployment_partitions()
+        start = None if args.start is None else date.fromisoformat(args.start)
+    except ValueError as error:  # a malformed --start, PRECOMPUTE_TIMEZONE or PRECOMPUTE_PARTITIONS_START
+        raise CliError(str(error)) from None
+    trace = read_trace(args.file, args)
+    if trace.timestamps is None:
+        raise CliError(f"{args.file}: the requests have no timestamps (name their field with --time-field)")
+    seconds = epoch_seconds(trace.timestamps, args.time_unit)
+    shift = 0.0
+    if start is not None:  # the first request moves to the start of that local day, the others with it
+        midnight = datetime.combine(start, datetime.min.time(), tzinfo=ZoneInfo(partitions.timezone))
+        shift = midnight.timestamp() - float(np.nanmin(seconds))
+        seconds = seconds + shift
+    elif is_relative(seconds):
+        first = float(np.nanmin(seconds))
+        raise CliError(f"{args.file}: the timestamps count from the trace's start, not from 1970 (first: {first:g}): "
+                       "give --start YYYY-MM-DD to place the first request")  # fmt: skip
+    hourly = partitions.hourly
+    first_s = hourly.time_window_for_partition_key(hourly.get_first_partition_key()).start.timestamp()
+    now_key = hourly.get_partition_key_for_timestamp(time.time())  # the hour in progress is not over
+    last_s = hourly.time_window_for_partition_key(now_key).start.timestamp()
+    source = Path(args.file).name.replace(":", "_")[:40]
+    rows = hour_rows(trace.keys, seconds, kind=args.kind, source=source,
+                     partition_key=hourly.get_partition_key_for_timestamp, first_s=first_s, last_s=last_s)  # fmt: skip
+    env = _up(Stack())
+    lake = Lake(env[ENV_LAKE])
+    written, kept = {}, []
+    with dagster_instance(Stack()) as instance:
+        for hour, frame in tqdm(sorted(rows.frames.items()), desc="hours", unit="h", disable=None):
+            if lake.exists("query_logs", hour) and not args.replace:
+                kept.append(hour)
+                continue
+            lake.write("query_logs", hour, frame)
+            metadata = {"dagster/row_count": len(frame), "distinct_keys": int(frame["key"].nunique()),
+                        "imported": True, "source": source}  # fmt: skip
+            instance.report_runless_asset_event(
+                dg.AssetMaterialization(asset_key="query_logs", partition=hour, metadata=metadata)
+            )
+            written[hour] = len(frame)
+    summary = {
+        "requests": len(trace.keys),
+        "imported": sum(written.values()),
+        "hours": len(written),
+        "first_hour": min(written, default=None),
+        "last_hour": max(written, default=None),
+        "kept_hours": len(kept),
+        "kept_requests": sum(len(rows.frames[hour]) for hour in kept),
+        "quarantined": sum(rows.quarantined.values()),
+        "quarantine_reasons": dict(rows.quarantined.most_common()),
+        "shift_s": shift,
+        "span_hours": round(float(np.nanmax(seconds) - np.nanmin(seconds)) / 3600, 2) if len(seconds) else 0.0,
+        "timezone": partitions.timezone,
+    }
+    if kept:
+        print(f"precompute query-logs: warning: kept {len(kept)} hours the lake already holds "
+              f"(first {min(kept)}); --replace overwrites them", file=sys.stderr)  # fmt: skip
+    print(json.dumps(summary))
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (``precompute: ...``) and exit code 2, like every CLI error."""
 
@@ -885,6 +1003,26 @@ def build_parser() -> argparse.ArgumentParser:
     cancel = campaign_sub.add_parser("cancel", help="cancel a campaign (its warmed values are removed)")
     cancel.add_argument("campaign_id")
     campaign.set_defaults(fn=cmd_campaign)
+    query_logs = sub.add_parser("query-logs", help="the lake's hourly query_logs: import a request log")
+    query_logs_sub = query_logs.add_subparsers(dest="query_logs_command", required=True)
+    importing = query_logs_sub.add_parser(
+        "import", help="a request log (any trace replay reads, with timestamps) into hourly query_logs partitions"
+    )
+    importing.add_argument("file", help="a trace file or folder, as replay's --trace")
+    importing.add_argument("--kind", default="ctr", help="the kind of every request (default ctr)")
+    importing.add_argument(
+        "--start", help="YYYY-MM-DD: move the first request to this local day (timestamps relative to the start)"
+    )
+    importing.add_argument("--replace", action="store_true", help="overwrite hours the lake already holds")
+    importing.add_argument(
+        "--time-unit",
+        choices=["auto", "s", "ms", "us", "ns"],
+        default="auto",
+        help="of numeric timestamps (ISO 8601 and Parquet timestamps are exact); auto: by size, which relative "
+        "timestamps in ms or finer need to be told",
+    )
+    add_trace_options(importing)
+    query_logs.set_defaults(fn=cmd_query_logs)
     replay = sub.add_parser(
         "replay", help="hit rates of LRU, S3-FIFO, ARC, static top-N, ours and two offline bounds on a trace"
     )
@@ -897,27 +1035,7 @@ def build_parser() -> argparse.ArgumentParser:
         "and .br files are decompressed; or a Parquet file or folder of them (the lake's query_logs), local or "
         "a URI (s3://...)",
     )
-    replay.add_argument(
-        "--where",
-        type=field_filter,
-        help="keep only the requests whose field is one of the values: FIELD=VALUE[,VALUE...], the field a 1-based "
-        "number or a header name (6=get,gets for Twitter's cache traces, 4=Read for MSR's: neither has a header)",
-    )
-    replay.add_argument(
-        "--format",
-        choices=["auto", "text", "oracle-general", "oracle-general-opns", "parquet"],
-        default="auto",
-        help="auto (default): Parquet for a folder, a .parquet file or Parquet bytes; oracleGeneral (or "
-        "oracleGeneralOpNS) when the file name says so; else text",
-    )
-    replay.add_argument(
-        "--key-field",
-        help="the key's field in each CSV line: a 1-based number or a header name (default 2; Parquet: key)",
-    )
-    replay.add_argument(
-        "--time-field",
-        help="the timestamp's field: a 1-based number, a header name, or none (default 1; Parquet: ts)",
-    )
+    add_trace_options(replay)
     replay.add_argument("--days", type=int, required=True, help="split the trace into this many days (>= 2)")
     replay.add_argument(
         "--top-n",

@@ -210,3 +210,23 @@ def test_rematerializing_a_trimmed_hour_keeps_the_good_partition(
     )
     assert not again.success
     assert len(Lake(lake_uri).read("query_logs", old_hour)) == 10  # not replaced by an empty hour
+
+
+def test_an_imported_hour_the_stream_never_had_is_kept(redis_url, schema, lake_uri, pg_instance):
+    import numpy as np
+
+    from precompute_assets.storage.query_log_import import hour_rows
+
+    start = HOUR_START_MS / 1000
+    rows = hour_rows(np.array(["a", "b", "a"], dtype=object), np.array([start + 1, start + 2, start + 3]),
+                     kind="ctr", source="history.csv", partition_key=HOURLY.get_partition_key_for_timestamp,
+                     first_s=0, last_s=start + 7200)  # fmt: skip
+    Lake(lake_uri).write("query_logs", HOUR, rows.frames[HOUR])
+    result = materialize(redis_url, schema, lake_uri, pg_instance)  # the stream holds nothing for the hour
+    assert result.success
+    assert list(Lake(lake_uri).read("query_logs", HOUR)["key"]) == ["a", "b", "a"]
+    metadata = result.asset_materializations_for_node("query_logs")[0].metadata
+    assert metadata["imported"].value is True and metadata["dagster/row_count"].value == 3
+    fill(redis_url, schema, HOUR_START_MS + 60_000, 5)  # served traffic for the hour: the stream's rows win
+    assert materialize(redis_url, schema, lake_uri, pg_instance).success
+    assert len(Lake(lake_uri).read("query_logs", HOUR)) == 5

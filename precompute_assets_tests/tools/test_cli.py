@@ -453,6 +453,50 @@ def test_docs_load_maps_a_corpus_fields_and_refuses_a_field_it_lacks(stack, app_
         assert cur.fetchall() == [(i, "", f"passage {i}", "en") for i in sorted(ids)]
 
 
+def test_query_logs_import_fills_hourly_partitions_that_dagster_knows(stack, tmp_path, monkeypatch, capsys):
+    import dagster as dg
+
+    from precompute_assets.stack import ENV_DAGSTER_PG, ENV_LAKE, ENV_REDIS
+    from precompute_assets.storage.lake import Lake
+
+    monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "home"))
+    for name in (ENV_REDIS, ENV_DAGSTER_PG):
+        monkeypatch.setenv(name, stack.env()[name])
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster"))
+    (tmp_path / "dagster").mkdir()
+    (tmp_path / "dagster" / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    relative = tmp_path / "history.csv"  # seconds from the trace's start: 3 requests in hour 0, 1 in hour 2
+    relative.write_text("0.5,ad1\n10,ad2\n3599,ad1\n7300,ad3\n")
+    assert main(["query-logs", "import", str(relative)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "count from the trace's start" in err and "--start YYYY-MM-DD" in err, err
+    assert main(["query-logs", "import", str(relative), "--start", "2026-02-03"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["imported"], summary["hours"], summary["quarantined"]) == (4, 2, 0)
+    assert (summary["first_hour"], summary["last_hour"]) == ("2026-02-03-00:00", "2026-02-03-02:00")
+    lake = Lake(Stack().env()[ENV_LAKE])
+    assert list(lake.read("query_logs", "2026-02-03-00:00")["key"]) == ["ad1", "ad2", "ad1"]
+    with dg.DagsterInstance.from_config(str(tmp_path / "dagster")) as instance:
+        assert instance.get_materialized_partitions(dg.AssetKey("query_logs")) >= {
+            "2026-02-03-00:00",
+            "2026-02-03-02:00",
+        }
+    assert main(["query-logs", "import", str(relative), "--start", "2026-02-03"]) == 0  # again: the hours are kept
+    out, err = capsys.readouterr()
+    assert json.loads(out)["kept_hours"] == 2 and "--replace overwrites them" in err
+    keys_only = tmp_path / "keys.txt"
+    keys_only.write_text("ad1\nad2\n")
+    for argv, expected in [
+        ([str(keys_only)], "the requests have no timestamps"),
+        ([str(relative), "--start", "2026-02-30"], "day is out of range"),
+        ([str(relative), "--kind", "CTR!"], "invalid --kind 'CTR!'"),
+        ([str(relative), "--key-field", " "], "--key-field is empty"),
+    ]:
+        assert main(["query-logs", "import", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and expected in err and "Traceback" not in err, err
+
+
 def test_a_failing_replay_stops_its_processes_instead_of_waiting_for_them():
     import signal
     import time

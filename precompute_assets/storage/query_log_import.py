@@ -1,0 +1,128 @@
+"""Historical request logs into the lake's hourly ``query_logs`` partitions, so the daily graph learns from history
+on its first day instead of waiting a week for the serving client's logs.
+
+Each request becomes a row like the serving client's, with what a request log does not know left empty (``hit``,
+``latency_us``, ``user``, ``tenant``, ``arm``, ``version``). Its ``stream_id`` starts with ``IMPORTED``: the
+``query_logs`` asset keeps such an hour when the stream holds nothing for it, instead of emptying it.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from .tables import QUERY_LOGS
+
+IMPORTED = "import:"  # the stream_id prefix of imported rows
+EPOCH_2000_S = 946_684_800  # an absolute timestamp is after 2000-01-01; smaller ones count from a trace's start
+MAX_KEY_LENGTH = 256  # as the serving client's query log: longer keys are quarantined there too
+
+
+@dataclass
+class HourRows:
+    """One hour's imported requests, by partition key, and why the others were left out."""
+
+    frames: dict[str, pd.DataFrame] = field(default_factory=dict)
+    quarantined: Counter = field(default_factory=Counter)  # reason -> requests
+
+
+TIME_UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "ns": 1e-9}
+# "auto": the unit that puts the largest absolute timestamp after 2000 in seconds (1e9 s is 2001, 1e11 s the year 5138)
+_AUTO_LIMITS = ((1e17, "ns"), (1e14, "us"), (1e11, "ms"))
+
+
+def time_unit(timestamps: np.ndarray) -> str:
+    """The unit of epoch timestamps, by their size: seconds up to 1e11, then ms, us and ns."""
+    largest = float(np.nanmax(np.abs(timestamps))) if len(timestamps) else 0.0
+    return next((unit for limit, unit in _AUTO_LIMITS if largest > limit), "s")
+
+
+def epoch_seconds(timestamps: np.ndarray, unit: str = "auto") -> np.ndarray:
+    """``timestamps`` in ``unit`` (``TIME_UNITS``, or ``"auto"``: ``time_unit``) as float64 seconds."""
+    values = np.asarray(timestamps, dtype=np.float64)
+    return values * TIME_UNITS[time_unit(values) if unit == "auto" else unit]
+
+
+def is_relative(seconds: np.ndarray) -> bool:
+    """Whether the timestamps count from the trace's start (before 2000-01-01 as epoch seconds)."""
+    return bool(len(seconds)) and float(np.nanmin(seconds)) < EPOCH_2000_S
+
+
+def key_problems(keys: pd.Index) -> np.ndarray:
+    """Why each key cannot be logged ("" when it can): empty, longer than ``MAX_KEY_LENGTH``, control characters."""
+    text = pd.Series(keys, dtype=object).astype(str)
+    lengths = text.str.len().to_numpy()
+    control = text.str.contains(r"[\x00-\x1f\x7f]", regex=True).to_numpy()
+    problems = [lengths == 0, lengths > MAX_KEY_LENGTH, control]
+    reasons = ["empty key", f"key longer than {MAX_KEY_LENGTH} characters", "key contains control characters"]
+    return np.select(problems, reasons, default="").astype(object)
+
+
+def hour_rows(
+    keys: np.ndarray,
+    seconds: np.ndarray,
+    *,
+    kind: str,
+    source: str,
+    partition_key: Callable[[float], str],
+    first_s: float,
+    last_s: float,
+) -> HourRows:
+    """The requests (``keys`` at epoch ``seconds``) of ``kind`` as ``query_logs`` frames by hourly partition key
+    (``partition_key`` of a timestamp); requests before ``first_s`` (the first partition) or from ``last_s`` on (the
+    hour that is not over) and unusable keys are quarantined and counted. ``source`` names the file in stream ids."""
+    out = HourRows()
+    codes, uniques = pd.factorize(pd.Series(keys, dtype=object).astype(str), sort=False)
+    problems = key_problems(pd.Index(uniques))[codes]
+    keep = problems == ""
+    out.quarantined.update(Counter(problems[~keep].tolist()))
+    for mask, reason in (
+        (~np.isfinite(seconds), "timestamp is not a finite number"),
+        (seconds < first_s, "before the first hourly partition"),
+        (seconds >= last_s, "in an hour that is not over"),
+    ):
+        out.quarantined[reason] += int((mask & keep).sum())
+        keep &= ~mask
+    out.quarantined = +out.quarantined  # drop zero counts
+    rows = np.flatnonzero(keep)
+    if not len(rows):
+        return out
+    # Hours are local, and some zones are 30 or 45 minutes off UTC: key each quarter hour once.
+    quarters = np.floor(seconds[rows] / 900.0).astype(np.int64)
+    distinct, which = np.unique(quarters, return_inverse=True)
+    hour_of_quarter = np.array([partition_key(float(q) * 900.0) for q in distinct], dtype=object)
+    hours = hour_of_quarter[which]
+    order = np.argsort(seconds[rows], kind="stable")
+    rows, hours = rows[order], hours[order]
+    starts = np.flatnonzero(np.r_[True, hours[1:] != hours[:-1]])
+    for lo, hi in zip(starts, np.r_[starts[1:], len(rows)], strict=True):
+        picked = rows[lo:hi]
+        n = len(picked)
+        table = pa.table(
+            {
+                "stream_id": pa.array([f"{IMPORTED}{source}:{i}" for i in picked], pa.string()),
+                "ts": pa.array(np.round(seconds[picked] * 1000).astype(np.int64)).cast(QUERY_LOGS.field("ts").type),
+                "kind": pa.array([kind] * n, pa.string()),
+                "key": pa.array(np.asarray(uniques, dtype=object)[codes[picked]], pa.string()),
+                "hit": pa.nulls(n, pa.bool_()),
+                "latency_us": pa.nulls(n, pa.int64()),
+                "user": pa.nulls(n, pa.string()),
+                "tenant": pa.nulls(n, pa.string()),
+            },
+            schema=QUERY_LOGS,
+        )
+        frame = table.to_pandas()
+        frame["arm"] = pd.Series([None] * n, dtype=object)
+        frame["version"] = pd.Series([None] * n, dtype=object)
+        out.frames[str(hours[lo])] = frame
+    return out
+
+
+def is_imported(frame: pd.DataFrame) -> bool:
+    """Whether a ``query_logs`` partition's rows came from an import (not from the serving client's stream)."""
+    return bool(len(frame)) and str(frame["stream_id"].iloc[0]).startswith(IMPORTED)

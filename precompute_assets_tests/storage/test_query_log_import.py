@@ -1,0 +1,83 @@
+"""Historical request logs into hourly query_logs frames: units, hours in any timezone, quarantine."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from zoneinfo import ZoneInfo
+
+import numpy as np
+import pytest
+
+from precompute_assets.defs.partitions import Partitions
+from precompute_assets.storage.query_log_import import IMPORTED, epoch_seconds, hour_rows, is_imported, is_relative
+
+
+@pytest.mark.parametrize(
+    ("value", "unit", "seconds"),
+    [
+        (1_764_000_000, "auto", 1_764_000_000),
+        (1_764_000_000_123, "auto", 1_764_000_000.123),
+        (1_764_000_000_123_456, "auto", 1_764_000_000.123456),
+        (1_764_000_000_123_456_789, "auto", 1_764_000_000.123456789),
+        (90_000, "ms", 90.0),  # relative milliseconds: auto would read seconds, so the unit is told
+    ],
+)
+def test_epoch_seconds_reads_the_unit_by_size_or_as_told(value, unit, seconds) -> None:
+    assert epoch_seconds(np.array([value, value]), unit)[0] == pytest.approx(seconds, abs=1e-3)
+
+
+def test_relative_timestamps_are_recognised() -> None:
+    assert is_relative(np.array([0.5, 3600.0])) and not is_relative(np.array([1_764_000_000.0]))
+
+
+def rows_in(timezone: str, moments: list[datetime], keys: list[str], *, first="2026-01-01", hour_in_progress=None):
+    partitions = Partitions(timezone, first)
+    hourly = partitions.hourly
+    first_s = datetime.fromisoformat(first).replace(tzinfo=ZoneInfo(timezone)).timestamp()
+    last_s = (hour_in_progress or datetime(2027, 1, 1, tzinfo=ZoneInfo("UTC"))).timestamp()
+    seconds = np.array([m.timestamp() for m in moments])
+    return hour_rows(np.array(keys, dtype=object), seconds, kind="ctr", source="t.csv",
+                     partition_key=hourly.get_partition_key_for_timestamp, first_s=first_s, last_s=last_s)  # fmt: skip
+
+
+def test_requests_land_in_the_local_hour_of_a_half_hour_zone() -> None:
+    kolkata = ZoneInfo("Asia/Kolkata")  # UTC+5:30: local hours start at :30 UTC
+    moments = [datetime(2026, 3, 1, 10, 5, tzinfo=kolkata), datetime(2026, 3, 1, 10, 55, tzinfo=kolkata),
+               datetime(2026, 3, 1, 11, 0, tzinfo=kolkata)]  # fmt: skip
+    rows = rows_in("Asia/Kolkata", moments, ["a", "b", "c"])
+    assert {hour: list(frame["key"]) for hour, frame in rows.frames.items()} == {
+        "2026-03-01-10:00": ["a", "b"],
+        "2026-03-01-11:00": ["c"],
+    }
+    frame = rows.frames["2026-03-01-10:00"]
+    assert frame["hit"].isna().all() and frame["arm"].isna().all() and set(frame["kind"]) == {"ctr"}
+    assert list(frame["ts"]) == [m.astimezone(ZoneInfo("UTC")) for m in moments[:2]]
+    assert is_imported(frame) and frame["stream_id"].str.startswith(IMPORTED).all()
+
+
+def test_the_repeated_hour_of_a_dst_fall_back_is_two_partitions() -> None:
+    berlin = ZoneInfo("Europe/Berlin")
+    moments = [
+        datetime(2026, 10, 25, 2, 30, fold=0, tzinfo=berlin),
+        datetime(2026, 10, 25, 2, 30, fold=1, tzinfo=berlin),
+    ]
+    rows = rows_in("Europe/Berlin", moments, ["first", "second"])
+    assert sorted(rows.frames) == ["2026-10-25-02:00", "2026-10-25-02:00-0100"] or len(rows.frames) == 2
+    assert sorted(key for frame in rows.frames.values() for key in frame["key"]) == ["first", "second"]
+
+
+def test_bad_keys_and_times_outside_the_partitions_are_quarantined_and_counted() -> None:
+    utc = ZoneInfo("UTC")
+    moments = [datetime(2025, 12, 31, 23, tzinfo=utc), datetime(2026, 5, 1, 9, tzinfo=utc),
+               datetime(2026, 5, 1, 9, 1, tzinfo=utc), datetime(2026, 5, 1, 9, 2, tzinfo=utc),
+               datetime(2026, 5, 1, 9, 3, tzinfo=utc), datetime(2026, 5, 1, 12, 30, tzinfo=utc)]  # fmt: skip
+    keys = ["early", "", "x" * 300, "tab\there", "fine", "this hour"]
+    rows = rows_in("UTC", moments, keys, hour_in_progress=datetime(2026, 5, 1, 12, tzinfo=utc))
+    assert [list(frame["key"]) for frame in rows.frames.values()] == [["fine"]]
+    assert rows.quarantined == {
+        "before the first hourly partition": 1,
+        "empty key": 1,
+        "key longer than 256 characters": 1,
+        "key contains control characters": 1,
+        "in an hour that is not over": 1,
+    }
