@@ -17,6 +17,12 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+# The lake's sources that no asset writes: what writes them, for the error of reading one that is not there.
+LOADED_BY = {
+    "ads": "load the ad catalog with `precompute ads load FILE`",
+    "ad_impressions": "load impressions with `precompute impressions load FILE`",
+}
+
 
 @dataclass(frozen=True)
 class Lake:
@@ -64,4 +70,10 @@ class Lake:
 
     def read(self, asset: str, partition: str | None = None, columns: list[str] | None = None) -> pd.DataFrame:
         fs, _ = self._fs
-        return pq.read_table(self.path(asset, partition), filesystem=fs, columns=columns).to_pandas()
+        path = self.path(asset, partition)
+        try:
+            return pq.read_table(path, filesystem=fs, columns=columns).to_pandas()
+        except FileNotFoundError:
+            what = f"{asset} partition {partition}" if partition else asset
+            hint = f": {LOADED_BY[asset]}" if asset in LOADED_BY else ""
+            raise FileNotFoundError(f"the lake has no {what} (no file {path}){hint}") from None

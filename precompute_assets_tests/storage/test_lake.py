@@ -18,3 +18,12 @@ def test_write_read_by_folder_or_uri(tmp_path, as_uri):
     lake.write("query_logs", "2026-11-20-10:00", frame.head(1))  # replaced, no temp file left behind
     assert len(lake.read("query_logs", "2026-11-20-10:00")) == 1
     assert [p.name for p in (tmp_path / "lake" / "query_logs").iterdir()] == ["2026-11-20-10:00.parquet"]
+
+
+def test_reading_what_the_lake_lacks_names_it_and_who_writes_a_source(tmp_path):
+    lake = Lake(str(tmp_path / "lake"))
+    with pytest.raises(FileNotFoundError, match=r"the lake has no ads \(no file .*/ads/__unpartitioned__.parquet\): "
+                       r"load the ad catalog with `precompute ads load FILE`"):  # fmt: skip
+        lake.read("ads")
+    with pytest.raises(FileNotFoundError, match=r"the lake has no query_logs partition 2026-11-20-10:00 \(no file"):
+        lake.read("query_logs", "2026-11-20-10:00")
