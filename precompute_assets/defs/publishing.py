@@ -3,6 +3,7 @@
 import re
 
 import dagster as dg
+import numpy as np
 import pandas as pd
 
 from ..serving import Pointer, publish_version
@@ -43,6 +44,9 @@ def ctr_cache(
         # A backfill of an older day must not replace the predictions of a newer one.
         context.log.warning(f"not published: {newer} (a newer day) is current")
         return dg.MaterializeResult(metadata={"published": False, "current_version": newer, "keys_written": 0})
+    if problem := not_probabilities(ctr_predictions):
+        # Wrong values would be served as they are; the predictions on disk do not change by retrying.
+        raise dg.Failure(description=f"nothing published: {problem}", allow_retries=False)
     items = zip(ctr_predictions["ad_id"].tolist(), ctr_predictions["ctr"].tolist(), strict=True)
     experiment = selected_experiment(context.instance, context.partition_key)
     result = publish_version(
@@ -78,6 +82,19 @@ def ctr_cache(
             "settle_error": result.settle_error or "",
         }
     )
+
+
+def not_probabilities(predictions: pd.DataFrame) -> str | None:
+    """Why ``predictions``' ``ctr`` values cannot be served (some are not finite numbers in [0, 1]), or None.
+    ``ctr_predictions``' check ``valid_ctr`` tests them when they are made; this tests what the lake gives back."""
+    values = pd.to_numeric(predictions["ctr"], errors="coerce").to_numpy(dtype=float)
+    bad = ~np.isfinite(values) | (values < 0) | (values > 1)
+    if not bad.any():
+        return None
+    examples = ", ".join(
+        f"{ad}: {value}" for ad, value in zip(predictions["ad_id"][bad][:3], predictions["ctr"][bad][:3], strict=True)
+    )
+    return f"{int(bad.sum())} of {len(values)} predictions are not probabilities in [0, 1] ({examples})"
 
 
 def newer_current_version(raw_pointer: bytes | None, partition: str) -> str | None:

@@ -23,7 +23,7 @@ from ..serving import Experiment, KeySchema, connect
 from ..stack import ENV_APP_DB, ENV_LAKE, ENV_MODEL_STORE, ENV_REDIS
 from ..storage.campaigns import CampaignRegistry
 from ..storage.documents import DocumentStore
-from ..storage.lake import Lake
+from ..storage.lake import Lake, LakeReadError
 from .partitions import Partitions
 from .settings import DEFAULT_PARTITIONS_START, DEFAULT_TIMEZONE, SettingError, Settings, unset_error
 
@@ -194,10 +194,22 @@ class ParquetIOManager(dg.ConfigurableIOManager):
         context.add_output_metadata({"path": dg.MetadataValue.path(path)})
 
     def load_input(self, context: dg.InputContext) -> pd.DataFrame:
+        """The asset's file, or its partitions' files that exist (a window may lack some); none at all, or a file
+        that cannot be read, fails the step without retries: running it again would not change the lake."""
         lake, name = self.lake.lake(), self._name(context.asset_key)
-        if not context.has_asset_partitions:
-            return lake.read(name)
-        frames = [lake.read(name, key) for key in context.asset_partition_keys if lake.exists(name, key)]
+        try:
+            if not context.has_asset_partitions:
+                return lake.read(name)
+            keys = context.asset_partition_keys
+            frames = [lake.read(name, key) for key in keys if lake.exists(name, key)]
+        except (FileNotFoundError, LakeReadError) as error:
+            raise dg.Failure(description=str(error), allow_retries=False) from None
+        if not frames and keys:
+            shown = keys[0] if len(keys) == 1 else f"{keys[0]} to {keys[-1]}"
+            raise dg.Failure(
+                description=f"the lake has no {name} partition {shown}: materialize {name} for it first",
+                allow_retries=False,
+            )
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 

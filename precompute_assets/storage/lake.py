@@ -7,6 +7,7 @@ environment or guesses a folder.
 from __future__ import annotations
 
 import contextlib
+import json
 import uuid
 from dataclasses import dataclass
 from functools import cached_property
@@ -16,6 +17,31 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+SHAPE_KEY = b"precompute.shape"  # the file's rows and columns as written, in its key-value metadata
+
+
+def _shape_problem(frame: pd.DataFrame, metadata: dict | None, columns: list[str] | None) -> str | None:
+    """How ``frame`` (read with ``columns``) differs from the shape its writer recorded in ``metadata``, or None (also
+    for a file without the record: written before it, or not by us)."""
+    recorded = (metadata or {}).get(SHAPE_KEY)
+    if recorded is None:
+        return None
+    shape = json.loads(recorded)
+    expected = shape["columns"] if columns is None else columns
+    got = [str(name) for name in frame.columns]
+    if len(frame) != shape["rows"] or got != expected or not set(expected) <= set(shape["columns"]):
+        return f"read {len(frame)} rows of {got}, written as {shape['rows']} rows of {shape['columns']}"
+    return None
+
+
+class LakeReadError(ValueError):
+    """A lake file that exists but cannot be read as Parquet: the message names it."""
+
+
+class MissingColumnsError(KeyError):
+    """A lake file without a column asked for (written before the column existed)."""
+
 
 # The lake's sources that no asset writes: what writes them, for the error of reading one that is not there.
 LOADED_BY = {
@@ -49,9 +75,13 @@ class Lake:
         fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
         if isinstance(table, pd.DataFrame):
             table = pa.Table.from_pandas(table, preserve_index=False)
+        shape = {SHAPE_KEY: json.dumps({"rows": table.num_rows, "columns": table.column_names}).encode()}
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **shape})
         tmp = f"{path}.tmp-{uuid.uuid4().hex}"
         try:
-            pq.write_table(table, tmp, filesystem=fs, compression="zstd")
+            # Page checksums: a flipped bit in a data page is an error when read, not a different value; the shape
+            # (rows, columns) does the same for the footer, which no checksum covers.
+            pq.write_table(table, tmp, filesystem=fs, compression="zstd", write_page_checksum=True)
             fs.move(tmp, path)
         except BaseException as error:
             # A failed write (disk full, interrupted) leaves the previous file as it was and no partial temp file
@@ -72,8 +102,20 @@ class Lake:
         fs, _ = self._fs
         path = self.path(asset, partition)
         try:
-            return pq.read_table(path, filesystem=fs, columns=columns).to_pandas()
+            with pq.ParquetFile(path, filesystem=fs, page_checksum_verification=True) as parquet:
+                if columns is not None and (absent := [c for c in columns if c not in parquet.schema_arrow.names]):
+                    raise MissingColumnsError(f"{path} has no column {', '.join(absent)}")
+                table = parquet.read(columns=columns)
+            frame = table.to_pandas()
+            if problem := _shape_problem(frame, table.schema.metadata, columns):
+                raise ValueError(problem)
+            return frame
+        except MissingColumnsError:
+            raise
         except FileNotFoundError:
             what = f"{asset} partition {partition}" if partition else asset
             hint = f": {LOADED_BY[asset]}" if asset in LOADED_BY else ""
             raise FileNotFoundError(f"the lake has no {what} (no file {path}){hint}") from None
+        except (pa.ArrowException, OSError, KeyError, TypeError, ValueError) as error:
+            # truncated, a page whose checksum fails or that does not decode, a footer whose metadata does not parse
+            raise LakeReadError(f"the lake cannot read {path} (corrupt or truncated?): {error}") from error

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 import shutil
+from pathlib import Path
 
 import dagster as dg
+import pyarrow.parquet as pq
 import pytest
 
 from precompute_assets.defs.models import ctr_model, new_ads_check
@@ -234,6 +236,42 @@ def test_publish_failure_keeps_the_previous_version(
     assert not result.success
     restarts = [e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_RESTARTED]
     assert len(restarts) == ctr_cache.op.retry_policy.max_retries  # every retry failed too
+    assert redis_client.get(schema.pointer("ctr")) == before
+
+
+def test_predictions_the_lake_gives_back_wrong_are_never_published_nor_retried(
+    resources, pg_instance, platform, lake_uri, redis_client, schema
+):
+    assert run(resources, pg_instance).success
+    before = redis_client.get(schema.pointer("ctr"))
+    lake = Lake(lake_uri)
+    path = lake.path("ctr_predictions", DAYS[-1])
+    good = lake.read("ctr_predictions", DAYS[-1])
+
+    def publish() -> dg.ExecuteInProcessResult:
+        result = dg.materialize(GRAPH, selection=[ctr_cache], resources=resources, partition_key=DAYS[-1],
+                                instance=pg_instance, raise_on_error=False)  # fmt: skip
+        assert not result.success
+        assert not [e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_RESTARTED]
+        return result
+
+    def failure(result) -> str:
+        (event,) = [e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE]
+        return event.step_failure_data.user_failure_data.description
+
+    wrong = good.copy()
+    wrong.loc[wrong.index[:2], "ctr"] = [float("inf"), 5.0]  # what a flipped bit in the file gave: served as is
+    lake.write("ctr_predictions", DAYS[-1], wrong)
+    assert "nothing published: 2 of 50 predictions are not probabilities in [0, 1]" in failure(publish())
+    lake.write("ctr_predictions", DAYS[-1], good)
+    data = bytearray(Path(path).read_bytes())
+    chunk = pq.ParquetFile(path).metadata.row_group(0).column(list(good.columns).index("ctr"))
+    start = chunk.dictionary_page_offset if chunk.has_dictionary_page else chunk.data_page_offset
+    data[start + chunk.total_compressed_size // 2] ^= 0x10  # inside ctr's pages: their checksum says so
+    Path(path).write_bytes(bytes(data))
+    assert f"the lake cannot read {path}" in failure(publish())
+    Path(path).unlink()
+    assert f"the lake has no ctr_predictions partition {DAYS[-1]}" in failure(publish())
     assert redis_client.get(schema.pointer("ctr")) == before
 
 

@@ -27,3 +27,27 @@ def test_reading_what_the_lake_lacks_names_it_and_who_writes_a_source(tmp_path):
         lake.read("ads")
     with pytest.raises(FileNotFoundError, match=r"the lake has no query_logs partition 2026-11-20-10:00 \(no file"):
         lake.read("query_logs", "2026-11-20-10:00")
+
+
+def test_a_flipped_bit_or_a_cut_file_is_an_error_naming_the_file_never_other_values(tmp_path):
+    from pathlib import Path
+
+    from precompute_assets.storage.lake import LakeReadError
+
+    lake = Lake(str(tmp_path / "lake"))
+    frame = pd.DataFrame({"ad_id": [f"ad{i % 700:06d}" for i in range(5000)], "ctr": [i / 5000 for i in range(5000)]})
+    path = Path(lake.write("ctr_predictions", "2026-11-20", frame))
+    data = path.read_bytes()
+    differed = 0
+    for at in range(4, len(data) - 8, max(1, len(data) // 97)):  # about 100 single-bit flips across the file
+        flipped = bytearray(data)
+        flipped[at] ^= 0x04
+        path.write_bytes(bytes(flipped))
+        try:
+            differed += not lake.read("ctr_predictions", "2026-11-20").equals(frame)
+        except LakeReadError as error:
+            assert str(error).startswith(f"the lake cannot read {path} (corrupt or truncated?)")
+    assert differed == 0  # every flip that changed a value was caught by its page checksum
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(LakeReadError, match="corrupt or truncated"):
+        lake.read("ctr_predictions", "2026-11-20")
