@@ -12,12 +12,14 @@ from ..ml.demand import (
     DemandEvaluation,
     DemandHyperParams,
     HourlyCounts,
+    UnsafeModelFile,
     evaluate_demand,
     ewma_forecast,
     forecast_next_day,
     load_model,
     seasonal_forecast,
 )
+from ..ml.model_store import ModelIntegrityError
 from .models import approved_materializations
 from .partitions import DEFAULT_PARTITIONS, Partitions
 from .resources import LakeResource, ModelStoreResource
@@ -118,7 +120,8 @@ def strategy_demand(
     context: dg.AssetExecutionContext, strategy: str, lake, model_store: ModelStoreResource
 ) -> tuple[pd.Series | None, str]:
     """Tomorrow's expected requests per key under ``ewma``, ``seasonal`` or ``lstm`` (from the approved
-    demand_model version of this day or before), and a note; ``None`` when the lstm has no approved version."""
+    demand_model version of this day or before), and a note; ``None`` when the lstm has no approved version, or its
+    stored weights fail their integrity check."""
     partitions = Partitions.of(context)
     hp = DemandHyperParams()
     note = ""
@@ -130,7 +133,11 @@ def strategy_demand(
         store = model_store.store()
         stored = store.metadata(DEMAND_MODEL, version)["hyper_params"]
         hp = DemandHyperParams(**{k: v for k, v in stored.items() if k in DemandHyperParams.__dataclass_fields__})
-        state = store.load_state_dict(DEMAND_MODEL, version)
+        try:
+            state = store.load_state_dict(DEMAND_MODEL, version)
+        except (ModelIntegrityError, UnsafeModelFile) as error:  # changed bytes: the day's selection goes on
+            context.log.warning(f"demand_model {version} refused: {error}")
+            return None, f"demand_model {version} refused ({error})"
         note = f"demand_model {version}"
     days = partitions.days_ending(context.partition_key, max(7, hp.window_days))
     data = read_hourly_counts(lake, partitions, days)

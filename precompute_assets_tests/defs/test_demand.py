@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 from datetime import date, timedelta
+from pathlib import Path
 
 import dagster as dg
 import numpy as np
@@ -191,6 +192,12 @@ def test_auto_and_lstm_follow_the_demand_models_evaluation(selection_resources, 
     after = select(selection_resources, pg_instance, "auto").asset_materializations_for_node("top_ads")[0].metadata
     assert after["strategy"].value == "lstm" and f"demand_model {version}" in after["strategy_reason"].value
     assert after["dagster/row_count"].value == 20
+    weights = next(Path(selection_resources["model_store"].root).glob(f"demand_model/{version}/*.pt"))
+    weights.write_bytes(weights.read_bytes()[:-100])  # a cut file: refused, and the day still gets its selection
+    cut = select(selection_resources, pg_instance, "auto").asset_materializations_for_node("top_ads")[0].metadata
+    assert cut["strategy"].value == "frequency" and cut["dagster/row_count"].value == 20
+    assert f"demand_model {version} refused" in cut["strategy_reason"].value
+    assert "fell back to frequency" in cut["strategy_reason"].value
     bad = select(selection_resources, pg_instance, "oracle")
     assert not bad.success and not bad.asset_materializations_for_node("top_ads")
 
