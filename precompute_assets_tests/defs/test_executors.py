@@ -211,8 +211,11 @@ def workers(session_dir: Path, app_db_url: str, tmp_path_factory) -> Iterator[Wo
                 home = root / f"dagster_home_{name}"
                 home.mkdir()
                 (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+                # --disable-prefetch: an idle worker gets the next step, rather than a busy one reserving it (a step
+                # waiting on its sibling, as the fan-out test's do, timed out behind it in a clean-clone run).
                 command = [str(BIN / "dagster-celery"), "worker", "start", "-A", "dagster_celery.app",
-                           "-y", str(root / "celery.yaml"), "-n", name, "--", "--concurrency=1"]  # fmt: skip
+                           "-y", str(root / "celery.yaml"), "-n", name,
+                           "--", "--concurrency=1", "--disable-prefetch"]  # fmt: skip
                 with log.open("w") as out:
                     processes.append(
                         subprocess.Popen(
