@@ -26,6 +26,7 @@ from dagster._time import datetime_from_timestamp
 
 from precompute_assets.definitions import defs
 from precompute_assets.defs.automation import pool_states
+from precompute_assets.defs.campaigns import WARMING_TAGS
 from precompute_assets.stack import project_dir
 from precompute_assets.storage.postgres import scratch_database
 
@@ -97,3 +98,24 @@ def test_a_killed_run_is_failed_and_frees_its_pool_slot(home: Path, monkeypatch)
         instance.event_log_storage.free_concurrency_slots_for_run("next-run")
         claimed = instance.event_log_storage.claim_concurrency_slot("redis_publish", "next-run", "publish")
         assert claimed.is_claimed
+
+
+@pytest.mark.parametrize(
+    ("tags", "reason", "retried"),
+    [
+        (WARMING_TAGS, "START_TIMEOUT", True),  # the daemon died with the run STARTING: run monitoring failed it
+        (WARMING_TAGS, "UNEXPECTED_TERMINATION", True),  # its worker was killed
+        (WARMING_TAGS, "STEP_FAILURE", False),  # a step that failed had its own retries (WARMING_RETRY)
+        ({}, "START_TIMEOUT", False),  # other jobs are not retried
+    ],
+)
+def test_a_warming_run_that_died_is_re_executed_by_the_daemon(home: Path, tags, reason, retried) -> None:
+    from dagster._core.storage.tags import RUN_FAILURE_REASON_TAG
+    from dagster._core.test_utils import create_run_for_test
+    from dagster._daemon.auto_run_reexecution.auto_run_reexecution import should_retry
+
+    with dg.DagsterInstance.get() as instance:
+        assert instance.run_retries_enabled and instance.run_retries_max_retries == 0
+        run = create_run_for_test(instance, job_name="campaign_warming_job", status=dg.DagsterRunStatus.FAILURE,
+                                  tags={**tags, RUN_FAILURE_REASON_TAG: reason})  # fmt: skip
+        assert should_retry(run, instance) is retried
