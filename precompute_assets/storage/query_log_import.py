@@ -16,11 +16,11 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from ..serving.querylog import MAX_KEY_LENGTH  # the serving client's query log quarantines longer keys too
 from .tables import QUERY_LOGS
 
 IMPORTED = "import:"  # the stream_id prefix of imported rows
 EPOCH_2000_S = 946_684_800  # an absolute timestamp is after 2000-01-01; smaller ones count from a trace's start
-MAX_KEY_LENGTH = 256  # as the serving client's query log: longer keys are quarantined there too
 
 
 @dataclass

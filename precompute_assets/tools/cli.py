@@ -789,10 +789,10 @@ def cmd_query_logs(args: argparse.Namespace) -> int:
     source = Path(args.file).name.replace(":", "_")[:40]
     rows = hour_rows(trace.keys, seconds, kind=args.kind, source=source,
                      partition_key=hourly.get_partition_key_for_timestamp, first_s=first_s, last_s=last_s)  # fmt: skip
-    env = _up(Stack())
-    lake = Lake(env[ENV_LAKE])
+    stack = Stack()
+    lake = Lake(_up(stack)[ENV_LAKE])
     written, kept = {}, []
-    with dagster_instance(Stack()) as instance:
+    with dagster_instance(stack) as instance:
         for hour, frame in tqdm(sorted(rows.frames.items()), desc="hours", unit="h", disable=None):
             if lake.exists("query_logs", hour) and not args.replace:
                 kept.append(hour)
