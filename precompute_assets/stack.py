@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .serving.connection import REDIS_ERRORS, connect
 from .storage.postgres import connect as postgres_connect
 
 ENV_REDIS = "PRECOMPUTE_REDIS_URL"
@@ -243,17 +244,18 @@ class RedisServer:
 
 
 def running_version(url: str) -> str | None:
-    """The server name and version of the Redis at ``url`` (Valkey reports itself as such), or None."""
-    import redis
-
+    """The server name and version of the Redis at ``url`` (Valkey reports itself as such), or None when it cannot
+    be asked. A Redis Cluster URL (``?cluster=1``) asks one of its nodes."""
     try:
-        client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+        client = connect(url, socket_timeout=2)
         try:
             info = client.info("server")
         finally:
             client.close()
-    except redis.RedisError:
+    except REDIS_ERRORS:
         return None
+    if info and all(isinstance(value, dict) for value in info.values()):  # a cluster client: one reply per node
+        info = next(iter(info.values()))
     if "valkey_version" in info:
         return f"valkey {info['valkey_version']}"
     return f"redis {info.get('redis_version', '?')}"

@@ -17,7 +17,7 @@ ALLOWED_INTERNAL = {
     "storage": {"serving", "ml"},  # ml.features: the ad feature set that validates stored ads
     "workload": {"serving", "ml"},
     "sync": {"serving", "ml", "storage"},
-    "stack": {"storage"},
+    "stack": {"storage", "serving"},
     "defs": {"serving", "ml", "storage", "sync", "workload", "stack"},
     "definitions": {"defs"},
     "tools": {"serving", "ml", "storage", "sync", "workload", "stack", "defs", "definitions"},

@@ -83,6 +83,19 @@ def test_the_resource_and_the_url_give_a_cluster_client(redis_cluster: Cluster):
         cache.close()
 
 
+def test_status_names_the_cluster_servers_version(redis_cluster: Cluster, tmp_path, monkeypatch, capsys):
+    from precompute_assets.stack import running_version
+    from precompute_assets.tools.cli import main
+
+    assert running_version(redis_cluster.url).startswith(("valkey ", "redis "))
+    monkeypatch.setattr(os, "environ", os.environ.copy())  # `status` reads the stack's URLs from the environment
+    monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("PRECOMPUTE_REDIS_URL", redis_cluster.url)
+    assert main(["status"]) == 0  # was a TypeError traceback: the plain client took ?cluster=1 as an argument
+    out = capsys.readouterr().out
+    assert "redis     external  reachable" in out and ("(valkey " in out or "(redis " in out), out
+
+
 # --- publish and read ---------------------------------------------------------------------------------------
 
 
