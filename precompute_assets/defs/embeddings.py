@@ -145,7 +145,7 @@ def document_embeddings(
     stats = sync_embeddings(
         docs, store, redis.client(), embedder, schema=redis.schema(), dtype=config.dtype,
         chunk_size=config.chunk_size, ttl_s=config.ttl_days * 86_400, grace_s=config.grace_seconds,
-        log=context.log.info,
+        replica_wait_s=redis.replica_wait_s, log=context.log.info,
     )  # fmt: skip
     recall = int8_recall(store, docs, embedder, n=config.recall_sample) if config.dtype == "int8" else 1.0
     stale, stale_docs, aged_docs = store.stale_share(docs, stats.model_version, max_age_hours=STALE_AFTER_HOURS)

@@ -59,6 +59,7 @@ def ctr_cache(
         grace_s=config.grace_seconds,
         schema=schema,
         experiment=experiment,
+        replica_wait_s=redis.replica_wait_s,
     )
     context.log.info(f"published {result.keys} keys as ctr version {version} ({result.keys_per_s:,.0f} keys/s)")
     if result.handed_over:

@@ -20,6 +20,7 @@ from ..ml.features import (
 )
 from ..ml.model_store import LocalModelStore
 from ..serving import Experiment, KeySchema, connect
+from ..serving.replication import REPLICA_WAIT_S
 from ..stack import ENV_APP_DB, ENV_LAKE, ENV_MODEL_STORE, ENV_REDIS
 from ..storage.campaigns import CampaignRegistry
 from ..storage.documents import DocumentStore
@@ -35,13 +36,17 @@ DEFAULT_EXPERIMENT_SALT = "ab1"
 class RedisResource(dg.ConfigurableResource):
     """The serving Redis (``PRECOMPUTE_REDIS_URL``: AUTH, ``rediss://`` TLS). Redis Cluster: ``?cluster=1`` in the URL
     (``redis://any-node:6379?cluster=1``) or ``cluster=True``; a URL saying ``cluster=0`` with ``cluster=True`` is
-    refused (``ValueError``), as is a cluster URL naming a database other than 0."""
+    refused (``ValueError``), as is a cluster URL naming a database other than 0.
+
+    ``replica_wait_s``: how long a publish waits, before and after its pointer flip, until every replica holds what
+    its primary holds (0: no wait); see ``serving.publish.flip_pointer``."""
 
     url: str
     namespace: str = "pc"
     cluster: bool = False
     socket_timeout_s: float = 10.0
     retries: int = 2
+    replica_wait_s: float = REPLICA_WAIT_S
 
     def client(self) -> redis.Redis:
         return connect(self.url, socket_timeout=self.socket_timeout_s, cluster=self.cluster, retries=self.retries)

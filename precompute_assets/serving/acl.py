@@ -18,9 +18,11 @@ Every key of schema version 1 starts with ``{namespace}:1:`` (``keys.KeySchema``
   experiment, nor read the query-log stream back.
 
 Neither user gets a command of ``@admin``/``@dangerous`` (``FLUSHALL``, ``FLUSHDB``, ``CONFIG``, ``KEYS``, ``DEBUG``,
-``SHUTDOWN``, ``ACL``, ``MODULE``...) nor ``SCAN`` (its replies are not filtered by key patterns: it would list
-other namespaces' key names), nor any Pub/Sub channel, nor ``SELECT`` (use database 0). Commands inside Lua scripts
-are checked against the same rules, so the reader's ``EVAL`` can only run its own commands on its own keys.
+``SHUTDOWN``, ``ACL``, ``MODULE``...), except the publisher's read-only ``INFO`` (``flip_pointer`` reads replication
+offsets with it; it shows server statistics, such as other namespaces' key counts, and changes nothing), nor
+``SCAN`` (its replies are not filtered by key patterns: it would list other namespaces' key names), nor any Pub/Sub
+channel, nor ``SELECT`` (use database 0). Commands inside Lua scripts are checked against the same rules, so the
+reader's ``EVAL`` can only run its own commands on its own keys.
 
 Passwords go to the server as SHA-256 hashes (``#<hex>``), never in clear text, in ``ACL SETUSER`` and in ACL
 files alike. ``ACL SETUSER`` rules last until the server restarts: persist them in the server's ACL file
@@ -62,6 +64,8 @@ PUBLISHER_COMMANDS = (
     "hget", "hmget", "hlen", "ttl", "pttl", "type",
     # settle_published: probation's scripts after a flip, its order list, and the live values it hands over or deletes
     "eval", "lrange", "rpush", "unlink", "zrem", "zadd", "zscore", "zrange", "zcard", "llen", "hexists",
+    # flip_pointer: INFO replication, to wait until replicas hold a version before flipping to it
+    "info",
 )  # fmt: skip
 
 # The reader's root permissions: these commands read anywhere in the namespace, and write nowhere.

@@ -48,6 +48,7 @@ from .keys import (
     check_version,
     codec_for,
 )
+from .replication import REPLICA_WAIT_S, ReplicationTimeoutError, wait_for_replicas
 
 _log = logging.getLogger(__name__)
 KEYS_PER_BUCKET = 64  # small hashes stay in Redis' compact listpack encoding
@@ -89,6 +90,7 @@ def publish_version(
     schema: KeySchema | None = None,
     progress: Callable[[int], None] | None = None,
     experiment: Experiment | None = None,
+    replica_wait_s: float = REPLICA_WAIT_S,
 ) -> PublishResult:
     """Write ``items`` (``n_keys`` of them) as ``version`` of ``kind``, make it the current version, and record its
     key count for admission ``probation`` (``{kind}:fifo:{{...}}:published``).
@@ -96,7 +98,11 @@ def publish_version(
     Buckets are written with their TTL in the same pipeline (``ttl_s=None``: no TTL while current, for
     versions patched in place); the previous version is given ``grace_s`` to live so that readers holding
     its pointer finish their reads, then expires as a whole. ``experiment`` is the A/B experiment the version
-    serves, published with the flip (None ends any experiment of ``kind``).
+    serves, published with the flip (None ends any experiment of ``kind``). The flip waits up to ``replica_wait_s``
+    for replicas to hold the version (``flip_pointer``).
+
+    A retry of the version readers are on writes only the buckets that are missing (a failover lost them), then
+    records and settles it.
     """
     schema = schema or KeySchema()
     check_kind(kind)
@@ -123,29 +129,34 @@ def publish_version(
         flat[1::2] = pick(values) if written > 1 else [values[0]]
     grouped = [flat[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
 
+    names = [schema.bucket(kind, version, index).encode() for index in range(buckets)]
+    ttl = None if ttl_s is None else str(ttl_s).encode()
     try:
         (current,) = run_commands(client, [(b"GET", schema.pointer(kind).encode())])
         if current is not None and Pointer.decode(current).version == version:
             # Never rewrite the version readers are on (a step retried after its flip succeeded); its key count,
-            # written after the flip, may be what failed.
+            # written after the flip, may be what failed. Only buckets it lost (a failover promoted a replica that
+            # lacked them) are written again: readers of this version miss those keys, never get other values.
+            filled = [(name, bucket) for name, bucket in zip(names, grouped, strict=True) if bucket]
+            present = run_commands(client, [(b"EXISTS", name) for name, _ in filled])
+            if lost := [(name, bucket) for (name, bucket), here in zip(filled, present, strict=True) if not here]:
+                _log.warning("%s version %s is current but lost %d of %d buckets: writing them again",
+                             kind, version, len(lost), len(filled))  # fmt: skip
+                send_commands(client, [write for name, bucket in lost for write in _bucket_writes(name, bucket, ttl)])
             previous = _replaced_pointer(client, schema, kind)
             handed, settle_error = _settle(client, schema, kind, version, keys, previous, written=written, ttl_s=ttl_s)
             seconds = time.perf_counter() - started
             return PublishResult(kind, version, written, buckets, n_bytes, seconds, None, True, handed, settle_error)
-        names = [schema.bucket(kind, version, index).encode() for index in range(buckets)]
         if _existing(client, names):
             # A retry of this version: start clean so no field of the failed attempt survives.
             send_commands(client, [(b"DEL", name) for name in names])
         batch: list[tuple[bytes, ...]] = []
         pending = 0
-        ttl = None if ttl_s is None else str(ttl_s).encode()
         with command_stream(client) as send:
             for name, bucket in zip(names, grouped, strict=True):
                 if not bucket:
                     continue
-                batch.append((b"HSET", name, *bucket))
-                if ttl is not None:
-                    batch.append((b"EXPIRE", name, ttl))
+                batch += _bucket_writes(name, bucket, ttl)
                 pending += len(bucket) // 2
                 if len(batch) >= COMMANDS_PER_PIPELINE:
                     send(batch)
@@ -172,7 +183,15 @@ def publish_version(
         raise
 
     try:
-        previous = flip_pointer(client, schema, kind, Pointer(version, buckets), grace_s=grace_s, experiment=experiment)
+        previous = flip_pointer(
+            client,
+            schema,
+            kind,
+            Pointer(version, buckets),
+            grace_s=grace_s,
+            experiment=experiment,
+            replica_wait_s=replica_wait_s,
+        )
     except REDIS_ERRORS as error:
         error.add_note(
             f"publish of {kind} version {version} failed at its flip: readers are on the previous version, or on this "
@@ -192,6 +211,11 @@ def publish_version(
         handed_over=handed,
         settle_error=settle_error,
     )
+
+
+def _bucket_writes(name: bytes, bucket: list[bytes], ttl: bytes | None) -> list[tuple[bytes, ...]]:
+    """The commands that write one bucket (``bucket``: field, value, field, value ...) with its TTL, if any."""
+    return [(b"HSET", name, *bucket)] + ([] if ttl is None else [(b"EXPIRE", name, ttl)])
 
 
 class IncompleteVersionError(RuntimeError):
@@ -493,10 +517,18 @@ def flip_pointer(
     *,
     grace_s: int,
     experiment: Experiment | None = None,
+    replica_wait_s: float = REPLICA_WAIT_S,
 ) -> Pointer | None:
     """Atomically make ``pointer`` current, with ``experiment`` (or none: its key is deleted) in the same
     MULTI/EXEC; shorten the life of the version it replaces to ``grace_s``, and remember its pointer for as long
     (``KeySchema.previous``).
+
+    Replicas come first (``replication.wait_for_replicas``, up to ``replica_wait_s``; 0: no wait): the flip waits
+    until every online replica holds what its primary holds, the new version's buckets included, or raises
+    ``ReplicationTimeoutError`` without flipping. After the pointer write it waits again before it shortens the old
+    version's life; if its replicas do not confirm the flip, the old version keeps its TTL (a warning says so), so a
+    failover that loses the flip still serves a whole version. A Redis user that may not run ``INFO`` waits for
+    nothing (a warning says so too).
 
     On Redis Cluster the two keys live in different slots, which one transaction cannot span: there the
     experiment is written first and the pointer second, each waiting for its reply, and readers on a cluster
@@ -508,6 +540,11 @@ def flip_pointer(
     """
     check_kind(kind)
     check_version(pointer.version)
+    try:
+        _replicas_hold(client, replica_wait_s)
+    except ReplicationTimeoutError as error:
+        error.add_note(f"the pointer of {kind} was not flipped to {pointer.version}: readers stay where they were")
+        raise
     if is_cluster(client):
         experiment_key = schema.experiment(kind).encode()
         (previous_experiment,) = run_commands(client, [(b"GET", experiment_key)])
@@ -532,6 +569,19 @@ def flip_pointer(
     if previous is None or previous.version == pointer.version:
         return previous
     remember = (b"SET", schema.previous(kind).encode(), previous.encode(), b"EX", b"%d" % max(1, grace_s))
+    try:
+        _replicas_hold(client, replica_wait_s)
+    except REDIS_ERRORS as error:
+        _log.warning(
+            "%s version %s is current, but its replicas did not confirm the flip (%s): version %s keeps its TTL, so "
+            "that a failover that loses the flip still serves it whole",
+            kind,
+            pointer.version,
+            error,
+            previous.version,
+        )
+        run_commands(client, [remember])
+        return previous
     if is_cluster(client):
         name = schema.bucket
         run_commands(
@@ -548,6 +598,14 @@ def flip_pointer(
         pipe.execute_command(*remember)
         pipe.execute()
     return previous
+
+
+def _replicas_hold(client: redis.Redis, timeout_s: float) -> None:
+    """``wait_for_replicas``; a user that may not run ``INFO`` (an ACL without it) is warned and waits for nothing."""
+    try:
+        wait_for_replicas(client, timeout_s)
+    except redis.exceptions.NoPermissionError:
+        _log.warning("this Redis user may not run INFO, so a flip cannot wait for replicas: grant it +info")
 
 
 def experiment_command(name: bytes, experiment: Experiment | None) -> tuple[bytes, ...]:

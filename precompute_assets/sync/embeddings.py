@@ -42,6 +42,7 @@ from ..serving.publish import (
     run_commands,
     send_commands,
 )
+from ..serving.replication import REPLICA_WAIT_S
 from ..serving.vectors import encode_batch
 from ..storage.documents import DocumentRow, DocumentStore
 from ..storage.embeddings import EmbeddingStore
@@ -90,6 +91,7 @@ def sync_embeddings(
     write_batch: int = REDIS_BATCH_DOCS,
     stop_after_chunks: int | None = None,
     max_bucket_fill: float = MAX_BUCKET_FILL,
+    replica_wait_s: float = REPLICA_WAIT_S,
 ) -> SyncStats:
     """Bring the embeddings of ``embedder.version`` up to date; see the module docstring.
 
@@ -97,17 +99,18 @@ def sync_embeddings(
     Redis writes of up to ``write_batch`` documents go out together, before their chunks commit.
     ``stop_after_chunks`` ends the sync early as a crash would (for tests of resumption).
     ``max_bucket_fill``: the mean keys per bucket past which the version is rebuilt with more buckets.
+    ``replica_wait_s``: how long a flip waits for replicas to hold the version (``flip_pointer``).
     """
     schema = schema or KeySchema()
     store.ensure_schema()
     with store.exclusive():
         return _sync(documents, store, client, embedder, schema, dtype, chunk_size, grace_s, ttl_s, log,
-                     write_batch, stop_after_chunks, max_bucket_fill)  # fmt: skip
+                     write_batch, stop_after_chunks, max_bucket_fill, replica_wait_s)  # fmt: skip
 
 
 def _sync(
     documents, store, client, embedder, schema, dtype, chunk_size, grace_s, ttl_s, log, write_batch, stop_after_chunks,
-    max_bucket_fill,
+    max_bucket_fill, replica_wait_s,
 ):  # fmt: skip
     """The body of ``sync_embeddings``, run under the sync lock."""
     model_version = embedder.version
@@ -190,13 +193,13 @@ def _sync(
                                for b in range(target.buckets)])  # fmt: skip
         client.set(_sentinel(schema, target.version), b"synced", ex=ttl_s)
     if not stopped_early and stats.full_build:
-        flip_pointer(client, schema, EMBEDDING_KIND, target, grace_s=grace_s)
+        flip_pointer(client, schema, EMBEDDING_KIND, target, grace_s=grace_s, replica_wait_s=replica_wait_s)
         if current is not None and current.version != target.version:
             client.expire(_sentinel(schema, current.version), grace_s)  # the old version's marker goes with it
         store.mark_complete(model_version)
     elif not stopped_early and (fill := _mean_fill(client, schema, target)) > max_bucket_fill:
         log(f"Redis version {target.version} holds {fill:.0f} keys per bucket (> {max_bucket_fill:.0f}): rebuilding")
-        wider = _rebuild_wider(store, client, schema, model_version, ttl_s, grace_s)
+        wider = _rebuild_wider(store, client, schema, model_version, ttl_s, grace_s, replica_wait_s)
         client.expire(_sentinel(schema, target.version), grace_s)  # the old version's marker goes with it
         stats.rebuilt_buckets, stats.redis_version = (target.buckets, wider.buckets), wider.version
         log(f"embeddings moved to Redis version {wider.version}: {target.buckets} -> {wider.buckets} buckets")
@@ -216,7 +219,13 @@ def _mean_fill(client: redis.Redis, schema: KeySchema, target: Pointer, sample: 
 
 
 def _rebuild_wider(
-    store: EmbeddingStore, client: redis.Redis, schema: KeySchema, model_version: str, ttl_s: int, grace_s: int
+    store: EmbeddingStore,
+    client: redis.Redis,
+    schema: KeySchema,
+    model_version: str,
+    ttl_s: int,
+    grace_s: int,
+    replica_wait_s: float,
 ) -> Pointer:
     """Copy the stored embeddings of ``model_version`` into a new Redis version with ``bucket_count(n)``
     buckets, then flip to it (one atomic SET of the pointer; the old version lives ``grace_s`` more).
@@ -234,7 +243,7 @@ def _rebuild_wider(
                            for b in range(wider.buckets)])  # fmt: skip
     client.set(_sentinel(schema, wider.version), b"synced", ex=ttl_s)
     store.move_version(model_version, wider.version, wider.buckets)
-    flip_pointer(client, schema, EMBEDDING_KIND, wider, grace_s=grace_s)
+    flip_pointer(client, schema, EMBEDDING_KIND, wider, grace_s=grace_s, replica_wait_s=replica_wait_s)
     return wider
 
 

@@ -1,0 +1,117 @@
+"""A flip waits for replicas: a failover never promotes a replica that lacks the version readers were flipped to,
+nor puts readers back on a version whose buckets the flip had already given a short grace."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+
+import pytest
+import redis
+
+from precompute_assets.serving import PredictionCache, connect, publish_version
+from precompute_assets.serving import publish as publish_module
+from precompute_assets.serving.keys import Pointer
+from precompute_assets.serving.replication import ReplicationTimeoutError, online_replicas, wait_for_replicas
+from precompute_assets.stack import RedisServer
+
+
+def replica_of(redis_server, primary: RedisServer) -> RedisServer:
+    replica = redis_server(extra_config=(f"replicaof 127.0.0.1 {primary.port}",))
+    deadline = time.monotonic() + 15
+    with redis.Redis(port=replica.port) as node:
+        while node.info("replication").get("master_link_status") != "up":
+            assert time.monotonic() < deadline, "the replica never synced"
+            time.sleep(0.05)
+    return replica
+
+
+def version_on(server: RedisServer, schema, kind: str = "ctr") -> str | None:
+    with redis.Redis(port=server.port) as node:
+        raw = node.get(schema.pointer(kind))
+    return None if raw is None else Pointer.decode(raw).version
+
+
+def keys_on(server: RedisServer, schema, version: str) -> int:
+    with redis.Redis(port=server.port) as node:
+        return sum(node.hlen(name) for name in node.keys(schema.bucket("ctr", version, 0)[:-1] + "*"))
+
+
+def test_a_flip_waits_for_the_replica_and_refuses_while_it_lags(redis_server, schema):
+    primary = redis_server()
+    replica = replica_of(redis_server, primary)
+    client = connect(primary.url, socket_timeout=5)
+    items = [(f"ad{i}", 0.25) for i in range(20_000)]
+    assert wait_for_replicas(client, 5) == 1
+    publish_version(client, "ctr", "v1", items, n_keys=len(items), schema=schema)
+    # Nothing to wait for here: the publish returned once the replica held the version and the flip to it.
+    assert version_on(replica, schema) == "v1" and keys_on(replica, schema, "v1") == len(items)
+
+    os.kill(replica.pid, signal.SIGSTOP)  # a replica that lags: a failover now would lose what it lacks
+    try:
+        with pytest.raises(ReplicationTimeoutError, match=rf"127.0.0.1:{replica.port} behind the server") as raised:
+            publish_version(client, "ctr", "v2", items, n_keys=len(items), schema=schema, replica_wait_s=1)
+        assert "readers stay where they were" in str(raised.value.__notes__)
+        assert version_on(primary, schema) == "v1"  # not flipped
+    finally:
+        os.kill(replica.pid, signal.SIGCONT)
+    publish_version(client, "ctr", "v2", items, n_keys=len(items), schema=schema)  # the step's retry
+    assert version_on(replica, schema) == "v2" and keys_on(replica, schema, "v2") == len(items)
+    assert 0 < client.ttl(schema.bucket("ctr", "v1", 0)) <= 600  # confirmed: the old version gets its grace
+    client.close()
+
+
+def test_without_replicas_nothing_is_waited_for(redis_client):
+    assert online_replicas(redis_client.info("replication")) == {}
+    assert wait_for_replicas(redis_client, 5) == 0
+    assert wait_for_replicas(redis_client, 0) == 0
+
+
+def test_a_flip_its_replicas_did_not_confirm_leaves_the_old_version_its_ttl(redis_client, schema, monkeypatch, caplog):
+    """If the pointer write may still be lost in a failover, the version before must stay whole for as long as it
+    would have lived: readers put back on it then read every key."""
+
+    def unconfirmed_after_the_flip(client, timeout_s):
+        if version_on_client(client) == "v2":
+            raise ReplicationTimeoutError("replicas behind their primary after 1 s: 127.0.0.1:1 behind the server")
+        return 0
+
+    def version_on_client(client) -> str | None:
+        raw = client.get(schema.pointer("ctr"))
+        return None if raw is None else Pointer.decode(raw).version
+
+    monkeypatch.setattr(publish_module, "wait_for_replicas", unconfirmed_after_the_flip)
+    publish_version(redis_client, "ctr", "v1", [("a", 0.1)], n_keys=1, schema=schema, ttl_s=3600)
+    with caplog.at_level(logging.WARNING, logger=publish_module.__name__):
+        publish_version(redis_client, "ctr", "v2", [("a", 0.2)], n_keys=1, schema=schema, ttl_s=3600, grace_s=5)
+    assert version_on_client(redis_client) == "v2"
+    assert redis_client.ttl(schema.bucket("ctr", "v1", 0)) > 3000  # not shortened to the 5 s grace
+    assert Pointer.decode(redis_client.get(schema.previous("ctr"))).version == "v1"  # still handed over from
+    assert "did not confirm the flip" in caplog.text and "v1 keeps its TTL" in caplog.text
+
+
+def test_a_retry_of_the_current_version_writes_back_the_buckets_a_failover_lost(redis_url, redis_client, schema):
+    items = [(f"ad{i}", i / 1000) for i in range(1000)]
+    first = publish_version(redis_client, "ctr", "v1", items, n_keys=len(items), schema=schema)
+    lost = [schema.bucket("ctr", "v1", b) for b in (0, 3, first.buckets - 1)]
+    redis_client.delete(*lost)  # as a replica promoted without them would lack them
+    again = publish_version(redis_client, "ctr", "v1", items, n_keys=len(items), schema=schema)
+    assert again.already_current
+    assert all(redis_client.exists(name) for name in lost)
+    cache = PredictionCache(connect(redis_url), schema=schema)
+    assert cache.get_many("ctr", [key for key, _ in items]) == [pytest.approx(value) for _, value in items]
+
+
+def test_a_user_that_may_not_run_info_flips_without_waiting(redis_server, schema, caplog):
+    server = redis_server()
+    with redis.Redis(port=server.port) as admin:
+        admin.acl_setuser("noinfo", enabled=True, passwords=["+a-long-password-1234"], keys=["*"],
+                          commands=["+@all", "-info"])  # fmt: skip
+    client = connect(f"redis://noinfo:a-long-password-1234@127.0.0.1:{server.port}/0", socket_timeout=5)
+    with caplog.at_level(logging.WARNING, logger=publish_module.__name__):
+        publish_version(client, "ctr", "v1", [("a", 0.1)], n_keys=1, schema=schema)
+    assert version_on(server, schema) == "v1"
+    assert "may not run INFO" in caplog.text and "grant it +info" in caplog.text
+    client.close()
