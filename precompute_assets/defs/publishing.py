@@ -1,12 +1,13 @@
 """Publishing: precomputed values into Redis as a new version, made current by one pointer flip."""
 
+import hashlib
 import re
 
 import dagster as dg
 import numpy as np
 import pandas as pd
 
-from ..serving import Pointer, publish_version
+from ..serving import Experiment, Pointer, publish_version
 from .experiment import selected_experiment
 from .partitions import DEFAULT_PARTITIONS
 from .resources import RedisResource
@@ -35,9 +36,10 @@ def ctr_cache(
     """Write every prediction as a new version in pipelined batches with its TTL, then flip the pointer, with the
     A/B experiment the day's ``top_ads`` selected with (none ends the previous one) in the same transaction.
 
-    A failure before the flip leaves readers on the previous version; the retry writes the version again.
+    The version is named by the day and what it serves (``content_version``). A failure before the flip leaves
+    readers on the previous version, and the retry writes the version again; a retry or re-execution after the flip
+    (its run failed once the flip had landed) finds its version current and only records and settles it.
     """
-    version = f"{context.partition_key}.{context.run_id[:8]}.{context.retry_number}"
     client, schema = redis.client(), redis.schema()
     newer = newer_current_version(client.get(schema.pointer("ctr")), context.partition_key)
     if newer is not None:
@@ -49,6 +51,7 @@ def ctr_cache(
         raise dg.Failure(description=f"nothing published: {problem}", allow_retries=False)
     items = zip(ctr_predictions["ad_id"].tolist(), ctr_predictions["ctr"].tolist(), strict=True)
     experiment = selected_experiment(context.instance, context.partition_key)
+    version = content_version(context.partition_key, ctr_predictions, experiment)
     result = publish_version(
         client,
         "ctr",
@@ -61,7 +64,10 @@ def ctr_cache(
         experiment=experiment,
         replica_wait_s=redis.replica_wait_s,
     )
-    context.log.info(f"published {result.keys} keys as ctr version {version} ({result.keys_per_s:,.0f} keys/s)")
+    if result.already_current:
+        context.log.info(f"ctr version {version} (these predictions) was already current: recorded, nothing rewritten")
+    else:
+        context.log.info(f"published {result.keys} keys as ctr version {version} ({result.keys_per_s:,.0f} keys/s)")
     if result.handed_over:
         context.log.info(f"handed {result.handed_over} keys of the version before to probation's live tier")
     if result.settle_error:
@@ -71,6 +77,7 @@ def ctr_cache(
     return dg.MaterializeResult(
         metadata={
             "published": True,
+            "already_current": result.already_current,
             "version": version,
             "previous_version": result.previous_version or "",
             "keys_written": result.keys,
@@ -83,6 +90,16 @@ def ctr_cache(
             "settle_error": result.settle_error or "",
         }
     )
+
+
+def content_version(day: str, predictions: pd.DataFrame, experiment: Experiment | None) -> str:
+    """``{day}.{digest}``: the same predictions (in any row order) with the same experiment name the same version,
+    so publishing them again is recognised; anything else, a new one. The day comes first: ``newer_current_version``
+    reads it back."""
+    rows = predictions[["ad_id", "ctr"]].astype({"ad_id": str, "ctr": "float32"}).sort_values("ad_id", kind="stable")
+    digest = hashlib.sha256(pd.util.hash_pandas_object(rows, index=False).to_numpy().tobytes())
+    digest.update(b"" if experiment is None else experiment.encode())
+    return f"{day}.{digest.hexdigest()[:16]}"
 
 
 def not_probabilities(predictions: pd.DataFrame) -> str | None:

@@ -27,7 +27,7 @@ from precompute_assets.ml.ctr import CtrModel, NewAdEvaluation
 from precompute_assets.ml.features import AdFeatureSpec
 from precompute_assets.ml.model_store import LocalModelStore
 from precompute_assets.serving import PredictionCache, connect
-from precompute_assets.serving.keys import arm_of
+from precompute_assets.serving.keys import Pointer, arm_of
 from precompute_assets.storage.lake import Lake
 from precompute_assets_tests.factories import write_ad_platform, write_query_logs
 
@@ -237,6 +237,31 @@ def test_publish_failure_keeps_the_previous_version(
     restarts = [e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_RESTARTED]
     assert len(restarts) == ctr_cache.op.retry_policy.max_retries  # every retry failed too
     assert redis_client.get(schema.pointer("ctr")) == before
+
+
+def test_publishing_the_same_predictions_again_records_the_current_version(
+    resources, pg_instance, platform, lake_uri, redis_client, schema
+):
+    """A re-execution of a run that failed after its flip (Dagster's storage was down when the step ended) must not
+    publish the day a second time: the version is named by what it serves, so the same predictions are found current."""
+    assert run(resources, pg_instance).success
+    first = Pointer.decode(redis_client.get(schema.pointer("ctr")))
+
+    def publish() -> dict:
+        result = dg.materialize(GRAPH, selection=[ctr_cache], resources=resources, partition_key=DAYS[-1],
+                                instance=pg_instance)  # fmt: skip
+        return {k: v.value for k, v in result.asset_materializations_for_node("ctr_cache")[0].metadata.items()}
+
+    again = publish()
+    assert again["version"] == first.version and again["already_current"] is True
+    assert Pointer.decode(redis_client.get(schema.pointer("ctr"))) == first
+    lake = Lake(lake_uri)
+    changed = lake.read("ctr_predictions", DAYS[-1])
+    changed.loc[changed.index[0], "ctr"] = 0.5 if changed["ctr"].iloc[0] != 0.5 else 0.25
+    lake.write("ctr_predictions", DAYS[-1], changed.iloc[::-1])  # row order alone would not name a new version
+    other = publish()
+    assert other["version"] != first.version and other["already_current"] is False
+    assert other["version"].startswith(f"{DAYS[-1]}.") and other["previous_version"] == first.version
 
 
 def test_predictions_the_lake_gives_back_wrong_are_never_published_nor_retried(
