@@ -259,20 +259,25 @@ def demand_model(
         **{f"hit_rate_{name}": evaluation.hit_rate[name] for name in METHODS},
         **{f"mase_{name}": evaluation.mase[name] for name in METHODS},
     }
-    # overwrite: a step retry in the same run retrains and replaces the weights of this unfinished version
-    uri = store.save_state_dict(
-        DEMAND_MODEL,
-        version,
-        result.state_dict(),
-        {
-            "hyper_params": asdict(hp),
-            "scores": {k: _finite_or_none(v) for k, v in scores.items()},
-            "winner": evaluation.winner,
-            "approved": check.passed,
-            "warm_started_from": previous if evaluation.warm_started else None,
-        },
-        overwrite=True,
-    )
+    try:
+        # overwrite: a step retry in the same run retrains and replaces the weights of this unfinished version
+        uri = store.save_state_dict(
+            DEMAND_MODEL,
+            version,
+            result.state_dict(),
+            {
+                "hyper_params": asdict(hp),
+                "scores": {k: _finite_or_none(v) for k, v in scores.items()},
+                "winner": evaluation.winner,
+                "approved": check.passed,
+                "warm_started_from": previous if evaluation.warm_started else None,
+            },
+            overwrite=True,
+        )
+    except OSError as error:  # the model store is full or read-only: the day's publish goes on without the LSTM
+        problem = f"the weights could not be saved: {error}"
+        context.log.error(f"{problem}; top_ads keeps the best baseline")
+        check, uri = beats_baselines_check(None, config.margin, f"{problem} ({check.description})"), ""
     for note in evaluation.notes:
         context.log.warning(note)
     context.log.info(f"trained {version}: {check.description}")

@@ -183,10 +183,10 @@ class LocalModelStore:
         # Serialise metadata first so a bad value fails before anything touches the disk (a bad key too).
         metadata_json = json.dumps(metadata, indent=2, sort_keys=True, allow_nan=False)
         model_key()
-        final.parent.mkdir(parents=True, exist_ok=True)
         staging = final.parent / f"{_TEMP_PREFIX}{version}-{uuid.uuid4().hex}"
-        staging.mkdir()
         try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            staging.mkdir()
             with open(staging / filename, "wb") as f:
                 dump(f)
                 f.flush()
@@ -196,8 +196,11 @@ class LocalModelStore:
             _write_synced(staging / INTEGRITY_FILE, json.dumps(record, indent=2, sort_keys=True))
             _write_synced(staging / METADATA_FILE, metadata_json)
             self._publish(staging, final)
-        except BaseException:
+        except BaseException as error:
             shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(error, OSError) and not isinstance(error, FileExistsError):  # say where (disk full...)
+                message = f"the model store could not write {final}: {error.strerror or error}"
+                raise (OSError(error.errno, message) if error.errno else OSError(message)) from error
             raise
         _fsync_dir(final.parent)
         return final.resolve().as_uri()

@@ -131,6 +131,20 @@ def test_a_lookback_without_traffic_fails_the_check_without_crashing(resources, 
     assert not gate.passed and "no demand model trained" in gate.description
 
 
+def test_weights_the_model_store_cannot_take_fail_the_check_not_the_day(resources, pg_instance, weekly_template,
+                                                                          lake_uri, tmp_path):  # fmt: skip
+    shutil.copytree(weekly_template, lake_uri)
+    (tmp_path / "not_a_folder").write_text("")  # the store's root cannot be created: as on a full or read-only disk
+    resources = {**resources, "model_store": ModelStoreResource(root=str(tmp_path / "not_a_folder" / "models"))}
+    result = run(resources, pg_instance, margin=-1.0, max_epochs=1)  # an LSTM that would be approved
+    assert result.success  # the day's selection and publish wait for this step: it must not fail
+    meta, gate = metadata(result), check(result)
+    assert not meta["approved"] and meta["model_uri"] == "" and meta["strategy"] == meta["best_baseline"]
+    assert not gate.passed and gate.severity == dg.AssetCheckSeverity.WARN
+    assert "the weights could not be saved: [Errno 20] the model store could not write" in gate.description
+    assert str(tmp_path / "not_a_folder" / "models" / "demand_model") in gate.description
+
+
 def test_the_check_names_the_winner_and_respects_the_margin():
     def evaluation(lstm: float) -> DemandEvaluation:
         hits = {"lstm": lstm, "frequency": 0.40, "seasonal": 0.50, "ewma": 0.45}
