@@ -17,7 +17,7 @@ from sklearn.ensemble import RandomForestRegressor
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import log_loss, roc_auc_score
 
-from .features import ID_COLUMN, AdEncoder, AdFeatureSpec, clean_ad_columns, feature_problems, missing_columns
+from .features import ID_COLUMN, AdEncoder, AdFeatureSpec, clean_ad_columns, feature_problems, require_ad_columns
 
 IMPRESSION_COLUMNS = ["ts_ms", "ad_id", "clicked"]
 MS_PER_DAY = 86_400_000
@@ -69,9 +69,7 @@ def _require_columns(frame: pd.DataFrame, columns: list[str], what: str) -> None
 
 def _ad_table(ads: pd.DataFrame, spec: AdFeatureSpec) -> tuple[pd.DataFrame, np.ndarray]:
     """The spec's columns of ``ads`` cleaned and indexed by ``ad_id`` (as text), and which rows are valid."""
-    missing = missing_columns(ads, spec)
-    if missing:
-        raise ValueError(f"ads table is missing columns {missing}; it has {list(ads.columns)}")
+    require_ad_columns(ads, spec)
     duplicated = ads[ID_COLUMN][ads[ID_COLUMN].duplicated()]
     if len(duplicated):
         raise ValueError(f"ads table has duplicate ad_id values, e.g. {duplicated.iloc[:5].tolist()}")

@@ -52,9 +52,15 @@ class AdFeatureSpec:
         return [ID_COLUMN, *self.numeric, *self.categorical]
 
 
-def missing_columns(frame: pd.DataFrame, spec: AdFeatureSpec) -> list[str]:
-    """Columns of ``spec`` that ``frame`` lacks (a wrong schema: the whole table is refused)."""
-    return [column for column in spec.columns if column not in frame.columns]
+def require_ad_columns(ads: pd.DataFrame, spec: AdFeatureSpec, columns: Sequence[str] | None = None) -> None:
+    """Raise ``ValueError`` naming the ``columns`` of ``spec`` (default: all) that the ads table lacks, and the
+    settings that chose them: a feature set configured in one shell and not in the one that runs Dagster."""
+    missing = [column for column in (spec.columns if columns is None else columns) if column not in ads.columns]
+    if missing:
+        raise ValueError(
+            f"ads table is missing columns {missing}; it has {list(ads.columns)} (the feature columns are the lake "
+            "resource's ad_numeric and ad_categorical: PRECOMPUTE_AD_NUMERIC, PRECOMPUTE_AD_CATEGORICAL)"
+        )
 
 
 def feature_problems(ads: pd.DataFrame, spec: AdFeatureSpec) -> pd.Series:
@@ -64,9 +70,7 @@ def feature_problems(ads: pd.DataFrame, spec: AdFeatureSpec) -> pd.Series:
     feature is not a finite number (or is negative where it is log-scaled), or a categorical feature is missing
     or blank. The first problem of a row is reported.
     """
-    missing = missing_columns(ads, spec)
-    if missing:
-        raise ValueError(f"ads table is missing columns {missing}; it has {list(ads.columns)}")
+    require_ad_columns(ads, spec)
     problems = pd.Series([None] * len(ads), index=ads.index, dtype=object)
 
     def flag(mask: np.ndarray, reason: str) -> None:
@@ -176,9 +180,7 @@ def clean_ad_columns(ads: pd.DataFrame, spec: AdFeatureSpec) -> pd.DataFrame:
     """The spec's columns of ``ads``: numeric ones as floats (NaN where not a number), categorical ones as labels
     (see ``category_labels``) in a pandas ``category`` column. Same index as ``ads``; validity is
     ``feature_problems``' job."""
-    missing = [column for column in spec.columns[1:] if column not in ads.columns]
-    if missing:
-        raise ValueError(f"ads table is missing columns {missing}; it has {list(ads.columns)}")
+    require_ad_columns(ads, spec, spec.columns[1:])
     columns = {name: pd.to_numeric(ads[name], errors="coerce").astype(float) for name in spec.numeric}
     columns |= {name: category_labels(ads[name]).astype("category") for name in spec.categorical}
     return pd.DataFrame(columns, index=ads.index)

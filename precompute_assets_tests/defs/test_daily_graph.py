@@ -161,6 +161,7 @@ def test_a_spec_naming_a_column_the_ads_lack_trains_nothing(resources, pg_instan
     result = run(configured, pg_instance)
     gate = check(result, "beats_baseline")
     assert not gate.passed and "ads table is missing columns ['brand']" in gate.description
+    assert "PRECOMPUTE_AD_CATEGORICAL" in gate.description  # where the feature set is configured
     cold = check(result, "new_ads_beat_baseline")
     assert not cold.passed and cold.severity == dg.AssetCheckSeverity.WARN and "no model trained" in cold.description
     assert not materialized(result, "ctr_predictions") and not materialized(result, "ctr_cache")

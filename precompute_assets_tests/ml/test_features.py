@@ -12,8 +12,8 @@ from precompute_assets.ml.features import (
     category_labels,
     clean_ad_columns,
     feature_problems,
-    missing_columns,
     parse_names,
+    require_ad_columns,
     spec_dict,
     spec_from_names,
 )
@@ -30,7 +30,7 @@ def test_the_default_spec_is_the_synthetic_workload_and_it_is_all_valid() -> Non
     spec = AdFeatureSpec()
     assert spec.columns == ["ad_id", "quality", "bid", "text_len", "category"]
     ads = make_ads(200, days=3)
-    assert missing_columns(ads, spec) == []
+    require_ad_columns(ads, spec)  # raises nothing
     assert feature_problems(ads, spec).isna().all()
 
 
@@ -64,7 +64,8 @@ def test_spec_from_comma_separated_names() -> None:
 def test_a_spec_naming_a_column_the_data_lacks_is_a_schema_error() -> None:
     spec = AdFeatureSpec(numeric=("quality", "price"), categorical=("brand",), log_scaled=())
     ads = ads_frame()
-    assert missing_columns(ads, spec) == ["price", "brand"]
+    with pytest.raises(ValueError, match=r"missing columns \['price', 'brand'\].*PRECOMPUTE_AD_NUMERIC"):
+        require_ad_columns(ads, spec)
     with pytest.raises(ValueError, match=r"missing columns \['price', 'brand'\]"):
         feature_problems(ads, spec)
     with pytest.raises(ValueError, match=r"missing columns \['price', 'brand'\]"):
