@@ -766,9 +766,12 @@ def cmd_query_logs(args: argparse.Namespace) -> int:
         raise CliError(f"invalid --kind {args.kind!r}: lower-case letters, digits and _, starting with a letter")
     try:
         partitions = deployment_partitions()
-        start = None if args.start is None else date.fromisoformat(args.start)
-    except ValueError as error:  # a malformed --start, PRECOMPUTE_TIMEZONE or PRECOMPUTE_PARTITIONS_START
+    except ValueError as error:  # a malformed PRECOMPUTE_TIMEZONE or PRECOMPUTE_PARTITIONS_START
         raise CliError(str(error)) from None
+    try:
+        start = None if args.start is None else date.fromisoformat(args.start)
+    except ValueError as error:
+        raise CliError(f"--start {args.start}: {error}") from None
     trace = read_trace(args.file, args)
     if trace.timestamps is None:
         raise CliError(f"{args.file}: the requests have no timestamps (name their field with --time-field)")

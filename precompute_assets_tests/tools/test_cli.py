@@ -488,7 +488,7 @@ def test_query_logs_import_fills_hourly_partitions_that_dagster_knows(stack, tmp
     keys_only.write_text("ad1\nad2\n")
     for argv, expected in [
         ([str(keys_only)], "the requests have no timestamps"),
-        ([str(relative), "--start", "2026-02-30"], "day is out of range"),
+        ([str(relative), "--start", "2026-02-30"], "--start 2026-02-30: day is out of range for month"),
         ([str(relative), "--kind", "CTR!"], "invalid --kind 'CTR!'"),
         ([str(relative), "--key-field", " "], "--key-field is empty"),
     ]:
