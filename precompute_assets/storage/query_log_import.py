@@ -31,6 +31,16 @@ class HourRows:
     quarantined: Counter = field(default_factory=Counter)  # reason -> requests
 
 
+BEFORE_FIRST, NOT_OVER = "before the first hourly partition", "in an hour that is not over"
+OUTSIDE = (BEFORE_FIRST, NOT_OVER)  # the quarantine reasons of requests placed outside the partitions
+
+
+def outside_share(rows: HourRows, requests: int) -> float:
+    """The share of ``requests`` quarantined for falling outside the hourly partitions (before the first, or from the
+    hour in progress on): a large one means misread or misplaced timestamps (``--start``, ``--time-unit``)."""
+    return sum(rows.quarantined[reason] for reason in OUTSIDE) / requests if requests else 0.0
+
+
 TIME_UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "ns": 1e-9}
 # "auto": the unit that puts the largest absolute timestamp after 2000 in seconds (1e9 s is 2001, 1e11 s the year 5138)
 _AUTO_LIMITS = ((1e17, "ns"), (1e14, "us"), (1e11, "ms"))
@@ -83,8 +93,8 @@ def hour_rows(
     out.quarantined.update(Counter(problems[~keep].tolist()))
     for mask, reason in (
         (~np.isfinite(seconds), "timestamp is not a finite number"),
-        (seconds < first_s, "before the first hourly partition"),
-        (seconds >= last_s, "in an hour that is not over"),
+        (seconds < first_s, BEFORE_FIRST),
+        (seconds >= last_s, NOT_OVER),
     ):
         out.quarantined[reason] += int((mask & keep).sum())
         keep &= ~mask

@@ -776,6 +776,10 @@ def cmd_query_logs(args: argparse.Namespace) -> int:
     if trace.timestamps is None:
         raise CliError(f"{args.file}: the requests have no timestamps (name their field with --time-field)")
     seconds = epoch_seconds(trace.timestamps, args.time_unit)
+    if start is not None and args.time_unit == "auto" and is_relative(seconds):
+        # Their size cannot tell: 3919 is an hour in seconds and 4 seconds in milliseconds.
+        raise CliError(f"{args.file}: timestamps relative to the trace's start need --time-unit (s, ms, us or ns): "
+                       "their size does not tell seconds from milliseconds; nothing was written")  # fmt: skip
     shift = 0.0
     if start is not None:  # the first request moves to the start of that local day, the others with it
         midnight = datetime.combine(start, datetime.min.time(), tzinfo=ZoneInfo(partitions.timezone))
@@ -792,6 +796,7 @@ def cmd_query_logs(args: argparse.Namespace) -> int:
     source = Path(args.file).name.replace(":", "_")[:40]
     rows = hour_rows(trace.keys, seconds, kind=args.kind, source=source,
                      partition_key=hourly.get_partition_key_for_timestamp, first_s=first_s, last_s=last_s)  # fmt: skip
+    check_placement(args, rows, len(trace.keys), seconds, partitions.timezone)
     stack = Stack()
     lake = Lake(_up(stack)[ENV_LAKE])
     written, kept = {}, []
@@ -826,6 +831,29 @@ def cmd_query_logs(args: argparse.Namespace) -> int:
               f"(first {min(kept)}); --replace overwrites them", file=sys.stderr)  # fmt: skip
     print(json.dumps(summary))
     return 0
+
+
+def check_placement(args: argparse.Namespace, rows, requests: int, seconds, timezone: str) -> None:
+    """CliError, before anything is written, for an import that would quarantine every request, or, unless
+    ``--allow-outside``, more than half of them for falling outside the hourly partitions (misread timestamps)."""
+    from datetime import datetime
+    from zoneinfo import ZoneInfo
+
+    import numpy as np
+
+    from ..storage.query_log_import import outside_share
+
+    reasons = ", ".join(f"{n} {reason}" for reason, n in rows.quarantined.most_common())
+    if rows.frames and (args.allow_outside or outside_share(rows, requests) <= 0.5):
+        return
+    finite = seconds[np.isfinite(seconds)]
+    span = ""
+    if len(finite):
+        first, last = (datetime.fromtimestamp(float(f(finite)), ZoneInfo(timezone)) for f in (np.min, np.max))
+        span = f"; the requests were placed from {first:%Y-%m-%d %H:%M} to {last:%Y-%m-%d %H:%M} {timezone}"
+    what = "every request" if not rows.frames else f"more than half of the {requests} requests"
+    hint = "check --start and --time-unit" + ("" if not rows.frames else ", or --allow-outside imports the rest")
+    raise CliError(f"{args.file}: {what} would be quarantined ({reasons}){span}: {hint}; nothing was written")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -1014,15 +1042,23 @@ def build_parser() -> argparse.ArgumentParser:
     importing.add_argument("file", help="a trace file or folder, as replay's --trace")
     importing.add_argument("--kind", default="ctr", help="the kind of every request (default ctr)")
     importing.add_argument(
-        "--start", help="YYYY-MM-DD: move the first request to this local day (timestamps relative to the start)"
+        "--start",
+        help="YYYY-MM-DD: move the first request to this local day (timestamps relative to the start, which need "
+        "--time-unit)",
     )
     importing.add_argument("--replace", action="store_true", help="overwrite hours the lake already holds")
+    importing.add_argument(
+        "--allow-outside",
+        action="store_true",
+        help="import even when more than half of the requests fall outside the hourly partitions (before the first "
+        "or in the hour in progress; they are quarantined and counted); without it such an import writes nothing",
+    )
     importing.add_argument(
         "--time-unit",
         choices=["auto", "s", "ms", "us", "ns"],
         default="auto",
-        help="of numeric timestamps (ISO 8601 and Parquet timestamps are exact); auto: by size, which relative "
-        "timestamps in ms or finer need to be told",
+        help="of numeric timestamps (ISO 8601 and Parquet timestamps are exact); auto: by size, for epoch "
+        "timestamps only: relative ones (with --start) must name their unit",
     )
     add_trace_options(importing)
     query_logs.set_defaults(fn=cmd_query_logs)

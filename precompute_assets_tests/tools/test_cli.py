@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import time
 
 import numpy as np
 import pytest
@@ -470,7 +471,7 @@ def test_query_logs_import_fills_hourly_partitions_that_dagster_knows(stack, tmp
     assert main(["query-logs", "import", str(relative)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "count from the trace's start" in err and "--start YYYY-MM-DD" in err, err
-    assert main(["query-logs", "import", str(relative), "--start", "2026-02-03"]) == 0
+    assert main(["query-logs", "import", str(relative), "--start", "2026-02-03", "--time-unit", "s"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert (summary["imported"], summary["hours"], summary["quarantined"]) == (4, 2, 0)
     assert (summary["first_hour"], summary["last_hour"]) == ("2026-02-03-00:00", "2026-02-03-02:00")
@@ -481,9 +482,19 @@ def test_query_logs_import_fills_hourly_partitions_that_dagster_knows(stack, tmp
             "2026-02-03-00:00",
             "2026-02-03-02:00",
         }
-    assert main(["query-logs", "import", str(relative), "--start", "2026-02-03"]) == 0  # again: the hours are kept
+    assert (
+        main(["query-logs", "import", str(relative), "--start", "2026-02-03", "--time-unit", "s"]) == 0
+    )  # again: the hours are kept
     out, err = capsys.readouterr()
     assert json.loads(out)["kept_hours"] == 2 and "--replace overwrites them" in err
+    now = time.time()
+    epoch = tmp_path / "epoch.csv"  # one request in an hour that is over, three in the future: refused unless told
+    epoch.write_text("".join(f"{now - 7200 + t:.0f},ad{i}\n" for i, t in enumerate((0, 9000, 9100, 9200))))
+    assert main(["query-logs", "import", str(epoch)]) == 2
+    assert "more than half of the 4 requests" in capsys.readouterr().err
+    assert main(["query-logs", "import", str(epoch), "--allow-outside"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["imported"], summary["quarantined"]) == (1, 3)
     keys_only = tmp_path / "keys.txt"
     keys_only.write_text("ad1\nad2\n")
     for argv, expected in [
@@ -495,6 +506,27 @@ def test_query_logs_import_fills_hourly_partitions_that_dagster_knows(stack, tmp
         assert main(["query-logs", "import", *argv]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and expected in err and "Traceback" not in err, err
+
+
+def test_query_logs_import_refuses_misplaced_timestamps_before_writing(tmp_path, monkeypatch, capsys):
+    import datetime as dt
+
+    monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("PRECOMPUTE_LAKE_URI", str(tmp_path / "lake"))
+    monkeypatch.setenv("PRECOMPUTE_TIMEZONE", "UTC")
+    trace = tmp_path / "trace.csv"  # milliseconds from the trace's start: 100 requests over one hour
+    trace.write_text("".join(f"{i * 36_000},ad{i % 7}\n" for i in range(100)))
+    two_days_ago = (dt.datetime.now(dt.UTC).date() - dt.timedelta(days=2)).isoformat()
+    for argv, expected in [
+        (["--start", two_days_ago], "need --time-unit (s, ms, us or ns)"),
+        # read as seconds, the hour becomes 41 days, most of them not over yet
+        (["--start", two_days_ago, "--time-unit", "s"], "more than half of the 100 requests would be quarantined"),
+        (["--start", "2999-01-01", "--time-unit", "ms"], "every request would be quarantined (100 in an hour"),
+    ]:
+        assert main(["query-logs", "import", str(trace), *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and expected in err and "nothing was written" in err, err
+        assert not (tmp_path / "lake").exists() and not (tmp_path / "home").exists()
 
 
 def test_a_failing_replay_stops_its_processes_instead_of_waiting_for_them():
