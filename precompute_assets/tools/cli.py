@@ -759,7 +759,7 @@ def cmd_query_logs(args: argparse.Namespace) -> int:
     from ..serving.keys import KIND_PATTERN
     from ..stack import ENV_LAKE
     from ..storage.lake import Lake
-    from ..storage.query_log_import import epoch_seconds, hour_rows, is_relative
+    from ..storage.query_log_import import epoch_seconds, hour_rows, is_imported, is_relative
 
     check_trace_options(args)
     if not KIND_PATTERN.fullmatch(args.kind):
@@ -799,18 +799,35 @@ def cmd_query_logs(args: argparse.Namespace) -> int:
     check_placement(args, rows, len(trace.keys), seconds, partitions.timezone)
     stack = Stack()
     lake = Lake(_up(stack)[ENV_LAKE])
-    written, kept = {}, []
+    written, kept, recorded = {}, [], []
     with dagster_instance(stack) as instance:
+
+        def record(hour: str, frame, source: str) -> None:
+            """The lake's ``hour`` as a ``query_logs`` materialization; a failing Dagster storage is a CliError."""
+            metadata = {"dagster/row_count": len(frame), "distinct_keys": int(frame["key"].nunique()),
+                        "imported": is_imported(frame), "source": source}  # fmt: skip
+            try:
+                instance.report_runless_asset_event(
+                    dg.AssetMaterialization(asset_key="query_logs", partition=hour, metadata=metadata)
+                )
+            except _dagster_storage_errors() as error:
+                raise CliError(f"Dagster's storage failed recording hour {hour}, which the lake holds "
+                               f"({len(written)} hours written and recorded before it): {_one_line(error)}; "
+                               "run the same import again to record it") from None  # fmt: skip
+
+        try:
+            materialized = instance.get_materialized_partitions(dg.AssetKey("query_logs"))
+        except _dagster_storage_errors() as error:
+            raise CliError(f"Dagster's storage cannot be read, nothing was written: {_one_line(error)}") from None
         for hour, frame in tqdm(sorted(rows.frames.items()), desc="hours", unit="h", disable=None):
             if lake.exists("query_logs", hour) and not args.replace:
                 kept.append(hour)
+                if hour not in materialized:  # written by an import that failed before Dagster recorded it
+                    record(hour, lake.read("query_logs", hour, columns=["stream_id", "key"]), "lake")
+                    recorded.append(hour)
                 continue
             lake.write("query_logs", hour, frame)
-            metadata = {"dagster/row_count": len(frame), "distinct_keys": int(frame["key"].nunique()),
-                        "imported": True, "source": source}  # fmt: skip
-            instance.report_runless_asset_event(
-                dg.AssetMaterialization(asset_key="query_logs", partition=hour, metadata=metadata)
-            )
+            record(hour, frame, source)
             written[hour] = len(frame)
     summary = {
         "requests": len(trace.keys),
@@ -820,6 +837,7 @@ def cmd_query_logs(args: argparse.Namespace) -> int:
         "last_hour": max(written, default=None),
         "kept_hours": len(kept),
         "kept_requests": sum(len(rows.frames[hour]) for hour in kept),
+        "kept_hours_recorded": len(recorded),  # kept hours Dagster did not know of, recorded now
         "quarantined": sum(rows.quarantined.values()),
         "quarantine_reasons": dict(rows.quarantined.most_common()),
         "shift_s": shift,
@@ -1153,10 +1171,20 @@ def main(argv: list[str] | None = None) -> int:
 ENV_TRACEBACK = "PRECOMPUTE_TRACEBACK"
 
 
+def _dagster_storage_errors() -> tuple[type[BaseException], ...]:
+    """What Dagster's storage raises when its database fails: its own errors, SQLAlchemy's and psycopg2's."""
+    import psycopg2
+    import sqlalchemy.exc
+    from dagster import DagsterError
+    from dagster_postgres.utils import DagsterPostgresException
+
+    return DagsterError, DagsterPostgresException, sqlalchemy.exc.SQLAlchemyError, psycopg2.Error
+
+
 def _environment_errors() -> tuple[type[BaseException], ...]:
     """What bad input or a bad environment raises below the checks the commands make themselves: files (OSError),
     values and formats (ValueError, pyarrow's ArrowInvalid among them; OverflowError), and the database and Redis
-    clients' errors (RedisClusterException is no RedisError)."""
+    clients' errors (RedisClusterException is no RedisError; Dagster's storage, ``_dagster_storage_errors``)."""
     import psycopg2
     import redis.exceptions
 
@@ -1167,6 +1195,7 @@ def _environment_errors() -> tuple[type[BaseException], ...]:
         psycopg2.Error,
         redis.exceptions.RedisError,
         redis.exceptions.RedisClusterException,
+        *_dagster_storage_errors(),
     )
 
 

@@ -508,6 +508,69 @@ def test_query_logs_import_fills_hourly_partitions_that_dagster_knows(stack, tmp
         assert err.count("\n") == 1 and expected in err and "Traceback" not in err, err
 
 
+def test_query_logs_import_records_on_a_rerun_the_hours_a_failing_dagster_storage_missed(
+    stack, tmp_path, monkeypatch, capsys
+):
+    import dagster as dg
+    from dagster_postgres.utils import DagsterPostgresException
+
+    from precompute_assets.stack import ENV_DAGSTER_PG, ENV_REDIS
+
+    monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "home"))
+    for name in (ENV_REDIS, ENV_DAGSTER_PG):
+        monkeypatch.setenv(name, stack.env()[name])
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster"))
+    (tmp_path / "dagster").mkdir()
+    (tmp_path / "dagster" / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    monkeypatch.setenv("PRECOMPUTE_TIMEZONE", "UTC")
+    trace = tmp_path / "three_hours.csv"
+    trace.write_text("0,ad1\n3600,ad2\n7200,ad3\n")
+    argv = ["query-logs", "import", str(trace), "--start", "2026-03-04", "--time-unit", "s"]
+    report = dg.DagsterInstance.report_runless_asset_event
+    calls = []
+
+    def fails_second(self, event):  # the storage goes away after the lake has written the second hour
+        calls.append(event.partition)
+        if len(calls) == 2:
+            raise DagsterPostgresException("too many retries for DB connection")
+        return report(self, event)
+
+    monkeypatch.setattr(dg.DagsterInstance, "report_runless_asset_event", fails_second)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "recording hour 2026-03-04-01:00" in err and "too many retries" in err, err
+    monkeypatch.setattr(dg.DagsterInstance, "report_runless_asset_event", report)
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["kept_hours"], summary["kept_hours_recorded"], summary["hours"]) == (2, 1, 1)
+    with dg.DagsterInstance.from_config(str(tmp_path / "dagster")) as instance:
+        assert instance.get_materialized_partitions(dg.AssetKey("query_logs")) == {
+            "2026-03-04-00:00",
+            "2026-03-04-01:00",
+            "2026-03-04-02:00",
+        }
+
+
+def test_dagster_storage_errors_are_one_line_and_exit_2(monkeypatch, capsys):
+    import sqlalchemy.exc
+    from dagster_postgres.utils import DagsterPostgresException
+
+    from precompute_assets.tools import cli
+
+    for error in (
+        DagsterPostgresException("too many retries for DB connection"),
+        sqlalchemy.exc.OperationalError("SELECT 1", {}, Exception("server closed the connection\nunexpectedly")),
+    ):
+
+        def fails(args, error=error):
+            raise error
+
+        monkeypatch.setattr(cli, "cmd_env", fails)
+        assert main(["env"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and type(error).__name__ in err and "Traceback" not in err, err
+
+
 def test_query_logs_import_refuses_misplaced_timestamps_before_writing(tmp_path, monkeypatch, capsys):
     import datetime as dt
 
