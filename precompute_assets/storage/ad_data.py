@@ -10,7 +10,9 @@ What each load writes (so loading the same file twice changes nothing):
   required and what makes a row valid is the caller's (the ad feature set, see ``ml.features``); an ``ad_id`` that
   appears more than once keeps its last valid row, the earlier ones are counted as ``duplicates``.
 - impressions: rows are split into daily partitions by ``ts_ms`` in the deployment's timezone; each day in the file
-  replaces that day's partition, or is added to it with ``append=True``.
+  replaces that day's partition, or is added to it with ``append=True``. A partition records which files (by content
+  digest) its rows came from, and an append skips a day that already holds the file's rows: a load that failed part
+  way can be run again, and the days it wrote are neither duplicated nor lost.
 
 Pure pandas / pyarrow: the caller (the ``precompute`` command) passes the lake, the timezone and the validation.
 """
@@ -19,11 +21,12 @@ from __future__ import annotations
 
 import csv
 import gzip
+import hashlib
 import json
 import re
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -46,6 +49,7 @@ IMPRESSIONS, IMPRESSIONS_QUARANTINE = "ad_impressions", "ad_impressions_quaranti
 # ts_ms must be epoch milliseconds in [2000-01-01, 2100-01-01): catches epoch seconds (1.7e9 is January 1970).
 MIN_TS_MS, MAX_TS_MS = 946_684_800_000, 4_102_444_800_000
 CHUNK_ROWS = 100_000
+LOADED_FILES = b"precompute.loaded_files"  # an ad_impressions file's metadata: digests of the files its rows came from
 EXAMPLES = 20  # quarantined rows named in the summary; all are counted and kept in the lake
 _CLICKED = {"1": True, "0": False, "true": True, "false": False, "1.0": True, "0.0": False}
 _CONTROL = "[\x00-\x1f\x7f]"
@@ -68,7 +72,10 @@ class LoadSummary:
     quarantine_reasons: dict[str, int] = field(default_factory=dict)
     first_quarantined: list[str] = field(default_factory=list)
     quarantine_path: str | None = None
-    written: dict[str, int] = field(default_factory=dict)  # lake partition ("" when unpartitioned) -> rows now
+    written: dict[str, int] = field(default_factory=dict)  # lake partition ("" when unpartitioned) -> rows written
+    partition_rows: dict[str, int] | None = None  # impressions: day -> rows the partition holds now
+    already_loaded: list[str] | None = None  # impressions, append: days that held this file's rows already (skipped)
+    unknown_ad_impressions: int | None = None  # impressions: rows written whose ad is not in the lake's ads
     duplicates: int | None = None  # ads: valid rows superseded by a later row with the same ad_id
     columns: list[str] | None = None  # ads: the columns of the written table
     note: str | None = None  # why nothing was written
@@ -415,33 +422,63 @@ def load_impressions(
                 }
             )
         )
-    valid = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame({"day": []})
+    valid = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame({"day": [], ID_COLUMN: []})
     quarantine.write(lake, IMPRESSIONS_QUARANTINE)
+    digest = _digest(path)
+    summary.partition_rows, summary.already_loaded = {}, [] if append else None
+    added: list[pd.Series] = []
     for day, rows in valid.groupby("day", sort=True):
         key = (date(1970, 1, 1) + timedelta(days=int(day))).isoformat()
-        rows = rows[list(IMPRESSION_COLUMNS)]
+        rows, loaded, new_rows = rows[list(IMPRESSION_COLUMNS)], [digest], len(rows)
         if append and lake.exists(IMPRESSIONS, key):
+            loaded = _loaded_files(lake, key)
+            if digest in loaded:  # an earlier load of this file wrote this day
+                summary.already_loaded.append(key)
+                continue
+            loaded.append(digest)
             rows = pd.concat([lake.read(IMPRESSIONS, key, columns=list(IMPRESSION_COLUMNS)), rows], ignore_index=True)
-        rows = rows.sort_values("ts_ms", kind="stable").reset_index(drop=True)
-        lake.write(IMPRESSIONS, key, _impressions_table(rows))
-        summary.written[key] = len(rows)
-    summary.loaded = len(valid)
+        try:
+            lake.write(IMPRESSIONS, key, _impressions_table(rows.sort_values("ts_ms", kind="stable"), loaded))
+        except OSError as error:
+            done = ", ".join(summary.written) or "none"
+            again = "the same command again skips them" if append else "the same command again rewrites them"
+            raise AdDataError(
+                f"{path}: could not write day {key}: {error}; days written before it: {done} ({again})"
+            ) from error
+        summary.written[key], summary.partition_rows[key] = new_rows, len(rows)
+        added.append(valid.loc[valid["day"] == day, ID_COLUMN])
+    summary.loaded = sum(summary.written.values())
+    summary.unknown_ad_impressions = unknown_ad_impressions(lake, pd.concat(added) if added else [])
     if not len(valid):
         summary.note = "no valid rows: no ad_impressions partition was written"
+    elif not summary.written:
+        summary.note = "every day in the file holds its rows already: nothing was appended"
     return summary
 
 
-def _impressions_table(rows: pd.DataFrame) -> pa.Table:
+def _digest(path: Path) -> str:
+    """The SHA-256 of a file's bytes: which file a partition's rows came from, whatever its name."""
+    sha = hashlib.sha256()
+    with open(path, "rb") as stream:
+        while chunk := stream.read(1 << 20):
+            sha.update(chunk)
+    return sha.hexdigest()
+
+
+def _loaded_files(lake: Lake, day: str) -> list[str]:
+    """The digests of the files whose rows an ``ad_impressions`` day holds (none recorded by older loads)."""
+    return json.loads(lake.metadata(IMPRESSIONS, day).get(LOADED_FILES, b"[]"))
+
+
+def _impressions_table(rows: pd.DataFrame, loaded_files: list[str]) -> pa.Table:
     schema = pa.schema([("ts_ms", pa.int64()), (ID_COLUMN, pa.string()), ("clicked", pa.bool_())])
-    return pa.Table.from_pandas(rows, schema=schema, preserve_index=False)
+    table = pa.Table.from_pandas(rows.reset_index(drop=True), schema=schema, preserve_index=False)
+    return table.replace_schema_metadata({**(table.schema.metadata or {}), LOADED_FILES: json.dumps(loaded_files)})
 
 
-def unknown_ad_impressions(lake: Lake, days: Sequence[str]) -> int | None:
-    """Impressions of ``days`` whose ad is not in the lake's ``ads`` (None without an ads table)."""
+def unknown_ad_impressions(lake: Lake, ad_ids: Iterable[str]) -> int | None:
+    """How many of the impressions' ``ad_ids`` are not in the lake's ``ads`` (None without an ads table)."""
     if not lake.exists(ADS):
         return None
     known = set(lake.read(ADS, columns=[ID_COLUMN])[ID_COLUMN].astype(str))
-    return sum(
-        int((~lake.read(IMPRESSIONS, day, columns=[ID_COLUMN])[ID_COLUMN].astype(str).isin(known)).sum())
-        for day in days
-    )
+    return int((~pd.Series(list(ad_ids), dtype=object).astype(str).isin(known)).sum())

@@ -98,6 +98,15 @@ class Lake:
         fs, _ = self._fs
         return fs.get_file_info(self.path(asset, partition)).type == pafs.FileType.File
 
+    def metadata(self, asset: str, partition: str | None = None) -> dict[bytes, bytes]:
+        """The key-value metadata of a lake file's schema, as its writer's table had it (without reading data)."""
+        fs, _ = self._fs
+        path = self.path(asset, partition)
+        try:
+            return dict(pq.read_schema(path, filesystem=fs).metadata or {})
+        except (pa.ArrowException, OSError) as error:
+            raise LakeReadError(f"the lake cannot read {path} (corrupt or truncated?): {error}") from error
+
     def read(self, asset: str, partition: str | None = None, columns: list[str] | None = None) -> pd.DataFrame:
         fs, _ = self._fs
         path = self.path(asset, partition)

@@ -723,7 +723,7 @@ def cmd_impressions(args: argparse.Namespace) -> int:
     """Validate an impressions file and write its rows into the lake's daily ``ad_impressions``; print JSON."""
     from ..defs.partitions import deployment_partitions
     from ..stack import ENV_LAKE
-    from ..storage.ad_data import AdDataError, file_format, load_impressions, unknown_ad_impressions
+    from ..storage.ad_data import AdDataError, file_format, load_impressions
     from ..storage.lake import Lake
 
     try:
@@ -739,7 +739,7 @@ def cmd_impressions(args: argparse.Namespace) -> int:
     except AdDataError as error:
         raise CliError(str(error)) from None
     result = {**summary.as_dict(), "timezone": partitions.timezone, "mode": "append" if args.append else "replace"}
-    result["unknown_ad_impressions"] = unknown_ad_impressions(lake, list(summary.written))
+    result["unknown_ad_impressions"] = summary.unknown_ad_impressions  # null without an ads catalog
     print(json.dumps(result))
     return 0
 

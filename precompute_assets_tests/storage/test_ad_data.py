@@ -285,10 +285,29 @@ def test_days_in_a_file_replace_their_partitions_or_are_appended(lake, tmp_path)
     assert lake.read("ad_impressions", "2026-11-18")["ad_id"].tolist() == ["b", "a"]  # sorted by time
     load_impressions(path, lake, timezone="UTC")  # the same file again: the same partition
     assert lake.read("ad_impressions", "2026-11-18")["ad_id"].tolist() == ["b", "a"]
-    appended = load_impressions(path, lake, timezone="UTC", append=True)
-    assert appended.written == {"2026-11-18": 4}
-    assert lake.read("ad_impressions", "2026-11-18")["ad_id"].tolist() == ["b", "b", "a", "a"]
+    again = load_impressions(path, lake, timezone="UTC", append=True)  # the day holds this file's rows already
+    assert (again.written, again.already_loaded, again.loaded) == ({}, ["2026-11-18"], 0)
+    other = write(tmp_path / "more.csv", "ts_ms,ad_id,clicked\n" + f"{t + 1},a,0\n{t},b,1\n{t + 2},c,0\n")
+    appended = load_impressions(other, lake, timezone="UTC", append=True)
+    assert (appended.written, appended.partition_rows) == ({"2026-11-18": 3}, {"2026-11-18": 5})
+    assert lake.read("ad_impressions", "2026-11-18")["ad_id"].tolist() == ["b", "b", "a", "a", "c"]
     assert lake.read("ad_impressions", "2026-11-17")["ad_id"].tolist() == ["x"]  # a day not in the file
+
+
+def test_an_append_that_failed_part_way_can_be_run_again(lake, tmp_path):
+    t = ms("2026-11-16T12:00:00+00:00")
+    lines = [f"{t + d * 86_400_000 + i * 60_000},ad{i},{i % 2}" for d in range(3) for i in range(10)]
+    path = write(tmp_path / "impressions.csv", "ts_ms,ad_id,clicked\n" + "\n".join(lines) + "\n")
+    lake.write("ad_impressions", "2026-11-17", pd.DataFrame({"ts_ms": [t], "ad_id": ["old"], "clicked": [True]}))
+    blocked = Path(lake.path("ad_impressions", "2026-11-18"))
+    blocked.mkdir()  # the third day's file cannot be written
+    with pytest.raises(AdDataError, match="could not write day 2026-11-18.*written before it: 2026-11-16, 2026-11-17"):
+        load_impressions(path, lake, timezone="UTC", append=True)
+    blocked.rmdir()
+    again = load_impressions(path, lake, timezone="UTC", append=True)
+    assert (again.written, again.already_loaded) == ({"2026-11-18": 10}, ["2026-11-16", "2026-11-17"])
+    rows = {day: len(lake.read("ad_impressions", day)) for day in ("2026-11-16", "2026-11-17", "2026-11-18")}
+    assert rows == {"2026-11-16": 10, "2026-11-17": 11, "2026-11-18": 10}  # each day once, the old row kept
 
 
 def test_parquet_impressions_with_timestamps_bools_and_nulls(lake, tmp_path):
@@ -328,10 +347,12 @@ def test_gzipped_csv_and_an_empty_impressions_file(lake, tmp_path):
 def test_unknown_ad_impressions_are_counted(lake, tmp_path):
     t = ms("2026-11-18T12:00:00+00:00")
     path = write(tmp_path / "impressions.csv", f"ts_ms,ad_id,clicked\n{t},a1,1\n{t},ghost,0\n")
-    load_impressions(path, lake, timezone="UTC")
-    assert unknown_ad_impressions(lake, ["2026-11-18"]) is None  # no catalog yet
+    assert load_impressions(path, lake, timezone="UTC").unknown_ad_impressions is None  # no catalog yet
     ads_into(lake, write(tmp_path / "ads.csv", ADS_HEADER + "a1,c1,3,0.5,1.2,40\n"))
-    assert unknown_ad_impressions(lake, ["2026-11-18"]) == 1
+    assert unknown_ad_impressions(lake, ["a1", "ghost", "ghost"]) == 2
+    more = write(tmp_path / "more.csv", f"ts_ms,ad_id,clicked\n{t},a1,1\n{t},a1,0\n")
+    appended = load_impressions(more, lake, timezone="UTC", append=True)
+    assert appended.unknown_ad_impressions == 0  # of what this file added, not of the whole day
 
 
 # --- the loaded data is what the model trains and scores on ---------------------------------------------
@@ -387,6 +408,11 @@ def test_commands_print_one_json_summary(home, tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["written"] == {"2026-11-18": 2} and out["quarantined"] == 1 and out["timezone"] == "UTC"
     assert out["mode"] == "replace" and out["unknown_ad_impressions"] == 1
+    more = write(tmp_path / "more.csv", f"ts_ms,ad_id,clicked\n{t + 1},a1,1\n")
+    assert main(["impressions", "load", str(more), "--append"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["written"], out["partition_rows"]) == ({"2026-11-18": 1}, {"2026-11-18": 3})
+    assert out["mode"] == "append" and out["unknown_ad_impressions"] == 0
 
 
 def test_a_configured_feature_set_is_what_ads_load_validates(home, tmp_path, capsys, monkeypatch):
