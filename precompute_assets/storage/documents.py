@@ -358,15 +358,43 @@ def check_document_file(path: str | Path) -> str:
     reason = unreadable_reason(path)
     if reason is not None:
         raise OSError(f"{path}: {reason}")
+    if kind == "jsonl" and _starts_a_json_array(path):
+        raise DocumentFileError(f"{path}: the file is one JSON array, not JSON Lines (one object per line); "
+                                "nothing was loaded (jq -c '.[]' writes its objects one per line)")  # fmt: skip
+    if kind == "parquet":
+        _parquet_file(path).close()
     return kind
 
 
+def _starts_a_json_array(path: Path) -> bool:
+    """Whether the file's first character (after a byte order mark and white space) opens a JSON array."""
+    with contextlib.suppress(OSError, EOFError), open(path, "rb") as raw:  # a file that cannot be read fails later
+        stream = gzip.GzipFile(fileobj=raw) if path.suffix.lower() == ".gz" else raw
+        return stream.read(1 << 16).removeprefix(codecs.BOM_UTF8).lstrip().startswith(b"[")
+    return False
+
+
+def _parquet_file(path: Path) -> pq.ParquetFile:
+    """The Parquet file at ``path``; one that is not Parquet is a ``DocumentFileError`` naming it."""
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as error:
+        raise DocumentFileError(f"{path}: not a readable Parquet file: {str(error).splitlines()[0]}") from None
+
+
 def _frames_of_parquet(path: Path, fields: DocumentFields) -> Iterator[tuple[pd.DataFrame, None]]:
-    parquet = pq.ParquetFile(path)
+    parquet = _parquet_file(path)
     names = parquet.schema_arrow.names
     fields.check(names, "the file has")
     sources = {c: fields.source(c) for c in COLUMNS if fields.source(c) in names}
-    for batch in parquet.iter_batches(batch_size=CHUNK_ROWS, columns=sorted(set(sources.values()))):
+    batches = parquet.iter_batches(batch_size=CHUNK_ROWS, columns=sorted(set(sources.values())))
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except (pa.ArrowException, OSError) as error:  # a corrupt page: the load rolls back
+            raise DocumentFileError(f"{path}: unreadable Parquet data: {str(error).splitlines()[0]}") from None
         df = batch.to_pandas()
         yield pd.DataFrame({c: df[source] for c, source in sources.items()}), None
 
@@ -425,7 +453,7 @@ class DocumentStore:
             raise DocumentFileError(f"{path}: only CSV and TSV files can be read without a header")
         report = progress or (lambda share: None)
         if kind == "parquet":
-            rows = pq.ParquetFile(path).metadata.num_rows
+            rows = _parquet_file(path).metadata.num_rows
             frames = _frames_of_parquet(path, fields)
             return self._load(frames, language=fields.language, after_chunk=lambda done: report(done / max(rows, 1)))
         result = LoadResult()

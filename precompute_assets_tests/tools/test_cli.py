@@ -372,7 +372,13 @@ def test_docs_load_bad_files_are_one_line_and_exit_2(tmp_path, monkeypatch, caps
         (tmp_path / "missing.jsonl", "no such file"),
         (tmp_path / "docs.txt", "unknown suffix '.txt'"),
         (folder, "not a file"),
+        (tmp_path / "arr.json", "arr.json: the file is one JSON array, not JSON Lines (one object per line)"),
+        (tmp_path / "arr.json.gz", "arr.json.gz: the file is one JSON array, not JSON Lines"),
+        (tmp_path / "corrupt.parquet", "corrupt.parquet: not a readable Parquet file: "),
     ]
+    (tmp_path / "arr.json").write_text('\ufeff  \n[\n{"doc_id": "1", "body": "a"},\n{"doc_id": "2", "body": "b"}\n]\n')
+    (tmp_path / "arr.json.gz").write_bytes(gzip.compress(b'[{"doc_id": "1", "body": "a"}]'))
+    (tmp_path / "corrupt.parquet").write_bytes(b"PAR1 this is not parquet")
     if os.geteuid() != 0:  # root reads a file of mode 000
         cases.append((unreadable, "cannot read"))
     (tmp_path / "docs.txt").write_text("doc_id\n1\n")
