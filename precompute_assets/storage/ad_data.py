@@ -72,7 +72,7 @@ class LoadSummary:
     quarantine_reasons: dict[str, int] = field(default_factory=dict)
     first_quarantined: list[str] = field(default_factory=list)
     quarantine_path: str | None = None
-    written: dict[str, int] = field(default_factory=dict)  # lake partition ("" when unpartitioned) -> rows written
+    written: dict[str, int] | None = None  # impressions: day -> rows this file added (ads: ``loaded`` says it)
     partition_rows: dict[str, int] | None = None  # impressions: day -> rows the partition holds now
     already_loaded: list[str] | None = None  # impressions, append: days that held this file's rows already (skipped)
     unknown_ad_impressions: int | None = None  # impressions: rows written whose ad is not in the lake's ads
@@ -340,7 +340,6 @@ def load_ads(
     if len(frame):
         lake.write(ADS, None, frame)
         summary.loaded = len(frame)
-        summary.written = {"": len(frame)}
     else:
         summary.note = "no valid rows: the lake's ads table was left as it was"
     return summary
@@ -425,7 +424,7 @@ def load_impressions(
     valid = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame({"day": [], ID_COLUMN: []})
     quarantine.write(lake, IMPRESSIONS_QUARANTINE)
     digest = _digest(path)
-    summary.partition_rows, summary.already_loaded = {}, [] if append else None
+    summary.written, summary.partition_rows, summary.already_loaded = {}, {}, [] if append else None
     added: list[pd.Series] = []
     for day, rows in valid.groupby("day", sort=True):
         key = (date(1970, 1, 1) + timedelta(days=int(day))).isoformat()

@@ -397,7 +397,7 @@ def test_commands_print_one_json_summary(home, tmp_path, capsys):
     path = write(tmp_path / "ads.csv", ADS_HEADER + "a1,c1,3,0.5,1.2,40\na2,c1,3,x,1,1\n")
     assert main(["ads", "load", str(path)]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["loaded"] == 1 and out["quarantined"] == 1
+    assert out["loaded"] == 1 and out["quarantined"] == 1 and "written" not in out  # no partition key "" of ads
     assert out["first_quarantined"] == ["line 3: quality is not a finite number"]
     assert out["features"] == {"numeric": ["quality", "bid", "text_len"], "categorical": ["category"],
                                "log_scaled": ["bid", "text_len"]}  # fmt: skip
