@@ -119,7 +119,8 @@ def cache_stats(
     sample: int = 200_000,
 ) -> dict:
     """``{"window_s", "kinds": {kind: {"current": version_stats, "previous": version_stats of the replaced
-    version, "window": window_stats or empty}}}``."""
+    version, "window": window_stats or empty}}, "without_statistics": [kinds asked for with neither a published
+    version nor requests in the window], "kinds_with_statistics": [...]}``."""
     schema = schema or KeySchema()
     if window_s <= 0:
         raise ValueError(f"window must be positive, got {window_s} s")
@@ -137,4 +138,6 @@ def cache_stats(
             }
             for kind in names
         },
+        "without_statistics": [kind for kind in names if kind not in found],  # a typo, or a kind not used yet
+        "kinds_with_statistics": sorted(found),
     }

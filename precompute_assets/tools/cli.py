@@ -223,6 +223,11 @@ def cmd_cache(args: argparse.Namespace) -> int:
         return 0
     print(f"{'kind':<16} {'version':<28} {'keys':>10} {'memory':>10} {'ttl':>8} {'requests':>9} {'hit rate':>8}")
     for kind, entry in stats["kinds"].items():
+        if kind in stats["without_statistics"]:
+            found = ", ".join(stats["kinds_with_statistics"]) or "none"
+            print(f"{kind:<16} no statistics: no published version and no requests in the window "
+                  f"(kinds with statistics: {found})")  # fmt: skip
+            continue
         current, window = entry["current"], entry["window"]
         rate = "-" if window["hit_rate"] is None else f"{window['hit_rate']:.1%}"
         print(

@@ -157,6 +157,12 @@ def test_cache_cli_invalidates_and_reports_in_one_line_errors(
                                    "max_run_s": None, "ended_sampled": False}  # fmt: skip
     assert main(["cache", "stats", "--kind", "ctr", *ns]) == 0
     assert "ctr" in capsys.readouterr().out
+    assert main(["cache", "stats", "--kind", "nope", *ns]) == 0
+    out = capsys.readouterr().out
+    assert "nope             no statistics: no published version" in out and "(kinds with statistics: ctr)" in out
+    assert main(["cache", "stats", "--kind", "nope", "--json", *ns]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["without_statistics"], out["kinds_with_statistics"]) == (["nope"], ["ctr"])
     with pytest.raises(SystemExit) as exited:
         main(["cache", "stats", "--window", "soon", *ns])
     err = capsys.readouterr().err
