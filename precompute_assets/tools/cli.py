@@ -1063,7 +1063,11 @@ def build_parser() -> argparse.ArgumentParser:
         "import", help="a request log (any trace replay reads, with timestamps) into hourly query_logs partitions"
     )
     importing.add_argument("file", help="a trace file or folder, as replay's --trace")
-    importing.add_argument("--kind", default="ctr", help="the kind of every request (default ctr)")
+    importing.add_argument(
+        "--kind",
+        default="ctr",
+        help="the kind every imported row is labelled with (default ctr); it does not filter: --where kind=ctr does",
+    )
     importing.add_argument(
         "--start",
         help="YYYY-MM-DD: move the first request to this local day (timestamps relative to the start, which need "

@@ -8,6 +8,7 @@ import os
 import time
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from precompute_assets.ml.replay import ORACLE_GENERAL
@@ -501,6 +502,13 @@ def test_query_logs_import_fills_hourly_partitions_that_dagster_knows(stack, tmp
     assert main(["query-logs", "import", str(epoch), "--allow-outside"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert (summary["imported"], summary["quarantined"]) == (1, 3)
+    old_lake = tmp_path / "old_lake" / "query_logs"  # the README's example: --where filters, --kind only labels
+    old_lake.mkdir(parents=True)
+    ts = pd.to_datetime(["2026-02-05T01:00:00Z", "2026-02-05T01:01:00Z", "2026-02-05T01:02:00Z"], utc=True)
+    pd.DataFrame({"ts": ts, "kind": ["ctr", "docs", "ctr"], "key": ["a", "b", "c"]}).to_parquet(old_lake / "h.parquet")
+    assert main(["query-logs", "import", str(old_lake), "--format", "parquet", "--where", "kind=ctr"]) == 0
+    assert json.loads(capsys.readouterr().out)["imported"] == 2
+    assert list(lake.read("query_logs", "2026-02-05-01:00")["key"]) == ["a", "c"]
     keys_only = tmp_path / "keys.txt"
     keys_only.write_text("ad1\nad2\n")
     for argv, expected in [
