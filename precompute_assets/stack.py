@@ -158,7 +158,7 @@ class RedisServer:
             pid = int(pidfile.read_text())
         except (FileNotFoundError, ValueError):
             return None
-        return pid if alive(pid, SERVER_PROGRAMS) else None
+        return pid if alive(pid, SERVER_PROGRAMS, cwd=self.dir) else None
 
     def config(self, version: tuple[int, ...]) -> list[str]:
         # Version buckets hold up to ~128 values of up to 312 bytes (int8 embeddings): keep them in the
@@ -296,12 +296,27 @@ class PostgresServer:
         return f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/{database}"
 
     @property
-    def pid(self) -> int | None:
+    def lock_file(self) -> Path:
+        return self.data / "postmaster.pid"
+
+    def _lock_pid(self) -> int | None:
         try:
-            pid = int((self.data / "postmaster.pid").read_text().split("\n", 1)[0])
+            return int(self.lock_file.read_text().split("\n", 1)[0])
         except (FileNotFoundError, NotADirectoryError, ValueError):
             return None
-        return pid if alive(pid, ("postgres",)) else None
+
+    @property
+    def pid(self) -> int | None:
+        """The postmaster of this data folder (it runs in it), or None: a stale lock file may name another process."""
+        pid = self._lock_pid()
+        return pid if pid is not None and alive(pid, ("postgres",), cwd=self.data) else None
+
+    def _remove_stale_lock(self) -> None:
+        """Before a start (our server is not running): PostgreSQL refuses a lock file whose PID exists, and after a
+        reboot that PID may be another process's, even another home's PostgreSQL. Such a lock file is stale."""
+        pid = self._lock_pid()
+        if pid is not None and process_state(pid) not in (None, "Z"):
+            self.lock_file.unlink(missing_ok=True)
 
     def binaries(self) -> Path:
         """The ``bin`` folder to run: the wheel's own, or (as root) its copy under the service folder."""
@@ -390,6 +405,7 @@ class PostgresServer:
         """Start the server unless it runs; return once it accepts connections and both databases exist."""
         if self.pid is None:
             self._prepare_runtime()
+            self._remove_stale_lock()
             if not (self.data / "PG_VERSION").exists():
                 self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "--encoding=UTF8")
             options = f"-h 127.0.0.1 -p {self.port} -c unix_socket_directories=''"
@@ -457,9 +473,16 @@ def ensure_system_user(name: str):
     return pwd.getpwnam(name)
 
 
-def alive(pid: int, programs: tuple[str, ...] | None = None) -> bool:
+def alive(pid: int, programs: tuple[str, ...] | None = None, *, cwd: Path | None = None) -> bool:
     """Whether ``pid`` runs one of ``programs`` (a zombie does not: containers often have no init that reaps
-    daemons; and after a reboot a stale pid file may name some unrelated process)."""
+    daemons; and after a reboot a stale pid file may name some unrelated process), in the working directory ``cwd``
+    when given: our servers run in their own folder, so another home's server of the same program is not ours."""
+    if cwd is not None:
+        try:
+            if os.readlink(f"/proc/{pid}/cwd") != os.path.realpath(cwd):
+                return False
+        except OSError:  # gone, a zombie, or not ours to inspect: never take it for our server
+            return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -477,6 +500,15 @@ def alive(pid: int, programs: tuple[str, ...] | None = None) -> bool:
     except OSError:
         pass
     return True
+
+
+def process_state(pid: int) -> str | None:
+    """The state letter of process ``pid`` (``R``, ``S``, ``Z`` for a zombie...), or None when there is none."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
 
 
 def reachable(url: str, timeout_s: float = 0.5) -> bool:

@@ -165,3 +165,27 @@ def test_the_embedded_redis_has_bounded_memory_and_evicts_only_keys_with_a_ttl(r
     monkeypatch.setenv("PRECOMPUTE_REDIS_MAXMEMORY", "lots")
     with pytest.raises(RedisError, match="PRECOMPUTE_REDIS_MAXMEMORY='lots' is not a size"):
         RedisServer(Path(tempfile.mkdtemp()), free_port())
+
+
+def test_a_stale_pid_file_naming_another_homes_server_is_not_ours(stack: Stack, session_dir: Path) -> None:
+    """After a reboot, a stale pid file may name another home's server (same program, same user): `status` must
+    not count it, `down` must not stop it, and `up` must start this home's own server."""
+    other_pg, other_redis = stack.postgres.pid, stack.redis.pid
+    assert other_pg is not None and other_redis is not None
+    home = Stack(session_dir / "stale-pids")
+    try:
+        home.up()
+        home.down()
+        (home.postgres.data / "postmaster.pid").write_text(f"{other_pg}\n{home.postgres.data}\n")
+        (home.redis.dir / "redis.pid").write_text(f"{other_redis}\n")
+        assert home.postgres.pid is None and home.redis.pid is None
+        assert not any(service.running for service in home.status())
+        home.down()
+        assert stack.postgres.pid == other_pg and stack.redis.pid == other_redis  # still running
+        env = home.up()
+        assert home.postgres.pid not in (None, other_pg) and home.redis.pid not in (None, other_redis)
+        with psycopg2.connect(libpq_url(env[ENV_APP_DB])) as conn, conn.cursor() as cur:
+            cur.execute("SELECT 1")
+    finally:
+        home.purge()
+    assert stack.postgres.pid == other_pg and stack.redis.pid == other_redis
