@@ -546,6 +546,15 @@ class Stack:
         state = self._ports()
         self.redis = RedisServer(self.home / "redis", state["redis_port"], redis_password)
         self.postgres = PostgresServer(self.home / "postgres", state["pg_port"], services=services)
+        # `eval "$(precompute env)"` exports this home's own URLs: they still name the embedded servers.
+        own = {
+            ENV_REDIS: self.redis.url,
+            ENV_DAGSTER_PG: self.postgres.url(DAGSTER_DB),
+            ENV_APP_DB: self.postgres.url(APP_DB),
+        }
+        for name, url in own.items():
+            if self._externals[name] is not None and sqlalchemy_url(self._externals[name]) == url:
+                self._externals[name] = None
 
     def _ports(self) -> dict[str, int]:
         """Ports chosen once per home and kept, so URLs are the same before ``up``, after it and across restarts."""

@@ -264,6 +264,27 @@ def test_up_status_down_manage_real_servers(tmp_path, monkeypatch, capsys):
     assert "running" not in capsys.readouterr().out
 
 
+def test_up_restarts_the_embedded_servers_after_eval_of_env(tmp_path, monkeypatch, capsys):
+    """After `eval "$(precompute env)"` the exported URLs are this home's own: `up` restarts a stopped server, and
+    `status` calls the servers embedded."""
+    for name in ("PRECOMPUTE_REDIS_URL", "DAGSTER_PG_URL", "PRECOMPUTE_APP_DB_URL", "DAGSTER_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "home"))
+    try:
+        assert main(["up"]) == 0
+        capsys.readouterr()
+        os.environ.update(Stack().env())  # what eval "$(precompute env)" does
+        assert main(["down"]) == 0
+        assert main(["status"]) == 0
+        out = capsys.readouterr().out
+        assert "redis     embedded  stopped" in out and "postgres  embedded  stopped" in out, out
+        assert main(["up"]) == 0
+        out = capsys.readouterr().out
+        assert "redis     embedded  running (pid" in out and "postgres  embedded  running (pid" in out, out
+    finally:
+        main(["down", "--purge"])
+
+
 def test_unreachable_external_servers_are_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("PRECOMPUTE_REDIS_URL", "rediss://user:secret@127.0.0.1:1/0")
