@@ -168,9 +168,9 @@ class RedisServer:
             "bind 127.0.0.1",
             f"port {self.port}",
             "daemonize yes",
-            f"pidfile {self.dir / 'redis.pid'}",
-            f"logfile {self.dir / 'redis.log'}",
-            f"dir {self.dir}",
+            f"pidfile {config_string(self.dir / 'redis.pid')}",
+            f"logfile {config_string(self.dir / 'redis.log')}",
+            f"dir {config_string(self.dir)}",
             # The query-log stream holds events not yet materialized: keep it across restarts.
             "appendonly yes",
             "appendfsync everysec",
@@ -198,7 +198,7 @@ class RedisServer:
             conf.write_text("\n".join(self.config(version)) + "\n")
             result = subprocess.run([self.binary, str(conf)], capture_output=True, text=True)
             if result.returncode != 0:
-                raise RedisError(f"{self.binary} failed: {(result.stdout + result.stderr).strip()[-500:]}")
+                raise RedisError(f"{self.binary} failed: {one_line(result.stdout + result.stderr)[-500:]}")
         self.wait_ready(timeout_s)
 
     def wait_ready(self, timeout_s: float) -> None:
@@ -219,8 +219,10 @@ class RedisServer:
                 except redis.RedisError as error:
                     if self.pid is None and time.monotonic() > deadline - timeout_s + 1:
                         log = self.dir / "redis.log"
-                        tail = log.read_text()[-800:] if log.exists() else ""
-                        raise RedisError(f"Redis on port {self.port} did not start ({error}):\n{tail}") from None
+                        last = (log.read_text().strip().splitlines() or [""])[-1] if log.exists() else ""
+                        raise RedisError(
+                            f"Redis on port {self.port} did not start ({error}): {one_line(last)}"
+                        ) from None
                 if self.pid is None and time.monotonic() > deadline - timeout_s + 5:
                     raise RedisError(f"another program answers on port {self.port}; our Redis is not running")
                 if time.monotonic() > deadline:
@@ -241,6 +243,18 @@ class RedisServer:
             return
         os.kill(pid, signal.SIGTERM)  # the server flushes the AOF and exits on SIGTERM
         wait_for_exit(pid, timeout_s)
+
+
+def config_string(value: object) -> str:
+    """``value`` as a double-quoted string of a Redis config file (which reads backslash escapes in it): a path
+    with spaces or quotes stays one argument."""
+    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return '"' + text.replace("\n", "\\n").replace("\r", "\\r") + '"'
+
+
+def one_line(text: str) -> str:
+    """A server's multi-line output as one line, for an error message."""
+    return " ".join(text.split())
 
 
 def running_version(url: str) -> str | None:

@@ -98,8 +98,9 @@ def test_a_server_that_cannot_start_is_one_clear_error(tmp_path: Path) -> None:
     from precompute_assets.stack import RedisError
 
     busy = RedisServer(tmp_path / "a", free_port(), extra_config=("maxmemory not-a-size",))
-    with pytest.raises(RedisError, match="failed|exited"):
+    with pytest.raises(RedisError, match="failed|exited") as raised:
         busy.start(timeout_s=10)
+    assert "\n" not in str(raised.value)  # the server's multi-line complaint, as one line
     missing = RedisServer(tmp_path / "b", free_port(), binary=str(tmp_path / "no-such-server"))
     with pytest.raises(RedisError, match="cannot run"):
         missing.start()
@@ -189,3 +190,25 @@ def test_a_stale_pid_file_naming_another_homes_server_is_not_ours(stack: Stack, 
     finally:
         home.purge()
     assert stack.postgres.pid == other_pg and stack.redis.pid == other_redis
+
+
+def test_a_home_and_service_folder_with_spaces_work(session_dir: Path, redis_server) -> None:
+    """Paths are quoted in the Redis config (unquoted, a space split them: FATAL CONFIG FILE ERROR) and in pg_ctl."""
+    quoted = RedisServer(session_dir / 'a "quoted" \\ folder', free_port())
+    try:
+        quoted.start()
+        assert quoted.pid is not None and redis.Redis.from_url(quoted.url).ping()
+    finally:
+        quoted.stop()
+    odd = session_dir / "a folder with spaces"
+    stack = Stack(odd / "home", services=odd / "service root")
+    try:
+        env = stack.up()
+        assert redis.Redis.from_url(env[ENV_REDIS]).ping()
+        assert stack.redis.pid is not None and stack.postgres.pid is not None
+        with psycopg2.connect(libpq_url(env[ENV_APP_DB])) as conn, conn.cursor() as cur:
+            cur.execute("SELECT 1")
+            assert cur.fetchone() == (1,)
+    finally:
+        stack.purge()
+    assert stack.redis.pid is None and stack.postgres.pid is None

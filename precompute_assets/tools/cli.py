@@ -1161,7 +1161,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args) or 0
     except (CliError, StackError, RedisError) as error:
-        print(f"precompute {args.command}: {error}", file=sys.stderr)
+        print(f"precompute {args.command}: {' '.join(str(error).split())}", file=sys.stderr)  # one line, always
         return 2
     except BrokenPipeError:  # the reader of our output went away (`| head`): no traceback, and no flush at exit
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
