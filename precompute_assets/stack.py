@@ -420,11 +420,21 @@ class PostgresServer:
         if self.pid is None:
             self._prepare_runtime()
             self._remove_stale_lock()
-            if not (self.data / "PG_VERSION").exists():
-                self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "--encoding=UTF8")
+            if not (self.data / "global" / "pg_control").exists():
+                self._initdb()
             options = f"-h 127.0.0.1 -p {self.port} -c unix_socket_directories=''"
             self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", options, "-w", "start")
         self.ensure_databases(DAGSTER_DB, APP_DB)
+
+    def _initdb(self) -> None:
+        """Create the cluster in a staging folder, renamed into place once initdb succeeded: an ``up`` killed
+        meanwhile leaves no half-made data folder (its PG_VERSION passed for a finished one). A data folder
+        without pg_control is such a leftover: PostgreSQL cannot start from it."""
+        staging = self.runtime / "data.initdb"
+        shutil.rmtree(staging, ignore_errors=True)
+        self._run("initdb", "-D", str(staging), "-U", "postgres", "--auth=trust", "--encoding=UTF8")
+        shutil.rmtree(self.data)
+        staging.rename(self.data)
 
     def ensure_databases(self, *names: str) -> None:
         import psycopg2

@@ -212,3 +212,24 @@ def test_a_home_and_service_folder_with_spaces_work(session_dir: Path, redis_ser
     finally:
         stack.purge()
     assert stack.redis.pid is None and stack.postgres.pid is None
+
+
+def test_up_redoes_an_initdb_that_was_killed(session_dir: Path) -> None:
+    """An `up` killed during the first initdb leaves PG_VERSION without global/pg_control (pg_ctl then failed on
+    every later `up`), or a half-made staging folder: the next `up` makes the cluster anew."""
+    stack = Stack(session_dir / "killed-initdb")
+    try:
+        stack.postgres._prepare_runtime()
+        (stack.postgres.data / "PG_VERSION").write_text("18\n")
+        (stack.postgres.data / "base").mkdir()
+        (stack.postgres.runtime / "data.initdb" / "global").mkdir(parents=True)
+        env = stack.up()
+        with psycopg2.connect(libpq_url(env[ENV_APP_DB])) as conn, conn.cursor() as cur:
+            cur.execute("SELECT 1")
+            assert cur.fetchone() == (1,)
+        assert not (stack.postgres.runtime / "data.initdb").exists()
+        if os.geteuid() == 0:
+            assert stat.S_IMODE(stack.postgres.data.stat().st_mode) == 0o700
+            assert stack.postgres.data.stat().st_uid != 0
+    finally:
+        stack.purge()
