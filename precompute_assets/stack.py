@@ -325,11 +325,18 @@ class PostgresServer:
         pid = self._lock_pid()
         return pid if pid is not None and alive(pid, ("postgres",), cwd=self.data) else None
 
-    def _remove_stale_lock(self) -> None:
-        """Before a start (our server is not running): PostgreSQL refuses a lock file whose PID exists, and after a
-        reboot that PID may be another process's, even another home's PostgreSQL. Such a lock file is stale."""
+    def _remove_stale_lock(self, timeout_s: float = 10) -> None:
+        """Before a start (our server is not running): PostgreSQL refuses a lock file whose PID exists. A killed
+        postmaster stays a zombie until it is reaped: wait for that (bounded). After a reboot the PID may be
+        another process's, even another home's PostgreSQL: with no process left in the data folder (the
+        postmaster and its backends all run there), the lock file is stale."""
         pid = self._lock_pid()
-        if pid is not None and process_state(pid) not in (None, "Z"):
+        if pid is None:
+            return
+        deadline = time.monotonic() + timeout_s
+        while process_state(pid) == "Z" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if process_state(pid) is not None and not processes_in(self.data):
             self.lock_file.unlink(missing_ok=True)
 
     def binaries(self) -> Path:
@@ -399,6 +406,7 @@ class PostgresServer:
         if self.as_root:  # the service user's own group only, not root's groups
             entry = ensure_system_user(PG_SYSTEM_USER)
             as_user = {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
+        log_size = self.log.stat().st_size if self.log.exists() else 0
         try:
             result = subprocess.run(
                 [str(self.binaries() / program), *args],
@@ -411,9 +419,19 @@ class PostgresServer:
         except (OSError, subprocess.SubprocessError) as error:
             raise StackError(f"PostgreSQL: {program} could not run: {error}") from None
         if result.returncode != 0:
-            tail = self.log.read_text()[-2000:] if self.log.exists() else ""
-            last = (result.stderr.strip() or tail.strip() or "no output").splitlines()[-1]
-            raise StackError(f"PostgreSQL: {program} failed: {last} (log: {self.log})")
+            raise StackError(f"PostgreSQL: {program} failed: {self._reason(result.stderr, log_size)} (log: {self.log})")
+
+    def _reason(self, stderr: str, log_size: int) -> str:
+        """Why a program failed, in one line: the last FATAL or PANIC line the server logged since ``log_size``
+        (pg_ctl itself only says "Examine the log output"), else the last line of its own output."""
+        try:
+            with open(self.log, "rb") as log:
+                log.seek(log_size)
+                logged = log.read().decode(errors="replace").splitlines()
+        except OSError:
+            logged = []
+        fatal = [match[0] for line in logged if (match := re.search(r"\b(FATAL|PANIC):.*", line))]
+        return one_line(fatal[-1] if fatal else (stderr.strip() or "no output").splitlines()[-1])
 
     def start(self) -> None:
         """Start the server unless it runs; return once it accepts connections and both databases exist."""
@@ -422,6 +440,8 @@ class PostgresServer:
             self._remove_stale_lock()
             if not (self.data / "global" / "pg_control").exists():
                 self._initdb()
+            if reachable(self.url("postgres"), timeout_s=0.2):
+                raise StackError(f"port {self.port} is in use by another program; PostgreSQL cannot start there")
             options = f"-h 127.0.0.1 -p {self.port} -c unix_socket_directories=''"
             self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", options, "-w", "start")
         self.ensure_databases(DAGSTER_DB, APP_DB)
@@ -533,6 +553,18 @@ def process_state(pid: int) -> str | None:
             return stat.read().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
         return None
+
+
+def processes_in(folder: Path) -> list[int]:
+    """The processes whose working directory is ``folder`` (those this user may inspect)."""
+    target = os.path.realpath(folder)
+    found = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{entry.name}/cwd") == target:
+                    found.append(int(entry.name))
+    return found
 
 
 def reachable(url: str, timeout_s: float = 0.5) -> bool:

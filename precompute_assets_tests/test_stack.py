@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import stat
 import tempfile
+import time
 from pathlib import Path
 
 import psycopg2
@@ -14,6 +15,7 @@ import redis
 from precompute_assets.stack import (
     ENV_APP_DB,
     ENV_REDIS,
+    PG_SYSTEM_USER,
     RedisError,
     RedisServer,
     Stack,
@@ -231,5 +233,62 @@ def test_up_redoes_an_initdb_that_was_killed(session_dir: Path) -> None:
         if os.geteuid() == 0:
             assert stat.S_IMODE(stack.postgres.data.stat().st_mode) == 0o700
             assert stack.postgres.data.stat().st_uid != 0
+    finally:
+        stack.purge()
+
+
+def test_up_waits_for_a_killed_postmaster_to_be_reaped(session_dir: Path) -> None:
+    """A postmaster killed with kill -9 stays a zombie until it is reaped, and PostgreSQL refuses a lock file whose
+    PID exists: `up` right then waits for the zombie to go instead of failing once."""
+    import subprocess
+    import threading
+
+    from precompute_assets.stack import process_state
+
+    stack = Stack(session_dir / "zombie")
+    try:
+        stack.up()
+        stack.down()
+        as_user = {"user": PG_SYSTEM_USER} if os.geteuid() == 0 else {}  # PostgreSQL ignores others' processes
+        killed = subprocess.Popen(["sleep", "600"], **as_user)
+        killed.kill()
+        while process_state(killed.pid) != "Z":  # our own unreaped child stands for the killed postmaster
+            time.sleep(0.01)
+        (stack.postgres.data / "postmaster.pid").write_text(f"{killed.pid}\n{stack.postgres.data}\n")
+        threading.Timer(2, killed.wait).start()  # PID 1 reaps it a little later
+        stack.up()
+        assert stack.postgres.pid is not None
+    finally:
+        stack.purge()
+
+
+def test_a_postgresql_that_cannot_start_says_why_in_one_line(session_dir: Path) -> None:
+    """pg_ctl only says "Examine the log output": the error carries the server's FATAL line, and a port held by
+    another program is named as such."""
+    import socket
+    import subprocess
+
+    from precompute_assets.stack import StackError
+
+    stack = Stack(session_dir / "cannot-start")
+    try:
+        stack.up()
+        stack.down()
+        with socket.socket() as other:
+            other.bind(("127.0.0.1", stack.postgres.port))
+            other.listen()
+            with pytest.raises(StackError, match=f"port {stack.postgres.port} is in use by another program"):
+                stack.postgres.start()
+        # A live process in the data folder under the lock file's PID: PostgreSQL refuses to start.
+        as_user = {"user": PG_SYSTEM_USER} if os.geteuid() == 0 else {}  # PostgreSQL ignores others' processes
+        holder = subprocess.Popen(["sleep", "600"], cwd=stack.postgres.data, **as_user)
+        try:
+            (stack.postgres.data / "postmaster.pid").write_text(f"{holder.pid}\n{stack.postgres.data}\n")
+            with pytest.raises(StackError, match='FATAL: +lock file "postmaster.pid" already exists') as raised:
+                stack.postgres.start()
+            assert "\n" not in str(raised.value)
+        finally:
+            holder.kill()
+            holder.wait()
     finally:
         stack.purge()
