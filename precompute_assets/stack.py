@@ -153,12 +153,27 @@ class RedisServer:
 
     @property
     def pid(self) -> int | None:
-        pidfile = self.dir / "redis.pid"
+        """Our server's process: the pid file's, else (a pid file the server could not write, on a full disk) the
+        one that answers on our port, when it runs in our folder."""
         try:
-            pid = int(pidfile.read_text())
-        except (FileNotFoundError, ValueError):
+            pid = int((self.dir / "redis.pid").read_text())
+        except (OSError, ValueError):
+            pid = None
+        if pid is None or not alive(pid, SERVER_PROGRAMS, cwd=self.dir):
+            pid = self._answering_pid()
+        return pid if pid is not None and alive(pid, SERVER_PROGRAMS, cwd=self.dir) else None
+
+    def _answering_pid(self) -> int | None:
+        """The ``process_id`` the server on our port reports, or None when none answers."""
+        import redis
+
+        client = redis.Redis.from_url(self.url, socket_timeout=1, socket_connect_timeout=0.2)
+        try:
+            return int(client.info("server")["process_id"])
+        except (redis.RedisError, OSError, KeyError, ValueError):
             return None
-        return pid if alive(pid, SERVER_PROGRAMS, cwd=self.dir) else None
+        finally:
+            client.close()
 
     def config(self, version: tuple[int, ...]) -> list[str]:
         # Version buckets hold up to ~128 values of up to 312 bytes (int8 embeddings): keep them in the

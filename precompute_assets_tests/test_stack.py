@@ -21,6 +21,7 @@ from precompute_assets.stack import (
     Stack,
     default_redis_binary,
     free_port,
+    reachable,
     server_version,
     service_root,
     wheel_pg_install,
@@ -292,3 +293,15 @@ def test_a_postgresql_that_cannot_start_says_why_in_one_line(session_dir: Path) 
             holder.wait()
     finally:
         stack.purge()
+
+
+def test_a_redis_whose_pid_file_is_empty_is_still_ours(redis_server) -> None:
+    """On a full disk Redis starts but writes an empty pid file: it is still our server (it runs in our folder and
+    reports its process id), so `up` does not call it another program's and `down` stops it."""
+    server = redis_server()
+    pid = server.pid
+    (server.dir / "redis.pid").write_text("")
+    assert server.pid == pid
+    server.start(timeout_s=10)  # said "another program answers on port ..." before
+    server.stop()
+    assert server.pid is None and not reachable(server.url)
