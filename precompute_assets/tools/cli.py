@@ -258,9 +258,27 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 
 def cmd_env(args: argparse.Namespace) -> int:
-    for name, value in Stack().env().items():
+    for name, value in exported_env(Stack()).items():
         print(f"export {name}={shlex.quote(value)}")
     return 0
+
+
+def exported_env(stack: Stack) -> dict[str, str]:
+    """What ``precompute env`` exports: the stack's variables, the partitions start (with its default), and the ad
+    feature set where it is set, so a shell that evaluates it (or ``precompute dev`` started from it) keeps them."""
+    from ..defs.settings import DEFAULT_PARTITIONS_START, ENV_PARTITIONS_START
+    from ..ml.features import ENV_AD_CATEGORICAL, ENV_AD_LOG_SCALED, ENV_AD_NUMERIC
+
+    env = {**stack.env(), ENV_PARTITIONS_START: os.environ.get(ENV_PARTITIONS_START) or DEFAULT_PARTITIONS_START}
+    # Set but blank is meaningful for the log-scaled columns (none), so "set" is what counts, not "non-empty".
+    env.update(
+        {
+            name: os.environ[name]
+            for name in (ENV_AD_NUMERIC, ENV_AD_CATEGORICAL, ENV_AD_LOG_SCALED)
+            if name in os.environ
+        }
+    )
+    return env
 
 
 def cmd_dev(args: argparse.Namespace) -> int:

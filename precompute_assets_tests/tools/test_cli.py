@@ -365,6 +365,26 @@ def test_env_is_shell_safe_and_stable_before_up(tmp_path, monkeypatch, capsys):
     assert shown[2].startswith("postgresql+psycopg2://postgres@127.0.0.1:")
 
 
+def test_env_exports_the_partitions_start_and_a_set_ad_feature_set(tmp_path, monkeypatch, capsys):
+    """The README: `env` exports every variable with a default, and the PRECOMPUTE_AD_* feature set when set (a blank
+    PRECOMPUTE_AD_LOG_SCALED means no log-scaled column, so it is exported too)."""
+    import subprocess
+
+    monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("PRECOMPUTE_PARTITIONS_START", raising=False)
+    monkeypatch.delenv("PRECOMPUTE_AD_CATEGORICAL", raising=False)
+    monkeypatch.setenv("PRECOMPUTE_AD_NUMERIC", "price,rating")
+    monkeypatch.setenv("PRECOMPUTE_AD_LOG_SCALED", "")
+    assert main(["env"]) == 0
+    script = capsys.readouterr().out
+    show = 'printf "%s|" "$PRECOMPUTE_PARTITIONS_START" "$PRECOMPUTE_AD_NUMERIC" "${PRECOMPUTE_AD_LOG_SCALED-unset}" '
+    show += '"${PRECOMPUTE_AD_CATEGORICAL-unset}"'
+    shown = subprocess.run(
+        ["bash", "-c", script + show], capture_output=True, text=True, check=True, env={"PATH": os.environ["PATH"]}
+    ).stdout
+    assert shown == "2026-01-01|price,rating||unset|"
+
+
 @pytest.mark.parametrize(
     "argv, expected",
     [
