@@ -16,7 +16,17 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import NoReturn
 
-from ..stack import ENV_APP_DB, ENV_DAGSTER_PG, ENV_REDIS, RedisError, Stack, StackError, project_dir, redact
+from ..stack import (
+    ENV_APP_DB,
+    ENV_DAGSTER_PG,
+    ENV_REDIS,
+    RedisError,
+    ServiceStatus,
+    Stack,
+    StackError,
+    project_dir,
+    redact,
+)
 
 DOCUMENT_FIELD_OPTIONS = {
     "doc_id": "--id-field",
@@ -70,16 +80,18 @@ def print_status(stack: Stack) -> int:
         version = f"  ({service.version})" if service.version else ""
         print(f"{service.name:<9} {where:<9} {state:<22} {redact(service.url)}{version}")
     print(f"state     {stack.home}")
-    postgres_running = any(service.name == "postgres" and service.running for service in services)
-    for name, kind, status in automation(stack, postgres_running):
+    postgres = next(service for service in services if service.name == "postgres")
+    for name, kind, status in automation(stack, postgres):
         print(f"{kind:<9} {status:<9} {name}")
     return 0
 
 
-def automation(stack: Stack, postgres_running: bool) -> list[tuple[str, str, str]]:
+def automation(stack: Stack, postgres: ServiceStatus) -> list[tuple[str, str, str]]:
     """Each schedule and sensor with the state the Dagster daemon acts on, and each concurrency pool with what holds
     it, when Dagster's database answers."""
-    if not postgres_running or not (stack.dagster_home / "dagster.yaml").exists():
+    if not postgres.embedded and not postgres.running:  # `up` cannot start an external server
+        return [("(unknown: Dagster's database does not answer)", "automation", "")]
+    if not postgres.running or not (stack.dagster_home / "dagster.yaml").exists():
         return [("(unknown until `precompute up`: Dagster's database is stopped)", "automation", "")]
     from ..definitions import defs
     from ..defs.automation import automation_states, pool_states

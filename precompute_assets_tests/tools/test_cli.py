@@ -297,6 +297,7 @@ def test_unreachable_external_servers_are_one_line_and_exit_2(tmp_path, monkeypa
     assert main(["status"]) == 0
     out = capsys.readouterr().out
     assert "redis     external  unreachable" in out and "postgresql+psycopg2://u:***@127.0.0.1:1/dagster" in out
+    assert "(unknown: Dagster's database does not answer)" in out and "precompute up" not in out, out
     assert "secret" not in out
     assert not (tmp_path / "home" / "redis").exists() and not (tmp_path / "home" / "postgres").exists()
 
