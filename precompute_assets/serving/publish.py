@@ -48,7 +48,7 @@ from .keys import (
     check_version,
     codec_for,
 )
-from .replication import REPLICA_WAIT_S, ReplicationTimeoutError, wait_for_replicas
+from .replication import REPLICA_WAIT_S, ReplicationTimeoutError, confirm_replicas
 
 _log = logging.getLogger(__name__)
 KEYS_PER_BUCKET = 64  # small hashes stay in Redis' compact listpack encoding
@@ -527,8 +527,8 @@ def flip_pointer(
     until every online replica holds what its primary holds, the new version's buckets included, or raises
     ``ReplicationTimeoutError`` without flipping. After the pointer write it waits again before it shortens the old
     version's life; if its replicas do not confirm the flip, the old version keeps its TTL (a warning says so), so a
-    failover that loses the flip still serves a whole version. A Redis user that may not run ``INFO`` waits for
-    nothing (a warning says so too).
+    failover that loses the flip still serves a whole version. A server that refuses ``INFO`` (an ACL user without
+    it, a proxy) waits for nothing (a warning says so too).
 
     On Redis Cluster the two keys live in different slots, which one transaction cannot span: there the
     experiment is written first and the pointer second, each waiting for its reply, and readers on a cluster
@@ -541,7 +541,7 @@ def flip_pointer(
     check_kind(kind)
     check_version(pointer.version)
     try:
-        _replicas_hold(client, replica_wait_s)
+        confirm_replicas(client, replica_wait_s)
     except ReplicationTimeoutError as error:
         error.add_note(f"the pointer of {kind} was not flipped to {pointer.version}: readers stay where they were")
         raise
@@ -570,7 +570,7 @@ def flip_pointer(
         return previous
     remember = (b"SET", schema.previous(kind).encode(), previous.encode(), b"EX", b"%d" % max(1, grace_s))
     try:
-        _replicas_hold(client, replica_wait_s)
+        confirm_replicas(client, replica_wait_s)
     except REDIS_ERRORS as error:
         _log.warning(
             "%s version %s is current, but its replicas did not confirm the flip (%s): version %s keeps its TTL, so "
@@ -598,14 +598,6 @@ def flip_pointer(
         pipe.execute_command(*remember)
         pipe.execute()
     return previous
-
-
-def _replicas_hold(client: redis.Redis, timeout_s: float) -> None:
-    """``wait_for_replicas``; a user that may not run ``INFO`` (an ACL without it) is warned and waits for nothing."""
-    try:
-        wait_for_replicas(client, timeout_s)
-    except redis.exceptions.NoPermissionError:
-        _log.warning("this Redis user may not run INFO, so a flip cannot wait for replicas: grant it +info")
 
 
 def experiment_command(name: bytes, experiment: Experiment | None) -> tuple[bytes, ...]:

@@ -12,11 +12,14 @@ publish writes through many.
 
 from __future__ import annotations
 
+import logging
 import time
 
 import redis
 
 from .connection import is_cluster
+
+_log = logging.getLogger(__name__)
 
 REPLICA_WAIT_S = 30.0  # default: how long a flip waits for replicas before it gives up
 POLL_S = 0.05
@@ -24,6 +27,15 @@ POLL_S = 0.05
 
 class ReplicationTimeoutError(redis.RedisError):
     """Replicas had not acknowledged their primary's writes when the wait ended: a failover could lose them."""
+
+
+def confirm_replicas(client: redis.Redis, timeout_s: float = REPLICA_WAIT_S) -> None:
+    """``wait_for_replicas``, where the server can be asked: a server that refuses ``INFO`` (an ACL user without it,
+    a proxy that does not forward it) is warned about once per call and waited for in no way."""
+    try:
+        wait_for_replicas(client, timeout_s)
+    except redis.ResponseError as error:  # not ReplicationTimeoutError: that one is not a reply of the server
+        _log.warning("cannot wait for replicas: the server refused INFO (%s); grant the Redis user +info", error)
 
 
 def _replication_infos(client: redis.Redis) -> dict[str, dict]:

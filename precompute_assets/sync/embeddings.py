@@ -4,7 +4,8 @@ One sync walks the documents changed since its watermark in (modified_at, doc_id
 embed, quantise, write Redis, then commit the chunk's embeddings, failures and the advanced watermark in
 one PostgreSQL transaction (Redis writes of consecutive chunks are grouped, up to ``REDIS_BATCH_DOCS``
 documents). A crash loses at most the chunks not yet committed, which the next sync redoes (Redis writes
-are idempotent), so nothing is duplicated or skipped.
+are idempotent), so nothing is duplicated or skipped. Chunks commit only once Redis's replicas hold their writes
+(``replication.confirm_replicas``), so a failover cannot lose documents the watermark has passed.
 
 The first sync of an embedding model version builds a new Redis version and flips to it at the end;
 later syncs patch that version in place (new, modified and deleted documents only).
@@ -42,7 +43,7 @@ from ..serving.publish import (
     run_commands,
     send_commands,
 )
-from ..serving.replication import REPLICA_WAIT_S
+from ..serving.replication import REPLICA_WAIT_S, confirm_replicas
 from ..serving.vectors import encode_batch
 from ..storage.documents import DocumentRow, DocumentStore
 from ..storage.embeddings import EmbeddingStore
@@ -147,7 +148,7 @@ def _sync(
     # Three stages overlap: the next chunk is read and the previous ones written (Redis, then the
     # PostgreSQL commits that advance the watermark) while this one is embedded. Writes stay in order.
     stopped_early = False
-    chunks = _ChunkWriter(store, client, schema, target, model_version, write_batch)
+    chunks = _ChunkWriter(store, client, schema, target, model_version, write_batch, replica_wait_s)
     with ThreadPoolExecutor(1, "embedding-read") as reader, ThreadPoolExecutor(1, "embedding-write") as writer:
         next_rows: Future = reader.submit(read, progress.watermark)
         written: Future | None = None
@@ -300,10 +301,10 @@ class _ChunkWriter:
 
     def __init__(
         self, store: EmbeddingStore, client: redis.Redis, schema: KeySchema, target: Pointer, model_version: str,
-        batch: int = REDIS_BATCH_DOCS,
+        batch: int = REDIS_BATCH_DOCS, replica_wait_s: float = REPLICA_WAIT_S,
     ) -> None:  # fmt: skip
         self.store, self.client, self.schema, self.target = store, client, schema, target
-        self.model_version, self.batch = model_version, batch
+        self.model_version, self.batch, self.replica_wait_s = model_version, batch, replica_wait_s
         self._held: list[Chunk] = []
         self._docs = 0
 
@@ -329,6 +330,9 @@ class _ChunkWriter:
             deletes=[doc_id for doc_id, value in final.items() if value is None],
             schema=self.schema,
         )
+        # The commits below say these documents are in Redis: first their replicas must hold them too, or a failover
+        # could lose writes the watermark has passed (ReplicationTimeoutError: nothing commits, the next sync redoes).
+        confirm_replicas(self.client, self.replica_wait_s)
         for chunk in self._held:
             self.store.commit_chunk(self.model_version, chunk.embedded, chunk.deleted, chunk.failures, chunk.watermark)
         self._held, self._docs = [], 0
