@@ -503,11 +503,9 @@ def test_docs_load_maps_a_corpus_fields_and_refuses_a_field_it_lacks(stack, app_
         assert cur.fetchall() == [(i, "", f"passage {i}", "en") for i in sorted(ids)]
 
 
-def test_query_logs_import_fills_hourly_partitions_that_dagster_knows(stack, tmp_path, monkeypatch, capsys):
-    import dagster as dg
-
-    from precompute_assets.stack import ENV_DAGSTER_PG, ENV_LAKE, ENV_REDIS
-    from precompute_assets.storage.lake import Lake
+def on_the_test_stack(stack, tmp_path, monkeypatch) -> None:
+    """Commands of this test use the session's Redis and Dagster storage, with a Dagster home of their own."""
+    from precompute_assets.stack import ENV_DAGSTER_PG, ENV_REDIS
 
     monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "home"))
     for name in (ENV_REDIS, ENV_DAGSTER_PG):
@@ -515,6 +513,15 @@ def test_query_logs_import_fills_hourly_partitions_that_dagster_knows(stack, tmp
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster"))
     (tmp_path / "dagster").mkdir()
     (tmp_path / "dagster" / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+
+
+def test_query_logs_import_fills_hourly_partitions_that_dagster_knows(stack, tmp_path, monkeypatch, capsys):
+    import dagster as dg
+
+    from precompute_assets.stack import ENV_LAKE
+    from precompute_assets.storage.lake import Lake
+
+    on_the_test_stack(stack, tmp_path, monkeypatch)
     relative = tmp_path / "history.csv"  # seconds from the trace's start: 3 requests in hour 0, 1 in hour 2
     relative.write_text("0.5,ad1\n10,ad2\n3599,ad1\n7300,ad3\n")
     assert main(["query-logs", "import", str(relative)]) == 2
@@ -570,14 +577,7 @@ def test_query_logs_import_records_on_a_rerun_the_hours_a_failing_dagster_storag
     import dagster as dg
     from dagster_postgres.utils import DagsterPostgresException
 
-    from precompute_assets.stack import ENV_DAGSTER_PG, ENV_REDIS
-
-    monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "home"))
-    for name in (ENV_REDIS, ENV_DAGSTER_PG):
-        monkeypatch.setenv(name, stack.env()[name])
-    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster"))
-    (tmp_path / "dagster").mkdir()
-    (tmp_path / "dagster" / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    on_the_test_stack(stack, tmp_path, monkeypatch)
     monkeypatch.setenv("PRECOMPUTE_TIMEZONE", "UTC")
     trace = tmp_path / "three_hours.csv"
     trace.write_text("0,ad1\n3600,ad2\n7200,ad3\n")
