@@ -159,9 +159,13 @@ class RedisServer:
             pid = int((self.dir / "redis.pid").read_text())
         except (OSError, ValueError):
             pid = None
-        if pid is None or not alive(pid, SERVER_PROGRAMS, cwd=self.dir):
+        if pid is None or not self._ours(pid):
             pid = self._answering_pid()
-        return pid if pid is not None and alive(pid, SERVER_PROGRAMS, cwd=self.dir) else None
+        return pid if pid is not None and self._ours(pid) else None
+
+    def _ours(self, pid: int) -> bool:
+        """Our server runs in our folder; where that cannot be read, its title names our port."""
+        return alive(pid, SERVER_PROGRAMS, cwd=self.dir, marker=f"127.0.0.1:{self.port}")
 
     def _answering_pid(self) -> int | None:
         """The ``process_id`` the server on our port reports, or None when none answers."""
@@ -338,20 +342,21 @@ class PostgresServer:
     def pid(self) -> int | None:
         """The postmaster of this data folder (it runs in it), or None: a stale lock file may name another process."""
         pid = self._lock_pid()
-        return pid if pid is not None and alive(pid, ("postgres",), cwd=self.data) else None
+        return pid if pid is not None and alive(pid, ("postgres",), cwd=self.data, marker=str(self.data)) else None
 
     def _remove_stale_lock(self, timeout_s: float = 10) -> None:
         """Before a start (our server is not running): PostgreSQL refuses a lock file whose PID exists. A killed
         postmaster stays a zombie until it is reaped: wait for that (bounded). After a reboot the PID may be
-        another process's, even another home's PostgreSQL: with no process left in the data folder (the
-        postmaster and its backends all run there), the lock file is stale."""
+        another process's, even another home's PostgreSQL. The lock file is stale only when no process's command
+        line names our data folder: the postmaster's does, and command lines are readable whatever user runs the
+        server (its working directory is not, as root without CAP_SYS_PTRACE, the default in containers)."""
         pid = self._lock_pid()
         if pid is None:
             return
         deadline = time.monotonic() + timeout_s
         while process_state(pid) == "Z" and time.monotonic() < deadline:
             time.sleep(0.05)
-        if process_state(pid) is not None and not processes_in(self.data):
+        if process_state(pid) is not None and not processes_naming(str(self.data)):
             self.lock_file.unlink(missing_ok=True)
 
     def binaries(self) -> Path:
@@ -464,11 +469,12 @@ class PostgresServer:
     def _initdb(self) -> None:
         """Create the cluster in a staging folder, renamed into place once initdb succeeded: an ``up`` killed
         meanwhile leaves no half-made data folder (its PG_VERSION passed for a finished one). A data folder
-        without pg_control is such a leftover: PostgreSQL cannot start from it."""
+        without pg_control is such a leftover (PostgreSQL cannot start from it): it is moved aside, never deleted."""
         staging = self.runtime / "data.initdb"
         shutil.rmtree(staging, ignore_errors=True)
         self._run("initdb", "-D", str(staging), "-U", "postgres", "--auth=trust", "--encoding=UTF8")
-        shutil.rmtree(self.data)
+        if self.data.exists():  # kept, not deleted: it may be a real cluster that lost only its pg_control
+            self.data.rename(self.runtime / f"data.without-pg_control.{int(time.time())}")
         staging.rename(self.data)
 
     def ensure_databases(self, *names: str) -> None:
@@ -532,16 +538,16 @@ def ensure_system_user(name: str):
     return pwd.getpwnam(name)
 
 
-def alive(pid: int, programs: tuple[str, ...] | None = None, *, cwd: Path | None = None) -> bool:
+def alive(
+    pid: int, programs: tuple[str, ...] | None = None, *, cwd: Path | None = None, marker: str | None = None
+) -> bool:
     """Whether ``pid`` runs one of ``programs`` (a zombie does not: containers often have no init that reaps
     daemons; and after a reboot a stale pid file may name some unrelated process), in the working directory ``cwd``
-    when given: our servers run in their own folder, so another home's server of the same program is not ours."""
-    if cwd is not None:
-        try:
-            if os.readlink(f"/proc/{pid}/cwd") != os.path.realpath(cwd):
-                return False
-        except OSError:  # gone, a zombie, or not ours to inspect: never take it for our server
-            return False
+    when given: our servers run in their own folder, so another home's server of the same program is not ours.
+
+    Another user's working directory can only be read with CAP_SYS_PTRACE (root in a default container has none):
+    then its command line must hold ``marker`` instead (PostgreSQL's names its data folder). Without ``/proc`` (not
+    Linux) only the process's existence is checked."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -552,13 +558,22 @@ def alive(pid: int, programs: tuple[str, ...] | None = None, *, cwd: Path | None
         with open(f"/proc/{pid}/stat") as stat:
             if stat.read().rsplit(")", 1)[1].split()[0] == "Z":
                 return False
-        if programs is not None:
-            with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
-                command = cmdline.read()
-            return any(program.encode() in command for program in programs)
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            command = cmdline.read()
+    except FileNotFoundError:
+        return os.path.isdir(f"/proc/{pid}") or not os.path.isdir("/proc")  # gone, or no /proc at all
     except OSError:
-        pass
-    return True
+        return True  # it exists (kill said so) and cannot be inspected: as before /proc was read
+    if programs is not None and not any(program.encode() in command for program in programs):
+        return False
+    if cwd is None:
+        return True
+    try:
+        return os.readlink(f"/proc/{pid}/cwd") == os.path.realpath(cwd)
+    except PermissionError:
+        return marker is not None and marker.encode() in command
+    except OSError:  # gone meanwhile
+        return False
 
 
 def process_state(pid: int) -> str | None:
@@ -570,14 +585,16 @@ def process_state(pid: int) -> str | None:
         return None
 
 
-def processes_in(folder: Path) -> list[int]:
-    """The processes whose working directory is ``folder`` (those this user may inspect)."""
-    target = os.path.realpath(folder)
+def processes_naming(marker: str) -> list[int]:
+    """The processes whose command line holds ``marker``; without ``/proc`` (not Linux), None can be told apart,
+    so every process might: ``[-1]``."""
+    if not os.path.isdir("/proc"):
+        return [-1]
     found = []
     for entry in os.scandir("/proc"):
         if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                if os.readlink(f"/proc/{entry.name}/cwd") == target:
+            with contextlib.suppress(OSError), open(f"/proc/{entry.name}/cmdline", "rb") as cmdline:
+                if marker.encode() in cmdline.read():
                     found.append(int(entry.name))
     return found
 

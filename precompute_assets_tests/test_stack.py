@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import stat
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -195,6 +198,31 @@ def test_a_stale_pid_file_naming_another_homes_server_is_not_ours(stack: Stack, 
     assert stack.postgres.pid == other_pg and stack.redis.pid == other_redis
 
 
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv (util-linux)")
+def test_servers_are_recognised_without_the_right_to_read_their_working_directory(session_dir: Path) -> None:
+    """As root in a default container (no CAP_SYS_PTRACE) the working directory of PostgreSQL, which runs as its
+    service user, cannot be read: status must still see the server, and a second up must neither take it for
+    stopped nor delete its lock file (PostgreSQL shuts down within a minute when it finds its lock file gone)."""
+    home = Stack(session_dir / "no-ptrace")
+    try:
+        env = home.up()
+        pg, lock = home.postgres.pid, home.postgres.lock_file.read_text()
+        script = (
+            "import sys; from pathlib import Path; from precompute_assets.stack import Stack; "
+            "s = Stack(Path(sys.argv[1])); print(s.postgres.pid, s.redis.pid); s.up(); s.up(); print(s.postgres.pid)"
+        )
+        without_ptrace = ["setpriv", "--bounding-set=-sys_ptrace", "--inh-caps=-sys_ptrace"]
+        done = subprocess.run([*without_ptrace, sys.executable, "-c", script, str(home.home)],
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.split() == [str(pg), str(home.redis.pid), str(pg)]
+        assert home.postgres.lock_file.read_text() == lock  # untouched
+        with psycopg2.connect(libpq_url(env[ENV_APP_DB])) as conn, conn.cursor() as cur:
+            cur.execute("SELECT 1")
+    finally:
+        home.purge()
+
+
 def test_a_home_and_service_folder_with_spaces_work(session_dir: Path, redis_server) -> None:
     """Paths are quoted in the Redis config (unquoted, a space split them: FATAL CONFIG FILE ERROR) and in pg_ctl."""
     quoted = RedisServer(session_dir / 'a "quoted" \\ folder', free_port())
@@ -231,6 +259,8 @@ def test_up_redoes_an_initdb_that_was_killed(session_dir: Path) -> None:
             cur.execute("SELECT 1")
             assert cur.fetchone() == (1,)
         assert not (stack.postgres.runtime / "data.initdb").exists()
+        (kept,) = stack.postgres.runtime.glob("data.without-pg_control.*")  # moved aside, never deleted
+        assert (kept / "PG_VERSION").read_text() == "18\n"
         if os.geteuid() == 0:
             assert stat.S_IMODE(stack.postgres.data.stat().st_mode) == 0o700
             assert stack.postgres.data.stat().st_uid != 0
@@ -267,7 +297,6 @@ def test_a_postgresql_that_cannot_start_says_why_in_one_line(session_dir: Path) 
     """pg_ctl only says "Examine the log output": the error carries the server's FATAL line, and a port held by
     another program is named as such."""
     import socket
-    import subprocess
 
     from precompute_assets.stack import StackError
 
@@ -280,17 +309,13 @@ def test_a_postgresql_that_cannot_start_says_why_in_one_line(session_dir: Path) 
             other.listen()
             with pytest.raises(StackError, match=f"port {stack.postgres.port} is in use by another program"):
                 stack.postgres.start()
-        # A live process in the data folder under the lock file's PID: PostgreSQL refuses to start.
-        as_user = {"user": PG_SYSTEM_USER} if os.geteuid() == 0 else {}  # PostgreSQL ignores others' processes
-        holder = subprocess.Popen(["sleep", "600"], cwd=stack.postgres.data, **as_user)
-        try:
-            (stack.postgres.data / "postmaster.pid").write_text(f"{holder.pid}\n{stack.postgres.data}\n")
-            with pytest.raises(StackError, match='FATAL: +lock file "postmaster.pid" already exists') as raised:
-                stack.postgres.start()
-            assert "\n" not in str(raised.value)
-        finally:
-            holder.kill()
-            holder.wait()
+        # A configuration PostgreSQL refuses: pg_ctl fails, and the error is the log's FATAL line, on one line.
+        with open(stack.postgres.data / "postgresql.conf", "a") as conf:
+            conf.write("shared_buffers = nonsense\n")
+        refused = r'FATAL: +configuration file ".*postgresql.conf" contains errors'
+        with pytest.raises(StackError, match=refused) as raised:
+            stack.postgres.start()
+        assert "\n" not in str(raised.value)
     finally:
         stack.purge()
 
