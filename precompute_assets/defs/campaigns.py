@@ -27,6 +27,7 @@ from ..ml import ctr
 from ..ml.budget import DEFAULT_DRAWS, DEFAULT_PRIOR_STRENGTH, thompson_split
 from ..serving import KeySchema
 from ..serving.publish import delete_live_values, write_live_values
+from ..serving.replication import confirm_replicas
 from ..storage.campaigns import Campaign, CampaignRegistry
 from .models import CTR_MODEL, approved_materializations
 from .resources import CampaignRegistryResource, LakeResource, ModelStoreResource, RedisResource
@@ -262,7 +263,9 @@ def campaign_budget(
     expire_at = int(campaign_ctr["expire_at"].iloc[0]) if "expire_at" in campaign_ctr else expiry(campaign, now, config)
     write_live_values(client, "budget", [(campaign_id, split)], expire_at=expire_at, schema=schema)
     # Warm means everything a launch needs is in the cache, so the revision is marked at the end of the run, with
-    # when its values expire: the registry lists it as due again before then, if it is still running.
+    # when its values expire: the registry lists it as due again before then, if it is still running. In the cache
+    # means on Redis's replicas too: a failover must not lose what the registry calls warm (a timeout is retried).
+    confirm_replicas(client, redis.replica_wait_s)
     warm_until = datetime.fromtimestamp(expire_at, UTC)
     warm = registry.mark_warm(campaign_id, campaign.revision, warm_until=warm_until)
     latest = registry.get(campaign_id)

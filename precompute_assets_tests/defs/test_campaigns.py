@@ -1,6 +1,8 @@
 """Campaign warming on real Redis + PostgreSQL: the sensor, the warming run, the budget split, cancellations, the
 backstop, run priorities in the queue, and what readers see when Redis fails."""
 
+import os
+import signal
 import uuid
 import zlib
 from datetime import UTC, datetime, timedelta
@@ -9,6 +11,7 @@ from pathlib import Path
 import dagster as dg
 import numpy as np
 import pytest
+import redis
 import yaml
 from dagster._core.remote_origin import RegisteredCodeLocationOrigin, RemoteJobOrigin, RemoteRepositoryOrigin
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
@@ -522,6 +525,33 @@ def test_redis_down_fails_the_run_after_retries_then_the_backstop_warms_it(
     assert registry.get(campaign_id).is_warm
     assert all(value is not None for value in reader.get_many("ctr", ids))
     reader.close()
+
+
+def test_a_campaign_is_warm_only_once_redis_replicas_hold_its_values(
+    registry, resources, instance, redis_server, schema
+):
+    """A failover promotes a replica without the writes it had not received: a campaign the registry calls warm would
+    launch cold. So the run marks it warm only once the replicas hold its values (a lagging replica: retried)."""
+    from precompute_assets_tests.serving.test_replication import replica_of
+
+    primary = redis_server()
+    replica = replica_of(redis_server, primary)
+    private = {**resources, "redis": RedisResource(url=primary.url, namespace=schema.namespace, replica_wait_s=0.5)}
+    campaign_id = unique("replicated")
+    ad_list = campaign_ads(campaign_id, 20)
+    registry.register(campaign_id, "acme", datetime.now(UTC) + 3 * HOUR, ad_list)
+    add_partitions(instance, tick(instance, resources["campaign_registry"]))
+    os.kill(replica.pid, signal.SIGSTOP)
+    try:
+        run = warm(instance, private, campaign_id, raise_on_error=False)
+        assert not run.success and not registry.get(campaign_id).is_warm
+        failures = [e for e in run.all_events if e.event_type_value == "STEP_FAILURE"]
+        assert "ReplicationTimeoutError" in str(failures[0].event_specific_data.error)
+    finally:
+        os.kill(replica.pid, signal.SIGCONT)
+    assert warm(instance, private, campaign_id).success and registry.get(campaign_id).is_warm
+    with redis.Redis(port=replica.port) as theirs:  # what the registry calls warm, a promoted replica serves
+        assert len(theirs.keys(f"{schema.prefix}:ctr:live:*")) == len(ad_list)
 
 
 def test_a_write_refused_half_way_leaves_nothing_visible(redis_server, schema):
