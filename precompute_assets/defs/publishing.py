@@ -65,7 +65,7 @@ def ctr_cache(
         replica_wait_s=redis.replica_wait_s,
     )
     if result.already_current:
-        context.log.info(f"ctr version {version} (these predictions) was already current: recorded, nothing rewritten")
+        context.log.info(f"ctr version {version} (these predictions) is current already: recorded, not published twice")
     else:
         context.log.info(f"published {result.keys} keys as ctr version {version} ({result.keys_per_s:,.0f} keys/s)")
     if result.handed_over:

@@ -143,6 +143,10 @@ def publish_version(
                 _log.warning("%s version %s is current but lost %d of %d buckets: writing them again",
                              kind, version, len(lost), len(filled))  # fmt: skip
                 send_commands(client, [write for name, bucket in lost for write in _bucket_writes(name, bucket, ttl)])
+            if ttl is not None:  # a failover can also have kept a bucket's HSET and lost its EXPIRE
+                send_commands(client, [(b"EXPIRE", name, ttl) for name, _ in filled])
+            if lost:
+                confirm_replicas(client, replica_wait_s)
             previous = _replaced_pointer(client, schema, kind)
             handed, settle_error = _settle(client, schema, kind, version, keys, previous, written=written, ttl_s=ttl_s)
             seconds = time.perf_counter() - started
