@@ -344,19 +344,14 @@ class PostgresServer:
         pid = self._lock_pid()
         return pid if pid is not None and alive(pid, ("postgres",), cwd=self.data, marker=str(self.data)) else None
 
-    def _remove_stale_lock(self, timeout_s: float = 10) -> None:
-        """Before a start (our server is not running): PostgreSQL refuses a lock file whose PID exists. A killed
-        postmaster stays a zombie until it is reaped: wait for that (bounded). After a reboot the PID may be
-        another process's, even another home's PostgreSQL. The lock file is stale only when no process's command
-        line names our data folder: the postmaster's does, and command lines are readable whatever user runs the
-        server (its working directory is not, as root without CAP_SYS_PTRACE, the default in containers)."""
+    def _remove_stale_lock(self) -> None:
+        """Before a start (our server is not running): PostgreSQL refuses a lock file whose PID exists, and that PID
+        may be a killed postmaster not yet reaped (a zombie) or, after a reboot, another process, even another
+        home's PostgreSQL. The lock file is stale when no process's command line names our data folder: the live
+        postmaster's does (a zombie's is empty), and command lines are readable whatever user runs the server (its
+        working directory is not, as root without CAP_SYS_PTRACE, the default in containers)."""
         pid = self._lock_pid()
-        if pid is None:
-            return
-        deadline = time.monotonic() + timeout_s
-        while process_state(pid) == "Z" and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if process_state(pid) is not None and not processes_naming(str(self.data)):
+        if pid is not None and process_state(pid) is not None and not processes_naming(str(self.data)):
             self.lock_file.unlink(missing_ok=True)
 
     def binaries(self) -> Path:
