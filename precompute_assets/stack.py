@@ -549,12 +549,10 @@ def alive(
         return False
     except PermissionError:
         pass  # it exists, and belongs to another user
+    if process_state(pid) == "Z":
+        return False
     try:
-        with open(f"/proc/{pid}/stat") as stat:
-            if stat.read().rsplit(")", 1)[1].split()[0] == "Z":
-                return False
-        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
-            command = cmdline.read()
+        command = command_line(pid)
     except FileNotFoundError:
         return os.path.isdir(f"/proc/{pid}") or not os.path.isdir("/proc")  # gone, or no /proc at all
     except OSError:
@@ -580,6 +578,12 @@ def process_state(pid: int) -> str | None:
         return None
 
 
+def command_line(pid: int) -> bytes:
+    """Process ``pid``'s command line, its arguments NUL-separated (readable whatever user runs it)."""
+    with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+        return cmdline.read()
+
+
 def processes_naming(marker: str) -> list[int]:
     """The processes whose command line holds ``marker``; without ``/proc`` (not Linux), None can be told apart,
     so every process might: ``[-1]``."""
@@ -588,8 +592,8 @@ def processes_naming(marker: str) -> list[int]:
     found = []
     for entry in os.scandir("/proc"):
         if entry.name.isdigit():
-            with contextlib.suppress(OSError), open(f"/proc/{entry.name}/cmdline", "rb") as cmdline:
-                if marker.encode() in cmdline.read():
+            with contextlib.suppress(OSError):
+                if marker.encode() in command_line(int(entry.name)):
                     found.append(int(entry.name))
     return found
 

@@ -130,23 +130,14 @@ def publish_version(
     grouped = [flat[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
 
     names = [schema.bucket(kind, version, index).encode() for index in range(buckets)]
+    filled = [(name, bucket) for name, bucket in zip(names, grouped, strict=True) if bucket]
     ttl = None if ttl_s is None else str(ttl_s).encode()
     try:
         (current,) = run_commands(client, [(b"GET", schema.pointer(kind).encode())])
         if current is not None and Pointer.decode(current).version == version:
             # Never rewrite the version readers are on (a step retried after its flip succeeded); its key count,
-            # written after the flip, may be what failed. Only buckets it lost (a failover promoted a replica that
-            # lacked them) are written again: readers of this version miss those keys, never get other values.
-            filled = [(name, bucket) for name, bucket in zip(names, grouped, strict=True) if bucket]
-            present = run_commands(client, [(b"EXISTS", name) for name, _ in filled])
-            if lost := [(name, bucket) for (name, bucket), here in zip(filled, present, strict=True) if not here]:
-                _log.warning("%s version %s is current but lost %d of %d buckets: writing them again",
-                             kind, version, len(lost), len(filled))  # fmt: skip
-                send_commands(client, [write for name, bucket in lost for write in _bucket_writes(name, bucket, ttl)])
-            if ttl is not None:  # a failover can also have kept a bucket's HSET and lost its EXPIRE
-                send_commands(client, [(b"EXPIRE", name, ttl) for name, _ in filled])
-            if lost:
-                confirm_replicas(client, replica_wait_s)
+            # written after the flip, may be what failed.
+            _mend_current(client, kind, version, filled, ttl, replica_wait_s)
             previous = _replaced_pointer(client, schema, kind)
             handed, settle_error = _settle(client, schema, kind, version, keys, previous, written=written, ttl_s=ttl_s)
             seconds = time.perf_counter() - started
@@ -157,9 +148,7 @@ def publish_version(
         batch: list[tuple[bytes, ...]] = []
         pending = 0
         with command_stream(client) as send:
-            for name, bucket in zip(names, grouped, strict=True):
-                if not bucket:
-                    continue
+            for name, bucket in filled:
                 batch += _bucket_writes(name, bucket, ttl)
                 pending += len(bucket) // 2
                 if len(batch) >= COMMANDS_PER_PIPELINE:
@@ -170,10 +159,10 @@ def publish_version(
             send(batch)
         if progress and pending:
             progress(pending)
-        filled = [name for name, bucket in zip(names, grouped, strict=True) if bucket]
-        if (present := _existing(client, filled)) < len(filled):
+        filled_names = [name for name, _ in filled]
+        if (present := _existing(client, filled_names)) < len(filled):
             # At maxmemory a volatile policy evicts the version's own buckets (they carry a TTL) without an error.
-            send_commands(client, [(b"DEL", name) for name in filled])  # give the memory back to the live version
+            send_commands(client, [(b"DEL", name) for name in filled_names])  # give the memory back to the live one
             raise IncompleteVersionError(
                 f"publish of {kind} version {version}: {len(filled) - present} of {len(filled)} buckets were evicted "
                 f"while being written{_memory_note(client)}; readers stay on the previous version: give Redis more "
@@ -215,6 +204,28 @@ def publish_version(
         handed_over=handed,
         settle_error=settle_error,
     )
+
+
+def _mend_current(
+    client: redis.Redis,
+    kind: str,
+    version: str,
+    filled: list[tuple[bytes, list[bytes]]],
+    ttl: bytes | None,
+    replica_wait_s: float,
+) -> None:
+    """Write back what a failover took from the current ``version`` (a replica promoted without some writes): its
+    missing buckets (readers of this version miss those keys, never get other values) and its buckets' TTLs (a
+    bucket's HSET may have reached the replica, its EXPIRE not)."""
+    present = run_commands(client, [(b"EXISTS", name) for name, _ in filled])
+    if lost := [(name, bucket) for (name, bucket), here in zip(filled, present, strict=True) if not here]:
+        _log.warning("%s version %s is current but lost %d of %d buckets: writing them again",
+                     kind, version, len(lost), len(filled))  # fmt: skip
+        send_commands(client, [write for name, bucket in lost for write in _bucket_writes(name, bucket, ttl)])
+    if ttl is not None:
+        send_commands(client, [(b"EXPIRE", name, ttl) for name, _ in filled])
+    if lost:
+        confirm_replicas(client, replica_wait_s)
 
 
 def _bucket_writes(name: bytes, bucket: list[bytes], ttl: bytes | None) -> list[tuple[bytes, ...]]:

@@ -382,8 +382,9 @@ def _parquet_file(path: Path) -> pq.ParquetFile:
         raise DocumentFileError(f"{path}: not a readable Parquet file: {str(error).splitlines()[0]}") from None
 
 
-def _frames_of_parquet(path: Path, fields: DocumentFields) -> Iterator[tuple[pd.DataFrame, None]]:
-    parquet = _parquet_file(path)
+def _frames_of_parquet(
+    parquet: pq.ParquetFile, path: Path, fields: DocumentFields
+) -> Iterator[tuple[pd.DataFrame, None]]:
     names = parquet.schema_arrow.names
     fields.check(names, "the file has")
     sources = {c: fields.source(c) for c in COLUMNS if fields.source(c) in names}
@@ -453,8 +454,8 @@ class DocumentStore:
             raise DocumentFileError(f"{path}: only CSV and TSV files can be read without a header")
         report = progress or (lambda share: None)
         if kind == "parquet":
-            rows = _parquet_file(path).metadata.num_rows
-            frames = _frames_of_parquet(path, fields)
+            parquet = _parquet_file(path)
+            rows, frames = parquet.metadata.num_rows, _frames_of_parquet(parquet, path, fields)
             return self._load(frames, language=fields.language, after_chunk=lambda done: report(done / max(rows, 1)))
         result = LoadResult()
         size = max(path.stat().st_size, 1)

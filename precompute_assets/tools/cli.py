@@ -24,6 +24,7 @@ from ..stack import (
     ServiceStatus,
     Stack,
     StackError,
+    one_line,
     project_dir,
     redact,
 )
@@ -1191,7 +1192,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args) or 0
     except (CliError, StackError, RedisError) as error:
-        print(f"precompute {args.command}: {' '.join(str(error).split())}", file=sys.stderr)  # one line, always
+        print(f"precompute {args.command}: {one_line(str(error))}", file=sys.stderr)  # one line, always
         return 2
     except BrokenPipeError:  # the reader of our output went away (`| head`): no traceback, and no flush at exit
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -1199,7 +1200,7 @@ def main(argv: list[str] | None = None) -> int:
     except _environment_errors() as error:  # a file, URL, server or value we were given that does not work
         if os.environ.get(ENV_TRACEBACK):
             raise
-        detail = " ".join(str(error).split()) or "no detail"
+        detail = one_line(str(error)) or "no detail"
         print(
             f"precompute {args.command}: {type(error).__name__}: {detail} ({ENV_TRACEBACK}=1 shows where)",
             file=sys.stderr,
