@@ -25,6 +25,7 @@ import signal
 import socket
 import stat
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -63,6 +64,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def port_taken(port: int) -> bool:
+    """Whether a program listens on (or holds) ``port`` of 127.0.0.1: a server could not bind it. Sockets of a
+    stopped server that linger in TIME_WAIT do not count, as servers bind with SO_REUSEADDR too."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
 
 
 def sqlalchemy_url(url: str) -> str:
@@ -691,12 +704,35 @@ class Stack:
             url = self._external(variable)
             if url and not reachable(url, timeout_s=3):
                 raise StackError(f"{variable} points at {redact(url)}, which does not answer")
+        started_redis = False
         if not self._external(ENV_REDIS):
+            self._move_off_taken_port(self.redis, "redis_port", "Redis")
+            started_redis = self.redis.pid is None
             self.redis.start()
         if not (self._external(ENV_DAGSTER_PG) and self._external(ENV_APP_DB)):
-            self.postgres.start()
+            try:
+                self._move_off_taken_port(self.postgres, "pg_port", "PostgreSQL")
+                self.postgres.start()
+            except BaseException:
+                if started_redis:  # a failed `up` leaves nothing of its own running
+                    self.redis.stop()
+                raise
         self._link_dagster_yaml()
         return self.env()
+
+    def _move_off_taken_port(self, server: RedisServer | PostgresServer, key: str, name: str) -> None:
+        """Before starting ``server``: when it is not running and another program now holds its port (the ports are
+        chosen once per home, and after a reboot anyone may take them), choose a free port and record it, so ``up``
+        starts rather than fails; the move is said on stderr, since URLs exported before it named the old port."""
+        if server.pid is not None or not port_taken(server.port):
+            return
+        old, server.port = server.port, free_port()
+        state = json.loads(self.state_file.read_text())
+        state[key] = server.port
+        staging = self.state_file.with_suffix(f".{os.getpid()}.tmp")
+        staging.write_text(json.dumps(state))
+        staging.replace(self.state_file)
+        print(f"port {old} is in use by another program; {name} moves to port {server.port}", file=sys.stderr)
 
     def _link_dagster_yaml(self) -> None:
         """DAGSTER_HOME is under the state folder; its dagster.yaml is the project's file, not a copy."""

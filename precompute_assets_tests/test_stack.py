@@ -317,6 +317,42 @@ def test_a_postgresql_that_cannot_start_says_why_in_one_line(session_dir: Path) 
         stack.purge()
 
 
+def test_up_moves_a_server_whose_port_another_program_took(session_dir: Path, capsys) -> None:
+    """Ports are chosen once per home; when another program holds one at the next `up` (after a reboot, say), that
+    server moves to a free port, recorded for the next Stack of the home, and the move is said on stderr. A
+    server that then fails to start leaves no Redis of this `up` running."""
+    import socket
+
+    from precompute_assets.stack import StackError
+
+    home = session_dir / "moved-ports"
+    stack = Stack(home)
+    try:
+        stack.up()
+        stack.down()
+        old_redis, old_pg = stack.redis.port, stack.postgres.port
+        with socket.socket() as redis_squatter, socket.socket() as pg_squatter:
+            for squatter, port in ((redis_squatter, old_redis), (pg_squatter, old_pg)):
+                squatter.bind(("127.0.0.1", port))
+                squatter.listen()
+            env = Stack(home).up()
+        moved = Stack(home)
+        assert moved.redis.port != old_redis and moved.postgres.port != old_pg
+        assert str(moved.redis.port) in env["PRECOMPUTE_REDIS_URL"] and moved.redis.pid is not None
+        assert f":{moved.postgres.port}/" in env["PRECOMPUTE_APP_DB_URL"] and moved.postgres.pid is not None
+        said = capsys.readouterr().err
+        assert f"port {old_redis} is in use by another program; Redis moves to port {moved.redis.port}" in said
+        assert f"port {old_pg} is in use by another program; PostgreSQL moves to port {moved.postgres.port}" in said
+        moved.down()
+        with open(moved.postgres.data / "postgresql.conf", "a") as conf:
+            conf.write("shared_buffers = nonsense\n")
+        with pytest.raises(StackError, match="contains errors"):
+            moved.up()
+        assert moved.redis.pid is None and not reachable(moved.redis.url)
+    finally:
+        Stack(home).purge()
+
+
 def test_a_redis_whose_pid_file_is_empty_is_still_ours(redis_server) -> None:
     """On a full disk Redis starts but writes an empty pid file: it is still our server (it runs in our folder and
     reports its process id), so `up` does not call it another program's and `down` stops it."""
