@@ -136,3 +136,18 @@ def hour_rows(
 def is_imported(frame: pd.DataFrame) -> bool:
     """Whether a ``query_logs`` partition's rows came from an import (not from the serving client's stream)."""
     return bool(len(frame)) and str(frame["stream_id"].iloc[0]).startswith(IMPORTED)
+
+
+def other_kinds_imported(existing: pd.DataFrame, kind: str) -> pd.DataFrame | None:
+    """The rows of an hour the lake holds that an import of ``kind`` keeps beside its own: when every row was imported,
+    those of other kinds; None when the serving client's stream wrote (some of) the hour."""
+    imported = existing["stream_id"].astype(str).str.startswith(IMPORTED)
+    if not len(existing) or not bool(imported.all()):
+        return None
+    return existing[existing["kind"] != kind]
+
+
+def merge_hour(others: pd.DataFrame, frame: pd.DataFrame) -> pd.DataFrame:
+    """An hour's rows of other kinds and an import's, in time order (stable: ties keep the other kinds first)."""
+    merged = pd.concat([others, frame[others.columns]], ignore_index=True)
+    return merged.sort_values("ts", kind="stable", ignore_index=True)

@@ -795,7 +795,14 @@ def cmd_query_logs(args: argparse.Namespace) -> int:
     from ..serving.keys import KIND_PATTERN
     from ..stack import ENV_LAKE
     from ..storage.lake import Lake
-    from ..storage.query_log_import import epoch_seconds, hour_rows, is_imported, is_relative
+    from ..storage.query_log_import import (
+        epoch_seconds,
+        hour_rows,
+        is_imported,
+        is_relative,
+        merge_hour,
+        other_kinds_imported,
+    )
 
     check_trace_options(args)
     if not KIND_PATTERN.fullmatch(args.kind):
@@ -856,15 +863,21 @@ def cmd_query_logs(args: argparse.Namespace) -> int:
         except _dagster_storage_errors() as error:
             raise CliError(f"Dagster's storage cannot be read, nothing was written: {_one_line(error)}") from None
         for hour, frame in tqdm(sorted(rows.frames.items()), desc="hours", unit="h", disable=None):
-            if lake.exists("query_logs", hour) and not args.replace:
+            existing = lake.read("query_logs", hour) if lake.exists("query_logs", hour) else None
+            others = None if existing is None else other_kinds_imported(existing, args.kind)
+            # An hour the stream wrote, or one that holds this kind already, is kept; other kinds' imports are not.
+            taken = existing is not None and (others is None or len(others) < len(existing))
+            if taken and not args.replace:
                 kept.append(hour)
                 if hour not in materialized:  # written by an import that failed before Dagster recorded it
-                    record(hour, lake.read("query_logs", hour, columns=["stream_id", "key"]), "lake")
+                    record(hour, existing, "lake")
                     recorded.append(hour)
                 continue
+            written[hour] = len(frame)
+            if others is not None and len(others):  # imports of other kinds stay beside this one
+                frame = merge_hour(others, frame)
             lake.write("query_logs", hour, frame)
             record(hour, frame, source)
-            written[hour] = len(frame)
     summary = {
         "requests": len(trace.keys),
         "imported": sum(written.values()),

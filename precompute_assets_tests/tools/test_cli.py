@@ -543,6 +543,21 @@ def test_query_logs_import_fills_hourly_partitions_that_dagster_knows(stack, tmp
     )  # again: the hours are kept
     out, err = capsys.readouterr()
     assert json.loads(out)["kept_hours"] == 2 and "--replace overwrites them" in err
+    # Another kind goes into the same hours beside the first, in time order; --replace replaces only its own rows.
+    other = tmp_path / "emb.csv"
+    other.write_text("5,doc9\n")
+    argv = ["query-logs", "import", str(other), "--kind", "emb", "--start", "2026-02-03", "--time-unit", "s"]
+    summary = json.loads(capsys.readouterr().out) if main(argv) == 0 else None
+    assert summary is not None and (summary["hours"], summary["imported"]) == (1, 1)
+    hour = lake.read("query_logs", "2026-02-03-00:00")
+    # --start puts each log's first request at midnight: a tie, where the rows already there come first
+    assert hour[["kind", "key"]].values.tolist() == [["ctr", "ad1"], ["emb", "doc9"], ["ctr", "ad2"], ["ctr", "ad1"]]
+    assert main(argv) == 0 and json.loads(capsys.readouterr().out)["kept_hours"] == 1  # again: kept, not doubled
+    other.write_text("5,doc8\n")
+    assert main([*argv, "--replace"]) == 0
+    capsys.readouterr()
+    hour = lake.read("query_logs", "2026-02-03-00:00")
+    assert hour[["kind", "key"]].values.tolist() == [["ctr", "ad1"], ["emb", "doc8"], ["ctr", "ad2"], ["ctr", "ad1"]]
     now = time.time()
     epoch = tmp_path / "epoch.csv"  # one request in an hour that is over, three in the future: refused unless told
     epoch.write_text("".join(f"{now - 7200 + t:.0f},ad{i}\n" for i, t in enumerate((0, 9000, 9100, 9200))))
