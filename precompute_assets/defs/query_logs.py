@@ -1,5 +1,6 @@
 """Query logs: the hourly partitions drained from the serving client's Redis Stream, and their cleanup."""
 
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
@@ -7,7 +8,8 @@ import dagster as dg
 import pandas as pd
 
 from ..serving.querylog import expand_entries, quarantine_row, read_stream_window, validate_entry
-from ..storage.query_log_import import is_imported
+from ..storage.lake import LakeReadError
+from ..storage.query_log_import import IMPORTED, is_imported
 from ..storage.tables import quarantine_frame, query_log_frame
 from .partitions import DEFAULT_PARTITIONS
 from .resources import DeploymentResource, LakeResource, RedisResource
@@ -70,6 +72,8 @@ def query_logs(context: dg.AssetExecutionContext, redis: RedisResource, lake: La
             else:
                 rejected.append(quarantine_row(entry_id, fields, reason))
         context.log.info(f"read {len(rows) + len(rejected)} events ({len(rejected)} quarantined)")
+    if lost := lost_events(lake, context.partition_key, (*rows, *rejected), ("query_logs", "query_log_quarantine")):
+        raise stream_lost_failure(lost, context.partition_key)
     logs, quarantine = query_log_frame(rows), quarantine_frame(rejected)
     for column in ("arm", "version"):  # the A/B arm (None outside an experiment), the version read (None: none)
         if column not in logs:
@@ -110,6 +114,32 @@ def _imported(lake: LakeResource, hour: str) -> pd.DataFrame | None:
         return None
     existing = store.read("query_logs", hour)
     return existing if is_imported(existing) else None
+
+
+def lost_events(lake: LakeResource, hour: str, read: Iterable[dict], assets: tuple[str, ...]) -> str | None:
+    """``"N of its M"`` when the hour's materialized partitions of ``assets`` hold events that this read of the stream
+    (``read``: its rows and quarantined rows) did not find again, else None. Stream IDs are arrival times, so a
+    complete stream always gives them back; imported rows never came from it."""
+    store, found = lake.lake(), {row["stream_id"] for row in read}
+    kept: list[str] = []
+    try:
+        for asset in assets:
+            if store.exists(asset, hour):
+                kept += store.read(asset, hour, columns=["stream_id"])["stream_id"].tolist()
+    except LakeReadError:  # an unreadable partition is better replaced
+        return None
+    kept = [stream_id for stream_id in kept if not stream_id.startswith(IMPORTED)]
+    missing = sum(stream_id not in found for stream_id in kept)
+    return f"{missing} of its {len(kept)}" if missing else None
+
+
+def stream_lost_failure(lost: str, hour: str) -> dg.Failure:
+    """The failure of a drain whose stream lost events of its materialized partition (``lost_events``)."""
+    return dg.Failure(
+        description=f"the stream no longer holds {lost} events of partition {hour} (trimmed by its MAXLEN, or Redis "
+        "restarted without persistence): re-reading it would replace the materialized partition with a partial one, "
+        "so the existing partition is kept"
+    )
 
 
 def _keep_imported(logs: pd.DataFrame, quarantine: pd.DataFrame):

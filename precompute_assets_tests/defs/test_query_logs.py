@@ -47,9 +47,13 @@ def cleanup(res, instance) -> None:
     assert query_log_cleanup_job.execute_in_process(resources=resources, instance=instance).success
 
 
-def materialize(redis_url, schema, lake_uri, instance, partition=HOUR):
+def materialize(redis_url, schema, lake_uri, instance, partition=HOUR, **options):
     return dg.materialize(
-        [query_logs], resources=resources(redis_url, schema, lake_uri), partition_key=partition, instance=instance
+        [query_logs],
+        resources=resources(redis_url, schema, lake_uri),
+        partition_key=partition,
+        instance=instance,
+        **options,
     )
 
 
@@ -210,6 +214,29 @@ def test_rematerializing_a_trimmed_hour_keeps_the_good_partition(
     )
     assert not again.success
     assert len(Lake(lake_uri).read("query_logs", old_hour)) == 10  # not replaced by an empty hour
+
+
+@pytest.mark.parametrize("loss", ["restart", "maxlen"])
+def test_rematerializing_an_hour_the_stream_lost_keeps_the_good_partition(
+    loss, redis_url, redis_client, schema, lake_uri, pg_instance
+):
+    fill(redis_url, schema, HOUR_START_MS + 10, 100)
+    assert materialize(redis_url, schema, lake_uri, pg_instance).success
+    logs = Lake(lake_uri).read("query_logs", HOUR)
+    if loss == "restart":  # Redis restarted without persistence: the stream (and the trim marker) are gone
+        redis_client.delete(schema.query_log())
+    else:  # later traffic past the logger's own MAXLEN ~ trimmed the hour away, with no trim marker
+        logger = QueryLogger(log_client(redis_url), schema, clock=lambda: HOUR_START_MS + 7_200_000, stream_maxlen=50)
+        for i in range(64 * 200):
+            logger.log("ctr", f"ad{i % 7}", hit=True)
+        logger.close()
+        assert not logged_queries(redis_client, schema, max=f"{HOUR_START_MS + 3_599_999}-0")
+
+    again = materialize(redis_url, schema, lake_uri, pg_instance, raise_on_error=False)
+    assert not again.success
+    failure = again.get_step_failure_events()[0].step_failure_data.error.message
+    assert "no longer holds 100 of its 100 events" in failure
+    assert Lake(lake_uri).read("query_logs", HOUR).equals(logs)  # not replaced by an empty hour
 
 
 def test_an_imported_hour_the_stream_never_had_is_kept(redis_url, schema, lake_uri, pg_instance):
