@@ -15,7 +15,7 @@ from ..storage.tables import quarantine_frame
 from ..workload.users import generate_user_events, make_users
 from .models import approved_materializations
 from .partitions import DEFAULT_PARTITIONS, Partitions
-from .query_logs import epoch_ms, quarantine_check
+from .query_logs import epoch_ms, lost_events, quarantine_check, stream_lost_failure
 from .resources import LakeResource, ModelStoreResource, RedisResource
 
 USER_EVENTS = "user_events"
@@ -60,9 +60,10 @@ def user_event_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     check_specs=[dg.AssetCheckSpec("quarantine_rate", asset=USER_EVENTS)],
     group_name="user_events",
 )
-def user_events(context: dg.AssetExecutionContext, redis: RedisResource):
+def user_events(context: dg.AssetExecutionContext, redis: RedisResource, lake: LakeResource):
     """Range-read the events that arrived in this hour (idempotent: the same hour reads the same entries), validate,
-    quarantine the rest with their reason; unknown actions are counted per action."""
+    quarantine the rest with their reason; unknown actions are counted per action. A re-run that no longer finds
+    every event of the materialized partition in the stream fails and keeps it."""
     window = context.partition_time_window
     rows, rejected, unknown = [], [], {}
     client, schema = redis.client(), redis.schema()
@@ -76,6 +77,8 @@ def user_events(context: dg.AssetExecutionContext, redis: RedisResource):
             if unknown_action(reason):
                 name = fields.get(b"action", b"")[:64].decode("utf-8", "backslashreplace")
                 unknown[name] = unknown.get(name, 0) + 1
+    if lost := lost_events(lake, context.partition_key, (*rows, *rejected), (USER_EVENTS, "user_event_quarantine")):
+        raise stream_lost_failure(lost, context.partition_key)
     events, quarantine = user_event_frame(rows), quarantine_frame(rejected)
     context.log.info(f"read {len(rows) + len(rejected)} events ({len(rejected)} quarantined)")
     reasons = quarantine["reason"].str.split(":").str[0].value_counts().head(20).to_dict() if len(quarantine) else {}

@@ -91,6 +91,21 @@ def test_an_hour_is_drained_exactly_idempotently_with_quarantine(
     assert again.success and lake.read("user_events", HOUR).equals(events)
 
 
+def test_rematerializing_an_hour_the_stream_lost_keeps_the_good_partition(
+    redis_url, redis_client, schema, lake_uri, pg_instance
+):
+    record(redis_url, schema, HOUR_START_MS + 10, 30)
+    res = resources(redis_url, schema, lake_uri)
+    assert dg.materialize([user_events], resources=res, partition_key=HOUR, instance=pg_instance).success
+    events = Lake(lake_uri).read("user_events", HOUR)
+    redis_client.delete(events_stream(schema))  # Redis restarted without persistence (or MAXLEN ~ trimmed it)
+
+    again = dg.materialize([user_events], resources=res, partition_key=HOUR, instance=pg_instance, raise_on_error=False)
+    assert not again.success
+    assert "no longer holds 30 of its 30 events" in again.get_step_failure_events()[0].step_failure_data.error.message
+    assert Lake(lake_uri).read("user_events", HOUR).equals(events)  # not replaced by an empty hour
+
+
 def test_next_action_model_beats_its_baselines_and_is_approved(tmp_path, pg_instance):
     lake_uri, models = str(tmp_path / "lake"), str(tmp_path / "models")
     days = DEFAULT_PARTITIONS.days_ending(DAY, 7)
