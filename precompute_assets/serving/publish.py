@@ -490,11 +490,13 @@ def patch_version(
     deletes: Iterable[str] = (),
     *,
     schema: KeySchema | None = None,
+    ttl_s: int | None = None,
 ) -> int:
     """Write and delete single keys of an existing version in place; returns commands sent.
 
     For incremental updates of independent values (one document's embedding): each key changes
-    atomically, and the version's bucket layout stays what its pointer says.
+    atomically, and the version's bucket layout stays what its pointer says. ``ttl_s``: the TTL of every bucket
+    written, set in the same pipeline (a version being built must expire even if its build never finishes).
     """
     schema = schema or KeySchema()
     check_kind(kind)
@@ -518,6 +520,8 @@ def patch_version(
 
     # One command per bucket: a chunk of 20,000 documents is ~300 HSETs, not 20,000.
     commands = [(b"HSET", name(index), *fields) for index, fields in writes.items()]
+    if ttl_s is not None:
+        commands += [(b"EXPIRE", name(index), b"%d" % ttl_s) for index in writes]
     commands += [(b"HDEL", name(index), *fields) for index, fields in removals.items()]
     for start in range(0, len(commands), COMMANDS_PER_PIPELINE):
         send_commands(client, commands[start : start + COMMANDS_PER_PIPELINE])

@@ -148,7 +148,7 @@ def _sync(
     # Three stages overlap: the next chunk is read and the previous ones written (Redis, then the
     # PostgreSQL commits that advance the watermark) while this one is embedded. Writes stay in order.
     stopped_early = False
-    chunks = _ChunkWriter(store, client, schema, target, model_version, write_batch, replica_wait_s)
+    chunks = _ChunkWriter(store, client, schema, target, model_version, write_batch, replica_wait_s, ttl_s)
     with ThreadPoolExecutor(1, "embedding-read") as reader, ThreadPoolExecutor(1, "embedding-write") as writer:
         next_rows: Future = reader.submit(read, progress.watermark)
         written: Future | None = None
@@ -239,7 +239,7 @@ def _rebuild_wider(
     wider = Pointer(f"emb{int(time.time())}.{uuid.uuid4().hex[:8]}", bucket_count(n_docs))
     client.set(_sentinel(schema, wider.version), b"building", ex=ttl_s)
     for page in store.iter_values(model_version):
-        patch_version(client, EMBEDDING_KIND, wider, upserts=page, schema=schema)
+        patch_version(client, EMBEDDING_KIND, wider, upserts=page, schema=schema, ttl_s=ttl_s)
     send_commands(client, [(b"EXPIRE", schema.bucket(EMBEDDING_KIND, wider.version, b).encode(), b"%d" % ttl_s)
                            for b in range(wider.buckets)])  # fmt: skip
     client.set(_sentinel(schema, wider.version), b"synced", ex=ttl_s)
@@ -296,15 +296,15 @@ class _ChunkWriter:
     Chunks are held until ``batch`` documents are pending, so that each Redis bucket gets one HSET with
     several fields rather than several with one (a version of 1M documents has ~16k buckets, so a chunk of
     10k documents touches most buckets once). A crash loses at most the held chunks: the next sync redoes
-    them, and their Redis writes are idempotent.
+    them, and their Redis writes are idempotent. Buckets written get ``ttl_s`` in the same pipeline.
     """
 
     def __init__(
         self, store: EmbeddingStore, client: redis.Redis, schema: KeySchema, target: Pointer, model_version: str,
-        batch: int = REDIS_BATCH_DOCS, replica_wait_s: float = REPLICA_WAIT_S,
+        batch: int = REDIS_BATCH_DOCS, replica_wait_s: float = REPLICA_WAIT_S, ttl_s: int | None = None,
     ) -> None:  # fmt: skip
         self.store, self.client, self.schema, self.target = store, client, schema, target
-        self.model_version, self.batch, self.replica_wait_s = model_version, batch, replica_wait_s
+        self.model_version, self.batch, self.replica_wait_s, self.ttl_s = model_version, batch, replica_wait_s, ttl_s
         self._held: list[Chunk] = []
         self._docs = 0
 
@@ -329,6 +329,7 @@ class _ChunkWriter:
             upserts=[(doc_id, value) for doc_id, value in final.items() if value is not None],
             deletes=[doc_id for doc_id, value in final.items() if value is None],
             schema=self.schema,
+            ttl_s=self.ttl_s,  # a build killed and never resumed (a new embedder came) still expires
         )
         # The commits below say these documents are in Redis: first their replicas must hold them too, or a failover
         # could lose writes the watermark has passed (ReplicationTimeoutError: nothing commits, the next sync redoes).

@@ -161,6 +161,17 @@ def test_a_killed_sync_resumes_without_duplicates_or_gaps(docs, app_db, redis_cl
     assert all(v is not None for v in cache.get_embeddings([f"doc{i:08d}" for i in range(0, N_DOCS, 37)]))
 
 
+def test_the_buckets_of_a_killed_full_build_expire_even_if_it_is_never_resumed(
+    docs, app_db, redis_client, schema, embedder
+):
+    partial = sync_embeddings(docs, EmbeddingStore(app_db), redis_client, embedder, schema=schema, chunk_size=700,
+                              write_batch=700, stop_after_chunks=2, log=lambda m: None)  # fmt: skip
+    # a new embedder version would now build elsewhere: this version is never resumed, so its TTL must be set already
+    names = list(redis_client.scan_iter(f"{schema.prefix}:{EMBEDDING_KIND}:{partial.redis_version}:*"))
+    assert len(names) > 1
+    assert all(0 < redis_client.ttl(name) <= 7 * 86400 for name in names)
+
+
 def test_held_chunks_are_written_in_order_and_the_last_word_on_a_document_wins(app_db, redis_client, schema):
     from datetime import UTC, datetime
 

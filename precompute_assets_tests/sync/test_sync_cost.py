@@ -153,6 +153,28 @@ def test_a_version_that_outgrew_its_buckets_is_rebuilt_wider_and_flipped(app_db,
     assert cache.get_embedding("d000009") is None
 
 
+def test_a_wider_copy_that_crashes_half_way_expires(app_db, redis_client, schema, monkeypatch):
+    docs = DocumentStore(app_db)
+    docs.ensure_schema()
+    docs.load_frame(frame(0, 300))
+    store, embedder = EmbeddingStore(app_db), HashEmbedder()
+    first = sync_embeddings(docs, store, redis_client, embedder, schema=schema, log=quiet)
+    docs.load_frame(frame(300, 500))
+    pages = store.iter_values
+
+    def crash_after_one_page(model_version):
+        yield next(pages(model_version))
+        raise ConnectionError("killed half-way through the copy")
+
+    monkeypatch.setattr(store, "iter_values", crash_after_one_page)
+    with pytest.raises(ConnectionError):
+        sync_embeddings(docs, store, redis_client, embedder, schema=schema, log=quiet)
+    assert Pointer.decode(redis_client.get(schema.pointer(EMBEDDING_KIND))).version == first.redis_version
+    versions = redis_client.scan_iter(f"{schema.prefix}:{EMBEDDING_KIND}:emb*")
+    copies = [name for name in versions if first.redis_version.encode() not in name]
+    assert copies and all(redis_client.ttl(name) > 0 for name in copies)  # the orphaned copy expires
+
+
 def test_a_new_model_version_flips_and_the_old_versions_marker_expires_with_its_buckets(app_db, redis_client, schema):
     docs = DocumentStore(app_db)
     docs.ensure_schema()
