@@ -42,7 +42,14 @@ CAMPAIGN_TAG = "precompute/campaign"
 WARMING_PRIORITY = 10  # nightly runs have the default 0, backfills -1
 # dagster/max_retries: a warming or cleanup run whose worker died (or that never started) is re-executed by the
 # daemon (dagster.yaml's run_retries; step failures are left to WARMING_RETRY): its run key is never requested again.
-WARMING_TAGS = {PRIORITY_TAG: str(WARMING_PRIORITY), WARMING_TAG: "campaign", "dagster/max_retries": "2"}
+# dagster/max_runtime: with the default launcher, run monitoring ends a run whose worker died only at its max runtime;
+# until then it holds its campaign's run slot and the backstop counts it as busy, so 30 min, not dagster.yaml's 6 h.
+WARMING_TAGS = {
+    PRIORITY_TAG: str(WARMING_PRIORITY),
+    WARMING_TAG: "campaign",
+    "dagster/max_retries": "2",
+    "dagster/max_runtime": "1800",
+}
 
 WARMING_RETRY = dg.RetryPolicy(max_retries=3, delay=1, backoff=dg.Backoff.EXPONENTIAL)  # 1 s, 2 s, 4 s
 APPROVAL_PAGE = 1000  # records per read when searching every ctr_model materialization for the approved one

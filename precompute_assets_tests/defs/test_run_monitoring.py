@@ -100,6 +100,46 @@ def test_a_killed_run_is_failed_and_frees_its_pool_slot(home: Path, monkeypatch)
         assert claimed.is_claimed
 
 
+WARMING_RUN = textwrap.dedent(
+    """\
+    import time
+    import dagster as dg
+    from precompute_assets.defs.campaigns import WARMING_TAGS
+
+    @dg.asset
+    def campaign_ctr():
+        time.sleep(600)
+
+    dg.materialize([campaign_ctr], instance=dg.DagsterInstance.get(), tags=WARMING_TAGS)
+    """
+)
+
+
+def test_a_killed_warming_run_is_failed_and_retried_within_the_hour(home: Path, monkeypatch) -> None:
+    """A dead warming run holds its campaign's run slot and counts as busy for the backstop: it must end (and be
+    re-executed) long before a campaign in the 24 h warming horizon launches, not after the default 6 h."""
+    from dagster._daemon.auto_run_reexecution.auto_run_reexecution import should_retry
+
+    with dg.DagsterInstance.get() as instance:
+        worker = subprocess.Popen([sys.executable, "-c", WARMING_RUN], env=os.environ.copy())
+        try:
+            deadline = time.monotonic() + 120
+            while worker.poll() is None and time.monotonic() < deadline:
+                started = instance.get_run_records(dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED]))
+                if started:
+                    break
+                time.sleep(0.2)
+            (record,) = started
+        finally:
+            worker.send_signal(signal.SIGKILL)
+            worker.wait()
+        monkeypatch.setattr(run_monitoring, "get_current_timestamp", lambda: record.start_time + 3600 + 1)
+        run_monitoring.monitor_started_run(instance, None, record, logging.getLogger("test"))
+        run = instance.get_run_by_id(record.dagster_run.run_id)
+        assert run.status == dg.DagsterRunStatus.FAILURE
+        assert should_retry(run, instance)
+
+
 @pytest.mark.parametrize(
     ("tags", "reason", "retried"),
     [
