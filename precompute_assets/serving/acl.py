@@ -4,8 +4,9 @@ Every key of schema version 1 starts with ``{namespace}:1:`` (``keys.KeySchema``
 
 - **publisher** (Dagster: ``publish_version`` with its settling of admission ``probation``'s live tier,
   ``flip_pointer``, ``patch_version``, ``write_live_values``, ``delete_live_values``, the embedding sync, the
-  ``query_logs`` drain and the query-log cleanup): reads and writes keys under ``{ns}:1:*`` and nothing else, with
-  ``PUBLISHER_COMMANDS`` only (its ``EVAL`` runs the settling scripts, checked against the same key rules).
+  ``query_logs`` drain, the query-log cleanup and the sensors that read the newest queries): reads and writes keys
+  under ``{ns}:1:*`` and nothing else, with ``PUBLISHER_COMMANDS`` only (its ``EVAL`` runs the settling scripts,
+  checked against the same key rules).
 - **reader** (``PredictionCache``, its ``QueryLogger`` and the admission policies): reads ``{ns}:1:*`` with
   ``READER_COMMANDS`` only, and writes exactly what the serving client writes, each command granted on its keys
   alone by a Redis 7 selector ``(keys +commands)`` (``READER_WRITES``): the live read-through values
@@ -58,8 +59,9 @@ PUBLISHER_COMMANDS = (
     # publish_version / flip_pointer / patch_version / the embedding sync: buckets, pointer, experiment, sentinels
     "get", "set", "del", "exists", "expire", "expireat", "hset", "hdel",
     "multi", "exec", "discard",
-    # the query_logs drain and the cleanup: read the stream, record the trimmed boundary, trim
-    "xrange", "xtrim", "xdel", "xlen",
+    # the query_logs drain and the cleanup: read the stream, record the trimmed boundary, trim; cache_health and
+    # live_refresh_sensor read its newest queries first
+    "xrange", "xrevrange", "xtrim", "xdel", "xlen",
     # read-only inspection inside the namespace (operators, checks)
     "hget", "hmget", "hlen", "ttl", "pttl", "type",
     # settle_published: probation's scripts after a flip, its order list, and the live values it hands over or deletes

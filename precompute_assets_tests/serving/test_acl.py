@@ -33,7 +33,9 @@ from precompute_assets.serving.publish import (
     write_live_values,
 )
 from precompute_assets.serving.querylog import read_stream_window
+from precompute_assets.serving.refresh import read_recent_hits
 from precompute_assets.serving.replication import wait_for_replicas
+from precompute_assets.serving.stats import window_stats
 from precompute_assets.stack import RedisServer, free_port, redact
 from precompute_assets_tests.factories import logged_queries
 
@@ -101,9 +103,9 @@ def test_the_exact_rules_of_namespace_pc() -> None:
     assert publisher_rules() == [
         "resetkeys", "~pc:1:*", "resetchannels", "-@all",
         "+ping", "+client|setinfo", "+get", "+set", "+del", "+exists", "+expire", "+expireat", "+hset", "+hdel",
-        "+multi", "+exec", "+discard", "+xrange", "+xtrim", "+xdel", "+xlen", "+hget", "+hmget", "+hlen", "+ttl",
-        "+pttl", "+type", "+eval", "+lrange", "+rpush", "+unlink", "+zrem", "+zadd", "+zscore", "+zrange", "+zcard",
-        "+llen", "+hexists", "+info",
+        "+multi", "+exec", "+discard", "+xrange", "+xrevrange", "+xtrim", "+xdel", "+xlen", "+hget", "+hmget",
+        "+hlen", "+ttl", "+pttl", "+type", "+eval", "+lrange", "+rpush", "+unlink", "+zrem", "+zadd", "+zscore",
+        "+zrange", "+zcard", "+llen", "+hexists", "+info",
     ]  # fmt: skip
     assert reader_rules() == [
         "resetkeys", "%R~pc:1:*", "resetchannels", "-@all", "+ping", "+client|setinfo", "+get", "+hget", "+hmget",
@@ -273,6 +275,23 @@ def test_the_publisher_publishes_flips_and_drains_but_nothing_outside_its_namesp
                     ("CLIENT", "KILL", "ID", "1"), ("REPLICAOF", "127.0.0.1", "1"), ("BGSAVE",)):  # fmt: skip
         refused_by_acl(admin, f"{schema.namespace}-publisher", *command)
     assert admin.get("other:1:ctr:current") == b"v1:1" and admin.acl_getuser("evil") is None
+
+
+def test_the_publisher_reads_the_newest_queries_as_the_sensors_do(
+    server: RedisServer, users: dict[str, redis.Redis], schema: KeySchema
+) -> None:
+    """cache_health (``window_stats``) and live_refresh_sensor (``read_recent_hits``) run as the publisher."""
+    logger = QueryLogger(connect(url_of(server, f"{schema.namespace}-reader", READER_PASSWORD), socket_timeout=5),
+                         schema, flush_interval_s=3600)  # fmt: skip
+    reader = PredictionCache(users["reader"], schema=schema, logger=logger, pointer_ttl_s=0)
+    assert reader.get_or_compute("ctr", "ad1", lambda key: 0.5) == pytest.approx(0.5)  # a miss, then a hit
+    assert reader.get("ctr", "ad1") == pytest.approx(0.5)
+    reader.logger.flush()
+    publisher = users["publisher"]
+    assert window_stats(publisher, schema, window_s=3600)["ctr"]["requests"] == 2
+    hot, read = read_recent_hits(publisher, schema, ["ctr"], since_ms=0)
+    assert read == 2 and dict(hot) == {("ctr", "ad1"): 1}
+    reader.close()
 
 
 def test_applying_again_converges_and_replaces_the_password(
