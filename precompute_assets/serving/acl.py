@@ -52,7 +52,9 @@ USERNAME_PATTERN = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
 MIN_PASSWORD_LENGTH = 16
 
 # Handshake: redis-py sends CLIENT SETINFO after AUTH (its errors ignored, but logged in ACL LOG); PING for health.
-CONNECTION_COMMANDS = ("ping", "client|setinfo")
+# Its cluster client reads the slot map (CLUSTER SLOTS) and the command table (COMMAND), and follows ASK redirects
+# (ASKING): without them a user cannot connect to a Redis Cluster at all. All three read server metadata only.
+CONNECTION_COMMANDS = ("ping", "client|setinfo", "cluster|slots", "command", "asking")
 
 PUBLISHER_COMMANDS = (
     *CONNECTION_COMMANDS,
@@ -100,7 +102,7 @@ FORBIDDEN_COMMANDS = frozenset(
      "bgrewriteaof", "replicaof", "slaveof", "migrate", "restore", "sort", "monitor", "script", "function", "select",
      "swapdb", "move", "copy", "rename", "renamenx", "object", "client", "cluster", "failover", "sync", "psync"}
 )  # fmt: skip
-ALLOWED_SUBCOMMANDS = frozenset({"client|setinfo"})  # of a forbidden command: redis-py's handshake only
+ALLOWED_SUBCOMMANDS = frozenset({"client|setinfo", "cluster|slots"})  # of a forbidden command: redis-py's handshake
 
 
 def password_hash(password: str) -> str:
@@ -214,12 +216,18 @@ def apply_acl(
     kinds: Sequence[str] | None = None,
 ) -> list[str]:
     """Create or reset both users on the server of ``client`` (a connection allowed to run ``ACL SETUSER``) in one
-    MULTI/EXEC; returns their names. They last until a restart unless saved (see the module)."""
+    MULTI/EXEC, or on every node of a Redis Cluster (ACL users are per node); returns their names. They last until a
+    restart unless saved (see the module)."""
     commands = acl_setuser_commands(namespace, publisher=publisher, reader=reader, kinds=kinds)
-    pipe = client.pipeline(transaction=True)
-    for command in commands:
-        pipe.execute_command(*command)
-    pipe.execute()
+    if isinstance(client, redis.RedisCluster):
+        servers = [client.get_redis_connection(node) for node in client.get_nodes()]
+    else:
+        servers = [client]
+    for server in servers:
+        pipe = server.pipeline(transaction=True)
+        for command in commands:
+            pipe.execute_command(*command)
+        pipe.execute()
     return [command[2] for command in commands]
 
 

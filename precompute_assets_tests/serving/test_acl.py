@@ -102,14 +102,15 @@ def refused(call) -> None:
 def test_the_exact_rules_of_namespace_pc() -> None:
     assert publisher_rules() == [
         "resetkeys", "~pc:1:*", "resetchannels", "-@all",
-        "+ping", "+client|setinfo", "+get", "+set", "+del", "+exists", "+expire", "+expireat", "+hset", "+hdel",
+        "+ping", "+client|setinfo", "+cluster|slots", "+command", "+asking",
+        "+get", "+set", "+del", "+exists", "+expire", "+expireat", "+hset", "+hdel",
         "+multi", "+exec", "+discard", "+xrange", "+xrevrange", "+xtrim", "+xdel", "+xlen", "+hget", "+hmget",
         "+hlen", "+ttl", "+pttl", "+type", "+eval", "+lrange", "+rpush", "+unlink", "+zrem", "+zadd", "+zscore",
         "+zrange", "+zcard", "+llen", "+hexists", "+info",
     ]  # fmt: skip
     assert reader_rules() == [
-        "resetkeys", "%R~pc:1:*", "resetchannels", "-@all", "+ping", "+client|setinfo", "+get", "+hget", "+hmget",
-        "+pttl", "clearselectors",
+        "resetkeys", "%R~pc:1:*", "resetchannels", "-@all", "+ping", "+client|setinfo", "+cluster|slots", "+command",
+        "+asking", "+get", "+hget", "+hmget", "+pttl", "clearselectors",
         "(~pc:1:*:live:* +set +unlink)",
         "(~pc:1:*:delta:* +set +unlink)",
         "(~pc:1:*:lock:* +set)",
@@ -128,7 +129,9 @@ def test_the_exact_rules_of_namespace_pc() -> None:
     lines = acl_file_lines("pc", publisher=("pub", PUBLISHER_PASSWORD), reader=("rd", READER_PASSWORD))
     assert lines == [" ".join(["user", *command[2:]]) for command in commands]
     assert not any(PUBLISHER_PASSWORD in line or READER_PASSWORD in line for line in lines)  # hashes only
-    assert not {c.split("|")[0] for c in PUBLISHER_COMMANDS + READER_COMMANDS} & (FORBIDDEN_COMMANDS - {"client"})
+    assert not {c.split("|")[0] for c in PUBLISHER_COMMANDS + READER_COMMANDS} & (
+        FORBIDDEN_COMMANDS - {"client", "cluster"}
+    )
 
 
 @pytest.mark.parametrize(

@@ -97,6 +97,31 @@ def test_status_names_the_cluster_servers_version(redis_cluster: Cluster, tmp_pa
     assert "redis     external  reachable" in out and ("(valkey " in out or "(redis " in out), out
 
 
+def test_redis_acl_apply_sets_the_users_on_every_node(redis_cluster: Cluster, ns, monkeypatch, capsys):
+    from precompute_assets.tools.cli import main
+
+    monkeypatch.setattr(os, "environ", os.environ.copy())
+    monkeypatch.setenv("PRECOMPUTE_REDIS_ADMIN_URL", redis_cluster.url)
+    monkeypatch.setenv("PRECOMPUTE_REDIS_PUBLISHER_PASSWORD", "publisher-pw-0123456789")
+    monkeypatch.setenv("PRECOMPUTE_REDIS_READER_PASSWORD", "reader-pw-0123456789")
+    users = [f"{ns.namespace}-publisher", f"{ns.namespace}-reader"]
+    try:  # was exit 2: "No way to dispatch this command to Redis Cluster. Missing key."
+        assert main(["redis", "acl", "--apply", "--namespace", ns.namespace]) == 0, capsys.readouterr().err
+        for server in redis_cluster.nodes:
+            with redis_cluster.client(server.port) as node:
+                assert set(users) <= set(node.acl_users()), server.port
+        url = redis_cluster.url.replace("://", f"://{users[0]}:publisher-pw-0123456789@")
+        publisher = connect(url, socket_timeout=5)
+        keys = [f"ad{i}" for i in range(300)]  # buckets on every master
+        publish_version(publisher, "ctr", "v1", [(k, 0.5) for k in keys], n_keys=len(keys), schema=ns)
+        reader = connect(redis_cluster.url.replace("://", f"://{users[1]}:reader-pw-0123456789@"), socket_timeout=5)
+        assert PredictionCache(reader, schema=ns, pointer_ttl_s=0).get_many("ctr", keys) == [0.5] * len(keys)
+    finally:
+        for server in redis_cluster.nodes:
+            with redis_cluster.client(server.port) as node:
+                node.acl_deluser(*users)
+
+
 # --- publish and read ---------------------------------------------------------------------------------------
 
 
