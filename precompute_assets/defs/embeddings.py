@@ -216,6 +216,9 @@ def documents_changed(context: dg.SensorEvaluationContext, documents: DocumentSt
     )
     if active:
         return dg.SkipReason(f"a sync is already running ({active[0].run_id[:8]}); it will pick the changes up")
+    if context.instance.get_latest_materialization_event(dg.AssetKey(EMBEDDING_MODEL)) is None:
+        # The run would fail at once; the cursor stays, so the first tick after the model's materialization syncs.
+        return dg.SkipReason("no embedder yet: materialize embedding_model (it fits on the documents)")
     latest = documents.store().latest_change()
     if latest is None:
         return dg.SkipReason("no documents yet")
