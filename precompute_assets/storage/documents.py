@@ -307,6 +307,8 @@ def _frames_of_delimited(
     reader = csv.reader(stream, delimiter=delimiter, quoting=quoting)
     first = next((row for row in reader if row), None)
     if first is None:
+        if fields.header:  # an empty export is an error, as a header without doc_id is: never a load of nothing
+            raise DocumentFileError(f"empty file: no header row (the doc_id field is {fields.source('doc_id')!r})")
         return
     width = len(first)
     if fields.header:

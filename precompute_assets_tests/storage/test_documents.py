@@ -335,6 +335,17 @@ def test_csv_header_without_the_named_field_is_an_error(store: DocumentStore, tm
     assert store.count() == 0
 
 
+@pytest.mark.parametrize("name", ["docs.csv", "docs.tsv", "docs.csv.gz"])
+def test_an_empty_csv_or_tsv_has_no_header_and_is_an_error(store: DocumentStore, tmp_path: Path, name: str) -> None:
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(b"\n") if name.endswith(".gz") else b"\n")
+    with pytest.raises(DocumentFileError, match=r"empty file: no header row \(the doc_id field is 'doc_id'\)"):
+        store.load_file(path)  # was a load of 0 rows, exit code 0
+    with pytest.raises(DocumentFileError, match="the doc_id field is '_id'"):
+        store.load_file(path, DocumentFields({"doc_id": "_id"}))
+    assert store.load_file(path, DocumentFields({"doc_id": "1"}, header=False)).rows == 0  # no header expected
+
+
 def test_parquet_columns_are_mapped(store: DocumentStore, tmp_path: Path) -> None:
     path = tmp_path / "wiki.parquet"  # Hugging Face's wikipedia layout: id, url, title, text
     pd.DataFrame({"id": ["1", "2"], "url": ["u1", "u2"], "title": ["A", "B"], "text": ["a", "b"]}).to_parquet(path)
