@@ -50,9 +50,34 @@ def _up(stack: Stack) -> dict[str, str]:
     return env
 
 
+def check_logins(env: dict[str, str]) -> None:
+    """``CliError`` unless every server of ``env`` accepts its URL's credentials: an external server whose port
+    answers may still refuse the user or password, which ``up`` would otherwise report as reachable."""
+    import psycopg2
+    import redis
+
+    from ..serving import connect
+    from ..storage.postgres import connect as postgres_connect
+
+    for variable in (ENV_REDIS, ENV_DAGSTER_PG, ENV_APP_DB):
+        url = env[variable]
+        try:
+            if variable == ENV_REDIS:
+                client = connect(url, socket_timeout=3)
+                try:
+                    client.ping()
+                finally:
+                    client.close()
+            else:
+                postgres_connect(url).close()
+        except (redis.RedisError, psycopg2.Error) as error:
+            reason = redact(one_line(str(error)))
+            raise CliError(f"{variable} points at {redact(url)}, which refuses us: {reason}") from None
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     stack = Stack()
-    _up(stack)
+    check_logins(_up(stack))
     return print_status(stack)
 
 
@@ -296,6 +321,7 @@ def exported_env(stack: Stack) -> dict[str, str]:
 
 def cmd_dev(args: argparse.Namespace) -> int:
     env = _up(Stack())
+    check_logins(env)
     command = [
         sys.executable,
         "-m",

@@ -302,6 +302,29 @@ def test_unreachable_external_servers_are_one_line_and_exit_2(tmp_path, monkeypa
     assert not (tmp_path / "home" / "redis").exists() and not (tmp_path / "home" / "postgres").exists()
 
 
+def test_up_checks_that_external_servers_accept_their_credentials(
+    tmp_path, monkeypatch, capsys, redis_server, dagster_pg_url, app_db_url
+):
+    server = redis_server(password="right-password-0123")
+    monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("PRECOMPUTE_REDIS_URL", f"redis://:wrong-secret@127.0.0.1:{server.port}/0")
+    monkeypatch.setenv("DAGSTER_PG_URL", dagster_pg_url)
+    monkeypatch.setenv("PRECOMPUTE_APP_DB_URL", app_db_url)
+    assert main(["up"]) == 2  # was exit 0, "redis external reachable": its port answers
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "PRECOMPUTE_REDIS_URL points at" in err and "refuses us" in err, err
+    assert "wrong-secret" not in err
+    monkeypatch.setenv("PRECOMPUTE_REDIS_URL", f"redis://:right-password-0123@127.0.0.1:{server.port}/0")
+    monkeypatch.setenv("PRECOMPUTE_APP_DB_URL", app_db_url.rsplit("/", 1)[0] + "/no_such_database")
+    assert main(["up"]) == 2
+    err = capsys.readouterr().err
+    assert "PRECOMPUTE_APP_DB_URL points at" in err and 'database "no_such_database" does not exist' in err, err
+    monkeypatch.setenv("PRECOMPUTE_APP_DB_URL", app_db_url)
+    assert main(["up"]) == 0
+    assert "redis     external  reachable" in capsys.readouterr().out
+    assert not (tmp_path / "home" / "redis").exists() and not (tmp_path / "home" / "postgres").exists()
+
+
 def test_bad_environments_are_one_line_and_exit_2_not_a_traceback(tmp_path, monkeypatch, capsys):
     a_file = tmp_path / "a file"
     a_file.write_text("")
