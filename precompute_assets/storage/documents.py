@@ -178,7 +178,13 @@ def _decoded(value: Any) -> Any:
 
 
 def _text_or_none(value: Any) -> str | None:
-    return None if value is None or (not isinstance(value, str) and _missing(value)) else str(value)
+    if value is None or (not isinstance(value, str) and _missing(value)):
+        return None
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        # A whole number read as a float (a Parquet or pandas integer column with a missing value, JSON's 7.0) is the
+        # number as CSV writes it: doc_id 7, never "7.0", so the same corpus gets the same ids from every format.
+        return str(int(value))
+    return str(value)
 
 
 def _storable(value: str | None) -> str | None:

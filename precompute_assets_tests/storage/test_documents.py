@@ -134,6 +134,15 @@ def test_bytes_are_read_as_utf8_text_on_either_path(store: DocumentStore) -> Non
     assert sorted(scan_all(store, 10)) == ["3", "b1", "b2"]
 
 
+def test_whole_numbers_read_as_floats_are_ids_as_csv_writes_them(store: DocumentStore, tmp_path: Path) -> None:
+    # pandas stores an integer column with a missing value as float64: its ids were "101.0", not the CSV's "101".
+    pd.DataFrame({"doc_id": [101.0, 102.0, float("nan")], "body": ["a", "b", "c"]}).to_parquet(tmp_path / "d.parquet")
+    assert store.load_file(tmp_path / "d.parquet").rejected == 1
+    (tmp_path / "d.jsonl").write_text('{"doc_id": 103.0, "body": "j"}\n{"doc_id": 1.5, "body": "k"}\n')
+    assert store.load_file(tmp_path / "d.jsonl").inserted == 2
+    assert sorted(scan_all(store, 10)) == ["1.5", "101", "102", "103"]
+
+
 def test_unknown_languages_are_stored_and_counted(store: DocumentStore) -> None:
     result = store.load_frame(
         frame(("a", "t", "b", "en"), ("b", "t", "b", "xx"), ("c", "t", "b", "xx"), ("d", "t", "b", "klingon"))
