@@ -611,10 +611,33 @@ def processes_naming(marker: str) -> list[int]:
     return found
 
 
+def unix_socket(url: str) -> str | None:
+    """The Unix socket a service URL names, else None: a ``unix://`` Redis URL's path, or the socket file of a
+    PostgreSQL URL whose ``host`` parameter is a folder (``postgresql://u@/db?host=/run/postgresql&port=5432``)."""
+    from urllib.parse import parse_qs, urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme == "unix":
+        return parts.path
+    query = parse_qs(parts.query)
+    host, port = query.get("host", [""])[-1], query.get("port", ["5432"])[-1]
+    if parts.scheme.startswith("postgres") and not parts.hostname and host.startswith("/"):
+        return f"{host.rstrip('/')}/.s.PGSQL.{port}"
+    return None
+
+
 def reachable(url: str, timeout_s: float = 0.5) -> bool:
-    """Whether the host:port of a service URL accepts TCP connections."""
+    """Whether the host:port of a service URL accepts TCP connections (its Unix socket, when it names one)."""
     from urllib.parse import urlsplit
 
+    if (path := unix_socket(url)) is not None:
+        try:
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.settimeout(timeout_s)
+                sock.connect(path)
+                return True
+        except OSError:
+            return False
     parts = urlsplit(url)
     try:
         with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 0), timeout=timeout_s):

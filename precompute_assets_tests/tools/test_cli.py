@@ -5,14 +5,18 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import shutil
+import socket
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from precompute_assets.ml.replay import ORACLE_GENERAL
-from precompute_assets.stack import Stack
+from precompute_assets.stack import Stack, reachable
 from precompute_assets.tools.cli import dagster_instance, main
 
 
@@ -323,6 +327,28 @@ def test_up_checks_that_external_servers_accept_their_credentials(
     assert main(["up"]) == 0
     assert "redis     external  reachable" in capsys.readouterr().out
     assert not (tmp_path / "home" / "redis").exists() and not (tmp_path / "home" / "postgres").exists()
+
+
+def test_servers_on_unix_sockets_are_reachable(tmp_path, monkeypatch, capsys, redis_server, dagster_pg_url, app_db_url):
+    folder = Path(tempfile.mkdtemp(prefix="pc"))  # a socket path holds at most 107 bytes: not under tmp_path
+    try:
+        server = redis_server(extra_config=(f"unixsocket {folder / 'redis.sock'}", "unixsocketperm 700"))
+        assert server.pid is not None
+        listener = socket.socket(socket.AF_UNIX)  # what a PostgreSQL with unix_socket_directories=FOLDER opens
+        listener.bind(str(folder / ".s.PGSQL.5433"))
+        listener.listen()
+        with listener:
+            assert reachable(f"postgresql://app@/precompute?host={folder}&port=5433")  # was False: "does not answer"
+            assert not reachable(f"postgresql://app@/precompute?host={folder}")  # port 5432: no such socket
+        monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "home"))
+        monkeypatch.setenv("PRECOMPUTE_REDIS_URL", f"unix://{folder / 'redis.sock'}?db=0")
+        monkeypatch.setenv("DAGSTER_PG_URL", dagster_pg_url)
+        monkeypatch.setenv("PRECOMPUTE_APP_DB_URL", app_db_url)
+        assert main(["up"]) == 0, capsys.readouterr().err
+        assert "redis     external  reachable" in capsys.readouterr().out
+        assert not (tmp_path / "home" / "redis").exists()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_bad_environments_are_one_line_and_exit_2_not_a_traceback(tmp_path, monkeypatch, capsys):
