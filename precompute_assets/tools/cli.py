@@ -1231,6 +1231,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args) or 0
     except (CliError, StackError, RedisError) as error:
+        if os.environ.get(ENV_TRACEBACK) and error.__context__ is not None:
+            error.__suppress_context__ = False  # the error of a file, URL or server it stands for, and where it was
+            raise
         print(f"precompute {args.command}: {one_line(str(error))}", file=sys.stderr)  # one line, always
         return 2
     except BrokenPipeError:  # the reader of our output went away (`| head`): no traceback, and no flush at exit

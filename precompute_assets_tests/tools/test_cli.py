@@ -374,6 +374,23 @@ def test_bad_environments_are_one_line_and_exit_2_not_a_traceback(tmp_path, monk
             assert says.startswith(type(raised.value).__name__)
 
 
+def test_precompute_traceback_shows_where_a_server_failed_for_every_command(tmp_path, monkeypatch, capsys):
+    import redis
+
+    monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("PRECOMPUTE_REDIS_URL", "redis://127.0.0.1:1/0")
+    for command in (["cache", "stats"], ["cache", "invalidate", "--kind", "ctr", "--key", "a"]):
+        with monkeypatch.context() as patched:
+            assert main(command) == 2
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and "Connection refused" in err and "Traceback" not in err, err
+            patched.setenv("PRECOMPUTE_TRACEBACK", "1")  # had no effect: the one line again
+            with pytest.raises(Exception) as raised:
+                main(command)
+            assert isinstance(raised.value.__context__, redis.ConnectionError)
+            assert not raised.value.__suppress_context__  # Python prints the ConnectionError's traceback first
+
+
 @pytest.mark.parametrize(
     ("argv", "says"),
     [
