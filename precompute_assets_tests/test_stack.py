@@ -302,6 +302,7 @@ def test_a_postgresql_that_cannot_start_says_why_in_one_line(session_dir: Path) 
         stack.up()
         stack.down()
         with socket.socket() as other:
+            other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # the stopped server's sockets may linger
             other.bind(("127.0.0.1", stack.postgres.port))
             other.listen()
             with pytest.raises(StackError, match=f"port {stack.postgres.port} is in use by another program"):
@@ -333,6 +334,7 @@ def test_up_moves_a_server_whose_port_another_program_took(session_dir: Path, ca
         old_redis, old_pg = stack.redis.port, stack.postgres.port
         with socket.socket() as redis_squatter, socket.socket() as pg_squatter:
             for squatter, port in ((redis_squatter, old_redis), (pg_squatter, old_pg)):
+                squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # the stopped servers' may linger
                 squatter.bind(("127.0.0.1", port))
                 squatter.listen()
             env = Stack(home).up()
