@@ -182,6 +182,7 @@ def parse_trace(
             )
         return _oracle_general(data, trace_format)
     text = _decode_text(data)
+    del data  # the text holds it now: a trace's bytes need not stay beside it through the parse
     separator = "whitespace" if _whitespace_separated(text) else "comma"
     if separator == "whitespace":
         if (comma := text.find(",")) >= 0:
@@ -1288,7 +1289,7 @@ def _parse_integer_keys(clean: str, kind: str) -> pd.DataFrame | None:
     """The trace with int64 keys, or None when a key is out of the int64 range."""
     dtypes = {"timestamp": np.float64, "key": np.int64} if kind == "csv" else {"key": np.int64}
     try:
-        return pd.read_csv(io.StringIO(clean), header=None, names=list(dtypes), dtype=dtypes, na_filter=False)
+        return pd.read_csv(_utf8(clean), header=None, names=list(dtypes), dtype=dtypes, na_filter=False)
     except (OverflowError, ValueError):
         return None
 
@@ -1298,9 +1299,12 @@ def _parse_string_keys(clean: str, kind: str) -> pd.DataFrame:
     if kind == "key":
         return pd.DataFrame({"key": np.array(clean.split("\n"), dtype=object)})
     names, dtypes = ["timestamp", "key"], {"timestamp": np.float64, "key": str}
-    return pd.read_csv(
-        io.StringIO(clean), header=None, names=names, dtype=dtypes, na_filter=False, quoting=csv.QUOTE_NONE
-    )
+    return pd.read_csv(_utf8(clean), header=None, names=names, dtype=dtypes, na_filter=False, quoting=csv.QUOTE_NONE)
+
+
+def _utf8(text: str) -> io.BytesIO:
+    """The text as UTF-8 bytes for pandas' parser: a ``StringIO`` would hold it as 4 bytes a character."""
+    return io.BytesIO(text.encode("utf-8"))
 
 
 def _line_problem(line: str, kind: str, fields: int = 2, *, header: bool = False) -> str:
