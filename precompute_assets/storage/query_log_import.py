@@ -9,7 +9,7 @@ Each request becomes a row like the serving client's, with what a request log do
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,11 +23,32 @@ IMPORTED = "import:"  # the stream_id prefix of imported rows
 EPOCH_2000_S = 946_684_800  # an absolute timestamp is after 2000-01-01; smaller ones count from a trace's start
 
 
+class HourFrames(Mapping[str, pd.DataFrame]):
+    """``query_logs`` frames by hourly partition key, each built when it is read: an import's frames all at once would
+    hold every request as a row of Python strings (2.6 GB for 10M requests) before the first hour is written."""
+
+    def __init__(self, rows: dict[str, np.ndarray], build: Callable[[np.ndarray], pd.DataFrame]) -> None:
+        self._rows, self._build = rows, build
+
+    def __getitem__(self, hour: str) -> pd.DataFrame:
+        return self._build(self._rows[hour])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._rows)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def requests(self, hour: str) -> int:
+        """The hour's requests, without building its frame."""
+        return len(self._rows[hour])
+
+
 @dataclass
 class HourRows:
-    """One hour's imported requests, by partition key, and why the others were left out."""
+    """The imported requests' frames by hourly partition key, and why the others were left out."""
 
-    frames: dict[str, pd.DataFrame] = field(default_factory=dict)
+    frames: Mapping[str, pd.DataFrame] = field(default_factory=dict)
     quarantined: Counter = field(default_factory=Counter)  # reason -> requests
 
 
@@ -87,7 +108,8 @@ def hour_rows(
     (``partition_key`` of a timestamp); requests before ``first_s`` (the first partition) or from ``last_s`` on (the
     hour that is not over) and unusable keys are quarantined and counted. ``source`` names the file in stream ids."""
     out = HourRows()
-    codes, uniques = pd.factorize(pd.Series(keys, dtype=object).astype(str), sort=False)
+    codes, uniques = pd.factorize(keys, sort=False)  # distinct keys are distinct as text: stringify the uniques only
+    uniques = pd.Series(np.asarray(uniques), dtype=object).astype(str).to_numpy(dtype=object)
     problems = key_problems(pd.Index(uniques))[codes]
     keep = problems == ""
     out.quarantined.update(Counter(problems[~keep].tolist()))
@@ -110,15 +132,16 @@ def hour_rows(
     order = np.argsort(seconds[rows], kind="stable")
     rows, hours = rows[order], hours[order]
     starts = np.flatnonzero(np.r_[True, hours[1:] != hours[:-1]])
-    for lo, hi in zip(starts, np.r_[starts[1:], len(rows)], strict=True):
-        picked = rows[lo:hi]
+    by_hour = {str(hours[lo]): rows[lo:hi] for lo, hi in zip(starts, np.r_[starts[1:], len(rows)], strict=True)}
+
+    def frame(picked: np.ndarray) -> pd.DataFrame:
         n = len(picked)
         table = pa.table(
             {
                 "stream_id": pa.array([f"{IMPORTED}{source}:{i}" for i in picked], pa.string()),
                 "ts": pa.array(np.round(seconds[picked] * 1000).astype(np.int64)).cast(QUERY_LOGS.field("ts").type),
                 "kind": pa.array([kind] * n, pa.string()),
-                "key": pa.array(np.asarray(uniques, dtype=object)[codes[picked]], pa.string()),
+                "key": pa.array(uniques[codes[picked]], pa.string()),
                 "hit": pa.nulls(n, pa.bool_()),
                 "latency_us": pa.nulls(n, pa.int64()),
                 "user": pa.nulls(n, pa.string()),
@@ -126,10 +149,12 @@ def hour_rows(
             },
             schema=QUERY_LOGS,
         )
-        frame = table.to_pandas()
-        frame["arm"] = pd.Series([None] * n, dtype=object)
-        frame["version"] = pd.Series([None] * n, dtype=object)
-        out.frames[str(hours[lo])] = frame
+        out = table.to_pandas()
+        out["arm"] = pd.Series([None] * n, dtype=object)
+        out["version"] = pd.Series([None] * n, dtype=object)
+        return out
+
+    out.frames = HourFrames(by_hour, frame)
     return out
 
 

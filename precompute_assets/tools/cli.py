@@ -888,7 +888,7 @@ def cmd_query_logs(args: argparse.Namespace) -> int:
             materialized = instance.get_materialized_partitions(dg.AssetKey("query_logs"))
         except _dagster_storage_errors() as error:
             raise CliError(f"Dagster's storage cannot be read, nothing was written: {_one_line(error)}") from None
-        for hour, frame in tqdm(sorted(rows.frames.items()), desc="hours", unit="h", disable=None):
+        for hour in tqdm(sorted(rows.frames), desc="hours", unit="h", disable=None):
             existing = lake.read("query_logs", hour) if lake.exists("query_logs", hour) else None
             others = None if existing is None else other_kinds_imported(existing, args.kind)
             # An hour the stream wrote, or one that holds this kind already, is kept; other kinds' imports are not.
@@ -899,6 +899,7 @@ def cmd_query_logs(args: argparse.Namespace) -> int:
                     record(hour, existing, "lake")
                     recorded.append(hour)
                 continue
+            frame = rows.frames[hour]  # built now: one hour's rows in memory at a time
             written[hour] = len(frame)
             if others is not None and len(others):  # imports of other kinds stay beside this one
                 frame = merge_hour(others, frame)
@@ -911,7 +912,7 @@ def cmd_query_logs(args: argparse.Namespace) -> int:
         "first_hour": min(written, default=None),
         "last_hour": max(written, default=None),
         "kept_hours": len(kept),
-        "kept_requests": sum(len(rows.frames[hour]) for hour in kept),
+        "kept_requests": sum(rows.frames.requests(hour) for hour in kept),
         "kept_hours_recorded": len(recorded),  # kept hours Dagster did not know of, recorded now
         "quarantined": sum(rows.quarantined.values()),
         "quarantine_reasons": dict(rows.quarantined.most_common()),

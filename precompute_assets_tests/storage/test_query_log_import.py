@@ -81,3 +81,30 @@ def test_bad_keys_and_times_outside_the_partitions_are_quarantined_and_counted()
         "key contains control characters": 1,
         "in an hour that is not over": 1,
     }
+
+
+def test_hour_frames_are_built_when_read_not_all_at_once() -> None:
+    # An import of 10M requests held every hour's frame before writing the first (2.6 GB): now an hour is built from
+    # its row numbers when it is read, so what hour_rows keeps is a few numbers per request, not a row of strings.
+    import tracemalloc
+
+    import pyarrow as pa
+
+    n, hours = 200_000, 100
+    rng = np.random.default_rng(0)
+    keys = rng.integers(1, 10_000, n)
+    seconds = np.sort(rng.uniform(0, hours * 3600.0, n)) + datetime(2026, 3, 1, tzinfo=ZoneInfo("UTC")).timestamp()
+    key_of = Partitions("UTC", "2026-01-01").hourly.get_partition_key_for_timestamp
+    arrow_before = pa.total_allocated_bytes()
+    tracemalloc.start()
+    try:
+        rows = hour_rows(keys, seconds, kind="ctr", source="t.csv", partition_key=key_of, first_s=0.0,
+                         last_s=seconds[-1] + 1)  # fmt: skip
+        kept = tracemalloc.get_traced_memory()[0] + pa.total_allocated_bytes() - arrow_before
+    finally:
+        tracemalloc.stop()
+    assert kept < 40 * n
+    assert len(rows.frames) == hours and sum(rows.frames.requests(hour) for hour in rows.frames) == n
+    first = rows.frames["2026-03-01-00:00"]
+    assert len(first) == rows.frames.requests("2026-03-01-00:00")
+    assert list(first["key"]) == [str(k) for k in keys[: len(first)]]
