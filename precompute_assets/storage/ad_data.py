@@ -305,13 +305,14 @@ def load_ads(
     required: Sequence[str],
     row_problems: Callable[[pd.DataFrame], pd.Series],
     text_columns: Sequence[str] = (),
+    progress: Callable[[int], None] | None = None,
 ) -> LoadSummary:
     """Validate ``path`` and make its valid rows the lake's ``ads`` table.
 
     ``required`` columns must all be in the file (``ad_id`` first); ``row_problems(frame)`` gives one reason or None
     per row (``ml.features.feature_problems``). CSV values are text: ``text_columns`` (the categorical ones) stay
     text even when they look like numbers, other columns become numbers where every value is one. Parquet columns
-    keep their types; ids are text either way.
+    keep their types; ids are text either way. ``progress`` gets the rows read so far after each chunk.
     """
     path = Path(path)
     kind = file_format(path)
@@ -321,6 +322,8 @@ def load_ads(
     for frame, lines in _chunks(path, kind, required, quarantine):
         frames.append(frame)
         numbers.append(lines)
+        if progress is not None:
+            progress(summary.rows)
     if frames:
         frame, lines = pd.concat(frames, ignore_index=True), np.concatenate(numbers)
     else:
@@ -388,13 +391,20 @@ def _local_days(ts_ms: np.ndarray, timezone: str) -> np.ndarray:
 
 
 def load_impressions(
-    path: str | Path, lake: Lake, *, timezone: str, first_day: str | None = None, append: bool = False
+    path: str | Path,
+    lake: Lake,
+    *,
+    timezone: str,
+    first_day: str | None = None,
+    append: bool = False,
+    progress: Callable[[int], None] | None = None,
 ) -> LoadSummary:
     """Validate ``path`` (``ts_ms``, ``ad_id``, ``clicked``; other columns are ignored) and write its valid rows
     into the lake's daily ``ad_impressions`` partitions: the local date of ``ts_ms`` in ``timezone``.
 
     Rows before ``first_day`` (the first daily partition) are quarantined: no partition would ever read them.
-    Each day in the file replaces its partition, or is added to it with ``append``.
+    Each day in the file replaces its partition, or is added to it with ``append``. ``progress`` gets the rows read
+    so far after each chunk.
     """
     path = Path(path)
     kind = file_format(path)
@@ -416,6 +426,8 @@ def load_impressions(
         # Python strings took 1.4 GB (twice that while the chunks were concatenated).
         ids = pd.Series(frame[ID_COLUMN].to_numpy(dtype=object)[good], dtype=ARROW_STRING)
         parts.append(pd.DataFrame({"ts_ms": ts_ms[good], ID_COLUMN: ids, "clicked": clicked[good], "day": days[good]}))
+        if progress is not None:
+            progress(summary.rows)
     valid = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame({"day": [], ID_COLUMN: []})
     del parts  # concatenated: not twice over while the days are written
     quarantine.write(lake, IMPRESSIONS_QUARANTINE)

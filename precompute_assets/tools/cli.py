@@ -11,7 +11,7 @@ import os
 import shlex
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import NoReturn
@@ -768,13 +768,15 @@ def cmd_ads(args: argparse.Namespace) -> int:
         raise CliError(str(error)) from None
     lake = Lake(Stack().env()[ENV_LAKE])
     try:
-        summary = load_ads(
-            args.file,
-            lake,
-            required=spec.columns,
-            row_problems=partial(feature_problems, spec=spec),
-            text_columns=spec.categorical,
-        )
+        with _rows_read("ads") as progress:
+            summary = load_ads(
+                args.file,
+                lake,
+                required=spec.columns,
+                row_problems=partial(feature_problems, spec=spec),
+                text_columns=spec.categorical,
+                progress=progress,
+            )
     except AdDataError as error:
         raise CliError(str(error)) from None
     print(json.dumps({**summary.as_dict(), "features": spec_dict(spec)}))
@@ -795,15 +797,31 @@ def cmd_impressions(args: argparse.Namespace) -> int:
         raise CliError(str(error)) from None
     lake = Lake(Stack().env()[ENV_LAKE])
     try:
-        summary = load_impressions(
-            args.file, lake, timezone=partitions.timezone, first_day=partitions.start, append=args.append
-        )
+        with _rows_read("impressions") as progress:
+            summary = load_impressions(
+                args.file,
+                lake,
+                timezone=partitions.timezone,
+                first_day=partitions.start,
+                append=args.append,
+                progress=progress,
+            )
     except AdDataError as error:
         raise CliError(str(error)) from None
     result = {**summary.as_dict(), "timezone": partitions.timezone, "mode": "append" if args.append else "replace"}
     result["unknown_ad_impressions"] = summary.unknown_ad_impressions  # null without an ads catalog
     print(json.dumps(result))
     return 0
+
+
+@contextlib.contextmanager
+def _rows_read(what: str) -> Iterator[Callable[[int], None]]:
+    """A counter of the rows a load has read, on stderr (none when stderr is not a terminal), as a callback of the
+    rows read so far: reading and checking 20M impressions takes minutes before the days are written."""
+    from tqdm import tqdm
+
+    with tqdm(desc=what, unit=" rows", unit_scale=True, disable=None, file=sys.stderr, leave=False) as bar:
+        yield lambda rows: bar.update(rows - bar.n)
 
 
 def cmd_query_logs(args: argparse.Namespace) -> int:

@@ -383,6 +383,23 @@ def test_an_impressions_file_is_held_as_compact_columns_until_its_days_are_writt
     assert day["ad_id"].tolist() == [str(i) for i in ids[(ts >= t + 86_400_000) & (ts < t + 2 * 86_400_000)]]
 
 
+def test_loads_report_the_rows_read_after_each_chunk(lake, tmp_path, monkeypatch):
+    # A 20M-row CSV takes minutes to read and check before anything is written: the command shows the rows read.
+    from precompute_assets.storage import ad_data
+
+    monkeypatch.setattr(ad_data, "CHUNK_ROWS", 2)
+    t = ms("2026-11-18T12:00:00+00:00")
+    impressions = write(tmp_path / "i.csv", "ts_ms,ad_id,clicked\n" + "".join(f"{t},a{i},0\n" for i in range(5)))
+    seen: list[int] = []
+    assert load_impressions(impressions, lake, timezone="UTC", progress=seen.append).loaded == 5
+    assert seen == [2, 4, 5]
+    ads = write(tmp_path / "ads.csv", ADS_HEADER + "".join(f"a{i},c1,3,0.5,1.2,40\n" for i in range(3)))
+    seen.clear()
+    columns, problems = SPEC.columns, partial(feature_problems, spec=SPEC)
+    load_ads(ads, lake, required=columns, row_problems=problems, text_columns=SPEC.categorical, progress=seen.append)
+    assert seen == [2, 3]
+
+
 # --- the loaded data is what the model trains and scores on ---------------------------------------------
 
 
