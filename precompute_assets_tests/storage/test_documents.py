@@ -12,6 +12,7 @@ import psycopg2
 import pytest
 
 from precompute_assets.storage.documents import (
+    DROP_SUPERSEDED,
     DocumentFields,
     DocumentFileError,
     DocumentStore,
@@ -79,6 +80,29 @@ def test_duplicates_in_one_load_last_occurrence_wins(store: DocumentStore, tmp_p
     assert (result.rows, result.inserted, result.duplicates) == (4, 2, 2)
     rows = {row.doc_id: row for row in store.changed_since(None, limit=10)}
     assert rows["d1"].title == "third"
+
+
+def plan_rows(node: dict) -> int:
+    """The most rows any node of an EXPLAIN ANALYZE plan produced or filtered away."""
+    removed = node.get("Rows Removed by Join Filter", 0) + node.get("Rows Removed by Filter", 0)
+    own = node.get("Actual Rows", 0) + removed
+    return max([own, *(plan_rows(child) for child in node.get("Plans", []))])
+
+
+def test_dropping_a_loads_duplicates_does_work_in_proportion_to_its_rows(app_db_url: str) -> None:
+    # A wrong --id-field (a language, a title) gives a load few ids of many rows each: a self-join of the staged rows
+    # on doc_id matched every pair of them, hours for a million rows. Here 3,000 rows of one id: 4.5M pairs before.
+    n = 3_000
+    with psycopg2.connect(libpq_url(app_db_url)) as conn, conn.cursor() as cur:
+        cur.execute('CREATE TEMP TABLE staging (seq BIGINT, doc_id TEXT COLLATE "C", title TEXT) ON COMMIT DROP')
+        cur.execute("INSERT INTO staging SELECT i, CASE WHEN i %% 1000 = 0 THEN 'b' ELSE 'a' END, i::text"
+                    " FROM generate_series(1, %s) i", (n,))  # fmt: skip
+        cur.execute("ANALYZE staging")
+        cur.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + DROP_SUPERSEDED)
+        plan = cur.fetchone()[0][0]["Plan"]
+        cur.execute("SELECT doc_id, title FROM staging ORDER BY doc_id")
+        assert cur.fetchall() == [("a", str(n - 1)), ("b", str(n))]
+    assert plan_rows(plan) <= 3 * n
 
 
 def test_malformed_lines_and_missing_ids_are_rejected_not_fatal(store: DocumentStore, tmp_path: Path) -> None:
