@@ -127,6 +127,11 @@ def ctr_model(
         spec = lake.ad_feature_spec()
         frame, issues = ctr.training_frame(impressions, ads, spec)
         train, valid = ctr.time_split(frame, valid_fraction=config.valid_fraction)
+        # The forest's fit is the long silent part (minutes at millions of (ad, day) rows): say what it is fitting.
+        context.log.info(
+            f"fitting {config.n_estimators} trees (depth {config.max_depth}) on {len(train):,} (ad, day) rows of "
+            f"{len(impressions):,} impressions over {len(days) - len(missing)} days; {len(valid):,} rows held back"
+        )
         encoder = ctr.fit_encoder(
             train, spec, min_category_ads=config.min_category_ads, max_category_values=config.max_category_values
         )

@@ -125,6 +125,19 @@ def test_the_model_reports_cold_start_auc_beside_its_overall_auc(resources, pg_i
     assert len(model.encoder.vocabularies["category"]) == 20
 
 
+def test_the_model_says_what_it_fits_before_the_fit(resources, pg_instance, platform):
+    # At millions of (ad, day) rows the forest's fit takes minutes, and the step said nothing until it ended.
+    result = run(resources, pg_instance)
+    assert result.success
+    logs = pg_instance.all_logs(result.run_id)
+    said = [i for i, entry in enumerate(logs) if entry.user_message.startswith("fitting 100 trees (depth 12) on ")]
+    events = [(i, entry.dagster_event) for i, entry in enumerate(logs) if entry.dagster_event is not None]
+    materialized = [i for i, event in events if event.is_step_materialization and event.step_key == "ctr_model"]
+    assert len(said) == 1 and said[0] < materialized[0]
+    message = logs[said[0]].user_message
+    assert "(ad, day) rows of" in message and "impressions over 3 days" in message and "rows held back" in message
+
+
 def test_new_ads_check_warns_when_the_forest_loses_and_passes_with_a_note_when_unmeasurable():
     lost = new_ads_check(NewAdEvaluation(auc=0.61, baseline_auc=0.65, ads=40, impressions=900), None)
     assert not lost.passed and lost.severity == dg.AssetCheckSeverity.WARN
