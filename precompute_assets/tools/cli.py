@@ -1258,6 +1258,13 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader of our output went away (`| head`): no traceback, and no flush at exit
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except MemoryError as error:  # numpy's "Unable to allocate ..." too: an input too big for the machine, not a bug
+        if os.environ.get(ENV_TRACEBACK):
+            raise
+        detail = one_line(str(error)) or "an allocation failed"
+        print(f"precompute {args.command}: out of memory ({detail}): the input is too large for this machine's "
+              f"memory; load it in parts ({ENV_TRACEBACK}=1 shows where)", file=sys.stderr)  # fmt: skip
+        return 2
     except _environment_errors() as error:  # a file, URL, server or value we were given that does not work
         if os.environ.get(ENV_TRACEBACK):
             raise

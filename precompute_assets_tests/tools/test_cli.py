@@ -581,6 +581,24 @@ def on_the_test_stack(stack, tmp_path, monkeypatch) -> None:
     (tmp_path / "dagster" / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
 
 
+@pytest.mark.parametrize("command", [["query-logs", "import"], ["impressions", "load"]])
+def test_running_out_of_memory_at_size_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys, command):
+    # 10M requests under a 1.5 GB limit failed in numpy with "Unable to allocate ..." and a traceback, exit 1.
+    from precompute_assets.storage import ad_data, query_log_import
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError("Unable to allocate 74.5 MiB for an array with shape (9761716,) and data type int64")
+
+    monkeypatch.setattr(query_log_import, "hour_rows", out_of_memory)
+    monkeypatch.setattr(ad_data, "load_impressions", out_of_memory)
+    path = tmp_path / "big.csv"
+    path.write_text("ts_ms,ad_id,clicked\n1764000000000,a,1\n" if command[0] == "impressions" else "1764000000,a\n")
+    monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "home"))
+    assert main([*command, str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"precompute {command[0]}: out of memory (Unable to allocate"), err
+
+
 def test_query_logs_import_fills_hourly_partitions_that_dagster_knows(stack, tmp_path, monkeypatch, capsys):
     import dagster as dg
 
