@@ -239,7 +239,7 @@ def test_every_bad_impression_is_quarantined_with_its_line_and_reason(lake, tmp_
     assert summary.rows == 14 and summary.loaded == 4 and summary.quarantined == 10
     assert summary.first_quarantined == [
         "line 5: ts_ms is not an epoch-milliseconds number",
-        "line 6: ts_ms is out of range: epoch milliseconds from 2000-01-01 to 2100-01-01",
+        "line 6: ts_ms is out of range: it looks like epoch seconds (ts_ms is milliseconds: times 1000)",
         "line 7: ts_ms is not a whole number of milliseconds",
         "line 8: clicked is not 0/1 or true/false",
         "line 9: clicked is not 0/1 or true/false",
