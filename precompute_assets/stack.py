@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -717,16 +718,19 @@ class Stack:
             fcntl.flock(lock, fcntl.LOCK_EX)
             yield
 
-    def up(self) -> dict[str, str]:
-        """Start whatever is not provided by the environment; return once every service answers."""
+    def up(self, check: Callable[[dict[str, str]], None] | None = None) -> dict[str, str]:
+        """Start whatever is not provided by the environment; return once every service answers. ``check`` gets the
+        URLs the environment names, by variable, once they answer and before anything starts."""
         with self._locked():
-            return self._up()
+            return self._up(check)
 
-    def _up(self) -> dict[str, str]:
-        for variable in (ENV_REDIS, ENV_DAGSTER_PG, ENV_APP_DB):
-            url = self._external(variable)
-            if url and not reachable(url, timeout_s=3):
+    def _up(self, check: Callable[[dict[str, str]], None] | None) -> dict[str, str]:
+        external = {name: url for name in (ENV_REDIS, ENV_DAGSTER_PG, ENV_APP_DB) if (url := self._external(name))}
+        for variable, url in external.items():
+            if not reachable(url, timeout_s=3):
                 raise StackError(f"{variable} points at {redact(url)}, which does not answer")
+        if check is not None:  # a server that refuses its URL's login fails the `up` before it starts ours
+            check(external)
         started_redis = False
         if not self._external(ENV_REDIS):
             self._move_off_taken_port(self.redis, "redis_port", "Redis")

@@ -44,23 +44,23 @@ class CliError(Exception):
     """Bad input or an unusable service: printed as one line, exit code 2."""
 
 
-def _up(stack: Stack) -> dict[str, str]:
-    env = stack.up()
+def _up(stack: Stack, *, logins: bool = False) -> dict[str, str]:
+    """``stack.up()`` with its URLs exported; ``logins``: first check that external servers accept theirs."""
+    env = stack.up(check=check_logins if logins else None)
     os.environ.update(env)
     return env
 
 
-def check_logins(env: dict[str, str]) -> None:
-    """``CliError`` unless every server of ``env`` accepts its URL's credentials: an external server whose port
-    answers may still refuse the user or password, which ``up`` would otherwise report as reachable."""
+def check_logins(urls: dict[str, str]) -> None:
+    """``CliError`` unless every server of ``urls`` (by variable) accepts its URL's credentials: an external server
+    whose port answers may still refuse the user or password, which ``up`` would otherwise report as reachable."""
     import psycopg2
     import redis
 
     from ..serving import connect
     from ..storage.postgres import connect as postgres_connect
 
-    for variable in (ENV_REDIS, ENV_DAGSTER_PG, ENV_APP_DB):
-        url = env[variable]
+    for variable, url in urls.items():
         try:
             if variable == ENV_REDIS:
                 client = connect(url, socket_timeout=3)
@@ -77,7 +77,7 @@ def check_logins(env: dict[str, str]) -> None:
 
 def cmd_up(args: argparse.Namespace) -> int:
     stack = Stack()
-    check_logins(_up(stack))
+    _up(stack, logins=True)
     return print_status(stack)
 
 
@@ -320,8 +320,7 @@ def exported_env(stack: Stack) -> dict[str, str]:
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
-    env = _up(Stack())
-    check_logins(env)
+    env = _up(Stack(), logins=True)
     command = [
         sys.executable,
         "-m",

@@ -329,6 +329,22 @@ def test_up_checks_that_external_servers_accept_their_credentials(
     assert not (tmp_path / "home" / "redis").exists() and not (tmp_path / "home" / "postgres").exists()
 
 
+def test_an_up_whose_external_server_refuses_its_login_starts_nothing(
+    tmp_path, monkeypatch, capsys, dagster_pg_url, app_db_url
+):
+    # Redis embedded, PostgreSQL external with a database that does not exist: the embedded Redis kept running.
+    monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("PRECOMPUTE_REDIS_URL", raising=False)
+    monkeypatch.setenv("DAGSTER_PG_URL", dagster_pg_url)
+    monkeypatch.setenv("PRECOMPUTE_APP_DB_URL", app_db_url.rsplit("/", 1)[0] + "/no_such_database")
+    try:
+        assert main(["up"]) == 2
+        assert "PRECOMPUTE_APP_DB_URL points at" in capsys.readouterr().err
+        assert Stack(tmp_path / "home").redis.pid is None and not (tmp_path / "home" / "redis").exists()
+    finally:
+        Stack(tmp_path / "home").down()
+
+
 def test_servers_on_unix_sockets_are_reachable(tmp_path, monkeypatch, capsys, redis_server, dagster_pg_url, app_db_url):
     folder = Path(tempfile.mkdtemp(prefix="pc"))  # a socket path holds at most 107 bytes: not under tmp_path
     try:
