@@ -98,6 +98,12 @@ class Lake:
         fs, _ = self._fs
         return fs.get_file_info(self.path(asset, partition)).type == pafs.FileType.File
 
+    def delete(self, asset: str, partition: str | None = None) -> None:
+        """Remove the file of ``asset``'s ``partition``, if there is one."""
+        fs, _ = self._fs
+        with contextlib.suppress(FileNotFoundError):
+            fs.delete_file(self.path(asset, partition))
+
     def metadata(self, asset: str, partition: str | None = None) -> dict[bytes, bytes]:
         """The key-value metadata of a lake file's schema, as its writer's table had it (without reading data)."""
         fs, _ = self._fs

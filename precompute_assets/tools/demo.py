@@ -114,11 +114,8 @@ def run_demo(
 
     instance = dg.DagsterInstance.get()
     with stages.timed("materialize_query_logs"):
-        job = defs.resolve_job_def("query_logs_job")
-        logged = 0
-        for hour in [h for key in day_keys[:-1] for h in partitions.hours_of(key)]:
-            result = job.execute_in_process(partition_key=hour, instance=instance, raise_on_error=True)
-            logged += result.asset_materializations_for_node("query_logs")[0].metadata["dagster/row_count"].value
+        hours = [h for key in day_keys[:-1] for h in partitions.hours_of(key)]
+        logged = drain(defs.resolve_job_def("query_logs_job"), instance, lake, hours, "query_logs")
         print(f"   {logged} events in {days * 24} hourly partitions", flush=True)
 
     with stages.timed("daily_precompute"):
@@ -466,6 +463,24 @@ def embed_demo_documents(stack: Stack, defs, instance: dg.DagsterInstance, *, n_
     }
 
 
+DRAINED_QUARANTINE = {"query_logs": "query_log_quarantine", "user_events": "user_event_quarantine"}
+
+
+def drain(job: dg.JobDefinition, instance: dg.DagsterInstance, lake: Lake, hours: list[str], asset: str) -> int:
+    """Materialize ``asset`` (``query_logs`` or ``user_events``) for each of ``hours`` with ``job``; returns its rows.
+    The demo reset Redis, so an earlier demo's partitions of these hours hold stream IDs the stream no longer has, and a
+    drain refuses to replace such a partition (``defs.query_logs.lost_events``): they are deleted first."""
+    rows = 0
+    for hour in hours:
+        for name in (asset, DRAINED_QUARANTINE[asset]):
+            lake.delete(name, hour)
+        result = job.execute_in_process(partition_key=hour, instance=instance, raise_on_error=True)
+        for materialization in result.asset_materializations_for_node(asset):
+            if materialization.asset_key == dg.AssetKey(asset):
+                rows += materialization.metadata["dagster/row_count"].value
+    return rows
+
+
 def predictive_precompute(
     redis_url: str,
     defs: dg.Definitions,
@@ -490,13 +505,8 @@ def predictive_precompute(
     first_ms = int(partitions.daily.time_window_for_partition_key(event_days[0]).start.timestamp() * 1000)
     events = generate_user_events(users, start_ms=first_ms, days=len(event_days), seed=seed)
     sent = send_user_events(events, connect(redis_url, socket_timeout=10), KeySchema())
-    drained = 0
-    job = defs.resolve_job_def("user_events_job")
-    for hour in [h for key in event_days for h in partitions.hours_of(key)]:
-        result = job.execute_in_process(partition_key=hour, instance=instance, raise_on_error=True)
-        for materialization in result.asset_materializations_for_node("user_events"):
-            if materialization.asset_key == dg.AssetKey("user_events"):
-                drained += materialization.metadata["dagster/row_count"].value
+    hours = [h for key in event_days for h in partitions.hours_of(key)]
+    drained = drain(defs.resolve_job_def("user_events_job"), instance, lake, hours, "user_events")
     model_run = defs.resolve_job_def("next_action_model_job").execute_in_process(
         partition_key=day_keys[-2],
         instance=instance,
