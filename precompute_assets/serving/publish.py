@@ -518,10 +518,14 @@ def patch_version(
     def name(index: int) -> bytes:
         return schema.bucket(kind, pointer.version, index).encode()
 
-    # One command per bucket: a chunk of 20,000 documents is ~300 HSETs, not 20,000.
-    commands = [(b"HSET", name(index), *fields) for index, fields in writes.items()]
-    if ttl_s is not None:
-        commands += [(b"EXPIRE", name(index), b"%d" % ttl_s) for index in writes]
+    # One command per bucket: a chunk of 20,000 documents is ~300 HSETs, not 20,000. Each EXPIRE follows its HSET, so
+    # the two go out in the same pipeline (COMMANDS_PER_PIPELINE is even): a patch cut off between pipelines leaves no
+    # bucket without its TTL.
+    commands: list[tuple[bytes, ...]] = []
+    for index, fields in writes.items():
+        commands.append((b"HSET", name(index), *fields))
+        if ttl_s is not None:
+            commands.append((b"EXPIRE", name(index), b"%d" % ttl_s))
     commands += [(b"HDEL", name(index), *fields) for index, fields in removals.items()]
     for start in range(0, len(commands), COMMANDS_PER_PIPELINE):
         send_commands(client, commands[start : start + COMMANDS_PER_PIPELINE])

@@ -169,3 +169,26 @@ def test_a_version_evicted_while_written_is_never_flipped_to(redis_server, schem
     assert cache.current_version("ctr").version == "v1"  # readers stay on the previous version
     assert not client.keys(f"{schema.bucket('ctr', 'v2', 0)[:-1]}*")  # its buckets were given back
     client.close()
+
+
+def test_a_patch_cut_off_after_its_first_pipeline_leaves_no_bucket_without_its_ttl(redis_client, schema, monkeypatch):
+    # Every HSET went out before every EXPIRE: a patch of more than COMMANDS_PER_PIPELINE buckets killed between its
+    # pipelines left the buckets of the first one without a TTL, so an abandoned build's never expired.
+    from precompute_assets.serving.keys import Pointer
+    from precompute_assets.serving.publish import patch_version
+
+    sent, send = [], publish_module.send_commands
+
+    def killed_after_one_pipeline(client, commands):
+        if sent:
+            raise redis.ConnectionError("killed")
+        sent.append(commands)
+        send(client, commands)
+
+    monkeypatch.setattr(publish_module, "send_commands", killed_after_one_pipeline)
+    pointer = Pointer("v1", 4 * publish_module.COMMANDS_PER_PIPELINE)
+    with pytest.raises(redis.ConnectionError):
+        patch_version(redis_client, "ctr", pointer, [(f"ad{i}", 0.5) for i in range(20_000)], schema=schema, ttl_s=600)
+    written = [schema.bucket("ctr", "v1", b) for b in range(pointer.buckets)]
+    written = [name for name in written if redis_client.exists(name)]
+    assert written and all(0 < redis_client.ttl(name) <= 600 for name in written)
