@@ -614,14 +614,15 @@ def processes_naming(marker: str) -> list[int]:
 
 def unix_socket(url: str) -> str | None:
     """The Unix socket a service URL names, else None: a ``unix://`` Redis URL's path, or the socket file of a
-    PostgreSQL URL whose ``host`` parameter is a folder (``postgresql://u@/db?host=/run/postgresql&port=5432``)."""
+    PostgreSQL URL whose ``host`` parameter is a folder (``postgresql://u@/db?host=/run/postgresql&port=5432``; the
+    port may be the authority's, ``postgresql://u@:5433/db?host=...``, as libpq reads it)."""
     from urllib.parse import parse_qs, urlsplit
 
     parts = urlsplit(url)
     if parts.scheme == "unix":
         return parts.path
     query = parse_qs(parts.query)
-    host, port = query.get("host", [""])[-1], query.get("port", ["5432"])[-1]
+    host, port = query.get("host", [""])[-1], query.get("port", [str(parts.port or 5432)])[-1]
     if parts.scheme.startswith("postgres") and not parts.hostname and host.startswith("/"):
         return f"{host.rstrip('/')}/.s.PGSQL.{port}"
     return None

@@ -356,6 +356,7 @@ def test_servers_on_unix_sockets_are_reachable(tmp_path, monkeypatch, capsys, re
         with listener:
             assert reachable(f"postgresql://app@/precompute?host={folder}&port=5433")  # was False: "does not answer"
             assert not reachable(f"postgresql://app@/precompute?host={folder}")  # port 5432: no such socket
+            assert reachable(f"postgresql://app@:5433/precompute?host={folder}")  # libpq's port in the authority
         monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "home"))
         monkeypatch.setenv("PRECOMPUTE_REDIS_URL", f"unix://{folder / 'redis.sock'}?db=0")
         monkeypatch.setenv("DAGSTER_PG_URL", dagster_pg_url)
