@@ -3,7 +3,8 @@
 A file whose schema is wrong (a required column missing, a duplicated header, not CSV or Parquet at all, no header)
 is refused as a whole with one ``AdDataError``. Rows that cannot be used are quarantined, never dropped silently:
 each with where it was (``line N`` of a CSV, counting the header as line 1; ``row N`` of a Parquet file, from 1), the
-reason and the raw values, in the lake's ``ads_quarantine`` / ``ad_impressions_quarantine`` (one file per load).
+reason and the raw values, in the lake's ``ads_quarantine`` / ``ad_impressions_quarantine``: one file per input file,
+named by its content, which a load of the same file again replaces.
 
 What each load writes (so loading the same file twice changes nothing):
 - ads: the valid rows replace the lake's ``ads`` table (an export is a snapshot of the catalog). Which columns are
@@ -112,8 +113,9 @@ class _Quarantine:
             self.add(int(numbers[i]), reason or problems[i], {c: _plain(v) for c, v in record.items()})
         return ~bad
 
-    def write(self, lake: Lake, asset: str) -> None:
-        """The quarantined rows, in file order, as one lake file of this load; the first ones in the summary."""
+    def write(self, lake: Lake, asset: str, digest: str) -> None:
+        """The quarantined rows, in file order, as one lake file per input file (named by its content ``digest``: a
+        load of the same file again replaces it rather than adding a copy); the first ones in the summary."""
         if not self.rows:
             return
         self.rows.sort(key=lambda row: row[0])
@@ -131,7 +133,7 @@ class _Quarantine:
                 "raw": pa.array([raw.encode("utf-8", "backslashreplace").decode() for _, _, raw in self.rows]),
             }
         )
-        self.summary.quarantine_path = lake.write(asset, self.load_id, table)
+        self.summary.quarantine_path = lake.write(asset, f"file-{digest[:16]}", table)
 
 
 def _plain(value: object) -> object:
@@ -342,7 +344,7 @@ def load_ads(
     summary.duplicates = int((~last).sum())
     frame = frame[last].reset_index(drop=True)
     summary.columns = list(frame.columns)
-    quarantine.write(lake, ADS_QUARANTINE)
+    quarantine.write(lake, ADS_QUARANTINE, _digest(path))
     if len(frame):
         lake.write(ADS, None, frame)
         summary.loaded = len(frame)
@@ -434,8 +436,8 @@ def load_impressions(
             progress(summary.rows)
     valid = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame({"day": [], ID_COLUMN: []})
     del parts  # concatenated: not twice over while the days are written
-    quarantine.write(lake, IMPRESSIONS_QUARANTINE)
     digest = _digest(path)
+    quarantine.write(lake, IMPRESSIONS_QUARANTINE, digest)
     summary.written, summary.partition_rows, summary.already_loaded = {}, {}, [] if append else None
     added: list[pd.Series] = []
     for day, rows in valid.groupby("day", sort=True):

@@ -310,6 +310,26 @@ def test_an_append_that_failed_part_way_can_be_run_again(lake, tmp_path):
     assert rows == {"2026-11-16": 10, "2026-11-17": 11, "2026-11-18": 10}  # each day once, the old row kept
 
 
+def test_a_file_loaded_again_replaces_its_quarantine_instead_of_adding_a_copy(lake, tmp_path):
+    """The quarantine is one lake file per input file (by content): a re-run after a failed load, or the same file
+    loaded twice, leaves its bad rows once; another file's quarantine stays beside it."""
+    t = ms("2026-11-18T12:00:00+00:00")
+    path = write(tmp_path / "impressions.csv", f"ts_ms,ad_id,clicked\n{t},a,1\n{t},b,2\n{t // 1000},c,0\n")
+    blocked = Path(lake.path("ad_impressions", "2026-11-18"))
+    blocked.mkdir(parents=True)  # the day cannot be written: the load fails after its quarantine was written
+    with pytest.raises(AdDataError, match="could not write day 2026-11-18"):
+        load_impressions(path, lake, timezone="UTC")
+    blocked.rmdir()
+    first = load_impressions(path, lake, timezone="UTC")
+    again = load_impressions(path, lake, timezone="UTC", append=True)
+    assert first.quarantine_path == again.quarantine_path
+    other = load_impressions(write(tmp_path / "other.csv", f"ts_ms,ad_id,clicked\n{t},d,7\n"), lake, timezone="UTC")
+    assert other.quarantine_path != first.quarantine_path
+    files = sorted(Path(lake.path("ad_impressions_quarantine", "x")).parent.glob("*"))
+    assert len(files) == 2
+    assert sum(len(pq.read_table(f)) for f in files) == 3  # two bad rows of the first file, one of the other
+
+
 def test_parquet_impressions_with_timestamps_bools_and_nulls(lake, tmp_path):
     t = ms("2026-11-18T12:00:00+00:00")
     table = pa.table(
