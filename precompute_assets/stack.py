@@ -28,7 +28,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -628,6 +627,28 @@ def unix_socket(url: str) -> str | None:
     return None
 
 
+def check_login(variable: str, url: str) -> None:
+    """``StackError`` unless the server ``url`` names answers and accepts its user, password and database: a port that
+    answers may still refuse us, which would otherwise pass for a reachable server."""
+    import psycopg2
+    import redis
+
+    if not reachable(url, timeout_s=3):
+        raise StackError(f"{variable} points at {redact(url)}, which does not answer")
+    try:
+        if variable == ENV_REDIS:
+            client = connect(url, socket_timeout=3)
+            try:
+                client.ping()
+            finally:
+                client.close()
+        else:
+            postgres_connect(url).close()
+    except (redis.RedisError, psycopg2.Error) as error:
+        reason = redact(one_line(str(error)))
+        raise StackError(f"{variable} points at {redact(url)}, which refuses us: {reason}") from None
+
+
 def reachable(url: str, timeout_s: float = 0.5) -> bool:
     """Whether the host:port of a service URL accepts TCP connections (its Unix socket, when it names one)."""
     from urllib.parse import urlsplit
@@ -719,19 +740,16 @@ class Stack:
             fcntl.flock(lock, fcntl.LOCK_EX)
             yield
 
-    def up(self, check: Callable[[dict[str, str]], None] | None = None) -> dict[str, str]:
-        """Start whatever is not provided by the environment; return once every service answers. ``check`` gets the
-        URLs the environment names, by variable, once they answer and before anything starts."""
+    def up(self) -> dict[str, str]:
+        """Start whatever is not provided by the environment; return once every service answers. A server the
+        environment names must answer and accept its URL's login before anything of ours starts."""
         with self._locked():
-            return self._up(check)
+            return self._up()
 
-    def _up(self, check: Callable[[dict[str, str]], None] | None) -> dict[str, str]:
-        external = {name: url for name in (ENV_REDIS, ENV_DAGSTER_PG, ENV_APP_DB) if (url := self._external(name))}
-        for variable, url in external.items():
-            if not reachable(url, timeout_s=3):
-                raise StackError(f"{variable} points at {redact(url)}, which does not answer")
-        if check is not None:  # a server that refuses its URL's login fails the `up` before it starts ours
-            check(external)
+    def _up(self) -> dict[str, str]:
+        for variable in (ENV_REDIS, ENV_DAGSTER_PG, ENV_APP_DB):
+            if url := self._external(variable):
+                check_login(variable, url)
         started_redis = False
         if not self._external(ENV_REDIS):
             self._move_off_taken_port(self.redis, "redis_port", "Redis")

@@ -44,40 +44,15 @@ class CliError(Exception):
     """Bad input or an unusable service: printed as one line, exit code 2."""
 
 
-def _up(stack: Stack, *, logins: bool = False) -> dict[str, str]:
-    """``stack.up()`` with its URLs exported; ``logins``: first check that external servers accept theirs."""
-    env = stack.up(check=check_logins if logins else None)
+def _up(stack: Stack) -> dict[str, str]:
+    env = stack.up()
     os.environ.update(env)
     return env
 
 
-def check_logins(urls: dict[str, str]) -> None:
-    """``CliError`` unless every server of ``urls`` (by variable) accepts its URL's credentials: an external server
-    whose port answers may still refuse the user or password, which ``up`` would otherwise report as reachable."""
-    import psycopg2
-    import redis
-
-    from ..serving import connect
-    from ..storage.postgres import connect as postgres_connect
-
-    for variable, url in urls.items():
-        try:
-            if variable == ENV_REDIS:
-                client = connect(url, socket_timeout=3)
-                try:
-                    client.ping()
-                finally:
-                    client.close()
-            else:
-                postgres_connect(url).close()
-        except (redis.RedisError, psycopg2.Error) as error:
-            reason = redact(one_line(str(error)))
-            raise CliError(f"{variable} points at {redact(url)}, which refuses us: {reason}") from None
-
-
 def cmd_up(args: argparse.Namespace) -> int:
     stack = Stack()
-    _up(stack, logins=True)
+    _up(stack)
     return print_status(stack)
 
 
@@ -320,7 +295,7 @@ def exported_env(stack: Stack) -> dict[str, str]:
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
-    env = _up(Stack(), logins=True)
+    env = _up(Stack())
     command = [
         sys.executable,
         "-m",
