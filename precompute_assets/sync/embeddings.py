@@ -239,9 +239,7 @@ def _rebuild_wider(
     wider = Pointer(f"emb{int(time.time())}.{uuid.uuid4().hex[:8]}", bucket_count(n_docs))
     client.set(_sentinel(schema, wider.version), b"building", ex=ttl_s)
     for page in store.iter_values(model_version):
-        patch_version(client, EMBEDDING_KIND, wider, upserts=page, schema=schema, ttl_s=ttl_s)
-    send_commands(client, [(b"EXPIRE", schema.bucket(EMBEDDING_KIND, wider.version, b).encode(), b"%d" % ttl_s)
-                           for b in range(wider.buckets)])  # fmt: skip
+        patch_version(client, EMBEDDING_KIND, wider, upserts=page, schema=schema, ttl_s=ttl_s)  # each bucket's TTL
     client.set(_sentinel(schema, wider.version), b"synced", ex=ttl_s)
     store.move_version(model_version, wider.version, wider.buckets)
     flip_pointer(client, schema, EMBEDDING_KIND, wider, grace_s=grace_s, replica_wait_s=replica_wait_s)
