@@ -14,6 +14,8 @@ from ..storage.tables import quarantine_frame, query_log_frame
 from .partitions import DEFAULT_PARTITIONS
 from .resources import DeploymentResource, LakeResource, RedisResource
 
+# The two outputs of each stream drain: its events and their quarantine.
+QUARANTINE_OF = {"query_logs": "query_log_quarantine", "user_events": "user_event_quarantine"}
 QUARANTINE_WARN_RATE = 0.001
 QUARANTINE_FAIL_RATE = 0.05
 
@@ -72,7 +74,7 @@ def query_logs(context: dg.AssetExecutionContext, redis: RedisResource, lake: La
             else:
                 rejected.append(quarantine_row(entry_id, fields, reason))
         context.log.info(f"read {len(rows) + len(rejected)} events ({len(rejected)} quarantined)")
-    if lost := lost_events(lake, context.partition_key, (*rows, *rejected), ("query_logs", "query_log_quarantine")):
+    if lost := lost_events(lake, context.partition_key, (*rows, *rejected), "query_logs"):
         raise stream_lost_failure(lost, context.partition_key)
     logs, quarantine = query_log_frame(rows), quarantine_frame(rejected)
     for column in ("arm", "version"):  # the A/B arm (None outside an experiment), the version read (None: none)
@@ -116,16 +118,16 @@ def _imported(lake: LakeResource, hour: str) -> pd.DataFrame | None:
     return existing if is_imported(existing) else None
 
 
-def lost_events(lake: LakeResource, hour: str, read: Iterable[dict], assets: tuple[str, ...]) -> str | None:
-    """``"N of its M"`` when the hour's materialized partitions of ``assets`` hold events that this read of the stream
-    (``read``: its rows and quarantined rows) did not find again, else None. Stream IDs are arrival times, so a
-    complete stream always gives them back; imported rows never came from it."""
+def lost_events(lake: LakeResource, hour: str, read: Iterable[dict], asset: str) -> str | None:
+    """``"N of its M"`` when the hour's materialized partitions of the drain ``asset`` (and its quarantine) hold events
+    that this read of the stream (``read``: its rows and quarantined rows) did not find again, else None. Stream IDs are
+    arrival times, so a complete stream always gives them back; imported rows never came from it."""
     store, found = lake.lake(), {row["stream_id"] for row in read}
     kept: list[str] = []
     try:
-        for asset in assets:
-            if store.exists(asset, hour):
-                kept += store.read(asset, hour, columns=["stream_id"])["stream_id"].tolist()
+        for name in (asset, QUARANTINE_OF[asset]):
+            if store.exists(name, hour):
+                kept += store.read(name, hour, columns=["stream_id"])["stream_id"].tolist()
     except LakeReadError:  # an unreadable partition is better replaced
         return None
     kept = [stream_id for stream_id in kept if not stream_id.startswith(IMPORTED)]

@@ -77,7 +77,7 @@ def user_events(context: dg.AssetExecutionContext, redis: RedisResource, lake: L
             if unknown_action(reason):
                 name = fields.get(b"action", b"")[:64].decode("utf-8", "backslashreplace")
                 unknown[name] = unknown.get(name, 0) + 1
-    if lost := lost_events(lake, context.partition_key, (*rows, *rejected), (USER_EVENTS, "user_event_quarantine")):
+    if lost := lost_events(lake, context.partition_key, (*rows, *rejected), USER_EVENTS):
         raise stream_lost_failure(lost, context.partition_key)
     events, quarantine = user_event_frame(rows), quarantine_frame(rejected)
     context.log.info(f"read {len(rows) + len(rejected)} events ({len(rejected)} quarantined)")

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from ..defs.partitions import deployment_partitions
+from ..defs.query_logs import QUARANTINE_OF
 from ..ml.replay import replay
 from ..serving import KeySchema, Pointer, PredictionCache, connect
 from ..stack import ENV_APP_DB, ENV_LAKE, ENV_REDIS, Stack
@@ -463,16 +464,13 @@ def embed_demo_documents(stack: Stack, defs, instance: dg.DagsterInstance, *, n_
     }
 
 
-DRAINED_QUARANTINE = {"query_logs": "query_log_quarantine", "user_events": "user_event_quarantine"}
-
-
 def drain(job: dg.JobDefinition, instance: dg.DagsterInstance, lake: Lake, hours: list[str], asset: str) -> int:
     """Materialize ``asset`` (``query_logs`` or ``user_events``) for each of ``hours`` with ``job``; returns its rows.
     The demo reset Redis, so an earlier demo's partitions of these hours hold stream IDs the stream no longer has, and a
     drain refuses to replace such a partition (``defs.query_logs.lost_events``): they are deleted first."""
     rows = 0
     for hour in hours:
-        for name in (asset, DRAINED_QUARANTINE[asset]):
+        for name in (asset, QUARANTINE_OF[asset]):
             lake.delete(name, hour)
         result = job.execute_in_process(partition_key=hour, instance=instance, raise_on_error=True)
         for materialization in result.asset_materializations_for_node(asset):
