@@ -149,10 +149,10 @@ def hour_rows(
             },
             schema=QUERY_LOGS,
         )
-        out = table.to_pandas()
-        out["arm"] = pd.Series([None] * n, dtype=object)
-        out["version"] = pd.Series([None] * n, dtype=object)
-        return out
+        hour = table.to_pandas()
+        hour["arm"] = pd.Series([None] * n, dtype=object)
+        hour["version"] = pd.Series([None] * n, dtype=object)
+        return hour
 
     out.frames = HourFrames(by_hour, frame)
     return out
