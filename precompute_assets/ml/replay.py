@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import codecs
 import csv
+import dataclasses
 import errno
 import functools
 import heapq
@@ -315,6 +316,44 @@ def _header_names(line: str) -> list[str] | None:
     if len(names) < 2 or names[0].startswith("#") or not all(name and not _NUMBER_START.match(name) for name in names):
         return None
     return names
+
+
+def sample_trace(trace: Trace, rate: float) -> Trace:
+    """SHARDS's spatial sample (Waldspurger et al., FAST'15): every request of the keys whose hash falls in the
+    lowest ``rate`` of the hash space, in order, and no request of the others. A cache of ``sampled_size(C, rate)``
+    keys replayed on it estimates the hit rate of C keys on the whole trace; the hash is fixed, so every run (and
+    every policy) sees the same keys."""
+    if not 0 < rate <= 1:  # NaN too
+        raise ValueError(f"the sample rate must be above 0 and at most 1, got {rate}")
+    if rate == 1:
+        return trace
+    keys = np.asarray(trace.keys)
+    threshold = np.uint64(min(int(rate * 2.0**64), 2**64 - 1))
+    keep = pd.util.hash_array(keys, categorize=True) < threshold  # pandas' fixed default hash key
+
+    def kept(values: np.ndarray | None) -> np.ndarray | None:
+        return None if values is None else np.asarray(values)[keep]
+
+    return dataclasses.replace(
+        trace, keys=keys[keep], timestamps=kept(trace.timestamps), logged_hits=kept(trace.logged_hits)
+    )
+
+
+def shards_adjusted(rates: dict, rate: float, kept: int, counted: int) -> dict:
+    """The ``hit_rate_*`` entries of a replay of a ``sample_trace`` (``kept`` counted requests) adjusted as SHARDS-adj
+    does: a sample holds ``rate * counted`` requests of the whole trace's ``counted`` only on average, and the
+    difference comes mostly from the few hottest keys, kept or not; so it is counted as hits (or, for a surplus,
+    taken from them). Without it a sample that happens to miss the hottest key reads far too low."""
+    expected = rate * counted
+    if not (expected > 0 and kept):
+        return dict(rates)
+    return {name: (value * kept + expected - kept) / expected for name, value in rates.items()}
+
+
+def sampled_size(keys: int, rate: float) -> int:
+    """A cache (or precompute share) of ``keys`` keys scaled to a ``sample_trace`` of ``rate``: at least 1 for
+    a cache of at least 1 key."""
+    return max(min(keys, 1), round(keys * rate))
 
 
 def split_days(trace: Trace, days: int) -> list[np.ndarray]:

@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from ..stack import (
     ENV_APP_DB,
@@ -506,6 +506,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
     train_days = args.train_days if args.train_days is not None else max(1, args.days // 2)
     if learned and not 1 <= train_days < args.days:
         raise CliError(f"--train-days must be at least 1 and less than --days {args.days}, got {train_days}")
+    if not 0 < args.sample <= 1:  # NaN too
+        raise CliError(f"--sample must be above 0 and at most 1, got {args.sample}")
+    if args.sample < 1 and (args.strategy or args.ab or args.next_key):
+        raise CliError("--sample replays the policies only: not with --strategy, --ab or --next-key")
     if not math.isfinite(args.margin):
         raise CliError(f"--margin must be a finite number, got {args.margin}")
     if not 0 <= args.prefetch_threshold <= 1:  # a probability; NaN and infinity too
@@ -547,12 +551,15 @@ def _replay_stages(
     args: argparse.Namespace, stage: _Stages, strategies: list[str], arms, learned: bool, train_days: int
 ) -> int:
     """``replay``'s work once its arguments are checked, announcing each stage to ``stage``."""
-    from ..ml.replay import logged_hit_rate, replay, split_days, trace_notes
+    from ..ml.replay import logged_hit_rate, replay, shards_adjusted, split_days, trace_notes
 
     stage("reading the trace")
     trace = read_trace(args.trace, args)
     if args.days > len(trace.keys):
         raise CliError(f"--days {args.days} is larger than the number of requests ({len(trace.keys)})")
+    whole, sample = trace, None
+    if args.sample < 1:
+        trace, sample, args = _sampled(trace, args)
     try:
         day_keys = split_days(trace, args.days)
         notes = trace_notes(trace, day_keys, key_chosen=args.key_field is not None)
@@ -582,8 +589,12 @@ def _replay_stages(
                     pool=pool,
                 )
             result = replayed.result() if replayed else replay(day_keys, **policies)
-            if trace.logged_hits is not None:  # what the serving client saw on the same counted requests
-                result["hit_rate_logged"] = logged_hit_rate(trace, args.days)
+            if sample is not None:
+                rates = {name: value for name, value in result.items() if name.startswith("hit_rate_")}
+                result.update(shards_adjusted(rates, args.sample, result["requests"], sample["requests_counted"]))
+                sample["hit_rates_unadjusted"] = rates
+            if whole.logged_hits is not None:  # what the serving client saw on the same counted requests
+                result["hit_rate_logged"] = logged_hit_rate(whole, args.days)
             if demand_strategies:
                 result.update(compared)
             if arms is not None:
@@ -621,12 +632,38 @@ def _replay_stages(
     except BrokenProcessPool as error:  # a worker was killed, e.g. out of memory
         raise CliError(f"a replay process ended abruptly: {error}") from None
     except MemoryError:
-        raise CliError("out of memory while replaying (a smaller --capacity, fewer --strategy, or a sample)") from None
+        raise CliError("out of memory while replaying (a smaller --capacity, fewer --strategy, or --sample)") from None
     shape = {"trace": str(args.trace), "trace_layout": trace.layout(), "requests_per_day": [len(d) for d in day_keys]}
+    if sample is not None:
+        shape["sample"] = sample
     if notes:
         shape["trace_notes"] = notes
     print(json.dumps({**shape, **result}))
     return 0
+
+
+def _sampled(trace, args: argparse.Namespace) -> tuple[Any, dict, argparse.Namespace]:
+    """``replay``'s ``--sample``: the trace's SHARDS sample, what was kept (and the whole trace's counted requests,
+    for ``shards_adjusted``), and the arguments with the capacity and a fixed top-n scaled to it."""
+    from ..ml.replay import sample_trace, sampled_size, split_days
+
+    sampled = sample_trace(trace, args.sample)
+    if len(sampled.keys) < args.days:
+        raise CliError(
+            f"--sample {args.sample} kept {len(sampled.keys):,} of the {len(trace.keys):,} requests, fewer than "
+            f"--days {args.days}: use a larger rate"
+        )
+    top_n = args.top_n if args.top_n == "auto" else sampled_size(args.top_n, args.sample)
+    scaled = argparse.Namespace(**{**vars(args), "capacity": sampled_size(args.capacity, args.sample), "top_n": top_n})
+    kept = {
+        "rate": args.sample,
+        "requests_read": len(trace.keys),
+        "requests_kept": len(sampled.keys),
+        "requests_counted": sum(len(day) for day in split_days(trace, args.days)[1:]),
+        "capacity": scaled.capacity,
+        "top_n": top_n,
+    }
+    return sampled, kept, scaled
 
 
 @contextlib.contextmanager
@@ -1211,6 +1248,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="always, second_miss, frequency or probation: also replay LRU and ours with get_or_compute's "
         "admission policy (hit_rate_lru_admission, hit_rate_ours_admission; with --top-n auto the share is tuned "
         "on that live tier), each demand strategy beside it (hit_rate_admission; not prefetch), and --ab's arms",
+    )
+    replay.add_argument(
+        "--sample",
+        type=float,
+        default=1.0,
+        metavar="RATE",
+        help="replay only the requests of a fixed hash-sampled share RATE of the keys (SHARDS), with --capacity and "
+        "--top-n scaled by RATE: estimates of the whole trace's hit rates in about RATE of the time (default 1: all)",
     )
     replay.set_defaults(fn=cmd_replay)
     return parser

@@ -25,6 +25,9 @@ from precompute_assets.ml.replay import (
     parse_trace,
     replay,
     s3fifo_hits,
+    sample_trace,
+    sampled_size,
+    shards_adjusted,
     share_candidates,
     split_days,
     trace_notes,
@@ -1547,3 +1550,38 @@ def test_admission_arguments():
         admission_decisions([1, 2], "second_miss", window=1.5)
     with pytest.raises(ValueError, match="capacity"):
         admission_decisions([1, 2], "probation", capacity=0)
+
+
+def test_a_shards_sample_keeps_every_request_of_the_keys_it_keeps_and_the_same_keys_each_time():
+    rng = np.random.default_rng(3)
+    keys = np.array([f"user:{k}" for k in rng.integers(0, 2000, 20_000)], dtype=object)
+    trace = Trace(keys=keys, timestamps=np.arange(len(keys), dtype=float), fields=2, timestamp_field=1, key_field=2)
+    sample = sample_trace(trace, 0.25)
+    kept = set(sample.keys)
+    assert 0.15 < len(kept) / 2000 < 0.35
+    in_sample = np.isin(keys, list(kept))
+    assert list(sample.keys) == list(keys[in_sample])  # every request of a kept key, in order
+    assert list(sample.timestamps) == list(trace.timestamps[in_sample])
+    assert list(sample_trace(trace, 0.25).keys) == list(sample.keys)
+    assert set(sample_trace(trace, 0.5).keys) >= kept  # a larger rate keeps a superset
+    assert sample_trace(trace, 1.0) is trace
+    for bad in (0.0, -0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="sample rate"):
+            sample_trace(trace, bad)
+    assert [sampled_size(n, 0.1) for n in (0, 1, 4, 1000)] == [0, 1, 1, 100]
+
+
+def test_a_shards_sample_estimates_the_whole_traces_hit_rates_once_adjusted():
+    """On skewed traffic whether the hottest key is sampled swings the raw estimate by points: the adjustment
+    counts the sample's shortfall of requests as hits and brings every policy's estimate back."""
+    rng = np.random.default_rng(0)
+    trace = Trace(keys=np.minimum(rng.zipf(1.1, 200_000), 10**9).astype(np.int64))
+    whole = replay(split_days(trace, 2), top_n=0, capacity=2000)
+    sample = sample_trace(trace, 0.1)
+    sampled = replay(split_days(sample, 2), top_n=0, capacity=sampled_size(2000, 0.1))
+    names = ("hit_rate_lru", "hit_rate_s3fifo", "hit_rate_arc")
+    raw = {name: sampled[name] for name in names}
+    adjusted = shards_adjusted(raw, 0.1, sampled["requests"], whole["requests"])
+    assert any(abs(raw[name] - whole[name]) > 0.05 for name in names)  # the hottest key fell out of the sample
+    assert all(abs(adjusted[name] - whole[name]) < 0.02 for name in names), (adjusted, whole)
+    assert shards_adjusted(raw, 0.1, 0, whole["requests"]) == raw

@@ -33,6 +33,35 @@ def test_replay_prints_one_json_object_with_the_five_rates(tmp_path, capsys):
     assert result["requests"] == 15_000
 
 
+def test_replay_of_a_sample_scales_the_cache_and_adjusts_the_rates_it_reports(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    trace = tmp_path / "trace.txt"
+    trace.write_text("\n".join(f"user:{k}" for k in np.minimum(rng.zipf(1.2, 40_000), 10**6)) + "\n")
+    base = ["replay", "--trace", str(trace), "--days", "4", "--top-n", "100", "--capacity", "1000"]
+    assert main([*base]) == 0
+    whole = json.loads(capsys.readouterr().out)
+    assert main([*base, "--sample", "0.2"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    sample = result["sample"]
+    assert (sample["rate"], sample["capacity"], sample["top_n"], result["capacity"]) == (0.2, 200, 20, 200)
+    assert sample["requests_read"] == 40_000 and sample["requests_counted"] == whole["requests"] == 30_000
+    assert 0 < sample["requests_kept"] < 40_000 and result["requests"] < 30_000
+    for name, raw in sample["hit_rates_unadjusted"].items():
+        expected = 0.2 * 30_000
+        assert result[name] == pytest.approx((raw * result["requests"] + expected - result["requests"]) / expected)
+    assert abs(result["hit_rate_lru"] - whole["hit_rate_lru"]) < 0.03
+    for bad, says in (
+        ("0", "--sample must be above 0 and at most 1, got 0.0"),
+        ("nan", "--sample must be above 0 and at most 1, got nan"),
+        ("1e-9", "--sample 1e-09 kept 0 of the 40,000 requests, fewer than --days 4: use a larger rate"),
+    ):
+        assert main([*base, "--sample", bad]) == 2
+        err = capsys.readouterr().err
+        assert err == f"precompute replay: {says}\n"
+    assert main([*base, "--sample", "0.5", "--strategy", "frequency"]) == 2
+    assert "not with --strategy, --ab or --next-key" in capsys.readouterr().err
+
+
 def test_replay_takes_a_csv_trace_with_a_header_and_more_columns_as_its_keys_alone(tmp_path, capsys):
     rng = np.random.default_rng(1)
     keys = np.minimum(rng.zipf(1.3, 4000), 500)
