@@ -41,12 +41,16 @@ class TopAdsConfig(SelectionConfig):
     logged days (``ml.replay.tune_share``), so where precomputing would hurt it precomputes nothing.
 
     ``admission``: the serving clients' admission policy (``serving.admission``: ``always``, ``second_miss``,
-    ``frequency``, ``probation``), so the share is tuned on the live tier that shares the capacity with it."""
+    ``frequency``, ``probation``), so the share is tuned on the live tier that shares the capacity with it.
+
+    ``share_max_requests``: a longer logged history is replayed on a SHARDS sample of its keys that holds about
+    this many requests (capacity scaled alike), so the tuning's time stays bounded as traffic grows."""
 
     strategy: str = "auto"
     precompute_share: str = "fixed"
     cache_capacity: int = 0
     admission: str = "always"
+    share_max_requests: int = 5_000_000
 
 
 def hourly_logs(
@@ -168,12 +172,19 @@ def logged_trace(lake: Lake, partitions: Partitions, days: list[str]) -> TraceHo
 
 
 def self_tuned_share(
-    lake: Lake, partitions: Partitions, day: str, strategy: str, capacity: int, admission: str = "always"
+    lake: Lake,
+    partitions: Partitions,
+    day: str,
+    strategy: str,
+    capacity: int,
+    admission: str = "always",
+    max_requests: int | None = None,
 ) -> ShareChoice:
     """The precompute share for the day after ``day`` within ``capacity`` keys, from replaying the logged days
     (``LOOKBACK_DAYS`` up to ``day``, from the first with logs; that one only warms the caches) beside the live
-    tier ``admission`` gives. Each replayed day is ranked by ``strategy`` from the days before it; the LSTM,
-    whose daily retraining a replay cannot afford here, is replayed with the frequency ranking."""
+    tier ``admission`` gives, on a sample of at most about ``max_requests`` requests (``tune_share``). Each replayed
+    day is ranked by ``strategy`` from the days before it; the LSTM, whose daily retraining a replay cannot afford
+    here, is replayed with the frequency ranking."""
     days = partitions.days_ending(day, LOOKBACK_DAYS)
     hours = logged_trace(lake, partitions, days)
     if len(hours.keys) and hours.day[0] > 0:  # days before the first logged one would make that day count cold
@@ -181,7 +192,7 @@ def self_tuned_share(
         hours = TraceHours(hours.keys, hours.day - first, hours.hour, hours.n_days - first)
     replayed = strategy if strategy in ("frequency", "ewma", "seasonal") else "frequency"
     rankings, _ = strategy_rankings(hours, replayed, capacity)
-    return tune_share(hours.day_keys(), capacity, ranked=rankings, admission=admission)
+    return tune_share(hours.day_keys(), capacity, ranked=rankings, admission=admission, max_requests=max_requests)
 
 
 @dg.asset(
@@ -213,6 +224,8 @@ def top_ads(
         raise dg.Failure(description=f"unknown precompute_share {config.precompute_share!r}: use fixed or auto")
     if config.precompute_share == "auto" and config.cache_capacity < 1:
         raise dg.Failure(description="precompute_share auto needs cache_capacity: the keys the serving cache holds")
+    if config.share_max_requests < 1:
+        raise dg.Failure(description=f"share_max_requests must be at least 1, got {config.share_max_requests}")
     if config.admission not in ADMISSION_NAMES:
         raise dg.Failure(description=f"unknown admission {config.admission!r}: use one of {', '.join(ADMISSION_NAMES)}")
     if config.precompute_share == "fixed" and config.top_n < 0:
@@ -241,6 +254,7 @@ def top_ads(
             strategy,
             config.cache_capacity,
             config.admission,
+            config.share_max_requests,
         )
         top_n = choice.share
         share_metadata.update(
@@ -249,12 +263,14 @@ def top_ads(
             share_hit_rate=choice.hit_rates[choice.share],
             read_through_hit_rate=choice.hit_rates[0],
             share_replayed_requests=choice.requests,
+            share_sample_rate=choice.sample_rate,
             share_candidates=dg.MetadataValue.json({str(n): rate for n, rate in choice.hit_rates.items()}),
         )
         context.log.info(
             f"self-tuned share: {top_n} of {config.cache_capacity} keys (replayed hit rate "
             f"{choice.hit_rates[top_n]:.4f}, read-through only {choice.hit_rates[0]:.4f}, "
-            f"{choice.requests} replayed requests, live tier: {config.admission})"
+            f"{choice.requests} logged requests on the counted days, replayed on a sample of {choice.sample_rate:.2%} "
+            f"of the keys, live tier: {config.admission})"
         )
     arm_metadata: dict = {}
     if running is None:

@@ -328,8 +328,7 @@ def sample_trace(trace: Trace, rate: float) -> Trace:
     if rate == 1:
         return trace
     keys = np.asarray(trace.keys)
-    threshold = np.uint64(min(int(rate * 2.0**64), 2**64 - 1))
-    keep = pd.util.hash_array(keys, categorize=True) < threshold  # pandas' fixed default hash key
+    keep = shards_keep(keys, rate)
 
     def kept(values: np.ndarray | None) -> np.ndarray | None:
         return None if values is None else np.asarray(values)[keep]
@@ -337,6 +336,13 @@ def sample_trace(trace: Trace, rate: float) -> Trace:
     return dataclasses.replace(
         trace, keys=keys[keep], timestamps=kept(trace.timestamps), logged_hits=kept(trace.logged_hits)
     )
+
+
+def shards_keep(keys: np.ndarray, rate: float) -> np.ndarray:
+    """Per key, whether ``sample_trace`` at ``rate`` keeps it: its hash (pandas' fixed default hash key, so the
+    same in every run) is in the lowest ``rate`` of the hash space."""
+    threshold = np.uint64(min(int(rate * 2.0**64), 2**64 - 1))
+    return pd.util.hash_array(np.asarray(keys), categorize=True) < threshold
 
 
 def shards_adjusted(rates: dict, rate: float, kept: int, counted: int) -> dict:
@@ -832,6 +838,7 @@ class ShareChoice:
     capacity: int
     hit_rates: dict[int, float]  # candidate N -> hit rate of "top-N + LRU of C-N" on the counted days
     requests: int  # requests on the counted days
+    sample_rate: float = 1.0  # the share of keys replayed (``tune_share``'s ``max_requests``)
 
 
 def tune_share(
@@ -842,6 +849,7 @@ def tune_share(
     warmup_days: int = 1,
     half_life_days: float = 2.0,
     admission: str | AdmissionPolicy | None = None,
+    max_requests: int | None = None,
 ) -> ShareChoice:
     """The precompute share for the day after ``day_keys``: the candidate N (``share_candidates``) whose
     "top-N + read-through of C-N" got the most hits on days W..D-1 of the history (ties: the smaller N),
@@ -849,26 +857,45 @@ def tune_share(
     counted day with requests the share is 0: plain read-through until there is evidence.
 
     The read-through is the live tier the serving client's ``admission`` gives (as ``replay`` models it): an LRU
-    by default (``always``), behind the policy's filter, or ``probation``'s own queues of C less the published keys."""
+    by default (``always``), behind the policy's filter, or ``probation``'s own queues of C less the published keys.
+
+    A history of more than ``max_requests`` requests is replayed on a SHARDS sample of its keys (``sample_trace``)
+    that holds about that many, with C scaled alike (``sampled_size``; never below 16 keys, so the candidates stay
+    distinct); ``sample_rate`` says which, and ``hit_rates`` are adjusted to the whole history (``shards_adjusted``),
+    which leaves their order, and so the choice, as it was on the sample."""
     if capacity < 1:
         raise ValueError(f"capacity must be at least 1, got {capacity}")
-    live_tier = None if admission is None else _live_tier(admission, None, capacity)
+    if max_requests is not None and max_requests < 1:
+        raise ValueError(f"max_requests must be at least 1, got {max_requests}")
     if warmup_days < 0:
         raise ValueError(f"warmup_days must be at least 0, got {warmup_days}")
     if ranked is not None and len(ranked) != len(day_keys):
         raise ValueError(f"ranked needs one list per day ({len(day_keys)}), got {len(ranked)}")
-    if not day_keys or sum(len(day) for day in day_keys) == 0:
+    total = sum(len(day) for day in day_keys)
+    if not day_keys or total == 0:
         return ShareChoice(0, capacity, {n: 0.0 for n in share_candidates(capacity)}, 0)
     days, keys = _as_codes(day_keys)
     if ranked is None:
         ranking = _ranked_keys(days, limit=capacity, half_life_days=half_life_days)
     else:
         ranking = [_ranked_codes(given, keys)[:capacity] for given in ranked]
-    day_hits = _candidate_day_hits(days, capacity, ranking, None if live_tier is None else live_tier(keys))
     requests = sum(len(day) for day in days[warmup_days:])
-    share = _best_share(day_hits, warmup_days, len(days)) if requests else 0
-    rates = {n: (sum(hits[warmup_days:]) / requests if requests else 0.0) for n, hits in day_hits.items()}
-    return ShareChoice(share, capacity, rates, requests)
+    rate = 1.0 if max_requests is None or total <= max_requests else max(max_requests / total, min(1.0, 16 / capacity))
+    tuned = capacity
+    if rate < 1:
+        kept = shards_keep(keys.to_numpy(), rate)
+        days = [day[kept[day]] for day in days]
+        tuned = sampled_size(capacity, rate)
+        ranking = [[code for code in ranked_codes if kept[code]][:tuned] for ranked_codes in ranking]
+    live_tier = None if admission is None else _live_tier(admission, None, tuned)
+    day_hits = _candidate_day_hits(days, tuned, ranking, None if live_tier is None else live_tier(keys))
+    counted = sum(len(day) for day in days[warmup_days:])
+    share = _best_share(day_hits, warmup_days, len(days)) if counted else 0
+    rates = {n: (sum(hits[warmup_days:]) / counted if counted else 0.0) for n, hits in day_hits.items()}
+    if rate < 1:  # each sampled candidate stands for the whole history's candidate of the same fraction of C
+        whole = dict(zip(share_candidates(tuned), share_candidates(capacity), strict=True))
+        share, rates = whole[share], shards_adjusted({whole[n]: r for n, r in rates.items()}, rate, counted, requests)
+    return ShareChoice(share, capacity, rates, requests, rate)
 
 
 def _static_hits(day: np.ndarray, chosen: set[Hashable]) -> int:

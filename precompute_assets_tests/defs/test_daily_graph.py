@@ -350,6 +350,7 @@ def test_self_tuned_share_precomputes_what_the_replayed_days_say(resources, pg_i
     chosen = meta["top_n"].value
     assert candidates[chosen] == max(candidates.values()) == meta["share_hit_rate"].value
     assert meta["read_through_hit_rate"].value == candidates[0] and meta["share_replayed_requests"].value > 0
+    assert meta["share_sample_rate"].value == 1.0  # a few thousand logged requests: replayed whole
     assert len(Lake(lake_uri).read("top_ads", DAYS[-1])) == min(chosen, meta["dagster/row_count"].value)
     assert chosen > 0  # the workload's popular ads recur day after day: precomputing them pays
 
@@ -368,6 +369,12 @@ def test_self_tuned_share_is_tuned_on_the_serving_clients_live_tier(resources, p
     probation, lru = tuned("probation"), tuned("always")
     assert candidates == probation.hit_rates and meta["top_n"].value == probation.share
     assert probation.hit_rates != lru.hit_rates  # a different live tier, replayed as the client runs it
+    # A bound on the replayed requests below the logged ones replays a sample of the keys, with C scaled alike.
+    sampled = self_tuned_share(Lake(lake_uri), Partitions(), DAYS[-1], replayed, 400, "probation", max_requests=500)
+    assert sampled.sample_rate < 1 and sorted(sampled.hit_rates) == sorted(candidates)
+    assert sampled.requests == probation.requests
+    failed = run(resources, pg_instance, precompute_share="auto", cache_capacity=400, share_max_requests=0)
+    assert not failed.success and "share_max_requests must be at least 1" in str(failed.get_step_failure_events())
 
 
 def test_self_tuned_share_of_zero_publishes_an_empty_version(

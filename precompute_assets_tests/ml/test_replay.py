@@ -1585,3 +1585,24 @@ def test_a_shards_sample_estimates_the_whole_traces_hit_rates_once_adjusted():
     assert any(abs(raw[name] - whole[name]) > 0.05 for name in names)  # the hottest key fell out of the sample
     assert all(abs(adjusted[name] - whole[name]) < 0.02 for name in names), (adjusted, whole)
     assert shards_adjusted(raw, 0.1, 0, whole["requests"]) == raw
+
+
+@pytest.mark.parametrize("admission", [None, "probation"])
+def test_tune_share_on_a_sample_of_a_long_history_chooses_what_the_whole_history_chooses(admission):
+    rng = np.random.default_rng(8)
+    days = []
+    for d in range(5):  # a stable Zipf hot set and 40 % keys asked for once
+        hot = np.minimum(rng.zipf(1.05, 60_000), 20_000)
+        days.append(np.where(rng.random(len(hot)) < 0.4, 10**7 + d * 10**6 + np.arange(len(hot)), hot))
+    whole = tune_share(days, 4000, admission=admission)
+    sampled = tune_share(days, 4000, admission=admission, max_requests=60_000)
+    assert whole.sample_rate == 1.0 and sampled.sample_rate == pytest.approx(0.2)
+    assert sampled.share == whole.share > 0 and sampled.requests == whole.requests
+    assert sorted(sampled.hit_rates) == share_candidates(4000)
+    assert all(abs(sampled.hit_rates[n] - rate) < 0.01 for n, rate in whole.hit_rates.items())
+    # A history within the bound, or a capacity too small to keep 16 keys in a sample, is replayed whole.
+    assert tune_share(days, 4000, admission=admission, max_requests=300_000) == whole
+    assert tune_share(days, 15, max_requests=1000).sample_rate == 1.0
+    assert tune_share(days, 160, max_requests=1000).sample_rate == pytest.approx(0.1)  # 16 of 160 keys
+    with pytest.raises(ValueError, match="max_requests"):
+        tune_share(days, 4000, max_requests=0)
