@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 
 from ..ml.experiment import split_selection
-from ..ml.replay import ShareChoice, tune_share
+from ..ml.replay import ShareChoice, shards_keep, shards_rate, tune_share
 from ..ml.selection import DEMAND_WINDOW_DAYS, coverage, select_top
 from ..ml.selection import ad_demand as weighted_demand
 from ..ml.selection import traffic_profile as offpeak_profile
@@ -153,14 +153,34 @@ def ad_demand(context: dg.AssetExecutionContext, config: SelectionConfig, lake: 
     )
 
 
-def logged_trace(lake: Lake, partitions: Partitions, days: list[str]) -> TraceHours:
-    """The ``ctr`` queries logged on ``days``, in time order, with the day (0..) and hour (0..23) of each."""
-    keys, day_index, hour_index = [], [], []
+def logged_rows(lake: Lake, partitions: Partitions, days: list[str]) -> int | None:
+    """Rows of the ``query_logs`` hours of ``days`` (every kind's: a bound on one kind's requests), from the files'
+    metadata, without reading them; None when a file does not say."""
+    total = 0
+    for day in days:
+        for hour in partitions.hours_of(day):
+            if lake.exists("query_logs", hour):
+                if (rows := lake.rows("query_logs", hour)) is None:
+                    return None
+                total += rows
+    return total
+
+
+def logged_trace(
+    lake: Lake, partitions: Partitions, days: list[str], *, rate: float = 1.0
+) -> tuple[TraceHours, list[int]]:
+    """The ``ctr`` queries logged on ``days``, in time order, with the day (0..) and hour (0..23) of each, and each
+    day's requests. With ``rate`` below 1 only a SHARDS sample of the keys is kept (``shards_keep``), hour by hour,
+    so a long history never sits in memory whole; the day counts are still the whole days'."""
+    keys, day_index, hour_index, whole = [], [], [], [0] * len(days)
     for d, day in enumerate(days):
         for h, (_, frame) in enumerate(hourly_logs(lake, partitions.hours_of(day))):
             if frame is None or not len(frame):
                 continue
             ordered = frame.sort_values("ts", kind="stable")["key"].astype(str).to_numpy(dtype=object)
+            whole[d] += len(ordered)
+            if rate < 1:
+                ordered = ordered[shards_keep(ordered, rate)]
             keys.append(ordered)
             day_index.append(np.full(len(ordered), d, dtype=np.int64))
             hour_index.append(np.full(len(ordered), min(h, 23), dtype=np.int64))  # a 25-hour DST day: 24 -> 23
@@ -168,7 +188,8 @@ def logged_trace(lake: Lake, partitions: Partitions, days: list[str]) -> TraceHo
     def joined(parts: list[np.ndarray], dtype) -> np.ndarray:
         return np.concatenate(parts) if parts else np.empty(0, dtype=dtype)
 
-    return TraceHours(joined(keys, object), joined(day_index, np.int64), joined(hour_index, np.int64), len(days))
+    hours = TraceHours(joined(keys, object), joined(day_index, np.int64), joined(hour_index, np.int64), len(days))
+    return hours, whole
 
 
 def self_tuned_share(
@@ -186,13 +207,19 @@ def self_tuned_share(
     day is ranked by ``strategy`` from the days before it; the LSTM, whose daily retraining a replay cannot afford
     here, is replayed with the frequency ranking."""
     days = partitions.days_ending(day, LOOKBACK_DAYS)
-    hours = logged_trace(lake, partitions, days)
-    if len(hours.keys) and hours.day[0] > 0:  # days before the first logged one would make that day count cold
-        first = int(hours.day[0])
+    logged = logged_rows(lake, partitions, days) if max_requests is not None else None
+    rate = 1.0 if logged is None else shards_rate(logged, max_requests, capacity)
+    hours, whole = logged_trace(lake, partitions, days, rate=rate)
+    first = next((d for d, requests in enumerate(whole) if requests), 0)
+    if first:  # days before the first logged one would make that day count cold
         hours = TraceHours(hours.keys, hours.day - first, hours.hour, hours.n_days - first)
+        whole = whole[first:]
     replayed = strategy if strategy in ("frequency", "ewma", "seasonal") else "frequency"
     rankings, _ = strategy_rankings(hours, replayed, capacity)
-    return tune_share(hours.day_keys(), capacity, ranked=rankings, admission=admission, max_requests=max_requests)
+    sampled = (rate, whole) if rate < 1 else None  # else tune_share samples what it was given, when over the bound
+    return tune_share(
+        hours.day_keys(), capacity, ranked=rankings, admission=admission, max_requests=max_requests, sampled=sampled
+    )
 
 
 @dg.asset(

@@ -345,6 +345,14 @@ def shards_keep(keys: np.ndarray, rate: float) -> np.ndarray:
     return pd.util.hash_array(np.asarray(keys), categorize=True) < threshold
 
 
+def shards_rate(requests: int, max_requests: int | None, capacity: int) -> float:
+    """The ``sample_trace`` rate at which ``requests`` shrink to about ``max_requests`` (1: no bound, or within it),
+    never so low that a cache of ``capacity`` keys scales below 16 (``sampled_size``)."""
+    if max_requests is None or requests <= max_requests:
+        return 1.0
+    return min(1.0, max(max_requests / requests, 16 / capacity))
+
+
 def shards_adjusted(rates: dict, rate: float, kept: int, counted: int) -> dict:
     """The ``hit_rate_*`` entries of a replay of a ``sample_trace`` (``kept`` counted requests) adjusted as SHARDS-adj
     does: a sample holds ``rate * counted`` requests of the whole trace's ``counted`` only on average, and the
@@ -850,6 +858,7 @@ def tune_share(
     half_life_days: float = 2.0,
     admission: str | AdmissionPolicy | None = None,
     max_requests: int | None = None,
+    sampled: tuple[float, Sequence[int]] | None = None,
 ) -> ShareChoice:
     """The precompute share for the day after ``day_keys``: the candidate N (``share_candidates``) whose
     "top-N + read-through of C-N" got the most hits on days W..D-1 of the history (ties: the smaller N),
@@ -862,7 +871,8 @@ def tune_share(
     A history of more than ``max_requests`` requests is replayed on a SHARDS sample of its keys (``sample_trace``)
     that holds about that many, with C scaled alike (``sampled_size``; never below 16 keys, so the candidates stay
     distinct); ``sample_rate`` says which, and ``hit_rates`` are adjusted to the whole history (``shards_adjusted``),
-    which leaves their order, and so the choice, as it was on the sample."""
+    which leaves their order, and so the choice, as it was on the sample. ``sampled=(rate, requests per day)`` says
+    ``day_keys`` (and ``ranked``) already are such a sample (``shards_keep``) of days that held those requests."""
     if capacity < 1:
         raise ValueError(f"capacity must be at least 1, got {capacity}")
     if max_requests is not None and max_requests < 1:
@@ -879,14 +889,20 @@ def tune_share(
         ranking = _ranked_keys(days, limit=capacity, half_life_days=half_life_days)
     else:
         ranking = [_ranked_codes(given, keys)[:capacity] for given in ranked]
-    requests = sum(len(day) for day in days[warmup_days:])
-    rate = 1.0 if max_requests is None or total <= max_requests else max(max_requests / total, min(1.0, 16 / capacity))
-    tuned = capacity
-    if rate < 1:
-        kept = shards_keep(keys.to_numpy(), rate)
-        days = [day[kept[day]] for day in days]
-        tuned = sampled_size(capacity, rate)
-        ranking = [[code for code in ranked_codes if kept[code]][:tuned] for ranked_codes in ranking]
+    if sampled is not None:
+        rate, whole_days = sampled
+        if len(whole_days) != len(day_keys) or not 0 < rate <= 1:
+            raise ValueError(f"sampled needs a rate in (0, 1] and {len(day_keys)} day counts, got {sampled}")
+        requests = sum(whole_days[warmup_days:])
+    else:
+        requests = sum(len(day) for day in days[warmup_days:])
+        rate = shards_rate(total, max_requests, capacity)
+        if rate < 1:
+            kept = shards_keep(keys.to_numpy(), rate)
+            days = [day[kept[day]] for day in days]
+            ranking = [[code for code in ranked_codes if kept[code]] for ranked_codes in ranking]
+    tuned = sampled_size(capacity, rate)
+    ranking = [ranked_codes[:tuned] for ranked_codes in ranking]
     live_tier = None if admission is None else _live_tier(admission, None, tuned)
     day_hits = _candidate_day_hits(days, tuned, ranking, None if live_tier is None else live_tier(keys))
     counted = sum(len(day) for day in days[warmup_days:])

@@ -113,6 +113,11 @@ class Lake:
         except (pa.ArrowException, OSError) as error:
             raise LakeReadError(f"the lake cannot read {path} (corrupt or truncated?): {error}") from error
 
+    def rows(self, asset: str, partition: str | None = None) -> int | None:
+        """The rows a lake file was written with, from its metadata (None: written without it, by an old version)."""
+        recorded = self.metadata(asset, partition).get(SHAPE_KEY)
+        return None if recorded is None else int(json.loads(recorded)["rows"])
+
     def read(self, asset: str, partition: str | None = None, columns: list[str] | None = None) -> pd.DataFrame:
         fs, _ = self._fs
         path = self.path(asset, partition)

@@ -21,11 +21,12 @@ from precompute_assets.defs.resources import (
     ParquetIOManager,
     RedisResource,
 )
-from precompute_assets.defs.selection import ad_demand, self_tuned_share, top_ads, traffic_profile
+from precompute_assets.defs.selection import ad_demand, logged_trace, self_tuned_share, top_ads, traffic_profile
 from precompute_assets.defs.sources import ad_impressions, ads
 from precompute_assets.ml.ctr import CtrModel, NewAdEvaluation
 from precompute_assets.ml.features import AdFeatureSpec
 from precompute_assets.ml.model_store import LocalModelStore
+from precompute_assets.ml.replay import shards_keep
 from precompute_assets.serving import PredictionCache, connect
 from precompute_assets.serving.keys import Pointer, arm_of
 from precompute_assets.storage.lake import Lake
@@ -373,6 +374,14 @@ def test_self_tuned_share_is_tuned_on_the_serving_clients_live_tier(resources, p
     sampled = self_tuned_share(Lake(lake_uri), Partitions(), DAYS[-1], replayed, 400, "probation", max_requests=500)
     assert sampled.sample_rate < 1 and sorted(sampled.hit_rates) == sorted(candidates)
     assert sampled.requests == probation.requests
+    # The sample is taken hour by hour as the logs are read: only the kept keys' requests, all of them, in order.
+    days = Partitions().days_ending(DAYS[-1], 7)
+    (whole, whole_days), (kept, kept_days) = (
+        logged_trace(Lake(lake_uri), Partitions(), days),
+        logged_trace(Lake(lake_uri), Partitions(), days, rate=0.3),
+    )
+    assert kept_days == whole_days and 0 < len(kept.keys) < len(whole.keys)
+    assert list(kept.keys) == list(whole.keys[shards_keep(whole.keys, 0.3)])
     failed = run(resources, pg_instance, precompute_share="auto", cache_capacity=400, share_max_requests=0)
     assert not failed.success and "share_max_requests must be at least 1" in str(failed.get_step_failure_events())
 

@@ -51,3 +51,14 @@ def test_a_flipped_bit_or_a_cut_file_is_an_error_naming_the_file_never_other_val
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(LakeReadError, match="corrupt or truncated"):
         lake.read("ctr_predictions", "2026-11-20")
+
+
+def test_a_files_rows_are_read_from_its_metadata_and_unknown_for_a_file_written_without_it(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    lake = Lake(str(tmp_path))
+    lake.write("query_logs", "2026-11-18-05:00", pd.DataFrame({"key": ["a", "b", "c"]}))
+    assert lake.rows("query_logs", "2026-11-18-05:00") == 3
+    pq.write_table(pa.table({"key": ["a"]}), lake.path("query_logs", "2026-11-18-06:00"))  # an old writer's file
+    assert lake.rows("query_logs", "2026-11-18-06:00") is None
