@@ -289,8 +289,8 @@ class PredictionCache:
                 encoded = codec_for(kind).encode(value)
                 commands.append((b"SET", self.schema.live(kind, key), encoded, b"EX", b"%d" % self.live_ttl_s))
             self._send_with_housekeeping(kind, key, commands, policy, decision)
-        except REDIS_ERRORS:  # OOM, READONLY, a dead server: the caller still gets its value
-            self._trip()
+        except REDIS_ERRORS as error:  # OOM, READONLY, a dead server: the caller still gets its value
+            self._trip(error)
         return value
 
     def get_embedding(self, doc_id: str, *, user: str | None = None, tenant: str | None = None):
@@ -356,8 +356,8 @@ class PredictionCache:
                 encoded = codec_for(kind).encode(value)
                 commands = self._store_commands(kind, key, encoded, delta_s, release=locked)
             self._send_with_housekeeping(kind, key, commands, policy, decision)
-        except REDIS_ERRORS:  # OOM, READONLY, a dead server: the caller still gets its value
-            self._trip()
+        except REDIS_ERRORS as error:  # OOM, READONLY, a dead server: the caller still gets its value
+            self._trip(error)
         return value
 
     def _evict_live(self, kind: str, keys: Sequence[str]) -> None:
@@ -442,8 +442,8 @@ class PredictionCache:
         except redis.exceptions.NoPermissionError:
             self._refuse()
             return None
-        except REDIS_ERRORS:
-            self._trip()
+        except REDIS_ERRORS as error:
+            self._trip(error)
             return None
 
     def _release_lock(self, kind: str, key: str) -> None:
@@ -475,8 +475,8 @@ class PredictionCache:
                     pipe.get(live)
                     pipe.get(lock)
                     raw, held = pipe.execute()
-                except REDIS_ERRORS:
-                    self._trip()
+                except REDIS_ERRORS as error:
+                    self._trip(error)
                     return None
             if raw is not None:
                 return raw
@@ -521,9 +521,11 @@ class PredictionCache:
     def _available(self) -> bool:
         return time.monotonic() >= self._retry_at
 
-    def _trip(self) -> None:
+    def _trip(self, error: BaseException | None = None) -> None:
+        """Count a failed round trip and back off for ``backoff_s``, unless ``error`` is an error reply (OOM at
+        ``maxmemory``, READONLY, NOPERM): the server answered at once, so only that command failed."""
         self.errors += 1
-        if not self._cluster:  # a cluster backs off per master (``_cluster_fetch``)
+        if not self._cluster and not isinstance(error, redis.ResponseError):  # a cluster backs off per master
             self._retry_at = time.monotonic() + self.backoff_s
 
     def _refresh_slots(self) -> None:
@@ -635,8 +637,8 @@ class PredictionCache:
                     return raw
             (raw,) = self._round_trip([(b"GET", self.schema.live(kind, key))])
             return raw
-        except REDIS_ERRORS:
-            self._trip()
+        except REDIS_ERRORS as error:
+            self._trip(error)
             return None
 
     def _round_trip(self, commands: list[tuple]) -> list:
@@ -680,8 +682,8 @@ class PredictionCache:
                 if isinstance(reply, BaseException):
                     raise reply
             return raw, policy.decide(replies), self._extra_reply(ttl), _seconds(self._extra_reply(delta))
-        except REDIS_ERRORS:
-            self._trip()
+        except REDIS_ERRORS as error:
+            self._trip(error)
             return None, None, None, None
 
     def _lookup_admitting_cluster(
@@ -733,8 +735,8 @@ class PredictionCache:
                 for i, raw in zip(missing, live, strict=True):
                     found[i] = raw
             return found
-        except REDIS_ERRORS:
-            self._trip()
+        except REDIS_ERRORS as error:
+            self._trip(error)
             return [None] * len(keys)
 
     def _lookup_many_cluster(self, kind: str, keys: Sequence[str]) -> list[bytes | None]:

