@@ -29,10 +29,12 @@ import contextlib
 import ctypes
 import functools
 import json
+import os
 import socket
 import sys
 import threading
 import time
+import weakref
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -136,6 +138,24 @@ class QueryLogger:
         self.lookup_sends = False  # True: lookups call send_ready while they wait; log() sends only past 4 entries
         self._thread = threading.Thread(target=self._run, name="query-logger", daemon=True)
         self._thread.start()
+        os.register_at_fork(after_in_child=functools.partial(_restart_in_child, weakref.ref(self)))
+
+    def _after_fork(self) -> None:
+        """In a forked child: the parent's thread is gone, its connection (and the queries buffered and sent on it)
+        stay the parent's, and a lock may have been held at the fork. Start afresh with a thread of its own."""
+        self._lock = threading.Lock()
+        self._count_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._connection = None  # never closed here: the socket is the parent's too
+        self._buffer.clear()
+        self._queued = 0
+        self._sent.clear()
+        self._unsent = b""
+        self._retry_at = 0.0
+        self.stats = LoggerStats()
+        if not self._stopped:
+            self._thread = threading.Thread(target=self._run, name=self._thread.name, daemon=True)
+            self._thread.start()
 
     def log(
         self,
@@ -460,6 +480,13 @@ class QueryLogger:
         ms, seq = self._last_id
         self._last_id = (ts_ms, 0) if ts_ms > ms else (ms, seq + 1)
         return f"{self._last_id[0]}-{self._last_id[1]}"
+
+
+def _restart_in_child(ref: weakref.ref) -> None:
+    """``os.register_at_fork`` hook of a ``QueryLogger`` (held weakly: a logger is never kept alive by it)."""
+    logger = ref()
+    if logger is not None:
+        logger._after_fork()
 
 
 def log_prediction_query(

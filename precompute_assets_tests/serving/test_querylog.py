@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
@@ -471,3 +472,39 @@ def test_an_event_no_encoding_takes_does_not_stop_the_thread(redis_url, redis_cl
     assert logger.stats.written == 2 and redis_client.xlen(events_stream(schema)) == 2
     entries = [e for page in read_event_window(redis_client, schema, 0, 2**62) for e in page]
     assert "not valid UTF-8" in validate_event(*entries[0])[1]  # written as it came, quarantined downstream
+
+
+def test_a_forked_child_logs_with_its_own_thread_and_connection(redis_url, redis_client, schema):
+    """A service that builds its logger before forking workers (gunicorn's preload): the child's queries are sent
+    by a thread of its own on a connection of its own, without a flush, and each process counts only its own.
+    The child once had no thread (its queries waited in the buffer) and shared the parent's socket."""
+    logger = QueryLogger(log_client(redis_url), schema, flush_interval_s=0.01)
+    for i in range(5):
+        logger.log("ctr", f"parent{i}", hit=False)
+    deadline = time.monotonic() + 5
+    while logger.stats.written < 5 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert logger.stats.written == 5
+    pid = os.fork()
+    if pid == 0:  # the child: report through the exit code, never return into pytest
+        code = 1
+        try:
+            for i in range(10):
+                logger.log("ctr", f"child{i}", hit=True)
+            deadline = time.monotonic() + 3
+            while time.monotonic() < deadline:
+                keys = [f[b"key"] for _, f in logged_queries(redis_client, schema)]
+                if sum(key.startswith(b"child") for key in keys) == 10:
+                    break
+                time.sleep(0.02)
+            else:
+                os._exit(2)
+            code = 0 if (logger.stats.logged, logger.stats.written, logger.stats.dropped) == (10, 10, 0) else 3
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0  # 2: the child's queries never arrived; 3: its counts were wrong
+    logger.log("ctr", "parent-after", hit=False)
+    logger.close()
+    assert (logger.stats.logged, logger.stats.written, logger.stats.dropped) == (6, 6, 0)
+    assert len(logged_queries(redis_client, schema)) == 16
