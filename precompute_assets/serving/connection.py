@@ -72,12 +72,15 @@ def cluster_send(client, commands: list[tuple], *, retry: bool = False) -> list:
     """Run single-key ``commands`` (``(NAME, key, args...)``) on a Redis Cluster client: one packed write per master
     holding their slots, every master written before any is read, so one round trip in parallel. Returns the
     replies in order, error replies and the failure of a master's connection as exception objects in place (a
-    connection failure or a MOVED reply also refreshes the client's slot map, which a failover changed).
+    connection failure or a MOVED reply also refreshes the client's slot map, which a failover changed). A command
+    answered with ASK (its slot is migrating and its key has moved) is sent once more, after ``ASKING``, to the
+    node the reply names, as Redis Cluster asks; the slot map is unchanged until the migration ends.
 
     ``retry=True`` sends the commands that failed that way once more after the refresh (for idempotent writes:
     a publish after a failover reaches the promoted replica)."""
-    replies, refresh = _cluster_send_once(client, commands)
-    if refresh:
+    replies, failed = _cluster_send_once(client, commands)
+    _follow_asks(client, commands, replies)
+    if failed or any(_moved_or_gone(reply) for reply in replies):
         with contextlib.suppress(*REDIS_ERRORS):
             client.nodes_manager.initialize()
         redo = [i for i, reply in enumerate(replies) if _moved_or_gone(reply)] if retry else []
@@ -142,10 +145,53 @@ def send_pipelined(client, commands: list[tuple], *, while_waiting: Callable[[],
 def _moved_or_gone(reply: object) -> bool:
     from redis.exceptions import AskError
 
-    return isinstance(reply, AskError | redis.ConnectionError | redis.TimeoutError | OSError)
+    return isinstance(reply, AskError | redis.ConnectionError | redis.TimeoutError | OSError) and not _ask(reply)
+
+
+def _ask(reply: object) -> bool:
+    """An ASK redirection (a MOVED one is an ``AskError`` too, in redis-py)."""
+    from redis.exceptions import AskError, MovedError
+
+    return isinstance(reply, AskError) and not isinstance(reply, MovedError)
+
+
+def _follow_asks(client, commands: list[tuple], replies: list) -> None:
+    """Replace each ASK reply in ``replies`` by the reply of its command sent, after ``ASKING``, to the node the ASK
+    names (one write per node); a node the client does not know, or whose connection fails, leaves the error."""
+    targets: dict[tuple[str, int], list[int]] = {}
+    for index, reply in enumerate(replies):
+        if _ask(reply):
+            targets.setdefault((reply.host, int(reply.port)), []).append(index)
+    for (host, port), indexes in targets.items():
+        node = client.get_node(host=host, port=port)
+        if node is None:
+            continue
+        pool = client.get_redis_connection(node).connection_pool
+        connection = None
+        try:
+            connection = pool.get_connection()
+            connection.send_packed_command([pack_resp([c for i in indexes for c in ((b"ASKING",), commands[i])])])
+            for index in indexes:
+                for step in ("asking", "command"):
+                    try:
+                        reply = connection.read_response()
+                    except redis.ResponseError as error:
+                        reply = error
+                    if step == "command":
+                        replies[index] = reply
+        except REDIS_ERRORS as error:
+            if connection is not None:
+                connection.disconnect()  # replies may be left unread: never hand this connection out again
+            for index in indexes:
+                if _ask(replies[index]):
+                    replies[index] = error
+        finally:
+            if connection is not None:
+                pool.release(connection)
 
 
 def _cluster_send_once(client, commands: list[tuple]) -> tuple[list, bool]:
+    """The replies of ``commands``, one write per master, and whether a master's connection failed."""
     groups: dict[str, tuple[object, list[int]]] = {}
     replies: list = [None] * len(commands)
     for index, command in enumerate(commands):
@@ -186,7 +232,7 @@ def _cluster_send_once(client, commands: list[tuple]) -> tuple[list, bool]:
             failed = True
         finally:
             pool.release(connection)
-    return replies, failed or any(_moved_or_gone(reply) for reply in replies)
+    return replies, failed
 
 
 def _cluster_class():

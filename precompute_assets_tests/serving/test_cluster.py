@@ -362,6 +362,35 @@ def test_a_master_killed_mid_publish(cluster_factory, victim_holds):
     )
 
 
+def test_reads_follow_ask_while_a_slot_migrates(cluster_factory):
+    """Resharding moves a slot's keys one by one: meanwhile the slot's old master answers ASK for a key already moved.
+    Lookups and ``get_or_compute`` (``probation``) follow it with ``ASKING`` to the new master, so the values stay
+    hits; they were misses (recomputed, counted as errors, each refreshing the slot map) until the slot finished."""
+    cluster = cluster_factory()
+    schema = KeySchema("mig")
+    cache = cache_on(cluster, schema, admission=Probation(capacity=1000))
+    keys = [f"ad{i}" for i in range(60)]
+    for key in keys:
+        assert cache.get_or_compute("ctr", key, lambda key: 0.25) == pytest.approx(0.25)
+    source, target = cluster.masters[0], cluster.masters[1]
+    moving = [key for key in keys if cluster.master_of_slot(key_slot(schema.live("ctr", key))) is source]
+    assert len(moving) >= 4
+    with cluster.client(source.port) as old, cluster.client(target.port) as new:
+        for slot in {key_slot(schema.live("ctr", key)) for key in moving}:
+            new.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", cluster.node_id(source.port))
+            old.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", cluster.node_id(target.port))
+        moved = moving[::2]
+        for key in moved:
+            old.execute_command("MIGRATE", "127.0.0.1", target.port, schema.live("ctr", key), 0, 5000)
+        with pytest.raises(redis.exceptions.AskError):  # moved: the old master redirects
+            old.get(schema.live("ctr", moved[0]))
+    errors, computes = cache.errors, cache.computes
+    assert cache.get_many("ctr", keys) == [pytest.approx(0.25)] * len(keys)
+    assert [cache.get("ctr", key) for key in moved] == [pytest.approx(0.25)] * len(moved)
+    assert [cache.get_or_compute("ctr", key, lambda key: 0.9) for key in moved] == [pytest.approx(0.25)] * len(moved)
+    assert cache.errors == errors and cache.computes == computes
+
+
 def test_a_replica_takes_over_a_killed_master(cluster_factory):
     """With a replica per master the killed master's slots fail over within a few seconds: then every key of the old
     version is readable again, by the same client, after it refreshed its slot map."""
