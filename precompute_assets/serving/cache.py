@@ -227,7 +227,8 @@ class PredictionCache:
           computing; a reader that finds it taken polls the live value every ``lock_poll_s`` for at most
           ``recompute_lock_ms`` (less if the lock goes away) and computes itself if the value still is not there.
 
-        A value without a delta (written by a task run) is never recomputed early. A reader whose ACL refuses
+        A value without a delta (written by a task run) is never recomputed early; an early recomputation that raises
+        serves the value read (logged as a warning), since it is still valid. A reader whose ACL refuses
         ``PTTL`` or the delta/lock keys (``NOPERM``) falls back to the plain read-through, counted in ``refused``.
         """
         check_kind(kind)
@@ -245,7 +246,11 @@ class PredictionCache:
                 lock = self._take_lock(kind, key)
                 if lock is not False and self._available():  # ours, or no lock (off): recompute; else the holder does
                     self.early_recomputes += 1
-                    return self._compute_and_store(kind, key, compute, policy, None, locked=lock is True)
+                    try:
+                        return self._compute_and_store(kind, key, compute, policy, None, locked=lock is True)
+                    except Exception:  # the value read is still valid: a failed early recomputation serves it
+                        log.warning("early recomputation of %s %r failed; served the cached value", kind, key,
+                                    exc_info=True)  # fmt: skip
             return cached
         if decision is None or not self._available():
             self.computes += 1

@@ -352,6 +352,29 @@ def test_a_value_near_expiry_is_recomputed_early_by_the_lock_holder_only(redis_u
     assert calls == ["k"] and cache.early_recomputes == 1
 
 
+def test_an_early_recomputation_that_raises_serves_the_cached_value(redis_url, redis_client, schema):
+    """XFetch recomputes a hit early: when that compute raises (the model is down), the value read is still valid
+    and is what the caller gets; it once got the exception, which a hit never raises without XFetch."""
+    from precompute_assets.serving.cache import live_delta_key, recompute_lock_key
+
+    cache = make_cache(redis_url, schema, live_ttl_s=300)
+    cache._random.random = lambda: 0.5
+    assert cache.get_or_compute("rank", "k", lambda key: {"v": 1}) == {"v": 1}
+    redis_client.set(live_delta_key(schema, "rank", "k"), b"10.0")
+    redis_client.pexpire(schema.live("rank", "k"), 5000)  # due (see above)
+    redis_client.delete(recompute_lock_key(schema, "rank", "k"))  # the first compute's released lock, if not lapsed yet
+
+    def down(key: str) -> dict:
+        raise RuntimeError("model down")
+
+    assert cache.get_or_compute("rank", "k", down) == {"v": 1}
+    assert cache.early_recomputes == 1 and cache.computes == 2
+    time.sleep(0.01)
+    assert redis_client.get(recompute_lock_key(schema, "rank", "k")) is None  # released for the next reader
+    with pytest.raises(RuntimeError):  # a miss has no value to serve: its compute's error is the caller's
+        cache.get_or_compute("rank", "gone", down)
+
+
 def test_a_hot_miss_is_computed_once_by_concurrent_readers(redis_url, schema):
     def run(**options) -> tuple[int, list]:
         caches = [make_cache(redis_url, schema, **options) for _ in range(8)]
