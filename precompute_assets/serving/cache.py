@@ -307,13 +307,26 @@ class PredictionCache:
         return self.get_many(EMBEDDING_KIND, doc_ids, user=user, tenant=tenant)
 
     def current_version(self, kind: str) -> Pointer | None:
-        """The published version of ``kind`` as this reader currently sees it."""
-        return self._pointer(kind)
+        """The published version of ``kind`` as this reader currently sees it: while Redis fails (or the client
+        backs off after a failure), the one it last read, None before any; never raises."""
+        self._refresh_pointer(kind)
+        cached = self._pointers.get(kind)
+        return None if cached is None else cached[0]
 
     def current_experiment(self, kind: str) -> Experiment | None:
-        """The A/B experiment of ``kind`` as this reader currently sees it (refreshed with the pointer)."""
-        self._pointer(kind)
+        """The A/B experiment of ``kind`` as this reader currently sees it (refreshed with the pointer, as
+        ``current_version``)."""
+        self._refresh_pointer(kind)
         return self._experiment(kind)
+
+    def _refresh_pointer(self, kind: str) -> None:
+        """``_pointer`` unless backing off; a Redis error keeps what was last read and backs off (``_trip``)."""
+        if not self._cluster and not self._available():
+            return
+        try:
+            self._pointer(kind)
+        except REDIS_ERRORS as error:
+            self._trip(error)
 
     def record_event(self, user: str, action: str, *, entity: str | None = None, tenant: str | None = None) -> None:
         """Queue one user event (login, creative_upload, ...; see ``serving.events``) on the event stream, from which

@@ -60,7 +60,7 @@ def _fetch(cache: PredictionCache, kind: str, doc_ids: list[str]) -> list[bytes 
     if not doc_ids or not cache._available():
         return [None] * len(doc_ids)
     try:
-        pointer = cache.current_version(kind)
+        pointer = cache._pointer(kind)  # raises on Redis trouble: one failure, then the backoff
         if pointer is None:
             return [None] * len(doc_ids)
         groups: dict[int, list[int]] = {}

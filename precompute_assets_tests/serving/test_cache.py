@@ -113,6 +113,22 @@ def test_silent_redis_times_out_and_degrades(schema):
         listener.close()
 
 
+def test_the_current_version_survives_redis_trouble(redis_url, redis_client, schema):
+    """``current_version`` / ``current_experiment`` are read paths too: with Redis gone they give what the reader last
+    read instead of raising, and pay the timeout once, then back off like lookups (they raised ConnectionError)."""
+    publish_version(redis_client, "ctr", "v1", [("a", 0.1)], n_keys=1, schema=schema, experiment=EXPERIMENT)
+    cache = make_cache(redis_url, schema, backoff_s=60)
+    assert cache.current_version("ctr").version == "v1" and cache.current_experiment("ctr") == EXPERIMENT
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead_url = f"redis://127.0.0.1:{s.getsockname()[1]}/0"
+    cache.client = connect(dead_url, socket_timeout=0.2)  # the server is gone
+    assert cache.current_version("ctr").version == "v1" and cache.current_experiment("ctr") == EXPERIMENT
+    assert cache.errors == 1  # one failure, then the backoff
+    fresh = PredictionCache(connect(dead_url, socket_timeout=0.2), schema=schema)
+    assert fresh.current_version("ctr") is None and fresh.current_experiment("ctr") is None
+
+
 def test_logger_buffer_is_bounded_and_counts_drops(schema):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
