@@ -672,8 +672,9 @@ class PredictionCache:
         self, kind: str, key: str, policy: AdmissionPolicy, *, extras: bool = False
     ) -> tuple[bytes | None, Decision | None, int | None, float | None]:
         """``_lookup`` whose live ``GET`` carries the policy's commands in the same round trip; the decision is
-        None when Redis failed (or the client is backing off). With ``extras``, the same round trip also reads the
-        live value's ``PTTL`` (ms) and its delta (s): both None when published, unknown or refused."""
+        None when Redis failed (or the client is backing off), or refused the policy's commands (the value read is
+        still returned). With ``extras``, the same round trip also reads the live value's ``PTTL`` (ms) and its
+        delta (s): both None when published, unknown or refused."""
         if self._cluster:
             return self._lookup_admitting_cluster(kind, key, policy, extras)
         if not self._available():
@@ -692,13 +693,16 @@ class PredictionCache:
                 pipe.get(live_delta_key(self.schema, kind, key))
             if not policy.observe(pipe, self.schema, kind, key) and not extras:
                 return self.client.get(live), Decision(True), None, None  # "always": a plain GET
+            raw, *replies = pipe.execute(raise_on_error=False)
+            ttl, delta, *replies = replies if extras else (None, None, *replies)
+            if isinstance(raw, BaseException):
+                raise raw
+            refused = next((reply for reply in replies if isinstance(reply, BaseException)), None)
+            if refused is not None:  # the policy's writes were refused (OOM at maxmemory): the value read still serves
+                self._trip(refused)
+                return raw, None, None, None
             if not extras:
-                raw, *replies = pipe.execute()
                 return raw, policy.decide(replies), None, None
-            raw, ttl, delta, *replies = pipe.execute(raise_on_error=False)
-            for reply in (raw, *replies):
-                if isinstance(reply, BaseException):
-                    raise reply
             return raw, policy.decide(replies), self._extra_reply(ttl), _seconds(self._extra_reply(delta))
         except REDIS_ERRORS as error:
             self._trip(error)
@@ -726,8 +730,10 @@ class PredictionCache:
         raw, *rest = self._cluster_fetch([*head, *(args for args, _ in recorder.command_stack)])
         ttl, delta = (rest[0], rest[1]) if extras else (None, None)
         replies = rest[2:] if extras else rest
-        if raw is FAILED or any(reply is FAILED for reply in replies):
+        if raw is FAILED:
             return None, None, None, None
+        if any(reply is FAILED for reply in replies):  # the policy's commands failed: the value read still serves
+            return raw, None, None, None
         decision = policy.decide(replies) if replies else Decision(True)
         return raw, decision, self._extra_reply(ttl), _seconds(self._extra_reply(delta))
 

@@ -429,6 +429,29 @@ def test_redis_that_refuses_the_policys_commands_never_raises(redis_server):
     assert not connect(server.url).exists(schema.live("rank", "a"))
 
 
+@pytest.mark.parametrize("policy", ["second_miss", "frequency", "probation"])
+def test_a_refused_policy_write_still_serves_the_value_read(redis_server, policy):
+    """At ``maxmemory`` under ``noeviction`` Redis refuses the policy's writes that ride with the live ``GET``
+    (``SET NX GET``, ``BITFIELD``, the probation script): the value read in that round trip is still a hit, and
+    nothing is stored. The whole lookup was a miss, so every cached key was computed again."""
+    server = redis_server()
+    schema = KeySchema("adm")
+    cache = make_cache(server.url, schema, admission=policy)
+    calls = Calls()
+    for _ in range(3):  # second_miss stores at the second miss
+        assert cache.get_or_compute("rank", "hot", calls) == {"key": "hot"}
+    stored = len(calls.keys)
+    client = connect(server.url)
+    assert client.exists(schema.live("rank", "hot"))
+    client.config_set("maxmemory-policy", "noeviction")
+    client.config_set("maxmemory", "1")
+    assert [cache.get_or_compute("rank", "hot", calls) for _ in range(3)] == [{"key": "hot"}] * 3
+    assert len(calls.keys) == stored and cache.errors == 3  # each refused write counts
+    assert cache.get_or_compute("rank", "cold", calls) == {"key": "cold"} and calls.keys[-1] == "cold"
+    client.config_set("maxmemory", "0")
+    assert not client.exists(schema.live("rank", "cold"))
+
+
 def test_dead_redis_with_admission_computes_without_raising(schema):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
