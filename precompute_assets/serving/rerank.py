@@ -4,6 +4,7 @@ at once by ``connection.send_pipelined``, through the cache's ``_round_trip``)."
 
 from __future__ import annotations
 
+import struct
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -12,7 +13,7 @@ import numpy as np
 
 from .connection import REDIS_ERRORS
 from .keys import EMBEDDING_KIND, bucket_of, check_keys
-from .vectors import decode_batch
+from .vectors import decode_batch, decode_vector
 
 if TYPE_CHECKING:
     from .cache import PredictionCache
@@ -37,11 +38,10 @@ def rerank(
         raise ValueError("the query vector must be finite and not all zeros")
     start = time.perf_counter_ns()
     raws = _fetch(cache, kind, list(doc_ids))
-    found = [i for i, raw in enumerate(raws) if raw is not None]
+    found, vectors, models = _decoded(cache, raws, [i for i, raw in enumerate(raws) if raw is not None])
     cache._log_many(kind, doc_ids, [raw is not None for raw in raws], start, user, tenant)  # as get_many logs
     if not found:
         return [(doc_id, None) for doc_id in doc_ids]
-    vectors, models = decode_batch([raws[i] for i in found])
     if len(set(models.tolist())) > 1:
         raise ValueError("candidates carry embeddings of different models: re-rank within one version")
     if vectors.shape[1] != len(query):
@@ -52,6 +52,26 @@ def rerank(
     ranked: list[tuple[str, float | None]] = [(doc_ids[found[j]], float(scores[j])) for j in order]
     missing = set(range(len(doc_ids))) - set(found)
     return ranked + [(doc_ids[i], None) for i in sorted(missing)]
+
+
+def _decoded(
+    cache: PredictionCache, raws: list[bytes | None], found: list[int]
+) -> tuple[list[int], np.ndarray, np.ndarray]:
+    """``found`` and ``decode_batch`` of the values at ``found``. A malformed value (``decode_vector`` refuses it) is
+    a miss counted in ``cache.errors``, as ``get`` counts it (its entry in ``raws`` becomes None), never a raise;
+    well-formed values of different layouts still raise."""
+    try:
+        return found, *decode_batch([raws[i] for i in found])
+    except ValueError:
+        kept = []
+        for i in found:
+            try:
+                decode_vector(raws[i])
+                kept.append(i)
+            except (ValueError, TypeError, struct.error):
+                cache.errors += 1
+                raws[i] = None
+        return kept, *decode_batch([raws[i] for i in kept])
 
 
 def _fetch(cache: PredictionCache, kind: str, doc_ids: list[str]) -> list[bytes | None]:

@@ -56,6 +56,21 @@ def test_bad_queries_are_refused_and_redis_trouble_is_misses(redis_url, redis_cl
     assert rerank(dead, np.ones(32), ids[:3]) == [(doc_id, None) for doc_id in ids[:3]]
 
 
+def test_a_corrupt_stored_embedding_is_a_miss_not_a_raise(redis_url, redis_client, schema):
+    """A malformed value in a bucket (cut short, a foreign writer) is a miss counted in ``errors``, as ``get`` has
+    it; it made every re-rank of a candidate list holding it raise ``ValueError``."""
+    ids, _ = publish_docs(redis_client, schema, n=50)
+    cache = PredictionCache(connect(redis_url), schema=schema)
+    pointer = cache.current_version("doc_embedding")
+    for doc_id in (ids[0], ids[3]):
+        redis_client.hset(schema.bucket_for_key("doc_embedding", pointer, doc_id), doc_id, b"\x01\x02")
+    assert cache.get_embedding(ids[3]) is None and cache.errors == 1
+    result = rerank(cache, np.ones(32), ids[:10])
+    assert [doc_id for doc_id, _ in result[-2:]] == [ids[0], ids[3]] and result[-1][1] is None
+    assert all(score is not None for _, score in result[:8])
+    assert cache.errors == 3 and cache.hits == 8 and cache.misses == 3
+
+
 def test_decode_batch_equals_one_at_a_time_and_refuses_mixed_layouts():
     rng = np.random.default_rng(2)
     raws = encode_batch(rng.normal(size=(20, 8)), model_version="m1")
