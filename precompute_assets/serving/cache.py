@@ -361,17 +361,17 @@ class PredictionCache:
         started = time.perf_counter()
         try:
             value = compute(key)
+            delta_s = time.perf_counter() - started
+            encoded = codec_for(kind).encode(value) if store else b""
         except BaseException:
-            if locked:  # let the waiting readers compute for themselves now
+            if locked:  # let the waiting readers compute for themselves now (also when the codec refuses the value)
                 self._release_lock(kind, key)
             raise
-        delta_s = time.perf_counter() - started
         if not self._available():
             return value
         try:
             commands = []
             if store:
-                encoded = codec_for(kind).encode(value)
                 commands = self._store_commands(kind, key, encoded, delta_s, release=locked)
             self._send_with_housekeeping(kind, key, commands, policy, decision)
         except REDIS_ERRORS as error:  # OOM, READONLY, a dead server: the caller still gets its value

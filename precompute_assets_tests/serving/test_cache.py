@@ -437,6 +437,12 @@ def test_the_wait_for_a_lock_holder_is_bounded(redis_url, redis_client, schema):
     time.sleep(0.01)
     assert redis_client.get(recompute_lock_key(schema, "ctr", "fails")) is None
     assert cache.get_or_compute("ctr", "fails", lambda key: 0.75) == 0.75 and cache.errors == 0
+    # So does one whose value the kind's codec refuses (the caller gets the codec's error): the lock once stayed
+    # held for recompute_lock_ms, and every reader waiting on the key waited it out.
+    with pytest.raises(TypeError):
+        cache.get_or_compute("ctr", "unencodable", lambda key: None)
+    time.sleep(0.01)
+    assert redis_client.get(recompute_lock_key(schema, "ctr", "unencodable")) is None
 
 
 def test_a_reader_without_the_new_permissions_falls_back_to_the_plain_read_through(redis_url, redis_client, schema):
