@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import inspect
 import json
 import os
 import socket
@@ -494,20 +495,40 @@ def log_prediction_query(
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorate a live prediction function so that every call logs a query (a miss: computed live).
 
-    The key is the positional argument at index ``key_arg`` or the keyword argument named ``key_arg``;
-    ``user=`` / ``tenant=`` keyword arguments of the call are logged when present.
+    The key is the argument ``key_arg`` names (a parameter's position or name), passed by position or by name;
+    ``user=`` / ``tenant=`` keyword arguments of the call are logged when present. A call that does not pass the
+    key is not logged (the function's own error, if any, is the caller's).
     """
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        name, index = _key_parameter(fn, key_arg)
+
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            key = kwargs[key_arg] if isinstance(key_arg, str) else args[key_arg]
+            if name is not None and name in kwargs:
+                key = kwargs[name]
+            elif index is not None and index < len(args):
+                key = args[index]
+            else:
+                return fn(*args, **kwargs)
             with query_logger(logger, kind, str(key), user=kwargs.get("user"), tenant=kwargs.get("tenant")):
                 return fn(*args, **kwargs)
 
         return wrapper
 
     return decorate
+
+
+def _key_parameter(fn: Callable[..., Any], key_arg: int | str) -> tuple[str | None, int | None]:
+    """The name and the position of ``fn``'s parameter ``key_arg`` (either); None where it has none."""
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # no signature to read: take key_arg as given
+        parameters = []
+    positional = [p.name for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if isinstance(key_arg, str):
+        return key_arg, positional.index(key_arg) if key_arg in positional else None
+    return (positional[key_arg] if 0 <= key_arg < len(positional) else None), key_arg
 
 
 @dataclass

@@ -37,6 +37,27 @@ def test_decorator_logs_each_call_as_a_live_miss(redis_url, redis_client, schema
     ]
 
 
+def test_decorator_finds_the_key_by_position_or_by_name(redis_url, redis_client, schema):
+    """However the key is passed, the call is logged with it; the wrapper once raised KeyError or IndexError (and
+    never called the function) when the key came by position for a named ``key_arg``, or by name for a position."""
+    logger = QueryLogger(log_client(redis_url), schema)
+
+    @log_prediction_query("ctr", logger, key_arg="ad_id")
+    def by_name(model: str, ad_id: str) -> float:
+        return 0.5
+
+    @log_prediction_query("ctr", logger)
+    def by_position(ad_id: str) -> float:
+        return 0.25
+
+    assert by_name("m", "ad1") == 0.5 and by_name("m", ad_id="ad2") == 0.5
+    assert by_position("ad3") == 0.25 and by_position(ad_id="ad4") == 0.25
+    with pytest.raises(TypeError):  # the function's own error, not the logger's
+        by_position()
+    logger.close()
+    assert [fields[b"key"] for _, fields in logged_queries(redis_client, schema)] == [b"ad1", b"ad2", b"ad3", b"ad4"]
+
+
 def test_context_manager_logs_even_when_the_block_raises(redis_url, redis_client, schema):
     logger = QueryLogger(log_client(redis_url), schema)
     with query_logger(logger, "ctr", "ad1", tenant="t1") as record:
