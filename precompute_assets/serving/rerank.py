@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .cache import FAILED
 from .connection import REDIS_ERRORS
 from .keys import EMBEDDING_KIND, bucket_of, check_keys
 from .vectors import decode_batch, decode_vector
@@ -76,7 +77,7 @@ def _decoded(
 
 def _fetch(cache: PredictionCache, kind: str, doc_ids: list[str]) -> list[bytes | None]:
     """The stored values of ``doc_ids`` in one version: one pipelined ``HMGET`` per bucket; all None when Redis
-    fails (the cache then backs off, as its own lookups do)."""
+    fails (the cache then backs off, as its own lookups do), on a cluster those of the failing master's buckets."""
     if not doc_ids or not cache._available():
         return [None] * len(doc_ids)
     try:
@@ -90,12 +91,14 @@ def _fetch(cache: PredictionCache, kind: str, doc_ids: list[str]) -> list[bytes 
             ("HMGET", cache.schema.bucket(kind, pointer.version, bucket), *(doc_ids[i] for i in members))
             for bucket, members in groups.items()
         ]
-        replies = cache._round_trip(commands)
+        # On a cluster each master backs off alone (``_cluster_fetch``): a failing one's candidates are misses.
+        replies = cache._cluster_fetch(commands) if cache._cluster else cache._round_trip(commands)
     except REDIS_ERRORS as error:
         cache._trip(error)
         return [None] * len(doc_ids)
     out: list[bytes | None] = [None] * len(doc_ids)
     for members, values in zip(groups.values(), replies, strict=True):
-        for i, value in zip(members, values, strict=True):
-            out[i] = value
+        if values is not FAILED:
+            for i, value in zip(members, values, strict=True):
+                out[i] = value
     return out

@@ -507,3 +507,30 @@ def test_rerank_on_the_cluster(redis_cluster, cluster_client, ns):
     cosine = {d: float(vectors[d] @ query / np.linalg.norm(vectors[d]) / np.linalg.norm(query)) for d in ids[::7]}
     assert [doc_id for doc_id, _ in result[:-1]] == sorted(cosine, key=lambda d: -cosine[d])
     assert result[-1] == ("absent", None)
+
+
+def test_rerank_keeps_the_other_masters_candidates_when_one_is_down(cluster_factory):
+    """A dead master makes only its buckets' candidates misses, and backs off alone, as ``get_many`` has it: rerank
+    once sent around the per-master backoff, so every call lost every candidate and retried the dead master."""
+    import numpy as np
+
+    from precompute_assets.serving.rerank import rerank
+    from precompute_assets.serving.vectors import encode_batch
+
+    cluster = cluster_factory()
+    schema = KeySchema("rr")
+    client = connect(cluster.url, socket_timeout=5)
+    ids = [f"doc{i}" for i in range(300)]
+    raws = encode_batch(np.random.default_rng(4).normal(size=(300, 16)), model_version="m1")
+    publish_version(client, "doc_embedding", "e1", zip(ids, raws, strict=True), n_keys=300, schema=schema)
+    cache = cache_on(cluster, schema)
+    pointer = cache.current_version("doc_embedding")
+    victim = cluster.masters[2]
+    buckets = {d: schema.bucket_for_key("doc_embedding", pointer, d) for d in ids[:100]}
+    alive = [d for d in ids[:100] if cluster.master_of_slot(key_slot(buckets[d])) is not victim]
+    assert 0 < len(alive) < 100
+    os.kill(victim.pid, signal.SIGKILL)
+    for _ in range(3):
+        result = rerank(cache, np.ones(16), ids[:100])
+        assert {doc_id for doc_id, score in result if score is not None} == set(alive)
+    assert cache.errors == 1  # the dead master was tried once, then backed off
