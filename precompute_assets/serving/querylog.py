@@ -291,6 +291,10 @@ class QueryLogger:
             connection = self._connection
             if connection is None or self._unsent or self._stopped or time.monotonic() < self._retry_at:
                 return
+            if self._stale():  # the thread reconnects
+                self._release_connection()
+                self._wake.set()
+                return
             commands = self._built(self._take(CALLER_QUERIES)[0])
             if not commands:
                 return
@@ -364,6 +368,8 @@ class QueryLogger:
         commands = self._built(batch)
         if not commands:
             return
+        if self._stale():
+            self._release_connection()
         self._sent.extend(events for _, events in commands)
         try:
             if self._connection is None:
@@ -371,6 +377,20 @@ class QueryLogger:
             self._connection.send_packed_command([pack_resp([command for command, _ in commands])], check_health=False)
         except REDIS_ERRORS:
             self._fail()
+
+    def _stale(self) -> bool:
+        """(Holding ``_lock``.) Whether the kept connection was closed while idle (Redis's ``timeout``, a proxy): with
+        no reply due, anything to read is its end. Checked before a send, as redis-py's pool checks a connection it
+        hands out; a batch sent on it was lost."""
+        connection = self._connection
+        if connection is None or self._sent or self._unsent:
+            return False
+        if getattr(connection, "_sock", None) is None:
+            return True
+        try:
+            return bool(connection.can_read(timeout=0))
+        except (*REDIS_ERRORS, AttributeError):  # AttributeError: a test double without a parser
+            return True
 
     def _connect(self) -> None:
         """(Holding ``_lock``.) Open the logger's own connection. Callers send on it only if its socket is a plain

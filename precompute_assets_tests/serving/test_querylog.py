@@ -529,3 +529,25 @@ def test_a_forked_child_logs_with_its_own_thread_and_connection(redis_url, redis
     logger.close()
     assert (logger.stats.logged, logger.stats.written, logger.stats.dropped) == (6, 6, 0)
     assert len(logged_queries(redis_client, schema)) == 16
+
+
+def test_a_connection_the_server_closed_while_idle_loses_nothing(redis_server, schema):
+    """Redis's ``timeout`` (or a proxy) closes the logger's kept connection while the service is quiet: the next
+    queries go out on a new connection. The first batch after each idle spell was sent into the closed socket,
+    counted as dropped, and the logger then backed off."""
+    server = redis_server()
+    admin = connect(server.url, socket_timeout=5)
+    admin.config_set("timeout", "1")
+    logger = QueryLogger(log_client(server.url), schema, flush_interval_s=0.01)
+    for i in range(5):
+        logger.log("ctr", f"before{i}", hit=False)
+    deadline = time.monotonic() + 10
+    while logger.stats.written < 5 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    while admin.info("clients")["connected_clients"] > 1 and time.monotonic() < deadline:
+        time.sleep(0.05)  # until the server has closed the idle logger's connection
+    assert admin.info("clients")["connected_clients"] == 1
+    for i in range(300):
+        logger.log("ctr", f"after{i}", hit=False)
+    logger.close()
+    assert (logger.stats.written, logger.stats.dropped) == (305, 0)
