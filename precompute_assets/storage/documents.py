@@ -32,6 +32,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 from psycopg2 import sql
 
+from ..serving.keys import MAX_KEY_LENGTH
 from .files import unreadable_reason
 from .postgres import copy_in, transaction
 from .tables import not_text
@@ -57,6 +58,9 @@ COLUMNS = ("doc_id", "title", "body", "language")
 CHUNK_ROWS = 50_000  # rows read and COPYed at a time by load_file
 MAX_REJECTIONS_KEPT = 1000  # all rejections are counted; the first ones are kept with their reason
 _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,50}$")
+# What a doc_id must not hold to be a key of the serving cache (serving.keys.check_key): control characters and
+# braces (lone surrogates are refused for every column); RE2 syntax, for Arrow's screening too.
+_UNSERVABLE_ID = r"[\x00-\x1f\x7f{}]"
 
 
 def primary_language(tag: str) -> str | None:
@@ -200,11 +204,20 @@ def _storable(value: str | None) -> str | None:
     return None
 
 
+def _id_problem(doc_id: str) -> str | None:
+    """Why ``doc_id`` cannot be a key of the serving cache (the embedding sync writes it there), or None."""
+    if len(doc_id) > MAX_KEY_LENGTH:
+        return f"doc_id: longer than {MAX_KEY_LENGTH} characters"
+    if bad := re.search(_UNSERVABLE_ID, doc_id):
+        return f"doc_id: character {bad.group()!r} at {bad.start()} (control characters and braces cannot be served)"
+    return None
+
+
 def _row_problem(row: dict[str, str | None]) -> str | None:
     """Why one row (values already through ``_text_or_none``) cannot be loaded, or None."""
     if row["doc_id"] is None or not row["doc_id"].strip():
         return "missing doc_id"
-    return next((f"{c}: {p}" for c in COLUMNS if (p := _storable(row[c]))), None)
+    return next((f"{c}: {p}" for c in COLUMNS if (p := _storable(row[c]))), None) or _id_problem(row["doc_id"])
 
 
 def _arrow_columns(df: pd.DataFrame) -> dict[str, pa.Array] | None:
@@ -238,6 +251,9 @@ def _clean_frame(df: pd.DataFrame, first_row: int, labels: Sequence[str] | None,
         for c in COLUMNS:
             has_nul = pc.fill_null(pc.match_substring(columns[c], "\x00"), False)
             suspect |= has_nul.to_numpy(zero_copy_only=False)
+        ids = columns["doc_id"]
+        for bad_id in (pc.greater(pc.utf8_length(ids), MAX_KEY_LENGTH), pc.match_substring_regex(ids, _UNSERVABLE_ID)):
+            suspect |= pc.fill_null(bad_id, False).to_numpy(zero_copy_only=False)
         rows = {int(i): {c: columns[c][i].as_py() for c in COLUMNS} for i in np.flatnonzero(suspect)}
     else:
         values = {c: [_decoded(v) for v in df[c].tolist()] if c in df.columns else [None] * n for c in COLUMNS}

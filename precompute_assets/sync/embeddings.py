@@ -33,7 +33,7 @@ import numpy as np
 import redis
 
 from ..ml.embedder import Embedder, embed_documents
-from ..serving.keys import EMBEDDING_KIND, KeySchema, Pointer
+from ..serving.keys import EMBEDDING_KIND, KeySchema, Pointer, check_key, check_keys
 from ..serving.publish import (
     KEYS_PER_BUCKET,
     bucket_count,
@@ -51,6 +51,7 @@ from ..storage.embeddings import EmbeddingStore
 REDIS_BATCH_DOCS = 100_000  # documents whose Redis writes go out together (see _ChunkWriter)
 MAX_BUCKET_FILL = 1.25 * KEYS_PER_BUCKET  # mean keys per bucket past which a version is rebuilt wider
 FILL_SAMPLE_BUCKETS = 64  # buckets whose HLEN estimates the mean fill
+INVALID_ID = "invalid doc_id"  # a failure: the id cannot be a key of the serving cache (serving.keys.check_key)
 
 
 @dataclass
@@ -274,8 +275,25 @@ class Chunk:
             stats.failure_reasons[reason] = stats.failure_reasons.get(reason, 0) + 1
 
 
+def _unservable(doc_ids: list[str]) -> set[str]:
+    """The ids that cannot be keys of the serving cache; loads refuse them, but a table may hold older ones."""
+    try:
+        check_keys(doc_ids)
+        return set()
+    except ValueError:
+        pass
+    bad = set()
+    for doc_id in doc_ids:
+        try:
+            check_key(doc_id)
+        except ValueError:
+            bad.add(doc_id)
+    return bad
+
+
 def _embed_chunk(rows: list[DocumentRow], embedder: Embedder, dtype: str, model_version: str) -> Chunk:
-    live = [row for row in rows if not row.deleted]
+    unservable = _unservable([row.doc_id for row in rows])  # failures, never written to Redis
+    live = [row for row in rows if not row.deleted and row.doc_id not in unservable]
     result = embed_documents(embedder, [(row.title, row.body) for row in live])
     values = encode_batch(np.asarray(result.vectors, dtype=np.float32), dtype=dtype, model_version=model_version)
     return Chunk(
@@ -283,7 +301,8 @@ def _embed_chunk(rows: list[DocumentRow], embedder: Embedder, dtype: str, model_
             (live[i].doc_id, live[i].modified_at, value) for i, value in zip(result.indices, values, strict=True)
         ],
         deleted=[row.doc_id for row in rows if row.deleted],
-        failures=[(live[i].doc_id, live[i].modified_at, reason) for i, reason in result.failures.items()],
+        failures=[(live[i].doc_id, live[i].modified_at, reason) for i, reason in result.failures.items()]
+        + [(row.doc_id, row.modified_at, INVALID_ID) for row in rows if not row.deleted and row.doc_id in unservable],
         watermark=rows[-1].watermark,
     )
 
@@ -320,12 +339,14 @@ class _ChunkWriter:
             final.update((doc_id, value) for doc_id, _, value in chunk.embedded)
             final.update((doc_id, None) for doc_id in chunk.deleted)
             final.update((doc_id, None) for doc_id, _, _ in chunk.failures)
+        removed = [doc_id for doc_id, value in final.items() if value is None]
+        unservable = _unservable(removed)  # never written: nothing to remove
         patch_version(
             self.client,
             EMBEDDING_KIND,
             self.target,
             upserts=[(doc_id, value) for doc_id, value in final.items() if value is not None],
-            deletes=[doc_id for doc_id, value in final.items() if value is None],
+            deletes=[doc_id for doc_id in removed if doc_id not in unservable],
             schema=self.schema,
             ttl_s=self.ttl_s,  # a build killed and never resumed (a new embedder came) still expires
         )

@@ -145,6 +145,23 @@ def test_bad_documents_are_recorded_not_fatal(docs, app_db, redis_client, schema
         assert cur.fetchall() == [("blank", "empty"), ("empty", "empty"), ("huge", "too large")]
 
 
+def test_documents_whose_ids_cannot_be_cache_keys_fail_alone(docs, app_db, redis_client, schema, embedder):
+    # Loads refuse such ids now; a table filled before (or by another writer) must not stop every sync.
+    bad = ["x" * 300, "{guid}", "tab\tid"]
+    with docs._connect() as conn, conn.cursor() as cur:
+        cur.executemany("INSERT INTO documents (doc_id, body, modified_at) VALUES (%s, 'some words', now())",
+                        [(doc_id,) for doc_id in bad])  # fmt: skip
+    store = EmbeddingStore(app_db)
+    stats = sync_embeddings(docs, store, redis_client, embedder, schema=schema, log=lambda m: None)
+    assert stats.embedded == N_DOCS and stats.failure_reasons == {"invalid doc_id": 3}
+    docs.delete(bad)
+    again = sync_embeddings(docs, store, redis_client, embedder, schema=schema, log=lambda m: None)
+    assert (again.embedded, again.deleted, again.failed) == (0, 3, 0)
+    with store.connect() as conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM embedding_failures")
+        assert cur.fetchone() == (0,)
+
+
 def test_a_killed_sync_resumes_without_duplicates_or_gaps(docs, app_db, redis_client, schema, embedder):
     store = EmbeddingStore(app_db)
     partial = sync_embeddings(docs, store, redis_client, embedder, schema=schema, chunk_size=700,

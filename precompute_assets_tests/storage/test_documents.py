@@ -149,6 +149,27 @@ def test_frame_rows_without_id_or_with_lone_surrogates_are_rejected(store: Docum
     assert "surrogate" in result.rejections[2].reason
 
 
+@pytest.mark.parametrize("other", ["text", 7], ids=["arrow-path", "row-path"])
+def test_ids_that_cannot_be_cache_keys_are_rejected(store: DocumentStore, other: object) -> None:
+    # The embedding sync writes every doc_id into Redis, whose keys refuse these: one such id stopped every sync.
+    url = "https://en.wikipedia.org/wiki/" + "A" * 300
+    result = store.load_frame(
+        frame(
+            (other, "t", "b", "en"),
+            (url, "t", "b", "en"),
+            ("{3F2504E0-4F89}", "t", "b", "en"),
+            ("a\tb", "t", "b", "en"),
+        )
+    )
+    assert result.inserted == 1 and result.rejected == 3
+    assert [(r.where, r.reason) for r in result.rejections] == [
+        ("row 1", "doc_id: longer than 256 characters"),
+        ("row 2", "doc_id: character '{' at 0 (control characters and braces cannot be served)"),
+        ("row 3", "doc_id: character '\\t' at 1 (control characters and braces cannot be served)"),
+    ]
+    assert scan_all(store, 10) == [str(other)]
+
+
 def test_bytes_are_read_as_utf8_text_on_either_path(store: DocumentStore) -> None:
     # Arrow reads a column of bytes alone as UTF-8 text; beside a number the row-by-row path must agree.
     alone = store.load_frame(frame((b"b1", b"t", "b", "en")))
