@@ -32,6 +32,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 from psycopg2 import sql
 
+from ..ml.embedder import MAX_BODY_BYTES
 from ..serving.keys import MAX_KEY_LENGTH
 from .files import unreadable_reason
 from .postgres import copy_in, transaction
@@ -433,6 +434,18 @@ DROP_SUPERSEDED = (
 )
 
 
+def body_column(body_chars: int | None, table: str = "") -> sql.Composable:
+    """The body as a reader of its first ``body_chars`` characters needs it (all of it for None), cut in the server
+    so that a page of long documents is not read whole; one over ``MAX_BODY_BYTES``, which is not embedded, keeps
+    that many characters and so stays too large. ``table`` qualifies the column (an alias in a join)."""
+    body = sql.Identifier(table, "body") if table else sql.Identifier("body")
+    if body_chars is None:
+        return body
+    return sql.SQL("CASE WHEN octet_length({b}) > {big} THEN left({b}, {big} + 1) ELSE left({b}, {n}) END").format(
+        b=body, big=sql.Literal(MAX_BODY_BYTES), n=sql.Literal(body_chars)
+    )
+
+
 class DocumentStore:
     """The documents table behind ``url`` (``table`` lets tests use a table of their own)."""
 
@@ -591,8 +604,11 @@ class DocumentStore:
             )
             return cur.rowcount
 
-    def changed_since(self, watermark: tuple[datetime, str] | None, *, limit: int = 10_000) -> list[DocumentRow]:
-        """Up to ``limit`` rows (deleted ones included) after ``watermark`` in (modified_at, doc_id) order.
+    def changed_since(
+        self, watermark: tuple[datetime, str] | None, *, limit: int = 10_000, body_chars: int | None = None
+    ) -> list[DocumentRow]:
+        """Up to ``limit`` rows (deleted ones included) after ``watermark`` in (modified_at, doc_id) order, their
+        bodies cut to ``body_chars`` characters (``body_column``).
 
         Keyset pagination: feed the last row's ``watermark`` back to get the next page; rows with equal
         modified_at are split by doc_id, so a scan never skips or repeats a row. A writer whose transaction
@@ -602,13 +618,13 @@ class DocumentStore:
         if limit <= 0:
             raise ValueError("limit must be positive")
         query = sql.SQL(
-            "SELECT doc_id, title, body, language, indexed_at, modified_at, deleted FROM {t} {where}"
+            "SELECT doc_id, title, {body}, language, indexed_at, modified_at, deleted FROM {t} {where}"
             " ORDER BY modified_at, doc_id LIMIT %s"
         )
         where = sql.SQL("WHERE (modified_at, doc_id) > (%s, %s)") if watermark else sql.SQL("")
         params: tuple[Any, ...] = (*watermark, limit) if watermark else (limit,)
         with self._connect() as conn, conn.cursor() as cur:
-            cur.execute(query.format(t=self._t, where=where), params)
+            cur.execute(query.format(t=self._t, where=where, body=body_column(body_chars)), params)
             return list(map(DocumentRow._make, cur.fetchall()))
 
     def latest_change(self) -> datetime | None:

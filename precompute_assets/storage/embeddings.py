@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 import psycopg2
 from psycopg2 import sql
 
-from .documents import DocumentRow, DocumentStore
+from .documents import DocumentRow, DocumentStore, body_column
 from .postgres import connect, copy_in, transaction
 
 SCHEMA = """
@@ -166,17 +166,24 @@ class EmbeddingStore:
                 )
 
     def retryable_failures(
-        self, documents: DocumentStore, model_version: str, *, after: str = "", limit: int = 10_000
+        self,
+        documents: DocumentStore,
+        model_version: str,
+        *,
+        after: str = "",
+        limit: int = 10_000,
+        body_chars: int | None = None,
     ) -> list[DocumentRow]:
         """Up to ``limit`` documents (doc_id order, after ``after``) whose embedding by ``model_version``
         failed in the service (reason ``service:...``) and that have not changed since: the next sync
-        retries them. A changed document is left to the watermark scan. Reads the partial index only."""
+        retries them. A changed document is left to the watermark scan. Reads the partial index only.
+        Bodies are cut to ``body_chars`` characters (``body_column``)."""
         query = sql.SQL(
-            "SELECT d.doc_id, d.title, d.body, d.language, d.indexed_at, d.modified_at, d.deleted"
+            "SELECT d.doc_id, d.title, {body}, d.language, d.indexed_at, d.modified_at, d.deleted"
             " FROM embedding_failures f JOIN {t} d ON d.doc_id = f.doc_id"
             " WHERE f.model_version = %s AND f.reason LIKE 'service:%%' AND f.doc_id > %s"
             " AND d.modified_at = f.modified_at AND NOT d.deleted ORDER BY f.doc_id LIMIT %s"
-        ).format(t=sql.Identifier(documents.table))
+        ).format(t=sql.Identifier(documents.table), body=body_column(body_chars, "d"))
         with self.connect() as conn, conn.cursor() as cur:
             cur.execute(query, (model_version, after, limit))
             return list(map(DocumentRow._make, cur.fetchall()))

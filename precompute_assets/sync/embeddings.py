@@ -32,7 +32,7 @@ from datetime import datetime
 import numpy as np
 import redis
 
-from ..ml.embedder import Embedder, embed_documents
+from ..ml.embedder import MAX_CHARS, Embedder, embed_documents
 from ..serving.keys import EMBEDDING_KIND, KeySchema, Pointer, check_key, check_keys
 from ..serving.publish import (
     KEYS_PER_BUCKET,
@@ -131,15 +131,18 @@ def _sync(
     stats = SyncStats(model_version, target.version, full_build=not progress.complete)
     horizon = documents.stable_horizon()
     started = time.perf_counter()
+    body_chars = getattr(embedder, "max_chars", MAX_CHARS)  # all of a body that is embedded: read no more
 
     def read(watermark: tuple[datetime, str] | None) -> list[DocumentRow]:
-        return [row for row in documents.changed_since(watermark, limit=chunk_size) if row.modified_at < horizon]
+        rows = documents.changed_since(watermark, limit=chunk_size, body_chars=body_chars)
+        return [row for row in rows if row.modified_at < horizon]
 
     def retry_pages() -> Iterator[list[DocumentRow]]:
         """Earlier service failures, a page at a time (a fresh build embeds everything anyway)."""
         after = ""
         while progress.watermark is not None:
-            page = store.retryable_failures(documents, model_version, after=after, limit=chunk_size)
+            page = store.retryable_failures(documents, model_version, after=after, limit=chunk_size,
+                                            body_chars=body_chars)  # fmt: skip
             if page:
                 yield page
             if len(page) < chunk_size:

@@ -162,6 +162,23 @@ def test_documents_whose_ids_cannot_be_cache_keys_fail_alone(docs, app_db, redis
         assert cur.fetchone() == (0,)
 
 
+def test_the_sync_reads_only_the_embedded_part_of_long_bodies(docs, app_db, redis_client, schema, embedder,
+                                                              monkeypatch):  # fmt: skip
+    # A page of 10,000 documents of a few MB each was read whole (a 1 GB corpus of 2 MB documents: 2.2 GB resident).
+    long = "words of a long document " * 40_000  # 1 MB
+    docs.load_frame(pd.DataFrame({"doc_id": ["long", "huge"], "title": ["Long", "Huge"],
+                                  "body": [long, "x" * (10 * 1024 * 1024 + 1)], "language": ["en", "en"]}))  # fmt: skip
+    read = []
+    changed_since = docs.changed_since
+    monkeypatch.setattr(docs, "changed_since", lambda *a, **k: read.extend(rows := changed_since(*a, **k)) or rows)
+    store = EmbeddingStore(app_db)
+    stats = sync_embeddings(docs, store, redis_client, embedder, schema=schema, log=lambda m: None)
+    assert stats.embedded == N_DOCS + 1 and stats.failure_reasons == {"too large": 1}
+    assert max(len(row.body) for row in read if row.doc_id != "huge") == embedder.max_chars
+    cache = PredictionCache(redis_client, schema=schema)
+    assert np.dot(cache.get_embedding("long"), embedder.encode([document_text("Long", long)])[0]) > 0.99
+
+
 def test_a_killed_sync_resumes_without_duplicates_or_gaps(docs, app_db, redis_client, schema, embedder):
     store = EmbeddingStore(app_db)
     partial = sync_embeddings(docs, store, redis_client, embedder, schema=schema, chunk_size=700,
