@@ -57,6 +57,7 @@ _LANGUAGE_TAG = re.compile(
 )
 COLUMNS = ("doc_id", "title", "body", "language")
 CHUNK_ROWS = 50_000  # rows read and COPYed at a time by load_file
+CHUNK_BYTES = 64 << 20  # ... or fewer, when their text is this long: a chunk is held several times over while loaded
 MAX_REJECTIONS_KEPT = 1000  # all rejections are counted; the first ones are kept with their reason
 _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,50}$")
 # What a doc_id must not hold to be a key of the serving cache (serving.keys.check_key): control characters and
@@ -283,12 +284,15 @@ def _object_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
 def _frames_of_jsonl(
     stream: IO[bytes], fields: DocumentFields, result: LoadResult
 ) -> Iterator[tuple[pd.DataFrame, list[str]]]:
-    """Chunks of parsed JSONL objects with their line labels; bad lines become rejections. The first chunk's keys
-    must hold the required fields (``DocumentFields.check``)."""
+    """Chunks of parsed JSONL objects with their line labels; bad lines become rejections. The keys of the first
+    ``CHUNK_ROWS`` records, however many chunks they fill, must hold the required fields (``DocumentFields.check``;
+    the load is one transaction, so chunks sent before a failed check are not loaded)."""
     records: list[dict[str, Any]] = []
     labels: list[str] = []
-    keys: dict[str, None] | None = {}  # the first chunk's keys, in order of appearance; None once checked
+    keys: dict[str, None] | None = {}  # the first records' keys, in order of appearance; None once checked
+    gathered = 0  # records whose keys are in keys
     sources = {c: fields.source(c) for c in COLUMNS}
+    size = 0  # bytes of the records held
     for number, line in enumerate(stream, start=1):
         if number == 1:
             line = line.removeprefix(codecs.BOM_UTF8)
@@ -306,14 +310,16 @@ def _frames_of_jsonl(
             continue
         if keys is not None:
             keys.update(dict.fromkeys(record))
-        records.append({c: record.get(source) for c, source in sources.items()})
-        labels.append(f"line {number}")
-        if len(records) >= CHUNK_ROWS:
-            if keys is not None:
+            gathered += 1
+            if gathered >= CHUNK_ROWS:
                 fields.check(keys, "the first records have")
                 keys = None
+        records.append({c: record.get(source) for c, source in sources.items()})
+        labels.append(f"line {number}")
+        size += len(line)
+        if len(records) >= CHUNK_ROWS or size >= CHUNK_BYTES:
             yield _object_frame(records), labels
-            records, labels = [], []
+            records, labels, size = [], [], 0
     if keys:
         fields.check(keys, "the records have")
     if records:
@@ -346,6 +352,7 @@ def _frames_of_delimited(
         rows = itertools.chain([first], reader)  # reader.line_num is still the first record's line
     records: list[dict[str, Any]] = []
     labels: list[str] = []
+    size = 0  # characters of the records held
     for row in rows:
         if not row:
             continue
@@ -356,9 +363,10 @@ def _frames_of_delimited(
             continue
         records.append({c: row[i] or None for c, i in at.items()})
         labels.append(f"line {number}")
-        if len(records) >= CHUNK_ROWS:
+        size += sum(map(len, row))
+        if len(records) >= CHUNK_ROWS or size >= CHUNK_BYTES:
             yield _object_frame(records), labels
-            records, labels = [], []
+            records, labels, size = [], [], 0
     if records:
         yield _object_frame(records), labels
 
@@ -413,7 +421,10 @@ def _frames_of_parquet(
     names = parquet.schema_arrow.names
     fields.check(names, "the file has")
     sources = {c: fields.source(c) for c in COLUMNS if fields.source(c) in names}
-    batches = parquet.iter_batches(batch_size=CHUNK_ROWS, columns=sorted(set(sources.values())))
+    meta = parquet.metadata  # rows of about CHUNK_BYTES, by the mean uncompressed size of a row
+    size = sum(meta.row_group(g).total_byte_size for g in range(meta.num_row_groups))
+    rows = max(1, min(CHUNK_ROWS, CHUNK_BYTES * meta.num_rows // max(size, 1)))
+    batches = parquet.iter_batches(batch_size=rows, columns=sorted(set(sources.values())))
     while True:
         try:
             batch = next(batches)

@@ -426,6 +426,37 @@ def test_document_fields_refuse_what_cannot_be_read(kwargs, message) -> None:
         DocumentFields(**kwargs)
 
 
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".parquet"])
+def test_a_file_of_long_documents_is_loaded_in_chunks_of_bounded_size(
+    store: DocumentStore, tmp_path: Path, monkeypatch, suffix: str
+) -> None:
+    # Chunks were 50,000 rows whatever their size: a 1.1 GB JSONL file of 2 MB documents took 4.7 GB resident.
+    import tracemalloc
+
+    monkeypatch.setattr("precompute_assets.storage.documents.CHUNK_BYTES", 2 << 20, raising=False)
+    frame = pd.DataFrame({"doc_id": [f"d{i}" for i in range(40)], "body": [f"{i} " + "é" * 500_000 for i in range(40)]})
+    path = tmp_path / f"docs{suffix}"
+    if suffix == ".jsonl":
+        frame.to_json(path, orient="records", lines=True, force_ascii=False)
+    elif suffix == ".csv":
+        frame.to_csv(path, index=False)
+    else:
+        frame.to_parquet(path)
+    tracemalloc.start()
+    try:
+        result = store.load_file(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert result.inserted == 40 and store.count() == 40
+    assert peak < 25_000_000  # the file's text is 40 MB as UTF-8, 40 MB as Python strings
+
+    if suffix == ".jsonl":  # a named field is looked for in the first 50,000 records, however many chunks they fill
+        records = [{"doc_id": f"t{i}", "body": "x" * 2_000_000} | ({"title": "T"} if i == 3 else {}) for i in range(4)]
+        (tmp_path / "late.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+        assert store.load_file(tmp_path / "late.jsonl", DocumentFields({"title": "title"})).inserted == 4
+
+
 def test_load_reports_the_share_of_the_file_read(store: DocumentStore, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr("precompute_assets.storage.documents.CHUNK_ROWS", 2)
     parquet = tmp_path / "docs.parquet"
