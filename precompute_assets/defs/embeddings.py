@@ -7,7 +7,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from ..ml.embedder import HashingSvdEmbedder, SentenceTransformerEmbedder, document_text
+from ..ml.embedder import MAX_CHARS, HashingSvdEmbedder, SentenceTransformerEmbedder, document_text
 from ..ml.embedding_service import ENV_API_KEY, http_embedder_from_config
 from ..storage.embeddings import EmbeddingStore, sample_documents
 from ..sync.embedding_quality import int8_recall
@@ -82,7 +82,7 @@ def embedding_model(
     elif config.backend != "hashing-svd":
         raise dg.Failure(description=f"unknown embedding backend {config.backend!r}")
     else:
-        rows = sample_documents(documents.store(), config.sample)
+        rows = sample_documents(documents.store(), config.sample, body_chars=MAX_CHARS)  # all that is fitted on
         texts = [document_text(title or "", body or "") for _, title, body in rows]
         if len(texts) <= config.dim:
             raise dg.Failure(description=f"need more than {config.dim} documents to fit, found {len(texts)}")

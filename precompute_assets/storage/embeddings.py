@@ -283,19 +283,25 @@ def planner_rows(cur, query: sql.Composable, params: tuple) -> int:
     return int(top.get("Plan Rows", 0))
 
 
-def sample_query(table: str, percent: float, n: int, seed: int) -> tuple[sql.Composable, tuple]:
+def sample_query(
+    table: str, percent: float, n: int, seed: int, body_chars: int | None = None
+) -> tuple[sql.Composable, tuple]:
     """A repeatable sample of live documents: ``percent`` of the table's pages (``TABLESAMPLE SYSTEM``
-    reads only those), then ``n`` of their rows by a hash of doc_id: only the sampled rows are sorted."""
+    reads only those), then ``n`` of their rows by a hash of doc_id: only the sampled rows are sorted.
+    Bodies are cut to ``body_chars`` characters (``body_column``)."""
     query = sql.SQL(
-        "SELECT doc_id, title, body FROM {t} TABLESAMPLE SYSTEM (%s) REPEATABLE (%s)"
+        "SELECT doc_id, title, {body} FROM {t} TABLESAMPLE SYSTEM (%s) REPEATABLE (%s)"
         " WHERE NOT deleted ORDER BY md5(doc_id || %s) LIMIT %s"
-    ).format(t=sql.Identifier(table))
+    ).format(t=sql.Identifier(table), body=body_column(body_chars))
     return query, (percent, seed, str(seed), n)
 
 
-def sample_documents(documents: DocumentStore, n: int, *, seed: int = 42) -> list[tuple[str, str | None, str | None]]:
+def sample_documents(
+    documents: DocumentStore, n: int, *, seed: int = 42, body_chars: int | None = None
+) -> list[tuple[str, str | None, str | None]]:
     """About ``n`` random live documents (doc_id, title, body), repeatable for a seed, reading about
     ``SAMPLE_OVERSAMPLE * n`` rows whatever the size of the table (no ``ORDER BY random()`` over all of it).
+    Bodies are cut to ``body_chars`` characters in the server (``body_column``): fitting and checks embed no more.
 
     The share of pages is computed from the planner's row estimate (``pg_class.reltuples``, or pages when
     the table was never analysed) and widened when too few rows come back; pages are sampled whole, so
@@ -316,7 +322,7 @@ def sample_documents(documents: DocumentStore, n: int, *, seed: int = 42) -> lis
         rows = reltuples if reltuples and reltuples > 0 else max(pages, 1) * 50
         percent = min(100.0, 100.0 * SAMPLE_OVERSAMPLE * n / max(rows, 1))
         while True:
-            cur.execute(*sample_query(documents.table, percent, n, seed))
+            cur.execute(*sample_query(documents.table, percent, n, seed, body_chars))
             picked = cur.fetchall()
             if len(picked) >= n or percent >= 100.0:
                 return picked

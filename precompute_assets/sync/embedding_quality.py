@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..ml.embedder import Embedder, embed_documents
+from ..ml.embedder import MAX_CHARS, Embedder, embed_documents
 from ..ml.quantize import recall_at_k
 from ..serving.vectors import decode_vector
 from ..storage.documents import DocumentStore
@@ -17,7 +17,7 @@ def int8_recall(store: EmbeddingStore, documents: DocumentStore, embedder: Embed
 
     The sample reads a bounded share of the table's pages (``sample_documents``), so the check costs the
     same on a corpus of thousands or millions; documents the embedder fails on now are left out."""
-    rows = sample_documents(documents, n)
+    rows = sample_documents(documents, n, body_chars=getattr(embedder, "max_chars", MAX_CHARS))
     stored = store.values([doc_id for doc_id, _, _ in rows])
     rows = [row for row in rows if row[0] in stored]
     result = embed_documents(embedder, [(title, body) for _, title, body in rows])

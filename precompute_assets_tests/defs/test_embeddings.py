@@ -19,7 +19,7 @@ from precompute_assets.ml.embedder import HashingSvdEmbedder, document_text
 from precompute_assets.serving import PredictionCache, connect
 from precompute_assets.serving.keys import EMBEDDING_KIND, Pointer
 from precompute_assets.storage.documents import DocumentStore
-from precompute_assets.storage.embeddings import EmbeddingStore
+from precompute_assets.storage.embeddings import EmbeddingStore, sample_documents
 from precompute_assets.sync.embeddings import sync_embeddings
 from precompute_assets.workload.documents import generate_documents
 
@@ -177,6 +177,34 @@ def test_the_sync_reads_only_the_embedded_part_of_long_bodies(docs, app_db, redi
     assert max(len(row.body) for row in read if row.doc_id != "huge") == embedder.max_chars
     cache = PredictionCache(redis_client, schema=schema)
     assert np.dot(cache.get_embedding("long"), embedder.encode([document_text("Long", long)])[0]) > 0.99
+
+
+def test_fitting_and_the_recall_check_read_only_the_embedded_part_of_bodies(
+    docs, app_db, redis_url, schema, tmp_path, monkeypatch
+):
+    # Both sample up to 20,000 documents: read whole, 400 documents of 2 MB took the fit 2 GB resident.
+    import precompute_assets.defs.embeddings as defs
+    import precompute_assets.sync.embedding_quality as quality
+
+    docs.load_frame(pd.DataFrame({"doc_id": [f"long{i}" for i in range(50)], "title": ["Long"] * 50,
+                                  "body": [f"{i} " + "long words " * 100_000 for i in range(50)]}))  # fmt: skip
+    longest = []
+
+    def spy(*args, **kwargs):
+        rows = sample_documents(*args, **kwargs)
+        longest.append(max(len(body or "") for _, _, body in rows))
+        return rows
+
+    for module in (defs, quality):
+        monkeypatch.setattr(module, "sample_documents", spy)
+    with dg.instance_for_test() as instance:
+        res = resources(app_db, redis_url, schema, tmp_path)
+        config = {"ops": {"embedding_model": {"config": {"dim": 64, "sample": 5000}}}}
+        assert dg.materialize([embedding_model], resources=res, instance=instance, run_config=config).success
+        result = dg.materialize([embedding_model, document_embeddings], selection=[document_embeddings],
+                                resources=res, instance=instance)  # fmt: skip
+        assert result.success
+    assert longest == [2000, 2000]
 
 
 def test_a_killed_sync_resumes_without_duplicates_or_gaps(docs, app_db, redis_client, schema, embedder):
