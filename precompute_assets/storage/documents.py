@@ -432,7 +432,7 @@ def _frames_of_parquet(
             return
         except (pa.ArrowException, OSError) as error:  # a corrupt page: the load rolls back
             raise DocumentFileError(f"{path}: unreadable Parquet data: {str(error).splitlines()[0]}") from None
-        df = batch.to_pandas()
+        df = batch.to_pandas(integer_object_nulls=True)  # int64 ids beside a null stay exact ints, not floats
         yield pd.DataFrame({c: df[source] for c, source in sources.items()}), None
 
 

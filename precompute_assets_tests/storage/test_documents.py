@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pandas as pd
 import psycopg2
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from precompute_assets.storage.documents import (
@@ -186,6 +188,15 @@ def test_whole_numbers_read_as_floats_are_ids_as_csv_writes_them(store: Document
     (tmp_path / "d.jsonl").write_text('{"doc_id": 103.0, "body": "j"}\n{"doc_id": 1.5, "body": "k"}\n')
     assert store.load_file(tmp_path / "d.jsonl").inserted == 2
     assert sorted(scan_all(store, 10)) == ["1.5", "101", "102", "103"]
+
+
+def test_int64_ids_beside_a_null_in_parquet_stay_exact(store: DocumentStore, tmp_path: Path) -> None:
+    # Read as float64, tweet-like ids beside one missing id became "1.5e+18": two documents merged into one.
+    ids = pa.array([1_500_000_000_000_000_001, 1_500_000_000_000_000_002, None, 2**53 + 1], pa.int64())
+    pq.write_table(pa.table({"doc_id": ids, "body": ["one", "two", "no id", "big"]}), tmp_path / "d.parquet")
+    result = store.load_file(tmp_path / "d.parquet")
+    assert (result.inserted, result.duplicates, result.rejected) == (3, 0, 1)
+    assert sorted(scan_all(store, 10)) == ["1500000000000000001", "1500000000000000002", "9007199254740993"]
 
 
 def test_unknown_languages_are_stored_and_counted(store: DocumentStore) -> None:
