@@ -333,8 +333,13 @@ def _frames_of_delimited(
     record must have as many fields as the first; an empty field is missing; other records are rejections."""
     csv.field_size_limit(2**31 - 1)  # a body is one field: the default limit of 128 KiB would end the read
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-    reader = csv.reader(stream, delimiter=delimiter, quoting=quoting)
-    first = next((row for row in reader if row), None)
+    # strict: a quote never closed is an error, not a field that runs on to the end of the file, taking every record
+    # after it along; so is text after a closing quote
+    reader = csv.reader(stream, delimiter=delimiter, quoting=quoting, strict=quoting != csv.QUOTE_NONE)
+    try:
+        first = next((row for row in reader if row), None)
+    except csv.Error as error:
+        raise DocumentFileError(f"the first record has malformed CSV quoting: {error}") from None
     if first is None:
         if fields.header:  # an empty export is an error, as a header without doc_id is: never a load of nothing
             raise DocumentFileError(f"empty file: no header row (the doc_id field is {fields.source('doc_id')!r})")
@@ -353,7 +358,19 @@ def _frames_of_delimited(
     records: list[dict[str, Any]] = []
     labels: list[str] = []
     size = 0  # characters of the records held
-    for row in rows:
+    rows = iter(rows)
+    while True:
+        start = reader.line_num + 1  # the line the next record begins on
+        try:
+            row = next(rows, None)
+        except csv.Error as error:  # the reader goes on at the next line
+            result.rows += 1
+            unclosed = "unexpected end of data" in str(error)
+            reason = "a quote opened here is never closed (nothing after it loads)" if unclosed else str(error)
+            result.reject(f"line {start}", f"malformed CSV quoting: {reason}")
+            continue
+        if row is None:
+            break
         if not row:
             continue
         number = reader.line_num

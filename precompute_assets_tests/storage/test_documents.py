@@ -387,6 +387,22 @@ def test_csv_with_a_header_quoted_newlines_and_long_bodies(store: DocumentStore,
     assert rows == {"a": ("Title, with comma", "line one\nline two"), "b": (None, long_body), "d": ("T", "été")}
 
 
+def test_a_csv_quote_never_closed_or_followed_by_text_is_a_rejection(store: DocumentStore, tmp_path: Path) -> None:
+    # Read leniently, a quote left open took every record after it into one body: "c" and "d" vanished uncounted.
+    path = tmp_path / "docs.csv"
+    path.write_text('doc_id,title,body\na,A,"ok ""quoted""\nover lines"\nb,B,"text"after\nc,C,"never closed\nd,D,x\n')
+    result = store.load_file(path)
+    assert (result.inserted, result.rejected) == (1, 2)
+    assert [(r.where, r.reason) for r in result.rejections] == [
+        ("line 4", "malformed CSV quoting: ',' expected after '\"'"),
+        ("line 5", "malformed CSV quoting: a quote opened here is never closed (nothing after it loads)"),
+    ]
+    assert [row.body for row in store.changed_since(None, limit=10)] == ['ok "quoted"\nover lines']
+    path.write_text('"doc_id,title,body\na,A,x\n')  # in the header: the file cannot be read at all
+    with pytest.raises(DocumentFileError, match="the first record has malformed CSV quoting: unexpected end of data"):
+        store.load_file(path)
+
+
 def test_csv_header_without_the_named_field_is_an_error(store: DocumentStore, tmp_path: Path) -> None:
     path = tmp_path / "docs.csv"
     path.write_text("id,text\na,x\n")
