@@ -16,6 +16,7 @@ import io
 import itertools
 import json
 import re
+import zlib
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -533,6 +534,21 @@ class DocumentStore:
             return self._load(frames, language=fields.language, after_chunk=lambda done: report(done / max(rows, 1)))
         result = LoadResult()
         size = max(path.stat().st_size, 1)
+        try:
+            return self._load_stream(path, kind, fields, result, report, size)
+        except (EOFError, zlib.error, gzip.BadGzipFile) as error:  # the load rolls back
+            raise DocumentFileError(f"unreadable gzip data (cut short or corrupt?): {error}") from None
+
+    def _load_stream(
+        self,
+        path: Path,
+        kind: str,
+        fields: DocumentFields,
+        result: LoadResult,
+        report: Callable[[float], None],
+        size: int,
+    ) -> LoadResult:
+        """``load_file`` of a JSONL, CSV or TSV file, optionally gzip-compressed."""
         with open(path, "rb") as raw:
             binary = gzip.GzipFile(fileobj=raw) if path.suffix.lower() == ".gz" else raw
 

@@ -484,6 +484,22 @@ def test_a_file_of_long_documents_is_loaded_in_chunks_of_bounded_size(
         assert store.load_file(tmp_path / "late.jsonl", DocumentFields({"title": "title"})).inserted == 4
 
 
+@pytest.mark.parametrize("name", ["docs.jsonl.gz", "docs.csv.gz"])
+def test_a_gzip_file_cut_short_or_corrupt_loads_nothing(store: DocumentStore, tmp_path: Path, name: str) -> None:
+    # gzip raised EOFError or zlib.error, which the CLI showed as a traceback (exit 1), not one line.
+    text = "doc_id,body\n" + "".join(f"d{i},body {i}\n" for i in range(5000))
+    if name.endswith(".jsonl.gz"):
+        text = "".join(json.dumps({"doc_id": f"d{i}", "body": f"body {i}"}) + "\n" for i in range(5000))
+    data = gzip.compress(text.encode())
+    flipped = bytearray(data)
+    flipped[len(data) // 3] ^= 0xFF
+    for broken in (data[: len(data) // 2], bytes(flipped)):
+        (tmp_path / name).write_bytes(broken)
+        with pytest.raises(DocumentFileError, match=r"unreadable gzip data \(cut short or corrupt\?\)"):
+            store.load_file(tmp_path / name)
+        assert store.count() == 0
+
+
 def test_load_reports_the_share_of_the_file_read(store: DocumentStore, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr("precompute_assets.storage.documents.CHUNK_ROWS", 2)
     parquet = tmp_path / "docs.parquet"
