@@ -44,7 +44,7 @@ from ..serving.publish import (
     send_commands,
 )
 from ..serving.replication import REPLICA_WAIT_S, confirm_replicas
-from ..serving.vectors import encode_batch
+from ..serving.vectors import DTYPE_CODES, encode_batch
 from ..storage.documents import DocumentRow, DocumentStore
 from ..storage.embeddings import EmbeddingStore
 
@@ -103,6 +103,8 @@ def sync_embeddings(
     ``max_bucket_fill``: the mean keys per bucket past which the version is rebuilt with more buckets.
     ``replica_wait_s``: how long a flip waits for replicas to hold the version (``flip_pointer``).
     """
+    if dtype not in DTYPE_CODES:  # before the version's dtype is compared: a typo must not start a rebuild
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPE_CODES)}")
     schema = schema or KeySchema()
     store.ensure_schema()
     with store.exclusive():
@@ -118,14 +120,16 @@ def _sync(
     model_version = embedder.version
     progress = store.progress(model_version)
     current = _current_pointer(client, schema)
-    intact = progress is not None and bool(client.exists(_sentinel(schema, progress.redis_version)))
+    marker = None if progress is None else client.get(_sentinel(schema, progress.redis_version))
+    # a version written in another dtype (the config changed) is rebuilt too: one version never mixes layouts
+    intact = marker is not None and marker.split()[1:] in ([], [dtype.encode()])
     if not intact or (progress.complete and (current is None or current.version != progress.redis_version)):
         # A new model version, or Redis lost (flushed, expired, evicted) the version we build or patch:
         # rebuild from scratch rather than patch a version that is no longer whole.
         n_docs = max(documents.count(), 1)
         redis_version = f"emb{int(time.time())}.{uuid.uuid4().hex[:8]}"  # never the version being read
         progress = store.start_build(model_version, redis_version, bucket_count(n_docs))
-        client.set(_sentinel(schema, redis_version), b"building", ex=ttl_s)
+        client.set(_sentinel(schema, redis_version), f"building {dtype}", ex=ttl_s)
         log(f"full build of {n_docs} documents with {model_version} into Redis version {redis_version}")
     target = Pointer(progress.redis_version, progress.buckets)
     stats = SyncStats(model_version, target.version, full_build=not progress.complete)
@@ -196,7 +200,7 @@ def _sync(
         # Every sync renews the version's TTL: it outlives a stalled pipeline by ``ttl_s``, never forever.
         send_commands(client, [(b"EXPIRE", schema.bucket(EMBEDDING_KIND, target.version, b).encode(), b"%d" % ttl_s)
                                for b in range(target.buckets)])  # fmt: skip
-        client.set(_sentinel(schema, target.version), b"synced", ex=ttl_s)
+        client.set(_sentinel(schema, target.version), f"synced {dtype}", ex=ttl_s)
     if not stopped_early and stats.full_build:
         flip_pointer(client, schema, EMBEDDING_KIND, target, grace_s=grace_s, replica_wait_s=replica_wait_s)
         if current is not None and current.version != target.version:
@@ -204,7 +208,7 @@ def _sync(
         store.mark_complete(model_version)
     elif not stopped_early and (fill := _mean_fill(client, schema, target)) > max_bucket_fill:
         log(f"Redis version {target.version} holds {fill:.0f} keys per bucket (> {max_bucket_fill:.0f}): rebuilding")
-        wider = _rebuild_wider(store, client, schema, model_version, ttl_s, grace_s, replica_wait_s)
+        wider = _rebuild_wider(store, client, schema, model_version, dtype, ttl_s, grace_s, replica_wait_s)
         client.expire(_sentinel(schema, target.version), grace_s)  # the old version's marker goes with it
         stats.rebuilt_buckets, stats.redis_version = (target.buckets, wider.buckets), wider.version
         log(f"embeddings moved to Redis version {wider.version}: {target.buckets} -> {wider.buckets} buckets")
@@ -228,6 +232,7 @@ def _rebuild_wider(
     client: redis.Redis,
     schema: KeySchema,
     model_version: str,
+    dtype: str,
     ttl_s: int,
     grace_s: int,
     replica_wait_s: float,
@@ -241,17 +246,18 @@ def _rebuild_wider(
     version and rebuilds from scratch, as after any lost version."""
     n_docs = store.embedded_count(model_version)
     wider = Pointer(f"emb{int(time.time())}.{uuid.uuid4().hex[:8]}", bucket_count(n_docs))
-    client.set(_sentinel(schema, wider.version), b"building", ex=ttl_s)
+    client.set(_sentinel(schema, wider.version), f"building {dtype}", ex=ttl_s)
     for page in store.iter_values(model_version):
         patch_version(client, EMBEDDING_KIND, wider, upserts=page, schema=schema, ttl_s=ttl_s)  # each bucket's TTL
-    client.set(_sentinel(schema, wider.version), b"synced", ex=ttl_s)
+    client.set(_sentinel(schema, wider.version), f"synced {dtype}", ex=ttl_s)
     store.move_version(model_version, wider.version, wider.buckets)
     flip_pointer(client, schema, EMBEDDING_KIND, wider, grace_s=grace_s, replica_wait_s=replica_wait_s)
     return wider
 
 
 def _sentinel(schema: KeySchema, version: str) -> str:
-    """A key that lives exactly as long as the version's buckets: its absence means the version is gone."""
+    """A key that lives exactly as long as the version's buckets: its absence means the version is gone. Its value,
+    ``building int8`` or ``synced float32``, names the dtype the version's values are written in."""
     return schema.bucket(EMBEDDING_KIND, version, "meta")
 
 

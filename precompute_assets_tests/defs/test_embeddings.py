@@ -18,6 +18,7 @@ from precompute_assets.defs.resources import (
 from precompute_assets.ml.embedder import HashingSvdEmbedder, document_text
 from precompute_assets.serving import PredictionCache, connect
 from precompute_assets.serving.keys import EMBEDDING_KIND, Pointer
+from precompute_assets.serving.rerank import rerank
 from precompute_assets.storage.documents import DocumentStore
 from precompute_assets.storage.embeddings import EmbeddingStore, sample_documents
 from precompute_assets.sync.embeddings import sync_embeddings
@@ -270,6 +271,23 @@ def test_a_new_embedder_version_rebuilds_and_flips(docs, app_db, redis_client, s
     assert stats.full_build and stats.embedded == N_DOCS
     assert redis_client.get(schema.pointer(EMBEDDING_KIND)) != old
     assert PredictionCache(redis_client, schema=schema).get_embedding("doc00000001").shape == (32,)
+
+
+def test_a_new_dtype_rebuilds_instead_of_mixing_layouts_in_one_version(docs, app_db, redis_client, schema, embedder):
+    # Patched in place, the changed document was float32 among int8 values: rerank raised "different layouts".
+    store = EmbeddingStore(app_db)
+    sync_embeddings(docs, store, redis_client, embedder, schema=schema, log=lambda m: None)
+    docs.load_frame(pd.DataFrame({"doc_id": ["doc00000001"], "title": ["Changed"], "body": ["new words"]}))
+    stats = sync_embeddings(docs, store, redis_client, embedder, schema=schema, dtype="float32", log=lambda m: None)
+    assert stats.full_build and stats.embedded == N_DOCS
+    cache = PredictionCache(redis_client, schema=schema, pointer_ttl_s=0)
+    query = embedder.encode([document_text("Changed", "new words")])[0]
+    ranked = rerank(cache, query, [f"doc{i:08d}" for i in range(10)])
+    assert ranked[0][0] == "doc00000001" and all(score is not None for _, score in ranked)
+    with pytest.raises(ValueError, match="unknown dtype 'fp16'"):  # a typo starts no rebuild
+        sync_embeddings(docs, store, redis_client, embedder, schema=schema, dtype="fp16", log=lambda m: None)
+    again = sync_embeddings(docs, store, redis_client, embedder, schema=schema, dtype="float32", log=lambda m: None)
+    assert (again.full_build, again.embedded) == (False, 0)
 
 
 def test_redis_down_during_publish_keeps_the_previous_version(docs, app_db, redis_client, schema, embedder):
