@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import unicodedata
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +40,9 @@ INVALID_UTF8 = "invalid utf-8"
 TOO_LARGE = "too large"
 
 _SPACE = 32
+# A character that shows: not white space, nor one of the invisible format characters scraped text carries (zero-width
+# space, joiners and marks, word joiner, byte order mark, soft hyphen, combining grapheme joiner)
+_VISIBLE = re.compile(r"[^\s\u200b-\u200f\u2060-\u2064\ufeff\u00ad\u034f]")
 _NGRAM_MUL = np.uint64(0x100000001B3)  # FNV prime: polynomial hash of the code points of one n-gram
 _WORD_MUL = np.uint64(0xC2B2AE3D27D4EB4F)
 _MIX = np.uint64(0x9E3779B97F4A7C15)  # golden-ratio multiply-shift spreads hashes over the top bits
@@ -422,7 +426,7 @@ def check_document(
         text.encode("utf-8")
     except UnicodeError:
         return "", INVALID_UTF8
-    if not text or text.isspace():
+    if _VISIBLE.search(text) is None:  # nothing to embed: blank, or only invisible characters
         return "", EMPTY
     return text, None
 

@@ -195,3 +195,7 @@ def test_the_check_looks_at_the_embedded_text_only() -> None:
     assert check_document("title", "\ud800 body", max_chars=n) == ("", INVALID_UTF8)
     # nothing but blanks in what would be embedded is an empty document, whatever follows
     assert check_document(" " * n, "words after the cut", max_chars=n) == ("", EMPTY)
+    # zero-width spaces and joiners, a byte order mark, soft hyphens: nothing shows, nothing is embedded (it was: a
+    # vector of nothing, zero for the default embedder, served as a document)
+    assert check_document("\ufeff", "\u200b\u200d \u2060\u00ad\n", max_chars=n) == ("", EMPTY)
+    assert check_document(None, "\u200bx", max_chars=n) == ("\n\u200bx", None)
