@@ -292,6 +292,7 @@ def _frames_of_jsonl(
     labels: list[str] = []
     keys: dict[str, None] | None = {}  # the first records' keys, in order of appearance; None once checked
     gathered = 0  # records whose keys are in keys
+    lines = 0  # lines that are not blank
     sources = {c: fields.source(c) for c in COLUMNS}
     size = 0  # bytes of the records held
     for number, line in enumerate(stream, start=1):
@@ -299,6 +300,7 @@ def _frames_of_jsonl(
             line = line.removeprefix(codecs.BOM_UTF8)
         if not line.strip():
             continue
+        lines += 1
         try:
             record = json.loads(line)
         except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
@@ -321,6 +323,8 @@ def _frames_of_jsonl(
         if len(records) >= CHUNK_ROWS or size >= CHUNK_BYTES:
             yield _object_frame(records), labels
             records, labels, size = [], [], 0
+    if not lines:  # an empty export is an error, as for CSV and TSV: never a load of nothing
+        raise DocumentFileError(f"empty file: no records (the doc_id field is {fields.source('doc_id')!r})")
     if keys:
         fields.check(keys, "the records have")
     if records:

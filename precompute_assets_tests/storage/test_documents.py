@@ -416,6 +416,14 @@ def test_csv_header_without_the_named_field_is_an_error(store: DocumentStore, tm
     assert store.count() == 0
 
 
+@pytest.mark.parametrize("text", ["", "\n  \n", "\ufeff"])
+def test_a_jsonl_file_without_a_record_is_an_error(store: DocumentStore, tmp_path: Path, text: str) -> None:
+    # It was a load of nothing, exit code 0, even with --id-field naming a field no record could have.
+    (tmp_path / "docs.jsonl.gz").write_bytes(gzip.compress(text.encode()))
+    with pytest.raises(DocumentFileError, match=r"empty file: no records \(the doc_id field is 'nope'\)"):
+        store.load_file(tmp_path / "docs.jsonl.gz", DocumentFields({"doc_id": "nope"}))
+
+
 @pytest.mark.parametrize("name", ["docs.csv", "docs.tsv", "docs.csv.gz"])
 def test_an_empty_csv_or_tsv_has_no_header_and_is_an_error(store: DocumentStore, tmp_path: Path, name: str) -> None:
     path = tmp_path / name
