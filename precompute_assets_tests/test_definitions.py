@@ -217,3 +217,18 @@ def test_every_schedule_and_sensor_runs_by_default():
     statuses = {d.name: d.default_status for d in [*r.schedule_defs, *r.sensor_defs]}
     assert len(statuses) == 12
     assert {name: status.value for name, status in statuses.items()} == dict.fromkeys(statuses, "RUNNING")
+
+
+def test_every_job_schedule_sensor_and_check_says_what_it_does():
+    """The UI shows these descriptions on the Automation, Jobs and Checks pages; none may be blank."""
+    r = repo()
+    described = {
+        **{f"job {j.name}": j.description for j in r.get_all_jobs() if j.name != "__ASSET_JOB"},
+        **{f"schedule {s.name}": s.description for s in r.schedule_defs},
+        **{f"sensor {s.name}": s.description for s in r.sensor_defs},
+        **{
+            f"check {k.to_user_string()}": r.asset_graph.get_check_spec(k).description
+            for k in r.asset_graph.asset_check_keys
+        },
+    }
+    assert [name for name, description in described.items() if not (description or "").strip()] == []

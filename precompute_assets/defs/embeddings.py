@@ -126,9 +126,24 @@ def current_model_path(instance: dg.DagsterInstance) -> Path:
     retry_policy=dg.RetryPolicy(max_retries=3, delay=5, backoff=dg.Backoff.EXPONENTIAL),
     pool="embedding_sync",
     check_specs=[
-        dg.AssetCheckSpec("embedding_error_rate", asset="document_embeddings"),
-        dg.AssetCheckSpec("int8_recall", asset="document_embeddings"),
-        dg.AssetCheckSpec("staleness", asset="document_embeddings"),
+        dg.AssetCheckSpec(
+            "embedding_error_rate",
+            asset="document_embeddings",
+            description=f"Share of documents that failed to embed: warns above {ERROR_WARN:.0%}, fails above "
+            f"{ERROR_FAIL:.0%}.",
+        ),
+        dg.AssetCheckSpec(
+            "int8_recall",
+            asset="document_embeddings",
+            description=f"Recall@10 of int8 against float32 neighbours on a sample of documents; warns below "
+            f"{RECALL_GOAL}.",
+        ),
+        dg.AssetCheckSpec(
+            "staleness",
+            asset="document_embeddings",
+            description=f"Share of documents changed over {STALE_AFTER_HOURS} h ago whose embedding is missing or "
+            f"older; warns at {STALE_GOAL:.0%} or more.",
+        ),
     ],
 )
 def document_embeddings(
@@ -204,11 +219,19 @@ ACTIVE_STATUSES = [
 ]
 
 document_embeddings_job = dg.define_asset_job(
-    "document_embeddings_job", selection=dg.AssetSelection.assets(document_embeddings)
+    "document_embeddings_job",
+    selection=dg.AssetSelection.assets(document_embeddings),
+    description="Sync the embeddings with the documents table, offline and in Redis.",
 )
 
 
-@dg.sensor(job=document_embeddings_job, minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.RUNNING)
+@dg.sensor(
+    job=document_embeddings_job,
+    minimum_interval_seconds=60,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Every minute: run the embedding sync when documents were added, modified or deleted since the last "
+    "request and no sync is running (once embedding_model has been materialized).",
+)
 def documents_changed(context: dg.SensorEvaluationContext, documents: DocumentStoreResource):
     """Run the incremental sync when documents were added, modified or deleted since the last request."""
     active = context.instance.get_runs(

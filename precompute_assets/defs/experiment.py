@@ -13,7 +13,7 @@ import dagster as dg
 import pandas as pd
 import pyarrow as pa
 
-from ..ml.experiment import arm_report
+from ..ml.experiment import SRM_ALPHA, arm_report
 from ..serving import Experiment
 from ..storage.lake import Lake
 from .partitions import DEFAULT_PARTITIONS, Partitions
@@ -151,7 +151,13 @@ def sample_ratio_check(report: dict | None) -> dg.AssetCheckResult:
     deps=[dg.AssetDep("query_logs", partition_mapping=dg.TimeWindowPartitionMapping())],
     kinds={"pandas"},
     group_name="selection",
-    check_specs=[dg.AssetCheckSpec("sample_ratio", asset="selection_experiment")],
+    check_specs=[
+        dg.AssetCheckSpec(
+            "sample_ratio",
+            asset="selection_experiment",
+            description=f"Warns on a sample-ratio mismatch: keys per arm against an even split, p < {SRM_ALPHA:g}.",
+        )
+    ],
     description="The day's A/B experiment between two selection strategies: per-arm hit rates of ctr queries with "
     "95% intervals from a bootstrap over keys, the difference (second arm minus first) and a sample-ratio check.",
 )

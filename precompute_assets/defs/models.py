@@ -100,7 +100,13 @@ def new_ads_check(new_ads: ctr.NewAdEvaluation | None, error: str | None) -> dg.
     kinds={"sklearn"},
     group_name="models",
     check_specs=[
-        dg.AssetCheckSpec("beats_baseline", asset=CTR_MODEL, blocking=True),
+        dg.AssetCheckSpec(
+            "beats_baseline",
+            asset=CTR_MODEL,
+            blocking=True,
+            description="The forest's validation AUC is at least a logistic regression's on the same time split; "
+            "blocks: only an approved model is used for predictions and campaigns.",
+        ),
         dg.AssetCheckSpec(
             "new_ads_beat_baseline",
             asset=CTR_MODEL,

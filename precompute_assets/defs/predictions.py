@@ -15,7 +15,15 @@ from .resources import LakeResource, ModelStoreResource
     deps=[CTR_MODEL, "ads"],
     kinds={"sklearn", "pandas"},
     group_name="predictions",
-    check_specs=[dg.AssetCheckSpec("valid_ctr", asset="ctr_predictions", blocking=True)],
+    check_specs=[
+        dg.AssetCheckSpec(
+            "valid_ctr",
+            asset="ctr_predictions",
+            blocking=True,
+            description="Every prediction is a finite probability in [0, 1], and there is one unless nothing was "
+            "selected; blocks the publish.",
+        )
+    ],
 )
 def ctr_predictions(
     context: dg.AssetExecutionContext, top_ads: pd.DataFrame, lake: LakeResource, model_store: ModelStoreResource

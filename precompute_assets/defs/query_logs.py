@@ -18,6 +18,10 @@ from .resources import DeploymentResource, LakeResource, RedisResource
 QUARANTINE_OF = {"query_logs": "query_log_quarantine", "user_events": "user_event_quarantine"}
 QUARANTINE_WARN_RATE = 0.001
 QUARANTINE_FAIL_RATE = 0.05
+QUARANTINE_CHECK_DESCRIPTION = (
+    f"Share of the hour's events quarantined: warns above {QUARANTINE_WARN_RATE:.1%}, fails above "
+    f"{QUARANTINE_FAIL_RATE:.0%}; never blocks."
+)
 
 
 def epoch_ms(moment: datetime) -> int:
@@ -49,7 +53,13 @@ def quarantine_check(quarantined: int, total: int, asset_key: str = "query_logs"
         ),
     },
     partitions_def=DEFAULT_PARTITIONS.hourly,
-    check_specs=[dg.AssetCheckSpec("quarantine_rate", asset="query_logs")],
+    check_specs=[
+        dg.AssetCheckSpec(
+            "quarantine_rate",
+            asset="query_logs",
+            description=QUARANTINE_CHECK_DESCRIPTION,
+        )
+    ],
     group_name="query_logs",
 )
 def query_logs(context: dg.AssetExecutionContext, redis: RedisResource, lake: LakeResource):

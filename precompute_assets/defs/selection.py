@@ -115,7 +115,14 @@ def traffic_profile(context: dg.AssetExecutionContext, lake: LakeResource) -> dg
     deps=[dg.AssetDep("query_logs", partition_mapping=LOOKBACK)],
     kinds={"pandas"},
     group_name="selection",
-    check_specs=[dg.AssetCheckSpec("has_traffic", asset="ad_demand", blocking=True)],
+    check_specs=[
+        dg.AssetCheckSpec(
+            "has_traffic",
+            asset="ad_demand",
+            blocking=True,
+            description="Prediction queries were logged on the day; blocks selection and publish without them.",
+        )
+    ],
     description=f"Recency-weighted demand per ad over {LOOKBACK_DAYS} days of hourly query logs (the newest "
     "day weighs most), read one hour file at a time.",
 )
@@ -228,7 +235,15 @@ def self_tuned_share(
     group_name="selection",
     # demand_model: strategy auto (and lstm) read its verdict on the day, so it runs first in the daily job.
     deps=["ads", "demand_model"],
-    check_specs=[dg.AssetCheckSpec("known_ads", asset="top_ads", blocking=True)],
+    check_specs=[
+        dg.AssetCheckSpec(
+            "known_ads",
+            asset="top_ads",
+            blocking=True,
+            description="Warns when ads missing from the ads table carry over 1% of the demand; blocks when nothing "
+            "could be selected while the precompute share is above 0.",
+        )
+    ],
 )
 def top_ads(
     context: dg.AssetExecutionContext,

@@ -15,7 +15,7 @@ from ..storage.tables import quarantine_frame
 from ..workload.users import generate_user_events, make_users
 from .models import approved_materializations
 from .partitions import DEFAULT_PARTITIONS, Partitions
-from .query_logs import epoch_ms, lost_events, quarantine_check, stream_lost_failure
+from .query_logs import QUARANTINE_CHECK_DESCRIPTION, epoch_ms, lost_events, quarantine_check, stream_lost_failure
 from .resources import LakeResource, ModelStoreResource, RedisResource
 
 USER_EVENTS = "user_events"
@@ -57,7 +57,13 @@ def user_event_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
         ),
     },
     partitions_def=DEFAULT_PARTITIONS.hourly,
-    check_specs=[dg.AssetCheckSpec("quarantine_rate", asset=USER_EVENTS)],
+    check_specs=[
+        dg.AssetCheckSpec(
+            "quarantine_rate",
+            asset=USER_EVENTS,
+            description=QUARANTINE_CHECK_DESCRIPTION,
+        )
+    ],
     group_name="user_events",
 )
 def user_events(context: dg.AssetExecutionContext, redis: RedisResource, lake: LakeResource):
