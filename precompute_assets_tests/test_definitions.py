@@ -232,3 +232,17 @@ def test_every_job_schedule_sensor_and_check_says_what_it_does():
         },
     }
     assert [name for name, description in described.items() if not (description or "").strip()] == []
+
+
+def test_every_config_field_has_a_description():
+    """The launchpad shows each op's and asset's config fields with their description beside the default."""
+    r = repo()
+    nodes = {node.name: node for job in r.get_all_jobs() for node in job.graph.node_defs}
+    missing = [
+        f"{name}.{field_name}"
+        for name, node in sorted(nodes.items())
+        if node.config_field is not None
+        for field_name, field in getattr(node.config_field.config_type, "fields", {}).items()
+        if not (field.description or "").strip()
+    ]
+    assert missing == []

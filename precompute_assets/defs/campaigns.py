@@ -22,6 +22,7 @@ from datetime import UTC, datetime, timedelta
 import dagster as dg
 import pandas as pd
 import redis as redis_py
+from pydantic import Field
 
 from ..ml import ctr
 from ..ml.budget import DEFAULT_DRAWS, DEFAULT_PRIOR_STRENGTH, thompson_split
@@ -64,14 +65,24 @@ ACTIVE_RUN_STATUSES = [
 
 
 class CampaignWarmingConfig(dg.Config):
-    grace_hours: float = 1.0  # values outlive the campaign's end by this much (late requests, clock skew)
-    open_ended_ttl_days: float = 30.0  # a campaign without an end keeps its values this long after warming
+    grace_hours: float = Field(
+        1.0, description="Hours the values outlive the campaign's end (late requests, clock skew)."
+    )
+    open_ended_ttl_days: float = Field(
+        30.0, description="Days a campaign without an end keeps its values after warming."
+    )
 
 
 class CampaignBudgetConfig(CampaignWarmingConfig):
-    prior_strength: float = DEFAULT_PRIOR_STRENGTH  # pseudo-impressions behind each predicted CTR
-    draws: int = DEFAULT_DRAWS
-    seed: int = 0  # mixed with the campaign id and revision: reproducible, and independent across campaigns
+    prior_strength: float = Field(
+        DEFAULT_PRIOR_STRENGTH,
+        description="Pseudo-impressions behind each predicted CTR: weak spreads the budget to explore, strong "
+        "concentrates it on the best predictions.",
+    )
+    draws: int = Field(DEFAULT_DRAWS, description="Thompson-sampling draws that split the budget.")
+    seed: int = Field(
+        0, description="Mixed with the campaign id and revision: the same revision always gets the same split."
+    )
 
 
 # --- what to warm ------------------------------------------------------------------------------------
@@ -310,7 +321,7 @@ campaign_warming_job = dg.define_asset_job(
 
 
 class CampaignCleanupConfig(dg.Config):
-    campaign_id: str
+    campaign_id: str = Field(description="The cancelled campaign whose CTRs and budget are removed.")
 
 
 @dg.op(retry_policy=WARMING_RETRY, description="Remove a cancelled campaign's CTRs and budget from the cache.")

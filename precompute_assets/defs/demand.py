@@ -6,6 +6,7 @@ from dataclasses import asdict
 
 import dagster as dg
 import pandas as pd
+from pydantic import Field
 
 from ..ml.demand import (
     METHODS,
@@ -33,23 +34,28 @@ DEMAND_LOOKBACK_DAYS = 14
 class DemandModelConfig(dg.Config):
     """Lookback, LSTM, training budget, the baselines' parameters and the approval margin."""
 
-    lookback_days: int = DEMAND_LOOKBACK_DAYS  # the declared query_logs dependency covers the default
-    window_days: int = 7
-    sequence_days: int = 2  # the last days the LSTM steps through hour by hour; the head sees window_days
-    hidden_size: int = 32
-    max_epochs: int = 30
-    max_seconds: float = 120.0
-    learning_rate: float = 0.01
-    batch_size: int = 256
-    max_train_keys: int = 2000
-    top_n: int = 1000
-    half_life_days: float = 2.0
-    ewma_half_life_hours: float = 12.0
-    seed: int = 0
-    threads: int | None = 1
-    # The LSTM is approved only when its held-back hit rate beats the best baseline's by more than this.
-    margin: float = 0.005
-    warm_start: bool = True
+    lookback_days: int = Field(
+        DEMAND_LOOKBACK_DAYS,
+        description="Days of hourly query logs read (the last one held back for the evaluation); the declared "
+        "query_logs dependency covers the default.",
+    )
+    window_days: int = Field(7, description="Days before a target day that its features summarise.")
+    sequence_days: int = Field(2, description="The last days of the window the LSTM steps through hour by hour.")
+    hidden_size: int = Field(32, description="LSTM hidden units.")
+    max_epochs: int = Field(30, description="Training stops after this many epochs or max_seconds, first reached.")
+    max_seconds: float = Field(120.0, description="Training budget in seconds, feature building included.")
+    learning_rate: float = Field(0.01, description="Adam learning rate.")
+    batch_size: int = Field(256, description="Training batch size.")
+    max_train_keys: int = Field(2000, description="Keys sampled (by seed) for training; every key is forecast.")
+    top_n: int = Field(1000, description="Hit rates are measured for the top this many keys of each method.")
+    half_life_days: float = Field(2.0, description="Recency half-life of the frequency baseline (as ad_demand).")
+    ewma_half_life_hours: float = Field(12.0, description="Half-life of the ewma baseline's hourly rate.")
+    seed: int = Field(0, description="Seed of sampling and training.")
+    threads: int | None = Field(1, description="torch CPU threads (null: torch's default).")
+    margin: float = Field(
+        0.005, description="The LSTM is approved only when its hit rate beats the best baseline's by more than this."
+    )
+    warm_start: bool = Field(True, description="Start from the weights of the previous approved version.")
 
     def hyper_params(self) -> DemandHyperParams:
         fields = DemandHyperParams.__dataclass_fields__

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import dagster as dg
+from pydantic import Field
 
 from ..ml.embedder import MAX_CHARS, HashingSvdEmbedder, SentenceTransformerEmbedder, document_text
 from ..ml.embedding_service import ENV_API_KEY, http_embedder_from_config
@@ -23,22 +24,31 @@ STALE_AFTER_HOURS = 24  # a document changed longer ago than this should have it
 
 
 class EmbeddingModelConfig(dg.Config):
-    # or "pretrained" (a multilingual encoder shipped with its weights, extra "pretrained"), "http" (a service),
-    # "sentence-transformers" (optional extra)
-    backend: str = "hashing-svd"
-    # pretrained: use-multilingual-v3 (default) or multilingual-e5-small; http: the service's model name;
-    # sentence-transformers: a local path or an installed model name
-    model: str = ""
-    dim: int = 300  # hashing-svd: dimensions fitted (http: the service's, asked once)
-    sample: int = 20_000
-    # backend "http": an inference service (OpenAI-compatible /v1/embeddings, or api "tei": /embed)
-    url: str = ""  # "" reads PRECOMPUTE_EMBEDDING_URL
-    api: str = "openai"
-    api_key_env: str = ENV_API_KEY  # the NAME of the environment variable holding the key, never the key
-    batch_size: int = 64
-    max_concurrency: int = 4
-    timeout_s: float = 30.0
-    max_retries: int = 5
+    backend: str = Field(
+        "hashing-svd",
+        description='"hashing-svd", "pretrained" (a multilingual encoder shipped with its weights, extra '
+        '"pretrained"), "http" (an inference service) or "sentence-transformers" (optional extra).',
+    )
+    model: str = Field(
+        "",
+        description="pretrained: use-multilingual-v3 (default) or multilingual-e5-small; http: the service's model "
+        "name; sentence-transformers: a local path or an installed model name.",
+    )
+    dim: int = Field(300, description="hashing-svd: dimensions fitted (http: the service's, asked once).")
+    sample: int = Field(20_000, description="hashing-svd: documents sampled to fit the SVD.")
+    url: str = Field(
+        "",
+        description='http: the inference service (OpenAI-compatible /v1/embeddings, or api "tei": /embed); '
+        '"" reads PRECOMPUTE_EMBEDDING_URL.',
+    )
+    api: str = Field("openai", description='http: "openai" or "tei".')
+    api_key_env: str = Field(
+        ENV_API_KEY, description="http: the NAME of the environment variable holding the API key, never the key."
+    )
+    batch_size: int = Field(64, description="http: documents per request.")
+    max_concurrency: int = Field(4, description="http: requests in flight.")
+    timeout_s: float = Field(30.0, description="http: seconds per request.")
+    max_retries: int = Field(5, description="http: retries of a timeout, connection error, 429 or 5xx.")
 
 
 HTTP_SETTINGS = ("url", "model", "api", "api_key_env", "batch_size", "max_concurrency", "timeout_s", "max_retries")
@@ -105,11 +115,15 @@ def embedding_model(
 
 
 class EmbeddingSyncConfig(dg.Config):
-    chunk_size: int = 10_000
-    dtype: str = "int8"  # or "float32"
-    recall_sample: int = 2000
-    ttl_days: int = 7  # every sync renews the version's TTL: it outlives a stalled pipeline, not forever
-    grace_seconds: int = GRACE_SECONDS
+    chunk_size: int = Field(10_000, description="Documents per committed chunk (a killed run resumes after the last).")
+    dtype: str = Field("int8", description='Stored vectors: "int8" or "float32".')
+    recall_sample: int = Field(2000, description="About this many documents sampled by the int8_recall check.")
+    ttl_days: int = Field(
+        7, description="TTL of the Redis version, renewed by every sync: it outlives a stalled pipeline, not forever."
+    )
+    grace_seconds: int = Field(
+        GRACE_SECONDS, description="Seconds the replaced Redis version lives on after a flip, for readers holding it."
+    )
 
 
 def current_model_path(instance: dg.DagsterInstance) -> Path:

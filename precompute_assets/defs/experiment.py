@@ -12,6 +12,7 @@ from typing import Any
 import dagster as dg
 import pandas as pd
 import pyarrow as pa
+from pydantic import Field
 
 from ..ml.experiment import SRM_ALPHA, arm_report
 from ..serving import Experiment
@@ -57,9 +58,9 @@ def selected_experiment(instance: dg.DagsterInstance, partition: str) -> Experim
 class ExperimentReportConfig(dg.Config):
     """Bootstrap draws, their seed and the interval's ``alpha`` (0.05: 95 % intervals)."""
 
-    n_boot: int = 1000
-    seed: int = 0
-    alpha: float = 0.05
+    n_boot: int = Field(1000, description="Bootstrap draws over keys.")
+    seed: int = Field(0, description="Seed of the bootstrap.")
+    alpha: float = Field(0.05, description="1 - the intervals' confidence (0.05: 95 % intervals).")
 
 
 def experiment_rows(

@@ -9,6 +9,7 @@ from dataclasses import asdict
 import dagster as dg
 import pandas as pd
 from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
+from pydantic import Field
 
 from ..ml import ctr
 from ..ml.features import spec_dict
@@ -21,15 +22,19 @@ CTR_MODEL = "ctr_model"
 class CtrModelConfig(dg.Config):
     """Training window and forest; the ad columns it reads are the lake resource's ad feature set."""
 
-    training_days: int = 14
-    valid_fraction: float = 0.2
-    n_estimators: int = 100
-    max_depth: int = 12
-    min_samples_leaf: int = 5
-    # A category value seen on fewer training ads is folded into the unseen bucket (all-zero one-hot), like a
-    # value first seen after training; at most max_category_values per column are learned (the most common).
-    min_category_ads: int = 5
-    max_category_values: int = 100
+    training_days: int = Field(14, description="Days of impressions up to the partition's day.")
+    valid_fraction: float = Field(0.2, description="The newest share of the impressions held out for validation.")
+    n_estimators: int = Field(100, description="Trees of the forest.")
+    max_depth: int = Field(12, description="Depth of each tree.")
+    min_samples_leaf: int = Field(5, description="Impressions per leaf, at least.")
+    min_category_ads: int = Field(
+        5,
+        description="A category value seen on fewer training ads is folded into the unseen bucket (all-zero "
+        "one-hot), like a value first seen after training.",
+    )
+    max_category_values: int = Field(
+        100, description="At most this many values per column are learned (the most common)."
+    )
 
 
 def read_impressions(lake, days: list[str]) -> tuple[pd.DataFrame, list[str]]:

@@ -6,6 +6,7 @@ import re
 import dagster as dg
 import numpy as np
 import pandas as pd
+from pydantic import Field
 
 from ..serving import Experiment, Pointer, publish_version
 from .experiment import selected_experiment
@@ -19,8 +20,10 @@ GRACE_SECONDS = 600
 
 
 class PublishConfig(dg.Config):
-    ttl_hours: int = 48
-    grace_seconds: int = GRACE_SECONDS
+    ttl_hours: int = Field(48, description="TTL of the published version's keys.")
+    grace_seconds: int = Field(
+        GRACE_SECONDS, description="Seconds the replaced version lives on after the flip, for readers holding it."
+    )
 
 
 @dg.asset(

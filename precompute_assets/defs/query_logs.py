@@ -6,6 +6,7 @@ from zoneinfo import ZoneInfo
 
 import dagster as dg
 import pandas as pd
+from pydantic import Field
 
 from ..serving.querylog import expand_entries, quarantine_row, read_stream_window, validate_entry
 from ..storage.lake import LakeReadError
@@ -192,7 +193,9 @@ def safe_trim_boundary(
 
 
 class CleanupConfig(dg.Config):
-    retention_hours: int = 7 * 24
+    retention_hours: int = Field(
+        7 * 24, description="Stream entries older than this are trimmed, never those of an unmaterialized hour."
+    )
 
 
 @dg.op(description="Trim query-log stream entries older than the retention, never an unmaterialized hour.")

@@ -5,6 +5,7 @@ from collections.abc import Iterator
 import dagster as dg
 import numpy as np
 import pandas as pd
+from pydantic import Field
 
 from ..ml.experiment import split_selection
 from ..ml.replay import ShareChoice, shards_keep, shards_rate, tune_share
@@ -27,8 +28,10 @@ OFFPEAK_WINDOW_HOURS = 4
 
 
 class SelectionConfig(dg.Config):
-    half_life_days: float = 2.0
-    top_n: int = 1000
+    half_life_days: float = Field(2.0, description="Recency half-life of the demand: the newest day weighs most.")
+    top_n: int = Field(
+        1000, description="top_ads: the ads to precompute with precompute_share fixed (ad_demand ignores it)."
+    )
 
 
 class TopAdsConfig(SelectionConfig):
@@ -46,11 +49,27 @@ class TopAdsConfig(SelectionConfig):
     ``share_max_requests``: a longer logged history is replayed on a SHARDS sample of its keys that holds about
     this many requests (capacity scaled alike), so the tuning's time stays bounded as traffic grows."""
 
-    strategy: str = "auto"
-    precompute_share: str = "fixed"
-    cache_capacity: int = 0
-    admission: str = "always"
-    share_max_requests: int = 5_000_000
+    strategy: str = Field(
+        "auto",
+        description="frequency (ad_demand), ewma, seasonal, lstm (the approved demand_model) or auto (the best on "
+        "the held-back day per demand_model's evaluation).",
+    )
+    precompute_share: str = Field(
+        "fixed", description="fixed: precompute top_n ads; auto: choose how many within cache_capacity by replay."
+    )
+    cache_capacity: int = Field(
+        0, description="Keys the serving cache holds (precomputed plus read-through), for precompute_share auto."
+    )
+    admission: str = Field(
+        "always",
+        description="The serving clients' admission policy (always, second_miss, frequency, probation), for "
+        "precompute_share auto.",
+    )
+    share_max_requests: int = Field(
+        5_000_000,
+        description="A longer logged history is replayed on a SHARDS sample of its keys holding about this many "
+        "requests (capacity scaled alike), for precompute_share auto.",
+    )
 
 
 def hourly_logs(

@@ -40,6 +40,7 @@ from typing import Any
 import dagster as dg
 import numpy as np
 import pandas as pd
+from pydantic import Field
 
 from ..ml import ctr, next_action
 from ..serving import refresh
@@ -262,11 +263,13 @@ def publish_task_values(redis: RedisResource, task: TaskType, values: dict[str, 
 
 
 class TaskRunConfig(dg.Config):
-    task_type: str
-    entities: list[str]
-    max_retries: int = 3
-    backoff_s: float = 0.5
-    as_of_ms: int | None = None  # "now" for tasks that look back (a dashboard's 24 hours); None: the wall clock
+    task_type: str = Field(description="A registered task type (precompute_assets.defs.tasks).")
+    entities: list[str] = Field(description="The entities (users, creatives, tenants) to compute.")
+    max_retries: int = Field(3, description="Retries of an entity whose task function raises.")
+    backoff_s: float = Field(0.5, description="Seconds before the first retry, doubled for each next.")
+    as_of_ms: int | None = Field(
+        None, description="'now' for tasks that look back (a dashboard's 24 hours), in ms; null: the wall clock."
+    )
 
 
 @dg.op(

@@ -7,6 +7,7 @@ from typing import Any
 import dagster as dg
 import pandas as pd
 import pyarrow as pa
+from pydantic import Field
 
 from ..ml import next_action
 from ..serving.events import read_event_window, unknown_action, validate_event
@@ -118,12 +119,12 @@ user_events_job = dg.define_asset_job(
 
 
 class NextActionModelConfig(dg.Config):
-    training_days: int = NEXT_ACTION_LOOKBACK_DAYS
-    valid_fraction: float = 0.2
-    n_estimators: int = 100
-    max_depth: int = 10
-    min_samples_leaf: int = 10
-    calibration: str = "isotonic"  # or "sigmoid"
+    training_days: int = Field(NEXT_ACTION_LOOKBACK_DAYS, description="Days of user events up to the partition's day.")
+    valid_fraction: float = Field(0.2, description="The newest share of the events held out for validation.")
+    n_estimators: int = Field(100, description="Trees of the forest.")
+    max_depth: int = Field(10, description="Depth of each tree.")
+    min_samples_leaf: int = Field(10, description="Events per leaf, at least.")
+    calibration: str = Field("isotonic", description='Probability calibration: "isotonic" or "sigmoid".')
 
 
 def read_user_events(lake, hours: list[str]) -> tuple[pd.DataFrame, int]:
