@@ -246,3 +246,17 @@ def test_every_config_field_has_a_description():
         if not (field.description or "").strip()
     ]
     assert missing == []
+
+
+def test_the_daily_embedding_sync_waits_for_an_embedder():
+    """A deployment that never materialized embedding_model gets no failing 04:00 sync, like documents_changed."""
+    schedule = repo().get_schedule_def("document_embeddings_daily")
+    at_four = datetime(2026, 11, 20, 4, tzinfo=ZoneInfo("UTC"))
+    with (
+        dg.instance_for_test() as instance,
+        dg.build_schedule_context(instance=instance, scheduled_execution_time=at_four) as context,
+    ):
+        skipped = schedule.evaluate_tick(context)
+        assert not skipped.run_requests and "materialize embedding_model" in skipped.skip_message
+        instance.report_runless_asset_event(dg.AssetMaterialization("embedding_model"))
+        assert len(schedule.evaluate_tick(context).run_requests) == 1

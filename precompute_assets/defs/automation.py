@@ -9,7 +9,7 @@ import dagster as dg
 
 from ..serving.stats import window_stats
 from .demand import demand_model
-from .embeddings import document_embeddings_job
+from .embeddings import NO_EMBEDDER, document_embeddings_job, has_embedder
 from .experiment import selection_experiment
 from .models import ctr_model
 from .partitions import Partitions
@@ -160,6 +160,20 @@ def build_schedules(partitions: Partitions) -> list:
                 return dg.SkipReason(f"waiting for {len(missing)} query_logs hours of {request.partition_key}")
         return request
 
+    @dg.schedule(
+        name="document_embeddings_daily",
+        cron_schedule="0 4 * * *",
+        execution_timezone=timezone,
+        target=document_embeddings_job,
+        default_status=RUNNING,
+        description=f"A sync even without changes, at 04:00 {timezone}: renews the embedding version's TTL and "
+        "catches anything the documents_changed sensor missed (once embedding_model has been materialized).",
+    )
+    def document_embeddings_daily(context: dg.ScheduleEvaluationContext):
+        if context.instance_ref is not None and not has_embedder(context.instance):
+            return dg.SkipReason(NO_EMBEDDER)  # the sync would fail at once
+        return dg.RunRequest()
+
     return [
         dg.build_schedule_from_partitioned_job(
             query_logs_job,
@@ -177,15 +191,7 @@ def build_schedules(partitions: Partitions) -> list:
             default_status=RUNNING,
             description=f"Trim the query-log stream past its retention, at 03:00 {timezone}.",
         ),
-        dg.ScheduleDefinition(
-            name="document_embeddings_daily",
-            target=document_embeddings_job,
-            cron_schedule="0 4 * * *",
-            execution_timezone=timezone,
-            default_status=RUNNING,
-            description=f"A sync even without changes, at 04:00 {timezone}: renews the embedding version's TTL and "
-            "catches anything the documents_changed sensor missed.",
-        ),
+        document_embeddings_daily,
     ]
 
 

@@ -21,6 +21,7 @@ ERROR_WARN, ERROR_FAIL = 0.01, 0.05
 RECALL_GOAL = 0.95
 STALE_GOAL = 0.01
 STALE_AFTER_HOURS = 24  # a document changed longer ago than this should have its embedding
+NO_EMBEDDER = "no embedder yet: materialize embedding_model (it fits on the documents)"
 
 
 class EmbeddingModelConfig(dg.Config):
@@ -225,6 +226,11 @@ def document_embeddings(
     )
 
 
+def has_embedder(instance: dg.DagsterInstance) -> bool:
+    """Whether ``embedding_model`` has been materialized: without it a sync fails at once."""
+    return instance.get_latest_materialization_event(dg.AssetKey(EMBEDDING_MODEL)) is not None
+
+
 ACTIVE_STATUSES = [
     dg.DagsterRunStatus.QUEUED,
     dg.DagsterRunStatus.NOT_STARTED,
@@ -253,9 +259,9 @@ def documents_changed(context: dg.SensorEvaluationContext, documents: DocumentSt
     )
     if active:
         return dg.SkipReason(f"a sync is already running ({active[0].run_id[:8]}); it will pick the changes up")
-    if context.instance.get_latest_materialization_event(dg.AssetKey(EMBEDDING_MODEL)) is None:
+    if not has_embedder(context.instance):
         # The run would fail at once; the cursor stays, so the first tick after the model's materialization syncs.
-        return dg.SkipReason("no embedder yet: materialize embedding_model (it fits on the documents)")
+        return dg.SkipReason(NO_EMBEDDER)
     latest = documents.store().latest_change()
     if latest is None:
         return dg.SkipReason("no documents yet")
