@@ -130,7 +130,8 @@ class EmbeddingSyncConfig(dg.Config):
 def current_model_path(instance: dg.DagsterInstance) -> Path:
     event = instance.get_latest_materialization_event(dg.AssetKey(EMBEDDING_MODEL))
     if event is None or event.asset_materialization is None:
-        raise dg.Failure(description="materialize embedding_model first: there is no embedder yet")
+        # Retrying cannot help: the embedder appears only when embedding_model is materialized.
+        raise dg.Failure(description="materialize embedding_model first: there is no embedder yet", allow_retries=False)
     return Path(event.asset_materialization.metadata["model_path"].value)
 
 

@@ -319,6 +319,17 @@ def test_sensor_requests_a_run_only_when_documents_change(docs, app_db):
         assert isinstance(documents_changed(context), dg.RunRequest)
 
 
+def test_a_sync_without_an_embedder_fails_once_without_retries(app_db, redis_url, schema, tmp_path):
+    """Nothing to retry for: the step fails at once, saying what to materialize, and frees its pool slot."""
+    with dg.instance_for_test() as instance:
+        result = dg.materialize([document_embeddings], resources=resources(app_db, redis_url, schema, tmp_path),
+                                instance=instance, raise_on_error=False)  # fmt: skip
+    assert not result.success
+    assert [e.event_type_value for e in result.all_events if e.is_step_up_for_retry] == []
+    (failure,) = [e for e in result.all_events if e.is_step_failure]
+    assert "materialize embedding_model first" in failure.step_failure_data.error.message
+
+
 KILLABLE_SYNC = """
 import sys
 from precompute_assets.storage.documents import DocumentStore
