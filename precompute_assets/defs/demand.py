@@ -235,6 +235,11 @@ def demand_model(
         "keys": len(data.keys),
         "missing_hours": data.missing_hours,
     }
+    # Training may take the whole budget: say what it works on before it starts.
+    context.log.info(
+        f"read {len(days)} days of hourly query logs: {len(data.keys):,} keys, {data.missing_hours} hours missing; "
+        f"training the LSTM for at most {config.max_epochs} epochs or {config.max_seconds:g} s"
+    )
     store = model_store.store()
     previous = previous_approved_version(context.instance, context.partition_key, context.run_id)
     init_state = None

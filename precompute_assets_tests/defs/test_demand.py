@@ -92,6 +92,15 @@ def test_weekly_traffic_the_lstm_beats_frequency_and_its_weights_are_stored(
     assert "lstm.weight_ih_l0" in store.load_state_dict("demand_model", meta["model_version"])
 
 
+def test_the_run_log_says_what_the_lstm_trains_on_before_training(resources, pg_instance, weekly_template, lake_uri):
+    shutil.copytree(weekly_template, lake_uri)
+    result = run(resources, pg_instance, max_epochs=1)
+    messages = [e.user_message for e in pg_instance.all_logs(result.run_id) if e.step_key == "demand_model"]
+    read = next(i for i, m in enumerate(messages) if m.startswith("read 14 days of hourly query logs: 200 keys"))
+    assert "training the LSTM for at most 1 epochs or 120 s" in messages[read]
+    assert read < next(i for i, m in enumerate(messages) if m.startswith("trained "))
+
+
 def test_an_approved_version_warm_starts_the_next_day(resources, pg_instance, weekly_template, lake_uri):
     shutil.copytree(weekly_template, lake_uri)
     first = run(resources, pg_instance, DAYS[-2], margin=-1.0, max_epochs=1)  # a negative margin approves anything
