@@ -248,6 +248,18 @@ def test_every_config_field_has_a_description():
     assert missing == []
 
 
+def test_every_resource_config_field_has_a_description():
+    """The Resources page and the launchpad's resources section show each field's description beside its value."""
+    resources = repo().get_top_level_resources()
+    missing = [
+        f"{name}.{field_name}"
+        for name, resource in sorted(resources.items())
+        for field_name, field in getattr(resource.config_field.config_type, "fields", {}).items()
+        if not (field.description or "").strip()
+    ]
+    assert missing == []
+
+
 def test_the_daily_embedding_sync_waits_for_an_embedder():
     """A deployment that never materialized embedding_model gets no failing 04:00 sync, like documents_changed."""
     schedule = repo().get_schedule_def("document_embeddings_daily")

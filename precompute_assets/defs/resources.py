@@ -8,6 +8,7 @@ from datetime import timedelta
 import dagster as dg
 import pandas as pd
 import redis
+from pydantic import Field
 
 from ..ml.experiment import parse_arms
 from ..ml.features import (
@@ -41,12 +42,14 @@ class RedisResource(dg.ConfigurableResource):
     ``replica_wait_s``: how long a publish waits, before and after its pointer flip, until every replica holds what
     its primary holds (0: no wait); see ``serving.publish.flip_pointer``."""
 
-    url: str
-    namespace: str = "pc"
-    cluster: bool = False
-    socket_timeout_s: float = 10.0
-    retries: int = 2
-    replica_wait_s: float = REPLICA_WAIT_S
+    url: str = Field(description="redis://[user:password@]host:port/db, rediss:// for TLS; ?cluster=1: Redis Cluster.")
+    namespace: str = Field("pc", description="Prefix of every key (the key schema's namespace).")
+    cluster: bool = Field(False, description="Connect to a Redis Cluster (as ?cluster=1 in the URL).")
+    socket_timeout_s: float = Field(10.0, description="Seconds a connect or command may take before it fails.")
+    retries: int = Field(2, description="Retries of a command after a connection error or timeout.")
+    replica_wait_s: float = Field(
+        REPLICA_WAIT_S, description="Seconds a publish waits for the replicas around its pointer flip (0: no wait)."
+    )
 
     def client(self) -> redis.Redis:
         return connect(self.url, socket_timeout=self.socket_timeout_s, cluster=self.cluster, retries=self.retries)
@@ -72,10 +75,18 @@ class LakeResource(dg.ConfigurableResource):
     synthetic workload's. Unset log-scaling means the default log-scaled columns that are numeric features.
     """
 
-    base_uri: str | None = None
-    ad_numeric: str = ",".join(AdFeatureSpec().numeric)
-    ad_categorical: str = ",".join(AdFeatureSpec().categorical)
-    ad_log_scaled: str | None = None
+    base_uri: str | None = Field(None, description="A folder, s3://bucket/prefix or gs://... (PRECOMPUTE_LAKE_URI).")
+    ad_numeric: str = Field(
+        ",".join(AdFeatureSpec().numeric), description="Numeric feature columns of ads, comma-separated."
+    )
+    ad_categorical: str = Field(
+        ",".join(AdFeatureSpec().categorical), description="Categorical feature columns of ads, comma-separated."
+    )
+    ad_log_scaled: str | None = Field(
+        None,
+        description="Numeric columns scaled with log1p, comma-separated; null: the default ones that are numeric, "
+        '"": none.',
+    )
 
     def lake(self) -> Lake:
         if not self.base_uri:
@@ -90,7 +101,7 @@ class LakeResource(dg.ConfigurableResource):
 class ModelStoreResource(dg.ConfigurableResource):
     """Where trained models live (``PRECOMPUTE_MODEL_STORE``, a folder); models are loaded only from here."""
 
-    root: str | None = None
+    root: str | None = Field(None, description="The folder of trained models (PRECOMPUTE_MODEL_STORE).")
 
     def store(self) -> LocalModelStore:
         if not self.root:
@@ -102,8 +113,8 @@ class DeploymentResource(dg.ConfigurableResource):
     """The timezone of partitions and schedules and the first daily partition (``PRECOMPUTE_TIMEZONE``,
     ``PRECOMPUTE_PARTITIONS_START``), as the Definitions were built with them."""
 
-    timezone: str = DEFAULT_TIMEZONE
-    partitions_start: str = DEFAULT_PARTITIONS_START
+    timezone: str = Field(DEFAULT_TIMEZONE, description="IANA timezone of partitions and schedules.")
+    partitions_start: str = Field(DEFAULT_PARTITIONS_START, description="First daily partition, YYYY-MM-DD.")
 
     def partitions(self) -> Partitions:
         return Partitions.of_settings(Settings(self.timezone, self.partitions_start))
@@ -115,9 +126,9 @@ class ExperimentResource(dg.ConfigurableResource):
     (``PRECOMPUTE_EXPERIMENT_SALT``; a new salt reshuffles every key), each arm's half of ``top_n`` is chosen
     by its own strategy, and the serving client logs each query's arm."""
 
-    arms: str = ""
-    salt: str = DEFAULT_EXPERIMENT_SALT
-    name: str = ""
+    arms: str = Field("", description='Two selection strategies, "A,B" (e.g. frequency,lstm); "": no experiment.')
+    salt: str = Field(DEFAULT_EXPERIMENT_SALT, description="Salt of the key split: a new salt reshuffles every key.")
+    name: str = Field("", description='Name of the experiment; "": "A-vs-B".')
 
     def experiment(self) -> Experiment | None:
         """The experiment, or None when it is off; ``SettingError`` naming the variable when it is malformed."""
@@ -151,14 +162,14 @@ def experiment_fields(environ: Mapping[str, str] | None = None) -> dict[str, dg.
 class AppDatabaseResource(dg.ConfigurableResource):
     """Our own tables (``PRECOMPUTE_APP_DB_URL``), beside Dagster's database."""
 
-    url: str
+    url: str = Field(description="PostgreSQL URL of the application database (PRECOMPUTE_APP_DB_URL).")
 
 
 class DocumentStoreResource(dg.ConfigurableResource):
     """The documents table of the application database."""
 
-    url: str
-    table: str = "documents"
+    url: str = Field(description="PostgreSQL URL of the application database (PRECOMPUTE_APP_DB_URL).")
+    table: str = Field("documents", description="The documents table.")
 
     def store(self) -> DocumentStore:
         store = DocumentStore(self.url, table=self.table)
@@ -170,8 +181,8 @@ class CampaignRegistryResource(dg.ConfigurableResource):
     """The campaign registry of the application database; campaigns launching within ``warming_horizon_hours``
     are warmed (the ``campaign_launch_sensor`` and its backstop look that far ahead)."""
 
-    url: str
-    warming_horizon_hours: float = 24.0
+    url: str = Field(description="PostgreSQL URL of the application database (PRECOMPUTE_APP_DB_URL).")
+    warming_horizon_hours: float = Field(24.0, description="Campaigns launching within this many hours are warmed.")
 
     @property
     def warming_horizon(self) -> timedelta:
