@@ -109,6 +109,19 @@ def test_daily_precompute_fires_at_two_for_yesterday_and_skips_otherwise():
     assert not _precompute(datetime(2026, 11, 20, 14, tzinfo=tz)).run_requests
 
 
+def test_daily_precompute_skips_the_day_before_the_first_partition():
+    """On a deployment's first night, yesterday is no partition: the tick says so instead of waiting for its logs."""
+    schedule = {s.name: s for s in build_schedules(Partitions("UTC", "2026-11-20"))}["daily_precompute"]
+    moment = datetime(2026, 11, 20, 2, tzinfo=ZoneInfo("UTC"))
+    with (
+        dg.instance_for_test() as instance,
+        dg.build_schedule_context(instance, scheduled_execution_time=moment) as context,
+    ):
+        first_night = schedule.evaluate_tick(context)
+    assert not first_night.run_requests
+    assert first_night.skip_message == "2026-11-19 is before the first partition (2026-11-20)"
+
+
 def test_daily_precompute_on_dst_days():
     tz = ZoneInfo("America/New_York")
     schedule = {s.name: s for s in build_schedules(Partitions("America/New_York"))}["daily_precompute"]

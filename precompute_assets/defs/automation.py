@@ -153,6 +153,9 @@ def build_schedules(partitions: Partitions) -> list:
     def daily_precompute(context: dg.ScheduleEvaluationContext):
         instance = context.instance if context.instance_ref is not None else None
         request = precompute_request(context.scheduled_execution_time, offpeak_start_hour(instance), timezone)
+        if isinstance(request, dg.RunRequest) and request.partition_key < partitions.start:
+            # The first night of a deployment: yesterday is no partition, and its logs will never come.
+            return dg.SkipReason(f"{request.partition_key} is before the first partition ({partitions.start})")
         if instance is not None and isinstance(request, dg.RunRequest):
             missing = missing_log_hours(instance, partitions.hours_of(request.partition_key))
             if missing:
