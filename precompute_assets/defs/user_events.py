@@ -221,7 +221,10 @@ def next_action_model(
     uri = model_store.store().save(
         NEXT_ACTION_MODEL, version, model, {"metrics": metrics, "baselines": baselines}, overwrite=True
     )
-    context.log.info(f"trained {version}: {metrics} vs {baselines}")
+    context.log.info(
+        f"trained {version} on {len(train):,} rows of {len(events):,} events ({len(valid):,} held back): top-1 "
+        f"{metrics['top1']:.3f}, top-3 {metrics['top3']:.3f}, {check.description}"
+    )
     baseline_metadata = {f"{name}_{m}": value for name, ms in baselines.items() for m, value in ms.items()}
     return dg.MaterializeResult(
         metadata={

@@ -129,6 +129,21 @@ def test_next_action_model_beats_its_baselines_and_is_approved(tmp_path, pg_inst
     assert isinstance(model, NextActionModel)
 
 
+def test_the_run_log_says_what_next_action_model_trained_on_in_numbers(tmp_path, pg_instance):
+    lake_uri = str(tmp_path / "lake")
+    n = write_user_event_lake(Lake(lake_uri), DEFAULT_PARTITIONS.days_ending(DAY, 7))
+    config = {"ops": {NEXT_ACTION_MODEL: {"config": {"training_days": 7, "n_estimators": 20}}}}
+    res = {"lake": LakeResource(base_uri=lake_uri), "model_store": ModelStoreResource(root=str(tmp_path / "models"))}
+    result = dg.materialize([next_action_model], resources=res, partition_key=DAY, instance=pg_instance,
+                            run_config=config)  # fmt: skip
+    meta = result.asset_materializations_for_node(NEXT_ACTION_MODEL)[0].metadata
+    (line,) = [e.user_message for e in pg_instance.all_logs(result.run_id) if e.user_message.startswith("trained ")]
+    assert (
+        f"on {meta['training_rows'].value:,} rows of {n:,} events ({meta['validation_rows'].value:,} held back)" in line
+    )
+    assert f"top-1 {meta['top1'].value:.3f}, top-3 {meta['top3'].value:.3f}, log-loss " in line and "{" not in line
+
+
 def test_without_enough_events_no_model_is_approved(tmp_path, pg_instance):
     res = {"lake": LakeResource(base_uri=str(tmp_path / "lake")), "model_store": ModelStoreResource(root=str(tmp_path))}
     result = dg.materialize([next_action_model], resources=res, partition_key=DAY, instance=pg_instance,
