@@ -357,11 +357,11 @@ def shards_adjusted(rates: dict, rate: float, kept: int, counted: int) -> dict:
     """The ``hit_rate_*`` entries of a replay of a ``sample_trace`` (``kept`` counted requests) adjusted as SHARDS-adj
     does: a sample holds ``rate * counted`` requests of the whole trace's ``counted`` only on average, and the
     difference comes mostly from the few hottest keys, kept or not; so it is counted as hits (or, for a surplus,
-    taken from them). Without it a sample that happens to miss the hottest key reads far too low."""
+    taken from them, never below none). Without it a sample that happens to miss the hottest key reads far too low."""
     expected = rate * counted
     if not (expected > 0 and kept):
         return dict(rates)
-    return {name: (value * kept + expected - kept) / expected for name, value in rates.items()}
+    return {name: max(0.0, (value * kept + expected - kept) / expected) for name, value in rates.items()}
 
 
 def sampled_size(keys: int, rate: float) -> int:

@@ -1587,6 +1587,19 @@ def test_a_shards_sample_estimates_the_whole_traces_hit_rates_once_adjusted():
     assert shards_adjusted(raw, 0.1, 0, whole["requests"]) == raw
 
 
+def test_a_shards_sample_with_more_requests_than_its_rate_never_reports_a_negative_hit_rate():
+    """A surplus of requests is taken from the hits; where it exceeds them (keys asked for once, a surplus of them
+    sampled) the rate is 0, never below: the adjustment once printed -0.02 for LRU on a trace of unique keys."""
+    assert shards_adjusted({"hit_rate_lru": 0.0, "hit_rate_ours": 0.5}, 0.5, 110, 200) == {
+        "hit_rate_lru": 0.0,
+        "hit_rate_ours": pytest.approx(0.45),
+    }
+    days = [np.arange(d * 100_000, d * 100_000 + 20_000) for d in range(4)]  # every request a new key
+    choice = tune_share(days, 1000, max_requests=5000)
+    assert choice.sample_rate < 1 and choice.share == 0
+    assert min(choice.hit_rates.values()) >= 0.0, choice.hit_rates
+
+
 @pytest.mark.parametrize("admission", [None, "probation"])
 def test_tune_share_on_a_sample_of_a_long_history_chooses_what_the_whole_history_chooses(admission):
     rng = np.random.default_rng(8)
