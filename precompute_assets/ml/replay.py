@@ -881,9 +881,12 @@ def tune_share(
         raise ValueError(f"warmup_days must be at least 0, got {warmup_days}")
     if ranked is not None and len(ranked) != len(day_keys):
         raise ValueError(f"ranked needs one list per day ({len(day_keys)}), got {len(ranked)}")
+    if sampled is not None and (len(sampled[1]) != len(day_keys) or not 0 < sampled[0] <= 1):
+        raise ValueError(f"sampled needs a rate in (0, 1] and {len(day_keys)} day counts, got {sampled}")
     total = sum(len(day) for day in day_keys)
-    if not day_keys or total == 0:
-        return ShareChoice(0, capacity, {n: 0.0 for n in share_candidates(capacity)}, 0)
+    if not day_keys or total == 0:  # a sample may hold nothing of days that held requests: it still says so
+        requests, rate = (sum(sampled[1][warmup_days:]), sampled[0]) if sampled is not None else (0, 1.0)
+        return ShareChoice(0, capacity, {n: 0.0 for n in share_candidates(capacity)}, requests, rate)
     days, keys = _as_codes(day_keys)
     if ranked is None:
         ranking = _ranked_keys(days, limit=capacity, half_life_days=half_life_days)
@@ -891,8 +894,6 @@ def tune_share(
         ranking = [_ranked_codes(given, keys)[:capacity] for given in ranked]
     if sampled is not None:
         rate, whole_days = sampled
-        if len(whole_days) != len(day_keys) or not 0 < rate <= 1:
-            raise ValueError(f"sampled needs a rate in (0, 1] and {len(day_keys)} day counts, got {sampled}")
         requests = sum(whole_days[warmup_days:])
     else:
         requests = sum(len(day) for day in days[warmup_days:])

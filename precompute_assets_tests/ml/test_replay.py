@@ -15,6 +15,7 @@ import pytest
 
 from precompute_assets.ml.replay import (
     ORACLE_GENERAL,
+    ShareChoice,
     Trace,
     TraceError,
     admission_decisions,
@@ -1619,3 +1620,14 @@ def test_tune_share_on_a_sample_of_a_long_history_chooses_what_the_whole_history
     assert tune_share(days, 160, max_requests=1000).sample_rate == pytest.approx(0.1)  # 16 of 160 keys
     with pytest.raises(ValueError, match="max_requests"):
         tune_share(days, 4000, max_requests=0)
+
+
+def test_tune_share_on_a_sample_that_kept_no_request_still_reports_the_whole_days_and_the_rate():
+    """A SHARDS sample of a short history (a small share_max_requests) may keep no key at all: the share is 0, but
+    the requests are still the whole counted days' and the rate the sample's; they read 0 requests replayed whole."""
+    empty = [np.array([], dtype=object)] * 3
+    choice = tune_share(empty, 400, sampled=(0.05, [100, 200, 300]))
+    assert (choice.share, choice.requests, choice.sample_rate) == (0, 500, 0.05)
+    assert tune_share(empty, 400) == ShareChoice(0, 400, {n: 0.0 for n in share_candidates(400)}, 0, 1.0)
+    with pytest.raises(ValueError, match="sampled needs"):
+        tune_share(empty, 400, sampled=(0.05, [100, 200]))
