@@ -34,6 +34,7 @@ DEFAULT_RECOMPUTE_LOCK_MS = 1000
 DEFAULT_LOCK_POLL_S = 0.005
 
 log = logging.getLogger(__name__)
+FAILED_EARLY_LOG_EVERY_S = 60.0  # a failing model fails every due hit's early recomputation: one warning a minute
 
 
 def live_delta_key(schema: KeySchema, kind: str, key: str) -> str:
@@ -95,7 +96,8 @@ class PredictionCache:
     experiment.
 
     ``get_or_compute`` protects hot live values from stampedes (the XFetch rule and a short recompute lock, see
-    its docstring); ``computes``, ``early_recomputes``, ``lock_waits`` and ``refused`` count what that did.
+    its docstring); ``computes``, ``early_recomputes`` (``failed_early_recomputes`` of them raised), ``lock_waits``
+    and ``refused`` count what that did.
 
     Kinds and keys are checked first (``keys.check_kind``, ``keys.check_key``): a malformed one raises
     ``ValueError`` before anything is read or stored.
@@ -143,6 +145,8 @@ class PredictionCache:
         self.lock_poll_s = lock_poll_s
         self.computes = 0  # calls of get_or_compute's compute
         self.early_recomputes = 0  # of them, XFetch recomputations of a value that was still there
+        self.failed_early_recomputes = 0  # of those, the ones whose compute raised (the value read was served)
+        self._failed_early_logged_at = -math.inf
         self.lock_waits = 0  # misses served with the value another reader computed while holding the lock
         self.refused = 0  # NOPERM on PTTL / the delta or lock keys: XFetch and the lock are then off for this client
         self._stampede_refused = False
@@ -249,8 +253,7 @@ class PredictionCache:
                     try:
                         return self._compute_and_store(kind, key, compute, policy, None, locked=lock is True)
                     except Exception:  # the value read is still valid: a failed early recomputation serves it
-                        log.warning("early recomputation of %s %r failed; served the cached value", kind, key,
-                                    exc_info=True)  # fmt: skip
+                        self._failed_early(kind, key)
             return cached
         if decision is None or not self._available():
             self.computes += 1
@@ -535,6 +538,17 @@ class PredictionCache:
         except (ValueError, TypeError, struct.error):
             self.errors += 1
             return None
+
+    def _failed_early(self, kind: str, key: str) -> None:
+        """Count an early recomputation whose compute raised; warn, with its traceback, at most once a minute."""
+        self.failed_early_recomputes += 1
+        now = time.monotonic()
+        if now - self._failed_early_logged_at >= FAILED_EARLY_LOG_EVERY_S:
+            self._failed_early_logged_at = now
+            log.warning(
+                "early recomputation of %s %r failed (%d so far; served the cached value)",
+                kind, key, self.failed_early_recomputes, exc_info=True,
+            )  # fmt: skip
 
     def _available(self) -> bool:
         return time.monotonic() >= self._retry_at

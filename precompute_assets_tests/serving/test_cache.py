@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
@@ -368,7 +369,7 @@ def test_a_value_near_expiry_is_recomputed_early_by_the_lock_holder_only(redis_u
     assert calls == ["k"] and cache.early_recomputes == 1
 
 
-def test_an_early_recomputation_that_raises_serves_the_cached_value(redis_url, redis_client, schema):
+def test_an_early_recomputation_that_raises_serves_the_cached_value(redis_url, redis_client, schema, caplog):
     """XFetch recomputes a hit early: when that compute raises (the model is down), the value read is still valid
     and is what the caller gets; it once got the exception, which a hit never raises without XFetch."""
     from precompute_assets.serving.cache import live_delta_key, recompute_lock_key
@@ -383,10 +384,15 @@ def test_an_early_recomputation_that_raises_serves_the_cached_value(redis_url, r
     def down(key: str) -> dict:
         raise RuntimeError("model down")
 
-    assert cache.get_or_compute("rank", "k", down) == {"v": 1}
-    assert cache.early_recomputes == 1 and cache.computes == 2
-    time.sleep(0.01)
-    assert redis_client.get(recompute_lock_key(schema, "rank", "k")) is None  # released for the next reader
+    with caplog.at_level(logging.WARNING, logger="precompute_assets.serving.cache"):
+        assert cache.get_or_compute("rank", "k", down) == {"v": 1}
+        assert cache.early_recomputes == 1 and cache.computes == 2 and cache.failed_early_recomputes == 1
+        time.sleep(0.01)
+        assert redis_client.get(recompute_lock_key(schema, "rank", "k")) is None  # released for the next reader
+        assert cache.get_or_compute("rank", "k", down) == {"v": 1}  # due again, fails again: counted, not logged
+        assert cache.failed_early_recomputes == 2
+    warnings = [record for record in caplog.records if "early recomputation" in record.getMessage()]
+    assert len(warnings) == 1 and warnings[0].exc_info is not None  # a model outage is one warning a minute
     with pytest.raises(RuntimeError):  # a miss has no value to serve: its compute's error is the caller's
         cache.get_or_compute("rank", "gone", down)
 
