@@ -67,8 +67,9 @@ class TopAdsConfig(SelectionConfig):
     )
     share_max_requests: int = Field(
         5_000_000,
-        description="A longer logged history is replayed on a SHARDS sample of its keys holding about this many "
-        "requests (capacity scaled alike), for precompute_share auto.",
+        description="A logged history longer than this (rows of every kind, from the hour files' metadata) is "
+        "replayed on a SHARDS sample of its keys holding about this many (capacity scaled alike), for "
+        "precompute_share auto.",
     )
 
 

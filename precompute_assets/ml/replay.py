@@ -345,12 +345,15 @@ def shards_keep(keys: np.ndarray, rate: float) -> np.ndarray:
     return pd.util.hash_array(np.asarray(keys), categorize=True) < threshold
 
 
+SAMPLED_CACHE_MIN = 16  # keys a sampled cache keeps at least (and the self-tuned share's 7 candidates stay distinct)
+
+
 def shards_rate(requests: int, max_requests: int | None, capacity: int) -> float:
     """The ``sample_trace`` rate at which ``requests`` shrink to about ``max_requests`` (1: no bound, or within it),
-    never so low that a cache of ``capacity`` keys scales below 16 (``sampled_size``)."""
+    never so low that a cache of ``capacity`` keys scales below ``SAMPLED_CACHE_MIN`` (``sampled_size``)."""
     if max_requests is None or requests <= max_requests:
         return 1.0
-    return min(1.0, max(max_requests / requests, 16 / capacity))
+    return min(1.0, max(max_requests / requests, SAMPLED_CACHE_MIN / capacity))
 
 
 def shards_adjusted(rates: dict, rate: float, kept: int, counted: int) -> dict:

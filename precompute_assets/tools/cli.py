@@ -645,7 +645,7 @@ def _replay_stages(
 def _sampled(trace, args: argparse.Namespace) -> tuple[Any, dict, argparse.Namespace]:
     """``replay``'s ``--sample``: the trace's SHARDS sample, what was kept (and the whole trace's counted requests,
     for ``shards_adjusted``), and the arguments with the capacity and a fixed top-n scaled to it."""
-    from ..ml.replay import sample_trace, sampled_size, split_days
+    from ..ml.replay import SAMPLED_CACHE_MIN, sample_trace, sampled_size, split_days
 
     sampled = sample_trace(trace, args.sample)
     if len(sampled.keys) < args.days:
@@ -653,8 +653,13 @@ def _sampled(trace, args: argparse.Namespace) -> tuple[Any, dict, argparse.Names
             f"--sample {args.sample} kept {len(sampled.keys):,} of the {len(trace.keys):,} requests, fewer than "
             f"--days {args.days}: use a larger rate"
         )
+    if (capacity := sampled_size(args.capacity, args.sample)) < SAMPLED_CACHE_MIN:
+        raise CliError(
+            f"--sample {args.sample} scales --capacity {args.capacity} to {capacity} keys, too few to model a cache: "
+            f"use a rate of at least {SAMPLED_CACHE_MIN / args.capacity:.3g}, or no --sample"
+        )
     top_n = args.top_n if args.top_n == "auto" else sampled_size(args.top_n, args.sample)
-    scaled = argparse.Namespace(**{**vars(args), "capacity": sampled_size(args.capacity, args.sample), "top_n": top_n})
+    scaled = argparse.Namespace(**{**vars(args), "capacity": capacity, "top_n": top_n})
     kept = {
         "rate": args.sample,
         "requests_read": len(trace.keys),

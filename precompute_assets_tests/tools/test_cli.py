@@ -54,6 +54,11 @@ def test_replay_of_a_sample_scales_the_cache_and_adjusts_the_rates_it_reports(tm
         ("0", "--sample must be above 0 and at most 1, got 0.0"),
         ("nan", "--sample must be above 0 and at most 1, got nan"),
         ("1e-9", "--sample 1e-09 kept 0 of the 40,000 requests, fewer than --days 4: use a larger rate"),
+        (
+            "0.01",
+            "--sample 0.01 scales --capacity 1000 to 10 keys, too few to model a cache: use a rate of at least "
+            "0.016, or no --sample",
+        ),
     ):
         assert main([*base, "--sample", bad]) == 2
         err = capsys.readouterr().err
