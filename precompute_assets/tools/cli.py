@@ -551,7 +551,7 @@ def _replay_stages(
     args: argparse.Namespace, stage: _Stages, strategies: list[str], arms, learned: bool, train_days: int
 ) -> int:
     """``replay``'s work once its arguments are checked, announcing each stage to ``stage``."""
-    from ..ml.replay import logged_hit_rate, replay, shards_adjusted, split_days, trace_notes
+    from ..ml.replay import logged_hit_rate, replay, shards_adjusted, shards_keep, split_days, trace_notes
 
     stage("reading the trace")
     trace = read_trace(args.trace, args)
@@ -561,7 +561,9 @@ def _replay_stages(
     if args.sample < 1:
         trace, sample, args = _sampled(trace, args)
     try:
-        day_keys = split_days(trace, args.days)
+        day_keys = split_days(whole, args.days)
+        if sample is not None:  # the sample's requests within the whole trace's days, so both count the same days
+            day_keys = [day[shards_keep(day, args.sample)] for day in day_keys]
         notes = trace_notes(trace, day_keys, key_chosen=args.key_field is not None)
         for note in notes:
             print(f"precompute replay: warning: {note}", file=sys.stderr)

@@ -67,6 +67,23 @@ def test_replay_of_a_sample_scales_the_cache_and_adjusts_the_rates_it_reports(tm
     assert "not with --strategy, --ab or --next-key" in capsys.readouterr().err
 
 
+def test_replay_of_a_sample_counts_the_whole_traces_days(tmp_path, capsys):
+    """Days are the whole trace's equal time spans, not the sample's: its first and last requests may be of keys
+    the sample drops, which would stretch or shrink every day of the sample's own span."""
+    from precompute_assets.ml.replay import shards_keep
+
+    names = np.array([f"k{i}" for i in range(400)], dtype=object)
+    kept, dropped = names[shards_keep(names, 0.5)], names[~shards_keep(names, 0.5)]
+    rows = [(0, dropped[0])] + [(10 + t, kept[t % 50]) for t in range(80)] + [(200, dropped[1])]
+    trace = tmp_path / "trace.csv"
+    trace.write_text("".join(f"{t},{key}\n" for t, key in rows))
+    argv = ["replay", "--trace", str(trace), "--days", "2", "--top-n", "0", "--capacity", "64", "--sample", "0.5"]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["requests_per_day"] == [80, 0]  # all of the kept keys' requests fall in the first 100 s
+    assert result["sample"]["requests_counted"] == 1
+
+
 def test_replay_takes_a_csv_trace_with_a_header_and_more_columns_as_its_keys_alone(tmp_path, capsys):
     rng = np.random.default_rng(1)
     keys = np.minimum(rng.zipf(1.3, 4000), 500)
