@@ -21,6 +21,7 @@ from .tables import QUERY_LOGS
 
 IMPORTED = "import:"  # the stream_id prefix of imported rows
 EPOCH_2000_S = 946_684_800  # an absolute timestamp is after 2000-01-01; smaller ones count from a trace's start
+EPOCH_2200_S = 7_258_118_400
 
 
 class HourFrames(Mapping[str, pd.DataFrame]):
@@ -62,7 +63,9 @@ def outside_share(rows: HourRows, requests: int) -> float:
     return sum(rows.quarantined[reason] for reason in OUTSIDE) / requests if requests else 0.0
 
 
-TIME_UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "ns": 1e-9}
+TIME_UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "ns": 1e-9, "filetime": 1e-7}
+# Windows file times (MSR Cambridge's traces): 100 ns ticks since 1601-01-01, this many seconds before 1970
+FILETIME_EPOCH_S = 11_644_473_600
 # "auto": the unit that puts the largest absolute timestamp after 2000 in seconds (1e9 s is 2001, 1e11 s the year 5138)
 _AUTO_LIMITS = ((1e17, "ns"), (1e14, "us"), (1e11, "ms"))
 
@@ -74,9 +77,17 @@ def time_unit(timestamps: np.ndarray) -> str:
 
 
 def epoch_seconds(timestamps: np.ndarray, unit: str = "auto") -> np.ndarray:
-    """``timestamps`` in ``unit`` (``TIME_UNITS``, or ``"auto"``: ``time_unit``) as float64 seconds."""
+    """``timestamps`` in ``unit`` (``TIME_UNITS``, or ``"auto"``: ``time_unit``) as float64 seconds since 1970."""
     values = np.asarray(timestamps, dtype=np.float64)
-    return values * TIME_UNITS[time_unit(values) if unit == "auto" else unit]
+    seconds = values * TIME_UNITS[time_unit(values) if unit == "auto" else unit]
+    return seconds - FILETIME_EPOCH_S if unit == "filetime" else seconds
+
+
+def looks_like_filetime(timestamps: np.ndarray) -> bool:
+    """Whether ``timestamps`` are Windows file times from 2000 to 2200 (which ``"auto"`` reads as ns before 2000)."""
+    seconds = epoch_seconds(timestamps, "filetime")
+    seconds = seconds[np.isfinite(seconds)]
+    return bool(len(seconds)) and seconds.min() >= EPOCH_2000_S and seconds.max() < EPOCH_2200_S
 
 
 def is_relative(seconds: np.ndarray) -> bool:

@@ -862,6 +862,7 @@ def cmd_query_logs(args: argparse.Namespace) -> int:
         hour_rows,
         is_imported,
         is_relative,
+        looks_like_filetime,
         merge_hour,
         other_kinds_imported,
     )
@@ -881,6 +882,9 @@ def cmd_query_logs(args: argparse.Namespace) -> int:
     if trace.timestamps is None:
         raise CliError(f"{args.file}: the requests have no timestamps (name their field with --time-field)")
     seconds = epoch_seconds(trace.timestamps, args.time_unit)
+    if args.time_unit == "auto" and is_relative(seconds) and looks_like_filetime(trace.timestamps):
+        raise CliError(f"{args.file}: the timestamps look like Windows file times (100 ns since 1601, as in MSR "
+                       "Cambridge's traces): give --time-unit filetime; nothing was written")  # fmt: skip
     if start is not None and args.time_unit == "auto" and is_relative(seconds):
         # Their size cannot tell: 3919 is an hour in seconds and 4 seconds in milliseconds.
         raise CliError(f"{args.file}: timestamps relative to the trace's start need --time-unit (s, ms, us or ns): "
@@ -1189,10 +1193,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     importing.add_argument(
         "--time-unit",
-        choices=["auto", "s", "ms", "us", "ns"],
+        choices=["auto", "s", "ms", "us", "ns", "filetime"],
         default="auto",
         help="of numeric timestamps (ISO 8601 and Parquet timestamps are exact); auto: by size, for epoch "
-        "timestamps only: relative ones (with --start) must name their unit",
+        "timestamps only: relative ones (with --start) must name their unit; filetime: Windows file times (100 ns "
+        "since 1601, MSR Cambridge's traces)",
     )
     add_trace_options(importing)
     query_logs.set_defaults(fn=cmd_query_logs)

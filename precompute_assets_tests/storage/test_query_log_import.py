@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 
 from precompute_assets.defs.partitions import Partitions
-from precompute_assets.storage.query_log_import import IMPORTED, epoch_seconds, hour_rows, is_imported, is_relative
+from precompute_assets.storage.query_log_import import (
+    IMPORTED,
+    epoch_seconds,
+    hour_rows,
+    is_imported,
+    is_relative,
+    looks_like_filetime,
+)
 
 
 @pytest.mark.parametrize(
@@ -20,10 +27,16 @@ from precompute_assets.storage.query_log_import import IMPORTED, epoch_seconds, 
         (1_764_000_000_123_456, "auto", 1_764_000_000.123456),
         (1_764_000_000_123_456_789, "auto", 1_764_000_000.123456789),
         (90_000, "ms", 90.0),  # relative milliseconds: auto would read seconds, so the unit is told
+        (128_166_372_000_000_000, "filetime", 1_172_163_600),  # MSR Cambridge: 100 ns since 1601, 2007-02-22
     ],
 )
 def test_epoch_seconds_reads_the_unit_by_size_or_as_told(value, unit, seconds) -> None:
     assert epoch_seconds(np.array([value, value]), unit)[0] == pytest.approx(seconds, abs=1e-3)
+
+
+def test_windows_file_times_are_recognised() -> None:
+    assert looks_like_filetime(np.array([128_166_372_000_000_000, 128_173_000_000_000_000]))
+    assert not looks_like_filetime(np.array([1_764_000_000_123_456_789])) and not looks_like_filetime(np.array([5.0]))
 
 
 def test_relative_timestamps_are_recognised() -> None:

@@ -17,7 +17,7 @@ import pytest
 
 from precompute_assets.ml.replay import ORACLE_GENERAL
 from precompute_assets.stack import Stack, reachable
-from precompute_assets.tools.cli import dagster_instance, main
+from precompute_assets.tools.cli import CliError, dagster_instance, main
 
 
 def test_replay_prints_one_json_object_with_the_five_rates(tmp_path, capsys):
@@ -813,6 +813,31 @@ def test_query_logs_import_refuses_misplaced_timestamps_before_writing(tmp_path,
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and expected in err and "nothing was written" in err, err
         assert not (tmp_path / "lake").exists() and not (tmp_path / "home").exists()
+
+
+def test_query_logs_import_names_windows_file_times_and_reads_them(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("PRECOMPUTE_LAKE_URI", str(tmp_path / "lake"))
+    monkeypatch.setenv("PRECOMPUTE_TIMEZONE", "UTC")
+    trace = tmp_path / "msr.csv"  # MSR Cambridge's layout: 100 ns ticks since 1601, 2 days from 2007-02-22
+    trace.write_text(
+        "".join(f"{128166372000000000 + i * 17_280_000_000},hm,0,Read,{i % 7},4096,10\n" for i in range(100))
+    )
+    for argv in ([], ["--start", "2026-02-03"]):
+        assert main(["query-logs", "import", str(trace), "--key-field", "5", *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "give --time-unit filetime" in err, err
+    seen = {}
+
+    def placed(args, rows, *_) -> None:  # stop before the stack is needed
+        seen["rows"] = rows
+        raise CliError("placed")
+
+    monkeypatch.setattr("precompute_assets.tools.cli.check_placement", placed)
+    argv = ["query-logs", "import", str(trace), "--key-field", "5", "--start", "2026-02-03", "--time-unit", "filetime"]
+    assert main(argv) == 2 and "placed" in capsys.readouterr().err
+    hours = sorted(seen["rows"].frames)  # two days, not the 2 hours that ns (or 20 days that us) would make of them
+    assert (hours[0], hours[-1], len(hours)) == ("2026-02-03-00:00", "2026-02-04-23:00", 48)
 
 
 def test_a_failing_replay_stops_its_processes_instead_of_waiting_for_them():
