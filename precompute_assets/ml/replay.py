@@ -218,6 +218,9 @@ def parse_trace(
         line_no = text.count("\n", 0, bad.start()) + first_line
         line = text[bad.start() :].partition("\n")[0]
         raise TraceError(f"line {line_no}: {_line_problem(line, kind, header=header is not None)}")
+    number = None if where is None else _field_number(where[0], header, fields, "--where")
+    kept = None if where is None or number is None else _kept_lines(every_field, number, fields, where[1])
+    del every_field  # the file's whole text: not held through the parse of the keys
     # Every line is valid, so whitespace only pads fields and can go before the fast parsers run.
     clean = text.replace(" ", "").replace("\t", "")
     if _ODD_SPACE.search(clean):
@@ -238,9 +241,7 @@ def parse_trace(
         if len(infinite):
             field = text.split("\n")[int(infinite[0])].split(",")[0].strip()
             raise TraceError(f"line {int(infinite[0]) + first_line}: timestamp {field!r} is not a finite number")
-    if where is not None:
-        number = _field_number(where[0], header, fields, "--where")
-        kept = _kept_lines(every_field, number, fields, where[1])
+    if where is not None and kept is not None:
         if not kept.any():
             raise TraceError(f"no line has field {number} in {sorted(where[1])}")
         keys, timestamps = keys[kept], None if timestamps is None else timestamps[kept]
@@ -252,10 +253,11 @@ def _kept_lines(text: str, field: int, fields: int, values: Collection[str]) -> 
     """Whether each line's ``field`` (1-based, padding stripped) is one of ``values``; every line has ``fields``
     fields (one: the line is the key, commas and all)."""
     if fields == 1:
-        found = text.split("\n")
-    else:
-        found = re.findall(r"^" + r"[^,\n]*," * (field - 1) + r"([^,\n]*)", text, flags=re.MULTILINE)
-    return pd.Series(found, dtype=object).str.strip().isin(set(values)).to_numpy()
+        return pd.Series(text.split("\n"), dtype=object).str.strip().isin(set(values)).to_numpy()
+    # A category per distinct value, not a string per line: the lines of a big trace would outweigh its keys.
+    found = pd.read_csv(_utf8(text), header=None, usecols=[field - 1], dtype="category", na_filter=False,
+                        quoting=csv.QUOTE_NONE, skip_blank_lines=False).iloc[:, 0]  # fmt: skip
+    return found.cat.categories.str.strip().isin(set(values))[found.cat.codes.to_numpy()]
 
 
 def _select_columns(
