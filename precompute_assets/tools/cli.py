@@ -593,7 +593,9 @@ def _replay_stages(
             result = replayed.result() if replayed else replay(day_keys, **policies)
             if sample is not None:
                 rates = {name: value for name, value in result.items() if name.startswith("hit_rate_")}
-                result.update(shards_adjusted(rates, args.sample, result["requests"], sample["requests_counted"]))
+                # the shortfall counts as hits of the hottest keys: not for a static top-N that holds no key
+                adjusted = {n: r for n, r in rates.items() if not (n == "hit_rate_static_top_n" and args.top_n == 0)}
+                result.update(shards_adjusted(adjusted, args.sample, result["requests"], sample["requests_counted"]))
                 sample["hit_rates_unadjusted"] = rates
             if whole.logged_hits is not None:  # what the serving client saw on the same counted requests
                 result["hit_rate_logged"] = logged_hit_rate(whole, args.days)

@@ -50,6 +50,10 @@ def test_replay_of_a_sample_scales_the_cache_and_adjusts_the_rates_it_reports(tm
         expected = 0.2 * 30_000
         assert result[name] == pytest.approx((raw * result["requests"] + expected - result["requests"]) / expected)
     assert abs(result["hit_rate_lru"] - whole["hit_rate_lru"]) < 0.03
+    assert result["requests"] < 0.2 * 30_000  # a shortfall, counted as hits, but not of a static top-N of no key
+    assert main([*base[:6], "0", *base[7:], "--sample", "0.2"]) == 0
+    nothing = json.loads(capsys.readouterr().out)
+    assert nothing["hit_rate_static_top_n"] == 0 and nothing["hit_rate_lru"] == result["hit_rate_lru"]
     for bad, says in (
         ("0", "--sample must be above 0 and at most 1, got 0.0"),
         ("nan", "--sample must be above 0 and at most 1, got nan"),
