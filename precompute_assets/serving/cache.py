@@ -13,7 +13,16 @@ from typing import Any
 import redis
 
 from .admission import AdmissionPolicy, Decision, admission_policy
-from .connection import REDIS_ERRORS, cluster_send, connect, is_cluster, key_slot, routing_key, send_pipelined
+from .connection import (
+    REDIS_ERRORS,
+    PendingCluster,
+    cluster_send,
+    connect,
+    is_cluster,
+    key_slot,
+    routing_key,
+    send_pipelined,
+)
 from .events import EventLogger
 from .keys import (
     EMBEDDING_KIND,
@@ -173,15 +182,20 @@ class PredictionCache:
         **options: Any,
     ) -> PredictionCache:
         """A cache on ``url``; query and event logging use connections of their own so they never queue behind
-        lookups."""
+        lookups. A Redis Cluster none of whose nodes answers yet is no error: lookups are misses until one does
+        (``connection.PendingCluster``), as on a single server that is down."""
         schema = KeySchema(namespace)
-        client = connect(url, socket_timeout=socket_timeout)
+        client = connect(url, socket_timeout=socket_timeout, pending=True)
         logger = (
-            QueryLogger(connect(url, socket_timeout=max(socket_timeout, 1.0)), schema, clock=clock)
+            QueryLogger(connect(url, socket_timeout=max(socket_timeout, 1.0), pending=True), schema, clock=clock)
             if log_queries
             else None
         )
-        events = EventLogger(connect(url, socket_timeout=max(socket_timeout, 1.0)), schema) if log_events else None
+        events = (
+            EventLogger(connect(url, socket_timeout=max(socket_timeout, 1.0), pending=True), schema)
+            if log_events
+            else None
+        )
         return cls(client, schema=schema, logger=logger, events=events, **options)
 
     # --- public API -----------------------------------------------------------------------------------
@@ -575,7 +589,10 @@ class PredictionCache:
         """Run single-key ``commands`` on a cluster (``connection.cluster_send``: one round trip, every master in
         parallel). Replies come back in order; an error reply is ``FAILED``, and so is every command of a master
         that fails or is backing off (it then backs off for ``backoff_s``: its keys are misses without touching
-        the network, while the other masters keep answering)."""
+        the network, while the other masters keep answering). Before any node answered (``from_url``) every
+        command is ``FAILED``: the client is built at most once per ``backoff_s`` (``_start_cluster``)."""
+        if isinstance(self.client, PendingCluster) and not self._start_cluster():
+            return [FAILED] * len(commands)
         now = time.monotonic()
         replies: list[Any] = [FAILED] * len(commands)
         nodes, chosen = [], []
@@ -603,6 +620,24 @@ class PredictionCache:
         for node in failed:
             self._node_failed(node)
         return replies
+
+    def _start_cluster(self) -> bool:
+        """Build the cluster client that no node answered for yet, unless backing off from the last attempt: a failure
+        counts as an error and backs off for ``backoff_s`` (lookups are misses, ``get_or_compute`` computes live)."""
+        pending = self.client
+        if not self._available():
+            return False
+        try:
+            client = pending.start()
+        except REDIS_ERRORS:
+            self.errors += 1
+            self._retry_at = time.monotonic() + self.backoff_s
+            return False
+        if self.client is pending:
+            self.client = client
+        else:  # another thread built it first
+            client.close()
+        return True
 
     def _node_failed(self, name: str) -> None:
         self.errors += 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
+from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis
@@ -55,10 +56,28 @@ def is_cluster_url(url: str) -> bool:
 
 
 def is_cluster(client: object) -> bool:
-    """Whether ``client`` is a Redis Cluster client (a cluster has no single connection pool)."""
+    """Whether ``client`` is a Redis Cluster client (a cluster has no single connection pool), or one not built yet
+    (``PendingCluster``)."""
     from redis.cluster import RedisCluster
 
-    return isinstance(client, RedisCluster)
+    return isinstance(client, RedisCluster | PendingCluster)
+
+
+class PendingCluster:
+    """The client of a Redis Cluster none of whose nodes answered when it was built (``connect(..., pending=True)``):
+    building a cluster client reads the slot map, so it cannot exist before a node answers. ``start()`` builds it
+    (raising as ``connect`` does while still no node answers); its holder swaps it in then. ``close()`` does
+    nothing."""
+
+    def __init__(self, url: str, **options: Any) -> None:
+        self.url = url
+        self.options = options
+
+    def start(self) -> redis.Redis:
+        return connect(self.url, **self.options)
+
+    def close(self) -> None:
+        pass
 
 
 def key_slot(name: bytes | str) -> int:
@@ -264,6 +283,7 @@ def connect(
     socket_timeout: float | None = 0.05,
     cluster: bool = False,
     retries: int = 0,
+    pending: bool = False,
 ) -> redis.Redis:
     """A client for ``url`` (``redis://``, ``rediss://`` with TLS, user/password for AUTH).
 
@@ -271,7 +291,9 @@ def connect(
     ``retries`` defaults to none because a serving path would rather compute live than wait twice.
     ``cluster=True`` or ``?cluster=1`` in the URL returns a ``redis.cluster.RedisCluster`` (``cluster=True`` with
     ``?cluster=0`` is a contradiction: ``ValueError``). The cluster client tolerates slots without a master (a
-    dead master and no replica): commands on the other slots still work.
+    dead master and no replica): commands on the other slots still work. Building it reads the slot map from a node:
+    when none answers it raises, unless ``pending`` (the serving client and its loggers, which must start during an
+    outage as they do on a single server): it then returns a ``PendingCluster`` to build the client later.
     """
     plain_url, in_url = split_cluster_url(url)
     if cluster and in_url is False:
@@ -291,7 +313,14 @@ def connect(
         # (and not yet replaced) that may be the dead one, so the constructor gets a few retries of its own,
         # on other nodes; then the client keeps the caller's.
         options["retry"] = Retry(NoBackoff(), max(retries, CONNECT_RETRIES))
-        client = _cluster_class().from_url(urlunsplit(parts._replace(path="")), require_full_coverage=False, **options)
+        try:
+            client = _cluster_class().from_url(
+                urlunsplit(parts._replace(path="")), require_full_coverage=False, **options
+            )
+        except REDIS_ERRORS:
+            if not pending:
+                raise
+            return PendingCluster(url, socket_timeout=socket_timeout, cluster=cluster, retries=retries)
         client.set_retry(Retry(NoBackoff(), retries))
         return client
     return redis.Redis.from_url(plain_url, **options)

@@ -78,7 +78,7 @@ class EventLogger(QueryLogger):
     @classmethod
     def from_url(cls, url: str, *, namespace: str = "pc", socket_timeout: float = 1.0, **options: Any) -> EventLogger:
         """A logger on its own connection to ``url`` (it never queues behind a service's lookups)."""
-        return cls(connect(url, socket_timeout=socket_timeout), KeySchema(namespace), **options)
+        return cls(connect(url, socket_timeout=socket_timeout, pending=True), KeySchema(namespace), **options)
 
     def record_event(self, user: str, action: str, *, entity: str | None = None, tenant: str | None = None) -> None:
         """Queue one user event; never raises, never blocks on Redis (a full buffer drops it, counted)."""

@@ -43,7 +43,7 @@ from typing import Any
 
 import redis
 
-from .connection import REDIS_ERRORS, pack_resp
+from .connection import REDIS_ERRORS, PendingCluster, pack_resp
 from .keys import ARM_PATTERN, KIND_PATTERN, VERSION_PATTERN, KeySchema
 
 MAX_KEY_LENGTH = 256
@@ -438,7 +438,15 @@ class QueryLogger:
             self._connection = None
 
     def _write_pipeline(self, batch: list) -> None:
-        """A client without a plain connection pool (a cluster): ``batch`` through its pipeline, replies at once."""
+        """A client without a plain connection pool (a cluster): ``batch`` through its pipeline, replies at once. A
+        cluster none of whose nodes answered yet (``PendingCluster``) is built first; while it cannot be, the batch
+        is dropped and the logger backs off."""
+        if isinstance(self.client, PendingCluster):
+            try:
+                self.client = self.client.start()
+            except REDIS_ERRORS:
+                self._dropped(sum(self._size(item) for item in batch))
+                return
         pipe = self.client.pipeline(transaction=False)
         commands = self._built(batch)
         for command, _ in commands:

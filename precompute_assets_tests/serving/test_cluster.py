@@ -415,6 +415,47 @@ def test_a_replica_takes_over_a_killed_master(cluster_factory):
     assert cache.get_many("ctr", keys[::50]) == [pytest.approx(0.75)] * len(keys[::50])
 
 
+def test_a_service_starts_while_no_node_of_the_cluster_answers(cluster_factory):
+    """``from_url`` on a cluster none of whose nodes answers builds the cache and its loggers (it raised
+    ``RedisClusterException``: building a cluster client reads the slot map), as on a single server that is down:
+    lookups are misses, one error per ``backoff_s``; once a node answers, the same cache serves hits."""
+    from precompute_assets.serving.events import EventLogger
+    from precompute_assets.stack import free_port
+
+    cache = PredictionCache.from_url(f"redis://127.0.0.1:{free_port()}?cluster=1", backoff_s=60)
+    assert cache.get("ctr", "ad1") is None and cache.get_or_compute("ctr", "ad1", lambda key: 0.5) == 0.5
+    assert cache.get_many("ctr", ["ad1", "ad2"]) == [None, None] and cache.errors == 1  # then it backs off
+    cache.close()
+    EventLogger.from_url(f"redis://127.0.0.1:{free_port()}?cluster=1").close()
+
+    cluster = cluster_factory()
+    schema = KeySchema(f"s{uuid.uuid4().hex[:8]}")
+    keys = [f"ad{i}" for i in range(300)]  # buckets on every master
+    publish_version(connect(cluster.url, socket_timeout=5), "ctr", "v1", [(k, 0.25) for k in keys], n_keys=300,
+                    schema=schema)  # fmt: skip
+    for server in cluster.nodes:
+        os.kill(server.pid, signal.SIGSTOP)
+    try:
+        cache = PredictionCache.from_url(
+            cluster.url, namespace=schema.namespace, socket_timeout=0.2, pointer_ttl_s=0, backoff_s=0.2
+        )
+        assert cache.get_many("ctr", keys) == [None] * len(keys) and cache.errors == 1
+        assert cache.get_or_compute("ctr", "ad1", lambda key: 0.9) == 0.9
+    finally:
+        for server in cluster.nodes:
+            os.kill(server.pid, signal.SIGCONT)
+    deadline, values = time.monotonic() + 20, []
+    while time.monotonic() < deadline:
+        values = cache.get_many("ctr", keys)
+        if all(v is not None for v in values):
+            break
+        time.sleep(0.1)
+    assert values == [pytest.approx(0.25)] * len(keys)
+    assert isinstance(cache.client, RedisCluster)
+    cache.close()
+    assert cache.logger.stats.written > 0  # the query logger built its client too
+
+
 # --- invalidation, stats and the event logger on the cluster (modules of their own; tested here on a cluster) -----
 
 
