@@ -15,6 +15,7 @@ import redis
 from .admission import AdmissionPolicy, Decision, admission_policy
 from .connection import (
     REDIS_ERRORS,
+    AskTargetError,
     PendingCluster,
     cluster_send,
     connect,
@@ -589,8 +590,10 @@ class PredictionCache:
         """Run single-key ``commands`` on a cluster (``connection.cluster_send``: one round trip, every master in
         parallel). Replies come back in order; an error reply is ``FAILED``, and so is every command of a master
         that fails or is backing off (it then backs off for ``backoff_s``: its keys are misses without touching
-        the network, while the other masters keep answering). Before any node answered (``from_url``) every
-        command is ``FAILED``: the client is built at most once per ``backoff_s`` (``_start_cluster``)."""
+        the network, while the other masters keep answering), and every command redirected by ASK to a node that
+        fails or is backing off (that node backs off, not the master that answered ASK). Before any node answered
+        (``from_url``) every command is ``FAILED``: the client is built at most once per ``backoff_s``
+        (``_start_cluster``)."""
         if isinstance(self.client, PendingCluster) and not self._start_cluster():
             return [FAILED] * len(commands)
         now = time.monotonic()
@@ -606,11 +609,15 @@ class PredictionCache:
                 nodes.append(node)
                 chosen.append(index)
         failed: set[str] = set()
+        backing_off = {name for name, retry_at in self._node_retry_at.items() if retry_at > now}
         for index, node, reply in zip(
-            chosen, nodes, cluster_send(self.client, [commands[i] for i in chosen]), strict=True
+            chosen, nodes, cluster_send(self.client, [commands[i] for i in chosen], avoid=backing_off), strict=True
         ):
             if not isinstance(reply, BaseException):
                 replies[index] = reply
+            elif isinstance(reply, AskTargetError):  # the node the ASK named failed (or backs off), not this master
+                if reply.tried:
+                    failed.add(reply.node)
             elif isinstance(reply, redis.ResponseError):  # OOM, NOPERM, MOVED after a failover: this key fails
                 self.errors += 1
                 if isinstance(reply, redis.exceptions.AskError):

@@ -9,7 +9,7 @@ A URL selects Redis Cluster with the query parameter ``cluster``: ``redis://host
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -87,18 +87,31 @@ def key_slot(name: bytes | str) -> int:
     return slot(name.encode() if isinstance(name, str) else name)
 
 
-def cluster_send(client, commands: list[tuple], *, retry: bool = False) -> list:
+class AskTargetError(redis.ConnectionError):
+    """The reply of a command whose ASK redirection was not followed: the node it names (``node``, ``host:port``)
+    could not be reached (``tried``), or was to be avoided (``cluster_send``'s ``avoid``). That node failed, not the
+    master that answered ASK."""
+
+    def __init__(self, node: str, message: str, *, tried: bool) -> None:
+        super().__init__(message)
+        self.node = node
+        self.tried = tried
+
+
+def cluster_send(client, commands: list[tuple], *, retry: bool = False, avoid: Collection[str] = ()) -> list:
     """Run single-key ``commands`` (``(NAME, key, args...)``) on a Redis Cluster client: one packed write per master
     holding their slots, every master written before any is read, so one round trip in parallel. Returns the
     replies in order, error replies and the failure of a master's connection as exception objects in place (a
     connection failure or a MOVED reply also refreshes the client's slot map, which a failover changed). A command
     answered with ASK (its slot is migrating and its key has moved) is sent once more, after ``ASKING``, to the
-    node the reply names, as Redis Cluster asks; the slot map is unchanged until the migration ends.
+    node the reply names, as Redis Cluster asks; the slot map is unchanged until the migration ends. When that node
+    cannot be reached, or is named in ``avoid`` (node names a caller backs off), the reply is an ``AskTargetError``
+    naming it (no refresh: the slot map does not name it).
 
     ``retry=True`` sends the commands that failed that way once more after the refresh (for idempotent writes:
     a publish after a failover reaches the promoted replica)."""
     replies, failed = _cluster_send_once(client, commands)
-    _follow_asks(client, commands, replies)
+    _follow_asks(client, commands, replies, avoid)
     if failed or any(_moved_or_gone(reply) for reply in replies):
         with contextlib.suppress(*REDIS_ERRORS):
             client.nodes_manager.initialize()
@@ -164,7 +177,11 @@ def send_pipelined(client, commands: list[tuple], *, while_waiting: Callable[[],
 def _moved_or_gone(reply: object) -> bool:
     from redis.exceptions import AskError
 
-    return isinstance(reply, AskError | redis.ConnectionError | redis.TimeoutError | OSError) and not _ask(reply)
+    return (
+        isinstance(reply, AskError | redis.ConnectionError | redis.TimeoutError | OSError)
+        and not _ask(reply)
+        and not isinstance(reply, AskTargetError)
+    )
 
 
 def _ask(reply: object) -> bool:
@@ -174,9 +191,10 @@ def _ask(reply: object) -> bool:
     return isinstance(reply, AskError) and not isinstance(reply, MovedError)
 
 
-def _follow_asks(client, commands: list[tuple], replies: list) -> None:
+def _follow_asks(client, commands: list[tuple], replies: list, avoid: Collection[str] = ()) -> None:
     """Replace each ASK reply in ``replies`` by the reply of its command sent, after ``ASKING``, to the node the ASK
-    names (one write per node); a node the client does not know, or whose connection fails, leaves the error."""
+    names (one write per node); a node the client does not know leaves the ASK reply, one named in ``avoid`` or whose
+    connection fails gives an ``AskTargetError`` naming it."""
     targets: dict[tuple[str, int], list[int]] = {}
     for index, reply in enumerate(replies):
         if _ask(reply):
@@ -184,6 +202,10 @@ def _follow_asks(client, commands: list[tuple], replies: list) -> None:
     for (host, port), indexes in targets.items():
         node = client.get_node(host=host, port=port)
         if node is None:
+            continue
+        if node.name in avoid:
+            for index in indexes:
+                replies[index] = AskTargetError(node.name, f"ASK to {node.name}, which is avoided", tried=False)
             continue
         pool = client.get_redis_connection(node).connection_pool
         connection = None
@@ -203,7 +225,7 @@ def _follow_asks(client, commands: list[tuple], replies: list) -> None:
                 connection.disconnect()  # replies may be left unread: never hand this connection out again
             for index in indexes:
                 if _ask(replies[index]):
-                    replies[index] = error
+                    replies[index] = AskTargetError(node.name, f"ASK to {node.name}: {error}", tried=True)
         finally:
             if connection is not None:
                 pool.release(connection)

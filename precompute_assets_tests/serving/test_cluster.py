@@ -391,6 +391,36 @@ def test_reads_follow_ask_while_a_slot_migrates(cluster_factory):
     assert cache.errors == errors and cache.computes == computes
 
 
+def test_an_ask_target_that_is_down_backs_off_alone(cluster_factory):
+    """A slot migrating to a master that dies: the keys already moved (the old master answers ASK) are misses, and it is
+    the dead master that backs off, once. The old master's other keys stay hits; they were all misses for
+    ``backoff_s`` (the failed ASK counted as the old master's failure), and the dead master was tried again by every
+    lookup of a moved key."""
+    cluster = cluster_factory()
+    schema = KeySchema("askdown")
+    cache = cache_on(cluster, schema, backoff_s=60)
+    keys = [f"ad{i}" for i in range(90)]
+    write_live_values(connect(cluster.url, socket_timeout=5), "ctr", [(k, 0.25) for k in keys], expire_at=None,
+                      schema=schema)  # fmt: skip
+    source, target = cluster.masters[0], cluster.masters[1]
+    on = {k: cluster.master_of_slot(key_slot(schema.live("ctr", k))) for k in keys}
+    moving = [k for k in keys if on[k] is source]
+    moved = moving[::2]
+    assert len(moved) >= 2 and len(moving) - len(moved) >= 2
+    with cluster.client(source.port) as old, cluster.client(target.port) as new:
+        for slot in {key_slot(schema.live("ctr", key)) for key in moving}:
+            new.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", cluster.node_id(source.port))
+            old.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", cluster.node_id(target.port))
+        for key in moved:
+            old.execute_command("MIGRATE", "127.0.0.1", target.port, schema.live("ctr", key), 0, 5000)
+    os.kill(target.pid, signal.SIGKILL)
+    expected = [None if k in moved or on[k] is target else pytest.approx(0.25) for k in keys]
+    for _ in range(3):
+        assert cache.get_many("ctr", keys) == expected
+        assert [cache.get("ctr", k) for k in moving] == [None if k in moved else pytest.approx(0.25) for k in moving]
+    assert cache.errors == 1  # the dead master, once; then it backs off, also as the ASK target
+
+
 def test_a_replica_takes_over_a_killed_master(cluster_factory):
     """With a replica per master the killed master's slots fail over within a few seconds: then every key of the old
     version is readable again, by the same client, after it refreshed its slot map."""
