@@ -226,6 +226,10 @@ def _follow_asks(client, commands: list[tuple], replies: list, avoid: Collection
             for index in indexes:
                 if _ask(replies[index]):
                     replies[index] = AskTargetError(node.name, f"ASK to {node.name}: {error}", tried=True)
+        except BaseException:  # interrupted (a signal): never hand out a connection with replies unread
+            if connection is not None:
+                connection.disconnect()
+            raise
         finally:
             if connection is not None:
                 pool.release(connection)
@@ -242,37 +246,46 @@ def _cluster_send_once(client, commands: list[tuple]) -> tuple[list, bool]:
             replies[index] = error
             continue
         groups.setdefault(node.name, (node, []))[1].append(index)
-    sent, failed = [], False
-    for node, indexes in groups.values():
-        pool = client.get_redis_connection(node).connection_pool
-        connection = None
-        try:
-            connection = pool.get_connection()
-            connection.send_packed_command([pack_resp([commands[i] for i in indexes])])
-            sent.append((pool, connection, indexes))
-        except REDIS_ERRORS as error:
-            if connection is not None:
-                connection.disconnect()
-                pool.release(connection)
-            for index in indexes:
-                replies[index] = error
-            failed = True
-    for pool, connection, indexes in sent:
-        done = 0
-        try:
-            for index in indexes:
-                try:
-                    replies[index] = connection.read_response()
-                except redis.ResponseError as error:
+    sent: list[tuple[Any, Any, list[int]]] = []  # connections written on (or being written), not yet given back
+    failed = False
+    try:
+        for node, indexes in groups.values():
+            pool = client.get_redis_connection(node).connection_pool
+            connection = None
+            try:
+                connection = pool.get_connection()
+                sent.append((pool, connection, indexes))
+                connection.send_packed_command([pack_resp([commands[i] for i in indexes])])
+            except REDIS_ERRORS as error:
+                if connection is not None:
+                    sent.pop()
+                    connection.disconnect()
+                    pool.release(connection)
+                for index in indexes:
                     replies[index] = error
-                done += 1
-        except REDIS_ERRORS as error:
-            connection.disconnect()  # replies may be left unread: never hand this connection out again
-            for index in indexes[done:]:
-                replies[index] = error
-            failed = True
-        finally:
+                failed = True
+        while sent:
+            pool, connection, indexes = sent[0]
+            done = 0
+            try:
+                for index in indexes:
+                    try:
+                        replies[index] = connection.read_response()
+                    except redis.ResponseError as error:
+                        replies[index] = error
+                    done += 1
+            except REDIS_ERRORS as error:
+                connection.disconnect()  # replies may be left unread: never hand this connection out again
+                for index in indexes[done:]:
+                    replies[index] = error
+                failed = True
+            del sent[0]
             pool.release(connection)
+    except BaseException:  # interrupted (a signal): replies may be left unread on every connection not given back
+        for pool, connection, _ in sent:
+            connection.disconnect()
+            pool.release(connection)
+        raise
     return replies, failed
 
 

@@ -284,6 +284,34 @@ def test_campaign_live_values_are_written_per_slot_on_the_cluster(redis_cluster,
     assert cache.get_many("ctr", ads[:3]) == [None, None, None]
 
 
+def test_an_interrupted_lookup_leaves_no_replies_for_the_next(redis_cluster, cluster_client, ns, monkeypatch):
+    """A lookup interrupted while it reads its replies (``KeyboardInterrupt``: SIGTERM in the tests, a worker's timeout
+    signal) drops the connections it wrote on. One went back to its pool with replies unread, which the next lookup
+    on that master read as its values; the other masters' connections were never given back."""
+    from redis.connection import Connection
+
+    keys = [f"ad{i}" for i in range(300)]
+    publish_version(cluster_client, "ctr", "v1", [(k, i / 1000) for i, k in enumerate(keys)], n_keys=300, schema=ns)
+    cache = cache_on(redis_cluster, ns)
+    expected = [pytest.approx(i / 1000) for i in range(300)]
+    assert cache.get_many("ctr", keys) == expected
+    read, calls = Connection.read_response, [0]
+
+    def interrupted(self, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 4:  # the second reply of the buckets, the pointer and experiment read
+            raise KeyboardInterrupt
+        return read(self, *args, **kwargs)
+
+    monkeypatch.setattr(Connection, "read_response", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cache.get_many("ctr", keys)
+    monkeypatch.undo()
+    assert cache.get_many("ctr", keys) == expected
+    in_use = [node.redis_connection.connection_pool._in_use_connections for node in cache.client.get_nodes()]
+    assert not any(in_use)
+
+
 def test_crafted_keys_are_refused_before_touching_the_cluster(redis_cluster, cluster_client, ns):
     cache = cache_on(redis_cluster, ns)
     for bad in ("{tag}", "a\nb", "", "x" * 257):
