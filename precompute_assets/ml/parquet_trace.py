@@ -75,17 +75,20 @@ def read_parquet_trace(
     if time_name == key_name:
         raise TraceError(f"the timestamp and the key are both column {key_name!r}")
     where_name = None if where is None else _column(where[0], names, "--where")
-    logged = LOGGED_HIT in names and pa.types.is_boolean(schema.field(LOGGED_HIT).type)
+    # boolean, or all null in a file of imported requests (a request log knows no hits), which may come first
+    logged = LOGGED_HIT in names and _hit_type(schema.field(LOGGED_HIT).type)
     hit_name = LOGGED_HIT if logged else None
     named = (time_name, key_name, where_name, hit_name)
     wanted = list(dict.fromkeys(name for name in named if name is not None))
     values = None if where is None else pa.array(sorted(where[1]), pa.string())
-    keys, stamps, kept, hits = [], [], [], []
+    keys, stamps, kept, hits, lacking = [], [], [], [], []
     for file, table in zip(files, _tables(files, wanted, label, filesystem), strict=True):
         keys.append(_keys(_decoded(table[key_name]), key_name, label[file]))
         if hit_name is not None:
-            column = table[hit_name]
-            hits.append(None if column.null_count else column.to_numpy(zero_copy_only=False).astype(bool))
+            column = table[hit_name]  # a row without a hit counts only if --where keeps it
+            column = column.cast(pa.bool_()) if _hit_type(column.type) else pa.nulls(len(column), pa.bool_())
+            hits.append(column.fill_null(False).to_numpy(zero_copy_only=False).astype(bool))
+            lacking.append(column.is_null().to_numpy(zero_copy_only=False).astype(bool))
         if time_name is not None:
             stamps.append(_seconds(_decoded(table[time_name]), time_name, label[file]))
         if values is not None:
@@ -97,19 +100,23 @@ def read_parquet_trace(
         keys = [part if part.dtype == object else part.astype(str).astype(object) for part in keys]
     trace_keys = np.concatenate(keys)
     timestamps = np.concatenate(stamps) if time_name is not None else None
-    logged_hits = np.concatenate(hits) if hits and all(part is not None for part in hits) else None  # a gap: none
+    logged_hits = np.concatenate(hits) if hits else None
+    hit_gaps = np.concatenate(lacking) if hits else None
     layout: dict = {}
     if values is not None:
         mask = np.concatenate(kept)
         if not mask.any():
             raise TraceError(f"no row has column {where_name!r} in {sorted(where[1])}")
         trace_keys, timestamps = trace_keys[mask], None if timestamps is None else timestamps[mask]
-        logged_hits = None if logged_hits is None else logged_hits[mask]
+        if logged_hits is not None:
+            logged_hits, hit_gaps = logged_hits[mask], hit_gaps[mask]
         layout["where"] = {
             "field": names.index(where_name) + 1,
             "values": sorted(where[1]),
             "dropped": int((~mask).sum()),
         }
+    if hit_gaps is not None and hit_gaps.any():
+        logged_hits = None  # a counted request without a logged hit: never a guess
     return Trace(
         keys=trace_keys,
         timestamps=timestamps,
@@ -161,6 +168,10 @@ def is_uri(path: str | Path) -> bool:
     """Whether ``path`` is a URI (``s3://bucket/lake/query_logs``, ``file:///...``): read through Arrow's
     filesystems, as the lake's ``base_uri`` is."""
     return isinstance(path, str) and _URI.match(path) is not None
+
+
+def _hit_type(kind: pa.DataType) -> bool:
+    return pa.types.is_boolean(kind) or pa.types.is_null(kind)
 
 
 def _tables(files: list, wanted: list[str], label: dict, filesystem: pafs.FileSystem | None) -> Iterator[pa.Table]:

@@ -89,6 +89,24 @@ def test_the_query_logs_hits_give_the_hit_rate_the_client_saw_on_the_counted_day
         is None
     )
     assert logged_hit_rate(parse_trace(tmp_path / "n.parquet"), 2) is None
+    # Rows --where drops (another kind's imported requests, which log no hit) do not take the kept rows' hits away.
+    imported = write_table(
+        tmp_path / "i.parquet",
+        {"ts": [1, 2, 3], "kind": ["ctr", "emb", "ctr"], "key": ["a", "b", "a"], "hit": [False, None, True]},
+    )
+    assert parse_trace(imported, where=("kind", ["ctr"])).logged_hits.tolist() == [False, True]
+    assert (
+        parse_trace(imported).logged_hits is None and parse_trace(imported, where=("kind", ["emb"])).logged_hits is None
+    )
+    # A folder whose first hour was imported (its hit column all null, of Arrow type null) still logs the others'.
+    folder = tmp_path / "query_logs"
+    folder.mkdir()
+    pq.write_table(pa.table({"ts": [1], "kind": ["emb"], "key": ["b"], "hit": pa.nulls(1)}), folder / "1.parquet")
+    pq.write_table(
+        pa.table({"ts": [2, 3], "kind": ["ctr", "ctr"], "key": ["a", "a"], "hit": [False, True]}), folder / "2.parquet"
+    )
+    assert parse_trace(folder, where=("kind", ["ctr"])).logged_hits.tolist() == [False, True]
+    assert parse_trace(folder).logged_hits is None
 
 
 def test_columns_by_name_or_number_and_their_types(tmp_path: Path):
