@@ -94,6 +94,7 @@ class ServiceStatus:
     embedded: bool
     pid: int | None = None
     version: str | None = None
+    refused: str | None = None  # why an external server that answers refuses our login (``login_problem``)
 
 
 class StackError(RuntimeError):
@@ -630,11 +631,18 @@ def unix_socket(url: str) -> str | None:
 def check_login(variable: str, url: str) -> None:
     """``StackError`` unless the server ``url`` names answers and accepts its user, password and database: a port that
     answers may still refuse us, which would otherwise pass for a reachable server."""
+    if not reachable(url, timeout_s=3):
+        raise StackError(f"{variable} points at {redact(url)}, which does not answer")
+    if (reason := login_problem(variable, url)) is not None:
+        raise StackError(f"{variable} points at {redact(url)}, which refuses us: {reason}")
+
+
+def login_problem(variable: str, url: str) -> str | None:
+    """Why the answering server ``url`` names (the Redis of ``ENV_REDIS``, else a PostgreSQL) refuses its user,
+    password or database, in one line without passwords; None when it accepts them."""
     import psycopg2
     import redis
 
-    if not reachable(url, timeout_s=3):
-        raise StackError(f"{variable} points at {redact(url)}, which does not answer")
     try:
         if variable == ENV_REDIS:
             client = connect(url, socket_timeout=3)
@@ -645,8 +653,8 @@ def check_login(variable: str, url: str) -> None:
         else:
             postgres_connect(url).close()
     except (redis.RedisError, psycopg2.Error) as error:
-        reason = redact(one_line(str(error)))
-        raise StackError(f"{variable} points at {redact(url)}, which refuses us: {reason}") from None
+        return redact(one_line(str(error)))
+    return None
 
 
 def reachable(url: str, timeout_s: float = 0.5) -> bool:
@@ -815,14 +823,17 @@ class Stack:
         shutil.rmtree(self.home, ignore_errors=True)
 
     def status(self) -> list[ServiceStatus]:
-        """Embedded servers by their pid; external ones by whether their port answers; Redis with its version."""
+        """Embedded servers by their pid; external ones by whether their port answers and then accepts our login;
+        Redis with its version."""
         env = self.env()
         out = []
         for name, variable, server in (("redis", ENV_REDIS, self.redis), ("postgres", ENV_DAGSTER_PG, self.postgres)):
             url, embedded = env[variable], self._external(variable) is None
             running = server.pid is not None if embedded else reachable(url)
-            version = running_version(url) if name == "redis" and running else None
-            out.append(ServiceStatus(name, url, running, embedded, server.pid if embedded else None, version))
+            refused = login_problem(variable, url) if running and not embedded else None
+            version = running_version(url) if name == "redis" and running and refused is None else None
+            pid = server.pid if embedded else None
+            out.append(ServiceStatus(name, url, running, embedded, pid, version, refused))
         return out
 
 

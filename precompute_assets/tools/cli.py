@@ -78,7 +78,9 @@ def print_status(stack: Stack) -> int:
         state = f"running (pid {service.pid})" if service.pid else ("reachable" if service.running else "stopped")
         if not service.embedded and not service.running:
             state = "unreachable"
-        version = f"  ({service.version})" if service.version else ""
+        if service.refused is not None:  # its port answers, but not for us: a wrong password, user or database
+            state = "refuses us"
+        version = f"  ({service.version})" if service.version else f"  ({service.refused})" if service.refused else ""
         print(f"{service.name:<9} {where:<9} {state:<22} {redact(service.url)}{version}")
     print(f"state     {stack.home}")
     postgres = next(service for service in services if service.name == "postgres")

@@ -373,6 +373,10 @@ def test_up_checks_that_external_servers_accept_their_credentials(
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "PRECOMPUTE_REDIS_URL points at" in err and "refuses us" in err, err
     assert "wrong-secret" not in err
+    assert main(["status"]) == 0  # said "reachable": its port answers
+    out = capsys.readouterr().out
+    assert "redis     external  refuses us" in out and "wrong-secret" not in out, out
+    assert "postgres  external  reachable" in out, out
     monkeypatch.setenv("PRECOMPUTE_REDIS_URL", f"redis://:right-password-0123@127.0.0.1:{server.port}/0")
     monkeypatch.setenv("PRECOMPUTE_APP_DB_URL", app_db_url.rsplit("/", 1)[0] + "/no_such_database")
     assert main(["up"]) == 2
