@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Collection, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException
 from redis.retry import Retry
+
+if TYPE_CHECKING:
+    from redis.cluster import RedisCluster
 
 # Everything a serving path degrades on: dead or slow servers, and error replies (OOM, READONLY,
 # CLUSTERDOWN, LOADING, NOPERM) alike; on a cluster also "no node reachable" and "slot not covered", which
@@ -319,7 +322,7 @@ def connect(
     cluster: bool = False,
     retries: int = 0,
     pending: bool = False,
-) -> redis.Redis:
+) -> redis.Redis | RedisCluster | PendingCluster:
     """A client for ``url`` (``redis://``, ``rediss://`` with TLS, user/password for AUTH).
 
     ``socket_timeout`` bounds every connect and command, so a dead server costs at most that long;
