@@ -219,7 +219,7 @@ def parse_trace(
         line = text[bad.start() :].partition("\n")[0]
         raise TraceError(f"line {line_no}: {_line_problem(line, kind, header=header is not None)}")
     number = None if where is None else _field_number(where[0], header, fields, "--where")
-    kept = None if where is None or number is None else _kept_lines(every_field, number, fields, where[1])
+    kept = None if number is None else _kept_lines(every_field, number, fields, where[1])
     del every_field  # the file's whole text: not held through the parse of the keys
     # Every line is valid, so whitespace only pads fields and can go before the fast parsers run.
     clean = text.replace(" ", "").replace("\t", "")
@@ -241,7 +241,7 @@ def parse_trace(
         if len(infinite):
             field = text.split("\n")[int(infinite[0])].split(",")[0].strip()
             raise TraceError(f"line {int(infinite[0]) + first_line}: timestamp {field!r} is not a finite number")
-    if where is not None and kept is not None:
+    if kept is not None:
         if not kept.any():
             raise TraceError(f"no line has field {number} in {sorted(where[1])}")
         keys, timestamps = keys[kept], None if timestamps is None else timestamps[kept]

@@ -553,19 +553,17 @@ def _replay_stages(
     args: argparse.Namespace, stage: _Stages, strategies: list[str], arms, learned: bool, train_days: int
 ) -> int:
     """``replay``'s work once its arguments are checked, announcing each stage to ``stage``."""
-    from ..ml.replay import logged_hit_rate, replay, shards_adjusted, shards_keep, split_days, trace_notes
+    from ..ml.replay import logged_hit_rate, replay, shards_adjusted, split_days, trace_notes
 
     stage("reading the trace")
     trace = read_trace(args.trace, args)
     if args.days > len(trace.keys):
         raise CliError(f"--days {args.days} is larger than the number of requests ({len(trace.keys)})")
     whole, sample = trace, None
-    if args.sample < 1:
-        trace, sample, args = _sampled(trace, args)
     try:
         day_keys = split_days(whole, args.days)
-        if sample is not None:  # the sample's requests within the whole trace's days, so both count the same days
-            day_keys = [day[shards_keep(day, args.sample)] for day in day_keys]
+        if args.sample < 1:
+            trace, day_keys, sample, args = _sampled(whole, day_keys, args)
         notes = trace_notes(trace, day_keys, key_chosen=args.key_field is not None)
         for note in notes:
             print(f"precompute replay: warning: {note}", file=sys.stderr)
@@ -648,10 +646,11 @@ def _replay_stages(
     return 0
 
 
-def _sampled(trace, args: argparse.Namespace) -> tuple[Any, dict, argparse.Namespace]:
-    """``replay``'s ``--sample``: the trace's SHARDS sample, what was kept (and the whole trace's counted requests,
-    for ``shards_adjusted``), and the arguments with the capacity and a fixed top-n scaled to it."""
-    from ..ml.replay import SAMPLED_CACHE_MIN, sample_trace, sampled_size, split_days
+def _sampled(trace, day_keys: list, args: argparse.Namespace) -> tuple[Any, list, dict, argparse.Namespace]:
+    """``replay``'s ``--sample``: the trace's SHARDS sample, its requests within the whole trace's days ``day_keys``
+    (so both count the same days), what was kept (and the whole trace's counted requests, for ``shards_adjusted``),
+    and the arguments with the capacity and a fixed top-n scaled to it."""
+    from ..ml.replay import SAMPLED_CACHE_MIN, sample_trace, sampled_size, shards_keep
 
     sampled = sample_trace(trace, args.sample)
     if len(sampled.keys) < args.days:
@@ -666,15 +665,16 @@ def _sampled(trace, args: argparse.Namespace) -> tuple[Any, dict, argparse.Names
         )
     top_n = args.top_n if args.top_n == "auto" else sampled_size(args.top_n, args.sample)
     scaled = argparse.Namespace(**{**vars(args), "capacity": capacity, "top_n": top_n})
-    kept = {
+    sampled_days = [day[shards_keep(day, args.sample)] for day in day_keys]  # the keys sample_trace kept
+    summary = {
         "rate": args.sample,
         "requests_read": len(trace.keys),
         "requests_kept": len(sampled.keys),
-        "requests_counted": sum(len(day) for day in split_days(trace, args.days)[1:]),
+        "requests_counted": sum(len(day) for day in day_keys[1:]),
         "capacity": scaled.capacity,
         "top_n": top_n,
     }
-    return sampled, kept, scaled
+    return sampled, sampled_days, summary, scaled
 
 
 @contextlib.contextmanager
