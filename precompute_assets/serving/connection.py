@@ -163,18 +163,20 @@ def send_pipelined(client, commands: list[tuple], *, while_waiting: Callable[[],
         connection.send_packed_command([pack_resp(commands)], check_health=False)
         if while_waiting is not None:
             while_waiting()
-        replies: list = []
-        for _ in commands:
-            try:
-                replies.append(connection.read_response())
-            except redis.ResponseError as error:
-                replies.append(error)
-        return replies
+        return [_read_reply(connection) for _ in commands]
     except BaseException:
         connection.disconnect()
         raise
     finally:
         pool.release(connection)
+
+
+def _read_reply(connection) -> Any:
+    """The next reply on ``connection``; an error reply (OOM, MOVED, ASK, ...) as its exception object."""
+    try:
+        return connection.read_response()
+    except redis.ResponseError as error:
+        return error
 
 
 def _moved_or_gone(reply: object) -> bool:
@@ -216,13 +218,8 @@ def _follow_asks(client, commands: list[tuple], replies: list, avoid: Collection
             connection = pool.get_connection()
             connection.send_packed_command([pack_resp([c for i in indexes for c in ((b"ASKING",), commands[i])])])
             for index in indexes:
-                for step in ("asking", "command"):
-                    try:
-                        reply = connection.read_response()
-                    except redis.ResponseError as error:
-                        reply = error
-                    if step == "command":
-                        replies[index] = reply
+                _read_reply(connection)  # ASKING's OK
+                replies[index] = _read_reply(connection)
         except REDIS_ERRORS as error:
             if connection is not None:
                 connection.disconnect()  # replies may be left unread: never hand this connection out again
@@ -272,10 +269,7 @@ def _cluster_send_once(client, commands: list[tuple]) -> tuple[list, bool]:
             done = 0
             try:
                 for index in indexes:
-                    try:
-                        replies[index] = connection.read_response()
-                    except redis.ResponseError as error:
-                        replies[index] = error
+                    replies[index] = _read_reply(connection)
                     done += 1
             except REDIS_ERRORS as error:
                 connection.disconnect()  # replies may be left unread: never hand this connection out again
