@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 from psycopg2 import sql
 
 from ..ml.embedder import MAX_BODY_BYTES
-from ..serving.keys import MAX_KEY_LENGTH
+from ..serving.keys import BAD_KEY_CHARACTERS, MAX_KEY_LENGTH
 from .files import unreadable_reason
 from .postgres import copy_in, transaction
 from .tables import not_text
@@ -61,8 +61,8 @@ CHUNK_ROWS = 50_000  # rows read and COPYed at a time by load_file
 CHUNK_BYTES = 64 << 20  # ... or fewer, when their text is this long: a chunk is held several times over while loaded
 MAX_REJECTIONS_KEPT = 1000  # all rejections are counted; the first ones are kept with their reason
 _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,50}$")
-# What a doc_id must not hold to be a key of the serving cache (serving.keys.check_key): control characters and
-# braces (lone surrogates are refused for every column); RE2 syntax, for Arrow's screening too.
+# serving.keys.BAD_KEY_CHARACTERS in RE2 syntax, for Arrow's screening of doc_ids: control characters and braces
+# (Arrow strings are valid UTF-8, so they hold no lone surrogate).
 _UNSERVABLE_ID = r"[\x00-\x1f\x7f{}]"
 
 
@@ -211,7 +211,7 @@ def _id_problem(doc_id: str) -> str | None:
     """Why ``doc_id`` cannot be a key of the serving cache (the embedding sync writes it there), or None."""
     if len(doc_id) > MAX_KEY_LENGTH:
         return f"doc_id: longer than {MAX_KEY_LENGTH} characters"
-    if bad := re.search(_UNSERVABLE_ID, doc_id):
+    if bad := BAD_KEY_CHARACTERS.search(doc_id):  # the serving keys' own rule (lone surrogates are refused earlier)
         return f"doc_id: character {bad.group()!r} at {bad.start()} (control characters and braces cannot be served)"
     return None
 
