@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .serving.connection import REDIS_ERRORS, connect
+from .serving.connection import REDIS_ERRORS, connect, parse_sentinel_url
 from .storage.postgres import connect as postgres_connect
 
 ENV_REDIS = "PRECOMPUTE_REDIS_URL"
@@ -658,7 +658,8 @@ def login_problem(variable: str, url: str) -> str | None:
 
 
 def reachable(url: str, timeout_s: float = 0.5) -> bool:
-    """Whether the host:port of a service URL accepts TCP connections (its Unix socket, when it names one)."""
+    """Whether the host:port of a service URL accepts TCP connections (its Unix socket, when it names one; any of
+    its sentinels, for a Redis Sentinel URL)."""
     from urllib.parse import urlsplit
 
     if (path := unix_socket(url)) is not None:
@@ -669,9 +670,15 @@ def reachable(url: str, timeout_s: float = 0.5) -> bool:
                 return True
         except OSError:
             return False
+    if (sentinel := parse_sentinel_url(url)) is not None:
+        return any(_accepts(address, timeout_s) for address in sentinel.sentinels)
     parts = urlsplit(url)
+    return _accepts((parts.hostname or "127.0.0.1", parts.port or 0), timeout_s)
+
+
+def _accepts(address: tuple[str, int], timeout_s: float) -> bool:
     try:
-        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 0), timeout=timeout_s):
+        with socket.create_connection(address, timeout=timeout_s):
             return True
     except OSError:
         return False
@@ -838,7 +845,7 @@ class Stack:
 
 
 _USERINFO = re.compile(r"(://[^:/@?#]*:)[^?#]*@")  # to the last '@' of the authority: an unencoded '@' leaks nothing
-_PASSWORD_PARAM = re.compile(r"(?i)(\b(?:ssl)?password\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&#;]*)")
+_PASSWORD_PARAM = re.compile(r"(?i)(\b(?:ssl|sentinel_)?password\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&#;]*)")
 
 
 def redact(url: str) -> str:

@@ -35,14 +35,18 @@ DEFAULT_EXPERIMENT_SALT = "ab1"
 
 
 class RedisResource(dg.ConfigurableResource):
-    """The serving Redis (``PRECOMPUTE_REDIS_URL``: AUTH, ``rediss://`` TLS). Redis Cluster: ``?cluster=1`` in the URL
+    """The serving Redis (``PRECOMPUTE_REDIS_URL``: AUTH, ``rediss://`` TLS, ``redis+sentinel://`` the primary of a
+    Sentinel deployment, see ``serving.connection``). Redis Cluster: ``?cluster=1`` in the URL
     (``redis://any-node:6379?cluster=1``) or ``cluster=True``; a URL saying ``cluster=0`` with ``cluster=True`` is
     refused (``ValueError``), as is a cluster URL naming a database other than 0.
 
     ``replica_wait_s``: how long a publish waits, before and after its pointer flip, until every replica holds what
     its primary holds (0: no wait); see ``serving.publish.flip_pointer``."""
 
-    url: str = Field(description="redis://[user:password@]host:port/db, rediss:// for TLS; ?cluster=1: Redis Cluster.")
+    url: str = Field(
+        description="redis://[user:password@]host:port/db, rediss:// for TLS; ?cluster=1: Redis Cluster; "
+        "redis+sentinel://[user:password@]sentinel:26379[,...]/service[/db]: the primary Redis Sentinel names."
+    )
     namespace: str = Field("pc", description="Prefix of every key (the key schema's namespace).")
     cluster: bool = Field(False, description="Connect to a Redis Cluster (as ?cluster=1 in the URL).")
     socket_timeout_s: float = Field(10.0, description="Seconds a connect or command may take before it fails.")

@@ -45,6 +45,7 @@ from collections.abc import Sequence
 
 import redis
 
+from .connection import is_sentinel, sentinel_servers
 from .keys import KIND_PATTERN, SCHEMA_VERSION
 
 NAMESPACE_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # no glob characters, spaces or ':' in a key pattern
@@ -216,11 +217,13 @@ def apply_acl(
     kinds: Sequence[str] | None = None,
 ) -> list[str]:
     """Create or reset both users on the server of ``client`` (a connection allowed to run ``ACL SETUSER``) in one
-    MULTI/EXEC, or on every node of a Redis Cluster (ACL users are per node); returns their names. They last until a
-    restart unless saved (see the module)."""
+    MULTI/EXEC, or on every node of a Redis Cluster, or on a Sentinel primary and every replica its sentinels know
+    (ACL users are per server); returns their names. They last until a restart unless saved (see the module)."""
     commands = acl_setuser_commands(namespace, publisher=publisher, reader=reader, kinds=kinds)
     if isinstance(client, redis.RedisCluster):
         servers = [client.get_redis_connection(node) for node in client.get_nodes()]
+    elif is_sentinel(client):
+        servers = sentinel_servers(client)
     else:
         servers = [client]
     for server in servers:

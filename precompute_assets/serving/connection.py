@@ -4,14 +4,21 @@ A URL selects Redis Cluster with the query parameter ``cluster``: ``redis://host
 ``rediss://...?cluster=1`` with TLS). ``host:port`` is any node of the cluster (the client discovers the others);
 ``cluster=0`` or no parameter is a single server. A cluster has one database, so a cluster URL names none (or
 ``/0``).
+
+Redis Sentinel (a primary, its replicas, and sentinels that promote a replica when the primary dies) is selected by
+the scheme: ``redis+sentinel://[user:password@]host:port[,host:port...]/service[/db]``. The hosts are sentinels
+(port 26379 by default), ``service`` the name they monitor the primary by; user and password are the data servers'.
+``?sentinel_username=...&sentinel_password=...`` authenticate to sentinels that require it. The client asks a
+sentinel for the current primary on every new connection, so after a failover it reconnects to the promoted one.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import redis
 from redis.backoff import NoBackoff
@@ -27,6 +34,9 @@ if TYPE_CHECKING:
 REDIS_ERRORS = (redis.RedisError, OSError, RedisClusterException)
 CLUSTER_PARAMETER = "cluster"
 CONNECT_RETRIES = 3  # attempts of a cluster client's constructor, each on the next node if one fails
+SENTINEL_SCHEME = "redis+sentinel"
+SENTINEL_PORT = 26379
+_SENTINEL_PARAMETERS = ("sentinel_username", "sentinel_password")
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 
@@ -51,6 +61,74 @@ def split_cluster_url(url: str) -> tuple[str, bool | None]:
         raise ValueError(f"a Redis Cluster has only database 0; the URL names database {parts.path.strip('/')!r}")
     rest = urlencode([(name, v) for name, v in query if name != CLUSTER_PARAMETER])
     return urlunsplit(parts._replace(query=rest)), cluster
+
+
+@dataclass(frozen=True)
+class SentinelUrl:
+    """A ``redis+sentinel://`` URL taken apart (see the module docstring)."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    service: str
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+    sentinel_username: str | None = None
+    sentinel_password: str | None = None
+
+
+def parse_sentinel_url(url: str) -> SentinelUrl | None:
+    """``url`` taken apart when it names Redis Sentinel (``redis+sentinel://``), else None. ``ValueError`` (one line,
+    without the password) for a Sentinel URL without sentinels or service name, with a bad port or database, or with
+    a parameter other than ``sentinel_username`` and ``sentinel_password``."""
+    scheme, _, rest = url.partition("://")
+    if scheme.lower() != SENTINEL_SCHEME:
+        if scheme.lower().endswith("+sentinel"):
+            raise ValueError(f"unknown Redis URL scheme {scheme!r}: Sentinel URLs start with {SENTINEL_SCHEME}://")
+        return None
+    parts = urlsplit(f"{SENTINEL_SCHEME}://{rest}")
+    userinfo, _, hosts = parts.netloc.rpartition("@")
+    username, _, password = userinfo.partition(":")
+    sentinels = tuple(_sentinel_address(host) for host in hosts.split(",") if host.strip())
+    if not sentinels:
+        raise ValueError(
+            f"the Sentinel URL names no sentinel: expected {SENTINEL_SCHEME}://host:port[,host:port]/service"
+        )
+    path = [unquote(piece) for piece in parts.path.split("/") if piece]
+    if not path or len(path) > 2:
+        raise ValueError(f"the Sentinel URL's path must be /service or /service/db, not {parts.path or '(none)'!r}")
+    if len(path) == 2 and not path[1].isdigit():
+        raise ValueError(f"the Sentinel URL's database must be a whole number, not {path[1]!r}")
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    unknown = sorted({name for name, _ in query} - set(_SENTINEL_PARAMETERS))
+    if unknown:
+        raise ValueError(
+            f"the Sentinel URL has unknown parameter(s) {', '.join(unknown)}: "
+            f"it knows {' and '.join(_SENTINEL_PARAMETERS)}"
+        )
+    options = dict(query)
+    return SentinelUrl(
+        sentinels,
+        path[0],
+        int(path[1]) if len(path) == 2 else 0,
+        unquote(username) or None,
+        unquote(password) or None,
+        options.get("sentinel_username") or None,
+        options.get("sentinel_password") or None,
+    )
+
+
+def _sentinel_address(host: str) -> tuple[str, int]:
+    """``(host, port)`` of one sentinel of a Sentinel URL (``host``, ``host:port``, ``[ipv6]:port``)."""
+    host = host.strip()
+    name, port = host, ""
+    if host.startswith("["):
+        name, _, tail = host[1:].partition("]")
+        port = tail.removeprefix(":")
+    elif host.count(":") == 1:
+        name, port = host.split(":")
+    if not name or (port and not (port.isdigit() and 0 < int(port) < 65536)):
+        raise ValueError(f"the Sentinel URL's sentinel {host!r} is not host:port")
+    return name, int(port) if port else SENTINEL_PORT
 
 
 def is_cluster_url(url: str) -> bool:
@@ -317,7 +395,8 @@ def connect(
     retries: int = 0,
     pending: bool = False,
 ) -> redis.Redis | RedisCluster | PendingCluster:
-    """A client for ``url`` (``redis://``, ``rediss://`` with TLS, user/password for AUTH).
+    """A client for ``url`` (``redis://``, ``rediss://`` with TLS, user/password for AUTH; ``redis+sentinel://``: the
+    primary a sentinel names, found again after a failover).
 
     ``socket_timeout`` bounds every connect and command, so a dead server costs at most that long;
     ``retries`` defaults to none because a serving path would rather compute live than wait twice.
@@ -327,15 +406,19 @@ def connect(
     when none answers it raises, unless ``pending`` (the serving client and its loggers, which must start during an
     outage as they do on a single server): it then returns a ``PendingCluster`` to build the client later.
     """
-    plain_url, in_url = split_cluster_url(url)
-    if cluster and in_url is False:
-        raise ValueError("cluster=True, but the Redis URL says cluster=0")
     options = dict(
         socket_timeout=socket_timeout,
         socket_connect_timeout=socket_timeout,
         retry=Retry(NoBackoff(), retries),
         health_check_interval=0,
     )
+    if (sentinel := parse_sentinel_url(url)) is not None:
+        if cluster:
+            raise ValueError("cluster=True, but the Redis URL names a Sentinel primary, not a Redis Cluster")
+        return sentinel_primary(sentinel, **options)
+    plain_url, in_url = split_cluster_url(url)
+    if cluster and in_url is False:
+        raise ValueError("cluster=True, but the Redis URL says cluster=0")
     if cluster or in_url:
         # The path's "/0" would become db=0, which the cluster client refuses outright.
         parts = urlsplit(plain_url)
@@ -356,3 +439,36 @@ def connect(
         client.set_retry(Retry(NoBackoff(), retries))
         return client
     return redis.Redis.from_url(plain_url, **options)
+
+
+def sentinel_primary(target: SentinelUrl, **options: Any) -> redis.Redis:
+    """A client of the primary the sentinels of ``target`` name: every new connection asks them (no connection is
+    made here), and one to a primary since demoted fails its next write with a connection error and is dropped."""
+    from redis.sentinel import Sentinel
+
+    timeouts = {name: options[name] for name in ("socket_timeout", "socket_connect_timeout") if name in options}
+    credentials = {"username": target.sentinel_username, "password": target.sentinel_password}
+    sentinels = Sentinel(list(target.sentinels), sentinel_kwargs={**timeouts, **credentials})
+    return sentinels.master_for(
+        target.service, db=target.db, username=target.username, password=target.password, **options
+    )
+
+
+def sentinel_servers(client: redis.Redis) -> list[redis.Redis]:
+    """The primary of a Sentinel client and a client of each replica the sentinels know (same credentials and
+    database): per-server settings such as ACL users must reach all of them, since a replica may be promoted."""
+    pool = client.connection_pool
+    manager = pool.sentinel_manager
+    replicas = manager.discover_slaves(pool.service_name)
+    kwargs = {
+        name: pool.connection_kwargs.get(name)
+        for name in ("username", "password", "db", "socket_timeout", "socket_connect_timeout")
+    }
+    return [client, *(redis.Redis(host=host, port=port, **kwargs) for host, port in replicas)]
+
+
+def is_sentinel(client: object) -> bool:
+    """Whether ``client`` talks to a Sentinel-managed primary."""
+    from redis.sentinel import SentinelConnectionPool
+
+    return isinstance(getattr(client, "connection_pool", None), SentinelConnectionPool)

@@ -1,9 +1,11 @@
 """A real Redis Cluster for the serving tests: three masters (optionally a replica each) on 127.0.0.1, from the
 same embedded server binary as every other test server (``PRECOMPUTE_REDIS_SERVER`` overrides it), formed with
-``CLUSTER ADDSLOTSRANGE`` / ``CLUSTER MEET`` / ``CLUSTER REPLICATE`` (no ``--cluster create`` CLI needed)."""
+``CLUSTER ADDSLOTSRANGE`` / ``CLUSTER MEET`` / ``CLUSTER REPLICATE`` (no ``--cluster create`` CLI needed); and a
+Redis Sentinel deployment (a primary, a replica, a sentinel) of the same binary."""
 
 from __future__ import annotations
 
+import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -13,7 +15,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from precompute_assets.stack import RedisServer, free_port
+from precompute_assets.stack import RedisServer, config_string, free_port
 
 SLOTS = 16384
 CLUSTER_CONFIG = (
@@ -156,3 +158,113 @@ def cluster_factory(session_dir: Path) -> Iterator[Callable[..., Cluster]]:
     finally:
         for cluster in clusters:
             cluster.stop()
+
+
+# --- Redis Sentinel ---------------------------------------------------------------------------------------
+
+SERVICE = "serving"
+
+
+class SentinelServer(RedisServer):
+    """A sentinel (the embedded server with ``--sentinel``) monitoring the primary on ``primary_port`` as ``SERVICE``,
+    with a quorum of one and a short down-after, so a killed primary is replaced within a few seconds."""
+
+    def __init__(self, directory: Path, port: int, primary_port: int) -> None:
+        super().__init__(directory, port)
+        self.primary_port = primary_port
+
+    def config(self, version: tuple[int, ...]) -> list[str]:
+        return [
+            "bind 127.0.0.1",
+            f"port {self.port}",
+            "daemonize yes",
+            f"pidfile {config_string(self.dir / 'redis.pid')}",
+            f"logfile {config_string(self.dir / 'redis.log')}",
+            f"dir {config_string(self.dir)}",
+            f"sentinel monitor {SERVICE} 127.0.0.1 {self.primary_port} 1",
+            f"sentinel down-after-milliseconds {SERVICE} 500",
+            f"sentinel failover-timeout {SERVICE} 5000",
+        ]
+
+    def start(self, timeout_s: float = 30) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        conf = self.dir / "sentinel.conf"  # the sentinel rewrites its config file: it must be its own
+        conf.write_text("\n".join(self.config(())) + "\n")
+        subprocess.run([self.binary, str(conf), "--sentinel"], check=True, capture_output=True)
+        self.wait_ready(timeout_s)
+
+
+@dataclass
+class SentinelGroup:
+    primary: RedisServer
+    replica: RedisServer
+    sentinel: SentinelServer
+
+    @property
+    def url(self) -> str:
+        return f"redis+sentinel://127.0.0.1:{self.sentinel.port}/{SERVICE}"
+
+    def primary_port(self) -> int:
+        with redis.Redis(port=self.sentinel.port, socket_timeout=2) as sentinel:
+            return int(sentinel.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", SERVICE)[1])
+
+    def wait_failover(self, old_port: int, timeout_s: float = 30) -> int:
+        """The new primary's port, once the sentinel has promoted another server than ``old_port``."""
+        deadline = time.monotonic() + timeout_s
+        while (port := self.primary_port()) == old_port:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no failover from {old_port} after {timeout_s} s")
+            time.sleep(0.1)
+        return port
+
+    def stop(self) -> None:
+        for server in (self.sentinel, self.replica, self.primary):
+            server.stop()
+
+
+def start_sentinel_group(base: Path) -> SentinelGroup:
+    """A primary, one replica of it, and a sentinel watching them, all on 127.0.0.1; on any failure every server
+    started is stopped again."""
+    started: list[RedisServer] = []
+    try:
+        primary = RedisServer(base / uuid.uuid4().hex[:8], free_port(), extra_config=("appendonly no",))
+        started.append(primary)
+        primary.start(timeout_s=30)
+        replica = RedisServer(
+            base / uuid.uuid4().hex[:8],
+            free_port(),
+            extra_config=("appendonly no", f"replicaof 127.0.0.1 {primary.port}"),
+        )
+        started.append(replica)
+        replica.start(timeout_s=30)
+        deadline = time.monotonic() + 15
+        while redis.Redis(port=replica.port).info("replication").get("master_link_status") != "up":
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"replica {replica.port} never synced")
+            time.sleep(0.05)
+        sentinel = SentinelServer(base / uuid.uuid4().hex[:8], free_port(), primary.port)
+        started.append(sentinel)
+        sentinel.start()
+        group = SentinelGroup(primary, replica, sentinel)
+        deadline = time.monotonic() + 15
+        while True:  # the sentinel learns of the replica from the primary's INFO, within a second or so
+            with redis.Redis(port=sentinel.port, socket_timeout=2) as client:
+                if client.execute_command("SENTINEL", "REPLICAS", SERVICE):
+                    return group
+            if time.monotonic() > deadline:
+                raise RuntimeError("the sentinel never saw the replica")
+            time.sleep(0.1)
+    except BaseException:
+        for server in started:
+            server.stop()
+        raise
+
+
+@pytest.fixture
+def sentinel_group(session_dir: Path) -> Iterator[SentinelGroup]:
+    """A private primary, replica and sentinel for one test (tests kill the primary); stopped when it ends."""
+    group = start_sentinel_group(session_dir / "servers")
+    try:
+        yield group
+    finally:
+        group.stop()

@@ -1,0 +1,133 @@
+"""The serving contract through Redis Sentinel (a primary, a replica and a sentinel of the embedded server on
+127.0.0.1): the URL, publish and read through the sentinel's primary, a killed primary replaced by its replica
+under a running serving client, and ACL users on every server."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+
+import pytest
+import redis
+
+from precompute_assets.defs.resources import RedisResource
+from precompute_assets.serving import KeySchema, PredictionCache, connect, publish_version
+from precompute_assets.serving.connection import SentinelUrl, is_sentinel, parse_sentinel_url
+from precompute_assets.stack import reachable, redact
+
+from .conftest import SentinelGroup
+
+# --- the URL (no server) --------------------------------------------------------------------------------------
+
+
+def test_a_sentinel_url_is_taken_apart():
+    assert parse_sentinel_url("redis://h:1/0") is None
+    assert parse_sentinel_url("redis+sentinel://s1,s2:26380,[::1]:7/mymaster") == SentinelUrl(
+        (("s1", 26379), ("s2", 26380), ("::1", 7)), "mymaster"
+    )
+    assert parse_sentinel_url(
+        "REDIS+SENTINEL://app:p%40ss@s1:26379/my%20master/3?sentinel_username=sen&sentinel_password=sp"
+    ) == SentinelUrl((("s1", 26379),), "my master", 3, "app", "p@ss", "sen", "sp")
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("redis+sentinel:///mymaster", "names no sentinel"),
+        ("redis+sentinel://s1:26379", "path must be /service"),
+        ("redis+sentinel://s1:26379/m/0/extra", "path must be /service"),
+        ("redis+sentinel://s1:26379/m/one", "database must be a whole number"),
+        ("redis+sentinel://s1:99999/m", "is not host:port"),
+        ("redis+sentinel://s1:port/m", "is not host:port"),
+        ("redis+sentinel://s1/m?cluster=1", "unknown parameter"),
+        ("rediss+sentinel://s1/m", "unknown Redis URL scheme"),
+    ],
+)
+def test_a_bad_sentinel_url_is_one_clear_error(url, message):
+    with pytest.raises(ValueError, match=message):
+        parse_sentinel_url(url)
+    with pytest.raises(ValueError, match=message):
+        connect(url)
+
+
+def test_a_sentinel_url_is_neither_a_cluster_nor_redacted_loosely():
+    with pytest.raises(ValueError, match="names a Sentinel primary"):
+        connect("redis+sentinel://127.0.0.1:1/m", cluster=True)
+    client = RedisResource(url="redis+sentinel://127.0.0.1:1/m").client()  # no connection made yet
+    assert is_sentinel(client) and not is_sentinel(redis.Redis())
+    shown = redact("redis+sentinel://app:secret1@s1:26379/m?sentinel_password=secret2")
+    assert "secret1" not in shown and "secret2" not in shown, shown
+
+
+# --- on a real primary, replica and sentinel -------------------------------------------------------------------
+
+
+def test_publish_and_read_through_the_sentinels_primary(sentinel_group: SentinelGroup, monkeypatch, tmp_path, capsys):
+    from precompute_assets.tools.cli import main
+
+    schema = KeySchema(f"s{uuid.uuid4().hex[:8]}")
+    publisher = connect(sentinel_group.url, socket_timeout=5)
+    keys = [f"ad{i}" for i in range(200)]
+    result = publish_version(
+        publisher, "ctr", "v1", [(k, i / 256) for i, k in enumerate(keys)], n_keys=200, schema=schema
+    )
+    assert result.keys == 200
+    with redis.Redis(port=sentinel_group.replica.port) as replica:  # the flip waited for the replica
+        assert replica.exists(schema.pointer("ctr"))
+    cache = PredictionCache.from_url(sentinel_group.url, namespace=schema.namespace, socket_timeout=1.0)
+    try:
+        assert cache.get_many("ctr", keys) == [i / 256 for i in range(200)]
+    finally:
+        cache.close()
+    assert reachable(sentinel_group.url) and not reachable("redis+sentinel://127.0.0.1:1/m")
+    monkeypatch.setattr(os, "environ", os.environ.copy())
+    monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("PRECOMPUTE_REDIS_URL", sentinel_group.url)
+    assert main(["status"]) == 0
+    out = capsys.readouterr().out
+    assert "redis     external  reachable" in out and ("(valkey " in out or "(redis " in out), out
+
+
+def test_a_killed_primary_is_replaced_under_a_running_client(sentinel_group: SentinelGroup):
+    schema = KeySchema(f"s{uuid.uuid4().hex[:8]}")
+    publisher = connect(sentinel_group.url, socket_timeout=2)
+    publish_version(publisher, "ctr", "v1", [("a", 0.25), ("b", 0.5)], n_keys=2, schema=schema)
+    cache = PredictionCache.from_url(
+        sentinel_group.url, namespace=schema.namespace, socket_timeout=0.5, log_events=False
+    )
+    try:
+        assert cache.get("ctr", "a") == 0.25
+        old = sentinel_group.primary.port
+        os.kill(sentinel_group.primary.pid, signal.SIGKILL)
+        new = sentinel_group.wait_failover(old)
+        assert new == sentinel_group.replica.port
+        deadline = time.monotonic() + 15  # misses while the client backs off, then the promoted primary answers
+        while cache.get("ctr", "a") != 0.25:
+            assert time.monotonic() < deadline, "the client never reached the promoted primary"
+            time.sleep(0.2)
+        assert cache.get_or_compute("ctr", "live-key", lambda key: 0.75) == 0.75
+        with redis.Redis(port=new) as promoted:  # the miss was stored on the new primary
+            assert promoted.exists(schema.live("ctr", "live-key"))
+        cache.logger.flush()  # the query logger's own connection found the promoted primary too
+        with redis.Redis(port=new) as promoted:
+            assert promoted.xlen(schema.query_log()) >= 2
+        publish_version(publisher, "ctr", "v2", [("a", 0.125)], n_keys=1, schema=schema, replica_wait_s=0)
+        assert cache.get("ctr", "a") in (0.25, 0.125)  # the pointer may be cached for pointer_ttl_s
+    finally:
+        cache.close()
+
+
+def test_redis_acl_apply_sets_the_users_on_the_primary_and_its_replicas(sentinel_group: SentinelGroup, monkeypatch):
+    from precompute_assets.tools.cli import main
+
+    namespace = f"s{uuid.uuid4().hex[:8]}"
+    monkeypatch.setattr(os, "environ", os.environ.copy())
+    monkeypatch.setenv("PRECOMPUTE_REDIS_ADMIN_URL", sentinel_group.url)
+    monkeypatch.setenv("PRECOMPUTE_REDIS_PUBLISHER_PASSWORD", "publisher-pw-0123456789")
+    monkeypatch.setenv("PRECOMPUTE_REDIS_READER_PASSWORD", "reader-pw-0123456789")
+    assert main(["redis", "acl", "--apply", "--namespace", namespace]) == 0
+    for server in (sentinel_group.primary, sentinel_group.replica):  # ACL users are per server, not replicated
+        with redis.Redis(port=server.port, decode_responses=True) as node:
+            assert {f"{namespace}-publisher", f"{namespace}-reader"} <= set(node.acl_users()), server.port
