@@ -6,7 +6,9 @@ A URL selects Redis Cluster with the query parameter ``cluster``: ``redis://host
 ``/0``).
 
 Redis Sentinel (a primary, its replicas, and sentinels that promote a replica when the primary dies) is selected by
-the scheme: ``redis+sentinel://[user:password@]host:port[,host:port...]/service[/db]``. The hosts are sentinels
+the scheme: ``redis+sentinel://[user:password@]host:port[,host:port...]/service[/db]`` (``rediss+sentinel://``: TLS
+to the sentinels and the data servers, with redis-py's ``ssl_cert_reqs``, ``ssl_ca_certs``, ``ssl_certfile``,
+``ssl_keyfile`` and ``ssl_check_hostname`` as parameters). The hosts are sentinels
 (port 26379 by default), ``service`` the name they monitor the primary by; user and password are the data servers'.
 ``?sentinel_username=...&sentinel_password=...`` authenticate to sentinels that require it. The client asks a
 sentinel for the current primary on every new connection, so after a failover it reconnects to the promoted one.
@@ -34,9 +36,11 @@ if TYPE_CHECKING:
 REDIS_ERRORS = (redis.RedisError, OSError, RedisClusterException)
 CLUSTER_PARAMETER = "cluster"
 CONNECT_RETRIES = 3  # attempts of a cluster client's constructor, each on the next node if one fails
-SENTINEL_SCHEME = "redis+sentinel"
+SENTINEL_SCHEMES = {"redis+sentinel": False, "rediss+sentinel": True}  # scheme: TLS?
 SENTINEL_PORT = 26379
 _SENTINEL_PARAMETERS = ("sentinel_username", "sentinel_password")
+# TLS options of a rediss+sentinel:// URL, as redis-py names them; they apply to the sentinels and the data servers.
+_TLS_PARAMETERS = ("ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_check_hostname")
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 
@@ -65,7 +69,7 @@ def split_cluster_url(url: str) -> tuple[str, bool | None]:
 
 @dataclass(frozen=True)
 class SentinelUrl:
-    """A ``redis+sentinel://`` URL taken apart (see the module docstring)."""
+    """A ``redis+sentinel://`` (``rediss+sentinel://``: TLS) URL taken apart (see the module docstring)."""
 
     sentinels: tuple[tuple[str, int], ...]
     service: str
@@ -74,38 +78,44 @@ class SentinelUrl:
     password: str | None = None
     sentinel_username: str | None = None
     sentinel_password: str | None = None
+    tls: tuple[tuple[str, str], ...] | None = None  # None: no TLS; else the TLS options given (maybe none)
 
 
 def parse_sentinel_url(url: str) -> SentinelUrl | None:
-    """``url`` taken apart when it names Redis Sentinel (``redis+sentinel://``), else None. ``ValueError`` (one line,
-    without the password) for a Sentinel URL without sentinels or service name, with a bad port or database, or with
-    a parameter other than ``sentinel_username`` and ``sentinel_password``."""
+    """``url`` taken apart when it names Redis Sentinel (``redis+sentinel://``, ``rediss+sentinel://``), else None.
+    ``ValueError`` (one line, without the password) for a Sentinel URL without sentinels or service name, with a bad
+    port or database, or with a parameter other than ``sentinel_username``, ``sentinel_password`` and (TLS only)
+    redis-py's ``ssl_*`` options."""
     scheme, _, rest = url.partition("://")
-    if scheme.lower() != SENTINEL_SCHEME:
-        if scheme.lower().endswith("+sentinel"):
-            raise ValueError(f"unknown Redis URL scheme {scheme!r}: Sentinel URLs start with {SENTINEL_SCHEME}://")
+    if scheme.lower() not in SENTINEL_SCHEMES:
+        if "sentinel" in scheme.lower():
+            raise ValueError(
+                f"unknown Redis URL scheme {scheme!r}: Sentinel URLs start with redis+sentinel:// or rediss+sentinel://"
+            )
         return None
-    parts = urlsplit(f"{SENTINEL_SCHEME}://{rest}")
+    tls = SENTINEL_SCHEMES[scheme.lower()]
+    parts = urlsplit(f"redis+sentinel://{rest}")
     userinfo, _, hosts = parts.netloc.rpartition("@")
     username, _, password = userinfo.partition(":")
     sentinels = tuple(_sentinel_address(host) for host in hosts.split(",") if host.strip())
     if not sentinels:
-        raise ValueError(
-            f"the Sentinel URL names no sentinel: expected {SENTINEL_SCHEME}://host:port[,host:port]/service"
-        )
+        raise ValueError(f"the Sentinel URL names no sentinel: expected {scheme}://host:port[,host:port]/service")
     path = [unquote(piece) for piece in parts.path.split("/") if piece]
     if not path or len(path) > 2:
         raise ValueError(f"the Sentinel URL's path must be /service or /service/db, not {parts.path or '(none)'!r}")
     if len(path) == 2 and not path[1].isdigit():
         raise ValueError(f"the Sentinel URL's database must be a whole number, not {path[1]!r}")
     query = parse_qsl(parts.query, keep_blank_values=True)
-    unknown = sorted({name for name, _ in query} - set(_SENTINEL_PARAMETERS))
+    known = _SENTINEL_PARAMETERS + (_TLS_PARAMETERS if tls else ())
+    unknown = sorted({name for name, _ in query} - set(known))
     if unknown:
+        needs_tls = "" if tls or not set(unknown) <= set(_TLS_PARAMETERS) else " (TLS options need rediss+sentinel://)"
         raise ValueError(
-            f"the Sentinel URL has unknown parameter(s) {', '.join(unknown)}: "
-            f"it knows {' and '.join(_SENTINEL_PARAMETERS)}"
+            f"the Sentinel URL has unknown parameter(s) {', '.join(unknown)}{needs_tls}: it knows {', '.join(known)}"
         )
     options = dict(query)
+    tls_options = tuple((name, value) for name, value in query if name in _TLS_PARAMETERS)
+    _tls_options(tls_options)  # a bad value is an error of the URL, not of the first connection
     return SentinelUrl(
         sentinels,
         path[0],
@@ -114,6 +124,7 @@ def parse_sentinel_url(url: str) -> SentinelUrl | None:
         unquote(password) or None,
         options.get("sentinel_username") or None,
         options.get("sentinel_password") or None,
+        tls_options if tls else None,
     )
 
 
@@ -448,10 +459,24 @@ def sentinel_primary(target: SentinelUrl, **options: Any) -> redis.Redis:
 
     timeouts = {name: options[name] for name in ("socket_timeout", "socket_connect_timeout") if name in options}
     credentials = {"username": target.sentinel_username, "password": target.sentinel_password}
-    sentinels = Sentinel(list(target.sentinels), sentinel_kwargs={**timeouts, **credentials})
+    tls = {} if target.tls is None else {"ssl": True, **_tls_options(target.tls)}
+    sentinels = Sentinel(list(target.sentinels), sentinel_kwargs={**timeouts, **credentials, **tls})
     return sentinels.master_for(
-        target.service, db=target.db, username=target.username, password=target.password, **options
+        target.service, db=target.db, username=target.username, password=target.password, **tls, **options
     )
+
+
+def _tls_options(given: Sequence[tuple[str, str]]) -> dict[str, Any]:
+    """redis-py's keyword arguments for the ``ssl_*`` options of a URL (``ssl_check_hostname`` a boolean)."""
+    options: dict[str, Any] = {}
+    for name, value in given:
+        if name == "ssl_check_hostname":
+            if value.strip().lower() not in _TRUE + _FALSE:
+                raise ValueError(f"the Sentinel URL's ssl_check_hostname={value!r} is not one of 1/0, true/false")
+            options[name] = value.strip().lower() in _TRUE
+        else:
+            options[name] = value
+    return options
 
 
 def sentinel_servers(client: redis.Redis) -> list[redis.Redis]:
@@ -460,10 +485,10 @@ def sentinel_servers(client: redis.Redis) -> list[redis.Redis]:
     pool = client.connection_pool
     manager = pool.sentinel_manager
     replicas = manager.discover_slaves(pool.service_name)
-    kwargs = {
-        name: pool.connection_kwargs.get(name)
-        for name in ("username", "password", "db", "socket_timeout", "socket_connect_timeout")
-    }
+    names = ("username", "password", "db", "socket_timeout", "socket_connect_timeout", *_TLS_PARAMETERS)
+    kwargs = {name: pool.connection_kwargs[name] for name in names if name in pool.connection_kwargs}
+    if issubclass(pool.connection_class, redis.SSLConnection):
+        kwargs["ssl"] = True
     return [client, *(redis.Redis(host=host, port=port, **kwargs) for host, port in replicas)]
 
 

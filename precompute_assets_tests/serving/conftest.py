@@ -169,8 +169,10 @@ class SentinelServer(RedisServer):
     """A sentinel (the embedded server with ``--sentinel``) monitoring the primary on ``primary_port`` as ``SERVICE``,
     with a quorum of one and a short down-after, so a killed primary is replaced within a few seconds."""
 
-    def __init__(self, directory: Path, port: int, primary_port: int) -> None:
-        super().__init__(directory, port)
+    def __init__(
+        self, directory: Path, port: int, primary_port: int, *, binary: str | None = None, extra_config: tuple = ()
+    ) -> None:
+        super().__init__(directory, port, binary=binary, extra_config=extra_config)
         self.primary_port = primary_port
 
     def config(self, version: tuple[int, ...]) -> list[str]:
@@ -184,6 +186,7 @@ class SentinelServer(RedisServer):
             f"sentinel monitor {SERVICE} 127.0.0.1 {self.primary_port} 1",
             f"sentinel down-after-milliseconds {SERVICE} 500",
             f"sentinel failover-timeout {SERVICE} 5000",
+            *self.extra_config,
         ]
 
     def start(self, timeout_s: float = 30) -> None:

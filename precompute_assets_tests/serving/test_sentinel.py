@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 import uuid
 
@@ -15,9 +16,10 @@ import redis
 from precompute_assets.defs.resources import RedisResource
 from precompute_assets.serving import KeySchema, PredictionCache, connect, publish_version
 from precompute_assets.serving.connection import SentinelUrl, is_sentinel, parse_sentinel_url
-from precompute_assets.stack import reachable, redact
+from precompute_assets.stack import RedisServer, free_port, reachable, redact
 
-from .conftest import SentinelGroup
+from .conftest import SentinelGroup, SentinelServer
+from .test_auth_tls import tls_redis_server
 
 # --- the URL (no server) --------------------------------------------------------------------------------------
 
@@ -30,6 +32,10 @@ def test_a_sentinel_url_is_taken_apart():
     assert parse_sentinel_url(
         "REDIS+SENTINEL://app:p%40ss@s1:26379/my%20master/3?sentinel_username=sen&sentinel_password=sp"
     ) == SentinelUrl((("s1", 26379),), "my master", 3, "app", "p@ss", "sen", "sp")
+    assert parse_sentinel_url("rediss+sentinel://s1/m?ssl_cert_reqs=required&ssl_ca_certs=/ca.pem").tls == (
+        ("ssl_cert_reqs", "required"),
+        ("ssl_ca_certs", "/ca.pem"),
+    )
 
 
 @pytest.mark.parametrize(
@@ -42,7 +48,9 @@ def test_a_sentinel_url_is_taken_apart():
         ("redis+sentinel://s1:99999/m", "is not host:port"),
         ("redis+sentinel://s1:port/m", "is not host:port"),
         ("redis+sentinel://s1/m?cluster=1", "unknown parameter"),
-        ("rediss+sentinel://s1/m", "unknown Redis URL scheme"),
+        ("redis+sentinels://s1/m", "unknown Redis URL scheme"),
+        ("redis+sentinel://s1/m?ssl_ca_certs=/ca.pem", "TLS options need rediss"),
+        ("rediss+sentinel://s1/m?ssl_check_hostname=maybe", "not one of"),
     ],
 )
 def test_a_bad_sentinel_url_is_one_clear_error(url, message):
@@ -131,3 +139,43 @@ def test_redis_acl_apply_sets_the_users_on_the_primary_and_its_replicas(sentinel
     for server in (sentinel_group.primary, sentinel_group.replica):  # ACL users are per server, not replicated
         with redis.Redis(port=server.port, decode_responses=True) as node:
             assert {f"{namespace}-publisher", f"{namespace}-reader"} <= set(node.acl_users()), server.port
+
+
+@pytest.mark.skipif(tls_redis_server() is None, reason="no TLS-capable redis-server (apt-get install redis-server)")
+def test_rediss_sentinel_url_speaks_tls_to_the_sentinel_and_the_primary(tmp_path, session_dir):
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+         "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    tls = (f"tls-cert-file {cert}", f"tls-key-file {key}", f"tls-ca-cert-file {cert}", "tls-auth-clients no")
+    primary_tls, sentinel_tls = free_port(), free_port()
+    binary = tls_redis_server()
+    base = session_dir / "servers"
+    primary = RedisServer(
+        base / uuid.uuid4().hex[:8], free_port(), binary=binary, extra_config=(f"tls-port {primary_tls}", *tls)
+    )
+    sentinel = SentinelServer(
+        base / uuid.uuid4().hex[:8],
+        free_port(),
+        primary_tls,  # the sentinel watches the primary over TLS, and names its TLS port to clients
+        binary=binary,
+        extra_config=(f"tls-port {sentinel_tls}", "tls-replication yes", *tls),
+    )
+    try:
+        primary.start(timeout_s=30)
+        sentinel.start()
+        url = f"rediss+sentinel://127.0.0.1:{sentinel_tls}/serving?ssl_cert_reqs=required&ssl_ca_certs={cert}"
+        schema = KeySchema(f"s{uuid.uuid4().hex[:8]}")
+        publish_version(connect(url, socket_timeout=5), "ctr", "v1", [("ad1", 0.25)], n_keys=1, schema=schema)
+        cache = PredictionCache.from_url(url, namespace=schema.namespace, socket_timeout=5)
+        try:
+            assert cache.get("ctr", "ad1") == 0.25
+        finally:
+            cache.close()
+        with pytest.raises(redis.ConnectionError):  # plain text to the sentinel's TLS port is refused
+            connect(url.replace("rediss+", "redis+").split("?")[0], socket_timeout=2).ping()
+    finally:
+        sentinel.stop()
+        primary.stop()
