@@ -269,6 +269,7 @@ def test_publishing_the_same_predictions_again_records_the_current_version(
 
     again = publish()
     assert again["version"] == first.version and again["already_current"] is True
+    assert again["keys_written"] == 0 and "keys_per_s" not in again  # nothing was written: no throughput to plot
     assert Pointer.decode(redis_client.get(schema.pointer("ctr"))) == first
     lake = Lake(lake_uri)
     changed = lake.read("ctr_predictions", DAYS[-1])
@@ -276,6 +277,7 @@ def test_publishing_the_same_predictions_again_records_the_current_version(
     lake.write("ctr_predictions", DAYS[-1], changed.iloc[::-1])  # row order alone would not name a new version
     other = publish()
     assert other["version"] != first.version and other["already_current"] is False
+    assert other["keys_written"] == len(changed) and other["keys_per_s"] > 0
     assert other["version"].startswith(f"{DAYS[-1]}.") and other["previous_version"] == first.version
 
 
