@@ -443,6 +443,23 @@ def _split(trace: Trace, days: int, values: np.ndarray) -> list[np.ndarray]:
     return [values[bounds[d] : bounds[d + 1]] for d in range(days)]
 
 
+# What each policy of ``replay`` is called in its progress messages.
+POLICY_NAMES = {
+    "lru": "LRU",
+    "s3fifo": "S3-FIFO",
+    "arc": "ARC",
+    "static_top_n": "static top-N",
+    "ours": "ours (top-N + LRU)",
+    "belady": "Belady's MIN",
+    "oracle_preload": "the oracle preload",
+}
+
+
+def replay_stages(*, auto: bool, admission: bool, baselines: bool = True) -> int:
+    """How many pieces of work ``replay`` announces to its ``progress`` with these options."""
+    return auto + (7 if baselines else 2) + (admission * (1 + baselines))
+
+
 def replay(
     day_keys: Sequence[np.ndarray],
     *,
@@ -455,6 +472,7 @@ def replay(
     admission_window: int | None = None,
     ranked: Sequence[Sequence[Hashable]] | None = None,
     baselines: bool = True,
+    progress: Callable[[str], None] | None = None,
 ) -> dict:
     """Hit rates over days W..D-1 (days 0..W-1, ``warmup_days``, only warm the caches) of five policies and
     two offline bounds.
@@ -493,7 +511,10 @@ def replay(
 
     ``baselines=False`` leaves out what depends on the trace and capacity alone (LRU, S3-FIFO, ARC, the bounds
     and the LRU with admission), for a caller that compares rankings on the same trace and has them once.
+
+    ``progress`` is told the name of each piece of work as it starts (``replay_stages`` counts them).
     """
+    say = progress or (lambda name: None)
     live_tier = None if admission is None else _live_tier(admission, admission_window, capacity)
     auto = isinstance(top_n, str)
     if auto and top_n != "auto":
@@ -527,6 +548,7 @@ def replay(
     else:
         ranking = _ranked_keys(days[:warmup_days], limit=limit, half_life_days=half_life_days)
     if auto:
+        say("tuning the precompute share")
         shares, chosen = _self_tuned_shares(days, capacity, ranking, warmup_days=warmup_days)
         slots: int | list[int] = [capacity - share for share in shares]
     else:
@@ -536,23 +558,29 @@ def replay(
         slots = capacity - top_n
     counted = days[warmup_days:]
     requests = sum(len(day) for day in counted)
-    hits = {
-        "static_top_n": sum(_static_hits(day, chosen[warmup_days + d]) for d, day in enumerate(counted)),
-        "ours": _lru_hits(days, slots, precomputed=chosen, count_from=warmup_days),
+    policies: dict[str, Callable[[], int]] = {
+        "static_top_n": lambda: sum(_static_hits(day, chosen[warmup_days + d]) for d, day in enumerate(counted)),
+        "ours": lambda: _lru_hits(days, slots, precomputed=chosen, count_from=warmup_days),
     }
     if baselines:
-        hits = {
-            "lru": _lru_hits(days, capacity, count_from=warmup_days),
-            "s3fifo": _s3fifo_hits(days, capacity, count_from=warmup_days),
-            "arc": _arc_hits(days, capacity, count_from=warmup_days),
-            **hits,
-            "belady": belady_hits(days, capacity, warmup_days=warmup_days),
-            "oracle_preload": sum(oracle_preload_day_hits(day, capacity) for day in counted),
+        policies = {
+            "lru": lambda: _lru_hits(days, capacity, count_from=warmup_days),
+            "s3fifo": lambda: _s3fifo_hits(days, capacity, count_from=warmup_days),
+            "arc": lambda: _arc_hits(days, capacity, count_from=warmup_days),
+            **policies,
+            "belady": lambda: belady_hits(days, capacity, warmup_days=warmup_days),
+            "oracle_preload": lambda: sum(oracle_preload_day_hits(day, capacity) for day in counted),
         }
+    hits = {}
+    for name, run in policies.items():
+        say(f"replaying {POLICY_NAMES[name]}")
+        hits[name] = run()
     if live_tier is not None:
         live = live_tier(keys)
         if baselines:
+            say(f"replaying {POLICY_NAMES['lru']} with admission")
             hits["lru_admission"] = sum(live(days, capacity)[warmup_days:])
+        say(f"replaying {POLICY_NAMES['ours']} with admission")
         if auto:  # the share is tuned on the live tier it shares the capacity with
             shares_admission, chosen_admission = _self_tuned_shares(
                 days, capacity, ranking, warmup_days=warmup_days, live=live

@@ -518,6 +518,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
         raise CliError(f"--prefetch-threshold must be a probability between 0 and 1, got {args.prefetch_threshold}")
     demand = [name for name in strategies if name != "prefetch"]
     stages = 2 + (arms is not None) + learned
+    if not (demand or learned):  # the policies replay here, each announced: not one stage of minutes
+        from ..ml.replay import replay_stages
+
+        stages += replay_stages(auto=args.top_n == "auto", admission=args.admission is not None) - 1
     if demand:
         from ..ml.strategies import progress_stages
 
@@ -570,7 +574,9 @@ def _replay_stages(
         demand_strategies = [name for name in strategies if name != "prefetch"]
         # More than the policies to replay: each piece in a process of its own, while the LSTM trains here.
         with _replay_pool(bool(demand_strategies) or learned) as pool:
-            stage(f"replaying the policies over {len(trace.keys):,} requests")
+            requests = f"{len(trace.keys):,} requests"
+            if pool:
+                stage(f"replaying the policies over {requests}")
             policies = dict(top_n=args.top_n, capacity=args.capacity, admission=args.admission)
             replayed = pool.submit(replay, day_keys, **policies) if pool else None
             if learned:
@@ -590,7 +596,11 @@ def _replay_stages(
                     progress=stage,
                     pool=pool,
                 )
-            result = replayed.result() if replayed else replay(day_keys, **policies)
+            result = (
+                replayed.result()
+                if replayed
+                else replay(day_keys, **policies, progress=lambda name: stage(f"{name} over {requests}"))
+            )
             if sample is not None:
                 rates = {name: value for name, value in result.items() if name.startswith("hit_rate_")}
                 # the shortfall counts as hits of the hottest keys: not for a static top-N that holds no key

@@ -33,6 +33,37 @@ def test_replay_prints_one_json_object_with_the_five_rates(tmp_path, capsys):
     assert result["requests"] == 15_000
 
 
+@pytest.mark.parametrize(
+    "options", [["--top-n", "50"], ["--top-n", "auto"], ["--top-n", "auto", "--admission", "probation"]]
+)
+def test_replay_announces_each_policy_and_its_bar_ends_full(tmp_path, capsys, monkeypatch, options):
+    """A policies-only replay of a long trace showed two stages with minutes between them: each policy is a stage
+    now, and the bar's total is the number of stages announced."""
+    import precompute_assets.tools.cli as cli
+
+    seen: dict = {"names": []}
+
+    class Recorder(cli._Stages):
+        def __init__(self, total: int) -> None:
+            super().__init__(total)
+            seen["total"] = total
+
+        def __call__(self, name: str) -> None:
+            seen["names"].append(name)
+            super().__call__(name)
+
+    monkeypatch.setattr(cli, "_Stages", Recorder)
+    rng = np.random.default_rng(0)
+    trace = tmp_path / "trace.txt"
+    trace.write_text("\n".join(f"user:{k}" for k in np.minimum(rng.zipf(1.3, 8_000), 2000)) + "\n")
+    assert main(["replay", "--trace", str(trace), "--days", "4", "--capacity", "200", *options]) == 0
+    assert json.loads(capsys.readouterr().out)["requests"] == 6_000
+    assert len(seen["names"]) == seen["total"], seen
+    assert {"LRU over 8,000 requests", "ARC over 8,000 requests", "Belady's MIN over 8,000 requests"} <= set(
+        name.replace("replaying ", "") for name in seen["names"]
+    ), seen
+
+
 def test_replay_of_a_sample_scales_the_cache_and_adjusts_the_rates_it_reports(tmp_path, capsys):
     rng = np.random.default_rng(1)
     trace = tmp_path / "trace.txt"
