@@ -193,17 +193,23 @@ class RedisServer:
         finally:
             client.close()
 
-    def config(self, version: tuple[int, ...]) -> list[str]:
-        # Version buckets hold up to ~128 values of up to 312 bytes (int8 embeddings): keep them in the
-        # compact listpack encoding. Redis 7+ and Valkey name it listpack; 6.2 only knows the ziplist name.
-        compact = "hash-max-listpack-value" if version >= (7,) else "hash-max-ziplist-value"
-        lines = [
+    def process_config(self) -> list[str]:
+        """Where the server listens and keeps its files: 127.0.0.1 only, daemonized, everything in ``dir``."""
+        return [
             "bind 127.0.0.1",
             f"port {self.port}",
             "daemonize yes",
             f"pidfile {config_string(self.dir / 'redis.pid')}",
             f"logfile {config_string(self.dir / 'redis.log')}",
             f"dir {config_string(self.dir)}",
+        ]
+
+    def config(self, version: tuple[int, ...]) -> list[str]:
+        # Version buckets hold up to ~128 values of up to 312 bytes (int8 embeddings): keep them in the
+        # compact listpack encoding. Redis 7+ and Valkey name it listpack; 6.2 only knows the ziplist name.
+        compact = "hash-max-listpack-value" if version >= (7,) else "hash-max-ziplist-value"
+        lines = [
+            *self.process_config(),
             # The query-log stream holds events not yet materialized: keep it across restarts.
             "appendonly yes",
             "appendfsync everysec",

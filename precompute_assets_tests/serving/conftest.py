@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from precompute_assets.stack import RedisServer, config_string, free_port
+from precompute_assets.stack import RedisServer, free_port
 
 SLOTS = 16384
 CLUSTER_CONFIG = (
@@ -177,12 +177,7 @@ class SentinelServer(RedisServer):
 
     def config(self, version: tuple[int, ...]) -> list[str]:
         return [
-            "bind 127.0.0.1",
-            f"port {self.port}",
-            "daemonize yes",
-            f"pidfile {config_string(self.dir / 'redis.pid')}",
-            f"logfile {config_string(self.dir / 'redis.log')}",
-            f"dir {config_string(self.dir)}",
+            *self.process_config(),
             f"sentinel monitor {SERVICE} 127.0.0.1 {self.primary_port} 1",
             f"sentinel down-after-milliseconds {SERVICE} 500",
             f"sentinel failover-timeout {SERVICE} 5000",

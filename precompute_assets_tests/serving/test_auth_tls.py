@@ -32,14 +32,20 @@ def tls_redis_server() -> str | None:
     return None if b"tls-port" in probe.stdout + probe.stderr else binary
 
 
-@pytest.mark.skipif(tls_redis_server() is None, reason="no TLS-capable redis-server (apt-get install redis-server)")
-def test_rediss_url_with_a_verified_certificate(tmp_path, redis_server):
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+def self_signed_certificate(folder) -> tuple:
+    """A key and a self-signed certificate for 127.0.0.1, valid for a day: ``(key.pem, cert.pem)`` in ``folder``."""
+    key, cert = folder / "key.pem", folder / "cert.pem"
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
          "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
         check=True, capture_output=True,
     )  # fmt: skip
+    return key, cert
+
+
+@pytest.mark.skipif(tls_redis_server() is None, reason="no TLS-capable redis-server (apt-get install redis-server)")
+def test_rediss_url_with_a_verified_certificate(tmp_path, redis_server):
+    key, cert = self_signed_certificate(tmp_path)
     port = free_port()
     redis_server(
         password="tls-pw",
