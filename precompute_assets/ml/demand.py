@@ -306,10 +306,11 @@ def train_lstm(
     data: HourlyCounts, hp: DemandHyperParams, last_day: int, *, init_state: Mapping[str, torch.Tensor] | None = None
 ) -> tuple[torch.nn.Module, dict]:
     """An LSTM trained to forecast days ``window_days .. last_day - 1`` (never ``last_day``) of up to
-    ``max_train_keys`` keys sampled by ``seed``, warm-started from ``init_state`` when its shapes fit; returns the
-    model and ``{"seconds", "epochs", "samples", "warm_started"}``. ``max_seconds`` bounds everything here, feature
-    building included (``seconds`` is that whole time); training stops at ``max_epochs`` or when the clock runs
-    out, checked after every batch."""
+    ``max_train_keys`` keys sampled by ``seed`` among those requested before ``last_day`` (nothing of ``last_day``
+    or later, not even which keys it holds, changes the training), warm-started from ``init_state`` when its shapes
+    fit; returns the model and ``{"seconds", "epochs", "samples", "warm_started"}``. ``max_seconds`` bounds
+    everything here, feature building included (``seconds`` is that whole time); training stops at ``max_epochs`` or
+    when the clock runs out, checked after every batch."""
     import torch
     from torch import nn
 
@@ -319,7 +320,9 @@ def train_lstm(
         raise ValueError(f"need at least 3 days of logs to train and hold back a day, got {data.n_days}")
     hp_window = DemandHyperParams(**{**hp.__dict__, "window_days": window})
     rng = np.random.default_rng(hp.seed)
-    rows = np.arange(len(data.keys))
+    # Keys requested before last_day only: a key that appears first on (or after) the held-back day has nothing to
+    # learn from before it, and letting it into the sample would let that day's key set choose the training rows.
+    rows = np.flatnonzero((data.counts[:, : data.day_start(last_day)] > 0).any(axis=1))
     if len(rows) > hp.max_train_keys:
         rows = np.sort(rng.choice(rows, hp.max_train_keys, replace=False))
     # Only the sampled keys are ever looked at: their counts, first hours and daily totals.

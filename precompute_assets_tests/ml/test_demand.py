@@ -80,6 +80,27 @@ def test_on_stationary_zipf_traffic_the_winner_is_whoever_scores_best():
     assert e.hit_rate[e.best_baseline] == best
 
 
+def test_keys_first_seen_on_the_held_back_day_do_not_change_the_training():
+    """The held-back day is never trained on: not its counts, and not which keys it holds (keys only it requested
+    must not enter the training sample, where they would displace others and teach all-zero rows)."""
+    hp = DemandHyperParams(top_n=20, max_epochs=2, max_seconds=60, max_train_keys=50, threads=1)
+    days = 10
+
+    def with_newcomers():
+        for day, start, counts in synthetic_hours(n_keys=120, days=days, seed=4):
+            if day == days - 1:  # 60 keys requested on the held-back day only, sorted among the others
+                counts = pd.concat([counts, pd.Series(50, index=[f"k{i:04d}n" for i in range(60)])])
+            yield day, start, counts
+
+    plain = evaluate_demand(HourlyCounts.from_hours(synthetic_hours(n_keys=120, days=days, seed=4)), hp)
+    newcomers = evaluate_demand(HourlyCounts.from_hours(with_newcomers()), hp)
+    assert newcomers.evaluation.keys == plain.evaluation.keys + 60
+    for name, tensor in plain.state_dict().items():
+        assert torch.equal(tensor, newcomers.state_dict()[name]), name
+    ours = plain.evaluation.forecasts["lstm"]
+    assert np.array_equal(newcomers.evaluation.forecasts["lstm"].reindex(ours.index).to_numpy(), ours.to_numpy())
+
+
 def test_training_is_deterministic_under_a_seed_and_warm_starts(weekly, weekly_result):
     hp = DemandHyperParams(top_n=20, max_epochs=1, max_seconds=60, threads=1)
     a, b = evaluate_demand(weekly, hp), evaluate_demand(weekly, hp)
