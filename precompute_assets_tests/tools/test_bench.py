@@ -138,6 +138,23 @@ def test_bench_rerank_reports_ours_beside_a_bare_hmget(redis_url, redis_client):
     assert not list(redis_client.scan_iter("bench*"))
 
 
+def test_bench_rerank_warms_every_side_it_compares_alike(redis_url, monkeypatch):
+    from precompute_assets.tools import bench
+
+    calls = []
+    real_timed = bench.timed
+
+    def recording(fn, keys):
+        calls.append((fn.__name__, len(keys)))
+        return real_timed(fn, keys)
+
+    monkeypatch.setattr(bench, "timed", recording)
+    bench.bench_rerank(redis_url, docs=500, dim=8, candidates=10, queries=300)
+    warmed = [name for name, n in calls if n == 200]  # the warm-up's 200 sets; measured blocks are 100
+    assert sorted(warmed) == ["bare", "ours", "redis_py"]
+    assert calls[: len(warmed)] == [(name, 200) for name in warmed]  # all warmed before the first measured block
+
+
 def test_bench_embed_reports_the_service_backend_beside_its_bare_encode(redis_url, app_db_url, redis_client):
     from precompute_assets.tools.bench import bench_embed
 
