@@ -323,16 +323,20 @@ def top_ads(
             cache_capacity=config.cache_capacity,
             share_admission=config.admission,
             share_hit_rate=choice.hit_rates[choice.share],
+            share_tuned_hit_rate=choice.tuned_hit_rate,
             read_through_hit_rate=choice.hit_rates[0],
             share_replayed_requests=choice.requests,
             share_sample_rate=choice.sample_rate,
             share_candidates=dg.MetadataValue.json({str(n): rate for n, rate in choice.hit_rates.items()}),
         )
+        # The chosen share's own rate is the best candidate on the days that chose it: in-sample, never below
+        # read-through. The self-tuning policy replayed out of sample (each day's share from the days before it)
+        # is the rate to set beside read-through.
         context.log.info(
-            f"self-tuned share: {top_n} of {config.cache_capacity} keys (replayed hit rate "
-            f"{choice.hit_rates[top_n]:.4f}, read-through only {choice.hit_rates[0]:.4f}, "
-            f"{choice.requests} logged requests on the counted days, replayed on a sample of {choice.sample_rate:.2%} "
-            f"of the keys, live tier: {config.admission})"
+            f"self-tuned share: {top_n} of {config.cache_capacity} keys (self-tuned shares replayed day by day: hit "
+            f"rate {choice.tuned_hit_rate:.4f} against read-through only {choice.hit_rates[0]:.4f}; this share on "
+            f"the days that chose it {choice.hit_rates[top_n]:.4f}; {choice.requests} logged requests on the counted "
+            f"days, replayed on a sample of {choice.sample_rate:.2%} of the keys, live tier: {config.admission})"
         )
     arm_metadata: dict = {}
     if running is None:

@@ -864,11 +864,16 @@ def _self_tuned_shares(
     counted days W..d-1 (ties: the smaller N), so nothing of day d or later is used. The first counted day has
     no evidence and takes N = 0, as do the warm-up days.
     """
-    day_hits = _candidate_day_hits(days, capacity, ranking, live)
-    shares = [0] * len(days)
-    for d in range(warmup_days + 1, len(days)):
-        shares[d] = _best_share(day_hits, warmup_days, d)
+    shares = _day_shares(_candidate_day_hits(days, capacity, ranking, live), len(days), warmup_days)
     return shares, [keys[:share] for keys, share in zip(ranking, shares, strict=True)]
+
+
+def _day_shares(day_hits: dict[int, list[int]], n_days: int, warmup_days: int) -> list[int]:
+    """Each day's share N, from the candidates' hits on the counted days before it (0 without any)."""
+    shares = [0] * n_days
+    for d in range(warmup_days + 1, n_days):
+        shares[d] = _best_share(day_hits, warmup_days, d)
+    return shares
 
 
 @dataclass(frozen=True)
@@ -880,6 +885,10 @@ class ShareChoice:
     hit_rates: dict[int, float]  # candidate N -> hit rate of "top-N + LRU of C-N" on the counted days
     requests: int  # requests on the counted days
     sample_rate: float = 1.0  # the share of keys replayed (``tune_share``'s ``max_requests``)
+    # The counted days replayed as ``replay``'s ``top_n="auto"`` runs them: each day's N chosen from the days before
+    # it only. ``hit_rates[share]`` is the best candidate on the very days it was chosen on, so never below
+    # ``hit_rates[0]``; this rate is the one to set beside read-through.
+    tuned_hit_rate: float = 0.0
 
 
 def tune_share(
@@ -905,7 +914,11 @@ def tune_share(
     that holds about that many, with C scaled alike (``sampled_size``; never below 16 keys, so the candidates stay
     distinct); ``sample_rate`` says which, and ``hit_rates`` are adjusted to the whole history (``shards_adjusted``),
     which leaves their order, and so the choice, as it was on the sample. ``sampled=(rate, requests per day)`` says
-    ``day_keys`` (and ``ranked``) already are such a sample (``shards_keep``) of days that held those requests."""
+    ``day_keys`` (and ``ranked``) already are such a sample (``shards_keep``) of days that held those requests.
+
+    The chosen candidate's rate is measured on the days that chose it; ``tuned_hit_rate`` is the out-of-sample one:
+    the history replayed with each counted day's share chosen from the days before it (``replay``'s ours with
+    ``top_n="auto"``, on the same live tier)."""
     if capacity < 1:
         raise ValueError(f"capacity must be at least 1, got {capacity}")
     if max_requests is not None and max_requests < 1:
@@ -938,14 +951,20 @@ def tune_share(
     tuned = sampled_size(capacity, rate)
     ranking = [ranked_codes[:tuned] for ranked_codes in ranking]
     live_tier = None if admission is None else _live_tier(admission, None, tuned)
-    day_hits = _candidate_day_hits(days, tuned, ranking, None if live_tier is None else live_tier(keys))
+    live = _lru_day_hits if live_tier is None else live_tier(keys)
+    day_hits = _candidate_day_hits(days, tuned, ranking, live)
     counted = sum(len(day) for day in days[warmup_days:])
     share = _best_share(day_hits, warmup_days, len(days)) if counted else 0
     rates = {n: (sum(hits[warmup_days:]) / counted if counted else 0.0) for n, hits in day_hits.items()}
+    shares = _day_shares(day_hits, len(days), warmup_days)
+    chosen = [ranked_codes[:n] for ranked_codes, n in zip(ranking, shares, strict=True)]
+    out_of_sample = live(days, [tuned - n for n in shares], precomputed=chosen)
+    tuned_rate = sum(out_of_sample[warmup_days:]) / counted if counted else 0.0
     if rate < 1:  # each sampled candidate stands for the whole history's candidate of the same fraction of C
         whole = dict(zip(share_candidates(tuned), share_candidates(capacity), strict=True))
         share, rates = whole[share], shards_adjusted({whole[n]: r for n, r in rates.items()}, rate, counted, requests)
-    return ShareChoice(share, capacity, rates, requests, rate)
+        tuned_rate = shards_adjusted({"tuned": tuned_rate}, rate, counted, requests)["tuned"]
+    return ShareChoice(share, capacity, rates, requests, rate, tuned_rate)
 
 
 def _static_hits(day: np.ndarray, chosen: set[Hashable]) -> int:
