@@ -10,6 +10,7 @@ are Poisson(multiplicity): exact, and its cost grows with the number of distinct
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import replace
@@ -216,8 +217,10 @@ def ab_replay(
     """The A/B experiment replayed on a trace: ``{"ab": {...}}`` to merge into ``precompute replay``'s JSON.
 
     The trace is cut into ``days`` days as ``compare_strategies`` cuts it. Each day, each arm's strategy ranks
-    the keys hashed into its arm from the days before only (``strategy_sets`` on that arm's requests alone) and
-    precomputes its budget (``arm_budgets(top_n)``); the union is precomputed, beside one read-through LRU of
+    every key from the days before only, as ``top_ads`` ranks them under an experiment (``rankings_of`` on all the
+    requests: a learned strategy's model is trained on all the traffic, as ``demand_model``'s is, and approved at
+    ``top_n``), and the arm precomputes its budget (``arm_budgets(top_n)``) of the keys hashed into it, best first
+    (``split_selection``'s rule); the union is precomputed, beside one read-through LRU of
     ``capacity - top_n`` keys that both arms share: ``replay``'s "ours" with these ``precomputed=`` sets (its
     warm-up days keep replay's own selection). Every counted request's outcome then goes to ``arm_report``.
     ``admission`` (a serving admission policy's name) replaces that LRU by the policy's live tier, as ``replay``
@@ -227,7 +230,7 @@ def ab_replay(
     more LRU room to the other arm, which narrows the measured difference rather than inflating it. ``hp`` and
     ``lstm_budget_s`` default to ``compare_strategies``'s.
     """
-    from .strategies import LSTM_BUDGET_S, MARGIN, REPLAY_HYPER_PARAMS, TraceHours, strategy_sets, trace_hours
+    from .strategies import LSTM_BUDGET_S, MARGIN, REPLAY_HYPER_PARAMS, rankings_of, trace_hours
 
     hp = REPLAY_HYPER_PARAMS if hp is None else hp
     lstm_budget_s = LSTM_BUDGET_S if lstm_budget_s is None else lstm_budget_s
@@ -242,17 +245,24 @@ def ab_replay(
     day_keys = hours.day_keys()
     if not 1 <= warmup_days <= max(1, days - 1):
         raise ValueError(f"warmup_days must be at least 1 and less than the {days} days, got {warmup_days}")
-    key_arm = arms_of(salt, hours.keys, names)
+    key_codes, unique = pd.factorize(hours.keys)
+    unique_arm = arms_of(salt, unique, names)
+    key_arm = unique_arm[key_codes]
     budgets = dict(zip(names, arm_budgets(top_n), strict=True))
     trained_days = max(0, days - 3)  # as compare_strategies: the LSTM's seconds shared by the days it trains on
     per_day = min(hp.max_seconds, lstm_budget_s / trained_days) if trained_days else hp.max_seconds
+    # Every key's history ranks, as in top_ads: a learned strategy trained on one arm's keys alone would see half
+    # the traffic its production model learns from (the baselines rank each key by its own counts either way).
+    arm_of_key = dict(zip(unique.tolist(), unique_arm.tolist(), strict=True))
+    ranked = rankings_of(hours, list(names), len(unique), hp=replace(hp, max_seconds=per_day, top_n=top_n),
+                         margin=MARGIN if margin is None else margin)  # fmt: skip
     arm_sets, infos = {}, {}
     for name in names:
-        mask = key_arm == name  # the arm's requests on the same days and hours: its strategy sees its keys only
-        sub = TraceHours(hours.keys[mask], hours.day[mask], hours.hour[mask], hours.n_days)
-        arm_sets[name], infos[name] = strategy_sets(
-            sub, name, budgets[name], hp=replace(hp, max_seconds=per_day), margin=MARGIN if margin is None else margin
-        )
+        rankings, infos[name] = ranked[name]
+        arm_sets[name] = [
+            set(itertools.islice((key for key in ranking if arm_of_key[key] == name), budgets[name]))
+            for ranking in rankings
+        ]
     union = [arm_sets[names[0]][d] | arm_sets[names[1]][d] for d in range(days)]
 
     codes, index = _as_codes(day_keys)

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from precompute_assets.ml.demand import DemandHyperParams
 from precompute_assets.ml.experiment import (
     ab_replay,
     arm_budgets,
@@ -289,6 +290,29 @@ def test_ab_replay_is_replays_ours_with_the_union_of_the_arms_sets():
                           admission=admission)  # fmt: skip
         assert tier["hit_rate_ours"] == pytest.approx(expected["hit_rate_ours_admission"])
         assert tier["admission"] == admission and tier["hit_rate_ours"] != out["hit_rate_ours"]
+
+
+def test_ab_replay_trains_a_learned_arm_on_all_the_traffic_as_top_ads_does(monkeypatch):
+    """Under an experiment top_ads ranks by demand_model's LSTM, trained on every key, and splits afterwards: the
+    replayed LSTM arm learns from the same traffic, not from its own half of the keys."""
+    from precompute_assets.ml import strategies
+
+    trained_on = []
+    real = strategies.evaluate_demand
+
+    def recording(history, hp, **kwargs):
+        trained_on.append(set(history.keys.tolist()))
+        return real(history, hp, **kwargs)
+
+    monkeypatch.setattr(strategies, "evaluate_demand", recording)
+    trace = weekly_trace(days=6, per_day=400, hot=30, seed=2)
+    hp = DemandHyperParams(max_epochs=1, max_seconds=30, max_train_keys=500, threads=1)
+    out = ab_replay(trace, 6, arms=("frequency", "lstm"), top_n=20, capacity=30, salt="s", warmup_days=3, hp=hp)
+    assert trained_on and out["ab"]["top_n"] == {"frequency": 10, "lstm": 10}
+    keys = np.unique(trace.keys)
+    arm = dict(zip(keys.tolist(), arms_of("s", keys, ("frequency", "lstm")).tolist(), strict=True))
+    for seen in trained_on:  # one model a day, on the keys of both arms
+        assert {arm[key] for key in seen} == {"frequency", "lstm"}
 
 
 @pytest.mark.parametrize(
