@@ -48,6 +48,7 @@ from .keys import ARM_PATTERN, KIND_PATTERN, VERSION_PATTERN, KeySchema
 
 MAX_KEY_LENGTH = 256
 MAX_CLOCK_SKEW_MS = 3_600_000  # an event's own time may trail its arrival by at most an hour
+FORK_WAIT_S = 5.0  # a fork waits at most this long for the flushing thread to let go of the connection
 PR_SET_TIMERSLACK = 29  # Linux prctl: the calling thread's timer slack in ns (default 50,000)
 GROUP_COLUMNS = ("ts", "kind", "keys", "hits", "lat_us", "user", "tenant", "arms", "ver")
 ENTRY_EVENTS = 64  # queries per stream entry, at least: 64 single lookups' JSON takes about 25 us to build
@@ -138,13 +139,33 @@ class QueryLogger:
         self._stopped = False
         self.lookup_sends = False  # True: lookups call send_ready while they wait; log() sends only past 4 entries
         self._thread = threading.Thread(target=self._run, name="query-logger", daemon=True)
+        self._held_for_fork = False  # _lock is held by this process's fork (``_before_fork``)
         self._thread.start()
-        os.register_at_fork(after_in_child=functools.partial(_restart_in_child, weakref.ref(self)))
+        ref = weakref.ref(self)
+        os.register_at_fork(
+            before=functools.partial(_at_fork, ref, "_before_fork"),
+            after_in_parent=functools.partial(_at_fork, ref, "_after_fork_in_parent"),
+            after_in_child=functools.partial(_at_fork, ref, "_after_fork"),
+        )
+
+    def _before_fork(self) -> None:
+        """Hold ``_lock`` across a fork, so that the thread is not inside redis-py then: a child whose parent's thread
+        held the connection pool's lock at the fork (taking a connection: the thread connects as soon as it starts,
+        so a service that forks its workers right after building the cache often caught it there) inherits the lock
+        held and its thread hangs for ever in the pool's fork reset, its queries piling up unsent. Waits at most
+        ``FORK_WAIT_S`` for a thread stuck on a silent server."""
+        self._held_for_fork = self._lock.acquire(timeout=FORK_WAIT_S)
+
+    def _after_fork_in_parent(self) -> None:
+        if self._held_for_fork:
+            self._held_for_fork = False
+            self._lock.release()
 
     def _after_fork(self) -> None:
         """In a forked child: the parent's thread is gone, its connection (and the queries buffered and sent on it)
         stay the parent's, and a lock may have been held at the fork. Start afresh with a thread of its own."""
         self._lock = threading.Lock()
+        self._held_for_fork = False
         self._count_lock = threading.Lock()
         self._wake = threading.Event()
         self._connection = None  # never closed here: the socket is the parent's too
@@ -511,11 +532,12 @@ class QueryLogger:
         return f"{self._last_id[0]}-{self._last_id[1]}"
 
 
-def _restart_in_child(ref: weakref.ref) -> None:
-    """``os.register_at_fork`` hook of a ``QueryLogger`` (held weakly: a logger is never kept alive by it)."""
+def _at_fork(ref: weakref.ref, method: str) -> None:
+    """An ``os.register_at_fork`` hook of a ``QueryLogger``: its ``method`` (held weakly: a logger is never kept alive
+    by it)."""
     logger = ref()
     if logger is not None:
-        logger._after_fork()
+        getattr(logger, method)()
 
 
 def log_prediction_query(

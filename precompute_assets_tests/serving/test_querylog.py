@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 
@@ -551,3 +552,34 @@ def test_a_connection_the_server_closed_while_idle_loses_nothing(redis_server, s
         logger.log("ctr", f"after{i}", hit=False)
     logger.close()
     assert (logger.stats.written, logger.stats.dropped) == (305, 0)
+
+
+def test_workers_forked_as_the_logger_starts_each_send_their_queries(redis_url, redis_client, schema):
+    """gunicorn's preload builds the cache, then forks its workers at once, while the logger's new thread is taking
+    its connection from redis-py's pool. A child forked with the pool's lock held inherited it held: its thread hung
+    for ever in the pool's fork reset and none of its queries were sent (3 children in 10 here)."""
+    hung = []
+    for round_ in range(10):
+        logger = QueryLogger(log_client(redis_url), schema)
+        pid = os.fork()
+        if pid == 0:  # the child: report through the exit code, never return into pytest
+            code = 1
+            try:
+                for i in range(100):
+                    logger.log("ctr", f"r{round_}-{i}", hit=False)
+                logger.close()
+                code = 0 if logger.stats.written == 100 else 3
+            finally:
+                os._exit(code)
+        deadline = time.monotonic() + 15
+        while not (done := os.waitpid(pid, os.WNOHANG))[0] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if not done[0]:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            hung.append(round_)
+        else:
+            assert os.waitstatus_to_exitcode(done[1]) == 0
+        logger.close()
+    assert hung == []
+    assert len(logged_queries(redis_client, schema)) == 1000
