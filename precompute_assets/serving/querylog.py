@@ -20,11 +20,13 @@ entries go out on the caller's thread with one non-blocking ``send`` on the logg
 background thread sends the rest every ``flush_interval_s``, whatever a caller could not send without blocking,
 and reads the replies. A writer thread that did all the work competed with the
 lookups for the GIL and the cores: it tripled their p999 under load. When Redis is down or the buffer is full,
-queries are counted as dropped, never retried without bound.
+queries are counted as dropped, never retried without bound. Loggers still open when the interpreter exits are
+closed (so flushed) on its way out.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import functools
@@ -141,6 +143,7 @@ class QueryLogger:
         self._thread = threading.Thread(target=self._run, name="query-logger", daemon=True)
         self._held_for_fork = False  # _lock is held by this process's fork (``_before_fork``)
         self._thread.start()
+        _OPEN.add(self)
         ref = weakref.ref(self)
         os.register_at_fork(
             before=functools.partial(_at_fork, ref, "_before_fork"),
@@ -271,6 +274,7 @@ class QueryLogger:
 
     def close(self) -> None:
         """Flush, stop the background thread and give the connection back."""
+        _OPEN.discard(self)
         self._stopped = True
         self._wake.set()
         self._thread.join(timeout=5)
@@ -530,6 +534,19 @@ class QueryLogger:
         ms, seq = self._last_id
         self._last_id = (ts_ms, 0) if ts_ms > ms else (ms, seq + 1)
         return f"{self._last_id[0]}-{self._last_id[1]}"
+
+
+_OPEN: weakref.WeakSet[QueryLogger] = weakref.WeakSet()  # the loggers not closed yet, closed at exit
+
+
+@atexit.register
+def _close_at_exit() -> None:
+    """Close (so flush) every logger still open when the interpreter exits: a service whose worker returns or calls
+    ``sys.exit`` without ``close()`` (gunicorn's workers do, when they are recycled or stopped) lost the queries still
+    buffered (up to ``flush_interval_s`` of them), counted nowhere. A forked child closes its own copy."""
+    for logger in list(_OPEN):
+        with contextlib.suppress(Exception):
+            logger.close()
 
 
 def _at_fork(ref: weakref.ref, method: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 
@@ -583,3 +584,27 @@ def test_workers_forked_as_the_logger_starts_each_send_their_queries(redis_url, 
         logger.close()
     assert hung == []
     assert len(logged_queries(redis_client, schema)) == 1000
+
+
+EXITS_WITHOUT_CLOSE = """
+import os, sys
+from precompute_assets.serving import KeySchema, QueryLogger, connect
+
+logger = QueryLogger(connect(sys.argv[1], socket_timeout=5), KeySchema(sys.argv[2]), flush_interval_s=60)
+for i in range(10):
+    logger.log("ctr", f"parent{i}", hit=False)
+pid = os.fork()
+if pid == 0:  # a worker that is recycled: it returns from its loop and exits, as gunicorn's do, never closing
+    for i in range(20):
+        logger.log("ctr", f"child{i}", hit=True)
+    sys.exit(0)
+os.waitpid(pid, 0)
+"""
+
+
+def test_queries_still_buffered_when_a_process_exits_are_sent(redis_url, redis_client, schema):
+    """A worker that exits without ``close()`` (gunicorn's ``sys.exit`` when it recycles or stops one) and the
+    process that forked it: each sends what it still buffered. Both lost it, counted nowhere."""
+    subprocess.run([sys.executable, "-c", EXITS_WITHOUT_CLOSE, redis_url, schema.namespace], check=True, timeout=60)
+    keys = sorted(fields[b"key"].decode() for _, fields in logged_queries(redis_client, schema))
+    assert keys == sorted([f"parent{i}" for i in range(10)] + [f"child{i}" for i in range(20)])
