@@ -49,6 +49,10 @@ from .connection import REDIS_ERRORS, PendingCluster, pack_resp
 from .keys import ARM_PATTERN, KIND_PATTERN, VERSION_PATTERN, KeySchema
 
 MAX_KEY_LENGTH = 256
+# A logged key, user or tenant is cut to this many characters: a longer one is quarantined all the same (longer than
+# MAX_KEY_LENGTH) and its quarantine shows no more, while a whole request body logged as a key (1 MB) stayed in the
+# buffer and in the stream, which Redis never evicts.
+LOGGED_TEXT_CHARS = 1024
 MAX_CLOCK_SKEW_MS = 3_600_000  # an event's own time may trail its arrival by at most an hour
 FORK_WAIT_S = 5.0  # a fork waits at most this long for the flushing thread to let go of the connection
 PR_SET_TIMERSLACK = 29  # Linux prctl: the calling thread's timer slack in ns (default 50,000)
@@ -198,6 +202,7 @@ class QueryLogger:
         if self._room(1):
             arms = None if arm is None else [arm]
             flag = "1" if hit else "0"
+            key, user, tenant = _bounded(key), _bounded(user), _bounded(tenant)
             self._buffer.append((self.clock(), kind, [key], flag, latency_us, user, tenant, arms, version))
         self._after_queue()  # a full buffer too: sending is what empties it
 
@@ -221,7 +226,8 @@ class QueryLogger:
         if room:
             flags = "".join("1" if hit else "0" for hit in hits[:room])
             arms = None if arms is None else list(arms[:room])
-            self._buffer.append((self.clock(), kind, list(keys[:room]), flags, latency_us, user, tenant, arms, version))
+            keys, user, tenant = _bounded_keys(keys[:room]), _bounded(user), _bounded(tenant)
+            self._buffer.append((self.clock(), kind, keys, flags, latency_us, user, tenant, arms, version))
         self._after_queue()
 
     def _room(self, size: int) -> int:
@@ -534,6 +540,21 @@ class QueryLogger:
         ms, seq = self._last_id
         self._last_id = (ts_ms, 0) if ts_ms > ms else (ms, seq + 1)
         return f"{self._last_id[0]}-{self._last_id[1]}"
+
+
+def _bounded(text: Any) -> Any:
+    """``text`` cut to ``LOGGED_TEXT_CHARS`` characters (anything else as it is)."""
+    return text[:LOGGED_TEXT_CHARS] if isinstance(text, str) and len(text) > LOGGED_TEXT_CHARS else text
+
+
+def _bounded_keys(keys: Sequence[Any]) -> list[Any]:
+    """``_bounded`` of each key, in a new list (one pass at C speed when none is too long)."""
+    try:
+        if max(map(len, keys), default=0) <= LOGGED_TEXT_CHARS:
+            return list(keys)
+    except TypeError:  # a key without a length: written as it is, quarantined downstream
+        pass
+    return [_bounded(key) for key in keys]
 
 
 _OPEN: weakref.WeakSet[QueryLogger] = weakref.WeakSet()  # the loggers not closed yet, closed at exit

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 
 import pytest
 
@@ -608,3 +609,21 @@ def test_queries_still_buffered_when_a_process_exits_are_sent(redis_url, redis_c
     subprocess.run([sys.executable, "-c", EXITS_WITHOUT_CLOSE, redis_url, schema.namespace], check=True, timeout=60)
     keys = sorted(fields[b"key"].decode() for _, fields in logged_queries(redis_client, schema))
     assert keys == sorted([f"parent{i}" for i in range(10)] + [f"child{i}" for i in range(20)])
+
+
+def test_a_huge_key_or_user_is_logged_cut_short_and_still_quarantined(redis_url, redis_client, schema):
+    """A service that logs a request body as the key (``query_logger`` and the decorator take any string), or as the
+    user: each such query still reaches the quarantine with its reason, but cut to ``LOGGED_TEXT_CHARS``. Whole, each
+    1 MB key stayed in the buffer and then in the stream, which Redis never evicts (20 MB here)."""
+    logger = QueryLogger(log_client(redis_url), schema)
+    body = "x" * 1_000_000
+    for i in range(20):
+        with query_logger(logger, "ctr", body + str(i)):
+            pass
+        logger.log_many("ctr", ["ok", body], [True, False])
+        logger.log("ctr", "ok2", hit=True, user=body)
+    logger.close()
+    assert logger.stats.written == 80
+    assert redis_client.memory_usage(schema.query_log()) < 1_000_000
+    reasons = Counter(validate_entry(*query)[1] for query in logged_queries(redis_client, schema))
+    assert reasons == {None: 20, "key longer than 256 characters": 40, "user longer than 256 characters": 20}
