@@ -21,7 +21,7 @@ import redis
 
 from .connection import connect
 from .keys import KeySchema
-from .querylog import MAX_CLOCK_SKEW_MS, QueryLogger, _clean_text, _int_field, read_stream_window
+from .querylog import QueryLogger, _clean_text, _int_field, read_stream_window, ts_problem
 
 ACTIONS = ("login", "dashboard_view", "campaign_create", "creative_upload", "variant_review", "analytics_view")
 ACTION_INDEX = {action: i for i, action in enumerate(ACTIONS)}
@@ -141,8 +141,8 @@ def validate_event(entry_id: bytes, fields: dict[bytes, bytes]) -> tuple[dict[st
     ts, reason = _int_field(fields.get(b"ts"), "ts")
     if reason:
         return None, reason
-    if not arrival_ms - MAX_CLOCK_SKEW_MS <= ts <= arrival_ms + 1000:
-        return None, f"ts {ts} is more than an hour from its arrival {arrival_ms} (or in the future)"
+    if reason := ts_problem(ts, arrival_ms):
+        return None, reason
     values: dict[str, str | None] = {}
     for name, required in (("user", True), ("action", True), ("entity", False), ("tenant", False)):
         values[name], reason = _clean_text(fields.get(name.encode()), name, required=required)

@@ -54,6 +54,9 @@ MAX_KEY_LENGTH = 256
 # buffer and in the stream, which Redis never evicts.
 LOGGED_TEXT_CHARS = 1024
 MAX_CLOCK_SKEW_MS = 3_600_000  # an event's own time may trail its arrival by at most an hour
+# and lead it by at most 5 minutes: the service's clock may run ahead of Redis's (a server whose clock was 2 s fast
+# had every query quarantined), while a wrong unit or a clock years off is still caught
+MAX_CLOCK_AHEAD_MS = 300_000
 FORK_WAIT_S = 5.0  # a fork waits at most this long for the flushing thread to let go of the connection
 PR_SET_TIMERSLACK = 29  # Linux prctl: the calling thread's timer slack in ns (default 50,000)
 GROUP_COLUMNS = ("ts", "kind", "keys", "hits", "lat_us", "user", "tenant", "arms", "ver")
@@ -793,6 +796,14 @@ def _int_field(raw: bytes | None, name: str) -> tuple[int | None, str | None]:
         return None, f"{name} is not an integer: {raw[:32]!r}"
 
 
+def ts_problem(ts: int, arrival_ms: int) -> str | None:
+    """Why an event's own time ``ts`` cannot be that of an entry that arrived at ``arrival_ms``, or None: more than
+    ``MAX_CLOCK_SKEW_MS`` before it or ``MAX_CLOCK_AHEAD_MS`` after it."""
+    if not arrival_ms - MAX_CLOCK_SKEW_MS <= ts <= arrival_ms + MAX_CLOCK_AHEAD_MS:
+        return f"ts {ts} is more than an hour from its arrival {arrival_ms} (or 5 minutes in the future)"
+    return None
+
+
 def validate_entry(entry_id: bytes, fields: dict[bytes, bytes]) -> tuple[dict[str, Any] | None, str | None]:
     """Turn one query (an entry, or a row of a batch entry, from ``expand_entries``) into a clean row, or return
     the reason it must be quarantined."""
@@ -802,8 +813,8 @@ def validate_entry(entry_id: bytes, fields: dict[bytes, bytes]) -> tuple[dict[st
     ts, reason = _int_field(fields.get(b"ts"), "ts")
     if reason:
         return None, reason
-    if not arrival_ms - MAX_CLOCK_SKEW_MS <= ts <= arrival_ms + 1000:
-        return None, f"ts {ts} is more than an hour from its arrival {arrival_ms} (or in the future)"
+    if reason := ts_problem(ts, arrival_ms):
+        return None, reason
     kind, reason = _clean_text(fields.get(b"kind"), "kind", required=True)
     if reason:
         return None, reason

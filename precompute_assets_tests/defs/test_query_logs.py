@@ -257,3 +257,22 @@ def test_an_imported_hour_the_stream_never_had_is_kept(redis_url, schema, lake_u
     fill(redis_url, schema, HOUR_START_MS + 60_000, 5)  # served traffic for the hour: the stream's rows win
     assert materialize(redis_url, schema, lake_uri, pg_instance).success
     assert len(Lake(lake_uri).read("query_logs", HOUR)) == 5
+
+
+def test_queries_of_a_server_whose_clock_runs_ahead_are_kept(redis_url, redis_client, schema, lake_uri, pg_instance):
+    """Services stamp queries with their own clock, Redis the arrival with its own: a server whose clock runs a few
+    seconds or a minute fast still has its queries kept (all of them were quarantined as "in the future" past 1 s);
+    one 10 minutes ahead is a wrong clock or unit, quarantined."""
+    cols = "ts,kind,keys,hits,lat_us,user,tenant,arms,ver"
+    for offset, ahead_ms in enumerate((2_000, 60_000, 600_000), start=1):
+        arrival = HOUR_START_MS + offset * 1000
+        group = [arrival + ahead_ms, "ctr", [f"ad{offset}", "ad0"], "10", 3, None, None, None, None]
+        fields = {"n": "2", "cols": cols, "groups": json.dumps([group])}
+        redis_client.xadd(schema.query_log(), fields, id=f"{arrival}-0")
+    result = materialize(redis_url, schema, lake_uri, pg_instance)
+    assert result.success
+    logs = Lake(lake_uri).read("query_logs", HOUR)
+    assert sorted(logs["key"]) == ["ad0", "ad0", "ad1", "ad2"]
+    quarantine = Lake(lake_uri).read("query_log_quarantine", HOUR)
+    assert len(quarantine) == 2 and quarantine["reason"].str.contains("in the future").all()
+    assert result.asset_materializations_for_node("query_logs")[0].metadata["quarantined"].value == 2

@@ -134,3 +134,13 @@ def test_the_serving_client_records_events_on_the_event_stream(redis_url, redis_
     silent.record_event("u2", "login")  # no event logger: nothing queued, nothing raised
     silent.close()
     assert redis_client.xlen(schema.events()) == 2
+
+
+def test_events_of_a_server_whose_clock_runs_a_minute_ahead_are_kept():
+    """The event's time is the service's clock, its arrival Redis's: a service a minute fast sends no malformed event
+    (every event of a service 2 s fast was quarantined); ten minutes ahead is one."""
+    entry = f"{T0}-0".encode()
+    for ahead_ms, kept in ((2_000, True), (60_000, True), (600_000, False)):
+        fields = {b"ts": str(T0 + ahead_ms).encode(), b"user": b"u1", b"action": b"login"}
+        row, reason = validate_event(entry, fields)
+        assert (row is not None) is kept, reason
