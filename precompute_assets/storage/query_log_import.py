@@ -71,9 +71,16 @@ _AUTO_LIMITS = ((1e17, "ns"), (1e14, "us"), (1e11, "ms"))
 
 
 def time_unit(timestamps: np.ndarray) -> str:
-    """The unit of epoch timestamps, by their size: seconds up to 1e11, then ms, us and ns."""
-    largest = float(np.nanmax(np.abs(timestamps))) if len(timestamps) else 0.0
-    return next((unit for limit, unit in _AUTO_LIMITS if largest > limit), "s")
+    """The unit of epoch timestamps, by the size of their median: seconds up to 1e11, then ms, us and ns. One outlier
+    (a corrupt row's 1e300) changes nothing: by their largest, it had every other request read as nanoseconds."""
+    typical = _typical(np.abs(timestamps))
+    return next((unit for limit, unit in _AUTO_LIMITS if typical > limit), "s")
+
+
+def _typical(values: np.ndarray) -> float:
+    """The median of the finite ``values`` (0 for none)."""
+    finite = values[np.isfinite(values)]
+    return float(np.median(finite)) if len(finite) else 0.0
 
 
 def epoch_seconds(timestamps: np.ndarray, unit: str = "auto") -> np.ndarray:
@@ -91,8 +98,9 @@ def looks_like_filetime(timestamps: np.ndarray) -> bool:
 
 
 def is_relative(seconds: np.ndarray) -> bool:
-    """Whether the timestamps count from the trace's start (before 2000-01-01 as epoch seconds)."""
-    return bool(len(seconds)) and float(np.nanmin(seconds)) < EPOCH_2000_S
+    """Whether the timestamps count from the trace's start: their median is before 2000-01-01 as epoch seconds (one
+    corrupt row's 0 or -5 is quarantined as before the first partition, not taken for the whole log's reading)."""
+    return bool(len(seconds)) and _typical(seconds) < EPOCH_2000_S
 
 
 def key_problems(keys: pd.Index) -> np.ndarray:

@@ -10,7 +10,9 @@ import pytest
 
 from precompute_assets.defs.partitions import Partitions
 from precompute_assets.storage.query_log_import import (
+    BEFORE_FIRST,
     IMPORTED,
+    NOT_OVER,
     epoch_seconds,
     hour_rows,
     is_imported,
@@ -121,3 +123,18 @@ def test_hour_frames_are_built_when_read_not_all_at_once() -> None:
     first = rows.frames["2026-03-01-00:00"]
     assert len(first) == rows.frames.requests("2026-03-01-00:00")
     assert list(first["key"]) == [str(k) for k in keys[: len(first)]]
+
+
+def test_one_corrupt_timestamp_is_quarantined_not_taken_for_the_whole_logs_unit() -> None:
+    """A request log of epoch seconds with one corrupt row (1e300, or -5): that row is quarantined and counted, the
+    others imported. By the largest timestamp every request was read as nanoseconds, by the smallest as relative:
+    the import refused the whole log with "the timestamps count from the trace's start"."""
+    good = [1_780_000_000 + 10 * i for i in range(100)]
+    for corrupt, reason in ((1e300, NOT_OVER), (-5.0, BEFORE_FIRST)):
+        seconds = epoch_seconds(np.array([*good[:50], corrupt, *good[50:]], dtype=np.float64))
+        assert not is_relative(seconds)
+        placed = hour_rows(np.array([f"ad{i}" for i in range(101)], dtype=object), seconds, kind="ctr",
+                           source="t.csv", partition_key=Partitions("UTC").hourly.get_partition_key_for_timestamp,
+                           first_s=1_767_225_600.0, last_s=1_800_000_000.0)  # fmt: skip
+        assert sum(placed.frames.requests(hour) for hour in placed.frames) == 100
+        assert dict(placed.quarantined) == {reason: 1}
