@@ -1,5 +1,6 @@
 """Query logs: the hourly partitions drained from the serving client's Redis Stream, and their cleanup."""
 
+import time
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
@@ -17,6 +18,7 @@ from .resources import DeploymentResource, LakeResource, RedisResource
 
 # The two outputs of each stream drain: its events and their quarantine.
 QUARANTINE_OF = {"query_logs": "query_log_quarantine", "user_events": "user_event_quarantine"}
+HOUR_END_WAIT_S = 60.0  # a drain waits at most this long for Redis's clock to reach the end of its hour
 QUARANTINE_WARN_RATE = 0.001
 QUARANTINE_FAIL_RATE = 0.05
 QUARANTINE_CHECK_DESCRIPTION = (
@@ -27,6 +29,25 @@ QUARANTINE_CHECK_DESCRIPTION = (
 
 def epoch_ms(moment: datetime) -> int:
     return int(moment.timestamp() * 1000)
+
+
+def wait_for_hour_end(client, end_ms: int, hour: str, *, max_wait_s: float = HOUR_END_WAIT_S) -> None:
+    """Return once Redis's clock, which stamps the stream's IDs, has reached ``end_ms``: until then queries may still
+    arrive in ``hour`` after its partition was read, and be in no partition. Waits at most ``max_wait_s``; a Redis
+    clock further behind (than the clock of Dagster's host, which offered the partition) is a ``dg.Failure``."""
+    deadline = time.monotonic() + max_wait_s
+    while True:
+        seconds, micros = client.time()
+        left_ms = end_ms - (int(seconds) * 1000 + int(micros) // 1000)
+        if left_ms <= 0:
+            return
+        if time.monotonic() + left_ms / 1000 > deadline:
+            raise dg.Failure(
+                description=f"partition {hour} is not over on Redis's clock ({left_ms / 1000:.1f} s to go): queries "
+                "may still arrive in it after it is read, so it is not read yet. Redis's clock is behind the clock of "
+                "Dagster's host; run it again once the hour is over for Redis"
+            )
+        time.sleep(left_ms / 1000)
 
 
 def quarantine_check(quarantined: int, total: int, asset_key: str = "query_logs") -> dg.AssetCheckResult:
@@ -67,6 +88,7 @@ def query_logs(context: dg.AssetExecutionContext, redis: RedisResource, lake: La
     """Range-read the stream entries that arrived in this hour (idempotent), validate, quarantine the rest."""
     window = context.partition_time_window
     client = redis.client()
+    wait_for_hour_end(client, epoch_ms(window.end), context.partition_key)
     trimmed_before = int(client.get(redis.schema().query_log_trimmed()) or 0)
     trimmed = epoch_ms(window.start) < trimmed_before
     if trimmed and lake.lake().exists("query_logs", context.partition_key):

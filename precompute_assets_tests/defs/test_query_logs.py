@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import json
+import time
 from datetime import UTC, datetime
 
 import dagster as dg
 import pytest
+from dagster._core.test_utils import freeze_time
 
 from precompute_assets.defs.partitions import DEFAULT_PARTITIONS
 from precompute_assets.defs.query_logs import (
+    HOUR_END_WAIT_S,
     quarantine_check,
     query_log_cleanup_job,
     query_logs,
     safe_trim_boundary,
+    wait_for_hour_end,
 )
 from precompute_assets.defs.resources import DeploymentResource, LakeResource, ParquetIOManager, RedisResource
 from precompute_assets.serving import QueryLogger
@@ -276,3 +280,38 @@ def test_queries_of_a_server_whose_clock_runs_ahead_are_kept(redis_url, redis_cl
     quarantine = Lake(lake_uri).read("query_log_quarantine", HOUR)
     assert len(quarantine) == 2 and quarantine["reason"].str.contains("in the future").all()
     assert result.asset_materializations_for_node("query_logs")[0].metadata["quarantined"].value == 2
+
+
+def test_an_hour_not_over_on_redis_clock_is_not_read(redis_url, redis_client, schema, lake_uri, pg_instance):
+    """Stream IDs are Redis's clock, the partitions Dagster's: on a Dagster host whose clock runs ahead, the hour in
+    progress on Redis is offered as over. Its drain read it while services still logged into it (here it took the 10
+    queries so far, and every later one of the hour would have been in no partition); it now fails, writing nothing.
+    A Redis clock at most ``HOUR_END_WAIT_S`` behind is waited for."""
+    seconds = int(redis_client.time()[0])
+    if 3600 - seconds % 3600 < HOUR_END_WAIT_S + 30:  # the drain would wait for this hour's end: log in the next one
+        time.sleep(3600 - seconds % 3600 + 1)
+        seconds = int(redis_client.time()[0])
+    hour_start = seconds - seconds % 3600
+    hour = HOURLY.get_partition_key_for_timestamp(hour_start)
+    logger = QueryLogger(log_client(redis_url), schema)
+    for i in range(10):
+        logger.log("ctr", f"ad{i}", hit=True)
+    logger.close()
+    with freeze_time(hour_start + 3600 + 300):  # Dagster's host is an hour ahead: the hour is over for it
+        result = materialize(redis_url, schema, lake_uri, pg_instance, partition=hour, raise_on_error=False)
+    assert not result.success
+    failure = result.get_step_failure_events()[0].step_failure_data.error.message
+    assert f"partition {hour} is not over on Redis's clock" in failure
+    assert not Lake(lake_uri).exists("query_logs", hour)
+
+
+def test_a_drain_waits_for_a_redis_clock_a_little_behind(redis_client):
+    seconds, micros = redis_client.time()
+    now_ms = int(seconds) * 1000 + int(micros) // 1000
+    started = time.monotonic()
+    wait_for_hour_end(redis_client, now_ms + 300, "2026-11-20-10:00")  # 0.3 s to go on Redis's clock: waited for
+    assert time.monotonic() - started >= 0.25
+    seconds, micros = redis_client.time()
+    assert int(seconds) * 1000 + int(micros) // 1000 >= now_ms + 300
+    with pytest.raises(dg.Failure, match="not over on Redis's clock"):
+        wait_for_hour_end(redis_client, now_ms + 600_000, "2026-11-20-10:00")  # 10 minutes behind: no waiting
