@@ -703,7 +703,8 @@ def expand_entries(
                 yield b"%s/%d" % (entry_id, index), query
                 index += 1
         if fields.get(b"n") != b"%d" % index:  # empty groups, or an entry whose count says queries are missing
-            reason = f"batch entry holds {index} queries, its n says {fields.get(b'n', b'nothing')[:32]!r}"
+            said = fields.get(b"n", b"nothing")[:32]
+            reason = f"batch entry's n is not its count: holds {index} queries, its n says {said!r}"
             yield b"%s/n" % entry_id, {**fields, ENTRY_ERROR: reason.encode()}
 
 
@@ -800,13 +801,15 @@ def ts_problem(ts: int, arrival_ms: int) -> str | None:
     """Why an event's own time ``ts`` cannot be that of an entry that arrived at ``arrival_ms``, or None: more than
     ``MAX_CLOCK_SKEW_MS`` before it or ``MAX_CLOCK_AHEAD_MS`` after it."""
     if not arrival_ms - MAX_CLOCK_SKEW_MS <= ts <= arrival_ms + MAX_CLOCK_AHEAD_MS:
-        return f"ts {ts} is more than an hour from its arrival {arrival_ms} (or 5 minutes in the future)"
+        where = "more than an hour before its arrival or 5 minutes after it (in the future)"
+        return f"ts {where}: ts {ts}, arrival {arrival_ms}"
     return None
 
 
 def validate_entry(entry_id: bytes, fields: dict[bytes, bytes]) -> tuple[dict[str, Any] | None, str | None]:
     """Turn one query (an entry, or a row of a batch entry, from ``expand_entries``) into a clean row, or return
-    the reason it must be quarantined."""
+    the reason it must be quarantined: a fixed text, then after a colon any offending values (the drains count the
+    reasons by the text before the first colon)."""
     if ENTRY_ERROR in fields:
         return None, fields[ENTRY_ERROR].decode("utf-8", "replace")
     arrival_ms = int(entry_id.split(b"-")[0])
@@ -819,18 +822,18 @@ def validate_entry(entry_id: bytes, fields: dict[bytes, bytes]) -> tuple[dict[st
     if reason:
         return None, reason
     if not KIND_PATTERN.fullmatch(kind):
-        return None, f"invalid kind {kind!r}"
+        return None, f"invalid kind: {kind!r}"
     key, reason = _clean_text(fields.get(b"key"), "key", required=True)
     if reason:
         return None, reason
     hit = fields.get(b"hit")
     if hit not in (b"0", b"1"):
-        return None, "missing field hit" if hit is None else f"hit must be 0 or 1, got {hit[:32]!r}"
+        return None, "missing field hit" if hit is None else f"hit must be 0 or 1: got {hit[:32]!r}"
     latency, reason = _int_field(fields.get(b"lat_us"), "lat_us")
     if reason:
         return None, reason
     if latency < 0:
-        return None, f"negative lat_us {latency}"
+        return None, f"negative lat_us: {latency}"
     user, reason = _clean_text(fields.get(b"user"), "user", required=False)
     if reason:
         return None, reason
@@ -841,12 +844,12 @@ def validate_entry(entry_id: bytes, fields: dict[bytes, bytes]) -> tuple[dict[st
     if reason:
         return None, reason
     if arm is not None and not ARM_PATTERN.fullmatch(arm):
-        return None, f"invalid arm {arm[:64]!r}"
+        return None, f"invalid arm: {arm[:64]!r}"
     version, reason = _clean_text(fields.get(b"ver"), "ver", required=False)
     if reason:
         return None, reason
     if version is not None and not VERSION_PATTERN.fullmatch(version):
-        return None, f"invalid ver {version[:64]!r}"
+        return None, f"invalid ver: {version[:64]!r}"
     row = {
         "stream_id": entry_id.decode(),
         "ts_ms": ts,

@@ -136,7 +136,7 @@ def test_the_arm_of_each_query_is_stored_and_a_bad_arm_is_quarantined(
     assert logs.loc[logs["key"] == "plain", "arm"].isna().all()
     assert result.asset_materializations_for_node("query_logs")[0].metadata["experiment_rows"].value == 30
     reasons = Lake(lake_uri).read("query_log_quarantine", HOUR)["reason"].tolist()
-    assert reasons == ["invalid arm ''", "invalid arm 'Not An Arm'", "arm longer than 256 characters"]
+    assert reasons == ["invalid arm: ''", "invalid arm: 'Not An Arm'", "arm longer than 256 characters"]
 
 
 def test_an_hour_without_arms_still_has_the_column(redis_url, schema, lake_uri, pg_instance):
@@ -315,3 +315,21 @@ def test_a_drain_waits_for_a_redis_clock_a_little_behind(redis_client):
     assert int(seconds) * 1000 + int(micros) // 1000 >= now_ms + 300
     with pytest.raises(dg.Failure, match="not over on Redis's clock"):
         wait_for_hour_end(redis_client, now_ms + 600_000, "2026-11-20-10:00")  # 10 minutes behind: no waiting
+
+
+def test_the_quarantine_reasons_in_the_metadata_add_up(redis_url, redis_client, schema, lake_uri, pg_instance):
+    """The ``reasons`` metadata counts the quarantined events by reason. Reasons that embedded their values before
+    the colon (``ts 1 is more than an hour from its arrival 2``, ``negative lat_us -3``) were each a reason of their
+    own: 30 stale queries showed as 20 reasons of one query, the other 10 in none."""
+    cols = "ts,kind,keys,hits,lat_us,user,tenant,arms,ver"
+    for i in range(30):
+        stale = [HOUR_START_MS - 7_200_000 + i, "ctr", ["ad1"], "1", 3, None, None, None, None]
+        negative = [HOUR_START_MS + i, "ctr", ["ad2"], "0", -1 - i, None, None, None, None]
+        fields = {"n": "2", "cols": cols, "groups": json.dumps([stale, negative])}
+        redis_client.xadd(schema.query_log(), fields, id=f"{HOUR_START_MS + 1000 + i}-0")
+    result = materialize(redis_url, schema, lake_uri, pg_instance)
+    (meta,) = [m.metadata for m in result.asset_materializations_for_node("query_logs")
+               if m.asset_key == dg.AssetKey("query_log_quarantine")]  # fmt: skip
+    reasons = meta["reasons"].value
+    assert sum(reasons.values()) == meta["dagster/row_count"].value == 60
+    assert len(reasons) == 2 and reasons["negative lat_us"] == 30
