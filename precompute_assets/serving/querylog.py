@@ -300,7 +300,8 @@ class QueryLogger:
         if self._caller_sends:
             with self._lock:  # connect now, so that callers can send from their first full entry
                 try:
-                    self._connect()
+                    if self._connection is None:  # a flush() right after the start connected already, and sent on it
+                        self._connect()
                 except REDIS_ERRORS:
                     self._fail()
         while not self._stopped:

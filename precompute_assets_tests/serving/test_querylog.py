@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 
@@ -627,3 +628,34 @@ def test_a_huge_key_or_user_is_logged_cut_short_and_still_quarantined(redis_url,
     assert redis_client.memory_usage(schema.query_log()) < 1_000_000
     reasons = Counter(validate_entry(*query)[1] for query in logged_queries(redis_client, schema))
     assert reasons == {None: 20, "key longer than 256 characters": 40, "user longer than 256 characters": 20}
+
+
+class LateThread(QueryLogger):
+    """A logger whose thread starts only when told (``go``), as a busy machine may schedule it."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.go = threading.Event()
+        super().__init__(*args, **kwargs)
+
+    def _run(self) -> None:
+        self.go.wait(10)
+        super()._run()
+
+
+def test_a_flush_before_the_thread_has_connected_loses_nothing(redis_url, redis_client, schema):
+    """``flush()`` right after the logger starts connects and sends; the thread, scheduled only then, connected
+    again over the connection whose replies were still due: the flush waited ``socket_timeout`` for replies that
+    came on the other connection, and its queries were counted as dropped (every query of a 200,000-query replay
+    once), the first connection never returned to the pool."""
+    logger = LateThread(connect(redis_url, socket_timeout=1), schema)
+    logger.log("ctr", "ad1", hit=True)  # no connection yet: it waits in the buffer
+    with logger._lock:  # the flush's first step: connect and send
+        logger._send(logger._take(1)[0])
+    first = logger._connection
+    logger.go.set()  # the thread starts between the flush's send and its reading of the reply
+    time.sleep(0.5)
+    logger.flush()
+    assert logger._connection is first
+    logger.close()
+    assert (logger.stats.written, logger.stats.dropped) == (1, 0)
+    assert len(logged_queries(redis_client, schema)) == 1
