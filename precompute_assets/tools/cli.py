@@ -14,6 +14,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
 from typing import Any, NoReturn
 
 from ..stack import (
@@ -94,8 +95,17 @@ def automation(stack: Stack, postgres: ServiceStatus) -> list[tuple[str, str, st
     it, when Dagster's database answers."""
     if not postgres.embedded and not postgres.running:  # `up` cannot start an external server
         return [("(unknown: Dagster's database does not answer)", "automation", "")]
-    if not postgres.running or not (stack.dagster_home / "dagster.yaml").exists():
+    if postgres.refused is not None:  # its line above says why
+        return [("(unknown: Dagster's database refuses us)", "automation", "")]
+    if not postgres.running:
         return [("(unknown until `precompute up`: Dagster's database is stopped)", "automation", "")]
+    # The instance is the one of DAGSTER_HOME: the stack's (its dagster.yaml is linked by `up`), or the deployment's
+    # own, which production sets and `up` never has to run for.
+    home = Path(stack.env()["DAGSTER_HOME"]).resolve()
+    if not (home / "dagster.yaml").exists():
+        if home == stack.dagster_home:
+            return [("(unknown until `precompute up`: it links the dagster.yaml of DAGSTER_HOME)", "automation", "")]
+        return [(f"(unknown: DAGSTER_HOME {home} has no dagster.yaml)", "automation", "")]
     from ..definitions import defs
     from ..defs.automation import automation_states, pool_states
 

@@ -419,6 +419,38 @@ def test_up_checks_that_external_servers_accept_their_credentials(
     assert not (tmp_path / "home" / "redis").exists() and not (tmp_path / "home" / "postgres").exists()
 
 
+def test_status_shows_the_automation_of_a_production_dagster_home_without_up(
+    tmp_path, monkeypatch, capsys, redis_server, dagster_pg_url, app_db_url
+):
+    """Production: every server external and DAGSTER_HOME a folder of its own with the project's dagster.yaml; `up`
+    never ran (it has nothing to start). Status said "unknown until `precompute up`: Dagster's database is stopped"
+    while that database answered."""
+    from precompute_assets.storage.postgres import scratch_database
+
+    server = redis_server()
+    monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("PRECOMPUTE_REDIS_URL", server.url)
+    monkeypatch.setenv("PRECOMPUTE_APP_DB_URL", app_db_url)
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    with scratch_database(dagster_pg_url, "dagster") as url:
+        monkeypatch.setenv("DAGSTER_PG_URL", url)
+        assert main(["status"]) == 0
+        out = capsys.readouterr().out
+        assert f"(unknown: DAGSTER_HOME {home.resolve()} has no dagster.yaml)" in out, out
+        shutil.copy(Path(__file__).resolve().parents[2] / "dagster.yaml", home / "dagster.yaml")
+        assert main(["status"]) == 0
+        out = capsys.readouterr().out
+        assert "postgres  external  reachable" in out and "precompute up" not in out, out
+        assert f"{'schedule':<9} RUNNING   daily_precompute" in out and "pool      redis_publish free" in out, out
+        monkeypatch.setenv("DAGSTER_PG_URL", url.replace("postgresql+psycopg2://postgres@", "postgresql://nobody@"))
+        assert main(["status"]) == 0
+        out = capsys.readouterr().out
+        assert "postgres  external  refuses us" in out and "(unknown: Dagster's database refuses us)" in out, out
+    assert not (tmp_path / "home" / "dagster").exists()  # nothing of the stack's own was made
+
+
 def test_an_up_whose_external_server_refuses_its_login_starts_nothing(
     tmp_path, monkeypatch, capsys, dagster_pg_url, app_db_url
 ):
