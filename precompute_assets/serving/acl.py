@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import redis
 
@@ -56,6 +56,9 @@ MIN_PASSWORD_LENGTH = 16
 # Its cluster client reads the slot map (CLUSTER SLOTS) and the command table (COMMAND), and follows ASK redirects
 # (ASKING): without them a user cannot connect to a Redis Cluster at all. All three read server metadata only.
 CONNECTION_COMMANDS = ("ping", "client|setinfo", "cluster|slots", "command", "asking")
+# Granted where the server knows them: CLIENT SETINFO is Redis 7.2+/Valkey, and Redis 7.0 refuses a whole ACL SETUSER
+# (or ACL file line) that names a command it does not know. redis-py ignores the handshake's error there.
+OPTIONAL_COMMANDS = ("client|setinfo",)
 
 PUBLISHER_COMMANDS = (
     *CONNECTION_COMMANDS,
@@ -142,13 +145,21 @@ def _kinds(kinds: Sequence[str] | None) -> list[str]:
     return list(dict.fromkeys(kinds))
 
 
-def publisher_rules(namespace: str = "pc") -> list[str]:
-    """The publisher's key and command rules (no user, state or password): read/write ``{ns}:1:*`` only."""
+def _granted(commands: Sequence[str], unknown: Collection[str]) -> list[str]:
+    """``+command`` rules of ``commands``, less the optional ones the server does not know (``unknown``)."""
+    return [f"+{c}" for c in commands if not (c in OPTIONAL_COMMANDS and c in unknown)]
+
+
+def publisher_rules(namespace: str = "pc", *, unknown: Collection[str] = ()) -> list[str]:
+    """The publisher's key and command rules (no user, state or password): read/write ``{ns}:1:*`` only.
+    ``unknown``: optional commands the server does not know (``unknown_commands``), left out."""
     prefix = _prefix(namespace)
-    return ["resetkeys", f"~{prefix}:*", "resetchannels", "-@all", *(f"+{c}" for c in PUBLISHER_COMMANDS)]
+    return ["resetkeys", f"~{prefix}:*", "resetchannels", "-@all", *_granted(PUBLISHER_COMMANDS, unknown)]
 
 
-def reader_rules(namespace: str = "pc", *, kinds: Sequence[str] | None = None) -> list[str]:
+def reader_rules(
+    namespace: str = "pc", *, kinds: Sequence[str] | None = None, unknown: Collection[str] = ()
+) -> list[str]:
     """The reader's rules: read ``{ns}:1:*``; each write only on the keys the serving client writes it to.
 
     ``kinds`` limits the writable live/admission keys to those kinds (None: any kind, ``{ns}:1:*:live:*``).
@@ -158,8 +169,19 @@ def reader_rules(namespace: str = "pc", *, kinds: Sequence[str] | None = None) -
     for keys, commands in READER_WRITES:
         patterns = dict.fromkeys(keys.format(prefix=prefix, kind=kind) for kind in _kinds(kinds))
         selectors.append("(" + " ".join([*patterns, *(f"+{c}" for c in commands)]) + ")")
-    rules = ["resetkeys", f"%R~{prefix}:*", "resetchannels", "-@all", *(f"+{c}" for c in READER_COMMANDS)]
+    rules = ["resetkeys", f"%R~{prefix}:*", "resetchannels", "-@all", *_granted(READER_COMMANDS, unknown)]
     return [*rules, "clearselectors", *selectors]
+
+
+def unknown_commands(client: redis.Redis, names: Sequence[str] = OPTIONAL_COMMANDS) -> set[str]:
+    """Of ``names`` (``command`` or ``command|subcommand``), those the server of ``client`` does not know:
+    ``COMMAND INFO`` answers nil for them (Redis 7.0 has no ``CLIENT SETINFO``)."""
+    from .connection import send_pipelined
+
+    (reply,) = send_pipelined(client, [("COMMAND", "INFO", *names)])
+    if isinstance(reply, BaseException):
+        raise reply
+    return {name for name, info in zip(names, reply, strict=True) if not info}
 
 
 def _user_rules(user: tuple[str, str], role: str, rules: list[str]) -> list[str]:
@@ -168,11 +190,15 @@ def _user_rules(user: tuple[str, str], role: str, rules: list[str]) -> list[str]
 
 
 def _both(
-    namespace: str, publisher: tuple[str, str], reader: tuple[str, str], kinds: Sequence[str] | None
+    namespace: str,
+    publisher: tuple[str, str],
+    reader: tuple[str, str],
+    kinds: Sequence[str] | None,
+    unknown: Collection[str] = (),
 ) -> list[list[str]]:
     users = [
-        _user_rules(publisher, "publisher", publisher_rules(namespace)),
-        _user_rules(reader, "reader", reader_rules(namespace, kinds=kinds)),
+        _user_rules(publisher, "publisher", publisher_rules(namespace, unknown=unknown)),
+        _user_rules(reader, "reader", reader_rules(namespace, kinds=kinds, unknown=unknown)),
     ]
     if users[0][0] == users[1][0]:
         raise ValueError("the publisher and the reader must be two different users")
@@ -187,13 +213,15 @@ def acl_setuser_commands(
     publisher: tuple[str, str],
     reader: tuple[str, str],
     kinds: Sequence[str] | None = None,
+    unknown: Collection[str] = (),
 ) -> list[list[str]]:
     """``ACL SETUSER`` commands (argument lists) that create or reset the two users of ``namespace``.
 
     ``publisher`` and ``reader`` are ``(name, password)`` pairs (passwords of at least 16 characters, sent as
     SHA-256 hashes). Each command starts with ``reset``, so applying them again converges to exactly these rules.
+    ``unknown``: the optional commands the server does not know (``unknown_commands``), left out.
     """
-    return [["ACL", "SETUSER", *user] for user in _both(namespace, publisher, reader, kinds)]
+    return [["ACL", "SETUSER", *user] for user in _both(namespace, publisher, reader, kinds, unknown)]
 
 
 def acl_file_lines(
@@ -202,10 +230,12 @@ def acl_file_lines(
     publisher: tuple[str, str],
     reader: tuple[str, str],
     kinds: Sequence[str] | None = None,
+    unknown: Collection[str] = (),
 ) -> list[str]:
     """The two users as lines of a Redis/Valkey ACL file (``aclfile``; no clear-text password in it). The file must
-    also define every other user the server needs, ``default`` included (an ACL file replaces all users)."""
-    return [" ".join(["user", *user]) for user in _both(namespace, publisher, reader, kinds)]
+    also define every other user the server needs, ``default`` included (an ACL file replaces all users). For
+    Redis 7.0, ``unknown=OPTIONAL_COMMANDS``: it refuses a line naming ``client|setinfo``."""
+    return [" ".join(["user", *user]) for user in _both(namespace, publisher, reader, kinds, unknown)]
 
 
 def apply_acl(
@@ -218,8 +248,10 @@ def apply_acl(
 ) -> list[str]:
     """Create or reset both users on the server of ``client`` (a connection allowed to run ``ACL SETUSER``) in one
     MULTI/EXEC, or on every node of a Redis Cluster, or on a Sentinel primary and every replica its sentinels know
-    (ACL users are per server); returns their names. They last until a restart unless saved (see the module)."""
-    commands = acl_setuser_commands(namespace, publisher=publisher, reader=reader, kinds=kinds)
+    (ACL users are per server); returns their names. They last until a restart unless saved (see the module). The
+    optional commands a server does not know are left out of its rules (``unknown_commands``: Redis 7.0 refuses
+    ``client|setinfo``)."""
+    acl_setuser_commands(namespace, publisher=publisher, reader=reader, kinds=kinds)  # bad arguments: before any write
     if isinstance(client, redis.RedisCluster):
         servers = [client.get_redis_connection(node) for node in client.get_nodes()]
     elif is_sentinel(client):
@@ -227,6 +259,8 @@ def apply_acl(
     else:
         servers = [client]
     for server in servers:
+        unknown = unknown_commands(server)
+        commands = acl_setuser_commands(namespace, publisher=publisher, reader=reader, kinds=kinds, unknown=unknown)
         pipe = server.pipeline(transaction=True)
         for command in commands:
             pipe.execute_command(*command)

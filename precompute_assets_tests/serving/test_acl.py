@@ -3,6 +3,8 @@ reader may do, proven with connections authenticated as each; and URLs printed w
 
 from __future__ import annotations
 
+import re
+import shutil
 import time
 import uuid
 from collections.abc import Iterator
@@ -36,7 +38,7 @@ from precompute_assets.serving.querylog import read_stream_window
 from precompute_assets.serving.refresh import read_recent_hits
 from precompute_assets.serving.replication import wait_for_replicas
 from precompute_assets.serving.stats import window_stats
-from precompute_assets.stack import RedisServer, free_port, redact
+from precompute_assets.stack import RedisServer, free_port, redact, server_version
 from precompute_assets_tests.factories import logged_queries
 
 ADMIN_PASSWORD = "admin-pw-0123456789"
@@ -331,6 +333,47 @@ def test_an_acl_file_of_these_lines_is_loaded_by_the_server(session_dir: Path, s
         refused(lambda: publisher.execute_command("FLUSHALL"))
         reader.close()
         publisher.close()
+    finally:
+        server.stop()
+
+
+def redis_7_0() -> str | None:
+    """A redis-server binary of Redis 7.0 or 7.1 (Debian 12's), which has no CLIENT SETINFO; None when there is none."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        return None
+    name, version = server_version(binary)
+    return binary if name == "redis" and (7, 0) <= version < (7, 2) else None
+
+
+@pytest.mark.skipif(redis_7_0() is None, reason="no Redis 7.0 redis-server (Debian 12: apt-get install redis-server)")
+def test_users_are_applied_on_redis_7_0_which_has_no_client_setinfo(session_dir: Path, schema: KeySchema) -> None:
+    """Redis 7.0 refused the whole ACL SETUSER ("Unknown command or category name in ACL": +client|setinfo), so
+    `precompute redis acl --apply` failed on a Debian 12 server; its ACL file lines are written for it with
+    ``unknown=OPTIONAL_COMMANDS``."""
+    from precompute_assets.serving.acl import OPTIONAL_COMMANDS, unknown_commands
+
+    folder = session_dir / "servers" / f"acl70-{uuid.uuid4().hex[:8]}"
+    server = RedisServer(folder, free_port(), ADMIN_PASSWORD, binary=redis_7_0())
+    try:
+        server.start(timeout_s=30)
+        admin = connect(server.url, socket_timeout=5)
+        assert unknown_commands(admin) == {"client|setinfo"}
+        publisher, reader = f"{schema.namespace}-publisher", f"{schema.namespace}-reader"
+        apply_acl(admin, schema.namespace, publisher=(publisher, PUBLISHER_PASSWORD), reader=(reader, READER_PASSWORD))
+        writer = connect(url_of(server, publisher, PUBLISHER_PASSWORD), socket_timeout=5)
+        publish_version(writer, "ctr", "v1", [("ad1", 0.5)], n_keys=1, schema=schema)
+        serving = connect(url_of(server, reader, READER_PASSWORD), socket_timeout=5)
+        assert PredictionCache(serving, schema=schema).get("ctr", "ad1") == pytest.approx(0.5)
+        refused(lambda: serving.set(schema.pointer("ctr"), b"evil:1"))
+        lines = acl_file_lines(
+            schema.namespace, publisher=("pub", PUBLISHER_PASSWORD), reader=("rd", READER_PASSWORD),
+            unknown=OPTIONAL_COMMANDS,
+        )  # fmt: skip
+        for line in lines:  # what an aclfile line of Redis 7.0 must be: the server takes it as ACL SETUSER
+            assert admin.execute_command("ACL", "SETUSER", *re.findall(r"\([^)]*\)|\S+", line)[1:]) == b"OK"
+        for client in (writer, serving, admin):
+            client.close()
     finally:
         server.stop()
 
