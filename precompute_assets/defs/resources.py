@@ -21,8 +21,9 @@ from ..ml.features import (
 )
 from ..ml.model_store import LocalModelStore
 from ..serving import Experiment, KeySchema, connect
+from ..serving.connection import REDIS_ERRORS, is_cluster
 from ..serving.replication import REPLICA_WAIT_S
-from ..stack import ENV_APP_DB, ENV_LAKE, ENV_MODEL_STORE, ENV_REDIS
+from ..stack import ENV_APP_DB, ENV_LAKE, ENV_MODEL_STORE, ENV_REDIS, redact
 from ..storage.campaigns import CampaignRegistry
 from ..storage.documents import DocumentStore
 from ..storage.lake import Lake, LakeReadError
@@ -56,10 +57,44 @@ class RedisResource(dg.ConfigurableResource):
     )
 
     def client(self) -> redis.Redis:
-        return connect(self.url, socket_timeout=self.socket_timeout_s, cluster=self.cluster, retries=self.retries)
+        """A client of the server, checked first (PING; ``INFO replication`` where the user may run it): a URL that is
+        malformed, a login or database it refuses, or a read-only replica fail the step with one error that names
+        ``PRECOMPUTE_REDIS_URL``, rather than with the first command's bare error. A server that does not answer may
+        be restarting: that failure is retried by the step's retry policy."""
+        where = f"{ENV_REDIS} ({redact(self.url)})"
+        try:
+            client = connect(self.url, socket_timeout=self.socket_timeout_s, cluster=self.cluster, retries=self.retries)
+        except ValueError as error:
+            raise dg.Failure(description=f"{where} is not a Redis URL: {error}", allow_retries=False) from None
+        try:
+            client.ping()
+            primary = None if is_cluster(client) else replica_of(client)
+        except (redis.AuthenticationError, redis.ResponseError) as error:
+            client.close()
+            raise dg.Failure(description=f"{where} refuses us: {error}", allow_retries=False) from None
+        except REDIS_ERRORS as error:
+            client.close()
+            raise dg.Failure(description=f"{where} does not answer: {error}") from None
+        if primary is not None:
+            client.close()
+            message = f"{where} is a read-only replica of {primary}: point {ENV_REDIS} at the primary"
+            raise dg.Failure(description=message, allow_retries=False)
+        return client
 
     def schema(self) -> KeySchema:
         return KeySchema(self.namespace)
+
+
+def replica_of(client: redis.Redis) -> str | None:
+    """``host:port`` of the primary when the server of ``client`` is a replica; None for a primary, or when its user
+    may not run ``INFO`` (it cannot be told)."""
+    try:
+        info = client.info("replication")
+    except redis.exceptions.NoPermissionError:
+        return None
+    if info.get("role") not in ("slave", "replica"):
+        return None
+    return f"{info.get('master_host', '?')}:{info.get('master_port', '?')}"
 
 
 # The ad feature set of the lake's `ads` table, as comma-separated column names.

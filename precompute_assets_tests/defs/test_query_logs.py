@@ -333,3 +333,35 @@ def test_the_quarantine_reasons_in_the_metadata_add_up(redis_url, redis_client, 
     reasons = meta["reasons"].value
     assert sum(reasons.values()) == meta["dagster/row_count"].value == 60
     assert len(reasons) == 2 and reasons["negative lat_us"] == 30
+
+
+def step_failure(result) -> str:
+    (failure,) = [event for event in result.all_events if event.event_type == dg.DagsterEventType.STEP_FAILURE]
+    return failure.step_failure_data.user_failure_data.description
+
+
+def test_a_redis_setting_that_does_not_work_fails_the_run_naming_the_variable(
+    redis_server, schema, lake_uri, pg_instance
+):
+    """A wrong password, a typo'd scheme, a database the server refuses or a read-only replica failed the step with
+    the first command's bare redis-py error (AuthenticationError, "Redis URL must specify ...", READONLY), which named
+    no setting."""
+    primary = redis_server(password="right-password-0123")
+    replica = redis_server(
+        password="right-password-0123",
+        extra_config=(f"replicaof 127.0.0.1 {primary.port}", "masterauth right-password-0123"),
+    )
+    good = f"redis://:right-password-0123@127.0.0.1:{primary.port}/0"
+    assert materialize(good, schema, lake_uri, pg_instance).success
+    for url, reason in [
+        (f"redis://:wrong-secret@127.0.0.1:{primary.port}/0", "refuses us: invalid username-password pair"),
+        (f"rdis://:right-password-0123@127.0.0.1:{primary.port}/0", "is not a Redis URL"),
+        (f"redis://:right-password-0123@127.0.0.1:{primary.port}/99", "refuses us: DB index is out of range"),
+        (f"redis://:right-password-0123@127.0.0.1:{replica.port}/0", f"read-only replica of 127.0.0.1:{primary.port}"),
+    ]:
+        result = materialize(url, schema, lake_uri, pg_instance, raise_on_error=False)
+        assert not result.success
+        description = step_failure(result)
+        assert description.startswith("PRECOMPUTE_REDIS_URL (") and reason in description, description
+        assert "wrong-secret" not in description and "right-password" not in description
+    assert not [e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_RESTARTED]
