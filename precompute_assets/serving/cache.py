@@ -45,6 +45,7 @@ DEFAULT_LOCK_POLL_S = 0.005
 
 log = logging.getLogger(__name__)
 FAILED_EARLY_LOG_EVERY_S = 60.0  # a failing model fails every due hit's early recomputation: one warning a minute
+REDIS_ERROR_LOG_EVERY_S = 60.0  # a wrong password or a dead server fails every lookup: one warning a minute
 
 
 def live_delta_key(schema: KeySchema, kind: str, key: str) -> str:
@@ -157,6 +158,7 @@ class PredictionCache:
         self.early_recomputes = 0  # of them, XFetch recomputations of a value that was still there
         self.failed_early_recomputes = 0  # of those, the ones whose compute raised (the value read was served)
         self._failed_early_logged_at = -math.inf
+        self._redis_error_logged_at = -math.inf
         self.lock_waits = 0  # misses served with the value another reader computed while holding the lock
         self.refused = 0  # NOPERM on PTTL / the delta or lock keys: XFetch and the lock are then off for this client
         self._stampede_refused = False
@@ -570,8 +572,17 @@ class PredictionCache:
 
     def _trip(self, error: BaseException | None = None) -> None:
         """Count a failed round trip and back off for ``backoff_s``, unless ``error`` is an error reply (OOM at
-        ``maxmemory``, READONLY, NOPERM): the server answered at once, so only that command failed."""
+        ``maxmemory``, READONLY, NOPERM): the server answered at once, so only that command failed. Warns at most
+        once every ``REDIS_ERROR_LOG_EVERY_S``: a wrong password or an unreachable server otherwise served every
+        request live with nothing said but the ``errors`` count."""
         self.errors += 1
+        now = time.monotonic()
+        if error is not None and now - self._redis_error_logged_at >= REDIS_ERROR_LOG_EVERY_S:
+            self._redis_error_logged_at = now
+            log.warning(
+                "Redis failed (%s: %s): lookups are misses, computed live (%d errors so far)",
+                type(error).__name__, " ".join(str(error).split()), self.errors,
+            )  # fmt: skip
         if not self._cluster and not isinstance(error, redis.ResponseError):  # a cluster backs off per master
             self._retry_at = time.monotonic() + self.backoff_s
 

@@ -114,6 +114,24 @@ def test_silent_redis_times_out_and_degrades(schema):
         listener.close()
 
 
+def test_a_wrong_password_is_warned_of_not_only_counted(redis_server, schema, caplog):
+    """A service configured with a wrong password (or an unreachable host) served every request live, and nothing said
+    so but ``cache.errors``: now one warning a minute names the error."""
+    server = redis_server(password="right-password-0123")
+    cache = PredictionCache.from_url(f"redis://:wrong-secret@127.0.0.1:{server.port}/0", namespace=schema.namespace)
+    try:
+        with caplog.at_level(logging.WARNING, logger="precompute_assets.serving.cache"):
+            for i in range(50):
+                assert cache.get_or_compute("ctr", f"ad{i}", lambda key: 0.5) == 0.5
+        assert cache.errors >= 1 and cache.hits == 0
+        warnings = [record.getMessage() for record in caplog.records if record.name.endswith("serving.cache")]
+        assert len(warnings) == 1, warnings
+        assert "AuthenticationError" in warnings[0] and "computed live" in warnings[0], warnings
+        assert "wrong-secret" not in warnings[0]
+    finally:
+        cache.close()
+
+
 def test_the_current_version_survives_redis_trouble(redis_url, redis_client, schema):
     """``current_version`` / ``current_experiment`` are read paths too: with Redis gone they give what the reader last
     read instead of raising, and pay the timeout once, then back off like lookups (they raised ConnectionError)."""
