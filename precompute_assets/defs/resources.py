@@ -1,12 +1,14 @@
 """ConfigurableResources: where Redis, the offline store, the models and the app database are, from the
 environment, the deployment's timezone and partitions, and its A/B experiment, so the UI shows every one of them."""
 
+import contextlib
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from datetime import timedelta
 
 import dagster as dg
 import pandas as pd
+import psycopg2
 import redis
 from pydantic import Field
 
@@ -198,6 +200,21 @@ def experiment_fields(environ: Mapping[str, str] | None = None) -> dict[str, dg.
     return {field: dg.EnvVar(variable) for field, variable in fields.items()}
 
 
+@contextlib.contextmanager
+def app_db_setting(url: str) -> Iterator[None]:
+    """The first use of the application database: an error of its URL, login, database, privileges or a read-only
+    standby fails the step or tick with one error naming ``PRECOMPUTE_APP_DB_URL``, not psycopg2's alone. Only a
+    server that does not answer (it may be restarting) is left to the step's retry policy."""
+    try:
+        yield
+    except psycopg2.Error as error:
+        reason = " ".join(str(error).split()) or type(error).__name__
+        unreachable = isinstance(error, psycopg2.OperationalError) and error.pgcode is None and "FATAL" not in reason
+        verdict = "does not answer" if unreachable else "refuses us"
+        description = f"{ENV_APP_DB} ({redact(url)}) {verdict}: {redact(reason)}"
+        raise dg.Failure(description=description, allow_retries=unreachable) from None
+
+
 class AppDatabaseResource(dg.ConfigurableResource):
     """Our own tables (``PRECOMPUTE_APP_DB_URL``), beside Dagster's database."""
 
@@ -212,7 +229,8 @@ class DocumentStoreResource(dg.ConfigurableResource):
 
     def store(self) -> DocumentStore:
         store = DocumentStore(self.url, table=self.table)
-        store.ensure_schema()
+        with app_db_setting(self.url):
+            store.ensure_schema()
         return store
 
 
@@ -230,7 +248,8 @@ class CampaignRegistryResource(dg.ConfigurableResource):
     def registry(self, spec: AdFeatureSpec | None = None) -> CampaignRegistry:
         """The registry; ``spec`` is the ad feature set its ``ads`` returns (the CTR model's, ``LakeResource``'s)."""
         registry = CampaignRegistry(self.url, spec=spec, warming_horizon=self.warming_horizon)
-        registry.ensure_schema()
+        with app_db_setting(self.url):
+            registry.ensure_schema()
         return registry
 
 

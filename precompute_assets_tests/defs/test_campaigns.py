@@ -37,6 +37,7 @@ from precompute_assets.defs.models import ctr_model
 from precompute_assets.defs.resources import (
     AD_FEATURE_FIELDS,
     CampaignRegistryResource,
+    DocumentStoreResource,
     LakeResource,
     ModelStoreResource,
     ParquetIOManager,
@@ -661,3 +662,28 @@ def test_the_queue_launches_warming_first_then_nightly_then_backfills_within_the
             for name in ("b-r1", "nightly", "a-r2", "b17"):
                 instance.report_run_failed(instance.get_run_by_id(by_name[name]))
             assert iteration() == ["c-r1", "b18"]
+
+
+def test_an_app_db_setting_that_does_not_work_names_the_variable(app_db):
+    """A wrong password, a missing database, a typo'd scheme or a read-only server failed the campaign sensor's every
+    tick (and every documents step) with psycopg2's bare error, which named no setting."""
+    from urllib.parse import quote
+
+    base, database = app_db.rsplit("/", 1)
+    read_only = f"{app_db}?options={quote('-c default_transaction_read_only=on')}"  # as a hot standby answers
+    for url, reason in [
+        (base.replace("postgres@", "nobody:pw-secret@") + f"/{database}", 'role "nobody" does not exist'),
+        (f"{base}/no_such_database", 'database "no_such_database" does not exist'),
+        (app_db.replace("postgresql+psycopg2://", "postgress://"), "invalid dsn"),
+        (read_only, "read-only transaction"),
+    ]:
+        for resource in (CampaignRegistryResource(url=url), DocumentStoreResource(url=url)):
+            with pytest.raises(dg.Failure) as failure:
+                resource.registry() if isinstance(resource, CampaignRegistryResource) else resource.store()
+            description = failure.value.description
+            assert description.startswith("PRECOMPUTE_APP_DB_URL (") and "refuses us" in description, description
+            assert reason in description and "pw-secret" not in description
+            assert not failure.value.allow_retries
+    with pytest.raises(dg.Failure, match=r"PRECOMPUTE_APP_DB_URL \(.*\) does not answer") as failure:
+        CampaignRegistryResource(url="postgresql://u:pw-secret@127.0.0.1:1/app").registry()
+    assert failure.value.allow_retries and "pw-secret" not in failure.value.description
