@@ -6,12 +6,13 @@ import re
 import dagster as dg
 import numpy as np
 import pandas as pd
+import redis.exceptions as redis_errors
 from pydantic import Field
 
 from ..serving import Experiment, Pointer, publish_version
 from .experiment import selected_experiment
 from .partitions import DEFAULT_PARTITIONS
-from .resources import RedisResource
+from .resources import RedisResource, out_of_memory
 
 DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
 # How long a replaced version stays readable after a flip, for every kind we publish (ctr, doc_embedding):
@@ -55,18 +56,23 @@ def ctr_cache(
     items = zip(ctr_predictions["ad_id"].tolist(), ctr_predictions["ctr"].tolist(), strict=True)
     experiment = selected_experiment(context.instance, context.partition_key)
     version = content_version(context.partition_key, ctr_predictions, experiment)
-    result = publish_version(
-        client,
-        "ctr",
-        version,
-        items,
-        n_keys=len(ctr_predictions),
-        ttl_s=config.ttl_hours * 3600,
-        grace_s=config.grace_seconds,
-        schema=schema,
-        experiment=experiment,
-        replica_wait_s=redis.replica_wait_s,
-    )
+    try:
+        result = publish_version(
+            client,
+            "ctr",
+            version,
+            items,
+            n_keys=len(ctr_predictions),
+            ttl_s=config.ttl_hours * 3600,
+            grace_s=config.grace_seconds,
+            schema=schema,
+            experiment=experiment,
+            replica_wait_s=redis.replica_wait_s,
+        )
+    except redis_errors.OutOfMemoryError as error:
+        # A full server refuses writes (maxmemory reached, and its policy has nothing with a TTL to evict, or is
+        # noeviction). The version replaced by an earlier flip may free room when its grace ends: still retried.
+        raise dg.Failure(description=out_of_memory(client, error)) from None
     if result.already_current:
         context.log.info(f"ctr version {version} (these predictions) is current already: recorded, not published twice")
     else:

@@ -99,6 +99,23 @@ def replica_of(client: redis.Redis) -> str | None:
     return f"{info.get('master_host', '?')}:{info.get('master_port', '?')}"
 
 
+def out_of_memory(client: redis.Redis, error: BaseException) -> str:
+    """Why a write was refused at ``maxmemory``, with the server's memory and policy where it tells them (``INFO``),
+    and what to change: its ``maxmemory``, or the ``volatile-lru`` policy this project's keys are laid out for."""
+    memory: dict = {}
+    with contextlib.suppress(*REDIS_ERRORS):
+        memory = {} if is_cluster(client) else client.info("memory")
+    seen = ""
+    if memory:
+        seen = (f" ({memory.get('used_memory')} of maxmemory {memory.get('maxmemory')} bytes used, "
+                f"maxmemory-policy {memory.get('maxmemory_policy')})")  # fmt: skip
+    return (
+        f"nothing published: the Redis of {ENV_REDIS} is out of memory{seen}: {' '.join(str(error).split())}. Readers"
+        " stay on the current version. Give that server a larger maxmemory, or the policy volatile-lru, which evicts"
+        " versions and live values (they have a TTL) before refusing a write (README: Security and limits)"
+    )
+
+
 # The ad feature set of the lake's `ads` table, as comma-separated column names.
 AD_FEATURE_FIELDS = {
     "ad_numeric": ENV_AD_NUMERIC,

@@ -254,6 +254,31 @@ def test_publish_failure_keeps_the_previous_version(
     assert redis_client.get(schema.pointer("ctr")) == before
 
 
+def test_a_full_redis_fails_the_publish_naming_its_memory_and_policy(
+    resources, pg_instance, platform, redis_server, schema, monkeypatch
+):
+    """A production server at its maxmemory with the policy noeviction refused the publish with redis-py's bare
+    "command not allowed when used memory > 'maxmemory'", naming neither the setting nor the policy to change."""
+    assert run(resources, pg_instance).success  # the predictions to publish are in the lake
+    monkeypatch.setattr(ctr_cache.op, "_retry_policy", dg.RetryPolicy(max_retries=1))
+    server = redis_server(extra_config=("maxmemory-policy noeviction",))
+    admin = connect(server.url, socket_timeout=5)
+    admin.config_set("maxmemory", 1)  # our own test server: full at once
+    full = {**resources, "redis": RedisResource(url=server.url, namespace=schema.namespace)}
+    result = dg.materialize(
+        GRAPH, selection=[ctr_cache], resources=full, partition_key=DAYS[-1], instance=pg_instance, raise_on_error=False
+    )
+    assert not result.success
+    (failure,) = [e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE]
+    description = failure.step_failure_data.user_failure_data.description
+    assert description.startswith("nothing published: the Redis of PRECOMPUTE_REDIS_URL is out of memory")
+    assert "maxmemory-policy noeviction" in description and "volatile-lru" in description, description
+    assert admin.get(schema.pointer("ctr")) is None and admin.config_get("maxmemory-policy") == {
+        "maxmemory-policy": "noeviction"
+    }  # nothing flipped, and the server's configuration is the operator's
+    admin.close()
+
+
 def test_publishing_the_same_predictions_again_records_the_current_version(
     resources, pg_instance, platform, lake_uri, redis_client, schema
 ):
