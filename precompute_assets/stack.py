@@ -95,6 +95,7 @@ class ServiceStatus:
     pid: int | None = None
     version: str | None = None
     refused: str | None = None  # why an external server that answers refuses our login (``login_problem``)
+    warnings: tuple[str, ...] = ()  # what of an external Redis's configuration works against us (``memory_warnings``)
 
 
 class StackError(RuntimeError):
@@ -312,6 +313,36 @@ def running_version(url: str) -> str | None:
     if "valkey_version" in info:
         return f"valkey {info['valkey_version']}"
     return f"redis {info.get('redis_version', '?')}"
+
+
+def memory_warnings(url: str) -> tuple[str, ...]:
+    """What of the memory configuration of the external Redis at ``url`` works against this project, from
+    ``INFO memory`` (nothing when it cannot be read: a cluster, or a user without ``INFO``). Only said, never changed:
+    the server is its operator's."""
+    try:
+        client = connect(url, socket_timeout=2)
+        try:
+            info = client.info("memory")
+        finally:
+            client.close()
+    except REDIS_ERRORS:
+        return ()
+    if not info or all(isinstance(value, dict) for value in info.values()):
+        return ()
+    policy, found = str(info.get("maxmemory_policy", "")), []
+    if policy == "noeviction":
+        found.append("maxmemory-policy noeviction: at maxmemory it refuses publishes and live values; set volatile-lru")
+    elif policy.startswith("allkeys"):
+        found.append(
+            f"maxmemory-policy {policy}: at maxmemory it may evict the pointers and the query-log stream, which have "
+            "no TTL; set volatile-lru"
+        )
+    if os.environ.get(ENV_REDIS_MAXMEMORY):
+        found.append(
+            f"{ENV_REDIS_MAXMEMORY} sizes the embedded Redis only; this server's maxmemory is "
+            f"{info.get('maxmemory_human') or info.get('maxmemory')} (its operator's setting)"
+        )
+    return tuple(found)
 
 
 def service_root() -> Path:
@@ -846,7 +877,8 @@ class Stack:
             refused = login_problem(variable, url) if running and not embedded else None
             version = running_version(url) if name == "redis" and running and refused is None else None
             pid = server.pid if embedded else None
-            out.append(ServiceStatus(name, url, running, embedded, pid, version, refused))
+            warnings = memory_warnings(url) if name == "redis" and version is not None and not embedded else ()
+            out.append(ServiceStatus(name, url, running, embedded, pid, version, refused, warnings))
         return out
 
 

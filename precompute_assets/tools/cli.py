@@ -83,6 +83,8 @@ def print_status(stack: Stack) -> int:
             state = "refuses us"
         version = f"  ({service.version})" if service.version else f"  ({service.refused})" if service.refused else ""
         print(f"{service.name:<9} {where:<9} {state:<22} {redact(service.url)}{version}")
+        for warning in service.warnings:
+            print(f"{service.name:<9} {'warning':<9} {warning}")
     print(f"state     {stack.home}")
     postgres = next(service for service in services if service.name == "postgres")
     for name, kind, status in automation(stack, postgres):

@@ -451,6 +451,36 @@ def test_status_shows_the_automation_of_a_production_dagster_home_without_up(
     assert not (tmp_path / "home" / "dagster").exists()  # nothing of the stack's own was made
 
 
+def test_status_says_what_of_an_external_redis_memory_configuration_works_against_us(
+    tmp_path, monkeypatch, capsys, redis_server, dagster_pg_url, app_db_url
+):
+    """A production Redis with maxmemory-policy noeviction (or allkeys-*) passed for fine, and
+    PRECOMPUTE_REDIS_MAXMEMORY was silently ignored for it; status now says both, and changes nothing on the server."""
+    from precompute_assets.serving import connect
+
+    server = redis_server(extra_config=("maxmemory-policy noeviction",))
+    monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("PRECOMPUTE_REDIS_URL", server.url)
+    monkeypatch.setenv("DAGSTER_PG_URL", dagster_pg_url)
+    monkeypatch.setenv("PRECOMPUTE_APP_DB_URL", app_db_url)
+    monkeypatch.setenv("PRECOMPUTE_REDIS_MAXMEMORY", "4gb")
+    assert main(["status"]) == 0
+    out = capsys.readouterr().out
+    assert "redis     warning   maxmemory-policy noeviction: at maxmemory it refuses publishes" in out, out
+    assert "redis     warning   PRECOMPUTE_REDIS_MAXMEMORY sizes the embedded Redis only" in out, out
+    admin = connect(server.url, socket_timeout=5)
+    assert admin.config_get("maxmemory*")["maxmemory-policy"] == "noeviction"  # the operator's, untouched
+    admin.config_set("maxmemory-policy", "allkeys-lru")
+    monkeypatch.delenv("PRECOMPUTE_REDIS_MAXMEMORY")
+    assert main(["status"]) == 0
+    out = capsys.readouterr().out
+    assert "maxmemory-policy allkeys-lru: at maxmemory it may evict the pointers" in out and "MAXMEMORY" not in out
+    admin.config_set("maxmemory-policy", "volatile-lru")
+    assert main(["status"]) == 0
+    assert "warning" not in capsys.readouterr().out
+    admin.close()
+
+
 def test_an_up_whose_external_server_refuses_its_login_starts_nothing(
     tmp_path, monkeypatch, capsys, dagster_pg_url, app_db_url
 ):
