@@ -96,6 +96,7 @@ class ServiceStatus:
     version: str | None = None
     refused: str | None = None  # why an external server that answers refuses our login (``login_problem``)
     warnings: tuple[str, ...] = ()  # what of an external Redis's configuration works against us (``memory_warnings``)
+    invalid: str | None = None  # why the variable's value is no URL of such a server (``url_problem``)
 
 
 class StackError(RuntimeError):
@@ -665,9 +666,34 @@ def unix_socket(url: str) -> str | None:
     return None
 
 
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+POSTGRES_SCHEMES = ("postgresql", "postgres", "postgresql+psycopg2")
+
+
+def url_problem(variable: str, url: str) -> str | None:
+    """Why ``url`` is no URL of the server ``variable`` names (a typo'd or missing scheme, no host), in one line; None
+    when it is one. Said before any connection, which would otherwise report such a URL as a server that does not
+    answer, or refuses us ("invalid dsn")."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    expected = REDIS_SCHEMES if variable == ENV_REDIS else POSTGRES_SCHEMES
+    if "://" not in url or parts.scheme.lower() not in expected:
+        shown = f"the scheme {parts.scheme + '://'!r}" if "://" in url else "no scheme"
+        hint = ""
+        if parts.scheme.lower().startswith("postgresql+"):
+            hint = " (Dagster's PostgreSQL storage ships the psycopg2 driver only)"
+        return f"{variable} has {shown}, not one of {', '.join(s + '://' for s in expected)}{hint}"
+    if parts.scheme.lower() != "unix" and not parts.hostname and unix_socket(url) is None:
+        return f"{variable} names no host: {parts.scheme}://[user:password@]host:port/..."
+    return None
+
+
 def check_login(variable: str, url: str) -> None:
     """``StackError`` unless the server ``url`` names answers and accepts its user, password and database: a port that
     answers may still refuse us, which would otherwise pass for a reachable server."""
+    if (problem := url_problem(variable, url)) is not None:
+        raise StackError(f"{problem}: {redact(url)}")
     if not reachable(url, timeout_s=3):
         raise StackError(f"{variable} points at {redact(url)}, which does not answer")
     if (reason := login_problem(variable, url)) is not None:
@@ -873,6 +899,10 @@ class Stack:
         out = []
         for name, variable, server in (("redis", ENV_REDIS, self.redis), ("postgres", ENV_DAGSTER_PG, self.postgres)):
             url, embedded = env[variable], self._external(variable) is None
+            invalid = None if embedded else url_problem(variable, url)
+            if invalid is not None:
+                out.append(ServiceStatus(name, url, False, embedded, invalid=invalid))
+                continue
             running = server.pid is not None if embedded else reachable(url)
             refused = login_problem(variable, url) if running and not embedded else None
             version = running_version(url) if name == "redis" and running and refused is None else None

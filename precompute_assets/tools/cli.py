@@ -81,7 +81,10 @@ def print_status(stack: Stack) -> int:
             state = "unreachable"
         if service.refused is not None:  # its port answers, but not for us: a wrong password, user or database
             state = "refuses us"
-        version = f"  ({service.version})" if service.version else f"  ({service.refused})" if service.refused else ""
+        if service.invalid is not None:  # not even a URL of such a server: nothing was asked
+            state = "invalid URL"
+        reason = service.refused or service.invalid
+        version = f"  ({service.version})" if service.version else f"  ({reason})" if reason else ""
         print(f"{service.name:<9} {where:<9} {state:<22} {redact(service.url)}{version}")
         for warning in service.warnings:
             print(f"{service.name:<9} {'warning':<9} {warning}")
@@ -95,6 +98,8 @@ def print_status(stack: Stack) -> int:
 def automation(stack: Stack, postgres: ServiceStatus) -> list[tuple[str, str, str]]:
     """Each schedule and sensor with the state the Dagster daemon acts on, and each concurrency pool with what holds
     it, when Dagster's database answers."""
+    if postgres.invalid is not None:
+        return [("(unknown: DAGSTER_PG_URL is no PostgreSQL URL)", "automation", "")]
     if not postgres.embedded and not postgres.running:  # `up` cannot start an external server
         return [("(unknown: Dagster's database does not answer)", "automation", "")]
     if postgres.refused is not None:  # its line above says why

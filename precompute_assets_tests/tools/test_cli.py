@@ -481,6 +481,33 @@ def test_status_says_what_of_an_external_redis_memory_configuration_works_agains
     admin.close()
 
 
+def test_a_url_with_a_typo_in_its_scheme_is_named_as_such(tmp_path, monkeypatch, capsys, redis_server, dagster_pg_url):
+    """A typo'd or missing scheme was reported as a server that does not answer (no scheme), that refuses us ("invalid
+    dsn"), or as redis-py's ValueError naming no variable, which stopped `status` altogether."""
+    server = redis_server()
+    monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("PRECOMPUTE_APP_DB_URL", dagster_pg_url)
+    cases = [
+        ("PRECOMPUTE_REDIS_URL", server.url.replace("redis://", "rdis://u:secret@"), "the scheme 'rdis://'"),
+        ("PRECOMPUTE_REDIS_URL", f"127.0.0.1:{server.port}", "no scheme"),
+        ("DAGSTER_PG_URL", dagster_pg_url.replace("postgresql+psycopg2://", "postgress://u:secret@"), "'postgress://'"),
+        ("DAGSTER_PG_URL", dagster_pg_url.replace("+psycopg2", "+psycopg"), "ships the psycopg2 driver only"),
+    ]
+    for variable, url, reason in cases:
+        monkeypatch.setenv("PRECOMPUTE_REDIS_URL", server.url)
+        monkeypatch.setenv("DAGSTER_PG_URL", dagster_pg_url)
+        monkeypatch.setenv(variable, url)
+        assert main(["up"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"precompute up: {variable} has ") and reason in err, err
+        assert "secret" not in err and "Traceback" not in err
+        assert main(["status"]) == 0
+        out = capsys.readouterr().out
+        name = "redis    " if variable == "PRECOMPUTE_REDIS_URL" else "postgres "
+        assert f"{name} external  invalid URL" in out and reason in out and "secret" not in out, out
+    assert not (tmp_path / "home" / "redis").exists() and not (tmp_path / "home" / "postgres").exists()
+
+
 def test_an_up_whose_external_server_refuses_its_login_starts_nothing(
     tmp_path, monkeypatch, capsys, dagster_pg_url, app_db_url
 ):
