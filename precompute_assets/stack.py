@@ -702,7 +702,8 @@ def check_login(variable: str, url: str) -> None:
 
 def login_problem(variable: str, url: str) -> str | None:
     """Why the answering server ``url`` names (the Redis of ``ENV_REDIS``, else a PostgreSQL) refuses its user,
-    password or database, in one line without passwords; None when it accepts them."""
+    password or database, or is a read-only replica (we publish and record runs there), in one line without
+    passwords; None when it accepts them."""
     import psycopg2
     import redis
 
@@ -711,10 +712,25 @@ def login_problem(variable: str, url: str) -> str | None:
             client = connect(url, socket_timeout=3)
             try:
                 client.ping()
+                info = client.info("replication")
+            except redis.exceptions.NoPermissionError:
+                info = {}  # a user without INFO: whether it is a replica cannot be told
             finally:
                 client.close()
+            if info.get("role") in ("slave", "replica"):
+                primary = f"{info.get('master_host', '?')}:{info.get('master_port', '?')}"
+                return f"a read-only replica of {primary}: point {variable} at the primary"
         else:
-            postgres_connect(url).close()
+            conn = postgres_connect(url)
+            try:
+                with conn.cursor() as cur:
+                    cur.execute("SELECT pg_is_in_recovery(), current_setting('transaction_read_only')")
+                    standby, read_only = cur.fetchone()
+            finally:
+                conn.close()
+            if standby or read_only == "on":
+                what = "a read-only standby" if standby else "read-only (default_transaction_read_only)"
+                return f"{what}: point {variable} at the primary"
     except (redis.RedisError, psycopg2.Error) as error:
         return redact(one_line(str(error)))
     return None

@@ -508,6 +508,35 @@ def test_a_url_with_a_typo_in_its_scheme_is_named_as_such(tmp_path, monkeypatch,
     assert not (tmp_path / "home" / "redis").exists() and not (tmp_path / "home" / "postgres").exists()
 
 
+def test_a_read_only_replica_url_is_refused_by_up_and_named_by_status(
+    tmp_path, monkeypatch, capsys, redis_server, dagster_pg_url, app_db_url
+):
+    """A read-only replica's URL passed `up` and showed "reachable": every publish, drain and run record then failed
+    on it (READONLY, "cannot execute ... in a read-only transaction")."""
+    from urllib.parse import quote
+
+    primary = redis_server()
+    replica = redis_server(extra_config=(f"replicaof 127.0.0.1 {primary.port}",))
+    monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("PRECOMPUTE_REDIS_URL", replica.url)
+    monkeypatch.setenv("DAGSTER_PG_URL", dagster_pg_url)
+    monkeypatch.setenv("PRECOMPUTE_APP_DB_URL", app_db_url)
+    assert main(["up"]) == 2
+    err = capsys.readouterr().err
+    assert f"refuses us: a read-only replica of 127.0.0.1:{primary.port}: point PRECOMPUTE_REDIS_URL at the" in err, err
+    assert main(["status"]) == 0
+    assert "redis     external  refuses us" in capsys.readouterr().out
+    monkeypatch.setenv("PRECOMPUTE_REDIS_URL", primary.url)
+    standby = f"{dagster_pg_url}?options={quote('-c default_transaction_read_only=on')}"  # as a standby answers
+    monkeypatch.setenv("DAGSTER_PG_URL", standby)
+    assert main(["up"]) == 2
+    err = capsys.readouterr().err
+    assert "DAGSTER_PG_URL points at" in err and "read-only" in err and "point DAGSTER_PG_URL at the primary" in err
+    monkeypatch.setenv("DAGSTER_PG_URL", dagster_pg_url)
+    assert main(["up"]) == 0
+    capsys.readouterr()
+
+
 def test_an_up_whose_external_server_refuses_its_login_starts_nothing(
     tmp_path, monkeypatch, capsys, dagster_pg_url, app_db_url
 ):
