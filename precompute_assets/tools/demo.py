@@ -19,7 +19,7 @@ from ..defs.partitions import deployment_partitions
 from ..defs.query_logs import QUARANTINE_OF
 from ..ml.replay import replay
 from ..serving import KeySchema, Pointer, PredictionCache, connect
-from ..stack import ENV_APP_DB, ENV_LAKE, ENV_REDIS, Stack
+from ..stack import ENV_APP_DB, ENV_LAKE, ENV_REDIS, Stack, StackError
 from ..storage.lake import Lake
 from ..workload.ads import generate_traffic, make_ads, true_ctr
 from ..workload.serve import SimClock, serve_traffic
@@ -82,7 +82,8 @@ def run_demo(
     defs = load_definitions()
     env = stack.env()
     if not stack.status()[0].embedded:  # the Redis entry
-        raise SystemExit("the demo resets Redis: run it on the embedded stack, not on a shared server")
+        # One line and exit code 2 like every command error (SystemExit exited 1), before anything is written.
+        raise StackError(f"the demo resets Redis: run it on the embedded stack, not on the server of {ENV_REDIS}")
     stages = Stages()
     redis_url = env[ENV_REDIS]
     connect(redis_url, socket_timeout=10).flushdb()  # embedded demo server only (checked above)

@@ -189,3 +189,21 @@ def test_a_demo_again_drains_the_hours_of_the_one_before(redis_url, redis_client
         logger.close()
         assert drain(job, pg_instance, Lake(lake_uri), [hour], "query_logs") == n
     assert len(Lake(lake_uri).read("query_logs", hour)) == 3
+
+
+def test_the_demo_refuses_an_external_redis_with_one_line_and_exit_2(
+    tmp_path, monkeypatch, capsys, redis_server, dagster_pg_url, app_db_url
+):
+    """The demo flushes its Redis: on a production server it is refused before anything is written (it exited 1)."""
+    server = redis_server()
+    client = connect(server.url, socket_timeout=5)
+    client.set("someone-else:key", "kept")
+    monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("PRECOMPUTE_REDIS_URL", server.url)
+    monkeypatch.setenv("DAGSTER_PG_URL", dagster_pg_url)
+    monkeypatch.setenv("PRECOMPUTE_APP_DB_URL", app_db_url)
+    assert main(["demo", "--days", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "precompute demo: the demo resets Redis" in err and "PRECOMPUTE_REDIS_URL" in err
+    assert client.get("someone-else:key") == b"kept" and client.dbsize() == 1
+    client.close()
