@@ -824,6 +824,11 @@ class Stack:
     def _external(self, name: str) -> str | None:
         return self._externals[name]
 
+    def embeds(self, variable: str) -> bool:
+        """Whether the server of ``variable`` (``ENV_REDIS``, ``ENV_DAGSTER_PG``, ``ENV_APP_DB``) is this stack's own,
+        not one the environment names (which is its operator's)."""
+        return self._external(variable) is None
+
     @contextlib.contextmanager
     def _locked(self):
         """One ``up``/``down`` of this home at a time (two terminals, a test and a CLI)."""

@@ -113,9 +113,12 @@ def redis_benchmark_set(redis_url: str, *, requests: int, value_size: int, pipel
     return float(rows[0][1]) if rows else None
 
 
-def bench_publish(redis_url: str, *, n: int = 1_000_000, naive_n: int = 50_000, seed: int = 0) -> dict:
+def bench_publish(
+    redis_url: str, *, n: int = 1_000_000, naive_n: int = 50_000, seed: int = 0, redis_benchmark: bool = True
+) -> dict:
     """Keys/s of ``publish_version`` vs a naive one-``SET``-per-key JSON loop vs ``redis-benchmark`` SET, and
-    the Redis memory each takes per key.
+    the Redis memory each takes per key. ``redis_benchmark=False`` (an external server: it writes ``key:*`` into
+    database 9 and deletes every ``key:*`` there afterwards, outside our namespace) reports ``null`` for it.
 
     ``redis_bytes_per_key``: growth of the server's ``used_memory`` (``INFO memory``) over our publish, per
     key published; ``naive_redis_bytes_per_key``: the same over the naive loop, per naive key. Each is read
@@ -156,7 +159,7 @@ def bench_publish(redis_url: str, *, n: int = 1_000_000, naive_n: int = 50_000, 
     naive_bytes = used_memory() - memory_before
 
     value_size = len(np.float32(0).tobytes())
-    reference = redis_benchmark_set(redis_url, requests=n, value_size=value_size)
+    reference = redis_benchmark_set(redis_url, requests=n, value_size=value_size) if redis_benchmark else None
     drop_namespace(client, schema)
     result = {
         "bench": "publish",

@@ -373,12 +373,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
             bench.check_graph_queries(args.queries)  # before any service starts
         except ValueError as error:
             raise CliError(str(error)) from None
-    env = _up(Stack())
+    stack = Stack()
+    env = _up(stack)
     keys = 10_000 if args.keys is None else args.keys
     if args.what == "serve":
         result = bench.bench_serve(env[ENV_REDIS], n_keys=keys, lookups=args.lookups)
     elif args.what == "publish":
-        result = bench.bench_publish(env[ENV_REDIS], n=args.n)
+        # redis-benchmark writes and deletes keys outside our namespace: only on the embedded server, which is ours.
+        result = bench.bench_publish(env[ENV_REDIS], n=args.n, redis_benchmark=stack.embeds(ENV_REDIS))
     elif args.what == "embed":
         result = bench.bench_embed(env[ENV_REDIS], env[ENV_APP_DB], docs=args.docs)
     elif args.what == "graph":

@@ -1,10 +1,14 @@
 """The benchmark commands run and report every promised key (small sizes; no assertion on speed)."""
 
+import json
+import shutil
+
 import numpy as np
 import psycopg2
 import pytest
 
 from precompute_assets.ml.demand import DemandHyperParams
+from precompute_assets.serving import connect
 from precompute_assets.storage.postgres import libpq_url
 from precompute_assets.tools.bench import (
     bench_campaign,
@@ -164,3 +168,26 @@ def test_bench_embed_reports_the_service_backend_beside_its_bare_encode(redis_ur
     assert result["service_docs_per_s"] > 0 and result["service_encode_only_docs_per_s"] > 0
     assert 0 < result["recall_at_10_int8"] <= 1
     assert not list(redis_client.scan_iter("bench*"))
+
+
+@pytest.mark.skipif(shutil.which("redis-benchmark") is None, reason="no redis-benchmark (apt-get install redis-tools)")
+def test_bench_publish_leaves_an_external_servers_other_keys_alone(
+    tmp_path, monkeypatch, capsys, redis_server, dagster_pg_url, app_db_url
+):
+    """On a server the environment names, redis-benchmark wrote key:* into database 9 and then deleted every key:*
+    there: another user's keys of that name went with them. It runs on the embedded server only; an external one gets
+    null."""
+    from precompute_assets.tools.cli import main
+
+    server = redis_server()
+    theirs = connect(server.url.rsplit("/", 1)[0] + "/9", socket_timeout=5)
+    theirs.set("key:0000000001", "their value")
+    monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("PRECOMPUTE_REDIS_URL", server.url)
+    monkeypatch.setenv("DAGSTER_PG_URL", dagster_pg_url)
+    monkeypatch.setenv("PRECOMPUTE_APP_DB_URL", app_db_url)
+    assert main(["bench", "publish", "--n", "2000"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["keys"] == 2000 and result["redis_benchmark_set_per_s"] is None
+    assert theirs.get("key:0000000001") == b"their value" and theirs.dbsize() == 1
+    theirs.close()
