@@ -915,10 +915,14 @@ class Stack:
 
     def status(self) -> list[ServiceStatus]:
         """Embedded servers by their pid; external ones by whether their port answers and then accepts our login;
-        Redis with its version."""
+        Redis with its version. An external application database is shown as ``app_db`` too (it is checked by ``up``
+        as Dagster's is, and may be another server, login or database)."""
         env = self.env()
         out = []
-        for name, variable, server in (("redis", ENV_REDIS, self.redis), ("postgres", ENV_DAGSTER_PG, self.postgres)):
+        services = [("redis", ENV_REDIS, self.redis), ("postgres", ENV_DAGSTER_PG, self.postgres)]
+        if self._external(ENV_APP_DB):
+            services.append(("app_db", ENV_APP_DB, self.postgres))
+        for name, variable, server in services:
             url, embedded = env[variable], self._external(variable) is None
             invalid = None if embedded else url_problem(variable, url)
             if invalid is not None:

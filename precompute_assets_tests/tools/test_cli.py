@@ -537,6 +537,28 @@ def test_a_read_only_replica_url_is_refused_by_up_and_named_by_status(
     capsys.readouterr()
 
 
+def test_status_shows_an_external_application_database_that_refuses_us(
+    tmp_path, monkeypatch, capsys, redis_server, dagster_pg_url, app_db_url
+):
+    """`up` refused a PRECOMPUTE_APP_DB_URL whose login or database does not work, but `status` showed only Dagster's
+    database: every line looked fine while the campaign sensor and the documents steps failed on it."""
+    server = redis_server()
+    monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("PRECOMPUTE_REDIS_URL", server.url)
+    monkeypatch.setenv("DAGSTER_PG_URL", dagster_pg_url)
+    monkeypatch.setenv("PRECOMPUTE_APP_DB_URL", app_db_url.rsplit("/", 1)[0] + "/no_such_database")
+    assert main(["status"]) == 0
+    out = capsys.readouterr().out
+    assert "postgres  external  reachable" in out, out
+    assert "app_db    external  refuses us" in out and 'database "no_such_database" does not exist' in out, out
+    monkeypatch.setenv("PRECOMPUTE_APP_DB_URL", app_db_url)
+    assert main(["status"]) == 0
+    assert "app_db    external  reachable" in capsys.readouterr().out
+    monkeypatch.delenv("PRECOMPUTE_APP_DB_URL")
+    assert main(["status"]) == 0
+    assert "app_db" not in capsys.readouterr().out  # the embedded PostgreSQL's line is both databases'
+
+
 def test_an_up_whose_external_server_refuses_its_login_starts_nothing(
     tmp_path, monkeypatch, capsys, dagster_pg_url, app_db_url
 ):
