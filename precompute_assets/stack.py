@@ -712,9 +712,10 @@ def login_problem(variable: str, url: str) -> str | None:
             client = connect(url, socket_timeout=3)
             try:
                 client.ping()
-                info = client.info("replication")
-            except redis.exceptions.NoPermissionError:
-                info = {}  # a user without INFO: whether it is a replica cannot be told
+                try:
+                    info = client.info("replication")
+                except redis.ResponseError:  # a user without INFO, or a proxy without it: cannot be told
+                    info = {}
             finally:
                 client.close()
             if info.get("role") in ("slave", "replica"):

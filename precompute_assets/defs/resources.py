@@ -88,11 +88,11 @@ class RedisResource(dg.ConfigurableResource):
 
 
 def replica_of(client: redis.Redis) -> str | None:
-    """``host:port`` of the primary when the server of ``client`` is a replica; None for a primary, or when its user
-    may not run ``INFO`` (it cannot be told)."""
+    """``host:port`` of the primary when the server of ``client`` is a replica; None for a primary, or when it does not
+    say: its user may not run ``INFO``, or a proxy in front of it has no such command."""
     try:
         info = client.info("replication")
-    except redis.exceptions.NoPermissionError:
+    except redis.ResponseError:
         return None
     if info.get("role") not in ("slave", "replica"):
         return None

@@ -559,6 +559,24 @@ def test_status_shows_an_external_application_database_that_refuses_us(
     assert "app_db" not in capsys.readouterr().out  # the embedded PostgreSQL's line is both databases'
 
 
+def test_a_redis_without_info_is_not_taken_for_one_that_refuses_us(tmp_path, monkeypatch, capsys, redis_server, schema):
+    """The replica check reads INFO: a server (or proxy) without that command is still a working Redis for `up` and for
+    Dagster's resource, whether it is a replica cannot be told."""
+    from precompute_assets.defs.resources import RedisResource
+
+    server = redis_server(extra_config=('rename-command INFO ""',))
+    monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("PRECOMPUTE_REDIS_URL", server.url)
+    monkeypatch.delenv("DAGSTER_PG_URL", raising=False)
+    monkeypatch.delenv("PRECOMPUTE_APP_DB_URL", raising=False)
+    from precompute_assets.stack import ENV_REDIS, login_problem
+
+    assert login_problem(ENV_REDIS, server.url) is None
+    client = RedisResource(url=server.url, namespace=schema.namespace).client()
+    assert client.ping()
+    client.close()
+
+
 def test_an_up_whose_external_server_refuses_its_login_starts_nothing(
     tmp_path, monkeypatch, capsys, dagster_pg_url, app_db_url
 ):
