@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .serving.connection import REDIS_ERRORS, connect, parse_sentinel_url
+from .serving.connection import REDIS_ERRORS, SENTINEL_SCHEMES, connect, parse_sentinel_url
 from .storage.postgres import connect as postgres_connect
 
 ENV_REDIS = "PRECOMPUTE_REDIS_URL"
@@ -666,7 +666,7 @@ def unix_socket(url: str) -> str | None:
     return None
 
 
-REDIS_SCHEMES = ("redis", "rediss", "unix")
+REDIS_SCHEMES = ("redis", "rediss", "unix", *SENTINEL_SCHEMES)
 POSTGRES_SCHEMES = ("postgresql", "postgres", "postgresql+psycopg2")
 
 
@@ -684,6 +684,12 @@ def url_problem(variable: str, url: str) -> str | None:
         if parts.scheme.lower().startswith("postgresql+"):
             hint = " (Dagster's PostgreSQL storage ships the psycopg2 driver only)"
         return f"{variable} has {shown}, not one of {', '.join(s + '://' for s in expected)}{hint}"
+    if parts.scheme.lower() in SENTINEL_SCHEMES:  # several hosts, and a path of its own
+        try:
+            parse_sentinel_url(url)
+        except ValueError as error:
+            return f"{variable}: {error}"
+        return None
     if parts.scheme.lower() != "unix" and not parts.hostname and unix_socket(url) is None:
         return f"{variable} names no host: {parts.scheme}://[user:password@]host:port/..."
     return None

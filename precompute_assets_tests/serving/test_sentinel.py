@@ -15,7 +15,7 @@ import redis
 from precompute_assets.defs.resources import RedisResource
 from precompute_assets.serving import KeySchema, PredictionCache, connect, publish_version
 from precompute_assets.serving.connection import SentinelUrl, is_sentinel, parse_sentinel_url
-from precompute_assets.stack import RedisServer, free_port, reachable, redact
+from precompute_assets.stack import RedisServer, free_port, reachable, redact, url_problem
 from precompute_assets_tests.factories import logged_queries
 
 from .conftest import SentinelGroup, SentinelServer
@@ -58,6 +58,13 @@ def test_a_bad_sentinel_url_is_one_clear_error(url, message):
         parse_sentinel_url(url)
     with pytest.raises(ValueError, match=message):
         connect(url)
+    if "sentinels://" not in url:  # what `up` and `status` say of it, before any connection
+        assert message in (url_problem("PRECOMPUTE_REDIS_URL", url) or "")
+
+
+def test_up_and_status_take_a_sentinel_url_for_a_redis_url():
+    assert url_problem("PRECOMPUTE_REDIS_URL", "redis+sentinel://s1:26379,s2:26380/mymaster/2") is None
+    assert url_problem("PRECOMPUTE_REDIS_URL", "rediss+sentinel://s1/m?ssl_cert_reqs=required") is None
 
 
 def test_a_sentinel_url_is_neither_a_cluster_nor_redacted_loosely():
