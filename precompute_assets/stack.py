@@ -659,9 +659,11 @@ def unix_socket(url: str) -> str | None:
     parts = urlsplit(url)
     if parts.scheme == "unix":
         return parts.path
+    if not parts.scheme.startswith("postgres"):  # a Sentinel URL's "host:port,host:port" has no single port
+        return None
     query = parse_qs(parts.query)
     host, port = query.get("host", [""])[-1], query.get("port", [str(parts.port or 5432)])[-1]
-    if parts.scheme.startswith("postgres") and not parts.hostname and host.startswith("/"):
+    if not parts.hostname and host.startswith("/"):
         return f"{host.rstrip('/')}/.s.PGSQL.{port}"
     return None
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 import uuid
 
@@ -74,6 +75,17 @@ def test_a_sentinel_url_is_neither_a_cluster_nor_redacted_loosely():
     assert is_sentinel(client) and not is_sentinel(redis.Redis())
     shown = redact("redis+sentinel://app:secret1@s1:26379/m?sentinel_password=secret2")
     assert "secret1" not in shown and "secret2" not in shown, shown
+
+
+def test_a_url_of_several_sentinels_is_reachable_when_any_answers():
+    """``reachable`` (``precompute status``, ``up``) read a Sentinel URL's port as a single server's: a list of
+    sentinels, the README's form, raised ``ValueError`` instead."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        assert reachable(f"redis+sentinel://app:pw@127.0.0.1:1,127.0.0.1:{port}/m")
+    assert not reachable(f"redis+sentinel://127.0.0.1:1,127.0.0.1:{port}/m")
 
 
 # --- on a real primary, replica and sentinel -------------------------------------------------------------------
