@@ -457,7 +457,10 @@ def sentinel_primary(target: SentinelUrl, **options: Any) -> redis.Redis:
     made here), and one to a primary since demoted fails its next write with a connection error and is dropped."""
     from redis.sentinel import Sentinel
 
-    timeouts = {name: options[name] for name in ("socket_timeout", "socket_connect_timeout") if name in options}
+    # The sentinels' clients get the data connections' timeouts and retry policy too: redis-py's default retry (10
+    # attempts with backoff) made each dead sentinel cost seconds on every new connection, lookups included.
+    names = ("socket_timeout", "socket_connect_timeout", "retry")
+    timeouts = {name: options[name] for name in names if name in options}
     credentials = {"username": target.sentinel_username, "password": target.sentinel_password}
     tls = {} if target.tls is None else {"ssl": True, **_tls_options(target.tls)}
     sentinels = Sentinel(list(target.sentinels), sentinel_kwargs={**timeouts, **credentials, **tls})

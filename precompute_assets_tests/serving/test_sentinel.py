@@ -4,9 +4,11 @@ under a running serving client, and ACL users on every server."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
+import threading
 import time
 import uuid
 
@@ -86,6 +88,36 @@ def test_a_url_of_several_sentinels_is_reachable_when_any_answers():
         port = listener.getsockname()[1]
         assert reachable(f"redis+sentinel://app:pw@127.0.0.1:1,127.0.0.1:{port}/m")
     assert not reachable(f"redis+sentinel://127.0.0.1:1,127.0.0.1:{port}/m")
+
+
+def test_a_dead_sentinel_is_asked_once_per_lookup_not_retried():
+    """The sentinels' own clients had redis-py's default retry (10 attempts, exponential backoff up to 1 s): a lookup
+    through a sentinel that fails took seconds instead of one ``socket_timeout``. Here a sentinel that accepts and
+    hangs up at once is connected to once per lookup."""
+    accepted = []
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(64)
+        listener.settimeout(0.1)
+
+        def serve() -> None:
+            while not stopped.is_set():
+                with contextlib.suppress(OSError):
+                    connection, _ = listener.accept()
+                    accepted.append(connection)
+                    connection.close()
+
+        stopped = threading.Event()
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        try:
+            client = connect(f"redis+sentinel://127.0.0.1:{listener.getsockname()[1]}/m", socket_timeout=0.5)
+            with pytest.raises(redis.ConnectionError, match="No master found"):
+                client.get("a")
+        finally:
+            stopped.set()
+            thread.join()
+    assert len(accepted) == 1, len(accepted)
 
 
 # --- on a real primary, replica and sentinel -------------------------------------------------------------------
