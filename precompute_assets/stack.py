@@ -947,7 +947,7 @@ class Stack:
 
 
 _USERINFO = re.compile(r"(://[^:/@?#]*:)[^?#]*@")  # to the last '@' of the authority: an unencoded '@' leaks nothing
-_PASSWORD_PARAM = re.compile(r"(?i)(\b(?:ssl|sentinel_)?password\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&#;]*)")
+_PASSWORD_PARAM = re.compile(r"(?i)(\b(?:ssl_?|sentinel_)?password\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&#;]*)")
 
 
 def redact(url: str) -> str:

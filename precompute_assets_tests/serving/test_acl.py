@@ -404,6 +404,7 @@ def test_redact_hides_the_password(url: str, shown: str) -> None:
         "redis://127.0.0.1:6379/0?password=s3cret",  # redis-py reads a password from the query string
         "redis://user:s3@cret@127.0.0.1:6379/0",  # an unencoded '@' in the password
         "postgresql://db.example/app?user=u&password=s3cret",
+        "rediss://cache.example:6380/0?ssl_keyfile=/k.pem&ssl_password=s3cret",  # redis-py: the key file's passphrase
         "host=db.example password=s3cret dbname=app",  # a libpq key=value string
     ],
 )
