@@ -455,18 +455,46 @@ def connect(
 def sentinel_primary(target: SentinelUrl, **options: Any) -> redis.Redis:
     """A client of the primary the sentinels of ``target`` name: every new connection asks them (no connection is
     made here), and one to a primary since demoted fails its next write with a connection error and is dropped."""
-    from redis.sentinel import Sentinel
-
     # The sentinels' clients get the data connections' timeouts and retry policy too: redis-py's default retry (10
     # attempts with backoff) made each dead sentinel cost seconds on every new connection, lookups included.
     names = ("socket_timeout", "socket_connect_timeout", "retry")
     timeouts = {name: options[name] for name in names if name in options}
     credentials = {"username": target.sentinel_username, "password": target.sentinel_password}
     tls = {} if target.tls is None else {"ssl": True, **_tls_options(target.tls)}
-    sentinels = Sentinel(list(target.sentinels), sentinel_kwargs={**timeouts, **credentials, **tls})
+    sentinels = _sentinel_class()(list(target.sentinels), sentinel_kwargs={**timeouts, **credentials, **tls})
     return sentinels.master_for(
         target.service, db=target.db, username=target.username, password=target.password, **tls, **options
     )
+
+
+def _sentinel_class():
+    from redis.sentinel import MasterNotFoundError, Sentinel
+
+    class Sentinels(Sentinel):
+        """redis-py's ``Sentinel`` whose "no primary" error says in one short line what each sentinel answered:
+        redis-py's own holds the repr of every sentinel's client, over a kilobyte each, and no word on a sentinel that
+        answered but does not monitor the service (a misspelt name)."""
+
+        def discover_master(self, service_name):
+            problems = []
+            for number, sentinel in enumerate(self.sentinels):
+                address = "{host}:{port}".format_map(sentinel.connection_pool.connection_kwargs)
+                try:
+                    masters = sentinel.sentinel_masters()
+                except (redis.ConnectionError, redis.TimeoutError) as error:
+                    problems.append(f"{address}: {error}")
+                    continue
+                state = masters.get(service_name)
+                if state is None:
+                    problems.append(f"{address} monitors no {service_name!r} (it monitors {sorted(masters)})")
+                elif not self.check_master_state(state, service_name):
+                    problems.append(f"{address} holds {service_name!r} as down or not a primary")
+                else:  # as redis-py: the sentinel that answered is asked first next time
+                    self.sentinels[0], self.sentinels[number] = sentinel, self.sentinels[0]
+                    return (state["ip"] if self._force_master_ip is None else self._force_master_ip), state["port"]
+            raise MasterNotFoundError(f"no sentinel names a primary for {service_name!r}: {'; '.join(problems)}")
+
+    return Sentinels
 
 
 def _tls_options(given: Sequence[tuple[str, str]]) -> dict[str, Any]:

@@ -112,12 +112,24 @@ def test_a_dead_sentinel_is_asked_once_per_lookup_not_retried():
         thread.start()
         try:
             client = connect(f"redis+sentinel://127.0.0.1:{listener.getsockname()[1]}/m", socket_timeout=0.5)
-            with pytest.raises(redis.ConnectionError, match="No master found"):
+            with pytest.raises(redis.ConnectionError, match="no sentinel names a primary"):
                 client.get("a")
         finally:
             stopped.set()
             thread.join()
     assert len(accepted) == 1, len(accepted)
+
+
+def test_no_primary_is_one_short_line_naming_each_sentinel():
+    """redis-py's MasterNotFoundError held the repr of every sentinel's client (about 1,500 characters each), which
+    the CLI printed as its one-line error."""
+    url = f"redis+sentinel://127.0.0.1:{free_port()},127.0.0.1:{free_port()}/m"
+    with pytest.raises(redis.ConnectionError) as raised:
+        connect(url, socket_timeout=0.5).get("a")
+    message = str(raised.value)
+    ports = [address.rpartition(":")[2] for address in url.split("//")[1].split("/")[0].split(",")]
+    assert all(f"127.0.0.1:{port}" in message for port in ports), message
+    assert "'m'" in message and "\n" not in message and len(message) < 400, message
 
 
 # --- on a real primary, replica and sentinel -------------------------------------------------------------------
@@ -176,6 +188,13 @@ def test_a_killed_primary_is_replaced_under_a_running_client(sentinel_group: Sen
         assert cache.get("ctr", "a") in (0.25, 0.125)  # the pointer may be cached for pointer_ttl_s
     finally:
         cache.close()
+
+
+def test_a_service_the_sentinel_does_not_monitor_is_named_in_the_error(sentinel_group: SentinelGroup):
+    client = connect(sentinel_group.url.replace("/serving", "/servnig"), socket_timeout=2)
+    with pytest.raises(redis.ConnectionError, match=r"monitors no 'servnig' \(it monitors \['serving'\]\)"):
+        client.get("a")
+    assert connect(sentinel_group.url, socket_timeout=2).ping()
 
 
 def test_redis_acl_apply_sets_the_users_on_the_primary_and_its_replicas(sentinel_group: SentinelGroup, monkeypatch):
