@@ -181,9 +181,14 @@ def test_a_killed_primary_is_replaced_under_a_running_client(sentinel_group: Sen
         assert cache.get_or_compute("ctr", "live-key", lambda key: 0.75) == 0.75
         with redis.Redis(port=new) as promoted:  # the miss was stored on the new primary
             assert promoted.exists(schema.live("ctr", "live-key"))
-        cache.logger.flush()  # the query logger's own connection found the promoted primary too
+        # The query logger's own connection finds the promoted primary too, but only after its backoff_s (1 s) when
+        # its last attempt fell in the outage: a flush() within that sends nothing, so one flush is not enough.
+        deadline = time.monotonic() + 15
         with redis.Redis(port=new) as promoted:
-            assert b"live-key" in {fields[b"key"] for _, fields in logged_queries(promoted, schema)}
+            while b"live-key" not in {fields[b"key"] for _, fields in logged_queries(promoted, schema)}:
+                assert time.monotonic() < deadline, "the query logger never reached the promoted primary"
+                cache.logger.flush()
+                time.sleep(0.2)
         publish_version(publisher, "ctr", "v2", [("a", 0.125)], n_keys=1, schema=schema, replica_wait_s=0)
         assert cache.get("ctr", "a") in (0.25, 0.125)  # the pointer may be cached for pointer_ttl_s
     finally:
