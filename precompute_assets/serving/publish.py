@@ -34,7 +34,7 @@ except ImportError:  # redis[hiredis] is a dependency; stay importable without i
 
 from .admission import HAND_OVER, UNTRACK, fifo_names
 from .cache import live_value_keys
-from .connection import REDIS_ERRORS, cluster_send, is_cluster, key_slot, send_pipelined
+from .connection import REDIS_ERRORS, cluster_send, follow_primary, is_cluster, key_slot, send_pipelined
 from .keys import (
     Codec,
     Experiment,
@@ -133,6 +133,7 @@ def publish_version(
     filled = [(name, bucket) for name, bucket in zip(names, grouped, strict=True) if bucket]
     ttl = None if ttl_s is None else str(ttl_s).encode()
     try:
+        follow_primary(client)  # a long-lived publisher's connections may be older than a failover
         (current,) = run_commands(client, [(b"GET", schema.pointer(kind).encode())])
         if current is not None and Pointer.decode(current).version == version:
             # Never rewrite the version readers are on (a step retried after its flip succeeded); its key count,

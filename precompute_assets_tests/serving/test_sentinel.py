@@ -16,12 +16,12 @@ import pytest
 import redis
 
 from precompute_assets.defs.resources import RedisResource
-from precompute_assets.serving import KeySchema, PredictionCache, connect, publish_version
+from precompute_assets.serving import KeySchema, Pointer, PredictionCache, connect, publish_version
 from precompute_assets.serving.connection import SentinelUrl, is_sentinel, parse_sentinel_url
 from precompute_assets.stack import RedisServer, free_port, reachable, redact, url_problem
 from precompute_assets_tests.factories import logged_queries
 
-from .conftest import SentinelGroup, SentinelServer
+from .conftest import SERVICE, SentinelGroup, SentinelServer
 from .test_auth_tls import self_signed_certificate, tls_redis_server
 
 # --- the URL (no server) --------------------------------------------------------------------------------------
@@ -200,6 +200,25 @@ def test_a_service_the_sentinel_does_not_monitor_is_named_in_the_error(sentinel_
     with pytest.raises(redis.ConnectionError, match=r"monitors no 'servnig' \(it monitors \['serving'\]\)"):
         client.get("a")
     assert connect(sentinel_group.url, socket_timeout=2).ping()
+
+
+def test_a_publisher_opened_before_a_failover_publishes_to_the_new_primary(sentinel_group: SentinelGroup):
+    """The pool asks the sentinels only when it opens a connection: a publisher whose connections were open before
+    a failover wrote its next version to the replaced primary while it still ran as one (a partition, or the seconds
+    before the sentinels demote it: about 10 s after a SENTINEL FAILOVER here), where it was lost."""
+    schema = KeySchema(f"s{uuid.uuid4().hex[:8]}")
+    publisher = connect(sentinel_group.url, socket_timeout=5)
+    publish_version(publisher, "ctr", "v1", [("a", 0.25)], n_keys=1, schema=schema)
+    new = sentinel_group.replica.port
+    with redis.Redis(port=new) as replica:  # the sentinels name the replica; the old primary runs on as a primary
+        replica.replicaof("NO", "ONE")
+    with redis.Redis(port=sentinel_group.sentinel.port) as sentinel:
+        sentinel.execute_command("SENTINEL", "REMOVE", SERVICE)
+        sentinel.execute_command("SENTINEL", "MONITOR", SERVICE, "127.0.0.1", new, 1)
+    assert sentinel_group.primary_port() == new
+    publish_version(publisher, "ctr", "v2", [("a", 0.5)], n_keys=1, schema=schema, replica_wait_s=0)
+    with redis.Redis(port=new) as promoted:
+        assert Pointer.decode(promoted.get(schema.pointer("ctr"))).version == "v2"
 
 
 def test_redis_acl_apply_sets_the_users_on_the_primary_and_its_replicas(sentinel_group: SentinelGroup, monkeypatch):
