@@ -12,6 +12,7 @@ import threading
 import time
 import uuid
 
+import dagster as dg
 import pytest
 import redis
 
@@ -73,8 +74,9 @@ def test_up_and_status_take_a_sentinel_url_for_a_redis_url():
 def test_a_sentinel_url_is_neither_a_cluster_nor_redacted_loosely():
     with pytest.raises(ValueError, match="names a Sentinel primary"):
         connect("redis+sentinel://127.0.0.1:1/m", cluster=True)
-    client = RedisResource(url="redis+sentinel://127.0.0.1:1/m").client()  # no connection made yet
-    assert is_sentinel(client) and not is_sentinel(redis.Redis())
+    assert is_sentinel(connect("redis+sentinel://127.0.0.1:1/m")) and not is_sentinel(redis.Redis())  # not connected
+    with pytest.raises(dg.Failure, match="does not answer: no sentinel names a primary for 'm'"):
+        RedisResource(url="redis+sentinel://127.0.0.1:1/m").client()  # Dagster's resource checks its server first
     shown = redact("redis+sentinel://app:secret1@s1:26379/m?sentinel_password=secret2")
     assert "secret1" not in shown and "secret2" not in shown, shown
 
