@@ -101,8 +101,9 @@ def publish_version(
     serves, published with the flip (None ends any experiment of ``kind``). The flip waits up to ``replica_wait_s``
     for replicas to hold the version (``flip_pointer``).
 
-    A retry of the version readers are on writes only the buckets that are missing (a failover lost them), then
-    records and settles it.
+    A retry of the version readers are on writes only the buckets that are missing (a failover lost them), gives
+    the version it replaced its grace if the first attempt died before it did (``retire_replaced``), then records and
+    settles it.
     """
     schema = schema or KeySchema()
     check_kind(kind)
@@ -139,6 +140,7 @@ def publish_version(
             # Never rewrite the version readers are on (a step retried after its flip succeeded); its key count,
             # written after the flip, may be what failed.
             _mend_current(client, kind, version, filled, ttl, replica_wait_s)
+            retire_replaced(client, schema, kind, grace_s=grace_s, replica_wait_s=replica_wait_s)
             previous = _replaced_pointer(client, schema, kind)
             handed, settle_error = _settle(client, schema, kind, version, keys, previous, written=written, ttl_s=ttl_s)
             seconds = time.perf_counter() - started
@@ -543,9 +545,11 @@ def flip_pointer(
     experiment: Experiment | None = None,
     replica_wait_s: float = REPLICA_WAIT_S,
 ) -> Pointer | None:
-    """Atomically make ``pointer`` current, with ``experiment`` (or none: its key is deleted) in the same
-    MULTI/EXEC; shorten the life of the version it replaces to ``grace_s``, and remember its pointer for as long
-    (``KeySchema.previous``).
+    """Atomically make ``pointer`` current, with ``experiment`` (or none: its key is deleted) and the pointer it
+    replaces (``KeySchema.previous``) in the same MULTI/EXEC; then shorten the life of the version it replaces, and of
+    that record, to ``grace_s``. A process killed between the two leaves the record without a TTL: the next flip (or a
+    retried publish of the same version) finds it and gives the grace then (``retire_replaced``), instead of the
+    replaced version living out its whole TTL beside the new one.
 
     Replicas come first (``replication.wait_for_replicas``, up to ``replica_wait_s``; 0: no wait): the flip waits
     until every online replica holds what its primary holds, the new version's buckets included, or raises
@@ -554,13 +558,13 @@ def flip_pointer(
     failover that loses the flip still serves a whole version. A server that refuses ``INFO`` (an ACL user without
     it, a proxy) waits for nothing (a warning says so too).
 
-    On Redis Cluster the two keys live in different slots, which one transaction cannot span: there the
-    experiment is written first and the pointer second, each waiting for its reply, and readers on a cluster
-    read the pointer first and the experiment second (``PredictionCache``). A reader that sees the new pointer
-    therefore read the experiment after it was written: it never pairs the new version with the old experiment.
-    It may pair the old version with the new experiment until its next pointer refresh, as a single-server reader
-    may too (its GET of the pointer can run just before the EXEC, its GET of the experiment just after). If the
-    pointer write fails, the old experiment is put back (best effort) and the error is raised.
+    On Redis Cluster the three keys live in different slots, which one transaction cannot span: there the
+    experiment is written first, the record of the replaced pointer second and the pointer last, each waiting for its
+    reply, and readers on a cluster read the pointer first and the experiment second (``PredictionCache``). A reader
+    that sees the new pointer therefore read the experiment after it was written: it never pairs the new version with
+    the old experiment. It may pair the old version with the new experiment until its next pointer refresh, as a
+    single-server reader may too (its GET of the pointer can run just before the EXEC, its GET of the experiment just
+    after). If the pointer write fails, the old experiment is put back (best effort) and the error is raised.
     """
     check_kind(kind)
     check_version(pointer.version)
@@ -569,12 +573,17 @@ def flip_pointer(
     except ReplicationTimeoutError as error:
         error.add_note(f"the pointer of {kind} was not flipped to {pointer.version}: readers stay where they were")
         raise
+    # A flip whose process died before it gave the version it replaced its grace: that version is no one's to read.
+    retire_replaced(client, schema, kind, grace_s=grace_s, replica_wait_s=replica_wait_s)
+    pointer_key, replaced_key, new = schema.pointer(kind).encode(), schema.previous(kind).encode(), pointer.encode()
     if is_cluster(client):
         experiment_key = schema.experiment(kind).encode()
-        (previous_experiment,) = run_commands(client, [(b"GET", experiment_key)])
+        previous_experiment, before = run_commands(client, [(b"GET", experiment_key), (b"GET", pointer_key)])
         run_commands(client, [experiment_command(experiment_key, experiment)])
         try:
-            (raw,) = run_commands(client, [(b"SET", schema.pointer(kind).encode(), pointer.encode(), b"GET")])
+            if before not in (None, new):  # before the pointer (another slot): a kill between them names the current
+                run_commands(client, [(b"SET", replaced_key, before)])  # version, which nothing retires
+            (raw,) = run_commands(client, [(b"SET", pointer_key, new, b"GET")])
         except REDIS_ERRORS as error:
             with contextlib.suppress(*REDIS_ERRORS):  # put the old experiment back with the old pointer
                 restore = None if previous_experiment is None else Experiment.decode(previous_experiment)
@@ -582,17 +591,47 @@ def flip_pointer(
             error.add_note(f"the pointer of {kind} was not flipped to {pointer.version}: readers stay where they were")
             raise
     else:
+        (before,) = run_commands(client, [(b"GET", pointer_key)])
         pipe = client.pipeline(transaction=True)
-        if experiment is None:
-            pipe.delete(schema.experiment(kind))
-        else:
-            pipe.set(schema.experiment(kind), experiment.encode())
-        pipe.set(schema.pointer(kind), pointer.encode(), get=True)
-        raw = pipe.execute()[-1]
+        pipe.execute_command(*experiment_command(schema.experiment(kind).encode(), experiment))
+        pipe.set(pointer_key, new, get=True)
+        if before not in (None, new):
+            pipe.set(replaced_key, before)  # in the flip's transaction: a kill after it still knows what to retire
+        raw = pipe.execute()[1]
+    if raw not in (before, new, None):  # another flip came between our read and ours (pools keep them apart)
+        run_commands(client, [(b"SET", replaced_key, raw)])
     previous = None if raw is None else Pointer.decode(raw)
-    if previous is None or previous.version == pointer.version:
-        return previous
-    remember = (b"SET", schema.previous(kind).encode(), previous.encode(), b"EX", b"%d" % max(1, grace_s))
+    if previous is not None and previous.version != pointer.version:
+        _retire(client, schema, kind, pointer.version, previous, grace_s, replica_wait_s)
+    return previous
+
+
+def retire_replaced(client: redis.Redis, schema: KeySchema, kind: str, *, grace_s: int, replica_wait_s: float) -> None:
+    """Give the version the last flip of ``kind`` replaced its ``grace_s`` now if that flip's process died before it
+    did (``KeySchema.previous`` without a TTL: written in the flip, given the grace after it); else nothing."""
+    try:
+        raw, ttl_ms, current = run_commands(
+            client,
+            [(b"GET", schema.previous(kind).encode()), (b"PTTL", schema.previous(kind).encode()),
+             (b"GET", schema.pointer(kind).encode())],
+        )  # fmt: skip
+        replaced = None if raw is None or ttl_ms != -1 else Pointer.decode(raw)
+    except (*REDIS_ERRORS, ValueError) as error:
+        _log.warning("%s: cannot read the version the last flip replaced (%s): it keeps its TTL", kind, error)
+        return
+    if replaced is not None and current not in (None, raw):
+        _retire(client, schema, kind, Pointer.decode(current).version, replaced, grace_s, replica_wait_s)
+
+
+def _retire(
+    client: redis.Redis, schema: KeySchema, kind: str, version: str, previous: Pointer, grace_s: int,
+    replica_wait_s: float,
+) -> None:  # fmt: skip
+    """After the flip from ``previous`` to ``version``: once replicas confirm it, shorten ``previous``'s life to
+    ``grace_s`` and remember it for as long (``KeySchema.previous``). ``EXPIRE ... LT`` never lengthens a life: a retry
+    that retires again does not restart the grace."""
+    grace = b"%d" % max(1, grace_s)
+    remember = (b"EXPIRE", schema.previous(kind).encode(), grace, b"LT")
     try:
         confirm_replicas(client, replica_wait_s)
     except REDIS_ERRORS as error:
@@ -600,28 +639,17 @@ def flip_pointer(
             "%s version %s is current, but its replicas did not confirm the flip (%s): version %s keeps its TTL, so "
             "that a failover that loses the flip still serves it whole",
             kind,
-            pointer.version,
+            version,
             error,
             previous.version,
         )
         run_commands(client, [remember])
-        return previous
-    if is_cluster(client):
-        name = schema.bucket
-        run_commands(
-            client,
-            [(b"EXPIRE", name(kind, previous.version, i).encode(), b"%d" % grace_s) for i in range(previous.buckets)],
-        )
-        run_commands(client, [remember])
-    else:
-        pipe = client.pipeline(transaction=False)
-        for index in range(previous.buckets):
-            pipe.expire(schema.bucket(kind, previous.version, index), grace_s)
-            if len(pipe) >= COMMANDS_PER_PIPELINE:
-                pipe.execute()
-        pipe.execute_command(*remember)
-        pipe.execute()
-    return previous
+        return
+    name = schema.bucket
+    expire = [(b"EXPIRE", name(kind, previous.version, i).encode(), grace, b"LT") for i in range(previous.buckets)]
+    for start in range(0, len(expire), COMMANDS_PER_PIPELINE):
+        run_commands(client, expire[start : start + COMMANDS_PER_PIPELINE])
+    run_commands(client, [remember])
 
 
 def experiment_command(name: bytes, experiment: Experiment | None) -> tuple[bytes, ...]:
