@@ -320,7 +320,8 @@ def settle_published(
     3. The new version's first ``capacity`` keys become ``:order``, and ``version`` its ``order_version``.
 
     Settling again after a retried flip (``previous`` read back from ``KeySchema.previous``) hands over only what
-    the first attempt did not. ``ml.replay`` models each step at every day's publish."""
+    the first attempt did not, and copies the values of all it handed over (the first may have died before).
+    ``ml.replay`` models each step at every day's publish."""
     names = fifo_names(schema, kind)
     _, _, main, _, _, _, tier, order = (name.encode() for name in names)  # FIFO_PARTS order
     ((capacity, live_ttl_s, order_version), tracked) = run_commands(
@@ -340,15 +341,21 @@ def settle_published(
     handed: list[str] = []
     if previous is not None and order_version is not None and _text(order_version) == previous.version:
         (before,) = run_commands(client, [(b"LRANGE", order, 0, -1)])
-        dropped = [key for key in map(_text, before) if key not in published]
+        dropped = list(dict.fromkeys(key for key in map(_text, before) if key not in published))
         for start in range(0, len(dropped), chunk):
             hand_over = (b"EVAL", HAND_OVER, 7, *names[:7], *dropped[start : start + chunk])  # all but the order
             ((room, taken),) = run_commands(client, [hand_over])
             handed += [_text(key) for key in taken]
             if room <= 0:
                 break
+        # Every dropped key the main LRU tracks now gets its value, not only those taken just now: a settling killed
+        # between its HAND_OVER and this copy left keys tracked without a value, which its retry takes no more.
+        # (Any other tracked one a reader admitted since the flip, with a value, which SET NX keeps.)
+        (members,) = run_commands(client, [(b"ZRANGE", main, 0, -1)])
+        tracked_now = set(map(_text, members))
         live = [int(ttl) for ttl in (ttl_s, live_ttl_s) if ttl is not None and int(ttl) > 0]
-        _copy_to_live(client, schema, kind, handed, previous, min(live) if live else None)
+        copied = [key for key in dropped if key in tracked_now]
+        _copy_to_live(client, schema, kind, copied, previous, min(live) if live else None)
     kept = list(keys[: int(capacity)])
     commands: list[tuple[Any, ...]] = [(b"DEL", order)]
     commands += [(b"RPUSH", order, *kept[start : start + chunk]) for start in range(0, len(kept), chunk)]

@@ -46,6 +46,11 @@ def prepared(redis_url: str) -> KeySchema:
     return schema
 
 
+def publish_new(client: redis.Redis, schema: KeySchema):
+    return publish_version(client, "ctr", "new", NEW.items(), n_keys=len(NEW), schema=schema, ttl_s=TTL_S,
+                           grace_s=GRACE_S, replica_wait_s=0)  # fmt: skip
+
+
 def state(client: redis.Redis, schema: KeySchema) -> dict:
     """What a publish leaves in Redis that a reader or the next publish depends on, with TTLs in classes."""
     raws = list(client.scan_iter(f"{schema.prefix}:*", count=10_000))
@@ -75,10 +80,43 @@ def state(client: redis.Redis, schema: KeySchema) -> dict:
     return out
 
 
+def shown(value) -> str:
+    text = repr(value)
+    return text if len(text) < 200 else f"{text[:150]}... ({len(text)} characters)"
+
+
 def seen_by_reader(redis_url: str, schema: KeySchema) -> set[float | None]:
     cache = PredictionCache(connect(redis_url, socket_timeout=10), schema=schema, pointer_ttl_s=0)
     sample = KEYS[:-5_000:97]  # keys both versions hold
     return {None if value is None else round(value, 3) for value in cache.get_many("ctr", sample)}
+
+
+def test_a_publish_killed_before_any_round_trip_leaves_one_whole_version_and_the_retry_finishes_it(redis_server):
+    redis_url = redis_server().url
+    client = connect(redis_url, socket_timeout=10)
+    reference = prepared(redis_url)
+    clean = run_killed(PUBLISH, [redis_url, reference.namespace], [REDIS_SEND], None)
+    assert not clean.killed and clean.calls > 5
+    expected = state(client, reference)
+    assert expected["keys new"] == len(NEW) and expected["buckets old"] == {"grace"}
+    assert len(expected["live"]) == 5_000 + 3
+    failures = []
+    for at in range(1, clean.calls + 1):
+        schema = prepared(redis_url)
+        outcome = run_killed(PUBLISH, [redis_url, schema.namespace], [REDIS_SEND], at)
+        assert outcome.killed, f"kill point {at}: the publish ended without reaching it"
+        seen = seen_by_reader(redis_url, schema)
+        if seen not in ({0.25}, {0.75}):
+            failures.append(f"kill point {at}: readers saw {seen}")
+        retried = publish_new(client, schema)
+        if seen_by_reader(redis_url, schema) != {0.75}:
+            failures.append(f"kill point {at}: after the retry readers saw {seen_by_reader(redis_url, schema)}")
+        got = state(client, schema)
+        for name in sorted(set(got) | set(expected)):
+            if got.get(name) != expected.get(name):
+                failures.append(f"kill point {at}: {name}: {shown(got.get(name))} != {shown(expected.get(name))}"
+                                f" (retry already_current={retried.already_current})")  # fmt: skip
+    assert not failures, "\n".join(failures)
 
 
 def test_the_next_version_after_a_killed_publish_retires_every_version_before_it(redis_server):
