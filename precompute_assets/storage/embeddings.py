@@ -241,10 +241,11 @@ class EmbeddingStore:
             after = rows[-1][0]
 
     def move_version(self, model_version: str, redis_version: str, buckets: int) -> None:
-        """Record that ``model_version`` is now served from ``redis_version`` with ``buckets`` buckets."""
+        """Record that ``model_version`` moves to ``redis_version`` with ``buckets`` buckets, a copy not yet flipped
+        to: like a build, it is not ``complete`` until ``mark_complete`` (the watermark stays)."""
         with self.connect() as conn, conn.cursor() as cur:
             cur.execute(
-                "UPDATE embedding_progress SET redis_version = %s, buckets = %s, updated_at = now()"
+                "UPDATE embedding_progress SET redis_version = %s, buckets = %s, complete = false, updated_at = now()"
                 " WHERE model_version = %s",
                 (redis_version, buckets, model_version),
             )

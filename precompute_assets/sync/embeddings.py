@@ -16,7 +16,8 @@ retried at the start of the next sync, before the watermark scan, without moving
 A version patched in place grows with the corpus; when a sample of its buckets holds more than
 ``max_bucket_fill`` keys on average (past that, hashing puts some buckets over the 128 entries of Redis'
 compact listpack encoding), the sync copies the stored embeddings into a new version with
-``bucket_count(n)`` buckets and flips the pointer to it atomically: nothing is re-embedded.
+``bucket_count(n)`` buckets and flips the pointer to it atomically: nothing is re-embedded, also when the sync is
+killed on the way (the whole copy is resumed like a build, see ``_rebuild_wider``).
 """
 
 from __future__ import annotations
@@ -241,9 +242,10 @@ def _rebuild_wider(
     buckets, then flip to it (one atomic SET of the pointer; the old version lives ``grace_s`` more).
 
     The offline store mirrors the version being patched (every chunk commits after its Redis writes), so
-    nothing is re-embedded. A crash before the flip leaves readers on the old version and the copy to
-    expire; between recording the new version and the flip, the next sync sees a pointer that is not its
-    version and rebuilds from scratch, as after any lost version."""
+    nothing is re-embedded. A crash during the copy leaves readers on the old version and the copy to
+    expire. Once the copy is whole it is recorded as an unfinished build (``move_version``), so a crash between
+    that and the flip is resumed like one: the next sync patches in what changed since and flips to it, rather
+    than embedding the corpus again."""
     n_docs = store.embedded_count(model_version)
     wider = Pointer(f"emb{int(time.time())}.{uuid.uuid4().hex[:8]}", bucket_count(n_docs))
     client.set(_sentinel(schema, wider.version), f"building {dtype}", ex=ttl_s)
@@ -252,6 +254,7 @@ def _rebuild_wider(
     client.set(_sentinel(schema, wider.version), f"synced {dtype}", ex=ttl_s)
     store.move_version(model_version, wider.version, wider.buckets)
     flip_pointer(client, schema, EMBEDDING_KIND, wider, grace_s=grace_s, replica_wait_s=replica_wait_s)
+    store.mark_complete(model_version)
     return wider
 
 
