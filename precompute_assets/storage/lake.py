@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 import uuid
 from dataclasses import dataclass
 from functools import cached_property
@@ -33,6 +34,22 @@ def _shape_problem(frame: pd.DataFrame, metadata: dict | None, columns: list[str
     if len(frame) != shape["rows"] or got != expected or not set(expected) <= set(shape["columns"]):
         return f"read {len(frame)} rows of {got}, written as {shape['rows']} rows of {shape['columns']}"
     return None
+
+
+STALE_TEMPORARY_S = 3600  # a temporary file this old is a killed write's: no write of one partition takes an hour
+
+
+def _sweep_stale_temporaries(fs: pafs.FileSystem, folder: str, name: str) -> None:
+    """Delete the temporary files of earlier writes of ``folder/name`` (``.name.tmp-*``, and ``name.tmp-*`` of older
+    versions) whose writer was killed before it could (SIGKILL, a lost machine): older than ``STALE_TEMPORARY_S``,
+    so a concurrent writer's own is left alone. Without this, each killed write left its copy of the partition."""
+    prefixes = (f".{name}.tmp-", f"{name}.tmp-")
+    cutoff = time.time() - STALE_TEMPORARY_S
+    with contextlib.suppress(OSError):
+        for info in fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True)):
+            stale = info.mtime is not None and info.mtime.timestamp() < cutoff
+            if info.type == pafs.FileType.File and info.base_name.startswith(prefixes) and stale:
+                fs.delete_file(info.path)
 
 
 class LakeReadError(ValueError):
@@ -72,12 +89,16 @@ class Lake:
     def write(self, asset: str, partition: str | None, table: pd.DataFrame | pa.Table) -> str:
         fs, _ = self._fs
         path = self.path(asset, partition)
-        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        folder, name = path.rsplit("/", 1)
+        fs.create_dir(folder, recursive=True)
+        _sweep_stale_temporaries(fs, folder, name)
         if isinstance(table, pd.DataFrame):
             table = pa.Table.from_pandas(table, preserve_index=False)
         shape = {SHAPE_KEY: json.dumps({"rows": table.num_rows, "columns": table.column_names}).encode()}
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), **shape})
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        # Hidden (a leading dot), so that a reader of the whole folder (a pyarrow dataset, Spark, Hive) never reads the
+        # temporary file of a write killed before its move as a second copy of the partition.
+        tmp = f"{folder}/.{name}.tmp-{uuid.uuid4().hex}"
         try:
             # Page checksums: a flipped bit in a data page is an error when read, not a different value; the shape
             # (rows, columns) does the same for the footer, which no checksum covers.

@@ -1,4 +1,4 @@
-"""SIGKILL a subprocess at a deterministic point: before the N-th call of any of a set of hooked functions.
+"""SIGKILL a subprocess at a deterministic point: before (or after) the N-th call of any of a set of hooked functions.
 
 ``run_killed(code, hooks, at)`` runs ``code`` (Python source, argv in ``sys.argv``) in a fresh interpreter whose
 hooked functions (``"module:attribute.path"``) count their calls together; the call numbered ``at`` SIGKILLs the
@@ -28,6 +28,7 @@ import importlib, os, signal, sys, threading
 def _install():
     at = os.environ.get("PRECOMPUTE_TEST_KILL_AT")
     at = int(at) if at else None
+    after = os.environ.get("PRECOMPUTE_TEST_KILL_AFTER") == "1"
     tally = os.environ["PRECOMPUTE_TEST_KILL_TALLY"]
     lock = threading.Lock()
     calls = [0]
@@ -46,9 +47,12 @@ def _install():
                 number = calls[0]
                 with open(tally, "w") as out:
                     out.write(str(number))
+            if number == at and not after:
+                os.kill(os.getpid(), signal.SIGKILL)
+            result = original(*args, **kwargs)
             if number == at:
                 os.kill(os.getpid(), signal.SIGKILL)
-            return original(*args, **kwargs)
+            return result
 
         setattr(owner, name, counted)
 
@@ -70,10 +74,17 @@ class Outcome:
 
 
 def run_killed(
-    code: str, args: list[str], hooks: list[str], at: int | None, *, env: dict[str, str] | None = None, timeout=300
+    code: str,
+    args: list[str],
+    hooks: list[str],
+    at: int | None,
+    *,
+    after: bool = False,
+    env: dict[str, str] | None = None,
+    timeout: float = 300,
 ) -> Outcome:
-    """Run ``code`` with ``args`` in a fresh interpreter, SIGKILLed before the hooked call number ``at`` (None: never);
-    ``env`` is added to this process's environment."""
+    """Run ``code`` with ``args`` in a fresh interpreter, SIGKILLed before the hooked call number ``at`` (None: never),
+    or right after it returns with ``after``; ``env`` is added to this process's environment."""
     with tempfile.TemporaryDirectory(prefix="kill-") as folder:
         tally = Path(folder) / "calls"
         environment = {
@@ -81,6 +92,7 @@ def run_killed(
             **(env or {}),
             "PRECOMPUTE_TEST_KILL_HOOKS": ",".join(hooks),
             "PRECOMPUTE_TEST_KILL_AT": "" if at is None else str(at),
+            "PRECOMPUTE_TEST_KILL_AFTER": "1" if after else "",
             "PRECOMPUTE_TEST_KILL_TALLY": str(tally),
         }
         done = subprocess.run([sys.executable, "-c", PRELUDE + code, *args], env=environment, capture_output=True,

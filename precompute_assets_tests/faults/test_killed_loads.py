@@ -1,0 +1,81 @@
+"""Fault: ``precompute impressions load`` (replacing its days, and with ``--append``) is SIGKILLed at each of its lake
+writes, before the Parquet file is written and right after (its temporary file whole, not yet moved into place), then
+run again.
+
+Each day and the quarantine then hold the file's rows exactly once, also for a reader of the whole folder (a pyarrow
+dataset, as a user would read a lake asset: files named ``.*`` are hidden from it), and the temporary files of killed
+writes do not pile up: the next write of a partition sweeps away its own stale ones.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pyarrow.dataset as ds
+import pytest
+
+from precompute_assets.storage.lake import Lake
+from precompute_assets_tests.faults.killing import run_killed
+
+WRITE = "pyarrow.parquet:write_table"
+DAY_MS = 86_400_000
+T0 = 1_795_000_000_000  # 2026-11-18 UTC
+CLI = """
+import sys
+from precompute_assets.tools.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.fixture
+def impressions(tmp_path: Path) -> Path:
+    """Three days of 20 impressions, and 4 rows to quarantine."""
+    lines = [f"{T0 + d * DAY_MS + i * 60_000},ad{i},{i % 2}" for d in range(3) for i in range(20)]
+    lines += [f"{T0 // 1000},bad,0", f"{T0},bad,7", f"{T0},,1", "x,y,z"]
+    path = tmp_path / "impressions.csv"
+    path.write_text("ts_ms,ad_id,clicked\n" + "\n".join(lines) + "\n")
+    return path
+
+
+def folder_rows(folder: Path) -> int:
+    """Rows of every Parquet file a dataset reader finds in ``folder``."""
+    return ds.dataset(folder, format="parquet").count_rows() if folder.exists() else 0
+
+
+@pytest.mark.parametrize("mode", [[], ["--append"]])
+@pytest.mark.parametrize("after", [False, True])
+def test_an_impressions_load_killed_at_any_write_then_run_again_holds_each_row_once(tmp_path, impressions, mode, after):
+    env = {"PRECOMPUTE_HOME": str(tmp_path / "home"), "PRECOMPUTE_TIMEZONE": "UTC",
+           "PRECOMPUTE_PARTITIONS_START": "2026-01-01"}  # fmt: skip
+    command = ["impressions", "load", str(impressions), *mode]
+    lake = Lake(str(tmp_path / "home" / "lake"))
+    clean = run_killed(CLI, command, [WRITE], None, env=env)
+    writes = clean.calls
+    assert writes == 4  # the quarantine, then three days
+    for at in range(1, writes + 1):
+        for asset in ("ad_impressions", "ad_impressions_quarantine"):
+            for file in Path(lake.path(asset, "x")).parent.glob("*"):
+                file.unlink()
+        assert run_killed(CLI, command, [WRITE], at, after=after, env=env).killed
+        run_killed(CLI, command, [WRITE], None, env=env)  # the same command again
+        days = {day: len(lake.read("ad_impressions", day)) for day in ("2026-11-18", "2026-11-19", "2026-11-20")}
+        assert days == {"2026-11-18": 20, "2026-11-19": 20, "2026-11-20": 20}, f"killed at write {at}"
+        assert folder_rows(Path(lake.path("ad_impressions", "x")).parent) == 60, f"killed at write {at}"
+        assert folder_rows(Path(lake.path("ad_impressions_quarantine", "x")).parent) == 4, f"killed at write {at}"
+
+
+def test_the_temporary_files_of_killed_writes_are_swept_by_the_next_write(tmp_path):
+    lake = Lake(str(tmp_path / "lake"))
+    path = Path(lake.path("ads"))
+    code = "import sys\nfrom precompute_assets.storage.lake import Lake\nLake(sys.argv[1]).write('ads', None, "
+    code += "__import__('pandas').DataFrame({'ad_id': ['a']}))\n"
+    for _ in range(3):
+        assert run_killed(code, [str(tmp_path / "lake")], [WRITE], 1, after=True).killed
+    stale = [file for file in path.parent.iterdir() if file != path]
+    assert len(stale) == 3 and all(file.name.startswith(".") for file in stale)  # hidden from folder readers
+    old = time.time() - 2 * 3600
+    os.utime(stale[0], (old, old))  # its writer is long dead
+    lake.write("ads", None, __import__("pandas").DataFrame({"ad_id": ["b"]}))
+    assert sorted(path.parent.iterdir()) == sorted([path, *stale[1:]])  # the recent ones may be a live writer's
