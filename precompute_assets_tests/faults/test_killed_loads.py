@@ -9,6 +9,7 @@ writes do not pile up: the next write of a partition sweeps away its own stale o
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -79,3 +80,32 @@ def test_the_temporary_files_of_killed_writes_are_swept_by_the_next_write(tmp_pa
     os.utime(stale[0], (old, old))  # its writer is long dead
     lake.write("ads", None, __import__("pandas").DataFrame({"ad_id": ["b"]}))
     assert sorted(path.parent.iterdir()) == sorted([path, *stale[1:]])  # the recent ones may be a live writer's
+
+
+DOCS_LOAD = """
+import json, sys
+import precompute_assets.storage.documents as documents
+documents.CHUNK_ROWS = 100  # several COPYs of one transaction
+result = documents.DocumentStore(sys.argv[1]).load_file(sys.argv[2])
+print(json.dumps({"inserted": result.inserted, "rejected": result.rejected, "duplicates": result.duplicates}))
+"""
+
+
+def test_a_docs_load_killed_at_any_copy_loads_nothing_and_the_same_file_again_loads_it_once(app_db, tmp_path):
+    from precompute_assets.storage.documents import DocumentStore
+
+    lines = [json.dumps({"doc_id": f"d{i}", "title": "t", "body": f"body {i}"}) for i in range(450)]
+    lines[7] = "{not json"  # a malformed line: rejected, once per load
+    lines.append(json.dumps({"doc_id": "d3", "title": "t", "body": "the last d3 wins"}))
+    path = tmp_path / "docs.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    store = DocumentStore(app_db)
+    store.ensure_schema()
+    copies = "precompute_assets.storage.documents:copy_in"
+    for at in (1, 3, 5):  # the first, a middle and the last COPY of the load's one transaction
+        assert run_killed(DOCS_LOAD, [app_db, str(path)], [copies], at).killed
+        assert store.count() == 0, f"killed at COPY {at}: a killed load left rows"
+    again = json.loads(run_killed(DOCS_LOAD, [app_db, str(path)], [copies], None).stdout)
+    assert again == {"inserted": 449, "rejected": 1, "duplicates": 1}
+    assert store.count() == 449
+    assert [row.body for row in store.changed_since(None, limit=500) if row.doc_id == "d3"] == ["the last d3 wins"]
