@@ -94,9 +94,13 @@ def parse_sentinel_url(url: str) -> SentinelUrl | None:
             )
         return None
     tls = SENTINEL_SCHEMES[scheme.lower()]
-    parts = urlsplit(f"redis+sentinel://{rest}")
-    userinfo, _, hosts = parts.netloc.rpartition("@")
+    # The user info runs to the last '@' before the query, as ``stack.redact`` reads it: a password's unencoded '/'
+    # or '@' (base64 has '/') is then neither a host nor a path, and never shown in an error as one.
+    end = min((rest.index(mark) for mark in "?#" if mark in rest), default=len(rest))
+    userinfo, _, located = rest[:end].rpartition("@")
     username, _, password = userinfo.partition(":")
+    parts = urlsplit(f"redis+sentinel://{located}{rest[end:]}")
+    hosts = parts.netloc
     sentinels = tuple(_sentinel_address(host) for host in hosts.split(",") if host.strip())
     if not sentinels:
         raise ValueError(f"the Sentinel URL names no sentinel: expected {scheme}://host:port[,host:port]/service")

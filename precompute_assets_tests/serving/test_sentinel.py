@@ -81,6 +81,18 @@ def test_a_sentinel_url_is_neither_a_cluster_nor_redacted_loosely():
     assert "secret1" not in shown and "secret2" not in shown, shown
 
 
+@pytest.mark.parametrize("password", ["s3cr/et", "s3cr@et", "s3/cr@et/"])
+def test_an_unencoded_slash_or_at_in_the_password_is_taken_and_never_shown(password):
+    """The authority ended at the password's first '/': the rest of the URL was misread, and the error named the
+    "sentinel" 'app:s3cr', a part of the password."""
+    assert parse_sentinel_url(f"redis+sentinel://app:{password}@s1,s2:26380/m/2") == SentinelUrl(
+        (("s1", 26379), ("s2", 26380)), "m", 2, "app", password
+    )
+    with pytest.raises(ValueError, match="is not host:port") as raised:
+        parse_sentinel_url(f"redis+sentinel://app:{password}@s1:99999/m")
+    assert "s3" not in str(raised.value), raised.value
+
+
 def test_a_url_of_several_sentinels_is_reachable_when_any_answers():
     """``reachable`` (``precompute status``, ``up``) read a Sentinel URL's port as a single server's: a list of
     sentinels, the README's form, raised ``ValueError`` instead."""
