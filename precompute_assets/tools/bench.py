@@ -92,21 +92,30 @@ def redis_benchmark_set(redis_url: str, *, requests: int, value_size: int, pipel
     import io
     import shutil
     import subprocess
+    from dataclasses import replace
     from urllib.parse import urlsplit
+
+    from ..serving.connection import parse_sentinel_url, sentinel_primary
 
     binary = shutil.which("redis-benchmark")
     if binary is None:
         return None
-    url = urlsplit(redis_url)
-    command = [binary, "-h", url.hostname or "127.0.0.1", "-p", str(url.port or 6379), "-t", "set"]
+    if (sentinel := parse_sentinel_url(redis_url)) is not None:  # the primary the sentinels name, not a sentinel
+        scratch = sentinel_primary(replace(sentinel, db=BENCHMARK_DB), socket_timeout=30, socket_connect_timeout=30)
+        (host, port), password = scratch.connection_pool.get_master_address(), sentinel.password
+        tls = sentinel.tls is not None
+    else:
+        url = urlsplit(redis_url)
+        scratch = connect(url._replace(path=f"/{BENCHMARK_DB}").geturl(), socket_timeout=30)
+        host, port, password, tls = url.hostname or "127.0.0.1", url.port or 6379, url.password, url.scheme == "rediss"
+    command = [binary, "-h", host, "-p", str(port), "-t", "set"]
     command += ["-n", str(requests), "-P", str(pipeline), "-d", str(value_size), "-r", str(requests), "--csv"]
     command += ["--dbnum", str(BENCHMARK_DB)]
-    if url.password:
-        command += ["-a", url.password, "--no-auth-warning"]
-    if url.scheme == "rediss":
+    if password:
+        command += ["-a", password, "--no-auth-warning"]
+    if tls:
         command += ["--tls"]
     output = subprocess.run(command, check=True, capture_output=True, text=True, timeout=600).stdout
-    scratch = connect(url._replace(path=f"/{BENCHMARK_DB}").geturl(), socket_timeout=30)
     for name in scratch.scan_iter("key:*", count=5000):  # redis-benchmark's keys, in its own database
         scratch.unlink(name)
     rows = [row for row in csv.reader(io.StringIO(output)) if row and row[0] == "SET"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import threading
@@ -233,6 +234,18 @@ def test_a_publisher_opened_before_a_failover_publishes_to_the_new_primary(senti
     publish_version(publisher, "ctr", "v2", [("a", 0.5)], n_keys=1, schema=schema, replica_wait_s=0)
     with redis.Redis(port=new) as promoted:
         assert Pointer.decode(promoted.get(schema.pointer("ctr"))).version == "v2"
+
+
+@pytest.mark.skipif(shutil.which("redis-benchmark") is None, reason="no redis-benchmark (apt-get install redis-tools)")
+def test_bench_publish_reference_runs_on_the_sentinels_primary(sentinel_group: SentinelGroup):
+    """``bench publish``'s redis-benchmark reference took a Sentinel URL's host:port for the server's: it benchmarked
+    the sentinel, then cleaned up through 'redis+sentinel://.../9', service '9'."""
+    from precompute_assets.tools.bench import BENCHMARK_DB, redis_benchmark_set
+
+    assert redis_benchmark_set(sentinel_group.url, requests=2000, value_size=16) > 0
+    with redis.Redis(port=sentinel_group.primary.port, db=BENCHMARK_DB) as primary:
+        assert not list(primary.scan_iter("key:*"))  # its keys were there, and were cleaned up
+        assert primary.info("commandstats")["cmdstat_set"]["calls"] >= 2000
 
 
 def test_redis_acl_apply_sets_the_users_on_the_primary_and_its_replicas(sentinel_group: SentinelGroup, monkeypatch):
