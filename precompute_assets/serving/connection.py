@@ -520,7 +520,8 @@ def sentinel_servers(client: redis.Redis) -> list[redis.Redis]:
     pool = client.connection_pool
     manager = pool.sentinel_manager
     replicas = manager.discover_slaves(pool.service_name)
-    names = ("username", "password", "db", "socket_timeout", "socket_connect_timeout", *_TLS_PARAMETERS)
+    # The primary's retry policy too: redis-py's default (10 attempts with backoff) held a failing replica for seconds.
+    names = ("username", "password", "db", "socket_timeout", "socket_connect_timeout", "retry", *_TLS_PARAMETERS)
     kwargs = {name: pool.connection_kwargs[name] for name in names if name in pool.connection_kwargs}
     if issubclass(pool.connection_class, redis.SSLConnection):
         kwargs["ssl"] = True

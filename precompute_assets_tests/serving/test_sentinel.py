@@ -19,7 +19,7 @@ import redis
 
 from precompute_assets.defs.resources import RedisResource
 from precompute_assets.serving import KeySchema, Pointer, PredictionCache, connect, publish_version
-from precompute_assets.serving.connection import SentinelUrl, is_sentinel, parse_sentinel_url
+from precompute_assets.serving.connection import SentinelUrl, is_sentinel, parse_sentinel_url, sentinel_servers
 from precompute_assets.stack import RedisServer, free_port, reachable, redact, url_problem
 from precompute_assets_tests.factories import logged_queries
 
@@ -129,6 +129,39 @@ def test_a_dead_sentinel_is_asked_once_per_lookup_not_retried():
             client = connect(f"redis+sentinel://127.0.0.1:{listener.getsockname()[1]}/m", socket_timeout=0.5)
             with pytest.raises(redis.ConnectionError, match="no sentinel names a primary"):
                 client.get("a")
+        finally:
+            stopped.set()
+            thread.join()
+    assert len(accepted) == 1, len(accepted)
+
+
+def test_a_replica_that_fails_is_asked_once_when_acl_users_are_set():
+    """``sentinel_servers`` (``redis acl --apply``) gave the replicas' clients redis-py's default retry, 10 attempts
+    with backoff: a listed replica that failed held the command for seconds (a minute, at the CLI's 5 s timeout, for
+    one that does not answer). Here a replica that accepts and hangs up is connected to once."""
+    accepted = []
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(64)
+        listener.settimeout(0.1)
+
+        def serve() -> None:
+            while not stopped.is_set():
+                with contextlib.suppress(OSError):
+                    connection, _ = listener.accept()
+                    accepted.append(connection)
+                    connection.close()
+
+        stopped = threading.Event()
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        try:
+            client = connect("redis+sentinel://127.0.0.1:1/m", socket_timeout=0.5)
+            replica = ("127.0.0.1", listener.getsockname()[1])
+            client.connection_pool.sentinel_manager.discover_slaves = lambda service: [replica]  # no sentinel here
+            _, listed = sentinel_servers(client)
+            with pytest.raises(redis.ConnectionError):
+                listed.ping()
         finally:
             stopped.set()
             thread.join()
