@@ -528,13 +528,14 @@ def sentinel_servers(client: redis.Redis) -> list[redis.Redis]:
     return [client, *(redis.Redis(host=host, port=port, **kwargs) for host, port in replicas)]
 
 
-def follow_primary(client: object) -> None:
-    """For a Sentinel client: ask the sentinels for the primary now, and close its idle connections if they named
-    another one (a no-op for other clients). The pool asks only when it opens a connection, so connections opened
-    before a failover keep writing to a replaced primary that still runs as one (a partition; the seconds before the
-    sentinels demote it), which loses what they write when it is demoted."""
-    if is_sentinel(client):
-        client.connection_pool.get_master_address()  # redis-py closes the idle connections on a change
+def follow_primary(client: object) -> tuple[str, int] | None:
+    """For a Sentinel client: ask the sentinels for the primary now, close its idle connections if they named
+    another one, and return its address (None for other clients). The pool asks only when it opens a connection, so
+    connections opened before a failover keep writing to a replaced primary that still runs as one (a partition; the
+    seconds before the sentinels demote it), which loses what they write when it is demoted."""
+    if not is_sentinel(client):
+        return None
+    return client.connection_pool.get_master_address()  # redis-py closes the idle connections on a change
 
 
 def is_sentinel(client: object) -> bool:

@@ -103,7 +103,8 @@ def publish_version(
 
     A retry of the version readers are on writes only the buckets that are missing (a failover lost them), gives
     the version it replaced its grace if the first attempt died before it did (``retire_replaced``), then records and
-    settles it.
+    settles it. On Redis Sentinel the sentinels are asked for the primary before the first write and after the flip
+    (``connection.follow_primary``); when they named another one in between, ``redis.ConnectionError``.
     """
     schema = schema or KeySchema()
     check_kind(kind)
@@ -134,7 +135,7 @@ def publish_version(
     filled = [(name, bucket) for name, bucket in zip(names, grouped, strict=True) if bucket]
     ttl = None if ttl_s is None else str(ttl_s).encode()
     try:
-        follow_primary(client)  # a long-lived publisher's connections may be older than a failover
+        primary = follow_primary(client)  # a long-lived publisher's connections may be older than a failover
         (current,) = run_commands(client, [(b"GET", schema.pointer(kind).encode())])
         if current is not None and Pointer.decode(current).version == version:
             # Never rewrite the version readers are on (a step retried after its flip succeeded); its key count,
@@ -195,6 +196,12 @@ def publish_version(
             "readers are on only records and settles it)"
         )
         raise
+    if primary is not None and follow_primary(client) != primary:
+        # The version went to a primary the sentinels replaced meanwhile, which drops it when it is demoted.
+        raise redis.ConnectionError(
+            f"publish of {kind} version {version}: the sentinels named another primary during it, so it may be lost; "
+            "retry the publish"
+        )
     handed, settle_error = _settle(client, schema, kind, version, keys, previous, written=written, ttl_s=ttl_s)
     return PublishResult(
         kind=kind,

@@ -269,6 +269,30 @@ def test_a_publisher_opened_before_a_failover_publishes_to_the_new_primary(senti
         assert Pointer.decode(promoted.get(schema.pointer("ctr"))).version == "v2"
 
 
+def test_a_failover_during_a_publish_fails_it(sentinel_group: SentinelGroup):
+    """A publish whose primary the sentinels replace while it writes landed on the replaced one and returned as if
+    published: it must fail, so that it is retried on the new primary."""
+    schema = KeySchema(f"s{uuid.uuid4().hex[:8]}")
+    publisher = connect(sentinel_group.url, socket_timeout=5)
+    new = sentinel_group.replica.port
+
+    def fail_over(_: int) -> None:  # between two pipelines of buckets
+        if sentinel_group.primary_port() != new:
+            with redis.Redis(port=new) as replica:
+                replica.replicaof("NO", "ONE")
+            with redis.Redis(port=sentinel_group.sentinel.port) as sentinel:
+                sentinel.execute_command("SENTINEL", "REMOVE", SERVICE)
+                sentinel.execute_command("SENTINEL", "MONITOR", SERVICE, "127.0.0.1", new, 1)
+
+    items = [(f"ad{i}", i / 4096) for i in range(4000)]
+    with pytest.raises(redis.ConnectionError, match="another primary"):
+        publish_version(publisher, "ctr", "v1", items, n_keys=4000, schema=schema, progress=fail_over)
+    assert sentinel_group.primary_port() == new  # the switch happened during the publish
+    publish_version(publisher, "ctr", "v1", items, n_keys=4000, schema=schema, replica_wait_s=0)  # the retry
+    with redis.Redis(port=new) as promoted:
+        assert Pointer.decode(promoted.get(schema.pointer("ctr"))).version == "v1"
+
+
 @pytest.mark.skipif(shutil.which("redis-benchmark") is None, reason="no redis-benchmark (apt-get install redis-tools)")
 def test_bench_publish_reference_runs_on_the_sentinels_primary(sentinel_group: SentinelGroup):
     """``bench publish``'s redis-benchmark reference took a Sentinel URL's host:port for the server's: it benchmarked
