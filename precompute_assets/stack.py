@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .serving.connection import REDIS_ERRORS, SENTINEL_SCHEMES, connect, parse_sentinel_url
+from .serving.connection import REDIS_ERRORS, SENTINEL_SCHEMES, check_url_port, connect, parse_sentinel_url
 from .storage.postgres import connect as postgres_connect
 
 ENV_REDIS = "PRECOMPUTE_REDIS_URL"
@@ -661,6 +661,7 @@ def unix_socket(url: str) -> str | None:
         return parts.path
     if not parts.scheme.startswith("postgres"):  # a Sentinel URL's "host:port,host:port" has no single port
         return None
+    check_url_port(url)
     query = parse_qs(parts.query)
     host, port = query.get("host", [""])[-1], query.get("port", [str(parts.port or 5432)])[-1]
     if not parts.hostname and host.startswith("/"):
@@ -760,6 +761,7 @@ def reachable(url: str, timeout_s: float = 0.5) -> bool:
             return False
     if (sentinel := parse_sentinel_url(url)) is not None:
         return any(_accepts(address, timeout_s) for address in sentinel.sentinels)
+    check_url_port(url)
     parts = urlsplit(url)
     return _accepts((parts.hostname or "127.0.0.1", parts.port or 0), timeout_s)
 

@@ -45,6 +45,18 @@ _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 
 
+def check_url_port(url: str) -> None:
+    """``ValueError`` without the URL when its port cannot be read: an unencoded '/', '?' or '#' in a password ends the
+    authority there, and urllib's own error quotes what followed the ':' as the port, the start of the password."""
+    try:
+        _ = urlsplit(url).port
+    except ValueError:
+        raise ValueError(
+            "the URL's host:port cannot be read: percent-encode '/', '?' and '#' in its user name and password "
+            "(%2F, %3F, %23)"
+        ) from None
+
+
 def split_cluster_url(url: str) -> tuple[str, bool | None]:
     """``url`` without its ``cluster`` parameter, and what that parameter says (None: absent).
 
@@ -431,6 +443,7 @@ def connect(
         if cluster:
             raise ValueError("cluster=True, but the Redis URL names a Sentinel primary, not a Redis Cluster")
         return sentinel_primary(sentinel, **options)
+    check_url_port(url)
     plain_url, in_url = split_cluster_url(url)
     if cluster and in_url is False:
         raise ValueError("cluster=True, but the Redis URL says cluster=0")

@@ -412,6 +412,22 @@ def test_redact_hides_passwords_given_in_other_forms(url: str) -> None:
     assert "s3cret" not in redact(url) and "cret@" not in redact(url)
 
 
+@pytest.mark.parametrize("url", ["redis://app:s3cr/et@cache.example:6379/0", "rediss://:s3cr?et@cache.example/0"])
+def test_a_password_that_cuts_the_url_short_is_never_shown_in_its_error(url: str, monkeypatch, capsys) -> None:
+    """An unencoded '/' or '?' in a password ends the authority there, and what followed its ':' was read as the
+    port: the error, 'Port could not be cast to integer value as 's3cr'', showed the start of the password."""
+    from precompute_assets.stack import reachable
+    from precompute_assets.tools.cli import main
+
+    for attempt in (lambda: connect(url), lambda: reachable(url)):
+        with pytest.raises(ValueError, match="percent-encode") as raised:
+            attempt()
+        assert "s3" not in str(raised.value), raised.value
+    monkeypatch.setenv("PRECOMPUTE_REDIS_URL", url)
+    assert main(["cache", "stats"]) == 2
+    assert "s3" not in capsys.readouterr().err
+
+
 def test_cli_prints_acl_lines_with_hashes_only_and_refuses_a_missing_password(monkeypatch, capsys):
     from precompute_assets.tools.cli import main
 
