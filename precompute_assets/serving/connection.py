@@ -52,8 +52,8 @@ def check_url_port(url: str) -> None:
         _ = urlsplit(url).port
     except ValueError:
         raise ValueError(
-            "the URL's host:port cannot be read: percent-encode '/', '?' and '#' in its user name and password "
-            "(%2F, %3F, %23)"
+            "the URL's host:port cannot be read: it needs one host, a port from 1 to 65535, and '/', '?' and '#' "
+            "in its user name and password percent-encoded (%2F, %3F, %23)"
         ) from None
 
 
