@@ -249,6 +249,23 @@ def self_tuned_share(
     )
 
 
+def verdict_top_n(context: dg.AssetExecutionContext, strategy: str, top_n: int) -> dict:
+    """``{"strategy_evaluated_top_n": M}`` when ``strategy`` follows demand_model's verdict of the day (``auto``,
+    ``lstm``) and that verdict compared the strategies at a top-N other than the ``top_n`` selected now, with a
+    warning: which ranking wins (and the LSTM's approval) can change with N. Empty otherwise."""
+    from .demand import demand_evaluation
+
+    evaluation = demand_evaluation(context.instance, context.partition_key) if strategy in ("auto", "lstm") else None
+    evaluated = None if evaluation is None else evaluation.get("top_n")
+    if evaluated is None or evaluated == top_n or top_n == 0:
+        return {}
+    context.log.warning(
+        f"demand_model compared the strategies (and approved or refused the LSTM) at top_n {evaluated}, and this "
+        f"selection precomputes {top_n}: the verdict may not hold at this N; set demand_model's top_n to match"
+    )
+    return {"strategy_evaluated_top_n": int(evaluated)}
+
+
 @dg.asset(
     partitions_def=DEFAULT_PARTITIONS.daily,
     kinds={"pandas"},
@@ -338,6 +355,7 @@ def top_ads(
             f"the days that chose it {choice.hit_rates[top_n]:.4f}; {choice.requests} logged requests on the counted "
             f"days, replayed on a sample of {choice.sample_rate:.2%} of the keys, live tier: {config.admission})"
         )
+    verdict_metadata = verdict_top_n(context, config.strategy, top_n)
     arm_metadata: dict = {}
     if running is None:
         selected = select_top(demand, top_n)
@@ -362,6 +380,7 @@ def top_ads(
             "strategy_reason": reason,
             "top_n": top_n,
             **share_metadata,
+            **verdict_metadata,
             **experiment_metadata(running),
             **arm_metadata,
             "coverage_last_day": covered,

@@ -211,9 +211,12 @@ def test_auto_and_lstm_follow_the_demand_models_evaluation(selection_resources, 
     assert before["strategy"].value == "frequency" and "no demand_model evaluation" in before["strategy_reason"].value
     lstm = select(selection_resources, pg_instance, "lstm").asset_materializations_for_node("top_ads")[0].metadata
     assert lstm["strategy"].value == "frequency" and "fell back to frequency" in lstm["strategy_reason"].value
-    version = metadata(run(selection_resources, pg_instance, margin=-1.0, max_epochs=1))["model_version"]
+    trained = metadata(run(selection_resources, pg_instance, margin=-1.0, max_epochs=1, top_n=10))
+    version = trained["model_version"]
     after = select(selection_resources, pg_instance, "auto").asset_materializations_for_node("top_ads")[0].metadata
     assert after["strategy"].value == "lstm" and f"demand_model {version}" in after["strategy_reason"].value
+    # the verdict compared the strategies at demand_model's top_n 10, not at the 20 selected here: said, not hidden
+    assert after["strategy_evaluated_top_n"].value == trained["top_n"] == 10
     assert after["dagster/row_count"].value == 20
     weights = next(Path(selection_resources["model_store"].root).glob(f"demand_model/{version}/*.pt"))
     weights.write_bytes(weights.read_bytes()[:-100])  # a cut file: refused, and the day still gets its selection
@@ -258,6 +261,7 @@ def test_in_the_daily_job_demand_model_runs_first_and_a_losing_lstm_never_stops_
     evaluation = metadata(result)
     chosen = result.asset_materializations_for_node("top_ads")[0].metadata
     assert chosen["strategy"].value == evaluation["best_baseline"] != "lstm"
+    assert "strategy_evaluated_top_n" not in chosen  # compared at the N it selects: nothing to warn of
     assert "not approved" in chosen["strategy_reason"].value and evaluation["model_version"] in (
         chosen["strategy_reason"].value
     )
