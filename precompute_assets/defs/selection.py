@@ -261,7 +261,8 @@ def verdict_top_n(context: dg.AssetExecutionContext, strategy: str, top_n: int) 
         return {}
     context.log.warning(
         f"demand_model compared the strategies (and approved or refused the LSTM) at top_n {evaluated}, and this "
-        f"selection precomputes {top_n}: the verdict may not hold at this N; set demand_model's top_n to match"
+        f"selection precomputes {top_n}: the verdict may not hold at this N (demand_model's top_n sets where it is "
+        "reached; a self-tuned share moves N from day to day)"
     )
     return {"strategy_evaluated_top_n": int(evaluated)}
 
