@@ -184,6 +184,11 @@ def parse_trace(
         return _oracle_general(data, trace_format)
     text = _decode_text(data)
     del data  # the text holds it now: a trace's bytes need not stay beside it through the parse
+    return _text_trace(text, columns, where)
+
+
+def _text_trace(text: str, columns: Columns | None, where: tuple[int | str, Collection[str]] | None) -> Trace:
+    """The trace of a text file's ``text`` (``parse_trace``'s text formats)."""
     separator = "whitespace" if _whitespace_separated(text) else "comma"
     if separator == "whitespace":
         if (comma := text.find(",")) >= 0:
@@ -247,6 +252,54 @@ def parse_trace(
         keys, timestamps = keys[kept], None if timestamps is None else timestamps[kept]
         layout["where"] = {"field": number, "values": sorted(where[1]), "dropped": int((~kept).sum())}
     return Trace(keys=keys, timestamps=timestamps, **layout)
+
+
+MAX_MALFORMED_LINES = 100  # beyond this many, a file is more likely read with the wrong format or options
+_LINE_ERROR = re.compile(r"line (\d+): (.*)", re.DOTALL)
+
+
+def parse_trace_quarantining(
+    path: str | Path,
+    *,
+    columns: Columns | None = None,
+    trace_format: str = "auto",
+    where: tuple[int | str, Collection[str]] | None = None,
+    max_malformed: int = MAX_MALFORMED_LINES,
+) -> tuple[Trace, list[tuple[int, str]]]:
+    """``parse_trace``, with the malformed lines of a text trace quarantined instead of refusing the file: each line a
+    ``TraceError`` names is cut out and the rest read again. Returns the trace and ``(line number in the file,
+    problem)`` of each line cut. More than ``max_malformed`` such lines, or an error that names no line (a binary or
+    Parquet trace's, an empty file), raise ``TraceError`` as ``parse_trace`` does: so many bad lines are likelier a
+    wrong format or option than bad rows. Each cut costs one more parse of the text: for a request log's few bad
+    lines, not for a file in the wrong format."""
+    from .parquet_trace import is_parquet, is_uri
+
+    try:
+        return parse_trace(path, columns=columns, trace_format=trace_format, where=where), []
+    except TraceError as error:
+        binary = is_uri(path) or is_parquet(path) or "oraclegeneral" in Path(path).name.lower()
+        if _LINE_ERROR.match(str(error)) is None or trace_format not in ("auto", "text") or binary:
+            raise  # an error that names no line to cut (binary and Parquet traces name records or columns)
+    lines = _decode_text(_read_bytes(Path(path))).split("\n")
+    cut: list[tuple[int, str]] = []  # (line number in the file, problem), in the order found
+    while True:
+        try:
+            return _text_trace("\n".join(lines), columns, where), sorted(cut)
+        except TraceError as error:
+            found = _LINE_ERROR.match(str(error))
+            if found is None or not 1 <= int(found[1]) <= len(lines):
+                raise
+            current = int(found[1])
+            original = current
+            for line_no, _ in sorted(cut):  # the lines cut before shift the numbers of those below them
+                if line_no <= original:
+                    original += 1
+            if len(cut) >= max_malformed:
+                refused = TraceError(f"line {original}: {found[2]}")
+                refused.add_note(f"after {len(cut)} malformed lines were cut (at most {max_malformed})")
+                raise refused from None
+            cut.append((original, found[2]))
+            del lines[current - 1]
 
 
 def _kept_lines(text: str, field: int, fields: int, values: Collection[str]) -> np.ndarray:

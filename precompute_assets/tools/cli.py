@@ -464,10 +464,11 @@ def check_trace_options(args: argparse.Namespace) -> None:
             raise CliError(f"{option} is empty: give a 1-based field number or a header name")
 
 
-def read_trace(path: str, args: argparse.Namespace):
-    """The trace at ``path`` read as ``add_trace_options``' options say; a file that cannot be read is a CliError."""
+def read_trace(path: str, args: argparse.Namespace, *, quarantine: bool = False):
+    """The trace at ``path`` read as ``add_trace_options``' options say; a file that cannot be read is a CliError.
+    ``quarantine``: ``(trace, malformed lines cut)`` from ``parse_trace_quarantining`` instead (request-log imports)."""
     from ..ml.parquet_trace import PARQUET_COLUMNS, is_parquet
-    from ..ml.replay import TraceError, parse_trace
+    from ..ml.replay import TraceError, parse_trace, parse_trace_quarantining
 
     columns = None
     if args.time_field is not None or args.key_field is not None:
@@ -476,9 +477,11 @@ def read_trace(path: str, args: argparse.Namespace):
         time_field = default_time if args.time_field is None else args.time_field
         columns = (None if time_field.lower() == "none" else time_field, args.key_field or default_key)
     try:
-        return parse_trace(path, columns=columns, trace_format=args.format, where=args.where)
+        parse = parse_trace_quarantining if quarantine else parse_trace
+        return parse(path, columns=columns, trace_format=args.format, where=args.where)
     except TraceError as error:
-        raise CliError(f"{path}: {error}") from None
+        notes = "".join(f" ({note})" for note in getattr(error, "__notes__", ()))  # how many lines were cut first
+        raise CliError(f"{path}: {error}{notes}") from None
     except OSError as error:
         raise CliError(f"{path}: {error.strerror or error}") from None
     except MemoryError:
@@ -878,6 +881,7 @@ def _rows_read(what: str) -> Iterator[Callable[[int], None]]:
 def cmd_query_logs(args: argparse.Namespace) -> int:
     """Import a request log into the lake's hourly ``query_logs`` partitions; print one JSON summary."""
     import time
+    from collections import Counter
     from datetime import date, datetime
     from pathlib import Path
     from zoneinfo import ZoneInfo
@@ -911,7 +915,11 @@ def cmd_query_logs(args: argparse.Namespace) -> int:
         start = None if args.start is None else date.fromisoformat(args.start)
     except ValueError as error:
         raise CliError(f"--start {args.start}: {error}") from None
-    trace = read_trace(args.file, args)
+    trace, malformed = read_trace(args.file, args, quarantine=True)
+    if malformed:
+        line_no, problem = malformed[0]
+        print(f"precompute query-logs: warning: quarantined {len(malformed)} malformed lines (first: line {line_no}: "
+              f"{problem})", file=sys.stderr)  # fmt: skip
     if trace.timestamps is None:
         raise CliError(f"{args.file}: the requests have no timestamps (name their field with --time-field)")
     seconds = epoch_seconds(trace.timestamps, args.time_unit)
@@ -987,8 +995,9 @@ def cmd_query_logs(args: argparse.Namespace) -> int:
         "kept_hours": len(kept),
         "kept_requests": sum(rows.frames.requests(hour) for hour in kept),
         "kept_hours_recorded": len(recorded),  # kept hours Dagster did not know of, recorded now
-        "quarantined": sum(rows.quarantined.values()),
-        "quarantine_reasons": dict(rows.quarantined.most_common()),
+        "quarantined": sum(rows.quarantined.values()) + len(malformed),
+        "quarantine_reasons": dict((rows.quarantined + Counter({"malformed line": len(malformed)})).most_common()),
+        "malformed_lines": [{"line": line_no, "problem": problem} for line_no, problem in malformed[:10]],
         "shift_s": shift,
         "span_hours": round(float(np.nanmax(seconds) - np.nanmin(seconds)) / 3600, 2) if len(seconds) else 0.0,
         "timezone": partitions.timezone,

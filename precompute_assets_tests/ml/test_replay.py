@@ -1665,3 +1665,22 @@ def test_tune_share_on_a_sample_that_kept_no_request_still_reports_the_whole_day
     assert tune_share(empty, 400) == ShareChoice(0, 400, {n: 0.0 for n in share_candidates(400)}, 0, 1.0)
     with pytest.raises(ValueError, match="sampled needs"):
         tune_share(empty, 400, sampled=(0.05, [100, 200]))
+
+
+def test_parse_trace_quarantining_cuts_each_malformed_line_and_names_it_as_numbered_in_the_file(tmp_path):
+    from precompute_assets.ml.replay import parse_trace_quarantining
+
+    good = tmp_path / "good.csv"
+    good.write_text("1,a\n2,b\n")
+    trace, cut = parse_trace_quarantining(good)
+    assert list(trace.keys) == ["a", "b"] and cut == []
+    bad = tmp_path / "bad.csv"
+    bad.write_text("1,a\n\n2,b c\nxx,d\n3,e\n4,f,g\n5")
+    trace, cut = parse_trace_quarantining(bad)
+    assert list(trace.keys) == ["a", "e"] and list(trace.timestamps) == [1.0, 3.0]
+    assert [line for line, _ in cut] == [2, 3, 4, 6, 7] and cut[0][1] == "blank line"
+    with pytest.raises(TraceError, match="line 3: key 'b c' contains whitespace") as refused:  # at most 1 line cut
+        parse_trace_quarantining(bad, max_malformed=1)
+    assert refused.value.__notes__ == ["after 1 malformed lines were cut (at most 1)"]
+    with pytest.raises(TraceError, match="line 2: blank line"):  # parse_trace itself still refuses the file
+        parse_trace(bad)

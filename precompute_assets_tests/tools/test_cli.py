@@ -1012,6 +1012,38 @@ def test_query_logs_import_refuses_misplaced_timestamps_before_writing(tmp_path,
         assert not (tmp_path / "lake").exists() and not (tmp_path / "home").exists()
 
 
+def test_query_logs_import_quarantines_malformed_lines_and_counts_them(stack, tmp_path, monkeypatch, capsys):
+    """One bad line (a cut-off last line, a blank line, a non-numeric timestamp, a missing field) refused the whole
+    request log: it is now cut out, counted and named, and the rest imported."""
+    from precompute_assets.stack import ENV_LAKE
+    from precompute_assets.storage.lake import Lake
+
+    on_the_test_stack(stack, tmp_path, monkeypatch)
+    log = tmp_path / "requests.csv"
+    log.write_text("ts,key,size\n0.5,ad1,10\n10,ad2,10\nxx,ad3,10\n\n20,ad4\n3599,ad1,10\n7300,ad3,10\n73")
+    argv = ["query-logs", "import", str(log), "--start", "2026-02-03", "--time-unit", "s"]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    summary = json.loads(out)
+    assert (summary["imported"], summary["quarantined"], summary["quarantine_reasons"]) == (4, 4, {"malformed line": 4})
+    assert [entry["line"] for entry in summary["malformed_lines"]] == [4, 5, 6, 9]  # as numbered in the file
+    assert "not numeric" in summary["malformed_lines"][0]["problem"]
+    assert err.count("\n") == 1 and "quarantined 4 malformed lines (first: line 4: timestamp 'xx'" in err, err
+    lake = Lake(Stack().env()[ENV_LAKE])
+    assert list(lake.read("query_logs", "2026-02-03-00:00")["key"]) == ["ad1", "ad2", "ad1"]
+
+
+def test_query_logs_import_of_a_file_of_mostly_bad_lines_writes_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("PRECOMPUTE_LAKE_URI", str(tmp_path / "lake"))
+    log = tmp_path / "requests.csv"  # a bare key per line after one timestamped line: the wrong format, not bad rows
+    log.write_text("1700000000,ad0\n" + "".join(f"ad{i}\n" for i in range(300)))
+    assert main(["query-logs", "import", str(log)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "after 100 malformed lines were cut (at most 100)" in err, err
+    assert not (tmp_path / "lake").exists()
+
+
 def test_query_logs_import_names_windows_file_times_and_reads_them(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("PRECOMPUTE_LAKE_URI", str(tmp_path / "lake"))
