@@ -621,7 +621,7 @@ def test_bad_environments_are_one_line_and_exit_2_not_a_traceback(tmp_path, monk
     a_file.write_text("")
     cases = [  # (environment, command, what the line says); none starts a server
         ({"PRECOMPUTE_HOME": str(a_file)}, ["env"], "FileExistsError"),
-        ({"PRECOMPUTE_REDIS_URL": "redis://127.0.0.1:abc/0"}, ["status"], "ValueError: Port could not be cast"),
+        ({"PRECOMPUTE_REDIS_URL": "redis://127.0.0.1:abc/0"}, ["status"], "ValueError: the URL's host:port"),
         ({"PRECOMPUTE_REDIS_URL": "redis://127.0.0.1:1/0?cluster=1"}, ["cache", "stats"], "RedisClusterException"),
     ]
     for environment, command, says in cases:
