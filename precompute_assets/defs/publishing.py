@@ -83,7 +83,8 @@ def ctr_cache(
         context.log.warning(f"probation's live tier was not settled after the flip: {result.settle_error}")
     if experiment is not None:
         context.log.info(f"serving experiment {experiment.name}: arms {', '.join(experiment.arms)}")
-    # A version found current was not written again: no keys, bytes or throughput to plot beside real publishes.
+    # A version found current was not written again (only the buckets a failover lost, ``mended``): no bytes or
+    # throughput to plot beside real publishes.
     written = {} if result.already_current else {"bytes": result.bytes, "keys_per_s": result.keys_per_s}
     return dg.MaterializeResult(
         metadata={
@@ -91,7 +92,7 @@ def ctr_cache(
             "already_current": result.already_current,
             "version": version,
             "previous_version": result.previous_version or "",
-            "keys_written": 0 if result.already_current else result.keys,
+            "keys_written": result.mended if result.already_current else result.keys,
             **written,
             "seconds": result.seconds,
             "model_version": str(ctr_predictions["model_version"].iloc[0]) if len(ctr_predictions) else "",

@@ -67,6 +67,7 @@ class PublishResult:
     already_current: bool = False  # a retry of a publish whose flip had succeeded: nothing rewritten
     handed_over: int = 0  # keys of the version before handed to admission probation's live tier (settle_published)
     settle_error: str | None = None  # why that settling failed (the publish itself succeeded)
+    mended: int = 0  # keys of an already current version written back: buckets a failover lost (``_mend_current``)
 
     @property
     def keys_per_s(self) -> float:
@@ -140,12 +141,14 @@ def publish_version(
         if current is not None and Pointer.decode(current).version == version:
             # Never rewrite the version readers are on (a step retried after its flip succeeded); its key count,
             # written after the flip, may be what failed.
-            _mend_current(client, kind, version, filled, ttl, replica_wait_s)
+            mended = _mend_current(client, kind, version, filled, ttl, replica_wait_s)
             retire_replaced(client, schema, kind, grace_s=grace_s, replica_wait_s=replica_wait_s)
             previous = _replaced_pointer(client, schema, kind)
             handed, settle_error = _settle(client, schema, kind, version, keys, previous, written=written, ttl_s=ttl_s)
             seconds = time.perf_counter() - started
-            return PublishResult(kind, version, written, buckets, n_bytes, seconds, None, True, handed, settle_error)
+            return PublishResult(
+                kind, version, written, buckets, n_bytes, seconds, None, True, handed, settle_error, mended
+            )
         if _existing(client, names):
             # A retry of this version: start clean so no field of the failed attempt survives.
             send_commands(client, [(b"DEL", name) for name in names])
@@ -223,10 +226,10 @@ def _mend_current(
     filled: list[tuple[bytes, list[bytes]]],
     ttl: bytes | None,
     replica_wait_s: float,
-) -> None:
+) -> int:
     """Write back what a failover took from the current ``version`` (a replica promoted without some writes): its
     missing buckets (readers of this version miss those keys, never get other values) and its buckets' TTLs (a
-    bucket's HSET may have reached the replica, its EXPIRE not)."""
+    bucket's HSET may have reached the replica, its EXPIRE not). Returns how many keys were written back."""
     present = run_commands(client, [(b"EXISTS", name) for name, _ in filled])
     if lost := [(name, bucket) for (name, bucket), here in zip(filled, present, strict=True) if not here]:
         _log.warning("%s version %s is current but lost %d of %d buckets: writing them again",
@@ -236,6 +239,7 @@ def _mend_current(
         send_commands(client, [(b"EXPIRE", name, ttl) for name, _ in filled])
     if lost:
         confirm_replicas(client, replica_wait_s)
+    return sum(len(bucket) // 2 for _, bucket in lost)  # a bucket holds field, value, field, value ...
 
 
 def _bucket_writes(name: bytes, bucket: list[bytes], ttl: bytes | None) -> list[tuple[bytes, ...]]:

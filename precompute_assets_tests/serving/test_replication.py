@@ -96,11 +96,12 @@ def test_a_retry_of_the_current_version_writes_back_the_buckets_a_failover_lost(
     items = [(f"ad{i}", i / 1000) for i in range(1000)]
     first = publish_version(redis_client, "ctr", "v1", items, n_keys=len(items), schema=schema)
     lost = [schema.bucket("ctr", "v1", b) for b in (0, 3, first.buckets - 1)]
-    redis_client.delete(*lost)  # as a replica promoted without them would lack them
     kept_without_ttl = schema.bucket("ctr", "v1", 1)
     redis_client.persist(kept_without_ttl)  # its HSET reached the replica, its EXPIRE did not
+    lost_keys = sum(redis_client.hlen(name) for name in lost)  # counted before they go
+    redis_client.delete(*lost)  # as a replica promoted without them would lack them
     again = publish_version(redis_client, "ctr", "v1", items, n_keys=len(items), schema=schema)
-    assert again.already_current
+    assert again.already_current and again.mended == lost_keys > 0  # what ctr_cache reports as keys_written
     assert all(redis_client.exists(name) for name in lost)
     assert all(0 < redis_client.ttl(name) <= 2 * 86400 for name in [*lost, kept_without_ttl])
     cache = PredictionCache(connect(redis_url), schema=schema)
