@@ -298,16 +298,23 @@ def one_line(text: str) -> str:
     return " ".join(text.split())
 
 
-def running_version(url: str) -> str | None:
-    """The server name and version of the Redis at ``url`` (Valkey reports itself as such), or None when it cannot
-    be asked. A Redis Cluster URL (``?cluster=1``) asks one of its nodes."""
+def server_info(url: str, section: str) -> dict | None:
+    """``INFO section`` of the Redis at ``url`` (one reply per node on a cluster), or None when it cannot be asked."""
     try:
         client = connect(url, socket_timeout=2)
         try:
-            info = client.info("server")
+            return client.info(section)
         finally:
             client.close()
     except REDIS_ERRORS:
+        return None
+
+
+def running_version(url: str) -> str | None:
+    """The server name and version of the Redis at ``url`` (Valkey reports itself as such), or None when it cannot
+    be asked. A Redis Cluster URL (``?cluster=1``) asks one of its nodes."""
+    info = server_info(url, "server")
+    if info is None:
         return None
     if info and all(isinstance(value, dict) for value in info.values()):  # a cluster client: one reply per node
         info = next(iter(info.values()))
@@ -320,14 +327,7 @@ def memory_warnings(url: str) -> tuple[str, ...]:
     """What of the memory configuration of the external Redis at ``url`` works against this project, from
     ``INFO memory`` (nothing when it cannot be read: a cluster, or a user without ``INFO``). Only said, never changed:
     the server is its operator's."""
-    try:
-        client = connect(url, socket_timeout=2)
-        try:
-            info = client.info("memory")
-        finally:
-            client.close()
-    except REDIS_ERRORS:
-        return ()
+    info = server_info(url, "memory")
     if not info or all(isinstance(value, dict) for value in info.values()):
         return ()
     policy, found = str(info.get("maxmemory_policy", "")), []

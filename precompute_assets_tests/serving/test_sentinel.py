@@ -12,6 +12,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 
 import dagster as dg
 import pytest
@@ -105,11 +106,12 @@ def test_a_url_of_several_sentinels_is_reachable_when_any_answers():
     assert not reachable(f"redis+sentinel://127.0.0.1:1,127.0.0.1:{port}/m")
 
 
-def test_a_dead_sentinel_is_asked_once_per_lookup_not_retried():
-    """The sentinels' own clients had redis-py's default retry (10 attempts, exponential backoff up to 1 s): a lookup
-    through a sentinel that fails took seconds instead of one ``socket_timeout``. Here a sentinel that accepts and
-    hangs up at once is connected to once per lookup."""
-    accepted = []
+@contextlib.contextmanager
+def hanging_up_server() -> Iterator[tuple[int, list]]:
+    """A port on 127.0.0.1 whose server accepts each connection and closes it at once, and the list of those it
+    accepted (as a dead sentinel or replica behind a proxy looks)."""
+    accepted: list = []
+    stopped = threading.Event()
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen(64)
@@ -122,16 +124,23 @@ def test_a_dead_sentinel_is_asked_once_per_lookup_not_retried():
                     accepted.append(connection)
                     connection.close()
 
-        stopped = threading.Event()
         thread = threading.Thread(target=serve, daemon=True)
         thread.start()
         try:
-            client = connect(f"redis+sentinel://127.0.0.1:{listener.getsockname()[1]}/m", socket_timeout=0.5)
-            with pytest.raises(redis.ConnectionError, match="no sentinel names a primary"):
-                client.get("a")
+            yield listener.getsockname()[1], accepted
         finally:
             stopped.set()
             thread.join()
+
+
+def test_a_dead_sentinel_is_asked_once_per_lookup_not_retried():
+    """The sentinels' own clients had redis-py's default retry (10 attempts, exponential backoff up to 1 s): a lookup
+    through a sentinel that fails took seconds instead of one ``socket_timeout``. Here a sentinel that accepts and
+    hangs up at once is connected to once per lookup."""
+    with hanging_up_server() as (port, accepted):
+        client = connect(f"redis+sentinel://127.0.0.1:{port}/m", socket_timeout=0.5)
+        with pytest.raises(redis.ConnectionError, match="no sentinel names a primary"):
+            client.get("a")
     assert len(accepted) == 1, len(accepted)
 
 
@@ -139,32 +148,13 @@ def test_a_replica_that_fails_is_asked_once_when_acl_users_are_set():
     """``sentinel_servers`` (``redis acl --apply``) gave the replicas' clients redis-py's default retry, 10 attempts
     with backoff: a listed replica that failed held the command for seconds (a minute, at the CLI's 5 s timeout, for
     one that does not answer). Here a replica that accepts and hangs up is connected to once."""
-    accepted = []
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(64)
-        listener.settimeout(0.1)
-
-        def serve() -> None:
-            while not stopped.is_set():
-                with contextlib.suppress(OSError):
-                    connection, _ = listener.accept()
-                    accepted.append(connection)
-                    connection.close()
-
-        stopped = threading.Event()
-        thread = threading.Thread(target=serve, daemon=True)
-        thread.start()
-        try:
-            client = connect("redis+sentinel://127.0.0.1:1/m", socket_timeout=0.5)
-            replica = ("127.0.0.1", listener.getsockname()[1])
-            client.connection_pool.sentinel_manager.discover_slaves = lambda service: [replica]  # no sentinel here
-            _, listed = sentinel_servers(client)
-            with pytest.raises(redis.ConnectionError):
-                listed.ping()
-        finally:
-            stopped.set()
-            thread.join()
+    with hanging_up_server() as (port, accepted):
+        client = connect("redis+sentinel://127.0.0.1:1/m", socket_timeout=0.5)
+        replica = ("127.0.0.1", port)
+        client.connection_pool.sentinel_manager.discover_slaves = lambda service: [replica]  # no sentinel here
+        _, listed = sentinel_servers(client)
+        with pytest.raises(redis.ConnectionError):
+            listed.ping()
     assert len(accepted) == 1, len(accepted)
 
 
