@@ -258,13 +258,18 @@ def apply_acl(
         servers = sentinel_servers(client)
     else:
         servers = [client]
-    for server in servers:
-        unknown = unknown_commands(server)
-        commands = acl_setuser_commands(namespace, publisher=publisher, reader=reader, kinds=kinds, unknown=unknown)
-        pipe = server.pipeline(transaction=True)
-        for command in commands:
-            pipe.execute_command(*command)
-        pipe.execute()
+    made = servers[1:] if is_sentinel(client) else []  # the replicas' clients, made here (a cluster's are its own)
+    try:
+        for server in servers:
+            unknown = unknown_commands(server)
+            commands = acl_setuser_commands(namespace, publisher=publisher, reader=reader, kinds=kinds, unknown=unknown)
+            pipe = server.pipeline(transaction=True)
+            for command in commands:
+                pipe.execute_command(*command)
+            pipe.execute()
+    finally:
+        for server in made:
+            server.close()
     return [command[2] for command in commands]
 
 

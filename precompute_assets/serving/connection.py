@@ -8,7 +8,7 @@ A URL selects Redis Cluster with the query parameter ``cluster``: ``redis://host
 Redis Sentinel (a primary, its replicas, and sentinels that promote a replica when the primary dies) is selected by
 the scheme: ``redis+sentinel://[user:password@]host:port[,host:port...]/service[/db]`` (``rediss+sentinel://``: TLS
 to the sentinels and the data servers, with redis-py's ``ssl_cert_reqs``, ``ssl_ca_certs``, ``ssl_certfile``,
-``ssl_keyfile`` and ``ssl_check_hostname`` as parameters). The hosts are sentinels
+``ssl_keyfile``, ``ssl_password`` (the key file's) and ``ssl_check_hostname`` as parameters). The hosts are sentinels
 (port 26379 by default), ``service`` the name they monitor the primary by; user and password are the data servers'.
 ``?sentinel_username=...&sentinel_password=...`` authenticate to sentinels that require it. The client asks a
 sentinel for the current primary on every new connection, so after a failover it reconnects to the promoted one.
@@ -40,7 +40,9 @@ SENTINEL_SCHEMES = {"redis+sentinel": False, "rediss+sentinel": True}  # scheme:
 SENTINEL_PORT = 26379
 _SENTINEL_PARAMETERS = ("sentinel_username", "sentinel_password")
 # TLS options of a rediss+sentinel:// URL, as redis-py names them; they apply to the sentinels and the data servers.
-_TLS_PARAMETERS = ("ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_check_hostname")
+_TLS_PARAMETERS = (
+    "ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_password", "ssl_check_hostname"
+)  # fmt: skip
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 

@@ -42,6 +42,9 @@ def test_a_sentinel_url_is_taken_apart():
         ("ssl_cert_reqs", "required"),
         ("ssl_ca_certs", "/ca.pem"),
     )
+    encrypted_key = "rediss+sentinel://s1/m?ssl_keyfile=/key.pem&ssl_password=key-secret"  # was refused as unknown
+    assert ("ssl_password", "key-secret") in parse_sentinel_url(encrypted_key).tls
+    assert "key-secret" not in redact(encrypted_key)
 
 
 @pytest.mark.parametrize(
@@ -342,3 +345,37 @@ def test_rediss_sentinel_url_speaks_tls_to_the_sentinel_and_the_primary(tmp_path
     finally:
         sentinel.stop()
         primary.stop()
+
+
+def test_redis_acl_apply_closes_the_replica_clients_it_made(monkeypatch):
+    """``sentinel_servers`` makes a client per replica for ``apply_acl``; they were left open."""
+    from precompute_assets.serving import acl
+
+    class Server:
+        def __init__(self) -> None:
+            self.sent, self.closed = [], False
+
+        def pipeline(self, transaction: bool) -> Server:
+            return self
+
+        def execute_command(self, *args) -> None:
+            self.sent.append(args)
+
+        def execute(self) -> list:
+            return []
+
+        def close(self) -> None:
+            self.closed = True
+
+    primary, replica = Server(), Server()
+    monkeypatch.setattr(acl, "is_sentinel", lambda client: True)
+    monkeypatch.setattr(acl, "sentinel_servers", lambda client: [client, replica])
+    monkeypatch.setattr(acl, "unknown_commands", lambda server: set())
+    acl.apply_acl(
+        primary,
+        "ns",
+        publisher=("ns-publisher", "publisher-pw-0123456789"),
+        reader=("ns-reader", "reader-pw-0123456789"),
+    )
+    assert primary.sent and replica.sent  # both servers got the users
+    assert replica.closed and not primary.closed  # the caller's own client stays the caller's to close
