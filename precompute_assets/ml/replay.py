@@ -510,7 +510,7 @@ POLICY_NAMES = {
 
 def replay_stages(*, auto: bool, admission: bool, baselines: bool = True) -> int:
     """How many pieces of work ``replay`` announces to its ``progress`` with these options."""
-    return auto + (7 if baselines else 2) + (admission * (1 + baselines))
+    return auto + (len(POLICY_NAMES) if baselines else 2) + (admission * (1 + baselines))
 
 
 def replay(

@@ -17,6 +17,7 @@ sentinel for the current primary on every new connection, so after a failover it
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -92,7 +93,7 @@ class SentinelUrl:
     password: str | None = None
     sentinel_username: str | None = None
     sentinel_password: str | None = None
-    tls: tuple[tuple[str, str], ...] | None = None  # None: no TLS; else the TLS options given (maybe none)
+    tls: tuple[tuple[str, Any], ...] | None = None  # None: no TLS; else redis-py's TLS options given (maybe none)
 
 
 def parse_sentinel_url(url: str) -> SentinelUrl | None:
@@ -132,8 +133,8 @@ def parse_sentinel_url(url: str) -> SentinelUrl | None:
             f"the Sentinel URL has unknown parameter(s) {', '.join(unknown)}{needs_tls}: it knows {', '.join(known)}"
         )
     options = dict(query)
-    tls_options = tuple((name, value) for name, value in query if name in _TLS_PARAMETERS)
-    _tls_options(tls_options)  # a bad value is an error of the URL, not of the first connection
+    # Converted here: a bad value is an error of the URL, not of the first connection.
+    tls_options = tuple(_tls_options([(name, value) for name, value in query if name in _TLS_PARAMETERS]).items())
     return SentinelUrl(
         sentinels,
         path[0],
@@ -393,6 +394,7 @@ def _cluster_send_once(client, commands: list[tuple]) -> tuple[list, bool]:
     return replies, failed
 
 
+@functools.cache  # one class per process, not one per client
 def _cluster_class():
     from redis.cluster import RedisCluster
 
@@ -479,13 +481,14 @@ def sentinel_primary(target: SentinelUrl, **options: Any) -> redis.Redis:
     names = ("socket_timeout", "socket_connect_timeout", "retry")
     timeouts = {name: options[name] for name in names if name in options}
     credentials = {"username": target.sentinel_username, "password": target.sentinel_password}
-    tls = {} if target.tls is None else {"ssl": True, **_tls_options(target.tls)}
+    tls = {} if target.tls is None else {"ssl": True, **dict(target.tls)}
     sentinels = _sentinel_class()(list(target.sentinels), sentinel_kwargs={**timeouts, **credentials, **tls})
     return sentinels.master_for(
         target.service, db=target.db, username=target.username, password=target.password, **tls, **options
     )
 
 
+@functools.cache  # one class per process, not one per client
 def _sentinel_class():
     from redis.sentinel import MasterNotFoundError, Sentinel
 
