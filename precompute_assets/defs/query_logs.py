@@ -1,24 +1,28 @@
 """Query logs: the hourly partitions drained from the serving client's Redis Stream, and their cleanup."""
 
 import time
-from collections.abc import Iterable
 from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
 import dagster as dg
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import Field
 
 from ..serving.querylog import expand_entries, quarantine_row, read_stream_window, validate_entry
 from ..storage.lake import LakeReadError
 from ..storage.query_log_import import IMPORTED, is_imported
-from ..storage.tables import quarantine_frame, query_log_frame
+from ..storage.tables import QUERY_LOG_DRAIN, quarantine_frame, query_log_table
 from .partitions import DEFAULT_PARTITIONS
 from .resources import DeploymentResource, LakeResource, RedisResource
 
 # The two outputs of each stream drain: its events and their quarantine.
 QUARANTINE_OF = {"query_logs": "query_log_quarantine", "user_events": "user_event_quarantine"}
 HOUR_END_WAIT_S = 60.0  # a drain waits at most this long for Redis's clock to reach the end of its hour
+# A drain turns its rows into columns this many at a time: a row as a dict costs about 600 bytes, as columns about
+# 50, and an hour of a busy service holds millions of queries.
+ROWS_PER_CHUNK = 50_000
 QUARANTINE_WARN_RATE = 0.001
 QUARANTINE_FAIL_RATE = 0.05
 QUARANTINE_CHECK_DESCRIPTION = (
@@ -98,22 +102,26 @@ def query_logs(context: dg.AssetExecutionContext, redis: RedisResource, lake: La
         )
     if trimmed:
         context.log.warning("the stream was trimmed inside this hour: materializing what is left")
-    rows, rejected = [], []
+    chunks, rows, rejected, read = [], [], [], 0
     for page in read_stream_window(client, redis.schema(), epoch_ms(window.start), epoch_ms(window.end)):
         for entry_id, fields in expand_entries(page):
+            read += 1
             row, reason = validate_entry(entry_id, fields)
-            if row is not None:
-                rows.append(row)
-            else:
+            if row is None:
                 rejected.append(quarantine_row(entry_id, fields, reason))
-        context.log.info(f"read {len(rows) + len(rejected)} events ({len(rejected)} quarantined)")
-    if lost := lost_events(lake, context.partition_key, (*rows, *rejected), "query_logs"):
+                continue
+            rows.append(row)
+            if len(rows) == ROWS_PER_CHUNK:
+                chunks.append(query_log_table(rows, QUERY_LOG_DRAIN))
+                rows = []
+        context.log.info(f"read {read} events ({len(rejected)} quarantined)")
+    table = pa.concat_tables([*chunks, query_log_table(rows, QUERY_LOG_DRAIN)])
+    del chunks, rows
+    if lost := lost_events(lake, context.partition_key, drained_ids(table, rejected), "query_logs"):
         raise stream_lost_failure(lost, context.partition_key)
-    logs, quarantine = query_log_frame(rows), quarantine_frame(rejected)
-    for column in ("arm", "version"):  # the A/B arm (None outside an experiment), the version read (None: none)
-        if column not in logs:
-            logs[column] = pd.Series([row[column] for row in rows], index=logs.index, dtype=object)
-    if not rows and not rejected and (kept := _imported(lake, context.partition_key)) is not None:
+    logs, quarantine = table.to_pandas(), quarantine_frame(rejected)
+    del table
+    if not read and (kept := _imported(lake, context.partition_key)) is not None:
         context.log.info(f"the stream holds nothing for this hour: keeping its {len(kept)} imported requests")
         yield from _keep_imported(kept, quarantine)
         return
@@ -151,11 +159,19 @@ def _imported(lake: LakeResource, hour: str) -> pd.DataFrame | None:
     return existing if is_imported(existing) else None
 
 
-def lost_events(lake: LakeResource, hour: str, read: Iterable[dict], asset: str) -> str | None:
+def drained_ids(table: pa.Table, rejected: list[dict]) -> pa.Array:
+    """The stream IDs a drain read: its rows' (``table``) and its quarantined rows'."""
+    return pa.concat_arrays(
+        [table.column("stream_id").combine_chunks(), pa.array([row["stream_id"] for row in rejected], pa.string())]
+    )
+
+
+def lost_events(lake: LakeResource, hour: str, found: pa.Array, asset: str) -> str | None:
     """``"N of its M"`` when the hour's materialized partitions of the drain ``asset`` (and its quarantine) hold events
-    that this read of the stream (``read``: its rows and quarantined rows) did not find again, else None. Stream IDs are
-    arrival times, so a complete stream always gives them back; imported rows never came from it."""
-    store, found = lake.lake(), {row["stream_id"] for row in read}
+    that this read of the stream (``found``: the stream IDs of its rows and quarantined rows, ``drained_ids``) did not
+    find again, else None. Stream IDs are arrival times, so a complete stream always gives them back; imported rows
+    never came from it."""
+    store = lake.lake()
     kept: list[str] = []
     try:
         for name in (asset, QUARANTINE_OF[asset]):
@@ -164,7 +180,7 @@ def lost_events(lake: LakeResource, hour: str, read: Iterable[dict], asset: str)
     except LakeReadError:  # an unreadable partition is better replaced
         return None
     kept = [stream_id for stream_id in kept if not stream_id.startswith(IMPORTED)]
-    missing = sum(stream_id not in found for stream_id in kept)
+    missing = len(kept) - pc.sum(pc.is_in(pa.array(kept, pa.string()), value_set=found)).as_py() if kept else 0
     return f"{missing} of its {len(kept)}" if missing else None
 
 

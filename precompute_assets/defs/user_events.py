@@ -16,7 +16,15 @@ from ..storage.tables import quarantine_frame
 from ..workload.users import generate_user_events, make_users
 from .models import approved_materializations
 from .partitions import DEFAULT_PARTITIONS, Partitions
-from .query_logs import QUARANTINE_CHECK_DESCRIPTION, epoch_ms, lost_events, quarantine_check, stream_lost_failure
+from .query_logs import (
+    QUARANTINE_CHECK_DESCRIPTION,
+    ROWS_PER_CHUNK,
+    drained_ids,
+    epoch_ms,
+    lost_events,
+    quarantine_check,
+    stream_lost_failure,
+)
 from .resources import LakeResource, ModelStoreResource, RedisResource
 
 USER_EVENTS = "user_events"
@@ -37,13 +45,18 @@ USER_EVENT_SCHEMA = pa.schema(
 )
 
 
-def user_event_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
-    """Validated events (``serving.events.validate_event``) as a typed DataFrame."""
+def user_event_table(rows: list[dict[str, Any]]) -> pa.Table:
+    """Validated events (``serving.events.validate_event``) as a typed table."""
     columns = {name: [row[name] for row in rows] for name in USER_EVENT_SCHEMA.names if name != "ts"}
     columns["ts"] = columns["ts_ms"]
     return pa.table(
         {name: pa.array(columns[name], type=USER_EVENT_SCHEMA.field(name).type) for name in USER_EVENT_SCHEMA.names}
-    ).to_pandas()
+    )
+
+
+def user_event_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """Validated events (``serving.events.validate_event``) as a typed DataFrame."""
+    return user_event_table(rows).to_pandas()
 
 
 @dg.multi_asset(
@@ -72,22 +85,28 @@ def user_events(context: dg.AssetExecutionContext, redis: RedisResource, lake: L
     quarantine the rest with their reason; unknown actions are counted per action. A re-run that no longer finds
     every event of the materialized partition in the stream fails and keeps it."""
     window = context.partition_time_window
-    rows, rejected, unknown = [], [], {}
+    chunks, rows, rejected, unknown = [], [], [], {}
     client, schema = redis.client(), redis.schema()
     for page in read_event_window(client, schema, epoch_ms(window.start), epoch_ms(window.end)):
         for entry_id, fields in page:
             row, reason = validate_event(entry_id, fields)
             if row is not None:
                 rows.append(row)
+                if len(rows) == ROWS_PER_CHUNK:
+                    chunks.append(user_event_table(rows))
+                    rows = []
                 continue
             rejected.append(quarantine_row(entry_id, fields, reason))
             if unknown_action(reason):
                 name = fields.get(b"action", b"")[:64].decode("utf-8", "backslashreplace")
                 unknown[name] = unknown.get(name, 0) + 1
-    if lost := lost_events(lake, context.partition_key, (*rows, *rejected), USER_EVENTS):
+    table = pa.concat_tables([*chunks, user_event_table(rows)])
+    del chunks, rows
+    if lost := lost_events(lake, context.partition_key, drained_ids(table, rejected), USER_EVENTS):
         raise stream_lost_failure(lost, context.partition_key)
-    events, quarantine = user_event_frame(rows), quarantine_frame(rejected)
-    context.log.info(f"read {len(rows) + len(rejected)} events ({len(rejected)} quarantined)")
+    events, quarantine = table.to_pandas(), quarantine_frame(rejected)
+    del table
+    context.log.info(f"read {len(events) + len(rejected)} events ({len(rejected)} quarantined)")
     reasons = quarantine["reason"].str.split(":").str[0].value_counts().head(20).to_dict() if len(quarantine) else {}
     yield dg.Output(
         events,

@@ -38,12 +38,21 @@ def not_text(value: Any) -> str | None:
 QUARANTINE = pa.schema([("stream_id", pa.string()), ("reason", pa.string()), ("raw", pa.string())])
 
 
+# What the ``query_logs`` drain writes: the columns above, then the A/B arm and the version read (None: outside an
+# experiment; no version served).
+QUERY_LOG_DRAIN = QUERY_LOGS.append(pa.field("arm", pa.string())).append(pa.field("version", pa.string()))
+
+
+def query_log_table(rows: list[dict[str, Any]], schema: pa.Schema = QUERY_LOGS) -> pa.Table:
+    """Validated query events (from ``serving.querylog.validate_entry``) as a table of ``schema``'s columns."""
+    columns = {name: [row[name] for row in rows] for name in schema.names if name != "ts"}
+    columns["ts"] = [row["ts_ms"] for row in rows]
+    return pa.table({name: pa.array(columns[name], type=schema.field(name).type) for name in schema.names})
+
+
 def query_log_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     """Validated query events (from ``serving.querylog.validate_entry``) as a typed DataFrame."""
-    columns = {name: [row[name] for row in rows] for name in QUERY_LOGS.names if name != "ts"}
-    columns["ts"] = [row["ts_ms"] for row in rows]
-    table = pa.table({name: pa.array(columns[name], type=QUERY_LOGS.field(name).type) for name in QUERY_LOGS.names})
-    return table.to_pandas()
+    return query_log_table(rows).to_pandas()
 
 
 def quarantine_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:

@@ -10,6 +10,7 @@ import dagster as dg
 import pytest
 from dagster._core.test_utils import freeze_time
 
+from precompute_assets.defs import query_logs as query_logs_module
 from precompute_assets.defs.partitions import DEFAULT_PARTITIONS
 from precompute_assets.defs.query_logs import (
     HOUR_END_WAIT_S,
@@ -241,6 +242,37 @@ def test_rematerializing_an_hour_the_stream_lost_keeps_the_good_partition(
     failure = again.get_step_failure_events()[0].step_failure_data.error.message
     assert "no longer holds 100 of its 100 events" in failure
     assert Lake(lake_uri).read("query_logs", HOUR).equals(logs)  # not replaced by an empty hour
+
+
+def test_an_hour_of_many_chunks_is_drained_whole_and_in_order(
+    monkeypatch, redis_url, redis_client, schema, lake_uri, pg_instance
+):
+    """Rows become columns ROWS_PER_CHUNK at a time: every query of the hour lands once, in stream order, the arm and
+    version columns included, and the quarantine is untouched by the chunking."""
+    monkeypatch.setattr(query_logs_module, "ROWS_PER_CHUNK", 7)
+    fill(redis_url, schema, HOUR_START_MS + 10, 100)
+    redis_client.xadd(schema.query_log(), {"kind": "ctr"}, id=f"{HOUR_START_MS + 20}-0")  # malformed
+    assert materialize(redis_url, schema, lake_uri, pg_instance).success
+    logs = Lake(lake_uri).read("query_logs", HOUR)
+    streamed = [entry_id.decode() for entry_id, _ in logged_queries(redis_client, schema)]
+    assert len(logs) == 100
+    assert logs["stream_id"].tolist() == [entry_id for entry_id in streamed if entry_id != f"{HOUR_START_MS + 20}-0"]
+    assert logs["user"].tolist() == [f"u{i}" for i in range(100)]
+    assert {"arm", "version"} <= set(logs.columns)
+    assert len(Lake(lake_uri).read("query_log_quarantine", HOUR)) == 1
+
+
+def test_rematerializing_an_hour_that_lost_some_events_counts_them(
+    redis_url, redis_client, schema, lake_uri, pg_instance
+):
+    for i in range(100):  # one query per entry, so that deleting entries loses a known count of queries
+        fields = {"ts": HOUR_START_MS + i, "kind": "ctr", "key": f"ad{i}", "hit": 1, "lat_us": 9}
+        redis_client.xadd(schema.query_log(), fields, id=f"{HOUR_START_MS + i}-0")
+    assert materialize(redis_url, schema, lake_uri, pg_instance).success
+    redis_client.xdel(schema.query_log(), *(f"{HOUR_START_MS + i}-0" for i in (5, 50, 99)))
+    again = materialize(redis_url, schema, lake_uri, pg_instance, raise_on_error=False)
+    assert not again.success
+    assert "no longer holds 3 of its 100 events" in again.get_step_failure_events()[0].step_failure_data.error.message
 
 
 def test_an_imported_hour_the_stream_never_had_is_kept(redis_url, schema, lake_uri, pg_instance):

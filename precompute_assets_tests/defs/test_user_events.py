@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 import dagster as dg
 import pytest
 
+from precompute_assets.defs import user_events as user_events_module
 from precompute_assets.defs.partitions import DEFAULT_PARTITIONS
 from precompute_assets.defs.resources import LakeResource, ModelStoreResource, ParquetIOManager, RedisResource
 from precompute_assets.defs.user_events import (
@@ -89,6 +90,18 @@ def test_an_hour_is_drained_exactly_idempotently_with_quarantine(
 
     again = dg.materialize([user_events], resources=res, partition_key=HOUR, instance=pg_instance)
     assert again.success and lake.read("user_events", HOUR).equals(events)
+
+
+def test_an_hour_of_many_chunks_is_drained_whole_and_in_order(
+    monkeypatch, redis_url, redis_client, schema, lake_uri, pg_instance
+):
+    monkeypatch.setattr(user_events_module, "ROWS_PER_CHUNK", 7)  # rows become columns 7 at a time
+    record(redis_url, schema, HOUR_START_MS + 5, 100)
+    res = resources(redis_url, schema, lake_uri)
+    assert dg.materialize([user_events], resources=res, partition_key=HOUR, instance=pg_instance).success
+    events = Lake(lake_uri).read("user_events", HOUR)
+    streamed = [entry_id.decode() for entry_id, _ in redis_client.xrange(events_stream(schema))]
+    assert events["stream_id"].tolist() == streamed and len(streamed) == 100
 
 
 def test_rematerializing_an_hour_the_stream_lost_keeps_the_good_partition(
