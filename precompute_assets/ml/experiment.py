@@ -218,8 +218,9 @@ def ab_replay(
 
     The trace is cut into ``days`` days as ``compare_strategies`` cuts it. Each day, each arm's strategy ranks
     every key from the days before only, as ``top_ads`` ranks them under an experiment (``rankings_of`` on all the
-    requests: a learned strategy's model is trained on all the traffic, as ``demand_model``'s is, and approved at
-    ``top_n``), and the arm precomputes its budget (``arm_budgets(top_n)``) of the keys hashed into it, best first
+    requests: a learned strategy's model is trained on all the traffic, as ``demand_model``'s is, approved at
+    ``top_n``, and ranks only once approved, as the newest approved version does in ``top_ads``), and the arm
+    precomputes its budget (``arm_budgets(top_n)``) of the keys hashed into it, best first
     (``split_selection``'s rule); the union is precomputed, beside one read-through LRU of
     ``capacity - top_n`` keys that both arms share: ``replay``'s "ours" with these ``precomputed=`` sets (its
     warm-up days keep replay's own selection). Every counted request's outcome then goes to ``arm_report``.
@@ -255,7 +256,7 @@ def ab_replay(
     # the traffic its production model learns from (the baselines rank each key by its own counts either way).
     arm_of_key = dict(zip(unique.tolist(), unique_arm.tolist(), strict=True))
     ranked = rankings_of(hours, list(names), len(unique), hp=replace(hp, max_seconds=per_day, top_n=top_n),
-                         margin=MARGIN if margin is None else margin)  # fmt: skip
+                         margin=MARGIN if margin is None else margin, approved_only=True)  # fmt: skip
     arm_sets, infos = {}, {}
     for name in names:
         rankings, infos[name] = ranked[name]
@@ -280,7 +281,8 @@ def ab_replay(
         if name == "lstm":
             notes.append(
                 f"lstm arm: trained on {infos[name]['trained_days']} days (approved on {infos[name]['approved_days']});"
-                f" {infos[name]['fallback_days']} days before training was possible used the frequency ranking"
+                f" {infos[name]['fallback_days']} days without an approved model (too few days to train, or none"
+                " approved yet) used the frequency ranking, as top_ads does"
             )
     return {
         "ab": {

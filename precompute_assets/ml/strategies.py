@@ -148,14 +148,19 @@ def rankings_of(
     hp: DemandHyperParams = REPLAY_HYPER_PARAMS,
     lookback_days: int = LOOKBACK_DAYS,
     margin: float = MARGIN,
+    approved_only: bool = False,
 ) -> dict[str, tuple[list[list[Hashable]], dict]]:
-    """``strategy_rankings`` of several strategies at once: ``lstm`` and ``auto`` share one trained model a day."""
+    """``strategy_rankings`` of several strategies at once: ``lstm`` and ``auto`` share one trained model a day.
+
+    ``approved_only``: ``lstm`` ranks as ``top_ads`` configured with it does, by the newest approved model (the
+    day's own when approved), and by frequency while none is (``fallback_days`` counts those days too)."""
     check_strategies(strategies)
     learned = [name for name in strategies if name in LEARNED]
     out = {name: ([[]], {"trained_days": 0, "approved_days": 0, "fallback_days": 0}) for name in strategies}
     if "auto" in out:
         out["auto"][1]["used"] = ["frequency"]  # day 0: nothing to rank, as frequency
     state = None  # the previous day's model when it was approved: the next day warm-starts from it
+    approved_model = None  # the newest approved model (``approved_only``)
     for d in range(1, hours.n_days):
         recent = hours.hourly_counts(max(0, d - max(BASELINE_DAYS, hp.window_days)), d - 1)  # days before d only
         if len(recent.keys) == 0 or limit == 0:
@@ -181,13 +186,18 @@ def rankings_of(
         result = evaluate_demand(history, hp, init_state=state)
         evaluation = result.evaluation
         approved = evaluation.hit_rate["lstm"] - evaluation.hit_rate[evaluation.best_baseline] > margin
-        state = result.state_dict() if approved else state
-        lstm = _ranking(forecast_next_day(result.model, recent, hp).to_numpy(), recent.keys, limit)
+        if approved:
+            state, approved_model = result.state_dict(), result.model
+        ranker = approved_model if approved_only else result.model
+        lstm = (
+            None if ranker is None else _ranking(forecast_next_day(ranker, recent, hp).to_numpy(), recent.keys, limit)
+        )
         for name in learned:
             out[name][1]["trained_days"] += 1
             out[name][1]["approved_days"] += int(approved)
         if "lstm" in out:
-            out["lstm"][0].append(lstm)
+            out["lstm"][0].append(baseline("frequency") if lstm is None else lstm)
+            out["lstm"][1]["fallback_days"] += int(lstm is None)
         if "auto" in out:
             used = "lstm" if approved else evaluation.best_baseline
             out["auto"][0].append(lstm if approved else baseline(used))

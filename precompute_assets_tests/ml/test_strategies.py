@@ -160,6 +160,22 @@ def test_auto_follows_the_approved_lstm_else_the_best_baseline_of_each_held_back
     assert note.startswith("auto: followed ") and "frequency on 2" in note  # counted days 1 and 2
 
 
+@pytest.mark.parametrize("margin", [1.0, -1.0])
+def test_approved_only_ranks_by_the_newest_approved_model_else_frequency(margin):
+    """As top_ads configured with lstm: never approved (a margin of 1), frequency every day; always approved, the
+    day's own model, which auto follows too."""
+    hours = trace_hours(zipf_trace(seed=6), 6)
+    ranked = rankings_of(hours, ["lstm", "auto", "frequency"], 30, hp=replace(TINY, top_n=30), margin=margin,
+                         approved_only=True)  # fmt: skip
+    lstm, info = ranked["lstm"]
+    if margin > 0:
+        assert info["approved_days"] == 0 and info["fallback_days"] == 5  # days 1..5: 2 too early, 3 not approved
+        assert lstm == ranked["frequency"][0]
+    else:
+        assert info["approved_days"] == 3 and info["fallback_days"] == 2
+        assert lstm[3:] == ranked["auto"][0][3:] and lstm[1:3] == ranked["frequency"][0][1:3]
+
+
 def test_a_process_pool_gives_the_results_of_one_process():
     # The baselines rank and replay in the pool while the LSTM trains here; the LSTM's replays go there too.
     trace, names = zipf_trace(seed=5, timestamps=True), ["frequency", "seasonal", "lstm"]
