@@ -615,7 +615,8 @@ class DocumentStore:
                 sql.SQL(
                     """WITH upserted AS (
                         INSERT INTO {t} AS d (doc_id, title, body, language, modified_at, deleted)
-                        SELECT doc_id, title, body, language, now(), false FROM staging
+                        -- doc_id order: concurrent loads lock shared rows in one order, so they never deadlock
+                        SELECT doc_id, title, body, language, now(), false FROM staging ORDER BY doc_id
                         ON CONFLICT (doc_id) DO UPDATE
                         SET title = EXCLUDED.title, body = EXCLUDED.body, language = EXCLUDED.language,
                             deleted = false, modified_at = now()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import time
 import uuid
 from pathlib import Path
 
@@ -521,3 +522,48 @@ def test_load_reports_the_share_of_the_file_read(store: DocumentStore, tmp_path:
     shares.clear()
     assert store.load_file(jsonl, progress=shares.append).inserted == 5
     assert len(shares) == 3 and shares == sorted(shares) and shares[-1] == 1.0
+
+
+def _lock_waiters(url: str, table: str) -> int:
+    """Backends waiting on a lock in a statement that names ``table``."""
+    with psycopg2.connect(libpq_url(url)) as conn, conn.cursor() as cur:
+        cur.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE %s",
+            (f"%{table}%",),
+        )
+        waiting = cur.fetchone()[0]
+    conn.close()
+    return waiting
+
+
+def test_concurrent_loads_of_the_same_documents_in_other_orders_do_not_deadlock(
+    store: DocumentStore, app_db_url: str
+) -> None:
+    """Two loads whose files hold the same ids in different orders (two exports of one corpus) both commit: rows are
+    upserted in doc_id order, so their row locks are taken in one order. Before, each locked its file's order: A held
+    a and waited for z, B held z and waited for a, and PostgreSQL aborted one with DeadlockDetected.
+
+    Deterministic: an open transaction holds k, so A (a, k, z) takes a and waits on k; B (z, a) starts then."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    holder = psycopg2.connect(libpq_url(app_db_url))
+    try:
+        with holder.cursor() as cur:
+            cur.execute(f"INSERT INTO {store.table} (doc_id, modified_at) VALUES ('k', now())")
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(store.load_frame, frame(("a", "A", "x", "en"), ("k", "A", "x", "en"),
+                                                        ("z", "A", "x", "en")))  # fmt: skip
+            for waiting in (1, 2):
+                deadline = time.monotonic() + 30
+                while _lock_waiters(app_db_url, store.table) < waiting:
+                    assert time.monotonic() < deadline and not first.done(), "the loads did not start waiting"
+                    time.sleep(0.05)
+                if waiting == 1:
+                    second = pool.submit(store.load_frame, frame(("z", "B", "y", "en"), ("a", "B", "y", "en")))
+            holder.rollback()  # k is free: A goes on
+            results = [first.result(timeout=60), second.result(timeout=60)]
+    finally:
+        holder.close()
+    assert [(r.inserted, r.updated, r.unchanged) for r in results] == [(3, 0, 0), (0, 2, 0)]
+    rows = {row.doc_id: row.title for row in store.changed_since(None, limit=10)}
+    assert rows == {"a": "B", "k": "A", "z": "B"}
