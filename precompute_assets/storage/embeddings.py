@@ -44,6 +44,12 @@ CREATE TABLE IF NOT EXISTS embedding_progress (
 CREATE INDEX IF NOT EXISTS embedding_failures_retry ON embedding_failures (model_version, doc_id)
     WHERE reason LIKE 'service:%';
 """
+SYNC_LOCK_KEY = "hashtext('precompute.embedding_sync')"  # the advisory lock of one sync at a time (bigint key)
+# The sync lock as pg_locks lists it, held by the session of a given pid: a bigint key's low 32 bits are its objid.
+HOLDS_SYNC_LOCK = (
+    "SELECT EXISTS (SELECT FROM pg_locks WHERE locktype = 'advisory' AND granted AND pid = %s AND objsubid = 1"
+    f" AND objid = ({SYNC_LOCK_KEY}::bigint & 4294967295)::oid)"
+)
 EXACT_COUNT_BELOW = 10_000  # the staleness denominator is counted exactly below this, else estimated
 SAMPLE_OVERSAMPLE = 3  # TABLESAMPLE reads this many times the rows asked for, then picks among them
 
@@ -56,11 +62,17 @@ class Progress:
     complete: bool
 
 
+class SyncLockLost(RuntimeError):
+    """The session holding the embedding-sync lock ended while the sync ran (a server restart, a terminated
+    backend, an idle-session timeout): another sync may have started, so this one stops before it commits more."""
+
+
 class EmbeddingStore:
     """The offline embedding tables in the application database."""
 
     def __init__(self, url: str) -> None:
         self.url = url
+        self._lock_pid: int | None = None  # the backend holding the sync lock, while ``exclusive`` runs
 
     def connect(self) -> contextlib.AbstractContextManager[psycopg2.extensions.connection]:
         return transaction(self.url)
@@ -71,17 +83,35 @@ class EmbeddingStore:
 
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
-        """Hold the embedding-sync advisory lock: two syncs never interleave their chunks and watermarks."""
+        """Hold the embedding-sync advisory lock: two syncs never interleave their chunks and watermarks. The lock
+        lives as long as its session; the sync's writes check that it still does (``SyncLockLost``)."""
         conn = connect(self.url)
         try:
             conn.autocommit = True
             with conn.cursor() as cur:
-                cur.execute("SELECT pg_try_advisory_lock(hashtext('precompute.embedding_sync'))")
-                if not cur.fetchone()[0]:
+                cur.execute(f"SELECT pg_try_advisory_lock({SYNC_LOCK_KEY}), pg_backend_pid()")
+                locked, pid = cur.fetchone()
+                if not locked:
                     raise RuntimeError("another embedding sync is running on this database; try again later")
+            self._lock_pid = pid
             yield
         finally:
+            self._lock_pid = None
             conn.close()  # closing the session releases the lock, even after a crash
+
+    def _check_lock(self, cur: psycopg2.extensions.cursor) -> None:
+        """Inside a write's transaction: ``SyncLockLost`` if ``exclusive``'s session no longer holds the lock. Each
+        write connects anew, so without this a sync went on writing chunks and watermarks after a PostgreSQL restart
+        had dropped its lock, beside any sync that took the lock meanwhile."""
+        if self._lock_pid is None:
+            return
+        cur.execute(HOLDS_SYNC_LOCK, (self._lock_pid,))
+        if not cur.fetchone()[0]:
+            raise SyncLockLost(
+                "the embedding sync lost its lock (the PostgreSQL session holding it ended: a server restart or a"
+                " terminated connection), so it stopped before committing more; the next sync resumes at the last"
+                " committed chunk"
+            )
 
     def progress(self, model_version: str) -> Progress | None:
         with self.connect() as conn, conn.cursor() as cur:
@@ -98,6 +128,7 @@ class EmbeddingStore:
 
     def start_build(self, model_version: str, redis_version: str, buckets: int) -> Progress:
         with self.connect() as conn, conn.cursor() as cur:
+            self._check_lock(cur)
             cur.execute(
                 "INSERT INTO embedding_progress (model_version, redis_version, buckets) VALUES (%s, %s, %s)"
                 " ON CONFLICT (model_version) DO UPDATE SET redis_version = EXCLUDED.redis_version,"
@@ -109,6 +140,7 @@ class EmbeddingStore:
 
     def mark_complete(self, model_version: str) -> None:
         with self.connect() as conn, conn.cursor() as cur:
+            self._check_lock(cur)
             cur.execute(
                 "UPDATE embedding_progress SET complete = true, updated_at = now() WHERE model_version = %s",
                 (model_version,),
@@ -127,6 +159,7 @@ class EmbeddingStore:
         ``watermark`` None leaves it where it is (a retry of earlier failures, behind the watermark)."""
         now = datetime.now(UTC)
         with self.connect() as conn, conn.cursor() as cur:
+            self._check_lock(cur)
             # Safe without waiting for the WAL flush: a commit lost in a server crash takes its watermark
             # with it, so the next sync redoes exactly that chunk.
             cur.execute("SET LOCAL synchronous_commit = off")
@@ -244,6 +277,7 @@ class EmbeddingStore:
         """Record that ``model_version`` moves to ``redis_version`` with ``buckets`` buckets, a copy not yet flipped
         to: like a build, it is not ``complete`` until ``mark_complete`` (the watermark stays)."""
         with self.connect() as conn, conn.cursor() as cur:
+            self._check_lock(cur)
             cur.execute(
                 "UPDATE embedding_progress SET redis_version = %s, buckets = %s, complete = false, updated_at = now()"
                 " WHERE model_version = %s",

@@ -20,7 +20,7 @@ from precompute_assets.serving import PredictionCache, connect
 from precompute_assets.serving.keys import EMBEDDING_KIND, Pointer
 from precompute_assets.serving.rerank import rerank
 from precompute_assets.storage.documents import DocumentStore
-from precompute_assets.storage.embeddings import EmbeddingStore, sample_documents
+from precompute_assets.storage.embeddings import EmbeddingStore, SyncLockLost, sample_documents
 from precompute_assets.sync.embeddings import sync_embeddings
 from precompute_assets.workload.documents import generate_documents
 
@@ -395,6 +395,43 @@ def test_two_syncs_never_run_at_once(docs, app_db, redis_client, schema, embedde
     store = EmbeddingStore(app_db)
     with store.exclusive(), pytest.raises(RuntimeError, match="another embedding sync is running"):
         sync_embeddings(docs, store, redis_client, embedder, schema=schema, log=lambda m: None)
+
+
+def test_a_sync_whose_lock_session_ends_stops_before_its_next_commit_and_the_next_resumes(
+    docs, app_db, redis_client, schema, embedder
+):
+    """The session holding the sync lock ends while the sync embeds (a PostgreSQL restart, a terminated backend, an
+    idle-session timeout): the lock is free for another sync, so this one stops with one clear error before its next
+    commit, and the next sync resumes with every document embedded once. Before, it wrote on without the lock."""
+    store = EmbeddingStore(app_db)
+    ended: list[int] = []
+
+    def end_the_lock_session(message: str) -> None:
+        if not message.startswith("chunk ") or ended:
+            return
+        with store.connect() as conn, conn.cursor() as cur:
+            cur.execute(
+                "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted"
+                " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+            )
+            (pid,) = cur.fetchone()
+            cur.execute("SELECT pg_terminate_backend(%s, 10000)", (pid,))  # waits until it has ended
+        ended.append(pid)
+        with EmbeddingStore(app_db).exclusive():  # another sync could take the lock now
+            pass
+
+    with pytest.raises(SyncLockLost, match="lost its lock"):
+        sync_embeddings(docs, store, redis_client, embedder, schema=schema, chunk_size=500, write_batch=500,
+                        log=end_the_lock_session)  # fmt: skip
+    assert ended
+    committed = store.embedded_count(embedder.version)
+    assert committed < N_DOCS
+    assert redis_client.get(schema.pointer(EMBEDDING_KIND)) is None  # not flipped
+    rest = sync_embeddings(docs, store, redis_client, embedder, schema=schema, chunk_size=500, log=lambda m: None)
+    assert rest.full_build and rest.embedded == N_DOCS - committed
+    assert store.embedded_count(embedder.version) == N_DOCS
+    cache = PredictionCache(redis_client, schema=schema)
+    assert all(v is not None for v in cache.get_embeddings([f"doc{i:08d}" for i in range(N_DOCS)]))
 
 
 def test_http_backend_from_config_embeds_and_retries_service_failures(docs, app_db, redis_url, schema, tmp_path,
