@@ -36,7 +36,7 @@ from psycopg2 import sql
 from ..ml.embedder import MAX_BODY_BYTES
 from ..serving.keys import BAD_KEY_CHARACTERS, MAX_KEY_LENGTH
 from .files import unreadable_reason
-from .postgres import copy_in, transaction
+from .postgres import copy_in, schema_missing, transaction
 from .tables import not_text
 
 _ISO_639_1 = """
@@ -495,7 +495,10 @@ class DocumentStore:
 
     def ensure_schema(self) -> None:
         """Create the table and its (modified_at, doc_id) index if missing."""
+        index = f"{self.table}_modified_at_doc_id"
         with self._connect() as conn, conn.cursor() as cur:
+            if not schema_missing(cur, [self.table, index]):
+                return
             cur.execute(
                 sql.SQL(
                     # byte-order collation: doc_id order (and so keyset pages) does not depend on the locale
@@ -512,7 +515,7 @@ class DocumentStore:
             )
             cur.execute(
                 sql.SQL("CREATE INDEX IF NOT EXISTS {i} ON {t} (modified_at, doc_id)").format(
-                    i=sql.Identifier(f"{self.table}_modified_at_doc_id"), t=self._t
+                    i=sql.Identifier(index), t=self._t
                 )
             )
 

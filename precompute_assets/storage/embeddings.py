@@ -14,7 +14,7 @@ import psycopg2
 from psycopg2 import sql
 
 from .documents import DocumentRow, DocumentStore, body_column
-from .postgres import connect, copy_in, transaction
+from .postgres import connect, copy_in, schema_missing, transaction
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS document_embeddings (
@@ -50,6 +50,7 @@ HOLDS_SYNC_LOCK = (
     "SELECT EXISTS (SELECT FROM pg_locks WHERE locktype = 'advisory' AND granted AND pid = %s AND objsubid = 1"
     f" AND objid = ({SYNC_LOCK_KEY}::bigint & 4294967295)::oid)"
 )
+SCHEMA_OBJECTS = ("document_embeddings", "embedding_failures", "embedding_progress", "embedding_failures_retry")
 EXACT_COUNT_BELOW = 10_000  # the staleness denominator is counted exactly below this, else estimated
 SAMPLE_OVERSAMPLE = 3  # TABLESAMPLE reads this many times the rows asked for, then picks among them
 
@@ -79,7 +80,8 @@ class EmbeddingStore:
 
     def ensure_schema(self) -> None:
         with self.connect() as conn, conn.cursor() as cur:
-            cur.execute(SCHEMA)
+            if schema_missing(cur, SCHEMA_OBJECTS):
+                cur.execute(SCHEMA)
 
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:

@@ -6,7 +6,7 @@ import contextlib
 import io
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import IO
 
 import psycopg2
@@ -41,6 +41,22 @@ def transaction(url: str) -> Iterator[psycopg2.extensions.connection]:
         raise
     finally:
         conn.close()
+
+
+SCHEMA_LOCK = "precompute.schema"  # the advisory lock that creators of our tables take turns on
+
+
+def schema_missing(cur: psycopg2.extensions.cursor, names: Sequence[str]) -> bool:
+    """Whether any relation of ``names`` (tables, indexes) is missing; if so, the caller's transaction now holds
+    ``SCHEMA_LOCK`` and creates them. Concurrent ``CREATE ... IF NOT EXISTS`` of one table collide in the catalog
+    (UniqueViolation on pg_type): creators take turns. When all exist no DDL runs: ``CREATE INDEX IF NOT EXISTS``
+    takes a share lock on its table before it finds the index there, so it waited for every open write to the table
+    (a docs load of minutes)."""
+    cur.execute("SELECT " + ", ".join(["to_regclass(%s) IS NOT NULL"] * len(names)), tuple(names))
+    if all(cur.fetchone()):
+        return False
+    cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (SCHEMA_LOCK,))
+    return True
 
 
 def copy_in(cur: psycopg2.extensions.cursor, statement: str, data: IO) -> None:

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import io
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import psycopg2
 import pytest
 
-from precompute_assets.storage.postgres import connect, copy_in, libpq_url, transaction
+from precompute_assets.storage.documents import DocumentStore
+from precompute_assets.storage.embeddings import EmbeddingStore
+from precompute_assets.storage.postgres import connect, copy_in, libpq_url, scratch_database, transaction
 
 
 def terminate(url: str, pid: int) -> None:
@@ -79,3 +83,41 @@ def test_a_transaction_commits_on_success_and_rolls_back_on_error(app_db_url: st
         cur.execute("SELECT array_agg(a) FROM tx_probe")
         assert cur.fetchone() == ([2],)
         cur.execute("DROP TABLE tx_probe")
+
+
+STORES = {"documents": lambda url: DocumentStore(url), "embeddings": lambda url: EmbeddingStore(url)}
+
+
+@pytest.mark.parametrize("store", sorted(STORES))
+def test_first_loads_started_together_all_create_the_schema(app_db: str, store: str) -> None:
+    """Loaders started at once on a fresh database (a corpus loaded shard by shard in parallel) each create the
+    tables: before, concurrent CREATE ... IF NOT EXISTS collided in the catalog and all but one failed with
+    UniqueViolation on pg_type_typname_nsp_index (9 of 10 rounds of 4)."""
+    for round_ in range(5):
+        with scratch_database(app_db, f"fresh{round_}") as url:
+            start = threading.Barrier(4)
+
+            def create(start=start, url=url) -> None:
+                start.wait()
+                STORES[store](url).ensure_schema()
+
+            with ThreadPoolExecutor(4) as pool:
+                for future in [pool.submit(create) for _ in range(4)]:
+                    future.result()
+
+
+@pytest.mark.parametrize("store", sorted(STORES))
+def test_an_existing_schema_is_not_locked_behind_open_writes(app_db: str, store: str, monkeypatch) -> None:
+    """ensure_schema (every docs load, sync, the documents_changed sensor's tick) while a load writes the tables:
+    it finds them and returns. Before, CREATE INDEX IF NOT EXISTS waited for the table's share lock, i.e. for the
+    whole load, so every sensor tick during a load of minutes timed out; here a lock_timeout makes that wait fail."""
+    STORES[store](app_db).ensure_schema()
+    table = "documents" if store == "documents" else "embedding_failures"
+    writer = connect(app_db)
+    try:
+        with writer.cursor() as cur:  # a load in progress: its transaction holds the table's RowExclusiveLock
+            cur.execute(f"LOCK TABLE {table} IN ROW EXCLUSIVE MODE")
+        monkeypatch.setenv("PGOPTIONS", "-c lock_timeout=3000")  # libpq's: every new connection of the store
+        STORES[store](app_db).ensure_schema()
+    finally:
+        writer.close()
