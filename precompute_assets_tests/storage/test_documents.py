@@ -321,8 +321,8 @@ def test_connections_give_up_on_a_server_that_never_answers(monkeypatch):
     postgres.connect("postgresql+psycopg2://u@h/db")
     postgres.connect("postgresql://u@h/db?connect_timeout=3")
     assert seen == [
-        ("postgresql://u@h/db", {"connect_timeout": postgres.CONNECT_TIMEOUT_S}),
-        ("postgresql://u@h/db?connect_timeout=3", {}),
+        ("postgresql://u@h/db", {"connect_timeout": postgres.CONNECT_TIMEOUT_S, **postgres.KEEPALIVES}),
+        ("postgresql://u@h/db?connect_timeout=3", postgres.KEEPALIVES),
     ]
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import os
+import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -11,7 +13,14 @@ import pytest
 
 from precompute_assets.storage.documents import DocumentStore
 from precompute_assets.storage.embeddings import EmbeddingStore
-from precompute_assets.storage.postgres import connect, copy_in, libpq_url, scratch_database, transaction
+from precompute_assets.storage.postgres import (
+    KEEPALIVES,
+    connect,
+    copy_in,
+    libpq_url,
+    scratch_database,
+    transaction,
+)
 
 
 def terminate(url: str, pid: int) -> None:
@@ -121,3 +130,23 @@ def test_an_existing_schema_is_not_locked_behind_open_writes(app_db: str, store:
         STORES[store](app_db).ensure_schema()
     finally:
         writer.close()
+
+
+@pytest.mark.parametrize("query", ["", "?keepalives_idle=5"])
+def test_a_connection_probes_a_silent_server_within_a_minute(app_db_url: str, query: str) -> None:
+    """A server gone without closing its connections (a failover, a lost host) is noticed by TCP keepalive probes:
+    the kernel's settings on a real connection, after 30 s of silence (or the URL's own), not the system's two
+    hours, which left a load or sync waiting for an answer that never came."""
+    conn = connect(app_db_url + query)
+    try:
+        sock = socket.socket(fileno=os.dup(conn.fileno()))
+        with sock:
+            idle = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE)
+            probes = (sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+                      sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT))  # fmt: skip
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+    finally:
+        conn.close()
+    assert idle == (5 if query else KEEPALIVES["keepalives_idle"])
+    assert probes == (KEEPALIVES["keepalives_interval"], KEEPALIVES["keepalives_count"])
+    assert idle + probes[0] * probes[1] <= 60
