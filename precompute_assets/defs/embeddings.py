@@ -8,8 +8,9 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
-from ..ml.embedder import MAX_CHARS, HashingSvdEmbedder, SentenceTransformerEmbedder, document_text
+from ..ml.embedder import MAX_CHARS, Embedder, HashingSvdEmbedder, SentenceTransformerEmbedder, document_text
 from ..ml.embedding_service import ENV_API_KEY, http_embedder_from_config
+from ..ml.model_store import write_atomically
 from ..storage.embeddings import EmbeddingStore, sample_documents
 from ..sync.embedding_quality import int8_recall
 from ..sync.embeddings import sync_embeddings
@@ -69,6 +70,17 @@ def load_embedder(path: Path):
     return HashingSvdEmbedder.load(path / "hashing_svd")
 
 
+def save_embedder(path: Path, embedder: Embedder, saved: dict[str, object]) -> None:
+    """Save what ``load_embedder`` reads at ``path``: ``saved`` (backend and settings) and a hashing-svd embedder's
+    arrays. The path is the version's, so a save that fails (disk full) must leave the version's earlier save, which
+    the last materialization names, whole: each file is replaced whole."""
+    path.mkdir(parents=True, exist_ok=True)
+    if isinstance(embedder, HashingSvdEmbedder):
+        embedder.save(path / "hashing_svd")
+    text = json.dumps(saved)
+    write_atomically(path / "embedder.json", lambda f: f.write(text.encode()))
+
+
 @dg.asset(kinds={"sklearn"}, group_name="embeddings")
 def embedding_model(
     context: dg.AssetExecutionContext,
@@ -99,10 +111,7 @@ def embedding_model(
             raise dg.Failure(description=f"need more than {config.dim} documents to fit, found {len(texts)}")
         embedder, sampled = HashingSvdEmbedder.fit(texts, dim=config.dim, sample=config.sample), len(texts)
     path = Path(model_store.store().root) / EMBEDDING_MODEL / embedder.version.replace(":", "_").replace("/", "_")
-    path.mkdir(parents=True, exist_ok=True)
-    if isinstance(embedder, HashingSvdEmbedder):
-        embedder.save(path / "hashing_svd")
-    (path / "embedder.json").write_text(json.dumps(saved))
+    save_embedder(path, embedder, saved)
     context.log.info(f"embedding model {embedder.version} ({embedder.dim} dims, {sampled} documents sampled)")
     return dg.MaterializeResult(
         metadata={

@@ -18,6 +18,7 @@ import json
 import os
 import re
 import unicodedata
+import zipfile
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -29,6 +30,8 @@ from typing import Protocol
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+
+from .model_store import write_atomically
 
 MAX_CHARS = 2000
 MAX_BODY_BYTES = 10 * 1024 * 1024
@@ -326,11 +329,14 @@ class HashingSvdEmbedder:
             return np.concatenate(list(pool.map(self._encode_batch, batches)))
 
     def save(self, path: str | Path) -> None:
-        """Write ``<path>.npz`` (arrays) and ``<path>.json`` (parameters and version); no pickle."""
+        """Write ``<path>.npz`` (arrays) and ``<path>.json`` (parameters and version); no pickle. Each file is
+        replaced whole (``write_atomically``): a save that fails, e.g. on a full disk, leaves an earlier save of the
+        same version (the same path) readable, where it used to leave it truncated."""
         arrays, meta = _model_files(path)
         arrays.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(arrays, columns=self.columns, idf=self.idf, components=self.components)
-        meta.write_text(json.dumps({**self._params(), "version": self.version}, indent=2, sort_keys=True))
+        write_atomically(arrays, lambda f: np.savez(f, columns=self.columns, idf=self.idf, components=self.components))
+        text = json.dumps({**self._params(), "version": self.version}, indent=2, sort_keys=True)
+        write_atomically(meta, lambda f: f.write(text.encode()))
 
     @classmethod
     def load(cls, path: str | Path) -> HashingSvdEmbedder:
@@ -339,15 +345,18 @@ class HashingSvdEmbedder:
         meta = json.loads(meta_path.read_text())
         if meta.get("format") != FORMAT:
             raise ValueError(f"{path}: unsupported embedder format {meta.get('format')!r}")
-        with np.load(arrays_path, allow_pickle=False) as arrays:
-            embedder = cls(
-                columns=arrays["columns"],
-                idf=arrays["idf"],
-                components=arrays["components"],
-                bits=int(meta["bits"]),
-                ngram_range=tuple(meta["ngram_range"]),
-                max_chars=int(meta["max_chars"]),
-            )
+        try:
+            with np.load(arrays_path, allow_pickle=False) as arrays:
+                embedder = cls(
+                    columns=arrays["columns"],
+                    idf=arrays["idf"],
+                    components=arrays["components"],
+                    bits=int(meta["bits"]),
+                    ngram_range=tuple(meta["ngram_range"]),
+                    max_chars=int(meta["max_chars"]),
+                )
+        except (zipfile.BadZipFile, EOFError, KeyError, ValueError) as error:  # numpy names neither file nor cause
+            raise ValueError(f"{arrays_path}: unreadable embedder arrays (corrupt or truncated?): {error}") from None
         if embedder.version != meta["version"]:
             raise ValueError(f"{path}: arrays do not match the recorded version {meta['version']}")
         return embedder

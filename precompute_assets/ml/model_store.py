@@ -368,6 +368,26 @@ class LocalModelStore:
         return load_weights(_VerifiedBytes(data, str(self.path(name, version) / STATE_DICT_FILE)))
 
 
+def write_atomically(path: str | os.PathLike[str], write: Callable[[IO[bytes]], object]) -> None:
+    """Write ``path`` through ``write`` into a hidden temporary file beside it, fsynced, then renamed over it: readers
+    see the old file or the new one whole, and a write that fails (disk full) leaves the old one as it was and no
+    temporary file. Its ``OSError`` names ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}{_TEMP_PREFIX}{uuid.uuid4().hex}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as error:
+        tmp.unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            message = f"could not write {path}: {error.strerror or error}"
+            raise (OSError(error.errno, message) if error.errno else OSError(message)) from error
+        raise
+
+
 def _write_synced(path: Path, text: str) -> None:
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)

@@ -434,6 +434,41 @@ def test_a_sync_whose_lock_session_ends_stops_before_its_next_commit_and_the_nex
     assert all(v is not None for v in cache.get_embeddings([f"doc{i:08d}" for i in range(N_DOCS)]))
 
 
+SAVE_UNDER_A_SIZE_LIMIT = """
+import pickle, resource, sys
+from pathlib import Path
+from precompute_assets.defs.embeddings import save_embedder
+embedder = pickle.loads(Path(sys.argv[1]).read_bytes())
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[3]), int(sys.argv[3])))  # no file grows past it: EFBIG
+save_embedder(Path(sys.argv[2]), embedder, {"backend": "hashing-svd", "model": ""})
+"""
+
+
+def test_a_save_of_the_embedder_that_fails_leaves_the_versions_earlier_save_whole(embedder, tmp_path):
+    """embedding_model saved again at its version's path (the same corpus sample fits the same version) on a disk
+    that fills up: the save fails naming the file, and the earlier save, which the last materialization names, still
+    loads. Before, the arrays were rewritten in place: the failed save left them cut short, and every later sync
+    failed with numpy's 'BadZipFile: File is not a zip file', naming no file."""
+    import pickle
+    import subprocess
+    import sys
+
+    from precompute_assets.defs.embeddings import load_embedder, save_embedder
+
+    path = tmp_path / "embedding_model" / embedder.version
+    save_embedder(path, embedder, {"backend": "hashing-svd", "model": ""})
+    saved = sorted(p.name for p in path.iterdir())
+    arrays = path / "hashing_svd.npz"
+    (tmp_path / "embedder.pickle").write_bytes(pickle.dumps(embedder))
+    limit = arrays.stat().st_size // 2
+    args = [str(tmp_path / "embedder.pickle"), str(path), str(limit)]
+    failed = subprocess.run([sys.executable, "-c", SAVE_UNDER_A_SIZE_LIMIT, *args], capture_output=True, text=True)
+    assert failed.returncode != 0
+    assert f"could not write {arrays}: File too large" in failed.stderr.strip().splitlines()[-1]
+    assert load_embedder(path).version == embedder.version
+    assert sorted(p.name for p in path.iterdir()) == saved  # no temporary file left behind
+
+
 def test_http_backend_from_config_embeds_and_retries_service_failures(docs, app_db, redis_url, schema, tmp_path,
                                                                        monkeypatch):  # fmt: skip
     import json

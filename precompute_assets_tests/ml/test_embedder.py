@@ -140,6 +140,15 @@ def test_load_refuses_arrays_that_do_not_match_the_version(model: HashingSvdEmbe
         HashingSvdEmbedder.load(tmp_path / "model")
 
 
+@pytest.mark.parametrize("keep", [0.5, 0.0])
+def test_load_of_arrays_cut_short_names_the_file(model: HashingSvdEmbedder, tmp_path: Path, keep: float) -> None:
+    model.save(tmp_path / "model")
+    arrays = tmp_path / "model.npz"
+    arrays.write_bytes(arrays.read_bytes()[: int(arrays.stat().st_size * keep)])
+    with pytest.raises(ValueError, match=f"{arrays}: unreadable embedder arrays \\(corrupt or truncated\\?\\)"):
+        HashingSvdEmbedder.load(tmp_path / "model")
+
+
 def test_fit_needs_more_texts_than_dimensions() -> None:
     with pytest.raises(ValueError, match="dim=300"):
         HashingSvdEmbedder.fit(["a few words", "not enough", "for three hundred dimensions"] * 10)
