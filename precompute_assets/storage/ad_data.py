@@ -20,6 +20,7 @@ Pure pandas / pyarrow: the caller (the ``precompute`` command) passes the lake, 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
 import hashlib
@@ -28,6 +29,7 @@ import re
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -404,13 +406,16 @@ def load_impressions(
     first_day: str | None = None,
     append: bool = False,
     progress: Callable[[int], None] | None = None,
+    exclusive: AbstractContextManager | None = None,
 ) -> LoadSummary:
     """Validate ``path`` (``ts_ms``, ``ad_id``, ``clicked``; other columns are ignored) and write its valid rows
     into the lake's daily ``ad_impressions`` partitions: the local date of ``ts_ms`` in ``timezone``.
 
     Rows before ``first_day`` (the first daily partition) are quarantined: no partition would ever read them.
     Each day in the file replaces its partition, or is added to it with ``append``. ``progress`` gets the rows read
-    so far after each chunk.
+    so far after each chunk. ``exclusive`` is held while the days are read and written (the ``precompute`` command
+    passes a lock of the application database): an append reads a day and writes it back, so two loads writing the
+    same day at once would otherwise each write back the day without the other's rows.
     """
     path = Path(path)
     kind = file_format(path)
@@ -439,6 +444,22 @@ def load_impressions(
     digest = _digest(path)
     quarantine.write(lake, IMPRESSIONS_QUARANTINE, digest)
     summary.written, summary.partition_rows, summary.already_loaded = {}, {}, [] if append else None
+    with exclusive or contextlib.nullcontext():
+        added = _write_days(path, lake, valid, digest, append, summary)
+    summary.loaded = sum(summary.written.values())
+    summary.unknown_ad_impressions = unknown_ad_impressions(lake, pd.concat(added) if added else [])
+    if not len(valid):
+        summary.note = "no valid rows: no ad_impressions partition was written"
+    elif not summary.written:
+        summary.note = "every day in the file holds its rows already: nothing was appended"
+    return summary
+
+
+def _write_days(
+    path: Path, lake: Lake, valid: pd.DataFrame, digest: str, append: bool, summary: LoadSummary
+) -> list[pd.Series]:
+    """Write each day of ``valid`` into its ``ad_impressions`` partition (replaced, or added to with ``append``),
+    recording it in ``summary``; returns the ad ids written."""
     added: list[pd.Series] = []
     for day, rows in valid.groupby("day", sort=True):
         key = (date(1970, 1, 1) + timedelta(days=int(day))).isoformat()
@@ -461,13 +482,7 @@ def load_impressions(
             ) from error
         summary.written[key], summary.partition_rows[key] = new_rows, len(rows)
         added.append(new_ids)
-    summary.loaded = sum(summary.written.values())
-    summary.unknown_ad_impressions = unknown_ad_impressions(lake, pd.concat(added) if added else [])
-    if not len(valid):
-        summary.note = "no valid rows: no ad_impressions partition was written"
-    elif not summary.written:
-        summary.note = "every day in the file holds its rows already: nothing was appended"
-    return summary
+    return added
 
 
 def _digest(path: Path) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import math
 import multiprocessing
@@ -15,7 +16,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from ..stack import (
     ENV_APP_DB,
@@ -29,6 +30,9 @@ from ..stack import (
     project_dir,
     redact,
 )
+
+if TYPE_CHECKING:
+    from ..storage.lake import Lake
 
 DOCUMENT_FIELD_OPTIONS = {
     "doc_id": "--id-field",
@@ -842,6 +846,7 @@ def cmd_impressions(args: argparse.Namespace) -> int:
     from ..defs.partitions import deployment_partitions
     from ..stack import ENV_LAKE
     from ..storage.ad_data import AdDataError, file_format, load_impressions
+    from ..storage.files import exclusive_lock
     from ..storage.lake import Lake
 
     try:
@@ -849,7 +854,12 @@ def cmd_impressions(args: argparse.Namespace) -> int:
         partitions = deployment_partitions()
     except ValueError as error:  # AdDataError, or a malformed PRECOMPUTE_TIMEZONE / PRECOMPUTE_PARTITIONS_START
         raise CliError(str(error)) from None
-    lake = Lake(Stack().env()[ENV_LAKE])
+    stack = Stack()
+    lake = Lake(stack.env()[ENV_LAKE])
+
+    def waiting() -> None:
+        print("precompute impressions: waiting for another impressions load of this lake to finish", file=sys.stderr)
+
     try:
         with _rows_read("impressions") as progress:
             summary = load_impressions(
@@ -859,6 +869,7 @@ def cmd_impressions(args: argparse.Namespace) -> int:
                 first_day=partitions.start,
                 append=args.append,
                 progress=progress,
+                exclusive=exclusive_lock(_load_lock_file(stack, lake, "ad_impressions"), waiting),
             )
     except AdDataError as error:
         raise CliError(str(error)) from None
@@ -866,6 +877,16 @@ def cmd_impressions(args: argparse.Namespace) -> int:
     result["unknown_ad_impressions"] = summary.unknown_ad_impressions  # null without an ads catalog
     print(json.dumps(result))
     return 0
+
+
+def _load_lock_file(stack: Stack, lake: Lake, asset: str) -> Path:
+    """The lock file that loads into ``asset`` of ``lake`` take turns on (an append reads a partition and writes it
+    back): beside its partitions in a local lake, so every process writing there sees it; in the state folder for a
+    lake at a URI, which only this machine's loads see."""
+    if "://" not in lake.base_uri:
+        return Path(lake.path(asset)).parent / ".load.lock"
+    digest = hashlib.sha256(lake.path(asset).encode()).hexdigest()[:16]
+    return stack.home / "locks" / f"{asset}-{digest}.lock"
 
 
 @contextlib.contextmanager

@@ -3,6 +3,7 @@ refused in one line when the file as a whole is wrong; the loaded data trains an
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 from datetime import UTC, datetime
@@ -478,6 +479,40 @@ def test_commands_print_one_json_summary(home, tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert (out["written"], out["partition_rows"]) == ({"2026-11-18": 1}, {"2026-11-18": 3})
     assert out["mode"] == "append" and out["unknown_ad_impressions"] == 0
+
+
+def test_appends_of_two_files_at_once_keep_both_files_rows(home, tmp_path, capsys, monkeypatch):
+    """Two ``impressions load --append`` of different files into the same day at once (parallel loads of hourly
+    exports): they take turns on the lake's lock file, so the day ends with both files' rows. Before, each read the
+    day, added its rows and wrote it back: the later write dropped the other file's rows, while both commands printed
+    them as written (3.0M of 4.5M rows left, through the command). Here both reads are held until both have begun."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    t = ms("2026-11-18T12:00:00+00:00")
+    files = {}
+    for name, n in (("base", 3), ("one", 5), ("two", 7)):
+        lines = "".join(f"{t + i},{name}{i},{i % 2}\n" for i in range(n))
+        files[name] = write(tmp_path / f"{name}.csv", "ts_ms,ad_id,clicked\n" + lines)
+    base, first, second = files.values()
+    assert main(["impressions", "load", str(base)]) == 0
+    both_reading = threading.Barrier(2, timeout=5)  # passes only if the two loads read the day at the same time
+    read = Lake.read
+
+    def held_read(self, asset, partition=None, columns=None):
+        if asset == "ad_impressions":
+            with contextlib.suppress(threading.BrokenBarrierError):  # taking turns: the other load never comes
+                both_reading.wait()
+        return read(self, asset, partition, columns)
+
+    monkeypatch.setattr(Lake, "read", held_read)
+    with ThreadPoolExecutor(2) as pool:
+        codes = list(pool.map(lambda path: main(["impressions", "load", str(path), "--append"]), [first, second]))
+    assert codes == [0, 0]
+    day = read(Lake(str(home / "lake")), "ad_impressions", "2026-11-18")
+    counts = day["ad_id"].str.rstrip("0123456789").value_counts()
+    assert sorted(counts.items()) == [("base", 3), ("one", 5), ("two", 7)]
+    assert "waiting for another impressions load of this lake" in capsys.readouterr().err
 
 
 def test_a_configured_feature_set_is_what_ads_load_validates(home, tmp_path, capsys, monkeypatch):
