@@ -835,11 +835,13 @@ def test_docs_load_maps_a_corpus_fields_and_refuses_a_field_it_lacks(stack, app_
 
 
 def on_the_test_stack(stack, tmp_path, monkeypatch) -> None:
-    """Commands of this test use the session's Redis and Dagster storage, with a Dagster home of their own."""
-    from precompute_assets.stack import ENV_DAGSTER_PG, ENV_REDIS
+    """Commands of this test use the session's Redis and PostgreSQL (Dagster's storage and the application database:
+    without the latter, every command started an embedded PostgreSQL in the test's home and left it running), with a
+    Dagster home of their own."""
+    from precompute_assets.stack import ENV_APP_DB, ENV_DAGSTER_PG, ENV_REDIS
 
     monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "home"))
-    for name in (ENV_REDIS, ENV_DAGSTER_PG):
+    for name in (ENV_REDIS, ENV_DAGSTER_PG, ENV_APP_DB):
         monkeypatch.setenv(name, stack.env()[name])
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster"))
     (tmp_path / "dagster").mkdir()
@@ -877,6 +879,7 @@ def test_query_logs_import_fills_hourly_partitions_that_dagster_knows(stack, tmp
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "count from the trace's start" in err and "--start YYYY-MM-DD" in err, err
     assert main(["query-logs", "import", str(relative), "--start", "2026-02-03", "--time-unit", "s"]) == 0
+    assert Stack().postgres.pid is None  # the session's servers: none of the test home's own
     summary = json.loads(capsys.readouterr().out)
     assert (summary["imported"], summary["hours"], summary["quarantined"]) == (4, 2, 0)
     assert (summary["first_hour"], summary["last_hour"]) == ("2026-02-03-00:00", "2026-02-03-02:00")
