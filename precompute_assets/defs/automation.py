@@ -57,8 +57,8 @@ def offpeak_start_hour(instance: dg.DagsterInstance | None) -> int:
 def precompute_request(moment: datetime, start_hour: int, timezone: str) -> dg.RunRequest | dg.SkipReason:
     """Request yesterday's precompute when ``moment`` falls in the off-peak window starting at ``start_hour``.
 
-    A window rather than one instant: on a spring-forward day the start hour may not exist; the run key
-    (one per day) keeps later ticks of the window from launching it twice.
+    A window rather than one instant: on a spring-forward day the start hour may not exist. The run key is one per
+    day; the schedule skips a day whose run key an earlier tick launched (Dagster would launch it again).
     """
     local = moment.astimezone(ZoneInfo(timezone))
     if (local.hour - start_hour) % 24 >= OFFPEAK_WINDOW_HOURS:
@@ -130,6 +130,16 @@ def build_cache_health_sensor(timezone: str, *, threshold: float = HEALTH_THRESH
     return cache_health
 
 
+RUN_KEY_TAG = "dagster/run_key"
+
+
+def run_with_key(instance: dg.DagsterInstance, job_name: str, run_key: str) -> dg.DagsterRun | None:
+    """A run of ``job_name`` launched with ``run_key``, whatever its status. A schedule needs this: Dagster dedupes a
+    schedule's run keys only among the runs of one tick (one scheduled time), never across ticks."""
+    runs = instance.get_runs(dg.RunsFilter(job_name=job_name, tags={RUN_KEY_TAG: run_key}), limit=1)
+    return runs[0] if runs else None
+
+
 def missing_log_hours(instance: dg.DagsterInstance, hours: list[str]) -> list[str]:
     """The hourly query_logs partitions among ``hours`` not materialized yet."""
     done = instance.get_materialized_partitions(dg.AssetKey("query_logs"))
@@ -157,9 +167,16 @@ def build_schedules(partitions: Partitions) -> list:
             # The first night of a deployment: yesterday is no partition, and its logs will never come.
             return dg.SkipReason(f"{request.partition_key} is before the first partition ({partitions.start})")
         if instance is not None and isinstance(request, dg.RunRequest):
+            earlier = run_with_key(instance, daily_precompute_job.name, request.run_key)
+            if earlier is not None:
+                # Every hour of the window ticks, and Dagster would launch each tick's request: one run a day.
+                return dg.SkipReason(
+                    f"{request.partition_key} was requested by an earlier tick (run {earlier.run_id[:8]}, "
+                    f"{earlier.status.value})"
+                )
             missing = missing_log_hours(instance, partitions.hours_of(request.partition_key))
             if missing:
-                # Later ticks of the window try again; the run key keeps it to one run a day.
+                # Later ticks of the window try again; the run above keeps it to one run a day.
                 return dg.SkipReason(f"waiting for {len(missing)} query_logs hours of {request.partition_key}")
         return request
 

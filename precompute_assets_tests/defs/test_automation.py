@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
 import dagster as dg
 import pytest
-from dagster._core.test_utils import in_process_test_workspace
+from dagster._core.remote_origin import InProcessCodeLocationOrigin
+from dagster._core.test_utils import create_test_daemon_workspace_context, freeze_time, in_process_test_workspace
 from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
+from dagster._core.workspace.load_target import InProcessWorkspaceLoadTarget
+from dagster._scheduler.scheduler import launch_scheduled_runs
 
 from precompute_assets.definitions import defs
 from precompute_assets.defs.automation import automation_states, build_cache_health_sensor, health_request
+from precompute_assets.defs.partitions import DEFAULT_PARTITIONS
+from precompute_assets.storage.postgres import scratch_database
 from precompute_assets_tests.factories import log_client
 
 EVERYTHING = [
@@ -65,6 +71,42 @@ def test_a_toggle_in_the_ui_is_what_is_reported():
 
             instance.start_schedule(hourly)
             assert ("query_logs_hourly", "schedule", "RUNNING") in automation_states(instance, defs())
+
+
+QUEUED = {"run_coordinator": {"module": "dagster._core.run_coordinator", "class": "QueuedRunCoordinator"}}
+
+
+def test_the_scheduler_daemon_launches_one_nightly_precompute_per_day(dagster_pg_url, monkeypatch):
+    """daily_precompute ticks every hour of its 4-hour window; Dagster dedupes a schedule's run keys only within one
+    tick, so the real scheduler loop launched yesterday's whole graph once per hour of the window."""
+    for variable in ("PRECOMPUTE_REDIS_URL", "PRECOMPUTE_APP_DB_URL"):  # resolved when a run is created, never used
+        monkeypatch.setenv(variable, "redis://127.0.0.1:9/0")
+    utc = ZoneInfo("UTC")
+    origin = LoadableTargetOrigin(module_name="precompute_assets.definitions", attribute="defs")
+    target = InProcessWorkspaceLoadTarget(InProcessCodeLocationOrigin(origin))
+    with (
+        scratch_database(dagster_pg_url, "dagster") as url,
+        dg.instance_for_test(overrides={"storage": {"postgres": {"postgres_url": url}}, **QUEUED}) as instance,
+        freeze_time(datetime(2026, 11, 20, 0, 30, tzinfo=utc)),
+        create_test_daemon_workspace_context(target, instance) as workspace,
+    ):
+        (location,) = workspace.create_request_context().get_code_location_entries().values()
+        (repository,) = location.code_location.get_repositories().values()
+        for schedule in repository.get_schedules():  # only this schedule ticks
+            if schedule.name == "daily_precompute":
+                instance.start_schedule(schedule)
+            else:
+                instance.stop_schedule(schedule.get_remote_origin_id(), schedule.selector_id, schedule)
+        for hour in DEFAULT_PARTITIONS.hours_of("2026-11-19"):
+            instance.report_runless_asset_event(dg.AssetMaterialization("query_logs", partition=hour))
+        for hour in range(1, 8):  # 01:00 to 07:00: the window is 02:00-06:00
+            at = datetime(2026, 11, 20, hour, 0, 30, tzinfo=utc)
+            with freeze_time(at):
+                list(launch_scheduled_runs(workspace, logging.getLogger("scheduler"), at, {}))
+        runs = instance.get_runs(dg.RunsFilter(job_name="daily_precompute_job"))
+        assert [(r.tags["dagster/partition"], r.tags["dagster/run_key"]) for r in runs] == [
+            ("2026-11-19", "precompute-2026-11-19")
+        ]
 
 
 def window(requests: int, hits: int) -> dict:
