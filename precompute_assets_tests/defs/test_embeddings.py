@@ -319,6 +319,41 @@ def test_sensor_requests_a_run_only_when_documents_change(docs, app_db):
         assert isinstance(documents_changed(context), dg.RunRequest)
 
 
+def test_the_sensor_neither_waits_for_an_open_load_nor_holds_up_other_writers(docs, app_db):
+    """Every tick ensured the schema with CREATE INDEX IF NOT EXISTS, which locks the table before it finds the
+    index: the tick waited for a load's transaction to commit, and every writer after it queued behind the tick."""
+    import threading
+
+    import psycopg2
+
+    from precompute_assets.storage.postgres import libpq_url
+
+    resources_ = {"documents": DocumentStoreResource(url=app_db)}
+    results = []
+    with dg.instance_for_test() as instance:
+        instance.report_runless_asset_event(dg.AssetMaterialization("embedding_model"))
+
+        def tick() -> None:
+            with dg.build_sensor_context(instance=instance, resources=resources_) as context:
+                results.append(documents_changed(context))
+
+        load = psycopg2.connect(libpq_url(app_db))  # a long load, still writing
+        try:
+            with load.cursor() as cur:
+                cur.execute("UPDATE documents SET title = 'in a long load', modified_at = now() WHERE doc_id = %s",
+                            ("doc00000001",))  # fmt: skip
+            ticking = threading.Thread(target=tick, daemon=True)
+            ticking.start()
+            ticking.join(timeout=60)  # not a timing: without the fix it lasts as long as the load
+            assert not ticking.is_alive(), "the sensor tick waits for the load's transaction"
+            assert docs.delete(["doc00000002"]) == 1  # another writer is not queued behind the tick
+        finally:
+            load.rollback()
+            load.close()
+        ticking.join()
+    assert isinstance(results[0], dg.RunRequest)
+
+
 def test_a_sync_without_an_embedder_fails_once_without_retries(app_db, redis_url, schema, tmp_path):
     """Nothing to retry for: the step fails at once, saying what to materialize, and frees its pool slot."""
     with dg.instance_for_test() as instance:
