@@ -23,6 +23,7 @@ RECALL_GOAL = 0.95
 STALE_GOAL = 0.01
 STALE_AFTER_HOURS = 24  # a document changed longer ago than this should have its embedding
 NO_EMBEDDER = "no embedder yet: materialize embedding_model (it fits on the documents)"
+UNSETTLED = "~unsettled"  # documents_changed's marker while an older transaction may still commit documents
 
 
 class EmbeddingModelConfig(dg.Config):
@@ -272,10 +273,16 @@ def documents_changed(context: dg.SensorEvaluationContext, documents: DocumentSt
     if not has_embedder(context.instance):
         # The run would fail at once; the cursor stays, so the first tick after the model's materialization syncs.
         return dg.SkipReason(NO_EMBEDDER)
-    latest = documents.store().latest_change()
+    store = documents.store()
+    latest = store.latest_change()
     if latest is None:
         return dg.SkipReason("no documents yet")
     marker = latest.isoformat()
+    if store.stable_horizon() <= latest:
+        # A transaction older than the newest change is still open: the sync stops short of it, and its rows will
+        # commit dated before ``latest``, leaving the newest change as it is. Marked unsettled, so that its commit
+        # changes the marker and gets a sync of its own.
+        marker += UNSETTLED
     if context.cursor == marker:
         return dg.SkipReason(f"no document changed since {marker}")
     context.update_cursor(marker)

@@ -354,6 +354,53 @@ def test_the_sensor_neither_waits_for_an_open_load_nor_holds_up_other_writers(do
     assert isinstance(results[0], dg.RunRequest)
 
 
+def test_documents_a_long_load_commits_late_get_a_sync_of_their_own(docs, app_db, redis_client, schema, embedder):
+    """A load whose transaction started before another change commits rows dated before it: the newest change
+    stayed the sensor's marker, so the load's documents (and the change, which the sync held back for the open
+    load) waited for the 04:00 schedule."""
+    import psycopg2
+
+    from precompute_assets.storage.postgres import libpq_url
+
+    resources_ = {"documents": DocumentStoreResource(url=app_db)}
+    store = EmbeddingStore(app_db)
+    cache = PredictionCache(redis_client, schema=schema, pointer_ttl_s=0)
+
+    def tick(cursor: str | None):
+        with dg.build_sensor_context(instance=instance, resources=resources_, cursor=cursor) as context:
+            return documents_changed(context), context.cursor
+
+    def sync() -> None:
+        sync_embeddings(docs, store, redis_client, embedder, schema=schema, chunk_size=1000, log=lambda m: None)
+
+    with dg.instance_for_test() as instance:
+        instance.report_runless_asset_event(dg.AssetMaterialization("embedding_model"))
+        request, cursor = tick(None)
+        assert isinstance(request, dg.RunRequest)
+        sync()
+        load = psycopg2.connect(libpq_url(app_db))  # the long load: its transaction starts now
+        try:
+            with load.cursor() as cur:
+                cur.execute(
+                    "INSERT INTO documents (doc_id, title, body, language, modified_at)"
+                    " VALUES ('loaded-late', 'Late', 'a body loaded in a long transaction', 'en', now())"
+                )
+            docs.load_frame(pd.DataFrame({"doc_id": ["edited"], "title": ["Edited"], "body": ["an edit"],
+                                          "language": ["en"]}))  # fmt: skip
+            request, cursor = tick(cursor)
+            assert isinstance(request, dg.RunRequest)
+            sync()  # stops short of the open load: neither document yet
+            assert cache.get_embedding("edited") is None
+            load.commit()
+        finally:
+            load.close()
+        request, cursor = tick(cursor)
+        assert isinstance(request, dg.RunRequest), request
+        sync()
+        assert cache.get_embedding("edited") is not None and cache.get_embedding("loaded-late") is not None
+        assert isinstance(tick(cursor)[0], dg.SkipReason)
+
+
 def test_a_sync_without_an_embedder_fails_once_without_retries(app_db, redis_url, schema, tmp_path):
     """Nothing to retry for: the step fails at once, saying what to materialize, and frees its pool slot."""
     with dg.instance_for_test() as instance:
