@@ -249,7 +249,8 @@ class PredictionCache:
           ``recompute_lock_ms`` (less if the lock goes away) and computes itself if the value still is not there.
 
         A value without a delta (written by a task run) is never recomputed early; an early recomputation that raises
-        serves the value read (logged as a warning), since it is still valid. A reader whose ACL refuses
+        serves the value read (logged as a warning), since it is still valid; one that succeeds stores only over a
+        value still there (``SET ... XX``: an invalidation or an eviction meanwhile wins). A reader whose ACL refuses
         ``PTTL`` or the delta/lock keys (``NOPERM``) falls back to the plain read-through, counted in ``refused``.
         """
         check_kind(kind)
@@ -268,7 +269,9 @@ class PredictionCache:
                 if lock is not False and self._available():  # ours, or no lock (off): recompute; else the holder does
                     self.early_recomputes += 1
                     try:
-                        return self._compute_and_store(kind, key, compute, policy, None, locked=lock is True)
+                        return self._compute_and_store(
+                            kind, key, compute, policy, None, locked=lock is True, replace=True
+                        )
                     except Exception:  # the value read is still valid: a failed early recomputation serves it
                         self._failed_early(kind, key)
             return cached
@@ -374,9 +377,11 @@ class PredictionCache:
         *,
         store: bool = True,
         locked: bool = False,
+        replace: bool = False,
     ) -> Any:
         """``compute(key)``, timed; stored with its delta when ``store``; the policy's housekeeping after a miss
-        (``decision``; None for an early recomputation, which is no miss). Redis errors are absorbed."""
+        (``decision``; None for an early recomputation, which is no miss). ``replace`` (an early recomputation)
+        stores only over a value still there (``_store_commands``). Redis errors are absorbed."""
         self.computes += 1
         started = time.perf_counter()
         try:
@@ -392,7 +397,7 @@ class PredictionCache:
         try:
             commands = []
             if store:
-                commands = self._store_commands(kind, key, encoded, delta_s, release=locked)
+                commands = self._store_commands(kind, key, encoded, delta_s, release=locked, replace=replace)
             self._send_with_housekeeping(kind, key, commands, policy, decision)
         except REDIS_ERRORS as error:  # OOM, READONLY, a dead server: the caller still gets its value
             self._trip(error)
@@ -410,14 +415,17 @@ class PredictionCache:
         self._round_trip(commands)
 
     def _store_commands(
-        self, kind: str, key: str, encoded: bytes, delta_s: float, *, release: bool = False
+        self, kind: str, key: str, encoded: bytes, delta_s: float, *, release: bool = False, replace: bool = False
     ) -> list[tuple[Any, ...]]:
         """``SET`` of the live value with the live TTL and, when XFetch is on, of its delta beside it; ``release``
-        lets the recompute lock lapse after them (``_release_lock``)."""
+        lets the recompute lock lapse after them (``_release_lock``). ``replace`` adds ``XX``: an early
+        recomputation refreshes a value that is still there, and must not bring back one that an invalidation or
+        ``probation``'s eviction deleted while it computed (stale, or a value outside the capacity)."""
         name, ttl = self.schema.live(kind, key), b"%d" % self.live_ttl_s
-        commands: list[tuple[Any, ...]] = [(b"SET", name, encoded, b"EX", ttl)]
+        only = (b"XX",) if replace else ()
+        commands: list[tuple[Any, ...]] = [(b"SET", name, encoded, b"EX", ttl, *only)]
         if self.xfetch_beta > 0 and not self._stampede_refused:
-            commands.append((b"SET", live_delta_key(self.schema, kind, key), b"%.6f" % delta_s, b"EX", ttl))
+            commands.append((b"SET", live_delta_key(self.schema, kind, key), b"%.6f" % delta_s, b"EX", ttl, *only))
         if release:
             commands.append(_release_command(self.schema, kind, key))
         return commands

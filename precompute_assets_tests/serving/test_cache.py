@@ -415,6 +415,51 @@ def test_an_early_recomputation_that_raises_serves_the_cached_value(redis_url, r
         cache.get_or_compute("rank", "gone", down)
 
 
+def test_an_early_recomputation_never_brings_back_a_value_deleted_while_it_computed(redis_url, redis_client, schema):
+    """A value invalidated (or evicted by ``probation``) while an early recomputation ran stays gone: the
+    recomputation once stored over the deletion, serving for a whole live TTL what the invalidation removed, or
+    keeping a value outside probation's capacity that nothing tracked or deleted."""
+    from precompute_assets.serving.admission import Probation, fifo_names
+    from precompute_assets.serving.cache import live_delta_key
+    from precompute_assets.serving.invalidate import invalidate
+
+    def make_due(cache, key):
+        redis_client.set(live_delta_key(schema, "rank", key), b"10.0")
+        redis_client.pexpire(schema.live("rank", key), 5000)  # due at rand 0.5 (see above)
+        time.sleep(0.01)  # the miss's released lock lapses
+
+    cache = make_cache(redis_url, schema, live_ttl_s=300)
+    cache._random.random = lambda: 0.5
+    assert cache.get_or_compute("rank", "k", lambda key: {"v": 1}) == {"v": 1}
+    make_due(cache, "k")
+
+    def invalidated_meanwhile(key):
+        assert invalidate(redis_client, "rank", key=key, schema=schema).live_keys == 1
+        return {"v": "computed before the invalidation"}
+
+    assert cache.get_or_compute("rank", "k", invalidated_meanwhile) == {"v": "computed before the invalidation"}
+    assert cache.early_recomputes == 1 and redis_client.get(schema.live("rank", "k")) is None
+    # probation, capacity 2: another reader's misses evict "a" while its early recomputation runs
+    policy = Probation(capacity=2)
+    early = make_cache(redis_url, schema, live_ttl_s=300, admission=policy)
+    early._random.random = lambda: 0.5
+    other = make_cache(redis_url, schema, live_ttl_s=300, admission=policy, xfetch_beta=0)
+    assert early.get_or_compute("rank", "a", lambda key: {"v": 1}) == {"v": 1}
+    make_due(early, "a")
+
+    def evicted_meanwhile(key):
+        for name in ("b", "c", "d", "e"):
+            for _ in range(2):  # a hit in probation: each goes on to the main LRU, past "a"
+                other.get_or_compute("rank", name, lambda key: {"v": key})
+        return {"v": 2}
+
+    assert early.get_or_compute("rank", "a", evicted_meanwhile) == {"v": 2} and early.early_recomputes == 1
+    small, _, main, *_ = fifo_names(schema, "rank")
+    tracked = {name.decode() for name in [*redis_client.lrange(small, 0, -1), *redis_client.zrange(main, 0, -1)]}
+    live = {name.decode().rpartition(":live:")[2] for name in redis_client.scan_iter(f"{schema.prefix}:rank:live:*")}
+    assert "a" not in tracked and live == tracked and len(live) == 2
+
+
 def test_a_hot_miss_is_computed_once_by_concurrent_readers(redis_url, schema):
     def run(**options) -> tuple[int, list]:
         caches = [make_cache(redis_url, schema, **options) for _ in range(8)]
