@@ -236,7 +236,8 @@ class PredictionCache:
         admission: AdmissionPolicy | str | None = None,
     ) -> Any:
         """The cached value, or ``compute(key)``, stored with the live TTL if the admission policy (this
-        call's ``admission``, else the cache's) admits it. Redis trouble never raises here.
+        call's ``admission``, else the cache's) admits it; a None result is returned, never stored (it would read
+        back as a miss). Redis trouble never raises here.
 
         Stampede protection (on unless ``xfetch_beta=0`` and ``recompute_lock_ms=0``, the plain read-through):
 
@@ -269,9 +270,10 @@ class PredictionCache:
                 if lock is not False and self._available():  # ours, or no lock (off): recompute; else the holder does
                     self.early_recomputes += 1
                     try:
-                        return self._compute_and_store(
+                        value = self._compute_and_store(
                             kind, key, compute, policy, None, locked=lock is True, replace=True
                         )
+                        return cached if value is None else value  # nothing new: the value read is still valid
                     except Exception:  # the value read is still valid: a failed early recomputation serves it
                         self._failed_early(kind, key)
             return cached
@@ -315,6 +317,8 @@ class PredictionCache:
             commands = []
             if decision.admit:
                 encoded = codec_for(kind).encode(value)
+                if value is None:  # see _compute_and_store
+                    return value
                 commands.append((b"SET", self.schema.live(kind, key), encoded, b"EX", b"%d" % self.live_ttl_s))
             self._send_with_housekeeping(kind, key, commands, policy, decision)
         except REDIS_ERRORS as error:  # OOM, READONLY, a dead server: the caller still gets its value
@@ -392,6 +396,12 @@ class PredictionCache:
             if locked:  # let the waiting readers compute for themselves now (also when the codec refuses the value)
                 self._release_lock(kind, key)
             raise
+        if value is None:
+            # A stored None reads back as a miss: never served, it took a write and, under probation, a slot (evicting
+            # a real value); the lock's waiters read it as no value and computed anyway.
+            if locked:
+                self._release_lock(kind, key)
+            return value
         if not self._available():
             return value
         try:

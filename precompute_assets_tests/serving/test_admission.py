@@ -408,6 +408,24 @@ def test_probation_deletes_what_it_evicted_even_when_the_value_is_not_stored(red
     assert not client.exists(schema.live("rank", "a"))  # evicted by b's admission: deleted, not left untracked
 
 
+@pytest.mark.parametrize("stampede", [{}, {"xfetch_beta": 0, "recompute_lock_ms": 0}])
+def test_a_none_result_is_returned_never_stored(redis_server, stampede):
+    """A stored None (JSON ``null``) reads back as a miss, so it was never served: keys whose compute found nothing
+    once each took a write and a probation slot, evicting the values that were being served."""
+    server = redis_server()
+    client = connect(server.url, socket_timeout=5)
+    schema = KeySchema("fifo")
+    cache = make_cache(server.url, schema, admission=Probation(capacity=2), **stampede)
+    for key in ("a", "b", "a", "b"):  # both hit in probation: kept
+        assert cache.get_or_compute("rank", key, Calls()) == {"key": key}
+    nothing = Calls()
+    for key in ("n1", "n2", "n3", "n1"):
+        assert cache.get_or_compute("rank", key, lambda key: nothing(key) and None) is None
+    assert nothing.keys == ["n1", "n2", "n3", "n1"] and tracked_keys(client, schema) == {"a", "b"}
+    live = {k.decode().rpartition(":live:")[2] for k in client.scan_iter("fifo:1:rank:live:*")}
+    assert live == {"a", "b"} and cache.errors == 0
+
+
 def publish(client, schema: KeySchema, version: str, keys: list[str]) -> PublishResult:
     return publish_version(
         client, "rank", version, [(key, {"key": key}) for key in keys], n_keys=len(keys), schema=schema
