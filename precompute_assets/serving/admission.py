@@ -30,13 +30,14 @@ stored:
   it leaves (its value is deleted) and its name goes to the ghost list; once probation is short, the main LRU's least
   recent key leaves instead. Keys asked for once thus pass through a tenth of the cache and never push out keys asked
   for again. Every live-tier lookup runs one script (``_TOUCH``: count a probation hit, or refresh the key in the
-  LRU); every stored miss runs ``_ADMIT`` (evict, insert; it also records ``capacity``), and the client deletes the
-  live values of the keys it evicted. After each flip of ``publish_version`` (not the embedding sync's in-place
-  patches) the publisher settles the tier (``publish.settle_published``): the new version's keys leave the main LRU
-  and their live values are deleted (a live copy of a published key only holds a slot; one still in probation stays
-  until the FIFO moves it), and the keys the version before served and the new one drops enter the main LRU below
-  every key there, best first, while the tier has room (``UNTRACK``, ``HAND_OVER``), so a smaller version leaves a
-  warm tier rather than an empty one. State, in one Redis Cluster slot per kind (hash tag):
+  LRU); every stored miss runs ``_ADMIT`` (evict, insert; it also records ``capacity``), which on one server deletes
+  the live values of the keys it evicted in the same atomic step (on a cluster the client deletes them after it).
+  After each flip of ``publish_version`` (not the embedding sync's in-place patches) the publisher settles the tier
+  (``publish.settle_published``): the new version's keys leave the main LRU and their live values are deleted (a live
+  copy of a published key only holds a slot; one still in probation stays until the FIFO moves it), and the keys the
+  version before served and the new one drops enter the main LRU below every key there, best first, while the tier has
+  room (``UNTRACK``, ``HAND_OVER``), so a smaller version leaves a warm tier rather than an empty one. State, in one
+  Redis Cluster slot per kind (hash tag):
   ``{kind}:fifo:{{...}}:small`` (list), ``:hits`` (hash), ``:main`` and ``:ghost`` (sorted sets by a sequence number),
   ``:seq``, ``:published``, ``:tier`` (hash: ``capacity``, ``live_ttl_s``, and ``order_version``, the version
   ``:order`` lists),
@@ -84,15 +85,17 @@ class AdmissionPolicy(Protocol):
         ...
 
     def after_miss(
-        self, schema: KeySchema, kind: str, key: str, decision: Decision, live_ttl_s: int
+        self, schema: KeySchema, kind: str, key: str, decision: Decision, live_ttl_s: int, *, deletes: bool = False
     ) -> tuple[Any, ...] | None:
         """The command of the policy's housekeeping on a miss of ``key`` (the sketch's aging, the probation
         queues), which the caller sends in the same round trip as the value it stores (for ``live_ttl_s``);
-        None: nothing to do."""
+        None: nothing to do. ``deletes`` (one server, not a cluster): the command deletes the live values it
+        evicts itself."""
         ...
 
     def evicted(self, reply: Any) -> Sequence[str]:
-        """The keys whose live values ``after_miss``'s command evicted, from its reply: the caller deletes them."""
+        """The keys whose live values ``after_miss``'s command evicted, from its reply: the caller deletes them
+        unless the command did (``deletes``)."""
         ...
 
 
@@ -109,7 +112,7 @@ class Always:
         return Decision(True)
 
     def after_miss(
-        self, schema: KeySchema, kind: str, key: str, decision: Decision, live_ttl_s: int
+        self, schema: KeySchema, kind: str, key: str, decision: Decision, live_ttl_s: int, *, deletes: bool = False
     ) -> tuple[Any, ...] | None:
         return None
 
@@ -137,7 +140,7 @@ class SecondMiss:
         return Decision(replies[0] is not None)
 
     def after_miss(
-        self, schema: KeySchema, kind: str, key: str, decision: Decision, live_ttl_s: int
+        self, schema: KeySchema, kind: str, key: str, decision: Decision, live_ttl_s: int, *, deletes: bool = False
     ) -> tuple[Any, ...] | None:
         return None
 
@@ -210,7 +213,7 @@ class FrequencySketch:
         return Decision(min(counts) >= self.threshold, age=seen >= self.sample)
 
     def after_miss(
-        self, schema: KeySchema, kind: str, key: str, decision: Decision, live_ttl_s: int
+        self, schema: KeySchema, kind: str, key: str, decision: Decision, live_ttl_s: int, *, deletes: bool = False
     ) -> tuple[Any, ...] | None:
         return ("EVAL", _AGE_SKETCH, 1, schema.admission_sketch(kind), self.sample) if decision.age else None
 
@@ -241,9 +244,13 @@ return 0
 # (into the main LRU if its name is in the ghost list, else at the tail of probation); a key that still does not
 # fit (no room beside the published keys, or a tier still shrinking to a smaller size) is not kept. Replies the
 # keys that left the cache (their values are to be deleted; ARGV[1] itself when not kept). A key already tracked
-# (its value expired) stays put.
+# (its value expired) stays put. ARGV[5], when not empty, is the kind's ``{prefix}:{kind}:``: the script then deletes
+# the live values (and deltas) of the keys that left itself, in the same atomic step, so a client that dies or loses
+# its connection before its own delete leaves no value that nothing tracks. Only on one server: on a cluster those
+# keys live in other slots than the script's, and the client deletes them (one ``UNLINK`` each, as the reader's ACL
+# grants ``UNLINK`` on live and delta keys in separate selectors).
 _ADMIT = """
-local key, capacity, most = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local key, capacity, most, base = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[5] or ''
 redis.call('HSET', KEYS[7], 'capacity', capacity, 'live_ttl_s', ARGV[4])
 if redis.call('HEXISTS', KEYS[2], key) == 1 or redis.call('ZSCORE', KEYS[3], key) then return {} end
 local size = capacity - (tonumber(redis.call('GET', KEYS[6])) or 0)
@@ -271,8 +278,16 @@ while small + main > 0 and small + main >= size and steps < most do
     main = main - 1
   end
 end
+local function delete_values()
+  if base == '' then return end
+  for _, name in ipairs(evicted) do
+    redis.call('UNLINK', base .. 'live:' .. name)
+    redis.call('UNLINK', base .. 'delta:' .. name)
+  end
+end
 if small + main >= size then
   evicted[#evicted + 1] = key
+  delete_values()
   return evicted
 end
 if redis.call('ZREM', KEYS[4], key) == 1 then
@@ -281,6 +296,7 @@ else
   redis.call('RPUSH', KEYS[1], key)
   redis.call('HSET', KEYS[2], key, 0)
 end
+delete_values()
 return evicted
 """
 # KEYS: main; ARGV: keys of a new version. Its keys leave the main LRU (the version serves them now; their live values
@@ -373,10 +389,11 @@ class Probation:
         return Decision(True)
 
     def after_miss(
-        self, schema: KeySchema, kind: str, key: str, decision: Decision, live_ttl_s: int
+        self, schema: KeySchema, kind: str, key: str, decision: Decision, live_ttl_s: int, *, deletes: bool = False
     ) -> tuple[Any, ...] | None:
         names = fifo_names(schema, kind)
-        return ("EVAL", _ADMIT, len(names), *names, key, self.capacity, MAX_STEPS, live_ttl_s)
+        base = f"{schema.prefix}:{kind}:" if deletes else ""
+        return ("EVAL", _ADMIT, len(names), *names, key, self.capacity, MAX_STEPS, live_ttl_s, base)
 
     def evicted(self, reply: Any) -> Sequence[str]:
         return [name.decode() if isinstance(name, bytes) else str(name) for name in reply]
