@@ -325,9 +325,10 @@ def settle_published(
        a live copy would only hold a slot (``UNTRACK``; only keys the main LRU holds are sent).
     2. The keys of the version before (``previous``) that the new one drops and the tier does not track enter the
        main LRU below every key there, best first, while the tier has room (``HAND_OVER``), with their value from
-       that version (``SET NX``; TTL: the client's live one, ``ttl_s`` if shorter): a smaller version leaves a warm
-       tier, not an empty one. Their order is ``:order``, kept by the settling of that version; when ``:order``
-       lists another version (that settling failed or never ran), nothing is handed over.
+       that version (``SET NX``; TTL: the client's live one, ``ttl_s`` if shorter; then deleted again for those
+       readers' misses evicted meanwhile): a smaller version leaves a warm tier, not an empty one. Their order is
+       ``:order``, kept by the settling of that version; when ``:order`` lists another version (that settling
+       failed or never ran), nothing is handed over.
     3. The new version's first ``capacity`` keys become ``:order``, and ``version`` its ``order_version``.
 
     Settling again after a retried flip (``previous`` read back from ``KeySchema.previous``) hands over only what
@@ -367,6 +368,7 @@ def settle_published(
         live = [int(ttl) for ttl in (ttl_s, live_ttl_s) if ttl is not None and int(ttl) > 0]
         copied = [key for key in dropped if key in tracked_now]
         _copy_to_live(client, schema, kind, copied, previous, min(live) if live else None)
+        _unlink_untracked(client, schema, kind, copied)
     kept = list(keys[: int(capacity)])
     commands: list[tuple[Any, ...]] = [(b"DEL", order)]
     commands += [(b"RPUSH", order, *kept[start : start + chunk]) for start in range(0, len(kept), chunk)]
@@ -395,6 +397,23 @@ def _copy_to_live(
         if value is not None
     ]
     send_commands(client, writes)
+
+
+def _unlink_untracked(client: redis.Redis, schema: KeySchema, kind: str, keys: list[str]) -> None:
+    """Delete the live values of those of ``keys`` that probation's tier no longer tracks. Handed-over keys are the
+    coldest of the main LRU: readers' misses may evict them before ``_copy_to_live`` wrote their values, which then
+    nothing would track or delete. Checked after the copy: a key evicted later had its value deleted by the
+    eviction."""
+    if not keys:
+        return
+    _, hits, main, *_ = (name.encode() for name in fifo_names(schema, kind))
+    names = [key.encode() for key in keys]
+    replies = run_commands(
+        client, [(b"HEXISTS", hits, name) for name in names] + [(b"ZSCORE", main, name) for name in names]
+    )
+    in_small, in_main = replies[: len(keys)], replies[len(keys) :]
+    gone = [key for key, small, score in zip(keys, in_small, in_main, strict=True) if not small and score is None]
+    _unlink_live(client, schema, kind, gone)
 
 
 def _unlink_live(client: redis.Redis, schema: KeySchema, kind: str, keys: list[str]) -> None:

@@ -313,6 +313,30 @@ def test_a_publish_settles_the_live_tier_as_the_replay_models_it(redis_server):
     assert live == tracked  # every value the policy or a publish dropped was deleted
 
 
+def test_a_key_handed_over_and_evicted_before_its_value_is_copied_keeps_no_value(redis_server, monkeypatch):
+    """A publish hands the keys its version drops to the main LRU, below every key there, then copies their values:
+    readers' misses in between may already evict them (they are the first to go), and the copy once wrote their
+    values after that, where nothing tracked or deleted them (outside the capacity, for a whole live TTL)."""
+    server = redis_server()
+    client = connect(server.url, socket_timeout=5)
+    schema = KeySchema("fifo")
+    cache = make_cache(server.url, schema, live_ttl_s=3600, admission=Probation(capacity=4))
+    run_through_client(cache, client, schema, ["m"])  # records the capacity: publishes settle the tier
+    publish(client, schema, "v1", ["p1", "p2"])
+    copy = publish_module._copy_to_live
+
+    def readers_first(*args, **kwargs):
+        assert {"p1", "p2"} <= tracked_keys(client, schema)  # handed over, no value yet
+        run_through_client(cache, client, schema, [f"x{i}" for i in range(6) for _ in range(2)])
+        assert not {"p1", "p2"} & tracked_keys(client, schema)  # evicted before their values came
+        return copy(*args, **kwargs)
+
+    monkeypatch.setattr(publish_module, "_copy_to_live", readers_first)
+    assert publish(client, schema, "v2", []).handed_over == 2
+    live = {k.decode().rpartition(":live:")[2] for k in client.scan_iter("fifo:1:rank:live:*")}
+    assert live == tracked_keys(client, schema) and cache.errors == 0
+
+
 @pytest.mark.parametrize(
     ("capacity", "days", "versions", "handed"),
     [
