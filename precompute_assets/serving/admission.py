@@ -94,8 +94,8 @@ class AdmissionPolicy(Protocol):
         ...
 
     def evicted(self, reply: Any) -> Sequence[str]:
-        """The keys whose live values ``after_miss``'s command evicted, from its reply: the caller deletes them
-        unless the command did (``deletes``)."""
+        """The keys whose live values ``after_miss``'s command evicted and did not delete itself (``deletes``), from
+        its reply: the caller deletes them."""
         ...
 
 
@@ -246,9 +246,11 @@ return 0
 # keys that left the cache (their values are to be deleted; ARGV[1] itself when not kept). A key already tracked
 # (its value expired) stays put. ARGV[5], when not empty, is the kind's ``{prefix}:{kind}:``: the script then deletes
 # the live values (and deltas) of the keys that left itself, in the same atomic step, so a client that dies or loses
-# its connection before its own delete leaves no value that nothing tracks. Only on one server: on a cluster those
-# keys live in other slots than the script's, and the client deletes them (one ``UNLINK`` each, as the reader's ACL
-# grants ``UNLINK`` on live and delta keys in separate selectors).
+# its connection before its own delete leaves no value that nothing tracks, and replies only the keys whose delete
+# failed (a proxy in front of shards may refuse keys the script did not declare: ``pcall``, so the script never stops
+# half-way). Only on one server: on a cluster those keys live in other slots than the script's, and the client
+# deletes them (one ``UNLINK`` each, as the reader's ACL grants ``UNLINK`` on live and delta keys in separate
+# selectors).
 _ADMIT = """
 local key, capacity, most, base = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[5] or ''
 redis.call('HSET', KEYS[7], 'capacity', capacity, 'live_ttl_s', ARGV[4])
@@ -278,17 +280,19 @@ while small + main > 0 and small + main >= size and steps < most do
     main = main - 1
   end
 end
-local function delete_values()
-  if base == '' then return end
+local function undeleted()
+  if base == '' then return evicted end
+  local left = {}
   for _, name in ipairs(evicted) do
-    redis.call('UNLINK', base .. 'live:' .. name)
-    redis.call('UNLINK', base .. 'delta:' .. name)
+    local value = redis.pcall('UNLINK', base .. 'live:' .. name)
+    local delta = redis.pcall('UNLINK', base .. 'delta:' .. name)
+    if type(value) ~= 'number' or type(delta) ~= 'number' then left[#left + 1] = name end
   end
+  return left
 end
 if small + main >= size then
   evicted[#evicted + 1] = key
-  delete_values()
-  return evicted
+  return undeleted()
 end
 if redis.call('ZREM', KEYS[4], key) == 1 then
   redis.call('ZADD', KEYS[3], redis.call('INCR', KEYS[5]), key)
@@ -296,8 +300,7 @@ else
   redis.call('RPUSH', KEYS[1], key)
   redis.call('HSET', KEYS[2], key, 0)
 end
-delete_values()
-return evicted
+return undeleted()
 """
 # KEYS: main; ARGV: keys of a new version. Its keys leave the main LRU (the version serves them now; their live values
 # are to be deleted); replies those that were there. Keys in probation stay until it moves them.

@@ -450,8 +450,8 @@ class PredictionCache:
     ) -> None:
         """Send the store's ``commands`` (value first, then its delta, then the lock release) and the admission
         policy's housekeeping after a miss (``decision``; None for an early recomputation, which is no miss) in
-        one round trip; on a cluster then delete the live values the policy evicted, even when the value could not be
-        stored (on one server the policy's script deleted them, atomically with their eviction).
+        one round trip, then delete the live values the policy evicted, even when the value could not be stored (on
+        one server its script deleted them, atomically with their eviction: then only those it could not).
         On one server an error reply of the value or the housekeeping then raises, and the delta's is handled as
         ``_extra_reply`` handles it (NOPERM turns XFetch off); on a cluster every error is ``FAILED``, counted in
         ``errors`` (``_cluster_fetch``)."""
@@ -476,8 +476,8 @@ class PredictionCache:
             if command[1] == delta:
                 self._extra_reply(reply)  # the release's reply needs nothing: the lock lapses anyway
         evicted = replies[-1] if after is not None else None
-        if self._cluster and after is not None and evicted is not FAILED and not isinstance(evicted, BaseException):
-            self._evict_live(kind, policy.evicted(evicted))  # on one server the policy's script deleted them
+        if after is not None and evicted is not FAILED and not isinstance(evicted, BaseException):
+            self._evict_live(kind, policy.evicted(evicted))  # on one server only those the script could not delete
         for reply in (replies[0], evicted):
             if isinstance(reply, BaseException):
                 raise reply
