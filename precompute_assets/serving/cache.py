@@ -28,6 +28,7 @@ from .events import EventLogger
 from .keys import (
     EMBEDDING_KIND,
     Experiment,
+    Float32Codec,
     KeySchema,
     Pointer,
     bucket_of,
@@ -78,6 +79,15 @@ def _release_command(schema: KeySchema, kind: str, key: str) -> tuple[bytes | st
     """Let a recompute lock lapse within a millisecond: ``SET {lock} 0 PX 1 XX`` (only ``SET`` is granted on lock
     keys; waiters read ``0`` as released)."""
     return (b"SET", recompute_lock_key(schema, kind, key), b"0", b"PX", b"1", b"XX")
+
+
+def storable(kind: str, value: Any) -> bool:
+    """Whether ``get_or_compute`` stores ``value`` (already encodable) of ``kind``: not None (a stored None reads back
+    as a miss), and for float32 kinds (``ctr``, ``campaign``) a finite number, as the publish path requires of every
+    prediction (a NaN the model returned once would otherwise be served for a whole live TTL)."""
+    if value is None:
+        return False
+    return math.isfinite(float(value)) if isinstance(codec_for(kind), Float32Codec) else True
 
 
 def _seconds(raw: Any) -> float | None:
@@ -236,8 +246,8 @@ class PredictionCache:
         admission: AdmissionPolicy | str | None = None,
     ) -> Any:
         """The cached value, or ``compute(key)``, stored with the live TTL if the admission policy (this
-        call's ``admission``, else the cache's) admits it; a None result is returned, never stored (it would read
-        back as a miss). Redis trouble never raises here.
+        call's ``admission``, else the cache's) admits it; a None result, or a non-finite one of a float32 kind, is
+        returned but never stored (``storable``). Redis trouble never raises here.
 
         Stampede protection (on unless ``xfetch_beta=0`` and ``recompute_lock_ms=0``, the plain read-through):
 
@@ -273,7 +283,7 @@ class PredictionCache:
                         value = self._compute_and_store(
                             kind, key, compute, policy, None, locked=lock is True, replace=True
                         )
-                        return cached if value is None else value  # nothing new: the value read is still valid
+                        return value if storable(kind, value) else cached  # nothing new: the value read is valid
                     except Exception:  # the value read is still valid: a failed early recomputation serves it
                         self._failed_early(kind, key)
             return cached
@@ -317,7 +327,7 @@ class PredictionCache:
             commands = []
             if decision.admit:
                 encoded = codec_for(kind).encode(value)
-                if value is None:  # see _compute_and_store
+                if not storable(kind, value):
                     return value
                 commands.append((b"SET", self.schema.live(kind, key), encoded, b"EX", b"%d" % self.live_ttl_s))
             self._send_with_housekeeping(kind, key, commands, policy, decision)
@@ -396,9 +406,9 @@ class PredictionCache:
             if locked:  # let the waiting readers compute for themselves now (also when the codec refuses the value)
                 self._release_lock(kind, key)
             raise
-        if value is None:
+        if store and not storable(kind, value):
             # A stored None reads back as a miss: never served, it took a write and, under probation, a slot (evicting
-            # a real value); the lock's waiters read it as no value and computed anyway.
+            # a real value); the lock's waiters read it as no value and computed anyway. A NaN is no prediction.
             if locked:
                 self._release_lock(kind, key)
             return value

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import socket
 import threading
 import time
@@ -458,6 +459,19 @@ def test_an_early_recomputation_never_brings_back_a_value_deleted_while_it_compu
     tracked = {name.decode() for name in [*redis_client.lrange(small, 0, -1), *redis_client.zrange(main, 0, -1)]}
     live = {name.decode().rpartition(":live:")[2] for name in redis_client.scan_iter(f"{schema.prefix}:rank:live:*")}
     assert "a" not in tracked and live == tracked and len(live) == 2
+
+
+@pytest.mark.parametrize("stampede", [{}, {"xfetch_beta": 0, "recompute_lock_ms": 0}])
+def test_a_non_finite_ctr_is_returned_but_never_cached(redis_url, redis_client, schema, stampede):
+    """The publish refuses predictions that are not finite; the read-through once stored the NaN a model returned
+    for a key (a missing feature, a transient fault) and served it for a whole live TTL."""
+    cache = make_cache(redis_url, schema, **stampede)
+    for bad in (math.nan, math.inf):
+        assert str(cache.get_or_compute("ctr", "ad1", lambda key, bad=bad: bad)) == str(bad)  # the caller gets it
+        assert redis_client.get(schema.live("ctr", "ad1")) is None
+    assert cache.get_or_compute("ctr", "ad1", lambda key: 0.25) == 0.25  # computed again, and now cached
+    assert cache.get_or_compute("ctr", "ad1", lambda key: float("nan")) == 0.25
+    assert cache.computes == 3 and cache.errors == 0
 
 
 def test_a_hot_miss_is_computed_once_by_concurrent_readers(redis_url, schema):
