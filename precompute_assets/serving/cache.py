@@ -332,7 +332,7 @@ class PredictionCache:
                 commands.append((b"SET", self.schema.live(kind, key), encoded, b"EX", b"%d" % self.live_ttl_s))
             self._send_with_housekeeping(kind, key, commands, policy, decision)
         except REDIS_ERRORS as error:  # OOM, READONLY, a dead server: the caller still gets its value
-            self._trip(error)
+            self._trip(error, store=True)
         return value
 
     def get_embedding(self, doc_id: str, *, user: str | None = None, tenant: str | None = None):
@@ -420,7 +420,7 @@ class PredictionCache:
                 commands = self._store_commands(kind, key, encoded, delta_s, release=locked, replace=replace)
             self._send_with_housekeeping(kind, key, commands, policy, decision)
         except REDIS_ERRORS as error:  # OOM, READONLY, a dead server: the caller still gets its value
-            self._trip(error)
+            self._trip(error, store=True)
         return value
 
     def _evict_live(self, kind: str, keys: Sequence[str]) -> None:
@@ -603,19 +603,25 @@ class PredictionCache:
     def _available(self) -> bool:
         return time.monotonic() >= self._retry_at
 
-    def _trip(self, error: BaseException | None = None) -> None:
+    def _trip(self, error: BaseException | None = None, *, store: bool = False) -> None:
         """Count a failed round trip and back off for ``backoff_s``, unless ``error`` is an error reply (OOM at
-        ``maxmemory``, READONLY, NOPERM): the server answered at once, so only that command failed. Warns at most
-        once every ``REDIS_ERROR_LOG_EVERY_S``: a wrong password or an unreachable server otherwise served every
-        request live with nothing said but the ``errors`` count."""
+        ``maxmemory``, READONLY, NOPERM): the server answered at once, so only that command failed; or unless the
+        round trip was a ``store`` right after a lookup that succeeded: the server is up, and what failed was this
+        write (a value too big for ``socket_timeout`` or the server's ``proto-max-bulk-len``), which backing off made
+        a miss of every lookup for ``backoff_s``, again at each request of the key. Warns at most once every
+        ``REDIS_ERROR_LOG_EVERY_S``: a wrong password or an unreachable server otherwise served every request live
+        with nothing said but the ``errors`` count."""
         self.errors += 1
         now = time.monotonic()
         if error is not None and now - self._redis_error_logged_at >= REDIS_ERROR_LOG_EVERY_S:
             self._redis_error_logged_at = now
             log.warning(
-                "Redis failed (%s: %s): lookups are misses, computed live (%d errors so far)",
-                type(error).__name__, " ".join(str(error).split()), self.errors,
+                "Redis failed (%s: %s): %s (%d errors so far)",
+                type(error).__name__, " ".join(str(error).split()),
+                "a computed value was not stored" if store else "lookups are misses, computed live", self.errors,
             )  # fmt: skip
+        if store:
+            return
         if not self._cluster and not isinstance(error, redis.ResponseError):  # a cluster backs off per master
             self._retry_at = time.monotonic() + self.backoff_s
 

@@ -474,6 +474,20 @@ def test_a_non_finite_ctr_is_returned_but_never_cached(redis_url, redis_client, 
     assert cache.computes == 3 and cache.errors == 0
 
 
+@pytest.mark.parametrize("stampede", [{}, {"xfetch_beta": 0, "recompute_lock_ms": 0}])
+def test_a_value_the_server_refuses_fails_its_store_not_every_lookup(redis_server, schema, stampede):
+    """A store that fails right after a lookup that worked (here a value over the server's ``proto-max-bulk-len``,
+    which resets the connection; over a network, a value too big to send within ``socket_timeout``) once backed the
+    whole client off: every lookup a miss for ``backoff_s``, again at each request of that key."""
+    server = redis_server(extra_config=("proto-max-bulk-len 1mb",))
+    cache = PredictionCache(connect(server.url, socket_timeout=5), schema=schema, backoff_s=3600, **stampede)
+    assert cache.get_or_compute("rank", "small", lambda key: 1) == 1
+    big = "x" * 2_000_000
+    assert cache.get_or_compute("rank", "big", lambda key: big) == big and cache.errors == 1
+    assert cache.get("rank", "small") == 1 and cache.get("rank", "big") is None
+    assert cache.errors == 1 and cache.hits == 1
+
+
 def test_a_hot_miss_is_computed_once_by_concurrent_readers(redis_url, schema):
     def run(**options) -> tuple[int, list]:
         caches = [make_cache(redis_url, schema, **options) for _ in range(8)]
