@@ -25,6 +25,11 @@ class PublishConfig(dg.Config):
     grace_seconds: int = Field(
         GRACE_SECONDS, description="Seconds the replaced version lives on after the flip, for readers holding it."
     )
+    rollback: bool = Field(
+        False,
+        description="Publish this day's predictions even though a newer day's version is current: how an operator "
+        "goes back to an earlier day after a bad publish (README: Going back to an earlier day).",
+    )
 
 
 @dg.asset(
@@ -46,7 +51,9 @@ def ctr_cache(
     """
     client, schema = redis.client(), redis.schema()
     newer = newer_current_version(client.get(schema.pointer("ctr")), context.partition_key)
-    if newer is not None:
+    if newer is not None and config.rollback:
+        context.log.warning(f"rollback: {newer} (a newer day) gives way to the predictions of {context.partition_key}")
+    elif newer is not None:
         # A backfill of an older day must not replace the predictions of a newer one.
         context.log.warning(f"not published: {newer} (a newer day) is current")
         return dg.MaterializeResult(metadata={"published": False, "current_version": newer, "keys_written": 0})

@@ -306,6 +306,32 @@ def test_publishing_the_same_predictions_again_records_the_current_version(
     assert other["version"].startswith(f"{DAYS[-1]}.") and other["previous_version"] == first.version
 
 
+def test_an_operator_can_go_back_to_an_earlier_days_predictions(
+    resources, pg_instance, platform, lake_uri, redis_url, schema
+):
+    """After a bad publish, yesterday's version has expired (its grace is minutes): the way back is to publish
+    yesterday's predictions again, which a plain re-run refuses (an older day) and ``rollback: true`` does."""
+    assert run(resources, pg_instance, day=DAYS[-2]).success
+    assert run(resources, pg_instance, day=DAYS[-1]).success
+    cache = PredictionCache(connect(redis_url), schema=schema, pointer_ttl_s=0)
+
+    def publish(**config) -> dict:
+        run_config = {"ops": {"ctr_cache": {"config": config}}}
+        result = dg.materialize(GRAPH, selection=[ctr_cache], resources=resources, partition_key=DAYS[-2],
+                                instance=pg_instance, run_config=run_config)  # fmt: skip
+        return {k: v.value for k, v in result.asset_materializations_for_node("ctr_cache")[0].metadata.items()}
+
+    assert publish()["published"] is False  # a backfill of an older day never replaces a newer one by itself
+    assert cache.current_version("ctr").version.startswith(f"{DAYS[-1]}.")
+    back = publish(rollback=True)
+    assert back["published"] is True and back["version"].startswith(f"{DAYS[-2]}.")
+    assert back["previous_version"].startswith(f"{DAYS[-1]}.")
+    assert cache.current_version("ctr").version == back["version"]
+    yesterday = Lake(lake_uri).read("ctr_predictions", DAYS[-2]).set_index("ad_id")["ctr"]
+    first = yesterday.index[0]
+    assert cache.get("ctr", first) == pytest.approx(yesterday[first], rel=1e-6)
+
+
 def test_predictions_the_lake_gives_back_wrong_are_never_published_nor_retried(
     resources, pg_instance, platform, lake_uri, redis_client, schema
 ):
