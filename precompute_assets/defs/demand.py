@@ -21,7 +21,7 @@ from ..ml.demand import (
     seasonal_forecast,
 )
 from ..ml.model_store import ModelIntegrityError
-from .models import approved_materializations
+from .models import approved_materializations, prune_model_versions, retention_field
 from .partitions import DEFAULT_PARTITIONS, Partitions
 from .resources import LakeResource, ModelStoreResource
 from .selection import hourly_logs
@@ -56,6 +56,7 @@ class DemandModelConfig(dg.Config):
         0.005, description="The LSTM is approved only when its hit rate beats the best baseline's by more than this."
     )
     warm_start: bool = Field(True, description="Start from the weights of the previous approved version.")
+    retention_days: int = retention_field()
 
     def hyper_params(self) -> DemandHyperParams:
         fields = DemandHyperParams.__dataclass_fields__
@@ -126,8 +127,8 @@ def strategy_demand(
     context: dg.AssetExecutionContext, strategy: str, lake, model_store: ModelStoreResource
 ) -> tuple[pd.Series | None, str]:
     """Tomorrow's expected requests per key under ``ewma``, ``seasonal`` or ``lstm`` (from the approved
-    demand_model version of this day or before), and a note; ``None`` when the lstm has no approved version, or its
-    stored weights fail their integrity check."""
+    demand_model version of this day or before), and a note; ``None`` when the lstm has no approved version, its
+    stored weights fail their integrity check or were deleted by the model store's retention."""
     partitions = Partitions.of(context)
     hp = DemandHyperParams()
     note = ""
@@ -137,7 +138,11 @@ def strategy_demand(
         if version is None:
             return None, "no approved demand_model version"
         store = model_store.store()
-        stored = store.metadata(DEMAND_MODEL, version)["hyper_params"]
+        try:
+            stored = store.metadata(DEMAND_MODEL, version)["hyper_params"]
+        except KeyError:  # deleted by the model store's retention (a backfill of an old day): selection goes on
+            context.log.warning(f"demand_model {version} is no longer in the model store")
+            return None, f"demand_model {version} is no longer in the model store"
         hp = DemandHyperParams(**{k: v for k, v in stored.items() if k in DemandHyperParams.__dataclass_fields__})
         try:
             state = store.load_state_dict(DEMAND_MODEL, version)
@@ -289,6 +294,8 @@ def demand_model(
         problem = f"the weights could not be saved: {error}"
         context.log.error(f"{problem}; top_ads keeps the best baseline")
         check, uri = beats_baselines_check(None, config.margin, f"{problem} ({check.description})"), ""
+    check_key = dg.AssetCheckKey(dg.AssetKey(DEMAND_MODEL), BEATS_BASELINES)
+    pruned = prune_model_versions(context, store, DEMAND_MODEL, check_key, config.retention_days, version)
     for note in evaluation.notes:
         context.log.warning(note)
     context.log.info(f"trained {version}: {check.description}")
@@ -306,6 +313,7 @@ def demand_model(
             "epochs": evaluation.epochs,
             "train_samples": evaluation.train_samples,
             "warm_started_from": (previous if evaluation.warm_started else None) or "",
+            "versions_pruned": pruned,
             **read,
             "requests_held_back_day": int(pd.Series(data.daily()[:, -1]).sum()),
         },

@@ -5,6 +5,8 @@ import math
 import time
 from collections.abc import Iterator
 from dataclasses import asdict
+from datetime import date, timedelta
+from typing import Any
 
 import dagster as dg
 import pandas as pd
@@ -13,10 +15,21 @@ from pydantic import Field
 
 from ..ml import ctr
 from ..ml.features import spec_dict
+from ..ml.model_store import LocalModelStore
 from .partitions import DEFAULT_PARTITIONS, Partitions
 from .resources import LakeResource, ModelStoreResource
 
 CTR_MODEL = "ctr_model"
+MODEL_RETENTION_DAYS = 30
+
+
+def retention_field() -> Any:
+    """``retention_days`` of a daily model's config: how long its versions stay in the model store."""
+    return Field(
+        MODEL_RETENTION_DAYS,
+        description="Versions of days more than this before the partition's are deleted from the model store, "
+        "except the newest approved one (what later days and campaigns use); 0 keeps every version.",
+    )
 
 
 class CtrModelConfig(dg.Config):
@@ -35,6 +48,7 @@ class CtrModelConfig(dg.Config):
     max_category_values: int = Field(
         100, description="At most this many values per column are learned (the most common)."
     )
+    retention_days: int = retention_field()
 
 
 def read_impressions(lake, days: list[str]) -> tuple[pd.DataFrame, list[str]]:
@@ -175,6 +189,8 @@ def ctr_model(
         {"metrics": metrics, "baseline": baseline, "new_ads": asdict(new_ads), "features": encoder.describe()},
         overwrite=True,
     )
+    check_key = dg.AssetCheckKey(dg.AssetKey(CTR_MODEL), "beats_baseline")
+    pruned = prune_model_versions(context, model_store.store(), CTR_MODEL, check_key, config.retention_days, version)
     context.log.info(f"trained {version}: AUC {metrics['auc']:.4f} (baseline {baseline['auc']:.4f})")
     if new_ads.note is not None:
         context.log.info(f"new-ad AUC not measured: {new_ads.note}")
@@ -198,6 +214,7 @@ def ctr_model(
             "ads_missing_features": issues.missing_features,
             "missing_days": len(missing),
             "train_seconds": seconds,
+            "versions_pruned": pruned,
         },
         check_results=[check, new_ads_check(new_ads, None)],
     )
@@ -242,3 +259,39 @@ def approved_materializations(
         if not result.has_more:
             break
         cursor = result.cursor
+
+
+def newest_approved_version(instance: dg.DagsterInstance, check: dg.AssetCheckKey) -> str | None:
+    """The model version of the newest day's approved materialization of ``check``'s asset (its newest run), or
+    None: what later days warm-start from and campaigns score with."""
+    approved = [
+        ((partition, storage_id), metadata["model_version"].value)
+        for partition, storage_id, _, metadata in approved_materializations(instance, check)
+        if "model_version" in metadata and (metadata.get("approved") is None or metadata["approved"].value)
+    ]
+    return max(approved)[1] if approved else None
+
+
+def prune_model_versions(
+    context: dg.AssetExecutionContext,
+    store: LocalModelStore,
+    name: str,
+    check: dg.AssetCheckKey,
+    retention_days: int,
+    version: str,
+) -> int:
+    """Delete ``name``'s versions of days more than ``retention_days`` before the partition's, except this run's
+    ``version`` and the newest approved one; returns how many. 0 keeps every version. A failure to delete is
+    logged, never fatal: the day's model is trained and saved."""
+    if retention_days <= 0:
+        return 0
+    before = (date.fromisoformat(context.partition_key) - timedelta(days=retention_days)).isoformat()
+    keep = {version, newest_approved_version(context.instance, check)} - {None}
+    try:
+        pruned = store.prune(name, before_day=before, keep=keep)
+    except OSError as error:
+        context.log.warning(f"old {name} versions not deleted: {error}")
+        return 0
+    if pruned:
+        context.log.info(f"deleted {len(pruned)} {name} versions older than {before} ({pruned[0]} to {pruned[-1]})")
+    return len(pruned)

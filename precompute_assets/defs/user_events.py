@@ -14,7 +14,7 @@ from ..serving.events import read_event_window, unknown_action, validate_event
 from ..serving.querylog import quarantine_row
 from ..storage.tables import quarantine_frame
 from ..workload.users import generate_user_events, make_users
-from .models import approved_materializations
+from .models import approved_materializations, prune_model_versions, retention_field
 from .partitions import DEFAULT_PARTITIONS, Partitions
 from .query_logs import (
     QUARANTINE_CHECK_DESCRIPTION,
@@ -144,6 +144,7 @@ class NextActionModelConfig(dg.Config):
     max_depth: int = Field(10, description="Depth of each tree.")
     min_samples_leaf: int = Field(10, description="Events per leaf, at least.")
     calibration: str = Field("isotonic", description='Probability calibration: "isotonic" or "sigmoid".')
+    retention_days: int = retention_field()
 
 
 def read_user_events(lake, hours: list[str]) -> tuple[pd.DataFrame, int]:
@@ -240,6 +241,9 @@ def next_action_model(
     uri = model_store.store().save(
         NEXT_ACTION_MODEL, version, model, {"metrics": metrics, "baselines": baselines}, overwrite=True
     )
+    pruned = prune_model_versions(
+        context, model_store.store(), NEXT_ACTION_MODEL, BEATS_BASELINES, config.retention_days, version
+    )
     context.log.info(
         f"trained {version} on {len(train):,} rows of {len(events):,} events ({len(valid):,} held back): top-1 "
         f"{metrics['top1']:.3f}, top-3 {metrics['top3']:.3f}, {check.description}"
@@ -258,6 +262,7 @@ def next_action_model(
             "users": int(events["user"].nunique()),
             "missing_hours": missing,
             "train_seconds": seconds,
+            "versions_pruned": pruned,
         },
         check_results=[check],
     )

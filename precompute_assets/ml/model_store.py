@@ -32,7 +32,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import IO, Any, Protocol, runtime_checkable
 
@@ -49,6 +49,8 @@ ENV_MODEL_KEY = "PRECOMPUTE_MODEL_KEY"
 MIN_KEY_LENGTH = 16
 INTEGRITY_FORMAT = 1
 _TEMP_PREFIX = ".tmp-"
+# The daily assets name a version by its partition's day and run ("2026-11-18.1a2b3c4d"): retention reads the day.
+DAY_VERSION = re.compile(r"(\d{4}-\d{2}-\d{2})\.")
 _CHUNK = 1 << 20
 
 
@@ -216,6 +218,35 @@ class LocalModelStore:
         os.rename(staging, final)
         if retired is not None:
             shutil.rmtree(retired, ignore_errors=True)
+
+    def versions(self, name: str) -> list[str]:
+        """The stored versions of ``name``, sorted (writes in progress and their leftovers excluded)."""
+        folder = self.root / validate_component(name, "name")
+        if not folder.is_dir():
+            return []
+        return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(_TEMP_PREFIX))
+
+    def delete(self, name: str, version: str) -> None:
+        """Remove one version, if it is there: renamed aside first, so a reader finds it whole or not at all."""
+        final = self.path(name, version)
+        retired = final.parent / f"{_TEMP_PREFIX}old-{version}-{uuid.uuid4().hex}"
+        try:
+            os.rename(final, retired)
+        except FileNotFoundError:
+            return
+        shutil.rmtree(retired, ignore_errors=True)
+
+    def prune(self, name: str, *, before_day: str, keep: Collection[str]) -> list[str]:
+        """Delete the versions of ``name`` named for a day before ``before_day`` (YYYY-MM-DD), except ``keep``, and
+        return them; a version whose name does not start with a day is never deleted."""
+        old = [
+            version
+            for version in self.versions(name)
+            if (day := DAY_VERSION.match(version)) and day.group(1) < before_day and version not in keep
+        ]
+        for version in old:
+            self.delete(name, version)
+        return old
 
     def _existing(self, name: str, version: str, file: str) -> Path:
         path = self.path(name, version) / file

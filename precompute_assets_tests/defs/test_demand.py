@@ -110,6 +110,31 @@ def test_an_approved_version_warm_starts_the_next_day(resources, pg_instance, we
     assert second["days"] == 14 and second["days_short_of_lookback"] == 0
 
 
+def test_old_versions_leave_the_model_store_but_the_newest_approved_stays(
+    selection_resources, pg_instance, weekly_template, lake_uri, tmp_path
+):
+    """A version a day for months filled the model store: versions of days past retention_days are deleted, except
+    the newest approved one, which the next days warm-start from and rank with."""
+    with_catalog(weekly_template, lake_uri)
+    store = LocalModelStore(tmp_path / "models")
+    old = store.path("demand_model", f"{DAYS[0]}.0123abcd")  # a version of two weeks ago, never approved
+    old.mkdir(parents=True)
+    (old / "state_dict.pt").write_bytes(b"weights")
+    approved = metadata(run(selection_resources, pg_instance, DAYS[-3], margin=-1.0, max_epochs=1))
+    rejected = metadata(run(selection_resources, pg_instance, DAYS[-2], margin=1.0, max_epochs=1))
+    assert approved["approved"] and not rejected["approved"]
+    today = metadata(run(selection_resources, pg_instance, DAYS[-1], margin=1.0, max_epochs=1, retention_days=1))
+    assert today["versions_pruned"] == 1 and today["warm_started_from"] == approved["model_version"]
+    assert store.versions("demand_model") == sorted(
+        [approved["model_version"], rejected["model_version"], today["model_version"]]
+    )
+    # A backfill's lstm ranking whose approved version is gone from the store: the day still gets its selection.
+    store.delete("demand_model", approved["model_version"])
+    gone = select(selection_resources, pg_instance, "lstm").asset_materializations_for_node("top_ads")[0].metadata
+    assert gone["strategy"].value == "frequency" and gone["dagster/row_count"].value == 20
+    assert f"demand_model {approved['model_version']} is no longer in the model store" in gone["strategy_reason"].value
+
+
 def test_stationary_zipf_traffic_is_approved_only_if_the_lstm_wins(resources, pg_instance, lake_uri):
     write_traffic(Lake(lake_uri), DAYS[-8:], synthetic_hours(days=8, weekly_share=0.0, seed=5))
     meta = metadata(run(resources, pg_instance, lookback_days=8, max_epochs=2))

@@ -356,3 +356,16 @@ def test_state_dicts_are_checksummed_too(tmp_path: Path, monkeypatch) -> None:
     with pytest.raises(ModelIntegrityError, match="checksum record is for state_dict.pt"):
         (path.parent / "model.joblib").write_bytes(original)
         store.load("demand", "v1")
+
+
+def test_prune_deletes_the_versions_of_days_before_the_cutoff_but_those_kept(tmp_path: Path) -> None:
+    store = LocalModelStore(tmp_path)
+    for version in ("2026-10-30.aaaa1111", "2026-10-31.bbbb2222", "2026-11-01.cccc3333", "hand-made"):
+        store.save("m", version, small_model(), {})
+    (tmp_path / "m" / ".tmp-2026-10-01.dddd4444-x").mkdir()  # a write in progress is not a version
+    assert store.versions("m") == ["2026-10-30.aaaa1111", "2026-10-31.bbbb2222", "2026-11-01.cccc3333", "hand-made"]
+    assert store.prune("m", before_day="2026-11-01", keep={"2026-10-31.bbbb2222"}) == ["2026-10-30.aaaa1111"]
+    assert store.versions("m") == ["2026-10-31.bbbb2222", "2026-11-01.cccc3333", "hand-made"]
+    assert not store.exists("m", "2026-10-30.aaaa1111") and store.load("m", "2026-10-31.bbbb2222") is not None
+    assert store.versions("other") == [] and store.prune("other", before_day="2026-11-01", keep=()) == []
+    store.delete("m", "2026-10-30.aaaa1111")  # already gone: nothing to do
