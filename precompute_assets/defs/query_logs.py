@@ -1,7 +1,7 @@
 """Query logs: the hourly partitions drained from the serving client's Redis Stream, and their cleanup."""
 
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import dagster as dg
@@ -11,7 +11,7 @@ import pyarrow.compute as pc
 from pydantic import Field
 
 from ..serving.querylog import expand_entries, quarantine_row, read_stream_window, validate_entry
-from ..storage.lake import LakeReadError
+from ..storage.lake import LakeReadError, partitions_before
 from ..storage.query_log_import import IMPORTED, is_imported
 from ..storage.tables import QUERY_LOG_DRAIN, quarantine_frame, query_log_table
 from .partitions import DEFAULT_PARTITIONS
@@ -267,9 +267,42 @@ def trim_query_log(
     )
 
 
-@dg.job(description="Trim the query-log stream past its retention.")
+# The lake's partitioned files that grow with traffic: every query, event and impression, hour by hour or day by day.
+LAKE_RETENTION_ASSETS = ("query_logs", "query_log_quarantine", "user_events", "user_event_quarantine", "ad_impressions")
+
+
+class LakeRetentionConfig(dg.Config):
+    retention_days: int = Field(
+        90,
+        description="Lake files of the assets' partitions of days more than this before today (in the deployment's "
+        "timezone) are deleted; 0 keeps them all. Keep it above the models' lookbacks (14 days by default).",
+    )
+    assets: list[str] = Field(list(LAKE_RETENTION_ASSETS), description="The lake's assets whose old files go.")
+
+
+@dg.op(description="Delete the lake files of old query-log, user-event and impression partitions past their retention.")
+def expire_lake_partitions(
+    context: dg.OpExecutionContext, config: LakeRetentionConfig, lake: LakeResource, deployment: DeploymentResource
+) -> None:
+    if config.retention_days <= 0:
+        context.log.info("lake retention is off (retention_days 0): every file is kept")
+        return
+    today = datetime.now(tz=ZoneInfo(deployment.timezone)).date()
+    before = (today - timedelta(days=config.retention_days)).isoformat()
+    store = lake.lake()
+    for asset in config.assets:
+        old = partitions_before(store.partitions(asset), before)
+        for partition in old:
+            store.delete(asset, partition)
+        if old:
+            context.log.info(f"deleted {len(old)} {asset} files of days before {before} ({old[0]} to {old[-1]})")
+            context.log_event(dg.AssetObservation(asset_key=asset, metadata={"lake_files_deleted": len(old)}))
+
+
+@dg.job(description="Trim the query-log stream past its retention, and the lake's old hourly and daily files.")
 def query_log_cleanup_job():
     trim_query_log()
+    expire_lake_partitions()
 
 
 query_logs_job = dg.define_asset_job(

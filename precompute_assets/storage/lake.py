@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -50,6 +52,15 @@ def _sweep_stale_temporaries(fs: pafs.FileSystem, folder: str, name: str) -> Non
             stale = info.mtime is not None and info.mtime.timestamp() < cutoff
             if info.type == pafs.FileType.File and info.base_name.startswith(prefixes) and stale:
                 fs.delete_file(info.path)
+
+
+DAY_KEY = re.compile(r"\d{4}-\d{2}-\d{2}(-\d{2}:\d{2})?$")  # a daily or an hourly partition key
+
+
+def partitions_before(partitions: Iterable[str], before_day: str) -> list[str]:
+    """The partition keys of days before ``before_day`` (YYYY-MM-DD): daily ``YYYY-MM-DD`` and hourly
+    ``YYYY-MM-DD-HH:MM`` keys start with their day; any other key is never one of them."""
+    return [key for key in partitions if DAY_KEY.match(key) and key[:10] < before_day]
 
 
 class LakeReadError(ValueError):
@@ -118,6 +129,16 @@ class Lake:
     def exists(self, asset: str, partition: str | None = None) -> bool:
         fs, _ = self._fs
         return fs.get_file_info(self.path(asset, partition)).type == pafs.FileType.File
+
+    def partitions(self, asset: str) -> list[str]:
+        """The partition keys of ``asset``'s files, sorted (temporary files of writes excluded)."""
+        fs, _ = self._fs
+        folder = self.path(asset).rsplit("/", 1)[0]
+        return sorted(
+            info.base_name.removesuffix(".parquet")
+            for info in fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+            if info.type == pafs.FileType.File and info.base_name.endswith(".parquet") and info.base_name[0] != "."
+        )
 
     def delete(self, asset: str, partition: str | None = None) -> None:
         """Remove the file of ``asset``'s ``partition``, if there is one."""

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import dagster as dg
+import pandas as pd
 import pytest
 from dagster._core.test_utils import freeze_time
 
@@ -46,10 +47,13 @@ def resources(redis_url, schema, lake_uri):
     }
 
 
-def cleanup(res, instance) -> None:
+def cleanup(res, instance, **run_config) -> None:
     """The cleanup job with the resources it has in the Definitions, the lake's IO manager included."""
-    resources = {"redis": res["redis"], "deployment": DeploymentResource(), "io_manager": res["io_manager"]}
-    assert query_log_cleanup_job.execute_in_process(resources=resources, instance=instance).success
+    resources = {
+        "redis": res["redis"], "deployment": DeploymentResource(), "io_manager": res["io_manager"], "lake": res["lake"]
+    }  # fmt: skip
+    job = query_log_cleanup_job.execute_in_process(resources=resources, instance=instance, run_config=run_config)
+    assert job.success
 
 
 def materialize(redis_url, schema, lake_uri, instance, partition=HOUR, **options):
@@ -200,6 +204,27 @@ def test_cleanup_job_trims_only_materialized_hours(redis_url, redis_client, sche
     dg.materialize([query_logs], resources=res, partition_key=old_hours[1], instance=pg_instance)
     cleanup(res, pg_instance)
     assert len(logged_queries(redis_client, schema)) == 10
+
+
+def test_cleanup_job_deletes_lake_files_past_their_retention(redis_url, schema, lake_uri, pg_instance):
+    """Every hour of queries and every day of impressions stayed in the lake for good: the cleanup deletes the
+    files of days past retention_days (90), and keeps the rest, files not named by a day, and all with 0."""
+    today = datetime.now(UTC).date()
+    old, recent = (today - timedelta(days=100)).isoformat(), (today - timedelta(days=10)).isoformat()
+    lake, frame = Lake(lake_uri), pd.DataFrame({"x": [1]})
+    for day in (old, recent):
+        for hour in ("00:00", "23:00"):
+            lake.write("query_logs", f"{day}-{hour}", frame)
+            lake.write("query_log_quarantine", f"{day}-{hour}", frame)
+        lake.write("ad_impressions", day, frame)
+    lake.write("ads", None, frame)
+    res = resources(redis_url, schema, lake_uri)
+    cleanup(res, pg_instance, ops={"expire_lake_partitions": {"config": {"retention_days": 0}}})
+    assert lake.partitions("query_logs") == [f"{old}-00:00", f"{old}-23:00", f"{recent}-00:00", f"{recent}-23:00"]
+    cleanup(res, pg_instance)
+    assert lake.partitions("query_logs") == lake.partitions("query_log_quarantine")
+    assert lake.partitions("query_logs") == [f"{recent}-00:00", f"{recent}-23:00"]
+    assert lake.partitions("ad_impressions") == [recent] and lake.exists("ads")
 
 
 def test_rematerializing_a_trimmed_hour_keeps_the_good_partition(
