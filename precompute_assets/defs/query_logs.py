@@ -299,10 +299,49 @@ def expire_lake_partitions(
             context.log_event(dg.AssetObservation(asset_key=asset, metadata={"lake_files_deleted": len(old)}))
 
 
-@dg.job(description="Trim the query-log stream past its retention, and the lake's old hourly and daily files.")
+# Op jobs that materialize no asset, whose runs may go whole: precompute_tasks_job (``tasks.JOB_NAME``; tasks imports
+# this module), a run or more per second of user_event_sensor while users are active.
+RUN_RETENTION_JOBS = ("precompute_tasks_job",)
+RUN_DELETE_BATCH = 1000
+FINISHED = [dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED]
+
+
+class RunRetentionConfig(dg.Config):
+    retention_days: int = Field(
+        14, description="Finished runs of the jobs older than these days are deleted with their event logs; 0: none."
+    )
+    jobs: list[str] = Field(
+        list(RUN_RETENTION_JOBS),
+        description="Jobs whose old runs go. Never an asset job: an asset's history is the event log of its runs.",
+    )
+
+
+@dg.op(description="Delete the finished runs of the precompute task jobs past their retention, with their event logs.")
+def delete_old_runs(context: dg.OpExecutionContext, config: RunRetentionConfig) -> None:
+    if config.retention_days <= 0:
+        context.log.info("run retention is off (retention_days 0): every run is kept")
+        return
+    before = datetime.now(tz=UTC) - timedelta(days=config.retention_days)
+    for job in config.jobs:
+        deleted = 0
+        while True:
+            records = context.instance.get_run_records(
+                filters=dg.RunsFilter(job_name=job, statuses=FINISHED, updated_before=before),
+                limit=RUN_DELETE_BATCH,
+            )
+            for record in records:
+                context.instance.delete_run(record.dagster_run.run_id)
+            deleted += len(records)
+            if len(records) < RUN_DELETE_BATCH:
+                break
+        context.log.info(f"deleted {deleted} {job} runs that ended before {before:%Y-%m-%d %H:%M} UTC")
+
+
+@dg.job(description="Trim the query-log stream past its retention, the lake's old hourly and daily files and old runs.")
 def query_log_cleanup_job():
     trim_query_log()
     expire_lake_partitions()
+    delete_old_runs()
 
 
 query_logs_job = dg.define_asset_job(

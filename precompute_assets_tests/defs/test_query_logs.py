@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 import dagster as dg
 import pandas as pd
 import pytest
-from dagster._core.test_utils import freeze_time
+from dagster._core.test_utils import create_run_for_test, freeze_time
 
 from precompute_assets.defs import query_logs as query_logs_module
 from precompute_assets.defs.partitions import DEFAULT_PARTITIONS
@@ -225,6 +225,25 @@ def test_cleanup_job_deletes_lake_files_past_their_retention(redis_url, schema, 
     assert lake.partitions("query_logs") == lake.partitions("query_log_quarantine")
     assert lake.partitions("query_logs") == [f"{recent}-00:00", f"{recent}-23:00"]
     assert lake.partitions("ad_impressions") == [recent] and lake.exists("ads")
+
+
+def test_cleanup_job_deletes_old_runs_of_the_precompute_task_jobs(redis_url, schema, lake_uri, pg_instance):
+    """user_event_sensor asks for a precompute_tasks_job run or more a second while users are active, and every run
+    and its event log stayed in Dagster's database: finished runs of the task jobs past 14 days go, nothing else."""
+    from precompute_assets.defs.tasks import JOB_NAME
+
+    def ended(job: str) -> str:
+        run = create_run_for_test(pg_instance, job_name=job, status=dg.DagsterRunStatus.STARTED)
+        pg_instance.report_run_failed(run)
+        return run.run_id
+
+    with freeze_time(datetime.now(UTC) - timedelta(days=20)):
+        old_task, old_nightly = ended(JOB_NAME), ended("daily_precompute_job")
+        still_running = create_run_for_test(pg_instance, job_name=JOB_NAME, status=dg.DagsterRunStatus.STARTED).run_id
+    recent_task = ended(JOB_NAME)
+    cleanup(resources(redis_url, schema, lake_uri), pg_instance)
+    assert pg_instance.get_run_by_id(old_task) is None and not pg_instance.all_logs(old_task)
+    assert all(pg_instance.get_run_by_id(run) for run in (old_nightly, still_running, recent_task))
 
 
 def test_rematerializing_a_trimmed_hour_keeps_the_good_partition(
