@@ -236,9 +236,10 @@ def model_version(instance: dg.DagsterInstance, partition: str) -> str:
 def approved_materializations(
     instance: dg.DagsterInstance, check: dg.AssetCheckKey, *, page: int = 1000
 ) -> Iterator[tuple[str, int, str, dict]]:
-    """``(partition, storage_id, run_id, metadata)`` of every materialization of ``check``'s asset whose run
-    passed the blocking ``check``; all records are read, page by page, so no number of later backfills or
-    retries hides one (model lineage: a version is approved by its materialization's check, never by a file)."""
+    """``(partition, storage_id, run_id, metadata)`` of the current (newest) materialization of each partition of
+    ``check``'s asset, when its run passed the blocking ``check``; all records are read, page by page, so no number
+    of later backfills or retries hides one (model lineage: a version is approved by its materialization's check,
+    never by a file). A re-run of a day that fails the check rejects the day: its earlier approved run is history."""
     passed: set[str] = set()
     check_cursor = None
     while True:
@@ -249,10 +250,13 @@ def approved_materializations(
         if len(records) < page:
             break
         check_cursor = records[-1].id
-    cursor = None
+    cursor, seen = None, set()
     while True:
-        result = instance.fetch_materializations(check.asset_key, limit=page, cursor=cursor)
+        result = instance.fetch_materializations(check.asset_key, limit=page, cursor=cursor)  # newest first
         for record in result.records:
+            if (record.partition_key or "") in seen:
+                continue
+            seen.add(record.partition_key or "")
             if record.run_id in passed:
                 metadata = record.asset_materialization.metadata if record.asset_materialization else {}
                 yield record.partition_key or "", record.storage_id, record.run_id, metadata

@@ -384,6 +384,8 @@ def test_the_approved_model_is_the_newest_day_whose_beats_baseline_passed():
         assert approved_model_version(instance) == "v18"
         train(instance, "2026-11-16", "v16-backfill", True)  # materialized last, but of an older day
         assert approved_model_version(instance) == "v18"
+        train(instance, "2026-11-18", "v18-rejected", False)  # the day run again, failing its gate: v18 is history
+        assert approved_model_version(instance) == "v17"
 
 
 def test_the_approved_model_is_found_behind_more_than_100_newer_materializations(monkeypatch):

@@ -135,6 +135,19 @@ def test_old_versions_leave_the_model_store_but_the_newest_approved_stays(
     assert f"demand_model {approved['model_version']} is no longer in the model store" in gone["strategy_reason"].value
 
 
+def test_a_day_rejected_by_a_rerun_is_not_warm_started_from(resources, pg_instance, weekly_template, lake_uri):
+    """An operator who finds a day's approved LSTM bad re-runs the day, and the re-run fails its check: the next
+    day warm-starts from the day before it, not from the rejected day's earlier run."""
+    shutil.copytree(weekly_template, lake_uri)
+    before = metadata(run(resources, pg_instance, DAYS[-3], margin=-1.0, max_epochs=1))
+    bad = metadata(run(resources, pg_instance, DAYS[-2], margin=-1.0, max_epochs=1))
+    assert before["approved"] and bad["approved"]
+    rejected = run(resources, pg_instance, DAYS[-2], margin=1.0, max_epochs=1)  # the re-run: nothing beats 1.0
+    assert not check(rejected).passed
+    assert metadata(rejected)["warm_started_from"] == bad["model_version"]  # the re-run itself still started there
+    assert metadata(run(resources, pg_instance, DAYS[-1], max_epochs=1))["warm_started_from"] == before["model_version"]
+
+
 def test_stationary_zipf_traffic_is_approved_only_if_the_lstm_wins(resources, pg_instance, lake_uri):
     write_traffic(Lake(lake_uri), DAYS[-8:], synthetic_hours(days=8, weekly_share=0.0, seed=5))
     meta = metadata(run(resources, pg_instance, lookback_days=8, max_epochs=2))
