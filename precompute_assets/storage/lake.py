@@ -54,12 +54,13 @@ def _sweep_stale_temporaries(fs: pafs.FileSystem, folder: str, name: str) -> Non
                 fs.delete_file(info.path)
 
 
-DAY_KEY = re.compile(r"\d{4}-\d{2}-\d{2}(-\d{2}:\d{2})?$")  # a daily or an hourly partition key
+# A daily or an hourly partition key; the second of a DST fall-back's repeated hours carries its UTC offset.
+DAY_KEY = re.compile(r"\d{4}-\d{2}-\d{2}(-\d{2}:\d{2}([+-]\d{4})?)?$")
 
 
 def partitions_before(partitions: Iterable[str], before_day: str) -> list[str]:
     """The partition keys of days before ``before_day`` (YYYY-MM-DD): daily ``YYYY-MM-DD`` and hourly
-    ``YYYY-MM-DD-HH:MM`` keys start with their day; any other key is never one of them."""
+    ``YYYY-MM-DD-HH:MM[+-HHMM]`` keys start with their day; any other key is never one of them."""
     return [key for key in partitions if DAY_KEY.match(key) and key[:10] < before_day]
 
 

@@ -3,7 +3,8 @@
 import pandas as pd
 import pytest
 
-from precompute_assets.storage.lake import Lake
+from precompute_assets.defs.partitions import Partitions
+from precompute_assets.storage.lake import Lake, partitions_before
 
 
 @pytest.mark.parametrize("as_uri", [False, True])
@@ -62,3 +63,17 @@ def test_a_files_rows_are_read_from_its_metadata_and_unknown_for_a_file_written_
     assert lake.rows("query_logs", "2026-11-18-05:00") == 3
     pq.write_table(pa.table({"key": ["a"]}), lake.path("query_logs", "2026-11-18-06:00"))  # an old writer's file
     assert lake.rows("query_logs", "2026-11-18-06:00") is None
+
+
+def test_the_hours_of_a_dst_day_are_all_past_retention_with_their_day(tmp_path):
+    """The fall-back day has 25 hours; the repeated one's key carries its offset (``2026-11-01-01:00-0500``)."""
+    lake, frame = Lake(str(tmp_path)), pd.DataFrame({"x": [1]})
+    for day in ("2026-03-08", "2026-11-01", "2026-11-02"):
+        for hour in Partitions("America/New_York").hours_of(day):
+            lake.write("query_logs", hour, frame)
+    lake.write("query_logs", None, frame)
+    keys = lake.partitions("query_logs")
+    assert len(keys) == 23 + 25 + 24 + 1 and "2026-11-01-01:00-0500" in keys
+    old = partitions_before(keys, "2026-11-02")
+    assert len(old) == 23 + 25 and all(key[:10] < "2026-11-02" for key in old)
+    assert partitions_before(["2026-11-01", "notes", "2026-11-01-x"], "2026-12-01") == ["2026-11-01"]
