@@ -637,11 +637,14 @@ class DocumentStore:
         return result
 
     def delete(self, doc_ids: Iterable[str]) -> int:
-        """Soft-delete documents (bumping modified_at so consumers see it); returns how many were live."""
+        """Soft-delete documents (bumping modified_at so consumers see it); returns how many were live. The row stays
+        as a tombstone for the syncs that must remove the document; its title and body go (nothing reads a deleted
+        document's text, and a corpus that churns would otherwise keep every text it ever deleted)."""
         with self._connect() as conn, conn.cursor() as cur:
             cur.execute(
                 sql.SQL(
-                    "UPDATE {t} SET deleted = true, modified_at = now() WHERE doc_id = ANY(%s) AND NOT deleted"
+                    "UPDATE {t} SET deleted = true, title = NULL, body = NULL, modified_at = now()"
+                    " WHERE doc_id = ANY(%s) AND NOT deleted"
                 ).format(t=self._t),
                 (list(doc_ids),),
             )

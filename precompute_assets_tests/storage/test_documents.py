@@ -260,6 +260,18 @@ def test_delete_then_recreate(store: DocumentStore) -> None:
     assert store.count() == 2
 
 
+def test_a_deleted_document_keeps_no_text(store: DocumentStore) -> None:
+    """A churning corpus kept the title and body of every document it ever deleted: only the tombstone stays."""
+    store.load_frame(frame(("a", "title a", "x" * 10_000, "en"), ("b", "title b", "body b", "en")))
+    store.delete(["a"])
+    rows = {row.doc_id: row for row in store.changed_since(None, limit=10)}
+    assert rows["a"].deleted and (rows["a"].title, rows["a"].body) == (None, None)
+    assert (rows["b"].title, rows["b"].body) == ("title b", "body b")
+    store.load_frame(frame(("a", "title a", "back", "en")))  # re-created: its new text
+    again = {row.doc_id: row for row in store.changed_since(None, limit=10)}["a"]
+    assert not again.deleted and (again.title, again.body) == ("title a", "back")
+
+
 def test_keyset_scan_never_skips_or_repeats_under_equal_timestamps(store: DocumentStore) -> None:
     # one load shares one transaction timestamp: 500 rows tie on modified_at
     ids = [f"doc{i:04d}" for i in range(500)]
