@@ -23,6 +23,7 @@ quietly downgrade to the bare checksum). ``metadata.json`` is plain JSON, never 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import hmac
@@ -31,6 +32,7 @@ import json
 import os
 import re
 import shutil
+import time
 import uuid
 from collections.abc import Callable, Collection
 from pathlib import Path
@@ -52,6 +54,7 @@ _TEMP_PREFIX = ".tmp-"
 # The daily assets name a version by its partition's day and run ("2026-11-18.1a2b3c4d"): retention reads the day.
 DAY_VERSION = re.compile(r"(\d{4}-\d{2}-\d{2})\.")
 _CHUNK = 1 << 20
+STALE_STAGING_S = 3600  # a staging folder this old is a killed save's: no save of one model takes an hour
 
 
 class ModelIntegrityError(ValueError):
@@ -246,7 +249,18 @@ class LocalModelStore:
         ]
         for version in old:
             self.delete(name, version)
+        self._sweep_stale_staging(name)
         return old
+
+    def _sweep_stale_staging(self, name: str) -> None:
+        """Delete the staging folders of saves killed before they could (SIGKILL, a lost machine): each held a whole
+        model. Older than ``STALE_STAGING_S``, so a save in progress keeps its own."""
+        folder = self.root / validate_component(name, "name")
+        cutoff = time.time() - STALE_STAGING_S
+        for path in folder.glob(f"{_TEMP_PREFIX}*") if folder.is_dir() else ():
+            with contextlib.suppress(OSError):
+                if path.is_dir() and path.stat().st_mtime < cutoff:
+                    shutil.rmtree(path, ignore_errors=True)
 
     def _existing(self, name: str, version: str, file: str) -> Path:
         path = self.path(name, version) / file

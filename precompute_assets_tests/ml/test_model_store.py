@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import shutil
+import time
 from pathlib import Path
 
 import joblib
@@ -369,3 +371,17 @@ def test_prune_deletes_the_versions_of_days_before_the_cutoff_but_those_kept(tmp
     assert not store.exists("m", "2026-10-30.aaaa1111") and store.load("m", "2026-10-31.bbbb2222") is not None
     assert store.versions("other") == [] and store.prune("other", before_day="2026-11-01", keep=()) == []
     store.delete("m", "2026-10-30.aaaa1111")  # already gone: nothing to do
+
+
+def test_prune_sweeps_the_staging_folders_of_killed_saves_once_stale(tmp_path: Path) -> None:
+    """A save killed before its rename left a whole model in ``.tmp-...``: the next prune deletes it an hour on."""
+    store = LocalModelStore(tmp_path)
+    store.save("m", "2026-11-01.aaaa1111", small_model(), {})
+    killed, running = tmp_path / "m" / ".tmp-2026-11-02.bbbb-1", tmp_path / "m" / ".tmp-2026-11-03.cccc-2"
+    for folder in (killed, running):
+        folder.mkdir()
+        (folder / "model.joblib").write_bytes(b"x" * 1000)
+    two_hours_ago = time.time() - 7200
+    os.utime(killed, (two_hours_ago, two_hours_ago))
+    assert store.prune("m", before_day="2026-01-01", keep=()) == []
+    assert not killed.exists() and running.exists() and store.versions("m") == ["2026-11-01.aaaa1111"]
