@@ -280,20 +280,23 @@ class LakeRetentionConfig(dg.Config):
     assets: list[str] = Field(list(LAKE_RETENTION_ASSETS), description="The lake's assets whose old files go.")
 
 
-@dg.op(description="Delete the lake files of old query-log, user-event and impression partitions past their retention.")
+@dg.op(
+    description="Delete the lake files of old query-log, user-event and impression partitions past their retention, "
+    "and the stale temporary files of killed writes."
+)
 def expire_lake_partitions(
     context: dg.OpExecutionContext, config: LakeRetentionConfig, lake: LakeResource, deployment: DeploymentResource
 ) -> None:
+    store = lake.lake()
     if config.retention_days <= 0:
-        context.log.info("lake retention is off (retention_days 0): every file is kept")
-        return
+        context.log.info("lake retention is off (retention_days 0): every partition's file is kept")
     today = datetime.now(tz=ZoneInfo(deployment.timezone)).date()
     before = (today - timedelta(days=config.retention_days)).isoformat()
-    store = lake.lake()
     for asset in config.assets:
-        old = partitions_before(store.partitions(asset), before)
+        old = partitions_before(store.partitions(asset), before) if config.retention_days > 0 else []
         for partition in old:
             store.delete(asset, partition)
+        store.sweep_temporaries(asset)  # a partition written once never sweeps its own killed writes'
         if old:
             context.log.info(f"deleted {len(old)} {asset} files of days before {before} ({old[0]} to {old[-1]})")
             context.log_event(dg.AssetObservation(asset_key=asset, metadata={"lake_files_deleted": len(old)}))

@@ -41,16 +41,18 @@ def _shape_problem(frame: pd.DataFrame, metadata: dict | None, columns: list[str
 STALE_TEMPORARY_S = 3600  # a temporary file this old is a killed write's: no write of one partition takes an hour
 
 
-def _sweep_stale_temporaries(fs: pafs.FileSystem, folder: str, name: str) -> None:
+def _sweep_stale_temporaries(fs: pafs.FileSystem, folder: str, name: str | None = None) -> None:
     """Delete the temporary files of earlier writes of ``folder/name`` (``.name.tmp-*``, and ``name.tmp-*`` of older
-    versions) whose writer was killed before it could (SIGKILL, a lost machine): older than ``STALE_TEMPORARY_S``,
-    so a concurrent writer's own is left alone. Without this, each killed write left its copy of the partition."""
-    prefixes = (f".{name}.tmp-", f"{name}.tmp-")
+    versions; of every partition in ``folder`` without ``name``) whose writer was killed before it could (SIGKILL,
+    a lost machine): older than ``STALE_TEMPORARY_S``, so a concurrent writer's own is left alone. Without this,
+    each killed write left its copy of the partition."""
+    prefixes = (f".{name}.tmp-", f"{name}.tmp-") if name else None
     cutoff = time.time() - STALE_TEMPORARY_S
     with contextlib.suppress(OSError):
         for info in fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True)):
             stale = info.mtime is not None and info.mtime.timestamp() < cutoff
-            if info.type == pafs.FileType.File and info.base_name.startswith(prefixes) and stale:
+            ours = info.base_name.startswith(prefixes) if prefixes else ".parquet.tmp-" in info.base_name
+            if info.type == pafs.FileType.File and ours and stale:
                 fs.delete_file(info.path)
 
 
@@ -140,6 +142,12 @@ class Lake:
             for info in fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
             if info.type == pafs.FileType.File and info.base_name.endswith(".parquet") and info.base_name[0] != "."
         )
+
+    def sweep_temporaries(self, asset: str) -> None:
+        """Delete the stale temporary files of killed writes of any of ``asset``'s partitions: a partition written
+        once (an hour of query logs) is never written again to sweep its own."""
+        fs, _ = self._fs
+        _sweep_stale_temporaries(fs, self.path(asset).rsplit("/", 1)[0])
 
     def delete(self, asset: str, partition: str | None = None) -> None:
         """Remove the file of ``asset``'s ``partition``, if there is one."""

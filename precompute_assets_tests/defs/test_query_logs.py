@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import dagster as dg
 import pandas as pd
@@ -221,6 +223,14 @@ def test_cleanup_job_deletes_lake_files_past_their_retention(redis_url, schema, 
     res = resources(redis_url, schema, lake_uri)
     cleanup(res, pg_instance, ops={"expire_lake_partitions": {"config": {"retention_days": 0}}})
     assert lake.partitions("query_logs") == [f"{old}-00:00", f"{old}-23:00", f"{recent}-00:00", f"{recent}-23:00"]
+    # The temporary file of a write killed before its move, of an hour nobody writes again: swept an hour on.
+    folder = Path(lake.path("query_logs", f"{recent}-00:00")).parent
+    killed, writing = folder / f".{recent}-05:00.parquet.tmp-1", folder / f".{recent}-06:00.parquet.tmp-2"
+    for path in (killed, writing):
+        path.write_bytes(b"PAR1")
+    os.utime(killed, (time.time() - 7200, time.time() - 7200))
+    cleanup(res, pg_instance, ops={"expire_lake_partitions": {"config": {"retention_days": 0}}})
+    assert not killed.exists() and writing.exists()
     cleanup(res, pg_instance)
     assert lake.partitions("query_logs") == lake.partitions("query_log_quarantine")
     assert lake.partitions("query_logs") == [f"{recent}-00:00", f"{recent}-23:00"]
