@@ -356,6 +356,24 @@ def campaign_cleanup_job():
     remove_campaign()
 
 
+class CampaignRetentionConfig(dg.Config):
+    retention_days: int = Field(
+        30, description="The ads of campaigns ended or cancelled more than these days ago are deleted; 0 keeps them."
+    )
+
+
+@dg.op(description="Delete the registered ads of campaigns that ended or were cancelled past their retention.")
+def purge_campaign_ads(
+    context: dg.OpExecutionContext, config: CampaignRetentionConfig, campaign_registry: CampaignRegistryResource
+) -> None:
+    if config.retention_days <= 0:
+        context.log.info("campaign retention is off (retention_days 0): every campaign's ads are kept")
+        return
+    before = datetime.now(UTC) - timedelta(days=config.retention_days)
+    purged = campaign_registry.registry().purge_ads(before)
+    context.log.info(f"deleted {purged} ads of campaigns that ended or were cancelled before {before:%Y-%m-%d}")
+
+
 # --- automation ----------------------------------------------------------------------------------------
 
 

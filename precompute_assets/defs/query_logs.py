@@ -14,6 +14,7 @@ from ..serving.querylog import expand_entries, quarantine_row, read_stream_windo
 from ..storage.lake import LakeReadError, partitions_before
 from ..storage.query_log_import import IMPORTED, is_imported
 from ..storage.tables import QUERY_LOG_DRAIN, quarantine_frame, query_log_table
+from .campaigns import purge_campaign_ads
 from .partitions import DEFAULT_PARTITIONS
 from .resources import DeploymentResource, LakeResource, RedisResource
 
@@ -340,11 +341,15 @@ def delete_old_runs(context: dg.OpExecutionContext, config: RunRetentionConfig) 
         context.log.info(f"deleted {deleted} {job} runs that ended before {before:%Y-%m-%d %H:%M} UTC")
 
 
-@dg.job(description="Trim the query-log stream past its retention, the lake's old hourly and daily files and old runs.")
+@dg.job(
+    description="Trim the query-log stream past its retention, the lake's old hourly and daily files, old runs and "
+    "the ads of long-ended campaigns."
+)
 def query_log_cleanup_job():
     trim_query_log()
     expire_lake_partitions()
     delete_old_runs()
+    purge_campaign_ads()
 
 
 query_logs_job = dg.define_asset_job(

@@ -23,7 +23,13 @@ from precompute_assets.defs.query_logs import (
     safe_trim_boundary,
     wait_for_hour_end,
 )
-from precompute_assets.defs.resources import DeploymentResource, LakeResource, ParquetIOManager, RedisResource
+from precompute_assets.defs.resources import (
+    CampaignRegistryResource,
+    DeploymentResource,
+    LakeResource,
+    ParquetIOManager,
+    RedisResource,
+)
 from precompute_assets.serving import QueryLogger
 from precompute_assets.storage.lake import Lake
 from precompute_assets_tests.factories import log_client, logged_queries
@@ -49,10 +55,11 @@ def resources(redis_url, schema, lake_uri):
     }
 
 
-def cleanup(res, instance, **run_config) -> None:
+def cleanup(res, instance, app_db: str, **run_config) -> None:
     """The cleanup job with the resources it has in the Definitions, the lake's IO manager included."""
     resources = {
-        "redis": res["redis"], "deployment": DeploymentResource(), "io_manager": res["io_manager"], "lake": res["lake"]
+        "redis": res["redis"], "deployment": DeploymentResource(), "io_manager": res["io_manager"], "lake": res["lake"],
+        "campaign_registry": CampaignRegistryResource(url=app_db),
     }  # fmt: skip
     job = query_log_cleanup_job.execute_in_process(resources=resources, instance=instance, run_config=run_config)
     assert job.success
@@ -190,7 +197,7 @@ def test_trim_boundary_stops_at_the_first_unmaterialized_hour():
     assert safe_trim_boundary(_ms(6), _ms(5), done, HOURLY) == _ms(6)  # nothing older than the cutoff
 
 
-def test_cleanup_job_trims_only_materialized_hours(redis_url, redis_client, schema, lake_uri, pg_instance):
+def test_cleanup_job_trims_only_materialized_hours(redis_url, redis_client, schema, lake_uri, pg_instance, app_db):
     old = HOUR_START_MS - 30 * 86_400_000  # 30 days ago: past retention
     old_hours = [HOURLY.get_partition_key_for_timestamp((old + h * 3_600_000) / 1000) for h in range(2)]
     fill(redis_url, schema, old, 10)
@@ -199,16 +206,16 @@ def test_cleanup_job_trims_only_materialized_hours(redis_url, redis_client, sche
     res = resources(redis_url, schema, lake_uri)
     dg.materialize([query_logs], resources=res, partition_key=old_hours[0], instance=pg_instance)
 
-    cleanup(res, pg_instance)
+    cleanup(res, pg_instance, app_db)
     remaining = logged_queries(redis_client, schema)
     assert len(remaining) == 20  # the second old hour was never materialized: kept, and all after it
 
     dg.materialize([query_logs], resources=res, partition_key=old_hours[1], instance=pg_instance)
-    cleanup(res, pg_instance)
+    cleanup(res, pg_instance, app_db)
     assert len(logged_queries(redis_client, schema)) == 10
 
 
-def test_cleanup_job_deletes_lake_files_past_their_retention(redis_url, schema, lake_uri, pg_instance):
+def test_cleanup_job_deletes_lake_files_past_their_retention(redis_url, schema, lake_uri, pg_instance, app_db):
     """Every hour of queries and every day of impressions stayed in the lake for good: the cleanup deletes the
     files of days past retention_days (90), and keeps the rest, files not named by a day, and all with 0."""
     today = datetime.now(UTC).date()
@@ -221,7 +228,7 @@ def test_cleanup_job_deletes_lake_files_past_their_retention(redis_url, schema, 
         lake.write("ad_impressions", day, frame)
     lake.write("ads", None, frame)
     res = resources(redis_url, schema, lake_uri)
-    cleanup(res, pg_instance, ops={"expire_lake_partitions": {"config": {"retention_days": 0}}})
+    cleanup(res, pg_instance, app_db, ops={"expire_lake_partitions": {"config": {"retention_days": 0}}})
     assert lake.partitions("query_logs") == [f"{old}-00:00", f"{old}-23:00", f"{recent}-00:00", f"{recent}-23:00"]
     # The temporary file of a write killed before its move, of an hour nobody writes again: swept an hour on.
     folder = Path(lake.path("query_logs", f"{recent}-00:00")).parent
@@ -229,15 +236,15 @@ def test_cleanup_job_deletes_lake_files_past_their_retention(redis_url, schema, 
     for path in (killed, writing):
         path.write_bytes(b"PAR1")
     os.utime(killed, (time.time() - 7200, time.time() - 7200))
-    cleanup(res, pg_instance, ops={"expire_lake_partitions": {"config": {"retention_days": 0}}})
+    cleanup(res, pg_instance, app_db, ops={"expire_lake_partitions": {"config": {"retention_days": 0}}})
     assert not killed.exists() and writing.exists()
-    cleanup(res, pg_instance)
+    cleanup(res, pg_instance, app_db)
     assert lake.partitions("query_logs") == lake.partitions("query_log_quarantine")
     assert lake.partitions("query_logs") == [f"{recent}-00:00", f"{recent}-23:00"]
     assert lake.partitions("ad_impressions") == [recent] and lake.exists("ads")
 
 
-def test_cleanup_job_deletes_old_runs_of_the_precompute_task_jobs(redis_url, schema, lake_uri, pg_instance):
+def test_cleanup_job_deletes_old_runs_of_the_precompute_task_jobs(redis_url, schema, lake_uri, pg_instance, app_db):
     """user_event_sensor asks for a precompute_tasks_job run or more a second while users are active, and every run
     and its event log stayed in Dagster's database: finished runs of the task jobs past 14 days go, nothing else."""
     from precompute_assets.defs.tasks import JOB_NAME
@@ -251,13 +258,22 @@ def test_cleanup_job_deletes_old_runs_of_the_precompute_task_jobs(redis_url, sch
         old_task, old_nightly = ended(JOB_NAME), ended("daily_precompute_job")
         still_running = create_run_for_test(pg_instance, job_name=JOB_NAME, status=dg.DagsterRunStatus.STARTED).run_id
     recent_task = ended(JOB_NAME)
-    cleanup(resources(redis_url, schema, lake_uri), pg_instance)
+    cleanup(resources(redis_url, schema, lake_uri), pg_instance, app_db)
     assert pg_instance.get_run_by_id(old_task) is None and not pg_instance.all_logs(old_task)
     assert all(pg_instance.get_run_by_id(run) for run in (old_nightly, still_running, recent_task))
 
 
+def test_cleanup_job_purges_the_ads_of_long_ended_campaigns(redis_url, schema, lake_uri, pg_instance, app_db):
+    registry = CampaignRegistryResource(url=app_db).registry()
+    then = datetime.now(UTC) - timedelta(days=60)
+    ad = {"ad_id": "a1", "quality": 0.5, "bid": 1.0, "text_len": 40, "category": "shoes"}
+    registry.register("old", "acme", then + timedelta(hours=1), [ad], end_at=then + timedelta(days=1), now=then)
+    cleanup(resources(redis_url, schema, lake_uri), pg_instance, app_db)
+    assert registry.ads("old").empty and registry.get("old") is not None
+
+
 def test_rematerializing_a_trimmed_hour_keeps_the_good_partition(
-    redis_url, redis_client, schema, lake_uri, pg_instance
+    redis_url, redis_client, schema, lake_uri, pg_instance, app_db
 ):
     old = HOUR_START_MS - 30 * 86_400_000
     old_hour = HOURLY.get_partition_key_for_timestamp(old / 1000)
@@ -265,7 +281,7 @@ def test_rematerializing_a_trimmed_hour_keeps_the_good_partition(
     fill(redis_url, schema, HOUR_START_MS, 10)
     res = resources(redis_url, schema, lake_uri)
     assert dg.materialize([query_logs], resources=res, partition_key=old_hour, instance=pg_instance).success
-    cleanup(res, pg_instance)
+    cleanup(res, pg_instance, app_db)
     assert len(logged_queries(redis_client, schema)) == 10  # the old hour is gone from the stream
 
     again = dg.materialize(

@@ -558,3 +558,25 @@ def test_ten_thousand_campaigns_of_twenty_ads(registry):
                     (campaigns[-5].change_seq,))  # fmt: skip
         assert "campaigns_change_seq" in "\n".join(row[0] for row in cur.fetchall())
     assert isinstance(registry.ads("c09999"), pd.DataFrame) and len(registry.ads("c09999")) == 20
+
+
+def test_the_ads_of_campaigns_long_ended_or_cancelled_are_purged_and_a_new_registration_brings_them_back(registry):
+    """Every campaign kept its ads (and their features) forever after it ended: purge_ads deletes them, keeping the
+    campaign's row and revision, so that the same id registered again is a new revision with its ads."""
+    now = datetime.now(UTC)
+    then = now - timedelta(days=60)
+    registry.register("old", "acme", then + timedelta(hours=1), ads("o1", "o2"), end_at=then + timedelta(days=10),
+                      now=then)  # fmt: skip
+    registry.register("live", "acme", now + timedelta(hours=1), ads("l1"), now=now)
+    registry.register("gone", "acme", now + timedelta(hours=2), ads("g1"), now=now)
+    registry.cancel("gone")
+    assert registry.purge_ads(now - timedelta(days=30)) == 2  # ended 50 days ago; "gone" was cancelled just now
+    assert registry.ads("old").empty and list(registry.ads("gone")["ad_id"]) == ["g1"]
+    assert registry.get("old").revision == 1 and count(registry.url, "campaign_ads") == 2
+    assert registry.purge_ads(now + timedelta(minutes=1)) == 1  # now "gone" too
+    assert list(registry.ads("live")["ad_id"]) == ["l1"] and count(registry.url, "campaign_ads") == 1
+    again = registry.register("old", "acme", then + timedelta(hours=1), ads("o1", "o2"), end_at=now + timedelta(days=3),
+                              now=now)  # fmt: skip
+    assert again.revision == 2 and list(registry.ads("old")["ad_id"]) == ["o1", "o2"]
+    with pytest.raises(ValueError, match="timezone-aware"):
+        registry.purge_ads(datetime(2026, 1, 1))
