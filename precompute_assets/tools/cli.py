@@ -914,6 +914,7 @@ def cmd_query_logs(args: argparse.Namespace) -> int:
     from ..defs.partitions import deployment_partitions
     from ..serving.keys import KIND_PATTERN
     from ..stack import ENV_LAKE
+    from ..storage.files import exclusive_lock
     from ..storage.lake import Lake
     from ..storage.query_log_import import (
         epoch_seconds,
@@ -971,7 +972,13 @@ def cmd_query_logs(args: argparse.Namespace) -> int:
     stack = Stack()
     lake = Lake(_up(stack)[ENV_LAKE])
     written, kept, recorded = {}, [], []
-    with dagster_instance(stack) as instance:
+
+    def waiting() -> None:
+        print("precompute query-logs: waiting for another import into this lake to finish", file=sys.stderr)
+
+    # Imports of one lake take turns: an import of another kind merges its rows into an hour another may be writing.
+    lock = exclusive_lock(_load_lock_file(stack, lake, "query_logs"), waiting)
+    with lock, dagster_instance(stack) as instance:
 
         def record(hour: str, frame, source: str) -> None:
             """The lake's ``hour`` as a ``query_logs`` materialization; a failing Dagster storage is a CliError."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
@@ -864,6 +865,45 @@ def test_running_out_of_memory_at_size_is_one_line_and_exit_2(tmp_path, monkeypa
     assert main([*command, str(path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"precompute {command[0]}: out of memory (Unable to allocate"), err
+
+
+def test_imports_of_two_kinds_into_one_hour_at_once_keep_both(stack, tmp_path, monkeypatch, capsys):
+    """Two ``query-logs import`` of different kinds into the same hour at once: they take turns on the lake's lock
+    file, so the hour holds both kinds side by side. Before, both found the hour empty and wrote their own rows: the
+    later write dropped the other kind's, while both printed them as imported and recorded the hour in Dagster. Here
+    both are held where they look for the hour until both have begun."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from precompute_assets.stack import ENV_LAKE
+    from precompute_assets.storage.lake import Lake
+
+    on_the_test_stack(stack, tmp_path, monkeypatch)
+    logs = {}
+    for kind, keys in (("ctr", ["ad1", "ad2"]), ("emb", ["doc1", "doc2", "doc3"])):
+        logs[kind] = tmp_path / f"{kind}.csv"
+        logs[kind].write_text("".join(f"{10 + i},{key}\n" for i, key in enumerate(keys)))
+    both_looking = threading.Barrier(2, timeout=5)  # passes only if the two imports look at the hour at once
+    exists = Lake.exists
+
+    def held_exists(self, asset, partition=None):
+        if asset == "query_logs":
+            with contextlib.suppress(threading.BrokenBarrierError):  # taking turns: the other import never comes
+                both_looking.wait()
+        return exists(self, asset, partition)
+
+    Stack().up()  # its ports chosen, as by an earlier command (two processes choose them safely, two threads not)
+    with dagster_instance(Stack()):  # its storage created, likewise
+        pass
+    monkeypatch.setattr(Lake, "exists", held_exists)
+    options = ["--start", "2026-02-10", "--time-unit", "s"]
+    with ThreadPoolExecutor(2) as pool:
+        argv = [["query-logs", "import", str(logs[kind]), "--kind", kind, *options] for kind in logs]
+        codes = list(pool.map(main, argv))
+    assert codes == [0, 0]
+    hour = Lake(Stack().env()[ENV_LAKE]).read("query_logs", "2026-02-10-00:00")
+    assert sorted(hour["key"]) == ["ad1", "ad2", "doc1", "doc2", "doc3"]
+    assert "waiting for another import into this lake" in capsys.readouterr().err
 
 
 def test_query_logs_import_fills_hourly_partitions_that_dagster_knows(stack, tmp_path, monkeypatch, capsys):
