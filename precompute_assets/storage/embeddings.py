@@ -91,6 +91,12 @@ class EmbeddingStore:
         try:
             conn.autocommit = True
             with conn.cursor() as cur:
+                # The session idles for the whole sync: a server's idle_session_timeout (PostgreSQL 14+, often set on
+                # managed servers) would end it, and the lock with it, in every sync that outlasts the timeout.
+                cur.execute(
+                    "SELECT set_config('idle_session_timeout', '0', false)"
+                    " WHERE current_setting('idle_session_timeout', true) IS NOT NULL"
+                )
                 cur.execute(f"SELECT pg_try_advisory_lock({SYNC_LOCK_KEY}), pg_backend_pid()")
                 locked, pid = cur.fetchone()
                 if not locked:

@@ -516,6 +516,35 @@ def test_a_sync_whose_lock_session_ends_stops_before_its_next_commit_and_the_nex
     assert all(v is not None for v in cache.get_embeddings([f"doc{i:08d}" for i in range(N_DOCS)]))
 
 
+def test_a_sync_longer_than_the_servers_idle_session_timeout_keeps_its_lock(
+    docs, app_db, redis_client, schema, embedder
+):
+    """A server that ends sessions idle for longer than idle_session_timeout (managed servers set one): the session
+    holding the sync lock idles for the whole sync, so a sync that outlasted the timeout lost its lock (and stopped
+    with SyncLockLost, or before that went on without it). The lock session is exempt; every other is short-lived."""
+    import time
+
+    from precompute_assets.storage.postgres import connect
+
+    admin = connect(app_db)
+    try:
+        admin.autocommit = True
+        with admin.cursor() as cur:
+            cur.execute("SELECT current_database()")
+            cur.execute(f'ALTER DATABASE "{cur.fetchone()[0]}" SET idle_session_timeout = 1000')
+    finally:
+        admin.close()
+
+    def slow(message: str) -> None:
+        if message.startswith("chunk "):
+            time.sleep(1.5)  # embedding a chunk: the lock session idles past the timeout
+
+    store = EmbeddingStore(app_db)
+    stats = sync_embeddings(docs, store, redis_client, embedder, schema=schema, chunk_size=1000, write_batch=1000,
+                            log=slow)  # fmt: skip
+    assert stats.embedded == N_DOCS and store.embedded_count(embedder.version) == N_DOCS
+
+
 SAVE_UNDER_A_SIZE_LIMIT = """
 import pickle, resource, sys
 from pathlib import Path
