@@ -188,6 +188,9 @@ def document_embeddings(
         chunk_size=config.chunk_size, ttl_s=config.ttl_days * 86_400, grace_s=config.grace_seconds,
         replica_wait_s=redis.replica_wait_s, log=context.log.info,
     )  # fmt: skip
+    if stats.held_back:
+        context.log.warning(f"{stats.held_back} changed documents wait for the oldest open transaction on the database"
+                            f" to end: {stats.held_back_by}")  # fmt: skip
     recall = int8_recall(store, docs, embedder, n=config.recall_sample) if config.dtype == "int8" else 1.0
     stale, stale_docs, aged_docs = store.stale_share(docs, stats.model_version, max_age_hours=STALE_AFTER_HOURS)
     return dg.MaterializeResult(
@@ -200,6 +203,7 @@ def document_embeddings(
             "failed": stats.failed,
             "failure_reasons": dg.MetadataValue.json(stats.failure_reasons),
             "retried": stats.retried,
+            "held_back": stats.held_back,
             "rebuilt_buckets": dg.MetadataValue.json(list(stats.rebuilt_buckets or [])),
             "error_rate": stats.error_rate,
             "docs_per_s": stats.docs_per_s,

@@ -701,6 +701,28 @@ class DocumentStore:
             )
             return cur.fetchone()[0]
 
+    def changed_from(self, horizon: datetime) -> int:
+        """How many documents changed at or after ``horizon``: the changes a consumer stopping at ``stable_horizon``
+        leaves for a later run (a range of the (modified_at, doc_id) index)."""
+        with self._connect() as conn, conn.cursor() as cur:
+            cur.execute(sql.SQL("SELECT count(*) FROM {t} WHERE modified_at >= %s").format(t=self._t), (horizon,))
+            return cur.fetchone()[0]
+
+    def oldest_transaction(self) -> tuple[datetime, str] | None:
+        """When the oldest open transaction on the database began (what holds ``stable_horizon`` back) and its session
+        in one line: pid, state, application, since when; None when there is none (or none this role may see)."""
+        with self._connect() as conn, conn.cursor() as cur:
+            cur.execute(
+                "SELECT pid, state, application_name, xact_start FROM pg_stat_activity WHERE xact_start IS NOT NULL"
+                " AND pid <> pg_backend_pid() AND datname = current_database() ORDER BY xact_start LIMIT 1"
+            )
+            row = cur.fetchone()
+        if row is None:
+            return None
+        pid, state, application, started = row
+        since = started.isoformat(timespec="seconds")
+        return started, f"pid {pid} ({state or 'state hidden'}, application {application or 'unnamed'}) since {since}"
+
     def sample(self, n: int, *, seed: float = 0.42) -> list[tuple[str, str | None, str | None]]:
         """A repeatable random sample of live documents: (doc_id, title, body)."""
         with self._connect() as conn, conn.cursor() as cur:

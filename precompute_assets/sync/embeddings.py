@@ -66,6 +66,8 @@ class SyncStats:
     chunks: int = 0
     retried: int = 0  # earlier service failures tried again (counted in embedded or failed as well)
     rebuilt_buckets: tuple[int, int] | None = None  # (old, new) when the version was widened
+    held_back: int = 0  # documents changed after the oldest open transaction began: left for a later sync
+    held_back_by: str | None = None  # that transaction's session, when documents were held back
     seconds: float = 0.0
     failure_reasons: dict[str, int] = field(default_factory=dict)
 
@@ -215,6 +217,13 @@ def _sync(
         log(f"embeddings moved to Redis version {wider.version}: {target.buckets} -> {wider.buckets} buckets")
     if not stopped_early:  # the current version, flipped or patched in place, holds the stored embeddings
         record_published(client, schema, EMBEDDING_KIND, store.embedded_count(model_version))
+    # A transaction open since the horizon and still open holds back every change after it (silent before: a session
+    # left idle in transaction, or a backup's, held them back for good); one that ended meanwhile does not.
+    holder = None if stopped_early else documents.oldest_transaction()
+    if holder is not None and holder[0] <= horizon and (held_back := documents.changed_from(horizon)):
+        stats.held_back, stats.held_back_by = held_back, holder[1]
+        log(f"{held_back} documents changed after {horizon.isoformat()} are left for a later sync: the oldest open "
+            f"transaction on the database began then ({holder[1]})")  # fmt: skip
     # stopped early (as a crash would): the next sync resumes at the committed watermark
     stats.seconds = time.perf_counter() - started
     return stats

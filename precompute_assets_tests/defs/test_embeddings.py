@@ -545,6 +545,34 @@ def test_a_sync_longer_than_the_servers_idle_session_timeout_keeps_its_lock(
     assert stats.embedded == N_DOCS and store.embedded_count(embedder.version) == N_DOCS
 
 
+def test_changes_held_back_by_an_open_transaction_are_counted_and_its_session_named(
+    docs, app_db, redis_client, schema, embedder
+):
+    """A session left idle in transaction (a forgotten BEGIN, a backup's snapshot) holds the sync's horizon at its
+    start, so documents changed after it wait until it ends. The sync now says how many and which session, in its
+    log and metadata (held_back); before, it embedded none of them and said nothing, run after run."""
+    from precompute_assets.storage.postgres import connect
+
+    store = EmbeddingStore(app_db)
+    sync_embeddings(docs, store, redis_client, embedder, schema=schema, log=lambda m: None)
+    idle = connect(app_db)
+    try:
+        with idle.cursor() as cur:
+            cur.execute("SELECT 1")  # its transaction stays open: idle in transaction
+        new = pd.DataFrame({"doc_id": ["late1", "late2", "late3"], "title": ["a", "b", "c"], "body": ["x y z"] * 3,
+                            "language": ["en"] * 3})  # fmt: skip
+        docs.load_frame(new)
+        lines: list[str] = []
+        held = sync_embeddings(docs, store, redis_client, embedder, schema=schema, log=lines.append)
+        assert (held.embedded, held.held_back) == (0, 3)
+        assert held.held_back_by.startswith(f"pid {idle.get_backend_pid()} (idle in transaction, application ")
+        assert any(line.startswith("3 documents changed after") and held.held_back_by in line for line in lines)
+    finally:
+        idle.close()
+    after = sync_embeddings(docs, store, redis_client, embedder, schema=schema, log=lambda m: None)
+    assert (after.embedded, after.held_back, after.held_back_by) == (3, 0, None)
+
+
 SAVE_UNDER_A_SIZE_LIMIT = """
 import pickle, resource, sys
 from pathlib import Path
