@@ -706,7 +706,13 @@ def check_login(variable: str, url: str) -> None:
     if not reachable(url, timeout_s=3):
         raise StackError(f"{variable} points at {redact(url)}, which does not answer")
     if (reason := login_problem(variable, url)) is not None:
-        raise StackError(f"{variable} points at {redact(url)}, which refuses us: {reason}")
+        verdict = "" if reason.startswith(NO_ANSWER) else "refuses us: "
+        raise StackError(f"{variable} points at {redact(url)}, which {verdict}{reason}")
+
+
+# A server that accepts the connection and then says nothing (hung, or a proxy whose primary is failing over) is not
+# one that refuses our login: told apart from a refusal by ``login_problem``'s reason.
+NO_ANSWER = "accepts connections but does not answer"
 
 
 def login_problem(variable: str, url: str) -> str | None:
@@ -741,7 +747,13 @@ def login_problem(variable: str, url: str) -> str | None:
             if standby or read_only == "on":
                 what = "a read-only standby" if standby else "read-only (default_transaction_read_only)"
                 return f"{what}: point {variable} at the primary"
-    except (redis.RedisError, psycopg2.Error) as error:
+    except (redis.TimeoutError, psycopg2.Error) as error:
+        silent = isinstance(error, redis.TimeoutError) or (
+            isinstance(error, psycopg2.OperationalError) and "timeout expired" in str(error)  # libpq's connect_timeout
+        )
+        reason = redact(one_line(str(error)))
+        return f"{NO_ANSWER} ({reason})" if silent else reason
+    except redis.RedisError as error:
         return redact(one_line(str(error)))
     return None
 
@@ -941,6 +953,8 @@ class Stack:
                 continue
             running = server.pid is not None if embedded else reachable(url)
             refused = login_problem(variable, url) if running and not embedded else None
+            if refused is not None and refused.startswith(NO_ANSWER):
+                running, refused = False, None  # its port accepts, but nothing answers there: unreachable
             version = running_version(url) if name == "redis" and running and refused is None else None
             pid = server.pid if embedded else None
             warnings = memory_warnings(url) if name == "redis" and version is not None and not embedded else ()

@@ -393,6 +393,31 @@ def test_unreachable_external_servers_are_one_line_and_exit_2(tmp_path, monkeypa
     assert not (tmp_path / "home" / "redis").exists() and not (tmp_path / "home" / "postgres").exists()
 
 
+def test_external_servers_that_accept_connections_but_never_answer_do_not_answer(tmp_path, monkeypatch, capsys):
+    """A port that accepts connections where nothing answers (a hung server, a proxy in front of a primary failing
+    over) was reported as a server that 'refuses us', naming a login problem there is none of; it does not answer."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    port = silent.getsockname()[1]
+    try:
+        monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "home"))
+        monkeypatch.setenv("PRECOMPUTE_REDIS_URL", f"redis://127.0.0.1:{port}/0")
+        monkeypatch.setenv("DAGSTER_PG_URL", f"postgresql://u:secret@127.0.0.1:{port}/dagster?connect_timeout=1")
+        monkeypatch.setenv("PRECOMPUTE_APP_DB_URL", f"postgresql://u:secret@127.0.0.1:{port}/app?connect_timeout=1")
+        assert main(["up"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "which accepts connections but does not answer" in err, err
+        assert "refuses us" not in err and "secret" not in err
+        assert main(["status"]) == 0
+        out = capsys.readouterr().out
+        assert "redis     external  unreachable" in out and "postgres  external  unreachable" in out, out
+        assert "app_db    external  unreachable" in out and "(unknown: Dagster's database does not answer)" in out
+        assert "refuses us" not in out and "secret" not in out
+    finally:
+        silent.close()
+
+
 def test_up_checks_that_external_servers_accept_their_credentials(
     tmp_path, monkeypatch, capsys, redis_server, dagster_pg_url, app_db_url
 ):
