@@ -75,6 +75,7 @@ def ctr_cache(
             schema=schema,
             experiment=experiment,
             replica_wait_s=redis.replica_wait_s,
+            hand_over=not config.rollback,  # also on its retry: the newer day's values must not live on
         )
     except redis_errors.OutOfMemoryError as error:
         # A full server refuses writes (maxmemory reached, and its policy has nothing with a TTL to evict, or is

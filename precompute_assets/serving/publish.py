@@ -92,9 +92,11 @@ def publish_version(
     progress: Callable[[int], None] | None = None,
     experiment: Experiment | None = None,
     replica_wait_s: float = REPLICA_WAIT_S,
+    hand_over: bool = True,
 ) -> PublishResult:
     """Write ``items`` (``n_keys`` of them) as ``version`` of ``kind``, make it the current version, and record its
-    key count for admission ``probation`` (``{kind}:fifo:{{...}}:published``).
+    key count for admission ``probation`` (``{kind}:fifo:{{...}}:published``). ``hand_over=False`` (a rollback from a
+    bad version) settles probation's live tier without handing it the keys the replaced version drops.
 
     Buckets are written with their TTL in the same pipeline (``ttl_s=None``: no TTL while current, for
     versions patched in place); the previous version is given ``grace_s`` to live so that readers holding
@@ -143,7 +145,7 @@ def publish_version(
             # written after the flip, may be what failed.
             mended = _mend_current(client, kind, version, filled, ttl, replica_wait_s)
             retire_replaced(client, schema, kind, grace_s=grace_s, replica_wait_s=replica_wait_s)
-            previous = _replaced_pointer(client, schema, kind)
+            previous = _replaced_pointer(client, schema, kind) if hand_over else None
             handed, settle_error = _settle(client, schema, kind, version, keys, previous, written=written, ttl_s=ttl_s)
             seconds = time.perf_counter() - started
             return PublishResult(
@@ -205,7 +207,9 @@ def publish_version(
             f"publish of {kind} version {version}: the sentinels named another primary during it, so it may be lost; "
             "retry the publish"
         )
-    handed, settle_error = _settle(client, schema, kind, version, keys, previous, written=written, ttl_s=ttl_s)
+    # Without ``previous`` the settling hands nothing over: a rollback must not copy the bad version's values live.
+    handed_from = previous if hand_over else None
+    handed, settle_error = _settle(client, schema, kind, version, keys, handed_from, written=written, ttl_s=ttl_s)
     return PublishResult(
         kind=kind,
         version=version,

@@ -1,0 +1,55 @@
+"""ctr_cache: publishing a day's predictions from the lake, and going back to an earlier day."""
+
+from __future__ import annotations
+
+import dagster as dg
+import pandas as pd
+import pytest
+
+from precompute_assets.defs.partitions import DEFAULT_PARTITIONS
+from precompute_assets.defs.publishing import ctr_cache
+from precompute_assets.defs.resources import LakeResource, ParquetIOManager, RedisResource
+from precompute_assets.serving.admission import Probation
+from precompute_assets.serving.cache import PredictionCache
+from precompute_assets.serving.connection import connect
+from precompute_assets.storage.lake import Lake
+
+GOOD, BAD = "2026-11-18", "2026-11-19"
+
+
+def publish(instance, lake_uri: str, redis_url: str, namespace: str, day: str, **config) -> dict:
+    lake = LakeResource(base_uri=lake_uri)
+    result = dg.materialize(
+        [dg.AssetSpec("ctr_predictions", partitions_def=DEFAULT_PARTITIONS.daily), ctr_cache],
+        selection=[ctr_cache],
+        partition_key=day,
+        instance=instance,
+        resources={
+            "lake": lake,
+            "io_manager": ParquetIOManager(lake=lake),
+            "redis": RedisResource(url=redis_url, namespace=namespace),
+        },
+        run_config={"ops": {"ctr_cache": {"config": config}}},
+    )
+    return {k: v.value for k, v in result.asset_materializations_for_node("ctr_cache")[0].metadata.items()}
+
+
+def test_a_rollback_hands_none_of_the_bad_days_values_to_probations_live_tier(
+    lake_uri, redis_url, redis_client, schema
+):
+    """After a flip, probation's settling copies the keys the version before served and the new one drops into the
+    live tier with that version's values. Going back from a bad day is such a flip: it once kept serving the bad
+    day's predictions of the keys the earlier day lacks, as live values, for the readers' whole live TTL."""
+    lake = Lake(lake_uri)
+    lake.write("ctr_predictions", GOOD, pd.DataFrame({"ad_id": ["a1", "a2"], "ctr": [0.1, 0.2], "model_version": "m"}))
+    lake.write("ctr_predictions", BAD, pd.DataFrame({"ad_id": ["a1", "b1"], "ctr": [0.9, 0.9], "model_version": "m"}))
+    reader = PredictionCache(connect(redis_url), schema=schema, pointer_ttl_s=0, admission=Probation(capacity=10))
+    assert reader.get_or_compute("ctr", "x", lambda key: 0.5) == 0.5  # a probation reader: publishes settle its tier
+    with dg.instance_for_test() as instance:
+        assert publish(instance, lake_uri, redis_url, schema.namespace, GOOD)["published"]
+        bad = publish(instance, lake_uri, redis_url, schema.namespace, BAD)
+        assert bad["published"] and bad["handed_over"] == 1  # a2, which the new day drops: a good day's value
+        back = publish(instance, lake_uri, redis_url, schema.namespace, GOOD, rollback=True)
+    assert back["published"] and back["previous_version"] == bad["version"] and back["handed_over"] == 0
+    assert not redis_client.exists(schema.live("ctr", "b1"))  # the bad day's value is gone with its version's grace
+    assert reader.get("ctr", "b1") is None and reader.get("ctr", "a1") == pytest.approx(0.1) and reader.errors == 0
