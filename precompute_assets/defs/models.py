@@ -181,6 +181,9 @@ def ctr_model(
         )
     seconds = time.perf_counter() - started
     version = f"{context.partition_key}.{context.run_id[:8]}"
+    # Before the save: a full model store otherwise failed every night's save before anything made room.
+    check_key = dg.AssetCheckKey(dg.AssetKey(CTR_MODEL), "beats_baseline")
+    pruned = prune_model_versions(context, model_store.store(), CTR_MODEL, check_key, config.retention_days, version)
     # overwrite: a step retry in the same run retrains and replaces the model of this unfinished version
     uri = model_store.store().save(
         CTR_MODEL,
@@ -189,8 +192,6 @@ def ctr_model(
         {"metrics": metrics, "baseline": baseline, "new_ads": asdict(new_ads), "features": encoder.describe()},
         overwrite=True,
     )
-    check_key = dg.AssetCheckKey(dg.AssetKey(CTR_MODEL), "beats_baseline")
-    pruned = prune_model_versions(context, model_store.store(), CTR_MODEL, check_key, config.retention_days, version)
     context.log.info(f"trained {version}: AUC {metrics['auc']:.4f} (baseline {baseline['auc']:.4f})")
     if new_ads.note is not None:
         context.log.info(f"new-ad AUC not measured: {new_ads.note}")
@@ -286,7 +287,7 @@ def prune_model_versions(
 ) -> int:
     """Delete ``name``'s versions of days more than ``retention_days`` before the partition's, except this run's
     ``version`` and the newest approved one; returns how many. 0 keeps every version. A failure to delete is
-    logged, never fatal: the day's model is trained and saved."""
+    logged, never fatal: the day's model is still saved."""
     if retention_days <= 0:
         return 0
     before = (date.fromisoformat(context.partition_key) - timedelta(days=retention_days)).isoformat()

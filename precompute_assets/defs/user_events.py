@@ -238,11 +238,11 @@ def next_action_model(
     seconds = time.perf_counter() - started
     version = f"{context.partition_key}.{context.run_id[:8]}"
     check, passed = baselines_check(metrics, baselines, None)
+    pruned = prune_model_versions(  # before the save, which a full model store fails
+        context, model_store.store(), NEXT_ACTION_MODEL, BEATS_BASELINES, config.retention_days, version
+    )
     uri = model_store.store().save(
         NEXT_ACTION_MODEL, version, model, {"metrics": metrics, "baselines": baselines}, overwrite=True
-    )
-    pruned = prune_model_versions(
-        context, model_store.store(), NEXT_ACTION_MODEL, BEATS_BASELINES, config.retention_days, version
     )
     context.log.info(
         f"trained {version} on {len(train):,} rows of {len(events):,} events ({len(valid):,} held back): top-1 "

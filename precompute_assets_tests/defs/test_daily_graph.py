@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import math
 import shutil
 from pathlib import Path
@@ -101,6 +102,27 @@ def test_whole_graph_publishes_predictions_readers_can_get(
     assert cache.get("ctr", first) == pytest.approx(predictions[first], rel=1e-6)
     profile = result.asset_materializations_for_node("traffic_profile")[0].metadata
     assert profile["offpeak_start_hour"].value in (1, 2, 3)  # the workload's trough is around 04:00 UTC
+
+
+def test_a_full_model_store_deletes_the_versions_past_retention_even_when_the_days_save_fails(
+    resources, pg_instance, platform, tmp_path, monkeypatch
+):
+    """Retention deleted old versions only after the day's save: once the model store's disk was full, every night's
+    ctr_model failed at its save before deleting anything, so the store never had room again."""
+    store = LocalModelStore(tmp_path / "models")
+    old = "2026-09-01.0123abcd"  # a version of a day long past retention, never approved
+    store.save("ctr_model", old, {"weights": [1.0]}, {})
+
+    def disk_full(self, name, version, *args, **kwargs):
+        raise OSError(errno.ENOSPC, f"No space left on device: {name}/{version}")
+
+    monkeypatch.setattr(LocalModelStore, "save", disk_full)
+    result = dg.materialize(GRAPH, selection=[ctr_model], resources=resources, partition_key=DAYS[-1],
+                            instance=pg_instance, raise_on_error=False)  # fmt: skip
+    assert not result.success and not materialized(result, "ctr_model")
+    cause = result.get_step_failure_events()[0].step_failure_data.error.cause
+    assert cause.cls_name == "OSError" and "No space left on device" in cause.message
+    assert store.versions("ctr_model") == []  # the next night's save has the room the old version held
 
 
 def test_the_model_reports_cold_start_auc_beside_its_overall_auc(resources, pg_instance, platform, tmp_path):

@@ -3,6 +3,7 @@ PostgreSQL."""
 
 from __future__ import annotations
 
+import errno
 from datetime import UTC, datetime
 
 import dagster as dg
@@ -155,6 +156,27 @@ def test_the_run_log_says_what_next_action_model_trained_on_in_numbers(tmp_path,
         f"on {meta['training_rows'].value:,} rows of {n:,} events ({meta['validation_rows'].value:,} held back)" in line
     )
     assert f"top-1 {meta['top1'].value:.3f}, top-3 {meta['top3'].value:.3f}, log-loss " in line and "{" not in line
+
+
+def test_a_full_model_store_deletes_the_versions_past_retention_even_when_the_days_save_fails(
+    tmp_path, pg_instance, monkeypatch
+):
+    """As ctr_model: the old versions go before the day's save, which a full disk fails, so the next night has room."""
+    lake_uri, models = str(tmp_path / "lake"), str(tmp_path / "models")
+    write_user_event_lake(Lake(lake_uri), DEFAULT_PARTITIONS.days_ending(DAY, 7))
+    LocalModelStore(models).save(NEXT_ACTION_MODEL, "2026-09-01.0123abcd", {"weights": [1.0]}, {})
+
+    def disk_full(self, name, version, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(LocalModelStore, "save", disk_full)
+    config = {"ops": {NEXT_ACTION_MODEL: {"config": {"training_days": 7, "n_estimators": 10}}}}
+    res = {"lake": LakeResource(base_uri=lake_uri), "model_store": ModelStoreResource(root=models)}
+    result = dg.materialize([next_action_model], resources=res, partition_key=DAY, instance=pg_instance,
+                            run_config=config, raise_on_error=False)  # fmt: skip
+    assert not result.success
+    assert result.get_step_failure_events()[0].step_failure_data.error.cause.cls_name == "OSError"
+    assert LocalModelStore(models).versions(NEXT_ACTION_MODEL) == []
 
 
 def test_without_enough_events_no_model_is_approved(tmp_path, pg_instance):
