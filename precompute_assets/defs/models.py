@@ -277,6 +277,18 @@ def newest_approved_version(instance: dg.DagsterInstance, check: dg.AssetCheckKe
     return max(approved)[1] if approved else None
 
 
+# A run in these states may still load the version it saved (a backfill run scores its old day after top_ads).
+RUNNING = [dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING]
+
+
+def running_versions(instance: dg.DagsterInstance, versions: list[str]) -> set[str]:
+    """Those of ``versions`` (named ``{day}.{run id[:8]}``) saved by a run still going, or by the run that one
+    re-executes."""
+    runs = instance.get_runs(dg.RunsFilter(statuses=RUNNING))
+    ids = {run_id[:8] for run in runs for run_id in (run.run_id, run.parent_run_id, run.root_run_id) if run_id}
+    return {version for version in versions if version.rpartition(".")[2] in ids}
+
+
 def prune_model_versions(
     context: dg.AssetExecutionContext,
     store: LocalModelStore,
@@ -286,12 +298,13 @@ def prune_model_versions(
     version: str,
 ) -> int:
     """Delete ``name``'s versions of days more than ``retention_days`` before the partition's, except this run's
-    ``version`` and the newest approved one; returns how many. 0 keeps every version. A failure to delete is
-    logged, never fatal: the day's model is still saved."""
+    ``version``, the newest approved one and those of runs still going (``running_versions``); returns how many. 0
+    keeps every version. A failure to delete is logged, never fatal: the day's model is still saved."""
     if retention_days <= 0:
         return 0
     before = (date.fromisoformat(context.partition_key) - timedelta(days=retention_days)).isoformat()
     keep = {version, newest_approved_version(context.instance, check)} - {None}
+    keep |= running_versions(context.instance, store.versions(name))
     try:
         pruned = store.prune(name, before_day=before, keep=keep)
     except OSError as error:

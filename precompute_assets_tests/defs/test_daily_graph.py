@@ -125,6 +125,24 @@ def test_a_full_model_store_deletes_the_versions_past_retention_even_when_the_da
     assert store.versions("ctr_model") == []  # the next night's save has the room the old version held
 
 
+def test_retention_never_deletes_the_version_of_a_run_still_going(resources, pg_instance, platform, tmp_path):
+    """A backfill run of an old day trains its ctr_model, then waits for top_ads (demand_model trains first) before
+    ctr_predictions loads that version: the nightly run's retention deleted it meanwhile (its day is past retention),
+    and the backfill run failed with "model not found"."""
+    from dagster._core.test_utils import create_run_for_test
+
+    store = LocalModelStore(tmp_path / "models")
+    backfill = create_run_for_test(pg_instance, job_name="__ASSET_JOB", status=dg.DagsterRunStatus.STARTED)
+    finished = create_run_for_test(pg_instance, job_name="__ASSET_JOB", status=dg.DagsterRunStatus.SUCCESS)
+    going, done = f"2026-09-01.{backfill.run_id[:8]}", f"2026-09-02.{finished.run_id[:8]}"
+    for version in (going, done):
+        store.save("ctr_model", version, {"weights": [1.0]}, {})
+    result = dg.materialize(GRAPH, selection=[ctr_model], resources=resources, partition_key=DAYS[-1],
+                            instance=pg_instance)  # fmt: skip
+    assert result.asset_materializations_for_node("ctr_model")[0].metadata["versions_pruned"].value == 1
+    assert going in store.versions("ctr_model") and done not in store.versions("ctr_model")
+
+
 def test_the_model_reports_cold_start_auc_beside_its_overall_auc(resources, pg_instance, platform, tmp_path):
     result = run(resources, pg_instance)
     assert result.success
