@@ -23,14 +23,20 @@ CONNECT_TIMEOUT_S = 10  # a server that accepts the connection but never answers
 # default. Probed after 30 s of silence, 3 probes 10 s apart, the connection fails in about a minute instead (a busy
 # server's kernel still answers the probes, so a long statement is not cut short).
 KEEPALIVES = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3}
+# Keepalives probe only a connection with nothing in flight: a load still sending rows (COPY), or a statement sent
+# as the server vanished, waited for TCP's retransmissions to give up (about 15 minutes by default). Data left
+# unacknowledged this long fails the connection instead (libpq 12+; a slow statement sends nothing, so is not cut).
+TCP_USER_TIMEOUT_MS = 60_000
 
 
 def connect(url: str) -> psycopg2.extensions.connection:
-    """A connection to ``url``, given up after ``CONNECT_TIMEOUT_S`` and probed when silent (``KEEPALIVES``), unless
-    the URL sets these parameters itself."""
+    """A connection to ``url``, given up after ``CONNECT_TIMEOUT_S``, probed when silent (``KEEPALIVES``) and failed
+    when what it sent stays unacknowledged (``TCP_USER_TIMEOUT_MS``), unless the URL sets these parameters itself."""
     dsn = libpq_url(url)
     given = psycopg2.extensions.parse_dsn(dsn)
-    options = {"connect_timeout": CONNECT_TIMEOUT_S, **KEEPALIVES}
+    options: dict[str, int] = {"connect_timeout": CONNECT_TIMEOUT_S, **KEEPALIVES}
+    if psycopg2.extensions.libpq_version() >= 120000:  # an older libpq refuses the option it does not know
+        options["tcp_user_timeout"] = TCP_USER_TIMEOUT_MS
     return psycopg2.connect(dsn, **{name: value for name, value in options.items() if name not in given})
 
 

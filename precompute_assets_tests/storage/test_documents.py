@@ -332,9 +332,10 @@ def test_connections_give_up_on_a_server_that_never_answers(monkeypatch):
     monkeypatch.setattr(postgres.psycopg2, "connect", lambda dsn, **kwargs: seen.append((dsn, kwargs)))
     postgres.connect("postgresql+psycopg2://u@h/db")
     postgres.connect("postgresql://u@h/db?connect_timeout=3")
+    probes = {**postgres.KEEPALIVES, "tcp_user_timeout": postgres.TCP_USER_TIMEOUT_MS}
     assert seen == [
-        ("postgresql://u@h/db", {"connect_timeout": postgres.CONNECT_TIMEOUT_S, **postgres.KEEPALIVES}),
-        ("postgresql://u@h/db?connect_timeout=3", postgres.KEEPALIVES),
+        ("postgresql://u@h/db", {"connect_timeout": postgres.CONNECT_TIMEOUT_S, **probes}),
+        ("postgresql://u@h/db?connect_timeout=3", probes),
     ]
 
 

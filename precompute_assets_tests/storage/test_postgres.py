@@ -15,6 +15,7 @@ from precompute_assets.storage.documents import DocumentStore
 from precompute_assets.storage.embeddings import EmbeddingStore
 from precompute_assets.storage.postgres import (
     KEEPALIVES,
+    TCP_USER_TIMEOUT_MS,
     connect,
     copy_in,
     libpq_url,
@@ -150,3 +151,19 @@ def test_a_connection_probes_a_silent_server_within_a_minute(app_db_url: str, qu
     assert idle == (5 if query else KEEPALIVES["keepalives_idle"])
     assert probes == (KEEPALIVES["keepalives_interval"], KEEPALIVES["keepalives_count"])
     assert idle + probes[0] * probes[1] <= 60
+
+
+@pytest.mark.parametrize("query", ["", "?tcp_user_timeout=5000"])
+def test_a_connection_gives_up_on_writes_a_silent_server_never_acknowledges_within_a_minute(
+    app_db_url: str, query: str
+) -> None:
+    """Keepalive probes start only on a connection with nothing in flight: a load still sending rows (COPY) or a
+    statement just sent when the server vanished waits for TCP's retransmissions to give up, about 15 minutes by the
+    system's default, however the keepalives are set. libpq's tcp_user_timeout bounds that wait."""
+    conn = connect(app_db_url + query)
+    try:
+        with socket.socket(fileno=os.dup(conn.fileno())) as sock:
+            timeout_ms = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT)
+    finally:
+        conn.close()
+    assert timeout_ms == (5000 if query else TCP_USER_TIMEOUT_MS) and 0 < TCP_USER_TIMEOUT_MS <= 60_000
