@@ -18,6 +18,7 @@ DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
 # How long a replaced version stays readable after a flip, for every kind we publish (ctr, doc_embedding):
 # a reader that fetched the old pointer a moment ago still finds its buckets.
 GRACE_SECONDS = 600
+ROLLED_BACK_OVER = "rolled_back_over"  # metadata: the day a rollback replaced
 
 
 class PublishConfig(dg.Config):
@@ -51,12 +52,18 @@ def ctr_cache(
     """
     client, schema = redis.client(), redis.schema()
     newer = newer_current_version(client.get(schema.pointer("ctr")), context.partition_key)
+    held = None if config.rollback else rolled_back_over(context.instance)
     if newer is not None and config.rollback:
         context.log.warning(f"rollback: {newer} (a newer day) gives way to the predictions of {context.partition_key}")
     elif newer is not None:
         # A backfill of an older day must not replace the predictions of a newer one.
         context.log.warning(f"not published: {newer} (a newer day) is current")
-        return dg.MaterializeResult(metadata={"published": False, "current_version": newer, "keys_written": 0})
+        return dg.MaterializeResult(metadata={"published": False, "current_version": newer, "keys_written": 0,
+                                              **({ROLLED_BACK_OVER: held} if held else {})})  # fmt: skip
+    elif held is not None and context.partition_key <= held:
+        # An operator rolled the day back: a refresh (cache_health) or re-run must not publish it again by itself.
+        context.log.warning(f"not published: an operator rolled {held} back; publish it with config rollback: true")
+        return dg.MaterializeResult(metadata={"published": False, ROLLED_BACK_OVER: held, "keys_written": 0})
     if problem := not_probabilities(ctr_predictions):
         # Wrong values would be served as they are; the predictions on disk do not change by retrying.
         raise dg.Failure(description=f"nothing published: {problem}", allow_retries=False)
@@ -107,8 +114,18 @@ def ctr_cache(
             "experiment": ",".join(experiment.arms) if experiment else "",
             "handed_over": result.handed_over,
             "settle_error": result.settle_error or "",
+            **({ROLLED_BACK_OVER: newer.split(".", 1)[0]} if newer is not None else {}),
         }
     )
+
+
+def rolled_back_over(instance: dg.DagsterInstance) -> str | None:
+    """The day an operator's rollback replaced, while the newest ``ctr_cache`` materialization still carries it
+    (the rollback's own, or a publish refused since): until a later day publishes, that day and older ones are
+    published only with ``rollback: true``."""
+    records = instance.fetch_materializations(dg.AssetKey("ctr_cache"), limit=1).records
+    metadata = records[0].asset_materialization.metadata if records and records[0].asset_materialization else {}
+    return metadata[ROLLED_BACK_OVER].value if ROLLED_BACK_OVER in metadata else None
 
 
 def content_version(day: str, predictions: pd.DataFrame, experiment: Experiment | None) -> str:

@@ -372,6 +372,37 @@ def test_an_operator_can_go_back_to_an_earlier_days_predictions(
     assert cache.get("ctr", first) == pytest.approx(yesterday[first], rel=1e-6)
 
 
+def test_a_rolled_back_day_is_not_published_again_by_a_refresh(resources, pg_instance, platform, lake_uri, redis_url,
+                                                               schema):  # fmt: skip
+    """cache_health's refresh re-runs yesterday's graph when the hit rate falls: after a rollback that is the very
+    day the operator took back, which it published again. It is held until a later day publishes."""
+    assert run(resources, pg_instance, day=DAYS[-2]).success
+    assert run(resources, pg_instance, day=DAYS[-1]).success
+    cache = PredictionCache(connect(redis_url), schema=schema, pointer_ttl_s=0)
+
+    def publish(day: str, **config) -> dict:
+        run_config = {"ops": {"ctr_cache": {"config": config}}}
+        result = dg.materialize(GRAPH, selection=[ctr_cache], resources=resources, partition_key=day,
+                                instance=pg_instance, run_config=run_config)  # fmt: skip
+        return {k: v.value for k, v in result.asset_materializations_for_node("ctr_cache")[0].metadata.items()}
+
+    back = publish(DAYS[-2], rollback=True)
+    lake = Lake(lake_uri)
+    changed = lake.read("ctr_predictions", DAYS[-1])
+    changed["ctr"] = changed["ctr"] / 2  # the refresh's new predictions of the rolled-back day
+    lake.write("ctr_predictions", DAYS[-1], changed)
+    for _ in range(2):  # a refused publish keeps the hold for the next refresh
+        held = publish(DAYS[-1])
+        assert held["published"] is False and held["rolled_back_over"] == DAYS[-1]
+        assert cache.current_version("ctr").version == back["version"]
+    assert back["rolled_back_over"] == DAYS[-1]
+    next_day = "2026-11-19"  # the next night publishes its own day, and the hold ends
+    lake.write("ctr_predictions", next_day, changed)
+    assert publish(next_day)["published"] is True and "rolled_back_over" not in publish(next_day)
+    assert cache.current_version("ctr").version.startswith(f"{next_day}.")
+    assert publish(DAYS[-1])["published"] is False  # an older day again: the usual backfill rule
+
+
 def test_predictions_the_lake_gives_back_wrong_are_never_published_nor_retried(
     resources, pg_instance, platform, lake_uri, redis_client, schema
 ):
