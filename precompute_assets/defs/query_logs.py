@@ -237,35 +237,53 @@ class CleanupConfig(dg.Config):
     )
 
 
+def trim_stream(
+    context: dg.OpExecutionContext, client, stream: str, asset: str, retention_hours: int, hourly, marker: str | None
+) -> None:
+    """Trim ``stream``'s entries older than ``retention_hours``, never those of an hour of ``asset`` (its drain) not
+    materialized yet; ``marker`` (when given) records the boundary first. Logs and observes what went."""
+    first = client.xrange(stream, count=1)
+    if not first:
+        context.log.info(f"{asset} stream is empty")
+        return
+    first_ms = int(first[0][0].split(b"-")[0])
+    now_ms = epoch_ms(datetime.now(tz=UTC))
+    cutoff_ms = now_ms - retention_hours * 3_600_000
+    materialized = context.instance.get_materialized_partitions(dg.AssetKey(asset))
+    boundary = safe_trim_boundary(first_ms, cutoff_ms, materialized, hourly)
+    removed = 0
+    if boundary > first_ms:
+        if marker is not None:
+            # Record the boundary first: a re-run of a trimmed hour must know it can no longer read it whole.
+            client.set(marker, max(boundary, int(client.get(marker) or 0)))
+        removed = client.xtrim(stream, minid=f"{boundary}-0", approximate=False)
+    if boundary < cutoff_ms:
+        context.log.warning(f"stopped trimming the {asset} stream at an hour that is not materialized yet")
+    context.log.info(f"trimmed {removed} {asset} stream entries older than {boundary}")
+    # An observation, not an op output: the job's IO manager stores DataFrames, and the UI plots these numbers.
+    context.log_event(
+        dg.AssetObservation(
+            asset_key=asset, metadata={"trimmed_entries": int(removed), "trimmed_before_ms": int(boundary)}
+        )
+    )
+
+
 @dg.op(description="Trim query-log stream entries older than the retention, never an unmaterialized hour.")
 def trim_query_log(
     context: dg.OpExecutionContext, config: CleanupConfig, redis: RedisResource, deployment: DeploymentResource
 ) -> None:
-    client, stream = redis.client(), redis.schema().query_log()
-    first = client.xrange(stream, count=1)
-    if not first:
-        context.log.info("query-log stream is empty")
-        return
-    first_ms = int(first[0][0].split(b"-")[0])
-    now_ms = epoch_ms(datetime.now(tz=UTC))
-    cutoff_ms = now_ms - config.retention_hours * 3_600_000
-    materialized = context.instance.get_materialized_partitions(dg.AssetKey("query_logs"))
-    boundary = safe_trim_boundary(first_ms, cutoff_ms, materialized, deployment.partitions().hourly)
-    removed = 0
-    if boundary > first_ms:
-        # Record the boundary first: a re-run of a trimmed hour must know it can no longer read it whole.
-        marker = redis.schema().query_log_trimmed()
-        client.set(marker, max(boundary, int(client.get(marker) or 0)))
-        removed = client.xtrim(stream, minid=f"{boundary}-0", approximate=False)
-    if boundary < cutoff_ms:
-        context.log.warning("stopped trimming at an hour that is not materialized yet")
-    context.log.info(f"trimmed {removed} entries older than {boundary}")
-    # An observation, not an op output: the job's IO manager stores DataFrames, and the UI plots these numbers.
-    context.log_event(
-        dg.AssetObservation(
-            asset_key="query_logs", metadata={"trimmed_entries": int(removed), "trimmed_before_ms": int(boundary)}
-        )
-    )
+    schema = redis.schema()
+    trim_stream(context, redis.client(), schema.query_log(), "query_logs", config.retention_hours,
+                deployment.partitions().hourly, schema.query_log_trimmed())  # fmt: skip
+
+
+@dg.op(description="Trim user-event stream entries older than the retention, never an unmaterialized hour.")
+def trim_user_events(
+    context: dg.OpExecutionContext, config: CleanupConfig, redis: RedisResource, deployment: DeploymentResource
+) -> None:
+    # Capped only by MAXLEN (10 million entries, ~70 bytes each) before: Redis memory no TTL frees, held for nothing.
+    trim_stream(context, redis.client(), redis.schema().events(), "user_events", config.retention_hours,
+                deployment.partitions().hourly, None)  # fmt: skip
 
 
 # The lake's partitioned files that grow with traffic: every query, event and impression, hour by hour or day by day.
@@ -342,11 +360,12 @@ def delete_old_runs(context: dg.OpExecutionContext, config: RunRetentionConfig) 
 
 
 @dg.job(
-    description="Trim the query-log stream past its retention, the lake's old hourly and daily files, old runs and "
-    "the ads of long-ended campaigns."
+    description="Trim the query-log and user-event streams past their retention, the lake's old hourly and daily "
+    "files, old runs and the ads of long-ended campaigns."
 )
 def query_log_cleanup_job():
     trim_query_log()
+    trim_user_events()
     expire_lake_partitions()
     delete_old_runs()
     purge_campaign_ads()

@@ -215,6 +215,26 @@ def test_cleanup_job_trims_only_materialized_hours(redis_url, redis_client, sche
     assert len(logged_queries(redis_client, schema)) == 10
 
 
+def test_cleanup_job_trims_the_user_event_stream_past_its_materialized_hours(
+    redis_url, redis_client, schema, lake_uri, pg_instance, app_db
+):
+    """The event stream was capped by MAXLEN alone (10 million entries of Redis memory that no TTL frees): events
+    past the retention go like queries, never those of an hour user_events has not drained."""
+    old = HOUR_START_MS - 30 * 86_400_000
+    for at in (old, old + 1, HOUR_START_MS, HOUR_START_MS + 1):
+        redis_client.xadd(schema.events(), {"ts": str(at), "user": "u1", "action": "login"}, id=f"{at}-0")
+    res = resources(redis_url, schema, lake_uri)
+    cleanup(res, pg_instance, app_db)
+    assert redis_client.xlen(schema.events()) == 4  # the old hour was never drained: kept
+    old_hour = HOURLY.get_partition_key_for_timestamp(old / 1000)
+    pg_instance.report_runless_asset_event(dg.AssetMaterialization("user_events", partition=old_hour))
+    cleanup(res, pg_instance, app_db)
+    assert [entry_id for entry_id, _ in redis_client.xrange(schema.events())] == [
+        f"{HOUR_START_MS}-0".encode(),
+        f"{HOUR_START_MS + 1}-0".encode(),
+    ]
+
+
 def test_cleanup_job_deletes_lake_files_past_their_retention(redis_url, schema, lake_uri, pg_instance, app_db):
     """Every hour of queries and every day of impressions stayed in the lake for good: the cleanup deletes the
     files of days past retention_days (90), and keeps the rest, files not named by a day, and all with 0."""
