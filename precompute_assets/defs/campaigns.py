@@ -362,7 +362,10 @@ class CampaignRetentionConfig(dg.Config):
     )
 
 
-@dg.op(description="Delete the registered ads of campaigns that ended or were cancelled past their retention.")
+@dg.op(
+    description="Delete the registered ads and the campaigns partitions of campaigns that ended or were cancelled "
+    "past their retention."
+)
 def purge_campaign_ads(
     context: dg.OpExecutionContext, config: CampaignRetentionConfig, campaign_registry: CampaignRegistryResource
 ) -> None:
@@ -371,7 +374,14 @@ def purge_campaign_ads(
         return
     before = datetime.now(UTC) - timedelta(days=config.retention_days)
     purged = campaign_registry.registry().purge_ads(before)
-    context.log.info(f"deleted {purged} ads of campaigns that ended or were cancelled before {before:%Y-%m-%d}")
+    # Every sensor tick that warms reads the whole partition list: it must not grow with every campaign ever run.
+    # The sensor adds a partition again for a campaign registered anew.
+    known = set(context.instance.get_dynamic_partitions(CAMPAIGNS.name)) if purged else set()
+    for campaign_id in (c for c in purged if c in known):
+        context.instance.delete_dynamic_partition(CAMPAIGNS.name, campaign_id)
+    context.log.info(
+        f"deleted the ads and partitions of {len(purged)} campaigns ended or cancelled before {before:%Y-%m-%d}"
+    )
 
 
 # --- automation ----------------------------------------------------------------------------------------

@@ -695,20 +695,21 @@ class CampaignRegistry:
             )
             return cur.rowcount == 1
 
-    def purge_ads(self, before: datetime) -> int:
-        """Delete the ads of campaigns that ended, or were cancelled, before ``before`` (timezone-aware); returns how
-        many ad rows went. Nothing warms such a campaign again, and a registration with a later end writes its ads
-        again. The campaign rows stay, revision included: an id registered again is a new revision, with a warming
-        run key of its own."""
+    def purge_ads(self, before: datetime) -> list[str]:
+        """Delete the ads of campaigns that ended, or were cancelled, before ``before`` (timezone-aware); returns the
+        ids of the campaigns whose ads went, sorted. Nothing warms such a campaign again, and a registration with a
+        later end writes its ads again. The campaign rows stay, revision included: an id registered again is a new
+        revision, with a warming run key of its own."""
         if before.tzinfo is None or before.utcoffset() is None:
             raise ValueError(f"before must be timezone-aware, got {before.isoformat()}")
         with transaction(self.url) as conn, conn.cursor() as cur:
             cur.execute(
                 "DELETE FROM campaign_ads a USING campaigns c WHERE a.campaign_id = c.campaign_id"
-                " AND (c.end_at < %(before)s OR (c.status = 'cancelled' AND c.updated_at < %(before)s))",
+                " AND (c.end_at < %(before)s OR (c.status = 'cancelled' AND c.updated_at < %(before)s))"
+                " RETURNING a.campaign_id",
                 {"before": before},
             )
-            return cur.rowcount
+            return sorted({campaign_id for (campaign_id,) in cur.fetchall()})
 
     # -- reading -------------------------------------------------------------------------------------
 

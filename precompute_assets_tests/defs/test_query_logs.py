@@ -288,8 +288,11 @@ def test_cleanup_job_purges_the_ads_of_long_ended_campaigns(redis_url, schema, l
     then = datetime.now(UTC) - timedelta(days=60)
     ad = {"ad_id": "a1", "quality": 0.5, "bid": 1.0, "text_len": 40, "category": "shoes"}
     registry.register("old", "acme", then + timedelta(hours=1), [ad], end_at=then + timedelta(days=1), now=then)
+    registry.register("next", "acme", datetime.now(UTC) + timedelta(hours=1), [ad])
+    pg_instance.add_dynamic_partitions("campaigns", ["old", "next"])
     cleanup(resources(redis_url, schema, lake_uri), pg_instance, app_db)
     assert registry.ads("old").empty and registry.get("old") is not None
+    assert pg_instance.get_dynamic_partitions("campaigns") == ["next"] and not registry.ads("next").empty
 
 
 def test_rematerializing_a_trimmed_hour_keeps_the_good_partition(

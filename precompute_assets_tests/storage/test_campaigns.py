@@ -570,10 +570,10 @@ def test_the_ads_of_campaigns_long_ended_or_cancelled_are_purged_and_a_new_regis
     registry.register("live", "acme", now + timedelta(hours=1), ads("l1"), now=now)
     registry.register("gone", "acme", now + timedelta(hours=2), ads("g1"), now=now)
     registry.cancel("gone")
-    assert registry.purge_ads(now - timedelta(days=30)) == 2  # ended 50 days ago; "gone" was cancelled just now
+    assert registry.purge_ads(now - timedelta(days=30)) == ["old"]  # ended 50 days ago; "gone" was cancelled just now
     assert registry.ads("old").empty and list(registry.ads("gone")["ad_id"]) == ["g1"]
     assert registry.get("old").revision == 1 and count(registry.url, "campaign_ads") == 2
-    assert registry.purge_ads(now + timedelta(minutes=1)) == 1  # now "gone" too
+    assert registry.purge_ads(now + timedelta(minutes=1)) == ["gone"]  # now "gone" too
     assert list(registry.ads("live")["ad_id"]) == ["l1"] and count(registry.url, "campaign_ads") == 1
     again = registry.register("old", "acme", then + timedelta(hours=1), ads("o1", "o2"), end_at=now + timedelta(days=3),
                               now=now)  # fmt: skip
