@@ -88,6 +88,10 @@ def ctr_cache(
         # A full server refuses writes (maxmemory reached, and its policy has nothing with a TTL to evict, or is
         # noeviction). The version replaced by an earlier flip may free room when its grace ends: still retried.
         raise dg.Failure(description=out_of_memory(client, error)) from None
+    over = newer
+    if config.rollback and over is None and result.already_current:
+        # A retry of a rollback whose flip landed: the version it replaced is the one its flip remembered.
+        over = newer_current_version(client.get(schema.previous("ctr")), context.partition_key)
     if result.already_current:
         context.log.info(f"ctr version {version} (these predictions) is current already: recorded, not published twice")
     else:
@@ -114,7 +118,7 @@ def ctr_cache(
             "experiment": ",".join(experiment.arms) if experiment else "",
             "handed_over": result.handed_over,
             "settle_error": result.settle_error or "",
-            **({ROLLED_BACK_OVER: newer.split(".", 1)[0]} if newer is not None else {}),
+            **({ROLLED_BACK_OVER: over.split(".", 1)[0]} if over is not None else {}),
         }
     )
 
