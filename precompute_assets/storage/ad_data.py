@@ -414,8 +414,9 @@ def load_impressions(
     Rows before ``first_day`` (the first daily partition) are quarantined: no partition would ever read them.
     Each day in the file replaces its partition, or is added to it with ``append``. ``progress`` gets the rows read
     so far after each chunk. ``exclusive`` is held while the days are read and written (the ``precompute`` command
-    passes a lock of the application database): an append reads a day and writes it back, so two loads writing the
-    same day at once would otherwise each write back the day without the other's rows.
+    passes a file lock: beside the partitions of a local lake, in the state folder for a lake at a URI): an append
+    reads a day and writes it back, so two loads writing the same day at once would otherwise each write back the
+    day without the other's rows.
     """
     path = Path(path)
     kind = file_format(path)
