@@ -9,6 +9,7 @@ import dagster as dg
 
 from .defs.automation import build_cache_health_sensor, build_schedules, daily_precompute_job, refresh_precompute_job
 from .defs.campaigns import (
+    build_campaign_cleanup_schedule,
     build_campaign_schedules,
     campaign_budget,
     campaign_cleanup_job,
@@ -87,6 +88,7 @@ def build_definitions(settings: Settings, executor: dg.ExecutorDefinition | None
         schedules=[
             *build_schedules(partitions),
             *build_campaign_schedules(partitions.timezone),
+            build_campaign_cleanup_schedule(partitions.timezone),
             *build_user_event_schedules(partitions),
         ],
         resources=build_resources(settings),

@@ -55,7 +55,7 @@ def test_asset_keys_checks_jobs_schedules_sensors():
     }  # fmt: skip
     assert {s.name for s in r.schedule_defs} == {
         "query_logs_hourly", "daily_precompute", "query_log_cleanup_daily", "document_embeddings_daily",
-        "campaign_warming_backstop", "user_events_hourly", "next_action_model_daily",
+        "campaign_warming_backstop", "campaign_cleanup_backstop", "user_events_hourly", "next_action_model_daily",
     }  # fmt: skip
     assert {s.name for s in r.sensor_defs} == {
         "documents_changed", "campaign_launch_sensor", "cache_health", "user_event_sensor", "live_refresh_sensor",
@@ -228,7 +228,7 @@ def test_importing_reads_no_setting():
 def test_every_schedule_and_sensor_runs_by_default():
     r = repo()
     statuses = {d.name: d.default_status for d in [*r.schedule_defs, *r.sensor_defs]}
-    assert len(statuses) == 12
+    assert len(statuses) == 13
     assert {name: status.value for name, status in statuses.items()} == dict.fromkeys(statuses, "RUNNING")
 
 

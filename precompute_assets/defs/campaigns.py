@@ -464,6 +464,46 @@ def campaign_launch_sensor(context: dg.SensorEvaluationContext, campaign_registr
     )
 
 
+def failed_cleanups(instance: dg.DagsterInstance, registry: CampaignRegistry, *, limit: int = 1000) -> list[Campaign]:
+    """Cancelled campaigns whose newest cleanup run (among the newest ``limit`` of them) failed or was canceled: their
+    values are still in the cache. A revision cancelled since (re-activated, cancelled again) has its own cleanup."""
+    newest: dict[str, dg.DagsterRun] = {}
+    for run in instance.get_runs(dg.RunsFilter(job_name=campaign_cleanup_job.name), limit=limit):  # newest first
+        newest.setdefault(run.tags.get("dagster/run_key", ""), run)
+    ended = (dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED)
+    out = []
+    for run_key, run in sorted(newest.items()):
+        campaign = registry.get(run.tags.get(CAMPAIGN_TAG, "")) if run.status in ended else None
+        if campaign is not None and campaign.status == "cancelled" and cleanup_request(campaign).run_key == run_key:
+            out.append(campaign)
+    return out
+
+
+def build_campaign_cleanup_schedule(timezone: str) -> dg.ScheduleDefinition:
+    """The every-2-hours backstop of cancellations, in the deployment's timezone."""
+
+    @dg.schedule(
+        name="campaign_cleanup_backstop",
+        cron_schedule="30 */2 * * *",
+        execution_timezone=timezone,
+        target=campaign_cleanup_job,
+        default_status=dg.DefaultScheduleStatus.RUNNING,
+        description="Every 2 hours: run the cleanup again for every cancelled campaign whose cleanup run failed "
+        "(Redis was down for longer than its retries), with the sensor's run key: its values are still served.",
+    )
+    def campaign_cleanup_backstop(context: dg.ScheduleEvaluationContext, campaign_registry: CampaignRegistryResource):
+        if context.instance_ref is None:
+            return dg.SkipReason("no Dagster instance to read the cleanup runs from")
+        # A sensor never requests a run key twice, and dagster.yaml re-executes only runs whose worker died.
+        retry = failed_cleanups(context.instance, campaign_registry.registry())
+        if not retry:
+            return dg.SkipReason("no cleanup of a cancelled campaign is left failed")
+        context.log.info(f"cleanup backstop: removing the values of {len(retry)} cancelled campaigns again")
+        return [cleanup_request(c) for c in retry]
+
+    return campaign_cleanup_backstop
+
+
 def build_campaign_schedules(timezone: str) -> list[dg.ScheduleDefinition]:
     """The every-2-hours backstop, in the deployment's timezone."""
 

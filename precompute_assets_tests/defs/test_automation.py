@@ -22,6 +22,7 @@ from precompute_assets_tests.factories import log_client
 
 EVERYTHING = [
     ("cache_health", "sensor"),
+    ("campaign_cleanup_backstop", "schedule"),
     ("campaign_launch_sensor", "sensor"),
     ("campaign_warming_backstop", "schedule"),
     ("daily_precompute", "schedule"),

@@ -23,9 +23,11 @@ from dagster._daemon.run_coordinator.queued_run_coordinator_daemon import Queued
 from precompute_assets.definitions import build_definitions
 from precompute_assets.defs import campaigns as warming
 from precompute_assets.defs.campaigns import (
+    CAMPAIGN_TAG,
     CAMPAIGNS,
     LaunchCursor,
     approved_model_version,
+    build_campaign_cleanup_schedule,
     build_campaign_schedules,
     campaign_budget,
     campaign_cleanup_job,
@@ -527,6 +529,59 @@ def test_redis_down_fails_the_run_after_retries_then_the_backstop_warms_it(
     assert warm(instance, private, campaign_id, tags=request.tags).success
     assert registry.get(campaign_id).is_warm
     assert all(value is not None for value in reader.get_many("ctr", ids))
+    reader.close()
+
+
+def test_a_cleanup_that_failed_with_redis_down_is_run_again_by_its_backstop(
+    registry, resources, instance, redis_server, schema
+):
+    """A cleanup run fails when Redis is down for longer than its retries; the sensor never requests its run key
+    again and the daemon re-executes only runs whose worker died, so the cancelled campaign's CTRs and budget
+    split stayed readable until they expired (a month for an open-ended campaign)."""
+    server = redis_server()
+    private = {**resources, "redis": RedisResource(url=server.url, namespace=schema.namespace)}
+    reader = PredictionCache(connect(server.url, socket_timeout=0.5), schema=schema, pointer_ttl_s=0, backoff_s=0)
+    campaign_id, kept = unique("cancelled"), unique("kept")
+    for name in (campaign_id, kept):
+        registry.register(name, "acme", datetime.now(UTC) + HOUR, campaign_ads(name, 3))
+    result = tick(instance, resources["campaign_registry"])
+    add_partitions(instance, result)
+    for request in result.run_requests:
+        assert warm(instance, private, request.partition_key).success
+    registry.cancel(campaign_id)
+    (cleanup,) = tick(instance, resources["campaign_registry"], result.cursor).run_requests
+
+    def run_cleanup(request: dg.RunRequest) -> bool:
+        tags = {**request.tags, "dagster/run_key": request.run_key}
+        return campaign_cleanup_job.execute_in_process(
+            run_config=request.run_config, instance=instance, resources=private, tags=tags, raise_on_error=False
+        ).success
+
+    server.stop()
+    assert not run_cleanup(cleanup)
+    server.start()
+    assert reader.get("budget", campaign_id) is not None  # still served
+
+    backstop = build_campaign_cleanup_schedule("UTC")
+    assert backstop.cron_schedule == "30 */2 * * *" and backstop.default_status == dg.DefaultScheduleStatus.RUNNING
+
+    def backstop_tick():
+        with dg.build_schedule_context(
+            instance=instance, scheduled_execution_time=datetime.now(UTC), resources=private, repository_def=REPOSITORY
+        ) as context:
+            return [
+                r for r in backstop.evaluate_tick(context).run_requests or [] if r.tags[CAMPAIGN_TAG] == campaign_id
+            ]
+
+    (again,) = backstop_tick()
+    assert (again.job_name, again.run_key, again.run_config) == (
+        "campaign_cleanup_job",
+        cleanup.run_key,
+        cleanup.run_config,
+    )
+    assert run_cleanup(again)
+    assert reader.get("budget", campaign_id) is None and reader.get("budget", kept) is not None
+    assert backstop_tick() == []  # its newest cleanup succeeded
     reader.close()
 
 
