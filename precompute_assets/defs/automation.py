@@ -15,7 +15,7 @@ from .models import ctr_model
 from .partitions import Partitions
 from .predictions import ctr_predictions
 from .publishing import ctr_cache
-from .query_logs import query_log_cleanup_job, query_logs_job
+from .query_logs import build_drain_schedule, query_log_cleanup_job, query_logs_job
 from .resources import RedisResource
 from .selection import OFFPEAK_WINDOW_HOURS, ad_demand, top_ads, traffic_profile
 
@@ -195,12 +195,13 @@ def build_schedules(partitions: Partitions) -> list:
         return dg.RunRequest()
 
     return [
-        dg.build_schedule_from_partitioned_job(
+        build_drain_schedule(
             query_logs_job,
+            "query_logs",
+            partitions.hourly,
             name="query_logs_hourly",
-            minute_of_hour=5,
-            default_status=RUNNING,
-            description=f"Drain the previous hour of query logs, 5 minutes past every hour ({timezone}).",
+            description=f"Drain the previous hour of query logs, 5 minutes past every hour ({timezone}); after a "
+            "daemon outage also every hour missed since the last one drained (up to a week).",
         ),
         daily_precompute,
         dg.ScheduleDefinition(

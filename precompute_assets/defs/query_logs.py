@@ -2,6 +2,7 @@
 
 import time
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo
 
 import dagster as dg
@@ -17,6 +18,9 @@ from ..storage.tables import QUERY_LOG_DRAIN, quarantine_frame, query_log_table
 from .campaigns import purge_campaign_ads
 from .partitions import DEFAULT_PARTITIONS
 from .resources import DeploymentResource, LakeResource, RedisResource
+
+if TYPE_CHECKING:  # what define_asset_job returns (not exported by dagster)
+    from dagster._core.definitions.unresolved_asset_job_definition import UnresolvedAssetJobDefinition
 
 # The two outputs of each stream drain: its events and their quarantine.
 QUARANTINE_OF = {"query_logs": "query_log_quarantine", "user_events": "user_event_quarantine"}
@@ -374,3 +378,75 @@ def query_log_cleanup_job():
 query_logs_job = dg.define_asset_job(
     "query_logs_job", selection=dg.AssetSelection.assets(query_logs), description="Drain one hour of query logs."
 )
+
+
+# --- the hourly drains -----------------------------------------------------------------------------------
+
+CATCH_UP_HOURS = 7 * 24  # after a daemon outage, drain at most this many missed hours (the stream's retention)
+ACTIVE_RUN_STATUSES = [
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+]
+
+
+def hours_to_drain(keys: list[str], materialized: set[str], busy: set[str], *, ever_materialized: bool) -> list[str]:
+    """Of ``keys`` (the hours up to the one that just ended, oldest first): the last one, and every hour after the
+    newest one ``materialized`` when there is a drained hour to resume from; less the ``busy`` ones (a run going)."""
+    done = [i for i, key in enumerate(keys) if key in materialized]
+    # nothing drained in the window: all of it after an outage that long, only the last on a new deployment
+    start = done[-1] + 1 if done else (0 if ever_materialized else len(keys) - 1)
+    wanted = keys[start:]
+    if keys and keys[-1] not in wanted:
+        wanted.append(keys[-1])  # drained again, as every tick does (a hook for an hour imported before)
+    return [key for key in wanted if key not in busy]
+
+
+def build_drain_schedule(
+    job: "UnresolvedAssetJobDefinition",
+    asset_key: str,
+    partitions_def: dg.TimeWindowPartitionsDefinition,
+    *,
+    name: str,
+    description: str,
+    catch_up_hours: int = CATCH_UP_HOURS,
+) -> dg.ScheduleDefinition:
+    """5 past every hour, the hour that ended; after a daemon outage also every hour missed since the last drained
+    one (Dagster catches up no tick of a schedule like this: only the newest missed tick runs)."""
+
+    @dg.schedule(
+        name=name,
+        cron_schedule="5 * * * *",
+        execution_timezone=partitions_def.timezone,
+        target=job,
+        default_status=dg.DefaultScheduleStatus.RUNNING,
+        description=description,
+    )
+    def drain(context: dg.ScheduleEvaluationContext):
+        tick = context.scheduled_execution_time or datetime.now(UTC)
+        window = dg.TimeWindow(tick - pd.Timedelta(hours=catch_up_hours), tick)
+        keys = [
+            key
+            for key in partitions_def.get_partition_keys_in_time_window(window)
+            if partitions_def.time_window_for_partition_key(key).end <= tick
+        ]
+        if not keys:
+            return dg.SkipReason(f"no hour of {asset_key} has ended yet")
+        materialized: set[str] = set()
+        busy: set[str] = set()
+        if context.instance_ref is not None:
+            materialized = context.instance.get_materialized_partitions(dg.AssetKey(asset_key))
+            runs = context.instance.get_runs(dg.RunsFilter(job_name=job.name, statuses=ACTIVE_RUN_STATUSES))
+            busy = {run.tags.get("dagster/partition") for run in runs}
+        wanted = hours_to_drain(keys, materialized, busy, ever_materialized=bool(materialized))
+        if not wanted:
+            return dg.SkipReason(f"every missed hour of {asset_key} is being drained")
+        # As Dagster's own partitioned schedules request them: the run key is the hour (a tick resumed after a crash
+        # launches only the hours it had not launched yet), the partition tag already set (resolved).
+        return [
+            dg.RunRequest(run_key=key, partition_key=key, job_name=job.name, tags={"dagster/partition": key})
+            for key in wanted
+        ]
+
+    return drain

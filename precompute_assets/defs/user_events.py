@@ -19,6 +19,7 @@ from .partitions import DEFAULT_PARTITIONS, Partitions
 from .query_logs import (
     QUARANTINE_CHECK_DESCRIPTION,
     ROWS_PER_CHUNK,
+    build_drain_schedule,
     drained_ids,
     epoch_ms,
     lost_events,
@@ -290,12 +291,13 @@ def build_user_event_schedules(partitions: Partitions) -> list[dg.ScheduleDefini
     ended), in the timezone of ``partitions``, RUNNING by default."""
     timezone = partitions.timezone
     return [
-        dg.build_schedule_from_partitioned_job(
+        build_drain_schedule(
             user_events_job,
+            USER_EVENTS,
+            partitions.hourly,
             name="user_events_hourly",
-            minute_of_hour=5,
-            default_status=dg.DefaultScheduleStatus.RUNNING,
-            description=f"Drain the previous hour of user events, 5 minutes past every hour ({timezone}).",
+            description=f"Drain the previous hour of user events, 5 minutes past every hour ({timezone}); after a "
+            "daemon outage also every hour missed since the last one drained (up to a week).",
         ),
         dg.build_schedule_from_partitioned_job(
             next_action_model_job,

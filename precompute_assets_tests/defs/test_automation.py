@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from datetime import datetime
+from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import dagster as dg
 import pytest
+import yaml
 from dagster._core.remote_origin import InProcessCodeLocationOrigin
 from dagster._core.test_utils import create_test_daemon_workspace_context, freeze_time, in_process_test_workspace
 from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
@@ -74,40 +77,76 @@ def test_a_toggle_in_the_ui_is_what_is_reported():
             assert ("query_logs_hourly", "schedule", "RUNNING") in automation_states(instance, defs())
 
 
-QUEUED = {"run_coordinator": {"module": "dagster._core.run_coordinator", "class": "QueuedRunCoordinator"}}
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@contextlib.contextmanager
+def scheduler_daemon(dagster_pg_url: str, monkeypatch, schedule_name: str, start: datetime):
+    """The real definitions in Dagster's scheduler loop, one iteration per call of the yielded ``iterate(at)``, on a
+    PostgreSQL instance with this repo's dagster.yaml (its run coordinator only queues runs); only
+    ``schedule_name`` runs, started at ``start``."""
+    for variable in ("PRECOMPUTE_REDIS_URL", "PRECOMPUTE_APP_DB_URL"):  # resolved when a run is created, never used
+        monkeypatch.setenv(variable, "redis://127.0.0.1:9/0")
+    config = yaml.safe_load((ROOT / "dagster.yaml").read_text())
+    overrides = {key: config[key] for key in ("run_coordinator", "scheduler") if key in config}
+    origin = LoadableTargetOrigin(module_name="precompute_assets.definitions", attribute="defs")
+    target = InProcessWorkspaceLoadTarget(InProcessCodeLocationOrigin(origin))
+    with (
+        scratch_database(dagster_pg_url, "dagster") as url,
+        dg.instance_for_test(overrides={"storage": {"postgres": {"postgres_url": url}}, **overrides}) as instance,
+        freeze_time(start),
+        create_test_daemon_workspace_context(target, instance) as workspace,
+    ):
+        (location,) = workspace.create_request_context().get_code_location_entries().values()
+        (repository,) = location.code_location.get_repositories().values()
+        for schedule in repository.get_schedules():
+            if schedule.name == schedule_name:
+                instance.start_schedule(schedule)
+            else:
+                instance.stop_schedule(schedule.get_remote_origin_id(), schedule.selector_id, schedule)
+
+        def iterate(at: datetime) -> None:
+            """One iteration of the daemon's loop at ``at``, with the catch-up limit the daemon reads."""
+            with freeze_time(at):
+                list(launch_scheduled_runs(workspace, logging.getLogger("scheduler"), at, {},
+                                           max_catchup_runs=instance.scheduler.max_catchup_runs))  # fmt: skip
+
+        yield instance, iterate
 
 
 def test_the_scheduler_daemon_launches_one_nightly_precompute_per_day(dagster_pg_url, monkeypatch):
     """daily_precompute ticks every hour of its 4-hour window; Dagster dedupes a schedule's run keys only within one
     tick, so the real scheduler loop launched yesterday's whole graph once per hour of the window."""
-    for variable in ("PRECOMPUTE_REDIS_URL", "PRECOMPUTE_APP_DB_URL"):  # resolved when a run is created, never used
-        monkeypatch.setenv(variable, "redis://127.0.0.1:9/0")
     utc = ZoneInfo("UTC")
-    origin = LoadableTargetOrigin(module_name="precompute_assets.definitions", attribute="defs")
-    target = InProcessWorkspaceLoadTarget(InProcessCodeLocationOrigin(origin))
-    with (
-        scratch_database(dagster_pg_url, "dagster") as url,
-        dg.instance_for_test(overrides={"storage": {"postgres": {"postgres_url": url}}, **QUEUED}) as instance,
-        freeze_time(datetime(2026, 11, 20, 0, 30, tzinfo=utc)),
-        create_test_daemon_workspace_context(target, instance) as workspace,
-    ):
-        (location,) = workspace.create_request_context().get_code_location_entries().values()
-        (repository,) = location.code_location.get_repositories().values()
-        for schedule in repository.get_schedules():  # only this schedule ticks
-            if schedule.name == "daily_precompute":
-                instance.start_schedule(schedule)
-            else:
-                instance.stop_schedule(schedule.get_remote_origin_id(), schedule.selector_id, schedule)
+    start = datetime(2026, 11, 20, 0, 30, tzinfo=utc)
+    with scheduler_daemon(dagster_pg_url, monkeypatch, "daily_precompute", start) as (instance, iterate):
         for hour in DEFAULT_PARTITIONS.hours_of("2026-11-19"):
             instance.report_runless_asset_event(dg.AssetMaterialization("query_logs", partition=hour))
         for hour in range(1, 8):  # 01:00 to 07:00: the window is 02:00-06:00
-            at = datetime(2026, 11, 20, hour, 0, 30, tzinfo=utc)
-            with freeze_time(at):
-                list(launch_scheduled_runs(workspace, logging.getLogger("scheduler"), at, {}))
+            iterate(datetime(2026, 11, 20, hour, 0, 30, tzinfo=utc))
         runs = instance.get_runs(dg.RunsFilter(job_name="daily_precompute_job"))
         assert [(r.tags["dagster/partition"], r.tags["dagster/run_key"]) for r in runs] == [
             ("2026-11-19", "precompute-2026-11-19")
         ]
+
+
+def test_after_a_daemon_outage_every_missed_hour_is_drained(dagster_pg_url, monkeypatch):
+    """Dagster runs only the newest missed tick of these schedules ("has no partition set, so not trying to catch
+    up"): after an outage the older hours of query_logs were never drained, and that day's precompute, which waits
+    for all 24 hours, never ran."""
+    utc = ZoneInfo("UTC")
+    down = datetime(2026, 11, 20, 1, 30, tzinfo=utc)  # the daemon dies after draining 00:00 at 01:05
+    with scheduler_daemon(dagster_pg_url, monkeypatch, "query_logs_hourly", down) as (instance, iterate):
+        for hour in [*DEFAULT_PARTITIONS.hours_of("2026-11-19"), "2026-11-20-00:00"]:
+            instance.report_runless_asset_event(dg.AssetMaterialization("query_logs", partition=hour))
+        iterate(down)  # its last iteration
+        iterate(datetime(2026, 11, 20, 10, 6, tzinfo=utc))  # back: the ticks of 02:05 ... 10:05 were missed
+        runs = instance.get_runs(dg.RunsFilter(job_name="query_logs_job"))
+        assert sorted(run.tags["dagster/partition"] for run in runs) == [
+            f"2026-11-20-{hour:02d}:00" for hour in range(1, 10)
+        ]
+        iterate(datetime(2026, 11, 20, 11, 6, tzinfo=utc))  # their runs are queued: only the hour that just ended
+        assert len(instance.get_runs(dg.RunsFilter(job_name="query_logs_job"))) == 10
 
 
 def window(requests: int, hits: int) -> dict:
