@@ -162,6 +162,21 @@ def test_daily_precompute_follows_the_learned_offpeak_window():
         assert [r.partition_key for r in fired.run_requests] == ["2026-11-19"]
 
 
+def test_a_backfilled_old_day_does_not_move_tonights_offpeak_window():
+    """The window came from the latest traffic_profile materialization: backfilling an old day (its profile said
+    01:00) moved tonight's precompute off the newest day's learned 04:00."""
+    tz = ZoneInfo("UTC")
+    with dg.instance_for_test() as instance:
+        _logs_done(instance, "2026-11-19")
+        for day, hour in (("2026-11-19", 4), ("2026-06-01", 1)):  # the newest day, then a backfill
+            instance.report_runless_asset_event(
+                dg.AssetMaterialization("traffic_profile", partition=day, metadata={"offpeak_start_hour": hour})
+            )
+        assert not _precompute(datetime(2026, 11, 20, 2, tzinfo=tz), "UTC", instance).run_requests
+        fired = _precompute(datetime(2026, 11, 20, 4, tzinfo=tz), "UTC", instance)
+        assert [r.partition_key for r in fired.run_requests] == ["2026-11-19"]
+
+
 PARTITIONED = {"ad_impressions", "query_logs", "query_log_quarantine", "traffic_profile", "ad_demand", "top_ads",
                "ctr_model", "ctr_predictions", "ctr_cache", "demand_model", "selection_experiment",
                "user_events", "user_event_quarantine", "next_action_model"}  # fmt: skip

@@ -45,11 +45,17 @@ refresh_precompute_job = dg.define_asset_job(
 
 
 def offpeak_start_hour(instance: dg.DagsterInstance | None) -> int:
-    """The start of the off-peak window learned by the newest ``traffic_profile``, or the default."""
+    """The start of the off-peak window learned by ``traffic_profile`` of the newest day, or the default."""
     if instance is None:
         return DEFAULT_OFFPEAK_START_HOUR
-    event = instance.get_latest_materialization_event(dg.AssetKey("traffic_profile"))
-    metadata = event.asset_materialization.metadata if event and event.asset_materialization else {}
+    key = dg.AssetKey("traffic_profile")
+    days = instance.get_materialized_partitions(key)
+    if not days:
+        return DEFAULT_OFFPEAK_START_HOUR
+    # The newest day's, not the latest materialization: a backfill of an older day must not move tonight's window.
+    newest = dg.AssetRecordsFilter(asset_key=key, asset_partitions=[max(days)])
+    records = instance.fetch_materializations(newest, limit=1).records
+    metadata = records[0].asset_materialization.metadata if records and records[0].asset_materialization else {}
     value = metadata.get("offpeak_start_hour")
     return int(value.value) if value is not None else DEFAULT_OFFPEAK_START_HOUR
 
