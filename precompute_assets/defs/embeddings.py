@@ -260,6 +260,23 @@ document_embeddings_job = dg.define_asset_job(
 )
 
 
+SYNC_RETRY_AFTER_S = 600  # a failed sync is requested again this long after it ended, doubled per failure in a row
+
+
+def sync_retry_key(instance: dg.DagsterInstance, now: float, *, after_s: float = SYNC_RETRY_AFTER_S) -> str | None:
+    """A run key for the sync to run again when the newest syncs failed (Redis or PostgreSQL was away for longer than
+    the step's retries) and the last one ended ``after_s`` ago, doubled per failure in a row (at most 8); else None."""
+    records = instance.get_run_records(dg.RunsFilter(job_name=document_embeddings_job.name), limit=8)  # newest first
+    failed = []
+    for record in records:
+        if record.dagster_run.status != dg.DagsterRunStatus.FAILURE:
+            break
+        failed.append(record)
+    if not failed or failed[0].end_time is None or now - failed[0].end_time < after_s * 2 ** (len(failed) - 1):
+        return None
+    return f"documents-retry-{failed[0].dagster_run.run_id}"
+
+
 @dg.sensor(
     job=document_embeddings_job,
     minimum_interval_seconds=60,
@@ -288,6 +305,9 @@ def documents_changed(context: dg.SensorEvaluationContext, documents: DocumentSt
         # changes the marker and gets a sync of its own.
         marker += UNSETTLED
     if context.cursor == marker:
+        # The cursor moved when the sync was requested: a sync that failed would leave these changes to 04:00.
+        if retry := sync_retry_key(context.instance, time.time()):
+            return dg.RunRequest(run_key=retry)
         return dg.SkipReason(f"no document changed since {marker}")
     context.update_cursor(marker)
     return dg.RunRequest(run_key=f"documents-{marker}")

@@ -400,6 +400,40 @@ def test_documents_a_long_load_commits_late_get_a_sync_of_their_own(docs, app_db
         assert isinstance(tick(cursor)[0], dg.SkipReason)
 
 
+def test_a_failed_sync_is_requested_again_without_a_new_change(docs, app_db, monkeypatch):
+    """The cursor moves when a sync is requested: when that sync failed (Redis away for longer than its retries),
+    nothing asked for the changes again until the 04:00 schedule, however many hours away."""
+    import time
+
+    from dagster._core.test_utils import create_run_for_test
+
+    from precompute_assets.defs import embeddings
+
+    resources_ = {"documents": DocumentStoreResource(url=app_db)}
+    retry_after_s = 600  # the README's 10 minutes
+    with dg.instance_for_test() as instance:
+        instance.report_runless_asset_event(dg.AssetMaterialization("embedding_model"))
+
+        def tick(cursor: str | None, at: float):
+            monkeypatch.setattr(embeddings.time, "time", lambda: at)
+            with dg.build_sensor_context(instance=instance, resources=resources_, cursor=cursor) as context:
+                return documents_changed(context), context.cursor
+
+        def failed_sync(run_key: str) -> float:
+            run = create_run_for_test(instance, job_name="document_embeddings_job", tags={"dagster/run_key": run_key})
+            instance.report_run_failed(run)
+            return instance.get_run_record_by_id(run.run_id).end_time
+
+        request, cursor = tick(None, time.time())
+        ended = failed_sync(request.run_key)
+        assert isinstance(tick(cursor, ended + 60)[0], dg.SkipReason)  # give the outage time to end
+        retry, cursor = tick(cursor, ended + retry_after_s + 1)
+        assert isinstance(retry, dg.RunRequest) and retry.run_key != request.run_key
+        ended = failed_sync(retry.run_key)  # failed again: twice as long before the next try
+        assert isinstance(tick(cursor, ended + retry_after_s + 1)[0], dg.SkipReason)
+        assert isinstance(tick(cursor, ended + 2 * retry_after_s + 1)[0], dg.RunRequest)
+
+
 def test_a_sync_without_an_embedder_fails_once_without_retries(app_db, redis_url, schema, tmp_path):
     """Nothing to retry for: the step fails at once, saying what to materialize, and frees its pool slot."""
     with dg.instance_for_test() as instance:
