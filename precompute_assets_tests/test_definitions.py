@@ -92,6 +92,30 @@ def test_hourly_schedule_requests_the_previous_hour():
     assert [r.partition_key for r in requests] == ["2026-11-20-10:00"]
 
 
+@pytest.mark.parametrize(
+    ("timezone", "day", "expected"),
+    [
+        ("America/New_York", (11, 1), ["2026-10-31-23:00", "2026-11-01-00:00", "2026-11-01-01:00",
+                                       "2026-11-01-01:00-0500", "2026-11-01-02:00", "2026-11-01-03:00"]),
+        ("Europe/Berlin", (10, 25), ["2026-10-24-23:00", "2026-10-25-00:00", "2026-10-25-01:00", "2026-10-25-02:00",
+                                     "2026-10-25-02:00+0100", "2026-10-25-03:00"]),
+        ("America/New_York", (3, 8), ["2026-03-07-23:00", "2026-03-08-00:00", "2026-03-08-01:00", "2026-03-08-03:00"]),
+    ],
+)  # fmt: skip
+def test_each_hourly_drain_requests_the_hour_that_just_ended_on_dst_days(timezone, day, expected):
+    """On a fall-back day the drains requested the repeated hour before it had ended (one instant compared with
+    another of the same zone by wall clock), and never the hour that had; the first 5 hours, a tick each."""
+    tz = ZoneInfo(timezone)
+    r = build_definitions(Settings(timezone)).get_repository_def()
+    for name in ("query_logs_hourly", "user_events_hourly"):
+        schedule = r.get_schedule_def(name)
+        requested = []
+        for tick in ticks(schedule, datetime(2026, *day, tzinfo=tz), datetime(2026, *day, 5, tzinfo=tz)):
+            context = dg.build_schedule_context(scheduled_execution_time=tick, repository_def=r)
+            requested += [q.partition_key for q in schedule.evaluate_tick(context).run_requests]
+        assert requested == expected, name
+
+
 def _precompute(moment: datetime, timezone: str = "America/New_York", instance=None):
     schedule = {s.name: s for s in build_schedules(Partitions(timezone))}["daily_precompute"]
     context = dg.build_schedule_context(

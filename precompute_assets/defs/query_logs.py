@@ -424,12 +424,13 @@ def build_drain_schedule(
         description=description,
     )
     def drain(context: dg.ScheduleEvaluationContext):
-        tick = context.scheduled_execution_time or datetime.now(UTC)
+        tick = (context.scheduled_execution_time or datetime.now(UTC)).astimezone(UTC)
         window = dg.TimeWindow(tick - pd.Timedelta(hours=catch_up_hours), tick)
+        # compared as instants: two times of one zone compare by wall clock, and a fall-back hour repeats it
         keys = [
             key
             for key in partitions_def.get_partition_keys_in_time_window(window)
-            if partitions_def.time_window_for_partition_key(key).end <= tick
+            if partitions_def.time_window_for_partition_key(key).end.timestamp() <= tick.timestamp()
         ]
         if not keys:
             return dg.SkipReason(f"no hour of {asset_key} has ended yet")
