@@ -445,6 +445,15 @@ def campaign_launch_sensor(context: dg.SensorEvaluationContext, campaign_registr
         return c.change_seq > cursor.seq or cursor.until is None or c.launch_at > cursor.until
 
     fresh = [c for c in due if became_due(c)]
+    if fresh:
+        # Dagster dedupes run keys per sensor or schedule: a run the backstop launched with the same key (it fires
+        # on the hour, when a campaign launching on the hour enters the horizon) would be launched a second time.
+        keys = [warming_run_key(c) for c in fresh]
+        runs = context.instance.get_runs(
+            dg.RunsFilter(job_name=campaign_warming_job.name, tags={"dagster/run_key": keys}), limit=len(keys)
+        )
+        launched = {run.tags.get("dagster/run_key") for run in runs}
+        fresh = [c for c in fresh if warming_run_key(c) not in launched]
     cancelled = [c for c in changed if c.status == "cancelled"]
     known = set(context.instance.get_dynamic_partitions(CAMPAIGNS.name)) if fresh else set()
     new_partitions = sorted({c.campaign_id for c in fresh} - known)

@@ -211,6 +211,24 @@ def test_the_sensor_adds_partitions_and_requests_one_prioritised_run_per_due_cam
         assert cleanup.tags["dagster/priority"] == "10" and cleanup.tags["precompute/campaign"] == later
 
 
+def test_the_sensor_does_not_launch_again_what_the_backstop_launched(registry, app_db):
+    """Dagster dedupes run keys per sensor or schedule, not across them: the backstop fires on the hour, when a
+    campaign launching on the hour enters the horizon, and the sensor's next tick launched its run key again."""
+    now = datetime.now(UTC)
+    by_backstop, new = unique("backstopped"), unique("new")
+    for campaign_id in (by_backstop, new):
+        registry.register(campaign_id, "acme", now + HOUR, campaign_ads(campaign_id, 2))
+    resource = CampaignRegistryResource(url=app_db)
+    (backstop,) = build_campaign_schedules("UTC")
+    with dg.instance_for_test() as instance:
+        create_run_for_test(
+            instance, job_name="campaign_warming_job", status=dg.DagsterRunStatus.STARTED,
+            tags={"dagster/run_key": f"{by_backstop}-r1", "dagster/schedule_name": backstop.name},
+        )  # fmt: skip
+        result = tick(instance, resource)
+        assert [r.run_key for r in result.run_requests] == [f"{new}-r1"]
+
+
 def test_a_tick_over_10000_campaigns_is_a_constant_number_of_queries(registry, app_db, monkeypatch):
     now = datetime.now(UTC)
     records = [
