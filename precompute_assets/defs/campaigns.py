@@ -32,6 +32,7 @@ from ..serving.replication import confirm_replicas
 from ..storage.campaigns import Campaign, CampaignRegistry
 from .models import CTR_MODEL, approved_materializations
 from .resources import CampaignRegistryResource, LakeResource, ModelStoreResource, RedisResource
+from .runs import ACTIVE_RUN_STATUSES
 
 CAMPAIGNS = dg.DynamicPartitionsDefinition(name="campaigns")
 
@@ -56,12 +57,6 @@ WARMING_RETRY = dg.RetryPolicy(max_retries=3, delay=1, backoff=dg.Backoff.EXPONE
 APPROVAL_PAGE = 1000  # records per read when searching every ctr_model materialization for the approved one
 BEATS_BASELINE = dg.AssetCheckKey(dg.AssetKey(CTR_MODEL), "beats_baseline")
 RUNNING = dg.DefaultSensorStatus.RUNNING
-ACTIVE_RUN_STATUSES = [
-    dg.DagsterRunStatus.QUEUED,
-    dg.DagsterRunStatus.NOT_STARTED,
-    dg.DagsterRunStatus.STARTING,
-    dg.DagsterRunStatus.STARTED,
-]
 
 
 class CampaignWarmingConfig(dg.Config):

@@ -16,6 +16,7 @@ from ..sync.embedding_quality import int8_recall
 from ..sync.embeddings import sync_embeddings
 from .publishing import GRACE_SECONDS
 from .resources import AppDatabaseResource, DocumentStoreResource, ModelStoreResource, RedisResource
+from .runs import ACTIVE_RUN_STATUSES
 
 EMBEDDING_MODEL = "embedding_model"
 ERROR_WARN, ERROR_FAIL = 0.01, 0.05
@@ -246,13 +247,6 @@ def has_embedder(instance: dg.DagsterInstance) -> bool:
     return instance.get_latest_materialization_event(dg.AssetKey(EMBEDDING_MODEL)) is not None
 
 
-ACTIVE_STATUSES = [
-    dg.DagsterRunStatus.QUEUED,
-    dg.DagsterRunStatus.NOT_STARTED,
-    dg.DagsterRunStatus.STARTING,
-    dg.DagsterRunStatus.STARTED,
-]
-
 document_embeddings_job = dg.define_asset_job(
     "document_embeddings_job",
     selection=dg.AssetSelection.assets(document_embeddings),
@@ -287,7 +281,7 @@ def sync_retry_key(instance: dg.DagsterInstance, now: float, *, after_s: float =
 def documents_changed(context: dg.SensorEvaluationContext, documents: DocumentStoreResource):
     """Run the incremental sync when documents were added, modified or deleted since the last request."""
     active = context.instance.get_runs(
-        dg.RunsFilter(job_name=document_embeddings_job.name, statuses=ACTIVE_STATUSES), limit=1
+        dg.RunsFilter(job_name=document_embeddings_job.name, statuses=ACTIVE_RUN_STATUSES), limit=1
     )
     if active:
         return dg.SkipReason(f"a sync is already running ({active[0].run_id[:8]}); it will pick the changes up")

@@ -18,6 +18,7 @@ from ..storage.tables import QUERY_LOG_DRAIN, quarantine_frame, query_log_table
 from .campaigns import purge_campaign_ads
 from .partitions import DEFAULT_PARTITIONS
 from .resources import DeploymentResource, LakeResource, RedisResource
+from .runs import ACTIVE_RUN_STATUSES
 
 if TYPE_CHECKING:  # what define_asset_job returns (not exported by dagster)
     from dagster._core.definitions.unresolved_asset_job_definition import UnresolvedAssetJobDefinition
@@ -383,12 +384,6 @@ query_logs_job = dg.define_asset_job(
 # --- the hourly drains -----------------------------------------------------------------------------------
 
 CATCH_UP_HOURS = 7 * 24  # after a daemon outage, drain at most this many missed hours (the stream's retention)
-ACTIVE_RUN_STATUSES = [
-    dg.DagsterRunStatus.QUEUED,
-    dg.DagsterRunStatus.NOT_STARTED,
-    dg.DagsterRunStatus.STARTING,
-    dg.DagsterRunStatus.STARTED,
-]
 
 
 def hours_to_drain(keys: list[str], materialized: set[str], busy: set[str], *, ever_materialized: bool) -> list[str]:

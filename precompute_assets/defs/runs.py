@@ -1,0 +1,11 @@
+"""Dagster run states that the schedules and sensors look for."""
+
+import dagster as dg
+
+# A run in these states will still do its work: a schedule or sensor does not request the same work again.
+ACTIVE_RUN_STATUSES = [
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+]
