@@ -370,13 +370,9 @@ class LocalModelStore:
             signing = model_key() is not None and not existing.get("hmac_sha256")
             self._check(name, version, existing, data, path, signature_too=not signing)
         record = integrity_record(name, version, files[0], hashlib.sha256(data).hexdigest(), len(data))
-        staging = folder / f"{_TEMP_PREFIX}{INTEGRITY_FILE}-{uuid.uuid4().hex}"
-        try:
-            _write_synced(staging, json.dumps(record, indent=2, sort_keys=True))
-            os.replace(staging, folder / INTEGRITY_FILE)
-        except BaseException:
-            staging.unlink(missing_ok=True)
-            raise
+        write_atomically(
+            folder / INTEGRITY_FILE, lambda f: f.write(json.dumps(record, indent=2, sort_keys=True).encode())
+        )
         _fsync_dir(folder)
         return record
 
