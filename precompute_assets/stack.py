@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .serving.connection import REDIS_ERRORS, SENTINEL_SCHEMES, check_url_port, connect, parse_sentinel_url
+from .storage.files import exclusive_lock
 from .storage.postgres import connect as postgres_connect
 
 ENV_REDIS = "PRECOMPUTE_REDIS_URL"
@@ -852,15 +853,9 @@ class Stack:
         not one the environment names (which is its operator's)."""
         return self._external(variable) is None
 
-    @contextlib.contextmanager
-    def _locked(self):
+    def _locked(self) -> contextlib.AbstractContextManager[None]:
         """One ``up``/``down`` of this home at a time (two terminals, a test and a CLI)."""
-        import fcntl
-
-        self.home.mkdir(parents=True, exist_ok=True)
-        with open(self.home / "stack.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            yield
+        return exclusive_lock(self.home / "stack.lock")
 
     def up(self) -> dict[str, str]:
         """Start whatever is not provided by the environment; return once every service answers. A server the
