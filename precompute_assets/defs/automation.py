@@ -17,6 +17,7 @@ from .predictions import ctr_predictions
 from .publishing import ctr_cache
 from .query_logs import build_drain_schedule, query_log_cleanup_job, query_logs_job
 from .resources import RedisResource
+from .runs import RUN_KEY_TAG
 from .selection import OFFPEAK_WINDOW_HOURS, ad_demand, top_ads, traffic_profile
 
 # Until traffic_profile has learned the quiet window of the traffic, it is assumed to start at 02:00.
@@ -134,9 +135,6 @@ def build_cache_health_sensor(timezone: str, *, threshold: float = HEALTH_THRESH
         return result
 
     return cache_health
-
-
-RUN_KEY_TAG = "dagster/run_key"
 
 
 def run_with_key(instance: dg.DagsterInstance, job_name: str, run_key: str) -> dg.DagsterRun | None:

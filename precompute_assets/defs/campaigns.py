@@ -32,7 +32,7 @@ from ..serving.replication import confirm_replicas
 from ..storage.campaigns import Campaign, CampaignRegistry
 from .models import CTR_MODEL, approved_materializations
 from .resources import CampaignRegistryResource, LakeResource, ModelStoreResource, RedisResource
-from .runs import ACTIVE_RUN_STATUSES
+from .runs import ACTIVE_RUN_STATUSES, RUN_KEY_TAG
 
 CAMPAIGNS = dg.DynamicPartitionsDefinition(name="campaigns")
 
@@ -445,9 +445,9 @@ def campaign_launch_sensor(context: dg.SensorEvaluationContext, campaign_registr
         # on the hour, when a campaign launching on the hour enters the horizon) would be launched a second time.
         keys = [warming_run_key(c) for c in fresh]
         runs = context.instance.get_runs(
-            dg.RunsFilter(job_name=campaign_warming_job.name, tags={"dagster/run_key": keys}), limit=len(keys)
+            dg.RunsFilter(job_name=campaign_warming_job.name, tags={RUN_KEY_TAG: keys}), limit=len(keys)
         )
-        launched = {run.tags.get("dagster/run_key") for run in runs}
+        launched = {run.tags.get(RUN_KEY_TAG) for run in runs}
         fresh = [c for c in fresh if warming_run_key(c) not in launched]
     cancelled = [c for c in changed if c.status == "cancelled"]
     known = set(context.instance.get_dynamic_partitions(CAMPAIGNS.name)) if fresh else set()
@@ -473,7 +473,7 @@ def failed_cleanups(instance: dg.DagsterInstance, registry: CampaignRegistry, *,
     values are still in the cache. A revision cancelled since (re-activated, cancelled again) has its own cleanup."""
     newest: dict[str, dg.DagsterRun] = {}
     for run in instance.get_runs(dg.RunsFilter(job_name=campaign_cleanup_job.name), limit=limit):  # newest first
-        newest.setdefault(run.tags.get("dagster/run_key", ""), run)
+        newest.setdefault(run.tags.get(RUN_KEY_TAG, ""), run)
     ended = (dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED)
     out = []
     for run_key, run in sorted(newest.items()):
@@ -528,7 +528,7 @@ def build_campaign_schedules(timezone: str) -> list[dg.ScheduleDefinition]:
         instance = context.instance if context.instance_ref is not None else None
         if instance is not None and due:
             active = instance.get_runs(dg.RunsFilter(job_name=campaign_warming_job.name, statuses=ACTIVE_RUN_STATUSES))
-            busy = {run.tags.get("dagster/run_key") for run in active}
+            busy = {run.tags.get(RUN_KEY_TAG) for run in active}
             due = [c for c in due if warming_run_key(c) not in busy]
             # a schedule cannot return partition requests: the partitions the sensor never added are added here
             missing = sorted({c.campaign_id for c in due} - set(instance.get_dynamic_partitions(CAMPAIGNS.name)))

@@ -1,6 +1,8 @@
-"""Dagster run states that the schedules and sensors look for."""
+"""Dagster run tags and states that the schedules and sensors look for."""
 
 import dagster as dg
+
+RUN_KEY_TAG = "dagster/run_key"  # the tag Dagster gives a run launched with a run key
 
 # A run in these states will still do its work: a schedule or sensor does not request the same work again.
 ACTIVE_RUN_STATUSES = [
