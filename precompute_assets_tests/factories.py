@@ -108,3 +108,20 @@ class _CountingPool:
 
     def __getattr__(self, name):
         return getattr(self._pool, name)
+
+
+# A server started with these logs every command it runs (``commands_run`` reads them back).
+LOG_EVERY_COMMAND = ("slowlog-log-slower-than 0", "slowlog-max-len 1000000")
+
+
+def commands_run(client: redis.Redis) -> list[tuple[list[str], int]]:
+    """The commands a server started with ``LOG_EVERY_COMMAND`` ran, oldest first, each as its first arguments (the
+    slow log keeps 32) and its whole argument count; the log is emptied."""
+    commands = []
+    for entry in reversed(client.execute_command("SLOWLOG", "GET", "-1")):
+        args = [arg.decode(errors="replace") if isinstance(arg, bytes) else str(arg) for arg in entry[3]]
+        more = args[-1].partition("... (")[2].partition(" more arguments)")[0] if args else ""
+        count = len(args) - 1 + int(more) if more.isdigit() else len(args)
+        commands.append((args, count))
+    client.execute_command("SLOWLOG", "RESET")
+    return commands

@@ -347,8 +347,7 @@ def settle_published(
         return []
     published = set(keys)
     if len(keys) > tracked:  # send the keys of the main LRU that the version serves, not the whole version
-        (members,) = run_commands(client, [(b"ZRANGE", main, 0, -1)])
-        keys_in_main = [key for key in map(_text, members) if key in published]
+        keys_in_main = [key for key in _sorted_set_members(client, main, chunk) if key in published]
     else:
         keys_in_main = list(keys) if tracked else []
     for start in range(0, len(keys_in_main), chunk):
@@ -356,8 +355,8 @@ def settle_published(
         _unlink_live(client, schema, kind, [_text(key) for key in gone])
     handed: list[str] = []
     if previous is not None and order_version is not None and _text(order_version) == previous.version:
-        (before,) = run_commands(client, [(b"LRANGE", order, 0, -1)])
-        dropped = list(dict.fromkeys(key for key in map(_text, before) if key not in published))
+        before = _list_items(client, order, chunk)
+        dropped = list(dict.fromkeys(key for key in before if key not in published))
         for start in range(0, len(dropped), chunk):
             hand_over = (b"EVAL", HAND_OVER, 7, *names[:7], *dropped[start : start + chunk])  # all but the order
             ((room, taken),) = run_commands(client, [hand_over])
@@ -367,18 +366,51 @@ def settle_published(
         # Every dropped key the main LRU tracks now gets its value, not only those taken just now: a settling killed
         # between its HAND_OVER and this copy left keys tracked without a value, which its retry takes no more.
         # (Any other tracked one a reader admitted since the flip, with a value, which SET NX keeps.)
-        (members,) = run_commands(client, [(b"ZRANGE", main, 0, -1)])
-        tracked_now = set(map(_text, members))
+        tracked_now = set(_sorted_set_members(client, main, chunk))
         live = [int(ttl) for ttl in (ttl_s, live_ttl_s) if ttl is not None and int(ttl) > 0]
         copied = [key for key in dropped if key in tracked_now]
         _copy_to_live(client, schema, kind, copied, previous, min(live) if live else None)
         _unlink_untracked(client, schema, kind, copied)
     kept = list(keys[: int(capacity)])
-    commands: list[tuple[Any, ...]] = [(b"DEL", order)]
+    commands: list[tuple[Any, ...]] = [(b"UNLINK", order)]  # up to capacity names: freed off the main thread
     commands += [(b"RPUSH", order, *kept[start : start + chunk]) for start in range(0, len(kept), chunk)]
     commands.append((b"HSET", tier, b"order_version", version.encode()))
     run_commands(client, commands)
     return handed
+
+
+def _sorted_set_members(client: redis.Redis, name: bytes, page: int) -> list[str]:
+    """The members of the sorted set ``name`` in score order, ``page`` per ``ZRANGE ... BYSCORE LIMIT``: one
+    ``ZRANGE 0 -1`` of probation's main LRU (up to its capacity) holds Redis for every other client while it replies.
+    Pages go by score, not rank, so readers' evictions (the lowest scores) shift no member past the cursor, and a
+    refresh only moves a member ahead of it: every member present throughout is read (one refreshed may twice)."""
+    members: dict[str, None] = {}
+    low, offset = b"-inf", 0  # the score to read from, and how many members of that very score were read already
+    while True:
+        (reply,) = run_commands(
+            client, [(b"ZRANGE", name, low, b"+inf", b"BYSCORE", b"LIMIT", b"%d" % offset, b"%d" % page, b"WITHSCORES")]
+        )
+        # redis-py pairs the reply up itself when it sees WITHSCORES; a cluster's packed send replies it flat
+        flat = reply and not isinstance(reply[0], list | tuple)
+        pairs = [(_text(m), float(s)) for m, s in (zip(reply[0::2], reply[1::2], strict=True) if flat else reply)]
+        members.update((member, None) for member, _ in pairs)
+        if len(pairs) < page:
+            return list(members)
+        last = pairs[-1][1]
+        tied = sum(1 for _, score in pairs if score == last)
+        offset = offset + tied if repr(last).encode() == low else tied
+        low = repr(last).encode()
+
+
+def _list_items(client: redis.Redis, name: bytes, page: int) -> list[str]:
+    """The items of the list ``name``, ``page`` per ``LRANGE`` rather than one ``LRANGE 0 -1`` of up to probation's
+    capacity (only the settling writes ``:order``, so it does not change while it is read)."""
+    items: list[str] = []
+    while True:
+        (reply,) = run_commands(client, [(b"LRANGE", name, b"%d" % len(items), b"%d" % (len(items) + page - 1))])
+        items += map(_text, reply)
+        if len(reply) < page:
+            return items
 
 
 def _copy_to_live(

@@ -25,7 +25,7 @@ from precompute_assets.serving.admission import (
 )
 from precompute_assets.serving.keys import FIFO_PARTS
 from precompute_assets.serving.publish import PublishResult
-from precompute_assets_tests.factories import CountingClient
+from precompute_assets_tests.factories import LOG_EVERY_COMMAND, CountingClient, commands_run
 
 
 def make_cache(url: str, schema: KeySchema, **options) -> PredictionCache:
@@ -382,6 +382,48 @@ def test_a_failed_settling_hands_over_nothing_later_and_a_retry_finishes_it(redi
     assert retried.already_current and retried.handed_over == 1 and tracked_keys(client, schema) == {"m", "h"}
     assert make_cache(server.url, schema).get("rank", "h") == {"key": "h"}  # its value, from v4
     assert 3000 < client.ttl(schema.live("rank", "h")) <= 3600  # the client's live TTL, not the version's two days
+
+
+def test_settling_reads_probations_queues_in_pages_not_whole(redis_server):
+    """Settling once read the main LRU (twice) and ``:order`` whole, one ``ZRANGE``/``LRANGE 0 -1`` each: at a
+    capacity of 200,000 keys that is one command holding Redis for every other client for tens of milliseconds. It
+    reads them a page at a time now (its ``chunk``, 1000), replaces ``:order`` with ``UNLINK``, and settles the same."""
+    server = redis_server(extra_config=LOG_EVERY_COMMAND)
+    client = connect(server.url, socket_timeout=5)
+    schema = KeySchema("fifo")
+    cache = make_cache(server.url, schema, live_ttl_s=3600, admission=Probation(capacity=3000))
+    run_through_client(cache, client, schema, ["m"])  # records the capacity
+    first = [f"a{i}" for i in range(2500)]
+    publish(client, schema, "v1", first)
+    assert publish(client, schema, "v2", []).handed_over == 2500  # the main LRU holds v1's keys now
+    commands_run(client)
+    third = first[:1200] + [f"b{i}" for i in range(1400)]
+    publish(client, schema, "v3", third)  # more keys than the LRU tracks: it reads the LRU for those it serves
+    assert publish(client, schema, "v4", []).handed_over == 3000 - 1 - 1300  # v3's order, read back; the room left
+    ran = commands_run(client)
+    order = schema.admission_fifo("rank", "order")
+    # (the slow log lists the commands scripts run too: HAND_OVER's read of the coldest key is ZRANGE 0 0)
+    ranges = [args for args, _ in ran if args[0] in ("ZRANGE", "LRANGE") and args[2:4] != ["0", "0"]]
+    assert {args[0] for args in ranges} == {"ZRANGE", "LRANGE"}
+    for args in ranges:
+        if args[0] == "ZRANGE":
+            assert args[4:6] == ["BYSCORE", "LIMIT"] and int(args[7]) <= 1000, args
+        else:
+            assert 0 <= int(args[2]) <= int(args[3]) < int(args[2]) + 1000, args
+    assert max(count for _, count in ran) <= 1000 + 10  # HAND_OVER: EVAL, its script, the key count, 7 keys, 1000 keys
+    assert ["DEL", order] not in [args[:2] for args, _ in ran] and ["UNLINK", order] in [args[:2] for args, _ in ran]
+    # v3 untracked the 1200 keys it shares with v1; v4 handed v3's best 1699 keys over, with their values
+    assert tracked_keys(client, schema) == {"m", *first[1200:], *third[:1699]}
+    assert make_cache(server.url, schema).get("rank", third[1698]) == {"key": third[1698]} and cache.errors == 0
+
+
+def test_the_main_lru_read_in_pages_keeps_members_of_tied_scores(redis_client, schema):
+    """Pages go by score: members sharing one score across a page boundary (``HAND_OVER`` counts down from the
+    coldest, ``_ADMIT`` up from ``:seq``) are each read, none skipped, none twice."""
+    name = schema.admission_fifo("rank", "main")
+    redis_client.zadd(name, {f"t{i}": 5 for i in range(25)} | {"low": 1, "high": 9} | {f"u{i}": 7 for i in range(3)})
+    members = publish_module._sorted_set_members(redis_client, name.encode(), 10)
+    assert sorted(members) == sorted(m.decode() for m in redis_client.zrange(name, 0, -1)) and len(members) == 30
 
 
 def test_a_publish_whose_settling_fails_still_publishes(redis_server):
