@@ -11,7 +11,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
-from ..serving.querylog import expand_entries, quarantine_row, read_stream_window, validate_entry
+from ..serving.querylog import (
+    expand_entries,
+    quarantine_row,
+    read_stream_window,
+    trim_stream_before,
+    validate_entry,
+)
 from ..storage.lake import LakeReadError, partitions_before
 from ..storage.query_log_import import IMPORTED, is_imported
 from ..storage.tables import QUERY_LOG_DRAIN, quarantine_frame, query_log_table
@@ -261,7 +267,7 @@ def trim_stream(
         if marker is not None:
             # Record the boundary first: a re-run of a trimmed hour must know it can no longer read it whole.
             client.set(marker, max(boundary, int(client.get(marker) or 0)))
-        removed = client.xtrim(stream, minid=f"{boundary}-0", approximate=False)
+        removed = trim_stream_before(client, stream, f"{boundary}-0")
     if boundary < cutoff_ms:
         context.log.warning(f"stopped trimming the {asset} stream at an hour that is not materialized yet")
     context.log.info(f"trimmed {removed} {asset} stream entries older than {boundary}")

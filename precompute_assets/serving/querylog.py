@@ -677,6 +677,20 @@ def read_stream_window(
         lower = "(" + entries[-1][0].decode()
 
 
+TRIM_BATCH = 1000  # stream entries one XTRIM frees at most (a day of query-log entries is millions)
+
+
+def trim_stream_before(client: redis.Redis, stream: str, min_id: str, *, batch: int = TRIM_BATCH) -> int:
+    """Delete the entries of ``stream`` with IDs below ``min_id`` and return how many went: whole nodes first, at
+    most ``batch`` entries per ``XTRIM MINID ~ LIMIT``, then one exact ``XTRIM`` for the rest of the oldest node
+    (up to ``stream-node-max-entries``, 100 by default). One exact ``XTRIM`` of a day of entries freed them all in
+    one command, holding Redis for every other client meanwhile."""
+    removed = 0
+    while trimmed := client.xtrim(stream, minid=min_id, approximate=True, limit=batch):
+        removed += trimmed
+    return removed + client.xtrim(stream, minid=min_id, approximate=False)
+
+
 def expand_entries(
     entries: Iterable[tuple[bytes, dict[bytes, bytes]]],
 ) -> Iterator[tuple[bytes, dict[bytes, bytes]]]:

@@ -11,6 +11,7 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 import pytest
+import redis
 from dagster._core.test_utils import create_run_for_test, freeze_time
 
 from precompute_assets.defs import query_logs as query_logs_module
@@ -31,8 +32,9 @@ from precompute_assets.defs.resources import (
     RedisResource,
 )
 from precompute_assets.serving import QueryLogger
+from precompute_assets.serving.querylog import TRIM_BATCH
 from precompute_assets.storage.lake import Lake
-from precompute_assets_tests.factories import log_client, logged_queries
+from precompute_assets_tests.factories import LOG_EVERY_COMMAND, commands_run, log_client, logged_queries
 
 HOUR = "2026-11-20-10:00"
 HOURLY = DEFAULT_PARTITIONS.hourly
@@ -230,6 +232,32 @@ def test_cleanup_job_trims_the_user_event_stream_past_its_materialized_hours(
     pg_instance.report_runless_asset_event(dg.AssetMaterialization("user_events", partition=old_hour))
     cleanup(res, pg_instance, app_db)
     assert [entry_id for entry_id, _ in redis_client.xrange(schema.events())] == [
+        f"{HOUR_START_MS}-0".encode(),
+        f"{HOUR_START_MS + 1}-0".encode(),
+    ]
+
+
+def test_cleanup_job_trims_a_stream_a_batch_of_entries_per_command(redis_server, schema, lake_uri, pg_instance, app_db):
+    """The trim was one exact XTRIM of every entry past the retention, a day of the query log's millions of entries
+    freed in one command while every other client of the server waited. Whole nodes now go at most ``TRIM_BATCH``
+    entries per ``XTRIM MINID ~ LIMIT``, and one exact XTRIM takes what is left of the oldest node."""
+    server = redis_server(extra_config=LOG_EVERY_COMMAND)
+    client = redis.Redis.from_url(server.url)
+    old = HOUR_START_MS - 30 * 86_400_000
+    pipe = client.pipeline(transaction=False)
+    for at in [old + i for i in range(5000)] + [HOUR_START_MS, HOUR_START_MS + 1]:
+        pipe.xadd(schema.events(), {"ts": str(at), "user": "u1", "action": "login"}, id=f"{at}-0")
+    pipe.execute()
+    old_hour = HOURLY.get_partition_key_for_timestamp(old / 1000)
+    pg_instance.report_runless_asset_event(dg.AssetMaterialization("user_events", partition=old_hour))
+    commands_run(client)
+    cleanup(resources(server.url, schema, lake_uri), pg_instance, app_db)
+    trims = [args[2:] for args, _ in commands_run(client) if args[:2] == ["XTRIM", schema.events()]]
+    *batches, last = trims
+    boundary = f"{old + 3_600_000}-0"  # the end of the one hour drained
+    assert len(batches) >= 5000 // TRIM_BATCH and last == ["MINID", boundary]
+    assert all(args == ["MINID", "~", boundary, "LIMIT", str(TRIM_BATCH)] for args in batches), batches
+    assert [entry_id for entry_id, _ in client.xrange(schema.events())] == [
         f"{HOUR_START_MS}-0".encode(),
         f"{HOUR_START_MS + 1}-0".encode(),
     ]
