@@ -21,7 +21,7 @@ import redis
 
 from .connection import connect
 from .keys import KeySchema
-from .querylog import QueryLogger, _clean_text, _int_field, read_stream_window, ts_problem
+from .querylog import READ_PAGE, QueryLogger, _clean_text, _int_field, read_stream_window, ts_problem
 
 ACTIONS = ("login", "dashboard_view", "campaign_create", "creative_upload", "variant_review", "analytics_view")
 ACTION_INDEX = {action: i for i, action in enumerate(ACTIONS)}
@@ -113,14 +113,14 @@ class EventLogger(QueryLogger):
 
 
 def read_event_window(
-    client: redis.Redis, schema: KeySchema, start_ms: int, end_ms: int, *, page: int = 10_000
+    client: redis.Redis, schema: KeySchema, start_ms: int, end_ms: int, *, page: int = READ_PAGE
 ) -> Iterator[list[tuple[bytes, dict[bytes, bytes]]]]:
     """Yield pages of event entries that arrived in ``[start_ms, end_ms)``, in ID order (idempotent)."""
     return read_stream_window(client, schema, start_ms, end_ms, page=page, stream=events_stream(schema))
 
 
 def read_events_after(
-    client: redis.Redis, schema: KeySchema, after_id: str, *, limit: int, page: int = 10_000
+    client: redis.Redis, schema: KeySchema, after_id: str, *, limit: int, page: int = READ_PAGE
 ) -> list[tuple[bytes, dict[bytes, bytes]]]:
     """At most ``limit`` entries with IDs after ``after_id`` (``ms-seq``), in ID order: what a cursor reads."""
     stream, lower, out = events_stream(schema), f"({after_id}", []

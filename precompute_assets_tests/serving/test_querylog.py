@@ -13,15 +13,17 @@ from collections import Counter
 
 import pytest
 
-from precompute_assets.serving import QueryLogger, connect, log_prediction_query, query_logger
+from precompute_assets.serving import KeySchema, QueryLogger, connect, log_prediction_query, query_logger
+from precompute_assets.serving.events import read_event_window, read_events_after
 from precompute_assets.serving.querylog import (
     ENTRY_EVENTS,
+    READ_PAGE,
     expand_entries,
     quarantine_row,
     read_stream_window,
     validate_entry,
 )
-from precompute_assets_tests.factories import log_client, logged_queries
+from precompute_assets_tests.factories import LOG_EVERY_COMMAND, commands_run, log_client, logged_queries
 
 
 def test_decorator_logs_each_call_as_a_live_miss(redis_url, redis_client, schema):
@@ -659,3 +661,28 @@ def test_a_flush_before_the_thread_has_connected_loses_nothing(redis_url, redis_
     logger.close()
     assert (logger.stats.written, logger.stats.dropped) == (1, 0)
     assert len(logged_queries(redis_client, schema)) == 1
+
+
+def test_a_drain_reads_the_stream_a_bounded_page_per_xrange(redis_server):
+    """Drains and the event sensor's cursor read 10,000 entries per XRANGE: of the query log (64 queries an entry,
+    about 9 MB) a reply that held Redis for 11 ms per page, every page of every hour. ``READ_PAGE`` entries now."""
+    server = redis_server(extra_config=LOG_EVERY_COMMAND)
+    client = connect(server.url, socket_timeout=5)
+    schema = KeySchema("drain")
+    logger = QueryLogger(log_client(server.url), schema, clock=lambda: 5_000)
+    for i in range(2500):
+        logger.log_many("ctr", [f"ad{i}:{j}" for j in range(64)], [True] * 64, latency_us=40)
+    logger.close()
+    pipe = client.pipeline(transaction=False)
+    for i in range(2500):
+        pipe.xadd(schema.events(), {"ts": "5000", "user": f"u{i}", "action": "login"}, id=f"5000-{i + 1}")
+    pipe.execute()
+    commands_run(client)
+    entries = [entry for page in read_stream_window(client, schema, 0, 10_000) for entry in page]
+    events = [entry for page in read_event_window(client, schema, 0, 10_000) for entry in page]
+    after = read_events_after(client, schema, "0-0", limit=3000)
+    counts = [int(args[args.index("COUNT") + 1]) for args, _ in commands_run(client) if args[0] == "XRANGE"]
+    assert len(counts) >= 3 * 3 and max(counts) <= READ_PAGE
+    assert len(entries) == client.xlen(schema.query_log()) == len({entry_id for entry_id, _ in entries})
+    assert len(logged_queries(client, schema)) == 2500 * 64
+    assert len(events) == len(after) == 2500 and [e for e, _ in events] == [e for e, _ in after]
