@@ -53,6 +53,9 @@ from .replication import REPLICA_WAIT_S, ReplicationTimeoutError, confirm_replic
 _log = logging.getLogger(__name__)
 KEYS_PER_BUCKET = 64  # small hashes stay in Redis' compact listpack encoding
 COMMANDS_PER_PIPELINE = 1000
+# Keys per UNTRACK or HAND_OVER script of a settling: a script holds Redis for every other client until it ends, and
+# 1000 keys took 2-5 ms (HAND_OVER, into a main LRU of 170,000 keys); 128 stay near two of _ADMIT's MAX_STEPS.
+SETTLE_SCRIPT_KEYS = 128
 
 
 @dataclass(frozen=True)
@@ -323,6 +326,7 @@ def settle_published(
     *,
     ttl_s: int | None,
     chunk: int = 1000,
+    script_keys: int = SETTLE_SCRIPT_KEYS,
 ) -> list[str]:
     """After the flip to ``version`` (its ``keys``, best first), settle admission ``probation``'s live tier of
     ``kind``; nothing before a ``probation`` client has stored a miss of ``kind`` (which records its capacity).
@@ -353,15 +357,15 @@ def settle_published(
         keys_in_main = [key for key in _sorted_set_members(client, main, chunk) if key in published]
     else:
         keys_in_main = list(keys) if tracked else []
-    for start in range(0, len(keys_in_main), chunk):
-        gone = run_commands(client, [(b"EVAL", UNTRACK, 1, main, *keys_in_main[start : start + chunk])])[0]
+    for start in range(0, len(keys_in_main), script_keys):
+        gone = run_commands(client, [(b"EVAL", UNTRACK, 1, main, *keys_in_main[start : start + script_keys])])[0]
         _unlink_live(client, schema, kind, [_text(key) for key in gone])
     handed: list[str] = []
     if previous is not None and order_version is not None and _text(order_version) == previous.version:
         before = _list_items(client, order, chunk)
         dropped = list(dict.fromkeys(key for key in before if key not in published))
-        for start in range(0, len(dropped), chunk):
-            hand_over = (b"EVAL", HAND_OVER, 7, *names[:7], *dropped[start : start + chunk])  # all but the order
+        for start in range(0, len(dropped), script_keys):
+            hand_over = (b"EVAL", HAND_OVER, 7, *names[:7], *dropped[start : start + script_keys])  # all but the order
             ((room, taken),) = run_commands(client, [hand_over])
             handed += [_text(key) for key in taken]
             if room <= 0:

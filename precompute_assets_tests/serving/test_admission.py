@@ -24,7 +24,7 @@ from precompute_assets.serving.admission import (
     sketch_columns,
 )
 from precompute_assets.serving.keys import FIFO_PARTS
-from precompute_assets.serving.publish import PublishResult
+from precompute_assets.serving.publish import SETTLE_SCRIPT_KEYS, PublishResult
 from precompute_assets_tests.factories import LOG_EVERY_COMMAND, CountingClient, commands_run
 
 
@@ -411,6 +411,9 @@ def test_settling_reads_probations_queues_in_pages_not_whole(redis_server):
         else:
             assert 0 <= int(args[2]) <= int(args[3]) < int(args[2]) + 1000, args
     assert max(count for _, count in ran) <= 1000 + 10  # HAND_OVER: EVAL, its script, the key count, 7 keys, 1000 keys
+    # Each script holds Redis until it ends: UNTRACK and HAND_OVER take SETTLE_SCRIPT_KEYS keys each, not 1000.
+    scripts = [count - 3 - int(args[2]) for args, count in ran if args[0] == "EVAL"]  # EVAL script numkeys keys...
+    assert len(scripts) >= 2 * 1300 // SETTLE_SCRIPT_KEYS and max(scripts) <= SETTLE_SCRIPT_KEYS
     assert ["DEL", order] not in [args[:2] for args, _ in ran] and ["UNLINK", order] in [args[:2] for args, _ in ran]
     # v3 untracked the 1200 keys it shares with v1; v4 handed v3's best 1699 keys over, with their values
     assert tracked_keys(client, schema) == {"m", *first[1200:], *third[:1699]}
