@@ -212,3 +212,27 @@ def test_a_patch_cut_off_after_its_first_pipeline_leaves_no_bucket_without_its_t
     written = [schema.bucket("ctr", "v1", b) for b in range(pointer.buckets)]
     written = [name for name in written if redis_client.exists(name)]
     assert written and all(0 < redis_client.ttl(name) <= 600 for name in written)
+
+
+def test_a_patch_into_few_buckets_writes_a_bounded_number_of_fields_per_command(redis_server, schema):
+    """A version built for a small corpus has few buckets; the documents of a big load then patched into it went as
+    one HSET per bucket with every field of the batch (100,000 fields: 41-177 ms of server time for one command).
+    At most ``FIELDS_PER_COMMAND`` fields per HSET or HDEL now, each HSET still followed by its bucket's EXPIRE."""
+    from precompute_assets.serving.keys import Pointer
+    from precompute_assets.serving.publish import FIELDS_PER_COMMAND, patch_version
+
+    server = redis_server(extra_config=LOG_EVERY_COMMAND)
+    client = connect(server.url, socket_timeout=5)
+    pointer = Pointer("v1", 2)
+    patch_version(client, "ctr", pointer, [(f"ad{i}", 0.5) for i in range(5000)], schema=schema, ttl_s=600)
+    patch_version(client, "ctr", pointer, deletes=[f"ad{i}" for i in range(3000)], schema=schema)
+    ran = [(args, count) for args, count in commands_run(client) if args[0] in ("HSET", "HDEL", "EXPIRE")]
+    fields = [(count - 2) // (2 if args[0] == "HSET" else 1) for args, count in ran if args[0] != "EXPIRE"]
+    assert len(fields) >= (5000 + 3000) // FIELDS_PER_COMMAND and max(fields) <= FIELDS_PER_COMMAND
+    names = [args[:2] for args, _ in ran if args[0] != "HDEL"]
+    assert names[1::2] == [["EXPIRE", name] for _, name in names[0::2]]  # every HSET, then its bucket's TTL
+    buckets = [schema.bucket("ctr", "v1", b) for b in range(2)]
+    assert sum(client.hlen(name) for name in buckets) == 2000 and all(0 < client.ttl(name) <= 600 for name in buckets)
+    client.set(schema.pointer("ctr"), pointer.encode())
+    cache = PredictionCache(client, schema=schema)
+    assert cache.get_many("ctr", ["ad2999", "ad3000", "ad4999"]) == [None, pytest.approx(0.5), pytest.approx(0.5)]
