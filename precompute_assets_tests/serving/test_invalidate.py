@@ -8,10 +8,12 @@ import pytest
 
 from precompute_assets.serving import PredictionCache, QueryLogger, connect, publish_version
 from precompute_assets.serving.invalidate import glob_escape, invalidate
-from precompute_assets.serving.stats import cache_stats
+from precompute_assets.serving.keys import Pointer
+from precompute_assets.serving.publish import KEYS_PER_BUCKET, patch_version
+from precompute_assets.serving.stats import MEMORY_SAMPLE_FIELDS, cache_stats, version_stats
 from precompute_assets.storage.postgres import scratch_database
 from precompute_assets.tools.cli import duration_s, main
-from precompute_assets_tests.factories import log_client
+from precompute_assets_tests.factories import LOG_EVERY_COMMAND, commands_run, log_client
 
 
 def publish(client, schema, kind: str, version: str, keys: list[str]) -> None:
@@ -177,3 +179,22 @@ def test_task_stats_say_why_when_dagster_storage_is_not_there(monkeypatch, tmp_p
     monkeypatch.delenv("DAGSTER_HOME", raising=False)
     monkeypatch.setenv(ENV_HOME, str(tmp_path / "nothing-here"))
     assert task_stats(3600) == {"unavailable": "no DAGSTER_HOME and no local stack (`precompute up`)"}
+
+
+def test_stats_sample_the_fields_of_a_bucket_grown_big(redis_server, schema):
+    """``cache stats`` read each sampled bucket's memory with ``MEMORY USAGE ... SAMPLES 0``, which walks every field:
+    26 ms for one embedding bucket of 300,000 fields (a big load patched into a version built for a small corpus),
+    blocking the server. It samples ``MEMORY_SAMPLE_FIELDS`` fields now: all of a bucket of the usual size."""
+    server = redis_server(extra_config=LOG_EVERY_COMMAND)
+    client = connect(server.url, socket_timeout=5)
+    pointer = Pointer("v1", 1)
+    patch_version(client, "ctr", pointer, [(f"k{i}", 0.5) for i in range(5000)], schema=schema)
+    client.set(schema.pointer("ctr"), pointer.encode())
+    commands_run(client)
+    current = version_stats(client, schema, "ctr")
+    usage = [args for args, _ in commands_run(client) if args[:2] == ["MEMORY", "USAGE"]]
+    assert usage and all(args[3:] == ["SAMPLES", str(MEMORY_SAMPLE_FIELDS)] for args in usage), usage
+    assert current["keys"] == 5000 and current["memory_bytes"] > 5000 * 4
+    small = schema.bucket("ctr", "v2", 0)
+    client.hset(small, mapping={f"k{i}": b"\0\0\0?" for i in range(KEYS_PER_BUCKET)})
+    assert client.memory_usage(small, samples=MEMORY_SAMPLE_FIELDS) == client.memory_usage(small, samples=0)
