@@ -123,14 +123,22 @@ def resolve_strategy(instance: dg.DagsterInstance, partition: str, strategy: str
     )
 
 
+def evaluated_hyper_params(instance: dg.DagsterInstance, partition: str) -> DemandHyperParams:
+    """The hyper-parameters demand_model scored the baselines of ``partition`` with (the defaults without an
+    evaluation), so a baseline ranks tomorrow as it was scored on the held-back day."""
+    stored = (demand_evaluation(instance, partition) or {}).get("hyper_params") or {}
+    return DemandHyperParams(**{k: v for k, v in stored.items() if k in DemandHyperParams.__dataclass_fields__})
+
+
 def strategy_demand(
     context: dg.AssetExecutionContext, strategy: str, lake, model_store: ModelStoreResource
 ) -> tuple[pd.Series | None, str]:
-    """Tomorrow's expected requests per key under ``ewma``, ``seasonal`` or ``lstm`` (from the approved
-    demand_model version of this day or before), and a note; ``None`` when the lstm has no approved version, its
-    stored weights fail their integrity check or were deleted by the model store's retention."""
+    """Tomorrow's expected requests per key under ``ewma`` or ``seasonal`` (with the hyper-parameters demand_model
+    scored them with on this day) or ``lstm`` (from the approved demand_model version of this day or before), and a
+    note; ``None`` when the lstm has no approved version, its stored weights fail their integrity check or were
+    deleted by the model store's retention."""
     partitions = Partitions.of(context)
-    hp = DemandHyperParams()
+    hp = evaluated_hyper_params(context.instance, context.partition_key)
     note = ""
     state = None
     if strategy == "lstm":
@@ -309,6 +317,7 @@ def demand_model(
             "best_baseline": evaluation.best_baseline,
             "strategy": "lstm" if check.passed else evaluation.best_baseline,
             "top_n": hp.top_n,
+            "hyper_params": dg.MetadataValue.json(asdict(hp)),  # what top_ads ranks a chosen baseline with
             "train_seconds": evaluation.train_seconds,
             "epochs": evaluation.epochs,
             "train_samples": evaluation.train_samples,

@@ -12,11 +12,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from precompute_assets.defs.demand import beats_baselines_check, demand_model
+from precompute_assets.defs.demand import beats_baselines_check, demand_model, read_hourly_counts
 from precompute_assets.defs.partitions import DEFAULT_PARTITIONS
 from precompute_assets.defs.resources import ExperimentResource, LakeResource, ModelStoreResource, ParquetIOManager
 from precompute_assets.defs.selection import ad_demand, day_counts, top_ads
-from precompute_assets.ml.demand import DemandEvaluation
+from precompute_assets.ml.demand import DemandEvaluation, DemandHyperParams, ewma_forecast
 from precompute_assets.ml.model_store import LocalModelStore
 from precompute_assets.ml.selection import select_top
 from precompute_assets.storage.lake import Lake
@@ -333,3 +333,21 @@ def test_the_cache_health_refresh_publishes_without_retraining_the_lstm():
     refresh = defs().resolve_job_def("refresh_precompute_job").asset_layer.executable_asset_keys
     daily = defs().resolve_job_def("daily_precompute_job").asset_layer.executable_asset_keys
     assert refresh == daily - {dg.AssetKey("demand_model")}
+
+
+def test_ewma_ranks_tomorrow_with_the_half_life_demand_model_scored(
+    selection_resources, pg_instance, weekly_template, lake_uri
+):
+    """demand_model scores ewma with its configured half-life: top_ads must rank by that ewma, not by the default
+    one, or auto follows a verdict on one method and ranks by another."""
+    lake = with_catalog(weekly_template, lake_uri)
+    assert metadata(run(selection_resources, pg_instance, ewma_half_life_hours=1.0, max_epochs=1))["keys"] == 200
+    data = read_hourly_counts(lake, DEFAULT_PARTITIONS, DAYS[-7:])
+
+    def ranked(half_life_hours: float) -> list[str]:
+        hp = DemandHyperParams(ewma_half_life_hours=half_life_hours)
+        return select_top(pd.Series(ewma_forecast(data, data.n_days, hp), index=data.keys), 20)
+
+    assert ranked(1.0) != ranked(12.0)  # the two half-lives choose differently on these days
+    assert select(selection_resources, pg_instance, "ewma").success
+    assert lake.read("top_ads", DAYS[-1])["ad_id"].tolist() == ranked(1.0)
