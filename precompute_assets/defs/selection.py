@@ -12,7 +12,7 @@ from ..ml.replay import ShareChoice, shards_keep, shards_rate, tune_share
 from ..ml.selection import DEMAND_WINDOW_DAYS, coverage, select_top
 from ..ml.selection import ad_demand as weighted_demand
 from ..ml.selection import traffic_profile as offpeak_profile
-from ..ml.strategies import TraceHours, strategy_rankings
+from ..ml.strategies import BASELINE_DAYS, TraceHours, strategy_rankings
 from ..serving.admission import ADMISSION_NAMES
 from ..storage.lake import Lake
 from .partitions import DEFAULT_PARTITIONS, Partitions
@@ -231,21 +231,26 @@ def self_tuned_share(
     """The precompute share for the day after ``day`` within ``capacity`` keys, from replaying the logged days
     (``LOOKBACK_DAYS`` up to ``day``, from the first with logs; that one only warms the caches) beside the live
     tier ``admission`` gives, on a sample of at most about ``max_requests`` requests (``tune_share``). Each replayed
-    day is ranked by ``strategy`` from the days before it; the LSTM, whose daily retraining a replay cannot afford
-    here, is replayed with the frequency ranking."""
-    days = partitions.days_ending(day, LOOKBACK_DAYS)
-    logged = logged_rows(lake, partitions, days) if max_requests is not None else None
+    day is ranked by ``strategy`` from the ``BASELINE_DAYS`` before it, as tomorrow is ranked (so those days are
+    read too); the LSTM, whose daily retraining a replay cannot afford here, is replayed with the frequency
+    ranking."""
+    days = partitions.days_ending(day, LOOKBACK_DAYS + BASELINE_DAYS)
+    history = max(0, len(days) - LOOKBACK_DAYS)  # read for the rankings only, never replayed
+    logged = logged_rows(lake, partitions, days[history:]) if max_requests is not None else None
     rate = 1.0 if logged is None else shards_rate(logged, max_requests, capacity)
     hours, whole = logged_trace(lake, partitions, days, rate=rate)
-    first = next((d for d, requests in enumerate(whole) if requests), 0)
-    if first:  # days before the first logged one would make that day count cold
-        hours = TraceHours(hours.keys, hours.day - first, hours.hour, hours.n_days - first)
-        whole = whole[first:]
     replayed = strategy if strategy in ("frequency", "ewma", "seasonal") else "frequency"
     rankings, _ = strategy_rankings(hours, replayed, capacity)
-    sampled = (rate, whole) if rate < 1 else None  # else tune_share samples what it was given, when over the bound
+    # Days before the first logged one would make that day count cold.
+    first = next((d for d in range(history, len(days)) if whole[d]), history)
+    sampled = (rate, whole[first:]) if rate < 1 else None  # else tune_share samples what it was given, if over
     return tune_share(
-        hours.day_keys(), capacity, ranked=rankings, admission=admission, max_requests=max_requests, sampled=sampled
+        hours.day_keys()[first:],
+        capacity,
+        ranked=rankings[first:],
+        admission=admission,
+        max_requests=max_requests,
+        sampled=sampled,
     )
 
 

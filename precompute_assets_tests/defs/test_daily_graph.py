@@ -513,6 +513,20 @@ def test_self_tuned_share_is_tuned_on_the_serving_clients_live_tier(resources, p
     assert not failed.success and "share_max_requests must be at least 1" in str(failed.get_step_failure_events())
 
 
+def test_self_tuned_share_replays_seasonal_with_the_week_before_each_day(tmp_path):
+    """Each weekday asks for its own 16 keys: the seasonal ranking top_ads uses tomorrow (a week earlier) names
+    exactly the day's keys, the day before names none of them. The share is tuned on the ranking that will run,
+    so every replayed day needs the week before it: tuned on "the day before", precomputing looked useless."""
+    lake = Lake(str(tmp_path))
+    days = Partitions().days_ending("2026-11-29", 14)
+    for index, day in enumerate(days):
+        weekday_keys = [f"w{index % 7}-{k:02d}" for k in range(16)]
+        write_query_logs(lake, day, [weekday_keys] * 24)
+    choice = self_tuned_share(lake, Partitions(), days[-1], "seasonal", 16)
+    assert choice.share == 16 and choice.hit_rates[16] == 1.0
+    assert choice.requests == 6 * 24 * 16  # the replayed days are the lookback's 7, the first of them warming up
+
+
 def test_self_tuned_share_of_zero_publishes_an_empty_version(
     resources, pg_instance, platform, lake_uri, redis_client, schema
 ):
