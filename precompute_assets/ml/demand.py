@@ -12,9 +12,10 @@ forecasts it from the days before, and is scored by
   not more than 7 days before the held-back day). One pooled scale, because a per-key scale is zero for every
   key that was never requested. Below 1: better than the in-sample seasonal-naive error; NaN when ``s`` is 0.
 
-Methods: ``lstm``; ``frequency`` (recency-weighted daily counts, ``selection.ad_demand``'s semantics over
-``window_days``); ``seasonal`` (seasonal naive: the same hours a week earlier, or the day before when the data
-holds no day a week earlier); ``ewma`` (an exponentially smoothed hourly rate, times 24).
+Methods: ``lstm``; ``frequency`` (recency-weighted daily counts, ``selection.ad_demand``'s semantics over its
+``DEMAND_WINDOW_DAYS``, whatever the LSTM's ``window_days``); ``seasonal`` (seasonal naive: the same hours a week
+earlier, or the day before when the data holds no day a week earlier); ``ewma`` (an exponentially smoothed hourly
+rate, times 24).
 
 Weights are plain ``state_dict``s written with ``torch.save`` and read only with ``torch.load(weights_only=True)``:
 a file that holds anything else (a pickle that would run code) is refused with ``UnsafeModelFile``.
@@ -71,7 +72,7 @@ class DemandHyperParams:
     in about a quarter of the seconds: the LSTM's cost grows with its steps, and faster than linearly once a
     batch's states no longer fit in cache. Weight shapes do not depend on ``sequence_days``."""
 
-    window_days: int = DEMAND_WINDOW_DAYS  # frequency: ad_demand's window, so replay and top_ads agree
+    window_days: int = DEMAND_WINDOW_DAYS
     hidden_size: int = 32
     max_epochs: int = 30
     max_seconds: float = 45.0
@@ -363,8 +364,10 @@ def train_lstm(
 
 
 def frequency_forecast(daily: np.ndarray, keys: np.ndarray, target_day: int, hp: DemandHyperParams) -> np.ndarray:
-    """Recency-weighted requests per day over the ``window_days`` before ``target_day`` (``ad_demand``)."""
-    first = max(0, target_day - hp.window_days)
+    """Recency-weighted requests per day over the ``DEMAND_WINDOW_DAYS`` before ``target_day`` (``ad_demand``)."""
+    # ad_demand's window, not the LSTM's window_days: the baseline is the ranking top_ads falls back to, and a
+    # shorter window made it a weaker one (the LSTM approved against a ranking never used).
+    first = max(0, target_day - DEMAND_WINDOW_DAYS)
     days = [pd.Series(daily[:, d], index=pd.Index(keys)) for d in range(first, target_day)]
     demand = ad_demand(days, half_life_days=hp.half_life_days)
     weights = sum(0.5 ** ((len(days) - 1 - i) / hp.half_life_days) for i in range(len(days))) or 1.0

@@ -2,7 +2,7 @@
 "ours" is its top-N precomputed plus a read-through LRU of C-N keys, at the same capacity as ``replay``'s policies.
 
 Strategies are the ones ``top_ads`` can use (``ml.demand``): ``frequency`` (recency-weighted daily counts over
-the ``window_days`` before the day, ``ad_demand``'s semantics), ``ewma`` (an exponentially smoothed hourly rate),
+the 7 days before the day, ``ad_demand``'s semantics), ``ewma`` (an exponentially smoothed hourly rate),
 ``seasonal`` (the same day a week earlier; the day before while there is none), ``lstm``, and ``auto``, what
 ``top_ads`` uses by default: each day the LSTM when the ``beats_baselines`` rule approved that day's model, else
 the best baseline on its held-back day (frequency while no model can be trained). The baselines see the 7 days

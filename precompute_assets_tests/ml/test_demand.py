@@ -19,6 +19,7 @@ from precompute_assets.ml.demand import (
     _predict,
     evaluate_demand,
     forecast_next_day,
+    frequency_forecast,
     load_model,
     load_weights,
     mase,
@@ -177,6 +178,18 @@ def test_a_single_key_a_silent_day_and_a_short_lookback():
         evaluate_demand(synthetic(n_keys=20, days=2), FAST)
     with pytest.raises(ValueError, match="no requests"):
         evaluate_demand(HourlyCounts.from_hours([(0, MONDAY, None)]), FAST)
+
+
+def test_the_frequency_baseline_is_ad_demands_week_whatever_the_lstms_window():
+    """The LSTM is approved against the frequency ranking top_ads falls back to (ad_demand: 7 days, half-life 2):
+    a shorter window_days for the LSTM's features must not weaken the baseline it is measured against."""
+    keys = np.array(["a", "b"], dtype=object)
+    daily = np.array([[10.0] * 6 + [0.0], [0.0] * 6 + [3.0]])  # a: every day but the last; b: the last day only
+    weights = 0.5 ** (np.arange(6, -1, -1) / 2)
+    expected = (daily * weights).sum(axis=1) / weights.sum()
+    for window_days in (1, 7, 14):
+        forecast = frequency_forecast(daily, keys, 7, DemandHyperParams(window_days=window_days))
+        assert forecast == pytest.approx(expected)  # a (21.1 / 2.9) ahead of b (3 / 2.9)
 
 
 def test_mase_is_scaled_by_the_in_sample_seasonal_naive_error():
