@@ -7,12 +7,13 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
+from ..ml.demand import DemandHyperParams
 from ..ml.experiment import split_selection
 from ..ml.replay import ShareChoice, shards_keep, shards_rate, tune_share
 from ..ml.selection import DEMAND_WINDOW_DAYS, coverage, select_top
 from ..ml.selection import ad_demand as weighted_demand
 from ..ml.selection import traffic_profile as offpeak_profile
-from ..ml.strategies import BASELINE_DAYS, TraceHours, strategy_rankings
+from ..ml.strategies import BASELINE_DAYS, REPLAY_HYPER_PARAMS, TraceHours, strategy_rankings
 from ..serving.admission import ADMISSION_NAMES
 from ..storage.lake import Lake
 from .partitions import DEFAULT_PARTITIONS, Partitions
@@ -227,20 +228,21 @@ def self_tuned_share(
     capacity: int,
     admission: str = "always",
     max_requests: int | None = None,
+    hp: DemandHyperParams = REPLAY_HYPER_PARAMS,
 ) -> ShareChoice:
     """The precompute share for the day after ``day`` within ``capacity`` keys, from replaying the logged days
     (``LOOKBACK_DAYS`` up to ``day``, from the first with logs; that one only warms the caches) beside the live
     tier ``admission`` gives, on a sample of at most about ``max_requests`` requests (``tune_share``). Each replayed
-    day is ranked by ``strategy`` from the ``BASELINE_DAYS`` before it, as tomorrow is ranked (so those days are
-    read too); the LSTM, whose daily retraining a replay cannot afford here, is replayed with the frequency
-    ranking."""
+    day is ranked by ``strategy`` (with ``hp``'s baseline parameters) from the ``BASELINE_DAYS`` before it, as
+    tomorrow is ranked (so those days are read too); the LSTM, whose daily retraining a replay cannot afford here,
+    is replayed with the frequency ranking."""
     days = partitions.days_ending(day, LOOKBACK_DAYS + BASELINE_DAYS)
     history = max(0, len(days) - LOOKBACK_DAYS)  # read for the rankings only, never replayed
     logged = logged_rows(lake, partitions, days[history:]) if max_requests is not None else None
     rate = 1.0 if logged is None else shards_rate(logged, max_requests, capacity)
     hours, whole = logged_trace(lake, partitions, days, rate=rate)
     replayed = strategy if strategy in ("frequency", "ewma", "seasonal") else "frequency"
-    rankings, _ = strategy_rankings(hours, replayed, capacity)
+    rankings, _ = strategy_rankings(hours, replayed, capacity, hp=hp)
     # Days before the first logged one would make that day count cold.
     first = next((d for d in range(history, len(days)) if whole[d]), history)
     sampled = (rate, whole[first:]) if rate < 1 else None  # else tune_share samples what it was given, if over
@@ -299,7 +301,8 @@ def top_ads(
     """The N known ads to precompute, ranked by the configured strategy; unknown keys in the logs are counted,
     never scored. Under an A/B experiment (``ExperimentResource``) the keys are split between its two arms by a
     salted hash and each arm's half of N is ranked by the arm's own strategy (column ``arm``)."""
-    from .demand import resolve_strategy, strategy_demand  # demand reads the hourly logs through this module
+    # demand reads the hourly logs through this module
+    from .demand import evaluated_hyper_params, resolve_strategy, strategy_demand
     from .experiment import experiment_metadata
 
     catalog = set(lake.lake().read("ads", columns=["ad_id"])["ad_id"])
@@ -340,6 +343,7 @@ def top_ads(
             config.cache_capacity,
             config.admission,
             config.share_max_requests,
+            evaluated_hyper_params(context.instance, context.partition_key),  # as strategy_demand ranks tomorrow
         )
         top_n = choice.share
         share_metadata.update(

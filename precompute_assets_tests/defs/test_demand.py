@@ -15,7 +15,7 @@ import pytest
 from precompute_assets.defs.demand import beats_baselines_check, demand_model, read_hourly_counts
 from precompute_assets.defs.partitions import DEFAULT_PARTITIONS
 from precompute_assets.defs.resources import ExperimentResource, LakeResource, ModelStoreResource, ParquetIOManager
-from precompute_assets.defs.selection import ad_demand, day_counts, top_ads
+from precompute_assets.defs.selection import ad_demand, day_counts, self_tuned_share, top_ads
 from precompute_assets.ml.demand import DemandEvaluation, DemandHyperParams, ewma_forecast
 from precompute_assets.ml.model_store import LocalModelStore
 from precompute_assets.ml.selection import select_top
@@ -351,3 +351,28 @@ def test_ewma_ranks_tomorrow_with_the_half_life_demand_model_scored(
     assert ranked(1.0) != ranked(12.0)  # the two half-lives choose differently on these days
     assert select(selection_resources, pg_instance, "ewma").success
     assert lake.read("top_ads", DAYS[-1])["ad_id"].tolist() == ranked(1.0)
+
+
+def test_the_self_tuned_share_replays_ewma_with_the_half_life_demand_model_scored(
+    selection_resources, pg_instance, weekly_template, lake_uri
+):
+    """The share is tuned by replaying the ranking top_ads uses: ewma with demand_model's half-life of the day."""
+    lake = with_catalog(weekly_template, lake_uri)
+    assert metadata(run(selection_resources, pg_instance, ewma_half_life_hours=1.0, max_epochs=1))["keys"] == 200
+
+    def tuned(half_life_hours: float) -> dict:
+        hp = DemandHyperParams(ewma_half_life_hours=half_life_hours)
+        return self_tuned_share(lake, DEFAULT_PARTITIONS, DAYS[-1], "ewma", 40, hp=hp).hit_rates
+
+    assert tuned(1.0) != tuned(12.0)  # the two half-lives replay differently on these days
+    result = dg.materialize(
+        [ad_demand, top_ads],
+        resources=selection_resources,
+        partition_key=DAYS[-1],
+        instance=pg_instance,
+        run_config={
+            "ops": {"top_ads": {"config": {"strategy": "ewma", "precompute_share": "auto", "cache_capacity": 40}}}
+        },
+    )
+    candidates = result.asset_materializations_for_node("top_ads")[0].metadata["share_candidates"].value
+    assert {int(n): rate for n, rate in candidates.items()} == tuned(1.0)
