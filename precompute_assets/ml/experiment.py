@@ -30,6 +30,10 @@ if TYPE_CHECKING:  # ml.strategies imports torch: only the replay needs it, so i
 __all__ = ["SRM_ALPHA", "ab_replay", "arm_budgets", "arm_of", "arm_report", "arms_of", "parse_arms", "split_selection"]
 
 SRM_ALPHA = 0.001  # a sample-ratio mismatch is flagged below this p-value (the usual, conservative threshold)
+# Below this many effective keys an arm's rate rests on a few keys, and a percentile bootstrap over keys runs narrow:
+# in A/A replays (600 seeds) its 95 % interval of the difference covered 0 94.7 % of the time with ~900 effective
+# keys per arm, 93.5 % with ~84 and about 90.5 % with 10-15.
+FEW_EFFECTIVE_KEYS = 30
 _BOOT_CELLS = 4_000_000  # weights drawn at once (bootstrap draws x distinct pairs), to bound memory
 
 
@@ -120,7 +124,8 @@ def arm_report(
     "n_boot", "notes"}``. ``ci`` is the ``1 - alpha`` percentile interval of the bootstrap over keys; ``naive_ci``
     the per-request (Wald) binomial interval, shown to make the effect of repeated keys visible. SRM is a
     chi-square test (1 dof) of the distinct keys per arm against the equal split the hash promises, flagged
-    below ``SRM_ALPHA``. Undefined values are None, never NaN: an arm without requests has hit rate and
+    below ``SRM_ALPHA``. An arm of fewer than ``FEW_EFFECTIVE_KEYS`` effective keys gets a note: its intervals run
+    narrow. Undefined values are None, never NaN: an arm without requests has hit rate and
     intervals None (and so has the difference), no keys at all gives an SRM p-value of None; ``notes`` says why.
     Rows of other arms are ignored and counted in ``notes``.
     """
@@ -154,6 +159,14 @@ def arm_report(
             draws[arm] = None
             continue
         rate = hits / requests
+        sizes = per_key["size"].to_numpy(np.float64)
+        effective = requests**2 / float((sizes**2).sum())  # Kish: the keys of equal traffic that vary as much
+        if effective < FEW_EFFECTIVE_KEYS:
+            notes.append(
+                f"arm {arm}'s hit rate rests on {effective:.1f} effective keys (requests² / Σ requests per key²), "
+                f"fewer than {FEW_EFFECTIVE_KEYS}: its intervals run narrow (in A/A replays with 10-15 effective keys "
+                "a 95 % interval covered about 90 %)"
+            )
         draws[arm] = _boot_rates(per_key["size"].to_numpy(np.int64), per_key["sum"].to_numpy(np.int64), n_boot, rng)
         half = z * math.sqrt(rate * (1 - rate) / requests)
         per_arm[arm] = {
