@@ -85,3 +85,13 @@ def test_the_code_location_loads_without_torch() -> None:
     code = "import sys, precompute_assets.definitions as d; d.defs(); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
     assert out.stdout.strip() == "False", out.stdout + out.stderr[-2000:]
+
+
+def test_the_code_location_loads_without_sklearn() -> None:
+    """scikit-learn is imported where a forest or a baseline is trained or scored, never by loading the Definitions:
+    it was about a second of every code-server start, reload and run process."""
+    import subprocess
+
+    code = "import sys, precompute_assets.definitions as d; d.defs(); print('sklearn' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.strip() == "False", out.stdout + out.stderr[-2000:]

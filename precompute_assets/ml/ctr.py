@@ -10,12 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-from sklearn.ensemble import RandomForestRegressor
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import log_loss, roc_auc_score
 
 from .features import ID_COLUMN, AdEncoder, AdFeatureSpec, clean_ad_columns, feature_problems, require_ad_columns
 
@@ -23,6 +21,12 @@ IMPRESSION_COLUMNS = ["ts_ms", "ad_id", "clicked"]
 MS_PER_DAY = 86_400_000
 CTR_CLIP = 1e-6
 CALIBRATION_BINS = 10
+
+# scikit-learn is imported where a model is trained or scored, not with this module: loading the Definitions
+# (the code server, every run's process, each daemon reload) imports this module and would pay about a second.
+if TYPE_CHECKING:
+    from sklearn.ensemble import RandomForestRegressor
+    from sklearn.linear_model import LogisticRegression
 
 
 @dataclass(frozen=True)
@@ -169,6 +173,8 @@ def train_ctr_model(
     n_jobs: int = -1,
 ) -> CtrModel:
     """A random forest regressing clicks/impressions per (ad, day) row, weighted by impressions."""
+    from sklearn.ensemble import RandomForestRegressor
+
     _check_labelled(train, "training data")
     # Regression on the rate with impression weights minimises the same squared error as a classifier's
     # Brier score on the expanded click/no-click rows, so each leaf predicts its impression-weighted CTR:
@@ -198,6 +204,8 @@ def _expanded(x: np.ndarray, frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarra
 
 def train_baseline(train: pd.DataFrame, encoder: AdEncoder) -> CtrModel:
     """A logistic regression on the same rows and encoding, as click/no-click pairs weighted by their counts."""
+    from sklearn.linear_model import LogisticRegression
+
     _check_labelled(train, "training data")
     x, y, weight = _expanded(encoder.encode(train), train)
     return CtrModel(encoder, LogisticRegression(max_iter=1000).fit(x, y, sample_weight=weight))
@@ -252,6 +260,8 @@ def _weighted(ctr: np.ndarray, frame: pd.DataFrame) -> tuple[np.ndarray, np.ndar
 def evaluate(model: object, valid: pd.DataFrame) -> dict[str, float]:
     """``auc``, ``log_loss``, ``calibration_error`` and ``valid_impressions`` on ``valid``, every metric
     weighted per impression (click/no-click counts as sample weights, never expanded)."""
+    from sklearn.metrics import log_loss, roc_auc_score
+
     _check_labelled(valid, "validation set")
     ctr = predict_ctr(model, valid)
     y, score, weight = _weighted(ctr, valid)
@@ -291,6 +301,8 @@ def evaluate_new_ads(model: object, baseline: object, train: pd.DataFrame, valid
         return NewAdEvaluation(None, None, n_ads, impressions, note)
 
     def auc(candidate: object) -> float:
+        from sklearn.metrics import roc_auc_score
+
         y, score, weight = _weighted(predict_ctr(candidate, rows), rows)
         return float(roc_auc_score(y, score, sample_weight=weight))
 

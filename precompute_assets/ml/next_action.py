@@ -18,8 +18,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from sklearn.calibration import CalibratedClassifierCV
-from sklearn.ensemble import RandomForestClassifier
 
 from ..serving.events import ACTION_INDEX, ACTIONS
 
@@ -141,6 +139,10 @@ def train_next_action_model(
     seed: int = 0,
 ) -> NextActionModel:
     """A RandomForest wrapped in ``CalibratedClassifierCV`` (``calibration``: ``isotonic`` or ``sigmoid``)."""
+    # Here, not with the module: the Definitions import this module, and scikit-learn costs them about a second.
+    from sklearn.calibration import CalibratedClassifierCV
+    from sklearn.ensemble import RandomForestClassifier
+
     forest = RandomForestClassifier(
         n_estimators=n_estimators, max_depth=max_depth, min_samples_leaf=min_samples_leaf, random_state=seed, n_jobs=1
     )
