@@ -22,9 +22,10 @@ ROLLED_BACK_OVER = "rolled_back_over"  # metadata: the day a rollback replaced
 
 
 class PublishConfig(dg.Config):
-    ttl_hours: int = Field(48, description="TTL of the published version's keys.")
+    ttl_hours: int = Field(48, description="TTL of the published version's keys (at least 1).")
     grace_seconds: int = Field(
-        GRACE_SECONDS, description="Seconds the replaced version lives on after the flip, for readers holding it."
+        GRACE_SECONDS,
+        description="Seconds the replaced version lives on after the flip, for readers holding it (0: none).",
     )
     rollback: bool = Field(
         False,
@@ -50,6 +51,8 @@ def ctr_cache(
     readers on the previous version, and the retry writes the version again; a retry or re-execution after the flip
     (its run failed once the flip had landed) finds its version current and only records and settles it.
     """
+    if problem := publish_config_problem(config):
+        raise dg.Failure(description=problem, allow_retries=False)  # the same run config fails the same way again
     client, schema = redis.client(), redis.schema()
     newer = newer_current_version(client.get(schema.pointer("ctr")), context.partition_key)
     held = None if config.rollback else rolled_back_over(context.instance)
@@ -121,6 +124,16 @@ def ctr_cache(
             **({ROLLED_BACK_OVER: over.split(".", 1)[0]} if over is not None else {}),
         }
     )
+
+
+def publish_config_problem(config: PublishConfig) -> str | None:
+    """Why ``config`` cannot publish, or None. Redis deletes a key whose expiry is not in the future: with
+    ``ttl_hours`` 0 every bucket vanished as it was written, and the publish failed as if Redis had evicted them."""
+    if config.ttl_hours < 1:
+        return f"ttl_hours must be at least 1, got {config.ttl_hours}"
+    if config.grace_seconds < 0:
+        return f"grace_seconds must be at least 0, got {config.grace_seconds}"
+    return None
 
 
 def rolled_back_over(instance: dg.DagsterInstance) -> str | None:

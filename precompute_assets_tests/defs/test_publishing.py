@@ -53,3 +53,37 @@ def test_a_rollback_hands_none_of_the_bad_days_values_to_probations_live_tier(
     assert back["published"] and back["previous_version"] == bad["version"] and back["handed_over"] == 0
     assert not redis_client.exists(schema.live("ctr", "b1"))  # the bad day's value is gone with its version's grace
     assert reader.get("ctr", "b1") is None and reader.get("ctr", "a1") == pytest.approx(0.1) and reader.errors == 0
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"ttl_hours": 0}, "ttl_hours must be at least 1, got 0"),
+        ({"grace_seconds": -1}, "grace_seconds must be at least 0, got -1"),
+    ],
+)
+def test_a_bad_ttl_or_grace_is_refused_in_one_line_without_retries(
+    lake_uri, redis_url, redis_client, schema, config, message
+):
+    """ttl_hours 0 made Redis delete every bucket as it was written: the step failed as if Redis had evicted them
+    ("give Redis more memory") and was retried three times with the same config."""
+    Lake(lake_uri).write("ctr_predictions", GOOD, pd.DataFrame({"ad_id": ["a1"], "ctr": [0.1], "model_version": "m"}))
+    lake = LakeResource(base_uri=lake_uri)
+    with dg.instance_for_test() as instance:
+        result = dg.materialize(
+            [dg.AssetSpec("ctr_predictions", partitions_def=DEFAULT_PARTITIONS.daily), ctr_cache],
+            selection=[ctr_cache],
+            partition_key=GOOD,
+            instance=instance,
+            resources={
+                "lake": lake,
+                "io_manager": ParquetIOManager(lake=lake),
+                "redis": RedisResource(url=redis_url, namespace=schema.namespace),
+            },
+            run_config={"ops": {"ctr_cache": {"config": config}}},
+            raise_on_error=False,
+        )
+    failure = result.failure_data_for_node("ctr_cache")
+    assert not result.success and failure is not None and failure.user_failure_data.description == message
+    assert not [event for event in result.all_events if event.event_type == dg.DagsterEventType.STEP_UP_FOR_RETRY]
+    assert redis_client.get(schema.pointer("ctr")) is None
