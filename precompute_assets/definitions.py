@@ -5,6 +5,8 @@
 loads, not when a module is imported. Call ``defs()`` for the Definitions.
 """
 
+import warnings
+
 import dagster as dg
 
 from .defs.automation import build_cache_health_sensor, build_schedules, daily_precompute_job, refresh_precompute_job
@@ -96,7 +98,22 @@ def build_definitions(settings: Settings, executor: dg.ExecutorDefinition | None
     )
 
 
+# Resolving Definitions copies every sensor that targets an op job, to bind the resources; Dagster's copy passes the
+# sensor's owners ([] when it has none) to a beta parameter and so warns on every load of the code location (code
+# server, daemon, each run's process) about a parameter we never use.
+SENSOR_OWNERS_BETA = "Parameter `owners` of initializer `SensorDefinition.__init__`"
+
+
+def resolved(definitions: dg.Definitions) -> dg.Definitions:
+    """``definitions`` with its repository resolved (Dagster caches it) without Dagster's warning about its own
+    copies of our sensors (``SENSOR_OWNERS_BETA``); any other warning is shown."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=SENSOR_OWNERS_BETA, category=dg.BetaWarning)
+        definitions.get_repository_def()
+    return definitions
+
+
 @dg.definitions
 def defs() -> dg.Definitions:
     """The Definitions of this deployment, with its settings and executor read from the environment now."""
-    return build_definitions(load_settings(), executor=executor_from_env())
+    return resolved(build_definitions(load_settings(), executor=executor_from_env()))

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import warnings
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
@@ -248,6 +249,15 @@ def test_a_bad_setting_fails_loading_with_its_name(monkeypatch, variable, value,
     monkeypatch.setenv(variable, value)
     with pytest.raises(SettingError, match=message):
         defs()
+
+
+def test_loading_the_definitions_warns_nothing():
+    """The code server, the daemon and every run's process load the Definitions: a warning there is printed each time.
+    Dagster's copies of our sensors warned about its beta ``owners`` parameter on every load."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        defs().get_repository_def()
+    assert [f"{w.category.__name__}: {w.message}" for w in caught] == []
 
 
 def test_importing_reads_no_setting():
