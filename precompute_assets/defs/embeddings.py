@@ -11,6 +11,7 @@ from pydantic import Field
 from ..ml.embedder import MAX_CHARS, Embedder, HashingSvdEmbedder, SentenceTransformerEmbedder, document_text
 from ..ml.embedding_service import ENV_API_KEY, http_embedder_from_config
 from ..ml.model_store import write_atomically
+from ..serving.vectors import DTYPE_CODES
 from ..storage.embeddings import EmbeddingStore, sample_documents
 from ..sync.embedding_quality import int8_recall
 from ..sync.embeddings import sync_embeddings
@@ -127,15 +128,33 @@ def embedding_model(
 
 
 class EmbeddingSyncConfig(dg.Config):
-    chunk_size: int = Field(10_000, description="Documents per committed chunk (a killed run resumes after the last).")
+    chunk_size: int = Field(
+        10_000, description="Documents per committed chunk (a killed run resumes after the last; at least 1)."
+    )
     dtype: str = Field("int8", description='Stored vectors: "int8" or "float32".')
     recall_sample: int = Field(2000, description="About this many documents sampled by the int8_recall check.")
     ttl_days: int = Field(
-        7, description="TTL of the Redis version, renewed by every sync: it outlives a stalled pipeline, not forever."
+        7,
+        description="TTL of the Redis version, renewed by every sync: it outlives a stalled pipeline, not forever "
+        "(at least 1).",
     )
     grace_seconds: int = Field(
         GRACE_SECONDS, description="Seconds the replaced Redis version lives on after a flip, for readers holding it."
     )
+
+
+def sync_config_problem(config: EmbeddingSyncConfig) -> str | None:
+    """Why ``config`` cannot sync, or None. Each of these failed deep in the sync (a PostgreSQL limit, a Redis
+    expiry), three retries later and holding the embedding_sync pool all along, with the same config every time."""
+    if config.chunk_size < 1:
+        return f"chunk_size must be at least 1, got {config.chunk_size}"
+    if config.dtype not in DTYPE_CODES:
+        return f"unknown dtype {config.dtype!r}: use one of {', '.join(sorted(DTYPE_CODES))}"
+    if config.ttl_days < 1:
+        return f"ttl_days must be at least 1, got {config.ttl_days}"
+    if config.grace_seconds < 0:
+        return f"grace_seconds must be at least 0, got {config.grace_seconds}"
+    return None
 
 
 def current_model_path(instance: dg.DagsterInstance) -> Path:
@@ -182,6 +201,8 @@ def document_embeddings(
 ) -> dg.MaterializeResult:
     """Embed new and modified documents (everything when the embedder changes), drop deleted ones, and
     keep Redis in step; resumes from the last finished chunk after a crash."""
+    if problem := sync_config_problem(config):
+        raise dg.Failure(description=problem, allow_retries=False)
     embedder = load_embedder(current_model_path(context.instance))
     store, docs = EmbeddingStore(app_db.url), documents.store()
     stats = sync_embeddings(

@@ -445,6 +445,33 @@ def test_a_sync_without_an_embedder_fails_once_without_retries(app_db, redis_url
     assert "materialize embedding_model first" in failure.step_failure_data.error.message
 
 
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"chunk_size": 0}, "chunk_size must be at least 1, got 0"),
+        ({"dtype": "int16"}, "unknown dtype 'int16': use one of float32, int8"),
+        ({"ttl_days": 0}, "ttl_days must be at least 1, got 0"),
+        ({"grace_seconds": -1}, "grace_seconds must be at least 0, got -1"),
+    ],
+)
+def test_a_bad_sync_config_fails_once_in_one_line(docs, app_db, redis_url, redis_client, schema, tmp_path, config,
+                                                  message):  # fmt: skip
+    """chunk_size 0 or ttl_days 0 failed deep in the sync ("limit must be positive", "invalid expire time"), and
+    the step was retried three times with the same config, holding the embedding_sync pool for about a minute."""
+    with dg.instance_for_test() as instance:
+        res = resources(app_db, redis_url, schema, tmp_path)
+        model_config = {"ops": {"embedding_model": {"config": {"dim": 32, "sample": 500}}}}
+        assert dg.materialize([embedding_model], resources=res, instance=instance, run_config=model_config).success
+        result = dg.materialize([embedding_model, document_embeddings], selection=[document_embeddings],
+                                resources=res, instance=instance, raise_on_error=False,
+                                run_config={"ops": {"document_embeddings": {"config": config}}})  # fmt: skip
+    assert not result.success
+    assert [e.event_type_value for e in result.all_events if e.is_step_up_for_retry] == []
+    (failure,) = [e for e in result.all_events if e.is_step_failure]
+    assert failure.step_failure_data.user_failure_data.description == message
+    assert redis_client.get(schema.pointer(EMBEDDING_KIND)) is None
+
+
 KILLABLE_SYNC = """
 import sys
 from precompute_assets.storage.documents import DocumentStore
