@@ -14,6 +14,7 @@ removed by a run of ``campaign_cleanup_job``.
 """
 
 import json
+import math
 import time
 import zlib
 from dataclasses import dataclass
@@ -61,10 +62,10 @@ RUNNING = dg.DefaultSensorStatus.RUNNING
 
 class CampaignWarmingConfig(dg.Config):
     grace_hours: float = Field(
-        1.0, description="Hours the values outlive the campaign's end (late requests, clock skew)."
+        1.0, description="Hours the values outlive the campaign's end (late requests, clock skew; at least 0)."
     )
     open_ended_ttl_days: float = Field(
-        30.0, description="Days a campaign without an end keeps its values after warming."
+        30.0, description="Days a campaign without an end keeps its values after warming (above 0)."
     )
 
 
@@ -118,6 +119,16 @@ def expiry(campaign: Campaign, now: datetime, config: CampaignWarmingConfig) -> 
     if campaign.end_at is not None:
         return int((campaign.end_at + timedelta(hours=config.grace_hours)).timestamp())
     return int((now + timedelta(days=config.open_ended_ttl_days)).timestamp())
+
+
+def warming_config_problem(config: CampaignWarmingConfig) -> str | None:
+    """Why ``config`` cannot warm, or None. Redis deletes a value whose expiry has passed as it lands: values that
+    expire before the campaign's end, or at once, were written, gone, and the campaign reported warm."""
+    if not (math.isfinite(config.grace_hours) and config.grace_hours >= 0):
+        return f"grace_hours must be at least 0, got {config.grace_hours}"
+    if not (math.isfinite(config.open_ended_ttl_days) and config.open_ended_ttl_days > 0):
+        return f"open_ended_ttl_days must be above 0, got {config.open_ended_ttl_days}"
+    return None
 
 
 def not_warmable(campaign: Campaign, now: datetime) -> str | None:
@@ -196,6 +207,8 @@ def campaign_ctr(
     lake: LakeResource,
     redis: RedisResource,
 ) -> dg.Output[pd.DataFrame]:
+    if problem := warming_config_problem(config):
+        raise dg.Failure(description=problem, allow_retries=False)
     started = time.perf_counter()
     registry = campaign_registry.registry(spec=lake.ad_feature_spec())  # the ads' columns the model reads
     campaign, ads = current_campaign(registry, context.partition_key)
@@ -257,6 +270,8 @@ def campaign_budget(
     campaign_registry: CampaignRegistryResource,
     redis: RedisResource,
 ) -> dg.MaterializeResult:
+    if problem := warming_config_problem(config):
+        raise dg.Failure(description=problem, allow_retries=False)
     registry = campaign_registry.registry()
     campaign_id = context.partition_key
     campaign, now = registry.get(campaign_id), datetime.now(UTC)

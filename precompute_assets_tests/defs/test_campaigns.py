@@ -368,6 +368,32 @@ def test_warming_without_an_approved_model_fails_clearly_and_writes_nothing(regi
     assert live_keys(redis_client, schema, "ctr") == [] and not registry.get(campaign_id).is_warm
 
 
+@pytest.mark.parametrize(
+    ("end_in", "config", "message"),
+    [
+        (None, {"open_ended_ttl_days": 0.0}, "open_ended_ttl_days must be above 0, got 0.0"),
+        (HOUR, {"grace_hours": -2.0}, "grace_hours must be at least 0, got -2.0"),
+    ],
+)
+def test_a_config_whose_values_would_expire_at_once_fails_in_one_line_and_warms_nothing(
+    registry, resources, instance, redis_client, schema, end_in, config, message
+):
+    """Values expiring at or before the write are deleted by Redis as they land: the run succeeded, campaign_budget
+    said warm, and none of the campaign's values were in the cache."""
+    now = datetime.now(UTC)
+    campaign_id = unique("badttl")
+    end_at = None if end_in is None else now + HOUR + end_in
+    registry.register(campaign_id, "acme", now + HOUR, campaign_ads(campaign_id, 4), end_at=end_at)
+    instance.add_dynamic_partitions(CAMPAIGNS.name, [campaign_id])
+    run_config = {"ops": {"campaign_ctr": {"config": config}, "campaign_budget": {"config": config}}}
+    run = warm(instance, resources, campaign_id, run_config=run_config, raise_on_error=False)
+    assert not run.success
+    (failure,) = [e for e in run.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert failure.step_failure_data.user_failure_data.description == message
+    assert not [e for e in run.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]
+    assert not registry.get(campaign_id).is_warm
+
+
 # --- which model -------------------------------------------------------------------------------------------
 
 
