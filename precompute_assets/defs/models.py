@@ -21,6 +21,7 @@ from .resources import LakeResource, ModelStoreResource
 
 CTR_MODEL = "ctr_model"
 MODEL_RETENTION_DAYS = 30
+TRAINING_DAYS = 14  # ctr_model's default training window; its declared ad_impressions dependency covers it
 
 
 def retention_field() -> Any:
@@ -35,7 +36,11 @@ def retention_field() -> Any:
 class CtrModelConfig(dg.Config):
     """Training window and forest; the ad columns it reads are the lake resource's ad feature set."""
 
-    training_days: int = Field(14, description="Days of impressions up to the partition's day.")
+    training_days: int = Field(
+        TRAINING_DAYS,
+        description="Days of impressions up to the partition's day; the declared ad_impressions dependency covers the "
+        "default.",
+    )
     valid_fraction: float = Field(0.2, description="The newest share of the impressions held out for validation.")
     n_estimators: int = Field(100, description="Trees of the forest.")
     max_depth: int = Field(12, description="Depth of each tree.")
@@ -115,7 +120,13 @@ def new_ads_check(new_ads: ctr.NewAdEvaluation | None, error: str | None) -> dg.
 
 @dg.asset(
     partitions_def=DEFAULT_PARTITIONS.daily,
-    deps=["ads", "ad_impressions"],
+    # The window it reads, as the selection assets declare theirs: the UI's lineage of a day names every day read.
+    deps=[
+        "ads",
+        dg.AssetDep(
+            "ad_impressions", partition_mapping=dg.TimeWindowPartitionMapping(start_offset=-(TRAINING_DAYS - 1))
+        ),
+    ],
     kinds={"sklearn"},
     group_name="models",
     check_specs=[

@@ -6,6 +6,7 @@ import dagster as dg
 import pandas as pd
 import pytest
 
+from precompute_assets.defs.models import CtrModelConfig, ctr_model
 from precompute_assets.defs.partitions import DEFAULT_PARTITIONS, Partitions
 from precompute_assets.defs.resources import (
     DeploymentResource,
@@ -60,6 +61,18 @@ def test_lookback_dependency_is_what_the_assets_read():
     ).partitions_subset.get_partition_keys()
     read = [hour for d in partitions.days_ending(day, LOOKBACK_DAYS) for hour in partitions.hours_of(d)]
     assert sorted(upstream) == sorted(read) and len(read) == LOOKBACK_DAYS * 24 - 1
+
+
+def test_ctr_model_declares_the_days_of_impressions_it_trains_on():
+    """ctr_model reads training_days of ad_impressions up to its day; it declared only its own day, so the UI's
+    lineage of a model named one day of the fourteen it was trained on."""
+    day = "2026-03-20"
+    # None: Dagster's default for two daily assets, the same day
+    mapping = ctr_model.get_partition_mapping(dg.AssetKey("ad_impressions")) or dg.TimeWindowPartitionMapping()
+    upstream = mapping.get_upstream_mapped_partitions_result_for_partitions(
+        DEFAULT_PARTITIONS.daily.subset_with_partition_keys([day]), DEFAULT_PARTITIONS.daily, DEFAULT_PARTITIONS.daily
+    ).partitions_subset.get_partition_keys()
+    assert sorted(upstream) == DEFAULT_PARTITIONS.days_ending(day, CtrModelConfig().training_days)
 
 
 @pytest.mark.parametrize(
