@@ -99,8 +99,8 @@ def build_definitions(settings: Settings, executor: dg.ExecutorDefinition | None
 
 
 # Resolving Definitions copies every sensor that targets an op job, to bind the resources; Dagster's copy passes the
-# sensor's owners ([] when it has none) to a beta parameter and so warns on every load of the code location (code
-# server, daemon, each run's process) about a parameter we never use.
+# sensor's owners ([] when it has none) to a beta parameter and so warns when the code location loads (seen at WARNING
+# in the logs of dagster-webserver's code server and of dagster-daemon) about a parameter we never use.
 SENSOR_OWNERS_BETA = "Parameter `owners` of initializer `SensorDefinition.__init__`"
 
 

@@ -252,7 +252,7 @@ def test_a_bad_setting_fails_loading_with_its_name(monkeypatch, variable, value,
 
 
 def test_loading_the_definitions_warns_nothing():
-    """The code server, the daemon and every run's process load the Definitions: a warning there is printed each time.
+    """The webserver's code server and the daemon load the Definitions: a warning there is printed in their logs.
     Dagster's copies of our sensors warned about its beta ``owners`` parameter on every load."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
