@@ -6,7 +6,7 @@ import threading
 import dagster as dg
 
 RELEASE = threading.Event()  # set by the test: the slow tick ends
-QUICK_TICKS: list[float] = []
+QUICK_TICKS: list[int] = []  # one entry per tick of quick
 
 
 @dg.sensor(job_name="nothing", minimum_interval_seconds=1, default_status=dg.DefaultSensorStatus.RUNNING)
@@ -17,7 +17,7 @@ def slow(context: dg.SensorEvaluationContext):
 
 @dg.sensor(job_name="nothing", minimum_interval_seconds=1, default_status=dg.DefaultSensorStatus.RUNNING)
 def quick(context: dg.SensorEvaluationContext):
-    QUICK_TICKS.append(context.cursor or 0.0)
+    QUICK_TICKS.append(len(QUICK_TICKS))
     return dg.SkipReason("quick")
 
 
