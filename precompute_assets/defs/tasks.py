@@ -30,6 +30,7 @@ there, and name the module in an entry point of the group ``precompute_assets.ta
 import json
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -495,6 +496,10 @@ def builtin_registry() -> TaskRegistry:
 
 REGISTRY = builtin_registry()
 _entry_points_loaded = False
+# The sensor daemon ticks user_event_sensor and live_refresh_sensor in threads of one code server: a thread that came
+# second must wait until the first has loaded the entry points, not plan its tick without their task types.
+# Reentrant: a module an entry point names may call task_registry() itself while it loads.
+_entry_points_lock = threading.RLock()
 
 
 def load_entry_points(group: str = ENTRY_POINT_GROUP) -> list[str]:
@@ -515,9 +520,10 @@ def load_entry_points(group: str = ENTRY_POINT_GROUP) -> list[str]:
 def task_registry() -> TaskRegistry:
     """The process's registry: the built-ins, entry points (loaded once) and whatever ``register_task_type`` added."""
     global _entry_points_loaded
-    if not _entry_points_loaded:
-        _entry_points_loaded = True
-        load_entry_points()
+    with _entry_points_lock:
+        if not _entry_points_loaded:
+            _entry_points_loaded = True  # first: the loading thread's own calls return at once
+            load_entry_points()
     return REGISTRY
 
 

@@ -3,6 +3,7 @@ Redis, and the vertical slice events -> lake -> model -> sensor -> runs -> value
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections import Counter
@@ -469,6 +470,33 @@ def test_task_types_from_entry_points_are_loaded_and_requested(monkeypatch):
     assert {(r.tags[TASK_TAG], r.tags[PRIORITY_TAG]) for r in requests} == {
         ("campaign_forecast", "9"), ("dashboard", "9"), ("next_actions", "9"),
     }  # fmt: skip
+
+
+def test_a_sensor_thread_waits_for_the_entry_points_another_thread_is_loading(monkeypatch):
+    """The sensor daemon ticks user_event_sensor and live_refresh_sensor at once: the second caller of task_registry
+    got the registry while the first was still loading the entry points, and planned its tick without their types."""
+    loading, release = threading.Event(), threading.Event()
+
+    def slow_example(registry: TaskRegistry) -> None:
+        loading.set()
+        release.wait(timeout=30)
+        register_example(registry)
+
+    monkeypatch.setattr(tasks, "entry_points", lambda group: [EntryPoint("example", "x:y", group)])
+    monkeypatch.setattr(EntryPoint, "load", lambda point: slow_example)
+    monkeypatch.setattr(tasks, "REGISTRY", builtin_registry())
+    monkeypatch.setattr(tasks, "_entry_points_loaded", False)
+    first = threading.Thread(target=tasks.task_registry)
+    first.start()
+    assert loading.wait(timeout=30)
+    seen: list[set[str]] = []
+    second = threading.Thread(target=lambda: seen.append(set(tasks.task_registry().types)))
+    second.start()
+    second.join(timeout=0.5)  # time to return early, were it not made to wait; it never fails the test itself
+    release.set()
+    first.join(timeout=30)
+    second.join(timeout=30)
+    assert seen and "campaign_forecast" in seen[0]
 
 
 # --- proactive refresh --------------------------------------------------------------------------------------
