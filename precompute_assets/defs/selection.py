@@ -28,14 +28,11 @@ LOOKBACK = dg.TimeWindowPartitionMapping(start_offset=-(LOOKBACK_DAYS - 1))
 OFFPEAK_WINDOW_HOURS = 4
 
 
-class SelectionConfig(dg.Config):
+class AdDemandConfig(dg.Config):
     half_life_days: float = Field(2.0, description="Recency half-life of the demand: the newest day weighs most.")
-    top_n: int = Field(
-        1000, description="top_ads: the ads to precompute with precompute_share fixed (ad_demand ignores it)."
-    )
 
 
-class TopAdsConfig(SelectionConfig):
+class TopAdsConfig(dg.Config):
     """``strategy``: how tomorrow's demand is ranked: ``frequency`` (ad_demand), ``ewma``, ``seasonal``, ``lstm``
     (the approved demand_model), or ``auto`` (the best on the held-back day per demand_model's evaluation).
 
@@ -50,6 +47,7 @@ class TopAdsConfig(SelectionConfig):
     ``share_max_requests``: a longer logged history is replayed on a SHARDS sample of its keys that holds about
     this many requests (capacity scaled alike), so the tuning's time stays bounded as traffic grows."""
 
+    top_n: int = Field(1000, description="The ads to precompute with precompute_share fixed.")
     strategy: str = Field(
         "auto",
         description="frequency (ad_demand), ewma, seasonal, lstm (the approved demand_model) or auto (the best on "
@@ -147,7 +145,7 @@ def traffic_profile(context: dg.AssetExecutionContext, lake: LakeResource) -> dg
     description=f"Recency-weighted demand per ad over {LOOKBACK_DAYS} days of hourly query logs (the newest "
     "day weighs most), read one hour file at a time.",
 )
-def ad_demand(context: dg.AssetExecutionContext, config: SelectionConfig, lake: LakeResource):
+def ad_demand(context: dg.AssetExecutionContext, config: AdDemandConfig, lake: LakeResource):
     partitions = Partitions.of(context)
     days, missing = [], []
     for day in partitions.days_ending(context.partition_key, LOOKBACK_DAYS):

@@ -578,3 +578,17 @@ def test_an_experiment_splits_the_selection_and_is_published_with_the_version(
     assert meta["frequency_selected"].value == 25 and "arm frequency:" in meta["strategy_reason"].value
     published = PredictionCache(connect(redis_url), schema=schema).current_experiment("ctr")
     assert published is not None and published.arms == ("frequency", "seasonal") and published.salt == "t1"
+
+
+@pytest.mark.parametrize(("node", "setting"), [("top_ads", {"half_life_days": 1.0}), ("ad_demand", {"top_n": 5})])
+def test_a_selection_asset_refuses_a_setting_it_would_ignore(resources, node, setting):
+    """top_ads's launchpad offered ad_demand's half_life_days and ad_demand's top_ads' top_n, each ignored: a run
+    configured with them ran as if they were not there."""
+    with pytest.raises(dg.DagsterInvalidConfigError, match=next(iter(setting))):
+        dg.materialize(
+            GRAPH,
+            resources=resources,
+            partition_key=DAYS[-1],
+            instance=dg.DagsterInstance.ephemeral(),
+            run_config={"ops": {node: {"config": setting}}},
+        )
