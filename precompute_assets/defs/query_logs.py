@@ -253,6 +253,8 @@ def trim_stream(
 ) -> None:
     """Trim ``stream``'s entries older than ``retention_hours``, never those of an hour of ``asset`` (its drain) not
     materialized yet; ``marker`` (when given) records the boundary first. Logs and observes what went."""
+    if retention_hours < 1:  # 0 or less put the cutoff at now or later: every drained hour's entries would go
+        raise dg.Failure(description=f"retention_hours must be at least 1, got {retention_hours}", allow_retries=False)
     first = client.xrange(stream, count=1)
     if not first:
         context.log.info(f"{asset} stream is empty")

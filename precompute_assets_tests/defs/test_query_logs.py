@@ -57,14 +57,17 @@ def resources(redis_url, schema, lake_uri):
     }
 
 
-def cleanup(res, instance, app_db: str, **run_config) -> None:
+def cleanup(res, instance, app_db: str, *, succeed: bool = True, **run_config) -> dg.ExecuteInProcessResult:
     """The cleanup job with the resources it has in the Definitions, the lake's IO manager included."""
     resources = {
         "redis": res["redis"], "deployment": DeploymentResource(), "io_manager": res["io_manager"], "lake": res["lake"],
         "campaign_registry": CampaignRegistryResource(url=app_db),
     }  # fmt: skip
-    job = query_log_cleanup_job.execute_in_process(resources=resources, instance=instance, run_config=run_config)
-    assert job.success
+    job = query_log_cleanup_job.execute_in_process(
+        resources=resources, instance=instance, run_config=run_config, raise_on_error=succeed
+    )
+    assert job.success == succeed
+    return job
 
 
 def materialize(redis_url, schema, lake_uri, instance, partition=HOUR, **options):
@@ -518,3 +521,20 @@ def test_a_redis_setting_that_does_not_work_fails_the_run_naming_the_variable(
         assert description.startswith("PRECOMPUTE_REDIS_URL (") and reason in description, description
         assert "wrong-secret" not in description and "right-password" not in description
     assert not [e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_RESTARTED]
+
+
+@pytest.mark.parametrize("retention_hours", [0, -24])
+def test_a_retention_of_no_hours_is_refused_and_trims_nothing(
+    redis_url, redis_client, schema, lake_uri, pg_instance, app_db, retention_hours
+):
+    """retention_hours 0 or less put the cutoff at now or later: the cleanup trimmed every drained hour of both
+    streams, queries a re-run of the hour could still need, and reported success."""
+    fill(redis_url, schema, HOUR_START_MS, 10)
+    res = resources(redis_url, schema, lake_uri)
+    dg.materialize([query_logs], resources=res, partition_key=HOUR, instance=pg_instance)
+    config = {"config": {"retention_hours": retention_hours}}
+    ops = {"trim_query_log": config, "trim_user_events": config}
+    result = cleanup(res, pg_instance, app_db, succeed=False, ops=ops)
+    message = result.failure_data_for_node("trim_query_log").error.message
+    assert f"retention_hours must be at least 1, got {retention_hours}" in message
+    assert len(logged_queries(redis_client, schema)) == 10
