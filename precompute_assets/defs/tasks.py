@@ -289,6 +289,12 @@ def run_precompute_task(
     deployment: DeploymentResource,
 ):
     started = time.perf_counter()
+    if config.max_retries < 0 or not config.backoff_s >= 0:  # NaN too: the same config fails the same way again
+        raise dg.Failure(
+            description="max_retries and backoff_s must be at least 0, "
+            f"got {config.max_retries} and {config.backoff_s}",
+            allow_retries=False,
+        )
     try:
         task = task_registry().get(config.task_type)
     except KeyError as error:  # a module that registers it is not loaded here: retrying cannot help

@@ -191,6 +191,25 @@ def test_the_job_writes_live_values_with_their_ttl_and_counts_failures(
     assert "unknown task type 'no_such_task'" in unknown.failure_data_for_node("run_precompute_task").error.message
 
 
+@pytest.mark.parametrize(("option", "value"), [("max_retries", -1), ("backoff_s", -0.5), ("backoff_s", float("nan"))])
+def test_a_negative_retry_setting_fails_once_in_one_line(redis_url, schema, tmp_path, pg_instance, option, value):
+    """Both were accepted: a negative max_retries meant no retries without a word, and a negative or NaN backoff_s
+    failed only when an entity failed, at time.sleep, after which the op's retry policy re-ran the whole task three
+    times to fail the same way."""
+    name = unique("retries")
+    calls: list[str] = []
+    register_task_type(name, lambda entity, ctx: calls.append(entity) or 1.0, ttl_s=60, priority=1, batch_size=10)
+    res = task_resources(redis_url, schema, str(tmp_path / "lake"), str(tmp_path / "models"))
+    result = precompute_tasks_job.execute_in_process(
+        run_config=task_run_config(name, ["a"], **{option: value}), resources=res, instance=pg_instance,
+        raise_on_error=False,
+    )  # fmt: skip
+    assert not result.success
+    message = result.failure_data_for_node("run_precompute_task").error.message
+    assert "max_retries and backoff_s must be at least 0" in message, message
+    assert calls == []  # refused before any entity was computed, and not retried
+
+
 def test_task_run_stats_count_queued_and_ended_runs_per_task_type(redis_url, schema, tmp_path, pg_instance):
     name = unique("stats")
     register_task_type(name, lambda entity, ctx: 1.0 if entity != "bad" else b"\x00", ttl_s=60, priority=2,
