@@ -694,6 +694,11 @@ def _sampled(trace, day_keys: list, args: argparse.Namespace) -> tuple[Any, list
             f"--sample {args.sample} kept {len(sampled.keys):,} of the {len(trace.keys):,} requests, fewer than "
             f"--days {args.days}: use a larger rate"
         )
+    if args.capacity < SAMPLED_CACHE_MIN:  # no rate up to 1 helps: the hint below would ask for one above 1
+        raise CliError(
+            f"--sample needs --capacity of at least {SAMPLED_CACHE_MIN} keys, got {args.capacity}: replay a cache "
+            "this small without --sample"
+        )
     if (capacity := sampled_size(args.capacity, args.sample)) < SAMPLED_CACHE_MIN:
         raise CliError(
             f"--sample {args.sample} scales --capacity {args.capacity} to {capacity} keys, too few to model a cache: "

@@ -99,6 +99,13 @@ def test_replay_of_a_sample_scales_the_cache_and_adjusts_the_rates_it_reports(tm
         assert main([*base, "--sample", bad]) == 2
         err = capsys.readouterr().err
         assert err == f"precompute replay: {says}\n"
+    # a capacity that no rate can sample: the error must not ask for "a rate of at least 1.6"
+    small = [*base[:5], "--top-n", "0", "--capacity", "10", "--sample", "0.5"]
+    assert main(small) == 2
+    assert capsys.readouterr().err == (
+        "precompute replay: --sample needs --capacity of at least 16 keys, got 10: replay a cache this small without "
+        "--sample\n"
+    )
     assert main([*base, "--sample", "0.5", "--strategy", "frequency"]) == 2
     assert "not with --strategy, --ab or --next-key" in capsys.readouterr().err
 
