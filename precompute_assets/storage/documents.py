@@ -235,11 +235,14 @@ def _arrow_columns(df: pd.DataFrame) -> dict[str, pa.Array] | None:
         return None
 
 
-def _clean_frame(df: pd.DataFrame, first_row: int, labels: Sequence[str] | None, result: LoadResult) -> pa.Table:
+def _clean_frame(
+    df: pd.DataFrame, first_row: int, labels: Sequence[str] | None, result: LoadResult, row_origin: int = 0
+) -> pa.Table:
     """The loadable rows of ``df`` as an Arrow table (seq, doc_id, title, body, language); rejects the rest.
 
     ``labels`` name each row in rejections (JSONL line numbers); by default rows are numbered from
-    ``first_row``, which also orders rows across chunks so the last occurrence of a doc_id wins.
+    ``first_row``, which also orders rows across chunks so the last occurrence of a doc_id wins, plus
+    ``row_origin`` in rejections (1 for a file's rows, as the other loaders name them).
     """
     if "doc_id" not in df.columns:
         raise ValueError(f"documents need a doc_id column; got {list(df.columns)}")
@@ -267,7 +270,7 @@ def _clean_frame(df: pd.DataFrame, first_row: int, labels: Sequence[str] | None,
     for i, row in rows.items():
         if problem := shapes.get(i) or _row_problem(row):
             keep[i] = False
-            result.reject(labels[i] if labels is not None else f"row {first_row + i}", problem)
+            result.reject(labels[i] if labels is not None else f"row {first_row + i + row_origin}", problem)
     if columns is None:
         kept = [row for i, row in rows.items() if keep[i]]
         columns = {c: pa.array([row[c] for row in kept], pa.string()) for c in COLUMNS}
@@ -538,7 +541,10 @@ class DocumentStore:
         if kind == "parquet":
             parquet = _parquet_file(path)
             rows, frames = parquet.metadata.num_rows, _frames_of_parquet(parquet, path, fields)
-            return self._load(frames, language=fields.language, after_chunk=lambda done: report(done / max(rows, 1)))
+            # its rows are named from 1 in rejections, as `ads load`, `impressions load` and `replay` name them
+            return self._load(
+                frames, language=fields.language, after_chunk=lambda done: report(done / max(rows, 1)), row_origin=1
+            )
         result = LoadResult()
         size = max(path.stat().st_size, 1)
         try:
@@ -577,6 +583,7 @@ class DocumentStore:
         *,
         language: str | None = None,
         after_chunk: Callable[[int], None] | None = None,
+        row_origin: int = 0,
     ) -> LoadResult:
         result = result or LoadResult()
         t = self._t
@@ -587,7 +594,7 @@ class DocumentStore:
             )
             staged = 0
             for df, labels in frames:
-                table = _clean_frame(df, result.rows, labels, result)
+                table = _clean_frame(df, result.rows, labels, result, row_origin)
                 if language is not None:  # the tag of documents that have none
                     at = table.schema.get_field_index("language")
                     table = table.set_column(at, "language", pc.fill_null(table["language"], language))

@@ -200,6 +200,15 @@ def test_int64_ids_beside_a_null_in_parquet_stay_exact(store: DocumentStore, tmp
     assert sorted(scan_all(store, 10)) == ["1500000000000000001", "1500000000000000002", "9007199254740993"]
 
 
+def test_parquet_rows_are_named_from_1_as_the_other_loaders_name_them(store: DocumentStore, tmp_path: Path) -> None:
+    # `docs load` named a Parquet file's first row "row 0" and its third "row 2", where `ads load`, `impressions
+    # load` and `replay` say "row 1" and "row 3": a user looked at the wrong row.
+    ids = pa.array([None, "b", "a{b", "c"], pa.string())
+    pq.write_table(pa.table({"doc_id": ids, "body": ["x", "y", "z", "w"]}), tmp_path / "d.parquet")
+    result = store.load_file(tmp_path / "d.parquet")
+    assert [r.where for r in result.rejections] == ["row 1", "row 3"]
+
+
 def test_unknown_languages_are_stored_and_counted(store: DocumentStore) -> None:
     result = store.load_frame(
         frame(("a", "t", "b", "en"), ("b", "t", "b", "xx"), ("c", "t", "b", "xx"), ("d", "t", "b", "klingon"))
