@@ -55,7 +55,19 @@ def _up(stack: Stack) -> dict[str, str]:
     return env
 
 
+def _check_settings() -> None:
+    """The timezone and partitions start that ``up``, ``dev`` and ``env`` export, checked before anything starts: a
+    typo'd one was exported with exit code 0 and only failed the code location's load in the Dagster UI."""
+    from ..defs.settings import SettingError, load_settings
+
+    try:
+        load_settings()
+    except SettingError as error:
+        raise CliError(str(error)) from None
+
+
 def cmd_up(args: argparse.Namespace) -> int:
+    _check_settings()
     stack = Stack()
     _up(stack)
     return print_status(stack)
@@ -294,6 +306,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 
 def cmd_env(args: argparse.Namespace) -> int:
+    _check_settings()
     for name, value in exported_env(Stack()).items():
         print(f"export {name}={shlex.quote(value)}")
     return 0
@@ -318,6 +331,7 @@ def exported_env(stack: Stack) -> dict[str, str]:
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
+    _check_settings()
     env = _up(Stack())
     command = [
         sys.executable,

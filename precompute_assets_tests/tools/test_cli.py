@@ -730,6 +730,33 @@ def test_env_is_shell_safe_and_stable_before_up(tmp_path, monkeypatch, capsys):
     assert shown[2].startswith("postgresql+psycopg2://postgres@127.0.0.1:")
 
 
+@pytest.mark.parametrize("command", ["up", "dev", "env"])
+@pytest.mark.parametrize(
+    "variable, value, says",
+    [
+        ("PRECOMPUTE_TIMEZONE", "Europe/Berln", "PRECOMPUTE_TIMEZONE='Europe/Berln' is not a known timezone"),
+        ("PRECOMPUTE_PARTITIONS_START", "2026-02-30", "PRECOMPUTE_PARTITIONS_START='2026-02-30' is not a date"),
+    ],
+)
+def test_up_dev_and_env_refuse_a_malformed_setting_they_would_export(
+    tmp_path, monkeypatch, capsys, command, variable, value, says
+):
+    """They exported a typo'd timezone or start with exit code 0, and the code location then failed to load in the
+    UI; now it is one line and exit code 2, before any server starts."""
+    import precompute_assets.tools.cli as cli
+
+    def no_stack() -> None:  # refused before any server starts (or `dev` execs Dagster in the test's process)
+        raise AssertionError(f"precompute {command} reached the stack with {variable}={value!r}")
+
+    monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv(variable, value)
+    monkeypatch.setattr(cli, "Stack", no_stack)
+    assert main([command]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"precompute {command}: {says}")
+    assert captured.err.count("\n") == 1 and captured.out == ""
+
+
 def test_env_exports_the_partitions_start_and_a_set_ad_feature_set(tmp_path, monkeypatch, capsys):
     """The README: `env` exports every variable with a default, and the PRECOMPUTE_AD_* feature set when set (a blank
     PRECOMPUTE_AD_LOG_SCALED means no log-scaled column, so it is exported too)."""
