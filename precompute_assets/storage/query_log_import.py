@@ -177,6 +177,13 @@ def hour_rows(
     return out
 
 
+def placed_span_hours(seconds: np.ndarray, first_s: float, last_s: float) -> float:
+    """Hours from the first to the last request that has an hourly partition (``first_s`` to ``last_s``, as
+    ``hour_rows`` places them): a corrupt timestamp it quarantines (1e300, -5) does not stretch the span."""
+    placed = seconds[np.isfinite(seconds) & (seconds >= first_s) & (seconds < last_s)]
+    return round(float(placed.max() - placed.min()) / 3600, 2) if len(placed) else 0.0
+
+
 def is_imported(frame: pd.DataFrame) -> bool:
     """Whether a ``query_logs`` partition's rows came from an import (not from the serving client's stream)."""
     return bool(len(frame)) and str(frame["stream_id"].iloc[0]).startswith(IMPORTED)

@@ -943,6 +943,7 @@ def cmd_query_logs(args: argparse.Namespace) -> int:
         looks_like_filetime,
         merge_hour,
         other_kinds_imported,
+        placed_span_hours,
     )
 
     check_trace_options(args)
@@ -1046,7 +1047,7 @@ def cmd_query_logs(args: argparse.Namespace) -> int:
         "quarantine_reasons": dict((rows.quarantined + Counter({"malformed line": len(malformed)})).most_common()),
         "malformed_lines": [{"line": line_no, "problem": problem} for line_no, problem in malformed[:10]],
         "shift_s": shift,
-        "span_hours": round(float(np.nanmax(seconds) - np.nanmin(seconds)) / 3600, 2) if len(seconds) else 0.0,
+        "span_hours": placed_span_hours(seconds, first_s, last_s),  # a quarantined 1e300 showed 2.8e293 hours
         "timezone": partitions.timezone,
     }
     if kept:

@@ -1136,6 +1136,22 @@ def test_query_logs_import_quarantines_malformed_lines_and_counts_them(stack, tm
     assert list(lake.read("query_logs", "2026-03-07-00:00")["key"]) == ["ad1", "ad2", "ad1"]
 
 
+def test_query_logs_import_span_leaves_out_the_corrupt_timestamps_it_quarantined(stack, tmp_path, monkeypatch, capsys):
+    """`span_hours` shows how the timestamps were understood; a corrupt 1e300 among epoch milliseconds was quarantined
+    and yet made it 2.8e293 hours, hiding the real hour."""
+    import datetime as dt
+
+    on_the_test_stack(stack, tmp_path, monkeypatch)
+    start_ms = int(dt.datetime(2026, 3, 11, tzinfo=dt.UTC).timestamp() * 1000)  # a day of its own on the test stack
+    lines = [f"{start_ms + i * 360_000},ad{i % 3}" for i in range(11)]  # one hour, every 6 minutes
+    log = tmp_path / "requests.csv"
+    log.write_text("\n".join([*lines[:5], "1e300,ad7", "-5,ad8", *lines[5:]]) + "\n")
+    assert main(["query-logs", "import", str(log)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["imported"], summary["quarantined"]) == (11, 2)
+    assert summary["span_hours"] == 1.0
+
+
 def test_query_logs_import_of_a_file_of_mostly_bad_lines_writes_nothing(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("PRECOMPUTE_LAKE_URI", str(tmp_path / "lake"))
