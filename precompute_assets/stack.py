@@ -156,6 +156,7 @@ class RedisServer:
         self._binary = binary
         self.extra_config = extra_config
         self.maxmemory = (maxmemory or os.environ.get(ENV_REDIS_MAXMEMORY) or DEFAULT_REDIS_MAXMEMORY).strip().lower()
+        self.maxmemory_given = bool(maxmemory or os.environ.get(ENV_REDIS_MAXMEMORY))  # else the default
         if not re.fullmatch(r"[1-9][0-9]*(?:[kmg]b?)?", self.maxmemory):
             raise RedisError(f"{ENV_REDIS_MAXMEMORY}={self.maxmemory!r} is not a size such as 2gb or 512mb")
 
@@ -230,8 +231,10 @@ class RedisServer:
         return lines + list(self.extra_config)
 
     def start(self, timeout_s: float = 600) -> None:
-        """Start the server unless it runs; return once it answers commands (not while it loads its data)."""
-        if self.pid is None:
+        """Start the server unless it runs; return once it answers commands (not while it loads its data). A server
+        that runs already gets a maxmemory given since (``PRECOMPUTE_REDIS_MAXMEMORY``): it was read at start only."""
+        running = self.pid is not None
+        if not running:
             if reachable(self.url, timeout_s=0.2):
                 raise RedisError(f"port {self.port} is in use by another program; Redis cannot start there")
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -242,6 +245,22 @@ class RedisServer:
             if result.returncode != 0:
                 raise RedisError(f"{self.binary} failed: {one_line(result.stdout + result.stderr)[-500:]}")
         self.wait_ready(timeout_s)
+        if running and self.maxmemory_given:
+            self.apply_maxmemory()
+
+    def apply_maxmemory(self) -> None:
+        """``CONFIG SET maxmemory`` on our running server (``up`` never changes an external server's settings)."""
+        import redis
+
+        client = redis.Redis.from_url(self.url, socket_timeout=2, socket_connect_timeout=0.5)
+        try:
+            client.config_set("maxmemory", self.maxmemory)
+        except redis.RedisError as error:
+            raise RedisError(
+                f"{ENV_REDIS_MAXMEMORY}={self.maxmemory!r}: the running Redis refused it: {error}"
+            ) from None
+        finally:
+            client.close()
 
     def wait_ready(self, timeout_s: float) -> None:
         """Poll PING until our server answers: a restart with a large AOF replies LOADING for a while."""

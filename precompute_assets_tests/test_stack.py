@@ -174,6 +174,22 @@ def test_the_embedded_redis_has_bounded_memory_and_evicts_only_keys_with_a_ttl(r
         RedisServer(Path(tempfile.mkdtemp()), free_port())
 
 
+def test_a_maxmemory_set_after_the_embedded_redis_started_is_applied_by_up(redis_server, monkeypatch):
+    """PRECOMPUTE_REDIS_MAXMEMORY was read only when the server started: setting it and running `up` again left the
+    running server at its old limit, silently; unset, the running server's limit is left as it is."""
+    monkeypatch.setenv("PRECOMPUTE_REDIS_MAXMEMORY", "64MB")
+    server = redis_server()
+    client = redis.Redis.from_url(server.url)
+    monkeypatch.setenv("PRECOMPUTE_REDIS_MAXMEMORY", "32mb")
+    again = RedisServer(server.dir, server.port)
+    again.start()
+    assert again.pid == server.pid  # the same server, not restarted
+    assert client.config_get("maxmemory") == {"maxmemory": str(32 * 1024 * 1024)}
+    monkeypatch.delenv("PRECOMPUTE_REDIS_MAXMEMORY")
+    RedisServer(server.dir, server.port).start()
+    assert client.config_get("maxmemory") == {"maxmemory": str(32 * 1024 * 1024)}
+
+
 def test_a_stale_pid_file_naming_another_homes_server_is_not_ours(stack: Stack, session_dir: Path) -> None:
     """After a reboot, a stale pid file may name another home's server (same program, same user): `status` must
     not count it, `down` must not stop it, and `up` must start this home's own server."""
