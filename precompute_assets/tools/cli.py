@@ -202,7 +202,9 @@ def cmd_redis_acl(args: argparse.Namespace) -> int:
         if not password:
             raise CliError(f"set {variable} to the {role}'s password (passwords never go on the command line)")
         users[role] = (name or f"{args.namespace}-{role}", password)
-    kinds = [kind for kind in args.kinds.split(",") if kind] if args.kinds else None
+    kinds = None if args.kinds is None else [kind for kind in args.kinds.split(",") if kind]
+    if kinds == []:  # `--kinds "$KINDS"` with KINDS empty granted every kind: a blank never widens the reader's rights
+        raise CliError("--kinds names no kind: give KIND[,KIND...], or leave the option out for every kind")
     url = ""
     try:
         if not args.apply:

@@ -442,3 +442,19 @@ def test_cli_prints_acl_lines_with_hashes_only_and_refuses_a_missing_password(mo
     lines = out.strip().split("\n")
     assert [line.split()[1] for line in lines] == ["pc-publisher", "pc-reader"]
     assert "password-1234" not in out and "password-12345" not in out and "#" in out
+
+
+@pytest.mark.parametrize("kinds", ["", ","])
+def test_cli_refuses_a_kinds_option_that_names_no_kind(monkeypatch, capsys, kinds):
+    """`--kinds ""` (an empty shell variable) printed a reader that may write live values of every kind, the widest
+    rule, where the option is there to narrow it; `--kinds ,` failed with the Python API's wording (None)."""
+    from precompute_assets.tools.cli import main
+
+    monkeypatch.setenv("PRECOMPUTE_REDIS_PUBLISHER_PASSWORD", "publisher-password-1234")
+    monkeypatch.setenv("PRECOMPUTE_REDIS_READER_PASSWORD", "reader-password-12345")
+    assert main(["redis", "acl", "--kinds", kinds]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == (
+        "precompute redis: --kinds names no kind: give KIND[,KIND...], or leave the option out for every kind\n"
+    )
