@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Callable, Collection, Hashable, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import dagster as dg
@@ -60,6 +61,12 @@ def _by_day(chunks: list[pd.DataFrame], day_starts_ms: list[int]) -> list[pd.Dat
     ]
 
 
+def is_own_lake(uri: str, stack: Stack) -> bool:
+    """Whether ``uri`` is the stack's own lake (``$PRECOMPUTE_HOME/lake``, as ``precompute env`` exports it), which
+    the demo may write over; a URI (``s3://...``) or another folder is someone's data."""
+    return "://" not in uri and Path(uri).expanduser().resolve() == (stack.home / "lake").resolve()
+
+
 def run_demo(
     stack: Stack,
     *,
@@ -81,6 +88,11 @@ def run_demo(
 
     defs = load_definitions()
     env = stack.env()
+    if not is_own_lake(env[ENV_LAKE], stack):  # before the Redis check and anything written, as that check is
+        raise StackError(
+            f"the demo replaces the lake's ads and ad_impressions: run it on the stack's own lake, not on "
+            f"{env[ENV_LAKE]} of {ENV_LAKE}"
+        )
     if not stack.status()[0].embedded:  # the Redis entry
         # One line and exit code 2 like every command error (SystemExit exited 1), before anything is written.
         raise StackError(f"the demo resets Redis: run it on the embedded stack, not on the server of {ENV_REDIS}")

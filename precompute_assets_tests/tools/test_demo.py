@@ -207,3 +207,33 @@ def test_the_demo_refuses_an_external_redis_with_one_line_and_exit_2(
     assert err.count("\n") == 1 and "precompute demo: the demo resets Redis" in err and "PRECOMPUTE_REDIS_URL" in err
     assert client.get("someone-else:key") == b"kept" and client.dbsize() == 1
     client.close()
+
+
+def test_the_demo_refuses_a_lake_other_than_the_stacks_own_with_one_line_and_exit_2(
+    tmp_path, monkeypatch, capsys, dagster_pg_url, app_db_url
+):
+    """The demo replaces the lake's ads and impressions: with PRECOMPUTE_LAKE_URI naming the lake that holds an
+    operator's own catalog it overwrote it (an external Redis was refused, an external lake was not)."""
+    import precompute_assets.tools.demo as demo
+    from precompute_assets.stack import Stack
+
+    def writes(*args, **kwargs):
+        raise AssertionError("the demo went on to write its synthetic catalog into their lake")
+
+    lake = tmp_path / "their-lake"
+    (lake / "ads").mkdir(parents=True)
+    (lake / "ads" / "__unpartitioned__.parquet").write_bytes(b"their catalog")
+    monkeypatch.setattr(demo, "make_ads", writes)
+    monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "home"))  # the stack's own Redis: not refused for it
+    monkeypatch.delenv("PRECOMPUTE_REDIS_URL", raising=False)
+    monkeypatch.setenv("DAGSTER_PG_URL", dagster_pg_url)
+    monkeypatch.setenv("PRECOMPUTE_APP_DB_URL", app_db_url)
+    monkeypatch.setenv("PRECOMPUTE_LAKE_URI", str(lake))
+    try:
+        assert main(["demo", "--days", "2"]) == 2
+    finally:
+        Stack(tmp_path / "home").redis.stop()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "precompute demo: the demo replaces the lake's ads" in err and str(lake) in err
+    assert [p.name for p in lake.rglob("*") if p.is_file()] == ["__unpartitioned__.parquet"]
+    assert (lake / "ads" / "__unpartitioned__.parquet").read_bytes() == b"their catalog"
