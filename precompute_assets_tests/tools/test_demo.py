@@ -5,6 +5,7 @@ A real demo run starts the whole stack and takes minutes; these test its parts o
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from collections.abc import Hashable, Iterable
 
@@ -224,8 +225,10 @@ def test_the_demo_refuses_a_lake_other_than_the_stacks_own_with_one_line_and_exi
     (lake / "ads").mkdir(parents=True)
     (lake / "ads" / "__unpartitioned__.parquet").write_bytes(b"their catalog")
     monkeypatch.setattr(demo, "make_ads", writes)
-    monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "home"))  # the stack's own Redis: not refused for it
-    monkeypatch.delenv("PRECOMPUTE_REDIS_URL", raising=False)
+    monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("PRECOMPUTE_REDIS_URL", "")  # blank: the stack's own Redis, which the demo may reset
+    for name in Stack(tmp_path / "home").env():  # `up` exports these into the process: restored after the test
+        monkeypatch.setenv(name, os.environ.get(name, ""))
     monkeypatch.setenv("DAGSTER_PG_URL", dagster_pg_url)
     monkeypatch.setenv("PRECOMPUTE_APP_DB_URL", app_db_url)
     monkeypatch.setenv("PRECOMPUTE_LAKE_URI", str(lake))
