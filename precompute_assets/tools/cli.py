@@ -375,9 +375,37 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# The benchmarks that read each of `bench`'s options: given to another, an option was silently ignored.
+BENCH_OPTIONS = {
+    "processes": ("load",),
+    "daemon_logins": ("events",),
+    "seconds": ("load",),
+    "docs": ("embed",),
+    "queries": ("graph",),
+    "ads": ("graph",),
+    "n": ("publish",),
+    "keys": ("serve", "demand", "load", "rerank", "admission"),
+    "days": ("demand",),
+    "seed": ("demand",),
+    "lookups": ("serve", "admission"),
+    "capacity": ("admission",),
+}
+
+
+def check_bench_options(args: argparse.Namespace) -> None:
+    """CliError naming the options given that ``bench WHAT`` does not read (compared with their defaults)."""
+    defaults = vars(build_parser().parse_args(["bench", args.what]))
+    ignored = [name for name, readers in BENCH_OPTIONS.items() if args.what not in readers
+               and getattr(args, name) != defaults[name]]  # fmt: skip
+    if ignored:
+        named = ", ".join(f"--{name.replace('_', '-')} (bench {'/'.join(BENCH_OPTIONS[name])})" for name in ignored)
+        raise CliError(f"bench {args.what} does not read {named}")
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from . import bench
 
+    check_bench_options(args)  # before any service starts
     if args.what == "demand":  # in memory: no services needed
         keys = 100_000 if args.keys is None else args.keys
         try:

@@ -757,6 +757,33 @@ def test_up_dev_and_env_refuse_a_malformed_setting_they_would_export(
     assert captured.err.count("\n") == 1 and captured.out == ""
 
 
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["graph", "--keys", "5"], "bench graph does not read --keys (bench serve/demand/load/rerank/admission)"),
+        (
+            ["demand", "--processes", "4", "--seconds", "3"],
+            "bench demand does not read --processes (bench load), --seconds (bench load)",
+        ),
+        (["serve", "--docs", "10"], "bench serve does not read --docs (bench embed)"),
+    ],
+)
+def test_bench_refuses_an_option_the_benchmark_does_not_read(tmp_path, monkeypatch, capsys, argv, says):
+    """Every benchmark shares one parser: `bench demand --processes 4` ran with the option silently ignored."""
+    import precompute_assets.tools.bench as bench
+    import precompute_assets.tools.cli as cli
+
+    def ran(*args, **kwargs):
+        raise AssertionError(f"bench {argv[0]} ran with an option it does not read")
+
+    monkeypatch.setattr(cli, "Stack", ran)  # the benchmarks with services start them first
+    monkeypatch.setattr(bench, "bench_demand", ran)  # the one in memory
+    monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "never-started"))
+    assert main(["bench", *argv]) == 2
+    assert capsys.readouterr().err == f"precompute bench: {says}\n"
+    assert not (tmp_path / "never-started").exists()
+
+
 def test_env_exports_the_partitions_start_and_a_set_ad_feature_set(tmp_path, monkeypatch, capsys):
     """The README: `env` exports every variable with a default, and the PRECOMPUTE_AD_* feature set when set (a blank
     PRECOMPUTE_AD_LOG_SCALED means no log-scaled column, so it is exported too)."""
