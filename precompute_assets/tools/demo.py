@@ -20,7 +20,7 @@ from ..defs.partitions import deployment_partitions
 from ..defs.query_logs import QUARANTINE_OF
 from ..ml.replay import replay
 from ..serving import KeySchema, Pointer, PredictionCache, connect
-from ..stack import ENV_APP_DB, ENV_LAKE, ENV_REDIS, Stack, StackError
+from ..stack import ENV_APP_DB, ENV_DAGSTER_PG, ENV_LAKE, ENV_MODEL_STORE, ENV_REDIS, Stack, StackError
 from ..storage.lake import Lake
 from ..workload.ads import generate_traffic, make_ads, true_ctr
 from ..workload.serve import SimClock, serve_traffic
@@ -61,10 +61,18 @@ def _by_day(chunks: list[pd.DataFrame], day_starts_ms: list[int]) -> list[pd.Dat
     ]
 
 
-def is_own_lake(uri: str, stack: Stack) -> bool:
-    """Whether ``uri`` is the stack's own lake (``$PRECOMPUTE_HOME/lake``, as ``precompute env`` exports it), which
-    the demo may write over; a URI (``s3://...``) or another folder is someone's data."""
-    return "://" not in uri and Path(uri).expanduser().resolve() == (stack.home / "lake").resolve()
+def is_own_folder(uri: str, stack: Stack, folder: str) -> bool:
+    """Whether ``uri`` is the stack's own ``folder`` (``$PRECOMPUTE_HOME/lake`` or ``/models``, as ``precompute env``
+    exports them), which the demo may write over; a URI (``s3://...``) or another folder is someone's data."""
+    return "://" not in uri and Path(uri).expanduser().resolve() == (stack.home / folder).resolve()
+
+
+def foreign_state(stack: Stack, env: dict[str, str]) -> list[str]:
+    """The variables naming Dagster's storage, the application database or the model store of someone else: the
+    demo's runs would land in their run history, its synthetic ``ctr_model`` would become their newest approved
+    model, and the day's ``ctr_predictions`` of that deployment would follow it."""
+    foreign = [variable for variable in (ENV_DAGSTER_PG, ENV_APP_DB) if not stack.embeds(variable)]
+    return foreign + ([] if is_own_folder(env[ENV_MODEL_STORE], stack, "models") else [ENV_MODEL_STORE])
 
 
 def run_demo(
@@ -88,7 +96,7 @@ def run_demo(
 
     defs = load_definitions()
     env = stack.env()
-    if not is_own_lake(env[ENV_LAKE], stack):  # before the Redis check and anything written, as that check is
+    if not is_own_folder(env[ENV_LAKE], stack, "lake"):  # before the Redis check and anything written, as that check is
         raise StackError(
             f"the demo replaces the lake's ads and ad_impressions: run it on the stack's own lake, not on "
             f"{env[ENV_LAKE]} of {ENV_LAKE}"
@@ -96,6 +104,11 @@ def run_demo(
     if not stack.status()[0].embedded:  # the Redis entry
         # One line and exit code 2 like every command error (SystemExit exited 1), before anything is written.
         raise StackError(f"the demo resets Redis: run it on the embedded stack, not on the server of {ENV_REDIS}")
+    if foreign := foreign_state(stack, env):
+        raise StackError(
+            "the demo records its runs and approves a synthetic ctr_model: run it on the stack's own state, not on "
+            f"what {', '.join(foreign)} name{'s' if len(foreign) == 1 else ''}"
+        )
     stages = Stages()
     redis_url = env[ENV_REDIS]
     connect(redis_url, socket_timeout=10).flushdb()  # embedded demo server only (checked above)
