@@ -390,24 +390,40 @@ def settle_published(
 def _sorted_set_members(client: redis.Redis, name: bytes, page: int) -> list[str]:
     """The members of the sorted set ``name`` in score order, ``page`` per ``ZRANGE ... BYSCORE LIMIT``: one
     ``ZRANGE 0 -1`` of probation's main LRU (up to its capacity) holds Redis for every other client while it replies.
-    Pages go by score, not rank, so readers' evictions (the lowest scores) shift no member past the cursor, and a
-    refresh only moves a member ahead of it: every member present throughout is read (one refreshed may twice)."""
+    Each page starts past the last score read (``(score``, no offset), once every member of that score is read (in
+    the same round trip; one member in practice: ``_ADMIT`` and ``_TOUCH`` score by ``:seq``, ``HAND_OVER`` below the
+    coldest). Readers evict the lowest scores and a lookup moves a member to the newest: neither shifts an unread
+    member past the cursor, so every member present throughout is read (one refreshed may twice)."""
     members: dict[str, None] = {}
-    low, offset = b"-inf", 0  # the score to read from, and how many members of that very score were read already
+    last: bytes | None = None  # the score the page before ended at
     while True:
-        (reply,) = run_commands(
-            client, [(b"ZRANGE", name, low, b"+inf", b"BYSCORE", b"LIMIT", b"%d" % offset, b"%d" % page, b"WITHSCORES")]
-        )
+        low = b"-inf" if last is None else b"(" + last
+        commands = [(b"ZRANGE", name, low, b"+inf", b"BYSCORE", b"LIMIT", b"0", b"%d" % page, b"WITHSCORES")]
+        if last is not None:
+            # An offset into the last score's members (for one of them past that page) shifts when a member read
+            # leaves or moves meanwhile, and the member after it was skipped: that score is read whole.
+            commands.insert(0, (b"ZRANGE", name, last, last, b"BYSCORE", b"LIMIT", b"0", b"%d" % page))
+        *tied, reply = run_commands(client, commands)
+        if last is not None:
+            members.update((member, None) for member in _members_of_score(client, name, last, page, tied[0]))
         # redis-py pairs the reply up itself when it sees WITHSCORES; a cluster's packed send replies it flat
         flat = reply and not isinstance(reply[0], list | tuple)
         pairs = [(_text(m), float(s)) for m, s in (zip(reply[0::2], reply[1::2], strict=True) if flat else reply)]
         members.update((member, None) for member, _ in pairs)
         if len(pairs) < page:
             return list(members)
-        last = pairs[-1][1]
-        tied = sum(1 for _, score in pairs if score == last)
-        offset = offset + tied if repr(last).encode() == low else tied
-        low = repr(last).encode()
+        last = repr(pairs[-1][1]).encode()
+
+
+def _members_of_score(client: redis.Redis, name: bytes, score: bytes, page: int, first: list) -> list[str]:
+    """The members of ``name`` with exactly ``score``, given ``first``, the first ``page`` of them; more pages only
+    for more than ``page`` members of one score (never in the main LRU)."""
+    members = list(map(_text, first))
+    while len(first) == page:
+        offset = b"%d" % len(members)
+        (first,) = run_commands(client, [(b"ZRANGE", name, score, score, b"BYSCORE", b"LIMIT", offset, b"%d" % page)])
+        members += map(_text, first)
+    return members
 
 
 def _list_items(client: redis.Redis, name: bytes, page: int) -> list[str]:

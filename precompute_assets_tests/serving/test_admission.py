@@ -549,3 +549,32 @@ def test_dead_redis_with_admission_computes_without_raising(schema):
         assert cache.get_or_compute("ctr", "ad1", lambda key: 0.42) == 0.42
         assert cache.errors == 1 and cache.rejected == 0
         cache.close()
+
+
+@pytest.mark.parametrize("between_pages", ["touch", "evict"])
+def test_the_main_lru_read_in_pages_keeps_the_member_after_a_moved_boundary(
+    redis_client, schema, monkeypatch, between_pages
+):
+    """A page's last member a reader looked up meanwhile (``_TOUCH`` gives it the newest score), or evicted with the
+    page before it (``_ADMIT`` pops the lowest), is no longer at the score the next page starts from: the next page
+    skipped the member after it, a key that was in the main LRU all along (settling then left it tracked beside the
+    version that serves it, or tracked without the value it hands over)."""
+    name = schema.admission_fifo("rank", "main")
+    redis_client.zadd(name, {f"m{i:02d}": i + 1 for i in range(30)})
+    run_commands, pages = publish_module.run_commands, []
+
+    def between(client, commands):
+        replies = run_commands(client, commands)
+        if commands[0][0] == b"ZRANGE" and not pages:
+            pages.append(replies[0])
+            if between_pages == "touch":  # what a reader's lookup of the page's last member does
+                redis_client.zadd(name, {"m09": 100})
+            else:  # what readers' misses do to the coldest members
+                redis_client.zpopmin(name, 10)
+        return replies
+
+    monkeypatch.setattr(publish_module, "run_commands", between)
+    members = publish_module._sorted_set_members(redis_client, name.encode(), 10)
+    assert pages  # the boundary moved between two pages
+    throughout = [f"m{i:02d}" for i in range(10 if between_pages == "evict" else 0, 30)]
+    assert set(throughout) <= set(members)
