@@ -46,8 +46,12 @@ def version_stats(client: redis.Redis, schema: KeySchema, kind: str, *, previous
     pipe = client.pipeline(transaction=False)
     for name in names:
         pipe.hlen(name)
-    keys = sum(int(n) for n in pipe.execute())
-    sampled = names[:: max(1, len(names) // MEMORY_SAMPLE_BUCKETS)][:MEMORY_SAMPLE_BUCKETS]
+    sizes = [int(n) for n in pipe.execute()]
+    keys = sum(sizes)
+    step = max(1, len(names) // MEMORY_SAMPLE_BUCKETS)
+    sampled = names[::step][:MEMORY_SAMPLE_BUCKETS]
+    # MEMORY USAGE of a bucket of more fields than it samples extrapolates from those: an estimate too
+    fields_sampled = all(size <= MEMORY_SAMPLE_FIELDS for size in sizes[::step][:MEMORY_SAMPLE_BUCKETS])
     pipe = client.pipeline(transaction=False)
     for name in sampled:
         pipe.memory_usage(name, samples=MEMORY_SAMPLE_FIELDS)
@@ -58,7 +62,7 @@ def version_stats(client: redis.Redis, schema: KeySchema, kind: str, *, previous
         "buckets": pointer.buckets,
         "keys": keys,
         "memory_bytes": memory,
-        "memory_estimated": len(sampled) < len(names),
+        "memory_estimated": len(sampled) < len(names) or not fields_sampled,
         "ttl_s": int(client.ttl(names[0])),
     }
 

@@ -198,3 +198,16 @@ def test_stats_sample_the_fields_of_a_bucket_grown_big(redis_server, schema):
     small = schema.bucket("ctr", "v2", 0)
     client.hset(small, mapping={f"k{i}": b"\0\0\0?" for i in range(KEYS_PER_BUCKET)})
     assert client.memory_usage(small, samples=MEMORY_SAMPLE_FIELDS) == client.memory_usage(small, samples=0)
+
+
+def test_stats_say_the_memory_of_a_bucket_grown_big_is_estimated(redis_client, schema):
+    """``MEMORY USAGE ... SAMPLES`` extrapolates a bucket of more fields than it samples: a version of one bucket of
+    5,000 keys got an estimated ``memory_bytes`` reported as exact (``memory_estimated`` false, all buckets read)."""
+    pointer = Pointer("v1", 1)
+    patch_version(redis_client, "ctr", pointer, [(f"k{i}", 0.5) for i in range(5000)], schema=schema)
+    redis_client.set(schema.pointer("ctr"), pointer.encode())
+    assert version_stats(redis_client, schema, "ctr")["memory_estimated"] is True
+    small = Pointer("v2", 2)
+    patch_version(redis_client, "ctr", small, [(f"k{i}", 0.5) for i in range(100)], schema=schema)
+    redis_client.set(schema.pointer("ctr"), small.encode())
+    assert version_stats(redis_client, schema, "ctr")["memory_estimated"] is False
