@@ -35,6 +35,9 @@ HOUR_END_WAIT_S = 60.0  # a drain waits at most this long for Redis's clock to r
 # A drain turns its rows into columns this many at a time: a row as a dict costs about 600 bytes, as columns about
 # 50, and an hour of a busy service holds millions of queries.
 ROWS_PER_CHUNK = 50_000
+# The drain logs its progress once per this many events read, not per page: pages of 1,000 stream entries (64,000
+# queries) made a busy hour's run write a log line, a row of Dagster's event log, every few hundred milliseconds.
+PROGRESS_EVENTS = 1_000_000
 QUARANTINE_WARN_RATE = 0.001
 QUARANTINE_FAIL_RATE = 0.05
 QUARANTINE_CHECK_DESCRIPTION = (
@@ -114,7 +117,7 @@ def query_logs(context: dg.AssetExecutionContext, redis: RedisResource, lake: La
         )
     if trimmed:
         context.log.warning("the stream was trimmed inside this hour: materializing what is left")
-    chunks, rows, rejected, read = [], [], [], 0
+    chunks, rows, rejected, read, report_at = [], [], [], 0, PROGRESS_EVENTS
     for page in read_stream_window(client, redis.schema(), epoch_ms(window.start), epoch_ms(window.end)):
         for entry_id, fields in expand_entries(page):
             read += 1
@@ -126,7 +129,10 @@ def query_logs(context: dg.AssetExecutionContext, redis: RedisResource, lake: La
             if len(rows) == ROWS_PER_CHUNK:
                 chunks.append(query_log_table(rows, QUERY_LOG_DRAIN))
                 rows = []
-        context.log.info(f"read {read} events ({len(rejected)} quarantined)")
+        if read >= report_at:
+            context.log.info(f"read {read} events ({len(rejected)} quarantined) so far")
+            report_at = read + PROGRESS_EVENTS
+    context.log.info(f"read {read} events ({len(rejected)} quarantined)")
     table = pa.concat_tables([*chunks, query_log_table(rows, QUERY_LOG_DRAIN)])
     del chunks, rows
     if lost := lost_events(lake, context.partition_key, drained_ids(table, rejected), "query_logs"):

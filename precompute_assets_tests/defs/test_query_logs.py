@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -538,3 +539,19 @@ def test_a_retention_of_no_hours_is_refused_and_trims_nothing(
     message = result.failure_data_for_node("trim_query_log").error.message
     assert f"retention_hours must be at least 1, got {retention_hours}" in message
     assert len(logged_queries(redis_client, schema)) == 10
+
+
+def test_a_drain_logs_its_progress_per_million_events_not_per_page(
+    redis_url, redis_client, schema, lake_uri, pg_instance, monkeypatch
+):
+    """The drain logged 'read N events' after every page of the stream: with pages of 1,000 entries, a busy hour's
+    run wrote hundreds of lines into Dagster's event log."""
+    fill(redis_url, schema, HOUR_START_MS, 2000)
+    pages = functools.partial(query_logs_module.read_stream_window, page=2)
+    assert len(list(pages(redis_client, schema, HOUR_START_MS, HOUR_START_MS + 3_600_000))) > 2000 // 500 + 1
+    monkeypatch.setattr(query_logs_module, "read_stream_window", pages)
+    monkeypatch.setattr(query_logs_module, "PROGRESS_EVENTS", 500, raising=False)
+    result = materialize(redis_url, schema, lake_uri, pg_instance)
+    assert result.success
+    lines = [e.user_message for e in pg_instance.all_logs(result.run_id) if e.user_message.startswith("read ")]
+    assert len(lines) <= 2000 // 500 + 1 and lines[-1] == "read 2000 events (0 quarantined)", lines
