@@ -30,7 +30,7 @@ from ..ml.budget import DEFAULT_DRAWS, DEFAULT_PRIOR_STRENGTH, thompson_split
 from ..serving import KeySchema
 from ..serving.publish import delete_live_values, write_live_values
 from ..serving.replication import confirm_replicas
-from ..storage.campaigns import Campaign, CampaignRegistry
+from ..storage.campaigns import DEFAULT_REFRESH_MARGIN, Campaign, CampaignRegistry
 from .models import CTR_MODEL, approved_materializations
 from .resources import CampaignRegistryResource, LakeResource, ModelStoreResource, RedisResource
 from .runs import ACTIVE_RUN_STATUSES, RUN_KEY_TAG
@@ -65,7 +65,9 @@ class CampaignWarmingConfig(dg.Config):
         1.0, description="Hours the values outlive the campaign's end (late requests, clock skew; at least 0)."
     )
     open_ended_ttl_days: float = Field(
-        30.0, description="Days a campaign without an end keeps its values after warming (above 0)."
+        30.0,
+        description="Days a campaign without an end keeps its values after warming (above 1: the registry warms "
+        "them again a day before they expire).",
     )
 
 
@@ -126,8 +128,15 @@ def warming_config_problem(config: CampaignWarmingConfig) -> str | None:
     expire before the campaign's end, or at once, were written, gone, and the campaign reported warm."""
     if not (math.isfinite(config.grace_hours) and config.grace_hours >= 0):
         return f"grace_hours must be at least 0, got {config.grace_hours}"
-    if not (math.isfinite(config.open_ended_ttl_days) and config.open_ended_ttl_days > 0):
-        return f"open_ended_ttl_days must be above 0, got {config.open_ended_ttl_days}"
+    # The registry lists a warm campaign as due again DEFAULT_REFRESH_MARGIN before its values expire: values that
+    # live no longer than that are due as soon as they are written, so the sensor, which requests a campaign when it
+    # becomes due, never warms it again, and only the backstop's hourly passes keep it (or not) in the cache.
+    margin_days = DEFAULT_REFRESH_MARGIN / timedelta(days=1)
+    if not (math.isfinite(config.open_ended_ttl_days) and config.open_ended_ttl_days > margin_days):
+        return (
+            f"open_ended_ttl_days must be above {margin_days:g} (the registry warms values again {margin_days:g} day "
+            f"before they expire), got {config.open_ended_ttl_days}"
+        )
     return None
 
 

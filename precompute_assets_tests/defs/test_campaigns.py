@@ -25,6 +25,7 @@ from precompute_assets.defs import campaigns as warming
 from precompute_assets.defs.campaigns import (
     CAMPAIGN_TAG,
     CAMPAIGNS,
+    CampaignWarmingConfig,
     LaunchCursor,
     approved_model_version,
     build_campaign_cleanup_schedule,
@@ -34,6 +35,7 @@ from precompute_assets.defs.campaigns import (
     campaign_ctr,
     campaign_launch_sensor,
     campaign_warming_job,
+    warming_config_problem,
 )
 from precompute_assets.defs.models import ctr_model
 from precompute_assets.defs.resources import (
@@ -371,7 +373,11 @@ def test_warming_without_an_approved_model_fails_clearly_and_writes_nothing(regi
 @pytest.mark.parametrize(
     ("end_in", "config", "message"),
     [
-        (None, {"open_ended_ttl_days": 0.0}, "open_ended_ttl_days must be above 0, got 0.0"),
+        (
+            None,
+            {"open_ended_ttl_days": 0.0},
+            "open_ended_ttl_days must be above 1 (the registry warms values again 1 day before they expire), got 0.0",
+        ),
         (HOUR, {"grace_hours": -2.0}, "grace_hours must be at least 0, got -2.0"),
     ],
 )
@@ -392,6 +398,17 @@ def test_a_config_whose_values_would_expire_at_once_fails_in_one_line_and_warms_
     assert failure.step_failure_data.user_failure_data.description == message
     assert not [e for e in run.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]
     assert not registry.get(campaign_id).is_warm
+
+
+def test_an_open_ended_ttl_within_the_refresh_margin_is_refused():
+    """The registry lists a warm campaign as due again a day before its values expire: with values of a day or less
+    it was due as soon as it was warmed, so the launch sensor, which requests campaigns as they become due, never
+    warmed it again, and only the backstop's passes did (values under 2 h expired between them)."""
+    problem = warming_config_problem(CampaignWarmingConfig(open_ended_ttl_days=1.0))
+    assert problem == (
+        "open_ended_ttl_days must be above 1 (the registry warms values again 1 day before they expire), got 1.0"
+    )
+    assert warming_config_problem(CampaignWarmingConfig(open_ended_ttl_days=1.5)) is None
 
 
 # --- which model -------------------------------------------------------------------------------------------
