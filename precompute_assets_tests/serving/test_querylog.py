@@ -669,7 +669,9 @@ def test_a_drain_reads_the_stream_a_bounded_page_per_xrange(redis_server):
     server = redis_server(extra_config=LOG_EVERY_COMMAND)
     client = connect(server.url, socket_timeout=5)
     schema = KeySchema("drain")
-    logger = QueryLogger(log_client(server.url), schema, clock=lambda: 5_000)
+    # A buffer for every query: on a busy machine the flushing thread may not run before the loop ends, and the
+    # default buffer (100,000 queries) drops the rest, leaving fewer pages to read.
+    logger = QueryLogger(log_client(server.url), schema, clock=lambda: 5_000, max_buffer=2500 * 64)
     for i in range(2500):
         logger.log_many("ctr", [f"ad{i}:{j}" for j in range(64)], [True] * 64, latency_us=40)
     logger.close()
