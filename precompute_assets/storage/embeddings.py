@@ -259,6 +259,23 @@ class EmbeddingStore:
         total = max(total, stale)
         return (stale / total if total else 0.0), stale, total
 
+    def unembedded_count(
+        self, documents: DocumentStore, model_version: str, watermark: tuple[datetime, str] | None, horizon: datetime
+    ) -> int:
+        """At most how many embeddings a sync of ``model_version`` adds: live documents changed past ``watermark``
+        and before ``horizon`` that have none stored, and the service failures it retries. Reads the changes and the
+        failures' partial index, not the corpus."""
+        after = sql.SQL("(d.modified_at, d.doc_id) > (%s, %s) AND ") if watermark else sql.SQL("")
+        query = sql.SQL(
+            "SELECT (SELECT count(*) FROM {t} d WHERE {after}d.modified_at < %s AND NOT d.deleted AND NOT EXISTS"
+            " (SELECT FROM document_embeddings e WHERE e.doc_id = d.doc_id AND e.model_version = %s)),"
+            " (SELECT count(*) FROM embedding_failures WHERE model_version = %s AND reason LIKE 'service:%%')"
+        ).format(t=sql.Identifier(documents.table), after=after)
+        with self.connect() as conn, conn.cursor() as cur:
+            cur.execute(query, (*(watermark or ()), horizon, model_version, model_version))
+            changed, failed = cur.fetchone()
+        return changed + failed
+
     def embedded_count(self, model_version: str) -> int:
         with self.connect() as conn, conn.cursor() as cur:
             cur.execute("SELECT count(*) FROM document_embeddings WHERE model_version = %s", (model_version,))

@@ -13,11 +13,15 @@ later syncs patch that version in place (new, modified and deleted documents onl
 Documents an inference service failed to embed (reason ``service: ...``, see ``ml.embedding_service``) are
 retried at the start of the next sync, before the watermark scan, without moving the watermark.
 
-A version patched in place grows with the corpus; when a sample of its buckets holds more than
-``max_bucket_fill`` keys on average (past that, hashing puts some buckets over the 128 entries of Redis'
-compact listpack encoding), the sync copies the stored embeddings into a new version with
-``bucket_count(n)`` buckets and flips the pointer to it atomically: nothing is re-embedded, also when the sync is
-killed on the way (the whole copy is resumed like a build, see ``_rebuild_wider``).
+A version patched in place grows with the corpus; no bucket should hold more than ``max_bucket_fill`` keys on
+average (past that, hashing puts some buckets over the 128 entries of Redis' compact listpack encoding). Before it
+writes, a sync counts the embeddings it may add (``EmbeddingStore.unembedded_count``); when they would take the
+version past that fill, it first copies the stored embeddings into a new version with ``bucket_count(n)`` buckets,
+writes the changes there, and flips the pointer to it atomically at the end, like a build: readers stay on the old
+version, unchanged, until then. So a big load into a version built for a small corpus never grows its buckets to
+hundreds of thousands of fields. Nothing is re-embedded, also when the sync is killed on the way (the copy is
+resumed like a build). A version found past the fill after a sync (one the count missed) is copied and flipped the
+same way then (``_rebuild_wider``).
 """
 
 from __future__ import annotations
@@ -137,6 +141,17 @@ def _sync(
     target = Pointer(progress.redis_version, progress.buckets)
     stats = SyncStats(model_version, target.version, full_build=not progress.complete)
     horizon = documents.stable_horizon()
+    # Widen before writing, not after: a big load patched into a version sized for a small (or empty) corpus grew
+    # one bucket to hundreds of thousands of fields until the end of the sync (a huge key to free, expire, replicate).
+    expected = store.embedded_count(model_version) + store.unembedded_count(
+        documents, model_version, progress.watermark, horizon
+    )
+    if expected > max_bucket_fill * target.buckets:
+        log(f"{expected} documents would fill Redis version {target.version} past {max_bucket_fill:.0f} keys per "
+            "bucket: copying it wider first")  # fmt: skip
+        wider = _copy_wider(store, client, schema, model_version, dtype, ttl_s, expected)
+        stats.rebuilt_buckets, stats.redis_version = (target.buckets, wider.buckets), wider.version
+        target, progress = wider, store.progress(model_version)
     started = time.perf_counter()
     body_chars = getattr(embedder, "max_chars", MAX_CHARS)  # all of a body that is embedded: read no more
 
@@ -204,7 +219,7 @@ def _sync(
         send_commands(client, [(b"EXPIRE", schema.bucket(EMBEDDING_KIND, target.version, b).encode(), b"%d" % ttl_s)
                                for b in range(target.buckets)])  # fmt: skip
         client.set(_sentinel(schema, target.version), f"synced {dtype}", ex=ttl_s)
-    if not stopped_early and stats.full_build:
+    if not stopped_early and not progress.complete:  # a build, or a version copied wider above: readers move to it
         flip_pointer(client, schema, EMBEDDING_KIND, target, grace_s=grace_s, replica_wait_s=replica_wait_s)
         if current is not None and current.version != target.version:
             client.expire(_sentinel(schema, current.version), grace_s)  # the old version's marker goes with it
@@ -255,15 +270,24 @@ def _rebuild_wider(
     expire. Once the copy is whole it is recorded as an unfinished build (``move_version``), so a crash between
     that and the flip is resumed like one: the next sync patches in what changed since and flips to it, rather
     than embedding the corpus again."""
-    n_docs = store.embedded_count(model_version)
+    wider = _copy_wider(store, client, schema, model_version, dtype, ttl_s, store.embedded_count(model_version))
+    client.set(_sentinel(schema, wider.version), f"synced {dtype}", ex=ttl_s)
+    flip_pointer(client, schema, EMBEDDING_KIND, wider, grace_s=grace_s, replica_wait_s=replica_wait_s)
+    store.mark_complete(model_version)
+    return wider
+
+
+def _copy_wider(
+    store: EmbeddingStore, client: redis.Redis, schema: KeySchema, model_version: str, dtype: str, ttl_s: int,
+    n_docs: int,
+) -> Pointer:  # fmt: skip
+    """Copy the stored embeddings of ``model_version`` into a new Redis version of ``bucket_count(n_docs)`` buckets
+    and record it as an unfinished build (``move_version``): nothing reads it until a flip."""
     wider = Pointer(f"emb{int(time.time())}.{uuid.uuid4().hex[:8]}", bucket_count(n_docs))
     client.set(_sentinel(schema, wider.version), f"building {dtype}", ex=ttl_s)
     for page in store.iter_values(model_version):
         patch_version(client, EMBEDDING_KIND, wider, upserts=page, schema=schema, ttl_s=ttl_s)  # each bucket's TTL
-    client.set(_sentinel(schema, wider.version), f"synced {dtype}", ex=ttl_s)
     store.move_version(model_version, wider.version, wider.buckets)
-    flip_pointer(client, schema, EMBEDDING_KIND, wider, grace_s=grace_s, replica_wait_s=replica_wait_s)
-    store.mark_complete(model_version)
     return wider
 
 

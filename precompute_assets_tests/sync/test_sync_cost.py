@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from psycopg2 import sql
 
-from precompute_assets.serving import PredictionCache
+from precompute_assets.serving import PredictionCache, publish
 from precompute_assets.serving.keys import EMBEDDING_KIND, Pointer
 from precompute_assets.storage.documents import DocumentStore
 from precompute_assets.storage.embeddings import (
@@ -130,8 +130,8 @@ def test_a_version_that_outgrew_its_buckets_is_rebuilt_wider_and_flipped(app_db,
     assert store.progress(embedder.version).redis_version == grown.redis_version
     assert store.progress(embedder.version).buckets == 13
     old = schema.bucket(EMBEDDING_KIND, first.redis_version, 0)
-    # past Redis' default hash-max-listpack-entries (128): a hashtable there (the embedded server allows 512)
-    assert redis_client.hlen(old) > 128
+    # the 500 new documents went into the wider version only: the served one was never patched past listpack's 128
+    assert 0 < redis_client.hlen(old) <= 128
     assert 0 < redis_client.ttl(old) <= 60  # the old version lives out its grace
     new = [schema.bucket(EMBEDDING_KIND, grown.redis_version, b) for b in range(13)]
     assert {redis_client.object("encoding", name) for name in new} == {b"listpack"}
@@ -151,6 +151,42 @@ def test_a_version_that_outgrew_its_buckets_is_rebuilt_wider_and_flipped(app_db,
     assert after.redis_version == grown.redis_version
     np.testing.assert_allclose(cache.get_embedding("d000005"), embedder.encode(["changed 5\nwords 5"])[0], atol=0.02)
     assert cache.get_embedding("d000009") is None
+
+
+def test_a_big_load_into_a_version_built_for_an_empty_table_never_grows_a_bucket_past_listpack(
+    app_db, redis_client, schema, monkeypatch
+):
+    docs = DocumentStore(app_db)
+    docs.ensure_schema()
+    store, embedder = EmbeddingStore(app_db), HashEmbedder()
+    first = sync_embeddings(docs, store, redis_client, embedder, schema=schema, log=quiet)
+    assert Pointer.decode(redis_client.get(schema.pointer(EMBEDDING_KIND))) == Pointer(first.redis_version, 1)
+    fields: dict[bytes, set[bytes]] = {}  # every field any HSET wrote, per bucket
+    sent = publish.send_commands
+
+    def record(client, commands):
+        for command in commands:
+            if command[0] == b"HSET":
+                fields.setdefault(command[1], set()).update(command[2::2])
+        return sent(client, commands)
+
+    monkeypatch.setattr(publish, "send_commands", record)
+    docs.load_frame(frame(0, 2000))  # a big first load: 2000 documents for a version of one bucket
+    killed = sync_embeddings(docs, store, redis_client, embedder, schema=schema, chunk_size=500, write_batch=500,
+                             stop_after_chunks=1, log=quiet)  # fmt: skip
+    old = schema.bucket(EMBEDDING_KIND, first.redis_version, 0)
+    cache = PredictionCache(redis_client, schema=schema, pointer_ttl_s=0)
+    # killed half-way: readers stay on the old version, untouched; the load went into a version of 32 buckets
+    assert Pointer.decode(redis_client.get(schema.pointer(EMBEDDING_KIND))).version == first.redis_version
+    assert redis_client.hlen(old) == 0 and cache.get_embedding("d000000") is None
+    assert killed.rebuilt_buckets == (1, 32)
+
+    done = sync_embeddings(docs, store, redis_client, embedder, schema=schema, chunk_size=500, log=quiet)
+    assert done.redis_version == killed.redis_version and done.embedded == 1500
+    assert Pointer.decode(redis_client.get(schema.pointer(EMBEDDING_KIND))) == Pointer(done.redis_version, 32)
+    assert all(v is not None for v in cache.get_embeddings([f"d{i:06d}" for i in range(2000)]))
+    assert redis_client.hlen(old) == 0
+    assert max(map(len, fields.values())) <= 128, max(map(len, fields.values()))  # no bucket ever past listpack
 
 
 def test_a_wider_copy_that_crashes_half_way_expires(app_db, redis_client, schema, monkeypatch):
