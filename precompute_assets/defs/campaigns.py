@@ -3,14 +3,15 @@ its budget split, in Redis. A sensor on the campaign registry requests the runs,
 run queue; an every-2-hours schedule is the backstop for whatever the sensor missed.
 
 Campaign values are live keys (``pc:1:ctr:live:{ad_id}``, ``pc:1:budget:live:{campaign_id}``) written in one
-MULTI/EXEC with a TTL until the campaign ends: the campaign's own writes land all at once or not at all (a
-reader never sees some of them without the others). Readers look in the published nightly version first and
-fall back to live keys for the ads it lacks, so where the nightly version has one of the campaign's ads, its
-value answers: a ``get_many`` over a campaign's ads can mix nightly values with the campaign's live ones. A
-nightly publish (a new version and a pointer flip) leaves live keys in place. An open-ended campaign's values
-expire ``open_ended_ttl_days`` after warming; the registry records when (``warm_until``) and lists the campaign
-as due again a day before, for the backstop (and the sensor) to warm it again. A cancelled campaign's keys are
-removed by a run of ``campaign_cleanup_job``.
+MULTI/EXEC with a TTL until the campaign ends: the campaign's own writes land all at once or not at all (a reader
+never sees some of them without the others); that transaction holds Redis for as long as it runs, so a campaign has
+at most ``MAX_ADS`` ads (the registry refuses more; warming refuses older campaigns over it). Readers look in the
+published nightly version first and fall back to live keys for the ads it lacks, so where the nightly version has
+one of the campaign's ads, its value answers: a ``get_many`` over a campaign's ads can mix nightly values with the
+campaign's live ones. A nightly publish (a new version and a pointer flip) leaves live keys in place. An open-ended
+campaign's values expire ``open_ended_ttl_days`` after warming; the registry records when (``warm_until``) and lists
+the campaign as due again a day before, for the backstop (and the sensor) to warm it again. A cancelled campaign's
+keys are removed by a run of ``campaign_cleanup_job``.
 """
 
 import json
@@ -30,7 +31,7 @@ from ..ml.budget import DEFAULT_DRAWS, DEFAULT_PRIOR_STRENGTH, thompson_split
 from ..serving import KeySchema
 from ..serving.publish import delete_live_values, write_live_values
 from ..serving.replication import confirm_replicas
-from ..storage.campaigns import DEFAULT_REFRESH_MARGIN, Campaign, CampaignRegistry
+from ..storage.campaigns import DEFAULT_REFRESH_MARGIN, MAX_ADS, Campaign, CampaignRegistry
 from .models import CTR_MODEL, approved_materializations
 from .resources import CampaignRegistryResource, LakeResource, ModelStoreResource, RedisResource
 from .runs import ACTIVE_RUN_STATUSES, RUN_KEY_TAG
@@ -225,6 +226,12 @@ def campaign_ctr(
     frame = pd.DataFrame({"ad_id": pd.Series(dtype=object), "ctr": pd.Series(dtype=float)})
     reason = not_warmable(campaign, now)
     version, skipped, expire_at = "", [], expiry(campaign, now, config)
+    if reason is None and len(ads) > MAX_ADS:  # registered before the cap: its one transaction would stall Redis
+        raise dg.Failure(
+            description=f"campaign {campaign.campaign_id} has {len(ads)} ads, more than the {MAX_ADS} a campaign may "
+            "have: re-register it split into campaigns",
+            allow_retries=False,
+        )
     if reason is None:
         version = approved_model_version(context.instance)
         model = model_store.store().load(CTR_MODEL, version)

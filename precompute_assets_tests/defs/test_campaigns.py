@@ -3,6 +3,7 @@ backstop, run priorities in the queue, and what readers see when Redis fails."""
 
 import os
 import signal
+import threading
 import uuid
 import zlib
 from datetime import UTC, datetime, timedelta
@@ -52,9 +53,9 @@ from precompute_assets.defs.settings import Settings
 from precompute_assets.defs.sources import ad_impressions, ads
 from precompute_assets.ml import features
 from precompute_assets.ml.budget import thompson_split
-from precompute_assets.serving import KeySchema, PredictionCache, connect, publish_version
+from precompute_assets.serving import KeySchema, PredictionCache, connect, publish, publish_version
 from precompute_assets.serving.publish import write_live_values
-from precompute_assets.storage.campaigns import Campaign, CampaignRegistry
+from precompute_assets.storage.campaigns import MAX_ADS, Campaign, CampaignRegistry
 from precompute_assets.storage.lake import Lake
 from precompute_assets.storage.postgres import scratch_database
 from precompute_assets.workload.ads import make_ads
@@ -671,6 +672,57 @@ def test_a_campaign_is_warm_only_once_redis_replicas_hold_its_values(
     assert warm(instance, private, campaign_id).success and registry.get(campaign_id).is_warm
     with redis.Redis(port=replica.port) as theirs:  # what the registry calls warm, a promoted replica serves
         assert len(theirs.keys(f"{schema.prefix}:ctr:live:*")) == len(ad_list)
+
+
+def test_a_campaign_at_the_ad_cap_is_one_bounded_transaction_and_readers_see_all_of_it_or_none(
+    registry, resources, instance, redis_url, schema, monkeypatch
+):
+    campaign_id = unique("cap")
+    ad_list = campaign_ads(campaign_id, MAX_ADS)
+    registry.register(campaign_id, "acme", datetime.now(UTC) + HOUR, ad_list)
+    instance.add_dynamic_partitions(CAMPAIGNS.name, [campaign_id])
+    transactions, transact = [], publish.transact_per_slot
+    monkeypatch.setattr(publish, "transact_per_slot", lambda c, commands: transactions.append(commands) or
+                        transact(c, commands))  # fmt: skip
+    names = [schema.live("ctr", ad["ad_id"]) for ad in ad_list]
+    seen, done = set(), threading.Event()
+
+    def read() -> None:  # one MGET is atomic: it sees the campaign's transaction wholly before or after
+        with redis.Redis.from_url(redis_url) as reader:
+            while not done.is_set():
+                seen.add(sum(value is not None for value in reader.mget(names)))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        assert warm(instance, resources, campaign_id).success
+    finally:
+        done.set()
+        reader.join()
+    ctr_live = f"{schema.prefix}:ctr:live:".encode()
+    ctr_writes = [commands for commands in transactions if commands[0][1].startswith(ctr_live)]
+    assert len(ctr_writes) == 1 and len(ctr_writes[0]) <= 3 * MAX_ADS  # one transaction, bounded by the cap
+    assert seen <= {0, MAX_ADS} and 0 in seen, seen
+    with redis.Redis.from_url(redis_url) as client:
+        assert sum(value is not None for value in client.mget(names)) == MAX_ADS
+
+
+def test_a_campaign_registered_before_the_ad_cap_is_refused_by_warming_and_nothing_is_written(
+    registry, resources, instance, redis_client, schema, monkeypatch
+):
+    campaign_id = unique("overcap")
+    registry.register(campaign_id, "acme", datetime.now(UTC) + HOUR, campaign_ads(campaign_id, 4))
+    instance.add_dynamic_partitions(CAMPAIGNS.name, [campaign_id])
+    monkeypatch.setattr(warming, "MAX_ADS", 3)  # as if registered when there was no cap
+    transactions = []
+    monkeypatch.setattr(publish, "transact_per_slot", lambda client, commands: transactions.append(commands))
+    run = warm(instance, resources, campaign_id, raise_on_error=False)
+    assert not run.success
+    (failure,) = [e for e in run.all_events if e.event_type_value == "STEP_FAILURE"]
+    message = failure.step_failure_data.error.message
+    assert f"campaign {campaign_id} has 4 ads, more than the 3 a campaign may have" in message
+    assert not [e for e in run.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]  # not worth a retry
+    assert transactions == [] and live_keys(redis_client, schema, "ctr") == [] and not registry.get(campaign_id).is_warm
 
 
 def test_a_write_refused_half_way_leaves_nothing_visible(redis_server, schema):

@@ -14,6 +14,7 @@ from precompute_assets.ml.features import AdFeatureSpec
 from precompute_assets.storage import campaigns as registry_module
 from precompute_assets.storage.campaigns import (
     CAMPAIGN_ID,
+    MAX_ADS,
     Campaign,
     CampaignError,
     CampaignRegistry,
@@ -334,6 +335,16 @@ def test_an_ad_may_move_between_campaigns_of_its_tenant(registry):
 
 
 # -- refusals: a clear message, and nothing written ----------------------------------------------------
+
+
+def test_a_campaign_over_the_ad_cap_is_refused_in_one_line_and_one_at_the_cap_registers(registry):
+    many = [ad(f"a{i:05d}") for i in range(MAX_ADS + 1)]
+    with pytest.raises(CampaignError) as error:
+        registry.register("big", "acme", LAUNCH, many, now=NOW)
+    message = str(error.value)
+    assert f"{MAX_ADS + 1} ads, more than the {MAX_ADS} a campaign may have" in message and "\n" not in message
+    assert "nothing registered" in message and nothing_written(registry)
+    assert registry.register("big", "acme", LAUNCH, many[:MAX_ADS], now=NOW).n_ads == MAX_ADS
 
 
 @pytest.mark.parametrize(
