@@ -143,9 +143,9 @@ def _sync(
     horizon = documents.stable_horizon()
     # Widen before writing, not after: a big load patched into a version sized for a small (or empty) corpus grew
     # one bucket to hundreds of thousands of fields until the end of the sync (a huge key to free, expire, replicate).
-    expected = store.embedded_count(model_version) + store.unembedded_count(
-        documents, model_version, progress.watermark, horizon
-    )
+    # The version's size from a bounded HLEN sample (a count of the stored embeddings would scan the corpus).
+    held = round(_mean_fill(client, schema, target) * target.buckets)
+    expected = held + store.unembedded_count(documents, model_version, progress.watermark, horizon)
     if expected > max_bucket_fill * target.buckets:
         log(f"{expected} documents would fill Redis version {target.version} past {max_bucket_fill:.0f} keys per "
             "bucket: copying it wider first")  # fmt: skip
