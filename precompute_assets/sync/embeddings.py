@@ -141,6 +141,7 @@ def _sync(
     target = Pointer(progress.redis_version, progress.buckets)
     stats = SyncStats(model_version, target.version, full_build=not progress.complete)
     horizon = documents.stable_horizon()
+    started = time.perf_counter()  # before the copy below: a sync's seconds include it, as they did at the end
     # Widen before writing, not after: a big load patched into a version sized for a small (or empty) corpus grew
     # one bucket to hundreds of thousands of fields until the end of the sync (a huge key to free, expire, replicate).
     # The version's size from a bounded HLEN sample (a count of the stored embeddings would scan the corpus).
@@ -152,7 +153,6 @@ def _sync(
         wider = _copy_wider(store, client, schema, model_version, dtype, ttl_s, expected)
         stats.rebuilt_buckets, stats.redis_version = (target.buckets, wider.buckets), wider.version
         target, progress = wider, store.progress(model_version)
-    started = time.perf_counter()
     body_chars = getattr(embedder, "max_chars", MAX_CHARS)  # all of a body that is embedded: read no more
 
     def read(watermark: tuple[datetime, str] | None) -> list[DocumentRow]:

@@ -4,6 +4,8 @@ Redis' compact bucket encoding is rebuilt wider and flipped atomically."""
 
 from __future__ import annotations
 
+import time
+import types
 import zlib
 from collections.abc import Sequence
 
@@ -21,6 +23,7 @@ from precompute_assets.storage.embeddings import (
     sample_query,
     stale_count_query,
 )
+from precompute_assets.sync import embeddings as sync_module
 from precompute_assets.sync.embeddings import sync_embeddings
 
 N_BIG = 50_000
@@ -187,6 +190,25 @@ def test_a_big_load_into_a_version_built_for_an_empty_table_never_grows_a_bucket
     assert all(v is not None for v in cache.get_embeddings([f"d{i:06d}" for i in range(2000)]))
     assert redis_client.hlen(old) == 0
     assert max(map(len, fields.values())) <= 128, max(map(len, fields.values()))  # no bucket ever past listpack
+
+
+def test_a_syncs_seconds_include_the_copy_into_a_wider_version(app_db, redis_client, schema, monkeypatch):
+    docs = DocumentStore(app_db)
+    docs.ensure_schema()
+    store, embedder = EmbeddingStore(app_db), HashEmbedder()
+    sync_embeddings(docs, store, redis_client, embedder, schema=schema, log=quiet)
+    docs.load_frame(frame(0, 200))
+    clock = types.SimpleNamespace(time=time.time, perf_counter=lambda: ticks[0])  # a clock only the copy moves
+    ticks, copy = [0.0], sync_module._copy_wider
+
+    def slow_copy(*args):
+        ticks[0] += 1000.0
+        return copy(*args)
+
+    monkeypatch.setattr(sync_module, "time", clock)
+    monkeypatch.setattr(sync_module, "_copy_wider", slow_copy)
+    stats = sync_embeddings(docs, store, redis_client, embedder, schema=schema, log=quiet)
+    assert stats.rebuilt_buckets == (1, 4) and stats.seconds == 1000.0
 
 
 def test_a_wider_copy_that_crashes_half_way_expires(app_db, redis_client, schema, monkeypatch):
