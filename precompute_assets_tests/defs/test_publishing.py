@@ -17,9 +17,11 @@ from precompute_assets.storage.lake import Lake
 GOOD, BAD = "2026-11-18", "2026-11-19"
 
 
-def publish(instance, lake_uri: str, redis_url: str, namespace: str, day: str, **config) -> dict:
+def run_ctr_cache(
+    instance, lake_uri: str, redis_url: str, namespace: str, day: str, *, raise_on_error: bool = True, **config
+) -> dg.ExecuteInProcessResult:
     lake = LakeResource(base_uri=lake_uri)
-    result = dg.materialize(
+    return dg.materialize(
         [dg.AssetSpec("ctr_predictions", partitions_def=DEFAULT_PARTITIONS.daily), ctr_cache],
         selection=[ctr_cache],
         partition_key=day,
@@ -30,7 +32,12 @@ def publish(instance, lake_uri: str, redis_url: str, namespace: str, day: str, *
             "redis": RedisResource(url=redis_url, namespace=namespace),
         },
         run_config={"ops": {"ctr_cache": {"config": config}}},
+        raise_on_error=raise_on_error,
     )
+
+
+def publish(instance, lake_uri: str, redis_url: str, namespace: str, day: str, **config) -> dict:
+    result = run_ctr_cache(instance, lake_uri, redis_url, namespace, day, **config)
     return {k: v.value for k, v in result.asset_materializations_for_node("ctr_cache")[0].metadata.items()}
 
 
@@ -68,21 +75,8 @@ def test_a_bad_ttl_or_grace_is_refused_in_one_line_without_retries(
     """ttl_hours 0 made Redis delete every bucket as it was written: the step failed as if Redis had evicted them
     ("give Redis more memory") and was retried three times with the same config."""
     Lake(lake_uri).write("ctr_predictions", GOOD, pd.DataFrame({"ad_id": ["a1"], "ctr": [0.1], "model_version": "m"}))
-    lake = LakeResource(base_uri=lake_uri)
     with dg.instance_for_test() as instance:
-        result = dg.materialize(
-            [dg.AssetSpec("ctr_predictions", partitions_def=DEFAULT_PARTITIONS.daily), ctr_cache],
-            selection=[ctr_cache],
-            partition_key=GOOD,
-            instance=instance,
-            resources={
-                "lake": lake,
-                "io_manager": ParquetIOManager(lake=lake),
-                "redis": RedisResource(url=redis_url, namespace=schema.namespace),
-            },
-            run_config={"ops": {"ctr_cache": {"config": config}}},
-            raise_on_error=False,
-        )
+        result = run_ctr_cache(instance, lake_uri, redis_url, schema.namespace, GOOD, raise_on_error=False, **config)
     failure = result.failure_data_for_node("ctr_cache")
     assert not result.success and failure is not None and failure.user_failure_data.description == message
     assert not [event for event in result.all_events if event.event_type == dg.DagsterEventType.STEP_UP_FOR_RETRY]
