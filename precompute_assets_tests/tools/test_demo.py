@@ -210,34 +210,43 @@ def test_the_demo_refuses_an_external_redis_with_one_line_and_exit_2(
     client.close()
 
 
-def test_the_demo_refuses_a_lake_other_than_the_stacks_own_with_one_line_and_exit_2(
-    tmp_path, monkeypatch, capsys, dagster_pg_url, app_db_url
-):
-    """The demo replaces the lake's ads and impressions: with PRECOMPUTE_LAKE_URI naming the lake that holds an
-    operator's own catalog it overwrote it (an external Redis was refused, an external lake was not)."""
+def refused_demo(tmp_path, monkeypatch, capsys, **variables: str) -> str:
+    """``precompute demo`` in a home of its own under ``variables`` (blank ones: the stack's own), which must exit 2
+    before it generates anything; its stderr. Whatever ``up`` exports into the process is restored after the test."""
     import precompute_assets.tools.demo as demo
     from precompute_assets.stack import Stack
 
     def writes(*args, **kwargs):
-        raise AssertionError("the demo went on to write its synthetic catalog into their lake")
+        raise AssertionError("the demo went on to generate and write its synthetic catalog")
 
-    lake = tmp_path / "their-lake"
-    (lake / "ads").mkdir(parents=True)
-    (lake / "ads" / "__unpartitioned__.parquet").write_bytes(b"their catalog")
     monkeypatch.setattr(demo, "make_ads", writes)
     monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("PRECOMPUTE_REDIS_URL", "")  # blank: the stack's own Redis, which the demo may reset
-    for name in Stack(tmp_path / "home").env():  # `up` exports these into the process: restored after the test
+    for name in Stack(tmp_path / "home").env():
         monkeypatch.setenv(name, os.environ.get(name, ""))
-    monkeypatch.setenv("DAGSTER_PG_URL", dagster_pg_url)
-    monkeypatch.setenv("PRECOMPUTE_APP_DB_URL", app_db_url)
-    monkeypatch.setenv("PRECOMPUTE_LAKE_URI", str(lake))
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
     try:
         assert main(["demo", "--days", "2"]) == 2
     finally:
         Stack(tmp_path / "home").redis.stop()
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "precompute demo: the demo replaces the lake's ads" in err and str(lake) in err
+    assert err.count("\n") == 1, err
+    return err
+
+
+def test_the_demo_refuses_a_lake_other_than_the_stacks_own_with_one_line_and_exit_2(
+    tmp_path, monkeypatch, capsys, dagster_pg_url, app_db_url
+):
+    """The demo replaces the lake's ads and impressions: with PRECOMPUTE_LAKE_URI naming the lake that holds an
+    operator's own catalog it overwrote it (an external Redis was refused, an external lake was not)."""
+    lake = tmp_path / "their-lake"
+    (lake / "ads").mkdir(parents=True)
+    (lake / "ads" / "__unpartitioned__.parquet").write_bytes(b"their catalog")
+    err = refused_demo(
+        tmp_path, monkeypatch, capsys, PRECOMPUTE_REDIS_URL="", DAGSTER_PG_URL=dagster_pg_url,
+        PRECOMPUTE_APP_DB_URL=app_db_url, PRECOMPUTE_LAKE_URI=str(lake),
+    )  # fmt: skip
+    assert "precompute demo: the demo replaces the lake's ads" in err and str(lake) in err
     assert [p.name for p in lake.rglob("*") if p.is_file()] == ["__unpartitioned__.parquet"]
     assert (lake / "ads" / "__unpartitioned__.parquet").read_bytes() == b"their catalog"
 
@@ -248,28 +257,12 @@ def test_the_demo_refuses_someone_elses_dagster_storage_and_model_store_with_one
     """With the stack's own Redis and lake but DAGSTER_PG_URL, PRECOMPUTE_APP_DB_URL and PRECOMPUTE_MODEL_STORE naming
     a deployment's, the demo wrote its runs into that run history and its synthetic ctr_model, approved, into that
     model store: the newest approved model the deployment's next ctr_predictions would follow."""
-    import precompute_assets.tools.demo as demo
-    from precompute_assets.stack import Stack
-
-    def writes(*args, **kwargs):
-        raise AssertionError("the demo went on to generate and write its synthetic catalog")
-
     models = tmp_path / "their-models"
     models.mkdir()
-    monkeypatch.setattr(demo, "make_ads", writes)
-    monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "home"))
-    for name in Stack(tmp_path / "home").env():  # `up` exports these into the process: restored after the test
-        monkeypatch.setenv(name, os.environ.get(name, ""))
-    monkeypatch.setenv("PRECOMPUTE_REDIS_URL", "")  # blank: the stack's own Redis and lake
-    monkeypatch.setenv("PRECOMPUTE_LAKE_URI", "")
-    monkeypatch.setenv("DAGSTER_PG_URL", dagster_pg_url)
-    monkeypatch.setenv("PRECOMPUTE_APP_DB_URL", app_db_url)
-    monkeypatch.setenv("PRECOMPUTE_MODEL_STORE", str(models))
-    try:
-        assert main(["demo", "--days", "2"]) == 2
-    finally:
-        Stack(tmp_path / "home").redis.stop()
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "precompute demo: the demo records its runs and approves a synthetic" in err
+    err = refused_demo(
+        tmp_path, monkeypatch, capsys, PRECOMPUTE_REDIS_URL="", PRECOMPUTE_LAKE_URI="", DAGSTER_PG_URL=dagster_pg_url,
+        PRECOMPUTE_APP_DB_URL=app_db_url, PRECOMPUTE_MODEL_STORE=str(models),
+    )  # fmt: skip
+    assert "precompute demo: the demo records its runs and approves a synthetic" in err
     assert "DAGSTER_PG_URL, PRECOMPUTE_APP_DB_URL, PRECOMPUTE_MODEL_STORE" in err
     assert list(models.iterdir()) == []
