@@ -180,6 +180,7 @@ def ctr_model(
         )
         baseline_model = ctr.train_baseline(train, encoder)
         metrics, baseline = ctr.evaluate(model, valid), ctr.evaluate(baseline_model, valid)
+        history = ctr.evaluate(ctr.train_ad_history(train), valid)
         new_ads = ctr.evaluate_new_ads(model, baseline_model, train, valid)
     except ValueError as error:
         context.log.error(f"no model trained: {error}")
@@ -200,7 +201,13 @@ def ctr_model(
         CTR_MODEL,
         version,
         model,
-        {"metrics": metrics, "baseline": baseline, "new_ads": asdict(new_ads), "features": encoder.describe()},
+        {
+            "metrics": metrics,
+            "baseline": baseline,
+            "ad_history": history,
+            "new_ads": asdict(new_ads),
+            "features": encoder.describe(),
+        },
         overwrite=True,
     )
     context.log.info(f"trained {version}: AUC {metrics['auc']:.4f} (baseline {baseline['auc']:.4f})")
@@ -216,6 +223,8 @@ def ctr_model(
             "log_loss": metrics["log_loss"],
             "calibration_error": metrics["calibration_error"],
             "baseline_auc": baseline["auc"],
+            "ad_history_auc": history["auc"],
+            "ad_history_log_loss": history["log_loss"],
             **new_ad_metadata(new_ads),
             "feature_spec": dg.MetadataValue.json(spec_dict(spec)),
             "category_values": dg.MetadataValue.json({c: list(v) for c, v in encoder.vocabularies.items()}),

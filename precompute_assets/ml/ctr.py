@@ -1,5 +1,6 @@
 """Click-through-rate model: per-(ad, day) training rows from the ad columns an ``AdFeatureSpec`` names, a time
-split, two models (random forest and a logistic-regression baseline) on one learned encoding, impression-weighted
+split, two models (random forest and a logistic-regression baseline) on one learned encoding, each ad's own smoothed
+click history as the simplest baseline (``AdHistoryCtr``), impression-weighted
 evaluation (overall and on ads first seen after the training cutoff) and batch scoring.
 
 Pure pandas / scikit-learn: no Dagster, no Redis. The cached value is one CTR per ad, so every feature
@@ -209,6 +210,28 @@ def train_baseline(train: pd.DataFrame, encoder: AdEncoder) -> CtrModel:
     _check_labelled(train, "training data")
     x, y, weight = _expanded(encoder.encode(train), train)
     return CtrModel(encoder, LogisticRegression(max_iter=1000).fit(x, y, sample_weight=weight))
+
+
+@dataclass(frozen=True)
+class AdHistoryCtr:
+    """The simplest CTR model, reported beside the two learned ones: each ad's own clicks over its impressions in
+    the training rows, shrunk toward the overall CTR by a prior worth one expected click (``1 / overall``
+    impressions), so an ad seen 3 times without a click is not rated 0; an ad with no training rows gets the
+    overall CTR. It ignores every feature: where it wins, the features add nothing the history did not know."""
+
+    rates: pd.Series  # ad_id -> smoothed CTR
+    overall: float
+
+    def predict(self, rows: pd.DataFrame) -> np.ndarray:
+        return rows[ID_COLUMN].map(self.rates).fillna(self.overall).to_numpy(dtype=float)
+
+
+def train_ad_history(train: pd.DataFrame) -> AdHistoryCtr:
+    """``AdHistoryCtr`` of the training rows (``ad_id``, ``clicks``, ``impressions``)."""
+    _check_labelled(train, "training data")
+    per_ad = train.groupby(ID_COLUMN)[["clicks", "impressions"]].sum()
+    overall = float(per_ad["clicks"].sum() / per_ad["impressions"].sum())
+    return AdHistoryCtr((per_ad["clicks"] + 1.0) / (per_ad["impressions"] + 1.0 / overall), overall)
 
 
 def predict_ctr(model: object, rows: pd.DataFrame) -> np.ndarray:

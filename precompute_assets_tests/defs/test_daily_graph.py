@@ -92,6 +92,7 @@ def test_whole_graph_publishes_predictions_readers_can_get(
     assert len(top) == 50 and list(top["rank"]) == list(range(1, 51))
     model_meta = result.asset_materializations_for_node("ctr_model")[0].metadata
     assert 0.5 < model_meta["auc"].value <= 1 and model_meta["auc"].value >= model_meta["baseline_auc"].value
+    assert 0 <= model_meta["ad_history_auc"].value <= 1 and model_meta["ad_history_log_loss"].value > 0
     publish = result.asset_materializations_for_node("ctr_cache")[0].metadata
     assert publish["keys_written"].value == 50
     assert publish["handed_over"].value == 0 and publish["settle_error"].value == ""  # no probation client yet

@@ -23,6 +23,7 @@ from precompute_assets.ml.ctr import (
     predict_ctr,
     score_ads,
     time_split,
+    train_ad_history,
     train_baseline,
     train_ctr_model,
     training_frame,
@@ -535,3 +536,18 @@ def test_new_ad_auc_is_not_measurable_without_new_ads_one_ad_or_one_class() -> N
     # clicks 1 at 0.1 and 5 at 0.9, non-clicks 9 at 0.1 and 5 at 0.9: (5 * 9 + 34 ties / 2) / (6 * 14) pairs
     assert measured == NewAdEvaluation(auc=pytest.approx(62 / 84), baseline_auc=pytest.approx(62 / 84), ads=2,
                                        impressions=20)  # fmt: skip
+
+
+def test_the_ad_history_baseline_is_each_ads_clicks_shrunk_toward_the_overall_rate():
+    """The simplest baseline, beside the forest and the logistic regression: an ad's own training clicks over its
+    impressions, with a prior of one expected click; an ad without training rows gets the overall rate."""
+    train = pd.DataFrame({"ad_id": ["a", "a", "b"], "clicks": [4, 6, 0], "impressions": [50, 50, 100]})
+    model = train_ad_history(train)  # overall 10 / 200 = 0.05: the prior is 20 impressions holding 1 click
+    rows = pd.DataFrame({"ad_id": ["a", "b", "new"]})
+    assert predict_ctr(model, rows) == pytest.approx([11 / 120, 1 / 120, 0.05])
+    valid = pd.DataFrame({"ad_id": ["a", "b", "new"], "clicks": [9, 1, 5], "impressions": [100, 100, 100]})
+    assert evaluate(model, valid)["auc"] == pytest.approx(
+        roc_auc_score([1, 1, 1, 0, 0, 0], [11 / 120, 1 / 120, 0.05] * 2, sample_weight=[9, 1, 5, 91, 99, 95])
+    )
+    with pytest.raises(ValueError, match="no clicks"):
+        train_ad_history(train.assign(clicks=0))
