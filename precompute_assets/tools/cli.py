@@ -1145,7 +1145,7 @@ def _whole_number(text: str, least: int, most: int | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="precompute", description=__doc__)
+    parser = _Parser(prog="precompute", description=__doc__.replace("``", ""))  # the docstring's markup is not help
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("up", help="start the embedded PostgreSQL and Redis (unless URLs are set)").set_defaults(fn=cmd_up)
     down = sub.add_parser("down", help="stop the embedded services")

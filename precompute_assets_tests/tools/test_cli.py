@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import gzip
 import json
@@ -18,7 +19,7 @@ import pytest
 
 from precompute_assets.ml.replay import ORACLE_GENERAL
 from precompute_assets.stack import Stack, reachable
-from precompute_assets.tools.cli import CliError, dagster_instance, main
+from precompute_assets.tools.cli import CliError, build_parser, dagster_instance, main
 
 
 def test_replay_prints_one_json_object_with_the_five_rates(tmp_path, capsys):
@@ -1244,3 +1245,15 @@ def test_a_failing_replay_stops_its_processes_instead_of_waiting_for_them():
         assert wait([process.sentinel], timeout=30), "a worker was left to sleep out its job"
     with _replay_pool(False) as none:
         assert none is None
+
+
+def test_no_help_text_shows_docstring_markup():
+    """`precompute --help` opened with the module docstring's reStructuredText: 'The ``precompute`` command'."""
+    parser = build_parser()
+    (commands,) = [action for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
+    parsers = [parser, *commands.choices.values()]
+    for sub in list(parsers):
+        parsers += [p for a in sub._actions if isinstance(a, argparse._SubParsersAction) for p in a.choices.values()]
+    helps = {p.prog: p.format_help() for p in parsers}
+    assert len(helps) > 20 and helps["precompute"].count("precompute command") == 1
+    assert [prog for prog, text in helps.items() if "``" in text] == []
