@@ -365,9 +365,12 @@ class PredictionCache:
         except REDIS_ERRORS as error:
             self._trip(error)
 
-    def record_event(self, user: str, action: str, *, entity: str | None = None, tenant: str | None = None) -> None:
+    def record_event(
+        self, user: str | None, action: str | None, *, entity: str | None = None, tenant: str | None = None
+    ) -> None:
         """Queue one user event (login, creative_upload, ...; see ``serving.events``) on the event stream, from which
-        ``user_event_sensor`` precomputes what the user will ask for next; never raises, never blocks on Redis."""
+        ``user_event_sensor`` precomputes what the user will ask for next; never raises, never blocks on Redis (a
+        missing user or action is quarantined by the drain)."""
         if self.events is not None:
             self.events.record_event(user, action, entity=entity, tenant=tenant)
 

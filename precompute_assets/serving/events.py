@@ -80,15 +80,18 @@ class EventLogger(QueryLogger):
         """A logger on its own connection to ``url`` (it never queues behind a service's lookups)."""
         return cls(connect(url, socket_timeout=socket_timeout, pending=True), KeySchema(namespace), **options)
 
-    def record_event(self, user: str, action: str, *, entity: str | None = None, tenant: str | None = None) -> None:
-        """Queue one user event; never raises, never blocks on Redis (a full buffer drops it, counted)."""
+    def record_event(
+        self, user: str | None, action: str | None, *, entity: str | None = None, tenant: str | None = None
+    ) -> None:
+        """Queue one user event; never raises, never blocks on Redis (a full buffer drops it, counted). A missing
+        user or action is written empty, for the drain to quarantine and count."""
         if not self._room(1):
             self._after_queue()
             return
         event = UserEvent(
             self.clock(),
-            str(user),
-            str(action),
+            "" if user is None else str(user),  # not "None": the drain quarantines an empty user or action
+            "" if action is None else str(action),
             None if entity is None else str(entity),
             None if tenant is None else str(tenant),
         )

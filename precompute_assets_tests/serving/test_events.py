@@ -40,6 +40,18 @@ def test_record_event_lands_in_the_event_stream(redis_url, redis_client, schema)
     assert not redis_client.exists(schema.query_log())  # the query log is untouched
 
 
+def test_an_event_without_a_user_or_action_is_quarantined_not_recorded_as_none(redis_url, redis_client, schema):
+    """record_event(None, ...) (a request without a logged-in user) was recorded as user 'None': one user the
+    predictive precompute then warmed next actions for, sharing every anonymous session's history."""
+    logger = EventLogger(log_client(redis_url), schema)
+    logger.record_event(None, "login")
+    logger.record_event("u1", None)
+    logger.close()
+    entries = redis_client.xrange(events_stream(schema))
+    assert [validate_event(i, f) for i, f in entries] == [(None, "empty user"), (None, "empty action")]
+    assert logger.stats.written == 2  # kept in the stream, for the drain's quarantine and its counts
+
+
 def test_the_stream_is_capped_with_approximate_maxlen(redis_url, redis_client, schema):
     logger = EventLogger(log_client(redis_url), schema, stream_maxlen=200, batch_size=500)
     for i in range(3000):
