@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from ..serving.admission import (
+    AGE_STEP_BYTES,
     COUNTER_MAX,
     MAX_STEPS,
     AdmissionPolicy,
@@ -675,7 +676,8 @@ def admission_decisions(
     ``window`` requests, default the whole trace (the client's lives ``window_s`` seconds: the replay counts
     requests, so that traces without timestamps work too); a miss is admitted when the marker is alive.
     ``frequency`` keeps the same count-min sketch with the same hashes, saturating 4-bit counters and aging
-    (at the first miss that sees ``sample`` lookups counted) as the Redis sketch. Stored keys stay cached
+    (started by the first miss that sees ``sample`` lookups counted, then ``AGE_STEP_BYTES`` per miss) as the
+    Redis sketch. Stored keys stay cached
     forever when ``capacity`` is None (the client's live keys are bounded by their TTL, not by a capacity),
     else in an LRU of ``capacity`` keys. ``probation`` keeps its own queues of ``capacity`` keys (None: the
     policy's ``capacity``), every miss admitted.
@@ -1083,15 +1085,17 @@ def _admission_model(
 
 
 def _sketch_admission(policy: FrequencySketch, keys: pd.Index) -> Callable[[int, int, bool], bool]:
-    """The Redis count-min sketch of ``serving.admission`` as a bytearray of counters, one per byte."""
+    """The Redis count-min sketch of ``serving.admission`` as a bytearray of counters, one per byte, aged a step of
+    ``AGE_STEP_BYTES`` Redis bytes (twice as many counters) per miss as the client's script ages it."""
     table = bytearray(policy.depth * policy.width)
     view = np.frombuffer(table, dtype=np.uint8)  # aging halves every counter in place
     positions: dict[int, list[int]] = {}
     threshold, sample, count_max, seen_max = policy.threshold, policy.sample, COUNTER_MAX, (1 << 32) - 1
-    seen = 0
+    size, step = policy.counter_bytes, AGE_STEP_BYTES  # in Redis bytes: two counters each
+    seen = cursor = 0  # the aging cursor: the next Redis byte to halve, 0 while no aging runs
 
     def admit(code: int, position: int, hit: bool) -> bool:
-        nonlocal seen
+        nonlocal seen, cursor
         counters = positions.get(code)
         if counters is None:
             counters = positions[code] = policy.counters(str(keys[code]))
@@ -1107,9 +1111,12 @@ def _sketch_admission(policy: FrequencySketch, keys: pd.Index) -> Callable[[int,
         if hit:
             return True
         admitted = estimate >= threshold
-        if seen >= sample:  # the client ages on the miss that finds the sample full, after deciding
-            np.right_shift(view, 1, out=view)
-            seen = 0
+        if cursor or seen >= sample:  # a miss runs an aging step, after deciding; the first starts it
+            if not cursor:
+                seen = 0
+            stop = min(cursor + step, size)
+            np.right_shift(view[2 * cursor : 2 * stop], 1, out=view[2 * cursor : 2 * stop])
+            cursor = stop if stop < size else 0
         return admitted
 
     return admit

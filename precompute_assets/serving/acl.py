@@ -13,10 +13,11 @@ Every key of schema version 1 starts with ``{namespace}:1:`` (``keys.KeySchema``
   (``SET ... EX`` on ``{ns}:1:{kind}:live:*``, and ``UNLINK`` of the values ``probation`` evicts), the
   ``probation`` queues (its two ``EVAL`` scripts and their list, hash and sorted-set commands on
   ``{ns}:1:{kind}:fifo:*``), the ``second_miss`` markers (``SET ... PX NX GET`` on
-  ``{ns}:1:{kind}:seen:*``), the ``frequency`` sketch (``BITFIELD ... INCRBY`` and the aging ``EVAL`` on
-  ``{ns}:1:{kind}:sketch``), the query-log stream (``XADD ... MAXLEN``, write-only, on ``{ns}:1:qlog``) and the
-  hit/miss counters (``HINCRBY`` on ``{ns}:1:stats:*``). It can neither write a version bucket, the pointer or the
-  experiment, nor read the query-log stream back.
+  ``{ns}:1:{kind}:seen:*``), the ``frequency`` sketch (``BITFIELD ... INCRBY`` and the aging ``EVAL``, whose
+  ``GETRANGE``/``SETRANGE`` halve a step of it, on ``{ns}:1:{kind}:sketch``), the query-log stream
+  (``XADD ... MAXLEN``, write-only, on ``{ns}:1:qlog``) and the hit/miss counters (``HINCRBY`` on
+  ``{ns}:1:stats:*``). It can neither write a version bucket, the pointer or the experiment, nor read the
+  query-log stream back.
 
 Neither user gets a command of ``@admin``/``@dangerous`` (``FLUSHALL``, ``FLUSHDB``, ``CONFIG``, ``KEYS``, ``DEBUG``,
 ``SHUTDOWN``, ``ACL``, ``MODULE``...), except the publisher's read-only ``INFO`` (``flip_pointer`` reads replication
@@ -93,7 +94,7 @@ READER_WRITES = (
     ("~{prefix}:{kind}:delta:*", ("set", "unlink")),  # get_or_compute: SET EX of its compute seconds (XFetch's delta)
     ("~{prefix}:{kind}:lock:*", ("set",)),  # get_or_compute: SET NX PX of the recompute lock, SET 0 PX 1 XX releases
     ("~{prefix}:{kind}:seen:*", ("set",)),  # second_miss: SET PX NX GET of the marker (reads it back: ~)
-    ("~{prefix}:{kind}:sketch", ("bitfield", "eval", "set")),  # frequency: INCRBY, and the aging script's SET
+    ("~{prefix}:{kind}:sketch", ("bitfield", "eval", "getrange", "setrange")),  # frequency: INCRBY; aging steps
     ("~{prefix}:{kind}:fifo:*", PROBATION_COMMANDS),  # probation: its two scripts and what they run on its queues
     ("%W~{prefix}:qlog", ("xadd",)),  # the query logger: XADD MAXLEN, write-only (the stream is never read back)
     ("%W~{prefix}:events", ("xadd",)),  # the event logger (record_event), write-only too

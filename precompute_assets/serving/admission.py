@@ -12,13 +12,17 @@ stored:
   marker of about ``70 + len(key)`` bytes (measured on Valkey 8) per distinct key looked up in the last ``W``;
   each expires, so the total is bounded by the live-tier lookup rate times ``W``.
 - ``frequency``: a count-min sketch in one string ``{kind}:sketch``: a big-endian u32 count of lookups, then
-  ``depth`` rows of ``width`` 4-bit saturating counters (``BITFIELD ... OVERFLOW SAT INCRBY u4``). Every
-  live-tier lookup increments its key's counter in each row; a miss is stored when the key's estimate (the
-  smallest of its counters, this lookup included) is at least ``threshold``. The first miss that sees the
-  count at ``sample_size`` or more halves every counter and zeroes the count (one Lua script, atomic;
-  about 4 ms of server time for the default 64 KiB), so old popularity fades. Memory: a string of
-  ``4 + depth * width / 2`` bytes per kind, fixed (``FrequencySketch.bytes``; Redis may allocate up to twice
-  that while ``BITFIELD`` grows it, until the first aging rewrites it).
+  ``depth`` rows of ``width`` 4-bit saturating counters (``BITFIELD ... OVERFLOW SAT INCRBY u4``), then a u32
+  aging cursor. Every live-tier lookup increments its key's counter in each row; a miss is stored when the key's
+  estimate (the smallest of its counters, this lookup included) is at least ``threshold``. The first miss that
+  sees the count at ``sample_size`` or more zeroes the count and starts an aging, which halves every counter,
+  ``AGE_STEP_BYTES`` bytes of counters per miss (one Lua script per miss, atomic; the cursor, the next byte to
+  halve or 0 when no aging runs, is kept in the sketch itself, so Cluster keeps one key), so old popularity fades
+  and no command's work grows with the sketch: a single pass over the whole string took 7 ms of server time at
+  the default 64 KiB and seconds at the largest sketch, while other clients waited. Memory: a string of
+  ``8 + depth * width / 2`` bytes per kind, fixed (``FrequencySketch.bytes``): every lookup's ``BITFIELD`` also
+  addresses the cursor, so the first creates the string at its full size rather than growing it (growing lets
+  Redis allocate up to twice the length).
 - ``probation``: a kind holds ``capacity`` keys in Redis, published and live together: the live tier is a cache of
   ``capacity - N`` keys (N: the current version's keys, which ``publish_version`` and the embedding sync write to
   ``{kind}:fifo:{{...}}:published`` after each flip or in-place patch) that the policy itself keeps, in the manner of
@@ -67,7 +71,7 @@ COUNTER_MAX = 15  # 4-bit counters saturate here
 
 @dataclass(frozen=True)
 class Decision:
-    """What the live-tier lookup told the policy: store a miss?, and should the sketch be aged now?"""
+    """What the live-tier lookup told the policy: store a miss?, and should a step of the sketch's aging run now?"""
 
     admit: bool
     age: bool = False
@@ -148,16 +152,30 @@ class SecondMiss:
         return ()
 
 
-# Halves every 4-bit counter after the 4-byte count (byte b -> (b >> 1) & 0x77) and zeroes the count, only if
-# the count still is at least ARGV[1]: two clients that both saw the sample full age the sketch once.
+# Bytes of counters one aging step halves: one script call reads and writes at most this many, whatever the sketch's
+# size (about half a millisecond of server time), and an aging of the default 64 KiB takes 16 misses.
+AGE_STEP_BYTES = 4096
+
+# KEYS: the sketch; ARGV: the sample, the counters' bytes, the step's bytes. One step of an aging: halves the next
+# ARGV[3] bytes of counters (byte b -> (b >> 1) & 0x77) from the cursor (the u32 after the counters) and moves it on
+# (0 once the last byte is halved). With no aging running (cursor 0) it starts one, zeroing the count, only if the
+# count still is at least ARGV[1]: two clients that both saw the sample full start one aging, not two, and a step
+# already done by another client is never repeated. Replies 1 when it halved a step, else 0.
 _AGE_SKETCH = """
-local n = redis.call('BITFIELD', KEYS[1], 'GET', 'u32', 0)[1]
-if n < tonumber(ARGV[1]) then return 0 end
-local s = redis.call('GET', KEYS[1])
+local sample, size, step = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local at = 8 * (4 + size)
+local state = redis.call('BITFIELD', KEYS[1], 'GET', 'u32', 0, 'GET', 'u32', at)
+local from = state[2]
+if from == 0 then
+  if state[1] < sample then return 0 end
+  redis.call('BITFIELD', KEYS[1], 'SET', 'u32', 0, 0)
+end
+local to = math.min(from + step, size)
 local half = {}
 for b = 0, 255 do half[string.char(b)] = string.char(math.floor(b / 32) * 16 + math.floor((b % 16) / 2)) end
-local halved = string.gsub(string.sub(s, 5), '.', half)
-redis.call('SET', KEYS[1], string.rep('\\0', 4) .. halved, 'KEEPTTL')
+local s = redis.call('GETRANGE', KEYS[1], 4 + from, 3 + to)
+if #s > 0 then redis.call('SETRANGE', KEYS[1], 4 + from, (string.gsub(s, '.', half))) end
+redis.call('BITFIELD', KEYS[1], 'SET', 'u32', at, to < size and to or 0)
 return 1
 """
 
@@ -194,7 +212,12 @@ class FrequencySketch:
     @property
     def bytes(self) -> int:
         """The sketch's size in Redis (the string's length; plus Redis's per-key overhead of ~60 bytes)."""
-        return 4 + (self.depth * self.width + 1) // 2
+        return 8 + self.counter_bytes
+
+    @property
+    def counter_bytes(self) -> int:
+        """The bytes of counters, between the lookup count and the aging cursor (two 4-bit counters a byte)."""
+        return (self.depth * self.width + 1) // 2
 
     def counters(self, key: str) -> list[int]:
         """Positions of ``key``'s counters, one per row, in 0..depth*width-1 (row r at r*width + column)."""
@@ -204,18 +227,21 @@ class FrequencySketch:
         args: list[Any] = ["BITFIELD", schema.admission_sketch(kind), "OVERFLOW", "SAT"]
         for position in self.counters(key):
             args += ["INCRBY", "u4", f"#{SKETCH_HEADER_NIBBLES + position}", 1]
-        args += ["INCRBY", "u32", 0, 1]
+        # The aging cursor, read by adding 0: a write, so the first lookup creates the string at its full size.
+        args += ["INCRBY", "u32", 0, 1, "INCRBY", "u32", 8 * (4 + self.counter_bytes), 0]
         pipe.execute_command(*args)
         return 1
 
     def decide(self, replies: list) -> Decision:
-        *counts, seen = replies[0]
-        return Decision(min(counts) >= self.threshold, age=seen >= self.sample)
+        *counts, seen, cursor = replies[0]
+        return Decision(min(counts) >= self.threshold, age=seen >= self.sample or cursor > 0)
 
     def after_miss(
         self, schema: KeySchema, kind: str, key: str, decision: Decision, live_ttl_s: int, *, deletes: bool = False
     ) -> tuple[Any, ...] | None:
-        return ("EVAL", _AGE_SKETCH, 1, schema.admission_sketch(kind), self.sample) if decision.age else None
+        if not decision.age:
+            return None
+        return ("EVAL", _AGE_SKETCH, 1, schema.admission_sketch(kind), self.sample, self.counter_bytes, AGE_STEP_BYTES)
 
     def evicted(self, reply: Any) -> Sequence[str]:
         return ()

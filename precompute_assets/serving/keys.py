@@ -24,7 +24,8 @@ key                                    type      content
 ``pc:1:{kind}:seen:{key}``             string    ``1``: admission ``second_miss`` saw a live-tier lookup of the
                                                  key; TTL = the window.
 ``pc:1:{kind}:sketch``                 string    admission ``frequency``: a u32 request count, then a count-min
-                                                 sketch of 4-bit counters (``serving.admission``).
+                                                 sketch of 4-bit counters, then a u32 aging cursor
+                                                 (``serving.admission``).
 ``pc:1:{kind}:fifo:{pc:1:{kind}}:*``   various   admission ``probation``: ``small`` list, ``hits`` hash, ``main``
                                                  and ``ghost`` sorted sets, ``seq`` counter, ``published`` (the
                                                  current version's key count); one hash tag.

@@ -117,7 +117,7 @@ def test_the_exact_rules_of_namespace_pc() -> None:
         "(~pc:1:*:delta:* +set +unlink)",
         "(~pc:1:*:lock:* +set)",
         "(~pc:1:*:seen:* +set)",
-        "(~pc:1:*:sketch +bitfield +eval +set)",
+        "(~pc:1:*:sketch +bitfield +eval +getrange +setrange)",
         "(~pc:1:*:fifo:* +eval +hexists +hincrby +hset +hdel +zscore +zadd +zrem +zcard +zpopmin +incr +llen +lpop"
         " +rpush)",
         "(%W~pc:1:qlog +xadd)",

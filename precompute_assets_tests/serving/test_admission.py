@@ -15,6 +15,7 @@ from precompute_assets.ml.replay import _probation_day_hits, admission_decisions
 from precompute_assets.serving import KeySchema, PredictionCache, connect, publish_version
 from precompute_assets.serving import publish as publish_module
 from precompute_assets.serving.admission import (
+    AGE_STEP_BYTES,
     Always,
     FrequencySketch,
     Probation,
@@ -74,9 +75,9 @@ def test_policy_names_and_arguments():
         with pytest.raises(ValueError, match="capacity"):
             Probation(capacity=bad)
     assert probation_sizes(1) == (1, 0) and probation_sizes(10) == (1, 9) and probation_sizes(1000) == (100, 900)
-    # 4-byte count + 4 rows of 32768 4-bit counters: the documented 64 KiB per kind.
-    assert FrequencySketch().bytes == 4 + 65536 and FrequencySketch().sample == 327680
-    assert FrequencySketch(width=3, depth=1).bytes == 6
+    # 4-byte count + 4 rows of 32768 4-bit counters + 4-byte aging cursor: the documented 64 KiB per kind.
+    assert FrequencySketch().bytes == 8 + 65536 and FrequencySketch().sample == 327680
+    assert FrequencySketch(width=3, depth=1).bytes == 10 and FrequencySketch(width=3, depth=1).counter_bytes == 2
 
 
 def test_sketch_columns_are_portable_double_hashing():
@@ -139,7 +140,7 @@ def test_frequency_admits_at_the_threshold_and_stays_within_its_bytes(redis_url,
     assert int.from_bytes(redis_client.get(sketch)[:4], "big") == 4  # the lookup count, hits included
     for key in map(str, range(3000)):
         cache.get_or_compute("rank", key, Calls())
-    assert redis_client.strlen(sketch) <= policy.bytes == 4 + 384
+    assert redis_client.strlen(sketch) <= policy.bytes == 8 + 384
 
 
 def test_frequency_sketch_ages_by_halving(redis_url, redis_client, schema):
@@ -160,10 +161,43 @@ def test_frequency_sketch_ages_by_halving(redis_url, redis_client, schema):
     assert np.frombuffer(after[4:], dtype=np.uint8).tolist() == expected.tolist()
 
 
+def test_frequency_sketch_ages_one_bounded_step_per_miss(redis_url, redis_client, schema):
+    """An aging halves ``AGE_STEP_BYTES`` bytes of counters per miss, from a cursor after the counters, never the
+    whole sketch in one script (a single pass held the server for milliseconds to seconds as the sketch grew)."""
+    policy = FrequencySketch(width=8192, depth=4, threshold=15, sample_size=5)
+    steps = policy.counter_bytes // AGE_STEP_BYTES
+    assert steps == 4
+    cache = make_cache(redis_url, schema, admission=policy)
+    cache.get_or_compute("rank", "first", Calls())
+    sketch = schema.admission_sketch("rank")
+    assert redis_client.strlen(sketch) == policy.bytes  # created at its full size: it never grows (nor doubles)
+    allocated = redis_client.memory_usage(sketch)
+    redis_client.setrange(sketch, 4, b"\x66" * policy.counter_bytes)  # every counter at 6
+    redis_client.execute_command("BITFIELD", sketch, "SET", "u32", 0, 4)  # the next lookup fills the sample
+    expected = np.full(2 * policy.counter_bytes, 6)
+    for step in range(steps + 1):
+        key = f"k{step}"
+        expected[policy.counters(key)] += 1
+        cache.get_or_compute("rank", key, Calls())
+        start, stop = min(step, steps) * AGE_STEP_BYTES, min(step + 1, steps) * AGE_STEP_BYTES
+        expected[2 * start : 2 * stop] >>= 1  # this miss's step (none once the aging is done), and no other byte
+        raw = redis_client.get(sketch)
+        body = np.frombuffer(raw[4:-4], dtype=np.uint8)
+        assert np.stack([body >> 4, body & 15], axis=1).ravel().tolist() == expected.tolist()
+        assert int.from_bytes(raw[:4], "big") == step  # zeroed by the miss that started the aging, then counting
+        assert int.from_bytes(raw[-4:], "big") == (stop if stop < policy.counter_bytes else 0)  # the cursor
+    assert redis_client.memory_usage(sketch) == allocated and cache.errors == 0
+
+
 @pytest.mark.parametrize(
     "policy",
-    [Always(), SecondMiss(window_s=3600), FrequencySketch(width=64, depth=3, threshold=2, sample_size=60)],
-    ids=lambda policy: policy.name,
+    [
+        Always(),
+        SecondMiss(window_s=3600),
+        FrequencySketch(width=64, depth=3, threshold=2, sample_size=60),
+        FrequencySketch(width=8192, depth=3, threshold=2, sample_size=60),  # agings of 3 steps, one row each
+    ],
+    ids=lambda policy: policy.name if policy.name != "frequency" else f"frequency-{policy.width}",
 )
 def test_client_and_replay_make_the_same_decisions(redis_server, policy):
     """The replay's model against the real client on a private server, request by request.
