@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import numbers
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -195,6 +196,13 @@ class FrequencySketch:
     name = "frequency"
 
     def __post_init__(self) -> None:
+        for field in ("width", "depth", "threshold", "sample_size"):
+            value = getattr(self, field)
+            # A float width (1e5 from a config file) passed the range checks, then made every lookup's BITFIELD
+            # offset "#12353.0", which Redis refuses: every lookup an error, nothing ever stored.
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ValueError(f"{field} must be a whole number, got {value!r}")
+            object.__setattr__(self, field, int(value))  # numpy's integers, which redis-py refuses to send
         if not 1 <= self.width <= 1 << 24:
             raise ValueError(f"width must be between 1 and 2**24, got {self.width}")
         if not 1 <= self.depth <= 16:

@@ -80,6 +80,19 @@ def test_policy_names_and_arguments():
     assert FrequencySketch(width=3, depth=1).bytes == 10 and FrequencySketch(width=3, depth=1).counter_bytes == 2
 
 
+def test_frequency_sketch_refuses_a_width_that_is_no_whole_number(redis_url, redis_client, schema):
+    """A float passed the range checks, then every lookup's BITFIELD offset (``#12353.0``) was refused by Redis;
+    a numpy integer too, then redis-py refused to send it: every lookup an error, nothing ever stored."""
+    for options in ({"width": 1e5}, {"depth": 2.0}, {"threshold": True}, {"sample_size": 1e6}):
+        with pytest.raises(ValueError, match=f"{next(iter(options))} must be a whole number, got"):
+            FrequencySketch(**options)
+    sketch = FrequencySketch(width=np.int64(64), depth=np.int64(2))  # numpy's integers are whole numbers
+    assert sketch == FrequencySketch(width=64, depth=2) and type(sketch.width) is int
+    cache = make_cache(redis_url, schema, admission=sketch)
+    assert run_through_client(cache, redis_client, schema, ["a", "a", "a"]) == ["rejected", "admitted", "hit"]
+    assert cache.errors == 0
+
+
 def test_sketch_columns_are_portable_double_hashing():
     import hashlib
 
