@@ -1,4 +1,8 @@
-"""``precompute bench events`` at a tiny size: every key is there, and stampede protection never recomputes more."""
+"""``precompute bench events`` at a tiny size: every key is there, and every event is written or counted as dropped.
+
+Which of its two hot-key runs recomputes more is the benchmark's measurement, not a property: in 1.5 s of a 1 s TTL
+the early recomputation may run several times, and on a loaded machine it did (3.3 per expiry against 2.65). The
+recompute lock and the XFetch rule are tested deterministically in ``serving/test_cache.py``."""
 
 from __future__ import annotations
 
@@ -15,5 +19,4 @@ def test_bench_events_at_a_tiny_size(redis_url, app_db_url, dagster_pg_url):
         assert result[key] is not None, key
     assert result["events_written"] + result["events_dropped"] == 2000
     assert result["sensor_runs_requested"] > 0 and result["login_to_readable_s"] > 0
-    assert result["recomputes_per_expiry_early"] <= result["recomputes_per_expiry_plain"]
     assert result["early_detail"]["errors"] == 0 and result["plain_detail"]["errors"] == 0
