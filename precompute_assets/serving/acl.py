@@ -92,7 +92,7 @@ PROBATION_COMMANDS = ("eval", "hexists", "hincrby", "hset", "hdel", "zscore", "z
 READER_WRITES = (
     ("~{prefix}:{kind}:live:*", ("set", "unlink")),  # get_or_compute: SET EX of an admitted value; probation evicts
     ("~{prefix}:{kind}:delta:*", ("set", "unlink")),  # get_or_compute: SET EX of its compute seconds (XFetch's delta)
-    ("~{prefix}:{kind}:lock:*", ("set",)),  # get_or_compute: SET NX PX of the recompute lock, SET 0 PX 1 XX releases
+    ("~{prefix}:{kind}:lock:*", ("set", "eval")),  # get_or_compute: SET NX PX of the lock; its owner's EVAL releases
     ("~{prefix}:{kind}:seen:*", ("set",)),  # second_miss: SET PX NX GET of the marker (reads it back: ~)
     ("~{prefix}:{kind}:sketch", ("bitfield", "eval", "getrange", "setrange")),  # frequency: INCRBY; aging steps
     ("~{prefix}:{kind}:fifo:*", PROBATION_COMMANDS),  # probation: its two scripts and what they run on its queues

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import secrets
 import struct
 import time
 from collections.abc import Callable, Sequence
@@ -75,10 +76,20 @@ def xfetch_due(ttl_ms: int | None, delta_s: float | None, beta: float, rand: flo
     return -delta_s * beta * math.log(max(rand, 1e-300)) * 1000.0 >= ttl_ms
 
 
-def _release_command(schema: KeySchema, kind: str, key: str) -> tuple[bytes | str, ...]:
-    """Let a recompute lock lapse within a millisecond: ``SET {lock} 0 PX 1 XX`` (only ``SET`` is granted on lock
-    keys; waiters read ``0`` as released)."""
-    return (b"SET", recompute_lock_key(schema, kind, key), b"0", b"PX", b"1", b"XX")
+# Release the lock only while it still holds this reader's token: a computation slower than recompute_lock_ms has
+# lost its lock, maybe to another reader, whose lock a plain SET would have released. ``SET 0 PX 1`` rather than
+# ``DEL``: the reader may only SET lock keys; waiters read ``0`` as released.
+_RELEASE_LOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    return redis.call('SET', KEYS[1], '0', 'PX', '1', 'XX')
+end
+return false
+"""
+
+
+def _release_command(schema: KeySchema, kind: str, key: str, token: bytes) -> tuple[bytes | str, ...]:
+    """Let the recompute lock lapse within a millisecond if it is still ``token``'s (its owner's), else leave it."""
+    return (b"EVAL", _RELEASE_LOCK, b"1", recompute_lock_key(schema, kind, key), token)
 
 
 def storable(kind: str, value: Any) -> bool:
@@ -257,7 +268,10 @@ class PredictionCache:
           ttl``), by the one reader that wins the lock; every other reader keeps serving the value it read;
         - a miss that will be stored takes the lock ``{kind}:lock:{key}`` (``SET NX PX recompute_lock_ms``) before
           computing; a reader that finds it taken polls the live value every ``lock_poll_s`` for at most
-          ``recompute_lock_ms`` (less if the lock goes away) and computes itself if the value still is not there.
+          ``recompute_lock_ms`` (less if the lock goes away) and computes itself if the value still is not there;
+          the lock holds a random token and only its owner releases it: a computation slower than
+          ``recompute_lock_ms`` loses the lock (another reader may take it and compute too; the later store wins)
+          but never releases another reader's.
 
         A value without a delta (written by a task run) is never recomputed early; an early recomputation that raises
         serves the value read (logged as a warning), since it is still valid; one that succeeds stores only over a
@@ -281,7 +295,7 @@ class PredictionCache:
                     self.early_recomputes += 1
                     try:
                         value = self._compute_and_store(
-                            kind, key, compute, policy, None, locked=lock is True, replace=True
+                            kind, key, compute, policy, None, locked=lock or None, replace=True
                         )
                         return value if storable(kind, value) else cached  # nothing new: the value read is valid
                     except Exception:  # the value read is still valid: a failed early recomputation serves it
@@ -299,7 +313,7 @@ class PredictionCache:
             if waited is not None:
                 self.lock_waits += 1
                 return waited
-        return self._compute_and_store(kind, key, compute, policy, decision, locked=lock is True)
+        return self._compute_and_store(kind, key, compute, policy, decision, locked=lock or None)
 
     def _get_or_compute_plain(
         self,
@@ -393,7 +407,7 @@ class PredictionCache:
         decision: Decision | None,
         *,
         store: bool = True,
-        locked: bool = False,
+        locked: bytes | None = None,
         replace: bool = False,
     ) -> Any:
         """``compute(key)``, timed; stored with its delta when ``store``; the policy's housekeeping after a miss
@@ -407,13 +421,13 @@ class PredictionCache:
             encoded = codec_for(kind).encode(value) if store else b""
         except BaseException:
             if locked:  # let the waiting readers compute for themselves now (also when the codec refuses the value)
-                self._release_lock(kind, key)
+                self._release_lock(kind, key, locked)
             raise
         if store and not storable(kind, value):
             # A stored None reads back as a miss: never served, it took a write and, under probation, a slot (evicting
             # a real value); the lock's waiters read it as no value and computed anyway. A NaN is no prediction.
             if locked:
-                self._release_lock(kind, key)
+                self._release_lock(kind, key, locked)
             return value
         if not self._available():
             return value
@@ -438,11 +452,18 @@ class PredictionCache:
         self._round_trip(commands)
 
     def _store_commands(
-        self, kind: str, key: str, encoded: bytes, delta_s: float, *, release: bool = False, replace: bool = False
+        self,
+        kind: str,
+        key: str,
+        encoded: bytes,
+        delta_s: float,
+        *,
+        release: bytes | None = None,
+        replace: bool = False,
     ) -> list[tuple[Any, ...]]:
         """``SET`` of the live value with the live TTL and, when XFetch is on, of its delta beside it; ``release``
-        lets the recompute lock lapse after them (``_release_lock``). ``replace`` adds ``XX``: an early
-        recomputation refreshes a value that is still there, and must not bring back one that an invalidation or
+        (the lock's token) lets the recompute lock lapse after them (``_release_lock``). ``replace`` adds ``XX``: an
+        early recomputation refreshes a value that is still there, and must not bring back one that an invalidation or
         ``probation``'s eviction deleted while it computed (stale, or a value outside the capacity)."""
         name, ttl = self.schema.live(kind, key), b"%d" % self.live_ttl_s
         only = (b"XX",) if replace else ()
@@ -450,7 +471,7 @@ class PredictionCache:
         if self.xfetch_beta > 0 and not self._stampede_refused:
             commands.append((b"SET", live_delta_key(self.schema, kind, key), b"%.6f" % delta_s, b"EX", ttl, *only))
         if release:
-            commands.append(_release_command(self.schema, kind, key))
+            commands.append(_release_command(self.schema, kind, key, release))
         return commands
 
     def _send_with_housekeeping(
@@ -495,24 +516,25 @@ class PredictionCache:
             if isinstance(reply, BaseException):
                 raise reply
 
-    def _take_lock(self, kind: str, key: str) -> bool | None:
-        """True: this reader holds the recompute lock; False: another does; None: no lock (off, refused, or
-        Redis failed: compute without one)."""
+    def _take_lock(self, kind: str, key: str) -> bytes | bool | None:
+        """This reader's token (random, never ``0``) when it now holds the recompute lock; False: another does; None:
+        no lock (off, refused, or Redis failed: compute without one)."""
         if self.recompute_lock_ms <= 0 or self._stampede_refused or not self._available():
             return None
+        token = secrets.token_hex(8).encode()
         command = (
             b"SET",
             recompute_lock_key(self.schema, kind, key),
-            b"1",
+            token,
             b"NX",
             b"PX",
             b"%d" % self.recompute_lock_ms,
         )
         if self._cluster:
             (reply,) = self._cluster_fetch([command])
-            return None if reply is FAILED else reply is not None
+            return None if reply is FAILED else reply is not None and token
         try:
-            return self.client.execute_command(*command) is not None
+            return self.client.execute_command(*command) is not None and token
         except redis.exceptions.NoPermissionError:
             self._refuse()
             return None
@@ -520,9 +542,9 @@ class PredictionCache:
             self._trip(error)
             return None
 
-    def _release_lock(self, kind: str, key: str) -> None:
-        """Let the lock lapse within a millisecond (``SET ... PX 1 XX``: only ``SET`` is granted on lock keys)."""
-        command = _release_command(self.schema, kind, key)
+    def _release_lock(self, kind: str, key: str, token: bytes) -> None:
+        """Let the lock lapse within a millisecond if it is still ours (``_release_command``)."""
+        command = _release_command(self.schema, kind, key, token)
         if self._cluster:
             self._cluster_fetch([command])
             return

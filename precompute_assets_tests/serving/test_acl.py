@@ -115,7 +115,7 @@ def test_the_exact_rules_of_namespace_pc() -> None:
         "+asking", "+get", "+hget", "+hmget", "+pttl", "clearselectors",
         "(~pc:1:*:live:* +set +unlink)",
         "(~pc:1:*:delta:* +set +unlink)",
-        "(~pc:1:*:lock:* +set)",
+        "(~pc:1:*:lock:* +set +eval)",
         "(~pc:1:*:seen:* +set)",
         "(~pc:1:*:sketch +bitfield +eval +getrange +setrange)",
         "(~pc:1:*:fifo:* +eval +hexists +hincrby +hset +hdel +zscore +zadd +zrem +zcard +zpopmin +incr +llen +lpop"

@@ -583,3 +583,38 @@ def test_xfetch_and_the_lock_on_redis_cluster(redis_cluster, schema):
     assert cache.errors == other.errors == 0
     for closing in (cache, other, client):
         closing.close()
+
+
+def test_a_computation_slower_than_its_lock_never_releases_another_readers_lock(redis_url, redis_client, schema):
+    """A computation that outlives ``recompute_lock_ms`` has lost its lock; when another reader then took it, the slow
+    one's store once released that reader's lock too (``SET 0 PX 1 XX`` on whatever the key held), so a third reader
+    computed as well. The release now compares the owner's token first; a reader with the ACL of ``reader_rules``
+    can run it."""
+    from precompute_assets.serving.acl import reader_rules
+    from precompute_assets.serving.cache import recompute_lock_key
+
+    lock = recompute_lock_key(schema, "ctr", "slow")
+    name, password = f"{schema.namespace}-r", "p" * 24
+    redis_client.execute_command("ACL", "SETUSER", name, "reset", "on", f">{password}", *reader_rules(schema.namespace))
+    kwargs = redis_client.connection_pool.connection_kwargs
+    url = f"redis://{name}:{password}@{kwargs['host']}:{kwargs['port']}/0"
+    try:
+        slow, other = make_cache(url, schema), make_cache(url, schema)
+        taken = []
+
+        def outlives_its_lock(key: str) -> float:
+            redis_client.delete(lock)  # the lock's PX ran out while this computed (forced, not waited for)
+            assert other._take_lock("ctr", key)  # another reader's miss takes it and starts computing
+            taken.append(redis_client.get(lock))
+            return 0.5
+
+        assert slow.get_or_compute("ctr", "slow", outlives_its_lock) == 0.5
+        assert taken[0] not in (b"0", None) and redis_client.get(lock) == taken[0]  # still the other reader's
+        assert redis_client.pttl(lock) > 0 and slow.errors == 0
+        # The owner's release works under the reader's ACL: the lock lapses at once for the waiters.
+        assert other.get_or_compute("ctr", "fresh", lambda key: 0.25) == 0.25
+        assert redis_client.get(recompute_lock_key(schema, "ctr", "fresh")) in (b"0", None) and other.errors == 0
+        for cache in (slow, other):
+            cache.close()
+    finally:
+        redis_client.execute_command("ACL", "DELUSER", name)
