@@ -10,7 +10,8 @@ Every key of schema version 1 starts with ``{namespace}:1:`` (``keys.KeySchema``
 - **reader** (``PredictionCache``, its ``QueryLogger`` and the admission policies): reads ``{ns}:1:*`` with
   ``READER_COMMANDS`` only, and writes exactly what the serving client writes, each command granted on its keys
   alone by a Redis 7 selector ``(keys +commands)`` (``READER_WRITES``): the live read-through values
-  (``SET ... EX`` on ``{ns}:1:{kind}:live:*``, and ``UNLINK`` of the values ``probation`` evicts), the
+  (``SET ... EX`` on ``{ns}:1:{kind}:live:*``, and ``UNLINK`` of the values ``probation`` evicts; the ``EVAL`` that
+  stores a value and its delta only while ``{ns}:1:{kind}:epoch`` is unchanged, which it may read, not write), the
   ``probation`` queues (its two ``EVAL`` scripts and their list, hash and sorted-set commands on
   ``{ns}:1:{kind}:fifo:*``), the ``second_miss`` markers (``SET ... PX NX GET`` on
   ``{ns}:1:{kind}:seen:*``), the ``frequency`` sketch (``BITFIELD ... INCRBY`` and the aging ``EVAL``, whose
@@ -66,6 +67,8 @@ PUBLISHER_COMMANDS = (
     # publish_version / flip_pointer / patch_version / the embedding sync: buckets, pointer, experiment, sentinels
     "get", "set", "del", "exists", "expire", "expireat", "hset", "hdel",
     "multi", "exec", "discard",
+    # invalidate / delete_live_values: the kind's epoch, incremented (redis-py sends INCRBY) before values go
+    "incrby",
     # the query_logs drain and the cleanup: read the stream, record the trimmed boundary, trim; cache_health and
     # live_refresh_sensor read its newest queries first
     "xrange", "xrevrange", "xtrim", "xdel", "xlen",
@@ -92,6 +95,9 @@ PROBATION_COMMANDS = ("eval", "hexists", "hincrby", "hset", "hdel", "zscore", "z
 READER_WRITES = (
     ("~{prefix}:{kind}:live:*", ("set", "unlink")),  # get_or_compute: SET EX of an admitted value; probation evicts
     ("~{prefix}:{kind}:delta:*", ("set", "unlink")),  # get_or_compute: SET EX of its compute seconds (XFetch's delta)
+    # get_or_compute's store script: compares the kind's epoch, then SETs the value and its delta (EVAL declares its
+    # keys read-write; the script itself may only GET the epoch: no selector grants a write of it)
+    ("~{prefix}:{kind}:live:* ~{prefix}:{kind}:delta:* ~{prefix}:{kind}:epoch", ("eval",)),
     ("~{prefix}:{kind}:lock:*", ("set", "eval")),  # get_or_compute: SET NX PX of the lock; its owner's EVAL releases
     ("~{prefix}:{kind}:seen:*", ("set",)),  # second_miss: SET PX NX GET of the marker (reads it back: ~)
     ("~{prefix}:{kind}:sketch", ("bitfield", "eval", "getrange", "setrange")),  # frequency: INCRBY; aging steps

@@ -87,6 +87,26 @@ return false
 """
 
 
+# Store a computed value (and its delta) only if the kind's invalidation epoch is still the one read before computing:
+# an invalidation in between (``serving.invalidate`` increments it before deleting) would otherwise be undone by a
+# value computed from the data it invalidated, served for a whole live TTL. KEYS: epoch, value[, delta]; ARGV: the
+# epoch read ('' for none), value, TTL s, 'XX' or '', delta. 1: stored (or XX found nothing), 0: invalidated since.
+_STORE = """
+if (redis.call('GET', KEYS[1]) or '') ~= ARGV[1] then
+    return 0
+end
+for i = 2, #KEYS do
+    local value = i == 2 and ARGV[2] or ARGV[5]
+    if ARGV[4] == 'XX' then
+        redis.call('SET', KEYS[i], value, 'EX', ARGV[3], 'XX')
+    else
+        redis.call('SET', KEYS[i], value, 'EX', ARGV[3])
+    end
+end
+return 1
+"""
+
+
 def _release_command(schema: KeySchema, kind: str, key: str, token: bytes) -> tuple[bytes | str, ...]:
     """Let the recompute lock lapse within a millisecond if it is still ``token``'s (its owner's), else leave it."""
     return (b"EVAL", _RELEASE_LOCK, b"1", recompute_lock_key(schema, kind, key), token)
@@ -129,7 +149,8 @@ class PredictionCache:
 
     ``get_or_compute`` protects hot live values from stampedes (the XFetch rule and a short recompute lock, see
     its docstring); ``computes``, ``early_recomputes`` (``failed_early_recomputes`` of them raised), ``lock_waits``
-    and ``refused`` count what that did.
+    and ``refused`` count what that did; ``invalidated`` the computed values not stored because their kind was
+    invalidated while they computed.
 
     Kinds and keys are checked first (``keys.check_kind``, ``keys.check_key``): a malformed one raises
     ``ValueError`` before anything is read or stored.
@@ -183,6 +204,8 @@ class PredictionCache:
         self.lock_waits = 0  # misses served with the value another reader computed while holding the lock
         self.refused = 0  # NOPERM on PTTL / the delta or lock keys: XFetch and the lock are then off for this client
         self._stampede_refused = False
+        self.invalidated = 0  # computed values not stored: their kind was invalidated while they computed
+        self._fence_refused = False  # NOPERM on the store script (an older ACL): plain SETs, no invalidation fence
         self._random = random.Random()
         self._pointers: dict[str, tuple[Pointer | None, Experiment | None, float]] = {}
         self._retry_at = 0.0
@@ -273,6 +296,10 @@ class PredictionCache:
           ``recompute_lock_ms`` loses the lock (another reader may take it and compute too; the later store wins)
           but never releases another reader's.
 
+        No computed value is stored after an invalidation of its kind that it started before: the kind's epoch
+        (``KeySchema.epoch``) is read before computing and compared when storing (``_STORE``; on a cluster just
+        before, ``_invalidated_on_cluster``); such a value is returned, counted in ``invalidated``.
+
         A value without a delta (written by a task run) is never recomputed early; an early recomputation that raises
         serves the value read (logged as a warning), since it is still valid; one that succeeds stores only over a
         value still there (``SET ... XX``: an invalidation or an eviction meanwhile wins). A reader whose ACL refuses
@@ -290,12 +317,12 @@ class PredictionCache:
         self._log(kind, key, cached is not None, start, user, tenant)
         if cached is not None:
             if decision is not None and xfetch_due(ttl_ms, delta_s, self.xfetch_beta, 1.0 - self._random.random()):
-                lock = self._take_lock(kind, key)
+                lock, epoch = self._take_lock(kind, key)
                 if lock is not False and self._available():  # ours, or no lock (off): recompute; else the holder does
                     self.early_recomputes += 1
                     try:
                         value = self._compute_and_store(
-                            kind, key, compute, policy, None, locked=lock or None, replace=True
+                            kind, key, compute, policy, None, locked=lock or None, replace=True, epoch=epoch
                         )
                         return value if storable(kind, value) else cached  # nothing new: the value read is valid
                     except Exception:  # the value read is still valid: a failed early recomputation serves it
@@ -307,13 +334,13 @@ class PredictionCache:
         if not decision.admit:
             self.rejected += 1
             return self._compute_and_store(kind, key, compute, policy, decision, store=False)
-        lock = self._take_lock(kind, key)
+        lock, epoch = self._take_lock(kind, key)
         if lock is False:  # another reader computes it: wait for its value, bounded
             waited = self._decode(kind, self._wait_for_value(kind, key))
             if waited is not None:
                 self.lock_waits += 1
                 return waited
-        return self._compute_and_store(kind, key, compute, policy, decision, locked=lock or None)
+        return self._compute_and_store(kind, key, compute, policy, decision, locked=lock or None, epoch=epoch)
 
     def _get_or_compute_plain(
         self,
@@ -331,6 +358,7 @@ class PredictionCache:
         self._log(kind, key, cached is not None, start, user, tenant)
         if cached is not None:
             return cached
+        epoch = self._epoch(kind) if decision is not None and decision.admit else None
         self.computes += 1
         value = compute(key)
         if decision is None or not self._available():
@@ -339,11 +367,11 @@ class PredictionCache:
             self.rejected += 1
         try:
             commands = []
-            if decision.admit:
+            if decision.admit and not self._invalidated_on_cluster(kind, epoch):
                 encoded = codec_for(kind).encode(value)
                 if not storable(kind, value):
                     return value
-                commands.append((b"SET", self.schema.live(kind, key), encoded, b"EX", b"%d" % self.live_ttl_s))
+                commands = self._store_commands(kind, key, encoded, None, epoch=epoch)
             self._send_with_housekeeping(kind, key, commands, policy, decision)
         except REDIS_ERRORS as error:  # OOM, READONLY, a dead server: the caller still gets its value
             self._trip(error, store=True)
@@ -409,6 +437,7 @@ class PredictionCache:
         store: bool = True,
         locked: bytes | None = None,
         replace: bool = False,
+        epoch: bytes | None = None,
     ) -> Any:
         """``compute(key)``, timed; stored with its delta when ``store``; the policy's housekeeping after a miss
         (``decision``; None for an early recomputation, which is no miss). ``replace`` (an early recomputation)
@@ -431,10 +460,16 @@ class PredictionCache:
             return value
         if not self._available():
             return value
+        if store and self._invalidated_on_cluster(kind, epoch):
+            store = False
+            if locked:  # the release goes with the store, which there is none of now
+                self._release_lock(kind, key, locked)
         try:
             commands = []
             if store:
-                commands = self._store_commands(kind, key, encoded, delta_s, release=locked, replace=replace)
+                commands = self._store_commands(
+                    kind, key, encoded, delta_s, release=locked, replace=replace, epoch=epoch
+                )
             self._send_with_housekeeping(kind, key, commands, policy, decision)
         except REDIS_ERRORS as error:  # OOM, READONLY, a dead server: the caller still gets its value
             self._trip(error, store=True)
@@ -456,20 +491,33 @@ class PredictionCache:
         kind: str,
         key: str,
         encoded: bytes,
-        delta_s: float,
+        delta_s: float | None,
         *,
         release: bytes | None = None,
         replace: bool = False,
+        epoch: bytes | None = None,
     ) -> list[tuple[Any, ...]]:
         """``SET`` of the live value with the live TTL and, when XFetch is on, of its delta beside it; ``release``
         (the lock's token) lets the recompute lock lapse after them (``_release_lock``). ``replace`` adds ``XX``: an
         early recomputation refreshes a value that is still there, and must not bring back one that an invalidation or
-        ``probation``'s eviction deleted while it computed (stale, or a value outside the capacity)."""
+        ``probation``'s eviction deleted while it computed (stale, or a value outside the capacity). ``epoch``, the
+        kind's invalidation epoch read before computing (b"" when there was none), makes the store one ``_STORE``
+        script on one server; on a cluster, where the epoch is in another slot, plain ``SET``s (``_still_valid``
+        checked it just before). ``delta_s`` None: no delta (the plain read-through)."""
         name, ttl = self.schema.live(kind, key), b"%d" % self.live_ttl_s
         only = (b"XX",) if replace else ()
-        commands: list[tuple[Any, ...]] = [(b"SET", name, encoded, b"EX", ttl, *only)]
-        if self.xfetch_beta > 0 and not self._stampede_refused:
-            commands.append((b"SET", live_delta_key(self.schema, kind, key), b"%.6f" % delta_s, b"EX", ttl, *only))
+        delta = None
+        if delta_s is not None and self.xfetch_beta > 0 and not self._stampede_refused:
+            delta = (live_delta_key(self.schema, kind, key), b"%.6f" % delta_s)
+        commands: list[tuple[Any, ...]]
+        if epoch is not None and not self._cluster and not self._fence_refused:
+            keys = [self.schema.epoch(kind), name] + ([delta[0]] if delta else [])
+            args = [epoch, encoded, ttl, b"XX" if replace else b"", delta[1] if delta else b""]
+            commands = [(b"EVAL", _STORE, b"%d" % len(keys), *keys, *args)]
+        else:
+            commands = [(b"SET", name, encoded, b"EX", ttl, *only)]
+            if delta:
+                commands.append((b"SET", delta[0], delta[1], b"EX", ttl, *only))
         if release:
             commands.append(_release_command(self.schema, kind, key, release))
         return commands
@@ -509,6 +557,11 @@ class PredictionCache:
         for command, reply in zip(commands, replies, strict=True):
             if command[1] == delta:
                 self._extra_reply(reply)  # the release's reply needs nothing: the lock lapses anyway
+        if commands[0][:2] == (b"EVAL", _STORE):
+            if replies[0] == 0:
+                self.invalidated += 1
+            elif isinstance(replies[0], redis.exceptions.NoPermissionError):
+                self._refuse_fence()
         evicted = replies[-1] if after is not None else None
         if after is not None and evicted is not FAILED and not isinstance(evicted, BaseException):
             self._evict_live(kind, policy.evicted(evicted))  # on one server only those the script could not delete
@@ -516,11 +569,12 @@ class PredictionCache:
             if isinstance(reply, BaseException):
                 raise reply
 
-    def _take_lock(self, kind: str, key: str) -> bytes | bool | None:
+    def _take_lock(self, kind: str, key: str) -> tuple[bytes | bool | None, bytes | None]:
         """This reader's token (random, never ``0``) when it now holds the recompute lock; False: another does; None:
-        no lock (off, refused, or Redis failed: compute without one)."""
+        no lock (off, refused, or Redis failed: compute without one). With it, the kind's invalidation epoch read in
+        the same round trip (``_epoch``)."""
         if self.recompute_lock_ms <= 0 or self._stampede_refused or not self._available():
-            return None
+            return None, self._epoch(kind)
         token = secrets.token_hex(8).encode()
         command = (
             b"SET",
@@ -530,17 +584,54 @@ class PredictionCache:
             b"PX",
             b"%d" % self.recompute_lock_ms,
         )
+        commands = [command] if self._fence_refused else [command, (b"GET", self.schema.epoch(kind))]
         if self._cluster:
-            (reply,) = self._cluster_fetch([command])
-            return None if reply is FAILED else reply is not None and token
+            reply, *epoch = self._cluster_fetch(commands)
+            return None if reply is FAILED else reply is not None and token, self._epoch_reply(epoch)
         try:
-            return self.client.execute_command(*command) is not None and token
-        except redis.exceptions.NoPermissionError:
+            pipe = self.client.pipeline(transaction=False)
+            for each in commands:
+                pipe.execute_command(*each)
+            reply, *epoch = pipe.execute(raise_on_error=False)
+        except REDIS_ERRORS as error:
+            self._trip(error)
+            return None, None
+        if isinstance(reply, redis.exceptions.NoPermissionError):
             self._refuse()
+            return None, self._epoch_reply(epoch)
+        if isinstance(reply, BaseException):
+            self._trip(reply)
+            return None, self._epoch_reply(epoch)
+        return reply is not None and token, self._epoch_reply(epoch)
+
+    def _epoch(self, kind: str) -> bytes | None:
+        """The kind's invalidation epoch (b"" when it has none) before a computation that will be stored, for
+        ``_store_commands``; None: unknown (Redis failed, or the fence is refused), the store is then not fenced."""
+        if self._fence_refused or not self._available():
             return None
+        command = (b"GET", self.schema.epoch(kind))
+        if self._cluster:
+            return self._epoch_reply(self._cluster_fetch([command]))
+        try:
+            return self._epoch_reply(self._round_trip([command]))
         except REDIS_ERRORS as error:
             self._trip(error)
             return None
+
+    def _invalidated_on_cluster(self, kind: str, epoch: bytes | None) -> bool:
+        """On a cluster, whether the kind's epoch moved since ``epoch`` was read (counted in ``invalidated``): it is in
+        another slot than the value, so it is compared just before the store, not atomically with it (an invalidation
+        within that one round trip can still be undone); on one server ``_STORE`` compares it atomically."""
+        if epoch is None or not self._cluster or self._epoch(kind) in (epoch, None):
+            return False
+        self.invalidated += 1
+        return True
+
+    def _epoch_reply(self, replies: list[Any]) -> bytes | None:
+        """The epoch from the reply of its ``GET`` (none: b""); None when there is no reply or it failed."""
+        if not replies or replies[0] is FAILED or isinstance(replies[0], BaseException):
+            return None
+        return replies[0] or b""
 
     def _release_lock(self, kind: str, key: str, token: bytes) -> None:
         """Let the lock lapse within a millisecond if it is still ours (``_release_command``)."""
@@ -590,6 +681,17 @@ class PredictionCache:
                 self.errors += 1
             return None
         return reply
+
+    def _refuse_fence(self) -> None:
+        """The ACL refuses the store script (it predates it): store with plain ``SET``s from now on, unfenced."""
+        if not self._fence_refused:
+            log.warning(
+                "the Redis user may not EVAL on %s:*:live:* with the kind's epoch: get_or_compute stores with plain "
+                "SETs, and a value computed before an invalidation may be stored after it; see serving.acl",
+                self.schema.prefix,
+            )
+        self._fence_refused = True
+        self.refused += 1
 
     def _refuse(self) -> None:
         if not self._stampede_refused:

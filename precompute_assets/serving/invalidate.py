@@ -2,7 +2,9 @@
 
 Every pattern stays inside the kind's own namespace (``{ns}:1:{kind}:``), is glob-escaped, and is walked with
 ``SCAN``/``HSCAN`` in bounded batches (never ``KEYS``), so a large delete neither blocks Redis nor reaches
-another kind. The current version's buckets are never deleted whole: invalidating keys removes their fields
+another kind. Invalidating keys first increments the kind's epoch (``KeySchema.epoch``): a ``get_or_compute`` whose
+computation started before then returns its value but does not store it (on one server; see ``cache._STORE``).
+The current version's buckets are never deleted whole: invalidating keys removes their fields
 from it (readers then miss, never read a mix), and ``version=`` refuses the version readers are on.
 """
 
@@ -59,13 +61,17 @@ def invalidate(
         return _drop_version(client, kind, check_version(version), schema)
     if key is not None:
         live_name = schema.live(kind, key)  # validates the key
+    elif not prefix:
+        raise ValueError("an empty prefix would invalidate every key of the kind: use a version, or a real prefix")
+    # Before any delete: a read-through computation that started before this point stores nothing after it (its
+    # store compares the epoch it read first); after the deletes, a store between them would bring an old value back.
+    client.incr(schema.epoch(kind))
+    if key is not None:
         pointer = _current(client, kind, schema)
         fields = 0
         if pointer is not None:
             fields = int(client.hdel(schema.bucket_for_key(kind, pointer, key), key))
         return Invalidated(kind, live_keys=int(client.unlink(live_name)), fields=fields, version=_name(pointer))
-    if not prefix:
-        raise ValueError("an empty prefix would invalidate every key of the kind: use a version, or a real prefix")
     live_pattern = f"{schema.live(kind, 'x')[:-1]}{glob_escape(prefix)}*"
     live = _delete_in_batches(client.scan_iter(match=live_pattern, count=SCAN_COUNT), client.unlink)
     pointer = _current(client, kind, schema)

@@ -17,6 +17,9 @@ key                                    type      content
                                                  deleted in the same MULTI/EXEC as the pointer flip; a key's
                                                  arm is ``arm_of(salt, key, arms)``.
 ``pc:1:{kind}:live:{key}``             string    a value computed live by a read-through miss, with a TTL.
+``pc:1:{kind}:epoch``                  string    a counter that every invalidation of ``kind``'s keys increments
+                                                 before it deletes them: a read-through value computed
+                                                 before it is not stored after it.
 ``pc:1:qlog``                          stream    one entry per prediction query (see ``querylog``).
 ``pc:1:events``                        stream    one entry per user event (see ``events``).
 ``pc:1:qlog:trimmed_before``           string    ms: entries older than this were trimmed by the cleanup.
@@ -208,6 +211,11 @@ class KeySchema:
     def live(self, kind: str, key: str) -> str:
         """A value computed live (``key`` checked by ``check_key``: it stays under ``{kind}:live:``)."""
         return f"{self.prefix}:{check_kind(kind)}:live:{check_key(key)}"
+
+    def epoch(self, kind: str) -> str:
+        """The invalidation counter of ``kind``: incremented before every invalidation of its keys' values, read by
+        ``get_or_compute`` before it computes and compared when it stores (``cache._STORE``)."""
+        return f"{self.prefix}:{check_kind(kind)}:epoch"
 
     def events(self) -> str:
         """The user-event stream (``serving.events``)."""

@@ -877,8 +877,12 @@ def write_live_values(
 
 def delete_live_values(client: redis.Redis, keys: Iterable[tuple[str, str]], *, schema: KeySchema | None = None) -> int:
     """Delete the live values of ``(kind, key)`` pairs in one MULTI/EXEC transaction (one per slot on Redis
-    Cluster, see ``transact_per_slot``); returns how many existed."""
+    Cluster, see ``transact_per_slot``), after incrementing their kinds' epochs (``KeySchema.epoch``: a read-through
+    computation already running stores nothing); returns how many existed."""
     schema = schema or KeySchema()
-    names = [schema.live(check_kind(kind), check_key(key)).encode() for kind, key in keys]
+    pairs = [(check_kind(kind), check_key(key)) for kind, key in keys]
+    names = [schema.live(kind, key).encode() for kind, key in pairs]
+    for kind in dict.fromkeys(kind for kind, _ in pairs):  # before the deletes (see serving.invalidate)
+        client.incr(schema.epoch(kind))
     # one key per DEL: a cluster refuses multi-key commands over several slots
     return int(sum(transact_per_slot(client, [(b"DEL", name) for name in names])))

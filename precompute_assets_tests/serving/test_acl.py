@@ -106,15 +106,16 @@ def test_the_exact_rules_of_namespace_pc() -> None:
         "resetkeys", "~pc:1:*", "resetchannels", "-@all",
         "+ping", "+client|setinfo", "+cluster|slots", "+command", "+asking",
         "+get", "+set", "+del", "+exists", "+expire", "+expireat", "+hset", "+hdel",
-        "+multi", "+exec", "+discard", "+xrange", "+xrevrange", "+xtrim", "+xdel", "+xlen", "+hget", "+hmget",
-        "+hlen", "+ttl", "+pttl", "+type", "+eval", "+lrange", "+rpush", "+unlink", "+zrem", "+zadd", "+zscore",
-        "+zrange", "+zcard", "+llen", "+hexists", "+info",
+        "+multi", "+exec", "+discard", "+incrby", "+xrange", "+xrevrange", "+xtrim", "+xdel", "+xlen", "+hget",
+        "+hmget", "+hlen", "+ttl", "+pttl", "+type", "+eval", "+lrange", "+rpush", "+unlink", "+zrem", "+zadd",
+        "+zscore", "+zrange", "+zcard", "+llen", "+hexists", "+info",
     ]  # fmt: skip
     assert reader_rules() == [
         "resetkeys", "%R~pc:1:*", "resetchannels", "-@all", "+ping", "+client|setinfo", "+cluster|slots", "+command",
         "+asking", "+get", "+hget", "+hmget", "+pttl", "clearselectors",
         "(~pc:1:*:live:* +set +unlink)",
         "(~pc:1:*:delta:* +set +unlink)",
+        "(~pc:1:*:live:* ~pc:1:*:delta:* ~pc:1:*:epoch +eval)",
         "(~pc:1:*:lock:* +set +eval)",
         "(~pc:1:*:seen:* +set)",
         "(~pc:1:*:sketch +bitfield +eval +getrange +setrange)",
@@ -124,7 +125,7 @@ def test_the_exact_rules_of_namespace_pc() -> None:
         "(%W~pc:1:events +xadd)",
         "(~pc:1:stats:* +hincrby)",
     ]  # fmt: skip
-    assert reader_rules(kinds=["ctr", "campaign"])[-9] == "(~pc:1:ctr:live:* ~pc:1:campaign:live:* +set +unlink)"
+    assert reader_rules(kinds=["ctr", "campaign"])[-10] == "(~pc:1:ctr:live:* ~pc:1:campaign:live:* +set +unlink)"
     commands = acl_setuser_commands("pc", publisher=("pub", PUBLISHER_PASSWORD), reader=("rd", READER_PASSWORD))
     assert commands[0][:6] == ["ACL", "SETUSER", "pub", "reset", "on", password_hash(PUBLISHER_PASSWORD)]
     assert commands[1][:6] == ["ACL", "SETUSER", "rd", "reset", "on", password_hash(READER_PASSWORD)]

@@ -618,3 +618,56 @@ def test_a_computation_slower_than_its_lock_never_releases_another_readers_lock(
             cache.close()
     finally:
         redis_client.execute_command("ACL", "DELUSER", name)
+
+
+@pytest.mark.parametrize("stampede", [{}, {"xfetch_beta": 0, "recompute_lock_ms": 0}, {"recompute_lock_ms": 0}])
+def test_a_value_computed_before_an_invalidation_is_never_stored_after_it(redis_url, redis_client, schema, stampede):
+    """A miss whose computation started before ``invalidate()`` of its key and stored after it once put the old value
+    back for a whole live TTL (the invalidation found nothing to delete yet). The caller still gets the value; it is
+    not stored, counted in ``invalidated``; the next miss computes from the new data and stores it."""
+    from precompute_assets.serving.invalidate import invalidate
+    from precompute_assets.serving.publish import delete_live_values
+
+    cache = make_cache(redis_url, schema, **stampede)
+    invalidations = {
+        "key": lambda key: invalidate(redis_client, "ctr", key=key, schema=schema),
+        "prefix": lambda key: invalidate(redis_client, "ctr", prefix=key[:2], schema=schema),
+        "delete_live_values": lambda key: delete_live_values(redis_client, [("ctr", key)], schema=schema),
+    }
+    for number, (how, invalidation) in enumerate(invalidations.items(), start=1):
+        key = f"ad-{how}"
+
+        def computed_before(key: str, invalidation=invalidation) -> float:
+            invalidation(key)  # the data changed and was invalidated while this computed from the old data
+            return 0.25
+
+        assert cache.get_or_compute("ctr", key, computed_before) == 0.25  # the caller still gets it
+        assert redis_client.get(schema.live("ctr", key)) is None, how
+        assert cache.invalidated == number and cache.errors == 0
+        assert cache.get_or_compute("ctr", key, lambda key: 0.5) == 0.5  # computed after: stored
+        assert cache.get("ctr", key) == 0.5
+
+
+def test_an_early_recomputation_from_before_an_invalidation_never_replaces_a_newer_value(
+    redis_url, redis_client, schema
+):
+    """``SET ... XX`` kept an early recomputation from bringing back a value an invalidation deleted, but not from
+    overwriting the value another reader computed after the invalidation: the old data won for a whole live TTL."""
+    from precompute_assets.serving.cache import live_delta_key
+    from precompute_assets.serving.invalidate import invalidate
+
+    early, other = make_cache(redis_url, schema, live_ttl_s=300), make_cache(redis_url, schema, xfetch_beta=0)
+    early._random.random = lambda: 0.5
+    assert early.get_or_compute("rank", "k", lambda key: {"v": "old"}) == {"v": "old"}
+    redis_client.set(live_delta_key(schema, "rank", "k"), b"10.0")
+    redis_client.pexpire(schema.live("rank", "k"), 5000)  # due at rand 0.5 (see above)
+    time.sleep(0.01)  # the miss's released lock lapses
+
+    def recomputed_from_old_data(key: str) -> dict:
+        invalidate(redis_client, "rank", key=key, schema=schema)
+        assert other.get_or_compute("rank", key, lambda key: {"v": "new"}) == {"v": "new"}  # stored: after it
+        return {"v": "old, recomputed"}
+
+    assert early.get_or_compute("rank", "k", recomputed_from_old_data) == {"v": "old, recomputed"}
+    assert other.get("rank", "k") == {"v": "new"}
+    assert early.early_recomputes == 1 and early.invalidated == 1

@@ -564,6 +564,26 @@ def test_invalidation_on_the_cluster(redis_cluster, cluster_client, ns):
     assert invalidate(cluster_client, "ctr", version="v1", schema=ns).buckets == 5  # on every master
 
 
+def test_a_value_computed_before_an_invalidation_is_not_stored_on_the_cluster(redis_cluster, cluster_client, ns):
+    """The kind's epoch is in another slot than the value: the store compares it first (not atomically, see
+    ``PredictionCache._store_commands``), so a computation that overlapped an invalidation stores nothing."""
+    from precompute_assets.serving.invalidate import invalidate
+
+    for stampede in ({}, {"xfetch_beta": 0, "recompute_lock_ms": 0}):
+        cache = cache_on(redis_cluster, ns, **stampede)
+        key = f"ad-{len(stampede)}"
+
+        def computed_before(key: str) -> float:
+            invalidate(cluster_client, "ctr", key=key, schema=ns)
+            return 0.25
+
+        assert cache.get_or_compute("ctr", key, computed_before) == 0.25
+        assert cluster_client.get(ns.live("ctr", key)) is None and cache.invalidated == 1
+        assert cache.get_or_compute("ctr", key, lambda key: 0.5) == 0.5 and cache.get("ctr", key) == 0.5
+        assert cache.errors == 0
+        cache.close()
+
+
 def test_cache_stats_on_the_cluster(redis_cluster, cluster_client, ns):
     from precompute_assets.serving.stats import cache_stats
 
