@@ -63,15 +63,16 @@ def invalidate(
         live_name = schema.live(kind, key)  # validates the key
     elif not prefix:
         raise ValueError("an empty prefix would invalidate every key of the kind: use a version, or a real prefix")
-    # Before any delete: a read-through computation that started before this point stores nothing after it (its
-    # store compares the epoch it read first); after the deletes, a store between them would bring an old value back.
-    client.incr(schema.epoch(kind))
+    fenced = bump_epoch(client, kind, schema)
     if key is not None:
         pointer = _current(client, kind, schema)
         fields = 0
         if pointer is not None:
             fields = int(client.hdel(schema.bucket_for_key(kind, pointer, key), key))
-        return Invalidated(kind, live_keys=int(client.unlink(live_name)), fields=fields, version=_name(pointer))
+        live_keys = int(client.unlink(live_name))
+        if not fenced:
+            bump_epoch(client, kind, schema)
+        return Invalidated(kind, live_keys=live_keys, fields=fields, version=_name(pointer))
     live_pattern = f"{schema.live(kind, 'x')[:-1]}{glob_escape(prefix)}*"
     live = _delete_in_batches(client.scan_iter(match=live_pattern, count=SCAN_COUNT), client.unlink)
     pointer = _current(client, kind, schema)
@@ -82,7 +83,21 @@ def invalidate(
             pairs = client.hscan_iter(bucket, match=f"{glob_escape(prefix)}*", count=SCAN_COUNT)  # NOVALUES: 7.4+
             matching = (field for field, _ in pairs)
             fields += _delete_in_batches(matching, lambda *found, bucket=bucket: client.hdel(bucket, *found))
+    if not fenced:
+        bump_epoch(client, kind, schema)
     return Invalidated(kind, live_keys=live, fields=fields, version=_name(pointer))
+
+
+def bump_epoch(client: redis.Redis, kind: str, schema: KeySchema) -> bool:
+    """Increment the kind's epoch before its values are deleted: a read-through computation that started before then
+    stores nothing after it (``cache._STORE``); after the deletes, a store between them would bring an old value back.
+    False when the server refused it at ``maxmemory`` (``INCRBY`` may grow memory, a delete may not): the caller
+    deletes anyway, which frees memory, and increments after (a refused store is refused there too)."""
+    try:
+        client.incr(schema.epoch(kind))
+    except redis.exceptions.OutOfMemoryError:
+        return False
+    return True
 
 
 def _delete_in_batches(names: Iterable, delete: Callable[..., int]) -> int:

@@ -35,6 +35,7 @@ except ImportError:  # redis[hiredis] is a dependency; stay importable without i
 from .admission import HAND_OVER, UNTRACK, fifo_names
 from .cache import live_value_keys
 from .connection import REDIS_ERRORS, cluster_send, follow_primary, is_cluster, key_slot, send_pipelined
+from .invalidate import bump_epoch
 from .keys import (
     Codec,
     Experiment,
@@ -882,7 +883,10 @@ def delete_live_values(client: redis.Redis, keys: Iterable[tuple[str, str]], *, 
     schema = schema or KeySchema()
     pairs = [(check_kind(kind), check_key(key)) for kind, key in keys]
     names = [schema.live(kind, key).encode() for kind, key in pairs]
-    for kind in dict.fromkeys(kind for kind, _ in pairs):  # before the deletes (see serving.invalidate)
-        client.incr(schema.epoch(kind))
+    kinds = list(dict.fromkeys(kind for kind, _ in pairs))
+    unfenced = [kind for kind in kinds if not bump_epoch(client, kind, schema)]  # before the deletes
     # one key per DEL: a cluster refuses multi-key commands over several slots
-    return int(sum(transact_per_slot(client, [(b"DEL", name) for name in names])))
+    deleted = int(sum(transact_per_slot(client, [(b"DEL", name) for name in names])))
+    for kind in unfenced:  # refused at maxmemory: the deletes freed memory
+        bump_epoch(client, kind, schema)
+    return deleted

@@ -31,6 +31,23 @@ def test_a_key_goes_from_the_current_version_and_the_live_tier(redis_client, sch
     assert invalidate(redis_client, "ctr", key="a", schema=schema).total == 0  # idempotent
 
 
+def test_invalidation_still_deletes_at_maxmemory(redis_server, schema):
+    """A full server (``noeviction``) refuses the epoch's ``INCRBY`` (it may grow memory) but not the deletes, which
+    free memory: invalidating, the way out of a full server, must not fail on the fence. A private server: an OOM
+    limit on the shared one would fail other tests' writes."""
+    from precompute_assets.serving.publish import delete_live_values
+
+    server = redis_server()
+    client = connect(server.url)
+    for key in ("a", "b1", "b2", "c"):
+        client.set(schema.live("ctr", key), b"\x00\x00\x00?")
+    client.config_set("maxmemory-policy", "noeviction")
+    client.config_set("maxmemory", "1")
+    assert invalidate(client, "ctr", key="a", schema=schema).live_keys == 1
+    assert invalidate(client, "ctr", prefix="b", schema=schema).live_keys == 2
+    assert delete_live_values(client, [("ctr", "c")], schema=schema) == 1
+
+
 def test_a_prefix_is_a_literal_within_its_kind(redis_client, schema):
     keys = ["ad1", "ad10", "ad2", "x*1", "xa1", "a?d"]
     publish(redis_client, schema, "ctr", "v1", keys)
