@@ -33,10 +33,17 @@ from ..serving.publish import delete_live_values, write_live_values
 from ..serving.replication import confirm_replicas
 from ..storage.campaigns import DEFAULT_REFRESH_MARGIN, MAX_ADS, Campaign, CampaignRegistry
 from .models import CTR_MODEL, approved_materializations
-from .resources import CampaignRegistryResource, LakeResource, ModelStoreResource, RedisResource
+from .resources import (
+    CampaignRegistryResource,
+    LakeResource,
+    ModelStoreResource,
+    RedisResource,
+    failing_clearly_when_full,
+)
 from .runs import ACTIVE_RUN_STATUSES, RUN_KEY_TAG
 
 CAMPAIGNS = dg.DynamicPartitionsDefinition(name="campaigns")
+LIVE_MEANWHILE = "Its transaction wrote none of it: readers compute its values live meanwhile."
 
 # Run tags. dagster.yaml limits runs carrying WARMING_TAG, and runs of one campaign to one at a time (so its
 # revisions and its cancellation apply in order); the queue launches higher dagster/priority first.
@@ -244,7 +251,8 @@ def campaign_ctr(
             context.log.warning(f"{len(skipped)} ads could not be scored (readers compute them live): {skipped[:5]}")
         client, schema = redis.client(), redis.schema()
         items = zip(frame["ad_id"].tolist(), frame["ctr"].tolist(), strict=True)
-        write_live_values(client, "ctr", items, expire_at=expire_at, schema=schema)
+        with failing_clearly_when_full(client, f"campaign {campaign.campaign_id} not warmed", LIVE_MEANWHILE):
+            write_live_values(client, "ctr", items, expire_at=expire_at, schema=schema)
         latest = registry.get(campaign.campaign_id)
         if latest is None or latest.status != "active":
             # cancelled while we scored: its cleanup run may have come first, so take our writes back here
@@ -305,7 +313,8 @@ def campaign_budget(
     client, schema = redis.client(), redis.schema()
     # the budget expires with the CTRs (older campaign_ctr outputs lack the column: then from now)
     expire_at = int(campaign_ctr["expire_at"].iloc[0]) if "expire_at" in campaign_ctr else expiry(campaign, now, config)
-    write_live_values(client, "budget", [(campaign_id, split)], expire_at=expire_at, schema=schema)
+    with failing_clearly_when_full(client, f"no budget split of campaign {campaign_id} written", LIVE_MEANWHILE):
+        write_live_values(client, "budget", [(campaign_id, split)], expire_at=expire_at, schema=schema)
     # Warm means everything a launch needs is in the cache, so the revision is marked at the end of the run, with
     # when its values expire: the registry lists it as due again before then, if it is still running. In the cache
     # means on Redis's replicas too: a failover must not lose what the registry calls warm (a timeout is retried).

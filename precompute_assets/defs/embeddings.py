@@ -16,7 +16,13 @@ from ..storage.embeddings import EmbeddingStore, sample_documents
 from ..sync.embedding_quality import int8_recall
 from ..sync.embeddings import sync_embeddings
 from .publishing import GRACE_SECONDS
-from .resources import AppDatabaseResource, DocumentStoreResource, ModelStoreResource, RedisResource
+from .resources import (
+    AppDatabaseResource,
+    DocumentStoreResource,
+    ModelStoreResource,
+    RedisResource,
+    failing_clearly_when_full,
+)
 from .runs import ACTIVE_RUN_STATUSES
 
 EMBEDDING_MODEL = "embedding_model"
@@ -204,12 +210,14 @@ def document_embeddings(
     if problem := sync_config_problem(config):
         raise dg.Failure(description=problem, allow_retries=False)
     embedder = load_embedder(current_model_path(context.instance))
-    store, docs = EmbeddingStore(app_db.url), documents.store()
-    stats = sync_embeddings(
-        docs, store, redis.client(), embedder, schema=redis.schema(), dtype=config.dtype,
-        chunk_size=config.chunk_size, ttl_s=config.ttl_days * 86_400, grace_s=config.grace_seconds,
-        replica_wait_s=redis.replica_wait_s, log=context.log.info,
-    )  # fmt: skip
+    store, docs, client = EmbeddingStore(app_db.url), documents.store(), redis.client()
+    synced = "Readers keep what Redis holds; a retry resumes from the last finished chunk."
+    with failing_clearly_when_full(client, "the embedding sync stopped", synced):
+        stats = sync_embeddings(
+            docs, store, client, embedder, schema=redis.schema(), dtype=config.dtype,
+            chunk_size=config.chunk_size, ttl_s=config.ttl_days * 86_400, grace_s=config.grace_seconds,
+            replica_wait_s=redis.replica_wait_s, log=context.log.info,
+        )  # fmt: skip
     if stats.held_back:
         context.log.warning(f"{stats.held_back} changed documents wait for the oldest open transaction on the database"
                             f" to end: {stats.held_back_by}")  # fmt: skip

@@ -99,9 +99,15 @@ def replica_of(client: redis.Redis) -> str | None:
     return f"{info.get('master_host', '?')}:{info.get('master_port', '?')}"
 
 
-def out_of_memory(client: redis.Redis, error: BaseException) -> str:
+def out_of_memory(
+    client: redis.Redis,
+    error: BaseException,
+    outcome: str = "nothing published",
+    readers: str = "Readers stay on the current version.",
+) -> str:
     """Why a write was refused at ``maxmemory``, with the server's memory and policy where it tells them (``INFO``),
-    and what to change: its ``maxmemory``, or the ``volatile-lru`` policy this project's keys are laid out for."""
+    and what to change: its ``maxmemory``, or the ``volatile-lru`` policy this project's keys are laid out for.
+    ``outcome``: what the refused write left undone; ``readers``: what readers see meanwhile."""
     memory: dict = {}
     with contextlib.suppress(*REDIS_ERRORS):
         memory = {} if is_cluster(client) else client.info("memory")
@@ -110,10 +116,21 @@ def out_of_memory(client: redis.Redis, error: BaseException) -> str:
         seen = (f" ({memory.get('used_memory')} of maxmemory {memory.get('maxmemory')} bytes used, "
                 f"maxmemory-policy {memory.get('maxmemory_policy')})")  # fmt: skip
     return (
-        f"nothing published: the Redis of {ENV_REDIS} is out of memory{seen}: {' '.join(str(error).split())}. Readers"
-        " stay on the current version. Give that server a larger maxmemory, or the policy volatile-lru, which evicts"
+        f"{outcome}: the Redis of {ENV_REDIS} is out of memory{seen}: {' '.join(str(error).split())}. {readers}"
+        " Give that server a larger maxmemory, or the policy volatile-lru, which evicts"
         " versions and live values (they have a TTL) before refusing a write (README: Security and limits)"
     )
+
+
+@contextlib.contextmanager
+def failing_clearly_when_full(client: redis.Redis, outcome: str, readers: str) -> Iterator[None]:
+    """Turn redis-py's bare ``OutOfMemoryError`` (``OOM command not allowed when used memory > 'maxmemory'``, with a
+    traceback through redis-py) of the writes inside into a ``dg.Failure`` of one line (``out_of_memory``); still
+    retried: memory may be freed by then (expiring versions and live values)."""
+    try:
+        yield
+    except redis.exceptions.OutOfMemoryError as error:
+        raise dg.Failure(description=out_of_memory(client, error, outcome, readers)) from None
 
 
 # The ad feature set of the lake's `ads` table, as comma-separated column names.

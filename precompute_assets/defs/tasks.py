@@ -50,7 +50,7 @@ from ..serving.keys import KIND_PATTERN, RESERVED_KINDS, check_key, codec_for
 from ..serving.publish import write_live_values
 from .campaigns import approved_model_version
 from .models import CTR_MODEL
-from .resources import DeploymentResource, LakeResource, ModelStoreResource, RedisResource
+from .resources import DeploymentResource, LakeResource, ModelStoreResource, RedisResource, failing_clearly_when_full
 from .user_events import NEXT_ACTION_MODEL, approved_next_action_version
 
 PRIORITY_TAG = "dagster/priority"
@@ -260,7 +260,9 @@ def publish_task_values(redis: RedisResource, task: TaskType, values: dict[str, 
     already lives longer), in one transaction: readable with ``PredictionCache.get(kind, entity)``."""
     expire_at = int(now_s) + task.ttl_s
     client, schema = redis.client(), redis.schema()
-    return write_live_values(client, task.cache_kind, values.items(), expire_at=expire_at, schema=schema)
+    outcome = f"no values of task {task.name} written"
+    with failing_clearly_when_full(client, outcome, "Readers compute them live meanwhile."):
+        return write_live_values(client, task.cache_kind, values.items(), expire_at=expire_at, schema=schema)
 
 
 class TaskRunConfig(dg.Config):

@@ -594,6 +594,28 @@ def test_redis_down_fails_the_run_after_retries_then_the_backstop_warms_it(
     reader.close()
 
 
+def test_a_full_redis_fails_warming_in_one_line_naming_maxmemory(
+    registry, resources, instance, redis_server, schema, monkeypatch
+):
+    """At ``maxmemory`` with ``noeviction`` the warming's transaction failed with redis-py's bare ``OutOfMemoryError``
+    and its traceback; only the CTR publish said what to change. A private server: an OOM limit on the shared one
+    would fail other tests' writes."""
+    monkeypatch.setattr(campaign_ctr.op, "_retry_policy", None)  # one attempt: the same server is full again
+    server = redis_server(extra_config=("maxmemory-policy noeviction",))
+    connect(server.url).config_set("maxmemory", 1)  # our own test server: full at once
+    private = {**resources, "redis": RedisResource(url=server.url, namespace=schema.namespace)}
+    campaign_id = unique("full")
+    registry.register(campaign_id, "acme", datetime.now(UTC) + 3 * HOUR, campaign_ads(campaign_id, 5))
+    add_partitions(instance, tick(instance, resources["campaign_registry"]))
+    run = warm(instance, private, campaign_id, raise_on_error=False)
+    assert not run.success
+    (failure,) = [e for e in run.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE]
+    description = failure.step_failure_data.user_failure_data.description
+    assert description.startswith(f"campaign {campaign_id} not warmed: the Redis of PRECOMPUTE_REDIS_URL is out of")
+    assert "maxmemory" in description and "volatile-lru" in description and "\n" not in description
+    assert not registry.get(campaign_id).is_warm
+
+
 def test_a_cleanup_that_failed_with_redis_down_is_run_again_by_its_backstop(
     registry, resources, instance, redis_server, schema
 ):

@@ -191,6 +191,30 @@ def test_the_job_writes_live_values_with_their_ttl_and_counts_failures(
     assert "unknown task type 'no_such_task'" in unknown.failure_data_for_node("run_precompute_task").error.message
 
 
+def test_a_full_redis_fails_the_task_in_one_line_naming_maxmemory(
+    redis_server, schema, tmp_path, pg_instance, monkeypatch
+):
+    """At ``maxmemory`` with ``noeviction`` the write of the task's values failed with redis-py's bare
+    ``OutOfMemoryError`` and its traceback; only the CTR publish said what to change. A private server: an OOM limit
+    on the shared one would fail other tests' writes."""
+    from precompute_assets.defs.tasks import run_precompute_task
+
+    monkeypatch.setattr(run_precompute_task, "_retry_policy", None)  # one attempt: the same server is full again
+    name = unique("full")
+    register_task_type(name, lambda entity, ctx: {"hello": entity}, ttl_s=600, priority=1)
+    server = redis_server(extra_config=("maxmemory-policy noeviction",))
+    connect(server.url).config_set("maxmemory", 1)  # our own test server: full at once
+    res = task_resources(server.url, schema, str(tmp_path / "lake"), str(tmp_path / "models"))
+    result = precompute_tasks_job.execute_in_process(
+        run_config=task_run_config(name, ["alice"]), resources=res, instance=pg_instance, raise_on_error=False
+    )
+    assert not result.success
+    (failure,) = [e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE]
+    description = failure.step_failure_data.user_failure_data.description
+    assert description.startswith(f"no values of task {name} written: the Redis of PRECOMPUTE_REDIS_URL is out of")
+    assert "maxmemory" in description and "volatile-lru" in description and "\n" not in description
+
+
 @pytest.mark.parametrize(("option", "value"), [("max_retries", -1), ("backoff_s", -0.5), ("backoff_s", float("nan"))])
 def test_a_negative_retry_setting_fails_once_in_one_line(redis_url, schema, tmp_path, pg_instance, option, value):
     """Both were accepted: a negative max_retries meant no retries without a word, and a negative or NaN backoff_s
