@@ -472,6 +472,27 @@ def test_a_bad_sync_config_fails_once_in_one_line(docs, app_db, redis_url, redis
     assert redis_client.get(schema.pointer(EMBEDDING_KIND)) is None
 
 
+def test_a_full_redis_fails_the_sync_in_one_line_naming_maxmemory(docs, app_db, redis_server, schema, tmp_path,
+                                                                  monkeypatch):  # fmt: skip
+    """At ``maxmemory`` with ``noeviction`` the sync failed with redis-py's bare ``OutOfMemoryError`` and its
+    traceback; only the CTR publish said what to change. A private server: an OOM limit on the shared one would fail
+    other tests' writes."""
+    monkeypatch.setattr(document_embeddings.op, "_retry_policy", None)  # one attempt: the same server is full again
+    server = redis_server(extra_config=("maxmemory-policy noeviction",))
+    connect(server.url).config_set("maxmemory", 1)  # our own test server: full at once
+    with dg.instance_for_test() as instance:
+        res = resources(app_db, server.url, schema, tmp_path)
+        model_config = {"ops": {"embedding_model": {"config": {"dim": 32, "sample": 500}}}}
+        assert dg.materialize([embedding_model], resources=res, instance=instance, run_config=model_config).success
+        result = dg.materialize([embedding_model, document_embeddings], selection=[document_embeddings],
+                                resources=res, instance=instance, raise_on_error=False)  # fmt: skip
+    assert not result.success
+    (failure,) = [e for e in result.all_events if e.is_step_failure]
+    description = failure.step_failure_data.user_failure_data.description
+    assert description.startswith("the embedding sync stopped: the Redis of PRECOMPUTE_REDIS_URL is out of memory")
+    assert "maxmemory" in description and "volatile-lru" in description and "\n" not in description
+
+
 KILLABLE_SYNC = """
 import sys
 from precompute_assets.storage.documents import DocumentStore
