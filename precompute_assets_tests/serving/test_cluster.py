@@ -566,7 +566,7 @@ def test_invalidation_on_the_cluster(redis_cluster, cluster_client, ns):
 
 def test_a_value_computed_before_an_invalidation_is_not_stored_on_the_cluster(redis_cluster, cluster_client, ns):
     """The kind's epoch is in another slot than the value: the store compares it first (not atomically, see
-    ``PredictionCache._store_commands``), so a computation that overlapped an invalidation stores nothing."""
+    ``PredictionCache._invalidated_on_cluster``), so a computation that overlapped an invalidation stores nothing."""
     from precompute_assets.serving.invalidate import invalidate
 
     for stampede in ({}, {"xfetch_beta": 0, "recompute_lock_ms": 0}):
