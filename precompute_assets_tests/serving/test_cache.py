@@ -604,8 +604,8 @@ def test_a_computation_slower_than_its_lock_never_releases_another_readers_lock(
 
         def outlives_its_lock(key: str) -> float:
             redis_client.delete(lock)  # the lock's PX ran out while this computed (forced, not waited for)
-            lock, _ = other._take_lock("ctr", key)  # another reader's miss takes it and starts computing
-            assert isinstance(lock, bytes)
+            token, _ = other._take_lock("ctr", key)  # another reader's miss takes it and starts computing
+            assert isinstance(token, bytes)
             taken.append(redis_client.get(lock))
             return 0.5
 
