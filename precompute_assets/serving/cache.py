@@ -206,6 +206,7 @@ class PredictionCache:
         self._stampede_refused = False
         self.invalidated = 0  # computed values not stored: their kind was invalidated while they computed
         self._fence_refused = False  # NOPERM on the store script (an older ACL): plain SETs, no invalidation fence
+        self._release_refused = False  # NOPERM on the lock's release script (an older ACL): locks lapse at their PX
         self._random = random.Random()
         self._pointers: dict[str, tuple[Pointer | None, Experiment | None, float]] = {}
         self._retry_at = 0.0
@@ -518,7 +519,7 @@ class PredictionCache:
             commands = [(b"SET", name, encoded, b"EX", ttl, *only)]
             if delta:
                 commands.append((b"SET", delta[0], delta[1], b"EX", ttl, *only))
-        if release:
+        if release and not self._release_refused:
             commands.append(_release_command(self.schema, kind, key, release))
         return commands
 
@@ -556,7 +557,9 @@ class PredictionCache:
         delta = live_delta_key(self.schema, kind, key)
         for command, reply in zip(commands, replies, strict=True):
             if command[1] == delta:
-                self._extra_reply(reply)  # the release's reply needs nothing: the lock lapses anyway
+                self._extra_reply(reply)
+            elif command[:2] == (b"EVAL", _RELEASE_LOCK) and isinstance(reply, redis.exceptions.NoPermissionError):
+                self._refuse_release()  # the lock lapses anyway, at recompute_lock_ms
         if commands[0][:2] == (b"EVAL", _STORE):
             if replies[0] == 0:
                 self.invalidated += 1
@@ -635,12 +638,16 @@ class PredictionCache:
 
     def _release_lock(self, kind: str, key: str, token: bytes) -> None:
         """Let the lock lapse within a millisecond if it is still ours (``_release_command``)."""
+        if self._release_refused:
+            return
         command = _release_command(self.schema, kind, key, token)
         if self._cluster:
             self._cluster_fetch([command])
             return
         try:
             self.client.execute_command(*command)
+        except redis.exceptions.NoPermissionError:
+            self._refuse_release()
         except REDIS_ERRORS:
             self.errors += 1
 
@@ -681,6 +688,17 @@ class PredictionCache:
                 self.errors += 1
             return None
         return reply
+
+    def _refuse_release(self) -> None:
+        """The ACL refuses the lock's release script (it predates it): each lock is held until recompute_lock_ms."""
+        if not self._release_refused:
+            log.warning(
+                "the Redis user may not EVAL on %s:*:lock:*: recompute locks are held for recompute_lock_ms after "
+                "each computation (readers waiting on a failed one wait that long); see serving.acl",
+                self.schema.prefix,
+            )
+        self._release_refused = True
+        self.refused += 1
 
     def _refuse_fence(self) -> None:
         """The ACL refuses the store script (it predates it): store with plain ``SET``s from now on, unfenced."""

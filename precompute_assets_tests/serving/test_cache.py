@@ -672,3 +672,29 @@ def test_an_early_recomputation_from_before_an_invalidation_never_replaces_a_new
     assert early.get_or_compute("rank", "k", recomputed_from_old_data) == {"v": "old, recomputed"}
     assert other.get("rank", "k") == {"v": "new"}
     assert early.early_recomputes == 1 and early.invalidated == 1
+
+
+def test_a_reader_on_the_acl_before_the_scripts_says_so_once_and_keeps_serving(redis_url, redis_client, schema, caplog):
+    """A reader whose ACL was made before the lock's release script and the invalidation-fenced store (no ``+eval`` on
+    ``lock:`` keys, no selector with the epoch) keeps computing and, after its first refused store, storing; each
+    refusal is one warning and one count in ``refused``, not an error per lookup."""
+    from precompute_assets.serving.acl import reader_rules
+
+    rules = [rule for rule in reader_rules(schema.namespace) if ":epoch" not in rule]
+    rules = [rule.replace(" +set +eval)", " +set)") if ":lock:" in rule else rule for rule in rules]
+    name, password = f"{schema.namespace}-old", "p" * 24
+    redis_client.execute_command("ACL", "SETUSER", name, "reset", "on", f">{password}", *rules)
+    kwargs = redis_client.connection_pool.connection_kwargs
+    try:
+        cache = make_cache(f"redis://{name}:{password}@{kwargs['host']}:{kwargs['port']}/0", schema)
+        with caplog.at_level(logging.WARNING, logger="precompute_assets.serving.cache"):
+            assert [cache.get_or_compute("ctr", key, lambda key: 0.5) for key in ("a", "b", "c")] == [0.5] * 3
+            assert cache.get_or_compute("ctr", "c", lambda key: 0.9) == 0.5  # stored, with a plain SET
+            with pytest.raises(RuntimeError):
+                cache.get_or_compute("ctr", "d", lambda key: (_ for _ in ()).throw(RuntimeError("model down")))
+        warnings = [record.getMessage() for record in caplog.records if "may not EVAL" in record.getMessage()]
+        assert len(warnings) == 2 and cache.refused == 2, warnings  # the store script and the lock's release
+        assert cache.errors == 1  # the first store, refused
+        cache.close()
+    finally:
+        redis_client.execute_command("ACL", "DELUSER", name)
