@@ -503,8 +503,8 @@ class PredictionCache:
         early recomputation refreshes a value that is still there, and must not bring back one that an invalidation or
         ``probation``'s eviction deleted while it computed (stale, or a value outside the capacity). ``epoch``, the
         kind's invalidation epoch read before computing (b"" when there was none), makes the store one ``_STORE``
-        script on one server; on a cluster, where the epoch is in another slot, plain ``SET``s (``_still_valid``
-        checked it just before). ``delta_s`` None: no delta (the plain read-through)."""
+        script on one server; on a cluster, where the epoch is in another slot, plain ``SET``s
+        (``_invalidated_on_cluster`` checked it just before). ``delta_s`` None: no delta (the plain read-through)."""
         name, ttl = self.schema.live(kind, key), b"%d" % self.live_ttl_s
         only = (b"XX",) if replace else ()
         delta = None
