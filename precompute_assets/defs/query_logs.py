@@ -31,6 +31,14 @@ if TYPE_CHECKING:  # what define_asset_job returns (not exported by dagster)
 
 # The two outputs of each stream drain: its events and their quarantine.
 QUARANTINE_OF = {"query_logs": "query_log_quarantine", "user_events": "user_event_quarantine"}
+# Record a trim boundary, never moving it back, also when Redis is at maxmemory (allow-oom): the trim after it is what
+# frees memory there (the streams have no TTL, nothing evicts them), so a full server must not stop its own cleanup.
+RECORD_BOUNDARY = """#!lua flags=allow-oom
+if tonumber(ARGV[1]) > tonumber(redis.call('GET', KEYS[1]) or '0') then
+    redis.call('SET', KEYS[1], ARGV[1])
+end
+return 1
+"""
 HOUR_END_WAIT_S = 60.0  # a drain waits at most this long for Redis's clock to reach the end of its hour
 # A drain turns its rows into columns this many at a time: a row as a dict costs about 600 bytes, as columns about
 # 50, and an hour of a busy service holds millions of queries.
@@ -274,7 +282,7 @@ def trim_stream(
     if boundary > first_ms:
         if marker is not None:
             # Record the boundary first: a re-run of a trimmed hour must know it can no longer read it whole.
-            client.set(marker, max(boundary, int(client.get(marker) or 0)))
+            client.eval(RECORD_BOUNDARY, 1, marker, boundary)
         removed = trim_stream_before(client, stream, f"{boundary}-0")
     if boundary < cutoff_ms:
         context.log.warning(f"stopped trimming the {asset} stream at an hour that is not materialized yet")

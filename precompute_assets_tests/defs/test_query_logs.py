@@ -221,6 +221,26 @@ def test_cleanup_job_trims_only_materialized_hours(redis_url, redis_client, sche
     assert len(logged_queries(redis_client, schema)) == 10
 
 
+def test_cleanup_job_frees_a_full_redis(redis_server, schema, lake_uri, pg_instance, app_db):
+    """At ``maxmemory`` with ``noeviction`` (or ``volatile-lru`` with nothing volatile left) the query-log stream, which
+    no TTL frees, is what the cleanup trims; its first step, recording the trim boundary, was a ``SET`` that Redis
+    refuses there (OOM), so the job failed and the server stayed full. A private server: an OOM limit on the shared
+    one would fail other tests' writes."""
+    server = redis_server(extra_config=("maxmemory-policy noeviction",))
+    client = redis.Redis.from_url(server.url)
+    old = HOUR_START_MS - 30 * 86_400_000  # 30 days ago: past retention
+    fill(server.url, schema, old, 10)
+    fill(server.url, schema, HOUR_START_MS, 10)
+    res = resources(server.url, schema, lake_uri)
+    old_hour = HOURLY.get_partition_key_for_timestamp(old / 1000)
+    dg.materialize([query_logs], resources=res, partition_key=old_hour, instance=pg_instance)
+    client.config_set("maxmemory", 1)  # full at once
+    cleanup(res, pg_instance, app_db)
+    assert len(logged_queries(client, schema)) == 10  # the drained old hour went
+    assert int(client.get(schema.query_log_trimmed())) == old + 3_600_000
+    client.close()
+
+
 def test_cleanup_job_trims_the_user_event_stream_past_its_materialized_hours(
     redis_url, redis_client, schema, lake_uri, pg_instance, app_db
 ):
