@@ -52,7 +52,9 @@ def invalidate(
     schema: KeySchema | None = None,
 ) -> Invalidated:
     """Remove one ``key``, every key starting with ``prefix``, or every bucket of a non-current ``version`` of
-    ``kind`` (exactly one of the three). Keys go from the current version and from the live tier."""
+    ``kind`` (exactly one of the three). Keys go from the current version, from the version the last flip replaced
+    (in its grace: readers not on the new pointer yet, and ``probation``'s settling, still read it) and from the live
+    tier; ``fields`` counts the current version's."""
     schema = schema or KeySchema()
     check_kind(kind)
     if sum(arg is not None for arg in (key, prefix, version)) != 1:
@@ -64,25 +66,32 @@ def invalidate(
     elif not prefix:
         raise ValueError("an empty prefix would invalidate every key of the kind: use a version, or a real prefix")
     fenced = bump_epoch(client, kind, schema)
+    pointer = _current(client, kind, schema)
+    # The version the last flip replaced, in its grace: readers whose pointer is not refreshed yet read it, and
+    # probation's settling hands its dropped keys' values over to the live tier (publish.settle_published).
+    previous = _previous(client, kind, schema, pointer)
     if key is not None:
-        pointer = _current(client, kind, schema)
         fields = 0
-        if pointer is not None:
-            fields = int(client.hdel(schema.bucket_for_key(kind, pointer, key), key))
+        for version in (pointer, previous):
+            if version is not None:
+                removed = int(client.hdel(schema.bucket_for_key(kind, version, key), key))
+                fields += removed if version is pointer else 0
         live_keys = int(client.unlink(live_name))
         if not fenced:
             bump_epoch(client, kind, schema)
         return Invalidated(kind, live_keys=live_keys, fields=fields, version=_name(pointer))
     live_pattern = f"{schema.live(kind, 'x')[:-1]}{glob_escape(prefix)}*"
     live = _delete_in_batches(client.scan_iter(match=live_pattern, count=SCAN_COUNT), client.unlink)
-    pointer = _current(client, kind, schema)
     fields = 0
-    if pointer is not None:
-        for index in range(pointer.buckets):
-            bucket = schema.bucket(kind, pointer.version, index)
+    for version in (pointer, previous):
+        if version is None:
+            continue
+        for index in range(version.buckets):
+            bucket = schema.bucket(kind, version.version, index)
             pairs = client.hscan_iter(bucket, match=f"{glob_escape(prefix)}*", count=SCAN_COUNT)  # NOVALUES: 7.4+
             matching = (field for field, _ in pairs)
-            fields += _delete_in_batches(matching, lambda *found, bucket=bucket: client.hdel(bucket, *found))
+            removed = _delete_in_batches(matching, lambda *found, bucket=bucket: client.hdel(bucket, *found))
+            fields += removed if version is pointer else 0
     if not fenced:
         bump_epoch(client, kind, schema)
     return Invalidated(kind, live_keys=live, fields=fields, version=_name(pointer))
@@ -131,6 +140,17 @@ def _drop_version(client: redis.Redis, kind: str, version: str, schema: KeySchem
 def _current(client: redis.Redis, kind: str, schema: KeySchema) -> Pointer | None:
     raw = client.get(schema.pointer(kind))
     return None if raw is None else Pointer.decode(raw)
+
+
+def _previous(client: redis.Redis, kind: str, schema: KeySchema, current: Pointer | None) -> Pointer | None:
+    """The pointer the last flip replaced while its grace lasts (``KeySchema.previous``), unless it is ``current``
+    (a flip back) or malformed."""
+    raw = client.get(schema.previous(kind))
+    try:
+        previous = None if raw is None else Pointer.decode(raw)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return None if previous is None or previous == current else previous
 
 
 def _name(pointer: Pointer | None) -> str | None:

@@ -431,6 +431,37 @@ def test_a_failed_settling_hands_over_nothing_later_and_a_retry_finishes_it(redi
     assert 3000 < client.ttl(schema.live("rank", "h")) <= 3600  # the client's live TTL, not the version's two days
 
 
+def test_a_key_invalidated_after_a_flip_is_not_handed_over_from_the_version_before(redis_server, monkeypatch):
+    """``invalidate`` removed a key from the current version and the live tier only: the version the flip replaced
+    kept it, so the settling of that flip (here its retry; a slow one alike) handed the invalidated value over to the
+    live tier for a whole live TTL, and a reader whose pointer was not refreshed yet read it from that version."""
+    from precompute_assets.serving.invalidate import invalidate
+
+    server = redis_server()
+    client = connect(server.url, socket_timeout=5)
+    schema = KeySchema("fifo")
+    cache = make_cache(server.url, schema, live_ttl_s=3600, admission=Probation(capacity=10))
+    run_through_client(cache, client, schema, ["m"])  # records the capacity
+    publish(client, schema, "v0", ["a", "b", "c"])
+    stale = PredictionCache(connect(server.url, socket_timeout=5), schema=schema, pointer_ttl_s=3600)
+    assert stale.get("rank", "b") == {"key": "b"}  # on v0 until its pointer is read again
+    real = publish_module.settle_published
+
+    def lost(*args, **kwargs):
+        raise redis.ConnectionError("connection lost after the flip")
+
+    monkeypatch.setattr(publish_module, "settle_published", lost)
+    assert "connection lost" in publish(client, schema, "v1", ["a"]).settle_error  # flipped, b dropped, not settled
+    monkeypatch.setattr(publish_module, "settle_published", real)
+    invalidate(client, "rank", key="b", schema=schema)  # b's data changed
+    invalidate(client, "rank", prefix="c", schema=schema)  # and c's
+    assert stale.get("rank", "b") is None and stale.get("rank", "c") is None
+    publish(client, schema, "v1", ["a"])  # the retry settles: hands over what v1 dropped, from v0
+    reader = make_cache(server.url, schema)
+    assert reader.get("rank", "b") is None and reader.get("rank", "c") is None
+    assert reader.get("rank", "a") == {"key": "a"}
+
+
 def test_settling_reads_probations_queues_in_pages_not_whole(redis_server):
     """Settling once read the main LRU (twice) and ``:order`` whole, one ``ZRANGE``/``LRANGE 0 -1`` each: at a
     capacity of 200,000 keys that is one command holding Redis for every other client for tens of milliseconds. It
