@@ -104,14 +104,13 @@ def demand_evaluation(instance: dg.DagsterInstance, partition: str) -> dict | No
     return {k: v.value for k, v in metadata.items()} if "strategy" in metadata else None
 
 
-def resolve_strategy(instance: dg.DagsterInstance, partition: str, strategy: str) -> tuple[str, str]:
+def resolve_strategy(evaluation: dict | None, partition: str, strategy: str) -> tuple[str, str]:
     """The strategy to use for ``partition`` and why: ``auto`` follows demand_model's held-back evaluation of the
-    day (``lstm`` only if its blocking check approved it), ``frequency`` when there is none."""
+    day (``demand_evaluation``; ``lstm`` only if its blocking check approved it), ``frequency`` when there is none."""
     if strategy not in STRATEGIES:
         raise dg.Failure(description=f"unknown strategy {strategy!r}: use one of {', '.join(STRATEGIES)}")
     if strategy != "auto":
         return strategy, "configured"
-    evaluation = demand_evaluation(instance, partition)
     if evaluation is None:
         return "frequency", f"auto: no demand_model evaluation of {partition}, frequency (today's default)"
     used = evaluation["strategy"]
@@ -123,22 +122,26 @@ def resolve_strategy(instance: dg.DagsterInstance, partition: str, strategy: str
     )
 
 
-def evaluated_hyper_params(instance: dg.DagsterInstance, partition: str) -> DemandHyperParams:
-    """The hyper-parameters demand_model scored the baselines of ``partition`` with (the defaults without an
-    evaluation), so a baseline ranks tomorrow as it was scored on the held-back day."""
-    stored = (demand_evaluation(instance, partition) or {}).get("hyper_params") or {}
+def evaluated_hyper_params(evaluation: dict | None) -> DemandHyperParams:
+    """The hyper-parameters demand_model scored the baselines of the day's ``evaluation`` with (the defaults without
+    one), so a baseline ranks tomorrow as it was scored on the held-back day."""
+    stored = (evaluation or {}).get("hyper_params") or {}
     return DemandHyperParams(**{k: v for k, v in stored.items() if k in DemandHyperParams.__dataclass_fields__})
 
 
 def strategy_demand(
-    context: dg.AssetExecutionContext, strategy: str, lake, model_store: ModelStoreResource
+    context: dg.AssetExecutionContext,
+    strategy: str,
+    lake,
+    model_store: ModelStoreResource,
+    evaluation: dict | None,
 ) -> tuple[pd.Series | None, str]:
     """Tomorrow's expected requests per key under ``ewma`` or ``seasonal`` (with the hyper-parameters demand_model
-    scored them with on this day) or ``lstm`` (from the approved demand_model version of this day or before), and a
-    note; ``None`` when the lstm has no approved version, its stored weights fail their integrity check or were
-    deleted by the model store's retention."""
+    scored them with in the day's ``evaluation``) or ``lstm`` (from the approved demand_model version of this day or
+    before), and a note; ``None`` when the lstm has no approved version, its stored weights fail their integrity
+    check or were deleted by the model store's retention."""
     partitions = Partitions.of(context)
-    hp = evaluated_hyper_params(context.instance, context.partition_key)
+    hp = evaluated_hyper_params(evaluation)
     note = ""
     state = None
     if strategy == "lstm":

@@ -254,14 +254,11 @@ def self_tuned_share(
     )
 
 
-def verdict_top_n(context: dg.AssetExecutionContext, strategy: str, top_n: int) -> dict:
+def verdict_top_n(context: dg.AssetExecutionContext, strategy: str, top_n: int, evaluation: dict | None) -> dict:
     """``{"strategy_evaluated_top_n": M}`` when ``strategy`` follows demand_model's verdict of the day (``auto``,
-    ``lstm``) and that verdict compared the strategies at a top-N other than the ``top_n`` selected now, with a
-    warning: which ranking wins (and the LSTM's approval) can change with N. Empty otherwise."""
-    from .demand import demand_evaluation
-
-    evaluation = demand_evaluation(context.instance, context.partition_key) if strategy in ("auto", "lstm") else None
-    evaluated = None if evaluation is None else evaluation.get("top_n")
+    ``lstm``; its ``evaluation``) and that verdict compared the strategies at a top-N other than the ``top_n``
+    selected now, with a warning: which ranking wins (and the LSTM's approval) can change with N. Empty otherwise."""
+    evaluated = evaluation.get("top_n") if evaluation is not None and strategy in ("auto", "lstm") else None
     if evaluated is None or evaluated == top_n or top_n == 0:
         return {}
     context.log.warning(
@@ -300,7 +297,7 @@ def top_ads(
     never scored. Under an A/B experiment (``ExperimentResource``) the keys are split between its two arms by a
     salted hash and each arm's half of N is ranked by the arm's own strategy (column ``arm``)."""
     # demand reads the hourly logs through this module
-    from .demand import evaluated_hyper_params, resolve_strategy, strategy_demand
+    from .demand import demand_evaluation, evaluated_hyper_params, resolve_strategy, strategy_demand
     from .experiment import experiment_metadata
 
     catalog = set(lake.lake().read("ads", columns=["ad_id"])["ad_id"])
@@ -317,13 +314,16 @@ def top_ads(
     if config.precompute_share == "fixed" and config.top_n < 0:
         raise dg.Failure(description=f"top_n must be at least 0, got {config.top_n}")
     frequency = known.set_index("ad_id")["demand"]
+    # Read once: every use below (strategy, baselines' parameters, share replay, verdict) sees the same verdict,
+    # even when demand_model materializes the day again meanwhile.
+    evaluation = demand_evaluation(context.instance, context.partition_key)
 
     def ranked_by(name: str) -> tuple[pd.Series, str, str]:
         """Known ads' demand under strategy ``name`` (``auto`` resolved), the strategy used and why."""
-        used, why = resolve_strategy(context.instance, context.partition_key, name)
+        used, why = resolve_strategy(evaluation, context.partition_key, name)
         if used == "frequency":
             return frequency, used, why
-        forecast, note = strategy_demand(context, used, lake.lake(), model_store)
+        forecast, note = strategy_demand(context, used, lake.lake(), model_store, evaluation)
         if forecast is None:
             return frequency, "frequency", f"{why}; {note}: fell back to frequency"
         return forecast[forecast.index.isin(catalog)], used, f"{why} ({note})" if note else why
@@ -341,7 +341,7 @@ def top_ads(
             config.cache_capacity,
             config.admission,
             config.share_max_requests,
-            evaluated_hyper_params(context.instance, context.partition_key),  # as strategy_demand ranks tomorrow
+            evaluated_hyper_params(evaluation),  # as strategy_demand ranks tomorrow
         )
         top_n = choice.share
         share_metadata.update(
@@ -363,7 +363,7 @@ def top_ads(
             f"the days that chose it {choice.hit_rates[top_n]:.4f}; {choice.requests} logged requests on the counted "
             f"days, replayed on a sample of {choice.sample_rate:.2%} of the keys, live tier: {config.admission})"
         )
-    verdict_metadata = verdict_top_n(context, config.strategy, top_n)
+    verdict_metadata = verdict_top_n(context, config.strategy, top_n, evaluation)
     arm_metadata: dict = {}
     if running is None:
         selected = select_top(demand, top_n)

@@ -376,3 +376,33 @@ def test_the_self_tuned_share_replays_ewma_with_the_half_life_demand_model_score
     )
     candidates = result.asset_materializations_for_node("top_ads")[0].metadata["share_candidates"].value
     assert {int(n): rate for n, rate in candidates.items()} == tuned(1.0)
+
+
+def test_top_ads_reads_the_demand_models_evaluation_once(
+    selection_resources, pg_instance, weekly_template, lake_uri, monkeypatch
+):
+    """Strategy, baselines' parameters, share replay and verdict all follow one read of the day's evaluation: one
+    event-log query a run, and never two verdicts in one selection."""
+    with_catalog(weekly_template, lake_uri)
+    assert run(selection_resources, pg_instance, margin=-1.0, max_epochs=1).success  # approved: auto follows lstm
+    reads = []
+    fetch = pg_instance.fetch_materializations
+
+    def counting(records_filter, *args, **kwargs):
+        if getattr(records_filter, "asset_key", None) == dg.AssetKey("demand_model"):
+            reads.append(records_filter)
+        return fetch(records_filter, *args, **kwargs)
+
+    monkeypatch.setattr(pg_instance, "fetch_materializations", counting)
+    result = dg.materialize(
+        [ad_demand, top_ads],
+        resources=selection_resources,
+        partition_key=DAYS[-1],
+        instance=pg_instance,
+        run_config={
+            "ops": {"top_ads": {"config": {"strategy": "auto", "precompute_share": "auto", "cache_capacity": 40}}}
+        },
+    )
+    chosen = result.asset_materializations_for_node("top_ads")[0].metadata
+    assert chosen["strategy"].value == "lstm" and "strategy_evaluated_top_n" in chosen  # every reader took part
+    assert len(reads) == 1
