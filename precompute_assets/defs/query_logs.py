@@ -365,8 +365,28 @@ class RunRetentionConfig(dg.Config):
     )
 
 
+def job_assets(instance: dg.DagsterInstance, job: str) -> list[str]:
+    """The assets the newest run of ``job`` materializes (from its execution plan): an asset job is known by what its
+    runs do, whichever code location defines it (a job without runs has none to delete)."""
+    records = instance.get_run_records(filters=dg.RunsFilter(job_name=job), limit=1)
+    plan_id = records[0].dagster_run.execution_plan_snapshot_id if records else None
+    plan = instance.get_execution_plan_snapshot(plan_id) if plan_id else None
+    outputs = [output for step in plan.steps for output in step.outputs] if plan else []
+    keys = {output.properties.asset_key for output in outputs if output.properties and output.properties.asset_key}
+    return sorted(key.to_user_string() for key in keys)
+
+
 @dg.op(description="Delete the finished runs of the precompute task jobs past their retention, with their event logs.")
 def delete_old_runs(context: dg.OpExecutionContext, config: RunRetentionConfig) -> None:
+    # Checked before any deletion: the runs of an asset job are its assets' materialization history.
+    for job in config.jobs:
+        if assets := job_assets(context.instance, job):
+            named = ", ".join(assets[:3]) + (", ..." if len(assets) > 3 else "")
+            raise dg.Failure(
+                description=f"delete_old_runs: {job} materializes {named}: list only op jobs in jobs, never an asset "
+                "job (an asset's history is the event log of its runs)",
+                allow_retries=False,
+            )
     if config.retention_days <= 0:
         context.log.info("run retention is off (retention_days 0): every run is kept")
         return

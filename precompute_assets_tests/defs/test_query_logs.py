@@ -335,6 +335,29 @@ def test_cleanup_job_deletes_old_runs_of_the_precompute_task_jobs(redis_url, sch
     assert all(pg_instance.get_run_by_id(run) for run in (old_nightly, still_running, recent_task))
 
 
+def test_run_retention_refuses_an_asset_job_and_deletes_nothing(redis_url, schema, lake_uri, pg_instance, app_db):
+    """jobs names an asset job by mistake: its runs are its assets' history, so the op fails with one line before
+    deleting any run, and keeps every run of every job it lists."""
+    from precompute_assets.defs.query_logs import query_logs_job
+    from precompute_assets.defs.tasks import JOB_NAME
+
+    res = resources(redis_url, schema, lake_uri)
+    with freeze_time(datetime.now(UTC) - timedelta(days=20)):
+        old_task = create_run_for_test(pg_instance, job_name=JOB_NAME, status=dg.DagsterRunStatus.SUCCESS).run_id
+        old_drain = create_run_for_test(pg_instance, job_name="query_logs_job", status=dg.DagsterRunStatus.SUCCESS)
+    drain = dg.Definitions(assets=[query_logs], jobs=[query_logs_job], resources=res).resolve_job_def("query_logs_job")
+    assert drain.execute_in_process(partition_key=HOUR, instance=pg_instance).success
+    config = {"jobs": [JOB_NAME, "query_logs_job"]}
+    result = cleanup(res, pg_instance, app_db, succeed=False, ops={"delete_old_runs": {"config": config}})
+    failure = next(e for e in result.get_step_failure_events() if e.step_key == "delete_old_runs")
+    message = failure.step_failure_data.user_failure_data.description
+    assert message.startswith(
+        "delete_old_runs: query_logs_job materializes query_log_quarantine, query_logs: list only op jobs"
+    )
+    assert "\n" not in message
+    assert pg_instance.get_run_by_id(old_drain.run_id) and pg_instance.get_run_by_id(old_task)
+
+
 def test_cleanup_job_purges_the_ads_of_long_ended_campaigns(redis_url, schema, lake_uri, pg_instance, app_db):
     registry = CampaignRegistryResource(url=app_db).registry()
     then = datetime.now(UTC) - timedelta(days=60)
