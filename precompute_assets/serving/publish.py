@@ -630,8 +630,8 @@ def patch_version(
             if ttl_s is not None:
                 commands.append((b"EXPIRE", name(index), b"%d" % ttl_s))
     for index, fields in removals.items():
-        commands += [(b"HDEL", name(index), *fields[start : start + FIELDS_PER_COMMAND])
-                     for start in range(0, len(fields), FIELDS_PER_COMMAND)]  # fmt: skip
+        for start in range(0, len(fields), FIELDS_PER_COMMAND):
+            commands.append((b"HDEL", name(index), *fields[start : start + FIELDS_PER_COMMAND]))
     for start in range(0, len(commands), COMMANDS_PER_PIPELINE):
         send_commands(client, commands[start : start + COMMANDS_PER_PIPELINE])
     return len(commands)
