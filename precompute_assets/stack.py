@@ -718,11 +718,18 @@ def url_problem(variable: str, url: str) -> str | None:
     return None
 
 
+def url_error(variable: str, url: str) -> str | None:
+    """``url_problem`` followed by the URL, its password redacted: the one line every command that uses ``url``
+    prints (``up`` and the commands that connect say the same), or None when ``url`` is one of such a server."""
+    problem = url_problem(variable, url)
+    return None if problem is None else f"{problem}: {redact(url)}"
+
+
 def check_login(variable: str, url: str) -> None:
     """``StackError`` unless the server ``url`` names answers and accepts its user, password and database: a port that
     answers may still refuse us, which would otherwise pass for a reachable server."""
-    if (problem := url_problem(variable, url)) is not None:
-        raise StackError(f"{problem}: {redact(url)}")
+    if (error := url_error(variable, url)) is not None:
+        raise StackError(error)
     if not reachable(url, timeout_s=3):
         raise StackError(f"{variable} points at {redact(url)}, which does not answer")
     if (reason := login_problem(variable, url)) is not None:

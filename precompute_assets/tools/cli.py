@@ -29,6 +29,7 @@ from ..stack import (
     one_line,
     project_dir,
     redact,
+    url_error,
 )
 
 if TYPE_CHECKING:
@@ -242,6 +243,8 @@ def _serving_client(args: argparse.Namespace):
     from ..serving import KeySchema, connect
 
     url = os.environ.get(ENV_REDIS) or Stack().env()[ENV_REDIS]
+    if (error := url_error(ENV_REDIS, url)) is not None:  # as `up` says it, not redis-py's line naming no variable
+        raise CliError(error)
     try:
         return connect(url, socket_timeout=10), KeySchema(args.namespace), url
     except ValueError as error:

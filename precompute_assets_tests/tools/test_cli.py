@@ -542,6 +542,25 @@ def test_a_url_with_a_typo_in_its_scheme_is_named_as_such(tmp_path, monkeypatch,
     assert not (tmp_path / "home" / "redis").exists() and not (tmp_path / "home" / "postgres").exists()
 
 
+def test_up_and_the_cache_commands_name_a_bad_redis_scheme_alike(tmp_path, monkeypatch, capsys, dagster_pg_url):
+    """`up` named the variable and the schemes it takes; `cache` printed redis-py's line, which names neither (and
+    no Sentinel scheme): one line, exit code 2, the same words for both."""
+    monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("DAGSTER_PG_URL", dagster_pg_url)
+    monkeypatch.setenv("PRECOMPUTE_APP_DB_URL", dagster_pg_url)
+    monkeypatch.setenv("PRECOMPUTE_REDIS_URL", "foo://u:secret@x")
+    said = {}
+    for command in (["up"], ["cache", "stats"], ["cache", "invalidate", "--kind", "ctr", "--key", "a"]):
+        assert main(command) == 2, command
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err and "secret" not in err, err
+        said[" ".join(command)] = err.removeprefix(f"precompute {command[0]}: ")
+    assert set(said.values()) == {
+        "PRECOMPUTE_REDIS_URL has the scheme 'foo://', not one of redis://, rediss://, unix://, redis+sentinel://, "
+        "rediss+sentinel://: foo://u:***@x\n"
+    }, said
+
+
 def test_a_read_only_replica_url_is_refused_by_up_and_named_by_status(
     tmp_path, monkeypatch, capsys, redis_server, dagster_pg_url, app_db_url
 ):
