@@ -103,6 +103,15 @@ def is_relative(seconds: np.ndarray) -> bool:
     return bool(len(seconds)) and _typical(seconds) < EPOCH_2000_S
 
 
+def first_valid_second(seconds: np.ndarray) -> float | None:
+    """The earliest timestamp that can be a request's, which ``--start`` moves to midnight: finite, and from 2000 to
+    2200 as epoch seconds or, counted from the trace's start (``is_relative``), not negative; None when there is none.
+    A corrupt row's 0 among epoch seconds was the earliest, and moved every real request 56 years on."""
+    lowest, highest = (0.0, np.inf) if is_relative(seconds) else (EPOCH_2000_S, EPOCH_2200_S)
+    valid = seconds[np.isfinite(seconds) & (seconds >= lowest) & (seconds < highest)]
+    return float(valid.min()) if len(valid) else None
+
+
 def key_problems(keys: pd.Index) -> np.ndarray:
     """Why each key cannot be logged ("" when it can): empty, longer than ``MAX_KEY_LENGTH``, control characters."""
     text = pd.Series(keys, dtype=object).astype(str)

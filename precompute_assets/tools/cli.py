@@ -970,6 +970,7 @@ def cmd_query_logs(args: argparse.Namespace) -> int:
     from ..storage.lake import Lake
     from ..storage.query_log_import import (
         epoch_seconds,
+        first_valid_second,
         hour_rows,
         is_imported,
         is_relative,
@@ -1007,8 +1008,11 @@ def cmd_query_logs(args: argparse.Namespace) -> int:
                        "their size does not tell seconds from milliseconds; nothing was written")  # fmt: skip
     shift = 0.0
     if start is not None:  # the first request moves to the start of that local day, the others with it
+        if (first_valid := first_valid_second(seconds)) is None:
+            raise CliError(f"{args.file}: no timestamp can be a request's (finite, from 2000 on as epoch time, or not "
+                           "negative counted from the trace's start); nothing was written")  # fmt: skip
         midnight = datetime.combine(start, datetime.min.time(), tzinfo=ZoneInfo(partitions.timezone))
-        shift = midnight.timestamp() - float(np.nanmin(seconds))
+        shift = midnight.timestamp() - first_valid
         seconds = seconds + shift
     elif is_relative(seconds):
         first = float(np.nanmin(seconds))

@@ -1161,6 +1161,28 @@ def test_query_logs_import_refuses_misplaced_timestamps_before_writing(tmp_path,
         assert not (tmp_path / "lake").exists() and not (tmp_path / "home").exists()
 
 
+def test_query_logs_import_start_moves_the_first_valid_request_to_midnight(stack, tmp_path, monkeypatch, capsys):
+    """--start aligned the earliest timestamp, a corrupt row's 0 among epoch seconds included: every real request
+    moved 56 years on, into hours not yet over, and the import was refused. The first valid one is aligned now."""
+    from precompute_assets.stack import ENV_LAKE
+    from precompute_assets.storage.lake import Lake
+    from precompute_assets.storage.query_log_import import first_valid_second
+
+    on_the_test_stack(stack, tmp_path, monkeypatch)
+    log = tmp_path / "requests.csv"
+    first = 1_590_969_600  # 2020-06-01, epoch seconds
+    log.write_text(f"{first + 5},ad1\n0,ad9\n{first + 600},ad2\n{first + 1200},ad1\n")
+    # a day of its own: the test stack's lake is shared with the other import tests
+    assert main(["query-logs", "import", str(log), "--start", "2026-03-19", "--time-unit", "s"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["imported"], summary["quarantined"]) == (3, 1)
+    hour = Lake(Stack().env()[ENV_LAKE]).read("query_logs", "2026-03-19-00:00")
+    assert list(hour["key"]) == ["ad1", "ad2", "ad1"]
+    assert hour["ts"].iloc[0] == pd.Timestamp("2026-03-19", tz="UTC")
+    relative = np.array([-5.0, np.nan, 3.0, np.inf, 10.0])  # counted from the trace's start: -5 is corrupt too
+    assert first_valid_second(relative) == 3.0 and first_valid_second(np.array([np.nan, -np.inf])) is None
+
+
 def test_query_logs_import_quarantines_malformed_lines_and_counts_them(stack, tmp_path, monkeypatch, capsys):
     """One bad line (a cut-off last line, a blank line, a non-numeric timestamp, a missing field) refused the whole
     request log: it is now cut out, counted and named, and the rest imported."""
