@@ -5,7 +5,8 @@ run queue; an every-2-hours schedule is the backstop for whatever the sensor mis
 Campaign values are live keys (``pc:1:ctr:live:{ad_id}``, ``pc:1:budget:live:{campaign_id}``) written in one
 MULTI/EXEC with a TTL until the campaign ends: the campaign's own writes land all at once or not at all (a reader
 never sees some of them without the others); that transaction holds Redis for as long as it runs, so a campaign has
-at most ``MAX_ADS`` ads (the registry refuses more; warming refuses older campaigns over it). Readers look in the
+at most ``max_ads`` ads (``CampaignRegistryResource``; the registry refuses more; warming refuses older campaigns
+over it, and their cleanup deletes in batches of that many keys). Readers look in the
 published nightly version first and fall back to live keys for the ads it lacks, so where the nightly version has
 one of the campaign's ads, its value answers: a ``get_many`` over a campaign's ads can mix nightly values with the
 campaign's live ones. A nightly publish (a new version and a pointer flip) leaves live keys in place. An open-ended
@@ -31,7 +32,7 @@ from ..ml.budget import DEFAULT_DRAWS, DEFAULT_PRIOR_STRENGTH, thompson_split
 from ..serving import KeySchema
 from ..serving.publish import delete_live_values, write_live_values
 from ..serving.replication import confirm_replicas
-from ..storage.campaigns import DEFAULT_REFRESH_MARGIN, MAX_ADS, Campaign, CampaignRegistry
+from ..storage.campaigns import DEFAULT_REFRESH_MARGIN, Campaign, CampaignRegistry
 from .models import CTR_MODEL, approved_materializations
 from .resources import (
     CampaignRegistryResource,
@@ -195,13 +196,17 @@ def remove_campaign_values(
     registry: CampaignRegistry, client: redis_py.Redis, schema: KeySchema, campaign: Campaign, now: datetime
 ) -> int:
     """Delete a campaign's budget and the CTRs of its ads that no other live campaign of its tenant still has, in
-    one transaction; returns how many keys existed."""
+    one transaction, or in transactions of ``registry.max_ads`` keys for a campaign with more ads than that
+    (registered before the cap, or under a higher one); returns how many keys existed."""
     ads = set(registry.ads(campaign.campaign_id)["ad_id"])
     for other in registry.list(tenant_id=campaign.tenant_id, status="active"):
         if other.campaign_id != campaign.campaign_id and not_warmable(other, now) is None:
             ads -= set(registry.ads(other.campaign_id)["ad_id"])
     keys = [("ctr", ad_id) for ad_id in sorted(ads)] + [("budget", campaign.campaign_id)]
-    return delete_live_values(client, keys, schema=schema)
+    # One transaction of all of them would hold Redis as long as the warming the cap refuses; a cleanup cut off
+    # between batches is run again by its retries or the backstop, and deleting a deleted key is harmless.
+    batch = len(keys) if len(ads) <= registry.max_ads else registry.max_ads
+    return sum(delete_live_values(client, keys[i : i + batch], schema=schema) for i in range(0, len(keys), batch))
 
 
 # --- assets --------------------------------------------------------------------------------------------
@@ -233,10 +238,10 @@ def campaign_ctr(
     frame = pd.DataFrame({"ad_id": pd.Series(dtype=object), "ctr": pd.Series(dtype=float)})
     reason = not_warmable(campaign, now)
     version, skipped, expire_at = "", [], expiry(campaign, now, config)
-    if reason is None and len(ads) > MAX_ADS:  # registered before the cap: its one transaction would stall Redis
+    if reason is None and len(ads) > registry.max_ads:  # registered before the cap: its transaction would stall Redis
         raise dg.Failure(
-            description=f"campaign {campaign.campaign_id} has {len(ads)} ads, more than the {MAX_ADS} a campaign may "
-            "have: re-register it split into campaigns",
+            description=f"campaign {campaign.campaign_id} has {len(ads)} ads, more than the {registry.max_ads} a "
+            "campaign may have: re-register it split into campaigns, or raise max_ads",
             allow_retries=False,
         )
     if reason is None:

@@ -26,7 +26,7 @@ from ..serving import Experiment, KeySchema, connect
 from ..serving.connection import REDIS_ERRORS, is_cluster
 from ..serving.replication import REPLICA_WAIT_S
 from ..stack import ENV_APP_DB, ENV_LAKE, ENV_MODEL_STORE, ENV_REDIS, redact
-from ..storage.campaigns import CampaignRegistry
+from ..storage.campaigns import ENV_CAMPAIGN_MAX_ADS, MAX_ADS, CampaignRegistry, max_ads_from_env
 from ..storage.documents import DocumentStore
 from ..storage.lake import Lake, LakeReadError
 from .partitions import Partitions
@@ -274,6 +274,12 @@ class CampaignRegistryResource(dg.ConfigurableResource):
 
     url: str = Field(description="PostgreSQL URL of the application database (PRECOMPUTE_APP_DB_URL).")
     warming_horizon_hours: float = Field(24.0, description="Campaigns launching within this many hours are warmed.")
+    max_ads: int = Field(
+        MAX_ADS,
+        description=f"The most ads a campaign may have ({ENV_CAMPAIGN_MAX_ADS}; at least 1): its CTRs are written in "
+        "one Redis transaction, which holds Redis for every other client while it runs (about 15-50 ms at 10,000 "
+        "ads, 200-600 ms at 100,000). Registration refuses more, and so does warming a campaign registered before.",
+    )
 
     @property
     def warming_horizon(self) -> timedelta:
@@ -281,7 +287,10 @@ class CampaignRegistryResource(dg.ConfigurableResource):
 
     def registry(self, spec: AdFeatureSpec | None = None) -> CampaignRegistry:
         """The registry; ``spec`` is the ad feature set its ``ads`` returns (the CTR model's, ``LakeResource``'s)."""
-        registry = CampaignRegistry(self.url, spec=spec, warming_horizon=self.warming_horizon)
+        try:
+            registry = CampaignRegistry(self.url, spec=spec, warming_horizon=self.warming_horizon, max_ads=self.max_ads)
+        except ValueError as error:  # a setting out of range: a retry would not change it
+            raise dg.Failure(description=f"campaign_registry: {error}", allow_retries=False) from None
         with app_db_setting(self.url):
             registry.ensure_schema()
         return registry
@@ -338,6 +347,20 @@ def ad_feature_fields(environ: dict[str, str] | None = None) -> dict[str, dg.Env
 ad_feature_spec_from_env = spec_from_env
 
 
+def campaign_registry_fields(environ: Mapping[str, str] | None = None) -> dict[str, dg.EnvVar]:
+    """``CampaignRegistryResource``'s ``max_ads`` as ``EnvVar`` when its variable is set and not blank, so services
+    that register (``max_ads_from_env``) and the Definitions that warm read one cap; a malformed one fails loading
+    the Definitions with a ``SettingError`` naming its variable, as a bad setting does."""
+    env = os.environ if environ is None else environ
+    if not (env.get(ENV_CAMPAIGN_MAX_ADS) or "").strip():
+        return {}
+    try:
+        max_ads_from_env(env)
+    except ValueError as error:
+        raise SettingError(str(error)) from None
+    return {"max_ads": dg.EnvVar.int(ENV_CAMPAIGN_MAX_ADS)}
+
+
 def build_resources(settings: Settings) -> dict[str, object]:
     """The resources of the Definitions: everything points where the environment says."""
     lake = LakeResource(base_uri=from_env(ENV_LAKE), **ad_feature_fields())
@@ -348,7 +371,7 @@ def build_resources(settings: Settings) -> dict[str, object]:
         "model_store": ModelStoreResource(root=from_env(ENV_MODEL_STORE)),
         "app_db": AppDatabaseResource(url=dg.EnvVar(ENV_APP_DB)),
         "documents": DocumentStoreResource(url=dg.EnvVar(ENV_APP_DB)),
-        "campaign_registry": CampaignRegistryResource(url=dg.EnvVar(ENV_APP_DB)),
+        "campaign_registry": CampaignRegistryResource(url=dg.EnvVar(ENV_APP_DB), **campaign_registry_fields()),
         "deployment": DeploymentResource(timezone=settings.timezone, partitions_start=settings.partitions_start),
         "experiment": ExperimentResource(**experiment_fields()),
     }

@@ -20,6 +20,7 @@ import hashlib
 import io
 import json
 import math
+import os
 import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -42,7 +43,9 @@ REQUIRED = ("campaign_id", "tenant_id", "launch_at", "ads")
 DEFAULT_BUDGET = 1000.0
 # A campaign's CTRs are written to Redis in one MULTI/EXEC (readers see all of them or none), which holds Redis for
 # every other client until it ends: ~1.5 ms of server time at 1,000 ads, ~15-50 ms at 10,000, ~200-600 ms at 100,000.
+# The default cap; PRECOMPUTE_CAMPAIGN_MAX_ADS (the campaign_registry resource's max_ads) moves it.
 MAX_ADS = 10_000
+ENV_CAMPAIGN_MAX_ADS = "PRECOMPUTE_CAMPAIGN_MAX_ADS"
 _WRITE_LOCK = "precompute.campaign_registry"  # advisory lock of every writer that draws a change_seq
 
 SCHEMA = """
@@ -299,13 +302,32 @@ def _check_ad_owners(checked: list[_Checked], problems: list[tuple[str, str]]) -
             problems.append((c.where, f"ads {clash} are given to other tenants in the same batch"))
 
 
+def checked_max_ads(value: object, name: str = "max_ads") -> int:
+    """``value`` as the most ads a campaign may have; ``ValueError`` naming ``name`` unless a whole number >= 1."""
+    try:
+        number = int(str(value).strip())
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise ValueError(f"{name} must be a whole number of ads of at least 1, got {value!r}")
+    return number
+
+
+def max_ads_from_env(environ: Mapping[str, str] | None = None) -> int:
+    """The deployment's cap on a campaign's ads, ``PRECOMPUTE_CAMPAIGN_MAX_ADS`` (``MAX_ADS`` when unset or blank),
+    as the Definitions read it; ``ValueError`` naming the variable when malformed. No Dagster: services use it too."""
+    raw = (os.environ if environ is None else environ).get(ENV_CAMPAIGN_MAX_ADS) or ""
+    return checked_max_ads(raw, ENV_CAMPAIGN_MAX_ADS) if raw.strip() else MAX_ADS
+
+
 class CampaignRegistry:
     """The campaign registry in the application database behind ``url``.
 
     ``spec`` names the feature columns every ad must carry (the CTR model's; default: the deployment's, from
     ``PRECOMPUTE_AD_*``, see ``spec_from_env``); ``warming_horizon`` is how far ahead ``due`` looks by default,
     and how far in the past a new launch time may lie; ``refresh_margin`` is how long before warmed values
-    expire ``due`` lists their campaign again (if it runs past them).
+    expire ``due`` lists their campaign again (if it runs past them); ``max_ads`` is the most ads a campaign may
+    have (default: the deployment's, from ``PRECOMPUTE_CAMPAIGN_MAX_ADS``, see ``max_ads_from_env``).
     """
 
     def __init__(
@@ -315,7 +337,9 @@ class CampaignRegistry:
         spec: AdFeatureSpec | None = None,
         warming_horizon: timedelta = timedelta(hours=24),
         refresh_margin: timedelta = DEFAULT_REFRESH_MARGIN,
+        max_ads: int | None = None,
     ) -> None:
+        self.max_ads = max_ads_from_env() if max_ads is None else checked_max_ads(max_ads)
         if warming_horizon <= timedelta(0):
             raise ValueError(f"warming_horizon must be positive, got {warming_horizon}")
         if refresh_margin < timedelta(0):
@@ -493,8 +517,10 @@ class CampaignRegistry:
             ads = list(ads)
             if "ads" in record and not ads:
                 reasons.append("no ads")
-            elif len(ads) > MAX_ADS:
-                reasons.append(f"{len(ads)} ads, more than the {MAX_ADS} a campaign may have: split it into campaigns")
+            elif len(ads) > self.max_ads:
+                reasons.append(
+                    f"{len(ads)} ads, more than the {self.max_ads} a campaign may have: split it into campaigns"
+                )
                 ads = []
         not_mappings = [i for i, ad in enumerate(ads, start=1) if not isinstance(ad, Mapping)]
         if not_mappings:

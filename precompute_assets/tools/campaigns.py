@@ -124,7 +124,7 @@ def cmd_campaign(args: argparse.Namespace) -> int:
     """Run ``precompute campaign ...`` and print its JSON; registry refusals are CliErrors (one line, exit 2)."""
     from ..ml.features import AdFeatureSpec, spec_from_env
     from ..stack import ENV_APP_DB, Stack
-    from ..storage.campaigns import CampaignError, CampaignRegistry
+    from ..storage.campaigns import MAX_ADS, CampaignError, CampaignRegistry, max_ads_from_env
     from .cli import _up
 
     command = args.campaign_command
@@ -135,8 +135,14 @@ def cmd_campaign(args: argparse.Namespace) -> int:
             spec = spec_from_env()
         except ValueError as error:
             raise _error(f"the ad feature set: {error}") from None
+    max_ads = MAX_ADS  # only register counts ads: a malformed cap does not stop the others
+    if command == "register":
+        try:
+            max_ads = max_ads_from_env()  # the cap the Definitions warm under (PRECOMPUTE_CAMPAIGN_MAX_ADS)
+        except ValueError as error:
+            raise _error(str(error)) from None
     env = _up(Stack())
-    registry = CampaignRegistry(env[ENV_APP_DB], spec=spec)
+    registry = CampaignRegistry(env[ENV_APP_DB], spec=spec, max_ads=max_ads)
     registry.ensure_schema()
     try:
         if command == "register":

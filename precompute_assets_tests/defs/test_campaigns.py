@@ -730,21 +730,65 @@ def test_a_campaign_at_the_ad_cap_is_one_bounded_transaction_and_readers_see_all
 
 
 def test_a_campaign_registered_before_the_ad_cap_is_refused_by_warming_and_nothing_is_written(
-    registry, resources, instance, redis_client, schema, monkeypatch
+    registry, resources, instance, redis_client, schema, monkeypatch, app_db
 ):
     campaign_id = unique("overcap")
     registry.register(campaign_id, "acme", datetime.now(UTC) + HOUR, campaign_ads(campaign_id, 4))
     instance.add_dynamic_partitions(CAMPAIGNS.name, [campaign_id])
-    monkeypatch.setattr(warming, "MAX_ADS", 3)  # as if registered when there was no cap
+    capped = {**resources, "campaign_registry": CampaignRegistryResource(url=app_db, max_ads=3)}  # the cap now
     transactions = []
     monkeypatch.setattr(publish, "transact_per_slot", lambda client, commands: transactions.append(commands))
-    run = warm(instance, resources, campaign_id, raise_on_error=False)
+    run = warm(instance, capped, campaign_id, raise_on_error=False)
     assert not run.success
     (failure,) = [e for e in run.all_events if e.event_type_value == "STEP_FAILURE"]
     message = failure.step_failure_data.error.message
     assert f"campaign {campaign_id} has 4 ads, more than the 3 a campaign may have" in message
     assert not [e for e in run.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]  # not worth a retry
     assert transactions == [] and live_keys(redis_client, schema, "ctr") == [] and not registry.get(campaign_id).is_warm
+
+
+def test_the_cleanup_of_a_campaign_over_the_ad_cap_deletes_in_transactions_of_the_cap(
+    registry, resources, instance, cache, app_db, schema, monkeypatch
+):
+    """A campaign registered with more ads than the cap (before it, or under a higher one) was removed in one
+    transaction of all its keys, which holds Redis as long as the warming the cap refuses: now in batches of the cap."""
+    campaign_id = unique("overcap")
+    ad_list = campaign_ads(campaign_id, 5)
+    registry.register(campaign_id, "acme", datetime.now(UTC) + HOUR, ad_list)
+    instance.add_dynamic_partitions(CAMPAIGNS.name, [campaign_id])
+    assert warm(instance, resources, campaign_id).success  # under the default cap of 10,000
+    registry.cancel(campaign_id)
+    transactions, transact = [], publish.transact_per_slot
+    monkeypatch.setattr(publish, "transact_per_slot", lambda c, commands: transactions.append(commands) or
+                        transact(c, commands))  # fmt: skip
+    capped = {**resources, "campaign_registry": CampaignRegistryResource(url=app_db, max_ads=2)}
+    run_config = {"ops": {"remove_campaign": {"config": {"campaign_id": campaign_id}}}}
+    assert campaign_cleanup_job.execute_in_process(run_config=run_config, instance=instance, resources=capped).success
+    assert [len(commands) for commands in transactions] == [2, 2, 2]  # 5 CTRs and the budget, 2 keys at a time
+    assert (
+        cache.get_many("ctr", [ad["ad_id"] for ad in ad_list]) == [None] * 5
+        and cache.get("budget", campaign_id) is None
+    )
+    observation = instance.fetch_observations(campaign_ctr.key, limit=1).records[0]
+    assert observation.asset_observation.metadata["keys_removed"].value == 6
+
+
+def test_the_ad_cap_is_a_setting_of_at_least_1(app_db, monkeypatch):
+    from precompute_assets.defs.resources import campaign_registry_fields
+    from precompute_assets.defs.settings import SettingError
+    from precompute_assets.storage.campaigns import ENV_CAMPAIGN_MAX_ADS, max_ads_from_env
+
+    assert CampaignRegistryResource(url=app_db).max_ads == MAX_ADS == max_ads_from_env({}) == 10_000
+    assert campaign_registry_fields({}) == {} and max_ads_from_env({ENV_CAMPAIGN_MAX_ADS: " "}) == MAX_ADS
+    monkeypatch.setenv(ENV_CAMPAIGN_MAX_ADS, "50000")
+    assert CampaignRegistry(app_db).max_ads == 50_000  # services that register read the Definitions' cap
+    assert campaign_registry_fields()["max_ads"].get_value() == 50_000  # an EnvVar: the UI shows where it is from
+    for bad in ("0", "-3", "many", "1.5"):
+        with pytest.raises(SettingError, match=f"^{ENV_CAMPAIGN_MAX_ADS} must be a whole number of ads of at least 1"):
+            campaign_registry_fields({ENV_CAMPAIGN_MAX_ADS: bad})
+    with pytest.raises(dg.Failure) as refused:
+        CampaignRegistryResource(url=app_db, max_ads=0).registry()
+    assert refused.value.description == "campaign_registry: max_ads must be a whole number of ads of at least 1, got 0"
 
 
 def test_a_write_refused_half_way_leaves_nothing_visible(redis_server, schema):

@@ -347,6 +347,14 @@ def test_a_campaign_over_the_ad_cap_is_refused_in_one_line_and_one_at_the_cap_re
     assert registry.register("big", "acme", LAUNCH, many[:MAX_ADS], now=NOW).n_ads == MAX_ADS
 
 
+def test_a_registry_refuses_campaigns_over_its_own_cap(registry):
+    capped = CampaignRegistry(registry.url, max_ads=3)
+    with pytest.raises(CampaignError) as error:
+        capped.register("big3", "acme", LAUNCH, [ad(f"a{i}") for i in range(4)], now=NOW)
+    assert "4 ads, more than the 3 a campaign may have" in str(error.value) and nothing_written(registry)
+    assert capped.register("big3", "acme", LAUNCH, [ad(f"a{i}") for i in range(3)], now=NOW).n_ads == 3
+
+
 @pytest.mark.parametrize(
     "fields, expected",
     [

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from precompute_assets.stack import ENV_APP_DB, ENV_DAGSTER_PG, ENV_REDIS, Stack
+from precompute_assets.storage.campaigns import ENV_CAMPAIGN_MAX_ADS as ENV_MAX_ADS
 from precompute_assets.storage.campaigns import CampaignRegistry
 from precompute_assets.tools.cli import main
 
@@ -21,7 +22,7 @@ FEATURES = {"quality": 0.5, "bid": 1.2, "text_len": 40, "category": "shoes"}
 def private_environ(monkeypatch):
     """The CLI exports the stack's URLs into os.environ: keep them out of other tests."""
     monkeypatch.setattr(os, "environ", os.environ.copy())
-    for name in ("PRECOMPUTE_AD_NUMERIC", "PRECOMPUTE_AD_CATEGORICAL", "PRECOMPUTE_AD_LOG_SCALED"):
+    for name in ("PRECOMPUTE_AD_NUMERIC", "PRECOMPUTE_AD_CATEGORICAL", "PRECOMPUTE_AD_LOG_SCALED", ENV_MAX_ADS):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -136,6 +137,20 @@ def test_list_and_cancel_need_no_feature_set_but_register_names_a_bad_one(server
     assert "the ad feature set: a feature column is listed twice" in fails(
         capsys, "register", "--file", str(tmp_path / "a.jsonl")
     )
+
+
+def test_register_counts_ads_against_the_deployments_cap(servers, tmp_path, capsys, monkeypatch):
+    """The cap was a constant of 10,000: a deployment that warms bigger campaigns could not register them."""
+    path = jsonl(tmp_path / "a.jsonl", campaign("c1", n_ads=3))
+    monkeypatch.setenv(ENV_MAX_ADS, "2")
+    assert "3 ads, more than the 2 a campaign may have" in fails(capsys, "register", "--file", str(path))
+    monkeypatch.setenv(ENV_MAX_ADS, "none")
+    assert f"{ENV_MAX_ADS} must be a whole number of ads of at least 1, got 'none'" in fails(
+        capsys, "register", "--file", str(path)
+    )
+    assert run(capsys, "list")["count"] == 0  # only register counts ads
+    monkeypatch.setenv(ENV_MAX_ADS, "3")
+    assert run(capsys, "register", "--file", str(path))["ads"] == 3
 
 
 def test_a_refused_campaign_is_one_line_and_registers_nothing(servers, tmp_path, capsys):
