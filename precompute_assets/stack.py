@@ -721,6 +721,13 @@ def url_problem(variable: str, url: str) -> str | None:
 def url_error(variable: str, url: str) -> str | None:
     """``url_problem`` followed by the URL, its password redacted: the one line every command that uses ``url``
     prints (``up`` and the commands that connect say the same), or None when ``url`` is one of such a server."""
+    from urllib.parse import urlsplit
+
+    if urlsplit(url).scheme.lower() not in SENTINEL_SCHEMES:  # a Sentinel URL's several hosts have no one port
+        try:
+            check_url_port(url)
+        except ValueError as error:  # an unencoded '/', '?' or '#' in the password: redact cannot find its end
+            return f"{variable}: {error}"
     problem = url_problem(variable, url)
     return None if problem is None else f"{problem}: {redact(url)}"
 

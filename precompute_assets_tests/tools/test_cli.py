@@ -561,6 +561,24 @@ def test_up_and_the_cache_commands_name_a_bad_redis_scheme_alike(tmp_path, monke
     }, said
 
 
+@pytest.mark.parametrize("url", ["redis://app:s3cr/et@cache.example:6379/0", "rediss://:s3cr?et@cache.example/0"])
+def test_up_never_shows_a_password_that_cuts_the_url_short(url, tmp_path, monkeypatch, capsys, dagster_pg_url):
+    """An unencoded '/' or '?' in the password ends the authority there: `up` said "names no host" (or nothing of the
+    port) with the URL, which redact could not cut the password out of. Now the line `cache` prints, without it."""
+    monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("DAGSTER_PG_URL", dagster_pg_url)
+    monkeypatch.setenv("PRECOMPUTE_APP_DB_URL", dagster_pg_url)
+    monkeypatch.setenv("PRECOMPUTE_REDIS_URL", url)
+    said = []
+    for command in (["up"], ["cache", "stats"]):
+        assert main(command) == 2, command
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "s3" not in err and "percent-encode" in err, err
+        said.append(err.removeprefix(f"precompute {command[0]}: "))
+    assert said[0] == said[1] and said[0].startswith("PRECOMPUTE_REDIS_URL: the URL's host:port cannot be read")
+    assert not (tmp_path / "home" / "redis").exists()
+
+
 def test_a_read_only_replica_url_is_refused_by_up_and_named_by_status(
     tmp_path, monkeypatch, capsys, redis_server, dagster_pg_url, app_db_url
 ):
