@@ -36,6 +36,7 @@ from .storage.files import exclusive_lock
 from .storage.postgres import connect as postgres_connect
 
 ENV_REDIS = "PRECOMPUTE_REDIS_URL"
+ENV_REDIS_ADMIN = "PRECOMPUTE_REDIS_ADMIN_URL"  # the server `redis acl --apply` sets users on (default ENV_REDIS's)
 ENV_DAGSTER_PG = "DAGSTER_PG_URL"
 ENV_APP_DB = "PRECOMPUTE_APP_DB_URL"
 ENV_HOME = "PRECOMPUTE_HOME"
@@ -700,7 +701,7 @@ def url_problem(variable: str, url: str) -> str | None:
     from urllib.parse import urlsplit
 
     parts = urlsplit(url)
-    expected = REDIS_SCHEMES if variable == ENV_REDIS else POSTGRES_SCHEMES
+    expected = REDIS_SCHEMES if variable in (ENV_REDIS, ENV_REDIS_ADMIN) else POSTGRES_SCHEMES
     if "://" not in url or parts.scheme.lower() not in expected:
         shown = f"the scheme {parts.scheme + '://'!r}" if "://" in url else "no scheme"
         hint = ""

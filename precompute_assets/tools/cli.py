@@ -22,6 +22,7 @@ from ..stack import (
     ENV_APP_DB,
     ENV_DAGSTER_PG,
     ENV_REDIS,
+    ENV_REDIS_ADMIN,
     RedisError,
     ServiceStatus,
     Stack,
@@ -182,7 +183,6 @@ def task_stats(window_s: float) -> dict:
         return {"unavailable": _one_line(error)}
 
 
-ENV_REDIS_ADMIN = "PRECOMPUTE_REDIS_ADMIN_URL"
 ENV_PUBLISHER_PASSWORD = "PRECOMPUTE_REDIS_PUBLISHER_PASSWORD"
 ENV_READER_PASSWORD = "PRECOMPUTE_REDIS_READER_PASSWORD"
 
@@ -211,7 +211,10 @@ def cmd_redis_acl(args: argparse.Namespace) -> int:
         if not args.apply:
             print("\n".join(acl_file_lines(args.namespace, kinds=kinds, **users)))  # password hashes only
             return 0
+        source = ENV_REDIS_ADMIN if os.environ.get(ENV_REDIS_ADMIN) else ENV_REDIS
         url = os.environ.get(ENV_REDIS_ADMIN) or Stack().env()[ENV_REDIS]
+        if (error := url_error(source, url)) is not None:  # as `up` and `cache` say it
+            raise CliError(error)
         client = connect(url, socket_timeout=5)
         try:
             names = apply_acl(client, args.namespace, kinds=kinds, **users)

@@ -576,6 +576,21 @@ def test_up_never_shows_a_password_that_cuts_the_url_short(url, tmp_path, monkey
         assert err.count("\n") == 1 and "s3" not in err and "percent-encode" in err, err
         said.append(err.removeprefix(f"precompute {command[0]}: "))
     assert said[0] == said[1] and said[0].startswith("PRECOMPUTE_REDIS_URL: the URL's host:port cannot be read")
+
+
+def test_redis_acl_apply_names_a_bad_admin_url_scheme_as_up_does(tmp_path, monkeypatch, capsys):
+    """`redis acl --apply` printed redis-py's line for PRECOMPUTE_REDIS_ADMIN_URL, naming neither the variable nor the
+    Sentinel schemes; now the words of `up` and `cache`, one line, exit code 2, nothing started."""
+    monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("PRECOMPUTE_REDIS_PUBLISHER_PASSWORD", "publisher-secret")
+    monkeypatch.setenv("PRECOMPUTE_REDIS_READER_PASSWORD", "reader-secret")
+    monkeypatch.setenv("PRECOMPUTE_REDIS_ADMIN_URL", "foo://admin:secret@x")
+    assert main(["redis", "acl", "--apply"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "precompute redis: PRECOMPUTE_REDIS_ADMIN_URL has the scheme 'foo://', not one of redis://, rediss://, "
+        "unix://, redis+sentinel://, rediss+sentinel://: foo://admin:***@x\n"
+    ), err
     assert not (tmp_path / "home" / "redis").exists()
 
 
