@@ -991,7 +991,9 @@ class Stack:
         return out
 
 
-_USERINFO = re.compile(r"(://[^:/@?#]*:)[^?#]*@")  # to the last '@' of the authority: an unencoded '@' leaks nothing
+# To the URL's last '@': an unencoded '@', '/', '?' or '#' in the password leaks nothing of it (an '@' in a query
+# with no password before it hides more than the password, never less).
+_USERINFO = re.compile(r"(://[^:/@?#]*:).*@")
 _PASSWORD_PARAM = re.compile(r"(?i)(\b(?:ssl_?|sentinel_)?password\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&#;]*)")
 
 

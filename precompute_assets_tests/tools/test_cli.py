@@ -578,6 +578,20 @@ def test_up_never_shows_a_password_that_cuts_the_url_short(url, tmp_path, monkey
     assert said[0] == said[1] and said[0].startswith("PRECOMPUTE_REDIS_URL: the URL's host:port cannot be read")
 
 
+@pytest.mark.parametrize("url", ["rediss://:s3cr?et@cache.example/0", "foo://u:s3#cr@x", "foo://u:s3/cr@x"])
+def test_status_never_shows_a_password_with_an_unencoded_separator(url, tmp_path, monkeypatch, capsys):
+    """redact cut the password at its first '?' or '#': `status` printed 'rediss://:s3cr?et@cache.example/0' beside
+    "invalid URL" (and `up` the same for a mistyped scheme)."""
+    from precompute_assets.stack import redact
+
+    monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("PRECOMPUTE_REDIS_URL", url)
+    assert main(["status"]) == 0
+    out = capsys.readouterr().out
+    assert "invalid URL" in out and "s3" not in out, out
+    assert "s3" not in redact(url) and redact("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+
+
 def test_redis_acl_apply_names_a_bad_admin_url_scheme_as_up_does(tmp_path, monkeypatch, capsys):
     """`redis acl --apply` printed redis-py's line for PRECOMPUTE_REDIS_ADMIN_URL, naming neither the variable nor the
     Sentinel schemes; now the words of `up` and `cache`, one line, exit code 2, nothing started."""
