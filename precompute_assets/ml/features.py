@@ -66,9 +66,9 @@ def require_ad_columns(ads: pd.DataFrame, spec: AdFeatureSpec, columns: Sequence
 def feature_problems(ads: pd.DataFrame, spec: AdFeatureSpec) -> pd.Series:
     """One reason per row of ``ads`` (aligned with its index), or None where the row is valid.
 
-    A row is invalid when its id is blank, longer than a cache key may be or holds control characters, a numeric
-    feature is not a finite number (or is negative where it is log-scaled), or a categorical feature is missing
-    or blank. The first problem of a row is reported.
+    A row is invalid when its id is blank, longer than a cache key may be or holds control characters or braces
+    (``serving.keys.check_key``), a numeric feature is not a finite number (or is negative where it is log-scaled),
+    or a categorical feature is missing or blank. The first problem of a row is reported.
     """
     require_ad_columns(ads, spec)
     problems = pd.Series([None] * len(ads), index=ads.index, dtype=object)
@@ -82,6 +82,9 @@ def feature_problems(ads: pd.DataFrame, spec: AdFeatureSpec) -> pd.Series:
     text = ids.astype(str)
     flag((text.str.len() > MAX_KEY_LENGTH).to_numpy(), f"{ID_COLUMN} is longer than {MAX_KEY_LENGTH} characters")
     flag(text.str.contains(r"[\x00-\x1f\x7f]", regex=True).to_numpy(dtype=bool), f"{ID_COLUMN} has control characters")
+    # a brace in a cache key would pick its Redis Cluster slot: serving.keys refuses it, so publishing such an id
+    # (a braced GUID) failed the whole ctr_cache, and a campaign holding one could never be warmed
+    flag(text.str.contains(r"[{}]", regex=True).to_numpy(dtype=bool), f"{ID_COLUMN} has a brace ('{{' or '}}')")
     for column in spec.numeric:
         values = pd.to_numeric(ads[column], errors="coerce").to_numpy(dtype=float)
         flag(~np.isfinite(values), f"{column} is not a finite number")

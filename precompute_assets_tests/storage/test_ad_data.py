@@ -136,6 +136,15 @@ def test_ids_unfit_for_cache_keys_and_undecodable_bytes_are_quarantined(lake, tm
     assert "latin\\udce9" in quarantined(lake, summary)["raw"].iloc[2]
 
 
+def test_a_braced_ad_id_is_quarantined_not_left_to_fail_the_publish(lake, tmp_path):
+    # serving.keys refuses braces in a key (they pick its Redis Cluster slot): kept, it failed ctr_cache whole
+    rows = "ok,c1,3,0.5,1,40\n{3F2504E0-4F89},c1,3,0.5,1,40\nx}y,c1,3,0.5,1,40\n"
+    path = write(tmp_path / "ads.csv", ADS_HEADER + rows)
+    summary = ads_into(lake, path)
+    assert summary.quarantine_reasons == {"ad_id has a brace ('{' or '}')": 2}
+    assert lake.read("ads")["ad_id"].tolist() == ["ok"]
+
+
 def test_a_load_replaces_the_catalog_and_the_same_file_twice_changes_nothing(lake, tmp_path):
     lake.write("ads", None, make_ads(50, days=2))
     path = write(tmp_path / "ads.csv", ADS_HEADER + "a1,c1,3,0.5,1.2,40\na2,c1,4,0.7,2.2,90\n")

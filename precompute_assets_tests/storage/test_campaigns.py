@@ -380,6 +380,8 @@ def test_a_registry_refuses_campaigns_over_its_own_cap(registry):
         ({"budget": math.inf}, "budget must be a positive finite number"),
         ({"budget": "lots"}, "budget 'lots' is not a number"),
         ({"ads": [ad("a\x00b")]}, "ad 'a\\x00b': ad_id"),  # NUL: PostgreSQL cannot store it
+        # a braced GUID: no cache key may hold a brace, so its campaign could never be warmed
+        ({"ads": [ad("{3F2504E0-4F89-11D3-9A0C-0305E82C3301}")]}, "ad_id has a brace"),
         ({"ads": [ad("a1", category="x\ud800")]}, "category is not valid UTF-8"),
     ],
 )
