@@ -139,6 +139,7 @@ def parse_trace(
     columns: Columns | None = None,
     trace_format: str = "auto",
     where: tuple[int | str, Collection[str]] | None = None,
+    exact_keys: bool = False,
 ) -> Trace:
     """Read one key per line, or ``timestamp,key[,more...]`` lines; raise TraceError naming the bad line.
 
@@ -164,6 +165,10 @@ def parse_trace(
     ``where=(field, values)`` keeps only the requests whose field (a 1-based number or a header name) is one of
     ``values``, e.g. ``("operation", ["get", "gets"])`` for Twitter's cache traces or ``("Type", ["Read"])`` for
     MSR's: every line is still read and checked, so an error names its line as numbered in the file.
+
+    Integer keys are read as integers, unless two written differently would merge (``007`` and ``7``): the replay
+    needs keys distinct, not spelled. ``exact_keys`` keeps every key of a text trace as written (``007``, ``+7``), as
+    a request log's import needs: its keys are the ids the serving client is asked for.
     """
     if trace_format not in TRACE_FORMATS:
         raise ValueError(f"trace_format must be one of {', '.join(TRACE_FORMATS)}, got {trace_format!r}")
@@ -185,10 +190,12 @@ def parse_trace(
         return _oracle_general(data, trace_format)
     text = _decode_text(data)
     del data  # the text holds it now: a trace's bytes need not stay beside it through the parse
-    return _text_trace(text, columns, where)
+    return _text_trace(text, columns, where, exact_keys)
 
 
-def _text_trace(text: str, columns: Columns | None, where: tuple[int | str, Collection[str]] | None) -> Trace:
+def _text_trace(
+    text: str, columns: Columns | None, where: tuple[int | str, Collection[str]] | None, exact_keys: bool = False
+) -> Trace:
     """The trace of a text file's ``text`` (``parse_trace``'s text formats)."""
     separator = "whitespace" if _whitespace_separated(text) else "comma"
     if separator == "whitespace":
@@ -234,7 +241,7 @@ def _text_trace(text: str, columns: Columns | None, where: tuple[int | str, Coll
     frame = _parse_integer_keys(clean, kind) if integer else None
     if frame is not None and _ODD_INT_LINE[kind].search(clean):  # zero-padded ids stay integers unless two merge
         as_written = _parse_string_keys(clean, kind)
-        if as_written["key"].nunique() != frame["key"].nunique():
+        if exact_keys or as_written["key"].nunique() != frame["key"].nunique():
             frame = as_written
     if frame is None:  # string keys, or integers beyond int64 (then they are kept as the strings they are)
         frame = _parse_string_keys(clean, kind)
@@ -266,6 +273,7 @@ def parse_trace_quarantining(
     trace_format: str = "auto",
     where: tuple[int | str, Collection[str]] | None = None,
     max_malformed: int = MAX_MALFORMED_LINES,
+    exact_keys: bool = False,
 ) -> tuple[Trace, list[tuple[int, str]]]:
     """``parse_trace``, with the malformed lines of a text trace quarantined instead of refusing the file: each line a
     ``TraceError`` names is cut out and the rest read again. Returns the trace and ``(line number in the file,
@@ -276,7 +284,7 @@ def parse_trace_quarantining(
     from .parquet_trace import is_parquet, is_uri
 
     try:
-        return parse_trace(path, columns=columns, trace_format=trace_format, where=where), []
+        return parse_trace(path, columns=columns, trace_format=trace_format, where=where, exact_keys=exact_keys), []
     except TraceError as error:
         binary = is_uri(path) or is_parquet(path) or "oraclegeneral" in Path(path).name.lower()
         if _LINE_ERROR.match(str(error)) is None or trace_format not in ("auto", "text") or binary:
@@ -285,7 +293,7 @@ def parse_trace_quarantining(
     cut: list[tuple[int, str]] = []  # (line number in the file, problem), in the order found
     while True:
         try:
-            return _text_trace("\n".join(lines), columns, where), sorted(cut)
+            return _text_trace("\n".join(lines), columns, where, exact_keys), sorted(cut)
         except TraceError as error:
             found = _LINE_ERROR.match(str(error))
             if found is None or not 1 <= int(found[1]) <= len(lines):

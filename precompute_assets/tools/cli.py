@@ -518,9 +518,10 @@ def check_trace_options(args: argparse.Namespace) -> None:
             raise CliError(f"{option} is empty: give a 1-based field number or a header name")
 
 
-def read_trace(path: str, args: argparse.Namespace, *, quarantine: bool = False):
+def read_trace(path: str, args: argparse.Namespace, *, quarantine: bool = False, exact_keys: bool = False):
     """The trace at ``path`` read as ``add_trace_options``' options say; a file that cannot be read is a CliError.
-    ``quarantine``: ``(trace, malformed lines cut)`` from ``parse_trace_quarantining`` instead (request-log imports)."""
+    ``quarantine``: ``(trace, malformed lines cut)`` from ``parse_trace_quarantining`` instead (request-log imports);
+    ``exact_keys``: keys as written (``007`` stays ``007``), see ``parse_trace``."""
     from ..ml.parquet_trace import PARQUET_COLUMNS, is_parquet
     from ..ml.replay import TraceError, parse_trace, parse_trace_quarantining
 
@@ -532,7 +533,7 @@ def read_trace(path: str, args: argparse.Namespace, *, quarantine: bool = False)
         columns = (None if time_field.lower() == "none" else time_field, args.key_field or default_key)
     try:
         parse = parse_trace_quarantining if quarantine else parse_trace
-        return parse(path, columns=columns, trace_format=args.format, where=args.where)
+        return parse(path, columns=columns, trace_format=args.format, where=args.where, exact_keys=exact_keys)
     except TraceError as error:
         notes = "".join(f" ({note})" for note in getattr(error, "__notes__", ()))  # how many lines were cut first
         raise CliError(f"{path}: {error}{notes}") from None
@@ -994,7 +995,8 @@ def cmd_query_logs(args: argparse.Namespace) -> int:
         start = None if args.start is None else date.fromisoformat(args.start)
     except ValueError as error:
         raise CliError(f"--start {args.start}: {error}") from None
-    trace, malformed = read_trace(args.file, args, quarantine=True)
+    # the lake's keys must be the ids clients ask for: 007 must not become 7 as the replay may read it
+    trace, malformed = read_trace(args.file, args, quarantine=True, exact_keys=True)
     if malformed:
         line_no, problem = malformed[0]
         print(f"precompute query-logs: warning: quarantined {len(malformed)} malformed lines (first: line {line_no}: "

@@ -1252,6 +1252,24 @@ def test_query_logs_import_quarantines_malformed_lines_and_counts_them(stack, tm
     assert list(lake.read("query_logs", "2026-03-07-00:00")["key"]) == ["ad1", "ad2", "ad1"]
 
 
+def test_query_logs_import_keeps_zero_padded_ids_as_written(stack, tmp_path, monkeypatch, capsys):
+    """Ids of one width (``007``, ``+12``) were read as the integers they spell, as the replay reads them, and written
+    to the lake as ``7`` and ``12``: keys no client asks for, so the day's top_ads and predictions missed them."""
+    from precompute_assets.stack import ENV_LAKE
+    from precompute_assets.storage.lake import Lake
+
+    on_the_test_stack(stack, tmp_path, monkeypatch)
+    for name, keys in (("padded.csv", ["007", "008", "010", "007"]), ("signed.csv", ["+12", "+13"])):
+        log = tmp_path / name
+        log.write_text("".join(f"{10 + i},{key}\n" for i, key in enumerate(keys)))
+        kind = name.partition(".")[0]  # a kind of its own: the test stack's lake is shared with the other imports
+        argv = ["query-logs", "import", str(log), "--kind", kind, "--start", "2026-03-09", "--time-unit", "s"]
+        assert main(argv) == 0
+        capsys.readouterr()
+        hour = Lake(Stack().env()[ENV_LAKE]).read("query_logs", "2026-03-09-00:00")
+        assert hour.loc[hour["kind"] == kind, "key"].tolist() == keys
+
+
 def test_query_logs_import_span_leaves_out_the_corrupt_timestamps_it_quarantined(stack, tmp_path, monkeypatch, capsys):
     """`span_hours` shows how the timestamps were understood; a corrupt 1e300 among epoch milliseconds was quarantined
     and yet made it 2.8e293 hours, hiding the real hour."""
