@@ -241,6 +241,10 @@ def _parquet_chunks(
         # stored as a timestamp column too
         arrays = [a.cast(pa.timestamp("ms", tz="UTC"), safe=False).cast(pa.int64()) if pa.types.is_timestamp(a.type)
                   else a for a in batch.columns]  # fmt: skip
+        # integer ids as their exact text here: pandas makes an integer column with a null (or a chunk beside one
+        # that has) float64, which merged 64-bit ids above 2**53 into one, and refused uint64 ids above 2**63
+        arrays = [a.cast(pa.string()) if name == ID_COLUMN and pa.types.is_integer(a.type) else a
+                  for name, a in zip(batch.schema.names, arrays, strict=True)]  # fmt: skip
         frame = pa.Table.from_arrays(arrays, names=batch.schema.names).to_pandas()
         quarantine.summary.rows += len(frame)
         yield frame, np.arange(first, first + len(frame))
@@ -297,8 +301,9 @@ def _ids(values: pd.Series) -> pd.Series:
         return _stripped(values.astype("Int64").astype("string").astype(object).where(values.notna(), None))
     if pd.api.types.is_numeric_dtype(values.dtype) and not pd.api.types.is_bool_dtype(values.dtype):
         numbers = values.to_numpy(dtype=float, na_value=np.nan)
-        whole = np.isfinite(numbers) & (numbers == np.round(numbers))
-        text = np.where(whole, np.nan_to_num(numbers).astype(np.int64).astype(str), numbers.astype(str))
+        # whole numbers beyond int64 stay floats' text: cast, they all wrapped to one id, -9223372036854775808
+        whole = np.isfinite(numbers) & (numbers == np.round(numbers)) & (np.abs(numbers) < 2.0**63)
+        text = np.where(whole, np.where(whole, numbers, 0).astype(np.int64).astype(str), numbers.astype(str))
         return pd.Series(text, index=values.index, dtype=object).where(~np.isnan(numbers), None)
     text = [v if isinstance(v, str) else (None if _plain(v) is None else str(v)) for v in values.to_numpy(dtype=object)]
     return _stripped(pd.Series(text, index=values.index, dtype=object))

@@ -178,6 +178,25 @@ def test_parquet_ads_keep_their_types_and_name_bad_rows_by_row_number(lake, tmp_
     assert loaded["category"].dtype == np.int64  # a Parquet column keeps its type
 
 
+def test_64_bit_parquet_ids_keep_every_digit(lake, tmp_path):
+    # One row without an id made pandas read the column as float64: ids above 2**53 (snowflake ids) merged into one,
+    # kept as a duplicate of a wrong id; uint64 ids above 2**63 made the load raise
+    ads = make_ads(4, days=1)
+    ads["ad_id"] = pd.array([1500000000000000001, 1500000000000000002, None, 1500000000000000003], dtype="Int64")
+    ads.to_parquet(tmp_path / "ads.parquet", index=False)
+    summary = ads_into(lake, tmp_path / "ads.parquet")
+    assert (summary.loaded, summary.first_quarantined) == (3, ["row 3: ad_id is missing"])
+    assert lake.read("ads")["ad_id"].tolist() == ["1500000000000000001", "1500000000000000002", "1500000000000000003"]
+    ads = make_ads(2, days=1)
+    ads["ad_id"] = np.array([2**64 - 1, 2**63 + 1], dtype=np.uint64)
+    ads.to_parquet(tmp_path / "unsigned.parquet", index=False)
+    assert ads_into(lake, tmp_path / "unsigned.parquet").loaded == 2
+    assert lake.read("ads")["ad_id"].tolist() == [str(2**64 - 1), str(2**63 + 1)]
+    ads["ad_id"] = [1e19, 2e19]  # floats beyond int64 wrapped to one id
+    ads.to_parquet(tmp_path / "floats.parquet", index=False)
+    assert ads_into(lake, tmp_path / "floats.parquet").loaded == 2
+
+
 @pytest.mark.parametrize(
     "content, message",
     [
