@@ -53,7 +53,11 @@ def is_parquet(path: str | Path) -> bool:
 
 
 def read_parquet_trace(
-    path: str | Path, *, columns: Columns | None = None, where: tuple[int | str, Collection[str]] | None = None
+    path: str | Path,
+    *,
+    columns: Columns | None = None,
+    where: tuple[int | str, Collection[str]] | None = None,
+    exact_keys: bool = False,
 ) -> Trace:
     """The requests of a Parquet file, or of every ``.parquet`` file under a folder (in path order; the lake
     names partitions by their start, so that is time order), as a ``Trace``; raise TraceError naming the bad row
@@ -62,7 +66,8 @@ def read_parquet_trace(
     ``columns`` is ``(timestamp column or None, key column)`` as for text traces (default ``PARQUET_COLUMNS``);
     ``where=(column, values)`` keeps the rows whose column, as text without padding, is one of ``values``. Each
     file is read and converted on its own, so files may store a column in different types: integer keys become
-    strings when another file's keys are strings, as in a text trace."""
+    strings when another file's keys are strings, as in a text trace. ``exact_keys``: uint64 keys of 2^63 and above
+    stay the text of their number (``replay.parse_trace``), not the negative int64 of their bits."""
     filesystem, files, label = _files(path)  # label: how errors name each file (in a folder)
     if not files:
         raise TraceError("the folder holds no .parquet file")
@@ -83,7 +88,7 @@ def read_parquet_trace(
     values = None if where is None else pa.array(sorted(where[1]), pa.string())
     keys, stamps, kept, hits, lacking = [], [], [], [], []
     for file, table in zip(files, _tables(files, wanted, label, filesystem), strict=True):
-        keys.append(_keys(_decoded(table[key_name]), key_name, label[file]))
+        keys.append(_keys(_decoded(table[key_name]), key_name, label[file], exact_keys))
         if hit_name is not None:
             column = table[hit_name]  # a row without a hit counts only if --where keeps it
             column = column.cast(pa.bool_()) if _hit_type(column.type) else pa.nulls(len(column), pa.bool_())
@@ -224,12 +229,14 @@ def _first(mask: pa.ChunkedArray | np.ndarray) -> int | None:
     return int(found[0]) if len(found) else None
 
 
-def _keys(column: pa.ChunkedArray, name: str, label: str) -> np.ndarray:
-    """int64 keys for an integer column (``replay.int64_keys``), ``str`` keys without padding for a string
-    column; anything else is not a key."""
+def _keys(column: pa.ChunkedArray, name: str, label: str, exact: bool = False) -> np.ndarray:
+    """int64 keys for an integer column (``replay.int64_keys``; with ``exact``, a uint64 one as the text of its
+    numbers), ``str`` keys without padding for a string column; anything else is not a key."""
     if column.null_count and (row := _first(pc.is_null(column))) is not None:
         raise TraceError(_at(label, "the key is missing", row))
     kind = column.type
+    if exact and pa.types.is_uint64(kind):  # int64_keys keeps them distinct, as negative numbers: not the ids
+        return pc.cast(column, pa.string()).to_numpy(zero_copy_only=False).astype(object)
     if pa.types.is_integer(kind):
         return int64_keys(column.to_numpy())
     if pa.types.is_string(kind) or pa.types.is_large_string(kind):

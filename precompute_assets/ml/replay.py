@@ -167,8 +167,9 @@ def parse_trace(
     MSR's: every line is still read and checked, so an error names its line as numbered in the file.
 
     Integer keys are read as integers, unless two written differently would merge (``007`` and ``7``): the replay
-    needs keys distinct, not spelled. ``exact_keys`` keeps every key of a text trace as written (``007``, ``+7``), as
-    a request log's import needs: its keys are the ids the serving client is asked for.
+    needs keys distinct, not spelled. ``exact_keys`` keeps every key of a text trace as written (``007``, ``+7``), and
+    a Parquet uint64 key as its number's text, as a request log's import needs: its keys are the ids the serving
+    client is asked for.
     """
     if trace_format not in TRACE_FORMATS:
         raise ValueError(f"trace_format must be one of {', '.join(TRACE_FORMATS)}, got {trace_format!r}")
@@ -177,7 +178,7 @@ def parse_trace(
     if is_uri(path) and trace_format not in ("auto", "parquet"):
         raise TraceError(f"a URI is read as Parquet (a lake's query_logs), not as {trace_format}: copy the file here")
     if trace_format == "parquet" or (trace_format == "auto" and is_parquet(path)):
-        return read_parquet_trace(path, columns=columns, where=where)
+        return read_parquet_trace(path, columns=columns, where=where, exact_keys=exact_keys)
     path = Path(path)
     data = _read_bytes(path)
     if trace_format == "auto" and "oraclegeneral" in path.name.lower() and b"\0" in data[: 27 * 4096]:

@@ -1270,6 +1270,21 @@ def test_query_logs_import_keeps_zero_padded_ids_as_written(stack, tmp_path, mon
         assert hour.loc[hour["kind"] == kind, "key"].tolist() == keys
 
 
+def test_query_logs_import_keeps_uint64_parquet_ids(stack, tmp_path, monkeypatch, capsys):
+    """A Parquet request log's uint64 ids of 2^63 and above were read as the negative int64 of their bits, as the
+    replay reads them, and written to the lake so: 18446744073709551615 became -1."""
+    from precompute_assets.stack import ENV_LAKE
+    from precompute_assets.storage.lake import Lake
+
+    on_the_test_stack(stack, tmp_path, monkeypatch)
+    ids = [2**64 - 1, 2**63, 7]
+    ts = pd.to_datetime(["2026-03-10T01:00:00Z", "2026-03-10T01:01:00Z", "2026-03-10T01:02:00Z"], utc=True)
+    pd.DataFrame({"ts": ts, "key": np.array(ids, dtype=np.uint64)}).to_parquet(tmp_path / "requests.parquet")
+    assert main(["query-logs", "import", str(tmp_path / "requests.parquet"), "--kind", "unsigned"]) == 0
+    capsys.readouterr()
+    assert list(Lake(Stack().env()[ENV_LAKE]).read("query_logs", "2026-03-10-01:00")["key"]) == [str(i) for i in ids]
+
+
 def test_query_logs_import_span_leaves_out_the_corrupt_timestamps_it_quarantined(stack, tmp_path, monkeypatch, capsys):
     """`span_hours` shows how the timestamps were understood; a corrupt 1e300 among epoch milliseconds was quarantined
     and yet made it 2.8e293 hours, hiding the real hour."""
