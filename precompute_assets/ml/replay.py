@@ -265,6 +265,8 @@ def _text_trace(
 
 MAX_MALFORMED_LINES = 100  # beyond this many, a file is more likely read with the wrong format or options
 _LINE_ERROR = re.compile(r"line (\d+): (.*)", re.DOTALL)
+_NOT_UTF8 = "not valid UTF-8 text"
+_UNDECODED = re.compile("[\udc80-\udcff]")  # a byte that is not UTF-8, as surrogateescape decodes it
 
 
 def parse_trace_quarantining(
@@ -290,8 +292,11 @@ def parse_trace_quarantining(
         binary = is_uri(path) or is_parquet(path) or "oraclegeneral" in Path(path).name.lower()
         if _LINE_ERROR.match(str(error)) is None or trace_format not in ("auto", "text") or binary:
             raise  # an error that names no line to cut (binary and Parquet traces name records or columns)
-    lines = _decode_text(_read_bytes(Path(path))).split("\n")
-    cut: list[tuple[int, str]] = []  # (line number in the file, problem), in the order found
+    lines, cut = _utf8_lines(_read_bytes(Path(path)))  # cut: (line number in the file, problem)
+    if len(cut) > max_malformed:
+        refused = TraceError(f"line {cut[max_malformed][0]}: {cut[max_malformed][1]}")
+        refused.add_note(f"after {max_malformed} malformed lines were cut (at most {max_malformed})")
+        raise refused
     while True:
         try:
             return _text_trace("\n".join(lines), columns, where, exact_keys), sorted(cut)
@@ -310,6 +315,21 @@ def parse_trace_quarantining(
                 raise refused from None
             cut.append((original, found[2]))
             del lines[current - 1]
+
+
+def _utf8_lines(data: bytes) -> tuple[list[str], list[tuple[int, str]]]:
+    """The lines of ``data`` as ``_decode_text`` reads them, with those that are not UTF-8 cut out: ``(lines, [(line
+    number in the file, problem)])``. One such line (a logged URL's Latin-1 byte) refused a whole request log."""
+    try:
+        return _decode_text(data).split("\n"), []
+    except TraceError as error:
+        if _NOT_UTF8 not in str(error):
+            raise
+    text = data.removeprefix(codecs.BOM_UTF8).decode("utf-8", "surrogateescape")
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").removesuffix("\n").split("\n")
+    bad = {i for i, line in enumerate(lines) if not line.isascii() and _UNDECODED.search(line)}
+    problem = f"{_NOT_UTF8} (a binary trace? see --format)"
+    return [line for i, line in enumerate(lines) if i not in bad], [(i + 1, problem) for i in sorted(bad)]
 
 
 def _kept_lines(text: str, field: int, fields: int, values: Collection[str]) -> np.ndarray:
@@ -1480,7 +1500,7 @@ def _decode_text(data: bytes) -> str:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line_no = data.count(b"\n", 0, exc.start) + 1
-        raise TraceError(f"line {line_no}: not valid UTF-8 text (a binary trace? see --format)") from None
+        raise TraceError(f"line {line_no}: {_NOT_UTF8} (a binary trace? see --format)") from None
     text = text.replace("\r\n", "\n").replace("\r", "\n")  # a lone CR ends a line too (old Mac files)
     if text.endswith("\n"):
         text = text[:-1]  # the newline that ends the last line, not an extra blank line

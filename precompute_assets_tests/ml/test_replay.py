@@ -1684,3 +1684,21 @@ def test_parse_trace_quarantining_cuts_each_malformed_line_and_names_it_as_numbe
     assert refused.value.__notes__ == ["after 1 malformed lines were cut (at most 1)"]
     with pytest.raises(TraceError, match="line 2: blank line"):  # parse_trace itself still refuses the file
         parse_trace(bad)
+
+
+def test_parse_trace_quarantining_cuts_lines_that_are_not_utf8(tmp_path):
+    # One Latin-1 byte (a logged URL's) refused the whole request log: the import quarantines malformed lines
+    from precompute_assets.ml.replay import parse_trace_quarantining
+
+    log = tmp_path / "requests.csv"
+    log.write_bytes(b"1,caf\xc3\xa9\r\n2,caf\xe9\r\n3,b\r\n4,\xff\xfe\r\n5,c\r\n")
+    trace, cut = parse_trace_quarantining(log)
+    assert list(trace.keys) == ["caf\u00e9", "b", "c"] and list(trace.timestamps) == [1.0, 3.0, 5.0]
+    assert cut == [(2, "not valid UTF-8 text (a binary trace? see --format)"), (4, cut[1][1])]
+    log.write_bytes(b"1,a\n2,\xe9\n\n4,b\n")  # a blank line below a cut one is named as numbered in the file
+    assert [line for line, _ in parse_trace_quarantining(log)[1]] == [2, 3]
+    with pytest.raises(TraceError, match="line 2: not valid UTF-8") as refused:  # a binary file: too many lines
+        parse_trace_quarantining(log, max_malformed=0)
+    assert refused.value.__notes__ == ["after 0 malformed lines were cut (at most 0)"]
+    with pytest.raises(TraceError, match="line 2: not valid UTF-8"):  # parse_trace itself still refuses the file
+        parse_trace(log)
