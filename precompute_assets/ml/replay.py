@@ -75,6 +75,12 @@ _PADDED_FIELD = re.compile(r"^[^\S\n]|[^\S\n],", re.MULTILINE)  # blanks before 
 _ODD_SPACE = re.compile(r"[^\S\n \t]")  # whitespace other than spaces and tabs, which str.replace removes faster
 _EDGE_BLANK = re.compile(r"^ | $", re.MULTILINE)
 _BLANKS = re.compile(r"[ \t]+")
+# A field a CSV writer quoted, whole between commas: "ad1" (every field of a QUOTE_ALL export) or "c""d" (a key
+# holding a quote). One holding a comma or a blank is no match: a line-based reader cannot split it, so its line is
+# left to the line checks (refused, or cut by the import).
+_QUOTED_FIELD = re.compile(r'(?<![^,\n])"((?:[^"\s,]|"")*)"(?=,|\n|$)')
+# A first line of quoted fields only: a QUOTE_ALL export, CSV although its first field is no number.
+_ALL_QUOTED_LINE = re.compile(r'"(?:[^"\n]|"")*"(?:,"(?:[^"\n]|"")*")+')
 
 
 class TraceError(ValueError):
@@ -167,9 +173,10 @@ def parse_trace(
     MSR's: every line is still read and checked, so an error names its line as numbered in the file.
 
     Integer keys are read as integers, unless two written differently would merge (``007`` and ``7``): the replay
-    needs keys distinct, not spelled. ``exact_keys`` keeps every key of a text trace as written (``007``, ``+7``), and
-    a Parquet uint64 key as its number's text, as a request log's import needs: its keys are the ids the serving
-    client is asked for.
+    needs keys distinct, not spelled. ``exact_keys`` reads every key as the id it stands for, as a request log's import
+    needs (its keys are the ids the serving client is asked for): a text trace's as written (``007``, ``+7``) but
+    for the quotes of a field a CSV writer quoted (``"c""d"`` is ``c"d``; a first line of quoted fields only, a
+    QUOTE_ALL export, is CSV), a Parquet uint64 key as its number's text.
     """
     if trace_format not in TRACE_FORMATS:
         raise ValueError(f"trace_format must be one of {', '.join(TRACE_FORMATS)}, got {trace_format!r}")
@@ -198,6 +205,8 @@ def _text_trace(
     text: str, columns: Columns | None, where: tuple[int | str, Collection[str]] | None, exact_keys: bool = False
 ) -> Trace:
     """The trace of a text file's ``text`` (``parse_trace``'s text formats)."""
+    if exact_keys and _ALL_QUOTED_LINE.fullmatch(text.partition("\n")[0]):
+        text = _csv_unquoted(text)  # before the format is told by its first line: "1764000000","ad1" is CSV
     separator = "whitespace" if _whitespace_separated(text) else "comma"
     if separator == "whitespace":
         if (comma := text.find(",")) >= 0:
@@ -224,6 +233,8 @@ def _text_trace(
     if columns is not None:
         text, time_field, key_field, fields = _select_columns(text, first_line, header, columns)
     kind = "key" if time_field is None else "csv"  # now one key, or timestamp,key, per line
+    if exact_keys and kind == "csv" and '"' in text:
+        text = _csv_unquoted(text)  # a key read with its CSV quotes was another id: "c""d" is c"d
     dated = None
     if kind == "csv" and _DATETIME_START_RE.match(text):
         text, dated = _date_times(text, first_line)
@@ -315,6 +326,11 @@ def parse_trace_quarantining(
                 raise refused from None
             cut.append((original, found[2]))
             del lines[current - 1]
+
+
+def _csv_unquoted(text: str) -> str:
+    """``text`` with every field a CSV writer quoted (``_QUOTED_FIELD``) as its content, doubled quotes undoubled."""
+    return _QUOTED_FIELD.sub(lambda field: field[1].replace('""', '"'), text)
 
 
 def _utf8_lines(data: bytes) -> tuple[list[str], list[tuple[int, str]]]:

@@ -1686,6 +1686,29 @@ def test_parse_trace_quarantining_cuts_each_malformed_line_and_names_it_as_numbe
         parse_trace(bad)
 
 
+def test_csv_quoted_fields_are_read_as_their_content_with_exact_keys(tmp_path):
+    # A CSV writer's quotes were read as part of the key, another id than the one logged ("c""d" for c"d), and a
+    # QUOTE_ALL export ("1764000000","ad1") as bare keys holding commas: a request log's import had no timestamps.
+    # The replay, which needs keys distinct only, reads them verbatim (test_parse_csv_with_string_keys).
+    written = tmp_path / "pandas.csv"
+    pd.DataFrame({"ts": [1, 2, 3], "key": ['c"d', "plain", '"x"']}).to_csv(written, index=False)
+    trace = parse_trace(written, exact_keys=True)
+    assert list(trace.keys) == ['c"d', "plain", '"x"'] and trace.header == ("ts", "key")
+    every = tmp_path / "every.csv"
+    every.write_text('"1764000000","007"\n"1764000001","a""b"\n')
+    trace = parse_trace(every, exact_keys=True)
+    assert list(trace.keys) == ["007", 'a"b'] and list(trace.timestamps) == [1764000000.0, 1764000001.0]
+    every.write_text('"ts","key","size"\n"1764000000","ad1","10"\n')
+    assert list(parse_trace(every, columns=("ts", "key"), exact_keys=True).keys) == ["ad1"]
+    bare = tmp_path / "bare.txt"  # keys only: no CSV, so quotes are part of a key
+    bare.write_text('"a"\n"b",c\n')
+    assert list(parse_trace(bare, exact_keys=True).keys) == ['"a"', '"b",c']
+    split = tmp_path / "split.csv"  # a quoted comma cannot be split by lines: refused, never read as another key
+    split.write_text('1,a\n2,"b,c"\n')
+    with pytest.raises(TraceError, match="line 2: expected 2 fields"):
+        parse_trace(split, exact_keys=True)
+
+
 def test_parse_trace_quarantining_cuts_lines_that_are_not_utf8(tmp_path):
     # One Latin-1 byte (a logged URL's) refused the whole request log: the import quarantines malformed lines
     from precompute_assets.ml.replay import parse_trace_quarantining

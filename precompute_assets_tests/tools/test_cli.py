@@ -1270,6 +1270,23 @@ def test_query_logs_import_keeps_zero_padded_ids_as_written(stack, tmp_path, mon
         assert hour.loc[hour["kind"] == kind, "key"].tolist() == keys
 
 
+def test_query_logs_import_takes_the_quotes_of_a_csv_writer_off_its_keys(stack, tmp_path, monkeypatch, capsys):
+    """A request log written by a CSV writer (pandas, csv.QUOTE_ALL) had its quotes imported as part of the keys:
+    c"d became "c""d" in the lake; a QUOTE_ALL log was refused (no timestamps)."""
+    from precompute_assets.stack import ENV_LAKE
+    from precompute_assets.storage.lake import Lake
+
+    on_the_test_stack(stack, tmp_path, monkeypatch)
+    for kind, text in (("minimal", 'ts,key\n10,"c""d"\n11,plain\n'), ("every", '"10","c""d"\n"11","plain"\n')):
+        log = tmp_path / f"{kind}.csv"
+        log.write_text(text)
+        argv = ["query-logs", "import", str(log), "--kind", kind, "--start", "2026-03-11", "--time-unit", "s"]
+        assert main(argv) == 0
+        capsys.readouterr()
+        hour = Lake(Stack().env()[ENV_LAKE]).read("query_logs", "2026-03-11-00:00")
+        assert hour.loc[hour["kind"] == kind, "key"].tolist() == ['c"d', "plain"]
+
+
 def test_query_logs_import_keeps_uint64_parquet_ids(stack, tmp_path, monkeypatch, capsys):
     """A Parquet request log's uint64 ids of 2^63 and above were read as the negative int64 of their bits, as the
     replay reads them, and written to the lake so: 18446744073709551615 became -1."""
