@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import psycopg2
 from psycopg2.extras import execute_values
@@ -199,6 +200,14 @@ def _is_missing(value: Any) -> bool:
 def _ad_name(ad_id: str | None, position: int) -> str:
     """How messages name an ad: by its id, or by its 1-based position when it has none."""
     return f"ad {ad_id!r}" if ad_id is not None and ad_id.strip() else f"ad #{position + 1}"
+
+
+def _id_text(value: Any) -> str:
+    """An ad id as text: a whole float (``7.0``: a pandas integer column beside a missing value) as the integer
+    ``ads load`` makes of it, ``"7"``, else ``str``: "7.0" was an id no catalog row or client has."""
+    if isinstance(value, (float, np.floating)) and float(value).is_integer() and abs(value) < 2**53:
+        return str(int(value))
+    return value if isinstance(value, str) else str(value)
 
 
 def _category_label(value: Any) -> str:
@@ -559,7 +568,7 @@ class CampaignRegistry:
         ]
         # an id that is no label (a list...) is no name either: such an ad is named by its position
         ids = [
-            None if id_shape or _is_missing(v) else (v if isinstance(v, str) else str(v))
+            None if id_shape or _is_missing(v) else _id_text(v)
             for v, id_shape in zip(frame[ID_COLUMN], id_shapes, strict=True)
         ]
         frame[ID_COLUMN] = pd.Series(ids, index=frame.index, dtype=object)

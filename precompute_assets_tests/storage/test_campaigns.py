@@ -436,6 +436,14 @@ def test_numbers_and_booleans_are_ids_and_categories_as_text(registry):
     assert stored["category"].tolist() == ["shoes", "3", "True"]
 
 
+def test_whole_float_ids_are_the_integers_the_ads_load_makes_of_them(registry):
+    # Ads from a pandas frame whose ad_id column had a gap came as 7.0: registered as "7.0", warmed under that key,
+    # while the catalog (ads load) and the clients name the ad "7"
+    float32 = pd.Series([9.0], dtype="float32").iloc[0]
+    registry.register("c1", "acme", LAUNCH, [ad(7.0), ad(pd.Series([8.0]).iloc[0]), ad(2.5), ad(float32)], now=NOW)
+    assert registry.ads("c1")["ad_id"].tolist() == ["7", "8", "2.5", "9"]
+
+
 def test_a_tenant_cannot_take_over_another_tenants_campaign(registry):
     first = registry.register("c1", "acme", LAUNCH, ads("a1"), now=NOW)
     with pytest.raises(CampaignError, match="campaign 'c1': belongs to tenant 'acme', not 'globex'"):
