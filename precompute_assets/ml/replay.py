@@ -176,7 +176,7 @@ def parse_trace(
     needs keys distinct, not spelled. ``exact_keys`` reads every key as the id it stands for, as a request log's import
     needs (its keys are the ids the serving client is asked for): a text trace's as written (``007``, ``+7``) but
     for the quotes of a field a CSV writer quoted (``"c""d"`` is ``c"d``; a first line of quoted fields only, a
-    QUOTE_ALL export, is CSV), a Parquet uint64 key as its number's text.
+    QUOTE_ALL export, is CSV), a Parquet uint64 key or an oracleGeneral object id as its number's text.
     """
     if trace_format not in TRACE_FORMATS:
         raise ValueError(f"trace_format must be one of {', '.join(TRACE_FORMATS)}, got {trace_format!r}")
@@ -195,7 +195,7 @@ def parse_trace(
             raise TraceError(
                 f"--key-field, --time-field and --where read fields of text traces, not {_ORACLE[trace_format][1]}'s"
             )
-        return _oracle_general(data, trace_format)
+        return _oracle_general(data, trace_format, exact_keys)
     text = _decode_text(data)
     del data  # the text holds it now: a trace's bytes need not stay beside it through the parse
     return _text_trace(text, columns, where, exact_keys)
@@ -1461,9 +1461,9 @@ def int64_keys(ints: np.ndarray) -> np.ndarray:
     return ints.view(np.int64).copy() if ints.dtype == np.uint64 else ints.astype(np.int64)
 
 
-def _oracle_general(data: bytes, trace_format: str) -> Trace:
-    """libCacheSim's oracleGeneral (or oracleGeneralOpNS) records as a trace: keys the object ids, timestamps the
-    times."""
+def _oracle_general(data: bytes, trace_format: str, exact_keys: bool = False) -> Trace:
+    """libCacheSim's oracleGeneral (or oracleGeneralOpNS) records as a trace: keys the object ids (with
+    ``exact_keys``, ids of 2^63 and above make them all the text of their numbers), timestamps the times."""
     dtype, name, fields = _ORACLE[trace_format]
     if not data:
         raise TraceError("trace is empty")
@@ -1475,8 +1475,10 @@ def _oracle_general(data: bytes, trace_format: str) -> Trace:
             f"--format text{other})"
         )
     records = np.frombuffer(data, dtype=dtype)
+    ids = records["obj_id"]
+    exact = exact_keys and bool(len(ids)) and int(ids.max()) >= 2**63  # int64_keys makes those negative numbers
     return Trace(
-        keys=int64_keys(records["obj_id"]),
+        keys=ids.astype(str).astype(object) if exact else int64_keys(ids),
         timestamps=records["time"].astype(np.float64),
         fields=fields,
         timestamp_field=1,

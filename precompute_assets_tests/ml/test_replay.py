@@ -386,6 +386,16 @@ def oracle_general(records: list[tuple[int, int, int, int]]) -> bytes:
     return np.array(records, dtype=ORACLE_GENERAL).tobytes()
 
 
+def test_oracle_general_ids_of_2_63_and_above_are_their_numbers_with_exact_keys(tmp_path: Path):
+    # The import (exact_keys) wrote 2^64 - 1 to the lake as -1, the negative int64 the replay keeps it distinct as
+    path = tmp_path / "w1.oracleGeneral.bin"
+    path.write_bytes(oracle_general([(10, 7, 1, -1), (11, 2**64 - 1, 1, -1), (12, 2**63, 1, -1)]))
+    assert list(parse_trace(path, exact_keys=True).keys) == ["7", str(2**64 - 1), str(2**63)]
+    assert list(parse_trace(path).keys) == [7, -1, -(2**63)]
+    path.write_bytes(oracle_general([(10, 7, 1, -1)]))
+    assert parse_trace(path, exact_keys=True).keys.dtype == np.int64  # small ids stay integers: their text is exact
+
+
 def test_oracle_general_records_are_read_by_name_or_format(tmp_path: Path):
     """libCacheSim's binary records: time and object id are used, an id of 2^63 or more stays distinct."""
     records = [(10, 7, 4096, 2), (10, 2**64 - 1, 512, -1), (11, 7, 4096, -1), (86410, 2**63, 1, -1)]
