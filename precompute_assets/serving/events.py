@@ -21,7 +21,7 @@ import redis
 
 from .connection import connect
 from .keys import KeySchema
-from .querylog import READ_PAGE, QueryLogger, _clean_text, _int_field, read_stream_window, ts_problem
+from .querylog import READ_PAGE, QueryLogger, _bounded, _clean_text, _int_field, read_stream_window, ts_problem
 
 ACTIONS = ("login", "dashboard_view", "campaign_create", "creative_upload", "variant_review", "analytics_view")
 ACTION_INDEX = {action: i for i, action in enumerate(ACTIONS)}
@@ -84,16 +84,18 @@ class EventLogger(QueryLogger):
         self, user: str | None, action: str | None, *, entity: str | None = None, tenant: str | None = None
     ) -> None:
         """Queue one user event; never raises, never blocks on Redis (a full buffer drops it, counted). A missing
-        user or action is written empty, for the drain to quarantine and count."""
+        user or action is written empty, for the drain to quarantine and count; text longer than
+        ``LOGGED_TEXT_CHARS`` is cut to it (still quarantined), as the query logger cuts it: a request body recorded
+        whole stayed in the buffer and in the stream, which Redis never evicts."""
         if not self._room(1):
             self._after_queue()
             return
         event = UserEvent(
             self.clock(),
-            "" if user is None else str(user),  # not "None": the drain quarantines an empty user or action
-            "" if action is None else str(action),
-            None if entity is None else str(entity),
-            None if tenant is None else str(tenant),
+            "" if user is None else _bounded(str(user)),  # not "None": the drain quarantines an empty user or action
+            "" if action is None else _bounded(str(action)),
+            None if entity is None else _bounded(str(entity)),
+            None if tenant is None else _bounded(str(tenant)),
         )
         self._buffer.append(event)
         self._after_queue()

@@ -52,6 +52,28 @@ def test_an_event_without_a_user_or_action_is_quarantined_not_recorded_as_none(r
     assert logger.stats.written == 2  # kept in the stream, for the drain's quarantine and its counts
 
 
+def test_a_huge_user_or_entity_is_recorded_cut_short_and_still_quarantined(redis_url, redis_client, schema):
+    """A service that records a request body as the entity (or the user): the query logger cuts such text to
+    LOGGED_TEXT_CHARS, the event logger kept it whole in the buffer and in the stream, which Redis never evicts."""
+    from collections import Counter
+
+    logger = EventLogger(log_client(redis_url), schema)
+    body = "x" * 1_000_000
+    for i in range(10):
+        logger.record_event("u1", "creative_upload", entity=body + str(i), tenant="acme")
+        logger.record_event(body, "login", tenant=body)
+        logger.record_event("u2", body)
+    logger.close()
+    assert logger.stats.written == 30
+    assert redis_client.memory_usage(events_stream(schema)) < 1_000_000
+    entries = redis_client.xrange(events_stream(schema))
+    assert Counter(validate_event(i, f)[1] for i, f in entries) == {
+        "entity longer than 256 characters": 10,
+        "user longer than 256 characters": 10,
+        "action longer than 256 characters": 10,
+    }
+
+
 def test_the_stream_is_capped_with_approximate_maxlen(redis_url, redis_client, schema):
     logger = EventLogger(log_client(redis_url), schema, stream_maxlen=200, batch_size=500)
     for i in range(3000):
