@@ -30,6 +30,7 @@ from pydantic import Field
 from ..ml import ctr
 from ..ml.budget import DEFAULT_DRAWS, DEFAULT_PRIOR_STRENGTH, thompson_split
 from ..serving import KeySchema
+from ..serving.keys import check_key
 from ..serving.publish import delete_live_values, write_live_values
 from ..serving.replication import confirm_replicas
 from ..storage.campaigns import DEFAULT_REFRESH_MARGIN, Campaign, CampaignRegistry
@@ -202,11 +203,21 @@ def remove_campaign_values(
     for other in registry.list(tenant_id=campaign.tenant_id, status="active"):
         if other.campaign_id != campaign.campaign_id and not_warmable(other, now) is None:
             ads -= set(registry.ads(other.campaign_id)["ad_id"])
-    keys = [("ctr", ad_id) for ad_id in sorted(ads)] + [("budget", campaign.campaign_id)]
+    # an ad registered before ids with braces were refused was never warmed (score_ads skips it): it has no key
+    keys = [("ctr", ad_id) for ad_id in sorted(ads) if _is_cache_key(ad_id)] + [("budget", campaign.campaign_id)]
     # One transaction of all of them would hold Redis as long as the warming the cap refuses; a cleanup cut off
     # between batches is run again by its retries or the backstop, and deleting a deleted key is harmless.
     batch = len(keys) if len(ads) <= registry.max_ads else registry.max_ads
     return sum(delete_live_values(client, keys[i : i + batch], schema=schema) for i in range(0, len(keys), batch))
+
+
+def _is_cache_key(key: str) -> bool:
+    """Whether ``key`` can name a value in the serving cache (``serving.keys.check_key``)."""
+    try:
+        check_key(key)
+    except ValueError:
+        return False
+    return True
 
 
 # --- assets --------------------------------------------------------------------------------------------

@@ -923,3 +923,22 @@ def test_an_app_db_setting_that_does_not_work_names_the_variable(app_db):
     with pytest.raises(dg.Failure, match=r"PRECOMPUTE_APP_DB_URL \(.*\) does not answer") as failure:
         CampaignRegistryResource(url="postgresql://u:pw-secret@127.0.0.1:1/app").registry()
     assert failure.value.allow_retries and "pw-secret" not in failure.value.description
+
+
+def test_removing_a_campaign_passes_over_an_ad_id_no_cache_key_can_hold(registry, app_db, redis_client, schema):
+    """A campaign registered before ad ids with braces were refused (a braced GUID) was warmed without that ad
+    (score_ads skips it), but its cleanup named the ad's live key, which serving.keys refuses: every cleanup run of the
+    cancelled campaign raised, and its other values stayed until they expired."""
+    from precompute_assets.storage.postgres import transaction
+
+    now, campaign_id = datetime.now(UTC), unique("braced")
+    registry.register(campaign_id, "acme", now + HOUR, campaign_ads(campaign_id, 2))
+    with transaction(app_db) as conn, conn.cursor() as cur:  # what the registry accepted before
+        cur.execute("UPDATE campaign_ads SET ad_id = '{' || ad_id || '}' WHERE campaign_id = %s AND position = 1",
+                    (campaign_id,))  # fmt: skip
+    kept = f"{campaign_id}-ad0000"
+    assert sorted(registry.ads(campaign_id)["ad_id"]) == [kept, f"{{{campaign_id}-ad0001}}"]
+    write_live_values(redis_client, "ctr", [(kept, 0.5)], expire_at=(now + HOUR).timestamp(), schema=schema)
+    campaign = registry.cancel(campaign_id)
+    assert warming.remove_campaign_values(registry, redis_client, schema, campaign, now) == 1
+    assert not redis_client.exists(schema.live("ctr", kept))
