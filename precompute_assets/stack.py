@@ -994,10 +994,16 @@ class Stack:
 # To the URL's last '@': an unencoded '@', '/', '?' or '#' in the password leaks nothing of it (an '@' in a query
 # with no password before it hides more than the password, never less).
 _USERINFO = re.compile(r"(://[^:/@?#]*:).*@")
+# A URL whose '://' is mistyped or missing ("postgresql//u:pw@h", "redis:/u:pw@h", "u:pw@h:6379") still holds its
+# password before an '@': exactly the URL an error about its scheme shows. Not across whitespace, so that prose in an
+# error message is left alone.
+_LOOSE_USERINFO = re.compile(r"((?:^|[\s/:'\"(])[^:/@?#\s'\"]*:)(?!//)[^?#\s]*@")
 _PASSWORD_PARAM = re.compile(r"(?i)(\b(?:ssl_?|sentinel_)?password\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&#;]*)")
 
 
 def redact(url: str) -> str:
-    """The URL (or libpq ``key=value`` string) with every password replaced by ***: in the user info, and in
-    ``password=`` parameters (``redis://host/0?password=...``, ``host=h password=...``)."""
-    return _PASSWORD_PARAM.sub(r"\1***", _USERINFO.sub(r"\1***@", url))
+    """The URL (or libpq ``key=value`` string) with every password replaced by ***: in the user info (of a URL with a
+    mistyped or missing ``://`` too), and in ``password=`` parameters (``redis://host/0?password=...``,
+    ``host=h password=...``)."""
+    shown = _LOOSE_USERINFO.sub(r"\1***@", _USERINFO.sub(r"\1***@", url))
+    return _PASSWORD_PARAM.sub(r"\1***", shown)

@@ -407,6 +407,9 @@ def test_redact_hides_the_password(url: str, shown: str) -> None:
         "postgresql://db.example/app?user=u&password=s3cret",
         "rediss://cache.example:6380/0?ssl_keyfile=/k.pem&ssl_password=s3cret",  # redis-py: the key file's passphrase
         "host=db.example password=s3cret dbname=app",  # a libpq key=value string
+        "postgresql+psycopg2//user:s3cret@db.example/app",  # a mistyped '://': an error about the scheme shows it
+        "redis:/user:s3cret@127.0.0.1:6379/0",
+        "user:s3cret@127.0.0.1:6379",  # no scheme at all
     ],
 )
 def test_redact_hides_passwords_given_in_other_forms(url: str) -> None:

@@ -608,6 +608,31 @@ def test_redis_acl_apply_names_a_bad_admin_url_scheme_as_up_does(tmp_path, monke
     assert not (tmp_path / "home" / "redis").exists()
 
 
+def test_a_url_without_its_colon_slash_slash_never_shows_its_password(
+    tmp_path, monkeypatch, capsys, redis_server, dagster_pg_url
+):
+    """``redact`` found a password only after '://': a URL whose scheme was typed ``postgresql+psycopg2//`` or
+    ``redis:/`` was refused by `up`, `status` and `campaign` with the whole URL, password included."""
+    server = redis_server()
+    monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "home"))
+    cases = [
+        ("DAGSTER_PG_URL", "postgresql+psycopg2//app:s3cretPW@db.example:5432/dagster", [["up"], ["campaign", "list"]]),
+        ("PRECOMPUTE_REDIS_URL", "redis:/app:s3cretPW@cache.example:6379/0", [["up"]]),
+        ("PRECOMPUTE_REDIS_URL", "app:s3cretPW@cache.example:6379", [["up"]]),
+    ]
+    for variable, url, commands in cases:
+        monkeypatch.setenv("DAGSTER_PG_URL", dagster_pg_url)
+        monkeypatch.setenv("PRECOMPUTE_REDIS_URL", server.url)
+        monkeypatch.setenv(variable, url)
+        for command in commands:
+            assert main(command) == 2
+            err = capsys.readouterr().err
+            assert f"{variable} has no scheme" in err and "s3cretPW" not in err, err
+        assert main(["status"]) == 0
+        out = capsys.readouterr().out
+        assert "invalid URL" in out and "s3cretPW" not in out, out
+
+
 def test_a_read_only_replica_url_is_refused_by_up_and_named_by_status(
     tmp_path, monkeypatch, capsys, redis_server, dagster_pg_url, app_db_url
 ):
