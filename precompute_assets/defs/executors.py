@@ -25,6 +25,7 @@ from collections.abc import Mapping
 
 import dagster as dg
 
+from ..stack import redact
 from .settings import SettingError
 
 ENV_EXECUTOR = "PRECOMPUTE_EXECUTOR"
@@ -73,7 +74,8 @@ def executor_from_env(environ: Mapping[str, str] | None = None) -> dg.ExecutorDe
             "redis://127.0.0.1:6379/1 (a database apart from the serving cache's)"
         )
     if "://" not in broker:
-        raise SettingError(f"{ENV_CELERY_BROKER}={broker!r} is not a URL: use redis://host:port/db")
+        # Shown where the code location fails to load (the UI, the daemon's log): never with its password.
+        raise SettingError(f"{ENV_CELERY_BROKER}={redact(broker)!r} is not a URL: use redis://host:port/db")
     backend = ENV_CELERY_BACKEND if (env.get(ENV_CELERY_BACKEND) or "").strip() else ENV_CELERY_BROKER
     # Read from the environment where the run executes, as the resources' EnvVar are: the URL (which may hold a
     # password) stays out of the Definitions and the UI.

@@ -364,6 +364,9 @@ def test_the_executor_is_chosen_by_name_and_multiprocess_stays_the_default():
         executor_from_env({ENV_EXECUTOR: "celery"})
     with pytest.raises(SettingError, match=r"PRECOMPUTE_CELERY_BROKER_URL='localhost' is not a URL"):
         executor_from_env({ENV_EXECUTOR: "celery", ENV_CELERY_BROKER: "localhost"})
+    with pytest.raises(SettingError, match=r"is not a URL") as refused:  # a mistyped '://' with a password
+        executor_from_env({ENV_EXECUTOR: "celery", ENV_CELERY_BROKER: "redis//:s3cretPW@h:6379/1"})
+    assert "s3cretPW" not in str(refused.value), refused.value
 
 
 def test_every_job_of_the_deployment_takes_the_chosen_executor(monkeypatch, tmp_path):
