@@ -33,11 +33,25 @@ def connect(url: str) -> psycopg2.extensions.connection:
     """A connection to ``url``, given up after ``CONNECT_TIMEOUT_S``, probed when silent (``KEEPALIVES``) and failed
     when what it sent stays unacknowledged (``TCP_USER_TIMEOUT_MS``), unless the URL sets these parameters itself."""
     dsn = libpq_url(url)
-    given = psycopg2.extensions.parse_dsn(dsn)
+    try:
+        given = psycopg2.extensions.parse_dsn(dsn)
+    except psycopg2.ProgrammingError as error:
+        # libpq quotes the part of the URL it cannot read, the password itself when a '%' in it is no escape
+        # ('invalid percent-encoded token: "s3cret%zz"'): the error is shown by `up`, `status` and failed runs.
+        raise psycopg2.ProgrammingError(without_password(" ".join(str(error).split()), dsn)) from None
     options: dict[str, int] = {"connect_timeout": CONNECT_TIMEOUT_S, **KEEPALIVES}
     if psycopg2.extensions.libpq_version() >= 120000:  # an older libpq refuses the option it does not know
         options["tcp_user_timeout"] = TCP_USER_TIMEOUT_MS
     return psycopg2.connect(dsn, **{name: value for name, value in options.items() if name not in given})
+
+
+def without_password(text: str, url: str) -> str:
+    """``text`` with the password of ``url``'s user info (as written, to the authority's last '@') replaced by ***."""
+    _, scheme, rest = url.partition("://")
+    end = min((rest.index(mark) for mark in "?#" if mark in rest), default=len(rest))
+    userinfo, at, _ = rest[:end].rpartition("@")
+    _, colon, password = userinfo.partition(":")
+    return text.replace(password, "***") if scheme and at and colon and password else text
 
 
 @contextlib.contextmanager

@@ -167,3 +167,17 @@ def test_a_connection_gives_up_on_writes_a_silent_server_never_acknowledges_with
     finally:
         conn.close()
     assert timeout_ms == (5000 if query else TCP_USER_TIMEOUT_MS) and 0 < TCP_USER_TIMEOUT_MS <= 60_000
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://app:s3cret%zz@127.0.0.1:1/app",  # a '%' that is no escape: libpq quotes the password
+        "postgresql+psycopg2://app:s3cret@[::1/app",  # an unclosed IPv6 bracket: libpq quotes the whole URL
+    ],
+)
+def test_a_url_libpq_cannot_read_is_refused_without_its_password(url: str) -> None:
+    """libpq's "invalid dsn" error quoted the URL's password, which `up`, `status` and a failed run then showed."""
+    with pytest.raises(psycopg2.ProgrammingError, match="invalid dsn") as refused:
+        connect(url)
+    assert "s3cret" not in str(refused.value), refused.value

@@ -633,6 +633,24 @@ def test_a_url_without_its_colon_slash_slash_never_shows_its_password(
         assert "invalid URL" in out and "s3cretPW" not in out, out
 
 
+def test_an_app_db_password_with_a_bare_percent_is_never_shown(
+    tmp_path, monkeypatch, capsys, redis_server, dagster_pg_url
+):
+    """libpq refuses a password whose '%' is no escape with 'invalid percent-encoded token: "<the password>"', which
+    `up` and `status` printed after the redacted URL."""
+    server = redis_server()
+    monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("PRECOMPUTE_REDIS_URL", server.url)
+    monkeypatch.setenv("DAGSTER_PG_URL", dagster_pg_url)
+    monkeypatch.setenv("PRECOMPUTE_APP_DB_URL", dagster_pg_url.replace("://postgres@", "://postgres:s3cret%PW@"))
+    assert main(["up"]) == 2
+    err = capsys.readouterr().err
+    assert "PRECOMPUTE_APP_DB_URL" in err and "percent-encoded" in err and "s3cret" not in err, err
+    assert main(["status"]) == 0
+    out = capsys.readouterr().out
+    assert "percent-encoded" in out and "s3cret" not in out, out
+
+
 def test_a_read_only_replica_url_is_refused_by_up_and_named_by_status(
     tmp_path, monkeypatch, capsys, redis_server, dagster_pg_url, app_db_url
 ):
