@@ -33,6 +33,8 @@ def connect(url: str) -> psycopg2.extensions.connection:
     """A connection to ``url``, given up after ``CONNECT_TIMEOUT_S``, probed when silent (``KEEPALIVES``) and failed
     when what it sent stays unacknowledged (``TCP_USER_TIMEOUT_MS``), unless the URL sets these parameters itself."""
     dsn = libpq_url(url)
+    if (problem := userinfo_problem(dsn)) is not None:
+        raise psycopg2.ProgrammingError(f"invalid dsn: {problem}")
     try:
         given = psycopg2.extensions.parse_dsn(dsn)
     except psycopg2.ProgrammingError as error:
@@ -43,6 +45,19 @@ def connect(url: str) -> psycopg2.extensions.connection:
     if psycopg2.extensions.libpq_version() >= 120000:  # an older libpq refuses the option it does not know
         options["tcp_user_timeout"] = TCP_USER_TIMEOUT_MS
     return psycopg2.connect(dsn, **{name: value for name, value in options.items() if name not in given})
+
+
+def userinfo_problem(url: str) -> str | None:
+    """Why libpq would misread the user info of ``url`` (to the authority's last '@', as ``stack.redact`` and
+    ``urlsplit`` read it), or None: an unencoded '@' or '/' in the user name or password."""
+    _, scheme, rest = url.partition("://")
+    end = min((rest.index(mark) for mark in "?#" if mark in rest), default=len(rest))
+    userinfo, at, _ = rest[:end].rpartition("@")
+    if not (scheme and at) or ("@" not in userinfo and "/" not in userinfo):
+        return None
+    # libpq ends the user info at its first '@' or '/': the rest of the password became the host ('could not
+    # translate host name "rest@db.example"') or the port ('invalid integer value "s3"'), shown in every error.
+    return "an '@' or '/' in the URL's user name or password must be percent-encoded (%40, %2F)"
 
 
 def without_password(text: str, url: str) -> str:

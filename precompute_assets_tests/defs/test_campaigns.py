@@ -942,3 +942,16 @@ def test_removing_a_campaign_passes_over_an_ad_id_no_cache_key_can_hold(registry
     campaign = registry.cancel(campaign_id)
     assert warming.remove_campaign_values(registry, redis_client, schema, campaign, now) == 1
     assert not redis_client.exists(schema.live("ctr", kept))
+
+
+def test_an_app_db_password_with_an_unencoded_at_or_slash_fails_the_step_without_showing_it(app_db):
+    """libpq ends the user info at its first '@' or '/': the password's rest became the host or the port, and the
+    step's failure showed it ('could not translate host name "tail@127.0.0.1"', 'invalid integer value "pw"')."""
+    base, database = app_db.rsplit("/", 1)
+    for password in ("pw@tail-secret", "pw/tail-secret"):
+        url = base.replace("postgres@", f"postgres:{password}@") + f"/{database}"
+        with pytest.raises(dg.Failure) as failure:
+            DocumentStoreResource(url=url).store()
+        description = failure.value.description
+        assert "percent-encoded (%40, %2F)" in description and "tail-secret" not in description, description
+        assert "pw" not in description.replace("postgres:***", ""), description
