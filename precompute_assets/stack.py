@@ -991,9 +991,10 @@ class Stack:
         return out
 
 
-# To the URL's last '@': an unencoded '@', '/', '?' or '#' in the password leaks nothing of it (an '@' in a query
-# with no password before it hides more than the password, never less).
-_USERINFO = re.compile(r"(://[^:/@?#]*:).*@")
+_USERINFO = re.compile(r"(://[^:/@?#]*:)[^?#]*@")  # to the last '@' of the authority: an unencoded '@' leaks nothing
+# A password with an unencoded '?' or '#' ("redis://:pa?ss@host"), which the rule above takes for the query: here the
+# user info runs to the URL's last '@'. A URL with an '@' in its query then shows less than it could, never a password.
+_QUERY_IN_USERINFO = re.compile(r"(://[^:/@?#\s]*:)[^\s@]*[?#]\S*@")
 # A URL whose '://' is mistyped or missing ("postgresql//u:pw@h", "redis:/u:pw@h", "u:pw@h:6379") still holds its
 # password before an '@': exactly the URL an error about its scheme shows. Not across whitespace, so that prose in an
 # error message is left alone.
@@ -1003,7 +1004,8 @@ _PASSWORD_PARAM = re.compile(r"(?i)(\b(?:ssl_?|sentinel_)?password\s*=\s*)('(?:[
 
 def redact(url: str) -> str:
     """The URL (or libpq ``key=value`` string) with every password replaced by ***: in the user info (of a URL with a
-    mistyped or missing ``://`` too), and in ``password=`` parameters (``redis://host/0?password=...``,
-    ``host=h password=...``)."""
-    shown = _LOOSE_USERINFO.sub(r"\1***@", _USERINFO.sub(r"\1***@", url))
+    mistyped or missing ``://``, or a '?' or '#' in its password, too), and in ``password=`` parameters
+    (``redis://host/0?password=...``, ``host=h password=...``)."""
+    shown = _QUERY_IN_USERINFO.sub(r"\1***@", _USERINFO.sub(r"\1***@", url))
+    shown = _LOOSE_USERINFO.sub(r"\1***@", shown)
     return _PASSWORD_PARAM.sub(r"\1***", shown)

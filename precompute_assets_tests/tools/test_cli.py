@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 
 from precompute_assets.ml.replay import ORACLE_GENERAL
-from precompute_assets.stack import Stack, reachable
+from precompute_assets.stack import Stack, reachable, redact
 from precompute_assets.tools.cli import CliError, build_parser, dagster_instance, main
 
 
@@ -649,6 +649,32 @@ def test_an_app_db_password_with_a_bare_percent_is_never_shown(
     assert main(["status"]) == 0
     out = capsys.readouterr().out
     assert "percent-encoded" in out and "s3cret" not in out, out
+
+
+@pytest.mark.parametrize("url", ["redis://:s3cr?et@127.0.0.1:6379/0", "rediss://app:s3cr#et@cache.example/0"])
+def test_a_password_with_a_question_mark_or_hash_is_redacted_where_the_url_is_shown(url):
+    """redact() ended the user info at the first '?' or '#': such a URL was shown whole, password included, in the
+    Dagster failure of every step using Redis ("is not a Redis URL"), and by `up` and `status` (below)."""
+    import dagster as dg
+
+    from precompute_assets.defs.resources import RedisResource
+
+    assert "s3cr" not in redact(url) and "et@" not in redact(url), redact(url)
+    with pytest.raises(dg.Failure) as failure:
+        RedisResource(url=url).client()
+    assert "is not a Redis URL" in failure.value.description and "s3cr" not in failure.value.description
+
+
+def test_up_and_status_never_show_a_password_with_a_question_mark(tmp_path, monkeypatch, capsys, dagster_pg_url):
+    """`up` and `status` said "names no host" with the whole URL, password included."""
+    monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("DAGSTER_PG_URL", dagster_pg_url)
+    monkeypatch.setenv("PRECOMPUTE_REDIS_URL", "redis://:s3cr?et@127.0.0.1:6379/0")
+    assert main(["up"]) == 2
+    assert main(["status"]) == 0
+    shown = capsys.readouterr()
+    assert "names no host" in shown.err and "names no host" in shown.out, shown
+    assert "s3cr" not in shown.out + shown.err, shown
 
 
 def test_a_read_only_replica_url_is_refused_by_up_and_named_by_status(
