@@ -409,6 +409,7 @@ def load_impressions(
     *,
     timezone: str,
     first_day: str | None = None,
+    not_after_ms: int | None = None,
     append: bool = False,
     progress: Callable[[int], None] | None = None,
     exclusive: AbstractContextManager | None = None,
@@ -416,7 +417,9 @@ def load_impressions(
     """Validate ``path`` (``ts_ms``, ``ad_id``, ``clicked``; other columns are ignored) and write its valid rows
     into the lake's daily ``ad_impressions`` partitions: the local date of ``ts_ms`` in ``timezone``.
 
-    Rows before ``first_day`` (the first daily partition) are quarantined: no partition would ever read them.
+    Rows before ``first_day`` (the first daily partition) are quarantined: no partition would ever read them; so are
+    rows after ``not_after_ms`` (the ``precompute`` command passes now plus the query log's 5 minutes of clock skew):
+    an impression that has not happened is a client clock or unit error.
     Each day in the file replaces its partition, or is added to it with ``append``. ``progress`` gets the rows read
     so far after each chunk. ``exclusive`` is held while the days are read and written (the ``precompute`` command
     passes a file lock: beside the partitions of a local lake, in the state folder for a lake at a URI): an append
@@ -438,6 +441,10 @@ def load_impressions(
         days = _local_days(ts_ms, timezone)
         if first is not None:
             problems[(days < first) & pd.isna(problems)] = f"ts_ms falls before the first daily partition {first_day}"
+        if not_after_ms is not None:
+            # Written, it would sit in the partition of a day to come and be trained on when that day is read.
+            shown = datetime.fromtimestamp(not_after_ms / 1000, UTC).isoformat(timespec="seconds")
+            problems[(ts_ms > not_after_ms) & pd.isna(problems)] = f"ts_ms is in the future: after {shown}"
         good = quarantine.add_rows(frame, lines, problems)
         # Arrow strings, not Python objects: a file's valid rows are held until its days are written, and 20M ids as
         # Python strings took 1.4 GB (twice that while the chunks were concatenated).

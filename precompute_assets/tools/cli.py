@@ -899,7 +899,10 @@ def cmd_ads(args: argparse.Namespace) -> int:
 
 def cmd_impressions(args: argparse.Namespace) -> int:
     """Validate an impressions file and write its rows into the lake's daily ``ad_impressions``; print JSON."""
+    import time
+
     from ..defs.partitions import deployment_partitions
+    from ..serving.querylog import MAX_CLOCK_AHEAD_MS
     from ..stack import ENV_LAKE
     from ..storage.ad_data import AdDataError, file_format, load_impressions
     from ..storage.files import exclusive_lock
@@ -923,6 +926,7 @@ def cmd_impressions(args: argparse.Namespace) -> int:
                 lake,
                 timezone=partitions.timezone,
                 first_day=partitions.start,
+                not_after_ms=int(time.time() * 1000) + MAX_CLOCK_AHEAD_MS,
                 append=args.append,
                 progress=progress,
                 exclusive=exclusive_lock(_load_lock_file(stack, lake, "ad_impressions"), waiting),

@@ -286,6 +286,28 @@ def test_every_bad_impression_is_quarantined_with_its_line_and_reason(lake, tmp_
     assert len(quarantined(lake, summary)) == 10
 
 
+def test_impressions_in_the_future_are_quarantined_not_written_into_a_day_to_come(lake, tmp_path):
+    """A client clock a day (or a year) ahead wrote its rows into the partition of a day that had not come, which the
+    CTR model then trained on as that day's impressions, beside the real ones."""
+    now = ms("2026-11-18T12:00:00+00:00")
+    path = write(
+        tmp_path / "impressions.csv",
+        IMPRESSIONS_HEADER
+        + f"{now - 1000},a1,1,u\n"  # line 2: a second ago
+        + f"{now + 60_000},a1,0,u\n"  # line 3: a minute ahead, within the allowed skew
+        + f"{now + 86_400_000},a2,1,u\n"  # line 4: tomorrow
+        + f"{ms('2099-01-01T00:00:00+00:00')},a3,0,u\n",  # line 5: decades ahead
+    )
+    summary = load_impressions(path, lake, timezone="UTC", not_after_ms=now + 300_000)
+    assert summary.loaded == 2 and summary.quarantined == 2 and summary.written == {"2026-11-18": 2}, summary
+    assert summary.first_quarantined == [
+        "line 4: ts_ms is in the future: after 2026-11-18T12:05:00+00:00",
+        "line 5: ts_ms is in the future: after 2026-11-18T12:05:00+00:00",
+    ]
+    assert summary.quarantine_reasons == {"ts_ms is in the future: after 2026-11-18T12:05:00+00:00": 2}
+    assert lake.partitions("ad_impressions") == ["2026-11-18"]
+
+
 def test_impressions_are_split_into_days_in_the_deployment_timezone(lake, tmp_path):
     # 2026-11-01 is the day New York leaves daylight time: a 25-hour day.
     rows = [
@@ -507,6 +529,17 @@ def test_commands_print_one_json_summary(home, tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert (out["written"], out["partition_rows"]) == ({"2026-11-18": 1}, {"2026-11-18": 3})
     assert out["mode"] == "append" and out["unknown_ad_impressions"] == 0
+
+
+def test_the_command_quarantines_impressions_from_the_future(home, tmp_path, capsys):
+    """`impressions load` wrote a row stamped 2099 into the partition 2099-06-01."""
+    t, future = ms("2026-11-18T12:00:00+00:00"), ms("2099-06-01T00:00:00+00:00")  # decades after any clock's now
+    impressions = write(tmp_path / "impressions.csv", f"ts_ms,ad_id,clicked\n{t},a1,1\n{future},a1,0\n")
+    assert main(["impressions", "load", str(impressions)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["written"] == {"2026-11-18": 1} and out["quarantined"] == 1, out
+    assert out["first_quarantined"][0].startswith("line 3: ts_ms is in the future: after "), out
+    assert Lake(str(home / "lake")).partitions("ad_impressions") == ["2026-11-18"]
 
 
 def test_appends_of_two_files_at_once_keep_both_files_rows(home, tmp_path, capsys, monkeypatch):
