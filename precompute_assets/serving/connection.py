@@ -112,7 +112,13 @@ def parse_sentinel_url(url: str) -> SentinelUrl | None:
     # The user info runs to the last '@' before the query, as ``stack.redact`` reads it: a password's unencoded '/'
     # or '@' (base64 has '/') is then neither a host nor a path, and never shown in an error as one.
     end = min((rest.index(mark) for mark in "?#" if mark in rest), default=len(rest))
-    userinfo, _, located = rest[:end].rpartition("@")
+    userinfo, at, located = rest[:end].rpartition("@")
+    if not at and "@" in rest[end:]:
+        # A password's unencoded '?' or '#' ended the authority inside it: its first part would be shown as a sentinel.
+        raise ValueError(
+            "the Sentinel URL has an '@' after its '?' or '#': percent-encode '?', '#' and '@' in its user name and "
+            "password (%3F, %23, %40)"
+        )
     username, _, password = userinfo.partition(":")
     parts = urlsplit(f"redis+sentinel://{located}{rest[end:]}")
     hosts = parts.netloc

@@ -379,3 +379,14 @@ def test_redis_acl_apply_closes_the_replica_clients_it_made(monkeypatch):
     )
     assert primary.sent and replica.sent  # both servers got the users
     assert replica.closed and not primary.closed  # the caller's own client stays the caller's to close
+
+
+@pytest.mark.parametrize("password", ["pa?s3cret", "pa#s3cret", "?s3cret"])
+def test_a_question_mark_or_hash_in_the_password_is_never_shown_as_a_sentinel(password):
+    """The authority ended at the password's '?' or '#': the error named the sentinel 'app:pa', the password's start."""
+    url = f"redis+sentinel://app:{password}@s1:26379/m"
+    with pytest.raises(ValueError, match="percent-encode") as refused:
+        parse_sentinel_url(url)
+    assert "pa" not in str(refused.value).replace("password", "") and "s3cret" not in str(refused.value)
+    problem = url_problem("PRECOMPUTE_REDIS_URL", url)
+    assert "percent-encode" in problem and "app:" not in problem, problem
