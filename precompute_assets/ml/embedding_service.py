@@ -96,9 +96,18 @@ def _without_credentials(url: str) -> str:
     """``url`` without user:password, for the version and log lines."""
     parts = urllib.parse.urlsplit(url)
     netloc = parts.hostname or ""
-    if parts.port:
-        netloc += f":{parts.port}"
+    if port := _port(parts):
+        netloc += f":{port}"
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
+
+
+def _port(parts: urllib.parse.SplitResult) -> int | None:
+    """The URL's port; None when it cannot be read: urllib's error quotes what followed the ':', which for a password
+    with an unencoded '/', '?' or '#' is the password's start."""
+    try:
+        return parts.port
+    except ValueError:
+        return None
 
 
 @dataclass(eq=False)
@@ -135,8 +144,15 @@ class HttpEmbedder:
         parts = urllib.parse.urlsplit(self.url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {_without_credentials(self.url)!r}")
+        try:
+            port = parts.port
+        except ValueError:  # urllib's error quotes what followed the ':', a password's start when it holds a '/'
+            raise ValueError(
+                "the embedding service URL's host:port cannot be read: it needs a port from 1 to 65535, and '/', '?' "
+                "and '#' in its user name and password percent-encoded (%2F, %3F, %23)"
+            ) from None
         self._https = parts.scheme == "https"
-        self._host, self._port = parts.hostname, parts.port
+        self._host, self._port = parts.hostname, port
         path = parts.path.rstrip("/")
         endpoint = "/v1/embeddings" if self.api == "openai" else "/embed"
         if not path.endswith(endpoint):

@@ -171,3 +171,12 @@ def test_bad_configuration_is_refused(monkeypatch):
         HttpEmbedder(url="http://127.0.0.1:1", dim=4, api="grpc")
     with pytest.raises(ValueError, match="not an http"):
         HttpEmbedder(url="ftp://127.0.0.1:1", dim=4)
+
+
+@pytest.mark.parametrize("url", ["https://user:s3c/ret@embed.example", "ftp://user:s3c/ret@embed.example"])
+def test_a_url_whose_port_cannot_be_read_is_refused_without_the_password(url):
+    """A '/' in the URL's password ended its authority: urllib's "Port could not be cast to integer value as 's3c'"
+    failed the embedding step with the password's start."""
+    with pytest.raises(ValueError) as refused:
+        HttpEmbedder(url=url, dim=4)
+    assert "s3c" not in str(refused.value), refused.value
