@@ -93,21 +93,12 @@ def _retry_after(value: str | None) -> float | None:
 
 
 def _without_credentials(url: str) -> str:
-    """``url`` without user:password, for the version and log lines."""
-    parts = urllib.parse.urlsplit(url)
-    netloc = parts.hostname or ""
-    if port := _port(parts):
-        netloc += f":{port}"
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
-
-
-def _port(parts: urllib.parse.SplitResult) -> int | None:
-    """The URL's port; None when it cannot be read: urllib's error quotes what followed the ':', which for a password
-    with an unencoded '/', '?' or '#' is the password's start."""
-    try:
-        return parts.port
-    except ValueError:
-        return None
+    """``url`` without user:password (to the authority's last '@', as ``stack.redact`` reads it: a password's unencoded
+    '/' or '@' is not left behind as a path), nor fragment, for the error messages."""
+    scheme, sep, rest = url.partition("://")
+    end = min((rest.index(mark) for mark in "?#" if mark in rest), default=len(rest))
+    located = rest[:end].rpartition("@")[2]
+    return f"{scheme}{sep}{located}{rest[end:].partition('#')[0]}"
 
 
 @dataclass(eq=False)
