@@ -486,6 +486,7 @@ class PostgresServer:
                 raise StackError(f"{path} is a symbolic link; refusing to hand it to {PG_SYSTEM_USER}")
             os.chown(path, entry.pw_uid, entry.pw_gid, follow_symlinks=False)
             path.chmod(0o700)
+        self._adopt_home_data(entry.pw_uid, entry.pw_gid)
         (self.dir / "runtime").write_text(str(self.runtime) + "\n")  # where this home's data lives
         assert pwd.getpwuid(self.data.stat().st_uid).pw_name == PG_SYSTEM_USER
 
@@ -520,6 +521,34 @@ class PostgresServer:
             logged = []
         fatal = [match[0] for line in logged if (match := re.search(r"\b(FATAL|PANIC):.*", line))]
         return one_line(fatal[-1] if fatal else (stderr.strip() or "no output").splitlines()[-1])
+
+    def _adopt_home_data(self, uid: int, gid: int) -> None:
+        """(As root.) Move a cluster an older version kept in the home (``$PRECOMPUTE_HOME/postgres/data``, before
+        data moved to the service folder) into ``self.data``, which it finds empty: otherwise ``up`` made a new empty
+        cluster beside it, and Dagster's runs, the campaign registry and the documents were silently gone. Another
+        file system's copy is staged and renamed into place, and the home's removed only then."""
+        legacy = self.dir / "data"
+        if not (legacy / "global" / "pg_control").is_file() or (self.data / "global" / "pg_control").exists():
+            return
+        if processes_naming(str(legacy)):
+            raise StackError(
+                f"PostgreSQL of an older version still runs on {legacy}: stop it with that version's"
+                " `precompute down`, then run `precompute up` again"
+            )
+        if any(self.data.iterdir()):
+            raise StackError(f"{self.data} is not empty, so the cluster in {legacy} is not moved there; move it aside")
+        self.data.rmdir()
+        if legacy.stat().st_dev == self.runtime.stat().st_dev:
+            legacy.rename(self.data)
+        else:
+            staging = self.runtime / "data.from-home"
+            shutil.rmtree(staging, ignore_errors=True)
+            shutil.copytree(legacy, staging, symlinks=True)
+            staging.rename(self.data)
+            shutil.rmtree(legacy)
+        for folder, _, files in os.walk(self.data):  # a copy is root's; a rename keeps an old uid of the user
+            for path in [folder, *(os.path.join(folder, name) for name in files)]:
+                os.chown(path, uid, gid, follow_symlinks=False)
 
     def start(self) -> None:
         """Start the server unless it runs; return once it accepts connections and both databases exist."""

@@ -149,6 +149,29 @@ def test_a_moved_home_keeps_its_postgresql_data(session_dir: Path) -> None:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the service folder is used only as root")
+def test_a_home_from_before_the_service_folder_keeps_its_postgresql_data(session_dir: Path) -> None:
+    """Before PostgreSQL's data moved to the service folder, root's cluster lived in ``$PRECOMPUTE_HOME/postgres/data``
+    (and no ``runtime`` file said where): `up` of such a home moves that cluster over instead of making an empty one."""
+    home = session_dir / "home-before-service-folder"
+    stack = Stack(home)
+    env = stack.up()
+    try:
+        with psycopg2.connect(libpq_url(env[ENV_APP_DB])) as conn, conn.cursor() as cur:
+            cur.execute("CREATE TABLE survives (x int); INSERT INTO survives VALUES (1)")
+        stack.down()
+        shutil.move(stack.postgres.data, home / "postgres" / "data")  # the older version's layout
+        (home / "postgres" / "runtime").unlink()
+        env = Stack(home).up()
+        with psycopg2.connect(libpq_url(env[ENV_APP_DB])) as conn, conn.cursor() as cur:
+            cur.execute("SELECT x FROM survives")
+            assert cur.fetchall() == [(1,)]
+        assert not (home / "postgres" / "data").exists()
+        assert Stack(home).postgres.data == stack.postgres.data
+    finally:
+        Stack(home).purge()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the service folder is used only as root")
 def test_a_service_root_others_can_write_is_refused(tmp_path: Path, monkeypatch) -> None:
     from precompute_assets.stack import StackError
 
