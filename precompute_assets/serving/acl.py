@@ -54,6 +54,20 @@ NAMESPACE_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # no glob characters, s
 USERNAME_PATTERN = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
 MIN_PASSWORD_LENGTH = 16
 
+# Users made by an older ``precompute redis acl`` lack the commands granted since (the publisher's XREVRANGE, read by
+# cache_health and live_refresh_sensor; the reader's GETRANGE and SETRANGE, the sketch's aging steps): the server
+# then says only NOPERM, on every sensor tick or aging step, and nothing says what to do.
+REAPPLY_HINT = (
+    "the Redis user lacks a command this version uses (users made by an older `precompute redis acl` do):"
+    " run `precompute redis acl --apply` again"
+)
+
+
+def is_acl_refusal(error: BaseException) -> bool:
+    """Whether ``error`` is an ACL refusal: NOPERM, or a command of a script refused (a plain error reply)."""
+    return isinstance(error, redis.exceptions.NoPermissionError) or "ACL failure in script" in str(error)
+
+
 # Handshake: redis-py sends CLIENT SETINFO after AUTH (its errors ignored, but logged in ACL LOG); PING for health.
 # Its cluster client reads the slot map (CLUSTER SLOTS) and the command table (COMMAND), and follows ASK redirects
 # (ASKING): without them a user cannot connect to a Redis Cluster at all. All three read server metadata only.

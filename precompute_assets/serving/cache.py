@@ -13,6 +13,7 @@ from typing import Any
 
 import redis
 
+from .acl import REAPPLY_HINT, is_acl_refusal
 from .admission import AdmissionPolicy, Decision, admission_policy
 from .connection import (
     REDIS_ERRORS,
@@ -761,9 +762,10 @@ class PredictionCache:
         if error is not None and now - self._redis_error_logged_at >= REDIS_ERROR_LOG_EVERY_S:
             self._redis_error_logged_at = now
             log.warning(
-                "Redis failed (%s: %s): %s (%d errors so far)",
+                "Redis failed (%s: %s): %s (%d errors so far)%s",
                 type(error).__name__, " ".join(str(error).split()),
                 "a computed value was not stored" if store else "lookups are misses, computed live", self.errors,
+                f"; {REAPPLY_HINT}" if is_acl_refusal(error) else "",
             )  # fmt: skip
         if store:
             return

@@ -45,6 +45,7 @@ from typing import Any
 
 import redis
 
+from .acl import REAPPLY_HINT
 from .connection import REDIS_ERRORS, PendingCluster, pack_resp
 from .keys import ARM_PATTERN, KIND_PATTERN, VERSION_PATTERN, KeySchema
 
@@ -778,7 +779,10 @@ def read_newest_queries(
     most ``limit`` of them, reading ``page`` entries at a time."""
     upper, left = "+", limit
     while left > 0:
-        entries = client.xrevrange(schema.query_log(), max=upper, min=f"{since_ms}-0", count=page)
+        try:
+            entries = client.xrevrange(schema.query_log(), max=upper, min=f"{since_ms}-0", count=page)
+        except redis.exceptions.NoPermissionError as error:
+            raise redis.exceptions.NoPermissionError(f"{error}; {REAPPLY_HINT}") from None
         for entry in entries:
             queries = list(expand_entries([entry]))
             yield from reversed(queries[-left:])

@@ -300,6 +300,27 @@ def test_the_publisher_reads_the_newest_queries_as_the_sensors_do(
     reader.close()
 
 
+def test_users_of_an_older_version_are_told_to_apply_the_rules_again(
+    server: RedisServer, admin: redis.Redis, users: dict[str, redis.Redis], schema: KeySchema, caplog
+) -> None:
+    """Users made before XREVRANGE (publisher) and GETRANGE/SETRANGE on the sketch (reader) were granted: the sensors'
+    read and the sketch's aging fail with NOPERM, whose message now says to run `precompute redis acl --apply`."""
+    publisher, reader = f"{schema.namespace}-publisher", f"{schema.namespace}-reader"
+    old_publisher = [rule for rule in publisher_rules(schema.namespace) if rule != "+xrevrange"]
+    old_reader = [rule.replace("+getrange +setrange", "+set") for rule in reader_rules(schema.namespace)]
+    assert old_reader != reader_rules(schema.namespace)  # the sketch's rule as it was
+    admin.execute_command("ACL", "SETUSER", publisher, "reset", "on", f">{PUBLISHER_PASSWORD}", *old_publisher)
+    admin.execute_command("ACL", "SETUSER", reader, "reset", "on", f">{READER_PASSWORD}", *old_reader)
+    with pytest.raises(redis.exceptions.NoPermissionError, match=r"xrevrange.*run `precompute redis acl --apply`"):
+        window_stats(users["publisher"], schema, window_s=3600)
+    cache = PredictionCache(users["reader"], schema=schema, admission=FrequencySketch(width=64, depth=2, sample_size=4))
+    with caplog.at_level("WARNING", logger="precompute_assets.serving.cache"):
+        for i in range(8):
+            assert cache.get_or_compute("score", f"k{i}", lambda key: 1.0) == 1.0  # served all the same
+    assert cache.errors >= 1
+    assert any("getrange" in r.message and "precompute redis acl --apply" in r.message for r in caplog.records)
+
+
 def test_applying_again_converges_and_replaces_the_password(
     server: RedisServer, admin: redis.Redis, users: dict[str, redis.Redis], schema: KeySchema
 ) -> None:
