@@ -528,7 +528,16 @@ class PostgresServer:
         cluster beside it, and Dagster's runs, the campaign registry and the documents were silently gone. Another
         file system's copy is staged and renamed into place, and the home's removed only then."""
         legacy = self.dir / "data"
-        if not (legacy / "global" / "pg_control").is_file() or (self.data / "global" / "pg_control").exists():
+        if not (legacy / "global" / "pg_control").is_file():
+            return
+        if (self.data / "global" / "pg_control").exists():
+            # An `up` of a version without this move already made the cluster in use; the older one is never deleted.
+            print(
+                f"warning: {legacy} holds PostgreSQL data of an older version that this home does not use (its cluster"
+                f" is {self.data}); to go back to it: `precompute down`, move {self.data} aside and {legacy} to"
+                f" {self.data}, then `precompute up`",
+                file=sys.stderr,
+            )
             return
         if processes_naming(str(legacy)):
             raise StackError(

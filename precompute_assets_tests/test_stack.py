@@ -172,6 +172,35 @@ def test_a_home_from_before_the_service_folder_keeps_its_postgresql_data(session
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the service folder is used only as root")
+def test_an_older_cluster_left_in_the_home_is_named_not_used_or_deleted(session_dir: Path, capsys, monkeypatch) -> None:
+    """A home whose `up` (by a version that did not move it) already made a new cluster keeps it; the older one in
+    ``$PRECOMPUTE_HOME/postgres/data`` is left where it is, and `up` says so and how to go back to it. While the
+    older version's server still runs on it, it is not moved."""
+    from precompute_assets.stack import StackError
+
+    home = session_dir / "home-with-two-clusters"
+    stack = Stack(home)
+    try:
+        stack.up()
+        stack.down()
+        legacy = home / "postgres" / "data"
+        shutil.copytree(stack.postgres.data, legacy, symlinks=True)
+        capsys.readouterr()
+        Stack(home).up()
+        warning = capsys.readouterr().err
+        assert f"{legacy} holds PostgreSQL data of an older version" in warning and "precompute down" in warning
+        assert (legacy / "global" / "pg_control").is_file()
+        Stack(home).down()
+        shutil.rmtree(stack.postgres.data / "global")  # no cluster in use: the older one would be moved, but ...
+        monkeypatch.setattr("precompute_assets.stack.processes_naming", lambda marker: [4242])  # ... its server runs
+        with pytest.raises(StackError, match="older version still runs on .*precompute down"):
+            Stack(home).postgres._prepare_runtime()
+        assert (legacy / "global" / "pg_control").is_file()
+    finally:
+        Stack(home).purge()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the service folder is used only as root")
 def test_a_service_root_others_can_write_is_refused(tmp_path: Path, monkeypatch) -> None:
     from precompute_assets.stack import StackError
 
