@@ -55,8 +55,8 @@ USERNAME_PATTERN = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
 MIN_PASSWORD_LENGTH = 16
 
 # Users made by an older ``precompute redis acl`` lack the commands granted since (the publisher's XREVRANGE, read by
-# cache_health and live_refresh_sensor; the reader's GETRANGE and SETRANGE, the sketch's aging steps): the server
-# then says only NOPERM, on every sensor tick or aging step, and nothing says what to do.
+# cache_health and live_refresh_sensor, and the commands of probation's settling; the reader's GETRANGE and SETRANGE,
+# the sketch's aging steps): the server then says only NOPERM, on every sensor tick, settling or aging step.
 REAPPLY_HINT = (
     "the Redis user lacks a command this version uses (users made by an older `precompute redis acl` do):"
     " run `precompute redis acl --apply` again"

@@ -32,6 +32,7 @@ try:
 except ImportError:  # redis[hiredis] is a dependency; stay importable without it
     hiredis = None
 
+from .acl import REAPPLY_HINT, is_acl_refusal
 from .admission import HAND_OVER, UNTRACK, fifo_names
 from .cache import live_value_keys
 from .connection import REDIS_ERRORS, cluster_send, follow_primary, is_cluster, key_slot, send_pipelined
@@ -314,6 +315,8 @@ def _settle(
         return len(settle_published(client, schema, kind, *args, ttl_s=ttl_s)), None
     except REDIS_ERRORS as error:
         message = f"{type(error).__name__}: {str(error).rpartition('caused error: ')[2]}"[:300]  # not the script
+        if is_acl_refusal(error):
+            message += f"; {REAPPLY_HINT}"
         _log.warning("%s version published, but probation's live tier was not settled: %s", kind, message)
         return 0, message
 

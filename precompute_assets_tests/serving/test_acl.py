@@ -321,6 +321,23 @@ def test_users_of_an_older_version_are_told_to_apply_the_rules_again(
     assert any("getrange" in r.message and "precompute redis acl --apply" in r.message for r in caplog.records)
 
 
+def test_a_publisher_of_an_older_version_is_told_why_the_tier_was_not_settled(
+    admin: redis.Redis, users: dict[str, redis.Redis], schema: KeySchema
+) -> None:
+    """A publisher made before probation's settling was granted (no EVAL, ZADD ...): the publish succeeds, and its
+    ``settle_error`` says to apply the users again rather than only NOPERM."""
+    settling = {"+eval", "+lrange", "+rpush", "+unlink", "+zrem", "+zadd", "+zscore", "+zrange", "+zcard", "+llen"}
+    old_rules = [rule for rule in publisher_rules(schema.namespace) if rule not in settling | {"+hexists"}]
+    publisher = f"{schema.namespace}-publisher"
+    admin.execute_command("ACL", "SETUSER", publisher, "reset", "on", f">{PUBLISHER_PASSWORD}", *old_rules)
+    probation = PredictionCache(users["reader"], schema=schema, pointer_ttl_s=0, admission=Probation(capacity=4))
+    assert probation.get_or_compute("ctr", "ad7", lambda key: 0.125) == pytest.approx(0.125)  # a tracked live key
+    publish_version(users["publisher"], "ctr", "v1", [("ad1", 0.5)], n_keys=1, schema=schema)
+    result = publish_version(users["publisher"], "ctr", "v2", [("ad2", 0.5)], n_keys=1, schema=schema)
+    assert result.previous_version == "v1"  # published all the same
+    assert "no permissions" in result.settle_error and "run `precompute redis acl --apply`" in result.settle_error
+
+
 def test_applying_again_converges_and_replaces_the_password(
     server: RedisServer, admin: redis.Redis, users: dict[str, redis.Redis], schema: KeySchema
 ) -> None:
