@@ -58,7 +58,7 @@ MIN_PASSWORD_LENGTH = 16
 # cache_health and live_refresh_sensor, and the commands of probation's settling; the reader's GETRANGE and SETRANGE,
 # the sketch's aging steps): the server then says only NOPERM, on every sensor tick, settling or aging step.
 REAPPLY_HINT = (
-    "the Redis user lacks a command this version uses (users made by an older `precompute redis acl` do):"
+    "the Redis user lacks a permission this version needs (users made by an older `precompute redis acl` do):"
     " run `precompute redis acl --apply` again"
 )
 
