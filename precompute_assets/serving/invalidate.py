@@ -10,13 +10,17 @@ from it (readers then miss, never read a mix), and ``version=`` refuses the vers
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import redis
 
+from .acl import REAPPLY_HINT
 from .keys import KeySchema, Pointer, check_kind, check_version
+
+log = logging.getLogger(__name__)
 
 SCAN_COUNT = 1000  # keys or fields per SCAN/HSCAN call, and per delete
 _GLOB = re.compile(r"([*?\[\]\\])")
@@ -101,11 +105,15 @@ def bump_epoch(client: redis.Redis, kind: str, schema: KeySchema) -> bool:
     """Increment the kind's epoch before its values are deleted: a read-through computation that started before then
     stores nothing after it (``cache._STORE``); after the deletes, a store between them would bring an old value back.
     False when the server refused it at ``maxmemory`` (``INCRBY`` may grow memory, a delete may not): the caller
-    deletes anyway, which frees memory, and increments after (a refused store is refused there too)."""
+    deletes anyway, which frees memory, and increments after (a refused store is refused there too). A publisher
+    whose Redis user predates the epoch (no ``INCRBY``) deletes unfenced, with a warning: an invalidation must not
+    fail because the fence against a rare race is refused."""
     try:
         client.incr(schema.epoch(kind))
     except redis.exceptions.OutOfMemoryError:
         return False
+    except redis.exceptions.NoPermissionError as error:
+        log.warning("%s: deleting without the invalidation fence (%s); %s", schema.epoch(kind), error, REAPPLY_HINT)
     return True
 
 

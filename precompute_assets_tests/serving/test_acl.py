@@ -338,6 +338,26 @@ def test_a_publisher_of_an_older_version_is_told_why_the_tier_was_not_settled(
     assert "no permissions" in result.settle_error and "run `precompute redis acl --apply`" in result.settle_error
 
 
+def test_a_publisher_of_an_older_version_still_invalidates_without_the_epoch(
+    admin: redis.Redis, users: dict[str, redis.Redis], schema: KeySchema, caplog
+) -> None:
+    """A publisher made before the invalidation epoch was granted (no INCRBY): `cache invalidate` and a campaign's
+    cleanup still delete, unfenced, and say to apply the users again, rather than fail on the fence."""
+    from precompute_assets.serving.invalidate import invalidate
+
+    old_rules = [rule for rule in publisher_rules(schema.namespace) if rule != "+incrby"]
+    assert old_rules != publisher_rules(schema.namespace)
+    publisher = f"{schema.namespace}-publisher"
+    admin.execute_command("ACL", "SETUSER", publisher, "reset", "on", f">{PUBLISHER_PASSWORD}", *old_rules)
+    write_live_values(users["publisher"], "ctr", [("a1", 0.5), ("a2", 0.25)], expire_at=None, schema=schema)
+    with caplog.at_level("WARNING", logger="precompute_assets.serving.invalidate"):
+        assert invalidate(users["publisher"], "ctr", key="a1", schema=schema).live_keys == 1
+        assert delete_live_values(users["publisher"], [("ctr", "a2")], schema=schema) == 1
+    assert admin.exists(schema.live("ctr", "a1"), schema.live("ctr", "a2")) == 0
+    assert admin.get(schema.epoch("ctr")) is None  # never incremented: refused
+    assert any("precompute redis acl --apply" in record.message for record in caplog.records)
+
+
 def test_applying_again_converges_and_replaces_the_password(
     server: RedisServer, admin: redis.Redis, users: dict[str, redis.Redis], schema: KeySchema
 ) -> None:
