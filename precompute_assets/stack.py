@@ -733,9 +733,9 @@ POSTGRES_SCHEMES = ("postgresql", "postgres", "postgresql+psycopg2")
 
 
 def url_problem(variable: str, url: str) -> str | None:
-    """Why ``url`` is no URL of the server ``variable`` names (a typo'd or missing scheme, no host), in one line; None
-    when it is one. Said before any connection, which would otherwise report such a URL as a server that does not
-    answer, or refuses us ("invalid dsn")."""
+    """Why ``url`` is no URL of the server ``variable`` names (a typo'd or missing scheme, no host, a host:port that
+    cannot be read), in one line; None when it is one. Said before any connection, which would otherwise report such a
+    URL as a server that does not answer, or refuses us ("invalid dsn")."""
     from urllib.parse import urlsplit
 
     parts = urlsplit(url)
@@ -752,9 +752,16 @@ def url_problem(variable: str, url: str) -> str | None:
         except ValueError as error:
             return f"{variable}: {error}"
         return None
-    if parts.scheme.lower() != "unix" and not parts.hostname and unix_socket(url) is None:
+    if parts.scheme.lower() == "unix":
+        return None
+    try:  # unix_socket and reachable read the port, and raised: `status` then failed whole, naming no variable
+        check_url_port(url)
+        unreadable = None
+    except ValueError as error:
+        unreadable = f"{variable}: {error}"
+    if not parts.hostname and (unreadable is not None or unix_socket(url) is None):
         return f"{variable} names no host: {parts.scheme}://[user:password@]host:port/..."
-    return None
+    return unreadable
 
 
 def url_error(variable: str, url: str) -> str | None:

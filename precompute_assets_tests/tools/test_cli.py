@@ -592,6 +592,20 @@ def test_status_never_shows_a_password_with_an_unencoded_separator(url, tmp_path
     assert "s3" not in redact(url) and redact("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
 
 
+@pytest.mark.parametrize(
+    "url", ["postgresql://app:s3cr/et@127.0.0.1/app", "postgresql://app:s3cr?et@127.0.0.1:5432/app"]
+)
+def test_status_names_an_external_url_whose_port_cannot_be_read(url, tmp_path, monkeypatch, capsys):
+    """An unencoded '/' or '?' in a PostgreSQL password (a user name given): `status` failed whole with a bare
+    'ValueError: the URL's host:port cannot be read', naming no variable and showing no service, where `up` names it."""
+    monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("PRECOMPUTE_APP_DB_URL", url)
+    assert main(["status"]) == 0
+    out = capsys.readouterr().out
+    assert "app_db    external  invalid URL" in out and "redis     embedded" in out, out
+    assert "PRECOMPUTE_APP_DB_URL: the URL's host:port cannot be read" in out and "s3" not in out, out
+
+
 def test_redis_acl_apply_names_a_bad_admin_url_scheme_as_up_does(tmp_path, monkeypatch, capsys):
     """`redis acl --apply` printed redis-py's line for PRECOMPUTE_REDIS_ADMIN_URL, naming neither the variable nor the
     Sentinel schemes; now the words of `up` and `cache`, one line, exit code 2, nothing started."""
