@@ -180,3 +180,21 @@ def test_a_url_whose_port_cannot_be_read_is_refused_without_the_password(url):
     with pytest.raises(ValueError) as refused:
         HttpEmbedder(url=url, dim=4)
     assert "s3c" not in str(refused.value) and "ret" not in str(refused.value), refused.value
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://:s3c?ret@embed.example/embed",  # a token as the password, no user name
+        "http://:s3c#ret@embed.example/embed",
+        "htps://user:s3c?ret@embed.example/embed",  # a mistyped scheme
+        "http:/user:s3cret@embed.example/embed",  # a mistyped '://'
+    ],
+)
+def test_a_url_that_is_no_http_url_is_refused_without_the_password(url):
+    """The "not an http(s) URL" error showed a password whose unencoded '?' or '#' ended the authority inside it (or a
+    URL whose '://' was mistyped) whole: only the user info before the first '?' or '#' was taken out."""
+    with pytest.raises(ValueError, match="not an http") as refused:
+        HttpEmbedder(url=url, dim=4)
+    assert "s3c" not in str(refused.value) and "ret" not in str(refused.value), refused.value
+    assert "embed.example/embed" in str(refused.value), refused.value
