@@ -204,8 +204,9 @@ def _ad_name(ad_id: str | None, position: int) -> str:
 
 def _id_text(value: Any) -> str:
     """An ad id as text: a whole float (``7.0``: a pandas integer column beside a missing value) as the integer
-    ``ads load`` makes of it, ``"7"``, else ``str``: "7.0" was an id no catalog row or client has."""
-    if isinstance(value, (float, np.floating)) and float(value).is_integer() and abs(value) < 2**53:
+    ``ads load`` makes of it, ``"7"``, else ``str``: "7.0" was an id no catalog row or client has. Up to 2**63, as
+    ``ads load`` reads them (``ad_data._ids``): a snowflake id's float was registered as "1.2345678901234568e+18"."""
+    if isinstance(value, (float, np.floating)) and float(value).is_integer() and abs(value) < 2**63:
         return str(int(value))
     return value if isinstance(value, str) else str(value)
 

@@ -6,6 +6,7 @@ import math
 import threading
 from datetime import UTC, datetime, timedelta, timezone
 
+import numpy as np
 import pandas as pd
 import psycopg2
 import pytest
@@ -442,6 +443,16 @@ def test_whole_float_ids_are_the_integers_the_ads_load_makes_of_them(registry):
     float32 = pd.Series([9.0], dtype="float32").iloc[0]
     registry.register("c1", "acme", LAUNCH, [ad(7.0), ad(pd.Series([8.0]).iloc[0]), ad(2.5), ad(float32)], now=NOW)
     assert registry.ads("c1")["ad_id"].tolist() == ["7", "8", "2.5", "9"]
+
+
+def test_big_whole_float_ids_are_the_integers_the_ads_load_makes_of_them(registry):
+    # A 64-bit id (a snowflake's) in a float column: ads load writes 10000000000000000 to the catalog, the registry
+    # wrote 1e+16, so the campaign warmed a key no client asks for; beyond int64 both keep the float's text
+    big = [ad(1e16), ad(2.0**60), ad(np.float64(-(2.0**62))), ad(1e19)]
+    registry.register("c1", "acme", LAUNCH, big, now=NOW)
+    assert registry.ads("c1")["ad_id"].tolist() == [
+        "10000000000000000", "1152921504606846976", "-4611686018427387904", "1e+19"
+    ]  # fmt: skip
 
 
 def test_a_tenant_cannot_take_over_another_tenants_campaign(registry):
