@@ -520,3 +520,31 @@ def test_cli_refuses_a_kinds_option_that_names_no_kind(monkeypatch, capsys, kind
     assert captured.err == (
         "precompute redis: --kinds names no kind: give KIND[,KIND...], or leave the option out for every kind\n"
     )
+
+
+def test_the_readers_fenced_store_and_lock_release_and_the_publishers_epoch_are_granted(
+    admin: redis.Redis, users: dict[str, redis.Redis], schema: KeySchema
+) -> None:
+    """Each is allowed by the rules, not skipped: a refused ``INCRBY`` (publisher), store script or lock release
+    (reader) only logs a warning and goes on unfenced, so the tests above, which count errors, passed without them."""
+    from precompute_assets.serving.cache import recompute_lock_key
+    from precompute_assets.serving.invalidate import invalidate
+
+    publisher = users["publisher"]
+    write_live_values(publisher, "ctr", [("a1", 0.5)], expire_at=None, schema=schema)
+    assert delete_live_values(publisher, [("ctr", "a1")], schema=schema) == 1
+    assert invalidate(publisher, "ctr", key="a2", schema=schema).live_keys == 0
+    assert admin.get(schema.epoch("ctr")) == b"2"  # incremented by both, as the publisher
+    cache = PredictionCache(users["reader"], schema=schema, pointer_ttl_s=0, recompute_lock_ms=60_000)
+    assert cache.get_or_compute("ctr", "k1", lambda key: 0.5) == 0.5
+    assert admin.get(recompute_lock_key(schema, "ctr", "k1")) in (None, b"0")  # released by its owner, not held 60 s
+
+    def invalidated_meanwhile(key: str) -> float:
+        invalidate(publisher, "ctr", key=key, schema=schema)
+        return 0.25
+
+    assert cache.get_or_compute("ctr", "k2", invalidated_meanwhile) == 0.25
+    assert admin.exists(schema.live("ctr", "k2")) == 0 and cache.invalidated == 1  # the store script compared
+    assert admin.get(recompute_lock_key(schema, "ctr", "k2")) in (None, b"0")
+    assert cache.refused == 0 and cache.errors == 0 and admin.get(schema.epoch("ctr")) == b"3"
+    cache.close()
