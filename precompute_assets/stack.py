@@ -1044,6 +1044,9 @@ _QUERY_IN_USERINFO = re.compile(r"(://[^:/@?#\s]*:)[^\s@]*[?#]\S*@")
 # password before an '@': exactly the URL an error about its scheme shows. Not across whitespace, so that prose in an
 # error message is left alone.
 _LOOSE_USERINFO = re.compile(r"((?:^|[\s/:'\"(])[^:/@?#\s'\"]*:)(?!//)[^?#\s]*@")
+# Both at once ("redis//u:pa?ss@host"): the rule above stops at the '?' or '#', so here too the user info runs to the
+# last '@' (a '/' before the '?' or '#' is a path's: a well-formed URL's query is left alone).
+_LOOSE_QUERY_IN_USERINFO = re.compile(r"((?:^|[\s/:'\"(])[^:/@?#\s'\"]*:)(?!//)[^\s@/]*[?#]\S*@")
 _PASSWORD_PARAM = re.compile(r"(?i)(\b(?:ssl_?|sentinel_)?password\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&#;]*)")
 
 
@@ -1052,5 +1055,5 @@ def redact(url: str) -> str:
     mistyped or missing ``://``, or a '?' or '#' in its password, too), and in ``password=`` parameters
     (``redis://host/0?password=...``, ``host=h password=...``)."""
     shown = _QUERY_IN_USERINFO.sub(r"\1***@", _USERINFO.sub(r"\1***@", url))
-    shown = _LOOSE_USERINFO.sub(r"\1***@", shown)
+    shown = _LOOSE_QUERY_IN_USERINFO.sub(r"\1***@", _LOOSE_USERINFO.sub(r"\1***@", shown))
     return _PASSWORD_PARAM.sub(r"\1***", shown)

@@ -647,6 +647,25 @@ def test_a_url_without_its_colon_slash_slash_never_shows_its_password(
         assert "invalid URL" in out and "s3cretPW" not in out, out
 
 
+@pytest.mark.parametrize(
+    "url", ["redis//app:s3cr?etPW@cache.example:6379/0", "redis:/:s3cr#etPW@cache.example:6379/0", "app:s3cr?etPW@c:1"]
+)
+def test_a_url_without_its_colon_slash_slash_and_a_question_mark_in_its_password_never_shows_it(
+    url, tmp_path, monkeypatch, capsys, dagster_pg_url
+):
+    """redact read a mistyped '://' (bb607e2) and a '?' or '#' in a password (198b65c), but not both at once: `up` and
+    `status` printed such a URL whole beside 'has no scheme'."""
+    monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("DAGSTER_PG_URL", dagster_pg_url)
+    monkeypatch.setenv("PRECOMPUTE_REDIS_URL", url)
+    assert main(["up"]) == 2
+    err = capsys.readouterr().err
+    assert "PRECOMPUTE_REDIS_URL has no scheme" in err and "s3cr" not in err and "etPW" not in err, err
+    assert main(["status"]) == 0
+    out = capsys.readouterr().out
+    assert "invalid URL" in out and "s3cr" not in out and "etPW" not in out, out
+
+
 def test_an_app_db_password_with_a_bare_percent_is_never_shown(
     tmp_path, monkeypatch, capsys, redis_server, dagster_pg_url
 ):
