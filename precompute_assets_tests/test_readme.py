@@ -23,3 +23,16 @@ def test_tables_are_not_cut_by_blank_lines() -> None:
     for number, (before, blank, after) in enumerate(zip(lines, lines[1:], lines[2:], strict=False), start=2):
         cut = before.startswith("|") and not blank.strip() and after.startswith("|")
         assert not cut, f"README line {number}: a blank line inside a table"
+
+
+def test_the_key_table_names_every_key_of_the_key_schema() -> None:
+    """The README's table of Redis keys lists each key ``serving.keys`` documents (the invalidation epoch, added to
+    the code's table, was missing from the README's)."""
+    from precompute_assets.serving import keys
+
+    def names(pattern: str, text: str) -> set[str]:
+        return {re.sub(r":(\*|\{part\})$", "", key) for key in re.findall(pattern, text, re.MULTILINE)}
+
+    documented = names(r"^``(pc:1:[^`]+)``", keys.__doc__)
+    assert len(documented) >= 10, documented  # the code's table was read
+    assert documented - names(r"^\| `(pc:1:[^`]+)` \|", README) == set()
