@@ -113,7 +113,7 @@ def parse_sentinel_url(url: str) -> SentinelUrl | None:
     # or '@' (base64 has '/') is then neither a host nor a path, and never shown in an error as one.
     end = min((rest.index(mark) for mark in "?#" if mark in rest), default=len(rest))
     userinfo, at, located = rest[:end].rpartition("@")
-    if not at and "@" in rest[end:]:
+    if not at and "@" in rest[end:] and not _in_parameter_values(rest[end:]):
         # A password's unencoded '?' or '#' ended the authority inside it: its first part would be shown as a sentinel.
         raise ValueError(
             "the Sentinel URL has an '@' after its '?' or '#': percent-encode '?', '#' and '@' in its user name and "
@@ -151,6 +151,14 @@ def parse_sentinel_url(url: str) -> SentinelUrl | None:
         options.get("sentinel_password") or None,
         tls_options if tls else None,
     )
+
+
+def _in_parameter_values(tail: str) -> bool:
+    """Whether every '@' of ``tail`` (a Sentinel URL from its first '?' or '#') is in the value of a parameter it
+    knows (``sentinel_password=p@ss``, an ``ssl_keyfile`` path): a query of its own, not a password's rest."""
+    query, _, fragment = tail[1:].partition("#") if tail.startswith("?") else ("", "#", tail[1:])
+    names = [name for name, _ in parse_qsl(query, keep_blank_values=True)]
+    return "@" not in fragment and all(name in _SENTINEL_PARAMETERS + _TLS_PARAMETERS for name in names)
 
 
 def _sentinel_address(host: str) -> tuple[str, int]:

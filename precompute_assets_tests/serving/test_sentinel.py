@@ -390,3 +390,17 @@ def test_a_question_mark_or_hash_in_the_password_is_never_shown_as_a_sentinel(pa
     assert "pa" not in str(refused.value).replace("password", "") and "s3cret" not in str(refused.value)
     problem = url_problem("PRECOMPUTE_REDIS_URL", url)
     assert "percent-encode" in problem and "app:" not in problem, problem
+
+
+@pytest.mark.parametrize(
+    "url, field, value",
+    [
+        ("redis+sentinel://s1:26379/m?sentinel_password=p@ss", "sentinel_password", "p@ss"),
+        ("rediss+sentinel://s1:26379/m?ssl_keyfile=/k/s@p.pem", "tls", (("ssl_keyfile", "/k/s@p.pem"),)),
+    ],
+)
+def test_an_at_sign_in_a_parameter_of_a_sentinel_url_without_user_info_is_read(url, field, value):
+    """The check for a password's unencoded '?' (6b40a1e) refused any '@' after the query's '?' when the URL had no
+    user info: a sentinel password or key file path holding one, which parsed before, stopped `up` and every run."""
+    assert getattr(parse_sentinel_url(url), field) == value
+    assert url_problem("PRECOMPUTE_REDIS_URL", url) is None
