@@ -1038,15 +1038,17 @@ class Stack:
 
 _USERINFO = re.compile(r"(://[^:/@?#]*:)[^?#]*@")  # to the last '@' of the authority: an unencoded '@' leaks nothing
 # A password with an unencoded '?' or '#' ("redis://:pa?ss@host"), which the rule above takes for the query: here the
-# user info runs to the URL's last '@'. A URL with an '@' in its query then shows less than it could, never a password.
-_QUERY_IN_USERINFO = re.compile(r"(://[^:/@?#\s]*:)[^\s@]*[?#]\S*@")
+# user info runs to the URL's last '@'. A URL with an '@' in its query then shows less than it could, never a password;
+# but not across a ``password=`` parameter, whose '@' it would have cut at and shown the rest of (``_PASSWORD_PARAM``).
+_NO_PASSWORD_PARAM = r"(?!\S*(?i:password)\s*=)"
+_QUERY_IN_USERINFO = re.compile(rf"(://[^:/@?#\s]*:)[^\s@]*[?#]{_NO_PASSWORD_PARAM}\S*@")
 # A URL whose '://' is mistyped or missing ("postgresql//u:pw@h", "redis:/u:pw@h", "u:pw@h:6379") still holds its
 # password before an '@': exactly the URL an error about its scheme shows. Not across whitespace, so that prose in an
 # error message is left alone.
 _LOOSE_USERINFO = re.compile(r"((?:^|[\s/:'\"(])[^:/@?#\s'\"]*:)(?!//)[^?#\s]*@")
 # Both at once ("redis//u:pa?ss@host"): the rule above stops at the '?' or '#', so here too the user info runs to the
 # last '@' (a '/' before the '?' or '#' is a path's: a well-formed URL's query is left alone).
-_LOOSE_QUERY_IN_USERINFO = re.compile(r"((?:^|[\s/:'\"(])[^:/@?#\s'\"]*:)(?!//)[^\s@/]*[?#]\S*@")
+_LOOSE_QUERY_IN_USERINFO = re.compile(rf"((?:^|[\s/:'\"(])[^:/@?#\s'\"]*:)(?!//)[^\s@/]*[?#]{_NO_PASSWORD_PARAM}\S*@")
 _PASSWORD_PARAM = re.compile(r"(?i)(\b(?:ssl_?|sentinel_)?password\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&#;]*)")
 
 

@@ -474,6 +474,23 @@ def test_redact_hides_passwords_given_in_other_forms(url: str) -> None:
     assert "s3cret" not in redact(url) and "cret@" not in redact(url)
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://127.0.0.1:6379/0?password=s3c@retTAIL",
+        "redis+sentinel://s1:26379/m?sentinel_password=s3c@retTAIL",  # parse_sentinel_url reads it
+        "rediss://cache.example:6380/0?ssl_password=s3c@retTAIL",
+        "postgresql://db.example:5432/app?user=u&password=s3c@retTAIL",
+        "redis://127.0.0.1:6379/0?client_name=a@b&password=s3c@retTAIL",
+    ],
+)
+def test_a_password_parameter_with_an_at_sign_is_hidden_whole(url: str) -> None:
+    """The rule for a '?' in a user info password (198b65c) took such a URL's port for a password and cut at the '@':
+    'redis://127.0.0.1:***@retTAIL' showed the rest of the password, which the password= rule then no longer found."""
+    assert "s3c" not in redact(url) and "retTAIL" not in redact(url), redact(url)
+    assert "password=***" in redact(url), redact(url)
+
+
 @pytest.mark.parametrize("url", ["redis://app:s3cr/et@cache.example:6379/0", "rediss://:s3cr?et@cache.example/0"])
 def test_a_password_that_cuts_the_url_short_is_never_shown_in_its_error(url: str, monkeypatch, capsys) -> None:
     """An unencoded '/' or '?' in a password ends the authority there, and what followed its ':' was read as the
