@@ -11,6 +11,7 @@ its TTL for a build that was never served), never left to live without end.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -90,6 +91,24 @@ def prepare(scenario: str, app_db: str, client: redis.Redis, schema: KeySchema, 
     return models[0], 1e9
 
 
+def wait_for_the_killed_sessions_lock(app_db: str, timeout_s: float = 60.0) -> None:
+    """Wait until PostgreSQL has ended the killed sync's session, and with it the sync's advisory lock: the server
+    notices the closed connection asynchronously, and on a loaded machine the resumed sync could otherwise find the
+    lock still held ("another embedding sync is running"), which is the right answer for a live sync, not a crash."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with transaction(app_db) as conn, conn.cursor() as cur:
+            cur.execute(
+                "SELECT count(*) FROM pg_locks JOIN pg_database d ON d.oid = pg_locks.database"
+                " WHERE locktype = 'advisory' AND d.datname = current_database()"
+            )
+            (held,) = cur.fetchone()
+        if not held:
+            return
+        assert time.monotonic() < deadline, "the killed sync's advisory lock outlived its process"
+        time.sleep(0.05)
+
+
 def served(client: redis.Redis, schema: KeySchema) -> tuple[Pointer, dict[str, bytes]]:
     """The current version and every (doc_id, value) its buckets hold."""
     pointer = Pointer.decode(client.get(schema.pointer(EMBEDDING_KIND)))
@@ -147,6 +166,8 @@ def test_a_sync_killed_anywhere_resumes_to_what_an_unkilled_sync_leaves(
         with scratch_database(app_db_url, "kill") as app_db:
             model, fill = prepare(scenario, app_db, client, schema, corpus, models)
             outcome = run_killed(SYNC, [app_db, url, schema.namespace, str(model), str(fill)], HOOKS, at)
+            if outcome.killed:
+                wait_for_the_killed_sessions_lock(app_db)
             resumed = sync(app_db, client, schema, model, fill) if outcome.killed else None
             pointer, values = served(client, schema)
             result = {
