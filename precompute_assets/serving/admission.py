@@ -90,12 +90,21 @@ class AdmissionPolicy(Protocol):
         ...
 
     def after_miss(
-        self, schema: KeySchema, kind: str, key: str, decision: Decision, live_ttl_s: int, *, deletes: bool = False
+        self,
+        schema: KeySchema,
+        kind: str,
+        key: str,
+        decision: Decision,
+        live_ttl_s: int,
+        *,
+        deletes: bool = False,
+        epoch: bytes | None = None,
     ) -> tuple[Any, ...] | None:
         """The command of the policy's housekeeping on a miss of ``key`` (the sketch's aging, the probation
         queues), which the caller sends in the same round trip as the value it stores (for ``live_ttl_s``);
         None: nothing to do. ``deletes`` (one server, not a cluster): the command deletes the live values it
-        evicts itself."""
+        evicts itself; ``epoch`` (with ``deletes``): the kind's invalidation epoch the store compared (b"" for none),
+        so that a key whose store an invalidation refused is not admitted."""
         ...
 
     def evicted(self, reply: Any) -> Sequence[str]:
@@ -117,7 +126,15 @@ class Always:
         return Decision(True)
 
     def after_miss(
-        self, schema: KeySchema, kind: str, key: str, decision: Decision, live_ttl_s: int, *, deletes: bool = False
+        self,
+        schema: KeySchema,
+        kind: str,
+        key: str,
+        decision: Decision,
+        live_ttl_s: int,
+        *,
+        deletes: bool = False,
+        epoch: bytes | None = None,
     ) -> tuple[Any, ...] | None:
         return None
 
@@ -145,7 +162,15 @@ class SecondMiss:
         return Decision(replies[0] is not None)
 
     def after_miss(
-        self, schema: KeySchema, kind: str, key: str, decision: Decision, live_ttl_s: int, *, deletes: bool = False
+        self,
+        schema: KeySchema,
+        kind: str,
+        key: str,
+        decision: Decision,
+        live_ttl_s: int,
+        *,
+        deletes: bool = False,
+        epoch: bytes | None = None,
     ) -> tuple[Any, ...] | None:
         return None
 
@@ -245,7 +270,15 @@ class FrequencySketch:
         return Decision(min(counts) >= self.threshold, age=seen >= self.sample or cursor > 0)
 
     def after_miss(
-        self, schema: KeySchema, kind: str, key: str, decision: Decision, live_ttl_s: int, *, deletes: bool = False
+        self,
+        schema: KeySchema,
+        kind: str,
+        key: str,
+        decision: Decision,
+        live_ttl_s: int,
+        *,
+        deletes: bool = False,
+        epoch: bytes | None = None,
     ) -> tuple[Any, ...] | None:
         if not decision.age:
             return None
@@ -269,9 +302,12 @@ end
 return 0
 """
 
-# KEYS: small, hits, main, ghost, seq, published, tier; ARGV: key, capacity, most steps, the live values' TTL.
-# Records the capacity and the TTL in the ``tier`` hash (``publish.settle_published`` sizes its hand-over by the one
-# and gives what it hands over the other). The tier's size is the
+# KEYS: small, hits, main, ghost, seq, published, tier; ARGV: key, capacity, most steps, the live values' TTL[, base,
+# epoch]. ARGV[6], when given (one server: ARGV[5] set), is the kind's epoch the store in the same round trip compared
+# (``cache._STORE``): when ``{prefix}:{kind}:epoch`` is another now, that store was refused (or its value deleted
+# since) and the script does nothing, so a key without a value takes no slot. Records the capacity and the TTL in the
+# ``tier`` hash (``publish.settle_published`` sizes its hand-over by the one and gives what it hands over the other).
+# The tier's size is the
 # capacity less the published version's keys (``published``, see ``publish.record_published``), its probation and
 # ghost sizes ``probation_sizes`` of that. Evicts until a key fits (at most ARGV[3] steps, each moving a
 # probation key to the main LRU or evicting one), then inserts ARGV[1]
@@ -287,6 +323,10 @@ return 0
 # selectors).
 _ADMIT = """
 local key, capacity, most, base = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[5] or ''
+if base ~= '' and ARGV[6] then
+  local epoch = redis.pcall('GET', base .. 'epoch')
+  if type(epoch) ~= 'table' and (epoch or '') ~= ARGV[6] then return {} end
+end
 redis.call('HSET', KEYS[7], 'capacity', capacity, 'live_ttl_s', ARGV[4])
 if redis.call('HEXISTS', KEYS[2], key) == 1 or redis.call('ZSCORE', KEYS[3], key) then return {} end
 local size = capacity - (tonumber(redis.call('GET', KEYS[6])) or 0)
@@ -426,11 +466,20 @@ class Probation:
         return Decision(True)
 
     def after_miss(
-        self, schema: KeySchema, kind: str, key: str, decision: Decision, live_ttl_s: int, *, deletes: bool = False
+        self,
+        schema: KeySchema,
+        kind: str,
+        key: str,
+        decision: Decision,
+        live_ttl_s: int,
+        *,
+        deletes: bool = False,
+        epoch: bytes | None = None,
     ) -> tuple[Any, ...] | None:
         names = fifo_names(schema, kind)
         base = f"{schema.prefix}:{kind}:" if deletes else ""
-        return ("EVAL", _ADMIT, len(names), *names, key, self.capacity, MAX_STEPS, live_ttl_s, base)
+        fence = (epoch,) if deletes and epoch is not None else ()
+        return ("EVAL", _ADMIT, len(names), *names, key, self.capacity, MAX_STEPS, live_ttl_s, base, *fence)
 
     def evicted(self, reply: Any) -> Sequence[str]:
         return [name.decode() if isinstance(name, bytes) else str(name) for name in reply]

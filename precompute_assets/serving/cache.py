@@ -369,12 +369,14 @@ class PredictionCache:
             self.rejected += 1
         try:
             commands = []
-            if decision.admit and not self._invalidated_on_cluster(kind, epoch):
+            if decision.admit and self._invalidated_on_cluster(kind, epoch):
+                return value  # nothing stored, nothing admitted: a tracked key without a value wastes a slot
+            if decision.admit:
                 encoded = codec_for(kind).encode(value)
                 if not storable(kind, value):
                     return value
                 commands = self._store_commands(kind, key, encoded, None, epoch=epoch)
-            self._send_with_housekeeping(kind, key, commands, policy, decision)
+            self._send_with_housekeeping(kind, key, commands, policy, decision, epoch=epoch)
         except REDIS_ERRORS as error:  # OOM, READONLY, a dead server: the caller still gets its value
             self._trip(error, store=True)
         return value
@@ -463,16 +465,16 @@ class PredictionCache:
         if not self._available():
             return value
         if store and self._invalidated_on_cluster(kind, epoch):
-            store = False
             if locked:  # the release goes with the store, which there is none of now
                 self._release_lock(kind, key, locked)
+            return value  # nothing stored, nothing admitted: a tracked key without a value wastes a slot
         try:
             commands = []
             if store:
                 commands = self._store_commands(
                     kind, key, encoded, delta_s, release=locked, replace=replace, epoch=epoch
                 )
-            self._send_with_housekeeping(kind, key, commands, policy, decision)
+            self._send_with_housekeeping(kind, key, commands, policy, decision, epoch=epoch)
         except REDIS_ERRORS as error:  # OOM, READONLY, a dead server: the caller still gets its value
             self._trip(error, store=True)
         return value
@@ -531,18 +533,25 @@ class PredictionCache:
         commands: list[tuple[Any, ...]],
         policy: AdmissionPolicy,
         decision: Decision | None,
+        *,
+        epoch: bytes | None = None,
     ) -> None:
         """Send the store's ``commands`` (value first, then its delta, then the lock release) and the admission
         policy's housekeeping after a miss (``decision``; None for an early recomputation, which is no miss) in
         one round trip, then delete the live values the policy evicted, even when the value could not be stored (on
-        one server its script deleted them, atomically with their eviction: then only those it could not).
+        one server its script deleted them, atomically with their eviction: then only those it could not). A store
+        fenced by ``epoch`` (``_STORE``) fences the housekeeping too: an invalidation that refused the store (the
+        epoch moved) makes ``probation`` admit nothing, rather than track a key that has no value.
         On one server an error reply of the value or the housekeeping then raises, and the delta's is handled as
         ``_extra_reply`` handles it (NOPERM turns XFetch off); on a cluster every error is ``FAILED``, counted in
         ``errors`` (``_cluster_fetch``)."""
+        fenced = epoch if commands and commands[0][:2] == (b"EVAL", _STORE) else None
         after = (
             None
             if decision is None
-            else policy.after_miss(self.schema, kind, key, decision, self.live_ttl_s, deletes=not self._cluster)
+            else policy.after_miss(
+                self.schema, kind, key, decision, self.live_ttl_s, deletes=not self._cluster, epoch=fenced
+            )
         )
         if after is not None:
             commands = [*commands, after]

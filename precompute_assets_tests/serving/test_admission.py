@@ -557,6 +557,28 @@ def test_probation_deletes_what_it_evicted_even_when_the_value_is_not_stored(red
 
 
 @pytest.mark.parametrize("stampede", [{}, {"xfetch_beta": 0, "recompute_lock_ms": 0}])
+def test_probation_admits_no_key_whose_store_an_invalidation_refused(redis_url, redis_client, schema, stampede):
+    """The admit script rides in the store's round trip, and ran when the store script refused the value (the kind was
+    invalidated while it computed): the key took a slot with no value behind it, evicting one that had a value."""
+    from precompute_assets.serving.invalidate import invalidate
+
+    cache = make_cache(redis_url, schema, admission=Probation(capacity=1), **stampede)
+    assert cache.get_or_compute("rank", "a", Calls()) == {"key": "a"}
+
+    def computed_before(key: str) -> dict:
+        invalidate(redis_client, "rank", key=key, schema=schema)  # the data changed while this computed
+        return {"key": key}
+
+    assert cache.get_or_compute("rank", "b", computed_before) == {"key": "b"}
+    assert cache.invalidated == 1 and redis_client.get(schema.live("rank", "b")) is None
+    assert tracked_keys(redis_client, schema) == {"a"}  # b took no slot, and a kept its own
+    assert cache.get("rank", "a") == {"key": "a"} and cache.errors == 0
+    # A store after the invalidation is admitted as before.
+    assert cache.get_or_compute("rank", "b", Calls()) == {"key": "b"}
+    assert tracked_keys(redis_client, schema) == {"b"} and cache.get("rank", "b") == {"key": "b"}
+
+
+@pytest.mark.parametrize("stampede", [{}, {"xfetch_beta": 0, "recompute_lock_ms": 0}])
 def test_a_none_result_is_returned_never_stored(redis_server, stampede):
     """A stored None (JSON ``null``) reads back as a miss, so it was never served: keys whose compute found nothing
     once each took a write and a probation slot, evicting the values that were being served."""

@@ -584,6 +584,26 @@ def test_a_value_computed_before_an_invalidation_is_not_stored_on_the_cluster(re
         cache.close()
 
 
+def test_probation_admits_no_key_whose_store_an_invalidation_refused_on_the_cluster(redis_cluster, cluster_client, ns):
+    """The admit script went out even when the epoch had moved and the value was not stored: the key took probation's
+    only slot with no value behind it, evicting the key that had one."""
+    from precompute_assets.serving.invalidate import invalidate
+
+    for stampede in ({}, {"xfetch_beta": 0, "recompute_lock_ms": 0}):
+        kind = "ctr" if stampede else "campaign"  # a tier of its own for each
+        cache = cache_on(redis_cluster, ns, admission=Probation(capacity=1), **stampede)
+        assert cache.get_or_compute(kind, "a", lambda key: 0.5) == 0.5
+
+        def computed_before(key: str, kind: str = kind) -> float:
+            invalidate(cluster_client, kind, key=key, schema=ns)
+            return 0.25
+
+        assert cache.get_or_compute(kind, "b", computed_before) == 0.25 and cache.invalidated == 1
+        small = cluster_client.lrange(ns.admission_fifo(kind, "small"), 0, -1)
+        assert small == [b"a"] and cache.get(kind, "a") == 0.5 and cache.errors == 0
+        cache.close()
+
+
 def test_cache_stats_on_the_cluster(redis_cluster, cluster_client, ns):
     from precompute_assets.serving.stats import cache_stats
 
