@@ -342,7 +342,8 @@ def settle_published(
     2. The keys of the version before (``previous``) that the new one drops and the tier does not track enter the
        main LRU below every key there, best first, while the tier has room (``HAND_OVER``), with their value from
        that version (``SET NX``; TTL: the client's live one, ``ttl_s`` if shorter; then deleted again for those
-       readers' misses evicted meanwhile): a smaller version leaves a warm tier, not an empty one. Their order is
+       readers' misses evicted meanwhile; on one server not for a key invalidated since, see ``_copy_to_live``): a
+       smaller version leaves a warm tier, not an empty one. Their order is
        ``:order``, kept by the settling of that version; when ``:order`` lists another version (that settling
        failed or never ran), nothing is handed over.
     3. The new version's first ``capacity`` keys become ``:order``, and ``version`` its ``order_version``.
@@ -441,16 +442,59 @@ def _list_items(client: redis.Redis, name: bytes, page: int) -> list[str]:
             return items
 
 
+# KEYS: the kind's epoch, then the bucket and the live value of each key; ARGV: the epoch read before (b"" for none),
+# the live TTL (b"" for none), the keys. Copies each key's value in the version's bucket to its live value (``SET NX``)
+# only while the epoch is unchanged: ``invalidate`` and ``delete_live_values`` increment it before deleting, and a
+# value read before an invalidation and written after it came back for a live TTL. The value is read here, not
+# passed in: an invalidation that already removed the key from the bucket (it does before deleting the live value)
+# leaves nothing to copy, even if it incremented the epoch before it was read. Replies how many were written.
+_COPY_FENCED = """
+if (redis.call('GET', KEYS[1]) or '') ~= ARGV[1] then return 0 end
+local written = 0
+for i = 3, #ARGV do
+  local value = redis.call('HGET', KEYS[2 * i - 4], ARGV[i])
+  if value then
+    local set
+    if ARGV[2] == '' then
+      set = redis.call('SET', KEYS[2 * i - 3], value, 'NX')
+    else
+      set = redis.call('SET', KEYS[2 * i - 3], value, 'NX', 'EX', ARGV[2])
+    end
+    if set then written = written + 1 end
+  end
+end
+return written
+"""
+
+
 def _copy_to_live(
     client: redis.Redis, schema: KeySchema, kind: str, keys: list[str], version: Pointer, ttl_s: int | None
 ) -> None:
     """Write the values ``keys`` have in ``version`` as their live values (``SET NX``: a value a reader computed
-    meanwhile stays); a key whose value that version no longer holds gets none, and its next lookup computes it."""
+    meanwhile stays); a key whose value that version no longer holds gets none, and its next lookup computes it.
+    On one server fenced by the kind's epoch, read first (``_COPY_FENCED``, ``SETTLE_SCRIPT_KEYS`` arguments a script):
+    a key invalidated meanwhile gets no value back. On a cluster, where the epoch, buckets and live values are in
+    different slots, unfenced."""
     if not keys:
         return
     by_bucket: dict[int, list[str]] = {}
     for key, bucket in zip(keys, bucket_ids([key.encode() for key in keys], version.buckets).tolist(), strict=True):
         by_bucket.setdefault(bucket, []).append(key)
+    if not is_cluster(client):
+        epoch = schema.epoch(kind).encode()
+        (read,) = run_commands(client, [(b"GET", epoch)])  # before the values: the scripts read those
+        names = [(schema.bucket(kind, version.version, bucket).encode(), schema.live(kind, key).encode(), key.encode())
+                 for bucket, members in by_bucket.items() for key in members]  # fmt: skip
+        ttl = b"" if ttl_s is None else b"%d" % ttl_s
+        scripts, step = [], SETTLE_SCRIPT_KEYS - 2  # ARGV: the epoch, the TTL and the keys, as many as the others'
+        for start in range(0, len(names), step):
+            chunk = names[start : start + step]
+            declared = [name for bucket, live, _ in chunk for name in (bucket, live)]
+            fields = [field for _, _, field in chunk]
+            scripts.append((b"EVAL", _COPY_FENCED, b"%d" % (1 + len(declared)), epoch, *declared, read or b"", ttl,
+                            *fields))  # fmt: skip
+        send_commands(client, scripts)
+        return
     reads = [(b"HMGET", schema.bucket(kind, version.version, bucket).encode(), *map(str.encode, members))
              for bucket, members in by_bucket.items()]  # fmt: skip
     expiry = () if ttl_s is None else (b"EX", b"%d" % ttl_s)

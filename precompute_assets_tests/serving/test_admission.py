@@ -578,6 +578,28 @@ def test_probation_admits_no_key_whose_store_an_invalidation_refused(redis_url, 
     assert tracked_keys(redis_client, schema) == {"b"} and cache.get("rank", "b") == {"key": "b"}
 
 
+def test_settling_hands_over_no_value_an_invalidation_deleted_meanwhile(redis_url, redis_client, schema, monkeypatch):
+    """The settling read a dropped key's value from the version before, an invalidation of the key then deleted it
+    (from that version; no live value yet), and the hand-over wrote it: the invalidated value was served again for a
+    whole live TTL."""
+    from precompute_assets.serving.invalidate import invalidate
+
+    cache = make_cache(redis_url, schema, admission=Probation(capacity=10))
+    assert cache.get_or_compute("rank", "m", Calls()) == {"key": "m"}  # records the capacity: publishes settle
+    publish(redis_client, schema, "v1", ["a", "b"])
+    live, send, invalidations = schema.live("rank", "b").encode(), publish_module.send_commands, []
+
+    def invalidated_before_the_copy(client, commands):
+        if not invalidations and any(live in command for command in commands):  # the values are read by now
+            invalidations.append(invalidate(redis_client, "rank", key="b", schema=schema))
+        return send(client, commands)
+
+    monkeypatch.setattr(publish_module, "send_commands", invalidated_before_the_copy)
+    assert publish(redis_client, schema, "v2", ["a"]).handed_over == 1  # b: dropped, handed over
+    assert invalidations and invalidations[0].live_keys == 0  # nothing to delete yet
+    assert redis_client.get(live) is None and cache.get("rank", "b") is None and cache.errors == 0
+
+
 @pytest.mark.parametrize("stampede", [{}, {"xfetch_beta": 0, "recompute_lock_ms": 0}])
 def test_a_none_result_is_returned_never_stored(redis_server, stampede):
     """A stored None (JSON ``null``) reads back as a miss, so it was never served: keys whose compute found nothing
