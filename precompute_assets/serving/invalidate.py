@@ -84,8 +84,6 @@ def invalidate(
         if not fenced:
             bump_epoch(client, kind, schema)
         return Invalidated(kind, live_keys=live_keys, fields=fields, version=_name(pointer))
-    live_pattern = f"{schema.live(kind, 'x')[:-1]}{glob_escape(prefix)}*"
-    live = _delete_in_batches(client.scan_iter(match=live_pattern, count=SCAN_COUNT), client.unlink)
     fields = 0
     for version in (pointer, previous):
         if version is None:
@@ -96,6 +94,10 @@ def invalidate(
             matching = (field for field, _ in pairs)
             removed = _delete_in_batches(matching, lambda *found, bucket=bucket: client.hdel(bucket, *found))
             fields += removed if version is pointer else 0
+    # The live values last, as for one key: probation's settling copies a field of the version before to the live tier
+    # (publish._copy_to_live), and one copied after its live value was deleted but before its field was would stay.
+    live_pattern = f"{schema.live(kind, 'x')[:-1]}{glob_escape(prefix)}*"
+    live = _delete_in_batches(client.scan_iter(match=live_pattern, count=SCAN_COUNT), client.unlink)
     if not fenced:
         bump_epoch(client, kind, schema)
     return Invalidated(kind, live_keys=live, fields=fields, version=_name(pointer))

@@ -600,6 +600,33 @@ def test_settling_hands_over_no_value_an_invalidation_deleted_meanwhile(redis_ur
     assert redis_client.get(live) is None and cache.get("rank", "b") is None and cache.errors == 0
 
 
+def test_a_prefix_invalidation_leaves_no_value_for_a_settling_to_hand_over_between_its_deletes(
+    redis_url, redis_client, schema
+):
+    """A prefix invalidation deleted the live values first and the fields of the versions after: a settling in between
+    (its epoch read after the increment, so the fence let it through) copied a field not deleted yet to the live tier,
+    where nothing deleted it again: the invalidated value was served for a whole live TTL."""
+    from precompute_assets.serving.invalidate import invalidate
+
+    cache = make_cache(redis_url, schema, admission=Probation(capacity=10))
+    assert cache.get_or_compute("rank", "m", Calls()) == {"key": "m"}  # records the capacity: publishes settle
+    publish(redis_client, schema, "v1", ["a", "b"])
+    assert cache.get_or_compute("rank", "bz", Calls()) == {"key": "bz"}  # a live value under the prefix
+    published = []
+
+    class PublishesAfterItsLiveDeletes(redis.Redis):
+        def unlink(self, *names):
+            deleted = super().unlink(*names)
+            if not published:  # v2 drops b: its settling hands b over from v1
+                published.append(publish(redis_client, schema, "v2", ["a"]))
+            return deleted
+
+    hooked = PublishesAfterItsLiveDeletes(connection_pool=redis_client.connection_pool)
+    assert invalidate(hooked, "rank", prefix="b", schema=schema).live_keys == 1
+    assert published and redis_client.get(schema.live("rank", "b")) is None
+    assert cache.get("rank", "b") is None and cache.get("rank", "bz") is None and cache.errors == 0
+
+
 @pytest.mark.parametrize("stampede", [{}, {"xfetch_beta": 0, "recompute_lock_ms": 0}])
 def test_a_none_result_is_returned_never_stored(redis_server, stampede):
     """A stored None (JSON ``null``) reads back as a miss, so it was never served: keys whose compute found nothing
