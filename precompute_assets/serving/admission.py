@@ -304,8 +304,10 @@ return 0
 
 # KEYS: small, hits, main, ghost, seq, published, tier; ARGV: key, capacity, most steps, the live values' TTL[, base,
 # epoch]. ARGV[6], when given (one server: ARGV[5] set), is the kind's epoch the store in the same round trip compared
-# (``cache._STORE``): when ``{prefix}:{kind}:epoch`` is another now, that store was refused (or its value deleted
-# since) and the script does nothing, so a key without a value takes no slot. Records the capacity and the TTL in the
+# (``cache._STORE``): when ``{prefix}:{kind}:epoch`` is another now and the key has no live value, that store was
+# refused (or its value deleted since) and the script does nothing, so a key without a value takes no slot (a value
+# there, stored before an invalidation of another key or by another reader since, is admitted: untracked, it would
+# live its TTL outside the capacity). Records the capacity and the TTL in the
 # ``tier`` hash (``publish.settle_published`` sizes its hand-over by the one and gives what it hands over the other).
 # The tier's size is the
 # capacity less the published version's keys (``published``, see ``publish.record_published``), its probation and
@@ -325,7 +327,9 @@ _ADMIT = """
 local key, capacity, most, base = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[5] or ''
 if base ~= '' and ARGV[6] then
   local epoch = redis.pcall('GET', base .. 'epoch')
-  if type(epoch) ~= 'table' and (epoch or '') ~= ARGV[6] then return {} end
+  if type(epoch) ~= 'table' and (epoch or '') ~= ARGV[6] and not redis.pcall('GET', base .. 'live:' .. key) then
+    return {}
+  end
 end
 redis.call('HSET', KEYS[7], 'capacity', capacity, 'live_ttl_s', ARGV[4])
 if redis.call('HEXISTS', KEYS[2], key) == 1 or redis.call('ZSCORE', KEYS[3], key) then return {} end

@@ -541,7 +541,7 @@ class PredictionCache:
         one round trip, then delete the live values the policy evicted, even when the value could not be stored (on
         one server its script deleted them, atomically with their eviction: then only those it could not). A store
         fenced by ``epoch`` (``_STORE``) fences the housekeeping too: an invalidation that refused the store (the
-        epoch moved) makes ``probation`` admit nothing, rather than track a key that has no value.
+        epoch moved, no value there) makes ``probation`` admit nothing, rather than track a key that has no value.
         On one server an error reply of the value or the housekeeping then raises, and the delta's is handled as
         ``_extra_reply`` handles it (NOPERM turns XFetch off); on a cluster every error is ``FAILED``, counted in
         ``errors`` (``_cluster_fetch``)."""

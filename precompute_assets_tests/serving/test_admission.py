@@ -17,6 +17,7 @@ from precompute_assets.serving import publish as publish_module
 from precompute_assets.serving.admission import (
     AGE_STEP_BYTES,
     Always,
+    Decision,
     FrequencySketch,
     Probation,
     SecondMiss,
@@ -576,6 +577,24 @@ def test_probation_admits_no_key_whose_store_an_invalidation_refused(redis_url, 
     # A store after the invalidation is admitted as before.
     assert cache.get_or_compute("rank", "b", Calls()) == {"key": "b"}
     assert tracked_keys(redis_client, schema) == {"b"} and cache.get("rank", "b") == {"key": "b"}
+
+
+def test_probation_admits_a_stored_value_though_the_kind_was_invalidated_right_after_the_store(
+    redis_url, redis_client, schema
+):
+    """The admit script runs after the store in the same pipeline, not atomically with it: an invalidation of another
+    key of the kind in between moved the epoch, and the admission refused a key whose value was stored, which then
+    lived its whole live TTL untracked, outside the capacity."""
+    from precompute_assets.serving.invalidate import invalidate
+
+    policy = Probation(capacity=10)
+    epoch = make_cache(redis_url, schema, admission=policy)._epoch("rank")  # read before computing
+    redis_client.set(schema.live("rank", "a"), b'{"key":"a"}', ex=3600)  # what the store wrote
+    invalidate(redis_client, "rank", key="other", schema=schema)  # then, before the admission
+    for key in ("a", "b"):  # b: a store the moved epoch refused, no value
+        admit = policy.after_miss(schema, "rank", key, Decision(True), 3600, deletes=True, epoch=epoch)
+        assert redis_client.execute_command(*admit) == []
+    assert tracked_keys(redis_client, schema) == {"a"}
 
 
 def test_settling_hands_over_no_value_an_invalidation_deleted_meanwhile(redis_url, redis_client, schema, monkeypatch):
