@@ -3,11 +3,15 @@
 ``run_killed(code, hooks, at)`` runs ``code`` (Python source, argv in ``sys.argv``) in a fresh interpreter whose
 hooked functions (``"module:attribute.path"``) count their calls together; the call numbered ``at`` SIGKILLs the
 process before it runs, as a power cut or the kernel's OOM killer would: no ``finally``, no ``atexit``. With ``at``
-None nothing is killed and the result says how many hooked calls the whole run made, so a test can kill at every
-one of them in turn.
+None nothing is killed and the result says how many hooked calls the whole run made, and what kind of step each one
+was (``Outcome.kinds``), so a test can kill at every one of them in turn, or at ``boundaries(kinds)``: the first and
+the last call of each run of consecutive calls of one kind, which still kills before every distinct kind of step and
+on each side of every change from one kind to the next, at a fraction of the cost.
 
 Hooking ``redis.connection.AbstractConnection.send_packed_command`` kills before any one round trip to Redis (a
-pipeline, a MULTI/EXEC, a single command) leaves the process, which covers every state Redis can be left in.
+pipeline, a MULTI/EXEC, a single command) leaves the process, which covers every state Redis can be left in. The kind
+of such a call is its distinct command names in order (``MULTI HSET EXPIRE EXEC``), a script named by its SHA1; the
+kind of any other hooked call is its hooked path.
 """
 
 from __future__ import annotations
@@ -23,15 +27,43 @@ from pathlib import Path
 REDIS_SEND = "redis.connection:AbstractConnection.send_packed_command"
 
 PRELUDE = """
-import importlib, os, signal, sys, threading
+import hashlib, importlib, os, signal, sys, threading
 
 def _install():
     at = os.environ.get("PRECOMPUTE_TEST_KILL_AT")
     at = int(at) if at else None
     after = os.environ.get("PRECOMPUTE_TEST_KILL_AFTER") == "1"
     tally = os.environ["PRECOMPUTE_TEST_KILL_TALLY"]
+    kinds = os.environ["PRECOMPUTE_TEST_KILL_KINDS"] if at is None else None  # only a run nothing kills records them
     lock = threading.Lock()
     calls = [0]
+
+    def redis_kind(packed):
+        # The RESP arrays of one send (a pipeline packs many): each command's name, a script's SHA1 besides.
+        data = packed if isinstance(packed, (bytes, str)) else b"".join(packed)
+        data = data.encode() if isinstance(data, str) else data
+        names, position = [], 0
+        while position < len(data):
+            end = data.index(b"\\r\\n", position)
+            count, position = int(data[position + 1 : end]), end + 2
+            words = []
+            for _ in range(count):
+                end = data.index(b"\\r\\n", position)
+                size = int(data[position + 1 : end])
+                words.append(data[end + 2 : end + 2 + min(size, 64)])
+                position = end + 2 + size + 2
+            name = words[0].decode().upper()
+            if name in ("EVALSHA", "EVALSHA_RO") and len(words) > 1:
+                name += "/" + words[1].decode()[:12]
+            elif name in ("EVAL", "EVAL_RO", "SCRIPT") and len(words) > 1:
+                name += "/" + hashlib.sha1(words[1]).hexdigest()[:12]
+            names.append(name)
+        return " ".join(dict.fromkeys(names))
+
+    def kind_of(path, args):
+        if path.endswith(":AbstractConnection.send_packed_command") and len(args) > 1:
+            return redis_kind(args[1])
+        return path
 
     def hook(path):
         module, _, attribute = path.partition(":")
@@ -47,6 +79,9 @@ def _install():
                 number = calls[0]
                 with open(tally, "w") as out:
                     out.write(str(number))
+                if kinds:
+                    with open(kinds, "a") as out:
+                        out.write(kind_of(path, args) + "\\n")
             if number == at and not after:
                 os.kill(os.getpid(), signal.SIGKILL)
             result = original(*args, **kwargs)
@@ -71,6 +106,17 @@ class Outcome:
     returncode: int
     stdout: str
     stderr: str
+    kinds: tuple[str, ...] = ()  # the kind of step of each hooked call, in order (recorded only when ``at`` is None)
+
+
+def boundaries(kinds: tuple[str, ...] | list[str]) -> list[int]:
+    """The call numbers (from 1) that begin or end a run of consecutive calls of one kind: every distinct kind of step,
+    and each side of every change of kind, without the calls in the middle of a run that only repeat its step."""
+    return [
+        number
+        for number, kind in enumerate(kinds, start=1)
+        if number == 1 or number == len(kinds) or kinds[number - 2] != kind or kinds[number] != kind
+    ]
 
 
 def run_killed(
@@ -86,7 +132,7 @@ def run_killed(
     """Run ``code`` with ``args`` in a fresh interpreter, SIGKILLed before the hooked call number ``at`` (None: never),
     or right after it returns with ``after``; ``env`` is added to this process's environment."""
     with tempfile.TemporaryDirectory(prefix="kill-") as folder:
-        tally = Path(folder) / "calls"
+        tally, kinds = Path(folder) / "calls", Path(folder) / "kinds"
         environment = {
             **os.environ,
             **(env or {}),
@@ -94,11 +140,13 @@ def run_killed(
             "PRECOMPUTE_TEST_KILL_AT": "" if at is None else str(at),
             "PRECOMPUTE_TEST_KILL_AFTER": "1" if after else "",
             "PRECOMPUTE_TEST_KILL_TALLY": str(tally),
+            "PRECOMPUTE_TEST_KILL_KINDS": str(kinds),
         }
         done = subprocess.run([sys.executable, "-c", PRELUDE + code, *args], env=environment, capture_output=True,
                               text=True, timeout=timeout, stdin=subprocess.DEVNULL)  # fmt: skip
         calls = int(tally.read_text() or 0) if tally.exists() else 0
+        steps = tuple(kinds.read_text().splitlines()) if kinds.exists() else ()
     killed = done.returncode == -signal.SIGKILL
     if not killed and done.returncode != 0:
         raise AssertionError(f"the run failed ({done.returncode}) instead of being killed:\n{done.stderr[-3000:]}")
-    return Outcome(killed, calls, done.returncode, done.stdout, done.stderr)
+    return Outcome(killed, calls, done.returncode, done.stdout, done.stderr, steps)
