@@ -11,7 +11,10 @@ its TTL for a build that was never served), never left to live without end.
 
 from __future__ import annotations
 
+import contextlib
 import time
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -23,6 +26,7 @@ from precompute_assets.serving import KeySchema, connect
 from precompute_assets.serving.keys import EMBEDDING_KIND, Pointer
 from precompute_assets.storage.documents import DocumentStore
 from precompute_assets.storage.embeddings import EmbeddingStore
+from precompute_assets.storage.postgres import connect as pg_connect
 from precompute_assets.storage.postgres import scratch_database, transaction
 from precompute_assets.sync.embeddings import sync_embeddings
 from precompute_assets.workload.documents import generate_documents
@@ -109,6 +113,44 @@ def wait_for_the_killed_sessions_lock(app_db: str, timeout_s: float = 60.0) -> N
         time.sleep(0.05)
 
 
+def snapshot(client: redis.Redis) -> list[tuple[bytes, int, bytes]]:
+    """Every key of the (private) server: name, remaining TTL in ms (0: none), DUMP payload."""
+    names = list(client.scan_iter(count=10_000))
+    pipe = client.pipeline(transaction=False)
+    for name in names:
+        pipe.pttl(name)
+        pipe.dump(name)
+    meta = pipe.execute()
+    return [(name, max(ttl, 0), payload) for name, ttl, payload in zip(names, meta[::2], meta[1::2], strict=True)]
+
+
+def restore(client: redis.Redis, keys: list[tuple[bytes, int, bytes]]) -> None:
+    """Empty the server and put back what ``snapshot`` took, with the TTLs it had."""
+    client.flushall()
+    pipe = client.pipeline(transaction=False)
+    for name, ttl, payload in keys:
+        pipe.restore(name, ttl, payload)
+    pipe.execute()
+
+
+@contextlib.contextmanager
+def copied_database(url: str, template_url: str) -> Iterator[str]:
+    """A fresh database on the server of ``url``, a copy of ``template_url``'s (no one may be connected to that),
+    dropped afterwards."""
+    base, _, template = template_url.rpartition("/")
+    name = f"kill_{uuid.uuid4().hex[:10]}"
+    admin = pg_connect(url)
+    admin.autocommit = True  # CREATE/DROP DATABASE cannot run in a transaction
+    try:
+        with admin.cursor() as cur:
+            cur.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+        yield f"{base}/{name}"
+    finally:
+        with admin.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
 def served(client: redis.Redis, schema: KeySchema) -> tuple[Pointer, dict[str, bytes]]:
     """The current version and every (doc_id, value) its buckets hold."""
     pointer = Pointer.decode(client.get(schema.pointer(EMBEDDING_KIND)))
@@ -159,28 +201,40 @@ def test_a_sync_killed_anywhere_resumes_to_what_an_unkilled_sync_leaves(
     url = redis_server().url
     client = connect(url, socket_timeout=10)
 
-    def run(at: int | None) -> dict:
-        """Prepare ``scenario`` in a fresh database and namespace, kill its sync at ``at``, and run it again."""
-        schema = KeySchema(f"s{abs(hash((scenario, at))) % 10**8}")
-        client.flushall()
-        with scratch_database(app_db_url, "kill") as app_db:
-            model, fill = prepare(scenario, app_db, client, schema, corpus, models)
-            outcome = run_killed(SYNC, [app_db, url, schema.namespace, str(model), str(fill)], HOOKS, at)
-            if outcome.killed:
-                wait_for_the_killed_sessions_lock(app_db)
-            resumed = sync(app_db, client, schema, model, fill) if outcome.killed else None
-            pointer, values = served(client, schema)
-            result = {
-                "outcome": outcome,
-                "resumed": resumed,
-                "pointer": pointer,
-                "redis": values,
-                "postgres": stored(app_db),
-                "leftovers": leftovers(client, schema, pointer),
-                "replaced_ttl": replaced_version_ttl(client, schema, pointer),
-            }
-        return result
+    # What ``prepare`` leaves is made once, then copied for every kill point (a PostgreSQL template database and a
+    # Redis snapshot, under one namespace as the server is emptied before each): the same start, without loading the
+    # documents and running the earlier syncs again for each point.
+    schema = KeySchema(f"s{uuid.uuid4().hex[:8]}")
+    client.flushall()
+    with scratch_database(app_db_url, "prepared") as template:
+        model, fill = prepare(scenario, template, client, schema, corpus, models)
+        prepared = snapshot(client)
 
+        def run(at: int | None) -> dict:
+            """Start from the prepared ``scenario``, kill its sync at ``at``, and run it again."""
+            restore(client, prepared)
+            with copied_database(app_db_url, template) as app_db:
+                outcome = run_killed(SYNC, [app_db, url, schema.namespace, str(model), str(fill)], HOOKS, at)
+                if outcome.killed:
+                    wait_for_the_killed_sessions_lock(app_db)
+                resumed = sync(app_db, client, schema, model, fill) if outcome.killed else None
+                pointer, values = served(client, schema)
+                return {
+                    "outcome": outcome,
+                    "resumed": resumed,
+                    "pointer": pointer,
+                    "redis": values,
+                    "postgres": stored(app_db),
+                    "leftovers": leftovers(client, schema, pointer),
+                    "replaced_ttl": replaced_version_ttl(client, schema, pointer),
+                }
+
+        failures = check_every_point(scenario, run)
+    assert not failures, "\n".join(failures)
+
+
+def check_every_point(scenario: str, run: Callable[[int | None], dict]) -> list[str]:
+    """Run the unkilled sync, then kill at each chosen point; what differs from the unkilled one, one line each."""
     reference = run(None)
     assert not reference["outcome"].killed and reference["outcome"].calls > 10
     expected_redis = reference["redis"]
@@ -215,4 +269,4 @@ def test_a_sync_killed_anywhere_resumes_to_what_an_unkilled_sync_leaves(
         resumed = got["resumed"]
         if scenario in ("incremental", "widen") and resumed.embedded > 400:  # a few chunks redone, not the corpus
             failures.append(f"{where}: the resumed sync embedded {resumed.embedded} documents")
-    assert not failures, "\n".join(failures)
+    return failures
