@@ -86,6 +86,19 @@ def session_dir() -> Iterator[Path]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+@pytest.fixture(autouse=True)
+def environment_restored() -> Iterator[None]:
+    """Each test leaves ``os.environ`` as it found it. A command run in-process through ``cli.main`` exports the
+    stack's URLs into the environment, as it must for the work it runs after ``up``; monkeypatch restores only what a
+    test set itself, so a ``bench publish`` test handed its lake to a later demo test on the same worker, which then
+    refused it as someone else's."""
+    saved = dict(os.environ)
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 @pytest.fixture(scope="session")
 def stack(session_dir: Path) -> Iterator[Stack]:
     """The real embedded services, started by our own code (or the servers named by the environment),
