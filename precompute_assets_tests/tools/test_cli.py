@@ -823,7 +823,8 @@ def test_bad_environments_are_one_line_and_exit_2_not_a_traceback(tmp_path, monk
     a_file.write_text("")
     cases = [  # (environment, command, what the line says); none starts a server
         ({"PRECOMPUTE_HOME": str(a_file)}, ["env"], "FileExistsError"),
-        ({"PRECOMPUTE_REDIS_URL": "redis://127.0.0.1:abc/0"}, ["status"], "ValueError: the URL's host:port"),
+        # (status names a URL whose host:port cannot be read as an invalid URL: test_status_names_an_external_url_...)
+        ({"PRECOMPUTE_HOME": str(a_file)}, ["status"], "FileExistsError"),
         ({"PRECOMPUTE_REDIS_URL": "redis://127.0.0.1:1/0?cluster=1"}, ["cache", "stats"], "RedisClusterException"),
     ]
     for environment, command, says in cases:
