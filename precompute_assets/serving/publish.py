@@ -162,9 +162,10 @@ def publish_version(
             send_commands(client, [(b"DEL", name) for name in names])
         batch: list[tuple[bytes, ...]] = []
         pending = 0
+        atomic = not is_cluster(client)
         with command_stream(client) as send:
             for name, bucket in filled:
-                batch += _bucket_writes(name, bucket, ttl)
+                batch += _bucket_writes(name, bucket, ttl, atomic=atomic)
                 pending += len(bucket) // 2
                 if len(batch) >= COMMANDS_PER_PIPELINE:
                     send(batch)
@@ -244,7 +245,9 @@ def _mend_current(
     if lost := [(name, bucket) for (name, bucket), here in zip(filled, present, strict=True) if not here]:
         _log.warning("%s version %s is current but lost %d of %d buckets: writing them again",
                      kind, version, len(lost), len(filled))  # fmt: skip
-        send_commands(client, [write for name, bucket in lost for write in _bucket_writes(name, bucket, ttl)])
+        atomic = not is_cluster(client)
+        writes = [write for name, bucket in lost for write in _bucket_writes(name, bucket, ttl, atomic=atomic)]
+        send_commands(client, writes)
     if ttl is not None:
         send_commands(client, [(b"EXPIRE", name, ttl) for name, _ in filled])
     if lost:
@@ -252,9 +255,20 @@ def _mend_current(
     return sum(len(bucket) // 2 for _, bucket in lost)  # a bucket holds field, value, field, value ...
 
 
-def _bucket_writes(name: bytes, bucket: list[bytes], ttl: bytes | None) -> list[tuple[bytes, ...]]:
-    """The commands that write one bucket (``bucket``: field, value, field, value ...) with its TTL, if any."""
-    return [(b"HSET", name, *bucket)] + ([] if ttl is None else [(b"EXPIRE", name, ttl)])
+def _bucket_writes(
+    name: bytes, bucket: list[bytes], ttl: bytes | None, *, atomic: bool = True
+) -> list[tuple[bytes, ...]]:
+    """The commands that write one bucket (``bucket``: field, value, field, value ...) with its TTL, if any.
+
+    With a TTL and ``atomic`` (one server), in one ``MULTI``/``EXEC``: a publisher killed mid-write can have the kernel
+    drop the rest of its stream (a SIGKILL with replies unread resets the connection), and Redis then ran a bucket's
+    ``HSET`` without its ``EXPIRE``: a bucket of a version that never flipped, which nothing retires, lived forever.
+    A transaction cut short is discarded whole. On a cluster (``atomic=False``) every command needs a key to route.
+    """
+    if ttl is None:
+        return [(b"HSET", name, *bucket)]
+    writes = [(b"HSET", name, *bucket), (b"EXPIRE", name, ttl)]
+    return [(b"MULTI",), *writes, (b"EXEC",)] if atomic else writes
 
 
 class IncompleteVersionError(RuntimeError):
@@ -560,7 +574,7 @@ def command_stream(client: redis.Redis) -> Iterator[Callable[[list[tuple[bytes, 
                 try:
                     # Never close the socket from this thread: the sender may be writing on it. A dead
                     # connection then fails the sender's next write with a ConnectionError of its own.
-                    connection.read_response(disconnect_on_error=False)
+                    errors.extend(_failed_in(connection.read_response(disconnect_on_error=False)))
                 except redis.ResponseError as error:
                     errors.append(error)
                 except BaseException as error:  # the connection is gone: nothing more will come
@@ -592,6 +606,11 @@ def command_stream(client: redis.Redis) -> Iterator[Callable[[list[tuple[bytes, 
         raise errors[0]
 
 
+def _failed_in(reply: Any) -> list[redis.ResponseError]:
+    """The errors an ``EXEC``'s reply holds (a command that failed inside the transaction); none for any other."""
+    return [item for item in reply if isinstance(item, redis.ResponseError)] if isinstance(reply, list) else []
+
+
 def send_commands(client: redis.Redis, commands: list[tuple[bytes, ...]]) -> None:
     """Send ``commands`` in one pipeline and raise on the first error reply.
 
@@ -618,7 +637,7 @@ def send_commands(client: redis.Redis, commands: list[tuple[bytes, ...]]) -> Non
         errors = []
         for _ in commands:
             try:
-                connection.read_response()
+                errors.extend(_failed_in(connection.read_response()))
             except redis.ResponseError as error:
                 errors.append(error)
     except BaseException:
@@ -666,16 +685,18 @@ def patch_version(
     def name(index: int) -> bytes:
         return schema.bucket(kind, pointer.version, index).encode()
 
-    # One command per bucket: a chunk of 20,000 documents is ~300 HSETs, not 20,000. Each EXPIRE follows its HSET, so
-    # the two go out in the same pipeline (COMMANDS_PER_PIPELINE is even): a patch cut off between pipelines leaves no
-    # bucket without its TTL. At most FIELDS_PER_COMMAND fields per command: a version built for a small corpus has
-    # few buckets, and a big load patched into it put 100,000 fields in one HSET (41-177 ms of server time).
+    # One command per bucket: a chunk of 20,000 documents is ~300 HSETs, not 20,000. Each EXPIRE follows its HSET in
+    # one transaction (_bucket_writes), whose 4 commands go out in the same pipeline (COMMANDS_PER_PIPELINE is a
+    # multiple of 4): a patch cut off anywhere leaves no bucket without its TTL. At most FIELDS_PER_COMMAND fields per
+    # command: a version built for a small corpus has few buckets, and a big load patched into it put 100,000 fields in
+    # one HSET (41-177 ms of server time).
+    ttl = None if ttl_s is None else b"%d" % ttl_s
+    atomic = not is_cluster(client)
     commands: list[tuple[bytes, ...]] = []
     for index, fields in writes.items():
         for start in range(0, len(fields), 2 * FIELDS_PER_COMMAND):  # field, value, field, value ...
-            commands.append((b"HSET", name(index), *fields[start : start + 2 * FIELDS_PER_COMMAND]))
-            if ttl_s is not None:
-                commands.append((b"EXPIRE", name(index), b"%d" % ttl_s))
+            chunk = fields[start : start + 2 * FIELDS_PER_COMMAND]
+            commands += _bucket_writes(name(index), chunk, ttl, atomic=atomic)
     for index, fields in removals.items():
         for start in range(0, len(fields), FIELDS_PER_COMMAND):
             commands.append((b"HDEL", name(index), *fields[start : start + FIELDS_PER_COMMAND]))

@@ -64,6 +64,40 @@ def test_redis_dying_mid_publish_keeps_readers_on_the_old_version(redis_server, 
     assert cache.get_many("ctr", keys[::101]) == [pytest.approx(0.75)] * len(keys[::101])
 
 
+def test_a_publish_whose_stream_is_cut_before_an_expire_leaves_no_bucket_without_its_ttl(
+    redis_server, schema, monkeypatch
+):
+    """A publisher SIGKILLed with replies unread can have the kernel reset its connection and drop the rest of its
+    stream: Redis ran a bucket's HSET without the EXPIRE after it, and that bucket of a version that never flipped
+    lived forever (no later publish retires it). Here the stream is cut just before the first EXPIRE."""
+    server = redis_server()
+    checker = connect(server.url, socket_timeout=5)
+    publisher = connect(server.url, socket_timeout=5)
+    send = redis.connection.AbstractConnection.send_packed_command
+
+    def cut_before_the_first_expire(self, command, check_health=True):
+        data = b"".join(command) if isinstance(command, list) else command
+        cut = data.find(b"\r\nEXPIRE\r\n")
+        if cut < 0:
+            return send(self, command, check_health)
+        cut = data.rfind(b"*", 0, cut)  # the start of the EXPIRE command
+        self._sock.sendall(data[:cut])
+        self.disconnect()
+        raise redis.ConnectionError("cut")
+
+    monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", cut_before_the_first_expire)
+    with pytest.raises(redis.ConnectionError):
+        publish_version(publisher, "ctr", "cut", [(f"ad{i}", 0.5) for i in range(500)], n_keys=500, schema=schema)
+    monkeypatch.undo()
+    publisher.close()
+    deadline = time.monotonic() + 10
+    while len(checker.client_list()) > 1:  # the server has read the cut stream and closed that connection
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    buckets = list(checker.scan_iter(f"{schema.prefix}:ctr:cut:*"))
+    assert [name for name in buckets if checker.ttl(name) < 0] == []
+
+
 def test_a_retried_version_starts_clean(redis_url, redis_client, schema):
     # Leftovers of an earlier attempt at v1 that never became current (v0 is).
     publish_version(redis_client, "ctr", "v1", [("a", 0.1), ("b", 0.2)], n_keys=2, schema=schema)
