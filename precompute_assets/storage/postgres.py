@@ -121,14 +121,15 @@ def copy_in(cur: psycopg2.extensions.cursor, statement: str, data: IO) -> None:
 
 
 @contextlib.contextmanager
-def scratch_database(url: str, prefix: str = "scratch") -> Iterator[str]:
-    """Create a fresh database on the server of ``url``, yield its URL, drop it afterwards."""
+def scratch_database(url: str, prefix: str = "scratch", *, template: str | None = None) -> Iterator[str]:
+    """Create a fresh database on the server of ``url`` (a copy of the database named ``template``, to which no one
+    may be connected), yield its URL, drop it afterwards."""
     name = f"{prefix}_{uuid.uuid4().hex[:10]}"
     admin = connect(url)
     admin.autocommit = True  # CREATE/DROP DATABASE cannot run in a transaction
     try:
         with admin.cursor() as cur:
-            cur.execute(f'CREATE DATABASE "{name}"')
+            cur.execute(f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else ""))
         yield url.rsplit("/", 1)[0] + "/" + name
     finally:
         with admin.cursor() as cur:

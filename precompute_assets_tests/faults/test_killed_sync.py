@@ -11,10 +11,9 @@ its TTL for a build that was never served), never left to live without end.
 
 from __future__ import annotations
 
-import contextlib
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -26,7 +25,6 @@ from precompute_assets.serving import KeySchema, connect
 from precompute_assets.serving.keys import EMBEDDING_KIND, Pointer
 from precompute_assets.storage.documents import DocumentStore
 from precompute_assets.storage.embeddings import EmbeddingStore
-from precompute_assets.storage.postgres import connect as pg_connect
 from precompute_assets.storage.postgres import scratch_database, transaction
 from precompute_assets.sync.embeddings import sync_embeddings
 from precompute_assets.workload.documents import generate_documents
@@ -133,24 +131,6 @@ def restore(client: redis.Redis, keys: list[tuple[bytes, int, bytes]]) -> None:
     pipe.execute()
 
 
-@contextlib.contextmanager
-def copied_database(url: str, template_url: str) -> Iterator[str]:
-    """A fresh database on the server of ``url``, a copy of ``template_url``'s (no one may be connected to that),
-    dropped afterwards."""
-    base, _, template = template_url.rpartition("/")
-    name = f"kill_{uuid.uuid4().hex[:10]}"
-    admin = pg_connect(url)
-    admin.autocommit = True  # CREATE/DROP DATABASE cannot run in a transaction
-    try:
-        with admin.cursor() as cur:
-            cur.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
-        yield f"{base}/{name}"
-    finally:
-        with admin.cursor() as cur:
-            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
-
-
 def served(client: redis.Redis, schema: KeySchema) -> tuple[Pointer, dict[str, bytes]]:
     """The current version and every (doc_id, value) its buckets hold."""
     pointer = Pointer.decode(client.get(schema.pointer(EMBEDDING_KIND)))
@@ -213,7 +193,7 @@ def test_a_sync_killed_anywhere_resumes_to_what_an_unkilled_sync_leaves(
         def run(at: int | None) -> dict:
             """Start from the prepared ``scenario``, kill its sync at ``at``, and run it again."""
             restore(client, prepared)
-            with copied_database(app_db_url, template) as app_db:
+            with scratch_database(app_db_url, "kill", template=template.rpartition("/")[2]) as app_db:
                 outcome = run_killed(SYNC, [app_db, url, schema.namespace, str(model), str(fill)], HOOKS, at)
                 if outcome.killed:
                     wait_for_the_killed_sessions_lock(app_db)
