@@ -108,6 +108,15 @@ return 1
 """
 
 
+def _unfenced_store(command: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+    """The plain ``SET``s that the ``_STORE`` script ``command`` makes when its epoch still matches, for a Redis user
+    that may not run it (an ACL made before it)."""
+    n_keys = int(command[2])
+    keys, (_, encoded, ttl, only, delta) = command[4 : 3 + n_keys], command[3 + n_keys :]
+    flags = (b"XX",) if only == b"XX" else ()
+    return [(b"SET", name, value, b"EX", ttl, *flags) for name, value in zip(keys, (encoded, delta), strict=False)]
+
+
 def _release_command(schema: KeySchema, kind: str, key: str, token: bytes) -> tuple[bytes | str, ...]:
     """Let the recompute lock lapse within a millisecond if it is still ``token``'s (its owner's), else leave it."""
     return (b"EVAL", _RELEASE_LOCK, b"1", recompute_lock_key(schema, kind, key), token)
@@ -206,7 +215,8 @@ class PredictionCache:
         self.refused = 0  # NOPERM on PTTL / the delta or lock keys: XFetch and the lock are then off for this client
         self._stampede_refused = False
         self.invalidated = 0  # computed values not stored: their kind was invalidated while they computed
-        self._fence_refused = False  # NOPERM on the store script (an older ACL): plain SETs, no invalidation fence
+        # kinds whose store script the ACL refused (an older ACL, or a reader limited to other kinds): plain SETs there
+        self._fence_refused: set[str] = set()
         self._release_refused = False  # NOPERM on the lock's release script (an older ACL): locks lapse at their PX
         self._random = random.Random()
         self._pointers: dict[str, tuple[Pointer | None, Experiment | None, float]] = {}
@@ -514,7 +524,7 @@ class PredictionCache:
         if delta_s is not None and self.xfetch_beta > 0 and not self._stampede_refused:
             delta = (live_delta_key(self.schema, kind, key), b"%.6f" % delta_s)
         commands: list[tuple[Any, ...]]
-        if epoch is not None and not self._cluster and not self._fence_refused:
+        if epoch is not None and not self._cluster and kind not in self._fence_refused:
             keys = [self.schema.epoch(kind), name] + ([delta[0]] if delta else [])
             args = [epoch, encoded, ttl, b"XX" if replace else b"", delta[1] if delta else b""]
             commands = [(b"EVAL", _STORE, b"%d" % len(keys), *keys, *args)]
@@ -574,7 +584,11 @@ class PredictionCache:
             if replies[0] == 0:
                 self.invalidated += 1
             elif isinstance(replies[0], redis.exceptions.NoPermissionError):
-                self._refuse_fence()
+                self._refuse_fence(kind)  # and store as the script would have, so this value is not lost
+                value_reply, *delta_reply = send_pipelined(self.client, _unfenced_store(commands[0]))
+                replies[0] = value_reply
+                for reply in delta_reply:
+                    self._extra_reply(reply)
         evicted = replies[-1] if after is not None else None
         if after is not None and evicted is not FAILED and not isinstance(evicted, BaseException):
             self._evict_live(kind, policy.evicted(evicted))  # on one server only those the script could not delete
@@ -597,7 +611,7 @@ class PredictionCache:
             b"PX",
             b"%d" % self.recompute_lock_ms,
         )
-        commands = [command] if self._fence_refused else [command, (b"GET", self.schema.epoch(kind))]
+        commands = [command] if kind in self._fence_refused else [command, (b"GET", self.schema.epoch(kind))]
         if self._cluster:
             reply, *epoch = self._cluster_fetch(commands)
             return None if reply is FAILED else reply is not None and token, self._epoch_reply(epoch)
@@ -620,7 +634,7 @@ class PredictionCache:
     def _epoch(self, kind: str) -> bytes | None:
         """The kind's invalidation epoch (b"" when it has none) before a computation that will be stored, for
         ``_store_commands``; None: unknown (Redis failed, or the fence is refused), the store is then not fenced."""
-        if self._fence_refused or not self._available():
+        if kind in self._fence_refused or not self._available():
             return None
         command = (b"GET", self.schema.epoch(kind))
         if self._cluster:
@@ -710,15 +724,18 @@ class PredictionCache:
         self._release_refused = True
         self.refused += 1
 
-    def _refuse_fence(self) -> None:
-        """The ACL refuses the store script (it predates it): store with plain ``SET``s from now on, unfenced."""
-        if not self._fence_refused:
+    def _refuse_fence(self, kind: str) -> None:
+        """The ACL refuses the store script of ``kind`` (it predates it, or is limited to other kinds): store that
+        kind with plain ``SET``s from now on, unfenced."""
+        if kind not in self._fence_refused:
             log.warning(
-                "the Redis user may not EVAL on %s:*:live:* with the kind's epoch: get_or_compute stores with plain "
-                "SETs, and a value computed before an invalidation may be stored after it; see serving.acl",
-                self.schema.prefix,
-            )
-        self._fence_refused = True
+                "the Redis user may not EVAL on %s:%s:live:* with the kind's epoch: get_or_compute stores %s with "
+                "plain SETs, and a value computed before an invalidation may be stored after it (a user made by an "
+                "older `precompute redis acl`: run `precompute redis acl --apply` again; or one whose --kinds leave "
+                "it out)",
+                self.schema.prefix, kind, kind,
+            )  # fmt: skip
+        self._fence_refused.add(kind)
         self.refused += 1
 
     def _refuse(self) -> None:

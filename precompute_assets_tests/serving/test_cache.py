@@ -676,8 +676,8 @@ def test_an_early_recomputation_from_before_an_invalidation_never_replaces_a_new
 
 def test_a_reader_on_the_acl_before_the_scripts_says_so_once_and_keeps_serving(redis_url, redis_client, schema, caplog):
     """A reader whose ACL was made before the lock's release script and the invalidation-fenced store (no ``+eval`` on
-    ``lock:`` keys, no selector with the epoch) keeps computing and, after its first refused store, storing; each
-    refusal is one warning and one count in ``refused``, not an error per lookup."""
+    ``lock:`` keys, no selector with the epoch) keeps computing and storing, its first refused store included (sent
+    again as a plain ``SET``); each refusal is one warning and one count in ``refused``, not an error per lookup."""
     from precompute_assets.serving.acl import reader_rules
 
     rules = [rule for rule in reader_rules(schema.namespace) if ":epoch" not in rule]
@@ -689,12 +689,44 @@ def test_a_reader_on_the_acl_before_the_scripts_says_so_once_and_keeps_serving(r
         cache = make_cache(f"redis://{name}:{password}@{kwargs['host']}:{kwargs['port']}/0", schema)
         with caplog.at_level(logging.WARNING, logger="precompute_assets.serving.cache"):
             assert [cache.get_or_compute("ctr", key, lambda key: 0.5) for key in ("a", "b", "c")] == [0.5] * 3
+            assert cache.get_or_compute("ctr", "a", lambda key: 0.9) == 0.5  # the first, refused store, sent again
             assert cache.get_or_compute("ctr", "c", lambda key: 0.9) == 0.5  # stored, with a plain SET
             with pytest.raises(RuntimeError):
                 cache.get_or_compute("ctr", "d", lambda key: (_ for _ in ()).throw(RuntimeError("model down")))
         warnings = [record.getMessage() for record in caplog.records if "may not EVAL" in record.getMessage()]
         assert len(warnings) == 2 and cache.refused == 2, warnings  # the store script and the lock's release
-        assert cache.errors == 1  # the first store, refused
+        assert cache.errors == 0
+        cache.close()
+    finally:
+        redis_client.execute_command("ACL", "DELUSER", name)
+
+
+def test_a_reader_limited_to_some_kinds_keeps_the_fence_on_its_own(redis_url, redis_client, schema, caplog):
+    """A reader made with ``--kinds ctr`` that looks up another kind is refused that kind's store script: the fence
+    is turned off for that kind only, not for ``ctr``, whose value computed before an invalidation is still not
+    stored after it."""
+    from precompute_assets.serving.acl import reader_rules
+    from precompute_assets.serving.invalidate import invalidate
+
+    name, password = f"{schema.namespace}-ctronly", "p" * 24
+    rules = reader_rules(schema.namespace, kinds=["ctr"])
+    redis_client.execute_command("ACL", "SETUSER", name, "reset", "on", f">{password}", *rules)
+    kwargs = redis_client.connection_pool.connection_kwargs
+    try:
+        cache = make_cache(f"redis://{name}:{password}@{kwargs['host']}:{kwargs['port']}/0", schema)
+        with caplog.at_level(logging.WARNING, logger="precompute_assets.serving.cache"):
+            assert cache.get_or_compute("score", "s1", lambda key: 1.0) == 1.0  # served; not its kind to store
+        assert redis_client.get(schema.live("score", "s1")) is None and cache.errors == 1
+        assert any("score:live" in record.getMessage() for record in caplog.records)
+
+        def computed_before(key: str) -> float:
+            invalidate(redis_client, "ctr", key=key, schema=schema)
+            return 0.25
+
+        assert cache.get_or_compute("ctr", "ad1", computed_before) == 0.25
+        assert redis_client.get(schema.live("ctr", "ad1")) is None and cache.invalidated == 1
+        assert cache.get_or_compute("ctr", "ad1", lambda key: 0.5) == 0.5
+        assert redis_client.get(schema.live("ctr", "ad1")) is not None
         cache.close()
     finally:
         redis_client.execute_command("ACL", "DELUSER", name)
