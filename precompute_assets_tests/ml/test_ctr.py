@@ -200,6 +200,18 @@ def test_training_frame_compresses_impressions_into_ad_days(synthetic) -> None:
     assert (both["clicks"] <= both["impressions"]).all()
 
 
+def test_integer_ad_ids_in_the_impressions_match_the_ads_by_their_text() -> None:
+    """An ad server that writes its ids as integers (Parquet int64) trains as one that writes text: the ads table
+    is indexed by its ids' text, and the impressions' ids were compared as integers, so every one was unknown."""
+    ads = make_ads(40).assign(ad_id=lambda frame: np.arange(1000, 1040))
+    impressions = make_impressions(ads, days=2, per_ad_day=5)
+    as_text = impressions.assign(ad_id=impressions["ad_id"].astype(str))
+    frame, issues = training_frame(impressions, ads)
+    expected, _ = training_frame(as_text, ads)
+    assert issues.unknown_ads == 0 and len(frame) > 0
+    pd.testing.assert_frame_equal(frame, expected)
+
+
 # --- time split -----------------------------------------------------------------------------------------
 
 
