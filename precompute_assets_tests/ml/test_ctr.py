@@ -550,6 +550,31 @@ def test_new_ad_auc_is_not_measurable_without_new_ads_one_ad_or_one_class() -> N
                                        impressions=20)  # fmt: skip
 
 
+def test_the_logistic_baseline_is_not_broken_by_a_numeric_column_in_the_millions() -> None:
+    """A user's numeric column in the millions (a budget in micros) whose CTR is logistic in it: the baseline ranks
+    the validation rows about as well as the true CTR does (unscaled, lbfgs stopped with the sign wrong: AUC 0.19)."""
+    rng = np.random.default_rng(0)
+    n_ads, days = 200, 6
+    z = rng.normal(0, 1, n_ads)
+    ads = pd.DataFrame({"ad_id": [f"ad{i}" for i in range(n_ads)], "budget": 5e6 + 1e6 * z,
+                        "category": rng.integers(0, 4, n_ads)})  # fmt: skip
+    counts = rng.poisson(40, (days, n_ads))
+    ad_index = np.concatenate([np.repeat(np.arange(n_ads), counts[d]) for d in range(days)])
+    day = np.repeat(np.arange(days), counts.sum(axis=1))
+    impressions = pd.DataFrame(
+        {
+            "ts_ms": ((FIRST_DAY + day) * MS_PER_DAY).astype(np.int64),
+            "ad_id": ads["ad_id"].to_numpy()[ad_index],
+            "clicked": rng.random(len(day)) < (1 / (1 + np.exp(3 - 1.5 * z)))[ad_index],
+        }
+    )
+    spec = AdFeatureSpec(numeric=("budget",), categorical=("category",), log_scaled=())
+    train, valid = time_split(training_frame(impressions, ads, spec)[0], valid_fraction=0.34)
+    true_ctr = 1 / (1 + np.exp(3 - 1.5 * (valid["budget"] / 1e6 - 5)))
+    oracle = evaluate(Oracle(), valid.assign(quality=true_ctr))["auc"]
+    assert evaluate(train_baseline(train, fit_encoder(train, spec)), valid)["auc"] > oracle - 0.01
+
+
 def test_the_ad_history_baseline_is_each_ads_clicks_shrunk_toward_the_overall_rate():
     """The simplest baseline, beside the forest and the logistic regression: an ad's own training clicks over its
     impressions, with a prior of one expected click; an ad without training rows gets the overall rate."""
