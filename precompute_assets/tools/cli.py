@@ -869,15 +869,14 @@ def cmd_ads(args: argparse.Namespace) -> int:
     """Validate an ads file and make its valid rows the lake's ``ads``; print one JSON summary."""
     from functools import partial
 
-    from ..defs.resources import ad_feature_spec_from_env
-    from ..ml.features import feature_problems, spec_dict
+    from ..ml.features import feature_problems, spec_dict, spec_from_env
     from ..stack import ENV_LAKE
     from ..storage.ad_data import AdDataError, file_format, load_ads
     from ..storage.lake import Lake
 
     try:
         file_format(args.file)  # checked before anything is touched
-        spec = ad_feature_spec_from_env()
+        spec = spec_from_env()  # the Definitions' feature set, read without importing Dagster (about a second)
     except ValueError as error:  # AdDataError, or a malformed PRECOMPUTE_AD_* feature set
         raise CliError(str(error)) from None
     lake = Lake(Stack().env()[ENV_LAKE])
@@ -901,7 +900,7 @@ def cmd_impressions(args: argparse.Namespace) -> int:
     """Validate an impressions file and write its rows into the lake's daily ``ad_impressions``; print JSON."""
     import time
 
-    from ..defs.partitions import deployment_partitions
+    from ..defs.settings import load_settings
     from ..serving.querylog import MAX_CLOCK_AHEAD_MS
     from ..stack import ENV_LAKE
     from ..storage.ad_data import AdDataError, file_format, load_impressions
@@ -910,7 +909,7 @@ def cmd_impressions(args: argparse.Namespace) -> int:
 
     try:
         file_format(args.file)
-        partitions = deployment_partitions()
+        settings = load_settings()  # the partitions' timezone and first day, without Dagster's definitions of them
     except ValueError as error:  # AdDataError, or a malformed PRECOMPUTE_TIMEZONE / PRECOMPUTE_PARTITIONS_START
         raise CliError(str(error)) from None
     stack = Stack()
@@ -924,8 +923,8 @@ def cmd_impressions(args: argparse.Namespace) -> int:
             summary = load_impressions(
                 args.file,
                 lake,
-                timezone=partitions.timezone,
-                first_day=partitions.start,
+                timezone=settings.timezone,
+                first_day=settings.partitions_start,
                 not_after_ms=int(time.time() * 1000) + MAX_CLOCK_AHEAD_MS,
                 append=args.append,
                 progress=progress,
@@ -933,7 +932,7 @@ def cmd_impressions(args: argparse.Namespace) -> int:
             )
     except AdDataError as error:
         raise CliError(str(error)) from None
-    result = {**summary.as_dict(), "timezone": partitions.timezone, "mode": "append" if args.append else "replace"}
+    result = {**summary.as_dict(), "timezone": settings.timezone, "mode": "append" if args.append else "replace"}
     result["unknown_ad_impressions"] = summary.unknown_ad_impressions  # null without an ads catalog
     print(json.dumps(result))
     return 0
@@ -967,11 +966,10 @@ def cmd_query_logs(args: argparse.Namespace) -> int:
     from pathlib import Path
     from zoneinfo import ZoneInfo
 
-    import dagster as dg
     import numpy as np
     from tqdm import tqdm
 
-    from ..defs.partitions import deployment_partitions
+    from ..defs.settings import load_settings
     from ..serving.keys import KIND_PATTERN
     from ..stack import ENV_LAKE
     from ..storage.files import exclusive_lock
@@ -992,7 +990,7 @@ def cmd_query_logs(args: argparse.Namespace) -> int:
     if not KIND_PATTERN.fullmatch(args.kind):
         raise CliError(f"invalid --kind {args.kind!r}: lower-case letters, digits and _, starting with a letter")
     try:
-        partitions = deployment_partitions()
+        settings = load_settings()
     except ValueError as error:  # a malformed PRECOMPUTE_TIMEZONE or PRECOMPUTE_PARTITIONS_START
         raise CliError(str(error)) from None
     try:
@@ -1020,21 +1018,26 @@ def cmd_query_logs(args: argparse.Namespace) -> int:
         if (first_valid := first_valid_second(seconds)) is None:
             raise CliError(f"{args.file}: no timestamp can be a request's (finite, from 2000 on as epoch time, or not "
                            "negative counted from the trace's start); nothing was written")  # fmt: skip
-        midnight = datetime.combine(start, datetime.min.time(), tzinfo=ZoneInfo(partitions.timezone))
+        midnight = datetime.combine(start, datetime.min.time(), tzinfo=ZoneInfo(settings.timezone))
         shift = midnight.timestamp() - first_valid
         seconds = seconds + shift
     elif is_relative(seconds):
         first = float(np.nanmin(seconds))
         raise CliError(f"{args.file}: the timestamps count from the trace's start, not from 1970 (first: {first:g}): "
                        "give --start YYYY-MM-DD to place the first request")  # fmt: skip
-    hourly = partitions.hourly
+    # Dagster (about a second to import) only once the file has been read: a bad file or option fails at once.
+    import dagster as dg
+
+    from ..defs.partitions import Partitions
+
+    hourly = Partitions.of_settings(settings).hourly
     first_s = hourly.time_window_for_partition_key(hourly.get_first_partition_key()).start.timestamp()
     now_key = hourly.get_partition_key_for_timestamp(time.time())  # the hour in progress is not over
     last_s = hourly.time_window_for_partition_key(now_key).start.timestamp()
     source = Path(args.file).name.replace(":", "_")[:40]
     rows = hour_rows(trace.keys, seconds, kind=args.kind, source=source,
                      partition_key=hourly.get_partition_key_for_timestamp, first_s=first_s, last_s=last_s)  # fmt: skip
-    check_placement(args, rows, len(trace.keys), seconds, partitions.timezone)
+    check_placement(args, rows, len(trace.keys), seconds, settings.timezone)
     stack = Stack()
     lake = Lake(_up(stack)[ENV_LAKE])
     written, kept, recorded = {}, [], []
@@ -1094,7 +1097,7 @@ def cmd_query_logs(args: argparse.Namespace) -> int:
         "malformed_lines": [{"line": line_no, "problem": problem} for line_no, problem in malformed[:10]],
         "shift_s": shift,
         "span_hours": placed_span_hours(seconds, first_s, last_s),  # a quarantined 1e300 showed 2.8e293 hours
-        "timezone": partitions.timezone,
+        "timezone": settings.timezone,
     }
     if kept:
         print(f"precompute query-logs: warning: kept {len(kept)} hours the lake already holds "
@@ -1470,7 +1473,9 @@ def _environment_errors() -> tuple[type[BaseException], ...]:
         psycopg2.Error,
         redis.exceptions.RedisError,
         redis.exceptions.RedisClusterException,
-        *_dagster_storage_errors(),
+        # Only a command that imported Dagster can raise its errors; importing it here to name them cost a command
+        # that never needed it a second on its way out.
+        *(_dagster_storage_errors() if "dagster" in sys.modules else ()),
     )
 
 

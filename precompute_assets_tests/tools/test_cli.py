@@ -1498,3 +1498,34 @@ def test_no_help_text_shows_docstring_markup():
     helps = {p.prog: p.format_help() for p in parsers}
     assert len(helps) > 20 and helps["precompute"].count("precompute command") == 1
     assert [prog for prog, text in helps.items() if "``" in text] == []
+
+
+HEAVY_MODULES = ("dagster", "torch", "sklearn", "pandas")
+
+
+@pytest.mark.parametrize(
+    "argv, code, light",
+    [
+        (["--help"], 0, HEAVY_MODULES),
+        (["ads", "load", "{tmp}/ads.txt"], 2, ("dagster", "torch", "sklearn")),
+        (["impressions", "load", "{tmp}/impressions.txt"], 2, ("dagster", "torch", "sklearn")),
+        (["query-logs", "import", "{tmp}/missing.csv"], 2, ("dagster", "torch", "sklearn")),
+        (["status"], 2, HEAVY_MODULES),  # PRECOMPUTE_HOME is a file: an OSError, through the environment errors
+    ],
+)
+def test_commands_import_only_what_they_need(tmp_path, argv, code, light):
+    """Importing Dagster costs about a second: `ads load`, `impressions load` and `query-logs import` imported it
+    before they looked at their file, and every command that failed on an OSError imported it to name its errors."""
+    import subprocess
+    import sys
+
+    (tmp_path / "home").write_text("")
+    script = (
+        "import sys\nfrom precompute_assets.tools.cli import main\n"
+        f"try:\n    code = main({[arg.format(tmp=tmp_path) for arg in argv]!r})\n"
+        "except SystemExit as exit:\n    code = exit.code\n"
+        f"print(code, [name for name in {light!r} if name in sys.modules])"
+    )
+    env = {**os.environ, "PRECOMPUTE_HOME": str(tmp_path / "home")}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert out.stdout.splitlines()[-1] == f"{code} []", out.stdout[-2000:] + out.stderr[-2000:]
