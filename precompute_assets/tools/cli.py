@@ -58,13 +58,15 @@ def _up(stack: Stack) -> dict[str, str]:
 
 
 def _check_settings() -> None:
-    """The timezone and partitions start that ``up``, ``dev`` and ``env`` export, checked before anything starts: a
-    typo'd one was exported with exit code 0 and only failed the code location's load in the Dagster UI."""
-    from ..defs.settings import SettingError, load_settings
+    """The timezone, partitions start and campaign cap that ``up``, ``dev`` and ``env`` export, checked before anything
+    starts: a typo'd one was exported with exit code 0 and only failed the code location's load in the Dagster UI."""
+    from ..defs.settings import load_settings
+    from ..storage.campaigns import max_ads_from_env
 
     try:
         load_settings()
-    except SettingError as error:
+        max_ads_from_env()
+    except ValueError as error:  # a SettingError, or the cap's error naming its variable
         raise CliError(str(error)) from None
 
 
@@ -321,21 +323,23 @@ def cmd_env(args: argparse.Namespace) -> int:
 
 
 def exported_env(stack: Stack) -> dict[str, str]:
-    """What ``precompute env`` exports: the stack's variables, the partitions start (with its default), and the ad
-    feature set where it is set, so a shell that evaluates it (or ``precompute dev`` started from it) keeps them."""
+    """What ``precompute env`` exports: the stack's variables, the partitions start (with its default), and where they
+    are set the ``shared_settings``, so a shell that evaluates it (or ``precompute dev`` started from it) keeps them."""
     from ..defs.settings import DEFAULT_PARTITIONS_START, ENV_PARTITIONS_START
-    from ..ml.features import ENV_AD_CATEGORICAL, ENV_AD_LOG_SCALED, ENV_AD_NUMERIC
 
     env = {**stack.env(), ENV_PARTITIONS_START: os.environ.get(ENV_PARTITIONS_START) or DEFAULT_PARTITIONS_START}
     # Set but blank is meaningful for the log-scaled columns (none), so "set" is what counts, not "non-empty".
-    env.update(
-        {
-            name: os.environ[name]
-            for name in (ENV_AD_NUMERIC, ENV_AD_CATEGORICAL, ENV_AD_LOG_SCALED)
-            if name in os.environ
-        }
-    )
+    env.update({name: os.environ[name] for name in shared_settings() if name in os.environ})
     return env
+
+
+def shared_settings() -> tuple[str, ...]:
+    """The settings our commands read as the Definitions do, and must agree with them on: the ad feature set (``ads
+    load`` validates by it) and the campaign cap (``campaign register`` refuses campaigns warming would refuse)."""
+    from ..ml.features import ENV_AD_CATEGORICAL, ENV_AD_LOG_SCALED, ENV_AD_NUMERIC
+    from ..storage.campaigns import ENV_CAMPAIGN_MAX_ADS
+
+    return ENV_AD_NUMERIC, ENV_AD_CATEGORICAL, ENV_AD_LOG_SCALED, ENV_CAMPAIGN_MAX_ADS
 
 
 def cmd_dev(args: argparse.Namespace) -> int:

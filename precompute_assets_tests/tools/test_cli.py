@@ -906,6 +906,11 @@ def test_env_is_shell_safe_and_stable_before_up(tmp_path, monkeypatch, capsys):
     [
         ("PRECOMPUTE_TIMEZONE", "Europe/Berln", "PRECOMPUTE_TIMEZONE='Europe/Berln' is not a known timezone"),
         ("PRECOMPUTE_PARTITIONS_START", "2026-02-30", "PRECOMPUTE_PARTITIONS_START='2026-02-30' is not a date"),
+        (
+            "PRECOMPUTE_CAMPAIGN_MAX_ADS",
+            "10k",
+            "PRECOMPUTE_CAMPAIGN_MAX_ADS must be a whole number of ads of at least 1, got '10k'",
+        ),
     ],
 )
 def test_up_dev_and_env_refuse_a_malformed_setting_they_would_export(
@@ -972,6 +977,25 @@ def test_env_exports_the_partitions_start_and_a_set_ad_feature_set(tmp_path, mon
         ["bash", "-c", script + show], capture_output=True, text=True, check=True, env={"PATH": os.environ["PATH"]}
     ).stdout
     assert shown == "2026-01-01|price,rating||unset|"
+
+
+def test_env_exports_a_set_campaign_cap(tmp_path, monkeypatch, capsys):
+    """`campaign register` counts ads against PRECOMPUTE_CAMPAIGN_MAX_ADS and warming refuses a campaign over the cap
+    the Definitions read: a shell or `precompute dev` started from `env`'s output warmed under the default cap."""
+    import subprocess
+
+    monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "home"))
+    show = 'printf "%s|" "${PRECOMPUTE_CAMPAIGN_MAX_ADS-unset}"'
+    for value, shown in ((None, "unset|"), ("50000", "50000|")):
+        if value is None:
+            monkeypatch.delenv("PRECOMPUTE_CAMPAIGN_MAX_ADS", raising=False)
+        else:
+            monkeypatch.setenv("PRECOMPUTE_CAMPAIGN_MAX_ADS", value)
+        assert main(["env"]) == 0
+        script = capsys.readouterr().out
+        out = subprocess.run(["bash", "-c", script + show], capture_output=True, text=True, check=True,
+                             env={"PATH": os.environ["PATH"]}).stdout  # fmt: skip
+        assert out == shown, script
 
 
 @pytest.mark.parametrize(
