@@ -252,7 +252,8 @@ def campaign_ctr(
     if reason is None and len(ads) > registry.max_ads:  # registered before the cap: its transaction would stall Redis
         raise dg.Failure(
             description=f"campaign {campaign.campaign_id} has {len(ads)} ads, more than the {registry.max_ads} a "
-            "campaign may have: re-register it split into campaigns, or raise max_ads",
+            "campaign may have: re-register it split into campaigns, or raise the cap (PRECOMPUTE_CAMPAIGN_MAX_ADS, "
+            "the campaign_registry resource's max_ads)",
             allow_retries=False,
         )
     if reason is None:

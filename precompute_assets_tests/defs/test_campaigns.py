@@ -743,6 +743,7 @@ def test_a_campaign_registered_before_the_ad_cap_is_refused_by_warming_and_nothi
     (failure,) = [e for e in run.all_events if e.event_type_value == "STEP_FAILURE"]
     message = failure.step_failure_data.error.message
     assert f"campaign {campaign_id} has 4 ads, more than the 3 a campaign may have" in message
+    assert "raise the cap (PRECOMPUTE_CAMPAIGN_MAX_ADS, the campaign_registry resource's max_ads)" in message
     assert not [e for e in run.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]  # not worth a retry
     assert transactions == [] and live_keys(redis_client, schema, "ctr") == [] and not registry.get(campaign_id).is_warm
 
