@@ -936,14 +936,15 @@ class Stack:
         """One ``up``/``down`` of this home at a time (two terminals, a test and a CLI)."""
         return exclusive_lock(self.home / "stack.lock")
 
-    def up(self) -> dict[str, str]:
-        """Start whatever is not provided by the environment; return once every service answers. A server the
-        environment names must answer and accept its URL's login before anything of ours starts."""
+    def up(self, *, postgres: bool = True) -> dict[str, str]:
+        """Start whatever is not provided by the environment (Redis alone with ``postgres=False``, for work that needs
+        no database); return once every service answers. A server the environment names must answer and accept its
+        URL's login before anything of ours starts."""
         with self._locked():
-            return self._up()
+            return self._up(postgres)
 
-    def _up(self) -> dict[str, str]:
-        for variable in (ENV_REDIS, ENV_DAGSTER_PG, ENV_APP_DB):
+    def _up(self, postgres: bool = True) -> dict[str, str]:
+        for variable in (ENV_REDIS, ENV_DAGSTER_PG, ENV_APP_DB) if postgres else (ENV_REDIS,):
             if url := self._external(variable):
                 check_login(variable, url)
         started_redis = False
@@ -951,7 +952,7 @@ class Stack:
             self._move_off_taken_port(self.redis, "redis_port", "Redis")
             started_redis = self.redis.pid is None
             self.redis.start()
-        if not (self._external(ENV_DAGSTER_PG) and self._external(ENV_APP_DB)):
+        if postgres and not (self._external(ENV_DAGSTER_PG) and self._external(ENV_APP_DB)):
             try:
                 self._move_off_taken_port(self.postgres, "pg_port", "PostgreSQL")
                 self.postgres.start()

@@ -191,3 +191,43 @@ def test_bench_publish_leaves_an_external_servers_other_keys_alone(
     assert result["keys"] == 2000 and result["redis_benchmark_set_per_s"] is None
     assert theirs.get("key:0000000001") == b"their value" and theirs.dbsize() == 1
     theirs.close()
+
+
+@pytest.mark.parametrize(
+    "what, module, function",
+    [
+        ("graph", "bench", "bench_graph"),
+        ("serve", "bench", "bench_serve"),
+        ("publish", "bench", "bench_publish"),
+        ("rerank", "bench", "bench_rerank"),
+        ("admission", "bench_admission", "bench_admission"),
+        ("load", "load", "bench_load"),
+    ],
+)
+def test_benchmarks_of_redis_alone_start_no_postgresql(session_dir, monkeypatch, capsys, what, module, function):
+    """`bench graph` (and the other benchmarks that use Redis alone) started the embedded PostgreSQL, seconds of
+    `up` and a server left running for nothing: they start Redis only."""
+    import importlib
+
+    from precompute_assets.stack import Stack
+    from precompute_assets.tools.cli import main
+
+    home = session_dir / f"redis-only-{what}"
+    seen = {}
+
+    def benchmark(redis_url=None, **options):
+        stack = Stack(home)
+        seen.update(redis=connect(redis_url or stack.env()["PRECOMPUTE_REDIS_URL"], socket_timeout=5).ping(),
+                    postgres=stack.postgres.pid, pidfile=stack.postgres.lock_file.exists())  # fmt: skip
+        return {"bench": what}
+
+    monkeypatch.setattr(importlib.import_module(f"precompute_assets.tools.{module}"), function, benchmark)
+    for name in ("PRECOMPUTE_REDIS_URL", "DAGSTER_PG_URL", "PRECOMPUTE_APP_DB_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("PRECOMPUTE_HOME", str(home))
+    try:
+        assert main(["bench", what]) == 0
+    finally:
+        Stack(home).purge()
+    assert json.loads(capsys.readouterr().out) == {"bench": what}
+    assert seen == {"redis": True, "postgres": None, "pidfile": False}
