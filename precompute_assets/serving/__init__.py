@@ -3,12 +3,46 @@
 Imports redis, numpy and the standard library only, so services can depend on it without Dagster.
 """
 
-from .cache import PredictionCache
-from .connection import connect
-from .events import ACTIONS, EventLogger
-from .keys import SCHEMA_VERSION, Experiment, KeySchema, Pointer, arm_of
-from .publish import PublishResult, publish_version
-from .querylog import QueryLogger, log_prediction_query, query_logger
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .cache import PredictionCache
+    from .connection import connect
+    from .events import ACTIONS, EventLogger
+    from .keys import SCHEMA_VERSION, Experiment, KeySchema, Pointer, arm_of
+    from .publish import PublishResult, publish_version
+    from .querylog import QueryLogger, log_prediction_query, query_logger
+
+# Each public name's module, imported on first use: every `precompute` command imports `serving.connection` (through
+# `stack`), and importing all of them with numpy was half of `precompute --help`'s start.
+_MODULES = {
+    "PredictionCache": "cache",
+    "connect": "connection",
+    "ACTIONS": "events",
+    "EventLogger": "events",
+    "SCHEMA_VERSION": "keys",
+    "Experiment": "keys",
+    "KeySchema": "keys",
+    "Pointer": "keys",
+    "arm_of": "keys",
+    "PublishResult": "publish",
+    "publish_version": "publish",
+    "QueryLogger": "querylog",
+    "log_prediction_query": "querylog",
+    "query_logger": "querylog",
+}
+
+
+def __getattr__(name: str) -> object:
+    if name not in _MODULES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_MODULES[name]}", __name__), name)
+    globals()[name] = value  # once
+    return value
+
 
 __all__ = [
     "ACTIONS",
