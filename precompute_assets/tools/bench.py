@@ -319,7 +319,6 @@ def bench_graph(
     io_floor_s = max(round(time.perf_counter() - started, 4), 0.0001)
 
     resources = {
-        "redis": RedisResource(url=redis_url, namespace=f"bench{uuid.uuid4().hex[:6]}"),
         "lake": LakeResource(base_uri=f"{scratch}/lake"),
         "model_store": ModelStoreResource(root=f"{scratch}/models"),
         "experiment": ExperimentResource(),
@@ -328,11 +327,14 @@ def bench_graph(
     runs, failure = {}, None
     # The daily graph without demand_model, whose LSTM has its own budget and benchmark (bench demand).
     assets = defs.resolve_job_def(refresh_precompute_job.name).asset_layer.executable_asset_keys
+    # Each N publishes into a namespace of its own: with fewer ads than N, two selections predict the same ads, and
+    # the second publish would find its version current and write nothing.
+    namespaces = [RedisResource(url=redis_url, namespace=f"bench{uuid.uuid4().hex[:6]}") for _ in top_ns]
     with dg.instance_for_test() as instance:
-        for top_n in top_ns:
+        for top_n, namespace in zip(top_ns, namespaces, strict=True):
             result = dg.materialize(
                 [spec for spec in defs.assets if getattr(spec, "keys", None) and spec.keys & assets],
-                resources=resources,
+                resources={**resources, "redis": namespace},
                 partition_key=day_keys[-1],
                 instance=instance,
                 run_config={"ops": {"top_ads": {"config": {"top_n": top_n}}}},
@@ -352,7 +354,8 @@ def bench_graph(
                 "ratio_vs_io_floor": round(total_s / io_floor_s, 2),
             }
     shutil.rmtree(scratch, ignore_errors=True)
-    drop_namespace(connect(redis_url, socket_timeout=30), resources["redis"].schema())
+    for namespace in namespaces:
+        drop_namespace(connect(redis_url, socket_timeout=30), namespace.schema())
     if failure:
         raise ValueError(f"the daily graph failed on {written:,} queries over {ads:,} ads: {failure}")
     return {"bench": "graph", "queries": written, "ads": ads, "days": days, "setup_seconds": round(setup_s, 1),
