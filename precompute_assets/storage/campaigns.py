@@ -529,7 +529,8 @@ class CampaignRegistry:
                 reasons.append("no ads")
             elif len(ads) > self.max_ads:
                 reasons.append(
-                    f"{len(ads)} ads, more than the {self.max_ads} a campaign may have: split it into campaigns"
+                    f"{len(ads)} ads, more than the {self.max_ads} a campaign may have: split it into campaigns, "
+                    f"or raise the cap ({ENV_CAMPAIGN_MAX_ADS})"
                 )
                 ads = []
         not_mappings = [i for i, ad in enumerate(ads, start=1) if not isinstance(ad, Mapping)]

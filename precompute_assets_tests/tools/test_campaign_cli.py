@@ -143,7 +143,8 @@ def test_register_counts_ads_against_the_deployments_cap(servers, tmp_path, caps
     """The cap was a constant of 10,000: a deployment that warms bigger campaigns could not register them."""
     path = jsonl(tmp_path / "a.jsonl", campaign("c1", n_ads=3))
     monkeypatch.setenv(ENV_MAX_ADS, "2")
-    assert "3 ads, more than the 2 a campaign may have" in fails(capsys, "register", "--file", str(path))
+    message = fails(capsys, "register", "--file", str(path))
+    assert "3 ads, more than the 2 a campaign may have" in message and "PRECOMPUTE_CAMPAIGN_MAX_ADS" in message
     monkeypatch.setenv(ENV_MAX_ADS, "none")
     assert f"{ENV_MAX_ADS} must be a whole number of ads of at least 1, got 'none'" in fails(
         capsys, "register", "--file", str(path)
