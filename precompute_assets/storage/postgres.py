@@ -11,6 +11,8 @@ from typing import IO
 
 import psycopg2
 
+from ..serving.urls import split_userinfo
+
 
 def libpq_url(url: str) -> str:
     """A SQLAlchemy-style ``postgresql+psycopg2://...`` URL in the form psycopg2.connect accepts."""
@@ -48,12 +50,10 @@ def connect(url: str) -> psycopg2.extensions.connection:
 
 
 def userinfo_problem(url: str) -> str | None:
-    """Why libpq would misread the user info of ``url`` (to the authority's last '@', as ``stack.redact`` and
-    ``urlsplit`` read it), or None: an unencoded '@' or '/' in the user name or password."""
-    _, scheme, rest = url.partition("://")
-    end = min((rest.index(mark) for mark in "?#" if mark in rest), default=len(rest))
-    userinfo, at, _ = rest[:end].rpartition("@")
-    if not (scheme and at) or ("@" not in userinfo and "/" not in userinfo):
+    """Why libpq would misread the user info of ``url`` (as ``serving.urls.split_userinfo`` reads it, past a
+    password's '?' or '#' too, as libpq does), or None: an unencoded '@' or '/' in the user name or password."""
+    head, userinfo, _ = split_userinfo(url)
+    if not (head and userinfo) or ("@" not in userinfo and "/" not in userinfo):
         return None
     # libpq ends the user info at its first '@' or '/': the rest of the password became the host ('could not
     # translate host name "rest@db.example"') or the port ('invalid integer value "s3"'), shown in every error.
@@ -61,12 +61,11 @@ def userinfo_problem(url: str) -> str | None:
 
 
 def without_password(text: str, url: str) -> str:
-    """``text`` with the password of ``url``'s user info (as written, to the authority's last '@') replaced by ***."""
-    _, scheme, rest = url.partition("://")
-    end = min((rest.index(mark) for mark in "?#" if mark in rest), default=len(rest))
-    userinfo, at, _ = rest[:end].rpartition("@")
-    _, colon, password = userinfo.partition(":")
-    return text.replace(password, "***") if scheme and at and colon and password else text
+    """``text`` with the password of ``url``'s user info (as written: ``serving.urls.split_userinfo``) replaced by
+    ***."""
+    head, userinfo, _ = split_userinfo(url)
+    _, colon, password = (userinfo or "").partition(":")
+    return text.replace(password, "***") if head and colon and password else text
 
 
 @contextlib.contextmanager

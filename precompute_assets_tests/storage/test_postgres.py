@@ -183,3 +183,26 @@ def test_a_url_libpq_cannot_read_is_refused_without_its_password(url: str) -> No
     with pytest.raises(psycopg2.ProgrammingError, match="invalid dsn") as refused:
         connect(url)
     assert "s3c" not in str(refused.value) and "ret@" not in str(refused.value), refused.value
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://app:s3cr%zz?et@127.0.0.1:1/app",  # libpq reads the user info to its '@', past the '?'
+        "postgresql://app:s3cr%zz#et@127.0.0.1:1/app",
+        "postgresql://app:s3c?r@et@127.0.0.1:1/app",  # ... and took 'et@127.0.0.1' for the host
+    ],
+)
+def test_a_question_mark_or_hash_in_the_password_is_never_shown(url: str) -> None:
+    """The user info was read only to the first '?' or '#': libpq's 'invalid percent-encoded token' quoted such a
+    password whole, and one with an '@' after its '?' passed, for libpq to name the rest of it as the host."""
+    with pytest.raises(psycopg2.ProgrammingError, match="invalid dsn") as refused:
+        connect(url)
+    assert "s3c" not in str(refused.value) and "et@" not in str(refused.value), refused.value
+
+
+def test_an_at_sign_in_a_query_value_is_no_user_info() -> None:
+    """``?user=me@corp`` (an Azure-style login) is a parameter, not a password to refuse: libpq reads it so."""
+    with pytest.raises(psycopg2.OperationalError) as refused:  # nothing listens on port 1
+        connect("postgresql://127.0.0.1:1/app?user=me@corp")
+    assert "invalid dsn" not in str(refused.value), refused.value

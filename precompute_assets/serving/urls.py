@@ -1,0 +1,42 @@
+"""The user info of a URL, read one way by everything that parses, checks or redacts a URL (stdlib only).
+
+A password whose '@', '/', '?', '#' or ':' was not percent-encoded makes a URL ambiguous, and urllib, libpq and
+redis-py each cut it somewhere else; a reader that cut it short showed the rest of the password as a host, a port or
+a query. ``split_userinfo`` ends the user info at the first '@' after which the URL reads as what may follow one:
+hosts and a path without '@', then a query whose every '@' is in a parameter's value (``?user=me@corp``).
+"""
+
+from __future__ import annotations
+
+import re
+
+# One host (a name, an IPv4 address or a bracketed IPv6 address) with an optional numeric port: a Sentinel URL lists
+# several, comma-separated. A password's start read as a port ("u:pa" of "u:pa?ss@host") is no number.
+_HOST_PORT = re.compile(r"(?:\[[^\[\]/?#@]*\]|[^\[\]:/?#@]*)(?::\d*)?")
+
+
+def split_userinfo(url: str) -> tuple[str, str | None, str]:
+    """``(head, userinfo, rest)`` of ``url``: ``head`` up to and including its '://' ("" without one), the user info
+    (None: none) and what follows its '@', so that ``head + userinfo + "@" + rest == url``. Without '://' the whole
+    text is read as what follows it (a mistyped ``redis:/u:pw@host``, a bare ``u:pw@host:6379``)."""
+    scheme, sep, rest = url.partition("://")
+    head, rest = (scheme + sep, rest) if sep else ("", url)
+    if "@" not in rest or _follows_userinfo(rest):
+        return head, None, rest
+    ats = [index for index, char in enumerate(rest) if char == "@"]
+    # The first '@' after which the URL reads whole; with none such (a space or an '@' in the fragment), the last:
+    # what is hidden as a password then is too much, never too little.
+    at = next((index for index in ats if _follows_userinfo(rest[index + 1 :])), ats[-1])
+    return head, rest[:at], rest[at + 1 :]
+
+
+def _follows_userinfo(rest: str) -> bool:
+    """Whether ``rest`` reads as what follows a URL's user info: hosts[:port] and a path without '@', then a query whose
+    every '@' is in a parameter's value, and a fragment without '@'."""
+    end = min((rest.index(mark) for mark in "?#" if mark in rest), default=len(rest))
+    located, tail = rest[:end], rest[end:]
+    authority = located.partition("/")[0]
+    if "@" in located or not all(_HOST_PORT.fullmatch(host) for host in authority.split(",")):
+        return False
+    query, _, fragment = tail[1:].partition("#") if tail.startswith("?") else ("", "", tail[1:])
+    return "@" not in fragment and all("@" not in piece.partition("=")[0] for piece in re.split("[&;]", query))
