@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .serving.connection import REDIS_ERRORS, SENTINEL_SCHEMES, check_url_port, connect, parse_sentinel_url
+from .serving.urls import split_userinfo
 from .storage.files import exclusive_lock
 from .storage.postgres import connect as postgres_connect
 
@@ -1037,26 +1038,19 @@ class Stack:
         return out
 
 
-_USERINFO = re.compile(r"(://[^:/@?#]*:)[^?#]*@")  # to the last '@' of the authority: an unencoded '@' leaks nothing
-# A password with an unencoded '?' or '#' ("redis://:pa?ss@host"), which the rule above takes for the query: here the
-# user info runs to the URL's last '@'. A URL with an '@' in its query then shows less than it could, never a password;
-# but not across a ``password=`` parameter, whose '@' it would have cut at and shown the rest of (``_PASSWORD_PARAM``).
-_NO_PASSWORD_PARAM = r"(?!\S*(?i:password)\s*=)"
-_QUERY_IN_USERINFO = re.compile(rf"(://[^:/@?#\s]*:)[^\s@]*[?#]{_NO_PASSWORD_PARAM}\S*@")
-# A URL whose '://' is mistyped or missing ("postgresql//u:pw@h", "redis:/u:pw@h", "u:pw@h:6379") still holds its
-# password before an '@': exactly the URL an error about its scheme shows. Not across whitespace, so that prose in an
-# error message is left alone.
-_LOOSE_USERINFO = re.compile(r"((?:^|[\s/:'\"(])[^:/@?#\s'\"]*:)(?!//)[^?#\s]*@")
-# Both at once ("redis//u:pa?ss@host"): the rule above stops at the '?' or '#', so here too the user info runs to the
-# last '@' (a '/' before the '?' or '#' is a path's: a well-formed URL's query is left alone).
-_LOOSE_QUERY_IN_USERINFO = re.compile(rf"((?:^|[\s/:'\"(])[^:/@?#\s'\"]*:)(?!//)[^\s@/]*[?#]{_NO_PASSWORD_PARAM}\S*@")
 _PASSWORD_PARAM = re.compile(r"(?i)(\b(?:ssl_?|sentinel_)?password\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&#;]*)")
 
 
 def redact(url: str) -> str:
-    """The URL (or libpq ``key=value`` string) with every password replaced by ***: in the user info (of a URL with a
-    mistyped or missing ``://``, or a '?' or '#' in its password, too), and in ``password=`` parameters
-    (``redis://host/0?password=...``, ``host=h password=...``)."""
-    shown = _QUERY_IN_USERINFO.sub(r"\1***@", _USERINFO.sub(r"\1***@", url))
-    shown = _LOOSE_QUERY_IN_USERINFO.sub(r"\1***@", _LOOSE_USERINFO.sub(r"\1***@", shown))
-    return _PASSWORD_PARAM.sub(r"\1***", shown)
+    """The URL (or libpq ``key=value`` string, or an error message that holds some) with every password replaced by
+    ***: in the user info of each word as ``serving.urls.split_userinfo`` reads it (a mistyped or missing ``://``, an
+    '@', '?' or '#' in the password too), and in ``password=`` parameters (``redis://host/0?password=...``,
+    ``host=h password=...``). Not across whitespace, so that prose in an error message is left alone."""
+    return _PASSWORD_PARAM.sub(r"\1***", re.sub(r"\S+", lambda word: _without_userinfo_password(word.group()), url))
+
+
+def _without_userinfo_password(word: str) -> str:
+    """``word`` with the password of its user info, if it has one, replaced by ***."""
+    head, userinfo, rest = split_userinfo(word)
+    user, colon, _ = (userinfo or "").partition(":")
+    return f"{head}{user}:***@{rest}" if colon else word

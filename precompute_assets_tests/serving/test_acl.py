@@ -38,7 +38,7 @@ from precompute_assets.serving.querylog import read_stream_window
 from precompute_assets.serving.refresh import read_recent_hits
 from precompute_assets.serving.replication import wait_for_replicas
 from precompute_assets.serving.stats import window_stats
-from precompute_assets.stack import RedisServer, free_port, redact, server_version
+from precompute_assets.stack import RedisServer, free_port, redact, server_version, url_error
 from precompute_assets_tests.factories import logged_queries
 
 ADMIN_PASSWORD = "admin-pw-0123456789"
@@ -489,6 +489,25 @@ def test_a_password_parameter_with_an_at_sign_is_hidden_whole(url: str) -> None:
     'redis://127.0.0.1:***@retTAIL' showed the rest of the password, which the password= rule then no longer found."""
     assert "s3c" not in redact(url) and "retTAIL" not in redact(url), redact(url)
     assert "password=***" in redact(url), redact(url)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://app:s3c@r?etTAIL@127.0.0.1:6379/0",  # an '@' and then a '?' in the password
+        "rediss://:s3c@r#etTAIL@cache.example:6380/0",
+        "redis+sentinel://app:s3c?retTAIL@s1:26379/m?sentinel_password=p@ss",  # a '?' and a password= parameter
+        "rediss://:s3c#retTAIL@cache.example:6380/0?ssl_password=key",
+    ],
+)
+def test_a_password_with_an_at_sign_or_a_password_parameter_beside_its_question_mark_is_hidden(url: str) -> None:
+    """redact's rules for a password's '@' (to the last '@' before the '?') and for its '?' (never across a
+    password= parameter) each stopped short: 'redis://app:***@r?etTAIL@...' and the Sentinel URL whole but its
+    sentinel_password were shown by `up`, `status` and every Dagster failure naming the URL."""
+    assert "s3c" not in redact(url) and "etTAIL" not in redact(url), redact(url)
+    if "sentinel" in url:  # the line `up` and `status` print for it
+        problem = url_error("PRECOMPUTE_REDIS_URL", url)
+        assert "percent-encode" in problem and "etTAIL" not in problem, problem
 
 
 @pytest.mark.parametrize("url", ["redis://app:s3cr/et@cache.example:6379/0", "rediss://:s3cr?et@cache.example/0"])
