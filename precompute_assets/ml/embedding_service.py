@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..serving.urls import split_userinfo
 from .embedder import MAX_CHARS
 
 ENV_URL = "PRECOMPUTE_EMBEDDING_URL"
@@ -93,24 +94,10 @@ def _retry_after(value: str | None) -> float | None:
 
 
 def _without_credentials(url: str) -> str:
-    """``url`` without user:password (to the authority's last '@', as ``stack.redact`` reads it: a password's unencoded
-    '/' or '@' is not left behind as a path), nor fragment, for the error messages. With no '@' before the first '?' or
-    '#', but one after it, or no '://' at all, the user info runs to the URL's last '@' (``redact`` reads those so too):
-    a password's unencoded '?' or '#' ended the authority inside it, and was shown whole."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:  # a mistyped or missing '://' ("http:/u:pw@host")
-        scheme, rest = "", url
-    end = _authority_end(rest)
-    if not sep or "@" not in rest[:end]:
-        rest = rest.rpartition("@")[2]
-        end = _authority_end(rest)
-    located = rest[:end].rpartition("@")[2]
-    return f"{scheme}{sep}{located}{rest[end:].partition('#')[0]}"
-
-
-def _authority_end(rest: str) -> int:
-    """Where the authority of a URL's part after ``://`` ends as urllib reads it: at its first '?' or '#'."""
-    return min((rest.index(mark) for mark in "?#" if mark in rest), default=len(rest))
+    """``url`` without user:password (as ``serving.urls.split_userinfo`` reads it, past a password's unencoded '@',
+    '/', '?' or '#', and without a '://' too), nor fragment, for the error messages."""
+    head, _, rest = split_userinfo(url)
+    return f"{head}{rest.partition('#')[0]}"
 
 
 @dataclass(eq=False)

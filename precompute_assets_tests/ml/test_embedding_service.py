@@ -198,3 +198,21 @@ def test_a_url_that_is_no_http_url_is_refused_without_the_password(url):
         HttpEmbedder(url=url, dim=4)
     assert "s3c" not in str(refused.value) and "ret" not in str(refused.value), refused.value
     assert "embed.example/embed" in str(refused.value), refused.value
+
+
+def test_an_at_sign_in_the_query_is_not_taken_for_the_end_of_a_password(service):
+    """Without an '@' before the '?', the user info was read to the URL's last '@': a service at ...?user=me@corp
+    that failed was named 'http://corp' (and one whose query held a key with an '@', by the key's tail)."""
+    service.plan = lambda texts, number: "400"
+    url = f"{service.url}/v1/embeddings?user=me@corp"
+    with pytest.raises(RuntimeError, match="embedding service at") as failed:
+        embedder(service, url=url, dim=0, max_retries=0)
+    assert f"embedding service at {url}:" in str(failed.value), failed.value
+
+
+def test_a_password_with_an_at_sign_before_its_question_mark_is_never_shown():
+    """The user info was read to the last '@' before the first '?': 'htps://user:s3c@r?etTAIL@embed.example/embed'
+    was refused as 'htps://r?etTAIL@embed.example/embed', the password's rest."""
+    with pytest.raises(ValueError, match="not an http") as refused:
+        HttpEmbedder(url="htps://user:s3c@r?etTAIL@embed.example/embed", dim=4)
+    assert "etTAIL" not in str(refused.value) and "embed.example/embed" in str(refused.value), refused.value
