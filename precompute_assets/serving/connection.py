@@ -28,6 +28,8 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 
+from .urls import split_userinfo
+
 if TYPE_CHECKING:
     from redis.cluster import RedisCluster
 
@@ -109,18 +111,19 @@ def parse_sentinel_url(url: str) -> SentinelUrl | None:
             )
         return None
     tls = SENTINEL_SCHEMES[scheme.lower()]
-    # The user info runs to the last '@' before the query, as ``stack.redact`` reads it: a password's unencoded '/'
-    # or '@' (base64 has '/') is then neither a host nor a path, and never shown in an error as one.
+    # The user info as ``serving.urls.split_userinfo`` reads it, as ``stack.redact`` does: a password's unencoded '/'
+    # or '@' (base64 has '/') is then neither a host, a path nor a parameter, and never shown in an error as one.
+    _, userinfo, located = split_userinfo(url)
     end = min((rest.index(mark) for mark in "?#" if mark in rest), default=len(rest))
-    userinfo, at, located = rest[:end].rpartition("@")
-    if not at and "@" in rest[end:] and not _in_parameter_values(rest[end:]):
-        # A password's unencoded '?' or '#' ended the authority inside it: its first part would be shown as a sentinel.
+    ambiguous = userinfo is None and "@" in rest[end:] and not _in_parameter_values(rest[end:])
+    if ambiguous or any(mark in (userinfo or "") for mark in "?#"):
+        # A password's unencoded '?' or '#': urllib and redis-py end the authority inside it, so it is refused.
         raise ValueError(
             "the Sentinel URL has an '@' after its '?' or '#': percent-encode '?', '#' and '@' in its user name and "
             "password (%3F, %23, %40)"
         )
-    username, _, password = userinfo.partition(":")
-    parts = urlsplit(f"redis+sentinel://{located}{rest[end:]}")
+    username, _, password = (userinfo or "").partition(":")
+    parts = urlsplit(f"redis+sentinel://{located}")
     hosts = parts.netloc
     sentinels = tuple(_sentinel_address(host) for host in hosts.split(",") if host.strip())
     if not sentinels:

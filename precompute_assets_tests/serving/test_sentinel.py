@@ -393,6 +393,19 @@ def test_a_question_mark_or_hash_in_the_password_is_never_shown_as_a_sentinel(pa
 
 
 @pytest.mark.parametrize(
+    "url", ["redis+sentinel://app:s3c@r/x?etTAIL@s1:26379/m", "redis+sentinel://app:s3c@r?etTAIL@s1:26379/m"]
+)
+def test_an_at_sign_before_a_question_mark_in_the_password_is_refused_without_it(url):
+    """The user info ended at the last '@' before the first '?': the password's rest became a sentinel 'r', a
+    service 'x' and a parameter, and `up` said "unknown parameter(s) etTAIL@s1:26379/m" (or "path must be ...")."""
+    with pytest.raises(ValueError, match="percent-encode") as refused:
+        parse_sentinel_url(url)
+    assert "etTAIL" not in str(refused.value), refused.value
+    problem = url_problem("PRECOMPUTE_REDIS_URL", url)
+    assert "percent-encode" in problem and "etTAIL" not in problem, problem
+
+
+@pytest.mark.parametrize(
     "url, field, value",
     [
         ("redis+sentinel://s1:26379/m?sentinel_password=p@ss", "sentinel_password", "p@ss"),
