@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import pytest
 
+from precompute_assets.ml.embedding_service import _without_credentials
+from precompute_assets.serving.connection import parse_sentinel_url
 from precompute_assets.serving.urls import split_userinfo
+from precompute_assets.stack import redact
+from precompute_assets.storage.postgres import userinfo_problem, without_password
 
 CASES = [
     # (url, userinfo, rest)
@@ -45,3 +49,46 @@ def test_split_userinfo_reads_hostile_urls(url: str, userinfo: str | None, rest:
     head, found, after = split_userinfo(url)
     assert (found, after) == (userinfo, rest)
     assert head + ("" if found is None else found + "@") + after == url
+
+
+# (url, password): every reader of a URL's user info must agree on where it ends, and none may show the password.
+HOSTILE = [
+    ("redis://app:S3cr@et@cache.example:6379/0", "S3cr@et"),
+    ("redis://app:S3cr/et@cache.example:6379/0", "S3cr/et"),
+    ("redis://app:S3cr?et@cache.example:6379/0", "S3cr?et"),
+    ("redis://app:S3cr#et@cache.example:6379/0", "S3cr#et"),
+    ("redis://app:S3cr:et@cache.example:6379/0", "S3cr:et"),
+    ("redis://app:S3cr@e?tX@cache.example:6379/0", "S3cr@e?tX"),
+    ("redis://app:S3cr?e@tX@cache.example:6379/0", "S3cr?e@tX"),
+    ("redis://:S3cr%40et@[::1]:6379/0", "S3cr%40et"),
+    ("rediss://app:S3cr?et@cache.example:6380/0?ssl_cert_reqs=required", "S3cr?et"),
+    ("unix://app:S3cr@et@/run/redis.sock?db=0", "S3cr@et"),
+    ("postgresql://app:S3cr%zz?et@db.example:5432/app?user=me@corp", "S3cr%zz?et"),
+    ("postgresql+psycopg2://app:S3cr#et@db.example/app", "S3cr#et"),
+    ("http://app:S3cr@e?tX@embed.example:8080/v1/embeddings?user=me@corp", "S3cr@e?tX"),
+    ("redis+sentinel://app:S3cr@et@s1:26379,s2:26380,[::1]:7/m/1", "S3cr@et"),
+    ("redis+sentinel://app:S3cr/e@tX@s1:26379/m?sentinel_password=p@ss", "S3cr/e@tX"),
+    ("redis+sentinel://app:S3cr?et@s1:26379/m?sentinel_password=p@ss", "S3cr?et"),
+    ("app:S3cr?et@cache.example:6379", "S3cr?et"),
+]
+
+
+@pytest.mark.parametrize(("url", "password"), HOSTILE)
+def test_the_five_readers_of_a_user_info_agree_and_never_show_its_password(url: str, password: str) -> None:
+    head, userinfo, rest = split_userinfo(url)
+    assert userinfo is not None and userinfo.partition(":")[2] == password
+    shown = redact(url)  # password= parameters are hidden too
+    assert (
+        shown.startswith(f"{head}{userinfo.partition(':')[0]}:***@{rest.partition('?')[0]}") and password not in shown
+    )
+    assert _without_credentials(url) == head + rest.partition("#")[0]
+    assert without_password(f"libpq quoted {password!r}", url) == (
+        "libpq quoted '***'" if head else f"libpq quoted {password!r}"
+    )
+    assert (userinfo_problem(url) is not None) == (bool(head) and ("@" in userinfo or "/" in userinfo))
+    try:
+        sentinel = parse_sentinel_url(url)
+    except ValueError as refused:
+        assert "percent-encode" in str(refused) and password not in str(refused), refused
+    else:
+        assert sentinel is None or (sentinel.password, sentinel.sentinels[0][0]) == (password, "s1")
