@@ -61,11 +61,19 @@ def userinfo_problem(url: str) -> str | None:
 
 
 def without_password(text: str, url: str) -> str:
-    """``text`` with the password of ``url``'s user info (as written: ``serving.urls.split_userinfo``) replaced by
-    ***."""
-    head, userinfo, _ = split_userinfo(url)
+    """``text`` with every password of ``url`` replaced by ***: its user info's (as written:
+    ``serving.urls.split_userinfo``) and the values of its ``password`` and ``sslpassword`` parameters, as written
+    (libpq quotes the one whose '%' is no escape)."""
+    head, userinfo, rest = split_userinfo(url)
     _, colon, password = (userinfo or "").partition(":")
-    return text.replace(password, "***") if head and colon and password else text
+    passwords = [password] if head and colon and password else []
+    for parameter in rest.partition("#")[0].partition("?")[2].split("&"):
+        name, _, value = parameter.partition("=")
+        if name.strip().lower() in ("password", "sslpassword") and value:
+            passwords.append(value)
+    for secret in sorted(passwords, key=len, reverse=True):  # a longer one first: a shorter may be part of it
+        text = text.replace(secret, "***")
+    return text
 
 
 @contextlib.contextmanager

@@ -201,6 +201,17 @@ def test_a_question_mark_or_hash_in_the_password_is_never_shown(url: str) -> Non
     assert "s3c" not in str(refused.value) and "et@" not in str(refused.value), refused.value
 
 
+@pytest.mark.parametrize(
+    "query", ["?password=s3cret%zz", "?sslmode=require&password=s3cret%zz", "?sslpassword=s3cret%zz&sslmode=require"]
+)
+def test_a_password_parameter_libpq_cannot_read_is_never_shown(query: str) -> None:
+    """Only the user info's password was taken out of libpq's errors: a password given as a parameter, whose '%' is
+    no escape, was quoted whole ('invalid percent-encoded token: "s3cret%zz"') by `up`, `status` and a failed run."""
+    with pytest.raises(psycopg2.ProgrammingError, match="invalid dsn") as refused:
+        connect(f"postgresql://app@127.0.0.1:1/app{query}")
+    assert "s3cret" not in str(refused.value), refused.value
+
+
 def test_an_at_sign_in_a_query_value_is_no_user_info() -> None:
     """``?user=me@corp`` (an Azure-style login) is a parameter, not a password to refuse: libpq reads it so."""
     with pytest.raises(psycopg2.OperationalError) as refused:  # nothing listens on port 1
