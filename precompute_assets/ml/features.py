@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from ..serving.querylog import MAX_KEY_LENGTH
+from ..serving.keys import KEY_BRACES, KEY_CONTROL_CHARACTERS, KEY_LONE_SURROGATES, MAX_KEY_LENGTH
 
 ID_COLUMN = "ad_id"
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
@@ -66,9 +66,9 @@ def require_ad_columns(ads: pd.DataFrame, spec: AdFeatureSpec, columns: Sequence
 def feature_problems(ads: pd.DataFrame, spec: AdFeatureSpec) -> pd.Series:
     """One reason per row of ``ads`` (aligned with its index), or None where the row is valid.
 
-    A row is invalid when its id is blank, longer than a cache key may be or holds control characters or braces
-    (``serving.keys.check_key``), a numeric feature is not a finite number (or is negative where it is log-scaled),
-    or a categorical feature is missing or blank. The first problem of a row is reported.
+    A row is invalid when its id is blank, longer than a cache key may be or holds control characters, braces or lone
+    surrogates (``serving.keys.check_key``), a numeric feature is not a finite number (or is negative where it is
+    log-scaled), or a categorical feature is missing or blank. The first problem of a row is reported.
     """
     require_ad_columns(ads, spec)
     problems = pd.Series([None] * len(ads), index=ads.index, dtype=object)
@@ -78,13 +78,18 @@ def feature_problems(ads: pd.DataFrame, spec: AdFeatureSpec) -> pd.Series:
         problems[fresh] = reason
 
     ids = ads[ID_COLUMN]
-    flag((ids.isna() | (ids.astype(str).str.strip() == "")).to_numpy(), f"{ID_COLUMN} is missing")
-    text = ids.astype(str)
+    try:
+        text = ids.astype(str)
+    except UnicodeEncodeError:  # a lone surrogate (JSON's "\ud800"): pandas' Arrow strings cannot hold it
+        text = pd.Series([str(v) for v in ids], index=ids.index, dtype=object)
+    flag((ids.isna() | (text.str.strip() == "")).to_numpy(), f"{ID_COLUMN} is missing")
+    # check_key's rules (serving.keys), each with its own reason: an id no cache key may be is never published
     flag((text.str.len() > MAX_KEY_LENGTH).to_numpy(), f"{ID_COLUMN} is longer than {MAX_KEY_LENGTH} characters")
-    flag(text.str.contains(r"[\x00-\x1f\x7f]", regex=True).to_numpy(dtype=bool), f"{ID_COLUMN} has control characters")
+    flag(_has_any(text, KEY_CONTROL_CHARACTERS), f"{ID_COLUMN} has control characters")
     # a brace in a cache key would pick its Redis Cluster slot: serving.keys refuses it, so publishing such an id
     # (a braced GUID) failed the whole ctr_cache, and a campaign holding one could never be warmed
-    flag(text.str.contains(r"[{}]", regex=True).to_numpy(dtype=bool), f"{ID_COLUMN} has a brace ('{{' or '}}')")
+    flag(_has_any(text, KEY_BRACES), f"{ID_COLUMN} has a brace ('{{' or '}}')")
+    flag(_has_any(text, KEY_LONE_SURROGATES), f"{ID_COLUMN} is not valid UTF-8")
     for column in spec.numeric:
         values = pd.to_numeric(ads[column], errors="coerce").to_numpy(dtype=float)
         flag(~np.isfinite(values), f"{column} is not a finite number")
@@ -94,6 +99,11 @@ def feature_problems(ads: pd.DataFrame, spec: AdFeatureSpec) -> pd.Series:
     for column in spec.categorical:
         flag(category_labels(ads[column]).isna().to_numpy(), f"{column} is missing")
     return problems
+
+
+def _has_any(text: pd.Series, ranges: str) -> np.ndarray:
+    """Where ``text`` holds a character of the character-class ``ranges`` (``serving.keys.KEY_BRACES``...)."""
+    return text.str.contains(f"[{ranges}]", regex=True).to_numpy(dtype=bool)
 
 
 def parse_names(names: str | Sequence[str] | None) -> tuple[str, ...]:

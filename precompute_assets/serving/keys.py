@@ -80,8 +80,12 @@ RESERVED_VERSIONS = frozenset({"live", "current", "experiment", "sketch", "seen"
 # admission ``probation``'s state (``admission_fifo``), and the published version's key count it sizes itself by
 FIFO_PARTS = ("small", "hits", "main", "ghost", "seq", "published", "tier", "order")
 MAX_KEY_LENGTH = 256  # characters of a prediction key (the query log quarantines longer ones)
-# Control characters, hash-tag braces and lone surrogates (not encodable as UTF-8).
-BAD_KEY_CHARACTERS = re.compile(r"[\x00-\x1f\x7f{}\ud800-\udfff]")
+# Control characters, hash-tag braces and lone surrogates (not encodable as UTF-8), as character-class ranges:
+# ``check_key`` refuses them all at once, ``ml.features.feature_problems`` screens ad ids for each with its own reason.
+KEY_CONTROL_CHARACTERS = r"\x00-\x1f\x7f"
+KEY_BRACES = "{}"
+KEY_LONE_SURROGATES = r"\ud800-\udfff"
+BAD_KEY_CHARACTERS = re.compile(f"[{KEY_CONTROL_CHARACTERS}{KEY_BRACES}{KEY_LONE_SURROGATES}]")
 
 
 class Codec(Protocol):

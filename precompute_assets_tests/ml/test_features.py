@@ -17,6 +17,7 @@ from precompute_assets.ml.features import (
     spec_dict,
     spec_from_names,
 )
+from precompute_assets.serving.keys import MAX_KEY_LENGTH, check_key
 from precompute_assets.workload.ads import make_ads
 
 
@@ -149,3 +150,18 @@ def test_numeric_and_text_categories_encode_the_same() -> None:
     # "3.0" is text, not the number 3: only numbers lose their ".0".
     np.testing.assert_array_equal(encoder.encode(text)[:, 3:], [[1, 0], [0, 0], [0, 1]])
     np.testing.assert_array_equal(encoder.encode(numbers.astype({"category": float}))[:, 3:], [[1, 0], [1, 0], [0, 1]])
+
+
+def test_every_id_no_cache_key_may_be_is_a_problem_of_its_row() -> None:
+    """feature_problems repeated check_key's rules but for lone surrogates: an ad id from JSON's "\\ud800" (a campaign
+    file) raised UnicodeEncodeError from pandas' Arrow strings instead of naming its row."""
+    bad = ["", "x" * (MAX_KEY_LENGTH + 1), "tab\tid", "del\x7f", "{guid}", "a\ud800b"]
+    for key in bad:
+        with pytest.raises(ValueError):
+            check_key(key)
+    n = len(bad) + 1
+    ads = pd.DataFrame({"ad_id": pd.Series([*bad, "ok"], dtype=object), "quality": [0.5] * n, "bid": [1.0] * n,
+                        "text_len": [10] * n, "category": [3] * n})  # fmt: skip
+    problems = feature_problems(ads, AdFeatureSpec()).tolist()
+    assert all(problems[: len(bad)]) and problems[-1] is None, problems
+    assert problems[-2] == "ad_id is not valid UTF-8", problems

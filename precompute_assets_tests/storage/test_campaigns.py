@@ -384,6 +384,7 @@ def test_a_registry_refuses_campaigns_over_its_own_cap(registry):
         # a braced GUID: no cache key may hold a brace, so its campaign could never be warmed
         ({"ads": [ad("{3F2504E0-4F89-11D3-9A0C-0305E82C3301}")]}, "ad_id has a brace"),
         ({"ads": [ad("a1", category="x\ud800")]}, "category is not valid UTF-8"),
+        ({"ads": [ad("a\ud800")]}, "ad_id is not valid UTF-8"),  # JSON's "\ud800": pandas raised on it
     ],
 )
 def test_a_bad_campaign_is_refused_with_a_clear_message(registry, fields, expected):
