@@ -95,9 +95,12 @@ def _retry_after(value: str | None) -> float | None:
 
 def _without_credentials(url: str) -> str:
     """``url`` without user:password (as ``serving.urls.split_userinfo`` reads it, past a password's unencoded '@',
-    '/', '?' or '#', and without a '://' too), nor fragment, for the error messages."""
+    '/', '?' or '#', and without a '://' too), with its query's values as *** (a service may take its key there:
+    ``?code=``, ``?key=``), and without fragment, for the error messages."""
     head, _, rest = split_userinfo(url)
-    return f"{head}{rest.partition('#')[0]}"
+    located, question, query = rest.partition("#")[0].partition("?")
+    hidden = "&".join(f"{piece.partition('=')[0]}=***" if "=" in piece else "***" for piece in query.split("&"))
+    return f"{head}{located}{question}{hidden if query else ''}"
 
 
 @dataclass(eq=False)
