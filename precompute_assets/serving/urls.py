@@ -24,8 +24,8 @@ def split_userinfo(url: str) -> tuple[str, str | None, str]:
     if "@" not in rest or _follows_userinfo(rest):
         return head, None, rest
     ats = [index for index, char in enumerate(rest) if char == "@"]
-    # The first '@' after which the URL reads whole; with none such (a space or an '@' in the fragment), the last:
-    # what is hidden as a password then is too much, never too little.
+    # The first '@' after which the URL reads whole; with none such (an '@' in a fragment, a port that is no number),
+    # the last: what is taken for the password then is too much, never too little.
     at = next((index for index in ats if _follows_userinfo(rest[index + 1 :])), ats[-1])
     return head, rest[:at], rest[at + 1 :]
 
