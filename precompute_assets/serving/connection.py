@@ -52,14 +52,21 @@ _FALSE = ("0", "false", "no", "off")
 
 def check_url_port(url: str) -> None:
     """``ValueError`` without the URL when its port cannot be read: an unencoded '/', '?' or '#' in a password ends the
-    authority there, and urllib's own error quotes what followed the ':' as the port, the start of the password."""
+    authority there, and urllib's own error quotes what followed the ':' as the port, the start of the password (or,
+    when that start is a number, the connection's error names it as host:port)."""
     try:
         _ = urlsplit(url).port
+        # urllib ends the authority at a password's '?' or '#' even when what it then reads as the port is a number
+        # ("app:2024?Summer@host": host 'app', port 2024), and the connection's error names that host:port
+        head, userinfo, _ = split_userinfo(url)
+        readable = not (head and any(mark in (userinfo or "") for mark in "?#"))
     except ValueError:
+        readable = False
+    if not readable:
         raise ValueError(
             "the URL's host:port cannot be read: it needs one host, a port from 1 to 65535, and '/', '?' and '#' "
             "in its user name and password percent-encoded (%2F, %3F, %23)"
-        ) from None
+        )
 
 
 def split_cluster_url(url: str) -> tuple[str, bool | None]:

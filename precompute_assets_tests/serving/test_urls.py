@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 
 from precompute_assets.ml.embedding_service import _without_credentials
-from precompute_assets.serving.connection import parse_sentinel_url
+from precompute_assets.serving.connection import check_url_port, parse_sentinel_url
 from precompute_assets.serving.urls import split_userinfo
-from precompute_assets.stack import redact
+from precompute_assets.stack import redact, url_error
 from precompute_assets.storage.postgres import userinfo_problem, without_password
 
 CASES = [
@@ -93,3 +93,23 @@ def test_the_five_readers_of_a_user_info_agree_and_never_show_its_password(url: 
         assert "percent-encode" in str(refused) and password not in str(refused), refused
     else:
         assert sentinel is None or (sentinel.password, sentinel.sentinels[0][0]) == (password, "s1")
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://app:2024?Summer@127.0.0.1:6379/0", "rediss://app:2024#Summer@cache.example/0"]
+)
+def test_a_password_whose_start_reads_as_a_port_is_refused_without_it(url: str) -> None:
+    """urllib and redis-py end the authority at a password's '?' or '#': 'app:2024?Summer' passed as host 'app', port
+    2024, and the step failed with 'does not answer: Error connecting to app:2024', the password's start."""
+    import dagster as dg
+
+    from precompute_assets.defs.resources import RedisResource
+
+    with pytest.raises(ValueError, match="percent-encoded") as refused:
+        check_url_port(url)
+    assert "2024" not in str(refused.value), refused.value
+    problem = url_error("PRECOMPUTE_REDIS_URL", url)
+    assert problem is not None and "percent-encoded" in problem and "2024" not in problem, problem
+    with pytest.raises(dg.Failure) as failure:
+        RedisResource(url=url).client()
+    assert "is not a Redis URL" in failure.value.description and "2024" not in failure.value.description
