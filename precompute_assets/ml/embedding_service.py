@@ -139,11 +139,15 @@ class HttpEmbedder:
             raise ValueError(f"not an http(s) URL: {_without_credentials(self.url)!r}")
         try:
             port = parts.port
+            # urllib ends the authority at a password's '?' or '#' also when its start is a number: a host:port then
+            readable = not any(mark in (split_userinfo(self.url)[1] or "") for mark in "?#")
         except ValueError:  # urllib's error quotes what followed the ':', a password's start when it holds a '/'
+            port, readable = None, False
+        if not readable:
             raise ValueError(
                 "the embedding service URL's host:port cannot be read: it needs a port from 1 to 65535, and '/', '?' "
                 "and '#' in its user name and password percent-encoded (%2F, %3F, %23)"
-            ) from None
+            )
         self._https = parts.scheme == "https"
         self._host, self._port = parts.hostname, port
         path = parts.path.rstrip("/")

@@ -226,3 +226,11 @@ def test_a_key_in_the_query_is_never_shown(service):
     with pytest.raises(RuntimeError, match="embedding service at") as failed:
         embedder(service, url=url, dim=0, max_retries=0)
     assert f"embedding service at {service.url}/v1/embeddings?code=***&region=***:" in str(failed.value), failed.value
+
+
+def test_a_password_whose_start_reads_as_a_port_is_refused():
+    """urllib ends the authority at a password's '?': 'https://user:2024?ret@embed.example' was taken for host 'user',
+    port 2024, and every batch failed as a connection error of a service that was never asked."""
+    with pytest.raises(ValueError, match="cannot be read") as refused:
+        HttpEmbedder(url="https://user:2024?ret@embed.example", dim=4)
+    assert "2024" not in str(refused.value), refused.value
