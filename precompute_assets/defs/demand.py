@@ -328,6 +328,9 @@ def demand_model(
             "versions_pruned": pruned,
             **read,
             "requests_held_back_day": int(pd.Series(data.daily()[:, -1]).sum()),
+            # keys first requested on the held-back day: in its requests (hit rates), outside the scored keys (MASE)
+            "new_keys_held_back_day": evaluation.new_keys,
+            "requests_new_keys_held_back_day": int(evaluation.new_key_requests),
         },
         check_results=[check],
     )

@@ -11,6 +11,8 @@ forecasts it from the days before, and is scored by
   before the held-back day: ``mean_{k,j} |y_{k,j} - y_{k,j-m}|`` with season ``m`` = 7 days (1 day when there are
   not more than 7 days before the held-back day). One pooled scale, because a per-key scale is zero for every
   key that was never requested. Below 1: better than the in-sample seasonal-naive error; NaN when ``s`` is 0.
+  Both are taken over the keys requested before the held-back day, a set fixed before it: a key first requested
+  on that day would enter only because it was requested, where every baseline forecasts 0 and the LSTM does not.
 
 Methods: ``lstm``; ``frequency`` (recency-weighted daily counts, ``selection.ad_demand``'s semantics over its
 ``DEMAND_WINDOW_DAYS``, whatever the LSTM's ``window_days``); ``seasonal`` (seasonal naive: the same hours a week
@@ -208,6 +210,8 @@ class DemandEvaluation:
     train_samples: int
     warm_started: bool
     notes: list[str] = field(default_factory=list)
+    new_keys: int = 0  # keys first requested on the held-back day (no method can rank them; outside the MASE)
+    new_key_requests: float = 0.0  # their requests on that day
 
 
 @dataclass
@@ -444,7 +448,7 @@ def evaluate_demand(
         series[name] = s
         chosen = select_top(s[known], hp.top_n)
         hit_rate[name] = coverage(chosen, actual_series)
-        errors[name] = mase(forecast, actual, daily, held)
+        errors[name] = mase(forecast[known], actual[known], daily[known], held)
     best_baseline = max(BASELINES, key=lambda name: (hit_rate[name], -BASELINES.index(name)))
     winner = "lstm" if hit_rate["lstm"] > hit_rate[best_baseline] else best_baseline
     evaluation = DemandEvaluation(
@@ -459,6 +463,8 @@ def evaluate_demand(
         train_samples=info["samples"],
         warm_started=info["warm_started"],
         notes=notes,
+        new_keys=int((~known & (actual > 0)).sum()),
+        new_key_requests=float(actual[~known].sum()),
     )
     return DemandResult(model, evaluation)
 

@@ -102,6 +102,25 @@ def test_keys_first_seen_on_the_held_back_day_do_not_change_the_training():
     assert np.array_equal(newcomers.evaluation.forecasts["lstm"].reindex(ours.index).to_numpy(), ours.to_numpy())
 
 
+def test_keys_first_seen_on_the_held_back_day_are_not_scored_by_the_mase():
+    """The MASE is taken over keys fixed before the held-back day: a key that enters only because that day requested
+    it is one every baseline forecasts 0 for, and would tilt the errors toward the LSTM; it is counted apart."""
+    hp = DemandHyperParams(top_n=20, max_epochs=2, max_seconds=60, threads=1)
+    days = 10
+
+    def with_newcomers():
+        for day, start, counts in synthetic_hours(n_keys=120, days=days, seed=4):
+            if day == days - 1 and start.hour == 12:  # 60 keys requested on the held-back day only, 50 times each
+                counts = pd.concat([counts, pd.Series(50, index=[f"k{i:04d}n" for i in range(60)])])
+            yield day, start, counts
+
+    plain = evaluate_demand(HourlyCounts.from_hours(synthetic_hours(n_keys=120, days=days, seed=4)), hp).evaluation
+    newcomers = evaluate_demand(HourlyCounts.from_hours(with_newcomers()), hp).evaluation
+    assert newcomers.mase == plain.mase
+    assert (newcomers.new_keys, newcomers.new_key_requests) == (60, 3000.0)
+    assert plain.new_keys == 0 and plain.new_key_requests == 0.0
+
+
 def test_training_is_deterministic_under_a_seed_and_warm_starts(weekly, weekly_result):
     hp = DemandHyperParams(top_n=20, max_epochs=1, max_seconds=60, threads=1)
     a, b = evaluate_demand(weekly, hp), evaluate_demand(weekly, hp)
