@@ -48,7 +48,9 @@ METHODS = ("lstm", "frequency", "seasonal", "ewma")
 BASELINES = METHODS[1:]
 HOURS_PER_DAY = 24
 # Step features (one step per hour of the last sequence_days): log1p(count), missing hour, sin/cos hour of day,
-# sin/cos day of week, same weekday as the target day, key age. Head features beside the LSTM's last state: target
+# sin/cos day of week, same weekday as the target day, key age (hours since its first request within the
+# window_days before the target day: every target day sees that much history, in training as in serving, so a
+# key's age does not depend on how far back the data goes). Head features beside the LSTM's last state: target
 # weekday one-hot and three log1p daily totals (window_days mean, last day, a week before the target), so the
 # network can lean on what the baselines see. Weight shapes do not depend on the number of steps.
 STEP_FEATURES = 8
@@ -238,12 +240,15 @@ def torch_threads(n: int | None) -> Iterator[None]:
 
 
 def _window(data: HourlyCounts, rows: np.ndarray | slice, target_day: int, hp: DemandHyperParams,
-            first_seen: np.ndarray, daily: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+            daily: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """Step and head features of ``rows`` for forecasting ``target_day``: one step per hour of the last
     ``sequence_days`` days before it (at most ``window_days``; zero-padded, marked missing, when the data starts
-    later), and head features from the daily totals of the ``window_days`` before it. Float32, C-contiguous."""
+    later), and head features from the daily totals of the ``window_days`` before it (and of the day a week before
+    it); nothing earlier is read, so the features are the same from any data that holds those days, however far
+    back it goes. Float32, C-contiguous."""
     length = min(hp.sequence_days, hp.window_days) * HOURS_PER_DAY
     end = data.day_start(target_day)
+    horizon = data.day_start(max(0, target_day - hp.window_days))
     begin = max(0, end - length)
     pad = length - (end - begin)
     counts = data.counts[rows, begin:end]
@@ -269,7 +274,7 @@ def _window(data: HourlyCounts, rows: np.ndarray | slice, target_day: int, hp: D
     steps[:, pad:, 1] = missing
     steps[:, :pad, 1] = 1.0
     steps[:, pad:, 2:7] = calendar
-    first = first_seen[rows][:, None]
+    first = _first_seen(data, rows, horizon, end)[:, None]
     age = np.where((first >= 0) & (first <= hours[None, :]), hours[None, :] - first, 0)
     steps[:, pad:, 7] = np.minimum(age, AGE_CAP_HOURS) * np.float32(1 / AGE_CAP_HOURS)
     static = np.zeros((n, HEAD_FEATURES), dtype=np.float32)
@@ -282,13 +287,16 @@ def _window(data: HourlyCounts, rows: np.ndarray | slice, target_day: int, hp: D
     return steps, static
 
 
-def _first_seen(data: HourlyCounts) -> np.ndarray:
-    """Each key's first hour with a request (-1: none); NaN (a missing hour) is not a request."""
-    seen = data.counts > 0
-    return np.where(seen.any(axis=1), seen.argmax(axis=1), -1)
+def _first_seen(
+    data: HourlyCounts, rows: np.ndarray | slice = slice(None), begin: int = 0, end: int | None = None
+) -> np.ndarray:
+    """Each of ``rows``' first hour with a request among hours ``begin..end-1`` (-1: none); NaN (a missing hour) is
+    not a request."""
+    seen = data.counts[rows, begin:end] > 0
+    return np.where(seen.any(axis=1), seen.argmax(axis=1) + begin, -1)
 
 
-def _predict(model: torch.nn.Module, data: HourlyCounts, target_day: int, hp: DemandHyperParams, first_seen, daily,
+def _predict(model: torch.nn.Module, data: HourlyCounts, target_day: int, hp: DemandHyperParams, daily: np.ndarray,
              chunk: int = 8192, batch: int = 1024) -> np.ndarray:  # fmt: skip
     """The model's forecast of every key for ``target_day``: features a ``chunk`` of keys at a time, the network
     ``batch`` keys at a time (small batches keep the LSTM's per-step state in cache: faster than large ones)."""
@@ -299,7 +307,7 @@ def _predict(model: torch.nn.Module, data: HourlyCounts, target_day: int, hp: De
     with torch.inference_mode():
         for start in range(0, len(data.keys), chunk):
             stop = min(start + chunk, len(data.keys))
-            steps, static = _window(data, slice(start, stop), target_day, hp, first_seen, daily)
+            steps, static = _window(data, slice(start, stop), target_day, hp, daily)
             steps, static = torch.from_numpy(steps), torch.from_numpy(static)
             for b in range(0, stop - start, batch):
                 y = model(steps[b : b + batch], static[b : b + batch])
@@ -330,11 +338,11 @@ def train_lstm(
     rows = np.flatnonzero((data.counts[:, : data.day_start(last_day)] > 0).any(axis=1))
     if len(rows) > hp.max_train_keys:
         rows = np.sort(rng.choice(rows, hp.max_train_keys, replace=False))
-    # Only the sampled keys are ever looked at: their counts, first hours and daily totals.
+    # Only the sampled keys are ever looked at: their counts and daily totals.
     sample = HourlyCounts(data.keys[rows], data.counts[rows], data.hour_of_day, data.weekday, data.day, data.missing)
-    first_seen, daily = _first_seen(sample), sample.daily()
+    daily = sample.daily()
     every = slice(None)
-    parts = [_window(sample, every, d, hp_window, first_seen, daily) for d in range(window, last_day)]
+    parts = [_window(sample, every, d, hp_window, daily) for d in range(window, last_day)]
     steps = torch.from_numpy(np.concatenate([p[0] for p in parts]))
     static = torch.from_numpy(np.concatenate([p[1] for p in parts]))
     target = torch.from_numpy(np.log1p(daily[:, window:last_day].T.reshape(-1)).astype(np.float32))
@@ -430,7 +438,7 @@ def evaluate_demand(
         model, info = train_lstm(data, hp, held, init_state=init_state)
         window = min(hp.window_days, held - 1)
         hp_window = DemandHyperParams(**{**hp.__dict__, "window_days": window})
-        lstm = _predict(model, data, held, hp_window, _first_seen(data), daily)
+        lstm = _predict(model, data, held, hp_window, daily)
     if init_state is not None and not info["warm_started"]:
         notes.append("previous weights did not fit these hyper-parameters: trained from scratch")
     forecasts = {
@@ -475,7 +483,7 @@ def forecast_next_day(model: torch.nn.Module, data: HourlyCounts, hp: DemandHype
     hp_window = DemandHyperParams(**{**hp.__dict__, "window_days": window})
     daily = np.concatenate([data.daily(), np.zeros((len(data.keys), 1))], axis=1)
     with torch_threads(hp.threads):
-        values = _predict(model, data, data.n_days, hp_window, _first_seen(data), daily)
+        values = _predict(model, data, data.n_days, hp_window, daily)
     return pd.Series(values, index=pd.Index(data.keys), name="forecast")
 
 

@@ -157,10 +157,29 @@ def test_the_sequence_length_does_not_change_the_weights_shapes(weekly, weekly_r
 
 def test_chunked_forecasts_equal_a_single_pass(weekly, weekly_result):
     daily = weekly.daily()
-    first_seen = _first_seen(weekly)
-    args = (weekly_result.model, weekly, weekly.n_days - 1, FAST, first_seen, daily)
+    args = (weekly_result.model, weekly, weekly.n_days - 1, FAST, daily)
     whole = _predict(*args, chunk=1000, batch=1000)
     assert np.allclose(_predict(*args, chunk=64, batch=7), whole, rtol=1e-5, atol=1e-6)
+
+
+def days_of(data: HourlyCounts, first: int, last: int) -> HourlyCounts:
+    """Days ``first..last`` of ``data`` (renumbered from 0), with only the keys requested in them."""
+    hours = (data.day >= first) & (data.day <= last)
+    counts = data.counts[:, hours]
+    rows = np.flatnonzero(np.nansum(counts, axis=1) > 0)
+    return HourlyCounts(data.keys[rows], counts[rows], data.hour_of_day[hours], data.weekday[hours],
+                        data.day[hours] - first, data.missing[hours])  # fmt: skip
+
+
+def test_a_keys_age_at_serving_is_the_age_the_model_was_evaluated_with(weekly, weekly_result):
+    """top_ads forecasts from the week before tomorrow, demand_model evaluates from two: a key's age must not depend
+    on how far back the data goes, or every old key looks a week younger at serving than the model learned it."""
+    held = weekly.n_days - 1
+    week_before = days_of(weekly, held - FAST.window_days, held - 1)  # what top_ads reads on the day before
+    assert week_before.n_days == FAST.window_days < held
+    served = forecast_next_day(weekly_result.model, week_before, FAST)
+    evaluated = weekly_result.evaluation.forecasts["lstm"].reindex(served.index)
+    np.testing.assert_allclose(served.to_numpy(), evaluated.to_numpy(), rtol=1e-5)
 
 
 def test_daily_totals_count_a_missing_hour_as_zero_in_any_hour_order():
