@@ -293,7 +293,7 @@ def demand_model(
             version,
             result.state_dict(),
             {
-                "hyper_params": asdict(hp),
+                "hyper_params": asdict(result.hyper_params),  # as trained: what top_ads forecasts with
                 "scores": {k: _finite_or_none(v) for k, v in scores.items()},
                 "winner": evaluation.winner,
                 "approved": check.passed,
@@ -320,7 +320,7 @@ def demand_model(
             "best_baseline": evaluation.best_baseline,
             "strategy": "lstm" if check.passed else evaluation.best_baseline,
             "top_n": hp.top_n,
-            "hyper_params": dg.MetadataValue.json(asdict(hp)),  # what top_ads ranks a chosen baseline with
+            "hyper_params": dg.MetadataValue.json(asdict(result.hyper_params)),  # what top_ads ranks with
             "train_seconds": evaluation.train_seconds,
             "epochs": evaluation.epochs,
             "train_samples": evaluation.train_samples,

@@ -31,7 +31,7 @@ import pickle
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from functools import cache
 from typing import TYPE_CHECKING
@@ -88,6 +88,10 @@ class DemandHyperParams:
     half_life_days: float = 2.0  # frequency baseline, as ad_demand
     ewma_half_life_hours: float = 12.0
     seed: int = 0
+    # Days of logs a forecast reads before its target day (None: as many as the data holds, of which the features
+    # use max(window_days, 7)). Training sets it (``trained_hyper_params``) to the days its held-back forecast had,
+    # so a model trained on a short lookback forecasts tomorrow from the same layout, not a longer one.
+    history_days: int | None = None
     # torch CPU threads while training and forecasting (None: torch's default). One by default: on 2 shared cores a
     # second thread made the LSTM's steps several times slower, and one thread is bit-for-bit reproducible.
     threads: int | None = 1
@@ -101,6 +105,8 @@ class DemandHyperParams:
                 raise ValueError(f"{name} must be positive")
         if self.top_n < 0:
             raise ValueError("top_n must be non-negative")
+        if self.history_days is not None and self.history_days < 1:
+            raise ValueError("history_days must be at least 1")
 
 
 @dataclass
@@ -167,6 +173,14 @@ class HourlyCounts:
         """Index of the first hour of day ``d`` (the number of hours when ``d`` is one past the last day)."""
         return int(np.searchsorted(self.day, d, side="left"))
 
+    def last_days(self, n: int) -> HourlyCounts:
+        """The last ``n`` days (renumbered from 0), every key kept; hours oldest first."""
+        first = max(0, self.n_days - n)
+        begin = self.day_start(first)
+        missing = None if self.missing is None else self.missing[begin:]
+        return HourlyCounts(self.keys, self.counts[:, begin:], self.hour_of_day[begin:], self.weekday[begin:],
+                            self.day[begin:] - first, missing)  # fmt: skip
+
 
 @cache
 def _demand_lstm_class() -> type:
@@ -220,6 +234,7 @@ class DemandEvaluation:
 class DemandResult:
     model: torch.nn.Module  # a DemandLSTM
     evaluation: DemandEvaluation
+    hyper_params: DemandHyperParams  # as trained (``trained_hyper_params``): what to forecast with
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
@@ -315,6 +330,16 @@ def _predict(model: torch.nn.Module, data: HourlyCounts, target_day: int, hp: De
     return out
 
 
+def trained_hyper_params(hp: DemandHyperParams, last_day: int) -> DemandHyperParams:
+    """``hp`` as a model trained to forecast ``last_day`` uses them: ``window_days`` shortened to leave a day to
+    train on when fewer days come before ``last_day``, and ``history_days`` the days its forecast of ``last_day``
+    had; forecasting tomorrow with these feeds the features it was trained and scored on."""
+    window = min(hp.window_days, last_day - 1)
+    if window < 1:
+        raise ValueError(f"need at least 3 days of logs to train and hold back a day, got {last_day + 1}")
+    return replace(hp, window_days=window, history_days=last_day)
+
+
 def train_lstm(
     data: HourlyCounts, hp: DemandHyperParams, last_day: int, *, init_state: Mapping[str, torch.Tensor] | None = None
 ) -> tuple[torch.nn.Module, dict]:
@@ -328,10 +353,8 @@ def train_lstm(
     from torch import nn
 
     started = time.perf_counter()
-    window = min(hp.window_days, last_day - 1)
-    if window < 1:
-        raise ValueError(f"need at least 3 days of logs to train and hold back a day, got {data.n_days}")
-    hp_window = DemandHyperParams(**{**hp.__dict__, "window_days": window})
+    hp_window = trained_hyper_params(hp, last_day)
+    window = hp_window.window_days
     rng = np.random.default_rng(hp.seed)
     # Keys requested before last_day only: a key that appears first on (or after) the held-back day has nothing to
     # learn from before it, and letting it into the sample would let that day's key set choose the training rows.
@@ -436,9 +459,8 @@ def evaluate_demand(
         notes.append(f"{data.missing_hours} hours of logs missing (counted as no requests)")
     with torch_threads(hp.threads):
         model, info = train_lstm(data, hp, held, init_state=init_state)
-        window = min(hp.window_days, held - 1)
-        hp_window = DemandHyperParams(**{**hp.__dict__, "window_days": window})
-        lstm = _predict(model, data, held, hp_window, daily)
+        trained = trained_hyper_params(hp, held)
+        lstm = _predict(model, data, held, trained, daily)
     if init_state is not None and not info["warm_started"]:
         notes.append("previous weights did not fit these hyper-parameters: trained from scratch")
     forecasts = {
@@ -474,11 +496,14 @@ def evaluate_demand(
         new_keys=int((~known & (actual > 0)).sum()),
         new_key_requests=float(actual[~known].sum()),
     )
-    return DemandResult(model, evaluation)
+    return DemandResult(model, evaluation, trained)
 
 
 def forecast_next_day(model: torch.nn.Module, data: HourlyCounts, hp: DemandHyperParams) -> pd.Series:
-    """Requests per key the LSTM expects on the day after the data (for choosing tomorrow's keys)."""
+    """Requests per key the LSTM expects on the day after the data (for choosing tomorrow's keys), from its last
+    ``history_days`` days when set; ``hp``: the ones it was trained with (``DemandResult.hyper_params``)."""
+    if hp.history_days is not None and data.n_days > hp.history_days:
+        data = data.last_days(hp.history_days)
     window = max(1, min(hp.window_days, data.n_days))
     hp_window = DemandHyperParams(**{**hp.__dict__, "window_days": window})
     daily = np.concatenate([data.daily(), np.zeros((len(data.keys), 1))], axis=1)

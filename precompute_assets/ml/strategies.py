@@ -160,7 +160,7 @@ def rankings_of(
     if "auto" in out:
         out["auto"][1]["used"] = ["frequency"]  # day 0: nothing to rank, as frequency
     state = None  # the previous day's model when it was approved: the next day warm-starts from it
-    approved_model = None  # the newest approved model (``approved_only``)
+    approved_model = None  # the newest approved model and its trained hyper-parameters (``approved_only``)
     for d in range(1, hours.n_days):
         recent = hours.hourly_counts(max(0, d - max(BASELINE_DAYS, hp.window_days)), d - 1)  # days before d only
         if len(recent.keys) == 0 or limit == 0:
@@ -187,11 +187,12 @@ def rankings_of(
         evaluation = result.evaluation
         approved = evaluation.hit_rate["lstm"] - evaluation.hit_rate[evaluation.best_baseline] > margin
         if approved:
-            state, approved_model = result.state_dict(), result.model
-        ranker = approved_model if approved_only else result.model
-        lstm = (
-            None if ranker is None else _ranking(forecast_next_day(ranker, recent, hp).to_numpy(), recent.keys, limit)
-        )
+            state, approved_model = result.state_dict(), (result.model, result.hyper_params)
+        ranker = approved_model if approved_only else (result.model, result.hyper_params)
+        lstm = None
+        if ranker is not None:
+            model, trained = ranker
+            lstm = _ranking(forecast_next_day(model, recent, trained).to_numpy(), recent.keys, limit)
         for name in learned:
             out[name][1]["trained_days"] += 1
             out[name][1]["approved_days"] += int(approved)

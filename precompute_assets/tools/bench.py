@@ -793,6 +793,7 @@ def bench_demand(keys: int = 100_000, days: int = 14, seed: int = 0, *, hp=None)
         frequency_forecast,
         seasonal_forecast,
         train_lstm,
+        trained_hyper_params,
     )
     from ..ml.selection import coverage, select_top
 
@@ -814,7 +815,7 @@ def bench_demand(keys: int = 100_000, days: int = 14, seed: int = 0, *, hp=None)
         model, info = train_lstm(before, hp, held)
         train_s = time.perf_counter() - started
         started = time.perf_counter()
-        lstm = forecast_next_day(model, before, hp).to_numpy()
+        lstm = forecast_next_day(model, before, trained_hyper_params(hp, held)).to_numpy()
         forecast_s = time.perf_counter() - started
     finally:
         torch.set_num_threads(previous_threads)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import asdict
 from datetime import date, timedelta
 from pathlib import Path
 
@@ -12,11 +13,18 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from precompute_assets.defs.demand import beats_baselines_check, demand_model, read_hourly_counts
+from precompute_assets.defs.demand import DemandModelConfig, beats_baselines_check, demand_model, read_hourly_counts
 from precompute_assets.defs.partitions import DEFAULT_PARTITIONS
 from precompute_assets.defs.resources import ExperimentResource, LakeResource, ModelStoreResource, ParquetIOManager
 from precompute_assets.defs.selection import ad_demand, day_counts, self_tuned_share, top_ads
-from precompute_assets.ml.demand import DemandEvaluation, DemandHyperParams, ewma_forecast
+from precompute_assets.ml.demand import (
+    DemandEvaluation,
+    DemandHyperParams,
+    ewma_forecast,
+    forecast_next_day,
+    load_model,
+    trained_hyper_params,
+)
 from precompute_assets.ml.model_store import LocalModelStore
 from precompute_assets.ml.selection import select_top
 from precompute_assets.storage.lake import Lake
@@ -229,6 +237,25 @@ def with_catalog(template: str, lake_uri: str) -> Lake:
     lake = Lake(lake_uri)
     lake.write("ads", None, pd.DataFrame({"ad_id": [f"k{i:04d}" for i in range(200)]}))
     return lake
+
+
+def test_a_model_of_a_short_lookback_ranks_tomorrow_with_the_window_it_trained_with(
+    selection_resources, pg_instance, weekly_template, lake_uri, tmp_path
+):
+    """6 days of logs train the LSTM with a 4-day window, forecasting the held-back day from the 5 days before it;
+    top_ads reads a week and must forecast tomorrow as the model was trained and scored, not with the configured 7."""
+    with_catalog(weekly_template, lake_uri)
+    meta = metadata(run(selection_resources, pg_instance, lookback_days=6, margin=-1.0, max_epochs=1))
+    store = LocalModelStore(tmp_path / "models")
+    stored = store.metadata("demand_model", meta["model_version"])["hyper_params"]
+    trained = trained_hyper_params(DemandModelConfig(top_n=20, max_epochs=1).hyper_params(), 5)
+    assert (trained.window_days, trained.history_days) == (4, 5) and stored == meta["hyper_params"] == asdict(trained)
+    chosen = select(selection_resources, pg_instance, "lstm").asset_materializations_for_node("top_ads")[0].metadata
+    assert chosen["strategy"].value == "lstm"
+    model = load_model(store.load_state_dict("demand_model", meta["model_version"]), stored["hidden_size"])
+    last_five = read_hourly_counts(Lake(lake_uri), DEFAULT_PARTITIONS, DAYS[-5:])
+    expected = forecast_next_day(model, last_five, trained)
+    assert Lake(lake_uri).read("top_ads", DAYS[-1])["ad_id"].tolist() == select_top(expected, 20)
 
 
 def test_top_ads_ranks_by_the_configured_strategy(selection_resources, pg_instance, weekly_template, lake_uri):

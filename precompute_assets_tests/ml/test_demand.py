@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import pickle
+from dataclasses import asdict
 from datetime import datetime, timedelta
 
 import numpy as np
@@ -180,6 +181,23 @@ def test_a_keys_age_at_serving_is_the_age_the_model_was_evaluated_with(weekly, w
     served = forecast_next_day(weekly_result.model, week_before, FAST)
     evaluated = weekly_result.evaluation.forecasts["lstm"].reindex(served.index)
     np.testing.assert_allclose(served.to_numpy(), evaluated.to_numpy(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("lookback", [4, 6, 8])
+def test_a_model_trained_on_a_short_lookback_forecasts_from_the_layout_it_was_trained_on(weekly, lookback):
+    """Fewer than 9 days shorten the window the LSTM trains with (and leave it no week-before total); top_ads still
+    reads a week before tomorrow, and must forecast from what training used: the hyper-parameters as trained."""
+    hp = DemandHyperParams(top_n=20, max_epochs=2, max_seconds=60, threads=1)
+    last = 12
+    result = evaluate_demand(days_of(weekly, last - lookback + 1, last), hp)
+    assert result.hyper_params.window_days == min(hp.window_days, lookback - 2) < hp.window_days
+    week_before = days_of(weekly, last - 7, last - 1)  # what top_ads reads on the day before the held-back one
+    served = forecast_next_day(result.model, week_before, result.hyper_params)
+    evaluated = result.evaluation.forecasts["lstm"]
+    both = evaluated.index.intersection(served.index)  # the week may hold weekly keys the lookback does not
+    assert len(both) > 150
+    np.testing.assert_allclose(served[both].to_numpy(), evaluated[both].to_numpy(), rtol=1e-5)
+    assert DemandHyperParams(**asdict(result.hyper_params)) == result.hyper_params  # stored and read back as JSON
 
 
 def test_daily_totals_count_a_missing_hour_as_zero_in_any_hour_order():
