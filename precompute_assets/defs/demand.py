@@ -24,7 +24,7 @@ from ..ml.model_store import ModelIntegrityError
 from .models import approved_materializations, prune_model_versions, retention_field
 from .partitions import DEFAULT_PARTITIONS, Partitions
 from .resources import LakeResource, ModelStoreResource
-from .selection import hourly_logs
+from .selection import AdDemandConfig, hourly_logs
 
 DEMAND_MODEL = "demand_model"
 BEATS_BASELINES = "beats_baselines"
@@ -48,7 +48,6 @@ class DemandModelConfig(dg.Config):
     batch_size: int = Field(256, description="Training batch size.")
     max_train_keys: int = Field(2000, description="Keys sampled (by seed) for training; every key is forecast.")
     top_n: int = Field(1000, description="Hit rates are measured for the top this many keys of each method.")
-    half_life_days: float = Field(2.0, description="Recency half-life of the frequency baseline (as ad_demand).")
     ewma_half_life_hours: float = Field(12.0, description="Half-life of the ewma baseline's hourly rate.")
     seed: int = Field(0, description="Seed of sampling and training.")
     threads: int | None = Field(1, description="torch CPU threads (null: torch's default).")
@@ -58,9 +57,23 @@ class DemandModelConfig(dg.Config):
     warm_start: bool = Field(True, description="Start from the weights of the previous approved version.")
     retention_days: int = retention_field()
 
-    def hyper_params(self) -> DemandHyperParams:
+    def hyper_params(self, half_life_days: float) -> DemandHyperParams:
+        """The hyper-parameters, the frequency baseline's half-life ``ad_demand``'s (``frequency_half_life``)."""
         fields = DemandHyperParams.__dataclass_fields__
-        return DemandHyperParams(**{k: v for k, v in self.model_dump().items() if k in fields})
+        configured = {k: v for k, v in self.model_dump().items() if k in fields}
+        return DemandHyperParams(**configured, half_life_days=half_life_days)
+
+
+def frequency_half_life(instance: dg.DagsterInstance, partition: str) -> tuple[float, str]:
+    """The half-life ``ad_demand`` of ``partition`` ranked by (what ``top_ads`` ranks by as ``frequency``), from its
+    newest materialization, and where it came from; ``ad_demand``'s default when the day has none."""
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey("ad_demand"), asset_partitions=[partition]), limit=1
+    ).records
+    metadata = records[0].asset_materialization.metadata if records else {}
+    if "half_life_days" in metadata:
+        return float(metadata["half_life_days"].value), f"ad_demand of {partition}"
+    return AdDemandConfig().half_life_days, f"ad_demand's default: no ad_demand of {partition} records one"
 
 
 def read_hourly_counts(lake, partitions: Partitions, days: list[str]) -> HourlyCounts:
@@ -217,7 +230,8 @@ def _finite_or_none(value: float) -> float | None:
     deps=[
         dg.AssetDep(
             "query_logs", partition_mapping=dg.TimeWindowPartitionMapping(start_offset=-(DEMAND_LOOKBACK_DAYS - 1))
-        )
+        ),
+        "ad_demand",  # its half-life is the frequency baseline's: it runs first in the daily job
     ],
     kinds={"pytorch"},
     group_name="models",
@@ -265,8 +279,10 @@ def demand_model(
         except (KeyError, ValueError) as error:  # gone from the store, or refused: train from scratch
             context.log.warning(f"not warm-starting from {previous}: {error}")
             previous = None
+    half_life, source = frequency_half_life(context.instance, context.partition_key)
+    context.log.info(f"frequency baseline: half-life {half_life:g} days ({source})")
     try:
-        hp = config.hyper_params()
+        hp = config.hyper_params(half_life)
         result = evaluate_demand(data, hp, init_state=init_state)
     except Exception as error:  # the LSTM is optional: its failure must not stop the day's publish
         # ValueError: the data cannot train a model (no traffic); anything else is a fault, logged with its trace.

@@ -29,7 +29,11 @@ OFFPEAK_WINDOW_HOURS = 4
 
 
 class AdDemandConfig(dg.Config):
-    half_life_days: float = Field(2.0, description="Recency half-life of the demand: the newest day weighs most.")
+    half_life_days: float = Field(
+        2.0,
+        description="Recency half-life of the demand: the newest day weighs most. The frequency ranking's only "
+        "setting: demand_model scores the frequency baseline with the day's ad_demand half-life.",
+    )
 
 
 class TopAdsConfig(dg.Config):
@@ -168,6 +172,7 @@ def ad_demand(context: dg.AssetExecutionContext, config: AdDemandConfig, lake: L
             "dagster/row_count": len(frame),
             "requests_last_day": last_day,
             "missing_hours": len(missing),
+            "half_life_days": config.half_life_days,  # demand_model scores this frequency ranking with it
         },
     )
     yield dg.AssetCheckResult(

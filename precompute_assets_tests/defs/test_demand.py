@@ -248,7 +248,7 @@ def test_a_model_of_a_short_lookback_ranks_tomorrow_with_the_window_it_trained_w
     meta = metadata(run(selection_resources, pg_instance, lookback_days=6, margin=-1.0, max_epochs=1))
     store = LocalModelStore(tmp_path / "models")
     stored = store.metadata("demand_model", meta["model_version"])["hyper_params"]
-    trained = trained_hyper_params(DemandModelConfig(top_n=20, max_epochs=1).hyper_params(), 5)
+    trained = trained_hyper_params(DemandModelConfig(top_n=20, max_epochs=1).hyper_params(2.0), 5)
     assert (trained.window_days, trained.history_days) == (4, 5) and stored == meta["hyper_params"] == asdict(trained)
     chosen = select(selection_resources, pg_instance, "lstm").asset_materializations_for_node("top_ads")[0].metadata
     assert chosen["strategy"].value == "lstm"
@@ -256,6 +256,37 @@ def test_a_model_of_a_short_lookback_ranks_tomorrow_with_the_window_it_trained_w
     last_five = read_hourly_counts(Lake(lake_uri), DEFAULT_PARTITIONS, DAYS[-5:])
     expected = forecast_next_day(model, last_five, trained)
     assert Lake(lake_uri).read("top_ads", DAYS[-1])["ad_id"].tolist() == select_top(expected, 20)
+
+
+def test_the_frequency_baseline_is_scored_with_the_half_life_ad_demand_ranks_by(
+    selection_resources, pg_instance, weekly_template, lake_uri
+):
+    """top_ads ranks by ad_demand as frequency: demand_model must score that ranking, with ad_demand's half-life of
+    the day, not a second setting of its own that could differ (which it refuses)."""
+    with_catalog(weekly_template, lake_uri)
+
+    def evaluated(ad_demand_config: dict) -> dict:
+        result = dg.materialize(
+            [ad_demand, demand_model],
+            resources=selection_resources,
+            partition_key=DAYS[-1],
+            instance=pg_instance,
+            run_config={
+                "ops": {
+                    "ad_demand": {"config": ad_demand_config},
+                    "demand_model": {"config": {"top_n": 20, "max_epochs": 1}},
+                }
+            },  # fmt: skip
+        )
+        return metadata(result)
+
+    short, flat = evaluated({"half_life_days": 0.25}), evaluated({"half_life_days": 1000.0})
+    assert short["hyper_params"]["half_life_days"] == 0.25 and flat["hyper_params"]["half_life_days"] == 1000.0
+    assert short["hit_rate_frequency"] != flat["hit_rate_frequency"]  # the baseline scored is the one configured
+    alone = metadata(run(selection_resources, pg_instance, DAYS[-2], max_epochs=1))  # no ad_demand of that day
+    assert alone["hyper_params"]["half_life_days"] == 2.0  # ad_demand's default
+    with pytest.raises(dg.DagsterInvalidConfigError, match="half_life_days"):
+        run(selection_resources, pg_instance, half_life_days=1.0)
 
 
 def test_top_ads_ranks_by_the_configured_strategy(selection_resources, pg_instance, weekly_template, lake_uri):
