@@ -5,8 +5,8 @@ Every key of schema version 1 starts with ``{namespace}:1:`` (``keys.KeySchema``
 - **publisher** (Dagster: ``publish_version`` with its settling of admission ``probation``'s live tier,
   ``flip_pointer``, ``patch_version``, ``write_live_values``, ``delete_live_values``, the embedding sync, the
   ``query_logs`` drain, the query-log cleanup and the sensors that read the newest queries): reads and writes keys
-  under ``{ns}:1:*`` and nothing else, with ``PUBLISHER_COMMANDS`` only (its ``EVAL`` runs the settling scripts,
-  checked against the same key rules).
+  under ``{ns}:1:*`` and nothing else, with ``PUBLISHER_COMMANDS`` only (its ``EVAL`` runs the settling scripts and,
+  on Redis Cluster, the one that writes a bucket with its TTL, checked against the same key rules).
 - **reader** (``PredictionCache``, its ``QueryLogger`` and the admission policies): reads ``{ns}:1:*`` with
   ``READER_COMMANDS`` only, and writes exactly what the serving client writes, each command granted on its keys
   alone by a Redis 7 selector ``(keys +commands)`` (``READER_WRITES``): the live read-through values
@@ -88,7 +88,8 @@ PUBLISHER_COMMANDS = (
     "xrange", "xrevrange", "xtrim", "xdel", "xlen",
     # read-only inspection inside the namespace (operators, checks)
     "hget", "hmget", "hlen", "ttl", "pttl", "type",
-    # settle_published: probation's scripts after a flip, its order list, and the live values it hands over or deletes
+    # settle_published: probation's scripts after a flip, its order list, and the live values it hands over or deletes;
+    # on Redis Cluster a bucket's HSET and EXPIRE are one script too (publish._WRITE_BUCKET)
     "eval", "lrange", "rpush", "unlink", "zrem", "zadd", "zscore", "zrange", "zcard", "llen", "hexists",
     # flip_pointer: INFO replication, to wait until replicas hold a version before flipping to it
     "info",

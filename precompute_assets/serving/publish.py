@@ -162,10 +162,10 @@ def publish_version(
             send_commands(client, [(b"DEL", name) for name in names])
         batch: list[tuple[bytes, ...]] = []
         pending = 0
-        atomic = not is_cluster(client)
-        with command_stream(client) as send:
+        cluster = is_cluster(client)
+        with contextlib.nullcontext(_bucket_sender(client)) if cluster else command_stream(client) as send:
             for name, bucket in filled:
-                batch += _bucket_writes(name, bucket, ttl, atomic=atomic)
+                batch += _bucket_writes(name, bucket, ttl, cluster=cluster)
                 pending += len(bucket) // 2
                 if len(batch) >= COMMANDS_PER_PIPELINE:
                     send(batch)
@@ -245,9 +245,9 @@ def _mend_current(
     if lost := [(name, bucket) for (name, bucket), here in zip(filled, present, strict=True) if not here]:
         _log.warning("%s version %s is current but lost %d of %d buckets: writing them again",
                      kind, version, len(lost), len(filled))  # fmt: skip
-        atomic = not is_cluster(client)
-        writes = [write for name, bucket in lost for write in _bucket_writes(name, bucket, ttl, atomic=atomic)]
-        send_commands(client, writes)
+        cluster = is_cluster(client)
+        writes = [write for name, bucket in lost for write in _bucket_writes(name, bucket, ttl, cluster=cluster)]
+        _bucket_sender(client)(writes)
     if ttl is not None:
         send_commands(client, [(b"EXPIRE", name, ttl) for name, _ in filled])
     if lost:
@@ -255,20 +255,68 @@ def _mend_current(
     return sum(len(bucket) // 2 for _, bucket in lost)  # a bucket holds field, value, field, value ...
 
 
+# KEYS: a bucket; ARGV: its TTL in seconds, then field, value, field, value ... The bucket's fields and its TTL in one
+# step on Redis Cluster, whose per-master pipelines cannot carry a MULTI (every command needs a key to route them): a
+# script runs whole. The EXPIRE follows the first HSET (after a script's first write Redis runs its others even at
+# maxmemory). At most 2 * FIELDS_PER_COMMAND arguments an HSET: Lua's unpack fails beyond about 8,000.
+_WRITE_BUCKET = f"""
+for i = 2, #ARGV, {2 * FIELDS_PER_COMMAND} do
+  redis.call('HSET', KEYS[1], unpack(ARGV, i, math.min(i + {2 * FIELDS_PER_COMMAND - 1}, #ARGV)))
+  if i == 2 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
+end
+"""
+
+
 def _bucket_writes(
-    name: bytes, bucket: list[bytes], ttl: bytes | None, *, atomic: bool = True
+    name: bytes, bucket: list[bytes], ttl: bytes | None, *, cluster: bool = False
 ) -> list[tuple[bytes, ...]]:
     """The commands that write one bucket (``bucket``: field, value, field, value ...) with its TTL, if any.
 
-    With a TTL and ``atomic`` (one server), in one ``MULTI``/``EXEC``: a publisher killed mid-write can have the kernel
-    drop the rest of its stream (a SIGKILL with replies unread resets the connection), and Redis then ran a bucket's
-    ``HSET`` without its ``EXPIRE``: a bucket of a version that never flipped, which nothing retires, lived forever.
-    A transaction cut short is discarded whole. On a cluster (``atomic=False``) every command needs a key to route.
+    With a TTL, in one step: on one server a ``MULTI``/``EXEC``, on a ``cluster`` the ``_WRITE_BUCKET`` script. A
+    publisher killed mid-write can have the kernel drop the rest of its stream (a SIGKILL with replies unread resets
+    the connection), and Redis then ran a bucket's ``HSET`` without its ``EXPIRE``: a bucket of a version that never
+    flipped, which nothing retires, lived forever. A transaction cut short is discarded whole, a script is never cut.
     """
     if ttl is None:
         return [(b"HSET", name, *bucket)]
-    writes = [(b"HSET", name, *bucket), (b"EXPIRE", name, ttl)]
-    return [(b"MULTI",), *writes, (b"EXEC",)] if atomic else writes
+    if cluster:
+        return [(b"EVAL", _WRITE_BUCKET, b"1", name, ttl, *bucket)]
+    return [(b"MULTI",), (b"HSET", name, *bucket), (b"EXPIRE", name, ttl), (b"EXEC",)]
+
+
+def _unscripted(commands: list[tuple[bytes, ...]]) -> list[tuple[bytes, ...]]:
+    """``commands`` with each ``_WRITE_BUCKET`` script as the ``HSET`` and ``EXPIRE`` it runs."""
+    plain: list[tuple[bytes, ...]] = []
+    for command in commands:
+        if command[0] == b"EVAL" and command[1] is _WRITE_BUCKET:
+            _, _, _, name, ttl, *bucket = command
+            plain += [(b"HSET", name, *bucket), (b"EXPIRE", name, ttl)]
+        else:
+            plain.append(command)
+    return plain
+
+
+def _bucket_sender(client: redis.Redis) -> Callable[[list[tuple[bytes, ...]]], None]:
+    """``send_commands`` for ``_bucket_writes``. A cluster publisher whose ACL user predates them (no ``EVAL``) writes
+    each bucket's ``HSET`` and ``EXPIRE`` as two commands instead, as before, after one warning naming the fix:
+    a publish on an upgraded package goes on, and a kill between the two leaves that bucket without its TTL."""
+    refused = False
+
+    def send(commands: list[tuple[bytes, ...]]) -> None:
+        nonlocal refused
+        if not refused:
+            try:
+                send_commands(client, commands)
+                return
+            except redis.ResponseError as error:
+                if not (is_cluster(client) and is_acl_refusal(error) and "'eval'" in str(error)):
+                    raise  # refused for another reason (a key outside the user's namespace) or not a refusal
+                refused = True  # every EVAL was refused: nothing of these commands was written
+                _log.warning("bucket writes without their script (%s): a publisher killed mid-write can leave a "
+                             "bucket without its TTL; %s", error, REAPPLY_HINT)  # fmt: skip
+        send_commands(client, _unscripted(commands))
+
+    return send
 
 
 class IncompleteVersionError(RuntimeError):
@@ -686,22 +734,23 @@ def patch_version(
         return schema.bucket(kind, pointer.version, index).encode()
 
     # One command per bucket: a chunk of 20,000 documents is ~300 HSETs, not 20,000. Each EXPIRE follows its HSET in
-    # one transaction (_bucket_writes), whose 4 commands go out in the same pipeline (COMMANDS_PER_PIPELINE is a
-    # multiple of 4): a patch cut off anywhere leaves no bucket without its TTL. At most FIELDS_PER_COMMAND fields per
-    # command: a version built for a small corpus has few buckets, and a big load patched into it put 100,000 fields in
-    # one HSET (41-177 ms of server time).
+    # one transaction or script (_bucket_writes), a transaction's 4 commands in the same pipeline
+    # (COMMANDS_PER_PIPELINE is a multiple of 4): a patch cut off anywhere leaves no bucket without its TTL. At most
+    # FIELDS_PER_COMMAND fields per command: a version built for a small corpus has few buckets, and a big load patched
+    # into it put 100,000 fields in one HSET (41-177 ms of server time).
     ttl = None if ttl_s is None else b"%d" % ttl_s
-    atomic = not is_cluster(client)
+    cluster = is_cluster(client)
     commands: list[tuple[bytes, ...]] = []
     for index, fields in writes.items():
         for start in range(0, len(fields), 2 * FIELDS_PER_COMMAND):  # field, value, field, value ...
             chunk = fields[start : start + 2 * FIELDS_PER_COMMAND]
-            commands += _bucket_writes(name(index), chunk, ttl, atomic=atomic)
+            commands += _bucket_writes(name(index), chunk, ttl, cluster=cluster)
     for index, fields in removals.items():
         for start in range(0, len(fields), FIELDS_PER_COMMAND):
             commands.append((b"HDEL", name(index), *fields[start : start + FIELDS_PER_COMMAND]))
+    send = _bucket_sender(client)
     for start in range(0, len(commands), COMMANDS_PER_PIPELINE):
-        send_commands(client, commands[start : start + COMMANDS_PER_PIPELINE])
+        send(commands[start : start + COMMANDS_PER_PIPELINE])
     return len(commands)
 
 

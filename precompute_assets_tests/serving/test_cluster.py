@@ -16,10 +16,11 @@ from redis.cluster import RedisCluster
 
 from precompute_assets.defs.resources import RedisResource
 from precompute_assets.serving import Experiment, KeySchema, PredictionCache, QueryLogger, connect, publish_version
+from precompute_assets.serving.acl import apply_acl, publisher_rules
 from precompute_assets.serving.admission import FrequencySketch, Probation, SecondMiss
 from precompute_assets.serving.connection import REDIS_ERRORS, key_slot, split_cluster_url
 from precompute_assets.serving.keys import FIFO_PARTS, Pointer, bucket_of
-from precompute_assets.serving.publish import delete_live_values, patch_version, write_live_values
+from precompute_assets.serving.publish import bucket_count, delete_live_values, patch_version, write_live_values
 from precompute_assets.serving.replication import ReplicationTimeoutError
 from precompute_assets_tests.factories import logged_queries
 
@@ -122,6 +123,34 @@ def test_redis_acl_apply_sets_the_users_on_every_node(redis_cluster: Cluster, ns
                 node.acl_deluser(*users)
 
 
+def test_a_cluster_publisher_of_an_older_version_writes_buckets_without_their_script(
+    redis_cluster: Cluster, cluster_client, ns, caplog
+):
+    """A publisher made before the bucket script was granted (no EVAL): a publish on the cluster still writes every
+    bucket with its TTL, as two commands, and a warning says to apply the users again."""
+    users = [f"{ns.namespace}-publisher", f"{ns.namespace}-reader"]
+    apply_acl(cluster_client, ns.namespace, publisher=(users[0], "publisher-pw-0123456789"),
+              reader=(users[1], "reader-pw-0123456789"))  # fmt: skip
+    old_rules = [rule for rule in publisher_rules(ns.namespace) if rule != "+eval"]
+    try:
+        for server in redis_cluster.nodes:
+            with redis_cluster.client(server.port) as node:
+                node.execute_command("ACL", "SETUSER", users[0], "reset", "on", ">publisher-pw-0123456789", *old_rules)
+        publisher = connect(redis_cluster.url.replace("://", f"://{users[0]}:publisher-pw-0123456789@"))
+        keys = [f"ad{i}" for i in range(300)]  # buckets on every master
+        with caplog.at_level("WARNING", logger="precompute_assets.serving.publish"):
+            result = publish_version(publisher, "ctr", "v1", [(k, 0.5) for k in keys], n_keys=len(keys), schema=ns)
+            patch_version(publisher, "ctr", Pointer("v2", result.buckets), [("ad1", 0.25)], schema=ns, ttl_s=600)
+        assert cache_on(redis_cluster, ns).get_many("ctr", keys) == [0.5] * len(keys)
+        assert all(cluster_client.ttl(ns.bucket("ctr", "v1", b)) > 0 for b in range(result.buckets))
+        assert 0 < cluster_client.ttl(ns.bucket("ctr", "v2", bucket_of("ad1", result.buckets))) <= 600
+        assert any("precompute redis acl --apply" in record.message for record in caplog.records)
+    finally:
+        for server in redis_cluster.nodes:
+            with redis_cluster.client(server.port) as node:
+                node.acl_deluser(*users)
+
+
 # --- publish and read ---------------------------------------------------------------------------------------
 
 
@@ -195,6 +224,73 @@ def test_patch_version_and_a_retried_version_on_the_cluster(redis_cluster, clust
         cluster_client, "emb", Pointer("v1", result.buckets), [("k7", [70]), ("new", [1])], ["k299"], schema=ns
     )
     assert cache.get_many("emb", ["k7", "new", "k299"]) == [[70], [1], None]
+
+
+class Killed(BaseException):
+    """The publisher dying mid-write (not a Redis error: nothing in the publisher handles or retries it)."""
+
+
+def resp_commands(data: bytes) -> list[tuple[bytes, int]]:
+    """Each command's name and the offset where it ends, in a packed RESP write."""
+    commands, position = [], 0
+    while position < len(data):
+        end = data.index(b"\r\n", position)
+        count, position, name = int(data[position + 1 : end]), end + 2, b""
+        for _ in range(count):
+            end = data.index(b"\r\n", position)
+            size = int(data[position + 1 : end])
+            name = name or data[end + 2 : end + 2 + size].upper()
+            position = end + 2 + size + 2
+        commands.append((name, position))
+    return commands
+
+
+@pytest.mark.parametrize("write", ["publish", "patch", "mend"])
+def test_a_write_cut_between_a_buckets_commands_leaves_no_bucket_without_its_ttl_on_the_cluster(
+    redis_cluster, cluster_client, ns, monkeypatch, write
+):
+    """A publisher SIGKILLed with replies unread can have the kernel reset its connection and drop the rest of its
+    stream. Each bucket write of a version (publish, patch of a version being built, a current version's lost bucket
+    written back) is cut after its first, second, ... command on the first master written: Redis ran what arrived
+    whole, and no bucket may be left without its TTL (a version that never flipped is retired by nothing: such a
+    bucket lived forever). On one server each bucket's HSET and EXPIRE were one MULTI/EXEC; on a cluster they were
+    two commands, and a cut between them left the bucket without a TTL."""
+    keys = [(f"ad{i}", [float(i)]) for i in range(2000)]  # 32 buckets, about ten on each master
+    send = redis.connection.AbstractConnection.send_packed_command
+    for cut_after in range(1, 5):
+        version, cut = f"cut{cut_after}", []
+
+        def cut_stream(self, command, check_health=True, cut_after=cut_after, cut=cut):
+            data = b"".join(command) if isinstance(command, list) else command
+            commands = resp_commands(data)
+            if cut or commands[0][0] not in (b"HSET", b"MULTI", b"EVAL", b"EVALSHA") or len(commands) <= cut_after:
+                return send(self, command, check_health)
+            cut.append((self.port, self._sock.getsockname()))
+            self._sock.sendall(data[: commands[cut_after - 1][1]])
+            self.disconnect()
+            raise Killed
+
+        if write == "mend":  # the version is current and lost its buckets (a failover): a retry writes them back
+            publish_version(cluster_client, "emb", version, keys, n_keys=len(keys), schema=ns)
+            cluster_client.delete(*(ns.bucket("emb", version, b) for b in range(bucket_count(len(keys)))))
+        monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", cut_stream)
+        with pytest.raises(Killed):
+            if write == "patch":
+                pointer = Pointer(version, bucket_count(len(keys)))
+                patch_version(cluster_client, "emb", pointer, keys, schema=ns, ttl_s=86400)
+            else:
+                publish_version(cluster_client, "emb", version, keys, n_keys=len(keys), schema=ns)
+        monkeypatch.undo()
+        ((port, address),) = cut
+        with redis_cluster.client(port) as node:  # the master has read the cut stream and closed that connection
+            deadline = time.monotonic() + 10
+            while any(client["addr"] == f"{address[0]}:{address[1]}" for client in node.client_list()):
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+        names = [ns.bucket("emb", version, b) for b in range(bucket_count(len(keys)))]
+        ttls = [cluster_client.ttl(name) for name in names]
+        assert -1 not in ttls, f"cut after {cut_after} commands: {ttls}"
+        assert any(ttl > 0 for ttl in ttls)  # the cut stream wrote something
 
 
 def test_get_or_compute_and_admission_on_the_cluster(redis_cluster, cluster_client, ns):
@@ -336,7 +432,7 @@ def test_a_master_killed_mid_publish(cluster_factory, victim_holds):
     cluster = cluster_factory()
     schema = KeySchema(f"k{uuid.uuid4().hex[:8]}")
     publisher = connect(cluster.url, socket_timeout=2)
-    keys = [f"ad{i}" for i in range(66_000)]  # 1,032 buckets: three pipelines (1,000 commands each at most)
+    keys = [f"ad{i}" for i in range(66_000)]  # 1,032 buckets: two pipelines (1,000 commands, a bucket each, at most)
     old = publish_version(publisher, "ctr", "old", [(k, 0.25) for k in keys], n_keys=len(keys), schema=schema)
     pointer_port = master_port(publisher, schema.pointer("ctr"))
     victim = next(s for s in cluster.masters if (s.port == pointer_port) == (victim_holds == "pointer"))
