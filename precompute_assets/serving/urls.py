@@ -21,13 +21,23 @@ def split_userinfo(url: str) -> tuple[str, str | None, str]:
     text is read as what follows it (a mistyped ``redis:/u:pw@host``, a bare ``u:pw@host:6379``)."""
     scheme, sep, rest = url.partition("://")
     head, rest = (scheme + sep, rest) if sep else ("", url)
-    if "@" not in rest or _follows_userinfo(rest):
+    if _reads_without_userinfo(rest, bool(sep)):
         return head, None, rest
     ats = [index for index, char in enumerate(rest) if char == "@"]
     # The first '@' after which the URL reads whole; with none such (an '@' in a fragment, a port that is no number),
     # the last: what is taken for the password then is too much, never too little.
     at = next((index for index in ats if _follows_userinfo(rest[index + 1 :])), ats[-1])
     return head, rest[:at], rest[at + 1 :]
+
+
+def _reads_without_userinfo(rest: str, url: bool) -> bool:
+    """Whether ``rest`` (what follows a URL's '://', ``url``, or a whole text without one) has no user info: no '@', or
+    its '@'s are in the values of a URL's query after a path (``host:6379/0?user=me@corp``). Else a '?' before an '@'
+    is as likely a password's as a query's: without a path ``u:2024?a=b@host`` is host 'u', port 2024 as well as the
+    password '2024?a=b', and without '://' (``redis:/u:pa?s=s@host``) there is no path. It is taken for the password
+    (libpq takes it so too: to the first '@' before a '/'), so that it is hidden and refused rather than shown."""
+    end = min((rest.index(mark) for mark in "?#" if mark in rest), default=len(rest))
+    return "@" not in rest or (url and "/" in rest[:end] and _follows_userinfo(rest))
 
 
 def _follows_userinfo(rest: str) -> bool:

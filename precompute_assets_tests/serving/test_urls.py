@@ -41,6 +41,10 @@ CASES = [
     ("redis:/u:pw@host:6379/0", "redis:/u:pw", "host:6379/0"),  # a mistyped '://'
     ("redis//u:s3?cr@host:6379/0", "redis//u:s3?cr", "host:6379/0"),
     ("u:pw@host/0#frag@x", "u:pw@host/0#frag", "x"),  # nothing reads whole: the last '@'
+    # a password's '?' before what reads as a query's value with an '@': without a path, it is the password's
+    ("redis://u:2024?a=b@host:6379/0", "u:2024?a=b", "host:6379/0"),
+    ("postgresql://u:?a=b@db.example/app", "u:?a=b", "db.example/app"),
+    ("redis:/u:pa?s=s@host:6379/0", "redis:/u:pa?s=s", "host:6379/0"),  # and without '://', without a path
 ]
 
 
@@ -70,6 +74,9 @@ HOSTILE = [
     ("redis+sentinel://app:S3cr/e@tX@s1:26379/m?sentinel_password=p@ss", "S3cr/e@tX"),
     ("redis+sentinel://app:S3cr?et@s1:26379/m?sentinel_password=p@ss", "S3cr?et"),
     ("app:S3cr?et@cache.example:6379", "S3cr?et"),
+    ("redis://app:2024?Sum=mer@cache.example:6379/0", "2024?Sum=mer"),
+    ("postgresql://app:?S3cr=et@db.example:5432/app", "?S3cr=et"),
+    ("redis//app:S3cr?e=t@cache.example:6379/0", "S3cr?e=t"),
 ]
 
 
@@ -96,7 +103,12 @@ def test_the_five_readers_of_a_user_info_agree_and_never_show_its_password(url: 
 
 
 @pytest.mark.parametrize(
-    "url", ["redis://app:2024?Summer@127.0.0.1:6379/0", "rediss://app:2024#Summer@cache.example/0"]
+    "url",
+    [
+        "redis://app:2024?Summer@127.0.0.1:6379/0",
+        "rediss://app:2024#Summer@cache.example/0",
+        "redis://app:2024?Sum=mer@127.0.0.1:6379/0",  # what follows the '?' reads as a parameter
+    ],
 )
 def test_a_password_whose_start_reads_as_a_port_is_refused_without_it(url: str) -> None:
     """urllib and redis-py end the authority at a password's '?' or '#': 'app:2024?Summer' passed as host 'app', port

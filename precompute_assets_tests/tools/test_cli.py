@@ -593,7 +593,12 @@ def test_status_never_shows_a_password_with_an_unencoded_separator(url, tmp_path
 
 
 @pytest.mark.parametrize(
-    "url", ["postgresql://app:s3cr/et@127.0.0.1/app", "postgresql://app:s3cr?et@127.0.0.1:5432/app"]
+    "url",
+    [
+        "postgresql://app:s3cr/et@127.0.0.1/app",
+        "postgresql://app:s3cr?et@127.0.0.1:5432/app",
+        "postgresql://app:2024?s3cr=et@127.0.0.1:5432/app",  # libpq's password, urllib's host 'app' and a query
+    ],
 )
 def test_status_names_an_external_url_whose_port_cannot_be_read(url, tmp_path, monkeypatch, capsys):
     """An unencoded '/' or '?' in a PostgreSQL password (a user name given): `status` failed whole with a bare
@@ -648,7 +653,13 @@ def test_a_url_without_its_colon_slash_slash_never_shows_its_password(
 
 
 @pytest.mark.parametrize(
-    "url", ["redis//app:s3cr?etPW@cache.example:6379/0", "redis:/:s3cr#etPW@cache.example:6379/0", "app:s3cr?etPW@c:1"]
+    "url",
+    [
+        "redis//app:s3cr?etPW@cache.example:6379/0",
+        "redis:/:s3cr#etPW@cache.example:6379/0",
+        "app:s3cr?etPW@c:1",
+        "redis//app:s3cr?e=tPW@cache.example:6379/0",  # what follows the '?' reads as a parameter
+    ],
 )
 def test_a_url_without_its_colon_slash_slash_and_a_question_mark_in_its_password_never_shows_it(
     url, tmp_path, monkeypatch, capsys, dagster_pg_url
