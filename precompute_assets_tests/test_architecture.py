@@ -95,3 +95,19 @@ def test_the_code_location_loads_without_sklearn() -> None:
     code = "import sys, precompute_assets.definitions as d; d.defs(); print('sklearn' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
     assert out.stdout.strip() == "False", out.stdout + out.stderr[-2000:]
+
+
+def test_the_serving_package_names_its_submodules_as_it_did_before_its_lazy_imports() -> None:
+    """``serving`` imports its public names on first use: ``serving.invalidate.invalidate(...)``, as the README writes
+    it, failed with "module 'precompute_assets.serving' has no attribute 'invalidate'" where it had worked (the eager
+    imports had made the submodules attributes), still without importing numpy for the package alone."""
+    import subprocess
+
+    code = (
+        "import sys\nfrom precompute_assets import serving\nlight = 'numpy' not in sys.modules\n"
+        "found = [serving.invalidate.invalidate, serving.publish.settle_published, serving.querylog.expand_entries, "
+        "serving.stats.cache_stats, serving.rerank.rerank, serving.PredictionCache]\n"
+        "print(light, all(found), hasattr(serving, 'no_such_module'), hasattr(serving, '_MODULES'))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.stdout.strip() == "True True False True", out.stdout + out.stderr[-2000:]

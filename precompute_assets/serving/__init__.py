@@ -6,6 +6,7 @@ Imports redis, numpy and the standard library only, so services can depend on it
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -37,9 +38,14 @@ _MODULES = {
 
 
 def __getattr__(name: str) -> object:
-    if name not in _MODULES:
+    if name in _MODULES:
+        value = getattr(importlib.import_module(f".{_MODULES[name]}", __name__), name)
+    elif not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        # A submodule, as the README names them (``serving.invalidate.invalidate``): the eager imports made
+        # ``invalidate``, ``publish``, ``querylog``... attributes of the package, and code used them so.
+        value = importlib.import_module(f".{name}", __name__)
+    else:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_MODULES[name]}", __name__), name)
     globals()[name] = value  # once
     return value
 
