@@ -32,12 +32,14 @@ def split_userinfo(url: str) -> tuple[str, str | None, str]:
 
 def _reads_without_userinfo(rest: str, url: bool) -> bool:
     """Whether ``rest`` (what follows a URL's '://', ``url``, or a whole text without one) has no user info: no '@', or
-    its '@'s are in the values of a URL's query after a path (``host:6379/0?user=me@corp``). Else a '?' before an '@'
-    is as likely a password's as a query's: without a path ``u:2024?a=b@host`` is host 'u', port 2024 as well as the
-    password '2024?a=b', and without '://' (``redis:/u:pa?s=s@host``) there is no path. It is taken for the password
-    (libpq takes it so too: to the first '@' before a '/'), so that it is hidden and refused rather than shown."""
+    its '@'s are in the values of a URL's query after a path (``host:6379/0?user=me@corp``) or after a host without a
+    ':' (``host?key=a@b``: read as user info, it would hold no password). Else a '?' before an '@' is as likely a
+    password's as a query's: without a path ``u:2024?a=b@host`` is host 'u', port 2024 as well as the password
+    '2024?a=b', and without '://' (``redis:/u:pa?s=s@host``) there is no path. It is taken for the password (libpq
+    takes it so too: to the first '@' before a '/'), so that it is hidden and refused rather than shown."""
     end = min((rest.index(mark) for mark in "?#" if mark in rest), default=len(rest))
-    return "@" not in rest or (url and "/" in rest[:end] and _follows_userinfo(rest))
+    located = rest[:end]
+    return "@" not in rest or (url and ("/" in located or ":" not in located) and _follows_userinfo(rest))
 
 
 def _follows_userinfo(rest: str) -> bool:

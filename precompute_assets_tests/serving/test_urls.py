@@ -45,6 +45,7 @@ CASES = [
     ("redis://u:2024?a=b@host:6379/0", "u:2024?a=b", "host:6379/0"),
     ("postgresql://u:?a=b@db.example/app", "u:?a=b", "db.example/app"),
     ("redis:/u:pa?s=s@host:6379/0", "redis:/u:pa?s=s", "host:6379/0"),  # and without '://', without a path
+    ("https://embed.example?key=a@b", None, "embed.example?key=a@b"),  # no ':', so no password: a query
 ]
 
 
