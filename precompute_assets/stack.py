@@ -31,7 +31,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .serving.connection import REDIS_ERRORS, SENTINEL_SCHEMES, check_url_port, connect, parse_sentinel_url
+from .serving.connection import (
+    REDIS_ERRORS,
+    SENTINEL_SCHEMES,
+    check_url_parameters,
+    check_url_port,
+    connect,
+    parse_sentinel_url,
+)
 from .serving.urls import split_userinfo
 from .storage.files import exclusive_lock
 from .storage.postgres import connect as postgres_connect
@@ -753,6 +760,11 @@ def url_problem(variable: str, url: str) -> str | None:
         except ValueError as error:
             return f"{variable}: {error}"
         return None
+    try:
+        if expected is REDIS_SCHEMES:
+            check_url_parameters(url)
+    except ValueError as error:  # redis-py passes each on to its connection: a TypeError at every command
+        return f"{variable}: {error}"
     if parts.scheme.lower() == "unix":
         return None
     try:  # unix_socket and reachable read the port, and raised: `status` then failed whole, naming no variable

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -89,6 +90,40 @@ def split_cluster_url(url: str) -> tuple[str, bool | None]:
         raise ValueError(f"a Redis Cluster has only database 0; the URL names database {parts.path.strip('/')!r}")
     rest = urlencode([(name, v) for name, v in query if name != CLUSTER_PARAMETER])
     return urlunsplit(parts._replace(query=rest)), cluster
+
+
+def check_url_parameters(url: str) -> None:
+    """``ValueError`` naming the query parameters of a single server's URL (``redis://``, ``rediss://``, ``unix://``)
+    that redis-py's connection does not take: it hands every one on as a keyword argument, and each command then
+    failed with a ``TypeError`` ("unexpected keyword argument 'ssl_cert_reqs'") that ``up``, ``status`` and ``cache``
+    showed as a traceback. A cluster URL's client takes other options, and is left to them."""
+    plain_url, cluster = split_cluster_url(url)
+    parts = urlsplit(plain_url)
+    if cluster:
+        return
+    scheme = parts.scheme.lower()
+    connection = {"rediss": redis.SSLConnection, "unix": redis.UnixDomainSocketConnection}.get(scheme, redis.Connection)
+    # Blank values are dropped, as redis-py drops them.
+    unknown = sorted({name for name, _ in parse_qsl(parts.query)} - _init_parameters(redis.ConnectionPool, connection))
+    if unknown:
+        tls = set(unknown) <= {"ssl", *_init_parameters(redis.SSLConnection)} and scheme != "rediss"
+        raise ValueError(
+            f"the Redis URL has parameter(s) {', '.join(unknown)} that redis-py's {scheme}:// connection does not "
+            f"take{' (TLS options need rediss://)' if tls else ''}"
+        )
+
+
+@functools.cache
+def _init_parameters(*classes: type) -> frozenset[str]:
+    """The keyword arguments the constructors of ``classes`` and of their bases name."""
+    return frozenset(
+        parameter.name
+        for cls in classes
+        for base in cls.__mro__
+        if "__init__" in vars(base)
+        for parameter in inspect.signature(base.__init__).parameters.values()
+        if parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD) and parameter.name != "self"
+    )
 
 
 @dataclass(frozen=True)
@@ -472,6 +507,7 @@ def connect(
             raise ValueError("cluster=True, but the Redis URL names a Sentinel primary, not a Redis Cluster")
         return sentinel_primary(sentinel, **options)
     check_url_port(url)
+    check_url_parameters(url)
     plain_url, in_url = split_cluster_url(url)
     if cluster and in_url is False:
         raise ValueError("cluster=True, but the Redis URL says cluster=0")

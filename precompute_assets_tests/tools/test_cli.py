@@ -542,6 +542,36 @@ def test_a_url_with_a_typo_in_its_scheme_is_named_as_such(tmp_path, monkeypatch,
     assert not (tmp_path / "home" / "redis").exists() and not (tmp_path / "home" / "postgres").exists()
 
 
+@pytest.mark.parametrize(
+    ("query", "reason"),
+    [("ssl_cert_reqs=none", "ssl_cert_reqs that redis-py's redis:// connection does not take (TLS options need "
+      "rediss://)"), ("timeout=5", "timeout that redis-py's redis:// connection does not take")],
+)  # fmt: skip
+def test_a_redis_url_parameter_redis_py_cannot_take_is_named_in_one_line(
+    query, reason, tmp_path, monkeypatch, capsys, redis_server, dagster_pg_url
+):
+    """redis-py hands a URL's query parameters to its connection as keyword arguments: a TLS option on redis://, or
+    one it does not know, made `up`, `status` and `cache stats` end in a TypeError traceback ("unexpected keyword
+    argument 'ssl_cert_reqs'") against a Redis that answers, and every step using Redis fail alike."""
+    from precompute_assets.serving.connection import connect
+
+    url = redis_server(password="s3cretPW").url
+    monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("DAGSTER_PG_URL", dagster_pg_url)
+    monkeypatch.setenv("PRECOMPUTE_REDIS_URL", f"{url}?{query}")
+    for command in (["up"], ["cache", "stats"]):
+        assert main(command) == 2, command
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and reason in err and "Traceback" not in err and "s3cret" not in err, err
+    assert main(["status"]) == 0
+    out = capsys.readouterr().out
+    assert "redis     external  invalid URL" in out and reason in out and "s3cret" not in out, out
+    with pytest.raises(ValueError, match=reason.replace("(", r"\(").replace(")", r"\)")):
+        connect(f"{url}?{query}")
+    assert connect(f"{url}?client_name=bench&protocol=3").ping()  # parameters it takes still pass
+    assert not (tmp_path / "home" / "redis").exists()
+
+
 def test_up_and_the_cache_commands_name_a_bad_redis_scheme_alike(tmp_path, monkeypatch, capsys, dagster_pg_url):
     """`up` named the variable and the schemes it takes; `cache` printed redis-py's line, which names neither (and
     no Sentinel scheme): one line, exit code 2, the same words for both."""
