@@ -84,6 +84,17 @@ def _ad_table(ads: pd.DataFrame, spec: AdFeatureSpec) -> tuple[pd.DataFrame, np.
     return table, valid
 
 
+def _whole_numbers_as_integers(ids: pd.Series) -> pd.Series:
+    """Float ids that are all whole numbers as nullable integers: pandas reads a Parquet int64 column with a missing
+    value as floats, whose text ('1042.0') matched no ad's, so one null id made every impression unknown."""
+    if not pd.api.types.is_float_dtype(ids):
+        return ids
+    present = ids.dropna().to_numpy(dtype=float)
+    if not (np.isfinite(present).all() and (present == np.round(present)).all() and (np.abs(present) < 2**53).all()):
+        return ids
+    return ids.astype("Int64")
+
+
 def training_frame(
     impressions: pd.DataFrame, ads: pd.DataFrame, spec: AdFeatureSpec | None = None
 ) -> tuple[pd.DataFrame, TrainingIssues]:
@@ -94,7 +105,7 @@ def training_frame(
     _require_columns(impressions, IMPRESSION_COLUMNS, "impressions table")
     table, complete = _ad_table(ads, spec)
 
-    ids = impressions["ad_id"]
+    ids = _whole_numbers_as_integers(impressions["ad_id"])
     if not (pd.api.types.is_object_dtype(ids) or pd.api.types.is_string_dtype(ids)):
         ids = ids.astype(str)  # as the table's index: integer ids an ad server wrote match the ads by their text
     # Integer codes instead of grouping on strings: ~10x faster at 10M impressions.

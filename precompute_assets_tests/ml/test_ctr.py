@@ -212,6 +212,23 @@ def test_integer_ad_ids_in_the_impressions_match_the_ads_by_their_text() -> None
     pd.testing.assert_frame_equal(frame, expected)
 
 
+def test_integer_ad_ids_with_a_missing_one_match_the_ads_by_their_text() -> None:
+    """pandas reads a Parquet int64 column with a null as floats: their text ('1000.0') matched no ad, so one
+    impression without an ad id made every impression unknown and training failed with 'training data is empty'."""
+    import pyarrow as pa
+
+    ads = make_ads(40).assign(ad_id=lambda frame: np.arange(1000, 1040))
+    impressions = make_impressions(ads, days=2, per_ad_day=5)
+    with_null = pd.concat([impressions, impressions.iloc[:1].assign(ad_id=None)], ignore_index=True)
+    written = pa.table({name: pa.array(with_null[name].tolist()) for name in ("ts_ms", "ad_id", "clicked")})
+    read = written.to_pandas()  # an ad server's int64 column, as the lake reads it
+    assert pd.api.types.is_float_dtype(read["ad_id"])
+    frame, issues = training_frame(read, ads)
+    expected, _ = training_frame(impressions.assign(ad_id=impressions["ad_id"].astype(str)), ads)
+    assert issues.unknown_ads == 1
+    pd.testing.assert_frame_equal(frame, expected)
+
+
 # --- time split -----------------------------------------------------------------------------------------
 
 
