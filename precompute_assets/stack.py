@@ -34,6 +34,7 @@ from pathlib import Path
 from .serving.connection import (
     REDIS_ERRORS,
     SENTINEL_SCHEMES,
+    URL_UNREADABLE,
     check_url_parameters,
     check_url_port,
     connect,
@@ -746,7 +747,10 @@ def url_problem(variable: str, url: str) -> str | None:
     URL as a server that does not answer, or refuses us ("invalid dsn")."""
     from urllib.parse import urlsplit
 
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # "Invalid IPv6 URL", naming no variable: a '[' or ']' (a password's) not around an IPv6 host
+        return f"{variable}: {URL_UNREADABLE}"
     expected = REDIS_SCHEMES if variable in (ENV_REDIS, ENV_REDIS_ADMIN) else POSTGRES_SCHEMES
     if "://" not in url or parts.scheme.lower() not in expected:
         shown = f"the scheme {parts.scheme + '://'!r}" if "://" in url else "no scheme"
@@ -780,9 +784,7 @@ def url_problem(variable: str, url: str) -> str | None:
 def url_error(variable: str, url: str) -> str | None:
     """``url_problem`` followed by the URL, its password redacted: the one line every command that uses ``url``
     prints (``up`` and the commands that connect say the same), or None when ``url`` is one of such a server."""
-    from urllib.parse import urlsplit
-
-    if urlsplit(url).scheme.lower() not in SENTINEL_SCHEMES:  # a Sentinel URL's several hosts have no one port
+    if url.partition("://")[0].lower() not in SENTINEL_SCHEMES:  # a Sentinel URL's several hosts have no one port
         try:
             check_url_port(url)
         except ValueError as error:  # an unencoded '/', '?' or '#' in the password: redact cannot find its end

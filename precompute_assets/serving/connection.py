@@ -51,10 +51,18 @@ _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 
 
+# Why a URL's host:port cannot be read, without the URL: ``check_url_port`` and ``stack.url_problem`` say it.
+URL_UNREADABLE = (
+    "the URL's host:port cannot be read: it needs one host, a port from 1 to 65535, and '/', '?', '#', '[' and ']' in "
+    "its user name and password percent-encoded (%2F, %3F, %23, %5B, %5D)"
+)
+
+
 def check_url_port(url: str) -> None:
     """``ValueError`` without the URL when its port cannot be read: an unencoded '/', '?' or '#' in a password ends the
     authority there, and urllib's own error quotes what followed the ':' as the port, the start of the password (or,
-    when that start is a number, the connection's error names it as host:port)."""
+    when that start is a number, the connection's error names it as host:port); a '[' or ']' in it is urllib's
+    "Invalid IPv6 URL"."""
     try:
         _ = urlsplit(url).port
         # urllib ends the authority at a password's '?' or '#' even when what it then reads as the port is a number
@@ -64,10 +72,7 @@ def check_url_port(url: str) -> None:
     except ValueError:
         readable = False
     if not readable:
-        raise ValueError(
-            "the URL's host:port cannot be read: it needs one host, a port from 1 to 65535, and '/', '?' and '#' "
-            "in its user name and password percent-encoded (%2F, %3F, %23)"
-        )
+        raise ValueError(URL_UNREADABLE)
 
 
 def split_cluster_url(url: str) -> tuple[str, bool | None]:

@@ -591,7 +591,14 @@ def test_up_and_the_cache_commands_name_a_bad_redis_scheme_alike(tmp_path, monke
     }, said
 
 
-@pytest.mark.parametrize("url", ["redis://app:s3cr/et@cache.example:6379/0", "rediss://:s3cr?et@cache.example/0"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://app:s3cr/et@cache.example:6379/0",
+        "rediss://:s3cr?et@cache.example/0",
+        "redis://app:s3cr]et@cache.example:6379/0",  # urllib: "Invalid IPv6 URL", naming no variable
+    ],
+)
 def test_up_never_shows_a_password_that_cuts_the_url_short(url, tmp_path, monkeypatch, capsys, dagster_pg_url):
     """An unencoded '/' or '?' in the password ends the authority there: `up` said "names no host" (or nothing of the
     port) with the URL, which redact could not cut the password out of. Now the line `cache` prints, without it."""
@@ -628,6 +635,7 @@ def test_status_never_shows_a_password_with_an_unencoded_separator(url, tmp_path
         "postgresql://app:s3cr/et@127.0.0.1/app",
         "postgresql://app:s3cr?et@127.0.0.1:5432/app",
         "postgresql://app:2024?s3cr=et@127.0.0.1:5432/app",  # libpq's password, urllib's host 'app' and a query
+        "postgresql://app:s3cr[et@127.0.0.1:5432/app",  # urllib's "Invalid IPv6 URL" failed status whole
     ],
 )
 def test_status_names_an_external_url_whose_port_cannot_be_read(url, tmp_path, monkeypatch, capsys):
