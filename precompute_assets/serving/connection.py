@@ -101,7 +101,9 @@ def check_url_parameters(url: str) -> None:
     """``ValueError`` naming the query parameters of a single server's URL (``redis://``, ``rediss://``, ``unix://``)
     that redis-py's connection does not take: it hands every one on as a keyword argument, and each command then
     failed with a ``TypeError`` ("unexpected keyword argument 'ssl_cert_reqs'") that ``up``, ``status`` and ``cache``
-    showed as a traceback. A cluster URL's client takes other options, and is left to them."""
+    showed as a traceback. A cluster URL's client takes other options, and is left to them. A URL whose host:port
+    cannot be read is refused as ``check_url_port`` refuses it first: its query may start inside the password."""
+    check_url_port(url)
     plain_url, cluster = split_cluster_url(url)
     parts = urlsplit(plain_url)
     if cluster:

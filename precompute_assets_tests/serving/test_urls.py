@@ -8,7 +8,7 @@ import pytest
 from precompute_assets.ml.embedding_service import _without_credentials
 from precompute_assets.serving.connection import check_url_port, parse_sentinel_url
 from precompute_assets.serving.urls import split_userinfo
-from precompute_assets.stack import redact, url_error
+from precompute_assets.stack import redact, url_error, url_problem
 from precompute_assets.storage.postgres import userinfo_problem, without_password
 
 CASES = [
@@ -126,3 +126,18 @@ def test_a_password_whose_start_reads_as_a_port_is_refused_without_it(url: str) 
     with pytest.raises(dg.Failure) as failure:
         RedisResource(url=url).client()
     assert "is not a Redis URL" in failure.value.description and "2024" not in failure.value.description
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "unix://app:QZ?wj=6bXJ@/run/redis.sock?db=0",
+        "redis://app:QZ?wj=6bXJ@cache.example:6379/0",
+        "rediss://:QZ1?a=b&c=dXJ@cache.example/0",
+    ],
+)
+def test_a_password_read_as_a_query_is_not_named_as_an_unknown_parameter(url: str) -> None:
+    """The check of a Redis URL's parameters read them as urllib does, from a password's '?': `status` named
+    'wj' and '6bXJ@/run/redis.sock?db' as parameters redis-py does not take, the password's rest."""
+    problem = url_problem("PRECOMPUTE_REDIS_URL", url)
+    assert problem is not None and "percent-encoded" in problem and "QZ" not in problem and "XJ" not in problem, problem
