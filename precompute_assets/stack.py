@@ -764,21 +764,22 @@ def url_problem(variable: str, url: str) -> str | None:
         except ValueError as error:
             return f"{variable}: {error}"
         return None
+    if parts.scheme.lower() != "unix":
+        try:  # unix_socket and reachable read the port, and raised: `status` then failed whole, naming no variable
+            check_url_port(url)
+            unreadable = None
+        except ValueError as error:
+            unreadable = f"{variable}: {error}"
+        if not parts.hostname and (unreadable is not None or unix_socket(url) is None):
+            return f"{variable} names no host: {parts.scheme}://[user:password@]host:port/..."
+        if unreadable is not None:
+            return unreadable
     try:
         if expected is REDIS_SCHEMES:
             check_url_parameters(url)
     except ValueError as error:  # redis-py passes each on to its connection: a TypeError at every command
         return f"{variable}: {error}"
-    if parts.scheme.lower() == "unix":
-        return None
-    try:  # unix_socket and reachable read the port, and raised: `status` then failed whole, naming no variable
-        check_url_port(url)
-        unreadable = None
-    except ValueError as error:
-        unreadable = f"{variable}: {error}"
-    if not parts.hostname and (unreadable is not None or unix_socket(url) is None):
-        return f"{variable} names no host: {parts.scheme}://[user:password@]host:port/..."
-    return unreadable
+    return None
 
 
 def url_error(variable: str, url: str) -> str | None:
