@@ -139,14 +139,15 @@ class HttpEmbedder:
             raise ValueError(f"not an http(s) URL: {_without_credentials(self.url)!r}")
         try:
             port = parts.port
-            # urllib ends the authority at a password's '?' or '#' also when its start is a number: a host:port then
-            readable = not any(mark in (split_userinfo(self.url)[1] or "") for mark in "?#")
+            # urllib ends the authority at a password's '?', '#' or '/' also where what precedes reads as a host:port
+            # ("k:2024?x@host": 'k', port 2024; "k:Se@cr/et@host": host 'cr'): its user info must be split_userinfo's
+            readable = parts.netloc.rpartition("@")[0] == (split_userinfo(self.url)[1] or "")
         except ValueError:  # urllib's error quotes what followed the ':', a password's start when it holds a '/'
             port, readable = None, False
         if not readable:
             raise ValueError(
-                "the embedding service URL's host:port cannot be read: it needs a port from 1 to 65535, and '/', '?' "
-                "and '#' in its user name and password percent-encoded (%2F, %3F, %23)"
+                "the embedding service URL's host:port cannot be read: it needs a port from 1 to 65535, and '/', '?', "
+                "'#' and '@' in its user name and password percent-encoded (%2F, %3F, %23, %40)"
             )
         self._https = parts.scheme == "https"
         self._host, self._port = parts.hostname, port

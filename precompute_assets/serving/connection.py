@@ -53,8 +53,8 @@ _FALSE = ("0", "false", "no", "off")
 
 # Why a URL's host:port cannot be read, without the URL: ``check_url_port`` and ``stack.url_problem`` say it.
 URL_UNREADABLE = (
-    "the URL's host:port cannot be read: it needs one host, a port from 1 to 65535, and '/', '?', '#', '[' and ']' in "
-    "its user name and password percent-encoded (%2F, %3F, %23, %5B, %5D)"
+    "the URL's host:port cannot be read: it needs one host, a port from 1 to 65535, and '/', '?', '#', '@', '[' and "
+    "']' in its user name and password percent-encoded (%2F, %3F, %23, %40, %5B, %5D)"
 )
 
 
@@ -64,11 +64,13 @@ def check_url_port(url: str) -> None:
     when that start is a number, the connection's error names it as host:port); a '[' or ']' in it is urllib's
     "Invalid IPv6 URL"."""
     try:
-        _ = urlsplit(url).port
-        # urllib ends the authority at a password's '?' or '#' even when what it then reads as the port is a number
-        # ("app:2024?Summer@host": host 'app', port 2024), and the connection's error names that host:port
+        parts = urlsplit(url)
+        _ = parts.port
+        # urllib ends the authority at a password's '?', '#' or '/' even when what it then reads as the host:port is
+        # one ("app:2024?Summer@host": host 'app', port 2024; "app:Se@cr/et@host": host 'cr'), and the connection's
+        # error names that host:port: its user info must be the one split_userinfo reads
         head, userinfo, _ = split_userinfo(url)
-        readable = not (head and any(mark in (userinfo or "") for mark in "?#"))
+        readable = not head or parts.netloc.rpartition("@")[0] == (userinfo or "")
     except ValueError:
         readable = False
     if not readable:

@@ -234,3 +234,11 @@ def test_a_password_whose_start_reads_as_a_port_is_refused():
     with pytest.raises(ValueError, match="cannot be read") as refused:
         HttpEmbedder(url="https://user:2024?ret@embed.example", dim=4)
     assert "2024" not in str(refused.value), refused.value
+
+
+def test_a_password_whose_at_sign_comes_before_a_slash_is_refused():
+    """urllib reads the user info to the last '@' before the first '/': 'https://k:Se@cr/etPW@embed.example/v1' was
+    taken for host 'cr', a part of the password, which every batch's connection error then named."""
+    with pytest.raises(ValueError, match="cannot be read") as refused:
+        HttpEmbedder(url="https://k:Se@cr/etPW@embed.example/v1", dim=4)
+    assert "etPW" not in str(refused.value), refused.value

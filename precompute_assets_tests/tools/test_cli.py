@@ -597,6 +597,7 @@ def test_up_and_the_cache_commands_name_a_bad_redis_scheme_alike(tmp_path, monke
         "redis://app:s3cr/et@cache.example:6379/0",
         "rediss://:s3cr?et@cache.example/0",
         "redis://app:s3cr]et@cache.example:6379/0",  # urllib: "Invalid IPv6 URL", naming no variable
+        "redis://app:Se@s3/cret@127.0.0.1:6379/0",  # urllib: host 's3', which the connection's error named
     ],
 )
 def test_up_never_shows_a_password_that_cuts_the_url_short(url, tmp_path, monkeypatch, capsys, dagster_pg_url):
