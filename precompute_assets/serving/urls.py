@@ -24,10 +24,18 @@ def split_userinfo(url: str) -> tuple[str, str | None, str]:
     if _reads_without_userinfo(rest, bool(sep)):
         return head, None, rest
     ats = [index for index, char in enumerate(rest) if char == "@"]
-    # The first '@' after which the URL reads whole; with none such (an '@' in a fragment, a port that is no number),
-    # the last: what is taken for the password then is too much, never too little.
-    at = next((index for index in ats if _follows_userinfo(rest[index + 1 :])), ats[-1])
+    # The first '@' after which the URL reads whole, a query's '@' after a path only ('u:pw@c?d=e@host': the password
+    # is 'pw@c?d=e'); with none such (an '@' in a fragment, a port that is no number), the last: what is taken for
+    # the password then is too much, never too little.
+    at = next((index for index in ats if _follows_password(rest[index + 1 :])), ats[-1])
     return head, rest[:at], rest[at + 1 :]
+
+
+def _follows_password(rest: str) -> bool:
+    """Whether ``rest``, what follows an '@' of a user info, reads as what follows its password: as a URL after its
+    user info, with a path if its query holds an '@' (else that '?' and '@' are as likely the password's)."""
+    end = min((rest.index(mark) for mark in "?#" if mark in rest), default=len(rest))
+    return _follows_userinfo(rest) and ("@" not in rest[end:] or "/" in rest[:end])
 
 
 def _reads_without_userinfo(rest: str, url: bool) -> bool:

@@ -46,6 +46,8 @@ CASES = [
     ("postgresql://u:?a=b@db.example/app", "u:?a=b", "db.example/app"),
     ("redis:/u:pa?s=s@host:6379/0", "redis:/u:pa?s=s", "host:6379/0"),  # and without '://', without a path
     ("https://embed.example?key=a@b", None, "embed.example?key=a@b"),  # no ':', so no password: a query
+    ("redis://u:s3@c?r=x@host/0", "u:s3@c?r=x", "host/0"),  # an '@', a '?' and an '=' in the password
+    ("redis://u:s3@cr@host:6379?client_name=a@b", "u:s3@cr@host:6379?client_name=a", "b"),  # no path: too much
 ]
 
 
@@ -78,6 +80,7 @@ HOSTILE = [
     ("redis://app:2024?Sum=mer@cache.example:6379/0", "2024?Sum=mer"),
     ("postgresql://app:?S3cr=et@db.example:5432/app", "?S3cr=et"),
     ("redis//app:S3cr?e=t@cache.example:6379/0", "S3cr?e=t"),
+    ("redis://app:S3c!@Hm?[Yo=XJ@cache.example:6379/0", "S3c!@Hm?[Yo=XJ"),
 ]
 
 
