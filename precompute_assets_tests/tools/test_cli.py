@@ -716,6 +716,31 @@ def test_a_url_without_its_colon_slash_slash_and_a_question_mark_in_its_password
     assert "invalid URL" in out and "s3cr" not in out and "etPW" not in out, out
 
 
+@pytest.mark.parametrize(
+    ("variable", "url"),
+    [
+        ("PRECOMPUTE_REDIS_URL", "redis://:correct horse battery@127.0.0.1:1/0"),
+        ("PRECOMPUTE_REDIS_URL", "redis://app:correct horse?b@ttery@127.0.0.1:1/0"),
+        ("PRECOMPUTE_APP_DB_URL", "postgresql://app:correct horse battery@127.0.0.1:1/app"),
+    ],
+)
+def test_a_password_with_spaces_is_never_shown(variable, url, tmp_path, monkeypatch, capsys):
+    """redact read each whitespace-separated word alone: a passphrase's words ('correct', 'horse', 'battery@...')
+    held no user info each, and `up` and `status` printed the URL whole, where the regexes before them had hidden it."""
+    monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv(variable, url)
+    assert main(["status"]) == 0
+    out = capsys.readouterr().out
+    assert "horse" not in out and "correct" not in out and ":***@" in out, out
+    if variable == "PRECOMPUTE_REDIS_URL":  # checked first: nothing else need answer
+        assert main(["up"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "horse" not in err and "correct" not in err, err
+    assert redact(f"{url} failed") == f"{url.partition(':')[0]}://{url.partition('//')[2].partition(':')[0]}:***@" + (
+        f"{url.rpartition('@')[2]} failed"
+    )
+
+
 def test_an_app_db_password_with_a_bare_percent_is_never_shown(
     tmp_path, monkeypatch, capsys, redis_server, dagster_pg_url
 ):
