@@ -1,6 +1,7 @@
 """Selection: what will be asked tomorrow. Daily assets over a week of hourly query logs."""
 
 from collections.abc import Iterator
+from dataclasses import replace
 
 import dagster as dg
 import numpy as np
@@ -302,7 +303,13 @@ def top_ads(
     never scored. Under an A/B experiment (``ExperimentResource``) the keys are split between its two arms by a
     salted hash and each arm's half of N is ranked by the arm's own strategy (column ``arm``)."""
     # demand reads the hourly logs through this module
-    from .demand import demand_evaluation, evaluated_hyper_params, resolve_strategy, strategy_demand
+    from .demand import (
+        demand_evaluation,
+        evaluated_hyper_params,
+        frequency_half_life,
+        resolve_strategy,
+        strategy_demand,
+    )
     from .experiment import experiment_metadata
 
     catalog = set(lake.lake().read("ads", columns=["ad_id"])["ad_id"])
@@ -338,6 +345,9 @@ def top_ads(
     share_metadata: dict = {"precompute_share": config.precompute_share}
     top_n = config.top_n
     if config.precompute_share == "auto":
+        # frequency replayed as it ranks here: with the half-life of the ad_demand given to this step (the day's
+        # newest), not the one demand_model scored with (an ad_demand since, or ad_demand's default without one)
+        half_life, _ = frequency_half_life(context.instance, context.partition_key)
         choice = self_tuned_share(
             lake.lake(),
             Partitions.of(context),
@@ -346,7 +356,7 @@ def top_ads(
             config.cache_capacity,
             config.admission,
             config.share_max_requests,
-            evaluated_hyper_params(evaluation),  # as strategy_demand ranks tomorrow
+            replace(evaluated_hyper_params(evaluation), half_life_days=half_life),  # as strategy_demand ranks
         )
         top_n = choice.share
         share_metadata.update(

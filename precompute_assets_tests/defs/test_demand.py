@@ -436,6 +436,34 @@ def test_the_self_tuned_share_replays_ewma_with_the_half_life_demand_model_score
     assert {int(n): rate for n, rate in candidates.items()} == tuned(1.0)
 
 
+def test_the_self_tuned_share_replays_frequency_with_the_half_life_top_ads_ranks_by(
+    selection_resources, pg_instance, weekly_template, lake_uri
+):
+    """top_ads ranks frequency by its ad_demand: the share is tuned by replaying that ranking, with ad_demand's
+    half-life, also when no demand_model evaluated the day (it replayed ad_demand's default 2 days then)."""
+    lake = with_catalog(weekly_template, lake_uri)
+
+    def tuned(half_life_days: float) -> dict:
+        hp = DemandHyperParams(half_life_days=half_life_days)
+        return self_tuned_share(lake, DEFAULT_PARTITIONS, DAYS[-1], "frequency", 40, hp=hp).hit_rates
+
+    assert tuned(0.25) != tuned(2.0)  # the two half-lives replay differently on these days
+    result = dg.materialize(
+        [ad_demand, top_ads],
+        resources=selection_resources,
+        partition_key=DAYS[-1],
+        instance=pg_instance,
+        run_config={
+            "ops": {
+                "ad_demand": {"config": {"half_life_days": 0.25}},
+                "top_ads": {"config": {"strategy": "frequency", "precompute_share": "auto", "cache_capacity": 40}},
+            }
+        },  # fmt: skip
+    )
+    candidates = result.asset_materializations_for_node("top_ads")[0].metadata["share_candidates"].value
+    assert {int(n): rate for n, rate in candidates.items()} == tuned(0.25)
+
+
 def test_top_ads_reads_the_demand_models_evaluation_once(
     selection_resources, pg_instance, weekly_template, lake_uri, monkeypatch
 ):
