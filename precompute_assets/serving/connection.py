@@ -99,27 +99,38 @@ def split_cluster_url(url: str) -> tuple[str, bool | None]:
     return urlunsplit(parts._replace(query=rest)), cluster
 
 
-def check_url_parameters(url: str) -> None:
+def check_url_parameters(url: str, *, cluster: bool = False) -> None:
     """``ValueError`` naming the query parameters of a single server's URL (``redis://``, ``rediss://``, ``unix://``)
     that redis-py's connection does not take: it hands every one on as a keyword argument, and each command then
     failed with a ``TypeError`` ("unexpected keyword argument 'ssl_cert_reqs'") that ``up``, ``status`` and ``cache``
-    showed as a traceback. A cluster URL's client takes other options, and is left to them. A URL whose host:port
-    cannot be read is refused as ``check_url_port`` refuses it first: its query may start inside the password."""
+    showed as a traceback. A cluster URL (``?cluster=1``, or ``cluster``) takes only those its client hands its
+    connections: it dropped any other unread (a misspelt ``socket_timout``). A URL whose host:port cannot be read is
+    refused as ``check_url_port`` refuses it first: its query may start inside the password."""
     check_url_port(url)
-    plain_url, cluster = split_cluster_url(url)
+    plain_url, in_url = split_cluster_url(url)
     parts = urlsplit(plain_url)
-    if cluster:
-        return
     scheme = parts.scheme.lower()
     connection = {"rediss": redis.SSLConnection, "unix": redis.UnixDomainSocketConnection}.get(scheme, redis.Connection)
+    takes = _init_parameters(redis.ConnectionPool, connection)
+    if cluster or in_url:
+        takes &= _cluster_parameters()
     # Blank values are dropped, as redis-py drops them.
-    unknown = sorted({name for name, _ in parse_qsl(parts.query)} - _init_parameters(redis.ConnectionPool, connection))
+    unknown = sorted({name for name, _ in parse_qsl(parts.query)} - takes)
     if unknown:
         tls = set(unknown) <= {"ssl", *_init_parameters(redis.SSLConnection)} and scheme != "rediss"
+        client = "cluster client" if cluster or in_url else f"{scheme}:// connection"
         raise ValueError(
-            f"the Redis URL has parameter(s) {', '.join(unknown)} that redis-py's {scheme}:// connection does not "
+            f"the Redis URL has parameter(s) {', '.join(unknown)} that redis-py's {client} does not "
             f"take{' (TLS options need rediss://)' if tls else ''}"
         )
+
+
+@functools.cache
+def _cluster_parameters() -> frozenset[str]:
+    """The options redis-py's cluster client hands its nodes' connections (``cleanup_kwargs``): it drops the rest."""
+    from redis.cluster import KWARGS_DISABLED_KEYS, REDIS_ALLOWED_KEYS
+
+    return frozenset(REDIS_ALLOWED_KEYS) - frozenset(KWARGS_DISABLED_KEYS)
 
 
 @functools.cache
@@ -516,7 +527,7 @@ def connect(
             raise ValueError("cluster=True, but the Redis URL names a Sentinel primary, not a Redis Cluster")
         return sentinel_primary(sentinel, **options)
     check_url_port(url)
-    check_url_parameters(url)
+    check_url_parameters(url, cluster=cluster)
     plain_url, in_url = split_cluster_url(url)
     if cluster and in_url is False:
         raise ValueError("cluster=True, but the Redis URL says cluster=0")

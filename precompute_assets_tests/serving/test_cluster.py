@@ -70,6 +70,26 @@ def test_the_url_selects_cluster_mode():
     assert type(connect("redis://127.0.0.1:1/0?cluster=0")) is redis.Redis  # no connection made yet
 
 
+def test_a_cluster_url_parameter_its_client_does_not_take_is_refused_before_connecting():
+    """redis-py's cluster client silently drops a URL parameter outside its list (a misspelt ``socket_timout``, a
+    ``health_check_interval``) and hands a TLS option on redis:// to every node's connection, which failed as
+    "Redis Cluster cannot be connected ... unexpected keyword argument": both are refused, naming them, as on one
+    server, before any node is asked."""
+    for query, named in [
+        ("socket_timout=5", "socket_timout that redis-py's cluster client does not take"),
+        ("health_check_interval=30", "health_check_interval that redis-py's cluster client does not take"),
+        ("ssl_cert_reqs=none", "ssl_cert_reqs that redis-py's cluster client does not take (TLS options need rediss"),
+    ]:
+        with pytest.raises(ValueError, match=named.replace("(", r"\(")):
+            connect(f"redis://127.0.0.1:1?cluster=1&{query}", pending=True)
+        with pytest.raises(ValueError, match=named.replace("(", r"\(")):
+            connect(f"redis://127.0.0.1:1?{query}", cluster=True, pending=True)
+    # what it takes still passes (no node answers on port 1: the client is built later)
+    connect("redis://127.0.0.1:1?cluster=1&socket_timeout=5&client_name=x&max_connections=9", pending=True)
+    connect("rediss://127.0.0.1:1?cluster=1&ssl_cert_reqs=none", pending=True)
+    connect("redis://127.0.0.1:1/0?health_check_interval=30")  # one server takes it
+
+
 def test_the_resource_and_the_url_give_a_cluster_client(redis_cluster: Cluster):
     plain = redis_cluster.url.replace("?cluster=1", "")
     for resource in (RedisResource(url=redis_cluster.url), RedisResource(url=plain, cluster=True)):
