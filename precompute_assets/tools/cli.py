@@ -1171,6 +1171,9 @@ def _whole_number(text: str, least: int, most: int | None = None) -> int:
     return value
 
 
+NAMESPACE_HELP = "the key namespace (default pc): keys are NAMESPACE:1:..."
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="precompute", description=__doc__.replace("``", ""))  # the docstring's markup is not help
     sub = parser.add_subparsers(dest="command", required=True)
@@ -1187,22 +1190,24 @@ def build_parser() -> argparse.ArgumentParser:
     cache = sub.add_parser("cache", help="operate the serving cache: invalidate values, show statistics")
     cache_sub = cache.add_subparsers(dest="cache_command", required=True)
     inval = cache_sub.add_parser("invalidate", help="remove values of one kind by key, key prefix or old version")
-    inval.add_argument("--kind", required=True)
+    inval.add_argument("--kind", required=True, help="the kind of prediction (ctr, emb, ...): one kind at a time")
     target = inval.add_mutually_exclusive_group(required=True)
-    target.add_argument("--key", help="one key: from the current version and the live tier")
+    target.add_argument(
+        "--key", help="one key: from the current version, the version it replaced while in its grace, and the live tier"
+    )
     target.add_argument("--prefix", help="every key starting with this (SCAN/HSCAN in bounded batches)")
     target.add_argument("--version", help="every bucket of a version that is not current")
-    inval.add_argument("--namespace", default="pc")
+    inval.add_argument("--namespace", default="pc", help=NAMESPACE_HELP)
     inval.set_defaults(fn=cmd_cache)
     stats = cache_sub.add_parser(
         "stats",
         help="per kind: current version, keys, memory, TTL, hit rate (per version read), most missed; "
         "per task type: queued and running runs, average run time",
     )
-    stats.add_argument("--kind")
+    stats.add_argument("--kind", help="only this kind (default: every kind with a version or requests in the window)")
     stats.add_argument("--window", type=duration_s, default=3600.0, help="query-log window: 90s, 30m, 1h, 2d")
     stats.add_argument("--json", action="store_true", help="one JSON object")
-    stats.add_argument("--namespace", default="pc")
+    stats.add_argument("--namespace", default="pc", help=NAMESPACE_HELP)
     stats.set_defaults(fn=cmd_cache)
     redis_sub = sub.add_parser("redis", help="Redis administration").add_subparsers(dest="redis_command", required=True)
     acl = redis_sub.add_parser(
@@ -1210,30 +1215,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="least-privilege publisher and reader users of a namespace: print ACL file lines, or --apply them "
         f"(passwords from {ENV_PUBLISHER_PASSWORD} and {ENV_READER_PASSWORD})",
     )
-    acl.add_argument("--namespace", default="pc")
+    acl.add_argument("--namespace", default="pc", help=NAMESPACE_HELP)
     acl.add_argument("--publisher-user", help="default: NAMESPACE-publisher")
     acl.add_argument("--reader-user", help="default: NAMESPACE-reader")
     acl.add_argument("--kinds", help="comma-separated kinds the reader may write live values of (default: any)")
     acl.add_argument(
         "--apply",
         action="store_true",
-        help=f"ACL SETUSER both users on {ENV_REDIS_ADMIN} (default {ENV_REDIS}), as a user allowed to",
+        help=f"ACL SETUSER both users on {ENV_REDIS_ADMIN} (default {ENV_REDIS}), as a user allowed to run it "
+        "(without it: print the ACL file lines, password hashes only)",
     )
     acl.set_defaults(fn=cmd_redis_acl)
     dev = sub.add_parser("dev", help="up + the Dagster UI (dagster dev -w workspace.yaml)")
-    dev.add_argument("--host", default="127.0.0.1")
-    dev.add_argument("--port", type=port_number, default=3000)
+    dev.add_argument("--host", default="127.0.0.1", help="the Dagster UI's address (default 127.0.0.1)")
+    dev.add_argument("--port", type=port_number, default=3000, help="the Dagster UI's port (default 3000)")
     dev.set_defaults(fn=cmd_dev)
     demo = sub.add_parser("demo", help="synthetic traffic through the serving client, then the asset graph")
     demo.add_argument("--days", type=positive_int, default=3, help="days of history before the replayed day")
-    demo.add_argument("--queries-per-day", type=positive_int, default=40_000)
-    demo.add_argument("--ads", type=positive_int, default=20_000)
-    demo.add_argument("--top-n", type=positive_int, default=1000)
+    demo.add_argument("--queries-per-day", type=positive_int, default=40_000, help="synthetic queries a day (40,000)")
+    demo.add_argument("--ads", type=positive_int, default=20_000, help="ads in the synthetic catalog (20,000)")
+    demo.add_argument("--top-n", type=positive_int, default=1000, help="ads to precompute (1000)")
     demo.add_argument(
         "--capacity", type=positive_int, help="cache capacity in keys for the hit-rate comparison (default 2 x top-n)"
     )
     demo.add_argument("--docs", type=positive_int, default=50_000, help="documents to generate and embed")
-    demo.add_argument("--seed", type=non_negative_int, default=0)
+    demo.add_argument("--seed", type=non_negative_int, default=0, help="of the synthetic traffic (0)")
     demo.set_defaults(fn=cmd_demo)
     bench = sub.add_parser("bench", help="benchmarks: print one JSON object")
     bench.add_argument(
@@ -1261,7 +1267,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--days", type=positive_int, default=14, help="demand: days of hourly counts (last held back)")
     bench.add_argument("--seed", type=non_negative_int, default=0, help="demand: synthetic counts")
-    bench.add_argument("--lookups", type=positive_int, default=50_000)
+    bench.add_argument("--lookups", type=positive_int, default=50_000, help="serve, admission: lookups timed (50,000)")
     bench.add_argument("--capacity", type=positive_int, help="admission: probation's keys (default: a tenth of --keys)")
     bench.set_defaults(fn=cmd_bench)
     docs = sub.add_parser("docs", help="the document store: load a file or generate synthetic documents")
@@ -1282,9 +1288,9 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--no-header", action="store_true", help="a CSV or TSV file without a header line")
     load.add_argument("--language", metavar="TAG", help="the BCP 47 tag of documents that have none (e.g. en)")
     generate = docs_sub.add_parser("generate", help="synthetic documents in 14 languages and scripts")
-    generate.add_argument("--n", type=positive_int, required=True)
-    generate.add_argument("--seed", type=non_negative_int, default=0)
-    generate.add_argument("--start-id", type=non_negative_int, default=0)
+    generate.add_argument("--n", type=positive_int, required=True, help="documents to generate")
+    generate.add_argument("--seed", type=non_negative_int, default=0, help="the same seed, the same documents (0)")
+    generate.add_argument("--start-id", type=non_negative_int, default=0, help="the first document's id (0)")
     docs.set_defaults(fn=cmd_docs)
     ads = sub.add_parser("ads", help="the lake's ad catalog: load your own ads")
     ads_sub = ads.add_subparsers(dest="ads_command", required=True)
@@ -1309,7 +1315,7 @@ def build_parser() -> argparse.ArgumentParser:
     register.add_argument("--file", required=True, help="JSONL: one campaign per line; CSV: one row per ad")
     listing = campaign_sub.add_parser("list", help="registered campaigns by launch time")
     listing.add_argument("--tenant", help="only this tenant's campaigns")
-    listing.add_argument("--status", choices=["active", "cancelled"])
+    listing.add_argument("--status", choices=["active", "cancelled"], help="only campaigns with this status")
     show = campaign_sub.add_parser("show", help="one campaign with its ads")
     show.add_argument("campaign_id")
     cancel = campaign_sub.add_parser("cancel", help="cancel a campaign (its warmed values are removed)")

@@ -1628,3 +1628,24 @@ def test_commands_import_only_what_they_need(tmp_path, argv, code, light):
     env = {**os.environ, "PRECOMPUTE_HOME": str(tmp_path / "home")}
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert out.stdout.splitlines()[-1] == f"{code} []", out.stdout[-2000:] + out.stderr[-2000:]
+
+
+def _options(parser: argparse.ArgumentParser, command: tuple[str, ...] = ()):
+    """(command, option, help) of every option of ``parser`` and of its subcommands'."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _options(sub, (*command, name))
+        elif action.option_strings and action.dest != "help":
+            yield " ".join(command), action.option_strings[-1], action.help
+
+
+def test_every_option_says_in_help_what_it_does():
+    """`cache invalidate --help` showed a bare `--namespace NAMESPACE` (the README's "default pc" nowhere), `--kind`,
+    `bench --lookups` and others said nothing, and `redis acl --apply` ended mid-sentence ("as a user allowed to")."""
+    bare = [f"{command} {option}" for command, option, text in _options(build_parser()) if not text]
+    assert bare == []
+    helps = {(command, option): text for command, option, text in _options(build_parser())}
+    for command in ("cache invalidate", "cache stats", "redis acl"):
+        assert "default pc" in helps[command, "--namespace"]
+    assert not helps["redis acl", "--apply"].rstrip(" )").endswith(" to")
