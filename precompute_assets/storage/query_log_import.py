@@ -54,6 +54,8 @@ class HourRows:
 
 
 BEFORE_FIRST, NOT_OVER = "before the first hourly partition", "in an hour that is not over"
+# a timestamp counted from the trace's start that is negative: not a request's (``first_valid_second``)
+BEFORE_TRACE_START = "before the trace's start (a negative relative timestamp)"
 OUTSIDE = (BEFORE_FIRST, NOT_OVER)  # the quarantine reasons of requests placed outside the partitions
 
 
@@ -131,10 +133,12 @@ def hour_rows(
     partition_key: Callable[[float], str],
     first_s: float,
     last_s: float,
+    trace_start_s: float = -np.inf,
 ) -> HourRows:
     """The requests (``keys`` at epoch ``seconds``) of ``kind`` as ``query_logs`` frames by hourly partition key
     (``partition_key`` of a timestamp); requests before ``first_s`` (the first partition) or from ``last_s`` on (the
-    hour that is not over) and unusable keys are quarantined and counted. ``source`` names the file in stream ids."""
+    hour that is not over), before ``trace_start_s`` (where ``--start`` put a relative trace's 0: a negative one)
+    and unusable keys are quarantined and counted. ``source`` names the file in stream ids."""
     out = HourRows()
     codes, uniques = pd.factorize(keys, sort=False)  # distinct keys are distinct as text: stringify the uniques only
     uniques = pd.Series(np.asarray(uniques), dtype=object).astype(str).to_numpy(dtype=object)
@@ -143,6 +147,7 @@ def hour_rows(
     out.quarantined.update(Counter(problems[~keep].tolist()))
     for mask, reason in (
         (~np.isfinite(seconds), "timestamp is not a finite number"),
+        (seconds < trace_start_s, BEFORE_TRACE_START),
         (seconds < first_s, BEFORE_FIRST),
         (seconds >= last_s, NOT_OVER),
     ):
@@ -186,10 +191,11 @@ def hour_rows(
     return out
 
 
-def placed_span_hours(seconds: np.ndarray, first_s: float, last_s: float) -> float:
-    """Hours from the first to the last request that has an hourly partition (``first_s`` to ``last_s``, as
-    ``hour_rows`` places them): a corrupt timestamp it quarantines (1e300, -5) does not stretch the span."""
-    placed = seconds[np.isfinite(seconds) & (seconds >= first_s) & (seconds < last_s)]
+def placed_span_hours(seconds: np.ndarray, first_s: float, last_s: float, trace_start_s: float = -np.inf) -> float:
+    """Hours from the first to the last request that has an hourly partition (``first_s`` to ``last_s``, from
+    ``trace_start_s`` on, as ``hour_rows`` places them): a corrupt timestamp it quarantines (1e300, -5) does not
+    stretch the span."""
+    placed = seconds[np.isfinite(seconds) & (seconds >= max(first_s, trace_start_s)) & (seconds < last_s)]
     return round(float(placed.max() - placed.min()) / 3600, 2) if len(placed) else 0.0
 
 

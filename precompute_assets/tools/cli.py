@@ -1021,13 +1021,15 @@ def cmd_query_logs(args: argparse.Namespace) -> int:
         # Their size cannot tell: 3919 is an hour in seconds and 4 seconds in milliseconds.
         raise CliError(f"{args.file}: timestamps relative to the trace's start need --time-unit (s, ms, us or ns): "
                        "their size does not tell seconds from milliseconds; nothing was written")  # fmt: skip
-    shift = 0.0
+    shift, trace_start = 0.0, -np.inf
     if start is not None:  # the first request moves to the start of that local day, the others with it
         if (first_valid := first_valid_second(seconds)) is None:
             raise CliError(f"{args.file}: no timestamp can be a request's (finite, from 2000 on as epoch time, or not "
                            "negative counted from the trace's start); nothing was written")  # fmt: skip
         midnight = datetime.combine(start, datetime.min.time(), tzinfo=ZoneInfo(settings.timezone))
         shift = midnight.timestamp() - first_valid
+        if is_relative(seconds):  # its 0 is the trace's start: a negative one was placed in the day before
+            trace_start = shift
         seconds = seconds + shift
     elif is_relative(seconds):
         first = float(np.nanmin(seconds))
@@ -1044,7 +1046,8 @@ def cmd_query_logs(args: argparse.Namespace) -> int:
     last_s = hourly.time_window_for_partition_key(now_key).start.timestamp()
     source = Path(args.file).name.replace(":", "_")[:40]
     rows = hour_rows(trace.keys, seconds, kind=args.kind, source=source,
-                     partition_key=hourly.get_partition_key_for_timestamp, first_s=first_s, last_s=last_s)  # fmt: skip
+                     partition_key=hourly.get_partition_key_for_timestamp, first_s=first_s, last_s=last_s,
+                     trace_start_s=trace_start)  # fmt: skip
     check_placement(args, rows, len(trace.keys), seconds, settings.timezone)
     stack = Stack()
     lake = Lake(_up(stack)[ENV_LAKE])
@@ -1104,7 +1107,9 @@ def cmd_query_logs(args: argparse.Namespace) -> int:
         "quarantine_reasons": dict((rows.quarantined + Counter({"malformed line": len(malformed)})).most_common()),
         "malformed_lines": [{"line": line_no, "problem": problem} for line_no, problem in malformed[:10]],
         "shift_s": shift,
-        "span_hours": placed_span_hours(seconds, first_s, last_s),  # a quarantined 1e300 showed 2.8e293 hours
+        "span_hours": placed_span_hours(
+            seconds, first_s, last_s, trace_start
+        ),  # a quarantined 1e300 showed 2.8e293 hours
         "timezone": settings.timezone,
     }
     if kept:

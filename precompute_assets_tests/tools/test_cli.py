@@ -1432,6 +1432,27 @@ def test_query_logs_import_start_moves_the_first_valid_request_to_midnight(stack
     assert first_valid_second(relative) == 3.0 and first_valid_second(np.array([np.nan, -np.inf])) is None
 
 
+def test_query_logs_import_start_quarantines_a_negative_relative_timestamp(stack, tmp_path, monkeypatch, capsys):
+    """A relative trace's -5 was not aligned on, but imported: placed 5 s before its first valid request, in the
+    day before --start (a request of 23:59 there), and counted in span_hours. It is quarantined, as -5 is at
+    epoch time."""
+    from precompute_assets.stack import ENV_LAKE
+    from precompute_assets.storage.lake import Lake
+
+    on_the_test_stack(stack, tmp_path, monkeypatch)
+    log = tmp_path / "requests.csv"
+    log.write_text("-5,ad9\n0,ad1\n600,ad2\n")
+    # a day of its own: the test stack's lake is shared with the other import tests
+    assert main(["query-logs", "import", str(log), "--start", "2026-03-23", "--time-unit", "s"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["imported"], summary["quarantined"], summary["first_hour"]) == (2, 1, "2026-03-23-00:00")
+    assert summary["quarantine_reasons"] == {"before the trace's start (a negative relative timestamp)": 1}
+    assert summary["span_hours"] == 0.17
+    lake = Lake(Stack().env()[ENV_LAKE])
+    assert not lake.exists("query_logs", "2026-03-22-23:00")
+    assert list(lake.read("query_logs", "2026-03-23-00:00")["key"]) == ["ad1", "ad2"]
+
+
 def test_query_logs_import_quarantines_malformed_lines_and_counts_them(stack, tmp_path, monkeypatch, capsys):
     """One bad line (a cut-off last line, a blank line, a non-numeric timestamp, a missing field) refused the whole
     request log: it is now cut out, counted and named, and the rest imported."""
