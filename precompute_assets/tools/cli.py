@@ -435,6 +435,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             bench.check_graph_queries(args.queries)  # before any service starts
         except ValueError as error:
             raise CliError(str(error)) from None
+    _check_settings()  # as `up` does: a bad campaign cap failed `bench campaign` after its servers and a model
     stack = Stack()
     env = _up(stack, postgres=args.what in BENCH_DATABASES)  # the others took seconds to start one they never use
     keys = 10_000 if args.keys is None else args.keys

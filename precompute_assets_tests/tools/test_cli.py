@@ -1008,6 +1008,34 @@ def test_up_dev_and_env_refuse_a_malformed_setting_they_would_export(
 
 
 @pytest.mark.parametrize(
+    "what, variable, value",
+    [
+        ("campaign", "PRECOMPUTE_CAMPAIGN_MAX_ADS", "10k"),
+        ("graph", "PRECOMPUTE_TIMEZONE", "Europe/Berln"),
+        ("serve", "PRECOMPUTE_PARTITIONS_START", "2026-02-30"),
+    ],
+)
+def test_bench_refuses_a_malformed_setting_before_any_server_starts(
+    tmp_path, monkeypatch, capsys, what, variable, value
+):
+    """`bench campaign` with a typo'd PRECOMPUTE_CAMPAIGN_MAX_ADS started both servers, trained a model, then ended
+    in Dagster's stack trace and a ValueError; `bench graph` alike with a bad timezone. Each bench starts its servers
+    as `up` does, and `up` refuses these settings in one line before starting anything: so does bench now."""
+    import precompute_assets.tools.cli as cli
+
+    def started(*args, **kwargs):
+        raise AssertionError(f"bench {what} started its servers with {variable}={value!r}")
+
+    monkeypatch.setattr(cli, "Stack", started)
+    monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "never-started"))
+    monkeypatch.setenv(variable, value)
+    assert main(["bench", what]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"precompute bench: {variable}") and err.count("\n") == 1, err
+    assert not (tmp_path / "never-started").exists()
+
+
+@pytest.mark.parametrize(
     "argv, says",
     [
         (["graph", "--keys", "5"], "bench graph does not read --keys (bench serve/demand/load/rerank/admission)"),
