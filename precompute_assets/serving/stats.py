@@ -37,7 +37,8 @@ def kinds_with_versions(client: redis.Redis, schema: KeySchema) -> list[str]:
 def version_stats(client: redis.Redis, schema: KeySchema, kind: str, *, previous: bool = False) -> dict:
     """The current version of ``kind`` (with ``previous``: the one the last flip replaced, while it lives out its
     grace): ``version``, ``buckets``, ``keys``, ``memory_bytes`` (exact up to ``MEMORY_SAMPLE_BUCKETS`` buckets of
-    up to ``MEMORY_SAMPLE_FIELDS`` keys, else extrapolated: ``memory_estimated``), ``ttl_s`` (-1: no TTL)."""
+    up to ``MEMORY_SAMPLE_FIELDS`` keys, else extrapolated: ``memory_estimated``), ``ttl_s`` (-1: no TTL; None: no
+    bucket holds a key)."""
     raw = client.get(schema.previous(kind) if previous else schema.pointer(check_kind(kind)))
     if raw is None:
         return {"version": None}
@@ -63,7 +64,8 @@ def version_stats(client: redis.Redis, schema: KeySchema, kind: str, *, previous
         "keys": keys,
         "memory_bytes": memory,
         "memory_estimated": len(sampled) < len(names) or not fields_sampled,
-        "ttl_s": int(client.ttl(names[0])),
+        # a bucket that exists: an empty version has none, and invalidations may have emptied bucket 0 (TTL -2)
+        "ttl_s": next((int(client.ttl(name)) for name, size in zip(names, sizes, strict=True) if size), None),
     }
 
 

@@ -256,6 +256,11 @@ def _serving_client(args: argparse.Namespace):
         raise CliError(str(error)) from None
 
 
+def _ttl(seconds: int | None) -> str:
+    """A version's TTL as ``cache stats`` prints it: ``-`` when no bucket of it holds a key."""
+    return "-" if seconds is None else f"{seconds}s"
+
+
 def cmd_cache(args: argparse.Namespace) -> int:
     """``cache invalidate`` and ``cache stats``; Redis errors and bad input are one line, exit code 2."""
     import redis
@@ -290,14 +295,14 @@ def cmd_cache(args: argparse.Namespace) -> int:
         rate = "-" if window["hit_rate"] is None else f"{window['hit_rate']:.1%}"
         print(
             f"{kind:<16} {current.get('version') or '-':<28} {current.get('keys', 0):>10} "
-            f"{current.get('memory_bytes', 0) / 1e6:>8.1f}MB {current.get('ttl_s', 0):>7}s "
+            f"{current.get('memory_bytes', 0) / 1e6:>8.1f}MB {_ttl(current.get('ttl_s')):>8} "
             f"{window['requests']:>9} {rate:>8}"
         )
         replaced = entry["previous"]
         if replaced.get("version"):
             megabytes = replaced["memory_bytes"] / 1e6
             print(f"  replaced {replaced['version']:<22} {replaced['keys']:>10} {megabytes:>8.1f}MB "
-                  f"{replaced['ttl_s']:>7}s  (its grace)")  # fmt: skip
+                  f"{_ttl(replaced['ttl_s']):>8}  (its grace)")  # fmt: skip
         for row in window["versions"]:
             print(f"  read {row['version'] or '(none)':<26} {row['requests']:>9} requests {row['hit_rate']:>8.1%}")
         if window["most_missed"]:

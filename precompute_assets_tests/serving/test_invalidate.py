@@ -228,3 +228,20 @@ def test_stats_say_the_memory_of_a_bucket_grown_big_is_estimated(redis_client, s
     patch_version(redis_client, "ctr", small, [(f"k{i}", 0.5) for i in range(100)], schema=schema)
     redis_client.set(schema.pointer("ctr"), small.encode())
     assert version_stats(redis_client, schema, "ctr")["memory_estimated"] is False
+
+
+def test_stats_read_the_ttl_of_a_bucket_that_exists(redis_url, redis_client, schema, monkeypatch, capsys, dagster_home):
+    """``ttl_s`` was the TTL of bucket 0: Redis's -2 (no such key) for an empty version (``top_ads`` publishes one
+    where precomputing would hurt) or one whose bucket 0 lost every key to invalidations, which ``cache stats``
+    showed as a TTL of "-2s". It is the TTL of a bucket that exists, and None (shown "-") when none does."""
+    keys = [f"k{i}" for i in range(3 * KEYS_PER_BUCKET)]
+    publish(redis_client, schema, "ctr", "v1", keys)
+    left = len(keys) - redis_client.hlen(schema.bucket("ctr", "v1", 0))
+    redis_client.delete(schema.bucket("ctr", "v1", 0))  # as if every key of bucket 0 had been invalidated
+    assert 0 < version_stats(redis_client, schema, "ctr")["ttl_s"] <= 600
+    publish(redis_client, schema, "ctr", "v2", [])
+    assert version_stats(redis_client, schema, "ctr")["ttl_s"] is None
+    monkeypatch.setenv("PRECOMPUTE_REDIS_URL", redis_url)
+    assert main(["cache", "stats", "--kind", "ctr", "--namespace", schema.namespace]) == 0
+    (current, replaced) = [line.split() for line in capsys.readouterr().out.splitlines()[1:3]]
+    assert current[:5] == ["ctr", "v2", "0", "0.0MB", "-"] and replaced[1:3] == ["v1", str(left)]
