@@ -1201,7 +1201,9 @@ def build_parser() -> argparse.ArgumentParser:
     cache = sub.add_parser("cache", help="operate the serving cache: invalidate values, show statistics")
     cache_sub = cache.add_subparsers(dest="cache_command", required=True)
     inval = cache_sub.add_parser("invalidate", help="remove values of one kind by key, key prefix or old version")
-    inval.add_argument("--kind", required=True, help="the kind of prediction (ctr, emb, ...): one kind at a time")
+    inval.add_argument(
+        "--kind", required=True, help="the kind of prediction (ctr, doc_embedding, a task type...): one kind at a time"
+    )
     target = inval.add_mutually_exclusive_group(required=True)
     target.add_argument(
         "--key", help="one key: from the current version, the version it replaced while in its grace, and the live tier"
