@@ -588,7 +588,9 @@ class PostgresServer:
         staging = self.runtime / "data.initdb"
         shutil.rmtree(staging, ignore_errors=True)
         self._run("initdb", "-D", str(staging), "-U", "postgres", "--auth=trust", "--encoding=UTF8")
-        if self.data.exists():  # kept, not deleted: it may be a real cluster that lost only its pg_control
+        if self.data.exists() and not any(self.data.iterdir()):  # made empty by _prepare_runtime: nothing to keep
+            self.data.rmdir()
+        elif self.data.exists():  # kept, not deleted: it may be a real cluster that lost only its pg_control
             self.data.rename(self.runtime / f"data.without-pg_control.{int(time.time())}")
         staging.rename(self.data)
 

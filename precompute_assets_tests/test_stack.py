@@ -336,6 +336,19 @@ def test_up_redoes_an_initdb_that_was_killed(session_dir: Path) -> None:
         stack.purge()
 
 
+def test_a_first_up_leaves_no_folder_moved_aside(session_dir: Path) -> None:
+    """The first `up` of a home made its data folder empty, then initdb's rename took it for the leftover of a
+    killed initdb: every new deployment kept an empty `data.without-pg_control.<time>` beside its cluster, which
+    reads as a cluster that lost its pg_control. An empty folder holds nothing to keep."""
+    stack = Stack(session_dir / "first-up")
+    try:
+        stack.up()
+        assert stack.postgres.pid is not None and (stack.postgres.data / "global" / "pg_control").is_file()
+        assert list(stack.postgres.runtime.glob("data.without-pg_control.*")) == []
+    finally:
+        stack.purge()
+
+
 def test_up_right_after_a_postmaster_was_killed_starts_it_again(session_dir: Path) -> None:
     """A postmaster killed with kill -9 stays a zombie until it is reaped, and PostgreSQL refuses a lock file whose
     PID exists: `up` right then takes the zombie's lock file for stale instead of failing once."""
