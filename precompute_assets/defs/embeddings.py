@@ -117,7 +117,10 @@ def embedding_model(
         rows = sample_documents(documents.store(), config.sample, body_chars=MAX_CHARS)  # all that is fitted on
         texts = [document_text(title or "", body or "") for _, title, body in rows]
         if len(texts) <= config.dim:
-            raise dg.Failure(description=f"need more than {config.dim} documents to fit, found {len(texts)}")
+            raise dg.Failure(
+                description=f"need more than {config.dim} documents to fit {config.dim} dimensions, found "
+                f"{len(texts)}: lower the config dim below {len(texts)}, or add documents"
+            )
         embedder, sampled = HashingSvdEmbedder.fit(texts, dim=config.dim, sample=config.sample), len(texts)
     path = Path(model_store.store().root) / EMBEDDING_MODEL / embedder.version.replace(":", "_").replace("/", "_")
     save_embedder(path, embedder, saved)

@@ -368,11 +368,15 @@ def cmd_dev(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from ..defs.embeddings import EmbeddingModelConfig
     from .demo import run_demo
 
     capacity = 2 * args.top_n if args.capacity is None else args.capacity
     if capacity < args.top_n:  # checked before anything starts
         raise CliError(f"--capacity {capacity} is smaller than --top-n {args.top_n}")
+    dim = EmbeddingModelConfig.model_fields["dim"].default
+    if args.docs <= dim:  # embedding_model failed on it minutes in, after the whole daily graph
+        raise CliError(f"--docs must be more than {dim}, the embedder's dimensions, got {args.docs}")
     stack = Stack()
     _up(stack)
     summary = run_demo(

@@ -445,6 +445,17 @@ def test_a_sync_without_an_embedder_fails_once_without_retries(app_db, redis_url
     assert "materialize embedding_model first" in failure.step_failure_data.error.message
 
 
+def test_fewer_documents_than_dimensions_fail_the_fit_saying_what_to_change(docs, app_db, redis_url, schema, tmp_path):
+    config = {"ops": {"embedding_model": {"config": {"dim": 5000, "sample": 5000}}}}
+    with dg.instance_for_test() as instance:
+        result = dg.materialize([embedding_model], resources=resources(app_db, redis_url, schema, tmp_path),
+                                instance=instance, run_config=config, raise_on_error=False)  # fmt: skip
+    (failure,) = [e for e in result.all_events if e.is_step_failure]
+    message = failure.step_failure_data.error.message
+    assert f"need more than 5000 documents to fit 5000 dimensions, found {N_DOCS}" in message
+    assert f"lower the config dim below {N_DOCS}" in message
+
+
 @pytest.mark.parametrize(
     ("config", "message"),
     [

@@ -1119,6 +1119,15 @@ def test_bad_arguments_are_one_line_and_exit_2(argv, expected, capsys):
     assert err.count("\n") == 1 and expected in err and err.startswith("precompute")
 
 
+def test_demo_refuses_fewer_documents_than_the_embedders_dimensions_before_starting(tmp_path, monkeypatch, capsys):
+    """embedding_model needs more documents than dimensions: the demo failed on it minutes in, after the daily graph."""
+    monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "home"))
+    assert main(["demo", "--docs", "300"]) == 2
+    err = capsys.readouterr().err
+    assert "--docs must be more than 300, the embedder's dimensions, got 300" in err and err.count("\n") == 1
+    assert not (tmp_path / "home").exists()  # nothing started
+
+
 def test_docs_load_bad_files_are_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "never-started"))
     unreadable = tmp_path / "locked.jsonl"
