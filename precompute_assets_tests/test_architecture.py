@@ -111,3 +111,6 @@ def test_the_serving_package_names_its_submodules_as_it_did_before_its_lazy_impo
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.stdout.strip() == "True True False True", out.stdout + out.stderr[-2000:]
+    listed = "from precompute_assets import serving\nprint(set(serving.__all__) <= set(dir(serving)))"
+    out = subprocess.run([sys.executable, "-c", listed], capture_output=True, text=True, timeout=300)
+    assert out.stdout.strip() == "True", out.stdout + out.stderr[-2000:]  # before any of them is used

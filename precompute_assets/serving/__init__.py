@@ -50,6 +50,11 @@ def __getattr__(name: str) -> object:
     return value
 
 
+def __dir__() -> list[str]:
+    """The public names too, before their first use (``dir()``, completion in a REPL or notebook)."""
+    return sorted(set(globals()) | set(__all__))
+
+
 __all__ = [
     "ACTIONS",
     "SCHEMA_VERSION",
