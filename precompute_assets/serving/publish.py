@@ -20,6 +20,7 @@ import operator
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -296,22 +297,26 @@ def _unscripted(commands: list[tuple[bytes, ...]]) -> list[tuple[bytes, ...]]:
     return plain
 
 
+# Cluster clients whose user may not run ``_WRITE_BUCKET`` (an ACL made before it): they write buckets unscripted.
+_SCRIPT_REFUSED: weakref.WeakSet = weakref.WeakSet()
+
+
 def _bucket_sender(client: redis.Redis) -> Callable[[list[tuple[bytes, ...]]], None]:
     """``send_commands`` for ``_bucket_writes``. A cluster publisher whose ACL user predates them (no ``EVAL``) writes
     each bucket's ``HSET`` and ``EXPIRE`` as two commands instead, as before, after one warning naming the fix:
-    a publish on an upgraded package goes on, and a kill between the two leaves that bucket without its TTL."""
-    refused = False
+    a publish on an upgraded package goes on, and a kill between the two leaves that bucket without its TTL. The
+    refusal is remembered for ``client``: an embedding sync patches page after page, each with a sender of its own,
+    and each page was sent twice (refused, then again) with a warning of its own."""
 
     def send(commands: list[tuple[bytes, ...]]) -> None:
-        nonlocal refused
-        if not refused:
+        if client not in _SCRIPT_REFUSED:
             try:
                 send_commands(client, commands)
                 return
             except redis.ResponseError as error:
                 if not (is_cluster(client) and is_acl_refusal(error) and "'eval'" in str(error)):
                     raise  # refused for another reason (a key outside the user's namespace) or not a refusal
-                refused = True  # every EVAL was refused: nothing of these commands was written
+                _SCRIPT_REFUSED.add(client)  # every EVAL was refused: nothing of these commands was written
                 _log.warning("bucket writes without their script (%s): a publisher killed mid-write can leave a "
                              "bucket without its TTL; %s", error, REAPPLY_HINT)  # fmt: skip
         send_commands(client, _unscripted(commands))
