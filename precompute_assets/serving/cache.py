@@ -793,6 +793,10 @@ class PredictionCache:
                 "a computed value was not stored" if store else "lookups are misses, computed live", self.errors,
                 f"; {REAPPLY_HINT}" if is_acl_refusal(error) else "",
             )  # fmt: skip
+        if not self._cluster and isinstance(error, redis.ResponseError) and str(error).startswith("Protocol error"):
+            # The server closes the connection after this reply (a value over its proto-max-bulk-len), maybe only
+            # after the pool has handed it out again: the next lookup then failed and backed off every lookup.
+            self.client.connection_pool.disconnect(inuse_connections=False)
         if store:
             return
         if not self._cluster and not isinstance(error, redis.ResponseError):  # a cluster backs off per master

@@ -488,6 +488,22 @@ def test_a_value_the_server_refuses_fails_its_store_not_every_lookup(redis_serve
     assert cache.errors == 1 and cache.hits == 1
 
 
+def test_a_connection_the_server_closes_after_a_protocol_error_is_not_used_again(redis_server, schema):
+    """After its "Protocol error" reply to a value over ``proto-max-bulk-len`` the server closes the connection. If
+    the close landed only after the next lookup was written on it (a busy machine), that lookup failed reading its
+    reply and backed the client off: every lookup a miss for ``backoff_s`` (seen once in CI). The client now drops
+    its idle connections on that reply, so no lookup is sent on one the server is closing."""
+    server = redis_server(extra_config=("proto-max-bulk-len 1mb",))
+    cache = PredictionCache(connect(server.url, socket_timeout=5), schema=schema, backoff_s=3600,
+                            xfetch_beta=0, recompute_lock_ms=0)  # fmt: skip
+    assert cache.get_or_compute("rank", "small", lambda key: 1) == 1
+    big = "x" * 2_000_000
+    assert cache.get_or_compute("rank", "big", lambda key: big) == big and cache.errors == 1
+    pool = cache.client.connection_pool
+    assert pool._available_connections and all(c._sock is None for c in pool._available_connections)
+    assert cache.get("rank", "small") == 1 and cache.errors == 1
+
+
 def test_a_hot_miss_is_computed_once_by_concurrent_readers(redis_url, schema):
     def run(**options) -> tuple[int, list]:
         caches = [make_cache(redis_url, schema, **options) for _ in range(8)]
