@@ -526,8 +526,7 @@ def connect(
         if cluster:
             raise ValueError("cluster=True, but the Redis URL names a Sentinel primary, not a Redis Cluster")
         return sentinel_primary(sentinel, **options)
-    check_url_port(url)
-    check_url_parameters(url, cluster=cluster)
+    check_url_parameters(url, cluster=cluster)  # the port first, as check_url_port
     plain_url, in_url = split_cluster_url(url)
     if cluster and in_url is False:
         raise ValueError("cluster=True, but the Redis URL says cluster=0")
