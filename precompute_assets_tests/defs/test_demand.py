@@ -411,6 +411,25 @@ def test_ewma_ranks_tomorrow_with_the_half_life_demand_model_scored(
     assert lake.read("top_ads", DAYS[-1])["ad_id"].tolist() == ranked(1.0)
 
 
+def self_tuned_candidates(
+    selection_resources, pg_instance, strategy: str, ad_demand_config: dict | None = None
+) -> dict[int, float]:
+    """The candidates' hit rates top_ads reports when it tunes its share (capacity 40) for the last day."""
+    top_ads_config = {"strategy": strategy, "precompute_share": "auto", "cache_capacity": 40}
+    ops = {"top_ads": {"config": top_ads_config}}
+    if ad_demand_config is not None:
+        ops["ad_demand"] = {"config": ad_demand_config}
+    result = dg.materialize(
+        [ad_demand, top_ads],
+        resources=selection_resources,
+        partition_key=DAYS[-1],
+        instance=pg_instance,
+        run_config={"ops": ops},
+    )
+    candidates = result.asset_materializations_for_node("top_ads")[0].metadata["share_candidates"].value
+    return {int(n): rate for n, rate in candidates.items()}
+
+
 def test_the_self_tuned_share_replays_ewma_with_the_half_life_demand_model_scored(
     selection_resources, pg_instance, weekly_template, lake_uri
 ):
@@ -423,17 +442,7 @@ def test_the_self_tuned_share_replays_ewma_with_the_half_life_demand_model_score
         return self_tuned_share(lake, DEFAULT_PARTITIONS, DAYS[-1], "ewma", 40, hp=hp).hit_rates
 
     assert tuned(1.0) != tuned(12.0)  # the two half-lives replay differently on these days
-    result = dg.materialize(
-        [ad_demand, top_ads],
-        resources=selection_resources,
-        partition_key=DAYS[-1],
-        instance=pg_instance,
-        run_config={
-            "ops": {"top_ads": {"config": {"strategy": "ewma", "precompute_share": "auto", "cache_capacity": 40}}}
-        },
-    )
-    candidates = result.asset_materializations_for_node("top_ads")[0].metadata["share_candidates"].value
-    assert {int(n): rate for n, rate in candidates.items()} == tuned(1.0)
+    assert self_tuned_candidates(selection_resources, pg_instance, "ewma") == tuned(1.0)
 
 
 def test_the_self_tuned_share_replays_frequency_with_the_half_life_top_ads_ranks_by(
@@ -448,20 +457,8 @@ def test_the_self_tuned_share_replays_frequency_with_the_half_life_top_ads_ranks
         return self_tuned_share(lake, DEFAULT_PARTITIONS, DAYS[-1], "frequency", 40, hp=hp).hit_rates
 
     assert tuned(0.25) != tuned(2.0)  # the two half-lives replay differently on these days
-    result = dg.materialize(
-        [ad_demand, top_ads],
-        resources=selection_resources,
-        partition_key=DAYS[-1],
-        instance=pg_instance,
-        run_config={
-            "ops": {
-                "ad_demand": {"config": {"half_life_days": 0.25}},
-                "top_ads": {"config": {"strategy": "frequency", "precompute_share": "auto", "cache_capacity": 40}},
-            }
-        },  # fmt: skip
-    )
-    candidates = result.asset_materializations_for_node("top_ads")[0].metadata["share_candidates"].value
-    assert {int(n): rate for n, rate in candidates.items()} == tuned(0.25)
+    ad_demand_config = {"half_life_days": 0.25}
+    assert self_tuned_candidates(selection_resources, pg_instance, "frequency", ad_demand_config) == tuned(0.25)
 
 
 def test_top_ads_reads_the_demand_models_evaluation_once(
