@@ -416,7 +416,11 @@ def check_document_file(path: str | Path) -> str:
     reason = unreadable_reason(path)
     if reason is not None:
         raise OSError(f"{path}: {reason}")
-    if kind == "jsonl" and _starts_a_json_array(path):
+    start = _first_bytes(path) if kind != "parquet" else b""
+    if start.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):  # Windows' "Unicode" text, PowerShell's export
+        raise DocumentFileError(f"{path}: the file is UTF-16 text (it starts with UTF-16's byte order mark); "
+                                "nothing was loaded: convert it to UTF-8")  # fmt: skip
+    if kind == "jsonl" and start.removeprefix(codecs.BOM_UTF8).lstrip().startswith(b"["):
         raise DocumentFileError(f"{path}: the file is one JSON array, not JSON Lines (one object per line); "
                                 "nothing was loaded (jq -c '.[]' writes its objects one per line)")  # fmt: skip
     if kind == "parquet":
@@ -424,12 +428,13 @@ def check_document_file(path: str | Path) -> str:
     return kind
 
 
-def _starts_a_json_array(path: Path) -> bool:
-    """Whether the file's first character (after a byte order mark and white space) opens a JSON array."""
-    with contextlib.suppress(OSError, EOFError), open(path, "rb") as raw:  # a file that cannot be read fails later
+def _first_bytes(path: Path) -> bytes:
+    """The file's first 64 KiB, decompressed when it is ``.gz`` (nothing for a file that cannot be read: that fails
+    later, naming why)."""
+    with contextlib.suppress(OSError, EOFError, zlib.error), open(path, "rb") as raw:
         stream = gzip.GzipFile(fileobj=raw) if path.suffix.lower() == ".gz" else raw
-        return stream.read(1 << 16).removeprefix(codecs.BOM_UTF8).lstrip().startswith(b"[")
-    return False
+        return stream.read(1 << 16)
+    return b""
 
 
 def _parquet_file(path: Path) -> pq.ParquetFile:
