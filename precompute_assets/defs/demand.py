@@ -2,6 +2,7 @@
 against the frequency, seasonal-naive and smoothed-rate baselines, and approved only when it beats them."""
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict
 
 import dagster as dg
@@ -225,6 +226,23 @@ def _finite_or_none(value: float) -> float | None:
     return None if math.isnan(value) else value
 
 
+TRAINING_LOG_EVERY_S = 10.0
+
+
+def training_log(log, max_epochs: int, *, every_s: float = TRAINING_LOG_EVERY_S) -> Callable[[int, float, float], None]:
+    """A ``train_lstm`` progress callback: a log line with the epoch, its training loss and the seconds so far, for
+    the first and the last epoch and at most every ``every_s`` seconds between."""
+    last = -math.inf
+
+    def progress(epoch: int, loss: float, seconds: float) -> None:
+        nonlocal last
+        if seconds - last >= every_s or epoch == max_epochs:
+            last = seconds
+            log.info(f"LSTM epoch {epoch}/{max_epochs}: training loss {loss:.4f} after {seconds:.1f} s")
+
+    return progress
+
+
 @dg.asset(
     partitions_def=DEFAULT_PARTITIONS.daily,
     deps=[
@@ -283,7 +301,7 @@ def demand_model(
     context.log.info(f"frequency baseline: half-life {half_life:g} days ({source})")
     try:
         hp = config.hyper_params(half_life)
-        result = evaluate_demand(data, hp, init_state=init_state)
+        result = evaluate_demand(data, hp, init_state=init_state, progress=training_log(context.log, hp.max_epochs))
     except Exception as error:  # the LSTM is optional: its failure must not stop the day's publish
         # ValueError: the data cannot train a model (no traffic); anything else is a fault, logged with its trace.
         fault = not isinstance(error, ValueError)

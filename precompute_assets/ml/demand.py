@@ -29,7 +29,7 @@ import math
 import os
 import pickle
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -341,14 +341,20 @@ def trained_hyper_params(hp: DemandHyperParams, last_day: int) -> DemandHyperPar
 
 
 def train_lstm(
-    data: HourlyCounts, hp: DemandHyperParams, last_day: int, *, init_state: Mapping[str, torch.Tensor] | None = None
+    data: HourlyCounts,
+    hp: DemandHyperParams,
+    last_day: int,
+    *,
+    init_state: Mapping[str, torch.Tensor] | None = None,
+    progress: Callable[[int, float, float], None] | None = None,
 ) -> tuple[torch.nn.Module, dict]:
     """An LSTM trained to forecast days ``window_days .. last_day - 1`` (never ``last_day``) of up to
     ``max_train_keys`` keys sampled by ``seed`` among those requested before ``last_day`` (nothing of ``last_day``
     or later, not even which keys it holds, changes the training), warm-started from ``init_state`` when its shapes
     fit; returns the model and ``{"seconds", "epochs", "samples", "warm_started"}``. ``max_seconds`` bounds
     everything here, feature building included (``seconds`` is that whole time); training stops at ``max_epochs`` or
-    when the clock runs out, checked after every batch."""
+    when the clock runs out, checked after every batch. ``progress`` is told after each epoch: the epochs done, that
+    epoch's mean training loss (MSE of log1p requests per day) and the seconds since the start."""
     import torch
     from torch import nn
 
@@ -385,15 +391,19 @@ def train_lstm(
     model.train()
     while epochs < hp.max_epochs and time.perf_counter() - started < hp.max_seconds:
         order = torch.randperm(len(target), generator=generator)
+        total, seen = 0.0, 0
         for begin in range(0, len(order), hp.batch_size):
             batch = order[begin : begin + hp.batch_size]
             optimizer.zero_grad()
             loss = nn.functional.mse_loss(model(steps[batch], static[batch]), target[batch])
             loss.backward()
             optimizer.step()
+            total, seen = total + float(loss) * len(batch), seen + len(batch)
             if time.perf_counter() - started >= hp.max_seconds:
                 break
         epochs += 1
+        if progress is not None:
+            progress(epochs, total / max(seen, 1), time.perf_counter() - started)
     info = {"seconds": time.perf_counter() - started, "epochs": epochs, "samples": len(target), "warm_started": warm}
     return model, info
 
@@ -445,9 +455,14 @@ def mase(forecast: np.ndarray, actual: np.ndarray, daily: np.ndarray, held_day: 
 
 
 def evaluate_demand(
-    data: HourlyCounts, hp: DemandHyperParams, *, init_state: Mapping[str, torch.Tensor] | None = None
+    data: HourlyCounts,
+    hp: DemandHyperParams,
+    *,
+    init_state: Mapping[str, torch.Tensor] | None = None,
+    progress: Callable[[int, float, float], None] | None = None,
 ) -> DemandResult:
-    """Train the LSTM on every day but the last, forecast the last with it and the baselines, score them all."""
+    """Train the LSTM on every day but the last, forecast the last with it and the baselines, score them all;
+    ``progress`` follows the training (``train_lstm``)."""
     if len(data.keys) == 0:
         raise ValueError("no requests in the lookback: nothing to forecast")
     if data.n_days < 3:
@@ -458,7 +473,7 @@ def evaluate_demand(
     if data.missing_hours:
         notes.append(f"{data.missing_hours} hours of logs missing (counted as no requests)")
     with torch_threads(hp.threads):
-        model, info = train_lstm(data, hp, held, init_state=init_state)
+        model, info = train_lstm(data, hp, held, init_state=init_state, progress=progress)
         trained = trained_hyper_params(hp, held)
         lstm = _predict(model, data, held, trained, daily)
     if init_state is not None and not info["warm_started"]:

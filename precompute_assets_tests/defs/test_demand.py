@@ -13,7 +13,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from precompute_assets.defs.demand import DemandModelConfig, beats_baselines_check, demand_model, read_hourly_counts
+from precompute_assets.defs.demand import (
+    DemandModelConfig,
+    beats_baselines_check,
+    demand_model,
+    read_hourly_counts,
+    training_log,
+)
 from precompute_assets.defs.partitions import DEFAULT_PARTITIONS
 from precompute_assets.defs.resources import ExperimentResource, LakeResource, ModelStoreResource, ParquetIOManager
 from precompute_assets.defs.selection import ad_demand, day_counts, self_tuned_share, top_ads
@@ -106,7 +112,18 @@ def test_the_run_log_says_what_the_lstm_trains_on_before_training(resources, pg_
     messages = [e.user_message for e in pg_instance.all_logs(result.run_id) if e.step_key == "demand_model"]
     read = next(i for i, m in enumerate(messages) if m.startswith("read 14 days of hourly query logs: 200 keys"))
     assert "training the LSTM for at most 1 epochs or 120 s" in messages[read]
-    assert read < next(i for i, m in enumerate(messages) if m.startswith("trained "))
+    epoch = next(i for i, m in enumerate(messages) if m.startswith("LSTM epoch 1/1: training loss "))
+    assert read < epoch < next(i for i, m in enumerate(messages) if m.startswith("trained "))
+
+
+def test_the_training_log_is_throttled_but_names_the_first_and_last_epochs():
+    lines = []
+    log = type("Log", (), {"info": lambda self, line: lines.append(line)})()
+    progress = training_log(log, 5, every_s=10.0)
+    for epoch, seconds in [(1, 1.0), (2, 5.0), (3, 11.5), (4, 12.0), (5, 13.0)]:
+        progress(epoch, 0.25, seconds)
+    assert [line.split(":")[0] for line in lines] == ["LSTM epoch 1/5", "LSTM epoch 3/5", "LSTM epoch 5/5"]
+    assert lines[0] == "LSTM epoch 1/5: training loss 0.2500 after 1.0 s"
 
 
 def test_an_approved_version_warm_starts_the_next_day(resources, pg_instance, weekly_template, lake_uri):

@@ -139,6 +139,15 @@ def test_the_training_budget_is_bounded_in_seconds(weekly):
     assert e.epochs < 1000 and e.train_seconds < 60  # stopped by the clock, not by the epochs
 
 
+def test_training_reports_each_epoch(weekly):
+    said = []
+    hp = DemandHyperParams(top_n=20, max_epochs=3, max_seconds=60, threads=1)
+    _, info = train_lstm(weekly, hp, weekly.n_days - 1, progress=lambda *args: said.append(args))
+    assert [epoch for epoch, _, _ in said] == [1, 2, 3] == list(range(1, info["epochs"] + 1))
+    assert all(np.isfinite(loss) and loss > 0 for _, loss, _ in said)
+    assert [s for _, _, s in said] == sorted(s for _, _, s in said) and said[-1][2] <= info["seconds"]
+
+
 def test_the_clock_counts_feature_building_too(weekly):
     hp = DemandHyperParams(top_n=20, max_epochs=1000, max_seconds=1e-9)
     model, info = train_lstm(weekly, hp, weekly.n_days - 1)
