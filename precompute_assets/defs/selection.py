@@ -338,7 +338,8 @@ def top_ads(
         forecast, note = strategy_demand(context, used, lake.lake(), model_store, evaluation)
         if forecast is None:
             return frequency, "frequency", f"{why}; {note}: fell back to frequency"
-        return forecast[forecast.index.isin(catalog)], used, f"{why} ({note})" if note else why
+        # the note names the model version ranked with; auto's reason names it already when it is the evaluated one
+        return forecast[forecast.index.isin(catalog)], used, f"{why} ({note})" if note and note not in why else why
 
     running = experiment.experiment()
     demand, strategy, reason = ranked_by(config.strategy)
