@@ -17,7 +17,7 @@ from .predictions import ctr_predictions
 from .publishing import ctr_cache
 from .query_logs import build_drain_schedule, query_log_cleanup_job, query_logs_job
 from .resources import RedisResource
-from .runs import RUN_KEY_TAG
+from .runs import RUN_KEY_TAG, SENSOR_NAME_TAG
 from .selection import OFFPEAK_WINDOW_HOURS, ad_demand, top_ads, traffic_profile
 
 # Until traffic_profile has learned the quiet window of the traffic, it is assumed to start at 02:00.
@@ -78,6 +78,7 @@ def precompute_request(moment: datetime, start_hour: int, timezone: str) -> dg.R
 HEALTH_THRESHOLD = 0.8  # cache_health refreshes when the last hour's ctr hit rate falls below this
 HEALTH_MIN_REQUESTS = 200  # ... over at least this many requests (fewer say nothing)
 HEALTH_COOLDOWN_S = 6 * 3600  # and at most once in this long, so a cache that stays cold is not rebuilt hourly
+HEALTH_RETRY_S = 3600  # ... but an hour after a refresh that failed, which left the cache as cold as it was
 
 
 def health_request(
@@ -86,21 +87,26 @@ def health_request(
     timezone: str,
     last_request_s: float | None,
     *,
+    last_failed: bool = False,
     threshold: float = HEALTH_THRESHOLD,
     min_requests: int = HEALTH_MIN_REQUESTS,
     cooldown_s: float = HEALTH_COOLDOWN_S,
+    retry_s: float = HEALTH_RETRY_S,
 ) -> dg.RunRequest | dg.SkipReason:
     """A refresh of yesterday's precompute when the last hour's hit rate (``window``: ``serving.stats``'s entry
-    of the ``ctr`` kind) is below ``threshold``, saying why; else why not."""
+    of the ``ctr`` kind) is below ``threshold``, saying why; else why not. The refresh requested at
+    ``last_request_s`` holds the next off for ``cooldown_s``, or for ``retry_s`` when it failed (``last_failed``)."""
     requests = 0 if window is None else window["requests"]
     if requests < min_requests:
         return dg.SkipReason(f"{requests} ctr requests in the last hour: fewer than {min_requests}, nothing to judge")
     rate = window["hits"] / requests
     if rate >= threshold:
         return dg.SkipReason(f"hit rate {rate:.1%} over {requests} requests: at or above {threshold:.0%}")
-    if last_request_s is not None and now.timestamp() - last_request_s < cooldown_s:
-        return dg.SkipReason(f"hit rate {rate:.1%} is below {threshold:.0%}, but a refresh was requested less "
-                             f"than {cooldown_s / 3600:g} h ago")  # fmt: skip
+    wait_s = retry_s if last_failed else cooldown_s
+    if last_request_s is not None and now.timestamp() - last_request_s < wait_s:
+        requested = "the refresh requested" + (" (it failed)" if last_failed else "")
+        return dg.SkipReason(f"hit rate {rate:.1%} is below {threshold:.0%}, but {requested} less than "
+                             f"{wait_s / 3600:g} h ago")  # fmt: skip
     day = (now.astimezone(ZoneInfo(timezone)).date() - timedelta(days=1)).isoformat()
     missed = ", ".join(key for key, _ in window["most_missed"][:5])
     reason = f"hit rate {rate:.1%} over the last hour's {requests} requests is below {threshold:.0%}"
@@ -113,8 +119,9 @@ def health_request(
 
 def build_cache_health_sensor(timezone: str, *, threshold: float = HEALTH_THRESHOLD) -> dg.SensorDefinition:
     """``cache_health``: every 5 minutes, the ctr hit rate of the last hour from the query log; below
-    ``threshold`` it requests ``refresh_precompute_job`` for yesterday (at most every 6 hours) and says why: the
-    daily graph without retraining the LSTM, which would delay the publish and could switch the day's strategy."""
+    ``threshold`` it requests ``refresh_precompute_job`` for yesterday (at most every 6 hours, or an hour after a
+    refresh that failed) and says why: the daily graph without retraining the LSTM, which would delay the publish
+    and could switch the day's strategy."""
 
     @dg.sensor(
         name="cache_health",
@@ -122,19 +129,29 @@ def build_cache_health_sensor(timezone: str, *, threshold: float = HEALTH_THRESH
         minimum_interval_seconds=300,
         default_status=dg.DefaultSensorStatus.RUNNING,
         description=f"Refresh yesterday's precompute when the last hour's ctr hit rate is below {threshold:.0%} "
-        f"(over at least {HEALTH_MIN_REQUESTS} requests; at most every {HEALTH_COOLDOWN_S // 3600} h).",
+        f"(over at least {HEALTH_MIN_REQUESTS} requests; at most every {HEALTH_COOLDOWN_S // 3600} h, or "
+        f"{HEALTH_RETRY_S // 3600} h after a refresh that failed).",
     )
     def cache_health(context: dg.SensorEvaluationContext, redis: RedisResource):
         window = window_stats(redis.client(), redis.schema(), window_s=3600).get("ctr")
         now = datetime.now(ZoneInfo("UTC"))
         last = float(context.cursor) if context.cursor else None
-        result = health_request(window, now, timezone, last, threshold=threshold)
+        failed = last is not None and last_refresh_failed(context.instance)
+        result = health_request(window, now, timezone, last, last_failed=failed, threshold=threshold)
         if isinstance(result, dg.RunRequest):
             context.log.info(result.tags["precompute/reason"])
             context.update_cursor(str(now.timestamp()))
         return result
 
     return cache_health
+
+
+def last_refresh_failed(instance: dg.DagsterInstance) -> bool:
+    """Whether the newest refresh ``cache_health`` requested failed or was canceled."""
+    runs = instance.get_runs(
+        dg.RunsFilter(job_name=refresh_precompute_job.name, tags={SENSOR_NAME_TAG: "cache_health"}), limit=1
+    )
+    return bool(runs) and runs[0].status in (dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED)
 
 
 def run_with_key(instance: dg.DagsterInstance, job_name: str, run_key: str) -> dg.DagsterRun | None:

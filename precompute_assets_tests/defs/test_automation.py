@@ -173,6 +173,37 @@ def test_cache_health_requests_a_refresh_below_the_threshold_and_says_why():
     assert isinstance(later, dg.RunRequest)
 
 
+def test_cache_health_retries_an_hour_after_a_refresh_that_failed():
+    """A failed refresh left the cache as cold as it was: the 6-hour cooldown kept it so until the next one."""
+    two_hours_ago = NOON.timestamp() - 2 * 3600
+    assert isinstance(health_request(window(1000, 700), NOON, "UTC", two_hours_ago), dg.SkipReason)
+    assert isinstance(health_request(window(1000, 700), NOON, "UTC", two_hours_ago, last_failed=True), dg.RunRequest)
+    soon = health_request(window(1000, 700), NOON, "UTC", NOON.timestamp() - 600, last_failed=True)
+    assert (
+        isinstance(soon, dg.SkipReason) and "the refresh requested (it failed) less than 1 h ago" in soon.skip_message
+    )
+
+
+def test_cache_health_sees_whether_its_last_refresh_failed():
+    from dagster._core.storage.dagster_run import DagsterRun
+    from dagster._core.utils import make_new_run_id
+
+    from precompute_assets.defs.automation import last_refresh_failed
+
+    with dg.instance_for_test() as instance:
+        assert not last_refresh_failed(instance)
+        for status in (dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE):
+            tags = {"dagster/sensor_name": "cache_health"}
+            run = DagsterRun(job_name="refresh_precompute_job", run_id=make_new_run_id(), status=status, tags=tags)
+            instance.add_run(run)
+            assert last_refresh_failed(instance) == (status == dg.DagsterRunStatus.FAILURE)
+        other = DagsterRun(
+            job_name="refresh_precompute_job", run_id=make_new_run_id(), status=dg.DagsterRunStatus.SUCCESS
+        )
+        instance.add_run(other)  # a refresh launched by hand is not the sensor's
+        assert last_refresh_failed(instance)
+
+
 def test_cache_health_reads_the_query_log_of_a_real_redis(redis_url, schema):
     from precompute_assets.defs.resources import RedisResource
     from precompute_assets.serving import QueryLogger
@@ -183,9 +214,19 @@ def test_cache_health_reads_the_query_log_of_a_real_redis(redis_url, schema):
     logger.close()
     sensor = build_cache_health_sensor("UTC")
     redis = RedisResource(url=redis_url, namespace=schema.namespace)
-    with dg.build_sensor_context(resources={"redis": redis}) as context:
-        result = sensor(context)
-    assert isinstance(result, dg.RunRequest) and "hit rate 50.0%" in result.tags["precompute/reason"]
-    assert context.cursor is not None  # the cooldown starts
-    with dg.build_sensor_context(resources={"redis": redis}, cursor=context.cursor) as again:
-        assert isinstance(sensor(again), dg.SkipReason)
+    with dg.instance_for_test() as instance:
+        with dg.build_sensor_context(instance=instance, resources={"redis": redis}) as context:
+            result = sensor(context)
+        assert isinstance(result, dg.RunRequest) and "hit rate 50.0%" in result.tags["precompute/reason"]
+        assert context.cursor is not None  # the cooldown starts
+        with dg.build_sensor_context(instance=instance, resources={"redis": redis}, cursor=context.cursor) as again:
+            assert isinstance(sensor(again), dg.SkipReason)
+        # two hours on, the refresh requested then has failed: the sensor asks again rather than wait 6 h
+        from dagster._core.storage.dagster_run import DagsterRun
+
+        tags = {"dagster/sensor_name": "cache_health"}
+        failed = DagsterRun(job_name="refresh_precompute_job", status=dg.DagsterRunStatus.FAILURE, tags=tags)
+        instance.add_run(failed)
+        earlier = str(float(context.cursor) - 2 * 3600)
+        with dg.build_sensor_context(instance=instance, resources={"redis": redis}, cursor=earlier) as retry:
+            assert isinstance(sensor(retry), dg.RunRequest)
