@@ -309,6 +309,8 @@ def parse_trace_quarantining(
         refused.add_note(f"after {max_malformed} malformed lines were cut (at most {max_malformed})")
         raise refused
     while True:
+        if not lines:  # read as an empty text, it was "line 1: blank line", whatever the lines were
+            raise _nothing_left(cut)
         try:
             return _text_trace("\n".join(lines), columns, where, exact_keys), sorted(cut)
         except TraceError as error:
@@ -326,6 +328,12 @@ def parse_trace_quarantining(
                 raise refused from None
             cut.append((original, found[2]))
             del lines[current - 1]
+
+
+def _nothing_left(cut: list[tuple[int, str]]) -> TraceError:
+    """The error of a text whose every line was cut as malformed (``cut``: line number in the file, problem)."""
+    line_no, problem = min(cut)
+    return TraceError(f"no request is left: all {len(cut)} lines are malformed (the first, line {line_no}: {problem})")
 
 
 def _csv_unquoted(text: str) -> str:

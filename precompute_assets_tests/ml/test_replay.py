@@ -1735,3 +1735,17 @@ def test_parse_trace_quarantining_cuts_lines_that_are_not_utf8(tmp_path):
     assert refused.value.__notes__ == ["after 0 malformed lines were cut (at most 0)"]
     with pytest.raises(TraceError, match="line 2: not valid UTF-8"):  # parse_trace itself still refuses the file
         parse_trace(log)
+
+
+def test_parse_trace_quarantining_names_the_first_problem_when_every_line_is_cut(tmp_path):
+    # Binary bytes given as a request log had every line cut, and the empty rest was refused as "line 1: blank line"
+    from precompute_assets.ml.replay import parse_trace_quarantining
+
+    binary = tmp_path / "requests.csv"
+    binary.write_bytes(b"\x89\xff\x01\n\x00\xfe\n\xc3(\n")
+    with pytest.raises(TraceError, match=r"^no request is left: all 3 lines are malformed \(the first, line 1: not"):
+        parse_trace_quarantining(binary)
+    blank = tmp_path / "blank.csv"  # lines cut by the parse itself, one at a time
+    blank.write_text("\n \n\n")
+    with pytest.raises(TraceError, match=r"^no request is left: all 3 lines are malformed \(the first, line 1: blank"):
+        parse_trace_quarantining(blank)
