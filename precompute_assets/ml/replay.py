@@ -1521,6 +1521,8 @@ def iso_seconds(text: pd.Series) -> np.ndarray:
 
 def _decode_text(data: bytes) -> str:
     """The bytes as text: UTF-8 (a leading byte-order mark dropped), CRLF and CR as LF, without the final newline."""
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):  # Windows' "Unicode" text, PowerShell's export
+        raise TraceError("the file is UTF-16 text (it starts with UTF-16's byte order mark): convert it to UTF-8")
     data = data.removeprefix(codecs.BOM_UTF8)
     try:
         text = data.decode("utf-8")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import itertools
 import json
 import lzma
@@ -1735,6 +1736,20 @@ def test_parse_trace_quarantining_cuts_lines_that_are_not_utf8(tmp_path):
     assert refused.value.__notes__ == ["after 0 malformed lines were cut (at most 0)"]
     with pytest.raises(TraceError, match="line 2: not valid UTF-8"):  # parse_trace itself still refuses the file
         parse_trace(log)
+
+
+def test_utf16_text_is_refused_as_such(tmp_path):
+    # A PowerShell or Excel "Unicode" export was read as UTF-8: the replay named line 1 as binary, and the import cut
+    # it and read NUL-interleaved lines below it as a header of column names
+    from precompute_assets.ml.replay import parse_trace_quarantining
+
+    exported = tmp_path / "requests.csv"
+    exported.write_bytes("ts,key\r\n1764000000,ad1\r\n1764000001,ad2\r\n".encode("utf-16"))
+    for parse in (parse_trace, parse_trace_quarantining):
+        with pytest.raises(TraceError, match="^the file is UTF-16 text .*: convert it to UTF-8"):
+            parse(exported)
+    exported.write_bytes(codecs.BOM_UTF8 + b"1764000000,ad1\n")  # UTF-8's byte order mark is still skipped
+    assert list(parse_trace(exported).keys) == ["ad1"]
 
 
 def test_parse_trace_quarantining_names_the_first_problem_when_every_line_is_cut(tmp_path):
