@@ -88,14 +88,14 @@ def read_parquet_trace(
     values = None if where is None else pa.array(sorted(where[1]), pa.string())
     keys, stamps, kept, hits, lacking = [], [], [], [], []
     for file, table in zip(files, _tables(files, wanted, label, filesystem), strict=True):
-        keys.append(_keys(_decoded(table[key_name]), key_name, label[file], exact_keys))
+        keys.append(_keys(_utf8(_decoded(table[key_name]), key_name, label[file]), key_name, label[file], exact_keys))
         if hit_name is not None:
             column = table[hit_name]  # a row without a hit counts only if --where keeps it
             column = column.cast(pa.bool_()) if _hit_type(column.type) else pa.nulls(len(column), pa.bool_())
             hits.append(column.fill_null(False).to_numpy(zero_copy_only=False).astype(bool))
             lacking.append(column.is_null().to_numpy(zero_copy_only=False).astype(bool))
         if time_name is not None:
-            stamps.append(_seconds(_decoded(table[time_name]), time_name, label[file]))
+            stamps.append(_seconds(_utf8(_decoded(table[time_name]), time_name, label[file]), time_name, label[file]))
         if values is not None:
             kept.append(_kept(_decoded(table[where_name]), where_name, values, label[file]))
     if sum(len(part) for part in keys) == 0:
@@ -222,6 +222,26 @@ def _at(file: str, problem: str, row: int | None = None) -> str:
 def _decoded(column: pa.ChunkedArray) -> pa.ChunkedArray:
     """A dictionary-encoded column as its plain values."""
     return pc.cast(column, column.type.value_type) if pa.types.is_dictionary(column.type) else column
+
+
+def _utf8(column: pa.ChunkedArray, name: str, label: str) -> pa.ChunkedArray:
+    """A binary column as the text it holds: Hive, Impala and older Spark write strings without Parquet's UTF8
+    annotation, and Arrow reads them as bytes. Bytes that are not UTF-8 are a TraceError naming the row."""
+    if not (pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):
+        return column
+    try:
+        return pc.cast(column, pa.large_string() if pa.types.is_large_binary(column.type) else pa.string())
+    except pa.ArrowInvalid:
+        row = next(i for i, value in enumerate(column.to_pylist()) if value is not None and not _is_utf8(value))
+        raise TraceError(_at(label, f"column {name!r} holds bytes that are not UTF-8 text", row)) from None
+
+
+def _is_utf8(value: bytes) -> bool:
+    try:
+        value.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _first(mask: pa.ChunkedArray | np.ndarray) -> int | None:

@@ -137,6 +137,20 @@ def test_columns_by_name_or_number_and_their_types(tmp_path: Path):
     assert not is_parquet(tmp_path / "missing.txt")
 
 
+def test_strings_stored_as_bytes_are_read_as_their_text(tmp_path: Path):
+    # Hive, Impala and older Spark write strings without Parquet's UTF8 annotation: Arrow reads them as binary, and
+    # such a table's keys were refused ("holds binary: keys are integers or strings")
+    file = write_table(
+        tmp_path / "hive.parquet",
+        {
+            "ts": pa.array([b"2026-01-01T00:00:00Z", b"2026-01-01T00:00:02Z"], pa.large_binary()),
+            "key": pa.array([b"ad:\xc3\xa9", b" b "], pa.binary()),
+        },
+    )
+    trace = parse_trace(file)
+    assert trace.keys.tolist() == ["ad:\u00e9", "b"] and trace.timestamps.tolist() == [T0_MS / 1000, T0_MS / 1000 + 2]
+
+
 def test_a_piped_text_trace_is_not_read_to_sniff_for_parquet(tmp_path: Path):
     # A pipe's bytes can be read once: taking some to look for Parquet's magic would lose the first requests.
     fifo = tmp_path / "trace.fifo"
@@ -229,6 +243,7 @@ def bad_traces(tmp_path: Path) -> list[tuple[Path, dict, str]]:
         ({"ts": [1, 2], "key": ["a", None]}, {}, "row 2: the key is missing"),
         ({"ts": [1, 2], "key": ["a", " \t"]}, {}, "row 2: the key is empty"),
         ({"ts": [1, 2], "key": [0.5, 1.5]}, {}, "key column 'key' holds double: keys are integers or strings"),
+        ({"ts": [1, 2], "key": pa.array([b"a", b"\xff"])}, {}, "row 2: column 'key' holds bytes that are not UTF-8"),
         ({"ts": [1, None], "key": ["a", "b"]}, {}, "row 2: the timestamp is missing"),
         ({"ts": [1.0, float("inf")], "key": ["a", "b"]}, {}, "row 2: timestamp inf is not a finite number"),
         ({"ts": ["2026-01-01", "noon"], "key": ["a", "b"]}, {}, "row 2: timestamp 'noon' is not an ISO 8601"),
