@@ -80,9 +80,25 @@ def time_unit(timestamps: np.ndarray) -> str:
 
 
 def _typical(values: np.ndarray) -> float:
-    """The median of the finite ``values`` (0 for none)."""
+    """The median of the finite ``values`` (0 for none): the lower of the middle two, one of the values, as a blend of
+    a log half in seconds and half in milliseconds is neither."""
     finite = values[np.isfinite(values)]
-    return float(np.median(finite)) if len(finite) else 0.0
+    return float(np.quantile(finite, 0.5, method="lower")) if len(finite) else 0.0
+
+
+OTHER_UNIT = "timestamp in another unit than the log's (by its size)"
+
+
+def other_unit(timestamps: np.ndarray) -> np.ndarray:
+    """Per epoch timestamp, whether it is written in another unit than the log's (``time_unit``): read in the unit its
+    own size says, it is a time from 2000 to 2200, which it is not in the log's (a logger that moved from seconds to
+    milliseconds). Read in the log's unit, such a request was placed in 1970 or beyond the year 50,000."""
+    values = np.asarray(timestamps, dtype=np.float64)
+    sizes = [values > limit for limit, _ in _AUTO_LIMITS]
+    own_factor = np.select(sizes, [TIME_UNITS[unit] for _, unit in _AUTO_LIMITS], TIME_UNITS["s"])
+    own_seconds = values * own_factor
+    in_range = (own_seconds >= EPOCH_2000_S) & (own_seconds < EPOCH_2200_S)
+    return (own_factor != TIME_UNITS[time_unit(values)]) & in_range
 
 
 def epoch_seconds(timestamps: np.ndarray, unit: str = "auto") -> np.ndarray:
@@ -134,11 +150,13 @@ def hour_rows(
     first_s: float,
     last_s: float,
     trace_start_s: float = -np.inf,
+    strays: np.ndarray | None = None,
 ) -> HourRows:
     """The requests (``keys`` at epoch ``seconds``) of ``kind`` as ``query_logs`` frames by hourly partition key
     (``partition_key`` of a timestamp); requests before ``first_s`` (the first partition) or from ``last_s`` on (the
-    hour that is not over), before ``trace_start_s`` (where ``--start`` put a relative trace's 0: a negative one)
-    and unusable keys are quarantined and counted. ``source`` names the file in stream ids."""
+    hour that is not over), before ``trace_start_s`` (where ``--start`` put a relative trace's 0: a negative one),
+    ``strays`` (per request: its timestamp is in another unit, ``other_unit``) and unusable keys are quarantined and
+    counted. ``source`` names the file in stream ids."""
     out = HourRows()
     codes, uniques = pd.factorize(keys, sort=False)  # distinct keys are distinct as text: stringify the uniques only
     uniques = pd.Series(np.asarray(uniques), dtype=object).astype(str).to_numpy(dtype=object)
@@ -147,6 +165,7 @@ def hour_rows(
     out.quarantined.update(Counter(problems[~keep].tolist()))
     for mask, reason in (
         (~np.isfinite(seconds), "timestamp is not a finite number"),
+        (np.zeros(len(seconds), dtype=bool) if strays is None else strays, OTHER_UNIT),
         (seconds < trace_start_s, BEFORE_TRACE_START),
         (seconds < first_s, BEFORE_FIRST),
         (seconds >= last_s, NOT_OVER),

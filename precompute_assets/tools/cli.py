@@ -1001,6 +1001,7 @@ def cmd_query_logs(args: argparse.Namespace) -> int:
         looks_like_filetime,
         merge_hour,
         other_kinds_imported,
+        other_unit,
         placed_span_hours,
     )
 
@@ -1057,7 +1058,8 @@ def cmd_query_logs(args: argparse.Namespace) -> int:
     source = Path(args.file).name.replace(":", "_")[:40]
     rows = hour_rows(trace.keys, seconds, kind=args.kind, source=source,
                      partition_key=hourly.get_partition_key_for_timestamp, first_s=first_s, last_s=last_s,
-                     trace_start_s=trace_start)  # fmt: skip
+                     trace_start_s=trace_start,
+                     strays=other_unit(trace.timestamps) if args.time_unit == "auto" else None)  # fmt: skip
     check_placement(args, rows, len(trace.keys), seconds, settings.timezone)
     stack = Stack()
     lake = Lake(_up(stack)[ENV_LAKE])

@@ -13,11 +13,13 @@ from precompute_assets.storage.query_log_import import (
     BEFORE_FIRST,
     IMPORTED,
     NOT_OVER,
+    OTHER_UNIT,
     epoch_seconds,
     hour_rows,
     is_imported,
     is_relative,
     looks_like_filetime,
+    other_unit,
 )
 
 
@@ -138,3 +140,23 @@ def test_one_corrupt_timestamp_is_quarantined_not_taken_for_the_whole_logs_unit(
                            first_s=1_767_225_600.0, last_s=1_800_000_000.0)  # fmt: skip
         assert sum(placed.frames.requests(hour) for hour in placed.frames) == 100
         assert dict(placed.quarantined) == {reason: 1}
+
+
+@pytest.mark.parametrize("in_ms", [10, 50])  # of 100 requests: a logger moved from seconds to milliseconds
+def test_timestamps_in_another_unit_than_the_logs_are_quarantined_as_such(in_ms: int) -> None:
+    """A minority in milliseconds among seconds was quarantined as "in an hour that is not over" (the year 57,000);
+    half and half was no log of either unit (their median's blend read as seconds counted from the trace's start),
+    refused with "give --start"."""
+    good = [1_780_000_000 + 10 * i for i in range(100)]
+    timestamps = np.array([t * 1000 + 7 if i < in_ms else t for i, t in enumerate(good)], dtype=np.float64)
+    seconds = epoch_seconds(timestamps)
+    assert not is_relative(seconds)
+    strays = other_unit(timestamps)
+    assert strays.tolist() == [i < in_ms for i in range(100)]
+    placed = hour_rows(np.array([f"ad{i}" for i in range(100)], dtype=object), seconds, kind="ctr", source="t.csv",
+                       partition_key=Partitions("UTC").hourly.get_partition_key_for_timestamp,
+                       first_s=1_767_225_600.0, last_s=1_800_000_000.0, strays=strays)  # fmt: skip
+    assert sum(placed.frames.requests(hour) for hour in placed.frames) == 100 - in_ms
+    assert dict(placed.quarantined) == {OTHER_UNIT: in_ms}
+    corrupt = np.array([*good, 1e300, -5.0, 0.0])  # no time in any unit: left to the other reasons
+    assert not other_unit(corrupt).any()

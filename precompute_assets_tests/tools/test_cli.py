@@ -1584,6 +1584,23 @@ def test_query_logs_import_span_leaves_out_the_corrupt_timestamps_it_quarantined
     assert summary["span_hours"] == 1.0
 
 
+def test_query_logs_import_quarantines_timestamps_in_another_unit_as_such(stack, tmp_path, monkeypatch, capsys):
+    """A log whose logger moved from seconds to milliseconds: the requests in milliseconds were quarantined as "in an
+    hour that is not over"; told the unit, the import reads every timestamp in it, as before."""
+    import datetime as dt
+
+    on_the_test_stack(stack, tmp_path, monkeypatch)
+    start_s = int(dt.datetime(2026, 3, 26, tzinfo=dt.UTC).timestamp())  # a day of its own on the test stack
+    log = tmp_path / "requests.csv"
+    log.write_text("".join(f"{start_s + 60 * i},ad{i}\n" for i in range(8)) + f"{(start_s + 600) * 1000},ad8\n")
+    assert main(["query-logs", "import", str(log), "--kind", "units"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["imported"], summary["quarantined"], summary["span_hours"]) == (8, 1, 0.12)
+    assert summary["quarantine_reasons"] == {"timestamp in another unit than the log's (by its size)": 1}
+    assert main(["query-logs", "import", str(log), "--kind", "units", "--time-unit", "s", "--replace"]) == 0
+    assert json.loads(capsys.readouterr().out)["quarantine_reasons"] == {"in an hour that is not over": 1}
+
+
 def test_query_logs_import_of_a_file_of_mostly_bad_lines_writes_nothing(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("PRECOMPUTE_LAKE_URI", str(tmp_path / "lake"))
