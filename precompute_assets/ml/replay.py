@@ -81,6 +81,10 @@ _BLANKS = re.compile(r"[ \t]+")
 _QUOTED_FIELD = re.compile(r'(?<![^,\n])"((?:[^"\s,]|"")*)"(?=,|\n|$)')
 # A first line of quoted fields only: a QUOTE_ALL export, CSV although its first field is no number.
 _ALL_QUOTED_LINE = re.compile(r'"(?:[^"\n]|"")*"(?:,"(?:[^"\n]|"")*")+')
+# A ``timestamp,key`` line that is a date-time to the second, a comma and three digits: Python logging's asctime
+# (``2025-12-01 08:30:00,123``) writes the milliseconds after a comma, which splits them off as the key.
+_COMMA_MILLIS = rf"{_DATE}[T ][0-9]{{2}}:[0-9]{{2}}:[0-9]{{2}},[0-9]{{3}}"
+_NOT_COMMA_MILLIS_LINE = re.compile(rf"^(?!{_COMMA_MILLIS}$)", re.MULTILINE)
 
 
 class TraceError(ValueError):
@@ -226,6 +230,7 @@ def _text_trace(
     if names and below.count(",") + 1 == len(names):
         text, first_line = rest, 2  # it names the columns of the CSV lines below it
     header = tuple(names) if first_line == 2 else None
+    chosen = columns is not None  # the caller named the fields
     if columns is None and (header or _CSV_START_RE.match(text.partition("\n")[0])):
         columns = (1, 2)  # timestamp,key and any fields after them
     fields, time_field, key_field = 1, None, 1  # bare keys
@@ -235,6 +240,12 @@ def _text_trace(
     kind = "key" if time_field is None else "csv"  # now one key, or timestamp,key, per line
     if exact_keys and kind == "csv" and '"' in text:
         text = _csv_unquoted(text)  # a key read with its CSV quotes was another id: "c""d" is c"d
+    if not chosen and fields > 2 and re.match(_COMMA_MILLIS, text) and not _NOT_COMMA_MILLIS_LINE.search(text):
+        raise TraceError(
+            f"every line starts like {text.partition(chr(10))[0]!r}: a time with its milliseconds after a comma, as "
+            "Python logging writes it, not a timestamp and a key? Name the key's field with --key-field (2 if the "
+            "three digits are the keys)"
+        )
     dated = None
     if kind == "csv" and _DATETIME_START_RE.match(text):
         text, dated = _date_times(text, first_line)

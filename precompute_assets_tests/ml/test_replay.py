@@ -281,6 +281,22 @@ def test_integer_keys_written_two_ways_stay_distinct(tmp_path: Path, text: str, 
     assert trace.layout()["distinct_keys"] == len(set(keys))
 
 
+def test_python_loggings_comma_before_milliseconds_is_not_read_as_the_key(tmp_path: Path):
+    # "2025-12-01 08:30:00,123,ad:5" (logging's asctime, then the key) replayed the milliseconds as keys: 1,000 keys,
+    # a hit rate of 0.0, and an import wrote them to the lake as the requested ids
+    from precompute_assets.ml.replay import parse_trace_quarantining
+
+    log = write(tmp_path, "2025-12-01 08:30:00,123,ad:5\n2025-12-01 08:30:01,007,ad:6\n2025-12-01 08:30:01,512,ad:5\n")
+    for parse in (parse_trace, parse_trace_quarantining):
+        with pytest.raises(TraceError, match="^every line starts like '2025-12-01 08:30:00,123': a time with its"):
+            parse(log)
+    named = parse_trace(log, columns=(1, 3))
+    assert named.keys.tolist() == ["ad:5", "ad:6", "ad:5"] and named.timestamps[2] - named.timestamps[0] == 1.0
+    assert parse_trace(log, columns=(1, 2)).keys.tolist() == [123, 7, 512]  # the digits were the keys after all
+    other = write(tmp_path, "2025-12-01 08:30:00,123,ad:5\n2025-12-01 08:30:01,4096,ad:6\n")  # not every line
+    assert parse_trace(other).keys.tolist() == [123, 4096]
+
+
 def test_trace_notes_warn_of_text_read_from_the_wrong_place_only():
     commas = np.array(["a,1", "b,2", "a,1"], dtype=object)
     days = [commas[:2], commas[2:]]
