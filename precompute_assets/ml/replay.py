@@ -191,9 +191,21 @@ def parse_trace(
     if trace_format == "parquet" or (trace_format == "auto" and is_parquet(path)):
         return read_parquet_trace(path, columns=columns, where=where, exact_keys=exact_keys)
     path = Path(path)
-    data = _read_bytes(path)
-    if trace_format == "auto" and "oraclegeneral" in path.name.lower() and b"\0" in data[: 27 * 4096]:
-        trace_format = "oracle-general-opns" if "oraclegeneralopns" in path.name.lower() else "oracle-general"
+    return _local_trace(path.name, functools.partial(_read_bytes, path), columns, trace_format, where, exact_keys)
+
+
+def _local_trace(
+    name: str,
+    read: Callable[[], bytes],
+    columns: Columns | None,
+    trace_format: str,
+    where: tuple[int | str, Collection[str]] | None,
+    exact_keys: bool,
+) -> Trace:
+    """``parse_trace`` of a file that is not Parquet: the bytes ``read`` returns, of a file called ``name``."""
+    data = read()
+    if trace_format == "auto" and "oraclegeneral" in name.lower() and b"\0" in data[: 27 * 4096]:
+        trace_format = "oracle-general-opns" if "oraclegeneralopns" in name.lower() else "oracle-general"
     if trace_format in _ORACLE:  # text never holds a NUL byte, and these records all but always do
         if columns is not None or where is not None:
             raise TraceError(
@@ -308,13 +320,24 @@ def parse_trace_quarantining(
     lines, not for a file in the wrong format."""
     from .parquet_trace import is_parquet, is_uri
 
-    try:
+    if is_uri(path) or trace_format == "parquet" or (trace_format == "auto" and is_parquet(path)):
         return parse_trace(path, columns=columns, trace_format=trace_format, where=where, exact_keys=exact_keys), []
+    if trace_format not in TRACE_FORMATS:
+        raise ValueError(f"trace_format must be one of {', '.join(TRACE_FORMATS)}, got {trace_format!r}")
+    path = Path(path)
+    # A file is read again to cut its lines; a pipe's bytes (/dev/stdin) are gone once read, so they are kept.
+    kept = None if path.is_file() else _read_bytes(path)
+
+    def read() -> bytes:
+        return _read_bytes(path) if kept is None else kept
+
+    try:
+        return _local_trace(path.name, read, columns, trace_format, where, exact_keys), []
     except TraceError as error:
-        binary = is_uri(path) or is_parquet(path) or "oraclegeneral" in Path(path).name.lower()
+        binary = "oraclegeneral" in path.name.lower()
         if _LINE_ERROR.match(str(error)) is None or trace_format not in ("auto", "text") or binary:
             raise  # an error that names no line to cut (binary and Parquet traces name records or columns)
-    lines, cut = _utf8_lines(_read_bytes(Path(path)))  # cut: (line number in the file, problem)
+    lines, cut = _utf8_lines(read())  # cut: (line number in the file, problem)
     if len(cut) > max_malformed:
         refused = TraceError(f"line {cut[max_malformed][0]}: {cut[max_malformed][1]}")
         refused.add_note(f"after {max_malformed} malformed lines were cut (at most {max_malformed})")

@@ -6,6 +6,7 @@ import codecs
 import itertools
 import json
 import lzma
+import os
 from functools import cache
 from pathlib import Path
 
@@ -1752,6 +1753,21 @@ def test_parse_trace_quarantining_cuts_lines_that_are_not_utf8(tmp_path):
     assert refused.value.__notes__ == ["after 0 malformed lines were cut (at most 0)"]
     with pytest.raises(TraceError, match="line 2: not valid UTF-8"):  # parse_trace itself still refuses the file
         parse_trace(log)
+
+
+def test_parse_trace_quarantining_cuts_the_malformed_lines_of_a_piped_log():
+    # The lines were cut from a second read of the file: a pipe (query-logs import /dev/stdin) had nothing left, and
+    # a log of one malformed line was refused as "trace is empty"
+    from precompute_assets.ml.replay import parse_trace_quarantining
+
+    read_end, write_end = os.pipe()
+    os.write(write_end, b"1,a\n2,b c\n3,\xe9\n4,d\n")
+    os.close(write_end)
+    try:
+        trace, cut = parse_trace_quarantining(f"/dev/fd/{read_end}")
+    finally:
+        os.close(read_end)
+    assert list(trace.keys) == ["a", "d"] and [line for line, _ in cut] == [2, 3]
 
 
 def test_utf16_text_is_refused_as_such(tmp_path):
