@@ -42,7 +42,8 @@ _NUM = r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"  # unambiguo
 _INT = r"[+-]?[0-9]+"
 # An ISO 8601 date, or date and time (a "T" or a space between them), with an optional UTC offset.
 _DATE = r"[0-9]{4}-[0-9]{2}-[0-9]{2}"
-_DATETIME = rf"{_DATE}(?:[T ][0-9]{{2}}:[0-9]{{2}}(?::[0-9]{{2}}(?:\.[0-9]+)?)?)?(?:Z|[+-][0-9]{{2}}(?::?[0-9]{{2}})?)?"
+_OFFSET = r"(?:Z| UTC|[+-][0-9]{2}(?::?[0-9]{2})?)"  # " UTC": BigQuery's CSV exports write timestamps so
+_DATETIME = rf"{_DATE}(?:[T ][0-9]{{2}}:[0-9]{{2}}(?::[0-9]{{2}}(?:\.[0-9]+)?)?)?{_OFFSET}?"
 _CSV_START = rf"{_PAD}(?:{_NUM}|{_DATETIME}){_PAD},"  # a line whose part before the first comma is a timestamp
 _NUM_START = rf"{_PAD}{_NUM}{_PAD},"  # the same with a number (date-times are numbers by the time lines are checked)
 # The first line that is not a valid line of the format; one regex pass is fast and gives its position.
@@ -1539,7 +1540,8 @@ def _date_times(text: str, first_line: int) -> tuple[str, np.ndarray]:
     seconds = iso_seconds(stamps)
     unread = np.flatnonzero(np.isnan(seconds))
     if len(unread) and "," in text.split("\n", unread[0] + 1)[unread[0]]:  # no comma: the line checks name it
-        problem = f"timestamp {stamps[unread[0]]!r} is not a date-time like line {first_line}'s"
+        like = f"a date-time like line {first_line}'s" if unread[0] else "an ISO 8601 date-time"
+        problem = f"timestamp {stamps[unread[0]]!r} is not {like}"
         raise TraceError(f"line {unread[0] + first_line}: {problem}")
     return _FIRST_FIELD_COMMA.sub("0,", text), seconds
 
@@ -1547,6 +1549,9 @@ def _date_times(text: str, first_line: int) -> tuple[str, np.ndarray]:
 def iso_seconds(text: pd.Series) -> np.ndarray:
     """ISO 8601 date-times as float seconds since the epoch (UTC without an offset; NaN where one is not a
     date-time), in the unit pandas parsed them in, so years before 1677 or after 2262 do not overflow."""
+    utc = text.str.endswith(" UTC", na=False).to_numpy()  # BigQuery's "2026-01-01 08:30:00 UTC": Z, in ISO 8601
+    if utc.any():
+        text = text.where(~utc, text.str[:-4] + "Z")
     parsed = pd.to_datetime(text, format="ISO8601", utc=True, errors="coerce")
     naive = parsed.dt.tz_localize(None).to_numpy()  # UTC
     ticks = naive.view(np.int64) / PER_SECOND[np.datetime_data(naive.dtype)[0]]

@@ -23,6 +23,7 @@ from precompute_assets.ml.replay import (
     admission_decisions,
     arc_hits,
     belady_hits,
+    iso_seconds,
     next_requests,
     oracle_preload_day_hits,
     parse_trace,
@@ -282,6 +283,17 @@ def test_integer_keys_written_two_ways_stay_distinct(tmp_path: Path, text: str, 
     assert trace.layout()["distinct_keys"] == len(set(keys))
 
 
+def test_bigquerys_utc_timestamps_are_date_times(tmp_path: Path):
+    # BigQuery's CSV export writes a TIMESTAMP as "2026-01-01 08:30:00 UTC": refused as "not a date-time like line 2's"
+    start = (pd.Timestamp("2026-01-01", tz="UTC") - pd.Timestamp(0, tz="UTC")).total_seconds()
+    exported = "2026-01-01 00:00:00 UTC,a\n2026-01-01 00:00:01.250000 UTC,b\n"
+    for text in ("ts,key\n" + exported, exported):  # with its header (the default) or without
+        trace = parse_trace(write(tmp_path, text))
+        assert trace.keys.tolist() == ["a", "b"] and trace.timestamps.tolist() == [start, start + 1.25]
+    column = pd.Series(["2026-01-01 00:00:00 UTC", "2026-01-01T00:00:02Z", None], dtype=object)  # Parquet's strings
+    assert iso_seconds(column)[:2].tolist() == [start, start + 2] and np.isnan(iso_seconds(column)[2])
+
+
 def test_python_loggings_comma_before_milliseconds_is_not_read_as_the_key(tmp_path: Path):
     # "2025-12-01 08:30:00,123,ad:5" (logging's asctime, then the key) replayed the milliseconds as keys: 1,000 keys,
     # a hit rate of 0.0, and an import wrote them to the lake as the requested ids
@@ -536,6 +548,7 @@ def test_parse_a_large_string_trace(tmp_path: Path):
         # ISO 8601 date-times
         ("2026-01-01,a\n2026-01-02,b\n17,c\n", "line 3: timestamp '17' is not a date-time like line 1's"),
         ("t,k\n2026-01-01T00:00Z,a\n2026-13-01,b\n", "line 3: timestamp '2026-13-01' is not a date-time like line 2's"),
+        ("t,k\n2026-13-01,a\n", "line 2: timestamp '2026-13-01' is not an ISO 8601 date-time"),
         ("2026-01-01,a\n2026-01-02\n", "line 2: mixed formats"),
         ("2026-01-01,a\n2026-01-02,b c\n", "line 2: key 'b c' contains whitespace"),
         ("2026-01-01 00:00:00 a\n", "line 1: key '2026-01-01 00:00:00 a' contains whitespace"),  # blanks: ambiguous
