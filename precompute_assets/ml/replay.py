@@ -42,7 +42,8 @@ _NUM = r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"  # unambiguo
 _INT = r"[+-]?[0-9]+"
 # An ISO 8601 date, or date and time (a "T" or a space between them), with an optional UTC offset.
 _DATE = r"[0-9]{4}-[0-9]{2}-[0-9]{2}"
-_OFFSET = r"(?:Z| UTC|[+-][0-9]{2}(?::?[0-9]{2})?)"  # " UTC": BigQuery's CSV exports write timestamps so
+# " UTC": BigQuery's CSV exports end timestamps so; a blank before +0000: Snowflake's TIMESTAMP_TZ unloads
+_OFFSET = r"(?:Z| UTC| ?[+-][0-9]{2}(?::?[0-9]{2})?)"
 _DATETIME = rf"{_DATE}(?:[T ][0-9]{{2}}:[0-9]{{2}}(?::[0-9]{{2}}(?:\.[0-9]+)?)?)?{_OFFSET}?"
 _CSV_START = rf"{_PAD}(?:{_NUM}|{_DATETIME}){_PAD},"  # a line whose part before the first comma is a timestamp
 _NUM_START = rf"{_PAD}{_NUM}{_PAD},"  # the same with a number (date-times are numbers by the time lines are checked)

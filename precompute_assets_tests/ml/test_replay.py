@@ -283,13 +283,15 @@ def test_integer_keys_written_two_ways_stay_distinct(tmp_path: Path, text: str, 
     assert trace.layout()["distinct_keys"] == len(set(keys))
 
 
-def test_bigquerys_utc_timestamps_are_date_times(tmp_path: Path):
+def test_bigquery_and_snowflake_timestamps_are_date_times(tmp_path: Path):
     # BigQuery's CSV export writes a TIMESTAMP as "2026-01-01 08:30:00 UTC": refused as "not a date-time like line 2's"
     start = (pd.Timestamp("2026-01-01", tz="UTC") - pd.Timestamp(0, tz="UTC")).total_seconds()
     exported = "2026-01-01 00:00:00 UTC,a\n2026-01-01 00:00:01.250000 UTC,b\n"
     for text in ("ts,key\n" + exported, exported):  # with its header (the default) or without
         trace = parse_trace(write(tmp_path, text))
         assert trace.keys.tolist() == ["a", "b"] and trace.timestamps.tolist() == [start, start + 1.25]
+    unloaded = parse_trace(write(tmp_path, "2026-01-01 00:00:00.000 +0000,a\n2026-01-01 01:00:01.500 +0100,b\n"))
+    assert unloaded.timestamps.tolist() == [start, start + 1.5]  # Snowflake's TIMESTAMP_TZ, unloaded without a header
     column = pd.Series(["2026-01-01 00:00:00 UTC", "2026-01-01T00:00:02Z", None], dtype=object)  # Parquet's strings
     assert iso_seconds(column)[:2].tolist() == [start, start + 2] and np.isnan(iso_seconds(column)[2])
 
