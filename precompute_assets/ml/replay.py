@@ -131,6 +131,9 @@ class Trace:
 
 
 Columns = tuple[int | str | None, int | str]  # (timestamp field or None, key field): 1-based or header names
+# The fields of a CSV whose header's first name is empty, pandas' unnamed index (its row numbers): with two names
+# after it, the timestamp and the key; with one, the key.
+_PANDAS_INDEX: dict[bool, Columns] = {True: (2, 3), False: (None, 2)}
 TRACE_FORMATS = ("auto", "text", "oracle-general", "oracle-general-opns", "parquet")
 # libCacheSim's oracleGeneral records, little-endian and packed: 24 bytes each.
 ORACLE_GENERAL = np.dtype([("time", "<u4"), ("obj_id", "<u8"), ("obj_size", "<u4"), ("next_access_vtime", "<i8")])
@@ -239,13 +242,17 @@ def _text_trace(
     first_line = 1
     first, _, rest = text.partition("\n")
     names, below = _header_names(first), rest.partition("\n")[0]
+    if names and names[0] == "" and not below.partition(",")[0].strip().isdigit():
+        names = None  # no row number below an unnamed first column: a request missing its timestamp, not an index
     if names and not rest:
         raise TraceError("line 1 is a header of column names, and no request follows it")
     if names and below.count(",") + 1 == len(names):
         text, first_line = rest, 2  # it names the columns of the CSV lines below it
     header = tuple(names) if first_line == 2 else None
     chosen = columns is not None  # the caller named the fields
-    if columns is None and (header or _CSV_START_RE.match(text.partition("\n")[0])):
+    if columns is None and header is not None and header[0] == "":
+        columns = _PANDAS_INDEX[len(header) > 2]  # the row numbers of pandas' index are neither time nor key
+    elif columns is None and (header or _CSV_START_RE.match(text.partition("\n")[0])):
         columns = (1, 2)  # timestamp,key and any fields after them
     fields, time_field, key_field = 1, None, 1  # bare keys
     every_field = text
@@ -456,9 +463,11 @@ def _whitespace_separated(text: str) -> bool:
 def _header_names(line: str) -> list[str] | None:
     """The column names ``line`` holds if it can be a CSV header: two or more, none empty or starting like a
     number (so no timestamp in any form: ``2026-01-01T08,a`` is a request, even if not one of a trace), and not
-    a comment; else None."""
+    a comment; else None. The first may be empty: pandas' ``to_csv`` writes its unnamed index column so
+    (``_PANDAS_INDEX``)."""
     names = [name.strip() for name in line.split(",")]
-    if len(names) < 2 or names[0].startswith("#") or not all(name and not _NUMBER_START.match(name) for name in names):
+    named = names[1:] if names[0] == "" else names
+    if len(names) < 2 or names[0].startswith("#") or not all(name and not _NUMBER_START.match(name) for name in named):
         return None
     return names
 

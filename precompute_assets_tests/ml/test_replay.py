@@ -296,6 +296,23 @@ def test_bigquery_and_snowflake_timestamps_are_date_times(tmp_path: Path):
     assert iso_seconds(column)[:2].tolist() == [start, start + 2] and np.isnan(iso_seconds(column)[2])
 
 
+def test_pandas_unnamed_index_column_is_neither_timestamp_nor_key(tmp_path: Path):
+    # DataFrame.to_csv writes its index first, under an empty name: the header was taken for a bare key, and the
+    # file refused as "line 2: mixed formats" (by name: "the trace has no header line")
+    frame = pd.DataFrame({"ts": [1_767_225_600, 1_767_225_660, 1_767_225_720], "key": ["ad1", "ad2", "ad1"]})
+    frame.to_csv(written := tmp_path / "requests.csv")
+    for columns in (None, ("ts", "key")):
+        trace = parse_trace(written, columns=columns)
+        assert trace.keys.tolist() == ["ad1", "ad2", "ad1"] and trace.timestamps.tolist() == frame["ts"].tolist()
+        assert (trace.header, trace.timestamp_field, trace.key_field) == (("", "ts", "key"), 2, 3)
+    missing = write(tmp_path, ",ad1\n2026-01-01T00:00:00Z,ad2\n")  # a first request without its timestamp
+    with pytest.raises(TraceError, match="line 2: mixed formats"):
+        parse_trace(missing)
+    frame[["key"]].to_csv(written)  # keys only
+    trace = parse_trace(written)
+    assert trace.keys.tolist() == ["ad1", "ad2", "ad1"] and trace.timestamps is None
+
+
 def test_python_loggings_comma_before_milliseconds_is_not_read_as_the_key(tmp_path: Path):
     # "2025-12-01 08:30:00,123,ad:5" (logging's asctime, then the key) replayed the milliseconds as keys: 1,000 keys,
     # a hit rate of 0.0, and an import wrote them to the lake as the requested ids
