@@ -229,10 +229,15 @@ def _text_trace(
     if exact_keys and _ALL_QUOTED_LINE.fullmatch(text.partition("\n")[0]):
         text = _csv_unquoted(text)  # before the format is told by its first line: "1764000000","ad1" is CSV
     separator = "whitespace" if _whitespace_separated(text) else "comma"
+    first_row = text.partition("\n")[0]
+    if separator == "comma" and "\t" in first_row and "," not in first_row:
+        separator = "tab"  # a TSV whose fields hold blanks: ClickHouse's "2026-01-01 08:30:00"
+    if separator != "comma" and (comma := text.find(",")) >= 0:
+        line_no = text.count("\n", 0, comma) + 1
+        raise TraceError(f"line {line_no}: a comma in a trace of {separator}-separated fields")
+    if separator == "tab":
+        text = text.replace("\t", ",")
     if separator == "whitespace":
-        if (comma := text.find(",")) >= 0:
-            line_no = text.count("\n", 0, comma) + 1
-            raise TraceError(f"line {line_no}: a comma in a trace of whitespace-separated fields")
         text = text.replace("\t", " ")
         if "  " in text:
             text = re.sub(" +", " ", text)

@@ -313,6 +313,21 @@ def test_pandas_unnamed_index_column_is_neither_timestamp_nor_key(tmp_path: Path
     assert trace.keys.tolist() == ["ad1", "ad2", "ad1"] and trace.timestamps is None
 
 
+def test_a_tsv_whose_date_times_hold_a_blank_is_split_at_tabs(tmp_path: Path):
+    # ClickHouse's TSV writes a DateTime as "2026-01-01 08:30:00": read as blank-separated fields it was no trace
+    # ("line 1: key 'ts\tkey' contains whitespace")
+    start = (pd.Timestamp("2026-01-01", tz="UTC") - pd.Timestamp(0, tz="UTC")).total_seconds()
+    rows = "2026-01-01 00:00:00\tad 1\tget\n2026-01-01 00:00:02\tad2\tset\n"
+    for text in ("ts\tkey\top\n" + rows, rows):
+        with pytest.raises(TraceError, match="line 1: key 'ad 1' contains whitespace|line 2: key 'ad 1' contains"):
+            parse_trace(write(tmp_path, text))
+        trace = parse_trace(write(tmp_path, text.replace("ad 1", "ad1")), where=(3, {"get", "set"}))
+        assert trace.keys.tolist() == ["ad1", "ad2"] and trace.timestamps.tolist() == [start, start + 2]
+        assert trace.layout()["separator"] == "tab"
+    with pytest.raises(TraceError, match="line 2: a comma in a trace of tab-separated fields"):
+        parse_trace(write(tmp_path, "2026-01-01 00:00:00\tad1\n2026-01-01 00:00:02\tad,2\n"))
+
+
 def test_python_loggings_comma_before_milliseconds_is_not_read_as_the_key(tmp_path: Path):
     # "2025-12-01 08:30:00,123,ad:5" (logging's asctime, then the key) replayed the milliseconds as keys: 1,000 keys,
     # a hit rate of 0.0, and an import wrote them to the lake as the requested ids
