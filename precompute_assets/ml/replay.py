@@ -409,10 +409,11 @@ def _kept_lines(text: str, field: int, fields: int, values: Collection[str]) -> 
     fields (one: the line is the key, commas and all)."""
     if fields == 1:
         return pd.Series(text.split("\n"), dtype=object).str.strip().isin(set(values)).to_numpy()
-    # A category per distinct value, not a string per line: the lines of a big trace would outweigh its keys.
-    found = pd.read_csv(_utf8(text), header=None, usecols=[field - 1], dtype="category", na_filter=False,
+    # Arrow's strings, not a Python string per line: the lines of a big trace would outweigh its keys. Not categories
+    # either: pandas reads those as numbers when every value is one, and a field is compared as written ("007").
+    found = pd.read_csv(_utf8(text), header=None, usecols=[field - 1], dtype="string[pyarrow]", na_filter=False,
                         quoting=csv.QUOTE_NONE, skip_blank_lines=False).iloc[:, 0]  # fmt: skip
-    return found.cat.categories.str.strip().isin(set(values))[found.cat.codes.to_numpy()]
+    return found.str.strip().isin(set(values)).to_numpy(dtype=bool)
 
 
 def _select_columns(

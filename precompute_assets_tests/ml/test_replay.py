@@ -368,6 +368,10 @@ def test_where_keeps_the_requests_whose_field_has_one_of_the_values(tmp_path: Pa
     assert kept.keys.tolist() == [f"k{t % 4}" for t in range(12) if t % 3 != 1]
     assert kept.timestamps.tolist() == [t for t in range(12) if t % 3 != 1]
     assert parse_trace(write(tmp_path, "7\n8\n7\n"), where=(1, ["7"])).keys.tolist() == [7, 7]
+    # A numeric field, as written: MSR's DiskNumber, Twitter's client id (a traceback: pandas read them as numbers)
+    numbers = write(tmp_path, "1,a,0,7\n2,b,1,007\n3,c,0,1.50\n")
+    assert parse_trace(numbers, where=(3, ["0"])).keys.tolist() == ["a", "c"]
+    assert parse_trace(numbers, where=(4, ["007", "1.50"])).keys.tolist() == ["b", "c"]
     bare = parse_trace(write(tmp_path, "a,b\nc\na\n"), where=(1, ["a"]))  # a bare key is the whole line
     assert bare.keys.tolist() == ["a"] and bare.layout()["where"]["dropped"] == 2
     # Every line is still read: a bad line among the dropped ones is named as numbered in the file.
