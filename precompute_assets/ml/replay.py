@@ -232,11 +232,14 @@ def _text_trace(
     first_row = text.partition("\n")[0]
     if separator == "comma" and "\t" in first_row and "," not in first_row:
         separator = "tab"  # a TSV whose fields hold blanks: ClickHouse's "2026-01-01 08:30:00"
+    elif separator == "comma" and _semicolon_separated(text):
+        separator = "semicolon"  # a spreadsheet's CSV in a locale whose decimal mark is the comma
     if separator != "comma" and (comma := text.find(",")) >= 0:
         line_no = text.count("\n", 0, comma) + 1
-        raise TraceError(f"line {line_no}: a comma in a trace of {separator}-separated fields")
-    if separator == "tab":
-        text = text.replace("\t", ",")
+        decimal = " (a decimal comma? Write the numbers with a point)" if separator == "semicolon" else ""
+        raise TraceError(f"line {line_no}: a comma in a trace of {separator}-separated fields{decimal}")
+    if separator in ("tab", "semicolon"):
+        text = text.replace("\t" if separator == "tab" else ";", ",")
     if separator == "whitespace":
         text = text.replace("\t", " ")
         if "  " in text:
@@ -464,6 +467,18 @@ def _whitespace_separated(text: str) -> bool:
         if any(_NUM_RE.fullmatch(field) for field in fields):  # neither a request nor a header
             return False
     return False
+
+
+def _semicolon_separated(text: str) -> bool:
+    """Whether ``text``'s fields are separated by semicolons: its first line has one and no tab, is no comma-separated
+    line (the part before a comma is no timestamp), and its first field, or that of the line below a first line of
+    names (a header), is a number or a date-time. A comma in such a line (a decimal comma) is then an error."""
+    first, _, rest = text.partition("\n")
+    if ";" not in first or "\t" in first or _CSV_START_RE.match(first):
+        return False
+    below = rest.partition("\n")[0] if _header_names(first.replace(";", ",")) else first
+    start = below.partition(";")[0].strip()
+    return bool(_NUM_RE.fullmatch(start) or re.fullmatch(_DATETIME, start))
 
 
 def _header_names(line: str) -> list[str] | None:

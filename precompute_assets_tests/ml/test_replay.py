@@ -328,6 +328,20 @@ def test_a_tsv_whose_date_times_hold_a_blank_is_split_at_tabs(tmp_path: Path):
         parse_trace(write(tmp_path, "2026-01-01 00:00:00\tad1\n2026-01-01 00:00:02\tad,2\n"))
 
 
+def test_a_csv_separated_by_semicolons_is_read_by_its_fields(tmp_path: Path):
+    # A spreadsheet's CSV in a locale whose decimal mark is the comma ("1764547200;ad1"): every whole line was a key,
+    # every request a miss, and no warning said so
+    for text in ("1764547200;ad1;1,5\n1764547260; ad2 ;2\n1764547320;ad1;3\n", "ts;key;size\n1764547200;ad1;1\n"):
+        if "1,5" in text:
+            with pytest.raises(TraceError, match="line 1: a comma in a trace of semicolon-separated fields"):
+                parse_trace(write(tmp_path, text))
+            text = text.replace("1,5", "1.5")
+        trace = parse_trace(write(tmp_path, text), where=(3, {"1", "1.5", "2"}))
+        assert trace.keys.tolist() == ["ad1", "ad2"][: len(trace.keys)] and trace.timestamps[0] == 1_764_547_200
+        assert trace.layout()["separator"] == "semicolon"
+    assert parse_trace(write(tmp_path, "a;b\nc;d\n")).keys.tolist() == ["a;b", "c;d"]  # no timestamp: bare keys
+
+
 def test_python_loggings_comma_before_milliseconds_is_not_read_as_the_key(tmp_path: Path):
     # "2025-12-01 08:30:00,123,ad:5" (logging's asctime, then the key) replayed the milliseconds as keys: 1,000 keys,
     # a hit rate of 0.0, and an import wrote them to the lake as the requested ids
