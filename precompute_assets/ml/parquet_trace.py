@@ -87,6 +87,7 @@ def read_parquet_trace(
     wanted = list(dict.fromkeys(name for name in named if name is not None))
     values = None if where is None else pa.array(sorted(where[1]), pa.string())
     keys, stamps, kept, hits, lacking = [], [], [], [], []
+    numbers = False  # whether a file's timestamps are numbers, in a unit of their own (else times or ISO 8601 text)
     for file, table in zip(files, _tables(files, wanted, label, filesystem), strict=True):
         keys.append(_keys(_utf8(_decoded(table[key_name]), key_name, label[file]), key_name, label[file], exact_keys))
         if hit_name is not None:
@@ -95,7 +96,9 @@ def read_parquet_trace(
             hits.append(column.fill_null(False).to_numpy(zero_copy_only=False).astype(bool))
             lacking.append(column.is_null().to_numpy(zero_copy_only=False).astype(bool))
         if time_name is not None:
-            stamps.append(_seconds(_utf8(_decoded(table[time_name]), time_name, label[file]), time_name, label[file]))
+            stamp_column = _utf8(_decoded(table[time_name]), time_name, label[file])
+            numbers |= pa.types.is_integer(stamp_column.type) or pa.types.is_floating(stamp_column.type)
+            stamps.append(_seconds(stamp_column, time_name, label[file]))
         if values is not None:
             kept.append(_kept(_decoded(table[where_name]), where_name, values, label[file]))
     if sum(len(part) for part in keys) == 0:
@@ -131,6 +134,7 @@ def read_parquet_trace(
         header=tuple(names),
         format="parquet",
         logged_hits=logged_hits,
+        dated=time_name is not None and not numbers,
         **layout,
     )
 

@@ -110,6 +110,9 @@ class Trace:
     separator: str | None = None  # between fields of a text line: "comma" or "whitespace" (None: one field)
     where: dict | None = None  # the filter of lines: field, values, lines dropped
     logged_hits: np.ndarray | None = None  # per request, whether the serving client hit (its query log's ``hit``)
+    # The timestamps were date-times (ISO 8601 text, a Parquet timestamp column), so seconds since the epoch already:
+    # no unit to read them in
+    dated: bool = False
 
     def layout(self) -> dict:
         """How the file was read, for a reader to check: its format, the fields per line (record), the two that
@@ -311,7 +314,7 @@ def _text_trace(
             raise TraceError(f"no line has field {number} in {sorted(where[1])}")
         keys, timestamps = keys[kept], None if timestamps is None else timestamps[kept]
         layout["where"] = {"field": number, "values": sorted(where[1]), "dropped": int((~kept).sum())}
-    return Trace(keys=keys, timestamps=timestamps, **layout)
+    return Trace(keys=keys, timestamps=timestamps, dated=dated is not None, **layout)
 
 
 MAX_MALFORMED_LINES = 100  # beyond this many, a file is more likely read with the wrong format or options

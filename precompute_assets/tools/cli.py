@@ -1024,6 +1024,9 @@ def cmd_query_logs(args: argparse.Namespace) -> int:
               f"{problem})", file=sys.stderr)  # fmt: skip
     if trace.timestamps is None:
         raise CliError(f"{args.file}: the requests have no timestamps (name their field with --time-field)")
+    if trace.dated and args.time_unit not in ("auto", "s"):  # a unit would have scaled seconds: 4 days into 6 minutes
+        raise CliError(f"{args.file}: --time-unit {args.time_unit} reads numeric timestamps, and these are date-times "
+                       "(seconds since 1970 already): leave it out; nothing was written")  # fmt: skip
     seconds = epoch_seconds(trace.timestamps, args.time_unit)
     if args.time_unit == "auto" and is_relative(seconds) and looks_like_filetime(trace.timestamps):
         raise CliError(f"{args.file}: the timestamps look like Windows file times (100 ns since 1601, as in MSR "

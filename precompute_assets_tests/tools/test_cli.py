@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from precompute_assets.ml.replay import ORACLE_GENERAL
@@ -1599,6 +1601,23 @@ def test_query_logs_import_quarantines_timestamps_in_another_unit_as_such(stack,
     assert summary["quarantine_reasons"] == {"timestamp in another unit than the log's (by its size)": 1}
     assert main(["query-logs", "import", str(log), "--kind", "units", "--time-unit", "s", "--replace"]) == 0
     assert json.loads(capsys.readouterr().out)["quarantine_reasons"] == {"in an hour that is not over": 1}
+
+
+def test_query_logs_import_refuses_a_time_unit_for_date_times(tmp_path, monkeypatch, capsys):
+    """--time-unit ms scaled ISO 8601 date-times, already seconds, by 1/1000: with --start, four days of requests were
+    imported into the first six minutes of the day, without a word."""
+    monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("PRECOMPUTE_LAKE_URI", str(tmp_path / "lake"))
+    log = tmp_path / "requests.csv"
+    log.write_text("".join(f"2026-03-0{1 + day}T08:00:00Z,ad{day}\n" for day in range(4)))
+    parquet = tmp_path / "requests.parquet"
+    stamps = pa.array([1_772_352_000_000 + day * 86_400_000 for day in range(4)], pa.timestamp("ms", tz="UTC"))
+    pq.write_table(pa.table({"ts": stamps, "key": ["a", "b", "c", "d"]}), parquet)
+    for path in (log, parquet):
+        assert main(["query-logs", "import", str(path), "--start", "2026-03-27", "--time-unit", "ms"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "--time-unit ms reads numeric timestamps, and these are date-times" in err, err
+    assert not (tmp_path / "lake").exists()
 
 
 def test_query_logs_import_of_a_file_of_mostly_bad_lines_writes_nothing(tmp_path, monkeypatch, capsys):
