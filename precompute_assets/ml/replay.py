@@ -187,8 +187,9 @@ def parse_trace(
     Integer keys are read as integers, unless two written differently would merge (``007`` and ``7``): the replay
     needs keys distinct, not spelled. ``exact_keys`` reads every key as the id it stands for, as a request log's import
     needs (its keys are the ids the serving client is asked for): a text trace's as written (``007``, ``+7``) but
-    for the quotes of a field a CSV writer quoted (``"c""d"`` is ``c"d``; a first line of quoted fields only, a
-    QUOTE_ALL export, is CSV), a Parquet uint64 key or an oracleGeneral object id as its number's text.
+    for the quotes of a field a CSV writer quoted (``"c""d"`` is ``c"d``), a Parquet uint64 key or an oracleGeneral
+    object id as its number's text. A file whose first line is quoted fields only (a QUOTE_ALL export, R's
+    ``write.csv``) is CSV, its fields' quotes removed, with or without ``exact_keys``.
     """
     if trace_format not in TRACE_FORMATS:
         raise ValueError(f"trace_format must be one of {', '.join(TRACE_FORMATS)}, got {trace_format!r}")
@@ -229,7 +230,7 @@ def _text_trace(
     text: str, columns: Columns | None, where: tuple[int | str, Collection[str]] | None, exact_keys: bool = False
 ) -> Trace:
     """The trace of a text file's ``text`` (``parse_trace``'s text formats)."""
-    if exact_keys and _ALL_QUOTED_LINE.fullmatch(text.partition("\n")[0]):
+    if _ALL_QUOTED_LINE.fullmatch(text.partition("\n")[0]):  # a QUOTE_ALL export, R's write.csv header
         text = _csv_unquoted(text)  # before the format is told by its first line: "1764000000","ad1" is CSV
     separator = "whitespace" if _whitespace_separated(text) else "comma"
     first_row = text.partition("\n")[0]

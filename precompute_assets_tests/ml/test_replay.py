@@ -1802,6 +1802,20 @@ def test_csv_quoted_fields_are_read_as_their_content_with_exact_keys(tmp_path):
         parse_trace(split, exact_keys=True)
 
 
+def test_replay_reads_a_quote_all_export_and_rs_write_csv(tmp_path):
+    # Only the import removed a QUOTE_ALL export's quotes: replay refused it ("timestamp '"1764000000"' is not
+    # numeric"), and read R's write.csv ("","ts","key" over 1,1764000000,"ad1") with the row names as timestamps and
+    # the timestamps as keys: every rate 0.0, without a warning
+    every = tmp_path / "every.csv"
+    every.write_text('"ts","key"\r\n"1764000000","ad1"\r\n"1764000060","ad2"\r\n')
+    trace = parse_trace(every)
+    assert trace.keys.tolist() == ["ad1", "ad2"] and trace.timestamps.tolist() == [1764000000.0, 1764000060.0]
+    r_export = tmp_path / "r.csv"
+    r_export.write_text('"","ts","key"\n"1",1764000000,"ad1"\n"2",1764000060,"ad2"\n"3",1764000120,"ad1"\n')
+    trace = parse_trace(r_export)
+    assert trace.keys.tolist() == ["ad1", "ad2", "ad1"] and trace.timestamps.tolist()[-1] == 1764000120.0
+
+
 def test_parse_trace_quarantining_cuts_lines_that_are_not_utf8(tmp_path):
     # One Latin-1 byte (a logged URL's) refused the whole request log: the import quarantines malformed lines
     from precompute_assets.ml.replay import parse_trace_quarantining
