@@ -10,6 +10,7 @@ import math
 import multiprocessing
 import os
 import shlex
+import signal
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -364,7 +365,16 @@ def cmd_dev(args: argparse.Namespace) -> int:
     ]
     print(f"Dagster UI on http://{args.host}:{args.port}  (DAGSTER_HOME={env['DAGSTER_HOME']})", flush=True)
     os.chdir(project_dir())
+    _restore_interrupt()
     os.execve(command[0], command, {**os.environ, **env})
+
+
+def _restore_interrupt() -> None:
+    """Give SIGINT its default action again if it is ignored, which an ignored signal keeps across ``execve``. A shell
+    starts a background job (``precompute dev &`` in a script) with SIGINT ignored, and ``dagster dev`` answers SIGTERM
+    with SIGINT's handler: both were then ignored, so a supervisor's SIGTERM left the UI, daemon and runs going."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
