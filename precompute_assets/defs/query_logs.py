@@ -429,12 +429,14 @@ CATCH_UP_HOURS = 7 * 24  # after a daemon outage, drain at most this many missed
 
 
 def hours_to_drain(keys: list[str], materialized: set[str], busy: set[str], *, ever_materialized: bool) -> list[str]:
-    """Of ``keys`` (the hours up to the one that just ended, oldest first): the last one, and every hour after the
-    newest one ``materialized`` when there is a drained hour to resume from; less the ``busy`` ones (a run going)."""
+    """Of ``keys`` (the hours up to the one that just ended, oldest first): the last one, and every hour not
+    ``materialized`` after the oldest one that is, when there is a drained hour to resume from: the hours a daemon
+    outage missed, and those whose drain failed, even when a later hour's succeeded; less the ``busy`` ones (a run
+    going)."""
     done = [i for i, key in enumerate(keys) if key in materialized]
     # nothing drained in the window: all of it after an outage that long, only the last on a new deployment
-    start = done[-1] + 1 if done else (0 if ever_materialized else len(keys) - 1)
-    wanted = keys[start:]
+    start = done[0] if done else (0 if ever_materialized else len(keys) - 1)
+    wanted = [key for key in keys[start:] if key not in materialized]
     if keys and keys[-1] not in wanted:
         wanted.append(keys[-1])  # drained again, as every tick does (a hook for an hour imported before)
     return [key for key in wanted if key not in busy]
@@ -449,8 +451,9 @@ def build_drain_schedule(
     description: str,
     catch_up_hours: int = CATCH_UP_HOURS,
 ) -> dg.ScheduleDefinition:
-    """5 past every hour, the hour that ended; after a daemon outage also every hour missed since the last drained
-    one (Dagster catches up no tick of a schedule like this: only the newest missed tick runs)."""
+    """5 past every hour, the hour that ended; also every hour since the first drained one that is not drained yet:
+    after a daemon outage (Dagster catches up no tick of a schedule like this: only the newest missed tick runs), and
+    after a drain that failed."""
 
     @dg.schedule(
         name=name,

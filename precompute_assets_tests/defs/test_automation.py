@@ -149,6 +149,22 @@ def test_after_a_daemon_outage_every_missed_hour_is_drained(dagster_pg_url, monk
         assert len(instance.get_runs(dg.RunsFilter(job_name="query_logs_job"))) == 10
 
 
+def test_an_hour_whose_drain_failed_is_drained_again_after_a_later_one_succeeded(dagster_pg_url, monkeypatch):
+    """Only the hours after the newest drained one were requested: an hour whose run failed (the lake's disk full, a
+    PostgreSQL restart) while the next hour's run succeeded was never requested again, and its day's precompute,
+    which waits for all 24 hours, never ran."""
+    utc = ZoneInfo("UTC")
+    start = datetime(2026, 11, 20, 3, 30, tzinfo=utc)
+    with scheduler_daemon(dagster_pg_url, monkeypatch, "query_logs_hourly", start) as (instance, iterate):
+        drained = [*DEFAULT_PARTITIONS.hours_of("2026-11-19"), "2026-11-20-00:00", "2026-11-20-02:00"]
+        for hour in drained:  # 01:00's drain failed at 02:05 and again at 03:05, when 02:00's succeeded
+            instance.report_runless_asset_event(dg.AssetMaterialization("query_logs", partition=hour))
+        iterate(start)
+        iterate(datetime(2026, 11, 20, 4, 6, tzinfo=utc))
+        runs = instance.get_runs(dg.RunsFilter(job_name="query_logs_job"))
+        assert sorted(run.tags["dagster/partition"] for run in runs) == ["2026-11-20-01:00", "2026-11-20-03:00"]
+
+
 def window(requests: int, hits: int) -> dict:
     return {"requests": requests, "hits": hits, "hit_rate": hits / requests if requests else None,
             "most_missed": [["ad9", 30], ["ad7", 4]], "sampled": False}  # fmt: skip
