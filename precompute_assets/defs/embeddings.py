@@ -11,6 +11,8 @@ from pydantic import Field
 from ..ml.embedder import MAX_CHARS, Embedder, HashingSvdEmbedder, SentenceTransformerEmbedder, document_text
 from ..ml.embedding_service import ENV_API_KEY, http_embedder_from_config
 from ..ml.model_store import write_atomically
+from ..serving.connection import REDIS_ERRORS
+from ..serving.keys import EMBEDDING_KIND
 from ..serving.vectors import DTYPE_CODES
 from ..storage.embeddings import EmbeddingStore, sample_documents
 from ..sync.embedding_quality import int8_recall
@@ -303,15 +305,30 @@ def sync_retry_key(instance: dg.DagsterInstance, now: float, *, after_s: float =
     return f"documents-retry-{failed[0].dagster_run.run_id}"
 
 
+def lost_version_key(store: EmbeddingStore, redis: RedisResource) -> str | None:
+    """A run key for a full rebuild when Redis holds no embedding version although a sync completed one (a restart
+    without persistence, a flush): the sync rebuilds a version it finds gone, but only runs when documents change or
+    at 04:00. None while the pointer is there, or when Redis does not answer (the next tick looks again)."""
+    version = store.newest_complete_version()
+    if version is None:
+        return None
+    try:
+        pointer = redis.client().get(redis.schema().pointer(EMBEDDING_KIND))
+    except REDIS_ERRORS:
+        return None
+    return None if pointer is not None else f"documents-redis-lost-{version}"
+
+
 @dg.sensor(
     job=document_embeddings_job,
     minimum_interval_seconds=60,
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Every minute: run the embedding sync when documents were added, modified or deleted since the last "
-    "request and no sync is running (once embedding_model has been materialized).",
+    "request, or Redis lost the embeddings, and no sync is running (once embedding_model has been materialized).",
 )
-def documents_changed(context: dg.SensorEvaluationContext, documents: DocumentStoreResource):
-    """Run the incremental sync when documents were added, modified or deleted since the last request."""
+def documents_changed(context: dg.SensorEvaluationContext, documents: DocumentStoreResource, redis: RedisResource):
+    """Run the incremental sync when documents were added, modified or deleted since the last request, and a
+    rebuild when Redis lost the embedding version a sync completed."""
     active = context.instance.get_runs(
         dg.RunsFilter(job_name=document_embeddings_job.name, statuses=ACTIVE_RUN_STATUSES), limit=1
     )
@@ -334,6 +351,9 @@ def documents_changed(context: dg.SensorEvaluationContext, documents: DocumentSt
         # The cursor moved when the sync was requested: a sync that failed would leave these changes to 04:00.
         if retry := sync_retry_key(context.instance, time.time()):
             return dg.RunRequest(run_key=retry)
+        if lost := lost_version_key(EmbeddingStore(documents.url), redis):
+            context.log.info("Redis holds no embedding version although a sync completed one: rebuilding it")
+            return dg.RunRequest(run_key=lost)
         return dg.SkipReason(f"no document changed since {marker}")
     context.update_cursor(marker)
     return dg.RunRequest(run_key=f"documents-{marker}")

@@ -134,6 +134,17 @@ class EmbeddingStore:
         watermark = (row[2], row[3]) if row[2] is not None else None
         return Progress(row[0], row[1], watermark, row[4])
 
+    def newest_complete_version(self) -> str | None:
+        """The Redis version the newest complete sync flipped to (of any model version), or None: no sync completed,
+        or no sync ever created the table."""
+        with self.connect() as conn, conn.cursor() as cur:
+            cur.execute("SELECT to_regclass('embedding_progress') IS NOT NULL")
+            if not cur.fetchone()[0]:
+                return None
+            cur.execute("SELECT redis_version FROM embedding_progress WHERE complete ORDER BY updated_at DESC LIMIT 1")
+            row = cur.fetchone()
+        return None if row is None else row[0]
+
     def start_build(self, model_version: str, redis_version: str, buckets: int) -> Progress:
         with self.connect() as conn, conn.cursor() as cur:
             self._check_lock(cur)

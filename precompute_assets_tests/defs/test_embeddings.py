@@ -55,6 +55,13 @@ def resources(app_db, redis_url, schema, tmp_path):
     }
 
 
+def sensor_resources(app_db, redis_url, schema):
+    return {
+        "documents": DocumentStoreResource(url=app_db),
+        "redis": RedisResource(url=redis_url, namespace=schema.namespace),
+    }
+
+
 def test_assets_embed_everything_and_serve_from_redis(docs, app_db, redis_url, redis_client, schema, tmp_path):
     with dg.instance_for_test() as instance:
         res = resources(app_db, redis_url, schema, tmp_path)
@@ -304,8 +311,8 @@ def test_redis_down_during_publish_keeps_the_previous_version(docs, app_db, redi
     assert retry.embedded == 1  # the watermark did not move past the failed chunk
 
 
-def test_sensor_requests_a_run_only_when_documents_change(docs, app_db):
-    resources_ = {"documents": DocumentStoreResource(url=app_db)}
+def test_sensor_requests_a_run_only_when_documents_change(docs, app_db, redis_url, schema):
+    resources_ = sensor_resources(app_db, redis_url, schema)
     with dg.instance_for_test() as instance:
         context = dg.build_sensor_context(instance=instance, resources=resources_)
         skip = documents_changed(context)  # was a run that failed at once: "materialize embedding_model first"
@@ -319,7 +326,7 @@ def test_sensor_requests_a_run_only_when_documents_change(docs, app_db):
         assert isinstance(documents_changed(context), dg.RunRequest)
 
 
-def test_the_sensor_does_not_wait_for_an_open_load(docs, app_db):
+def test_the_sensor_does_not_wait_for_an_open_load(docs, app_db, redis_url, schema):
     """Every tick ensured the schema with CREATE INDEX IF NOT EXISTS, which locks the table before it finds the
     index: the tick waited for a load's transaction to commit, and every writer after it queued behind the tick."""
     import threading
@@ -328,7 +335,7 @@ def test_the_sensor_does_not_wait_for_an_open_load(docs, app_db):
 
     from precompute_assets.storage.postgres import libpq_url
 
-    resources_ = {"documents": DocumentStoreResource(url=app_db)}
+    resources_ = sensor_resources(app_db, redis_url, schema)
     results = []
     with dg.instance_for_test() as instance:
         instance.report_runless_asset_event(dg.AssetMaterialization("embedding_model"))
@@ -353,7 +360,9 @@ def test_the_sensor_does_not_wait_for_an_open_load(docs, app_db):
     assert isinstance(results[0], dg.RunRequest)
 
 
-def test_documents_a_long_load_commits_late_get_a_sync_of_their_own(docs, app_db, redis_client, schema, embedder):
+def test_documents_a_long_load_commits_late_get_a_sync_of_their_own(
+    docs, app_db, redis_url, redis_client, schema, embedder
+):
     """A load whose transaction started before another change commits rows dated before it: the newest change
     stayed the sensor's marker, so the load's documents (and the change, which the sync held back for the open
     load) waited for the 04:00 schedule."""
@@ -361,7 +370,7 @@ def test_documents_a_long_load_commits_late_get_a_sync_of_their_own(docs, app_db
 
     from precompute_assets.storage.postgres import libpq_url
 
-    resources_ = {"documents": DocumentStoreResource(url=app_db)}
+    resources_ = sensor_resources(app_db, redis_url, schema)
     store = EmbeddingStore(app_db)
     cache = PredictionCache(redis_client, schema=schema, pointer_ttl_s=0)
 
@@ -400,7 +409,7 @@ def test_documents_a_long_load_commits_late_get_a_sync_of_their_own(docs, app_db
         assert isinstance(tick(cursor)[0], dg.SkipReason)
 
 
-def test_a_failed_sync_is_requested_again_without_a_new_change(docs, app_db, monkeypatch):
+def test_a_failed_sync_is_requested_again_without_a_new_change(docs, app_db, redis_url, schema, monkeypatch):
     """The cursor moves when a sync is requested: when that sync failed (Redis away for longer than its retries),
     nothing asked for the changes again until the 04:00 schedule, however many hours away."""
     import time
@@ -409,7 +418,7 @@ def test_a_failed_sync_is_requested_again_without_a_new_change(docs, app_db, mon
 
     from precompute_assets.defs import embeddings
 
-    resources_ = {"documents": DocumentStoreResource(url=app_db)}
+    resources_ = sensor_resources(app_db, redis_url, schema)
     retry_after_s = 600  # the README's 10 minutes
     with dg.instance_for_test() as instance:
         instance.report_runless_asset_event(dg.AssetMaterialization("embedding_model"))
@@ -432,6 +441,33 @@ def test_a_failed_sync_is_requested_again_without_a_new_change(docs, app_db, mon
         ended = failed_sync(retry.run_key)  # failed again: twice as long before the next try
         assert isinstance(tick(cursor, ended + retry_after_s + 1)[0], dg.SkipReason)
         assert isinstance(tick(cursor, ended + 2 * retry_after_s + 1)[0], dg.RunRequest)
+
+
+def test_embeddings_redis_lost_are_rebuilt_without_waiting_for_a_change(docs, app_db, redis_url, redis_client, schema,
+                                                                      embedder):  # fmt: skip
+    """After Redis restarted without its data, documents_changed requested nothing until a document changed or the
+    04:00 schedule ran: every embedding lookup missed for up to a day, though the sync rebuilds a lost version."""
+    resources_ = sensor_resources(app_db, redis_url, schema)
+    store = EmbeddingStore(app_db)
+    with dg.instance_for_test() as instance:
+        instance.report_runless_asset_event(dg.AssetMaterialization("embedding_model"))
+
+        def tick(cursor: str | None):
+            with dg.build_sensor_context(instance=instance, resources=resources_, cursor=cursor) as context:
+                return documents_changed(context), context.cursor
+
+        request, cursor = tick(None)
+        assert isinstance(request, dg.RunRequest)
+        first = sync_embeddings(docs, store, redis_client, embedder, schema=schema, log=lambda m: None)
+        assert isinstance(tick(cursor)[0], dg.SkipReason)
+        for name in redis_client.scan_iter(f"{schema.prefix}:{EMBEDDING_KIND}:*"):
+            redis_client.unlink(name)  # the namespace's share of a restart without persistence
+        lost, cursor = tick(cursor)
+        assert isinstance(lost, dg.RunRequest) and lost.run_key == f"documents-redis-lost-{first.redis_version}"
+        again = sync_embeddings(docs, store, redis_client, embedder, schema=schema, log=lambda m: None)
+        assert again.full_build and again.embedded == N_DOCS
+        assert PredictionCache(redis_client, schema=schema).get_embedding("doc00000003") is not None
+        assert isinstance(tick(cursor)[0], dg.SkipReason)
 
 
 def test_a_sync_without_an_embedder_fails_once_without_retries(app_db, redis_url, schema, tmp_path):
