@@ -1169,12 +1169,45 @@ def _lru_hits(
 def _lru_day_hits(
     days: list[np.ndarray], slots: int | Sequence[int], *, precomputed: Sequence[Collection[Hashable]] | None = None
 ) -> list[int]:
-    """Hits per day of the read-through LRU that ``_lru_hits`` describes: every miss is admitted."""
-    return _admitted_lru_day_hits(days, slots, _admit_always, precomputed=precomputed)
+    """Hits per day of the read-through LRU that ``_lru_hits`` describes: every miss is admitted.
+
+    ``_admitted_lru_day_hits`` with an admission that always admits, without its per-request call: the requests
+    of each day's precomputed keys, which never touch the LRU, are counted and taken out with numpy first."""
+    cache: OrderedDict[Hashable, None] = OrderedDict()
+    per_day: list[int] = []
+    for d, day in enumerate(days):
+        size = slots[d] if isinstance(slots, Sequence) else slots
+        while len(cache) > size:
+            cache.popitem(last=False)
+        served, day = _without_published(np.asarray(day), precomputed[d] if precomputed is not None else ())
+        day_hits = 0
+        if size > 0:
+            move_to_end, evict = cache.move_to_end, cache.popitem
+            for key in day.tolist():
+                if key in cache:
+                    move_to_end(key)
+                    day_hits += 1
+                else:
+                    cache[key] = None
+                    if len(cache) > size:
+                        evict(last=False)
+        per_day.append(served + day_hits)
+    return per_day
 
 
-def _admit_always(code: int, position: int, hit: bool) -> bool:
-    return True
+def _without_published(day: np.ndarray, published: Collection[Hashable]) -> tuple[int, np.ndarray]:
+    """How many requests of ``day`` are for ``published`` keys (served by the published version, unseen by the live
+    tier), and the other requests in order."""
+    if len(published) == 0 or len(day) == 0:
+        return 0, day
+    served = _published_mask(day, published)
+    return int(served.sum()), day[~served]
+
+
+def _published_mask(day: np.ndarray, published: Collection[Hashable]) -> np.ndarray:
+    """Whether each request of ``day`` is for one of the ``published`` keys (hash lookups, any key type)."""
+    wanted = published if isinstance(published, set | frozenset) else set(published)
+    return pd.Series(day, copy=False).isin(wanted).to_numpy()
 
 
 def _admission_model(

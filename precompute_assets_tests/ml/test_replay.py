@@ -20,6 +20,8 @@ from precompute_assets.ml.replay import (
     ShareChoice,
     Trace,
     TraceError,
+    _admitted_lru_day_hits,
+    _lru_day_hits,
     admission_decisions,
     arc_hits,
     belady_hits,
@@ -1228,6 +1230,29 @@ def test_s3fifo_and_arc_equal_naive_implementations(seed: int):
                 result = replay(arrays, top_n=0, capacity=capacity, warmup_days=warmup_days)
                 assert hits(result, "hit_rate_s3fifo") == naive_s3fifo_hits(days, capacity, warmup_days=warmup_days)
                 assert hits(result, "hit_rate_arc") == naive_arc_hits(days, capacity, warmup_days=warmup_days)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_lru_replay_equals_the_admission_replay_that_admits_every_miss(seed: int):
+    """``_lru_day_hits`` takes the published keys' requests out with numpy and runs its own loop: per day it gets
+    what the general loop with an admission that always says yes gets, sizes per day and published sets alike."""
+    rng = np.random.default_rng(300 + seed)
+    for trial in range(25):
+        strings = trial % 2 == 1
+        days = policy_days(rng, strings=strings)
+        arrays = [np.array(day, dtype=object if strings else np.int64) for day in days]
+        seen = sorted({key for day in days for key in day}, key=str)
+        unseen = ["never"] if strings else [-1, -2]  # published keys no request asks for still fill their slots
+        published = [
+            [seen[int(i)] for i in rng.choice(len(seen), size=int(rng.integers(0, 8)))] + unseen[: int(rng.integers(2))]
+            for _ in days
+        ]
+        for precomputed in (None, published, [set(keys) for keys in published]):
+            for slots in (0, 1, 3, 20, [int(rng.integers(0, 30)) for _ in days]):
+                expected = _admitted_lru_day_hits(
+                    arrays, slots, lambda code, position, hit: True, precomputed=precomputed
+                )
+                assert _lru_day_hits(arrays, slots, precomputed=precomputed) == expected, (days, slots, precomputed)
 
 
 def test_s3fifo_by_hand():
