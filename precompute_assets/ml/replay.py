@@ -1343,17 +1343,19 @@ def _probation_day_hits(
                 main[key] = None
                 main.move_to_end(key, last=False)  # colder than every key there, the best one warmest
             previous = published_order(precomputed[d])[:capacity]  # the client keeps the first ``capacity``
-        day_hits = 0
-        for key in day.tolist():
-            if key in chosen:  # served by the published version: the policy never sees it
-                day_hits += 1
-                outcome = "hit"
-            elif key in hits:
+        # Requests of the day's published keys are served by the published version: the policy never sees them.
+        day = np.asarray(day)
+        published = _published_mask(day, chosen) if chosen and len(day) else None
+        day_hits = 0 if published is None else int(published.sum())
+        live_outcomes: list[str] | None = None if outcomes is None else []
+        move_to_end = main.move_to_end
+        for key in (day if published is None else day[~published]).tolist():
+            if key in hits:
                 hits[key] += 1
                 day_hits += 1
                 outcome = "hit"
             elif key in main:
-                main.move_to_end(key)
+                move_to_end(key)
                 day_hits += 1
                 outcome = "hit"
             else:
@@ -1383,10 +1385,22 @@ def _probation_day_hits(
                     else:
                         small.append(key)
                         hits[key] = 0
-            if outcomes is not None:
-                outcomes.append(outcome)
+            if live_outcomes is not None:
+                live_outcomes.append(outcome)
+        if outcomes is not None and live_outcomes is not None:
+            outcomes.extend(_with_published_hits(live_outcomes, published))
         per_day.append(day_hits)
     return per_day
+
+
+def _with_published_hits(live_outcomes: list[str], published: np.ndarray | None) -> list[str]:
+    """A day's outcomes in request order: ``"hit"`` for each request of a published key (``published``, per
+    request; None: none was), the live tier's ``live_outcomes`` in order for the others."""
+    if published is None:
+        return live_outcomes
+    merged = np.full(len(published), "hit", dtype=object)
+    merged[~published] = live_outcomes
+    return merged.tolist()
 
 
 def _admitted_lru_day_hits(
