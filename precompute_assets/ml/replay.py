@@ -724,9 +724,12 @@ def replay(
         ranking = _ranked_keys(days, limit=limit, half_life_days=half_life_days)
     else:
         ranking = _ranked_keys(days[:warmup_days], limit=limit, half_life_days=half_life_days)
+    # Plain read-through of C keys is also the self-tuned share's candidate N = 0 (nothing precomputed): replayed once.
+    read_through = _lru_day_hits(days, capacity) if auto and baselines else None
     if auto:
         say("tuning the precompute share")
-        shares, chosen = _self_tuned_shares(days, capacity, ranking, warmup_days=warmup_days)
+        known = None if read_through is None else {0: read_through}
+        shares, chosen = _self_tuned_shares(days, capacity, ranking, warmup_days=warmup_days, known=known)
         slots: int | list[int] = [capacity - share for share in shares]
     else:
         chosen = [list(given) for given in ranking]
@@ -741,7 +744,7 @@ def replay(
     }
     if baselines:
         policies = {
-            "lru": lambda: _lru_hits(days, capacity, count_from=warmup_days),
+            "lru": lambda: sum((_lru_day_hits(days, capacity) if read_through is None else read_through)[warmup_days:]),
             "s3fifo": lambda: _s3fifo_hits(days, capacity, count_from=warmup_days),
             "arc": lambda: _arc_hits(days, capacity, count_from=warmup_days),
             **policies,
@@ -754,13 +757,16 @@ def replay(
         hits[name] = run()
     if live_tier is not None:
         live = live_tier(keys)
+        live_read_through = None  # the live tier alone: also the candidate N = 0 of the share tuned on it
         if baselines:
             say(f"replaying {POLICY_NAMES['lru']} with admission")
-            hits["lru_admission"] = sum(live(days, capacity)[warmup_days:])
+            live_read_through = live(days, capacity)
+            hits["lru_admission"] = sum(live_read_through[warmup_days:])
         say(f"replaying {POLICY_NAMES['ours']} with admission")
         if auto:  # the share is tuned on the live tier it shares the capacity with
+            known = None if live_read_through is None else {0: live_read_through}
             shares_admission, chosen_admission = _self_tuned_shares(
-                days, capacity, ranking, warmup_days=warmup_days, live=live
+                days, capacity, ranking, warmup_days=warmup_days, live=live, known=known
             )
             slots_admission: int | list[int] = [capacity - share for share in shares_admission]
         else:
@@ -1017,12 +1023,21 @@ def share_candidates(capacity: int) -> list[int]:
 
 
 def _candidate_day_hits(
-    days: list[np.ndarray], capacity: int, ranking: list[list[int]], live: LiveTier | None = None
+    days: list[np.ndarray],
+    capacity: int,
+    ranking: list[list[int]],
+    live: LiveTier | None = None,
+    known: dict[int, list[int]] | None = None,
 ) -> dict[int, list[int]]:
     """Hits per day of "top-N of each day's ranking + read-through of C-N" (``live``, default LRU) for every
-    candidate N: one replay each, and a day's hits depend only on the days up to it."""
+    candidate N: one replay each, and a day's hits depend only on the days up to it. ``known`` holds candidates'
+    hits the caller has replayed already (N = 0 is the read-through of C keys alone, whatever the ranking)."""
     live = live or _lru_day_hits
-    return {n: live(days, capacity - n, precomputed=[keys[:n] for keys in ranking]) for n in share_candidates(capacity)}
+    known = known or {}
+    return {
+        n: known[n] if n in known else live(days, capacity - n, precomputed=[keys[:n] for keys in ranking])
+        for n in share_candidates(capacity)
+    }
 
 
 def _best_share(day_hits: dict[int, list[int]], first: int, last: int) -> int:
@@ -1033,16 +1048,22 @@ def _best_share(day_hits: dict[int, list[int]], first: int, last: int) -> int:
 
 
 def _self_tuned_shares(
-    days: list[np.ndarray], capacity: int, ranking: list[list[int]], *, warmup_days: int, live: LiveTier | None = None
+    days: list[np.ndarray],
+    capacity: int,
+    ranking: list[list[int]],
+    *,
+    warmup_days: int,
+    live: LiveTier | None = None,
+    known: dict[int, list[int]] | None = None,
 ) -> tuple[list[int], list[list[int]]]:
     """The precompute share N of each day, and its top-N set, chosen without looking at that day.
 
     Every candidate N replays "top-N of the day's ranking (made from the days before it) + LRU of C-N" over the
     whole trace once, keeping its hits per day. Counted day d then takes the candidate with the most hits on
     counted days W..d-1 (ties: the smaller N), so nothing of day d or later is used. The first counted day has
-    no evidence and takes N = 0, as do the warm-up days.
+    no evidence and takes N = 0, as do the warm-up days. ``known``: candidates' hits per day replayed already.
     """
-    shares = _day_shares(_candidate_day_hits(days, capacity, ranking, live), len(days), warmup_days)
+    shares = _day_shares(_candidate_day_hits(days, capacity, ranking, live, known), len(days), warmup_days)
     return shares, [keys[:share] for keys, share in zip(ranking, shares, strict=True)]
 
 

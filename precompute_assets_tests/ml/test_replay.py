@@ -21,7 +21,11 @@ from precompute_assets.ml.replay import (
     Trace,
     TraceError,
     _admitted_lru_day_hits,
+    _as_codes,
+    _candidate_day_hits,
+    _live_tier,
     _lru_day_hits,
+    _ranked_keys,
     admission_decisions,
     arc_hits,
     belady_hits,
@@ -1673,6 +1677,17 @@ def test_tune_share_reports_the_self_tuned_rate_out_of_sample_beside_read_throug
     assert choice.hit_rates[choice.share] == max(choice.hit_rates.values()) >= choice.hit_rates[0]
     if admission is None:  # here the in-sample rate overstates what self-tuning got by points
         assert choice.hit_rates[choice.share] > choice.tuned_hit_rate + 0.03
+
+
+@pytest.mark.parametrize("admission", [None, "probation", "second_miss", "frequency"])
+def test_the_share_candidate_of_no_precompute_is_the_read_through_replay_reuses(admission):
+    """replay replays read-through of C keys once, for its own rate and as the self-tuned share's candidate N = 0:
+    with nothing precomputed the ranking cannot matter, so on every live tier the two are one replay."""
+    codes, keys = _as_codes(one_hit_wonders_days(np.random.default_rng(55), days=5, per_day=1500))
+    ranking = _ranked_keys(codes, limit=100, half_life_days=2.0)
+    live = _lru_day_hits if admission is None else _live_tier(admission, None, 100)(keys)
+    assert _candidate_day_hits(codes, 100, ranking, live)[0] == live(codes, 100)
+    assert ranking[2][:10]  # the other candidates do precompute
 
 
 @pytest.mark.parametrize("admission", ["probation", "second_miss"])
