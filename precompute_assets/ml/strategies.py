@@ -79,8 +79,11 @@ class TraceHours:
         n_hours = n_days * HOURS_PER_DAY
         keys, rows = np.unique(self.keys[lo:hi], return_inverse=True)
         column = (self.day[lo:hi] - first) * HOURS_PER_DAY + self.hour[lo:hi]
-        counts = np.zeros((len(keys), n_hours), dtype=np.float32)  # filled in place: no int64 twice its size
-        np.add.at(counts, (rows.ravel(), column), 1)
+        # Each (key, hour) cell's requests counted by one sort (np.add.at adds one request at a time), then put into
+        # float32 in place: no int64 matrix twice its size.
+        cells, requests = np.unique(rows.ravel() * n_hours + column, return_counts=True)
+        counts = np.zeros((len(keys), n_hours), dtype=np.float32)
+        np.put(counts, cells, requests)
         return HourlyCounts(
             keys=keys,
             counts=counts,
