@@ -433,10 +433,11 @@ def ewma_forecast(data: HourlyCounts, target_day: int, hp: DemandHyperParams) ->
     rate = np.zeros(len(data.keys))
     started = np.zeros(len(data.keys), dtype=bool)
     for t in range(data.day_start(target_day)):
-        x = data.counts[:, t]
+        x = np.ascontiguousarray(data.counts[:, t])  # the hour's column read once (a strided view read by each step)
         if np.isnan(x).all():
             continue
-        x = np.nan_to_num(x, nan=0.0)
+        if not np.isfinite(x).all():  # nan_to_num copies every column, and counts rarely hold a NaN
+            x = np.nan_to_num(x, nan=0.0)
         rate = np.where(started, alpha * x + (1 - alpha) * rate, x)
         started[:] = True
     return HOURS_PER_DAY * rate

@@ -19,6 +19,7 @@ from precompute_assets.ml.demand import (
     _first_seen,
     _predict,
     evaluate_demand,
+    ewma_forecast,
     forecast_next_day,
     frequency_forecast,
     load_model,
@@ -217,6 +218,26 @@ def test_daily_totals_count_a_missing_hour_as_zero_in_any_hour_order():
     shuffled = HourlyCounts(data.keys, counts[:, [2, 0, 3, 1]], np.array([0, 0, 1, 1]), day % 7, day[[2, 0, 3, 1]])
     assert shuffled.daily().tolist() == [[1.0, 5.0], [0.0, 5.0]]
     assert _first_seen(data).tolist() == [0, 3]  # a NaN hour is not a request
+
+
+def test_ewma_forecast_smooths_each_hour_in_order_and_skips_hours_missing_for_every_key():
+    """The column of each hour is copied once and only a column holding a NaN goes through nan_to_num: the forecast
+    is the smoothing written out step by step, bit for bit, on counts with NaN cells and a wholly missing hour."""
+    rng = np.random.default_rng(3)
+    counts = rng.poisson(2.0, size=(50, 72)).astype(np.float32)
+    counts[rng.random(counts.shape) < 0.1] = np.nan  # hours missing for some keys: counted as 0
+    counts[:, 30] = np.nan  # an hour missing for every key: skipped, the rate unchanged
+    day = np.repeat(np.arange(3), 24)
+    data = HourlyCounts(np.arange(50), counts, np.tile(np.arange(24), 3), day % 7, day)
+    alpha = 1 - 0.5 ** (1 / FAST.ewma_half_life_hours)
+    rate, started = np.zeros(50), False
+    for t in range(48):
+        if t == 30:
+            continue
+        x = np.nan_to_num(counts[:, t], nan=0.0)
+        rate = alpha * x + (1 - alpha) * rate if started else x.astype(np.float64)
+        started = True
+    assert np.array_equal(ewma_forecast(data, 2, FAST), 24 * rate)
 
 
 def test_the_next_day_forecast_covers_every_key(weekly, weekly_result):
