@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from ..serving.querylog import MAX_KEY_LENGTH  # the serving client's query log quarantines longer keys too
 from .tables import QUERY_LOGS
@@ -190,7 +191,10 @@ def hour_rows(
         n = len(picked)
         table = pa.table(
             {
-                "stream_id": pa.array([f"{IMPORTED}{source}:{i}" for i in picked], pa.string()),
+                # "import:SOURCE:ROW" joined by Arrow, not one Python f-string per request
+                "stream_id": pc.binary_join_element_wise(
+                    f"{IMPORTED}{source}:", pa.array(picked).cast(pa.string()), ""
+                ),
                 "ts": pa.array(np.round(seconds[picked] * 1000).astype(np.int64)).cast(QUERY_LOGS.field("ts").type),
                 "kind": pa.array([kind] * n, pa.string()),
                 "key": pa.array(uniques[codes[picked]], pa.string()),

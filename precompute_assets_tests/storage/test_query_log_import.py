@@ -70,6 +70,9 @@ def test_requests_land_in_the_local_hour_of_a_half_hour_zone() -> None:
     assert frame["hit"].isna().all() and frame["arm"].isna().all() and set(frame["kind"]) == {"ctr"}
     assert list(frame["ts"]) == [m.astimezone(ZoneInfo("UTC")) for m in moments[:2]]
     assert is_imported(frame) and frame["stream_id"].str.startswith(IMPORTED).all()
+    # each row's id names the file and the request's row in it, as strings in every hour
+    assert list(frame["stream_id"]) == [f"{IMPORTED}t.csv:0", f"{IMPORTED}t.csv:1"]
+    assert list(rows.frames["2026-03-01-11:00"]["stream_id"]) == [f"{IMPORTED}t.csv:2"]
 
 
 def test_the_repeated_hour_of_a_dst_fall_back_is_two_partitions() -> None:
