@@ -241,7 +241,8 @@ def document_embeddings(
             "held_back": stats.held_back,
             "rebuilt_buckets": dg.MetadataValue.json(list(stats.rebuilt_buckets or [])),
             "error_rate": stats.error_rate,
-            "docs_per_s": stats.docs_per_s,
+            # A sync that embedded nothing measured no throughput: a 0 would plot as a collapse on every quiet day.
+            **({"docs_per_s": stats.docs_per_s} if stats.embedded else {}),
             "seconds": stats.seconds,
             "recall_at_10_int8": recall,
             "stale_share": stale,
