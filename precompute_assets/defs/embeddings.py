@@ -2,6 +2,7 @@
 document store, offline (PostgreSQL) and in Redis. A sensor runs the sync when documents change."""
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from ..serving.keys import EMBEDDING_KIND
 from ..serving.vectors import DTYPE_CODES
 from ..storage.embeddings import EmbeddingStore, sample_documents
 from ..sync.embedding_quality import int8_recall
-from ..sync.embeddings import sync_embeddings
+from ..sync.embeddings import SyncStats, sync_embeddings
 from .publishing import GRACE_SECONDS
 from .resources import (
     AppDatabaseResource,
@@ -244,37 +245,63 @@ def document_embeddings(
             # A sync that embedded nothing measured no throughput: a 0 would plot as a collapse on every quiet day.
             **({"docs_per_s": stats.docs_per_s} if stats.embedded else {}),
             "seconds": stats.seconds,
-            "recall_at_10_int8": recall,
+            **({} if math.isnan(recall) else {"recall_at_10_int8": recall}),  # NaN: too few documents to measure
             "stale_share": stale,
         },
-        check_results=[
-            dg.AssetCheckResult(
-                check_name="embedding_error_rate",
-                passed=stats.error_rate <= ERROR_WARN,
-                severity=dg.AssetCheckSeverity.ERROR if stats.error_rate > ERROR_FAIL else dg.AssetCheckSeverity.WARN,
-                metadata={"error_rate": stats.error_rate, "failed": stats.failed},
-                description=f"{stats.failed} of {stats.embedded + stats.failed} failed: {stats.failure_reasons}",
-            ),
-            dg.AssetCheckResult(
-                check_name="int8_recall",
-                passed=not recall < RECALL_GOAL,  # NaN (too few documents to measure) passes
-                severity=dg.AssetCheckSeverity.WARN,
-                metadata={"recall_at_10": recall, "goal": RECALL_GOAL},
-            ),
-            dg.AssetCheckResult(
-                check_name="staleness",
-                passed=stale < STALE_GOAL,
-                severity=dg.AssetCheckSeverity.WARN,
-                metadata={
-                    "stale_share": stale,
-                    "stale_documents": stale_docs,
-                    f"documents_older_than_{STALE_AFTER_HOURS}h": aged_docs,
-                },
-                description=f"share of documents changed over {STALE_AFTER_HOURS} h ago whose embedding is missing "
-                "or older",
-            ),
-        ],
+        check_results=sync_check_results(stats, recall, (stale, stale_docs, aged_docs), dtype=config.dtype),
     )
+
+
+def sync_check_results(
+    stats: SyncStats, recall: float, staleness: tuple[float, int, int], *, dtype: str = "int8"
+) -> list[dg.AssetCheckResult]:
+    """The three checks of a sync, each saying what it measured: ``stats``' failures, ``recall`` of the stored int8
+    vectors (NaN: too few documents to measure; not measured for float32) and ``staleness`` (``stale_share``:
+    share, stale documents, documents changed over ``STALE_AFTER_HOURS`` ago)."""
+    seen = stats.embedded + stats.failed
+    reasons = ", ".join(f"{reason}: {n}" for reason, n in stats.failure_reasons.items())
+    errors = (
+        f"{stats.failed} of {seen} documents failed to embed ({stats.error_rate:.2%})" if seen else "nothing to embed"
+    )
+    if reasons:
+        errors += f"; {reasons}"
+    measured = dtype == "int8" and not math.isnan(recall)
+    if measured:
+        recall_description = f"recall@10 of int8 against float32: {recall:.3f} (goal {RECALL_GOAL})"
+    elif dtype == "int8":
+        recall_description = "not measured: too few embedded documents to sample"
+    else:
+        recall_description = f"not measured: the vectors are stored as {dtype}, not quantised"
+    stale, stale_docs, aged_docs = staleness
+    return [
+        dg.AssetCheckResult(
+            check_name="embedding_error_rate",
+            passed=stats.error_rate <= ERROR_WARN,
+            severity=dg.AssetCheckSeverity.ERROR if stats.error_rate > ERROR_FAIL else dg.AssetCheckSeverity.WARN,
+            metadata={"error_rate": stats.error_rate, "failed": stats.failed},
+            description=errors,
+        ),
+        dg.AssetCheckResult(
+            check_name="int8_recall",
+            passed=not recall < RECALL_GOAL,  # NaN (too few documents to measure) passes
+            severity=dg.AssetCheckSeverity.WARN,
+            # left out when not measured: the UI shows a NaN as an empty value
+            metadata={**({"recall_at_10": recall} if measured else {}), "goal": RECALL_GOAL},
+            description=recall_description,
+        ),
+        dg.AssetCheckResult(
+            check_name="staleness",
+            passed=stale < STALE_GOAL,
+            severity=dg.AssetCheckSeverity.WARN,
+            metadata={
+                "stale_share": stale,
+                "stale_documents": stale_docs,
+                f"documents_older_than_{STALE_AFTER_HOURS}h": aged_docs,
+            },
+            description=f"{stale_docs} of {aged_docs} documents changed over {STALE_AFTER_HOURS} h ago have a missing "
+            f"or older embedding ({stale:.2%})",
+        ),
+    ]
 
 
 def has_embedder(instance: dg.DagsterInstance) -> bool:

@@ -486,7 +486,7 @@ def embed_demo_documents(stack: Stack, defs, instance: dg.DagsterInstance, *, n_
         "embed_docs_per_s": round(meta["docs_per_s"].value) if "docs_per_s" in meta else None,  # nothing embedded
         "redis_bytes_per_doc": round((after - before) / max(meta["embedded"].value, 1), 1),
         "embedding_get_p99_us": percentile_us(samples, 99),
-        "recall_at_10_int8": round(meta["recall_at_10_int8"].value, 4),
+        "recall_at_10_int8": round(meta["recall_at_10_int8"].value, 4) if "recall_at_10_int8" in meta else None,
     }
 
 

@@ -3,12 +3,19 @@ failures, crash resume, embedder change, Redis outage, and the sensor."""
 
 from __future__ import annotations
 
+import math
+
 import dagster as dg
 import numpy as np
 import pandas as pd
 import pytest
 
-from precompute_assets.defs.embeddings import document_embeddings, documents_changed, embedding_model
+from precompute_assets.defs.embeddings import (
+    document_embeddings,
+    documents_changed,
+    embedding_model,
+    sync_check_results,
+)
 from precompute_assets.defs.resources import (
     AppDatabaseResource,
     DocumentStoreResource,
@@ -21,7 +28,7 @@ from precompute_assets.serving.keys import EMBEDDING_KIND, Pointer
 from precompute_assets.serving.rerank import rerank
 from precompute_assets.storage.documents import DocumentStore
 from precompute_assets.storage.embeddings import EmbeddingStore, SyncLockLost, sample_documents
-from precompute_assets.sync.embeddings import sync_embeddings
+from precompute_assets.sync.embeddings import SyncStats, sync_embeddings
 from precompute_assets.workload.documents import generate_documents
 
 N_DOCS = 3000
@@ -92,6 +99,31 @@ def test_assets_embed_everything_and_serve_from_redis(docs, app_db, redis_url, r
         assert meta["embedded"].value == 0 and meta["full_build"].value is False
         # The UI plots docs_per_s across syncs: a sync with nothing to embed measured none (it plotted 0).
         assert "docs_per_s" not in meta
+
+
+def test_each_sync_check_says_what_it_measured():
+    """The Checks tab showed "0 of 0 failed: {}" for a sync with nothing to embed, no text at all for int8_recall, and
+    staleness without its value."""
+    quiet = SyncStats("m", "r", full_build=False)
+    errors, recall, stale = sync_check_results(quiet, 0.988, (0.0, 0, 1200))
+    assert errors.description == "nothing to embed"
+    assert recall.description == "recall@10 of int8 against float32: 0.988 (goal 0.95)"
+    assert recall.metadata["recall_at_10"].value == 0.988
+    assert stale.description == "0 of 1200 documents changed over 24 h ago have a missing or older embedding (0.00%)"
+    failing = SyncStats("m", "r", full_build=True, embedded=98, failed=2, failure_reasons={"empty text": 2})
+    assert sync_check_results(failing, 0.97, (0.0, 0, 0))[0].description == (
+        "2 of 100 documents failed to embed (2.00%); empty text: 2"
+    )
+
+
+def test_a_recall_not_measured_is_said_and_left_out_of_the_metadata():
+    """Too few documents to sample gave a NaN recall, which the UI shows as an empty value."""
+    stats = SyncStats("m", "r", full_build=True, embedded=10)
+    tiny = sync_check_results(stats, math.nan, (0.0, 0, 0))[1]
+    assert tiny.passed and tiny.description == "not measured: too few embedded documents to sample"
+    assert set(tiny.metadata) == {"goal"}
+    float32 = sync_check_results(stats, 1.0, (0.0, 0, 0), dtype="float32")[1]
+    assert float32.passed and float32.description == "not measured: the vectors are stored as float32, not quantised"
 
 
 def published_keys(redis_client, schema) -> tuple[int | None, int]:
