@@ -157,7 +157,8 @@ def query_logs(context: dg.AssetExecutionContext, redis: RedisResource, lake: La
         output_name="query_logs",
         metadata={
             "dagster/row_count": len(logs),
-            "hit_rate": float(logs["hit"].mean()) if len(logs) else 0.0,
+            # An hour without queries has no hit rate: a 0 plotted as the cache going cold (left out, as undefined).
+            **({"hit_rate": float(logs["hit"].mean())} if len(logs) else {}),
             "distinct_keys": int(logs["key"].nunique()),
             "quarantined": len(quarantine),
             "stream_trimmed": trimmed,

@@ -189,6 +189,9 @@ def test_empty_hour_materializes_empty(redis_url, schema, lake_uri, pg_instance)
     assert result.success
     assert Lake(lake_uri).read("query_logs", HOUR).empty
     assert result.get_asset_check_evaluations()[0].passed
+    meta = result.asset_materializations_for_node("query_logs")[0].metadata
+    # The UI plots hit_rate across hours: a quiet hour has none, and its 0.0 plotted as the cache going cold.
+    assert meta["dagster/row_count"].value == 0 and "hit_rate" not in meta
 
 
 def _ms(hour: int) -> int:
