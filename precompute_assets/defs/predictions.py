@@ -47,7 +47,8 @@ def ctr_predictions(
             "dagster/row_count": len(scores),
             "model_version": version,
             "skipped_ads": len(skipped),
-            "mean_ctr": float(scores["ctr"].mean()) if len(scores) else 0.0,
+            # nothing selected (read-through only) has no mean: a 0.0 plotted as the model predicting no clicks
+            **({"mean_ctr": float(scores["ctr"].mean())} if len(scores) else {}),
             "unseen_category_values": dg.MetadataValue.json(unseen),
         },
     )

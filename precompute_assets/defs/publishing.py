@@ -106,8 +106,10 @@ def ctr_cache(
     if experiment is not None:
         context.log.info(f"serving experiment {experiment.name}: arms {', '.join(experiment.arms)}")
     # A version found current was not written again (only the buckets a failover lost, ``mended``): no bytes or
-    # throughput to plot beside real publishes.
-    written = {} if result.already_current else {"bytes": result.bytes, "keys_per_s": result.keys_per_s}
+    # throughput to plot beside real publishes. An empty version (read-through only) measured no throughput either.
+    written = {} if result.already_current else {"bytes": result.bytes}
+    if result.keys and not result.already_current:
+        written["keys_per_s"] = result.keys_per_s
     return dg.MaterializeResult(
         metadata={
             "published": True,

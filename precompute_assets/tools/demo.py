@@ -202,7 +202,9 @@ def run_demo(
         "auc": round(meta["ctr_model"]["auc"].value, 4),
         "baseline_auc": round(meta["ctr_model"]["baseline_auc"].value, 4),
         "keys_published": meta["ctr_cache"]["keys_written"].value,
-        "publish_keys_per_s": round(meta["ctr_cache"]["keys_per_s"].value),
+        "publish_keys_per_s": (  # none for an empty version
+            round(meta["ctr_cache"]["keys_per_s"].value) if "keys_per_s" in meta["ctr_cache"] else None
+        ),
         "get_p99_us": lookup_us,
         "demand_model": {
             key: round(demand_meta[key], 4) if isinstance(demand_meta.get(key), float) else demand_meta.get(key)

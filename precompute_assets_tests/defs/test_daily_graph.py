@@ -544,8 +544,13 @@ def test_self_tuned_share_of_zero_publishes_an_empty_version(
     known = check(result, "known_ads")
     assert known.passed and "read-through only" in known.description
     assert check(result, "valid_ctr").passed
-    assert result.asset_materializations_for_node("ctr_cache")[0].metadata["keys_written"].value == 0
+    published = result.asset_materializations_for_node("ctr_cache")[0].metadata
+    assert published["keys_written"].value == 0
     assert redis_client.get(schema.pointer("ctr")) is not None
+    # The UI plots these across days: a day with nothing to predict or write has neither, where 0.0 plotted as
+    # the model predicting no clicks and the publisher stalling.
+    assert "mean_ctr" not in result.asset_materializations_for_node("ctr_predictions")[0].metadata
+    assert "keys_per_s" not in published
 
 
 @pytest.mark.parametrize(
