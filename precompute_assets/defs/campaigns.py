@@ -289,7 +289,7 @@ def campaign_ctr(
             "minutes_before_launch": minutes,
             "model_version": version,
             "revision": campaign.revision,
-            "expire_at": expire_at,
+            "expire_at": dg.MetadataValue.timestamp(float(expire_at)),  # the UI shows a date, not Unix seconds
             "published": reason is None,
             "reason": reason or "",
         },
@@ -356,7 +356,7 @@ def campaign_budget(
             "ads_funded": int((amounts > 0).sum()),
             "prior_strength": config.prior_strength,
             "revision": campaign.revision,
-            "warm_until": warm_until.isoformat(),
+            "warm_until": dg.MetadataValue.timestamp(warm_until),
         }
     )
 

@@ -289,6 +289,12 @@ def test_register_tick_run_and_every_ad_is_readable_before_launch(
     assert meta["ads_warmed"].value == 60 and meta["ads_skipped"].value == 0
     assert meta["model_version"].value == model_home["version"]
     assert 100 < meta["minutes_before_launch"].value <= 120 and meta["seconds"].value > 0
+    # The UI shows a timestamp value as a date in the viewer's timezone; an int as Unix seconds, a text as it is.
+    assert isinstance(meta["expire_at"], dg.TimestampMetadataValue)
+    assert meta["expire_at"].value == int((end + HOUR).timestamp())
+    budget = run.asset_materializations_for_node("campaign_budget")[0].metadata
+    assert isinstance(budget["warm_until"], dg.TimestampMetadataValue)
+    assert budget["warm_until"].value == meta["expire_at"].value
     # the values live until the campaign ends (plus the one-hour grace), not a day more
     ttl = redis_client.ttl(schema.live("ctr", ids[0]))
     assert (end + HOUR - datetime.now(UTC)).total_seconds() - 60 < ttl <= (end + HOUR - now).total_seconds() + 1
