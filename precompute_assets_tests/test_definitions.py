@@ -296,6 +296,16 @@ def test_every_job_schedule_sensor_and_check_says_what_it_does():
     assert [name for name, description in described.items() if not (description or "").strip()] == []
 
 
+def test_every_asset_has_a_plain_text_description_a_group_and_kinds():
+    """The catalog lists each asset with the start of its description as plain text, in its group, with its kinds'
+    icons. Descriptions taken from docstrings showed their reST markup there (``training_days``) literally."""
+    graph = repo().asset_graph
+    nodes = {key.to_user_string(): graph.get(key) for key in graph.get_all_asset_keys()}
+    assert [name for name, node in nodes.items() if not (node.description or "").strip()] == []
+    assert [name for name, node in nodes.items() if "``" in node.description] == []
+    assert [name for name, node in nodes.items() if node.group_name == "default" or not node.kinds] == []
+
+
 def test_every_config_field_has_a_description():
     """The launchpad shows each op's and asset's config fields with their description beside the default."""
     r = repo()

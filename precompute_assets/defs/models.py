@@ -129,6 +129,9 @@ def new_ads_check(new_ads: ctr.NewAdEvaluation | None, error: str | None) -> dg.
     ],
     kinds={"sklearn"},
     group_name="models",
+    description="RandomForest CTR model of the day, trained on the last training_days of impressions (split by time) "
+    "on the ad columns the lake resource names. Its version is this materialization (partition + run id), and only "
+    "a version approved by beats_baseline scores predictions and campaigns.",
     check_specs=[
         dg.AssetCheckSpec(
             "beats_baseline",

@@ -15,6 +15,8 @@ from .resources import LakeResource, ModelStoreResource
     deps=[CTR_MODEL, "ads"],
     kinds={"sklearn", "pandas"},
     group_name="predictions",
+    description="Predicted CTR of every ad in the day's top_ads, from exactly that day's approved ctr_model version; "
+    "ads that cannot be scored are counted (skipped_ads), not dropped silently.",
     check_specs=[
         dg.AssetCheckSpec(
             "valid_ctr",

@@ -38,6 +38,9 @@ class PublishConfig(dg.Config):
     partitions_def=DEFAULT_PARTITIONS.daily,
     kinds={"redis"},
     group_name="publishing",
+    description="The day's ctr_predictions served from Redis: one version of keys with their TTL, made current by one "
+    "pointer flip (with the day's A/B experiment, if any). A re-run of an older day never replaces a newer day's "
+    "version unless its config says rollback: true.",
     retry_policy=dg.RetryPolicy(max_retries=3, delay=5, backoff=dg.Backoff.EXPONENTIAL),
     pool="redis_publish",
 )

@@ -279,6 +279,9 @@ def verdict_top_n(context: dg.AssetExecutionContext, strategy: str, top_n: int, 
     partitions_def=DEFAULT_PARTITIONS.daily,
     kinds={"pandas"},
     group_name="selection",
+    description="The day's ads to precompute: the top N known ads ranked by the configured strategy (auto follows "
+    "demand_model's held-back verdict), N fixed or self-tuned within the cache capacity; under an A/B experiment the "
+    "keys are split between its two arms (column arm). Unknown keys in the logs are counted, never scored.",
     # demand_model: strategy auto (and lstm) read its verdict on the day, so it runs first in the daily job.
     deps=["ads", "demand_model"],
     check_specs=[

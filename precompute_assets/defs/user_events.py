@@ -195,6 +195,9 @@ def baselines_check(
     ],
     kinds={"sklearn"},
     group_name="models",
+    description="Calibrated RandomForest of each user's next action, trained on the last training_days of user events "
+    "(split by time); approved by beats_baselines only when its log-loss is below the most-frequent-action and "
+    "Markov-1 baselines'.",
     check_specs=[
         dg.AssetCheckSpec(
             "beats_baselines",
