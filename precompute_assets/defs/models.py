@@ -1,7 +1,6 @@
 """Models: the CTR RandomForest, gated by a blocking check against a logistic-regression baseline, and
 measured on cold-start ads (first seen after the training cutoff) by a warning check."""
 
-import math
 import time
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -87,14 +86,16 @@ def beats_baseline_check(metrics: dict | None, baseline: dict | None, error: str
 
 
 def new_ad_metadata(new_ads: ctr.NewAdEvaluation) -> dict[str, object]:
-    """The cold-start numbers as metadata: NaN AUCs and a note when they could not be measured."""
-    nan_safe = {
-        "new_ad_auc": math.nan if new_ads.auc is None else new_ads.auc,
-        "baseline_new_ad_auc": math.nan if new_ads.baseline_auc is None else new_ads.baseline_auc,
-        "new_ads": new_ads.ads,
-        "new_ad_impressions": new_ads.impressions,
+    """The cold-start numbers as metadata; an AUC that could not be measured is left out (the UI showed its NaN as an
+    empty value) and a note says why."""
+    measured = {
+        name: value
+        for name, value in (("new_ad_auc", new_ads.auc), ("baseline_new_ad_auc", new_ads.baseline_auc))
+        if value is not None
     }
-    return nan_safe if new_ads.note is None else {**nan_safe, "new_ad_auc_note": new_ads.note}
+    counts = {"new_ads": new_ads.ads, "new_ad_impressions": new_ads.impressions}
+    note = {} if new_ads.note is None else {"new_ad_auc_note": new_ads.note}
+    return {**measured, **counts, **note}
 
 
 def new_ads_check(new_ads: ctr.NewAdEvaluation | None, error: str | None) -> dg.AssetCheckResult:

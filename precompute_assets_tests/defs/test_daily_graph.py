@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import math
 import shutil
 from pathlib import Path
 
@@ -188,9 +187,10 @@ def test_new_ads_check_warns_when_the_forest_loses_and_passes_with_a_note_when_u
     assert new_ads_check(NewAdEvaluation(0.7, 0.65, 40, 900), None).passed
     unmeasured = new_ads_check(NewAdEvaluation(None, None, 0, 0, "no ads first seen after the cutoff"), None)
     assert unmeasured.passed and unmeasured.description == "not measured: no ads first seen after the cutoff"
-    assert math.isnan(unmeasured.metadata["new_ad_auc"].value)
-    assert math.isnan(unmeasured.metadata["baseline_new_ad_auc"].value)
+    # The UI showed the NaN AUCs of an unmeasured day as empty values: they are left out, and the note says why.
+    assert "new_ad_auc" not in unmeasured.metadata and "baseline_new_ad_auc" not in unmeasured.metadata
     assert unmeasured.metadata["new_ad_auc_note"].value == "no ads first seen after the cutoff"
+    assert unmeasured.metadata["new_ads"].value == 0
 
 
 def test_a_users_own_ad_columns_train_and_publish(resources, pg_instance, platform, lake_uri, redis_url, schema):
