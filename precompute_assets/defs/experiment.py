@@ -27,9 +27,10 @@ ARMS_KEY, SALT_KEY, NAME_KEY = "experiment", "experiment_salt", "experiment_name
 
 
 def experiment_metadata(experiment: Experiment | None) -> dict[str, str]:
-    """What ``top_ads`` adds to its metadata: the experiment's arms (``A,B``), salt and name, or blanks for none."""
+    """What ``top_ads`` adds to its metadata: the experiment's arms (``A,B``), salt and name; nothing for none (the UI
+    showed three blank values on every day without an experiment)."""
     if experiment is None:
-        return {ARMS_KEY: "", SALT_KEY: "", NAME_KEY: ""}
+        return {}
     return {ARMS_KEY: ",".join(experiment.arms), SALT_KEY: experiment.salt, NAME_KEY: experiment.name}
 
 

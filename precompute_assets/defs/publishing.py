@@ -123,7 +123,7 @@ def ctr_cache(
             **written,
             "seconds": result.seconds,
             "model_version": str(ctr_predictions["model_version"].iloc[0]) if len(ctr_predictions) else "",
-            "experiment": ",".join(experiment.arms) if experiment else "",
+            **({"experiment": ",".join(experiment.arms)} if experiment else {}),  # none: no blank value in the UI
             "handed_over": result.handed_over,
             "settle_error": result.settle_error or "",
             **({ROLLED_BACK_OVER: over.split(".", 1)[0]} if over is not None else {}),

@@ -192,6 +192,8 @@ def test_metadata_round_trip():
     assert experiment_from_metadata(experiment_metadata(experiment)) == experiment
     assert experiment_from_metadata(experiment_metadata(None)) is None
     assert experiment_from_metadata({}) is None
+    # A day without an experiment records none: the UI showed its three keys as blank values.
+    assert experiment_metadata(None) == {}
 
 
 def publish(instance, lake_uri, redis_url, schema):
@@ -227,5 +229,7 @@ def test_ctr_cache_publishes_the_experiment_its_top_ads_selected_with(lake_uri, 
         instance.report_runless_asset_event(
             dg.AssetMaterialization("top_ads", partition=DAY, metadata=experiment_metadata(None))
         )
-        assert publish(instance, lake_uri, redis_url, schema).success
+        ended = publish(instance, lake_uri, redis_url, schema)
+        assert ended.success
         assert redis_client.get(schema.experiment("ctr")) is None
+        assert "experiment" not in ended.asset_materializations_for_node("ctr_cache")[0].metadata
