@@ -178,8 +178,9 @@ def build_schedules(partitions: Partitions) -> list:
         execution_timezone=timezone,
         target=daily_precompute_job,
         default_status=RUNNING,
-        description=f"Yesterday's precompute at the start of the off-peak window ({DEFAULT_OFFPEAK_START_HOUR:02d}:00 "
-        f"{timezone} until traffic_profile learns better), once all its query_logs hours are materialized.",
+        description=f"Ticks every hour and runs yesterday's precompute once a day: in the {OFFPEAK_WINDOW_HOURS}-hour "
+        f"off-peak window traffic_profile learned (from {DEFAULT_OFFPEAK_START_HOUR:02d}:00 {timezone} until it has), "
+        "once all of yesterday's query_logs hours are materialized; the other ticks skip, saying why.",
     )
     def daily_precompute(context: dg.ScheduleEvaluationContext):
         instance = context.instance if context.instance_ref is not None else None
