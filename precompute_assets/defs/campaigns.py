@@ -287,11 +287,12 @@ def campaign_ctr(
             "ads_skipped": len(skipped),
             "seconds": time.perf_counter() - started,
             "minutes_before_launch": minutes,
-            "model_version": version,
+            # a campaign not warmed has no model version, a warmed one no reason: left out, not shown as blank values
+            **({"model_version": version} if version else {}),
             "revision": campaign.revision,
             "expire_at": dg.MetadataValue.timestamp(float(expire_at)),  # the UI shows a date, not Unix seconds
             "published": reason is None,
-            "reason": reason or "",
+            **({"reason": reason} if reason else {}),
         },
     )
 

@@ -287,7 +287,7 @@ def test_register_tick_run_and_every_ad_is_readable_before_launch(
     assert values == pytest.approx(frame.loc[ids, "ctr"].tolist(), rel=1e-6)
     meta = run.asset_materializations_for_node("campaign_ctr")[0].metadata
     assert meta["ads_warmed"].value == 60 and meta["ads_skipped"].value == 0
-    assert meta["model_version"].value == model_home["version"]
+    assert meta["model_version"].value == model_home["version"] and "reason" not in meta  # no blank reason in the UI
     assert 100 < meta["minutes_before_launch"].value <= 120 and meta["seconds"].value > 0
     # The UI shows a timestamp value as a date in the viewer's timezone; an int as Unix seconds, a text as it is.
     assert isinstance(meta["expire_at"], dg.TimestampMetadataValue)
@@ -359,7 +359,9 @@ def test_a_cancelled_campaign_is_not_warmed(registry, resources, instance, redis
     instance.add_dynamic_partitions(CAMPAIGNS.name, [campaign_id])
     run = warm(instance, resources, campaign_id)
     assert run.success
-    assert run.asset_materializations_for_node("campaign_ctr")[0].metadata["published"].value is False
+    meta = run.asset_materializations_for_node("campaign_ctr")[0].metadata
+    assert meta["published"].value is False and "cancelled" in meta["reason"].value
+    assert "model_version" not in meta  # none scored it: no blank value in the UI
     assert run.asset_materializations_for_node("campaign_budget")[0].metadata["published"].value is False
     assert live_keys(redis_client, schema, "ctr") == [] and live_keys(redis_client, schema, "budget") == []
 
