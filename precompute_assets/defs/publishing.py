@@ -118,14 +118,16 @@ def ctr_cache(
             "published": True,
             "already_current": result.already_current,
             "version": version,
-            "previous_version": result.previous_version or "",
+            # each left out rather than shown as a blank value in the UI: a first publish replaced no version, an
+            # empty version (read-through only) has no model, and the settling of probation's live tier went well
+            **({"previous_version": result.previous_version} if result.previous_version else {}),
             "keys_written": result.mended if result.already_current else result.keys,
             **written,
             "seconds": result.seconds,
-            "model_version": str(ctr_predictions["model_version"].iloc[0]) if len(ctr_predictions) else "",
+            **({"model_version": str(ctr_predictions["model_version"].iloc[0])} if len(ctr_predictions) else {}),
             **({"experiment": ",".join(experiment.arms)} if experiment else {}),  # none: no blank value in the UI
             "handed_over": result.handed_over,
-            "settle_error": result.settle_error or "",
+            **({"settle_error": result.settle_error} if result.settle_error else {}),
             **({ROLLED_BACK_OVER: over.split(".", 1)[0]} if over is not None else {}),
         }
     )
