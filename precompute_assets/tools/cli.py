@@ -546,6 +546,14 @@ def check_trace_options(args: argparse.Namespace) -> None:
             raise CliError(f"{option} is empty: give a 1-based field number or a header name")
 
 
+STDIN_PATH = "/dev/stdin"
+
+
+def input_path(path: str) -> str:
+    """``path``, or standard input's for ``-`` (a log piped in: ``zcat log.gz | precompute replay --trace - ...``)."""
+    return STDIN_PATH if path == "-" else path
+
+
 def read_trace(path: str, args: argparse.Namespace, *, quarantine: bool = False, exact_keys: bool = False):
     """The trace at ``path`` read as ``add_trace_options``' options say; a file that cannot be read is a CliError.
     ``quarantine``: ``(trace, malformed lines cut)`` from ``parse_trace_quarantining`` instead (request-log imports);
@@ -553,15 +561,15 @@ def read_trace(path: str, args: argparse.Namespace, *, quarantine: bool = False,
     from ..ml.parquet_trace import PARQUET_COLUMNS, is_parquet
     from ..ml.replay import TraceError, parse_trace, parse_trace_quarantining
 
-    columns = None
+    columns, source = None, input_path(path)
     if args.time_field is not None or args.key_field is not None:
-        parquet = args.format == "parquet" or (args.format == "auto" and is_parquet(path))
+        parquet = args.format == "parquet" or (args.format == "auto" and is_parquet(source))
         default_time, default_key = PARQUET_COLUMNS if parquet else ("1", "2")
         time_field = default_time if args.time_field is None else args.time_field
         columns = (None if time_field.lower() == "none" else time_field, args.key_field or default_key)
     try:
         parse = parse_trace_quarantining if quarantine else parse_trace
-        return parse(path, columns=columns, trace_format=args.format, where=args.where, exact_keys=exact_keys)
+        return parse(source, columns=columns, trace_format=args.format, where=args.where, exact_keys=exact_keys)
     except TraceError as error:
         notes = "".join(f" ({note})" for note in getattr(error, "__notes__", ()))  # how many lines were cut first
         raise CliError(f"{path}: {error}{notes}") from None
@@ -1068,7 +1076,7 @@ def cmd_query_logs(args: argparse.Namespace) -> int:
     first_s = hourly.time_window_for_partition_key(hourly.get_first_partition_key()).start.timestamp()
     now_key = hourly.get_partition_key_for_timestamp(time.time())  # the hour in progress is not over
     last_s = hourly.time_window_for_partition_key(now_key).start.timestamp()
-    source = Path(args.file).name.replace(":", "_")[:40]
+    source = Path(input_path(args.file)).name.replace(":", "_")[:40]
     rows = hour_rows(trace.keys, seconds, kind=args.kind, source=source,
                      partition_key=hourly.get_partition_key_for_timestamp, first_s=first_s, last_s=last_s,
                      trace_start_s=trace_start,
@@ -1358,7 +1366,7 @@ def build_parser() -> argparse.ArgumentParser:
     importing = query_logs_sub.add_parser(
         "import", help="a request log (any trace replay reads, with timestamps) into hourly query_logs partitions"
     )
-    importing.add_argument("file", help="a trace file or folder, as replay's --trace")
+    importing.add_argument("file", help="a trace file or folder, as replay's --trace; - reads standard input")
     importing.add_argument(
         "--kind",
         default="ctr",
@@ -1396,7 +1404,7 @@ def build_parser() -> argparse.ArgumentParser:
         "a header line is skipped; fields separated by "
         "commas, or by spaces or tabs), or libCacheSim's binary oracleGeneral records; .gz, .bz2, .xz, .zst, .lz4 "
         "and .br files are decompressed; or a Parquet file or folder of them (the lake's query_logs), local or "
-        "a URI (s3://...)",
+        "a URI (s3://...); - reads standard input",
     )
     add_trace_options(replay)
     replay.add_argument("--days", type=int, required=True, help="split the trace into this many days (>= 2)")

@@ -37,6 +37,27 @@ def test_replay_prints_one_json_object_with_the_five_rates(tmp_path, capsys):
     assert result["requests"] == 15_000
 
 
+def test_replay_reads_a_trace_piped_to_standard_input_as_dash(tmp_path, capsys, monkeypatch):
+    """``zcat log.gz | precompute replay --trace -``: a dash named a file called "-", which did not exist."""
+    lines = "".join(f"user:{k % 97}\n" for k in range(0, 6_000, 7)).encode()
+    trace = tmp_path / "trace.txt"
+    trace.write_bytes(lines)
+    options = ["--days", "4", "--top-n", "10", "--capacity", "40"]
+    assert main(["replay", "--trace", str(trace), *options]) == 0
+    from_file = json.loads(capsys.readouterr().out)
+    read_end, write_end = os.pipe()  # standard input as a pipe: its bytes can be read once
+    os.write(write_end, lines)
+    os.close(write_end)
+    monkeypatch.setattr("precompute_assets.tools.cli.STDIN_PATH", f"/dev/fd/{read_end}")
+    try:
+        assert main(["replay", "--trace", "-", *options]) == 0
+    finally:
+        os.close(read_end)
+    piped = json.loads(capsys.readouterr().out)
+    assert piped.pop("trace") == "-" and from_file.pop("trace") == str(trace)
+    assert piped == from_file
+
+
 @pytest.mark.parametrize(
     "options", [["--top-n", "50"], ["--top-n", "auto"], ["--top-n", "auto", "--admission", "probation"]]
 )
