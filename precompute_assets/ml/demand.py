@@ -398,7 +398,7 @@ def train_lstm(
             loss = nn.functional.mse_loss(model(steps[batch], static[batch]), target[batch])
             loss.backward()
             optimizer.step()
-            total, seen = total + float(loss) * len(batch), seen + len(batch)
+            total, seen = total + loss.detach().item() * len(batch), seen + len(batch)
             if time.perf_counter() - started >= hp.max_seconds:
                 break
         epochs += 1
