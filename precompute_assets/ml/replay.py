@@ -1167,9 +1167,8 @@ def tune_share(
 
 
 def _static_hits(day: np.ndarray, chosen: set[Hashable]) -> int:
-    if not chosen or len(day) == 0:
-        return 0
-    return int(np.isin(day, np.array(list(chosen), dtype=day.dtype)).sum())
+    """The day's requests for the ``chosen`` (published) keys."""
+    return _without_published(np.asarray(day), chosen)[0]
 
 
 def _lru_hits(
