@@ -1,5 +1,5 @@
-"""Models: the CTR RandomForest, gated by a blocking check against a logistic-regression baseline, and
-measured on cold-start ads (first seen after the training cutoff) by a warning check."""
+"""Models: the CTR RandomForest, gated by a blocking check against a logistic-regression baseline and each ad's own
+click history, and measured on cold-start ads (first seen after the training cutoff) by a warning check."""
 
 import time
 from collections.abc import Iterator
@@ -69,19 +69,33 @@ def read_impressions(lake, days: list[str]) -> tuple[pd.DataFrame, list[str]]:
     return (pd.concat(frames, ignore_index=True) if frames else empty), missing
 
 
-def beats_baseline_check(metrics: dict | None, baseline: dict | None, error: str | None) -> dg.AssetCheckResult:
-    """Passes only for a trained model whose AUC is at least the baseline's on the same validation days."""
+# The baselines ctr_model gates its forest against: as its metadata names them (``<name>_auc``), as people read them.
+BASELINE_LABELS = {"baseline": "logistic regression", "ad_history": "ad history"}
+
+
+def beats_baseline_check(
+    metrics: dict | None, baselines: dict[str, dict] | None, error: str | None
+) -> dg.AssetCheckResult:
+    """Passes only for a trained model whose AUC is at least every baseline's (``baselines``: name -> metrics) on
+    the same validation days: the logistic regression's and each ad's own click history's."""
     if error is not None:
         return dg.AssetCheckResult(
             check_name="beats_baseline", passed=False, severity=dg.AssetCheckSeverity.ERROR, description=error
         )
-    passed = metrics["auc"] >= baseline["auc"]
+    best = max(baselines, key=lambda name: baselines[name]["auc"])
+    best_auc = baselines[best]["auc"]
+    against = ", ".join(f"{BASELINE_LABELS.get(name, name)} {scores['auc']:.4f}" for name, scores in baselines.items())
     return dg.AssetCheckResult(
         check_name="beats_baseline",
-        passed=passed,
+        passed=metrics["auc"] >= best_auc,
         severity=dg.AssetCheckSeverity.ERROR,
-        description=f"AUC {metrics['auc']:.4f} vs baseline {baseline['auc']:.4f}",
-        metadata={"auc": metrics["auc"], "baseline_auc": baseline["auc"], "auc_lift": metrics["auc"] - baseline["auc"]},
+        description=f"AUC {metrics['auc']:.4f} vs {against}",
+        metadata={
+            "auc": metrics["auc"],
+            **{f"{name}_auc": scores["auc"] for name, scores in baselines.items()},
+            "best_baseline": best,
+            "auc_lift": metrics["auc"] - best_auc,
+        },
     )
 
 
@@ -138,8 +152,8 @@ def new_ads_check(new_ads: ctr.NewAdEvaluation | None, error: str | None) -> dg.
             "beats_baseline",
             asset=CTR_MODEL,
             blocking=True,
-            description="The forest's validation AUC is at least a logistic regression's on the same time split; "
-            "blocks: only an approved model is used for predictions and campaigns.",
+            description="The forest's validation AUC is at least a logistic regression's and each ad's own click "
+            "history's on the same time split; blocks: only an approved model is used for predictions and campaigns.",
         ),
         dg.AssetCheckSpec(
             "new_ads_beat_baseline",
@@ -217,7 +231,7 @@ def ctr_model(
     context.log.info(f"trained {version}: AUC {metrics['auc']:.4f} (baseline {baseline['auc']:.4f})")
     if new_ads.note is not None:
         context.log.info(f"new-ad AUC not measured: {new_ads.note}")
-    check = beats_baseline_check(metrics, baseline, None)
+    check = beats_baseline_check(metrics, {"baseline": baseline, "ad_history": history}, None)
     return dg.MaterializeResult(
         metadata={
             "model_version": version,

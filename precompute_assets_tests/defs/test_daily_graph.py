@@ -10,7 +10,7 @@ import dagster as dg
 import pyarrow.parquet as pq
 import pytest
 
-from precompute_assets.defs.models import ctr_model, new_ads_check
+from precompute_assets.defs.models import beats_baseline_check, ctr_model, new_ads_check
 from precompute_assets.defs.partitions import Partitions
 from precompute_assets.defs.predictions import ctr_predictions
 from precompute_assets.defs.publishing import ctr_cache
@@ -91,6 +91,7 @@ def test_whole_graph_publishes_predictions_readers_can_get(
     assert len(top) == 50 and list(top["rank"]) == list(range(1, 51))
     model_meta = result.asset_materializations_for_node("ctr_model")[0].metadata
     assert 0.5 < model_meta["auc"].value <= 1 and model_meta["auc"].value >= model_meta["baseline_auc"].value
+    assert model_meta["auc"].value >= model_meta["ad_history_auc"].value  # approved: it beats both baselines
     assert 0 <= model_meta["ad_history_auc"].value <= 1 and model_meta["ad_history_log_loss"].value > 0
     publish = result.asset_materializations_for_node("ctr_cache")[0].metadata
     assert publish["keys_written"].value == 50
@@ -178,6 +179,18 @@ def test_the_model_says_what_it_fits_before_the_fit(resources, pg_instance, plat
     assert len(said) == 1 and said[0] < materialized[0]
     message = logs[said[0]].user_message
     assert "(ad, day) rows of" in message and "impressions over 3 days" in message and "rows held back" in message
+
+
+def test_the_gate_blocks_a_forest_that_beats_the_logistic_regression_but_not_the_ads_own_history():
+    forest, logistic, history = {"auc": 0.70}, {"auc": 0.66}, {"auc": 0.72}
+    lost = beats_baseline_check(forest, {"baseline": logistic, "ad_history": history}, None)
+    assert not lost.passed and lost.severity == dg.AssetCheckSeverity.ERROR
+    assert lost.description == "AUC 0.7000 vs logistic regression 0.6600, ad history 0.7200"
+    assert lost.metadata["best_baseline"].value == "ad_history"
+    assert lost.metadata["auc_lift"].value == pytest.approx(-0.02)
+    assert lost.metadata["baseline_auc"].value == 0.66 and lost.metadata["ad_history_auc"].value == 0.72
+    won = beats_baseline_check({"auc": 0.73}, {"baseline": logistic, "ad_history": history}, None)
+    assert won.passed and won.metadata["auc_lift"].value == pytest.approx(0.01)
 
 
 def test_new_ads_check_warns_when_the_forest_loses_and_passes_with_a_note_when_unmeasurable():
