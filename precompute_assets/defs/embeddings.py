@@ -18,6 +18,7 @@ from ..serving.vectors import DTYPE_CODES
 from ..storage.embeddings import EmbeddingStore, sample_documents
 from ..sync.embedding_quality import int8_recall
 from ..sync.embeddings import SyncStats, sync_embeddings
+from .freshness import EMBEDDINGS_FRESHNESS
 from .publishing import GRACE_SECONDS
 from .resources import (
     AppDatabaseResource,
@@ -183,6 +184,7 @@ def current_model_path(instance: dg.DagsterInstance) -> Path:
     group_name="embeddings",
     retry_policy=dg.RetryPolicy(max_retries=3, delay=5, backoff=dg.Backoff.EXPONENTIAL),
     pool="embedding_sync",
+    freshness_policy=EMBEDDINGS_FRESHNESS,
     check_specs=[
         dg.AssetCheckSpec(
             "embedding_error_rate",

@@ -11,6 +11,7 @@ from pydantic import Field
 
 from ..serving import Experiment, Pointer, publish_version
 from .experiment import selected_experiment
+from .freshness import CTR_CACHE_FRESHNESS
 from .partitions import DEFAULT_PARTITIONS
 from .resources import RedisResource, out_of_memory
 
@@ -43,6 +44,7 @@ class PublishConfig(dg.Config):
     "version unless its config says rollback: true.",
     retry_policy=dg.RetryPolicy(max_retries=3, delay=5, backoff=dg.Backoff.EXPONENTIAL),
     pool="redis_publish",
+    freshness_policy=CTR_CACHE_FRESHNESS,
 )
 def ctr_cache(
     context: dg.AssetExecutionContext, config: PublishConfig, ctr_predictions: pd.DataFrame, redis: RedisResource

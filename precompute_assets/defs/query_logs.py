@@ -22,6 +22,7 @@ from ..storage.lake import LakeReadError, partitions_before
 from ..storage.query_log_import import IMPORTED, is_imported
 from ..storage.tables import QUERY_LOG_DRAIN, quarantine_frame, query_log_table
 from .campaigns import purge_campaign_ads
+from .freshness import QUERY_LOGS_FRESHNESS
 from .partitions import DEFAULT_PARTITIONS
 from .resources import DeploymentResource, LakeResource, RedisResource
 from .runs import ACTIVE_RUN_STATUSES
@@ -95,6 +96,7 @@ def quarantine_check(quarantined: int, total: int, asset_key: str = "query_logs"
         "query_logs": dg.AssetOut(
             description="Validated prediction-query events of one hour, read from the query-log stream.",
             kinds={"redis", "pandas"},
+            freshness_policy=QUERY_LOGS_FRESHNESS,
         ),
         "query_log_quarantine": dg.AssetOut(
             description="Malformed query-log events of one hour, with the reason each was rejected.",
