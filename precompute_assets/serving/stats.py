@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import redis
 
+from .connection import is_cluster
 from .keys import KIND_PATTERN, KeySchema, Pointer, check_kind
 from .querylog import read_newest_queries
 
@@ -23,6 +24,16 @@ MEMORY_SAMPLE_BUCKETS = 64  # buckets whose MEMORY USAGE is read; the version's 
 # grown big (SAMPLES 0 walked the 300,000 fields of an embedding bucket for 26 ms, one command blocking the server).
 MEMORY_SAMPLE_FIELDS = 128
 TOP_MISSED = 10
+
+
+def server_memory(client: redis.Redis) -> tuple[int, int]:
+    """``(used_memory, lazyfree_pending_objects)`` of the server (``INFO memory``), summed over every primary of a
+    cluster: a cluster client's plain ``INFO`` answers for one node only."""
+    if is_cluster(client):
+        nodes = list(client.info("memory", target_nodes=client.PRIMARIES).values())
+    else:
+        nodes = [client.info("memory")]
+    return sum(node["used_memory"] for node in nodes), sum(node.get("lazyfree_pending_objects", 0) for node in nodes)
 
 
 def kinds_with_versions(client: redis.Redis, schema: KeySchema) -> list[str]:

@@ -11,6 +11,7 @@ import uuid
 import numpy as np
 
 from ..serving import KeySchema, PredictionCache, QueryLogger, connect, publish_version
+from ..serving.stats import server_memory
 from ..stack import running_version
 from .measure import percentile_us, timed
 
@@ -132,8 +133,9 @@ def bench_publish(
     ``redis_bytes_per_key``: growth of the server's ``used_memory`` (``INFO memory``) over our publish, per
     key published; ``naive_redis_bytes_per_key``: the same over the naive loop, per naive key. Each is read
     before ``redis-benchmark`` runs and with no lazily freed object pending (an earlier ``UNLINK`` would shrink
-    ``used_memory`` meanwhile). ``used_memory`` is server-wide: the figures assume nothing else writes to this
-    Redis during the bench. ``ratio_bytes_vs_naive`` is ours over naive (below 1: ours takes less memory).
+    ``used_memory`` meanwhile). ``used_memory`` is server-wide (every primary's, summed, on a cluster): the figures
+    assume nothing else writes to this Redis during the bench. ``ratio_bytes_vs_naive`` is ours over naive (below 1:
+    ours takes less memory).
     """
     import json as _json
 
@@ -145,9 +147,9 @@ def bench_publish(
     def used_memory() -> int:
         deadline = time.monotonic() + 30
         while True:
-            memory = client.info("memory")
-            if not memory.get("lazyfree_pending_objects") or time.monotonic() > deadline:
-                return memory["used_memory"]
+            used, pending = server_memory(client)
+            if not pending or time.monotonic() > deadline:
+                return used
             time.sleep(0.01)
 
     rng = np.random.default_rng(seed)
@@ -405,10 +407,10 @@ def bench_embed(
         encode_s = time.perf_counter() - started
         del texts
 
-        memory_before = client.info("memory")["used_memory"]
+        memory_before = server_memory(client)[0]
         stats = sync_embeddings(store, EmbeddingStore(db_url), client, embedder, schema=schema,
                                 chunk_size=chunk_size, log=lambda message: None)  # fmt: skip
-        redis_bytes = client.info("memory")["used_memory"] - memory_before
+        redis_bytes = server_memory(client)[0] - memory_before
 
         cache = PredictionCache(connect(redis_url, socket_timeout=1.0), schema=schema)
         rng = np.random.default_rng(0)

@@ -22,6 +22,7 @@ from precompute_assets.serving.connection import REDIS_ERRORS, key_slot, split_c
 from precompute_assets.serving.keys import FIFO_PARTS, Pointer, bucket_of
 from precompute_assets.serving.publish import bucket_count, delete_live_values, patch_version, write_live_values
 from precompute_assets.serving.replication import ReplicationTimeoutError
+from precompute_assets.serving.stats import server_memory
 from precompute_assets_tests.factories import logged_queries
 
 from .conftest import Cluster
@@ -792,3 +793,29 @@ def test_rerank_keeps_the_other_masters_candidates_when_one_is_down(cluster_fact
         result = rerank(cache, np.ones(16), ids[:100])
         assert {doc_id for doc_id, score in result if score is not None} == set(alive)
     assert cache.errors == 1  # the dead master was tried once, then backed off
+
+
+# --- memory, as bench publish counts it ------------------------------------------------------------------------
+
+
+def test_server_memory_sums_every_primary(cluster_client: RedisCluster, ns: KeySchema):
+    """A cluster client's INFO answers for one node: bench publish counted a third of a 3-node cluster's growth."""
+    value = b"x" * 100_000
+    names = [f"{ns.prefix}:memory:{i}" for i in range(30)]
+    assert len({master_port(cluster_client, name) for name in names}) == 3  # spread over every primary
+    before, _ = server_memory(cluster_client)
+    for name in names:
+        cluster_client.set(name, value)
+    grown = server_memory(cluster_client)[0] - before
+    for name in names:
+        cluster_client.delete(name)
+    assert grown >= len(names) * len(value)
+
+
+def test_bench_publish_runs_on_a_cluster_and_counts_its_memory(redis_cluster: Cluster):
+    from precompute_assets.tools.bench import bench_publish
+
+    result = bench_publish(redis_cluster.url, n=20_000, naive_n=2_000, redis_benchmark=False)
+    assert result["keys"] == 20_000 and result["redis_benchmark_set_per_s"] is None
+    # A float32 value each, in hash buckets: a few bytes a key on every node together, not a third of them.
+    assert 4 <= result["redis_bytes_per_key"] < result["naive_redis_bytes_per_key"]
