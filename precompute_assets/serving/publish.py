@@ -297,16 +297,31 @@ def _unscripted(commands: list[tuple[bytes, ...]]) -> list[tuple[bytes, ...]]:
     return plain
 
 
-# Cluster clients whose user may not run ``_WRITE_BUCKET`` (an ACL made before it): they write buckets unscripted.
+# Cluster clients that may not run ``_WRITE_BUCKET`` (an ACL made before it, or EVAL renamed away): they write buckets
+# unscripted.
 _SCRIPT_REFUSED: weakref.WeakSet = weakref.WeakSet()
+RENAMED_HINT = "the server has no EVAL (renamed or disabled by rename-command): allow it for atomic bucket writes"
+
+
+def script_refusal_hint(error: redis.ResponseError) -> str | None:
+    """What to do when a cluster refused ``_WRITE_BUCKET`` with ``error``: the publisher's ACL user predates the
+    script (``REAPPLY_HINT``), or the server has no EVAL (``RENAMED_HINT``); None when it was refused for another
+    reason (a key outside the user's namespace, a full memory) that writing without the script would not help."""
+    text = str(error).lower()
+    if "'eval'" not in text:
+        return None
+    if is_acl_refusal(error):
+        return REAPPLY_HINT
+    return RENAMED_HINT if "unknown command" in text else None
 
 
 def _bucket_sender(client: redis.Redis) -> Callable[[list[tuple[bytes, ...]]], None]:
-    """``send_commands`` for ``_bucket_writes``. A cluster publisher whose ACL user predates them (no ``EVAL``) writes
-    each bucket's ``HSET`` and ``EXPIRE`` as two commands instead, as before, after one warning naming the fix:
-    a publish on an upgraded package goes on, and a kill between the two leaves that bucket without its TTL. The
-    refusal is remembered for ``client``: an embedding sync patches page after page, each with a sender of its own,
-    and each page was sent twice (refused, then again) with a warning of its own."""
+    """``send_commands`` for ``_bucket_writes``. A cluster publisher that may not run them (an ACL user that predates
+    them, a server with ``EVAL`` renamed away) writes each bucket's ``HSET`` and ``EXPIRE`` as two commands instead, as
+    before, after one warning naming the fix (``script_refusal_hint``): a publish on an upgraded package goes on, and a
+    kill between the two leaves that bucket without its TTL. The refusal is remembered for ``client``: an embedding
+    sync patches page after page, each with a sender of its own, and each page was sent twice (refused, then again)
+    with a warning of its own."""
 
     def send(commands: list[tuple[bytes, ...]]) -> None:
         if client not in _SCRIPT_REFUSED:
@@ -314,11 +329,12 @@ def _bucket_sender(client: redis.Redis) -> Callable[[list[tuple[bytes, ...]]], N
                 send_commands(client, commands)
                 return
             except redis.ResponseError as error:
-                if not (is_cluster(client) and is_acl_refusal(error) and "'eval'" in str(error)):
+                hint = script_refusal_hint(error) if is_cluster(client) else None
+                if hint is None:
                     raise  # refused for another reason (a key outside the user's namespace) or not a refusal
                 _SCRIPT_REFUSED.add(client)  # every EVAL was refused: nothing of these commands was written
                 _log.warning("bucket writes without their script (%s): a publisher killed mid-write can leave a "
-                             "bucket without its TTL; %s", error, REAPPLY_HINT)  # fmt: skip
+                             "bucket without its TTL; %s", error, hint)  # fmt: skip
         send_commands(client, _unscripted(commands))
 
     return send

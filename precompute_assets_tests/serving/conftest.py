@@ -79,17 +79,17 @@ class Cluster:
             server.stop()
 
 
-def start_cluster(base: Path, *, masters: int = 3, replicas: int = 0) -> Cluster:
-    """Start and form a cluster; on any failure every server started is stopped again."""
+def start_cluster(base: Path, *, masters: int = 3, replicas: int = 0, extra_config: tuple[str, ...] = ()) -> Cluster:
+    """Start and form a cluster (``extra_config``: lines added to every server's configuration); on any failure every
+    server started is stopped again."""
     started: list[RedisServer] = []
     bus_ports: dict[int, int] = {}
 
     def server() -> RedisServer:
         # The bus port is chosen too: the default (port + 10000) can fall beyond 65535 for an ephemeral port.
         bus = free_port()
-        node = RedisServer(
-            base / uuid.uuid4().hex[:8], free_port(), extra_config=(*CLUSTER_CONFIG, f"cluster-port {bus}")
-        )
+        config = (*CLUSTER_CONFIG, f"cluster-port {bus}", *extra_config)
+        node = RedisServer(base / uuid.uuid4().hex[:8], free_port(), extra_config=config)
         bus_ports[node.port] = bus
         started.append(node)
         node.start(timeout_s=30)

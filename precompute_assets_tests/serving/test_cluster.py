@@ -175,6 +175,20 @@ def test_a_cluster_publisher_of_an_older_version_writes_buckets_without_their_sc
                 node.acl_deluser(*users)
 
 
+def test_a_cluster_without_eval_publishes_its_buckets_without_the_script(cluster_factory, ns, caplog):
+    """A hardened server with EVAL renamed away failed every publish with "unknown command 'EVAL'": the publish now
+    writes each bucket's HSET and EXPIRE as two commands, after one warning saying what the server lacks."""
+    cluster = cluster_factory(extra_config=('rename-command EVAL ""',))
+    publisher = connect(cluster.url)
+    keys = [f"ad{i}" for i in range(300)]  # buckets on every master
+    with caplog.at_level("WARNING", logger="precompute_assets.serving.publish"):
+        result = publish_version(publisher, "ctr", "v1", [(k, 0.5) for k in keys], n_keys=len(keys), schema=ns)
+    assert cache_on(cluster, ns).get_many("ctr", keys) == [0.5] * len(keys)
+    assert all(publisher.ttl(ns.bucket("ctr", "v1", b)) > 0 for b in range(result.buckets))
+    warned = [record.message for record in caplog.records if "bucket writes without their script" in record.message]
+    assert len(warned) == 1 and "rename-command" in warned[0], warned
+
+
 # --- publish and read ---------------------------------------------------------------------------------------
 
 
