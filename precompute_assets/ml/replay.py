@@ -230,6 +230,8 @@ def _text_trace(
     text: str, columns: Columns | None, where: tuple[int | str, Collection[str]] | None, exact_keys: bool = False
 ) -> Trace:
     """The trace of a text file's ``text`` (``parse_trace``'s text formats)."""
+    if (nul := text.find("\0")) >= 0:
+        raise TraceError(f"line {text.count(chr(10), 0, nul) + 1}: {_NUL_LINE}")
     if _ALL_QUOTED_LINE.fullmatch(text.partition("\n")[0]):  # a QUOTE_ALL export, R's write.csv header
         text = _csv_unquoted(text)  # before the format is told by its first line: "1764000000","ad1" is CSV
     separator = "whitespace" if _whitespace_separated(text) else "comma"
@@ -322,6 +324,8 @@ MAX_MALFORMED_LINES = 100  # beyond this many, a file is more likely read with t
 _LINE_ERROR = re.compile(r"line (\d+): (.*)", re.DOTALL)
 _NOT_UTF8 = "not valid UTF-8 text"
 _UNDECODED = re.compile("[\udc80-\udcff]")  # a byte that is not UTF-8, as surrogateescape decodes it
+# Why a line holding a NUL byte is refused: read as part of a key, it made another key of a corrupt line's
+_NUL_LINE = "a NUL byte, which text never holds (a binary trace? see --format; UTF-16 text without a byte order mark?)"
 
 
 def parse_trace_quarantining(
@@ -397,18 +401,28 @@ def _csv_unquoted(text: str) -> str:
 
 
 def _utf8_lines(data: bytes) -> tuple[list[str], list[tuple[int, str]]]:
-    """The lines of ``data`` as ``_decode_text`` reads them, with those that are not UTF-8 cut out: ``(lines, [(line
-    number in the file, problem)])``. One such line (a logged URL's Latin-1 byte) refused a whole request log."""
+    """The lines of ``data`` as ``_decode_text`` reads them, with those that are not UTF-8 or hold a NUL byte cut out:
+    ``(lines, [(line number in the file, problem)])``. One such line (a logged URL's Latin-1 byte) refused a whole
+    request log; all are cut in one pass, not one parse each."""
     try:
-        return _decode_text(data).split("\n"), []
+        text = _decode_text(data)
     except TraceError as error:
         if _NOT_UTF8 not in str(error):
             raise
-    text = data.removeprefix(codecs.BOM_UTF8).decode("utf-8", "surrogateescape")
-    lines = text.replace("\r\n", "\n").replace("\r", "\n").removesuffix("\n").split("\n")
-    bad = {i for i, line in enumerate(lines) if not line.isascii() and _UNDECODED.search(line)}
-    problem = f"{_NOT_UTF8} (a binary trace? see --format)"
-    return [line for i, line in enumerate(lines) if i not in bad], [(i + 1, problem) for i in sorted(bad)]
+        text = data.removeprefix(codecs.BOM_UTF8).decode("utf-8", "surrogateescape")
+        text = text.replace("\r\n", "\n").replace("\r", "\n").removesuffix("\n")
+    lines = text.split("\n")
+    if "\0" not in text and _UNDECODED.search(text) is None:
+        return lines, []
+    problems = {i: problem for i, line in enumerate(lines) if (problem := _undecodable(line))}
+    return [line for i, line in enumerate(lines) if i not in problems], [(i + 1, p) for i, p in problems.items()]
+
+
+def _undecodable(line: str) -> str:
+    """Why ``line`` (decoded with surrogateescape) cannot be read as text, or "" when it can."""
+    if not line.isascii() and _UNDECODED.search(line):
+        return f"{_NOT_UTF8} (a binary trace? see --format)"
+    return _NUL_LINE if "\0" in line else ""
 
 
 def _kept_lines(text: str, field: int, fields: int, values: Collection[str]) -> np.ndarray:

@@ -1915,3 +1915,21 @@ def test_parse_trace_quarantining_names_the_first_problem_when_every_line_is_cut
     blank.write_text("\n \n\n")
     with pytest.raises(TraceError, match=r"^no request is left: all 3 lines are malformed \(the first, line 1: blank"):
         parse_trace_quarantining(blank)
+
+
+def test_a_line_holding_a_nul_byte_is_malformed_not_a_key(tmp_path):
+    # "b\0c" was read as a key of its own: a corrupt line's bytes replayed as one more key
+    from precompute_assets.ml.replay import parse_trace_quarantining
+
+    log = tmp_path / "requests.csv"
+    log.write_bytes(b"1,a\n2,b\x00c\n3,a\n")
+    with pytest.raises(TraceError, match="^line 2: a NUL byte, which text never holds .a binary trace"):
+        parse_trace(log)
+    log.write_bytes(b"1,a\n2,b\x00c\n3,a\n4,\x00\n5,caf\xe9\n6,b\n")  # cut with the lines that are not UTF-8
+    trace, cut = parse_trace_quarantining(log)
+    assert list(trace.keys) == ["a", "a", "b"] and list(trace.timestamps) == [1.0, 3.0, 6.0]
+    assert [line for line, _ in cut] == [2, 4, 5] and cut[0][1] == cut[1][1] and "UTF-8" in cut[2][1]
+    bare = tmp_path / "keys.txt"
+    bare.write_bytes(b"a\nb\x00\n")
+    with pytest.raises(TraceError, match="^line 2: a NUL byte"):
+        parse_trace(bare)
