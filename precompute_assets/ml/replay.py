@@ -324,6 +324,8 @@ MAX_MALFORMED_LINES = 100  # beyond this many, a file is more likely read with t
 _LINE_ERROR = re.compile(r"line (\d+): (.*)", re.DOTALL)
 _NOT_UTF8 = "not valid UTF-8 text"
 _UNDECODED = re.compile("[\udc80-\udcff]")  # a byte that is not UTF-8, as surrogateescape decodes it
+# Control characters that text does not hold (tab, line and page breaks aside) and binary records all but always do
+_BINARY = re.compile("[\x00-\x08\x0e-\x1f]")
 # Why a line holding a NUL byte is refused: read as part of a key, it made another key of a corrupt line's
 _NUL_LINE = "a NUL byte, which text never holds (a binary trace? see --format; UTF-16 text without a byte order mark?)"
 
@@ -421,8 +423,16 @@ def _utf8_lines(data: bytes) -> tuple[list[str], list[tuple[int, str]]]:
 def _undecodable(line: str) -> str:
     """Why ``line`` (decoded with surrogateescape) cannot be read as text, or "" when it can."""
     if not line.isascii() and _UNDECODED.search(line):
-        return f"{_NOT_UTF8} (a binary trace? see --format)"
+        return _not_utf8(line)
     return _NUL_LINE if "\0" in line else ""
+
+
+def _not_utf8(line: str) -> str:
+    """Why ``line`` (decoded with surrogateescape), which is not UTF-8, is refused: a binary record's bytes when it
+    holds control characters, else text in an 8-bit encoding (a Latin-1 log was told it looked binary)."""
+    if _BINARY.search(line):
+        return f"{_NOT_UTF8} (a binary trace? see --format)"
+    return f"{_NOT_UTF8} (Latin-1 or Windows-1252 text? convert it to UTF-8, e.g. with iconv -f latin1 -t utf-8)"
 
 
 def _kept_lines(text: str, field: int, fields: int, values: Collection[str]) -> np.ndarray:
@@ -1683,7 +1693,9 @@ def _decode_text(data: bytes) -> str:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line_no = data.count(b"\n", 0, exc.start) + 1
-        raise TraceError(f"line {line_no}: {_NOT_UTF8} (a binary trace? see --format)") from None
+        start, end = data.rfind(b"\n", 0, exc.start) + 1, data.find(b"\n", exc.start)
+        line = data[start : None if end < 0 else end].decode("utf-8", "surrogateescape")
+        raise TraceError(f"line {line_no}: {_not_utf8(line)}") from None
     text = text.replace("\r\n", "\n").replace("\r", "\n")  # a lone CR ends a line too (old Mac files)
     if text.endswith("\n"):
         text = text[:-1]  # the newline that ends the last line, not an extra blank line

@@ -1864,7 +1864,7 @@ def test_parse_trace_quarantining_cuts_lines_that_are_not_utf8(tmp_path):
     log.write_bytes(b"1,caf\xc3\xa9\r\n2,caf\xe9\r\n3,b\r\n4,\xff\xfe\r\n5,c\r\n")
     trace, cut = parse_trace_quarantining(log)
     assert list(trace.keys) == ["caf\u00e9", "b", "c"] and list(trace.timestamps) == [1.0, 3.0, 5.0]
-    assert cut == [(2, "not valid UTF-8 text (a binary trace? see --format)"), (4, cut[1][1])]
+    assert [line for line, _ in cut] == [2, 4] and cut[0][1].startswith("not valid UTF-8 text (Latin-1")
     log.write_bytes(b"1,a\n2,\xe9\n\n4,b\n")  # a blank line below a cut one is named as numbered in the file
     assert [line for line, _ in parse_trace_quarantining(log)[1]] == [2, 3]
     with pytest.raises(TraceError, match="line 2: not valid UTF-8") as refused:  # a binary file: too many lines
@@ -1933,3 +1933,21 @@ def test_a_line_holding_a_nul_byte_is_malformed_not_a_key(tmp_path):
     bare.write_bytes(b"a\nb\x00\n")
     with pytest.raises(TraceError, match="^line 2: a NUL byte"):
         parse_trace(bare)
+
+
+def test_text_in_latin_1_is_told_to_be_converted_not_taken_for_a_binary_trace(tmp_path):
+    # A Latin-1 log was refused, after 100 lines cut, as "not valid UTF-8 text (a binary trace? see --format)"
+    from precompute_assets.ml.replay import parse_trace_quarantining
+
+    log = tmp_path / "requests.csv"
+    log.write_bytes("".join(f"{t},caf\u00e9{t % 7}\r\n" for t in range(300)).encode("latin-1"))
+    convert = r"^line 1: not valid UTF-8 text \(Latin-1 or Windows-1252 text\? convert it to UTF-8, e\.g\. with iconv"
+    with pytest.raises(TraceError, match=convert):
+        parse_trace(log)
+    with pytest.raises(TraceError, match=r"^line 101: not valid UTF-8 text \(Latin-1") as refused:
+        parse_trace_quarantining(log)
+    assert refused.value.__notes__ == ["after 100 malformed lines were cut (at most 100)"]
+    binary = tmp_path / "records.bin"  # control characters beside the bytes that are not UTF-8: binary records
+    binary.write_bytes(oracle_general([(12, 2**40 + 7, 4096, 2), (13, 2**63 + 5, 512, -1)]))
+    with pytest.raises(TraceError, match=r"^line 1: not valid UTF-8 text \(a binary trace\? see --format\)$"):
+        parse_trace(binary)
