@@ -275,7 +275,13 @@ def _text_trace(
     kind = "key" if time_field is None else "csv"  # now one key, or timestamp,key, per line
     if exact_keys and kind == "csv" and '"' in text:
         text = _csv_unquoted(text)  # a key read with its CSV quotes was another id: "c""d" is c"d
-    if not chosen and fields > 2 and re.match(_COMMA_MILLIS, text) and not _NOT_COMMA_MILLIS_LINE.search(text):
+    if (
+        not chosen
+        and fields > 2
+        and re.match(_COMMA_MILLIS, text)
+        and not _NOT_COMMA_MILLIS_LINE.search(text)
+        and not _digits_fall_within_seconds(text)
+    ):
         raise TraceError(
             f"every line starts like {text.partition(chr(10))[0]!r}: a time with its milliseconds after a comma, as "
             "Python logging writes it, not a timestamp and a key? Name the key's field with --key-field (2 if the "
@@ -318,6 +324,18 @@ def _text_trace(
         keys, timestamps = keys[kept], None if timestamps is None else timestamps[kept]
         layout["where"] = {"field": number, "values": sorted(where[1]), "dropped": int((~kept).sum())}
     return Trace(keys=keys, timestamps=timestamps, dated=dated is not None, **layout)
+
+
+def _digits_fall_within_seconds(text: str) -> bool:
+    """Whether the three digits after the seconds of ``text``'s ``_COMMA_MILLIS`` lines go down from one line to the
+    next within the same second too often to be a log's milliseconds: a log is written in time order (processes that
+    share a file put a few lines out of it), keys fall about every other time. Refused as milliseconds, a trace of
+    three-digit keys needed --key-field 2."""
+    lines = pd.Series(text.split("\n"), dtype=object)
+    seconds, digits = lines.str[:19].to_numpy(), lines.str[20:].astype(np.int64).to_numpy()
+    same_second = seconds[1:] == seconds[:-1]
+    falls = int((same_second & (digits[1:] < digits[:-1])).sum())
+    return falls >= 3 and 4 * falls > int(same_second.sum())
 
 
 MAX_MALFORMED_LINES = 100  # beyond this many, a file is more likely read with the wrong format or options

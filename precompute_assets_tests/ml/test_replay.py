@@ -7,6 +7,7 @@ import itertools
 import json
 import lzma
 import os
+from collections import OrderedDict
 from functools import cache
 from pathlib import Path
 
@@ -362,6 +363,46 @@ def test_python_loggings_comma_before_milliseconds_is_not_read_as_the_key(tmp_pa
     assert parse_trace(log, columns=(1, 2)).keys.tolist() == [123, 7, 512]  # the digits were the keys after all
     other = write(tmp_path, "2025-12-01 08:30:00,123,ad:5\n2025-12-01 08:30:01,4096,ad:6\n")  # not every line
     assert parse_trace(other).keys.tolist() == [123, 4096]
+
+
+def reference_lru_hit_rate(days: list[np.ndarray], capacity: int) -> float:
+    """An LRU of ``capacity`` keys over every day in order, its hits counted from day 1 (day 0 warms it)."""
+    cache: OrderedDict = OrderedDict()
+    hits = counted = 0
+    for day, keys in enumerate(days):
+        for key in keys.tolist():
+            hit = key in cache
+            if hit:
+                cache.move_to_end(key)
+            else:
+                cache[key] = None
+                if len(cache) > capacity:
+                    cache.popitem(last=False)
+            hits, counted = hits + (hit and day > 0), counted + (day > 0)
+    return hits / counted
+
+
+def test_three_digit_keys_after_date_times_to_the_second_are_read_as_keys(tmp_path: Path):
+    # Refused as Python logging's milliseconds: "2025-12-01 08:30:00,123,4096" (a time, a key, a size) needed
+    # --key-field 2. Milliseconds of a log grow within each second; keys go down about every other request.
+    from precompute_assets.ml.replay import parse_trace_quarantining
+
+    rng = np.random.default_rng(7)
+    keys = 100 + np.minimum(rng.zipf(1.3, 2000), 899)
+    start = pd.Timestamp("2025-12-01")
+    lines = [f"{(start + pd.Timedelta(seconds=130 * (i // 4))):%Y-%m-%d %H:%M:%S},{k},4096" for i, k in enumerate(keys)]
+    trace_path = write(tmp_path, "\n".join(lines) + "\n")
+    for parse in (parse_trace, lambda path: parse_trace_quarantining(path)[0]):
+        trace = parse(trace_path)
+        assert trace.keys.tolist() == keys.tolist() and trace.timestamps[4] - trace.timestamps[0] == 130.0
+    days = split_days(trace, 3)
+    assert replay(days, top_n=0, capacity=20)["hit_rate_lru"] == pytest.approx(reference_lru_hit_rate(days, 20))
+    # A log's milliseconds stay refused, a few lines out of order (processes sharing the file) or not
+    millis = sorted(rng.integers(0, 1000, 12).tolist())
+    millis[5], millis[6] = millis[6], millis[5]
+    log = write(tmp_path, "".join(f"2025-12-01 08:30:0{i // 4},{ms:03d},ad:{i % 3}\n" for i, ms in enumerate(millis)))
+    with pytest.raises(TraceError, match="^every line starts like '2025-12-01 08:30:00,.*': a time with its"):
+        parse_trace(log)
 
 
 def test_trace_notes_warn_of_text_read_from_the_wrong_place_only():
