@@ -603,15 +603,73 @@ def split_days(trace: Trace, days: int) -> list[np.ndarray]:
     return _split(trace, days, np.asarray(trace.keys))
 
 
+DAY_SECONDS = 86_400
+DAY_TOLERANCE = 0.1  # a replayed day further than this share (2.4 h) from 24 h is named: it shifts daily cycles
+_EPOCH_SECONDS = (946_684_800, 7_258_118_400)  # 2000-01-01 to 2200-01-01: where timestamps since 1970 fall
+_FILETIME_EPOCH_S = 11_644_473_600  # Windows file times (MSR Cambridge's): 100 ns ticks since 1601
+_UNITS = {"seconds": 1.0, "milliseconds": 1e-3, "microseconds": 1e-6, "nanoseconds": 1e-9}
+
+
+def timestamp_unit(trace: Trace, slice_ticks: float) -> tuple[float, str | None]:
+    """Seconds per tick of ``trace``'s timestamps, and the unit's name when it is a guess (None: known). Date-times
+    and libCacheSim's times are seconds; numbers since 1970 (or 1601's file times) tell theirs by their size, from
+    2000 to 2200; a trace's own clock cannot, so the unit that makes a slice of ``slice_ticks`` nearest a day is
+    guessed."""
+    if trace.dated or trace.format in _ORACLE:
+        return 1.0, None
+    typical = float(np.median(np.abs(trace.timestamps)))
+    for factor in _UNITS.values():
+        if _EPOCH_SECONDS[0] <= typical * factor < _EPOCH_SECONDS[1]:
+            return factor, None
+    if _EPOCH_SECONDS[0] <= typical * 1e-7 - _FILETIME_EPOCH_S < _EPOCH_SECONDS[1]:
+        return 1e-7, None
+    name = min(_UNITS, key=lambda unit: abs(np.log(max(slice_ticks * _UNITS[unit], 1e-12) / DAY_SECONDS)))
+    return _UNITS[name], name
+
+
+def _duration(seconds: float) -> str:
+    """``seconds`` in the unit a reader thinks in: seconds, minutes, hours or days."""
+    for limit, size, unit in ((120, 1, "s"), (7_200, 60, "min"), (2 * DAY_SECONDS, 3_600, "h")):
+        if seconds < limit:
+            return f"{seconds / size:.3g} {unit}"
+    return f"{seconds / DAY_SECONDS:.3g} days"
+
+
+def day_length_note(trace: Trace, days: int) -> str | None:
+    """A note when the ``days`` equal time spans of ``split_days`` are far from 24 h (``DAY_TOLERANCE``): "--days 8"
+    of a 4-day trace replays half-days, whose warm-up, selection and counts are not a day's. None for a trace without
+    timestamps (or all equal: days of equal request counts then)."""
+    ts = trace.timestamps
+    if ts is None or len(ts) == 0 or ts.min() == ts.max():
+        return None
+    slice_ticks = float(ts.max() - ts.min()) / days
+    factor, guessed = timestamp_unit(trace, slice_ticks)
+    day_share = slice_ticks * factor / DAY_SECONDS
+    if abs(day_share - 1) <= DAY_TOLERANCE:
+        return None
+    span = float(ts.max() - ts.min()) * factor
+    reading = "" if guessed is None else f", if they are {guessed}"
+    fits = round(span / DAY_SECONDS)
+    advice = [f"--days {fits} for days of about 24 h" if fits >= 2 else "too short for 2 days of 24 h"]
+    if trace.format in ("text", "parquet"):  # fields to choose
+        advice.append("--time-field none splits by request count")
+    return (
+        f"each of the {days} days is {_duration(span / days)} of the trace's timestamps, not 24 h: they span "
+        f"{_duration(span)}{reading} ({'; '.join(advice)})"
+    )
+
+
 def trace_notes(trace: Trace, day_keys: Sequence[np.ndarray], *, key_chosen: bool = False) -> list[str]:
-    """Warnings about a read that looks wrong though every line parsed: days of ``split_days`` without requests
-    (an outlier timestamp or a gap leaves equal time spans empty, and an empty day warms or counts nothing), and
-    in a text trace one key in every request of several fields (the key read from a constant field; not when the
-    caller chose the key field, ``key_chosen``, or filtered on it) and bare keys that all hold a comma (a CSV whose
-    first field is no timestamp this reader knows)."""
+    """Warnings about a read that looks wrong though every line parsed: days of ``split_days`` far from 24 h
+    (``day_length_note``, unless some are empty) or without requests (an outlier timestamp or a gap leaves equal time
+    spans empty, and an empty day warms or counts nothing), and in a text trace one key in every request of several
+    fields (the key read from a constant field; not when the caller chose the key field, ``key_chosen``, or filtered
+    on it) and bare keys that all hold a comma (a CSV whose first field is no timestamp this reader knows)."""
     notes = []
     text = trace.format == "text"  # the fields of a text trace can be chosen; other readers know theirs
     empty = [d for d, day in enumerate(day_keys) if len(day) == 0]
+    if not empty and (note := day_length_note(trace, len(day_keys))):  # an empty day's note tells more: an outlier?
+        notes.append(note)
     if empty:
         ts = trace.timestamps
         span = f" from {ts.min():.10g} to {ts.max():.10g}" if ts is not None and len(ts) else ""

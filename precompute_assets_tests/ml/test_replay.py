@@ -420,6 +420,42 @@ def test_trace_notes_warn_of_text_read_from_the_wrong_place_only():
     ]
 
 
+def day_notes(timestamps: list[float] | None, days: int, **trace) -> list[str]:
+    """``trace_notes`` of a trace of these timestamps split into ``days``, each request a key of its own."""
+    keys = np.arange(len(timestamps) if timestamps is not None else 12)
+    read = Trace(keys=keys, timestamps=None if timestamps is None else np.asarray(timestamps, float), **trace)
+    return trace_notes(read, split_days(read, days))
+
+
+def test_days_far_from_24_hours_are_named_with_the_days_that_fit(tmp_path: Path, capsys: pytest.CaptureFixture):
+    # --days 8 on a trace of 4 days replayed half-days without a word
+    epoch = 1_764_547_200  # 2025-12-01
+    four_days = [epoch + 3600 * h for h in range(97)]
+    assert day_notes(four_days, 8) == [
+        "each of the 8 days is 12 h of the trace's timestamps, not 24 h: they span 4 days (--days 4 for days of about "
+        "24 h; --time-field none splits by request count)"
+    ]
+    assert day_notes(four_days, 4) == [] and day_notes([*four_days, epoch + 100 * 3600], 4) == []  # 25 h: near 24
+    assert "each of the 3 days is 32 h" in day_notes(four_days, 3)[0]
+    assert day_notes([t * 1000 for t in four_days], 8)[0].startswith("each of the 8 days is 12 h")  # epoch ms
+    assert day_notes([t * 10_000_000 + 116_444_736_000_000_000 for t in four_days], 4) == []  # Windows file times
+    assert "if they" not in day_notes(four_days, 8, dated=True)[0]  # date-times: seconds, whatever their size
+    # A trace's own clock tells no unit: the one that makes a day nearest 24 h is named as a guess
+    relative = [3600.0 * h for h in range(97)]
+    assert "they span 4 days, if they are seconds (--days 4" in day_notes(relative, 8)[0]
+    assert "span 4 days, if they are milliseconds" in day_notes([t * 1000 for t in relative], 8)[0]
+    assert "span 3 s, if they are seconds (too short for 2 days of 24 h;" in day_notes([1, 2, 3, 4], 2)[0]
+    assert "--time-field" not in day_notes(relative, 8, format="oracle-general")[0]  # binary records: no fields
+    assert day_notes(None, 4) == [] and day_notes([5.0] * 12, 4) == []  # days of equal request counts
+    outlier = day_notes([0, *four_days[1:]], 4)  # an empty day's note, not 4,600-day days
+    assert len(outlier) == 1 and outlier[0].startswith("2 of the 4 days hold no requests")
+    trace = write(tmp_path, "".join(f"{t},k{t % 7}\n" for t in four_days))
+    assert main(["replay", "--trace", str(trace), "--days", "8", "--top-n", "0", "--capacity", "3"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["trace_notes"] == day_notes(four_days, 8)
+    assert captured.err == f"precompute replay: warning: {day_notes(four_days, 8)[0]}\n"
+
+
 def test_where_keeps_the_requests_whose_field_has_one_of_the_values(tmp_path: Path):
     msr = parse_trace(write(tmp_path, MSR), columns=("Timestamp", "Offset"), where=("Type", {"Read"}))
     assert msr.keys.tolist() == [3154152960, 3154152960] and len(msr.timestamps) == 2

@@ -217,7 +217,7 @@ def test_replay_keeps_the_requests_where_tells_it_to(tmp_path, capsys):
 
 def test_replay_reports_requests_per_day_and_warns_of_empty_days(tmp_path, capsys):
     keys = [f"k{t % 50}" for t in range(800)]
-    times = [1_600_000_000 + 10 * t for t in range(800)]
+    times = [1_600_000_000 + 432 * t for t in range(800)]  # 4 days, less one step: days of 24 h less 0.1%
     trace = tmp_path / "trace.csv"
     trace.write_text("".join(f"{t},{k}\n" for t, k in zip(times, keys, strict=True)))
     base = ["replay", "--trace", str(trace), "--days", "4", "--top-n", "0", "--capacity", "60"]
@@ -233,7 +233,7 @@ def test_replay_reports_requests_per_day_and_warns_of_empty_days(tmp_path, capsy
     assert result["requests_per_day"] == [1, 0, 0, 799]
     assert result["trace_notes"] == [
         "2 of the 4 days hold no requests (days 1, 2): days are equal spans of the timestamps from 0 to "
-        "1600007990; an outlier timestamp or a gap? Use fewer --days, or --time-field none to split by count"
+        "1600345168; an outlier timestamp or a gap? Use fewer --days, or --time-field none to split by count"
     ]
     assert captured.err == f"precompute replay: warning: {result['trace_notes'][0]}\n"
     assert main(["replay", "--trace", str(outlier), *base[3:], "--time-field", "none", "--key-field", "2"]) == 0
@@ -241,8 +241,9 @@ def test_replay_reports_requests_per_day_and_warns_of_empty_days(tmp_path, capsy
 
 
 def test_replay_warns_of_a_key_read_from_the_wrong_field(tmp_path, capsys):
-    msr = tmp_path / "msr.csv"  # MSR Cambridge's layout, without a header: field 2 is the host
-    msr.write_text("".join(f"{128166372000000000 + t},hm,0,Read,{4096 * (t % 9)},4096,100\n" for t in range(60)))
+    msr = tmp_path / "msr.csv"  # MSR Cambridge's layout, without a header: field 2 is the host; 2 days of file times
+    step = 29_300_000_000  # 100 ns ticks: 59 steps are 2 days and 1.3 min
+    msr.write_text("".join(f"{128166372000000000 + step * t},hm,0,Read,{4096 * (t % 9)},4096,100\n" for t in range(60)))
     base = ["--days", "2", "--top-n", "0", "--capacity", "3"]
     assert main(["replay", "--trace", str(msr), *base]) == 0
     captured = capsys.readouterr()
