@@ -10,6 +10,7 @@ import functools
 import heapq
 import io
 import itertools
+import json
 import lzma
 import os
 import re
@@ -232,6 +233,11 @@ def _text_trace(
     """The trace of a text file's ``text`` (``parse_trace``'s text formats)."""
     if (nul := text.find("\0")) >= 0:
         raise TraceError(f"line {text.count(chr(10), 0, nul) + 1}: {_NUL_LINE}")
+    if _is_json_object(text.partition("\n")[0]):  # else read as a header of names '{"ts": 1', ' "key": "a"}'
+        raise TraceError(
+            "line 1 is a JSON object: JSON lines are no trace format; write the timestamp and the key as text lines, "
+            "e.g. with jq -r '[.ts, .key] | @tsv'"
+        )
     if _ALL_QUOTED_LINE.fullmatch(text.partition("\n")[0]):  # a QUOTE_ALL export, R's write.csv header
         text = _csv_unquoted(text)  # before the format is told by its first line: "1764000000","ad1" is CSV
     separator = "whitespace" if _whitespace_separated(text) else "comma"
@@ -413,6 +419,17 @@ def _nothing_left(cut: list[tuple[int, str]]) -> TraceError:
     """The error of a text whose every line was cut as malformed (``cut``: line number in the file, problem)."""
     line_no, problem = min(cut)
     return TraceError(f"no request is left: all {len(cut)} lines are malformed (the first, line {line_no}: {problem})")
+
+
+def _is_json_object(line: str) -> bool:
+    """Whether ``line`` is a JSON object, as each line of a JSON Lines log is (a key such as ``{user1}`` is not)."""
+    line = line.strip()
+    if not (line.startswith("{") and line.endswith("}")):
+        return False
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
 
 
 def _csv_unquoted(text: str) -> str:

@@ -2028,3 +2028,19 @@ def test_text_in_latin_1_is_told_to_be_converted_not_taken_for_a_binary_trace(tm
     binary.write_bytes(oracle_general([(12, 2**40 + 7, 4096, 2), (13, 2**63 + 5, 512, -1)]))
     with pytest.raises(TraceError, match=r"^line 1: not valid UTF-8 text \(a binary trace\? see --format\)$"):
         parse_trace(binary)
+
+
+def test_json_lines_are_refused_as_such_not_read_as_a_header(tmp_path):
+    # The first JSON object was taken for a header of names ('{"ts": 1764547200', ' "key": "a"}'): the error named
+    # line 2's timestamp '{"ts": 1764547201' as not numeric and told to choose fields by the header's names
+    from precompute_assets.ml.replay import parse_trace_quarantining
+
+    log = write(tmp_path, '{"ts": 1764547200, "key": "a"}\n{"ts": 1764547201, "key": "b"}\n')
+    for parse in (parse_trace, parse_trace_quarantining):
+        with pytest.raises(TraceError, match=r"^line 1 is a JSON object: JSON lines are no trace format; .* jq -r"):
+            parse(log)
+    assert parse_trace(write(tmp_path, "{user1}\n{user2}\n{user1}\n")).keys.tolist() == [
+        "{user1}",
+        "{user2}",
+        "{user1}",
+    ]
