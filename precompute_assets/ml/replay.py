@@ -67,6 +67,7 @@ _ODD_INT_LINE = {
     "csv": re.compile(r",(?:\+|-?0[0-9]|-0(?:\n|$))"),
 }
 _CSV_START_RE = re.compile(_CSV_START)
+_SEPARATOR_MARKS = {"tab": "\t", "semicolon": ";", "pipe": "|"}  # separators replaced by commas before the parse
 _DATETIME_START_RE = re.compile(rf"{_PAD}{_DATE}")  # a timestamp that is a date-time, not a number
 _DATETIME_FIELD_RE = re.compile(rf"{_DATE}T\S*")  # one without blanks: a field of a whitespace-separated line
 _NUM_RE = re.compile(_NUM)
@@ -244,14 +245,16 @@ def _text_trace(
     first_row = text.partition("\n")[0]
     if separator == "comma" and "\t" in first_row and "," not in first_row:
         separator = "tab"  # a TSV whose fields hold blanks: ClickHouse's "2026-01-01 08:30:00"
-    elif separator == "comma" and _semicolon_separated(text):
+    elif separator == "comma" and _separated_by(text, ";"):
         separator = "semicolon"  # a spreadsheet's CSV in a locale whose decimal mark is the comma
+    elif separator == "comma" and _separated_by(text, "|"):
+        separator = "pipe"  # psql's unaligned output (-A), Hive and BI tools' exports
     if separator != "comma" and (comma := text.find(",")) >= 0:
         line_no = text.count("\n", 0, comma) + 1
         decimal = " (a decimal comma? Write the numbers with a point)" if separator == "semicolon" else ""
         raise TraceError(f"line {line_no}: a comma in a trace of {separator}-separated fields{decimal}")
-    if separator in ("tab", "semicolon"):
-        text = text.replace("\t" if separator == "tab" else ";", ",")
+    if separator in _SEPARATOR_MARKS:
+        text = text.replace(_SEPARATOR_MARKS[separator], ",")
     if separator == "whitespace":
         text = text.replace("\t", " ")
         if "  " in text:
@@ -532,15 +535,15 @@ def _whitespace_separated(text: str) -> bool:
     return False
 
 
-def _semicolon_separated(text: str) -> bool:
-    """Whether ``text``'s fields are separated by semicolons: its first line has one and no tab, is no comma-separated
-    line (the part before a comma is no timestamp), and its first field, or that of the line below a first line of
-    names (a header), is a number or a date-time. A comma in such a line (a decimal comma) is then an error."""
+def _separated_by(text: str, mark: str) -> bool:
+    """Whether ``text``'s fields are separated by ``mark`` (a semicolon, a pipe): its first line has one and no tab,
+    is no comma-separated line (the part before a comma is no timestamp), and its first field, or that of the line
+    below a first line of names (a header), is a number or a date-time. A comma in such a line is then an error."""
     first, _, rest = text.partition("\n")
-    if ";" not in first or "\t" in first or _CSV_START_RE.match(first):
+    if mark not in first or "\t" in first or _CSV_START_RE.match(first):
         return False
-    below = rest.partition("\n")[0] if _header_names(first.replace(";", ",")) else first
-    start = below.partition(";")[0].strip()
+    below = rest.partition("\n")[0] if _header_names(first.replace(mark, ",")) else first
+    start = below.partition(mark)[0].strip()
     return bool(_NUM_RE.fullmatch(start) or re.fullmatch(_DATETIME, start))
 
 

@@ -349,6 +349,22 @@ def test_a_csv_separated_by_semicolons_is_read_by_its_fields(tmp_path: Path):
     assert parse_trace(write(tmp_path, "a;b\nc;d\n")).keys.tolist() == ["a;b", "c;d"]  # no timestamp: bare keys
 
 
+def test_a_trace_separated_by_pipes_is_read_by_its_fields(tmp_path: Path):
+    # psql's unaligned output ("ts|key|user"): every whole line was a key of its own, every rate 0.0, without a warning
+    rng = np.random.default_rng(3)
+    keys = [f"ad{k}" for k in np.minimum(rng.zipf(1.4, 600), 50)]
+    times = [1_764_547_200 + 432 * i for i in range(600)]
+    rows = "".join(f"{t}|{k}|u{i % 5}\n" for i, (t, k) in enumerate(zip(times, keys, strict=True)))
+    trace = parse_trace(write(tmp_path, "ts|key|user\n" + rows))
+    assert trace.keys.tolist() == keys and trace.timestamps.tolist() == times
+    assert trace.layout()["separator"] == "pipe" and trace.header == ("ts", "key", "user")
+    days = split_days(trace, 3)
+    assert replay(days, top_n=0, capacity=8)["hit_rate_lru"] == pytest.approx(reference_lru_hit_rate(days, 8))
+    with pytest.raises(TraceError, match="^line 2: a comma in a trace of pipe-separated fields$"):
+        parse_trace(write(tmp_path, "1764547200|ad1\n1764547260|ad,2\n"))
+    assert parse_trace(write(tmp_path, "a|b\nc|d\n")).keys.tolist() == ["a|b", "c|d"]  # no timestamp: bare keys
+
+
 def test_python_loggings_comma_before_milliseconds_is_not_read_as_the_key(tmp_path: Path):
     # "2025-12-01 08:30:00,123,ad:5" (logging's asctime, then the key) replayed the milliseconds as keys: 1,000 keys,
     # a hit rate of 0.0, and an import wrote them to the lake as the requested ids
