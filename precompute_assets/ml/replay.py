@@ -551,9 +551,11 @@ def _header_names(line: str) -> list[str] | None:
     """The column names ``line`` holds if it can be a CSV header: two or more, none empty or starting like a
     number (so no timestamp in any form: ``2026-01-01T08,a`` is a request, even if not one of a trace), and not
     a comment; else None. The first may be empty: pandas' ``to_csv`` writes its unnamed index column so
-    (``_PANDAS_INDEX``)."""
+    (``_PANDAS_INDEX``); so may the last after two names, of a writer that ends every line with a separator."""
     names = [name.strip() for name in line.split(",")]
     named = names[1:] if names[0] == "" else names
+    if len(named) > 2 and named[-1] == "":
+        named = named[:-1]
     if len(names) < 2 or names[0].startswith("#") or not all(name and not _NUMBER_START.match(name) for name in named):
         return None
     return names

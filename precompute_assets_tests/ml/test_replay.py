@@ -303,6 +303,18 @@ def test_bigquery_and_snowflake_timestamps_are_date_times(tmp_path: Path):
     assert iso_seconds(column)[:2].tolist() == [start, start + 2] and np.isnan(iso_seconds(column)[2])
 
 
+def test_a_header_ending_in_a_separator_names_the_fields_of_lines_that_do_too(tmp_path: Path):
+    # "ts,key," over "1764547200,ad1," lines (a writer that ends each line with a separator) was read as a bare key
+    # over CSV lines: "line 2: mixed formats: line 1 is a bare key"
+    trace = parse_trace(write(tmp_path, "ts,key,\n1764547200,ad1,\n1764547260,ad2,\n"))
+    assert trace.keys.tolist() == ["ad1", "ad2"] and trace.timestamps.tolist() == [1764547200, 1764547260]
+    assert trace.header == ("ts", "key", "") and trace.fields == 3
+    trace = parse_trace(write(tmp_path, "ts|key|\n1764547200|ad1|\n"))
+    assert trace.keys.tolist() == ["ad1"] and trace.layout()["separator"] == "pipe"
+    with pytest.raises(TraceError, match="^line 2: mixed formats"):  # one name and an empty one: no header
+        parse_trace(write(tmp_path, "key,\n1764547200,ad1\n"))
+
+
 def test_pandas_unnamed_index_column_is_neither_timestamp_nor_key(tmp_path: Path):
     # DataFrame.to_csv writes its index first, under an empty name: the header was taken for a bare key, and the
     # file refused as "line 2: mixed formats" (by name: "the trace has no header line")
