@@ -664,12 +664,12 @@ def day_length_note(trace: Trace, days: int) -> str | None:
     ts = trace.timestamps
     if ts is None or len(ts) == 0 or ts.min() == ts.max():
         return None
-    slice_ticks = float(ts.max() - ts.min()) / days
-    factor, guessed = timestamp_unit(trace, slice_ticks)
-    day_share = slice_ticks * factor / DAY_SECONDS
-    if abs(day_share - 1) <= DAY_TOLERANCE:
-        return None
+    factor, guessed = timestamp_unit(trace, float(ts.max() - ts.min()) / days)
     span = float(ts.max() - ts.min()) * factor
+    if guessed is None and not np.any(np.mod(ts * factor, DAY_SECONDS)):
+        span += DAY_SECONDS  # dates without a time of day: the last one stands for a whole day too
+    if abs(span / days / DAY_SECONDS - 1) <= DAY_TOLERANCE:
+        return None
     reading = "" if guessed is None else f", if they are {guessed}"
     fits = round(span / DAY_SECONDS)
     advice = [f"--days {fits} for days of about 24 h" if fits >= 2 else "too short for 2 days of 24 h"]

@@ -475,6 +475,8 @@ def test_days_far_from_24_hours_are_named_with_the_days_that_fit(tmp_path: Path,
     assert "span 3 s, if they are seconds (too short for 2 days of 24 h;" in day_notes([1, 2, 3, 4], 2)[0]
     assert "--time-field" not in day_notes(relative, 8, format="oracle-general")[0]  # binary records: no fields
     assert day_notes(None, 4) == [] and day_notes([5.0] * 12, 4) == []  # days of equal request counts
+    dates = [epoch + 86_400 * (i // 4) for i in range(12)]  # "2025-12-01,k": 3 dates, each a whole day
+    assert day_notes(dates, 3, dated=True) == [] and "they span 3 days (--days 3" in day_notes(dates, 2, dated=True)[0]
     outlier = day_notes([0, *four_days[1:]], 4)  # an empty day's note, not 4,600-day days
     assert len(outlier) == 1 and outlier[0].startswith("2 of the 4 days hold no requests")
     trace = write(tmp_path, "".join(f"{t},k{t % 7}\n" for t in four_days))
