@@ -223,9 +223,24 @@ def _local_trace(
                 f"--key-field, --time-field and --where read fields of text traces, not {_ORACLE[trace_format][1]}'s"
             )
         return _oracle_general(data, trace_format, exact_keys)
+    if (archive := _archive_kind(data)) is not None:
+        raise TraceError(
+            f"the file is a {archive[0]} archive, not a trace: extract the trace from it ({archive[1]} writes it to "
+            "standard output, which a trace named - reads)"
+        )
     text = _decode_text(data)
     del data  # the text holds it now: a trace's bytes need not stay beside it through the parse
     return _text_trace(text, columns, where, exact_keys)
+
+
+def _archive_kind(data: bytes) -> tuple[str, str] | None:
+    """A zip or tar archive's name and the command that writes its files' bytes out, by their magic bytes; else None.
+    Read as text, such an archive was refused as a binary trace, and --format reads none."""
+    if data.startswith(b"PK\x03\x04"):
+        return "zip", "unzip -p FILE"
+    if data[257:262] == b"ustar":  # POSIX tar's magic, in the first member's header
+        return "tar", "tar -xOf FILE"
+    return None
 
 
 def _text_trace(

@@ -2074,3 +2074,25 @@ def test_json_lines_are_refused_as_such_not_read_as_a_header(tmp_path):
         "{user2}",
         "{user1}",
     ]
+
+
+def test_zip_and_tar_archives_are_refused_as_archives_not_as_binary_traces(tmp_path):
+    # Read as text, a zipped CSV was "not valid UTF-8 text (a binary trace? see --format)": no --format reads it
+    import tarfile
+    import zipfile
+
+    from precompute_assets.ml.replay import parse_trace_quarantining
+
+    csv_file = write(tmp_path, "1764547200,ad1\n1764547260,ad2\n")
+    with zipfile.ZipFile(tmp_path / "trace.csv.zip", "w") as archive:
+        archive.write(csv_file, "trace.csv")
+    with tarfile.open(tmp_path / "trace.tar.gz", "w:gz") as archive:
+        archive.add(csv_file, "trace.csv")
+    for name, kind, command in (("trace.csv.zip", "zip", "unzip -p FILE"), ("trace.tar.gz", "tar", "tar -xOf FILE")):
+        for parse in (parse_trace, parse_trace_quarantining):
+            with pytest.raises(TraceError) as refused:
+                parse(tmp_path / name)
+            assert str(refused.value) == (
+                f"the file is a {kind} archive, not a trace: extract the trace from it ({command} writes it to "
+                "standard output, which a trace named - reads)"
+            )
