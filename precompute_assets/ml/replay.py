@@ -89,6 +89,7 @@ _ALL_QUOTED_LINE = re.compile(r'"(?:[^"\n]|"")*"(?:,"(?:[^"\n]|"")*")+')
 # (``2025-12-01 08:30:00,123``) writes the milliseconds after a comma, which splits them off as the key.
 _COMMA_MILLIS = rf"{_DATE}[T ][0-9]{{2}}:[0-9]{{2}}:[0-9]{{2}},[0-9]{{3}}"
 _NOT_COMMA_MILLIS_LINE = re.compile(rf"^(?!{_COMMA_MILLIS}$)", re.MULTILINE)
+_COMMA_MILLIS_LINE = np.dtype([("seconds", "S19"), ("comma", "S1"), ("digits", "S3"), ("newline", "S1")])
 
 
 class TraceError(ValueError):
@@ -355,8 +356,9 @@ def _digits_fall_within_seconds(text: str) -> bool:
     next within the same second too often to be a log's milliseconds: a log is written in time order (processes that
     share a file put a few lines out of it), keys fall about every other time. Refused as milliseconds, a trace of
     three-digit keys needed --key-field 2."""
-    lines = pd.Series(text.split("\n"), dtype=object)
-    seconds, digits = lines.str[:19].to_numpy(), lines.str[20:].astype(np.int64).to_numpy()
+    # every line is 23 ASCII characters: records of fixed width, not a Python string per line of a long trace
+    lines = np.frombuffer(text.encode("ascii") + b"\n", dtype=_COMMA_MILLIS_LINE)
+    seconds, digits = lines["seconds"], lines["digits"].astype(np.int64)
     same_second = seconds[1:] == seconds[:-1]
     falls = int((same_second & (digits[1:] < digits[:-1])).sum())
     return falls >= 3 and 4 * falls > int(same_second.sum())

@@ -540,6 +540,25 @@ def test_a_trace_is_parsed_in_a_few_times_its_size_of_memory(tmp_path: Path, tim
     assert peak < 5 * path.stat().st_size
 
 
+def test_three_digit_keys_after_seconds_are_told_from_milliseconds_in_a_few_times_the_files_size(tmp_path: Path):
+    # The check held a Python string per line, and two more per line for its parts: 10 times the text
+    import tracemalloc
+
+    from precompute_assets.ml.replay import _digits_fall_within_seconds
+
+    keys = np.random.default_rng(0).integers(100, 1000, 300_000)
+    text = "\n".join(
+        f"2025-12-01 {i // 14400:02d}:{i // 240 % 60:02d}:{i // 4 % 60:02d},{k}" for i, k in enumerate(keys)
+    )
+    tracemalloc.start()
+    try:
+        told = _digits_fall_within_seconds(text)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert told and peak < 3 * len(text)
+
+
 def test_where_costs_no_memory_beyond_the_parse_of_the_keys(tmp_path: Path):
     # --where's field of every line (a Python string each) was read beside the parsed keys and the file's whole
     # text, which stayed in memory through the parse: a 30M-line Twitter trace peaked at 9 GB.
