@@ -370,7 +370,7 @@ _NOT_UTF8 = "not valid UTF-8 text"
 _UNDECODED = re.compile("[\udc80-\udcff]")  # a byte that is not UTF-8, as surrogateescape decodes it
 # Control characters that text does not hold (tab, line and page breaks aside) and binary records all but always do
 _BINARY = re.compile("[\x00-\x08\x0e-\x1f]")
-# Why a line holding a NUL byte is refused: read as part of a key, it made another key of a corrupt line's
+# A NUL byte in a line: corrupt or binary bytes, which were read as part of a key
 _NUL_LINE = "a NUL byte, which text never holds (a binary trace? see --format; UTF-16 text without a byte order mark?)"
 
 
@@ -649,7 +649,7 @@ _FILETIME_EPOCH_S = 11_644_473_600  # Windows file times (MSR Cambridge's): 100 
 _UNITS = {"seconds": 1.0, "milliseconds": 1e-3, "microseconds": 1e-6, "nanoseconds": 1e-9}
 
 
-def timestamp_unit(trace: Trace, slice_ticks: float) -> tuple[float, str | None]:
+def _timestamp_unit(trace: Trace, slice_ticks: float) -> tuple[float, str | None]:
     """Seconds per tick of ``trace``'s timestamps, and the unit's name when it is a guess (None: known). Date-times
     and libCacheSim's times are seconds; numbers since 1970 (or 1601's file times) tell theirs by their size, from
     2000 to 2200; a trace's own clock cannot, so the unit that makes a slice of ``slice_ticks`` nearest a day is
@@ -681,7 +681,7 @@ def day_length_note(trace: Trace, days: int) -> str | None:
     ts = trace.timestamps
     if ts is None or len(ts) == 0 or ts.min() == ts.max():
         return None
-    factor, guessed = timestamp_unit(trace, float(ts.max() - ts.min()) / days)
+    factor, guessed = _timestamp_unit(trace, float(ts.max() - ts.min()) / days)
     span = float(ts.max() - ts.min()) * factor
     if guessed is None and not np.any(np.mod(ts * factor, DAY_SECONDS)):
         span += DAY_SECONDS  # dates without a time of day: the last one stands for a whole day too
