@@ -13,11 +13,10 @@ from ..ml.embedder import MAX_CHARS, Embedder, HashingSvdEmbedder, SentenceTrans
 from ..ml.embedding_service import ENV_API_KEY, http_embedder_from_config
 from ..ml.model_store import write_atomically
 from ..serving.connection import REDIS_ERRORS
-from ..serving.keys import EMBEDDING_KIND
 from ..serving.vectors import DTYPE_CODES
 from ..storage.embeddings import EmbeddingStore, sample_documents
 from ..sync.embedding_quality import int8_recall
-from ..sync.embeddings import SyncStats, sync_embeddings
+from ..sync.embeddings import SyncStats, lost_redis_version, sync_embeddings
 from .freshness import EMBEDDINGS_FRESHNESS
 from .publishing import GRACE_SECONDS
 from .resources import (
@@ -335,18 +334,19 @@ def sync_retry_key(instance: dg.DagsterInstance, now: float, *, after_s: float =
     return f"documents-retry-{failed[0].dagster_run.run_id}"
 
 
-def lost_version_key(store: EmbeddingStore, redis: RedisResource) -> str | None:
-    """A run key for a full rebuild when Redis holds no embedding version although a sync completed one (a restart
-    without persistence, a flush): the sync rebuilds a version it finds gone, but only runs when documents change or
-    at 04:00. None while the pointer is there, or when Redis does not answer (the next tick looks again)."""
+def lost_version_key(store: EmbeddingStore, redis: RedisResource) -> tuple[str, str] | None:
+    """A run key for a full rebuild, and why, when Redis no longer serves the embedding version a sync completed: no
+    pointer (a restart without persistence, a flush), or a pointer naming a version whose values are gone (expired,
+    evicted at maxmemory: the pointer has no TTL). The sync rebuilds such a version, but only runs when documents
+    change or at 04:00. None while the version is whole, or when Redis does not answer (the next tick looks again)."""
     version = store.newest_complete_version()
     if version is None:
         return None
     try:
-        pointer = redis.client().get(redis.schema().pointer(EMBEDDING_KIND))
+        lost = lost_redis_version(redis.client(), redis.schema())
     except REDIS_ERRORS:
         return None
-    return None if pointer is not None else f"documents-redis-lost-{version}"
+    return None if lost is None else (f"documents-redis-lost-{version}", lost)
 
 
 @dg.sensor(
@@ -382,8 +382,9 @@ def documents_changed(context: dg.SensorEvaluationContext, documents: DocumentSt
         if retry := sync_retry_key(context.instance, time.time()):
             return dg.RunRequest(run_key=retry)
         if lost := lost_version_key(EmbeddingStore(documents.url), redis):
-            context.log.info("Redis holds no embedding version although a sync completed one: rebuilding it")
-            return dg.RunRequest(run_key=lost)
+            run_key, why = lost
+            context.log.info(f"{why}, though a sync completed it: rebuilding it from the offline store")
+            return dg.RunRequest(run_key=run_key)
         return dg.SkipReason(f"no document changed since {marker}")
     context.update_cursor(marker)
     return dg.RunRequest(run_key=f"documents-{marker}")

@@ -297,6 +297,17 @@ def _sentinel(schema: KeySchema, version: str) -> str:
     return schema.bucket(EMBEDDING_KIND, version, "meta")
 
 
+def lost_redis_version(client: redis.Redis, schema: KeySchema) -> str | None:
+    """Why Redis serves no embeddings, as a sync would judge it, or None: no pointer, or a pointer whose version's
+    marker is gone (expired, evicted or lost with the buckets it lives as long as), which the sync rebuilds."""
+    current = _current_pointer(client, schema)
+    if current is None:
+        return "Redis holds no embedding version"
+    if not client.exists(_sentinel(schema, current.version)):
+        return f"Redis's embedding pointer names version {current.version}, whose values are gone"
+    return None
+
+
 def _current_pointer(client: redis.Redis, schema: KeySchema) -> Pointer | None:
     raw = client.get(schema.pointer(EMBEDDING_KIND))
     return None if raw is None else Pointer.decode(raw)

@@ -505,6 +505,33 @@ def test_embeddings_redis_lost_are_rebuilt_without_waiting_for_a_change(docs, ap
         assert isinstance(tick(cursor)[0], dg.SkipReason)
 
 
+def test_embeddings_whose_values_are_gone_under_their_pointer_are_rebuilt(docs, app_db, redis_url, redis_client,
+                                                                          schema, embedder):  # fmt: skip
+    """The pointer has no TTL, the version's buckets and marker do: once they expired or were evicted, every lookup
+    missed, and documents_changed, which looked at the pointer alone, requested nothing until a document changed."""
+    resources_ = sensor_resources(app_db, redis_url, schema)
+    store = EmbeddingStore(app_db)
+    with dg.instance_for_test() as instance:
+        instance.report_runless_asset_event(dg.AssetMaterialization("embedding_model"))
+
+        def tick(cursor: str | None):
+            with dg.build_sensor_context(instance=instance, resources=resources_, cursor=cursor) as context:
+                return documents_changed(context), context.cursor
+
+        _, cursor = tick(None)
+        first = sync_embeddings(docs, store, redis_client, embedder, schema=schema, log=lambda m: None)
+        pointer = schema.pointer(EMBEDDING_KIND)
+        for name in redis_client.scan_iter(f"{schema.prefix}:{EMBEDDING_KIND}:*"):
+            if name.decode() != pointer:
+                redis_client.unlink(name)  # what expiry or eviction takes: everything with a TTL
+        assert redis_client.exists(pointer)
+        lost, cursor = tick(cursor)
+        assert isinstance(lost, dg.RunRequest) and lost.run_key == f"documents-redis-lost-{first.redis_version}"
+        again = sync_embeddings(docs, store, redis_client, embedder, schema=schema, log=lambda m: None)
+        assert again.full_build and again.embedded == N_DOCS
+        assert isinstance(tick(cursor)[0], dg.SkipReason)
+
+
 def test_a_sync_without_an_embedder_fails_once_without_retries(app_db, redis_url, schema, tmp_path):
     """Nothing to retry for: the step fails at once, saying what to materialize, and frees its pool slot."""
     with dg.instance_for_test() as instance:
