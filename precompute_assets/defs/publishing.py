@@ -6,10 +6,13 @@ import re
 import dagster as dg
 import numpy as np
 import pandas as pd
+import redis
 import redis.exceptions as redis_errors
 from pydantic import Field
 
-from ..serving import Experiment, Pointer, publish_version
+from ..serving import Experiment, KeySchema, Pointer, publish_version
+from ..serving.keys import EMBEDDING_KIND
+from ..sync.embeddings import lost_redis_version
 from .experiment import selected_experiment
 from .freshness import CTR_CACHE_FRESHNESS
 from .partitions import DEFAULT_PARTITIONS
@@ -20,6 +23,10 @@ DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
 # a reader that fetched the old pointer a moment ago still finds its buckets.
 GRACE_SECONDS = 600
 ROLLED_BACK_OVER = "rolled_back_over"  # metadata: the day a rollback replaced
+# The kinds whose versions are published by a materialization: the asset that records each publish, and the metadata
+# field of its materialization naming the version it made current.
+PUBLISHED_KINDS = {"ctr": ("ctr_cache", "version"), EMBEDDING_KIND: ("document_embeddings", "redis_version")}
+RECORDS_SEARCHED = 20  # materializations searched, newest first, for the last publish (refused re-runs name none)
 
 
 class PublishConfig(dg.Config):
@@ -184,3 +191,38 @@ def newer_current_version(raw_pointer: bytes | None, partition: str) -> str | No
     current = Pointer.decode(raw_pointer).version
     day = current.split(".", 1)[0]
     return current if DAY.fullmatch(day) and day > partition else None
+
+
+def recorded_publish(instance: dg.DagsterInstance, kind: str) -> tuple[str, dg.EventLogRecord] | None:
+    """The version the newest publish of ``kind`` (``PUBLISHED_KINDS``) made current, with the newest materialization
+    of its asset (what a check evaluated now is about); None when none of the last ``RECORDS_SEARCHED`` published."""
+    asset, field = PUBLISHED_KINDS[kind]
+    records = instance.fetch_materializations(dg.AssetKey(asset), limit=RECORDS_SEARCHED).records
+    for record in records:
+        metadata = record.asset_materialization.metadata if record.asset_materialization else {}
+        if field in metadata:
+            return str(metadata[field].value), records[0]
+    return None
+
+
+def lost_in_redis(client: redis.Redis, schema: KeySchema, kind: str) -> str | None:
+    """Why Redis serves no version of ``kind``, or None: its pointer is gone (a restart without persistence, a flush,
+    a failover to an empty replica), or for embeddings the pointer's version lost its values."""
+    if kind == EMBEDDING_KIND:
+        return lost_redis_version(client, schema)
+    return None if client.exists(schema.pointer(kind)) else f"Redis holds no {kind} version"
+
+
+def lost_publish(instance: dg.DagsterInstance, client: redis.Redis, schema: KeySchema, kind: str) -> str | None:
+    """One line saying that the version of ``kind`` Dagster recorded as published is missing in Redis, or None (also
+    when nothing was published yet)."""
+    recorded = recorded_publish(instance, kind)
+    if recorded is None or (why := lost_in_redis(client, schema, kind)) is None:
+        return None
+    asset, _ = PUBLISHED_KINDS[kind]
+    return f"{kind}: {why}, although {asset} recorded publishing version {recorded[0]}"
+
+
+def lost_publishes(instance: dg.DagsterInstance, client: redis.Redis, schema: KeySchema) -> list[str]:
+    """``lost_publish`` of every published kind that has one."""
+    return [line for kind in PUBLISHED_KINDS if (line := lost_publish(instance, client, schema, kind))]

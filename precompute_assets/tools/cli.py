@@ -113,27 +113,36 @@ def print_status(stack: Stack) -> int:
     postgres = next(service for service in services if service.name == "postgres")
     for name, kind, status in automation(stack, postgres):
         print(f"{kind:<9} {status:<9} {name}")
+    for line in lost_publish_lines(stack, next(service for service in services if service.name == "redis"), postgres):
+        print(f"{'redis':<9} {'lost':<9} {line}")
     return 0
 
 
-def automation(stack: Stack, postgres: ServiceStatus) -> list[tuple[str, str, str]]:
-    """Each schedule and sensor with the state the Dagster daemon acts on, and each concurrency pool with what holds
-    it, when Dagster's database answers."""
+def dagster_unknown(stack: Stack, postgres: ServiceStatus) -> str | None:
+    """Why Dagster's instance cannot be read now (``(unknown...)``, as ``status`` prints it), or None."""
     if postgres.invalid is not None:
-        return [("(unknown: DAGSTER_PG_URL is no PostgreSQL URL)", "automation", "")]
+        return "(unknown: DAGSTER_PG_URL is no PostgreSQL URL)"
     if not postgres.embedded and not postgres.running:  # `up` cannot start an external server
-        return [("(unknown: Dagster's database does not answer)", "automation", "")]
+        return "(unknown: Dagster's database does not answer)"
     if postgres.refused is not None:  # its line above says why
-        return [("(unknown: Dagster's database refuses us)", "automation", "")]
+        return "(unknown: Dagster's database refuses us)"
     if not postgres.running:
-        return [("(unknown until `precompute up`: Dagster's database is stopped)", "automation", "")]
+        return "(unknown until `precompute up`: Dagster's database is stopped)"
     # The instance is the one of DAGSTER_HOME: the stack's (its dagster.yaml is linked by `up`), or the deployment's
     # own, which production sets and `up` never has to run for.
     home = Path(stack.env()["DAGSTER_HOME"]).resolve()
     if not (home / "dagster.yaml").exists():
         if home == stack.dagster_home:
-            return [("(unknown until `precompute up`: it links the dagster.yaml of DAGSTER_HOME)", "automation", "")]
-        return [(f"(unknown: DAGSTER_HOME {home} has no dagster.yaml)", "automation", "")]
+            return "(unknown until `precompute up`: it links the dagster.yaml of DAGSTER_HOME)"
+        return f"(unknown: DAGSTER_HOME {home} has no dagster.yaml)"
+    return None
+
+
+def automation(stack: Stack, postgres: ServiceStatus) -> list[tuple[str, str, str]]:
+    """Each schedule and sensor with the state the Dagster daemon acts on, and each concurrency pool with what holds
+    it, when Dagster's database answers."""
+    if (unknown := dagster_unknown(stack, postgres)) is not None:
+        return [(unknown, "automation", "")]
     from ..definitions import defs
     from ..defs.automation import automation_states, pool_states
 
@@ -144,6 +153,28 @@ def automation(stack: Stack, postgres: ServiceStatus) -> list[tuple[str, str, st
             return automation_states(instance, definitions) + pools
     except Exception as error:  # status reports; it never fails because Dagster's storage cannot be read
         return [(f"(unknown: {_one_line(error)})", "automation", "")]
+
+
+def lost_publish_lines(stack: Stack, redis_service: ServiceStatus, postgres: ServiceStatus) -> list[str]:
+    """One line per published kind whose version Dagster recorded and Redis no longer serves (``lost_publishes``:
+    Redis restarted without its data, was flushed or failed over to an empty replica); none when Redis or Dagster's
+    database cannot be read (their own lines say why)."""
+    if not redis_service.running or redis_service.refused or redis_service.invalid:
+        return []
+    if dagster_unknown(stack, postgres) is not None:
+        return []
+    from ..defs.publishing import lost_publishes
+    from ..serving import KeySchema, connect
+
+    try:
+        client = connect(redis_service.url, socket_timeout=5)
+        try:
+            with dagster_instance(stack) as instance:
+                return lost_publishes(instance, client, KeySchema())
+        finally:
+            client.close()
+    except Exception as error:  # status reports; it never fails because Redis or Dagster's storage cannot be read
+        return [f"(unknown: {_one_line(error)})"]
 
 
 @contextlib.contextmanager

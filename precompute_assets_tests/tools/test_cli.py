@@ -1771,3 +1771,50 @@ def test_every_option_says_in_help_what_it_does():
     for command in ("cache invalidate", "cache stats", "redis acl"):
         assert "default pc" in helps[command, "--namespace"]
     assert not helps["redis acl", "--apply"].rstrip(" )").endswith(" to")
+
+
+def test_status_says_which_published_version_redis_lost(tmp_path, monkeypatch, capsys, redis_server, dagster_pg_url,
+                                                        app_db_url):  # fmt: skip
+    """After Redis restarted without its data, status showed the servers and automation as healthy: nothing said that
+    the versions Dagster recorded as published were gone (only `cache stats` showed no version)."""
+    import dagster as dg
+
+    from precompute_assets.serving import KeySchema, Pointer, connect
+    from precompute_assets.storage.postgres import scratch_database
+
+    server = redis_server()
+    monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("PRECOMPUTE_REDIS_URL", server.url)
+    monkeypatch.setenv("PRECOMPUTE_APP_DB_URL", app_db_url)
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copy(Path(__file__).resolve().parents[2] / "dagster.yaml", home / "dagster.yaml")
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    client, schema = connect(server.url, socket_timeout=5), KeySchema()
+    with scratch_database(dagster_pg_url, "dagster") as url:
+        monkeypatch.setenv("DAGSTER_PG_URL", url)
+        assert main(["status"]) == 0
+        assert "lost" not in capsys.readouterr().out  # nothing published yet: nothing to lose
+        with dagster_instance(Stack()) as instance:
+            published = {"published": True, "version": "2026-12-04.0123456789abcdef"}
+            instance.report_runless_asset_event(
+                dg.AssetMaterialization("ctr_cache", partition="2026-12-04", metadata=published)
+            )
+            instance.report_runless_asset_event(
+                dg.AssetMaterialization("document_embeddings", metadata={"redis_version": "emb1.abcd"})
+            )
+        client.set(schema.pointer("ctr"), Pointer("2026-12-04.0123456789abcdef", 1).encode())
+        client.set(schema.pointer("doc_embedding"), Pointer("emb1.abcd", 1).encode())
+        client.set(schema.bucket("doc_embedding", "emb1.abcd", "meta"), "synced int8")
+        assert main(["status"]) == 0
+        assert "lost" not in capsys.readouterr().out
+        client.flushall()  # a restart without persistence
+        assert main(["status"]) == 0
+        lost = [line for line in capsys.readouterr().out.splitlines() if line.startswith("redis     lost")]
+        assert lost == [
+            "redis     lost      ctr: Redis holds no ctr version, although ctr_cache recorded publishing version "
+            "2026-12-04.0123456789abcdef",
+            "redis     lost      doc_embedding: Redis holds no embedding version, although document_embeddings "
+            "recorded publishing version emb1.abcd",
+        ], lost
+    client.close()
