@@ -46,7 +46,8 @@ def test_asset_keys_checks_jobs_schedules_sensors():
         ("document_embeddings", "embedding_error_rate"), ("document_embeddings", "int8_recall"),
         ("document_embeddings", "staleness"), ("demand_model", "beats_baselines"),
         ("selection_experiment", "sample_ratio"), ("user_events", "quarantine_rate"),
-        ("next_action_model", "beats_baselines"),
+        ("next_action_model", "beats_baselines"), ("ctr_cache", "served_by_redis"),
+        ("document_embeddings", "served_by_redis"),
     }  # fmt: skip
     assert {j.name for j in r.get_all_jobs()} - {"__ASSET_JOB"} == {
         "query_logs_job", "daily_precompute_job", "refresh_precompute_job", "query_log_cleanup_job",

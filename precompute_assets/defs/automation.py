@@ -14,7 +14,7 @@ from .experiment import selection_experiment
 from .models import ctr_model
 from .partitions import Partitions
 from .predictions import ctr_predictions
-from .publishing import ctr_cache
+from .publishing import SERVED_CHECK, changed_served_evaluations, ctr_cache
 from .query_logs import build_drain_schedule, query_log_cleanup_job, query_logs_job
 from .resources import RedisResource
 from .runs import RUN_KEY_TAG, SENSOR_NAME_TAG
@@ -121,7 +121,8 @@ def build_cache_health_sensor(timezone: str, *, threshold: float = HEALTH_THRESH
     """``cache_health``: every 5 minutes, the ctr hit rate of the last hour from the query log; below
     ``threshold`` it requests ``refresh_precompute_job`` for yesterday (at most every 6 hours, or an hour after a
     refresh that failed) and says why: the daily graph without retraining the LSTM, which would delay the publish
-    and could switch the day's strategy."""
+    and could switch the day's strategy. It also reports the published assets' ``served_by_redis`` checks when their
+    verdict changes."""
 
     @dg.sensor(
         name="cache_health",
@@ -130,10 +131,12 @@ def build_cache_health_sensor(timezone: str, *, threshold: float = HEALTH_THRESH
         default_status=dg.DefaultSensorStatus.RUNNING,
         description=f"Refresh yesterday's precompute when the last hour's ctr hit rate is below {threshold:.0%} "
         f"(over at least {HEALTH_MIN_REQUESTS} requests; at most every {HEALTH_COOLDOWN_S // 3600} h, or "
-        f"{HEALTH_RETRY_S // 3600} h after a refresh that failed).",
+        f"{HEALTH_RETRY_S // 3600} h after a refresh that failed); reports the served_by_redis checks of the "
+        "published assets when Redis loses or regains their versions.",
     )
     def cache_health(context: dg.SensorEvaluationContext, redis: RedisResource):
-        window = window_stats(redis.client(), redis.schema(), window_s=3600).get("ctr")
+        client, schema = redis.client(), redis.schema()
+        window = window_stats(client, schema, window_s=3600).get("ctr")
         now = datetime.now(ZoneInfo("UTC"))
         last = float(context.cursor) if context.cursor else None
         failed = last is not None and last_refresh_failed(context.instance)
@@ -141,7 +144,16 @@ def build_cache_health_sensor(timezone: str, *, threshold: float = HEALTH_THRESH
         if isinstance(result, dg.RunRequest):
             context.log.info(result.tags["precompute/reason"])
             context.update_cursor(str(now.timestamp()))
-        return result
+        # The published assets' served_by_redis checks, reported when their verdict changes: a lost version shows on
+        # the asset in the UI, not only as a falling hit rate.
+        evaluations = changed_served_evaluations(context.instance, client, schema)
+        for evaluation in evaluations:
+            context.log.info(f"{SERVED_CHECK} of {evaluation.asset_key.to_user_string()}: {evaluation.description}")
+        if not evaluations:
+            return result
+        if isinstance(result, dg.SkipReason):
+            return dg.SensorResult(skip_reason=result, asset_events=evaluations)
+        return dg.SensorResult(run_requests=[result], asset_events=evaluations)
 
     return cache_health
 

@@ -26,6 +26,7 @@ ROLLED_BACK_OVER = "rolled_back_over"  # metadata: the day a rollback replaced
 # The kinds whose versions are published by a materialization: the asset that records each publish, and the metadata
 # field of its materialization naming the version it made current.
 PUBLISHED_KINDS = {"ctr": ("ctr_cache", "version"), EMBEDDING_KIND: ("document_embeddings", "redis_version")}
+SERVED_CHECK = "served_by_redis"  # the check, on each of those assets, that Redis still serves what it published
 RECORDS_SEARCHED = 20  # materializations searched, newest first, for the last publish (refused re-runs name none)
 
 
@@ -226,3 +227,79 @@ def lost_publish(instance: dg.DagsterInstance, client: redis.Redis, schema: KeyS
 def lost_publishes(instance: dg.DagsterInstance, client: redis.Redis, schema: KeySchema) -> list[str]:
     """``lost_publish`` of every published kind that has one."""
     return [line for kind in PUBLISHED_KINDS if (line := lost_publish(instance, client, schema, kind))]
+
+
+def served_state(
+    instance: dg.DagsterInstance, client: redis.Redis, schema: KeySchema, kind: str
+) -> tuple[bool, str, dg.EventLogRecord | None]:
+    """Whether Redis serves the version of ``kind`` Dagster recorded as published (True also before any publish),
+    saying so, with the newest materialization of its asset."""
+    recorded = recorded_publish(instance, kind)
+    if recorded is None:
+        return True, f"no {kind} version published yet", None
+    version, newest = recorded
+    if (why := lost_in_redis(client, schema, kind)) is not None:
+        return False, f"{why}, although this asset recorded publishing version {version}", newest
+    return True, f"Redis serves a {kind} version (this asset last published {version})", newest
+
+
+def served_evaluation(
+    instance: dg.DagsterInstance, client: redis.Redis, schema: KeySchema, kind: str
+) -> dg.AssetCheckEvaluation:
+    """``SERVED_CHECK`` of ``kind``'s asset as a sensor reports it: about the asset's newest materialization."""
+    from dagster._core.definitions.asset_checks.asset_check_evaluation import (
+        AssetCheckEvaluationTargetMaterializationData,
+    )
+
+    passed, description, newest = served_state(instance, client, schema, kind)
+    target = None
+    if newest is not None:
+        target = AssetCheckEvaluationTargetMaterializationData(
+            storage_id=newest.storage_id, run_id=newest.run_id, timestamp=newest.timestamp
+        )
+    return dg.AssetCheckEvaluation(
+        asset_key=dg.AssetKey(PUBLISHED_KINDS[kind][0]), check_name=SERVED_CHECK, passed=passed,
+        severity=dg.AssetCheckSeverity.ERROR, description=description, target_materialization_data=target,
+        metadata={},
+    )  # fmt: skip
+
+
+def changed_served_evaluations(
+    instance: dg.DagsterInstance, client: redis.Redis, schema: KeySchema
+) -> list[dg.AssetCheckEvaluation]:
+    """``served_evaluation`` of each published kind whose verdict differs from its check's last stored one (none
+    stored counts as passed): reported once when Redis loses a version, and once when it serves one again."""
+    from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
+
+    keys = [dg.AssetCheckKey(dg.AssetKey(asset), SERVED_CHECK) for asset, _ in PUBLISHED_KINDS.values()]
+    latest = instance.event_log_storage.get_latest_asset_check_execution_by_key(keys)
+    changed = []
+    for kind, key in zip(PUBLISHED_KINDS, keys, strict=True):
+        evaluation = served_evaluation(instance, client, schema, kind)
+        record = latest.get(key)
+        failed_before = record is not None and record.status == AssetCheckExecutionRecordStatus.FAILED
+        if evaluation.passed == failed_before:
+            changed.append(evaluation)
+    return changed
+
+
+def build_served_check(kind: str) -> dg.AssetChecksDefinition:
+    """``SERVED_CHECK`` on the asset that publishes ``kind``: fails when Redis lost the version it recorded."""
+    asset, _ = PUBLISHED_KINDS[kind]
+
+    @dg.asset_check(
+        asset=asset,
+        name=SERVED_CHECK,
+        description=f"Redis still serves the {kind} version this asset published: fails when its pointer is gone "
+        "(Redis restarted without its data, was flushed or failed over to an empty replica)"
+        + (" or names a version whose values are gone" if kind == EMBEDDING_KIND else "")
+        + ". The cache_health sensor evaluates it every 5 minutes and reports each change.",
+    )
+    def served(context: dg.AssetCheckExecutionContext, redis: RedisResource) -> dg.AssetCheckResult:
+        passed, description, _ = served_state(context.instance, redis.client(), redis.schema(), kind)
+        return dg.AssetCheckResult(passed=passed, severity=dg.AssetCheckSeverity.ERROR, description=description)
+
+    return served
+
+
+SERVED_CHECKS = [build_served_check(kind) for kind in PUBLISHED_KINDS]

@@ -81,3 +81,48 @@ def test_a_bad_ttl_or_grace_is_refused_in_one_line_without_retries(
     assert not result.success and failure is not None and failure.user_failure_data.description == message
     assert not [event for event in result.all_events if event.event_type == dg.DagsterEventType.STEP_UP_FOR_RETRY]
     assert redis_client.get(schema.pointer("ctr")) is None
+
+
+def test_a_lost_ctr_version_fails_ctr_caches_check_until_it_is_published_again(lake_uri, redis_url, redis_client,
+                                                                                schema):  # fmt: skip
+    """After Redis lost its data, ctr_cache stayed green in the UI: nothing on the asset said that the version its
+    materialization published was gone. cache_health now reports its served_by_redis check whenever the verdict
+    changes, and the check can be executed from the UI too."""
+    from precompute_assets.defs.automation import build_cache_health_sensor
+    from precompute_assets.defs.publishing import SERVED_CHECK, SERVED_CHECKS
+
+    Lake(lake_uri).write("ctr_predictions", GOOD, pd.DataFrame({"ad_id": ["a1"], "ctr": [0.1], "model_version": "m"}))
+    resources = {"redis": RedisResource(url=redis_url, namespace=schema.namespace)}
+    sensor = build_cache_health_sensor("UTC")
+    with dg.instance_for_test() as instance:
+
+        def tick() -> list[dg.AssetCheckEvaluation]:
+            """The sensor's check evaluations, stored as the daemon stores them."""
+            with dg.build_sensor_context(instance=instance, resources=resources) as context:
+                result = sensor(context)
+            evaluations = result.asset_events if isinstance(result, dg.SensorResult) else []
+            for evaluation in evaluations:
+                instance.report_runless_asset_event(evaluation)
+            return evaluations
+
+        def executed() -> dg.AssetCheckResult:
+            (check,) = [c for c in SERVED_CHECKS if c.check_keys == {dg.AssetCheckKey(dg.AssetKey("ctr_cache"),
+                                                                                        SERVED_CHECK)}]  # fmt: skip
+            return check(dg.build_asset_check_context(instance=instance, resources=resources))
+
+        assert tick() == []  # nothing published: nothing to report
+        version = publish(instance, lake_uri, redis_url, schema.namespace, GOOD)["version"]
+        assert tick() == [] and executed().passed
+        redis_client.unlink(schema.pointer("ctr"))  # the namespace's share of a restart without persistence
+        (lost,) = tick()
+        assert lost.asset_key == dg.AssetKey("ctr_cache") and lost.check_name == SERVED_CHECK and not lost.passed
+        assert lost.severity == dg.AssetCheckSeverity.ERROR and version in lost.description, lost.description
+        assert lost.target_materialization_data is not None
+        assert not executed().passed
+        assert tick() == []  # reported once, not every 5 minutes
+        redis_client.delete(*redis_client.keys(f"{schema.prefix}:ctr:*"))
+        publish(instance, lake_uri, redis_url, schema.namespace, GOOD)
+        (served,) = tick()
+        assert served.passed and tick() == []
+        latest = instance.event_log_storage.get_latest_asset_check_execution_by_key([lost.asset_check_key])
+        assert latest[lost.asset_check_key].status.value == "SUCCEEDED"
