@@ -119,7 +119,8 @@ def query_logs(context: dg.AssetExecutionContext, redis: RedisResource, lake: La
     client = redis.client()
     wait_for_hour_end(client, epoch_ms(window.end), context.partition_key)
     trimmed_before = int(client.get(redis.schema().query_log_trimmed()) or 0)
-    trimmed = epoch_ms(window.start) < trimmed_before
+    start_ms = epoch_ms(window.start)
+    trimmed = start_ms < trimmed_before
     if trimmed and lake.lake().exists("query_logs", context.partition_key):
         raise dg.Failure(
             description=f"the stream was trimmed past {context.partition_key}: re-reading it would replace the "
@@ -128,7 +129,7 @@ def query_logs(context: dg.AssetExecutionContext, redis: RedisResource, lake: La
     if trimmed:
         context.log.warning("the stream was trimmed inside this hour: materializing what is left")
     chunks, rows, rejected, read, report_at = [], [], [], 0, PROGRESS_EVENTS
-    for page in read_stream_window(client, redis.schema(), epoch_ms(window.start), epoch_ms(window.end)):
+    for page in read_stream_window(client, redis.schema(), start_ms, epoch_ms(window.end)):
         for entry_id, fields in expand_entries(page):
             read += 1
             row, reason = validate_entry(entry_id, fields)
@@ -147,12 +148,18 @@ def query_logs(context: dg.AssetExecutionContext, redis: RedisResource, lake: La
     del chunks, rows
     if lost := lost_events(lake, context.partition_key, drained_ids(table, rejected), "query_logs"):
         raise stream_lost_failure(lost, context.partition_key)
+    first_ts = pc.min(table.column("ts")).as_py()
     logs, quarantine = table.to_pandas(), quarantine_frame(rejected)
     del table
     if not read and (kept := _imported(lake, context.partition_key)) is not None:
         context.log.info(f"the stream holds nothing for this hour: keeping its {len(kept)} imported requests")
         yield from _keep_imported(kept, quarantine)
         return
+    stream = redis.schema().query_log()
+    if loss := stream_loss(client, stream, lake, "query_logs", context.partition_key, start_ms, trimmed_before):
+        # Nothing brings those events back: the partition is what is left, and says so.
+        since = f", the first at {first_ts:%Y-%m-%d %H:%M:%S} UTC" if first_ts is not None else ""
+        context.log.warning(f"{loss}: this hour holds only the {read} events logged after the loss{since}")
     total = len(logs) + len(quarantine)
     yield dg.Output(
         logs,
@@ -164,6 +171,7 @@ def query_logs(context: dg.AssetExecutionContext, redis: RedisResource, lake: La
             "distinct_keys": int(logs["key"].nunique()),
             "quarantined": len(quarantine),
             "stream_trimmed": trimmed,
+            **({"stream_lost": loss} if loss else {}),
             "events_by_kind": dg.MetadataValue.json(logs["kind"].value_counts().to_dict()),
             "experiment_rows": int(logs["arm"].notna().sum()),
         },
@@ -211,6 +219,46 @@ def lost_events(lake: LakeResource, hour: str, found: pa.Array, asset: str) -> s
     kept = [stream_id for stream_id in kept if not stream_id.startswith(IMPORTED)]
     missing = len(kept) - pc.sum(pc.is_in(pa.array(kept, pa.string()), value_set=found)).as_py() if kept else 0
     return f"{missing} of its {len(kept)}" if missing else None
+
+
+LOSS_LOOKBACK_PARTITIONS = 24  # drained partitions searched, newest first, for an event the stream must still hold
+
+
+def newest_stream_entry(lake: LakeResource, asset: str, before: str) -> tuple[str, str, int] | None:
+    """``(partition, stream entry ID, rows)``: the newest stream entry of the newest materialized partition of the
+    drain ``asset`` before the hour ``before`` that holds any (up to ``LOSS_LOOKBACK_PARTITIONS``; imported rows
+    never came from the stream), or None. A drain writes its rows in stream order: the last one is the newest."""
+    store = lake.lake()
+    earlier = [key for key in store.partitions(asset) if key < before][-LOSS_LOOKBACK_PARTITIONS:]
+    for partition in reversed(earlier):
+        try:
+            ids = store.read(asset, partition, columns=["stream_id"])["stream_id"]
+        except LakeReadError:
+            continue
+        if len(ids) and not ids.iloc[-1].startswith(IMPORTED):
+            # ``{entry ID}/{i}`` for a query of a batch entry; the ID itself in the one-query-per-entry form
+            return partition, ids.iloc[-1].split("/", 1)[0], len(ids)
+    return None
+
+
+def stream_loss(
+    client, stream: str, lake: LakeResource, asset: str, hour: str, start_ms: int, trimmed_before_ms: int
+) -> str | None:
+    """Why the stream may no longer hold all of ``asset``'s hour ``hour`` (starting at ``start_ms``), or None: the
+    newest event of the last drained partition before it (``newest_stream_entry``) is gone, no trim of ours removed
+    it, and the stream's oldest entry is not older than the hour. Entries go only from the old end, so what came
+    after that event went with it: Redis restarted without persistence, was flushed, failed over to an empty
+    replica, or its MAXLEN cut the stream. An oldest entry older than the hour says the loss came before it."""
+    newest = newest_stream_entry(lake, asset, hour)
+    if newest is None:
+        return None
+    partition, entry, rows = newest
+    if int(entry.split("-")[0]) < trimmed_before_ms or client.xrange(stream, min=entry, max=entry, count=1):
+        return None
+    oldest = client.xrange(stream, count=1)
+    if oldest and int(oldest[0][0].split(b"-")[0]) < start_ms:
+        return None
+    return f"the stream lost every event logged after partition {partition} (its {rows} events) was drained"
 
 
 def stream_lost_failure(lost: str, hour: str) -> dg.Failure:

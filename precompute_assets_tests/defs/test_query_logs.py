@@ -415,6 +415,38 @@ def test_rematerializing_an_hour_the_stream_lost_keeps_the_good_partition(
     assert Lake(lake_uri).read("query_logs", HOUR).equals(logs)  # not replaced by an empty hour
 
 
+def test_the_first_drain_after_redis_lost_the_stream_says_so_with_counts(
+    redis_url, redis_client, schema, lake_uri, pg_instance
+):
+    """Redis lost the stream in the middle of an hour not drained yet: its drain materialized the events logged after
+    the loss as if they were the whole hour, without a word. The hours after it, whose stream is whole, say nothing,
+    also one drained first (a catch-up after a daemon outage drains hours in any order)."""
+    import logging
+
+    next_hour, after_next = "2026-11-20-11:00", "2026-11-20-12:00"
+    fill(redis_url, schema, HOUR_START_MS + 10, 100)
+    assert materialize(redis_url, schema, lake_uri, pg_instance).success
+    fill(redis_url, schema, HOUR_START_MS + 3_660_000, 40)  # 11:01, then Redis restarts without persistence
+    redis_client.delete(schema.query_log())
+    fill(redis_url, schema, HOUR_START_MS + 5_400_000, 30)  # 11:30
+    fill(redis_url, schema, HOUR_START_MS + 7_200_000, 20)  # 12:00
+    first = materialize(redis_url, schema, lake_uri, pg_instance, partition=after_next)
+    assert not [e for e in pg_instance.all_logs(first.run_id) if e.level == logging.WARNING]
+    result = materialize(redis_url, schema, lake_uri, pg_instance, partition=next_hour)
+    assert result.success and len(Lake(lake_uri).read("query_logs", next_hour)) == 30  # what is left, kept
+    warnings = [e.user_message for e in pg_instance.all_logs(result.run_id) if e.level == logging.WARNING]
+    assert warnings == [
+        f"the stream lost every event logged after partition {HOUR} (its 100 events) was drained: this hour holds "
+        "only the 30 events logged after the loss, the first at 2026-11-20 11:30:00 UTC"
+    ], warnings
+    meta = result.asset_materializations_for_node("query_logs")[0].metadata
+    assert meta["stream_lost"].value.startswith("the stream lost every event")
+
+    later = materialize(redis_url, schema, lake_uri, pg_instance, partition=after_next)  # again, after 11:00's
+    assert not [e for e in pg_instance.all_logs(later.run_id) if e.level == logging.WARNING]
+    assert "stream_lost" not in later.asset_materializations_for_node("query_logs")[0].metadata
+
+
 def test_an_hour_of_many_chunks_is_drained_whole_and_in_order(
     monkeypatch, redis_url, redis_client, schema, lake_uri, pg_instance
 ):
