@@ -320,6 +320,9 @@ def demand_model(
         **{f"hit_rate_{name}": evaluation.hit_rate[name] for name in METHODS},
         **{f"mase_{name}": evaluation.mase[name] for name in METHODS},
     }
+    # An unmeasured MASE is left out of the metadata: the UI shows a NaN as an empty value and charts nothing for it.
+    shown_scores = {name: value for name, value in scores.items() if not math.isnan(value)}
+    mase_note = {} if evaluation.mase_note is None else {"mase_note": evaluation.mase_note}
     try:
         # overwrite: a step retry in the same run retrains and replaces the weights of this unfinished version
         uri = store.save_state_dict(
@@ -349,7 +352,8 @@ def demand_model(
             "model_version": version,
             "approved": check.passed,
             "model_uri": uri,
-            **scores,
+            **shown_scores,
+            **mase_note,
             "winner": evaluation.winner,
             "best_baseline": evaluation.best_baseline,
             "strategy": "lstm" if check.passed else evaluation.best_baseline,

@@ -10,7 +10,8 @@ forecasts it from the days before, and is scored by
   ``s`` is the in-sample error of the seasonal-naive forecast of daily totals, pooled over keys and over the days
   before the held-back day: ``mean_{k,j} |y_{k,j} - y_{k,j-m}|`` with season ``m`` = 7 days (1 day when there are
   not more than 7 days before the held-back day). One pooled scale, because a per-key scale is zero for every
-  key that was never requested. Below 1: better than the in-sample seasonal-naive error; NaN when ``s`` is 0.
+  key that was never requested. Below 1: better than the in-sample seasonal-naive error; NaN when ``s`` is 0 (no
+  key's daily requests changed from one season to the next), and the evaluation's ``mase_note`` says why.
   Both are taken over the keys requested before the held-back day, a set fixed before it: a key first requested
   on that day would enter only because it was requested, where every baseline forecasts 0 and the LSTM does not.
 
@@ -228,6 +229,7 @@ class DemandEvaluation:
     notes: list[str] = field(default_factory=list)
     new_keys: int = 0  # keys first requested on the held-back day (no method can rank them; outside the MASE)
     new_key_requests: float = 0.0  # their requests on that day
+    mase_note: str | None = None  # why ``mase`` holds NaNs (``mase_undefined``); None when it holds none
 
 
 @dataclass
@@ -443,15 +445,35 @@ def ewma_forecast(data: HourlyCounts, target_day: int, hp: DemandHyperParams) ->
     return HOURS_PER_DAY * rate
 
 
+def _mase_season(held_day: int) -> int:
+    return 7 if held_day > 7 else 1
+
+
+def mase_undefined(daily: np.ndarray, held_day: int) -> str | None:
+    """Why the MASE of the keys of ``daily`` cannot be measured on ``held_day`` (its scale is missing or 0), or
+    None when it can."""
+    season = _mase_season(held_day)
+    if daily.shape[0] == 0:
+        return "no key was requested before the held-back day"
+    if held_day <= season:
+        return f"{held_day} day(s) before the held-back day: too few for a season of {season} day(s)"
+    history = daily[:, :held_day]
+    if not np.abs(history[:, season:] - history[:, :-season]).any():
+        return (
+            f"no key's daily requests changed from one {season}-day season to the next before the held-back day, "
+            "so the scale (the in-sample seasonal-naive error) is 0"
+        )
+    return None
+
+
 def mase(forecast: np.ndarray, actual: np.ndarray, daily: np.ndarray, held_day: int) -> float:
-    """Mean absolute error of ``forecast`` scaled by the pooled in-sample seasonal-naive error (module doc)."""
-    season = 7 if held_day > 7 else 1
-    if held_day <= season or daily.shape[0] == 0:
+    """Mean absolute error of ``forecast`` scaled by the pooled in-sample seasonal-naive error (module doc); NaN
+    when that scale is undefined or 0 (``mase_undefined`` says why)."""
+    if mase_undefined(daily, held_day) is not None:
         return math.nan
+    season = _mase_season(held_day)
     history = daily[:, :held_day]
     scale = float(np.abs(history[:, season:] - history[:, :-season]).mean())
-    if scale == 0:
-        return math.nan
     return float(np.abs(forecast - actual).mean() / scale)
 
 
@@ -495,6 +517,9 @@ def evaluate_demand(
         chosen = select_top(s[known], hp.top_n)
         hit_rate[name] = coverage(chosen, actual_series)
         errors[name] = mase(forecast[known], actual[known], daily[known], held)
+    mase_note = mase_undefined(daily[known], held)
+    if mase_note is not None:
+        notes.append(f"MASE not measured: {mase_note}")
     best_baseline = max(BASELINES, key=lambda name: (hit_rate[name], -BASELINES.index(name)))
     winner = "lstm" if hit_rate["lstm"] > hit_rate[best_baseline] else best_baseline
     evaluation = DemandEvaluation(
@@ -511,6 +536,7 @@ def evaluate_demand(
         notes=notes,
         new_keys=int((~known & (actual > 0)).sum()),
         new_key_requests=float(actual[~known].sum()),
+        mase_note=mase_note,
     )
     return DemandResult(model, evaluation, trained)
 

@@ -106,6 +106,20 @@ def test_weekly_traffic_the_lstm_beats_frequency_and_its_weights_are_stored(
     assert "lstm.weight_ih_l0" in store.load_state_dict("demand_model", meta["model_version"])
 
 
+def test_a_mase_that_cannot_be_measured_is_left_out_of_the_metadata_with_a_note(resources, pg_instance, lake_uri):
+    """Traffic without variation (every key asked for as often every day) gives MASE a scale of 0: the metadata
+    recorded NaN, which the UI shows as an empty value and charts as nothing."""
+    lake = Lake(lake_uri)
+    for day in DAYS:
+        write_query_logs(lake, day, ["a", "b", "b", "c"])
+    result = run(resources, pg_instance, max_epochs=1)
+    assert result.success
+    meta = metadata(result)
+    assert [key for key in meta if key.startswith("mase_") and key != "mase_note"] == []
+    assert "scale (the in-sample seasonal-naive error) is 0" in meta["mase_note"]
+    assert all(0 <= meta[f"hit_rate_{name}"] <= 1 for name in ("lstm", "frequency", "seasonal", "ewma"))
+
+
 def test_the_run_log_says_what_the_lstm_trains_on_before_training(resources, pg_instance, weekly_template, lake_uri):
     shutil.copytree(weekly_template, lake_uri)
     result = run(resources, pg_instance, max_epochs=1)

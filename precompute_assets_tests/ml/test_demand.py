@@ -25,6 +25,7 @@ from precompute_assets.ml.demand import (
     load_model,
     load_weights,
     mase,
+    mase_undefined,
     save_weights,
     train_lstm,
 )
@@ -282,6 +283,20 @@ def test_mase_is_scaled_by_the_in_sample_seasonal_naive_error():
     daily = np.array([[1.0, 3.0, 1.0, 3.0]])  # in-sample naive (season 1) error over days 0..2: |3-1|, |1-3| → 2
     assert mase(np.array([4.0]), np.array([3.0]), daily, held_day=3) == pytest.approx(0.5)
     assert math.isnan(mase(np.array([1.0]), np.array([1.0]), np.ones((1, 4)), held_day=3))
+
+
+def test_mase_undefined_says_why_the_scale_is_missing_or_zero():
+    assert mase_undefined(np.array([[1.0, 3.0, 1.0, 3.0]]), held_day=3) is None
+    assert "scale (the in-sample seasonal-naive error) is 0" in mase_undefined(np.ones((2, 4)), held_day=3)
+    assert mase_undefined(np.ones((0, 4)), held_day=3) == "no key was requested before the held-back day"
+
+
+def test_an_evaluation_without_variation_notes_why_its_mase_is_nan():
+    hours = [(d, MONDAY + timedelta(days=d, hours=h)) for d in range(4) for h in range(24)]
+    flat = HourlyCounts.from_hours((d, start, pd.Series([1, 2], index=["a", "b"])) for d, start in hours)
+    evaluation = evaluate_demand(flat, DemandHyperParams(top_n=2, max_epochs=1, threads=1)).evaluation
+    assert all(math.isnan(value) for value in evaluation.mase.values())
+    assert evaluation.mase_note is not None and f"MASE not measured: {evaluation.mase_note}" in evaluation.notes
 
 
 class WritesAFile:
