@@ -307,6 +307,16 @@ def test_every_asset_has_a_plain_text_description_a_group_and_kinds():
     assert [name for name, node in nodes.items() if node.group_name == "default" or not node.kinds] == []
 
 
+def test_every_resource_describes_itself_in_plain_text():
+    """Dagster takes a resource's description (the launchpad's sidebar, the resource pages) from its class docstring
+    and shows it as plain text: the docstrings' reST (``PRECOMPUTE_REDIS_URL``, ``cluster=True``) showed literally."""
+    resources = repo().get_top_level_resources()
+    descriptions = {name: resource.description or "" for name, resource in resources.items()}
+    assert [name for name, text in descriptions.items() if not text.strip()] == []
+    markup = ("``", ":class:", ":func:", ":meth:", ":mod:")
+    assert [name for name, text in descriptions.items() if any(mark in text for mark in markup)] == []
+
+
 def test_every_config_field_has_a_description():
     """The launchpad shows each op's and asset's config fields with their description beside the default."""
     r = repo()

@@ -37,14 +37,16 @@ ENV_EXPERIMENT_SALT = "PRECOMPUTE_EXPERIMENT_SALT"
 DEFAULT_EXPERIMENT_SALT = "ab1"
 
 
-class RedisResource(dg.ConfigurableResource):
-    """The serving Redis (``PRECOMPUTE_REDIS_URL``: AUTH, ``rediss://`` TLS, ``redis+sentinel://`` the primary of a
-    Sentinel deployment, see ``serving.connection``). Redis Cluster: ``?cluster=1`` in the URL
-    (``redis://any-node:6379?cluster=1``) or ``cluster=True``; a URL saying ``cluster=0`` with ``cluster=True`` is
-    refused (``ValueError``), as is a cluster URL naming a database other than 0.
+# Dagster takes a resource's description in the UI (launchpad, resource pages) from its class docstring, shown as
+# plain text: the docstrings of the resources here are written for that reader, without reST markup.
 
-    ``replica_wait_s``: how long a publish waits, before and after its pointer flip, until every replica holds what
-    its primary holds (0: no wait); see ``serving.publish.flip_pointer``."""
+
+# The URL forms are parsed by serving.connection; replica_wait_s is serving.publish.flip_pointer's wait.
+class RedisResource(dg.ConfigurableResource):
+    """The serving Redis at PRECOMPUTE_REDIS_URL: AUTH in the URL, rediss:// for TLS, redis+sentinel:// for the
+    primary of a Sentinel deployment. Redis Cluster: ?cluster=1 in the URL or cluster set to true; a URL saying
+    cluster=0 with cluster true is refused, as is a cluster URL naming a database other than 0. replica_wait_s is how
+    long a publish waits, before and after its pointer flip, until every replica holds what its primary holds."""
 
     url: str = Field(
         description="redis://[user:password@]host:port/db, rediss:// for TLS; ?cluster=1: Redis Cluster; "
@@ -142,13 +144,10 @@ AD_FEATURE_FIELDS = {
 
 
 class LakeResource(dg.ConfigurableResource):
-    """The offline Parquet store (``PRECOMPUTE_LAKE_URI``: a folder, ``s3://bucket/prefix``, ``gs://...``); the IO
-    manager writes through this same resource.
-
-    Also which columns of its ``ads`` table are the CTR model's features (comma-separated names,
-    ``PRECOMPUTE_AD_NUMERIC``, ``PRECOMPUTE_AD_CATEGORICAL``, ``PRECOMPUTE_AD_LOG_SCALED``); the defaults are the
-    synthetic workload's. Unset log-scaling means the default log-scaled columns that are numeric features.
-    """
+    """The offline Parquet store at PRECOMPUTE_LAKE_URI (a folder, s3://bucket/prefix or gs://...), which the IO
+    manager writes through too, and which columns of its ads table are the CTR model's features (comma-separated
+    names from PRECOMPUTE_AD_NUMERIC, PRECOMPUTE_AD_CATEGORICAL and PRECOMPUTE_AD_LOG_SCALED; the defaults are the
+    synthetic workload's, and unset log-scaling means the default log-scaled columns that are numeric features)."""
 
     base_uri: str | None = Field(None, description="A folder, s3://bucket/prefix or gs://... (PRECOMPUTE_LAKE_URI).")
     ad_numeric: str = Field(
@@ -174,7 +173,7 @@ class LakeResource(dg.ConfigurableResource):
 
 
 class ModelStoreResource(dg.ConfigurableResource):
-    """Where trained models live (``PRECOMPUTE_MODEL_STORE``, a folder); models are loaded only from here."""
+    """Where trained models live (PRECOMPUTE_MODEL_STORE, a folder); models are loaded only from here."""
 
     root: str | None = Field(None, description="The folder of trained models (PRECOMPUTE_MODEL_STORE).")
 
@@ -185,8 +184,8 @@ class ModelStoreResource(dg.ConfigurableResource):
 
 
 class DeploymentResource(dg.ConfigurableResource):
-    """The timezone of partitions and schedules and the first daily partition (``PRECOMPUTE_TIMEZONE``,
-    ``PRECOMPUTE_PARTITIONS_START``), as the Definitions were built with them."""
+    """The timezone of partitions and schedules and the first daily partition (PRECOMPUTE_TIMEZONE,
+    PRECOMPUTE_PARTITIONS_START), as the definitions were built with them."""
 
     timezone: str = Field(DEFAULT_TIMEZONE, description="IANA timezone of partitions and schedules.")
     partitions_start: str = Field(DEFAULT_PARTITIONS_START, description="First daily partition, YYYY-MM-DD.")
@@ -196,10 +195,10 @@ class DeploymentResource(dg.ConfigurableResource):
 
 
 class ExperimentResource(dg.ConfigurableResource):
-    """An A/B experiment between two selection strategies (``PRECOMPUTE_EXPERIMENT``, e.g. ``frequency,lstm``;
-    blank: none): keys are split between the arms by a hash salted with ``salt``
-    (``PRECOMPUTE_EXPERIMENT_SALT``; a new salt reshuffles every key), each arm's half of ``top_n`` is chosen
-    by its own strategy, and the serving client logs each query's arm."""
+    """An A/B experiment between two selection strategies (PRECOMPUTE_EXPERIMENT, such as frequency,lstm; blank:
+    none): keys are split between the arms by a hash salted with salt (PRECOMPUTE_EXPERIMENT_SALT; a new salt
+    reshuffles every key), each arm's half of top_ads' top_n is chosen by its own strategy, and the serving client
+    logs each query's arm."""
 
     arms: str = Field("", description='Two selection strategies, "A,B" (e.g. frequency,lstm); "": no experiment.')
     salt: str = Field(DEFAULT_EXPERIMENT_SALT, description="Salt of the key split: a new salt reshuffles every key.")
@@ -250,7 +249,7 @@ def app_db_setting(url: str) -> Iterator[None]:
 
 
 class AppDatabaseResource(dg.ConfigurableResource):
-    """Our own tables (``PRECOMPUTE_APP_DB_URL``), beside Dagster's database."""
+    """Our own tables (PRECOMPUTE_APP_DB_URL), beside Dagster's database."""
 
     url: str = Field(description="PostgreSQL URL of the application database (PRECOMPUTE_APP_DB_URL).")
 
@@ -269,8 +268,8 @@ class DocumentStoreResource(dg.ConfigurableResource):
 
 
 class CampaignRegistryResource(dg.ConfigurableResource):
-    """The campaign registry of the application database; campaigns launching within ``warming_horizon_hours``
-    are warmed (the ``campaign_launch_sensor`` and its backstop look that far ahead)."""
+    """The campaign registry of the application database; campaigns launching within warming_horizon_hours are
+    warmed (campaign_launch_sensor and its backstop schedule look that far ahead)."""
 
     url: str = Field(description="PostgreSQL URL of the application database (PRECOMPUTE_APP_DB_URL).")
     warming_horizon_hours: float = Field(24.0, description="Campaigns launching within this many hours are warmed.")
@@ -297,7 +296,7 @@ class CampaignRegistryResource(dg.ConfigurableResource):
 
 
 class ParquetIOManager(dg.ConfigurableIOManager):
-    """One Parquet file per asset partition in the lake of ``lake`` (the one ``LakeResource``)."""
+    """One Parquet file per asset partition, in the lake of the lake resource."""
 
     lake: LakeResource
 
