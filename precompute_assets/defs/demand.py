@@ -344,6 +344,11 @@ def demand_model(
         check, uri = beats_baselines_check(None, config.margin, f"{problem} ({check.description})"), ""
     check_key = dg.AssetCheckKey(dg.AssetKey(DEMAND_MODEL), BEATS_BASELINES)
     pruned = prune_model_versions(context, store, DEMAND_MODEL, check_key, config.retention_days, version)
+    if evaluation.epochs < hp.max_epochs:  # the progress log's last line may be an earlier epoch's
+        context.log.info(
+            f"LSTM training stopped by its {hp.max_seconds:g} s budget after {evaluation.epochs} of {hp.max_epochs} "
+            f"epochs ({evaluation.train_seconds:.1f} s, feature building included)"
+        )
     for note in evaluation.notes:
         context.log.warning(note)
     context.log.info(f"trained {version}: {check.description}")

@@ -130,6 +130,16 @@ def test_the_run_log_says_what_the_lstm_trains_on_before_training(resources, pg_
     assert read < epoch < next(i for i, m in enumerate(messages) if m.startswith("trained "))
 
 
+def test_the_run_log_says_when_the_time_budget_stopped_the_training(resources, pg_instance, weekly_template, lake_uri):
+    """The progress log is throttled and names the last epoch only when it is max_epochs: a training the budget
+    stopped ended on an earlier epoch's line, as if it had stopped there."""
+    shutil.copytree(weekly_template, lake_uri)
+    result = run(resources, pg_instance, max_epochs=100_000, max_seconds=2.0)
+    messages = [e.user_message for e in pg_instance.all_logs(result.run_id) if e.step_key == "demand_model"]
+    epochs = metadata(result)["epochs"]
+    assert f"LSTM training stopped by its 2 s budget after {epochs} of 100000 epochs (" in "\n".join(messages)
+
+
 def test_the_training_log_is_throttled_but_names_the_first_and_last_epochs():
     lines = []
     log = type("Log", (), {"info": lambda self, line: lines.append(line)})()
