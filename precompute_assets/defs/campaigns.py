@@ -140,7 +140,7 @@ def warming_config_problem(config: CampaignWarmingConfig) -> str | None:
         return f"grace_hours must be at least 0, got {config.grace_hours}"
     # The registry lists a warm campaign as due again DEFAULT_REFRESH_MARGIN before its values expire: values that
     # live no longer than that are due as soon as they are written, so the sensor, which requests a campaign when it
-    # becomes due, never warms it again, and only the backstop's hourly passes keep it (or not) in the cache.
+    # becomes due, never warms it again, and only the backstop's passes every 2 hours keep it (or not) in the cache.
     margin_days = DEFAULT_REFRESH_MARGIN / timedelta(days=1)
     if not (math.isfinite(config.open_ended_ttl_days) and config.open_ended_ttl_days > margin_days):
         return (
