@@ -367,7 +367,8 @@ def demand_model(
             "train_seconds": evaluation.train_seconds,
             "epochs": evaluation.epochs,
             "train_samples": evaluation.train_samples,
-            "warm_started_from": (previous if evaluation.warm_started else None) or "",
+            # trained from scratch: left out, not shown as a blank value
+            **({"warm_started_from": previous} if evaluation.warm_started and previous else {}),
             "versions_pruned": pruned,
             **read,
             "requests_held_back_day": int(pd.Series(data.daily()[:, -1]).sum()),

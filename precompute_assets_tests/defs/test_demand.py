@@ -95,7 +95,7 @@ def test_weekly_traffic_the_lstm_beats_frequency_and_its_weights_are_stored(
         assert 0 <= meta[f"hit_rate_{name}"] <= 1 and meta[f"mase_{name}"] >= 0
     assert meta["hit_rate_lstm"] > meta["hit_rate_frequency"] + 0.1
     assert meta["keys"] == 200 and meta["missing_hours"] == 0 and meta["days"] == 14 and meta["epochs"] == 4
-    assert meta["train_seconds"] > 0 and meta["warm_started_from"] == ""
+    assert meta["train_seconds"] > 0 and "warm_started_from" not in meta  # the UI showed a blank value
     gate = check(result)
     best = max(meta[f"hit_rate_{n}"] for n in ("frequency", "seasonal", "ewma"))
     assert gate.passed == (meta["hit_rate_lstm"] > best + 0.005) == meta["approved"]
