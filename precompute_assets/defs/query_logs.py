@@ -157,9 +157,7 @@ def query_logs(context: dg.AssetExecutionContext, redis: RedisResource, lake: La
         return
     stream = redis.schema().query_log()
     if loss := stream_loss(client, stream, lake, "query_logs", context.partition_key, start_ms, trimmed_before):
-        # Nothing brings those events back: the partition is what is left, and says so.
-        since = f", the first at {first_ts:%Y-%m-%d %H:%M:%S} UTC" if first_ts is not None else ""
-        context.log.warning(f"{loss}: this hour holds only the {read} events logged after the loss{since}")
+        context.log.warning(loss_warning(loss, read, first_ts))  # nothing brings them back: the rest is kept
     total = len(logs) + len(quarantine)
     yield dg.Output(
         logs,
@@ -259,6 +257,12 @@ def stream_loss(
     if oldest and int(oldest[0][0].split(b"-")[0]) < start_ms:
         return None
     return f"the stream lost every event logged after partition {partition} (its {rows} events) was drained"
+
+
+def loss_warning(loss: str, read: int, first: datetime | None) -> str:
+    """A drain's warning when ``stream_loss`` found one: what its hour holds, and since when."""
+    since = f", the first at {first:%Y-%m-%d %H:%M:%S} UTC" if first is not None else ""
+    return f"{loss}: this hour holds only the {read} events logged after the loss{since}"
 
 
 def stream_lost_failure(lost: str, hour: str) -> dg.Failure:

@@ -7,10 +7,11 @@ from typing import Any
 import dagster as dg
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import Field
 
 from ..ml import next_action
-from ..serving.events import read_event_window, unknown_action, validate_event
+from ..serving.events import events_stream, read_event_window, unknown_action, validate_event
 from ..serving.querylog import quarantine_row
 from ..storage.tables import quarantine_frame
 from ..workload.users import generate_user_events, make_users
@@ -22,8 +23,10 @@ from .query_logs import (
     build_drain_schedule,
     drained_ids,
     epoch_ms,
+    loss_warning,
     lost_events,
     quarantine_check,
+    stream_loss,
     stream_lost_failure,
 )
 from .resources import LakeResource, ModelStoreResource, RedisResource
@@ -88,7 +91,8 @@ def user_events(context: dg.AssetExecutionContext, redis: RedisResource, lake: L
     window = context.partition_time_window
     chunks, rows, rejected, unknown = [], [], [], {}
     client, schema = redis.client(), redis.schema()
-    for page in read_event_window(client, schema, epoch_ms(window.start), epoch_ms(window.end)):
+    start_ms = epoch_ms(window.start)
+    for page in read_event_window(client, schema, start_ms, epoch_ms(window.end)):
         for entry_id, fields in page:
             row, reason = validate_event(entry_id, fields)
             if row is not None:
@@ -105,9 +109,14 @@ def user_events(context: dg.AssetExecutionContext, redis: RedisResource, lake: L
     del chunks, rows
     if lost := lost_events(lake, context.partition_key, drained_ids(table, rejected), USER_EVENTS):
         raise stream_lost_failure(lost, context.partition_key)
+    first_ts = pc.min(table.column("ts")).as_py()
     events, quarantine = table.to_pandas(), quarantine_frame(rejected)
     del table
-    context.log.info(f"read {len(events) + len(rejected)} events ({len(rejected)} quarantined)")
+    read = len(events) + len(rejected)
+    context.log.info(f"read {read} events ({len(rejected)} quarantined)")
+    # As query_logs': the stream has no trim of ours (only the loggers' MAXLEN ~), so no trim marker to consult.
+    if loss := stream_loss(client, events_stream(schema), lake, USER_EVENTS, context.partition_key, start_ms, 0):
+        context.log.warning(loss_warning(loss, read, first_ts))
     reasons = quarantine["reason"].str.split(":").str[0].value_counts().head(20).to_dict() if len(quarantine) else {}
     yield dg.Output(
         events,
@@ -119,6 +128,7 @@ def user_events(context: dg.AssetExecutionContext, redis: RedisResource, lake: L
             "quarantined": len(quarantine),
             "unknown_actions": sum(unknown.values()),
             "unknown_action_names": dg.MetadataValue.json(dict(sorted(unknown.items())[:20])),
+            **({"stream_lost": loss} if loss else {}),
         },
     )
     yield dg.Output(

@@ -120,6 +120,30 @@ def test_rematerializing_an_hour_the_stream_lost_keeps_the_good_partition(
     assert Lake(lake_uri).read("user_events", HOUR).equals(events)  # not replaced by an empty hour
 
 
+def test_the_first_drain_after_redis_lost_the_event_stream_says_so_with_counts(
+    redis_url, redis_client, schema, lake_uri, pg_instance
+):
+    """As query_logs': the hour after a loss held only what was logged after it, and its drain said nothing."""
+    import logging
+
+    next_hour = "2026-11-20-11:00"
+    res = resources(redis_url, schema, lake_uri)
+    record(redis_url, schema, HOUR_START_MS + 10, 30)
+    assert dg.materialize([user_events], resources=res, partition_key=HOUR, instance=pg_instance).success
+    record(redis_url, schema, HOUR_START_MS + 3_660_000, 12)  # 11:01, then Redis restarts without persistence
+    redis_client.delete(events_stream(schema))
+    record(redis_url, schema, HOUR_START_MS + 5_400_000, 9)  # 11:30
+    result = dg.materialize([user_events], resources=res, partition_key=next_hour, instance=pg_instance)
+    assert result.success and len(Lake(lake_uri).read("user_events", next_hour)) == 9  # what is left, kept
+    warnings = [e.user_message for e in pg_instance.all_logs(result.run_id) if e.level == logging.WARNING]
+    assert warnings == [
+        f"the stream lost every event logged after partition {HOUR} (its 30 events) was drained: this hour holds "
+        "only the 9 events logged after the loss, the first at 2026-11-20 11:30:00 UTC"
+    ], warnings
+    meta = {m.asset_key.path[-1]: m.metadata for m in result.asset_materializations_for_node("user_events")}
+    assert meta["user_events"]["stream_lost"].value.startswith("the stream lost every event")
+
+
 def test_next_action_model_beats_its_baselines_and_is_approved(tmp_path, pg_instance):
     lake_uri, models = str(tmp_path / "lake"), str(tmp_path / "models")
     days = DEFAULT_PARTITIONS.days_ending(DAY, 7)
