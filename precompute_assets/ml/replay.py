@@ -788,6 +788,7 @@ def replay(
     admission_window: int | None = None,
     ranked: Sequence[Sequence[Hashable]] | None = None,
     baselines: bool = True,
+    read_through: dict[str, list[int]] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict:
     """Hit rates over days W..D-1 (days 0..W-1, ``warmup_days``, only warm the caches) of five policies and
@@ -827,6 +828,8 @@ def replay(
 
     ``baselines=False`` leaves out what depends on the trace and capacity alone (LRU, S3-FIFO, ARC, the bounds
     and the LRU with admission), for a caller that compares rankings on the same trace and has them once.
+    ``read_through`` (``read_through_day_hits`` of the same days, capacity and admission) gives the hits per day of
+    the read-through tier alone, the self-tuned share's candidate N = 0 whatever the ranking: not replayed again.
 
     ``progress`` is told the name of each piece of work as it starts (``replay_stages`` counts them).
     """
@@ -863,8 +866,11 @@ def replay(
         ranking = _ranked_keys(days, limit=limit, half_life_days=half_life_days)
     else:
         ranking = _ranked_keys(days[:warmup_days], limit=limit, half_life_days=half_life_days)
+    given = _checked_read_through(read_through, len(days), admission=live_tier is not None)
     # Plain read-through of C keys is also the self-tuned share's candidate N = 0 (nothing precomputed): replayed once.
-    read_through = _lru_day_hits(days, capacity) if auto and baselines else None
+    read_through = given.get("lru")
+    if read_through is None and auto and baselines:
+        read_through = _lru_day_hits(days, capacity)
     if auto:
         say("tuning the precompute share")
         known = None if read_through is None else {0: read_through}
@@ -896,10 +902,11 @@ def replay(
         hits[name] = run()
     if live_tier is not None:
         live = live_tier(keys)
-        live_read_through = None  # the live tier alone: also the candidate N = 0 of the share tuned on it
+        live_read_through = given.get("admission")  # the live tier alone: the candidate N = 0 of its share too
         if baselines:
             say(f"replaying {POLICY_NAMES['lru']} with admission")
-            live_read_through = live(days, capacity)
+            if live_read_through is None:
+                live_read_through = live(days, capacity)
             hits["lru_admission"] = sum(live_read_through[warmup_days:])
         say(f"replaying {POLICY_NAMES['ours']} with admission")
         if auto:  # the share is tuned on the live tier it shares the capacity with
@@ -922,6 +929,34 @@ def replay(
         if live_tier is not None:
             result.update(_share_summary(shares_admission[warmup_days:], suffix="_admission"))
     return result
+
+
+def read_through_day_hits(
+    day_keys: Sequence[np.ndarray],
+    capacity: int,
+    *,
+    admission: str | AdmissionPolicy | None = None,
+    admission_window: int | None = None,
+) -> dict[str, list[int]]:
+    """Hits per day of the read-through tier of ``capacity`` keys with nothing precomputed: ``"lru"``, and with
+    ``admission`` its live tier, ``"admission"``. This is every ranking's self-tuned candidate N = 0, so a caller
+    replaying several rankings on the same days replays it once and gives it to ``replay(read_through=...)``."""
+    days, keys = _as_codes(day_keys)
+    hits = {"lru": _lru_day_hits(days, capacity)}
+    if admission is not None:
+        hits["admission"] = _live_tier(admission, admission_window, capacity)(keys)(days, capacity)
+    return hits
+
+
+def _checked_read_through(given: dict[str, list[int]] | None, n_days: int, *, admission: bool) -> dict[str, list[int]]:
+    """``replay``'s ``read_through``, checked to hold one count per day and the live tier's when admission is on."""
+    if given is None:
+        return {}
+    if admission and "admission" not in given:
+        raise ValueError("read_through lacks the live tier's hits ('admission'): make it with the same admission")
+    if any(len(hits) != n_days for hits in given.values()):
+        raise ValueError(f"read_through needs one count per day ({n_days})")
+    return given
 
 
 def _share_summary(shares: Sequence[int], *, suffix: str = "") -> dict:

@@ -44,7 +44,7 @@ from .demand import (
     frequency_forecast,
     seasonal_forecast,
 )
-from .replay import Trace, replay
+from .replay import Trace, read_through_day_hits, replay
 from .selection import select_top
 
 STRATEGIES = ("frequency", "ewma", "seasonal", "lstm", "auto")
@@ -294,6 +294,8 @@ def compare_strategies(
     limit = capacity if auto else top_n
     # The read-through policies are the same for every strategy: the caller's own replay has them.
     replay_args = dict(top_n=top_n, capacity=capacity, warmup_days=warmup_days, admission=admission, baselines=False)
+    if auto:  # every strategy's share candidate N = 0 is the read-through alone: replayed once, here
+        replay_args["read_through"] = read_through_day_hits(hours.day_keys(), capacity, admission=admission)
 
     def start(job: Callable, *args) -> Future | Callable[[], tuple[dict, dict]]:
         """The job running in the pool, or (without one) to be run when its result is wanted."""

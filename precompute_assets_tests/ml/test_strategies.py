@@ -11,8 +11,9 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from precompute_assets.ml import replay as replay_module
 from precompute_assets.ml.demand import DemandHyperParams
-from precompute_assets.ml.replay import Trace, parse_trace, replay, split_days
+from precompute_assets.ml.replay import Trace, parse_trace, read_through_day_hits, replay, split_days
 from precompute_assets.ml.strategies import (
     STRATEGIES,
     TraceHours,
@@ -174,6 +175,45 @@ def test_approved_only_ranks_by_the_newest_approved_model_else_frequency(margin)
     else:
         assert info["approved_days"] == 3 and info["fallback_days"] == 2
         assert lstm[3:] == ranked["auto"][0][3:] and lstm[1:3] == ranked["frequency"][0][1:3]
+
+
+@pytest.mark.parametrize("admission", [None, "probation", "second_miss"])
+def test_a_given_read_through_replays_as_the_read_through_replayed_again(admission):
+    """A strategy's self-tuned replay given the read-through's hits (its candidate N = 0) gives what it gives
+    when it replays that candidate itself."""
+    trace = zipf_trace(seed=7)
+    day_keys = split_days(trace, 6)
+    ranked = rankings_of(trace_hours(trace, 6), ["seasonal"], 120)["seasonal"][0]
+    args = dict(top_n="auto", capacity=120, admission=admission, ranked=ranked, baselines=False)
+    given = read_through_day_hits(day_keys, 120, admission=admission)
+    assert replay(day_keys, **args, read_through=given) == replay(day_keys, **args)
+    policies = dict(top_n="auto", capacity=120, admission=admission)
+    assert replay(day_keys, **policies, read_through=given) == replay(day_keys, **policies)
+    with pytest.raises(ValueError, match="one count per day"):
+        replay(day_keys, **args, read_through={name: hits[1:] for name, hits in given.items()})
+
+
+def test_strategies_replay_the_read_through_alone_once(monkeypatch):
+    """The read-through of C keys alone is every strategy's share candidate N = 0: one replay for all of them,
+    on the LRU and on the live tier, not one per strategy."""
+    calls: Counter = Counter()
+
+    def counting(name: str):
+        tier = getattr(replay_module, name)
+
+        def counted(days, slots, *, precomputed=None, **kw):
+            if not isinstance(slots, list) and slots == 120 and not any(len(keys) for keys in precomputed or []):
+                calls[name] += 1
+            return tier(days, slots, precomputed=precomputed, **kw)
+
+        return counted
+
+    for name in ("_lru_day_hits", "_probation_day_hits"):
+        monkeypatch.setattr(replay_module, name, counting(name))
+    names = ["frequency", "ewma", "seasonal"]
+    result = compare_strategies(zipf_trace(), 6, names, top_n="auto", capacity=120, admission="probation")
+    assert calls == {"_lru_day_hits": 1, "_probation_day_hits": 1}
+    assert set(result["strategies"]) == set(names)
 
 
 def test_a_process_pool_gives_the_results_of_one_process():
