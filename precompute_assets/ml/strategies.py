@@ -165,7 +165,8 @@ def rankings_of(
     state = None  # the previous day's model when it was approved: the next day warm-starts from it
     approved_model = None  # the newest approved model and its trained hyper-parameters (``approved_only``)
     for d in range(1, hours.n_days):
-        recent = hours.hourly_counts(max(0, d - max(BASELINE_DAYS, hp.window_days)), d - 1)  # days before d only
+        recent_first = max(0, d - max(BASELINE_DAYS, hp.window_days))
+        recent = hours.hourly_counts(recent_first, d - 1)  # days before d only
         if len(recent.keys) == 0 or limit == 0:
             for name in strategies:
                 out[name][0].append([])
@@ -185,7 +186,9 @@ def rankings_of(
             if "auto" in out:
                 out["auto"][1]["used"].append("frequency")
             continue
-        history = hours.hourly_counts(max(0, d - lookback_days), d - 1)
+        history_first = max(0, d - lookback_days)
+        # The same days as recent (a trace shorter than the lookback): the same counts, not a second matrix of them.
+        history = recent if history_first == recent_first else hours.hourly_counts(history_first, d - 1)
         result = evaluate_demand(history, hp, init_state=state)
         evaluation = result.evaluation
         approved = evaluation.hit_rate["lstm"] - evaluation.hit_rate[evaluation.best_baseline] > margin

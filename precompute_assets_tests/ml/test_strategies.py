@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from precompute_assets.ml import replay as replay_module
+from precompute_assets.ml import strategies as strategies_module
 from precompute_assets.ml.demand import DemandHyperParams
 from precompute_assets.ml.replay import Trace, parse_trace, read_through_day_hits, replay, split_days
 from precompute_assets.ml.strategies import (
@@ -214,6 +215,32 @@ def test_strategies_replay_the_read_through_alone_once(monkeypatch):
     result = compare_strategies(zipf_trace(), 6, names, top_n="auto", capacity=120, admission="probation")
     assert calls == {"_lru_day_hits": 1, "_probation_day_hits": 1}
     assert set(result["strategies"]) == set(names)
+
+
+def test_the_lstm_trains_on_the_recent_counts_when_they_span_its_lookback(monkeypatch):
+    """On a trace shorter than the LSTM's lookback its history is the days the baselines' recent counts hold: one
+    matrix counted once a day, and what the LSTM trains on is the count of those days, untouched by the baselines."""
+    hours = trace_hours(zipf_trace(seed=3), 6)
+    counted: Counter = Counter()
+    trained = []
+    count_hours, evaluate = TraceHours.hourly_counts, strategies_module.evaluate_demand
+
+    def counting(self, first, last):
+        counted[first, last] += 1
+        return count_hours(self, first, last)
+
+    def evaluating(history, hp, **kw):
+        trained.append(history)
+        return evaluate(history, hp, **kw)
+
+    monkeypatch.setattr(TraceHours, "hourly_counts", counting)
+    monkeypatch.setattr(strategies_module, "evaluate_demand", evaluating)
+    rankings_of(hours, ["lstm"], 20, hp=TINY)
+    assert counted == {(0, d - 1): 1 for d in range(1, 6)}
+    assert [history.n_days for history in trained] == [3, 4, 5]
+    for history in trained:
+        fresh = count_hours(hours, 0, history.n_days - 1)
+        assert np.array_equal(history.keys, fresh.keys) and np.array_equal(history.counts, fresh.counts)
 
 
 def test_a_process_pool_gives_the_results_of_one_process():
