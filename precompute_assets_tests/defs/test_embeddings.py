@@ -3,7 +3,9 @@ failures, crash resume, embedder change, Redis outage, and the sensor."""
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Callable, Iterator
 
 import dagster as dg
 import numpy as np
@@ -67,6 +69,20 @@ def sensor_resources(app_db, redis_url, schema):
         "documents": DocumentStoreResource(url=app_db),
         "redis": RedisResource(url=redis_url, namespace=schema.namespace),
     }
+
+
+@contextlib.contextmanager
+def documents_sensor(resources_: dict) -> Iterator[tuple[dg.DagsterInstance, Callable]]:
+    """A test instance where embedding_model was materialized, and ``tick(cursor)`` -> ``(documents_changed's result,
+    its new cursor)`` on it."""
+    with dg.instance_for_test() as instance:
+        instance.report_runless_asset_event(dg.AssetMaterialization("embedding_model"))
+
+        def tick(cursor: str | None):
+            with dg.build_sensor_context(instance=instance, resources=resources_, cursor=cursor) as context:
+                return documents_changed(context), context.cursor
+
+        yield instance, tick
 
 
 def test_assets_embed_everything_and_serve_from_redis(docs, app_db, redis_url, redis_client, schema, tmp_path):
@@ -409,15 +425,10 @@ def test_documents_a_long_load_commits_late_get_a_sync_of_their_own(
     store = EmbeddingStore(app_db)
     cache = PredictionCache(redis_client, schema=schema, pointer_ttl_s=0)
 
-    def tick(cursor: str | None):
-        with dg.build_sensor_context(instance=instance, resources=resources_, cursor=cursor) as context:
-            return documents_changed(context), context.cursor
-
     def sync() -> None:
         sync_embeddings(docs, store, redis_client, embedder, schema=schema, chunk_size=1000, log=lambda m: None)
 
-    with dg.instance_for_test() as instance:
-        instance.report_runless_asset_event(dg.AssetMaterialization("embedding_model"))
+    with documents_sensor(resources_) as (_, tick):
         request, cursor = tick(None)
         assert isinstance(request, dg.RunRequest)
         sync()
@@ -484,13 +495,7 @@ def test_embeddings_redis_lost_are_rebuilt_without_waiting_for_a_change(docs, ap
     04:00 schedule ran: every embedding lookup missed for up to a day, though the sync rebuilds a lost version."""
     resources_ = sensor_resources(app_db, redis_url, schema)
     store = EmbeddingStore(app_db)
-    with dg.instance_for_test() as instance:
-        instance.report_runless_asset_event(dg.AssetMaterialization("embedding_model"))
-
-        def tick(cursor: str | None):
-            with dg.build_sensor_context(instance=instance, resources=resources_, cursor=cursor) as context:
-                return documents_changed(context), context.cursor
-
+    with documents_sensor(resources_) as (_, tick):
         request, cursor = tick(None)
         assert isinstance(request, dg.RunRequest)
         first = sync_embeddings(docs, store, redis_client, embedder, schema=schema, log=lambda m: None)
@@ -511,13 +516,7 @@ def test_embeddings_whose_values_are_gone_under_their_pointer_are_rebuilt(docs, 
     missed, and documents_changed, which looked at the pointer alone, requested nothing until a document changed."""
     resources_ = sensor_resources(app_db, redis_url, schema)
     store = EmbeddingStore(app_db)
-    with dg.instance_for_test() as instance:
-        instance.report_runless_asset_event(dg.AssetMaterialization("embedding_model"))
-
-        def tick(cursor: str | None):
-            with dg.build_sensor_context(instance=instance, resources=resources_, cursor=cursor) as context:
-                return documents_changed(context), context.cursor
-
+    with documents_sensor(resources_) as (_, tick):
         _, cursor = tick(None)
         first = sync_embeddings(docs, store, redis_client, embedder, schema=schema, log=lambda m: None)
         pointer = schema.pointer(EMBEDDING_KIND)
