@@ -445,36 +445,35 @@ def ewma_forecast(data: HourlyCounts, target_day: int, hp: DemandHyperParams) ->
     return HOURS_PER_DAY * rate
 
 
-def _mase_season(held_day: int) -> int:
-    return 7 if held_day > 7 else 1
+def _mase_scale(daily: np.ndarray, held_day: int) -> tuple[float, str | None]:
+    """The pooled in-sample seasonal-naive error of the keys of ``daily`` before ``held_day`` (MASE's scale), and
+    why it cannot scale anything (missing or 0), or None when it can."""
+    season = 7 if held_day > 7 else 1
+    if daily.shape[0] == 0:
+        return math.nan, "no key was requested before the held-back day"
+    if held_day <= season:
+        return math.nan, f"{held_day} day(s) before the held-back day: too few for a season of {season} day(s)"
+    history = daily[:, :held_day]
+    scale = float(np.abs(history[:, season:] - history[:, :-season]).mean())
+    if scale == 0:
+        return scale, (
+            f"no key's daily requests changed from one {season}-day season to the next before the held-back day, "
+            "so the scale (the in-sample seasonal-naive error) is 0"
+        )
+    return scale, None
 
 
 def mase_undefined(daily: np.ndarray, held_day: int) -> str | None:
     """Why the MASE of the keys of ``daily`` cannot be measured on ``held_day`` (its scale is missing or 0), or
     None when it can."""
-    season = _mase_season(held_day)
-    if daily.shape[0] == 0:
-        return "no key was requested before the held-back day"
-    if held_day <= season:
-        return f"{held_day} day(s) before the held-back day: too few for a season of {season} day(s)"
-    history = daily[:, :held_day]
-    if not np.abs(history[:, season:] - history[:, :-season]).any():
-        return (
-            f"no key's daily requests changed from one {season}-day season to the next before the held-back day, "
-            "so the scale (the in-sample seasonal-naive error) is 0"
-        )
-    return None
+    return _mase_scale(daily, held_day)[1]
 
 
 def mase(forecast: np.ndarray, actual: np.ndarray, daily: np.ndarray, held_day: int) -> float:
     """Mean absolute error of ``forecast`` scaled by the pooled in-sample seasonal-naive error (module doc); NaN
     when that scale is undefined or 0 (``mase_undefined`` says why)."""
-    if mase_undefined(daily, held_day) is not None:
-        return math.nan
-    season = _mase_season(held_day)
-    history = daily[:, :held_day]
-    scale = float(np.abs(history[:, season:] - history[:, :-season]).mean())
-    return float(np.abs(forecast - actual).mean() / scale)
+    scale, undefined = _mase_scale(daily, held_day)
+    return math.nan if undefined is not None else float(np.abs(forecast - actual).mean() / scale)
 
 
 def evaluate_demand(
