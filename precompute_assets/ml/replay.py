@@ -644,8 +644,10 @@ def split_days(trace: Trace, days: int) -> list[np.ndarray]:
 
 DAY_SECONDS = 86_400
 DAY_TOLERANCE = 0.1  # a replayed day further than this share (2.4 h) from 24 h is named: it shifts daily cycles
-_EPOCH_SECONDS = (946_684_800, 7_258_118_400)  # 2000-01-01 to 2200-01-01: where timestamps since 1970 fall
-_FILETIME_EPOCH_S = 11_644_473_600  # Windows file times (MSR Cambridge's): 100 ns ticks since 1601
+EPOCH_2000_S = 946_684_800  # where absolute timestamps (since 1970) fall: after 2000-01-01 ...
+EPOCH_2200_S = 7_258_118_400  # ... and before 2200-01-01; smaller ones count from a trace's own start
+# Windows file times (MSR Cambridge's traces): 100 ns ticks since 1601-01-01, this many seconds before 1970
+FILETIME_EPOCH_S = 11_644_473_600
 _UNITS = {"seconds": 1.0, "milliseconds": 1e-3, "microseconds": 1e-6, "nanoseconds": 1e-9}
 
 
@@ -658,9 +660,9 @@ def _timestamp_unit(trace: Trace, slice_ticks: float) -> tuple[float, str | None
         return 1.0, None
     typical = float(np.median(np.abs(trace.timestamps)))
     for factor in _UNITS.values():
-        if _EPOCH_SECONDS[0] <= typical * factor < _EPOCH_SECONDS[1]:
+        if EPOCH_2000_S <= typical * factor < EPOCH_2200_S:
             return factor, None
-    if _EPOCH_SECONDS[0] <= typical * 1e-7 - _FILETIME_EPOCH_S < _EPOCH_SECONDS[1]:
+    if EPOCH_2000_S <= typical * 1e-7 - FILETIME_EPOCH_S < EPOCH_2200_S:
         return 1e-7, None
     name = min(_UNITS, key=lambda unit: abs(np.log(max(slice_ticks * _UNITS[unit], 1e-12) / DAY_SECONDS)))
     return _UNITS[name], name

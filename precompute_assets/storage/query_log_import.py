@@ -17,12 +17,11 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ..ml.replay import EPOCH_2000_S, EPOCH_2200_S, FILETIME_EPOCH_S
 from ..serving.querylog import MAX_KEY_LENGTH  # the serving client's query log quarantines longer keys too
 from .tables import QUERY_LOGS
 
 IMPORTED = "import:"  # the stream_id prefix of imported rows
-EPOCH_2000_S = 946_684_800  # an absolute timestamp is after 2000-01-01; smaller ones count from a trace's start
-EPOCH_2200_S = 7_258_118_400
 
 
 class HourFrames(Mapping[str, pd.DataFrame]):
@@ -67,8 +66,6 @@ def outside_share(rows: HourRows, requests: int) -> float:
 
 
 TIME_UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "ns": 1e-9, "filetime": 1e-7}
-# Windows file times (MSR Cambridge's traces): 100 ns ticks since 1601-01-01, this many seconds before 1970
-FILETIME_EPOCH_S = 11_644_473_600
 # "auto": the unit that puts the largest absolute timestamp after 2000 in seconds (1e9 s is 2001, 1e11 s the year 5138)
 _AUTO_LIMITS = ((1e17, "ns"), (1e14, "us"), (1e11, "ms"))
 
