@@ -1343,8 +1343,10 @@ def tune_share(
 
 
 def _static_hits(day: np.ndarray, chosen: set[Hashable]) -> int:
-    """The day's requests for the ``chosen`` (published) keys."""
-    return _without_published(np.asarray(day), chosen)[0]
+    """The day's requests for the ``chosen`` (published) keys (``_published_mask``, as the live tiers count them)."""
+    if len(chosen) == 0 or len(day) == 0:
+        return 0
+    return int(_published_mask(np.asarray(day), chosen).sum())
 
 
 def _lru_hits(
