@@ -462,14 +462,14 @@ def _utf8_lines(data: bytes) -> tuple[list[str], list[tuple[int, str]]]:
     ``(lines, [(line number in the file, problem)])``. One such line (a logged URL's Latin-1 byte) refused a whole
     request log; all are cut in one pass, not one parse each."""
     try:
-        text = _decode_text(data)
+        text, decoded = _decode_text(data), True  # strict UTF-8: no byte left undecoded
     except TraceError as error:
         if _NOT_UTF8 not in str(error):
             raise
         text = data.removeprefix(codecs.BOM_UTF8).decode("utf-8", "surrogateescape")
-        text = text.replace("\r\n", "\n").replace("\r", "\n").removesuffix("\n")
+        text, decoded = text.replace("\r\n", "\n").replace("\r", "\n").removesuffix("\n"), False
     lines = text.split("\n")
-    if "\0" not in text and _UNDECODED.search(text) is None:
+    if "\0" not in text and decoded:
         return lines, []
     problems = {i: problem for i, line in enumerate(lines) if (problem := _undecodable(line))}
     return [line for i, line in enumerate(lines) if i not in problems], [(i + 1, p) for i, p in problems.items()]
