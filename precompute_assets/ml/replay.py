@@ -720,6 +720,8 @@ def trace_notes(trace: Trace, day_keys: Sequence[np.ndarray], *, key_chosen: boo
             f"{len(empty)} of the {len(day_keys)} days hold no requests (days {listed}): days are equal spans of the "
             f"timestamps{span}; an outlier timestamp or a gap? Use fewer --days{by_count}"
         )
+    if note := time_order_note(trace):
+        notes.append(note)
     keys = np.asarray(trace.keys)
     filtered_on_key = trace.where is not None and trace.where["field"] == trace.key_field
     chosen = key_chosen or filtered_on_key
@@ -735,6 +737,33 @@ def trace_notes(trace: Trace, day_keys: Sequence[np.ndarray], *, key_chosen: boo
             "does not know? Name the fields with --key-field and --time-field (none: no timestamps)"
         )
     return notes
+
+
+UNORDERED_SHARE = 0.25  # of the steps between different timestamps that go back: more is no log's disorder
+
+
+def time_order_note(trace: Trace) -> str | None:
+    """A note when ``trace``'s timestamps go back in time at more than ``UNORDERED_SHARE`` of the steps between two
+    lines whose timestamps differ: the field read as time is no time (an ARC trace's start block, a size, an id).
+    Logs merged from several writers go back now and then, and are replayed in time order; a field that is no time
+    goes back at about half of its steps, and its order says nothing of when keys were requested."""
+    ts = trace.timestamps
+    if ts is None or len(ts) < 3:
+        return None
+    steps = np.diff(ts)
+    backwards, moves = int((steps < 0).sum()), int((steps != 0).sum())
+    if backwards <= UNORDERED_SHARE * moves:
+        return None
+    field = f"field {trace.timestamp_field}" if trace.timestamp_field is not None else "the timestamps"
+    fix = (
+        "; name the fields with --time-field and --key-field (--time-field none: requests in file order)"
+        if trace.format in ("text", "parquet")
+        else ""
+    )
+    return (
+        f"{field}, read as the time of each request, goes back at {backwards / moves:.0%} of the lines where it "
+        f"changes: no time? The requests were replayed sorted by it{fix}"
+    )
 
 
 def logged_hit_rate(trace: Trace, days: int, *, count_from: int = 1) -> float | None:

@@ -486,6 +486,43 @@ def test_days_far_from_24_hours_are_named_with_the_days_that_fit(tmp_path: Path,
     assert captured.err == f"precompute replay: warning: {day_notes(four_days, 8)[0]}\n"
 
 
+def test_a_time_field_that_goes_back_at_many_lines_is_named(tmp_path: Path, capsys: pytest.CaptureFixture):
+    # An ARC trace (start block, blocks, unused, request number) read as timestamp,key: its blocks were the times
+    blocks = [(i * 7919) % 1000 * 8 for i in range(400)]
+    notes = day_notes(blocks, 2, timestamp_field=1)
+    assert notes[-1].startswith("field 1, read as the time of each request, goes back at 92% of the lines where it")
+    assert notes[-1].endswith("--time-field none: requests in file order)")
+    assert "--time-field" not in day_notes(blocks, 2, format="oracle-general")[-1]  # binary records: no fields
+    # A log merged from writers goes back now and then, and repeats times: no note
+    merged = [t + (3 if t % 20 == 0 else 0) for t in range(400) for _ in range(2)]
+    assert not any("goes back" in note for note in day_notes(merged, 2))
+    assert not any("goes back" in note for note in day_notes([5.0] * 12, 4))
+    trace = write(tmp_path, "".join(f"{b} 1 0 {i}\n" for i, b in enumerate(blocks)))
+    assert main(["replay", "--trace", str(trace), "--days", "2", "--top-n", "0", "--capacity", "3"]) == 0
+    assert "field 1, read as the time of each request, goes back" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "replay",
+                "--trace",
+                str(trace),
+                "--days",
+                "2",
+                "--top-n",
+                "0",
+                "--capacity",
+                "3",
+                "--time-field",
+                "none",
+                "--key-field",
+                "1",
+            ]
+        )
+        == 0
+    )
+    assert "goes back" not in capsys.readouterr().err
+
+
 def test_where_keeps_the_requests_whose_field_has_one_of_the_values(tmp_path: Path):
     msr = parse_trace(write(tmp_path, MSR), columns=("Timestamp", "Offset"), where=("Type", {"Read"}))
     assert msr.keys.tolist() == [3154152960, 3154152960] and len(msr.timestamps) == 2
