@@ -467,7 +467,7 @@ def _utf8_lines(data: bytes) -> tuple[list[str], list[tuple[int, str]]]:
         if _NOT_UTF8 not in str(error):
             raise
         text = data.removeprefix(codecs.BOM_UTF8).decode("utf-8", "surrogateescape")
-        text, decoded = text.replace("\r\n", "\n").replace("\r", "\n").removesuffix("\n"), False
+        text, decoded = _without_blank_end(text.replace("\r\n", "\n").replace("\r", "\n")), False
     lines = text.split("\n")
     if "\0" not in text and decoded:
         return lines, []
@@ -1868,7 +1868,8 @@ def iso_seconds(text: pd.Series) -> np.ndarray:
 
 
 def _decode_text(data: bytes) -> str:
-    """The bytes as text: UTF-8 (a leading byte-order mark dropped), CRLF and CR as LF, without the final newline."""
+    """The bytes as text: UTF-8 (a leading byte-order mark dropped), CRLF and CR as LF, without the final newline and
+    the blank lines after it (``_without_blank_end``)."""
     if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):  # Windows' "Unicode" text, PowerShell's export
         raise TraceError("the file is UTF-16 text (it starts with UTF-16's byte order mark): convert it to UTF-8")
     data = data.removeprefix(codecs.BOM_UTF8)
@@ -1879,12 +1880,23 @@ def _decode_text(data: bytes) -> str:
         start, end = data.rfind(b"\n", 0, exc.start) + 1, data.find(b"\n", exc.start)
         line = data[start : None if end < 0 else end].decode("utf-8", "surrogateescape")
         raise TraceError(f"line {line_no}: {_not_utf8(line)}") from None
-    text = text.replace("\r\n", "\n").replace("\r", "\n")  # a lone CR ends a line too (old Mac files)
-    if text.endswith("\n"):
-        text = text[:-1]  # the newline that ends the last line, not an extra blank line
+    text = _without_blank_end(text.replace("\r\n", "\n").replace("\r", "\n"))  # a lone CR ends a line too
     if not text:
         raise TraceError("trace is empty")
     return text
+
+
+def _without_blank_end(text: str) -> str:
+    """``text`` without the newline that ends its last line nor the blank lines (empty, or spaces and tabs only) below
+    it, which an editor or a ``>>`` append leaves: they end the file, they are no request. A blank line above a
+    request stays, for the line checks to name."""
+    end = len(text)
+    while end and text[end - 1] in " \t\n":  # a character at a time: no copy of a long text to find its end
+        end -= 1
+    if not end:
+        return ""
+    cut = text.find("\n", end)  # the end of the last line that is not blank (its trailing blanks are padding)
+    return text if cut < 0 else text[:cut]
 
 
 def _parse_integer_keys(clean: str, kind: str) -> pd.DataFrame | None:

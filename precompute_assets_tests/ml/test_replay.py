@@ -741,10 +741,9 @@ def test_parse_a_large_string_trace(tmp_path: Path):
     ("text", "message"),
     [
         ("1\n2\n\n3\n", "line 3: blank line"),
-        ("1\n2\n3\n\n", "line 4: blank line"),
         ("   \n1\n", "line 1: blank line"),
         ("a\n \t \nb\n", "line 2: blank line"),
-        ("1,a\n\n", "line 2: blank line"),
+        ("1,a\n\n2,b\n\n", "line 2: blank line"),  # a blank line above a request, not the blank end below it
         ("1\n# warm-up\n2\n", "line 2: comment lines are not allowed"),
         ("# keys\n1\n", "line 1: comment lines are not allowed"),
         ("a\nb c\n", "line 2: key 'b c' contains whitespace"),
@@ -783,6 +782,40 @@ def test_parse_a_large_string_trace(tmp_path: Path):
 def test_parse_errors_name_the_line(tmp_path: Path, text: str, message: str):
     with pytest.raises(TraceError, match=f"^{message}"):
         parse_trace(write(tmp_path, text))
+
+
+@pytest.mark.parametrize(
+    ("text", "keys"),
+    [
+        (b"1\n2\n3\n\n", [1, 2, 3]),
+        (b"1,a\n2,b\n\n\n\n", ["a", "b"]),
+        (b"1,a\r\n2,b\r\n\r\n\r\n", ["a", "b"]),
+        (b"a\nb\n \t\n\n  ", ["a", "b"]),  # lines of blanks too, with or without a newline after the last
+        (b"0 a\n1 b\n\n", ["a", "b"]),
+        (b"ts,key\n1,a\n\n", ["a"]),
+    ],
+)
+def test_blank_lines_that_end_a_file_are_ignored(tmp_path: Path, text: bytes, keys: list):
+    # An editor's or a >> append's blank end was refused as "line 4: blank line": no request is missing there
+    from precompute_assets.ml.replay import parse_trace_quarantining
+
+    path = write(tmp_path, text)
+    assert parse_trace(path).keys.tolist() == keys
+    trace, cut = parse_trace_quarantining(path)
+    assert trace.keys.tolist() == keys and cut == []
+
+
+def test_a_blank_end_below_a_line_that_is_not_utf8_is_not_quarantined(tmp_path: Path):
+    from precompute_assets.ml.replay import parse_trace_quarantining
+
+    trace, cut = parse_trace_quarantining(write(tmp_path, b"1,a\n2,\xe9\n3,b\n\n\n"))
+    assert trace.keys.tolist() == ["a", "b"] and [line for line, _ in cut] == [2]
+
+
+def test_a_file_of_blank_lines_only_is_empty(tmp_path: Path):
+    for text in ("\n", "\n \n\t\n", "  ", "\r\n\r\n"):
+        with pytest.raises(TraceError, match="^trace is empty$"):
+            parse_trace(write(tmp_path, text))
 
 
 def test_parse_error_deep_in_a_large_trace(tmp_path: Path):
@@ -2074,8 +2107,8 @@ def test_parse_trace_quarantining_names_the_first_problem_when_every_line_is_cut
     binary.write_bytes(b"\x89\xff\x01\n\x00\xfe\n\xc3(\n")
     with pytest.raises(TraceError, match=r"^no request is left: all 3 lines are malformed \(the first, line 1: not"):
         parse_trace_quarantining(binary)
-    blank = tmp_path / "blank.csv"  # lines cut by the parse itself, one at a time
-    blank.write_text("\n \n\n")
+    blank = tmp_path / "blank.csv"  # lines cut by the parse itself, one at a time (the blank end is no line)
+    blank.write_text("\n \nb c\n\n")
     with pytest.raises(TraceError, match=r"^no request is left: all 3 lines are malformed \(the first, line 1: blank"):
         parse_trace_quarantining(blank)
 
