@@ -15,7 +15,7 @@ import lzma
 import os
 import re
 from collections import OrderedDict, deque
-from collections.abc import Callable, Collection, Hashable, Sequence
+from collections.abc import Callable, Collection, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -92,6 +92,40 @@ _NOT_COMMA_MILLIS_LINE = re.compile(rf"^(?!{_COMMA_MILLIS}$)", re.MULTILINE)
 _COMMA_MILLIS_LINE = np.dtype([("seconds", "S19"), ("comma", "S1"), ("digits", "S3"), ("newline", "S1")])
 
 
+# Redis (Valkey) MONITOR output, as `redis-cli monitor > log` writes it: the reply OK to MONITOR, then a line a command,
+# `1733400000.123456 [0 127.0.0.1:53422] "GET" "ad:42"`: seconds, the database and the client (an address, [::1]:port,
+# unix:/path or lua), and each argument quoted as Redis' sdscatrepr writes it (\" \\ \n \r \t \a \b and \xHH).
+_MONITOR_START = re.compile(r"[0-9]+\.[0-9]+ \[[0-9]+ ")  # enough of a line to tell the format, even if cut off
+# a quoted argument's content: runs of plain characters between escapes (unrolled: no alternation per character)
+_MONITOR_TEXT = r'[^"\\\n]*(?:\\(?:x[0-9a-fA-F]{2}|[\\"nrtab])[^"\\\n]*)*'
+_MONITOR_ARG_RE = re.compile(rf'"({_MONITOR_TEXT})"')  # one argument, its content in group 1
+_MONITOR_CLIENT = r"[^\[\]\n]*(?:\[[^\]\n]*\][^\[\]\n]*)*"  # 127.0.0.1:53422, [::1]:53422, unix:/path, lua
+# a command: its time, [database client], its name's and its first argument's contents, and the arguments after them
+_MONITOR_COMMAND = (
+    rf'([0-9]+\.[0-9]+) \[[0-9]+ {_MONITOR_CLIENT}\] "({_MONITOR_TEXT})"'
+    rf'(?: "({_MONITOR_TEXT})")?((?: "{_MONITOR_TEXT}")*)'
+)
+# each line: the reply OK (its groups None), or a command
+_MONITOR_LINE = re.compile(rf"^(?:OK|{_MONITOR_COMMAND})$", re.MULTILINE)
+_NOT_MONITOR = 'not a Redis MONITOR line (TIME [DB CLIENT] "COMMAND" "ARG"...): cut off, or a line of another log?'
+_MONITOR_ESCAPE = re.compile(rb'\\(x[0-9a-fA-F]{2}|[\\"nrtab])')
+_MONITOR_ESCAPED = {b"\\": b"\\", b'"': b'"', b"n": b"\n", b"r": b"\r", b"t": b"\t", b"a": b"\a", b"b": b"\b"}
+# Commands whose first argument is no key (a password, a database, a cursor, a subcommand, a count of keys, a
+# channel): their lines are skipped and counted by name, never echoed (AUTH's, HELLO's and MIGRATE's hold passwords).
+_MONITOR_NO_KEY = frozenset({
+    "ACL", "AUTH", "BGREWRITEAOF", "BGSAVE", "BITOP", "BLMPOP", "BZMPOP", "CLIENT", "CLUSTER", "COMMAND", "CONFIG",
+    "DBSIZE", "DEBUG", "DISCARD", "ECHO", "EVAL", "EVALSHA", "EVALSHA_RO", "EVAL_RO", "EXEC", "FAILOVER", "FCALL",
+    "FCALL_RO", "FLUSHALL", "FLUSHDB", "FUNCTION", "HELLO", "INFO", "KEYS", "LASTSAVE", "LATENCY", "LMPOP", "LOLWUT",
+    "MEMORY", "MIGRATE", "MODULE", "MONITOR", "MULTI", "OBJECT", "PING", "PSUBSCRIBE", "PSYNC", "PUBLISH", "PUBSUB",
+    "PUNSUBSCRIBE", "QUIT", "RANDOMKEY", "READONLY", "READWRITE", "REPLCONF", "REPLICAOF", "RESET", "ROLE", "SAVE",
+    "SCAN", "SCRIPT", "SELECT", "SHUTDOWN", "SINTERCARD", "SLAVEOF", "SLOWLOG", "SPUBLISH", "SSUBSCRIBE", "SUBSCRIBE",
+    "SUNSUBSCRIBE", "SWAPDB", "SYNC", "TIME", "UNSUBSCRIBE", "UNWATCH", "WAIT", "WAITAOF", "XGROUP", "XINFO", "XREAD",
+    "XREADGROUP", "ZDIFF", "ZINTER", "ZINTERCARD", "ZMPOP", "ZUNION",
+})  # fmt: skip
+_MONITOR_EVERY_KEY = frozenset({"MGET"})  # commands whose every argument is a key, each one request
+_MONITOR_NAMES_KEPT = 20  # skipped commands counted by name; the rarer ones together as "others"
+
+
 class TraceError(ValueError):
     """A trace file that is not one key per line, nor ``timestamp,key`` lines."""
 
@@ -100,7 +134,8 @@ class TraceError(ValueError):
 class Trace:
     """Requested keys in request order, with their timestamps (seconds or ms) when the trace had them.
 
-    ``keys`` is int64 when every key is an integer that fits, else an object array of ``str``.
+    ``keys`` is int64 when every key is an integer that fits, else an object array of ``str`` (always, for Redis
+    MONITOR output: Redis keys are strings).
     """
 
     keys: np.ndarray
@@ -109,13 +144,15 @@ class Trace:
     timestamp_field: int | None = None  # which of them (1-based) held the timestamp, and the key
     key_field: int = 1
     header: tuple[str, ...] | None = None  # the column names of a header line, when the file had one
-    format: str = "text"  # or "oracle-general", "oracle-general-opns": libCacheSim's binary records; "parquet"
+    # or "oracle-general", "oracle-general-opns": libCacheSim's binary records; "parquet"; "redis-monitor" (text)
+    format: str = "text"
     separator: str | None = None  # between fields of a text line: "comma" or "whitespace" (None: one field)
     where: dict | None = None  # the filter of lines: field, values, lines dropped
     logged_hits: np.ndarray | None = None  # per request, whether the serving client hit (its query log's ``hit``)
     # The timestamps were date-times (ISO 8601 text, a Parquet timestamp column), so seconds since the epoch already:
     # no unit to read them in
     dated: bool = False
+    skipped: dict[str, int] | None = None  # lines read but no request: Redis MONITOR commands naming no key, by name
 
     def layout(self) -> dict:
         """How the file was read, for a reader to check: its format, the fields per line (record), the two that
@@ -132,6 +169,8 @@ class Trace:
             out["header"] = list(self.header)
         if self.where is not None:
             out["where"] = self.where
+        if self.skipped is not None:
+            out["skipped_commands"] = self.skipped
         out["distinct_keys"] = int(pd.Series(self.keys).nunique())
         return out
 
@@ -171,6 +210,7 @@ def parse_trace(
     ``"auto"`` takes one for a file whose name says ``oracleGeneral`` (``oracleGeneralOpNS``) and whose first
     records hold a NUL byte (which text never does, and records all but always do). ``"parquet"`` (and ``"auto"``
     for a folder, a ``.parquet`` file or Parquet's magic bytes) reads columns of Parquet files: ``parquet_trace``.
+    Redis MONITOR output (``redis-cli monitor > log``), told by its first line, is read as such: ``_monitor_trace``.
 
     A key is any token without whitespace (padding is stripped); the first line decides the format: it is
     CSV when the part before its first comma is a number or an ISO 8601 date-time (read as seconds since the
@@ -250,6 +290,8 @@ def _text_trace(
     """The trace of a text file's ``text`` (``parse_trace``'s text formats)."""
     if (nul := text.find("\0")) >= 0:
         raise TraceError(f"line {text.count(chr(10), 0, nul) + 1}: {_NUL_LINE}")
+    if _is_monitor_output(text):
+        return _monitor_trace(text, columns, where)
     if _is_json_object(text.partition("\n")[0]):  # else read as a header of names '{"ts": 1', ' "key": "a"}'
         raise TraceError(
             "line 1 is a JSON object: JSON lines are no trace format; write the timestamp and the key as text lines, "
@@ -349,6 +391,93 @@ def _text_trace(
         keys, timestamps = keys[kept], None if timestamps is None else timestamps[kept]
         layout["where"] = {"field": number, "values": sorted(where[1]), "dropped": int((~kept).sum())}
     return Trace(keys=keys, timestamps=timestamps, dated=dated is not None, **layout)
+
+
+def _is_monitor_output(text: str) -> bool:
+    """Whether ``text`` is Redis MONITOR output: its first line starts like a MONITOR line, or is the reply OK over one
+    that does (a trace of bare keys may start with a key OK)."""
+    first, _, rest = text.partition("\n")
+    return bool(_MONITOR_START.match(first) or (first == "OK" and _MONITOR_START.match(rest)))
+
+
+def _monitor_trace(text: str, columns: Columns | None, where: tuple[int | str, Collection[str]] | None) -> Trace:
+    """The trace of Redis MONITOR output (``_MONITOR_LINE``): a request per command naming a key, at its time in
+    seconds, keyed by its first argument (every argument of MGET); commands naming none (``_MONITOR_NO_KEY``, or no
+    argument) are skipped and counted by name. A line that is not a MONITOR line, or whose key is empty, not UTF-8
+    or holds a NUL byte, is a TraceError that names it and never quotes it (an AUTH line may hold a password)."""
+    if columns is not None or where is not None:
+        raise TraceError("--key-field, --time-field and --where read fields of text traces, not Redis MONITOR output's")
+    stamps: list[str] = []
+    keys: list[str] = []
+    skipped: dict[str, int] = {}
+    for found in _monitor_lines(text):
+        stamp, command, first, more = found.groups()
+        name = command.upper() if stamp is not None else None
+        if name is None or name in _MONITOR_NO_KEY or first is None:
+            if name is not None:
+                skipped[name] = skipped.get(name, 0) + 1
+            continue
+        for written in [first, *_MONITOR_ARG_RE.findall(more)] if name in _MONITOR_EVERY_KEY else (first,):
+            key, problem = _monitor_key(written)
+            if problem:
+                raise TraceError(f"line {text.count(chr(10), 0, found.start()) + 1}: {problem}")
+            keys.append(key)
+            stamps.append(stamp)
+    if not keys:
+        raise TraceError(f"no command of the Redis MONITOR output names a key (skipped: {_named_counts(skipped)})")
+    return Trace(
+        keys=np.array(keys, dtype=object),
+        timestamps=np.array(stamps, dtype=np.float64),
+        fields=5,  # time, database, client, command, key
+        timestamp_field=1,
+        key_field=5,
+        format="redis-monitor",
+        dated=True,  # seconds since the epoch: no unit to guess
+        skipped=_most_common(skipped),
+    )
+
+
+def _monitor_lines(text: str) -> Iterator[re.Match]:
+    """``_MONITOR_LINE``'s match of each line of ``text`` in turn; a TraceError at the first line that is none, named
+    by its number and never quoted. One pass: a line is bad where a match does not start right after the last."""
+    expected = 0  # where the next line starts
+    for found in itertools.chain(_MONITOR_LINE.finditer(text), [None]):
+        start = len(text) + 1 if found is None else found.start()
+        if start != expected:
+            blank = not text[expected:].partition("\n")[0].strip()
+            raise TraceError(f"line {text.count(chr(10), 0, expected) + 1}: {'blank line' if blank else _NOT_MONITOR}")
+        if found is not None:
+            yield found
+            expected = found.end() + 1
+
+
+def _monitor_key(written: str) -> tuple[str, str]:
+    """The key that a MONITOR argument's quoted content ``written`` stands for and ""; or "" and why it is no key."""
+    if "\\" in written:
+        raw = _MONITOR_ESCAPE.sub(lambda m: _MONITOR_ESCAPED.get(m[1]) or bytes([int(m[1][1:], 16)]), written.encode())
+        try:
+            written = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return "", "the key's bytes are not UTF-8 text"
+    if not written:
+        return "", "empty key"
+    if "\0" in written:
+        return "", "the key holds a NUL byte"
+    return written, ""
+
+
+def _most_common(counts: dict[str, int]) -> dict[str, int]:
+    """``counts`` from the largest, the ``_MONITOR_NAMES_KEPT`` largest by name and the rest as ``others``."""
+    ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    kept = dict(ranked[:_MONITOR_NAMES_KEPT])
+    if rest := sum(count for _, count in ranked[_MONITOR_NAMES_KEPT:]):
+        kept["others"] = rest
+    return kept
+
+
+def _named_counts(counts: dict[str, int]) -> str:
+    """``counts`` as text, ``PING 3, AUTH 1`` (``none``: no line)."""
+    return ", ".join(f"{name} {count}" for name, count in _most_common(counts).items()) or "none"
 
 
 def _digits_fall_within_seconds(text: str) -> bool:

@@ -1176,6 +1176,8 @@ def cmd_query_logs(args: argparse.Namespace) -> int:
         ),  # a quarantined 1e300 showed 2.8e293 hours
         "timezone": settings.timezone,
     }
+    if trace.skipped is not None:  # Redis MONITOR commands naming no key (PING, AUTH...): read, and no request
+        summary["skipped_commands"] = trace.skipped
     if kept:
         print(f"precompute query-logs: warning: kept {len(kept)} hours the lake already holds "
               f"(first {min(kept)}); --replace overwrites them", file=sys.stderr)  # fmt: skip
@@ -1433,7 +1435,8 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="one key per line, or timestamp,key[,more fields] lines (timestamps in seconds, ms or ISO 8601; "
         "a header line is skipped; fields separated by "
-        "commas, or by spaces or tabs), or libCacheSim's binary oracleGeneral records; .gz, .bz2, .xz, .zst, .lz4 "
+        "commas, or by spaces or tabs), Redis MONITOR output, or libCacheSim's binary oracleGeneral records; .gz, "
+        ".bz2, .xz, .zst, .lz4 "
         "and .br files are decompressed; or a Parquet file or folder of them (the lake's query_logs), local or "
         "a URI (s3://...); - reads standard input",
     )

@@ -2185,3 +2185,90 @@ def test_zip_and_tar_archives_are_refused_as_archives_not_as_binary_traces(tmp_p
                 f"the file is a {kind} archive, not a trace: extract the trace from it ({command} writes it to "
                 "standard output, which a trace named - reads)"
             )
+
+
+# What `redis-cli monitor > log` wrote from a Redis 7.0 whose clients set, got, hgot and mgot keys, over TCP, a Unix
+# socket and a Lua script (a password given: Redis redacts AUTH's, older servers and other ones need not)
+MONITOR_LOG = r"""OK
+1796490954.632985 [0 127.0.0.1:41834] "AUTH" "hunter2"
+1796490954.633053 [0 127.0.0.1:41834] "set" "ad:42" "v"
+1796490954.637555 [0 127.0.0.1:41848] "GET" "ad:42"
+1796490954.641737 [0 127.0.0.1:41852] "HGET" "ctr:v1" "42"
+1796490954.645879 [0 [::1]:41862] "MGET" "a" "b" "c d"
+1796490954.651324 [0 127.0.0.1:41868] "COMMAND" "DOCS"
+1796490954.653688 [0 127.0.0.1:41868] "GET" "q\"x\\y"
+1796490954.658377 [0 127.0.0.1:41870] "get" "caf\xc3\xa9\tn"
+1796490954.662409 [3 unix:/tmp/redis.sock] "SELECT" "3"
+1796490954.662466 [3 unix:/tmp/redis.sock] "ping"
+1796490954.666504 [0 unix:/tmp/redis.sock] "eval" "return redis.call('get','ad:42')" "0"
+1796490954.666536 [0 lua] "get" "ad:42"
+OK
+1796490955.000001 [0 127.0.0.1:41890] "INFO"
+1796490955.500000 [0 127.0.0.1:41890] "GET" "ad:7"
+"""
+
+
+def test_redis_monitor_output_is_read_as_time_and_key(tmp_path: Path):
+    # It was read as whitespace-separated fields whose key was "[0" (a note: every request of one key), or, below its
+    # first line OK, refused quoting the AUTH line
+    trace = parse_trace(write(tmp_path, MONITOR_LOG))
+    asked = ["ad:42", "ad:42", "ctr:v1", "a", "b", "c d", 'q"x\\y', "caf\u00e9\tn", "ad:42", "ad:7"]
+    assert trace.keys.tolist() == asked
+    stamps = trace.timestamps.tolist()
+    assert stamps[:4] == [1796490954.633053, 1796490954.637555, 1796490954.641737, 1796490954.645879]
+    assert stamps[3:6] == [1796490954.645879] * 3 and stamps[-1] == 1796490955.5  # each key MGET asked for
+    layout = trace.layout()
+    assert layout["format"] == "redis-monitor" and (layout["timestamp_field"], layout["key_field"]) == (1, 5)
+    assert layout["skipped_commands"] == {"AUTH": 1, "COMMAND": 1, "EVAL": 1, "INFO": 1, "PING": 1, "SELECT": 1}
+    assert trace.dated and not any("one key" in note for note in trace_notes(trace, split_days(trace, 2)))
+    assert "hunter2" not in json.dumps(layout)
+    without_ok = parse_trace(write(tmp_path, MONITOR_LOG.removeprefix("OK\n")))
+    assert without_ok.keys.tolist() == trace.keys.tolist()
+    bare = parse_trace(write(tmp_path, "OK\nFAIL\nOK\n"))  # a trace of bare keys whose first is OK stays one
+    assert bare.keys.tolist() == ["OK", "FAIL", "OK"] and bare.format == "text"
+
+
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        ('1796490956.1 [0 127.0.0.1:41834] "AUTH" "hunter2', "not a Redis MONITOR line"),  # cut off
+        ('1796490956.1 [0 127.0.0.1:41834] "AUTH" hunter2', "not a Redis MONITOR line"),
+        ('1796490956.1 [0 127.0.0.1:41834] "GET" "a\\qhunter2"', "not a Redis MONITOR line"),  # no such escape
+        ("1796490956.1 ad:1", "not a Redis MONITOR line"),
+        ("", "blank line"),
+        ('1796490956.1 [0 127.0.0.1:41834] "GET" ""', "empty key"),
+        ('1796490956.1 [0 127.0.0.1:41834] "GET" "hunter2\\xff"', "the key's bytes are not UTF-8 text"),
+        ('1796490956.1 [0 127.0.0.1:41834] "MGET" "a" "hunter2\\x00"', "the key holds a NUL byte"),
+    ],
+)
+def test_a_malformed_monitor_line_is_named_never_quoted_and_quarantined(tmp_path: Path, line: str, problem: str):
+    from precompute_assets.ml.replay import parse_trace_quarantining
+
+    path = write(tmp_path, MONITOR_LOG.replace('"ping"\n', f'"ping"\n{line}\n'))  # line 12
+    with pytest.raises(TraceError, match=f"^line 12: {problem}") as refused:
+        parse_trace(path)
+    assert "hunter2" not in str(refused.value)
+    trace, cut = parse_trace_quarantining(path)
+    assert cut == [(12, str(refused.value).removeprefix("line 12: "))] and "hunter2" not in str(cut)
+    assert trace.keys.tolist() == parse_trace(write(tmp_path, MONITOR_LOG)).keys.tolist()
+
+
+def test_monitor_output_of_no_key_or_with_field_options_is_refused(tmp_path: Path):
+    keyless = write(tmp_path, 'OK\n1.5 [0 127.0.0.1:1] "PING"\n2.5 [0 127.0.0.1:1] "AUTH" "hunter2"\n')
+    with pytest.raises(
+        TraceError, match=r"^no command of the Redis MONITOR output names a key \(skipped: AUTH 1, PING 1"
+    ):
+        parse_trace(keyless)
+    path = write(tmp_path, MONITOR_LOG)
+    for options in ({"columns": (1, 2)}, {"where": (1, ["GET"])}):
+        with pytest.raises(TraceError, match="read fields of text traces, not Redis MONITOR output's"):
+            parse_trace(path, **options)
+
+
+def test_replay_reads_redis_monitor_output(tmp_path: Path, capsys):
+    path = write(tmp_path, MONITOR_LOG)
+    assert main(["replay", "--trace", str(path), "--days", "2", "--top-n", "0", "--capacity", "2"]) == 0
+    out, err = capsys.readouterr()
+    result = json.loads(out)
+    assert result["trace_layout"]["skipped_commands"]["AUTH"] == 1 and result["trace_layout"]["distinct_keys"] == 8
+    assert "one key" not in err and "hunter2" not in out + err

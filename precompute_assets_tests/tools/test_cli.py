@@ -1542,6 +1542,27 @@ def test_query_logs_import_quarantines_malformed_lines_and_counts_them(stack, tm
     assert list(lake.read("query_logs", "2026-03-07-00:00")["key"]) == ["ad1", "ad2", "ad1"]
 
 
+def test_query_logs_import_reads_redis_monitor_output_and_counts_the_commands_naming_no_key(
+    stack, tmp_path, monkeypatch, capsys
+):
+    """``redis-cli monitor > log`` imports as the requests of its keys; PING and AUTH are counted, never echoed."""
+    from precompute_assets.stack import ENV_LAKE
+    from precompute_assets.storage.lake import Lake
+
+    on_the_test_stack(stack, tmp_path, monkeypatch)
+    log = tmp_path / "monitor.log"
+    lines = ["OK", '1764000000.5 [0 127.0.0.1:1] "AUTH" "hunter2"', '1764000001.25 [0 127.0.0.1:1] "GET" "ad:007"']
+    lines += ['1764000002.0 [0 127.0.0.1:1] "PING"', '1764000003.0 [0 127.0.0.1:1] "MGET" "ad:1" "ad:007"']
+    log.write_text("\n".join(lines) + "\n")
+    assert main(["query-logs", "import", str(log), "--start", "2026-04-14"]) == 0
+    out, err = capsys.readouterr()
+    summary = json.loads(out)
+    assert summary["imported"] == 3 and summary["skipped_commands"] == {"AUTH": 1, "PING": 1}
+    assert summary["quarantined"] == 0 and "hunter2" not in out + err
+    lake = Lake(Stack().env()[ENV_LAKE])
+    assert list(lake.read("query_logs", "2026-04-14-00:00")["key"]) == ["ad:007", "ad:1", "ad:007"]
+
+
 def test_query_logs_import_keeps_zero_padded_ids_as_written(stack, tmp_path, monkeypatch, capsys):
     """Ids of one width (``007``, ``+12``) were read as the integers they spell, as the replay reads them, and written
     to the lake as ``7`` and ``12``: keys no client asks for, so the day's top_ads and predictions missed them."""
