@@ -32,6 +32,7 @@ LOGGED_HIT = "hit"  # the query log's boolean: did the serving client hit? (read
 _MAGIC = b"PAR1"
 READ_AHEAD = 8  # files of a folder read at once
 _URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+_NUL_KEY = "the key holds a NUL byte"
 
 
 def is_parquet(path: str | Path) -> bool:
@@ -59,6 +60,32 @@ def read_parquet_trace(
     where: tuple[int | str, Collection[str]] | None = None,
     exact_keys: bool = False,
 ) -> Trace:
+    """The requests of a Parquet file or folder (``_parquet_trace``); a key holding a NUL byte is a TraceError naming
+    its row, as a text trace's NUL byte is one naming its line."""
+    return _parquet_trace(path, columns, where, exact_keys, max_malformed=None)[0]
+
+
+def read_parquet_trace_quarantining(
+    path: str | Path,
+    *,
+    columns: Columns | None = None,
+    where: tuple[int | str, Collection[str]] | None = None,
+    exact_keys: bool = False,
+    max_malformed: int,
+) -> tuple[Trace, list[tuple[int, str]]]:
+    """``read_parquet_trace`` with each row whose key holds a NUL byte cut out and counted, as
+    ``replay.parse_trace_quarantining`` cuts a text trace's NUL lines: the trace and ``(row in its file, problem)``
+    of each row cut. More than ``max_malformed`` such rows raise TraceError naming the first beyond."""
+    return _parquet_trace(path, columns, where, exact_keys, max_malformed=max_malformed)
+
+
+def _parquet_trace(
+    path: str | Path,
+    columns: Columns | None,
+    where: tuple[int | str, Collection[str]] | None,
+    exact_keys: bool,
+    max_malformed: int | None,
+) -> tuple[Trace, list[tuple[int, str]]]:
     """The requests of a Parquet file, or of every ``.parquet`` file under a folder (in path order; the lake
     names partitions by their start, so that is time order), as a ``Trace``; raise TraceError naming the bad row
     (and, in a folder, its file).
@@ -67,7 +94,9 @@ def read_parquet_trace(
     ``where=(column, values)`` keeps the rows whose column, as text without padding, is one of ``values``. Each
     file is read and converted on its own, so files may store a column in different types: integer keys become
     strings when another file's keys are strings, as in a text trace. ``exact_keys``: uint64 keys of 2^63 and above
-    stay the text of their number (``replay.parse_trace``), not the negative int64 of their bits."""
+    stay the text of their number (``replay.parse_trace``), not the negative int64 of their bits. ``max_malformed``:
+    None refuses a row whose key holds a NUL byte, a number cuts up to that many such rows (returned as
+    ``(row in its file, problem)``)."""
     filesystem, files, label = _files(path)  # label: how errors name each file (in a folder)
     if not files:
         raise TraceError("the folder holds no .parquet file")
@@ -86,10 +115,16 @@ def read_parquet_trace(
     named = (time_name, key_name, where_name, hit_name)
     wanted = list(dict.fromkeys(name for name in named if name is not None))
     values = None if where is None else pa.array(sorted(where[1]), pa.string())
-    keys, stamps, kept, hits, lacking = [], [], [], [], []
+    keys, stamps, kept, hits, lacking, sound = [], [], [], [], [], []
+    cut: list[tuple[int, str]] = []  # (row in its file, problem) of each row cut
     numbers = False  # whether a file's timestamps are numbers, in a unit of their own (else times or ISO 8601 text)
     for file, table in zip(files, _tables(files, wanted, label, filesystem), strict=True):
-        keys.append(_keys(_utf8(_decoded(table[key_name]), key_name, label[file]), key_name, label[file], exact_keys))
+        key_column = _utf8(_decoded(table[key_name]), key_name, label[file])
+        keys.append(_keys(key_column, key_name, label[file], exact_keys))
+        sound.append(np.ones(len(key_column), dtype=bool))
+        for row in _nul_rows(key_column).tolist():
+            cut.append(_quarantined(row, label[file], len(cut), max_malformed))
+            sound[-1][row] = False
         if hit_name is not None:
             column = table[hit_name]  # a row without a hit counts only if --where keeps it
             column = column.cast(pa.bool_()) if _hit_type(column.type) else pa.nulls(len(column), pa.bool_())
@@ -103,6 +138,10 @@ def read_parquet_trace(
             kept.append(_kept(_decoded(table[where_name]), where_name, values, label[file]))
     if sum(len(part) for part in keys) == 0:
         raise TraceError("the trace has no rows")
+    if cut:  # the rows cut leave every column, before the key type is chosen from the keys that are left
+        keys, stamps, kept, hits, lacking = (_rows_kept(parts, sound) for parts in (keys, stamps, kept, hits, lacking))
+        if sum(len(part) for part in keys) == 0:
+            raise TraceError(f"no request is left: all {len(cut)} rows are malformed (the first, {cut[0][1]})")
     keys = [part for part in keys if len(part)]  # a file without rows has no say in the keys' type
     if any(part.dtype == object for part in keys):
         keys = [part if part.dtype == object else part.astype(str).astype(object) for part in keys]
@@ -125,7 +164,7 @@ def read_parquet_trace(
         }
     if hit_gaps is not None and hit_gaps.any():
         logged_hits = None  # a counted request without a logged hit: never a guess
-    return Trace(
+    trace = Trace(
         keys=trace_keys,
         timestamps=timestamps,
         fields=len(names),
@@ -137,6 +176,7 @@ def read_parquet_trace(
         dated=time_name is not None and not numbers,
         **layout,
     )
+    return trace, cut
 
 
 @contextlib.contextmanager
@@ -269,6 +309,30 @@ def _keys(column: pa.ChunkedArray, name: str, label: str, exact: bool = False) -
             raise TraceError(_at(label, "the key is empty", row))
         return text.to_numpy(zero_copy_only=False).astype(object)
     raise TraceError(_at(label, f"key column {name!r} holds {kind}: keys are integers or strings"))
+
+
+def _nul_rows(column: pa.ChunkedArray) -> np.ndarray:
+    """The rows whose key holds a NUL byte: a corrupt value, which a text trace's line never holds either."""
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        return np.array([], dtype=np.int64)  # integers hold none
+    return np.flatnonzero(pc.fill_null(pc.match_substring(column, "\0"), False).to_numpy(zero_copy_only=False))
+
+
+def _quarantined(row: int, label: str, already: int, max_malformed: int | None) -> tuple[int, str]:
+    """``(row in its file, problem)`` of a row whose key holds a NUL byte, to cut after ``already`` rows cut; a
+    TraceError naming it when rows are not cut (``max_malformed`` None) or ``max_malformed`` are cut already."""
+    problem = _at(label, _NUL_KEY, row)
+    if max_malformed is not None and already < max_malformed:
+        return row + 1, problem
+    refused = TraceError(problem)
+    if max_malformed is not None:
+        refused.add_note(f"after {already} malformed rows were cut (at most {max_malformed})")
+    raise refused
+
+
+def _rows_kept(parts: list[np.ndarray], sound: list[np.ndarray]) -> list[np.ndarray]:
+    """Each file's values (``parts``, none for a column not read) at its rows that are ``sound``."""
+    return [part[ok] for part, ok in zip(parts, sound, strict=True)] if parts else parts
 
 
 def _seconds(column: pa.ChunkedArray, name: str, label: str) -> np.ndarray:

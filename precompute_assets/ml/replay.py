@@ -514,13 +514,18 @@ def parse_trace_quarantining(
 ) -> tuple[Trace, list[tuple[int, str]]]:
     """``parse_trace``, with the malformed lines of a text trace quarantined instead of refusing the file: each line a
     ``TraceError`` names is cut out and the rest read again. Returns the trace and ``(line number in the file,
-    problem)`` of each line cut. More than ``max_malformed`` such lines, or an error that names no line (a binary or
-    Parquet trace's, an empty file), raise ``TraceError`` as ``parse_trace`` does: so many bad lines are likelier a
+    problem)`` of each line cut (of a Parquet trace, ``(row in its file, problem)`` of each row whose key holds a NUL
+    byte). More than ``max_malformed`` such lines, or an error that names no line (a binary trace's, a Parquet trace's
+    other errors, an empty file), raise ``TraceError`` as ``parse_trace`` does: so many bad lines are likelier a
     wrong format or option than bad rows. Each cut costs one more parse of the text: for a request log's few bad
     lines, not for a file in the wrong format."""
-    from .parquet_trace import is_parquet, is_uri
+    from .parquet_trace import is_parquet, is_uri, read_parquet_trace_quarantining
 
     if is_uri(path) or trace_format == "parquet" or (trace_format == "auto" and is_parquet(path)):
+        if trace_format in ("auto", "parquet"):  # rows whose key holds a NUL byte are cut, as NUL lines of text
+            return read_parquet_trace_quarantining(
+                path, columns=columns, where=where, exact_keys=exact_keys, max_malformed=max_malformed
+            )
         return parse_trace(path, columns=columns, trace_format=trace_format, where=where, exact_keys=exact_keys), []
     if trace_format not in TRACE_FORMATS:
         raise ValueError(f"trace_format must be one of {', '.join(TRACE_FORMATS)}, got {trace_format!r}")

@@ -244,6 +244,8 @@ def bad_traces(tmp_path: Path) -> list[tuple[Path, dict, str]]:
         ({"ts": [1, 2], "key": ["a", " \t"]}, {}, "row 2: the key is empty"),
         ({"ts": [1, 2], "key": [0.5, 1.5]}, {}, "key column 'key' holds double: keys are integers or strings"),
         ({"ts": [1, 2], "key": pa.array([b"a", b"\xff"])}, {}, "row 2: column 'key' holds bytes that are not UTF-8"),
+        ({"ts": [1, 2], "key": ["a", "b\0c"]}, {}, "row 2: the key holds a NUL byte$"),
+        ({"ts": [1, 2], "key": pa.array([b"\0", b"b"])}, {}, "row 1: the key holds a NUL byte$"),
         ({"ts": [1, None], "key": ["a", "b"]}, {}, "row 2: the timestamp is missing"),
         ({"ts": [1.0, float("inf")], "key": ["a", "b"]}, {}, "row 2: timestamp inf is not a finite number"),
         ({"ts": ["2026-01-01", "noon"], "key": ["a", "b"]}, {}, "row 2: timestamp 'noon' is not an ISO 8601"),
@@ -323,3 +325,28 @@ def test_cli_replays_a_parquet_trace_as_the_same_csv(tmp_path: Path, capsys: pyt
     assert main(["replay", "--trace", str(path), "--days", "2", "--top-n", "1", "--capacity", "2"]) == 2
     out, err = capsys.readouterr()
     assert out == "" and err == f"precompute replay: {path}: {message}\n"
+
+
+def test_rows_whose_key_holds_a_nul_byte_are_quarantined_as_text_lines_are(tmp_path: Path):
+    # A key holding a NUL byte was read as a key of its own, where a text trace's NUL line is refused by the replay
+    # and cut and counted by the import: a Parquet row now is too, its other columns cut with it
+    from precompute_assets.ml.replay import parse_trace_quarantining
+
+    folder = tmp_path / "logs"
+    folder.mkdir()
+    write_table(folder / "a.parquet", {"ts": [1, 2, 3], "key": ["a", "b\0", "c"], "kind": ["ctr", "emb", "ctr"],
+                                       "hit": [True, False, True]})  # fmt: skip
+    write_table(folder / "b.parquet", {"ts": [4, 5], "key": pa.array([b"\0d", b"e"]), "kind": ["ctr", "ctr"],
+                                       "hit": [False, True]})  # fmt: skip
+    with pytest.raises(TraceError, match="^a.parquet row 2: the key holds a NUL byte$"):
+        parse_trace(folder)
+    trace, cut = parse_trace_quarantining(folder, where=("kind", ["ctr"]))
+    assert trace.keys.tolist() == ["a", "c", "e"] and trace.timestamps.tolist() == [1.0, 3.0, 5.0]
+    assert trace.logged_hits.tolist() == [True, True, True] and trace.where["dropped"] == 0
+    assert cut == [(2, "a.parquet row 2: the key holds a NUL byte"), (1, "b.parquet row 1: the key holds a NUL byte")]
+    with pytest.raises(TraceError, match="^b.parquet row 1: the key holds a NUL byte") as refused:
+        parse_trace_quarantining(folder, max_malformed=1)
+    assert refused.value.__notes__ == ["after 1 malformed rows were cut (at most 1)"]
+    nothing = write_table(tmp_path / "nul.parquet", {"ts": [1], "key": ["\0"]})
+    with pytest.raises(TraceError, match=r"^no request is left: all 1 rows are malformed \(the first, row 1: the key"):
+        parse_trace_quarantining(nothing)
