@@ -1532,19 +1532,20 @@ def _lru_day_hits(
 ) -> list[int]:
     """Hits per day of the read-through LRU that ``_lru_hits`` describes: every miss is admitted.
 
-    ``_admitted_lru_day_hits`` with an admission that always admits, without its per-request call: the requests
-    of each day's precomputed keys, which never touch the LRU, are counted and taken out with numpy first."""
+    ``_admitted_lru_day_hits`` with an admission that always admits, without its per-request call; like every
+    live tier it counts each day's precomputed keys' requests, which never touch the LRU, and takes them out first
+    (``_without_published``)."""
     cache: OrderedDict[Hashable, None] = OrderedDict()
     per_day: list[int] = []
     for d, day in enumerate(days):
         size = slots[d] if isinstance(slots, Sequence) else slots
         while len(cache) > size:
             cache.popitem(last=False)
-        served, day = _without_published(np.asarray(day), precomputed[d] if precomputed is not None else ())
-        day_hits = 0
+        live_requests, published = _without_published(day, precomputed[d] if precomputed is not None else ())
+        day_hits = _published_hits(published)
         if size > 0:
             move_to_end, evict = cache.move_to_end, cache.popitem
-            for key in day.tolist():
+            for key in live_requests.tolist():
                 if key in cache:
                     move_to_end(key)
                     day_hits += 1
@@ -1552,17 +1553,27 @@ def _lru_day_hits(
                     cache[key] = None
                     if len(cache) > size:
                         evict(last=False)
-        per_day.append(served + day_hits)
+        per_day.append(day_hits)
     return per_day
 
 
-def _without_published(day: np.ndarray, published: Collection[Hashable]) -> tuple[int, np.ndarray]:
-    """How many requests of ``day`` are for ``published`` keys (served by the published version, unseen by the live
-    tier), and the other requests in order."""
+def _without_published(
+    day: np.ndarray | Sequence[Hashable], published: Collection[Hashable]
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The requests of ``day`` that the live tier sees, in order, and per request of ``day`` whether it is for one
+    of the ``published`` keys (served by the published version, unseen by the live tier; None: none can be).
+
+    Every live tier cuts its day with this, so that they all count the published keys' requests alike."""
+    day = np.asarray(day)
     if len(published) == 0 or len(day) == 0:
-        return 0, day
+        return day, None
     served = _published_mask(day, published)
-    return int(served.sum()), day[~served]
+    return day[~served], served
+
+
+def _published_hits(published: np.ndarray | None) -> int:
+    """How many requests ``_without_published``'s mask says the published version served."""
+    return 0 if published is None else int(published.sum())
 
 
 def _published_mask(day: np.ndarray, published: Collection[Hashable]) -> np.ndarray:
@@ -1705,12 +1716,11 @@ def _probation_day_hits(
                 main.move_to_end(key, last=False)  # colder than every key there, the best one warmest
             previous = published_order(precomputed[d])[:capacity]  # the client keeps the first ``capacity``
         # Requests of the day's published keys are served by the published version: the policy never sees them.
-        day = np.asarray(day)
-        published = _published_mask(day, chosen) if chosen and len(day) else None
-        day_hits = 0 if published is None else int(published.sum())
+        live_requests, published = _without_published(day, chosen)
+        day_hits = _published_hits(published)
         live_outcomes: list[str] | None = None if outcomes is None else []
         move_to_end = main.move_to_end
-        for key in (day if published is None else day[~published]).tolist():
+        for key in live_requests.tolist():
             if key in hits:
                 hits[key] += 1
                 day_hits += 1
@@ -1783,29 +1793,38 @@ def _admitted_lru_day_hits(
         size = slots[d] if isinstance(slots, Sequence) else slots
         while len(cache) > size:
             cache.popitem(last=False)
-        chosen = set(precomputed[d]) if precomputed is not None else set()
-        day_hits = 0
-        for key in day.tolist():
-            if key in chosen:
-                day_hits += 1
-                outcome = "hit"
-            elif key in cache:
-                admit(key, position, True)
+        live_requests, published = _without_published(day, precomputed[d] if precomputed is not None else ())
+        day_hits = _published_hits(published)
+        live_outcomes: list[str] | None = None if outcomes is None else []
+        positions = _live_positions(position, len(live_requests), published)
+        for key, at in zip(live_requests.tolist(), positions, strict=True):
+            if key in cache:
+                admit(key, at, True)
                 cache.move_to_end(key)
                 day_hits += 1
                 outcome = "hit"
-            elif admit(key, position, False) and size > 0:
+            elif admit(key, at, False) and size > 0:
                 cache[key] = None
                 if len(cache) > size:
                     cache.popitem(last=False)
                 outcome = "admitted"
             else:
                 outcome = "rejected"
-            if outcomes is not None:
-                outcomes.append(outcome)
-            position += 1
+            if live_outcomes is not None:
+                live_outcomes.append(outcome)
+        if outcomes is not None and live_outcomes is not None:
+            outcomes.extend(_with_published_hits(live_outcomes, published))
+        position += len(day)
         per_day.append(day_hits)
     return per_day
+
+
+def _live_positions(first: int, live: int, published: np.ndarray | None) -> list[int]:
+    """The trace positions of a day's ``live`` live-tier requests, the day starting at position ``first``, given
+    ``_without_published``'s mask of its published requests."""
+    if published is None:
+        return list(range(first, first + live))
+    return (first + np.flatnonzero(~published)).tolist()
 
 
 def _s3fifo_hits(days: list[np.ndarray], capacity: int, *, count_from: int) -> int:

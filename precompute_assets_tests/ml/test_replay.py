@@ -1455,6 +1455,60 @@ def test_the_lru_replay_equals_the_admission_replay_that_admits_every_miss(seed:
                 assert _lru_day_hits(arrays, slots, precomputed=precomputed) == expected, (days, slots, precomputed)
 
 
+def per_request_admitted_lru(days, slots, admit, precomputed) -> tuple[list[int], list[str]]:
+    """The admitted LRU tested request by request against each day's published set, in Python: the path that
+    ``_admitted_lru_day_hits`` took before it cut the published requests out with numpy as the other tiers do."""
+    cache: OrderedDict = OrderedDict()
+    per_day, outcomes, position = [], [], 0
+    for d, day in enumerate(days):
+        size = slots[d] if isinstance(slots, list) else slots
+        while len(cache) > size:
+            cache.popitem(last=False)
+        chosen = set(precomputed[d]) if precomputed is not None else set()
+        day_hits = 0
+        for key in day.tolist():
+            if key in chosen:
+                outcome = "hit"
+            elif key in cache:
+                admit(key, position, True)
+                cache.move_to_end(key)
+                outcome = "hit"
+            elif admit(key, position, False) and size > 0:
+                cache[key] = None
+                if len(cache) > size:
+                    cache.popitem(last=False)
+                outcome = "admitted"
+            else:
+                outcome = "rejected"
+            day_hits += outcome == "hit"
+            outcomes.append(outcome)
+            position += 1
+        per_day.append(day_hits)
+    return per_day, outcomes
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_admission_replay_equals_its_per_request_path(seed: int):
+    """Cutting the published keys' requests out first changes no hit, outcome or admission position: with every
+    policy (second_miss's markers and the sketch's counters see the trace positions), sizes per day and sets."""
+    from precompute_assets.ml.replay import _admission_model
+    from precompute_assets.serving.admission import FrequencySketch
+
+    rng = np.random.default_rng(700 + seed)
+    policies = [("always", None), ("second_miss", 7), ("second_miss", None), (FrequencySketch(8, 2, 2, 12), None)]
+    for _ in range(10):
+        days, keys = _as_codes([np.array(day, dtype=np.int64) for day in policy_days(rng, strings=False)])
+        published = [rng.choice(len(keys), size=int(rng.integers(0, 8))).tolist() + [len(keys) + 1] for _ in days]
+        for precomputed in (None, published):
+            for slots in (0, 2, 20, [int(rng.integers(0, 30)) for _ in days]):
+                for admission, window in policies:
+                    model = _admission_model(admission, window, 20)
+                    expected = per_request_admitted_lru(days, slots, model(keys), precomputed)
+                    outcomes: list[str] = []
+                    got = _admitted_lru_day_hits(days, slots, model(keys), precomputed=precomputed, outcomes=outcomes)
+                    assert (got, outcomes) == expected, (admission, window, slots, precomputed)
+
+
 def test_s3fifo_by_hand():
     # Capacity 4: small FIFO 1 key (its share), main 3, ghost 3. 1 is hit twice while in the small FIFO;
     # 2, 3, 4 are not. 5 finds the cache full: 1 moves to main, 2 leaves for the ghost; 6 sends 3 to the
