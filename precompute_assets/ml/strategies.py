@@ -267,6 +267,7 @@ def compare_strategies(
     margin: float = MARGIN,
     progress: Callable[[str], None] = lambda stage: None,
     pool: Executor | None = None,
+    read_through: dict[str, list[int]] | None = None,
 ) -> dict:
     """``{"strategies": {name: {"hit_rate", "top_n"}}, "strategy_notes": [...]}``: the hit rate over the
     counted days of each strategy's top-N plus an LRU of ``capacity - top_n`` keys (``replay``'s ``ours`` with
@@ -285,6 +286,9 @@ def compare_strategies(
     Given a ``pool`` of processes, each baseline's ranking and replay and each learned strategy's replay run there
     as jobs of their own, the baselines' while the LSTM trains here. The jobs share nothing, so the results are
     those of a run without one.
+
+    ``read_through`` (``read_through_day_hits`` of the trace's days, capacity and admission), from a caller that
+    replays the policies too, is the read-through tier that ``"auto"`` needs: given, it is not replayed here.
     """
     auto = top_n == "auto"
     if not auto and (isinstance(top_n, str) or top_n < 0):
@@ -297,8 +301,10 @@ def compare_strategies(
     limit = capacity if auto else top_n
     # The read-through policies are the same for every strategy: the caller's own replay has them.
     replay_args = dict(top_n=top_n, capacity=capacity, warmup_days=warmup_days, admission=admission, baselines=False)
-    if auto:  # every strategy's share candidate N = 0 is the read-through alone: replayed once, here
-        replay_args["read_through"] = read_through_day_hits(hours.day_keys(), capacity, admission=admission)
+    if auto:  # every strategy's share candidate N = 0 is the read-through alone: replayed once, here or by the caller
+        if read_through is None:
+            read_through = read_through_day_hits(hours.day_keys(), capacity, admission=admission)
+        replay_args["read_through"] = read_through
 
     def start(job: Callable, *args) -> Future | Callable[[], tuple[dict, dict]]:
         """The job running in the pool, or (without one) to be run when its result is wanted."""

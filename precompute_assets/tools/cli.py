@@ -701,7 +701,7 @@ def _replay_stages(
     args: argparse.Namespace, stage: _Stages, strategies: list[str], arms, learned: bool, train_days: int
 ) -> int:
     """``replay``'s work once its arguments are checked, announcing each stage to ``stage``."""
-    from ..ml.replay import logged_hit_rate, replay, shards_adjusted, split_days, trace_notes
+    from ..ml.replay import logged_hit_rate, read_through_day_hits, replay, shards_adjusted, split_days, trace_notes
 
     stage("reading the trace")
     trace = read_trace(args.trace, args)
@@ -722,10 +722,13 @@ def _replay_stages(
             if pool:
                 stage(f"replaying the policies over {requests}")
             policies = dict(top_n=args.top_n, capacity=args.capacity, admission=args.admission)
-            replayed = pool.submit(replay, day_keys, **policies) if pool else None
             if learned:
                 prefetching = "prefetch" in strategies
                 trained = pool.submit(learned_results, day_keys, args, train_days, with_prefetch=prefetching)
+            read_through = None
+            if demand_strategies and args.top_n == "auto":  # the policies' LRU, every strategy's N = 0: replayed once
+                read_through = read_through_day_hits(day_keys, args.capacity, admission=args.admission)
+            replayed = pool.submit(replay, day_keys, **policies, read_through=read_through) if pool else None
             if demand_strategies:
                 from ..ml.strategies import compare_strategies
 
@@ -739,6 +742,7 @@ def _replay_stages(
                     margin=args.margin,
                     progress=stage,
                     pool=pool,
+                    read_through=read_through,
                 )
             result = (
                 replayed.result()

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import replace
 
 import numpy as np
@@ -215,6 +216,44 @@ def test_strategies_replay_the_read_through_alone_once(monkeypatch):
     result = compare_strategies(zipf_trace(), 6, names, top_n="auto", capacity=120, admission="probation")
     assert calls == {"_lru_day_hits": 1, "_probation_day_hits": 1}
     assert set(result["strategies"]) == set(names)
+
+
+def test_replay_cli_replays_the_read_through_once_for_the_policies_and_the_strategies(tmp_path, capsys, monkeypatch):
+    """``--top-n auto`` with a strategy: the policies' LRU and live tier and every strategy's share candidate N = 0
+    are one replay of the read-through tier, given to both, and each result is what it gets replaying it alone."""
+    from precompute_assets.tools import cli
+
+    calls: Counter = Counter()
+
+    def counting(name: str):
+        tier = getattr(replay_module, name)
+
+        def counted(days, slots, *, precomputed=None, **kw):
+            if not isinstance(slots, list) and slots == 120 and not any(len(keys) for keys in precomputed or []):
+                calls[name] += 1
+            return tier(days, slots, precomputed=precomputed, **kw)
+
+        return counted
+
+    @contextlib.contextmanager
+    def in_process(wanted: bool):
+        with ThreadPoolExecutor(1) as pool:  # the jobs in this process, where the counting tiers are
+            yield pool
+
+    for name in ("_lru_day_hits", "_probation_day_hits"):
+        monkeypatch.setattr(replay_module, name, counting(name))
+    monkeypatch.setattr(cli, "_replay_pool", in_process)
+    trace = zipf_trace(timestamps=True)
+    path = timed_trace(tmp_path / "trace.csv", list(zip(trace.timestamps.tolist(), trace.keys.tolist(), strict=True)))
+    args = ["--days", "6", "--top-n", "auto", "--capacity", "120", "--admission", "probation"]
+    assert main(["replay", "--trace", path, *args, "--strategy", "seasonal"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert calls == {"_lru_day_hits": 1, "_probation_day_hits": 1}
+    trace = parse_trace(path)
+    policies = replay(split_days(trace, 6), top_n="auto", capacity=120, admission="probation")
+    assert {name: out[name] for name in policies} == json.loads(json.dumps(policies))
+    alone = compare_strategies(trace, 6, ["seasonal"], top_n="auto", capacity=120, admission="probation")
+    assert out["strategies"] == alone["strategies"]
 
 
 def test_the_lstm_trains_on_the_recent_counts_when_they_span_its_lookback(monkeypatch):
