@@ -234,16 +234,24 @@ def parse_trace(
     object id as its number's text. A file whose first line is quoted fields only (a QUOTE_ALL export, R's
     ``write.csv``) is CSV, its fields' quotes removed, with or without ``exact_keys``.
     """
-    if trace_format not in TRACE_FORMATS:
-        raise ValueError(f"trace_format must be one of {', '.join(TRACE_FORMATS)}, got {trace_format!r}")
-    from .parquet_trace import is_parquet, is_uri, read_parquet_trace  # it builds on this module's Trace
+    if _reads_parquet(path, trace_format):
+        from .parquet_trace import read_parquet_trace  # it builds on this module's Trace
 
-    if is_uri(path) and trace_format not in ("auto", "parquet"):
-        raise TraceError(f"a URI is read as Parquet (a lake's query_logs), not as {trace_format}: copy the file here")
-    if trace_format == "parquet" or (trace_format == "auto" and is_parquet(path)):
         return read_parquet_trace(path, columns=columns, where=where, exact_keys=exact_keys)
     path = Path(path)
     return _local_trace(path.name, functools.partial(_read_bytes, path), columns, trace_format, where, exact_keys)
+
+
+def _reads_parquet(path: str | Path, trace_format: str) -> bool:
+    """Whether ``parse_trace`` reads ``path`` as Parquet, once ``trace_format`` is checked: a ValueError names an
+    unknown one, a TraceError a URI given any format but Parquet's. ``"auto"`` looks at the file at most once."""
+    if trace_format not in TRACE_FORMATS:
+        raise ValueError(f"trace_format must be one of {', '.join(TRACE_FORMATS)}, got {trace_format!r}")
+    from .parquet_trace import is_parquet, is_uri  # it builds on this module's Trace
+
+    if is_uri(path) and trace_format not in ("auto", "parquet"):
+        raise TraceError(f"a URI is read as Parquet (a lake's query_logs), not as {trace_format}: copy the file here")
+    return trace_format == "parquet" or (trace_format == "auto" and is_parquet(path))
 
 
 def _local_trace(
@@ -519,16 +527,12 @@ def parse_trace_quarantining(
     other errors, an empty file), raise ``TraceError`` as ``parse_trace`` does: so many bad lines are likelier a
     wrong format or option than bad rows. Each cut costs one more parse of the text: for a request log's few bad
     lines, not for a file in the wrong format."""
-    from .parquet_trace import is_parquet, is_uri, read_parquet_trace_quarantining
+    if _reads_parquet(path, trace_format):  # rows whose key holds a NUL byte are cut, as NUL lines of text
+        from .parquet_trace import read_parquet_trace_quarantining
 
-    if is_uri(path) or trace_format == "parquet" or (trace_format == "auto" and is_parquet(path)):
-        if trace_format in ("auto", "parquet"):  # rows whose key holds a NUL byte are cut, as NUL lines of text
-            return read_parquet_trace_quarantining(
-                path, columns=columns, where=where, exact_keys=exact_keys, max_malformed=max_malformed
-            )
-        return parse_trace(path, columns=columns, trace_format=trace_format, where=where, exact_keys=exact_keys), []
-    if trace_format not in TRACE_FORMATS:
-        raise ValueError(f"trace_format must be one of {', '.join(TRACE_FORMATS)}, got {trace_format!r}")
+        return read_parquet_trace_quarantining(
+            path, columns=columns, where=where, exact_keys=exact_keys, max_malformed=max_malformed
+        )
     path = Path(path)
     # A file is read again to cut its lines; a pipe's bytes (/dev/stdin) are gone once read, so they are kept.
     kept = None if path.is_file() else _read_bytes(path)

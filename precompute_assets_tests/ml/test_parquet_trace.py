@@ -137,6 +137,26 @@ def test_columns_by_name_or_number_and_their_types(tmp_path: Path):
     assert not is_parquet(tmp_path / "missing.txt")
 
 
+def test_a_quarantining_read_looks_at_a_parquet_file_once_as_parse_trace_does(tmp_path: Path, monkeypatch):
+    # parse_trace_quarantining sniffed the file for Parquet's magic bytes, then handed it to parse_trace, which
+    # sniffed it again before reading it: one check of the format and of the file on both paths now
+    from precompute_assets.ml import parquet_trace
+    from precompute_assets.ml.replay import parse_trace_quarantining
+
+    bare = tmp_path / "trace.bin"  # no suffix: only the magic bytes say Parquet
+    bare.write_bytes(write_table(tmp_path / "s.parquet", {"ts": [1, 2], "key": ["a", "b"]}).read_bytes())
+    sniffed: list[Path] = []
+    sniff = parquet_trace.is_parquet
+    monkeypatch.setattr(parquet_trace, "is_parquet", lambda path: sniffed.append(path) or sniff(path))
+    for parse in (parse_trace, lambda path: parse_trace_quarantining(path)[0]):
+        sniffed.clear()
+        assert parse(bare).keys.tolist() == ["a", "b"] and sniffed == [bare]
+    with pytest.raises(ValueError, match="trace_format must be one of"):
+        parse_trace_quarantining(bare, trace_format="csv")
+    with pytest.raises(TraceError, match="a URI is read as Parquet"):
+        parse_trace_quarantining("s3://bucket/query_logs", trace_format="text")
+
+
 def test_strings_stored_as_bytes_are_read_as_their_text(tmp_path: Path):
     # Hive, Impala and older Spark write strings without Parquet's UTF8 annotation: Arrow reads them as binary, and
     # such a table's keys were refused ("holds binary: keys are integers or strings")
