@@ -87,16 +87,17 @@ def _typical(values: np.ndarray) -> float:
 OTHER_UNIT = "timestamp in another unit than the log's (by its size)"
 
 
-def other_unit(timestamps: np.ndarray) -> np.ndarray:
-    """Per epoch timestamp, whether it is written in another unit than the log's (``time_unit``): read in the unit its
-    own size says, it is a time from 2000 to 2200, which it is not in the log's (a logger that moved from seconds to
-    milliseconds). Read in the log's unit, such a request was placed in 1970 or beyond the year 50,000."""
+def other_unit(timestamps: np.ndarray, unit: str | None = None) -> np.ndarray:
+    """Per epoch timestamp, whether it is written in another unit than the log's, ``unit`` (None: ``time_unit`` of
+    ``timestamps``; a caller that has it passes it): read in the unit its own size says, it is a time from 2000 to
+    2200, which it is not in the log's (a logger that moved from seconds to milliseconds). Read in the log's unit,
+    such a request was placed in 1970 or beyond the year 50,000."""
     values = np.asarray(timestamps, dtype=np.float64)
     sizes = [values > limit for limit, _ in _AUTO_LIMITS]
-    own_factor = np.select(sizes, [TIME_UNITS[unit] for _, unit in _AUTO_LIMITS], TIME_UNITS["s"])
+    own_factor = np.select(sizes, [TIME_UNITS[own] for _, own in _AUTO_LIMITS], TIME_UNITS["s"])
     own_seconds = values * own_factor
     in_range = (own_seconds >= EPOCH_2000_S) & (own_seconds < EPOCH_2200_S)
-    return (own_factor != TIME_UNITS[time_unit(values)]) & in_range
+    return (own_factor != TIME_UNITS[time_unit(values) if unit is None else unit]) & in_range
 
 
 def epoch_seconds(timestamps: np.ndarray, unit: str = "auto") -> np.ndarray:

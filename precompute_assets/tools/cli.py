@@ -1056,6 +1056,7 @@ def cmd_query_logs(args: argparse.Namespace) -> int:
         other_kinds_imported,
         other_unit,
         placed_span_hours,
+        time_unit,
     )
 
     check_trace_options(args)
@@ -1080,7 +1081,8 @@ def cmd_query_logs(args: argparse.Namespace) -> int:
     if trace.dated and args.time_unit not in ("auto", "s"):  # a unit would have scaled seconds: 4 days into 6 minutes
         raise CliError(f"{args.file}: --time-unit {args.time_unit} reads numeric timestamps, and these are date-times "
                        "(seconds since 1970 already): leave it out; nothing was written")  # fmt: skip
-    seconds = epoch_seconds(trace.timestamps, args.time_unit)
+    unit = time_unit(trace.timestamps) if args.time_unit == "auto" else args.time_unit  # found once, used twice
+    seconds = epoch_seconds(trace.timestamps, unit)
     if args.time_unit == "auto" and is_relative(seconds) and looks_like_filetime(trace.timestamps):
         raise CliError(f"{args.file}: the timestamps look like Windows file times (100 ns since 1601, as in MSR "
                        "Cambridge's traces): give --time-unit filetime; nothing was written")  # fmt: skip
@@ -1115,7 +1117,7 @@ def cmd_query_logs(args: argparse.Namespace) -> int:
     rows = hour_rows(trace.keys, seconds, kind=args.kind, source=source,
                      partition_key=hourly.get_partition_key_for_timestamp, first_s=first_s, last_s=last_s,
                      trace_start_s=trace_start,
-                     strays=other_unit(trace.timestamps) if args.time_unit == "auto" else None)  # fmt: skip
+                     strays=other_unit(trace.timestamps, unit) if args.time_unit == "auto" else None)  # fmt: skip
     check_placement(args, rows, len(trace.keys), seconds, settings.timezone)
     stack = Stack()
     lake = Lake(_up(stack)[ENV_LAKE])

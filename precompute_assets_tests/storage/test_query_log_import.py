@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from precompute_assets.defs.partitions import Partitions
+from precompute_assets.storage import query_log_import
 from precompute_assets.storage.query_log_import import (
     BEFORE_FIRST,
     IMPORTED,
@@ -163,3 +164,14 @@ def test_timestamps_in_another_unit_than_the_logs_are_quarantined_as_such(in_ms:
     assert dict(placed.quarantined) == {OTHER_UNIT: in_ms}
     corrupt = np.array([*good, 1e300, -5.0, 0.0])  # no time in any unit: left to the other reasons
     assert not other_unit(corrupt).any()
+
+
+def test_other_unit_takes_the_logs_unit_that_the_import_found_once(monkeypatch) -> None:
+    """The import finds the log's unit once (the median of every timestamp) for epoch_seconds, and other_unit takes
+    it instead of finding it again; given, it decides as found, and another unit decides by it."""
+    good = [1_780_000_000 + 10 * i for i in range(100)]
+    timestamps = np.array([t * 1000 if i < 10 else t for i, t in enumerate(good)], dtype=np.float64)
+    found = other_unit(timestamps)
+    monkeypatch.setattr(query_log_import, "time_unit", lambda values: pytest.fail("the unit was found again"))
+    assert other_unit(timestamps, "s").tolist() == found.tolist() == [i < 10 for i in range(100)]
+    assert other_unit(timestamps, "ms").tolist() == [i >= 10 for i in range(100)]

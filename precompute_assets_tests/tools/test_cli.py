@@ -1477,6 +1477,23 @@ def test_query_logs_import_refuses_misplaced_timestamps_before_writing(tmp_path,
         assert not (tmp_path / "lake").exists() and not (tmp_path / "home").exists()
 
 
+def test_query_logs_import_finds_the_logs_time_unit_once(tmp_path, monkeypatch, capsys):
+    """The median of every timestamp that tells the log's unit is taken once: epoch_seconds and other_unit both
+    read the log in it (other_unit found it again)."""
+    from precompute_assets.storage import query_log_import
+
+    monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("PRECOMPUTE_LAKE_URI", str(tmp_path / "lake"))
+    monkeypatch.setenv("PRECOMPUTE_TIMEZONE", "UTC")
+    trace = tmp_path / "trace.csv"  # epoch milliseconds in 2190: every hour still to come, refused before writing
+    trace.write_text("".join(f"{7_000_000_000_000 + i * 36_000},ad{i % 7}\n" for i in range(100)))
+    found: list[str] = []
+    find = query_log_import.time_unit
+    monkeypatch.setattr(query_log_import, "time_unit", lambda values: found.append(find(values)) or found[-1])
+    assert main(["query-logs", "import", str(trace)]) == 2
+    assert "every request would be quarantined" in capsys.readouterr().err and found == ["ms"]
+
+
 def test_query_logs_import_start_moves_the_first_valid_request_to_midnight(stack, tmp_path, monkeypatch, capsys):
     """--start aligned the earliest timestamp, a corrupt row's 0 among epoch seconds included: every real request
     moved 56 years on, into hours not yet over, and the import was refused. The first valid one is aligned now."""
