@@ -307,14 +307,7 @@ def _text_trace(
         )
     if _ALL_QUOTED_LINE.fullmatch(text.partition("\n")[0]):  # a QUOTE_ALL export, R's write.csv header
         text = _csv_unquoted(text)  # before the format is told by its first line: "1764000000","ad1" is CSV
-    separator = "whitespace" if _whitespace_separated(text) else "comma"
-    first_row = text.partition("\n")[0]
-    if separator == "comma" and "\t" in first_row and "," not in first_row:
-        separator = "tab"  # a TSV whose fields hold blanks: ClickHouse's "2026-01-01 08:30:00"
-    elif separator == "comma" and _separated_by(text, ";"):
-        separator = "semicolon"  # a spreadsheet's CSV in a locale whose decimal mark is the comma
-    elif separator == "comma" and _separated_by(text, "|"):
-        separator = "pipe"  # psql's unaligned output (-A), Hive and BI tools' exports
+    separator = _separator(text)
     if separator != "comma" and (comma := text.find(",")) >= 0:
         line_no = text.count("\n", 0, comma) + 1
         decimal = " (a decimal comma? Write the numbers with a point)" if separator == "semicolon" else ""
@@ -486,6 +479,21 @@ def _most_common(counts: dict[str, int]) -> dict[str, int]:
 def _named_counts(counts: dict[str, int]) -> str:
     """``counts`` as text, ``PING 3, AUTH 1`` (``none``: no line)."""
     return ", ".join(f"{name} {count}" for name, count in _most_common(counts).items()) or "none"
+
+
+def _separator(text: str) -> str:
+    """How the fields of ``text``'s lines are separated: ``"whitespace"``, ``"tab"``, ``"semicolon"``, ``"pipe"`` or,
+    when nothing else says so, ``"comma"``."""
+    if _whitespace_separated(text):
+        return "whitespace"
+    first_row = text.partition("\n")[0]
+    if "\t" in first_row and "," not in first_row:
+        return "tab"  # a TSV whose fields hold blanks: ClickHouse's "2026-01-01 08:30:00"
+    if _separated_by(text, ";"):
+        return "semicolon"  # a spreadsheet's CSV in a locale whose decimal mark is the comma
+    if _separated_by(text, "|"):
+        return "pipe"  # psql's unaligned output (-A), Hive and BI tools' exports
+    return "comma"
 
 
 def _digits_fall_within_seconds(text: str) -> bool:

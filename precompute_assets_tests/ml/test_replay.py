@@ -377,6 +377,24 @@ def test_a_trace_separated_by_pipes_is_read_by_its_fields(tmp_path: Path):
     assert parse_trace(write(tmp_path, "a|b\nc|d\n")).keys.tolist() == ["a|b", "c|d"]  # no timestamp: bare keys
 
 
+@pytest.mark.parametrize(
+    ("text", "separator"),
+    [
+        ("1764547200 ad1\n1764547260  ad2\n", "whitespace"),
+        ("2026-01-01 08:30:00\tad1\n", "tab"),  # blanks inside a field: tabs separate
+        ("ts;key\n1764547200;ad1\n", "semicolon"),
+        ("1764547200|ad1\n", "pipe"),
+        ("1764547200,ad|1\n", "comma"),
+        ("a|b\nc|d\n", "comma"),  # no number first: one key per line, as a comma-separated file of one field
+        ("ad1\n", "comma"),
+    ],
+)
+def test_the_separator_is_one_decision_on_the_first_lines(text: str, separator: str):
+    from precompute_assets.ml.replay import _separator
+
+    assert _separator(text) == separator
+
+
 def test_python_loggings_comma_before_milliseconds_is_not_read_as_the_key(tmp_path: Path):
     # "2025-12-01 08:30:00,123,ad:5" (logging's asctime, then the key) replayed the milliseconds as keys: 1,000 keys,
     # a hit rate of 0.0, and an import wrote them to the lake as the requested ids
