@@ -61,8 +61,11 @@ class NextKeyHyperParams:
     ``batch_size`` contiguous streams, ``seq_len`` steps at a time, state carried. Each step's loss takes a random
     ``loss_share`` of its positions: the output layer over every class costs most of a step, so the net makes
     more passes in the same time. Training runs ``max_epochs / loss_share`` epochs (each target enters the loss
-    about ``max_epochs`` times), or more on a short trace until ``min_steps`` steps are made, and never beyond
-    ``max_seconds`` (deterministic under ``seed`` when the time bound is not reached).
+    about ``max_epochs`` times), or more on a short trace until ``min_steps`` steps are made, and never more than
+    ``max_steps`` steps: a budget of work, not of time, so the same input, seed and threads train the same net
+    on any machine (``max_steps`` is what a budget of 60 s reached on 2 shared cores). ``max_seconds`` is only a
+    safety stop for a machine far slower than that: when it fires the run is no longer reproducible, and the
+    results say so.
     """
 
     vocab_size: int = 5000  # most frequent training keys; one more class stands for every other key
@@ -75,7 +78,8 @@ class NextKeyHyperParams:
     max_epochs: int = 5
     loss_share: float = 0.25  # of each step's positions, drawn at random, whose next key enters the loss
     min_steps: int = 300  # a short trace's few steps per epoch would leave the net untrained after max_epochs
-    max_seconds: float = 60.0
+    max_steps: int = 300  # ~140 ms of a core each at the default sizes: what 60 s reached on 2 shared cores
+    max_seconds: float = 180.0  # a safety stop only, reported when it fires
     max_eval_requests: int = 300_000  # next_key_accuracy scores the first this many requests of the later days
     chunk: int = 4096  # steps per inference chunk (the hidden state is carried between chunks)
     seed: int = 0
@@ -91,6 +95,7 @@ class NextKeyHyperParams:
             "batch_size",
             "max_epochs",
             "min_steps",
+            "max_steps",
             "max_eval_requests",
             "chunk",
         ):
@@ -146,6 +151,7 @@ class NextKeyModel:
     seconds: float
     stopped_by_time: bool
     hp: NextKeyHyperParams
+    steps: int = 0
 
     def classes_of(self, keys: np.ndarray) -> np.ndarray:
         """The class of each key: its vocabulary index, or the OOV class ``len(vocab)``."""
@@ -296,7 +302,8 @@ def _next_key_loss(logits: torch.Tensor, key_targets: torch.Tensor, delta_target
 def train_next_key(
     day_keys: Sequence[np.ndarray], *, train_days: int, hp: NextKeyHyperParams = DEFAULT_HYPER_PARAMS
 ) -> NextKeyModel:
-    """Train the next-key LSTM on days 0..train_days-1 (never on a later day); bounded by ``hp``'s budget."""
+    """Train the next-key LSTM on days 0..train_days-1 (never on a later day); bounded by ``hp``'s budget of steps,
+    deterministic under its ``seed`` and ``threads`` unless its ``max_seconds`` safety stop fires."""
     train, _ = _split(day_keys, train_days)
     codes, uniques = _factorize(train)
     vocab = uniques[_popularity(codes, len(uniques))[: hp.vocab_size]]
@@ -320,7 +327,7 @@ def train_next_key(
         optimizer = torch.optim.Adam(net.parameters(), lr=hp.learning_rate)
         started, epochs, steps, stopped = time.perf_counter(), 0, 0, False
         net.train()
-        while (epochs < hp.max_epochs / hp.loss_share or steps < hp.min_steps) and not stopped:
+        while (epochs < hp.max_epochs / hp.loss_share or steps < hp.min_steps) and steps < hp.max_steps and not stopped:
             state = None
             for begin in range(0, length, hp.seq_len):
                 optimizer.zero_grad()
@@ -337,12 +344,15 @@ def train_next_key(
                 optimizer.step()
                 steps += 1
                 state = (state[0].detach(), state[1].detach())
+                if steps >= hp.max_steps:
+                    break
                 if time.perf_counter() - started >= hp.max_seconds:
                     stopped = True
                     break
             epochs += 1
         net.eval()
     model.epochs, model.seconds, model.stopped_by_time = epochs, time.perf_counter() - started, stopped
+    model.steps = steps
     return model
 
 
@@ -442,7 +452,7 @@ def next_key_accuracy(
     ``next_key_train_requests``, ``next_key_vocab`` (keys in the vocabulary, OOV class not counted),
     ``next_key_oov_share`` (evaluated targets outside it), ``next_key_delta_vocab`` (deltas in the delta
     vocabulary), ``next_key_unreachable_share`` (targets no class of the LSTM names: outside both vocabularies),
-    ``next_key_lstm_epochs``, ``next_key_lstm_seconds`` and ``next_key_notes``."""
+    ``next_key_lstm_epochs``, ``next_key_lstm_steps``, ``next_key_lstm_seconds`` and ``next_key_notes``."""
     train, later = _split(day_keys, train_days)
     if model is None:
         model = train_next_key(day_keys, train_days=train_days, hp=hp)
@@ -498,7 +508,7 @@ def next_key_accuracy(
         "misses (markov1 and most_popular may predict any training key)",
     ]
     if model.stopped_by_time:
-        notes.append(f"lstm training stopped by max_seconds ({hp.max_seconds:g} s) in epoch {model.epochs}")
+        notes.append(training_stopped_note(model))
     if len(popular) < TOP_K:
         notes.append(f"the training days hold {len(popular)} distinct keys: top-10 lists are that short")
     return {
@@ -511,9 +521,20 @@ def next_key_accuracy(
         "next_key_delta_vocab": int(deltas),
         "next_key_unreachable_share": unreachable / n,
         "next_key_lstm_epochs": int(model.epochs),
+        "next_key_lstm_steps": int(model.steps),
         "next_key_lstm_seconds": float(model.seconds),
         "next_key_notes": notes,
     }
+
+
+def training_stopped_note(model: NextKeyModel) -> str:
+    """What a model whose ``max_seconds`` safety stop fired tells its reader: it is not the step budget's net."""
+    hp = model.hp
+    return (
+        f"lstm training stopped by its max_seconds safety stop ({hp.max_seconds:g} s) after {model.steps} of "
+        f"{hp.max_steps} steps, in epoch {model.epochs}: a slower machine than the step budget was sized for, "
+        "so another run may give other results"
+    )
 
 
 PREFETCH_KEYS = 4  # the most likely next keys kept per request: at a threshold above 1/5 no more can qualify

@@ -779,6 +779,7 @@ def _replay_stages(
                 stage("training the next-key model")
                 learned_out = trained.result()
                 prefetch = learned_out.pop("strategies", {})
+                prefetch_notes = learned_out.pop("prefetch_notes", [])
                 result.update(learned_out)
                 if prefetch:
                     result["strategies"] = {**result.get("strategies", {}), **prefetch}
@@ -788,6 +789,7 @@ def _replay_stages(
                         f"prefetch: counted on days {first}..{args.days - 1} only (its next-key model trains on the "
                         "days before), the other strategies from day 1: compare its hit_rate with "
                         "hit_rate_ours_same_days",
+                        *prefetch_notes,
                     ]
     except ValueError as error:
         raise CliError(str(error)) from None
@@ -862,8 +864,9 @@ def _replay_pool(wanted: bool) -> Iterator[ProcessPoolExecutor | None]:
 
 def learned_results(day_keys: list, args: argparse.Namespace, train_days: int, *, with_prefetch: bool) -> dict:
     """``replay --next-key`` and the ``prefetch`` strategy from one next-key LSTM trained on the first
-    ``train_days`` days. Under ``--top-n auto`` prefetch runs beside no precompute (top-N 0: LRU plus prefetch)."""
-    from ..ml.next_key import learned_prefetch, next_key_accuracy, train_next_key
+    ``train_days`` days. Under ``--top-n auto`` prefetch runs beside no precompute (top-N 0: LRU plus prefetch).
+    ``prefetch_notes`` says when the model's training was cut by its time safety stop."""
+    from ..ml.next_key import learned_prefetch, next_key_accuracy, train_next_key, training_stopped_note
 
     model = train_next_key(day_keys, train_days=train_days)
     out: dict = {}
@@ -880,6 +883,8 @@ def learned_results(day_keys: list, args: argparse.Namespace, train_days: int, *
             threshold=args.prefetch_threshold,
         )
         out["strategies"] = {"prefetch": entry}
+        if model.stopped_by_time:
+            out["prefetch_notes"] = [f"prefetch: {training_stopped_note(model)}"]
     return out
 
 

@@ -374,6 +374,78 @@ def test_deterministic_under_seed_and_chunking():
     np.testing.assert_allclose(whole.confidence, chunked.confidence, rtol=1e-5)
 
 
+class SteppingClock:
+    """A ``time`` module whose ``perf_counter`` moves ``seconds`` on at every reading: the training loop reads it
+    once a step, so each step takes that long, as on a machine that much slower or busier."""
+
+    def __init__(self, seconds: float) -> None:
+        self.now, self.seconds = 0.0, seconds
+
+    def perf_counter(self) -> float:
+        self.now += self.seconds
+        return self.now
+
+
+def learned_on_a_clock(monkeypatch, days: list[np.ndarray], hp: NextKeyHyperParams, seconds: float):
+    """The next-key model trained while each step takes ``seconds``, its accuracy and its prefetch entry."""
+    from precompute_assets.ml import next_key
+
+    monkeypatch.setattr(next_key, "time", SteppingClock(seconds))
+    model = train_next_key(days, train_days=2, hp=hp)
+    accuracy = next_key_accuracy(days, train_days=2, model=model)
+    del accuracy["next_key_lstm_seconds"]
+    return model, accuracy, learned_prefetch(days, top_n=2, capacity=10, model=model, train_days=2, threshold=0.3)
+
+
+def test_training_is_bounded_by_steps_so_a_slower_machine_learns_the_same_net(monkeypatch):
+    """The prefetch hit rate moved between runs (0.4239, 0.4102, 0.4395) as training stopped on a wall-clock budget
+    wherever the machine had got to: a budget of steps trains the same net on a fast and a slow machine alike, and
+    the default time bound is a safety stop beyond a slow step's (1 s) budget of steps."""
+    days = cyclic_days(days=4, per_day=800)
+    hp = NextKeyHyperParams(**{**TINY.__dict__, "max_seconds": NextKeyHyperParams().max_seconds, "max_steps": 100})
+    fast_model, fast, fast_prefetch = learned_on_a_clock(monkeypatch, days, hp, 0.001)
+    slow_model, slow, slow_prefetch = learned_on_a_clock(monkeypatch, days, hp, 1.0)
+    assert fast_model.steps == slow_model.steps == 100
+    assert not (fast_model.stopped_by_time or slow_model.stopped_by_time)
+    assert fast["next_key_top1"] == slow["next_key_top1"] and fast["next_key_top10"] == slow["next_key_top10"]
+    assert fast == slow and fast_prefetch == slow_prefetch
+
+
+def test_the_time_safety_stop_is_reported_when_it_fires(monkeypatch):
+    days = cyclic_days(days=4, per_day=800)
+    hp = NextKeyHyperParams(**{**TINY.__dict__, "max_seconds": 10.0, "max_steps": 100})
+    model, accuracy, _ = learned_on_a_clock(monkeypatch, days, hp, 1.0)  # 10 of the 100 steps in 10 s
+    assert model.stopped_by_time and model.steps == accuracy["next_key_lstm_steps"] == 10
+    assert accuracy["next_key_notes"][-1] == (
+        "lstm training stopped by its max_seconds safety stop (10 s) after 10 of 100 steps, in epoch 3: a slower "
+        "machine than the step budget was sized for, so another run may give other results"
+    )
+
+
+def test_replay_cli_reports_the_time_safety_stop_of_next_key_and_prefetch(tmp_path, capsys, monkeypatch):
+    import contextlib
+    import json
+    from concurrent.futures import ThreadPoolExecutor
+
+    from precompute_assets.ml import next_key
+    from precompute_assets.tools import cli
+
+    @contextlib.contextmanager
+    def in_process(wanted: bool):
+        with ThreadPoolExecutor(1) as pool:  # the training in this process, on the clock below
+            yield pool
+
+    monkeypatch.setattr(cli, "_replay_pool", in_process)
+    monkeypatch.setattr(next_key, "time", SteppingClock(1000.0))  # the first step outlasts the safety stop
+    trace = write_trace(tmp_path / "cycle.txt", cyclic_days(days=4, per_day=200))
+    args = ["replay", "--trace", trace, "--days", "4", "--top-n", "2", "--capacity", "10"]
+    assert cli.main([*args, "--next-key", "--strategy", "prefetch"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    stopped = "lstm training stopped by its max_seconds safety stop (180 s) after 1 of 300 steps, in epoch 1"
+    assert out["next_key_lstm_steps"] == 1 and out["next_key_notes"][-1].startswith(stopped)
+    assert out["strategy_notes"][-1].startswith(f"prefetch: {stopped}")
+
+
 def test_predictions_keep_the_most_likely_keys_of_each_request_best_first():
     days = cyclic_days(days=3, per_day=300)
     model = train_next_key(days, train_days=1, hp=TINY)
