@@ -11,8 +11,10 @@ published nightly version first and fall back to live keys for the ads it lacks,
 one of the campaign's ads, its value answers: a ``get_many`` over a campaign's ads can mix nightly values with the
 campaign's live ones. A nightly publish (a new version and a pointer flip) leaves live keys in place. An open-ended
 campaign's values expire ``open_ended_ttl_days`` after warming; the registry records when (``warm_until``) and lists
-the campaign as due again a day before, for the backstop (and the sensor) to warm it again. A cancelled campaign's
-keys are removed by a run of ``campaign_cleanup_job``.
+the campaign as due again a day before, for the backstop (and the sensor) to warm it again. Values Redis loses
+before then (a restart without persistence, a flush, an eviction, a failover) are noticed by the sensor, which looks
+for each warm campaign's budget key on every tick, and warmed again. A cancelled campaign's keys are removed by a run
+of ``campaign_cleanup_job``.
 """
 
 import json
@@ -30,8 +32,9 @@ from pydantic import Field
 from ..ml import ctr
 from ..ml.budget import DEFAULT_DRAWS, DEFAULT_PRIOR_STRENGTH, thompson_split
 from ..serving import KeySchema
+from ..serving.connection import REDIS_ERRORS
 from ..serving.keys import check_key
-from ..serving.publish import delete_live_values, write_live_values
+from ..serving.publish import delete_live_values, run_commands, write_live_values
 from ..serving.replication import confirm_replicas
 from ..storage.campaigns import DEFAULT_REFRESH_MARGIN, Campaign, CampaignRegistry
 from .models import CTR_MODEL, approved_materializations
@@ -105,14 +108,23 @@ def warming_run_key(campaign: Campaign) -> str:
     return key
 
 
-def warming_request(campaign: Campaign) -> dg.RunRequest:
-    """The run that warms ``campaign``'s current revision (the sensor's and the backstop's alike)."""
+def warming_request(campaign: Campaign, *, run_key: str | None = None) -> dg.RunRequest:
+    """The run that warms ``campaign``'s current revision (the sensor's and the backstop's alike), under
+    ``warming_run_key`` unless ``run_key`` is given."""
     return dg.RunRequest(
-        run_key=warming_run_key(campaign),
+        run_key=run_key or warming_run_key(campaign),
         job_name="campaign_warming_job",
         partition_key=campaign.campaign_id,
         tags={**WARMING_TAGS, CAMPAIGN_TAG: campaign.campaign_id},
     )
+
+
+def rewarming_request(campaign: Campaign, now: datetime) -> dg.RunRequest:
+    """The run that warms ``campaign`` again after Redis lost its values: a run key of its own for each hour of ``now``
+    (a sensor never launches a run key twice), so a loss that comes back, or a run that failed, gets another run
+    within the hour after, not one every tick."""
+    hour = int(now.timestamp()) // 3600
+    return warming_request(campaign, run_key=f"{warming_run_key(campaign)}-lost{hour}")
 
 
 def cleanup_request(campaign: Campaign) -> dg.RunRequest:
@@ -437,6 +449,45 @@ def purge_campaign_ads(
     )
 
 
+def values_lost(client: redis_py.Redis, schema: KeySchema, campaigns: list[Campaign]) -> list[Campaign]:
+    """The ``campaigns`` (warm ones) whose budget is missing from Redis. Warming writes it after the CTRs, expiring with
+    them, and the registry calls a campaign warm only after it: without it, Redis lost the campaign's values (a restart
+    without persistence, a flush, an eviction, a failover to a replica that lagged). One EXISTS per campaign,
+    pipelined: one round trip (one per master on Redis Cluster)."""
+    if not campaigns:
+        return []
+    present = run_commands(client, [(b"EXISTS", schema.live("budget", c.campaign_id).encode()) for c in campaigns])
+    return [campaign for campaign, here in zip(campaigns, present, strict=True) if not here]
+
+
+def lost_campaigns(
+    context: dg.SensorEvaluationContext, registry: CampaignRegistry, redis: RedisResource, now: datetime
+) -> list[Campaign]:
+    """The warm campaigns whose values Redis lost (``values_lost``) and that no warming run queued or running will
+    write again; none, with a warning, when Redis does not answer (the next tick looks again)."""
+    warm = registry.warm(now)
+    if not warm:
+        return []
+    try:
+        client = redis.client()
+        try:
+            lost = values_lost(client, redis.schema(), warm)
+        finally:
+            client.close()
+    except (dg.Failure, *REDIS_ERRORS) as error:
+        why = error.description if isinstance(error, dg.Failure) else f"{type(error).__name__}: {error}"
+        context.log.warning(f"not checked whether Redis still holds the values of {len(warm)} warm campaigns: {why}")
+        return []
+    if lost:
+        ids = [c.campaign_id for c in lost]
+        active = context.instance.get_runs(
+            dg.RunsFilter(job_name=campaign_warming_job.name, statuses=ACTIVE_RUN_STATUSES, tags={CAMPAIGN_TAG: ids})
+        )
+        busy = {run.tags.get(CAMPAIGN_TAG) for run in active}
+        lost = [c for c in lost if c.campaign_id not in busy]
+    return lost
+
+
 # --- automation ----------------------------------------------------------------------------------------
 
 
@@ -478,13 +529,17 @@ def changes_since(registry: CampaignRegistry, seq: int, *, page: int = 10_000, p
     minimum_interval_seconds=30,
     default_status=RUNNING,
     description="Warm campaigns launching within the warming horizon whose current revision is not warm (one run "
-    "per campaign revision, high priority), warm open-ended campaigns again before their values expire, and remove "
-    "cancelled campaigns from the cache.",
+    "per campaign revision, high priority), warm open-ended campaigns again before their values expire, warm again "
+    "at once warm campaigns whose values Redis lost (at most once an hour each), and remove cancelled campaigns "
+    "from the cache.",
 )
-def campaign_launch_sensor(context: dg.SensorEvaluationContext, campaign_registry: CampaignRegistryResource):
+def campaign_launch_sensor(
+    context: dg.SensorEvaluationContext, campaign_registry: CampaignRegistryResource, redis: RedisResource
+):
     """Reads the registry's changes since the cursor (cancellations, re-registrations) and the due campaigns (one
     indexed query); requests only campaigns that became due since the last tick. A run that failed is the
-    backstop's: a sensor never launches the same run key twice."""
+    backstop's: a sensor never launches the same run key twice. Warm campaigns whose values Redis lost (one more
+    indexed query, and one pipelined EXISTS each) are warmed again at once, not a day before their values expire."""
     registry, cursor = campaign_registry.registry(), LaunchCursor.decode(context.cursor)
     now = datetime.now(UTC)
     horizon = campaign_registry.warming_horizon
@@ -508,19 +563,28 @@ def campaign_launch_sensor(context: dg.SensorEvaluationContext, campaign_registr
         launched = {run.tags.get(RUN_KEY_TAG) for run in runs}
         fresh = [c for c in fresh if warming_run_key(c) not in launched]
     cancelled = [c for c in changed if c.status == "cancelled"]
-    known = set(context.instance.get_dynamic_partitions(CAMPAIGNS.name)) if fresh else set()
-    new_partitions = sorted({c.campaign_id for c in fresh} - known)
+    requested = {c.campaign_id for c in fresh}
+    lost = [c for c in lost_campaigns(context, registry, redis, now) if c.campaign_id not in requested]
+    if lost:
+        context.log.warning(
+            f"Redis lost the values of {len(lost)} warm campaigns (their budget key is gone): warming them again: "
+            + ", ".join(f"{c.campaign_id} r{c.revision}" for c in lost[:10])
+            + (" ..." if len(lost) > 10 else "")
+        )
+    known = set(context.instance.get_dynamic_partitions(CAMPAIGNS.name)) if fresh or lost else set()
+    new_partitions = sorted({c.campaign_id for c in [*fresh, *lost]} - known)
     next_cursor = LaunchCursor(changed[-1].change_seq if changed else cursor.seq, now + horizon, now).encode()
     context.log.info(
         f"{len(changed)} changed, {len(due)} due (cold, or values expiring), {len(fresh)} requested,"
-        f" {len(cancelled)} cancelled"
+        f" {len(lost)} lost in Redis, {len(cancelled)} cancelled"
     )
-    if not fresh and not cancelled:
+    if not fresh and not lost and not cancelled:
         return dg.SensorResult(
             skip_reason=f"nothing new to warm ({len(due)} due, requested before)", cursor=next_cursor
         )
+    rewarming = [rewarming_request(c, now) for c in lost]
     return dg.SensorResult(
-        run_requests=[*map(warming_request, fresh), *map(cleanup_request, cancelled)],
+        run_requests=[*map(warming_request, fresh), *rewarming, *map(cleanup_request, cancelled)],
         dynamic_partitions_requests=[CAMPAIGNS.build_add_request(new_partitions)] if new_partitions else [],
         cursor=next_cursor,
     )

@@ -108,6 +108,12 @@ _DUE = (
     " AND warm_until < %(refresh)s AND (end_at IS NULL OR warm_until < end_at)"
     " ORDER BY launch_at, campaign_id"
 )
+# warm(): the campaigns whose values the cache should hold now (NULL warm_until: until the campaign's end)
+_WARM = (
+    f"SELECT {_COLUMNS} FROM campaigns WHERE status = 'active' AND warm_revision = revision"
+    " AND (end_at IS NULL OR end_at > %(now)s) AND (warm_until IS NULL OR warm_until > %(now)s)"
+    " ORDER BY launch_at, campaign_id"
+)
 
 
 class CampaignError(ValueError):
@@ -816,6 +822,13 @@ class CampaignRegistry:
         refresh = now + (self.refresh_margin if refresh_margin is None else refresh_margin)
         with transaction(self.url) as conn, conn.cursor() as cur:
             cur.execute(_DUE, {"until": until, "now": now, "refresh": refresh})
+            return [Campaign(*row) for row in cur.fetchall()]
+
+    def warm(self, now: datetime) -> list[Campaign]:
+        """Active campaigns whose current revision is warm with values that have not expired by ``now``, not ended;
+        by launch time. One read of the partial index of warm campaigns."""
+        with transaction(self.url) as conn, conn.cursor() as cur:
+            cur.execute(_WARM, {"now": _aware_now(now)})
             return [Campaign(*row) for row in cur.fetchall()]
 
     def max_change_seq(self) -> int:

@@ -648,9 +648,10 @@ def bench_campaign(
         setup_s = time.perf_counter() - started
 
         resource = CampaignRegistryResource(url=app_db)
+        redis_resource = RedisResource(url=redis_url, namespace=schema.namespace)
 
         def tick(cursor: str | None) -> dg.SensorResult:
-            sensor_resources = {"campaign_registry": resource}
+            sensor_resources = {"campaign_registry": resource, "redis": redis_resource}
             context = dg.build_sensor_context(instance=instance, cursor=cursor, resources=sensor_resources)
             return campaign_launch_sensor(context)
 
@@ -667,7 +668,7 @@ def bench_campaign(
         next_tick_s = time.perf_counter() - started
 
         resources = {
-            "redis": RedisResource(url=redis_url, namespace=schema.namespace),
+            "redis": redis_resource,
             "lake": lake_resource,
             "io_manager": ParquetIOManager(lake=lake_resource),
             "model_store": model_store,

@@ -140,10 +140,15 @@ def campaign_ads(prefix: str, n: int, *, seed: int = 0) -> list[dict]:
     ]  # fmt: skip
 
 
-def tick(instance, resource: CampaignRegistryResource, cursor: str | None = None) -> dg.SensorResult:
-    return campaign_launch_sensor(
-        dg.build_sensor_context(instance=instance, cursor=cursor, resources={"campaign_registry": resource})
-    )
+# The sensor looks into Redis only when a campaign is warm: the ticks of tests without one pass this, never reached.
+NO_REDIS = RedisResource(url="redis://127.0.0.1:9/0")
+
+
+def tick(
+    instance, resource: CampaignRegistryResource, cursor: str | None = None, *, redis: RedisResource = NO_REDIS
+) -> dg.SensorResult:
+    resources = {"campaign_registry": resource, "redis": redis}
+    return campaign_launch_sensor(dg.build_sensor_context(instance=instance, cursor=cursor, resources=resources))
 
 
 def add_partitions(instance, result: dg.SensorResult) -> None:
@@ -241,7 +246,7 @@ def test_a_tick_over_10000_campaigns_is_a_constant_number_of_queries(registry, a
     ]  # fmt: skip
     registry.register_many(records)
     calls: dict[str, int] = {}
-    for name in ("changed_since", "due", "get", "ads", "list"):
+    for name in ("changed_since", "due", "warm", "get", "ads", "list"):
         original = getattr(CampaignRegistry, name)
 
         def counted(self, *args, _name=name, _original=original, **kwargs):
@@ -252,14 +257,15 @@ def test_a_tick_over_10000_campaigns_is_a_constant_number_of_queries(registry, a
     resource = CampaignRegistryResource(url=app_db)
     with dg.instance_for_test() as instance:
         result = tick(instance, resource)
-        # a page of changes (and an empty one: the first was full), one indexed due() query: nothing per campaign
-        assert calls == {"changed_since": 2, "due": 1}
+        # a page of changes (and an empty one: the first was full), one indexed due() query, one of the warm
+        # campaigns (whose values the sensor looks for in Redis): nothing per campaign
+        assert calls == {"changed_since": 2, "due": 1, "warm": 1}
         assert len(result.run_requests) == 10_000 and len({r.run_key for r in result.run_requests}) == 10_000
         assert len(result.dynamic_partitions_requests[0].partition_keys) == 10_000
         add_partitions(instance, result)
         calls.clear()
         again = tick(instance, resource, result.cursor)
-        assert not again.run_requests and calls == {"changed_since": 1, "due": 1}
+        assert not again.run_requests and calls == {"changed_since": 1, "due": 1, "warm": 1}
 
 
 # --- warming end to end ------------------------------------------------------------------------------------
@@ -275,7 +281,7 @@ def test_register_tick_run_and_every_ad_is_readable_before_launch(
     ids = [ad["ad_id"] for ad in ad_list]
     assert cache.get_many("ctr", ids) == [None] * len(ids)  # cold: every first user would miss
 
-    result = tick(instance, resources["campaign_registry"])
+    result = tick(instance, resources["campaign_registry"], redis=resources["redis"])
     (request,) = result.run_requests
     add_partitions(instance, result)
     run = warm(instance, resources, request.partition_key, tags=request.tags)
@@ -305,7 +311,7 @@ def test_register_tick_run_and_every_ad_is_readable_before_launch(
     expected = thompson_split(frame.loc[ids, "ctr"].to_numpy(), 2500.0, seed=[0, zlib.crc32(campaign_id.encode()), 1])
     assert [split[i] for i in ids] == pytest.approx(expected.tolist())
     assert registry.get(campaign_id).is_warm
-    assert not tick(instance, resources["campaign_registry"], result.cursor).run_requests
+    assert not tick(instance, resources["campaign_registry"], result.cursor, redis=resources["redis"]).run_requests
 
     # two nightly publishes (new versions, pointer flips) later, every campaign ad is still readable; where the
     # nightly version has an ad, it answers (both come from approved models)
@@ -333,14 +339,14 @@ def test_a_cancelled_campaign_is_removed_but_ads_of_other_live_campaigns_stay(
     shared = campaign_ads(first, 5)
     registry.register(first, "acme", now + HOUR, shared)
     registry.register(second, "acme", now + HOUR, [shared[0], *campaign_ads(second, 3)])
-    result = tick(instance, resources["campaign_registry"])
+    result = tick(instance, resources["campaign_registry"], redis=resources["redis"])
     add_partitions(instance, result)
     for request in result.run_requests:
         assert warm(instance, resources, request.partition_key).success
     assert all(v is not None for v in cache.get_many("ctr", [ad["ad_id"] for ad in shared]))
 
     registry.cancel(first)
-    (cleanup,) = tick(instance, resources["campaign_registry"], result.cursor).run_requests
+    (cleanup,) = tick(instance, resources["campaign_registry"], result.cursor, redis=resources["redis"]).run_requests
     run = campaign_cleanup_job.execute_in_process(run_config=cleanup.run_config, instance=instance, resources=resources)
     assert run.success
     assert cache.get_many("ctr", [ad["ad_id"] for ad in shared[1:]]) == [None] * 4
@@ -519,7 +525,7 @@ def test_an_open_ended_campaign_is_warmed_again_before_its_values_expire(
     ad_list = campaign_ads(campaign_id, 5)
     ids = [ad["ad_id"] for ad in ad_list]
     registry.register(campaign_id, "acme", now + HOUR, ad_list)  # no end: its values live 30 days
-    result = tick(instance, resources["campaign_registry"])
+    result = tick(instance, resources["campaign_registry"], redis=resources["redis"])
     (request,) = result.run_requests
     add_partitions(instance, result)
     assert warm(instance, resources, campaign_id, tags=request.tags).success
@@ -547,9 +553,11 @@ def test_an_open_ended_campaign_is_warmed_again_before_its_values_expire(
 
     with monkeypatch.context() as frozen:
         frozen.setattr(warming, "datetime", Day29)
-        later = tick(instance, resources["campaign_registry"], result.cursor)
+        later = tick(instance, resources["campaign_registry"], result.cursor, redis=resources["redis"])
         assert [r.run_key for r in later.run_requests] == [refresh_key]
-        assert not tick(instance, resources["campaign_registry"], later.cursor).run_requests  # requested once
+        assert not tick(
+            instance, resources["campaign_registry"], later.cursor, redis=resources["redis"]
+        ).run_requests  # requested once
 
     # day 31 without that run: the values are gone and the registry says so
     for key in [schema.live("ctr", ad_id) for ad_id in ids] + [schema.live("budget", campaign_id)]:
@@ -561,6 +569,61 @@ def test_an_open_ended_campaign_is_warmed_again_before_its_values_expire(
     assert warm(instance, resources, campaign_id, tags=again.tags).success
     assert registry.get(campaign_id).is_warm and registry.get(campaign_id).warm_until >= warmed.warm_until
     assert None not in cache.get_many("ctr", ids) and cache.get("budget", campaign_id) is not None
+
+
+def test_a_warm_campaign_whose_values_redis_lost_is_warmed_again_at_once(
+    registry, resources, instance, cache, redis_client, schema
+):
+    """The sensor took a campaign as warm from the registry alone: values Redis lost (a restart without persistence,
+    a flush, an eviction, a failover to a replica that lagged) were written again only a day before they were due
+    to expire, and a campaign with an end, never. Each tick now looks for every warm campaign's budget key."""
+    now = datetime.now(UTC)
+    campaign_id, untouched = unique("flushed"), unique("untouched")
+    ids = {}
+    for name in (campaign_id, untouched):
+        ad_list = campaign_ads(name, 4)
+        ids[name] = [ad["ad_id"] for ad in ad_list]
+        registry.register(name, "acme", now + HOUR, ad_list, end_at=now + 26 * HOUR)
+    sensor = {"redis": resources["redis"]}
+    first = tick(instance, resources["campaign_registry"], **sensor)
+    add_partitions(instance, first)
+    for request in first.run_requests:
+        assert warm(instance, resources, request.partition_key, tags=request.tags).success
+    quiet = tick(instance, resources["campaign_registry"], first.cursor, **sensor)
+    assert not quiet.run_requests  # both warm, their values in Redis
+
+    # Redis loses one campaign's keys (the namespace's share of a FLUSHALL, or of a restart without persistence)
+    redis_client.delete(schema.live("budget", campaign_id), *(schema.live("ctr", ad_id) for ad_id in ids[campaign_id]))
+    assert cache.get_many("ctr", ids[campaign_id]) == [None] * 4 and registry.get(campaign_id).is_warm
+    lost = tick(instance, resources["campaign_registry"], quiet.cursor, **sensor)
+    (request,) = lost.run_requests
+    hour = int(datetime.now(UTC).timestamp()) // 3600
+    assert request.partition_key == campaign_id and request.job_name == "campaign_warming_job"
+    until = f"{registry.get(campaign_id).warm_until.astimezone(UTC):%Y%m%d}"
+    assert request.run_key in {f"{campaign_id}-r1-until{until}-lost{h}" for h in (hour - 1, hour)}  # a key of its own
+    assert request.tags["dagster/priority"] == "10" and request.tags[CAMPAIGN_TAG] == campaign_id
+
+    # while that run is under way, later ticks do not ask again
+    create_run_for_test(
+        instance, job_name="campaign_warming_job", status=dg.DagsterRunStatus.STARTED,
+        tags={**request.tags, "dagster/run_key": request.run_key},
+    )  # fmt: skip
+    assert not tick(instance, resources["campaign_registry"], lost.cursor, **sensor).run_requests
+    assert warm(instance, resources, campaign_id, tags=request.tags).success
+    assert None not in cache.get_many("ctr", ids[campaign_id]) and cache.get("budget", campaign_id) is not None
+    instance.delete_run(instance.get_runs(dg.RunsFilter(tags={"dagster/run_key": request.run_key}))[0].run_id)
+    assert not tick(instance, resources["campaign_registry"], lost.cursor, **sensor).run_requests  # back in Redis
+
+
+def test_the_sensor_still_warms_cold_campaigns_when_redis_does_not_answer(registry, app_db):
+    now = datetime.now(UTC)
+    warm_one, cold = unique("warm"), unique("cold")
+    for campaign_id in (warm_one, cold):
+        registry.register(campaign_id, "acme", now + HOUR, campaign_ads(campaign_id, 2))
+    registry.mark_warm(warm_one, 1, warm_until=now + 26 * HOUR)  # its values are not checked: nothing answers
+    with dg.instance_for_test() as instance:
+        result = tick(instance, CampaignRegistryResource(url=app_db), redis=NO_REDIS)
+    assert [r.run_key for r in result.run_requests] == [f"{cold}-r1"]
 
 
 # --- faults ------------------------------------------------------------------------------------------------
@@ -577,7 +640,7 @@ def test_redis_down_fails_the_run_after_retries_then_the_backstop_warms_it(
     ad_list = campaign_ads(campaign_id, 30)
     ids = [ad["ad_id"] for ad in ad_list]
     registry.register(campaign_id, "acme", now + 3 * HOUR, ad_list)
-    result = tick(instance, resources["campaign_registry"])
+    result = tick(instance, resources["campaign_registry"], redis=resources["redis"])
     add_partitions(instance, result)
 
     server.stop()
@@ -614,7 +677,7 @@ def test_a_full_redis_fails_warming_in_one_line_naming_maxmemory(
     private = {**resources, "redis": RedisResource(url=server.url, namespace=schema.namespace)}
     campaign_id = unique("full")
     registry.register(campaign_id, "acme", datetime.now(UTC) + 3 * HOUR, campaign_ads(campaign_id, 5))
-    add_partitions(instance, tick(instance, resources["campaign_registry"]))
+    add_partitions(instance, tick(instance, resources["campaign_registry"], redis=resources["redis"]))
     run = warm(instance, private, campaign_id, raise_on_error=False)
     assert not run.success
     (failure,) = [e for e in run.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE]
@@ -636,12 +699,12 @@ def test_a_cleanup_that_failed_with_redis_down_is_run_again_by_its_backstop(
     campaign_id, kept = unique("cancelled"), unique("kept")
     for name in (campaign_id, kept):
         registry.register(name, "acme", datetime.now(UTC) + HOUR, campaign_ads(name, 3))
-    result = tick(instance, resources["campaign_registry"])
+    result = tick(instance, resources["campaign_registry"], redis=resources["redis"])
     add_partitions(instance, result)
     for request in result.run_requests:
         assert warm(instance, private, request.partition_key).success
     registry.cancel(campaign_id)
-    (cleanup,) = tick(instance, resources["campaign_registry"], result.cursor).run_requests
+    (cleanup,) = tick(instance, resources["campaign_registry"], result.cursor, redis=private["redis"]).run_requests
 
     def run_cleanup(request: dg.RunRequest) -> bool:
         tags = {**request.tags, "dagster/run_key": request.run_key}
@@ -690,7 +753,7 @@ def test_a_campaign_is_warm_only_once_redis_replicas_hold_its_values(
     campaign_id = unique("replicated")
     ad_list = campaign_ads(campaign_id, 20)
     registry.register(campaign_id, "acme", datetime.now(UTC) + 3 * HOUR, ad_list)
-    add_partitions(instance, tick(instance, resources["campaign_registry"]))
+    add_partitions(instance, tick(instance, resources["campaign_registry"], redis=resources["redis"]))
     os.kill(replica.pid, signal.SIGSTOP)
     try:
         run = warm(instance, private, campaign_id, raise_on_error=False)
