@@ -2,6 +2,7 @@
 
 import hashlib
 import re
+from typing import NamedTuple
 
 import dagster as dg
 import numpy as np
@@ -12,6 +13,7 @@ from pydantic import Field
 
 from ..serving import Experiment, KeySchema, Pointer, publish_version
 from ..serving.keys import EMBEDDING_KIND
+from ..serving.publish import missing_buckets, sampled_buckets
 from ..sync.embeddings import lost_redis_version
 from .experiment import selected_experiment
 from .freshness import CTR_CACHE_FRESHNESS
@@ -194,34 +196,61 @@ def newer_current_version(raw_pointer: bytes | None, partition: str) -> str | No
     return current if DAY.fullmatch(day) and day > partition else None
 
 
-def recorded_publish(instance: dg.DagsterInstance, kind: str) -> tuple[str, dg.EventLogRecord] | None:
+class RecordedPublish(NamedTuple):
+    """The version the newest publish of a kind made current, and the newest materialization of its asset."""
+
+    version: str
+    newest: dg.EventLogRecord
+    empty: bool  # published without values (read-through only): no bucket of it is ever in Redis
+
+
+def recorded_publish(instance: dg.DagsterInstance, kind: str) -> RecordedPublish | None:
     """The version the newest publish of ``kind`` (``PUBLISHED_KINDS``) made current, with the newest materialization
-    of its asset (what a check evaluated now is about); None when none of the last ``RECORDS_SEARCHED`` published."""
+    of its asset (what a check evaluated now is about); None when none of the last ``RECORDS_SEARCHED`` published.
+    A ctr version is empty when its publish recorded no ``model_version`` (no predictions, so no model)."""
     asset, field = PUBLISHED_KINDS[kind]
     records = instance.fetch_materializations(dg.AssetKey(asset), limit=RECORDS_SEARCHED).records
     for record in records:
         metadata = record.asset_materialization.metadata if record.asset_materialization else {}
         if field in metadata:
-            return str(metadata[field].value), records[0]
+            empty = kind == "ctr" and "model_version" not in metadata
+            return RecordedPublish(str(metadata[field].value), records[0], empty)
     return None
 
 
-def lost_in_redis(client: redis.Redis, schema: KeySchema, kind: str) -> str | None:
+def lost_in_redis(client: redis.Redis, schema: KeySchema, kind: str, *, empty_version: str | None = None) -> str | None:
     """Why Redis serves no version of ``kind``, or None: its pointer is gone (a restart without persistence, a flush,
-    a failover to an empty replica), or for embeddings the pointer's version lost its values."""
+    a failover to an empty replica), or the pointer's version lost its values: for embeddings its marker, for the
+    other kinds its first or last bucket (``publish.missing_buckets``; expired, as a version's buckets do ``ttl_hours``
+    after its publish while its pointer has no TTL, or evicted). ``empty_version`` was published without values."""
     if kind == EMBEDDING_KIND:
         return lost_redis_version(client, schema)
-    return None if client.exists(schema.pointer(kind)) else f"Redis holds no {kind} version"
+    raw = client.get(schema.pointer(kind))
+    if raw is None:
+        return f"Redis holds no {kind} version"
+    try:
+        pointer = Pointer.decode(raw)
+    except ValueError as error:
+        return f"Redis's {kind} pointer is unreadable ({error})"
+    if pointer.version == empty_version or not (gone := missing_buckets(client, schema, kind, pointer)):
+        return None
+    looked_at = len(sampled_buckets(pointer))
+    return (
+        f"Redis's {kind} pointer names version {pointer.version}, whose values are gone ({gone} of {looked_at} "
+        "buckets looked at are missing: expired or evicted)"
+    )
 
 
 def lost_publish(instance: dg.DagsterInstance, client: redis.Redis, schema: KeySchema, kind: str) -> str | None:
     """One line saying that the version of ``kind`` Dagster recorded as published is missing in Redis, or None (also
     when nothing was published yet)."""
     recorded = recorded_publish(instance, kind)
-    if recorded is None or (why := lost_in_redis(client, schema, kind)) is None:
+    if recorded is None:
+        return None
+    if (why := lost_in_redis(client, schema, kind, empty_version=recorded.version if recorded.empty else None)) is None:
         return None
     asset, _ = PUBLISHED_KINDS[kind]
-    return f"{kind}: {why}, although {asset} recorded publishing version {recorded[0]}"
+    return f"{kind}: {why}, although {asset} recorded publishing version {recorded.version}"
 
 
 def lost_publishes(instance: dg.DagsterInstance, client: redis.Redis, schema: KeySchema) -> list[str]:
@@ -237,8 +266,8 @@ def served_state(
     recorded = recorded_publish(instance, kind)
     if recorded is None:
         return True, f"no {kind} version published yet", None
-    version, newest = recorded
-    if (why := lost_in_redis(client, schema, kind)) is not None:
+    version, newest, empty = recorded
+    if (why := lost_in_redis(client, schema, kind, empty_version=version if empty else None)) is not None:
         return False, f"{why}, although this asset recorded publishing version {version}", newest
     return True, f"Redis serves a {kind} version (this asset last published {version})", newest
 
@@ -291,9 +320,10 @@ def build_served_check(kind: str) -> dg.AssetChecksDefinition:
         asset=asset,
         name=SERVED_CHECK,
         description=f"Redis still serves the {kind} version this asset published: fails when its pointer is gone "
-        "(Redis restarted without its data, was flushed or failed over to an empty replica)"
-        + (" or names a version whose values are gone" if kind == EMBEDDING_KIND else "")
-        + ". The cache_health sensor evaluates it every 5 minutes and reports each change.",
+        "(Redis restarted without its data, was flushed or failed over to an empty replica) or names a version "
+        "whose values are gone ("
+        + ("its marker key" if kind == EMBEDDING_KIND else "its first or last bucket: expired, or evicted")
+        + "). The cache_health sensor evaluates it every 5 minutes and reports each change.",
     )
     def served(context: dg.AssetCheckExecutionContext, redis: RedisResource) -> dg.AssetCheckResult:
         passed, description, _ = served_state(context.instance, redis.client(), redis.schema(), kind)

@@ -356,6 +356,20 @@ def _existing(client: redis.Redis, names: list[bytes]) -> int:
     return sum(run_commands(client, [(b"EXISTS", *names[at : at + step]) for at in range(0, len(names), step)]))
 
 
+def sampled_buckets(pointer: Pointer) -> list[int]:
+    """The buckets of ``pointer``'s version that say whether its values are still there: its first, written first and
+    so the first to expire, and its last. Every bucket of a version with keys holds some (``bucket_count`` gives a
+    bucket 64 keys on average: one of several is empty with a probability below e^-32)."""
+    return sorted({0, pointer.buckets - 1})
+
+
+def missing_buckets(client: redis.Redis, schema: KeySchema, kind: str, pointer: Pointer) -> int:
+    """How many of ``sampled_buckets(pointer)`` are gone from Redis (expired under a pointer that has no TTL, evicted,
+    lost in a failover): one round trip. An empty version (no keys) has no bucket at all."""
+    names = [schema.bucket(kind, pointer.version, index).encode() for index in sampled_buckets(pointer)]
+    return len(names) - _existing(client, names)
+
+
 def _memory_note(client: redis.Redis) -> str:
     """`` (Redis at U of maxmemory M bytes, policy P)``, or nothing when Redis does not say (a cluster client)."""
     if is_cluster(client):

@@ -126,3 +126,39 @@ def test_a_lost_ctr_version_fails_ctr_caches_check_until_it_is_published_again(l
         assert served.passed and tick() == []
         latest = instance.event_log_storage.get_latest_asset_check_execution_by_key([lost.asset_check_key])
         assert latest[lost.asset_check_key].status.value == "SUCCEEDED"
+
+
+def test_ctr_buckets_expired_under_their_pointer_fail_the_check_and_show_in_status(
+    lake_uri, redis_url, redis_client, schema
+):
+    """The pointer has no TTL, a version's buckets expire ttl_hours after its publish: when no publish came for two
+    days, the pointer named a version whose values were gone, and served_by_redis and `precompute status`, which
+    looked at the pointer only, said Redis served it. An empty version (read-through only) has no bucket to lose."""
+    from precompute_assets.defs.publishing import SERVED_CHECK, SERVED_CHECKS, lost_publishes
+    from precompute_assets.serving import Pointer
+
+    ids = [f"ad{i:03d}" for i in range(200)]
+    Lake(lake_uri).write("ctr_predictions", GOOD, pd.DataFrame({"ad_id": ids, "ctr": 0.1, "model_version": "m"}))
+    Lake(lake_uri).write("ctr_predictions", BAD, pd.DataFrame({"ad_id": [], "ctr": [], "model_version": []}))
+    resources = {"redis": RedisResource(url=redis_url, namespace=schema.namespace)}
+    (check,) = [c for c in SERVED_CHECKS if c.check_keys == {dg.AssetCheckKey(dg.AssetKey("ctr_cache"), SERVED_CHECK)}]
+    with dg.instance_for_test() as instance:
+
+        def served() -> dg.AssetCheckResult:
+            return check(dg.build_asset_check_context(instance=instance, resources=resources))
+
+        version = publish(instance, lake_uri, redis_url, schema.namespace, GOOD)["version"]
+        pointer = Pointer.decode(redis_client.get(schema.pointer("ctr")))
+        assert pointer.buckets == 4 and served().passed and lost_publishes(instance, redis_client, schema) == []
+        # their 48 hours are over (Redis deletes the expired buckets); the pointer, which has no TTL, stays
+        redis_client.delete(*(schema.bucket("ctr", version, index) for index in range(pointer.buckets)))
+        assert redis_client.exists(schema.pointer("ctr"))
+        result = served()
+        assert not result.passed and f"names version {version}, whose values are gone" in result.description
+        (line,) = lost_publishes(instance, redis_client, schema)
+        assert line.startswith(f"ctr: Redis's ctr pointer names version {version}, whose values are gone"), line
+
+        empty = publish(instance, lake_uri, redis_url, schema.namespace, BAD)
+        assert empty["published"] and empty["keys_written"] == 0 and "model_version" not in empty
+        assert not redis_client.exists(schema.bucket("ctr", empty["version"], 0))  # no bucket: none lost
+        assert served().passed and lost_publishes(instance, redis_client, schema) == []

@@ -1834,7 +1834,7 @@ def test_status_says_which_published_version_redis_lost(tmp_path, monkeypatch, c
         assert main(["status"]) == 0
         assert "lost" not in capsys.readouterr().out  # nothing published yet: nothing to lose
         with dagster_instance(Stack()) as instance:
-            published = {"published": True, "version": "2026-12-04.0123456789abcdef"}
+            published = {"published": True, "version": "2026-12-04.0123456789abcdef", "model_version": "m1"}
             instance.report_runless_asset_event(
                 dg.AssetMaterialization("ctr_cache", partition="2026-12-04", metadata=published)
             )
@@ -1842,10 +1842,19 @@ def test_status_says_which_published_version_redis_lost(tmp_path, monkeypatch, c
                 dg.AssetMaterialization("document_embeddings", metadata={"redis_version": "emb1.abcd"})
             )
         client.set(schema.pointer("ctr"), Pointer("2026-12-04.0123456789abcdef", 1).encode())
+        client.hset(schema.bucket("ctr", "2026-12-04.0123456789abcdef", 0), "ad1", b"\x00\x00\x00\x3f")
         client.set(schema.pointer("doc_embedding"), Pointer("emb1.abcd", 1).encode())
         client.set(schema.bucket("doc_embedding", "emb1.abcd", "meta"), "synced int8")
         assert main(["status"]) == 0
         assert "lost" not in capsys.readouterr().out
+        client.delete(schema.bucket("ctr", "2026-12-04.0123456789abcdef", 0))  # expired under its pointer
+        assert main(["status"]) == 0
+        lost = [line for line in capsys.readouterr().out.splitlines() if line.startswith("redis     lost")]
+        assert lost == [
+            "redis     lost      ctr: Redis's ctr pointer names version 2026-12-04.0123456789abcdef, whose values are "
+            "gone (1 of 1 buckets looked at are missing: expired or evicted), although ctr_cache recorded "
+            "publishing version 2026-12-04.0123456789abcdef"
+        ], lost
         client.flushall()  # a restart without persistence
         assert main(["status"]) == 0
         lost = [line for line in capsys.readouterr().out.splitlines() if line.startswith("redis     lost")]
