@@ -26,7 +26,7 @@ from .defs.experiment import selection_experiment
 from .defs.models import ctr_model
 from .defs.partitions import Partitions
 from .defs.predictions import ctr_predictions
-from .defs.publishing import SERVED_CHECKS, ctr_cache
+from .defs.publishing import SERVED_CHECKS, ctr_cache, ctr_restore_job
 from .defs.query_logs import query_log_cleanup_job, query_logs, query_logs_job
 from .defs.resources import build_resources
 from .defs.selection import ad_demand, top_ads, traffic_profile
@@ -73,6 +73,7 @@ def build_definitions(settings: Settings, executor: dg.ExecutorDefinition | None
             query_logs_job,
             daily_precompute_job,
             refresh_precompute_job,
+            ctr_restore_job,
             query_log_cleanup_job,
             document_embeddings_job,
             campaign_warming_job,

@@ -50,7 +50,7 @@ def test_asset_keys_checks_jobs_schedules_sensors():
         ("document_embeddings", "served_by_redis"),
     }  # fmt: skip
     assert {j.name for j in r.get_all_jobs()} - {"__ASSET_JOB"} == {
-        "query_logs_job", "daily_precompute_job", "refresh_precompute_job", "query_log_cleanup_job",
+        "query_logs_job", "daily_precompute_job", "refresh_precompute_job", "ctr_restore_job", "query_log_cleanup_job",
         "document_embeddings_job",
         "campaign_warming_job", "campaign_cleanup_job", "user_events_job", "next_action_model_job",
         "precompute_tasks_job",

@@ -6,7 +6,9 @@ from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import dagster as dg
+import redis as redis_py
 
+from ..serving import KeySchema
 from ..serving.stats import window_stats
 from .demand import demand_model
 from .embeddings import NO_EMBEDDER, document_embeddings_job, has_embedder
@@ -14,10 +16,17 @@ from .experiment import selection_experiment
 from .models import ctr_model
 from .partitions import Partitions
 from .predictions import ctr_predictions
-from .publishing import SERVED_CHECK, changed_served_evaluations, ctr_cache
+from .publishing import (
+    SERVED_CHECK,
+    changed_served_evaluations,
+    ctr_cache,
+    ctr_restore_job,
+    lost_in_redis,
+    recorded_publish,
+)
 from .query_logs import build_drain_schedule, query_log_cleanup_job, query_logs_job
 from .resources import RedisResource
-from .runs import RUN_KEY_TAG, SENSOR_NAME_TAG
+from .runs import ACTIVE_RUN_STATUSES, RUN_KEY_TAG, SENSOR_NAME_TAG
 from .selection import OFFPEAK_WINDOW_HOURS, ad_demand, top_ads, traffic_profile
 
 # Until traffic_profile has learned the quiet window of the traffic, it is assumed to start at 02:00.
@@ -112,8 +121,40 @@ def health_request(
     reason = f"hit rate {rate:.1%} over the last hour's {requests} requests is below {threshold:.0%}"
     return dg.RunRequest(
         run_key=f"cache-health-{day}-{int(now.timestamp()) // 3600}",
+        job_name=refresh_precompute_job.name,
         partition_key=day,
         tags={"precompute/reason": reason[:200], "precompute/most_missed": missed[:200]},
+    )
+
+
+def restore_request(
+    instance: dg.DagsterInstance,
+    client: redis_py.Redis,
+    schema: KeySchema,
+    now: datetime,
+    *,
+    retry_s: float = HEALTH_RETRY_S,
+) -> dg.RunRequest | None:
+    """A run of ``ctr_restore_job`` when Redis lost the ctr version ``ctr_cache`` last published (its pointer, or its
+    values under it), whatever the traffic; None while one is queued or running, or for ``retry_s`` after one failed
+    (it cannot restore that version, or Redis refused it: the hit rate is judged meanwhile)."""
+    recorded = recorded_publish(instance, "ctr")
+    if recorded is None:
+        return None
+    why = lost_in_redis(client, schema, "ctr", empty_version=recorded.version if recorded.empty else None)
+    if why is None:
+        return None
+    records = instance.get_run_records(dg.RunsFilter(job_name=ctr_restore_job.name), limit=1)  # the newest
+    if records and (status := records[0].dagster_run.status) in ACTIVE_RUN_STATUSES:
+        return None
+    if records and status in (dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED):
+        ended = records[0].end_time or records[0].update_timestamp.timestamp()
+        if now.timestamp() - ended < retry_s:
+            return None
+    return dg.RunRequest(
+        run_key=f"ctr-restore-{recorded.version}-{int(now.timestamp())}",
+        job_name=ctr_restore_job.name,
+        tags={"precompute/reason": why[:200]},
     )
 
 
@@ -121,29 +162,38 @@ def build_cache_health_sensor(timezone: str, *, threshold: float = HEALTH_THRESH
     """``cache_health``: every 5 minutes, the ctr hit rate of the last hour from the query log; below
     ``threshold`` it requests ``refresh_precompute_job`` for yesterday (at most every 6 hours, or an hour after a
     refresh that failed) and says why: the daily graph without retraining the LSTM, which would delay the publish
-    and could switch the day's strategy. It also reports the published assets' ``served_by_redis`` checks when their
-    verdict changes."""
+    and could switch the day's strategy. When Redis lost the ctr version ``ctr_cache`` last published, it requests
+    ``restore_request``'s run instead, whatever the traffic. It also reports the published assets' ``served_by_redis``
+    checks when their verdict changes."""
 
     @dg.sensor(
         name="cache_health",
-        target=refresh_precompute_job,
+        jobs=[refresh_precompute_job, ctr_restore_job],
         minimum_interval_seconds=300,
         default_status=dg.DefaultSensorStatus.RUNNING,
         description=f"Refresh yesterday's precompute when the last hour's ctr hit rate is below {threshold:.0%} "
         f"(over at least {HEALTH_MIN_REQUESTS} requests; at most every {HEALTH_COOLDOWN_S // 3600} h, or "
-        f"{HEALTH_RETRY_S // 3600} h after a refresh that failed); reports the served_by_redis checks of the "
-        "published assets when Redis loses or regains their versions.",
+        f"{HEALTH_RETRY_S // 3600} h after a refresh that failed); when Redis lost the ctr version ctr_cache last "
+        "published, whatever the traffic, restores that version (ctr_restore_job) instead, or "
+        f"{HEALTH_RETRY_S // 3600} h after a restore that failed; "
+        "reports the served_by_redis checks of the published assets when Redis loses or regains their versions.",
     )
     def cache_health(context: dg.SensorEvaluationContext, redis: RedisResource):
         client, schema = redis.client(), redis.schema()
-        window = window_stats(client, schema, window_s=3600).get("ctr")
         now = datetime.now(ZoneInfo("UTC"))
-        last = float(context.cursor) if context.cursor else None
-        failed = last is not None and last_refresh_failed(context.instance)
-        result = health_request(window, now, timezone, last, last_failed=failed, threshold=threshold)
-        if isinstance(result, dg.RunRequest):
-            context.log.info(result.tags["precompute/reason"])
-            context.update_cursor(str(now.timestamp()))
+        result = restore_request(context.instance, client, schema, now)
+        if result is not None:
+            # The version served comes back as it was; a refresh would retrain and publish yesterday anew (or be
+            # refused under an operator's rollback). The next tick judges the hit rate again.
+            context.log.warning(f"restoring the ctr version Redis lost: {result.tags['precompute/reason']}")
+        else:
+            window = window_stats(client, schema, window_s=3600).get("ctr")
+            last = float(context.cursor) if context.cursor else None
+            failed = last is not None and last_refresh_failed(context.instance)
+            result = health_request(window, now, timezone, last, last_failed=failed, threshold=threshold)
+            if isinstance(result, dg.RunRequest):
+                context.log.info(result.tags["precompute/reason"])
+                context.update_cursor(str(now.timestamp()))
         # The published assets' served_by_redis checks, reported when their verdict changes: a lost version shows on
         # the asset in the UI, not only as a falling hit rate.
         evaluations = changed_served_evaluations(context.instance, client, schema)

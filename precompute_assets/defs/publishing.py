@@ -18,7 +18,7 @@ from ..sync.embeddings import lost_redis_version
 from .experiment import selected_experiment
 from .freshness import CTR_CACHE_FRESHNESS
 from .partitions import DEFAULT_PARTITIONS
-from .resources import RedisResource, out_of_memory
+from .resources import LakeResource, RedisResource, out_of_memory
 
 DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
 # How long a replaced version stays readable after a flip, for every kind we publish (ctr, doc_embedding):
@@ -333,3 +333,92 @@ def build_served_check(kind: str) -> dg.AssetChecksDefinition:
 
 
 SERVED_CHECKS = [build_served_check(kind) for kind in PUBLISHED_KINDS]
+
+
+# --- restoring a lost version --------------------------------------------------------------------------
+
+
+class RestoreConfig(dg.Config):
+    ttl_hours: int = Field(48, description="TTL of the restored version's keys, from the restore (at least 1).")
+
+
+def lost_ctr_version(instance: dg.DagsterInstance, client: redis.Redis, schema: KeySchema) -> str | None:
+    """Why Redis lost the ctr version ``ctr_cache`` last recorded publishing (``lost_in_redis``), or None (also when
+    it never published one)."""
+    recorded = recorded_publish(instance, "ctr")
+    if recorded is None:
+        return None
+    return lost_in_redis(client, schema, "ctr", empty_version=recorded.version if recorded.empty else None)
+
+
+def served_ctr_version(instance: dg.DagsterInstance, client: redis.Redis, schema: KeySchema) -> str:
+    """The ctr version to restore: the one ``ctr_cache`` last recorded publishing (the approved one, or the one an
+    operator rolled back to), when Redis's pointer is gone or names that same version; ``dg.Failure`` otherwise."""
+    recorded = recorded_publish(instance, "ctr")
+    if recorded is None:
+        raise dg.Failure(description="ctr_cache never published a ctr version: nothing to restore", allow_retries=False)
+    raw = client.get(schema.pointer("ctr"))
+    current = None if raw is None else Pointer.decode(raw).version
+    if current not in (None, recorded.version):
+        raise dg.Failure(
+            description=f"Redis's ctr pointer names version {current}, not {recorded.version}, the one ctr_cache last "
+            "published: nothing restored over it",
+            allow_retries=False,
+        )
+    return recorded.version
+
+
+@dg.op(
+    retry_policy=dg.RetryPolicy(max_retries=3, delay=5, backoff=dg.Backoff.EXPONENTIAL),
+    pool="redis_publish",
+    description="Publish again the ctr version ctr_cache last published (the approved one, or the one an operator "
+    "rolled back to) from its day's ctr_predictions, when Redis lost it: only if they still make exactly that version. "
+    "A version whose pointer survived gets back only its missing buckets, and every bucket's TTL anew.",
+)
+def restore_ctr_version(
+    context: dg.OpExecutionContext, config: RestoreConfig, lake: LakeResource, redis: RedisResource
+) -> None:
+    # An op, not a ctr_cache materialization: the newest materialization carries an operator's rollback hold
+    # (rolled_back_over), and its time is ctr_cache's freshness; a restore changes neither. It is an observation.
+    if config.ttl_hours < 1:
+        raise dg.Failure(description=f"ttl_hours must be at least 1, got {config.ttl_hours}", allow_retries=False)
+    client, schema = redis.client(), redis.schema()
+    served = served_ctr_version(context.instance, client, schema)
+    if (why := lost_ctr_version(context.instance, client, schema)) is None:
+        context.log.info(f"Redis serves ctr version {served} whole: nothing to restore")
+        return
+    context.log.info(f"restoring ctr version {served}: {why}")
+    day = served.split(".", 1)[0]
+    predictions = lake.lake().read("ctr_predictions", day)
+    experiment = selected_experiment(context.instance, day)
+    version = content_version(day, predictions, experiment)
+    if version != served:
+        raise dg.Failure(
+            description=f"the lake's ctr_predictions of {day} make version {version}, not {served}, the one served: "
+            "they changed since its publish, so nothing was restored; publish them with ctr_cache instead",
+            allow_retries=False,
+        )
+    items = zip(predictions["ad_id"].tolist(), predictions["ctr"].tolist(), strict=True)
+    try:
+        result = publish_version(
+            client, "ctr", version, items, n_keys=len(predictions), ttl_s=config.ttl_hours * 3600,
+            grace_s=GRACE_SECONDS, schema=schema, experiment=experiment, replica_wait_s=redis.replica_wait_s,
+            hand_over=False,  # the version it replaces, if any, is not one to serve live
+        )  # fmt: skip
+    except redis_errors.OutOfMemoryError as error:
+        why = out_of_memory(client, error, "nothing restored", "Readers miss the lost version's keys meanwhile.")
+        raise dg.Failure(description=why) from None
+    written = result.mended if result.already_current else result.keys
+    context.log.info(f"restored ctr version {version}: {written} keys written again")
+    context.log_event(
+        dg.AssetObservation(
+            asset_key=dg.AssetKey(PUBLISHED_KINDS["ctr"][0]),
+            partition=day,
+            metadata={"restored": True, "version": version, "keys_written": written},
+        )
+    )
+
+
+@dg.job(description="Publish again the ctr version Redis lost (cache_health requests it): see restore_ctr_version.")
+def ctr_restore_job():
+    restore_ctr_version()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 import dagster as dg
 import pandas as pd
 import pytest
@@ -9,6 +11,7 @@ import pytest
 from precompute_assets.defs.partitions import DEFAULT_PARTITIONS
 from precompute_assets.defs.publishing import ctr_cache
 from precompute_assets.defs.resources import LakeResource, ParquetIOManager, RedisResource
+from precompute_assets.serving import Pointer
 from precompute_assets.serving.admission import Probation
 from precompute_assets.serving.cache import PredictionCache
 from precompute_assets.serving.connection import connect
@@ -135,7 +138,6 @@ def test_ctr_buckets_expired_under_their_pointer_fail_the_check_and_show_in_stat
     days, the pointer named a version whose values were gone, and served_by_redis and `precompute status`, which
     looked at the pointer only, said Redis served it. An empty version (read-through only) has no bucket to lose."""
     from precompute_assets.defs.publishing import SERVED_CHECK, SERVED_CHECKS, lost_publishes
-    from precompute_assets.serving import Pointer
 
     ids = [f"ad{i:03d}" for i in range(200)]
     Lake(lake_uri).write("ctr_predictions", GOOD, pd.DataFrame({"ad_id": ids, "ctr": 0.1, "model_version": "m"}))
@@ -162,3 +164,72 @@ def test_ctr_buckets_expired_under_their_pointer_fail_the_check_and_show_in_stat
         assert empty["published"] and empty["keys_written"] == 0 and "model_version" not in empty
         assert not redis_client.exists(schema.bucket("ctr", empty["version"], 0))  # no bucket: none lost
         assert served().passed and lost_publishes(instance, redis_client, schema) == []
+
+
+def test_cache_health_restores_the_ctr_version_served_under_an_operators_rollback_without_traffic(
+    lake_uri, redis_url, redis_client, schema
+):
+    """cache_health refreshed only after 200 ctr requests in the hour: after a loss with no traffic, ctr stayed lost
+    until the night. And its refresh (yesterday's graph, retrained) would publish another version, or be refused while
+    an operator's rollback holds the bad day back. The version served comes back as it was; the hold stays."""
+    from precompute_assets.defs.automation import build_cache_health_sensor, restore_request
+    from precompute_assets.defs.publishing import ctr_restore_job, rolled_back_over
+
+    ids = [f"ad{i:03d}" for i in range(150)]
+    lake = Lake(lake_uri)
+    lake.write("ctr_predictions", GOOD, pd.DataFrame({"ad_id": ids, "ctr": 0.25, "model_version": "m"}))
+    lake.write("ctr_predictions", BAD, pd.DataFrame({"ad_id": ids, "ctr": 0.75, "model_version": "m"}))
+    redis_resource = RedisResource(url=redis_url, namespace=schema.namespace)
+    reader = PredictionCache(connect(redis_url), schema=schema, pointer_ttl_s=0)
+    with dg.instance_for_test() as instance:
+
+        def tick() -> list[dg.RunRequest]:
+            with dg.build_sensor_context(instance=instance, resources={"redis": redis_resource}) as context:
+                result = build_cache_health_sensor("UTC")(context)
+            return result.run_requests if isinstance(result, dg.SensorResult) else []
+
+        def restore(request: dg.RunRequest) -> dg.ExecuteInProcessResult:
+            """The run the daemon launches for ``request``."""
+            resources = {"lake": LakeResource(base_uri=lake_uri), "redis": redis_resource}
+            tags = {**request.tags, "dagster/run_key": request.run_key}
+            return ctr_restore_job.execute_in_process(
+                instance=instance, resources=resources, tags=tags, raise_on_error=False
+            )
+
+        good = publish(instance, lake_uri, redis_url, schema.namespace, GOOD)["version"]
+        publish(instance, lake_uri, redis_url, schema.namespace, BAD)
+        assert publish(instance, lake_uri, redis_url, schema.namespace, GOOD, rollback=True)["version"] == good
+        assert rolled_back_over(instance) == BAD and tick() == []
+
+        redis_client.delete(*redis_client.keys(f"{schema.prefix}:ctr:*"))  # a restart without persistence
+        assert reader.get_many("ctr", ids[:3]) == [None] * 3
+        (request,) = tick()  # no traffic at all
+        assert request.job_name == "ctr_restore_job" and request.run_key.startswith(f"ctr-restore-{good}-")
+        assert "Redis holds no ctr version" in request.tags["precompute/reason"]
+        assert restore(request).success
+        assert reader.get_many("ctr", ids) == pytest.approx([0.25] * len(ids))  # the day rolled back to, not BAD
+        assert rolled_back_over(instance) == BAD and tick() == []  # the hold stays: BAD is not published by itself
+        assert not publish(instance, lake_uri, redis_url, schema.namespace, BAD)["published"]
+
+        # buckets expired under the pointer: the missing ones are written back
+        pointer = Pointer.decode(redis_client.get(schema.pointer("ctr")))
+        redis_client.delete(*(schema.bucket("ctr", good, index) for index in range(pointer.buckets)))
+        (request,) = tick()
+        assert "whose values are gone" in request.tags["precompute/reason"]
+        run = restore(request)
+        assert run.success and reader.get_many("ctr", ids) == pytest.approx([0.25] * len(ids))
+        (observation,) = [e for e in run.all_events if e.event_type == dg.DagsterEventType.ASSET_OBSERVATION]
+        assert observation.event_specific_data.asset_observation.metadata["keys_written"].value == len(ids)
+
+        # predictions of that day that changed since its publish are not what was served: nothing is restored
+        lake.write("ctr_predictions", GOOD, pd.DataFrame({"ad_id": ids, "ctr": 0.5, "model_version": "m2"}))
+        redis_client.delete(*redis_client.keys(f"{schema.prefix}:ctr:*"))
+        (request,) = tick()
+        run = restore(request)
+        (failure,) = [e for e in run.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE]
+        assert "changed since its publish" in failure.step_failure_data.user_failure_data.description
+        assert redis_client.get(schema.pointer("ctr")) is None and reader.get("ctr", ids[0]) is None
+        assert tick() == []  # not every 5 minutes: an hour after the failed one (the hit rate is judged meanwhile)
+        later = restore_request(instance, redis_client, schema, datetime.now(UTC) + timedelta(minutes=61))
+        assert later is not None and later.run_key != request.run_key
+    reader.close()
