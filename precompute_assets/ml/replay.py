@@ -110,19 +110,19 @@ _MONITOR_LINE = re.compile(rf"^(?:OK|{_MONITOR_COMMAND})$", re.MULTILINE)
 _NOT_MONITOR = 'not a Redis MONITOR line (TIME [DB CLIENT] "COMMAND" "ARG"...): cut off, or a line of another log?'
 _MONITOR_ESCAPE = re.compile(rb'\\(x[0-9a-fA-F]{2}|[\\"nrtab])')
 _MONITOR_ESCAPED = {b"\\": b"\\", b'"': b'"', b"n": b"\n", b"r": b"\r", b"t": b"\t", b"a": b"\a", b"b": b"\b"}
-# Commands whose first argument is no key (a password, a database, a cursor, a subcommand, a count of keys, a
-# channel): their lines are skipped and counted by name, never echoed (AUTH's, HELLO's and MIGRATE's hold passwords).
-_MONITOR_NO_KEY = frozenset({
-    "ACL", "AUTH", "BGREWRITEAOF", "BGSAVE", "BITOP", "BLMPOP", "BZMPOP", "CLIENT", "CLUSTER", "COMMAND", "CONFIG",
-    "DBSIZE", "DEBUG", "DISCARD", "ECHO", "EVAL", "EVALSHA", "EVALSHA_RO", "EVAL_RO", "EXEC", "FAILOVER", "FCALL",
-    "FCALL_RO", "FLUSHALL", "FLUSHDB", "FUNCTION", "HELLO", "INFO", "KEYS", "LASTSAVE", "LATENCY", "LMPOP", "LOLWUT",
-    "MEMORY", "MIGRATE", "MODULE", "MONITOR", "MULTI", "OBJECT", "PING", "PSUBSCRIBE", "PSYNC", "PUBLISH", "PUBSUB",
-    "PUNSUBSCRIBE", "QUIT", "RANDOMKEY", "READONLY", "READWRITE", "REPLCONF", "REPLICAOF", "RESET", "ROLE", "SAVE",
-    "SCAN", "SCRIPT", "SELECT", "SHUTDOWN", "SINTERCARD", "SLAVEOF", "SLOWLOG", "SPUBLISH", "SSUBSCRIBE", "SUBSCRIBE",
-    "SUNSUBSCRIBE", "SWAPDB", "SYNC", "TIME", "UNSUBSCRIBE", "UNWATCH", "WAIT", "WAITAOF", "XGROUP", "XINFO", "XREAD",
-    "XREADGROUP", "ZDIFF", "ZINTER", "ZINTERCARD", "ZMPOP", "ZUNION",
+# The commands that read a value, their first argument its key: each one request. Every other command is skipped and
+# counted by name, its arguments never echoed (AUTH's, HELLO's and MIGRATE's hold passwords): writes (a cache-aside
+# client's SET after each miss would count as a hit on the key it just missed), deletes, expiries, and commands whose
+# first argument is no key.
+_MONITOR_READS = frozenset({
+    "BITCOUNT", "BITFIELD_RO", "BITPOS", "EXISTS", "GEODIST", "GEOHASH", "GEOPOS", "GEORADIUSBYMEMBER_RO",
+    "GEORADIUS_RO", "GEOSEARCH", "GET", "GETBIT", "GETDEL", "GETEX", "GETRANGE", "HEXISTS", "HGET", "HGETALL", "HKEYS",
+    "HLEN", "HMGET", "HRANDFIELD", "HSCAN", "HSTRLEN", "HVALS", "JSON.GET", "LINDEX", "LLEN", "LPOS", "LRANGE", "MGET",
+    "PFCOUNT", "SCARD", "SISMEMBER", "SMEMBERS", "SMISMEMBER", "SRANDMEMBER", "SSCAN", "STRLEN", "SUBSTR", "XLEN",
+    "XRANGE", "XREVRANGE", "ZCARD", "ZCOUNT", "ZLEXCOUNT", "ZMSCORE", "ZRANDMEMBER", "ZRANGE", "ZRANGEBYLEX",
+    "ZRANGEBYSCORE", "ZRANK", "ZREVRANGE", "ZREVRANGEBYLEX", "ZREVRANGEBYSCORE", "ZREVRANK", "ZSCAN", "ZSCORE",
 })  # fmt: skip
-_MONITOR_EVERY_KEY = frozenset({"MGET"})  # commands whose every argument is a key, each one request
+_MONITOR_EVERY_KEY = frozenset({"EXISTS", "MGET", "PFCOUNT"})  # every argument a key, each one request
 _MONITOR_NAMES_KEPT = 20  # skipped commands counted by name; the rarer ones together as "others"
 
 
@@ -402,10 +402,11 @@ def _is_monitor_output(text: str) -> bool:
 
 
 def _monitor_trace(text: str, columns: Columns | None, where: tuple[int | str, Collection[str]] | None) -> Trace:
-    """The trace of Redis MONITOR output (``_MONITOR_LINE``): a request per command naming a key, at its time in
-    seconds, keyed by its first argument (every argument of MGET); commands naming none (``_MONITOR_NO_KEY``, or no
-    argument) are skipped and counted by name. A line that is not a MONITOR line, or whose key is empty, not UTF-8
-    or holds a NUL byte, is a TraceError that names it and never quotes it (an AUTH line may hold a password)."""
+    """The trace of Redis MONITOR output (``_MONITOR_LINE``): a request per command that reads a key
+    (``_MONITOR_READS``), at its time in seconds, keyed by its first argument (every argument of MGET, EXISTS and
+    PFCOUNT); every other command (a write, a delete, one naming no key) is skipped and counted by name. A line that
+    is not a MONITOR line, or whose key is empty, not UTF-8 or holds a NUL byte, is a TraceError that names it and
+    never quotes it (an AUTH line may hold a password)."""
     if columns is not None or where is not None:
         raise TraceError("--key-field, --time-field and --where read fields of text traces, not Redis MONITOR output's")
     stamps: list[str] = []
@@ -414,7 +415,7 @@ def _monitor_trace(text: str, columns: Columns | None, where: tuple[int | str, C
     for found in _monitor_lines(text):
         stamp, command, first, more = found.groups()
         name = command.upper() if stamp is not None else None
-        if name is None or name in _MONITOR_NO_KEY or first is None:
+        if name is None or name not in _MONITOR_READS or first is None:
             if name is not None:
                 skipped[name] = skipped.get(name, 0) + 1
             continue
@@ -425,7 +426,7 @@ def _monitor_trace(text: str, columns: Columns | None, where: tuple[int | str, C
             keys.append(key)
             stamps.append(stamp)
     if not keys:
-        raise TraceError(f"no command of the Redis MONITOR output names a key (skipped: {_named_counts(skipped)})")
+        raise TraceError(f"no command of the Redis MONITOR output reads a key (skipped: {_named_counts(skipped)})")
     return Trace(
         keys=np.array(keys, dtype=object),
         timestamps=np.array(stamps, dtype=np.float64),

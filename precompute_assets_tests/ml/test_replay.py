@@ -2277,6 +2277,8 @@ MONITOR_LOG = r"""OK
 OK
 1796490955.000001 [0 127.0.0.1:41890] "INFO"
 1796490955.500000 [0 127.0.0.1:41890] "GET" "ad:7"
+1796490955.600000 [0 127.0.0.1:41890] "EXISTS" "ad:7" "ad:9"
+1796490955.700000 [0 127.0.0.1:41890] "DEL" "ad:7"
 """
 
 
@@ -2284,14 +2286,24 @@ def test_redis_monitor_output_is_read_as_time_and_key(tmp_path: Path):
     # It was read as whitespace-separated fields whose key was "[0" (a note: every request of one key), or, below its
     # first line OK, refused quoting the AUTH line
     trace = parse_trace(write(tmp_path, MONITOR_LOG))
-    asked = ["ad:42", "ad:42", "ctr:v1", "a", "b", "c d", 'q"x\\y', "caf\u00e9\tn", "ad:42", "ad:7"]
+    # Reads only: the SET that fills ad:42 would count as a request, and the GET after it as a hit
+    asked = ["ad:42", "ctr:v1", "a", "b", "c d", 'q"x\\y', "caf\u00e9\tn", "ad:42", "ad:7", "ad:7", "ad:9"]
     assert trace.keys.tolist() == asked
     stamps = trace.timestamps.tolist()
-    assert stamps[:4] == [1796490954.633053, 1796490954.637555, 1796490954.641737, 1796490954.645879]
-    assert stamps[3:6] == [1796490954.645879] * 3 and stamps[-1] == 1796490955.5  # each key MGET asked for
+    assert stamps[:3] == [1796490954.637555, 1796490954.641737, 1796490954.645879]
+    assert stamps[2:5] == [1796490954.645879] * 3 and stamps[-3] == 1796490955.5  # each key MGET asked for
     layout = trace.layout()
     assert layout["format"] == "redis-monitor" and (layout["timestamp_field"], layout["key_field"]) == (1, 5)
-    assert layout["skipped_commands"] == {"AUTH": 1, "COMMAND": 1, "EVAL": 1, "INFO": 1, "PING": 1, "SELECT": 1}
+    assert layout["skipped_commands"] == {
+        "AUTH": 1,
+        "COMMAND": 1,
+        "EVAL": 1,
+        "INFO": 1,
+        "PING": 1,
+        "SELECT": 1,
+        "SET": 1,
+        "DEL": 1,
+    }
     assert trace.dated and not any("one key" in note for note in trace_notes(trace, split_days(trace, 2)))
     assert "hunter2" not in json.dumps(layout)
     without_ok = parse_trace(write(tmp_path, MONITOR_LOG.removeprefix("OK\n")))
@@ -2328,7 +2340,7 @@ def test_a_malformed_monitor_line_is_named_never_quoted_and_quarantined(tmp_path
 def test_monitor_output_of_no_key_or_with_field_options_is_refused(tmp_path: Path):
     keyless = write(tmp_path, 'OK\n1.5 [0 127.0.0.1:1] "PING"\n2.5 [0 127.0.0.1:1] "AUTH" "hunter2"\n')
     with pytest.raises(
-        TraceError, match=r"^no command of the Redis MONITOR output names a key \(skipped: AUTH 1, PING 1"
+        TraceError, match=r"^no command of the Redis MONITOR output reads a key \(skipped: AUTH 1, PING 1"
     ):
         parse_trace(keyless)
     path = write(tmp_path, MONITOR_LOG)
@@ -2342,5 +2354,5 @@ def test_replay_reads_redis_monitor_output(tmp_path: Path, capsys):
     assert main(["replay", "--trace", str(path), "--days", "2", "--top-n", "0", "--capacity", "2"]) == 0
     out, err = capsys.readouterr()
     result = json.loads(out)
-    assert result["trace_layout"]["skipped_commands"]["AUTH"] == 1 and result["trace_layout"]["distinct_keys"] == 8
+    assert result["trace_layout"]["skipped_commands"]["AUTH"] == 1 and result["trace_layout"]["distinct_keys"] == 9
     assert "one key" not in err and "hunter2" not in out + err
