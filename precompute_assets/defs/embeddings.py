@@ -2,6 +2,7 @@
 document store, offline (PostgreSQL) and in Redis. A sensor runs the sync when documents change."""
 
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -334,17 +335,24 @@ def sync_retry_key(instance: dg.DagsterInstance, now: float, *, after_s: float =
     return f"documents-retry-{failed[0].dagster_run.run_id}"
 
 
-def lost_version_key(store: EmbeddingStore, redis: RedisResource) -> tuple[str, str] | None:
+def lost_version_key(store: EmbeddingStore, redis: RedisResource, log: logging.Logger) -> tuple[str, str] | None:
     """A run key for a full rebuild, and why, when Redis no longer serves the embedding version a sync completed: no
     pointer (a restart without persistence, a flush), or a pointer naming a version whose values are gone (expired,
     evicted at maxmemory: the pointer has no TTL). The sync rebuilds such a version, but only runs when documents
-    change or at 04:00. None while the version is whole, or when Redis does not answer (the next tick looks again)."""
+    change or at 04:00. None while the version is whole, or, with a warning on ``log``, when Redis does not answer or
+    refuses us (the next tick looks again)."""
     version = store.newest_complete_version()
     if version is None:
         return None
     try:
-        lost = lost_redis_version(redis.client(), redis.schema())
-    except REDIS_ERRORS:
+        client = redis.client()  # a server that does not answer, or refuses our login, is a dg.Failure here
+        try:
+            lost = lost_redis_version(client, redis.schema())
+        finally:
+            client.close()
+    except (dg.Failure, *REDIS_ERRORS) as error:
+        why = error.description if isinstance(error, dg.Failure) else f"{type(error).__name__}: {error}"
+        log.warning(f"not checked whether Redis still serves embedding version {version}: {why}")
         return None
     return None if lost is None else (f"documents-redis-lost-{version}", lost)
 
@@ -381,7 +389,7 @@ def documents_changed(context: dg.SensorEvaluationContext, documents: DocumentSt
         # The cursor moved when the sync was requested: a sync that failed would leave these changes to 04:00.
         if retry := sync_retry_key(context.instance, time.time()):
             return dg.RunRequest(run_key=retry)
-        if lost := lost_version_key(EmbeddingStore(documents.url), redis):
+        if lost := lost_version_key(EmbeddingStore(documents.url), redis, context.log):
             run_key, why = lost
             context.log.info(f"{why}, though a sync completed it: rebuilding it from the offline store")
             return dg.RunRequest(run_key=run_key)

@@ -531,6 +531,24 @@ def test_embeddings_whose_values_are_gone_under_their_pointer_are_rebuilt(docs, 
         assert isinstance(tick(cursor)[0], dg.SkipReason)
 
 
+def test_a_redis_that_does_not_answer_skips_the_lost_check_with_a_warning(docs, app_db, redis_client, schema,
+                                                                          embedder, capsys):  # fmt: skip
+    """RedisResource.client() fails with a dg.Failure when the server does not answer, which the lost check did not
+    catch: the sensor's tick failed, where it should skip and look again at the next one."""
+    store = EmbeddingStore(app_db)
+    down = sensor_resources(app_db, "redis://127.0.0.1:1/0", schema)
+    down["redis"] = down["redis"].model_copy(update={"socket_timeout_s": 1.0, "retries": 0})
+    with documents_sensor(down) as (_, tick):
+        _, cursor = tick(None)
+        sync_embeddings(docs, store, redis_client, embedder, schema=schema, log=lambda m: None)
+        capsys.readouterr()
+        skipped, _ = tick(cursor)
+    assert isinstance(skipped, dg.SkipReason) and skipped.skip_message.startswith("no document changed since")
+    warned = capsys.readouterr().err  # the sensor's log
+    assert "WARNING - not checked whether Redis still serves embedding version" in warned
+    assert "does not answer" in warned
+
+
 def test_a_sync_without_an_embedder_fails_once_without_retries(app_db, redis_url, schema, tmp_path):
     """Nothing to retry for: the step fails at once, saying what to materialize, and frees its pool slot."""
     with dg.instance_for_test() as instance:
