@@ -120,11 +120,11 @@ def _parquet_trace(
     numbers = False  # whether a file's timestamps are numbers, in a unit of their own (else times or ISO 8601 text)
     for file, table in zip(files, _tables(files, wanted, label, filesystem), strict=True):
         key_column = _utf8(_decoded(table[key_name]), key_name, label[file])
-        keys.append(_keys(key_column, key_name, label[file], exact_keys))
         sound.append(np.ones(len(key_column), dtype=bool))
-        for row in _nul_rows(key_column).tolist():
-            cut.append(_quarantined(row, label[file], len(cut), max_malformed))
+        for row, problem in _bad_keys(key_column):
+            cut.append(_quarantined(row, problem, label[file], len(cut), max_malformed))
             sound[-1][row] = False
+        keys.append(_keys(_filled(key_column, sound[-1]), key_name, label[file], exact_keys))
         if hit_name is not None:
             column = table[hit_name]  # a row without a hit counts only if --where keeps it
             column = column.cast(pa.bool_()) if _hit_type(column.type) else pa.nulls(len(column), pa.bool_())
@@ -295,33 +295,55 @@ def _first(mask: pa.ChunkedArray | np.ndarray) -> int | None:
 
 def _keys(column: pa.ChunkedArray, name: str, label: str, exact: bool = False) -> np.ndarray:
     """int64 keys for an integer column (``replay.int64_keys``; with ``exact``, a uint64 one as the text of its
-    numbers), ``str`` keys without padding for a string column; anything else is not a key."""
-    if column.null_count and (row := _first(pc.is_null(column))) is not None:
-        raise TraceError(_at(label, "the key is missing", row))
+    numbers), ``str`` keys without padding for a string column; anything else is not a key. Its rows are sound
+    (``_bad_keys``: none missing, empty or holding a NUL byte)."""
     kind = column.type
     if exact and pa.types.is_uint64(kind):  # int64_keys keeps them distinct, as negative numbers: not the ids
         return pc.cast(column, pa.string()).to_numpy(zero_copy_only=False).astype(object)
     if pa.types.is_integer(kind):
         return int64_keys(column.to_numpy())
-    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
-        text = pc.utf8_trim_whitespace(column)
-        if (row := _first(pc.equal(pc.utf8_length(text), 0))) is not None:
-            raise TraceError(_at(label, "the key is empty", row))
-        return text.to_numpy(zero_copy_only=False).astype(object)
+    if _is_text(kind):
+        return pc.utf8_trim_whitespace(column).to_numpy(zero_copy_only=False).astype(object)
     raise TraceError(_at(label, f"key column {name!r} holds {kind}: keys are integers or strings"))
 
 
-def _nul_rows(column: pa.ChunkedArray) -> np.ndarray:
-    """The rows whose key holds a NUL byte: a corrupt value, which a text trace's line never holds either."""
-    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
-        return np.array([], dtype=np.int64)  # integers hold none
-    return np.flatnonzero(pc.fill_null(pc.match_substring(column, "\0"), False).to_numpy(zero_copy_only=False))
+def _is_text(kind: pa.DataType) -> bool:
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind)
 
 
-def _quarantined(row: int, label: str, already: int, max_malformed: int | None) -> tuple[int, str]:
-    """``(row in its file, problem)`` of a row whose key holds a NUL byte, to cut after ``already`` rows cut; a
+def _bad_keys(column: pa.ChunkedArray) -> list[tuple[int, str]]:
+    """``(row, problem)`` of each row whose key is missing, empty (blanks only) or holds a NUL byte, in row order:
+    rows a request log's writer got wrong, which a text trace's line never holds either."""
+    bad = {int(row): "the key is missing" for row in _rows(pc.is_null(column))}
+    if _is_text(column.type):
+        bad.update(
+            (int(row), "the key is empty")
+            for row in _rows(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(column)), 0))
+        )
+        bad.update((int(row), _NUL_KEY) for row in _rows(pc.match_substring(column, "\0")))
+    return sorted(bad.items())
+
+
+def _rows(mask: pa.ChunkedArray) -> np.ndarray:
+    """The rows where ``mask`` is true (null: false)."""
+    return np.flatnonzero(pc.fill_null(mask, False).to_numpy(zero_copy_only=False))
+
+
+def _filled(column: pa.ChunkedArray, sound: np.ndarray) -> pa.ChunkedArray:
+    """``column`` with each row that is not ``sound`` set to a valid key of its type, for ``_keys`` to convert the
+    column whole: those rows are cut after."""
+    if sound.all():
+        return column
+    if not (_is_text(column.type) or pa.types.is_integer(column.type)):
+        return column  # a column of no key type: _keys names its type
+    filler = pa.scalar("-" if _is_text(column.type) else 0, column.type)
+    return pc.if_else(pa.array(~sound), filler, column)
+
+
+def _quarantined(row: int, problem: str, label: str, already: int, max_malformed: int | None) -> tuple[int, str]:
+    """``(row in its file, problem)`` of a row whose key is bad (``_bad_keys``), to cut after ``already`` rows cut; a
     TraceError naming it when rows are not cut (``max_malformed`` None) or ``max_malformed`` are cut already."""
-    problem = _at(label, _NUL_KEY, row)
+    problem = _at(label, problem, row)
     if max_malformed is not None and already < max_malformed:
         return row + 1, problem
     refused = TraceError(problem)

@@ -370,3 +370,25 @@ def test_rows_whose_key_holds_a_nul_byte_are_quarantined_as_text_lines_are(tmp_p
     nothing = write_table(tmp_path / "nul.parquet", {"ts": [1], "key": ["\0"]})
     with pytest.raises(TraceError, match=r"^no request is left: all 1 rows are malformed \(the first, row 1: the key"):
         parse_trace_quarantining(nothing)
+
+
+def test_rows_whose_key_is_missing_or_empty_are_quarantined_too(tmp_path: Path):
+    # A missing or blank key stopped the whole import, where a text trace's line of no key is cut and counted
+    from precompute_assets.ml.replay import parse_trace_quarantining
+
+    folder = tmp_path / "logs"
+    folder.mkdir()
+    write_table(folder / "a.parquet", {"ts": [1, 2, 3, 4], "key": ["a", None, " \t", "d\0"]})
+    write_table(folder / "b.parquet", {"ts": [5, 6], "key": pa.array([7, None], pa.int64())})
+    with pytest.raises(TraceError, match="^a.parquet row 2: the key is missing$"):
+        parse_trace(folder)
+    trace, cut = parse_trace_quarantining(folder)
+    assert trace.keys.tolist() == ["a", "7"] and trace.timestamps.tolist() == [1.0, 5.0]
+    assert cut == [
+        (2, "a.parquet row 2: the key is missing"),
+        (3, "a.parquet row 3: the key is empty"),
+        (4, "a.parquet row 4: the key holds a NUL byte"),
+        (2, "b.parquet row 2: the key is missing"),
+    ]
+    numbers, cut = parse_trace_quarantining(folder / "b.parquet")
+    assert numbers.keys.tolist() == [7] and numbers.keys.dtype == np.int64 and cut == [(2, "row 2: the key is missing")]
