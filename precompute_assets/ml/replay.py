@@ -395,10 +395,13 @@ def _text_trace(
 
 
 def _is_monitor_output(text: str) -> bool:
-    """Whether ``text`` is Redis MONITOR output: its first line starts like a MONITOR line, or is the reply OK over one
-    that does (a trace of bare keys may start with a key OK)."""
-    first, _, rest = text.partition("\n")
-    return bool(_MONITOR_START.match(first) or (first == "OK" and _MONITOR_START.match(rest)))
+    """Whether ``text`` is Redis MONITOR output: below the reply OK, if it starts with one, its first line or its second
+    starts like a MONITOR line (the first may be cut off, where a rotated or tailed log starts; read as a text trace,
+    its lines would be quoted in errors). A trace of bare keys may start with a key OK."""
+    lines = text.split("\n", 3)
+    if lines[0] == "OK":
+        lines = lines[1:]
+    return any(_MONITOR_START.match(line) for line in lines[:2])
 
 
 def _monitor_trace(text: str, columns: Columns | None, where: tuple[int | str, Collection[str]] | None) -> Trace:

@@ -2259,6 +2259,9 @@ def test_zip_and_tar_archives_are_refused_as_archives_not_as_binary_traces(tmp_p
             )
 
 
+_NOT_MONITOR_LINE = 'not a Redis MONITOR line (TIME [DB CLIENT] "COMMAND" "ARG"...): cut off, or a line of another log?'
+
+
 # What `redis-cli monitor > log` wrote from a Redis 7.0 whose clients set, got, hgot and mgot keys, over TCP, a Unix
 # socket and a Lua script (a password given: Redis redacts AUTH's, older servers and other ones need not)
 MONITOR_LOG = r"""OK
@@ -2335,6 +2338,21 @@ def test_a_malformed_monitor_line_is_named_never_quoted_and_quarantined(tmp_path
     trace, cut = parse_trace_quarantining(path)
     assert cut == [(12, str(refused.value).removeprefix("line 12: "))] and "hunter2" not in str(cut)
     assert trace.keys.tolist() == parse_trace(write(tmp_path, MONITOR_LOG)).keys.tolist()
+
+
+@pytest.mark.parametrize("head", ["", "OK\n"])
+def test_monitor_output_whose_first_line_is_cut_off_is_still_read_as_such(tmp_path: Path, head: str):
+    # A rotated or tailed log starts mid-line: told by its first line only, it was read as a text trace whose
+    # malformed-line errors quoted whole MONITOR lines, arguments and all
+    from precompute_assets.ml.replay import parse_trace_quarantining
+
+    path = write(tmp_path, head + '0.0.1:41834] "SET" "ad:1" "hunter2"\n' + MONITOR_LOG.removeprefix("OK\n"))
+    trace, cut = parse_trace_quarantining(path)
+    assert (
+        trace.format == "redis-monitor"
+        and trace.keys.tolist() == parse_trace(write(tmp_path, MONITOR_LOG)).keys.tolist()
+    )
+    assert cut == [(len(head) // 3 + 1, _NOT_MONITOR_LINE)] and "hunter2" not in str(cut)
 
 
 def test_monitor_output_of_no_key_or_with_field_options_is_refused(tmp_path: Path):
