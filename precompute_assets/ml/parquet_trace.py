@@ -60,8 +60,8 @@ def read_parquet_trace(
     where: tuple[int | str, Collection[str]] | None = None,
     exact_keys: bool = False,
 ) -> Trace:
-    """The requests of a Parquet file or folder (``_parquet_trace``); a key holding a NUL byte is a TraceError naming
-    its row, as a text trace's NUL byte is one naming its line."""
+    """The requests of a Parquet file or folder (``_parquet_trace``); a key that is missing, empty or holds a NUL byte
+    is a TraceError naming its row, as a text trace's malformed line is one naming its line."""
     return _parquet_trace(path, columns, where, exact_keys, max_malformed=None)[0]
 
 
@@ -73,9 +73,10 @@ def read_parquet_trace_quarantining(
     exact_keys: bool = False,
     max_malformed: int,
 ) -> tuple[Trace, list[tuple[int, str]]]:
-    """``read_parquet_trace`` with each row whose key holds a NUL byte cut out and counted, as
-    ``replay.parse_trace_quarantining`` cuts a text trace's NUL lines: the trace and ``(row in its file, problem)``
-    of each row cut. More than ``max_malformed`` such rows raise TraceError naming the first beyond."""
+    """``read_parquet_trace`` with each row whose key is missing, empty or holds a NUL byte (``_bad_keys``) cut out
+    and counted, as ``replay.parse_trace_quarantining`` cuts a text trace's malformed lines: the trace and ``(row in
+    its file, problem)`` of each row cut (the problem names the file and row). Rows ``where`` drops are not looked
+    at. More than ``max_malformed`` such rows raise TraceError naming the first beyond."""
     return _parquet_trace(path, columns, where, exact_keys, max_malformed=max_malformed)
 
 
@@ -95,8 +96,8 @@ def _parquet_trace(
     file is read and converted on its own, so files may store a column in different types: integer keys become
     strings when another file's keys are strings, as in a text trace. ``exact_keys``: uint64 keys of 2^63 and above
     stay the text of their number (``replay.parse_trace``), not the negative int64 of their bits. ``max_malformed``:
-    None refuses a row whose key holds a NUL byte, a number cuts up to that many such rows (returned as
-    ``(row in its file, problem)``)."""
+    None refuses a row whose key is missing, empty or holds a NUL byte, a number cuts up to that many such rows
+    (returned as ``(row in its file, problem)``)."""
     filesystem, files, label = _files(path)  # label: how errors name each file (in a folder)
     if not files:
         raise TraceError("the folder holds no .parquet file")
@@ -120,11 +121,16 @@ def _parquet_trace(
     numbers = False  # whether a file's timestamps are numbers, in a unit of their own (else times or ISO 8601 text)
     for file, table in zip(files, _tables(files, wanted, label, filesystem), strict=True):
         key_column = _utf8(_decoded(table[key_name]), key_name, label[file])
+        if values is not None:
+            kept.append(_kept(_decoded(table[where_name]), where_name, values, label[file]))
         sound.append(np.ones(len(key_column), dtype=bool))
+        bad = np.zeros(len(key_column), dtype=bool)  # given a placeholder key; cut only if --where keeps the row
         for row, problem in _bad_keys(key_column):
-            cut.append(_quarantined(row, problem, label[file], len(cut), max_malformed))
-            sound[-1][row] = False
-        keys.append(_keys(_filled(key_column, sound[-1]), key_name, label[file], exact_keys))
+            bad[row] = True
+            if values is None or kept[-1][row]:  # else --where drops it (another kind's row of the lake)
+                cut.append(_quarantined(row, problem, label[file], len(cut), max_malformed))
+                sound[-1][row] = False
+        keys.append(_keys(_filled(key_column, bad), key_name, label[file], exact_keys))
         if hit_name is not None:
             column = table[hit_name]  # a row without a hit counts only if --where keeps it
             column = column.cast(pa.bool_()) if _hit_type(column.type) else pa.nulls(len(column), pa.bool_())
@@ -134,8 +140,6 @@ def _parquet_trace(
             stamp_column = _utf8(_decoded(table[time_name]), time_name, label[file])
             numbers |= pa.types.is_integer(stamp_column.type) or pa.types.is_floating(stamp_column.type)
             stamps.append(_seconds(stamp_column, time_name, label[file]))
-        if values is not None:
-            kept.append(_kept(_decoded(table[where_name]), where_name, values, label[file]))
     if sum(len(part) for part in keys) == 0:
         raise TraceError("the trace has no rows")
     if cut:  # the rows cut leave every column, before the key type is chosen from the keys that are left
@@ -329,15 +333,15 @@ def _rows(mask: pa.ChunkedArray) -> np.ndarray:
     return np.flatnonzero(pc.fill_null(mask, False).to_numpy(zero_copy_only=False))
 
 
-def _filled(column: pa.ChunkedArray, sound: np.ndarray) -> pa.ChunkedArray:
-    """``column`` with each row that is not ``sound`` set to a valid key of its type, for ``_keys`` to convert the
-    column whole: those rows are cut after."""
-    if sound.all():
+def _filled(column: pa.ChunkedArray, bad: np.ndarray) -> pa.ChunkedArray:
+    """``column`` with each ``bad`` row set to a valid key of its type, for ``_keys`` to convert the column whole:
+    those rows are cut, or dropped by ``--where``, after."""
+    if not bad.any():
         return column
     if not (_is_text(column.type) or pa.types.is_integer(column.type)):
         return column  # a column of no key type: _keys names its type
     filler = pa.scalar("-" if _is_text(column.type) else 0, column.type)
-    return pc.if_else(pa.array(~sound), filler, column)
+    return pc.if_else(pa.array(bad), filler, column)
 
 
 def _quarantined(row: int, problem: str, label: str, already: int, max_malformed: int | None) -> tuple[int, str]:

@@ -1079,8 +1079,9 @@ def cmd_query_logs(args: argparse.Namespace) -> int:
     trace, malformed = read_trace(args.file, args, quarantine=True, exact_keys=True)
     if malformed:
         line_no, problem = malformed[0]
-        print(f"precompute query-logs: warning: quarantined {len(malformed)} malformed lines (first: line {line_no}: "
-              f"{problem})", file=sys.stderr)  # fmt: skip
+        first = problem if trace.format == "parquet" else f"line {line_no}: {problem}"  # a row's names its file and row
+        print(f"precompute query-logs: warning: quarantined {len(malformed)} malformed lines (first: {first})",
+              file=sys.stderr)  # fmt: skip
     if trace.timestamps is None:
         raise CliError(f"{args.file}: the requests have no timestamps (name their field with --time-field)")
     if trace.dated and args.time_unit not in ("auto", "s"):  # a unit would have scaled seconds: 4 days into 6 minutes

@@ -362,8 +362,8 @@ def test_rows_whose_key_holds_a_nul_byte_are_quarantined_as_text_lines_are(tmp_p
         parse_trace(folder)
     trace, cut = parse_trace_quarantining(folder, where=("kind", ["ctr"]))
     assert trace.keys.tolist() == ["a", "c", "e"] and trace.timestamps.tolist() == [1.0, 3.0, 5.0]
-    assert trace.logged_hits.tolist() == [True, True, True] and trace.where["dropped"] == 0
-    assert cut == [(2, "a.parquet row 2: the key holds a NUL byte"), (1, "b.parquet row 1: the key holds a NUL byte")]
+    assert trace.logged_hits.tolist() == [True, True, True] and trace.where["dropped"] == 1  # the emb row, NUL and all
+    assert cut == [(1, "b.parquet row 1: the key holds a NUL byte")]  # another kind's bad row counts for nothing
     with pytest.raises(TraceError, match="^b.parquet row 1: the key holds a NUL byte") as refused:
         parse_trace_quarantining(folder, max_malformed=1)
     assert refused.value.__notes__ == ["after 1 malformed rows were cut (at most 1)"]

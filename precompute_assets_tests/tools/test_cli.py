@@ -1557,6 +1557,13 @@ def test_query_logs_import_quarantines_malformed_lines_and_counts_them(stack, tm
     assert err.count("\n") == 1 and "quarantined 4 malformed lines (first: line 4: timestamp 'xx'" in err, err
     lake = Lake(Stack().env()[ENV_LAKE])
     assert list(lake.read("query_logs", "2026-03-07-00:00")["key"]) == ["ad1", "ad2", "ad1"]
+    # A Parquet log's bad row is named by its file and row once: "line 2: row 2: ..." said it twice
+    rows = tmp_path / "requests.parquet"
+    pq.write_table(pa.table({"ts": [0.5, 10.0, 20.0], "key": ["ad1", None, "ad2"]}), rows)
+    assert main(["query-logs", "import", str(rows), "--start", "2026-03-08", "--time-unit", "s"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["malformed_lines"] == [{"line": 2, "problem": "row 2: the key is missing"}]
+    assert "(first: row 2: the key is missing)" in err, err
 
 
 def test_query_logs_import_reads_redis_monitor_output_and_counts_the_commands_naming_no_key(
