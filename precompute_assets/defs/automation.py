@@ -134,10 +134,11 @@ def restore_request(
     now: datetime,
     *,
     retry_s: float = HEALTH_RETRY_S,
-) -> dg.RunRequest | None:
+) -> dg.RunRequest | dg.SkipReason | None:
     """A run of ``ctr_restore_job`` when Redis lost the ctr version ``ctr_cache`` last published (its pointer, or its
-    values under it), whatever the traffic; None while one is queued or running, or for ``retry_s`` after one failed
-    (it cannot restore that version, or Redis refused it: the hit rate is judged meanwhile)."""
+    values under it), whatever the traffic; a SkipReason while one is queued or running (a refresh would publish
+    another version meanwhile); None when nothing is lost, or for ``retry_s`` after a restore failed (it cannot
+    restore that version, or Redis refused it: the hit rate is judged meanwhile)."""
     recorded = recorded_publish(instance, "ctr")
     if recorded is None:
         return None
@@ -146,7 +147,7 @@ def restore_request(
         return None
     records = instance.get_run_records(dg.RunsFilter(job_name=ctr_restore_job.name), limit=1)  # the newest
     if records and (status := records[0].dagster_run.status) in ACTIVE_RUN_STATUSES:
-        return None
+        return dg.SkipReason(f"restoring the ctr version Redis lost (run {records[0].dagster_run.run_id[:8]}): {why}")
     if records and status in (dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED):
         ended = records[0].end_time or records[0].update_timestamp.timestamp()
         if now.timestamp() - ended < retry_s:
@@ -182,11 +183,11 @@ def build_cache_health_sensor(timezone: str, *, threshold: float = HEALTH_THRESH
         client, schema = redis.client(), redis.schema()
         now = datetime.now(ZoneInfo("UTC"))
         result = restore_request(context.instance, client, schema, now)
-        if result is not None:
+        if isinstance(result, dg.RunRequest):
             # The version served comes back as it was; a refresh would retrain and publish yesterday anew (or be
             # refused under an operator's rollback). The next tick judges the hit rate again.
             context.log.warning(f"restoring the ctr version Redis lost: {result.tags['precompute/reason']}")
-        else:
+        elif result is None:  # nothing lost, or a restore failed: the hit rate is judged
             window = window_stats(client, schema, window_s=3600).get("ctr")
             last = float(context.cursor) if context.cursor else None
             failed = last is not None and last_refresh_failed(context.instance)

@@ -358,7 +358,13 @@ def served_ctr_version(instance: dg.DagsterInstance, client: redis.Redis, schema
     if recorded is None:
         raise dg.Failure(description="ctr_cache never published a ctr version: nothing to restore", allow_retries=False)
     raw = client.get(schema.pointer("ctr"))
-    current = None if raw is None else Pointer.decode(raw).version
+    try:
+        current = None if raw is None else Pointer.decode(raw).version
+    except ValueError as error:  # retried, it would fail alike
+        raise dg.Failure(
+            description=f"Redis's ctr pointer is not one we wrote ({error}): nothing restored over it",
+            allow_retries=False,
+        ) from None
     if current not in (None, recorded.version):
         raise dg.Failure(
             description=f"Redis's ctr pointer names version {current}, not {recorded.version}, the one ctr_cache last "
@@ -382,7 +388,18 @@ def restore_ctr_version(
     # (rolled_back_over), and its time is ctr_cache's freshness; a restore changes neither. It is an observation.
     if config.ttl_hours < 1:
         raise dg.Failure(description=f"ttl_hours must be at least 1, got {config.ttl_hours}", allow_retries=False)
-    client, schema = redis.client(), redis.schema()
+    client = redis.client()
+    try:
+        restore_served_version(context, config, lake, redis, client)
+    finally:
+        client.close()
+
+
+def restore_served_version(
+    context: dg.OpExecutionContext, config: RestoreConfig, lake: LakeResource, redis: RedisResource, client: redis.Redis
+) -> None:
+    """``restore_ctr_version``'s work on ``client``."""
+    schema = redis.schema()
     served = served_ctr_version(context.instance, client, schema)
     if (why := lost_ctr_version(context.instance, client, schema)) is None:
         context.log.info(f"Redis serves ctr version {served} whole: nothing to restore")

@@ -172,6 +172,8 @@ def test_cache_health_restores_the_ctr_version_served_under_an_operators_rollbac
     """cache_health refreshed only after 200 ctr requests in the hour: after a loss with no traffic, ctr stayed lost
     until the night. And its refresh (yesterday's graph, retrained) would publish another version, or be refused while
     an operator's rollback holds the bad day back. The version served comes back as it was; the hold stays."""
+    from dagster._core.test_utils import create_run_for_test
+
     from precompute_assets.defs.automation import build_cache_health_sensor, restore_request
     from precompute_assets.defs.publishing import ctr_restore_job, rolled_back_over
 
@@ -206,6 +208,11 @@ def test_cache_health_restores_the_ctr_version_served_under_an_operators_rollbac
         (request,) = tick()  # no traffic at all
         assert request.job_name == "ctr_restore_job" and request.run_key.startswith(f"ctr-restore-{good}-")
         assert "Redis holds no ctr version" in request.tags["precompute/reason"]
+        # while a restore runs, the sensor waits for it: judged meanwhile, a low hit rate requested a refresh too
+        running = create_run_for_test(instance, job_name="ctr_restore_job", status=dg.DagsterRunStatus.STARTED)
+        waiting = restore_request(instance, redis_client, schema, datetime.now(UTC))
+        assert isinstance(waiting, dg.SkipReason) and running.run_id[:8] in waiting.skip_message
+        instance.delete_run(running.run_id)
         assert restore(request).success
         assert reader.get_many("ctr", ids) == pytest.approx([0.25] * len(ids))  # the day rolled back to, not BAD
         assert rolled_back_over(instance) == BAD and tick() == []  # the hold stays: BAD is not published by itself
@@ -232,4 +239,9 @@ def test_cache_health_restores_the_ctr_version_served_under_an_operators_rollbac
         assert tick() == []  # not every 5 minutes: an hour after the failed one (the hit rate is judged meanwhile)
         later = restore_request(instance, redis_client, schema, datetime.now(UTC) + timedelta(minutes=61))
         assert later is not None and later.run_key != request.run_key
+        redis_client.set(schema.pointer("ctr"), b"garbage")  # not ours: a restore fails at once, without retries
+        run = restore(later)
+        (failure,) = [e for e in run.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE]
+        assert "ctr pointer is not one we wrote" in failure.step_failure_data.user_failure_data.description
+        assert redis_client.get(schema.pointer("ctr")) == b"garbage"
     reader.close()
