@@ -32,7 +32,6 @@ from pydantic import Field
 from ..ml import ctr
 from ..ml.budget import DEFAULT_DRAWS, DEFAULT_PRIOR_STRENGTH, thompson_split
 from ..serving import KeySchema
-from ..serving.connection import REDIS_ERRORS
 from ..serving.keys import check_key
 from ..serving.publish import delete_live_values, run_commands, write_live_values
 from ..serving.replication import confirm_replicas
@@ -468,24 +467,16 @@ def lost_campaigns(
     warm = registry.warm(now)
     if not warm:
         return []
-    try:
-        client = redis.client()
-        try:
-            lost = values_lost(client, redis.schema(), warm)
-        finally:
-            client.close()
-    except (dg.Failure, *REDIS_ERRORS) as error:
-        why = error.description if isinstance(error, dg.Failure) else f"{type(error).__name__}: {error}"
-        context.log.warning(f"not checked whether Redis still holds the values of {len(warm)} warm campaigns: {why}")
+    what = f"whether Redis still holds the values of {len(warm)} warm campaigns"
+    lost = redis.sensor_check(lambda client, schema: values_lost(client, schema, warm), context.log, what)
+    if not lost:
         return []
-    if lost:
-        ids = [c.campaign_id for c in lost]
-        active = context.instance.get_runs(
-            dg.RunsFilter(job_name=campaign_warming_job.name, statuses=ACTIVE_RUN_STATUSES, tags={CAMPAIGN_TAG: ids})
-        )
-        busy = {run.tags.get(CAMPAIGN_TAG) for run in active}
-        lost = [c for c in lost if c.campaign_id not in busy]
-    return lost
+    ids = [c.campaign_id for c in lost]
+    active = context.instance.get_runs(
+        dg.RunsFilter(job_name=campaign_warming_job.name, statuses=ACTIVE_RUN_STATUSES, tags={CAMPAIGN_TAG: ids})
+    )
+    busy = {run.tags.get(CAMPAIGN_TAG) for run in active}
+    return [c for c in lost if c.campaign_id not in busy]
 
 
 # --- automation ----------------------------------------------------------------------------------------

@@ -13,7 +13,6 @@ from pydantic import Field
 from ..ml.embedder import MAX_CHARS, Embedder, HashingSvdEmbedder, SentenceTransformerEmbedder, document_text
 from ..ml.embedding_service import ENV_API_KEY, http_embedder_from_config
 from ..ml.model_store import write_atomically
-from ..serving.connection import REDIS_ERRORS
 from ..serving.vectors import DTYPE_CODES
 from ..storage.embeddings import EmbeddingStore, sample_documents
 from ..sync.embedding_quality import int8_recall
@@ -344,16 +343,7 @@ def lost_version_key(store: EmbeddingStore, redis: RedisResource, log: logging.L
     version = store.newest_complete_version()
     if version is None:
         return None
-    try:
-        client = redis.client()  # a server that does not answer, or refuses our login, is a dg.Failure here
-        try:
-            lost = lost_redis_version(client, redis.schema())
-        finally:
-            client.close()
-    except (dg.Failure, *REDIS_ERRORS) as error:
-        why = error.description if isinstance(error, dg.Failure) else f"{type(error).__name__}: {error}"
-        log.warning(f"not checked whether Redis still serves embedding version {version}: {why}")
-        return None
+    lost = redis.sensor_check(lost_redis_version, log, f"whether Redis still serves embedding version {version}")
     return None if lost is None else (f"documents-redis-lost-{version}", lost)
 
 

@@ -2,9 +2,11 @@
 environment, the deployment's timezone and partitions, and its A/B experiment, so the UI shows every one of them."""
 
 import contextlib
+import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import timedelta
+from typing import TypeVar
 
 import dagster as dg
 import pandas as pd
@@ -35,6 +37,8 @@ from .settings import DEFAULT_PARTITIONS_START, DEFAULT_TIMEZONE, SettingError, 
 ENV_EXPERIMENT = "PRECOMPUTE_EXPERIMENT"
 ENV_EXPERIMENT_SALT = "PRECOMPUTE_EXPERIMENT_SALT"
 DEFAULT_EXPERIMENT_SALT = "ab1"
+SENSOR_CHECK_TIMEOUT_S = 2.0  # a sensor's look at Redis: seconds per command, no retries
+T = TypeVar("T")
 
 
 # Dagster takes a resource's description in the UI (launchpad, resource pages) from its class docstring, shown as
@@ -87,6 +91,25 @@ class RedisResource(dg.ConfigurableResource):
 
     def schema(self) -> KeySchema:
         return KeySchema(self.namespace)
+
+    def sensor_check(self, check: Callable[[redis.Redis, KeySchema], T], log: logging.Logger, what: str) -> T | None:
+        """``check(client, schema)`` for a sensor's tick, on a client of at most ``SENSOR_CHECK_TIMEOUT_S`` per
+        command and no retries (a tick that hangs on a stalled server past Dagster's limit fails, and launches nothing
+        else either), closed after. None, with a warning that ``what`` was not checked, when the server does not answer
+        or refuses us: the next tick looks again."""
+        quick = self.model_copy(
+            update={"socket_timeout_s": min(self.socket_timeout_s, SENSOR_CHECK_TIMEOUT_S), "retries": 0}
+        )
+        try:
+            client = quick.client()
+            try:
+                return check(client, self.schema())
+            finally:
+                client.close()
+        except (dg.Failure, *REDIS_ERRORS) as error:
+            why = error.description if isinstance(error, dg.Failure) else f"{type(error).__name__}: {error}"
+            log.warning(f"not checked {what}: {why}")
+            return None
 
 
 def replica_of(client: redis.Redis) -> str | None:
