@@ -63,9 +63,9 @@ class NextKeyHyperParams:
     more passes in the same time. Training runs ``max_epochs / loss_share`` epochs (each target enters the loss
     about ``max_epochs`` times), or more on a short trace until ``min_steps`` steps are made, and never more than
     ``max_steps`` steps: a budget of work, not of time, so the same input, seed and threads train the same net
-    on any machine (``max_steps`` is what a budget of 60 s reached on 2 shared cores). ``max_seconds`` is only a
-    safety stop for a machine far slower than that: when it fires the run is no longer reproducible, and the
-    results say so.
+    however busy the machine (with the same torch build: CPU kernels may differ between processor families).
+    ``max_steps`` is what a budget of 60 s reached on 2 shared cores. ``max_seconds`` is only a safety stop for a
+    machine far slower than that: when it fires the run is no longer reproducible, and the results say so.
     """
 
     vocab_size: int = 5000  # most frequent training keys; one more class stands for every other key
