@@ -195,23 +195,26 @@ def test_a_given_read_through_replays_as_the_read_through_replayed_again(admissi
         replay(day_keys, **args, read_through={name: hits[1:] for name, hits in given.items()})
 
 
+def counting(calls: Counter, name: str):
+    """``replay``'s live tier ``name``, counting in ``calls`` its replays of the read-through alone: 120 slots, nothing
+    precomputed."""
+    tier = getattr(replay_module, name)
+
+    def counted(days, slots, *, precomputed=None, **kw):
+        if not isinstance(slots, list) and slots == 120 and not any(len(keys) for keys in precomputed or []):
+            calls[name] += 1
+        return tier(days, slots, precomputed=precomputed, **kw)
+
+    return counted
+
+
 def test_strategies_replay_the_read_through_alone_once(monkeypatch):
     """The read-through of C keys alone is every strategy's share candidate N = 0: one replay for all of them,
     on the LRU and on the live tier, not one per strategy."""
     calls: Counter = Counter()
 
-    def counting(name: str):
-        tier = getattr(replay_module, name)
-
-        def counted(days, slots, *, precomputed=None, **kw):
-            if not isinstance(slots, list) and slots == 120 and not any(len(keys) for keys in precomputed or []):
-                calls[name] += 1
-            return tier(days, slots, precomputed=precomputed, **kw)
-
-        return counted
-
     for name in ("_lru_day_hits", "_probation_day_hits"):
-        monkeypatch.setattr(replay_module, name, counting(name))
+        monkeypatch.setattr(replay_module, name, counting(calls, name))
     names = ["frequency", "ewma", "seasonal"]
     result = compare_strategies(zipf_trace(), 6, names, top_n="auto", capacity=120, admission="probation")
     assert calls == {"_lru_day_hits": 1, "_probation_day_hits": 1}
@@ -225,23 +228,13 @@ def test_replay_cli_replays_the_read_through_once_for_the_policies_and_the_strat
 
     calls: Counter = Counter()
 
-    def counting(name: str):
-        tier = getattr(replay_module, name)
-
-        def counted(days, slots, *, precomputed=None, **kw):
-            if not isinstance(slots, list) and slots == 120 and not any(len(keys) for keys in precomputed or []):
-                calls[name] += 1
-            return tier(days, slots, precomputed=precomputed, **kw)
-
-        return counted
-
     @contextlib.contextmanager
     def in_process(wanted: bool):
         with ThreadPoolExecutor(1) as pool:  # the jobs in this process, where the counting tiers are
             yield pool
 
     for name in ("_lru_day_hits", "_probation_day_hits"):
-        monkeypatch.setattr(replay_module, name, counting(name))
+        monkeypatch.setattr(replay_module, name, counting(calls, name))
     monkeypatch.setattr(cli, "_replay_pool", in_process)
     trace = zipf_trace(timestamps=True)
     path = timed_trace(tmp_path / "trace.csv", list(zip(trace.timestamps.tolist(), trace.keys.tolist(), strict=True)))
