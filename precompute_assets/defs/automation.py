@@ -142,7 +142,7 @@ def restore_request(
     recorded = recorded_publish(instance, "ctr")
     if recorded is None:
         return None
-    why = lost_in_redis(client, schema, "ctr", empty_version=recorded.version if recorded.empty else None)
+    why = lost_in_redis(client, schema, "ctr", recorded)
     if why is None:
         return None
     records = instance.get_run_records(dg.RunsFilter(job_name=ctr_restore_job.name), limit=1)  # the newest

@@ -218,11 +218,13 @@ def recorded_publish(instance: dg.DagsterInstance, kind: str) -> RecordedPublish
     return None
 
 
-def lost_in_redis(client: redis.Redis, schema: KeySchema, kind: str, *, empty_version: str | None = None) -> str | None:
+def lost_in_redis(client: redis.Redis, schema: KeySchema, kind: str, recorded: RecordedPublish) -> str | None:
     """Why Redis serves no version of ``kind``, or None: its pointer is gone (a restart without persistence, a flush,
     a failover to an empty replica), or the pointer's version lost its values: for embeddings its marker, for the
     other kinds its first or last bucket (``publish.missing_buckets``; expired, as a version's buckets do ``ttl_hours``
-    after its publish while its pointer has no TTL, or evicted). ``empty_version`` was published without values."""
+    after its publish while its pointer has no TTL, or evicted). ``recorded`` is the publish Dagster recorded: an
+    empty version was published without values, so none are missing."""
+    empty_version = recorded.version if recorded.empty else None
     if kind == EMBEDDING_KIND:
         return lost_redis_version(client, schema)
     raw = client.get(schema.pointer(kind))
@@ -247,7 +249,7 @@ def lost_publish(instance: dg.DagsterInstance, client: redis.Redis, schema: KeyS
     recorded = recorded_publish(instance, kind)
     if recorded is None:
         return None
-    if (why := lost_in_redis(client, schema, kind, empty_version=recorded.version if recorded.empty else None)) is None:
+    if (why := lost_in_redis(client, schema, kind, recorded)) is None:
         return None
     asset, _ = PUBLISHED_KINDS[kind]
     return f"{kind}: {why}, although {asset} recorded publishing version {recorded.version}"
@@ -266,8 +268,8 @@ def served_state(
     recorded = recorded_publish(instance, kind)
     if recorded is None:
         return True, f"no {kind} version published yet", None
-    version, newest, empty = recorded
-    if (why := lost_in_redis(client, schema, kind, empty_version=version if empty else None)) is not None:
+    version, newest, _ = recorded
+    if (why := lost_in_redis(client, schema, kind, recorded)) is not None:
         return False, f"{why}, although this asset recorded publishing version {version}", newest
     return True, f"Redis serves a {kind} version (this asset last published {version})", newest
 
@@ -348,7 +350,7 @@ def lost_ctr_version(instance: dg.DagsterInstance, client: redis.Redis, schema: 
     recorded = recorded_publish(instance, "ctr")
     if recorded is None:
         return None
-    return lost_in_redis(client, schema, "ctr", empty_version=recorded.version if recorded.empty else None)
+    return lost_in_redis(client, schema, "ctr", recorded)
 
 
 def served_ctr_version(instance: dg.DagsterInstance, client: redis.Redis, schema: KeySchema) -> str:
