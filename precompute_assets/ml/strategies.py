@@ -131,8 +131,9 @@ def strategy_rankings(
     margin: float = MARGIN,
 ) -> tuple[list[list[Hashable]], dict]:
     """The ``limit`` best keys of every day (day 0: none), best first, ranked by ``strategy`` from the days
-    before it only, and ``{"fallback_days", "approved_days", "trained_days"}`` (the LSTM's, for ``lstm`` and
-    ``auto``; zeros for the baselines; ``auto`` adds ``used``: the strategy it followed each day). The LSTM's
+    before it only, and ``{"fallback_days", "approved_days", "trained_days", "clock_days"}`` (the LSTM's, for
+    ``lstm`` and ``auto``, ``clock_days`` those whose training the clock stopped before ``hp.max_epochs``; zeros for
+    the baselines; ``auto`` adds ``used``: the strategy it followed each day). The LSTM's
     approval rule and evaluation use ``hp.top_n``; the ranking uses ``limit``."""
     return rankings_of(hours, [strategy], limit, hp=hp, lookback_days=lookback_days, margin=margin)[strategy]
 
@@ -159,7 +160,10 @@ def rankings_of(
     day's own when approved), and by frequency while none is (``fallback_days`` counts those days too)."""
     check_strategies(strategies)
     learned = [name for name in strategies if name in LEARNED]
-    out = {name: ([[]], {"trained_days": 0, "approved_days": 0, "fallback_days": 0}) for name in strategies}
+    out = {
+        name: ([[]], {"trained_days": 0, "approved_days": 0, "fallback_days": 0, "clock_days": 0})
+        for name in strategies
+    }
     if "auto" in out:
         out["auto"][1]["used"] = ["frequency"]  # day 0: nothing to rank, as frequency
     state = None  # the previous day's model when it was approved: the next day warm-starts from it
@@ -202,6 +206,7 @@ def rankings_of(
         for name in learned:
             out[name][1]["trained_days"] += 1
             out[name][1]["approved_days"] += int(approved)
+            out[name][1]["clock_days"] += int(evaluation.epochs < hp.max_epochs)
         if "lstm" in out:
             out["lstm"][0].append(baseline("frequency") if lstm is None else lstm)
             out["lstm"][1]["fallback_days"] += int(lstm is None)
@@ -353,6 +358,12 @@ def compare_strategies(
                 + " of the counted days (the lstm when its day's model was approved, else the best baseline on "
                 "the held-back day)"
             )
+    if learned and (clock_days := results[learned[0]][1]["clock_days"]):
+        notes.append(
+            f"the clock stopped the LSTM's training before {hp.max_epochs} epochs on {clock_days} of "
+            f"{results[learned[0]][1]['trained_days']} days ({per_day:.1f} s a day): on cores this busy or busier it "
+            f"stops elsewhere, so {' and '.join(learned)} can differ between runs"
+        )
     return {"strategies": out, "strategy_notes": notes}
 
 
