@@ -60,8 +60,9 @@ def read_parquet_trace(
     where: tuple[int | str, Collection[str]] | None = None,
     exact_keys: bool = False,
 ) -> Trace:
-    """The requests of a Parquet file or folder (``_parquet_trace``); a key that is missing, empty or holds a NUL byte
-    is a TraceError naming its row, as a text trace's malformed line is one naming its line."""
+    """The requests of a Parquet file or folder (``_parquet_trace``); a malformed row (a key that is missing, empty or
+    holds a NUL byte, a timestamp that is missing or no time) is a TraceError naming it, as a text trace's malformed
+    line is one naming its line."""
     return _parquet_trace(path, columns, where, exact_keys, max_malformed=None)[0]
 
 
@@ -73,8 +74,8 @@ def read_parquet_trace_quarantining(
     exact_keys: bool = False,
     max_malformed: int,
 ) -> tuple[Trace, list[tuple[int, str]]]:
-    """``read_parquet_trace`` with each row whose key is missing, empty or holds a NUL byte (``_bad_keys``) cut out
-    and counted, as ``replay.parse_trace_quarantining`` cuts a text trace's malformed lines: the trace and ``(row in
+    """``read_parquet_trace`` with each malformed row (``_bad_keys``, and a timestamp ``_seconds`` found no time) cut
+    out and counted, as ``replay.parse_trace_quarantining`` cuts a text trace's malformed lines: the trace and ``(row in
     its file, problem)`` of each row cut (the problem names the file and row). Rows ``where`` drops are not looked
     at. More than ``max_malformed`` such rows raise TraceError naming the first beyond."""
     return _parquet_trace(path, columns, where, exact_keys, max_malformed=max_malformed)
@@ -96,8 +97,8 @@ def _parquet_trace(
     file is read and converted on its own, so files may store a column in different types: integer keys become
     strings when another file's keys are strings, as in a text trace. ``exact_keys``: uint64 keys of 2^63 and above
     stay the text of their number (``replay.parse_trace``), not the negative int64 of their bits. ``max_malformed``:
-    None refuses a row whose key is missing, empty or holds a NUL byte, a number cuts up to that many such rows
-    (returned as ``(row in its file, problem)``)."""
+    None refuses a malformed row (a bad key or timestamp), a number cuts up to that many such rows (returned as
+    ``(row in its file, problem)``)."""
     filesystem, files, label = _files(path)  # label: how errors name each file (in a folder)
     if not files:
         raise TraceError("the folder holds no .parquet file")
@@ -123,9 +124,17 @@ def _parquet_trace(
         key_column = _utf8(_decoded(table[key_name]), key_name, label[file])
         if values is not None:
             kept.append(_kept(_decoded(table[where_name]), where_name, values, label[file]))
+        problems = dict(_bad_keys(key_column))  # row -> why it is malformed: its key's, else its timestamp's
+        if time_name is not None:
+            stamp_column = _utf8(_decoded(table[time_name]), time_name, label[file])
+            numbers |= pa.types.is_integer(stamp_column.type) or pa.types.is_floating(stamp_column.type)
+            seconds, bad_times = _seconds(stamp_column, time_name, label[file])
+            stamps.append(seconds)
+            for row, problem in bad_times:
+                problems.setdefault(row, problem)
         sound.append(np.ones(len(key_column), dtype=bool))
         bad = np.zeros(len(key_column), dtype=bool)  # given a placeholder key; cut only if --where keeps the row
-        for row, problem in _bad_keys(key_column):
+        for row, problem in sorted(problems.items()):
             bad[row] = True
             if values is None or kept[-1][row]:  # else --where drops it (another kind's row of the lake)
                 cut.append(_quarantined(row, problem, label[file], len(cut), max_malformed))
@@ -136,10 +145,6 @@ def _parquet_trace(
             column = column.cast(pa.bool_()) if _hit_type(column.type) else pa.nulls(len(column), pa.bool_())
             hits.append(column.fill_null(False).to_numpy(zero_copy_only=False).astype(bool))
             lacking.append(column.is_null().to_numpy(zero_copy_only=False).astype(bool))
-        if time_name is not None:
-            stamp_column = _utf8(_decoded(table[time_name]), time_name, label[file])
-            numbers |= pa.types.is_integer(stamp_column.type) or pa.types.is_floating(stamp_column.type)
-            stamps.append(_seconds(stamp_column, time_name, label[file]))
     if sum(len(part) for part in keys) == 0:
         raise TraceError("the trace has no rows")
     if cut:  # the rows cut leave every column, before the key type is chosen from the keys that are left
@@ -361,27 +366,36 @@ def _rows_kept(parts: list[np.ndarray], sound: list[np.ndarray]) -> list[np.ndar
     return [part[ok] for part, ok in zip(parts, sound, strict=True)] if parts else parts
 
 
-def _seconds(column: pa.ChunkedArray, name: str, label: str) -> np.ndarray:
-    """Timestamps as float seconds: a timestamp column since the epoch, numbers as they are, ISO 8601 strings."""
-    if column.null_count and (row := _first(pc.is_null(column))) is not None:
-        raise TraceError(_at(label, "the timestamp is missing", row))
+def _seconds(column: pa.ChunkedArray, name: str, label: str) -> tuple[np.ndarray, list[tuple[int, str]]]:
+    """Timestamps as float seconds (a timestamp column since the epoch, numbers as they are, ISO 8601 strings), and
+    ``(row, problem)`` of each row whose timestamp is missing or no time (NaN among the seconds). A column of
+    another type is a TraceError."""
     kind = column.type
     if pa.types.is_timestamp(kind):
-        return pc.cast(column, pa.int64()).to_numpy() / PER_SECOND[kind.unit]
-    if pa.types.is_integer(kind) or pa.types.is_floating(kind):
-        seconds = column.to_numpy().astype(np.float64)
-        if (row := _first(~np.isfinite(seconds))) is not None:
-            raise TraceError(_at(label, f"timestamp {float(seconds[row])!r} is not a finite number", row))
-        return seconds
-    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
-        text = pd.Series(pc.utf8_trim_whitespace(column).to_numpy(zero_copy_only=False), dtype=object)
-        seconds = iso_seconds(text)
-        if (row := _first(np.isnan(seconds))) is not None:
-            raise TraceError(_at(label, f"timestamp {text[row]!r} is not an ISO 8601 date-time", row))
-        return seconds
-    raise TraceError(
-        _at(label, f"timestamp column {name!r} holds {kind}: timestamps are times, numbers or ISO 8601 text")
-    )
+        seconds = pc.cast(column, pa.int64()).to_numpy(zero_copy_only=False).astype(np.float64) / PER_SECOND[kind.unit]
+        written = None
+    elif pa.types.is_integer(kind) or pa.types.is_floating(kind):
+        seconds = column.to_numpy().astype(np.float64)  # a null is NaN
+        written = None
+    elif _is_text(kind):
+        written = pd.Series(pc.utf8_trim_whitespace(column).to_numpy(zero_copy_only=False), dtype=object)
+        seconds = iso_seconds(written.fillna(""))
+    else:
+        raise TraceError(
+            _at(label, f"timestamp column {name!r} holds {kind}: timestamps are times, numbers or ISO 8601 text")
+        )
+    missing = pc.is_null(column).to_numpy(zero_copy_only=False).astype(bool)
+    seconds[missing] = np.nan
+    problems = []
+    for row in np.flatnonzero(~np.isfinite(seconds)).tolist():
+        if missing[row]:
+            problem = "the timestamp is missing"
+        elif written is None:
+            problem = f"timestamp {float(seconds[row])!r} is not a finite number"
+        else:
+            problem = f"timestamp {written[row]!r} is not an ISO 8601 date-time"
+        problems.append((row, problem))
+    return seconds, problems
 
 
 def _kept(column: pa.ChunkedArray, name: str, values: pa.Array, label: str) -> np.ndarray:

@@ -535,7 +535,7 @@ def parse_trace_quarantining(
     """``parse_trace``, with the malformed lines of a text trace quarantined instead of refusing the file: each line a
     ``TraceError`` names is cut out and the rest read again. Returns the trace and ``(line number in the file,
     problem)`` of each line cut (of a Parquet trace, ``(row in its file, problem naming the file and row)`` of each row
-    whose key is missing, empty or holds a NUL byte). More than ``max_malformed`` such lines, or an error that names
+    whose key or timestamp is bad). More than ``max_malformed`` such lines, or an error that names
     no line (a binary trace's, a Parquet trace's other errors, an empty file), raise ``TraceError`` as
     ``parse_trace`` does: so many bad lines are likelier a wrong format or option than bad rows. Each cut costs one
     more parse of the text: for a request log's few bad lines, not for a file in the wrong format."""

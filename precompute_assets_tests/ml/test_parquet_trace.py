@@ -392,3 +392,22 @@ def test_rows_whose_key_is_missing_or_empty_are_quarantined_too(tmp_path: Path):
     ]
     numbers, cut = parse_trace_quarantining(folder / "b.parquet")
     assert numbers.keys.tolist() == [7] and numbers.keys.dtype == np.int64 and cut == [(2, "row 2: the key is missing")]
+
+
+def test_rows_whose_timestamp_is_missing_or_no_time_are_quarantined_too(tmp_path: Path):
+    # A row without a time stopped the whole import, where a text log's line of a bad timestamp is cut and counted
+    from precompute_assets.ml.replay import parse_trace_quarantining
+
+    numbers = write_table(tmp_path / "n.parquet", {"ts": [1.0, None, float("nan"), 4.0], "key": ["a", "b", "c", "d"]})
+    with pytest.raises(TraceError, match="^row 2: the timestamp is missing$"):
+        parse_trace(numbers)
+    trace, cut = parse_trace_quarantining(numbers)
+    assert trace.keys.tolist() == ["a", "d"] and trace.timestamps.tolist() == [1.0, 4.0]
+    assert cut == [(2, "row 2: the timestamp is missing"), (3, "row 3: timestamp nan is not a finite number")]
+    text = write_table(tmp_path / "t.parquet", {"ts": ["2026-01-01T00:00:00Z", "soon", None], "key": ["a", "b", None]})
+    trace, cut = parse_trace_quarantining(text)
+    assert trace.keys.tolist() == ["a"]
+    assert cut == [(2, "row 2: timestamp 'soon' is not an ISO 8601 date-time"), (3, "row 3: the key is missing")]
+    kinds = write_table(tmp_path / "k.parquet", {"ts": [1, None], "key": ["a", "b"], "kind": ["ctr", "emb"]})
+    trace, cut = parse_trace_quarantining(kinds, where=("kind", ["ctr"]))
+    assert trace.keys.tolist() == ["a"] and cut == [] and trace.where["dropped"] == 1  # another kind's row
