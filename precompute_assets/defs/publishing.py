@@ -344,18 +344,9 @@ class RestoreConfig(dg.Config):
     ttl_hours: int = Field(48, description="TTL of the restored version's keys, from the restore (at least 1).")
 
 
-def lost_ctr_version(instance: dg.DagsterInstance, client: redis.Redis, schema: KeySchema) -> str | None:
-    """Why Redis lost the ctr version ``ctr_cache`` last recorded publishing (``lost_in_redis``), or None (also when
-    it never published one)."""
-    recorded = recorded_publish(instance, "ctr")
-    if recorded is None:
-        return None
-    return lost_in_redis(client, schema, "ctr", recorded)
-
-
-def served_ctr_version(instance: dg.DagsterInstance, client: redis.Redis, schema: KeySchema) -> str:
-    """The ctr version to restore: the one ``ctr_cache`` last recorded publishing (the approved one, or the one an
-    operator rolled back to), when Redis's pointer is gone or names that same version; ``dg.Failure`` otherwise."""
+def served_ctr_version(instance: dg.DagsterInstance, client: redis.Redis, schema: KeySchema) -> RecordedPublish:
+    """The ctr publish to restore: the one ``ctr_cache`` last recorded (the approved version, or the one an operator
+    rolled back to), when Redis's pointer is gone or names that same version; ``dg.Failure`` otherwise."""
     recorded = recorded_publish(instance, "ctr")
     if recorded is None:
         raise dg.Failure(description="ctr_cache never published a ctr version: nothing to restore", allow_retries=False)
@@ -373,7 +364,7 @@ def served_ctr_version(instance: dg.DagsterInstance, client: redis.Redis, schema
             "published: nothing restored over it",
             allow_retries=False,
         )
-    return recorded.version
+    return recorded
 
 
 @dg.op(
@@ -402,8 +393,9 @@ def restore_served_version(
 ) -> None:
     """``restore_ctr_version``'s work on ``client``."""
     schema = redis.schema()
-    served = served_ctr_version(context.instance, client, schema)
-    if (why := lost_ctr_version(context.instance, client, schema)) is None:
+    recorded = served_ctr_version(context.instance, client, schema)
+    served = recorded.version
+    if (why := lost_in_redis(client, schema, "ctr", recorded)) is None:
         context.log.info(f"Redis serves ctr version {served} whole: nothing to restore")
         return
     context.log.info(f"restoring ctr version {served}: {why}")
