@@ -472,7 +472,11 @@ def mase_undefined(daily: np.ndarray, held_day: int) -> str | None:
 def mase(forecast: np.ndarray, actual: np.ndarray, daily: np.ndarray, held_day: int) -> float:
     """Mean absolute error of ``forecast`` scaled by the pooled in-sample seasonal-naive error (module doc); NaN
     when that scale is undefined or 0 (``mase_undefined`` says why)."""
-    scale, undefined = _mase_scale(daily, held_day)
+    return _scaled_error(forecast, actual, *_mase_scale(daily, held_day))
+
+
+def _scaled_error(forecast: np.ndarray, actual: np.ndarray, scale: float, undefined: str | None) -> float:
+    """``mase`` of ``forecast`` with its scale (``_mase_scale``) found already."""
     return math.nan if undefined is not None else float(np.abs(forecast - actual).mean() / scale)
 
 
@@ -509,14 +513,14 @@ def evaluate_demand(
     actual = daily[:, held]
     known = daily[:, :held].sum(axis=1) > 0  # a method can only choose keys requested before the held-back day
     actual_series = pd.Series(actual, index=pd.Index(data.keys))
+    scale, mase_note = _mase_scale(daily[known], held)  # the same for every method: found once
     hit_rate, errors, series = {}, {}, {}
     for name, forecast in forecasts.items():
         s = pd.Series(forecast, index=pd.Index(data.keys))
         series[name] = s
         chosen = select_top(s[known], hp.top_n)
         hit_rate[name] = coverage(chosen, actual_series)
-        errors[name] = mase(forecast[known], actual[known], daily[known], held)
-    mase_note = mase_undefined(daily[known], held)
+        errors[name] = _scaled_error(forecast[known], actual[known], scale, mase_note)
     if mase_note is not None:
         notes.append(f"MASE not measured: {mase_note}")
     best_baseline = max(BASELINES, key=lambda name: (hit_rate[name], -BASELINES.index(name)))
