@@ -477,6 +477,18 @@ def test_up_checks_that_external_servers_accept_their_credentials(
     assert not (tmp_path / "home" / "redis").exists() and not (tmp_path / "home" / "postgres").exists()
 
 
+def production_home(tmp_path: Path, monkeypatch, redis_url: str, app_db_url: str) -> Path:
+    """A production environment: the stack's home unused, Redis and the app database external, and DAGSTER_HOME an
+    empty folder of its own (returned)."""
+    monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("PRECOMPUTE_REDIS_URL", redis_url)
+    monkeypatch.setenv("PRECOMPUTE_APP_DB_URL", app_db_url)
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    return home
+
+
 def test_status_shows_the_automation_of_a_production_dagster_home_without_up(
     tmp_path, monkeypatch, capsys, redis_server, dagster_pg_url, app_db_url
 ):
@@ -486,12 +498,7 @@ def test_status_shows_the_automation_of_a_production_dagster_home_without_up(
     from precompute_assets.storage.postgres import scratch_database
 
     server = redis_server()
-    monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("PRECOMPUTE_REDIS_URL", server.url)
-    monkeypatch.setenv("PRECOMPUTE_APP_DB_URL", app_db_url)
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    home = production_home(tmp_path, monkeypatch, server.url, app_db_url)
     with scratch_database(dagster_pg_url, "dagster") as url:
         monkeypatch.setenv("DAGSTER_PG_URL", url)
         assert main(["status"]) == 0
@@ -1828,13 +1835,8 @@ def test_status_says_which_published_version_redis_lost(tmp_path, monkeypatch, c
     from precompute_assets.storage.postgres import scratch_database
 
     server = redis_server()
-    monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("PRECOMPUTE_REDIS_URL", server.url)
-    monkeypatch.setenv("PRECOMPUTE_APP_DB_URL", app_db_url)
-    home = tmp_path / "dagster_home"
-    home.mkdir()
+    home = production_home(tmp_path, monkeypatch, server.url, app_db_url)
     shutil.copy(Path(__file__).resolve().parents[2] / "dagster.yaml", home / "dagster.yaml")
-    monkeypatch.setenv("DAGSTER_HOME", str(home))
     client, schema = connect(server.url, socket_timeout=5), KeySchema()
     with scratch_database(dagster_pg_url, "dagster") as url:
         monkeypatch.setenv("DAGSTER_PG_URL", url)
