@@ -180,15 +180,24 @@ def build_cache_health_sensor(timezone: str, *, threshold: float = HEALTH_THRESH
         "reports the served_by_redis checks of the published assets when Redis loses or regains their versions.",
     )
     def cache_health(context: dg.SensorEvaluationContext, redis: RedisResource):
-        client, schema = redis.client(), redis.schema()
         now = datetime.now(ZoneInfo("UTC"))
-        result = restore_request(context.instance, client, schema, now)
+
+        def look(client: redis_py.Redis, schema: KeySchema) -> tuple:
+            restore = restore_request(context.instance, client, schema, now)
+            window = window_stats(client, schema, window_s=3600).get("ctr") if restore is None else None
+            return restore, window, changed_served_evaluations(context.instance, client, schema)
+
+        # A quick client (a few seconds, no retries): a stalled Redis skips the tick, with a warning, rather than
+        # hold it for the default client's retries or fail it. The next tick looks again.
+        seen = redis.sensor_check(look, context.log, "the cache's health")
+        if seen is None:
+            return dg.SkipReason("Redis does not answer: the cache's health was not checked (see the tick's log)")
+        result, window, evaluations = seen
         if isinstance(result, dg.RunRequest):
             # The version served comes back as it was; a refresh would retrain and publish yesterday anew (or be
             # refused under an operator's rollback). The next tick judges the hit rate again.
             context.log.warning(f"restoring the ctr version Redis lost: {result.tags['precompute/reason']}")
         elif result is None:  # nothing lost, or a restore failed: the hit rate is judged
-            window = window_stats(client, schema, window_s=3600).get("ctr")
             last = float(context.cursor) if context.cursor else None
             failed = last is not None and last_refresh_failed(context.instance)
             result = health_request(window, now, timezone, last, last_failed=failed, threshold=threshold)
@@ -197,7 +206,6 @@ def build_cache_health_sensor(timezone: str, *, threshold: float = HEALTH_THRESH
                 context.update_cursor(str(now.timestamp()))
         # The published assets' served_by_redis checks, reported when their verdict changes: a lost version shows on
         # the asset in the UI, not only as a falling hit rate.
-        evaluations = changed_served_evaluations(context.instance, client, schema)
         for evaluation in evaluations:
             context.log.info(f"{SERVED_CHECK} of {evaluation.asset_key.to_user_string()}: {evaluation.description}")
         if not evaluations:

@@ -220,6 +220,21 @@ def test_cache_health_sees_whether_its_last_refresh_failed():
         assert last_refresh_failed(instance)
 
 
+def test_cache_health_skips_with_a_warning_when_redis_does_not_answer(schema, capsys):
+    """The sensor asked the resource's default client (10 s a command, two retries), which raises dg.Failure when the
+    server does not answer: every tick failed after its retries. It now skips, saying why, and looks again next tick."""
+    from precompute_assets.defs.resources import RedisResource
+
+    down = RedisResource(url="redis://127.0.0.1:1/0", namespace=schema.namespace)
+    with dg.instance_for_test() as instance:
+        with dg.build_sensor_context(instance=instance, resources={"redis": down}) as context:
+            result = build_cache_health_sensor("UTC")(context)
+    assert isinstance(result, dg.SkipReason) and "Redis does not answer" in result.skip_message
+    assert context.cursor is None  # no refresh was requested: its cooldown has not started
+    warned = capsys.readouterr().err
+    assert "not checked the cache's health" in warned and "does not answer" in warned
+
+
 def test_cache_health_reads_the_query_log_of_a_real_redis(redis_url, schema):
     from precompute_assets.defs.resources import RedisResource
     from precompute_assets.serving import QueryLogger
