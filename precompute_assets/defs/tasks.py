@@ -692,7 +692,12 @@ def build_user_event_sensor(
     def user_event_sensor(context: dg.SensorEvaluationContext, redis: RedisResource, model_store: ModelStoreResource):
         started = time.perf_counter()
         after = context.cursor or f"{time.time_ns() // 1_000_000 - first_lookback_s * 1000}-0"
-        entries = read_events_after(redis.client(), redis.schema(), after, limit=max_events)
+        entries = redis.sensor_check(
+            lambda client, schema: read_events_after(client, schema, after, limit=max_events),
+            context.log, f"the user events after {after}",
+        )  # fmt: skip
+        if entries is None:  # the cursor stays: the next tick reads the same events
+            return dg.SkipReason(f"Redis does not answer: the user events after {after} were not read")
         if not entries:
             return dg.SkipReason(f"no user events after {after}")
         tasks = registry()
@@ -810,11 +815,15 @@ def build_live_refresh_sensor(
         except (ValueError, KeyError, TypeError):
             requested = {}
         tasks = registry()
-        found = plan_refresh(
-            tasks, redis.client(), redis.schema(), now_ms=now_ms, window_s=window_s, fraction=fraction,
-            min_hits=min_hits, max_queries=max_queries, max_keys=max_keys, cooldown_s=cooldown_s,
-            requested=requested,
+        found = redis.sensor_check(
+            lambda client, schema: plan_refresh(
+                tasks, client, schema, now_ms=now_ms, window_s=window_s, fraction=fraction, min_hits=min_hits,
+                max_queries=max_queries, max_keys=max_keys, cooldown_s=cooldown_s, requested=requested,
+            ),
+            context.log, "which live values expire soon",
         )  # fmt: skip
+        if found is None:
+            return dg.SkipReason("Redis does not answer: which live values expire soon was not checked")
         requests = run_requests(tasks, found.plan, f"refresh:{now_ms}")
         cursor = json.dumps({"requested": found.requested}, separators=(",", ":"), sort_keys=True)
         summary = (

@@ -33,6 +33,7 @@ from precompute_assets.defs.tasks import (
     TaskContext,
     TaskRegistry,
     TaskType,
+    build_live_refresh_sensor,
     build_user_event_sensor,
     builtin_registry,
     compute_task,
@@ -548,7 +549,7 @@ def test_a_sensor_thread_waits_for_the_entry_points_another_thread_is_loading(mo
 def test_live_refresh_requests_hot_keys_near_expiry_and_never_the_cold_tail(
     redis_url, redis_client, schema, tmp_path, pg_instance, cache
 ):
-    from precompute_assets.defs.tasks import REFRESH_PRIORITY, build_live_refresh_sensor
+    from precompute_assets.defs.tasks import REFRESH_PRIORITY
     from precompute_assets.serving import QueryLogger
 
     name = unique("board")
@@ -590,3 +591,18 @@ def test_live_refresh_requests_hot_keys_near_expiry_and_never_the_cold_tail(
     assert cache.get(name, "cold") == {"old": 1} and redis_client.pttl(schema.live(name, "cold")) <= 60_000
     after = evaluate()
     assert not after.run_requests and "0 due" in after.skip_reason.skip_message
+
+
+def test_both_task_sensors_skip_with_a_warning_when_redis_does_not_answer(tmp_path, capsys):
+    """They read Redis on the resource's default client (10 s a command, two retries), which raises dg.Failure when the
+    server does not answer: a tick every second that failed. They now skip, say why, and keep their cursors."""
+    down = {"redis": RedisResource(url="redis://127.0.0.1:1/0", namespace="down"),
+            "model_store": ModelStoreResource(root=str(tmp_path / "models"))}  # fmt: skip
+    with dg.instance_for_test() as instance:
+        events = build_user_event_sensor()(dg.build_sensor_context(instance=instance, cursor="5-0", resources=down))
+        context = dg.build_sensor_context(instance=instance, resources={"redis": down["redis"]})
+        refresh = build_live_refresh_sensor()(context)
+    assert isinstance(events, dg.SkipReason) and "the user events after 5-0 were not read" in events.skip_message
+    assert isinstance(refresh, dg.SkipReason) and "Redis does not answer" in refresh.skip_message
+    warned = capsys.readouterr().err
+    assert "not checked the user events after 5-0" in warned and "not checked which live values" in warned
