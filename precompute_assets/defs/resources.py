@@ -302,6 +302,14 @@ class CampaignRegistryResource(dg.ConfigurableResource):
         "one Redis transaction, which holds Redis for every other client while it runs (about 15-50 ms at 10,000 "
         "ads, 200-600 ms at 100,000). Registration refuses more, and so does warming a campaign registered before.",
     )
+    max_rewarms_per_tick: int = Field(
+        100,
+        ge=1,
+        description="The most warm campaigns whose values Redis lost that one campaign_launch_sensor tick warms again "
+        "(those launched earliest first; the rest on the next ticks, 30 s apart): a flush of a Redis holding "
+        "thousands of campaigns asks for a run each, and one tick's thousands of run requests hold the sensor "
+        "daemon for minutes.",
+    )
 
     @property
     def warming_horizon(self) -> timedelta:

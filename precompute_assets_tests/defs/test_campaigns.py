@@ -615,6 +615,26 @@ def test_a_warm_campaign_whose_values_redis_lost_is_warmed_again_at_once(
     assert not tick(instance, resources["campaign_registry"], lost.cursor, **sensor).run_requests  # back in Redis
 
 
+def test_a_flush_of_many_warm_campaigns_is_warmed_again_a_tick_at_a_time(registry, app_db, redis_url, schema):
+    """Every lost campaign was requested in one tick: a flush of a Redis holding thousands asked for thousands of runs
+    at once. A tick now asks for ``max_rewarms_per_tick``, those launched earliest first; the next tick the rest."""
+    now = datetime.now(UTC)
+    ids = [unique(f"flushed{i}") for i in range(3)]
+    for hours, campaign_id in zip((3, 1, 2), ids, strict=True):  # launched 3, 1 and 2 hours ago
+        registry.register(campaign_id, "acme", now - hours * HOUR, campaign_ads(campaign_id, 2), end_at=now + 9 * HOUR)
+        registry.mark_warm(campaign_id, 1, warm_until=now + 9 * HOUR)  # warm, but no budget key in Redis: lost
+    capped = CampaignRegistryResource(url=app_db, max_rewarms_per_tick=2)
+    redis = RedisResource(url=redis_url, namespace=schema.namespace)
+    with dg.instance_for_test() as instance:
+        first = tick(instance, capped, redis=redis)
+        assert [r.partition_key for r in first.run_requests] == [ids[0], ids[2]]  # serving longest first
+        for request in first.run_requests:  # under way: the next tick does not ask for them again
+            create_run_for_test(instance, job_name="campaign_warming_job", status=dg.DagsterRunStatus.STARTED,
+                                tags={**request.tags, "dagster/run_key": request.run_key})  # fmt: skip
+        second = tick(instance, capped, first.cursor, redis=redis)
+    assert [r.partition_key for r in second.run_requests] == [ids[1]]
+
+
 def test_the_sensor_still_warms_cold_campaigns_when_redis_does_not_answer(registry, app_db):
     now = datetime.now(UTC)
     warm_one, cold = unique("warm"), unique("cold")
