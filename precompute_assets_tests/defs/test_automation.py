@@ -226,11 +226,10 @@ def test_cache_health_skips_with_a_warning_when_redis_does_not_answer(schema, ca
     from precompute_assets.defs.resources import RedisResource
 
     down = RedisResource(url="redis://127.0.0.1:1/0", namespace=schema.namespace)
-    with dg.instance_for_test() as instance:
-        with dg.build_sensor_context(instance=instance, resources={"redis": down}) as context:
-            result = build_cache_health_sensor("UTC")(context)
+    with dg.instance_for_test() as instance, dg.build_sensor_context(instance=instance, resources={"redis": down}) as c:
+        result = build_cache_health_sensor("UTC")(c)
     assert isinstance(result, dg.SkipReason) and "Redis does not answer" in result.skip_message
-    assert context.cursor is None  # no refresh was requested: its cooldown has not started
+    assert c.cursor is None  # no refresh was requested: its cooldown has not started
     warned = capsys.readouterr().err
     assert "not checked the cache's health" in warned and "does not answer" in warned
 
