@@ -65,9 +65,14 @@ class UnsafeModelFile(ValueError):
 
 @dataclass(frozen=True)
 class DemandHyperParams:
-    """The LSTM and its training budget (training stops at ``max_epochs`` or ``max_seconds``, whichever comes
-    first; ``max_seconds`` counts ``train_lstm``'s feature building too; results are deterministic under ``seed``
-    when the epochs bound is reached first).
+    """The LSTM and its training budget: training stops at ``max_epochs`` or ``max_steps`` optimizer steps,
+    whichever comes first, a budget of work, not of time, so the same data, seed and threads train the same weights
+    however busy the machine (with the same torch build). ``max_steps`` is what 45 s reached on 2 shared cores (load
+    about 4) at the default sizes: 1981 steps on ``tools.bench.bench_demand``'s workload (100,000 keys, 14 days, whose
+    30 epochs are 1410 steps) and 2115 on a replayed day's model of an 8-day, 1.2-million-request trace (30 epochs:
+    240 steps); the default lookback's training ends by ``max_epochs``. ``max_seconds`` (feature building included)
+    is only a safety stop for a machine far slower than that: when it fires the weights depend on the machine's
+    speed, and ``train_lstm`` says so (``stopped_by``).
 
     ``window_days``: the days before a target day that its features summarise (daily totals in the head) and the
     first target day trained on; ``sequence_days``: the last days of that window the LSTM steps through hour by
@@ -80,7 +85,8 @@ class DemandHyperParams:
     window_days: int = DEMAND_WINDOW_DAYS
     hidden_size: int = 32
     max_epochs: int = 30
-    max_seconds: float = 45.0
+    max_steps: int = 2000  # optimizer steps (batches): what 45 s reached on 2 shared cores, see above
+    max_seconds: float = 180.0  # a safety stop only, reported when it fires
     learning_rate: float = 0.01
     batch_size: int = 256
     max_train_keys: int = 2000  # keys sampled (by seed) for training; every key is forecast
@@ -98,7 +104,16 @@ class DemandHyperParams:
     threads: int | None = 1
 
     def __post_init__(self) -> None:
-        for name in ("window_days", "hidden_size", "max_epochs", "batch_size", "max_train_keys", "sequence_days"):
+        whole = (
+            "window_days",
+            "hidden_size",
+            "max_epochs",
+            "max_steps",
+            "batch_size",
+            "max_train_keys",
+            "sequence_days",
+        )
+        for name in whole:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         for name in ("max_seconds", "learning_rate", "half_life_days", "ewma_half_life_hours"):
@@ -227,6 +242,8 @@ class DemandEvaluation:
     train_samples: int
     warm_started: bool
     notes: list[str] = field(default_factory=list)
+    train_steps: int = 0  # optimizer steps made
+    stopped_by: str = "epochs"  # the bound that ended training (``train_lstm``): "epochs", "steps" or "seconds"
     new_keys: int = 0  # keys first requested on the held-back day (no method can rank them; outside the MASE)
     new_key_requests: float = 0.0  # their requests on that day
     mase_note: str | None = None  # why ``mase`` holds NaNs (``mase_undefined``); None when it holds none
@@ -342,6 +359,25 @@ def trained_hyper_params(hp: DemandHyperParams, last_day: int) -> DemandHyperPar
     return replace(hp, window_days=window, history_days=last_day)
 
 
+def stopped_by(hp: DemandHyperParams, epochs: int, steps: int, seconds: float) -> str | None:
+    """The bound of ``hp`` that ends training after ``epochs`` epochs, ``steps`` steps and ``seconds`` seconds:
+    "epochs", "steps" (the budget's, in that order) or "seconds" (the safety stop's); None while none does."""
+    if epochs >= hp.max_epochs:
+        return "epochs"
+    if steps >= hp.max_steps:
+        return "steps"
+    return "seconds" if seconds >= hp.max_seconds else None
+
+
+def safety_stop_note(hp: DemandHyperParams, steps: int, epochs: int, seconds: float) -> str:
+    """What a training whose ``max_seconds`` safety stop fired tells its reader: not the step budget's weights."""
+    return (
+        f"LSTM training stopped by its max_seconds safety stop ({hp.max_seconds:g} s, feature building included) "
+        f"after {steps} of {hp.max_steps} steps, in epoch {epochs} of {hp.max_epochs} ({seconds:.1f} s): a slower "
+        "machine than the step budget was sized for, so another run may train other weights"
+    )
+
+
 def train_lstm(
     data: HourlyCounts,
     hp: DemandHyperParams,
@@ -353,10 +389,13 @@ def train_lstm(
     """An LSTM trained to forecast days ``window_days .. last_day - 1`` (never ``last_day``) of up to
     ``max_train_keys`` keys sampled by ``seed`` among those requested before ``last_day`` (nothing of ``last_day``
     or later, not even which keys it holds, changes the training), warm-started from ``init_state`` when its shapes
-    fit; returns the model and ``{"seconds", "epochs", "samples", "warm_started"}``. ``max_seconds`` bounds
-    everything here, feature building included (``seconds`` is that whole time); training stops at ``max_epochs`` or
-    when the clock runs out, checked after every batch. ``progress`` is told after each epoch: the epochs done, that
-    epoch's mean training loss (MSE of log1p requests per day) and the seconds since the start."""
+    fit; returns the model and ``{"seconds", "epochs", "steps", "stopped_by", "samples", "warm_started"}``.
+
+    Training stops at ``max_epochs`` or ``max_steps`` (``stopped_by`` "epochs" or "steps"; both reached at once:
+    "epochs"), or when the ``max_seconds`` safety stop fires ("seconds"): it counts feature building too (so does
+    ``seconds``) and is checked before the first epoch and after every step. ``epochs`` counts an epoch a stop cut
+    short. ``progress`` is told after each epoch: the epochs done, that epoch's mean training loss (MSE of log1p
+    requests per day) and the seconds since the start."""
     import torch
     from torch import nn
 
@@ -389,24 +428,36 @@ def train_lstm(
             warm = False  # other shapes (changed hyper-parameters): a cold start
     optimizer = torch.optim.Adam(model.parameters(), lr=hp.learning_rate)
     generator = torch.Generator().manual_seed(hp.seed)
-    epochs = 0
+    epochs, steps_done = 0, 0
+    stop = stopped_by(hp, epochs, steps_done, time.perf_counter() - started)
     model.train()
-    while epochs < hp.max_epochs and time.perf_counter() - started < hp.max_seconds:
+    while stop is None:
         order = torch.randperm(len(target), generator=generator)
+        starts = range(0, len(order), hp.batch_size)
         total, seen = 0.0, 0
-        for begin in range(0, len(order), hp.batch_size):
+        for begin in starts:
             batch = order[begin : begin + hp.batch_size]
             optimizer.zero_grad()
             loss = nn.functional.mse_loss(model(steps[batch], static[batch]), target[batch])
             loss.backward()
             optimizer.step()
+            steps_done += 1
             total, seen = total + loss.detach().item() * len(batch), seen + len(batch)
-            if time.perf_counter() - started >= hp.max_seconds:
+            # Within an epoch only the steps or the clock can end it; after its last batch the epochs bound goes first.
+            if begin != starts[-1] and (stop := stopped_by(hp, epochs, steps_done, time.perf_counter() - started)):
                 break
         epochs += 1
         if progress is not None:
             progress(epochs, total / max(seen, 1), time.perf_counter() - started)
-    info = {"seconds": time.perf_counter() - started, "epochs": epochs, "samples": len(target), "warm_started": warm}
+        stop = stop or stopped_by(hp, epochs, steps_done, time.perf_counter() - started)
+    info = {
+        "seconds": time.perf_counter() - started,
+        "epochs": epochs,
+        "steps": steps_done,
+        "stopped_by": stop,
+        "samples": len(target),
+        "warm_started": warm,
+    }
     return model, info
 
 
@@ -504,6 +555,8 @@ def evaluate_demand(
         lstm = _predict(model, data, held, trained, daily)
     if init_state is not None and not info["warm_started"]:
         notes.append("previous weights did not fit these hyper-parameters: trained from scratch")
+    if info["stopped_by"] == "seconds":
+        notes.append(safety_stop_note(hp, info["steps"], info["epochs"], info["seconds"]))
     forecasts = {
         "lstm": lstm,
         "frequency": frequency_forecast(daily, data.keys, held, hp),
@@ -537,6 +590,8 @@ def evaluate_demand(
         train_samples=info["samples"],
         warm_started=info["warm_started"],
         notes=notes,
+        train_steps=info["steps"],
+        stopped_by=info["stopped_by"],
         new_keys=int((~known & (actual > 0)).sum()),
         new_key_requests=float(actual[~known].sum()),
         mase_note=mase_note,

@@ -776,9 +776,10 @@ def bench_demand(keys: int = 100_000, days: int = 14, seed: int = 0, *, hp=None)
     (``synthetic_hourly_counts``), the last day held back, next to the frequency baseline in the same run.
 
     - ``lstm_train_s``: wall seconds of ``train_lstm`` (features of the sampled training keys, then the epochs,
-      bounded by ``max_epochs`` and by ``max_seconds`` of ``hp``, which counts the features too; default:
-      ``DemandHyperParams()``, torch threads as ``hp.threads``) on the days before the held-back day, measured
-      around the call (so it includes the process's first-use costs of torch, such as the optimizer's imports).
+      bounded by ``max_epochs`` and ``max_steps`` of ``hp``, with its ``max_seconds`` safety stop, which counts the
+      features too; default: ``DemandHyperParams()``, torch threads as ``hp.threads``) on the days before the
+      held-back day, measured around the call (so it includes the process's first-use costs of torch, such as the
+      optimizer's imports); ``lstm_steps`` and ``lstm_stopped_by`` say how far it got and which bound stopped it.
     - ``lstm_forecast_s``: ``forecast_next_day`` of every key for the held-back day from the days before it
       (features of every key included).
     - ``frequency_s``: the frequency baseline on the same data (daily totals, then ``frequency_forecast``).
@@ -846,9 +847,12 @@ def bench_demand(keys: int = 100_000, days: int = 14, seed: int = 0, *, hp=None)
         "requests_held_back_day": int(actual.sum()),
         "lstm_train_s": round(train_s, 3),
         "lstm_epochs": info["epochs"],
+        "lstm_steps": info["steps"],
+        "lstm_stopped_by": info["stopped_by"],
         "lstm_train_samples": info["samples"],
         "lstm_budget": {
             "max_epochs": hp.max_epochs,
+            "max_steps": hp.max_steps,
             "max_seconds": hp.max_seconds,
             "max_train_keys": hp.max_train_keys,
             "window_days": hp.window_days,

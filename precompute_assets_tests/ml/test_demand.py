@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 import pickle
-from dataclasses import asdict
+import types
+from dataclasses import asdict, replace
 from datetime import datetime, timedelta
 
 import numpy as np
@@ -12,6 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
+from precompute_assets.ml import demand as demand_module
 from precompute_assets.ml.demand import (
     DemandHyperParams,
     HourlyCounts,
@@ -136,9 +138,55 @@ def test_training_is_deterministic_under_a_seed_and_warm_starts(weekly, weekly_r
     assert not other.evaluation.warm_started and "trained from scratch" in other.evaluation.notes[0]
 
 
-def test_the_training_budget_is_bounded_in_seconds(weekly):
-    e = evaluate_demand(weekly, DemandHyperParams(top_n=20, max_epochs=1000, max_seconds=0.5)).evaluation
-    assert e.epochs < 1000 and e.train_seconds < 60  # stopped by the clock, not by the epochs
+def jumping_clock(monkeypatch, seconds_per_call: float) -> None:
+    """``ml.demand``'s ``time.perf_counter`` runs ``seconds_per_call`` ahead at every call: a very slow machine."""
+    now = [0.0]
+
+    def perf_counter() -> float:
+        now[0] += seconds_per_call
+        return now[0]
+
+    monkeypatch.setattr(demand_module, "time", types.SimpleNamespace(perf_counter=perf_counter))
+
+
+def test_the_same_input_trains_the_same_weights_whatever_the_clock_says(weekly, monkeypatch):
+    """The budget is steps, not seconds: a clock that says every step took an hour (a run of days) trains the same
+    weights as the real one, as long as the safety stop does not fire."""
+    hp = DemandHyperParams(top_n=20, max_epochs=1000, max_steps=25, max_seconds=1e9, threads=1)
+    calm = evaluate_demand(weekly, hp)
+    jumping_clock(monkeypatch, 3600.0)
+    hurried = evaluate_demand(weekly, hp)
+    assert hurried.evaluation.train_seconds > 25 * 3600  # the clock did say so
+    for result in (calm, hurried):
+        e = result.evaluation
+        assert (e.stopped_by, e.train_steps) == ("steps", 25)
+        assert not any("safety stop" in note for note in e.notes)
+    for name, tensor in calm.state_dict().items():
+        assert torch.equal(tensor, hurried.state_dict()[name]), name
+
+
+def test_the_step_budget_stops_the_training_and_says_so(weekly):
+    hp = DemandHyperParams(top_n=20, max_epochs=1000, max_steps=13, threads=1)
+    said = []
+    _, info = train_lstm(weekly, hp, weekly.n_days - 1, progress=lambda *args: said.append(args))
+    per_epoch = math.ceil(info["samples"] / hp.batch_size)
+    assert per_epoch == 11 and info["steps"] == 13 and info["stopped_by"] == "steps"
+    assert info["epochs"] == len(said) == 2  # the second one cut short
+    _, info = train_lstm(weekly, replace(hp, max_epochs=2, max_steps=22), weekly.n_days - 1)
+    assert (info["stopped_by"], info["steps"], info["epochs"]) == ("epochs", 22, 2)  # both at once: the epochs
+
+
+def test_the_safety_stop_fires_on_a_slow_machine_and_says_so(weekly, monkeypatch):
+    jumping_clock(monkeypatch, 1.0)
+    hp = DemandHyperParams(top_n=20, max_epochs=1000, max_steps=1000, max_seconds=30.0, threads=1)
+    e = evaluate_demand(weekly, hp).evaluation
+    assert e.stopped_by == "seconds" and 0 < e.train_steps < hp.max_steps and 0 < e.epochs < hp.max_epochs
+    (note,) = [note for note in e.notes if "safety stop" in note]
+    assert note.startswith(
+        f"LSTM training stopped by its max_seconds safety stop (30 s, feature building included) after "
+        f"{e.train_steps} of 1000 steps, in epoch {e.epochs} of 1000 ("
+    )
+    assert note.endswith("a slower machine than the step budget was sized for, so another run may train other weights")
 
 
 def test_training_reports_each_epoch(weekly):
@@ -150,10 +198,11 @@ def test_training_reports_each_epoch(weekly):
     assert [s for _, _, s in said] == sorted(s for _, _, s in said) and said[-1][2] <= info["seconds"]
 
 
-def test_the_clock_counts_feature_building_too(weekly):
+def test_the_safety_stop_counts_feature_building_too(weekly):
     hp = DemandHyperParams(top_n=20, max_epochs=1000, max_seconds=1e-9)
     model, info = train_lstm(weekly, hp, weekly.n_days - 1)
-    assert info["epochs"] == 0 and info["seconds"] >= hp.max_seconds  # the features alone used up the budget
+    assert info["epochs"] == info["steps"] == 0 and info["seconds"] >= hp.max_seconds  # the features used it up
+    assert info["stopped_by"] == "seconds"
     assert info["samples"] == 200 * (weekly.n_days - 1 - hp.window_days)
 
 
