@@ -220,7 +220,8 @@ def ab_replay(
     salt: str,
     warmup_days: int = 1,
     hp: DemandHyperParams | None = None,
-    lstm_budget_s: float | None = None,
+    lstm_budget_steps: int | None = None,
+    lstm_safety_s: float | None = None,
     n_boot: int = 1000,
     seed: int = 0,
     alpha: float = 0.05,
@@ -241,13 +242,25 @@ def ab_replay(
     models it (``hit_rate_ours_admission``).
 
     The shared LRU couples the arms a little: an arm whose precomputed keys answer more of its traffic leaves
-    more LRU room to the other arm, which narrows the measured difference rather than inflating it. ``hp`` and
-    ``lstm_budget_s`` default to ``compare_strategies``'s.
+    more LRU room to the other arm, which narrows the measured difference rather than inflating it. ``hp``,
+    ``lstm_budget_steps`` and ``lstm_safety_s`` default to ``compare_strategies``'s, and bound the training of the
+    days as there (``day_hyper_params``).
     """
-    from .strategies import LSTM_BUDGET_S, MARGIN, REPLAY_HYPER_PARAMS, rankings_of, trace_hours
+    from .strategies import (
+        LEARNED,
+        LSTM_BUDGET_STEPS,
+        LSTM_SAFETY_S,
+        MARGIN,
+        REPLAY_HYPER_PARAMS,
+        day_hyper_params,
+        rankings_of,
+        safety_stop_days_note,
+        trace_hours,
+    )
 
     hp = REPLAY_HYPER_PARAMS if hp is None else hp
-    lstm_budget_s = LSTM_BUDGET_S if lstm_budget_s is None else lstm_budget_s
+    lstm_budget_steps = LSTM_BUDGET_STEPS if lstm_budget_steps is None else lstm_budget_steps
+    lstm_safety_s = LSTM_SAFETY_S if lstm_safety_s is None else lstm_safety_s
     names = parse_arms(arms)
     if isinstance(top_n, str | bool) or top_n < 0:
         raise ValueError(f"an A/B replay needs a fixed top_n >= 0, got {top_n!r}")
@@ -263,13 +276,12 @@ def ab_replay(
     unique_arm = arms_of(salt, unique, names)
     key_arm = unique_arm[key_codes]
     budgets = dict(zip(names, arm_budgets(top_n), strict=True))
-    trained_days = max(0, days - 3)  # as compare_strategies: the LSTM's seconds shared by the days it trains on
-    per_day = min(hp.max_seconds, lstm_budget_s / trained_days) if trained_days else hp.max_seconds
+    day_hp = day_hyper_params(replace(hp, top_n=top_n), days, lstm_budget_steps, lstm_safety_s)
     # Every key's history ranks, as in top_ads: a learned strategy trained on one arm's keys alone would see half
     # the traffic its production model learns from (the baselines rank each key by its own counts either way).
     arm_of_key = dict(zip(unique.tolist(), unique_arm.tolist(), strict=True))
-    ranked = rankings_of(hours, list(names), len(unique), hp=replace(hp, max_seconds=per_day, top_n=top_n),
-                         margin=MARGIN if margin is None else margin, approved_only=True)  # fmt: skip
+    ranked = rankings_of(hours, list(names), len(unique), hp=day_hp, margin=MARGIN if margin is None else margin,
+                         approved_only=True)  # fmt: skip
     arm_sets, infos = {}, {}
     for name in names:
         rankings, infos[name] = ranked[name]
@@ -297,6 +309,9 @@ def ab_replay(
                 f" {infos[name]['fallback_days']} days without an approved model (too few days to train, or none"
                 " approved yet) used the frequency ranking, as top_ads does"
             )
+    learned = [name for name in names if name in LEARNED]
+    if learned and (note := safety_stop_days_note(infos[learned[0]], day_hp, learned)):
+        notes.append(note)
     return {
         "ab": {
             "salt": salt,

@@ -15,8 +15,10 @@ rate above the best baseline's by more than ``margin``); then ``forecast_next_da
 day d. Its ranking is used on every day it could be trained, approved or not, so the LSTM itself is measured;
 a day with fewer than 3 days before it cannot train a model and takes the frequency ranking, as ``top_ads``
 falls back to frequency when there is no model (``notes`` says on how many days). Training is bounded by the
-hyper-parameters' ``max_epochs`` and ``max_seconds`` per day, and ``compare_strategies`` lowers ``max_seconds`` so
-that the days together stay within ``lstm_budget_s``.
+hyper-parameters' ``max_epochs`` and ``max_steps`` per day, and ``compare_strategies`` lowers ``max_steps`` so that
+the days together make at most ``lstm_budget_steps`` steps: a budget of work, so a trace replays the same however
+busy the cores. Their ``max_seconds`` is only a safety stop, lowered so that the days together stop within
+``lstm_safety_s``; the notes say on how many days it fired.
 
 Hours: with timestamps, each day (the same equal time spans as ``replay.split_days``) is cut into 24 equal spans;
 without, each day's requests (equal counts, as ``split_days``) into 24 equal counts. The calendar features see
@@ -53,9 +55,12 @@ REPLAY_STRATEGIES = (*STRATEGIES, "prefetch")  # prefetch: ours plus learned nex
 LOOKBACK_DAYS = 14  # demand_model's lookback (defs.demand.DEMAND_LOOKBACK_DAYS)
 BASELINE_DAYS = 7  # what strategy_demand reads for the baselines (at least 7 days)
 MARGIN = 0.005  # demand_model's default approval margin (DemandModelConfig.margin)
-# Bounded training per replayed day: the asset's budget, with fewer seconds so a whole trace replays in minutes.
-REPLAY_HYPER_PARAMS = DemandHyperParams(max_seconds=30.0)
-LSTM_BUDGET_S = 180.0  # training seconds of all replayed days together
+# Bounded training per replayed day: the asset's, with fewer steps so a whole trace replays in minutes. 1400 steps
+# is what 30 s reached on a replayed day's model on 2 shared cores (2115 in 45 s, an 8-day trace of 1.2 million
+# requests: its days train 240 steps, their 30 epochs); the safety stop is three times that.
+REPLAY_HYPER_PARAMS = DemandHyperParams(max_steps=1400, max_seconds=90.0)
+LSTM_BUDGET_STEPS = 8400  # optimizer steps of all replayed days together: what 180 s reached
+LSTM_SAFETY_S = 360.0  # training seconds of all replayed days together: a safety stop only, reported when it fires
 
 
 @dataclass(frozen=True)
@@ -131,8 +136,8 @@ def strategy_rankings(
     margin: float = MARGIN,
 ) -> tuple[list[list[Hashable]], dict]:
     """The ``limit`` best keys of every day (day 0: none), best first, ranked by ``strategy`` from the days
-    before it only, and ``{"fallback_days", "approved_days", "trained_days", "clock_days"}`` (the LSTM's, for
-    ``lstm`` and ``auto``, ``clock_days`` those whose training the clock stopped before ``hp.max_epochs``; zeros for
+    before it only, and ``{"fallback_days", "approved_days", "trained_days", "safety_stop_days"}`` (the LSTM's, for
+    ``lstm`` and ``auto``, ``safety_stop_days`` those whose training ``hp.max_seconds``' safety stop ended; zeros for
     the baselines; ``auto`` adds ``used``: the strategy it followed each day). The LSTM's
     approval rule and evaluation use ``hp.top_n``; the ranking uses ``limit``."""
     return rankings_of(hours, [strategy], limit, hp=hp, lookback_days=lookback_days, margin=margin)[strategy]
@@ -161,7 +166,7 @@ def rankings_of(
     check_strategies(strategies)
     learned = [name for name in strategies if name in LEARNED]
     out = {
-        name: ([[]], {"trained_days": 0, "approved_days": 0, "fallback_days": 0, "clock_days": 0})
+        name: ([[]], {"trained_days": 0, "approved_days": 0, "fallback_days": 0, "safety_stop_days": 0})
         for name in strategies
     }
     if "auto" in out:
@@ -206,7 +211,7 @@ def rankings_of(
         for name in learned:
             out[name][1]["trained_days"] += 1
             out[name][1]["approved_days"] += int(approved)
-            out[name][1]["clock_days"] += int(evaluation.epochs < hp.max_epochs)
+            out[name][1]["safety_stop_days"] += int(evaluation.stopped_by == "seconds")
         if "lstm" in out:
             out["lstm"][0].append(baseline("frequency") if lstm is None else lstm)
             out["lstm"][1]["fallback_days"] += int(lstm is None)
@@ -252,6 +257,28 @@ def strategy_sets(
     return [set(ranking) for ranking in rankings], info
 
 
+def day_hyper_params(hp: DemandHyperParams, days: int, budget_steps: int, safety_s: float) -> DemandHyperParams:
+    """``hp`` for each day's LSTM of a ``days``-day replay: the days that train (3..days-1) share ``budget_steps``
+    steps and ``safety_s`` seconds of safety stop equally, within ``hp``'s own bounds of a day."""
+    trained_days = max(0, days - 3)  # days 3..D-1 have the 3 days before them that training needs
+    if not trained_days:
+        return hp
+    steps = max(1, min(hp.max_steps, budget_steps // trained_days))
+    return replace(hp, max_steps=steps, max_seconds=min(hp.max_seconds, safety_s / trained_days))
+
+
+def safety_stop_days_note(info: dict, hp: DemandHyperParams, learned: Sequence[str]) -> str | None:
+    """What the ``rankings_of`` ``info`` of the ``learned`` strategies says when the days' safety stop (``hp``'s
+    ``max_seconds``) ended some of their training; None when it never fired."""
+    if not info["safety_stop_days"]:
+        return None
+    return (
+        f"the LSTM's safety stop ({hp.max_seconds:.1f} s a day) ended its training before its {hp.max_steps} steps "
+        f"and {hp.max_epochs} epochs on {info['safety_stop_days']} of {info['trained_days']} days: those models "
+        f"depend on how busy the cores were, so {' and '.join(learned)} can differ between runs"
+    )
+
+
 def progress_stages(strategies: Sequence[str]) -> int:
     """How many stages ``compare_strategies`` announces for ``strategies``: one ranking stage for the learned
     strategies (when asked for), and one per strategy."""
@@ -267,7 +294,8 @@ def compare_strategies(
     capacity: int,
     hp: DemandHyperParams = REPLAY_HYPER_PARAMS,
     warmup_days: int = 1,
-    lstm_budget_s: float = LSTM_BUDGET_S,
+    lstm_budget_steps: int = LSTM_BUDGET_STEPS,
+    lstm_safety_s: float = LSTM_SAFETY_S,
     admission: str | None = None,
     margin: float = MARGIN,
     progress: Callable[[str], None] = lambda stage: None,
@@ -281,7 +309,9 @@ def compare_strategies(
     ``top_n="auto"``: each strategy tunes its own share as ``replay`` does (each day the candidate N whose
     "top-N of this strategy + LRU of C-N" got the most hits on the counted days before it), and ``top_n`` is
     the mean share it chose. The LSTM is evaluated for approval at ``hp.top_n`` then (at ``top_n`` otherwise);
-    ``lstm`` and ``auto`` share its daily models, approved by the ``beats_baselines`` rule with ``margin``.
+    ``lstm`` and ``auto`` share its daily models, approved by the ``beats_baselines`` rule with ``margin``, each
+    trained within ``day_hyper_params``: ``lstm_budget_steps`` steps and a safety stop of ``lstm_safety_s`` seconds,
+    shared by the days.
 
     ``admission`` (a serving admission policy's name, as ``replay`` takes it) adds ``hit_rate_admission`` to each
     entry: the same top-N beside that policy's live tier instead of the LRU (with ``"auto"``, its own share
@@ -300,9 +330,7 @@ def compare_strategies(
         raise ValueError(f"top_n must be a whole number >= 0 or 'auto', got {top_n!r}")
     check_strategies(strategies)
     hours = trace_hours(trace, days)
-    trained_days = max(0, days - 3)  # days 3..D-1 have the 3 days before them that training needs
-    per_day = min(hp.max_seconds, lstm_budget_s / trained_days) if trained_days else hp.max_seconds
-    day_hp = replace(hp, max_seconds=per_day) if auto else replace(hp, max_seconds=per_day, top_n=top_n)
+    day_hp = day_hyper_params(hp if auto else replace(hp, top_n=top_n), days, lstm_budget_steps, lstm_safety_s)
     limit = capacity if auto else top_n
     # The read-through policies are the same for every strategy: the caller's own replay has them.
     replay_args = dict(top_n=top_n, capacity=capacity, warmup_days=warmup_days, admission=admission, baselines=False)
@@ -346,7 +374,7 @@ def compare_strategies(
             counted = range(warmup_days, days)
             notes.append(
                 f"lstm: trained on {info['trained_days']} days (approved by the beats_baselines rule on "
-                f"{info['approved_days']}; at most {hp.max_epochs} epochs and {per_day:.1f} s a day); "
+                f"{info['approved_days']}; at most {day_hp.max_epochs} epochs and {day_hp.max_steps} steps a day); "
                 f"{sum(d < 3 for d in counted)} counted days had fewer than 3 days before them and used the "
                 "frequency ranking"
             )
@@ -358,12 +386,8 @@ def compare_strategies(
                 + " of the counted days (the lstm when its day's model was approved, else the best baseline on "
                 "the held-back day)"
             )
-    if learned and (clock_days := results[learned[0]][1]["clock_days"]):
-        notes.append(
-            f"the clock stopped the LSTM's training before {hp.max_epochs} epochs on {clock_days} of "
-            f"{results[learned[0]][1]['trained_days']} days ({per_day:.1f} s a day): on cores this busy or busier it "
-            f"stops elsewhere, so {' and '.join(learned)} can differ between runs"
-        )
+    if learned and (note := safety_stop_days_note(results[learned[0]][1], day_hp, learned)):
+        notes.append(note)
     return {"strategies": out, "strategy_notes": notes}
 
 

@@ -329,6 +329,32 @@ def test_ab_replay_trains_a_learned_arm_on_all_the_traffic_as_top_ads_does(monke
         assert {arm[key] for key in seen} == {"frequency", "lstm"}
 
 
+def test_ab_replay_shares_the_step_budget_among_the_days_and_reports_the_safety_stop(monkeypatch):
+    """The learned arm's days train within compare_strategies' budget of steps, shared by the days; when the seconds'
+    safety stop ends a day's training instead, the notes say the arm can differ between runs."""
+    from precompute_assets.ml import strategies
+
+    budgets = []
+    real = strategies.evaluate_demand
+
+    def recording(history, hp, **kwargs):
+        budgets.append((hp.max_steps, hp.max_seconds))
+        return real(history, hp, **kwargs)
+
+    monkeypatch.setattr(strategies, "evaluate_demand", recording)
+    trace = weekly_trace(days=6, per_day=400, hot=30, seed=2)
+    hp = DemandHyperParams(max_epochs=1000, max_seconds=30, max_train_keys=500, threads=1)
+    kwargs = {"arms": ("frequency", "lstm"), "top_n": 20, "capacity": 30, "salt": "s", "warmup_days": 3, "hp": hp}
+    out = ab_replay(trace, 6, **kwargs, lstm_budget_steps=9, lstm_safety_s=120.0)["ab"]
+    assert budgets == [(3, 30)] * 3  # days 3..5 train: 9 steps and 120 s shared, within hp's 30 s a day
+    assert not any("safety stop" in note for note in out["notes"])
+    stopped = ab_replay(trace, 6, **kwargs, lstm_safety_s=1e-6)["ab"]["notes"]
+    assert [note for note in stopped if "safety stop" in note] == [
+        "the LSTM's safety stop (0.0 s a day) ended its training before its 2000 steps and 1000 epochs on 3 of 3 "
+        "days: those models depend on how busy the cores were, so lstm can differ between runs"
+    ]
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

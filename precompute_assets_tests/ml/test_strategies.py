@@ -14,18 +14,20 @@ import pytest
 
 from precompute_assets.ml import replay as replay_module
 from precompute_assets.ml import strategies as strategies_module
-from precompute_assets.ml.demand import DemandHyperParams
+from precompute_assets.ml.demand import DemandHyperParams, evaluate_demand
 from precompute_assets.ml.replay import Trace, parse_trace, read_through_day_hits, replay, split_days
 from precompute_assets.ml.strategies import (
     STRATEGIES,
     TraceHours,
     compare_strategies,
+    day_hyper_params,
     progress_stages,
     rankings_of,
     strategy_sets,
     trace_hours,
 )
 from precompute_assets.tools.cli import main
+from precompute_assets_tests.ml.test_demand import jumping_clock
 
 TINY = DemandHyperParams(max_epochs=1, max_seconds=30, max_train_keys=200, hidden_size=8)
 
@@ -140,23 +142,49 @@ def test_the_lstm_is_trained_once_it_has_three_days_and_reported():
     assert 0 <= result["strategies"]["lstm"]["hit_rate"] <= 1
     (note,) = result["strategy_notes"]
     assert "trained on 2 days" in note and "2 counted days had fewer than 3 days" in note
-    assert "at most 1 epochs and 30.0 s a day" in note  # 180 s over 2 trained days: the 30 s per day bound
+    assert "at most 1 epochs and 2000 steps a day" in note  # 8400 steps over 2 trained days: the day's own bound
     _, info = strategy_sets(trace_hours(trace, 5), "lstm", 30, hp=TINY)
-    assert info["trained_days"] == 2 and info["fallback_days"] == 2 and info["clock_days"] == 0  # its 1 epoch done
+    assert info["trained_days"] == 2 and info["fallback_days"] == 2 and info["safety_stop_days"] == 0
 
 
-def test_training_the_clock_stopped_is_reported_as_not_reproducible():
-    """The LSTM's training stops at max_epochs or its seconds: stopped by the clock, it stops wherever the machine got
-    to, and the results can differ between runs. That was not said."""
+def test_the_days_share_a_budget_of_steps_and_replay_the_same_whatever_the_clock_says(monkeypatch):
+    """Each day's LSTM trains its share of the steps: the same trace replays the same on a machine whose clock says
+    every step took a minute (as long as the safety stop does not fire), where a budget of seconds stopped early."""
     trace = zipf_trace(seed=4)
-    result = compare_strategies(trace, 5, ["lstm", "auto"], top_n=30, capacity=90, hp=TINY, lstm_budget_s=1e-6)
-    clock = [note for note in result["strategy_notes"] if note.startswith("the clock")]
-    assert clock == [
-        "the clock stopped the LSTM's training before 1 epochs on 2 of 2 days (0.0 s a day): on cores this busy or "
-        "busier it stops elsewhere, so lstm and auto can differ between runs"
+    hp = replace(TINY, max_epochs=1000, max_seconds=1e9)
+    assert day_hyper_params(hp, 5, 7, 360.0) == replace(hp, max_steps=3, max_seconds=180.0)  # 2 days train
+    assert day_hyper_params(replace(hp, max_steps=2), 5, 7, 1e12).max_steps == 2  # within the day's own bound
+    assert day_hyper_params(hp, 3, 7, 360.0) == hp  # no day trains
+    args = dict(top_n=30, capacity=90, hp=hp, lstm_budget_steps=7, lstm_safety_s=1e9)
+    calm = compare_strategies(trace, 5, ["lstm", "auto"], **args)
+    trained = []
+
+    def recording(*args, **kwargs):
+        trained.append(evaluate_demand(*args, **kwargs))
+        return trained[-1]
+
+    monkeypatch.setattr(strategies_module, "evaluate_demand", recording)
+    jumping_clock(monkeypatch, 60.0)
+    hurried = compare_strategies(trace, 5, ["lstm", "auto"], **args)
+    assert hurried == calm
+    assert [(r.evaluation.train_steps, r.evaluation.stopped_by) for r in trained] == [(3, "steps")] * 2
+    assert all(r.evaluation.train_seconds > 3 * 60 for r in trained)  # the clock did say so
+    assert "at most 1000 epochs and 3 steps a day" in calm["strategy_notes"][0]
+    assert not any("safety stop" in note for note in calm["strategy_notes"])
+
+
+def test_the_safety_stop_firing_is_reported_as_not_reproducible():
+    """The LSTM's training stops at max_epochs or its steps, the same on any machine; when its seconds' safety stop
+    ends it instead, it stops wherever the machine got to, and the results can differ between runs: said."""
+    trace = zipf_trace(seed=4)
+    result = compare_strategies(trace, 5, ["lstm", "auto"], top_n=30, capacity=90, hp=TINY, lstm_safety_s=1e-6)
+    stopped = [note for note in result["strategy_notes"] if "safety stop" in note]
+    assert stopped == [
+        "the LSTM's safety stop (0.0 s a day) ended its training before its 2000 steps and 1 epochs on 2 of 2 days: "
+        "those models depend on how busy the cores were, so lstm and auto can differ between runs"
     ]
     _, info = strategy_sets(trace_hours(trace, 5), "lstm", 30, hp=replace(TINY, max_seconds=1e-6))
-    assert info["clock_days"] == info["trained_days"] == 2
+    assert info["safety_stop_days"] == info["trained_days"] == 2
 
 
 def test_auto_follows_the_approved_lstm_else_the_best_baseline_of_each_held_back_day():
