@@ -19,6 +19,7 @@ from ..ml.demand import (
     ewma_forecast,
     forecast_next_day,
     load_model,
+    safety_stop_note,
     seasonal_forecast,
 )
 from ..ml.model_store import ModelIntegrityError
@@ -33,7 +34,8 @@ DEMAND_LOOKBACK_DAYS = 14
 
 
 class DemandModelConfig(dg.Config):
-    """Lookback, LSTM, training budget, the baselines' parameters and the approval margin."""
+    """Lookback, LSTM, training budget (epochs and steps; seconds only as a safety stop), the baselines' parameters
+    and the approval margin."""
 
     lookback_days: int = Field(
         DEMAND_LOOKBACK_DAYS,
@@ -43,8 +45,18 @@ class DemandModelConfig(dg.Config):
     window_days: int = Field(7, description="Days before a target day that its features summarise.")
     sequence_days: int = Field(2, description="The last days of the window the LSTM steps through hour by hour.")
     hidden_size: int = Field(32, description="LSTM hidden units.")
-    max_epochs: int = Field(30, description="Training stops after this many epochs or max_seconds, first reached.")
-    max_seconds: float = Field(120.0, description="Training budget in seconds, feature building included.")
+    max_epochs: int = Field(30, description="Training stops after this many epochs or max_steps, first reached.")
+    max_steps: int = Field(
+        2000,
+        description="Training stops after this many optimizer steps (batches) or max_epochs, first reached: a budget "
+        "of work, so the same logs train the same weights on any machine (2000: what 45 s reached on 2 shared cores; "
+        "the default lookback's 30 epochs are fewer).",
+    )
+    max_seconds: float = Field(
+        120.0,
+        description="A safety stop only, feature building included: when it ends training before max_epochs or "
+        "max_steps, the weights depend on the machine's speed, and the run log and metadata warn.",
+    )
     learning_rate: float = Field(0.01, description="Adam learning rate.")
     batch_size: int = Field(256, description="Training batch size.")
     max_train_keys: int = Field(2000, description="Keys sampled (by seed) for training; every key is forecast.")
@@ -286,7 +298,8 @@ def demand_model(
     # Training may take the whole budget: say what it works on before it starts.
     context.log.info(
         f"read {len(days)} days of hourly query logs: {len(data.keys):,} keys, {data.missing_hours} hours missing; "
-        f"training the LSTM for at most {config.max_epochs} epochs or {config.max_seconds:g} s"
+        f"training the LSTM for at most {config.max_epochs} epochs or {config.max_steps} steps "
+        f"(safety stop {config.max_seconds:g} s)"
     )
     store = model_store.store()
     previous = previous_approved_version(context.instance, context.partition_key, context.run_id)
@@ -323,6 +336,10 @@ def demand_model(
     # An unmeasured MASE is left out of the metadata: the UI shows a NaN as an empty value and charts nothing for it.
     shown_scores = {name: value for name, value in scores.items() if not math.isnan(value)}
     mase_note = {} if evaluation.mase_note is None else {"mase_note": evaluation.mase_note}
+    safety_stop = {}  # the weights depend on the machine's speed: a warning beside the one in the run log
+    if evaluation.stopped_by == "seconds":
+        fired = safety_stop_note(hp, evaluation.train_steps, evaluation.epochs, evaluation.train_seconds)
+        safety_stop = {"safety_stop": fired}
     try:
         # overwrite: a step retry in the same run retrains and replaces the weights of this unfinished version
         uri = store.save_state_dict(
@@ -344,12 +361,12 @@ def demand_model(
         check, uri = beats_baselines_check(None, config.margin, f"{problem} ({check.description})"), ""
     check_key = dg.AssetCheckKey(dg.AssetKey(DEMAND_MODEL), BEATS_BASELINES)
     pruned = prune_model_versions(context, store, DEMAND_MODEL, check_key, config.retention_days, version)
-    if evaluation.epochs < hp.max_epochs:  # the progress log's last line may be an earlier epoch's
+    if evaluation.stopped_by == "steps":  # the progress log's last line may be an earlier epoch's
         context.log.info(
-            f"LSTM training stopped by its {hp.max_seconds:g} s budget after {evaluation.epochs} of {hp.max_epochs} "
-            f"epochs ({evaluation.train_seconds:.1f} s, feature building included)"
+            f"LSTM training stopped by its budget of {hp.max_steps} steps in epoch {evaluation.epochs} of "
+            f"{hp.max_epochs} ({evaluation.train_seconds:.1f} s, feature building included)"
         )
-    for note in evaluation.notes:
+    for note in evaluation.notes:  # the safety stop's among them
         context.log.warning(note)
     context.log.info(f"trained {version}: {check.description}")
     return dg.MaterializeResult(
@@ -366,6 +383,10 @@ def demand_model(
             "hyper_params": dg.MetadataValue.json(asdict(result.hyper_params)),  # what top_ads ranks with
             "train_seconds": evaluation.train_seconds,
             "epochs": evaluation.epochs,
+            "train_steps": evaluation.train_steps,
+            "max_steps": hp.max_steps,
+            "stopped_by": evaluation.stopped_by,  # epochs or steps; seconds: the safety stop fired (safety_stop)
+            **safety_stop,
             "train_samples": evaluation.train_samples,
             # trained from scratch: left out, not shown as a blank value
             **({"warm_started_from": previous} if evaluation.warm_started and previous else {}),

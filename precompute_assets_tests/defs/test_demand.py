@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from dataclasses import asdict
@@ -96,6 +97,7 @@ def test_weekly_traffic_the_lstm_beats_frequency_and_its_weights_are_stored(
     assert meta["hit_rate_lstm"] > meta["hit_rate_frequency"] + 0.1
     assert meta["keys"] == 200 and meta["missing_hours"] == 0 and meta["days"] == 14 and meta["epochs"] == 4
     assert meta["train_seconds"] > 0 and "warm_started_from" not in meta  # the UI showed a blank value
+    assert (meta["stopped_by"], meta["train_steps"], meta["max_steps"]) == ("epochs", 4 * 5, 2000)  # 1200 samples
     gate = check(result)
     best = max(meta[f"hit_rate_{n}"] for n in ("frequency", "seasonal", "ewma"))
     assert gate.passed == (meta["hit_rate_lstm"] > best + 0.005) == meta["approved"]
@@ -125,19 +127,40 @@ def test_the_run_log_says_what_the_lstm_trains_on_before_training(resources, pg_
     result = run(resources, pg_instance, max_epochs=1)
     messages = [e.user_message for e in pg_instance.all_logs(result.run_id) if e.step_key == "demand_model"]
     read = next(i for i, m in enumerate(messages) if m.startswith("read 14 days of hourly query logs: 200 keys"))
-    assert "training the LSTM for at most 1 epochs or 120 s" in messages[read]
+    assert "training the LSTM for at most 1 epochs or 2000 steps (safety stop 120 s)" in messages[read]
     epoch = next(i for i, m in enumerate(messages) if m.startswith("LSTM epoch 1/1: training loss "))
     assert read < epoch < next(i for i, m in enumerate(messages) if m.startswith("trained "))
 
 
-def test_the_run_log_says_when_the_time_budget_stopped_the_training(resources, pg_instance, weekly_template, lake_uri):
+def test_the_run_log_and_metadata_say_when_the_step_budget_stopped_the_training(
+    resources, pg_instance, weekly_template, lake_uri
+):
     """The progress log is throttled and names the last epoch only when it is max_epochs: a training the budget
     stopped ended on an earlier epoch's line, as if it had stopped there."""
     shutil.copytree(weekly_template, lake_uri)
-    result = run(resources, pg_instance, max_epochs=100_000, max_seconds=2.0)
-    messages = [e.user_message for e in pg_instance.all_logs(result.run_id) if e.step_key == "demand_model"]
-    epochs = metadata(result)["epochs"]
-    assert f"LSTM training stopped by its 2 s budget after {epochs} of 100000 epochs (" in "\n".join(messages)
+    result = run(resources, pg_instance, max_epochs=100_000, max_steps=12)
+    messages = [e for e in pg_instance.all_logs(result.run_id) if e.step_key == "demand_model"]
+    meta = metadata(result)
+    assert (meta["train_steps"], meta["max_steps"], meta["stopped_by"], meta["epochs"]) == (12, 12, "steps", 3)
+    assert "safety_stop" not in meta and isinstance(meta["train_steps"], int)  # a number: the UI plots it
+    said = [e.user_message for e in messages if e.level == logging.INFO]
+    assert any(m.startswith("LSTM training stopped by its budget of 12 steps in epoch 3 of 100000 (") for m in said)
+    assert not [e for e in messages if e.level >= logging.WARNING and "safety stop" in e.user_message]
+
+
+def test_the_safety_stop_firing_is_a_warning_in_the_run_log_and_the_metadata(
+    resources, pg_instance, weekly_template, lake_uri
+):
+    """max_seconds only guards against a machine far slower than the step budget was sized for: when it ends the
+    training, the weights depend on that machine's speed, and the run must say so."""
+    shutil.copytree(weekly_template, lake_uri)
+    result = run(resources, pg_instance, max_epochs=100_000, max_seconds=1e-6)  # the features alone outlast it
+    assert result.success
+    meta = metadata(result)
+    assert (meta["stopped_by"], meta["train_steps"], meta["epochs"]) == ("seconds", 0, 0)
+    assert meta["safety_stop"].startswith("LSTM training stopped by its max_seconds safety stop (1e-06 s, ")
+    warned = [e.user_message for e in pg_instance.all_logs(result.run_id) if e.level == logging.WARNING]
+    assert meta["safety_stop"] in warned
 
 
 def test_the_training_log_is_throttled_but_names_the_first_and_last_epochs():
