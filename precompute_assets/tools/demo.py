@@ -147,7 +147,7 @@ def run_demo(
 
     with stages.timed("daily_precompute"):
         partition = day_keys[-2]
-        # demand_model (the LSTM, a 30 s budget here) scores every strategy at the N top_ads selects.
+        # demand_model (the LSTM: its step budget, a 30 s safety stop here) scores every strategy at top_ads' N.
         demand_config = {"max_seconds": 30.0, "top_n": top_n}
         result = defs.resolve_job_def("daily_precompute_job").execute_in_process(
             partition_key=partition,
