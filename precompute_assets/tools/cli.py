@@ -629,13 +629,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
         if args.admission not in ADMISSION_NAMES:
             raise CliError(f"unknown --admission {args.admission!r}: use one of {', '.join(ADMISSION_NAMES)}")
-    strategies: list[str] = []
-    if args.strategy is not None:
-        from ..ml.strategies import REPLAY_STRATEGIES
-
-        strategies = list(REPLAY_STRATEGIES) if args.strategy == "all" else [args.strategy]
-        if args.strategy != "all" and args.strategy not in REPLAY_STRATEGIES:
-            raise CliError(f"unknown --strategy {args.strategy!r}: use one of {', '.join(REPLAY_STRATEGIES)} or all")
+    strategies = [] if args.strategy is None else replay_strategies(args.strategy)
     arms = None
     if args.ab is not None:
         from ..ml.experiment import parse_arms
@@ -672,6 +666,21 @@ def cmd_replay(args: argparse.Namespace) -> int:
         stages += progress_stages(demand)
     with _Stages(stages) as stage:
         return _replay_stages(args, stage, strategies, arms, learned, train_days)
+
+
+def replay_strategies(option: str) -> list[str]:
+    """``--strategy``'s names: one, several separated by commas (``frequency,ewma``; each once, in the order
+    given), or ``all``; an unknown or empty name is a CliError."""
+    from ..ml.strategies import REPLAY_STRATEGIES
+
+    if option.strip() == "all":
+        return list(REPLAY_STRATEGIES)
+    names = [name.strip() for name in option.split(",")]
+    for name in names:
+        if name not in REPLAY_STRATEGIES:
+            known = ", ".join(REPLAY_STRATEGIES)
+            raise CliError(f"unknown --strategy {name!r}: use one of {known}, several separated by commas, or all")
+    return list(dict.fromkeys(names))
 
 
 class _Stages:
@@ -1464,7 +1473,8 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument(
         "--strategy",
         help="also replay top-N ranked by this demand strategy (frequency, ewma, seasonal, lstm, auto), or prefetch "
-        "(ours plus learned next-key prefetch), or 'all', each plus an LRU of capacity - top-n keys",
+        "(ours plus learned next-key prefetch), several separated by commas, or 'all', each plus an LRU of "
+        "capacity - top-n keys",
     )
     replay.add_argument(
         "--next-key",

@@ -403,6 +403,22 @@ def test_replay_cli_merges_the_strategies(tmp_path, capsys):
     )
 
 
+def test_replay_cli_takes_several_strategies_separated_by_commas(tmp_path, capsys):
+    """``--strategy frequency,ewma`` was an unknown strategy: one name or all were the only choices."""
+    trace = tmp_path / "trace.txt"
+    trace.write_text("\n".join(str(k) for k in zipf_trace(n=3000).keys) + "\n")
+    args = ["replay", "--trace", str(trace), "--days", "4", "--top-n", "20", "--capacity", "60"]
+    assert main([*args, "--strategy", "seasonal, frequency,seasonal"]) == 0
+    both = json.loads(capsys.readouterr().out)["strategies"]
+    assert list(both) == ["seasonal", "frequency"]
+    assert main([*args, "--strategy", "frequency"]) == 0
+    assert json.loads(capsys.readouterr().out)["strategies"]["frequency"] == both["frequency"]
+    for bad, named in (("frequency,nope", "'nope'"), ("frequency,", "''")):
+        assert main([*args, "--strategy", bad]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"precompute replay: unknown --strategy {named}") and err.count("\n") == 1
+
+
 def test_replay_cli_runs_an_ab_experiment_and_refuses_bad_arms(tmp_path, capsys):
     trace = tmp_path / "weekly.txt"
     trace.write_text("\n".join(weekly_trace().keys) + "\n")
