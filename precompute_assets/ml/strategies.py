@@ -46,7 +46,7 @@ from .demand import (
     frequency_forecast,
     seasonal_forecast,
 )
-from .replay import Trace, read_through_day_hits, replay
+from .replay import Trace, read_through_day_hits, replay, shards_keep
 from .selection import select_top
 
 STRATEGIES = ("frequency", "ewma", "seasonal", "lstm", "auto")
@@ -71,6 +71,14 @@ class TraceHours:
     day: np.ndarray
     hour: np.ndarray
     n_days: int
+
+    def sampled(self, rate: float) -> TraceHours:
+        """Only the requests of the keys ``replay.sample_trace`` keeps at ``rate`` (all at 1), each on the day and
+        hour it had in the whole trace: a sample's days are the whole trace's, as ``replay --sample`` counts them."""
+        if rate == 1:
+            return self
+        keep = shards_keep(self.keys, rate)
+        return TraceHours(self.keys[keep], self.day[keep], self.hour[keep], self.n_days)
 
     def day_keys(self) -> list[np.ndarray]:
         """Each day's requested keys, in order (the same days as ``split_days``)."""
@@ -301,6 +309,7 @@ def compare_strategies(
     progress: Callable[[str], None] = lambda stage: None,
     pool: Executor | None = None,
     read_through: dict[str, list[int]] | None = None,
+    sample: float = 1.0,
 ) -> dict:
     """``{"strategies": {name: {"hit_rate", "top_n"}}, "strategy_notes": [...]}``: the hit rate over the
     counted days of each strategy's top-N plus an LRU of ``capacity - top_n`` keys (``replay``'s ``ours`` with
@@ -324,12 +333,16 @@ def compare_strategies(
 
     ``read_through`` (``read_through_day_hits`` of the trace's days, capacity and admission), from a caller that
     replays the policies too, is the read-through tier that ``"auto"`` needs: given, it is not replayed here.
+
+    ``sample`` < 1 replays only the keys ``replay.sample_trace`` keeps at that rate, on the whole trace's days
+    (``TraceHours.sampled``): ``capacity``, ``top_n`` and ``hp.top_n`` are then the caller's to scale, and the rates
+    are the sample's, not adjusted.
     """
     auto = top_n == "auto"
     if not auto and (isinstance(top_n, str) or top_n < 0):
         raise ValueError(f"top_n must be a whole number >= 0 or 'auto', got {top_n!r}")
     check_strategies(strategies)
-    hours = trace_hours(trace, days)
+    hours = trace_hours(trace, days).sampled(sample)
     day_hp = day_hyper_params(hp if auto else replace(hp, top_n=top_n), days, lstm_budget_steps, lstm_safety_s)
     limit = capacity if auto else top_n
     # The read-through policies are the same for every strategy: the caller's own replay has them.

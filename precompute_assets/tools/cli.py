@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -35,6 +36,7 @@ from ..stack import (
 )
 
 if TYPE_CHECKING:
+    from ..ml.demand import DemandHyperParams
     from ..storage.lake import Lake
 
 DOCUMENT_FIELD_OPTIONS = {
@@ -640,16 +642,23 @@ def cmd_replay(args: argparse.Namespace) -> int:
             raise CliError(f"--ab {args.ab!r}: {error}") from None
         if args.top_n == "auto":
             raise CliError("--ab needs a fixed --top-n: each arm precomputes half of it")
+    if not 0 < args.sample <= 1:  # NaN too
+        raise CliError(f"--sample must be above 0 and at most 1, got {args.sample}")
+    if args.sample < 1 and (args.next_key or ("prefetch" in strategies and args.strategy.strip() != "all")):
+        raise CliError(
+            f"--sample keeps every request of a share of the keys, which cuts the sequences across keys that the "
+            f"next-key model learns: not with {'--next-key' if args.next_key else '--strategy prefetch'}"
+        )
+    if args.sample < 1 and args.ab:
+        raise CliError("--sample replays the policies and --strategy only: not with --ab")
+    if args.sample < 1:  # all: every strategy a sample can replay (a note says prefetch is left out)
+        strategies = [name for name in strategies if name != "prefetch"]
     learned = args.next_key or "prefetch" in strategies
     if args.train_days is not None and not learned:
         raise CliError("--train-days is the next-key LSTM's: give it with --next-key or --strategy prefetch|all")
     train_days = args.train_days if args.train_days is not None else max(1, args.days // 2)
     if learned and not 1 <= train_days < args.days:
         raise CliError(f"--train-days must be at least 1 and less than --days {args.days}, got {train_days}")
-    if not 0 < args.sample <= 1:  # NaN too
-        raise CliError(f"--sample must be above 0 and at most 1, got {args.sample}")
-    if args.sample < 1 and (args.strategy or args.ab or args.next_key):
-        raise CliError("--sample replays the policies only: not with --strategy, --ab or --next-key")
     if not math.isfinite(args.margin):
         raise CliError(f"--margin must be a finite number, got {args.margin}")
     if not 0 <= args.prefetch_threshold <= 1:  # a probability; NaN and infinity too
@@ -716,7 +725,7 @@ def _replay_stages(
     trace = read_trace(args.trace, args)
     if args.days > len(trace.keys):
         raise CliError(f"--days {args.days} is larger than the number of requests ({len(trace.keys)})")
-    whole, sample = trace, None
+    whole, sample, asked = trace, None, args
     try:
         day_keys = split_days(whole, args.days)
         if args.sample < 1:
@@ -725,6 +734,9 @@ def _replay_stages(
         for note in notes:
             print(f"precompute replay: warning: {note}", file=sys.stderr)
         demand_strategies = [name for name in strategies if name != "prefetch"]
+        sampled = {}  # a sample's strategies replay its keys on the whole trace's days, as its policies do
+        if sample is not None and demand_strategies:
+            sampled = dict(sample=args.sample, hp=sampled_hyper_params(args.sample))
         # More than the policies to replay: each piece in a process of its own, while the LSTM trains here.
         with _replay_pool(bool(demand_strategies) or learned) as pool:
             requests = f"{len(trace.keys):,} requests"
@@ -742,7 +754,7 @@ def _replay_stages(
                 from ..ml.strategies import compare_strategies
 
                 compared = compare_strategies(
-                    trace,
+                    whole,
                     args.days,
                     demand_strategies,
                     top_n=args.top_n,
@@ -752,6 +764,7 @@ def _replay_stages(
                     progress=stage,
                     pool=pool,
                     read_through=read_through,
+                    **sampled,
                 )
             result = (
                 replayed.result()
@@ -767,6 +780,8 @@ def _replay_stages(
             if whole.logged_hits is not None:  # what the serving client saw on the same counted requests
                 result["hit_rate_logged"] = logged_hit_rate(whole, args.days)
             if demand_strategies:
+                if sample is not None:
+                    compared = _sampled_strategies(compared, sample, asked, result["requests"])
                 result.update(compared)
             if arms is not None:
                 from ..ml.experiment import ab_replay
@@ -849,6 +864,45 @@ def _sampled(trace, day_keys: list, args: argparse.Namespace) -> tuple[Any, list
         "top_n": top_n,
     }
     return sampled, sampled_days, summary, scaled
+
+
+def sampled_hyper_params(rate: float) -> DemandHyperParams:
+    """The demand strategies' hyper-parameters on a ``--sample`` of ``rate``: the LSTM's approval ``top_n``, a count
+    of keys, scaled as the capacity is (a fixed ``--top-n`` replaces it anyway). ``max_train_keys`` stays: it bounds
+    the keys trained on, and a sample of more keys than that trains the same model as the whole trace would."""
+    from ..ml.replay import sampled_size
+    from ..ml.strategies import REPLAY_HYPER_PARAMS
+
+    return dataclasses.replace(REPLAY_HYPER_PARAMS, top_n=sampled_size(REPLAY_HYPER_PARAMS.top_n, rate))
+
+
+def _sampled_strategies(compared: dict, sample: dict, asked: argparse.Namespace, kept: int) -> dict:
+    """``compare_strategies``' result on a ``--sample`` in the whole trace's terms: hit rates adjusted as the
+    policies' are (``shards_adjusted``; ``kept``: the sample's counted requests) and top-N shares in the whole
+    trace's keys (a fixed ``--top-n`` as asked, a tuned share divided by the rate). What the sample replayed, hit
+    rates and shares in its own keys, goes to ``sample["strategies_unadjusted"]``."""
+    from ..ml.replay import shards_adjusted
+
+    rate, counted = sample["rate"], sample["requests_counted"]
+    whole = {}
+    for name, entry in compared["strategies"].items():
+        rates = {key: value for key, value in entry.items() if key.startswith("hit_rate")}
+        shares = {
+            key: (asked.top_n if key == "top_n" and asked.top_n != "auto" else value / rate)
+            for key, value in entry.items()
+            if key in ("top_n", "top_n_admission")
+        }
+        if "top_n_chosen" in entry:
+            shares["top_n_chosen"] = [round(share / rate) for share in entry["top_n_chosen"]]
+        whole[name] = {**entry, **shards_adjusted(rates, rate, kept, counted), **shares}
+    sample["strategies_unadjusted"] = compared["strategies"]
+    note = (
+        f"sampled at {rate}: each strategy's hit rates are adjusted as the policies' are, and its top_n is in the "
+        f"whole trace's keys (the sample's divided by {rate}; sample.strategies_unadjusted has both as replayed)"
+    )
+    if "prefetch" not in compared["strategies"] and asked.strategy.strip() == "all":
+        note += "; prefetch is not replayed on a sample: its next-key model learns sequences across keys"
+    return {**compared, "strategies": whole, "strategy_notes": [*compared["strategy_notes"], note]}
 
 
 @contextlib.contextmanager
@@ -1516,7 +1570,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=1.0,
         metavar="RATE",
         help="replay only the requests of a fixed hash-sampled share RATE of the keys (SHARDS), with --capacity and "
-        "--top-n scaled by RATE: estimates of the whole trace's hit rates in about RATE of the time (default 1: all)",
+        "--top-n scaled by RATE: estimates of the whole trace's hit rates in about RATE of the time (default 1: all); "
+        "the policies and --strategy (not prefetch: 'all' leaves it out), not --ab or --next-key",
     )
     replay.set_defaults(fn=cmd_replay)
     return parser
