@@ -227,6 +227,7 @@ def ab_replay(
     alpha: float = 0.05,
     admission: str | None = None,
     margin: float | None = None,
+    sample: float = 1.0,
 ) -> dict:
     """The A/B experiment replayed on a trace: ``{"ab": {...}}`` to merge into ``precompute replay``'s JSON.
 
@@ -245,6 +246,11 @@ def ab_replay(
     more LRU room to the other arm, which narrows the measured difference rather than inflating it. ``hp``,
     ``lstm_budget_steps`` and ``lstm_safety_s`` default to ``compare_strategies``'s, and bound the training of the
     days as there (``day_hyper_params``).
+
+    ``sample`` < 1 replays only the keys ``replay.sample_trace`` keeps at that rate, on the whole trace's days, as
+    ``compare_strategies`` does (``capacity``, ``top_n`` and ``hp.top_n`` scaled by the caller). The arms' hash
+    (SHA-256 of ``salt:key``) and the sample's (pandas' unsalted ``hash_array`` of the key) are unrelated, so
+    the sampled keys split between the arms as evenly as all the keys do.
     """
     from .strategies import (
         LEARNED,
@@ -268,7 +274,7 @@ def ab_replay(
         raise ValueError(f"need capacity >= 1 and top_n <= capacity, got top_n={top_n}, capacity={capacity}")
     if not salt:
         raise ValueError("an A/B replay needs a non-empty salt")
-    hours = trace_hours(trace, days)
+    hours = trace_hours(trace, days).sampled(sample)
     day_keys = hours.day_keys()
     if not 1 <= warmup_days <= max(1, days - 1):
         raise ValueError(f"warmup_days must be at least 1 and less than the {days} days, got {warmup_days}")

@@ -649,8 +649,6 @@ def cmd_replay(args: argparse.Namespace) -> int:
             f"--sample keeps every request of a share of the keys, which cuts the sequences across keys that the "
             f"next-key model learns: not with {'--next-key' if args.next_key else '--strategy prefetch'}"
         )
-    if args.sample < 1 and args.ab:
-        raise CliError("--sample replays the policies and --strategy only: not with --ab")
     if args.sample < 1:  # all: every strategy a sample can replay (a note says prefetch is left out)
         strategies = [name for name in strategies if name != "prefetch"]
     learned = args.next_key or "prefetch" in strategies
@@ -734,8 +732,8 @@ def _replay_stages(
         for note in notes:
             print(f"precompute replay: warning: {note}", file=sys.stderr)
         demand_strategies = [name for name in strategies if name != "prefetch"]
-        sampled = {}  # a sample's strategies replay its keys on the whole trace's days, as its policies do
-        if sample is not None and demand_strategies:
+        sampled = {}  # a sample's strategies and arms replay its keys on the whole trace's days, as its policies do
+        if sample is not None and (demand_strategies or arms is not None):
             sampled = dict(sample=args.sample, hp=sampled_hyper_params(args.sample))
         # More than the policies to replay: each piece in a process of its own, while the LSTM trains here.
         with _replay_pool(bool(demand_strategies) or learned) as pool:
@@ -787,18 +785,23 @@ def _replay_stages(
                 from ..ml.experiment import ab_replay
 
                 stage(f"replaying the experiment {arms[0]} vs {arms[1]}")
-                result.update(
-                    ab_replay(
-                        trace,
-                        args.days,
-                        arms=arms,
-                        top_n=args.top_n,
-                        capacity=args.capacity,
-                        salt=args.ab_salt,
-                        admission=args.admission,
-                        margin=args.margin,
-                    )
+                experiment = ab_replay(
+                    whole,
+                    args.days,
+                    arms=arms,
+                    top_n=args.top_n,
+                    capacity=args.capacity,
+                    salt=args.ab_salt,
+                    admission=args.admission,
+                    margin=args.margin,
+                    **sampled,
                 )
+                if sample is not None:
+                    experiment["ab"]["notes"].append(
+                        f"on a --sample of {args.sample}: the arms' keys, requests and hit rates (not adjusted) are "
+                        f"the sample's, and top_n and capacity its scaled ones"
+                    )
+                result.update(experiment)
             if learned:
                 stage("training the next-key model")
                 learned_out = trained.result()
@@ -1571,7 +1574,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="RATE",
         help="replay only the requests of a fixed hash-sampled share RATE of the keys (SHARDS), with --capacity and "
         "--top-n scaled by RATE: estimates of the whole trace's hit rates in about RATE of the time (default 1: all); "
-        "the policies and --strategy (not prefetch: 'all' leaves it out), not --ab or --next-key",
+        "the policies, --strategy (not prefetch: 'all' leaves it out) and --ab on the sampled keys, not --next-key",
     )
     replay.set_defaults(fn=cmd_replay)
     return parser

@@ -12,6 +12,7 @@ import pytest
 
 from precompute_assets.ml.demand import DemandHyperParams
 from precompute_assets.ml.experiment import (
+    SRM_ALPHA,
     ab_replay,
     arm_budgets,
     arm_of,
@@ -280,6 +281,21 @@ def test_ab_replay_finds_the_strategy_that_wins_with_an_interval_excluding_zero(
     assert ab["difference"]["ci"][0] > 0.5 and ab["difference"]["excludes_zero"]
     assert not ab["srm"]["mismatch"]
     assert ab["requests"] == 3 * 3000 == sum(s["requests"] for s in rates.values())
+
+
+@pytest.mark.parametrize("keys", [np.array([f"user:{i}" for i in range(40_000)], dtype=object), np.arange(40_000)])
+@pytest.mark.parametrize("salt", ["ab1", "x", "s2"])
+def test_the_arms_split_is_independent_of_the_shards_sample(keys, salt):
+    """``replay --sample --ab``: if the arms' hash followed the sample's, one arm would get most of the sampled keys.
+    A chi-square test (1 dof) of arm against kept over 40,000 keys, at the SRM threshold."""
+    from precompute_assets.ml.replay import shards_keep
+
+    kept = shards_keep(keys, 0.3)
+    first = arms_of(salt, keys, ("a", "b")) == "a"
+    table = np.array([[np.sum(kept & first), np.sum(kept & ~first)], [np.sum(~kept & first), np.sum(~kept & ~first)]])
+    expected = table.sum(axis=1, keepdims=True) * table.sum(axis=0, keepdims=True) / table.sum()
+    chi2 = float(((table - expected) ** 2 / expected).sum())
+    assert math.erfc(math.sqrt(chi2 / 2)) > SRM_ALPHA, table
 
 
 def test_ab_replay_is_replays_ours_with_the_union_of_the_arms_sets():

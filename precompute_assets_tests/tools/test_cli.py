@@ -196,6 +196,26 @@ def test_replay_of_a_sample_tunes_each_strategys_share_of_the_scaled_capacity(tm
     assert seen == [250]
 
 
+def test_replay_of_a_sample_runs_an_ab_experiment_on_the_sampled_keys(tmp_path, capsys):
+    """The arms' hash (SHA-256 of salt:key) is not the sample's: the sampled keys split evenly between the arms."""
+    from precompute_assets.ml.experiment import arms_of
+    from precompute_assets.ml.replay import shards_keep
+
+    trace = zipf_text_trace(tmp_path / "trace.txt", 60_000, 20_000, seed=2)
+    base = ["replay", "--trace", trace, "--days", "4", "--top-n", "200", "--capacity", "1000", "--sample", "0.5"]
+    assert main([*base, "--ab", "frequency,ewma"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    ab = result["ab"]
+    assert ab["requests"] == result["requests"] < 45_000 and ab["capacity"] == 500
+    assert ab["top_n"] == {"frequency": 50, "ewma": 50} and not ab["srm"]["mismatch"]
+    assert "the sample's, and top_n and capacity its scaled ones" in ab["notes"][-1]
+    keys = pd.unique(pd.Series(Path(trace).read_text().split()))
+    sampled = keys[shards_keep(keys, 0.5)]
+    assert sum(ab["srm"]["keys"].values()) <= len(sampled) < len(keys)
+    in_first = arms_of("ab1", sampled, ("frequency", "ewma")) == "frequency"
+    assert abs(in_first.mean() - 0.5) < 3 * 0.5 / np.sqrt(len(sampled))  # within three standard errors
+
+
 def test_replay_of_a_sample_counts_the_whole_traces_days(tmp_path, capsys):
     """Days are the whole trace's equal time spans, not the sample's: its first and last requests may be of keys
     the sample drops, which would stretch or shrink every day of the sample's own span."""
