@@ -652,6 +652,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if args.sample < 1:  # all: every strategy a sample can replay (a note says prefetch is left out)
         strategies = [name for name in strategies if name != "prefetch"]
     learned = args.next_key or "prefetch" in strategies
+    if args.train_days is not None and args.sample < 1:
+        raise CliError(
+            "--train-days is the next-key LSTM's, which --sample does not train (not even in --strategy all)"
+        )
     if args.train_days is not None and not learned:
         raise CliError("--train-days is the next-key LSTM's: give it with --next-key or --strategy prefetch|all")
     train_days = args.train_days if args.train_days is not None else max(1, args.days // 2)

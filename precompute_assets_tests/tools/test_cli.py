@@ -139,6 +139,12 @@ def test_replay_of_a_sample_scales_the_cache_and_adjusts_the_rates_it_reports(tm
             "precompute replay: --sample keeps every request of a share of the keys, which cuts the sequences across "
             f"keys that the next-key model learns: not with {named}\n"
         )
+    # all leaves prefetch out on a sample: its next-key model's --train-days would be ignored, not used
+    assert main([*base, "--sample", "0.5", "--strategy", "all", "--train-days", "2"]) == 2
+    assert capsys.readouterr().err == (
+        "precompute replay: --train-days is the next-key LSTM's, which --sample does not train (not even in "
+        "--strategy all)\n"
+    )
 
 
 def zipf_text_trace(path: Path, requests: int, keys: int, seed: int) -> str:
