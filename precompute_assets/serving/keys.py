@@ -339,8 +339,8 @@ class Experiment:
         object.__setattr__(self, "arms", arms)
         if (
             len(arms) != 2
-            or len(set(arms)) != 2
             or not all(isinstance(a, str) and ARM_PATTERN.fullmatch(a) for a in arms)
+            or len(set(arms)) != 2  # after the names are checked: set() of unhashable arms raised TypeError
         ):
             raise ValueError(f"an experiment needs two distinct arm names like 'frequency', got {list(arms)!r}")
         if not isinstance(self.salt, str) or not self.salt or len(self.salt) > 256:

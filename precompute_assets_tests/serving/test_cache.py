@@ -280,6 +280,19 @@ def test_a_malformed_experiment_is_ignored_and_counted(redis_url, redis_client, 
     assert all(b"arm" not in f for _, f in logged_queries(redis_client, schema))
 
 
+def test_an_experiment_with_arms_that_are_not_names_never_raises_from_a_lookup(redis_url, redis_client, schema):
+    """Arms that are JSON arrays or objects (a hand-written experiment key) once raised TypeError from every lookup of
+    the kind (``set()`` of unhashable arms), which is documented never to raise: it is no experiment, counted."""
+    publish_version(redis_client, "ctr", "v1", [("a", 0.1)], n_keys=1, schema=schema)
+    redis_client.set(schema.experiment("ctr"), b'{"name": "x", "salt": "s", "arms": [["lstm"], ["frequency"]]}')
+    cache = make_cache(redis_url, schema)
+    assert cache.get("ctr", "a") == pytest.approx(0.1)
+    assert cache.get_many("ctr", ["a", "b"]) == [pytest.approx(0.1), None]
+    assert cache.get_or_compute("ctr", "b", lambda key: 0.5) == 0.5
+    assert cache.current_version("ctr").version == "v1"
+    assert cache.current_experiment("ctr") is None and cache.errors >= 1
+
+
 @pytest.mark.parametrize(
     ("raw", "message"),
     [
@@ -289,6 +302,8 @@ def test_a_malformed_experiment_is_ignored_and_counted(redis_url, redis_client, 
         (b'{"name": "x", "salt": "s", "arms": ["a", "B!"]}', "two distinct arm names"),
         (b'{"name": "x", "salt": "", "arms": ["a", "b"]}', "non-empty salt"),
         (b'{"name": "x", "arms": ["a", "b"]}', "non-empty salt"),
+        (b'{"name": "x", "salt": "s", "arms": [["a"], ["b"]]}', "two distinct arm names"),  # unhashable arms
+        (b'{"name": "x", "salt": "s", "arms": [{}, {}]}', "two distinct arm names"),
     ],
 )
 def test_experiment_decode_rejects_malformed_values(raw, message):
