@@ -757,7 +757,7 @@ class PredictionCache:
             return None
         try:
             return codec_for(kind).decode(raw)
-        except (ValueError, TypeError, struct.error):
+        except (ValueError, TypeError, struct.error, RecursionError):  # RecursionError: JSON nested too deep
             self.errors += 1
             return None
 

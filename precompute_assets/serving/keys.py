@@ -362,7 +362,7 @@ class Experiment:
         """Parse ``encode``'s JSON; ``ValueError`` when it is malformed."""
         try:
             data = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as error:
+        except (ValueError, UnicodeDecodeError, RecursionError) as error:  # RecursionError: nested too deep
             raise ValueError(f"experiment is not JSON: {error}") from None
         if not isinstance(data, dict) or not isinstance(data.get("arms"), list):
             raise ValueError("experiment must be a JSON object with name, salt and arms")

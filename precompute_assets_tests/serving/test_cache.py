@@ -293,6 +293,20 @@ def test_an_experiment_with_arms_that_are_not_names_never_raises_from_a_lookup(r
     assert cache.current_experiment("ctr") is None and cache.errors >= 1
 
 
+def test_deeply_nested_json_values_are_misses_not_exceptions(redis_url, redis_client, schema):
+    """A live value or an experiment of JSON nested deeper than Python's recursion limit (a corrupt or hostile write:
+    a reader's credentials may write live values) raised RecursionError from the lookup, which is documented to count
+    a corrupt value as an error and a miss."""
+    publish_version(redis_client, "ctr", "v1", [("a", 0.1)], n_keys=1, schema=schema)
+    redis_client.set(schema.live("rank", "deep"), b"[" * 100_000)
+    redis_client.set(schema.experiment("ctr"), b"[" * 100_000)
+    cache = make_cache(redis_url, schema)
+    assert cache.get("rank", "deep") is None
+    assert cache.get_many("rank", ["deep", "other"]) == [None, None]
+    assert cache.get("ctr", "a") == pytest.approx(0.1)
+    assert cache.current_experiment("ctr") is None and cache.errors >= 3
+
+
 @pytest.mark.parametrize(
     ("raw", "message"),
     [
