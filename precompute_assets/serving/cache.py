@@ -7,6 +7,7 @@ import math
 import random
 import secrets
 import struct
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -220,6 +221,9 @@ class PredictionCache:
         self._release_refused = False  # NOPERM on the lock's release script (an older ACL): locks lapse at their PX
         self._random = random.Random()
         self._pointers: dict[str, tuple[Pointer | None, Experiment | None, float]] = {}
+        # Per thread, (kind, pointer, experiment) of its last lookup: what its query is logged with, whatever another
+        # thread has refreshed in ``_pointers`` since.
+        self._read_here = threading.local()
         self._retry_at = 0.0
         # Redis Cluster: lookups go to each master directly, and a failing master backs off alone (its keys are
         # misses for backoff_s) while the others keep answering.
@@ -410,7 +414,8 @@ class PredictionCache:
         """The A/B experiment of ``kind`` as this reader currently sees it (refreshed with the pointer, as
         ``current_version``)."""
         self._refresh_pointer(kind)
-        return self._experiment(kind)
+        cached = self._pointers.get(kind)
+        return None if cached is None else cached[1]
 
     def _refresh_pointer(self, kind: str) -> None:
         """``_pointer`` unless backing off; a Redis error keeps what was last read and backs off (``_trip``)."""
@@ -883,7 +888,7 @@ class PredictionCache:
         now = time.monotonic()
         cached = self._pointers.get(kind)
         if cached is not None and now - cached[2] < self.pointer_ttl_s:
-            return cached[0]
+            return self._read(kind, cached)
         if self._cluster:
             # Pointer first, experiment after its reply: the experiment is written before the pointer.
             (raw,) = self._cluster_fetch([(b"GET", self.schema.pointer(kind))])
@@ -891,7 +896,7 @@ class PredictionCache:
             if raw is FAILED:  # its master is down: the last pointer read is still the current one (nobody can flip)
                 last = cached or (None, None, 0.0)
                 self._pointers[kind] = (last[0], last[1], now)
-                return last[0]
+                return self._read(kind, last)
             if raw_experiment is FAILED:  # the experiment's master is down: keep what was read with this pointer
                 kept = cached[1] if cached is not None and cached[0] is not None else None
                 raw_experiment = kept.encode() if kept is not None and cached[0].encode() == raw else None
@@ -913,17 +918,28 @@ class PredictionCache:
             except ValueError:  # a malformed experiment is no experiment: queries are logged without arms
                 self.errors += 1
         self._pointers[kind] = (pointer, experiment, now)
-        return pointer
+        return self._read(kind, self._pointers[kind])
+
+    def _read(self, kind: str, entry: tuple[Pointer | None, Experiment | None, float]) -> Pointer | None:
+        """``entry``'s pointer, remembered as the one this thread's lookup of ``kind`` reads (``_last_read``)."""
+        self._read_here.last = (kind, entry)
+        return entry[0]
+
+    def _last_read(self, kind: str) -> tuple[Pointer | None, Experiment | None]:
+        """The pointer and experiment this thread's last lookup of ``kind`` read (else the last read of any
+        thread): another thread may have refreshed them after a flip since."""
+        last = getattr(self._read_here, "last", None)
+        entry = last[1] if last is not None and last[0] == kind else self._pointers.get(kind)
+        return (None, None) if entry is None else (entry[0], entry[1])
 
     def _version(self, kind: str) -> str | None:
-        """The published version last read for ``kind`` (the one the lookup read), without touching Redis."""
-        cached = self._pointers.get(kind)
-        return None if cached is None or cached[0] is None else cached[0].version
+        """The published version this thread's lookup of ``kind`` read, without touching Redis."""
+        pointer = self._last_read(kind)[0]
+        return None if pointer is None else pointer.version
 
     def _experiment(self, kind: str) -> Experiment | None:
-        """The experiment last read for ``kind``, without touching Redis (logging never adds a round trip)."""
-        cached = self._pointers.get(kind)
-        return None if cached is None else cached[1]
+        """The experiment read with that version, without touching Redis (logging never adds a round trip)."""
+        return self._last_read(kind)[1]
 
     def _lookup(self, kind: str, key: str) -> bytes | None:
         if self._cluster:

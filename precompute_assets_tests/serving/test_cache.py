@@ -269,6 +269,35 @@ def test_the_experiment_costs_no_round_trip_per_lookup(redis_url, redis_client, 
     )
 
 
+def test_a_query_is_logged_with_the_version_and_arm_its_own_lookup_read(redis_url, redis_client, schema):
+    """Threads share a cache: another thread that refreshes the pointer after a flip, while this thread's lookup is
+    reading the old version, must not relabel this query. Its ``ver`` and ``arm`` were read from the shared cache of
+    pointers after the lookup, so they named the new version and its experiment beside the old version's value."""
+    keys = [("a", 0.1)]
+    publish_version(redis_client, "ctr", "v1", keys, n_keys=1, schema=schema, experiment=EXPERIMENT)
+    logger = QueryLogger(log_client(redis_url), schema)
+    cache = make_cache(redis_url, schema, logger=logger)  # pointer_ttl_s=0: every lookup reads the pointer
+    flipped = []
+
+    def another_thread_reads_after_a_flip() -> None:  # runs while this thread's HGET of v1 is in flight
+        if flipped:
+            return
+        flipped.append(True)
+        new_experiment = Experiment("other", "s3", ("lstm", "frequency"))  # "a" is in arm lstm
+        publish_version(redis_client, "ctr", "v2", [("a", 0.2)], n_keys=1, schema=schema, experiment=new_experiment)
+        other = threading.Thread(target=cache.current_version, args=("ctr",))
+        other.start()
+        other.join()
+
+    cache._while_waiting = another_thread_reads_after_a_flip
+    assert cache.get("ctr", "a") == pytest.approx(0.1)  # v1's value: the lookup read v1
+    assert cache.current_version("ctr").version == "v2"
+    logger.close()
+    ((_, fields),) = logged_queries(redis_client, schema)
+    assert fields[b"ver"] == b"v1"
+    assert fields[b"arm"].decode() == EXPERIMENT.arm("a") == "frequency"
+
+
 def test_a_malformed_experiment_is_ignored_and_counted(redis_url, redis_client, schema):
     publish_version(redis_client, "ctr", "v1", [("a", 0.1)], n_keys=1, schema=schema)
     redis_client.set(schema.experiment("ctr"), b'{"name": "x", "salt": "s", "arms": ["lstm", "lstm"]}')
