@@ -841,7 +841,8 @@ class PredictionCache:
                 nodes.append(node)
                 chosen.append(index)
         failed: set[str] = set()
-        backing_off = {name for name, retry_at in self._node_retry_at.items() if retry_at > now}
+        # A copy (one step under the GIL): another thread may record a master failing for the first time meanwhile.
+        backing_off = {name for name, retry_at in list(self._node_retry_at.items()) if retry_at > now}
         for index, node, reply in zip(
             chosen, nodes, cluster_send(self.client, [commands[i] for i in chosen], avoid=backing_off), strict=True
         ):

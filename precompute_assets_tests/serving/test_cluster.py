@@ -446,6 +446,45 @@ def test_an_interrupted_lookup_leaves_no_replies_for_the_next(redis_cluster, clu
     assert not any(in_use)
 
 
+def test_a_master_failing_for_the_first_time_never_breaks_a_concurrent_lookup(redis_cluster, ns):
+    """Threads share a cache: a lookup iterated the masters backing off while another thread recorded a master that
+    had never failed before, and raised ``RuntimeError: dictionary changed size during iteration`` out of ``get_many``.
+    Fast thread switches and many first failures make the rare interleaving common."""
+    import sys
+
+    cache = cache_on(redis_cluster, ns, backoff_s=60.0)
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def look_up() -> None:
+        while not stop.is_set():
+            try:
+                cache.get_many("ctr", ["a", "b", "c"])
+            except Exception as error:  # noqa: BLE001 - what the lookup must never raise
+                errors.append(error)
+                return
+
+    def fail_masters() -> None:  # as a lookup whose master failed records it; never-seen names, over and over
+        number = 0
+        while not stop.is_set() and number < 200_000:
+            cache._node_failed(f"192.0.2.{number % 250}:{1024 + number // 250}")
+            number += 1
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    threads = [threading.Thread(target=look_up) for _ in range(3)] + [threading.Thread(target=fail_masters)]
+    try:
+        for thread in threads:
+            thread.start()
+        threads[-1].join()
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+        sys.setswitchinterval(interval)
+    assert not errors, errors[:1]
+
+
 def test_crafted_keys_are_refused_before_touching_the_cluster(redis_cluster, cluster_client, ns):
     cache = cache_on(redis_cluster, ns)
     for bad in ("{tag}", "a\nb", "", "x" * 257):
