@@ -562,9 +562,29 @@ def sentinel_primary(target: SentinelUrl, **options: Any) -> redis.Redis:
     credentials = {"username": target.sentinel_username, "password": target.sentinel_password}
     tls = {} if target.tls is None else {"ssl": True, **dict(target.tls)}
     sentinels = _sentinel_class()(list(target.sentinels), sentinel_kwargs={**timeouts, **credentials, **tls})
+    connection_class = _sentinel_connection_class(tls=target.tls is not None)
     return sentinels.master_for(
-        target.service, db=target.db, username=target.username, password=target.password, **tls, **options
-    )
+        target.service, db=target.db, username=target.username, password=target.password,
+        connection_class=connection_class, **tls, **options,
+    )  # fmt: skip
+
+
+@functools.cache  # one class per process and TLS or not, not one per client
+def _sentinel_connection_class(*, tls: bool) -> type:
+    """redis-py's connection to a Sentinel-managed primary (with ``tls``, its TLS one) that drops itself when a read
+    fails, as its plain ``Connection`` does: redis-py's own defaults to keeping it, so a lookup interrupted while it
+    waited for its reply (``KeyboardInterrupt``, a worker's timeout signal, a gevent ``Timeout``) gave the connection
+    back to the pool with that reply unread, and the next command sent on it before the reply came read it as its
+    own (another key's value)."""
+    from redis.sentinel import SentinelManagedConnection, SentinelManagedSSLConnection
+
+    base = SentinelManagedSSLConnection if tls else SentinelManagedConnection
+
+    class DroppedOnReadError(base):
+        def read_response(self, *args: Any, disconnect_on_error: bool = True, **kwargs: Any) -> Any:
+            return super().read_response(*args, disconnect_on_error=disconnect_on_error, **kwargs)
+
+    return DroppedOnReadError
 
 
 @functools.cache  # one class per process, not one per client

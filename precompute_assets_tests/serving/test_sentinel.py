@@ -237,6 +237,44 @@ def test_a_killed_primary_is_replaced_under_a_running_client(sentinel_group: Sen
         cache.close()
 
 
+def test_a_lookup_interrupted_mid_read_leaves_no_reply_for_the_next(sentinel_group: SentinelGroup, monkeypatch):
+    """An exception raised while a lookup reads its reply (``KeyboardInterrupt``, a worker's timeout signal, a gevent
+    ``Timeout``) must drop the connection, as redis-py's plain connections do: its Sentinel connections did not by
+    default, so one went back to the pool with the reply unread, and the next lookup on it, sent before that reply
+    came (a slow server), read it as its own: key ``b`` was served key ``a``'s value."""
+    schema = KeySchema(f"s{uuid.uuid4().hex[:8]}")
+    publisher = connect(sentinel_group.url, socket_timeout=5)
+    publish_version(publisher, "ctr", "v1", [("a", 0.25), ("b", 0.5)], n_keys=2, schema=schema, replica_wait_s=0)
+    cache = PredictionCache(  # the plain read-through: its lookup is one redis-py command, no lock or XFetch
+        connect(sentinel_group.url, socket_timeout=5), schema=schema, xfetch_beta=0, recompute_lock_ms=0
+    )
+    assert cache.get_or_compute("ctr", "a", lambda key: 0.75) == 0.25  # connects, reads the pointer
+    pool = cache.client.connection_pool
+    connection = pool.get_connection()
+    pool.release(connection)
+    parser, read, calls = type(connection._parser), type(connection._parser).read_response, [0]
+
+    def interrupted(self, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 1:
+            raise KeyboardInterrupt
+        return read(self, *args, **kwargs)
+
+    os.kill(sentinel_group.primary.pid, signal.SIGSTOP)  # replies come 0.3 s late (the sentinel waits 0.5 s)
+    resume = threading.Timer(0.3, os.kill, (sentinel_group.primary.pid, signal.SIGCONT))
+    resume.start()
+    try:
+        monkeypatch.setattr(parser, "read_response", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            cache.get_or_compute("ctr", "a", lambda key: 0.75)
+        monkeypatch.undo()
+        assert cache.get_or_compute("ctr", "b", lambda key: 0.75) == 0.5
+    finally:
+        resume.join()
+        os.kill(sentinel_group.primary.pid, signal.SIGCONT)
+        cache.close()
+
+
 def test_a_service_the_sentinel_does_not_monitor_is_named_in_the_error(sentinel_group: SentinelGroup):
     client = connect(sentinel_group.url.replace("/serving", "/servnig"), socket_timeout=2)
     with pytest.raises(redis.ConnectionError, match=r"monitors no 'servnig' \(it monitors \['serving'\]\)"):
