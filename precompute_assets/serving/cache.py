@@ -905,7 +905,12 @@ class PredictionCache:
             pipe = self.client.pipeline(transaction=False)
             pipe.get(self.schema.pointer(kind))
             pipe.get(self.schema.experiment(kind))
-            raw, raw_experiment = pipe.execute()
+            raw, raw_experiment = pipe.execute(raise_on_error=False)
+            if isinstance(raw, BaseException):
+                raise raw
+            if isinstance(raw_experiment, BaseException):  # an error reply (WRONGTYPE): a malformed experiment
+                self.errors += 1
+                raw_experiment = None
         pointer = None
         if raw is not None:
             try:

@@ -336,6 +336,20 @@ def test_deeply_nested_json_values_are_misses_not_exceptions(redis_url, redis_cl
     assert cache.current_experiment("ctr") is None and cache.errors >= 3
 
 
+def test_an_experiment_key_of_another_type_is_no_experiment(redis_url, redis_client, schema):
+    """The pointer and the experiment are read together: a WRONGTYPE reply to the experiment's GET (a hash written
+    there by hand) failed the pointer's refresh too, so every lookup of the kind was a miss, live values included,
+    and the pointer was read again on every one. A malformed experiment is no experiment, as on a cluster."""
+    publish_version(redis_client, "ctr", "v1", [("a", 0.1)], n_keys=1, schema=schema)
+    redis_client.set(schema.live("ctr", "z"), b"\x00\x00\x00\x3f")  # 0.5 as float32
+    redis_client.hset(schema.experiment("ctr"), "arms", "lstm,frequency")
+    cache = make_cache(redis_url, schema)
+    assert cache.get("ctr", "a") == pytest.approx(0.1)
+    assert cache.get_many("ctr", ["a", "z"]) == [pytest.approx(0.1), pytest.approx(0.5)]
+    assert cache.current_version("ctr").version == "v1"
+    assert cache.current_experiment("ctr") is None and cache.errors >= 1
+
+
 @pytest.mark.parametrize(
     ("raw", "message"),
     [
