@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pandas as pd
 import redis
 
@@ -125,3 +127,20 @@ def commands_run(client: redis.Redis) -> list[tuple[list[str], int]]:
         commands.append((args, count))
     client.execute_command("SLOWLOG", "RESET")
     return commands
+
+
+def wait_for_replica(primary: redis.Redis, replica: redis.Redis, timeout_s: float = 15.0) -> None:
+    """Wait until ``replica`` has synced from ``primary`` as both see it: its link is up, and the primary lists it
+    online. The replica reports its link up a moment before the primary lists it, and a publish in between waits
+    for no replica at all (``replication.wait_for_replicas`` counts the ones online when it starts)."""
+    from precompute_assets.serving.replication import online_replicas
+
+    port = replica.connection_pool.connection_kwargs["port"]
+    deadline = time.monotonic() + timeout_s
+    while not (
+        replica.info("replication").get("master_link_status") == "up"
+        and any(name.endswith(f":{port}") for name in online_replicas(primary.info("replication")))
+    ):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"replica {port} never synced")
+        time.sleep(0.05)

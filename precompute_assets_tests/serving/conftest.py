@@ -16,6 +16,7 @@ import pytest
 import redis
 
 from precompute_assets.stack import RedisServer, free_port
+from precompute_assets_tests.factories import wait_for_replica
 
 SLOTS = 16384
 CLUSTER_CONFIG = (
@@ -120,12 +121,9 @@ def start_cluster(base: Path, *, masters: int = 3, replicas: int = 0, extra_conf
                         time.sleep(0.05)
         cluster.wait_ok()
         if cluster.replicas:
-            deadline = time.monotonic() + 15
-            for replica in cluster.replicas:
-                while cluster.client(replica.port).info("replication").get("master_link_status") != "up":
-                    if time.monotonic() > deadline:
-                        raise RuntimeError(f"replica {replica.port} never synced")
-                    time.sleep(0.05)
+            for index, replica in enumerate(cluster.replicas):
+                master = cluster.masters[index % masters]
+                wait_for_replica(cluster.client(master.port), cluster.client(replica.port))
         return cluster
     except BaseException:
         for node in started:
@@ -235,11 +233,7 @@ def start_sentinel_group(base: Path) -> SentinelGroup:
         )
         started.append(replica)
         replica.start(timeout_s=30)
-        deadline = time.monotonic() + 15
-        while redis.Redis(port=replica.port).info("replication").get("master_link_status") != "up":
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"replica {replica.port} never synced")
-            time.sleep(0.05)
+        wait_for_replica(redis.Redis(port=primary.port), redis.Redis(port=replica.port))
         sentinel = SentinelServer(base / uuid.uuid4().hex[:8], free_port(), primary.port)
         started.append(sentinel)
         sentinel.start()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import time
 
 import pytest
 import redis
@@ -16,15 +15,13 @@ from precompute_assets.serving import publish as publish_module
 from precompute_assets.serving.keys import Pointer
 from precompute_assets.serving.replication import ReplicationTimeoutError, online_replicas, wait_for_replicas
 from precompute_assets.stack import RedisServer
+from precompute_assets_tests.factories import wait_for_replica
 
 
 def replica_of(redis_server, primary: RedisServer) -> RedisServer:
     replica = redis_server(extra_config=(f"replicaof 127.0.0.1 {primary.port}",))
-    deadline = time.monotonic() + 15
-    with redis.Redis(port=replica.port) as node:
-        while node.info("replication").get("master_link_status") != "up":
-            assert time.monotonic() < deadline, "the replica never synced"
-            time.sleep(0.05)
+    with redis.Redis(port=primary.port) as theirs, redis.Redis(port=replica.port) as node:
+        wait_for_replica(theirs, node)
     return replica
 
 
