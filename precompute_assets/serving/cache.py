@@ -841,8 +841,10 @@ class PredictionCache:
                 nodes.append(node)
                 chosen.append(index)
         failed: set[str] = set()
-        # A copy (one step under the GIL): another thread may record a master failing for the first time meanwhile.
-        backing_off = {name for name, retry_at in list(self._node_retry_at.items()) if retry_at > now}
+        # Another thread may record a master failing for the first time meanwhile: iterate a copy. dict.copy() is one C
+        # call that runs no Python code; list(items()), which builds a tuple per entry, still raised "dictionary changed
+        # size during iteration" in 3 of 4 runs of the test (a garbage collection it starts can run other code).
+        backing_off = {name for name, retry_at in self._node_retry_at.copy().items() if retry_at > now}
         for index, node, reply in zip(
             chosen, nodes, cluster_send(self.client, [commands[i] for i in chosen], avoid=backing_off), strict=True
         ):
