@@ -2,8 +2,9 @@
 
 ``EventLogger.record_event(user, action, entity=..., tenant=...)`` queues an event and returns at once; the
 query logger's background thread (``QueryLogger``, reused here) writes them in pipelined ``XADD ... MAXLEN ~``
-chunks to ``{ns}:1:events``. A full buffer or a failing Redis drops events and counts them
-(``stats.dropped_buffer_full``, ``stats.dropped_write_failed``): a caller is never blocked and never sees an error.
+chunks to ``{ns}:1:events``. A full buffer, a failing Redis or a closed logger drops events and counts them
+(``stats.dropped_buffer_full``, ``stats.dropped_write_failed``, ``stats.dropped_closed``): a caller is never blocked
+and never sees an error.
 
 Stream entry fields (all strings): ``ts`` event time in ms since the epoch, ``user``, ``action`` (one of
 ``ACTIONS``; others are stored and quarantined downstream as unknown), ``entity`` (what the action was about:

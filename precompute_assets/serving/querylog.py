@@ -89,11 +89,12 @@ class LoggerStats:
     written: int = 0
     dropped_buffer_full: int = 0
     dropped_write_failed: int = 0
+    dropped_closed: int = 0  # logged after close(): nothing sends them any more
     flush_errors: int = 0
 
     @property
     def dropped(self) -> int:
-        return self.dropped_buffer_full + self.dropped_write_failed
+        return self.dropped_buffer_full + self.dropped_write_failed + self.dropped_closed
 
 
 class QueryLogger:
@@ -238,6 +239,9 @@ class QueryLogger:
         """Count ``size`` queries as logged; how many of them fit in the buffer (the rest are dropped, counted)."""
         with self._count_lock:  # callers share the logger across threads; `+=` alone can lose counts
             self.stats.logged += size
+            if self._stopped:  # a lookup still finishing after close(), as in a graceful shutdown
+                self.stats.dropped_closed += size
+                return 0
             room = max(0, min(size, self.max_buffer - self._queued))
             self.stats.dropped_buffer_full += size - room
             self._queued += room
@@ -285,7 +289,8 @@ class QueryLogger:
     def close(self) -> None:
         """Flush, stop the background thread and give the connection back."""
         _OPEN.discard(self)
-        self._stopped = True
+        with self._count_lock:  # a query counted by _room from now on is dropped_closed, never left in the buffer
+            self._stopped = True
         self._wake.set()
         self._thread.join(timeout=5)
         self._drain()

@@ -311,6 +311,20 @@ def test_counts_are_exact_when_threads_share_a_logger(redis_url, redis_client, s
     assert len(logged_queries(redis_client, schema)) == stats.written
 
 
+def test_queries_logged_after_close_are_counted_as_dropped(redis_url, redis_client, schema):
+    """Lookups still finishing during a graceful shutdown log after close(): those queries stayed in the buffer,
+    neither sent nor counted, so written + dropped fell short of logged."""
+    logger = QueryLogger(log_client(redis_url), schema)
+    logger.log("ctr", "before", hit=True)
+    logger.close()
+    logger.log("ctr", "after", hit=False)
+    logger.log_many("ctr", ["a", "b"], [True, False])
+    stats = logger.stats
+    assert (stats.logged, stats.written, stats.dropped_closed, stats.dropped) == (4, 1, 3, 3)
+    assert logger.pending == 0
+    assert [fields[b"key"] for _, fields in logged_queries(redis_client, schema)] == [b"before"]
+
+
 def test_a_batch_with_an_error_reply_is_counted_and_the_connection_stays_usable(redis_url, redis_client, schema):
     """A simulated clock behind the stream's last ID makes Redis refuse those XADDs: the batch is counted as
     dropped (not retried), and once the backoff passes the next batch goes through the same pool intact."""
