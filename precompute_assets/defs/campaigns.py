@@ -557,14 +557,12 @@ def campaign_launch_sensor(
     requested = {c.campaign_id for c in fresh}
     lost = [c for c in lost_campaigns(context, registry, redis, now) if c.campaign_id not in requested]
     if lost:
-        # Those serving longest first; the rest are still lost, and not busy, at the next tick, which takes them.
-        lost.sort(key=lambda c: (c.launch_at, c.campaign_id))
-        later = len(lost) - campaign_registry.max_rewarms_per_tick
-        lost = lost[: campaign_registry.max_rewarms_per_tick]
+        # Those serving longest first (the registry lists warm campaigns by launch time); the rest are still lost,
+        # and not busy, at the next tick, which takes them.
+        total, lost = len(lost), lost[: campaign_registry.max_rewarms_per_tick]
         context.log.warning(
-            f"Redis lost the values of {len(lost) + max(0, later)} warm campaigns (their budget key is gone): "
-            f"warming {len(lost)} again"
-            + (f" now, {later} more at the next ticks" if later > 0 else "")
+            f"Redis lost the values of {total} warm campaigns (their budget key is gone): warming {len(lost)} again"
+            + (f" now, {total - len(lost)} more at the next ticks" if total > len(lost) else "")
             + ": "
             + ", ".join(f"{c.campaign_id} r{c.revision}" for c in lost[:10])
             + (" ..." if len(lost) > 10 else "")
