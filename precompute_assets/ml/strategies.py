@@ -46,7 +46,7 @@ from .demand import (
     frequency_forecast,
     seasonal_forecast,
 )
-from .replay import Trace, read_through_day_hits, replay, shards_keep
+from .replay import Trace, read_through_day_hits, replay, sampled_size, shards_keep
 from .selection import select_top
 
 STRATEGIES = ("frequency", "ewma", "seasonal", "lstm", "auto")
@@ -61,6 +61,13 @@ MARGIN = 0.005  # demand_model's default approval margin (DemandModelConfig.marg
 REPLAY_HYPER_PARAMS = DemandHyperParams(max_steps=1400, max_seconds=90.0)
 LSTM_BUDGET_STEPS = 8400  # optimizer steps of all replayed days together: what 180 s reached
 LSTM_SAFETY_S = 360.0  # training seconds of all replayed days together: a safety stop only, reported when it fires
+
+
+def sampled_hyper_params(rate: float, hp: DemandHyperParams = REPLAY_HYPER_PARAMS) -> DemandHyperParams:
+    """``hp`` on a SHARDS sample of ``rate`` (``replay --sample``): the LSTM's approval ``top_n``, a count of keys,
+    scaled as the capacity is (a fixed top-N replaces it anyway). ``max_train_keys`` stays: it bounds the keys
+    trained on, and a sample of more keys than that trains the same model as the whole trace would."""
+    return replace(hp, top_n=sampled_size(hp.top_n, rate))
 
 
 @dataclass(frozen=True)

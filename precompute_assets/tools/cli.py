@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import hashlib
 import json
 import math
@@ -36,7 +35,6 @@ from ..stack import (
 )
 
 if TYPE_CHECKING:
-    from ..ml.demand import DemandHyperParams
     from ..storage.lake import Lake
 
 DOCUMENT_FIELD_OPTIONS = {
@@ -738,6 +736,8 @@ def _replay_stages(
         demand_strategies = [name for name in strategies if name != "prefetch"]
         sampled = {}  # a sample's strategies and arms replay its keys on the whole trace's days, as its policies do
         if sample is not None and (demand_strategies or arms is not None):
+            from ..ml.strategies import sampled_hyper_params
+
             sampled = dict(sample=args.sample, hp=sampled_hyper_params(args.sample))
         # More than the policies to replay: each piece in a process of its own, while the LSTM trains here.
         with _replay_pool(bool(demand_strategies) or learned) as pool:
@@ -871,16 +871,6 @@ def _sampled(trace, day_keys: list, args: argparse.Namespace) -> tuple[Any, list
         "top_n": top_n,
     }
     return sampled, sampled_days, summary, scaled
-
-
-def sampled_hyper_params(rate: float) -> DemandHyperParams:
-    """The demand strategies' hyper-parameters on a ``--sample`` of ``rate``: the LSTM's approval ``top_n``, a count
-    of keys, scaled as the capacity is (a fixed ``--top-n`` replaces it anyway). ``max_train_keys`` stays: it bounds
-    the keys trained on, and a sample of more keys than that trains the same model as the whole trace would."""
-    from ..ml.replay import sampled_size
-    from ..ml.strategies import REPLAY_HYPER_PARAMS
-
-    return dataclasses.replace(REPLAY_HYPER_PARAMS, top_n=sampled_size(REPLAY_HYPER_PARAMS.top_n, rate))
 
 
 def _sampled_strategies(compared: dict, sample: dict, asked: argparse.Namespace, kept: int) -> dict:
