@@ -31,6 +31,7 @@ from .selection import AdDemandConfig, hourly_logs
 DEMAND_MODEL = "demand_model"
 BEATS_BASELINES = "beats_baselines"
 DEMAND_LOOKBACK_DAYS = 14
+_HP = DemandHyperParams()  # the defaults the config shows: one source, the model's
 
 
 class DemandModelConfig(dg.Config):
@@ -42,28 +43,36 @@ class DemandModelConfig(dg.Config):
         description="Days of hourly query logs read (the last one held back for the evaluation); the declared "
         "query_logs dependency covers the default.",
     )
-    window_days: int = Field(7, description="Days before a target day that its features summarise.")
-    sequence_days: int = Field(2, description="The last days of the window the LSTM steps through hour by hour.")
-    hidden_size: int = Field(32, description="LSTM hidden units.")
-    max_epochs: int = Field(30, description="Training stops after this many epochs or max_steps, first reached.")
+    window_days: int = Field(_HP.window_days, description="Days before a target day that its features summarise.")
+    sequence_days: int = Field(
+        _HP.sequence_days, description="The last days of the window the LSTM steps through hour by hour."
+    )
+    hidden_size: int = Field(_HP.hidden_size, description="LSTM hidden units.")
+    max_epochs: int = Field(
+        _HP.max_epochs, description="Training stops after this many epochs or max_steps, first reached."
+    )
     max_steps: int = Field(
-        2000,
+        _HP.max_steps,
         description="Training stops after this many optimizer steps (batches) or max_epochs, first reached: a budget "
         "of work, so the same logs train the same weights on any machine (2000: what 45 s reached on 2 shared cores; "
         "the default lookback's 30 epochs are fewer).",
     )
     max_seconds: float = Field(
-        120.0,
+        _HP.max_seconds,
         description="A safety stop only, feature building included: when it ends training before max_epochs or "
         "max_steps, the weights depend on the machine's speed, and the run log and metadata warn.",
     )
-    learning_rate: float = Field(0.01, description="Adam learning rate.")
-    batch_size: int = Field(256, description="Training batch size.")
-    max_train_keys: int = Field(2000, description="Keys sampled (by seed) for training; every key is forecast.")
-    top_n: int = Field(1000, description="Hit rates are measured for the top this many keys of each method.")
-    ewma_half_life_hours: float = Field(12.0, description="Half-life of the ewma baseline's hourly rate.")
-    seed: int = Field(0, description="Seed of sampling and training.")
-    threads: int | None = Field(1, description="torch CPU threads (null: torch's default).")
+    learning_rate: float = Field(_HP.learning_rate, description="Adam learning rate.")
+    batch_size: int = Field(_HP.batch_size, description="Training batch size.")
+    max_train_keys: int = Field(
+        _HP.max_train_keys, description="Keys sampled (by seed) for training; every key is forecast."
+    )
+    top_n: int = Field(_HP.top_n, description="Hit rates are measured for the top this many keys of each method.")
+    ewma_half_life_hours: float = Field(
+        _HP.ewma_half_life_hours, description="Half-life of the ewma baseline's hourly rate."
+    )
+    seed: int = Field(_HP.seed, description="Seed of sampling and training.")
+    threads: int | None = Field(_HP.threads, description="torch CPU threads (null: torch's default).")
     margin: float = Field(
         0.005, description="The LSTM is approved only when its hit rate beats the best baseline's by more than this."
     )

@@ -127,7 +127,7 @@ def test_the_run_log_says_what_the_lstm_trains_on_before_training(resources, pg_
     result = run(resources, pg_instance, max_epochs=1)
     messages = [e.user_message for e in pg_instance.all_logs(result.run_id) if e.step_key == "demand_model"]
     read = next(i for i, m in enumerate(messages) if m.startswith("read 14 days of hourly query logs: 200 keys"))
-    assert "training the LSTM for at most 1 epochs or 2000 steps (safety stop 120 s)" in messages[read]
+    assert "training the LSTM for at most 1 epochs or 2000 steps (safety stop 180 s)" in messages[read]
     epoch = next(i for i, m in enumerate(messages) if m.startswith("LSTM epoch 1/1: training loss "))
     assert read < epoch < next(i for i, m in enumerate(messages) if m.startswith("trained "))
 
@@ -161,6 +161,12 @@ def test_the_safety_stop_firing_is_a_warning_in_the_run_log_and_the_metadata(
     assert meta["safety_stop"].startswith("LSTM training stopped by its max_seconds safety stop (1e-06 s, ")
     warned = [e.user_message for e in pg_instance.all_logs(result.run_id) if e.level == logging.WARNING]
     assert meta["safety_stop"] in warned
+
+
+def test_the_config_shows_the_models_own_defaults():
+    """The asset trains with what ``DemandHyperParams`` documents unless the UI's config says otherwise (the safety
+    stop was once 120 s here and 180 s there)."""
+    assert DemandModelConfig().hyper_params(2.0) == DemandHyperParams(half_life_days=2.0)
 
 
 def test_the_training_log_is_throttled_but_names_the_first_and_last_epochs():
