@@ -21,6 +21,7 @@ from .publishing import (
     changed_served_evaluations,
     ctr_cache,
     ctr_restore_job,
+    foreign_pointer,
     lost_in_redis,
     recorded_publish,
 )
@@ -137,14 +138,15 @@ def restore_request(
 ) -> dg.RunRequest | dg.SkipReason | None:
     """A run of ``ctr_restore_job`` when Redis lost the ctr version ``ctr_cache`` last published (its pointer, or its
     values under it), whatever the traffic; a SkipReason while one is queued or running (a refresh would publish
-    another version meanwhile); None when nothing is lost, or for ``retry_s`` after a restore failed (it cannot
-    restore that version, or Redis refused it: the hit rate is judged meanwhile)."""
+    another version meanwhile); None when nothing is lost, when Redis's pointer names another version (or is not one
+    we wrote: a restore refuses to write over it), or for ``retry_s`` after a restore failed (it cannot restore that
+    version, or Redis refused it): the hit rate is judged then."""
     recorded = recorded_publish(instance, "ctr")
     if recorded is None:
         return None
     why = lost_in_redis(client, schema, "ctr", recorded)
-    if why is None:
-        return None
+    if why is None or foreign_pointer(client, schema, recorded) is not None:
+        return None  # a restore would refuse to write over another version: the hit rate decides on a refresh
     records = instance.get_run_records(dg.RunsFilter(job_name=ctr_restore_job.name), limit=1)  # the newest
     if records and (status := records[0].dagster_run.status) in ACTIVE_RUN_STATUSES:
         return dg.SkipReason(f"restoring the ctr version Redis lost (run {records[0].dagster_run.run_id[:8]}): {why}")

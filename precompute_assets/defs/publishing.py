@@ -344,26 +344,27 @@ class RestoreConfig(dg.Config):
     ttl_hours: int = Field(48, description="TTL of the restored version's keys, from the restore (at least 1).")
 
 
+def foreign_pointer(client: redis.Redis, schema: KeySchema, recorded: RecordedPublish) -> str | None:
+    """Why Redis's ctr pointer is not one a restore of ``recorded`` may write over (unreadable, or naming another
+    version: someone published since, outside this deployment's record), or None (it is gone or names that version)."""
+    raw = client.get(schema.pointer("ctr"))
+    try:
+        current = None if raw is None else Pointer.decode(raw).version
+    except ValueError as error:
+        return f"Redis's ctr pointer is not one we wrote ({error})"
+    if current not in (None, recorded.version):
+        return f"Redis's ctr pointer names version {current}, not {recorded.version}, the one ctr_cache last published"
+    return None
+
+
 def served_ctr_version(instance: dg.DagsterInstance, client: redis.Redis, schema: KeySchema) -> RecordedPublish:
     """The ctr publish to restore: the one ``ctr_cache`` last recorded (the approved version, or the one an operator
     rolled back to), when Redis's pointer is gone or names that same version; ``dg.Failure`` otherwise."""
     recorded = recorded_publish(instance, "ctr")
     if recorded is None:
         raise dg.Failure(description="ctr_cache never published a ctr version: nothing to restore", allow_retries=False)
-    raw = client.get(schema.pointer("ctr"))
-    try:
-        current = None if raw is None else Pointer.decode(raw).version
-    except ValueError as error:  # retried, it would fail alike
-        raise dg.Failure(
-            description=f"Redis's ctr pointer is not one we wrote ({error}): nothing restored over it",
-            allow_retries=False,
-        ) from None
-    if current not in (None, recorded.version):
-        raise dg.Failure(
-            description=f"Redis's ctr pointer names version {current}, not {recorded.version}, the one ctr_cache last "
-            "published: nothing restored over it",
-            allow_retries=False,
-        )
+    if (why := foreign_pointer(client, schema, recorded)) is not None:  # retried, it would fail alike
+        raise dg.Failure(description=f"{why}: nothing restored over it", allow_retries=False)
     return recorded
 
 

@@ -244,4 +244,12 @@ def test_cache_health_restores_the_ctr_version_served_under_an_operators_rollbac
         (failure,) = [e for e in run.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE]
         assert "ctr pointer is not one we wrote" in failure.step_failure_data.user_failure_data.description
         assert redis_client.get(schema.pointer("ctr")) == b"garbage"
+        # a restore refuses such a pointer, or one naming another version whose values are gone, every time: none is
+        # requested, not even an hour after the failed one (the hit rate decides on a refresh, served_by_redis tells)
+        hours_later = datetime.now(UTC) + timedelta(hours=3)
+        assert restore_request(instance, redis_client, schema, hours_later) is None
+        redis_client.set(schema.pointer("ctr"), Pointer(f"{BAD}.0123456789abcdef", 4).encode())
+        assert restore_request(instance, redis_client, schema, hours_later) is None
+        redis_client.delete(schema.pointer("ctr"))  # gone: restorable again
+        assert isinstance(restore_request(instance, redis_client, schema, hours_later), dg.RunRequest)
     reader.close()
