@@ -13,7 +13,7 @@ from ..serving.stats import window_stats
 from .demand import demand_model
 from .embeddings import NO_EMBEDDER, document_embeddings_job, has_embedder
 from .experiment import selection_experiment
-from .models import ctr_model
+from .models import ctr_model, model_version
 from .partitions import Partitions
 from .predictions import ctr_predictions
 from .publishing import (
@@ -35,9 +35,8 @@ DEFAULT_OFFPEAK_START_HOUR = 2
 RUNNING = dg.DefaultScheduleStatus.RUNNING
 
 # One day's selection, model, predictions, publish and experiment report; the daily run also trains demand_model.
-PRECOMPUTE_SELECTION = dg.AssetSelection.assets(
-    traffic_profile, ad_demand, top_ads, ctr_model, ctr_predictions, ctr_cache, selection_experiment
-)
+PRECOMPUTE_ASSETS = (traffic_profile, ad_demand, top_ads, ctr_model, ctr_predictions, ctr_cache, selection_experiment)
+PRECOMPUTE_SELECTION = dg.AssetSelection.assets(*PRECOMPUTE_ASSETS)
 
 daily_precompute_job = dg.define_asset_job(
     "daily_precompute_job",
@@ -161,6 +160,18 @@ def restore_request(
     )
 
 
+def without_retraining(instance: dg.DagsterInstance, request: dg.RunRequest) -> dg.RunRequest:
+    """``request``, a refresh of one day, without ``ctr_model`` when that day has an approved one: a refresh is for a
+    cold cache, and the forest's fit (minutes on a large day) would delay the publish only to train the same model
+    on the same impressions again. A day with none (its night's run never trained one) trains it."""
+    try:
+        model_version(instance, request.partition_key)
+    except dg.Failure:
+        return request
+    keys = [key for asset in PRECOMPUTE_ASSETS if asset is not ctr_model for key in asset.keys]
+    return request.with_replaced_attrs(asset_selection=keys)
+
+
 def build_cache_health_sensor(timezone: str, *, threshold: float = HEALTH_THRESHOLD) -> dg.SensorDefinition:
     """``cache_health``: every 5 minutes, the ctr hit rate of the last hour from the query log; below
     ``threshold`` it requests ``refresh_precompute_job`` for yesterday (at most every 6 hours, or an hour after a
@@ -204,6 +215,7 @@ def build_cache_health_sensor(timezone: str, *, threshold: float = HEALTH_THRESH
             failed = last is not None and last_refresh_failed(context.instance)
             result = health_request(window, now, timezone, last, last_failed=failed, threshold=threshold)
             if isinstance(result, dg.RunRequest):
+                result = without_retraining(context.instance, result)
                 context.log.info(result.tags["precompute/reason"])
                 context.update_cursor(str(now.timestamp()))
         # The published assets' served_by_redis checks, reported when their verdict changes: a lost version shows on

@@ -248,6 +248,7 @@ def test_cache_health_reads_the_query_log_of_a_real_redis(redis_url, schema):
         with dg.build_sensor_context(instance=instance, resources={"redis": redis}) as context:
             result = sensor(context)
         assert isinstance(result, dg.RunRequest) and "hit rate 50.0%" in result.tags["precompute/reason"]
+        assert result.asset_selection is None  # the whole refresh job: the day has no ctr_model to keep
         assert context.cursor is not None  # the cooldown starts
         with dg.build_sensor_context(instance=instance, resources={"redis": redis}, cursor=context.cursor) as again:
             assert isinstance(sensor(again), dg.SkipReason)
@@ -260,3 +261,15 @@ def test_cache_health_reads_the_query_log_of_a_real_redis(redis_url, schema):
         earlier = str(float(context.cursor) - 2 * 3600)
         with dg.build_sensor_context(instance=instance, resources={"redis": redis}, cursor=earlier) as retry:
             assert isinstance(sensor(retry), dg.RunRequest)
+        # once the day has an approved ctr_model, a refresh publishes without fitting the forest again
+        approved = {"model_version": f"{result.partition_key}.run", "approved": True}
+        instance.report_runless_asset_event(
+            dg.AssetMaterialization("ctr_model", partition=result.partition_key, metadata=approved)
+        )
+        with dg.build_sensor_context(instance=instance, resources={"redis": redis}, cursor=earlier) as retry:
+            refresh = sensor(retry)
+        assert isinstance(refresh, dg.RunRequest) and refresh.partition_key == result.partition_key
+        assert dg.AssetKey("ctr_model") not in refresh.asset_selection
+        assert {dg.AssetKey("top_ads"), dg.AssetKey("ctr_predictions"), dg.AssetKey("ctr_cache")} <= set(
+            refresh.asset_selection
+        )

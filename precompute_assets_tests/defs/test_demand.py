@@ -455,13 +455,18 @@ def test_a_crashing_lstm_is_a_warning_and_the_selection_goes_on(
 
 def test_the_cache_health_refresh_publishes_without_retraining_the_lstm():
     from precompute_assets.definitions import defs
-    from precompute_assets.defs.automation import build_cache_health_sensor
+    from precompute_assets.defs.automation import PRECOMPUTE_ASSETS, build_cache_health_sensor
+    from precompute_assets.defs.models import ctr_model
 
     # its other job, ctr_restore_job, publishes again the version Redis lost: it trains nothing
     assert {job.name for job in build_cache_health_sensor("UTC").jobs} == {"refresh_precompute_job", "ctr_restore_job"}
     refresh = defs().resolve_job_def("refresh_precompute_job").asset_layer.executable_asset_keys
     daily = defs().resolve_job_def("daily_precompute_job").asset_layer.executable_asset_keys
     assert refresh == daily - {dg.AssetKey("demand_model")}
+    # what cache_health runs of it once the day has an approved ctr_model: a subset the daemon can launch
+    keys = [key for asset in PRECOMPUTE_ASSETS if asset is not ctr_model for key in asset.keys]
+    subset = defs().resolve_job_def("refresh_precompute_job").get_subset(asset_selection=set(keys))
+    assert subset.asset_layer.executable_asset_keys == refresh - {dg.AssetKey("ctr_model")}
 
 
 def test_ewma_ranks_tomorrow_with_the_half_life_demand_model_scored(
