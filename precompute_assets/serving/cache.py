@@ -975,6 +975,17 @@ class PredictionCache:
                 raise reply
         return replies
 
+    def _round_trip_per_key(self, commands: list[tuple]) -> list:
+        """``_round_trip`` for a batch of one command per key: an error reply (a key of another type: WRONGTYPE) fails
+        only its own command, which is counted as an error and replied ``FAILED``; the other replies keep their
+        places."""
+        replies = send_pipelined(self.client, commands, while_waiting=self._while_waiting)
+        for index, reply in enumerate(replies):
+            if isinstance(reply, Exception):
+                self._trip(reply)
+                replies[index] = FAILED
+        return replies
+
     def _lookup_admitting(
         self, kind: str, key: str, policy: AdmissionPolicy, *, extras: bool = False
     ) -> tuple[bytes | None, Decision | None, int | None, float | None]:
@@ -1051,21 +1062,22 @@ class PredictionCache:
             return [None] * len(keys)
         try:
             pointer = self._pointer(kind)
-            found: list[bytes | None] = [None] * len(keys)
+            found: list[Any] = [None] * len(keys)
             if pointer is not None:
-                found = self._round_trip(
+                found = self._round_trip_per_key(
                     [
                         (b"HGET", self.schema.bucket(kind, pointer.version, bucket_of(k, pointer.buckets)), k)
                         for k in keys
                     ]
                 )
-            # Live read-through values only for the keys the published version lacks (often none).
+            # Live read-through values only for the keys the published version lacks (often none); not FAILED: a key
+            # whose bucket answered with an error stays a miss.
             missing = [i for i, raw in enumerate(found) if raw is None]
             if missing:
-                live = self._round_trip([(b"GET", self.schema.live(kind, keys[i])) for i in missing])
+                live = self._round_trip_per_key([(b"GET", self.schema.live(kind, keys[i])) for i in missing])
                 for i, raw in zip(missing, live, strict=True):
                     found[i] = raw
-            return found
+            return [None if raw is FAILED else raw for raw in found]
         except REDIS_ERRORS as error:
             self._trip(error)
             return [None] * len(keys)

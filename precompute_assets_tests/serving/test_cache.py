@@ -19,6 +19,7 @@ from precompute_assets.serving import (
     connect,
     publish_version,
 )
+from precompute_assets.serving.keys import codec_for
 from precompute_assets_tests.factories import CountingClient, log_client, logged_queries
 
 
@@ -214,6 +215,25 @@ def test_an_error_reply_fails_its_command_not_the_reads_after_it(redis_server, s
     assert cache.get("ctr", "hot") == pytest.approx(0.25)
     assert cache.get_or_compute("ctr", "hot", lambda key: 0.9) == pytest.approx(0.25)
     assert cache.errors >= 2  # each refused store counts
+
+
+def test_an_error_reply_in_a_batch_fails_its_key_not_the_batch(redis_url, redis_client, schema):
+    """A live key of another type (WRONGTYPE on its GET) and a published bucket of another type cost their own keys
+    only: the batch's other hits are returned, in their places, and counted; each failed key is an error and a miss
+    (one error reply made the whole batch misses, published hits included)."""
+    items = [(f"ad{i}", i / 1000) for i in range(200)]
+    publish_version(redis_client, "ctr", "v1", items, n_keys=len(items), schema=schema)
+    cache = make_cache(redis_url, schema)
+    broken = schema.bucket_for_key("ctr", cache.current_version("ctr"), "ad7")
+    redis_client.delete(broken)
+    redis_client.set(broken, "not a hash")
+    kept = [key for key, _ in items if schema.bucket_for_key("ctr", cache.current_version("ctr"), key) != broken]
+    redis_client.hset(schema.live("ctr", "bad"), "field", "value")
+    redis_client.set(schema.live("ctr", "fresh"), codec_for("ctr").encode(0.75))
+    values = cache.get_many("ctr", [kept[0], "bad", "fresh", "ad7", "nope", kept[1]])
+    expected = [dict(items)[kept[0]], None, 0.75, None, None, dict(items)[kept[1]]]
+    assert values == [None if value is None else pytest.approx(value) for value in expected]
+    assert (cache.hits, cache.misses, cache.errors) == (3, 3, 2)
 
 
 EXPERIMENT = Experiment("freq-vs-lstm", "s1", ("frequency", "lstm"))
