@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import secrets
 import struct
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -48,6 +50,8 @@ DEFAULT_RECOMPUTE_LOCK_MS = 1000
 DEFAULT_LOCK_POLL_S = 0.005
 
 log = logging.getLogger(__name__)
+# Every cache not collected yet, whose count lock a forked child renews (``_renew_count_locks``).
+_COUNTING: weakref.WeakSet[PredictionCache] = weakref.WeakSet()
 FAILED_EARLY_LOG_EVERY_S = 60.0  # a failing model fails every due hit's early recomputation: one warning a minute
 REDIS_ERROR_LOG_EVERY_S = 60.0  # a wrong password or a dead server fails every lookup: one warning a minute
 
@@ -143,14 +147,22 @@ def _seconds(raw: Any) -> float | None:
     return value if math.isfinite(value) and value >= 0 else None
 
 
+def _renew_count_locks() -> None:
+    """In a forked child, a new count lock for every cache: one that a thread of the parent held at the fork would
+    stay held for ever, and the child's first lookup would hang on it."""
+    for cache in list(_COUNTING):
+        cache._count_lock = threading.Lock()
+
+
 class PredictionCache:
     """Reads precomputed predictions from Redis; falls back to values computed live.
 
     A lookup reads the bucket of the currently published version (the pointer is re-read at most every
     ``pointer_ttl_s``; a batch always reads one version), then the live read-through key. A Redis error
     makes lookups misses for ``backoff_s`` instead of making every caller wait for a timeout.
-    ``hits``, ``misses`` and ``errors`` count what this client saw; ``rejected`` the misses of
-    ``get_or_compute`` whose value the ``admission`` policy did not store (see ``serving.admission``).
+    ``hits``, ``misses`` and ``errors`` count what this client saw, in all the threads that share it (none is lost);
+    ``rejected`` the misses of ``get_or_compute`` whose value the ``admission`` policy did not store (see
+    ``serving.admission``).
 
     The A/B experiment of a kind (``{kind}:experiment``) is read with its pointer, in the same round trip and
     on the same cadence; while one is active, every logged query of the kind carries its key's ``arm``. On Redis
@@ -200,6 +212,8 @@ class PredictionCache:
         self.live_ttl_s = live_ttl_s
         self.pointer_ttl_s = pointer_ttl_s
         self.backoff_s = backoff_s
+        self._count_lock = threading.Lock()  # every counter's updates (``_count``)
+        _COUNTING.add(self)
         self.errors = 0
         self.hits = 0
         self.misses = 0
@@ -335,7 +349,7 @@ class PredictionCache:
             if decision is not None and xfetch_due(ttl_ms, delta_s, self.xfetch_beta, 1.0 - self._random.random()):
                 lock, epoch = self._take_lock(kind, key)
                 if lock is not False and self._available():  # ours, or no lock (off): recompute; else the holder does
-                    self.early_recomputes += 1
+                    self._count("early_recomputes")
                     try:
                         value = self._compute_and_store(
                             kind, key, compute, policy, None, locked=lock or None, replace=True, epoch=epoch
@@ -345,16 +359,16 @@ class PredictionCache:
                         self._failed_early(kind, key)
             return cached
         if decision is None or not self._available():
-            self.computes += 1
+            self._count("computes")
             return compute(key)  # Redis failed during the lookup: nothing is stored
         if not decision.admit:
-            self.rejected += 1
+            self._count("rejected")
             return self._compute_and_store(kind, key, compute, policy, decision, store=False)
         lock, epoch = self._take_lock(kind, key)
         if lock is False:  # another reader computes it: wait for its value, bounded
             waited = self._decode(kind, self._wait_for_value(kind, key))
             if waited is not None:
-                self.lock_waits += 1
+                self._count("lock_waits")
                 return waited
         return self._compute_and_store(kind, key, compute, policy, decision, locked=lock or None, epoch=epoch)
 
@@ -375,12 +389,12 @@ class PredictionCache:
         if cached is not None:
             return cached
         epoch = self._epoch(kind) if decision is not None and decision.admit else None
-        self.computes += 1
+        self._count("computes")
         value = compute(key)
         if decision is None or not self._available():
             return value  # Redis failed during the lookup: nothing is stored
         if not decision.admit:
-            self.rejected += 1
+            self._count("rejected")
         try:
             commands = []
             if decision.admit and self._invalidated_on_cluster(kind, epoch):
@@ -461,7 +475,7 @@ class PredictionCache:
         """``compute(key)``, timed; stored with its delta when ``store``; the policy's housekeeping after a miss
         (``decision``; None for an early recomputation, which is no miss). ``replace`` (an early recomputation)
         stores only over a value still there (``_store_commands``). Redis errors are absorbed."""
-        self.computes += 1
+        self._count("computes")
         started = time.perf_counter()
         try:
             value = compute(key)
@@ -587,7 +601,7 @@ class PredictionCache:
                 self._refuse_release()  # the lock lapses anyway, at recompute_lock_ms
         if commands[0][:2] == (b"EVAL", _STORE):
             if replies[0] == 0:
-                self.invalidated += 1
+                self._count("invalidated")
             elif isinstance(replies[0], redis.exceptions.NoPermissionError):
                 self._refuse_fence(kind)  # and store as the script would have, so this value is not lost
                 value_reply, *delta_reply = send_pipelined(self.client, _unfenced_store(commands[0]))
@@ -656,7 +670,7 @@ class PredictionCache:
         within that one round trip can still be undone); on one server ``_STORE`` compares it atomically."""
         if epoch is None or not self._cluster or self._epoch(kind) in (epoch, None):
             return False
-        self.invalidated += 1
+        self._count("invalidated")
         return True
 
     def _epoch_reply(self, replies: list[Any]) -> bytes | None:
@@ -678,7 +692,7 @@ class PredictionCache:
         except redis.exceptions.NoPermissionError:
             self._refuse_release()
         except REDIS_ERRORS:
-            self.errors += 1
+            self._count("errors")
 
     def _wait_for_value(self, kind: str, key: str) -> bytes | None:
         """Poll the live value (and the lock) every ``lock_poll_s`` for at most ``recompute_lock_ms``: the value
@@ -714,7 +728,7 @@ class PredictionCache:
             return None
         if isinstance(reply, BaseException) or reply is FAILED:
             if reply is not FAILED:
-                self.errors += 1
+                self._count("errors")
             return None
         return reply
 
@@ -727,7 +741,7 @@ class PredictionCache:
                 self.schema.prefix,
             )
         self._release_refused = True
-        self.refused += 1
+        self._count("refused")
 
     def _refuse_fence(self, kind: str) -> None:
         """The ACL refuses the store script of ``kind`` (it predates it, or is limited to other kinds): store that
@@ -741,7 +755,7 @@ class PredictionCache:
                 self.schema.prefix, kind, kind,
             )  # fmt: skip
         self._fence_refused.add(kind)
-        self.refused += 1
+        self._count("refused")
 
     def _refuse(self) -> None:
         if not self._stampede_refused:
@@ -752,7 +766,7 @@ class PredictionCache:
                 self.schema.prefix,
             )
         self._stampede_refused = True
-        self.refused += 1
+        self._count("refused")
 
     # --- internals ------------------------------------------------------------------------------------
 
@@ -763,12 +777,12 @@ class PredictionCache:
         try:
             return codec_for(kind).decode(raw)
         except (ValueError, TypeError, struct.error, RecursionError):  # RecursionError: JSON nested too deep
-            self.errors += 1
+            self._count("errors")
             return None
 
     def _failed_early(self, kind: str, key: str) -> None:
         """Count an early recomputation whose compute raised; warn, with its traceback, at most once a minute."""
-        self.failed_early_recomputes += 1
+        self._count("failed_early_recomputes")
         now = time.monotonic()
         if now - self._failed_early_logged_at >= FAILED_EARLY_LOG_EVERY_S:
             self._failed_early_logged_at = now
@@ -776,6 +790,13 @@ class PredictionCache:
                 "early recomputation of %s %r failed (%d so far; served the cached value)",
                 kind, key, self.failed_early_recomputes, exc_info=True,
             )  # fmt: skip
+
+    def _count(self, counter: str, n: int = 1) -> None:
+        """Add ``n`` to the counter named ``counter`` (``hits``, ``errors``, ...). Services share a cache across a
+        thread pool, and ``+=`` is a read and a write that another thread can come between (a lost count); the lock
+        is held for the addition only, never across a round trip."""
+        with self._count_lock:
+            setattr(self, counter, getattr(self, counter) + n)
 
     def _available(self) -> bool:
         return time.monotonic() >= self._retry_at
@@ -788,7 +809,7 @@ class PredictionCache:
         a miss of every lookup for ``backoff_s``, again at each request of the key. Warns at most once every
         ``REDIS_ERROR_LOG_EVERY_S``: a wrong password or an unreachable server otherwise served every request live
         with nothing said but the ``errors`` count."""
-        self.errors += 1
+        self._count("errors")
         now = time.monotonic()
         if error is not None and now - self._redis_error_logged_at >= REDIS_ERROR_LOG_EVERY_S:
             self._redis_error_logged_at = now
@@ -816,7 +837,7 @@ class PredictionCache:
         try:
             self.client.nodes_manager.initialize()
         except REDIS_ERRORS:
-            self.errors += 1
+            self._count("errors")
 
     def _cluster_fetch(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """Run single-key ``commands`` on a cluster (``connection.cluster_send``: one round trip, every master in
@@ -835,7 +856,7 @@ class PredictionCache:
             try:
                 node = self.client.nodes_manager.get_node_from_slot(key_slot(routing_key(command))).name
             except REDIS_ERRORS:  # a slot no master serves
-                self.errors += 1
+                self._count("errors")
                 continue
             if self._node_retry_at.get(node, 0.0) <= now:
                 nodes.append(node)
@@ -854,7 +875,7 @@ class PredictionCache:
                 if reply.tried:
                     failed.add(reply.node)
             elif isinstance(reply, redis.ResponseError):  # OOM, NOPERM, MOVED after a failover: this key fails
-                self.errors += 1
+                self._count("errors")
                 if isinstance(reply, redis.exceptions.AskError):
                     self._refresh_slots()
             else:
@@ -872,7 +893,7 @@ class PredictionCache:
         try:
             client = pending.start()
         except REDIS_ERRORS:
-            self.errors += 1
+            self._count("errors")
             self._retry_at = time.monotonic() + self.backoff_s
             return False
         if self.client is pending:
@@ -882,7 +903,7 @@ class PredictionCache:
         return True
 
     def _node_failed(self, name: str) -> None:
-        self.errors += 1
+        self._count("errors")
         self._node_retry_at[name] = time.monotonic() + self.backoff_s
         self._refresh_slots()
 
@@ -911,20 +932,20 @@ class PredictionCache:
             if isinstance(raw, BaseException):
                 raise raw
             if isinstance(raw_experiment, BaseException):  # an error reply (WRONGTYPE): a malformed experiment
-                self.errors += 1
+                self._count("errors")
                 raw_experiment = None
         pointer = None
         if raw is not None:
             try:
                 pointer = Pointer.decode(raw)
             except (ValueError, UnicodeDecodeError):  # a malformed pointer is no published version: live values
-                self.errors += 1
+                self._count("errors")
         experiment = None
         if raw_experiment is not None:
             try:
                 experiment = Experiment.decode(raw_experiment)
             except ValueError:  # a malformed experiment is no experiment: queries are logged without arms
-                self.errors += 1
+                self._count("errors")
         self._pointers[kind] = (pointer, experiment, now)
         return self._read(kind, self._pointers[kind])
 
@@ -1103,8 +1124,9 @@ class PredictionCache:
     ) -> None:
         """``_log`` for every key of one batch lookup, queued at once."""
         found = sum(hits)
-        self.hits += found
-        self.misses += len(hits) - found
+        with self._count_lock:
+            self.hits += found
+            self.misses += len(hits) - found
         if self.logger is not None:
             latency_us = (time.perf_counter_ns() - start_ns) // 1000
             experiment = self._experiment(kind)
@@ -1113,13 +1135,17 @@ class PredictionCache:
                                  version=self._version(kind))  # fmt: skip
 
     def _log(self, kind: str, key: str, hit: bool, start_ns: int, user: str | None, tenant: str | None) -> None:
-        if hit:
-            self.hits += 1
-        else:
-            self.misses += 1
+        with self._count_lock:  # ``_count`` inline: a third of its cost, on every lookup
+            if hit:
+                self.hits += 1
+            else:
+                self.misses += 1
         if self.logger is not None:
             latency_us = (time.perf_counter_ns() - start_ns) // 1000
             experiment = self._experiment(kind)
             arm = None if experiment is None else experiment.arm(key)
             self.logger.log(kind, key, hit=hit, latency_us=latency_us, user=user, tenant=tenant, arm=arm,
                             version=self._version(kind))  # fmt: skip
+
+
+os.register_at_fork(after_in_child=_renew_count_locks)  # once per process: hooks are never removed

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import signal
 import socket
 import threading
 import time
@@ -19,6 +21,7 @@ from precompute_assets.serving import (
     connect,
     publish_version,
 )
+from precompute_assets.serving import cache as cache_module
 from precompute_assets.serving.keys import codec_for
 from precompute_assets_tests.factories import CountingClient, log_client, logged_queries
 
@@ -234,6 +237,72 @@ def test_an_error_reply_in_a_batch_fails_its_key_not_the_batch(redis_url, redis_
     expected = [dict(items)[kept[0]], None, 0.75, None, None, dict(items)[kept[1]]]
     assert values == [None if value is None else pytest.approx(value) for value in expected]
     assert (cache.hits, cache.misses, cache.errors) == (3, 3, 2)
+
+
+def switching_between_bytecodes(path: str):
+    """A ``threading.settrace`` function that lets the other threads run between any two bytecodes of the code in
+    ``path``: CPython's GIL rarely switches threads inside ``x += 1``, a free-threaded build runs them at once."""
+
+    def each_opcode(frame, event, arg):
+        if event == "opcode":
+            time.sleep(0)  # releases the GIL: another thread may run now
+        return each_opcode
+
+    def on_call(frame, event, arg):
+        if frame.f_code.co_filename != path:
+            return None
+        frame.f_trace_opcodes = True
+        return each_opcode
+
+    return on_call
+
+
+def test_counters_are_exact_when_threads_share_a_cache(redis_url, redis_client, schema):
+    """A service shares one cache across its thread pool: every lookup of every thread is counted, none lost."""
+    publish_version(redis_client, "ctr", "v1", [("ad1", 0.25), ("ad2", 0.5)], n_keys=2, schema=schema)
+    redis_client.hset(schema.live("ctr", "bad"), "field", "value")  # WRONGTYPE: an error per lookup
+    cache = make_cache(redis_url, schema)
+    n_threads, rounds = 4, 20
+
+    def lookups() -> None:
+        for _ in range(rounds):
+            cache.get("ctr", "ad1")
+            cache.get("ctr", "nope")
+            cache.get_many("ctr", ["ad2", "nope", "bad"])
+
+    threading.settrace(switching_between_bytecodes(cache_module.__file__))
+    try:
+        threads = [threading.Thread(target=lookups) for _ in range(n_threads)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        threading.settrace(None)
+    lookups_made = n_threads * rounds
+    assert (cache.hits, cache.misses, cache.errors) == (2 * lookups_made, 3 * lookups_made, lookups_made)
+
+
+def test_a_child_forked_while_a_thread_counts_never_hangs_on_the_count_lock(redis_url, redis_client, schema):
+    """A worker forked (gunicorn's preload) while another thread of the parent was counting a lookup: the child
+    inherits that thread's count lock held, with no thread left to release it; it counts under a new one."""
+    publish_version(redis_client, "ctr", "v1", [("ad1", 0.25)], n_keys=1, schema=schema)
+    cache = make_cache(redis_url, schema)
+    with cache._count_lock:  # as a thread inside ``_count`` at the fork holds it
+        pid = os.fork()
+        if pid == 0:  # the child: report through the exit code, never return into pytest
+            code = 1
+            try:
+                code = 0 if cache.get("ctr", "ad1") == pytest.approx(0.25) and cache.hits == 1 else 3
+            finally:
+                os._exit(code)
+    deadline = time.monotonic() + 15
+    while not (done := os.waitpid(pid, os.WNOHANG))[0] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if not done[0]:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    assert done[0] and os.waitstatus_to_exitcode(done[1]) == 0  # not done: the child hung on the parent's lock
 
 
 EXPERIMENT = Experiment("freq-vs-lstm", "s1", ("frequency", "lstm"))
