@@ -45,6 +45,7 @@ from .keys import (
 from .querylog import QueryLogger
 
 FAILED = object()  # a cluster reply that did not come: an error reply, or its master failed
+ABSENT = object()  # no value read (a miss), as decoded by ``_decode``: a published JSON null decodes to None, a hit
 DEFAULT_XFETCH_BETA = 1.0
 DEFAULT_RECOMPUTE_LOCK_MS = 1000
 DEFAULT_LOCK_POLL_S = 0.005
@@ -128,9 +129,9 @@ def _release_command(schema: KeySchema, kind: str, key: str, token: bytes) -> tu
 
 
 def storable(kind: str, value: Any) -> bool:
-    """Whether ``get_or_compute`` stores ``value`` (already encodable) of ``kind``: not None (a stored None reads back
-    as a miss), and for float32 kinds (``ctr``, ``campaign``) a finite number, as the publish path requires of every
-    prediction (a NaN the model returned once would otherwise be served for a whole live TTL)."""
+    """Whether ``get_or_compute`` stores ``value`` (already encodable) of ``kind``: not None (a None computed live is
+    returned, not cached), and for float32 kinds (``ctr``, ``campaign``) a finite number, as the publish path requires
+    of every prediction (a NaN the model returned once would otherwise be served for a whole live TTL)."""
     if value is None:
         return False
     return math.isfinite(float(value)) if isinstance(codec_for(kind), Float32Codec) else True
@@ -278,13 +279,14 @@ class PredictionCache:
     # --- public API -----------------------------------------------------------------------------------
 
     def get(self, kind: str, key: str, *, user: str | None = None, tenant: str | None = None) -> Any | None:
-        """The cached value of ``key`` or None on a miss (or when Redis is unreachable)."""
+        """The cached value of ``key`` or None on a miss (or when Redis is unreachable); a published JSON null is None
+        too, but a hit."""
         check_kind(kind)
         check_key(key)
         start = time.perf_counter_ns()
         value = self._decode(kind, self._lookup(kind, key))
-        self._log(kind, key, value is not None, start, user, tenant)
-        return value
+        self._log(kind, key, value is not ABSENT, start, user, tenant)
+        return None if value is ABSENT else value
 
     def get_many(
         self, kind: str, keys: Sequence[str], *, user: str | None = None, tenant: str | None = None
@@ -296,8 +298,8 @@ class PredictionCache:
         check_keys(keys)
         start = time.perf_counter_ns()
         values = [self._decode(kind, raw) for raw in self._lookup_many(kind, keys)]
-        self._log_many(kind, keys, [value is not None for value in values], start, user, tenant)
-        return values
+        self._log_many(kind, keys, [value is not ABSENT for value in values], start, user, tenant)
+        return [None if value is ABSENT else value for value in values]
 
     def get_or_compute(
         self,
@@ -309,9 +311,10 @@ class PredictionCache:
         tenant: str | None = None,
         admission: AdmissionPolicy | str | None = None,
     ) -> Any:
-        """The cached value, or ``compute(key)``, stored with the live TTL if the admission policy (this
-        call's ``admission``, else the cache's) admits it; a None result, or a non-finite one of a float32 kind, is
-        returned but never stored (``storable``). Redis trouble never raises here.
+        """The cached value (a published JSON null too: None, a hit, nothing computed), or ``compute(key)``, stored with
+        the live TTL if the admission policy (this call's ``admission``, else the cache's) admits it; a None result, or
+        a non-finite one of a float32 kind, is returned but never stored (``storable``). Redis trouble never raises
+        here.
 
         Stampede protection (on unless ``xfetch_beta=0`` and ``recompute_lock_ms=0``, the plain read-through):
 
@@ -344,8 +347,8 @@ class PredictionCache:
         start = time.perf_counter_ns()
         raw, decision, ttl_ms, delta_s = self._lookup_admitting(kind, key, policy, extras=early_on)
         cached = self._decode(kind, raw)
-        self._log(kind, key, cached is not None, start, user, tenant)
-        if cached is not None:
+        self._log(kind, key, cached is not ABSENT, start, user, tenant)
+        if cached is not ABSENT:
             if decision is not None and xfetch_due(ttl_ms, delta_s, self.xfetch_beta, 1.0 - self._random.random()):
                 lock, epoch = self._take_lock(kind, key)
                 if lock is not False and self._available():  # ours, or no lock (off): recompute; else the holder does
@@ -367,7 +370,7 @@ class PredictionCache:
         lock, epoch = self._take_lock(kind, key)
         if lock is False:  # another reader computes it: wait for its value, bounded
             waited = self._decode(kind, self._wait_for_value(kind, key))
-            if waited is not None:
+            if waited is not ABSENT:
                 self._count("lock_waits")
                 return waited
         return self._compute_and_store(kind, key, compute, policy, decision, locked=lock or None, epoch=epoch)
@@ -385,8 +388,8 @@ class PredictionCache:
         start = time.perf_counter_ns()
         raw, decision, _, _ = self._lookup_admitting(kind, key, policy)
         cached = self._decode(kind, raw)
-        self._log(kind, key, cached is not None, start, user, tenant)
-        if cached is not None:
+        self._log(kind, key, cached is not ABSENT, start, user, tenant)
+        if cached is not ABSENT:
             return cached
         epoch = self._epoch(kind) if decision is not None and decision.admit else None
         self._count("computes")
@@ -486,8 +489,8 @@ class PredictionCache:
                 self._release_lock(kind, key, locked)
             raise
         if store and not storable(kind, value):
-            # A stored None reads back as a miss: never served, it took a write and, under probation, a slot (evicting
-            # a real value); the lock's waiters read it as no value and computed anyway. A NaN is no prediction.
+            # A None is not cached: it would take a write and, under probation, a slot (evicting a real value). A NaN
+            # is no prediction.
             if locked:
                 self._release_lock(kind, key, locked)
             return value
@@ -770,15 +773,16 @@ class PredictionCache:
 
     # --- internals ------------------------------------------------------------------------------------
 
-    def _decode(self, kind: str, raw: bytes | None) -> Any | None:
-        """Decode a stored value; a corrupt one counts as an error and a miss, never an exception."""
+    def _decode(self, kind: str, raw: bytes | None) -> Any:
+        """Decode a stored value, ``ABSENT`` when there is none; a corrupt one counts as an error and is ``ABSENT`` (a
+        miss), never an exception. A JSON null is a value (None): the model's answer was "nothing"."""
         if raw is None:
-            return None
+            return ABSENT
         try:
             return codec_for(kind).decode(raw)
         except (ValueError, TypeError, struct.error, RecursionError):  # RecursionError: JSON nested too deep
             self._count("errors")
-            return None
+            return ABSENT
 
     def _failed_early(self, kind: str, key: str) -> None:
         """Count an early recomputation whose compute raised; warn, with its traceback, at most once a minute."""

@@ -623,6 +623,26 @@ def test_an_early_recomputation_never_brings_back_a_value_deleted_while_it_compu
 
 
 @pytest.mark.parametrize("stampede", [{}, {"xfetch_beta": 0, "recompute_lock_ms": 0}])
+def test_a_published_null_is_a_hit_never_recomputed(redis_url, redis_client, schema, stampede):
+    """A published JSON null is the model's answer ("nothing"): a hit for every lookup, and ``get_or_compute``
+    neither computes nor writes a live value. Decoded to None, it was taken for an absent value: computed and
+    written live at every call, a live value the published one then hid."""
+    publish_version(redis_client, "rank", "v1", [("empty", None), ("full", [1, 2])], n_keys=2, schema=schema)
+    cache = make_cache(redis_url, schema, **stampede)
+    calls = []
+
+    def compute(key: str) -> list:
+        calls.append(key)
+        return ["computed"]
+
+    assert [cache.get_or_compute("rank", "empty", compute) for _ in range(2)] == [None, None]
+    assert cache.get("rank", "empty") is None
+    assert cache.get_many("rank", ["empty", "full", "absent"]) == [None, [1, 2], None]
+    assert calls == [] and redis_client.exists(schema.live("rank", "empty")) == 0
+    assert (cache.hits, cache.misses, cache.computes) == (5, 1, 0)
+
+
+@pytest.mark.parametrize("stampede", [{}, {"xfetch_beta": 0, "recompute_lock_ms": 0}])
 def test_a_non_finite_ctr_is_returned_but_never_cached(redis_url, redis_client, schema, stampede):
     """The publish refuses predictions that are not finite; the read-through once stored the NaN a model returned
     for a key (a missing feature, a transient fault) and served it for a whole live TTL."""
