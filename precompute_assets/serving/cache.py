@@ -51,8 +51,8 @@ DEFAULT_RECOMPUTE_LOCK_MS = 1000
 DEFAULT_LOCK_POLL_S = 0.005
 
 log = logging.getLogger(__name__)
-# Every cache not collected yet, whose count lock a forked child renews (``_renew_count_locks``).
-_COUNTING: weakref.WeakSet[PredictionCache] = weakref.WeakSet()
+# Every cache not collected yet, whose locks a forked child renews (``_renew_locks``).
+_CACHES: weakref.WeakSet[PredictionCache] = weakref.WeakSet()
 FAILED_EARLY_LOG_EVERY_S = 60.0  # a failing model fails every due hit's early recomputation: one warning a minute
 REDIS_ERROR_LOG_EVERY_S = 60.0  # a wrong password or a dead server fails every lookup: one warning a minute
 
@@ -148,11 +148,12 @@ def _seconds(raw: Any) -> float | None:
     return value if math.isfinite(value) and value >= 0 else None
 
 
-def _renew_count_locks() -> None:
-    """In a forked child, a new count lock for every cache: one that a thread of the parent held at the fork would
-    stay held for ever, and the child's first lookup would hang on it."""
-    for cache in list(_COUNTING):
+def _renew_locks() -> None:
+    """In a forked child, new count and pointer locks for every cache: one that a thread of the parent held at the
+    fork would stay held for ever, and the child's first lookup would hang on it."""
+    for cache in list(_CACHES):
         cache._count_lock = threading.Lock()
+        cache._pointer_lock = threading.Lock()
 
 
 class PredictionCache:
@@ -214,7 +215,7 @@ class PredictionCache:
         self.pointer_ttl_s = pointer_ttl_s
         self.backoff_s = backoff_s
         self._count_lock = threading.Lock()  # every counter's updates (``_count``)
-        _COUNTING.add(self)
+        _CACHES.add(self)
         self.errors = 0
         self.hits = 0
         self.misses = 0
@@ -236,6 +237,11 @@ class PredictionCache:
         self._release_refused = False  # NOPERM on the lock's release script (an older ACL): locks lapse at their PX
         self._random = random.Random()
         self._pointers: dict[str, tuple[Pointer | None, Experiment | None, float]] = {}
+        # Pointer reads are numbered when they start and when they end (``_pointer_ticket``): a read is stored only if
+        # it started after the stored one ended, so that one read no earlier, and the cached pointer never goes back.
+        self._pointer_lock = threading.Lock()
+        self._pointer_tickets = 0
+        self._pointer_read_ends: dict[str, int] = {}  # per kind, the end ticket of the read stored in ``_pointers``
         # Per thread, (kind, pointer, experiment) of its last lookup: what its query is logged with, whatever another
         # thread has refreshed in ``_pointers`` since.
         self._read_here = threading.local()
@@ -917,14 +923,14 @@ class PredictionCache:
         cached = self._pointers.get(kind)
         if cached is not None and now - cached[2] < self.pointer_ttl_s:
             return self._read(kind, cached)
+        started = self._pointer_ticket()
         if self._cluster:
             # Pointer first, experiment after its reply: the experiment is written before the pointer.
             (raw,) = self._cluster_fetch([(b"GET", self.schema.pointer(kind))])
             (raw_experiment,) = self._cluster_fetch([(b"GET", self.schema.experiment(kind))])
             if raw is FAILED:  # its master is down: the last pointer read is still the current one (nobody can flip)
                 last = cached or (None, None, 0.0)
-                self._pointers[kind] = (last[0], last[1], now)
-                return self._read(kind, last)
+                return self._read(kind, self._store_pointer(kind, (last[0], last[1], now), started))
             if raw_experiment is FAILED:  # the experiment's master is down: keep what was read with this pointer
                 kept = cached[1] if cached is not None and cached[0] is not None else None
                 raw_experiment = kept.encode() if kept is not None and cached[0].encode() == raw else None
@@ -950,8 +956,26 @@ class PredictionCache:
                 experiment = Experiment.decode(raw_experiment)
             except ValueError:  # a malformed experiment is no experiment: queries are logged without arms
                 self._count("errors")
-        self._pointers[kind] = (pointer, experiment, now)
-        return self._read(kind, self._pointers[kind])
+        return self._read(kind, self._store_pointer(kind, (pointer, experiment, now), started))
+
+    def _pointer_ticket(self) -> int:
+        """The next number of the sequence that orders this cache's pointer reads (their starts and ends)."""
+        with self._pointer_lock:
+            self._pointer_tickets += 1
+            return self._pointer_tickets
+
+    def _store_pointer(
+        self, kind: str, entry: tuple[Pointer | None, Experiment | None, float], started: int
+    ) -> tuple[Pointer | None, Experiment | None, float]:
+        """Cache ``entry``, read by a refresh that took ticket ``started``, unless the stored read ended after that
+        (two refreshes overlapped, and this one may have read Redis first: its pointer may be the older one); the
+        entry cached now, which the caller reads."""
+        with self._pointer_lock:
+            self._pointer_tickets += 1
+            if started > self._pointer_read_ends.get(kind, 0):
+                self._pointers[kind] = entry
+                self._pointer_read_ends[kind] = self._pointer_tickets
+            return self._pointers[kind]
 
     def _read(self, kind: str, entry: tuple[Pointer | None, Experiment | None, float]) -> Pointer | None:
         """``entry``'s pointer, remembered as the one this thread's lookup of ``kind`` reads (``_last_read``)."""
@@ -1152,4 +1176,4 @@ class PredictionCache:
                             version=self._version(kind))  # fmt: skip
 
 
-os.register_at_fork(after_in_child=_renew_count_locks)  # once per process: hooks are never removed
+os.register_at_fork(after_in_child=_renew_locks)  # once per process: hooks are never removed

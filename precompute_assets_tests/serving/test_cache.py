@@ -153,6 +153,56 @@ def test_the_current_version_survives_redis_trouble(redis_url, redis_client, sch
     assert fresh.current_version("ctr") is None and fresh.current_experiment("ctr") is None
 
 
+class PausingPipelines:
+    """A client whose pipelines (a pointer refresh is one) pause after Redis replied, in the threads given a gate."""
+
+    def __init__(self, client) -> None:
+        self.client = client
+        self.gates: dict[int, tuple[threading.Event, threading.Event]] = {}  # thread: (replied, go on)
+
+    def pipeline(self, *args, **kwargs):
+        pipe = self.client.pipeline(*args, **kwargs)
+        execute = pipe.execute
+
+        def paused(*a, **k):
+            replies = execute(*a, **k)
+            if gate := self.gates.get(threading.get_ident()):
+                gate[0].set()
+                gate[1].wait(10)
+            return replies
+
+        pipe.execute = paused
+        return pipe
+
+    def __getattr__(self, name):
+        return getattr(self.client, name)
+
+
+def test_a_slower_pointer_refresh_never_takes_the_cached_pointer_back(redis_url, redis_client, schema):
+    """Two threads refresh the pointer at once; the one that read Redis before a flip finishes after the one that
+    read it after the flip: the cached pointer stays on the new version (it went back to the old one, read by every
+    thread of the cache for ``pointer_ttl_s``)."""
+    publish_version(redis_client, "ctr", "v1", [("a", 0.1)], n_keys=1, schema=schema)
+    client = PausingPipelines(connect(redis_url, socket_timeout=1.0))
+    cache = PredictionCache(client, schema=schema, pointer_ttl_s=60)
+    replied, go_on = threading.Event(), threading.Event()
+    slow_read = []
+
+    def slow_refresh() -> None:
+        client.gates[threading.get_ident()] = (replied, go_on)
+        slow_read.append(cache.current_version("ctr").version)
+
+    slow = threading.Thread(target=slow_refresh)
+    slow.start()
+    assert replied.wait(10)  # it read v1
+    publish_version(redis_client, "ctr", "v2", [("a", 0.2)], n_keys=1, schema=schema)
+    assert cache.current_version("ctr").version == "v2"
+    go_on.set()
+    slow.join()
+    assert cache.current_version("ctr").version == "v2" and cache.get("ctr", "a") == pytest.approx(0.2)
+    assert slow_read == ["v2"]  # the slow refresh reads what the cache holds: never older than another thread
+
+
 def test_logger_buffer_is_bounded_and_counts_drops(schema):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -283,12 +333,12 @@ def test_counters_are_exact_when_threads_share_a_cache(redis_url, redis_client, 
     assert (cache.hits, cache.misses, cache.errors) == (2 * lookups_made, 3 * lookups_made, lookups_made)
 
 
-def test_a_child_forked_while_a_thread_counts_never_hangs_on_the_count_lock(redis_url, redis_client, schema):
-    """A worker forked (gunicorn's preload) while another thread of the parent was counting a lookup: the child
-    inherits that thread's count lock held, with no thread left to release it; it counts under a new one."""
+def test_a_child_forked_while_a_thread_looks_up_never_hangs_on_the_caches_locks(redis_url, redis_client, schema):
+    """A worker forked (gunicorn's preload) while another thread of the parent was counting a lookup or storing a
+    pointer: the child inherits that thread's lock held, with no thread left to release it; it uses new ones."""
     publish_version(redis_client, "ctr", "v1", [("ad1", 0.25)], n_keys=1, schema=schema)
     cache = make_cache(redis_url, schema)
-    with cache._count_lock:  # as a thread inside ``_count`` at the fork holds it
+    with cache._count_lock, cache._pointer_lock:  # as threads inside ``_count`` and ``_store_pointer`` hold them
         pid = os.fork()
         if pid == 0:  # the child: report through the exit code, never return into pytest
             code = 1
