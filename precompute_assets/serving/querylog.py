@@ -153,12 +153,8 @@ class QueryLogger:
         self._held_for_fork = False  # _lock is held by this process's fork (``_before_fork``)
         self._thread.start()
         _OPEN.add(self)
-        ref = weakref.ref(self)
-        os.register_at_fork(
-            before=functools.partial(_at_fork, ref, "_before_fork"),
-            after_in_parent=functools.partial(_at_fork, ref, "_after_fork_in_parent"),
-            after_in_child=functools.partial(_at_fork, ref, "_after_fork"),
-        )
+        with _FORKABLE_LOCK:
+            _FORKABLE.add(self)
 
     def _before_fork(self) -> None:
         """Hold ``_lock`` across a fork, so that the thread is not inside redis-py then: a child whose parent's thread
@@ -580,12 +576,33 @@ def _close_at_exit() -> None:
             logger.close()
 
 
-def _at_fork(ref: weakref.ref, method: str) -> None:
-    """An ``os.register_at_fork`` hook of a ``QueryLogger``: its ``method`` (held weakly: a logger is never kept alive
-    by it)."""
-    logger = ref()
-    if logger is not None:
-        getattr(logger, method)()
+# Every logger not collected yet, closed or not, whose fork methods the process's fork hooks call. One set of hooks per
+# process: os.register_at_fork has no unregister, and hooks registered per logger piled up for ever (three per logger).
+_FORKABLE: weakref.WeakSet[QueryLogger] = weakref.WeakSet()
+# Held by a fork from its before-hook to its after-hooks: no logger is added to the set while a hook goes through it.
+_FORKABLE_LOCK = threading.Lock()
+
+
+def _before_fork() -> None:
+    """Before a fork: every logger holds its lock across it (``QueryLogger._before_fork``)."""
+    _FORKABLE_LOCK.acquire()
+    for logger in list(_FORKABLE):
+        logger._before_fork()
+
+
+def _after_fork_in_parent() -> None:
+    for logger in list(_FORKABLE):
+        logger._after_fork_in_parent()
+    _FORKABLE_LOCK.release()
+
+
+def _after_fork_in_child() -> None:
+    for logger in list(_FORKABLE):
+        logger._after_fork()
+    _FORKABLE_LOCK.release()
+
+
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child)
 
 
 def log_prediction_query(

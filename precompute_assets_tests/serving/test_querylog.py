@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -9,11 +10,12 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections import Counter
 
 import pytest
 
-from precompute_assets.serving import KeySchema, QueryLogger, connect, log_prediction_query, query_logger
+from precompute_assets.serving import KeySchema, QueryLogger, connect, log_prediction_query, query_logger, querylog
 from precompute_assets.serving.events import read_event_window, read_events_after
 from precompute_assets.serving.querylog import (
     ENTRY_EVENTS,
@@ -605,6 +607,22 @@ def test_workers_forked_as_the_logger_starts_each_send_their_queries(redis_url, 
         logger.close()
     assert hung == []
     assert len(logged_queries(redis_client, schema)) == 1000
+
+
+def test_loggers_add_no_fork_hooks_of_their_own(redis_url, schema, monkeypatch):
+    """``os.register_at_fork`` has no unregister: three hooks registered per logger piled up for ever in a process that
+    makes many (tests, a reloading worker), each fork calling every one. The module's hooks, registered once, visit the
+    loggers not collected yet (the fork tests above); a collected logger is gone from them."""
+    registered = []
+    monkeypatch.setattr(os, "register_at_fork", lambda **hooks: registered.append(hooks))
+    loggers = [QueryLogger(log_client(redis_url), schema) for _ in range(3)]
+    for logger in loggers:
+        logger.close()
+    assert registered == []
+    assert all(logger in querylog._FORKABLE for logger in loggers)
+    collected = weakref.ref(loggers.pop(0))
+    gc.collect()
+    assert collected() is None and all(logger in querylog._FORKABLE for logger in loggers)
 
 
 EXITS_WITHOUT_CLOSE = """
