@@ -1025,9 +1025,9 @@ class PredictionCache:
         return replies
 
     def _round_trip_per_key(self, commands: list[tuple]) -> list:
-        """``_round_trip`` for a batch of one command per key: an error reply (a key of another type: WRONGTYPE) fails
-        only its own command, which is counted as an error and replied ``FAILED``; the other replies keep their
-        places."""
+        """``_round_trip`` for a batch of one command per key (or per bucket): an error reply (a key of another type:
+        WRONGTYPE) fails only its own command, which is counted as an error and replied ``FAILED``; the other replies
+        keep their places."""
         replies = send_pipelined(self.client, commands, while_waiting=self._while_waiting)
         for index, reply in enumerate(replies):
             if isinstance(reply, Exception):

@@ -91,8 +91,9 @@ def _fetch(cache: PredictionCache, kind: str, doc_ids: list[str]) -> list[bytes 
             ("HMGET", cache.schema.bucket(kind, pointer.version, bucket), *(doc_ids[i] for i in members))
             for bucket, members in groups.items()
         ]
-        # On a cluster each master backs off alone (``_cluster_fetch``): a failing one's candidates are misses.
-        replies = cache._cluster_fetch(commands) if cache._cluster else cache._round_trip(commands)
+        # On a cluster each master backs off alone (``_cluster_fetch``): a failing one's candidates are misses; on one
+        # server a bucket whose HMGET fails (WRONGTYPE) makes misses of its own candidates only.
+        replies = cache._cluster_fetch(commands) if cache._cluster else cache._round_trip_per_key(commands)
     except REDIS_ERRORS as error:
         cache._trip(error)
         return [None] * len(doc_ids)

@@ -71,6 +71,21 @@ def test_a_corrupt_stored_embedding_is_a_miss_not_a_raise(redis_url, redis_clien
     assert cache.errors == 3 and cache.hits == 8 and cache.misses == 3
 
 
+def test_a_bucket_of_another_type_makes_misses_of_its_own_candidates_only(redis_url, redis_client, schema):
+    """A bucket whose ``HMGET`` answers with an error (WRONGTYPE: a foreign writer) costs its own candidates, counted
+    as an error: the other buckets' candidates are still ranked (the whole batch came back unranked)."""
+    ids, _ = publish_docs(redis_client, schema, n=500)
+    cache = PredictionCache(connect(redis_url), schema=schema)
+    pointer = cache.current_version("doc_embedding")
+    broken = schema.bucket_for_key("doc_embedding", pointer, ids[0])
+    redis_client.delete(broken)
+    redis_client.set(broken, "not a hash")
+    lost = [doc_id for doc_id in ids[:100] if schema.bucket_for_key("doc_embedding", pointer, doc_id) == broken]
+    result = rerank(cache, np.ones(32), ids[:100])
+    assert sorted(doc_id for doc_id, score in result if score is None) == sorted(lost)
+    assert len(lost) < 100 and cache.errors == 1 and (cache.hits, cache.misses) == (100 - len(lost), len(lost))
+
+
 def test_decode_batch_equals_one_at_a_time_and_refuses_mixed_layouts():
     rng = np.random.default_rng(2)
     raws = encode_batch(rng.normal(size=(20, 8)), model_version="m1")
