@@ -144,3 +144,21 @@ def wait_for_replica(primary: redis.Redis, replica: redis.Redis, timeout_s: floa
         if time.monotonic() > deadline:
             raise RuntimeError(f"replica {port} never synced")
         time.sleep(0.05)
+
+
+def switching_between_bytecodes(path: str):
+    """A ``threading.settrace`` function that lets the other threads run between any two bytecodes of the code in
+    ``path``: CPython's GIL rarely switches threads inside ``x += 1``, a free-threaded build runs them at once."""
+
+    def each_opcode(frame, event, arg):
+        if event == "opcode":
+            time.sleep(0)  # releases the GIL: another thread may run now
+        return each_opcode
+
+    def on_call(frame, event, arg):
+        if frame.f_code.co_filename != path:
+            return None
+        frame.f_trace_opcodes = True
+        return each_opcode
+
+    return on_call

@@ -70,7 +70,7 @@ def _decoded(
                 decode_vector(raws[i])
                 kept.append(i)
             except (ValueError, TypeError, struct.error):
-                cache.errors += 1
+                cache._count("errors")  # the cache's lock: threads share it
                 raws[i] = None
         return kept, *decode_batch([raws[i] for i in kept])
 

@@ -23,7 +23,7 @@ from precompute_assets.serving import (
 )
 from precompute_assets.serving import cache as cache_module
 from precompute_assets.serving.keys import codec_for
-from precompute_assets_tests.factories import CountingClient, log_client, logged_queries
+from precompute_assets_tests.factories import CountingClient, log_client, logged_queries, switching_between_bytecodes
 
 
 def make_cache(url: str, schema: KeySchema, **options) -> PredictionCache:
@@ -287,24 +287,6 @@ def test_an_error_reply_in_a_batch_fails_its_key_not_the_batch(redis_url, redis_
     expected = [dict(items)[kept[0]], None, 0.75, None, None, dict(items)[kept[1]]]
     assert values == [None if value is None else pytest.approx(value) for value in expected]
     assert (cache.hits, cache.misses, cache.errors) == (3, 3, 2)
-
-
-def switching_between_bytecodes(path: str):
-    """A ``threading.settrace`` function that lets the other threads run between any two bytecodes of the code in
-    ``path``: CPython's GIL rarely switches threads inside ``x += 1``, a free-threaded build runs them at once."""
-
-    def each_opcode(frame, event, arg):
-        if event == "opcode":
-            time.sleep(0)  # releases the GIL: another thread may run now
-        return each_opcode
-
-    def on_call(frame, event, arg):
-        if frame.f_code.co_filename != path:
-            return None
-        frame.f_trace_opcodes = True
-        return each_opcode
-
-    return on_call
 
 
 def test_counters_are_exact_when_threads_share_a_cache(redis_url, redis_client, schema):

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 
 from precompute_assets.serving import PredictionCache, QueryLogger, connect, publish_version
+from precompute_assets.serving import rerank as rerank_module
 from precompute_assets.serving.rerank import rerank
 from precompute_assets.serving.vectors import decode_batch, decode_vector, encode_batch
-from precompute_assets_tests.factories import log_client, logged_queries
+from precompute_assets_tests.factories import log_client, logged_queries, switching_between_bytecodes
 
 
 def publish_docs(client, schema, n: int = 500, dim: int = 32, seed: int = 0, version: str = "e1"):
@@ -84,6 +87,31 @@ def test_a_bucket_of_another_type_makes_misses_of_its_own_candidates_only(redis_
     result = rerank(cache, np.ones(32), ids[:100])
     assert sorted(doc_id for doc_id, score in result if score is None) == sorted(lost)
     assert len(lost) < 100 and cache.errors == 1 and (cache.hits, cache.misses) == (100 - len(lost), len(lost))
+
+
+def test_errors_counted_by_threads_reranking_at_once_are_exact(redis_url, redis_client, schema):
+    """Threads sharing a cache count the corrupt embeddings they find under the cache's lock, as its lookups do."""
+    ids, _ = publish_docs(redis_client, schema, n=50)
+    cache = PredictionCache(connect(redis_url), schema=schema)
+    pointer = cache.current_version("doc_embedding")
+    for doc_id in (ids[0], ids[3]):
+        redis_client.hset(schema.bucket_for_key("doc_embedding", pointer, doc_id), doc_id, b"\x01\x02")
+    n_threads, rounds = 4, 10
+
+    def reranks() -> None:
+        for _ in range(rounds):
+            rerank(cache, np.ones(32), ids[:10])
+
+    threading.settrace(switching_between_bytecodes(rerank_module.__file__))
+    try:
+        threads = [threading.Thread(target=reranks) for _ in range(n_threads)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        threading.settrace(None)
+    assert cache.errors == 2 * n_threads * rounds
 
 
 def test_decode_batch_equals_one_at_a_time_and_refuses_mixed_layouts():
