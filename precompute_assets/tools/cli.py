@@ -1587,6 +1587,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"precompute {args.command}: {one_line(str(error))}", file=sys.stderr)  # one line, always
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line, and the shell's code of an interrupted command (128 + SIGINT)
+        if os.environ.get(ENV_TRACEBACK):
+            raise
+        print(f"precompute {args.command}: interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:  # the reader of our output went away (`| head`): no traceback, and no flush at exit
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1

@@ -1858,6 +1858,24 @@ def test_a_failing_replay_stops_its_processes_instead_of_waiting_for_them():
         assert none is None
 
 
+def test_ctrl_c_is_one_line_and_exit_130_not_a_traceback(tmp_path, monkeypatch, capsys):
+    """Ctrl-C during a long replay or load printed KeyboardInterrupt's traceback from wherever it happened to be."""
+    import precompute_assets.tools.cli as cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "read_trace", interrupted)
+    trace = tmp_path / "trace.txt"
+    trace.write_text("a\nb\n")
+    argv = ["replay", "--trace", str(trace), "--days", "2", "--top-n", "1", "--capacity", "2"]
+    assert main(argv) == 130
+    assert capsys.readouterr().err == "precompute replay: interrupted\n"
+    monkeypatch.setenv("PRECOMPUTE_TRACEBACK", "1")  # where it was, for whoever needs it
+    with pytest.raises(KeyboardInterrupt):
+        main(argv)
+
+
 def test_no_help_text_shows_docstring_markup():
     """`precompute --help` opened with the module docstring's reStructuredText: 'The ``precompute`` command'."""
     parser = build_parser()
