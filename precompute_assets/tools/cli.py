@@ -910,7 +910,7 @@ def _replay_pool(wanted: bool) -> Iterator[ProcessPoolExecutor | None]:
         yield None
         return
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    pool = ProcessPoolExecutor(cpus, mp_context=multiprocessing.get_context("spawn"))
+    pool = ProcessPoolExecutor(cpus, mp_context=multiprocessing.get_context("spawn"), initializer=_ignore_interrupt)
     try:
         yield pool
     except BaseException:
@@ -920,6 +920,12 @@ def _replay_pool(wanted: bool) -> Iterator[ProcessPoolExecutor | None]:
             process.kill()
         raise
     pool.shutdown()
+
+
+def _ignore_interrupt() -> None:
+    """A replay worker's initializer: a terminal's Ctrl-C reaches every process of the command, and each idle worker
+    printed its own KeyboardInterrupt traceback; the main process stops them (``_replay_pool``) and says it once."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def learned_results(day_keys: list, args: argparse.Namespace, train_days: int, *, with_prefetch: bool) -> dict:

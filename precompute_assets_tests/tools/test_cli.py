@@ -1876,6 +1876,17 @@ def test_ctrl_c_is_one_line_and_exit_130_not_a_traceback(tmp_path, monkeypatch, 
         main(argv)
 
 
+def test_replay_workers_leave_ctrl_c_to_the_command():
+    """A terminal's Ctrl-C reaches the replay's worker processes too: each printed a KeyboardInterrupt traceback under
+    the command's one line. They ignore it; the command stops them (test_a_failing_replay_stops_its_processes...)."""
+    import signal
+
+    from precompute_assets.tools.cli import _replay_pool
+
+    with _replay_pool(True) as pool:
+        assert pool.submit(signal.getsignal, signal.SIGINT).result(timeout=120) == signal.SIG_IGN
+
+
 def test_no_help_text_shows_docstring_markup():
     """`precompute --help` opened with the module docstring's reStructuredText: 'The ``precompute`` command'."""
     parser = build_parser()
