@@ -277,6 +277,12 @@ def _local_trace(
             f"the file is a {archive[0]} archive, not a trace: extract the trace from it ({archive[1]} writes it to "
             "standard output, which a trace named - reads)"
         )
+    if (compressed := _compression_kind(data)) is not None and Path(name).suffix.lower() not in _COMPRESSION_SUFFIXES:
+        codec, suffix, command = compressed
+        raise TraceError(
+            f"the trace is {codec}-compressed: decompress it ({command} FILE | ... --trace -), or name the file "
+            f"*{suffix}"
+        )
     text = _decode_text(data)
     del data  # the text holds it now: a trace's bytes need not stay beside it through the parse
     return _text_trace(text, columns, where, exact_keys)
@@ -289,6 +295,28 @@ def _archive_kind(data: bytes) -> tuple[str, str] | None:
         return "zip", "unzip -p FILE"
     if data[257:262] == b"ustar":  # POSIX tar's magic, in the first member's header
         return "tar", "tar -xOf FILE"
+    return None
+
+
+# Compressed bytes by their magic: (magic, codec, the suffix that makes the trace decompressed, a command that does).
+_COMPRESSION_MAGIC = (
+    (b"\x1f\x8b", "gzip", ".gz", "gzip -dc"),
+    (b"\xfd7zXZ\x00", "xz", ".xz", "xz -dc"),
+    (b"\x28\xb5\x2f\xfd", "zstd", ".zst", "zstd -dc"),
+    (b"\x04\x22\x4d\x18", "lz4", ".lz4", "lz4 -dc"),
+)
+_COMPRESSION_SUFFIXES = {*_COMPRESSION, ".xz"}
+
+
+def _compression_kind(data: bytes) -> tuple[str, str, str] | None:
+    """The codec, suffix and decompressing command of compressed ``data``, by its magic bytes; else None. Read as
+    text, a .gz saved without its suffix (or piped in undecompressed) was "not valid UTF-8 text (a binary trace?)"."""
+    for magic, *kind in _COMPRESSION_MAGIC:
+        if data.startswith(magic):
+            return kind[0], kind[1], kind[2]
+    # bzip2: "BZh", the block size 1-9, then a block's magic (pi's digits) or the end of stream's (sqrt(pi)'s)
+    if data[:3] == b"BZh" and data[3:4].isdigit() and data[4:10] in (b"1AY&SY", b"\x17rE8P\x90"):
+        return "bzip2", ".bz2", "bzip2 -dc"
     return None
 
 

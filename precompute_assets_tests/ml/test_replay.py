@@ -2259,6 +2259,32 @@ def test_zip_and_tar_archives_are_refused_as_archives_not_as_binary_traces(tmp_p
             )
 
 
+def test_a_compressed_trace_without_its_suffix_is_named_as_compressed(tmp_path):
+    # A .gz saved as trace.csv (or piped in undecompressed) was "not valid UTF-8 text (a binary trace? see --format)",
+    # and a request-log import first cut 100 of its "lines" as malformed
+    import bz2
+    import gzip
+
+    from precompute_assets.ml.replay import parse_trace_quarantining
+
+    text = b"1764547200,ad1\n1764547260,ad2\n"
+    for codec, compress, suffix, command in (
+        ("gzip", gzip.compress, ".gz", "gzip -dc"),
+        ("bzip2", bz2.compress, ".bz2", "bzip2 -dc"),
+        ("xz", lzma.compress, ".xz", "xz -dc"),
+    ):
+        (tmp_path / "trace.csv").write_bytes(compress(text))
+        for parse in (parse_trace, parse_trace_quarantining):
+            with pytest.raises(TraceError) as refused:
+                parse(tmp_path / "trace.csv")
+            assert str(refused.value) == (
+                f"the trace is {codec}-compressed: decompress it ({command} FILE | ... --trace -), or name the file "
+                f"*{suffix}"
+            )
+        (tmp_path / f"trace.csv{suffix}").write_bytes(compress(text))  # named so, it reads
+        assert parse_trace(tmp_path / f"trace.csv{suffix}").keys.tolist() == ["ad1", "ad2"]
+
+
 _NOT_MONITOR_LINE = 'not a Redis MONITOR line (TIME [DB CLIENT] "COMMAND" "ARG"...): cut off, or a line of another log?'
 
 
