@@ -58,7 +58,7 @@ def read_campaign_file(path: str | Path) -> tuple[list[dict[str, Any]], list[str
 
 def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
     records, labels = [], []
-    with open(path, encoding="utf-8") as stream:
+    with open(path, encoding="utf-8-sig") as stream:  # -sig: a byte order mark, as Windows tools write, is no JSON
         # iterate the file, not str.splitlines: a JSON string may hold U+2028, which splitlines splits at
         for number, line in enumerate(stream, start=1):
             if not line.strip():
@@ -78,7 +78,8 @@ _SHORT = object()  # the value csv.DictReader gives the columns a row is too sho
 
 
 def _read_csv(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
-    with open(path, encoding="utf-8", newline="") as stream:
+    # utf-8-sig: Excel's "CSV UTF-8" starts with a byte order mark, which made the first column '\ufeffcampaign_id'
+    with open(path, encoding="utf-8-sig", newline="") as stream:
         reader = csv.DictReader(stream, restval=_SHORT)
         header = reader.fieldnames or []
         missing = [column for column in REQUIRED_CSV_COLUMNS if column not in header]

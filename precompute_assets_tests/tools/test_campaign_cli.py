@@ -223,6 +223,20 @@ def test_bad_files_are_one_line_and_start_nothing(tmp_path, monkeypatch, capsys)
     assert not (tmp_path / "never-started" / "redis").exists()  # nothing was started for a bad file
 
 
+def test_a_campaign_file_with_a_byte_order_mark_reads_as_without(tmp_path):
+    """Excel's "CSV UTF-8" starts with a byte order mark: the CSV was refused for "missing columns ['campaign_id']"
+    (its first column read as '\\ufeffcampaign_id'), a JSONL file as malformed JSON on line 1."""
+    from precompute_assets.tools.campaigns import read_campaign_file
+
+    rows = "campaign_id,tenant_id,launch_at,ad_id\r\nc1,acme,2030-01-01T00:00Z,a1\r\nc1,acme,2030-01-01T00:00Z,a2\r\n"
+    files = {"excel.csv": rows, "bom.jsonl": json.dumps(campaign("c1")) + "\n"}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text, encoding="utf-8-sig", newline="")
+        (tmp_path / f"plain-{name}").write_text(text, encoding="utf-8", newline="")
+        assert read_campaign_file(tmp_path / name) == read_campaign_file(tmp_path / f"plain-{name}")
+        assert read_campaign_file(tmp_path / name)[0][0]["campaign_id"] == "c1"
+
+
 @pytest.mark.parametrize(
     "argv, expected",
     [
