@@ -277,7 +277,7 @@ def _local_trace(
             f"the file is a {archive[0]} archive, not a trace: extract the trace from it ({archive[1]} writes it to "
             "standard output, which a trace named - reads)"
         )
-    if (compressed := _compression_kind(data)) is not None and Path(name).suffix.lower() not in _COMPRESSION_SUFFIXES:
+    if (compressed := compression_kind(data)) is not None and Path(name).suffix.lower() not in _COMPRESSION_SUFFIXES:
         codec, suffix, command = compressed
         raise TraceError(
             f"the trace is {codec}-compressed: decompress it ({command} FILE | ... --trace -), or name the file "
@@ -308,7 +308,7 @@ _COMPRESSION_MAGIC = (
 _COMPRESSION_SUFFIXES = {*_COMPRESSION, ".xz"}
 
 
-def _compression_kind(data: bytes) -> tuple[str, str, str] | None:
+def compression_kind(data: bytes) -> tuple[str, str, str] | None:
     """The codec, suffix and decompressing command of compressed ``data``, by its magic bytes; else None. Read as
     text, a .gz saved without its suffix (or piped in undecompressed) was "not valid UTF-8 text (a binary trace?)"."""
     for magic, *kind in _COMPRESSION_MAGIC:

@@ -42,7 +42,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..serving.querylog import MAX_KEY_LENGTH
-from .files import unreadable_reason
+from .files import first_bytes, not_text_reason, unreadable_reason
 from .lake import Lake
 
 ID_COLUMN = "ad_id"
@@ -146,7 +146,8 @@ def _plain(value: object) -> object:
 
 
 def file_format(path: str | Path) -> str:
-    """``"csv"`` (also ``.csv.gz``) or ``"parquet"`` (``.parquet``, ``.pq``) by suffix, for a readable file."""
+    """``"csv"`` (also ``.csv.gz``) or ``"parquet"`` (``.parquet``, ``.pq``) by suffix, for a readable file (a CSV
+    one that is text: ``not_text_reason``)."""
     path = Path(path)
     suffixes = [s.lower() for s in path.suffixes[-2:]]
     if suffixes[-1:] in ([".parquet"], [".pq"]):
@@ -156,6 +157,8 @@ def file_format(path: str | Path) -> str:
     else:
         raise AdDataError(f"{path}: unknown suffix {path.suffix or '(none)'!r}; expected .csv, .csv.gz or .parquet")
     reason = unreadable_reason(path)
+    if reason is None and kind == "csv":
+        reason = not_text_reason(path, first_bytes(path))
     if reason is not None:
         raise AdDataError(f"{path}: {reason}")
     return kind

@@ -35,7 +35,7 @@ from psycopg2 import sql
 
 from ..ml.embedder import MAX_BODY_BYTES
 from ..serving.keys import BAD_KEY_CHARACTERS, MAX_KEY_LENGTH
-from .files import unreadable_reason
+from .files import first_bytes, not_text_reason, unreadable_reason
 from .postgres import copy_in, schema_missing, transaction
 from .tables import not_text
 
@@ -416,25 +416,18 @@ def check_document_file(path: str | Path) -> str:
     reason = unreadable_reason(path)
     if reason is not None:
         raise OSError(f"{path}: {reason}")
-    start = _first_bytes(path) if kind != "parquet" else b""
+    start = first_bytes(path) if kind != "parquet" else b""
     if start.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):  # Windows' "Unicode" text, PowerShell's export
         raise DocumentFileError(f"{path}: the file is UTF-16 text (it starts with UTF-16's byte order mark); "
                                 "nothing was loaded: convert it to UTF-8")  # fmt: skip
+    if kind != "parquet" and (reason := not_text_reason(path, start)) is not None:
+        raise DocumentFileError(f"{path}: {reason}; nothing was loaded")
     if kind == "jsonl" and start.removeprefix(codecs.BOM_UTF8).lstrip().startswith(b"["):
         raise DocumentFileError(f"{path}: the file is one JSON array, not JSON Lines (one object per line); "
                                 "nothing was loaded (jq -c '.[]' writes its objects one per line)")  # fmt: skip
     if kind == "parquet":
         _parquet_file(path).close()
     return kind
-
-
-def _first_bytes(path: Path) -> bytes:
-    """The file's first 64 KiB, decompressed when it is ``.gz`` (nothing for a file that cannot be read: that fails
-    later, naming why)."""
-    with contextlib.suppress(OSError, EOFError, zlib.error), open(path, "rb") as raw:
-        stream = gzip.GzipFile(fileobj=raw) if path.suffix.lower() == ".gz" else raw
-        return stream.read(1 << 16)
-    return b""
 
 
 def _parquet_file(path: Path) -> pq.ParquetFile:

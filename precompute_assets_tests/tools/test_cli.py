@@ -1301,6 +1301,37 @@ def test_docs_load_bad_files_are_one_line_and_exit_2(tmp_path, monkeypatch, caps
     assert not (tmp_path / "never-started" / "redis").exists()  # nothing was started for a bad file
 
 
+def test_loads_name_a_csv_that_is_not_text(tmp_path, monkeypatch, capsys):
+    """A .gz, Excel workbook, Parquet or UTF-16 file named .csv was refused for "missing columns", its "header" a
+    line of binary garbage ('\\udc8b\\x08...'): each is named, with what to do, before anything starts."""
+    import bz2
+    import zipfile
+
+    monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "never-started"))
+    text = "ts_ms,ad_id,clicked,doc_id,body\n1764547200000,a1,1,d1,b\n"
+    with zipfile.ZipFile(tmp_path / "book.csv", "w") as book:  # an .xlsx is a zip archive
+        book.writestr("xl/workbook.xml", "<workbook/>")
+    pq.write_table(pa.table({"ad_id": ["a1"]}), tmp_path / "table.csv")
+    (tmp_path / "packed.csv").write_bytes(gzip.compress(text.encode()))
+    (tmp_path / "packed.bz2.csv").write_bytes(bz2.compress(text.encode()))
+    (tmp_path / "windows.csv").write_bytes(text.encode("utf-16"))
+    (tmp_path / "twice.csv.gz").write_bytes(gzip.compress(gzip.compress(text.encode())))
+    cases = {
+        "book.csv": "the file is a zip archive (an Excel workbook?), not text: export or extract the CSV from it",
+        "table.csv": "the file is Parquet, not text: name it table.parquet",
+        "packed.csv": "the file is gzip-compressed: name it packed.csv.gz",
+        "packed.bz2.csv": "the file is bzip2-compressed: decompress it first (bzip2 -dc FILE)",
+        "windows.csv": "the file is UTF-16 text (it starts with UTF-16's byte order mark)",
+        "twice.csv.gz": "the file is gzip-compressed: decompress it first (gzip -dc FILE)",
+    }
+    for command in (["ads", "load"], ["impressions", "load"], ["docs", "load"]):
+        for name, says in cases.items():
+            assert main([*command, str(tmp_path / name)]) == 2
+            err = capsys.readouterr().err
+            assert err.startswith(f"precompute {command[0]}: {tmp_path / name}: {says}") and err.count("\n") == 1, err
+    assert not (tmp_path / "never-started" / "redis").exists()  # nothing was started for a bad file
+
+
 def test_docs_that_loaded_but_cannot_be_counted_exit_0_and_say_so(stack, app_db, tmp_path, monkeypatch, capsys):
     # The chunks committed: a database lost before the closing count must not report the load as failed.
     import psycopg2
