@@ -1266,9 +1266,6 @@ def cmd_query_logs(args: argparse.Namespace) -> int:
 def check_placement(args: argparse.Namespace, rows, requests: int, seconds, timezone: str) -> None:
     """CliError, before anything is written, for an import that would quarantine every request, or, unless
     ``--allow-outside``, more than half of them for falling outside the hourly partitions (misread timestamps)."""
-    from datetime import datetime
-    from zoneinfo import ZoneInfo
-
     import numpy as np
 
     from ..storage.query_log_import import outside_share
@@ -1279,11 +1276,24 @@ def check_placement(args: argparse.Namespace, rows, requests: int, seconds, time
     finite = seconds[np.isfinite(seconds)]
     span = ""
     if len(finite):
-        first, last = (datetime.fromtimestamp(float(f(finite)), ZoneInfo(timezone)) for f in (np.min, np.max))
-        span = f"; the requests were placed from {first:%Y-%m-%d %H:%M} to {last:%Y-%m-%d %H:%M} {timezone}"
+        first, last = (_local_minute(float(f(finite)), timezone) for f in (np.min, np.max))
+        span = f"; the requests were placed from {first} to {last} {timezone}"
     what = "every request" if not rows.frames else f"more than half of the {requests} requests"
     hint = "check --start and --time-unit" + ("" if not rows.frames else ", or --allow-outside imports the rest")
     raise CliError(f"{args.file}: {what} would be quarantined ({reasons}){span}: {hint}; nothing was written")
+
+
+def _local_minute(second: float, timezone: str) -> str:
+    """``second`` as ``check_placement`` names a placed request's time; beyond the years a date can show (a corrupt
+    1e26 failed the refusal with "OverflowError: timestamp out of range", not naming why nothing was written), which
+    side."""
+    from datetime import datetime
+    from zoneinfo import ZoneInfo
+
+    try:
+        return f"{datetime.fromtimestamp(second, ZoneInfo(timezone)):%Y-%m-%d %H:%M}"
+    except (OverflowError, ValueError, OSError):
+        return "after the year 9999" if second > 0 else "before the year 1"
 
 
 class _Parser(argparse.ArgumentParser):

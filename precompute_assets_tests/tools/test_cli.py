@@ -1612,6 +1612,22 @@ def test_query_logs_import_refuses_misplaced_timestamps_before_writing(tmp_path,
         assert not (tmp_path / "lake").exists() and not (tmp_path / "home").exists()
 
 
+def test_query_logs_import_refusal_names_a_timestamp_beyond_any_date(tmp_path, monkeypatch, capsys):
+    """A log from before the partitions with one corrupt 1e26 among its timestamps: the refusal failed building its
+    span, "OverflowError: timestamp out of range for platform time_t", not saying why nothing was written."""
+    monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("PRECOMPUTE_LAKE_URI", str(tmp_path / "lake"))
+    monkeypatch.setenv("PRECOMPUTE_TIMEZONE", "UTC")
+    monkeypatch.setenv("PRECOMPUTE_PARTITIONS_START", "2026-01-01")
+    log = tmp_path / "requests.csv"
+    log.write_text("1700000000,ad0\n1700000060,ad1\n99999999999999999999999999,ad2\n1700000120,ad0\n")
+    assert main(["query-logs", "import", str(log)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "every request would be quarantined" in err, err
+    assert "placed from 2023-11-14 22:13 to after the year 9999 UTC" in err and "nothing was written" in err, err
+    assert not (tmp_path / "lake").exists()
+
+
 def test_query_logs_import_finds_the_logs_time_unit_once(tmp_path, monkeypatch, capsys):
     """The median of every timestamp that tells the log's unit is taken once: epoch_seconds and other_unit both
     read the log in it (other_unit found it again)."""
