@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import multiprocessing
 import random
+import signal
 import time
 import uuid
 from dataclasses import dataclass
@@ -123,19 +124,34 @@ def _phase(plan: LoadPlan, processes: int, mode: str, admin, rate: float | None 
     queue = context.Queue()
     start = context.Barrier(processes + 1)  # spawned interpreters import and warm up before anyone starts
     workers = [context.Process(target=_worker, args=(plan, i, mode, start, queue, rate)) for i in range(processes)]
-    for worker in workers:
-        worker.start()
+    start_ignoring_interrupt(workers)
     try:
         start.wait(timeout=_START_TIMEOUT_S)
         cpu_before = _redis_cpu(admin)
         results = [queue.get(timeout=plan.seconds + 120) for _ in workers]
         cpu_after = _redis_cpu(admin)
+    except BaseException:  # Ctrl-C or a failure: the workers' results are lost, their phase is not waited out
+        for worker in workers:
+            worker.terminate()
+        raise
     finally:
         for worker in workers:
             worker.join(timeout=30)
             if worker.is_alive():  # stuck: never left waiting on at exit
                 worker.terminate()
     return {"results": results, "redis_cpu_s": cpu_after - cpu_before}
+
+
+def start_ignoring_interrupt(workers: list) -> None:
+    """Start ``workers`` with SIGINT ignored, which a spawned interpreter inherits through ``exec`` from its first
+    instruction on: a terminal's Ctrl-C reaches every process of the command, and each worker printed its own
+    KeyboardInterrupt traceback (most while still importing) under the command's one line. ``_phase`` stops them."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        for worker in workers:
+            worker.start()
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _summary(phases: list[dict], seconds: float) -> dict:

@@ -126,6 +126,23 @@ def test_bench_load_reports_ours_beside_the_bare_load(redis_url, redis_client):
     assert not list(redis_client.scan_iter("load*"))  # its namespace is dropped
 
 
+def test_bench_load_workers_leave_ctrl_c_to_the_command():
+    """A terminal's Ctrl-C reaches bench load's worker processes too: each printed a KeyboardInterrupt traceback
+    under the command's one line. Started ignoring it, a worker that receives it goes on (exit code 0, not 1)."""
+    import multiprocessing
+    import signal
+
+    from precompute_assets.tools.load import start_ignoring_interrupt
+
+    context = multiprocessing.get_context("spawn")
+    worker = context.Process(target=signal.raise_signal, args=(signal.SIGINT,))
+    before = signal.getsignal(signal.SIGINT)
+    start_ignoring_interrupt([worker])
+    worker.join(timeout=120)
+    assert worker.exitcode == 0
+    assert signal.getsignal(signal.SIGINT) is before  # the command's own Ctrl-C is as it was
+
+
 def test_bench_load_refuses_bad_arguments():
     from precompute_assets.tools.load import bench_load
 
