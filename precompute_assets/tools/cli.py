@@ -12,6 +12,7 @@ import os
 import shlex
 import signal
 import sys
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -910,7 +911,7 @@ def _replay_pool(wanted: bool) -> Iterator[ProcessPoolExecutor | None]:
         yield None
         return
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    pool = ProcessPoolExecutor(cpus, mp_context=multiprocessing.get_context("spawn"), initializer=_ignore_interrupt)
+    pool = _ReplayPool(cpus, mp_context=multiprocessing.get_context("spawn"))
     try:
         yield pool
     except BaseException:
@@ -922,10 +923,21 @@ def _replay_pool(wanted: bool) -> Iterator[ProcessPoolExecutor | None]:
     pool.shutdown()
 
 
-def _ignore_interrupt() -> None:
-    """A replay worker's initializer: a terminal's Ctrl-C reaches every process of the command, and each idle worker
-    printed its own KeyboardInterrupt traceback; the main process stops them (``_replay_pool``) and says it once."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+class _ReplayPool(ProcessPoolExecutor):
+    """A pool whose workers ignore SIGINT from their first instruction: a terminal's Ctrl-C reaches every process of
+    the command, and each worker printed its own KeyboardInterrupt traceback (an initializer that ignored it left out
+    the workers still importing); the main process stops them (``_replay_pool``) and says it once."""
+
+    def submit(self, fn, /, *args, **kwargs):
+        """``ProcessPoolExecutor.submit``, which starts a worker when none is idle, with SIGINT ignored meanwhile: an
+        ignored signal is what a spawned interpreter inherits through ``exec``."""
+        if threading.current_thread() is not threading.main_thread():  # only the main thread may set a handler
+            return super().submit(fn, *args, **kwargs)
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            return super().submit(fn, *args, **kwargs)
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
 
 def learned_results(day_keys: list, args: argparse.Namespace, train_days: int, *, with_prefetch: bool) -> dict:

@@ -1932,6 +1932,12 @@ def test_replay_workers_leave_ctrl_c_to_the_command():
 
     with _replay_pool(True) as pool:
         assert pool.submit(signal.getsignal, signal.SIGINT).result(timeout=120) == signal.SIG_IGN
+    with _replay_pool(True) as pool:  # a Ctrl-C while a worker still starts: it went on to print its traceback
+        job = pool.submit(sum, [1, 2])
+        for process in list(pool._processes.values()):
+            os.kill(process.pid, signal.SIGINT)
+        assert job.result(timeout=120) == 3  # the worker went on: no traceback, and no broken pool
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the command's own Ctrl-C is as it was
 
 
 def test_no_help_text_shows_docstring_markup():
