@@ -419,6 +419,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     dim = EmbeddingModelConfig.model_fields["dim"].default
     if args.docs <= dim:  # embedding_model failed on it minutes in, after the whole daily graph
         raise CliError(f"--docs must be more than {dim}, the embedder's dimensions, got {args.docs}")
+    check_demo_days(args.days)
     stack = Stack()
     _up(stack)
     summary = run_demo(
@@ -434,6 +435,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(json.dumps(summary, indent=2))
     print("\nServices are still running for `precompute dev`; stop them with `precompute down`.")
     return 0
+
+
+def check_demo_days(days: int) -> None:
+    """CliError, before anything starts, for ``demo --days`` whose traffic (from ``days + 1`` days ago, as ``run_demo``
+    places it) begins before the first partition: the demo failed after resetting Redis and serving the history, on
+    Dagster's "Could not find a partition with key ..." (an OverflowError for a huge number), naming no option."""
+    from datetime import date, datetime
+    from zoneinfo import ZoneInfo
+
+    from ..defs.settings import ENV_PARTITIONS_START, load_settings
+
+    try:
+        settings = load_settings()
+    except ValueError as error:  # a malformed PRECOMPUTE_TIMEZONE or PRECOMPUTE_PARTITIONS_START
+        raise CliError(str(error)) from None
+    first = date.fromisoformat(settings.partitions_start)
+    most = (datetime.now(ZoneInfo(settings.timezone)).date() - first).days - 1
+    if days > most:
+        raise CliError(
+            f"--days {days} starts the demo's traffic before the first partition day {first} ({ENV_PARTITIONS_START}): "
+            f"at most {most} days of history fit after it; give fewer, or set an earlier start"
+        )
 
 
 # The benchmarks that read each of `bench`'s options: given to another, an option was silently ignored.

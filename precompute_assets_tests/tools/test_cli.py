@@ -1256,6 +1256,32 @@ def test_demo_refuses_fewer_documents_than_the_embedders_dimensions_before_start
     assert not (tmp_path / "home").exists()  # nothing started
 
 
+def test_demo_refuses_days_before_the_first_partition_before_starting(tmp_path, monkeypatch, capsys):
+    """The demo's traffic starts --days + 1 days ago: before PRECOMPUTE_PARTITIONS_START it failed after resetting
+    Redis and serving the history, on Dagster's "Could not find a partition with key ...", naming no option."""
+    import datetime as dt
+
+    import precompute_assets.tools.cli as cli
+
+    monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("PRECOMPUTE_TIMEZONE", "UTC")
+    start = dt.datetime.now(dt.UTC).date() - dt.timedelta(days=5)
+    monkeypatch.setenv("PRECOMPUTE_PARTITIONS_START", start.isoformat())
+
+    def started(stack, **kwargs):  # where the demo would start its servers
+        raise cli.CliError("past the checks")
+
+    monkeypatch.setattr(cli, "_up", started)
+    for days in ("5", "99999999999999999999999"):  # the huge one was an OverflowError, after the stack started
+        assert main(["demo", "--days", days]) == 2
+        assert capsys.readouterr().err == (
+            f"precompute demo: --days {days} starts the demo's traffic before the first partition day {start} "
+            "(PRECOMPUTE_PARTITIONS_START): at most 4 days of history fit after it; give fewer, or set an earlier "
+            "start\n"
+        )
+    assert main(["demo", "--days", "4"]) == 2 and "past the checks" in capsys.readouterr().err
+
+
 def test_docs_load_bad_files_are_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "never-started"))
     unreadable = tmp_path / "locked.jsonl"
