@@ -8,7 +8,7 @@ import contextlib
 import fcntl
 import gzip
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 
 
@@ -37,22 +37,24 @@ def first_bytes(path: str | Path, size: int = 1 << 16) -> bytes:
     return b""
 
 
-def not_text_reason(path: str | Path, start: bytes) -> str | None:
+def not_text_reason(path: str | Path, start: bytes, *, reads: Collection[str] = (".gz", ".parquet")) -> str | None:
     """Why a file that should be text but starts with ``start`` (``first_bytes``) is not, and what to do: compressed
     data without its suffix, a zip archive (an Excel workbook), Parquet or UTF-16 text; None for anything else. Read as
-    text, such a file was refused for missing columns, its "header" a line of binary garbage."""
+    text, such a file was refused for missing columns, its "header" a line of binary garbage. ``reads``: the suffixes
+    of ``.gz`` and ``.parquet`` the loader reads, which the advice may then name."""
     from ..ml.replay import compression_kind  # here: the CLI imports this module for every command
 
     path = Path(path)
     if (compressed := compression_kind(start)) is not None:
         codec, suffix, command = compressed
-        if codec == "gzip" and path.suffix.lower() != ".gz":
+        if codec == "gzip" and ".gz" in reads and path.suffix.lower() != ".gz":
             return f"the file is gzip-compressed: name it {path.name}.gz"
         return f"the file is {codec}-compressed: decompress it first ({command} FILE)"
     if start.startswith(b"PK\x03\x04"):
         return "the file is a zip archive (an Excel workbook?), not text: export or extract the CSV from it"
     if start.startswith(b"PAR1"):
-        return f"the file is Parquet, not text: name it {path.with_suffix('.parquet').name}"
+        advice = f"name it {path.with_suffix('.parquet').name}" if ".parquet" in reads else "write it as text"
+        return f"the file is Parquet, not text: {advice}"
     if start.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):  # Windows' "Unicode" text, PowerShell's export
         return "the file is UTF-16 text (it starts with UTF-16's byte order mark): convert it to UTF-8"
     return None

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..storage.files import unreadable_reason
+from ..storage.files import first_bytes, not_text_reason, unreadable_reason
 
 SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv"}
 # CSV columns that describe the campaign (the same on each of its rows); every other column belongs to the ad
@@ -48,6 +48,8 @@ def read_campaign_file(path: str | Path) -> tuple[list[dict[str, Any]], list[str
     """
     path = Path(path)
     kind = check_campaign_file(path)
+    if (reason := not_text_reason(path, first_bytes(path), reads=())) is not None:  # not "not UTF-8 at byte 0"
+        raise _error(f"{path}: {reason}")
     try:
         return _read_jsonl(path) if kind == "jsonl" else _read_csv(path)
     except UnicodeDecodeError as error:

@@ -223,6 +223,35 @@ def test_bad_files_are_one_line_and_start_nothing(tmp_path, monkeypatch, capsys)
     assert not (tmp_path / "never-started" / "redis").exists()  # nothing was started for a bad file
 
 
+def test_a_campaign_file_that_is_not_text_is_named_as_such(tmp_path, monkeypatch, capsys):
+    """A gzip, Excel, Parquet or UTF-16 file named .csv or .jsonl was "not UTF-8 text (invalid start byte at byte
+    1)"."""
+    import gzip
+    import zipfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "never-started"))
+    rows = "campaign_id,tenant_id,launch_at,ad_id\nc1,acme,2030-01-01T00:00Z,a1\n"
+    (tmp_path / "packed.csv").write_bytes(gzip.compress(rows.encode()))
+    (tmp_path / "windows.csv").write_bytes(rows.encode("utf-16"))
+    pq.write_table(pa.table({"campaign_id": ["c1"]}), tmp_path / "table.jsonl")
+    with zipfile.ZipFile(tmp_path / "book.csv", "w") as book:
+        book.writestr("xl/workbook.xml", "<workbook/>")
+    for name, says in {
+        "packed.csv": "the file is gzip-compressed: decompress it first (gzip -dc FILE)",  # .gz is not read here
+        "windows.csv": "the file is UTF-16 text (it starts with UTF-16's byte order mark): convert it to UTF-8",
+        "table.jsonl": "the file is Parquet, not text: write it as text",
+        "book.csv": "the file is a zip archive (an Excel workbook?), not text: export or extract the CSV from it",
+    }.items():
+        assert (
+            fails(capsys, "register", "--file", str(tmp_path / name))
+            == f"precompute campaign: {tmp_path / name}: {says}\n"
+        )
+    assert not (tmp_path / "never-started" / "redis").exists()
+
+
 def test_a_campaign_file_with_a_byte_order_mark_reads_as_without(tmp_path):
     """Excel's "CSV UTF-8" starts with a byte order mark: the CSV was refused for "missing columns ['campaign_id']"
     (its first column read as '\\ufeffcampaign_id'), a JSONL file as malformed JSON on line 1."""
