@@ -1,6 +1,6 @@
 """SIGKILL a subprocess at a deterministic point: before (or after) the N-th call of any of a set of hooked functions.
 
-``run_killed(code, hooks, at)`` runs ``code`` (Python source, argv in ``sys.argv``) in a fresh interpreter whose
+``run_killed(code, hooks, at)`` runs ``code`` (Python source, argv in ``sys.argv``) in a process of its own whose
 hooked functions (``"module:attribute.path"``) count their calls together; the call numbered ``at`` SIGKILLs the
 process before it runs, as a power cut or the kernel's OOM killer would: no ``finally``, no ``atexit``. With ``at``
 None nothing is killed and the result says how many hooked calls the whole run made, and what kind of step each one
@@ -12,11 +12,19 @@ Hooking ``redis.connection.AbstractConnection.send_packed_command`` kills before
 pipeline, a MULTI/EXEC, a single command) leaves the process, which covers every state Redis can be left in. The kind
 of such a call is its distinct command names in order (``MULTI HSET EXPIRE EXEC``), a script named by its SHA1; the
 kind of any other hooked call is its hooked path.
+
+That process is forked from a warm parent (``zygote.py``, one per test process, started at the first run) that has
+imported ``PRELOAD`` and nothing else: a fresh interpreter spent most of each run importing them again (~1.2 s of
+~990 modules). The child applies the hooks only after the fork, so each run counts its calls as a fresh one did; the
+modules preloaded reach every hooked function through a module or a class attribute, which the hooks replace.
 """
 
 from __future__ import annotations
 
+import atexit
+import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -25,6 +33,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REDIS_SEND = "redis.connection:AbstractConnection.send_packed_command"
+# What the killed programs of the fault tests import: they run without importing it again (others still import).
+PRELOAD = (
+    "precompute_assets.ml.embedder",
+    "precompute_assets.serving",
+    "precompute_assets.serving.admission",
+    "precompute_assets.storage.documents",
+    "precompute_assets.storage.embeddings",
+    "precompute_assets.storage.lake",
+    "precompute_assets.sync.embeddings",
+    "precompute_assets.tools.cli",
+    "pyarrow.parquet",
+)
 
 PRELUDE = """
 import hashlib, importlib, os, signal, sys, threading
@@ -119,6 +139,68 @@ def boundaries(kinds: tuple[str, ...] | list[str]) -> list[int]:
     ]
 
 
+class Zygote:
+    """The warm parent process: ``run`` forks a child of it for one program and returns how the child ended."""
+
+    def __init__(self, preload: tuple[str, ...] = PRELOAD) -> None:
+        source = (Path(__file__).with_name("zygote.py")).read_text()
+        self.process = subprocess.Popen([sys.executable, "-c", source, *preload], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE)  # fmt: skip
+        self.pending = b""  # what the zygote wrote past the last line read (its stdout is read with os.read only)
+        ready = self._reply(timeout=300)
+        if ready.get("ready") != 1:
+            self.close()
+            raise RuntimeError(f"the zygote has {ready.get('ready')} threads after its imports: forking it is unsafe")
+
+    def _reply(self, timeout: float) -> dict:
+        """The zygote's next line, read from its pipe directly (a buffered reader could hold it where select cannot
+        see it); TimeoutExpired if none comes within ``timeout`` seconds."""
+        while b"\n" not in self.pending:
+            if not select.select([self.process.stdout], [], [], timeout)[0]:
+                raise subprocess.TimeoutExpired("zygote", timeout)
+            chunk = os.read(self.process.stdout.fileno(), 65536)
+            if not chunk:
+                raise RuntimeError(f"the zygote ended ({self.process.wait()})")
+            self.pending += chunk
+        line, _, self.pending = self.pending.partition(b"\n")
+        return json.loads(line)
+
+    def run(self, code: str, args: list[str], env: dict[str, str], folder: Path, timeout: float) -> tuple[int, int]:
+        """Fork a child that runs ``code`` with ``args`` and exactly ``env``, its stdout and stderr in ``folder``;
+        returns its pid and exit code (negative: the signal that ended it), or kills it after ``timeout`` seconds."""
+        request = {"code": code, "args": args, "env": env, "cwd": os.getcwd(),
+                   "stdout": str(folder / "stdout"), "stderr": str(folder / "stderr")}  # fmt: skip
+        self.process.stdin.write(json.dumps(request).encode() + b"\n")
+        self.process.stdin.flush()
+        pid = self._reply(timeout=60)["pid"]
+        try:
+            return pid, self._reply(timeout=timeout)["status"]
+        except subprocess.TimeoutExpired:
+            os.kill(pid, signal.SIGKILL)
+            self._reply(timeout=60)
+            raise subprocess.TimeoutExpired(["python", "-c", "...", *args], timeout) from None
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def close(self) -> None:
+        """End the zygote: it exits when its stdin does."""
+        self.process.stdin.close()
+        self.process.wait(timeout=60)
+        self.process.stdout.close()
+
+
+_zygotes: list[Zygote] = []
+
+
+def zygote() -> Zygote:
+    """This test process's zygote, started at the first call (again if it ended), closed when the process exits."""
+    if not _zygotes or not _zygotes[0].alive():
+        _zygotes[:] = [Zygote()]
+        atexit.register(_zygotes[0].close)
+    return _zygotes[0]
+
+
 def run_killed(
     code: str,
     args: list[str],
@@ -129,8 +211,8 @@ def run_killed(
     env: dict[str, str] | None = None,
     timeout: float = 300,
 ) -> Outcome:
-    """Run ``code`` with ``args`` in a fresh interpreter, SIGKILLed before the hooked call number ``at`` (None: never),
-    or right after it returns with ``after``; ``env`` is added to this process's environment."""
+    """Run ``code`` with ``args`` in a process of its own, SIGKILLed before the hooked call number ``at`` (None:
+    never), or right after it returns with ``after``; ``env`` is added to this process's environment."""
     with tempfile.TemporaryDirectory(prefix="kill-") as folder:
         tally, kinds = Path(folder) / "calls", Path(folder) / "kinds"
         environment = {
@@ -142,11 +224,11 @@ def run_killed(
             "PRECOMPUTE_TEST_KILL_TALLY": str(tally),
             "PRECOMPUTE_TEST_KILL_KINDS": str(kinds),
         }
-        done = subprocess.run([sys.executable, "-c", PRELUDE + code, *args], env=environment, capture_output=True,
-                              text=True, timeout=timeout, stdin=subprocess.DEVNULL)  # fmt: skip
+        _, returncode = zygote().run(PRELUDE + code, args, environment, Path(folder), timeout)
         calls = int(tally.read_text() or 0) if tally.exists() else 0
         steps = tuple(kinds.read_text().splitlines()) if kinds.exists() else ()
-    killed = done.returncode == -signal.SIGKILL
-    if not killed and done.returncode != 0:
-        raise AssertionError(f"the run failed ({done.returncode}) instead of being killed:\n{done.stderr[-3000:]}")
-    return Outcome(killed, calls, done.returncode, done.stdout, done.stderr, steps)
+        stdout, stderr = (Path(folder) / "stdout").read_text(), (Path(folder) / "stderr").read_text()
+    killed = returncode == -signal.SIGKILL
+    if not killed and returncode != 0:
+        raise AssertionError(f"the run failed ({returncode}) instead of being killed:\n{stderr[-3000:]}")
+    return Outcome(killed, calls, returncode, stdout, stderr, steps)
