@@ -6,10 +6,11 @@ other command, transaction and script), so each distinct step and each change fr
 at; the calls in the middle of a run only repeat its step on other keys (killing at all 68 took 2.5 minutes).
 
 Each kill point starts from a private server holding a complete old version and a probation live tier that has
-stored misses. A publisher process is killed before its N-th command leaves for Redis; then readers must see exactly
-one whole version (old or new, never a mix), and the same publish run again (a retry) must leave Redis as one that was
-never killed leaves it: the new version current with every key, the old one living out its grace only, the same keys
-handed over to the live tier. The next version published instead of a retry must retire every version before it.
+stored misses (built once, then restored from a snapshot before each point). A publisher process is killed before its
+N-th command leaves for Redis; then readers must see exactly one whole version (old or new, never a mix), and the same
+publish run again (a retry) must leave Redis as one that was never killed leaves it: the new version current with
+every key, the old one living out its grace only, the same keys handed over to the live tier. The next version
+published instead of a retry must retire every version before it.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import redis
 
 from precompute_assets.serving import KeySchema, PredictionCache, connect, publish_version
 from precompute_assets.serving.admission import Probation
-from precompute_assets_tests.faults.killing import REDIS_SEND, boundaries, run_killed
+from precompute_assets_tests.faults.killing import REDIS_SEND, boundaries, restore, run_killed, snapshot
 
 KEYS = [f"ad{i:05d}" for i in range(40_000)]  # 625 buckets: the writes take two pipelines
 OLD = {key: 0.25 for key in KEYS}
@@ -102,16 +103,17 @@ def seen_by_reader(redis_url: str, schema: KeySchema) -> set[float | None]:
 def test_a_publish_killed_before_any_round_trip_leaves_one_whole_version_and_the_retry_finishes_it(redis_server):
     redis_url = redis_server().url
     client = connect(redis_url, socket_timeout=10)
-    reference = prepared(redis_url)
-    clean = run_killed(PUBLISH, [redis_url, reference.namespace], [REDIS_SEND], None)
+    schema = prepared(redis_url)
+    start = snapshot(client)  # what ``prepared`` left: put back before each point instead of being built again
+    clean = run_killed(PUBLISH, [redis_url, schema.namespace], [REDIS_SEND], None)
     assert not clean.killed and clean.calls > 5
-    expected = state(client, reference)
+    expected = state(client, schema)
     assert expected["keys new"] == len(NEW) and expected["buckets old"] == {"grace"}
     assert len(expected["live"]) == DROPPED + 3
     failures = []
     assert len(clean.kinds) == clean.calls and len(set(clean.kinds)) > 10  # the steps told apart, not one kind
     for at in boundaries(clean.kinds):
-        schema = prepared(redis_url)
+        restore(client, start)
         outcome = run_killed(PUBLISH, [redis_url, schema.namespace], [REDIS_SEND], at)
         assert outcome.killed, f"kill point {at}: the publish ended without reaching it"
         seen = seen_by_reader(redis_url, schema)
@@ -134,10 +136,12 @@ def test_the_next_version_after_a_killed_publish_retires_every_version_before_it
     pile up whole versions without end."""
     redis_url = redis_server().url
     client = connect(redis_url, socket_timeout=10)
-    kinds = run_killed(PUBLISH, [redis_url, prepared(redis_url).namespace], [REDIS_SEND], None).kinds
+    schema = prepared(redis_url)
+    start = snapshot(client)
+    kinds = run_killed(PUBLISH, [redis_url, schema.namespace], [REDIS_SEND], None).kinds
     failures = []
     for at in boundaries(kinds):
-        schema = prepared(redis_url)
+        restore(client, start)
         assert run_killed(PUBLISH, [redis_url, schema.namespace], [REDIS_SEND], at).killed
         publish_version(client, "ctr", "newer", [(key, 0.5) for key in KEYS], n_keys=len(KEYS), schema=schema,
                         ttl_s=TTL_S, grace_s=GRACE_S, replica_wait_s=0)  # fmt: skip

@@ -28,7 +28,7 @@ from precompute_assets.storage.embeddings import EmbeddingStore
 from precompute_assets.storage.postgres import scratch_database, transaction
 from precompute_assets.sync.embeddings import sync_embeddings
 from precompute_assets.workload.documents import generate_documents
-from precompute_assets_tests.faults.killing import REDIS_SEND, run_killed
+from precompute_assets_tests.faults.killing import REDIS_SEND, restore, run_killed, snapshot
 
 N_DOCS = 1200
 CHUNK, BATCH = 100, 300  # 12 chunks, written to Redis 3 at a time: many points to die at
@@ -109,26 +109,6 @@ def wait_for_the_killed_sessions_lock(app_db: str, timeout_s: float = 60.0) -> N
             return
         assert time.monotonic() < deadline, "the killed sync's advisory lock outlived its process"
         time.sleep(0.05)
-
-
-def snapshot(client: redis.Redis) -> list[tuple[bytes, int, bytes]]:
-    """Every key of the (private) server: name, remaining TTL in ms (0: none), DUMP payload."""
-    names = list(client.scan_iter(count=10_000))
-    pipe = client.pipeline(transaction=False)
-    for name in names:
-        pipe.pttl(name)
-        pipe.dump(name)
-    meta = pipe.execute()
-    return [(name, max(ttl, 0), payload) for name, ttl, payload in zip(names, meta[::2], meta[1::2], strict=True)]
-
-
-def restore(client: redis.Redis, keys: list[tuple[bytes, int, bytes]]) -> None:
-    """Empty the server and put back what ``snapshot`` took, with the TTLs it had."""
-    client.flushall()
-    pipe = client.pipeline(transaction=False)
-    for name, ttl, payload in keys:
-        pipe.restore(name, ttl, payload)
-    pipe.execute()
 
 
 def served(client: redis.Redis, schema: KeySchema) -> tuple[Pointer, dict[str, bytes]]:
