@@ -27,6 +27,7 @@ from precompute_assets.stack import (
     free_port,
 )
 from precompute_assets.storage.postgres import scratch_database
+from precompute_assets_tests.factories import PROMPT_FULL_SYNC
 
 SESSION_PREFIX = "precompute-tests-"
 
@@ -118,6 +119,7 @@ def redis_server(session_dir: Path) -> Iterator[Callable[..., RedisServer]]:
     started: list[RedisServer] = []
 
     def start(**options) -> RedisServer:
+        options["extra_config"] = (PROMPT_FULL_SYNC, *options.get("extra_config", ()))
         server = RedisServer(session_dir / "servers" / uuid.uuid4().hex[:8], free_port(), **options)
         started.append(server)
         server.start()

@@ -129,6 +129,11 @@ def commands_run(client: redis.Redis) -> list[tuple[list[str], int]]:
     return commands
 
 
+# A primary starts a replica's full sync at once: by default it waits 5 s for more replicas to share one diskless
+# transfer, which every test that starts a replica (or fails over) spent doing nothing.
+PROMPT_FULL_SYNC = "repl-diskless-sync-delay 0"
+
+
 def wait_for_replica(primary: redis.Redis, replica: redis.Redis, timeout_s: float = 15.0) -> None:
     """Wait until ``replica`` has synced from ``primary`` as both see it: its link is up, and the primary lists it
     online. The replica reports its link up a moment before the primary lists it, and a publish in between waits

@@ -16,7 +16,7 @@ import pytest
 import redis
 
 from precompute_assets.stack import RedisServer, free_port
-from precompute_assets_tests.factories import wait_for_replica
+from precompute_assets_tests.factories import PROMPT_FULL_SYNC, wait_for_replica
 
 SLOTS = 16384
 CLUSTER_CONFIG = (
@@ -27,6 +27,7 @@ CLUSTER_CONFIG = (
     "cluster-require-full-coverage no",
     "appendonly no",
     'save ""',
+    PROMPT_FULL_SYNC,
 )
 
 
@@ -223,13 +224,14 @@ def start_sentinel_group(base: Path) -> SentinelGroup:
     started is stopped again."""
     started: list[RedisServer] = []
     try:
-        primary = RedisServer(base / uuid.uuid4().hex[:8], free_port(), extra_config=("appendonly no",))
+        config = ("appendonly no", PROMPT_FULL_SYNC)  # the replica too: it is the primary after a failover
+        primary = RedisServer(base / uuid.uuid4().hex[:8], free_port(), extra_config=config)
         started.append(primary)
         primary.start(timeout_s=30)
         replica = RedisServer(
             base / uuid.uuid4().hex[:8],
             free_port(),
-            extra_config=("appendonly no", f"replicaof 127.0.0.1 {primary.port}"),
+            extra_config=(*config, f"replicaof 127.0.0.1 {primary.port}"),
         )
         started.append(replica)
         replica.start(timeout_s=30)

@@ -15,7 +15,8 @@ from precompute_assets.serving import publish as publish_module
 from precompute_assets.serving.keys import Pointer
 from precompute_assets.serving.replication import ReplicationTimeoutError, online_replicas, wait_for_replicas
 from precompute_assets.stack import RedisServer
-from precompute_assets_tests.factories import wait_for_replica
+from precompute_assets_tests.factories import PROMPT_FULL_SYNC, wait_for_replica
+from precompute_assets_tests.serving.conftest import CLUSTER_CONFIG
 
 
 def replica_of(redis_server, primary: RedisServer) -> RedisServer:
@@ -34,6 +35,15 @@ def version_on(server: RedisServer, schema, kind: str = "ctr") -> str | None:
 def keys_on(server: RedisServer, schema, version: str) -> int:
     with redis.Redis(port=server.port) as node:
         return sum(node.hlen(name) for name in node.keys(schema.bucket("ctr", version, 0)[:-1] + "*"))
+
+
+def test_a_test_primary_starts_a_replicas_full_sync_at_once(redis_server, sentinel_group):
+    """Redis waits 5 s by default before a diskless full sync, for more replicas to share it: each test that started a
+    replica, or failed over to one, spent them doing nothing."""
+    for port in (redis_server().port, sentinel_group.primary.port, sentinel_group.replica.port):
+        with redis.Redis(port=port) as node:
+            assert node.config_get("repl-diskless-sync-delay") == {"repl-diskless-sync-delay": "0"}
+    assert PROMPT_FULL_SYNC in CLUSTER_CONFIG
 
 
 def test_a_flip_waits_for_the_replica_and_refuses_while_it_lags(redis_server, schema):
