@@ -45,7 +45,9 @@ def test_bench_publish_reports_rates_and_ratios(redis_url, redis_client):
 
 
 def test_bench_graph_reports_asset_seconds_and_io_floor(redis_url, redis_client):
-    result = bench_graph(queries=20_000, ads=500, days=7, top_ns=(100, 1000, 2000), redis_url=redis_url)
+    # The days end yesterday and a day's traffic depends on its weekday: on 20,000 queries the forest lost its
+    # beats_baseline check to logistic regression for 3 of 7 end days; on 60,000 it passed for all 7.
+    result = bench_graph(queries=60_000, ads=500, days=7, top_ns=(100, 1000, 2000), redis_url=redis_url)
     assert result["queries"] > 0 and result["io_floor_seconds"] > 0
     assert result["io_floor_rows"] == 2 * result["queries"]  # every logged query and every impression, once
     run = result["top_100"]
