@@ -16,11 +16,12 @@ import io
 import itertools
 import json
 import re
+import uuid
 import zlib
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
@@ -59,7 +60,10 @@ _LANGUAGE_TAG = re.compile(
 COLUMNS = ("doc_id", "title", "body", "language")
 CHUNK_ROWS = 50_000  # rows read and COPYed at a time by load_file
 CHUNK_BYTES = 64 << 20  # ... or fewer, when their text is this long: a chunk is held several times over while loaded
-MAX_REJECTIONS_KEPT = 1000  # all rejections are counted; the first ones are kept with their reason
+MAX_REJECTIONS_KEPT = 1000  # all rejections are counted and quarantined; the first ones are also kept in memory
+QUARANTINE_BATCH_ROWS = 1000  # rejected rows sent to the quarantine table at a time ...
+QUARANTINE_BATCH_CHARS = 8 << 20  # ... or fewer, when their raw text is this long
+MAX_RAW_CHARS = 16 << 20  # a rejected row's raw text is cut here (a CSV quote never closed takes in the whole rest)
 _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,50}$")
 # serving.keys.BAD_KEY_CHARACTERS in RE2 syntax, for Arrow's screening of doc_ids: control characters and braces
 # (Arrow strings are valid UTF-8, so they hold no lone surrogate).
@@ -133,6 +137,90 @@ class Rejection:
     reason: str
 
 
+def _visible_text(text: str) -> str:
+    """``text`` as PostgreSQL can store it, nothing hidden: a NUL and undecodable bytes (lone surrogates, as
+    ``surrogateescape`` decodes them) as backslash escapes (``\\x00``, ``\\udcff``)."""
+    if text.isascii() and "\x00" not in text:
+        return text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
+
+
+def _visible_line(line: bytes) -> str:
+    """A line of a file as read, its line break dropped: bytes that are not UTF-8 as ``\\xff``, NUL as ``\\x00``."""
+    return _cut(line.rstrip(b"\r\n").decode("utf-8", "backslashreplace").replace("\x00", "\\x00"))
+
+
+def _raw_values(values: Mapping[str, Any]) -> str:
+    """A row's values as a JSON object (what a rejected row that was read but refused is quarantined with): missing
+    values as null, undecodable bytes visible as ``\\udcXX`` escapes (``_visible_text``)."""
+    return _cut(_visible_text(json.dumps({c: _plain(v) for c, v in values.items()}, ensure_ascii=False, default=_json)))
+
+
+def _plain(value: Any) -> Any:
+    """A value as JSON holds it: missing (None, NaN, NA, NaT) is None, bytes are text (``_decoded``)."""
+    if value is None or value is pd.NA or value is pd.NaT or (isinstance(value, float) and np.isnan(value)):
+        return None
+    return _decoded(value)
+
+
+def _json(value: Any) -> Any:
+    """What ``json.dumps`` writes for a value it cannot: numpy's as Python's, anything else as its text."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return _decoded(value)
+    return str(value)
+
+
+def _cut(raw: str) -> str:
+    if len(raw) <= MAX_RAW_CHARS:
+        return raw
+    return f"{raw[:MAX_RAW_CHARS]}... [cut: {len(raw) - MAX_RAW_CHARS} more characters]"
+
+
+def _new_load_id() -> str:
+    """A load's id in the quarantine table: when it started (UTC), and a random suffix."""
+    return f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
+
+
+class _QuarantineWriter:
+    """A load's rejected rows on their way into its quarantine table, sent through the load's own cursor (so in its
+    transaction) in batches: a file of rejections is never held whole."""
+
+    def __init__(self, cur: psycopg2.extensions.cursor, table: str, load_id: str, file: str | None) -> None:
+        self.cur, self.load_id, self.file = cur, load_id, None if file is None else _visible_text(file)
+        # every text quoted (a \. in it is data, not COPY's end), and a quoted empty file or raw is NULL (None)
+        self.copy = (
+            sql.SQL(
+                "COPY {q} (load_id, file, position, number, reason, raw) FROM STDIN"
+                " WITH (FORMAT csv, FORCE_NULL (file, raw))"
+            )
+            .format(q=sql.Identifier(table))
+            .as_string(cur)
+        )
+        self.pending: list[tuple[str, str | None, str, int, str, str | None]] = []
+        self.chars = 0  # raw text pending
+        self.written = 0
+
+    def add(self, where: str, reason: str, raw: str | None) -> None:
+        number = int(where.rpartition(" ")[2])  # "line 7", "row 12": for file order
+        self.pending.append((self.load_id, self.file, where, number, _visible_text(reason), raw))
+        self.chars += len(raw or "")
+        if len(self.pending) >= QUARANTINE_BATCH_ROWS or self.chars >= QUARANTINE_BATCH_CHARS:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            text = io.StringIO()
+            csv.writer(text, quoting=csv.QUOTE_NONNUMERIC).writerows(self.pending)
+            text.seek(0)
+            copy_in(self.cur, self.copy, text)
+            self.written += len(self.pending)
+            self.pending, self.chars = [], 0
+
+
 @dataclass
 class LoadResult:
     rows: int = 0  # input rows (or non-blank JSONL lines) seen
@@ -141,13 +229,24 @@ class LoadResult:
     unchanged: int = 0
     duplicates: int = 0  # rows superseded by a later row with the same doc_id in the same load
     rejected: int = 0
+    quarantined: int = 0  # rejected rows written to the quarantine table (all of them, once the load has committed)
+    quarantine_table: str | None = None  # where: the rows of load_id
+    load_id: str | None = None
     rejections: list[Rejection] = field(default_factory=list)
     unknown_languages: dict[str, int] = field(default_factory=dict)  # code -> documents, after dedup
+    quarantine: _QuarantineWriter | None = field(default=None, repr=False, compare=False)  # set during a load
 
-    def reject(self, where: str, reason: str) -> None:
+    def reject(self, where: str, reason: str, raw: str | None = None) -> None:
+        """Count a rejected row, keep the first ones, and quarantine it with its ``raw`` text (during a load)."""
         self.rejected += 1
         if len(self.rejections) < MAX_REJECTIONS_KEPT:
             self.rejections.append(Rejection(where, reason))
+        if self.quarantine is not None:
+            self.quarantine.add(where, reason, raw)
+
+    def summary(self) -> dict[str, Any]:
+        """What the load did, as the ``precompute docs`` command prints it (without the rejections themselves)."""
+        return {k: v for k, v in vars(self).items() if k not in ("rejections", "quarantine")}
 
 
 class DocumentRow(NamedTuple):
@@ -270,7 +369,9 @@ def _clean_frame(
     for i, row in rows.items():
         if problem := shapes.get(i) or _row_problem(row):
             keep[i] = False
-            result.reject(labels[i] if labels is not None else f"row {first_row + i + row_origin}", problem)
+            # the values as read (a number stays a number, a list a list), not as they would have been stored
+            raw = _raw_values({c: values[c][i] for c in COLUMNS} if columns is None else row)
+            result.reject(labels[i] if labels is not None else f"row {first_row + i + row_origin}", problem, raw)
     if columns is None:
         kept = [row for i, row in rows.items() if keep[i]]
         columns = {c: pa.array([row[c] for row in kept], pa.string()) for c in COLUMNS}
@@ -308,11 +409,11 @@ def _frames_of_jsonl(
             record = json.loads(line)
         except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
             result.rows += 1
-            result.reject(f"line {number}", f"malformed JSON: {exc}")
+            result.reject(f"line {number}", f"malformed JSON: {exc}", _visible_line(line))
             continue
         if not isinstance(record, dict):
             result.rows += 1
-            result.reject(f"line {number}", "not a JSON object")
+            result.reject(f"line {number}", "not a JSON object", _visible_line(line))
             continue
         if keys is not None:
             keys.update(dict.fromkeys(record))
@@ -343,7 +444,8 @@ def _frames_of_delimited(
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
     # strict: a quote never closed is an error, not a field that runs on to the end of the file, taking every record
     # after it along; so is text after a closing quote
-    reader = csv.reader(stream, delimiter=delimiter, quoting=quoting, strict=quoting != csv.QUOTE_NONE)
+    record: list[str | None] = []  # the lines of the record being read, its raw text if it is rejected
+    reader = csv.reader(_tapped(stream, record), delimiter=delimiter, quoting=quoting, strict=quoting != csv.QUOTE_NONE)
     try:
         first = next((row for row in reader if row), None)
     except csv.Error as error:
@@ -369,13 +471,14 @@ def _frames_of_delimited(
     rows = iter(rows)
     while True:
         start = reader.line_num + 1  # the line the next record begins on
+        record.clear()
         try:
             row = next(rows, None)
         except csv.Error as error:  # the reader goes on at the next line
             result.rows += 1
             unclosed = "unexpected end of data" in str(error)
             reason = "a quote opened here is never closed (nothing after it loads)" if unclosed else str(error)
-            result.reject(f"line {start}", f"malformed CSV quoting: {reason}")
+            result.reject(f"line {start}", f"malformed CSV quoting: {reason}", _record_text(record))
             continue
         if row is None:
             break
@@ -384,7 +487,8 @@ def _frames_of_delimited(
         number = reader.line_num
         if len(row) != width:
             result.rows += 1
-            result.reject(f"line {number}", f"{len(row)} fields, expected {width} as on the first line")
+            reason = f"{len(row)} fields, expected {width} as on the first line"
+            result.reject(f"line {number}", reason, _record_text(record))
             continue
         records.append({c: row[i] or None for c, i in at.items()})
         labels.append(f"line {number}")
@@ -394,6 +498,27 @@ def _frames_of_delimited(
             records, labels, size = [], [], 0
     if records:
         yield _object_frame(records), labels
+
+
+def _tapped(stream: IO[str], record: list[str | None]) -> Iterator[str]:
+    """The lines of ``stream``, each also appended to ``record`` (which the reader clears before each record) up to
+    about ``MAX_RAW_CHARS``; then a None says that the record's further lines were not kept."""
+    held = 0
+    for line in stream:
+        if not record:
+            held = 0
+        if held < MAX_RAW_CHARS:
+            record.append(line)
+            held += len(line)
+        elif record[-1] is not None:
+            record.append(None)
+        yield line
+
+
+def _record_text(record: list[str | None]) -> str:
+    """The raw text of a CSV or TSV record (``_tapped``) as read, its final line break dropped (``_visible_line``)."""
+    text = _visible_line("".join(line for line in record if line is not None).encode("utf-8", "surrogateescape"))
+    return f"{text}... [cut: the record's further lines are not kept]" if record and record[-1] is None else text
 
 
 DOCUMENT_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv"}
@@ -481,13 +606,15 @@ def body_column(body_chars: int | None, table: str = "") -> sql.Composable:
 
 
 class DocumentStore:
-    """The documents table behind ``url`` (``table`` lets tests use a table of their own)."""
+    """The documents table behind ``url`` (``table`` lets tests use a table of their own), and beside it
+    ``{table}_quarantine``, the rows its loads rejected."""
 
     def __init__(self, url: str, *, table: str = "documents") -> None:
         if not _IDENTIFIER.match(table):
             raise ValueError(f"table must be a lower-case SQL identifier, got {table!r}")
         self.url = url
         self.table = table
+        self.quarantine_table = f"{table}_quarantine"
         self._t = sql.Identifier(table)
 
     def _connect(self) -> contextlib.AbstractContextManager[psycopg2.extensions.connection]:
@@ -495,10 +622,11 @@ class DocumentStore:
         return transaction(self.url)
 
     def ensure_schema(self) -> None:
-        """Create the table and its (modified_at, doc_id) index if missing."""
+        """Create the table and its (modified_at, doc_id) index, and the quarantine table and its index, if missing."""
         index = f"{self.table}_modified_at_doc_id"
+        quarantine, quarantine_index = self.quarantine_table, f"{self.quarantine_table}_load"
         with self._connect() as conn, conn.cursor() as cur:
-            if not schema_missing(cur, [self.table, index]):
+            if not schema_missing(cur, [self.table, index, quarantine, quarantine_index]):
                 return
             cur.execute(
                 sql.SQL(
@@ -517,6 +645,24 @@ class DocumentStore:
             cur.execute(
                 sql.SQL("CREATE INDEX IF NOT EXISTS {i} ON {t} (modified_at, doc_id)").format(
                     i=sql.Identifier(index), t=self._t
+                )
+            )
+            cur.execute(
+                sql.SQL(
+                    """CREATE TABLE IF NOT EXISTS {q} (
+                        load_id TEXT NOT NULL,
+                        file TEXT,
+                        position TEXT NOT NULL,
+                        number BIGINT NOT NULL,
+                        reason TEXT NOT NULL,
+                        raw TEXT,
+                        quarantined_at TIMESTAMPTZ NOT NULL DEFAULT now()
+                    )"""
+                ).format(q=sql.Identifier(quarantine))
+            )
+            cur.execute(
+                sql.SQL("CREATE INDEX IF NOT EXISTS {i} ON {q} (load_id, number)").format(
+                    i=sql.Identifier(quarantine_index), q=sql.Identifier(quarantine)
                 )
             )
 
@@ -541,7 +687,11 @@ class DocumentStore:
             rows, frames = parquet.metadata.num_rows, _frames_of_parquet(parquet, path, fields)
             # its rows are named from 1 in rejections, as `ads load`, `impressions load` and `replay` name them
             return self._load(
-                frames, language=fields.language, after_chunk=lambda done: report(done / max(rows, 1)), row_origin=1
+                frames,
+                language=fields.language,
+                after_chunk=lambda done: report(done / max(rows, 1)),
+                row_origin=1,
+                file=str(path),
             )
         result = LoadResult()
         size = max(path.stat().st_size, 1)
@@ -568,11 +718,11 @@ class DocumentStore:
 
             if kind == "jsonl":
                 frames = _frames_of_jsonl(binary, fields, result)
-                return self._load(frames, result, language=fields.language, after_chunk=after_chunk)
+                return self._load(frames, result, language=fields.language, after_chunk=after_chunk, file=str(path))
             # utf-8-sig drops a byte order mark; invalid bytes become lone surrogates, which rows are rejected for
             text = io.TextIOWrapper(binary, encoding="utf-8-sig", errors="surrogateescape", newline="")
             frames = _frames_of_delimited(text, "," if kind == "csv" else "\t", fields, result)
-            return self._load(frames, result, language=fields.language, after_chunk=after_chunk)
+            return self._load(frames, result, language=fields.language, after_chunk=after_chunk, file=str(path))
 
     def _load(
         self,
@@ -582,10 +732,14 @@ class DocumentStore:
         language: str | None = None,
         after_chunk: Callable[[int], None] | None = None,
         row_origin: int = 0,
+        file: str | None = None,
     ) -> LoadResult:
+        """Stage, clean and upsert ``frames`` in one transaction, which also writes their rejected rows (and those
+        the frames' reader rejects into ``result`` meanwhile) to the quarantine table as load ``result.load_id``."""
         result = result or LoadResult()
+        result.load_id, result.quarantine_table = _new_load_id(), self.quarantine_table
         t = self._t
-        with self._connect() as conn, conn.cursor() as cur:
+        with self._connect() as conn, conn.cursor() as cur, self._quarantining(cur, result, file):
             cur.execute(
                 'CREATE TEMP TABLE staging (seq BIGINT, doc_id TEXT COLLATE "C", title TEXT, body TEXT,'
                 " language TEXT) ON COMMIT DROP"
@@ -605,6 +759,7 @@ class DocumentStore:
                     )
                 if after_chunk is not None:
                     after_chunk(result.rows)
+            result.quarantine.flush()
             cur.execute("SELECT count(DISTINCT doc_id) FROM staging")
             distinct = cur.fetchone()[0]
             result.duplicates = staged - distinct
@@ -640,6 +795,16 @@ class DocumentStore:
             result.inserted, result.updated = cur.fetchone()
             result.unchanged = distinct - result.inserted - result.updated
         return result
+
+    @contextlib.contextmanager
+    def _quarantining(self, cur: psycopg2.extensions.cursor, result: LoadResult, file: str | None) -> Iterator[None]:
+        """``result``'s rejections go to the quarantine table through ``cur`` while the load runs."""
+        result.quarantine = _QuarantineWriter(cur, self.quarantine_table, result.load_id, file)
+        try:
+            yield
+            result.quarantined = result.quarantine.written
+        finally:
+            result.quarantine = None
 
     def delete(self, doc_ids: Iterable[str]) -> int:
         """Soft-delete documents (bumping modified_at so consumers see it); returns how many were live. The row stays

@@ -1031,7 +1031,7 @@ def cmd_docs(args: argparse.Namespace) -> int:
                 result.updated += part.updated
                 result.unchanged += part.unchanged
                 bar.update(len(chunk))
-    summary = {k: v for k, v in vars(result).items() if k != "rejections"}
+    summary = result.summary()
     summary["first_rejections"] = [f"{r.where}: {r.reason}" for r in result.rejections[:20]]
     try:
         summary["documents"] = store.count()

@@ -88,9 +88,23 @@ DOCS_LOAD = """
 import json, sys
 import precompute_assets.storage.documents as documents
 documents.CHUNK_ROWS = 100  # several COPYs of one transaction
+documents.QUARANTINE_BATCH_ROWS = 1  # its rejected line is written to the quarantine table before the first COPY
 result = documents.DocumentStore(sys.argv[1]).load_file(sys.argv[2])
 print(json.dumps({"inserted": result.inserted, "rejected": result.rejected, "duplicates": result.duplicates}))
 """
+
+
+def quarantined(app_db: str) -> list[tuple[str, str]]:
+    """(position, raw) of every row the documents' loads quarantined."""
+    import psycopg2
+
+    from precompute_assets.storage.postgres import libpq_url
+
+    with psycopg2.connect(libpq_url(app_db)) as conn, conn.cursor() as cur:
+        cur.execute("SELECT position, raw FROM documents_quarantine ORDER BY load_id, number")
+        rows = cur.fetchall()
+    conn.close()
+    return rows
 
 
 def test_a_docs_load_killed_at_any_copy_loads_nothing_and_the_same_file_again_loads_it_once(app_db, tmp_path):
@@ -104,10 +118,16 @@ def test_a_docs_load_killed_at_any_copy_loads_nothing_and_the_same_file_again_lo
     store = DocumentStore(app_db)
     store.ensure_schema()
     copies = "precompute_assets.storage.documents:copy_in"
-    for at in (1, 3, 5):  # the first, a middle and the last COPY of the load's one transaction
+    # COPY 1 quarantines the malformed line, 2 to 6 stage the documents: kill before the first, a middle and the last
+    # COPY of documents, each after the quarantine's, all in the load's one transaction
+    for at in (2, 4, 6):
         assert run_killed(DOCS_LOAD, [app_db, str(path)], [copies], at).killed
         assert store.count() == 0, f"killed at COPY {at}: a killed load left rows"
-    again = json.loads(run_killed(DOCS_LOAD, [app_db, str(path)], [copies], None).stdout)
+        assert quarantined(app_db) == [], f"killed at COPY {at}: a killed load left quarantined rows"
+    outcome = run_killed(DOCS_LOAD, [app_db, str(path)], [copies], None)
+    again = json.loads(outcome.stdout)
+    assert outcome.calls == 6
     assert again == {"inserted": 449, "rejected": 1, "duplicates": 1}
     assert store.count() == 449
+    assert quarantined(app_db) == [("line 8", "{not json")]
     assert [row.body for row in store.changed_since(None, limit=500) if row.doc_id == "d3"] == ["the last d3 wins"]

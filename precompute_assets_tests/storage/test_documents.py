@@ -47,6 +47,24 @@ def scan_all(store: DocumentStore, limit: int) -> list[str]:
     return ids
 
 
+def quarantine_rows(store: DocumentStore, load_id: str | None = None) -> list[tuple[str, str, str | None]]:
+    """(position, reason, raw) of the quarantine table's rows, of one load or of all, in file order."""
+    with psycopg2.connect(libpq_url(store.url)) as conn, conn.cursor() as cur:
+        where = "WHERE load_id = %s" if load_id else ""
+        cur.execute(
+            f"SELECT position, reason, raw FROM {store.quarantine_table} {where} ORDER BY load_id, number",
+            (load_id,) if load_id else None,
+        )
+        rows = cur.fetchall()
+    conn.close()
+    return rows
+
+
+def raw_of(store: DocumentStore, load_id: str | None) -> dict[str, str | None]:
+    """The raw text of each quarantined row of a load, by its position."""
+    return {position: raw for position, _, raw in quarantine_rows(store, load_id)}
+
+
 def test_schema_is_idempotent_and_indexed(store: DocumentStore, app_db_url: str) -> None:
     store.ensure_schema()
     with psycopg2.connect(libpq_url(app_db_url)) as conn, conn.cursor() as cur:
@@ -136,6 +154,22 @@ def test_malformed_lines_and_missing_ids_are_rejected_not_fatal(store: DocumentS
     assert reasons["line 10"] == "doc_id: must be text or a number, got list"
     assert reasons["line 11"] == "title: must be text or a number, got dict"
     assert sorted(scan_all(store, 10)) == ["12", "ok1", "ok2"]
+    # every rejected line is quarantined with its reason: the line as read, or the values of a record that parsed
+    assert result.quarantined == 8 and result.quarantine_table == f"{store.table}_quarantine"
+    quarantined = quarantine_rows(store, result.load_id)
+    assert [(where, reason) for where, reason, _ in quarantined] == sorted(
+        ((r.where, r.reason) for r in result.rejections), key=lambda rejection: int(rejection[0].split()[1])
+    )
+    assert {where: raw for where, _, raw in quarantined} == {
+        "line 2": '{"doc_id": "broken", "title": ',
+        "line 4": '{"doc_id": null, "title": "no id", "body": "b", "language": "en"}',
+        "line 5": '{"doc_id": "bad-utf8", "title": "\\xff\\xfe"}',  # the bytes that are not UTF-8, visible
+        "line 6": "[1, 2, 3]",
+        "line 7": '{"doc_id": "nul", "title": "a\\u0000b", "body": null, "language": null}',
+        "line 8": '{"doc_id": "surrogate", "title": null, "body": "x\\ud800y", "language": null}',
+        "line 10": '{"doc_id": ["x"], "title": "a", "body": null, "language": null}',
+        "line 11": '{"doc_id": "obj", "title": {"a": 1}, "body": [1, 2], "language": null}',
+    }
 
 
 def test_frame_rows_without_id_or_with_lone_surrogates_are_rejected(store: DocumentStore) -> None:
@@ -150,6 +184,11 @@ def test_frame_rows_without_id_or_with_lone_surrogates_are_rejected(store: Docum
     assert result.inserted == 1 and result.rejected == 3
     assert [r.where for r in result.rejections] == ["row 1", "row 2", "row 3"]
     assert "surrogate" in result.rejections[2].reason
+    assert raw_of(store, result.load_id) == {
+        "row 1": '{"doc_id": null, "title": "t", "body": "b", "language": "en"}',
+        "row 2": '{"doc_id": "  ", "title": "t", "body": "b", "language": "en"}',
+        "row 3": '{"doc_id": "s", "title": "bad \\ud800", "body": "b", "language": "en"}',
+    }
 
 
 @pytest.mark.parametrize("other", ["text", 7], ids=["arrow-path", "row-path"])
@@ -207,6 +246,33 @@ def test_parquet_rows_are_named_from_1_as_the_other_loaders_name_them(store: Doc
     pq.write_table(pa.table({"doc_id": ids, "body": ["x", "y", "z", "w"]}), tmp_path / "d.parquet")
     result = store.load_file(tmp_path / "d.parquet")
     assert [r.where for r in result.rejections] == ["row 1", "row 3"]
+    assert quarantine_rows(store, result.load_id) == [
+        ("row 1", "missing doc_id", '{"doc_id": null, "title": null, "body": "x", "language": null}'),
+        ("row 3", "doc_id: character '{' at 1 (control characters and braces cannot be served)",
+         '{"doc_id": "a{b", "title": null, "body": "z", "language": null}'),
+    ]  # fmt: skip
+
+
+def test_parquet_rows_refused_are_quarantined_with_their_values_as_read(store: DocumentStore, tmp_path: Path) -> None:
+    # a list column: the rows are judged one by one, and their values kept as JSON (numbers, lists), not as text
+    table = pa.table(
+        {
+            "doc_id": pa.array([1, 2, None, 4], pa.int64()),
+            "title": pa.array([["a", "b"], None, None, None], pa.list_(pa.string())),
+            "body": pa.array([b"x", b"y\x00", b"\xffz", b"w"], pa.binary()),
+        }
+    )
+    pq.write_table(table, tmp_path / "d.parquet")
+    result = store.load_file(tmp_path / "d.parquet")
+    assert (result.inserted, result.rejected, result.quarantined) == (1, 3, 3)
+    assert quarantine_rows(store, result.load_id) == [
+        ("row 1", "title: must be text or a number, got ndarray",
+         '{"doc_id": 1, "title": ["a", "b"], "body": "x", "language": null}'),
+        ("row 2", "body: contains a NUL character",
+         '{"doc_id": 2, "title": null, "body": "y\\u0000", "language": null}'),
+        ("row 3", "missing doc_id", '{"doc_id": null, "title": null, "body": "\\udcffz", "language": null}'),
+    ]  # fmt: skip
+    assert scan_all(store, 10) == ["4"]
 
 
 def test_unknown_languages_are_stored_and_counted(store: DocumentStore) -> None:
@@ -371,12 +437,15 @@ def test_jsonl_fields_are_mapped_and_a_missing_language_gets_the_default(store: 
         ),
     ],
 )
-def test_a_field_no_record_has_loads_nothing(store: DocumentStore, tmp_path: Path, fields, message) -> None:
+def test_a_field_no_record_has_loads_nothing(
+    store: DocumentStore, tmp_path: Path, monkeypatch, fields, message
+) -> None:
+    monkeypatch.setattr("precompute_assets.storage.documents.QUARANTINE_BATCH_ROWS", 1)  # sent before the error
     path = tmp_path / "corpus.jsonl"
-    path.write_text('{"_id": "a", "text": "x"}\n{"_id": "b", "text": "y"}\n')
+    path.write_text('{"_id": "a", "text": "x"}\n{not json\n{"_id": "b", "text": "y"}\n')
     with pytest.raises(DocumentFileError, match=message):
         store.load_file(path, fields)
-    assert store.count() == 0
+    assert store.count() == 0 and quarantine_rows(store) == []  # nor quarantined
 
 
 def test_headerless_tsv_keeps_quotes_and_rejects_rows_of_another_width(store: DocumentStore, tmp_path: Path) -> None:
@@ -385,6 +454,7 @@ def test_headerless_tsv_keeps_quotes_and_rejects_rows_of_another_width(store: Do
     result = store.load_file(path, DocumentFields({"doc_id": "1", "body": "2"}, header=False, language="en"))
     assert (result.rows, result.inserted, result.rejected) == (5, 4, 1)
     assert [(r.where, r.reason) for r in result.rejections] == [("line 3", "3 fields, expected 2 as on the first line")]
+    assert raw_of(store, result.load_id) == {"line 3": "2\tbad\textra"}
     rows = {row.doc_id: row.body for row in store.changed_since(None, limit=10)}
     assert rows == {"0": 'The "Manhattan" project', "1": '"quoted', "3": None, "4": "last"}
 
@@ -406,6 +476,10 @@ def test_csv_with_a_header_quoted_newlines_and_long_bodies(store: DocumentStore,
         "line 5": "3 fields, expected 4 as on the first line",
         "line 7": "body: invalid UTF-8 (lone surrogate)",
     }
+    assert raw_of(store, result.load_id) == {
+        "line 5": "u3,c,only three",
+        "line 7": '{"doc_id": "e", "title": "T", "body": "\\udcff", "language": null}',
+    }
     rows = {row.doc_id: (row.title, row.body) for row in store.changed_since(None, limit=10)}
     assert rows == {"a": ("Title, with comma", "line one\nline two"), "b": (None, long_body), "d": ("T", "été")}
 
@@ -420,10 +494,73 @@ def test_a_csv_quote_never_closed_or_followed_by_text_is_a_rejection(store: Docu
         ("line 4", "malformed CSV quoting: ',' expected after '\"'"),
         ("line 5", "malformed CSV quoting: a quote opened here is never closed (nothing after it loads)"),
     ]
+    assert raw_of(store, result.load_id) == {"line 4": 'b,B,"text"after', "line 5": 'c,C,"never closed\nd,D,x'}
     assert [row.body for row in store.changed_since(None, limit=10)] == ['ok "quoted"\nover lines']
     path.write_text('"doc_id,title,body\na,A,x\n')  # in the header: the file cannot be read at all
     with pytest.raises(DocumentFileError, match="the first record has malformed CSV quoting: unexpected end of data"):
         store.load_file(path)
+
+
+def test_rejected_csv_records_are_quarantined_as_read(store: DocumentStore, tmp_path: Path) -> None:
+    path = tmp_path / "docs.csv"
+    path.write_bytes(
+        b"doc_id,body\r\n"
+        b"a,ok\r\n"
+        b'b,"two\r\nlines",extra\r\n'  # lines 3-4: a record of three fields, named by its last line
+        b"c\xff,x,y\r\n"  # bytes that are not UTF-8, kept visible
+        b'd,"x"y\r\n'
+        b"n\x00,z,w\r\n"  # PostgreSQL text cannot hold a NUL: shown as \x00
+        b'f,"x\n\\.\n",y\n'  # lines 8-10: COPY's end-of-data marker on a line of its own is data here
+        b"e,fine\r\n"
+    )
+    result = store.load_file(path)
+    assert (result.rows, result.inserted, result.rejected, result.quarantined) == (7, 2, 5, 5)
+    assert quarantine_rows(store, result.load_id) == [
+        ("line 4", "3 fields, expected 2 as on the first line", 'b,"two\r\nlines",extra'),
+        ("line 5", "3 fields, expected 2 as on the first line", "c\\xff,x,y"),
+        ("line 6", "malformed CSV quoting: ',' expected after '\"'", 'd,"x"y'),
+        ("line 7", "3 fields, expected 2 as on the first line", "n\\x00,z,w"),
+        ("line 10", "3 fields, expected 2 as on the first line", 'f,"x\n\\.\n",y'),
+    ]
+    assert scan_all(store, 10) == ["a", "e"]
+
+
+def test_a_rejected_rows_raw_text_is_cut_at_max_raw_chars(store: DocumentStore, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr("precompute_assets.storage.documents.MAX_RAW_CHARS", 100)
+    path = tmp_path / "docs.csv"  # a quote never closed takes in the rest of the file: its first lines are kept
+    path.write_text("doc_id,body\na,ok\n" + 'b,"open\n' + "".join(f"{i},{'x' * 30}\n" for i in range(50)))
+    result = store.load_file(path)
+    (where, _, raw), *others = quarantine_rows(store, result.load_id)
+    assert (result.inserted, where, others) == (1, "line 3", [])
+    assert raw.startswith('b,"open\n0,xxx') and raw.endswith("... [cut: the record's further lines are not kept]")
+    assert len(raw) < 200
+    path = tmp_path / "docs.jsonl"
+    path.write_text('{"doc_id": "a", "body": "' + "y" * 500 + "\n")
+    raw = raw_of(store, store.load_file(path).load_id)["line 1"]
+    assert raw == '{"doc_id": "a", "body": "' + "y" * 75 + "... [cut: 425 more characters]"
+
+
+def test_rejections_are_sent_in_batches_while_the_file_is_read(
+    store: DocumentStore, tmp_path: Path, monkeypatch
+) -> None:
+    # A file of rejections is never held whole: they go to the quarantine table a batch at a time.
+    from precompute_assets.storage import documents
+
+    monkeypatch.setattr(documents, "QUARANTINE_BATCH_ROWS", 100)
+    monkeypatch.setattr(documents, "QUARANTINE_BATCH_CHARS", 10_000)
+    sent: list[int] = []
+    flush = documents._QuarantineWriter.flush
+
+    def spy(writer: documents._QuarantineWriter) -> None:
+        sent.append(len(writer.pending))
+        flush(writer)
+
+    monkeypatch.setattr(documents._QuarantineWriter, "flush", spy)
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(f"{{not json {i}\n" for i in range(2_500)) + ("{" + "z" * 3_000 + "\n") * 9)
+    result = store.load_file(path)
+    assert (result.rejected, result.quarantined, len(quarantine_rows(store, result.load_id))) == (2_509, 2_509, 2_509)
+    assert sent == [100] * 25 + [4, 4, 1]  # 3,000 characters each: four fill a batch of 10,000; the last one at the end
 
 
 def test_csv_header_without_the_named_field_is_an_error(store: DocumentStore, tmp_path: Path) -> None:
@@ -516,11 +653,14 @@ def test_a_file_of_long_documents_is_loaded_in_chunks_of_bounded_size(
 
 
 @pytest.mark.parametrize("name", ["docs.jsonl.gz", "docs.csv.gz"])
-def test_a_gzip_file_cut_short_or_corrupt_loads_nothing(store: DocumentStore, tmp_path: Path, name: str) -> None:
+def test_a_gzip_file_cut_short_or_corrupt_loads_nothing(
+    store: DocumentStore, tmp_path: Path, monkeypatch, name: str
+) -> None:
     # gzip raised EOFError or zlib.error, which the CLI showed as a traceback (exit 1), not one line.
-    text = "doc_id,body\n" + "".join(f"d{i},body {i}\n" for i in range(5000))
+    monkeypatch.setattr("precompute_assets.storage.documents.QUARANTINE_BATCH_ROWS", 1)  # sent before the error
+    text = "doc_id,body\nbad,row,here\n" + "".join(f"d{i},body {i}\n" for i in range(5000))
     if name.endswith(".jsonl.gz"):
-        text = "".join(json.dumps({"doc_id": f"d{i}", "body": f"body {i}"}) + "\n" for i in range(5000))
+        text = "{bad\n" + "".join(json.dumps({"doc_id": f"d{i}", "body": f"body {i}"}) + "\n" for i in range(5000))
     data = gzip.compress(text.encode())
     flipped = bytearray(data)
     flipped[len(data) // 3] ^= 0xFF
@@ -528,7 +668,9 @@ def test_a_gzip_file_cut_short_or_corrupt_loads_nothing(store: DocumentStore, tm
         (tmp_path / name).write_bytes(broken)
         with pytest.raises(DocumentFileError, match=r"unreadable gzip data \(cut short or corrupt\?\)"):
             store.load_file(tmp_path / name)
-        assert store.count() == 0
+        assert store.count() == 0 and quarantine_rows(store) == []  # its rejected line is not quarantined either
+    (tmp_path / name).write_bytes(data)
+    assert store.load_file(tmp_path / name).quarantined == 1 and len(quarantine_rows(store)) == 1
 
 
 def test_load_reports_the_share_of_the_file_read(store: DocumentStore, tmp_path: Path, monkeypatch) -> None:

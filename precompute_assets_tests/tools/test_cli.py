@@ -1408,14 +1408,26 @@ def test_docs_load_maps_a_corpus_fields_and_refuses_a_field_it_lacks(stack, app_
     assert main(["docs", "load", str(corpus), "--id-field", "_id", "--body-field", "txt"]) == 2
     assert "no body field 'txt'" in capsys.readouterr().err
     assert DocumentStore(app_db).count() == before
+    with corpus.open("a") as out:  # rejected lines: quarantined, and the summary says where
+        out.write('{"title": "no id", "text": "t"}\n{"_id": "cut\n')
     assert main(["docs", "load", str(corpus), "--id-field", "_id", "--body-field", "text", "--language", "en"]) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert (summary["inserted"], summary["rejected"], summary["documents"]) == (3, 0, before + 3)
+    assert (summary["inserted"], summary["rejected"], summary["documents"]) == (3, 2, before + 3)
+    assert (summary["quarantined"], summary["quarantine_table"]) == (2, "documents_quarantine")
+    assert "line 4: missing doc_id" in summary["first_rejections"]
     with psycopg2.connect(libpq_url(app_db)) as conn, conn.cursor() as cur:
         cur.execute(
             "SELECT doc_id, title, body, language FROM documents WHERE doc_id = ANY(%s) ORDER BY doc_id", (ids,)
         )
         assert cur.fetchall() == [(i, "", f"passage {i}", "en") for i in sorted(ids)]
+        cur.execute(
+            "SELECT file, position, raw FROM documents_quarantine WHERE load_id = %s ORDER BY number",
+            (summary["load_id"],),
+        )
+        assert cur.fetchall() == [
+            (str(corpus), "line 4", '{"doc_id": null, "title": "no id", "body": "t", "language": null}'),
+            (str(corpus), "line 5", '{"_id": "cut'),
+        ]
 
 
 def on_the_test_stack(stack, tmp_path, monkeypatch) -> None:
