@@ -670,6 +670,19 @@ class DocumentStore:
         """Upsert the documents of one DataFrame (columns doc_id, title, body, language)."""
         return self._load((df.iloc[at : at + CHUNK_ROWS], None) for at in range(0, len(df), CHUNK_ROWS))
 
+    def quarantined(self, load_id: str) -> Iterator[tuple[str, str, str | None]]:
+        """The rows load ``load_id`` quarantined, in file order: (position, reason, raw), read from the server a page
+        at a time (a server-side cursor: a load of a million rejections is never held whole)."""
+        with self._connect() as conn, conn.cursor(name=f"quarantined_{uuid.uuid4().hex[:8]}") as cur:
+            cur.itersize = QUARANTINE_BATCH_ROWS
+            cur.execute(
+                sql.SQL("SELECT position, reason, raw FROM {q} WHERE load_id = %s ORDER BY number").format(
+                    q=sql.Identifier(self.quarantine_table)
+                ),
+                (load_id,),
+            )
+            yield from cur
+
     def load_file(
         self, path: str | Path, fields: DocumentFields | None = None, progress: Callable[[float], None] | None = None
     ) -> LoadResult:

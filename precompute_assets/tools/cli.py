@@ -36,6 +36,7 @@ from ..stack import (
 )
 
 if TYPE_CHECKING:
+    from ..storage.documents import DocumentStore
     from ..storage.lake import Lake
 
 DOCUMENT_FIELD_OPTIONS = {
@@ -1007,6 +1008,8 @@ def cmd_docs(args: argparse.Namespace) -> int:
     env = _up(Stack())
     store = DocumentStore(env[ENV_APP_DB])
     store.ensure_schema()
+    if args.docs_command == "quarantine":
+        return _print_quarantined(store, args.load_id)
     if args.docs_command == "load":
         from tqdm import tqdm
 
@@ -1039,6 +1042,21 @@ def cmd_docs(args: argparse.Namespace) -> int:
         summary["documents"] = None
         print(f"precompute docs: warning: loaded, but the count failed: {_one_line(error)}", file=sys.stderr)
     print(json.dumps(summary))
+    return 0
+
+
+def _print_quarantined(store: DocumentStore, load_id: str) -> int:
+    """Print the rows a documents load quarantined, one JSON object a line; say so on stderr when there are none."""
+    shown = 0
+    for position, reason, raw in store.quarantined(load_id):
+        print(json.dumps({"position": position, "reason": reason, "raw": raw}, ensure_ascii=False))
+        shown += 1
+    if not shown:
+        print(
+            f"precompute docs: load {load_id!r} quarantined no rows (it rejected none, or there is no such load: the"
+            f" load_id of a `docs load` summary)",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -1466,7 +1484,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--lookups", type=positive_int, default=50_000, help="serve, admission: lookups timed (50,000)")
     bench.add_argument("--capacity", type=positive_int, help="admission: probation's keys (default: a tenth of --keys)")
     bench.set_defaults(fn=cmd_bench)
-    docs = sub.add_parser("docs", help="the document store: load a file or generate synthetic documents")
+    docs = sub.add_parser(
+        "docs", help="the document store: load a file, list a load's quarantined rows, generate documents"
+    )
     docs_sub = docs.add_subparsers(dest="docs_command", required=True)
     load = docs_sub.add_parser(
         "load", help="upsert documents from JSONL, CSV, TSV or Parquet (doc_id, title, body, language)"
@@ -1483,6 +1503,10 @@ def build_parser() -> argparse.ArgumentParser:
         )
     load.add_argument("--no-header", action="store_true", help="a CSV or TSV file without a header line")
     load.add_argument("--language", metavar="TAG", help="the BCP 47 tag of documents that have none (e.g. en)")
+    quarantine = docs_sub.add_parser(
+        "quarantine", help="the rows a load rejected, one JSON object a line (position, reason, raw), in file order"
+    )
+    quarantine.add_argument("load_id", help="the load_id of a `docs load` summary")
     generate = docs_sub.add_parser("generate", help="synthetic documents in 14 languages and scripts")
     generate.add_argument("--n", type=positive_int, required=True, help="documents to generate")
     generate.add_argument("--seed", type=non_negative_int, default=0, help="the same seed, the same documents (0)")

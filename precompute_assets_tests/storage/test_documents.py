@@ -561,6 +561,8 @@ def test_rejections_are_sent_in_batches_while_the_file_is_read(
     result = store.load_file(path)
     assert (result.rejected, result.quarantined, len(quarantine_rows(store, result.load_id))) == (2_509, 2_509, 2_509)
     assert sent == [100] * 25 + [4, 4, 1]  # 3,000 characters each: four fill a batch of 10,000; the last one at the end
+    # read back a page of 100 at a time, in file order
+    assert [where for where, _, _ in store.quarantined(result.load_id)] == [f"line {n}" for n in range(1, 2_510)]
 
 
 def test_csv_header_without_the_named_field_is_an_error(store: DocumentStore, tmp_path: Path) -> None:

@@ -1428,6 +1428,16 @@ def test_docs_load_maps_a_corpus_fields_and_refuses_a_field_it_lacks(stack, app_
             (str(corpus), "line 4", '{"doc_id": null, "title": "no id", "body": "t", "language": null}'),
             (str(corpus), "line 5", '{"_id": "cut'),
         ]
+    assert main(["docs", "quarantine", summary["load_id"]]) == 0  # the same rows, one JSON object a line
+    listed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(row["position"], row["raw"]) for row in listed] == [
+        ("line 4", '{"doc_id": null, "title": "no id", "body": "t", "language": null}'),
+        ("line 5", '{"_id": "cut'),
+    ]
+    assert listed[0]["reason"] == "missing doc_id" and listed[1]["reason"].startswith("malformed JSON: ")
+    assert main(["docs", "quarantine", "no-such-load"]) == 0
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "load 'no-such-load' quarantined no rows" in err
 
 
 def on_the_test_stack(stack, tmp_path, monkeypatch) -> None:
