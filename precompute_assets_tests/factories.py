@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
 import time
+from collections.abc import Callable
 
 import pandas as pd
 import redis
@@ -149,6 +153,33 @@ def wait_for_replica(primary: redis.Redis, replica: redis.Redis, timeout_s: floa
         if time.monotonic() > deadline:
             raise RuntimeError(f"replica {port} never synced")
         time.sleep(0.05)
+
+
+def run_interleaved(work: Callable[[], None], threads: int, path: str) -> None:
+    """Run ``work`` in ``threads`` threads at once, switching between them between any two bytecodes of the code in
+    ``path`` (``switching_between_bytecodes``), and wait for them all."""
+    threading.settrace(switching_between_bytecodes(path))
+    try:
+        started = [threading.Thread(target=work) for _ in range(threads)]
+        for thread in started:
+            thread.start()
+        for thread in started:
+            thread.join()
+    finally:
+        threading.settrace(None)
+
+
+def child_exit_code(pid: int, timeout_s: float = 15) -> int | None:
+    """The exit code of the forked child ``pid``, or None when it has not ended within ``timeout_s`` (it hung: it is
+    SIGKILLed and reaped)."""
+    deadline = time.monotonic() + timeout_s
+    while not (done := os.waitpid(pid, os.WNOHANG))[0] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if done[0]:
+        return os.waitstatus_to_exitcode(done[1])
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    return None
 
 
 def switching_between_bytecodes(path: str):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import signal
 import socket
 import threading
 import time
@@ -23,7 +22,13 @@ from precompute_assets.serving import (
 )
 from precompute_assets.serving import cache as cache_module
 from precompute_assets.serving.keys import codec_for
-from precompute_assets_tests.factories import CountingClient, log_client, logged_queries, switching_between_bytecodes
+from precompute_assets_tests.factories import (
+    CountingClient,
+    child_exit_code,
+    log_client,
+    logged_queries,
+    run_interleaved,
+)
 
 
 def make_cache(url: str, schema: KeySchema, **options) -> PredictionCache:
@@ -302,15 +307,7 @@ def test_counters_are_exact_when_threads_share_a_cache(redis_url, redis_client, 
             cache.get("ctr", "nope")
             cache.get_many("ctr", ["ad2", "nope", "bad"])
 
-    threading.settrace(switching_between_bytecodes(cache_module.__file__))
-    try:
-        threads = [threading.Thread(target=lookups) for _ in range(n_threads)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-    finally:
-        threading.settrace(None)
+    run_interleaved(lookups, n_threads, cache_module.__file__)
     lookups_made = n_threads * rounds
     assert (cache.hits, cache.misses, cache.errors) == (2 * lookups_made, 3 * lookups_made, lookups_made)
 
@@ -328,13 +325,7 @@ def test_a_child_forked_while_a_thread_looks_up_never_hangs_on_the_caches_locks(
                 code = 0 if cache.get("ctr", "ad1") == pytest.approx(0.25) and cache.hits == 1 else 3
             finally:
                 os._exit(code)
-    deadline = time.monotonic() + 15
-    while not (done := os.waitpid(pid, os.WNOHANG))[0] and time.monotonic() < deadline:
-        time.sleep(0.01)
-    if not done[0]:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-    assert done[0] and os.waitstatus_to_exitcode(done[1]) == 0  # not done: the child hung on the parent's lock
+    assert child_exit_code(pid) == 0  # None: the child hung on the parent's lock
 
 
 EXPERIMENT = Experiment("freq-vs-lstm", "s1", ("frequency", "lstm"))

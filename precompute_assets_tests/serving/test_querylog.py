@@ -5,7 +5,6 @@ from __future__ import annotations
 import gc
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -25,7 +24,13 @@ from precompute_assets.serving.querylog import (
     read_stream_window,
     validate_entry,
 )
-from precompute_assets_tests.factories import LOG_EVERY_COMMAND, commands_run, log_client, logged_queries
+from precompute_assets_tests.factories import (
+    LOG_EVERY_COMMAND,
+    child_exit_code,
+    commands_run,
+    log_client,
+    logged_queries,
+)
 
 
 def test_decorator_logs_each_call_as_a_live_miss(redis_url, redis_client, schema):
@@ -595,15 +600,11 @@ def test_workers_forked_as_the_logger_starts_each_send_their_queries(redis_url, 
                 code = 0 if logger.stats.written == 100 else 3
             finally:
                 os._exit(code)
-        deadline = time.monotonic() + 15
-        while not (done := os.waitpid(pid, os.WNOHANG))[0] and time.monotonic() < deadline:
-            time.sleep(0.01)
-        if not done[0]:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
+        code = child_exit_code(pid)
+        if code is None:
             hung.append(round_)
         else:
-            assert os.waitstatus_to_exitcode(done[1]) == 0
+            assert code == 0
         logger.close()
     assert hung == []
     assert len(logged_queries(redis_client, schema)) == 1000

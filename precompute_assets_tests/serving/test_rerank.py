@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
 
@@ -11,7 +9,7 @@ from precompute_assets.serving import PredictionCache, QueryLogger, connect, pub
 from precompute_assets.serving import rerank as rerank_module
 from precompute_assets.serving.rerank import rerank
 from precompute_assets.serving.vectors import decode_batch, decode_vector, encode_batch
-from precompute_assets_tests.factories import log_client, logged_queries, switching_between_bytecodes
+from precompute_assets_tests.factories import log_client, logged_queries, run_interleaved
 
 
 def publish_docs(client, schema, n: int = 500, dim: int = 32, seed: int = 0, version: str = "e1"):
@@ -102,15 +100,7 @@ def test_errors_counted_by_threads_reranking_at_once_are_exact(redis_url, redis_
         for _ in range(rounds):
             rerank(cache, np.ones(32), ids[:10])
 
-    threading.settrace(switching_between_bytecodes(rerank_module.__file__))
-    try:
-        threads = [threading.Thread(target=reranks) for _ in range(n_threads)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-    finally:
-        threading.settrace(None)
+    run_interleaved(reranks, n_threads, rerank_module.__file__)
     assert cache.errors == 2 * n_threads * rounds
 
 
