@@ -264,8 +264,12 @@ def cmd_redis_acl(args: argparse.Namespace) -> int:
     return 0
 
 
+MAX_DURATION_DAYS = 3650  # a window reaching further back than ten years is a typo (1e300 overflowed the dates)
+
+
 def duration_s(text: str) -> float:
-    """``90s``, ``30m``, ``1h``, ``2d`` (or plain seconds) as seconds; argparse's type for ``--window``."""
+    """``90s``, ``30m``, ``1h``, ``2d`` (or plain seconds) as seconds, up to ``MAX_DURATION_DAYS``; argparse's type
+    for ``--window``."""
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "s")
     try:
@@ -274,6 +278,8 @@ def duration_s(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a duration such as 90s, 30m, 1h or 2d, got {text!r}") from None
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"expected a positive duration, got {text!r}")
+    if value > MAX_DURATION_DAYS * 86400:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_DURATION_DAYS}d, got {text!r}")
     return value
 
 

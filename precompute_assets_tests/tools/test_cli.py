@@ -37,6 +37,17 @@ def test_replay_prints_one_json_object_with_the_five_rates(tmp_path, capsys):
     assert result["requests"] == 15_000
 
 
+def test_a_window_that_is_no_duration_is_one_line_and_exit_code_2(capsys):
+    """``cache stats --window 1e300`` overflowed the dates of its query-log read ("task runs: unavailable
+    (OverflowError ...)", exit code 0); it is refused before anything connects, as are other bad windows."""
+    for bad, says in [("1e300", "expected at most 3650d"), ("0", "expected a positive duration"),
+                      ("nan", "expected a positive duration"), ("2x", "expected a duration such as")]:  # fmt: skip
+        with pytest.raises(SystemExit) as usage:
+            main(["cache", "stats", "--window", bad])
+        err = capsys.readouterr().err
+        assert usage.value.code == 2 and says in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_replay_reads_a_trace_piped_to_standard_input_as_dash(tmp_path, capsys, monkeypatch):
     """``zcat log.gz | precompute replay --trace -``: a dash named a file called "-", which did not exist."""
     lines = "".join(f"user:{k % 97}\n" for k in range(0, 6_000, 7)).encode()
