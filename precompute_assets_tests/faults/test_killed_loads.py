@@ -56,7 +56,7 @@ def test_an_impressions_load_killed_at_any_write_then_run_again_holds_each_row_o
     writes = clean.calls
     assert writes == 4  # the quarantine, then three days
     # The quarantine's write, and the first and the last day's: the middle day's only repeats a day's write between
-    # two others (each point is two runs of the CLI, seconds each).
+    # two others (each point is two runs of the CLI).
     for at in (1, 2, writes):
         for asset in ("ad_impressions", "ad_impressions_quarantine"):
             for file in Path(lake.path(asset, "x")).parent.glob("*"):

@@ -3,7 +3,8 @@
 The kill points are the ``boundaries`` of the kinds of round trip an unkilled publish makes: the first and the last of
 each run of one kind (both bucket-write pipelines, the first and last probation list read and HAND_OVER script, every
 other command, transaction and script), so each distinct step and each change from one step to the next is killed
-at; the calls in the middle of a run only repeat its step on other keys (killing at all 68 took 2.5 minutes).
+at; the calls in the middle of a run only repeat its step on other keys (killing at all 68 took 2.5 minutes when each
+point started a fresh interpreter).
 
 Each kill point starts from a private server holding a complete old version and a probation live tier that has
 stored misses (built once, then restored from a snapshot before each point). A publisher process is killed before its

@@ -202,8 +202,9 @@ def check_every_point(scenario: str, run: Callable[[int | None], dict]) -> list[
     assert expected_redis == expected_postgres and len(expected_redis) >= N_DOCS - 50
     failures = []
     calls = reference["outcome"].calls
-    # Every other point of the widening sync, every fifth of the others (each costs seconds, and the suite must stay
-    # within its time), and all of their last steps, where the flips and the records of what they did happen.
+    # Every other point of the widening sync, every fifth of the others (each is a sync of its own, a second or two
+    # forked from the warm parent, and the suite must stay within its time), and all of their last steps, where the
+    # flips and the records of what they did happen.
     stride = 2 if scenario == "widen" else 5
     points = sorted({*range(1, calls + 1, stride), *range(calls - 5, calls + 1)})
     for at in points:
