@@ -12,7 +12,6 @@ import os
 import shlex
 import signal
 import sys
-import threading
 import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -959,15 +958,11 @@ class _ReplayPool(ProcessPoolExecutor):
     the workers still importing); the main process stops them (``_replay_pool``) and says it once."""
 
     def submit(self, fn, /, *args, **kwargs):
-        """``ProcessPoolExecutor.submit``, which starts a worker when none is idle, with SIGINT ignored meanwhile: an
-        ignored signal is what a spawned interpreter inherits through ``exec``."""
-        if threading.current_thread() is not threading.main_thread():  # only the main thread may set a handler
+        """``ProcessPoolExecutor.submit``, which starts a worker when none is idle, with SIGINT ignored meanwhile."""
+        from .interrupts import interrupts_ignored
+
+        with interrupts_ignored():
             return super().submit(fn, *args, **kwargs)
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        try:
-            return super().submit(fn, *args, **kwargs)
-        finally:
-            signal.signal(signal.SIGINT, previous)
 
 
 def learned_results(day_keys: list, args: argparse.Namespace, train_days: int, *, with_prefetch: bool) -> dict:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import multiprocessing
 import random
-import signal
 import time
 import uuid
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from ..serving import KeySchema, PredictionCache, connect, publish_version
 from ..serving.keys import Pointer
 from ..stack import running_version
 from .bench import drop_namespace
+from .interrupts import interrupts_ignored
 
 
 @dataclass(frozen=True)
@@ -143,15 +143,10 @@ def _phase(plan: LoadPlan, processes: int, mode: str, admin, rate: float | None 
 
 
 def start_ignoring_interrupt(workers: list) -> None:
-    """Start ``workers`` with SIGINT ignored, which a spawned interpreter inherits through ``exec`` from its first
-    instruction on: a terminal's Ctrl-C reaches every process of the command, and each worker printed its own
-    KeyboardInterrupt traceback (most while still importing) under the command's one line. ``_phase`` stops them."""
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
+    """Start ``workers`` ignoring Ctrl-C (``interrupts_ignored``); ``_phase`` stops them."""
+    with interrupts_ignored():
         for worker in workers:
             worker.start()
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def _summary(phases: list[dict], seconds: float) -> dict:
