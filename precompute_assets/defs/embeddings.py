@@ -5,6 +5,7 @@ import json
 import logging
 import math
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import dagster as dg
@@ -386,3 +387,21 @@ def documents_changed(context: dg.SensorEvaluationContext, documents: DocumentSt
         return dg.SkipReason(f"no document changed since {marker}")
     context.update_cursor(marker)
     return dg.RunRequest(run_key=f"documents-{marker}")
+
+
+class QuarantineRetentionConfig(dg.Config):
+    retention_days: int = Field(
+        30, description="The rows docs load quarantined more than these days ago are deleted; 0 keeps every row."
+    )
+
+
+@dg.op(description="Delete the document loads' quarantined rows past their retention.")
+def expire_document_quarantine(
+    context: dg.OpExecutionContext, config: QuarantineRetentionConfig, documents: DocumentStoreResource
+) -> None:
+    if config.retention_days <= 0:
+        context.log.info("document quarantine retention is off (retention_days 0): every quarantined row is kept")
+        return
+    before = datetime.now(UTC) - timedelta(days=config.retention_days)
+    deleted = documents.store().expire_quarantine(before)
+    context.log.info(f"deleted {deleted} quarantined document rows of loads before {before:%Y-%m-%d %H:%M} UTC")

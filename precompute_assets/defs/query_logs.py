@@ -22,6 +22,7 @@ from ..storage.lake import LakeReadError, partitions_before
 from ..storage.query_log_import import IMPORTED, is_imported
 from ..storage.tables import QUERY_LOG_DRAIN, quarantine_frame, query_log_table
 from .campaigns import purge_campaign_ads
+from .embeddings import expire_document_quarantine
 from .freshness import QUERY_LOGS_FRESHNESS
 from .partitions import DEFAULT_PARTITIONS
 from .resources import DeploymentResource, LakeResource, RedisResource
@@ -463,7 +464,7 @@ def delete_old_runs(context: dg.OpExecutionContext, config: RunRetentionConfig) 
 
 @dg.job(
     description="Trim the query-log and user-event streams past their retention, the lake's old hourly and daily "
-    "files, old runs and the ads of long-ended campaigns."
+    "files, old runs, the ads of long-ended campaigns and the document loads' old quarantined rows."
 )
 def query_log_cleanup_job():
     trim_query_log()
@@ -471,6 +472,7 @@ def query_log_cleanup_job():
     expire_lake_partitions()
     delete_old_runs()
     purge_campaign_ads()
+    expire_document_quarantine()
 
 
 query_logs_job = dg.define_asset_job(

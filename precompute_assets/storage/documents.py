@@ -683,6 +683,16 @@ class DocumentStore:
             )
             yield from cur
 
+    def expire_quarantine(self, before: datetime) -> int:
+        """Delete the quarantined rows of the loads that started before ``before``; how many. A load's rows go
+        together: each is stamped with its load's transaction start."""
+        with self._connect() as conn, conn.cursor() as cur:
+            cur.execute(
+                sql.SQL("DELETE FROM {q} WHERE quarantined_at < %s").format(q=sql.Identifier(self.quarantine_table)),
+                (before,),
+            )
+            return cur.rowcount
+
     def load_file(
         self, path: str | Path, fields: DocumentFields | None = None, progress: Callable[[float], None] | None = None
     ) -> LoadResult:

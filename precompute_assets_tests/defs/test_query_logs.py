@@ -28,6 +28,7 @@ from precompute_assets.defs.query_logs import (
 from precompute_assets.defs.resources import (
     CampaignRegistryResource,
     DeploymentResource,
+    DocumentStoreResource,
     LakeResource,
     ParquetIOManager,
     RedisResource,
@@ -62,7 +63,7 @@ def cleanup(res, instance, app_db: str, *, succeed: bool = True, **run_config) -
     """The cleanup job with the resources it has in the Definitions, the lake's IO manager included."""
     resources = {
         "redis": res["redis"], "deployment": DeploymentResource(), "io_manager": res["io_manager"], "lake": res["lake"],
-        "campaign_registry": CampaignRegistryResource(url=app_db),
+        "campaign_registry": CampaignRegistryResource(url=app_db), "documents": DocumentStoreResource(url=app_db),
     }  # fmt: skip
     job = query_log_cleanup_job.execute_in_process(
         resources=resources, instance=instance, run_config=run_config, raise_on_error=succeed
@@ -371,6 +372,31 @@ def test_cleanup_job_purges_the_ads_of_long_ended_campaigns(redis_url, schema, l
     cleanup(resources(redis_url, schema, lake_uri), pg_instance, app_db)
     assert registry.ads("old").empty and registry.get("old") is not None
     assert pg_instance.get_dynamic_partitions("campaigns") == ["next"] and not registry.ads("next").empty
+
+
+def test_cleanup_job_expires_the_quarantined_rows_of_old_document_loads(
+    redis_url, schema, lake_uri, pg_instance, app_db
+):
+    import psycopg2
+
+    from precompute_assets.storage.postgres import libpq_url
+
+    store = DocumentStoreResource(url=app_db).store()
+    frame = pd.DataFrame({"doc_id": ["d1", "", "d2"], "title": ["t"] * 3, "body": ["b"] * 3, "language": ["en"] * 3})
+    old, new = store.load_frame(frame), store.load_frame(frame)
+    assert old.quarantined == new.quarantined == 1
+    with psycopg2.connect(libpq_url(app_db)) as conn, conn.cursor() as cur:  # the first load, 40 days ago
+        cur.execute(
+            "UPDATE documents_quarantine SET quarantined_at = now() - interval '40 days' WHERE load_id = %s",
+            (old.load_id,),
+        )
+    conn.close()
+    res = resources(redis_url, schema, lake_uri)
+    cleanup(res, pg_instance, app_db, ops={"expire_document_quarantine": {"config": {"retention_days": 0}}})
+    assert len(list(store.quarantined(old.load_id))) == 1  # retention off: kept
+    cleanup(res, pg_instance, app_db)  # the default, 30 days
+    assert list(store.quarantined(old.load_id)) == []
+    assert len(list(store.quarantined(new.load_id))) == 1
 
 
 def test_rematerializing_a_trimmed_hour_keeps_the_good_partition(
