@@ -759,6 +759,23 @@ def synthetic_hourly_counts(keys: int, days: int, *, seed: int = 0):
     )
 
 
+def check_demand_size(keys: int, days: int, *, memory_bytes: int | None = None) -> None:
+    """Refuse ``keys`` × ``days`` whose float32 hourly counts alone would take more than a quarter of the machine's
+    memory (``memory_bytes``; default: physical memory, where the system reports it): training copies them into its
+    features, and a typo of --days would otherwise end in the kernel's OOM killer, not an error."""
+    if memory_bytes is None:
+        try:
+            memory_bytes = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (AttributeError, ValueError, OSError):  # not reported (Windows): nothing to check against
+            return
+    needed = keys * days * 24 * np.dtype(np.float32).itemsize
+    if needed > memory_bytes / 4:
+        raise ValueError(
+            f"{keys:,} keys × {days:,} days of hourly counts take {needed / 2**30:.1f} GiB, more than a quarter of "
+            f"this machine's {memory_bytes / 2**30:.1f} GiB: use fewer --keys or --days"
+        )
+
+
 def bench_demand(keys: int = 100_000, days: int = 14, seed: int = 0, *, hp=None) -> dict:
     """The LSTM demand model on ``keys`` keys × ``days`` days of synthetic hourly counts
     (``synthetic_hourly_counts``), the last day held back, next to the frequency baseline in the same run.
@@ -791,6 +808,7 @@ def bench_demand(keys: int = 100_000, days: int = 14, seed: int = 0, *, hp=None)
 
     if days < 3:
         raise ValueError(f"need at least 3 days (train, hold back a day), got {days}")
+    check_demand_size(keys, days)
     hp = hp or DemandHyperParams()
     started = time.perf_counter()
     data = synthetic_hourly_counts(keys, days, seed=seed)

@@ -108,6 +108,16 @@ def test_bench_demand_reports_every_promised_key_on_a_tiny_size():
         bench_demand(keys=10, days=2)
 
 
+def test_bench_demand_refuses_a_size_beyond_a_quarter_of_the_memory_before_generating_it():
+    from precompute_assets.tools.bench import check_demand_size
+
+    check_demand_size(100_000, 14, memory_bytes=2**30)  # 0.13 GiB of counts: a quarter of 1 GiB holds it
+    with pytest.raises(ValueError, match=r"100,000 keys × 1,000 days of hourly counts take 8\.9 GiB, more than a qu"):
+        check_demand_size(100_000, 1000, memory_bytes=24 * 2**30)
+    with pytest.raises(ValueError, match="use fewer --keys or --days"):  # this machine's memory, whatever it is
+        bench_demand(keys=100_000, days=10**9)
+
+
 def test_bench_load_reports_ours_beside_the_bare_load(redis_url, redis_client):
     from precompute_assets.tools.load import bench_load
 
