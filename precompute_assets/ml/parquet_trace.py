@@ -44,11 +44,19 @@ def is_parquet(path: str | Path) -> bool:
     path = Path(path)
     if path.is_dir() or path.suffix.lower() in (".parquet", ".pq"):
         return True
+    return has_parquet_magic(path)
+
+
+def has_parquet_magic(path: str | Path) -> bool:
+    """Whether ``path`` is a regular file with Parquet's magic bytes at both ends: a text file may start with them (a
+    first key ``PAR1001``), and was then refused as broken Parquet."""
     try:
-        if not path.is_file():
+        if not Path(path).is_file():
             return False
-        with path.open("rb") as file:
-            return file.read(len(_MAGIC)) == _MAGIC
+        with open(path, "rb") as file:
+            head = file.read(len(_MAGIC))
+            file.seek(-len(_MAGIC), os.SEEK_END)  # OSError for a file of fewer bytes
+            return head == _MAGIC and file.read(len(_MAGIC)) == _MAGIC
     except OSError:
         return False  # the text reader says what is wrong with it
 

@@ -37,6 +37,16 @@ def first_bytes(path: str | Path, size: int = 1 << 16) -> bytes:
     return b""
 
 
+def _parquet(path: Path, start: bytes) -> bool:
+    """Whether the file starting with ``start`` is Parquet (``has_parquet_magic``). The end of a ``.gz`` file's content
+    is not at hand: there a NUL byte in ``start``, which text never holds, stands for the magic at the end."""
+    from ..ml.parquet_trace import has_parquet_magic
+
+    if path.suffix.lower() == ".gz":
+        return start.startswith(b"PAR1") and b"\x00" in start
+    return has_parquet_magic(path)
+
+
 def not_text_reason(path: str | Path, start: bytes, *, reads: Collection[str] = (".gz", ".parquet")) -> str | None:
     """Why a file that should be text but starts with ``start`` (``first_bytes``) is not, and what to do: compressed
     data without its suffix, a zip archive (an Excel workbook), Parquet or UTF-16 text; None for anything else. Read as
@@ -52,7 +62,9 @@ def not_text_reason(path: str | Path, start: bytes, *, reads: Collection[str] = 
         return f"the file is {codec}-compressed: decompress it first ({command} FILE)"
     if start.startswith(b"PK\x03\x04"):
         return "the file is a zip archive (an Excel workbook?), not text: export or extract the CSV from it"
-    if start.startswith(b"PAR1"):
+    if _parquet(path, start):
+        if path.suffix.lower() == ".gz":
+            return "the file is gzip-compressed Parquet, not text: decompress it first (gzip -dc FILE)"
         advice = f"name it {path.with_suffix('.parquet').name}" if ".parquet" in reads else "write it as text"
         return f"the file is Parquet, not text: {advice}"
     if start.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):  # Windows' "Unicode" text, PowerShell's export

@@ -135,6 +135,12 @@ def test_columns_by_name_or_number_and_their_types(tmp_path: Path):
     assert is_parquet(bare) and parse_trace(bare).keys.tolist() == ["a", "b"]
     assert parse_trace(bare, trace_format="parquet").keys.tolist() == ["a", "b"]
     assert not is_parquet(tmp_path / "missing.txt")
+    # A text trace whose first key merely starts with the magic bytes was read as (broken) Parquet.
+    (tmp_path / "keys.txt").write_text("PAR1001\nPAR1002\nPAR1001\n")
+    assert not is_parquet(tmp_path / "keys.txt")
+    assert parse_trace(tmp_path / "keys.txt").keys.tolist() == ["PAR1001", "PAR1002", "PAR1001"]
+    (tmp_path / "tiny.bin").write_bytes(b"PAR")
+    assert not is_parquet(tmp_path / "tiny.bin")
 
 
 def test_a_quarantining_read_looks_at_a_parquet_file_once_as_parse_trace_does(tmp_path: Path, monkeypatch):

@@ -1361,12 +1361,28 @@ def test_loads_name_a_csv_that_is_not_text(tmp_path, monkeypatch, capsys):
         "windows.csv": "the file is UTF-16 text (it starts with UTF-16's byte order mark)",
         "twice.csv.gz": "the file is gzip-compressed: decompress it first (gzip -dc FILE)",
     }
+    (tmp_path / "table.csv.gz").write_bytes(gzip.compress((tmp_path / "table.csv").read_bytes()))
+    cases["table.csv.gz"] = "the file is gzip-compressed Parquet, not text: decompress it first (gzip -dc FILE)"
     for command in (["ads", "load"], ["impressions", "load"], ["docs", "load"]):
         for name, says in cases.items():
             assert main([*command, str(tmp_path / name)]) == 2
             err = capsys.readouterr().err
             assert err.startswith(f"precompute {command[0]}: {tmp_path / name}: {says}") and err.count("\n") == 1, err
     assert not (tmp_path / "never-started" / "redis").exists()  # nothing was started for a bad file
+
+
+def test_a_text_file_that_starts_with_parquets_magic_bytes_is_read_as_text(tmp_path):
+    """A headerless TSV whose first doc_id is PAR1001 was refused as Parquet ("name it docs.parquet"), advice that
+    then failed too: Parquet has the magic bytes at both ends."""
+    from precompute_assets.storage.ad_data import file_format
+    from precompute_assets.storage.documents import check_document_file
+
+    tsv = tmp_path / "docs.tsv"
+    tsv.write_text("PAR1001\ta title\ta body\ten\n")
+    assert check_document_file(tsv) == "tsv"
+    csv = tmp_path / "ads.csv"
+    csv.write_text("PAR1_score,ad_id\n1,a\n")
+    assert file_format(csv) == "csv"
 
 
 def test_docs_that_loaded_but_cannot_be_counted_exit_0_and_say_so(stack, app_db, tmp_path, monkeypatch, capsys):
