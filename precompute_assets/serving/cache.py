@@ -924,6 +924,9 @@ class PredictionCache:
         if cached is not None and now - cached[2] < self.pointer_ttl_s:
             return self._read(kind, cached)
         started = self._pointer_ticket()
+        # Looked at again after the ticket: one another refresh stored before it is the last read that the branches
+        # below keep; one stored after it wins over this refresh's (``_store_pointer``).
+        cached = self._pointers.get(kind)
         if self._cluster:
             # Pointer first, experiment after its reply: the experiment is written before the pointer.
             (raw,) = self._cluster_fetch([(b"GET", self.schema.pointer(kind))])

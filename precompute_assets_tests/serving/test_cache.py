@@ -14,6 +14,7 @@ import pytest
 from precompute_assets.serving import (
     Experiment,
     KeySchema,
+    Pointer,
     PredictionCache,
     QueryLogger,
     arm_of,
@@ -206,6 +207,31 @@ def test_a_slower_pointer_refresh_never_takes_the_cached_pointer_back(redis_url,
     slow.join()
     assert cache.current_version("ctr").version == "v2" and cache.get("ctr", "a") == pytest.approx(0.2)
     assert slow_read == ["v2"]  # the slow refresh reads what the cache holds: never older than another thread
+
+
+def test_a_refresh_whose_cluster_master_failed_keeps_the_newest_cached_pointer(
+    redis_url, redis_client, schema, monkeypatch
+):
+    """On Redis Cluster a refresh whose pointer's master is down keeps the last pointer read. It kept the one it had
+    looked at before taking its ticket: another thread's refresh that stored v2 in between was undone, and every
+    thread read v1 again for ``pointer_ttl_s`` (found by review)."""
+    publish_version(redis_client, "ctr", "v1", [("a", 0.1)], n_keys=1, schema=schema)
+    cache = PredictionCache(connect(redis_url, socket_timeout=1.0), schema=schema, pointer_ttl_s=0.0)
+    assert cache.current_version("ctr").version == "v1"
+    publish_version(redis_client, "ctr", "v2", [("a", 0.2)], n_keys=1, schema=schema)
+    newer = Pointer.decode(redis_client.get(schema.pointer("ctr")))
+    take_ticket = cache._pointer_ticket
+
+    def other_thread_stores_first() -> int:  # another thread's whole refresh, just before this one's ticket
+        cache._store_pointer("ctr", (newer, None, time.monotonic()), take_ticket())
+        monkeypatch.setattr(cache, "_pointer_ticket", take_ticket)
+        return take_ticket()
+
+    monkeypatch.setattr(cache, "_pointer_ticket", other_thread_stores_first)
+    monkeypatch.setattr(cache, "_cluster", True)
+    monkeypatch.setattr(cache, "_cluster_fetch", lambda commands: [cache_module.FAILED] * len(commands))
+    assert cache.current_version("ctr").version == "v2"
+    assert cache._pointers["ctr"][0].version == "v2"
 
 
 def test_logger_buffer_is_bounded_and_counts_drops(schema):
