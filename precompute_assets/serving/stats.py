@@ -31,7 +31,8 @@ def keys_memory(client: redis.Redis, match: str, *, batch: int = 1000) -> tuple[
     summed, on every primary of a cluster. Other clients' writes, expiries and buffers do not move it, as they move a
     difference of ``used_memory``; it leaves out what the keyspace's own tables spend per key (and an expiry entry),
     which a layout of fewer keys spends less of: a comparison with one key per value errs against the fewer keys."""
-    names = client.scan_iter(match=match, count=batch)
+    seen: set[bytes | str] = set()  # SCAN may return a key twice (the keyspace rehashing meanwhile)
+    names = (name for name in client.scan_iter(match=match, count=batch) if not (name in seen or seen.add(name)))
     total = count = 0
     while chunk := list(itertools.islice(names, batch)):
         pipe = client.pipeline(transaction=False)
