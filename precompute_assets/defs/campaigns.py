@@ -44,6 +44,7 @@ from .resources import (
     RedisResource,
     failing_clearly_when_full,
 )
+from .retention import retention_start
 from .runs import ACTIVE_RUN_STATUSES, RUN_KEY_TAG
 
 CAMPAIGNS = dg.DynamicPartitionsDefinition(name="campaigns")
@@ -433,10 +434,9 @@ class CampaignRetentionConfig(dg.Config):
 def purge_campaign_ads(
     context: dg.OpExecutionContext, config: CampaignRetentionConfig, campaign_registry: CampaignRegistryResource
 ) -> None:
-    if config.retention_days <= 0:
-        context.log.info("campaign retention is off (retention_days 0): every campaign's ads are kept")
+    before = retention_start(context.log.info, config.retention_days, "campaign", "every campaign's ads are kept")
+    if before is None:
         return
-    before = datetime.now(UTC) - timedelta(days=config.retention_days)
     purged = campaign_registry.registry().purge_ads(before)
     # Every sensor tick that warms reads the whole partition list: it must not grow with every campaign ever run.
     # The sensor adds a partition again for a campaign registered anew.

@@ -5,7 +5,6 @@ import json
 import logging
 import math
 import time
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import dagster as dg
@@ -27,6 +26,7 @@ from .resources import (
     RedisResource,
     failing_clearly_when_full,
 )
+from .retention import retention_start
 from .runs import ACTIVE_RUN_STATUSES
 
 EMBEDDING_MODEL = "embedding_model"
@@ -399,9 +399,10 @@ class QuarantineRetentionConfig(dg.Config):
 def expire_document_quarantine(
     context: dg.OpExecutionContext, config: QuarantineRetentionConfig, documents: DocumentStoreResource
 ) -> None:
-    if config.retention_days <= 0:
-        context.log.info("document quarantine retention is off (retention_days 0): every quarantined row is kept")
+    before = retention_start(
+        context.log.info, config.retention_days, "document quarantine", "every quarantined row is kept"
+    )
+    if before is None:
         return
-    before = datetime.now(UTC) - timedelta(days=config.retention_days)
     deleted = documents.store().expire_quarantine(before)
     context.log.info(f"deleted {deleted} quarantined document rows of loads before {before:%Y-%m-%d %H:%M} UTC")

@@ -26,6 +26,7 @@ from .embeddings import expire_document_quarantine
 from .freshness import QUERY_LOGS_FRESHNESS
 from .partitions import DEFAULT_PARTITIONS
 from .resources import DeploymentResource, LakeResource, RedisResource
+from .retention import retention_start
 from .runs import ACTIVE_RUN_STATUSES
 
 if TYPE_CHECKING:  # what define_asset_job returns (not exported by dagster)
@@ -443,10 +444,9 @@ def delete_old_runs(context: dg.OpExecutionContext, config: RunRetentionConfig) 
                 "job (an asset's history is the event log of its runs)",
                 allow_retries=False,
             )
-    if config.retention_days <= 0:
-        context.log.info("run retention is off (retention_days 0): every run is kept")
+    before = retention_start(context.log.info, config.retention_days, "run", "every run is kept")
+    if before is None:
         return
-    before = datetime.now(tz=UTC) - timedelta(days=config.retention_days)
     for job in config.jobs:
         deleted = 0
         while True:
