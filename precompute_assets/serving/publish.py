@@ -151,6 +151,8 @@ def publish_version(
             # Never rewrite the version readers are on (a step retried after its flip succeeded); its key count,
             # written after the flip, may be what failed.
             mended = _mend_current(client, kind, version, filled, ttl, replica_wait_s)
+            # A flip that died between its writes on a cluster (experiment, then pointer) may have left another one.
+            run_commands(client, [experiment_command(schema.experiment(kind).encode(), experiment)])
             retire_replaced(client, schema, kind, grace_s=grace_s, replica_wait_s=replica_wait_s)
             previous = _replaced_pointer(client, schema, kind) if hand_over else None
             handed, settle_error = _settle(client, schema, kind, version, keys, previous, written=written, ttl_s=ttl_s)
@@ -461,8 +463,11 @@ def settle_published(
     else:
         keys_in_main = list(keys) if tracked else []
     for start in range(0, len(keys_in_main), script_keys):
-        gone = run_commands(client, [(b"EVAL", UNTRACK, 1, main, *keys_in_main[start : start + script_keys])])[0]
-        _unlink_live(client, schema, kind, [_text(key) for key in gone])
+        batch = keys_in_main[start : start + script_keys]
+        # Values first: a kill (or a lost reply) between the two leaves tracked keys without a value, which ``_ADMIT``
+        # keeps and the retry untracks, never untracked values outliving the tier's capacity until their TTL.
+        _unlink_live(client, schema, kind, [_text(key) for key in batch])
+        run_commands(client, [(b"EVAL", UNTRACK, 1, main, *batch)])
     handed: list[str] = []
     if previous is not None and order_version is not None and _text(order_version) == previous.version:
         before = _list_items(client, order, chunk)
@@ -818,7 +823,12 @@ def flip_pointer(
     that sees the new pointer therefore read the experiment after it was written: it never pairs the new version with
     the old experiment. It may pair the old version with the new experiment until its next pointer refresh, as a
     single-server reader may too (its GET of the pointer can run just before the EXEC, its GET of the experiment just
-    after). If the pointer write fails, the old experiment is put back (best effort) and the error is raised.
+    after). If the pointer write fails, the pointer is read back: a write that landed (only its reply was lost) is a
+    flip; one that did not puts the old experiment back (best effort) and raises; when Redis cannot say, it raises and
+    leaves the new experiment, which a retried publish writes again.
+
+    A flip sent twice (its reply lost, the client's retries) reads its own pointer back from the second ``SET ...
+    GET``: the version read before the flip is then the one it replaced, retired and settled as usual.
     """
     check_kind(kind)
     check_version(pointer.version)
@@ -827,8 +837,9 @@ def flip_pointer(
     except ReplicationTimeoutError as error:
         error.add_note(f"the pointer of {kind} was not flipped to {pointer.version}: readers stay where they were")
         raise
-    # A flip whose process died before it gave the version it replaced its grace: that version is no one's to read.
-    retire_replaced(client, schema, kind, grace_s=grace_s, replica_wait_s=replica_wait_s)
+    # A flip whose process died before it gave the version it replaced its grace: that version is no one's to read,
+    # unless this flip goes back to it (a rollback).
+    retire_replaced(client, schema, kind, grace_s=grace_s, replica_wait_s=replica_wait_s, keep=pointer.version)
     pointer_key, replaced_key, new = schema.pointer(kind).encode(), schema.previous(kind).encode(), pointer.encode()
     if is_cluster(client):
         experiment_key = schema.experiment(kind).encode()
@@ -839,11 +850,21 @@ def flip_pointer(
                 run_commands(client, [(b"SET", replaced_key, before)])  # version, which nothing retires
             (raw,) = run_commands(client, [(b"SET", pointer_key, new, b"GET")])
         except REDIS_ERRORS as error:
-            with contextlib.suppress(*REDIS_ERRORS):  # put the old experiment back with the old pointer
-                restore = None if previous_experiment is None else Experiment.decode(previous_experiment)
-                run_commands(client, [experiment_command(experiment_key, restore)])
-            error.add_note(f"the pointer of {kind} was not flipped to {pointer.version}: readers stay where they were")
-            raise
+            landed = _pointer_landed(client, pointer_key, new)
+            if landed is False:  # put the old experiment back with the old pointer (best effort)
+                with contextlib.suppress(*REDIS_ERRORS):
+                    restore = None if previous_experiment is None else Experiment.decode(previous_experiment)
+                    run_commands(client, [experiment_command(experiment_key, restore)])
+                error.add_note(
+                    f"the pointer of {kind} was not flipped to {pointer.version}: readers stay where they were"
+                )
+                raise
+            if landed is None:  # the new experiment stays: had the write landed, the old one would pair with it
+                error.add_note(
+                    f"whether the pointer of {kind} now names {pointer.version} is unknown: retry the publish"
+                )
+                raise
+            raw = before  # the write landed and only its reply was lost: the flip is done
     else:
         (before,) = run_commands(client, [(b"GET", pointer_key)])
         pipe = client.pipeline(transaction=True)
@@ -852,6 +873,10 @@ def flip_pointer(
         if before not in (None, new):
             pipe.set(replaced_key, before)  # in the flip's transaction: a kill after it still knows what to retire
         raw = pipe.execute()[1]
+    if raw == new and before not in (None, new):
+        # The flip was sent again after its reply was lost (the client's retries; ``cluster_send`` after a failover):
+        # the first one replaced ``before``, which still needs its grace and its settling.
+        raw = before
     if raw not in (before, new, None):  # another flip came between our read and ours (pools keep them apart)
         run_commands(client, [(b"SET", replaced_key, raw)])
     previous = None if raw is None else Pointer.decode(raw)
@@ -860,9 +885,21 @@ def flip_pointer(
     return previous
 
 
-def retire_replaced(client: redis.Redis, schema: KeySchema, kind: str, *, grace_s: int, replica_wait_s: float) -> None:
+def _pointer_landed(client: redis.Redis, pointer_key: bytes, new: bytes) -> bool | None:
+    """Whether the pointer at ``pointer_key`` is ``new`` (a write whose reply was lost may have landed); None when
+    Redis cannot say."""
+    try:
+        return run_commands(client, [(b"GET", pointer_key)])[0] == new
+    except REDIS_ERRORS:
+        return None
+
+
+def retire_replaced(
+    client: redis.Redis, schema: KeySchema, kind: str, *, grace_s: int, replica_wait_s: float, keep: str | None = None
+) -> None:
     """Give the version the last flip of ``kind`` replaced its ``grace_s`` now if that flip's process died before it
-    did (``KeySchema.previous`` without a TTL: written in the flip, given the grace after it); else nothing."""
+    did (``KeySchema.previous`` without a TTL: written in the flip, given the grace after it); else nothing. Never
+    version ``keep``: the one a flip is about to go back to, whose buckets its publish has just written whole."""
     try:
         raw, ttl_ms, current = run_commands(
             client,
@@ -873,7 +910,7 @@ def retire_replaced(client: redis.Redis, schema: KeySchema, kind: str, *, grace_
     except (*REDIS_ERRORS, ValueError) as error:
         _log.warning("%s: cannot read the version the last flip replaced (%s): it keeps its TTL", kind, error)
         return
-    if replaced is not None and current not in (None, raw):
+    if replaced is not None and current not in (None, raw) and replaced.version != keep:
         _retire(client, schema, kind, Pointer.decode(current).version, replaced, grace_s, replica_wait_s)
 
 

@@ -848,6 +848,41 @@ def test_rerank_keeps_the_other_masters_candidates_when_one_is_down(cluster_fact
     assert cache.errors == 1  # the dead master was tried once, then backed off
 
 
+def test_a_pointer_write_that_landed_but_lost_its_reply_is_a_flip_with_its_experiment(
+    cluster_client: RedisCluster, ns: KeySchema, monkeypatch
+):
+    """On a cluster the flip writes the experiment, then the pointer. When the pointer's SET landed but its reply was
+    lost, the old experiment was put back and the error raised; the retry found the version current and never wrote
+    the experiment: the new version served with the old experiment until the next publish (found by review)."""
+    from precompute_assets.serving import publish as publish_module
+
+    keys = [f"k{i}" for i in range(300)]
+    old, new = Experiment("e1", "s1", ("a", "b")), Experiment("e2", "s2", ("a", "b"))
+    publish_version(cluster_client, "ctr", "old", [(k, 0.25) for k in keys], n_keys=300, schema=ns, experiment=old,
+                    replica_wait_s=0)  # fmt: skip
+    run_commands = publish_module.run_commands
+
+    def reply_lost(client, commands):
+        replies = run_commands(client, commands)
+        if commands and commands[0][0] == b"SET" and commands[0][1] == ns.pointer("ctr").encode():
+            monkeypatch.setattr(publish_module, "run_commands", run_commands)
+            raise redis.ConnectionError("the reply was lost after the SET landed")
+        return replies
+
+    monkeypatch.setattr(publish_module, "run_commands", reply_lost)
+    result = publish_version(cluster_client, "ctr", "new", [(k, 0.75) for k in keys], n_keys=300, schema=ns,
+                             experiment=new, replica_wait_s=0)  # fmt: skip
+    assert result.previous_version == "old" and not result.already_current
+    assert Pointer.decode(cluster_client.get(ns.pointer("ctr"))).version == "new"
+    assert Experiment.decode(cluster_client.get(ns.experiment("ctr"))) == new
+
+    # A flip that died between its writes left another experiment: a retried publish of the current version mends it.
+    cluster_client.set(ns.experiment("ctr"), old.encode())
+    again = publish_version(cluster_client, "ctr", "new", [(k, 0.75) for k in keys], n_keys=300, schema=ns,
+                            experiment=new, replica_wait_s=0)  # fmt: skip
+    assert again.already_current and Experiment.decode(cluster_client.get(ns.experiment("ctr"))) == new
+
+
 # --- memory, as bench publish counts it ------------------------------------------------------------------------
 
 

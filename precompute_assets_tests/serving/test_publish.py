@@ -270,3 +270,99 @@ def test_a_patch_into_few_buckets_writes_a_bounded_number_of_fields_per_command(
     client.set(schema.pointer("ctr"), pointer.encode())
     cache = PredictionCache(client, schema=schema)
     assert cache.get_many("ctr", ["ad2999", "ad3000", "ad4999"]) == [None, pytest.approx(0.5), pytest.approx(0.5)]
+
+
+def lose_the_flips_reply(monkeypatch) -> dict[str, bool]:
+    """Make the first MULTI/EXEC that writes a pointer lose its reply after Redis ran it, as a timeout would: the
+    client's retries send it again."""
+    execute = redis.client.Pipeline._execute_transaction
+    lost = {"done": False}
+
+    def lossy(self, connection, commands, raise_on_error):
+        replies = execute(self, connection, commands, raise_on_error)
+        if not lost["done"] and any(b":current" in str(command).encode() for command in commands):
+            lost["done"] = True
+            raise redis.TimeoutError("the reply was lost")
+        return replies
+
+    monkeypatch.setattr(redis.client.Pipeline, "_execute_transaction", lossy)
+    return lost
+
+
+def test_a_flip_sent_again_after_its_reply_was_lost_still_retires_the_version_it_replaced(
+    redis_url, redis_client, schema, monkeypatch
+):
+    """The second SET ... GET of a flip sent twice returned the new pointer itself: the old version was never given
+    its grace (it kept its whole TTL beside the new one, twice the memory), nothing was settled, the publish reported
+    the new version as the one it replaced, and the record of the replaced one stayed without a TTL (found by
+    review)."""
+    keys = [f"k{i}" for i in range(300)]
+    client = connect(redis_url, socket_timeout=5, retries=2)
+    publish_version(client, "ctr", "old", [(k, 0.25) for k in keys], n_keys=300, schema=schema, ttl_s=86_400,
+                    grace_s=600, replica_wait_s=0)  # fmt: skip
+    lost = lose_the_flips_reply(monkeypatch)
+    result = publish_version(client, "ctr", "new", [(k, 0.75) for k in keys[:250]], n_keys=250, schema=schema,
+                             ttl_s=86_400, grace_s=600, replica_wait_s=0)  # fmt: skip
+    assert lost["done"] and result.previous_version == "old"
+    assert 0 < redis_client.ttl(schema.bucket("ctr", "old", 0)) <= 600
+    assert 0 < redis_client.ttl(schema.previous("ctr")) <= 600
+
+
+def test_a_rollback_after_a_flip_that_died_before_retiring_keeps_the_version_it_goes_back_to(
+    redis_url, redis_client, schema, monkeypatch
+):
+    """A flip killed before it retired the version it replaced leaves that record without a TTL; the next flip retires
+    it. When that next flip was a rollback to the very version, it cut the buckets it had just written to the grace:
+    the current version expired 10 minutes later and every reader missed (found by review)."""
+    keys = [f"k{i}" for i in range(300)]
+
+    def publish(version: str, value: float) -> publish_module.PublishResult:
+        return publish_version(redis_client, "ctr", version, [(k, value) for k in keys], n_keys=300, schema=schema,
+                               ttl_s=86_400, grace_s=600, replica_wait_s=0, hand_over=False)  # fmt: skip
+
+    publish("old", 0.25)
+
+    def killed(*args, **kwargs):
+        raise SystemExit("killed after the flip")
+
+    monkeypatch.setattr(publish_module, "_retire", killed)
+    with pytest.raises(SystemExit):
+        publish("bad", 0.75)
+    monkeypatch.undo()
+    assert redis_client.ttl(schema.previous("ctr")) == -1  # the flip's record, never given its grace
+    assert publish("old", 0.25).previous_version == "bad"
+    assert PredictionCache(redis_client, schema=schema).current_version("ctr").version == "old"
+    assert redis_client.ttl(schema.bucket("ctr", "old", 0)) > 86_000
+    assert 0 < redis_client.ttl(schema.bucket("ctr", "bad", 0)) <= 600
+
+
+def test_settling_killed_between_its_untrack_and_the_live_deletes_leaves_no_untracked_value(
+    redis_url, redis_client, schema, monkeypatch
+):
+    """Probation's settling untracked the new version's keys from the main LRU and then deleted their live values: a
+    kill between the two left values the tier no longer counts, beyond its capacity until their TTL, and the retry
+    found nothing to untrack (found by review). The values go first now."""
+    from precompute_assets.serving.admission import Probation
+
+    keys = [f"k{i}" for i in range(200)]
+    cache = PredictionCache(redis_client, schema=schema, admission=Probation(capacity=400), pointer_ttl_s=0)
+    cache.get_or_compute("ctr", "m1", lambda key: 0.5)  # records the tier's capacity
+    publish_version(redis_client, "ctr", "v1", [(k, 0.25) for k in keys], n_keys=200, schema=schema, replica_wait_s=0)
+    publish_version(redis_client, "ctr", "v2", [(k, 0.5) for k in keys[:150]], n_keys=150, schema=schema,
+                    replica_wait_s=0)  # fmt: skip  # hands v1's last 50 keys over to the tier, with live values
+    handed = [k for k in keys[150:] if redis_client.exists(schema.live("ctr", k))]
+    assert handed
+    unlink = publish_module._unlink_live
+
+    def dies(*args, **kwargs):
+        monkeypatch.setattr(publish_module, "_unlink_live", unlink)
+        raise redis.ConnectionError("killed")
+
+    monkeypatch.setattr(publish_module, "_unlink_live", dies)
+    first = publish_version(redis_client, "ctr", "v3", [(k, 0.75) for k in keys], n_keys=200, schema=schema,
+                            replica_wait_s=0)  # fmt: skip
+    assert first.settle_error is not None
+    again = publish_version(redis_client, "ctr", "v3", [(k, 0.75) for k in keys], n_keys=200, schema=schema,
+                            replica_wait_s=0)  # fmt: skip
+    assert again.already_current and again.settle_error is None
+    assert [k for k in handed if redis_client.exists(schema.live("ctr", k))] == []
