@@ -28,6 +28,7 @@ from .query_logs import (
     quarantine_check,
     stream_loss,
     stream_lost_failure,
+    wait_for_hour_end,
 )
 from .resources import LakeResource, ModelStoreResource, RedisResource
 
@@ -91,6 +92,7 @@ def user_events(context: dg.AssetExecutionContext, redis: RedisResource, lake: L
     window = context.partition_time_window
     chunks, rows, rejected, unknown = [], [], [], {}
     client, schema = redis.client(), redis.schema()
+    wait_for_hour_end(client, epoch_ms(window.end), context.partition_key)  # as query_logs: events may still come
     start_ms = epoch_ms(window.start)
     for page in read_event_window(client, schema, start_ms, epoch_ms(window.end)):
         for entry_id, fields in page:
@@ -118,6 +120,12 @@ def user_events(context: dg.AssetExecutionContext, redis: RedisResource, lake: L
     if loss := stream_loss(client, events_stream(schema), lake, USER_EVENTS, context.partition_key, start_ms, 0):
         context.log.warning(loss_warning(loss, read, first_ts))
     reasons = quarantine["reason"].str.split(":").str[0].value_counts().head(20).to_dict() if len(quarantine) else {}
+    # The quarantine first, as query_logs': a materialized hour is never drained again.
+    yield dg.Output(
+        quarantine,
+        output_name="user_event_quarantine",
+        metadata={"dagster/row_count": len(quarantine), "reasons": dg.MetadataValue.json(reasons)},
+    )
     yield dg.Output(
         events,
         output_name=USER_EVENTS,
@@ -130,11 +138,6 @@ def user_events(context: dg.AssetExecutionContext, redis: RedisResource, lake: L
             "unknown_action_names": dg.MetadataValue.json(dict(sorted(unknown.items())[:20])),
             **({"stream_lost": loss} if loss else {}),
         },
-    )
-    yield dg.Output(
-        quarantine,
-        output_name="user_event_quarantine",
-        metadata={"dagster/row_count": len(quarantine), "reasons": dg.MetadataValue.json(reasons)},
     )
     # unknown actions are among the quarantined
     yield quarantine_check(len(quarantine), len(events) + len(quarantine), USER_EVENTS)

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 
 import dagster as dg
 import pytest
+from dagster._core.test_utils import freeze_time
 
 from precompute_assets.defs import user_events as user_events_module
 from precompute_assets.defs.partitions import DEFAULT_PARTITIONS
@@ -219,3 +220,44 @@ def test_an_empty_hour_is_an_empty_partition(redis_url, schema, lake_uri, pg_ins
     assert result.success and len(Lake(lake_uri).read("user_events", HOUR)) == n
     (check,) = result.get_asset_check_evaluations()
     assert check.passed
+
+
+def test_an_hour_not_over_on_redis_clock_is_not_read(redis_url, redis_client, schema, lake_uri, pg_instance):
+    """As query_logs': on a Dagster host whose clock runs ahead, the hour in progress on Redis is offered as over. The
+    drain read it and marked it materialized while users still acted in it: their later events were in no partition,
+    and trimmed (found by review). It fails now, writing nothing."""
+    seconds = int(redis_client.time()[0])
+    next_hour = seconds - seconds % 3600 + 3600  # over an hour ahead on Redis's clock: never waited for
+    hour = DEFAULT_PARTITIONS.hourly.get_partition_key_for_timestamp(next_hour)
+    with freeze_time(next_hour + 3600 + 300):
+        result = dg.materialize([user_events], resources=resources(redis_url, schema, lake_uri), partition_key=hour,
+                                instance=pg_instance, raise_on_error=False)  # fmt: skip
+    assert not result.success
+    failure = result.get_step_failure_events()[0].step_failure_data.error.message
+    assert f"partition {hour} is not over on Redis's clock" in failure
+    assert not Lake(lake_uri).exists("user_events", hour)
+
+
+def test_a_quarantine_that_cannot_be_written_leaves_the_hour_undrained(
+    redis_url, schema, lake_uri, pg_instance, monkeypatch
+):
+    """The events were written before their quarantine: a quarantine write that failed left the hour materialized,
+    which is never drained again and whose stream entries the cleanup trims, its rejected events with them (found by
+    review). The quarantine goes first now: the hour stays undrained, and the retry writes both."""
+    record(redis_url, schema, HOUR_START_MS, 20)
+    write = Lake.write
+
+    def full(self, asset, partition, frame):
+        if asset == "user_event_quarantine":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write(self, asset, partition, frame)
+
+    monkeypatch.setattr(Lake, "write", full)
+    failed = dg.materialize([user_events], resources=resources(redis_url, schema, lake_uri), partition_key=HOUR,
+                            instance=pg_instance, raise_on_error=False)  # fmt: skip
+    assert not failed.success and not Lake(lake_uri).exists("user_events", HOUR)
+    assert not pg_instance.get_materialized_partitions(dg.AssetKey("user_events"))
+    monkeypatch.undo()
+    again = dg.materialize([user_events], resources=resources(redis_url, schema, lake_uri), partition_key=HOUR,
+                           instance=pg_instance)  # fmt: skip
+    assert again.success and len(Lake(lake_uri).read("user_events", HOUR)) == 20
