@@ -161,6 +161,16 @@ def query_logs(context: dg.AssetExecutionContext, redis: RedisResource, lake: La
     if loss := stream_loss(client, stream, lake, "query_logs", context.partition_key, start_ms, trimmed_before):
         context.log.warning(loss_warning(loss, read, first_ts))  # nothing brings them back: the rest is kept
     total = len(logs) + len(quarantine)
+    # The quarantine first: once query_logs is materialized the hour counts as drained (never drained again, its
+    # stream entries trimmed), so a write of the quarantine that failed after it lost the hour's rejected rows.
+    yield dg.Output(
+        quarantine,
+        output_name="query_log_quarantine",
+        metadata={
+            "dagster/row_count": len(quarantine),
+            "reasons": dg.MetadataValue.json(_reason_counts(quarantine)),
+        },
+    )
     yield dg.Output(
         logs,
         output_name="query_logs",
@@ -174,14 +184,6 @@ def query_logs(context: dg.AssetExecutionContext, redis: RedisResource, lake: La
             **({"stream_lost": loss} if loss else {}),
             "events_by_kind": dg.MetadataValue.json(logs["kind"].value_counts().to_dict()),
             "experiment_rows": int(logs["arm"].notna().sum()),
-        },
-    )
-    yield dg.Output(
-        quarantine,
-        output_name="query_log_quarantine",
-        metadata={
-            "dagster/row_count": len(quarantine),
-            "reasons": dg.MetadataValue.json(_reason_counts(quarantine)),
         },
     )
     yield quarantine_check(len(quarantine), total)
@@ -279,8 +281,8 @@ def stream_lost_failure(lost: str, hour: str) -> dg.Failure:
 def _keep_imported(logs: pd.DataFrame, quarantine: pd.DataFrame):
     """The outputs of an hour whose imported requests stay: the stream never had its traffic."""
     metadata = {"dagster/row_count": len(logs), "distinct_keys": int(logs["key"].nunique()), "imported": True}
-    yield dg.Output(logs, output_name="query_logs", metadata=metadata)
     yield dg.Output(quarantine, output_name="query_log_quarantine", metadata={"dagster/row_count": 0})
+    yield dg.Output(logs, output_name="query_logs", metadata=metadata)
     yield quarantine_check(0, len(logs))
 
 

@@ -72,6 +72,13 @@ def cleanup(res, instance, app_db: str, *, succeed: bool = True, **run_config) -
     return job
 
 
+def drain_metadata(result: dg.ExecuteInProcessResult) -> dict:
+    """The metadata of the run's query_logs materialization (its node also materializes the quarantine, first)."""
+    (materialization,) = [m for m in result.asset_materializations_for_node("query_logs")
+                          if m.asset_key == dg.AssetKey("query_logs")]  # fmt: skip
+    return materialization.metadata
+
+
 def materialize(redis_url, schema, lake_uri, instance, partition=HOUR, **options):
     return dg.materialize(
         [query_logs],
@@ -92,7 +99,7 @@ def test_partition_reads_exactly_its_hour_and_is_idempotent(redis_url, schema, l
     logs = Lake(lake_uri).read("query_logs", HOUR)
     assert len(logs) == 110
     assert logs["hit"].mean() == pytest.approx(0.5, abs=0.01)
-    meta = first.asset_materializations_for_node("query_logs")[0].metadata
+    meta = drain_metadata(first)
     assert meta["dagster/row_count"].value == 110
     assert meta["distinct_keys"].value == 7
     assert meta["hit_rate"].value == pytest.approx(logs["hit"].mean())
@@ -155,7 +162,7 @@ def test_the_arm_of_each_query_is_stored_and_a_bad_arm_is_quarantined(
     assert len(logs) == 31
     assert logs["arm"].value_counts().to_dict() == {"lstm": 20, "frequency": 10}
     assert logs.loc[logs["key"] == "plain", "arm"].isna().all()
-    assert result.asset_materializations_for_node("query_logs")[0].metadata["experiment_rows"].value == 30
+    assert drain_metadata(result)["experiment_rows"].value == 30
     reasons = Lake(lake_uri).read("query_log_quarantine", HOUR)["reason"].tolist()
     assert reasons == ["invalid arm: ''", "invalid arm: 'Not An Arm'", "arm longer than 256 characters"]
 
@@ -190,7 +197,7 @@ def test_empty_hour_materializes_empty(redis_url, schema, lake_uri, pg_instance)
     assert result.success
     assert Lake(lake_uri).read("query_logs", HOUR).empty
     assert result.get_asset_check_evaluations()[0].passed
-    meta = result.asset_materializations_for_node("query_logs")[0].metadata
+    meta = drain_metadata(result)
     # The UI plots hit_rate across hours: a quiet hour has none, and its 0.0 plotted as the cache going cold.
     assert meta["dagster/row_count"].value == 0 and "hit_rate" not in meta
 
@@ -465,12 +472,12 @@ def test_the_first_drain_after_redis_lost_the_stream_says_so_with_counts(
         f"the stream lost every event logged after partition {HOUR} (its 100 events) was drained: this hour holds "
         "only the 30 events logged after the loss, the first at 2026-11-20 11:30:00 UTC"
     ], warnings
-    meta = result.asset_materializations_for_node("query_logs")[0].metadata
+    meta = drain_metadata(result)
     assert meta["stream_lost"].value.startswith("the stream lost every event")
 
     later = materialize(redis_url, schema, lake_uri, pg_instance, partition=after_next)  # again, after 11:00's
     assert not [e for e in pg_instance.all_logs(later.run_id) if e.level == logging.WARNING]
-    assert "stream_lost" not in later.asset_materializations_for_node("query_logs")[0].metadata
+    assert "stream_lost" not in drain_metadata(later)
 
 
 def test_an_hour_of_many_chunks_is_drained_whole_and_in_order(
@@ -517,7 +524,7 @@ def test_an_imported_hour_the_stream_never_had_is_kept(redis_url, schema, lake_u
     result = materialize(redis_url, schema, lake_uri, pg_instance)  # the stream holds nothing for the hour
     assert result.success
     assert list(Lake(lake_uri).read("query_logs", HOUR)["key"]) == ["a", "b", "a"]
-    metadata = result.asset_materializations_for_node("query_logs")[0].metadata
+    metadata = drain_metadata(result)
     assert metadata["imported"].value is True and metadata["dagster/row_count"].value == 3
     fill(redis_url, schema, HOUR_START_MS + 60_000, 5)  # served traffic for the hour: the stream's rows win
     assert materialize(redis_url, schema, lake_uri, pg_instance).success
@@ -540,7 +547,7 @@ def test_queries_of_a_server_whose_clock_runs_ahead_are_kept(redis_url, redis_cl
     assert sorted(logs["key"]) == ["ad0", "ad0", "ad1", "ad2"]
     quarantine = Lake(lake_uri).read("query_log_quarantine", HOUR)
     assert len(quarantine) == 2 and quarantine["reason"].str.contains("in the future").all()
-    assert result.asset_materializations_for_node("query_logs")[0].metadata["quarantined"].value == 2
+    assert drain_metadata(result)["quarantined"].value == 2
 
 
 def test_an_hour_not_over_on_redis_clock_is_not_read(redis_url, redis_client, schema, lake_uri, pg_instance):
@@ -659,3 +666,28 @@ def test_a_drain_logs_its_progress_per_million_events_not_per_page(
     assert result.success
     lines = [e.user_message for e in pg_instance.all_logs(result.run_id) if e.user_message.startswith("read ")]
     assert len(lines) <= 2000 // 500 + 1 and lines[-1] == "read 2000 events (0 quarantined)", lines
+
+
+def test_a_quarantine_that_cannot_be_written_leaves_the_hour_undrained(
+    redis_url, schema, lake_uri, pg_instance, monkeypatch
+):
+    """query_logs was written before its quarantine: a quarantine write that failed (a full disk) left the hour
+    materialized, never drained again, and the cleanup then trimmed its stream entries, the malformed ones with them
+    (found by review). The quarantine goes first now: the hour stays undrained, and the retry writes both."""
+    import errno
+
+    fill(redis_url, schema, HOUR_START_MS, 20)
+    write = Lake.write
+
+    def full(self, asset, partition, frame):
+        if asset == "query_log_quarantine":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write(self, asset, partition, frame)
+
+    monkeypatch.setattr(Lake, "write", full)
+    failed = materialize(redis_url, schema, lake_uri, pg_instance, raise_on_error=False)
+    assert not failed.success and not Lake(lake_uri).exists("query_logs", HOUR)
+    assert not pg_instance.get_materialized_partitions(dg.AssetKey("query_logs"))
+    monkeypatch.undo()
+    again = materialize(redis_url, schema, lake_uri, pg_instance)
+    assert again.success and len(Lake(lake_uri).read("query_logs", HOUR)) == 20
