@@ -303,11 +303,16 @@ def safe_trim_boundary(
     partitions_def: dg.TimeWindowPartitionsDefinition,
 ) -> int:
     """The newest stream ID (ms) that may be trimmed: the retention cutoff, or earlier if an hour before
-    it has not been materialized yet (its events would be lost)."""
+    it has not been materialized yet (its events would be lost). Entries before the first partition are in no hour
+    that could be: they never hold the trim back (they did for good, the stream then capped only by MAXLEN)."""
     if first_entry_ms >= cutoff_ms:
         return first_entry_ms
-    first_key = partitions_def.get_partition_key_for_timestamp(first_entry_ms / 1000)
-    start = partitions_def.time_window_for_partition_key(first_key).start
+    first_partition = partitions_def.time_window_for_partition_key(partitions_def.get_first_partition_key()).start
+    if first_entry_ms < epoch_ms(first_partition):
+        start = first_partition
+    else:
+        first_key = partitions_def.get_partition_key_for_timestamp(first_entry_ms / 1000)
+        start = partitions_def.time_window_for_partition_key(first_key).start
     end = datetime.fromtimestamp(cutoff_ms / 1000, tz=ZoneInfo(partitions_def.timezone))
     for key in partitions_def.get_partition_keys_in_time_window(dg.TimeWindow(start, end)):
         if key not in materialized:

@@ -16,7 +16,7 @@ import redis
 from dagster._core.test_utils import create_run_for_test, freeze_time
 
 from precompute_assets.defs import query_logs as query_logs_module
-from precompute_assets.defs.partitions import DEFAULT_PARTITIONS
+from precompute_assets.defs.partitions import DEFAULT_PARTITIONS, Partitions
 from precompute_assets.defs.query_logs import (
     HOUR_END_WAIT_S,
     quarantine_check,
@@ -212,6 +212,16 @@ def test_trim_boundary_stops_at_the_first_unmaterialized_hour():
     done.add("2026-11-20-03:00")
     assert safe_trim_boundary(_ms(0) + 5, _ms(5) + 10, done, HOURLY) == _ms(5) + 10
     assert safe_trim_boundary(_ms(6), _ms(5), done, HOURLY) == _ms(6)  # nothing older than the cutoff
+
+
+def test_entries_before_the_first_partition_never_hold_the_trim_back():
+    """A service that logged before PRECOMPUTE_PARTITIONS_START left entries in no hour: the trim stopped at them for
+    good, and the stream grew to its MAXLEN (found by review)."""
+    hourly = Partitions(start="2026-11-20").hourly
+    done = {f"2026-11-20-{h:02d}:00" for h in range(0, 6)}
+    before_start = _ms(0) - 5 * 86_400_000
+    assert safe_trim_boundary(before_start, _ms(5) + 10, done, hourly) == _ms(5) + 10
+    assert safe_trim_boundary(before_start, _ms(5) + 10, done - {"2026-11-20-02:00"}, hourly) == _ms(2)
 
 
 def test_cleanup_job_trims_only_materialized_hours(redis_url, redis_client, schema, lake_uri, pg_instance, app_db):
