@@ -14,6 +14,7 @@ from pydantic import Field
 from ..serving.querylog import (
     expand_entries,
     quarantine_row,
+    queries_of,
     read_stream_window,
     trim_stream_before,
     validate_entry,
@@ -131,12 +132,14 @@ def query_logs(context: dg.AssetExecutionContext, redis: RedisResource, lake: La
     if trimmed:
         context.log.warning("the stream was trimmed inside this hour: materializing what is left")
     chunks, rows, rejected, read, report_at = [], [], [], 0, PROGRESS_EVENTS
+    lost_queries = 0  # queries the rejected rows stand for (a batch entry rejected whole: all of its queries)
     for page in read_stream_window(client, redis.schema(), start_ms, epoch_ms(window.end)):
         for entry_id, fields in expand_entries(page):
             read += 1
             row, reason = validate_entry(entry_id, fields)
             if row is None:
                 rejected.append(quarantine_row(entry_id, fields, reason))
+                lost_queries += queries_of(fields)
                 continue
             rows.append(row)
             if len(rows) == ROWS_PER_CHUNK:
@@ -160,7 +163,7 @@ def query_logs(context: dg.AssetExecutionContext, redis: RedisResource, lake: La
     stream = redis.schema().query_log()
     if loss := stream_loss(client, stream, lake, "query_logs", context.partition_key, start_ms, trimmed_before):
         context.log.warning(loss_warning(loss, read, first_ts))  # nothing brings them back: the rest is kept
-    total = len(logs) + len(quarantine)
+    total = len(logs) + lost_queries
     # The quarantine first: once query_logs is materialized the hour counts as drained (never drained again, its
     # stream entries trimmed), so a write of the quarantine that failed after it lost the hour's rejected rows.
     yield dg.Output(
@@ -180,13 +183,14 @@ def query_logs(context: dg.AssetExecutionContext, redis: RedisResource, lake: La
             **({"hit_rate": float(logs["hit"].mean())} if len(logs) else {}),
             "distinct_keys": int(logs["key"].nunique()),
             "quarantined": len(quarantine),
+            "quarantined_queries": lost_queries,  # a batch entry rejected whole is one row for all of its queries
             "stream_trimmed": trimmed,
             **({"stream_lost": loss} if loss else {}),
             "events_by_kind": dg.MetadataValue.json(logs["kind"].value_counts().to_dict()),
             "experiment_rows": int(logs["arm"].notna().sum()),
         },
     )
-    yield quarantine_check(len(quarantine), total)
+    yield quarantine_check(lost_queries, total)
 
 
 def _imported(lake: LakeResource, hour: str) -> pd.DataFrame | None:

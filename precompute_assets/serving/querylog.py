@@ -64,6 +64,7 @@ GROUP_COLUMNS = ("ts", "kind", "keys", "hits", "lat_us", "user", "tenant", "arms
 ENTRY_EVENTS = 64  # queries per stream entry, at least: 64 single lookups' JSON takes about 25 us to build
 CALLER_QUERIES = 4 * ENTRY_EVENTS  # at most this much JSON (whole groups) is built and sent by one lookup
 ENTRY_ERROR = b"_error"  # in an expanded entry: why the entry or its group could not be read (see validate_entry)
+ENTRY_QUERIES = b"_queries"  # ... and how many queries that error stands for, when not one (``queries_of``)
 _COLS = ",".join(GROUP_COLUMNS).encode()
 
 
@@ -729,25 +730,40 @@ def expand_entries(
         if b"groups" not in fields:
             yield entry_id, fields
             continue
+        claimed = _count(fields.get(b"n"))
+        whole = {} if claimed is None or claimed <= 1 else {ENTRY_QUERIES: b"%d" % claimed}  # all of its queries
         try:
             columns = tuple(fields.get(b"cols", b"").decode("ascii").split(","))
             groups = json.loads(fields[b"groups"])
         except (UnicodeDecodeError, ValueError, RecursionError) as error:
-            yield entry_id, {**fields, ENTRY_ERROR: f"unreadable batch entry: {str(error)[:200]}".encode()}
+            yield entry_id, {**fields, ENTRY_ERROR: f"unreadable batch entry: {str(error)[:200]}".encode(), **whole}
             continue
         if columns != GROUP_COLUMNS or not isinstance(groups, list):
             reason = "unreadable batch entry: " + ("unknown cols" if columns != GROUP_COLUMNS else "not an array")
-            yield entry_id, {**fields, ENTRY_ERROR: reason.encode()}
+            yield entry_id, {**fields, ENTRY_ERROR: reason.encode(), **whole}
             continue
-        index = 0
+        index = covered = 0  # queries yielded (their ids), and the queries they stand for (a bad group: its keys)
         for group in groups:
             for query in _expand_group(group):
                 yield b"%s/%d" % (entry_id, index), query
                 index += 1
-        if fields.get(b"n") != b"%d" % index:  # empty groups, or an entry whose count says queries are missing
+                covered += queries_of(query)
+        if claimed != covered or fields.get(b"n") != b"%d" % claimed:  # no count, empty groups, or queries missing
             said = fields.get(b"n", b"nothing")[:32]
-            reason = f"batch entry's n is not its count: holds {index} queries, its n says {said!r}"
-            yield b"%s/n" % entry_id, {**fields, ENTRY_ERROR: reason.encode()}
+            reason = f"batch entry's n is not its count: holds {covered} queries, its n says {said!r}"
+            missing = max(0, claimed - covered) if claimed is not None else 0
+            yield b"%s/n" % entry_id, {**fields, ENTRY_ERROR: reason.encode(), ENTRY_QUERIES: b"%d" % missing}
+
+
+def queries_of(fields: dict[bytes, bytes]) -> int:
+    """How many queries an expanded entry stands for: one, or what its error mapping says (a batch entry rejected
+    whole: its n; a group: its keys; a count saying more than the entry holds: the missing ones)."""
+    return int(fields.get(ENTRY_QUERIES, b"1"))
+
+
+def _count(raw: bytes | None) -> int | None:
+    """A batch entry's ``n`` when it is a plain count (at most 9 digits), else None."""
+    return int(raw) if raw is not None and raw.isdigit() and len(raw) <= 9 else None
 
 
 def _expand_group(group: Any) -> Iterator[dict[bytes, bytes]]:
@@ -760,7 +776,8 @@ def _expand_group(group: Any) -> Iterator[dict[bytes, bytes]]:
         arms is None or (isinstance(arms, list) and len(arms) == len(keys))
     ):
         reason = b"batch group needs keys (an array), hits (a string) and arms (null or an array) of one length"
-        yield {b"group": _shown(group), ENTRY_ERROR: reason}
+        stands_for = {ENTRY_QUERIES: b"%d" % len(keys)} if isinstance(keys, list) and len(keys) > 1 else {}
+        yield {b"group": _shown(group), ENTRY_ERROR: reason, **stands_for}
         return
     shared: dict[bytes, bytes] = {}
     reason = None
@@ -915,6 +932,6 @@ def quarantine_row(entry_id: bytes, fields: dict[bytes, bytes], reason: str) -> 
     raw = {
         k.decode("utf-8", "backslashreplace"): v[:1024].decode("utf-8", "backslashreplace")
         for k, v in fields.items()
-        if k != ENTRY_ERROR
+        if k not in (ENTRY_ERROR, ENTRY_QUERIES)
     }
     return {"stream_id": entry_id.decode(), "reason": reason, "raw": repr(raw)}

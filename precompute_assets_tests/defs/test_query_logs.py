@@ -140,8 +140,10 @@ def test_malformed_events_are_quarantined_with_reasons(redis_url, redis_client, 
         assert expected in reasons
     check = result.get_asset_check_evaluations()[0]
     assert not check.passed
-    assert check.severity == dg.AssetCheckSeverity.ERROR  # 7/69 > 5%
-    assert check.metadata["quarantined"].value == 7
+    assert check.severity == dg.AssetCheckSeverity.ERROR  # 8/70 > 5%
+    # Queries, not rows: the batch that is not JSON is one row for its 2 queries.
+    assert (check.metadata["quarantined"].value, check.metadata["events"].value) == (8, 70)
+    assert drain_metadata(result)["quarantined_queries"].value == 8
 
 
 def test_the_arm_of_each_query_is_stored_and_a_bad_arm_is_quarantined(

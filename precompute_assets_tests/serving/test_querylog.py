@@ -190,6 +190,22 @@ def test_a_batch_whose_count_does_not_match_is_flagged():
         assert "holds 0 queries" in validate_entry(event_id, event)[1]
 
 
+def test_a_rejected_batch_stands_for_all_of_its_queries():
+    """A batch entry rejected whole was one quarantined row whatever its n: 64 queries lost counted as 1, so
+    query_logs' quarantine_rate understated the loss 64 times (found by review)."""
+    from precompute_assets.serving.querylog import queries_of
+
+    ((event_id, event),) = expand_entries([(b"1000-0", {b"n": b"64", b"cols": COLS, b"groups": b"[[1000,"})])
+    assert queries_of(event) == 64 and "_queries" not in quarantine_row(event_id, event, "x")["raw"]
+    bad_group = [1000, "ctr", [f"ad{i}" for i in range(10)], "1", 5, None, None, None, None]  # hits too short
+    queries = list(expand_entries([(b"1000-0", batch([GROUPS[0], bad_group], n=11))]))
+    assert [queries_of(fields) for _, fields in queries] == [1, 10]  # the good query, the group of 10: no n row
+    held = list(expand_entries([(b"1000-0", batch(GROUPS, n=5))]))  # holds 3, says 5: 2 missing
+    assert [queries_of(fields) for _, fields in held] == [1, 1, 1, 2]
+    ((_, nothing),) = expand_entries([(b"1000-0", {b"cols": COLS, b"groups": b"[]"})])
+    assert queries_of(nothing) == 0  # no count, and no query: none lost
+
+
 def test_expand_entries_never_raises_on_deep_nesting():
     for raw in (b"[" * 100_000, b"[" * 5000 + b"]" * 5000):
         ((_, event),) = expand_entries([(b"1000-0", {b"n": b"1", b"cols": COLS, b"groups": raw})])
