@@ -198,3 +198,19 @@ def switching_between_bytecodes(path: str):
         return each_opcode
 
     return on_call
+
+
+def fill_the_disk_for(monkeypatch, asset: str) -> None:
+    """Make the lake's writes of ``asset`` fail as on a full disk (``ENOSPC``); every other asset writes."""
+    import errno
+
+    from precompute_assets.storage.lake import Lake
+
+    write = Lake.write
+
+    def full(self, name, partition, frame):
+        if name == asset:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write(self, name, partition, frame)
+
+    monkeypatch.setattr(Lake, "write", full)

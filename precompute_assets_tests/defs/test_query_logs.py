@@ -36,7 +36,13 @@ from precompute_assets.defs.resources import (
 from precompute_assets.serving import QueryLogger
 from precompute_assets.serving.querylog import TRIM_BATCH
 from precompute_assets.storage.lake import Lake
-from precompute_assets_tests.factories import LOG_EVERY_COMMAND, commands_run, log_client, logged_queries
+from precompute_assets_tests.factories import (
+    LOG_EVERY_COMMAND,
+    commands_run,
+    fill_the_disk_for,
+    log_client,
+    logged_queries,
+)
 
 HOUR = "2026-11-20-10:00"
 HOURLY = DEFAULT_PARTITIONS.hourly
@@ -686,17 +692,8 @@ def test_a_quarantine_that_cannot_be_written_leaves_the_hour_undrained(
     """query_logs was written before its quarantine: a quarantine write that failed (a full disk) left the hour
     materialized, never drained again, and the cleanup then trimmed its stream entries, the malformed ones with them
     (found by review). The quarantine goes first now: the hour stays undrained, and the retry writes both."""
-    import errno
-
     fill(redis_url, schema, HOUR_START_MS, 20)
-    write = Lake.write
-
-    def full(self, asset, partition, frame):
-        if asset == "query_log_quarantine":
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return write(self, asset, partition, frame)
-
-    monkeypatch.setattr(Lake, "write", full)
+    fill_the_disk_for(monkeypatch, "query_log_quarantine")
     failed = materialize(redis_url, schema, lake_uri, pg_instance, raise_on_error=False)
     assert not failed.success and not Lake(lake_uri).exists("query_logs", HOUR)
     assert not pg_instance.get_materialized_partitions(dg.AssetKey("query_logs"))

@@ -24,7 +24,7 @@ from precompute_assets.ml.model_store import LocalModelStore
 from precompute_assets.ml.next_action import NextActionModel
 from precompute_assets.serving.events import EventLogger, events_stream
 from precompute_assets.storage.lake import Lake
-from precompute_assets_tests.factories import log_client
+from precompute_assets_tests.factories import fill_the_disk_for, log_client
 
 HOUR = "2026-11-20-10:00"
 HOUR_START_MS = int(datetime(2026, 11, 20, 10, tzinfo=UTC).timestamp() * 1000)
@@ -245,14 +245,7 @@ def test_a_quarantine_that_cannot_be_written_leaves_the_hour_undrained(
     which is never drained again and whose stream entries the cleanup trims, its rejected events with them (found by
     review). The quarantine goes first now: the hour stays undrained, and the retry writes both."""
     record(redis_url, schema, HOUR_START_MS, 20)
-    write = Lake.write
-
-    def full(self, asset, partition, frame):
-        if asset == "user_event_quarantine":
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return write(self, asset, partition, frame)
-
-    monkeypatch.setattr(Lake, "write", full)
+    fill_the_disk_for(monkeypatch, "user_event_quarantine")
     failed = dg.materialize([user_events], resources=resources(redis_url, schema, lake_uri), partition_key=HOUR,
                             instance=pg_instance, raise_on_error=False)  # fmt: skip
     assert not failed.success and not Lake(lake_uri).exists("user_events", HOUR)
