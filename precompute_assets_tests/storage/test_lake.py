@@ -77,3 +77,21 @@ def test_the_hours_of_a_dst_day_are_all_past_retention_with_their_day(tmp_path):
     old = partitions_before(keys, "2026-11-02")
     assert len(old) == 23 + 25 and all(key[:10] < "2026-11-02" for key in old)
     assert partitions_before(["2026-11-01", "notes", "2026-11-01-x"], "2026-12-01") == ["2026-11-01"]
+
+
+def test_a_local_write_reaches_the_disk_before_it_becomes_the_partition(tmp_path, monkeypatch):
+    """The file was moved into place straight from the page cache: after a power loss (not a killed process) the
+    partition could be an empty file while its materialization was recorded, and the stream trimmed (found by
+    review). The temporary file is synced before the move, and its folder after."""
+    import os
+
+    folder = tmp_path / "lake" / "query_logs"
+    final = folder / "2026-11-20-10:00.parquet"
+    synced = []  # (what was synced, whether the partition's file existed then)
+    fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append((os.readlink(f"/proc/self/fd/{fd}"), final.exists()))
+                        or fsync(fd))  # fmt: skip
+    Lake(str(tmp_path / "lake")).write("query_logs", "2026-11-20-10:00", pd.DataFrame({"key": ["a"]}))
+    (file, moved_then), (dir_, moved_after) = synced
+    assert os.path.basename(file).startswith(".2026-11-20-10:00.parquet.tmp-") and not moved_then
+    assert dir_ == str(folder) and moved_after
