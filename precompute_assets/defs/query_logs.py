@@ -377,8 +377,9 @@ def trim_user_events(
     context: dg.OpExecutionContext, config: CleanupConfig, redis: RedisResource, deployment: DeploymentResource
 ) -> None:
     # Capped only by MAXLEN (10 million entries, ~70 bytes each) before: Redis memory no TTL frees, held for nothing.
-    trim_stream(context, redis.client(), redis.schema().events(), "user_events", config.retention_hours,
-                deployment.partitions().hourly, None)  # fmt: skip
+    schema = redis.schema()
+    trim_stream(context, redis.client(), schema.events(), "user_events", config.retention_hours,
+                deployment.partitions().hourly, schema.events_trimmed())  # fmt: skip
 
 
 # The lake's partitioned files that grow with traffic: every query, event and impression, hour by hour or day by day.

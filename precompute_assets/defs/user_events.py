@@ -116,8 +116,10 @@ def user_events(context: dg.AssetExecutionContext, redis: RedisResource, lake: L
     del table
     read = len(events) + len(rejected)
     context.log.info(f"read {read} events ({len(rejected)} quarantined)")
-    # As query_logs': the stream has no trim of ours (only the loggers' MAXLEN ~), so no trim marker to consult.
-    if loss := stream_loss(client, events_stream(schema), lake, USER_EVENTS, context.partition_key, start_ms, 0):
+    # As query_logs': entries our cleanup trimmed (below its marker) are not a loss.
+    trimmed_before = int(client.get(schema.events_trimmed()) or 0)
+    stream = events_stream(schema)
+    if loss := stream_loss(client, stream, lake, USER_EVENTS, context.partition_key, start_ms, trimmed_before):
         context.log.warning(loss_warning(loss, read, first_ts))
     reasons = quarantine["reason"].str.split(":").str[0].value_counts().head(20).to_dict() if len(quarantine) else {}
     # The quarantine first, as query_logs': a materialized hour is never drained again.

@@ -225,6 +225,10 @@ class KeySchema:
         """The user-event stream (``serving.events``)."""
         return f"{self.prefix}:events"
 
+    def events_trimmed(self) -> str:
+        """Event-stream IDs (ms) below this were trimmed by the cleanup job (as ``query_log_trimmed``)."""
+        return f"{self.prefix}:events:trimmed_before"
+
     def query_log(self) -> str:
         return f"{self.prefix}:qlog"
 

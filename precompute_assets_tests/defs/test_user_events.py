@@ -145,6 +145,26 @@ def test_the_first_drain_after_redis_lost_the_event_stream_says_so_with_counts(
     assert meta["user_events"]["stream_lost"].value.startswith("the stream lost every event")
 
 
+def test_a_drain_after_our_own_trim_warns_of_no_loss(redis_url, redis_client, schema, lake_uri, pg_instance):
+    """The cleanup trims the event stream too, but kept no marker: a drain whose previous drained hour our trim had
+    removed warned "the stream lost every event" (found by review). The trim records its boundary, as for queries."""
+    import logging
+
+    from precompute_assets.serving.querylog import trim_stream_before
+
+    next_hour = "2026-11-20-11:00"
+    res = resources(redis_url, schema, lake_uri)
+    record(redis_url, schema, HOUR_START_MS + 10, 30)
+    assert dg.materialize([user_events], resources=res, partition_key=HOUR, instance=pg_instance).success
+    record(redis_url, schema, HOUR_START_MS + 5_400_000, 9)  # 11:30
+    boundary = HOUR_START_MS + 3_600_000  # the cleanup's trim of the drained hour, as trim_user_events records it
+    redis_client.set(schema.events_trimmed(), boundary)
+    trim_stream_before(redis_client, events_stream(schema), f"{boundary}-0")
+    result = dg.materialize([user_events], resources=res, partition_key=next_hour, instance=pg_instance)
+    assert result.success and len(Lake(lake_uri).read("user_events", next_hour)) == 9
+    assert not [e for e in pg_instance.all_logs(result.run_id) if e.level == logging.WARNING]
+
+
 def test_next_action_model_beats_its_baselines_and_is_approved(tmp_path, pg_instance):
     lake_uri, models = str(tmp_path / "lake"), str(tmp_path / "models")
     days = DEFAULT_PARTITIONS.days_ending(DAY, 7)
