@@ -122,7 +122,8 @@ def _sha256_file(path: Path) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: str | Path) -> None:
+    """Flush a local file's (or folder's) data to the disk (``fsync``): the page cache alone loses it with the power."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -207,7 +208,7 @@ class LocalModelStore:
                 message = f"the model store could not write {final}: {error.strerror or error}"
                 raise (OSError(error.errno, message) if error.errno else OSError(message)) from error
             raise
-        _fsync_dir(final.parent)
+        fsync_path(final.parent)
         return final.resolve().as_uri()
 
     @staticmethod
@@ -373,7 +374,7 @@ class LocalModelStore:
         write_atomically(
             folder / INTEGRITY_FILE, lambda f: f.write(json.dumps(record, indent=2, sort_keys=True).encode())
         )
-        _fsync_dir(folder)
+        fsync_path(folder)
         return record
 
     def load(self, name: str, version: str) -> Any:

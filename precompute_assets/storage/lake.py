@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import time
 import uuid
@@ -21,6 +20,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+from ..ml.model_store import fsync_path
 
 SHAPE_KEY = b"precompute.shape"  # the file's rows and columns as written, in its key-value metadata
 
@@ -40,15 +41,6 @@ def _shape_problem(frame: pd.DataFrame, metadata: dict | None, columns: list[str
 
 
 STALE_TEMPORARY_S = 3600  # a temporary file this old is a killed write's: no write of one partition takes an hour
-
-
-def _fsync(path: str) -> None:
-    """Flush a local file's (or folder's) data to the disk (``fsync``): the page cache alone loses it with the power."""
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def _sweep_stale_temporaries(fs: pafs.FileSystem, folder: str, name: str | None = None) -> None:
@@ -129,10 +121,10 @@ class Lake:
             pq.write_table(table, tmp, filesystem=fs, compression="zstd", write_page_checksum=True)
             local = isinstance(fs, pafs.LocalFileSystem)
             if local:  # on disk before it is the partition: a power loss after the move never leaves an empty file
-                _fsync(tmp)
+                fsync_path(tmp)
             fs.move(tmp, path)
             if local:  # ... and the move itself, an entry of the folder
-                _fsync(folder)
+                fsync_path(folder)
         except BaseException as error:
             # A failed write (disk full, interrupted) leaves the previous file as it was and no partial temp file
             # behind, which would otherwise hold the space a retry needs.
