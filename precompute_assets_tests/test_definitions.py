@@ -11,7 +11,7 @@ import dagster as dg
 import pytest
 
 from precompute_assets.definitions import build_definitions, defs
-from precompute_assets.defs.automation import build_schedules
+from precompute_assets.defs.automation import build_schedules, precompute_request
 from precompute_assets.defs.partitions import DEFAULT_PARTITIONS, Partitions
 from precompute_assets.defs.settings import SettingError, Settings
 
@@ -133,6 +133,29 @@ def test_daily_precompute_fires_at_two_for_yesterday_and_skips_otherwise():
     fired = _precompute(datetime(2026, 11, 20, 2, tzinfo=tz))
     assert [(r.partition_key, r.run_key) for r in fired.run_requests] == [("2026-11-19", "precompute-2026-11-19")]
     assert not _precompute(datetime(2026, 11, 20, 14, tzinfo=tz)).run_requests
+
+
+def test_a_late_precompute_is_of_the_day_before_the_newest_window():
+    tz = ZoneInfo("UTC")
+    for hour, day in ((1, "2026-11-18"), (6, "2026-11-19"), (23, "2026-11-19")):  # the window is 02:00-06:00
+        moment = datetime(2026, 11, 20, hour, tzinfo=tz)
+        assert isinstance(precompute_request(moment, 2, "UTC"), dg.SkipReason)
+        late = precompute_request(moment, 2, "UTC", late=True)
+        assert (late.partition_key, late.run_key) == (day, f"precompute-{day}")
+        assert late.tags["precompute/late"].startswith(f"{day} had no run in the off-peak window")
+    in_window = precompute_request(datetime(2026, 11, 20, 3, tzinfo=tz), 2, "UTC", late=True)
+    assert in_window.partition_key == "2026-11-19" and "precompute/late" not in in_window.tags
+
+
+def test_a_late_precompute_still_waits_for_the_days_logs():
+    tz = ZoneInfo("UTC")
+    with dg.instance_for_test() as instance:
+        _logs_done(instance, "2026-11-19", hours=20)
+        waiting = _precompute(datetime(2026, 11, 20, 9, tzinfo=tz), "UTC", instance)
+        assert not waiting.run_requests and "waiting for 4 query_logs hours of 2026-11-19" in waiting.skip_message
+        _logs_done(instance, "2026-11-19")
+        (late,) = _precompute(datetime(2026, 11, 20, 10, tzinfo=tz), "UTC", instance).run_requests
+        assert late.partition_key == "2026-11-19" and "precompute/late" in late.tags
 
 
 def test_daily_precompute_skips_the_day_before_the_first_partition():

@@ -70,18 +70,28 @@ def offpeak_start_hour(instance: dg.DagsterInstance | None) -> int:
     return int(value.value) if value is not None else DEFAULT_OFFPEAK_START_HOUR
 
 
-def precompute_request(moment: datetime, start_hour: int, timezone: str) -> dg.RunRequest | dg.SkipReason:
-    """Request yesterday's precompute when ``moment`` falls in the off-peak window starting at ``start_hour``.
+def precompute_request(
+    moment: datetime, start_hour: int, timezone: str, *, late: bool = False
+) -> dg.RunRequest | dg.SkipReason:
+    """Request the precompute of the day before the newest off-peak window (starting at ``start_hour``) that began
+    at or before ``moment``: when ``moment`` falls in that window, or at any later hour when ``late`` (the caller
+    found no run of that day: the daemon was down through the window, or the day's logs came in after it), tagged
+    ``precompute/late`` with why.
 
     A window rather than one instant: on a spring-forward day the start hour may not exist. The run key is one per
     day; the schedule skips a day whose run key an earlier tick launched (Dagster would launch it again).
     """
     local = moment.astimezone(ZoneInfo(timezone))
-    if (local.hour - start_hour) % 24 >= OFFPEAK_WINDOW_HOURS:
-        return dg.SkipReason(f"outside the off-peak window starting at {start_hour:02d}:00 {timezone}")
-    day = (local - timedelta(hours=(local.hour - start_hour) % 24)).date() - timedelta(days=1)
+    since_start = (local.hour - start_hour) % 24
+    day = (local - timedelta(hours=since_start)).date() - timedelta(days=1)
     partition = day.isoformat()
-    return dg.RunRequest(run_key=f"precompute-{partition}", partition_key=partition)
+    request = dg.RunRequest(run_key=f"precompute-{partition}", partition_key=partition)
+    if since_start < OFFPEAK_WINDOW_HOURS:
+        return request
+    if not late:
+        return dg.SkipReason(f"outside the off-peak window starting at {start_hour:02d}:00 {timezone}")
+    why = f"{partition} had no run in the off-peak window starting at {start_hour:02d}:00 {timezone}: run late"
+    return request.with_replaced_attrs(tags={"precompute/late": why})
 
 
 HEALTH_THRESHOLD = 0.8  # cache_health refreshes when the last hour's ctr hit rate falls below this
@@ -265,11 +275,16 @@ def build_schedules(partitions: Partitions) -> list:
         default_status=RUNNING,
         description=f"Ticks every hour and runs yesterday's precompute once a day: in the {OFFPEAK_WINDOW_HOURS}-hour "
         f"off-peak window traffic_profile learned (from {DEFAULT_OFFPEAK_START_HOUR:02d}:00 {timezone} until it has), "
-        "once all of yesterday's query_logs hours are materialized; the other ticks skip, saying why.",
+        "once all of yesterday's query_logs hours are materialized; when the window passed without that run (the "
+        "daemon was down, the logs came late), at the next tick after it, tagged precompute/late; the other ticks "
+        "skip, saying why.",
     )
     def daily_precompute(context: dg.ScheduleEvaluationContext):
         instance = context.instance if context.instance_ref is not None else None
-        request = precompute_request(context.scheduled_execution_time, offpeak_start_hour(instance), timezone)
+        # Outside the window only with an instance to ask whether the day already ran: a late catch-up, once.
+        request = precompute_request(
+            context.scheduled_execution_time, offpeak_start_hour(instance), timezone, late=instance is not None
+        )
         if isinstance(request, dg.RunRequest) and request.partition_key < partitions.start:
             # The first night of a deployment: yesterday is no partition, and its logs will never come.
             return dg.SkipReason(f"{request.partition_key} is before the first partition ({partitions.start})")

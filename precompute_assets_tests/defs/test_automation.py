@@ -130,6 +130,25 @@ def test_the_scheduler_daemon_launches_one_nightly_precompute_per_day(dagster_pg
         ]
 
 
+def test_a_nightly_precompute_the_daemon_missed_runs_late_once(dagster_pg_url, monkeypatch):
+    """Dagster runs only the newest missed tick of daily_precompute, and every tick outside the off-peak window
+    skipped: a daemon down through the window lost that night's precompute, and the cache served predictions a day
+    older until cache_health saw the hit rate fall."""
+    utc = ZoneInfo("UTC")
+    start = datetime(2026, 11, 20, 1, 0, 30, tzinfo=utc)
+    with scheduler_daemon(dagster_pg_url, monkeypatch, "daily_precompute", start) as (instance, iterate):
+        for hour in DEFAULT_PARTITIONS.hours_of("2026-11-19"):
+            instance.report_runless_asset_event(dg.AssetMaterialization("query_logs", partition=hour))
+        iterate(start)  # its last iteration before the window (02:00-06:00)
+        iterate(datetime(2026, 11, 20, 10, 0, 30, tzinfo=utc))  # back at 10:00
+        iterate(datetime(2026, 11, 20, 11, 0, 30, tzinfo=utc))
+        runs = instance.get_runs(dg.RunsFilter(job_name="daily_precompute_job"))
+        assert [(r.tags["dagster/partition"], r.tags["dagster/run_key"]) for r in runs] == [
+            ("2026-11-19", "precompute-2026-11-19")
+        ]
+        assert "no run in the off-peak window starting at 02:00 UTC" in runs[0].tags["precompute/late"]
+
+
 def test_after_a_daemon_outage_every_missed_hour_is_drained(dagster_pg_url, monkeypatch):
     """Dagster runs only the newest missed tick of these schedules ("has no partition set, so not trying to catch
     up"): after an outage the older hours of query_logs were never drained, and that day's precompute, which waits
