@@ -4,6 +4,7 @@ against the frequency, seasonal-naive and smoothed-rate baselines, and approved 
 import math
 from collections.abc import Callable
 from dataclasses import asdict
+from typing import TYPE_CHECKING
 
 import dagster as dg
 import pandas as pd
@@ -14,7 +15,6 @@ from ..ml.demand import (
     DemandEvaluation,
     DemandHyperParams,
     HourlyCounts,
-    UnsafeModelFile,
     evaluate_demand,
     ewma_forecast,
     forecast_next_day,
@@ -22,11 +22,13 @@ from ..ml.demand import (
     safety_stop_note,
     seasonal_forecast,
 )
-from ..ml.model_store import ModelIntegrityError
 from .models import approved_materializations, prune_model_versions, retention_field
 from .partitions import DEFAULT_PARTITIONS, Partitions
 from .resources import LakeResource, ModelStoreResource
 from .selection import AdDemandConfig, hourly_logs
+
+if TYPE_CHECKING:  # torch is imported where the LSTM is loaded (ml.demand), not when the code location loads
+    import torch
 
 DEMAND_MODEL = "demand_model"
 BEATS_BASELINES = "beats_baselines"
@@ -173,26 +175,23 @@ def strategy_demand(
 ) -> tuple[pd.Series | None, str]:
     """Tomorrow's expected requests per key under ``ewma`` or ``seasonal`` (with the hyper-parameters demand_model
     scored them with in the day's ``evaluation``) or ``lstm`` (from the approved demand_model version of this day or
-    before), and a note; ``None`` when the lstm has no approved version, its stored weights fail their integrity
-    check or were deleted by the model store's retention."""
+    before), and a note; ``None`` when the lstm has no approved version, or its stored model cannot be used: deleted
+    by the model store's retention, weights that fail their integrity check or are not a plain state_dict, metadata
+    that does not parse, weights of other shapes than its hyper-parameters say."""
     partitions = Partitions.of(context)
     hp = evaluated_hyper_params(evaluation)
     note = ""
-    state = None
+    model = None
     if strategy == "lstm":
         version = previous_approved_version(context.instance, context.partition_key, "")
         if version is None:
             return None, "no approved demand_model version"
-        store = model_store.store()
         try:
-            stored = store.metadata(DEMAND_MODEL, version)["hyper_params"]
+            hp, model = _stored_lstm(model_store.store(), version)
         except KeyError:  # deleted by the model store's retention (a backfill of an old day): selection goes on
             context.log.warning(f"demand_model {version} is no longer in the model store")
             return None, f"demand_model {version} is no longer in the model store"
-        hp = DemandHyperParams(**{k: v for k, v in stored.items() if k in DemandHyperParams.__dataclass_fields__})
-        try:
-            state = store.load_state_dict(DEMAND_MODEL, version)
-        except (ModelIntegrityError, UnsafeModelFile) as error:  # changed bytes: the day's selection goes on
+        except (ValueError, TypeError, RuntimeError) as error:  # changed bytes: the day's selection goes on
             context.log.warning(f"demand_model {version} refused: {error}")
             return None, f"demand_model {version} refused ({error})"
         note = f"demand_model {version}"
@@ -205,8 +204,17 @@ def strategy_demand(
     elif strategy == "ewma":
         values = ewma_forecast(data, data.n_days, hp)
     else:
-        return forecast_next_day(load_model(state, hp.hidden_size), data, hp), note
+        return forecast_next_day(model, data, hp), note
     return pd.Series(values, index=pd.Index(data.keys)), note
+
+
+def _stored_lstm(store, version: str) -> tuple[DemandHyperParams, "torch.nn.Module"]:
+    """The hyper-parameters and the LSTM of demand_model ``version``. ``KeyError`` when the store has none of it;
+    ``ValueError`` (integrity, not a plain state_dict, metadata that does not parse), ``TypeError`` (metadata of
+    other types) or ``RuntimeError`` (weights of other shapes) when what it has cannot be used."""
+    stored = store.metadata(DEMAND_MODEL, version)["hyper_params"]
+    hp = DemandHyperParams(**{k: v for k, v in stored.items() if k in DemandHyperParams.__dataclass_fields__})
+    return hp, load_model(store.load_state_dict(DEMAND_MODEL, version), hp.hidden_size)
 
 
 def beats_baselines_check(evaluation: DemandEvaluation | None, margin: float, error: str | None = None):

@@ -339,8 +339,13 @@ def top_ads(
         if used == "frequency":
             return frequency, used, why
         forecast, note = strategy_demand(context, used, lake.lake(), model_store, evaluation)
-        if forecast is None:
-            return frequency, "frequency", f"{why}; {note}: fell back to frequency"
+        if forecast is None:  # the lstm's model cannot be used: the best baseline on the held-back day instead
+            used = evaluation["best_baseline"] if evaluation else "frequency"
+            why = f"{why}; {note}: fell back to {used}" + (", the held-back day's best baseline" if evaluation else "")
+            if used == "frequency":
+                return frequency, used, why
+            forecast, _ = strategy_demand(context, used, lake.lake(), model_store, evaluation)
+            return forecast[forecast.index.isin(catalog)], used, why
         # the note names the model version ranked with; auto's reason names it already when it is the evaluated one
         return forecast[forecast.index.isin(catalog)], used, f"{why} ({note})" if note and note not in why else why
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import math
 import os
-import pickle
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -420,12 +419,9 @@ def train_lstm(
     torch.manual_seed(hp.seed)
     model = demand_lstm(hp.hidden_size)
     warm = False
-    if init_state is not None:
-        try:
-            model.load_state_dict(dict(init_state))
-            warm = True
-        except (RuntimeError, KeyError):
-            warm = False  # other shapes (changed hyper-parameters): a cold start
+    if init_state is not None and fits(model, init_state):
+        model.load_state_dict(dict(init_state))
+        warm = True
     optimizer = torch.optim.Adam(model.parameters(), lr=hp.learning_rate)
     generator = torch.Generator().manual_seed(hp.seed)
     epochs, steps_done = 0, 0
@@ -612,6 +608,13 @@ def forecast_next_day(model: torch.nn.Module, data: HourlyCounts, hp: DemandHype
     return pd.Series(values, index=pd.Index(data.keys), name="forecast")
 
 
+def fits(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> bool:
+    """Whether ``state`` has exactly ``model``'s tensors, by name and shape. Checked before loading: a strict
+    ``load_state_dict`` that fails has already copied the tensors that fit."""
+    own = model.state_dict()
+    return own.keys() == state.keys() and all(own[name].shape == state[name].shape for name in own)
+
+
 def load_model(state: Mapping[str, torch.Tensor], hidden_size: int) -> torch.nn.Module:
     """A ``DemandLSTM`` with the weights of ``state``."""
     model = demand_lstm(hidden_size)
@@ -634,7 +637,11 @@ def load_weights(file: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
 
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, ValueError) as error:
+    except OSError as error:
+        if error.errno is not None:
+            raise  # the file could not be read (missing, no permission): no verdict on what it holds
+        raise UnsafeModelFile(f"{file} is not a plain state_dict: the weights-only loader failed ({error})") from error
+    except Exception as error:  # a malformed pickle raises almost anything (IndexError, KeyError, TypeError, ...)
         raise UnsafeModelFile(
             f"{file} is not a plain state_dict: refused by the weights-only loader ({error})"
         ) from error

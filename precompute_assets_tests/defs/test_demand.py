@@ -209,7 +209,7 @@ def test_old_versions_leave_the_model_store_but_the_newest_approved_stays(
     # A backfill's lstm ranking whose approved version is gone from the store: the day still gets its selection.
     store.delete("demand_model", approved["model_version"])
     gone = select(selection_resources, pg_instance, "lstm").asset_materializations_for_node("top_ads")[0].metadata
-    assert gone["strategy"].value == "frequency" and gone["dagster/row_count"].value == 20
+    assert gone["strategy"].value == today["best_baseline"] and gone["dagster/row_count"].value == 20
     assert f"demand_model {approved['model_version']} is no longer in the model store" in gone["strategy_reason"].value
 
 
@@ -384,12 +384,27 @@ def test_auto_and_lstm_follow_the_demand_models_evaluation(selection_resources, 
     # the verdict compared the strategies at demand_model's top_n 10, not at the 20 selected here: said, not hidden
     assert after["strategy_evaluated_top_n"].value == trained["top_n"] == 10
     assert after["dagster/row_count"].value == 20
-    weights = next(Path(selection_resources["model_store"].root).glob(f"demand_model/{version}/*.pt"))
-    weights.write_bytes(weights.read_bytes()[:-100])  # a cut file: refused, and the day still gets its selection
-    cut = select(selection_resources, pg_instance, "auto").asset_materializations_for_node("top_ads")[0].metadata
-    assert cut["strategy"].value == "frequency" and cut["dagster/row_count"].value == 20
-    assert f"demand_model {version} refused" in cut["strategy_reason"].value
-    assert "fell back to frequency" in cut["strategy_reason"].value
+    # A stored model that cannot be used: the day still gets its selection, by the best baseline on the held-back day
+    # (it fell back to frequency, or failed the step on the last two).
+    folder = Path(selection_resources["model_store"].root) / "demand_model" / version
+    weights, meta_file = folder / "state_dict.pt", folder / "metadata.json"
+    kept = weights.read_bytes(), meta_file.read_bytes()
+    damages = {
+        "refused": lambda: weights.write_bytes(kept[0][:-100]),  # a cut file
+        "is no longer in the model store": weights.unlink,
+        "refused (Expecting": lambda: meta_file.write_text("{"),
+    }
+    for said, damage in damages.items():
+        damage()
+        cut = select(selection_resources, pg_instance, "auto").asset_materializations_for_node("top_ads")[0].metadata
+        assert cut["strategy"].value == trained["best_baseline"] and cut["dagster/row_count"].value == 20, said
+        assert f"demand_model {version} {said}" in cut["strategy_reason"].value
+        assert (
+            f"fell back to {trained['best_baseline']}, the held-back day's best baseline"
+            in cut["strategy_reason"].value
+        )
+        weights.write_bytes(kept[0])
+        meta_file.write_bytes(kept[1])
     bad = select(selection_resources, pg_instance, "oracle")
     assert not bad.success and not bad.asset_materializations_for_node("top_ads")
 

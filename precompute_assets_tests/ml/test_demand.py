@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import pickle
 import types
+import zipfile
 from dataclasses import asdict, replace
 from datetime import datetime, timedelta
 
@@ -136,6 +137,9 @@ def test_training_is_deterministic_under_a_seed_and_warm_starts(weekly, weekly_r
     other = evaluate_demand(weekly, DemandHyperParams(**{**hp.__dict__, "hidden_size": 8}),
                             init_state=weekly_result.state_dict())  # fmt: skip
     assert not other.evaluation.warm_started and "trained from scratch" in other.evaluation.notes[0]
+    cold = evaluate_demand(weekly, DemandHyperParams(**{**hp.__dict__, "hidden_size": 8}))
+    for name, tensor in cold.state_dict().items():  # a strict load that failed had copied the tensors that fit
+        assert torch.equal(tensor, other.state_dict()[name]), name
 
 
 def jumping_clock(monkeypatch, seconds_per_call: float) -> None:
@@ -375,6 +379,26 @@ def test_weights_round_trip_and_a_malicious_pickle_is_refused_without_running(tm
         load_weights(tmp_path / "not_tensors.pt")
     with pytest.raises(UnsafeModelFile):
         save_weights({"x": object()}, tmp_path / "bad.pt")
+
+
+@pytest.mark.parametrize(
+    "pickled",
+    [b"\x80\x02.", b"\x80\x02h\x05.", b"ctorch._utils\n_rebuild_tensor_v2\n)R.", b"}(K\x01u"],
+    ids=["empty-stack", "unknown-memo", "rebuild-without-arguments", "unterminated"],
+)
+def test_a_torch_file_with_a_malformed_pickle_is_refused(tmp_path, weekly_result, pickled):
+    """The weights-only unpickler raises IndexError, KeyError or TypeError on these: they escaped the loader, and
+    ``top_ads`` failed instead of ranking by the best baseline."""
+    save_weights(weekly_result.state_dict(), tmp_path / "ok.pt")
+    crafted = tmp_path / "crafted.pt"
+    with zipfile.ZipFile(tmp_path / "ok.pt") as source, zipfile.ZipFile(crafted, "w") as target:
+        for item in source.infolist():
+            data = pickled if item.filename.endswith("/data.pkl") else source.read(item)
+            target.writestr(item, data)
+    with pytest.raises(UnsafeModelFile, match="not a plain state_dict"):
+        load_weights(crafted)
+    with pytest.raises(FileNotFoundError):  # a file that cannot be read is no verdict on its contents
+        load_weights(tmp_path / "missing.pt")
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
