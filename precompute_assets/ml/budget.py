@@ -53,14 +53,26 @@ def thompson_shares(
     return wins / draws
 
 
+MAX_BUDGET_UNITS = 2**53  # units of 10 ** -decimals a budget may hold: every whole number up to it is a float
+
+
+def budget_problem(budget: float, *, decimals: int = 2) -> str | None:
+    """Why ``budget`` cannot be split into units of ``10 ** -decimals``, or None."""
+    if not (np.isfinite(budget) and budget > 0):
+        return f"budget must be a positive finite number, got {budget}"
+    if budget / 10.0**-decimals > MAX_BUDGET_UNITS:
+        return f"budget {budget:g} is over {MAX_BUDGET_UNITS * 10.0**-decimals:g}: its units would not add up exactly"
+    return None
+
+
 def split_budget(shares: np.ndarray, budget: float, *, decimals: int = 2) -> np.ndarray:
     """``budget`` split in proportion to ``shares``, rounded to ``decimals`` places by largest remainder, so the
     amounts add up to the budget (in units of ``10 ** -decimals``) exactly."""
     shares = np.asarray(shares, dtype=float)
-    if not (np.isfinite(budget) and budget > 0):
-        raise ValueError(f"budget must be a positive finite number, got {budget}")
-    if not len(shares) or np.any(shares < 0) or not shares.sum() > 0:
-        raise ValueError("shares must be non-negative with a positive sum")
+    if (problem := budget_problem(budget, decimals=decimals)) is not None:
+        raise ValueError(problem)
+    if not len(shares) or not np.all(np.isfinite(shares)) or np.any(shares < 0) or not shares.sum() > 0:
+        raise ValueError("shares must be finite, non-negative, with a positive sum")
     unit = 10.0**-decimals
     units = int(round(budget / unit))
     exact = shares / shares.sum() * units

@@ -33,6 +33,7 @@ import pandas as pd
 import psycopg2
 from psycopg2.extras import execute_values
 
+from ..ml.budget import budget_problem
 from ..ml.features import ID_COLUMN, AdFeatureSpec, feature_problems, spec_from_env
 from .postgres import copy_in, transaction
 from .tables import not_text
@@ -274,6 +275,8 @@ def _budget(value: Any, problems: list[str]) -> float:
         return math.nan
     if not math.isfinite(budget) or budget <= 0:
         problems.append(f"budget must be a positive finite number, got {value!r}")
+    elif (problem := budget_problem(budget)) is not None:
+        problems.append(problem)
     return budget
 
 

@@ -83,3 +83,9 @@ def test_bad_inputs_are_refused(ctr, kwargs, message):
 def test_a_bad_budget_is_refused():
     with pytest.raises(ValueError, match="budget"):
         thompson_split(CTR, 0.0)
+    # Over 2**53 cents the units overflowed int64 casts: negative amounts that did not add up, with only a warning.
+    with pytest.raises(ValueError, match="units would not add up exactly"):
+        thompson_split(CTR, 1e17)
+    assert split_budget([1, 1], 2.0**53 / 100).sum() == 2.0**53 / 100  # the largest budget still splits exactly
+    with pytest.raises(ValueError, match="shares must be finite"):
+        split_budget([np.inf, 1], 1.0)
