@@ -103,9 +103,13 @@ class EmbeddingStore:
                     raise RuntimeError("another embedding sync is running on this database; try again later")
             self._lock_pid = pid
             yield
+            # Released here, not only by closing the session: the server ends a closed session's backend, and frees
+            # its locks, a moment later, and a sync started at once (the next chunked run) found the lock still held.
+            with conn.cursor() as cur:
+                cur.execute(f"SELECT pg_advisory_unlock({SYNC_LOCK_KEY})")
         finally:
             self._lock_pid = None
-            conn.close()  # closing the session releases the lock, even after a crash
+            conn.close()  # closing the session releases the lock too, after an error or a crash
 
     def _check_lock(self, cur: psycopg2.extensions.cursor) -> None:
         """Inside a write's transaction: ``SyncLockLost`` if ``exclusive``'s session no longer holds the lock. Each

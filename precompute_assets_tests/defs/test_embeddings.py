@@ -686,6 +686,39 @@ def test_two_syncs_never_run_at_once(docs, app_db, redis_client, schema, embedde
         sync_embeddings(docs, store, redis_client, embedder, schema=schema, log=lambda m: None)
 
 
+def test_a_sync_frees_its_lock_before_it_returns(app_db, monkeypatch):
+    """The lock went with its session's close, and the server ends a closed session's backend a moment later: a sync
+    started at once (a test did, under load) found the lock still held. Here the close never ends the session."""
+    from precompute_assets.storage import embeddings as embeddings_module
+
+    sessions, connect = [], embeddings_module.connect
+
+    class Lingering:  # a session whose backend has not ended yet
+        def __init__(self, url):
+            self.conn = connect(url)
+            sessions.append(self.conn)
+
+        def __getattr__(self, name):
+            return getattr(self.conn, name)
+
+        def __setattr__(self, name, value):
+            setattr(self.conn, name, value) if name != "conn" else object.__setattr__(self, name, value)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(embeddings_module, "connect", Lingering)
+    try:
+        with EmbeddingStore(app_db).exclusive():
+            pass
+        monkeypatch.setattr(embeddings_module, "connect", connect)
+        with EmbeddingStore(app_db).exclusive():  # the next sync
+            pass
+    finally:
+        for session in sessions:
+            session.close()
+
+
 def test_a_sync_whose_lock_session_ends_stops_before_its_next_commit_and_the_next_resumes(
     docs, app_db, redis_client, schema, embedder
 ):
