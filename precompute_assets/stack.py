@@ -167,8 +167,6 @@ class RedisServer:
         self.extra_config = extra_config
         self.maxmemory = (maxmemory or os.environ.get(ENV_REDIS_MAXMEMORY) or DEFAULT_REDIS_MAXMEMORY).strip().lower()
         self.maxmemory_given = bool(maxmemory or os.environ.get(ENV_REDIS_MAXMEMORY))  # else the default
-        if not re.fullmatch(r"[1-9][0-9]*(?:[kmg]b?)?", self.maxmemory):
-            raise RedisError(f"{ENV_REDIS_MAXMEMORY}={self.maxmemory!r} is not a size such as 2gb or 512mb")
 
     @property
     def url(self) -> str:
@@ -242,7 +240,11 @@ class RedisServer:
 
     def start(self, timeout_s: float = 600) -> None:
         """Start the server unless it runs; return once it answers commands (not while it loads its data). A server
-        that runs already gets a maxmemory given since (``PRECOMPUTE_REDIS_MAXMEMORY``): it was read at start only."""
+        that runs already gets a maxmemory given since (``PRECOMPUTE_REDIS_MAXMEMORY``): it was read at start only.
+        The size is checked here, not when the server object is made: a bad one must not keep ``down`` or ``status``
+        from their work."""
+        if not re.fullmatch(r"0|[1-9][0-9]*(?:[kmg]b?)?", self.maxmemory):  # 0: no limit, as Redis reads it
+            raise RedisError(f"{ENV_REDIS_MAXMEMORY}={self.maxmemory!r} is not a size such as 2gb or 512mb")
         running = self.pid is not None
         if not running:
             if reachable(self.url, timeout_s=0.2):
@@ -452,12 +454,17 @@ class PostgresServer:
             # Copied once per wheel version, into a temporary name then renamed: concurrent starts are safe.
             self._make_service_root()
             staging = Path(tempfile.mkdtemp(prefix=".copy-", dir=self.services))
-            for part in parts:
-                if (site / part).exists():
-                    shutil.copytree(site / part, staging / part, symlinks=True)
-            for path in [staging, *staging.rglob("*")]:  # mkdtemp is 0700; the copy must be world-readable
-                if not path.is_symlink():
-                    path.chmod(0o755 if path.is_dir() or os.access(path, os.X_OK) else 0o644)
+            try:
+                for part in parts:
+                    if (site / part).exists():
+                        shutil.copytree(site / part, staging / part, symlinks=True)
+                for path in [staging, *staging.rglob("*")]:  # mkdtemp is 0700; the copy must be world-readable
+                    if not path.is_symlink():
+                        path.chmod(0o755 if path.is_dir() or os.access(path, os.X_OK) else 0o644)
+            except OSError as error:  # a full disk: shutil.Error lists every file it could not copy
+                shutil.rmtree(staging, ignore_errors=True)
+                first = error.args[0][0][2] if isinstance(error, shutil.Error) and error.args[0] else error
+                raise StackError(f"cannot copy PostgreSQL's binaries into {self.services}: {first}") from None
             try:
                 staging.rename(copy)
             except OSError:
@@ -478,6 +485,12 @@ class PostgresServer:
             raise StackError(
                 f"{ENV_SERVICE_ROOT}={self.services} must be a real folder owned by root and writable only by root"
             )
+        for folder in self.services.resolve().parents:  # the service user must pass through each of them
+            if not os.stat(folder).st_mode & stat.S_IXOTH:
+                raise StackError(
+                    f"{folder} (mode {stat.S_IMODE(os.stat(folder).st_mode):04o}) keeps {PG_SYSTEM_USER} out of "
+                    f"{ENV_SERVICE_ROOT}={self.services}: choose a folder whose parents others may enter"
+                )
 
     def _prepare_runtime(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,7 @@ from precompute_assets.stack import (
     ENV_APP_DB,
     ENV_REDIS,
     PG_SYSTEM_USER,
+    PostgresServer,
     RedisError,
     RedisServer,
     Stack,
@@ -215,6 +216,47 @@ def test_a_service_root_others_can_write_is_refused(tmp_path: Path, monkeypatch)
     stack.redis.stop()
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="the service folder is used only as root")
+def test_a_service_root_under_a_folder_others_cannot_enter_is_refused_naming_it(tmp_path: Path) -> None:
+    """initdb failed with a bare "Permission denied" on its own binary: the service user could not pass the 0700
+    parent (pytest's tmp_path is under one)."""
+    from precompute_assets.stack import StackError
+
+    private = Path(tempfile.mkdtemp())  # 0700
+    try:
+        services = private / "services"
+        with pytest.raises(StackError, match=rf"{private} \(mode 0700\) keeps embedded_postgres out"):
+            PostgresServer(tmp_path / "pg", free_port(), services=services).binaries()
+    finally:
+        shutil.rmtree(private)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the binaries are copied only as root")
+def test_a_copy_of_the_binaries_that_fails_says_so_in_one_line_and_leaves_nothing(tmp_path: Path, monkeypatch) -> None:
+    """On a full disk shutil.Error listed every file it could not copy: a "one-line" error of 900 KB, and each
+    attempt left its staging folder behind."""
+    from precompute_assets.stack import StackError
+
+    services = Path(tempfile.mkdtemp(dir=os.environ["PRECOMPUTE_SERVICE_ROOT"]))
+    services.chmod(0o711)
+
+    def full_disk(source, target, **kwargs):
+        Path(target).mkdir(parents=True)
+        (Path(target) / "part").write_bytes(b"x")
+        raise shutil.Error([(f"{source}/{n}", f"{target}/{n}", "[Errno 28] No space left on device") for n in range(9)])
+
+    monkeypatch.setattr(shutil, "copytree", full_disk)
+    try:
+        with pytest.raises(StackError) as error:
+            PostgresServer(tmp_path / "pg", free_port(), services=services).binaries()
+        assert str(error.value) == (
+            f"cannot copy PostgreSQL's binaries into {services}: [Errno 28] No space left on device"
+        )
+        assert not list(services.iterdir())
+    finally:
+        shutil.rmtree(services)
+
+
 def test_the_embedded_redis_has_bounded_memory_and_evicts_only_keys_with_a_ttl(redis_server, monkeypatch):
     monkeypatch.setenv("PRECOMPUTE_REDIS_MAXMEMORY", "64MB")
     server = redis_server()
@@ -222,8 +264,11 @@ def test_the_embedded_redis_has_bounded_memory_and_evicts_only_keys_with_a_ttl(r
     assert client.config_get("maxmemory") == {"maxmemory": str(64 * 1024 * 1024)}
     assert client.config_get("maxmemory-policy") == {"maxmemory-policy": "volatile-lru"}
     monkeypatch.setenv("PRECOMPUTE_REDIS_MAXMEMORY", "lots")
+    stopped = RedisServer(Path(tempfile.mkdtemp()), free_port())  # down and status need it: it was refused here
+    assert stopped.pid is None
     with pytest.raises(RedisError, match="PRECOMPUTE_REDIS_MAXMEMORY='lots' is not a size"):
-        RedisServer(Path(tempfile.mkdtemp()), free_port())
+        stopped.start()
+    assert not stopped.dir.joinpath("redis.conf").exists()
 
 
 def test_a_maxmemory_set_after_the_embedded_redis_started_is_applied_by_up(redis_server, monkeypatch):
