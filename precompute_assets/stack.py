@@ -832,6 +832,7 @@ def login_problem(variable: str, url: str) -> str | None:
     passwords; None when it accepts them."""
     import psycopg2
     import redis
+    from redis.exceptions import RedisClusterException
 
     try:
         if variable == ENV_REDIS:
@@ -864,7 +865,7 @@ def login_problem(variable: str, url: str) -> str | None:
         )
         reason = redact(one_line(str(error)))
         return f"{NO_ANSWER} ({reason})" if silent else reason
-    except redis.RedisError as error:
+    except (redis.RedisError, RedisClusterException) as error:  # the latter: "Cluster mode is not enabled", ...
         return redact(one_line(str(error)))
     return None
 

@@ -13,6 +13,7 @@ import pandas as pd
 import psycopg2
 import redis
 from pydantic import Field
+from redis.exceptions import RedisClusterException
 
 from ..ml.experiment import parse_arms
 from ..ml.features import (
@@ -74,6 +75,10 @@ class RedisResource(dg.ConfigurableResource):
             client = connect(self.url, socket_timeout=self.socket_timeout_s, cluster=self.cluster, retries=self.retries)
         except ValueError as error:
             raise dg.Failure(description=f"{where} is not a Redis URL: {error}", allow_retries=False) from None
+        except RedisClusterException as error:  # ?cluster=1 on a single server, or no node of the cluster answers
+            wrong = "cluster mode is not enabled" in str(error).lower()
+            what = "is not a Redis Cluster (drop ?cluster=1)" if wrong else "does not answer"
+            raise dg.Failure(description=f"{where} {what}: {error}", allow_retries=not wrong) from None
         try:
             client.ping()
             primary = None if is_cluster(client) else replica_of(client)

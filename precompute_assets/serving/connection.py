@@ -123,6 +123,11 @@ def check_url_parameters(url: str, *, cluster: bool = False) -> None:
             f"the Redis URL has parameter(s) {', '.join(unknown)} that redis-py's {client} does not "
             f"take{' (TLS options need rediss://)' if tls else ''}"
         )
+    # redis-py reads a database that is not a number as 0: /l for /1 shared database 0 with whatever lives there.
+    database = parts.path.strip("/")
+    if scheme != "unix" and database and not database.isdigit():
+        raise ValueError(f"the Redis URL's database {database!r} is not a number (redis://host:port/0)")
+    redis.connection.parse_url(plain_url)  # its ValueError names a parameter whose value it cannot read
 
 
 @functools.cache

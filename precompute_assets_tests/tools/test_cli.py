@@ -684,7 +684,9 @@ def test_a_url_with_a_typo_in_its_scheme_is_named_as_such(tmp_path, monkeypatch,
 @pytest.mark.parametrize(
     ("query", "reason"),
     [("ssl_cert_reqs=none", "ssl_cert_reqs that redis-py's redis:// connection does not take (TLS options need "
-      "rediss://)"), ("timeout=5", "timeout that redis-py's redis:// connection does not take")],
+      "rediss://)"), ("timeout=5", "timeout that redis-py's redis:// connection does not take"),
+     # redis-py raised its ValueError at the first command: `status` failed whole, naming no variable
+     ("socket_timeout=abc", "Invalid value for 'socket_timeout' in connection URL")],
 )  # fmt: skip
 def test_a_redis_url_parameter_redis_py_cannot_take_is_named_in_one_line(
     query, reason, tmp_path, monkeypatch, capsys, redis_server, dagster_pg_url
@@ -709,6 +711,41 @@ def test_a_redis_url_parameter_redis_py_cannot_take_is_named_in_one_line(
         connect(f"{url}?{query}")
     assert connect(f"{url}?client_name=bench&protocol=3").ping()  # parameters it takes still pass
     assert not (tmp_path / "home" / "redis").exists()
+
+
+def test_a_redis_database_that_is_not_a_number_is_refused(tmp_path, monkeypatch, capsys, redis_server, dagster_pg_url):
+    """redis-py reads /l (a typo of /1) as database 0: the cache shared database 0 with whatever lives there."""
+    import dagster as dg
+
+    from precompute_assets.defs.resources import RedisResource
+
+    url = redis_server().url.replace("/0", "/l")
+    monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("DAGSTER_PG_URL", dagster_pg_url)
+    monkeypatch.setenv("PRECOMPUTE_REDIS_URL", url)
+    assert main(["up"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the Redis URL's database 'l' is not a number" in err, err
+    with pytest.raises(dg.Failure, match="is not a Redis URL: the Redis URL's database 'l' is not a number"):
+        RedisResource(url=url).client()
+
+
+def test_a_cluster_url_of_a_single_server_is_named_as_such(tmp_path, monkeypatch, capsys, redis_server):
+    """redis-py's RedisClusterException is no RedisError: `status` failed whole (rc 2, no table), and a step's
+    client raised it bare, retried as if the server were down."""
+    import dagster as dg
+
+    from precompute_assets.defs.resources import RedisResource
+
+    url = f"{redis_server().url}?cluster=1"
+    monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("PRECOMPUTE_REDIS_URL", url)
+    assert main(["status"]) == 0
+    out = capsys.readouterr().out
+    assert "redis     external  refuses us" in out and "Cluster mode is not enabled" in out, out
+    with pytest.raises(dg.Failure, match="is not a Redis Cluster") as failure:
+        RedisResource(url=url).client()
+    assert not failure.value.allow_retries
 
 
 def test_up_and_the_cache_commands_name_a_bad_redis_scheme_alike(tmp_path, monkeypatch, capsys, dagster_pg_url):
