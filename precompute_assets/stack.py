@@ -51,6 +51,7 @@ ENV_APP_DB = "PRECOMPUTE_APP_DB_URL"
 ENV_HOME = "PRECOMPUTE_HOME"
 ENV_REDIS_BINARY = "PRECOMPUTE_REDIS_SERVER"
 ENV_SERVICE_ROOT = "PRECOMPUTE_SERVICE_ROOT"
+HUNG_REDIS_S = 30.0  # our running Redis that times out this long (LOADING is an answer) fails `up` instead of waiting
 ENV_LAKE = "PRECOMPUTE_LAKE_URI"
 ENV_MODEL_STORE = "PRECOMPUTE_MODEL_STORE"
 ENV_TIMEZONE = "PRECOMPUTE_TIMEZONE"
@@ -280,6 +281,7 @@ class RedisServer:
 
         client = redis.Redis.from_url(self.url, socket_timeout=2, socket_connect_timeout=0.5)
         deadline = time.monotonic() + timeout_s
+        silent_since = None  # when our running server began to time out (not LOADING: it says that at once)
         try:
             while True:
                 try:
@@ -288,7 +290,15 @@ class RedisServer:
                         return
                     # It answers, but our pid file is not there (yet): someone else's server holds the port.
                 except redis.BusyLoadingError:
-                    pass
+                    silent_since = None
+                except (redis.TimeoutError, redis.ResponseError) as error:  # hung, stopped, or BUSY in a script
+                    now, pid = time.monotonic(), self.pid
+                    silent_since = silent_since or now
+                    if pid is not None and now - silent_since > HUNG_REDIS_S:
+                        raise RedisError(
+                            f"our Redis (pid {pid}) on port {self.port} has not answered for {HUNG_REDIS_S:g} s "
+                            f"({one_line(str(error))}): stopped or hung? See {self.dir / 'redis.log'}"
+                        ) from None
                 except redis.RedisError as error:
                     if self.pid is None and time.monotonic() > deadline - timeout_s + 1:
                         log = self.dir / "redis.log"
@@ -965,8 +975,12 @@ class Stack:
         return self._external(variable) is None
 
     def _locked(self) -> contextlib.AbstractContextManager[None]:
-        """One ``up``/``down`` of this home at a time (two terminals, a test and a CLI)."""
-        return exclusive_lock(self.home / "stack.lock")
+        """One ``up``/``down`` of this home at a time (two terminals, a test and a CLI); a wait says so on stderr."""
+
+        def waiting() -> None:
+            print(f"waiting for another up or down of {self.home} to finish", file=sys.stderr, flush=True)
+
+        return exclusive_lock(self.home / "stack.lock", on_wait=waiting)
 
     def up(self, *, postgres: bool = True) -> dict[str, str]:
         """Start whatever is not provided by the environment (Redis alone with ``postgres=False``, for work that needs

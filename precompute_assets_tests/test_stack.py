@@ -257,6 +257,45 @@ def test_a_copy_of_the_binaries_that_fails_says_so_in_one_line_and_leaves_nothin
         shutil.rmtree(services)
 
 
+def test_up_on_a_hung_embedded_redis_fails_in_one_line_instead_of_waiting(redis_server, monkeypatch) -> None:
+    """A SIGSTOPped server accepts connections and never answers: `up` (and `dev`, `demo`, `bench`) waited its
+    10-minute deadline without a word, as for a server loading its data (which answers LOADING at once)."""
+    import signal
+
+    from precompute_assets import stack as stack_module
+
+    server = redis_server()
+    monkeypatch.setattr(stack_module, "HUNG_REDIS_S", 1.0)
+    os.kill(server.pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(RedisError, match=rf"our Redis \(pid {server.pid}\) on port {server.port} has not answered"):
+            RedisServer(server.dir, server.port).start(timeout_s=120)  # not "not ready after 120 s"
+    finally:
+        os.kill(server.pid, signal.SIGCONT)
+    RedisServer(server.dir, server.port).start(timeout_s=30)  # running again: answers
+
+
+def test_a_down_behind_another_up_of_the_home_says_it_waits(tmp_path: Path, capsys) -> None:
+    """`down` behind a hung `up` of the same home blocked without a word."""
+    import threading
+
+    from precompute_assets.storage.files import exclusive_lock
+
+    stack = Stack(tmp_path / "home")
+    with exclusive_lock(stack.home / "stack.lock"):  # an up that holds it
+        down = threading.Thread(target=stack.down)
+        down.start()
+        for _ in range(200):
+            if "waiting for another up or down" in capsys.readouterr().err:
+                break
+            down.join(0.05)
+        else:
+            pytest.fail("down did not say it waits")
+        assert down.is_alive()
+    down.join(30)
+    assert not down.is_alive()
+
+
 def test_the_embedded_redis_has_bounded_memory_and_evicts_only_keys_with_a_ttl(redis_server, monkeypatch):
     monkeypatch.setenv("PRECOMPUTE_REDIS_MAXMEMORY", "64MB")
     server = redis_server()
