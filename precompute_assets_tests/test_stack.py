@@ -296,6 +296,57 @@ def test_a_down_behind_another_up_of_the_home_says_it_waits(tmp_path: Path, caps
     assert not down.is_alive()
 
 
+def refuses_a_login_without_password(stack: Stack) -> bool:
+    """Whether both embedded servers of ``stack`` refuse a client that has no password (any local account)."""
+    try:
+        psycopg2.connect(host="127.0.0.1", port=stack.postgres.port, user="postgres", dbname="postgres").close()
+        return False
+    except psycopg2.OperationalError as error:
+        assert "no password supplied" in str(error)
+    with redis.Redis(port=stack.redis.port) as bare:
+        try:
+            bare.ping()
+            return False
+        except redis.AuthenticationError:
+            return True
+
+
+def test_the_embedded_servers_ask_for_the_homes_password(stack: Stack) -> None:
+    """PostgreSQL trusted every login on 127.0.0.1 and Redis had no password: any account of the machine was the
+    database superuser (COPY ... TO PROGRAM ran as its server's user) and could flush the cache."""
+    if not all(stack.embeds(v) for v in (ENV_REDIS, ENV_APP_DB)):
+        pytest.skip("the environment names its own servers: nothing embedded to check")
+    secret = stack.home / "secret"
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+    password = secret.read_text().strip()
+    assert password in stack.env()[ENV_REDIS] and password in stack.env()[ENV_APP_DB]
+    assert refuses_a_login_without_password(stack)
+
+
+def test_a_home_made_before_passwords_asks_for_one_after_its_next_up(tmp_path: Path, monkeypatch) -> None:
+    """A cluster made with --auth=trust and a Redis started without requirepass, both running, get the home's
+    password at the next `up` and keep it across a restart."""
+    home = tmp_path / "home"
+    monkeypatch.setattr(Stack, "_secret", lambda self: None)  # as before passwords
+    old = Stack(home)
+    try:
+        old.up()
+        assert not refuses_a_login_without_password(old)
+        monkeypatch.undo()
+        new = Stack(home)
+        new.up()  # the servers still run: given the password in place
+        assert new.redis.pid == old.redis.pid and new.postgres.pid == old.postgres.pid
+        assert refuses_a_login_without_password(new)
+        with psycopg2.connect(libpq_url(new.env()[ENV_APP_DB])) as conn, conn.cursor() as cur:
+            cur.execute("SELECT 1")
+        new.down()
+        new.up()
+        assert refuses_a_login_without_password(new)
+        assert redis.Redis.from_url(new.env()[ENV_REDIS]).ping()
+    finally:
+        Stack(home).purge()
+
+
 def test_the_embedded_redis_has_bounded_memory_and_evicts_only_keys_with_a_ttl(redis_server, monkeypatch):
     monkeypatch.setenv("PRECOMPUTE_REDIS_MAXMEMORY", "64MB")
     server = redis_server()

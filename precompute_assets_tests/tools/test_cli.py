@@ -1148,7 +1148,8 @@ def test_env_is_shell_safe_and_stable_before_up(tmp_path, monkeypatch, capsys):
     ).stdout.splitlines()  # fmt: skip
     assert shown[0] == "rediss://:p$w`d@127.0.0.1:6380/0?a=1&b=2"
     assert shown[1] == str(tmp_path / "home with space")
-    assert shown[2].startswith("postgresql+psycopg2://postgres@127.0.0.1:")
+    secret = (tmp_path / "home with space" / "secret").read_text().strip()  # the home's password, in its URLs
+    assert shown[2].startswith(f"postgresql+psycopg2://postgres:{secret}@127.0.0.1:")
 
 
 @pytest.mark.parametrize("command", ["up", "dev", "env"])
