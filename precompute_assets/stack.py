@@ -394,6 +394,19 @@ def running_version(url: str) -> str | None:
     return f"redis {info.get('redis_version', '?')}"
 
 
+def persistence_warnings(url: str) -> tuple[str, ...]:
+    """A Redis at ``url`` whose last AOF write or RDB save failed (a full disk) refuses every write (MISCONF) while it
+    still answers reads: said, from ``INFO persistence`` (nothing when it cannot be read)."""
+    info = server_info(url, "persistence")
+    if not info or all(isinstance(value, dict) for value in info.values()):
+        return ()
+    failed = [what for what, key in (("AOF write", "aof_last_write_status"), ("RDB save", "rdb_last_bgsave_status"))
+              if info.get(key) == "err"]  # fmt: skip
+    if not failed:
+        return ()
+    return (f"its last {' and '.join(failed)} failed (a full disk?): it refuses writes until one succeeds",)
+
+
 def memory_warnings(url: str) -> tuple[str, ...]:
     """What of the memory configuration of the external Redis at ``url`` works against this project, from
     ``INFO memory`` (nothing when it cannot be read: a cluster, or a user without ``INFO``). Only said, never changed:
@@ -1155,7 +1168,7 @@ class Stack:
         env = self.env()
         out = []
         services = [("redis", ENV_REDIS, self.redis), ("postgres", ENV_DAGSTER_PG, self.postgres)]
-        if self._external(ENV_APP_DB):
+        if self._external(ENV_APP_DB) or self._external(ENV_DAGSTER_PG):  # not the server the postgres line shows
             services.append(("app_db", ENV_APP_DB, self.postgres))
         for name, variable, server in services:
             url, embedded = env[variable], self._external(variable) is None
@@ -1164,12 +1177,15 @@ class Stack:
                 out.append(ServiceStatus(name, url, False, embedded, invalid=invalid))
                 continue
             running = server.pid is not None if embedded else reachable(url)
-            refused = login_problem(variable, url) if running and not embedded else None
-            if refused is not None and refused.startswith(NO_ANSWER):
+            refused = login_problem(variable, url) if running else None
+            silent = refused is not None and refused.startswith(NO_ANSWER)
+            if silent and not embedded:
                 running, refused = False, None  # its port accepts, but nothing answers there: unreachable
             version = running_version(url) if name == "redis" and running and refused is None else None
             pid = server.pid if embedded else None
-            warnings = memory_warnings(url) if name == "redis" and version is not None and not embedded else ()
+            warnings: tuple[str, ...] = ()
+            if name == "redis" and version is not None:
+                warnings = persistence_warnings(url) + (() if embedded else memory_warnings(url))
             out.append(ServiceStatus(name, url, running, embedded, pid, version, refused, warnings))
         return out
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
@@ -16,6 +17,13 @@ from precompute_assets.serving import connect
 from precompute_assets.storage.lake import Lake
 from precompute_assets.storage.tables import query_log_frame
 from precompute_assets.workload.ads import generate_traffic, make_ads
+
+
+def with_login(url: str, userinfo: str) -> str:
+    """``url`` of the embedded PostgreSQL (user postgres, with the home's password) logging in as ``userinfo``."""
+    changed = re.sub(r"://postgres(:[^@/]*)?@", f"://{userinfo}@", url, count=1)
+    assert changed != url or f"://{userinfo}@" in url, url
+    return changed
 
 
 def log_client(url: str) -> redis.Redis:

@@ -24,6 +24,7 @@ from ..stack import (
     ENV_DAGSTER_PG,
     ENV_REDIS,
     ENV_REDIS_ADMIN,
+    NO_ANSWER,
     RedisError,
     ServiceStatus,
     Stack,
@@ -103,6 +104,8 @@ def print_status(stack: Stack) -> int:
             state = "unreachable"
         if service.refused is not None:  # its port answers, but not for us: a wrong password, user or database
             state = "refuses us"
+        if service.embedded and service.refused is not None and service.refused.startswith(NO_ANSWER):
+            state = f"not answering (pid {service.pid})" if service.pid else "not answering"  # hung, or stopped
         if service.invalid is not None:  # not even a URL of such a server: nothing was asked
             state = "invalid URL"
         reason = service.refused or service.invalid

@@ -59,7 +59,7 @@ from precompute_assets.storage.campaigns import MAX_ADS, Campaign, CampaignRegis
 from precompute_assets.storage.lake import Lake
 from precompute_assets.storage.postgres import scratch_database
 from precompute_assets.workload.ads import make_ads
-from precompute_assets_tests.factories import write_ad_platform
+from precompute_assets_tests.factories import with_login, write_ad_platform
 
 DAYS = ["2026-11-16", "2026-11-17", "2026-11-18"]
 ROOT = Path(__file__).resolve().parents[2]
@@ -1002,7 +1002,7 @@ def test_an_app_db_setting_that_does_not_work_names_the_variable(app_db):
     base, database = app_db.rsplit("/", 1)
     read_only = f"{app_db}?options={quote('-c default_transaction_read_only=on')}"  # as a hot standby answers
     for url, reason in [
-        (base.replace("postgres@", "nobody:pw-secret@") + f"/{database}", 'role "nobody" does not exist'),
+        (with_login(app_db, "nobody:pw-secret"), 'password authentication failed for user "nobody"'),
         (f"{base}/no_such_database", 'database "no_such_database" does not exist'),
         (app_db.replace("postgresql+psycopg2://", "postgress://"), "invalid dsn"),
         (read_only, "read-only transaction"),
@@ -1043,7 +1043,7 @@ def test_an_app_db_password_with_an_unencoded_at_or_slash_fails_the_step_without
     step's failure showed it ('could not translate host name "tail@127.0.0.1"', 'invalid integer value "pw"')."""
     base, database = app_db.rsplit("/", 1)
     for password in ("pw@tail-secret", "pw/tail-secret"):
-        url = base.replace("postgres@", f"postgres:{password}@") + f"/{database}"
+        url = with_login(app_db, f"postgres:{password}")
         with pytest.raises(dg.Failure) as failure:
             DocumentStoreResource(url=url).store()
         description = failure.value.description

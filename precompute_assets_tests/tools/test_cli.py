@@ -7,6 +7,7 @@ import contextlib
 import gzip
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -22,6 +23,7 @@ import pytest
 from precompute_assets.ml.replay import ORACLE_GENERAL
 from precompute_assets.stack import Stack, reachable, redact
 from precompute_assets.tools.cli import CliError, build_parser, dagster_instance, main
+from precompute_assets_tests.factories import with_login
 
 
 def test_replay_prints_one_json_object_with_the_five_rates(tmp_path, capsys):
@@ -617,7 +619,9 @@ def test_status_shows_the_automation_of_a_production_dagster_home_without_up(
         out = capsys.readouterr().out
         assert "postgres  external  reachable" in out and "precompute up" not in out, out
         assert f"{'schedule':<9} RUNNING   daily_precompute" in out and "pool      redis_publish free" in out, out
-        monkeypatch.setenv("DAGSTER_PG_URL", url.replace("postgresql+psycopg2://postgres@", "postgresql://nobody@"))
+        monkeypatch.setenv(
+            "DAGSTER_PG_URL", re.sub(r"^postgresql\+psycopg2://postgres(:[^@]*)?@", "postgresql://nobody@", url)
+        )
         assert main(["status"]) == 0
         out = capsys.readouterr().out
         assert "postgres  external  refuses us" in out and "(unknown: Dagster's database refuses us)" in out, out
@@ -826,6 +830,55 @@ def test_status_names_an_external_url_whose_port_cannot_be_read(url, tmp_path, m
     assert "PRECOMPUTE_APP_DB_URL: the URL's host:port cannot be read" in out and "s3" not in out, out
 
 
+def test_status_shows_the_embedded_application_database_beside_an_external_dagster_one(
+    tmp_path, monkeypatch, capsys, dagster_pg_url
+):
+    """With only DAGSTER_PG_URL external, `up` starts an embedded PostgreSQL for the application database, which
+    `status` never showed: stopped, it still said nothing wrong."""
+    monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("DAGSTER_PG_URL", dagster_pg_url)
+    monkeypatch.delenv("PRECOMPUTE_APP_DB_URL", raising=False)
+    assert main(["status"]) == 0
+    out = capsys.readouterr().out
+    assert "postgres  external  reachable" in out and "app_db    embedded  stopped" in out, out
+
+
+def test_status_says_an_embedded_redis_that_does_not_answer_or_cannot_write(
+    tmp_path, monkeypatch, capsys, dagster_pg_url
+):
+    """A stopped (SIGSTOP) or hung embedded Redis, and one whose disk is full (MISCONF: it refuses every write), were
+    shown as `running (pid N)` with nothing more."""
+    import signal
+
+    from precompute_assets import stack as stack_module
+
+    monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("DAGSTER_PG_URL", dagster_pg_url)
+    stack = Stack()
+    stack.up(postgres=False)
+    try:
+        info = stack_module.server_info
+
+        def full_disk(url: str, section: str) -> dict | None:
+            found = info(url, section)
+            return {**found, "aof_last_write_status": "err"} if section == "persistence" else found
+
+        monkeypatch.setattr(stack_module, "server_info", full_disk)
+        assert main(["status"]) == 0
+        out = capsys.readouterr().out
+        assert f"redis     embedded  running (pid {stack.redis.pid})" in out, out
+        assert "redis     warning   its last AOF write failed (a full disk?): it refuses writes" in out, out
+        os.kill(stack.redis.pid, signal.SIGSTOP)
+        try:
+            assert main(["status"]) == 0
+        finally:
+            os.kill(stack.redis.pid, signal.SIGCONT)
+        out = capsys.readouterr().out
+        assert f"redis     embedded  not answering (pid {stack.redis.pid})" in out, out
+    finally:
+        stack.down()
+
+
 def test_redis_acl_apply_names_a_bad_admin_url_scheme_as_up_does(tmp_path, monkeypatch, capsys):
     """`redis acl --apply` printed redis-py's line for PRECOMPUTE_REDIS_ADMIN_URL, naming neither the variable nor the
     Sentinel schemes; now the words of `up` and `cache`, one line, exit code 2, nothing started."""
@@ -926,7 +979,7 @@ def test_an_app_db_password_with_a_bare_percent_is_never_shown(
     monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("PRECOMPUTE_REDIS_URL", server.url)
     monkeypatch.setenv("DAGSTER_PG_URL", dagster_pg_url)
-    monkeypatch.setenv("PRECOMPUTE_APP_DB_URL", dagster_pg_url.replace("://postgres@", "://postgres:s3cret%PW@"))
+    monkeypatch.setenv("PRECOMPUTE_APP_DB_URL", with_login(dagster_pg_url, "postgres:s3cret%PW"))
     assert main(["up"]) == 2
     err = capsys.readouterr().err
     assert "PRECOMPUTE_APP_DB_URL" in err and "percent-encoded" in err and "s3cret" not in err, err
@@ -1008,6 +1061,9 @@ def test_status_shows_an_external_application_database_that_refuses_us(
     assert main(["status"]) == 0
     assert "app_db    external  reachable" in capsys.readouterr().out
     monkeypatch.delenv("PRECOMPUTE_APP_DB_URL")
+    assert main(["status"]) == 0
+    assert "app_db    embedded  stopped" in capsys.readouterr().out  # beside Dagster's external one
+    monkeypatch.delenv("DAGSTER_PG_URL")
     assert main(["status"]) == 0
     assert "app_db" not in capsys.readouterr().out  # the embedded PostgreSQL's line is both databases'
 
