@@ -95,6 +95,17 @@ def port_taken(port: int) -> bool:
     return False
 
 
+def _names_home(url: str, secret: str) -> bool:
+    """Whether ``url`` names a server of 127.0.0.1 with the password ``secret`` (a home's own, whatever its port)."""
+    from urllib.parse import unquote, urlsplit
+
+    try:
+        parts = urlsplit(url)
+        return parts.hostname == "127.0.0.1" and unquote(parts.password or "") == secret
+    except ValueError:  # a port or host that cannot be read: not one of ours
+        return False
+
+
 def sqlalchemy_url(url: str) -> str:
     """Dagster's SQLAlchemy defaults to psycopg 3 for ``postgresql://``; dagster-postgres ships psycopg2."""
     for prefix in ("postgresql://", "postgres://"):
@@ -1019,15 +1030,22 @@ class Stack:
         secret = self._secret()
         self.redis = RedisServer(self.home / "redis", state["redis_port"], redis_password or secret)
         self.postgres = PostgresServer(self.home / "postgres", state["pg_port"], services=services, password=secret)
-        # `eval "$(precompute env)"` exports this home's own URLs: they still name the embedded servers.
+        # `eval "$(precompute env)"` exports this home's own URLs: they still name the embedded servers, also on a
+        # port `up` has since moved them from (a URL of 127.0.0.1 with this home's password is this home's).
         own = {
             ENV_REDIS: self.redis.url,
             ENV_DAGSTER_PG: self.postgres.url(DAGSTER_DB),
             ENV_APP_DB: self.postgres.url(APP_DB),
         }
         for name, url in own.items():
-            if self._externals[name] is not None and sqlalchemy_url(self._externals[name]) == url:
+            exported = self._externals[name]
+            if exported is not None and (sqlalchemy_url(exported) == url or _names_home(exported, secret)):
                 self._externals[name] = None
+
+    def _read_ports(self) -> None:
+        """The servers' ports as ``stack.json`` says now."""
+        state = self._ports()
+        self.redis.port, self.postgres.port = state["redis_port"], state["pg_port"]
 
     def _ports(self) -> dict[str, int]:
         """Ports chosen once per home and kept, so URLs are the same before ``up``, after it and across restarts."""
@@ -1041,13 +1059,15 @@ class Stack:
         self.home.mkdir(parents=True, exist_ok=True)
         state = {"redis_port": free_port(), "pg_port": free_port()}
         staging = self.state_file.with_suffix(f".{os.getpid()}.tmp")
-        staging.write_text(json.dumps(state))
         try:
+            staging.write_text(json.dumps(state))
             os.link(staging, self.state_file)  # the first writer wins; a concurrent one reads its choice
         except FileExistsError:
             state = json.loads(self.state_file.read_text())
+        except OSError as error:  # a full disk: say which file
+            raise StackError(f"cannot write {self.state_file}: {error.strerror or error}") from None
         finally:
-            staging.unlink()
+            staging.unlink(missing_ok=True)
         return state
 
     def _secret(self) -> str:
@@ -1091,6 +1111,7 @@ class Stack:
         no database); return once every service answers. A server the environment names must answer and accept its
         URL's login before anything of ours starts."""
         with self._locked():
+            self._read_ports()  # another up may have moved a server since this object read them
             return self._up(postgres)
 
     def _up(self, postgres: bool = True) -> dict[str, str]:
@@ -1152,6 +1173,7 @@ class Stack:
     def down(self) -> None:
         """Stop the embedded servers (external ones are left alone)."""
         with self._locked():
+            self._read_ports()
             self.redis.stop()
             self.postgres.stop()
 

@@ -534,10 +534,11 @@ def test_a_postgresql_that_cannot_start_says_why_in_one_line(session_dir: Path) 
         stack.purge()
 
 
-def test_up_moves_a_server_whose_port_another_program_took(session_dir: Path, capsys) -> None:
+def test_up_moves_a_server_whose_port_another_program_took(session_dir: Path, capsys, monkeypatch) -> None:
     """Ports are chosen once per home; when another program holds one at the next `up` (after a reboot, say), that
     server moves to a free port, recorded for the next Stack of the home, and the move is said on stderr. A
-    server that then fails to start leaves no Redis of this `up` running."""
+    server that then fails to start leaves no Redis of this `up` running. URLs exported before the move still name
+    the home's servers, and a Stack made before it (a second `up` started at once) uses the new ports."""
     import socket
 
     from precompute_assets.stack import StackError
@@ -546,7 +547,9 @@ def test_up_moves_a_server_whose_port_another_program_took(session_dir: Path, ca
     stack = Stack(home)
     try:
         stack.up()
+        exported = stack.env()  # `eval "$(precompute env)"` in some shell
         stack.down()
+        stale = Stack(home)  # read its ports before the move
         old_redis, old_pg = stack.redis.port, stack.postgres.port
         with socket.socket() as redis_squatter, socket.socket() as pg_squatter:
             for squatter, port in ((redis_squatter, old_redis), (pg_squatter, old_pg)):
@@ -561,6 +564,13 @@ def test_up_moves_a_server_whose_port_another_program_took(session_dir: Path, ca
         said = capsys.readouterr().err
         assert f"port {old_redis} is in use by another program; Redis moves to port {moved.redis.port}" in said
         assert f"port {old_pg} is in use by another program; PostgreSQL moves to port {moved.postgres.port}" in said
+        assert stale.up() == env  # it pinged the old ports, where another program sat, until its deadline
+        for name in (ENV_REDIS, ENV_APP_DB, "DAGSTER_PG_URL"):
+            monkeypatch.setenv(name, exported[name])
+        after = Stack(home)  # the old URLs counted as external servers, which no longer answered
+        assert after.env() == env and after.embeds(ENV_REDIS) and after.embeds(ENV_APP_DB)
+        for name in (ENV_REDIS, ENV_APP_DB, "DAGSTER_PG_URL"):
+            monkeypatch.delenv(name)
         moved.down()
         with open(moved.postgres.data / "postgresql.conf", "a") as conf:
             conf.write("shared_buffers = nonsense\n")
