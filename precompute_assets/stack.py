@@ -1026,8 +1026,12 @@ class Stack:
         names = (ENV_REDIS, ENV_DAGSTER_PG, ENV_APP_DB, ENV_LAKE, ENV_MODEL_STORE, ENV_TIMEZONE)
         self._externals = {name: os.environ.get(name) or None for name in names}
         self.state_file = self.home / "stack.json"
-        state = self._ports()
-        secret = self._secret()
+        self.unwritable: str | None = None  # why the home cannot hold the stack's state: only `up` needs it
+        try:
+            state, secret = self._ports(), self._secret()
+        except OSError as error:  # read-only, or not ours: `status` and `env` still show what the environment names
+            self.unwritable = f"{self.home} cannot hold the embedded servers' state: {error.strerror or error}"
+            state, secret = {"redis_port": 0, "pg_port": 0}, None
         self.redis = RedisServer(self.home / "redis", state["redis_port"], redis_password or secret)
         self.postgres = PostgresServer(self.home / "postgres", state["pg_port"], services=services, password=secret)
         # `eval "$(precompute env)"` exports this home's own URLs: they still name the embedded servers, also on a
@@ -1064,8 +1068,8 @@ class Stack:
             os.link(staging, self.state_file)  # the first writer wins; a concurrent one reads its choice
         except FileExistsError:
             state = json.loads(self.state_file.read_text())
-        except OSError as error:  # a full disk: say which file
-            raise StackError(f"cannot write {self.state_file}: {error.strerror or error}") from None
+        except OSError as error:  # a full disk, a read-only home: say which file
+            raise OSError(error.errno, f"cannot write {self.state_file}: {error.strerror or error}") from None
         finally:
             staging.unlink(missing_ok=True)
         return state
@@ -1110,6 +1114,8 @@ class Stack:
         """Start whatever is not provided by the environment (Redis alone with ``postgres=False``, for work that needs
         no database); return once every service answers. A server the environment names must answer and accept its
         URL's login before anything of ours starts."""
+        if self.unwritable is not None:
+            raise StackError(self.unwritable)
         with self._locked():
             self._read_ports()  # another up may have moved a server since this object read them
             return self._up(postgres)
@@ -1172,6 +1178,8 @@ class Stack:
 
     def down(self) -> None:
         """Stop the embedded servers (external ones are left alone)."""
+        if self.unwritable is not None:
+            return  # no state: nothing of this home's can run
         with self._locked():
             self._read_ports()
             self.redis.stop()

@@ -879,6 +879,27 @@ def test_status_says_an_embedded_redis_that_does_not_answer_or_cannot_write(
         stack.down()
 
 
+def test_status_and_env_need_no_writable_home_when_every_server_is_external(
+    tmp_path, monkeypatch, capsys, redis_server, dagster_pg_url, app_db_url
+):
+    """A read-only root file system (a container), every server external: `status`, `env` and `up` failed with a
+    bare OSError while making the home's stack.json. Only an `up` that has something to start needs the home."""
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    monkeypatch.setenv("PRECOMPUTE_HOME", str(blocked / "home"))  # cannot be made, even by root
+    monkeypatch.setenv("PRECOMPUTE_REDIS_URL", redis_server().url)
+    monkeypatch.setenv("DAGSTER_PG_URL", dagster_pg_url)
+    monkeypatch.setenv("PRECOMPUTE_APP_DB_URL", app_db_url)
+    assert main(["status"]) == 0
+    out = capsys.readouterr().out
+    assert "redis     external  reachable" in out and "postgres  external  reachable" in out, out
+    assert main(["env"]) == 0 and "PRECOMPUTE_REDIS_URL=" in capsys.readouterr().out
+    monkeypatch.delenv("PRECOMPUTE_APP_DB_URL")  # now up has a server to start
+    assert main(["up"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{blocked / 'home'} cannot hold the embedded servers' state" in err, err
+
+
 def test_redis_acl_apply_names_a_bad_admin_url_scheme_as_up_does(tmp_path, monkeypatch, capsys):
     """`redis acl --apply` printed redis-py's line for PRECOMPUTE_REDIS_ADMIN_URL, naming neither the variable nor the
     Sentinel schemes; now the words of `up` and `cache`, one line, exit code 2, nothing started."""
