@@ -208,7 +208,10 @@ class RedisServer:
 
     def _ours(self, pid: int) -> bool:
         """Our server runs in our folder; where that cannot be read, its title names our port."""
-        return alive(pid, SERVER_PROGRAMS, cwd=self.dir, marker=f"127.0.0.1:{self.port}")
+        programs = SERVER_PROGRAMS
+        with contextlib.suppress(RedisError):  # PRECOMPUTE_REDIS_SERVER may name keydb-server, a wrapper, ...
+            programs = (*programs, Path(self.binary).name)
+        return alive(pid, programs, cwd=self.dir, marker=f"127.0.0.1:{self.port}")
 
     def _answering_pid(self) -> int | None:
         """The ``process_id`` the server on our port reports, or None when none answers."""
@@ -1128,7 +1131,12 @@ class Stack:
         if not self._external(ENV_REDIS):
             self._move_off_taken_port(self.redis, "redis_port", "Redis")
             started_redis = self.redis.pid is None
-            self.redis.start()
+            try:
+                self.redis.start()
+            except BaseException:
+                if started_redis:  # started, then never ready: a failed `up` leaves nothing of its own running
+                    self.redis.stop()
+                raise
         if postgres and not (self._external(ENV_DAGSTER_PG) and self._external(ENV_APP_DB)):
             try:
                 self._move_off_taken_port(self.postgres, "pg_port", "PostgreSQL")

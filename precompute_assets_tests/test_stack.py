@@ -347,6 +347,31 @@ def test_a_home_made_before_passwords_asks_for_one_after_its_next_up(tmp_path: P
         Stack(home).purge()
 
 
+def test_a_redis_binary_of_another_name_is_known_as_ours(tmp_path: Path, monkeypatch) -> None:
+    """A PRECOMPUTE_REDIS_SERVER named neither redis-server nor valkey-server (keydb-server, a wrapper) was never
+    taken for ours: `up` said another program answered, and left the server it had started, which `down` missed."""
+    renamed = tmp_path / "bin" / "kv-server"
+    renamed.parent.mkdir()
+    renamed.symlink_to(default_redis_binary())
+    monkeypatch.setenv("PRECOMPUTE_REDIS_SERVER", str(renamed))
+    stack = Stack(tmp_path / "home")
+    try:
+        stack.up(postgres=False)
+        pid = stack.redis.pid
+        assert pid is not None and b"kv-server" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    finally:
+        stack.down()
+    assert stack.redis.pid is None and not _running(pid)
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
 def test_the_embedded_redis_has_bounded_memory_and_evicts_only_keys_with_a_ttl(redis_server, monkeypatch):
     monkeypatch.setenv("PRECOMPUTE_REDIS_MAXMEMORY", "64MB")
     server = redis_server()
