@@ -63,6 +63,8 @@ ENV_TIMEZONE = "PRECOMPUTE_TIMEZONE"
 PG_SYSTEM_USER = "embedded_postgres"  # PostgreSQL refuses to run as root
 DEFAULT_SERVICE_ROOT = "/var/lib/precompute_assets"
 SERVER_PROGRAMS = ("redis-server", "valkey-server")
+# What the stack keeps in PRECOMPUTE_HOME: `down --purge` deletes these, and the home only when nothing else is there.
+HOME_ENTRIES = ("stack.json", "stack.lock", "secret", "redis", "postgres", "dagster", "lake", "models", "locks")
 DAGSTER_DB = "dagster"
 APP_DB = "precompute"
 
@@ -1193,11 +1195,25 @@ class Stack:
             self.redis.stop()
             self.postgres.stop()
 
-    def purge(self) -> None:
-        """Stop the embedded servers and delete all their state (the home and its service folder)."""
+    def purge(self) -> list[str]:
+        """Stop the embedded servers and delete all their state: what the stack keeps in the home, the home itself when
+        that leaves it empty, and its service folder. Returns the names of what else the home holds, kept: a mistaken
+        ``PRECOMPUTE_HOME`` (a user's home folder, a shared data folder) loses only what the stack made there."""
         self.down()
         self.postgres.remove()
-        shutil.rmtree(self.home, ignore_errors=True)
+        for name in HOME_ENTRIES:
+            path = self.home / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        try:
+            self.home.rmdir()
+        except FileNotFoundError:
+            return []
+        except OSError:  # not empty
+            return sorted(path.name for path in self.home.iterdir())
+        return []
 
     def status(self) -> list[ServiceStatus]:
         """Embedded servers by their pid; external ones by whether their port answers and then accepts our login;

@@ -68,9 +68,13 @@ def test_up_from_a_private_folder_changes_no_mode_or_owner_outside_its_own(sessi
                 assert stack.postgres.data.is_relative_to(service_root())
                 assert stat.S_IMODE(stack.postgres.data.stat().st_mode) == 0o700
         finally:
-            stack.purge()
+            (home / "notes.txt").write_text("mine")  # not the stack's: a mistaken PRECOMPUTE_HOME lost everything
+            assert stack.purge() == ["notes.txt"]
         assert stack.postgres.pid is None and stack.redis.pid is None
         assert not stack.postgres.data.exists()
+        assert sorted(path.name for path in home.iterdir()) == ["notes.txt"]
+        (home / "notes.txt").unlink()
+        assert Stack(home).purge() == [] and not home.exists()  # an empty home goes too
     finally:
         import shutil
 
