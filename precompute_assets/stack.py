@@ -1140,11 +1140,14 @@ class Stack:
                     self.redis.stop()
                 raise
         if postgres and not (self._external(ENV_DAGSTER_PG) and self._external(ENV_APP_DB)):
+            started_postgres = self.postgres.pid is None
             try:
                 self._move_off_taken_port(self.postgres, "pg_port", "PostgreSQL")
                 self.postgres.start()
-            except BaseException:
-                if started_redis:  # a failed `up` leaves nothing of its own running
+            except BaseException:  # a failed `up` leaves nothing of its own running (a database it could not make)
+                if started_postgres:
+                    self.postgres.stop()
+                if started_redis:
                     self.redis.stop()
                 raise
         self._link_dagster_yaml()

@@ -376,6 +376,23 @@ def _running(pid: int) -> bool:
     return state != "Z"
 
 
+def test_an_up_that_fails_after_postgres_started_stops_both_servers(tmp_path: Path, monkeypatch) -> None:
+    """A database `up` could not make (or check) failed it with PostgreSQL left running."""
+    from precompute_assets.stack import StackError
+
+    def refuse(self, *names):
+        raise StackError("cannot make the databases")
+
+    monkeypatch.setattr(PostgresServer, "ensure_databases", refuse)
+    stack = Stack(tmp_path / "home")
+    try:
+        with pytest.raises(StackError, match="cannot make the databases"):
+            stack.up()
+        assert stack.postgres.pid is None and stack.redis.pid is None
+    finally:
+        stack.purge()
+
+
 def test_the_embedded_redis_has_bounded_memory_and_evicts_only_keys_with_a_ttl(redis_server, monkeypatch):
     monkeypatch.setenv("PRECOMPUTE_REDIS_MAXMEMORY", "64MB")
     server = redis_server()
