@@ -94,7 +94,7 @@ def redis_benchmark_set(redis_url: str, *, requests: int, value_size: int, pipel
     import shutil
     import subprocess
     from dataclasses import replace
-    from urllib.parse import urlsplit
+    from urllib.parse import unquote, urlsplit
 
     from ..serving.connection import parse_sentinel_url, sentinel_primary
 
@@ -112,8 +112,8 @@ def redis_benchmark_set(redis_url: str, *, requests: int, value_size: int, pipel
     command = [binary, "-h", host, "-p", str(port), "-t", "set"]
     command += ["-n", str(requests), "-P", str(pipeline), "-d", str(value_size), "-r", str(requests), "--csv"]
     command += ["--dbnum", str(BENCHMARK_DB)]
-    if password:
-        command += ["-a", password, "--no-auth-warning"]
+    if password:  # redis-benchmark has neither --no-auth-warning nor REDISCLI_AUTH (it printed its usage and failed)
+        command += ["-a", unquote(password)]
     if tls:
         command += ["--tls"]
     output = subprocess.run(command, check=True, capture_output=True, text=True, timeout=600).stdout
@@ -143,24 +143,28 @@ def bench_publish(
     schema = KeySchema(f"bench{uuid.uuid4().hex[:8]}")
     client = connect(redis_url, socket_timeout=30)
 
-    rng = np.random.default_rng(seed)
-    keys = [f"ad{i:07d}" for i in range(n)]
-    values = rng.random(n).tolist()
-    with tqdm(total=n, desc="publish", unit="key", disable=None, leave=False) as bar:
-        items = zip(keys, values, strict=True)
-        ours = publish_version(client, "ctr", "bench", items, n_keys=n, schema=schema, ttl_s=600, progress=bar.update)
-    ours_bytes = keys_memory(client, schema.bucket("ctr", "bench", "*"))[0]
+    try:  # the version's buckets and the naive keys go, also when a step fails or the bench is interrupted
+        rng = np.random.default_rng(seed)
+        keys = [f"ad{i:07d}" for i in range(n)]
+        values = rng.random(n).tolist()
+        with tqdm(total=n, desc="publish", unit="key", disable=None, leave=False) as bar:
+            items = zip(keys, values, strict=True)
+            ours = publish_version(
+                client, "ctr", "bench", items, n_keys=n, schema=schema, ttl_s=600, progress=bar.update
+            )
+        ours_bytes = keys_memory(client, schema.bucket("ctr", "bench", "*"))[0]
 
-    naive_n = min(naive_n, n)
-    started = time.perf_counter()
-    for key, value in zip(keys[:naive_n], values[:naive_n], strict=True):
-        client.set(f"{schema.prefix}:naive:{key}", _json.dumps(value), ex=600)
-    naive_s = time.perf_counter() - started
-    naive_bytes = keys_memory(client, f"{schema.prefix}:naive:*")[0]
+        naive_n = min(naive_n, n)
+        started = time.perf_counter()
+        for key, value in zip(keys[:naive_n], values[:naive_n], strict=True):
+            client.set(f"{schema.prefix}:naive:{key}", _json.dumps(value), ex=600)
+        naive_s = time.perf_counter() - started
+        naive_bytes = keys_memory(client, f"{schema.prefix}:naive:*")[0]
 
-    value_size = len(np.float32(0).tobytes())
-    reference = redis_benchmark_set(redis_url, requests=n, value_size=value_size) if redis_benchmark else None
-    drop_namespace(client, schema)
+        value_size = len(np.float32(0).tobytes())
+        reference = redis_benchmark_set(redis_url, requests=n, value_size=value_size) if redis_benchmark else None
+    finally:
+        drop_namespace(client, schema)
     result = {
         "bench": "publish",
         "keys": n,
