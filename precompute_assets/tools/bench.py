@@ -88,15 +88,24 @@ BENCHMARK_DB = 9  # redis-benchmark writes keys named key:NNN; keep them out of 
 
 
 def redis_benchmark_set(redis_url: str, *, requests: int, value_size: int, pipeline: int = 1000) -> float | None:
-    """SET requests/s that ``redis-benchmark`` (Debian's redis-tools) reaches on the same server; None if absent."""
+    """SET requests/s that ``redis-benchmark`` (Debian's redis-tools) reaches on the same server; None if absent.
+
+    On a server with a password the tool logs in as a user made for the run (``ACL SETUSER``: ``SET`` on ``key:*``
+    only, a one-off password, deleted afterwards): its command line, which every account of the machine can read,
+    never holds the URL's password. A server that cannot make one (before Redis 6, a user without ``ACL``) gets no
+    reference (None) rather than the password on the command line."""
     import csv
     import io
+    import secrets
     import shutil
     import subprocess
     from dataclasses import replace
-    from urllib.parse import unquote, urlsplit
+    from urllib.parse import urlsplit
+
+    import redis
 
     from ..serving.connection import parse_sentinel_url, sentinel_primary
+    from ..serving.urls import split_userinfo
 
     binary = shutil.which("redis-benchmark")
     if binary is None:
@@ -112,11 +121,24 @@ def redis_benchmark_set(redis_url: str, *, requests: int, value_size: int, pipel
     command = [binary, "-h", host, "-p", str(port), "-t", "set"]
     command += ["-n", str(requests), "-P", str(pipeline), "-d", str(value_size), "-r", str(requests), "--csv"]
     command += ["--dbnum", str(BENCHMARK_DB)]
-    if password:  # redis-benchmark has neither --no-auth-warning nor REDISCLI_AUTH (it printed its usage and failed)
-        command += ["-a", unquote(password)]
     if tls:
         command += ["--tls"]
-    output = subprocess.run(command, check=True, capture_output=True, text=True, timeout=600).stdout
+    user = None
+    if password or split_userinfo(redis_url)[1]:  # a login: redis-benchmark gets one of its own
+        user, one_off = f"precompute-bench-{secrets.token_hex(4)}", secrets.token_urlsafe(18)
+        rules = ["on", f">{one_off}", "resetkeys", "~key:*", "-@all", "+set", "+select", "+ping", "+config|get"]
+        try:
+            scratch.execute_command("ACL", "SETUSER", user, *rules)
+        except redis.RedisError:
+            return None
+        command += ["--user", user, "-a", one_off]
+    try:
+        output = subprocess.run(command, check=True, capture_output=True, text=True, timeout=600).stdout
+    except subprocess.CalledProcessError as error:
+        raise RuntimeError(f"redis-benchmark failed (exit {error.returncode}): {error.stderr.strip()[-300:]}") from None
+    finally:
+        if user is not None:
+            scratch.execute_command("ACL", "DELUSER", user)
     for name in scratch.scan_iter("key:*", count=5000):  # redis-benchmark's keys, in its own database
         scratch.unlink(name)
     rows = [row for row in csv.reader(io.StringIO(output)) if row and row[0] == "SET"]

@@ -44,6 +44,23 @@ def test_bench_publish_reports_rates_and_ratios(redis_url, redis_client):
     assert not list(redis_client.scan_iter("bench*", count=1000))  # cleaned up after itself
 
 
+def test_redis_benchmark_never_has_the_urls_password_on_its_command_line(redis_url, redis_client, monkeypatch):
+    """Every account of the machine reads a command line: `-a <password>` showed the home's password for the run."""
+    import subprocess
+    from urllib.parse import urlsplit
+
+    from precompute_assets.tools.bench import redis_benchmark_set
+
+    if shutil.which("redis-benchmark") is None:
+        pytest.skip("redis-benchmark (Debian's redis-tools) is not installed: scripts/test installs it as root")
+    seen, run = [], subprocess.run
+    monkeypatch.setattr(subprocess, "run", lambda command, **kw: seen.append(command) or run(command, **kw))
+    password = urlsplit(redis_url).password
+    assert password and redis_benchmark_set(redis_url, requests=2000, value_size=4) > 0
+    assert seen and not any(password in " ".join(command) for command in seen)
+    assert not [user for user in redis_client.acl_users() if user.startswith("precompute-bench-")]  # gone after
+
+
 def test_bench_graph_reports_asset_seconds_and_io_floor(redis_url, redis_client):
     # The days end yesterday and a day's traffic depends on its weekday: on 20,000 queries the forest lost its
     # beats_baseline check to logistic regression for 3 of 7 end days; on 60,000 it passed for all 7.
