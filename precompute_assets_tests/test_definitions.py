@@ -158,6 +158,18 @@ def test_a_late_precompute_still_waits_for_the_days_logs():
         assert late.partition_key == "2026-11-19" and "precompute/late" in late.tags
 
 
+def test_a_day_a_backfill_ran_gets_no_late_run():
+    """A backfill or a launch from the UI has no run key: the late catch-up looked for its run key only, so every
+    tick after the window launched the whole graph of that day again."""
+    tz = ZoneInfo("UTC")
+    with dg.instance_for_test() as instance:
+        _logs_done(instance, "2026-11-19")
+        tags = {"dagster/partition": "2026-11-19", "dagster/backfill": "abc"}
+        instance.add_run(dg.DagsterRun(job_name="daily_precompute_job", run_id="b" * 36, tags=tags))
+        skipped = _precompute(datetime(2026, 11, 20, 10, tzinfo=tz), "UTC", instance)
+        assert not skipped.run_requests and "2026-11-19 already has a run (run bbbbbbbb" in skipped.skip_message
+
+
 def test_daily_precompute_skips_the_day_before_the_first_partition():
     """On a deployment's first night, yesterday is no partition: the tick says so instead of waiting for its logs."""
     schedule = {s.name: s for s in build_schedules(Partitions("UTC", "2026-11-20"))}["daily_precompute"]

@@ -27,7 +27,7 @@ from .publishing import (
 )
 from .query_logs import build_drain_schedule, query_log_cleanup_job, query_logs_job
 from .resources import RedisResource
-from .runs import ACTIVE_RUN_STATUSES, RUN_KEY_TAG, SENSOR_NAME_TAG
+from .runs import ACTIVE_RUN_STATUSES, PARTITION_TAG, SENSOR_NAME_TAG
 from .selection import OFFPEAK_WINDOW_HOURS, ad_demand, top_ads, traffic_profile
 
 # Until traffic_profile has learned the quiet window of the traffic, it is assumed to start at 02:00.
@@ -249,10 +249,11 @@ def last_refresh_failed(instance: dg.DagsterInstance) -> bool:
     return bool(runs) and runs[0].status in (dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED)
 
 
-def run_with_key(instance: dg.DagsterInstance, job_name: str, run_key: str) -> dg.DagsterRun | None:
-    """A run of ``job_name`` launched with ``run_key``, whatever its status. A schedule needs this: Dagster dedupes a
-    schedule's run keys only among the runs of one tick (one scheduled time), never across ticks."""
-    runs = instance.get_runs(dg.RunsFilter(job_name=job_name, tags={RUN_KEY_TAG: run_key}), limit=1)
+def run_of_day(instance: dg.DagsterInstance, job_name: str, partition: str) -> dg.DagsterRun | None:
+    """The newest run of ``job_name`` for ``partition``, whatever launched it and whatever its status. A schedule needs
+    this: Dagster dedupes a schedule's run keys only among the runs of one tick (one scheduled time), never across
+    ticks, and a backfill or a launch from the UI has no run key at all."""
+    runs = instance.get_runs(dg.RunsFilter(job_name=job_name, tags={PARTITION_TAG: partition}), limit=1)
     return runs[0] if runs else None
 
 
@@ -289,12 +290,12 @@ def build_schedules(partitions: Partitions) -> list:
             # The first night of a deployment: yesterday is no partition, and its logs will never come.
             return dg.SkipReason(f"{request.partition_key} is before the first partition ({partitions.start})")
         if instance is not None and isinstance(request, dg.RunRequest):
-            earlier = run_with_key(instance, daily_precompute_job.name, request.run_key)
+            earlier = run_of_day(instance, daily_precompute_job.name, request.partition_key)
             if earlier is not None:
-                # Every hour of the window ticks, and Dagster would launch each tick's request: one run a day.
+                # Every hour of the window ticks, and Dagster would launch each tick's request: one run a day (or
+                # none, when a backfill or the UI ran the day).
                 return dg.SkipReason(
-                    f"{request.partition_key} was requested by an earlier tick (run {earlier.run_id[:8]}, "
-                    f"{earlier.status.value})"
+                    f"{request.partition_key} already has a run (run {earlier.run_id[:8]}, {earlier.status.value})"
                 )
             missing = missing_log_hours(instance, partitions.hours_of(request.partition_key))
             if missing:
