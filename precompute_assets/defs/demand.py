@@ -191,7 +191,7 @@ def strategy_demand(
         except KeyError:  # deleted by the model store's retention (a backfill of an old day): selection goes on
             context.log.warning(f"demand_model {version} is no longer in the model store")
             return None, f"demand_model {version} is no longer in the model store"
-        except (ValueError, TypeError, RuntimeError) as error:  # changed bytes: the day's selection goes on
+        except (ValueError, TypeError, AttributeError, RuntimeError) as error:  # the day's selection goes on
             context.log.warning(f"demand_model {version} refused: {error}")
             return None, f"demand_model {version} refused ({error})"
         note = f"demand_model {version}"
@@ -210,8 +210,9 @@ def strategy_demand(
 
 def _stored_lstm(store, version: str) -> tuple[DemandHyperParams, "torch.nn.Module"]:
     """The hyper-parameters and the LSTM of demand_model ``version``. ``KeyError`` when the store has none of it;
-    ``ValueError`` (integrity, not a plain state_dict, metadata that does not parse), ``TypeError`` (metadata of
-    other types) or ``RuntimeError`` (weights of other shapes) when what it has cannot be used."""
+    ``ValueError`` (integrity, not a plain state_dict, metadata that does not parse), ``TypeError`` or
+    ``AttributeError`` (metadata of other types) or ``RuntimeError`` (weights of other shapes) when what it has cannot
+    be used."""
     stored = store.metadata(DEMAND_MODEL, version)["hyper_params"]
     hp = DemandHyperParams(**{k: v for k, v in stored.items() if k in DemandHyperParams.__dataclass_fields__})
     return hp, load_model(store.load_state_dict(DEMAND_MODEL, version), hp.hidden_size)

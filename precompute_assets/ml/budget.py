@@ -53,7 +53,9 @@ def thompson_shares(
     return wins / draws
 
 
-MAX_BUDGET_UNITS = 2**53  # units of 10 ** -decimals a budget may hold: every whole number up to it is a float
+# Units of 10 ** -decimals a budget may hold: up to 2**51 of them a float amount still tells every unit apart (its
+# spacing stays under half a unit), so the split's amounts are exact to the unit and add up to the budget.
+MAX_BUDGET_UNITS = 2**51
 
 
 def budget_problem(budget: float, *, decimals: int = 2) -> str | None:
@@ -77,9 +79,13 @@ def split_budget(shares: np.ndarray, budget: float, *, decimals: int = 2) -> np.
     units = int(round(budget / unit))
     exact = shares / shares.sum() * units
     whole = np.floor(exact).astype(np.int64)
+    left = units - int(whole.sum())
+    if left < 0:  # near 2**53 units the floors' float rounding can overshoot: back off the smallest remainders
+        whole[np.argsort(exact - whole, kind="stable")[:-left]] -= 1
+        left = units - int(whole.sum())
     # the units left over go to the largest remainders; ties to the larger share, then to the first ad
     order = np.lexsort((np.arange(len(exact)), -shares, -(exact - whole)))
-    whole[order[: units - int(whole.sum())]] += 1
+    whole[order[:left]] += 1
     return np.round(whole * unit, decimals)
 
 

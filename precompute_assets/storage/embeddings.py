@@ -105,7 +105,7 @@ class EmbeddingStore:
             yield
             # Released here, not only by closing the session: the server ends a closed session's backend, and frees
             # its locks, a moment later, and a sync started at once (the next chunked run) found the lock still held.
-            with conn.cursor() as cur:
+            with contextlib.suppress(psycopg2.Error), conn.cursor() as cur:  # a session that died holds nothing
                 cur.execute(f"SELECT pg_advisory_unlock({SYNC_LOCK_KEY})")
         finally:
             self._lock_pid = None

@@ -83,9 +83,15 @@ def test_bad_inputs_are_refused(ctr, kwargs, message):
 def test_a_bad_budget_is_refused():
     with pytest.raises(ValueError, match="budget"):
         thompson_split(CTR, 0.0)
-    # Over 2**53 cents the units overflowed int64 casts: negative amounts that did not add up, with only a warning.
+    # Over 2**63 cents the units overflowed int64 casts: negative amounts that did not add up, with only a warning.
     with pytest.raises(ValueError, match="units would not add up exactly"):
         thompson_split(CTR, 1e17)
-    assert split_budget([1, 1], 2.0**53 / 100).sum() == 2.0**53 / 100  # the largest budget still splits exactly
+    with pytest.raises(ValueError, match="units would not add up exactly"):
+        thompson_split(CTR, 5e13)  # near 2**53 cents, float amounts cannot hold every cent
+    rng = np.random.default_rng(0)
+    for budget in rng.uniform(2.0**50 / 100, 2.0**51 / 100, 3000).round(2):  # the floors' rounding overshot here
+        amounts = split_budget(rng.random(int(rng.integers(2, 6))), budget)
+        cents = [round(amount * 100) for amount in amounts]  # a float sum of such amounts is not exact
+        assert sum(cents) == round(budget * 100) and min(cents) >= 0, budget
     with pytest.raises(ValueError, match="shares must be finite"):
         split_budget([np.inf, 1], 1.0)
