@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +57,10 @@ ENV_APP_DB = "PRECOMPUTE_APP_DB_URL"
 ENV_HOME = "PRECOMPUTE_HOME"
 ENV_REDIS_BINARY = "PRECOMPUTE_REDIS_SERVER"
 ENV_SERVICE_ROOT = "PRECOMPUTE_SERVICE_ROOT"
+RESTART_CLIENTS = (
+    "this home's {server} now asks for the password in {secret}: restart what was started with its old URLs "
+    '(precompute dev, a daemon, your services) after `eval "$(precompute env)"`'
+)
 HUNG_REDIS_S = 30.0  # our running Redis that times out this long (LOADING is an answer) fails `up` instead of waiting
 ENV_LAKE = "PRECOMPUTE_LAKE_URI"
 ENV_MODEL_STORE = "PRECOMPUTE_MODEL_STORE"
@@ -97,13 +102,22 @@ def port_taken(port: int) -> bool:
     return False
 
 
-def _names_home(url: str, secret: str) -> bool:
-    """Whether ``url`` names a server of 127.0.0.1 with the password ``secret`` (a home's own, whatever its port)."""
+def _staging(name: str) -> bool:
+    """Whether ``name`` is a temporary file of the stack's in the home (of a write that was killed)."""
+    return re.fullmatch(r"\.secret\.\d+\.[0-9a-f]+|stack\.\d+\.tmp", name) is not None
+
+
+def _names_home(url: str, secret: str | None, ports: Collection[int]) -> bool:
+    """Whether ``url`` names a home's own server: of 127.0.0.1 with its password ``secret``, whatever its port, or
+    with no password on one of its ``ports`` (exported before the home had a password: `up` then gives it one)."""
     from urllib.parse import unquote, urlsplit
 
     try:
         parts = urlsplit(url)
-        return parts.hostname == "127.0.0.1" and unquote(parts.password or "") == secret
+        if parts.hostname != "127.0.0.1":
+            return False
+        password = unquote(parts.password or "")
+        return (secret is not None and password == secret) or (not password and parts.port in ports)
     except ValueError:  # a port or host that cannot be read: not one of ours
         return False
 
@@ -271,10 +285,16 @@ class RedisServer:
         if not running:
             if reachable(self.url, timeout_s=0.2):
                 raise RedisError(f"port {self.port} is in use by another program; Redis cannot start there")
+            # Its config holds the password and its AOF the cache: the folder is ours alone (a home made before
+            # passwords had it 0755, its files 0644).
             self.dir.mkdir(parents=True, exist_ok=True)
+            self.dir.chmod(0o700)
             _, version = server_version(self.binary)
             conf = self.dir / "redis.conf"
-            conf.write_text("\n".join(self.config(version)) + "\n")
+            conf.unlink(missing_ok=True)
+            descriptor = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(descriptor, "w") as file:
+                file.write("\n".join(self.config(version)) + "\n")
             result = subprocess.run([self.binary, str(conf)], capture_output=True, text=True)
             if result.returncode != 0:
                 raise RedisError(f"{self.binary} failed: {one_line(result.stdout + result.stderr)[-500:]}")
@@ -317,8 +337,13 @@ class RedisServer:
                 except redis.AuthenticationError as error:
                     if self.pid is not None:  # else another program's server, told below
                         self._require_password(error)
-                except (redis.TimeoutError, redis.ResponseError) as error:  # hung, stopped, or BUSY in a script
+                except (redis.TimeoutError, redis.ResponseError) as error:
                     now, pid = time.monotonic(), self.pid
+                    refused = isinstance(error, redis.ResponseError) and not str(error).startswith("BUSY")
+                    if pid is not None and refused:  # NOPERM, ...: an answer, not a hang
+                        message = f"our Redis on port {self.port} refuses PING: {one_line(str(error))}"
+                        raise RedisError(message) from None
+                    # hung, stopped, or BUSY running a script
                     silent_since = silent_since or now
                     if pid is not None and now - silent_since > HUNG_REDIS_S:
                         raise RedisError(
@@ -352,6 +377,8 @@ class RedisServer:
         try:
             bare.ping()
             bare.config_set("requirepass", self.password)
+            self.dir.chmod(0o700)  # its AOF was readable by every account
+            print(RESTART_CLIENTS.format(server="Redis", secret=self.dir.parent / "secret"), file=sys.stderr)
         except redis.AuthenticationError:
             if refusal is not None:
                 raise RedisError(
@@ -557,12 +584,27 @@ class PostgresServer:
             raise StackError(
                 f"{ENV_SERVICE_ROOT}={self.services} must be a real folder owned by root and writable only by root"
             )
-        for folder in self.services.resolve().parents:  # the service user must pass through each of them
-            if not os.stat(folder).st_mode & stat.S_IXOTH:
-                raise StackError(
-                    f"{folder} (mode {stat.S_IMODE(os.stat(folder).st_mode):04o}) keeps {PG_SYSTEM_USER} out of "
-                    f"{ENV_SERVICE_ROOT}={self.services}: choose a folder whose parents others may enter"
-                )
+        # The service user must pass through every parent: asked of the system as that user (modes, groups, ACLs).
+        if not self._service_user_enters(self.services):
+            parents = reversed(self.services.resolve().parents)
+            blocked = next((folder for folder in parents if not self._service_user_enters(folder)), self.services)
+            raise StackError(
+                f"{blocked} (mode {stat.S_IMODE(os.stat(blocked).st_mode):04o}) keeps {PG_SYSTEM_USER} out of "
+                f"{ENV_SERVICE_ROOT}={self.services}: choose a folder whose parents it may enter"
+            )
+
+    def _service_user_enters(self, folder: Path) -> bool:
+        """Whether the PostgreSQL service user can enter ``folder`` (as root: tried as that user)."""
+        entry = ensure_system_user(PG_SYSTEM_USER)
+        tried = subprocess.run(
+            ["/bin/sh", "-c", 'cd "$1"', "sh", str(folder)],
+            user=entry.pw_uid,
+            group=entry.pw_gid,
+            extra_groups=[],
+            cwd="/",
+            capture_output=True,
+        )
+        return tried.returncode == 0
 
     def _prepare_runtime(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -692,6 +734,8 @@ class PostgresServer:
                 cur.execute("SELECT pg_reload_conf()")
         finally:
             conn.close()
+        if self.pid is not None:
+            print(RESTART_CLIENTS.format(server="PostgreSQL", secret=self.dir.parent / "secret"), file=sys.stderr)
 
     def _initdb(self) -> None:
         """Create the cluster in a staging folder, renamed into place once initdb succeeded: an ``up`` killed
@@ -702,13 +746,16 @@ class PostgresServer:
         auth = ["--auth=trust"]
         if self.password is not None:
             # initdb reads the password from a file the service user can read: in the runtime folder, its own.
+            # The folder is the service user's: as root, never follow what it may have put there (a symlink to a
+            # file of root's would be truncated, written and handed over), so the file is made anew, not followed.
             pwfile = self.runtime / ".pwfile"
-            descriptor = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            pwfile.unlink(missing_ok=True)
+            descriptor = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
             with os.fdopen(descriptor, "w") as file:
+                if self.as_root:
+                    entry = ensure_system_user(PG_SYSTEM_USER)
+                    os.fchown(file.fileno(), entry.pw_uid, entry.pw_gid)
                 file.write(self.password + "\n")
-            if self.as_root:
-                entry = ensure_system_user(PG_SYSTEM_USER)
-                os.chown(pwfile, entry.pw_uid, entry.pw_gid)
             auth = ["--auth=scram-sha-256", f"--pwfile={pwfile}"]
         try:
             self._run("initdb", "-D", str(staging), "-U", "postgres", *auth, "--encoding=UTF8")
@@ -726,7 +773,11 @@ class PostgresServer:
         try:
             conn = postgres_connect(self.url("postgres"))  # gives up after its connect timeout
         except psycopg2.Error as error:
-            raise StackError(f"PostgreSQL on port {self.port} does not accept connections: {error}".strip()) from None
+            hint = ""
+            if "password authentication failed" in str(error):
+                hint = f" ({self.dir.parent / 'secret'} no longer holds the password its cluster was given: restore it)"
+            message = f"PostgreSQL on port {self.port} does not accept connections: {one_line(str(error))}{hint}"
+            raise StackError(message) from None
         try:
             conn.autocommit = True
             with conn.cursor() as cur:  # not `with conn`: that opens a transaction
@@ -1031,12 +1082,15 @@ class Stack:
         names = (ENV_REDIS, ENV_DAGSTER_PG, ENV_APP_DB, ENV_LAKE, ENV_MODEL_STORE, ENV_TIMEZONE)
         self._externals = {name: os.environ.get(name) or None for name in names}
         self.state_file = self.home / "stack.json"
-        self.unwritable: str | None = None  # why the home cannot hold the stack's state: only `up` needs it
+        self.unwritable: str | None = None  # why the home cannot hold the stack's state: only `up` needs it then
         try:
             state, secret = self._ports(), self._secret()
-        except OSError as error:  # read-only, or not ours: `status` and `env` still show what the environment names
-            self.unwritable = f"{self.home} cannot hold the embedded servers' state: {error.strerror or error}"
-            state, secret = {"redis_port": 0, "pg_port": 0}, None
+        except OSError as error:
+            problem = f"{self.home} cannot hold the embedded servers' state: {error.strerror or error}"
+            if not all(self._externals[name] for name in (ENV_REDIS, ENV_DAGSTER_PG, ENV_APP_DB)):
+                raise StackError(problem) from None  # state of embedded servers that this command cannot read
+            # Every server is the environment's (a read-only root file system): `status` and `env` need no state.
+            self.unwritable, state, secret = problem, {"redis_port": 0, "pg_port": 0}, None
         self.redis = RedisServer(self.home / "redis", state["redis_port"], redis_password or secret)
         self.postgres = PostgresServer(self.home / "postgres", state["pg_port"], services=services, password=secret)
         # `eval "$(precompute env)"` exports this home's own URLs: they still name the embedded servers, also on a
@@ -1048,7 +1102,8 @@ class Stack:
         }
         for name, url in own.items():
             exported = self._externals[name]
-            if exported is not None and (sqlalchemy_url(exported) == url or _names_home(exported, secret)):
+            ports = (self.redis.port, self.postgres.port)
+            if exported is not None and (sqlalchemy_url(exported) == url or _names_home(exported, secret, ports)):
                 self._externals[name] = None
 
     def _read_ports(self) -> None:
@@ -1082,17 +1137,29 @@ class Stack:
     def _secret(self) -> str:
         """This home's password of its embedded servers, made once (URL-safe, mode 0600; the first writer wins)."""
         path = self.home / "secret"
+        if not path.exists():
+            # Written whole beside it, then linked into place: a concurrent reader never sees it empty.
+            staging = path.with_name(f".secret.{os.getpid()}.{secrets.token_hex(4)}")
+            try:
+                descriptor = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(descriptor, "w") as file:
+                    file.write(secrets.token_urlsafe(24) + "\n")
+                os.link(staging, path)
+            except FileExistsError:
+                pass  # another command of this home made it first
+            except OSError as error:
+                raise OSError(error.errno, f"cannot write {path}: {error.strerror or error}") from None
+            finally:
+                staging.unlink(missing_ok=True)
         try:
-            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
             secret = path.read_text().strip()
-            if not re.fullmatch(r"[A-Za-z0-9_-]{16,}", secret):
-                message = f"{path} does not hold this home's password: restore it, or delete it and the home"
-                raise StackError(message) from None
-            return secret
-        secret = secrets.token_urlsafe(24)
-        with os.fdopen(descriptor, "w") as file:
-            file.write(secret + "\n")
+        except OSError as error:
+            raise OSError(error.errno, f"cannot read {path}: {error.strerror or error}") from None
+        if not re.fullmatch(r"[A-Za-z0-9_-]{16,}", secret):
+            raise StackError(
+                f"{path} does not hold this home's password (empty or changed): restore it; its servers ask for the "
+                "password it held"
+            )
         return secret
 
     @property
@@ -1198,25 +1265,23 @@ class Stack:
             self.redis.stop()
             self.postgres.stop()
 
-    def purge(self) -> list[str]:
-        """Stop the embedded servers and delete all their state: what the stack keeps in the home, the home itself when
-        that leaves it empty, and its service folder. Returns the names of what else the home holds, kept: a mistaken
-        ``PRECOMPUTE_HOME`` (a user's home folder, a shared data folder) loses only what the stack made there."""
+    def purge(self) -> None:
+        """Stop the embedded servers and delete all their state: what the stack keeps in the home, the home, and its
+        service folder. A home that holds anything else is refused whole: a mistaken ``PRECOMPUTE_HOME`` (a user's
+        home folder, a shared data folder) may well hold a ``models`` or ``lake`` folder of its own."""
+        if self.home.is_dir():
+            others = sorted(
+                path.name for path in self.home.iterdir() if path.name not in HOME_ENTRIES and not _staging(path.name)
+            )
+            if others:
+                raise StackError(
+                    f"refusing to purge {self.home}: it also holds {', '.join(others[:5])}"
+                    f"{' and more' if len(others) > 5 else ''}, which the stack never made there (is it really "
+                    "PRECOMPUTE_HOME?); move them out, or delete the folder yourself after `precompute down`"
+                )
         self.down()
         self.postgres.remove()
-        for name in HOME_ENTRIES:
-            path = self.home / name
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
-        try:
-            self.home.rmdir()
-        except FileNotFoundError:
-            return []
-        except OSError:  # not empty
-            return sorted(path.name for path in self.home.iterdir())
-        return []
+        shutil.rmtree(self.home, ignore_errors=True)
 
     def status(self) -> list[ServiceStatus]:
         """Embedded servers by their pid; external ones by whether their port answers and then accepts our login;

@@ -23,7 +23,9 @@ from precompute_assets.stack import (
     RedisError,
     RedisServer,
     Stack,
+    StackError,
     default_redis_binary,
+    ensure_system_user,
     free_port,
     reachable,
     server_version,
@@ -68,13 +70,16 @@ def test_up_from_a_private_folder_changes_no_mode_or_owner_outside_its_own(sessi
                 assert stack.postgres.data.is_relative_to(service_root())
                 assert stat.S_IMODE(stack.postgres.data.stat().st_mode) == 0o700
         finally:
-            (home / "notes.txt").write_text("mine")  # not the stack's: a mistaken PRECOMPUTE_HOME lost everything
-            assert stack.purge() == ["notes.txt"]
+            (home / "models").mkdir(exist_ok=True)
+            (home / "models" / "mine.pt").write_text("x")
+            (home / "notes.txt").write_text("mine")  # not the stack's: a mistaken PRECOMPUTE_HOME was deleted whole
+            with pytest.raises(StackError, match=f"refusing to purge {home}: it also holds notes.txt, which"):
+                stack.purge()
+            assert (home / "models" / "mine.pt").exists() and stack.redis.pid is not None  # nothing done
+            (home / "notes.txt").unlink()
+            stack.purge()
         assert stack.postgres.pid is None and stack.redis.pid is None
-        assert not stack.postgres.data.exists()
-        assert sorted(path.name for path in home.iterdir()) == ["notes.txt"]
-        (home / "notes.txt").unlink()
-        assert Stack(home).purge() == [] and not home.exists()  # an empty home goes too
+        assert not stack.postgres.data.exists() and not home.exists()
     finally:
         import shutil
 
@@ -231,6 +236,10 @@ def test_a_service_root_under_a_folder_others_cannot_enter_is_refused_naming_it(
         services = private / "services"
         with pytest.raises(StackError, match=rf"{private} \(mode 0700\) keeps embedded_postgres out"):
             PostgresServer(tmp_path / "pg", free_port(), services=services).binaries()
+        # ... but a parent the service user enters by its group is fine (the mode bits of others alone refused it)
+        os.chown(private, 0, ensure_system_user(PG_SYSTEM_USER).pw_gid)
+        private.chmod(0o750)
+        assert PostgresServer(tmp_path / "pg", free_port(), services=services).binaries().is_dir()
     finally:
         shutil.rmtree(private)
 
@@ -325,22 +334,72 @@ def test_the_embedded_servers_ask_for_the_homes_password(stack: Stack) -> None:
     password = secret.read_text().strip()
     assert password in stack.env()[ENV_REDIS] and password in stack.env()[ENV_APP_DB]
     assert refuses_a_login_without_password(stack)
+    # Redis's config holds the password and its AOF the cache: both were readable by every account
+    assert stat.S_IMODE(stack.redis.dir.stat().st_mode) == 0o700
+    assert stat.S_IMODE((stack.redis.dir / "redis.conf").stat().st_mode) == 0o600
 
 
-def test_a_home_made_before_passwords_asks_for_one_after_its_next_up(tmp_path: Path, monkeypatch) -> None:
+def test_a_secret_that_no_longer_matches_is_named(tmp_path: Path) -> None:
+    """A deleted or replaced secret made a new password the cluster did not know: `up` said only that PostgreSQL
+    refused the login, and an empty one (a write cut short) said to delete the home."""
+    stack = Stack(tmp_path / "home")
+    secret = stack.home / "secret"
+    try:
+        stack.up()
+        stack.down()
+        kept = secret.read_text()
+        secret.write_text("Another-password-of-32-characters\n")
+        with pytest.raises(StackError, match=f"{secret} no longer holds the password its cluster was given"):
+            Stack(stack.home).up()
+        secret.write_text("")
+        with pytest.raises(StackError, match=rf"{secret} does not hold this home's password \(empty or changed\)"):
+            Stack(stack.home)
+        secret.write_text(kept)
+    finally:
+        Stack(stack.home).purge()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="initdb runs as the service user only as root")
+def test_initdb_never_follows_what_the_service_user_put_at_its_password_file(tmp_path: Path) -> None:
+    """The runtime folder is the service user's: root followed a symlink it planted at .pwfile, and truncated, wrote
+    the password into and handed over whatever file it named."""
+    services = Path(tempfile.mkdtemp(dir=os.environ["PRECOMPUTE_SERVICE_ROOT"]))
+    services.chmod(0o711)
+    victim = tmp_path / "victim"
+    victim.write_text("ORIGINAL")
+    server = PostgresServer(tmp_path / "pg", free_port(), services=services, password="p" * 24)
+    try:
+        server._prepare_runtime()
+        (server.runtime / ".pwfile").symlink_to(victim)
+        server._initdb()
+        assert victim.read_text() == "ORIGINAL" and victim.stat().st_uid == 0
+        assert (server.data / "global" / "pg_control").exists()
+    finally:
+        shutil.rmtree(services)
+
+
+def test_a_home_made_before_passwords_asks_for_one_after_its_next_up(tmp_path: Path, monkeypatch, capsys) -> None:
     """A cluster made with --auth=trust and a Redis started without requirepass, both running, get the home's
-    password at the next `up` and keep it across a restart."""
+    password at the next `up` and keep it across a restart; also from a shell that exported the old URLs (they
+    counted as external servers, so the upgrade was skipped), and saying that running clients must restart."""
     home = tmp_path / "home"
-    monkeypatch.setattr(Stack, "_secret", lambda self: None)  # as before passwords
-    old = Stack(home)
+    with monkeypatch.context() as before:
+        before.setattr(Stack, "_secret", lambda self: None)  # as before passwords
+        old = Stack(home)
     try:
         old.up()
         assert not refuses_a_login_without_password(old)
-        monkeypatch.undo()
+        for name, value in old.env().items():  # `eval "$(precompute env)"` of that version
+            monkeypatch.setenv(name, value)
         new = Stack(home)
+        assert new.embeds(ENV_REDIS) and new.embeds(ENV_APP_DB) and new.embeds("DAGSTER_PG_URL")
+        capsys.readouterr()
         new.up()  # the servers still run: given the password in place
+        said = capsys.readouterr().err
+        assert "this home's Redis now asks for the password" in said and "PostgreSQL now asks" in said, said
         assert new.redis.pid == old.redis.pid and new.postgres.pid == old.postgres.pid
         assert refuses_a_login_without_password(new)
+        assert stat.S_IMODE(new.redis.dir.stat().st_mode) == 0o700  # its AOF was readable by every account
         with psycopg2.connect(libpq_url(new.env()[ENV_APP_DB])) as conn, conn.cursor() as cur:
             cur.execute("SELECT 1")
         new.down()

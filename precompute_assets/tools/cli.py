@@ -83,10 +83,8 @@ def cmd_up(args: argparse.Namespace) -> int:
 def cmd_down(args: argparse.Namespace) -> int:
     stack = Stack()
     if args.purge:
-        kept = stack.purge()
+        stack.purge()
         print(f"embedded services stopped; their data is deleted ({stack.home} and {stack.postgres.runtime})")
-        if kept:
-            print(f"kept {stack.home}: it also holds {', '.join(kept)}, which are not the stack's", file=sys.stderr)
     else:
         stack.down()
         print("embedded services stopped")

@@ -1150,11 +1150,16 @@ def test_bad_environments_are_one_line_and_exit_2_not_a_traceback(tmp_path, monk
     a_file = tmp_path / "a file"
     a_file.write_text("")
     cases = [  # (environment, command, what the line says); none starts a server
-        ({"PRECOMPUTE_HOME": str(a_file)}, ["env"], "FileExistsError"),
-        # (status names a URL whose host:port cannot be read as an invalid URL: test_status_names_an_external_url_...)
-        ({"PRECOMPUTE_HOME": str(a_file)}, ["status"], "FileExistsError"),
         ({"PRECOMPUTE_REDIS_URL": "redis://127.0.0.1:1/0?cluster=1"}, ["cache", "stats"], "RedisClusterException"),
     ]
+    # A home that is a file: the stack's own error, one line naming it (it was a bare FileExistsError)
+    # (status names a URL whose host:port cannot be read as an invalid URL: test_status_names_an_external_url_...)
+    for command in (["env"], ["status"], ["down"]):
+        with monkeypatch.context() as patched:
+            patched.setenv("PRECOMPUTE_HOME", str(a_file))
+            assert main(command) == 2, command
+            err = capsys.readouterr().err
+            assert err == f"precompute {command[0]}: {a_file} cannot hold the embedded servers' state: File exists\n"
     for environment, command, says in cases:
         with monkeypatch.context() as patched:
             patched.setenv("PRECOMPUTE_HOME", str(tmp_path / "home"))
