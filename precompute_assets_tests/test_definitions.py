@@ -147,6 +147,43 @@ def test_a_late_precompute_is_of_the_day_before_the_newest_window():
     assert in_window.partition_key == "2026-11-19" and "precompute/late" not in in_window.tags
 
 
+def test_a_day_a_backfill_ran_gets_no_late_run():
+    """A backfill or a launch from the UI has no run key: the late catch-up looked for its run key only, so every
+    tick after the window launched the whole graph of that day again."""
+    tz = ZoneInfo("UTC")
+    with dg.instance_for_test() as instance:
+        _logs_done(instance, "2026-11-19")
+        tags = {"dagster/partition": "2026-11-19", "dagster/backfill": "abc"}
+        instance.add_run(dg.DagsterRun(job_name="daily_precompute_job", run_id="b" * 36, tags=tags))
+        skipped = _precompute(datetime(2026, 11, 20, 10, tzinfo=tz), "UTC", instance)
+        assert not skipped.run_requests and "2026-11-19 already has a run (run bbbbbbbb" in skipped.skip_message
+
+
+def test_daily_precompute_skips_the_day_before_the_first_partition():
+    """On a deployment's first night, yesterday is no partition: the tick says so instead of waiting for its logs."""
+    schedule = {s.name: s for s in build_schedules(Partitions("UTC", "2026-11-20"))}["daily_precompute"]
+    moment = datetime(2026, 11, 20, 2, tzinfo=ZoneInfo("UTC"))
+    with (
+        dg.instance_for_test() as instance,
+        dg.build_schedule_context(instance, scheduled_execution_time=moment) as context,
+    ):
+        first_night = schedule.evaluate_tick(context)
+    assert not first_night.run_requests
+    assert first_night.skip_message == "2026-11-19 is before the first partition (2026-11-20)"
+
+
+def test_daily_precompute_on_dst_days():
+    tz = ZoneInfo("America/New_York")
+    schedule = {s.name: s for s in build_schedules(Partitions("America/New_York"))}["daily_precompute"]
+    for month, day in ((3, 8), (11, 1)):  # spring forward: no 02:00; fall back: 01:00 twice
+        requested = set()
+        for tick in ticks(schedule, datetime(2026, month, day, tzinfo=tz), datetime(2026, month, day, 23, tzinfo=tz)):
+            for request in _precompute(tick).run_requests:
+                requested.add((request.partition_key, request.run_key))
+        previous = f"2026-{month:02d}-{day - 1:02d}" if day > 1 else "2026-10-31"
+        assert requested == {(previous, f"precompute-{previous}")}, (month, day)
+
+
 def _logs_done(instance, day: str, hours: int = 24) -> None:
     for hour in DEFAULT_PARTITIONS.hours_of(day)[:hours]:
         instance.report_runless_asset_event(dg.AssetMaterialization("query_logs", partition=hour))
