@@ -291,10 +291,7 @@ class RedisServer:
             self.dir.chmod(0o700)
             _, version = server_version(self.binary)
             conf = self.dir / "redis.conf"
-            conf.unlink(missing_ok=True)
-            descriptor = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(descriptor, "w") as file:
-                file.write("\n".join(self.config(version)) + "\n")
+            write_private(conf, "\n".join(self.config(version)) + "\n")
             result = subprocess.run([self.binary, str(conf)], capture_output=True, text=True)
             if result.returncode != 0:
                 raise RedisError(f"{self.binary} failed: {one_line(result.stdout + result.stderr)[-500:]}")
@@ -398,6 +395,18 @@ class RedisServer:
             return
         os.kill(pid, signal.SIGTERM)  # the server flushes the AOF and exits on SIGTERM
         wait_for_exit(pid, timeout_s)
+
+
+def write_private(path: Path, text: str, *, owner: tuple[int, int] | None = None) -> None:
+    """Write ``text`` into a new file ``path`` only its owner may read (0600; ``owner``, a uid and gid, gets it before
+    anything is written). What was at ``path`` is removed, never followed: a symlink planted there is not written
+    through."""
+    path.unlink(missing_ok=True)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        if owner is not None:
+            os.fchown(file.fileno(), *owner)
+        file.write(text)
 
 
 def config_string(value: object) -> str:
@@ -734,8 +743,7 @@ class PostgresServer:
                 cur.execute("SELECT pg_reload_conf()")
         finally:
             conn.close()
-        if self.pid is not None:
-            print(RESTART_CLIENTS.format(server="PostgreSQL", secret=self.dir.parent / "secret"), file=sys.stderr)
+        print(RESTART_CLIENTS.format(server="PostgreSQL", secret=self.dir.parent / "secret"), file=sys.stderr)
 
     def _initdb(self) -> None:
         """Create the cluster in a staging folder, renamed into place once initdb succeeded: an ``up`` killed
@@ -749,13 +757,8 @@ class PostgresServer:
             # The folder is the service user's: as root, never follow what it may have put there (a symlink to a
             # file of root's would be truncated, written and handed over), so the file is made anew, not followed.
             pwfile = self.runtime / ".pwfile"
-            pwfile.unlink(missing_ok=True)
-            descriptor = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-            with os.fdopen(descriptor, "w") as file:
-                if self.as_root:
-                    entry = ensure_system_user(PG_SYSTEM_USER)
-                    os.fchown(file.fileno(), entry.pw_uid, entry.pw_gid)
-                file.write(self.password + "\n")
+            entry = ensure_system_user(PG_SYSTEM_USER) if self.as_root else None
+            write_private(pwfile, self.password + "\n", owner=(entry.pw_uid, entry.pw_gid) if entry else None)
             auth = ["--auth=scram-sha-256", f"--pwfile={pwfile}"]
         try:
             self._run("initdb", "-D", str(staging), "-U", "postgres", *auth, "--encoding=UTF8")
@@ -1100,9 +1103,9 @@ class Stack:
             ENV_DAGSTER_PG: self.postgres.url(DAGSTER_DB),
             ENV_APP_DB: self.postgres.url(APP_DB),
         }
+        ports = (self.redis.port, self.postgres.port)
         for name, url in own.items():
             exported = self._externals[name]
-            ports = (self.redis.port, self.postgres.port)
             if exported is not None and (sqlalchemy_url(exported) == url or _names_home(exported, secret, ports)):
                 self._externals[name] = None
 
@@ -1141,9 +1144,7 @@ class Stack:
             # Written whole beside it, then linked into place: a concurrent reader never sees it empty.
             staging = path.with_name(f".secret.{os.getpid()}.{secrets.token_hex(4)}")
             try:
-                descriptor = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                with os.fdopen(descriptor, "w") as file:
-                    file.write(secrets.token_urlsafe(24) + "\n")
+                write_private(staging, secrets.token_urlsafe(24) + "\n")
                 os.link(staging, path)
             except FileExistsError:
                 pass  # another command of this home made it first
