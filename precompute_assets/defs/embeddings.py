@@ -18,7 +18,7 @@ from ..storage.embeddings import EmbeddingStore, sample_documents
 from ..sync.embedding_quality import int8_recall
 from ..sync.embeddings import SyncStats, lost_redis_version, sync_embeddings
 from .freshness import EMBEDDINGS_FRESHNESS
-from .publishing import GRACE_SECONDS
+from .publishing import GRACE_SECONDS, expiry_problem
 from .resources import (
     AppDatabaseResource,
     DocumentStoreResource,
@@ -163,11 +163,9 @@ def sync_config_problem(config: EmbeddingSyncConfig) -> str | None:
         return f"chunk_size must be at least 1, got {config.chunk_size}"
     if config.dtype not in DTYPE_CODES:
         return f"unknown dtype {config.dtype!r}: use one of {', '.join(sorted(DTYPE_CODES))}"
-    if config.ttl_days < 1:
-        return f"ttl_days must be at least 1, got {config.ttl_days}"
-    if config.grace_seconds < 0:
-        return f"grace_seconds must be at least 0, got {config.grace_seconds}"
-    return None
+    return expiry_problem("ttl_days", config.ttl_days, 1, 86_400) or expiry_problem(
+        "grace_seconds", config.grace_seconds, 0, 1
+    )
 
 
 def current_model_path(instance: dg.DagsterInstance) -> Path:

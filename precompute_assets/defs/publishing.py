@@ -106,6 +106,8 @@ def ctr_cache(
         # A full server refuses writes (maxmemory reached, and its policy has nothing with a TTL to evict, or is
         # noeviction). The version replaced by an earlier flip may free room when its grace ends: still retried.
         raise dg.Failure(description=out_of_memory(client, error)) from None
+    except ValueError as error:  # keys it refuses before writing (given twice, malformed): a retry sends the same
+        raise dg.Failure(description=f"nothing published: {error}", allow_retries=False) from None
     over = newer
     if config.rollback and over is None and result.already_current:
         # A retry of a rollback whose flip landed: the version it replaced is the one its flip remembered.
@@ -145,14 +147,23 @@ def ctr_cache(
     )
 
 
+MAX_EXPIRE_S = 10**15  # Redis refuses an EXPIRE whose time in ms from the epoch overflows 64 bits (about 9.2e15 s)
+
+
 def publish_config_problem(config: PublishConfig) -> str | None:
     """Why ``config`` cannot publish, or None. Redis deletes a key whose expiry is not in the future: with
-    ``ttl_hours`` 0 every bucket vanished as it was written, and the publish failed as if Redis had evicted them."""
-    if config.ttl_hours < 1:
-        return f"ttl_hours must be at least 1, got {config.ttl_hours}"
-    if config.grace_seconds < 0:
-        return f"grace_seconds must be at least 0, got {config.grace_seconds}"
-    return None
+    ``ttl_hours`` 0 every bucket vanished as it was written, and the publish failed as if Redis had evicted them. One
+    past what Redis takes failed at its EXPIRE, for ``grace_seconds`` after the flip, and every retry again."""
+    return expiry_problem("ttl_hours", config.ttl_hours, 1, 3600) or expiry_problem(
+        "grace_seconds", config.grace_seconds, 0, 1
+    )
+
+
+def expiry_problem(name: str, value: int, least: int, unit_s: int) -> str | None:
+    """Why a config's ``name`` (``value`` units of ``unit_s`` seconds) is not an expiry Redis takes, or None."""
+    if least <= value <= MAX_EXPIRE_S // unit_s:
+        return None
+    return f"{name} must be from {least} to {MAX_EXPIRE_S // unit_s}, got {value}"
 
 
 def rolled_back_over(instance: dg.DagsterInstance) -> str | None:
@@ -380,8 +391,8 @@ def restore_ctr_version(
 ) -> None:
     # An op, not a ctr_cache materialization: the newest materialization carries an operator's rollback hold
     # (rolled_back_over), and its time is ctr_cache's freshness; a restore changes neither. It is an observation.
-    if config.ttl_hours < 1:
-        raise dg.Failure(description=f"ttl_hours must be at least 1, got {config.ttl_hours}", allow_retries=False)
+    if problem := expiry_problem("ttl_hours", config.ttl_hours, 1, 3600):
+        raise dg.Failure(description=problem, allow_retries=False)
     client = redis.client()
     try:
         restore_served_version(context, config, lake, redis, client)

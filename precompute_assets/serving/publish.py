@@ -13,6 +13,7 @@ Campaign live values cannot be one transaction across slots: there each slot's k
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import math
@@ -127,6 +128,8 @@ def publish_version(
         raise ValueError(f"publish of {kind} {version}: expected {n_keys} keys, got {len(pairs)}")
     keys, raw_values = zip(*pairs, strict=True) if pairs else ((), ())
     check_keys(keys)
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"publish of {kind} {version}: {_duplicates(keys)}")
     fields = list(map(str.encode, keys))
     values = encode_many(codec, list(raw_values))
     written, n_bytes = len(pairs), sum(map(len, fields)) + sum(map(len, values))
@@ -144,6 +147,7 @@ def publish_version(
     names = [schema.bucket(kind, version, index).encode() for index in range(buckets)]
     filled = [(name, bucket) for name, bucket in zip(names, grouped, strict=True) if bucket]
     ttl = None if ttl_s is None else str(ttl_s).encode()
+    writing = False  # buckets of a version readers are not on are being written
     try:
         primary = follow_primary(client)  # a long-lived publisher's connections may be older than a failover
         (current,) = run_commands(client, [(b"GET", schema.pointer(kind).encode())])
@@ -160,6 +164,7 @@ def publish_version(
             return PublishResult(
                 kind, version, written, buckets, n_bytes, seconds, None, True, handed, settle_error, mended
             )
+        writing = True
         if _existing(client, names):
             # A retry of this version: start clean so no field of the failed attempt survives.
             send_commands(client, [(b"DEL", name) for name in names])
@@ -184,9 +189,21 @@ def publish_version(
             send_commands(client, [(b"DEL", name) for name in filled_names])  # give the memory back to the live one
             raise IncompleteVersionError(
                 f"publish of {kind} version {version}: {len(filled) - present} of {len(filled)} buckets were evicted "
-                f"while being written{_memory_note(client)}; readers stay on the previous version: give Redis more "
-                "memory, or publish fewer keys"
+                f"while being written{_memory_note(client)}; readers stay on the previous version"
+                f"{_current_losses(client, schema, kind, current)}: give Redis more memory, or publish fewer keys"
             )
+    except redis.exceptions.OutOfMemoryError as error:
+        if not writing:  # mending the current version: its buckets are what readers are on
+            raise
+        # Refused at maxmemory (noeviction, or nothing volatile left): the partial buckets would hold their memory for
+        # the whole TTL, and every write after this one (live values, the next publish) would be refused too.
+        with contextlib.suppress(*REDIS_ERRORS):
+            send_commands(client, [(b"DEL", name) for name in names])
+        error.add_note(
+            f"publish of {kind} version {version} failed before its flip: readers stay on the previous version, "
+            "and the partial buckets were deleted; give Redis more memory, or publish fewer keys, then retry"
+        )
+        raise
     except REDIS_ERRORS as error:
         error.add_note(
             f"publish of {kind} version {version} failed before its flip: readers stay on the previous version, "
@@ -370,6 +387,31 @@ def missing_buckets(client: redis.Redis, schema: KeySchema, kind: str, pointer: 
     lost in a failover): one round trip. An empty version (no keys) has no bucket at all."""
     names = [schema.bucket(kind, pointer.version, index).encode() for index in sampled_buckets(pointer)]
     return len(names) - _existing(client, names)
+
+
+def _duplicates(keys: Sequence[str]) -> str:
+    """What a publish says of ``keys`` that hold some key twice: a bucket keeps one value a key, so the count
+    recorded for the version (and probation's sizing by it) would be wrong, and which value wins arbitrary."""
+    repeated = [key for key, count in collections.Counter(keys).items() if count > 1]
+    shown = ", ".join(map(repr, repeated[:3])) + (", ..." if len(repeated) > 3 else "")
+    return f"{len(repeated)} keys appear more than once ({shown}): give one value a key"
+
+
+def _current_losses(client: redis.Redis, schema: KeySchema, kind: str, current: bytes | None) -> str:
+    """``, but the version they are on lost B of its N buckets too`` when a volatile policy evicted the current
+    version's buckets along with the new ones (they carry a TTL too); nothing when it lost none or cannot be told."""
+    try:
+        pointer = None if current is None else Pointer.decode(current)
+        if pointer is None or not pointer.buckets:
+            return ""
+        names = [schema.bucket(kind, pointer.version, index).encode() for index in range(pointer.buckets)]
+        lost = len(names) - _existing(client, names)
+    except (*REDIS_ERRORS, ValueError):
+        return ""
+    if not lost:
+        return ""
+    return (f", but the version they are on ({pointer.version}) lost {lost} of its {len(names)} buckets too (readers "
+            "miss those keys until it is published again)")  # fmt: skip
 
 
 def _memory_note(client: redis.Redis) -> str:

@@ -576,8 +576,9 @@ def test_fewer_documents_than_dimensions_fail_the_fit_saying_what_to_change(docs
     [
         ({"chunk_size": 0}, "chunk_size must be at least 1, got 0"),
         ({"dtype": "int16"}, "unknown dtype 'int16': use one of float32, int8"),
-        ({"ttl_days": 0}, "ttl_days must be at least 1, got 0"),
-        ({"grace_seconds": -1}, "grace_seconds must be at least 0, got -1"),
+        ({"ttl_days": 0}, "ttl_days must be from 1 to 11574074074, got 0"),
+        ({"grace_seconds": -1}, "grace_seconds must be from 0 to 1000000000000000, got -1"),
+        ({"ttl_days": 10**11}, "ttl_days must be from 1 to 11574074074, got 100000000000"),
     ],
 )
 def test_a_bad_sync_config_fails_once_in_one_line(docs, app_db, redis_url, redis_client, schema, tmp_path, config,

@@ -68,8 +68,11 @@ def test_a_rollback_hands_none_of_the_bad_days_values_to_probations_live_tier(
 @pytest.mark.parametrize(
     ("config", "message"),
     [
-        ({"ttl_hours": 0}, "ttl_hours must be at least 1, got 0"),
-        ({"grace_seconds": -1}, "grace_seconds must be at least 0, got -1"),
+        ({"ttl_hours": 0}, "ttl_hours must be from 1 to 277777777777, got 0"),
+        ({"grace_seconds": -1}, "grace_seconds must be from 0 to 1000000000000000, got -1"),
+        # Past what Redis's EXPIRE takes: the step failed after its flip, and each retry again.
+        ({"grace_seconds": 10**16}, "grace_seconds must be from 0 to 1000000000000000, got 10000000000000000"),
+        ({"ttl_hours": 10**13}, "ttl_hours must be from 1 to 277777777777, got 10000000000000"),
     ],
 )
 def test_a_bad_ttl_or_grace_is_refused_in_one_line_without_retries(

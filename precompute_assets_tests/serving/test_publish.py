@@ -206,6 +206,48 @@ def test_a_version_evicted_while_written_is_never_flipped_to(redis_server, schem
     client.close()
 
 
+def test_a_version_evicted_while_written_says_what_the_current_version_lost_too(redis_server, schema):
+    """Under a volatile policy the buckets of the version readers are on carry a TTL too, and an idle one goes first:
+    the refusal said only "readers stay on the previous version", which then had holes. It now says how many."""
+    server = redis_server(extra_config=("maxmemory-policy volatile-lru",))
+    client = connect(server.url, socket_timeout=5)
+    old = [(f"ad{i}", 0.5) for i in range(20_000)]
+    publish_version(client, "ctr", "v1", old, n_keys=len(old), schema=schema)
+    client.config_set("maxmemory", client.info("memory")["used_memory"] + 200_000)
+    items = [(f"ad{i:06d}", 0.25) for i in range(100_000)]
+    with pytest.raises(publish_module.IncompleteVersionError) as refused:
+        publish_version(client, "ctr", "v2", items, n_keys=len(items), schema=schema)
+    buckets = bucket_count(len(old))
+    lost = buckets - sum(client.exists(schema.bucket("ctr", "v1", index)) for index in range(buckets))
+    assert lost and f"the version they are on (v1) lost {lost} of its {buckets} buckets too" in str(refused.value)
+    client.close()
+
+
+def test_a_publish_refused_at_maxmemory_deletes_its_partial_buckets(redis_server, schema):
+    """Under noeviction the write that crosses maxmemory fails: the buckets written before it held their memory for
+    the whole TTL (48 h), and every later write (live values, the next publish) was refused too."""
+    server = redis_server(extra_config=("maxmemory-policy noeviction",))
+    client = connect(server.url, socket_timeout=5)
+    publish_version(client, "ctr", "v1", [(f"ad{i}", 0.5) for i in range(100)], n_keys=100, schema=schema)
+    client.config_set("maxmemory", client.info("memory")["used_memory"] + 1_000_000)
+    items = [(f"ad{i:06d}", 0.25) for i in range(100_000)]
+    with pytest.raises(redis.exceptions.OutOfMemoryError) as refused:
+        publish_version(client, "ctr", "v2", items, n_keys=len(items), schema=schema)
+    assert "the partial buckets were deleted" in "".join(refused.value.__notes__)
+    assert not client.keys(f"{schema.bucket('ctr', 'v2', 0)[:-1]}*")
+    assert PredictionCache(client, schema=schema, pointer_ttl_s=0).get("ctr", "ad7") == pytest.approx(0.5)
+    client.set(f"{schema.prefix}:room", b"x" * 100_000)  # the memory is free again
+    client.close()
+
+
+def test_a_publish_refuses_a_key_given_twice_before_writing(redis_client, schema):
+    """A key given twice was stored once (the last value won) while the version recorded both in its key count."""
+    items = [("a", 0.1), ("b", 0.5), ("a", 0.9)]
+    with pytest.raises(ValueError, match=r"1 keys appear more than once \('a'\)"):
+        publish_version(redis_client, "ctr", "v1", items, n_keys=3, schema=schema)
+    assert redis_client.keys(f"{schema.prefix}:*") == []
+
+
 def test_a_publish_counts_its_buckets_a_pipeline_at_a_time(redis_server, schema):
     """A publish checks its buckets before writing (a retry starts clean) and after (none evicted): that was one
     EXISTS naming every bucket, 15,625 at a million keys (5-9 ms of server time seen), more for a bigger version,
