@@ -13,9 +13,12 @@ import pytest
 from precompute_assets.definitions import build_definitions, defs
 from precompute_assets.defs.automation import build_schedules, precompute_request
 from precompute_assets.defs.partitions import DEFAULT_PARTITIONS, Partitions
+from precompute_assets.defs.resources import RedisResource
 from precompute_assets.defs.settings import SettingError, Settings
 
 SETTINGS = ("PRECOMPUTE_TIMEZONE", "PRECOMPUTE_PARTITIONS_START")
+# The drains ask Redis for their stream's oldest entry; a server that does not answer skips that, with a warning.
+NO_REDIS = {"redis": RedisResource(url="redis://127.0.0.1:1/0", socket_timeout_s=1, retries=0)}
 
 
 @pytest.fixture(autouse=True)
@@ -89,7 +92,9 @@ def test_cleanup_runs_at_three_local_time_even_on_dst_days():
 
 def test_hourly_schedule_requests_the_previous_hour():
     schedule = repo().get_schedule_def("query_logs_hourly")
-    context = dg.build_schedule_context(scheduled_execution_time=datetime(2026, 11, 20, 11, 5, tzinfo=ZoneInfo("UTC")))
+    context = dg.build_schedule_context(
+        scheduled_execution_time=datetime(2026, 11, 20, 11, 5, tzinfo=ZoneInfo("UTC")), resources=NO_REDIS
+    )
     requests = list(schedule.evaluate_tick(context).run_requests)
     assert [r.partition_key for r in requests] == ["2026-11-20-10:00"]
 
@@ -113,7 +118,7 @@ def test_each_hourly_drain_requests_the_hour_that_just_ended_on_dst_days(timezon
         schedule = r.get_schedule_def(name)
         requested = []
         for tick in ticks(schedule, datetime(2026, *day, tzinfo=tz), datetime(2026, *day, 5, tzinfo=tz)):
-            context = dg.build_schedule_context(scheduled_execution_time=tick, repository_def=r)
+            context = dg.build_schedule_context(scheduled_execution_time=tick, repository_def=r, resources=NO_REDIS)
             requested += [q.partition_key for q in schedule.evaluate_tick(context).run_requests]
         assert requested == expected, name
 
@@ -262,7 +267,9 @@ def test_the_environment_moves_every_partition_and_schedule(monkeypatch):
     # the hourly drain follows the deployment's hours
     hourly = r.get_schedule_def("query_logs_hourly")
     tz = ZoneInfo("America/New_York")
-    context = dg.build_schedule_context(scheduled_execution_time=datetime(2026, 11, 20, 11, 5, tzinfo=tz))
+    context = dg.build_schedule_context(
+        scheduled_execution_time=datetime(2026, 11, 20, 11, 5, tzinfo=tz), resources=NO_REDIS
+    )
     assert [q.partition_key for q in hourly.evaluate_tick(context).run_requests] == ["2026-11-20-10:00"]
 
 

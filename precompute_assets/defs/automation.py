@@ -323,6 +323,7 @@ def build_schedules(partitions: Partitions) -> list:
             "query_logs",
             partitions.hourly,
             name="query_logs_hourly",
+            stream=KeySchema.query_log,
             description=f"Drain the previous hour of query logs, 5 minutes past every hour ({timezone}); after a "
             "daemon outage also every hour missed since the last one drained (up to a week).",
         ),

@@ -1,6 +1,7 @@
 """Query logs: the hourly partitions drained from the serving client's Redis Stream, and their cleanup."""
 
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo
@@ -11,6 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
+from ..serving.keys import KeySchema
 from ..serving.querylog import (
     expand_entries,
     quarantine_row,
@@ -324,6 +326,15 @@ def safe_trim_boundary(
     return cutoff_ms
 
 
+def oldest_entry_ms(client, stream: str) -> int | None:
+    """The arrival time (ms) of ``stream``'s oldest entry, or None when it holds none."""
+    first = client.xrange(stream, count=1)
+    if not first:
+        return None
+    entry = first[0][0]
+    return int((entry.decode() if isinstance(entry, bytes) else entry).split("-")[0])
+
+
 class CleanupConfig(dg.Config):
     retention_hours: int = Field(
         7 * 24, description="Stream entries older than this are trimmed, never those of an unmaterialized hour."
@@ -337,11 +348,10 @@ def trim_stream(
     materialized yet; ``marker`` (when given) records the boundary first. Logs and observes what went."""
     if retention_hours < 1:  # 0 or less put the cutoff at now or later: every drained hour's entries would go
         raise dg.Failure(description=f"retention_hours must be at least 1, got {retention_hours}", allow_retries=False)
-    first = client.xrange(stream, count=1)
-    if not first:
+    first_ms = oldest_entry_ms(client, stream)
+    if first_ms is None:
         context.log.info(f"{asset} stream is empty")
         return
-    first_ms = int(first[0][0].split(b"-")[0])
     now_ms = epoch_ms(datetime.now(tz=UTC))
     cutoff_ms = now_ms - retention_hours * 3_600_000
     materialized = context.instance.get_materialized_partitions(dg.AssetKey(asset))
@@ -353,7 +363,11 @@ def trim_stream(
             client.eval(RECORD_BOUNDARY, 1, marker, boundary)
         removed = trim_stream_before(client, stream, f"{boundary}-0")
     if boundary < cutoff_ms:
-        context.log.warning(f"stopped trimming the {asset} stream at an hour that is not materialized yet")
+        hour = hourly.get_partition_key_for_timestamp(boundary / 1000)
+        context.log.warning(
+            f"stopped trimming the {asset} stream at {hour}, an hour that is not materialized yet: its schedule drains "
+            f"it if it is at most {CATCH_UP_HOURS} hours old, else materialize {asset} for it (a backfill in the UI)"
+        )
     context.log.info(f"trimmed {removed} {asset} stream entries older than {boundary}")
     # An observation, not an op output: the job's IO manager stores DataFrames, and the UI plots these numbers.
     context.log_event(
@@ -494,17 +508,24 @@ query_logs_job = dg.define_asset_job(
 
 # --- the hourly drains -----------------------------------------------------------------------------------
 
+
 CATCH_UP_HOURS = 7 * 24  # after a daemon outage, drain at most this many missed hours (the stream's retention)
 
 
-def hours_to_drain(keys: list[str], materialized: set[str], busy: set[str], *, ever_materialized: bool) -> list[str]:
+def hours_to_drain(
+    keys: list[str], materialized: set[str], busy: set[str], *, ever_materialized: bool, first_logged: int | None = None
+) -> list[str]:
     """Of ``keys`` (the hours up to the one that just ended, oldest first): the last one, and every hour not
     ``materialized`` after the oldest one that is, when there is a drained hour to resume from: the hours a daemon
-    outage missed, and those whose drain failed, even when a later hour's succeeded; less the ``busy`` ones (a run
-    going)."""
+    outage missed, and those whose drain failed, even when a later hour's succeeded; also every one not materialized
+    from ``first_logged`` (the index of the first hour that may hold the stream's oldest entry) on: hours logged
+    before the first drain (the service ran before the daemon's first tick) were never drained, and the nightly trim
+    stopped at them for good; less the ``busy`` ones (a run going)."""
     done = [i for i, key in enumerate(keys) if key in materialized]
     # nothing drained in the window: all of it after an outage that long, only the last on a new deployment
     start = done[0] if done else (0 if ever_materialized else len(keys) - 1)
+    if first_logged is not None:
+        start = min(start, first_logged)
     wanted = [key for key in keys[start:] if key not in materialized]
     if keys and keys[-1] not in wanted:
         wanted.append(keys[-1])  # drained again, as every tick does (a hook for an hour imported before)
@@ -518,11 +539,13 @@ def build_drain_schedule(
     *,
     name: str,
     description: str,
+    stream: Callable[[KeySchema], str],
     catch_up_hours: int = CATCH_UP_HOURS,
 ) -> dg.ScheduleDefinition:
-    """5 past every hour, the hour that ended; also every hour since the first drained one that is not drained yet:
-    after a daemon outage (Dagster catches up no tick of a schedule like this: only the newest missed tick runs), and
-    after a drain that failed."""
+    """5 past every hour, the hour that ended; also every hour since the first drained one, or since the one of the
+    oldest entry of ``stream`` (its Redis key in a schema), that is not drained yet: after a daemon outage (Dagster
+    catches up no tick of a schedule like this: only the newest missed tick runs), after a drain that failed, and the
+    hours logged before the first drain."""
 
     @dg.schedule(
         name=name,
@@ -532,7 +555,7 @@ def build_drain_schedule(
         default_status=dg.DefaultScheduleStatus.RUNNING,
         description=description,
     )
-    def drain(context: dg.ScheduleEvaluationContext):
+    def drain(context: dg.ScheduleEvaluationContext, redis: RedisResource):
         tick = (context.scheduled_execution_time or datetime.now(UTC)).astimezone(UTC)
         window = dg.TimeWindow(tick - pd.Timedelta(hours=catch_up_hours), tick)
         # compared as instants: two times of one zone compare by wall clock, and a fall-back hour repeats it
@@ -549,7 +572,15 @@ def build_drain_schedule(
             materialized = context.instance.get_materialized_partitions(dg.AssetKey(asset_key))
             runs = context.instance.get_runs(dg.RunsFilter(job_name=job.name, statuses=ACTIVE_RUN_STATUSES))
             busy = {run.tags.get("dagster/partition") for run in runs}
-        wanted = hours_to_drain(keys, materialized, busy, ever_materialized=bool(materialized))
+        oldest = redis.sensor_check(lambda client, schema: oldest_entry_ms(client, stream(schema)), context.log,
+                                    f"the oldest entry of the {asset_key} stream")  # fmt: skip
+        first_logged = None
+        if oldest is not None:  # the first hour that ends after it: every hour from there may hold entries
+            ends = [partitions_def.time_window_for_partition_key(key).end.timestamp() * 1000 for key in keys]
+            first_logged = next((i for i, end in enumerate(ends) if end > oldest), None)
+        wanted = hours_to_drain(
+            keys, materialized, busy, ever_materialized=bool(materialized), first_logged=first_logged
+        )
         if not wanted:
             return dg.SkipReason(f"every missed hour of {asset_key} is being drained")
         # As Dagster's own partitioned schedules request them: the run key is the hour (a tick resumed after a crash

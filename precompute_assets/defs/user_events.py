@@ -11,6 +11,7 @@ import pyarrow.compute as pc
 from pydantic import Field
 
 from ..ml import next_action
+from ..serving import KeySchema
 from ..serving.events import events_stream, read_event_window, unknown_action, validate_event
 from ..serving.querylog import quarantine_row
 from ..storage.tables import quarantine_frame
@@ -314,6 +315,7 @@ def build_user_event_schedules(partitions: Partitions) -> list[dg.ScheduleDefini
             USER_EVENTS,
             partitions.hourly,
             name="user_events_hourly",
+            stream=KeySchema.events,
             description=f"Drain the previous hour of user events, 5 minutes past every hour ({timezone}); after a "
             "daemon outage also every hour missed since the last one drained (up to a week).",
         ),

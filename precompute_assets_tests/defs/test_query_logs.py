@@ -232,6 +232,28 @@ def test_entries_before_the_first_partition_never_hold_the_trim_back():
     assert safe_trim_boundary(before_start, _ms(5) + 10, done - {"2026-11-20-02:00"}, hourly) == _ms(2)
 
 
+def test_hours_logged_before_the_first_drain_are_drained_too(redis_url, redis_client, schema):
+    """A new deployment drained only the hour that just ended: a service that logged from 07:00 while the daemon's
+    first tick came at 10:05 left 07:00 and 08:00 undrained for good, and the nightly trim stopped at 07:00 forever
+    (the stream, without a TTL, then grew to its MAXLEN). The hours from the stream's oldest entry are drained."""
+    from precompute_assets.definitions import build_definitions
+    from precompute_assets.defs.settings import Settings
+
+    tick = datetime(2026, 11, 20, 10, 5, tzinfo=UTC)
+    for at in (datetime(2026, 11, 20, 7, 30, tzinfo=UTC), datetime(2026, 11, 20, 9, 10, tzinfo=UTC)):
+        redis_client.xadd(schema.query_log(), {"k": "ad1"}, id=f"{int(at.timestamp() * 1000)}-0")
+    schedule = build_definitions(Settings("UTC")).get_repository_def().get_schedule_def("query_logs_hourly")
+    resources = {"redis": RedisResource(url=redis_url, namespace=schema.namespace)}
+    with dg.instance_for_test() as instance:
+        with dg.build_schedule_context(instance, scheduled_execution_time=tick, resources=resources) as context:
+            requested = [request.partition_key for request in schedule.evaluate_tick(context).run_requests]
+        assert requested == ["2026-11-20-07:00", "2026-11-20-08:00", "2026-11-20-09:00"]
+        instance.report_runless_asset_event(dg.AssetMaterialization("query_logs", partition="2026-11-20-08:00"))
+        with dg.build_schedule_context(instance, scheduled_execution_time=tick, resources=resources) as context:
+            requested = [request.partition_key for request in schedule.evaluate_tick(context).run_requests]
+    assert requested == ["2026-11-20-07:00", "2026-11-20-09:00"]
+
+
 def test_cleanup_job_trims_only_materialized_hours(redis_url, redis_client, schema, lake_uri, pg_instance, app_db):
     old = HOUR_START_MS - 30 * 86_400_000  # 30 days ago: past retention
     old_hours = [HOURLY.get_partition_key_for_timestamp((old + h * 3_600_000) / 1000) for h in range(2)]
