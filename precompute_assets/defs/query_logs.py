@@ -532,6 +532,22 @@ def hours_to_drain(
     return [key for key in wanted if key not in busy]
 
 
+def imported_only(instance: dg.DagsterInstance, asset_key: str, hours: list[str]) -> set[str]:
+    """Of ``hours`` (materialized partitions of ``asset_key``), those that no run materialized: recorded only by an
+    import, outside any run, so never drained."""
+    if not hours:
+        return set()
+    drained: set[str] = set()
+    records_filter = dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset_key), asset_partitions=hours)
+    cursor = None
+    while True:
+        page = instance.fetch_materializations(records_filter, limit=1000, cursor=cursor)
+        drained.update(record.partition_key for record in page.records if record.run_id)
+        if not page.has_more:
+            return set(hours) - drained
+        cursor = page.cursor
+
+
 def build_drain_schedule(
     job: "UnresolvedAssetJobDefinition",
     asset_key: str,
@@ -578,6 +594,11 @@ def build_drain_schedule(
         if oldest is not None:  # the first hour that ends after it: every hour from there may hold entries
             ends = [partitions_def.time_window_for_partition_key(key).end.timestamp() * 1000 for key in keys]
             first_logged = next((i for i, end in enumerate(ends) if end > oldest), None)
+        if first_logged is not None and context.instance_ref is not None:
+            # An hour only an import recorded (``query-logs import``) may still hold the client's queries in the stream
+            # (the drain then replaces the import; it keeps it when the stream holds nothing for the hour).
+            recorded = [key for key in keys[first_logged:] if key in materialized]
+            materialized = materialized - imported_only(context.instance, asset_key, recorded)
         wanted = hours_to_drain(
             keys, materialized, busy, ever_materialized=bool(materialized), first_logged=first_logged
         )

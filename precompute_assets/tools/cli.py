@@ -1250,7 +1250,7 @@ def cmd_query_logs(args: argparse.Namespace) -> int:
     check_placement(args, rows, len(trace.keys), seconds, settings.timezone)
     stack = Stack()
     lake = Lake(_up(stack)[ENV_LAKE])
-    written, kept, recorded = {}, [], []
+    written, kept, recorded, kept_logged = {}, [], [], []
 
     def waiting() -> None:
         print("precompute query-logs: waiting for another import into this lake to finish", file=sys.stderr)
@@ -1279,10 +1279,14 @@ def cmd_query_logs(args: argparse.Namespace) -> int:
         for hour in tqdm(sorted(rows.frames), desc="hours", unit="h", disable=None):
             existing = lake.read("query_logs", hour) if lake.exists("query_logs", hour) else None
             others = None if existing is None else other_kinds_imported(existing, args.kind)
-            # An hour the stream wrote, or one that holds this kind already, is kept; other kinds' imports are not.
-            taken = existing is not None and (others is None or len(others) < len(existing))
-            if taken and not args.replace:
+            # An hour the stream wrote is kept (even with --replace: the client's own log of it), one that holds this
+            # kind already unless --replace; other kinds' imports and an hour drained empty are not.
+            logged = existing is not None and len(existing) > 0 and others is None
+            taken = logged or (others is not None and len(others) < len(existing))
+            if logged or (taken and not args.replace):
                 kept.append(hour)
+                if logged and args.replace:
+                    kept_logged.append(hour)
                 if hour not in materialized:  # written by an import that failed before Dagster recorded it
                     record(hour, existing, "lake")
                     recorded.append(hour)
@@ -1313,9 +1317,12 @@ def cmd_query_logs(args: argparse.Namespace) -> int:
     }
     if trace.skipped is not None:  # Redis MONITOR commands naming no key (PING, AUTH...): read, and no request
         summary["skipped_commands"] = trace.skipped
-    if kept:
+    if kept_logged:
+        print(f"precompute query-logs: warning: kept {len(kept_logged)} hours the serving client logged (first "
+              f"{min(kept_logged)}): --replace overwrites only imported hours", file=sys.stderr)  # fmt: skip
+    elif kept:
         print(f"precompute query-logs: warning: kept {len(kept)} hours the lake already holds "
-              f"(first {min(kept)}); --replace overwrites them", file=sys.stderr)  # fmt: skip
+              f"(first {min(kept)}); --replace overwrites the imported ones", file=sys.stderr)  # fmt: skip
     print(json.dumps(summary))
     return 0
 

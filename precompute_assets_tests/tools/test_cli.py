@@ -1686,7 +1686,7 @@ def test_query_logs_import_fills_hourly_partitions_that_dagster_knows(stack, tmp
         main(["query-logs", "import", str(relative), "--start", "2026-02-03", "--time-unit", "s"]) == 0
     )  # again: the hours are kept
     out, err = capsys.readouterr()
-    assert json.loads(out)["kept_hours"] == 2 and "--replace overwrites them" in err
+    assert json.loads(out)["kept_hours"] == 2 and "--replace overwrites the imported ones" in err
     # Another kind goes into the same hours beside the first, in time order; --replace replaces only its own rows.
     other = tmp_path / "emb.csv"
     other.write_text("5,doc9\n")
@@ -1728,6 +1728,34 @@ def test_query_logs_import_fills_hourly_partitions_that_dagster_knows(stack, tmp
         assert main(["query-logs", "import", *argv]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and expected in err and "Traceback" not in err, err
+
+
+def test_query_logs_import_keeps_hours_the_client_logged_and_fills_hours_drained_empty(
+    stack, tmp_path, monkeypatch, capsys
+):
+    """`--replace` over an hour drained from the stream replaced every kind's rows there with the import's, and the
+    hour, still recorded as drained, was never drained again; an hour drained with no traffic (a deployment that
+    imports its history after the schedule started) kept its 0 rows and refused the import."""
+    from precompute_assets.stack import ENV_LAKE
+    from precompute_assets.storage.lake import Lake
+
+    on_the_test_stack(stack, tmp_path, monkeypatch)
+    lake = Lake(Stack().env()[ENV_LAKE])
+    history = tmp_path / "history.csv"  # one request in hour 0, one in hour 1
+    history.write_text("10,ad1\n3700,ad2\n")
+    argv = ["query-logs", "import", str(history), "--start", "2026-03-03", "--time-unit", "s"]
+    assert main(argv) == 0  # the layout of an hour, then the same hours as the drain writes them
+    capsys.readouterr()
+    logged = lake.read("query_logs", "2026-03-03-00:00")
+    logged = pd.concat([logged, logged], ignore_index=True).assign(kind=["ctr", "emb"], stream_id=["1-0", "2-0"])
+    lake.write("query_logs", "2026-03-03-00:00", logged)
+    lake.write("query_logs", "2026-03-03-01:00", logged.iloc[:0])
+    assert main([*argv, "--replace"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["imported"] == 1 and json.loads(out)["kept_hours"] == 1, out
+    assert "kept 1 hours the serving client logged (first 2026-03-03-00:00)" in err, err
+    assert lake.read("query_logs", "2026-03-03-00:00")["stream_id"].tolist() == ["1-0", "2-0"]
+    assert lake.read("query_logs", "2026-03-03-01:00")["key"].tolist() == ["ad2"]  # drained empty: filled
 
 
 def test_query_logs_import_records_on_a_rerun_the_hours_a_failing_dagster_storage_missed(
