@@ -78,7 +78,12 @@ def invalidate(
         fields = 0
         for version in (pointer, previous):
             if version is not None:
-                removed = int(client.hdel(schema.bucket_for_key(kind, version, key), key))
+                _record(client, schema, kind, version, f"k:{key}")
+                bucket = schema.bucket_for_key(kind, version, key)
+                removed = int(client.hdel(bucket, key))
+                _record(client, schema, kind, version, f"k:{key}")  # again: refused before if Redis was full
+                if removed:
+                    _record_if_emptied(client, schema, kind, version, bucket)
                 fields += removed if version is pointer else 0
         live_keys = int(client.unlink(live_name))
         if not fenced:
@@ -88,12 +93,16 @@ def invalidate(
     for version in (pointer, previous):
         if version is None:
             continue
+        _record(client, schema, kind, version, f"p:{prefix}")
         for index in range(version.buckets):
             bucket = schema.bucket(kind, version.version, index)
             pairs = client.hscan_iter(bucket, match=f"{glob_escape(prefix)}*", count=SCAN_COUNT)  # NOVALUES: 7.4+
             matching = (field for field, _ in pairs)
             removed = _delete_in_batches(matching, lambda *found, bucket=bucket: client.hdel(bucket, *found))
+            if removed:
+                _record_if_emptied(client, schema, kind, version, bucket)
             fields += removed if version is pointer else 0
+        _record(client, schema, kind, version, f"p:{prefix}")  # again: refused before if Redis was full
     # The live values last, as for one key: probation's settling copies a field of the version before to the live tier
     # (publish._copy_to_live), and one copied after its live value was deleted but before its field was would stay.
     live_pattern = f"{schema.live(kind, 'x')[:-1]}{glob_escape(prefix)}*"
@@ -101,6 +110,54 @@ def invalidate(
     if not fenced:
         bump_epoch(client, kind, schema)
     return Invalidated(kind, live_keys=live, fields=fields, version=_name(pointer))
+
+
+INVALIDATED_MIN_TTL_S = 7 * 86_400  # what an invalidation took out is remembered at least this long
+
+
+def _record(client: redis.Redis, schema: KeySchema, kind: str, version: Pointer, member: str) -> None:
+    """Remember ``member`` (see ``KeySchema.invalidated``) for ``version``, before deleting, for as long as the
+    version's buckets live (at least ``INVALIDATED_MIN_TTL_S``): a restore of the version (``cache_health``, after
+    Redis lost some of its buckets) or a retried publish of it wrote the invalidated values back."""
+    name = schema.invalidated(kind, version.version)
+    try:
+        ttls = [client.ttl(schema.bucket(kind, version.version, index)) for index in {0, version.buckets - 1}]
+        client.sadd(name, member)
+        client.expire(name, max(INVALIDATED_MIN_TTL_S, *ttls))
+    except redis.exceptions.OutOfMemoryError:
+        pass  # at maxmemory: the caller records it again once its deletes freed memory
+    except redis.exceptions.NoPermissionError as error:
+        log.warning("%s: not recorded, so a restore of the version writes it back (%s); %s", name, error, REAPPLY_HINT)
+
+
+def _record_if_emptied(client: redis.Redis, schema: KeySchema, kind: str, version: Pointer, bucket: str) -> None:
+    """Redis deletes a hash whose last field goes: remember that the invalidation emptied ``bucket``, which would
+    otherwise look lost (expired or evicted) to ``cache_health``."""
+    if not client.exists(bucket):
+        _record(client, schema, kind, version, f"b:{bucket.rpartition(':')[2]}")
+
+
+@dataclass(frozen=True)
+class Invalidations:
+    """What invalidations took out of one version (``KeySchema.invalidated``)."""
+
+    keys: frozenset[str] = frozenset()
+    prefixes: tuple[str, ...] = ()
+    emptied: frozenset[int] = frozenset()  # bucket indexes
+
+    def covers(self, key: str) -> bool:
+        return key in self.keys or key.startswith(self.prefixes)
+
+
+def invalidations(client: redis.Redis, schema: KeySchema, kind: str, version: str) -> Invalidations:
+    """What invalidations took out of ``version`` of ``kind`` while it lived."""
+    members = [m.decode() if isinstance(m, bytes) else m for m in client.smembers(schema.invalidated(kind, version))]
+    by_tag: dict[str, list[str]] = {"k": [], "p": [], "b": []}
+    for member in members:
+        tag, _, value = member.partition(":")
+        by_tag.setdefault(tag, []).append(value)
+    emptied = frozenset(int(index) for index in by_tag["b"] if index.isdigit())
+    return Invalidations(frozenset(by_tag["k"]), tuple(by_tag["p"]), emptied)
 
 
 def bump_epoch(client: redis.Redis, kind: str, schema: KeySchema) -> bool:
@@ -144,7 +201,9 @@ def _drop_version(client: redis.Redis, kind: str, version: str, schema: KeySchem
         return suffix.isdigit() or suffix == "meta"
 
     names = (name for name in client.scan_iter(match=pattern, count=SCAN_COUNT) if ours(name))
-    return Invalidated(kind, buckets=_delete_in_batches(names, client.unlink), version=version)
+    buckets = _delete_in_batches(names, client.unlink)
+    client.unlink(schema.invalidated(kind, version))
+    return Invalidated(kind, buckets=buckets, version=version)
 
 
 def _current(client: redis.Redis, kind: str, schema: KeySchema) -> Pointer | None:

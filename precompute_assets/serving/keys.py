@@ -216,6 +216,11 @@ class KeySchema:
         """A value computed live (``key`` checked by ``check_key``: it stays under ``{kind}:live:``)."""
         return f"{self.prefix}:{check_kind(kind)}:live:{check_key(key)}"
 
+    def invalidated(self, kind: str, version: str) -> str:
+        """What invalidations took out of ``version`` of ``kind`` (a set: ``k:{key}``, ``p:{prefix}``, and
+        ``b:{index}`` for a bucket they emptied), so that mending or restoring the version never writes it back."""
+        return f"{self.prefix}:{check_kind(kind)}:invalidated:{version}"
+
     def epoch(self, kind: str) -> str:
         """The invalidation counter of ``kind``: incremented before every invalidation of its keys' values, read by
         ``get_or_compute`` before it computes and compared when it stores (``cache._STORE``)."""

@@ -38,7 +38,7 @@ from .acl import REAPPLY_HINT, is_acl_refusal
 from .admission import HAND_OVER, UNTRACK, fifo_names
 from .cache import live_value_keys
 from .connection import REDIS_ERRORS, cluster_send, follow_primary, is_cluster, key_slot, send_pipelined
-from .invalidate import bump_epoch
+from .invalidate import Invalidations, bump_epoch, invalidations
 from .keys import (
     Codec,
     Experiment,
@@ -154,7 +154,7 @@ def publish_version(
         if current is not None and Pointer.decode(current).version == version:
             # Never rewrite the version readers are on (a step retried after its flip succeeded); its key count,
             # written after the flip, may be what failed.
-            mended = _mend_current(client, kind, version, filled, ttl, replica_wait_s)
+            mended = _mend_current(client, schema, kind, version, filled, ttl, replica_wait_s)
             # A flip that died between its writes on a cluster (experiment, then pointer) may have left another one.
             run_commands(client, [experiment_command(schema.experiment(kind).encode(), experiment)])
             retire_replaced(client, schema, kind, grace_s=grace_s, replica_wait_s=replica_wait_s)
@@ -192,22 +192,20 @@ def publish_version(
                 f"while being written{_memory_note(client)}; readers stay on the previous version"
                 f"{_current_losses(client, schema, kind, current)}: give Redis more memory, or publish fewer keys"
             )
-    except redis.exceptions.OutOfMemoryError as error:
-        if not writing:  # mending the current version: its buckets are what readers are on
-            raise
-        # Refused at maxmemory (noeviction, or nothing volatile left): the partial buckets would hold their memory for
-        # the whole TTL, and every write after this one (live values, the next publish) would be refused too.
-        with contextlib.suppress(*REDIS_ERRORS):
-            send_commands(client, [(b"DEL", name) for name in names])
-        error.add_note(
-            f"publish of {kind} version {version} failed before its flip: readers stay on the previous version, "
-            "and the partial buckets were deleted; give Redis more memory, or publish fewer keys, then retry"
-        )
-        raise
     except REDIS_ERRORS as error:
+        # Refused at maxmemory (noeviction, or nothing volatile left; inside a MULTI an EXECABORT), the partial
+        # buckets held their memory for the whole TTL, and every write after (live values, the next publish) was
+        # refused too. A version readers are on (mending it) is never deleted.
+        deleted = False
+        if writing:
+            with contextlib.suppress(*REDIS_ERRORS):
+                send_commands(client, [(b"DEL", name) for name in names])
+                deleted = True
+        left = "were deleted" if deleted else "expire by their TTL"
         error.add_note(
             f"publish of {kind} version {version} failed before its flip: readers stay on the previous version, "
-            "and the partial buckets expire by their TTL; retry the publish"
+            f"and the partial buckets {left}; retry the publish"
+            + (" once Redis has the memory (or with fewer keys)" if "OOM" in str(error) else "")
         )
         raise
 
@@ -252,17 +250,22 @@ def publish_version(
 
 def _mend_current(
     client: redis.Redis,
+    schema: KeySchema,
     kind: str,
     version: str,
     filled: list[tuple[bytes, list[bytes]]],
     ttl: bytes | None,
     replica_wait_s: float,
 ) -> int:
-    """Write back what a failover took from the current ``version`` (a replica promoted without some writes): its
-    missing buckets (readers of this version miss those keys, never get other values) and its buckets' TTLs (a
-    bucket's HSET may have reached the replica, its EXPIRE not). Returns how many keys were written back."""
+    """Write back what a failover took from the current ``version`` (a replica promoted without some writes) or an
+    eviction: its missing buckets (readers of this version miss those keys, never get other values), less what
+    invalidations took out of it (``invalidate``), and its buckets' TTLs (a bucket's HSET may have reached the
+    replica, its EXPIRE not). Returns how many keys were written back."""
     present = run_commands(client, [(b"EXISTS", name) for name, _ in filled])
-    if lost := [(name, bucket) for (name, bucket), here in zip(filled, present, strict=True) if not here]:
+    lost = [(name, bucket) for (name, bucket), here in zip(filled, present, strict=True) if not here]
+    if lost and (taken := invalidations(client, schema, kind, version)) != Invalidations():
+        lost = [(name, kept) for name, bucket in lost if (kept := _without(bucket, taken))]
+    if lost:
         _log.warning("%s version %s is current but lost %d of %d buckets: writing them again",
                      kind, version, len(lost), len(filled))  # fmt: skip
         cluster = is_cluster(client)
@@ -384,9 +387,23 @@ def sampled_buckets(pointer: Pointer) -> list[int]:
 
 def missing_buckets(client: redis.Redis, schema: KeySchema, kind: str, pointer: Pointer) -> int:
     """How many of ``sampled_buckets(pointer)`` are gone from Redis (expired under a pointer that has no TTL, evicted,
-    lost in a failover): one round trip. An empty version (no keys) has no bucket at all."""
-    names = [schema.bucket(kind, pointer.version, index).encode() for index in sampled_buckets(pointer)]
-    return len(names) - _existing(client, names)
+    lost in a failover), not counting those an invalidation emptied. An empty version (no keys) has no bucket."""
+    indexes = sampled_buckets(pointer)
+    names = [schema.bucket(kind, pointer.version, index).encode() for index in indexes]
+    present = run_commands(client, [(b"EXISTS", name) for name in names])
+    if missing := [index for index, here in zip(indexes, present, strict=True) if not here]:
+        emptied = invalidations(client, schema, kind, pointer.version).emptied
+        missing = [index for index in missing if index not in emptied]
+    return len(missing)
+
+
+def _without(bucket: list[bytes], taken: Invalidations) -> list[bytes]:
+    """A bucket's ``field, value, ...`` less the fields ``taken`` covers."""
+    kept: list[bytes] = []
+    for field, value in zip(bucket[0::2], bucket[1::2], strict=True):
+        if not taken.covers(field.decode()):
+            kept += (field, value)
+    return kept
 
 
 def _duplicates(keys: Sequence[str]) -> str:

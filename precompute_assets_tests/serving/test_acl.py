@@ -108,7 +108,7 @@ def test_the_exact_rules_of_namespace_pc() -> None:
         "+get", "+set", "+del", "+exists", "+expire", "+expireat", "+hset", "+hdel",
         "+multi", "+exec", "+discard", "+incrby", "+xrange", "+xrevrange", "+xtrim", "+xdel", "+xlen", "+hget",
         "+hmget", "+hlen", "+ttl", "+pttl", "+type", "+eval", "+lrange", "+rpush", "+unlink", "+zrem", "+zadd",
-        "+zscore", "+zrange", "+zcard", "+llen", "+hexists", "+info",
+        "+zscore", "+zrange", "+zcard", "+llen", "+hexists", "+info", "+sadd", "+smembers",
     ]  # fmt: skip
     assert reader_rules() == [
         "resetkeys", "%R~pc:1:*", "resetchannels", "-@all", "+ping", "+client|setinfo", "+cluster|slots", "+command",

@@ -9,7 +9,7 @@ import pytest
 from precompute_assets.serving import PredictionCache, QueryLogger, connect, publish_version
 from precompute_assets.serving.invalidate import glob_escape, invalidate
 from precompute_assets.serving.keys import Pointer
-from precompute_assets.serving.publish import KEYS_PER_BUCKET, patch_version
+from precompute_assets.serving.publish import KEYS_PER_BUCKET, bucket_count, missing_buckets, patch_version
 from precompute_assets.serving.stats import MEMORY_SAMPLE_FIELDS, cache_stats, version_stats
 from precompute_assets.storage.postgres import scratch_database
 from precompute_assets.tools.cli import duration_s, main
@@ -29,6 +29,31 @@ def test_a_key_goes_from_the_current_version_and_the_live_tier(redis_client, sch
     cache = PredictionCache(redis_client, schema=schema)
     assert cache.get("ctr", "a") is None and cache.get("ctr", "b") == pytest.approx(0.5)
     assert invalidate(redis_client, "ctr", key="a", schema=schema).total == 0  # idempotent
+
+
+def test_an_invalidation_is_not_a_loss_and_a_restore_never_writes_it_back(redis_client, schema):
+    """A prefix that emptied a version's buckets made Redis delete them, so cache_health saw the version as lost
+    ("expired or evicted") and its restore wrote every invalidated value back; a restore after a real eviction
+    also brought back the keys invalidated before it."""
+    keys = [f"ad{i}" for i in range(150)] + ["bx"]
+    pointer = Pointer("v1", bucket_count(len(keys)))
+    publish(redis_client, schema, "ctr", "v1", keys)
+    assert invalidate(redis_client, "ctr", prefix="ad", schema=schema).fields == 150
+    assert missing_buckets(redis_client, schema, "ctr", pointer) == 0  # the one bucket left with bx: not lost
+    assert redis_client.exists(schema.bucket_for_key("ctr", pointer, "bx"))
+    invalidate(redis_client, "ctr", key="bx", schema=schema)  # empties the last one
+    assert missing_buckets(redis_client, schema, "ctr", pointer) == 0
+    publish(redis_client, schema, "ctr", "v1", keys)  # what a restore (or a retried publish) of the version runs
+    cache = PredictionCache(redis_client, schema=schema, pointer_ttl_s=0)
+    assert cache.get_many("ctr", ["ad0", "ad149", "bx"]) == [None, None, None]
+    publish(redis_client, schema, "ctr", "v2", keys)  # a new version holds them again
+    invalidate(redis_client, "ctr", key="ad7", schema=schema)
+    bucket = schema.bucket_for_key("ctr", Pointer("v2", pointer.buckets), "ad7")
+    redis_client.delete(bucket)  # evicted: lost, and restored without ad7
+    assert missing_buckets(redis_client, schema, "ctr", Pointer("v2", pointer.buckets)) == 1
+    publish(redis_client, schema, "ctr", "v2", keys)
+    assert redis_client.hlen(bucket) and not redis_client.hexists(bucket, "ad7")
+    assert cache.get("ctr", "ad7") is None and cache.get("ctr", "ad8") == pytest.approx(0.5)
 
 
 def test_invalidation_still_deletes_at_maxmemory(redis_server, schema):
@@ -224,7 +249,7 @@ def test_stats_say_the_memory_of_a_bucket_grown_big_is_estimated(redis_client, s
     patch_version(redis_client, "ctr", pointer, [(f"k{i}", 0.5) for i in range(5000)], schema=schema)
     redis_client.set(schema.pointer("ctr"), pointer.encode())
     assert version_stats(redis_client, schema, "ctr")["memory_estimated"] is True
-    small = Pointer("v2", 2)
+    small = Pointer("v2", pointer.buckets)
     patch_version(redis_client, "ctr", small, [(f"k{i}", 0.5) for i in range(100)], schema=schema)
     redis_client.set(schema.pointer("ctr"), small.encode())
     assert version_stats(redis_client, schema, "ctr")["memory_estimated"] is False
