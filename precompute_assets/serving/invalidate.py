@@ -200,8 +200,16 @@ def _drop_version(client: redis.Redis, kind: str, version: str, schema: KeySchem
         suffix = (name.decode() if isinstance(name, bytes) else name).rpartition(":")[2]
         return suffix.isdigit() or suffix == "meta"
 
+    def unlink_unless_current(*names: bytes) -> int:
+        # Checked again before each batch: a publish of this version (a retry of the failed one whose partial
+        # buckets an operator is removing) may flip to it meanwhile; its own check before its flip sees deleted ones.
+        if (now := _current(client, kind, schema)) is not None and now.version == version:
+            raise ValueError(f"{kind} version {version} became current while it was being deleted (a publish of it "
+                             "flipped to it): stopped; invalidate keys or a prefix instead")  # fmt: skip
+        return int(client.unlink(*names))
+
     names = (name for name in client.scan_iter(match=pattern, count=SCAN_COUNT) if ours(name))
-    buckets = _delete_in_batches(names, client.unlink)
+    buckets = _delete_in_batches(names, unlink_unless_current)
     client.unlink(schema.invalidated(kind, version))
     return Invalidated(kind, buckets=buckets, version=version)
 

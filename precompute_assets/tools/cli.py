@@ -29,6 +29,7 @@ from ..stack import (
     ServiceStatus,
     Stack,
     StackError,
+    default_home,
     one_line,
     project_dir,
     redact,
@@ -289,7 +290,13 @@ def _serving_client(args: argparse.Namespace):
     """A client of the serving Redis (``PRECOMPUTE_REDIS_URL``, else the embedded one, which must be up)."""
     from ..serving import KeySchema, connect
 
-    url = os.environ.get(ENV_REDIS) or Stack().env()[ENV_REDIS]
+    url = os.environ.get(ENV_REDIS)
+    if not url:  # the embedded one: never made up here (a new home's state written, then "connection refused")
+        home = default_home()
+        if not (home / "stack.json").exists() or (stack := Stack()).redis.pid is None:
+            raise CliError(f"no serving Redis: {ENV_REDIS} is not set and the embedded one of {home} is not running "
+                           "(start it with `precompute up`)")  # fmt: skip
+        url = stack.env()[ENV_REDIS]
     if (error := url_error(ENV_REDIS, url)) is not None:  # as `up` says it, not redis-py's line naming no variable
         raise CliError(error)
     try:
@@ -316,6 +323,10 @@ def cmd_cache(args: argparse.Namespace) -> int:
             done = invalidate(client, args.kind, key=args.key, prefix=args.prefix, version=args.version, schema=schema)
             print(json.dumps({"kind": done.kind, "version": done.version, "live_keys": done.live_keys,
                               "fields": done.fields, "buckets": done.buckets, "total": done.total}))  # fmt: skip
+            if not done.total:  # as DEL of nothing: not an error (a rerun), but a typo must not pass unseen
+                print(f"precompute cache: warning: nothing of kind {args.kind!r} in namespace {args.namespace!r} "
+                      "matched (check --kind, --namespace, and the key, prefix or version)",
+                      file=sys.stderr)  # fmt: skip
             return 0
         stats = cache_stats(client, schema, kinds=[args.kind] if args.kind else None, window_s=args.window)
     except ValueError as error:

@@ -73,6 +73,27 @@ def test_invalidation_still_deletes_at_maxmemory(redis_server, schema):
     assert delete_live_values(client, [("ctr", "c")], schema=schema) == 1
 
 
+def test_a_version_that_becomes_current_while_deleted_stops_the_delete(redis_client, schema, monkeypatch):
+    """The "not current" check ran once, before the deletes: a publish of the version flipping to it meanwhile (the
+    retry of a failed publish whose partial buckets an operator removes) left readers on a version with holes."""
+    publish(redis_client, schema, "ctr", "v1", ["a"])
+    with redis_client.pipeline(transaction=False) as pipe:
+        for index in range(1500):  # two delete batches
+            pipe.hset(schema.bucket("ctr", "v2", index), "k", b"\x00\x00\x00?")
+        pipe.execute()
+    unlink = redis_client.unlink
+
+    def unlink_then_flip(*names):
+        deleted = unlink(*names)
+        redis_client.set(schema.pointer("ctr"), "v2:1500")  # the publish's flip, after the first batch
+        return deleted
+
+    monkeypatch.setattr(redis_client, "unlink", unlink_then_flip)
+    with pytest.raises(ValueError, match="ctr version v2 became current while it was being deleted"):
+        invalidate(redis_client, "ctr", version="v2", schema=schema)
+    assert len(redis_client.keys(f"{schema.prefix}:ctr:v2:*")) == 500  # the second batch was not deleted
+
+
 def test_a_prefix_is_a_literal_within_its_kind(redis_client, schema):
     keys = ["ad1", "ad10", "ad2", "x*1", "xa1", "a?d"]
     publish(redis_client, schema, "ctr", "v1", keys)
@@ -212,6 +233,21 @@ def test_cache_cli_invalidates_and_reports_in_one_line_errors(
     err = capsys.readouterr().err
     assert exited.value.code == 2 and "expected a duration" in err and err.count("\n") == 1
     assert duration_s("2d") == 172_800 and duration_s("90") == 90
+    # A typo of the kind or version exited 0 with zero counts and nothing else said.
+    assert main(["cache", "invalidate", "--kind", "ctrs", "--key", "a", *ns]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["total"] == 0 and "nothing of kind 'ctrs'" in err and err.count("\n") == 1
+
+
+def test_cache_cli_without_a_redis_says_so_and_writes_no_state(tmp_path, monkeypatch, capsys):
+    """With no URL and no embedded stack up, `cache stats` wrote a new home's state (its secret, its ports) and then
+    failed with "Connection refused" on a port it had just picked."""
+    monkeypatch.delenv("PRECOMPUTE_REDIS_URL", raising=False)
+    monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "home"))
+    assert main(["cache", "stats"]) == 2
+    err = capsys.readouterr().err
+    assert "the embedded one of" in err and "precompute up" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "home").exists() or not any((tmp_path / "home").iterdir())
 
 
 def test_task_stats_say_why_when_dagster_storage_is_not_there(monkeypatch, tmp_path):
