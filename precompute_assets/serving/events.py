@@ -3,8 +3,8 @@
 ``EventLogger.record_event(user, action, entity=..., tenant=...)`` queues an event and returns at once; the
 query logger's background thread (``QueryLogger``, reused here) writes them in pipelined ``XADD ... MAXLEN ~``
 chunks to ``{ns}:1:events``. A full buffer, a failing Redis or a closed logger drops events and counts them
-(``stats.dropped_buffer_full``, ``stats.dropped_write_failed``, ``stats.dropped_closed``): a caller is never blocked
-and never sees an error.
+(``stats.dropped_buffer_full``, ``stats.dropped_write_failed``, ``stats.dropped_closed``, ``stats.dropped_stale``):
+a caller is never blocked and never sees an error.
 
 Stream entry fields (all strings): ``ts`` event time in ms since the epoch, ``user``, ``action`` (one of
 ``ACTIONS``; others are stored and quarantined downstream as unknown), ``entity`` (what the action was about:
@@ -107,6 +107,10 @@ class EventLogger(QueryLogger):
     @staticmethod
     def _size(item: UserEvent) -> int:
         return 1
+
+    @staticmethod
+    def _time(item: UserEvent) -> int:
+        return item.ts_ms
 
     def _commands(self, batch: list[UserEvent]) -> Iterator[tuple[tuple[bytes, ...], int]]:
         """One ``XADD`` per event (no hit/miss statistics: events are not lookups)."""

@@ -55,6 +55,7 @@ MAX_KEY_LENGTH = 256
 # buffer and in the stream, which Redis never evicts.
 LOGGED_TEXT_CHARS = 1024
 MAX_CLOCK_SKEW_MS = 3_600_000  # an event's own time may trail its arrival by at most an hour
+STALE_MS = MAX_CLOCK_SKEW_MS - 300_000  # a logger drops what it buffered longer (it would arrive past that hour)
 # and lead it by at most 5 minutes: the service's clock may run ahead of Redis's (a server whose clock was 2 s fast
 # had every query quarantined), while a wrong unit or a clock years off is still caught
 MAX_CLOCK_AHEAD_MS = 300_000
@@ -91,11 +92,12 @@ class LoggerStats:
     dropped_buffer_full: int = 0
     dropped_write_failed: int = 0
     dropped_closed: int = 0  # logged after close(): nothing sends them any more
+    dropped_stale: int = 0  # buffered past ``STALE_MS`` (a long Redis outage): the drain would quarantine them
     flush_errors: int = 0
 
     @property
     def dropped(self) -> int:
-        return self.dropped_buffer_full + self.dropped_write_failed + self.dropped_closed
+        return self.dropped_buffer_full + self.dropped_write_failed + self.dropped_closed + self.dropped_stale
 
 
 class QueryLogger:
@@ -260,19 +262,31 @@ class QueryLogger:
 
     def _take(self, limit: int) -> tuple[list, int]:
         """Buffered items from the oldest, until they hold ``limit`` queries or the buffer is empty; and how many
-        queries they hold."""
-        items, size = [], 0
+        queries they hold. Items buffered longer than ``STALE_MS`` (through a Redis outage) are dropped, counted in
+        ``dropped_stale``: the drain would quarantine every one of them as "ts more than an hour before its arrival"
+        while the logger counted them ``written``."""
+        items, size, stale = [], 0, 0
+        # Redis stamps an entry with its arrival; on a simulated clock the entry's ID is its own time: never stale.
+        stale_before = -1 if self.explicit_ids else self.clock() - STALE_MS
         while size < limit and self._buffer:
             item = self._buffer.popleft()
+            if self._time(item) < stale_before:
+                stale += self._size(item)
+                continue
             items.append(item)
             size += self._size(item)
         with self._count_lock:
-            self._queued -= size
+            self._queued -= size + stale
+            self.stats.dropped_stale += stale
         return items, size
 
     @staticmethod
     def _size(item: tuple) -> int:
         return len(item[2])
+
+    @staticmethod
+    def _time(item: tuple) -> int:
+        return item[0]
 
     @property
     def pending(self) -> int:
@@ -863,7 +877,11 @@ def ts_problem(ts: int, arrival_ms: int) -> str | None:
     """Why an event's own time ``ts`` cannot be that of an entry that arrived at ``arrival_ms``, or None: more than
     ``MAX_CLOCK_SKEW_MS`` before it or ``MAX_CLOCK_AHEAD_MS`` after it."""
     if not arrival_ms - MAX_CLOCK_SKEW_MS <= ts <= arrival_ms + MAX_CLOCK_AHEAD_MS:
-        where = "more than an hour before its arrival or 5 minutes after it (in the future)"
+        where = (
+            "more than an hour before its arrival (held back by a writer, or a clock behind)"
+            if ts < arrival_ms
+            else "more than 5 minutes after its arrival (a clock ahead)"
+        )
         return f"ts {where}: ts {ts}, arrival {arrival_ms}"
     return None
 
