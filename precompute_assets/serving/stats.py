@@ -60,7 +60,10 @@ def version_stats(client: redis.Redis, schema: KeySchema, kind: str, *, previous
     raw = client.get(schema.previous(kind) if previous else schema.pointer(check_kind(kind)))
     if raw is None:
         return {"version": None}
-    pointer = Pointer.decode(raw)
+    try:
+        pointer = Pointer.decode(raw)
+    except ValueError as error:  # one kind's bad pointer must not hide every other kind's statistics
+        return {"version": None, "problem": str(error)}
     names = [schema.bucket(kind, pointer.version, index) for index in range(pointer.buckets)]
     pipe = client.pipeline(transaction=False)
     for name in names:

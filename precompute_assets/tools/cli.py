@@ -345,6 +345,9 @@ def cmd_cache(args: argparse.Namespace) -> int:
                   f"(kinds with statistics: {found})")  # fmt: skip
             continue
         current, window = entry["current"], entry["window"]
+        if "problem" in current:
+            print(f"{kind:<16} {current['problem']}")
+            continue
         rate = "-" if window["hit_rate"] is None else f"{window['hit_rate']:.1%}"
         print(
             f"{kind:<16} {current.get('version') or '-':<28} {current.get('keys', 0):>10} "

@@ -233,6 +233,11 @@ def test_cache_cli_invalidates_and_reports_in_one_line_errors(
     err = capsys.readouterr().err
     assert exited.value.code == 2 and "expected a duration" in err and err.count("\n") == 1
     assert duration_s("2d") == 172_800 and duration_s("90") == 90
+    # One kind's malformed pointer made `cache stats` fail for every kind of the namespace.
+    redis_client.set(schema.pointer("zz"), b"garbage")
+    assert main(["cache", "stats", *ns]) == 0
+    out = capsys.readouterr().out
+    assert "zz               malformed pointer 'garbage'" in out and "\nctr " in out, out
     # A typo of the kind or version exited 0 with zero counts and nothing else said.
     assert main(["cache", "invalidate", "--kind", "ctrs", "--key", "a", *ns]) == 0
     out, err = capsys.readouterr()
