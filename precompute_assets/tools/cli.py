@@ -11,6 +11,7 @@ import multiprocessing
 import os
 import shlex
 import signal
+import socket
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -405,6 +406,13 @@ def shared_settings() -> tuple[str, ...]:
 
 def cmd_dev(args: argparse.Namespace) -> int:
     _check_settings()
+    with socket.socket() as probe:  # a second `dev` on a taken port ran a hidden daemon beside the first
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((args.host, args.port))
+        except OSError as error:
+            raise CliError(f"cannot serve the UI on {args.host}:{args.port}: {error.strerror or error} (another "
+                           "`precompute dev`? give --port)") from None  # fmt: skip
     env = _up(Stack())
     command = [
         sys.executable,
@@ -473,6 +481,8 @@ def check_demo_days(days: int) -> None:
         settings = load_settings()
     except ValueError as error:  # a malformed PRECOMPUTE_TIMEZONE or PRECOMPUTE_PARTITIONS_START
         raise CliError(str(error)) from None
+    if days < 2:  # the CTR model's time split holds out the last day: it failed after the reset, naming no option
+        raise CliError(f"--days {days}: the demo needs at least 2 days of history (the CTR model holds out the last)")
     first = date.fromisoformat(settings.partitions_start)
     most = (datetime.now(ZoneInfo(settings.timezone)).date() - first).days - 1
     if days > most:
@@ -1674,6 +1684,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interruptions() -> tuple[type[BaseException], ...]:
+    """What Ctrl-C raises: ``KeyboardInterrupt``, or inside a Dagster run in process, Dagster's own error for it
+    (looked up only where Dagster was imported: the light commands never import it)."""
+    errors = sys.modules.get("dagster._core.errors")
+    return (KeyboardInterrupt,) if errors is None else (KeyboardInterrupt, errors.DagsterExecutionInterruptedError)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Dagster warns about its own internal use of a beta parameter whenever Definitions resolve sensors: noise
@@ -1687,7 +1704,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"precompute {args.command}: {one_line(str(error))}", file=sys.stderr)  # one line, always
         return 2
-    except KeyboardInterrupt:  # Ctrl-C: one line, and the shell's code of an interrupted command (128 + SIGINT)
+    except _interruptions():
+        # Ctrl-C: one line, and the shell's code of an interrupted command (128 + SIGINT); a run in process (demo,
+        # bench) turns it into Dagster's own interruption, which is an interruption all the same.
         if os.environ.get(ENV_TRACEBACK):
             raise
         print(f"precompute {args.command}: interrupted", file=sys.stderr)

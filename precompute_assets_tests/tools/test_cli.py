@@ -2146,6 +2146,37 @@ def test_ctrl_c_is_one_line_and_exit_130_not_a_traceback(tmp_path, monkeypatch, 
         main(argv)
 
 
+def test_ctrl_c_in_a_run_in_process_is_an_interruption_too(monkeypatch, capsys):
+    """A Dagster run in process (the demo, the graph benchmark) turns SIGINT into its own error, which printed a
+    60-line traceback and exit 1."""
+    from dagster._core.errors import DagsterExecutionInterruptedError
+
+    import precompute_assets.tools.cli as cli
+
+    def interrupted(*args, **kwargs):
+        raise DagsterExecutionInterruptedError("Execution was interrupted unexpectedly.")
+
+    monkeypatch.setattr(cli, "cmd_demo", interrupted)
+    assert main(["demo"]) == 130
+    assert capsys.readouterr().err == "precompute demo: interrupted\n"
+
+
+def test_demo_and_dev_refuse_what_would_fail_later(monkeypatch, capsys):
+    """`demo --days 1` reset Redis and the lake, then failed 80 s on in the CTR model's time split; a second `dev` on a
+    taken port ran a hidden daemon beside the first one's."""
+    import socket
+
+    assert main(["demo", "--days", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "--days 1: the demo needs at least 2 days" in err and err.count("\n") == 1
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        assert main(["dev", "--port", str(taken.getsockname()[1])]) == 2
+    err = capsys.readouterr().err
+    assert "cannot serve the UI on 127.0.0.1:" in err and "another `precompute dev`?" in err and err.count("\n") == 1
+
+
 def test_replay_workers_leave_ctrl_c_to_the_command():
     """A terminal's Ctrl-C reaches the replay's worker processes too: each printed a KeyboardInterrupt traceback under
     the command's one line. They ignore it; the command stops them (test_a_failing_replay_stops_its_processes...)."""
