@@ -122,6 +122,16 @@ def _names_home(url: str, secret: str | None, ports: Collection[int]) -> bool:
         return False
 
 
+def _database(url: str) -> str:
+    """The database a URL names: its path (a Redis URL without one names index 0). One of the home's own servers
+    named with another was silently replaced by the home's: Dagster published to db 0 while a service on the
+    user's URL read db 3."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    return parts.path.strip("/") or ("0" if parts.scheme.startswith("redis") else "")
+
+
 def sqlalchemy_url(url: str) -> str:
     """Dagster's SQLAlchemy defaults to psycopg 3 for ``postgresql://``; dagster-postgres ships psycopg2."""
     for prefix in ("postgresql://", "postgres://"):
@@ -1107,6 +1117,11 @@ class Stack:
         for name, url in own.items():
             exported = self._externals[name]
             if exported is not None and (sqlalchemy_url(exported) == url or _names_home(exported, secret, ports)):
+                if (database := _database(exported)) != _database(url):
+                    raise StackError(
+                        f"{name} names this home's server but database {database or '(none)'}, where the embedded "
+                        f"stack serves {_database(url)}: unset {name} to use the embedded one, or name that database"
+                    )
                 self._externals[name] = None
 
     def _read_ports(self) -> None:

@@ -686,6 +686,22 @@ def test_up_moves_a_server_whose_port_another_program_took(session_dir: Path, ca
         Stack(home).purge()
 
 
+def test_a_url_of_the_homes_server_naming_another_database_is_refused(tmp_path: Path, monkeypatch) -> None:
+    """A URL with the home's password counted as the home's own whatever it named: Redis index 3 or an app database
+    `nodb` was replaced by the home's, so Dagster published to db 0 while a service on the user's URL read db 3."""
+    home = tmp_path / "home"
+    own = Stack(home).env()
+    monkeypatch.setenv(ENV_REDIS, own[ENV_REDIS].removesuffix("/0") + "/3")
+    with pytest.raises(StackError, match=f"{ENV_REDIS} names this home's server but database 3, where the embedded"):
+        Stack(home)
+    monkeypatch.setenv(ENV_REDIS, own[ENV_REDIS].removesuffix("/0"))  # no index: 0, the home's own
+    monkeypatch.setenv(ENV_APP_DB, own[ENV_APP_DB].rsplit("/", 1)[0] + "/nodb")
+    with pytest.raises(StackError, match="but database nodb, where the embedded stack serves precompute"):
+        Stack(home)
+    monkeypatch.setenv(ENV_APP_DB, own[ENV_APP_DB])
+    assert Stack(home).embeds(ENV_REDIS) and Stack(home).embeds(ENV_APP_DB)
+
+
 def test_a_redis_whose_pid_file_is_empty_is_still_ours(redis_server) -> None:
     """On a full disk Redis starts but writes an empty pid file: it is still our server (it runs in our folder and
     reports its process id), so `up` does not call it another program's and `down` stops it."""

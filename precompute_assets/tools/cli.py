@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from ..stack import (
     ENV_APP_DB,
     ENV_DAGSTER_PG,
+    ENV_HOME,
     ENV_REDIS,
     ENV_REDIS_ADMIN,
     NO_ANSWER,
@@ -83,6 +84,9 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
+    if not (home := default_home()).exists():  # a mistyped PRECOMPUTE_HOME: made, then reported stopped
+        print(f"nothing to stop: {home} holds no embedded services (is {ENV_HOME} the one `up` used?)")
+        return 0
     stack = Stack()
     if args.purge:
         stack.purge()

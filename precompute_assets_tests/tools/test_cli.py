@@ -2161,6 +2161,17 @@ def test_ctrl_c_in_a_run_in_process_is_an_interruption_too(monkeypatch, capsys):
     assert capsys.readouterr().err == "precompute demo: interrupted\n"
 
 
+def test_down_on_a_home_that_does_not_exist_makes_nothing(tmp_path, monkeypatch, capsys):
+    """`down` on a mistyped PRECOMPUTE_HOME made it (secret, ports, lock) and said the services were stopped, while
+    the real ones ran on."""
+    home = tmp_path / "typo"
+    monkeypatch.setenv("PRECOMPUTE_HOME", str(home))
+    for purge in ([], ["--purge"]):
+        assert main(["down", *purge]) == 0
+        assert f"nothing to stop: {home} holds no embedded services" in capsys.readouterr().out
+    assert not home.exists()
+
+
 def test_demo_and_dev_refuse_what_would_fail_later(monkeypatch, capsys):
     """`demo --days 1` reset Redis and the lake, then failed 80 s on in the CTR model's time split; a second `dev` on a
     taken port ran a hidden daemon beside the first one's."""
