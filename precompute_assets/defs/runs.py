@@ -13,3 +13,19 @@ ACTIVE_RUN_STATUSES = [
     dg.DagsterRunStatus.STARTING,
     dg.DagsterRunStatus.STARTED,
 ]
+
+DAEMON_FRESH_S = 60  # a daemon beats every 30 s or so: one whose last beat is older has stopped
+
+
+def daemon_heartbeat_age_s(instance: dg.DagsterInstance) -> float | None:
+    """Seconds since the newest heartbeat of a Dagster daemon on ``instance``, or None when none ever beat."""
+    import time
+
+    beats = instance.get_daemon_heartbeats().values()
+    return None if not beats else time.time() - max(beat.timestamp for beat in beats)
+
+
+def daemon_running(instance: dg.DagsterInstance) -> bool:
+    """Whether a Dagster daemon (``precompute dev``, ``dagster-daemon run``) ticks schedules and sensors now."""
+    age = daemon_heartbeat_age_s(instance)
+    return age is not None and age < DAEMON_FRESH_S

@@ -18,6 +18,7 @@ import pandas as pd
 
 from ..defs.partitions import deployment_partitions
 from ..defs.query_logs import QUARANTINE_OF
+from ..defs.runs import daemon_running
 from ..ml.replay import replay
 from ..serving import KeySchema, Pointer, PredictionCache, connect
 from ..stack import ENV_APP_DB, ENV_DAGSTER_PG, ENV_LAKE, ENV_MODEL_STORE, ENV_REDIS, Stack, StackError
@@ -109,6 +110,12 @@ def run_demo(
             "the demo records its runs and approves a synthetic ctr_model: run it on the stack's own state, not on "
             f"what {', '.join(foreign)} name{'s' if len(foreign) == 1 else ''}"
         )
+    instance = dg.DagsterInstance.get()
+    if daemon_running(instance):  # its cache_health put the last demo's version back into the reset Redis
+        raise StackError(
+            "a Dagster daemon runs on this stack (`precompute dev`?): its sensors and schedules would act on the "
+            "demo's reset Redis and lake while it runs; stop it first"
+        )
     stages = Stages()
     redis_url = env[ENV_REDIS]
     connect(redis_url, socket_timeout=10).flushdb()  # embedded demo server only (checked above)
@@ -139,7 +146,6 @@ def run_demo(
             serve_traffic(cache, clock, history, live_ctr.__getitem__, progress=bar)
         cache.close()
 
-    instance = dg.DagsterInstance.get()
     with stages.timed("materialize_query_logs"):
         hours = [h for key in day_keys[:-1] for h in partitions.hours_of(key)]
         logged = drain(defs.resolve_job_def("query_logs_job"), instance, lake, hours, "query_logs")

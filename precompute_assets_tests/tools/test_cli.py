@@ -481,6 +481,19 @@ def test_up_status_down_manage_real_servers(tmp_path, monkeypatch, capsys):
         ]:
             assert f"{kind:<9} RUNNING   {name}" in out, out
         assert "pool      redis_publish free" in out and "pool      embedding_sync free" in out, out
+        # Every schedule and sensor said RUNNING with no daemon to tick them.
+        assert "daemon    stopped   (never seen: no schedule or sensor ticks" in out, out
+        from dagster._daemon.types import DaemonHeartbeat
+
+        from precompute_assets.tools.cli import dagster_instance
+
+        with dagster_instance(Stack()) as instance:
+            instance.add_daemon_heartbeat(DaemonHeartbeat(time.time(), "SENSOR", "test", errors=[]))
+        assert main(["status"]) == 0
+        assert "daemon    running   (last heartbeat " in capsys.readouterr().out
+        # A demo beside a running daemon: its cache_health restored the last demo's version into the reset Redis.
+        assert main(["demo"]) == 2
+        assert "a Dagster daemon runs on this stack" in capsys.readouterr().err
         assert main(["env"]) == 0
         env = capsys.readouterr().out
         assert f"export DAGSTER_HOME={tmp_path / 'home' / 'dagster'}" in env
