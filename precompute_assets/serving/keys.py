@@ -17,6 +17,9 @@ key                                    type      content
                                                  deleted in the same MULTI/EXEC as the pointer flip; a key's
                                                  arm is ``arm_of(salt, key, arms)``.
 ``pc:1:{kind}:live:{key}``             string    a value computed live by a read-through miss, with a TTL.
+``pc:1:{kind}:invalidated:{version}``  set       what invalidations took out of a version (``k:{key}``,
+                                                 ``p:{prefix}``, ``b:{bucket}`` it emptied): never written
+                                                 back by a restore, never counted lost.
 ``pc:1:{kind}:epoch``                  string    a counter that every invalidation of ``kind``'s keys increments
                                                  before it deletes them: a read-through value computed
                                                  before it is not stored after it.
