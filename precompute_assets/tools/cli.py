@@ -524,11 +524,17 @@ BENCH_OPTIONS = {
 BENCH_DATABASES = ("embed", "campaign", "events")
 
 
+def _given(args: argparse.Namespace, option: str) -> bool:
+    """Whether ``option`` (``--name``) was on the command line (``args.argv``), abbreviated or with ``=value``."""
+    tokens = [token.split("=", 1)[0] for token in getattr(args, "argv", []) if token[:2] == "--" and len(token) > 2]
+    return any(option.startswith(token) for token in tokens)
+
+
 def check_bench_options(args: argparse.Namespace) -> None:
-    """CliError naming the options given that ``bench WHAT`` does not read (compared with their defaults)."""
-    defaults = vars(build_parser().parse_args(["bench", args.what]))
+    """CliError naming the options given that ``bench WHAT`` does not read: given on the command line (``args.argv``;
+    an option given its default value was let through when they were compared with the defaults)."""
     ignored = [name for name, readers in BENCH_OPTIONS.items() if args.what not in readers
-               and getattr(args, name) != defaults[name]]  # fmt: skip
+               and _given(args, f"--{name.replace('_', '-')}")]  # fmt: skip
     if ignored:
         named = ", ".join(f"--{name.replace('_', '-')} (bench {'/'.join(BENCH_OPTIONS[name])})" for name in ignored)
         raise CliError(f"bench {args.what} does not read {named}")
@@ -727,6 +733,18 @@ def cmd_replay(args: argparse.Namespace) -> int:
     train_days = args.train_days if args.train_days is not None else max(1, args.days // 2)
     if learned and not 1 <= train_days < args.days:
         raise CliError(f"--train-days must be at least 1 and less than --days {args.days}, got {train_days}")
+    unread = [
+        option
+        for option, read in (
+            ("--ab-salt", arms is not None),
+            ("--prefetch-threshold", "prefetch" in strategies),
+            ("--margin", bool({"lstm", "auto"} & {*strategies, *(arms or ())})),
+        )
+        if not read and _given(args, option)
+    ]
+    if unread:  # as --train-days: an option given to a replay that does not read it was silently ignored
+        raise CliError(f"this replay does not read {', '.join(unread)}: --ab-salt is --ab's, --prefetch-threshold "
+                       "--strategy prefetch's, --margin lstm's and auto's (as --strategy or an --ab arm)")  # fmt: skip
     if not math.isfinite(args.margin):
         raise CliError(f"--margin must be a finite number, got {args.margin}")
     if not 0 <= args.prefetch_threshold <= 1:  # a probability; NaN and infinity too
@@ -1704,6 +1722,7 @@ def _interruptions() -> tuple[type[BaseException], ...]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)
     # Dagster warns about its own internal use of a beta parameter whenever Definitions resolve sensors: noise
     # on every command's stderr that no setting of ours can change.
     warnings.filterwarnings("ignore", message="Parameter `owners` of initializer `SensorDefinition.__init__`")

@@ -436,6 +436,9 @@ def test_replay_refuses_options_that_would_be_ignored_or_fall_back(tmp_path, cap
         (["--train-days", "1"], "--train-days is the next-key LSTM's: give it with --next-key"),
         (["--key-field", ""], "--key-field is empty"),
         (["--time-field", " "], "--time-field is empty"),
+        # Read only with --ab, --strategy prefetch, --strategy lstm|auto: given alone, each was silently ignored.
+        (["--ab-salt", "s2"], "this replay does not read --ab-salt"),
+        (["--prefetch-thr=0.9", "--margin", "-5"], "does not read --prefetch-threshold, --margin"),
     ]:
         assert main([*base, *extra]) == 2
         err = capsys.readouterr().err
@@ -1316,6 +1319,9 @@ def test_bench_refuses_a_malformed_setting_before_any_server_starts(
             "bench demand does not read --processes (bench load), --seconds (bench load)",
         ),
         (["serve", "--docs", "10"], "bench serve does not read --docs (bench embed)"),
+        # Given its default value, it was let through (compared with the defaults); an abbreviation is the option.
+        (["demand", "--processes", "2"], "bench demand does not read --processes (bench load)"),
+        (["events", "--second=10"], "bench events does not read --seconds (bench load)"),
     ],
 )
 def test_bench_refuses_an_option_the_benchmark_does_not_read(tmp_path, monkeypatch, capsys, argv, says):
