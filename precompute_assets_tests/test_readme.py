@@ -44,14 +44,18 @@ VARIABLE = re.compile(r"(PRECOMPUTE|DAGSTER)_[A-Z0-9_]+")
 def variables_read() -> set[str]:
     """Every environment variable name the package holds as a whole string (its ``ENV_*`` constants, the literals
     handed to ``os.environ``, ``EnvVar``), and those ``dagster.yaml`` reads: every read goes through one of them."""
-    import ast
+    import tokenize
 
-    names = {
-        node.value
-        for path in (ROOT / "precompute_assets").rglob("*.py")
-        for node in ast.walk(ast.parse(path.read_text(), str(path)))
-        if isinstance(node, ast.Constant) and isinstance(node.value, str) and VARIABLE.fullmatch(node.value)
-    }
+    # Tokens, not ast.parse: CPython 3.11's AST constructor counts its recursion in state other threads share, and a
+    # leftover thread of an earlier test compiling meanwhile failed this test ("recursion depth mismatch").
+    names = set()
+    for path in (ROOT / "precompute_assets").rglob("*.py"):
+        with path.open("rb") as source:
+            strings = [token.string for token in tokenize.tokenize(source.readline) if token.type == tokenize.STRING]
+            for string in strings:
+                quoted = re.fullmatch(r"""[rRuU]?(["'])(.*)\1""", string)
+                if quoted and VARIABLE.fullmatch(quoted.group(2)):
+                    names.add(quoted.group(2))
     return names | set(re.findall(r"^\s*env: (\S+)$", (ROOT / "dagster.yaml").read_text(), re.MULTILINE))
 
 
