@@ -595,7 +595,10 @@ def test_queries_of_a_server_whose_clock_runs_ahead_are_kept(redis_url, redis_cl
     logs = Lake(lake_uri).read("query_logs", HOUR)
     assert sorted(logs["key"]) == ["ad0", "ad0", "ad1", "ad2"]
     quarantine = Lake(lake_uri).read("query_log_quarantine", HOUR)
-    assert len(quarantine) == 2 and quarantine["reason"].str.contains("after its arrival (a clock ahead)", regex=False).all()
+    assert (
+        len(quarantine) == 2
+        and quarantine["reason"].str.contains("after its arrival (a clock ahead)", regex=False).all()
+    )
     assert drain_metadata(result)["quarantined"].value == 2
 
 
