@@ -23,7 +23,7 @@ from ..serving.querylog import (
 )
 from ..storage.lake import LakeReadError, partitions_before
 from ..storage.query_log_import import IMPORTED, is_imported
-from ..storage.tables import QUERY_LOG_DRAIN, quarantine_frame, query_log_table
+from ..storage.tables import QUERY_LOG_DRAIN, QuarantinedRows, query_log_table
 from .campaigns import purge_campaign_ads
 from .embeddings import expire_document_quarantine
 from .freshness import QUERY_LOGS_FRESHNESS
@@ -133,7 +133,7 @@ def query_logs(context: dg.AssetExecutionContext, redis: RedisResource, lake: La
         )
     if trimmed:
         context.log.warning("the stream was trimmed inside this hour: materializing what is left")
-    chunks, rows, rejected, read, report_at = [], [], [], 0, PROGRESS_EVENTS
+    chunks, rows, rejected, read, report_at = [], [], QuarantinedRows(ROWS_PER_CHUNK), 0, PROGRESS_EVENTS
     lost_queries = 0  # queries the rejected rows stand for (a batch entry rejected whole: all of its queries)
     for page in read_stream_window(client, redis.schema(), start_ms, epoch_ms(window.end)):
         for entry_id, fields in expand_entries(page):
@@ -153,10 +153,11 @@ def query_logs(context: dg.AssetExecutionContext, redis: RedisResource, lake: La
     context.log.info(f"read {read} events ({len(rejected)} quarantined)")
     table = pa.concat_tables([*chunks, query_log_table(rows, QUERY_LOG_DRAIN)])
     del chunks, rows
-    if lost := lost_events(lake, context.partition_key, drained_ids(table, rejected), "query_logs"):
+    quarantined = rejected.table()
+    if lost := lost_events(lake, context.partition_key, drained_ids(table, quarantined), "query_logs"):
         raise stream_lost_failure(lost, context.partition_key)
     first_ts = pc.min(table.column("ts")).as_py()
-    logs, quarantine = table.to_pandas(), quarantine_frame(rejected)
+    logs, quarantine = table.to_pandas(), quarantined.to_pandas()
     del table
     if not read and (kept := _imported(lake, context.partition_key)) is not None:
         context.log.info(f"the stream holds nothing for this hour: keeping its {len(kept)} imported requests")
@@ -204,11 +205,9 @@ def _imported(lake: LakeResource, hour: str) -> pd.DataFrame | None:
     return existing if is_imported(existing) else None
 
 
-def drained_ids(table: pa.Table, rejected: list[dict]) -> pa.Array:
-    """The stream IDs a drain read: its rows' (``table``) and its quarantined rows'."""
-    return pa.concat_arrays(
-        [table.column("stream_id").combine_chunks(), pa.array([row["stream_id"] for row in rejected], pa.string())]
-    )
+def drained_ids(table: pa.Table, rejected: pa.Table) -> pa.Array:
+    """The stream IDs a drain read: its rows' (``table``) and its quarantined rows' (``rejected``)."""
+    return pa.concat_arrays([table.column("stream_id").combine_chunks(), rejected.column("stream_id").combine_chunks()])
 
 
 def lost_events(lake: LakeResource, hour: str, found: pa.Array, asset: str) -> str | None:

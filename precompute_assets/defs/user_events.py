@@ -14,7 +14,7 @@ from ..ml import next_action
 from ..serving import KeySchema
 from ..serving.events import events_stream, read_event_window, unknown_action, validate_event
 from ..serving.querylog import quarantine_row
-from ..storage.tables import quarantine_frame
+from ..storage.tables import QuarantinedRows
 from ..workload.users import generate_user_events, make_users
 from .models import approved_materializations, prune_model_versions, retention_field
 from .partitions import DEFAULT_PARTITIONS, Partitions
@@ -91,7 +91,7 @@ def user_events(context: dg.AssetExecutionContext, redis: RedisResource, lake: L
     quarantine the rest with their reason; unknown actions are counted per action. A re-run that no longer finds
     every event of the materialized partition in the stream fails and keeps it."""
     window = context.partition_time_window
-    chunks, rows, rejected, unknown = [], [], [], {}
+    chunks, rows, rejected, unknown = [], [], QuarantinedRows(ROWS_PER_CHUNK), {}
     client, schema = redis.client(), redis.schema()
     wait_for_hour_end(client, epoch_ms(window.end), context.partition_key)  # as query_logs: events may still come
     start_ms = epoch_ms(window.start)
@@ -110,10 +110,11 @@ def user_events(context: dg.AssetExecutionContext, redis: RedisResource, lake: L
                 unknown[name] = unknown.get(name, 0) + 1
     table = pa.concat_tables([*chunks, user_event_table(rows)])
     del chunks, rows
-    if lost := lost_events(lake, context.partition_key, drained_ids(table, rejected), USER_EVENTS):
+    quarantined = rejected.table()
+    if lost := lost_events(lake, context.partition_key, drained_ids(table, quarantined), USER_EVENTS):
         raise stream_lost_failure(lost, context.partition_key)
     first_ts = pc.min(table.column("ts")).as_py()
-    events, quarantine = table.to_pandas(), quarantine_frame(rejected)
+    events, quarantine = table.to_pandas(), quarantined.to_pandas()
     del table
     read = len(events) + len(rejected)
     context.log.info(f"read {read} events ({len(rejected)} quarantined)")
