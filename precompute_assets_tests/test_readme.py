@@ -117,11 +117,12 @@ def test_env_exports_every_variable_but_the_secrets_and_those_read_only_where_th
     assert variables_read() - set(NOT_EXPORTED) == always | set(SHARED_VALUES)
 
 
-def test_the_serving_snippet_runs_as_written(redis_url, monkeypatch) -> None:
+def test_the_serving_snippet_runs_as_written(redis_server, monkeypatch) -> None:
     """The service snippet named a Redis on 6379 with no password (the embedded one is neither) and a `model` it
-    never defined: run as written it warned, missed, then failed with a NameError."""
+    never defined: run as written it warned, missed, then failed with a NameError. A private server: the snippet
+    logs its queries to the default namespace's stream, which other tests replay hours into."""
     block = README.split("## Using the cache from a service", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
-    monkeypatch.setenv("PRECOMPUTE_REDIS_URL", redis_url)
+    monkeypatch.setenv("PRECOMPUTE_REDIS_URL", redis_server().url)
     scope: dict = {}
     exec(compile(block, "README.md", "exec"), scope)  # noqa: S102 - the README's own code
     assert scope["ctr"] == 0.01 and scope["q"].hit is True

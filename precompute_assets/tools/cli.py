@@ -733,6 +733,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
     train_days = args.train_days if args.train_days is not None else max(1, args.days // 2)
     if learned and not 1 <= train_days < args.days:
         raise CliError(f"--train-days must be at least 1 and less than --days {args.days}, got {train_days}")
+    if not math.isfinite(args.margin):
+        raise CliError(f"--margin must be a finite number, got {args.margin}")
+    if not 0 <= args.prefetch_threshold <= 1:  # a probability; NaN and infinity too
+        raise CliError(f"--prefetch-threshold must be a probability between 0 and 1, got {args.prefetch_threshold}")
     unread = [
         option
         for option, read in (
@@ -745,10 +749,6 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if unread:  # as --train-days: an option given to a replay that does not read it was silently ignored
         raise CliError(f"this replay does not read {', '.join(unread)}: --ab-salt is --ab's, --prefetch-threshold "
                        "--strategy prefetch's, --margin lstm's and auto's (as --strategy or an --ab arm)")  # fmt: skip
-    if not math.isfinite(args.margin):
-        raise CliError(f"--margin must be a finite number, got {args.margin}")
-    if not 0 <= args.prefetch_threshold <= 1:  # a probability; NaN and infinity too
-        raise CliError(f"--prefetch-threshold must be a probability between 0 and 1, got {args.prefetch_threshold}")
     demand = [name for name in strategies if name != "prefetch"]
     stages = 2 + (arms is not None) + learned
     if not (demand or learned):  # the policies replay here, each announced: not one stage of minutes
