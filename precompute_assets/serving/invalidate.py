@@ -150,8 +150,14 @@ class Invalidations:
 
 
 def invalidations(client: redis.Redis, schema: KeySchema, kind: str, version: str) -> Invalidations:
-    """What invalidations took out of ``version`` of ``kind`` while it lived."""
-    members = [m.decode() if isinstance(m, bytes) else m for m in client.smembers(schema.invalidated(kind, version))]
+    """What invalidations took out of ``version`` of ``kind`` while it lived; nothing, with a warning, for a publisher
+    user whose ACL predates the record (no ``SMEMBERS``): a restore then writes the version back whole, as before."""
+    try:
+        raw = client.smembers(schema.invalidated(kind, version))
+    except redis.exceptions.NoPermissionError as error:
+        log.warning("%s: not read (%s); %s", schema.invalidated(kind, version), error, REAPPLY_HINT)
+        return Invalidations()
+    members = [m.decode() if isinstance(m, bytes) else m for m in raw]
     by_tag: dict[str, list[str]] = {"k": [], "p": [], "b": []}
     for member in members:
         tag, _, value = member.partition(":")

@@ -321,6 +321,26 @@ def test_users_of_an_older_version_are_told_to_apply_the_rules_again(
     assert any("getrange" in r.message and "precompute redis acl --apply" in r.message for r in caplog.records)
 
 
+def test_a_publisher_without_the_invalidation_record_still_invalidates_and_checks(
+    admin: redis.Redis, users: dict[str, redis.Redis], schema: KeySchema, caplog
+) -> None:
+    """A publisher made before the invalidation record (no SADD, SMEMBERS) still invalidates, and the health check of
+    a version with a missing bucket still counts it (SMEMBERS refused would have failed the check), with warnings."""
+    from precompute_assets.serving.invalidate import invalidate
+    from precompute_assets.serving.publish import missing_buckets
+
+    publisher = f"{schema.namespace}-publisher"
+    old_rules = [rule for rule in publisher_rules(schema.namespace) if rule not in {"+sadd", "+smembers"}]
+    admin.execute_command("ACL", "SETUSER", publisher, "reset", "on", f">{PUBLISHER_PASSWORD}", *old_rules)
+    client = users["publisher"]
+    publish_version(client, "ctr", "v1", [("a", 0.5), ("b", 0.5)], n_keys=2, schema=schema)
+    with caplog.at_level("WARNING", logger="precompute_assets.serving.invalidate"):
+        assert invalidate(client, "ctr", key="a", schema=schema).fields == 1
+        admin.delete(schema.bucket("ctr", "v1", 0))  # evicted
+        assert missing_buckets(client, schema, "ctr", Pointer("v1", 1)) == 1
+    assert sum("precompute redis acl --apply" in r.message for r in caplog.records) >= 2
+
+
 def test_a_publisher_of_an_older_version_is_told_why_the_tier_was_not_settled(
     admin: redis.Redis, users: dict[str, redis.Redis], schema: KeySchema
 ) -> None:
