@@ -262,8 +262,7 @@ def stream_loss(
     partition, entry, rows = newest
     if int(entry.split("-")[0]) < trimmed_before_ms or client.xrange(stream, min=entry, max=entry, count=1):
         return None
-    oldest = client.xrange(stream, count=1)
-    if oldest and int(oldest[0][0].split(b"-")[0]) < start_ms:
+    if (oldest := oldest_entry_ms(client, stream)) is not None and oldest < start_ms:
         return None
     return f"the stream lost every event logged after partition {partition} (its {rows} events) was drained"
 

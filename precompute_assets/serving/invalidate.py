@@ -78,10 +78,11 @@ def invalidate(
         fields = 0
         for version in (pointer, previous):
             if version is not None:
-                _record(client, schema, kind, version, f"k:{key}")
+                recorded = _record(client, schema, kind, version, f"k:{key}")
                 bucket = schema.bucket_for_key(kind, version, key)
                 removed = int(client.hdel(bucket, key))
-                _record(client, schema, kind, version, f"k:{key}")  # again: refused before if Redis was full
+                if not recorded:  # refused at maxmemory: the delete freed memory
+                    _record(client, schema, kind, version, f"k:{key}")
                 if removed:
                     _record_if_emptied(client, schema, kind, version, bucket)
                 fields += removed if version is pointer else 0
@@ -93,7 +94,7 @@ def invalidate(
     for version in (pointer, previous):
         if version is None:
             continue
-        _record(client, schema, kind, version, f"p:{prefix}")
+        recorded = _record(client, schema, kind, version, f"p:{prefix}")
         for index in range(version.buckets):
             bucket = schema.bucket(kind, version.version, index)
             pairs = client.hscan_iter(bucket, match=f"{glob_escape(prefix)}*", count=SCAN_COUNT)  # NOVALUES: 7.4+
@@ -102,7 +103,8 @@ def invalidate(
             if removed:
                 _record_if_emptied(client, schema, kind, version, bucket)
             fields += removed if version is pointer else 0
-        _record(client, schema, kind, version, f"p:{prefix}")  # again: refused before if Redis was full
+        if not recorded:  # refused at maxmemory: the deletes freed memory
+            _record(client, schema, kind, version, f"p:{prefix}")
     # The live values last, as for one key: probation's settling copies a field of the version before to the live tier
     # (publish._copy_to_live), and one copied after its live value was deleted but before its field was would stay.
     live_pattern = f"{schema.live(kind, 'x')[:-1]}{glob_escape(prefix)}*"
@@ -115,19 +117,21 @@ def invalidate(
 INVALIDATED_MIN_TTL_S = 7 * 86_400  # what an invalidation took out is remembered at least this long
 
 
-def _record(client: redis.Redis, schema: KeySchema, kind: str, version: Pointer, member: str) -> None:
+def _record(client: redis.Redis, schema: KeySchema, kind: str, version: Pointer, member: str) -> bool:
     """Remember ``member`` (see ``KeySchema.invalidated``) for ``version``, before deleting, for as long as the
     version's buckets live (at least ``INVALIDATED_MIN_TTL_S``): a restore of the version (``cache_health``, after
-    Redis lost some of its buckets) or a retried publish of it wrote the invalidated values back."""
+    Redis lost some of its buckets) or a retried publish of it wrote the invalidated values back. False when Redis
+    refused it at ``maxmemory``."""
     name = schema.invalidated(kind, version.version)
     try:
         ttls = [client.ttl(schema.bucket(kind, version.version, index)) for index in {0, version.buckets - 1}]
         client.sadd(name, member)
         client.expire(name, max(INVALIDATED_MIN_TTL_S, *ttls))
     except redis.exceptions.OutOfMemoryError:
-        pass  # at maxmemory: the caller records it again once its deletes freed memory
+        return False  # at maxmemory: the caller records it again once its deletes freed memory
     except redis.exceptions.NoPermissionError as error:
         log.warning("%s: not recorded, so a restore of the version writes it back (%s); %s", name, error, REAPPLY_HINT)
+    return True
 
 
 def _record_if_emptied(client: redis.Redis, schema: KeySchema, kind: str, version: Pointer, bucket: str) -> None:
