@@ -19,6 +19,7 @@ from precompute_assets.stack import (
     ENV_APP_DB,
     ENV_REDIS,
     PG_SYSTEM_USER,
+    SCRAM_ITERATIONS,
     PostgresServer,
     RedisError,
     RedisServer,
@@ -337,6 +338,18 @@ def test_the_embedded_servers_ask_for_the_homes_password(stack: Stack) -> None:
     # Redis's config holds the password and its AOF the cache: both were readable by every account
     assert stat.S_IMODE(stack.redis.dir.stat().st_mode) == 0o700
     assert stat.S_IMODE((stack.redis.dir / "redis.conf").stat().st_mode) == 0o600
+
+
+def test_the_embedded_postgresql_hashes_its_random_password_with_few_scram_iterations(stack: Stack) -> None:
+    """Dagster connects anew for every event it writes; 4096 iterations (PostgreSQL's default) cost each connect 2 ms
+    and add no strength to a 192-bit random password."""
+    if not stack.embeds(ENV_APP_DB):
+        pytest.skip("the environment names its own PostgreSQL: its roles are not ours to hash")
+    with psycopg2.connect(libpq_url(stack.env()[ENV_APP_DB])) as conn, conn.cursor() as cur:
+        cur.execute("SELECT rolpassword FROM pg_authid WHERE rolname = 'postgres'")
+        (verifier,) = cur.fetchone()
+    conn.close()
+    assert verifier.startswith(f"SCRAM-SHA-256${SCRAM_ITERATIONS}:")
 
 
 def test_a_secret_that_no_longer_matches_is_named(tmp_path: Path) -> None:
