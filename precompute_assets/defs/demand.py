@@ -25,7 +25,7 @@ from ..ml.demand import (
 from .models import approved_materializations, prune_model_versions, retention_field
 from .partitions import DEFAULT_PARTITIONS, Partitions
 from .resources import LakeResource, ModelStoreResource
-from .selection import AdDemandConfig, hourly_logs
+from .selection import AdDemandConfig, hourly_logs, key_counts
 
 if TYPE_CHECKING:  # torch is imported where the LSTM is loaded (ml.demand), not when the code location loads
     import torch
@@ -107,8 +107,8 @@ def read_hourly_counts(lake, partitions: Partitions, days: list[str]) -> HourlyC
         for index, day in enumerate(days):
             for hour in partitions.hours_of(day):
                 start = partitions.hourly.time_window_for_partition_key(hour).start
-                _, frame = next(hourly_logs(lake, [hour]))
-                yield index, start, None if frame is None else frame["key"].astype(str).value_counts()
+                _, table = next(hourly_logs(lake, [hour]))
+                yield index, start, None if table is None else key_counts(table)
 
     return HourlyCounts.from_hours(hours())
 

@@ -6,6 +6,8 @@ from dataclasses import replace
 import dagster as dg
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import Field
 
 from ..ml.demand import DemandHyperParams
@@ -77,26 +79,32 @@ class TopAdsConfig(dg.Config):
     )
 
 
-def hourly_logs(
-    lake: Lake, hours: list[str], *, kind: str = PREDICTION_KIND
-) -> Iterator[tuple[str, pd.DataFrame | None]]:
-    """One hour of logs at a time (``ts``, ``key`` of ``kind``), so a week never sits in memory at once."""
+def hourly_logs(lake: Lake, hours: list[str], *, kind: str = PREDICTION_KIND) -> Iterator[tuple[str, pa.Table | None]]:
+    """One hour of logs at a time (``ts``, ``key`` of ``kind``, as Arrow: nothing per row becomes a Python object),
+    so a week never sits in memory at once; None for an hour without a file."""
     for hour in hours:
         if not lake.exists("query_logs", hour):
             yield hour, None
             continue
-        frame = lake.read("query_logs", hour, columns=["ts", "kind", "key"])
-        yield hour, frame[frame["kind"] == kind]
+        table = lake.read_table("query_logs", hour, columns=["ts", "kind", "key"])
+        yield hour, table.filter(pc.equal(table["kind"], kind)).select(["ts", "key"])
+
+
+def key_counts(table: pa.Table) -> pd.Series:
+    """Requests per key (as text) in an hour of ``hourly_logs``."""
+    counts = pc.value_counts(pc.cast(table["key"], pa.string()))
+    keys = counts.field("values").to_numpy(zero_copy_only=False)
+    return pd.Series(counts.field("counts").to_numpy(), index=pd.Index(keys, dtype=object), dtype="int64")
 
 
 def day_counts(lake: Lake, hours: list[str]) -> tuple[pd.Series, list[str]]:
     """Requests per key over ``hours`` (one day's) and the hours whose logs are missing."""
     parts, missing = [], []
-    for hour, frame in hourly_logs(lake, hours):
-        if frame is None:
+    for hour, table in hourly_logs(lake, hours):
+        if table is None:
             missing.append(hour)
-        elif len(frame):
-            parts.append(frame["key"].value_counts())
+        elif table.num_rows:
+            parts.append(key_counts(table))
     counts = pd.concat(parts).groupby(level=0).sum() if parts else pd.Series(dtype="int64")
     return counts.astype("int64"), missing
 
@@ -114,12 +122,12 @@ def traffic_profile(context: dg.AssetExecutionContext, lake: LakeResource) -> dg
     tz_hours = [0.0] * 24
     missing = 0
     for day in partitions.days_ending(context.partition_key, LOOKBACK_DAYS):
-        for hour, frame in hourly_logs(lake.lake(), partitions.hours_of(day)):
-            if frame is None:
+        for hour, table in hourly_logs(lake.lake(), partitions.hours_of(day)):
+            if table is None:
                 missing += 1
                 continue
             local_hour = partitions.hourly.time_window_for_partition_key(hour).start.hour
-            tz_hours[local_hour] += len(frame)
+            tz_hours[local_hour] += table.num_rows
     profile = offpeak_profile(tz_hours, window_hours=OFFPEAK_WINDOW_HOURS)
     frame = pd.DataFrame({"hour": range(24), "queries": profile["queries_per_hour"]})
     context.log.info(f"off-peak window starts at {profile['offpeak_start_hour']:02d}:00 ({missing} hours missing)")
@@ -206,10 +214,11 @@ def logged_trace(
     so a long history never sits in memory whole; the day counts are still the whole days'."""
     keys, day_index, hour_index, whole = [], [], [], [0] * len(days)
     for d, day in enumerate(days):
-        for h, (_, frame) in enumerate(hourly_logs(lake, partitions.hours_of(day))):
-            if frame is None or not len(frame):
+        for h, (_, table) in enumerate(hourly_logs(lake, partitions.hours_of(day))):
+            if table is None or not table.num_rows:
                 continue
-            ordered = frame.sort_values("ts", kind="stable")["key"].astype(str).to_numpy(dtype=object)
+            in_order = table["key"].take(pc.sort_indices(table["ts"]))  # a stable sort: ties keep the logged order
+            ordered = pc.cast(in_order, pa.string()).to_numpy(zero_copy_only=False)
             whole[d] += len(ordered)
             if rate < 1:
                 ordered = ordered[shards_keep(ordered, rate)]

@@ -30,7 +30,11 @@ def test_reading_what_the_lake_lacks_names_it_and_who_writes_a_source(tmp_path):
         lake.read("query_logs", "2026-11-20-10:00")
 
 
-def test_a_flipped_bit_or_a_cut_file_is_an_error_naming_the_file_never_other_values(tmp_path):
+READERS = {"pandas": Lake.read, "arrow": lambda lake, *args: Lake.read_table(lake, *args).to_pandas()}
+
+
+@pytest.mark.parametrize("reader", READERS)
+def test_a_flipped_bit_or_a_cut_file_is_an_error_naming_the_file_never_other_values(tmp_path, reader):
     from pathlib import Path
 
     from precompute_assets.storage.lake import LakeReadError
@@ -45,13 +49,13 @@ def test_a_flipped_bit_or_a_cut_file_is_an_error_naming_the_file_never_other_val
         flipped[at] ^= 0x04
         path.write_bytes(bytes(flipped))
         try:
-            differed += not lake.read("ctr_predictions", "2026-11-20").equals(frame)
+            differed += not READERS[reader](lake, "ctr_predictions", "2026-11-20").equals(frame)
         except LakeReadError as error:
             assert str(error).startswith(f"the lake cannot read {path} (corrupt or truncated?)")
     assert differed == 0  # every flip that changed a value was caught by its page checksum
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(LakeReadError, match="corrupt or truncated"):
-        lake.read("ctr_predictions", "2026-11-20")
+        READERS[reader](lake, "ctr_predictions", "2026-11-20")
 
 
 def test_a_files_rows_are_read_from_its_metadata_and_unknown_for_a_file_written_without_it(tmp_path):
