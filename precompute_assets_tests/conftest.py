@@ -172,11 +172,21 @@ def app_db(app_db_url: str) -> Iterator[str]:
         yield url
 
 
+@pytest.fixture(scope="session")
+def dagster_template(dagster_pg_url: str) -> Iterator[str]:
+    """The name of a database that holds Dagster's tables and nothing else, made once per session: a copy of it
+    (``CREATE DATABASE ... TEMPLATE``) takes a fraction of the time Dagster takes to create and stamp its tables."""
+    with scratch_database(dagster_pg_url, "dagster_template") as url:
+        with dg.instance_for_test(overrides={"storage": {"postgres": {"postgres_url": url}}}):
+            pass  # creates the tables; no connection stays open (Dagster's storages use NullPool), as a copy needs
+        yield url.rsplit("/", 1)[1]
+
+
 @pytest.fixture
-def pg_instance(dagster_pg_url: str) -> Iterator[dg.DagsterInstance]:
+def pg_instance(dagster_pg_url: str, dagster_template: str) -> Iterator[dg.DagsterInstance]:
     """A Dagster instance whose run/event/schedule storage is the real PostgreSQL, in a fresh database."""
     with (
-        scratch_database(dagster_pg_url, "dagster") as url,
+        scratch_database(dagster_pg_url, "dagster", template=dagster_template) as url,
         dg.instance_for_test(overrides={"storage": {"postgres": {"postgres_url": url}}}) as instance,
     ):
         yield instance
