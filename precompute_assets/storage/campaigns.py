@@ -261,7 +261,9 @@ def _timestamp(value: Any, name: str, problems: list[str]) -> datetime | None:
     if value.tzinfo is None or value.utcoffset() is None:
         problems.append(f"{name} {value.isoformat()} has no timezone (give an offset, e.g. +00:00)")
         return None
-    return value.to_pydatetime() if isinstance(value, pd.Timestamp) else value
+    # In UTC: Python compares two times of one zone by their wall clocks, ignoring ``fold``, so across a fall-back
+    # an end 20 minutes before the launch passed for after it (and PostgreSQL's check then refused it).
+    return (value.to_pydatetime() if isinstance(value, pd.Timestamp) else value).astimezone(UTC)
 
 
 def _budget(value: Any, problems: list[str]) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import threading
 from datetime import UTC, datetime, timedelta, timezone
+from zoneinfo import ZoneInfo
 
 import numpy as np
 import pandas as pd
@@ -24,6 +25,7 @@ from precompute_assets.storage.campaigns import (
 from precompute_assets.storage.postgres import libpq_url
 
 NOW = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
+NEW_YORK = ZoneInfo("America/New_York")
 LAUNCH = NOW + timedelta(hours=6)
 
 
@@ -381,6 +383,16 @@ def test_a_registry_refuses_campaigns_over_its_own_cap(registry):
         ({"budget": math.inf}, "budget must be a positive finite number"),
         ({"budget": 1e17}, "budget 1e+17 is over 2.2518e+13"),
         ({"budget": "lots"}, "budget 'lots' is not a number"),
+        ({"budget": 0.001}, "budget 0.001 is not a whole number of units of 0.01"),  # split into nothing
+        ({"budget": 10.005}, "budget 10.005 is not a whole number of units of 0.01"),  # split into 10.01
+        # across New York's fall-back, 01:30 of the first pass (05:30 UTC) is before 01:10 of the second (06:10 UTC)
+        (
+            {
+                "launch_at": datetime(2026, 11, 1, 1, 10, fold=1, tzinfo=NEW_YORK),
+                "end_at": datetime(2026, 11, 1, 1, 30, fold=0, tzinfo=NEW_YORK),
+            },
+            "is not after launch_at",
+        ),  # fmt: skip
         ({"ads": [ad("a\x00b")]}, "ad 'a\\x00b': ad_id"),  # NUL: PostgreSQL cannot store it
         # a braced GUID: no cache key may hold a brace, so its campaign could never be warmed
         ({"ads": [ad("{3F2504E0-4F89-11D3-9A0C-0305E82C3301}")]}, "ad_id has a brace"),
@@ -396,6 +408,14 @@ def test_a_bad_campaign_is_refused_with_a_clear_message(registry, fields, expect
     assert expected in message and "nothing registered" in message and "\n" not in message
     assert f"campaign {record['campaign_id']!r}" in message
     assert error.value.problems and nothing_written(registry)
+
+
+def test_an_end_after_the_launch_across_a_fall_back_registers(registry):
+    """Python compares two times of one zone by wall clock, ignoring ``fold``: this end seemed 20 minutes early."""
+    launch = datetime(2026, 11, 1, 1, 30, fold=0, tzinfo=NEW_YORK)  # 05:30 UTC
+    end = datetime(2026, 11, 1, 1, 10, fold=1, tzinfo=NEW_YORK)  # 06:10 UTC
+    campaign = registry.register("c1", "acme", launch, ads("a1"), end_at=end, now=NOW)
+    assert campaign.end_at - campaign.launch_at == timedelta(minutes=40)
 
 
 def test_every_invalid_ad_is_named_and_the_whole_campaign_refused(registry):
