@@ -2,9 +2,10 @@
 
 ``EventLogger.record_event(user, action, entity=..., tenant=...)`` queues an event and returns at once; the
 query logger's background thread (``QueryLogger``, reused here) writes them in pipelined ``XADD ... MAXLEN ~``
-chunks to ``{ns}:1:events``. A full buffer, a failing Redis or a closed logger drops events and counts them
-(``stats.dropped_buffer_full``, ``stats.dropped_write_failed``, ``stats.dropped_closed``, ``stats.dropped_stale``):
-a caller is never blocked and never sees an error.
+chunks to ``{ns}:1:events``. A full buffer, a failing Redis, a closed logger or a field without text (its ``str()``
+raised) drops events and counts them (``stats.dropped_buffer_full``, ``stats.dropped_write_failed``,
+``stats.dropped_closed``, ``stats.dropped_stale``, ``stats.dropped_invalid``): a caller is never blocked and never
+sees an error.
 
 Stream entry fields (all strings): ``ts`` event time in ms since the epoch, ``user``, ``action`` (one of
 ``ACTIONS``; others are stored and quarantined downstream as unknown), ``entity`` (what the action was about:
@@ -88,16 +89,19 @@ class EventLogger(QueryLogger):
         user or action is written empty, for the drain to quarantine and count; text longer than
         ``LOGGED_TEXT_CHARS`` is cut to it (still quarantined), as the query logger cuts it: a request body recorded
         whole stayed in the buffer and in the stream, which Redis never evicts."""
+        try:  # before taking a slot of the buffer: a field whose str() raised kept its slot for good
+            texts = [None if value is None else _bounded(str(value)) for value in (user, action, entity, tenant)]
+        except Exception:
+            with self._count_lock:
+                self.stats.logged += 1
+                self.stats.dropped_invalid += 1
+            return
         if not self._room(1):
             self._after_queue()
             return
-        event = UserEvent(
-            self.clock(),
-            "" if user is None else _bounded(str(user)),  # not "None": the drain quarantines an empty user or action
-            "" if action is None else _bounded(str(action)),
-            None if entity is None else _bounded(str(entity)),
-            None if tenant is None else _bounded(str(tenant)),
-        )
+        user_text, action_text, entity_text, tenant_text = texts
+        # not "None": the drain quarantines an empty user or action
+        event = UserEvent(self.clock(), user_text or "", action_text or "", entity_text, tenant_text)
         self._buffer.append(event)
         self._after_queue()
 

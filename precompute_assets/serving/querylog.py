@@ -93,11 +93,18 @@ class LoggerStats:
     dropped_write_failed: int = 0
     dropped_closed: int = 0  # logged after close(): nothing sends them any more
     dropped_stale: int = 0  # buffered past ``STALE_MS`` (a long Redis outage): the drain would quarantine them
+    dropped_invalid: int = 0  # a user event whose field has no text (its ``str()`` raised): nothing to record
     flush_errors: int = 0
 
     @property
     def dropped(self) -> int:
-        return self.dropped_buffer_full + self.dropped_write_failed + self.dropped_closed + self.dropped_stale
+        return (
+            self.dropped_buffer_full
+            + self.dropped_write_failed
+            + self.dropped_closed
+            + self.dropped_stale
+            + self.dropped_invalid
+        )
 
 
 class QueryLogger:

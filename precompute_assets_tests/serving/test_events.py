@@ -52,6 +52,28 @@ def test_an_event_without_a_user_or_action_is_quarantined_not_recorded_as_none(r
     assert logger.stats.written == 2  # kept in the stream, for the drain's quarantine and its counts
 
 
+class NoText:
+    def __str__(self) -> str:
+        raise RuntimeError("no text")
+
+
+def test_a_field_without_text_is_dropped_and_counted_never_raised_nor_holding_the_buffer(
+    redis_url, redis_client, schema
+):
+    """record_event raised the field's error into the caller, after taking a slot of the buffer that nothing freed:
+    after max_buffer such calls every later event was dropped as "buffer full"."""
+    logger = EventLogger(log_client(redis_url), schema, max_buffer=3)
+    for _ in range(3):
+        logger.record_event(NoText(), "login")
+        logger.record_event("u1", "creative_upload", entity=NoText())
+    for user in ("u1", "u2", "u3"):
+        logger.record_event(user, "login")
+    logger.close()
+    assert logger.stats.dropped_invalid == 6 and logger.stats.dropped == 6
+    assert logger.stats.logged == 9 and logger.stats.written == 3
+    assert [f[b"user"] for _, f in redis_client.xrange(events_stream(schema))] == [b"u1", b"u2", b"u3"]
+
+
 def test_a_huge_user_or_entity_is_recorded_cut_short_and_still_quarantined(redis_url, redis_client, schema):
     """A service that records a request body as the entity (or the user): the query logger cuts such text to
     LOGGED_TEXT_CHARS, the event logger kept it whole in the buffer and in the stream, which Redis never evicts."""
