@@ -665,6 +665,12 @@ def _approved_model(context: dg.SensorEvaluationContext, model_store: ModelStore
         return None
 
 
+def is_stream_id(text: str) -> bool:
+    """Whether ``text`` is a complete Redis Stream entry ID: two unsigned 64-bit numbers, ``MILLISECONDS-SEQUENCE``."""
+    parts = text.split("-")
+    return len(parts) == 2 and all(p.isascii() and p.isdigit() and int(p) < 2**64 for p in parts)
+
+
 def build_user_event_sensor(
     *,
     name: str = "user_event_sensor",
@@ -691,7 +697,14 @@ def build_user_event_sensor(
     )
     def user_event_sensor(context: dg.SensorEvaluationContext, redis: RedisResource, model_store: ModelStoreResource):
         started = time.perf_counter()
-        after = context.cursor or f"{time.time_ns() // 1_000_000 - first_lookback_s * 1000}-0"
+        after = f"{time.time_ns() // 1_000_000 - first_lookback_s * 1000}-0"
+        if context.cursor and not is_stream_id(context.cursor):  # set by hand (`dagster sensor cursor --set`)
+            context.log.warning(
+                f"the cursor {context.cursor[:80]!r} is no stream ID (MILLISECONDS-SEQUENCE): "
+                f"reading from {first_lookback_s} s ago instead"
+            )
+        elif context.cursor:
+            after = context.cursor
         entries = redis.sensor_check(
             lambda client, schema: read_events_after(client, schema, after, limit=max_events),
             context.log, f"the user events after {after}",

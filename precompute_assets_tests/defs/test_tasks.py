@@ -341,6 +341,19 @@ def test_a_tick_over_10000_events_requests_few_batched_prioritised_runs(
     assert isinstance(again, dg.SkipReason)
 
 
+@pytest.mark.parametrize("cursor", ["garbage", "99999999999999999999-0", "5", "1-2-3", "-1-0"])
+def test_a_cursor_that_is_no_stream_id_is_replaced_with_a_warning(redis_url, schema, tmp_path, pg_instance, cursor):
+    """A cursor set by hand (`dagster sensor cursor --set`) that Redis refuses stopped the sensor for good, saying
+    "Redis does not answer" on every tick."""
+    logger = EventLogger(log_client(redis_url), schema)
+    logger.record_event("u1", "login", tenant="acme")
+    logger.close()
+    result = tick(build_user_event_sensor(), pg_instance, redis_url, schema, str(tmp_path), cursor=cursor)
+    assert isinstance(result, dg.SensorResult) and result.run_requests
+    assert {r.tags[TASK_TAG] for r in result.run_requests} == {"next_actions", "dashboard"}
+    assert tasks.is_stream_id(result.cursor)
+
+
 class _Stub:
     """An estimator that is sure the next action is a dashboard view."""
 
