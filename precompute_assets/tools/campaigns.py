@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,20 @@ def read_campaign_file(path: str | Path) -> tuple[list[dict[str, Any]], list[str
         raise _error(f"{path}: cannot read ({error.strerror or error})") from None
 
 
+class _RepeatedField(ValueError):
+    pass
+
+
+def _without_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's fields; a field given twice is refused (``json`` keeps the last one, silently)."""
+    fields: dict[str, Any] = {}
+    for name, value in pairs:
+        if name in fields:
+            raise _RepeatedField(name)
+        fields[name] = value
+    return fields
+
+
 def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
     records, labels = [], []
     with open(path, encoding="utf-8-sig") as stream:  # -sig: a byte order mark, as Windows tools write, is no JSON
@@ -66,9 +81,11 @@ def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = json.loads(line, object_pairs_hook=_without_repeats)
             except json.JSONDecodeError as error:
                 raise _error(f"{path}: line {number}: malformed JSON ({error.msg} at column {error.colno})") from None
+            except _RepeatedField as error:
+                raise _error(f"{path}: line {number}: the field {error.args[0]!r} is given twice") from None
             if not isinstance(record, dict):
                 raise _error(f"{path}: line {number}: not a JSON object but {type(record).__name__}")
             records.append(record)
@@ -84,6 +101,8 @@ def _read_csv(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
     with open(path, encoding="utf-8-sig", newline="") as stream:
         reader = csv.DictReader(stream, restval=_SHORT)
         header = reader.fieldnames or []
+        if repeated := sorted({column for column in header if header.count(column) > 1}):
+            raise _error(f"{path}: the header names {', '.join(map(repr, repeated))} more than once")
         missing = [column for column in REQUIRED_CSV_COLUMNS if column not in header]
         if missing:
             raise _error(
@@ -164,8 +183,19 @@ def cmd_campaign(args: argparse.Namespace) -> int:
             raise _error(f"unknown campaign command {command!r}")
     except CampaignError as error:
         raise _error(str(error)) from None
-    print(json.dumps(result))
+    print(json.dumps(_finite(result)))
     return 0
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with NaN and infinities (a feature an ad was registered without) as null: JSON has neither."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_finite(item) for item in value]
+    return value
 
 
 def register(registry: Any, records: list[dict[str, Any]], labels: list[str], file: str | Path) -> dict[str, Any]:

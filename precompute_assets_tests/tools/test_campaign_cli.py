@@ -41,7 +41,11 @@ def run(capsys, *argv: str) -> dict:
     assert main(["campaign", *argv]) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     assert out.count("\n") == 1  # one JSON object
-    return json.loads(out)
+    return json.loads(out, parse_constant=refuse)  # strict JSON: no NaN nor Infinity
+
+
+def refuse(constant: str):
+    raise AssertionError(f"{constant} is not JSON")
 
 
 def fails(capsys, *argv: str) -> str:
@@ -128,6 +132,8 @@ def test_every_column_of_a_campaign_file_is_kept_for_a_later_feature_set(servers
     monkeypatch.setenv("PRECOMPUTE_AD_CATEGORICAL", "category,title")  # the feature set grows a column
     titles = [ad["title"] for ad in run(capsys, "show", "c1")["ads"]]
     assert titles[0] == "Red shoes" and not isinstance(titles[1], str)  # a blank cell was stored as null
+    monkeypatch.setenv("PRECOMPUTE_AD_NUMERIC", "quality,bid,text_len,ctr_hist")  # a column no ad was given
+    assert [ad["ctr_hist"] for ad in run(capsys, "show", "c1")["ads"]] == [None, None]  # was NaN: no JSON
 
 
 def test_list_and_cancel_need_no_feature_set_but_register_names_a_bad_one(servers, tmp_path, capsys, monkeypatch):
@@ -199,6 +205,10 @@ def test_bad_files_are_one_line_and_start_nothing(tmp_path, monkeypatch, capsys)
         "c1,acme,2030-01-01T00:00Z,a1\nc1,acme,2030-01-02T00:00Z,a2\n",
         "ragged.csv": "campaign_id,tenant_id,launch_at,ad_id\nc1,acme,2030-01-01T00:00Z,a1,extra\n",
         "short.csv": "campaign_id,tenant_id,launch_at,ad_id,quality\nc1,acme,2030-01-01T00:00Z,a1,0.5\nc1,acme\n",
+        # json and csv keep the last of a repeated field or column, silently
+        "twice.jsonl": good[:-1] + ', "campaign_id": "c2"}\n',
+        "ad-twice.jsonl": json.dumps(campaign("c1"))[:-3] + ', "quality": 0.1}]}\n',
+        "twice.csv": "campaign_id,tenant_id,launch_at,ad_id,quality,quality\nc1,acme,2030-01-01T00:00Z,a1,0.9,0.1\n",
     }
     expected = {
         "missing.jsonl": "no such file",
@@ -210,6 +220,9 @@ def test_bad_files_are_one_line_and_start_nothing(tmp_path, monkeypatch, capsys)
         "disagree.csv": "campaign 'c1': line 3 has launch_at '2030-01-02T00:00Z', line 2 has '2030-01-01T00:00Z'",
         "ragged.csv": "line 2: 5 fields, the header has 4",
         "short.csv": "line 3: 2 fields, the header has 5",  # not a value error of the fields it lacks
+        "twice.jsonl": "line 1: the field 'campaign_id' is given twice",
+        "ad-twice.jsonl": "line 1: the field 'quality' is given twice",
+        "twice.csv": "the header names 'quality' more than once",
         "folder.jsonl": "not a file",
     }
     for name, content in files.items():
