@@ -147,11 +147,18 @@ def train_next_action_model(
         n_estimators=n_estimators, max_depth=max_depth, min_samples_leaf=min_samples_leaf, random_state=seed, n_jobs=1
     )
     counts = train["next_action"].value_counts()
+    # A next action seen once cannot be split into calibration folds (CalibratedClassifierCV refuses the whole fit):
+    # it is left out, and the model gives it no probability (``evaluate`` clips it, as for an action never seen).
+    rare = sorted(str(action) for action in counts.index[counts < 2])
+    if rare:
+        train, counts = train[~train["next_action"].isin(rare)], counts[counts >= 2]
+    if len(counts) < 2:
+        raise ValueError(f"fewer than 2 next actions have 2 or more training rows ({counts.to_dict()}, once: {rare})")
     folds = max(2, min(cv, int(counts.min())))
     estimator = CalibratedClassifierCV(forest, method=calibration, cv=folds)
     estimator.fit(feature_matrix(train), train["next_action"].to_numpy(dtype=object))
     params = {"n_estimators": n_estimators, "max_depth": max_depth, "min_samples_leaf": min_samples_leaf,
-              "calibration": calibration, "cv": folds}  # fmt: skip
+              "calibration": calibration, "cv": folds, "left_out_once_seen": rare}  # fmt: skip
     return NextActionModel(estimator, [str(c) for c in estimator.classes_], timezone, params)
 
 

@@ -80,3 +80,19 @@ def test_too_few_rows_is_a_clear_error():
     frame = pd.DataFrame({"ts_ms": [START_MS, START_MS + MIN], "user": ["a", "a"], "action": ["login", "login"]})
     with pytest.raises(ValueError, match="too few labelled rows"):
         na.time_split(na.labelled(na.event_features(frame)))
+
+
+def test_a_next_action_seen_once_is_left_out_of_the_fit_not_a_failed_day(split):
+    """CalibratedClassifierCV refuses a class of one row: one rare action in two weeks stopped every model."""
+    train, valid = split
+    once = train["next_action"] == "variant_review"
+    train = train[~once | (once.cumsum() == 1)]  # the first variant_review as a label, no other
+    model = na.train_next_action_model(train, n_estimators=20)
+    assert "variant_review" not in model.classes and model.params["left_out_once_seen"] == ["variant_review"]
+    proba = model.predict_proba(valid.head(20))
+    assert np.allclose(proba.sum(axis=1), 1) and not proba[:, list(ACTIONS).index("variant_review")].any()
+    metrics, _ = na.compare(model, train, valid)
+    assert np.isfinite(metrics["log_loss"])
+    logins, other = train[train["next_action"] == "login"], train[train["next_action"] != "login"].head(1)
+    with pytest.raises(ValueError, match="fewer than 2 next actions have 2 or more training rows"):
+        na.train_next_action_model(pd.concat([logins, other]))
