@@ -205,12 +205,18 @@ class TaskContext:
         self._memo = {k: v for k, v in self._memo.items() if v[0]}
 
 
+class TaskUnavailable(LookupError):
+    """Raised by a task function, or a loader it memoizes, when no retry can help (no approved model): its entity is
+    not retried, and a run in which every entity failed so fails without Dagster's retries."""
+
+
 @dataclass
 class TaskOutcome:
     values: dict[str, Any]
     failed: dict[str, str]  # entity -> the last error
     retries: int  # retry rounds run
     encode_errors: dict[str, str] = field(default_factory=dict)
+    unavailable: set[str] = field(default_factory=set)  # the failed entities whose error was TaskUnavailable
 
 
 def compute_task(
@@ -223,7 +229,7 @@ def compute_task(
     """``ctx.task.compute`` for every entity; entities whose call raised are retried in rounds after
     ``backoff_s``, 2x, 4x... while the others keep their values; then every value is encoded with the kind's codec
     (a value it cannot encode is an ``encode_errors`` entry naming the type and entity)."""
-    task, values, failed = ctx.task, {}, {}
+    task, values, failed, unavailable = ctx.task, {}, {}, set()
     pending, rounds = list(dict.fromkeys(ctx.entities)), 0
     while True:
         for entity in pending:
@@ -232,7 +238,9 @@ def compute_task(
                 failed.pop(entity, None)
             except Exception as error:  # a task function's failure is its entity's, never the batch's
                 failed[entity] = f"{type(error).__name__}: {error}"
-        pending = [e for e in pending if e in failed]
+                if isinstance(error, TaskUnavailable):
+                    unavailable.add(entity)
+        pending = [e for e in pending if e in failed and e not in unavailable]
         if not pending or rounds >= max_retries:
             break
         sleep(backoff_s * 2**rounds)
@@ -252,7 +260,7 @@ def compute_task(
                 f"task type {task.name!r} returned a value for entity {entity!r} that codec {codec.name!r} of kind "
                 f"{task.cache_kind!r} cannot encode: {type(error).__name__}: {error}"
             )
-    return TaskOutcome(values, failed, rounds, encode_errors)
+    return TaskOutcome(values, failed, rounds, encode_errors, unavailable)
 
 
 def publish_task_values(redis: RedisResource, task: TaskType, values: dict[str, Any], now_s: float) -> int:
@@ -341,6 +349,7 @@ def run_precompute_task(
         raise dg.Failure(
             description=f"task {task.name} failed for all {len(entities)} entities, e.g. {first_entity}: {first_error}",
             metadata=metadata,
+            allow_retries=not outcome.failed.keys() <= outcome.unavailable,  # a retry cannot find a missing model
         )
     yield dg.Output(None, metadata=metadata)
 
@@ -399,7 +408,10 @@ def task_run_stats(
 
 
 def _ctr_scores(ctx: TaskContext) -> dict[str, float]:
-    version = approved_model_version(ctx.instance)
+    try:
+        version = approved_model_version(ctx.instance)
+    except dg.Failure as error:  # none approved
+        raise TaskUnavailable(error.description) from None
     model = ctx.model_store.store().load(CTR_MODEL, version)
     ads = ctx.lake.lake().read("ads")
     known = set(ads["ad_id"].astype(str))
@@ -448,7 +460,7 @@ def tenant_dashboard(entity: str, ctx: TaskContext) -> dict:
 def _next_action_model(ctx: TaskContext) -> tuple[str, next_action.NextActionModel]:
     version = approved_next_action_version(ctx.instance)
     if version is None:
-        raise LookupError("no approved next_action_model: materialize next_action_model first")
+        raise TaskUnavailable("no approved next_action_model: materialize next_action_model first")
     return version, ctx.model_store.store().load(NEXT_ACTION_MODEL, version)
 
 

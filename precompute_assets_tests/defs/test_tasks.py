@@ -33,6 +33,7 @@ from precompute_assets.defs.tasks import (
     TaskContext,
     TaskRegistry,
     TaskType,
+    TaskUnavailable,
     build_live_refresh_sensor,
     build_user_event_sensor,
     builtin_registry,
@@ -140,6 +141,35 @@ def test_failing_entities_are_retried_with_backoff_while_the_rest_are_kept():
     assert outcome.failed == {"broken": "RuntimeError: broken is down"}
     assert delays == [0.1, 0.2, 0.4] and outcome.retries == 3
     assert calls == {"a": 1, "b": 1, "flaky": 3, "broken": 4}  # the good ones are never computed again
+
+
+def test_an_entity_that_no_retry_can_help_is_not_retried():
+    calls: Counter[str] = Counter()
+
+    def needs_a_model(entity, ctx):
+        calls[entity] += 1
+        return ctx.memo("model", lambda: (_ for _ in ()).throw(TaskUnavailable("no approved model")))
+
+    task = TaskType("needs_model", needs_a_model, ttl_s=60, priority=5)
+    delays: list[float] = []
+    outcome = compute_task(TaskContext(task, ["a", "b"], now_ms=0), backoff_s=0.1, sleep=delays.append)
+    assert outcome.failed == {e: "TaskUnavailable: no approved model" for e in "ab"} and outcome.unavailable == {
+        "a",
+        "b",
+    }
+    assert delays == [] and calls == {"a": 1, "b": 1}
+
+
+def test_a_run_without_an_approved_model_fails_once_without_dagsters_retries(redis_url, schema, tmp_path, pg_instance):
+    """Each login's next_actions run took 26 s and 4 attempts to fail while no next_action_model was approved."""
+    res = task_resources(redis_url, schema, str(tmp_path / "lake"), str(tmp_path / "models"))
+    for task, entities in (("next_actions", ["u1", "u2"]), ("ctr", ["ad1"])):
+        result = precompute_tasks_job.execute_in_process(
+            run_config=task_run_config(task, entities), resources=res, instance=pg_instance, raise_on_error=False
+        )
+        assert not result.success
+        assert "no approved" in result.failure_data_for_node("run_precompute_task").error.message
+        assert not [e for e in result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"], task
 
 
 def test_a_value_its_codec_cannot_encode_names_the_type_and_entity():
