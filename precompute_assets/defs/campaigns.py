@@ -280,8 +280,11 @@ def campaign_ctr(
             context.log.warning(f"{len(skipped)} ads could not be scored (readers compute them live): {skipped[:5]}")
         client, schema = redis.client(), redis.schema()
         items = zip(frame["ad_id"].tolist(), frame["ctr"].tolist(), strict=True)
+        # A changed campaign's budget split is its last revision's, over ads it may no longer have: it goes with the
+        # new CTRs, so readers never get one with the other (campaign_budget writes the new split next).
+        stale = [] if campaign.warm_revision == campaign.revision else [(b"DEL", budget_key(schema, campaign))]
         with failing_clearly_when_full(client, f"campaign {campaign.campaign_id} not warmed", LIVE_MEANWHILE):
-            write_live_values(client, "ctr", items, expire_at=expire_at, schema=schema)
+            write_live_values(client, "ctr", items, expire_at=expire_at, schema=schema, also=stale)
         latest = registry.get(campaign.campaign_id)
         if latest is None or latest.status != "active":
             # cancelled while we scored: its cleanup run may have come first, so take our writes back here
@@ -448,6 +451,10 @@ def purge_campaign_ads(
     )
 
 
+def budget_key(schema: KeySchema, campaign: Campaign) -> bytes:
+    return schema.live("budget", campaign.campaign_id).encode()
+
+
 def values_lost(client: redis_py.Redis, schema: KeySchema, campaigns: list[Campaign]) -> list[Campaign]:
     """The ``campaigns`` (warm ones) whose budget is missing from Redis. Warming writes it after the CTRs, expiring with
     them, and the registry calls a campaign warm only after it: without it, Redis lost the campaign's values (a restart
@@ -455,7 +462,7 @@ def values_lost(client: redis_py.Redis, schema: KeySchema, campaigns: list[Campa
     pipelined: one round trip (one per master on Redis Cluster)."""
     if not campaigns:
         return []
-    present = run_commands(client, [(b"EXISTS", schema.live("budget", c.campaign_id).encode()) for c in campaigns])
+    present = run_commands(client, [(b"EXISTS", budget_key(schema, c)) for c in campaigns])
     return [campaign for campaign, here in zip(campaigns, present, strict=True) if not here]
 
 

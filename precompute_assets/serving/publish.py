@@ -1087,10 +1087,11 @@ def write_live_values(
     *,
     expire_at: int | None,
     schema: KeySchema | None = None,
+    also: Sequence[tuple[bytes, ...]] = (),
 ) -> int:
     """Write ``items`` as live values of ``kind`` (``{kind}:live:{key}``), each expiring at the Unix time
-    ``expire_at`` or later if it already lived longer (None: no expiry), in one MULTI/EXEC transaction;
-    returns how many were written.
+    ``expire_at`` or later if it already lived longer (None: no expiry), in one MULTI/EXEC transaction with the
+    single-key commands ``also`` (a ``DEL`` of what the values make stale); returns how many were written.
 
     Readers see all of them or none; a later publish of a version leaves them in place (readers fall back to
     live values for keys the published version lacks). On Redis Cluster a transaction cannot span the slots
@@ -1120,7 +1121,7 @@ def write_live_values(
             (b"EXPIREAT", name, when, b"NX"),
             (b"EXPIREAT", name, when, b"GT"),
         ]
-    transact_per_slot(client, commands)
+    transact_per_slot(client, [*commands, *also])
     return len(pairs)
 
 

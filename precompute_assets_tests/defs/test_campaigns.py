@@ -358,6 +358,35 @@ def test_a_cancelled_campaign_is_removed_but_ads_of_other_live_campaigns_stay(
     assert observation.asset_observation.metadata["keys_removed"].value == 5  # 4 ads + the budget
 
 
+def test_a_changed_campaigns_new_ctrs_are_never_read_with_its_last_revisions_budget(
+    registry, resources, instance, cache
+):
+    """A re-registration's warming that failed after campaign_ctr left the last revision's split in the cache, over
+    ads the campaign no longer had, beside the new CTRs."""
+    campaign_id, now = unique("changed"), datetime.now(UTC)
+    first = campaign_ads(campaign_id, 4)
+    registry.register(campaign_id, "acme", now + HOUR, first, budget=1000.0)
+    instance.add_dynamic_partitions(CAMPAIGNS.name, [campaign_id])
+    assert warm(instance, resources, campaign_id).success
+    assert set(cache.get("budget", campaign_id)) == {ad["ad_id"] for ad in first}
+    second = [*first[:2], *campaign_ads(f"{campaign_id}-new", 2, seed=1)]
+    registry.register(campaign_id, "acme", now + HOUR, second, budget=5000.0)
+    ctr_only = dg.materialize(  # the run failed before campaign_budget
+        [campaign_ctr, campaign_budget], selection=[campaign_ctr], partition_key=campaign_id, instance=instance,
+        resources=resources,
+    )  # fmt: skip
+    assert ctr_only.success and all(v is not None for v in cache.get_many("ctr", [ad["ad_id"] for ad in second]))
+    assert cache.get("budget", campaign_id) is None  # readers compute it live until the new split is written
+    assert warm(instance, resources, campaign_id).success
+    split = cache.get("budget", campaign_id)
+    assert set(split) == {ad["ad_id"] for ad in second} and sum(split.values()) == pytest.approx(5000.0)
+    refreshed = dg.materialize(  # the same revision warmed again (a refresh) keeps its split meanwhile
+        [campaign_ctr, campaign_budget], selection=[campaign_ctr], partition_key=campaign_id, instance=instance,
+        resources=resources,
+    )  # fmt: skip
+    assert refreshed.success and cache.get("budget", campaign_id) == split
+
+
 def test_a_cancelled_campaign_is_not_warmed(registry, resources, instance, redis_client, schema):
     campaign_id = unique("gone")
     registry.register(campaign_id, "acme", datetime.now(UTC) + HOUR, campaign_ads(campaign_id, 4))
@@ -816,7 +845,8 @@ def test_a_campaign_at_the_ad_cap_is_one_bounded_transaction_and_readers_see_all
         reader.join()
     ctr_live = f"{schema.prefix}:ctr:live:".encode()
     ctr_writes = [commands for commands in transactions if commands[0][1].startswith(ctr_live)]
-    assert len(ctr_writes) == 1 and len(ctr_writes[0]) <= 3 * MAX_ADS  # one transaction, bounded by the cap
+    # one transaction, bounded by the cap (and the DEL of a last revision's budget split)
+    assert len(ctr_writes) == 1 and len(ctr_writes[0]) <= 3 * MAX_ADS + 1
     assert seen <= {0, MAX_ADS} and 0 in seen, seen
     with redis.Redis.from_url(redis_url) as client:
         assert sum(value is not None for value in client.mget(names)) == MAX_ADS
