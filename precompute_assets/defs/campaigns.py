@@ -32,7 +32,7 @@ from pydantic import Field
 from ..ml import ctr
 from ..ml.budget import DEFAULT_DRAWS, DEFAULT_PRIOR_STRENGTH, thompson_split
 from ..serving import KeySchema
-from ..serving.keys import check_key
+from ..serving.keys import check_key, codec_for
 from ..serving.publish import delete_live_values, run_commands, write_live_values
 from ..serving.replication import confirm_replicas
 from ..storage.campaigns import DEFAULT_REFRESH_MARGIN, Campaign, CampaignRegistry
@@ -456,14 +456,24 @@ def budget_key(schema: KeySchema, campaign: Campaign) -> bytes:
 
 
 def values_lost(client: redis_py.Redis, schema: KeySchema, campaigns: list[Campaign]) -> list[Campaign]:
-    """The ``campaigns`` (warm ones) whose budget is missing from Redis. Warming writes it after the CTRs, expiring with
-    them, and the registry calls a campaign warm only after it: without it, Redis lost the campaign's values (a restart
-    without persistence, a flush, an eviction, a failover to a replica that lagged). One EXISTS per campaign,
-    pipelined: one round trip (one per master on Redis Cluster)."""
+    """The ``campaigns`` (warm ones) whose values Redis no longer holds whole: their budget split, which warming writes
+    after the CTRs, expiring with them, and the registry calls a campaign warm only after it; or the CTR of an ad the
+    split is over (an eviction takes keys one at a time: every live key has a TTL, and the embedded Redis evicts
+    ``volatile-lru``). Either is missing when Redis lost them: a restart without persistence, a flush, an eviction,
+    a failover to a replica that lagged. A pipelined ``GET`` per campaign, then an ``EXISTS`` per ad: two round trips
+    (on Redis Cluster, two per master)."""
     if not campaigns:
         return []
-    present = run_commands(client, [(b"EXISTS", budget_key(schema, c)) for c in campaigns])
-    return [campaign for campaign, here in zip(campaigns, present, strict=True) if not here]
+    codec, lost, ads = codec_for("budget"), set(), []
+    for campaign, raw in zip(campaigns, run_commands(client, [(b"GET", budget_key(schema, c)) for c in campaigns]),
+                             strict=True):  # fmt: skip
+        try:
+            ads += [(campaign.campaign_id, str(ad_id)) for ad_id in codec.decode(raw)]  # None: no split
+        except Exception:  # none, or not a split (written by something else): warmed again
+            lost.add(campaign.campaign_id)
+    present = run_commands(client, [(b"EXISTS", schema.live("ctr", ad_id).encode()) for _, ad_id in ads])
+    lost.update(campaign_id for (campaign_id, _), here in zip(ads, present, strict=True) if not here)
+    return [campaign for campaign in campaigns if campaign.campaign_id in lost]
 
 
 def lost_campaigns(

@@ -36,6 +36,7 @@ from precompute_assets.defs.campaigns import (
     campaign_ctr,
     campaign_launch_sensor,
     campaign_warming_job,
+    values_lost,
     warming_config_problem,
 )
 from precompute_assets.defs.models import ctr_model
@@ -54,6 +55,7 @@ from precompute_assets.defs.sources import ad_impressions, ads
 from precompute_assets.ml import features
 from precompute_assets.ml.budget import thompson_split
 from precompute_assets.serving import KeySchema, PredictionCache, connect, publish, publish_version
+from precompute_assets.serving.keys import codec_for
 from precompute_assets.serving.publish import write_live_values
 from precompute_assets.storage.campaigns import MAX_ADS, Campaign, CampaignRegistry
 from precompute_assets.storage.lake import Lake
@@ -642,6 +644,41 @@ def test_a_warm_campaign_whose_values_redis_lost_is_warmed_again_at_once(
     assert None not in cache.get_many("ctr", ids[campaign_id]) and cache.get("budget", campaign_id) is not None
     instance.delete_run(instance.get_runs(dg.RunsFilter(tags={"dagster/run_key": request.run_key}))[0].run_id)
     assert not tick(instance, resources["campaign_registry"], lost.cursor, **sensor).run_requests  # back in Redis
+
+
+def test_a_warm_campaign_that_lost_one_ctr_to_an_eviction_is_warmed_again(
+    registry, resources, instance, cache, redis_client, schema
+):
+    """The sensor looked for the budget split alone: an eviction (every live key has a TTL; the embedded Redis evicts
+    volatile-lru) that took one ad's CTR left the campaign part-served and warm for good. An ad warming could not
+    score (no CTR written, so none in the split) is not taken for a lost one."""
+    now = datetime.now(UTC)
+    campaign_id = unique("evicted")
+    ad_list = campaign_ads(campaign_id, 4)
+    ids = [ad["ad_id"] for ad in ad_list]
+    registry.register(campaign_id, "acme", now + HOUR, ad_list, end_at=now + 26 * HOUR)
+    sensor = {"redis": resources["redis"]}
+    first = tick(instance, resources["campaign_registry"], **sensor)
+    add_partitions(instance, first)
+    (request,) = [r for r in first.run_requests if r.partition_key == campaign_id]
+    assert warm(instance, resources, campaign_id, tags=request.tags).success
+    split = cache.get("budget", campaign_id)
+    assert set(split) == set(ids)
+
+    # as if the fourth ad could not be scored: no CTR, and the split is over the other three
+    client, key = resources["redis"].client(), schema.live("budget", campaign_id)
+    ttl = redis_client.ttl(key)
+    redis_client.set(key, codec_for("budget").encode({ad: split[ad] for ad in ids[:3]}), ex=ttl)
+    redis_client.delete(schema.live("ctr", ids[3]))
+    (campaign,) = [c for c in registry.warm(datetime.now(UTC)) if c.campaign_id == campaign_id]
+    assert values_lost(client, schema, [campaign]) == []
+    quiet = tick(instance, resources["campaign_registry"], first.cursor, **sensor)
+    assert campaign_id not in {r.partition_key for r in quiet.run_requests}
+
+    redis_client.delete(schema.live("ctr", ids[1]))  # what an eviction of one key does
+    assert values_lost(client, schema, [campaign]) == [campaign]
+    lost = tick(instance, resources["campaign_registry"], quiet.cursor, **sensor)
+    assert [r.partition_key for r in lost.run_requests if "-lost" in (r.run_key or "")] == [campaign_id]
 
 
 def test_a_flush_of_many_warm_campaigns_is_warmed_again_a_tick_at_a_time(registry, app_db, redis_url, schema):
