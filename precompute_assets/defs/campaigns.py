@@ -145,11 +145,15 @@ def expiry(campaign: Campaign, now: datetime, config: CampaignWarmingConfig) -> 
     return int((now + timedelta(days=config.open_ended_ttl_days)).timestamp())
 
 
+MAX_GRACE_HOURS = 8760  # a year: more made the expiry a datetime past year 9999 (an OverflowError traceback)
+MAX_OPEN_ENDED_TTL_DAYS = 3650
+
+
 def warming_config_problem(config: CampaignWarmingConfig) -> str | None:
     """Why ``config`` cannot warm, or None. Redis deletes a value whose expiry has passed as it lands: values that
     expire before the campaign's end, or at once, were written, gone, and the campaign reported warm."""
-    if not (math.isfinite(config.grace_hours) and config.grace_hours >= 0):
-        return f"grace_hours must be at least 0, got {config.grace_hours}"
+    if not (math.isfinite(config.grace_hours) and 0 <= config.grace_hours <= MAX_GRACE_HOURS):
+        return f"grace_hours must be from 0 to {MAX_GRACE_HOURS} (a year), got {config.grace_hours}"
     # The registry lists a warm campaign as due again DEFAULT_REFRESH_MARGIN before its values expire: values that
     # live no longer than that are due as soon as they are written, so the sensor, which requests a campaign when it
     # becomes due, never warms it again, and only the backstop's passes every 2 hours keep it (or not) in the cache.
@@ -159,6 +163,9 @@ def warming_config_problem(config: CampaignWarmingConfig) -> str | None:
             f"open_ended_ttl_days must be above {margin_days:g} (the registry warms values again {margin_days:g} day "
             f"before they expire), got {config.open_ended_ttl_days}"
         )
+    if config.open_ended_ttl_days > MAX_OPEN_ENDED_TTL_DAYS:  # beyond, a datetime overflowed with a traceback
+        days = config.open_ended_ttl_days
+        return f"open_ended_ttl_days must be at most {MAX_OPEN_ENDED_TTL_DAYS} (ten years), got {days}"
     return None
 
 

@@ -424,7 +424,7 @@ def test_warming_without_an_approved_model_fails_clearly_and_writes_nothing(regi
             {"open_ended_ttl_days": 0.0},
             "open_ended_ttl_days must be above 1 (the registry warms values again 1 day before they expire), got 0.0",
         ),
-        (HOUR, {"grace_hours": -2.0}, "grace_hours must be at least 0, got -2.0"),
+        (HOUR, {"grace_hours": -2.0}, "grace_hours must be from 0 to 8760 (a year), got -2.0"),
     ],
 )
 def test_a_config_whose_values_would_expire_at_once_fails_in_one_line_and_warms_nothing(
@@ -455,6 +455,18 @@ def test_an_open_ended_ttl_within_the_refresh_margin_is_refused():
         "open_ended_ttl_days must be above 1 (the registry warms values again 1 day before they expire), got 1.0"
     )
     assert warming_config_problem(CampaignWarmingConfig(open_ended_ttl_days=1.5)) is None
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"grace_hours": 1e12}, "grace_hours must be from 0 to 8760 (a year), got 1000000000000.0"),
+        ({"open_ended_ttl_days": 1e9}, "open_ended_ttl_days must be at most 3650 (ten years), got 1000000000.0"),
+    ],
+)
+def test_a_finite_but_huge_expiry_setting_is_refused_not_an_overflow(config, message):
+    """A datetime past year 9999 raised OverflowError from the step, a traceback instead of a config error."""
+    assert warming_config_problem(CampaignWarmingConfig(**config)) == message
 
 
 # --- which model -------------------------------------------------------------------------------------------
