@@ -66,7 +66,7 @@ ENV_LAKE = "PRECOMPUTE_LAKE_URI"
 ENV_MODEL_STORE = "PRECOMPUTE_MODEL_STORE"
 ENV_TIMEZONE = "PRECOMPUTE_TIMEZONE"
 PG_SYSTEM_USER = "embedded_postgres"  # PostgreSQL refuses to run as root
-SCRAM_ITERATIONS = 16  # of the embedded PostgreSQL's random password (see PostgresServer._initdb)
+SCRAM_ITERATIONS = 16  # of the embedded PostgreSQL's random password (see PostgresServer._hash_password_cheaply)
 DEFAULT_SERVICE_ROOT = "/var/lib/precompute_assets"
 SERVER_PROGRAMS = ("redis-server", "valkey-server")
 # What the stack keeps in PRECOMPUTE_HOME: `down --purge` deletes these, and the home only when nothing else is there.
@@ -729,6 +729,19 @@ class PostgresServer:
         self._require_password()
         self.ensure_databases(DAGSTER_DB, APP_DB)
 
+    def _hash_password_cheaply(self, cur) -> None:
+        """Store our password's SCRAM verifier with ``SCRAM_ITERATIONS`` iterations, once (older homes too). The
+        password is 192 random bits, which no count of iterations makes stronger, and Dagster opens a connection for
+        every event it writes: PostgreSQL's default 4096 iterations cost 2 ms of each connect. Set for this session
+        only: roles an operator creates later get the server's default."""
+        if self.password is None:
+            return
+        cur.execute("SELECT rolpassword FROM pg_authid WHERE rolname = 'postgres'")
+        (verifier,) = cur.fetchone()
+        if verifier is not None and not verifier.startswith(f"SCRAM-SHA-256${SCRAM_ITERATIONS}:"):
+            cur.execute(f"SET scram_iterations = {SCRAM_ITERATIONS}")
+            cur.execute("ALTER ROLE postgres PASSWORD %s", (self.password,))
+
     def _require_password(self) -> None:
         """A cluster made before passwords (``--auth=trust``) gets ours and asks for it from now on: the role's
         password is set through the trusting login, then ``pg_hba.conf`` says scram-sha-256 and is reloaded."""
@@ -770,9 +783,7 @@ class PostgresServer:
             pwfile = self.runtime / ".pwfile"
             entry = ensure_system_user(PG_SYSTEM_USER) if self.as_root else None
             write_private(pwfile, self.password + "\n", owner=(entry.pw_uid, entry.pw_gid) if entry else None)
-            # The password is 192 random bits, which no count of SCRAM iterations makes stronger, and Dagster opens a
-            # connection for every event it writes: PostgreSQL's default 4096 iterations cost 2 ms of each connect.
-            auth = ["--auth=scram-sha-256", f"--pwfile={pwfile}", "-c", f"scram_iterations={SCRAM_ITERATIONS}"]
+            auth = ["--auth=scram-sha-256", f"--pwfile={pwfile}"]
         try:
             self._run("initdb", "-D", str(staging), "-U", "postgres", *auth, "--encoding=UTF8")
         finally:
@@ -797,6 +808,7 @@ class PostgresServer:
         try:
             conn.autocommit = True
             with conn.cursor() as cur:  # not `with conn`: that opens a transaction
+                self._hash_password_cheaply(cur)
                 for name in names:
                     cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
                     if cur.fetchone() is None:

@@ -13,8 +13,8 @@ campaign's live ones. A nightly publish (a new version and a pointer flip) leave
 campaign's values expire ``open_ended_ttl_days`` after warming; the registry records when (``warm_until``) and lists
 the campaign as due again a day before, for the backstop (and the sensor) to warm it again. Values Redis loses
 before then (a restart without persistence, a flush, an eviction, a failover) are noticed by the sensor, which looks
-for each warm campaign's budget key on every tick, and warmed again. A cancelled campaign's keys are removed by a run
-of ``campaign_cleanup_job``.
+for each warm campaign's budget split, and the CTR of every ad it splits over, on every tick, and warmed again. A
+cancelled campaign's keys are removed by a run of ``campaign_cleanup_job``.
 """
 
 import json
@@ -288,7 +288,8 @@ def campaign_ctr(
         client, schema = redis.client(), redis.schema()
         items = zip(frame["ad_id"].tolist(), frame["ctr"].tolist(), strict=True)
         # A changed campaign's budget split is its last revision's, over ads it may no longer have: it goes with the
-        # new CTRs, so readers never get one with the other (campaign_budget writes the new split next).
+        # new CTRs, so readers never get one with the other (campaign_budget writes the new split next). On Redis
+        # Cluster, per slot (see transact_per_slot): readers may get both for the length of the write.
         stale = [] if campaign.warm_revision == campaign.revision else [(b"DEL", budget_key(schema, campaign))]
         with failing_clearly_when_full(client, f"campaign {campaign.campaign_id} not warmed", LIVE_MEANWHILE):
             write_live_values(client, "ctr", items, expire_at=expire_at, schema=schema, also=stale)
@@ -462,24 +463,39 @@ def budget_key(schema: KeySchema, campaign: Campaign) -> bytes:
     return schema.live("budget", campaign.campaign_id).encode()
 
 
+CHECK_CHUNK = 10_000  # commands per pipelined write of values_lost: a tick over many ads is several round trips
+
+
+def _run_chunked(client: redis_py.Redis, commands: list[tuple[bytes, ...]]) -> list:
+    return [
+        reply
+        for i in range(0, len(commands), CHECK_CHUNK)
+        for reply in run_commands(client, commands[i : i + CHECK_CHUNK])
+    ]
+
+
 def values_lost(client: redis_py.Redis, schema: KeySchema, campaigns: list[Campaign]) -> list[Campaign]:
     """The ``campaigns`` (warm ones) whose values Redis no longer holds whole: their budget split, which warming writes
     after the CTRs, expiring with them, and the registry calls a campaign warm only after it; or the CTR of an ad the
     split is over (an eviction takes keys one at a time: every live key has a TTL, and the embedded Redis evicts
     ``volatile-lru``). Either is missing when Redis lost them: a restart without persistence, a flush, an eviction,
-    a failover to a replica that lagged. A pipelined ``GET`` per campaign, then an ``EXISTS`` per ad: two round trips
-    (on Redis Cluster, two per master)."""
+    a failover to a replica that lagged. A pipelined ``GET`` per campaign, then an ``EXISTS`` per distinct ad, in
+    writes of ``CHECK_CHUNK`` commands: two round trips up to that many campaigns and ads (on Cluster, per master)."""
     if not campaigns:
         return []
-    codec, lost, ads = codec_for("budget"), set(), []
-    for campaign, raw in zip(campaigns, run_commands(client, [(b"GET", budget_key(schema, c)) for c in campaigns]),
-                             strict=True):  # fmt: skip
+    codec, lost, holders = codec_for("budget"), set(), {}
+    splits = _run_chunked(client, [(b"GET", budget_key(schema, c)) for c in campaigns])
+    for campaign, raw in zip(campaigns, splits, strict=True):
         try:
-            ads += [(campaign.campaign_id, str(ad_id)) for ad_id in codec.decode(raw)]  # None: no split
+            for ad_id in codec.decode(raw):  # None (no split) raises
+                holders.setdefault(str(ad_id), []).append(campaign.campaign_id)
         except Exception:  # none, or not a split (written by something else): warmed again
             lost.add(campaign.campaign_id)
-    present = run_commands(client, [(b"EXISTS", schema.live("ctr", ad_id).encode()) for _, ad_id in ads])
-    lost.update(campaign_id for (campaign_id, _), here in zip(ads, present, strict=True) if not here)
+    ads = list(holders)  # an ad of several campaigns is looked for once
+    present = _run_chunked(client, [(b"EXISTS", schema.live("ctr", ad_id).encode()) for ad_id in ads])
+    lost.update(
+        campaign_id for ad_id, here in zip(ads, present, strict=True) if not here for campaign_id in holders[ad_id]
+    )
     return [campaign for campaign in campaigns if campaign.campaign_id in lost]
 
 
@@ -554,7 +570,8 @@ def campaign_launch_sensor(
     """Reads the registry's changes since the cursor (cancellations, re-registrations) and the due campaigns (one
     indexed query); requests only campaigns that became due since the last tick. A run that failed is the
     backstop's: a sensor never launches the same run key twice. Warm campaigns whose values Redis lost (one more
-    indexed query, and one pipelined EXISTS each) are warmed again at once, not a day before their values expire."""
+    indexed query, a pipelined GET of each one's budget split and an EXISTS per ad) are warmed again at once, not a
+    day before their values expire."""
     registry, cursor = campaign_registry.registry(), LaunchCursor.decode(context.cursor)
     now = datetime.now(UTC)
     horizon = campaign_registry.warming_horizon
@@ -585,7 +602,8 @@ def campaign_launch_sensor(
         # and not busy, at the next tick, which takes them.
         total, lost = len(lost), lost[: campaign_registry.max_rewarms_per_tick]
         context.log.warning(
-            f"Redis lost the values of {total} warm campaigns (their budget key is gone): warming {len(lost)} again"
+            f"Redis lost the values of {total} warm campaigns (their budget split or an ad's CTR is gone): "
+            f"warming {len(lost)} again"
             + (f" now, {total - len(lost)} more at the next ticks" if total > len(lost) else "")
             + ": "
             + ", ".join(f"{c.campaign_id} r{c.revision}" for c in lost[:10])

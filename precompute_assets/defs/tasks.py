@@ -677,10 +677,14 @@ def _approved_model(context: dg.SensorEvaluationContext, model_store: ModelStore
         return None
 
 
-def is_stream_id(text: str) -> bool:
-    """Whether ``text`` is a complete Redis Stream entry ID: two unsigned 64-bit numbers, ``MILLISECONDS-SEQUENCE``."""
-    parts = text.split("-")
-    return len(parts) == 2 and all(p.isascii() and p.isdigit() and int(p) < 2**64 for p in parts)
+def stream_id(text: str) -> str | None:
+    """``text`` as a Redis Stream entry ID to read after (``MILLISECONDS-SEQUENCE``, two unsigned 64-bit numbers; a
+    bare ``MILLISECONDS`` is ``MILLISECONDS-0``), or None when it is none (or the last possible one: nothing is after
+    it, and Redis refuses to read after it)."""
+    parts = text.split("-") if text.count("-") == 1 else [text, "0"]
+    if not all(p.isascii() and p.isdigit() and int(p) < 2**64 for p in parts):
+        return None
+    return None if int(parts[0]) == int(parts[1]) == 2**64 - 1 else f"{int(parts[0])}-{int(parts[1])}"
 
 
 def build_user_event_sensor(
@@ -710,13 +714,13 @@ def build_user_event_sensor(
     def user_event_sensor(context: dg.SensorEvaluationContext, redis: RedisResource, model_store: ModelStoreResource):
         started = time.perf_counter()
         after = f"{time.time_ns() // 1_000_000 - first_lookback_s * 1000}-0"
-        if context.cursor and not is_stream_id(context.cursor):  # set by hand (`dagster sensor cursor --set`)
+        if context.cursor and stream_id(context.cursor) is None:  # set by hand (`dagster sensor cursor --set`)
             context.log.warning(
-                f"the cursor {context.cursor[:80]!r} is no stream ID (MILLISECONDS-SEQUENCE): "
+                f"the cursor {context.cursor[:80]!r} is no stream ID to read after (MILLISECONDS-SEQUENCE): "
                 f"reading from {first_lookback_s} s ago instead"
             )
         elif context.cursor:
-            after = context.cursor
+            after = stream_id(context.cursor)
         entries = redis.sensor_check(
             lambda client, schema: read_events_after(client, schema, after, limit=max_events),
             context.log, f"the user events after {after}",

@@ -64,8 +64,6 @@ def budget_problem(budget: float, *, decimals: int = 2) -> str | None:
         return f"budget must be a positive finite number, got {budget}"
     if budget / 10.0**-decimals > MAX_BUDGET_UNITS:
         return f"budget {budget:g} is over {MAX_BUDGET_UNITS * 10.0**-decimals:g}: its units would not add up exactly"
-    if round(budget, decimals) != budget:  # 0.001 split into nothing, 10.005 into 10.01
-        return f"budget {budget!r} is not a whole number of units of {10.0**-decimals:g}"
     return None
 
 

@@ -1103,7 +1103,7 @@ def write_live_values(
     schema = schema or KeySchema()
     check_kind(kind)
     pairs = list(items)
-    if not pairs:
+    if not pairs and not also:
         return 0
     check_keys([key for key, _ in pairs])
     values = encode_many(codec_for(kind), [value for _, value in pairs])

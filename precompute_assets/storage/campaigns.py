@@ -263,7 +263,11 @@ def _timestamp(value: Any, name: str, problems: list[str]) -> datetime | None:
         return None
     # In UTC: Python compares two times of one zone by their wall clocks, ignoring ``fold``, so across a fall-back
     # an end 20 minutes before the launch passed for after it (and PostgreSQL's check then refused it).
-    return (value.to_pydatetime() if isinstance(value, pd.Timestamp) else value).astimezone(UTC)
+    try:
+        return (value.to_pydatetime() if isinstance(value, pd.Timestamp) else value).astimezone(UTC)
+    except OverflowError:  # within its offset of year 1 or 9999
+        problems.append(f"{name} {value.isoformat()} is out of range in UTC")
+        return None
 
 
 def _budget(value: Any, problems: list[str]) -> float:
@@ -279,6 +283,8 @@ def _budget(value: Any, problems: list[str]) -> float:
         problems.append(f"budget must be a positive finite number, got {value!r}")
     elif (problem := budget_problem(budget)) is not None:
         problems.append(problem)
+    elif round(budget, 2) != budget:  # 0.001 was split into nothing, 10.005 into 10.01
+        problems.append(f"budget {budget!r} is not a whole number of cents")
     return budget
 
 

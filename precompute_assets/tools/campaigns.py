@@ -101,7 +101,7 @@ def _read_csv(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
     with open(path, encoding="utf-8-sig", newline="") as stream:
         reader = csv.DictReader(stream, restval=_SHORT)
         header = reader.fieldnames or []
-        if repeated := sorted({column for column in header if header.count(column) > 1}):
+        if repeated := sorted({column for column in header if column and header.count(column) > 1}):
             raise _error(f"{path}: the header names {', '.join(map(repr, repeated))} more than once")
         missing = [column for column in REQUIRED_CSV_COLUMNS if column not in header]
         if missing:

@@ -371,7 +371,9 @@ def test_a_tick_over_10000_events_requests_few_batched_prioritised_runs(
     assert isinstance(again, dg.SkipReason)
 
 
-@pytest.mark.parametrize("cursor", ["garbage", "99999999999999999999-0", "5", "1-2-3", "-1-0"])
+@pytest.mark.parametrize(
+    "cursor", ["garbage", "99999999999999999999-0", "18446744073709551615-18446744073709551615", "1-2-3", "-1-0"]
+)
 def test_a_cursor_that_is_no_stream_id_is_replaced_with_a_warning(redis_url, schema, tmp_path, pg_instance, cursor):
     """A cursor set by hand (`dagster sensor cursor --set`) that Redis refuses stopped the sensor for good, saying
     "Redis does not answer" on every tick."""
@@ -381,7 +383,11 @@ def test_a_cursor_that_is_no_stream_id_is_replaced_with_a_warning(redis_url, sch
     result = tick(build_user_event_sensor(), pg_instance, redis_url, schema, str(tmp_path), cursor=cursor)
     assert isinstance(result, dg.SensorResult) and result.run_requests
     assert {r.tags[TASK_TAG] for r in result.run_requests} == {"next_actions", "dashboard"}
-    assert tasks.is_stream_id(result.cursor)
+    assert tasks.stream_id(result.cursor) == result.cursor
+
+
+def test_a_bare_millisecond_cursor_reads_after_its_first_entry_id():
+    assert tasks.stream_id("1700000000000") == "1700000000000-0" and tasks.stream_id("5-07") == "5-7"
 
 
 class _Stub:

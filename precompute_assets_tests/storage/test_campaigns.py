@@ -383,8 +383,9 @@ def test_a_registry_refuses_campaigns_over_its_own_cap(registry):
         ({"budget": math.inf}, "budget must be a positive finite number"),
         ({"budget": 1e17}, "budget 1e+17 is over 2.2518e+13"),
         ({"budget": "lots"}, "budget 'lots' is not a number"),
-        ({"budget": 0.001}, "budget 0.001 is not a whole number of units of 0.01"),  # split into nothing
-        ({"budget": 10.005}, "budget 10.005 is not a whole number of units of 0.01"),  # split into 10.01
+        ({"end_at": "9999-12-31T23:00:00-05:00"}, "is out of range in UTC"),  # was an OverflowError traceback
+        ({"budget": 0.001}, "budget 0.001 is not a whole number of cents"),  # split into nothing
+        ({"budget": 10.005}, "budget 10.005 is not a whole number of cents"),  # split into 10.01
         # across New York's fall-back, 01:30 of the first pass (05:30 UTC) is before 01:10 of the second (06:10 UTC)
         (
             {

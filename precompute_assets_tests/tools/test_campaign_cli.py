@@ -122,10 +122,10 @@ def test_the_feature_set_comes_from_the_environment(servers, tmp_path, capsys, m
 
 def test_every_column_of_a_campaign_file_is_kept_for_a_later_feature_set(servers, tmp_path, capsys, monkeypatch):
     path = tmp_path / "campaigns.csv"
-    path.write_text(
-        "campaign_id,tenant_id,launch_at,ad_id,quality,bid,text_len,category,title\n"
-        f"c1,acme,{LAUNCH.isoformat()},a1,0.5,1.0,30,shoes,Red shoes\n"
-        f"c1,acme,{LAUNCH.isoformat()},a2,0.6,1.5,25,hats,\n"
+    path.write_text(  # with the two unnamed empty columns a spreadsheet's trailing commas make
+        "campaign_id,tenant_id,launch_at,ad_id,quality,bid,text_len,category,title,,\n"
+        f"c1,acme,{LAUNCH.isoformat()},a1,0.5,1.0,30,shoes,Red shoes,,\n"
+        f"c1,acme,{LAUNCH.isoformat()},a2,0.6,1.5,25,hats,,,\n"
     )
     assert run(capsys, "register", "--file", str(path))["ads"] == 2
     assert "title" not in run(capsys, "show", "c1")["ads"][0]
