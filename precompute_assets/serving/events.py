@@ -90,7 +90,7 @@ class EventLogger(QueryLogger):
         ``LOGGED_TEXT_CHARS`` is cut to it (still quarantined), as the query logger cuts it: a request body recorded
         whole stayed in the buffer and in the stream, which Redis never evicts."""
         try:  # before taking a slot of the buffer: a field whose str() raised kept its slot for good
-            texts = [None if value is None else _bounded(str(value)) for value in (user, action, entity, tenant)]
+            texts = [None if value is None else _bounded(_text(value)) for value in (user, action, entity, tenant)]
         except Exception:
             with self._count_lock:
                 self.stats.logged += 1
@@ -121,6 +121,11 @@ class EventLogger(QueryLogger):
         for event in batch:
             fields = ((name.encode(), value.encode("utf-8", "surrogatepass")) for name, value in event.fields().items())
             yield self._xadd(self._entry_id(event.ts_ms), fields), 1
+
+
+def _text(value: Any) -> str:
+    """A field as text: bytes (a user id read from Redis) decoded as UTF-8, not ``"b'...'"`` as ``str`` gives."""
+    return value.decode("utf-8", "replace") if isinstance(value, (bytes, bytearray)) else str(value)
 
 
 # --- reading the stream back (the user_events asset and the user_event_sensor) ---------------------------
