@@ -657,6 +657,8 @@ class CampaignRegistry:
                     (where, f"launch_at {c.launch_at.isoformat()} is more than the warming horizon "
                             f"({self.warming_horizon}) in the past (now {now.isoformat()})")
                 )  # fmt: skip
+            if before is None and c.end_at is not None and c.end_at <= now:  # it would never be warmed
+                problems.append((where, f"end_at {c.end_at.isoformat()} has passed (now {now.isoformat()})"))
         return problems
 
     @staticmethod

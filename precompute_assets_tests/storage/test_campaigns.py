@@ -151,16 +151,17 @@ def test_changed_since_pages_through_changes_in_order(registry):
 
 
 def test_due_lists_active_cold_campaigns_inside_the_horizon_that_have_not_ended(registry):
-    def register(campaign_id, launch_in_hours, **options):
+    def register(campaign_id, launch_in_hours, at=NOW, **options):
         launch = NOW + timedelta(hours=launch_in_hours)
-        return registry.register(campaign_id, "acme", launch, ads(f"{campaign_id}-ad"), now=NOW, **options)
+        return registry.register(campaign_id, "acme", launch, ads(f"{campaign_id}-ad"), now=at, **options)
 
     register("soon", 2)
     register("tomorrow", 23)
     register("later", 25)  # outside the default 24 h
     register("live", -3)  # launched already, still running: warm it now
-    register("over", -3, end_at=NOW - timedelta(hours=1))
-    register("ends-now", -3, end_at=NOW)
+    running = NOW - timedelta(hours=2)  # registered while they ran: a new campaign that has ended is refused
+    register("over", -3, at=running, end_at=NOW - timedelta(hours=1))
+    register("ends-now", -3, at=running, end_at=NOW)
     register("warm", 1)
     registry.mark_warm("warm", 1)
     register("gone", 1)
@@ -384,6 +385,11 @@ def test_a_registry_refuses_campaigns_over_its_own_cap(registry):
         ({"budget": 1e17}, "budget 1e+17 is over 2.2518e+13"),
         ({"budget": "lots"}, "budget 'lots' is not a number"),
         ({"end_at": "9999-12-31T23:00:00-05:00"}, "is out of range in UTC"),  # was an OverflowError traceback
+        # accepted silently, and never warmed
+        (
+            {"launch_at": NOW - timedelta(hours=2), "end_at": NOW - timedelta(hours=1)},
+            "end_at 2026-03-10T11:00:00+00:00 has passed",
+        ),
         ({"budget": 0.001}, "budget 0.001 is not a whole number of cents"),  # split into nothing
         ({"budget": 10.005}, "budget 10.005 is not a whole number of cents"),  # split into 10.01
         # across New York's fall-back, 01:30 of the first pass (05:30 UTC) is before 01:10 of the second (06:10 UTC)
