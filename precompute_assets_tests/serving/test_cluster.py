@@ -401,6 +401,25 @@ def test_query_logger_and_stats_on_the_cluster(redis_cluster, cluster_client, ns
     assert cluster_client.hgetall(ns.stats("rank")) == {b"miss": b"1"}
 
 
+def test_a_campaign_that_lost_one_ctr_is_found_on_the_cluster(redis_cluster, cluster_client, ns):
+    """On one server one EXISTS counts a campaign's keys; on a cluster they are in many slots: one per key."""
+    from datetime import UTC, datetime
+
+    from precompute_assets.defs.campaigns import values_lost
+    from precompute_assets.storage.campaigns import Campaign
+
+    now, late = datetime.now(UTC), int(time.time()) + 3600
+    campaigns = []
+    for name in ("kept", "evicted"):
+        ads = [f"{name}-ad{i}" for i in range(12)]
+        write_live_values(cluster_client, "ctr", [(ad, 0.1) for ad in ads], expire_at=late, schema=ns)
+        write_live_values(cluster_client, "budget", [(name, {ad: 1.0 for ad in ads})], expire_at=late, schema=ns)
+        campaigns.append(Campaign(name, "acme", now, None, 12.0, "active", 1, 1, 1, now, 12))
+    assert values_lost(cluster_client, ns, campaigns) == []
+    cluster_client.delete(ns.live("ctr", "evicted-ad7"))
+    assert [c.campaign_id for c in values_lost(cluster_client, ns, campaigns)] == ["evicted"]
+
+
 def test_campaign_live_values_are_written_per_slot_on_the_cluster(redis_cluster, cluster_client, ns):
     now = int(time.time())
     late, early = now + 30 * 86400, now + 86400
