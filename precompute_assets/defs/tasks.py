@@ -713,14 +713,13 @@ def build_user_event_sensor(
     )
     def user_event_sensor(context: dg.SensorEvaluationContext, redis: RedisResource, model_store: ModelStoreResource):
         started = time.perf_counter()
-        after = f"{time.time_ns() // 1_000_000 - first_lookback_s * 1000}-0"
-        if context.cursor and stream_id(context.cursor) is None:  # set by hand (`dagster sensor cursor --set`)
+        after = stream_id(context.cursor) if context.cursor else None
+        if context.cursor and after is None:  # set by hand (`dagster sensor cursor --set`)
             context.log.warning(
                 f"the cursor {context.cursor[:80]!r} is no stream ID to read after (MILLISECONDS-SEQUENCE): "
                 f"reading from {first_lookback_s} s ago instead"
             )
-        elif context.cursor:
-            after = stream_id(context.cursor)
+        after = after or f"{time.time_ns() // 1_000_000 - first_lookback_s * 1000}-0"
         entries = redis.sensor_check(
             lambda client, schema: read_events_after(client, schema, after, limit=max_events),
             context.log, f"the user events after {after}",
