@@ -32,7 +32,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from importlib.metadata import entry_points
@@ -45,7 +45,14 @@ from pydantic import Field
 
 from ..ml import ctr, next_action
 from ..serving import refresh
-from ..serving.events import ACTION_INDEX, read_event_window, read_events_after, validate_event
+from ..serving.events import (
+    ACTION_INDEX,
+    read_event_window,
+    read_events_after,
+    read_user_states,
+    validate_event,
+    write_user_states,
+)
 from ..serving.keys import KIND_PATTERN, RESERVED_KINDS, check_key, codec_for
 from ..serving.publish import write_live_values
 from .campaigns import approved_model_version
@@ -582,6 +589,7 @@ class TickPlan:
     """What one tick over some events asks for: ``wanted[(task, entity)] = priority``, and counts."""
 
     wanted: dict[tuple[str, str], int] = field(default_factory=dict)
+    states: dict[str, next_action.UserState] = field(default_factory=dict)  # each predicted user's, to carry on
     events: int = 0
     malformed: int = 0
     no_entity: int = 0
@@ -609,9 +617,13 @@ def plan_events(
     *,
     model: next_action.NextActionModel | None = None,
     confidence: float = DEFAULT_CONFIDENCE,
+    prior: Callable[[list[str]], Mapping[str, next_action.UserState]] | None = None,
 ) -> TickPlan:
     """The task requests implied by ``entries`` (raw stream entries): each valid event's triggers, then for each
-    user's latest event the tasks its predicted next actions (probability >= ``confidence``) need."""
+    user's latest event the tasks its predicted next actions (probability >= ``confidence``) need.
+
+    ``prior(users)``: the states the users' earlier events left (``next_action.latest_states``), so that a user's
+    state is that of their whole day, not of this tick's events alone; ``plan.states`` holds the new ones."""
     plan, rows = TickPlan(), []
     for entry_id, fields in entries:
         plan.events += 1
@@ -630,7 +642,10 @@ def plan_events(
             plan.want(trigger.task, entity, registry.priority_of(trigger))
     if model is None or not rows or not registry.predicted:
         return plan
-    states = next_action.latest_states(pd.DataFrame(rows), model.timezone)
+    frame = pd.DataFrame(rows)
+    carried = prior(list(dict.fromkeys(frame["user"].tolist()))) if prior is not None else None
+    states = next_action.latest_states(frame, model.timezone, prior=carried)
+    plan.states = next_action.carried_states(states)
     proba = model.predict_proba(states)
     users, tenants = states["user"].tolist(), states["tenant"].tolist()
     for i, j in zip(*np.nonzero(proba >= confidence), strict=True):
@@ -675,6 +690,20 @@ def _approved_model(context: dg.SensorEvaluationContext, model_store: ModelStore
     except Exception as error:  # predictions are an extra: without them the triggers still run
         context.log.warning(f"no next-action predictions this tick: {error}")
         return None
+
+
+def _stored_states(redis: RedisResource, log: logging.Logger) -> Callable[[list[str]], dict]:
+    """What ``plan_events`` reads the users' earlier states with: those stored in Redis (none, with a warning, when
+    it does not answer); a malformed one is none."""
+
+    def read(users: list[str]) -> dict[str, next_action.UserState]:
+        stored = redis.sensor_check(
+            lambda client, schema: read_user_states(client, schema, users), log, f"the states of {len(users)} users"
+        )
+        parsed = {user: next_action.UserState.parse(fields) for user, fields in (stored or {}).items()}
+        return {user: state for user, state in parsed.items() if state is not None}
+
+    return read
 
 
 def stream_id(text: str) -> str | None:
@@ -730,7 +759,14 @@ def build_user_event_sensor(
             return dg.SkipReason(f"no user events after {after}")
         tasks = registry()
         model = _approved_model(context, model_store) if tasks.predicted else None
-        plan = plan_events(tasks, entries, model=model, confidence=confidence)
+        plan = plan_events(tasks, entries, model=model, confidence=confidence, prior=_stored_states(redis, context.log))
+        if plan.states:  # not kept: the next tick's states start from its own events, as before (warned)
+            redis.sensor_check(
+                lambda client, schema: write_user_states(
+                    client, schema, {user: state.fields() for user, state in plan.states.items()}
+                ),
+                context.log, f"the storing of {len(plan.states)} users' session states",
+            )  # fmt: skip
         last = entries[-1][0].decode()
         requests = run_requests(tasks, plan, f"{after}..{last}")
         context.log.info(

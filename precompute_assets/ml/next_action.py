@@ -13,6 +13,7 @@ top-3 accuracy and log-loss.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,7 +42,8 @@ def event_features(events: pd.DataFrame, timezone: str = "UTC") -> pd.DataFrame:
     frame = events.sort_values(["user", "ts_ms"], kind="stable", ignore_index=True)
     if frame.empty:
         return frame.assign(
-            hour=pd.Series(dtype=float), day_of_week=pd.Series(dtype="int64"), actions_today=pd.Series(dtype="int64"),
+            hour=pd.Series(dtype=float), day_of_week=pd.Series(dtype="int64"), day=pd.Series(dtype=object),
+            actions_today=pd.Series(dtype="int64"), session_start_ms=pd.Series(dtype="int64"),
             session_minutes=pd.Series(dtype=float), next_action=pd.Series(dtype=object),
         )  # fmt: skip
     ts = frame["ts_ms"].to_numpy(dtype=np.int64)
@@ -57,16 +59,147 @@ def event_features(events: pd.DataFrame, timezone: str = "UTC") -> pd.DataFrame:
     return frame.assign(
         hour=(local.dt.hour + local.dt.minute / 60.0).to_numpy(),
         day_of_week=local.dt.dayofweek.to_numpy(dtype=np.int64),
+        day=day,
         actions_today=frame.groupby([user, day]).cumcount().to_numpy(dtype=np.int64) + 1,
+        session_start_ms=session_start,
         session_minutes=(ts - session_start) / 60_000.0,
         next_action=pd.Series([v if isinstance(v, str) else None for v in next_action], dtype=object),
     )
 
 
-def latest_states(events: pd.DataFrame, timezone: str = "UTC") -> pd.DataFrame:
-    """Each user's features at their latest event (one row per user): what predicts their next action now."""
+@dataclass(frozen=True)
+class UserState:
+    """A user's latest event and what their events so far make of it: the inputs of that event's features. A sensor
+    that sees a few events at a time carries it from tick to tick, so that its states are those of the user's whole
+    day, as ``latest_states`` over all of them gives."""
+
+    stream_id: str  # the event's ID (``MILLISECONDS-SEQUENCE``): it and the ones before are counted
+    ts_ms: int
+    action: str
+    tenant: str | None
+    session_start_ms: int
+    day: str  # the local day of ``ts_ms`` (``YYYY-MM-DD``, in the model's time zone)
+    actions_today: int
+
+    def fields(self) -> dict[str, str]:
+        """As the hash fields Redis keeps (``serving.events.write_user_states``; no tenant: no field)."""
+        fields = {
+            "id": self.stream_id, "ts": str(self.ts_ms), "action": self.action, "start": str(self.session_start_ms),
+            "day": self.day, "today": str(self.actions_today),
+        }  # fmt: skip
+        return fields | ({"tenant": self.tenant} if self.tenant is not None else {})
+
+    @classmethod
+    def parse(cls, fields: Mapping[bytes, bytes]) -> UserState | None:
+        """The state in a hash read back; None for one that is incomplete or malformed (the user starts afresh)."""
+        try:
+            tenant = fields.get(b"tenant")
+            state = cls(
+                fields[b"id"].decode(), int(fields[b"ts"]), fields[b"action"].decode(),
+                tenant.decode() if tenant is not None else None, int(fields[b"start"]), fields[b"day"].decode(),
+                int(fields[b"today"]),
+            )  # fmt: skip
+        except (KeyError, ValueError, UnicodeDecodeError):
+            return None
+        valid = _id_tuple(state.stream_id) is not None and state.session_start_ms <= state.ts_ms
+        return state if valid and state.actions_today >= 1 and state.action in ACTION_INDEX else None
+
+
+def _id_tuple(stream_id: str) -> tuple[int, int] | None:
+    parts = stream_id.split("-")
+    if len(parts) != 2 or not all(p.isascii() and p.isdigit() for p in parts):
+        return None
+    return int(parts[0]), int(parts[1])
+
+
+def latest_states(
+    events: pd.DataFrame, timezone: str = "UTC", prior: Mapping[str, UserState] | None = None
+) -> pd.DataFrame:
+    """Each user's features at their latest event (one row per user): what predicts their next action now.
+
+    ``prior``: the states the users' earlier events left (``UserState``), when ``events`` are only the latest ones
+    (with a ``stream_id`` column). A session goes on across them as within them (no pause over ``SESSION_GAP_MS``, no
+    ``login``), and the actions of the same local day add up. Events at or before a user's ``prior`` ID were counted
+    already (a tick that read them again after a crash): they are not counted twice, and a user with no other event
+    gets the row of the stored state. ``carried_states`` gives the states to keep for the next events."""
+    prior = prior or {}
+    restored: dict[str, UserState] = {}
+    if prior and "stream_id" in events.columns:
+        users = events["user"].tolist()
+        new = np.array(
+            [
+                (known := prior.get(user)) is None or (_id_tuple(entry) or (0, 0)) > _id_tuple(known.stream_id)
+                for user, entry in zip(users, events["stream_id"].tolist(), strict=True)
+            ],
+            dtype=bool,
+        )
+        if not new.all():
+            fresh = set(events["user"][new].tolist())
+            restored = {user: prior[user] for user in events["user"][~new].tolist() if user not in fresh}
+            events = events[new]
     features = event_features(events, timezone)
-    return features.groupby("user", sort=False).tail(1).reset_index(drop=True)
+    latest = features.groupby("user", sort=False).tail(1).reset_index(drop=True)
+    if prior and not latest.empty:
+        latest = _gone_on(latest, features, prior)
+    if restored:
+        latest = pd.concat([latest, _state_rows(restored, timezone)], ignore_index=True)
+    return latest
+
+
+def _gone_on(latest: pd.DataFrame, features: pd.DataFrame, prior: Mapping[str, UserState]) -> pd.DataFrame:
+    """``latest`` (each user's latest row of ``features``) with the sessions and days of ``prior`` carried on."""
+    first = features.groupby("user", sort=False).head(1).set_index("user").loc[latest["user"]]
+    known = [prior.get(user) for user in latest["user"].tolist()]
+    has = np.array([state is not None for state in known], dtype=bool)
+    last_ts = np.array([state.ts_ms if state else 0 for state in known], dtype=np.int64)
+    first_ts = first["ts_ms"].to_numpy(dtype=np.int64)
+    goes_on = (
+        has
+        & (latest["session_start_ms"].to_numpy(dtype=np.int64) == first_ts)  # no new session within these events
+        & (first["action"].to_numpy(dtype=object) != "login")
+        & (first_ts - last_ts <= SESSION_GAP_MS)
+    )
+    before = np.array([state.session_start_ms if state else 0 for state in known], dtype=np.int64)
+    start = np.where(goes_on, before, latest["session_start_ms"].to_numpy(dtype=np.int64))
+    days = np.array([state.day if state else "" for state in known], dtype=object)
+    same_day = has & (latest["day"].to_numpy(dtype=object) == days)
+    earlier = np.array([state.actions_today if state else 0 for state in known], dtype=np.int64)
+    return latest.assign(
+        session_start_ms=start,
+        session_minutes=(latest["ts_ms"].to_numpy(dtype=np.int64) - start) / 60_000.0,
+        actions_today=latest["actions_today"].to_numpy(dtype=np.int64) + np.where(same_day, earlier, 0),
+    )
+
+
+def _state_rows(states: Mapping[str, UserState], timezone: str) -> pd.DataFrame:
+    """The feature rows of stored states (user -> state): their events' hour and day, with the state's session and
+    count."""
+    users = list(states)
+    events = pd.DataFrame(
+        {
+            "stream_id": [states[u].stream_id for u in users], "ts_ms": [states[u].ts_ms for u in users],
+            "user": users, "action": [states[u].action for u in users], "tenant": [states[u].tenant for u in users],
+        }
+    )  # fmt: skip
+    rows = event_features(events, timezone).set_index("user").loc[users].reset_index()
+    start = np.array([states[u].session_start_ms for u in users], dtype=np.int64)
+    return rows.assign(
+        session_start_ms=start,
+        session_minutes=(rows["ts_ms"].to_numpy(dtype=np.int64) - start) / 60_000.0,
+        actions_today=np.array([states[u].actions_today for u in users], dtype=np.int64),
+    )
+
+
+def carried_states(states: pd.DataFrame) -> dict[str, UserState]:
+    """``latest_states``'s rows (from events with a ``stream_id`` column) as the states the next events go on from."""
+    tenants = states["tenant"].tolist() if "tenant" in states.columns else [None] * len(states)
+    columns = ("user", "stream_id", "ts_ms", "action", "session_start_ms", "day", "actions_today")
+    return {
+        user: UserState(entry, int(ts), action, tenant if isinstance(tenant, str) else None, int(start), day, int(n))
+        for (user, entry, ts, action, start, day, n), tenant in zip(
+            zip(*(states[c].tolist() for c in columns), strict=True), tenants, strict=True
+        )
+    }
 
 
 def feature_matrix(features: pd.DataFrame) -> np.ndarray:

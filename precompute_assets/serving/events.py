@@ -15,7 +15,7 @@ a creative id for ``creative_upload`` / ``variant_review``, a campaign id for ``
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -151,6 +151,36 @@ def read_events_after(
             break
         lower = "(" + entries[-1][0].decode()
     return out
+
+
+USER_STATE_TTL_S = 2 * 86_400  # a local day in any time zone, and a session that goes on past its end
+USER_STATE_CHUNK = 1_000  # users per pipelined round trip
+
+
+def read_user_states(client: redis.Redis, schema: KeySchema, users: Sequence[str]) -> dict[str, dict[bytes, bytes]]:
+    """The stored session-state hashes of ``users`` (``write_user_states``); users without one are left out."""
+    out: dict[str, dict[bytes, bytes]] = {}
+    for start in range(0, len(users), USER_STATE_CHUNK):
+        chunk = users[start : start + USER_STATE_CHUNK]
+        pipe = client.pipeline(transaction=False)
+        for user in chunk:
+            pipe.hgetall(schema.user_state(user))
+        out.update((user, fields) for user, fields in zip(chunk, pipe.execute(), strict=True) if fields)
+    return out
+
+
+def write_user_states(
+    client: redis.Redis, schema: KeySchema, states: Mapping[str, Mapping[str, str]], *, ttl_s: int = USER_STATE_TTL_S
+) -> None:
+    """Store each user's session-state fields, replacing what was there, with a TTL of ``ttl_s``."""
+    users = list(states)
+    for start in range(0, len(users), USER_STATE_CHUNK):
+        pipe = client.pipeline(transaction=False)
+        for user in users[start : start + USER_STATE_CHUNK]:
+            key = schema.user_state(user)
+            pipe.hset(key, mapping=dict(states[user]))
+            pipe.expire(key, ttl_s)
+        pipe.execute()
 
 
 def validate_event(entry_id: bytes, fields: dict[bytes, bytes]) -> tuple[dict[str, Any] | None, str | None]:

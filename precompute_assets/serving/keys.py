@@ -25,6 +25,9 @@ key                                    type      content
                                                  before it is not stored after it.
 ``pc:1:qlog``                          stream    one entry per prediction query (see ``querylog``).
 ``pc:1:events``                        stream    one entry per user event (see ``events``).
+``pc:1:events:user:{digest}``          hash      a user's session state after the events the sensor has read
+                                                 (``ml.next_action.UserState``), TTL two days; ``digest`` is
+                                                 the BLAKE2b-128 hex of the user's UTF-8 id.
 ``pc:1:qlog:trimmed_before``           string    ms: entries older than this were trimmed by the cleanup.
 ``pc:1:stats:{kind}``                  hash      ``hit`` / ``miss`` counters.
 ``pc:1:{kind}:seen:{key}``             string    ``1``: admission ``second_miss`` saw a live-tier lookup of the
@@ -232,6 +235,11 @@ class KeySchema:
     def events(self) -> str:
         """The user-event stream (``serving.events``)."""
         return f"{self.prefix}:events"
+
+    def user_state(self, user: str) -> str:
+        """A user's session state as the user-event sensor carries it (any user id: its digest names the key)."""
+        digest = hashlib.blake2b(user.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+        return f"{self.prefix}:events:user:{digest}"
 
     def events_trimmed(self) -> str:
         """Event-stream IDs (ms) below this were trimmed by the cleanup job (as ``query_log_trimmed``)."""

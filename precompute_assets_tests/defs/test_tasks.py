@@ -51,9 +51,10 @@ from precompute_assets.defs.user_events import (
     user_events,
     write_user_event_lake,
 )
+from precompute_assets.ml import next_action as na
 from precompute_assets.ml.next_action import NextActionModel
 from precompute_assets.serving import PredictionCache, connect
-from precompute_assets.serving.events import ACTIONS, EventLogger
+from precompute_assets.serving.events import ACTIONS, USER_STATE_TTL_S, EventLogger
 from precompute_assets.storage.lake import Lake
 from precompute_assets.storage.tables import query_log_frame
 from precompute_assets_tests.factories import log_client, write_ad_platform
@@ -420,6 +421,52 @@ def test_confident_predictions_request_what_the_predicted_action_needs():
     ]  # fmt: skip
     unsure = plan_events(registry, entries, model=model, confidence=0.7)
     assert unsure.wanted == {("next_actions", "u1"): 7, ("dashboard", "t1"): 3} and unsure.predicted == 0
+
+
+def requested_tasks(result) -> set[tuple[str, str, int]]:
+    return {
+        (request.tags[TASK_TAG], entity, int(request.tags[PRIORITY_TAG]))
+        for request in result.run_requests
+        for entity in request.run_config["ops"]["run_precompute_task"]["config"]["entities"]
+    }
+
+
+class _Counting:
+    """An estimator sure of a dashboard view from a user's third action of the day on, unsure before."""
+
+    classes_ = np.array(ACTIONS[1:], dtype=object)
+
+    def predict_proba(self, x):
+        sure = x[:, na.FEATURES.index("actions_today")] >= 3
+        return np.where(sure[:, None], [0.9, 0.025, 0.025, 0.025, 0.025], [0.2] * 5)
+
+
+def test_the_sensor_predicts_from_a_users_whole_day_not_from_its_tick_alone(
+    redis_url, redis_client, schema, tmp_path, pg_instance, monkeypatch
+):
+    model = NextActionModel(_Counting(), list(ACTIONS[1:]))
+    monkeypatch.setattr(tasks, "_approved_model", lambda context, model_store: model)
+    logger = EventLogger(log_client(redis_url), schema)
+    sensor, cursor, dashboards = build_user_event_sensor(), None, []
+    for action in ("login", "campaign_create", "analytics_view"):  # one event a tick
+        logger.record_event("u1", action, tenant="acme")
+        logger.flush()
+        result = tick(sensor, pg_instance, redis_url, schema, str(tmp_path), cursor=cursor)
+        cursor = result.cursor
+        dashboards.append(("dashboard", "acme", tasks.BACKGROUND_PRIORITY) in requested_tasks(result))  # predicted
+    logger.close()
+    assert dashboards == [False, False, True]  # the third action of the day, though the tick saw one
+    key = schema.user_state("u1")
+    stored = na.UserState.parse(redis_client.hgetall(key))
+    assert stored is not None and stored.actions_today == 3 and stored.tenant == "acme"
+    assert 0 < redis_client.ttl(key) <= USER_STATE_TTL_S
+    redis_client.hset(key, "today", "many")  # a malformed state: the user starts afresh, the tick goes on
+    logger = EventLogger(log_client(redis_url), schema)
+    logger.record_event("u1", "dashboard_view", tenant="acme")
+    logger.close()
+    result = tick(sensor, pg_instance, redis_url, schema, str(tmp_path), cursor=cursor)
+    assert na.UserState.parse(redis_client.hgetall(key)).actions_today == 1
+    assert result.cursor != cursor
 
 
 # --- the vertical slice ----------------------------------------------------------------------------------

@@ -44,6 +44,88 @@ def test_features_split_sessions_and_count_the_day():
     assert matrix.shape == (6, len(na.FEATURES)) and np.isfinite(matrix).all()
 
 
+FEATURE_COLUMNS = ["user", "stream_id", "action", "hour", "actions_today", "session_minutes"]
+
+
+def _by_user(states: pd.DataFrame) -> pd.DataFrame:
+    return states[FEATURE_COLUMNS].sort_values("user", ignore_index=True)
+
+
+def _ticks(cuts: list[int], n: int) -> list[tuple[int, int]]:
+    return list(zip([0, *cuts], [*cuts, n], strict=True))
+
+
+def _carried(frame: pd.DataFrame, cuts: list[int], timezone: str, *, crash_at: int | None = None):
+    """The latest states after reading ``frame`` tick by tick (``cuts``: where each tick ends), carrying the states
+    as the sensor does; a tick at ``crash_at`` is read twice (its first result was lost with its cursor)."""
+    carried: dict[str, na.UserState] = {}
+    latest = None
+    for tick, (lo, hi) in enumerate(_ticks(cuts, len(frame))):
+        for _ in range(2 if tick == crash_at else 1):
+            latest = na.latest_states(frame.iloc[lo:hi], timezone, prior=carried)
+            carried = carried | {u: na.UserState.parse({k.encode(): v.encode() for k, v in s.fields().items()})
+                                 for u, s in na.carried_states(latest).items()}  # fmt: skip
+    return carried, latest
+
+
+def test_states_carried_over_ticks_are_those_of_the_whole_day():
+    frame = generate_user_events(make_users(60, seed=5), start_ms=START_MS, days=2, seed=5)
+    frame = frame.sort_values("ts_ms", kind="stable", ignore_index=True)
+    frame["stream_id"] = [f"{ts}-{i}" for i, ts in enumerate(frame["ts_ms"].tolist())]
+    whole = na.latest_states(frame, "America/New_York")
+    cuts = list(range(37, len(frame), 37))  # many ticks: sessions and days run across them
+    carried, _ = _carried(frame, cuts, "America/New_York", crash_at=5)
+    restored = na._state_rows(carried, "America/New_York")
+    pd.testing.assert_frame_equal(_by_user(restored), _by_user(whole), check_dtype=False)
+    alone = pd.concat([na.latest_states(frame.iloc[lo:hi]) for lo, hi in _ticks(cuts, len(frame))])
+    assert (alone.groupby("user")["actions_today"].max() < whole.set_index("user")["actions_today"]).any()
+
+
+def test_a_tick_read_again_after_a_crash_counts_nothing_twice():
+    at = START_MS + 9 * 60 * MIN
+    frame = pd.DataFrame(
+        {
+            "stream_id": [f"{at + i * MIN}-0" for i in range(4)], "ts_ms": [at + i * MIN for i in range(4)],
+            "user": ["a", "a", "b", "a"], "action": ["login", "dashboard_view", "login", "analytics_view"],
+            "tenant": ["t1", "t1", None, "t1"],
+        }
+    )  # fmt: skip
+    first = na.carried_states(na.latest_states(frame.iloc[:2]))
+    once = na.latest_states(frame.iloc[2:], prior=first).set_index("user")
+    again = na.latest_states(frame.iloc[:4], prior=na.carried_states(once.reset_index()) | {}).set_index("user")
+    assert once.loc["a", "actions_today"] == again.loc["a", "actions_today"] == 3
+    assert once.loc["a", "session_minutes"] == again.loc["a", "session_minutes"] == 3.0
+    assert again.loc["b", "actions_today"] == 1 and again.loc["a", "tenant"] == "t1"
+    replayed = na.latest_states(frame.iloc[:2], prior=first).set_index("user")  # all counted: the stored row
+    assert replayed.loc["a", "action"] == "dashboard_view" and replayed.loc["a", "actions_today"] == 2
+
+
+def test_a_pause_a_login_or_a_new_day_starts_afresh_across_ticks():
+    at = START_MS + 23 * 60 * MIN  # 23:00 UTC
+    prior = {"a": na.UserState(f"{at}-0", at, "dashboard_view", None, at - 10 * MIN, "2025-11-24", 7)}
+
+    def state(ts: int, action: str) -> pd.Series:
+        frame = pd.DataFrame({"stream_id": [f"{ts}-0"], "ts_ms": [ts], "user": ["a"], "action": [action]})
+        return na.latest_states(frame, prior=prior).iloc[0]
+
+    goes_on = state(at + 5 * MIN, "analytics_view")
+    assert goes_on["actions_today"] == 8 and goes_on["session_minutes"] == 15.0
+    paused = state(at + 31 * MIN, "analytics_view")  # a pause: a new session, the same day
+    assert paused["session_minutes"] == 0.0 and paused["actions_today"] == 8
+    login = state(at + 2 * MIN, "login")
+    assert login["session_minutes"] == 0.0 and login["actions_today"] == 8
+    assert state(at + 61 * MIN, "dashboard_view")["actions_today"] == 1  # past midnight: a new day
+
+
+def test_a_malformed_stored_state_is_no_state():
+    good = na.UserState("5-1", 5, "login", "t", 1, "2025-11-24", 2)
+    raw = {k.encode(): v.encode() for k, v in good.fields().items()}
+    assert na.UserState.parse(raw) == good
+    for broken in ({b"id": b"x"}, {b"ts": b"soon"}, {b"today": b"0"}, {b"action": b"logout"}, {b"start": b"9"}):
+        assert na.UserState.parse(raw | broken) is None
+    assert na.UserState.parse({k: v for k, v in raw.items() if k != b"day"}) is None
+
+
 def test_baselines_are_distributions_and_markov_follows_the_last_action(split):
     train, valid = split
     freq, markov = na.most_frequent_baseline(train, valid), na.markov_baseline(train, valid)
