@@ -472,17 +472,32 @@ def _next_action_model(ctx: TaskContext) -> tuple[str, next_action.NextActionMod
 
 
 def _user_states(ctx: TaskContext, timezone: str, hours: int = 24) -> pd.DataFrame:
-    """The latest state of each of the batch's users, from the last ``hours`` of the event stream."""
-    wanted, rows = set(ctx.entities), []
-    start = ctx.now_ms - hours * 3_600_000
-    for page in read_event_window(ctx.redis.client(), ctx.redis.schema(), start, ctx.now_ms + 1):
+    """The latest state of each of the batch's users with events in the last ``hours``: the state
+    ``user_event_sensor`` stored (``next_action.UserState``), carried on over the events after it; users without one
+    from the last ``hours`` of the event stream. With every user's state stored, only the seconds since the sensor's
+    tick are read, not the whole window."""
+    client, schema, since = ctx.redis.client(), ctx.redis.schema(), ctx.now_ms - hours * 3_600_000
+    users = list(dict.fromkeys(ctx.entities))
+    parsed = {
+        user: next_action.UserState.parse(fields) for user, fields in read_user_states(client, schema, users).items()
+    }
+    stored = {user: state for user, state in parsed.items() if state is not None and state.ts_ms >= since}
+    start = (
+        since if len(stored) < len(users) else max(since, min(int(s.stream_id.split("-")[0]) for s in stored.values()))
+    )
+    wanted, rows = set(users), []
+    for page in read_event_window(client, schema, start, ctx.now_ms + 1):
         for entry_id, fields in page:
             if fields.get(b"user", b"").decode("utf-8", "replace") in wanted:
                 row, _ = validate_event(entry_id, fields)
                 if row is not None:
                     rows.append(row)
-    frame = pd.DataFrame(rows, columns=["ts_ms", "user", "action"])
-    return next_action.latest_states(frame, timezone).set_index("user")
+    frame = pd.DataFrame(rows, columns=["stream_id", "ts_ms", "user", "action", "tenant"])
+    states = next_action.latest_states(frame, timezone, prior=stored)
+    quiet = {user: state for user, state in stored.items() if user not in set(states["user"])}  # no event since
+    if quiet:
+        states = pd.concat([states, next_action.state_rows(quiet, timezone)], ignore_index=True)
+    return states.set_index("user")
 
 
 def user_next_actions(entity: str, ctx: TaskContext) -> dict:

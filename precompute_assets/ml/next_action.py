@@ -142,7 +142,7 @@ def latest_states(
     if prior and not latest.empty:
         latest = _gone_on(latest, features, prior)
     if restored:
-        latest = pd.concat([latest, _state_rows(restored, timezone)], ignore_index=True)
+        latest = pd.concat([latest, state_rows(restored, timezone)], ignore_index=True)
     return latest
 
 
@@ -171,7 +171,7 @@ def _gone_on(latest: pd.DataFrame, features: pd.DataFrame, prior: Mapping[str, U
     )
 
 
-def _state_rows(states: Mapping[str, UserState], timezone: str) -> pd.DataFrame:
+def state_rows(states: Mapping[str, UserState], timezone: str) -> pd.DataFrame:
     """The feature rows of stored states (user -> state): their events' hour and day, with the state's session and
     count."""
     users = list(states)

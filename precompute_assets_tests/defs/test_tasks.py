@@ -11,6 +11,7 @@ from importlib.metadata import EntryPoint
 
 import dagster as dg
 import numpy as np
+import pandas as pd
 import pytest
 
 from precompute_assets.definitions import build_definitions
@@ -54,7 +55,7 @@ from precompute_assets.defs.user_events import (
 from precompute_assets.ml import next_action as na
 from precompute_assets.ml.next_action import NextActionModel
 from precompute_assets.serving import PredictionCache, connect
-from precompute_assets.serving.events import ACTIONS, USER_STATE_TTL_S, EventLogger
+from precompute_assets.serving.events import ACTIONS, USER_STATE_TTL_S, EventLogger, write_user_states
 from precompute_assets.storage.lake import Lake
 from precompute_assets.storage.tables import query_log_frame
 from precompute_assets_tests.factories import log_client, write_ad_platform
@@ -467,6 +468,51 @@ def test_the_sensor_predicts_from_a_users_whole_day_not_from_its_tick_alone(
     result = tick(sensor, pg_instance, redis_url, schema, str(tmp_path), cursor=cursor)
     assert na.UserState.parse(redis_client.hgetall(key)).actions_today == 1
     assert result.cursor != cursor
+
+
+def test_a_next_actions_run_goes_on_from_the_stored_states_and_reads_only_the_events_after_them(
+    redis_url, redis_client, schema, monkeypatch
+):
+    now = time.time_ns() // 1_000_000
+    users, actions = "abacabacb", ["login", "login", "campaign_create", "login", "analytics_view", "dashboard_view",
+                                   "dashboard_view", "creative_upload", "variant_review"]  # fmt: skip
+    plan = list(zip(users, actions, strict=True))
+    entries = []
+    for i, (user, action) in enumerate(plan):  # an hour ago, a minute apart
+        ts = now - 3_600_000 + i * 60_000
+        entry_id = redis_client.xadd(
+            schema.events(), {"ts": ts, "user": user, "action": action, "tenant": "t"}, id=f"{ts}-0"
+        )
+        entries.append((entry_id, {b"ts": str(ts).encode(), b"user": user.encode(), b"action": action.encode()}))
+    resource = RedisResource(url=redis_url, namespace=schema.namespace)
+    starts = []
+    reading = tasks.read_event_window
+    monkeypatch.setattr(
+        tasks, "read_event_window", lambda c, s, start, end: starts.append(start) or reading(c, s, start, end)
+    )
+
+    def states() -> dict:
+        ctx = TaskContext(tasks.builtin_registry().get("next_actions"), ["a", "b", "c"], now_ms=now, redis=resource)
+        frame = tasks._user_states(ctx, "UTC").reset_index()
+        return (
+            frame[["user", "stream_id", "action", "actions_today", "session_minutes"]]
+            .set_index("user")
+            .to_dict("index")
+        )
+
+    whole = states()  # nothing stored: the last 24 hours of the stream
+    assert whole["a"]["actions_today"] == 4 and whole["a"]["session_minutes"] == 6.0 and starts[-1] == now - 86_400_000
+    rows = pd.DataFrame([tasks.validate_event(e, f)[0] for e, f in entries[:6]])  # a tick that saw the first six
+    write_user_states(
+        redis_client,
+        schema,
+        {u: st.fields() for u, st in na.carried_states(na.latest_states(rows)).items() if u != "c"},
+    )
+    assert states() == whole and starts[-1] == now - 86_400_000  # c has none: the whole window, for c
+    write_user_states(
+        redis_client, schema, {u: st.fields() for u, st in na.carried_states(na.latest_states(rows)).items()}
+    )
+    assert states() == whole and starts[-1] == now - 3_600_000 + 3 * 60_000  # the oldest stored event on
 
 
 # --- the vertical slice ----------------------------------------------------------------------------------

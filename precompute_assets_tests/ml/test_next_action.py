@@ -75,7 +75,7 @@ def test_states_carried_over_ticks_are_those_of_the_whole_day():
     whole = na.latest_states(frame, "America/New_York")
     cuts = list(range(37, len(frame), 37))  # many ticks: sessions and days run across them
     carried, _ = _carried(frame, cuts, "America/New_York", crash_at=5)
-    restored = na._state_rows(carried, "America/New_York")
+    restored = na.state_rows(carried, "America/New_York")
     pd.testing.assert_frame_equal(_by_user(restored), _by_user(whole), check_dtype=False)
     alone = pd.concat([na.latest_states(frame.iloc[lo:hi]) for lo, hi in _ticks(cuts, len(frame))])
     assert (alone.groupby("user")["actions_today"].max() < whole.set_index("user")["actions_today"]).any()
