@@ -494,7 +494,8 @@ def _user_states(ctx: TaskContext, timezone: str, hours: int = 24) -> pd.DataFra
                     rows.append(row)
     frame = pd.DataFrame(rows, columns=["stream_id", "ts_ms", "user", "action", "tenant"])
     states = next_action.latest_states(frame, timezone, prior=stored)
-    quiet = {user: state for user, state in stored.items() if user not in set(states["user"])}  # no event since
+    seen = set(states["user"].tolist())
+    quiet = {user: state for user, state in stored.items() if user not in seen}  # no event since
     if quiet:
         states = pd.concat([states, next_action.state_rows(quiet, timezone)], ignore_index=True)
     return states.set_index("user")
