@@ -17,6 +17,7 @@ for each warm campaign's budget split, and the CTR of every ad it splits over, o
 cancelled campaign's keys are removed by a run of ``campaign_cleanup_job``.
 """
 
+import bisect
 import json
 import math
 import time
@@ -505,23 +506,47 @@ def values_lost(client: redis_py.Redis, schema: KeySchema, campaigns: list[Campa
 
 
 def lost_campaigns(
-    context: dg.SensorEvaluationContext, registry: CampaignRegistry, redis: RedisResource, now: datetime
-) -> list[Campaign]:
+    context: dg.SensorEvaluationContext,
+    registry: CampaignRegistry,
+    redis: RedisResource,
+    now: datetime,
+    *,
+    limit: int,
+    after: str | None = None,
+) -> tuple[list[Campaign], str | None]:
     """The warm campaigns whose values Redis lost (``values_lost``) and that no warming run queued or running will
-    write again; none, with a warning, when Redis does not answer (the next tick looks again)."""
+    write again, by launch time; none, with a warning, when Redis does not answer (the next tick looks again).
+
+    At most ``limit`` warm campaigns are checked a tick, in turns: those after campaign ``after`` (by id), from the
+    first again past the last. Also returns the last one checked, where the next tick goes on (None: all were)."""
     warm = registry.warm(now)
     if not warm:
-        return []
-    what = f"whether Redis still holds the values of {len(warm)} warm campaigns"
-    lost = redis.sensor_check(lambda client, schema: values_lost(client, schema, warm), context.log, what)
+        return [], None
+    checked, last = _in_turn(warm, limit, after)
+    what = f"whether Redis still holds the values of {len(checked)} of {len(warm)} warm campaigns"
+    lost = redis.sensor_check(lambda client, schema: values_lost(client, schema, checked), context.log, what)
+    if lost is None:
+        return [], after  # not checked: the same turn again
     if not lost:
-        return []
+        return [], last
     ids = [c.campaign_id for c in lost]
     active = context.instance.get_runs(
         dg.RunsFilter(job_name=campaign_warming_job.name, statuses=ACTIVE_RUN_STATUSES, tags={CAMPAIGN_TAG: ids})
     )
     busy = {run.tags.get(CAMPAIGN_TAG) for run in active}
-    return [c for c in lost if c.campaign_id not in busy]
+    return [c for c in lost if c.campaign_id not in busy], last
+
+
+def _in_turn(warm: list[Campaign], limit: int, after: str | None) -> tuple[list[Campaign], str | None]:
+    """The ``limit`` campaigns of ``warm`` after id ``after`` (wrapping round), in ``warm``'s order, and the last
+    of them by id; all of them, and None, when there are no more than ``limit``."""
+    if len(warm) <= limit:
+        return warm, None
+    by_id = sorted(warm, key=lambda c: c.campaign_id)
+    start = bisect.bisect_right([c.campaign_id for c in by_id], after) if after is not None else 0
+    turn = (by_id[start:] + by_id[:start])[:limit]
+    chosen = {c.campaign_id for c in turn}
+    return [c for c in warm if c.campaign_id in chosen], turn[-1].campaign_id
 
 
 # --- automation ----------------------------------------------------------------------------------------
@@ -535,6 +560,7 @@ class LaunchCursor:
     seq: int = 0
     until: datetime | None = None
     at: datetime | None = None
+    checked: str | None = None  # the last warm campaign whose values were checked, when not all are each tick
 
     @classmethod
     def decode(cls, raw: str | None) -> "LaunchCursor":
@@ -542,11 +568,12 @@ class LaunchCursor:
             return cls()
         data = json.loads(raw)
         times = [datetime.fromisoformat(data[k]) if data.get(k) else None for k in ("until", "at")]
-        return cls(int(data["seq"]), *times)
+        checked = data.get("checked")
+        return cls(int(data["seq"]), *times, checked if isinstance(checked, str) else None)
 
     def encode(self) -> str:
         times = {k: v.isoformat() if v else None for k, v in (("until", self.until), ("at", self.at))}
-        return json.dumps({"seq": self.seq, **times})
+        return json.dumps({"seq": self.seq, **times} | ({"checked": self.checked} if self.checked is not None else {}))
 
 
 def changes_since(registry: CampaignRegistry, seq: int, *, page: int = 10_000, pages: int = 10) -> list[Campaign]:
@@ -601,7 +628,10 @@ def campaign_launch_sensor(
         fresh = [c for c in fresh if warming_run_key(c) not in launched]
     cancelled = [c for c in changed if c.status == "cancelled"]
     requested = {c.campaign_id for c in fresh}
-    lost = [c for c in lost_campaigns(context, registry, redis, now) if c.campaign_id not in requested]
+    lost, checked = lost_campaigns(
+        context, registry, redis, now, limit=campaign_registry.max_lost_checks_per_tick, after=cursor.checked
+    )
+    lost = [c for c in lost if c.campaign_id not in requested]
     if lost:
         # Those serving longest first (the registry lists warm campaigns by launch time); the rest are still lost,
         # and not busy, at the next tick, which takes them.
@@ -616,7 +646,7 @@ def campaign_launch_sensor(
         )
     known = set(context.instance.get_dynamic_partitions(CAMPAIGNS.name)) if fresh or lost else set()
     new_partitions = sorted({c.campaign_id for c in [*fresh, *lost]} - known)
-    next_cursor = LaunchCursor(changed[-1].change_seq if changed else cursor.seq, now + horizon, now).encode()
+    next_cursor = LaunchCursor(changed[-1].change_seq if changed else cursor.seq, now + horizon, now, checked).encode()
     context.log.info(
         f"{len(changed)} changed, {len(due)} due (cold, or values expiring), {len(fresh)} requested,"
         f" {len(lost)} lost in Redis, {len(cancelled)} cancelled"

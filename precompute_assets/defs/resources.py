@@ -316,6 +316,14 @@ class CampaignRegistryResource(dg.ConfigurableResource):
         "daemon for minutes.",
     )
 
+    max_lost_checks_per_tick: int = Field(
+        20_000,
+        ge=1,
+        description="The most warm campaigns whose values in Redis one campaign_launch_sensor tick checks (in turns: "
+        "the next tick goes on from the last one checked). About 0.4 s of Redis at 10,000 campaigns of 20 ads on one "
+        "server, more on Redis Cluster: a tick over every warm campaign would outgrow the sensor's time.",
+    )
+
     @property
     def warming_horizon(self) -> timedelta:
         return timedelta(hours=self.warming_horizon_hours)
