@@ -1,12 +1,14 @@
 """A/B experiments between selection strategies: what ``top_ads`` records, what ``ctr_cache`` publishes, and the
 daily ``selection_experiment`` report of per-arm hit rates from the serving client's query logs.
 
-The experiment a day runs is the one its ``top_ads`` selected with (``experiment_metadata`` in its materialization):
-``ctr_cache`` publishes that one with the version, so the arms the client logs always match the split that chose
-the precomputed keys, even if ``PRECOMPUTE_EXPERIMENT`` changed in between.
+The experiment a day runs is the one its ``top_ads`` selected with: its frame names it in the ``experiment`` column
+(and its materialization in ``experiment_metadata``), ``ctr_predictions`` carries the column on, and ``ctr_cache``
+publishes that one with the version. So the arms the client logs always match the split that chose the precomputed
+keys, even if ``PRECOMPUTE_EXPERIMENT`` changed, or ``top_ads`` ran again, in between. ``selection_experiment``
+credits each logged query to the experiment its version was published with (``ctr_cache``'s metadata).
 """
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import dagster as dg
@@ -32,6 +34,26 @@ def experiment_metadata(experiment: Experiment | None) -> dict[str, str]:
     if experiment is None:
         return {}
     return {ARMS_KEY: ",".join(experiment.arms), SALT_KEY: experiment.salt, NAME_KEY: experiment.name}
+
+
+EXPERIMENT_COLUMN = "experiment"  # of top_ads and ctr_predictions: the experiment's JSON, "" for none
+
+
+def experiment_column(experiment: Experiment | None) -> str:
+    """The ``EXPERIMENT_COLUMN`` value of rows selected under ``experiment``."""
+    return "" if experiment is None else experiment.encode().decode()
+
+
+def carried_experiment(frame: pd.DataFrame, recorded: Callable[[], Experiment | None]) -> Experiment | None:
+    """The experiment ``frame``'s rows (``top_ads``, ``ctr_predictions``) were selected under, from their
+    ``EXPERIMENT_COLUMN``; ``recorded()`` for a frame written before the column was (the newest ``top_ads``
+    materialization's). ``ValueError`` when its rows name more than one, or one that is malformed."""
+    if EXPERIMENT_COLUMN not in frame.columns:
+        return recorded()
+    named = frame[EXPERIMENT_COLUMN].dropna().unique().tolist()
+    if len(named) > 1:
+        raise ValueError(f"its rows were selected under {len(named)} different experiments: {named[:2]}")
+    return Experiment.decode(named[0]) if named and named[0] else None
 
 
 def experiment_from_metadata(metadata: Mapping[str, Any]) -> Experiment | None:

@@ -5,6 +5,7 @@ import numpy as np
 import pandas as pd
 
 from ..ml import ctr
+from .experiment import EXPERIMENT_COLUMN
 from .models import CTR_MODEL, model_version
 from .partitions import DEFAULT_PARTITIONS
 from .resources import LakeResource, ModelStoreResource
@@ -40,6 +41,9 @@ def ctr_predictions(
     except (TypeError, ValueError) as error:
         raise dg.Failure(description=f"ctr_model {version} cannot score the ads table: {error}") from None
     scores["model_version"] = version
+    if EXPERIMENT_COLUMN in top_ads.columns:  # carried on: ctr_cache publishes the experiment these were selected by
+        named = dict(zip(top_ads["ad_id"].astype(str), top_ads[EXPERIMENT_COLUMN], strict=True))
+        scores[EXPERIMENT_COLUMN] = scores["ad_id"].astype(str).map(named)
     if skipped:
         context.log.warning(f"{len(skipped)} selected ads could not be scored, e.g. {skipped[:5]}")
     unseen = model.encoder.unseen(ads[ads["ad_id"].astype(str).isin(scores["ad_id"])])

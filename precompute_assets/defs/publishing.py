@@ -15,7 +15,7 @@ from ..serving import Experiment, KeySchema, Pointer, publish_version
 from ..serving.keys import EMBEDDING_KIND
 from ..serving.publish import missing_buckets, sampled_buckets
 from ..sync.embeddings import lost_redis_version
-from .experiment import selected_experiment
+from .experiment import carried_experiment, experiment_metadata, selected_experiment
 from .freshness import CTR_CACHE_FRESHNESS
 from .partitions import DEFAULT_PARTITIONS
 from .resources import LakeResource, RedisResource, out_of_memory
@@ -86,7 +86,12 @@ def ctr_cache(
         # Wrong values would be served as they are; the predictions on disk do not change by retrying.
         raise dg.Failure(description=f"nothing published: {problem}", allow_retries=False)
     items = zip(ctr_predictions["ad_id"].tolist(), ctr_predictions["ctr"].tolist(), strict=True)
-    experiment = selected_experiment(context.instance, context.partition_key)
+    try:
+        experiment = carried_experiment(
+            ctr_predictions, lambda: selected_experiment(context.instance, context.partition_key)
+        )
+    except ValueError as error:
+        raise dg.Failure(description=f"nothing published: ctr_predictions: {error}", allow_retries=False) from None
     version = content_version(context.partition_key, ctr_predictions, experiment)
     try:
         result = publish_version(
@@ -139,7 +144,7 @@ def ctr_cache(
             **written,
             "seconds": result.seconds,
             **({"model_version": str(ctr_predictions["model_version"].iloc[0])} if len(ctr_predictions) else {}),
-            **({"experiment": ",".join(experiment.arms)} if experiment else {}),  # none: no blank value in the UI
+            **experiment_metadata(experiment),  # selection_experiment credits the version's queries to it
             "handed_over": result.handed_over,
             **({"settle_error": result.settle_error} if result.settle_error else {}),
             **({ROLLED_BACK_OVER: over.split(".", 1)[0]} if over is not None else {}),
@@ -413,7 +418,12 @@ def restore_served_version(
     context.log.info(f"restoring ctr version {served}: {why}")
     day = served.split(".", 1)[0]
     predictions = lake.lake().read("ctr_predictions", day)
-    experiment = selected_experiment(context.instance, day)
+    try:
+        experiment = carried_experiment(predictions, lambda: selected_experiment(context.instance, day))
+    except ValueError as error:
+        raise dg.Failure(
+            description=f"nothing restored: ctr_predictions of {day}: {error}", allow_retries=False
+        ) from None
     version = content_version(day, predictions, experiment)
     if version != served:
         raise dg.Failure(

@@ -322,7 +322,7 @@ def top_ads(
         resolve_strategy,
         strategy_demand,
     )
-    from .experiment import experiment_metadata
+    from .experiment import EXPERIMENT_COLUMN, experiment_column, experiment_metadata
 
     catalog = set(lake.lake().read("ads", columns=["ad_id"])["ad_id"])
     known = ad_demand[ad_demand["ad_id"].isin(catalog)]
@@ -401,11 +401,13 @@ def top_ads(
     if running is None:
         selected = select_top(demand, top_n)
         frame = pd.DataFrame({"rank": range(1, len(selected) + 1), "ad_id": selected})
+        frame[EXPERIMENT_COLUMN] = experiment_column(None)
     else:
         arms = {arm: ranked_by(arm) for arm in running.arms}
         split = split_selection({arm: ranked[0] for arm, ranked in arms.items()}, salt=running.salt, top_n=top_n)
         selected = split["ad_id"].tolist()
-        frame = pd.DataFrame({"rank": range(1, len(split) + 1), "ad_id": selected, "arm": split["arm"].tolist()})
+        frame = pd.DataFrame({"rank": range(1, len(split) + 1), "ad_id": selected, "arm": split["arm"].tolist(),
+                              EXPERIMENT_COLUMN: experiment_column(running)})  # fmt: skip
         strategy = ",".join(f"{arm}:{used}" for arm, (_, used, _) in arms.items())
         reason = "; ".join(f"arm {arm}: {why}" for arm, (_, _, why) in arms.items())
         arm_metadata = {f"{arm}_selected": int((split["arm"] == arm).sum()) for arm in running.arms}

@@ -27,7 +27,7 @@ from precompute_assets.ml.ctr import CtrModel, NewAdEvaluation
 from precompute_assets.ml.features import AdFeatureSpec
 from precompute_assets.ml.model_store import LocalModelStore
 from precompute_assets.ml.replay import shards_keep
-from precompute_assets.serving import PredictionCache, connect
+from precompute_assets.serving import Experiment, PredictionCache, connect
 from precompute_assets.serving.keys import Pointer, arm_of
 from precompute_assets.storage.lake import Lake
 from precompute_assets_tests.factories import write_ad_platform, write_query_logs
@@ -598,6 +598,8 @@ def test_an_experiment_splits_the_selection_and_is_published_with_the_version(
     assert meta["frequency_selected"].value == 25 and "arm frequency:" in meta["strategy_reason"].value
     published = PredictionCache(connect(redis_url), schema=schema).current_experiment("ctr")
     assert published is not None and published.arms == ("frequency", "seasonal") and published.salt == "t1"
+    predictions = Lake(lake_uri).read("ctr_predictions", DAYS[-1])  # the experiment goes with the rows it chose
+    assert {Experiment.decode(text) for text in predictions["experiment"]} == {published}
 
 
 @pytest.mark.parametrize(("node", "setting"), [("top_ads", {"half_life_days": 1.0}), ("ad_demand", {"top_n": 5})])

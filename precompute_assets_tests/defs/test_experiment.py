@@ -9,6 +9,8 @@ import pandas as pd
 import pytest
 
 from precompute_assets.defs.experiment import (
+    EXPERIMENT_COLUMN,
+    experiment_column,
     experiment_from_metadata,
     experiment_metadata,
     report_arms,
@@ -233,3 +235,27 @@ def test_ctr_cache_publishes_the_experiment_its_top_ads_selected_with(lake_uri, 
         assert ended.success
         assert redis_client.get(schema.experiment("ctr")) is None
         assert "experiment" not in ended.asset_materializations_for_node("ctr_cache")[0].metadata
+
+
+def test_ctr_cache_publishes_the_experiment_its_predictions_were_selected_under_not_the_newest_top_ads(
+    lake_uri, redis_url, redis_client, schema
+):
+    """ctr_cache published the experiment of the newest top_ads: a top_ads run again under another salt, and the
+    predictions of the first selection were served with arms logged by the second split, the difference washed out."""
+    chose, since = Experiment("e1", "s1", ARMS), Experiment("e2", "s2", ARMS)
+    frame = pd.DataFrame({"ad_id": ["ad1", "ad2"], "ctr": [0.1, 0.2], "model_version": "m1",
+                          EXPERIMENT_COLUMN: experiment_column(chose)})  # fmt: skip
+    Lake(lake_uri).write("ctr_predictions", DAY, frame)
+    with dg.instance_for_test() as instance:
+        instance.report_runless_asset_event(
+            dg.AssetMaterialization("top_ads", partition=DAY, metadata=experiment_metadata(since))
+        )
+        result = publish(instance, lake_uri, redis_url, schema)
+        assert Experiment.decode(redis_client.get(schema.experiment("ctr"))) == chose
+        metadata = result.asset_materializations_for_node("ctr_cache")[0].metadata
+        assert experiment_from_metadata(metadata) == chose  # the salt and name too: the report credits by version
+        Lake(lake_uri).write(
+            "ctr_predictions", DAY, frame.assign(**{EXPERIMENT_COLUMN: ["", experiment_column(chose)]})
+        )
+        with pytest.raises(dg.Failure, match="nothing published: ctr_predictions: its rows were selected under 2"):
+            publish(instance, lake_uri, redis_url, schema)
