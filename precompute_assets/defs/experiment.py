@@ -24,6 +24,7 @@ from .resources import ExperimentResource, LakeResource
 
 EXPERIMENT_KIND = "ctr"  # the kind whose selection is split (top_ads) and whose queries carry arms
 SELECTION_ASSET = "top_ads"
+PUBLISHER_ASSET = "ctr_cache"  # its materializations record each version's experiment
 # Metadata keys of top_ads that name the experiment it selected with ("" when none).
 ARMS_KEY, SALT_KEY, NAME_KEY = "experiment", "experiment_salt", "experiment_name"
 
@@ -89,25 +90,69 @@ class ExperimentReportConfig(dg.Config):
 def experiment_rows(
     lake: Lake, hours: list[str], *, kind: str = EXPERIMENT_KIND
 ) -> tuple[pd.DataFrame, dict[str, int]]:
-    """The day's queries of ``kind`` that carry an arm (``key``, ``hit``, ``arm``), and how many hours are
-    ``missing`` and how many were written before query logs had an ``arm`` column (``without_arm``: none of
-    their rows belongs to an experiment)."""
+    """The day's queries of ``kind`` that carry an arm (``key``, ``hit``, ``arm``, and the ``version`` that served
+    them, None in files older than that column), and how many hours are ``missing`` and how many were written
+    before query logs had an ``arm`` column (``without_arm``: none of their rows belongs to an experiment)."""
     parts, counts = [], {"missing_hours": 0, "hours_without_arm": 0}
+    columns = ["key", "hit", "arm", "version"]
     for hour in hours:
         if not lake.exists("query_logs", hour):
             counts["missing_hours"] += 1
             continue
-        try:
-            frame = lake.read("query_logs", hour, columns=["kind", "key", "hit", "arm"])
-        except (KeyError, pa.ArrowInvalid):  # no such column in an older file
+        frame = None
+        for wanted in (["kind", *columns], ["kind", *columns[:-1]]):
+            try:
+                frame = lake.read("query_logs", hour, columns=wanted)
+                break
+            except (KeyError, pa.ArrowInvalid):  # no such column in an older file
+                continue
+        if frame is None:
             counts["hours_without_arm"] += 1
             continue
         frame = frame[(frame["kind"] == kind) & frame["arm"].notna()]
         if len(frame):
-            parts.append(frame[["key", "hit", "arm"]])
+            parts.append(frame.reindex(columns=columns))
     if not parts:
-        return pd.DataFrame({"key": [], "hit": [], "arm": []}), counts
+        return pd.DataFrame({column: [] for column in columns}), counts
     return pd.concat(parts, ignore_index=True), counts
+
+
+MAX_VERSION_DAYS = 8  # days of ctr_cache materializations looked up for the versions of one day's queries
+
+
+def published_experiments(instance: dg.DagsterInstance, versions: list[str]) -> dict[str, Experiment | None]:
+    """The experiment each of the ctr ``versions`` was published with, as ``ctr_cache`` recorded it (None: none).
+    Versions no materialization records whole (published by other means, or before the salt was recorded) are left
+    out. A version names its day first (``content_version``): the materializations of those days are read."""
+    wanted, out = set(versions), {}
+    days = sorted({version.split(".", 1)[0] for version in wanted})[-MAX_VERSION_DAYS:]
+    for day in days:
+        records = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=dg.AssetKey(PUBLISHER_ASSET), asset_partitions=[day]), limit=100
+        ).records
+        for record in records:  # newest first
+            metadata = record.asset_materialization.metadata if record.asset_materialization else {}
+            version, published = (getattr(metadata.get(k), "value", None) for k in ("version", "published"))
+            if version not in wanted or version in out or published is not True:
+                continue
+            try:
+                out[version] = experiment_from_metadata(metadata)
+            except ValueError:  # arms without a salt: recorded before ctr_cache recorded it
+                continue
+    return out
+
+
+def served_rows(frame: pd.DataFrame, published: Mapping[str, Experiment | None]) -> tuple[Experiment | None, pd.Series]:
+    """The experiment that served most of ``frame``'s queries (``experiment_rows``), by the experiment each one's
+    version was published with (``published``), and which rows it served; None, and no rows, when no query's
+    version is known."""
+    served = frame["version"].map(lambda version: published.get(version)) if len(frame) else frame["version"]
+    known = served.notna()
+    if not known.any():
+        return None, known
+    encoded = served[known].map(lambda experiment: experiment.encode())
+    top = encoded.value_counts(sort=True).index[0]
+    return Experiment.decode(top), known & served.map(lambda e: e is not None and e.encode() == top)
 
 
 def report_arms(
@@ -196,13 +241,28 @@ def selection_experiment(
     if frame.empty:
         context.log.info(f"no ctr queries with an experiment arm on {context.partition_key}: nothing to compare")
         return dg.MaterializeResult(metadata={"experiment_rows": 0, **hours}, check_results=[sample_ratio_check(None)])
-    # Day D was served by the version the run of day D-1 published: its top_ads recorded the experiment.
-    previous = partitions.days_ending(context.partition_key, 2)[0]
-    served = selected_experiment(context.instance, previous) if previous != context.partition_key else None
-    if served is None:
-        named, source = experiment.experiment(), "the configured experiment"
-    else:
-        named, source = served, f"the experiment top_ads of {previous} ran"
+    # Each query is credited to the experiment its version was published with: the day's first hours are often
+    # served by the version of two days before (the night's publish has not run yet), or all of them when it failed.
+    versions = frame["version"].dropna().unique().tolist()
+    served, rows = served_rows(frame, published_experiments(context.instance, versions))
+    other = {}
+    if served is not None:
+        named, source = served, "the experiment their version was published with:"
+        other = {"other_experiment_rows": int((~rows).sum())}
+        if other["other_experiment_rows"]:
+            context.log.warning(
+                f"{other['other_experiment_rows']} of {len(frame)} experiment rows were served by versions of "
+                f"another experiment (or of none recorded): left out of the report on {served.name}"
+            )
+        frame = frame[rows]
+    else:  # no version recorded: day D was served by the version D-1 published, whose top_ads recorded it
+        previous = partitions.days_ending(context.partition_key, 2)[0]
+        recorded = selected_experiment(context.instance, previous) if previous != context.partition_key else None
+        if recorded is None:
+            named, source = experiment.experiment(), "the configured experiment"
+        else:
+            named, source = recorded, f"the experiment top_ads of {previous} ran"
+    hours = {**hours, **other}
     arms, why = report_arms(named, frame["arm"].value_counts(), source=source)
     if arms is None:
         context.log.warning(f"{len(frame)} experiment rows, but {why}")

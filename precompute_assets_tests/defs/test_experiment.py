@@ -259,3 +259,36 @@ def test_ctr_cache_publishes_the_experiment_its_predictions_were_selected_under_
         )
         with pytest.raises(dg.Failure, match="nothing published: ctr_predictions: its rows were selected under 2"):
             publish(instance, lake_uri, redis_url, schema)
+
+
+def test_each_query_is_credited_to_the_experiment_its_version_was_published_with(lake_uri):
+    """The report took the experiment of the day before's top_ads for the whole day: the hours before that night's
+    publish (the version of two days before served them, with its own experiment) were counted in its arms, and the
+    sample-ratio check failed on a split that was never run."""
+    old, new = Experiment("old", "s0", ("frequency", "ewma")), Experiment("new", "s1", ARMS)
+    versions = {"2026-11-18.aaaa": old, "2026-11-19.bbbb": new}
+    rng, lake = np.random.default_rng(3), Lake(lake_uri)
+    keys = np.array([f"ad{i}" for i in range(3000)], dtype=object)
+    for index, hour in enumerate(DEFAULT_PARTITIONS.hours_of(DAY)):
+        version = "2026-11-18.aaaa" if index < 3 else "2026-11-19.bbbb"
+        experiment, start = versions[version], day_start_ms(DAY) + index * 3_600_000
+        chosen = keys[rng.integers(0, len(keys), 300)]
+        arm = arms_of(experiment.salt, chosen, experiment.arms)
+        p_hit = {"ewma": 0.95, "frequency": 0.95 if experiment is old else 0.4, "lstm": 0.7}
+        rows = [
+            {"stream_id": f"{start + i}-0", "ts_ms": start + i, "kind": "ctr", "key": key, "latency_us": 50,
+             "hit": bool(rng.random() < p_hit[a]), "user": None, "tenant": None}
+            for i, (key, a) in enumerate(zip(chosen, arm, strict=True))
+        ]  # fmt: skip
+        frame = query_log_frame(rows)
+        lake.write("query_logs", hour, frame.assign(arm=arm, version=version))
+    with dg.instance_for_test() as fresh:
+        for version, experiment in versions.items():
+            fresh.report_runless_asset_event(dg.AssetMaterialization(
+                "ctr_cache", partition=version[:10], metadata={"published": True, "version": version,
+                                                               **experiment_metadata(experiment)}))  # fmt: skip
+        result = materialize(fresh, lake_uri, run_config={"ops": {"selection_experiment": {"config": {"n_boot": 50}}}})
+    meta = {k: v.value for k, v in result.asset_materializations_for_node("selection_experiment")[0].metadata.items()}
+    assert meta["arms"] == "frequency,lstm" and meta["other_experiment_rows"] == 900  # hours 0-2: the old one's
+    assert meta["experiment_rows"] == 21 * 300 and abs(meta["frequency_hit_rate"] - 0.4) < 0.03
+    assert meta["report"]["srm"]["mismatch"] is False
