@@ -30,13 +30,13 @@ stored:
   self-tuned precompute share model. A bigger published version shrinks the tier over the next misses (each moves or
   evicts at most ``MAX_STEPS`` keys); a miss that finds no room is not kept. A missed key enters a small FIFO
   (``probation_sizes``: a tenth of the tier) unless it is in the ghost list, which sends it straight to the main LRU.
-  When the tier is full, the oldest probation key moves to the main LRU if it was looked up while in probation, else
-  it leaves (its value is deleted) and its name goes to the ghost list; once probation is short, the main LRU's least
-  recent key leaves instead. Keys asked for once thus pass through a tenth of the cache and never push out keys asked
-  for again. Every live-tier lookup runs one script (``_TOUCH``: count a probation hit, or refresh the key in the
-  LRU); every stored miss runs ``_ADMIT`` (evict, insert; it also records ``capacity``), which on one server deletes
-  the live values of the keys it evicted in the same atomic step (on a cluster the client deletes them after it).
-  After each flip of ``publish_version`` (not the embedding sync's in-place patches) the publisher settles the tier
+  When the tier is full, the oldest probation key moves to the main LRU if it was looked up while in probation, else it
+  leaves (its value is deleted: ``evictable``) and its name goes to the ghost list; once probation is short, the main
+  LRU's least recent key leaves instead. Keys asked for once thus pass through a tenth of the cache and never push out
+  keys asked for again. Every live-tier lookup runs one script (``_TOUCH``: count a probation hit, or refresh the key in
+  the LRU); every stored miss runs ``_ADMIT`` (evict, insert; it also records ``capacity``), which on one server deletes
+  the live values of the keys it evicted in the same atomic step (on a cluster the client deletes them after it). After
+  each flip of ``publish_version`` (not the embedding sync's in-place patches) the publisher settles the tier
   (``publish.settle_published``): the new version's keys leave the main LRU and their live values are deleted (a live
   copy of a published key only holds a slot; one still in probation stays until the FIFO moves it), and the keys the
   version before served and the new one drops enter the main LRU below every key there, best first, while the tier has
@@ -48,7 +48,9 @@ stored:
   ``:order`` (list: that version's first ``capacity`` keys in publish order, written only once a ``probation`` client
   has stored a miss); at most ``capacity`` tracked keys and ``capacity - small`` ghost names, about 100 bytes plus the
   key twice per tracked key, and up to ``capacity`` names in ``:order``. Redis's own maxmemory eviction stays a safety
-  net beneath it.
+  net beneath it. A key that leaves the tier keeps a live value that is to live longer than the tier's live TTL, or
+  for good (``evictable``): a campaign's warming or a task run wrote it (``publish.write_live_values``), for as long as
+  it is needed, on a key a reader had also looked up; the tier stops tracking it and leaves it to its own TTL.
 
 ``ml.replay`` models these decisions request by request (``admission_decisions``). Redis errors are never
 raised by the client: a failed lookup is a miss that stores nothing.
@@ -302,6 +304,7 @@ end
 return 0
 """
 
+
 # KEYS: small, hits, main, ghost, seq, published, tier; ARGV: key, capacity, most steps, the live values' TTL[, base,
 # epoch]. ARGV[6], when given (one server: ARGV[5] set), is the kind's epoch the store in the same round trip compared
 # (``cache._STORE``): when ``{prefix}:{kind}:epoch`` is another now and the key has no live value, that store was
@@ -323,6 +326,13 @@ return 0
 # half-way). Only on one server: on a cluster those keys live in other slots than the script's, and the client
 # deletes them (one ``UNLINK`` each, as the reader's ACL grants ``UNLINK`` on live and delta keys in separate
 # selectors).
+def evictable(pttl_ms: Any, live_ttl_s: int) -> bool:
+    """Whether ``probation`` deletes the live value of a key that left its tier, given the value's ``PTTL`` (an
+    error, or -2, gone: yes, and its delta with it): not one with more time left than the tier's ``live_ttl_s``,
+    or with no expiry, which something else wrote (as ``_ADMIT`` decides on one server)."""
+    return not isinstance(pttl_ms, int) or (pttl_ms != -1 and pttl_ms <= live_ttl_s * 1000)
+
+
 _ADMIT = """
 local key, capacity, most, base = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[5] or ''
 if base ~= '' and ARGV[6] then
@@ -358,13 +368,18 @@ while small + main > 0 and small + main >= size and steps < most do
     main = main - 1
   end
 end
+local longest = tonumber(ARGV[4]) * 1000
 local function undeleted()
   if base == '' then return evicted end
   local left = {}
   for _, name in ipairs(evicted) do
-    local value = redis.pcall('UNLINK', base .. 'live:' .. name)
-    local delta = redis.pcall('UNLINK', base .. 'delta:' .. name)
-    if type(value) ~= 'number' or type(delta) ~= 'number' then left[#left + 1] = name end
+    local ttl = redis.pcall('PTTL', base .. 'live:' .. name)
+    -- a value to live longer than the tier stores them (or for good) was written by something else: it stays
+    if type(ttl) ~= 'number' or (ttl ~= -1 and ttl <= longest) then
+      local value = redis.pcall('UNLINK', base .. 'live:' .. name)
+      local delta = redis.pcall('UNLINK', base .. 'delta:' .. name)
+      if type(value) ~= 'number' or type(delta) ~= 'number' then left[#left + 1] = name end
+    end
   end
   return left
 end

@@ -17,7 +17,7 @@ from typing import Any
 import redis
 
 from .acl import REAPPLY_HINT, is_acl_refusal
-from .admission import AdmissionPolicy, Decision, admission_policy
+from .admission import AdmissionPolicy, Decision, admission_policy, evictable
 from .connection import (
     REDIS_ERRORS,
     AskTargetError,
@@ -518,15 +518,16 @@ class PredictionCache:
         return value
 
     def _evict_live(self, kind: str, keys: Sequence[str]) -> None:
-        """Delete the live values (and their deltas) of ``keys``, which the admission policy evicted; one round
-        trip (``UNLINK`` per key: on a cluster each goes to its own master)."""
+        """Delete the live values (and their deltas) of ``keys``, which the admission policy evicted, but not those
+        to live longer than this reader stores them (``admission.evictable``): two round trips, a ``PTTL`` and an
+        ``UNLINK`` per key (on a cluster each goes to its own master)."""
         if not keys:
             return
-        commands = [(b"UNLINK", name) for name in live_value_keys(self.schema, kind, keys)]
-        if self._cluster:
-            self._cluster_fetch(commands)
-            return
-        self._round_trip(commands)
+        send = self._cluster_fetch if self._cluster else self._round_trip
+        ttls = send([(b"PTTL", self.schema.live(kind, key)) for key in keys])
+        doomed = [key for key, ttl in zip(keys, ttls, strict=True) if evictable(ttl, self.live_ttl_s)]
+        if doomed:
+            send([(b"UNLINK", name) for name in live_value_keys(self.schema, kind, doomed)])
 
     def _store_commands(
         self,

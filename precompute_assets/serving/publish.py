@@ -35,7 +35,7 @@ except ImportError:  # redis[hiredis] is a dependency; stay importable without i
     hiredis = None
 
 from .acl import REAPPLY_HINT, is_acl_refusal
-from .admission import HAND_OVER, UNTRACK, fifo_names
+from .admission import HAND_OVER, UNTRACK, evictable, fifo_names
 from .cache import live_value_keys
 from .connection import REDIS_ERRORS, cluster_send, follow_primary, is_cluster, key_slot, send_pipelined
 from .invalidate import Invalidations, bump_epoch, invalidations
@@ -496,7 +496,8 @@ def settle_published(
     Returns the keys handed over.
 
     1. The new version's keys leave the main LRU and their live values are deleted: the version serves them, so
-       a live copy would only hold a slot (``UNTRACK``; only keys the main LRU holds are sent).
+       a live copy would only hold a slot (``UNTRACK``; only keys the main LRU holds are sent). Not a value to live
+       longer than the tier stores them (``admission.evictable``): a campaign's warming or a task run wrote it.
     2. The keys of the version before (``previous``) that the new one drops and the tier does not track enter the
        main LRU below every key there, best first, while the tier has room (``HAND_OVER``), with their value from
        that version (``SET NX``; TTL: the client's live one, ``ttl_s`` if shorter; then deleted again for those
@@ -516,6 +517,7 @@ def settle_published(
     )
     if capacity is None:
         return []
+    tier_ttl = int(live_ttl_s) if live_ttl_s is not None else None
     published = set(keys)
     if len(keys) > tracked:  # send the keys of the main LRU that the version serves, not the whole version
         keys_in_main = [key for key in _sorted_set_members(client, main, chunk) if key in published]
@@ -525,7 +527,7 @@ def settle_published(
         batch = keys_in_main[start : start + script_keys]
         # Values first: a kill (or a lost reply) between the two leaves tracked keys without a value, which ``_ADMIT``
         # keeps and the retry untracks, never untracked values outliving the tier's capacity until their TTL.
-        _unlink_live(client, schema, kind, [_text(key) for key in batch])
+        _unlink_live(client, schema, kind, [_text(key) for key in batch], tier_ttl)
         run_commands(client, [(b"EVAL", UNTRACK, 1, main, *batch)])
     handed: list[str] = []
     if previous is not None and order_version is not None and _text(order_version) == previous.version:
@@ -544,7 +546,7 @@ def settle_published(
         live = [int(ttl) for ttl in (ttl_s, live_ttl_s) if ttl is not None and int(ttl) > 0]
         copied = [key for key in dropped if key in tracked_now]
         _copy_to_live(client, schema, kind, copied, previous, min(live) if live else None)
-        _unlink_untracked(client, schema, kind, copied)
+        _unlink_untracked(client, schema, kind, copied, tier_ttl)
     kept = list(keys[: int(capacity)])
     commands: list[tuple[Any, ...]] = [(b"UNLINK", order)]  # up to capacity names: freed off the main thread
     commands += [(b"RPUSH", order, *kept[start : start + chunk]) for start in range(0, len(kept), chunk)]
@@ -668,7 +670,9 @@ def _copy_to_live(
     send_commands(client, writes)
 
 
-def _unlink_untracked(client: redis.Redis, schema: KeySchema, kind: str, keys: list[str]) -> None:
+def _unlink_untracked(
+    client: redis.Redis, schema: KeySchema, kind: str, keys: list[str], live_ttl_s: int | None
+) -> None:
     """Delete the live values of those of ``keys`` that probation's tier no longer tracks. Handed-over keys are the
     coldest of the main LRU: readers' misses may evict them before ``_copy_to_live`` wrote their values, which then
     nothing would track or delete. Checked after the copy: a key evicted later had its value deleted by the
@@ -682,11 +686,17 @@ def _unlink_untracked(client: redis.Redis, schema: KeySchema, kind: str, keys: l
     )
     in_small, in_main = replies[: len(keys)], replies[len(keys) :]
     gone = [key for key, small, score in zip(keys, in_small, in_main, strict=True) if not small and score is None]
-    _unlink_live(client, schema, kind, gone)
+    _unlink_live(client, schema, kind, gone, live_ttl_s)
 
 
-def _unlink_live(client: redis.Redis, schema: KeySchema, kind: str, keys: list[str]) -> None:
-    """Delete the live values of ``keys`` and their XFetch deltas."""
+def _unlink_live(client: redis.Redis, schema: KeySchema, kind: str, keys: list[str], live_ttl_s: int | None) -> None:
+    """Delete the live values of ``keys`` and their XFetch deltas, but not those to live longer than the tier's
+    ``live_ttl_s`` (``admission.evictable``: a campaign's warming or a task run wrote them)."""
+    if not keys:
+        return
+    if live_ttl_s is not None:
+        ttls = run_commands(client, [(b"PTTL", schema.live(kind, key).encode()) for key in keys])
+        keys = [key for key, ttl in zip(keys, ttls, strict=True) if evictable(ttl, live_ttl_s)]
     send_commands(client, [(b"UNLINK", name.encode()) for name in live_value_keys(schema, kind, keys)])
 
 

@@ -26,7 +26,7 @@ from precompute_assets.serving.admission import (
     sketch_columns,
 )
 from precompute_assets.serving.keys import FIFO_PARTS
-from precompute_assets.serving.publish import SETTLE_SCRIPT_KEYS, PublishResult
+from precompute_assets.serving.publish import SETTLE_SCRIPT_KEYS, PublishResult, write_live_values
 from precompute_assets_tests.factories import LOG_EVERY_COMMAND, CountingClient, commands_run
 
 
@@ -745,3 +745,35 @@ def test_the_main_lru_read_in_pages_keeps_the_member_after_a_moved_boundary(
     assert pages  # the boundary moved between two pages
     throughout = [f"m{i:02d}" for i in range(10 if between_pages == "evict" else 0, 30)]
     assert set(throughout) <= set(members)
+
+
+def test_probation_leaves_the_longer_lived_values_something_else_wrote(redis_server):
+    """A campaign's warming (``write_live_values``, to the campaign's end) on ads a reader had looked up: the tier's
+    evictions, and the settling of a version that serves one of them, deleted those values, and the campaign sensor
+    found the campaign lost, warmed it again, and lost it again. A value to live longer than the tier stores them is
+    left to its own TTL; the tier stops tracking it all the same."""
+    server = redis_server()
+    client = connect(server.url, socket_timeout=5)
+    schema = KeySchema("keep")
+    cache = make_cache(server.url, schema, live_ttl_s=3600, admission=Probation(capacity=4))
+    for key in ("ad20", "ad21"):
+        cache.get_or_compute("rank", key, lambda k: {"read": k})  # a reader's lookups: tracked, an hour's TTL
+    campaign_end = int(time.time()) + 10 * 86_400
+    write_live_values(client, "rank", [("ad20", {"ctr": 0.5}), ("ad21", {"ctr": 0.6})], expire_at=campaign_end,
+                      schema=schema)  # fmt: skip
+    for i in range(6):
+        cache.get_or_compute("rank", f"x{i}", lambda k: {"read": k})  # evicts ad20 and ad21 from the tier
+    assert not {"ad20", "ad21"} & tracked_keys(client, schema)
+    assert [cache.get("rank", key) for key in ("ad20", "ad21")] == [{"ctr": 0.5}, {"ctr": 0.6}]
+    assert not client.exists(schema.live("rank", "x0"))  # the tier's own values go as before
+
+    for key in ("ad30", "ad31"):  # looked up twice: from probation to the main LRU at the next misses
+        cache.get_or_compute("rank", key, lambda k: {"read": k})
+        cache.get_or_compute("rank", key, lambda k: {"read": k})
+    write_live_values(client, "rank", [("ad30", {"ctr": 0.7})], expire_at=campaign_end, schema=schema)
+    for i in range(3):
+        cache.get_or_compute("rank", f"y{i}", lambda k: {"read": k})
+    assert {"ad30", "ad31"} <= set(probation_state(client, schema, "rank")["main"])
+    publish(client, schema, "v1", ["ad30", "ad31"])  # a version that serves them: both leave the main LRU
+    assert client.ttl(schema.live("rank", "ad30")) > 3600  # the campaign's value stays
+    assert not client.exists(schema.live("rank", "ad31"))  # the tier's own copy goes

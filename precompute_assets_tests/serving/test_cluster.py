@@ -381,6 +381,16 @@ def test_get_or_compute_and_admission_on_the_cluster(redis_cluster, cluster_clie
     assert frequent.errors == 0 and second.errors == 0 and cache.errors == 0 and probation.errors == 0
 
 
+def test_probation_leaves_a_campaigns_longer_lived_value_on_the_cluster(redis_cluster, cluster_client, ns):
+    probation = cache_on(redis_cluster, ns, admission=Probation(capacity=2), live_ttl_s=60)
+    probation.get_or_compute("ctr", "ad1", lambda key: 0.1)  # a reader's lookup: tracked
+    write_live_values(cluster_client, "ctr", [("ad1", 0.5)], expire_at=int(time.time()) + 86_400, schema=ns)
+    for key in ("a", "b", "c"):
+        probation.get_or_compute("ctr", key, lambda key: 0.2)  # the client deletes what the tier evicted
+    assert probation.get("ctr", "ad1") == pytest.approx(0.5) and cluster_client.ttl(ns.live("ctr", "ad1")) > 60
+    assert not cluster_client.exists(ns.live("ctr", "a")) and probation.errors == 0
+
+
 def test_query_logger_and_stats_on_the_cluster(redis_cluster, cluster_client, ns):
     publish_version(cluster_client, "ctr", "v1", [("ad1", 0.3)], n_keys=1, schema=ns)
     logger = QueryLogger(connect(redis_cluster.url, socket_timeout=1), ns)
