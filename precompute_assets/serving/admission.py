@@ -68,6 +68,7 @@ from typing import Any, Protocol
 from .keys import FIFO_PARTS, KeySchema
 
 ADMISSION_NAMES = ("always", "second_miss", "frequency", "probation")
+MAX_WINDOW_S = 10**15  # Redis refuses a PX whose expiry in ms from the epoch overflows 64 bits (about 9.2e15 s)
 SKETCH_HEADER_NIBBLES = 8  # the u32 lookup count in front of the counters, in 4-bit units
 COUNTER_MAX = 15  # 4-bit counters saturate here
 
@@ -152,8 +153,10 @@ class SecondMiss:
     name = "second_miss"
 
     def __post_init__(self) -> None:
-        if not self.window_s > 0:
-            raise ValueError(f"window_s must be positive, got {self.window_s}")
+        # A window Redis cannot take (inf, 1e16 s) made every lookup's SET PX fail: nothing ever stored.
+        window = self.window_s
+        if isinstance(window, bool) or not isinstance(window, numbers.Real) or not 0 < window <= MAX_WINDOW_S:
+            raise ValueError(f"window_s must be a number of seconds in (0, {MAX_WINDOW_S:.0e}], got {window!r}")
 
     def observe(self, pipe: Any, schema: KeySchema, kind: str, key: str) -> int:
         # NX keeps the window anchored at the first lookup; GET tells whether the marker was already there.

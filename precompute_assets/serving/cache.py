@@ -260,15 +260,19 @@ class PredictionCache:
         *,
         socket_timeout: float = 0.05,
         namespace: str = "pc",
+        schema: KeySchema | None = None,
         log_queries: bool = True,
         log_events: bool = True,
         clock: Callable[[], int] | None = None,
         **options: Any,
     ) -> PredictionCache:
-        """A cache on ``url``; query and event logging use connections of their own so they never queue behind
-        lookups. A Redis Cluster none of whose nodes answers yet is no error: lookups are misses until one does
-        (``connection.PendingCluster``), as on a single server that is down."""
-        schema = KeySchema(namespace)
+        """A cache on ``url``, of the keys of ``namespace`` (or ``schema``, as the constructor takes it); query and
+        event logging use connections of their own so they never queue behind lookups. A Redis Cluster none of whose
+        nodes answers yet is no error: lookups are misses until one does (``connection.PendingCluster``), as on a
+        single server that is down."""
+        if schema is not None and namespace not in ("pc", schema.namespace):
+            raise ValueError(f"namespace {namespace!r} and schema {schema.namespace!r} differ: give one of them")
+        schema = schema or KeySchema(namespace)
         client = connect(url, socket_timeout=socket_timeout, pending=True)
         logger = (
             QueryLogger(connect(url, socket_timeout=max(socket_timeout, 1.0), pending=True), schema, clock=clock)

@@ -16,6 +16,7 @@ from precompute_assets.serving import KeySchema, PredictionCache, connect, publi
 from precompute_assets.serving import publish as publish_module
 from precompute_assets.serving.admission import (
     AGE_STEP_BYTES,
+    MAX_WINDOW_S,
     Always,
     Decision,
     FrequencySketch,
@@ -125,6 +126,17 @@ def test_second_miss_marker_expires_after_the_window(redis_url, redis_client, sc
     assert run_through_client(cache, redis_client, schema, ["a"]) == ["rejected"]
     time.sleep(0.2)  # the marker's PX TTL has passed: the next miss is a first miss again
     assert run_through_client(cache, redis_client, schema, ["a", "a"]) == ["rejected", "admitted"]
+
+
+def test_a_second_miss_window_redis_cannot_take_is_refused_and_the_longest_works(redis_url, redis_client, schema):
+    """``inf`` raised OverflowError at every lookup, 1e16 s had every lookup's SET PX refused (nothing ever stored,
+    a warning blaming Redis), and "600" a bare TypeError."""
+    for window in (float("inf"), float("nan"), 1e16, "600", True, 0, -5):
+        with pytest.raises(ValueError, match="window_s must be a number of seconds in"):
+            SecondMiss(window_s=window)
+    cache = make_cache(redis_url, schema, admission=SecondMiss(window_s=MAX_WINDOW_S))
+    assert run_through_client(cache, redis_client, schema, ["a", "a"]) == ["rejected", "admitted"]
+    assert cache.errors == 0
 
 
 def test_a_per_call_policy_overrides_the_caches(redis_url, redis_client, schema):

@@ -90,6 +90,15 @@ def test_queries_are_logged_with_hit_and_miss(redis_url, redis_client, schema):
     assert redis_client.hgetall(schema.stats("ctr")) == {b"hit": b"1", b"miss": b"2"}
 
 
+def test_from_url_takes_a_schema_as_the_constructor_does(redis_url, redis_client, schema):
+    cache = PredictionCache.from_url(redis_url, schema=schema, log_queries=False, log_events=False)
+    cache.get_or_compute("ctr", "ad1", lambda key: 0.5)  # it raised TypeError: schema given twice
+    assert redis_client.exists(schema.live("ctr", "ad1")) and cache.schema == schema
+    cache.close()
+    with pytest.raises(ValueError, match="namespace 'other' and schema"):
+        PredictionCache.from_url(redis_url, schema=schema, namespace="other")
+
+
 def test_dead_redis_computes_live_without_raising(schema):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
