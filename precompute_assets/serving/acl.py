@@ -117,7 +117,8 @@ READER_WRITES = (
     ("~{prefix}:{kind}:live:* ~{prefix}:{kind}:delta:* ~{prefix}:{kind}:epoch", ("eval",)),
     ("~{prefix}:{kind}:lock:*", ("set", "eval")),  # get_or_compute: SET NX PX of the lock; its owner's EVAL releases
     ("~{prefix}:{kind}:seen:*", ("set",)),  # second_miss: SET PX NX GET of the marker (reads it back: ~)
-    ("~{prefix}:{kind}:sketch", ("bitfield", "eval", "getrange", "setrange")),  # frequency: INCRBY; aging steps
+    # frequency: INCRBY; aging steps (the default shape's sketch, and one of another shape)
+    ("~{prefix}:{kind}:sketch ~{prefix}:{kind}:sketch:*", ("bitfield", "eval", "getrange", "setrange")),
     ("~{prefix}:{kind}:fifo:*", PROBATION_COMMANDS),  # probation: its two scripts and what they run on its queues
     ("%W~{prefix}:qlog", ("xadd",)),  # the query logger: XADD MAXLEN, write-only (the stream is never read back)
     ("%W~{prefix}:events", ("xadd",)),  # the event logger (record_event), write-only too

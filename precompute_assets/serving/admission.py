@@ -11,7 +11,8 @@ stored:
   (and, the first time, missed) within the window ``W`` that started at the marker's creation. Memory: one
   marker of about ``70 + len(key)`` bytes (measured on Valkey 8) per distinct key looked up in the last ``W``;
   each expires, so the total is bounded by the live-tier lookup rate times ``W``.
-- ``frequency``: a count-min sketch in one string ``{kind}:sketch``: a big-endian u32 count of lookups, then
+- ``frequency``: a count-min sketch in one string ``{kind}:sketch`` (``{kind}:sketch:{width}x{depth}`` for another
+  shape than the default, so clients of two shapes never share one): a big-endian u32 count of lookups, then
   ``depth`` rows of ``width`` 4-bit saturating counters (``BITFIELD ... OVERFLOW SAT INCRBY u4``), then a u32
   aging cursor. Every live-tier lookup increments its key's counter in each row; a miss is stored when the key's
   estimate (the smallest of its counters, this lookup included) is at least ``threshold``. The first miss that
@@ -69,6 +70,7 @@ from .keys import FIFO_PARTS, KeySchema
 
 ADMISSION_NAMES = ("always", "second_miss", "frequency", "probation")
 MAX_WINDOW_S = 10**15  # Redis refuses a PX whose expiry in ms from the epoch overflows 64 bits (about 9.2e15 s)
+SKETCH_SHAPE = (32768, 4)  # the default width and depth: its sketch is ``{kind}:sketch``, others have their own
 SKETCH_HEADER_NIBBLES = 8  # the u32 lookup count in front of the counters, in 4-bit units
 COUNTER_MAX = 15  # 4-bit counters saturate here
 
@@ -219,8 +221,8 @@ class FrequencySketch:
     ``sample_size`` lookups (default ``10 * width``) were counted since the last aging.
     """
 
-    width: int = 32768
-    depth: int = 4
+    width: int = SKETCH_SHAPE[0]
+    depth: int = SKETCH_SHAPE[1]
     threshold: int = 2
     sample_size: int = 0  # 0: 10 * width
     name = "frequency"
@@ -261,8 +263,13 @@ class FrequencySketch:
         """Positions of ``key``'s counters, one per row, in 0..depth*width-1 (row r at r*width + column)."""
         return [row * self.width + column for row, column in enumerate(sketch_columns(key, self.width, self.depth))]
 
+    def key(self, schema: KeySchema, kind: str) -> str:
+        """The sketch's Redis key: one per shape (``KeySchema.admission_sketch``)."""
+        shape = (self.width, self.depth)
+        return schema.admission_sketch(kind, None if shape == SKETCH_SHAPE else shape)
+
     def observe(self, pipe: Any, schema: KeySchema, kind: str, key: str) -> int:
-        args: list[Any] = ["BITFIELD", schema.admission_sketch(kind), "OVERFLOW", "SAT"]
+        args: list[Any] = ["BITFIELD", self.key(schema, kind), "OVERFLOW", "SAT"]
         for position in self.counters(key):
             args += ["INCRBY", "u4", f"#{SKETCH_HEADER_NIBBLES + position}", 1]
         # The aging cursor, read by adding 0: a write, so the first lookup creates the string at its full size.
@@ -287,7 +294,7 @@ class FrequencySketch:
     ) -> tuple[Any, ...] | None:
         if not decision.age:
             return None
-        return ("EVAL", _AGE_SKETCH, 1, schema.admission_sketch(kind), self.sample, self.counter_bytes, AGE_STEP_BYTES)
+        return ("EVAL", _AGE_SKETCH, 1, self.key(schema, kind), self.sample, self.counter_bytes, AGE_STEP_BYTES)
 
     def evicted(self, reply: Any) -> Sequence[str]:
         return ()

@@ -34,7 +34,8 @@ key                                    type      content
                                                  key; TTL = the window.
 ``pc:1:{kind}:sketch``                 string    admission ``frequency``: a u32 request count, then a count-min
                                                  sketch of 4-bit counters, then a u32 aging cursor
-                                                 (``serving.admission``).
+                                                 (``serving.admission``); ``:sketch:{width}x{depth}`` for a
+                                                 sketch of another shape than the default.
 ``pc:1:{kind}:fifo:{pc:1:{kind}}:*``   various   admission ``probation``: ``small`` list, ``hits`` hash, ``main``
                                                  and ``ghost`` sorted sets, ``seq`` counter, ``published`` (the
                                                  current version's key count); one hash tag.
@@ -261,9 +262,12 @@ class KeySchema:
         """Marker of a recent live-tier lookup of ``key`` (admission ``second_miss``), with the window as TTL."""
         return f"{self.prefix}:{check_kind(kind)}:seen:{check_key(key)}"
 
-    def admission_sketch(self, kind: str) -> str:
-        """The count-min sketch of live-tier lookups of ``kind`` (admission ``frequency``)."""
-        return f"{self.prefix}:{check_kind(kind)}:sketch"
+    def admission_sketch(self, kind: str, shape: tuple[int, int] | None = None) -> str:
+        """The count-min sketch of live-tier lookups of ``kind`` (admission ``frequency``); one of another ``shape``
+        (width, depth) than the default has a name of its own (``:sketch:{width}x{depth}``): clients of two shapes
+        on one kind would take each other's counters and aging cursor for their own."""
+        name = f"{self.prefix}:{check_kind(kind)}:sketch"
+        return name if shape is None else f"{name}:{int(shape[0])}x{int(shape[1])}"
 
     def admission_fifo(self, kind: str, part: str) -> str:
         """Part ``small``, ``hits``, ``main``, ``ghost``, ``seq``, ``published``, ``tier`` or ``order`` of admission

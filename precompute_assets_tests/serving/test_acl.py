@@ -118,7 +118,7 @@ def test_the_exact_rules_of_namespace_pc() -> None:
         "(~pc:1:*:live:* ~pc:1:*:delta:* ~pc:1:*:epoch +eval)",
         "(~pc:1:*:lock:* +set +eval)",
         "(~pc:1:*:seen:* +set)",
-        "(~pc:1:*:sketch +bitfield +eval +getrange +setrange)",
+        "(~pc:1:*:sketch ~pc:1:*:sketch:* +bitfield +eval +getrange +setrange)",
         "(~pc:1:*:fifo:* +eval +hexists +hincrby +hset +hdel +zscore +zadd +zrem +zcard +zpopmin +incr +llen +lpop"
         " +rpush)",
         "(%W~pc:1:qlog +xadd)",
@@ -182,8 +182,8 @@ def test_the_reader_serves_logs_and_admits_but_cannot_write_versions(
     sketch = FrequencySketch(width=64, depth=2, threshold=2, sample_size=3)
     for key in ("h1", "h2", "h3"):  # the third miss fills the sample and ages the sketch (EVAL)
         assert cache.get_or_compute("ctr", key, lambda key: 0.75, admission=sketch) == 0.75
-    assert cache.rejected == 4 and admin.exists(schema.admission_sketch("ctr"))
-    assert int.from_bytes(admin.getrange(schema.admission_sketch("ctr"), 0, 3), "big") == 0  # aged: count zeroed
+    assert cache.rejected == 4 and admin.exists(sketch.key(schema, "ctr"))  # its own shape's key: ctr:sketch:64x2
+    assert int.from_bytes(admin.getrange(sketch.key(schema, "ctr"), 0, 3), "big") == 0  # aged: count zeroed
     for _ in range(2):  # aging halved h3's count to 0: two more lookups reach the threshold, and it is stored
         assert cache.get_or_compute("ctr", "h3", lambda key: 0.75, admission=sketch) == 0.75
     assert cache.rejected == 5 and admin.exists(schema.live("ctr", "h3"))

@@ -150,7 +150,8 @@ def test_published_keys_never_reach_the_policy(redis_url, redis_client, schema):
     for policy in (SecondMiss(), FrequencySketch(width=64)):
         cache = make_cache(redis_url, schema, admission=policy)
         assert cache.get_or_compute("ctr", "ad1", lambda key: 0.9) == pytest.approx(0.25)
-    assert not redis_client.exists(schema.admission_seen("ctr", "ad1"), schema.admission_sketch("ctr"))
+    sketch = FrequencySketch(width=64).key(schema, "ctr")
+    assert not redis_client.exists(schema.admission_seen("ctr", "ad1"), sketch)
 
 
 def test_frequency_admits_at_the_threshold_and_stays_within_its_bytes(redis_url, redis_client, schema):
@@ -162,7 +163,7 @@ def test_frequency_admits_at_the_threshold_and_stays_within_its_bytes(redis_url,
         "admitted",
         "hit",
     ]
-    sketch = schema.admission_sketch("rank")
+    sketch = policy.key(schema, "rank")
     assert int.from_bytes(redis_client.get(sketch)[:4], "big") == 4  # the lookup count, hits included
     for key in map(str, range(3000)):
         cache.get_or_compute("rank", key, Calls())
@@ -174,7 +175,7 @@ def test_frequency_sketch_ages_by_halving(redis_url, redis_client, schema):
     cache = make_cache(redis_url, schema, admission=policy)
     keys = ["hot"] * 12 + [f"k{i}" for i in range(7)]
     assert run_through_client(cache, redis_client, schema, keys) == ["rejected"] * 19  # 15 is never reached
-    sketch = schema.admission_sketch("rank")
+    sketch = policy.key(schema, "rank")
     before = np.frombuffer(redis_client.get(sketch)[4:], dtype=np.uint8).copy()
     nibbles = np.stack([before >> 4, before & 15], axis=1).ravel()  # BITFIELD u4 #i: high nibble first
     assert min(int(nibbles[position]) for position in policy.counters("hot")) == 12
@@ -195,7 +196,7 @@ def test_frequency_sketch_ages_one_bounded_step_per_miss(redis_url, redis_client
     assert steps == 4
     cache = make_cache(redis_url, schema, admission=policy)
     cache.get_or_compute("rank", "first", Calls())
-    sketch = schema.admission_sketch("rank")
+    sketch = policy.key(schema, "rank")
     assert redis_client.strlen(sketch) == policy.bytes  # created at its full size: it never grows (nor doubles)
     allocated = redis_client.memory_usage(sketch)
     redis_client.setrange(sketch, 4, b"\x66" * policy.counter_bytes)  # every counter at 6
@@ -789,3 +790,21 @@ def test_probation_leaves_the_longer_lived_values_something_else_wrote(redis_ser
     publish(client, schema, "v1", ["ad30", "ad31"])  # a version that serves them: both leave the main LRU
     assert client.ttl(schema.live("rank", "ad30")) > 3600  # the campaign's value stays
     assert not client.exists(schema.live("rank", "ad31"))  # the tier's own copy goes
+
+
+def test_sketches_of_two_shapes_on_one_kind_keep_their_own_counters(redis_url, redis_client, schema):
+    """Both shared ``{kind}:sketch``: a width-1024 client took four bytes of the default sketch's counters for its
+    aging cursor, aged on every miss, wrote its cursor over them and zeroed the shared count, and a key the default
+    client looked up twenty times was never stored."""
+    default, narrow = FrequencySketch(), FrequencySketch(width=1024)
+    key = "ad13561"  # its first counter in the default sketch lies in the bytes the narrow one keeps its cursor in
+    assert 4 + 1024 * 4 // 2 <= 4 + default.counters(key)[0] // 2 < 4 + 1024 * 4 // 2 + 4
+    wide_cache, narrow_cache = (make_cache(redis_url, schema, admission=policy) for policy in (default, narrow))
+    for i in range(3):
+        wide_cache.get_or_compute("rank", key, Calls())
+        narrow_cache.get_or_compute("rank", f"other{i}", Calls())
+    assert redis_client.exists(schema.live("rank", key))  # stored at its second lookup, as with no other client
+    assert {default.key(schema, "rank"), narrow.key(schema, "rank")} == {
+        schema.admission_sketch("rank"), schema.admission_sketch("rank", (1024, 4))
+    }  # fmt: skip
+    assert redis_client.strlen(narrow.key(schema, "rank")) == narrow.bytes
