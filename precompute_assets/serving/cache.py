@@ -964,6 +964,9 @@ class PredictionCache:
                 experiment = Experiment.decode(raw_experiment)
             except ValueError:  # a malformed experiment is no experiment: queries are logged without arms
                 self._count("errors")
+            served = Experiment.served_version(raw_experiment)
+            if served is not None and (pointer is None or served != pointer.version):
+                experiment = None  # read around a flip: the other version's, whose arms are not this version's
         return self._read(kind, self._store_pointer(kind, (pointer, experiment, now), started))
 
     def _pointer_ticket(self) -> int:

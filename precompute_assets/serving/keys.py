@@ -12,10 +12,11 @@ key                                    type      content
                                                  a TTL; a whole version expires together.
 ``pc:1:{kind}:previous``               string    the pointer the last flip replaced, with the TTL of its
                                                  buckets' grace: what ``cache stats`` reports besides current.
-``pc:1:{kind}:experiment``             string    JSON ``{"name", "salt", "arms": [A, B]}``: the A/B experiment the
-                                                 current version of ``kind`` serves (absent: none). Set or
-                                                 deleted in the same MULTI/EXEC as the pointer flip; a key's
-                                                 arm is ``arm_of(salt, key, arms)``.
+``pc:1:{kind}:experiment``             string    JSON ``{"name", "salt", "arms": [A, B], "version"}``: the A/B
+                                                 experiment the current version of ``kind`` serves (absent:
+                                                 none), and that version. Set or deleted in the same MULTI/EXEC
+                                                 as the pointer flip; a key's arm is ``arm_of(salt, key, arms)``;
+                                                 a reader that read a pointer of another version takes none.
 ``pc:1:{kind}:live:{key}``             string    a value computed live by a read-through miss, with a TTL.
 ``pc:1:{kind}:invalidated:{version}``  set       what invalidations took out of a version (``k:{key}``,
                                                  ``p:{prefix}``, ``b:{bucket}`` it emptied): never written
@@ -376,10 +377,20 @@ class Experiment:
         """The arm of ``key``."""
         return arm_of(self.salt, key, self.arms)
 
-    def encode(self) -> bytes:
-        return json.dumps(
-            {"name": self.name, "salt": self.salt, "arms": list(self.arms)}, separators=(",", ":")
-        ).encode()
+    def encode(self, version: str | None = None) -> bytes:
+        """JSON of the experiment; with ``version``, the version it is published with (``served_version``)."""
+        data = {"name": self.name, "salt": self.salt, "arms": list(self.arms)}
+        return json.dumps(data | ({"version": version} if version is not None else {}), separators=(",", ":")).encode()
+
+    @staticmethod
+    def served_version(raw: bytes | str) -> str | None:
+        """The version a stored experiment was published with (``encode(version=...)``); None for one stored without,
+        or malformed. A reader whose pointer names another version read the two around a flip: no experiment."""
+        try:
+            version = json.loads(raw).get("version")
+        except (ValueError, UnicodeDecodeError, RecursionError, AttributeError):
+            return None
+        return version if isinstance(version, str) else None
 
     @classmethod
     def decode(cls, raw: bytes | str) -> Experiment:

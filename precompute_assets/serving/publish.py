@@ -156,7 +156,7 @@ def publish_version(
             # written after the flip, may be what failed.
             mended = _mend_current(client, schema, kind, version, filled, ttl, replica_wait_s)
             # A flip that died between its writes on a cluster (experiment, then pointer) may have left another one.
-            run_commands(client, [experiment_command(schema.experiment(kind).encode(), experiment)])
+            run_commands(client, [experiment_command(schema.experiment(kind).encode(), experiment, version)])
             retire_replaced(client, schema, kind, grace_s=grace_s, replica_wait_s=replica_wait_s)
             previous = _replaced_pointer(client, schema, kind) if hand_over else None
             handed, settle_error = _settle(client, schema, kind, version, keys, previous, written=written, ttl_s=ttl_s)
@@ -886,15 +886,16 @@ def flip_pointer(
     failover that loses the flip still serves a whole version. A server that refuses ``INFO`` (an ACL user without
     it, a proxy) waits for nothing (a warning says so too).
 
-    On Redis Cluster the three keys live in different slots, which one transaction cannot span: there the
-    experiment is written first, the record of the replaced pointer second and the pointer last, each waiting for its
-    reply, and readers on a cluster read the pointer first and the experiment second (``PredictionCache``). A reader
-    that sees the new pointer therefore read the experiment after it was written: it never pairs the new version with
-    the old experiment. It may pair the old version with the new experiment until its next pointer refresh, as a
-    single-server reader may too (its GET of the pointer can run just before the EXEC, its GET of the experiment just
-    after). If the pointer write fails, the pointer is read back: a write that landed (only its reply was lost) is a
-    flip; one that did not puts the old experiment back (best effort) and raises; when Redis cannot say, it raises and
-    leaves the new experiment, which a retried publish writes again.
+    On Redis Cluster the three keys live in different slots, which one transaction cannot span: there the experiment is
+    written first, the record of the replaced pointer second and the pointer last, each waiting for its reply, and
+    readers on a cluster read the pointer first and the experiment second (``PredictionCache``). A reader that sees the
+    new pointer therefore read the experiment after it was written: it never pairs the new version with the old
+    experiment. It may read the old version with the new experiment, as a single-server reader may too (its GET of the
+    pointer can run just before the EXEC, its GET of the experiment just after): the experiment names the version it is
+    served with, and such a reader takes none until its next pointer refresh. If the pointer write fails, the pointer is
+    read back: a write that landed (only its reply was lost) is a flip; one that did not puts the old experiment back
+    (best effort) and raises; when Redis cannot say, it raises and leaves the new experiment, which a retried publish
+    writes again.
 
     A flip sent twice (its reply lost, the client's retries) reads its own pointer back from the second ``SET ...
     GET``: the version read before the flip is then the one it replaced, retired and settled as usual.
@@ -913,7 +914,7 @@ def flip_pointer(
     if is_cluster(client):
         experiment_key = schema.experiment(kind).encode()
         previous_experiment, before = run_commands(client, [(b"GET", experiment_key), (b"GET", pointer_key)])
-        run_commands(client, [experiment_command(experiment_key, experiment)])
+        run_commands(client, [experiment_command(experiment_key, experiment, pointer.version)])
         try:
             if before not in (None, new):  # before the pointer (another slot): a kill between them names the current
                 run_commands(client, [(b"SET", replaced_key, before)])  # version, which nothing retires
@@ -922,8 +923,8 @@ def flip_pointer(
             landed = _pointer_landed(client, pointer_key, new)
             if landed is False:  # put the old experiment back with the old pointer (best effort)
                 with contextlib.suppress(*REDIS_ERRORS):
-                    restore = None if previous_experiment is None else Experiment.decode(previous_experiment)
-                    run_commands(client, [experiment_command(experiment_key, restore)])
+                    restore = (b"DEL", experiment_key) if previous_experiment is None else None
+                    run_commands(client, [restore or (b"SET", experiment_key, previous_experiment)])
                 error.add_note(
                     f"the pointer of {kind} was not flipped to {pointer.version}: readers stay where they were"
                 )
@@ -937,7 +938,7 @@ def flip_pointer(
     else:
         (before,) = run_commands(client, [(b"GET", pointer_key)])
         pipe = client.pipeline(transaction=True)
-        pipe.execute_command(*experiment_command(schema.experiment(kind).encode(), experiment))
+        pipe.execute_command(*experiment_command(schema.experiment(kind).encode(), experiment, pointer.version))
         pipe.set(pointer_key, new, get=True)
         if before not in (None, new):
             pipe.set(replaced_key, before)  # in the flip's transaction: a kill after it still knows what to retire
@@ -1012,9 +1013,9 @@ def _retire(
     run_commands(client, [remember])
 
 
-def experiment_command(name: bytes, experiment: Experiment | None) -> tuple[bytes, ...]:
-    """The command that makes ``experiment`` (None: none) the one stored at ``name``."""
-    return (b"DEL", name) if experiment is None else (b"SET", name, experiment.encode())
+def experiment_command(name: bytes, experiment: Experiment | None, version: str) -> tuple[bytes, ...]:
+    """The command that makes ``experiment`` (None: none), served with ``version``, the one stored at ``name``."""
+    return (b"DEL", name) if experiment is None else (b"SET", name, experiment.encode(version))
 
 
 def run_commands(client: redis.Redis, commands: list[tuple[bytes, ...]]) -> list[Any]:

@@ -400,6 +400,23 @@ def test_queries_carry_the_arm_of_the_published_experiment(redis_url, redis_clie
     assert cache.current_experiment("ctr") is None
 
 
+def test_a_reader_that_read_the_pointer_and_the_experiment_around_a_flip_takes_no_experiment(
+    redis_url, redis_client, schema
+):
+    """The experiment names the version it is served with: a reader that read the old pointer and the new experiment
+    (its GETs on either side of the flip) logged the old version's queries with arms of the new split."""
+    publish_version(redis_client, "ctr", "v1", [("a", 0.1)], n_keys=1, schema=schema, experiment=EXPERIMENT)
+    assert Experiment.served_version(redis_client.get(schema.experiment("ctr"))) == "v1"
+    cache = make_cache(redis_url, schema)
+    assert cache.current_experiment("ctr") == EXPERIMENT
+    newer = Experiment("next", "s2", ("frequency", "lstm"))
+    redis_client.set(schema.experiment("ctr"), newer.encode("v2"))  # as read just before v2's pointer lands
+    assert cache.current_version("ctr").version == "v1" and cache.current_experiment("ctr") is None
+    redis_client.set(schema.experiment("ctr"), newer.encode())  # one stored before versions were named: taken
+    assert cache.current_experiment("ctr") == newer
+    assert Experiment.served_version(b"not json") is None and Experiment.served_version(b"[1]") is None
+
+
 def test_the_experiment_costs_no_round_trip_per_lookup(redis_url, redis_client, schema):
     publish_version(redis_client, "ctr", "v1", [("a", 0.1)], n_keys=1, schema=schema, experiment=EXPERIMENT)
     client = CountingClient(connect(redis_url, socket_timeout=1.0))
