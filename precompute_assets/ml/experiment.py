@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from ..serving.keys import arm_index, arm_of
+from ..serving.keys import MAX_SALT, arm_index, arm_of
 from .replay import Trace, _as_codes, _codes_of, _live_tier, _precomputed_sets
 from .selection import select_top
 
@@ -272,8 +272,8 @@ def ab_replay(
         raise ValueError(f"an A/B replay needs a fixed top_n >= 0, got {top_n!r}")
     if capacity < 1 or top_n > capacity:
         raise ValueError(f"need capacity >= 1 and top_n <= capacity, got top_n={top_n}, capacity={capacity}")
-    if not salt:
-        raise ValueError("an A/B replay needs a non-empty salt")
+    if not salt or len(salt) > MAX_SALT:  # the salts production's Experiment takes: a replay's can be served
+        raise ValueError(f"an A/B replay needs a salt of 1 to {MAX_SALT} characters, got {len(salt)}")
     hours = trace_hours(trace, days).sampled(sample)
     day_keys = hours.day_keys()
     if not 1 <= warmup_days <= max(1, days - 1):

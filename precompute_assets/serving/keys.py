@@ -88,6 +88,7 @@ RESERVED_VERSIONS = frozenset({"live", "current", "experiment", "sketch", "seen"
 # admission ``probation``'s state (``admission_fifo``), and the published version's key count it sizes itself by
 FIFO_PARTS = ("small", "hits", "main", "ghost", "seq", "published", "tier", "order")
 MAX_KEY_LENGTH = 256  # characters of a prediction key (the query log quarantines longer ones)
+MAX_SALT = 256  # characters of an experiment's salt
 # Control characters, hash-tag braces and lone surrogates (not encodable as UTF-8), as character-class ranges:
 # ``check_key`` refuses them all at once, ``ml.features.feature_problems`` screens ad ids for each with its own reason.
 KEY_CONTROL_CHARACTERS = r"\x00-\x1f\x7f"
@@ -368,8 +369,8 @@ class Experiment:
             or len(set(arms)) != 2  # after the names are checked: set() of unhashable arms raised TypeError
         ):
             raise ValueError(f"an experiment needs two distinct arm names like 'frequency', got {list(arms)!r}")
-        if not isinstance(self.salt, str) or not self.salt or len(self.salt) > 256:
-            raise ValueError(f"an experiment needs a non-empty salt (at most 256 characters), got {self.salt!r}")
+        if not isinstance(self.salt, str) or not self.salt or len(self.salt) > MAX_SALT:
+            raise ValueError(f"an experiment needs a non-empty salt (at most {MAX_SALT} characters), got {self.salt!r}")
         if not isinstance(self.name, str) or len(self.name) > 256:
             raise ValueError(f"an experiment name is a string of at most 256 characters, got {self.name!r}")
 

@@ -378,7 +378,8 @@ def test_ab_replay_shares_the_step_budget_among_the_days_and_reports_the_safety_
         ({"arms": ("frequency", "oracle")}, "unknown strategy"),
         ({"top_n": 70}, "top_n <= capacity"),
         ({"top_n": "auto"}, "fixed top_n"),
-        ({"salt": ""}, "salt"),
+        ({"salt": ""}, "salt of 1 to 256 characters, got 0"),
+        ({"salt": "s" * 257}, "salt of 1 to 256 characters, got 257"),  # production's Experiment refuses it
         ({"warmup_days": 5}, "warmup_days"),
     ],
 )
