@@ -636,6 +636,8 @@ def campaign_launch_sensor(
         # Those serving longest first (the registry lists warm campaigns by launch time); the rest are still lost,
         # and not busy, at the next tick, which takes them.
         total, lost = len(lost), lost[: campaign_registry.max_rewarms_per_tick]
+        if total > len(lost):  # the same turn again: its other lost campaigns are warmed next, not after a round
+            checked = cursor.checked
         context.log.warning(
             f"Redis lost the values of {total} warm campaigns (their budget split or an ad's CTR is gone): "
             f"warming {len(lost)} again"

@@ -739,6 +739,32 @@ def test_warm_campaigns_are_checked_a_bounded_number_a_tick_in_turns(registry, a
     assert LaunchCursor.decode(cursor).checked is not None
 
 
+def test_a_turn_with_more_lost_campaigns_than_a_tick_warms_is_checked_again_before_the_next(
+    registry, app_db, redis_url, schema
+):
+    """The turn moved on past lost campaigns a tick had no room to warm: the next tick warmed the next turn's, and
+    the one launched earlier waited a whole round."""
+    now = datetime.now(UTC)
+    ids = sorted(unique(f"round{i}") for i in range(4))
+    for i, campaign_id in enumerate(ids):  # launched in id order: the earliest first
+        registry.register(
+            campaign_id, "acme", now - (5 - i) * HOUR, campaign_ads(campaign_id, 2), end_at=now + 9 * HOUR
+        )
+        registry.mark_warm(campaign_id, 1, warm_until=now + 9 * HOUR)  # warm, no values in Redis: lost
+    capped = CampaignRegistryResource(url=app_db, max_lost_checks_per_tick=2, max_rewarms_per_tick=1)
+    redis = RedisResource(url=redis_url, namespace=schema.namespace)
+    warmed, cursor = [], None
+    with dg.instance_for_test() as instance:
+        for _ in range(4):
+            result = tick(instance, capped, cursor, redis=redis)
+            warmed += [r.partition_key for r in result.run_requests]
+            cursor = result.cursor
+            for request in result.run_requests:  # under way: not asked for again
+                create_run_for_test(instance, job_name="campaign_warming_job", status=dg.DagsterRunStatus.STARTED,
+                                    tags={**request.tags, "dagster/run_key": request.run_key})  # fmt: skip
+    assert warmed == ids  # one a tick, in launch order
+
+
 def test_the_sensor_still_warms_cold_campaigns_when_redis_does_not_answer(registry, app_db):
     now = datetime.now(UTC)
     warm_one, cold = unique("warm"), unique("cold")
