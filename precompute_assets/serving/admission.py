@@ -50,8 +50,9 @@ stored:
   has stored a miss); at most ``capacity`` tracked keys and ``capacity - small`` ghost names, about 100 bytes plus the
   key twice per tracked key, and up to ``capacity`` names in ``:order``. Redis's own maxmemory eviction stays a safety
   net beneath it. A key that leaves the tier keeps a live value that is to live longer than the tier's live TTL, or
-  for good (``evictable``): a campaign's warming or a task run wrote it (``publish.write_live_values``), for as long as
-  it is needed, on a key a reader had also looked up; the tier stops tracking it and leaves it to its own TTL.
+  for good (``evictable``): a campaign's warming wrote it (``publish.write_live_values``, to the campaign's end), on a
+  key a reader had also looked up; the tier stops tracking it and leaves it to its own TTL. A task run's value, whose
+  type's TTL is not longer, goes as the tier's own values do.
 
 ``ml.replay`` models these decisions request by request (``admission_decisions``). Redis errors are never
 raised by the client: a failed lookup is a miss that stores nothing.

@@ -497,7 +497,7 @@ def settle_published(
 
     1. The new version's keys leave the main LRU and their live values are deleted: the version serves them, so
        a live copy would only hold a slot (``UNTRACK``; only keys the main LRU holds are sent). Not a value to live
-       longer than the tier stores them (``admission.evictable``): a campaign's warming or a task run wrote it.
+       longer than the tier stores them (``admission.evictable``): a campaign's warming wrote it.
     2. The keys of the version before (``previous``) that the new one drops and the tier does not track enter the
        main LRU below every key there, best first, while the tier has room (``HAND_OVER``), with their value from
        that version (``SET NX``; TTL: the client's live one, ``ttl_s`` if shorter; then deleted again for those
@@ -691,7 +691,7 @@ def _unlink_untracked(
 
 def _unlink_live(client: redis.Redis, schema: KeySchema, kind: str, keys: list[str], live_ttl_s: int | None) -> None:
     """Delete the live values of ``keys`` and their XFetch deltas, but not those to live longer than the tier's
-    ``live_ttl_s`` (``admission.evictable``: a campaign's warming or a task run wrote them)."""
+    ``live_ttl_s`` (``admission.evictable``: a campaign's warming wrote them)."""
     if not keys:
         return
     if live_ttl_s is not None:
