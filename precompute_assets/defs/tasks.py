@@ -41,19 +41,23 @@ from typing import Any
 import dagster as dg
 import numpy as np
 import pandas as pd
+import redis as redis_py
 from pydantic import Field
 
 from ..ml import ctr, next_action
 from ..serving import refresh
+from ..serving.connection import REDIS_ERRORS
 from ..serving.events import (
     ACTION_INDEX,
+    UserStatesSpan,
     read_event_window,
     read_events_after,
     read_user_states,
+    read_user_states_span,
     validate_event,
     write_user_states,
 )
-from ..serving.keys import KIND_PATTERN, RESERVED_KINDS, check_key, codec_for
+from ..serving.keys import KIND_PATTERN, RESERVED_KINDS, KeySchema, check_key, codec_for
 from ..serving.publish import write_live_values
 from .campaigns import approved_model_version
 from .models import CTR_MODEL
@@ -473,15 +477,24 @@ def _next_action_model(ctx: TaskContext) -> tuple[str, next_action.NextActionMod
 
 def _user_states(ctx: TaskContext, timezone: str, hours: int = 24) -> pd.DataFrame:
     """The latest state of each of the batch's users with events in the last ``hours``: the state
-    ``user_event_sensor`` stored (``next_action.UserState``), carried on over the events after it; users without one
-    from the last ``hours`` of the event stream. With every user's state stored, only the seconds since the sensor's
-    tick are read, not the whole window."""
+    ``user_event_sensor`` stored (``next_action.UserState``) carried on over the events after it, when the sensor's
+    span of stored states holds the state's whole day and session (``UserState.whole_since``); else, for that user,
+    the last ``hours`` of the event stream. With every user's state whole, only the seconds since the sensor's tick
+    are read, not the whole window. A Redis error reading the states is as if none were stored."""
     client, schema, since = ctx.redis.client(), ctx.redis.schema(), ctx.now_ms - hours * 3_600_000
     users = list(dict.fromkeys(ctx.entities))
-    parsed = {
-        user: next_action.UserState.parse(fields) for user, fields in read_user_states(client, schema, users).items()
+    try:
+        span = read_user_states_span(client, schema)
+        found = read_user_states(client, schema, users, next_action.UserState.FIELDS) if span is not None else {}
+    except REDIS_ERRORS as error:  # the publisher's ACL user of an older apply, say: the whole read
+        ctx.log.warning(f"stored user states not read ({type(error).__name__}: {error}): reading {hours} h of events")
+        span, found = None, {}
+    parsed = {user: next_action.UserState.parse(values) for user, values in found.items()}
+    stored = {
+        user: state
+        for user, state in parsed.items()
+        if state is not None and state.ts_ms >= since and state.whole_since(span.since_ms, timezone)
     }
-    stored = {user: state for user, state in parsed.items() if state is not None and state.ts_ms >= since}
     start = (
         since if len(stored) < len(users) else max(since, min(int(s.stream_id.split("-")[0]) for s in stored.values()))
     )
@@ -634,12 +647,14 @@ def plan_events(
     model: next_action.NextActionModel | None = None,
     confidence: float = DEFAULT_CONFIDENCE,
     prior: Callable[[list[str]], Mapping[str, next_action.UserState]] | None = None,
+    timezone: str = "UTC",
 ) -> TickPlan:
     """The task requests implied by ``entries`` (raw stream entries): each valid event's triggers, then for each
     user's latest event the tasks its predicted next actions (probability >= ``confidence``) need.
 
     ``prior(users)``: the states the users' earlier events left (``next_action.latest_states``), so that a user's
-    state is that of their whole day, not of this tick's events alone; ``plan.states`` holds the new ones."""
+    state is that of their whole day, not of this tick's events alone; ``plan.states`` then holds every user's new
+    one, with or without a model (counted in the model's time zone, else ``timezone``)."""
     plan, rows = TickPlan(), []
     for entry_id, fields in entries:
         plan.events += 1
@@ -656,12 +671,16 @@ def plan_events(
                 plan.no_entity += 1
                 continue
             plan.want(trigger.task, entity, registry.priority_of(trigger))
-    if model is None or not rows or not registry.predicted:
+    predicting = model is not None and bool(registry.predicted)
+    if not rows or not (predicting or prior is not None):
         return plan
     frame = pd.DataFrame(rows)
     carried = prior(list(dict.fromkeys(frame["user"].tolist()))) if prior is not None else None
-    states = next_action.latest_states(frame, model.timezone, prior=carried)
-    plan.states = next_action.carried_states(states)
+    states = next_action.latest_states(frame, model.timezone if model is not None else timezone, prior=carried)
+    if prior is not None:
+        plan.states = next_action.carried_states(states)
+    if not predicting:
+        return plan
     proba = model.predict_proba(states)
     users, tenants = states["user"].tolist(), states["tenant"].tolist()
     for i, j in zip(*np.nonzero(proba >= confidence), strict=True):
@@ -708,18 +727,40 @@ def _approved_model(context: dg.SensorEvaluationContext, model_store: ModelStore
         return None
 
 
-def _stored_states(redis: RedisResource, log: logging.Logger) -> Callable[[list[str]], dict]:
-    """What ``plan_events`` reads the users' earlier states with: those stored in Redis (none, with a warning, when
-    it does not answer); a malformed one is none."""
+class StoredStates:
+    """What ``plan_events`` reads the users' earlier states with in a sensor tick: those stored in Redis (a malformed
+    one is none), and the span of ticks that stored them (``serving.events.UserStatesSpan``). ``read`` says whether
+    Redis answered: when it did not, the tick's states are its own events' alone, and are not stored."""
 
-    def read(users: list[str]) -> dict[str, next_action.UserState]:
-        stored = redis.sensor_check(
-            lambda client, schema: read_user_states(client, schema, users), log, f"the states of {len(users)} users"
-        )
-        parsed = {user: next_action.UserState.parse(fields) for user, fields in (stored or {}).items()}
+    def __init__(self, redis: RedisResource, log: logging.Logger) -> None:
+        self.redis, self.log = redis, log
+        self.read, self.span = False, None
+
+    def __call__(self, users: list[str]) -> dict[str, next_action.UserState]:
+        def states(client: redis_py.Redis, schema: KeySchema):
+            return read_user_states_span(client, schema), read_user_states(
+                client, schema, users, next_action.UserState.FIELDS
+            )
+
+        found = self.redis.sensor_check(states, self.log, f"the states of {len(users)} users")
+        if found is None:
+            return {}
+        self.read, (self.span, stored) = True, found
+        parsed = {user: next_action.UserState.parse(values) for user, values in stored.items()}
         return {user: state for user, state in parsed.items() if state is not None}
 
-    return read
+    def store(self, states: Mapping[str, next_action.UserState], after: str, through: str) -> None:
+        """Store ``states``, the events after stream ID ``after`` through ``through`` counted, and carry the span on;
+        nothing when the earlier states were not read (the next tick starts a new span)."""
+        if not self.read or not states:
+            return
+        span = (self.span or UserStatesSpan(after, after)).after(after, through)
+        self.redis.sensor_check(
+            lambda client, schema: write_user_states(
+                client, schema, {user: state.fields() for user, state in states.items()}, span=span
+            ),
+            self.log, f"the storing of {len(states)} users' session states",
+        )  # fmt: skip
 
 
 def stream_id(text: str) -> str | None:
@@ -756,7 +797,12 @@ def build_user_event_sensor(
         "run per task type and priority per batch, tagged dagster/priority (campaign creation 9, upload 8, login 7, "
         "refresh 3, background 1).",
     )
-    def user_event_sensor(context: dg.SensorEvaluationContext, redis: RedisResource, model_store: ModelStoreResource):
+    def user_event_sensor(
+        context: dg.SensorEvaluationContext,
+        redis: RedisResource,
+        model_store: ModelStoreResource,
+        deployment: DeploymentResource,
+    ):
         started = time.perf_counter()
         after = stream_id(context.cursor) if context.cursor else None
         if context.cursor and after is None:  # set by hand (`dagster sensor cursor --set`)
@@ -775,15 +821,11 @@ def build_user_event_sensor(
             return dg.SkipReason(f"no user events after {after}")
         tasks = registry()
         model = _approved_model(context, model_store) if tasks.predicted else None
-        plan = plan_events(tasks, entries, model=model, confidence=confidence, prior=_stored_states(redis, context.log))
-        if plan.states:  # not kept: the next tick's states start from its own events, as before (warned)
-            redis.sensor_check(
-                lambda client, schema: write_user_states(
-                    client, schema, {user: state.fields() for user, state in plan.states.items()}
-                ),
-                context.log, f"the storing of {len(plan.states)} users' session states",
-            )  # fmt: skip
+        stored = StoredStates(redis, context.log)
+        timezone = model.timezone if model is not None else deployment.partitions().timezone
+        plan = plan_events(tasks, entries, model=model, confidence=confidence, prior=stored, timezone=timezone)
         last = entries[-1][0].decode()
+        stored.store(plan.states, after, last)  # not stored (warned): the next tick's span starts anew
         requests = run_requests(tasks, plan, f"{after}..{last}")
         context.log.info(
             f"{plan.events} events ({plan.malformed} malformed, {plan.no_entity} without an entity), "

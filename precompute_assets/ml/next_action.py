@@ -13,7 +13,7 @@ top-3 accuracy and log-loss.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,33 +73,37 @@ class UserState:
     that sees a few events at a time carries it from tick to tick, so that its states are those of the user's whole
     day, as ``latest_states`` over all of them gives."""
 
-    stream_id: str  # the event's ID (``MILLISECONDS-SEQUENCE``): it and the ones before are counted
-    ts_ms: int
+    stream_id: str  # the newest event counted (``MILLISECONDS-SEQUENCE``): it and the ones before are counted
+    ts_ms: int  # the latest event's time (events arrive late: not always the newest one's)
     action: str
     tenant: str | None
     session_start_ms: int
-    day: str  # the local day of ``ts_ms`` (``YYYY-MM-DD``, in the model's time zone)
-    actions_today: int
+    actions_today: int  # of the local day of ``ts_ms``
+
+    FIELDS = (b"id", b"ts", b"action", b"tenant", b"start", b"today")  # as Redis keeps them, in this order
 
     def fields(self) -> dict[str, str]:
-        """As the hash fields Redis keeps (``serving.events.write_user_states``; no tenant: no field)."""
-        fields = {
-            "id": self.stream_id, "ts": str(self.ts_ms), "action": self.action, "start": str(self.session_start_ms),
-            "day": self.day, "today": str(self.actions_today),
-        }  # fmt: skip
-        return fields | ({"tenant": self.tenant} if self.tenant is not None else {})
+        """As the hash fields Redis keeps (``serving.events.write_user_states``; no tenant: an empty one)."""
+        values = (self.stream_id, self.ts_ms, self.action, self.tenant or "", self.session_start_ms, self.actions_today)
+        return {name.decode(): str(value) for name, value in zip(self.FIELDS, values, strict=True)}
+
+    def whole_since(self, since_ms: int, timezone: str) -> bool:
+        """Whether events from ``since_ms`` on hold this state's whole day and session (its local day, in
+        ``timezone``, and its session began at or after then): a state carried on over every event since then
+        counted all of them."""
+        day_start = pd.Timestamp(self.ts_ms, unit="ms", tz="UTC").tz_convert(timezone).normalize()
+        return since_ms <= min(int(day_start.timestamp() * 1000), self.session_start_ms)
 
     @classmethod
-    def parse(cls, fields: Mapping[bytes, bytes]) -> UserState | None:
-        """The state in a hash read back; None for one that is incomplete or malformed (the user starts afresh)."""
+    def parse(cls, values: Sequence[bytes | None]) -> UserState | None:
+        """The state from its ``FIELDS`` read back (``HMGET``); None for one that is incomplete or malformed (the
+        user starts afresh)."""
+        if len(values) != len(cls.FIELDS) or any(value is None for value in values):
+            return None
         try:
-            tenant = fields.get(b"tenant")
-            state = cls(
-                fields[b"id"].decode(), int(fields[b"ts"]), fields[b"action"].decode(),
-                tenant.decode() if tenant is not None else None, int(fields[b"start"]), fields[b"day"].decode(),
-                int(fields[b"today"]),
-            )  # fmt: skip
-        except (KeyError, ValueError, UnicodeDecodeError):
+            entry, ts, action, tenant, start, today = (value.decode() for value in values)
+            state = cls(entry, int(ts), action, tenant or None, int(start), int(today))
+        except (ValueError, UnicodeDecodeError):
             return None
         valid = _id_tuple(state.stream_id) is not None and state.session_start_ms <= state.ts_ms
         return state if valid and state.actions_today >= 1 and state.action in ACTION_INDEX else None
@@ -112,41 +116,64 @@ def _id_tuple(stream_id: str) -> tuple[int, int] | None:
     return int(parts[0]), int(parts[1])
 
 
+def local_days(ts_ms: Sequence[int] | np.ndarray, timezone: str) -> np.ndarray:
+    """The local day (``YYYY-MM-DD``) of each time, as ``event_features`` counts a user's actions today."""
+    times = pd.to_datetime(pd.Series(np.asarray(ts_ms, dtype=np.int64)), unit="ms", utc=True).dt.tz_convert(timezone)
+    return times.dt.strftime("%Y-%m-%d").to_numpy(dtype=object)
+
+
 def latest_states(
     events: pd.DataFrame, timezone: str = "UTC", prior: Mapping[str, UserState] | None = None
 ) -> pd.DataFrame:
     """Each user's features at their latest event (one row per user): what predicts their next action now.
 
     ``prior``: the states the users' earlier events left (``UserState``), when ``events`` are only the latest ones
-    (with a ``stream_id`` column). A session goes on across them as within them (no pause over ``SESSION_GAP_MS``, no
-    ``login``), and the actions of the same local day add up. Events at or before a user's ``prior`` ID were counted
-    already (a tick that read them again after a crash): they are not counted twice, and a user with no other event
-    gets the row of the stored state. ``carried_states`` gives the states to keep for the next events."""
-    prior = prior or {}
-    restored: dict[str, UserState] = {}
-    if prior and "stream_id" in events.columns:
-        users = events["user"].tolist()
-        new = np.array(
-            [
-                (known := prior.get(user)) is None or (_id_tuple(entry) or (0, 0)) > _id_tuple(known.stream_id)
-                for user, entry in zip(users, events["stream_id"].tolist(), strict=True)
-            ],
-            dtype=bool,
-        )
-        if not new.all():
-            fresh = set(events["user"][new].tolist())
-            restored = {user: prior[user] for user in events["user"][~new].tolist() if user not in fresh}
-            events = events[new]
-    features = event_features(events, timezone)
+    (with a ``stream_id`` column). A session goes on across them as within them (no pause over ``SESSION_GAP_MS``,
+    no ``login``), and the actions of the same local day add up. An event at or before a user's ``prior`` ID was
+    counted already (a tick read again after a crash) and is not counted twice; one older than the ``prior`` event
+    (it arrived late) counts in its day, and is never the latest or a session's start. A user with no other event
+    gets the row of the stored state. Each row's ``stream_id`` is the newest of the user's events counted:
+    ``carried_states`` gives the states to keep for the next events."""
+    if not prior or "stream_id" not in events.columns:
+        features = event_features(events, timezone)
+        return features.groupby("user", sort=False).tail(1).reset_index(drop=True)
+    users, times = events["user"].tolist(), events["ts_ms"].tolist()
+    ids = [_id_tuple(entry) or (0, 0) for entry in events["stream_id"].tolist()]
+    known = [prior.get(user) for user in users]
+    counted = np.array([k is not None and i <= _id_tuple(k.stream_id) for k, i in zip(known, ids, strict=True)])
+    late = ~counted & np.array([k is not None and t < k.ts_ms for k, t in zip(known, times, strict=True)], dtype=bool)
+    fresh = ~counted & ~late
+    newest: dict[str, tuple[int, int]] = {}
+    for user, entry, is_counted in zip(users, ids, counted.tolist(), strict=True):
+        if not is_counted and entry > newest.get(user, (0, 0)):
+            newest[user] = entry
+    features = event_features(events[fresh], timezone)
     latest = features.groupby("user", sort=False).tail(1).reset_index(drop=True)
-    if prior and not latest.empty:
-        latest = _gone_on(latest, features, prior)
-    if restored:
-        latest = pd.concat([latest, state_rows(restored, timezone)], ignore_index=True)
-    return latest
+    if not latest.empty:
+        latest = _gone_on(latest, features, prior, timezone)
+    seen = set(latest["user"].tolist())
+    stored = {user: prior[user] for user in dict.fromkeys(np.asarray(users, dtype=object)[~fresh]) if user not in seen}
+    if stored:
+        latest = pd.concat([latest, state_rows(stored, timezone)], ignore_index=True)
+    if late.any():  # late events count in their own day
+        days = local_days(np.asarray(times, dtype=np.int64)[late], timezone)
+        per_day = (
+            pd.Series(1, index=pd.MultiIndex.from_arrays([np.asarray(users, dtype=object)[late], days]))
+            .groupby(level=[0, 1])
+            .sum()
+        )
+        extra = [per_day.get((user, day), 0) for user, day in zip(latest["user"], latest["day"], strict=True)]
+        latest = latest.assign(actions_today=latest["actions_today"].to_numpy(dtype=np.int64) + np.array(extra))
+    entries = [
+        max(newest.get(user, (0, 0)), _id_tuple(entry) or (0, 0))
+        for user, entry in zip(latest["user"], latest["stream_id"], strict=True)
+    ]
+    return latest.assign(stream_id=[f"{ms}-{seq}" for ms, seq in entries])
 
 
-def _gone_on(latest: pd.DataFrame, features: pd.DataFrame, prior: Mapping[str, UserState]) -> pd.DataFrame:
+def _gone_on(
+    latest: pd.DataFrame, features: pd.DataFrame, prior: Mapping[str, UserState], timezone: str
+) -> pd.DataFrame:
     """``latest`` (each user's latest row of ``features``) with the sessions and days of ``prior`` carried on."""
     first = features.groupby("user", sort=False).head(1).set_index("user").loc[latest["user"]]
     known = [prior.get(user) for user in latest["user"].tolist()]
@@ -161,8 +188,7 @@ def _gone_on(latest: pd.DataFrame, features: pd.DataFrame, prior: Mapping[str, U
     )
     before = np.array([state.session_start_ms if state else 0 for state in known], dtype=np.int64)
     start = np.where(goes_on, before, latest["session_start_ms"].to_numpy(dtype=np.int64))
-    days = np.array([state.day if state else "" for state in known], dtype=object)
-    same_day = has & (latest["day"].to_numpy(dtype=object) == days)
+    same_day = has & (latest["day"].to_numpy(dtype=object) == local_days(last_ts, timezone))
     earlier = np.array([state.actions_today if state else 0 for state in known], dtype=np.int64)
     return latest.assign(
         session_start_ms=start,
@@ -193,10 +219,12 @@ def state_rows(states: Mapping[str, UserState], timezone: str) -> pd.DataFrame:
 def carried_states(states: pd.DataFrame) -> dict[str, UserState]:
     """``latest_states``'s rows (from events with a ``stream_id`` column) as the states the next events go on from."""
     tenants = states["tenant"].tolist() if "tenant" in states.columns else [None] * len(states)
-    columns = ("user", "stream_id", "ts_ms", "action", "session_start_ms", "day", "actions_today")
+    columns = ("user", "stream_id", "ts_ms", "action", "session_start_ms", "actions_today")
     return {
-        user: UserState(entry, int(ts), action, tenant if isinstance(tenant, str) else None, int(start), day, int(n))
-        for (user, entry, ts, action, start, day, n), tenant in zip(
+        user: UserState(
+            entry, int(ts), action, tenant if isinstance(tenant, str) and tenant else None, int(start), int(n)
+        )  # fmt: skip
+        for (user, entry, ts, action, start, n), tenant in zip(
             zip(*(states[c].tolist() for c in columns), strict=True), tenants, strict=True
         )
     }

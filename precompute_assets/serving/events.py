@@ -157,22 +157,67 @@ USER_STATE_TTL_S = 2 * 86_400  # a local day in any time zone, and a session tha
 USER_STATE_CHUNK = 1_000  # users per pipelined round trip
 
 
-def read_user_states(client: redis.Redis, schema: KeySchema, users: Sequence[str]) -> dict[str, dict[bytes, bytes]]:
-    """The stored session-state hashes of ``users`` (``write_user_states``); users without one are left out."""
-    out: dict[str, dict[bytes, bytes]] = {}
+def read_user_states(
+    client: redis.Redis, schema: KeySchema, users: Sequence[str], fields: Sequence[bytes]
+) -> dict[str, list[bytes | None]]:
+    """The ``fields`` of the stored session states of ``users`` (``HMGET``: the publisher's ACL user may run it);
+    users without one are left out."""
+    out: dict[str, list[bytes | None]] = {}
     for start in range(0, len(users), USER_STATE_CHUNK):
         chunk = users[start : start + USER_STATE_CHUNK]
         pipe = client.pipeline(transaction=False)
         for user in chunk:
-            pipe.hgetall(schema.user_state(user))
-        out.update((user, fields) for user, fields in zip(chunk, pipe.execute(), strict=True) if fields)
+            pipe.hmget(schema.user_state(user), list(fields))
+        out.update((user, values) for user, values in zip(chunk, pipe.execute(), strict=True) if any(values))
     return out
 
 
+@dataclass(frozen=True)
+class UserStatesSpan:
+    """Stream IDs between which ``user_event_sensor`` stored the state of every event's user without a gap: after
+    ``since``, through ``through``. A stored state whose day and session began after ``since`` saw every event of
+    them (unless Redis evicted it since: then its user starts afresh)."""
+
+    since: str
+    through: str
+
+    @property
+    def since_ms(self) -> int:
+        return int(self.since.split("-")[0])
+
+    def encode(self) -> str:
+        return f"{self.since} {self.through}"
+
+    @classmethod
+    def decode(cls, raw: bytes | None) -> UserStatesSpan | None:
+        """The span read back; None for none, or one that is malformed (no span: every state is partial)."""
+        try:
+            since, through = raw.decode().split(" ")
+            int(since.split("-")[0])
+        except (AttributeError, ValueError, UnicodeDecodeError):
+            return None
+        return cls(since, through)
+
+    def after(self, read_after: str, read_through: str) -> UserStatesSpan:
+        """The span once the states of the events after ``read_after`` through ``read_through`` are stored: this one
+        carried on when it ends where they begin, else a new one from there."""
+        return UserStatesSpan(self.since if self.through == read_after else read_after, read_through)
+
+
+def read_user_states_span(client: redis.Redis, schema: KeySchema) -> UserStatesSpan | None:
+    return UserStatesSpan.decode(client.get(schema.user_states_span()))
+
+
 def write_user_states(
-    client: redis.Redis, schema: KeySchema, states: Mapping[str, Mapping[str, str]], *, ttl_s: int = USER_STATE_TTL_S
+    client: redis.Redis,
+    schema: KeySchema,
+    states: Mapping[str, Mapping[str, str]],
+    *,
+    span: UserStatesSpan | None = None,
+    ttl_s: int = USER_STATE_TTL_S,
 ) -> None:
-    """Store each user's session-state fields, replacing what was there, with a TTL of ``ttl_s``."""
+    """Store each user's session-state fields, replacing what was there, with a TTL of ``ttl_s``; then, only when
+    every one of them was written, ``span`` (the states' span carried on to the events they counted)."""
     users = list(states)
     for start in range(0, len(users), USER_STATE_CHUNK):
         pipe = client.pipeline(transaction=False)
@@ -181,6 +226,8 @@ def write_user_states(
             pipe.hset(key, mapping=dict(states[user]))
             pipe.expire(key, ttl_s)
         pipe.execute()
+    if span is not None:
+        client.set(schema.user_states_span(), span.encode())
 
 
 def validate_event(entry_id: bytes, fields: dict[bytes, bytes]) -> tuple[dict[str, Any] | None, str | None]:

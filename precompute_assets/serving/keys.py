@@ -29,6 +29,8 @@ key                                    type      content
 ``pc:1:events:user:{digest}``          hash      a user's session state after the events the sensor has read
                                                  (``ml.next_action.UserState``), TTL two days; ``digest`` is
                                                  the BLAKE2b-128 hex of the user's UTF-8 id.
+``pc:1:events:user_states_span``       string    ``{since} {through}``: the sensor stored every event's user's
+                                                 state between those stream IDs without a gap.
 ``pc:1:qlog:trimmed_before``           string    ms: entries older than this were trimmed by the cleanup.
 ``pc:1:stats:{kind}``                  hash      ``hit`` / ``miss`` counters.
 ``pc:1:{kind}:seen:{key}``             string    ``1``: admission ``second_miss`` saw a live-tier lookup of the
@@ -243,6 +245,11 @@ class KeySchema:
         """A user's session state as the user-event sensor carries it (any user id: its digest names the key)."""
         digest = hashlib.blake2b(user.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
         return f"{self.prefix}:events:user:{digest}"
+
+    def user_states_span(self) -> str:
+        """``{since} {through}`` (stream IDs): ``user_event_sensor`` stored the state of every event's user from
+        after ``since`` through ``through`` without a gap (``serving.events.UserStatesSpan``)."""
+        return f"{self.prefix}:events:user_states_span"
 
     def events_trimmed(self) -> str:
         """Event-stream IDs (ms) below this were trimmed by the cleanup job (as ``query_log_trimmed``)."""

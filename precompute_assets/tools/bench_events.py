@@ -224,7 +224,7 @@ def _login_pipeline(
         if logger.stats.written != sensor_events:
             raise RuntimeError(f"only {logger.stats.written} of {sensor_events} events were written")
         sensor = build_user_event_sensor()
-        sensor_resources = {"redis": resources["redis"], "model_store": resources["model_store"]}
+        sensor_resources = {k: resources[k] for k in ("redis", "model_store", "deployment")}
 
         def tick(cursor: str | None):
             return sensor(dg.build_sensor_context(instance=instance, cursor=cursor, resources=sensor_resources))

@@ -3,6 +3,7 @@ Redis, and the vertical slice events -> lake -> model -> sensor -> runs -> value
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 import uuid
@@ -55,7 +56,14 @@ from precompute_assets.defs.user_events import (
 from precompute_assets.ml import next_action as na
 from precompute_assets.ml.next_action import NextActionModel
 from precompute_assets.serving import PredictionCache, connect
-from precompute_assets.serving.events import ACTIONS, USER_STATE_TTL_S, EventLogger, write_user_states
+from precompute_assets.serving.events import (
+    ACTIONS,
+    USER_STATE_TTL_S,
+    EventLogger,
+    UserStatesSpan,
+    read_user_states_span,
+    write_user_states,
+)
 from precompute_assets.storage.lake import Lake
 from precompute_assets.storage.tables import query_log_frame
 from precompute_assets_tests.factories import log_client, write_ad_platform
@@ -333,7 +341,7 @@ def expected_tasks(events) -> dict[tuple[str, str], int]:
 
 def tick(sensor, instance, redis_url, schema, models, cursor=None):
     resources = {"redis": RedisResource(url=redis_url, namespace=schema.namespace),
-                 "model_store": ModelStoreResource(root=models)}  # fmt: skip
+                 "model_store": ModelStoreResource(root=models), "deployment": DeploymentResource()}  # fmt: skip
     return sensor(dg.build_sensor_context(instance=instance, cursor=cursor, resources=resources))
 
 
@@ -446,27 +454,32 @@ def test_the_sensor_predicts_from_a_users_whole_day_not_from_its_tick_alone(
     redis_url, redis_client, schema, tmp_path, pg_instance, monkeypatch
 ):
     model = NextActionModel(_Counting(), list(ACTIONS[1:]))
-    monkeypatch.setattr(tasks, "_approved_model", lambda context, model_store: model)
+    approved = itertools.chain([None], itertools.repeat(model))  # the first tick before a model is approved: its
+    # states are kept all the same
+    monkeypatch.setattr(tasks, "_approved_model", lambda context, model_store: next(approved))
     logger = EventLogger(log_client(redis_url), schema)
-    sensor, cursor, dashboards = build_user_event_sensor(), None, []
+    sensor, cursor, dashboards, cursors = build_user_event_sensor(), None, [], []
     for action in ("login", "campaign_create", "analytics_view"):  # one event a tick
         logger.record_event("u1", action, tenant="acme")
         logger.flush()
         result = tick(sensor, pg_instance, redis_url, schema, str(tmp_path), cursor=cursor)
         cursor = result.cursor
+        cursors.append(cursor)
         dashboards.append(("dashboard", "acme", tasks.BACKGROUND_PRIORITY) in requested_tasks(result))  # predicted
     logger.close()
     assert dashboards == [False, False, True]  # the third action of the day, though the tick saw one
     key = schema.user_state("u1")
-    stored = na.UserState.parse(redis_client.hgetall(key))
+    stored = na.UserState.parse(redis_client.hmget(key, na.UserState.FIELDS))
     assert stored is not None and stored.actions_today == 3 and stored.tenant == "acme"
     assert 0 < redis_client.ttl(key) <= USER_STATE_TTL_S
+    span = read_user_states_span(redis_client, schema)  # one span over the three ticks, from the first's start
+    assert span.through == cursors[-1] and span.since_ms < int(cursors[0].split("-")[0])
     redis_client.hset(key, "today", "many")  # a malformed state: the user starts afresh, the tick goes on
     logger = EventLogger(log_client(redis_url), schema)
     logger.record_event("u1", "dashboard_view", tenant="acme")
     logger.close()
     result = tick(sensor, pg_instance, redis_url, schema, str(tmp_path), cursor=cursor)
-    assert na.UserState.parse(redis_client.hgetall(key)).actions_today == 1
+    assert na.UserState.parse(redis_client.hmget(key, na.UserState.FIELDS)).actions_today == 1
     assert result.cursor != cursor
 
 
@@ -503,16 +516,16 @@ def test_a_next_actions_run_goes_on_from_the_stored_states_and_reads_only_the_ev
     whole = states()  # nothing stored: the last 24 hours of the stream
     assert whole["a"]["actions_today"] == 4 and whole["a"]["session_minutes"] == 6.0 and starts[-1] == now - 86_400_000
     rows = pd.DataFrame([tasks.validate_event(e, f)[0] for e, f in entries[:6]])  # a tick that saw the first six
-    write_user_states(
-        redis_client,
-        schema,
-        {u: st.fields() for u, st in na.carried_states(na.latest_states(rows)).items() if u != "c"},
-    )
-    assert states() == whole and starts[-1] == now - 86_400_000  # c has none: the whole window, for c
-    write_user_states(
-        redis_client, schema, {u: st.fields() for u, st in na.carried_states(na.latest_states(rows)).items()}
-    )
+    carried = {u: st.fields() for u, st in na.carried_states(na.latest_states(rows)).items()}
+    write_user_states(redis_client, schema, carried)  # no span: nothing says the sensor saw their whole days
+    assert states() == whole and starts[-1] == now - 86_400_000
+    late = UserStatesSpan(f"{now - 3_600_000 + 30_000}-0", rows["stream_id"].iloc[-1])  # after their sessions began
+    write_user_states(redis_client, schema, {}, span=late)
+    assert states() == whole and starts[-1] == now - 86_400_000
+    write_user_states(redis_client, schema, {}, span=UserStatesSpan("0-0", rows["stream_id"].iloc[-1]))
     assert states() == whole and starts[-1] == now - 3_600_000 + 3 * 60_000  # the oldest stored event on
+    redis_client.delete(schema.user_state("c"))
+    assert states() == whole and starts[-1] == now - 86_400_000  # c has none: the whole window, for c
 
 
 # --- the vertical slice ----------------------------------------------------------------------------------
@@ -738,7 +751,7 @@ def test_live_refresh_requests_hot_keys_near_expiry_and_never_the_cold_tail(
 def test_both_task_sensors_skip_with_a_warning_when_redis_does_not_answer(tmp_path, capsys):
     """They read Redis on the resource's default client (10 s a command, two retries), which raises dg.Failure when the
     server does not answer: a tick every second that failed. They now skip, say why, and keep their cursors."""
-    down = {"redis": RedisResource(url="redis://127.0.0.1:1/0", namespace="down"),
+    down = {"redis": RedisResource(url="redis://127.0.0.1:1/0", namespace="down"), "deployment": DeploymentResource(),
             "model_store": ModelStoreResource(root=str(tmp_path / "models"))}  # fmt: skip
     with dg.instance_for_test() as instance:
         events = build_user_event_sensor()(dg.build_sensor_context(instance=instance, cursor="5-0", resources=down))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -51,6 +53,12 @@ def _by_user(states: pd.DataFrame) -> pd.DataFrame:
     return states[FEATURE_COLUMNS].sort_values("user", ignore_index=True)
 
 
+def stored_values(state: na.UserState) -> list[bytes]:
+    """The state as Redis gives it back (``HMGET`` of its fields)."""
+    fields = state.fields()
+    return [fields[name.decode()].encode() for name in na.UserState.FIELDS]
+
+
 def _ticks(cuts: list[int], n: int) -> list[tuple[int, int]]:
     return list(zip([0, *cuts], [*cuts, n], strict=True))
 
@@ -63,7 +71,7 @@ def _carried(frame: pd.DataFrame, cuts: list[int], timezone: str, *, crash_at: i
     for tick, (lo, hi) in enumerate(_ticks(cuts, len(frame))):
         for _ in range(2 if tick == crash_at else 1):
             latest = na.latest_states(frame.iloc[lo:hi], timezone, prior=carried)
-            carried = carried | {u: na.UserState.parse({k.encode(): v.encode() for k, v in s.fields().items()})
+            carried = carried | {u: na.UserState.parse(stored_values(s))
                                  for u, s in na.carried_states(latest).items()}  # fmt: skip
     return carried, latest
 
@@ -102,7 +110,7 @@ def test_a_tick_read_again_after_a_crash_counts_nothing_twice():
 
 def test_a_pause_a_login_or_a_new_day_starts_afresh_across_ticks():
     at = START_MS + 23 * 60 * MIN  # 23:00 UTC
-    prior = {"a": na.UserState(f"{at}-0", at, "dashboard_view", None, at - 10 * MIN, "2025-11-24", 7)}
+    prior = {"a": na.UserState(f"{at}-0", at, "dashboard_view", None, at - 10 * MIN, 7)}
 
     def state(ts: int, action: str) -> pd.Series:
         frame = pd.DataFrame({"stream_id": [f"{ts}-0"], "ts_ms": [ts], "user": ["a"], "action": [action]})
@@ -117,13 +125,42 @@ def test_a_pause_a_login_or_a_new_day_starts_afresh_across_ticks():
     assert state(at + 61 * MIN, "dashboard_view")["actions_today"] == 1  # past midnight: a new day
 
 
+def test_a_late_event_counts_in_its_day_and_never_moves_the_state_back():
+    """An event's time may trail its arrival: one older than the stored state replaced it, so the day flipped back and
+    the next event restarted the count and the session."""
+    midnight = START_MS + 86_400_000  # Tuesday 00:00 UTC
+    arrivals = [  # (arrival, time, action) in minutes from midnight: the third arrives after the second, from before it
+        (-15, -15, "login"), (10, 10, "campaign_create"), (20, -5, "analytics_view"), (30, 30, "dashboard_view"),
+    ]  # fmt: skip
+    arrivals = [(midnight + a * MIN, midnight + t * MIN, action) for a, t, action in arrivals]
+    frame = pd.DataFrame(
+        {"stream_id": [f"{a}-0" for a, _, _ in arrivals], "ts_ms": [t for _, t, _ in arrivals], "user": "u",
+         "action": [action for _, _, action in arrivals], "tenant": "t"}
+    )  # fmt: skip
+    whole = na.latest_states(frame).iloc[0]
+    carried, latest = _carried(frame, [2, 3], "UTC")
+    after_late = na.latest_states(frame.iloc[2:3], prior=na.carried_states(na.latest_states(frame.iloc[:2])))
+    assert (
+        after_late.iloc[0]["action"] == "campaign_create" and after_late.iloc[0]["stream_id"] == frame["stream_id"][2]
+    )
+    row = latest.iloc[0]
+    assert (
+        row["actions_today"] == whole["actions_today"] == 2 and row["session_minutes"] == whole["session_minutes"] == 45
+    )
+    assert carried["u"].stream_id == frame["stream_id"].iloc[-1]
+
+
 def test_a_malformed_stored_state_is_no_state():
-    good = na.UserState("5-1", 5, "login", "t", 1, "2025-11-24", 2)
-    raw = {k.encode(): v.encode() for k, v in good.fields().items()}
-    assert na.UserState.parse(raw) == good
-    for broken in ({b"id": b"x"}, {b"ts": b"soon"}, {b"today": b"0"}, {b"action": b"logout"}, {b"start": b"9"}):
-        assert na.UserState.parse(raw | broken) is None
-    assert na.UserState.parse({k: v for k, v in raw.items() if k != b"day"}) is None
+    good = na.UserState("5-1", 5, "login", "t", 1, 2)
+    raw = stored_values(good)
+    assert (
+        na.UserState.parse(raw) == good and na.UserState.parse(stored_values(replace(good, tenant=None))).tenant is None
+    )
+    for field, broken in ((b"id", b"x"), (b"ts", b"soon"), (b"today", b"0"), (b"action", b"logout"), (b"start", b"9")):
+        values = list(raw)
+        values[na.UserState.FIELDS.index(field)] = broken
+        assert na.UserState.parse(values) is None
+    assert na.UserState.parse([*raw[:-1], None]) is None and na.UserState.parse(raw[:-1]) is None
 
 
 def test_baselines_are_distributions_and_markov_follows_the_last_action(split):

@@ -27,6 +27,12 @@ from precompute_assets.serving.acl import (
     reader_rules,
 )
 from precompute_assets.serving.admission import FrequencySketch, Probation, SecondMiss
+from precompute_assets.serving.events import (
+    UserStatesSpan,
+    read_user_states,
+    read_user_states_span,
+    write_user_states,
+)
 from precompute_assets.serving.keys import Pointer
 from precompute_assets.serving.publish import (
     delete_live_values,
@@ -298,6 +304,18 @@ def test_the_publisher_reads_the_newest_queries_as_the_sensors_do(
     hot, read = read_recent_hits(publisher, schema, ["ctr"], since_ms=0)
     assert read == 2 and dict(hot) == {("ctr", "ad1"): 1}
     reader.close()
+
+
+def test_the_publisher_keeps_and_reads_the_user_event_sensors_states(
+    users: dict[str, redis.Redis], schema: KeySchema
+) -> None:
+    """user_event_sensor and the next_actions task run as the publisher: its HGETALL of a state was refused (NOPERM),
+    so every tick started its users afresh, and every next_actions run failed."""
+    publisher = users["publisher"]
+    span = UserStatesSpan("1-0", "2-0")
+    write_user_states(publisher, schema, {"u1": {"id": "2-0", "today": "3"}}, span=span)
+    assert read_user_states(publisher, schema, ["u1", "u2"], (b"today",)) == {"u1": [b"3"]}
+    assert read_user_states_span(publisher, schema) == span
 
 
 def test_users_of_an_older_version_are_told_to_apply_the_rules_again(

@@ -831,17 +831,24 @@ def test_event_logger_on_the_cluster(redis_cluster, cluster_client, ns):
 
 
 def test_user_states_over_many_slots_on_the_cluster(cluster_client, ns):
-    from precompute_assets.serving.events import read_user_states, write_user_states
+    from precompute_assets.serving.events import (
+        UserStatesSpan,
+        read_user_states,
+        read_user_states_span,
+        write_user_states,
+    )
 
     users = [f"user{i}" for i in range(50)]
     slots = {key_slot(ns.user_state(user)) for user in users}
     assert len(slots) > 10  # spread over every master
-    write_user_states(cluster_client, ns, {user: {"id": f"{i}-0", "today": str(i)} for i, user in enumerate(users)})
-    stored = read_user_states(cluster_client, ns, [*users, "nobody"])
-    assert {user: fields[b"today"] for user, fields in stored.items()} == {
-        u: str(i).encode() for i, u in enumerate(users)
-    }
+    span = UserStatesSpan("1-0", "9-0")
+    write_user_states(
+        cluster_client, ns, {u: {"id": f"{i}-0", "today": str(i)} for i, u in enumerate(users)}, span=span
+    )
+    stored = read_user_states(cluster_client, ns, [*users, "nobody"], (b"today", b"id"))
+    assert {user: values[0] for user, values in stored.items()} == {u: str(i).encode() for i, u in enumerate(users)}
     assert 0 < cluster_client.ttl(ns.user_state("user7")) <= 2 * 86_400
+    assert read_user_states_span(cluster_client, ns) == span
 
 
 def test_rerank_on_the_cluster(redis_cluster, cluster_client, ns):
