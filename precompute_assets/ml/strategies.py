@@ -177,7 +177,8 @@ def rankings_of(
     """``strategy_rankings`` of several strategies at once: ``lstm`` and ``auto`` share one trained model a day.
 
     ``approved_only``: ``lstm`` ranks as ``top_ads`` configured with it does, by the newest approved model (the
-    day's own when approved), and by frequency while none is (``fallback_days`` counts those days too)."""
+    day's own when approved), and while none is by the day's evaluation's best baseline (frequency before any
+    model was trained; ``fallback_days`` counts those days too)."""
     check_strategies(strategies)
     learned = [name for name in strategies if name in LEARNED]
     out = {
@@ -228,7 +229,7 @@ def rankings_of(
             out[name][1]["approved_days"] += int(approved)
             out[name][1]["safety_stop_days"] += int(evaluation.stopped_by == "seconds")
         if "lstm" in out:
-            out["lstm"][0].append(baseline("frequency") if lstm is None else lstm)
+            out["lstm"][0].append(baseline(evaluation.best_baseline) if lstm is None else lstm)
             out["lstm"][1]["fallback_days"] += int(lstm is None)
         if "auto" in out:
             used = "lstm" if approved else evaluation.best_baseline

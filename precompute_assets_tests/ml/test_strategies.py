@@ -206,16 +206,20 @@ def test_auto_follows_the_approved_lstm_else_the_best_baseline_of_each_held_back
 
 
 @pytest.mark.parametrize("margin", [1.0, -1.0])
-def test_approved_only_ranks_by_the_newest_approved_model_else_frequency(margin):
-    """As top_ads configured with lstm: never approved (a margin of 1), frequency every day; always approved, the
-    day's own model, which auto follows too."""
-    hours = trace_hours(zipf_trace(seed=6), 6)
+def test_approved_only_ranks_by_the_newest_approved_model_else_the_best_baseline(margin):
+    """As top_ads configured with lstm: never approved (a margin of 1), the day's best baseline on its held-back
+    evaluation (it ranked by frequency, where top_ads takes that baseline), frequency before a model is trained;
+    always approved, the day's own model, which auto follows too."""
+    trace, days = (weekly_trace(), 15) if margin > 0 else (zipf_trace(seed=6), 6)
+    hours = trace_hours(trace, days)
     ranked = rankings_of(hours, ["lstm", "auto", "frequency"], 30, hp=replace(TINY, top_n=30), margin=margin,
                          approved_only=True)  # fmt: skip
     lstm, info = ranked["lstm"]
     if margin > 0:
-        assert info["approved_days"] == 0 and info["fallback_days"] == 5  # days 1..5: 2 too early, 3 not approved
-        assert lstm == ranked["frequency"][0]
+        assert info["approved_days"] == 0 and info["fallback_days"] == days - 1  # 2 too early, the rest not approved
+        used = ranked["auto"][1]["used"]
+        assert lstm[3:] == ranked["auto"][0][3:] and set(used[3:]) - {"frequency"}  # seasonal wins on weekly traffic
+        assert lstm[1:3] == ranked["frequency"][0][1:3]
     else:
         assert info["approved_days"] == 3 and info["fallback_days"] == 2
         assert lstm[3:] == ranked["auto"][0][3:] and lstm[1:3] == ranked["frequency"][0][1:3]
