@@ -45,8 +45,9 @@ class TopAdsConfig(dg.Config):
 
     ``precompute_share``: ``fixed`` precomputes ``top_n`` ads; ``auto`` chooses how many within
     ``cache_capacity`` (the keys the serving cache holds, precomputed plus read-through): the N of
-    0, C/16, C/8, C/4, C/2, 3C/4, C whose "top-N + read-through of C-N" got the most hits replaying the
-    logged days (``ml.replay.tune_share``), so where precomputing would hurt it precomputes nothing.
+    0, C/16, C/8, C/4, C/2, 3C/4 whose "top-N + read-through of C-N" got the most hits replaying the
+    logged days, the recent ones weighing more (``ml.replay.tune_share``), so where precomputing would hurt it
+    precomputes nothing.
 
     ``admission``: the serving clients' admission policy (``serving.admission``: ``always``, ``second_miss``,
     ``frequency``, ``probation``), so the share is tuned on the live tier that shares the capacity with it.
@@ -387,9 +388,8 @@ def top_ads(
             share_sample_rate=choice.sample_rate,
             share_candidates=dg.MetadataValue.json({str(n): rate for n, rate in choice.hit_rates.items()}),
         )
-        # The chosen share's own rate is the best candidate on the days that chose it: in-sample, never below
-        # read-through. The self-tuning policy replayed out of sample (each day's share from the days before it)
-        # is the rate to set beside read-through.
+        # The chosen share's own rate is on the days that chose it: in-sample. The self-tuning policy replayed out
+        # of sample (each day's share from the days before it) is the rate to set beside read-through.
         context.log.info(
             f"self-tuned share: {top_n} of {config.cache_capacity} keys (self-tuned shares replayed day by day: hit "
             f"rate {choice.tuned_hit_rate:.4f} against read-through only {choice.hit_rates[0]:.4f}; this share on "

@@ -1012,7 +1012,8 @@ def replay(
     (what a real run published); warm-up days keep the selection.
 
     ``top_n="auto"`` tunes the precompute share itself (see ``_self_tuned_shares``): each counted day gets the
-    N whose "top-N + LRU of C-N" got the most hits on the previous counted days (ties: the smaller N); the
+    N whose "top-N + LRU of C-N" got the most hits on the previous counted days, the recent ones weighing more
+    (``_best_share``; ties: the smaller N); the
     first counted day and the warm-up days use N = 0, plain read-through. Ours is then one LRU whose size
     follows C-N (shrinking evicts its least recent keys), and static top-N precomputes the chosen N. The
     result adds ``top_n_chosen`` (N per counted day) and ``top_n_mean``; ``top_n`` is ``"auto"``.
@@ -1400,9 +1401,15 @@ def _ranked_codes(ranked: Sequence[Hashable], keys: pd.Index) -> list[int]:
     return [int(position) for position in positions if position >= 0]
 
 
+# How fast the self-tuned share forgets: a day's evidence counts half as much as the next day's (``_best_share``).
+SHARE_HALF_LIFE_DAYS = 1.0
+
+
 def share_candidates(capacity: int) -> list[int]:
-    """Precompute shares a self-tuned replay tries: 0, C/16, C/8, C/4, C/2, 3C/4 and C (rounded down)."""
-    return sorted({capacity * sixteenths // 16 for sixteenths in (0, 1, 2, 4, 8, 12, 16)})
+    """Precompute shares a self-tuned replay tries: 0, C/16, C/8, C/4, C/2 and 3C/4 (rounded down). Never the whole
+    capacity: a cache without read-through serves no key it did not publish, and on a day when the requested keys
+    change it serves nothing at all, where read-through alone would have kept most of its hits."""
+    return sorted({capacity * sixteenths // 16 for sixteenths in (0, 1, 2, 4, 8, 12)})
 
 
 def _candidate_day_hits(
@@ -1424,10 +1431,17 @@ def _candidate_day_hits(
 
 
 def _best_share(day_hits: dict[int, list[int]], first: int, last: int) -> int:
-    """The candidate with the most hits on days ``first..last-1`` (ties: the smaller N); 0 without evidence."""
+    """The candidate with the most hits on days ``first..last-1``, each day weighing half as much as the day after
+    it (``SHARE_HALF_LIFE_DAYS``: popularity drifts, and a share that stopped paying is dropped within a day or two,
+    not after as many losing days as it had winning ones); ties: the smaller N; 0 without evidence."""
     if last <= first:
         return 0
-    return max(day_hits, key=lambda n: (sum(day_hits[n][first:last]), -n))
+    weights = [0.5 ** ((last - 1 - day) / SHARE_HALF_LIFE_DAYS) for day in range(first, last)]
+
+    def weighted(n: int) -> float:
+        return sum(weight * hits for weight, hits in zip(weights, day_hits[n][first:last], strict=True))
+
+    return max(day_hits, key=lambda n: (weighted(n), -n))
 
 
 def _self_tuned_shares(
@@ -1443,7 +1457,8 @@ def _self_tuned_shares(
 
     Every candidate N replays "top-N of the day's ranking (made from the days before it) + LRU of C-N" over the
     whole trace once, keeping its hits per day. Counted day d then takes the candidate with the most hits on
-    counted days W..d-1 (ties: the smaller N), so nothing of day d or later is used. The first counted day has
+    counted days W..d-1, the recent ones weighing more (``_best_share``; ties: the smaller N), so nothing of day d
+    or later is used. The first counted day has
     no evidence and takes N = 0, as do the warm-up days. ``known``: candidates' hits per day replayed already.
     """
     shares = _day_shares(_candidate_day_hits(days, capacity, ranking, live, known), len(days), warmup_days)
@@ -1468,8 +1483,8 @@ class ShareChoice:
     requests: int  # requests on the counted days
     sample_rate: float = 1.0  # the share of keys replayed (``tune_share``'s ``max_requests``)
     # The counted days replayed as ``replay``'s ``top_n="auto"`` runs them: each day's N chosen from the days before
-    # it only. ``hit_rates[share]`` is the best candidate on the very days it was chosen on, so never below
-    # ``hit_rates[0]``; this rate is the one to set beside read-through.
+    # it only. ``hit_rates[share]`` is the chosen candidate's rate on the very days it was chosen on (unweighted: the
+    # choice weighs the recent days more); this rate is the one to set beside read-through.
     tuned_hit_rate: float = 0.0
 
 
@@ -1485,7 +1500,8 @@ def tune_share(
     sampled: tuple[float, Sequence[int]] | None = None,
 ) -> ShareChoice:
     """The precompute share for the day after ``day_keys``: the candidate N (``share_candidates``) whose
-    "top-N + read-through of C-N" got the most hits on days W..D-1 of the history (ties: the smaller N),
+    "top-N + read-through of C-N" got the most hits on days W..D-1 of the history, the recent ones weighing more
+    (``_best_share``; ties: the smaller N),
     each day's top-N ranked from the days before it (``ranked``, else recency-weighted frequency). Without a
     counted day with requests the share is 0: plain read-through until there is evidence.
 

@@ -488,11 +488,11 @@ def test_self_tuned_share_precomputes_what_the_replayed_days_say(resources, pg_i
     assert result.success
     meta = result.asset_materializations_for_node("top_ads")[0].metadata
     candidates = {int(n): rate for n, rate in meta["share_candidates"].value.items()}
-    assert sorted(candidates) == [0, 25, 50, 100, 200, 300, 400]
+    assert sorted(candidates) == [0, 25, 50, 100, 200, 300]  # never the whole capacity
     chosen = meta["top_n"].value
-    assert candidates[chosen] == max(candidates.values()) == meta["share_hit_rate"].value
+    assert candidates[chosen] == meta["share_hit_rate"].value > candidates[0]
     assert meta["read_through_hit_rate"].value == candidates[0] and meta["share_replayed_requests"].value > 0
-    assert 0 <= meta["share_tuned_hit_rate"].value <= meta["share_hit_rate"].value  # out of sample beside in-sample
+    assert candidates[0] < meta["share_tuned_hit_rate"].value <= 1  # out of sample, above read-through here
     assert meta["share_sample_rate"].value == 1.0  # a few thousand logged requests: replayed whole
     assert len(Lake(lake_uri).read("top_ads", DAYS[-1])) == min(chosen, meta["dagster/row_count"].value)
     assert chosen > 0  # the workload's popular ads recur day after day: precomputing them pays
@@ -538,7 +538,8 @@ def test_self_tuned_share_replays_seasonal_with_the_week_before_each_day(tmp_pat
         weekday_keys = [f"w{index % 7}-{k:02d}" for k in range(16)]
         write_query_logs(lake, day, [weekday_keys] * 24)
     choice = self_tuned_share(lake, Partitions(), days[-1], "seasonal", 16)
-    assert choice.share == 16 and choice.hit_rates[16] == 1.0
+    assert choice.share == 12 == max(choice.hit_rates)  # the largest share: 3C/4
+    assert choice.hit_rates[12] > choice.hit_rates[8] > choice.hit_rates[0]
     assert choice.requests == 6 * 24 * 16  # the replayed days are the lookback's 7, the first of them warming up
 
 

@@ -1598,13 +1598,23 @@ def test_a_large_trace_replays_every_policy_within_the_bounds():
 
 
 def reference_auto(days: list[np.ndarray], capacity: int, *, warmup_days: int = 1) -> tuple[list[int], int]:
-    """Shares chosen the slow way, each from ``replay`` of only the days before it; and the hits they get."""
-    candidates = sorted({capacity * k // 16 for k in (0, 1, 2, 4, 8, 12, 16)})
+    """Shares chosen the slow way, each from ``replay`` of only the days before it, each day's hits (a replay of
+    the days up to it less one of the days before it) weighing half as much as the next day's; and the hits they
+    get."""
+    candidates = sorted({capacity * k // 16 for k in (0, 1, 2, 4, 8, 12)})  # never all of the capacity
+
+    def counted(n: int, upto: int) -> int:  # candidate n's hits on the counted days before day ``upto``
+        if upto <= warmup_days:
+            return 0
+        return hits(replay(days[:upto], top_n=n, capacity=capacity, warmup_days=warmup_days), "hit_rate_ours")
+
     shares = [0] * len(days)
     for d in range(warmup_days + 1, len(days)):
-        rates = {n: replay(days[:d], top_n=n, capacity=capacity, warmup_days=warmup_days) for n in candidates}
-        best = max(rates[n]["hit_rate_ours"] for n in candidates)
-        shares[d] = min(n for n in candidates if rates[n]["hit_rate_ours"] == best)
+        score = {
+            n: sum(0.5 ** (d - 1 - e) * (counted(n, e + 1) - counted(n, e)) for e in range(warmup_days, d))
+            for n in candidates
+        }
+        shares[d] = min(n for n in candidates if score[n] == max(score.values()))
     # One LRU (a list, least recent first) whose size follows capacity - share, beside the day's top-N.
     counts = [daily_counts(day) for day in days]
     cache: list = []
@@ -1912,7 +1922,7 @@ def test_probation_tier_holds_the_capacity_less_the_keys_really_published():
     assert result["hit_rate_ours_admission"] == pytest.approx(4 / 6)
     assert result["hit_rate_ours"] == pytest.approx(1 / 6)  # the LRU model keeps capacity - top_n slots
     # The self-tuned share weighs its candidates on the same tier.
-    assert tune_share(days, 10, admission="probation").hit_rates[10] == pytest.approx(4 / 6)
+    assert tune_share(days, 10, admission="probation").hit_rates[7] == pytest.approx(4 / 6)  # 3C/4: 3 published too
     # Given sets (what a run published) count every published key, requested in the trace or not.
     tight = replay(days, top_n=10, capacity=10, precomputed=[{"a", *"0123456789"[:9]}], admission="probation")
     assert tight["hit_rate_ours_admission"] == pytest.approx(1 / 6)  # 10 published: no live slot, only a hits
@@ -1924,10 +1934,11 @@ def test_auto_share_is_tuned_on_the_live_tier_it_shares_capacity_with():
     chosen = result["top_n_chosen_admission"]
     assert len(chosen) == 5 and chosen[0] == 0 and result["top_n_mean_admission"] == sum(chosen) / 5
     assert all(share in share_candidates(100) for share in chosen)
-    # A stable hot set precomputed, one-hit wonders kept in probation on the first counted day: above both
-    # published policies at the same capacity, and above either half alone.
-    best_published = max(result["hit_rate_s3fifo"], result["hit_rate_arc"])
-    assert result["hit_rate_ours_admission"] > best_published + 0.005
+    # A stable hot set precomputed, one-hit wonders kept in probation: above S3-FIFO and either half alone. Level
+    # with ARC (0.4035 against 0.4038): a share never takes the whole capacity, and this stable hot set, larger than
+    # the cache, is the case where all of it would pay (0.4178 with N = C fixed).
+    assert result["hit_rate_ours_admission"] > result["hit_rate_s3fifo"] + 0.02
+    assert result["hit_rate_ours_admission"] >= result["hit_rate_arc"] - 0.001
     assert result["hit_rate_ours_admission"] > max(result["hit_rate_lru_admission"], result["hit_rate_ours"])
     # The share tuned on the LRU is reported as before, beside the one tuned on the probation tier.
     assert result["top_n_chosen"] == replay(days, top_n="auto", capacity=100)["top_n_chosen"]
@@ -1935,14 +1946,13 @@ def test_auto_share_is_tuned_on_the_live_tier_it_shares_capacity_with():
 
 @pytest.mark.parametrize("admission", [None, "probation", "second_miss"])
 def test_tune_share_reports_the_self_tuned_rate_out_of_sample_beside_read_through(admission):
-    """The chosen share's rate is the best of the candidates on the days that chose it, so it can never lose to
-    read-through; the comparison is made with each day's share chosen from the days before it only, which is
+    """The chosen share is the best candidate on the days that chose it, the recent ones weighing more; the
+    comparison with read-through is made with each day's share chosen from the days before it only, which is
     replay's ours with top_n="auto" on the same live tier."""
     days = one_hit_wonders_days(np.random.default_rng(54), days=6)
     choice = tune_share(days, 100, admission=admission)
     result = replay(days, top_n="auto", capacity=100, admission=admission)
     assert choice.tuned_hit_rate == result["hit_rate_ours" if admission is None else "hit_rate_ours_admission"]
-    assert choice.hit_rates[choice.share] == max(choice.hit_rates.values()) >= choice.hit_rates[0]
     if admission is None:  # here the in-sample rate overstates what self-tuning got by points
         assert choice.hit_rates[choice.share] > choice.tuned_hit_rate + 0.03
 
@@ -2400,3 +2410,17 @@ def test_replay_reads_redis_monitor_output(tmp_path: Path, capsys):
     result = json.loads(out)
     assert result["trace_layout"]["skipped_commands"]["AUTH"] == 1 and result["trace_layout"]["distinct_keys"] == 9
     assert "one key" not in err and "hunter2" not in out + err
+
+
+def test_auto_keeps_read_through_for_a_day_when_every_key_changes():
+    """h_i9's trace: three days of one Zipf key set, then a new set every day. The share took the whole capacity on
+    an edge of a point, and the day the keys changed it served nothing (0.758 against LRU's 0.882 over the trace).
+    A share now leaves at least a quarter of the cache to read-through, and recent days weigh more."""
+    rng = np.random.default_rng(7)
+    days = [
+        np.array([f"{'H' if d < 3 else f'D{d}_'}{k}" for k in rng.zipf(1.3, 20_000) % 3000], dtype=object)
+        for d in range(8)
+    ]
+    result = replay(days, top_n="auto", capacity=1000)
+    assert max(result["top_n_chosen"]) == 750 and 1000 not in result["top_n_chosen"]
+    assert result["hit_rate_ours"] >= result["hit_rate_lru"] - 0.015, result
