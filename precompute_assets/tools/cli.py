@@ -714,6 +714,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
             raise CliError(f"--ab {args.ab!r}: {error}") from None
         if args.top_n == "auto":
             raise CliError("--ab needs a fixed --top-n: each arm precomputes half of it")
+        if int(args.top_n) < 2:  # no arm, or one, would precompute anything: no experiment to report
+            raise CliError(f"--ab needs --top-n of at least 2: each arm precomputes half of it, got {args.top_n}")
     if not 0 < args.sample <= 1:  # NaN too
         raise CliError(f"--sample must be above 0 and at most 1, got {args.sample}")
     if args.sample < 1 and (args.next_key or ("prefetch" in strategies and args.strategy.strip() != "all")):

@@ -439,6 +439,8 @@ def test_replay_refuses_options_that_would_be_ignored_or_fall_back(tmp_path, cap
         # Read only with --ab, --strategy prefetch, --strategy lstm|auto: given alone, each was silently ignored.
         (["--ab-salt", "s2"], "this replay does not read --ab-salt"),
         (["--prefetch-thr=0.9", "--margin", "-5"], "does not read --prefetch-threshold, --margin"),
+        # An experiment of no precomputed keys (or of one for one arm) reported a difference of read-through noise.
+        (["--ab", "frequency,ewma"], "--ab needs --top-n of at least 2: each arm precomputes half of it, got 0"),
     ]:
         assert main([*base, *extra]) == 2
         err = capsys.readouterr().err
