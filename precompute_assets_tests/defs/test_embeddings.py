@@ -103,7 +103,7 @@ def test_assets_embed_everything_and_serve_from_redis(docs, app_db, redis_url, r
         checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
         assert checks["embedding_error_rate"].passed and checks["int8_recall"].passed and checks["staleness"].passed
 
-        cache = PredictionCache(connect(redis_url), schema=schema)
+        cache = PredictionCache(connect(redis_url, socket_timeout=5), schema=schema)
         ids = ["doc00000000", "doc00000001", "missing"]
         vectors = cache.get_embeddings(ids)
         assert vectors[0].shape == (300,) and vectors[0].dtype == np.float32 and vectors[2] is None

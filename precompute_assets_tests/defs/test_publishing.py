@@ -53,7 +53,9 @@ def test_a_rollback_hands_none_of_the_bad_days_values_to_probations_live_tier(
     lake = Lake(lake_uri)
     lake.write("ctr_predictions", GOOD, pd.DataFrame({"ad_id": ["a1", "a2"], "ctr": [0.1, 0.2], "model_version": "m"}))
     lake.write("ctr_predictions", BAD, pd.DataFrame({"ad_id": ["a1", "b1"], "ctr": [0.9, 0.9], "model_version": "m"}))
-    reader = PredictionCache(connect(redis_url), schema=schema, pointer_ttl_s=0, admission=Probation(capacity=10))
+    reader = PredictionCache(
+        connect(redis_url, socket_timeout=5), schema=schema, pointer_ttl_s=0, admission=Probation(capacity=10)
+    )
     assert reader.get_or_compute("ctr", "x", lambda key: 0.5) == 0.5  # a probation reader: publishes settle its tier
     with dg.instance_for_test() as instance:
         assert publish(instance, lake_uri, redis_url, schema.namespace, GOOD)["published"]
@@ -185,7 +187,7 @@ def test_cache_health_restores_the_ctr_version_served_under_an_operators_rollbac
     lake.write("ctr_predictions", GOOD, pd.DataFrame({"ad_id": ids, "ctr": 0.25, "model_version": "m"}))
     lake.write("ctr_predictions", BAD, pd.DataFrame({"ad_id": ids, "ctr": 0.75, "model_version": "m"}))
     redis_resource = RedisResource(url=redis_url, namespace=schema.namespace)
-    reader = PredictionCache(connect(redis_url), schema=schema, pointer_ttl_s=0)
+    reader = PredictionCache(connect(redis_url, socket_timeout=5), schema=schema, pointer_ttl_s=0)
     with dg.instance_for_test() as instance:
 
         def tick() -> list[dg.RunRequest]:

@@ -25,7 +25,7 @@ def publish_docs(client, schema, n: int = 500, dim: int = 32, seed: int = 0, ver
 def test_candidates_come_back_in_cosine_order_with_the_missing_last(redis_url, redis_client, schema):
     ids, raws = publish_docs(redis_client, schema)
     logger = QueryLogger(log_client(redis_url), schema)
-    cache = PredictionCache(connect(redis_url), schema=schema, logger=logger)
+    cache = PredictionCache(connect(redis_url, socket_timeout=5), schema=schema, logger=logger)
     rng = np.random.default_rng(1)
     query = rng.normal(size=32).astype(np.float32)
     candidates = [ids[i] for i in rng.choice(len(ids), 100, replace=False)] + ["absent1", "absent2"]
@@ -45,7 +45,7 @@ def test_candidates_come_back_in_cosine_order_with_the_missing_last(redis_url, r
 
 def test_bad_queries_are_refused_and_redis_trouble_is_misses(redis_url, redis_client, schema):
     ids, _ = publish_docs(redis_client, schema, n=50)
-    cache = PredictionCache(connect(redis_url), schema=schema)
+    cache = PredictionCache(connect(redis_url, socket_timeout=5), schema=schema)
     with pytest.raises(ValueError, match="query vector has 16 dimensions, the stored embeddings 32"):
         rerank(cache, np.ones(16), ids[:5])
     with pytest.raises(ValueError, match="finite and not all zeros"):
@@ -61,7 +61,7 @@ def test_a_corrupt_stored_embedding_is_a_miss_not_a_raise(redis_url, redis_clien
     """A malformed value in a bucket (cut short, a foreign writer) is a miss counted in ``errors``, as ``get`` has
     it; it made every re-rank of a candidate list holding it raise ``ValueError``."""
     ids, _ = publish_docs(redis_client, schema, n=50)
-    cache = PredictionCache(connect(redis_url), schema=schema)
+    cache = PredictionCache(connect(redis_url, socket_timeout=5), schema=schema)
     pointer = cache.current_version("doc_embedding")
     for doc_id in (ids[0], ids[3]):
         redis_client.hset(schema.bucket_for_key("doc_embedding", pointer, doc_id), doc_id, b"\x01\x02")
@@ -76,7 +76,7 @@ def test_a_bucket_of_another_type_makes_misses_of_its_own_candidates_only(redis_
     """A bucket whose ``HMGET`` answers with an error (WRONGTYPE: a foreign writer) costs its own candidates, counted
     as an error: the other buckets' candidates are still ranked (the whole batch came back unranked)."""
     ids, _ = publish_docs(redis_client, schema, n=500)
-    cache = PredictionCache(connect(redis_url), schema=schema)
+    cache = PredictionCache(connect(redis_url, socket_timeout=5), schema=schema)
     pointer = cache.current_version("doc_embedding")
     broken = schema.bucket_for_key("doc_embedding", pointer, ids[0])
     redis_client.delete(broken)
@@ -90,7 +90,7 @@ def test_a_bucket_of_another_type_makes_misses_of_its_own_candidates_only(redis_
 def test_errors_counted_by_threads_reranking_at_once_are_exact(redis_url, redis_client, schema):
     """Threads sharing a cache count the corrupt embeddings they find under the cache's lock, as its lookups do."""
     ids, _ = publish_docs(redis_client, schema, n=50)
-    cache = PredictionCache(connect(redis_url), schema=schema)
+    cache = PredictionCache(connect(redis_url, socket_timeout=5), schema=schema)
     pointer = cache.current_version("doc_embedding")
     for doc_id in (ids[0], ids[3]):
         redis_client.hset(schema.bucket_for_key("doc_embedding", pointer, doc_id), doc_id, b"\x01\x02")
