@@ -783,7 +783,7 @@ def shards_keep(keys: np.ndarray, rate: float) -> np.ndarray:
     return pd.util.hash_array(np.asarray(keys), categorize=True) < threshold
 
 
-SAMPLED_CACHE_MIN = 16  # keys a sampled cache keeps at least (and the self-tuned share's 7 candidates stay distinct)
+SAMPLED_CACHE_MIN = 16  # keys a sampled cache keeps at least (and the self-tuned share's 6 candidates stay distinct)
 
 
 def shards_rate(requests: int, max_requests: int | None, capacity: int) -> float:
@@ -1401,8 +1401,9 @@ def _ranked_codes(ranked: Sequence[Hashable], keys: pd.Index) -> list[int]:
     return [int(position) for position in positions if position >= 0]
 
 
-# How fast the self-tuned share forgets: a day's evidence counts half as much as the next day's (``_best_share``).
-SHARE_HALF_LIFE_DAYS = 1.0
+# How fast the self-tuned share forgets (``_best_share``): a day's evidence counts half as much as that of two days
+# later, as ``ad_demand`` weighs a key's requests by default.
+SHARE_HALF_LIFE_DAYS = 2.0
 
 
 def share_candidates(capacity: int) -> list[int]:
@@ -1431,9 +1432,9 @@ def _candidate_day_hits(
 
 
 def _best_share(day_hits: dict[int, list[int]], first: int, last: int) -> int:
-    """The candidate with the most hits on days ``first..last-1``, each day weighing half as much as the day after
-    it (``SHARE_HALF_LIFE_DAYS``: popularity drifts, and a share that stopped paying is dropped within a day or two,
-    not after as many losing days as it had winning ones); ties: the smaller N; 0 without evidence."""
+    """The candidate with the most hits on days ``first..last-1``, the recent ones weighing more
+    (``SHARE_HALF_LIFE_DAYS``: popularity drifts, and a share that stopped paying is dropped sooner than after as many
+    losing days as it had winning ones); ties: the smaller N; 0 without evidence."""
     if last <= first:
         return 0
     weights = [0.5 ** ((last - 1 - day) / SHARE_HALF_LIFE_DAYS) for day in range(first, last)]
@@ -1442,6 +1443,15 @@ def _best_share(day_hits: dict[int, list[int]], first: int, last: int) -> int:
         return sum(weight * hits for weight, hits in zip(weights, day_hits[n][first:last], strict=True))
 
     return max(day_hits, key=lambda n: (weighted(n), -n))
+
+
+def _ramped(best: int, before: int, candidates: Sequence[int]) -> int:
+    """``best``, but at most the next candidate above ``before`` (the day before's share): a share grows one step a
+    day, as its evidence accumulates, and falls at once. A day whose keys all change then costs the small share a
+    day or two of gains earned, not three quarters of the cache chosen on an edge of a point."""
+    if best <= before:
+        return best
+    return min(best, min(n for n in candidates if n > before))
 
 
 def _self_tuned_shares(
@@ -1466,10 +1476,11 @@ def _self_tuned_shares(
 
 
 def _day_shares(day_hits: dict[int, list[int]], n_days: int, warmup_days: int) -> list[int]:
-    """Each day's share N, from the candidates' hits on the counted days before it (0 without any)."""
+    """Each day's share N, from the candidates' hits on the counted days before it (0 without any), growing one
+    candidate a day at most (``_ramped``)."""
     shares = [0] * n_days
     for d in range(warmup_days + 1, n_days):
-        shares[d] = _best_share(day_hits, warmup_days, d)
+        shares[d] = _ramped(_best_share(day_hits, warmup_days, d), shares[d - 1], sorted(day_hits))
     return shares
 
 
@@ -1552,9 +1563,9 @@ def tune_share(
     live = _lru_day_hits if live_tier is None else live_tier(keys)
     day_hits = _candidate_day_hits(days, tuned, ranking, live)
     counted = sum(len(day) for day in days[warmup_days:])
-    share = _best_share(day_hits, warmup_days, len(days)) if counted else 0
     rates = {n: (sum(hits[warmup_days:]) / counted if counted else 0.0) for n, hits in day_hits.items()}
     shares = _day_shares(day_hits, len(days), warmup_days)
+    share = _ramped(_best_share(day_hits, warmup_days, len(days)), shares[-1], sorted(day_hits)) if counted else 0
     chosen = [ranked_codes[:n] for ranked_codes, n in zip(ranking, shares, strict=True)]
     out_of_sample = live(days, [tuned - n for n in shares], precomputed=chosen)
     tuned_rate = sum(out_of_sample[warmup_days:]) / counted if counted else 0.0

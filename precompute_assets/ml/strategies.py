@@ -324,7 +324,8 @@ def compare_strategies(
     the strategy's ranking), at the same capacity and warm-up as ``replay``.
 
     ``top_n="auto"``: each strategy tunes its own share as ``replay`` does (each day the candidate N whose
-    "top-N of this strategy + LRU of C-N" got the most hits on the counted days before it), and ``top_n`` is
+    "top-N of this strategy + LRU of C-N" got the most hits on the counted days before it, the recent ones weighing
+    more, growing a step a day at most), and ``top_n`` is
     the mean share it chose. The LSTM is evaluated for approval at ``hp.top_n`` then (at ``top_n`` otherwise);
     ``lstm`` and ``auto`` share its daily models, approved by the ``beats_baselines`` rule with ``margin``, each
     trained within ``day_hyper_params``: ``lstm_budget_steps`` steps and a safety stop of ``lstm_safety_s`` seconds,

@@ -948,6 +948,11 @@ def _sampled(trace, day_keys: list, args: argparse.Namespace) -> tuple[Any, list
             f"use a rate of at least {SAMPLED_CACHE_MIN / args.capacity:.3g}, or no --sample"
         )
     top_n = args.top_n if args.top_n == "auto" else sampled_size(args.top_n, args.sample)
+    if args.ab is not None and top_n < 2:  # as without --sample: no arm, or one, would precompute anything
+        raise CliError(
+            f"--sample {args.sample} scales --top-n {args.top_n} to {top_n}: --ab needs at least 2, each arm "
+            f"precomputing half of it; use a rate of at least {2 / args.top_n:.3g}, or no --sample"
+        )
     scaled = argparse.Namespace(**{**vars(args), "capacity": capacity, "top_n": top_n})
     sampled_days = [day[shards_keep(day, args.sample)] for day in day_keys]  # the keys sample_trace kept
     summary = {

@@ -1599,8 +1599,8 @@ def test_a_large_trace_replays_every_policy_within_the_bounds():
 
 def reference_auto(days: list[np.ndarray], capacity: int, *, warmup_days: int = 1) -> tuple[list[int], int]:
     """Shares chosen the slow way, each from ``replay`` of only the days before it, each day's hits (a replay of
-    the days up to it less one of the days before it) weighing half as much as the next day's; and the hits they
-    get."""
+    the days up to it less one of the days before it) weighing half as much as those two days later, and never more
+    than one candidate above the day before's share; and the hits they get."""
     candidates = sorted({capacity * k // 16 for k in (0, 1, 2, 4, 8, 12)})  # never all of the capacity
 
     def counted(n: int, upto: int) -> int:  # candidate n's hits on the counted days before day ``upto``
@@ -1611,10 +1611,12 @@ def reference_auto(days: list[np.ndarray], capacity: int, *, warmup_days: int = 
     shares = [0] * len(days)
     for d in range(warmup_days + 1, len(days)):
         score = {
-            n: sum(0.5 ** (d - 1 - e) * (counted(n, e + 1) - counted(n, e)) for e in range(warmup_days, d))
+            n: sum(0.5 ** ((d - 1 - e) / 2) * (counted(n, e + 1) - counted(n, e)) for e in range(warmup_days, d))
             for n in candidates
         }
-        shares[d] = min(n for n in candidates if score[n] == max(score.values()))
+        best = min(n for n in candidates if score[n] == max(score.values()))
+        step = min((n for n in candidates if n > shares[d - 1]), default=shares[d - 1])
+        shares[d] = min(best, step)
     # One LRU (a list, least recent first) whose size follows capacity - share, beside the day's top-N.
     counts = [daily_counts(day) for day in days]
     cache: list = []
@@ -1662,7 +1664,10 @@ def test_auto_precomputes_and_beats_lru_on_a_stable_skewed_trace():
     assert auto["top_n_chosen"][0] == 0  # day 1 has no earlier counted day to learn from
     assert all(share > 0 for share in auto["top_n_chosen"][1:])
     assert auto["top_n_mean"] == pytest.approx(sum(auto["top_n_chosen"]) / 5)
-    assert auto["hit_rate_ours"] > auto["hit_rate_lru"] + 0.03
+    # The share grows a step a day (C/16, C/8, C/4...): on five days it gains 1.5 points, not the 3 it gained when
+    # one day of evidence could take it to the best share at once.
+    assert auto["top_n_chosen"] == sorted(auto["top_n_chosen"])
+    assert auto["hit_rate_ours"] > auto["hit_rate_lru"] + 0.01
     assert auto["hit_rate_ours"] >= auto["hit_rate_static_top_n"]
 
 
@@ -1934,11 +1939,11 @@ def test_auto_share_is_tuned_on_the_live_tier_it_shares_capacity_with():
     chosen = result["top_n_chosen_admission"]
     assert len(chosen) == 5 and chosen[0] == 0 and result["top_n_mean_admission"] == sum(chosen) / 5
     assert all(share in share_candidates(100) for share in chosen)
-    # A stable hot set precomputed, one-hit wonders kept in probation: above S3-FIFO and either half alone. Level
-    # with ARC (0.4035 against 0.4038): a share never takes the whole capacity, and this stable hot set, larger than
-    # the cache, is the case where all of it would pay (0.4178 with N = C fixed).
-    assert result["hit_rate_ours_admission"] > result["hit_rate_s3fifo"] + 0.02
-    assert result["hit_rate_ours_admission"] >= result["hit_rate_arc"] - 0.001
+    # A stable hot set precomputed, one-hit wonders kept in probation: above S3-FIFO and either half alone. Below
+    # ARC (0.388 against 0.404): a share never takes the whole capacity and grows a step a day, and this stable hot
+    # set, larger than the cache, over five counted days is the case where all of it at once would pay (0.4178 with
+    # N = C fixed). The price of a rule that does not bet the cache on a few days of evidence.
+    assert result["hit_rate_ours_admission"] > result["hit_rate_s3fifo"] + 0.005
     assert result["hit_rate_ours_admission"] > max(result["hit_rate_lru_admission"], result["hit_rate_ours"])
     # The share tuned on the LRU is reported as before, beside the one tuned on the probation tier.
     assert result["top_n_chosen"] == replay(days, top_n="auto", capacity=100)["top_n_chosen"]
@@ -2415,12 +2420,26 @@ def test_replay_reads_redis_monitor_output(tmp_path: Path, capsys):
 def test_auto_keeps_read_through_for_a_day_when_every_key_changes():
     """h_i9's trace: three days of one Zipf key set, then a new set every day. The share took the whole capacity on
     an edge of a point, and the day the keys changed it served nothing (0.758 against LRU's 0.882 over the trace).
-    A share now leaves at least a quarter of the cache to read-through, and recent days weigh more."""
-    rng = np.random.default_rng(7)
+    A share now leaves at least a quarter of the cache to read-through and grows one step a day, so the day the keys
+    change costs the small share two days of evidence allowed (h_diff3: also with a flatter Zipf)."""
+    for zipf_a in (1.3, 1.05):
+        rng = np.random.default_rng(7)
+        days = [
+            np.array([f"{'H' if d < 3 else f'D{d}_'}{k}" for k in rng.zipf(zipf_a, 20_000) % 3000], dtype=object)
+            for d in range(8)
+        ]
+        result = replay(days, top_n="auto", capacity=1000)
+        assert 0 < max(result["top_n_chosen"]) <= 125, result["top_n_chosen"]  # two steps: C/16, then C/8
+        assert result["hit_rate_ours"] >= result["hit_rate_lru"] - 0.01, result
+
+
+def test_auto_on_a_weekly_cycle_stays_level_with_lru():
+    """h_diff3's trace: weekdays and weekends ask for different keys. With a one-day half-life and no ramp, the share
+    came back every Friday and lost every Saturday (2.4 points under LRU over six weeks)."""
+    rng = np.random.default_rng(3)
     days = [
-        np.array([f"{'H' if d < 3 else f'D{d}_'}{k}" for k in rng.zipf(1.3, 20_000) % 3000], dtype=object)
-        for d in range(8)
+        np.array([f"{'WE_' if d % 7 in (5, 6) else 'WD_'}{k}" for k in rng.zipf(1.05, 20_000) % 3000], dtype=object)
+        for d in range(42)
     ]
     result = replay(days, top_n="auto", capacity=1000)
-    assert max(result["top_n_chosen"]) == 750 and 1000 not in result["top_n_chosen"]
-    assert result["hit_rate_ours"] >= result["hit_rate_lru"] - 0.015, result
+    assert result["hit_rate_ours"] >= result["hit_rate_lru"] - 0.01, result

@@ -209,7 +209,7 @@ def test_replay_of_a_sample_tunes_each_strategys_share_of_the_scaled_capacity(tm
     assert main([*argv, "--strategy", "ewma"]) == 0
     result = json.loads(capsys.readouterr().out)
     entry, raw = result["strategies"]["ewma"], result["sample"]["strategies_unadjusted"]["ewma"]
-    assert set(raw["top_n_chosen"]) <= {0, 25, 50, 100, 200, 300, 400}  # of 0, C/16, ..., C with C = 400
+    assert set(raw["top_n_chosen"]) <= {0, 25, 50, 100, 200, 300}  # of 0, C/16, ..., 3C/4 with C = 400
     assert entry["top_n_chosen"] == [4 * share for share in raw["top_n_chosen"]]
     assert entry["top_n"] == pytest.approx(4 * raw["top_n"])
     assert seen == [250]
@@ -222,6 +222,9 @@ def test_replay_of_a_sample_runs_an_ab_experiment_on_the_sampled_keys(tmp_path, 
 
     trace = zipf_text_trace(tmp_path / "trace.txt", 60_000, 20_000, seed=2)
     base = ["replay", "--trace", trace, "--days", "4", "--top-n", "200", "--capacity", "1000", "--sample", "0.5"]
+    tiny = [*base[:6], "2", *base[7:]]  # --top-n 2 scales to 1: one arm precomputing one key, the other none
+    assert main([*tiny, "--ab", "frequency,ewma"]) == 2
+    assert "--sample 0.5 scales --top-n 2 to 1: --ab needs at least 2" in capsys.readouterr().err
     assert main([*base, "--ab", "frequency,ewma"]) == 0
     result = json.loads(capsys.readouterr().out)
     ab = result["ab"]
