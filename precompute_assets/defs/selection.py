@@ -46,8 +46,8 @@ class TopAdsConfig(dg.Config):
     ``precompute_share``: ``fixed`` precomputes ``top_n`` ads; ``auto`` chooses how many within
     ``cache_capacity`` (the keys the serving cache holds, precomputed plus read-through): the N of
     0, C/16, C/8, C/4, C/2, 3C/4 whose "top-N + read-through of C-N" got the most hits replaying the
-    logged days, the recent ones weighing more (``ml.replay.tune_share``), so where precomputing would hurt it
-    precomputes nothing.
+    logged days, the recent ones weighing more, but at most one candidate above the day before's published share
+    (``ml.replay.tune_share``), so where precomputing would hurt it precomputes nothing.
 
     ``admission``: the serving clients' admission policy (``serving.admission``: ``always``, ``second_miss``,
     ``frequency``, ``probation``), so the share is tuned on the live tier that shares the capacity with it.
@@ -243,13 +243,15 @@ def self_tuned_share(
     admission: str = "always",
     max_requests: int | None = None,
     hp: DemandHyperParams = REPLAY_HYPER_PARAMS,
+    previous_share: int | None = None,
 ) -> ShareChoice:
     """The precompute share for the day after ``day`` within ``capacity`` keys, from replaying the logged days
     (``LOOKBACK_DAYS`` up to ``day``, from the first with logs; that one only warms the caches) beside the live
     tier ``admission`` gives, on a sample of at most about ``max_requests`` requests (``tune_share``). Each replayed
     day is ranked by ``strategy`` (with ``hp``'s baseline parameters) from the ``BASELINE_DAYS`` before it, as
     tomorrow is ranked (so those days are read too); the LSTM, whose daily retraining a replay cannot afford here,
-    is replayed with the frequency ranking."""
+    is replayed with the frequency ranking. ``previous_share``: what the day before published, which the share rises
+    at most one candidate above (``tune_share``)."""
     days = partitions.days_ending(day, LOOKBACK_DAYS + BASELINE_DAYS)
     history = max(0, len(days) - LOOKBACK_DAYS)  # read for the rankings only, never replayed
     logged = logged_rows(lake, partitions, days[history:]) if max_requests is not None else None
@@ -267,7 +269,22 @@ def self_tuned_share(
         admission=admission,
         max_requests=max_requests,
         sampled=sampled,
+        previous_share=previous_share,
     )
+
+
+def published_share(instance: dg.DagsterInstance, partitions: Partitions, day: str) -> int | None:
+    """The ``top_n`` the newest ``top_ads`` of the day before ``day`` selected (None: none ran), which today's
+    self-tuned share rises at most one step above."""
+    before = partitions.days_ending(day, 2)[0]
+    if before == day:
+        return None
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey("top_ads"), asset_partitions=[before]), limit=1
+    ).records
+    metadata = records[0].asset_materialization.metadata if records and records[0].asset_materialization else {}
+    top_n = getattr(metadata.get("top_n"), "value", None)
+    return int(top_n) if isinstance(top_n, int) and top_n >= 0 else None
 
 
 def verdict_top_n(context: dg.AssetExecutionContext, strategy: str, top_n: int, evaluation: dict | None) -> dict:
@@ -376,6 +393,7 @@ def top_ads(
             config.admission,
             config.share_max_requests,
             replace(evaluated_hyper_params(evaluation), half_life_days=half_life),  # as strategy_demand ranks
+            previous_share=published_share(context.instance, Partitions.of(context), context.partition_key),
         )
         top_n = choice.share
         share_metadata.update(

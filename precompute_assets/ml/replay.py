@@ -1013,7 +1013,7 @@ def replay(
 
     ``top_n="auto"`` tunes the precompute share itself (see ``_self_tuned_shares``): each counted day gets the
     N whose "top-N + LRU of C-N" got the most hits on the previous counted days, the recent ones weighing more
-    (``_best_share``; ties: the smaller N); the
+    (``_best_share``; ties: the smaller N), but at most one candidate above the day before's (``_ramped``); the
     first counted day and the warm-up days use N = 0, plain read-through. Ours is then one LRU whose size
     follows C-N (shrinking evicts its least recent keys), and static top-N precomputes the chosen N. The
     result adds ``top_n_chosen`` (N per counted day) and ``top_n_mean``; ``top_n`` is ``"auto"``.
@@ -1445,6 +1445,13 @@ def _best_share(day_hits: dict[int, list[int]], first: int, last: int) -> int:
     return max(day_hits, key=lambda n: (weighted(n), -n))
 
 
+def _on_candidates(share: int, capacity: int, candidates: Sequence[int]) -> int:
+    """The largest of ``candidates`` (of a capacity scaled or not) at most the fraction ``share`` is of ``capacity``
+    (its own candidate when it is one; a share set by hand, or of another capacity, is taken down to one)."""
+    whole = share_candidates(capacity)
+    return candidates[max(i for i, n in enumerate(whole) if n <= share)] if share > 0 else 0
+
+
 def _ramped(best: int, before: int, candidates: Sequence[int]) -> int:
     """``best``, but at most the next candidate above ``before`` (the day before's share): a share grows one step a
     day, as its evidence accumulates, and falls at once. A day whose keys all change then costs the small share a
@@ -1467,8 +1474,8 @@ def _self_tuned_shares(
 
     Every candidate N replays "top-N of the day's ranking (made from the days before it) + LRU of C-N" over the
     whole trace once, keeping its hits per day. Counted day d then takes the candidate with the most hits on
-    counted days W..d-1, the recent ones weighing more (``_best_share``; ties: the smaller N), so nothing of day d
-    or later is used. The first counted day has
+    counted days W..d-1, the recent ones weighing more (``_best_share``; ties: the smaller N), but at most one
+    candidate above day d-1's (``_ramped``), so nothing of day d or later is used. The first counted day has
     no evidence and takes N = 0, as do the warm-up days. ``known``: candidates' hits per day replayed already.
     """
     shares = _day_shares(_candidate_day_hits(days, capacity, ranking, live, known), len(days), warmup_days)
@@ -1509,10 +1516,11 @@ def tune_share(
     admission: str | AdmissionPolicy | None = None,
     max_requests: int | None = None,
     sampled: tuple[float, Sequence[int]] | None = None,
+    previous_share: int | None = None,
 ) -> ShareChoice:
     """The precompute share for the day after ``day_keys``: the candidate N (``share_candidates``) whose
     "top-N + read-through of C-N" got the most hits on days W..D-1 of the history, the recent ones weighing more
-    (``_best_share``; ties: the smaller N),
+    (``_best_share``; ties: the smaller N), but at most one candidate above the share before it (see below),
     each day's top-N ranked from the days before it (``ranked``, else recency-weighted frequency). Without a
     counted day with requests the share is 0: plain read-through until there is evidence.
 
@@ -1524,6 +1532,10 @@ def tune_share(
     distinct); ``sample_rate`` says which, and ``hit_rates`` are adjusted to the whole history (``shards_adjusted``),
     which leaves their order, and so the choice, as it was on the sample. ``sampled=(rate, requests per day)`` says
     ``day_keys`` (and ``ranked``) already are such a sample (``shards_keep``) of days that held those requests.
+
+    The share rises at most one candidate above ``previous_share``, what the day before published (a run a day
+    replays a new window, whose own sequence of shares restarts: without it the share could jump several steps
+    overnight); without it, above the share the replay chose for the history's last day.
 
     The chosen candidate's rate is measured on the days that chose it; ``tuned_hit_rate`` is the out-of-sample one:
     the history replayed with each counted day's share chosen from the days before it (``replay``'s ours with
@@ -1565,7 +1577,9 @@ def tune_share(
     counted = sum(len(day) for day in days[warmup_days:])
     rates = {n: (sum(hits[warmup_days:]) / counted if counted else 0.0) for n, hits in day_hits.items()}
     shares = _day_shares(day_hits, len(days), warmup_days)
-    share = _ramped(_best_share(day_hits, warmup_days, len(days)), shares[-1], sorted(day_hits)) if counted else 0
+    candidates = sorted(day_hits)
+    before = shares[-1] if previous_share is None else _on_candidates(previous_share, capacity, candidates)
+    share = _ramped(_best_share(day_hits, warmup_days, len(days)), before, candidates) if counted else 0
     chosen = [ranked_codes[:n] for ranked_codes, n in zip(ranking, shares, strict=True)]
     out_of_sample = live(days, [tuned - n for n in shares], precomputed=chosen)
     tuned_rate = sum(out_of_sample[warmup_days:]) / counted if counted else 0.0

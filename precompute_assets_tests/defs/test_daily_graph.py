@@ -21,7 +21,14 @@ from precompute_assets.defs.resources import (
     ParquetIOManager,
     RedisResource,
 )
-from precompute_assets.defs.selection import ad_demand, logged_trace, self_tuned_share, top_ads, traffic_profile
+from precompute_assets.defs.selection import (
+    ad_demand,
+    logged_trace,
+    published_share,
+    self_tuned_share,
+    top_ads,
+    traffic_profile,
+)
 from precompute_assets.defs.sources import ad_impressions, ads
 from precompute_assets.ml.ctr import CtrModel, NewAdEvaluation
 from precompute_assets.ml.features import AdFeatureSpec
@@ -496,6 +503,18 @@ def test_self_tuned_share_precomputes_what_the_replayed_days_say(resources, pg_i
     assert meta["share_sample_rate"].value == 1.0  # a few thousand logged requests: replayed whole
     assert len(Lake(lake_uri).read("top_ads", DAYS[-1])) == min(chosen, meta["dagster/row_count"].value)
     assert chosen > 0  # the workload's popular ads recur day after day: precomputing them pays
+
+
+def test_self_tuned_share_rises_a_step_above_what_the_day_before_published(resources, pg_instance, platform):
+    """Each run replays a new window whose own shares restart: ramping from them, the share could jump several steps
+    overnight. top_ads ramps from the top_n the day before's top_ads selected."""
+    assert published_share(pg_instance, Partitions(), DAYS[-1]) is None  # no top_ads the day before
+    pg_instance.report_runless_asset_event(
+        dg.AssetMaterialization("top_ads", partition=DAYS[-2], metadata={"top_n": 0})
+    )
+    assert published_share(pg_instance, Partitions(), DAYS[-1]) == 0
+    result = run(resources, pg_instance, precompute_share="auto", cache_capacity=400)
+    assert result.asset_materializations_for_node("top_ads")[0].metadata["top_n"].value <= 25  # C/16 at most
 
 
 def test_self_tuned_share_is_tuned_on_the_serving_clients_live_tier(resources, pg_instance, platform, lake_uri):

@@ -1951,7 +1951,8 @@ def test_auto_share_is_tuned_on_the_live_tier_it_shares_capacity_with():
 
 @pytest.mark.parametrize("admission", [None, "probation", "second_miss"])
 def test_tune_share_reports_the_self_tuned_rate_out_of_sample_beside_read_through(admission):
-    """The chosen share is the best candidate on the days that chose it, the recent ones weighing more; the
+    """The chosen share is the best candidate on the days that chose it, the recent ones weighing more (within a
+    step of the last day's); the
     comparison with read-through is made with each day's share chosen from the days before it only, which is
     replay's ours with top_n="auto" on the same live tier."""
     days = one_hit_wonders_days(np.random.default_rng(54), days=6)
@@ -2443,3 +2444,15 @@ def test_auto_on_a_weekly_cycle_stays_level_with_lru():
     ]
     result = replay(days, top_n="auto", capacity=1000)
     assert result["hit_rate_ours"] >= result["hit_rate_lru"] - 0.01, result
+
+
+def test_tune_share_rises_a_step_above_what_the_day_before_published():
+    """Each day's top_ads replays a new window, whose own sequence of shares restarts: ramping from that sequence, the
+    share jumped from 0 to 3C/4 overnight when an old day left the window (h_diff4). It ramps from the published one."""
+    days = one_hit_wonders_days(np.random.default_rng(54), days=8)
+    alone = tune_share(days, 100)
+    assert alone.share == 75  # the window's own climb to 3C/4, whatever was published
+    assert tune_share(days, 100, previous_share=0).share == 6  # C/16: one step above nothing published
+    assert tune_share(days, 100, previous_share=6).share == 12
+    assert tune_share(days, 100, previous_share=30).share == 50  # 30 is no candidate: from 25, one step
+    assert tune_share(days, 100, previous_share=1000).share == 75  # above the best: it falls to it at once
