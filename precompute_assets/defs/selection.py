@@ -275,7 +275,7 @@ def self_tuned_share(
 
 def published_share(instance: dg.DagsterInstance, partitions: Partitions, day: str) -> int | None:
     """The ``top_n`` the newest ``top_ads`` of the day before ``day`` selected (None: none ran), which today's
-    self-tuned share rises at most one step above."""
+    self-tuned share rises at most one step above (``top_ads`` takes none as 0)."""
     before = partitions.days_ending(day, 2)[0]
     if before == day:
         return None
@@ -393,7 +393,8 @@ def top_ads(
             config.admission,
             config.share_max_requests,
             replace(evaluated_hyper_params(evaluation), half_life_days=half_life),  # as strategy_demand ranks
-            previous_share=published_share(context.instance, Partitions.of(context), context.partition_key),
+            # none known (a first run, a day that failed): 0, so the share starts a step up, as after a day of none
+            previous_share=published_share(context.instance, Partitions.of(context), context.partition_key) or 0,
         )
         top_n = choice.share
         share_metadata.update(

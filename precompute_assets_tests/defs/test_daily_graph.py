@@ -529,7 +529,8 @@ def test_self_tuned_share_is_tuned_on_the_serving_clients_live_tier(resources, p
         return self_tuned_share(Lake(lake_uri), Partitions(), DAYS[-1], replayed, 400, admission)
 
     probation, lru = tuned("probation"), tuned("always")
-    assert candidates == probation.hit_rates and meta["top_n"].value == probation.share
+    assert candidates == probation.hit_rates  # the first run: from no share published, one step up at most
+    assert meta["top_n"].value == min(probation.share, 25)
     assert probation.hit_rates != lru.hit_rates  # a different live tier, replayed as the client runs it
     # A bound on the replayed requests below the logged ones replays a sample of the keys, with C scaled alike.
     sampled = self_tuned_share(Lake(lake_uri), Partitions(), DAYS[-1], replayed, 400, "probation", max_requests=500)
