@@ -26,6 +26,7 @@ from .publishing import (
     recorded_publish,
 )
 from .query_logs import build_drain_schedule, query_log_cleanup_job, query_logs_job
+from .records import newest_metadata
 from .resources import RedisResource
 from .runs import ACTIVE_RUN_STATUSES, PARTITION_TAG, SENSOR_NAME_TAG
 from .selection import OFFPEAK_WINDOW_HOURS, ad_demand, top_ads, traffic_profile
@@ -58,15 +59,11 @@ def offpeak_start_hour(instance: dg.DagsterInstance | None) -> int:
     """The start of the off-peak window learned by ``traffic_profile`` of the newest day, or the default."""
     if instance is None:
         return DEFAULT_OFFPEAK_START_HOUR
-    key = dg.AssetKey("traffic_profile")
-    days = instance.get_materialized_partitions(key)
+    days = instance.get_materialized_partitions(dg.AssetKey("traffic_profile"))
     if not days:
         return DEFAULT_OFFPEAK_START_HOUR
     # The newest day's, not the latest materialization: a backfill of an older day must not move tonight's window.
-    newest = dg.AssetRecordsFilter(asset_key=key, asset_partitions=[max(days)])
-    records = instance.fetch_materializations(newest, limit=1).records
-    metadata = records[0].asset_materialization.metadata if records and records[0].asset_materialization else {}
-    value = metadata.get("offpeak_start_hour")
+    value = newest_metadata(instance, "traffic_profile", max(days)).get("offpeak_start_hour")
     return int(value.value) if value is not None else DEFAULT_OFFPEAK_START_HOUR
 
 

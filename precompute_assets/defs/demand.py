@@ -24,6 +24,7 @@ from ..ml.demand import (
 )
 from .models import approved_materializations, prune_model_versions, retention_field
 from .partitions import DEFAULT_PARTITIONS, Partitions
+from .records import newest_metadata
 from .resources import LakeResource, ModelStoreResource
 from .selection import AdDemandConfig, hourly_logs, key_counts
 
@@ -91,10 +92,7 @@ class DemandModelConfig(dg.Config):
 def frequency_half_life(instance: dg.DagsterInstance, partition: str) -> tuple[float, str]:
     """The half-life ``ad_demand`` of ``partition`` ranked by (what ``top_ads`` ranks by as ``frequency``), from its
     newest materialization, and where it came from; ``ad_demand``'s default when the day has none."""
-    records = instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=dg.AssetKey("ad_demand"), asset_partitions=[partition]), limit=1
-    ).records
-    metadata = records[0].asset_materialization.metadata if records else {}
+    metadata = newest_metadata(instance, "ad_demand", partition)
     if "half_life_days" in metadata:
         return float(metadata["half_life_days"].value), f"ad_demand of {partition}"
     return AdDemandConfig().half_life_days, f"ad_demand's default: no ad_demand of {partition} records one"
@@ -134,10 +132,7 @@ STRATEGIES = ("frequency", "ewma", "seasonal", "lstm", "auto")
 
 def demand_evaluation(instance: dg.DagsterInstance, partition: str) -> dict | None:
     """The metadata of the newest ``demand_model`` materialization of ``partition`` that evaluated the methods."""
-    records = instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=dg.AssetKey(DEMAND_MODEL), asset_partitions=[partition]), limit=1
-    ).records
-    metadata = records[0].asset_materialization.metadata if records else {}
+    metadata = newest_metadata(instance, DEMAND_MODEL, partition)
     return {k: v.value for k, v in metadata.items()} if "strategy" in metadata else None
 
 

@@ -20,6 +20,7 @@ from ..ml.experiment import SRM_ALPHA, arm_report
 from ..serving import Experiment
 from ..storage.lake import Lake
 from .partitions import DEFAULT_PARTITIONS, Partitions
+from .records import newest_metadata
 from .resources import ExperimentResource, LakeResource
 
 EXPERIMENT_KIND = "ctr"  # the kind whose selection is split (top_ads) and whose queries carry arms
@@ -72,11 +73,7 @@ def experiment_from_metadata(metadata: Mapping[str, Any]) -> Experiment | None:
 
 def selected_experiment(instance: dg.DagsterInstance, partition: str) -> Experiment | None:
     """The experiment the newest ``top_ads`` of ``partition`` selected with (None: none, or no top_ads yet)."""
-    records = instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=dg.AssetKey(SELECTION_ASSET), asset_partitions=[partition]), limit=1
-    ).records
-    metadata = records[0].asset_materialization.metadata if records and records[0].asset_materialization else {}
-    return experiment_from_metadata(metadata)
+    return experiment_from_metadata(newest_metadata(instance, SELECTION_ASSET, partition))
 
 
 class ExperimentReportConfig(dg.Config):

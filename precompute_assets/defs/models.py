@@ -16,6 +16,7 @@ from ..ml import ctr
 from ..ml.features import spec_dict
 from ..ml.model_store import LocalModelStore
 from .partitions import DEFAULT_PARTITIONS, Partitions
+from .records import newest_metadata
 from .resources import LakeResource, ModelStoreResource
 
 CTR_MODEL = "ctr_model"
@@ -261,10 +262,7 @@ def ctr_model(
 
 def model_version(instance: dg.DagsterInstance, partition: str) -> str:
     """The model version recorded by the ``ctr_model`` materialization of ``partition``."""
-    records = instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=dg.AssetKey(CTR_MODEL), asset_partitions=[partition]), limit=1
-    ).records
-    metadata = records[0].asset_materialization.metadata if records else {}
+    metadata = newest_metadata(instance, CTR_MODEL, partition)
     if "model_version" not in metadata:
         raise dg.Failure(description=f"no trained ctr_model for partition {partition}")
     if not metadata["approved"].value:

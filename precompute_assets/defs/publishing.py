@@ -18,6 +18,7 @@ from ..sync.embeddings import lost_redis_version
 from .experiment import carried_experiment, experiment_metadata, selected_experiment
 from .freshness import CTR_CACHE_FRESHNESS
 from .partitions import DEFAULT_PARTITIONS
+from .records import newest_metadata
 from .resources import LakeResource, RedisResource, out_of_memory
 
 DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
@@ -175,8 +176,7 @@ def rolled_back_over(instance: dg.DagsterInstance) -> str | None:
     """The day an operator's rollback replaced, while the newest ``ctr_cache`` materialization still carries it
     (the rollback's own, or a publish refused since): until a later day publishes, that day and older ones are
     published only with ``rollback: true``."""
-    records = instance.fetch_materializations(dg.AssetKey("ctr_cache"), limit=1).records
-    metadata = records[0].asset_materialization.metadata if records and records[0].asset_materialization else {}
+    metadata = newest_metadata(instance, "ctr_cache")
     return metadata[ROLLED_BACK_OVER].value if ROLLED_BACK_OVER in metadata else None
 
 

@@ -20,6 +20,7 @@ from ..ml.strategies import BASELINE_DAYS, REPLAY_HYPER_PARAMS, TraceHours, stra
 from ..serving.admission import ADMISSION_NAMES
 from ..storage.lake import Lake
 from .partitions import DEFAULT_PARTITIONS, Partitions
+from .records import newest_metadata
 from .resources import ExperimentResource, LakeResource, ModelStoreResource
 
 PREDICTION_KIND = "ctr"
@@ -279,11 +280,7 @@ def published_share(instance: dg.DagsterInstance, partitions: Partitions, day: s
     before = partitions.days_ending(day, 2)[0]
     if before == day:
         return None
-    records = instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=dg.AssetKey("top_ads"), asset_partitions=[before]), limit=1
-    ).records
-    metadata = records[0].asset_materialization.metadata if records and records[0].asset_materialization else {}
-    top_n = getattr(metadata.get("top_n"), "value", None)
+    top_n = getattr(newest_metadata(instance, "top_ads", before).get("top_n"), "value", None)
     return int(top_n) if isinstance(top_n, int) and top_n >= 0 else None
 
 

@@ -1,0 +1,16 @@
+"""What the Dagster instance recorded: the metadata of an asset's newest materialization."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import dagster as dg
+
+
+def newest_metadata(instance: dg.DagsterInstance, asset: str, partition: str | None = None) -> Mapping:
+    """The metadata (``MetadataValue``s by key) of the newest materialization of ``asset`` (of its ``partition``,
+    when given); empty when there is none."""
+    key = dg.AssetKey(asset)
+    records_filter = key if partition is None else dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition])
+    records = instance.fetch_materializations(records_filter, limit=1).records
+    return records[0].asset_materialization.metadata if records and records[0].asset_materialization else {}
