@@ -54,6 +54,7 @@ from ..serving.events import (
     read_events_after,
     read_user_states,
     read_user_states_span,
+    server_mark,
     validate_event,
     write_user_states,
 )
@@ -729,23 +730,28 @@ def _approved_model(context: dg.SensorEvaluationContext, model_store: ModelStore
 
 class StoredStates:
     """What ``plan_events`` reads the users' earlier states with in a sensor tick: those stored in Redis (a malformed
-    one is none), and the span of ticks that stored them (``serving.events.UserStatesSpan``). ``read`` says whether
-    Redis answered: when it did not, the tick's states are its own events' alone, and are not stored."""
+    one is none), the span of ticks that stored them (``serving.events.UserStatesSpan``), and, read first, the
+    servers' mark (``server_mark``): a span goes on only while it stays the same, so no state was evicted or lost in
+    a restart meanwhile. ``read`` says whether Redis answered: when it did not, the tick's states are its own events'
+    alone, and are not stored."""
 
     def __init__(self, redis: RedisResource, log: logging.Logger) -> None:
         self.redis, self.log = redis, log
-        self.read, self.span = False, None
+        self.read, self.span, self.server = False, None, None
 
     def __call__(self, users: list[str]) -> dict[str, next_action.UserState]:
         def states(client: redis_py.Redis, schema: KeySchema):
-            return read_user_states_span(client, schema), read_user_states(
-                client, schema, users, next_action.UserState.FIELDS
+            server = server_mark(client)  # before the states: a key lost after it changes the next tick's mark
+            return (
+                server,
+                read_user_states_span(client, schema),
+                read_user_states(client, schema, users, next_action.UserState.FIELDS),
             )
 
         found = self.redis.sensor_check(states, self.log, f"the states of {len(users)} users")
         if found is None:
             return {}
-        self.read, (self.span, stored) = True, found
+        self.read, (self.server, self.span, stored) = True, found
         parsed = {user: next_action.UserState.parse(values) for user, values in stored.items()}
         return {user: state for user, state in parsed.items() if state is not None}
 
@@ -754,7 +760,7 @@ class StoredStates:
         nothing when the earlier states were not read (the next tick starts a new span)."""
         if not self.read or not states:
             return
-        span = (self.span or UserStatesSpan(after, after)).after(after, through)
+        span = (self.span or UserStatesSpan(after, after)).after(after, through, self.server)
         self.redis.sensor_check(
             lambda client, schema: write_user_states(
                 client, schema, {user: state.fields() for user, state in states.items()}, span=span

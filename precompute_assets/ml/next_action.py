@@ -88,11 +88,12 @@ class UserState:
         return {name.decode(): str(value) for name, value in zip(self.FIELDS, values, strict=True)}
 
     def whole_since(self, since_ms: int, timezone: str) -> bool:
-        """Whether events from ``since_ms`` on hold this state's whole day and session (its local day, in
-        ``timezone``, and its session began at or after then): a state carried on over every event since then
-        counted all of them."""
+        """Whether events from after ``since_ms`` on hold this state's whole day and session: its local day (in
+        ``timezone``) began after then, and its session over ``SESSION_GAP_MS`` after then. A state carried on over
+        every event since counted all of them; a session that began sooner may go on one of events before then,
+        which a state started afresh (none stored, or one lost) did not see."""
         day_start = pd.Timestamp(self.ts_ms, unit="ms", tz="UTC").tz_convert(timezone).normalize()
-        return since_ms <= min(int(day_start.timestamp() * 1000), self.session_start_ms)
+        return since_ms < int(day_start.timestamp() * 1000) and since_ms + SESSION_GAP_MS < self.session_start_ms
 
     @classmethod
     def parse(cls, values: Sequence[bytes | None]) -> UserState | None:

@@ -21,7 +21,7 @@ from typing import Any
 
 import redis
 
-from .connection import connect
+from .connection import connect, is_cluster
 from .keys import KeySchema
 from .querylog import READ_PAGE, QueryLogger, _bounded, _clean_text, _int_field, read_stream_window, ts_problem
 
@@ -175,33 +175,52 @@ def read_user_states(
 @dataclass(frozen=True)
 class UserStatesSpan:
     """Stream IDs between which ``user_event_sensor`` stored the state of every event's user without a gap: after
-    ``since``, through ``through``. A stored state whose day and session began after ``since`` saw every event of
-    them (unless Redis evicted it since: then its user starts afresh)."""
+    ``since``, through ``through``, on servers that lost no key meanwhile (``server``, their ``server_mark``; None
+    when they do not say). A stored state whose day and session began after ``since`` saw every event of them
+    (``UserState.whole_since``)."""
 
     since: str
     through: str
+    server: str | None = None
 
     @property
     def since_ms(self) -> int:
         return int(self.since.split("-")[0])
 
     def encode(self) -> str:
-        return f"{self.since} {self.through}"
+        return " ".join((self.since, self.through, *((self.server,) if self.server else ())))
 
     @classmethod
     def decode(cls, raw: bytes | None) -> UserStatesSpan | None:
         """The span read back; None for none, or one that is malformed (no span: every state is partial)."""
         try:
-            since, through = raw.decode().split(" ")
+            since, through, *server = raw.decode().split(" ")
             int(since.split("-")[0])
         except (AttributeError, ValueError, UnicodeDecodeError):
             return None
-        return cls(since, through)
+        return cls(since, through, *server) if len(server) <= 1 else None
 
-    def after(self, read_after: str, read_through: str) -> UserStatesSpan:
-        """The span once the states of the events after ``read_after`` through ``read_through`` are stored: this one
-        carried on when it ends where they begin, else a new one from there."""
-        return UserStatesSpan(self.since if self.through == read_after else read_after, read_through)
+    def after(self, read_after: str, read_through: str, server: str | None) -> UserStatesSpan:
+        """The span once the states of the events after ``read_after`` through ``read_through`` are stored, on
+        servers marked ``server``: this one carried on when it ends where they begin and its servers lost nothing
+        since (the same mark), else a new one from there. A state Redis evicted, or lost in a restart, starts its
+        user afresh: its day and session then look as if they began after it; a new span does not vouch for them."""
+        carried = self.through == read_after and server is not None and self.server == server
+        return UserStatesSpan(self.since if carried else read_after, read_through, server)
+
+
+def server_mark(client: redis.Redis) -> str | None:
+    """What changes whenever the servers behind ``client`` may have lost a key: each primary's ``run_id`` (a
+    restart) and ``evicted_keys`` (``INFO``); None when they do not say (``INFO`` refused: an ACL, a proxy)."""
+    try:
+        if is_cluster(client):
+            servers = client.info("server", target_nodes="primaries")
+            stats = client.info("stats", target_nodes="primaries")
+        else:
+            servers, stats = {"": client.info("server")}, {"": client.info("stats")}
+        return ",".join(f"{servers[node]['run_id']}:{stats[node]['evicted_keys']}" for node in sorted(servers))
+    except (redis.ResponseError, KeyError, TypeError):
+        return None
 
 
 def read_user_states_span(client: redis.Redis, schema: KeySchema) -> UserStatesSpan | None:

@@ -29,8 +29,9 @@ key                                    type      content
 ``pc:1:events:user:{digest}``          hash      a user's session state after the events the sensor has read
                                                  (``ml.next_action.UserState``), TTL two days; ``digest`` is
                                                  the BLAKE2b-128 hex of the user's UTF-8 id.
-``pc:1:events:user_states_span``       string    ``{since} {through}``: the sensor stored every event's user's
-                                                 state between those stream IDs without a gap.
+``pc:1:events:user_states_span``       string    ``{since} {through} {server}``: the sensor stored every event's
+                                                 user's state between those stream IDs without a gap, on servers
+                                                 that lost no key (``server``: ``events.server_mark``).
 ``pc:1:qlog:trimmed_before``           string    ms: entries older than this were trimmed by the cleanup.
 ``pc:1:stats:{kind}``                  hash      ``hit`` / ``miss`` counters.
 ``pc:1:{kind}:seen:{key}``             string    ``1``: admission ``second_miss`` saw a live-tier lookup of the

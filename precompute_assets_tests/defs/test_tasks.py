@@ -3,6 +3,7 @@ Redis, and the vertical slice events -> lake -> model -> sensor -> runs -> value
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
 import time
@@ -14,6 +15,7 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 import pytest
+import redis as redis_py
 
 from precompute_assets.definitions import build_definitions
 from precompute_assets.defs import tasks
@@ -481,6 +483,39 @@ def test_the_sensor_predicts_from_a_users_whole_day_not_from_its_tick_alone(
     result = tick(sensor, pg_instance, redis_url, schema, str(tmp_path), cursor=cursor)
     assert na.UserState.parse(redis_client.hmget(key, na.UserState.FIELDS)).actions_today == 1
     assert result.cursor != cursor
+
+
+def test_a_state_redis_evicted_starts_its_user_afresh_under_a_new_span_that_does_not_vouch_for_it(
+    redis_server, schema, tmp_path, pg_instance, monkeypatch
+):
+    """The fresh state looks like a day that began at the user's next event; only the servers' mark (``INFO``'s
+    ``evicted_keys``) tells the sensor a state may be gone, so the span starts anew there."""
+    server = redis_server(extra_config=("maxmemory-policy volatile-lru",))
+    client = connect(server.url)
+    monkeypatch.setattr(tasks, "_approved_model", lambda context, model_store: None)
+    logger = EventLogger(log_client(server.url), schema)
+    sensor, cursors = build_user_event_sensor(), [None]
+    key = schema.user_state("u1")
+
+    def one_tick(action: str) -> na.UserState:
+        logger.record_event("u1", action, tenant="acme")
+        logger.flush()
+        cursors.append(tick(sensor, pg_instance, server.url, schema, str(tmp_path), cursor=cursors[-1]).cursor)
+        return na.UserState.parse(client.hmget(key, na.UserState.FIELDS))
+
+    one_tick("login")
+    assert one_tick("campaign_create").actions_today == 2
+    assert read_user_states_span(client, schema).since_ms < int(cursors[1].split("-")[0])  # carried on
+    client.config_set("maxmemory", 1)  # our own test server: full, so a write evicts every key with a TTL
+    with contextlib.suppress(redis_py.OutOfMemoryError):  # refused once nothing volatile was left to evict
+        client.set("filler", "x")
+    client.config_set("maxmemory", 0)
+    assert client.exists(key) == 0
+    state = one_tick("analytics_view")
+    logger.close()
+    span = read_user_states_span(client, schema)
+    assert state.actions_today == 1 and span.since == cursors[2] and span.through == cursors[3]
+    assert not state.whole_since(span.since_ms, "UTC")
 
 
 def test_a_next_actions_run_goes_on_from_the_stored_states_and_reads_only_the_events_after_them(

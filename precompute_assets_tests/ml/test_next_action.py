@@ -215,3 +215,18 @@ def test_a_next_action_seen_once_is_left_out_of_the_fit_not_a_failed_day(split):
     logins, other = train[train["next_action"] == "login"], train[train["next_action"] != "login"].head(1)
     with pytest.raises(ValueError, match="fewer than 2 next actions have 2 or more training rows"):
         na.train_next_action_model(pd.concat([logins, other]))
+
+
+def test_a_state_is_whole_when_its_day_began_after_the_span_and_its_session_a_pause_after():
+    """Events up to ``since`` were not counted: one at the day's first moment is of the day, and one within a pause
+    (``SESSION_GAP_MS``) before the session's first counted event would have made it part of an earlier session."""
+    midnight = int(pd.Timestamp("2026-03-04", tz="UTC").timestamp() * 1000)
+    state = na.UserState(
+        f"{midnight + 10 * 60 * MIN}-0", midnight + 10 * 60 * MIN, "login", None, midnight + 9 * 60 * MIN, 3
+    )
+    assert state.whole_since(midnight - 1, "UTC")
+    assert not state.whole_since(midnight, "UTC")  # an event at midnight, before the span, was of the day
+    assert not state.whole_since(midnight - 1, "Asia/Tokyo")  # 19:00 there: its day began at 15:00 UTC the day before
+    soon = replace(state, session_start_ms=midnight + 20 * MIN)  # may go on a session of events before the span
+    assert not soon.whole_since(midnight - 1, "UTC")
+    assert replace(state, session_start_ms=midnight + na.SESSION_GAP_MS).whole_since(midnight - 1, "UTC")

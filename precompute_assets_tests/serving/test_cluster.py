@@ -835,9 +835,12 @@ def test_user_states_over_many_slots_on_the_cluster(cluster_client, ns):
         UserStatesSpan,
         read_user_states,
         read_user_states_span,
+        server_mark,
         write_user_states,
     )
 
+    mark = server_mark(cluster_client)  # every primary's run_id and evictions: a state lost on any one shows
+    assert mark is not None and len(mark.split(",")) == 3 and mark == server_mark(cluster_client)
     users = [f"user{i}" for i in range(50)]
     slots = {key_slot(ns.user_state(user)) for user in users}
     assert len(slots) > 10  # spread over every master

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+
+import redis
 
 from precompute_assets.serving import connect
 from precompute_assets.serving.events import (
     ACTIONS,
     EventLogger,
+    UserStatesSpan,
     events_stream,
     read_event_window,
     read_events_after,
+    server_mark,
     unknown_action,
     validate_event,
 )
@@ -211,3 +216,40 @@ def test_events_of_a_server_whose_clock_runs_a_minute_ahead_are_kept():
         fields = {b"ts": str(T0 + ahead_ms).encode(), b"user": b"u1", b"action": b"login"}
         row, reason = validate_event(entry, fields)
         assert (row is not None) is kept, reason
+
+
+def test_a_span_goes_on_only_from_where_it_ended_on_servers_that_lost_no_key():
+    span = UserStatesSpan("1-0", "5-0", "r1:0")
+    assert span.after("5-0", "9-0", "r1:0") == UserStatesSpan("1-0", "9-0", "r1:0")
+    assert span.after("6-0", "9-0", "r1:0") == UserStatesSpan("6-0", "9-0", "r1:0")  # a tick's states not stored
+    assert span.after("5-0", "9-0", "r1:3") == UserStatesSpan("5-0", "9-0", "r1:3")  # keys evicted meanwhile
+    assert span.after("5-0", "9-0", "r2:0") == UserStatesSpan("5-0", "9-0", "r2:0")  # a restart
+    assert span.after("5-0", "9-0", None).since == "5-0"  # servers that do not say: never carried on
+    assert UserStatesSpan("1-0", "5-0").after("5-0", "9-0", None).since == "5-0"
+    assert UserStatesSpan.decode(span.encode().encode()) == span
+    assert UserStatesSpan.decode(b"1-0 5-0") == UserStatesSpan("1-0", "5-0")  # written before the mark: no server
+    for malformed in (b"", b"x 5-0", b"1-0 5-0 a b", None):
+        assert UserStatesSpan.decode(malformed) is None
+
+
+def test_the_server_mark_changes_when_redis_evicts_a_key_or_restarts(redis_server):
+    server = redis_server(extra_config=("maxmemory-policy volatile-lru",))
+    client = connect(server.url)
+    before = server_mark(client)
+    assert before is not None and before == server_mark(client)
+    client.set("k0", "x", ex=600)
+    client.config_set("maxmemory", 1)  # our own test server: full at once, so a write evicts the volatile key
+    with contextlib.suppress(redis.OutOfMemoryError):  # refused once nothing volatile is left: evicted before it
+        client.set("k1", "y")
+    client.config_set("maxmemory", 0)
+    evicted = server_mark(client)
+    assert evicted != before and client.get("k0") is None and client.info("stats")["evicted_keys"] >= 1
+    server.stop()
+    server.start()
+    assert server_mark(connect(server.url)) not in (before, evicted)  # a new run_id, and perhaps no evictions
+
+
+def test_a_server_that_refuses_info_gives_no_mark(redis_server):
+    server = redis_server()
+    connect(server.url).acl_setuser("noinfo", enabled=True, nopass=True, commands=["+@all", "-info"], keys=["*"])
+    assert server_mark(connect(server.url.replace("redis://", "redis://noinfo@"))) is None
