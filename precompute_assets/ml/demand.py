@@ -560,6 +560,12 @@ def evaluate_demand(
         "ewma": ewma_forecast(data, held, hp),
     }
     actual = daily[:, held]
+    if not actual.sum() > 0:
+        missing = int(data.missing[data.day == held].sum()) if data.missing is not None else 0
+        notes.append(
+            f"the held-back day has no requests ({missing} of its hours missing): every method scores 0, so it "
+            "tells none apart and the LSTM is not approved"
+        )
     known = daily[:, :held].sum(axis=1) > 0  # a method can only choose keys requested before the held-back day
     actual_series = pd.Series(actual, index=pd.Index(data.keys))
     scale, mase_note = _mase_scale(daily[known], held)  # the same for every method: found once

@@ -1550,6 +1550,11 @@ def tune_share(
         raise ValueError(f"ranked needs one list per day ({len(day_keys)}), got {len(ranked)}")
     if sampled is not None and (len(sampled[1]) != len(day_keys) or not 0 < sampled[0] <= 1):
         raise ValueError(f"sampled needs a rate in (0, 1] and {len(day_keys)} day counts, got {sampled}")
+    if sampled is not None and sampled[0] < 1 and sampled_size(capacity, sampled[0]) < SAMPLED_CACHE_MIN:
+        raise ValueError(
+            f"a sample at rate {sampled[0]:g} scales capacity {capacity} below {SAMPLED_CACHE_MIN} keys, where the "
+            "share's candidates are no longer distinct: sample at a rate of at least shards_rate's"
+        )
     total = sum(len(day) for day in day_keys)
     if not day_keys or total == 0:  # a sample may hold nothing of days that held requests: it still says so
         requests, rate = (sum(sampled[1][warmup_days:]), sampled[0]) if sampled is not None else (0, 1.0)

@@ -889,7 +889,7 @@ def bench_demand(keys: int = 100_000, days: int = 14, seed: int = 0, *, hp=None)
             "max_steps": hp.max_steps,
             "max_seconds": hp.max_seconds,
             "max_train_keys": hp.max_train_keys,
-            "window_days": hp.window_days,
+            "window_days": trained_hyper_params(hp, held).window_days,  # as trained: fewer days leave fewer
             "sequence_days": hp.sequence_days,
         },
         "torch_threads": hp.threads or torch.get_num_threads(),

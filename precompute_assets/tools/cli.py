@@ -692,6 +692,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
     check_trace_options(args)
     if args.days < 2:
         raise CliError(f"--days must be at least 2 (day 0 only warms the caches), got {args.days}")
+    if args.days > MAX_DURATION_DAYS:  # each day replays every candidate share and trains on the days before it
+        raise CliError(f"--days {args.days} is more than ten years of days: at most {MAX_DURATION_DAYS}")
     if args.capacity < 1:
         raise CliError(f"--capacity must be at least 1, got {args.capacity}")
     if args.top_n != "auto" and args.top_n < 0:
@@ -1659,7 +1661,7 @@ def build_parser() -> argparse.ArgumentParser:
         "a URI (s3://...); - reads standard input",
     )
     add_trace_options(replay)
-    replay.add_argument("--days", type=int, required=True, help="split the trace into this many days (>= 2)")
+    replay.add_argument("--days", type=int, required=True, help="split the trace into this many days (2 to 3650)")
     replay.add_argument(
         "--top-n",
         type=top_n_or_auto,

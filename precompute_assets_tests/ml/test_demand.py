@@ -314,6 +314,10 @@ def test_a_single_key_a_silent_day_and_a_short_lookback():
     silent = [(d, t, c if d < 3 else c.iloc[:0]) for d, t, c in synthetic_hours(n_keys=20, days=4)]
     e = evaluate_demand(HourlyCounts.from_hours(silent), DemandHyperParams(top_n=5, max_epochs=1)).evaluation
     assert e.hit_rate == dict.fromkeys(e.hit_rate, 0.0)
+    assert "the held-back day has no requests (0 of its hours missing)" in " ".join(e.notes)
+    gone = [(d, t, c if d < 3 else None) for d, t, c in synthetic_hours(n_keys=20, days=4)]  # its logs missing
+    e = evaluate_demand(HourlyCounts.from_hours(gone), DemandHyperParams(top_n=5, max_epochs=1)).evaluation
+    assert "the held-back day has no requests (24 of its hours missing)" in " ".join(e.notes)
     with pytest.raises(ValueError, match="at least 3 days"):
         evaluate_demand(synthetic(n_keys=20, days=2), FAST)
     with pytest.raises(ValueError, match="no requests"):

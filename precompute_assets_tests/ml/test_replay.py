@@ -1750,6 +1750,7 @@ def bad_inputs(tmp_path: Path) -> list[tuple[list[str], str]]:
         (with_(trace=tmp_path / "bad.txt"), "bad.txt: line 2: key 'b c' contains whitespace"),
         (with_(days="1"), "--days must be at least 2"),
         (with_(days="0"), "--days must be at least 2"),
+        (with_(days="60000"), "--days 60000 is more than ten years of days: at most 3650"),
         (with_(days="5"), "--days 5 is larger than the number of requests (4)"),
         (with_(top_n="0", capacity="0"), "--capacity must be at least 1"),
         (with_(top_n="-1"), "--top-n must be at least 0"),
@@ -2082,6 +2083,9 @@ def test_tune_share_on_a_sample_that_kept_no_request_still_reports_the_whole_day
     assert tune_share(empty, 400) == ShareChoice(0, 400, {n: 0.0 for n in share_candidates(400)}, 0, 1.0)
     with pytest.raises(ValueError, match="sampled needs"):
         tune_share(empty, 400, sampled=(0.05, [100, 200]))
+    one = [np.array(["a", "b", "a"], dtype=object)] * 3  # 5 of 100 keys: the candidates would collapse
+    with pytest.raises(ValueError, match="scales capacity 100 below 16 keys"):
+        tune_share(one, 100, sampled=(0.05, [100, 200, 300]))
 
 
 def test_parse_trace_quarantining_cuts_each_malformed_line_and_names_it_as_numbered_in_the_file(tmp_path):

@@ -113,6 +113,8 @@ def test_bench_demand_reports_every_promised_key_on_a_tiny_size():
     assert result["keys"] == 300 and result["days"] == 9 and result["lstm_epochs"] == 2
     assert (result["lstm_steps"], result["lstm_stopped_by"]) == (2 * 2, "epochs")  # 300 samples: 2 batches an epoch
     assert result["lstm_budget"]["max_steps"] == hp.max_steps
+    assert result["lstm_budget"]["window_days"] == 7  # 8 days before the held-back one: hp's 7
+    assert bench_demand(keys=30, days=4, seed=1, hp=hp)["lstm_budget"]["window_days"] == 2  # as trained: 3 days
     assert result["lstm_train_s"] > 0 and result["lstm_forecast_s"] > 0 and result["frequency_s"] > 0
     assert result["lstm_forecast_vs_frequency"] > 0  # from the unrounded seconds
     assert set(result["heldout_hit_rate"]) == {"lstm", "frequency", "seasonal", "ewma"}
