@@ -1735,6 +1735,10 @@ def main(argv: list[str] | None = None) -> int:
     # Dagster warns about its own internal use of a beta parameter whenever Definitions resolve sensors: noise
     # on every command's stderr that no setting of ours can change.
     warnings.filterwarnings("ignore", message="Parameter `owners` of initializer `SensorDefinition.__init__`")
+    if sys.stdout is None:  # started with it closed (`>&-`): Python prints nothing, and a result would be lost
+        if sys.stderr is not None:
+            print(f"precompute {args.command}: standard output is closed: nowhere to write the result", file=sys.stderr)
+        return 2
     try:
         return args.fn(args) or 0
     except (CliError, StackError, RedisError) as error:

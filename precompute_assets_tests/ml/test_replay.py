@@ -7,6 +7,8 @@ import itertools
 import json
 import lzma
 import os
+import subprocess
+import sys
 from collections import OrderedDict
 from functools import cache
 from pathlib import Path
@@ -2460,3 +2462,12 @@ def test_tune_share_rises_a_step_above_what_the_day_before_published():
     assert tune_share(days, 100, previous_share=6).share == 12
     assert tune_share(days, 100, previous_share=30).share == 50  # 30 is no candidate: from 25, one step
     assert tune_share(days, 100, previous_share=1000).share == 75  # above the best: it falls to it at once
+
+
+def test_cli_with_standard_output_closed_fails_in_one_line_rather_than_losing_the_result(tmp_path: Path):
+    trace = write(tmp_path, "1\n2\n3\n1\n")
+    script = "import sys; from precompute_assets.tools.cli import main; sys.exit(main())"
+    args = f"replay --trace {trace} --days 2 --top-n 1 --capacity 2"
+    run = subprocess.run(["bash", "-c", f'"{sys.executable}" -c "{script}" {args} >&-'], capture_output=True, text=True)
+    assert run.returncode == 2
+    assert run.stderr == "precompute replay: standard output is closed: nowhere to write the result\n"
