@@ -416,6 +416,16 @@ end
 return gone
 """
 
+# KEYS: published; ARGV: how many keys an invalidation took out of the current version. The count ``_ADMIT`` sizes the
+# tier by, less them (never below 0), when one is recorded: the tier gets their slots back now, not at the next publish.
+UNPUBLISH = """
+local published = tonumber(redis.call('GET', KEYS[1]))
+if not published then return -1 end
+published = math.max(0, published - tonumber(ARGV[1]))
+redis.call('SET', KEYS[1], published)
+return published
+"""
+
 # KEYS: small, hits, main, ghost, seq, published, tier; ARGV: keys the version before served and the new one does
 # not, best first. Keys not tracked enter the main LRU, colder than every key there (the first the warmest of them),
 # while the tier has room beside the new version's keys (the capacity ``_ADMIT`` recorded, none before it ran):

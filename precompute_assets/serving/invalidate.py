@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import redis
 
 from .acl import REAPPLY_HINT
+from .admission import UNPUBLISH
 from .keys import KeySchema, Pointer, check_kind, check_version
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,7 @@ def invalidate(
         live_keys = int(client.unlink(live_name))
         if not fenced:
             bump_epoch(client, kind, schema)
+        _unpublish(client, schema, kind, fields)
         return Invalidated(kind, live_keys=live_keys, fields=fields, version=_name(pointer))
     fields = 0
     for version in (pointer, previous):
@@ -111,7 +113,21 @@ def invalidate(
     live = _delete_in_batches(client.scan_iter(match=live_pattern, count=SCAN_COUNT), client.unlink)
     if not fenced:
         bump_epoch(client, kind, schema)
+    _unpublish(client, schema, kind, fields)
     return Invalidated(kind, live_keys=live, fields=fields, version=_name(pointer))
+
+
+def _unpublish(client: redis.Redis, schema: KeySchema, kind: str, fields: int) -> None:
+    """Take ``fields`` keys the current version no longer holds off the count admission ``probation`` sizes its live
+    tier by (``publish.record_published``): they are read through now. A Redis that refuses it (at ``maxmemory``, a
+    publisher whose ACL predates ``EVAL``) leaves the tier short of them until the next publish, with a warning."""
+    if fields:
+        try:
+            client.eval(UNPUBLISH, 1, schema.admission_fifo(kind, "published"), fields)
+        except redis.exceptions.RedisError as error:
+            log.warning(
+                "%s: probation's live tier stays %d keys short until the next publish (%s)", kind, fields, error
+            )
 
 
 INVALIDATED_MIN_TTL_S = 7 * 86_400  # what an invalidation took out is remembered at least this long

@@ -31,6 +31,19 @@ def test_a_key_goes_from_the_current_version_and_the_live_tier(redis_client, sch
     assert invalidate(redis_client, "ctr", key="a", schema=schema).total == 0  # idempotent
 
 
+def test_keys_taken_out_of_the_current_version_give_probations_live_tier_their_slots_back(redis_client, schema):
+    published = schema.admission_fifo("ctr", "published")
+    publish(redis_client, schema, "ctr", "v1", ["ad1", "ad10", "ad2", "b"])
+    assert redis_client.get(published) == b"4"
+    invalidate(redis_client, "ctr", key="b", schema=schema)
+    invalidate(redis_client, "ctr", key="b", schema=schema)  # gone already: nothing more to give back
+    invalidate(redis_client, "ctr", prefix="ad1", schema=schema)
+    assert redis_client.get(published) == b"1"
+    redis_client.delete(published)  # none recorded (a publisher before probation): none made up
+    invalidate(redis_client, "ctr", key="ad2", schema=schema)
+    assert redis_client.get(published) is None
+
+
 def test_an_invalidation_is_not_a_loss_and_a_restore_never_writes_it_back(redis_client, schema):
     """A prefix that emptied a version's buckets made Redis delete them, so cache_health saw the version as lost
     ("expired or evicted") and its restore wrote every invalidated value back; a restore after a real eviction
