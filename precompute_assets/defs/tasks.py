@@ -760,13 +760,16 @@ class StoredStates:
         nothing when the earlier states were not read (the next tick starts a new span)."""
         if not self.read or not states:
             return
+        carried = self.span is not None and self.span.carries(after, self.server)
         span = (self.span or UserStatesSpan(after, after)).after(after, through, self.server)
-        self.redis.sensor_check(
-            lambda client, schema: write_user_states(
-                client, schema, {user: state.fields() for user, state in states.items()}, span=span
-            ),
-            self.log, f"the storing of {len(states)} users' session states",
-        )  # fmt: skip
+        fields = {user: state.fields() for user, state in states.items()}
+
+        def write(client: redis_py.Redis, schema: KeySchema) -> None:
+            if not carried:  # first, a new span over no event yet: the old one must not vouch for states after a loss
+                write_user_states(client, schema, {}, span=UserStatesSpan(after, after, self.server))
+            write_user_states(client, schema, fields, span=span)
+
+        self.redis.sensor_check(write, self.log, f"the storing of {len(states)} users' session states")
 
 
 def stream_id(text: str) -> str | None:

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from ..serving.events import ACTION_INDEX, ACTIONS
+from ..serving.querylog import MAX_CLOCK_AHEAD_MS
 
 SESSION_GAP_MS = 30 * 60_000
 FEATURES = [
@@ -91,9 +92,10 @@ class UserState:
         """Whether events from after ``since_ms`` on hold this state's whole day and session: its local day (in
         ``timezone``) began after then, and its session over ``SESSION_GAP_MS`` after then. A state carried on over
         every event since counted all of them; a session that began sooner may go on one of events before then,
-        which a state started afresh (none stored, or one lost) did not see."""
-        day_start = pd.Timestamp(self.ts_ms, unit="ms", tz="UTC").tz_convert(timezone).normalize()
-        return since_ms < int(day_start.timestamp() * 1000) and since_ms + SESSION_GAP_MS < self.session_start_ms
+        which a state started afresh (none stored, or one lost) did not see. An event that arrived by then may carry
+        a time up to ``MAX_CLOCK_AHEAD_MS`` later (a client's clock ahead): both bounds allow for it."""
+        seen_until = since_ms + MAX_CLOCK_AHEAD_MS
+        return seen_until < day_start_ms(self.ts_ms, timezone) and seen_until + SESSION_GAP_MS < self.session_start_ms
 
     @classmethod
     def parse(cls, values: Sequence[bytes | None]) -> UserState | None:
@@ -115,6 +117,15 @@ def _id_tuple(stream_id: str) -> tuple[int, int] | None:
     if len(parts) != 2 or not all(p.isascii() and p.isdigit() for p in parts):
         return None
     return int(parts[0]), int(parts[1])
+
+
+def day_start_ms(ts_ms: int, timezone: str) -> int:
+    """The first moment of the local day (in ``timezone``) of ``ts_ms``: its midnight, or, where a clock change skips
+    midnight (daylight saving time starting at 00:00, in Santiago or Beirut), the first time that exists; where
+    midnight happens twice, the first."""
+    local = pd.Timestamp(ts_ms, unit="ms", tz="UTC").tz_convert(timezone)
+    midnight = pd.Timestamp(local.date()).tz_localize(timezone, nonexistent="shift_forward", ambiguous=True)
+    return int(midnight.timestamp() * 1000)
 
 
 def local_days(ts_ms: Sequence[int] | np.ndarray, timezone: str) -> np.ndarray:

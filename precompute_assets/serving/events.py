@@ -200,26 +200,33 @@ class UserStatesSpan:
             return None
         return cls(since, through, *server) if len(server) <= 1 else None
 
+    def carries(self, read_after: str, server: str | None) -> bool:
+        """Whether this span goes on over the events after ``read_after``, on servers marked ``server`` now: it ends
+        where they begin, and its servers lost nothing since (the same mark, one they gave)."""
+        return self.through == read_after and server is not None and self.server == server
+
     def after(self, read_after: str, read_through: str, server: str | None) -> UserStatesSpan:
         """The span once the states of the events after ``read_after`` through ``read_through`` are stored, on
-        servers marked ``server``: this one carried on when it ends where they begin and its servers lost nothing
-        since (the same mark), else a new one from there. A state Redis evicted, or lost in a restart, starts its
-        user afresh: its day and session then look as if they began after it; a new span does not vouch for them."""
-        carried = self.through == read_after and server is not None and self.server == server
-        return UserStatesSpan(self.since if carried else read_after, read_through, server)
+        servers marked ``server``: this one carried on (``carries``), else a new one from there. A state Redis
+        evicted, or lost in a restart, starts its user afresh: its day and session then look as if they began after
+        it; a new span does not vouch for them."""
+        return UserStatesSpan(self.since if self.carries(read_after, server) else read_after, read_through, server)
 
 
 def server_mark(client: redis.Redis) -> str | None:
     """What changes whenever the servers behind ``client`` may have lost a key: each primary's ``run_id`` (a
     restart) and ``evicted_keys`` (``INFO``); None when they do not say (``INFO`` refused: an ACL, a proxy)."""
+
+    def per_node(section: str) -> dict:
+        reply = client.info(section, target_nodes="primaries") if is_cluster(client) else client.info(section)
+        # one server's reply, or a cluster's of one primary (redis-py unwraps a single node's): else one per node
+        return {"": reply} if not all(isinstance(value, dict) for value in reply.values()) else reply
+
     try:
-        if is_cluster(client):
-            servers = client.info("server", target_nodes="primaries")
-            stats = client.info("stats", target_nodes="primaries")
-        else:
-            servers, stats = {"": client.info("server")}, {"": client.info("stats")}
-        return ",".join(f"{servers[node]['run_id']}:{stats[node]['evicted_keys']}" for node in sorted(servers))
-    except (redis.ResponseError, KeyError, TypeError):
+        servers, stats = per_node("server"), per_node("stats")
+        marks = [f"{servers[node]['run_id']}:{stats[node]['evicted_keys']}" for node in sorted(servers)]
+        return ",".join(marks) if marks else None
+    except (redis.ResponseError, KeyError, TypeError, AttributeError):
         return None
 
 

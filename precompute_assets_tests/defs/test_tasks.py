@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import threading
 import time
 import uuid
@@ -516,6 +517,31 @@ def test_a_state_redis_evicted_starts_its_user_afresh_under_a_new_span_that_does
     span = read_user_states_span(client, schema)
     assert state.actions_today == 1 and span.since == cursors[2] and span.through == cursors[3]
     assert not state.whole_since(span.since_ms, "UTC")
+
+
+def test_a_span_that_starts_anew_replaces_the_old_one_before_the_states_a_failed_write_leaves_behind(
+    redis_url, redis_client, schema, monkeypatch
+):
+    """After a loss (another mark) the old span must not vouch for the fresh states, should the span's own write
+    fail after them: it is replaced first by a new one over no event yet."""
+    resource = RedisResource(url=redis_url, namespace=schema.namespace)
+    write_user_states(redis_client, schema, {}, span=UserStatesSpan("1-0", "5-0", "before-the-loss:0"))
+    stored = tasks.StoredStates(resource, logging.getLogger("test"))
+    assert stored(["u1"]) == {} and stored.span.since == "1-0"
+    writing = tasks.write_user_states
+
+    def failing(client, schema_, states, *, span=None):
+        if states:  # the states land, then the connection goes before the span's write
+            writing(client, schema_, states)
+            raise redis_py.ConnectionError("connection lost")
+        return writing(client, schema_, states, span=span)
+
+    monkeypatch.setattr(tasks, "write_user_states", failing)
+    now = time.time_ns() // 1_000_000
+    stored.store({"u1": na.UserState(f"{now}-0", now, "login", None, now, 1)}, "5-0", f"{now}-0")
+    span = read_user_states_span(redis_client, schema)
+    assert redis_client.exists(schema.user_state("u1")) and (span.since, span.through) == ("5-0", "5-0")
+    assert span.server == tasks.server_mark(redis_client) != "before-the-loss:0"
 
 
 def test_a_next_actions_run_goes_on_from_the_stored_states_and_reads_only_the_events_after_them(

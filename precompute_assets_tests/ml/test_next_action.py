@@ -224,9 +224,35 @@ def test_a_state_is_whole_when_its_day_began_after_the_span_and_its_session_a_pa
     state = na.UserState(
         f"{midnight + 10 * 60 * MIN}-0", midnight + 10 * 60 * MIN, "login", None, midnight + 9 * 60 * MIN, 3
     )
-    assert state.whole_since(midnight - 1, "UTC")
-    assert not state.whole_since(midnight, "UTC")  # an event at midnight, before the span, was of the day
-    assert not state.whole_since(midnight - 1, "Asia/Tokyo")  # 19:00 there: its day began at 15:00 UTC the day before
+    since = midnight - na.MAX_CLOCK_AHEAD_MS - 1  # the latest from which an event seen then is dated before midnight
+    assert state.whole_since(since, "UTC")
+    assert not state.whole_since(since + 1, "UTC")  # an event at midnight, before the span, was of the day
+    assert not state.whole_since(since, "Asia/Tokyo")  # 19:00 there: its day began at 15:00 UTC the day before
     soon = replace(state, session_start_ms=midnight + 20 * MIN)  # may go on a session of events before the span
-    assert not soon.whole_since(midnight - 1, "UTC")
-    assert replace(state, session_start_ms=midnight + na.SESSION_GAP_MS).whole_since(midnight - 1, "UTC")
+    assert not soon.whole_since(since, "UTC")
+    assert replace(state, session_start_ms=midnight + na.SESSION_GAP_MS).whole_since(since, "UTC")
+
+
+def test_a_state_is_whole_only_beyond_what_a_clock_ahead_could_have_dated_an_event_seen_before_the_span():
+    """An event that arrived by ``since`` may carry a time up to ``MAX_CLOCK_AHEAD_MS`` later: in the day after
+    midnight, or in a session that seems to start more than a pause after ``since``."""
+    from precompute_assets.serving.querylog import MAX_CLOCK_AHEAD_MS
+
+    midnight = int(pd.Timestamp("2026-03-04", tz="UTC").timestamp() * 1000)
+    since = midnight - MAX_CLOCK_AHEAD_MS // 2  # an event arriving then may be dated after midnight
+    state = na.UserState("1-0", midnight + 10 * 60 * MIN, "login", None, midnight + 9 * 60 * MIN, 3)
+    assert not state.whole_since(since, "UTC")
+    assert state.whole_since(midnight - MAX_CLOCK_AHEAD_MS - 1, "UTC")
+    session = since + MAX_CLOCK_AHEAD_MS + na.SESSION_GAP_MS  # late by the pause and the clock's allowance, not more
+    day_after = replace(state, ts_ms=midnight + 2 * 86_400_000, session_start_ms=session + 86_400_000)
+    assert day_after.whole_since(since + 86_400_000 - 1, "UTC")
+    assert not replace(day_after, session_start_ms=session + 86_400_000 - 1).whole_since(since + 86_400_000, "UTC")
+
+
+def test_a_day_whose_midnight_a_clock_change_skips_starts_at_its_first_moment():
+    """Chile's daylight saving time starts at 00:00 on 2026-09-06: that day begins at 01:00 local, 04:00 UTC."""
+    at = int(pd.Timestamp("2026-09-06 10:00", tz="America/Santiago").timestamp() * 1000)
+    assert na.day_start_ms(at, "America/Santiago") == int(pd.Timestamp("2026-09-06 04:00", tz="UTC").timestamp() * 1000)
+    state = na.UserState("1-0", at, "login", None, at, 1)
+    assert state.whole_since(at - 12 * 3_600_000, "America/Santiago") is True
+    assert na.day_start_ms(at, "UTC") == int(pd.Timestamp("2026-09-06", tz="UTC").timestamp() * 1000)

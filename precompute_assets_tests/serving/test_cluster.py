@@ -854,6 +854,15 @@ def test_user_states_over_many_slots_on_the_cluster(cluster_client, ns):
     assert read_user_states_span(cluster_client, ns) == span
 
 
+def test_a_cluster_of_one_primary_gives_its_server_mark_too(cluster_factory):
+    """redis-py unwraps the reply of a single node: ``INFO`` of the primaries is then one server's dict."""
+    from precompute_assets.serving.events import server_mark
+
+    client = connect(cluster_factory(masters=1).url, socket_timeout=5)
+    mark = server_mark(client)
+    assert mark is not None and len(mark.split(",")) == 1 and mark.endswith(":0") and mark == server_mark(client)
+
+
 def test_rerank_on_the_cluster(redis_cluster, cluster_client, ns):
     import numpy as np
 
