@@ -227,6 +227,8 @@ def document_embeddings(
     if stats.held_back:
         context.log.warning(f"{stats.held_back} changed documents wait for the oldest open transaction on the database"
                             f" to end: {stats.held_back_by}")  # fmt: skip
+    if stats.flip_waits:
+        context.log.warning(f"the new embedding version is not served yet: {stats.flip_waits}")
     recall = int8_recall(store, docs, embedder, n=config.recall_sample) if config.dtype == "int8" else 1.0
     stale, stale_docs, aged_docs = store.stale_share(docs, stats.model_version, max_age_hours=STALE_AFTER_HOURS)
     return dg.MaterializeResult(
@@ -240,6 +242,7 @@ def document_embeddings(
             "failure_reasons": dg.MetadataValue.json(stats.failure_reasons),
             "retried": stats.retried,
             "held_back": stats.held_back,
+            **({"flip_waits": stats.flip_waits} if stats.flip_waits else {}),
             "rebuilt_buckets": dg.MetadataValue.json(list(stats.rebuilt_buckets or [])),
             "error_rate": stats.error_rate,
             # A sync that embedded nothing measured no throughput: a 0 would plot as a collapse on every quiet day.

@@ -563,8 +563,8 @@ def evaluate_demand(
     if not actual.sum() > 0:
         missing = int(data.missing[data.day == held].sum()) if data.missing is not None else 0
         notes.append(
-            f"the held-back day has no requests ({missing} of its hours missing): every method scores 0, so it "
-            "tells none apart and the LSTM is not approved"
+            f"the held-back day has no requests ({missing} of its hours missing): every method scores 0: the "
+            "evaluation tells none apart"
         )
     known = daily[:, :held].sum(axis=1) > 0  # a method can only choose keys requested before the held-back day
     actual_series = pd.Series(actual, index=pd.Index(data.keys))

@@ -291,6 +291,12 @@ class EmbeddingStore:
             changed, failed = cur.fetchone()
         return changed + failed
 
+    def failure_count(self, model_version: str) -> int:
+        """Documents whose latest embedding with ``model_version`` failed."""
+        with self.connect() as conn, conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM embedding_failures WHERE model_version = %s", (model_version,))
+            return cur.fetchone()[0]
+
     def embedded_count(self, model_version: str) -> int:
         with self.connect() as conn, conn.cursor() as cur:
             cur.execute("SELECT count(*) FROM document_embeddings WHERE model_version = %s", (model_version,))
@@ -324,10 +330,14 @@ class EmbeddingStore:
                 (redis_version, buckets, model_version),
             )
 
-    def values(self, doc_ids: list[str]) -> dict[str, bytes]:
-        """Stored embeddings of ``doc_ids`` (those that have one)."""
+    def values(self, doc_ids: list[str], model_version: str | None = None) -> dict[str, bytes]:
+        """Stored embeddings of ``doc_ids`` (those that have one; of ``model_version`` only, when given)."""
         with self.connect() as conn, conn.cursor() as cur:
-            cur.execute("SELECT doc_id, value FROM document_embeddings WHERE doc_id = ANY(%s)", (doc_ids,))
+            cur.execute(
+                "SELECT doc_id, value FROM document_embeddings WHERE doc_id = ANY(%s)"
+                " AND (%s::text IS NULL OR model_version = %s)",
+                (doc_ids, model_version, model_version),
+            )
             return {doc_id: bytes(value) for doc_id, value in cur.fetchall()}
 
 

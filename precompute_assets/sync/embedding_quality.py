@@ -18,7 +18,7 @@ def int8_recall(store: EmbeddingStore, documents: DocumentStore, embedder: Embed
     The sample reads a bounded share of the table's pages (``sample_documents``), so the check costs the
     same on a corpus of thousands or millions; documents the embedder fails on now are left out."""
     rows = sample_documents(documents, n, body_chars=getattr(embedder, "max_chars", MAX_CHARS))
-    stored = store.values([doc_id for doc_id, _, _ in rows])
+    stored = store.values([doc_id for doc_id, _, _ in rows], embedder.version)  # another model's are no measure
     rows = [row for row in rows if row[0] in stored]
     result = embed_documents(embedder, [(title, body) for _, title, body in rows])
     if len(result.indices) < 20:

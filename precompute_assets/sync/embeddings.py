@@ -8,7 +8,10 @@ are idempotent), so nothing is duplicated or skipped. Chunks commit only once Re
 (``replication.confirm_replicas``), so a failover cannot lose documents the watermark has passed.
 
 The first sync of an embedding model version builds a new Redis version and flips to it at the end;
-later syncs patch that version in place (new, modified and deleted documents only).
+later syncs patch that version in place (new, modified and deleted documents only). While readers are served a
+version whole, a build is not flipped to when documents an open transaction held back would be missing from it, or
+when more than ``max_error_rate`` of its documents failed to embed (an inference service down): readers keep their
+version (its TTL renewed), and the next sync goes on with the build (``SyncStats.flip_waits``).
 
 Documents an inference service failed to embed (reason ``service: ...``, see ``ml.embedding_service``) are
 retried at the start of the next sync, before the watermark scan, without moving the watermark.
@@ -55,6 +58,7 @@ from ..storage.embeddings import EmbeddingStore
 
 REDIS_BATCH_DOCS = 100_000  # documents whose Redis writes go out together (see _ChunkWriter)
 MAX_BUCKET_FILL = 1.25 * KEYS_PER_BUCKET  # mean keys per bucket past which a version is rebuilt wider
+MAX_BUILD_ERROR_RATE = 0.05  # the share of a build's documents that may fail for readers to move to it
 FILL_SAMPLE_BUCKETS = 64  # buckets whose HLEN estimates the mean fill
 INVALID_ID = "invalid doc_id"  # a failure: the id cannot be a key of the serving cache (serving.keys.check_key)
 
@@ -72,6 +76,8 @@ class SyncStats:
     rebuilt_buckets: tuple[int, int] | None = None  # (old, new) when the version was widened
     held_back: int = 0  # documents changed after the oldest open transaction began: left for a later sync
     held_back_by: str | None = None  # that transaction's session, when documents were held back
+    # why a build was not flipped to (readers stay on the version they have; the next sync goes on with it), or None
+    flip_waits: str | None = None
     seconds: float = 0.0
     failure_reasons: dict[str, int] = field(default_factory=dict)
 
@@ -101,6 +107,7 @@ def sync_embeddings(
     stop_after_chunks: int | None = None,
     max_bucket_fill: float = MAX_BUCKET_FILL,
     replica_wait_s: float = REPLICA_WAIT_S,
+    max_error_rate: float = MAX_BUILD_ERROR_RATE,
 ) -> SyncStats:
     """Bring the embeddings of ``embedder.version`` up to date; see the module docstring.
 
@@ -109,6 +116,8 @@ def sync_embeddings(
     ``stop_after_chunks`` ends the sync early as a crash would (for tests of resumption).
     ``max_bucket_fill``: the mean keys per bucket past which the version is rebuilt with more buckets.
     ``replica_wait_s``: how long a flip waits for replicas to hold the version (``flip_pointer``).
+    ``max_error_rate``: the share of a build's documents that may have failed to embed for readers to move to it
+    from a version they are served whole (``SyncStats.flip_waits`` says why they did not).
     """
     if dtype not in DTYPE_CODES:  # before the version's dtype is compared: a typo must not start a rebuild
         raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPE_CODES)}")
@@ -116,12 +125,12 @@ def sync_embeddings(
     store.ensure_schema()
     with store.exclusive():
         return _sync(documents, store, client, embedder, schema, dtype, chunk_size, grace_s, ttl_s, log,
-                     write_batch, stop_after_chunks, max_bucket_fill, replica_wait_s)  # fmt: skip
+                     write_batch, stop_after_chunks, max_bucket_fill, replica_wait_s, max_error_rate)  # fmt: skip
 
 
 def _sync(
     documents, store, client, embedder, schema, dtype, chunk_size, grace_s, ttl_s, log, write_batch, stop_after_chunks,
-    max_bucket_fill, replica_wait_s,
+    max_bucket_fill, replica_wait_s, max_error_rate,
 ):  # fmt: skip
     """The body of ``sync_embeddings``, run under the sync lock."""
     model_version = embedder.version
@@ -219,7 +228,20 @@ def _sync(
         send_commands(client, [(b"EXPIRE", schema.bucket(EMBEDDING_KIND, target.version, b).encode(), b"%d" % ttl_s)
                                for b in range(target.buckets)])  # fmt: skip
         client.set(_sentinel(schema, target.version), f"synced {dtype}", ex=ttl_s)
-    if not stopped_early and not progress.complete:  # a build, or a version copied wider above: readers move to it
+    # A transaction open since the horizon and still open holds back every change after it (silent before: a session
+    # left idle in transaction, or a backup's, held them back for good); one that ended meanwhile does not.
+    holder = None if stopped_early else documents.oldest_transaction()
+    if holder is not None and holder[0] <= horizon and (held_back := documents.changed_from(horizon)):
+        stats.held_back, stats.held_back_by = held_back, holder[1]
+        log(f"{held_back} documents changed after {horizon.isoformat()} are left for a later sync: the oldest open "
+            f"transaction on the database began then ({holder[1]})")  # fmt: skip
+    if not stopped_early and stats.full_build and _served_whole(client, schema, current, target):
+        stats.flip_waits = _flip_waits(store, model_version, stats.held_back, max_error_rate)
+    if stats.flip_waits:  # readers keep the version they are served, which lives on while the build waits
+        send_commands(client, [(b"EXPIRE", name.encode(), b"%d" % ttl_s) for name in _version_keys(schema, current)])
+        log(f"Redis version {target.version} is not served yet: {stats.flip_waits}; readers stay on "
+            f"{current.version}, and the next sync goes on with the build")  # fmt: skip
+    elif not stopped_early and not progress.complete:  # a build, or a version copied wider above: readers move to it
         flip_pointer(client, schema, EMBEDDING_KIND, target, grace_s=grace_s, replica_wait_s=replica_wait_s)
         if current is not None and current.version != target.version:
             client.expire(_sentinel(schema, current.version), grace_s)  # the old version's marker goes with it
@@ -230,18 +252,41 @@ def _sync(
         client.expire(_sentinel(schema, target.version), grace_s)  # the old version's marker goes with it
         stats.rebuilt_buckets, stats.redis_version = (target.buckets, wider.buckets), wider.version
         log(f"embeddings moved to Redis version {wider.version}: {target.buckets} -> {wider.buckets} buckets")
-    if not stopped_early:  # the current version, flipped or patched in place, holds the stored embeddings
+    if not stopped_early and not stats.flip_waits:  # the current version, flipped or patched in place, holds them
         record_published(client, schema, EMBEDDING_KIND, store.embedded_count(model_version))
-    # A transaction open since the horizon and still open holds back every change after it (silent before: a session
-    # left idle in transaction, or a backup's, held them back for good); one that ended meanwhile does not.
-    holder = None if stopped_early else documents.oldest_transaction()
-    if holder is not None and holder[0] <= horizon and (held_back := documents.changed_from(horizon)):
-        stats.held_back, stats.held_back_by = held_back, holder[1]
-        log(f"{held_back} documents changed after {horizon.isoformat()} are left for a later sync: the oldest open "
-            f"transaction on the database began then ({holder[1]})")  # fmt: skip
     # stopped early (as a crash would): the next sync resumes at the committed watermark
     stats.seconds = time.perf_counter() - started
     return stats
+
+
+def _served_whole(client: redis.Redis, schema: KeySchema, current: Pointer | None, target: Pointer) -> bool:
+    """Whether readers are served another version than ``target`` whose values are there (its marker lives as long
+    as they do): a build then has something to wait beside. A version lost, or none, is replaced at once."""
+    return (
+        current is not None
+        and current.version != target.version
+        and bool(client.exists(_sentinel(schema, current.version)))
+    )
+
+
+def _flip_waits(store: EmbeddingStore, model_version: str, held_back: int, max_error_rate: float) -> str | None:
+    """Why readers should not move to the build of ``model_version`` yet, or None: documents an open transaction
+    held back (the build would serve none of them, where the version readers have serves their earlier text), or
+    more than ``max_error_rate`` of its documents failed (an inference service down: it would serve almost
+    nothing)."""
+    reasons = []
+    if held_back:
+        reasons.append(f"{held_back} changed documents are held back by an open transaction")
+    failed, embedded = store.failure_count(model_version), store.embedded_count(model_version)
+    if failed and failed > max_error_rate * (failed + embedded):
+        reasons.append(f"{failed} of its {failed + embedded} documents failed to embed (over {max_error_rate:.0%})")
+    return "; ".join(reasons) or None
+
+
+def _version_keys(schema: KeySchema, version: Pointer) -> list[str]:
+    """The keys of a Redis version: its buckets and its marker."""
+    return [*(schema.bucket(EMBEDDING_KIND, version.version, b) for b in range(version.buckets)),
+            _sentinel(schema, version.version)]  # fmt: skip
 
 
 def _mean_fill(client: redis.Redis, schema: KeySchema, target: Pointer, sample: int = FILL_SAMPLE_BUCKETS) -> float:

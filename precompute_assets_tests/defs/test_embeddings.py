@@ -30,6 +30,7 @@ from precompute_assets.serving.keys import EMBEDDING_KIND, Pointer
 from precompute_assets.serving.rerank import rerank
 from precompute_assets.storage.documents import DocumentStore
 from precompute_assets.storage.embeddings import EmbeddingStore, SyncLockLost, sample_documents
+from precompute_assets.sync.embedding_quality import int8_recall
 from precompute_assets.sync.embeddings import SyncStats, sync_embeddings
 from precompute_assets.workload.documents import generate_documents
 
@@ -812,6 +813,35 @@ def test_changes_held_back_by_an_open_transaction_are_counted_and_its_session_na
         idle.close()
     after = sync_embeddings(docs, store, redis_client, embedder, schema=schema, log=lambda m: None)
     assert (after.embedded, after.held_back, after.held_back_by) == (3, 0, None)
+
+
+def test_a_new_models_build_without_the_held_back_changes_waits_while_readers_keep_their_version(
+    docs, app_db, redis_client, schema, embedder, corpus
+):
+    """A build flipped with documents held back served none of them, where the version readers had served their
+    earlier text; and int8_recall compared vectors of two models (h_emb). It now waits for the transaction."""
+    from precompute_assets.storage.postgres import connect
+
+    store = EmbeddingStore(app_db)
+    served = sync_embeddings(docs, store, redis_client, embedder, schema=schema, log=lambda m: None).redis_version
+    other = HashingSvdEmbedder.fit([document_text(t, b) for t, b in zip(corpus.title, corpus.body, strict=True)],
+                                   dim=32, sample=1500, seed=1)  # fmt: skip
+    idle = connect(app_db)
+    try:
+        with idle.cursor() as cur:
+            cur.execute("SELECT 1")  # its transaction stays open: idle in transaction
+        docs.load_frame(corpus.head(3).assign(body="a newer text"))
+        waiting = sync_embeddings(docs, store, redis_client, other, schema=schema, log=lambda m: None)
+        assert waiting.full_build and waiting.held_back == 3 and waiting.embedded == N_DOCS - 3
+        assert waiting.flip_waits == "3 changed documents are held back by an open transaction"
+        assert redis_client.get(schema.pointer(EMBEDDING_KIND)).decode().startswith(f"{served}:")
+        assert PredictionCache(redis_client, schema=schema).get_embedding(corpus.doc_id[0]).shape == (64,)
+        assert not math.isnan(int8_recall(store, docs, other, n=N_DOCS))  # its own model's vectors only
+    finally:
+        idle.close()
+    done = sync_embeddings(docs, store, redis_client, other, schema=schema, log=lambda m: None)
+    assert (done.embedded, done.held_back, done.flip_waits) == (3, 0, None)
+    assert PredictionCache(redis_client, schema=schema).get_embedding(corpus.doc_id[0]).shape == (32,)
 
 
 SAVE_UNDER_A_SIZE_LIMIT = """

@@ -139,3 +139,34 @@ def test_a_five_percent_flaky_service_leaves_under_a_tenth_of_a_percent_failed(a
         cache = PredictionCache(redis_client, schema=schema)
         served = cache.get_embeddings([f"doc{i:08d}" for i in range(n)])
         assert sum(v is not None for v in served) == stats.embedded
+
+
+def test_a_build_the_service_failed_waits_while_readers_keep_the_version_they_are_served(app_db, redis_client, schema):
+    """A new model's build with the inference service down embedded nothing: readers stay on the old version (its
+    TTL renewed), and the sync after the service is back retries the failures and flips."""
+    docs = DocumentStore(app_db)
+    docs.ensure_schema()
+    docs.load_frame(pd.concat(generate_documents(120, seed=6)))
+    ids = [f"doc{i:08d}" for i in range(120)]
+    store = EmbeddingStore(app_db)
+    cache = PredictionCache(redis_client, schema=schema, pointer_ttl_s=0)
+    with FakeEmbeddingService(dim=DIM) as service:
+        old = HttpEmbedder(url=service.url, model="old", dim=DIM, batch_size=40, max_retries=0)
+        served = sync_embeddings(docs, store, redis_client, old, schema=schema, log=quiet).redis_version
+        before = cache.get_embeddings(ids)
+        assert all(v is not None for v in before)
+        service.plan = lambda texts, number: "500"
+        new = HttpEmbedder(url=service.url, model="new", dim=DIM, batch_size=40, max_retries=0)
+        bucket = schema.bucket("doc_embedding", served, 0)
+        redis_client.expire(bucket, 60)
+        waiting = sync_embeddings(docs, store, redis_client, new, schema=schema, log=quiet)
+        assert (waiting.embedded, waiting.failed, waiting.full_build) == (0, 120, True)
+        assert waiting.flip_waits == "120 of its 120 documents failed to embed (over 5%)"
+        assert np.array_equal(np.stack(cache.get_embeddings(ids)), np.stack(before))
+        assert redis_client.get(schema.pointer("doc_embedding")).decode().startswith(f"{served}:")
+        assert redis_client.ttl(bucket) > 86_400
+        service.plan = lambda texts, number: None
+        done = sync_embeddings(docs, store, redis_client, new, schema=schema, log=quiet)
+        assert (done.retried, done.embedded, done.failed, done.flip_waits) == (120, 120, 0, None)
+        assert done.redis_version != served and all(v is not None for v in cache.get_embeddings(ids))
+        assert redis_client.get(schema.pointer("doc_embedding")).decode().startswith(f"{done.redis_version}:")
