@@ -24,6 +24,7 @@ from .publishing import (
     foreign_pointer,
     lost_in_redis,
     recorded_publish,
+    rejected_since,
 )
 from .query_logs import build_drain_schedule, query_log_cleanup_job, query_logs_job
 from .records import newest_metadata
@@ -151,8 +152,8 @@ def restore_request(
     if recorded is None:
         return None
     why = lost_in_redis(client, schema, "ctr", recorded)
-    if why is None or foreign_pointer(client, schema, recorded) is not None:
-        return None  # a restore would refuse to write over another version: the hit rate decides on a refresh
+    if why is None or foreign_pointer(client, schema, recorded) is not None or rejected_since(instance, recorded):
+        return None  # a restore would refuse (another version, a rejected day): the hit rate decides on a refresh
     records = instance.get_run_records(dg.RunsFilter(job_name=ctr_restore_job.name), limit=1)  # the newest
     if records and (status := records[0].dagster_run.status) in ACTIVE_RUN_STATUSES:
         return dg.SkipReason(f"restoring the ctr version Redis lost (run {records[0].dagster_run.run_id[:8]}): {why}")

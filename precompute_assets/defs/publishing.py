@@ -17,8 +17,9 @@ from ..serving.publish import missing_buckets, sampled_buckets
 from ..sync.embeddings import lost_redis_version
 from .experiment import carried_experiment, experiment_metadata, selected_experiment
 from .freshness import CTR_CACHE_FRESHNESS
+from .models import CTR_MODEL
 from .partitions import DEFAULT_PARTITIONS
-from .records import newest_metadata
+from .records import materializations, newest_metadata
 from .resources import LakeResource, RedisResource, out_of_memory
 
 DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
@@ -30,7 +31,6 @@ ROLLED_BACK_OVER = "rolled_back_over"  # metadata: the day a rollback replaced
 # field of its materialization naming the version it made current.
 PUBLISHED_KINDS = {"ctr": ("ctr_cache", "version"), EMBEDDING_KIND: ("document_embeddings", "redis_version")}
 SERVED_CHECK = "served_by_redis"  # the check, on each of those assets, that Redis still serves what it published
-RECORDS_SEARCHED = 20  # materializations searched, newest first, for the last publish (refused re-runs name none)
 
 
 class PublishConfig(dg.Config):
@@ -116,8 +116,11 @@ def ctr_cache(
         raise dg.Failure(description=f"nothing published: {error}", allow_retries=False) from None
     over = newer
     if config.rollback and over is None and result.already_current:
-        # A retry of a rollback whose flip landed: the version it replaced is the one its flip remembered.
-        over = newer_current_version(client.get(schema.previous("ctr")), context.partition_key)
+        # A retry of a rollback whose flip landed: the version it replaced is the one its flip remembered, or, once
+        # that record's grace ended, the newest publish of a later day Dagster recorded.
+        over = newer_current_version(client.get(schema.previous("ctr")), context.partition_key) or published_after(
+            context.instance, context.partition_key
+        )
     if result.already_current:
         context.log.info(f"ctr version {version} (these predictions) is current already: recorded, not published twice")
     else:
@@ -222,15 +225,27 @@ class RecordedPublish(NamedTuple):
 
 def recorded_publish(instance: dg.DagsterInstance, kind: str) -> RecordedPublish | None:
     """The version the newest publish of ``kind`` (``PUBLISHED_KINDS``) made current, with the newest materialization
-    of its asset (what a check evaluated now is about); None when none of the last ``RECORDS_SEARCHED`` published.
-    A ctr version is empty when its publish recorded no ``model_version`` (no predictions, so no model)."""
+    of its asset (what a check evaluated now is about); None when none published. Refused runs (a backfill of older
+    days, a refresh held by a rollback) record no version: the search pages back past any number of them. A ctr
+    version is empty when its publish recorded no ``model_version`` (no predictions, so no model)."""
     asset, field = PUBLISHED_KINDS[kind]
-    records = instance.fetch_materializations(dg.AssetKey(asset), limit=RECORDS_SEARCHED).records
-    for record in records:
+    newest = None
+    for record in materializations(instance, asset):
+        newest = newest or record
         metadata = record.asset_materialization.metadata if record.asset_materialization else {}
         if field in metadata:
             empty = kind == "ctr" and "model_version" not in metadata
-            return RecordedPublish(str(metadata[field].value), records[0], empty)
+            return RecordedPublish(str(metadata[field].value), newest, empty)
+    return None
+
+
+def published_after(instance: dg.DagsterInstance, day: str) -> str | None:
+    """The ctr version the newest publish of a day after ``day`` made current (the one a rollback to ``day``
+    replaced), or None."""
+    for record in materializations(instance, "ctr_cache"):
+        metadata = record.asset_materialization.metadata if record.asset_materialization else {}
+        if "version" in metadata and (version := str(metadata["version"].value)).split(".", 1)[0] > day:
+            return version
     return None
 
 
@@ -381,7 +396,20 @@ def served_ctr_version(instance: dg.DagsterInstance, client: redis.Redis, schema
         raise dg.Failure(description="ctr_cache never published a ctr version: nothing to restore", allow_retries=False)
     if (why := foreign_pointer(client, schema, recorded)) is not None:  # retried, it would fail alike
         raise dg.Failure(description=f"{why}: nothing restored over it", allow_retries=False)
+    if (why := rejected_since(instance, recorded)) is not None:
+        raise dg.Failure(description=f"ctr version {recorded.version} is not restored: {why}", allow_retries=False)
     return recorded
+
+
+def rejected_since(instance: dg.DagsterInstance, recorded: RecordedPublish) -> str | None:
+    """Why the ctr version ``recorded`` must not be published again: the newest ``ctr_model`` materialization of
+    its day rejects the day (a re-run that failed ``beats_baseline``: the day's verdict), so its predictions are no
+    longer to be served; None when it does not (or records no verdict), and for an empty version, which no model
+    made."""
+    metadata = {} if recorded.empty else newest_metadata(instance, CTR_MODEL, recorded.version.split(".", 1)[0])
+    if "approved" not in metadata or metadata["approved"].value:
+        return None
+    return f"its day's ctr_model {metadata['model_version'].value} failed beats_baseline since"
 
 
 @dg.op(

@@ -1,8 +1,9 @@
-"""What the Dagster instance recorded: the metadata of an asset's newest materialization."""
+"""What the Dagster instance recorded: the metadata of an asset's newest materialization, and its materializations
+newest first."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import dagster as dg
 
@@ -14,3 +15,15 @@ def newest_metadata(instance: dg.DagsterInstance, asset: str, partition: str | N
     records_filter = key if partition is None else dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition])
     records = instance.fetch_materializations(records_filter, limit=1).records
     return records[0].asset_materialization.metadata if records and records[0].asset_materialization else {}
+
+
+def materializations(instance: dg.DagsterInstance, asset: str, *, page: int = 100) -> Iterator[dg.EventLogRecord]:
+    """Every materialization of ``asset``, newest first, read ``page`` at a time as they are consumed: a search for
+    the newest of some kind reads only as far back as it has to, however many others came after it."""
+    cursor = None
+    while True:
+        result = instance.fetch_materializations(dg.AssetKey(asset), limit=page, cursor=cursor)
+        yield from result.records
+        if not result.has_more:
+            return
+        cursor = result.cursor

@@ -258,3 +258,77 @@ def test_cache_health_restores_the_ctr_version_served_under_an_operators_rollbac
         redis_client.delete(schema.pointer("ctr"))  # gone: restorable again
         assert isinstance(restore_request(instance, redis_client, schema, hours_later), dg.RunRequest)
     reader.close()
+
+
+def test_the_last_publish_is_found_behind_any_number_of_refused_runs_and_restored(
+    lake_uri, redis_url, redis_client, schema
+):
+    """A backfill of 25 older days is refused day by day (a newer day is current): the search for the version to
+    restore looked at the newest 20 materializations only, found none, and nothing was ever restored (h_ctr)."""
+    from precompute_assets.defs.automation import restore_request
+    from precompute_assets.defs.publishing import recorded_publish
+
+    lake = Lake(lake_uri)
+    lake.write("ctr_predictions", GOOD, pd.DataFrame({"ad_id": ["a1"], "ctr": [0.25], "model_version": "m"}))
+    older = [f"2026-10-{day:02d}" for day in range(1, 26)]
+    for day in older:
+        lake.write("ctr_predictions", day, pd.DataFrame({"ad_id": ["a1"], "ctr": [0.5], "model_version": "m"}))
+    with dg.instance_for_test() as instance:
+        good = publish(instance, lake_uri, redis_url, schema.namespace, GOOD)["version"]
+        assert not any(publish(instance, lake_uri, redis_url, schema.namespace, day)["published"] for day in older)
+        redis_client.delete(*redis_client.keys(f"{schema.prefix}:ctr:*"))  # a restart without persistence
+        assert recorded_publish(instance, "ctr").version == good
+        request = restore_request(instance, redis_client, schema, datetime.now(UTC))
+        assert isinstance(request, dg.RunRequest) and request.run_key.startswith(f"ctr-restore-{good}-")
+
+
+def test_a_rollback_re_run_after_the_replaced_versions_grace_still_holds_the_bad_day(
+    lake_uri, redis_url, redis_client, schema
+):
+    """A rollback whose flip landed and whose run failed, re-run once the replaced version's grace (and its record,
+    ``{kind}:previous``) ended: it found no day it replaced, recorded no hold, and the next refresh published the bad
+    day again (h_ctr). The day it replaced is now also read from Dagster's record of the publishes."""
+    from precompute_assets.defs.publishing import content_version, rolled_back_over
+    from precompute_assets.serving import publish_version
+
+    lake = Lake(lake_uri)
+    good_rows = pd.DataFrame({"ad_id": ["a1", "a2"], "ctr": [0.1, 0.2], "model_version": "m"})
+    lake.write("ctr_predictions", GOOD, good_rows)
+    lake.write("ctr_predictions", BAD, pd.DataFrame({"ad_id": ["a1"], "ctr": [0.9], "model_version": "m"}))
+    with dg.instance_for_test() as instance:
+        good = publish(instance, lake_uri, redis_url, schema.namespace, GOOD)["version"]
+        assert good == content_version(GOOD, good_rows, None)
+        bad = publish(instance, lake_uri, redis_url, schema.namespace, BAD)["version"]
+        items = zip(good_rows["ad_id"], good_rows["ctr"], strict=True)  # the rollback's flip, then its run failed
+        publish_version(redis_client, "ctr", good, items, n_keys=2, schema=schema, grace_s=1, hand_over=False)
+        redis_client.delete(schema.previous("ctr"))  # its grace ended
+        again = publish(instance, lake_uri, redis_url, schema.namespace, GOOD, rollback=True)
+        assert again["already_current"] and again["rolled_back_over"] == BAD == rolled_back_over(instance)
+        assert not publish(instance, lake_uri, redis_url, schema.namespace, BAD)["published"]
+        assert Pointer.decode(redis_client.get(schema.pointer("ctr"))).version == good != bad
+
+
+def test_a_version_whose_days_model_a_re_run_rejected_is_not_restored(lake_uri, redis_url, redis_client, schema):
+    """The newest ctr_model materialization of a day is its verdict: once a re-run failed beats_baseline, the day's
+    predictions are not served again by a restore (h_ctr); the hit rate decides on a refresh."""
+    from precompute_assets.defs.automation import restore_request
+    from precompute_assets.defs.publishing import ctr_restore_job
+
+    Lake(lake_uri).write("ctr_predictions", GOOD, pd.DataFrame({"ad_id": ["a1"], "ctr": [0.25], "model_version": "m"}))
+    redis_resource = RedisResource(url=redis_url, namespace=schema.namespace)
+    resources = {"lake": LakeResource(base_uri=lake_uri), "redis": redis_resource}
+    with dg.instance_for_test() as instance:
+        verdict = {"model_version": f"{GOOD}.aaaaaaaa", "approved": True}
+        instance.report_runless_asset_event(dg.AssetMaterialization("ctr_model", partition=GOOD, metadata=verdict))
+        good = publish(instance, lake_uri, redis_url, schema.namespace, GOOD)["version"]
+        redis_client.delete(*redis_client.keys(f"{schema.prefix}:ctr:*"))
+        assert isinstance(restore_request(instance, redis_client, schema, datetime.now(UTC)), dg.RunRequest)
+        rejected = {"model_version": f"{GOOD}.bbbbbbbb", "approved": False}
+        instance.report_runless_asset_event(dg.AssetMaterialization("ctr_model", partition=GOOD, metadata=rejected))
+        assert restore_request(instance, redis_client, schema, datetime.now(UTC)) is None
+        run = ctr_restore_job.execute_in_process(instance=instance, resources=resources, raise_on_error=False)
+        (failure,) = [e for e in run.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE]
+        description = failure.step_failure_data.user_failure_data.description
+        assert description == (f"ctr version {good} is not restored: its day's ctr_model {GOOD}.bbbbbbbb failed "
+                               "beats_baseline since")  # fmt: skip
+        assert redis_client.get(schema.pointer("ctr")) is None
