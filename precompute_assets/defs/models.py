@@ -41,10 +41,14 @@ class CtrModelConfig(dg.Config):
         description="Days of impressions up to the partition's day; the declared ad_impressions dependency covers the "
         "default.",
     )
-    valid_fraction: float = Field(0.2, description="The newest share of the impressions held out for validation.")
+    valid_fraction: float = Field(
+        0.2, description="The newest share of the training days held out for validation (at least one day)."
+    )
     n_estimators: int = Field(100, description="Trees of the forest.")
     max_depth: int = Field(12, description="Depth of each tree.")
-    min_samples_leaf: int = Field(5, description="Impressions per leaf, at least.")
+    min_samples_leaf: int = Field(
+        5, description="(ad, day) rows per leaf, at least (the fit weighs each by its impressions)."
+    )
     min_category_ads: int = Field(
         5,
         description="A category value seen on fewer training ads is folded into the unseen bucket (all-zero "
