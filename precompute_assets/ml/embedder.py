@@ -41,6 +41,7 @@ FORMAT = "hashing-svd/1"
 EMPTY = "empty"
 INVALID_UTF8 = "invalid utf-8"
 TOO_LARGE = "too large"
+ZERO_VECTOR = "no known n-gram (a vector of zeros)"  # a text the model maps to nothing: no direction
 
 _SPACE = 32
 # A character that shows: not white space, nor one of the invisible format characters scraped text carries (zero-width
@@ -458,10 +459,12 @@ def embed_documents(
     if not texts:
         return EmbeddedDocuments(np.zeros((0, embedder.dim), dtype=np.float32), indices, failures)
     encode_checked = getattr(embedder, "encode_checked", None)
-    if encode_checked is None:
-        return EmbeddedDocuments(embedder.encode(texts), indices, failures)
     # a backend that can fail per text (an inference service): its failures join the document failures
-    vectors, failed = encode_checked(texts)
+    vectors, failed = (embedder.encode(texts), {}) if encode_checked is None else encode_checked(texts)
+    # A vector of zeros (a text of no n-gram the model knows, emoji only, say) points nowhere: a cosine with it is 0,
+    # which ranked it above every real candidate of negative score. It is a failure, not an embedding.
+    failed = {**failed, **{j: ZERO_VECTOR for j in np.flatnonzero(~np.any(vectors != 0, axis=1)).tolist()
+                           if j not in failed}}  # fmt: skip
     if failed:
         failures.update((indices[j], reason) for j, reason in failed.items())
         keep = np.array([j not in failed for j in range(len(texts))])

@@ -30,9 +30,9 @@ def rerank(
     tenant: str | None = None,
 ) -> list[tuple[str, float | None]]:
     """``doc_ids`` as ``(doc_id, cosine)`` pairs, most similar first; candidates without an embedding in the
-    current version (or when Redis is unreachable) come last with ``None``, in their given order. Every
-    candidate is logged as a query of ``kind``. A query vector of another dimension than the stored ones, or
-    stored vectors of different models, raise ``ValueError`` (comparing them would rank nonsense)."""
+    current version (or when Redis is unreachable), or with one of zeros, come last with ``None``, in their given
+    order. Every candidate is logged as a query of ``kind``. A query vector of another dimension than the stored
+    ones, or stored vectors of different models, raise ``ValueError`` (comparing them would rank nonsense)."""
     check_keys(doc_ids)
     query = np.asarray(query_vector, dtype=np.float32).ravel()
     if not np.isfinite(query).all() or not query.any():
@@ -49,9 +49,10 @@ def rerank(
         raise ValueError(f"query vector has {len(query)} dimensions, the stored embeddings {vectors.shape[1]}")
     norms = np.linalg.norm(vectors, axis=1) * np.linalg.norm(query)
     scores = np.divide(vectors @ query, norms, out=np.zeros(len(found), dtype=np.float32), where=norms > 0)
-    order = np.argsort(-scores, kind="stable")
+    # a stored vector of zeros (written before the sync refused them) has no direction: no score, not a cosine of 0
+    order = [j for j in np.argsort(-scores, kind="stable").tolist() if norms[j] > 0]
     ranked: list[tuple[str, float | None]] = [(doc_ids[found[j]], float(scores[j])) for j in order]
-    missing = set(range(len(doc_ids))) - set(found)
+    missing = set(range(len(doc_ids))) - {found[j] for j in order}
     return ranked + [(doc_ids[i], None) for i in sorted(missing)]
 
 

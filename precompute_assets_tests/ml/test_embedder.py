@@ -14,6 +14,7 @@ from precompute_assets.ml.embedder import (
     INVALID_UTF8,
     MAX_BODY_BYTES,
     TOO_LARGE,
+    ZERO_VECTOR,
     HashingSvdEmbedder,
     document_text,
     embed_documents,
@@ -181,6 +182,14 @@ def test_bad_documents_are_reported_and_do_not_fail_the_batch(model: HashingSvdE
 
     nothing = embed_documents(model, [("", "")])
     assert nothing.vectors.shape == (0, model.dim) and nothing.failures == {0: EMPTY}
+
+
+def test_a_text_the_model_maps_to_a_vector_of_zeros_is_a_failure(model: HashingSvdEmbedder, texts: list[str]) -> None:
+    """Emoji only: no n-gram the model knows. Stored, its zeros gave a cosine of 0 with any query, above every real
+    candidate of negative score (h_emb)."""
+    assert not model.encode(["🙂🙂🙂 🎉🎉"]).any()
+    result = embed_documents(model, [("", "🙂🙂🙂 🎉🎉"), ("Tokyo news", texts[FIT_DOCS + 1])])
+    assert result.failures == {0: ZERO_VECTOR} and result.indices == [1] and result.vectors.shape == (1, model.dim)
 
 
 def test_sentence_transformer_backend(texts: list[str]) -> None:

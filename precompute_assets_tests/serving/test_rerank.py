@@ -43,6 +43,16 @@ def test_candidates_come_back_in_cosine_order_with_the_missing_last(redis_url, r
     assert len(logged_queries(redis_client, schema)) == 102
 
 
+def test_a_stored_vector_of_zeros_comes_last_without_a_score(redis_url, redis_client, schema):
+    """A vector of zeros has no direction: scored 0, it ranked above every candidate of negative cosine (h_emb)."""
+    vectors = np.array([[1.0, 0.0], [-1.0, 0.0], [0.0, 0.0]], dtype=np.float32)
+    raws = encode_batch(vectors, model_version="m1")
+    publish_version(redis_client, "doc_embedding", "z1", zip(["a", "b", "zero"], raws, strict=True), n_keys=3,
+                    schema=schema)  # fmt: skip
+    cache = PredictionCache(connect(redis_url, socket_timeout=5), schema=schema)
+    assert rerank(cache, np.array([-1.0, 0.0]), ["zero", "a", "b"]) == [("b", 1.0), ("a", -1.0), ("zero", None)]
+
+
 def test_bad_queries_are_refused_and_redis_trouble_is_misses(redis_url, redis_client, schema):
     ids, _ = publish_docs(redis_client, schema, n=50)
     cache = PredictionCache(connect(redis_url, socket_timeout=5), schema=schema)
