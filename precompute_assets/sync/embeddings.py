@@ -41,7 +41,7 @@ import numpy as np
 import redis
 
 from ..ml.embedder import MAX_CHARS, Embedder, embed_documents
-from ..serving.keys import EMBEDDING_KIND, KeySchema, Pointer, check_key, check_keys
+from ..serving.keys import EMBEDDING_KIND, KeySchema, Pointer, bucket_ids, check_key, check_keys
 from ..serving.publish import (
     KEYS_PER_BUCKET,
     bucket_count,
@@ -78,6 +78,7 @@ class SyncStats:
     held_back_by: str | None = None  # that transaction's session, when documents were held back
     # why a build was not flipped to (readers stay on the version they have; the next sync goes on with it), or None
     flip_waits: str | None = None
+    mended: int = 0  # stored embeddings written back into buckets Redis lost (evicted, expired) under the marker
     seconds: float = 0.0
     failure_reasons: dict[str, int] = field(default_factory=dict)
 
@@ -149,6 +150,8 @@ def _sync(
         log(f"full build of {n_docs} documents with {model_version} into Redis version {redis_version}")
     target = Pointer(progress.redis_version, progress.buckets)
     stats = SyncStats(model_version, target.version, full_build=not progress.complete)
+    if progress.complete or progress.watermark is not None:  # a version with values: Redis may have lost some
+        stats.mended = _mend_lost_buckets(store, client, schema, model_version, target, ttl_s, log)
     horizon = documents.stable_horizon()
     started = time.perf_counter()  # before the copy below: a sync's seconds include it, as they did at the end
     # Widen before writing, not after: a big load patched into a version sized for a small (or empty) corpus grew
@@ -287,6 +290,31 @@ def _version_keys(schema: KeySchema, version: Pointer) -> list[str]:
     """The keys of a Redis version: its buckets and its marker."""
     return [*(schema.bucket(EMBEDDING_KIND, version.version, b) for b in range(version.buckets)),
             _sentinel(schema, version.version)]  # fmt: skip
+
+
+def _mend_lost_buckets(
+    store: EmbeddingStore, client: redis.Redis, schema: KeySchema, model_version: str, target: Pointer, ttl_s: int,
+    log: Callable[[str], None],
+) -> int:  # fmt: skip
+    """Write the stored embeddings of ``target``'s buckets that Redis lost (evicted or expired, while its marker, read
+    and renewed by every sync, lived on) back from the offline store, which holds every embedding the version holds;
+    the number written. Every bucket is looked at (one ``EXISTS`` each); the store is read only when one is missing,
+    and a bucket no stored embedding falls in (its documents deleted) is none lost."""
+    names = [schema.bucket(EMBEDDING_KIND, target.version, b).encode() for b in range(target.buckets)]
+    missing = {b for b, there in enumerate(run_commands(client, [(b"EXISTS", name) for name in names])) if not there}
+    if not missing:
+        return 0
+    written = 0
+    for page in store.iter_values(model_version):
+        ids = bucket_ids([doc_id.encode() for doc_id, _ in page], target.buckets)
+        lost = [item for item, bucket in zip(page, ids.tolist(), strict=True) if bucket in missing]
+        if lost:
+            patch_version(client, EMBEDDING_KIND, target, upserts=lost, schema=schema, ttl_s=ttl_s)
+            written += len(lost)
+    if written:
+        log(f"Redis lost {len(missing)} of the {target.buckets} buckets of version {target.version} (evicted or "
+            f"expired): {written} stored embeddings written back")  # fmt: skip
+    return written
 
 
 def _mean_fill(client: redis.Redis, schema: KeySchema, target: Pointer, sample: int = FILL_SAMPLE_BUCKETS) -> float:

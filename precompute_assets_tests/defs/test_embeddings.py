@@ -682,6 +682,29 @@ def test_a_lost_redis_version_is_rebuilt_not_patched(docs, app_db, redis_client,
     assert PredictionCache(redis_client, schema=schema).get_embedding("doc00000003") is not None
 
 
+def test_buckets_lost_under_a_living_marker_are_written_back_by_the_next_sync(
+    docs, app_db, redis_client, schema, embedder
+):
+    """Eviction takes idle buckets first; the marker, read and renewed by every sync, outlived them: the sync found the
+    version intact and patched nothing back, and the lost documents stayed unserved for good (h_emb)."""
+    store = EmbeddingStore(app_db)
+    first = sync_embeddings(docs, store, redis_client, embedder, schema=schema, log=lambda m: None)
+    cache = PredictionCache(redis_client, schema=schema, pointer_ttl_s=0)
+    ids = [f"doc{i:08d}" for i in range(N_DOCS)]
+    pointer = Pointer.decode(redis_client.get(schema.pointer(EMBEDDING_KIND)))
+    lost = [0, pointer.buckets // 2]
+    held = sum(redis_client.hlen(schema.bucket(EMBEDDING_KIND, first.redis_version, b)) for b in lost)
+    redis_client.unlink(*(schema.bucket(EMBEDDING_KIND, first.redis_version, b) for b in lost))  # as eviction would
+    assert sum(v is None for v in cache.get_embeddings(ids)) == held > 0
+    lines: list[str] = []
+    again = sync_embeddings(docs, store, redis_client, embedder, schema=schema, log=lines.append)
+    assert (again.full_build, again.embedded, again.mended) == (False, 0, held)
+    assert again.redis_version == first.redis_version
+    assert all(v is not None for v in cache.get_embeddings(ids))
+    assert any(line.startswith(f"Redis lost 2 of the {pointer.buckets} buckets") for line in lines)
+    assert sync_embeddings(docs, store, redis_client, embedder, schema=schema, log=lambda m: None).mended == 0
+
+
 def test_two_syncs_never_run_at_once(docs, app_db, redis_client, schema, embedder):
     store = EmbeddingStore(app_db)
     with store.exclusive(), pytest.raises(RuntimeError, match="another embedding sync is running"):
