@@ -43,6 +43,8 @@ CREATE TABLE IF NOT EXISTS embedding_progress (
 -- failures the next sync retries (an inference service's), found without scanning the whole table
 CREATE INDEX IF NOT EXISTS embedding_failures_retry ON embedding_failures (model_version, doc_id)
     WHERE reason LIKE 'service:%';
+-- embeddings of another model than the one synced (a sync of that model since), found without scanning the table
+CREATE INDEX IF NOT EXISTS document_embeddings_model ON document_embeddings (model_version, doc_id);
 """
 SYNC_LOCK_KEY = "hashtext('precompute.embedding_sync')"  # the advisory lock of one sync at a time (bigint key)
 # The sync lock as pg_locks lists it, held by the session of a given pid: a bigint key's low 32 bits are its objid.
@@ -50,7 +52,13 @@ HOLDS_SYNC_LOCK = (
     "SELECT EXISTS (SELECT FROM pg_locks WHERE locktype = 'advisory' AND granted AND pid = %s AND objsubid = 1"
     f" AND objid = ({SYNC_LOCK_KEY}::bigint & 4294967295)::oid)"
 )
-SCHEMA_OBJECTS = ("document_embeddings", "embedding_failures", "embedding_progress", "embedding_failures_retry")
+SCHEMA_OBJECTS = (
+    "document_embeddings",
+    "embedding_failures",
+    "embedding_progress",
+    "embedding_failures_retry",
+    "document_embeddings_model",
+)
 EXACT_COUNT_BELOW = 10_000  # the staleness denominator is counted exactly below this, else estimated
 SAMPLE_OVERSAMPLE = 3  # TABLESAMPLE reads this many times the rows asked for, then picks among them
 
@@ -242,6 +250,32 @@ class EmbeddingStore:
         ).format(t=sql.Identifier(documents.table), body=body_column(body_chars, "d"))
         with self.connect() as conn, conn.cursor() as cur:
             cur.execute(query, (model_version, after, limit))
+            return list(map(DocumentRow._make, cur.fetchall()))
+
+    def other_model_documents(
+        self,
+        documents: DocumentStore,
+        model_version: str,
+        *,
+        after: str = "",
+        limit: int = 10_000,
+        body_chars: int | None = None,
+    ) -> list[DocumentRow]:
+        """Up to ``limit`` live documents (doc_id order, after ``after``) at or behind the sync watermark of
+        ``model_version`` whose stored embedding is another model's: a sync of that model (a build killed half-way,
+        say) replaced theirs since, so the version of ``model_version`` cannot be copied whole from the store, and
+        they are embedded again (those past the watermark, the watermark scan embeds). Reads the
+        ``(model_version, doc_id)`` index: two ranges, empty but after a switch between models."""
+        query = sql.SQL(
+            "SELECT d.doc_id, d.title, {body}, d.language, d.indexed_at, d.modified_at, d.deleted"
+            " FROM document_embeddings e JOIN {t} d ON d.doc_id = e.doc_id"
+            " JOIN embedding_progress p ON p.model_version = %s"
+            " WHERE (e.model_version < %s OR e.model_version > %s) AND e.doc_id > %s AND NOT d.deleted"
+            " AND (d.modified_at, d.doc_id) <= (p.watermark_modified_at, p.watermark_doc_id)"
+            " ORDER BY e.doc_id LIMIT %s"
+        ).format(t=sql.Identifier(documents.table), body=body_column(body_chars, "d"))
+        with self.connect() as conn, conn.cursor() as cur:
+            cur.execute(query, (model_version, model_version, model_version, after, limit))
             return list(map(DocumentRow._make, cur.fetchall()))
 
     def stale_share(

@@ -14,7 +14,9 @@ when more than ``max_error_rate`` of its documents failed to embed (an inference
 version (its TTL renewed), and the next sync goes on with the build (``SyncStats.flip_waits``).
 
 Documents an inference service failed to embed (reason ``service: ...``, see ``ml.embedding_service``) are
-retried at the start of the next sync, before the watermark scan, without moving the watermark.
+retried at the start of the next sync, before the watermark scan, without moving the watermark; so are documents
+behind the watermark whose stored embedding (one per document) a sync of another model replaced since, a build
+killed half-way before going back to the earlier model, say: else a copy of the version from the store lacks them.
 
 A version patched in place grows with the corpus; no bucket should hold more than ``max_bucket_fill`` keys on
 average (past that, hashing puts some buckets over the 128 entries of Redis' compact listpack encoding). Before it
@@ -72,7 +74,9 @@ class SyncStats:
     deleted: int = 0
     failed: int = 0
     chunks: int = 0
-    retried: int = 0  # earlier service failures tried again (counted in embedded or failed as well)
+    # earlier service failures tried again, and documents behind the watermark whose stored embedding a sync of
+    # another model replaced (counted in embedded or failed as well)
+    retried: int = 0
     rebuilt_buckets: tuple[int, int] | None = None  # (old, new) when the version was widened
     held_back: int = 0  # documents changed after the oldest open transaction began: left for a later sync
     held_back_by: str | None = None  # that transaction's session, when documents were held back
@@ -171,17 +175,24 @@ def _sync(
         rows = documents.changed_since(watermark, limit=chunk_size, body_chars=body_chars)
         return [row for row in rows if row.modified_at < horizon]
 
-    def retry_pages() -> Iterator[list[DocumentRow]]:
-        """Earlier service failures, a page at a time (a fresh build embeds everything anyway)."""
+    def behind_pages(find: Callable[..., list[DocumentRow]]) -> Iterator[list[DocumentRow]]:
+        """Documents behind the watermark that ``find`` names, a page at a time (a fresh build embeds everything
+        anyway)."""
         after = ""
         while progress.watermark is not None:
-            page = store.retryable_failures(documents, model_version, after=after, limit=chunk_size,
-                                            body_chars=body_chars)  # fmt: skip
+            page = find(documents, model_version, after=after, limit=chunk_size, body_chars=body_chars)
             if page:
                 yield page
             if len(page) < chunk_size:
                 return
             after = page[-1].doc_id
+
+    def retry_pages() -> Iterator[tuple[list[DocumentRow], str]]:
+        """Earlier service failures, then documents whose stored embedding another model's sync replaced."""
+        for page in behind_pages(store.retryable_failures):
+            yield page, f"retrying {len(page)} documents the embedding service failed on before"
+        for page in behind_pages(store.other_model_documents):
+            yield page, f"embedding again {len(page)} documents whose stored embedding a sync of another model replaced"
 
     # Three stages overlap: the next chunk is read and the previous ones written (Redis, then the
     # PostgreSQL commits that advance the watermark) while this one is embedded. Writes stay in order.
@@ -192,10 +203,10 @@ def _sync(
         written: Future | None = None
         # Earlier service failures first, in doc_id pages; their chunks leave the watermark where it is,
         # and the scan after them finds the documents changed meanwhile.
-        for page in retry_pages():
+        for page, why in retry_pages():
             if stop_after_chunks is not None and stats.chunks >= stop_after_chunks:
                 break
-            log(f"retrying {len(page)} documents the embedding service failed on before")
+            log(why)
             chunk = _embed_chunk(page, embedder, dtype, model_version)
             chunk.watermark = None  # behind the watermark: leave it where it is
             if written is not None:

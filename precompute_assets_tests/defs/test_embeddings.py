@@ -705,6 +705,27 @@ def test_buckets_lost_under_a_living_marker_are_written_back_by_the_next_sync(
     assert sync_embeddings(docs, store, redis_client, embedder, schema=schema, log=lambda m: None).mended == 0
 
 
+def test_going_back_to_a_model_after_a_killed_build_of_another_embeds_again_what_the_build_replaced(
+    docs, app_db, redis_client, schema, embedder, corpus
+):
+    """The store keeps one embedding per document: a killed build of B replaced A's of its first chunk, and the
+    sync of A after it skipped them, so a later widening (a copy from the store) lost those documents for good
+    (h_emb). Both models now embed again, behind their watermark, what the other one's sync replaced."""
+    store = EmbeddingStore(app_db)
+    sync_embeddings(docs, store, redis_client, embedder, schema=schema, log=lambda m: None)
+    other = HashingSvdEmbedder.fit([document_text(t, b) for t, b in zip(corpus.title, corpus.body, strict=True)],
+                                   dim=32, sample=1500, seed=1)  # fmt: skip
+    killed = sync_embeddings(docs, store, redis_client, other, schema=schema, chunk_size=500, stop_after_chunks=1,
+                             log=lambda m: None)  # fmt: skip
+    assert killed.embedded == 500 and store.embedded_count(embedder.version) == N_DOCS - 500
+    back = sync_embeddings(docs, store, redis_client, embedder, schema=schema, log=lambda m: None)
+    assert (back.full_build, back.retried, back.embedded) == (False, 500, 500)
+    assert store.embedded_count(embedder.version) == N_DOCS
+    assert sync_embeddings(docs, store, redis_client, embedder, schema=schema, log=lambda m: None).retried == 0
+    resumed = sync_embeddings(docs, store, redis_client, other, schema=schema, log=lambda m: None)
+    assert resumed.full_build and resumed.retried == 500 and store.embedded_count(other.version) == N_DOCS
+
+
 def test_two_syncs_never_run_at_once(docs, app_db, redis_client, schema, embedder):
     store = EmbeddingStore(app_db)
     with store.exclusive(), pytest.raises(RuntimeError, match="another embedding sync is running"):
