@@ -71,7 +71,7 @@ def ctr_cache(
         raise dg.Failure(description=problem, allow_retries=False)  # the same run config fails the same way again
     client, schema = redis.client(), redis.schema()
     newer = newer_current_version(client.get(schema.pointer("ctr")), context.partition_key)
-    held = None if config.rollback else rolled_back_over(context.instance)
+    held = rolled_back_over(context.instance)
     if newer is not None and config.rollback:
         context.log.warning(f"rollback: {newer} (a newer day) gives way to the predictions of {context.partition_key}")
     elif newer is not None:
@@ -79,7 +79,7 @@ def ctr_cache(
         context.log.warning(f"not published: {newer} (a newer day) is current")
         return dg.MaterializeResult(metadata={"published": False, "current_version": newer, "keys_written": 0,
                                               **({ROLLED_BACK_OVER: held} if held else {})})  # fmt: skip
-    elif held is not None and context.partition_key <= held:
+    elif held is not None and not config.rollback and context.partition_key <= held:
         # An operator rolled the day back: a refresh (cache_health) or re-run must not publish it again by itself.
         context.log.warning(f"not published: an operator rolled {held} back; publish it with config rollback: true")
         return dg.MaterializeResult(metadata={"published": False, ROLLED_BACK_OVER: held, "keys_written": 0})
@@ -121,6 +121,10 @@ def ctr_cache(
         over = newer_current_version(client.get(schema.previous("ctr")), context.partition_key) or published_after(
             context.instance, context.partition_key
         )
+    over_day = None if over is None else over.split(".", 1)[0]
+    if config.rollback and held is not None and context.partition_key < held:
+        # a rollback to a day before the one held back (its predictions published again, say) keeps the hold
+        over_day = max(over_day or held, held)
     if result.already_current:
         context.log.info(f"ctr version {version} (these predictions) is current already: recorded, not published twice")
     else:
@@ -151,7 +155,7 @@ def ctr_cache(
             **experiment_metadata(experiment),  # selection_experiment credits the version's queries to it
             "handed_over": result.handed_over,
             **({"settle_error": result.settle_error} if result.settle_error else {}),
-            **({ROLLED_BACK_OVER: over.split(".", 1)[0]} if over is not None else {}),
+            **({ROLLED_BACK_OVER: over_day} if over_day is not None else {}),
         }
     )
 

@@ -209,9 +209,13 @@ class EmbeddingStore:
                     (model_version, now),
                 )
                 cur.execute("DELETE FROM embedding_failures f USING chunk c WHERE f.doc_id = c.doc_id")
-            gone = deleted + [doc_id for doc_id, _, _ in failures]
-            if gone:
-                cur.execute("DELETE FROM document_embeddings WHERE doc_id = ANY(%s)", (gone,))
+            if deleted:
+                cur.execute("DELETE FROM document_embeddings WHERE doc_id = ANY(%s)", (deleted,))
+            if failures:  # another model's embedding stays: a failed build of a new model must not cost the old one
+                cur.execute(
+                    "DELETE FROM document_embeddings WHERE doc_id = ANY(%s) AND model_version = %s",
+                    ([doc_id for doc_id, _, _ in failures], model_version),
+                )
             if deleted:
                 cur.execute("DELETE FROM embedding_failures WHERE doc_id = ANY(%s)", (deleted,))
             for doc_id, modified_at, reason in failures:
@@ -272,6 +276,8 @@ class EmbeddingStore:
             " JOIN embedding_progress p ON p.model_version = %s"
             " WHERE (e.model_version < %s OR e.model_version > %s) AND e.doc_id > %s AND NOT d.deleted"
             " AND (d.modified_at, d.doc_id) <= (p.watermark_modified_at, p.watermark_doc_id)"
+            " AND NOT EXISTS (SELECT FROM embedding_failures f"  # one it failed on: tried, not to be tried again
+            " WHERE f.doc_id = e.doc_id AND f.model_version = p.model_version)"
             " ORDER BY e.doc_id LIMIT %s"
         ).format(t=sql.Identifier(documents.table), body=body_column(body_chars, "d"))
         with self.connect() as conn, conn.cursor() as cur:
@@ -325,10 +331,12 @@ class EmbeddingStore:
             changed, failed = cur.fetchone()
         return changed + failed
 
-    def failure_count(self, model_version: str) -> int:
-        """Documents whose latest embedding with ``model_version`` failed."""
+    def failure_count(self, model_version: str, *, service_only: bool = False) -> int:
+        """Documents whose latest embedding with ``model_version`` failed (in the embedding service only: the
+        failures the next sync retries)."""
+        service = " AND reason LIKE 'service:%%'" if service_only else ""
         with self.connect() as conn, conn.cursor() as cur:
-            cur.execute("SELECT count(*) FROM embedding_failures WHERE model_version = %s", (model_version,))
+            cur.execute(f"SELECT count(*) FROM embedding_failures WHERE model_version = %s{service}", (model_version,))
             return cur.fetchone()[0]
 
     def embedded_count(self, model_version: str) -> int:

@@ -10,8 +10,9 @@ are idempotent), so nothing is duplicated or skipped. Chunks commit only once Re
 The first sync of an embedding model version builds a new Redis version and flips to it at the end;
 later syncs patch that version in place (new, modified and deleted documents only). While readers are served a
 version whole, a build is not flipped to when documents an open transaction held back would be missing from it, or
-when more than ``max_error_rate`` of its documents failed to embed (an inference service down): readers keep their
-version (its TTL renewed), and the next sync goes on with the build (``SyncStats.flip_waits``).
+when more than ``max_error_rate`` of its documents failed in the embedding service (down; the next sync retries
+them): readers keep their version (its TTL renewed, documents deleted meanwhile taken out of it too), and the next
+sync goes on with the build (``SyncStats.flip_waits``).
 
 Documents an inference service failed to embed (reason ``service: ...``, see ``ml.embedding_service``) are
 retried at the start of the next sync, before the watermark scan, without moving the watermark; so are documents
@@ -197,7 +198,9 @@ def _sync(
     # Three stages overlap: the next chunk is read and the previous ones written (Redis, then the
     # PostgreSQL commits that advance the watermark) while this one is embedded. Writes stay in order.
     stopped_early = False
-    chunks = _ChunkWriter(store, client, schema, target, model_version, write_batch, replica_wait_s, ttl_s)
+    # a build's deletes reach the version readers are on too: a deleted document is never served while a build waits
+    served = current if _served_whole(client, schema, current, target) else None
+    chunks = _ChunkWriter(store, client, schema, target, model_version, write_batch, replica_wait_s, ttl_s, served)
     with ThreadPoolExecutor(1, "embedding-read") as reader, ThreadPoolExecutor(1, "embedding-write") as writer:
         next_rows: Future = reader.submit(read, progress.watermark)
         written: Future | None = None
@@ -286,14 +289,18 @@ def _served_whole(client: redis.Redis, schema: KeySchema, current: Pointer | Non
 def _flip_waits(store: EmbeddingStore, model_version: str, held_back: int, max_error_rate: float) -> str | None:
     """Why readers should not move to the build of ``model_version`` yet, or None: documents an open transaction
     held back (the build would serve none of them, where the version readers have serves their earlier text), or
-    more than ``max_error_rate`` of its documents failed (an inference service down: it would serve almost
-    nothing)."""
+    more than ``max_error_rate`` of its documents failed in the embedding service (down: it would serve almost
+    nothing), which the next sync retries."""
     reasons = []
     if held_back:
         reasons.append(f"{held_back} changed documents are held back by an open transaction")
-    failed, embedded = store.failure_count(model_version), store.embedded_count(model_version)
-    if failed and failed > max_error_rate * (failed + embedded):
-        reasons.append(f"{failed} of its {failed + embedded} documents failed to embed (over {max_error_rate:.0%})")
+    # Only failures that can clear count: a document no model embeds (blank text) fails the version served alike.
+    service, failed = store.failure_count(model_version, service_only=True), store.failure_count(model_version)
+    if service and service > max_error_rate * (failed + store.embedded_count(model_version)):
+        total = failed + store.embedded_count(model_version)
+        reasons.append(
+            f"{service} of its {total} documents failed in the embedding service (over {max_error_rate:.0%})"
+        )
     return "; ".join(reasons) or None
 
 
@@ -448,7 +455,8 @@ def _embed_chunk(rows: list[DocumentRow], embedder: Embedder, dtype: str, model_
 
 
 class _ChunkWriter:
-    """Writes chunks in order: Redis first, then each chunk's PostgreSQL commit, which advances the watermark.
+    """Writes chunks in order: Redis first, then each chunk's PostgreSQL commit, which advances the watermark. During
+    a build, ``served`` is the version readers are on: deleted documents leave it too.
 
     Chunks are held until ``batch`` documents are pending, so that each Redis bucket gets one HSET with
     several fields rather than several with one (a version of 1M documents has ~16k buckets, so a chunk of
@@ -459,8 +467,9 @@ class _ChunkWriter:
     def __init__(
         self, store: EmbeddingStore, client: redis.Redis, schema: KeySchema, target: Pointer, model_version: str,
         batch: int = REDIS_BATCH_DOCS, replica_wait_s: float = REPLICA_WAIT_S, ttl_s: int | None = None,
+        served: Pointer | None = None,
     ) -> None:  # fmt: skip
-        self.store, self.client, self.schema, self.target = store, client, schema, target
+        self.store, self.client, self.schema, self.target, self.served = store, client, schema, target, served
         self.model_version, self.batch, self.replica_wait_s, self.ttl_s = model_version, batch, replica_wait_s, ttl_s
         self._held: list[Chunk] = []
         self._docs = 0
@@ -490,6 +499,9 @@ class _ChunkWriter:
             schema=self.schema,
             ttl_s=self.ttl_s,  # a build killed and never resumed (a new embedder came) still expires
         )
+        gone = {doc_id for chunk in self._held for doc_id in chunk.deleted}
+        if self.served is not None and (deleted := [d for d in removed if d in gone and d not in unservable]):
+            patch_version(self.client, EMBEDDING_KIND, self.served, deletes=deleted, schema=self.schema)
         # The commits below say these documents are in Redis: first their replicas must hold them too, or a failover
         # could lose writes the watermark has passed (ReplicationTimeoutError: nothing commits, the next sync redoes).
         confirm_replicas(self.client, self.replica_wait_s)

@@ -888,6 +888,20 @@ def test_a_new_models_build_without_the_held_back_changes_waits_while_readers_ke
     assert PredictionCache(redis_client, schema=schema).get_embedding(corpus.doc_id[0]).shape == (32,)
 
 
+def test_documents_no_model_embeds_never_hold_a_build_back(docs, app_db, redis_client, schema, embedder):
+    """Blank documents fail under every model and are never retried: counted against the 5 %, they held a dtype
+    change (and any new model) back for good (h_diff7). Only failures the next sync retries hold a build."""
+    blank = pd.DataFrame({"doc_id": [f"blank{i}" for i in range(200)], "title": [""] * 200, "body": ["  "] * 200,
+                          "language": ["en"] * 200})  # fmt: skip
+    docs.load_frame(blank)
+    store = EmbeddingStore(app_db)
+    int8 = sync_embeddings(docs, store, redis_client, embedder, schema=schema, log=lambda m: None)
+    assert int8.failed == 200 and int8.failed > 0.05 * (int8.embedded + int8.failed)
+    wide = sync_embeddings(docs, store, redis_client, embedder, schema=schema, dtype="float32", log=lambda m: None)
+    assert wide.full_build and wide.flip_waits is None
+    assert redis_client.get(schema.pointer(EMBEDDING_KIND)).decode().startswith(f"{wide.redis_version}:")
+
+
 SAVE_UNDER_A_SIZE_LIMIT = """
 import pickle, resource, sys
 from pathlib import Path

@@ -332,3 +332,26 @@ def test_a_version_whose_days_model_a_re_run_rejected_is_not_restored(lake_uri, 
         assert description == (f"ctr version {good} is not restored: its day's ctr_model {GOOD}.bbbbbbbb failed "
                                "beats_baseline since")  # fmt: skip
         assert redis_client.get(schema.pointer("ctr")) is None
+
+
+def test_publishing_the_day_rolled_back_to_again_keeps_the_hold_on_the_bad_day(
+    lake_uri, redis_url, redis_client, schema
+):
+    """After a rollback, the day rolled back to published again (its predictions fixed) with ``rollback: true``, as
+    the hold requires, recorded no hold: a plain run of the bad day then published it (h_diff7)."""
+    from precompute_assets.defs.publishing import rolled_back_over
+
+    lake = Lake(lake_uri)
+    lake.write("ctr_predictions", GOOD, pd.DataFrame({"ad_id": ["a1"], "ctr": [0.1], "model_version": "m"}))
+    lake.write("ctr_predictions", BAD, pd.DataFrame({"ad_id": ["a1"], "ctr": [0.9], "model_version": "m"}))
+    with dg.instance_for_test() as instance:
+        publish(instance, lake_uri, redis_url, schema.namespace, GOOD)
+        bad = publish(instance, lake_uri, redis_url, schema.namespace, BAD)["version"]
+        assert publish(instance, lake_uri, redis_url, schema.namespace, GOOD, rollback=True)["rolled_back_over"] == BAD
+        lake.write("ctr_predictions", GOOD, pd.DataFrame({"ad_id": ["a1"], "ctr": [0.2], "model_version": "m"}))
+        fixed = publish(instance, lake_uri, redis_url, schema.namespace, GOOD, rollback=True)
+        assert fixed["published"] and fixed["rolled_back_over"] == BAD == rolled_back_over(instance)
+        assert not publish(instance, lake_uri, redis_url, schema.namespace, BAD)["published"]
+        assert Pointer.decode(redis_client.get(schema.pointer("ctr"))).version == fixed["version"] != bad
+        again = publish(instance, lake_uri, redis_url, schema.namespace, BAD, rollback=True)  # the operator's call
+        assert again["published"] and "rolled_back_over" not in again and rolled_back_over(instance) is None

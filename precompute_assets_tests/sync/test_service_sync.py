@@ -161,12 +161,17 @@ def test_a_build_the_service_failed_waits_while_readers_keep_the_version_they_ar
         redis_client.expire(bucket, 60)
         waiting = sync_embeddings(docs, store, redis_client, new, schema=schema, log=quiet)
         assert (waiting.embedded, waiting.failed, waiting.full_build) == (0, 120, True)
-        assert waiting.flip_waits == "120 of its 120 documents failed to embed (over 5%)"
+        assert waiting.flip_waits == "120 of its 120 documents failed in the embedding service (over 5%)"
         assert np.array_equal(np.stack(cache.get_embeddings(ids)), np.stack(before))
         assert redis_client.get(schema.pointer("doc_embedding")).decode().startswith(f"{served}:")
         assert redis_client.ttl(bucket) > 86_400
+        assert store.embedded_count(old.version) == 120  # the failed build cost the old model none of its own (h_diff7)
+        docs.delete([ids[7]])  # a document deleted while the build waits is not served on (h_diff7)
+        still = sync_embeddings(docs, store, redis_client, new, schema=schema, log=quiet)
+        assert still.deleted == 1 and still.flip_waits and cache.get_embedding(ids[7]) is None
         service.plan = lambda texts, number: None
         done = sync_embeddings(docs, store, redis_client, new, schema=schema, log=quiet)
-        assert (done.retried, done.embedded, done.failed, done.flip_waits) == (120, 120, 0, None)
+        assert (done.retried, done.embedded, done.failed, done.flip_waits) == (119, 119, 0, None)
+        ids.remove(ids[7])
         assert done.redis_version != served and all(v is not None for v in cache.get_embeddings(ids))
         assert redis_client.get(schema.pointer("doc_embedding")).decode().startswith(f"{done.redis_version}:")
