@@ -234,7 +234,9 @@ def document_embeddings(
     return dg.MaterializeResult(
         metadata={
             "model_version": stats.model_version,
-            "redis_version": stats.redis_version,
+            # the version readers are served (what served_by_redis checks), and a build that waits beside it
+            "redis_version": stats.served_version or stats.redis_version,
+            **({"building_version": stats.redis_version} if stats.served_version else {}),
             "full_build": stats.full_build,
             "embedded": stats.embedded,
             "deleted": stats.deleted,

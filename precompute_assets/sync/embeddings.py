@@ -83,6 +83,7 @@ class SyncStats:
     held_back_by: str | None = None  # that transaction's session, when documents were held back
     # why a build was not flipped to (readers stay on the version they have; the next sync goes on with it), or None
     flip_waits: str | None = None
+    served_version: str | None = None  # while a build waits (``flip_waits``): the version readers stay on
     mended: int = 0  # stored embeddings written back into buckets Redis lost (evicted, expired) under the marker
     seconds: float = 0.0
     failure_reasons: dict[str, int] = field(default_factory=dict)
@@ -255,6 +256,7 @@ def _sync(
     if not stopped_early and stats.full_build and _served_whole(client, schema, current, target):
         stats.flip_waits = _flip_waits(store, model_version, stats.held_back, max_error_rate)
     if stats.flip_waits:  # readers keep the version they are served, which lives on while the build waits
+        stats.served_version = current.version
         send_commands(client, [(b"EXPIRE", name.encode(), b"%d" % ttl_s) for name in _version_keys(schema, current)])
         log(f"Redis version {target.version} is not served yet: {stats.flip_waits}; readers stay on "
             f"{current.version}, and the next sync goes on with the build")  # fmt: skip

@@ -878,6 +878,7 @@ def test_a_new_models_build_without_the_held_back_changes_waits_while_readers_ke
         waiting = sync_embeddings(docs, store, redis_client, other, schema=schema, log=lambda m: None)
         assert waiting.full_build and waiting.held_back == 3 and waiting.embedded == N_DOCS - 3
         assert waiting.flip_waits == "3 changed documents are held back by an open transaction"
+        assert waiting.served_version == served != waiting.redis_version
         assert redis_client.get(schema.pointer(EMBEDDING_KIND)).decode().startswith(f"{served}:")
         assert PredictionCache(redis_client, schema=schema).get_embedding(corpus.doc_id[0]).shape == (64,)
         assert not math.isnan(int8_recall(store, docs, other, n=N_DOCS))  # its own model's vectors only
