@@ -62,6 +62,7 @@ MAX_CLOCK_AHEAD_MS = 300_000
 FORK_WAIT_S = 5.0  # a fork waits at most this long for the flushing thread to let go of the connection
 PR_SET_TIMERSLACK = 29  # Linux prctl: the calling thread's timer slack in ns (default 50,000)
 GROUP_COLUMNS = ("ts", "kind", "keys", "hits", "lat_us", "user", "tenant", "arms", "ver")
+MAX_LATENCY_US = 2**63 - 1  # the largest ``lat_us`` the lake's int64 ``latency_us`` holds
 ENTRY_EVENTS = 64  # queries per stream entry, at least: 64 single lookups' JSON takes about 25 us to build
 CALLER_QUERIES = 4 * ENTRY_EVENTS  # at most this much JSON (whole groups) is built and sent by one lookup
 ENTRY_ERROR = b"_error"  # in an expanded entry: why the entry or its group could not be read (see validate_entry)
@@ -921,6 +922,8 @@ def validate_entry(entry_id: bytes, fields: dict[bytes, bytes]) -> tuple[dict[st
         return None, reason
     if latency < 0:
         return None, f"negative lat_us: {latency}"
+    if latency > MAX_LATENCY_US:  # a writer's unsigned underflow, say: the lake's column is a signed 64-bit integer
+        return None, f"lat_us out of range: {latency}"
     user, reason = _clean_text(fields.get(b"user"), "user", required=False)
     if reason:
         return None, reason

@@ -132,24 +132,27 @@ def test_malformed_events_are_quarantined_with_reasons(redis_url, redis_client, 
     bad += [
         {"n": "2", "cols": cols, "groups": "[[1, 2"},  # a batch that is not JSON: quarantined once
         {"n": "3", "cols": cols, "groups": json.dumps([good, [HOUR_START_MS, "ctr"], good])},  # one bad group
+        # a latency past int64 (a writer's unsigned underflow): the whole hour's drain crashed on it, every retry
+        {"n": "1", "cols": cols, "groups": json.dumps([[HOUR_START_MS, "ctr", ["ad3"], "1", 2**64 - 1, *[None] * 4]])},
     ]
     for offset, fields in enumerate(bad, start=1):
         redis_client.xadd(stream, fields, id=f"{HOUR_START_MS + 1000 + offset}-0")
     result = materialize(redis_url, schema, lake_uri, pg_instance)
     assert result.success
     quarantine = Lake(lake_uri).read("query_log_quarantine", HOUR)
-    assert len(quarantine) == 7
+    assert len(quarantine) == 8
     assert len(Lake(lake_uri).read("query_logs", HOUR)) == 62  # the two good groups of the last batch are kept
     reasons = " | ".join(quarantine["reason"])
     for expected in ("missing field ts", "ts is not an integer", "control characters", "longer than", "hit must be",
-                     "unreadable batch entry", "batch group is not an array of 9 values"):  # fmt: skip
+                     "unreadable batch entry", "batch group is not an array of 9 values",
+                     "lat_us out of range"):  # fmt: skip
         assert expected in reasons
     check = result.get_asset_check_evaluations()[0]
     assert not check.passed
-    assert check.severity == dg.AssetCheckSeverity.ERROR  # 8/70 > 5%
+    assert check.severity == dg.AssetCheckSeverity.ERROR  # 9/71 > 5%
     # Queries, not rows: the batch that is not JSON is one row for its 2 queries.
-    assert (check.metadata["quarantined"].value, check.metadata["events"].value) == (8, 70)
-    assert drain_metadata(result)["quarantined_queries"].value == 8
+    assert (check.metadata["quarantined"].value, check.metadata["events"].value) == (9, 71)
+    assert drain_metadata(result)["quarantined_queries"].value == 9
 
 
 def test_the_arm_of_each_query_is_stored_and_a_bad_arm_is_quarantined(
@@ -273,6 +276,11 @@ def test_cleanup_job_trims_only_materialized_hours(redis_url, redis_client, sche
     cleanup(res, pg_instance, app_db)
     remaining = logged_queries(redis_client, schema)
     assert len(remaining) == 20  # the second old hour was never materialized: kept, and all after it
+    # An import of that hour (`query-logs import` records it outside any run) drained none of the client's queries in
+    # the stream: the trim deleted them all the same (h_qlog2).
+    pg_instance.report_runless_asset_event(dg.AssetMaterialization("query_logs", partition=old_hours[1]))
+    cleanup(res, pg_instance, app_db)
+    assert len(logged_queries(redis_client, schema)) == 20
 
     dg.materialize([query_logs], resources=res, partition_key=old_hours[1], instance=pg_instance)
     cleanup(res, pg_instance, app_db)

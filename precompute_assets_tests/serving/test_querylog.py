@@ -270,6 +270,8 @@ GOOD = {b"ts": b"1000", b"kind": b"ctr", b"key": b"ad1", b"hit": b"1", b"lat_us"
         ({b"ts": b"99999999999"}, "after its arrival (a clock ahead)"),
         ({b"lat_us": b"fast"}, "lat_us is not an integer"),
         ({b"lat_us": b"-3"}, "negative lat_us"),
+        ({b"lat_us": b"18446744073709551615"}, "lat_us out of range"),  # a writer's unsigned underflow
+        ({b"lat_us": b"9223372036854775808"}, "lat_us out of range"),
         ({b"hit": b"yes"}, "hit must be 0 or 1"),
         ({b"kind": b"CTR!"}, "invalid kind"),
         ({b"key": b""}, "empty key"),
