@@ -10,8 +10,10 @@ import dagster as dg
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import redis.exceptions as redis_errors
 from pydantic import Field
 
+from ..serving.acl import REAPPLY_HINT
 from ..serving.keys import KeySchema
 from ..serving.querylog import (
     expand_entries,
@@ -70,7 +72,10 @@ def wait_for_hour_end(client, end_ms: int, hour: str, *, max_wait_s: float = HOU
     clock further behind (than the clock of Dagster's host, which offered the partition) is a ``dg.Failure``."""
     deadline = time.monotonic() + max_wait_s
     while True:
-        seconds, micros = client.time()
+        try:
+            seconds, micros = client.time()
+        except redis_errors.NoPermissionError as error:  # a publisher user of an older `precompute redis acl --apply`
+            raise dg.Failure(description=f"{hour} not read: {error}; {REAPPLY_HINT}", allow_retries=False) from None
         left_ms = end_ms - (int(seconds) * 1000 + int(micros) // 1000)
         if left_ms <= 0:
             return

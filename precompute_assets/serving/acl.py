@@ -93,6 +93,8 @@ PUBLISHER_COMMANDS = (
     "eval", "lrange", "rpush", "unlink", "zrem", "zadd", "zscore", "zrange", "zcard", "llen", "hexists",
     # flip_pointer: INFO replication, to wait until replicas hold a version before flipping to it
     "info",
+    # the query_logs and user_events drains: Redis's clock, which stamps the stream IDs, says when an hour is over
+    "time",
     # invalidate records what it takes out of a version; a restore or a mend of the version reads it back
     "sadd", "smembers",
 )  # fmt: skip

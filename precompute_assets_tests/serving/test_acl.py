@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from precompute_assets.defs.query_logs import wait_for_hour_end
 from precompute_assets.serving import KeySchema, PredictionCache, QueryLogger, connect, publish_version
 from precompute_assets.serving.acl import (
     FORBIDDEN_COMMANDS,
@@ -114,7 +115,7 @@ def test_the_exact_rules_of_namespace_pc() -> None:
         "+get", "+set", "+del", "+exists", "+expire", "+expireat", "+hset", "+hdel",
         "+multi", "+exec", "+discard", "+incrby", "+xrange", "+xrevrange", "+xtrim", "+xdel", "+xlen", "+hget",
         "+hmget", "+hlen", "+ttl", "+pttl", "+type", "+eval", "+lrange", "+rpush", "+unlink", "+zrem", "+zadd",
-        "+zscore", "+zrange", "+zcard", "+llen", "+hexists", "+info", "+sadd", "+smembers",
+        "+zscore", "+zrange", "+zcard", "+llen", "+hexists", "+info", "+time", "+sadd", "+smembers",
     ]  # fmt: skip
     assert reader_rules() == [
         "resetkeys", "%R~pc:1:*", "resetchannels", "-@all", "+ping", "+client|setinfo", "+cluster|slots", "+command",
@@ -261,7 +262,9 @@ def test_the_publisher_publishes_flips_and_drains_but_nothing_outside_its_namesp
     assert publish_version(publisher, "ctr", "v4", [("ad5", 0.5)], n_keys=1, schema=schema).handed_over == 1
     assert probation.get("ctr", "ad4") == pytest.approx(0.5) and probation.errors == 0
 
-    # The query-log drain and cleanup: read a window, record the trimmed boundary, trim, delete.
+    # The query-log drain and cleanup: wait for the hour's end on Redis's clock (TIME: the drains of the query log
+    # and of user events failed on it for every hour, h_ops), read a window, record the trimmed boundary, trim, delete.
+    wait_for_hour_end(publisher, 0, "2026-12-06-10:00")
     stream = schema.query_log()
     for ms in (1000, 2000, 3000):
         users["reader"].xadd(stream, {"ts": str(ms), "kind": "ctr", "key": "ad1", "hit": "1", "lat_us": "5"}, id=ms)
