@@ -44,6 +44,7 @@ from .serving.connection import (
     check_url_parameters,
     check_url_port,
     connect,
+    mode_problem,
     parse_sentinel_url,
 )
 from .serving.urls import split_userinfo
@@ -1031,6 +1032,8 @@ def login_problem(variable: str, url: str) -> str | None:
             client = connect(url, socket_timeout=3)
             try:
                 client.ping()
+                if wrong := mode_problem(client):
+                    return wrong
                 try:
                     info = client.info("replication")
                 except redis.ResponseError:  # a user without INFO, or a proxy without it: cannot be told

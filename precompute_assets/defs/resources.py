@@ -26,7 +26,7 @@ from ..ml.features import (
 )
 from ..ml.model_store import LocalModelStore
 from ..serving import Experiment, KeySchema, connect
-from ..serving.connection import REDIS_ERRORS, is_cluster
+from ..serving.connection import REDIS_ERRORS, is_cluster, mode_problem
 from ..serving.replication import REPLICA_WAIT_S
 from ..stack import ENV_APP_DB, ENV_LAKE, ENV_MODEL_STORE, ENV_REDIS, redact
 from ..storage.campaigns import ENV_CAMPAIGN_MAX_ADS, MAX_ADS, CampaignRegistry, max_ads_from_env
@@ -81,13 +81,17 @@ class RedisResource(dg.ConfigurableResource):
             raise dg.Failure(description=f"{where} {what}: {error}", allow_retries=not wrong) from None
         try:
             client.ping()
-            primary = None if is_cluster(client) else replica_of(client)
+            wrong = mode_problem(client)
+            primary = None if is_cluster(client) or wrong else replica_of(client)
         except (redis.AuthenticationError, redis.ResponseError) as error:
             client.close()
             raise dg.Failure(description=f"{where} refuses us: {error}", allow_retries=False) from None
         except REDIS_ERRORS as error:
             client.close()
             raise dg.Failure(description=f"{where} does not answer: {error}") from None
+        if wrong is not None:
+            client.close()
+            raise dg.Failure(description=f"{where} is {wrong}", allow_retries=False)
         if primary is not None:
             client.close()
             message = f"{where} is a read-only replica of {primary}: point {ENV_REDIS} at the primary"

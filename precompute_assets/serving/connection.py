@@ -245,6 +245,27 @@ def _sentinel_address(host: str) -> tuple[str, int]:
     return name, int(port) if port else SENTINEL_PORT
 
 
+def mode_problem(client: object) -> str | None:
+    """Why the server a plain (not cluster) ``client`` talks to is not one to keep data in, from ``INFO server``'s
+    ``redis_mode`` (Valkey's ``server_mode``): a Redis Cluster node (it answers PING, then MOVED for most keys) or a
+    Sentinel (it answers PING, then refuses GET); None for a standalone server, a cluster client, or a server or user
+    that does not say."""
+    import redis
+
+    if is_cluster(client):
+        return None
+    try:
+        server = client.info("server")
+    except (redis.ResponseError, AttributeError):
+        return None
+    mode = server.get("redis_mode") or server.get("server_mode")  # Redis's name, Valkey's (8.0 on)
+    if mode == "cluster":
+        return "a Redis Cluster node: add ?cluster=1 to the URL"
+    if mode == "sentinel":
+        return "a Redis Sentinel, not a data server: use redis+sentinel://host:port/service_name"
+    return None
+
+
 def is_cluster_url(url: str) -> bool:
     """Whether ``url`` selects Redis Cluster (``?cluster=1``)."""
     return bool(split_cluster_url(url)[1])

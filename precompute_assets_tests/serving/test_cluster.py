@@ -971,3 +971,15 @@ def test_bench_publish_runs_on_a_cluster_and_counts_its_memory(redis_cluster: Cl
     # A float32 value each, in hash buckets: a few bytes a key on every node together, not a third of them. Other
     # tests' keys expiring meanwhile do not move it (a used_memory difference came out at -1.1 bytes a key).
     assert 4 <= result["redis_bytes_per_key"] < result["naive_redis_bytes_per_key"]
+
+
+def test_a_plain_url_of_a_cluster_node_is_refused_in_one_line_naming_cluster_1(redis_cluster):
+    """Without ``?cluster=1`` a node answered PING and `up` said reachable; every publish then failed on MOVED, and
+    every read of the services missed (h_ops)."""
+    from precompute_assets.stack import ENV_REDIS, login_problem
+
+    plain = redis_cluster.url.replace("?cluster=1", "/0")
+    assert login_problem(ENV_REDIS, plain) == "a Redis Cluster node: add ?cluster=1 to the URL"
+    with pytest.raises(Exception, match=r"is a Redis Cluster node: add \?cluster=1 to the URL"):
+        RedisResource(url=plain).client()
+    RedisResource(url=redis_cluster.url).client().close()  # the cluster URL itself is fine

@@ -456,3 +456,14 @@ def test_an_at_sign_in_a_parameter_of_a_sentinel_url_without_user_info_is_read(u
     user info: a sentinel password or key file path holding one, which parsed before, stopped `up` and every run."""
     assert getattr(parse_sentinel_url(url), field) == value
     assert url_problem("PRECOMPUTE_REDIS_URL", url) is None
+
+
+def test_a_plain_url_of_a_sentinel_is_refused_in_one_line_naming_the_sentinel_form(sentinel_group):
+    """A Sentinel answers PING: `up` said reachable, and every publish failed on GET (h_ops)."""
+    from precompute_assets.stack import ENV_REDIS, login_problem
+
+    plain = f"redis://127.0.0.1:{sentinel_group.sentinel.port}/0"
+    expected = "a Redis Sentinel, not a data server: use redis+sentinel://host:port/service_name"
+    assert login_problem(ENV_REDIS, plain) == expected
+    with pytest.raises(dg.Failure, match="is a Redis Sentinel, not a data server"):
+        RedisResource(url=plain).client()
