@@ -81,6 +81,13 @@ def ticks(schedule: dg.ScheduleDefinition, start: datetime, end: datetime) -> li
     return out
 
 
+def test_a_drain_whose_worker_died_is_failed_within_half_an_hour_not_six():
+    """With the default launcher a run whose worker died ends only at its max runtime, and the drain schedule counts
+    it as busy until then: dagster.yaml's 6 h held an hour (and the day's precompute) back (h_qlog2)."""
+    for job in ("query_logs_job", "user_events_job"):
+        assert int(repo().get_job(job).tags["dagster/max_runtime"]) <= 1800, job
+
+
 def test_cleanup_runs_at_three_local_time_even_on_dst_days():
     tz = ZoneInfo("America/New_York")
     cleanup = {s.name: s for s in build_schedules(Partitions("America/New_York"))}["query_log_cleanup_daily"]

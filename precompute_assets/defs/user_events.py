@@ -19,6 +19,7 @@ from ..workload.users import generate_user_events, make_users
 from .models import approved_materializations, prune_model_versions, retention_field
 from .partitions import DEFAULT_PARTITIONS, Partitions
 from .query_logs import (
+    DRAIN_TAGS,
     QUARANTINE_CHECK_DESCRIPTION,
     ROWS_PER_CHUNK,
     build_drain_schedule,
@@ -148,7 +149,10 @@ def user_events(context: dg.AssetExecutionContext, redis: RedisResource, lake: L
 
 
 user_events_job = dg.define_asset_job(
-    "user_events_job", selection=dg.AssetSelection.assets(user_events), description="Drain one hour of user events."
+    "user_events_job",
+    selection=dg.AssetSelection.assets(user_events),
+    description="Drain one hour of user events.",
+    tags=DRAIN_TAGS,
 )
 
 
