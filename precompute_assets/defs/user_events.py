@@ -14,7 +14,7 @@ from ..ml import next_action
 from ..serving import KeySchema
 from ..serving.events import events_stream, read_event_window, unknown_action, validate_event
 from ..serving.querylog import quarantine_row
-from ..storage.tables import QuarantinedRows
+from ..storage.tables import USER_EVENT_SCHEMA, QuarantinedRows
 from ..workload.users import generate_user_events, make_users
 from .models import approved_materializations, prune_model_versions, retention_field
 from .partitions import DEFAULT_PARTITIONS, Partitions
@@ -38,18 +38,6 @@ USER_EVENTS = "user_events"
 NEXT_ACTION_MODEL = "next_action_model"
 NEXT_ACTION_LOOKBACK_DAYS = 14
 BEATS_BASELINES = dg.AssetCheckKey(dg.AssetKey(NEXT_ACTION_MODEL), "beats_baselines")
-
-USER_EVENT_SCHEMA = pa.schema(
-    [
-        ("stream_id", pa.string()),
-        ("ts", pa.timestamp("ms", tz="UTC")),
-        ("ts_ms", pa.int64()),
-        ("user", pa.string()),
-        ("action", pa.string()),
-        ("entity", pa.string()),
-        ("tenant", pa.string()),
-    ]
-)
 
 
 def user_event_table(rows: list[dict[str, Any]]) -> pa.Table:

@@ -22,6 +22,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from ..ml.model_store import fsync_path
+from .tables import LAKE_SCHEMAS
 
 SHAPE_KEY = b"precompute.shape"  # the file's rows and columns as written, in its key-value metadata
 
@@ -109,7 +110,9 @@ class Lake:
         fs.create_dir(folder, recursive=True)
         _sweep_stale_temporaries(fs, folder, name)
         if isinstance(table, pd.DataFrame):
-            table = pa.Table.from_pandas(table, preserve_index=False)
+            schema = LAKE_SCHEMAS.get(asset)
+            known = schema is not None and set(table.columns) == set(schema.names)
+            table = pa.Table.from_pandas(table, schema=schema if known else None, preserve_index=False)
         shape = {SHAPE_KEY: json.dumps({"rows": table.num_rows, "columns": table.column_names}).encode()}
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), **shape})
         # Hidden (a leading dot), so that a reader of the whole folder (a pyarrow dataset, Spark, Hive) never reads the

@@ -42,6 +42,28 @@ QUARANTINE = pa.schema([("stream_id", pa.string()), ("reason", pa.string()), ("r
 # experiment; no version served).
 QUERY_LOG_DRAIN = QUERY_LOGS.append(pa.field("arm", pa.string())).append(pa.field("version", pa.string()))
 
+# What the ``user_events`` drain writes.
+USER_EVENT_SCHEMA = pa.schema(
+    [
+        ("stream_id", pa.string()),
+        ("ts", pa.timestamp("ms", tz="UTC")),
+        ("ts_ms", pa.int64()),
+        ("user", pa.string()),
+        ("action", pa.string()),
+        ("entity", pa.string()),
+        ("tenant", pa.string()),
+    ]
+)
+
+# The lake's tables by asset, whoever writes them (a drain, an import): pandas infers a column that holds no value as
+# of no type, and files of one folder that disagree on a column's type cannot be read as one dataset.
+LAKE_SCHEMAS = {
+    "query_logs": QUERY_LOG_DRAIN,
+    "query_log_quarantine": QUARANTINE,
+    "user_events": USER_EVENT_SCHEMA,
+    "user_event_quarantine": QUARANTINE,
+}
+
 
 def query_log_table(rows: list[dict[str, Any]], schema: pa.Schema = QUERY_LOGS) -> pa.Table:
     """Validated query events (from ``serving.querylog.validate_entry``) as a table of ``schema``'s columns."""

@@ -742,3 +742,28 @@ def test_a_quarantine_that_cannot_be_written_leaves_the_hour_undrained(
     monkeypatch.undo()
     again = materialize(redis_url, schema, lake_uri, pg_instance)
     assert again.success and len(Lake(lake_uri).read("query_logs", HOUR)) == 20
+
+
+def test_imported_and_drained_hours_share_one_schema_so_the_folder_reads_as_one_table(
+    redis_url, schema, lake_uri, pg_instance
+):
+    """An import wrote its empty columns (hit, latency, arm, version) as of no type, a drained hour without
+    experiments its arm and version alike: a reader of the whole folder (a pyarrow dataset, pandas) failed to cast
+    between them (h_qlog2)."""
+    import numpy as np
+    import pyarrow.dataset as ds
+
+    from precompute_assets.storage.query_log_import import hour_rows
+    from precompute_assets.storage.tables import QUERY_LOG_DRAIN
+
+    fill(redis_url, schema, HOUR_START_MS, 10)  # no experiment: arm and version hold nothing
+    assert materialize(redis_url, schema, lake_uri, pg_instance).success
+    start_s = HOUR_START_MS / 1000 - 3600  # the hour before: imported
+    imported = hour_rows(np.array(["ad1", "ad2"], dtype=object), np.array([start_s + 1, start_s + 2]), kind="ctr",
+                         source="old.csv", partition_key=HOURLY.get_partition_key_for_timestamp, first_s=0,
+                         last_s=HOUR_START_MS / 1000)  # fmt: skip
+    lake = Lake(lake_uri)
+    for hour, frame in imported.frames.items():
+        lake.write("query_logs", hour, frame)
+    table = ds.dataset(lake.path("query_logs", HOUR).rsplit("/", 1)[0], format="parquet").to_table()
+    assert table.num_rows == 12 and table.schema.remove_metadata() == QUERY_LOG_DRAIN
