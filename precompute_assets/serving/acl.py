@@ -59,7 +59,8 @@ MIN_PASSWORD_LENGTH = 16
 # the sketch's aging steps): the server then says only NOPERM, on every sensor tick, settling or aging step.
 REAPPLY_HINT = (
     "the Redis user lacks a permission this version needs (users made by an older `precompute redis acl` do):"
-    " run `precompute redis acl --apply` again"
+    " run `precompute redis acl --apply` again; the reader never has an operator command's (`cache stats`,"
+    " `cache invalidate`): run those with an admin URL"
 )
 
 
