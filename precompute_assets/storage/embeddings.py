@@ -6,7 +6,7 @@ import contextlib
 import io
 import json
 import struct
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -331,12 +331,14 @@ class EmbeddingStore:
             changed, failed = cur.fetchone()
         return changed + failed
 
-    def failure_count(self, model_version: str, *, service_only: bool = False) -> int:
-        """Documents whose latest embedding with ``model_version`` failed (in the embedding service only: the
-        failures the next sync retries)."""
-        service = " AND reason LIKE 'service:%%'" if service_only else ""
+    def failure_count(self, model_version: str, *, except_reasons: Collection[str] = ()) -> int:
+        """Documents whose latest embedding with ``model_version`` failed, for another reason than
+        ``except_reasons``."""
         with self.connect() as conn, conn.cursor() as cur:
-            cur.execute(f"SELECT count(*) FROM embedding_failures WHERE model_version = %s{service}", (model_version,))
+            cur.execute(
+                "SELECT count(*) FROM embedding_failures WHERE model_version = %s AND NOT reason = ANY(%s)",
+                (model_version, list(except_reasons)),
+            )
             return cur.fetchone()[0]
 
     def embedded_count(self, model_version: str) -> int:

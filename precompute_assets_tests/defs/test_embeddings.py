@@ -903,6 +903,29 @@ def test_documents_no_model_embeds_never_hold_a_build_back(docs, app_db, redis_c
     assert redis_client.get(schema.pointer(EMBEDDING_KIND)).decode().startswith(f"{wide.redis_version}:")
 
 
+class _Zeros:
+    """A model that maps every text to a vector of zeros (a broken refit, a service that answers zeros)."""
+
+    version, dim = "zeros-v1", 64
+
+    def encode(self, texts):
+        return np.zeros((len(texts), self.dim), dtype=np.float32)
+
+
+def test_a_build_whose_model_maps_every_text_to_zeros_waits_beside_the_version_served(
+    docs, app_db, redis_client, schema, embedder
+):
+    """Counting only the embedding service's failures against the 5 %, a build of a model that embeds nothing (every
+    document `no known n-gram`) flipped readers to a version of no document (h_diff8). Failures of the document
+    under any model (blank text) still never hold a build (the test above)."""
+    store = EmbeddingStore(app_db)
+    served = sync_embeddings(docs, store, redis_client, embedder, schema=schema, log=lambda m: None).redis_version
+    broken = sync_embeddings(docs, store, redis_client, _Zeros(), schema=schema, log=lambda m: None)
+    assert broken.embedded == 0 and broken.failure_reasons == {"no known n-gram (a vector of zeros)": N_DOCS}
+    assert broken.flip_waits == f"{N_DOCS} of its {N_DOCS} documents failed to embed with it (over 5%)"
+    assert redis_client.get(schema.pointer(EMBEDDING_KIND)).decode().startswith(f"{served}:")
+
+
 SAVE_UNDER_A_SIZE_LIMIT = """
 import pickle, resource, sys
 from pathlib import Path
