@@ -81,11 +81,11 @@ def ticks(schedule: dg.ScheduleDefinition, start: datetime, end: datetime) -> li
     return out
 
 
-def test_a_drain_whose_worker_died_is_failed_within_half_an_hour_not_six():
+def test_a_drain_whose_worker_died_is_failed_within_the_hour_not_six():
     """With the default launcher a run whose worker died ends only at its max runtime, and the drain schedule counts
     it as busy until then: dagster.yaml's 6 h held an hour (and the day's precompute) back (h_qlog2)."""
     for job in ("query_logs_job", "user_events_job"):
-        assert int(repo().get_job(job).tags["dagster/max_runtime"]) <= 1800, job
+        assert int(repo().get_job(job).tags["dagster/max_runtime"]) <= 3600, job
 
 
 def test_cleanup_runs_at_three_local_time_even_on_dst_days():
