@@ -85,7 +85,7 @@ def build_definitions(settings: Settings, executor: dg.ExecutorDefinition | None
         sensors=[
             documents_changed,
             campaign_launch_sensor,
-            build_cache_health_sensor(partitions.timezone),
+            build_cache_health_sensor(partitions.timezone, first_day=partitions.start),
             user_event_sensor,
             live_refresh_sensor,
         ],

@@ -180,7 +180,9 @@ def without_retraining(instance: dg.DagsterInstance, request: dg.RunRequest) -> 
     return request.with_replaced_attrs(asset_selection=keys)
 
 
-def build_cache_health_sensor(timezone: str, *, threshold: float = HEALTH_THRESHOLD) -> dg.SensorDefinition:
+def build_cache_health_sensor(
+    timezone: str, *, threshold: float = HEALTH_THRESHOLD, first_day: str | None = None
+) -> dg.SensorDefinition:
     """``cache_health``: every 5 minutes, the ctr hit rate of the last hour from the query log; below
     ``threshold`` it requests ``refresh_precompute_job`` for yesterday (at most every 6 hours, or an hour after a
     refresh that failed) and says why: the daily graph without retraining the LSTM, which would delay the publish
@@ -223,6 +225,8 @@ def build_cache_health_sensor(timezone: str, *, threshold: float = HEALTH_THRESH
             failed = last is not None and last_refresh_failed(context.instance)
             result = health_request(window, now, timezone, last, last_failed=failed, threshold=threshold)
             if isinstance(result, dg.RunRequest):
+                result = refresh_or_skip(context.instance, result, first_day)
+            if isinstance(result, dg.RunRequest):
                 result = without_retraining(context.instance, result)
                 context.log.info(result.tags["precompute/reason"])
                 context.update_cursor(str(now.timestamp()))
@@ -239,6 +243,21 @@ def build_cache_health_sensor(timezone: str, *, threshold: float = HEALTH_THRESH
     return cache_health
 
 
+def refresh_or_skip(
+    instance: dg.DagsterInstance, request: dg.RunRequest, first_day: str | None
+) -> dg.RunRequest | dg.SkipReason:
+    """``request``, a refresh of one day, or why not now: the day is before the first partition (a deployment's first
+    day: no such partition, and the tick failed on it all day), or a run of that day's graph is in progress (the
+    nightly one, say: its publish is the refresh, and a second run would train and publish the day twice)."""
+    day, reason = request.partition_key, request.tags["precompute/reason"]
+    if first_day is not None and day < first_day:
+        return dg.SkipReason(f"{reason}, but {day} is before the first partition ({first_day}): nothing to refresh")
+    jobs = (daily_precompute_job.name, refresh_precompute_job.name)
+    if (running := run_of_day(instance, day, jobs, active_only=True)) is not None:
+        return dg.SkipReason(f"{reason}, but run {running.run_id[:8]} of {day} is {running.status.value}")
+    return request
+
+
 def last_refresh_failed(instance: dg.DagsterInstance) -> bool:
     """Whether the newest refresh ``cache_health`` requested failed or was canceled."""
     runs = instance.get_runs(
@@ -247,12 +266,23 @@ def last_refresh_failed(instance: dg.DagsterInstance) -> bool:
     return bool(runs) and runs[0].status in (dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED)
 
 
-def run_of_day(instance: dg.DagsterInstance, job_name: str, partition: str) -> dg.DagsterRun | None:
-    """The newest run of ``job_name`` for ``partition``, whatever launched it and whatever its status. A schedule needs
-    this: Dagster dedupes a schedule's run keys only among the runs of one tick (one scheduled time), never across
-    ticks, and a backfill or a launch from the UI has no run key at all."""
-    runs = instance.get_runs(dg.RunsFilter(job_name=job_name, tags={PARTITION_TAG: partition}), limit=1)
-    return runs[0] if runs else None
+DAY_GRAPH = {dg.AssetKey("ctr_model"), dg.AssetKey("ctr_cache")}  # what a run of a day's graph trains and publishes
+
+
+def run_of_day(
+    instance: dg.DagsterInstance, partition: str, jobs: tuple[str, ...], *, active_only: bool = False
+) -> dg.DagsterRun | None:
+    """The newest run for ``partition`` of one of ``jobs``, or one that materializes the day's graph (``DAY_GRAPH``)
+    from the asset graph: the UI's *Materialize*, ``dagster asset materialize``, an asset backfill; whatever launched
+    it and, unless ``active_only``, whatever its status. A schedule needs this: Dagster dedupes a schedule's run keys
+    only among the runs of one tick (one scheduled time), never across ticks, and a backfill or a launch from the UI
+    has no run key at all."""
+    statuses = ACTIVE_RUN_STATUSES if active_only else None
+    runs = instance.get_runs(dg.RunsFilter(tags={PARTITION_TAG: partition}, statuses=statuses), limit=100)
+    for run in runs:  # newest first
+        if run.job_name in jobs or set(run.asset_selection or ()) >= DAY_GRAPH:
+            return run
+    return None
 
 
 def missing_log_hours(instance: dg.DagsterInstance, hours: list[str]) -> list[str]:
@@ -288,7 +318,7 @@ def build_schedules(partitions: Partitions) -> list:
             # The first night of a deployment: yesterday is no partition, and its logs will never come.
             return dg.SkipReason(f"{request.partition_key} is before the first partition ({partitions.start})")
         if instance is not None and isinstance(request, dg.RunRequest):
-            earlier = run_of_day(instance, daily_precompute_job.name, request.partition_key)
+            earlier = run_of_day(instance, request.partition_key, (daily_precompute_job.name,))
             if earlier is not None:
                 # Every hour of the window ticks, and Dagster would launch each tick's request: one run a day (or
                 # none, when a backfill or the UI ran the day).

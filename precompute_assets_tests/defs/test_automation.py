@@ -130,6 +130,24 @@ def test_the_scheduler_daemon_launches_one_nightly_precompute_per_day(dagster_pg
         ]
 
 
+def test_a_day_the_asset_graph_is_materializing_gets_no_second_nightly_run(dagster_pg_url, monkeypatch):
+    """The UI's Materialize of the day's graph, `dagster asset materialize` and asset backfills run as __ASSET_JOB:
+    the schedule looked at daily_precompute_job's runs only, and launched the day's graph a second time (h_auto)."""
+    from dagster._core.test_utils import create_run_for_test
+
+    utc = ZoneInfo("UTC")
+    start = datetime(2026, 11, 20, 1, 0, 30, tzinfo=utc)
+    with scheduler_daemon(dagster_pg_url, monkeypatch, "daily_precompute", start) as (instance, iterate):
+        for hour in DEFAULT_PARTITIONS.hours_of("2026-11-19"):
+            instance.report_runless_asset_event(dg.AssetMaterialization("query_logs", partition=hour))
+        graph = {dg.AssetKey(name) for name in ("ad_demand", "top_ads", "ctr_model", "ctr_predictions", "ctr_cache")}
+        create_run_for_test(instance, job_name="__ASSET_JOB", status=dg.DagsterRunStatus.STARTED,
+                            tags={"dagster/partition": "2026-11-19"}, asset_selection=graph)  # fmt: skip
+        for hour in range(1, 8):
+            iterate(datetime(2026, 11, 20, hour, 0, 30, tzinfo=utc))
+        assert instance.get_runs(dg.RunsFilter(job_name="daily_precompute_job")) == []
+
+
 def test_a_nightly_precompute_the_daemon_missed_runs_late_once(dagster_pg_url, monkeypatch):
     """Dagster runs only the newest missed tick of daily_precompute, and every tick outside the off-peak window
     skipped: a daemon down through the window lost that night's precompute, and the cache served predictions a day
@@ -217,6 +235,26 @@ def test_cache_health_retries_an_hour_after_a_refresh_that_failed():
     assert (
         isinstance(soon, dg.SkipReason) and "the refresh requested (it failed) less than 1 h ago" in soon.skip_message
     )
+
+
+def test_cache_health_refreshes_no_day_before_the_first_partition_or_with_a_run_of_the_day_in_progress():
+    """On a deployment's first day, yesterday is no partition: the tick failed on its request all day. And a refresh
+    of the day whose nightly run is in progress trained and published the day twice at once (h_auto)."""
+    from dagster._core.test_utils import create_run_for_test
+
+    from precompute_assets.defs.automation import refresh_or_skip
+
+    request = health_request(window(1000, 700), NOON, "UTC", None)
+    with dg.instance_for_test() as instance:
+        first = refresh_or_skip(instance, request, "2026-11-20")
+        assert isinstance(first, dg.SkipReason) and "2026-11-19 is before the first partition" in first.skip_message
+        assert refresh_or_skip(instance, request, "2026-11-19") is request
+        nightly = create_run_for_test(instance, job_name="daily_precompute_job", status=dg.DagsterRunStatus.STARTED,
+                                      tags={"dagster/partition": "2026-11-19"})  # fmt: skip
+        busy = refresh_or_skip(instance, request, None)
+        assert isinstance(busy, dg.SkipReason) and f"run {nightly.run_id[:8]} of 2026-11-19 is STARTED" in str(busy)
+        instance.report_run_failed(nightly)
+        assert refresh_or_skip(instance, request, None) is request
 
 
 def test_cache_health_sees_whether_its_last_refresh_failed():
