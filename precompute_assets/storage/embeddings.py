@@ -246,15 +246,14 @@ class EmbeddingStore:
         failed in the service (reason ``service:...``) and that have not changed since: the next sync
         retries them. A changed document is left to the watermark scan. Reads the partial index only.
         Bodies are cut to ``body_chars`` characters (``body_column``)."""
-        query = sql.SQL(
-            "SELECT d.doc_id, d.title, {body}, d.language, d.indexed_at, d.modified_at, d.deleted"
+        return self._document_rows(
+            documents,
+            body_chars,
             " FROM embedding_failures f JOIN {t} d ON d.doc_id = f.doc_id"
             " WHERE f.model_version = %s AND f.reason LIKE 'service:%%' AND f.doc_id > %s"
-            " AND d.modified_at = f.modified_at AND NOT d.deleted ORDER BY f.doc_id LIMIT %s"
-        ).format(t=sql.Identifier(documents.table), body=body_column(body_chars, "d"))
-        with self.connect() as conn, conn.cursor() as cur:
-            cur.execute(query, (model_version, after, limit))
-            return list(map(DocumentRow._make, cur.fetchall()))
+            " AND d.modified_at = f.modified_at AND NOT d.deleted ORDER BY f.doc_id LIMIT %s",
+            (model_version, after, limit),
+        )
 
     def other_model_documents(
         self,
@@ -270,18 +269,29 @@ class EmbeddingStore:
         say) replaced theirs since, so the version of ``model_version`` cannot be copied whole from the store, and
         they are embedded again (those past the watermark, the watermark scan embeds). Reads the
         ``(model_version, doc_id)`` index: two ranges, empty but after a switch between models."""
-        query = sql.SQL(
-            "SELECT d.doc_id, d.title, {body}, d.language, d.indexed_at, d.modified_at, d.deleted"
+        return self._document_rows(
+            documents,
+            body_chars,
             " FROM document_embeddings e JOIN {t} d ON d.doc_id = e.doc_id"
             " JOIN embedding_progress p ON p.model_version = %s"
             " WHERE (e.model_version < %s OR e.model_version > %s) AND e.doc_id > %s AND NOT d.deleted"
             " AND (d.modified_at, d.doc_id) <= (p.watermark_modified_at, p.watermark_doc_id)"
             " AND NOT EXISTS (SELECT FROM embedding_failures f"  # one it failed on: tried, not to be tried again
             " WHERE f.doc_id = e.doc_id AND f.model_version = p.model_version)"
-            " ORDER BY e.doc_id LIMIT %s"
+            " ORDER BY e.doc_id LIMIT %s",
+            (model_version, model_version, model_version, after, limit),
+        )
+
+    def _document_rows(
+        self, documents: DocumentStore, body_chars: int | None, rest: str, params: tuple
+    ) -> list[DocumentRow]:
+        """The ``DocumentRow``s (``d``) that ``rest`` selects (from ``{t}``, the documents table, on), bodies cut to
+        ``body_chars`` characters (``body_column``)."""
+        query = sql.SQL(
+            "SELECT d.doc_id, d.title, {body}, d.language, d.indexed_at, d.modified_at, d.deleted" + rest
         ).format(t=sql.Identifier(documents.table), body=body_column(body_chars, "d"))
         with self.connect() as conn, conn.cursor() as cur:
-            cur.execute(query, (model_version, model_version, model_version, after, limit))
+            cur.execute(query, params)
             return list(map(DocumentRow._make, cur.fetchall()))
 
     def stale_share(
