@@ -54,6 +54,7 @@ refresh_precompute_job = dg.define_asset_job(
     description="daily_precompute_job without training demand_model: a refresh of a cold cache publishes at once, "
     "top_ads following the demand_model verdict its nightly run left.",
 )
+JOBS_OF_A_DAY = (daily_precompute_job.name, refresh_precompute_job.name)  # the jobs that train and publish a day
 
 
 def offpeak_start_hour(instance: dg.DagsterInstance | None) -> int:
@@ -252,8 +253,7 @@ def refresh_or_skip(
     day, reason = request.partition_key, request.tags["precompute/reason"]
     if first_day is not None and day < first_day:
         return dg.SkipReason(f"{reason}, but {day} is before the first partition ({first_day}): nothing to refresh")
-    jobs = (daily_precompute_job.name, refresh_precompute_job.name)
-    if (running := run_of_day(instance, day, jobs, active_only=True)) is not None:
+    if (running := run_of_day(instance, day, JOBS_OF_A_DAY, active_only=True)) is not None:
         return dg.SkipReason(f"{reason}, but run {running.run_id[:8]} of {day} is {running.status.value}")
     return request
 
@@ -266,21 +266,26 @@ def last_refresh_failed(instance: dg.DagsterInstance) -> bool:
     return bool(runs) and runs[0].status in (dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED)
 
 
-DAY_GRAPH = {dg.AssetKey("ctr_model"), dg.AssetKey("ctr_cache")}  # what a run of a day's graph trains and publishes
+# What a nightly run materializes: a run of the asset graph that covers all of it (the UI's *Materialize all*, an asset
+# backfill of the day) is the day's run too.
+DAY_GRAPH = frozenset(key for asset in (*PRECOMPUTE_ASSETS, demand_model) for key in asset.keys)
 
 
 def run_of_day(
     instance: dg.DagsterInstance, partition: str, jobs: tuple[str, ...], *, active_only: bool = False
 ) -> dg.DagsterRun | None:
-    """The newest run for ``partition`` of one of ``jobs``, or one that materializes the day's graph (``DAY_GRAPH``)
-    from the asset graph: the UI's *Materialize*, ``dagster asset materialize``, an asset backfill; whatever launched
-    it and, unless ``active_only``, whatever its status. A schedule needs this: Dagster dedupes a schedule's run keys
-    only among the runs of one tick (one scheduled time), never across ticks, and a backfill or a launch from the UI
-    has no run key at all."""
+    """The newest run for ``partition`` of one of ``jobs``, or, with ``daily_precompute_job`` among them, one that
+    materializes the whole day's graph (``DAY_GRAPH``) from the asset graph: the UI's *Materialize all*, ``dagster
+    asset materialize``, an asset backfill; whatever launched it and, unless ``active_only``, whatever its status. A
+    schedule needs this: Dagster dedupes a schedule's run keys only among the runs of one tick (one scheduled time),
+    never across ticks, and a backfill or a launch from the UI has no run key at all."""
     statuses = ACTIVE_RUN_STATUSES if active_only else None
     runs = instance.get_runs(dg.RunsFilter(tags={PARTITION_TAG: partition}, statuses=statuses), limit=100)
+    whole = daily_precompute_job.name in jobs
     for run in runs:  # newest first
-        if run.job_name in jobs or set(run.asset_selection or ()) >= DAY_GRAPH:
+        if run.job_name in jobs or (
+            whole and run.job_name not in JOBS_OF_A_DAY and set(run.asset_selection or ()) >= DAY_GRAPH
+        ):
             return run
     return None
 
@@ -319,6 +324,9 @@ def build_schedules(partitions: Partitions) -> list:
             return dg.SkipReason(f"{request.partition_key} is before the first partition ({partitions.start})")
         if instance is not None and isinstance(request, dg.RunRequest):
             earlier = run_of_day(instance, request.partition_key, (daily_precompute_job.name,))
+            # A refresh of the day in progress (cache_health's, before the window) would publish beside it: wait.
+            earlier = earlier or run_of_day(instance, request.partition_key, (refresh_precompute_job.name,),
+                                            active_only=True)  # fmt: skip
             if earlier is not None:
                 # Every hour of the window ticks, and Dagster would launch each tick's request: one run a day (or
                 # none, when a backfill or the UI ran the day).

@@ -6,7 +6,7 @@ import contextlib
 import io
 import json
 import struct
-from collections.abc import Collection, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -341,15 +341,32 @@ class EmbeddingStore:
             changed, failed = cur.fetchone()
         return changed + failed
 
-    def failure_count(self, model_version: str, *, except_reasons: Collection[str] = ()) -> int:
-        """Documents whose latest embedding with ``model_version`` failed, for another reason than
-        ``except_reasons``."""
+    def failure_count(self, model_version: str) -> int:
+        """Documents whose latest embedding with ``model_version`` failed."""
+        with self.connect() as conn, conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM embedding_failures WHERE model_version = %s", (model_version,))
+            return cur.fetchone()[0]
+
+    def failures_served_elsewhere(self, model_version: str, served_model: str | None) -> int:
+        """Documents ``model_version`` failed on that the version readers are on likely serves: those the embedding
+        service failed on (its documents were embedded before), and, when readers are on another model's version
+        (``served_model``), those that model embedded (a failure keeps another model's stored embedding). A document
+        every model fails on (blank text, or text no model maps to a direction) is none of them."""
         with self.connect() as conn, conn.cursor() as cur:
             cur.execute(
-                "SELECT count(*) FROM embedding_failures WHERE model_version = %s AND NOT reason = ANY(%s)",
-                (model_version, list(except_reasons)),
+                "SELECT count(*) FROM embedding_failures f WHERE f.model_version = %s AND (f.reason LIKE 'service:%%'"
+                " OR EXISTS (SELECT FROM document_embeddings e WHERE e.doc_id = f.doc_id AND e.model_version = %s"
+                " AND e.model_version <> f.model_version))",
+                (model_version, served_model),
             )
             return cur.fetchone()[0]
+
+    def model_of(self, redis_version: str) -> str | None:
+        """The model version whose sync built ``redis_version``, while its progress still names it."""
+        with self.connect() as conn, conn.cursor() as cur:
+            cur.execute("SELECT model_version FROM embedding_progress WHERE redis_version = %s", (redis_version,))
+            row = cur.fetchone()
+        return None if row is None else row[0]
 
     def embedded_count(self, model_version: str) -> int:
         with self.connect() as conn, conn.cursor() as cur:

@@ -10,8 +10,8 @@ are idempotent), so nothing is duplicated or skipped. Chunks commit only once Re
 The first sync of an embedding model version builds a new Redis version and flips to it at the end;
 later syncs patch that version in place (new, modified and deleted documents only). While readers are served a
 version whole, a build is not flipped to when documents an open transaction held back would be missing from it, or
-when more than ``max_error_rate`` of its documents failed for a reason of the model or its service, not of the
-document (a service down, whose failures the next sync retries; a model that maps text to zeros): readers keep
+when more than ``max_error_rate`` of its documents failed where the version served likely has them (a service
+down, whose failures the next sync retries; a model that maps text to zeros, where the last one did not): readers keep
 their version (its TTL renewed, documents deleted meanwhile taken out of it too), and the next sync goes on with the
 build (``SyncStats.flip_waits``).
 
@@ -44,7 +44,7 @@ from datetime import datetime
 import numpy as np
 import redis
 
-from ..ml.embedder import EMPTY, INVALID_UTF8, MAX_CHARS, TOO_LARGE, Embedder, embed_documents
+from ..ml.embedder import MAX_CHARS, Embedder, embed_documents
 from ..serving.keys import EMBEDDING_KIND, KeySchema, Pointer, bucket_ids, check_key, check_keys
 from ..serving.publish import (
     KEYS_PER_BUCKET,
@@ -65,7 +65,6 @@ MAX_BUCKET_FILL = 1.25 * KEYS_PER_BUCKET  # mean keys per bucket past which a ve
 MAX_BUILD_ERROR_RATE = 0.05  # the share of a build's documents that may fail for readers to move to it
 FILL_SAMPLE_BUCKETS = 64  # buckets whose HLEN estimates the mean fill
 INVALID_ID = "invalid doc_id"  # a failure: the id cannot be a key of the serving cache (serving.keys.check_key)
-MODEL_INDEPENDENT = (EMPTY, INVALID_UTF8, TOO_LARGE, INVALID_ID)  # failures of the document under any model
 
 
 @dataclass
@@ -256,7 +255,7 @@ def _sync(
         log(f"{held_back} documents changed after {horizon.isoformat()} are left for a later sync: the oldest open "
             f"transaction on the database began then ({holder[1]})")  # fmt: skip
     if not stopped_early and stats.full_build and _served_whole(client, schema, current, target):
-        stats.flip_waits = _flip_waits(store, model_version, stats.held_back, max_error_rate)
+        stats.flip_waits = _flip_waits(store, model_version, current, stats.held_back, max_error_rate)
     if stats.flip_waits:  # readers keep the version they are served, which lives on while the build waits
         stats.served_version = current.version
         send_commands(client, [(b"EXPIRE", name.encode(), b"%d" % ttl_s) for name in _version_keys(schema, current)])
@@ -290,19 +289,23 @@ def _served_whole(client: redis.Redis, schema: KeySchema, current: Pointer | Non
     )
 
 
-def _flip_waits(store: EmbeddingStore, model_version: str, held_back: int, max_error_rate: float) -> str | None:
-    """Why readers should not move to the build of ``model_version`` yet, or None: documents an open transaction
-    held back (the build would serve none of them, where the version readers have serves their earlier text), or
-    more than ``max_error_rate`` of its documents failed for a reason of the model or its service (a service down,
-    a model that maps text to zeros: it would serve almost nothing). The next sync retries service failures."""
+def _flip_waits(
+    store: EmbeddingStore, model_version: str, served: Pointer, held_back: int, max_error_rate: float
+) -> str | None:
+    """Why readers should not move to the build of ``model_version`` from the version ``served`` yet, or None:
+    documents an open transaction held back (the build would serve none of them, where the version readers have
+    serves their earlier text), or more than ``max_error_rate`` of its documents failed where the version served
+    likely has them (``failures_served_elsewhere``: an embedding service down, a model that maps text to zeros). A
+    document every model fails on (blank text) costs readers nothing. The next sync retries service failures."""
     reasons = []
     if held_back:
         reasons.append(f"{held_back} changed documents are held back by an open transaction")
-    # Failures of the document, not the model (blank text, say), fail under the version served alike: they do not count.
-    failed = store.failure_count(model_version, except_reasons=MODEL_INDEPENDENT)
+    lost = store.failures_served_elsewhere(model_version, store.model_of(served.version))
     total = store.failure_count(model_version) + store.embedded_count(model_version)
-    if failed and failed > max_error_rate * total:
-        reasons.append(f"{failed} of its {total} documents failed to embed with it (over {max_error_rate:.0%})")
+    if lost and lost > max_error_rate * total:
+        reasons.append(
+            f"{lost} of its {total} documents failed to embed, which readers are served now (over {max_error_rate:.0%})"
+        )
     return "; ".join(reasons) or None
 
 

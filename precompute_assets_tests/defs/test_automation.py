@@ -131,8 +131,38 @@ def test_the_scheduler_daemon_launches_one_nightly_precompute_per_day(dagster_pg
 
 
 def test_a_day_the_asset_graph_is_materializing_gets_no_second_nightly_run(dagster_pg_url, monkeypatch):
-    """The UI's Materialize of the day's graph, `dagster asset materialize` and asset backfills run as __ASSET_JOB:
-    the schedule looked at daily_precompute_job's runs only, and launched the day's graph a second time (h_auto)."""
+    """The UI's Materialize all, `dagster asset materialize` and asset backfills run as __ASSET_JOB: the schedule
+    looked at daily_precompute_job's runs only, and launched the day's graph a second time (h_auto). A run of part of
+    the graph, or a refresh (no demand_model), is no day's run (h_diff9)."""
+    from dagster._core.test_utils import create_run_for_test
+
+    from precompute_assets.defs.automation import DAY_GRAPH
+
+    utc = ZoneInfo("UTC")
+    start = datetime(2026, 11, 20, 1, 0, 30, tzinfo=utc)
+    with scheduler_daemon(dagster_pg_url, monkeypatch, "daily_precompute", start) as (instance, iterate):
+        for hour in DEFAULT_PARTITIONS.hours_of("2026-11-19"):
+            instance.report_runless_asset_event(dg.AssetMaterialization("query_logs", partition=hour))
+        day = {"dagster/partition": "2026-11-19"}
+        part = {dg.AssetKey(name) for name in ("ctr_model", "ctr_predictions", "ctr_cache")}
+        create_run_for_test(instance, job_name="__ASSET_JOB", status=dg.DagsterRunStatus.CANCELED, tags=day,
+                            asset_selection=part)  # fmt: skip
+        refresh = DAY_GRAPH - {dg.AssetKey("demand_model")}
+        create_run_for_test(instance, job_name="refresh_precompute_job", status=dg.DagsterRunStatus.SUCCESS,
+                            tags=day, asset_selection=refresh)  # fmt: skip
+        whole = create_run_for_test(instance, job_name="__ASSET_JOB", status=dg.DagsterRunStatus.STARTED, tags=day,
+                                    asset_selection=set(DAY_GRAPH))  # fmt: skip
+        for hour in range(1, 4):
+            iterate(datetime(2026, 11, 20, hour, 0, 30, tzinfo=utc))
+        assert instance.get_runs(dg.RunsFilter(job_name="daily_precompute_job")) == []
+        instance.delete_run(whole.run_id)  # only part of the graph, and a refresh, ran the day: the night's run comes
+        iterate(datetime(2026, 11, 20, 4, 0, 30, tzinfo=utc))
+        assert len(instance.get_runs(dg.RunsFilter(job_name="daily_precompute_job"))) == 1
+
+
+def test_a_nightly_precompute_waits_while_a_refresh_of_its_day_runs(dagster_pg_url, monkeypatch):
+    """cache_health's refresh of yesterday, launched before the window, trains and publishes the day: the nightly run
+    launched beside it trained and published it a second time at once (h_diff9). It waits for the refresh to end."""
     from dagster._core.test_utils import create_run_for_test
 
     utc = ZoneInfo("UTC")
@@ -140,12 +170,18 @@ def test_a_day_the_asset_graph_is_materializing_gets_no_second_nightly_run(dagst
     with scheduler_daemon(dagster_pg_url, monkeypatch, "daily_precompute", start) as (instance, iterate):
         for hour in DEFAULT_PARTITIONS.hours_of("2026-11-19"):
             instance.report_runless_asset_event(dg.AssetMaterialization("query_logs", partition=hour))
-        graph = {dg.AssetKey(name) for name in ("ad_demand", "top_ads", "ctr_model", "ctr_predictions", "ctr_cache")}
-        create_run_for_test(instance, job_name="__ASSET_JOB", status=dg.DagsterRunStatus.STARTED,
-                            tags={"dagster/partition": "2026-11-19"}, asset_selection=graph)  # fmt: skip
-        for hour in range(1, 8):
+        refresh = create_run_for_test(
+            instance,
+            job_name="refresh_precompute_job",
+            status=dg.DagsterRunStatus.STARTED,
+            tags={"dagster/partition": "2026-11-19", "dagster/sensor_name": "cache_health"},
+        )
+        for hour in range(1, 4):
             iterate(datetime(2026, 11, 20, hour, 0, 30, tzinfo=utc))
         assert instance.get_runs(dg.RunsFilter(job_name="daily_precompute_job")) == []
+        instance.report_run_failed(refresh)  # it ended: the next tick of the window runs the night's graph
+        iterate(datetime(2026, 11, 20, 4, 0, 30, tzinfo=utc))
+        assert len(instance.get_runs(dg.RunsFilter(job_name="daily_precompute_job"))) == 1
 
 
 def test_a_nightly_precompute_the_daemon_missed_runs_late_once(dagster_pg_url, monkeypatch):

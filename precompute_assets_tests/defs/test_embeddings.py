@@ -922,8 +922,25 @@ def test_a_build_whose_model_maps_every_text_to_zeros_waits_beside_the_version_s
     served = sync_embeddings(docs, store, redis_client, embedder, schema=schema, log=lambda m: None).redis_version
     broken = sync_embeddings(docs, store, redis_client, _Zeros(), schema=schema, log=lambda m: None)
     assert broken.embedded == 0 and broken.failure_reasons == {"no known n-gram (a vector of zeros)": N_DOCS}
-    assert broken.flip_waits == f"{N_DOCS} of its {N_DOCS} documents failed to embed with it (over 5%)"
+    assert (
+        broken.flip_waits
+        == f"{N_DOCS} of its {N_DOCS} documents failed to embed, which readers are served now (over 5%)"
+    )
     assert redis_client.get(schema.pointer(EMBEDDING_KIND)).decode().startswith(f"{served}:")
+
+
+def test_documents_every_model_maps_to_zeros_never_hold_a_build_back(docs, app_db, redis_client, schema, embedder):
+    """Emoji-only documents fail under the served model too: counted against the build's 5 %, they held a dtype
+    change, or a refit, back for good (h_diff9). Only failures of documents readers are served count."""
+    emoji = pd.DataFrame({"doc_id": [f"emoji{i}" for i in range(200)], "title": [""] * 200, "body": ["👍"] * 200,
+                          "language": ["en"] * 200})  # fmt: skip
+    docs.load_frame(emoji)
+    store = EmbeddingStore(app_db)
+    int8 = sync_embeddings(docs, store, redis_client, embedder, schema=schema, log=lambda m: None)
+    assert int8.failure_reasons == {"no known n-gram (a vector of zeros)": 200}
+    wide = sync_embeddings(docs, store, redis_client, embedder, schema=schema, dtype="float32", log=lambda m: None)
+    assert wide.full_build and wide.failed == 200 and wide.flip_waits is None
+    assert redis_client.get(schema.pointer(EMBEDDING_KIND)).decode().startswith(f"{wide.redis_version}:")
 
 
 SAVE_UNDER_A_SIZE_LIMIT = """

@@ -161,7 +161,7 @@ def test_a_build_the_service_failed_waits_while_readers_keep_the_version_they_ar
         redis_client.expire(bucket, 60)
         waiting = sync_embeddings(docs, store, redis_client, new, schema=schema, log=quiet)
         assert (waiting.embedded, waiting.failed, waiting.full_build) == (0, 120, True)
-        assert waiting.flip_waits == "120 of its 120 documents failed to embed with it (over 5%)"
+        assert waiting.flip_waits == "120 of its 120 documents failed to embed, which readers are served now (over 5%)"
         assert np.array_equal(np.stack(cache.get_embeddings(ids)), np.stack(before))
         assert redis_client.get(schema.pointer("doc_embedding")).decode().startswith(f"{served}:")
         assert redis_client.ttl(bucket) > 86_400
