@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -34,6 +35,7 @@ from .keys import (
     EMBEDDING_KIND,
     Experiment,
     Float32Codec,
+    JsonCodec,
     KeySchema,
     Pointer,
     bucket_of,
@@ -130,11 +132,20 @@ def _release_command(schema: KeySchema, kind: str, key: str, token: bytes) -> tu
 
 def storable(kind: str, value: Any) -> bool:
     """Whether ``get_or_compute`` stores ``value`` (already encodable) of ``kind``: not None (a None computed live is
-    returned, not cached), and for float32 kinds (``ctr``, ``campaign``) a finite number, as the publish path requires
-    of every prediction (a NaN the model returned once would otherwise be served for a whole live TTL)."""
+    returned, not cached), for float32 kinds (``ctr``, ``campaign``) a finite number, as the publish path requires
+    of every prediction (a NaN the model returned once would otherwise be served for a whole live TTL), and for JSON
+    kinds a value without NaN or Infinity."""
     if value is None:
         return False
-    return math.isfinite(float(value)) if isinstance(codec_for(kind), Float32Codec) else True
+    codec = codec_for(kind)
+    if isinstance(codec, Float32Codec):
+        return math.isfinite(float(value))
+    if isinstance(codec, JsonCodec):
+        try:  # NaN and Infinity are no JSON: readers in other languages refuse them (as tasks.py writes values)
+            json.dumps(value, allow_nan=False)
+        except ValueError:
+            return False
+    return True
 
 
 def _seconds(raw: Any) -> float | None:
@@ -785,15 +796,21 @@ class PredictionCache:
     # --- internals ------------------------------------------------------------------------------------
 
     def _decode(self, kind: str, raw: bytes | None) -> Any:
-        """Decode a stored value, ``ABSENT`` when there is none; a corrupt one counts as an error and is ``ABSENT`` (a
-        miss), never an exception. A JSON null is a value (None): the model's answer was "nothing"."""
+        """Decode a stored value, ``ABSENT`` when there is none; a corrupt one (a float32 one not finite too) counts as
+        an error and is ``ABSENT`` (a miss), never an exception. A JSON null is a value (None): the model's answer was
+        "nothing"."""
         if raw is None:
             return ABSENT
+        codec = codec_for(kind)
         try:
-            return codec_for(kind).decode(raw)
+            value = codec.decode(raw)
         except (ValueError, TypeError, struct.error, RecursionError):  # RecursionError: JSON nested too deep
             self._count("errors")
             return ABSENT
+        if isinstance(codec, Float32Codec) and not math.isfinite(value):  # no prediction: a writer's NaN or Infinity
+            self._count("errors")
+            return ABSENT
+        return value
 
     def _failed_early(self, kind: str, key: str) -> None:
         """Count an early recomputation whose compute raised; warn, with its traceback, at most once a minute."""

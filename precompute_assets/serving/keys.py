@@ -332,6 +332,8 @@ def check_key(key: str) -> str:
 
 def check_keys(keys: Sequence[str]) -> None:
     """``check_key`` for many keys at C speed (one scan of all of them); raises for the first bad one."""
+    if isinstance(keys, str | bytes):  # one key where a sequence was meant: each character would be looked up
+        raise ValueError(f"keys must be a sequence of keys, not one {type(keys).__name__}: {keys[:40]!r}")
     if not keys:
         return
     try:

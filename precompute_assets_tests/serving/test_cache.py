@@ -731,6 +731,37 @@ def test_a_non_finite_ctr_is_returned_but_never_cached(redis_url, redis_client, 
 
 
 @pytest.mark.parametrize("stampede", [{}, {"xfetch_beta": 0, "recompute_lock_ms": 0}])
+def test_a_json_value_with_nan_is_returned_but_never_cached(redis_url, redis_client, schema, stampede):
+    """JSON has no NaN or Infinity: stored as they were, readers in other languages refused them, and this client
+    served them as hits for the whole live TTL (h_serve)."""
+    cache = make_cache(redis_url, schema, **stampede)
+    for bad in ({"score": math.nan}, math.inf, [1, -math.inf]):
+        assert str(cache.get_or_compute("rank", "u1", lambda key, bad=bad: bad)) == str(bad)  # the caller gets it
+        assert redis_client.get(schema.live("rank", "u1")) is None
+    assert cache.get_or_compute("rank", "u1", lambda key: {"score": 0.5}) == {"score": 0.5}
+    assert redis_client.get(schema.live("rank", "u1")) == b'{"score":0.5}'
+
+
+def test_a_stored_ctr_that_is_not_finite_is_a_corrupt_value_recomputed(redis_url, redis_client, schema):
+    """A NaN or Infinity another writer stored was served as a hit and never recomputed (h_serve): every writer of
+    ours refuses them, so it is corrupt, like bytes of the wrong length."""
+    cache = make_cache(redis_url, schema)
+    for raw in (b"\x00\x00\xc0\x7f", b"\x00\x00\x80\x7f"):  # float32 NaN, +Infinity
+        redis_client.set(schema.live("ctr", "ad1"), raw, ex=3600)
+        assert cache.get("ctr", "ad1") is None
+    assert cache.errors == 2
+    assert cache.get_or_compute("ctr", "ad1", lambda key: 0.25) == 0.25 and cache.computes == 1
+    assert cache.get("ctr", "ad1") == 0.25
+
+
+def test_get_many_refuses_one_string_for_its_keys(redis_url, schema):
+    """``get_many("ctr", "abc")`` looked up "a", "b" and "c" (h_serve)."""
+    cache = make_cache(redis_url, schema)
+    with pytest.raises(ValueError, match="keys must be a sequence of keys, not one str: 'abc'"):
+        cache.get_many("ctr", "abc")
+
+
+@pytest.mark.parametrize("stampede", [{}, {"xfetch_beta": 0, "recompute_lock_ms": 0}])
 def test_a_value_the_server_refuses_fails_its_store_not_every_lookup(redis_server, schema, stampede):
     """A store that fails right after a lookup that worked (here a value over the server's ``proto-max-bulk-len``,
     which resets the connection; over a network, a value too big to send within ``socket_timeout``) once backed the
