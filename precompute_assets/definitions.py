@@ -85,7 +85,7 @@ def build_definitions(settings: Settings, executor: dg.ExecutorDefinition | None
         sensors=[
             documents_changed,
             campaign_launch_sensor,
-            build_cache_health_sensor(partitions.timezone, first_day=partitions.start),
+            build_cache_health_sensor(partitions.timezone, partitions=partitions),
             user_event_sensor,
             live_refresh_sensor,
         ],

@@ -182,7 +182,7 @@ def without_retraining(instance: dg.DagsterInstance, request: dg.RunRequest) -> 
 
 
 def build_cache_health_sensor(
-    timezone: str, *, threshold: float = HEALTH_THRESHOLD, first_day: str | None = None
+    timezone: str, *, threshold: float = HEALTH_THRESHOLD, partitions: Partitions | None = None
 ) -> dg.SensorDefinition:
     """``cache_health``: every 5 minutes, the ctr hit rate of the last hour from the query log; below
     ``threshold`` it requests ``refresh_precompute_job`` for yesterday (at most every 6 hours, or an hour after a
@@ -226,7 +226,7 @@ def build_cache_health_sensor(
             failed = last is not None and last_refresh_failed(context.instance)
             result = health_request(window, now, timezone, last, last_failed=failed, threshold=threshold)
             if isinstance(result, dg.RunRequest):
-                result = refresh_or_skip(context.instance, result, first_day)
+                result = refresh_or_skip(context.instance, result, partitions)
             if isinstance(result, dg.RunRequest):
                 result = without_retraining(context.instance, result)
                 context.log.info(result.tags["precompute/reason"])
@@ -245,16 +245,22 @@ def build_cache_health_sensor(
 
 
 def refresh_or_skip(
-    instance: dg.DagsterInstance, request: dg.RunRequest, first_day: str | None
+    instance: dg.DagsterInstance, request: dg.RunRequest, partitions: Partitions | None
 ) -> dg.RunRequest | dg.SkipReason:
-    """``request``, a refresh of one day, or why not now: the day is before the first partition (a deployment's first
-    day: no such partition, and the tick failed on it all day), or a run of that day's graph is in progress (the
-    nightly one, say: its publish is the refresh, and a second run would train and publish the day twice)."""
+    """``request``, a refresh of one day, or why not now: a run of that day's graph is in progress (the nightly one,
+    say: its publish is the refresh, and a second run would train and publish the day twice); and, given the
+    deployment's ``partitions``, the day is before the first one (a deployment's first day: no such partition, and
+    the tick failed on it all day), or some of its query_logs hours are not drained yet (just after midnight: the
+    refresh would select from 23 hours, as the nightly run never does)."""
     day, reason = request.partition_key, request.tags["precompute/reason"]
-    if first_day is not None and day < first_day:
-        return dg.SkipReason(f"{reason}, but {day} is before the first partition ({first_day}): nothing to refresh")
+    if partitions is not None and day < partitions.start:
+        return dg.SkipReason(
+            f"{reason}, but {day} is before the first partition ({partitions.start}): nothing to refresh"
+        )
     if (running := run_of_day(instance, day, JOBS_OF_A_DAY, active_only=True)) is not None:
         return dg.SkipReason(f"{reason}, but run {running.run_id[:8]} of {day} is {running.status.value}")
+    if partitions is not None and (missing := missing_log_hours(instance, partitions.hours_of(day))):
+        return dg.SkipReason(f"{reason}, but {len(missing)} query_logs hours of {day} are not drained yet")
     return request
 
 

@@ -19,7 +19,7 @@ from dagster._scheduler.scheduler import launch_scheduled_runs
 
 from precompute_assets.definitions import defs
 from precompute_assets.defs.automation import automation_states, build_cache_health_sensor, health_request
-from precompute_assets.defs.partitions import DEFAULT_PARTITIONS
+from precompute_assets.defs.partitions import DEFAULT_PARTITIONS, Partitions
 from precompute_assets.storage.postgres import scratch_database
 from precompute_assets_tests.factories import log_client
 
@@ -274,17 +274,25 @@ def test_cache_health_retries_an_hour_after_a_refresh_that_failed():
 
 
 def test_cache_health_refreshes_no_day_before_the_first_partition_or_with_a_run_of_the_day_in_progress():
-    """On a deployment's first day, yesterday is no partition: the tick failed on its request all day. And a refresh
-    of the day whose nightly run is in progress trained and published the day twice at once (h_auto)."""
+    """On a deployment's first day, yesterday is no partition: the tick failed on its request all day. A refresh of
+    the day whose nightly run is in progress trained and published the day twice at once (h_auto). And one just after
+    midnight selected from the 23 hours drained so far (h_auto's suspicion)."""
     from dagster._core.test_utils import create_run_for_test
 
     from precompute_assets.defs.automation import refresh_or_skip
 
     request = health_request(window(1000, 700), NOON, "UTC", None)
     with dg.instance_for_test() as instance:
-        first = refresh_or_skip(instance, request, "2026-11-20")
+        first = refresh_or_skip(instance, request, Partitions("UTC", "2026-11-20"))
         assert isinstance(first, dg.SkipReason) and "2026-11-19 is before the first partition" in first.skip_message
-        assert refresh_or_skip(instance, request, "2026-11-19") is request
+        deployed = Partitions("UTC", "2026-11-01")
+        hours = deployed.hours_of("2026-11-19")
+        for hour in hours[:-1]:
+            instance.report_runless_asset_event(dg.AssetMaterialization("query_logs", partition=hour))
+        early = refresh_or_skip(instance, request, deployed)
+        assert isinstance(early, dg.SkipReason) and "1 query_logs hours of 2026-11-19 are not drained" in str(early)
+        instance.report_runless_asset_event(dg.AssetMaterialization("query_logs", partition=hours[-1]))
+        assert refresh_or_skip(instance, request, deployed) is request
         nightly = create_run_for_test(instance, job_name="daily_precompute_job", status=dg.DagsterRunStatus.STARTED,
                                       tags={"dagster/partition": "2026-11-19"})  # fmt: skip
         busy = refresh_or_skip(instance, request, None)
