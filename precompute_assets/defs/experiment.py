@@ -20,7 +20,7 @@ from ..ml.experiment import SRM_ALPHA, arm_report
 from ..serving import Experiment
 from ..storage.lake import Lake
 from .partitions import DEFAULT_PARTITIONS, Partitions
-from .records import newest_metadata
+from .records import metadata_of, newest_metadata
 from .resources import ExperimentResource, LakeResource
 
 EXPERIMENT_KIND = "ctr"  # the kind whose selection is split (top_ads) and whose queries carry arms
@@ -128,7 +128,7 @@ def published_experiments(instance: dg.DagsterInstance, versions: list[str]) -> 
             dg.AssetRecordsFilter(asset_key=dg.AssetKey(PUBLISHER_ASSET), asset_partitions=[day]), limit=100
         ).records
         for record in records:  # newest first
-            metadata = record.asset_materialization.metadata if record.asset_materialization else {}
+            metadata = metadata_of(record)
             version, published = (getattr(metadata.get(k), "value", None) for k in ("version", "published"))
             if version not in wanted or version in out or published is not True:
                 continue

@@ -16,7 +16,7 @@ from ..ml import ctr
 from ..ml.features import spec_dict
 from ..ml.model_store import LocalModelStore
 from .partitions import DEFAULT_PARTITIONS, Partitions
-from .records import newest_metadata
+from .records import metadata_of, newest_metadata
 from .resources import LakeResource, ModelStoreResource
 
 CTR_MODEL = "ctr_model"
@@ -299,7 +299,7 @@ def approved_materializations(
                 continue
             seen.add(record.partition_key or "")
             if record.run_id in passed:
-                metadata = record.asset_materialization.metadata if record.asset_materialization else {}
+                metadata = metadata_of(record)
                 yield record.partition_key or "", record.storage_id, record.run_id, metadata
         if not result.has_more:
             break

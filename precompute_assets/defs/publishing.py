@@ -19,7 +19,7 @@ from .experiment import carried_experiment, experiment_metadata, selected_experi
 from .freshness import CTR_CACHE_FRESHNESS
 from .models import CTR_MODEL
 from .partitions import DEFAULT_PARTITIONS
-from .records import materializations, newest_metadata
+from .records import materializations, metadata_of, newest_metadata
 from .resources import LakeResource, RedisResource, out_of_memory
 
 DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
@@ -121,7 +121,7 @@ def ctr_cache(
         over = newer_current_version(client.get(schema.previous("ctr")), context.partition_key) or published_after(
             context.instance, context.partition_key
         )
-    over_day = None if over is None else over.split(".", 1)[0]
+    over_day = None if over is None else version_day(over)
     if config.rollback and held is not None and context.partition_key < held:
         # a rollback to a day before the one held back (its predictions published again, say) keeps the hold
         over_day = max(over_day or held, held)
@@ -187,6 +187,11 @@ def rolled_back_over(instance: dg.DagsterInstance) -> str | None:
     return metadata[ROLLED_BACK_OVER].value if ROLLED_BACK_OVER in metadata else None
 
 
+def version_day(version: str) -> str:
+    """The day a ctr version was published for: ``content_version`` puts it first."""
+    return version.split(".", 1)[0]
+
+
 def content_version(day: str, predictions: pd.DataFrame, experiment: Experiment | None) -> str:
     """``{day}.{digest}``: the same predictions (in any row order) with the same experiment name the same version,
     so publishing them again is recognised; anything else, a new one. The day comes first: ``newer_current_version``
@@ -215,7 +220,7 @@ def newer_current_version(raw_pointer: bytes | None, partition: str) -> str | No
     if raw_pointer is None:
         return None
     current = Pointer.decode(raw_pointer).version
-    day = current.split(".", 1)[0]
+    day = version_day(current)
     return current if DAY.fullmatch(day) and day > partition else None
 
 
@@ -236,7 +241,7 @@ def recorded_publish(instance: dg.DagsterInstance, kind: str) -> RecordedPublish
     newest = None
     for record in materializations(instance, asset):
         newest = newest or record
-        metadata = record.asset_materialization.metadata if record.asset_materialization else {}
+        metadata = metadata_of(record)
         if field in metadata:
             empty = kind == "ctr" and "model_version" not in metadata
             return RecordedPublish(str(metadata[field].value), newest, empty)
@@ -247,8 +252,8 @@ def published_after(instance: dg.DagsterInstance, day: str) -> str | None:
     """The ctr version the newest publish of a day after ``day`` made current (the one a rollback to ``day``
     replaced), or None."""
     for record in materializations(instance, "ctr_cache"):
-        metadata = record.asset_materialization.metadata if record.asset_materialization else {}
-        if "version" in metadata and (version := str(metadata["version"].value)).split(".", 1)[0] > day:
+        metadata = metadata_of(record)
+        if "version" in metadata and version_day(version := str(metadata["version"].value)) > day:
             return version
     return None
 
@@ -410,7 +415,7 @@ def rejected_since(instance: dg.DagsterInstance, recorded: RecordedPublish) -> s
     its day rejects the day (a re-run that failed ``beats_baseline``: the day's verdict), so its predictions are no
     longer to be served; None when it does not (or records no verdict), and for an empty version, which no model
     made."""
-    metadata = {} if recorded.empty else newest_metadata(instance, CTR_MODEL, recorded.version.split(".", 1)[0])
+    metadata = {} if recorded.empty else newest_metadata(instance, CTR_MODEL, version_day(recorded.version))
     if "approved" not in metadata or metadata["approved"].value:
         return None
     return f"its day's ctr_model {metadata['model_version'].value} failed beats_baseline since"
@@ -448,7 +453,7 @@ def restore_served_version(
         context.log.info(f"Redis serves ctr version {served} whole: nothing to restore")
         return
     context.log.info(f"restoring ctr version {served}: {why}")
-    day = served.split(".", 1)[0]
+    day = version_day(served)
     predictions = lake.lake().read("ctr_predictions", day)
     try:
         experiment = carried_experiment(predictions, lambda: selected_experiment(context.instance, day))

@@ -14,7 +14,12 @@ def newest_metadata(instance: dg.DagsterInstance, asset: str, partition: str | N
     key = dg.AssetKey(asset)
     records_filter = key if partition is None else dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition])
     records = instance.fetch_materializations(records_filter, limit=1).records
-    return records[0].asset_materialization.metadata if records and records[0].asset_materialization else {}
+    return metadata_of(records[0]) if records else {}
+
+
+def metadata_of(record: dg.EventLogRecord) -> Mapping:
+    """The metadata of a materialization ``record``; empty for a record of no materialization."""
+    return record.asset_materialization.metadata if record.asset_materialization else {}
 
 
 def materializations(instance: dg.DagsterInstance, asset: str, *, page: int = 100) -> Iterator[dg.EventLogRecord]:

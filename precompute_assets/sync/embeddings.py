@@ -254,6 +254,7 @@ def _sync(
         stats.held_back, stats.held_back_by = held_back, holder[1]
         log(f"{held_back} documents changed after {horizon.isoformat()} are left for a later sync: the oldest open "
             f"transaction on the database began then ({holder[1]})")  # fmt: skip
+    # looked at again: a build may take hours, and a version Redis lost meanwhile is no reason to wait
     if not stopped_early and stats.full_build and _served_whole(client, schema, current, target):
         stats.flip_waits = _flip_waits(store, model_version, current, stats.held_back, max_error_rate)
     if stats.flip_waits:  # readers keep the version they are served, which lives on while the build waits
