@@ -349,7 +349,10 @@ class QueryLogger:
             return
         try:
             connection = self._connection
-            if connection is None or self._unsent or self._stopped or time.monotonic() < self._retry_at:
+            # _caller_sends again, under the lock: a caller that read it before the thread connected a test double
+            # (or a TLS socket) would otherwise send on a socket it cannot use, fail, and back the logger off.
+            stalled = connection is None or self._unsent or self._stopped or time.monotonic() < self._retry_at
+            if stalled or not self._caller_sends:
                 return
             if self._stale():  # the thread reconnects
                 self._release_connection()

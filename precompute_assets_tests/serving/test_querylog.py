@@ -12,6 +12,7 @@ import time
 import weakref
 from collections import Counter
 
+import fakeredis
 import pytest
 
 from precompute_assets.serving import KeySchema, QueryLogger, connect, log_prediction_query, query_logger, querylog
@@ -759,3 +760,19 @@ def test_a_drain_reads_the_stream_a_bounded_page_per_xrange(redis_server):
     assert len(entries) == client.xlen(schema.query_log()) == len({entry_id for entry_id, _ in entries})
     assert len(logged_queries(client, schema)) == 2500 * 64
     assert len(events) == len(after) == 2500 and [e for e, _ in events] == [e for e, _ in after]
+
+
+def test_a_caller_that_read_the_send_flag_before_the_thread_connected_a_test_double_sends_nothing(schema):
+    """Callers check ``_caller_sends`` without the lock. One that read it before the thread connected a socket
+    callers cannot use (a test double here; fakeredis: a pure unit test) sent on it anyway, failed and backed the
+    logger off: every query buffered until ``close()`` was lost (a CI run lost all 300 of a test's)."""
+    logger = QueryLogger(fakeredis.FakeRedis(), schema)
+    deadline = time.monotonic() + 5
+    while logger._connection is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert logger._connection is not None and not logger._caller_sends
+    for i in range(ENTRY_EVENTS):
+        logger.log("ctr", f"ad{i}", hit=True)
+    logger._caller_flush()  # what the lookup that read the flag first goes on to do
+    logger.close()
+    assert (logger.stats.written, logger.stats.dropped) == (ENTRY_EVENTS, 0)
