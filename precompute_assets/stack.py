@@ -1132,6 +1132,7 @@ class Stack:
             ENV_APP_DB: self.postgres.url(APP_DB),
         }
         ports = (self.redis.port, self.postgres.port)
+        self._own_query: dict[str, str] = {}  # the options (``?socket_timeout=2``) a user's URL of a home server sets
         for name, url in own.items():
             exported = self._externals[name]
             if exported is not None and (sqlalchemy_url(exported) == url or _names_home(exported, secret, ports)):
@@ -1141,6 +1142,7 @@ class Stack:
                         f"stack serves {_database(url)}: unset {name} to use the embedded one, or name that database"
                     )
                 self._externals[name] = None
+                self._own_query[name] = exported.partition("?")[2]
 
     def _read_ports(self) -> None:
         """The servers' ports as ``stack.json`` says now."""
@@ -1202,6 +1204,12 @@ class Stack:
 
     def _external(self, name: str) -> str | None:
         return self._externals[name]
+
+    def _own(self, name: str, url: str) -> str:
+        """This home's server's ``url`` with the options of the user's URL that named it (on the port and password
+        of now: `up` may have moved the server since that URL was exported)."""
+        query = self._own_query.get(name)
+        return f"{url}?{query}" if query else url
 
     def embeds(self, variable: str) -> bool:
         """Whether the server of ``variable`` (``ENV_REDIS``, ``ENV_DAGSTER_PG``, ``ENV_APP_DB``) is this stack's own,
@@ -1282,9 +1290,11 @@ class Stack:
         return {
             ENV_HOME: str(self.home),
             "DAGSTER_HOME": os.environ.get("DAGSTER_HOME") or str(self.dagster_home),
-            ENV_REDIS: self._external(ENV_REDIS) or self.redis.url,
-            ENV_DAGSTER_PG: sqlalchemy_url(self._external(ENV_DAGSTER_PG) or self.postgres.url(DAGSTER_DB)),
-            ENV_APP_DB: sqlalchemy_url(self._external(ENV_APP_DB) or self.postgres.url(APP_DB)),
+            ENV_REDIS: self._external(ENV_REDIS) or self._own(ENV_REDIS, self.redis.url),
+            ENV_DAGSTER_PG: sqlalchemy_url(
+                self._external(ENV_DAGSTER_PG) or self._own(ENV_DAGSTER_PG, self.postgres.url(DAGSTER_DB))
+            ),
+            ENV_APP_DB: sqlalchemy_url(self._external(ENV_APP_DB) or self._own(ENV_APP_DB, self.postgres.url(APP_DB))),
             ENV_LAKE: self._external(ENV_LAKE) or str(self.home / "lake"),
             ENV_MODEL_STORE: self._external(ENV_MODEL_STORE) or str(self.home / "models"),
             ENV_TIMEZONE: self._external(ENV_TIMEZONE) or "UTC",

@@ -727,3 +727,18 @@ def test_a_redis_whose_pid_file_is_empty_is_still_ours(redis_server) -> None:
     server.start(timeout_s=10)  # said "another program answers on port ..." before
     server.stop()
     assert server.pid is None and not reachable(server.url)
+
+
+def test_a_url_of_the_homes_server_keeps_its_options(tmp_path: Path, monkeypatch) -> None:
+    """A user's URL of the home's own server was replaced by the bare embedded one: its options (a
+    ``socket_timeout``, an app database's ``connect_timeout``) were gone from what `env` exports and Dagster used."""
+    home = tmp_path / "home"
+    own = Stack(home).env()
+    monkeypatch.setenv(ENV_REDIS, own[ENV_REDIS] + "?socket_timeout=2&health_check_interval=5")
+    monkeypatch.setenv(ENV_APP_DB, own[ENV_APP_DB] + "?connect_timeout=3")
+    stack = Stack(home)
+    assert stack.embeds(ENV_REDIS) and stack.embeds(ENV_APP_DB)
+    env = stack.env()
+    assert env[ENV_REDIS] == own[ENV_REDIS] + "?socket_timeout=2&health_check_interval=5"
+    assert env[ENV_APP_DB] == own[ENV_APP_DB] + "?connect_timeout=3"
+    assert env["DAGSTER_PG_URL"] == own["DAGSTER_PG_URL"]

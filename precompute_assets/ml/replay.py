@@ -72,6 +72,7 @@ _DATETIME_START_RE = re.compile(rf"{_PAD}{_DATE}")  # a timestamp that is a date
 _DATETIME_FIELD_RE = re.compile(rf"{_DATE}T\S*")  # one without blanks: a field of a whitespace-separated line
 _NUM_RE = re.compile(_NUM)
 _NUMBER_START = re.compile(r"[+-]?\.?[0-9]")  # a name never starts so; a timestamp in any form does
+_FLOAT_WORD = re.compile(r"[+-]?(?:nan|inf|infinity)", re.IGNORECASE)  # what float() reads that is no number
 PER_SECOND = {"s": 1, "ms": 1e3, "us": 1e6, "ns": 1e9}  # ticks of a datetime64 or Arrow timestamp unit
 _FIRST_FIELD = re.compile(r"^[^,\n]*", re.MULTILINE)
 _FIRST_FIELD_COMMA = re.compile(r"^[^,\n]*,", re.MULTILINE)
@@ -354,6 +355,9 @@ def _text_trace(
     names, below = _header_names(first), rest.partition("\n")[0]
     if names and names[0] == "" and not below.partition(",")[0].strip().isdigit():
         names = None  # no row number below an unnamed first column: a request missing its timestamp, not an index
+    if names and _FLOAT_WORD.fullmatch(names[0]) and _CSV_START_RE.match(below):
+        # "nan,ad1" above "1764000000,ad2" is a request whose timestamp is no number, not a header to skip
+        raise TraceError(f"line 1: timestamp {names[0]!r} is not a finite number")
     if names and not rest:
         raise TraceError("line 1 is a header of column names, and no request follows it")
     if names and below.count(",") + 1 == len(names):

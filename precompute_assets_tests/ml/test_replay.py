@@ -197,6 +197,9 @@ def test_fields_separated_by_spaces_or_tabs_are_read_as_the_wikipedia_cdn_traces
     [
         ("timestamp,key\n1,a\n2,b c\n", "line 3: key 'b c' contains whitespace"),  # numbered as in the file
         ("ts,key\n1,a\n1e999,b\n", "line 3: timestamp '1e999' is not a finite number"),
+        # a first timestamp that float() reads but is no number: was a header of names "nan" and "a", skipped
+        ("nan,a\n1,b\n", "line 1: timestamp 'nan' is not a finite number"),
+        ("-Infinity\tad1\n1\tad2\n", "line 1: timestamp '-Infinity' is not a finite number"),
         ("ts,key\n1,a\n2\n", "line 3: mixed formats"),
         ("1,5,100\n2,7\n", "line 2: expected 3 fields as on the first line, got 2"),
         ("t,k,size\n1,5,100\n2,7,1,1\n", "line 3: expected 3 fields"),
@@ -830,6 +833,14 @@ def test_a_blank_end_below_a_line_that_is_not_utf8_is_not_quarantined(tmp_path: 
 
     trace, cut = parse_trace_quarantining(write(tmp_path, b"1,a\n2,\xe9\n3,b\n\n\n"))
     assert trace.keys.tolist() == ["a", "b"] and [line for line, _ in cut] == [2]
+
+
+def test_a_first_request_whose_timestamp_is_nan_is_quarantined_not_skipped_as_a_header(tmp_path: Path):
+    """A request log's first line ``nan,ad1`` was read as a header of two names: the request was gone, uncounted."""
+    from precompute_assets.ml.replay import parse_trace_quarantining
+
+    trace, cut = parse_trace_quarantining(write(tmp_path, "nan,ad1\n1,ad2\n2,ad3\n"))
+    assert trace.keys.tolist() == ["ad2", "ad3"] and cut == [(1, "timestamp 'nan' is not a finite number")]
 
 
 def test_a_file_of_blank_lines_only_is_empty(tmp_path: Path):
