@@ -324,17 +324,23 @@ def cluster_send(client, commands: list[tuple], *, retry: bool = False, avoid: C
     cannot be reached, or is named in ``avoid`` (node names a caller backs off), the reply is an ``AskTargetError``
     naming it (no refresh: the slot map does not name it).
 
-    ``retry=True`` sends the commands that failed that way once more after the refresh (for idempotent writes:
-    a publish after a failover reaches the promoted replica)."""
+    A command answered with MOVED (its slot has moved for good: a resharding ended, a failover) was not run: it is
+    sent once more after the refresh. ``retry=True`` also sends once more the commands whose master's connection
+    failed, which may have run (for idempotent writes: a publish after a failover reaches the promoted replica)."""
+    return _cluster_send(client, commands, retry=retry, avoid=avoid, again=True)
+
+
+def _cluster_send(client, commands: list[tuple], *, retry: bool, avoid: Collection[str], again: bool) -> list:
+    """``cluster_send``; ``again``: whether the commands MOVED (or failed, with ``retry``) are sent once more."""
     replies, failed = _cluster_send_once(client, commands)
     _follow_asks(client, commands, replies, avoid)
     if failed or any(_moved_or_gone(reply) for reply in replies):
         with contextlib.suppress(*REDIS_ERRORS):
             client.nodes_manager.initialize()
-        redo = [i for i, reply in enumerate(replies) if _moved_or_gone(reply)] if retry else []
-        if redo:
-            again = cluster_send(client, [commands[i] for i in redo])
-            for index, reply in zip(redo, again, strict=True):
+        redo = [i for i, reply in enumerate(replies) if _moved(reply) or (retry and _moved_or_gone(reply))]
+        if redo and again:
+            resent = _cluster_send(client, [commands[i] for i in redo], retry=False, avoid=avoid, again=False)
+            for index, reply in zip(redo, resent, strict=True):
                 replies[index] = reply
     return replies
 
@@ -400,6 +406,12 @@ def _moved_or_gone(reply: object) -> bool:
         and not _ask(reply)
         and not isinstance(reply, AskTargetError)
     )
+
+
+def _moved(reply: object) -> bool:
+    from redis.exceptions import MovedError
+
+    return isinstance(reply, MovedError)
 
 
 def _ask(reply: object) -> bool:

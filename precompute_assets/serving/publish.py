@@ -1040,7 +1040,10 @@ def transact_per_slot(client: redis.Redis, commands: list[tuple[bytes, ...]]) ->
     On a single server: one transaction. On Redis Cluster, which cannot run a transaction over several slots:
     one transaction per slot, all of a master's slots packed in one write, so one round trip per master. Each
     slot's keys change together; keys of different slots do not (a reader may see one slot's writes and not yet
-    another's, and a master failing mid-way leaves the slots it had written).
+    another's, and a master failing mid-way leaves the slots it had written). A slot's transaction refused with ASK
+    (the slot is migrating) is sent once more, after ``ASKING``, to the node the reply names; one refused with MOVED
+    (the slot has moved), once more where the refreshed slot map puts it: a refused transaction ran none of its
+    commands.
     """
     if not commands:
         return []
@@ -1052,43 +1055,84 @@ def transact_per_slot(client: redis.Redis, commands: list[tuple[bytes, ...]]) ->
     by_slot: dict[int, list[int]] = {}
     for index, command in enumerate(commands):
         by_slot.setdefault(key_slot(command[1]), []).append(index)
-    by_node: dict[str, tuple[Any, list[list[int]]]] = {}
-    for slot, indexes in by_slot.items():
-        node = client.nodes_manager.get_node_from_slot(slot)
-        by_node.setdefault(node.name, (node, []))[1].append(indexes)
     replies: list[Any] = [None] * len(commands)
-    first_error: BaseException | None = None
-    for node, groups in by_node.values():
+    errors: list[BaseException] = []
+    groups, asks = list(by_slot.values()), {}
+    for last in (False, True):
+        groups, asks = _transact_groups(client, commands, groups, asks, replies, errors, redirect=not last)
+        if not groups:
+            break
+    if errors:
+        raise errors[0]
+    return replies
+
+
+def _transact_groups(
+    client: Any,
+    commands: list[tuple[bytes, ...]],
+    groups: list[list[int]],
+    asks: dict[int, tuple[str, int]],
+    replies: list[Any],
+    errors: list[BaseException],
+    *,
+    redirect: bool,
+) -> tuple[list[list[int]], dict[int, tuple[str, int]]]:
+    """(``transact_per_slot``.) Send each group (the indexes of one slot's commands) as a transaction to the master
+    of its slot, or after ``ASKING`` to the node ``asks`` names for its position; fill ``replies``, append errors to
+    ``errors``. With ``redirect``, returns the groups refused with ASK or MOVED, and the ASK targets by position in
+    that list, rather than counting them as errors."""
+    by_node: dict[tuple[str, bool], tuple[Any, bool, list[int]]] = {}
+    for number, indexes in enumerate(groups):
+        target = asks.get(number)
+        if target is None:
+            node = client.nodes_manager.get_node_from_slot(key_slot(commands[indexes[0]][1]))
+        elif (node := client.get_node(host=target[0], port=target[1])) is None:
+            errors.append(redis.exceptions.AskError(f"{key_slot(commands[indexes[0]][1])} {target[0]}:{target[1]}"))
+            continue
+        by_node.setdefault((node.name, target is not None), (node, target is not None, []))[2].append(number)
+    again: list[list[int]] = []
+    asked: dict[int, tuple[str, int]] = {}
+    refresh = False
+    for node, asking, numbers in by_node.values():
         packed: list[tuple[bytes, ...]] = []
-        for indexes in groups:
-            packed += [(b"MULTI",), *(commands[i] for i in indexes), (b"EXEC",)]
+        for number in numbers:  # ASKING holds for the transaction that follows it
+            packed += [*([(b"ASKING",)] if asking else []), (b"MULTI",), *(commands[i] for i in groups[number])]
+            packed.append((b"EXEC",))
         try:
             results = send_pipelined(client.get_redis_connection(node), packed)
         except REDIS_ERRORS as error:  # a dead master: the slots of the others are still written
-            with contextlib.suppress(*REDIS_ERRORS):
-                client.nodes_manager.initialize()  # the slot map may have moved (failover): refresh it
-            first_error = first_error or error
+            refresh = True  # the slot map may have moved (failover)
+            errors.append(error)
             continue
         position = 0
-        for indexes in groups:
-            block = results[position : position + len(indexes) + 2]  # MULTI's OK, a QUEUED per command, EXEC
-            position += len(indexes) + 2
+        for number in numbers:
+            indexes = groups[number]
+            size = len(indexes) + 2 + asking  # (ASKING's OK,) MULTI's OK, a QUEUED per command, EXEC's
+            block = results[position + asking : position + size]
+            position += size
             executed = block[-1]
-            if not isinstance(executed, list):  # refused whole (EXECABORT): name the command's own error
-                errors = [reply for reply in block if isinstance(reply, BaseException)]
-                causes = [e for e in errors if not isinstance(e, redis.exceptions.ExecAbortError)] or errors
-                first_error = first_error or (causes[0] if causes else redis.ResponseError(repr(executed)))
-                if any(isinstance(e, redis.exceptions.AskError) for e in errors):  # MOVED/ASK: the slot moved
-                    with contextlib.suppress(*REDIS_ERRORS):
-                        client.nodes_manager.initialize()
+            if isinstance(executed, list):
+                for i, reply in zip(indexes, executed, strict=True):
+                    replies[i] = reply
+                    if isinstance(reply, BaseException):
+                        errors.append(reply)
                 continue
-            for i, reply in zip(indexes, executed, strict=True):
-                replies[i] = reply
-                if isinstance(reply, BaseException):
-                    first_error = first_error or reply
-    if first_error is not None:
-        raise first_error
-    return replies
+            # refused whole (EXECABORT): name the command's own error, or follow its redirection
+            refused = [reply for reply in block if isinstance(reply, BaseException)]
+            causes = [e for e in refused if not isinstance(e, redis.exceptions.ExecAbortError)] or refused
+            moved = next((e for e in causes if isinstance(e, redis.exceptions.AskError)), None)  # MOVED or ASK
+            if moved is not None and redirect:
+                if not isinstance(moved, redis.exceptions.MovedError):
+                    asked[len(again)] = (moved.host, int(moved.port))
+                refresh = refresh or isinstance(moved, redis.exceptions.MovedError)
+                again.append(indexes)
+                continue
+            refresh = refresh or moved is not None
+            errors.append(causes[0] if causes else redis.ResponseError(repr(executed)))
+    if refresh:
+        with contextlib.suppress(*REDIS_ERRORS):
+            client.nodes_manager.initialize()
+    return again, asked
 
 
 def write_live_values(

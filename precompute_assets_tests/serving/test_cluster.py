@@ -621,6 +621,43 @@ def test_reads_follow_ask_while_a_slot_migrates(cluster_factory):
     assert cache.errors == errors and cache.computes == computes
 
 
+def test_writes_follow_a_migrating_slot_and_reads_a_moved_one(cluster_factory):
+    """A resharding's slots: a live-value write (campaign warming, a task run) raised ``AskError`` while one of its
+    slots migrated and ``MovedError`` once it had moved, for every run while a rebalance touched it; and the first
+    read of a key in a slot that had moved was a miss, counted as an error (``get_or_compute`` recomputed it)."""
+    cluster = cluster_factory()
+    schema = KeySchema("reshard")
+    writer = connect(cluster.url, socket_timeout=5)
+    keys = [f"ad{i}" for i in range(90)]
+    write_live_values(writer, "ctr", [(k, 0.25) for k in keys], expire_at=None, schema=schema)
+    cache = cache_on(cluster, schema)
+    assert cache.get_many("ctr", keys) == [pytest.approx(0.25)] * len(keys)  # its slot map: before the move
+    source, target = cluster.masters[0], cluster.masters[1]
+    moving = [k for k in keys if cluster.master_of_slot(key_slot(schema.live("ctr", k))) is source]
+    slots = {key_slot(schema.live("ctr", key)) for key in moving}
+    assert len(slots) >= 2
+    with cluster.client(source.port) as old, cluster.client(target.port) as new:
+        for slot in slots:
+            new.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", cluster.node_id(source.port))
+            old.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", cluster.node_id(target.port))
+        for key in moving[::2]:
+            old.execute_command("MIGRATE", "127.0.0.1", target.port, schema.live("ctr", key), 0, 5000)
+        assert write_live_values(writer, "ctr", [(k, 0.5) for k in keys], expire_at=None, schema=schema) == 90
+        assert cache.get_many("ctr", keys) == [pytest.approx(0.5)] * len(keys)
+        for slot in slots:  # the migration ends: every key of the slots to the target, then the slots
+            while names := old.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
+                old.execute_command("MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *names)
+            for server in cluster.masters:
+                with cluster.client(server.port) as node:
+                    node.execute_command("CLUSTER", "SETSLOT", slot, "NODE", cluster.node_id(target.port))
+    errors = cache.errors
+    assert [cache.get("ctr", k) for k in moving] == [pytest.approx(0.5)] * len(moving)
+    assert cache.errors == errors
+    assert writer.nodes_manager.get_node_from_slot(min(slots)).port == source.port  # its map: before the move
+    assert write_live_values(writer, "ctr", [(k, 0.75) for k in keys], expire_at=None, schema=schema) == 90
+    assert cache.get_many("ctr", keys) == [pytest.approx(0.75)] * len(keys)
+
+
 def test_an_ask_target_that_is_down_backs_off_alone(cluster_factory):
     """A slot migrating to a master that dies: the keys already moved (the old master answers ASK) are misses, and it is
     the dead master that backs off, once. The old master's other keys stay hits; they were all misses for
