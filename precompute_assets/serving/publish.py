@@ -52,7 +52,7 @@ from .keys import (
     check_version,
     codec_for,
 )
-from .replication import REPLICA_WAIT_S, ReplicationTimeoutError, confirm_replicas
+from .replication import REPLICA_WAIT_S, ReplicaLostError, Replicas, ReplicationTimeoutError, confirm_replicas
 
 _log = logging.getLogger(__name__)
 KEYS_PER_BUCKET = 64  # small hashes stay in Redis' compact listpack encoding
@@ -903,7 +903,7 @@ def flip_pointer(
     check_kind(kind)
     check_version(pointer.version)
     try:
-        confirm_replicas(client, replica_wait_s)
+        held = confirm_replicas(client, replica_wait_s)
     except ReplicationTimeoutError as error:
         error.add_note(f"the pointer of {kind} was not flipped to {pointer.version}: readers stay where they were")
         raise
@@ -951,7 +951,9 @@ def flip_pointer(
         run_commands(client, [(b"SET", replaced_key, raw)])
     previous = None if raw is None else Pointer.decode(raw)
     if previous is not None and previous.version != pointer.version:
-        _retire(client, schema, kind, pointer.version, previous, grace_s, replica_wait_s)
+        _retire(client, schema, kind, pointer.version, previous, grace_s, replica_wait_s, since=held)
+    elif held:
+        confirm_replicas(client, replica_wait_s, since=held)  # nothing to retire: the flip is confirmed all the same
     return previous
 
 
@@ -986,15 +988,17 @@ def retire_replaced(
 
 def _retire(
     client: redis.Redis, schema: KeySchema, kind: str, version: str, previous: Pointer, grace_s: int,
-    replica_wait_s: float,
+    replica_wait_s: float, *, since: Replicas | None = None,
 ) -> None:  # fmt: skip
-    """After the flip from ``previous`` to ``version``: once replicas confirm it, shorten ``previous``'s life to
-    ``grace_s`` and remember it for as long (``KeySchema.previous``). ``EXPIRE ... LT`` never lengthens a life: a retry
-    that retires again does not restart the grace."""
+    """After the flip from ``previous`` to ``version``: once replicas confirm it (``since``: the replicas that confirmed
+    the wait before the flip, all of which must), shorten ``previous``'s life to ``grace_s`` and remember it for as
+    long (``KeySchema.previous``). ``EXPIRE ... LT`` never lengthens a life: a retry that retires again does not
+    restart the grace. Replicas that do not confirm leave ``previous`` its TTL; one that held the version and went
+    away meanwhile, or a primary demoted (a failover that may drop the flip), also raises ``ReplicaLostError``."""
     grace = b"%d" % max(1, grace_s)
     remember = (b"EXPIRE", schema.previous(kind).encode(), grace, b"LT")
     try:
-        confirm_replicas(client, replica_wait_s)
+        confirm_replicas(client, replica_wait_s, since=since)
     except REDIS_ERRORS as error:
         _log.warning(
             "%s version %s is current, but its replicas did not confirm the flip (%s): version %s keeps its TTL, so "
@@ -1004,6 +1008,9 @@ def _retire(
             error,
             previous.version,
         )
+        if isinstance(error, ReplicaLostError):
+            error.add_note(f"a failover may have lost the flip of {kind} to {version}")
+            raise
         run_commands(client, [remember])
         return
     name = schema.bucket

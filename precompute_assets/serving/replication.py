@@ -29,13 +29,25 @@ class ReplicationTimeoutError(redis.RedisError):
     """Replicas had not acknowledged their primary's writes when the wait ended: a failover could lose them."""
 
 
-def confirm_replicas(client: redis.Redis, timeout_s: float = REPLICA_WAIT_S) -> None:
-    """``wait_for_replicas``, where the server can be asked: a server that refuses ``INFO`` (an ACL user without it,
-    a proxy that does not forward it) is warned about once per call and waited for in no way."""
+class ReplicaLostError(ReplicationTimeoutError):
+    """A replica that held its primary's writes went offline, or the primary stopped being one, before the wait
+    ended: the signature of a failover, which may have promoted a replica without the writes since."""
+
+
+Replicas = dict[str, set[str]]  # the online replicas (``ip:port``) of each primary, by node name (one server: "")
+
+
+def confirm_replicas(
+    client: redis.Redis, timeout_s: float = REPLICA_WAIT_S, *, since: Replicas | None = None
+) -> Replicas:
+    """``wait_for_replicas`` (with ``since``), where the server can be asked; returns the replicas that confirmed. A
+    server that refuses ``INFO`` (an ACL user without it, a proxy that does not forward it) is warned about once per
+    call and waited for in no way (none confirmed)."""
     try:
-        wait_for_replicas(client, timeout_s)
+        return _wait(client, timeout_s, POLL_S, since or {})
     except redis.ResponseError as error:  # not ReplicationTimeoutError: that one is not a reply of the server
         _log.warning("cannot wait for replicas: the server refused INFO (%s); grant the Redis user +info", error)
+        return {}
 
 
 def _replication_infos(client: redis.Redis) -> dict[str, dict]:
@@ -54,32 +66,60 @@ def online_replicas(info: dict) -> dict[str, int]:
     }
 
 
-def wait_for_replicas(client: redis.Redis, timeout_s: float = REPLICA_WAIT_S, *, poll_s: float = POLL_S) -> int:
+def wait_for_replicas(
+    client: redis.Redis, timeout_s: float = REPLICA_WAIT_S, *, poll_s: float = POLL_S, since: Replicas | None = None
+) -> int:
     """Wait until each replica that is online now has acknowledged everything its primary holds now (its
     ``master_repl_offset``), on every primary of ``client``; return how many replicas confirmed (0 when there are
     none, or when ``timeout_s`` <= 0 asks for no wait). Raise ``ReplicationTimeoutError`` naming the replicas still
-    behind after ``timeout_s``, and a Redis error as it comes (a primary that does not answer confirms nothing)."""
+    behind after ``timeout_s``, and a Redis error as it comes (a primary that does not answer confirms nothing).
+
+    ``since``: replicas that confirmed an earlier wait (a flip's, before its pointer write), which must confirm this
+    one too: one of them no longer online when the wait ends, or a primary that is one no more, raises
+    ``ReplicaLostError`` (at once for the latter). A Sentinel failover stops the promoted replica's replication
+    before the sentinels name it: without ``since``, the wait after a flip counted only the replicas left, none, and
+    confirmed a flip the demoted primary then dropped."""
+    return sum(len(replicas) for replicas in _wait(client, timeout_s, poll_s, since or {}).values())
+
+
+def _wait(client: redis.Redis, timeout_s: float, poll_s: float, since: Replicas) -> Replicas:
+    """``wait_for_replicas``; the replicas that confirmed, by primary."""
     if timeout_s <= 0:
-        return 0
+        return {}
     targets: dict[str, tuple[int, set[str]]] = {}
-    for node, info in _replication_infos(client).items():
-        if replicas := online_replicas(info):
-            targets[node] = (int(info.get("master_repl_offset", 0)), set(replicas))
+    for node, info in _checked_infos(client, since).items():
+        if replicas := set(online_replicas(info)) | since.get(node, set()):
+            targets[node] = (int(info.get("master_repl_offset", 0)), replicas)
     deadline = time.monotonic() + timeout_s
     while targets:
         time.sleep(poll_s)
-        infos = _replication_infos(client)
-        behind = {}
+        infos = _checked_infos(client, since)
+        behind, offline = {}, []
         for node, (offset, replicas) in targets.items():
             acknowledged = online_replicas(infos.get(node, {}))
             if late := sorted(replica for replica in replicas if acknowledged.get(replica, -1) < offset):
                 behind[node] = (offset, late)
+                offline += [replica for replica in late if replica not in acknowledged]
         if not behind:
-            return sum(len(replicas) for _, replicas in targets.values())
+            return {node: replicas for node, (_, replicas) in targets.items()}
         if time.monotonic() >= deadline:
             described = "; ".join(
                 f"{', '.join(late)} behind {node or 'the server'} (offset {offset})"
                 for node, (offset, late) in behind.items()
             )
-            raise ReplicationTimeoutError(f"replicas behind their primary after {timeout_s:g} s: {described}")
-    return 0
+            message = f"replicas behind their primary after {timeout_s:g} s: {described}"
+            if gone := [replica for replica in offline if any(replica in held for held in since.values())]:
+                raise ReplicaLostError(f"{message} ({', '.join(gone)} went offline since the last wait: a failover?)")
+            raise ReplicationTimeoutError(message)
+    return {}
+
+
+def _checked_infos(client: redis.Redis, since: Replicas) -> dict[str, dict]:
+    """``_replication_infos``; raise ``ReplicaLostError`` if a primary whose replicas confirmed an earlier wait
+    (``since``) is a primary no more."""
+    infos = _replication_infos(client)
+    for node, replicas in since.items():
+        role = infos[node].get("role", "master") if node in infos else "former primary"
+        if replicas and role != "master":
+            raise ReplicaLostError(f"{node or 'the server'} is a {role} now, no longer a primary: a failover?")
+    return infos

@@ -13,7 +13,12 @@ import redis
 from precompute_assets.serving import PredictionCache, connect, publish_version, replication
 from precompute_assets.serving import publish as publish_module
 from precompute_assets.serving.keys import Pointer
-from precompute_assets.serving.replication import ReplicationTimeoutError, online_replicas, wait_for_replicas
+from precompute_assets.serving.replication import (
+    ReplicaLostError,
+    ReplicationTimeoutError,
+    online_replicas,
+    wait_for_replicas,
+)
 from precompute_assets.stack import RedisServer
 from precompute_assets_tests.factories import PROMPT_FULL_SYNC, wait_for_replica
 from precompute_assets_tests.serving.conftest import CLUSTER_CONFIG
@@ -80,7 +85,10 @@ def test_a_flip_its_replicas_did_not_confirm_leaves_the_old_version_its_ttl(redi
     """If the pointer write may still be lost in a failover, the version before must stay whole for as long as it
     would have lived: readers put back on it then read every key."""
 
-    def unconfirmed_after_the_flip(client, timeout_s):
+    real_wait = replication._wait
+
+    def unconfirmed_after_the_flip(client, timeout_s, poll_s, since):
+        real_wait(client, timeout_s, poll_s, since)
         if version_on_client(client) == "v2":
             raise ReplicationTimeoutError("replicas behind their primary after 1 s: 127.0.0.1:1 behind the server")
         return 0
@@ -89,7 +97,7 @@ def test_a_flip_its_replicas_did_not_confirm_leaves_the_old_version_its_ttl(redi
         raw = client.get(schema.pointer("ctr"))
         return None if raw is None else Pointer.decode(raw).version
 
-    monkeypatch.setattr(replication, "wait_for_replicas", unconfirmed_after_the_flip)
+    monkeypatch.setattr(replication, "_wait", unconfirmed_after_the_flip)
     publish_version(redis_client, "ctr", "v1", [("a", 0.1)], n_keys=1, schema=schema, ttl_s=3600)
     with caplog.at_level(logging.WARNING, logger=publish_module.__name__):
         publish_version(redis_client, "ctr", "v2", [("a", 0.2)], n_keys=1, schema=schema, ttl_s=3600, grace_s=5)
@@ -97,6 +105,34 @@ def test_a_flip_its_replicas_did_not_confirm_leaves_the_old_version_its_ttl(redi
     assert redis_client.ttl(schema.bucket("ctr", "v1", 0)) > 3000  # not shortened to the 5 s grace
     assert Pointer.decode(redis_client.get(schema.previous("ctr"))).version == "v1"  # still handed over from
     assert "did not confirm the flip" in caplog.text and "v1 keeps its TTL" in caplog.text
+
+
+def test_a_replica_promoted_during_a_flip_fails_the_publish(redis_server, schema, monkeypatch):
+    """Sentinel stops the replica it promotes from replicating before it names it: the wait after the flip counted
+    the replicas left, none, and confirmed a flip the demoted primary then dropped, while the publish returned
+    success. The replicas that confirmed the wait before the flip must confirm the flip too."""
+    primary = redis_server()
+    replica = replica_of(redis_server, primary)
+    client = connect(primary.url, socket_timeout=5)
+    items = [(f"ad{i}", 0.25) for i in range(100)]
+    publish_version(client, "ctr", "v1", items, n_keys=len(items), schema=schema, ttl_s=3600)
+    real_wait = replication._wait
+
+    def promoted_after_the_flip(client, timeout_s, poll_s, since):
+        if since:  # the wait after the pointer write: the replica is promoted now
+            with redis.Redis(port=replica.port) as node:
+                node.replicaof("NO", "ONE")
+        return real_wait(client, timeout_s, poll_s, since)
+
+    monkeypatch.setattr(replication, "_wait", promoted_after_the_flip)
+    with pytest.raises(ReplicaLostError, match=f"127.0.0.1:{replica.port} went offline since the last wait"):
+        publish_version(client, "ctr", "v2", items, n_keys=len(items), schema=schema, ttl_s=3600, replica_wait_s=2)
+    assert client.ttl(schema.bucket("ctr", "v1", 0)) > 3000  # the version before keeps its TTL
+    monkeypatch.undo()
+    with redis.Redis(port=primary.port) as node:  # the old primary, demoted: it answers as a replica now
+        node.replicaof("127.0.0.1", replica.port)
+        with pytest.raises(ReplicaLostError, match="the server is a slave now, no longer a primary"):
+            wait_for_replicas(client, 2, since={"": {f"127.0.0.1:{replica.port}"}})
 
 
 def test_a_retry_of_the_current_version_writes_back_the_buckets_a_failover_lost(redis_url, redis_client, schema):
