@@ -953,8 +953,33 @@ def flip_pointer(
     if previous is not None and previous.version != pointer.version:
         _retire(client, schema, kind, pointer.version, previous, grace_s, replica_wait_s, since=held)
     elif held:
-        confirm_replicas(client, replica_wait_s, since=held)  # nothing to retire: the flip is confirmed all the same
+        _confirm_flip(
+            client, kind, pointer.version, replica_wait_s, held, ""
+        )  # nothing to retire: confirmed all the same
     return previous
+
+
+def _confirm_flip(
+    client: redis.Redis, kind: str, version: str, replica_wait_s: float, since: Replicas | None, kept: str
+) -> bool:
+    """Wait until the replicas hold the flip of ``kind`` to ``version``; whether they confirmed it. Replicas that lag
+    are warned about (``kept``: what that costs). A replica that held the version before the flip and went offline, a
+    primary demoted, or (with ``since``) one that stopped answering is what a failover that may drop the flip looks
+    like: ``ReplicaLostError``, so that the publish fails and its retry finds out."""
+    try:
+        confirm_replicas(client, replica_wait_s, since=since)
+        return True
+    except ReplicaLostError as error:
+        error.add_note(f"a failover may have lost the flip of {kind} to {version}")
+        raise
+    except REDIS_ERRORS as error:
+        if since and not isinstance(error, ReplicationTimeoutError | redis.ResponseError):
+            lost = ReplicaLostError(f"a primary stopped answering after the flip of {kind} to {version} ({error})")
+            lost.add_note("a failover may have lost the flip: retry the publish")
+            raise lost from error
+        _log.warning("%s version %s is current, but its replicas did not confirm the flip (%s)%s", kind, version,
+                     error, kept)  # fmt: skip
+        return False
 
 
 def _pointer_landed(client: redis.Redis, pointer_key: bytes, new: bytes) -> bool | None:
@@ -993,24 +1018,12 @@ def _retire(
     """After the flip from ``previous`` to ``version``: once replicas confirm it (``since``: the replicas that confirmed
     the wait before the flip, all of which must), shorten ``previous``'s life to ``grace_s`` and remember it for as
     long (``KeySchema.previous``). ``EXPIRE ... LT`` never lengthens a life: a retry that retires again does not
-    restart the grace. Replicas that do not confirm leave ``previous`` its TTL; one that held the version and went
-    away meanwhile, or a primary demoted (a failover that may drop the flip), also raises ``ReplicaLostError``."""
+    restart the grace. Replicas that do not confirm leave ``previous`` its TTL; signs of a failover that may drop the
+    flip also raise ``ReplicaLostError`` (``_confirm_flip``)."""
     grace = b"%d" % max(1, grace_s)
     remember = (b"EXPIRE", schema.previous(kind).encode(), grace, b"LT")
-    try:
-        confirm_replicas(client, replica_wait_s, since=since)
-    except REDIS_ERRORS as error:
-        _log.warning(
-            "%s version %s is current, but its replicas did not confirm the flip (%s): version %s keeps its TTL, so "
-            "that a failover that loses the flip still serves it whole",
-            kind,
-            version,
-            error,
-            previous.version,
-        )
-        if isinstance(error, ReplicaLostError):
-            error.add_note(f"a failover may have lost the flip of {kind} to {version}")
-            raise
+    kept = f": version {previous.version} keeps its TTL, so that a failover that loses the flip still serves it whole"
+    if not _confirm_flip(client, kind, version, replica_wait_s, since, kept):
         run_commands(client, [remember])
         return
     name = schema.bucket
@@ -1040,6 +1053,9 @@ def run_commands(client: redis.Redis, commands: list[tuple[bytes, ...]]) -> list
     return replies
 
 
+TRANSACTION_ATTEMPTS = 4  # sends of a slot's transaction, at most, while its slot migrates (``transact_per_slot``)
+
+
 def transact_per_slot(client: redis.Redis, commands: list[tuple[bytes, ...]]) -> list[Any]:
     """Run ``commands`` (each ``(NAME, key, args...)`` on one key) as MULTI/EXEC transactions and return their
     replies in order; raise the first error reply (``ExecAbortError`` when a transaction was refused whole).
@@ -1050,7 +1066,8 @@ def transact_per_slot(client: redis.Redis, commands: list[tuple[bytes, ...]]) ->
     another's, and a master failing mid-way leaves the slots it had written). A slot's transaction refused with ASK
     (the slot is migrating) is sent once more, after ``ASKING``, to the node the reply names; one refused with MOVED
     (the slot has moved), once more where the refreshed slot map puts it: a refused transaction ran none of its
-    commands.
+    commands. One refused with TRYAGAIN (its keys are split between the two nodes of a migrating slot, or not all
+    there yet) is sent again as one transaction per key: during a migration a slot's keys change together per key.
     """
     if not commands:
         return []
@@ -1065,7 +1082,9 @@ def transact_per_slot(client: redis.Redis, commands: list[tuple[bytes, ...]]) ->
     replies: list[Any] = [None] * len(commands)
     errors: list[BaseException] = []
     groups, asks = list(by_slot.values()), {}
-    for last in (False, True):
+    # A slot's transaction, redirected (ASK) and refused there (TRYAGAIN); then its keys' apart, redirected again.
+    for attempt in range(TRANSACTION_ATTEMPTS):
+        last = attempt == TRANSACTION_ATTEMPTS - 1
         groups, asks = _transact_groups(client, commands, groups, asks, replies, errors, redirect=not last)
         if not groups:
             break
@@ -1087,7 +1106,7 @@ def _transact_groups(
     """(``transact_per_slot``.) Send each group (the indexes of one slot's commands) as a transaction to the master
     of its slot, or after ``ASKING`` to the node ``asks`` names for its position; fill ``replies``, append errors to
     ``errors``. With ``redirect``, returns the groups refused with ASK or MOVED, and the ASK targets by position in
-    that list, rather than counting them as errors."""
+    that list, and those refused with TRYAGAIN split by key, rather than counting them as errors."""
     by_node: dict[tuple[str, bool], tuple[Any, bool, list[int]]] = {}
     for number, indexes in enumerate(groups):
         target = asks.get(number)
@@ -1128,6 +1147,10 @@ def _transact_groups(
             refused = [reply for reply in block if isinstance(reply, BaseException)]
             causes = [e for e in refused if not isinstance(e, redis.exceptions.ExecAbortError)] or refused
             moved = next((e for e in causes if isinstance(e, redis.exceptions.AskError)), None)  # MOVED or ASK
+            keys = {commands[i][1] for i in indexes}
+            if redirect and len(keys) > 1 and any(isinstance(e, redis.exceptions.TryAgainError) for e in causes):
+                again += [[i for i in indexes if commands[i][1] == key] for key in keys]
+                continue
             if moved is not None and redirect:
                 if not isinstance(moved, redis.exceptions.MovedError):
                     asked[len(again)] = (moved.host, int(moved.port))

@@ -623,8 +623,9 @@ def test_reads_follow_ask_while_a_slot_migrates(cluster_factory):
 
 def test_writes_follow_a_migrating_slot_and_reads_a_moved_one(cluster_factory):
     """A resharding's slots: a live-value write (campaign warming, a task run) raised ``AskError`` while one of its
-    slots migrated and ``MovedError`` once it had moved, for every run while a rebalance touched it; and the first
-    read of a key in a slot that had moved was a miss, counted as an error (``get_or_compute`` recomputed it)."""
+    slots migrated (``TryAgainError`` where it wrote two keys of that slot) and ``MovedError`` once it had moved, for
+    every run while a rebalance touched it; and the first read of a key in a slot that had moved was a miss, counted
+    as an error (``get_or_compute`` recomputed it)."""
     cluster = cluster_factory()
     schema = KeySchema("reshard")
     writer = connect(cluster.url, socket_timeout=5)
@@ -636,13 +637,18 @@ def test_writes_follow_a_migrating_slot_and_reads_a_moved_one(cluster_factory):
     moving = [k for k in keys if cluster.master_of_slot(key_slot(schema.live("ctr", k))) is source]
     slots = {key_slot(schema.live("ctr", key)) for key in moving}
     assert len(slots) >= 2
+    # a key in the slot of one that moves: a transaction of the two got TRYAGAIN while the slot migrated
+    twin_slot = key_slot(schema.live("ctr", moving[0]))
+    twin = next(f"tw{i}" for i in range(10**6) if key_slot(schema.live("ctr", f"tw{i}")) == twin_slot)
+    keys.append(twin)
+    moving.append(twin)
     with cluster.client(source.port) as old, cluster.client(target.port) as new:
         for slot in slots:
             new.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", cluster.node_id(source.port))
             old.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", cluster.node_id(target.port))
         for key in moving[::2]:
             old.execute_command("MIGRATE", "127.0.0.1", target.port, schema.live("ctr", key), 0, 5000)
-        assert write_live_values(writer, "ctr", [(k, 0.5) for k in keys], expire_at=None, schema=schema) == 90
+        assert write_live_values(writer, "ctr", [(k, 0.5) for k in keys], expire_at=None, schema=schema) == 91
         assert cache.get_many("ctr", keys) == [pytest.approx(0.5)] * len(keys)
         for slot in slots:  # the migration ends: every key of the slots to the target, then the slots
             while names := old.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
@@ -654,7 +660,7 @@ def test_writes_follow_a_migrating_slot_and_reads_a_moved_one(cluster_factory):
     assert [cache.get("ctr", k) for k in moving] == [pytest.approx(0.5)] * len(moving)
     assert cache.errors == errors
     assert writer.nodes_manager.get_node_from_slot(min(slots)).port == source.port  # its map: before the move
-    assert write_live_values(writer, "ctr", [(k, 0.75) for k in keys], expire_at=None, schema=schema) == 90
+    assert write_live_values(writer, "ctr", [(k, 0.75) for k in keys], expire_at=None, schema=schema) == 91
     assert cache.get_many("ctr", keys) == [pytest.approx(0.75)] * len(keys)
 
 
@@ -710,6 +716,30 @@ def test_a_replica_takes_over_a_killed_master(cluster_factory):
     assert values == [pytest.approx(0.25)] * len(keys)
     publish_version(publisher, "ctr", "new", [(k, 0.75) for k in keys], n_keys=len(keys), schema=schema)
     assert cache.get_many("ctr", keys[::50]) == [pytest.approx(0.75)] * len(keys[::50])
+
+
+def test_a_master_lost_while_its_flip_is_confirmed_fails_the_publish(cluster_factory, monkeypatch):
+    """The pointer's master killed after the flip, before its replica acknowledged it: the wait after the flip failed
+    to reach it, only warned, and the publish returned success while the promoted replica named the old version."""
+    from precompute_assets.serving import replication
+    from precompute_assets.serving.replication import ReplicaLostError
+
+    cluster = cluster_factory(replicas=1)
+    schema = KeySchema(f"r{uuid.uuid4().hex[:8]}")
+    publisher = connect(cluster.url, socket_timeout=2, retries=2)
+    items = [(f"ad{i}", 0.25) for i in range(300)]
+    publish_version(publisher, "ctr", "v1", items, n_keys=len(items), schema=schema)
+    victim = next(s for s in cluster.masters if s.port == master_port(publisher, schema.pointer("ctr")))
+    real_wait = replication._wait
+
+    def killed_after_the_flip(client, timeout_s, poll_s, since):
+        if since:
+            os.kill(victim.pid, signal.SIGKILL)
+        return real_wait(client, timeout_s, poll_s, since)
+
+    monkeypatch.setattr(replication, "_wait", killed_after_the_flip)
+    with pytest.raises(ReplicaLostError, match="a primary stopped answering after the flip of ctr to v2"):
+        publish_version(publisher, "ctr", "v2", items, n_keys=len(items), schema=schema, replica_wait_s=2)
 
 
 def test_a_service_starts_while_no_node_of_the_cluster_answers(cluster_factory):

@@ -135,6 +135,28 @@ def test_a_replica_promoted_during_a_flip_fails_the_publish(redis_server, schema
             wait_for_replicas(client, 2, since={"": {f"127.0.0.1:{replica.port}"}})
 
 
+def test_a_first_publish_whose_replica_lags_after_the_flip_only_warns(redis_server, schema, monkeypatch, caplog):
+    """A replica that merely lags behind a first publish's flip (nothing to retire) is warned about, as after any
+    other flip; it failed the publish, whose pointer had flipped."""
+    primary = redis_server()
+    replica = replica_of(redis_server, primary)
+    client = connect(primary.url, socket_timeout=5)
+    real_wait = replication._wait
+
+    def stopped_after_the_flip(client, timeout_s, poll_s, since):
+        if since:
+            os.kill(replica.pid, signal.SIGSTOP)  # online still (its link is up), but it acknowledges nothing
+        return real_wait(client, timeout_s, poll_s, since)
+
+    monkeypatch.setattr(replication, "_wait", stopped_after_the_flip)
+    try:
+        with caplog.at_level(logging.WARNING, logger=publish_module.__name__):
+            publish_version(client, "ctr", "v1", [("a", 0.1)], n_keys=1, schema=schema, replica_wait_s=1)
+    finally:
+        os.kill(replica.pid, signal.SIGCONT)
+    assert version_on(primary, schema) == "v1" and "did not confirm the flip" in caplog.text
+
+
 def test_a_retry_of_the_current_version_writes_back_the_buckets_a_failover_lost(redis_url, redis_client, schema):
     items = [(f"ad{i}", i / 1000) for i in range(1000)]
     first = publish_version(redis_client, "ctr", "v1", items, n_keys=len(items), schema=schema)
@@ -147,7 +169,7 @@ def test_a_retry_of_the_current_version_writes_back_the_buckets_a_failover_lost(
     assert again.already_current and again.mended == lost_keys > 0  # what ctr_cache reports as keys_written
     assert all(redis_client.exists(name) for name in lost)
     assert all(0 < redis_client.ttl(name) <= 2 * 86400 for name in [*lost, kept_without_ttl])
-    cache = PredictionCache(connect(redis_url), schema=schema)
+    cache = PredictionCache(connect(redis_url, socket_timeout=5), schema=schema)
     assert cache.get_many("ctr", [key for key, _ in items]) == [pytest.approx(value) for _, value in items]
 
 
