@@ -9,6 +9,7 @@ import dagster as dg
 import redis as redis_py
 
 from ..serving import KeySchema
+from ..serving.events import evicted_since, server_mark
 from ..serving.stats import window_stats
 from .demand import demand_model
 from .embeddings import NO_EMBEDDER, document_embeddings_job, has_embedder
@@ -29,7 +30,7 @@ from .publishing import (
 from .query_logs import build_drain_schedule, query_log_cleanup_job, query_logs_job
 from .records import newest_metadata
 from .resources import RedisResource
-from .runs import ACTIVE_RUN_STATUSES, PARTITION_TAG, SENSOR_NAME_TAG
+from .runs import ACTIVE_RUN_STATUSES, PARTITION_TAG, SENSOR_NAME_TAG, SERVER_MARK_TAG
 from .selection import OFFPEAK_WINDOW_HOURS, ad_demand, top_ads, traffic_profile
 
 # Until traffic_profile has learned the quiet window of the traffic, it is assumed to start at 02:00.
@@ -148,7 +149,8 @@ def restore_request(
     values under it), whatever the traffic; a SkipReason while one is queued or running (a refresh would publish
     another version meanwhile); None when nothing is lost, when Redis's pointer names another version (or is not one
     we wrote: a restore refuses to write over it), or for ``retry_s`` after a restore failed (it cannot restore that
-    version, or Redis refused it): the hit rate is judged then."""
+    version, or Redis refused it) or succeeded and Redis evicted it again since (its memory is too small for it: a
+    restore every tick would only evict other keys): the hit rate is judged then."""
     recorded = recorded_publish(instance, "ctr")
     if recorded is None:
         return None
@@ -158,9 +160,11 @@ def restore_request(
     records = instance.get_run_records(dg.RunsFilter(job_name=ctr_restore_job.name), limit=1)  # the newest
     if records and (status := records[0].dagster_run.status) in ACTIVE_RUN_STATUSES:
         return dg.SkipReason(f"restoring the ctr version Redis lost (run {records[0].dagster_run.run_id[:8]}): {why}")
-    if records and status in (dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED):
+    if records and status in (dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED, dg.DagsterRunStatus.SUCCESS):
         ended = records[0].end_time or records[0].update_timestamp.timestamp()
-        if now.timestamp() - ended < retry_s:
+        failed = status != dg.DagsterRunStatus.SUCCESS
+        evicted = not failed and evicted_since(records[0].dagster_run.tags.get(SERVER_MARK_TAG), server_mark(client))
+        if (failed or evicted) and now.timestamp() - ended < retry_s:
             return None
     return dg.RunRequest(
         run_key=f"ctr-restore-{recorded.version}-{int(now.timestamp())}",

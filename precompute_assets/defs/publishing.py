@@ -12,6 +12,7 @@ import redis.exceptions as redis_errors
 from pydantic import Field
 
 from ..serving import Experiment, KeySchema, Pointer, publish_version
+from ..serving.events import server_mark
 from ..serving.keys import EMBEDDING_KIND
 from ..serving.publish import missing_buckets, sampled_buckets
 from ..sync.embeddings import lost_redis_version
@@ -21,6 +22,7 @@ from .models import CTR_MODEL
 from .partitions import DEFAULT_PARTITIONS
 from .records import materializations, metadata_of, newest_metadata
 from .resources import LakeResource, RedisResource, out_of_memory
+from .runs import SERVER_MARK_TAG
 
 DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
 # How long a replaced version stays readable after a flip, for every kind we publish (ctr, doc_embedding):
@@ -480,6 +482,8 @@ def restore_served_version(
         raise dg.Failure(description=why) from None
     written = result.mended if result.already_current else result.keys
     context.log.info(f"restored ctr version {version}: {written} keys written again")
+    if (mark := server_mark(client)) is not None:  # cache_health tells evictions after it from a restart
+        context.instance.add_run_tags(context.run_id, {SERVER_MARK_TAG: mark})
     context.log_event(
         dg.AssetObservation(
             asset_key=dg.AssetKey(PUBLISHED_KINDS["ctr"][0]),

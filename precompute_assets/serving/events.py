@@ -230,6 +230,17 @@ def server_mark(client: redis.Redis) -> str | None:
         return None
 
 
+def evicted_since(before: str | None, after: str | None) -> bool:
+    """Whether servers whose ``server_mark`` was ``before`` and is ``after`` evicted keys in between, and did not
+    restart (a restart loses what it held; evictions say the memory is too small for it)."""
+    if before is None or after is None:
+        return False
+    marks = [mark.rpartition(":") for mark in before.split(",")], [mark.rpartition(":") for mark in after.split(",")]
+    if [run for run, _, _ in marks[0]] != [run for run, _, _ in marks[1]]:
+        return False
+    return any(int(now) > int(then) for (_, _, then), (_, _, now) in zip(*marks, strict=True))
+
+
 def read_user_states_span(client: redis.Redis, schema: KeySchema) -> UserStatesSpan | None:
     return UserStatesSpan.decode(client.get(schema.user_states_span()))
 

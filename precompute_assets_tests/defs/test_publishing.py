@@ -355,3 +355,42 @@ def test_publishing_the_day_rolled_back_to_again_keeps_the_hold_on_the_bad_day(
         assert Pointer.decode(redis_client.get(schema.pointer("ctr"))).version == fixed["version"] != bad
         again = publish(instance, lake_uri, redis_url, schema.namespace, BAD, rollback=True)  # the operator's call
         assert again["published"] and "rolled_back_over" not in again and rolled_back_over(instance) is None
+
+
+def test_a_restored_version_redis_evicts_again_is_not_restored_every_tick(lake_uri, redis_server, schema):
+    """At ``maxmemory`` with a volatile policy a restore that succeeded was evicted again and requested again at the
+    next tick, every 5 minutes, each one evicting other keys: now an hour after such a restore (the hit rate is judged
+    meanwhile), as after a failed one. Keys lost without an eviction (a restart, a FLUSHALL) are restored at once."""
+    from dagster._core.test_utils import create_run_for_test
+
+    from precompute_assets.defs.automation import restore_request
+    from precompute_assets.defs.publishing import ctr_restore_job
+    from precompute_assets.defs.runs import SERVER_MARK_TAG
+
+    server = redis_server(extra_config=("maxmemory-policy volatile-lru",))
+    client = connect(server.url, socket_timeout=5)
+    ids = [f"ad{i:03d}" for i in range(50)]
+    Lake(lake_uri).write("ctr_predictions", GOOD, pd.DataFrame({"ad_id": ids, "ctr": 0.25, "model_version": "m"}))
+    redis_resource = RedisResource(url=server.url, namespace=schema.namespace)
+    resources = {"lake": LakeResource(base_uri=lake_uri), "redis": redis_resource}
+    with dg.instance_for_test() as instance:
+        publish(instance, lake_uri, server.url, schema.namespace, GOOD)
+        client.delete(*client.keys(f"{schema.prefix}:ctr:*"))
+        request = restore_request(instance, client, schema, datetime.now(UTC))
+        tags = {**request.tags, "dagster/run_key": request.run_key}
+        run = ctr_restore_job.execute_in_process(instance=instance, resources=resources, tags=tags)
+        assert SERVER_MARK_TAG in instance.get_run_by_id(run.run_id).tags
+        client.delete(*client.keys(f"{schema.prefix}:ctr:*"))  # lost without an eviction: at once
+        assert isinstance(restore_request(instance, client, schema, datetime.now(UTC)), dg.RunRequest)
+        client.config_set("maxmemory", 4 << 20)
+        used = client.info("memory")["used_memory"]
+        client.config_set("maxmemory", used + (1 << 20))  # room for about 1 MB more
+        for i in range(40):  # 4 MB of volatile keys: the version's buckets go too
+            client.set(f"{schema.prefix}:filler:{i}", b"x" * 100_000, ex=3600)
+        assert client.info("stats")["evicted_keys"] > 0
+        assert restore_request(instance, client, schema, datetime.now(UTC)) is None
+        an_hour_later = datetime.now(UTC) + timedelta(minutes=61)
+        assert isinstance(restore_request(instance, client, schema, an_hour_later), dg.RunRequest)
+        create_run_for_test(instance, job_name=ctr_restore_job.name, status=dg.DagsterRunStatus.SUCCESS)
+        assert isinstance(restore_request(instance, client, schema, datetime.now(UTC)), dg.RunRequest)  # no mark
+    client.close()
