@@ -294,7 +294,7 @@ def test_the_daily_graph_runs_through_the_celery_workers(workers, pg_instance):
     assert len(top) == 50 and publish["keys_written"].value == 50
     predictions = lake.read("ctr_predictions", DAY).set_index("ad_id")["ctr"]
     first = top["ad_id"].iloc[0]
-    cache = PredictionCache(connect(workers.env[ENV_REDIS]), schema=KeySchema("pc"))
+    cache = PredictionCache(connect(workers.env[ENV_REDIS], socket_timeout=5), schema=KeySchema("pc"))
     assert cache.get("ctr", first) == pytest.approx(predictions[first], rel=1e-6)
     # One materialization per asset: the worker's events are stored once, not again by the orchestrator.
     records = pg_instance.get_records_for_run(result.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION).records
@@ -345,7 +345,8 @@ def test_the_embedding_sync_runs_in_a_celery_worker(workers, pg_instance):
     assert sorted(pids) == ["document_embeddings", "document_embeddings_served_by_redis"], pids
     assert {workers.owner(pid) for pid in pids.values()} <= set(WORKERS)
     assert meta["embedded"].value == 400 and meta["failed"].value == 0
-    assert PredictionCache(connect(env[ENV_REDIS]), schema=KeySchema("pc")).get_embedding("doc00000000") is not None
+    cache = PredictionCache(connect(env[ENV_REDIS], socket_timeout=5), schema=KeySchema("pc"))
+    assert cache.get_embedding("doc00000000") is not None
 
 
 # -- The mapping of PRECOMPUTE_EXECUTOR. ------------------------------------------------------------------------

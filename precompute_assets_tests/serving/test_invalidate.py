@@ -187,7 +187,7 @@ def test_stats_report_the_current_version_and_the_hit_rate_of_the_window(redis_u
 
 def test_stats_split_the_hit_rate_by_the_version_each_lookup_read(redis_url, redis_client, schema):
     logger = QueryLogger(log_client(redis_url), schema)
-    cache = PredictionCache(connect(redis_url), schema=schema, pointer_ttl_s=0, logger=logger)
+    cache = PredictionCache(connect(redis_url, socket_timeout=5), schema=schema, pointer_ttl_s=0, logger=logger)
     cache.get("ctr", "k0")  # no version published yet: logged without one
     publish(redis_client, schema, "ctr", "v1", [f"k{i}" for i in range(10)])
     [cache.get("ctr", f"k{i}") for i in range(20)]  # 10 hits, 10 misses on v1

@@ -20,7 +20,7 @@ def test_publish_writes_every_key_into_compact_buckets(redis_url, redis_client, 
     n = 5000
     result = publish_version(redis_client, "ctr", "v1", ((f"ad{i}", i / n) for i in range(n)), n_keys=n, schema=schema)
     assert result.keys == n and result.buckets == bucket_count(n)
-    cache = PredictionCache(connect(redis_url), schema=schema)
+    cache = PredictionCache(connect(redis_url, socket_timeout=5), schema=schema)
     assert cache.get_many("ctr", [f"ad{i}" for i in range(0, n, 499)]) == [
         pytest.approx(i / n) for i in range(0, n, 499)
     ]
@@ -103,7 +103,7 @@ def test_a_retried_version_starts_clean(redis_url, redis_client, schema):
     publish_version(redis_client, "ctr", "v1", [("a", 0.1), ("b", 0.2)], n_keys=2, schema=schema)
     publish_version(redis_client, "ctr", "v0", [("z", 0.0)], n_keys=1, schema=schema, grace_s=600)
     publish_version(redis_client, "ctr", "v1", [("a", 0.3)], n_keys=1, schema=schema)
-    cache = PredictionCache(connect(redis_url), schema=schema)
+    cache = PredictionCache(connect(redis_url, socket_timeout=5), schema=schema)
     assert cache.get_many("ctr", ["a", "b"]) == [pytest.approx(0.3), None]
 
 
@@ -111,7 +111,7 @@ def test_republishing_the_current_version_rewrites_nothing(redis_url, redis_clie
     publish_version(redis_client, "ctr", "v1", [("a", 0.1)], n_keys=1, schema=schema)
     again = publish_version(redis_client, "ctr", "v1", [("a", 0.9)], n_keys=1, schema=schema)
     assert again.already_current
-    assert PredictionCache(connect(redis_url), schema=schema).get("ctr", "a") == pytest.approx(0.1)
+    assert PredictionCache(connect(redis_url, socket_timeout=5), schema=schema).get("ctr", "a") == pytest.approx(0.1)
 
 
 def test_publish_records_the_versions_key_count_and_a_retry_records_it_again(redis_client, schema):
@@ -133,7 +133,7 @@ def test_redis_failing_right_after_the_flip_does_not_fail_the_publish(redis_url,
     monkeypatch.setattr(publish_module, "record_published", lost)
     result = publish_version(redis_client, "ctr", "v1", [("a", 0.1)], n_keys=1, schema=schema)
     assert result.settle_error == "ConnectionError: Connection reset by peer" and not result.already_current
-    assert PredictionCache(connect(redis_url), schema=schema).get("ctr", "a") == pytest.approx(0.1)
+    assert PredictionCache(connect(redis_url, socket_timeout=5), schema=schema).get("ctr", "a") == pytest.approx(0.1)
     monkeypatch.undo()
     assert publish_version(redis_client, "ctr", "v1", [("a", 0.1)], n_keys=1, schema=schema).already_current
     assert redis_client.get(schema.admission_fifo("ctr", "published")) == b"1"  # the retry records it
