@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import date, timedelta
 from pathlib import Path
 
@@ -282,6 +282,10 @@ def test_the_check_names_the_winner_and_respects_the_margin():
     close = beats_baselines_check(evaluation(0.503), 0.005)
     assert not close.passed and close.metadata["use"].value == "seasonal" and close.metadata["winner"].value == "lstm"
     assert "lstm 0.5030 vs best baseline seasonal 0.5000" in close.description
+    # weights the safety stop cut short depend on the machine's load: never approved, however well they scored
+    cut = beats_baselines_check(replace(evaluation(0.52), stopped_by="seconds"), 0.005)
+    assert not cut.passed and cut.metadata["use"].value == "seasonal"
+    assert "cut short by the max_seconds safety stop, so never approved: use seasonal" in cut.description
     spec = next(iter(demand_model.check_specs))
     assert spec.name == "beats_baselines" and spec.blocking
 
