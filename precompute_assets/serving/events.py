@@ -96,13 +96,9 @@ class EventLogger(QueryLogger):
                 self.stats.logged += 1
                 self.stats.dropped_invalid += 1
             return
-        if not self._room(1):
-            self._after_queue()
-            return
         user_text, action_text, entity_text, tenant_text = texts
         # not "None": the drain quarantines an empty user or action
-        event = UserEvent(self.clock(), user_text or "", action_text or "", entity_text, tenant_text)
-        self._buffer.append(event)
+        self._queue(1, lambda _: UserEvent(self.clock(), user_text or "", action_text or "", entity_text, tenant_text))
         self._after_queue()
 
     def log(self, *args: Any, **kwargs: Any) -> None:  # pragma: no cover - guard against misuse

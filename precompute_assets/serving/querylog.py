@@ -211,11 +211,10 @@ class QueryLogger:
         version: str | None = None,
     ) -> None:
         """Queue one event (``version``: the published version the lookup read); never raises, never blocks."""
-        if self._room(1):
-            arms = None if arm is None else [arm]
-            flag = "1" if hit else "0"
-            key, user, tenant = _bounded(key), _bounded(user), _bounded(tenant)
-            self._buffer.append((self.clock(), kind, [key], flag, latency_us, user, tenant, arms, version))
+        arms = None if arm is None else [arm]
+        flag = "1" if hit else "0"
+        key, user, tenant = _bounded(key), _bounded(user), _bounded(tenant)
+        self._queue(1, lambda _: (self.clock(), kind, [key], flag, latency_us, user, tenant, arms, version))
         self._after_queue()  # a full buffer too: sending is what empties it
 
     def log_many(
@@ -234,16 +233,20 @@ class QueryLogger:
         hits and arms of different lengths are the caller's bug: ``ValueError``)."""
         if len(keys) != len(hits) or (arms is not None and len(arms) != len(keys)):
             raise ValueError("log_many needs one hit (and one arm, when given) per key")
-        room = self._room(len(keys))
-        if room:
+        user, tenant = _bounded(user), _bounded(tenant)
+
+        def group(room: int) -> tuple:
             flags = "".join("1" if hit else "0" for hit in hits[:room])
-            arms = None if arms is None else list(arms[:room])
-            keys, user, tenant = _bounded_keys(keys[:room]), _bounded(user), _bounded(tenant)
-            self._buffer.append((self.clock(), kind, keys, flags, latency_us, user, tenant, arms, version))
+            kept = None if arms is None else list(arms[:room])
+            return (self.clock(), kind, _bounded_keys(keys[:room]), flags, latency_us, user, tenant, kept, version)
+
+        self._queue(len(keys), group)
         self._after_queue()
 
-    def _room(self, size: int) -> int:
-        """Count ``size`` queries as logged; how many of them fit in the buffer (the rest are dropped, counted)."""
+    def _queue(self, size: int, item: Callable[[int], Any]) -> int:
+        """Count ``size`` queries as logged and buffer ``item(room)``, the item of the ``room`` of them that fit (the
+        rest are dropped, counted); the room. One hold of the count lock: ``close()`` stops the counting under it
+        before its last take, so no query is counted and then buffered after that take, neither sent nor dropped."""
         with self._count_lock:  # callers share the logger across threads; `+=` alone can lose counts
             self.stats.logged += size
             if self._stopped:  # a lookup still finishing after close(), as in a graceful shutdown
@@ -251,7 +254,14 @@ class QueryLogger:
                 return 0
             room = max(0, min(size, self.max_buffer - self._queued))
             self.stats.dropped_buffer_full += size - room
-            self._queued += room
+            if room:
+                try:
+                    built = item(room)
+                except Exception:  # noqa: BLE001 - a value no encoding takes: a logger never raises, the loss is counted
+                    self.stats.dropped_invalid += room
+                    return 0
+                self._buffer.append(built)
+                self._queued += room
         return room
 
     def send_ready(self, *, at_least: int = ENTRY_EVENTS) -> None:

@@ -580,7 +580,8 @@ def test_a_master_killed_mid_publish(cluster_factory, victim_holds):
     assert all(v == pytest.approx(0.25) for v in values if v is not None)
     assert 0.2 < len(lost) / len(keys) < 0.5  # about a third: that master's share of the buckets
     alive = next(s for s in cluster.masters if s is not victim)  # a new client needs a live node to start from
-    fresh = PredictionCache(connect(f"redis://127.0.0.1:{alive.port}?cluster=1"), schema=schema, pointer_ttl_s=0)
+    fresh_client = connect(f"redis://127.0.0.1:{alive.port}?cluster=1", socket_timeout=2)  # 50 ms: misses under load
+    fresh = PredictionCache(fresh_client, schema=schema, pointer_ttl_s=0)
     if victim_holds == "pointer":
         assert fresh.get_many("ctr", keys[:100]) == [None] * 100  # no pointer was ever read: no version
     else:
