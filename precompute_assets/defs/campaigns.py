@@ -60,7 +60,8 @@ CAMPAIGN_TAG = "precompute/campaign"
 WARMING_PRIORITY = 10  # nightly runs have the default 0, backfills -1
 # dagster/max_retries: a warming or cleanup run whose worker died (or that never started) is re-executed by the
 # daemon (dagster.yaml's run_retries; step failures are left to WARMING_RETRY): its run key is never requested again.
-# dagster/max_runtime: with the default launcher, run monitoring ends a run whose worker died only at its max runtime;
+# dagster/max_runtime: with the default launcher, run monitoring ends a run whose worker and code server died (a worker
+# alone is seen to end by its server, which fails the run at once) only at its max runtime;
 # until then it holds its campaign's run slot and the backstop counts it as busy, so 30 min, not dagster.yaml's 6 h.
 WARMING_TAGS = {
     PRIORITY_TAG: str(WARMING_PRIORITY),
