@@ -76,6 +76,21 @@ def foreign_state(stack: Stack, env: dict[str, str]) -> list[str]:
     return foreign + ([] if is_own_folder(env[ENV_MODEL_STORE], stack, "models") else [ENV_MODEL_STORE])
 
 
+DEMO_HISTORY = ("ad_impressions", "query_logs")  # what the demo writes per day (an hour) of its new catalog
+
+
+def clear_other_days(lake: Lake, days: list[str]) -> int:
+    """Delete the partitions of ``DEMO_HISTORY`` outside ``days`` (an earlier demo's, of another catalog: a demo of
+    fewer days trained ctr_model on those impressions too, with other ads under the same ids); how many."""
+    deleted = 0
+    for asset in DEMO_HISTORY:
+        for partition in lake.partitions(asset):
+            if not partition.startswith(tuple(days)):
+                lake.delete(asset, partition)
+                deleted += 1
+    return deleted
+
+
 def run_demo(
     stack: Stack,
     *,
@@ -129,6 +144,7 @@ def run_demo(
 
     with stages.timed("generate_workload"):
         ads = make_ads(n_ads, days=days + 1, seed=seed)
+        clear_other_days(lake, day_keys)
         lake.write("ads", None, ads)
         live_ctr = dict(zip(ads["ad_id"], true_ctr(ads).tolist(), strict=True))
         chunks = list(

@@ -266,3 +266,22 @@ def test_the_demo_refuses_someone_elses_dagster_storage_and_model_store_with_one
     assert "precompute demo: the demo records its runs and approves a synthetic" in err
     assert "DAGSTER_PG_URL, PRECOMPUTE_APP_DB_URL, PRECOMPUTE_MODEL_STORE" in err
     assert list(models.iterdir()) == []
+
+
+def test_a_demo_clears_the_history_an_earlier_demo_left_outside_its_days(tmp_path):
+    """A second demo of fewer days in the same home trained ctr_model on the first one's older impressions too, of
+    another catalog under the same ad ids: it failed beats_baseline and the demo exited 2 (h_backfill)."""
+    from precompute_assets.storage.lake import Lake
+    from precompute_assets.tools.demo import clear_other_days
+    from precompute_assets_tests.factories import write_query_logs
+
+    lake = Lake(str(tmp_path / "lake"))
+    days = ["2026-11-26", "2026-11-27", "2026-11-28"]
+    for day in days:
+        lake.write("ad_impressions", day, pd.DataFrame({"ts_ms": [1], "ad_id": ["ad1"], "clicked": [False]}))
+        write_query_logs(lake, day, ["ad1"])
+    lake.write("ads", None, pd.DataFrame({"ad_id": ["ad1"]}))
+    assert clear_other_days(lake, days[1:]) == 1 + 24
+    assert lake.partitions("ad_impressions") == days[1:]
+    assert {hour[:10] for hour in lake.partitions("query_logs")} == set(days[1:])
+    assert lake.exists("ads")
