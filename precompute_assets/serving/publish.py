@@ -187,10 +187,15 @@ def publish_version(
         if (present := _existing(client, filled_names)) < len(filled):
             # At maxmemory a volatile policy evicts the version's own buckets (they carry a TTL) without an error.
             send_commands(client, [(b"DEL", name) for name in filled_names])  # give the memory back to the live one
+            # ... or a failover promoted a replica without some (a cluster's master, Sentinel's primary)
+            failover = cluster or primary is not None
+            how = "evicted or lost in a failover" if failover else "evicted"
+            retry = " (after a failover, retry it)" if failover else ""
             raise IncompleteVersionError(
-                f"publish of {kind} version {version}: {len(filled) - present} of {len(filled)} buckets were evicted "
+                f"publish of {kind} version {version}: {len(filled) - present} of {len(filled)} buckets were {how} "
                 f"while being written{_memory_note(client)}; readers stay on the previous version"
                 f"{_current_losses(client, schema, kind, current)}: give Redis more memory, or publish fewer keys"
+                f"{retry}"
             )
     except REDIS_ERRORS as error:
         # Refused at maxmemory (noeviction, or nothing volatile left; inside a MULTI an EXECABORT), the partial
