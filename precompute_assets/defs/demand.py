@@ -15,6 +15,7 @@ from ..ml.demand import (
     DemandEvaluation,
     DemandHyperParams,
     HourlyCounts,
+    approves,
     evaluate_demand,
     ewma_forecast,
     forecast_next_day,
@@ -226,10 +227,8 @@ def beats_baselines_check(evaluation: DemandEvaluation | None, margin: float, er
     hit = evaluation.hit_rate
     best = evaluation.best_baseline
     lift = hit["lstm"] - hit[best]
-    # Weights the safety stop cut short depend on the machine's load: two runs of one day differed in their verdicts,
-    # and so in the ads they published. Only the step budget's weights, the same on any machine, are approved.
     cut = evaluation.stopped_by == "seconds"
-    passed = lift > margin and not cut
+    passed = approves(evaluation, margin)
     used = "lstm" if passed else best
     why = "; training was cut short by the max_seconds safety stop, so never approved" if cut else ""
     return dg.AssetCheckResult(

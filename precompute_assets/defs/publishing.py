@@ -455,6 +455,7 @@ def restore_served_version(
         context.log.info(f"Redis serves ctr version {served} whole: nothing to restore")
         return
     context.log.info(f"restoring ctr version {served}: {why}")
+    mark = server_mark(client)  # before the writes: evictions while they run are evictions after the restore too
     day = version_day(served)
     predictions = lake.lake().read("ctr_predictions", day)
     try:
@@ -482,7 +483,7 @@ def restore_served_version(
         raise dg.Failure(description=why) from None
     written = result.mended if result.already_current else result.keys
     context.log.info(f"restored ctr version {version}: {written} keys written again")
-    if (mark := server_mark(client)) is not None:  # cache_health tells evictions after it from a restart
+    if mark is not None:  # cache_health tells evictions since from a restart
         context.instance.add_run_tags(context.run_id, {SERVER_MARK_TAG: mark})
     context.log_event(
         dg.AssetObservation(

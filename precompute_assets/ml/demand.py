@@ -248,6 +248,14 @@ class DemandEvaluation:
     mase_note: str | None = None  # why ``mase`` holds NaNs (``mase_undefined``); None when it holds none
 
 
+def approves(evaluation: DemandEvaluation, margin: float) -> bool:
+    """The ``beats_baselines`` rule: the LSTM's held-back hit rate beats the best baseline's by more than ``margin``,
+    and its training ended by its budget of work, not by the ``max_seconds`` safety stop (weights it cut short depend
+    on the machine's load: two runs of one day differed in their verdicts, and so in the ads they published)."""
+    lift = evaluation.hit_rate["lstm"] - evaluation.hit_rate[evaluation.best_baseline]
+    return lift > margin and evaluation.stopped_by != "seconds"
+
+
 @dataclass
 class DemandResult:
     model: torch.nn.Module  # a DemandLSTM

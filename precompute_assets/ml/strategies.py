@@ -40,6 +40,7 @@ from .demand import (
     HOURS_PER_DAY,
     DemandHyperParams,
     HourlyCounts,
+    approves,
     evaluate_demand,
     ewma_forecast,
     forecast_next_day,
@@ -216,7 +217,7 @@ def rankings_of(
         history = recent if history_first == recent_first else hours.hourly_counts(history_first, d - 1)
         result = evaluate_demand(history, hp, init_state=state)
         evaluation = result.evaluation
-        approved = evaluation.hit_rate["lstm"] - evaluation.hit_rate[evaluation.best_baseline] > margin
+        approved = approves(evaluation, margin)
         if approved:
             state, approved_model = result.state_dict(), (result.model, result.hyper_params)
         ranker = approved_model if approved_only else (result.model, result.hyper_params)
@@ -288,10 +289,14 @@ def safety_stop_days_note(info: dict, hp: DemandHyperParams, learned: Sequence[s
     ``max_seconds``) ended some of their training; None when it never fired."""
     if not info["safety_stop_days"]:
         return None
+    others = [name for name in learned if name != "auto"]
+    said = [f"{' and '.join(others)} can differ between runs"] if others else []
+    if "auto" in learned:
+        said.append("auto used none of them (beats_baselines approves no model the safety stop cut short)")
     return (
         f"the LSTM's safety stop ({hp.max_seconds:.1f} s a day) ended its training before its {hp.max_steps} steps "
         f"and {hp.max_epochs} epochs on {info['safety_stop_days']} of {info['trained_days']} days: those models "
-        f"depend on how busy the cores were, so {' and '.join(learned)} can differ between runs"
+        f"depend on how busy the cores were: {', and '.join(said)}"
     )
 
 

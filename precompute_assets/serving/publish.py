@@ -276,6 +276,12 @@ def _mend_current(
         cluster = is_cluster(client)
         writes = [write for name, bucket in lost for write in _bucket_writes(name, bucket, ttl, cluster=cluster)]
         _bucket_sender(client)(writes)
+        if (back := _existing(client, [name for name, _ in lost])) < len(lost):  # at maxmemory, evicted again
+            raise IncompleteVersionError(
+                f"{kind} version {version} is current and lost {len(lost)} of its {len(filled)} buckets: "
+                f"{len(lost) - back} of them were evicted again while being written back{_memory_note(client)}; "
+                "readers miss their keys: give Redis more memory, or publish fewer keys"
+            )
     if ttl is not None:
         send_commands(client, [(b"EXPIRE", name, ttl) for name, _ in filled])
     if lost:

@@ -367,7 +367,7 @@ def test_ab_replay_shares_the_step_budget_among_the_days_and_reports_the_safety_
     stopped = ab_replay(trace, 6, **kwargs, lstm_safety_s=1e-6)["ab"]["notes"]
     assert [note for note in stopped if "safety stop" in note] == [
         "the LSTM's safety stop (0.0 s a day) ended its training before its 2000 steps and 1000 epochs on 3 of 3 "
-        "days: those models depend on how busy the cores were, so lstm can differ between runs"
+        "days: those models depend on how busy the cores were: lstm can differ between runs"
     ]
 
 

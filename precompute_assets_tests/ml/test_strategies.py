@@ -181,10 +181,13 @@ def test_the_safety_stop_firing_is_reported_as_not_reproducible():
     stopped = [note for note in result["strategy_notes"] if "safety stop" in note]
     assert stopped == [
         "the LSTM's safety stop (0.0 s a day) ended its training before its 2000 steps and 1 epochs on 2 of 2 days: "
-        "those models depend on how busy the cores were, so lstm and auto can differ between runs"
+        "those models depend on how busy the cores were: lstm can differ between runs, and auto used none of them "
+        "(beats_baselines approves no model the safety stop cut short)"
     ]
     _, info = strategy_sets(trace_hours(trace, 5), "lstm", 30, hp=replace(TINY, max_seconds=1e-6))
     assert info["safety_stop_days"] == info["trained_days"] == 2
+    _, info = strategy_sets(trace_hours(trace, 5), "auto", 30, hp=replace(TINY, max_seconds=1e-6))
+    assert info["approved_days"] == 0 and info["safety_stop_days"] == 2  # as top_ads would decide
 
 
 def test_auto_follows_the_approved_lstm_else_the_best_baseline_of_each_held_back_day():

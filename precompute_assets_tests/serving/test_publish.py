@@ -206,6 +206,21 @@ def test_a_version_evicted_while_written_is_never_flipped_to(redis_server, schem
     client.close()
 
 
+def test_a_retry_that_writes_back_buckets_redis_evicts_again_fails(redis_server, schema):
+    """A retry of the current version (a ctr restore) wrote its lost buckets back and returned success while Redis
+    evicted them again as it wrote: the restore run succeeded with readers still missing the keys, and cache_health
+    asked for it again at every tick. It fails now, as a new version's publish does."""
+    server = redis_server(extra_config=("maxmemory-policy volatile-lru",))
+    client = connect(server.url, socket_timeout=5)
+    items = [(f"ad{i:06d}", 0.25) for i in range(50_000)]
+    first = publish_version(client, "ctr", "v1", items, n_keys=len(items), schema=schema)
+    client.delete(*(schema.bucket("ctr", "v1", index) for index in range(first.buckets)))
+    client.config_set("maxmemory", client.info("memory")["used_memory"] + 200_000)  # room for a tenth of them
+    with pytest.raises(publish_module.IncompleteVersionError, match=r"ctr version v1 is current and lost \d+ of its"):
+        publish_version(client, "ctr", "v1", items, n_keys=len(items), schema=schema)
+    client.close()
+
+
 def test_a_version_evicted_while_written_says_what_the_current_version_lost_too(redis_server, schema):
     """Under a volatile policy the buckets of the version readers are on carry a TTL too, and an idle one goes first:
     the refusal said only "readers stay on the previous version", which then had holes. It now says how many."""
