@@ -159,6 +159,24 @@ def test_a_late_precompute_is_of_the_day_before_the_newest_window():
     assert in_window.partition_key == "2026-11-19" and "precompute/late" not in in_window.tags
 
 
+def test_a_window_across_midnight_runs_the_day_that_just_ended():
+    """A learned window of 22:00-02:00 ran the day before yesterday after midnight (the day before the window's
+    start): every publish came a day late. After midnight it is the day that has just ended."""
+    tz = ZoneInfo("UTC")
+    requested = {hour: precompute_request(datetime(2026, 3, 11, hour, tzinfo=tz), 22, "UTC", late=True)
+                 for hour in (0, 1, 2, 12, 22)}  # fmt: skip
+    assert {hour: r.partition_key for hour, r in requested.items()} == {
+        0: "2026-03-10",
+        1: "2026-03-10",
+        2: "2026-03-10",
+        12: "2026-03-10",
+        22: "2026-03-10",
+    }
+    assert [hour for hour, r in requested.items() if "precompute/late" in r.tags] == [2, 12]
+    before_midnight = precompute_request(datetime(2026, 3, 10, 23, tzinfo=tz), 22, "UTC")
+    assert before_midnight.partition_key == "2026-03-09"  # the newest whole day then (its run came after midnight)
+
+
 def test_a_day_a_backfill_ran_gets_no_late_run():
     """A backfill or a launch from the UI has no run key: the late catch-up looked for its run key only, so every
     tick after the window launched the whole graph of that day again."""

@@ -73,20 +73,22 @@ def offpeak_start_hour(instance: dg.DagsterInstance | None) -> int:
 def precompute_request(
     moment: datetime, start_hour: int, timezone: str, *, late: bool = False
 ) -> dg.RunRequest | dg.SkipReason:
-    """Request the precompute of the day before the newest off-peak window (starting at ``start_hour``) that began
-    at or before ``moment``: when ``moment`` falls in that window, or at any later hour when ``late`` (the caller
-    found no run of that day: the daemon was down through the window, or the day's logs came in after it), tagged
-    ``precompute/late`` with why.
+    """Request the precompute of the newest whole day (yesterday) when ``moment`` falls in the off-peak window
+    starting at ``start_hour``. At any later hour, when ``late`` (the caller found no run of that day: the daemon was
+    down through the window, or the day's logs came in after it), request the day the newest window served: the day
+    before its last tick's, tagged ``precompute/late`` with why. A window that crosses midnight (22:00-02:00) thus
+    runs the day that has just ended after midnight: it ran the day before, a day late (h_diff11).
 
     A window rather than one instant: on a spring-forward day the start hour may not exist. The run key is one per
     day; the schedule skips a day whose run key an earlier tick launched (Dagster would launch it again).
     """
     local = moment.astimezone(ZoneInfo(timezone))
     since_start = (local.hour - start_hour) % 24
-    day = (local - timedelta(hours=since_start)).date() - timedelta(days=1)
-    partition = day.isoformat()
+    in_window = since_start < OFFPEAK_WINDOW_HOURS
+    last_tick = local if in_window else local - timedelta(hours=since_start - (OFFPEAK_WINDOW_HOURS - 1))
+    partition = (last_tick.date() - timedelta(days=1)).isoformat()
     request = dg.RunRequest(run_key=f"precompute-{partition}", partition_key=partition)
-    if since_start < OFFPEAK_WINDOW_HOURS:
+    if in_window:
         return request
     if not late:
         return dg.SkipReason(f"outside the off-peak window starting at {start_hour:02d}:00 {timezone}")
