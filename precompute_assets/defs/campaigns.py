@@ -38,6 +38,7 @@ from ..serving.keys import check_key, codec_for
 from ..serving.publish import delete_live_values, run_commands, write_live_values
 from ..serving.replication import confirm_replicas
 from ..storage.campaigns import DEFAULT_REFRESH_MARGIN, Campaign, CampaignRegistry
+from .config_checks import at_least, positive, refuse
 from .models import CTR_MODEL, approved_materializations
 from .resources import (
     CampaignRegistryResource,
@@ -340,6 +341,7 @@ def campaign_budget(
 ) -> dg.MaterializeResult:
     if problem := warming_config_problem(config):
         raise dg.Failure(description=problem, allow_retries=False)
+    refuse("campaign_budget", positive(config, "prior_strength"), at_least(config, 1, "draws"))
     registry = campaign_registry.registry()
     campaign_id = context.partition_key
     campaign, now = registry.get(campaign_id), datetime.now(UTC)

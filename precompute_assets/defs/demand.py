@@ -23,6 +23,8 @@ from ..ml.demand import (
     safety_stop_note,
     seasonal_forecast,
 )
+from ..ml.strategies import STRATEGIES
+from .config_checks import at_least, refuse
 from .models import approved_materializations, prune_model_versions, retention_field
 from .partitions import DEFAULT_PARTITIONS, Partitions
 from .records import newest_metadata
@@ -90,6 +92,15 @@ class DemandModelConfig(dg.Config):
         return DemandHyperParams(**configured, half_life_days=half_life_days)
 
 
+def hyper_params_problem(config: DemandModelConfig) -> str | None:
+    """Why ``config``'s hyper-parameters are refused (``DemandHyperParams``' own checks), or None."""
+    try:
+        config.hyper_params(AdDemandConfig().half_life_days)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
 def frequency_half_life(instance: dg.DagsterInstance, partition: str) -> tuple[float, str]:
     """The half-life ``ad_demand`` of ``partition`` ranked by (what ``top_ads`` ranks by as ``frequency``), from its
     newest materialization, and where it came from; ``ad_demand``'s default when the day has none."""
@@ -126,9 +137,6 @@ def previous_approved_version(instance: dg.DagsterInstance, partition: str, run_
         and metadata["approved"].value
     ]
     return max(approved)[1] if approved else None
-
-
-STRATEGIES = ("frequency", "ewma", "seasonal", "lstm", "auto")
 
 
 def demand_evaluation(instance: dg.DagsterInstance, partition: str) -> dict | None:
@@ -303,6 +311,9 @@ def demand_model(
 ) -> dg.MaterializeResult:
     """Train (warm-started from the previous approved version), evaluate every method on the held-back day, and
     store the weights as a plain state_dict; the version is this materialization (partition + run id)."""
+    margin = None if math.isfinite(config.margin) else f"margin must be a finite number, got {config.margin}"
+    refuse(DEMAND_MODEL, at_least(config, 2, "lookback_days"), hyper_params_problem(config), margin,
+           at_least(config, 0, "retention_days"))  # fmt: skip
     partitions = Partitions.of(context)
     days = partitions.days_ending(context.partition_key, config.lookback_days)
     data = read_hourly_counts(lake.lake(), partitions, days)

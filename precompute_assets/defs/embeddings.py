@@ -6,6 +6,7 @@ import logging
 import math
 import time
 from pathlib import Path
+from typing import Literal
 
 import dagster as dg
 from pydantic import Field
@@ -17,6 +18,7 @@ from ..serving.vectors import DTYPE_CODES
 from ..storage.embeddings import EmbeddingStore, sample_documents
 from ..sync.embedding_quality import int8_recall
 from ..sync.embeddings import SyncStats, lost_redis_version, sync_embeddings
+from .config_checks import at_least, positive, refuse
 from .freshness import EMBEDDINGS_FRESHNESS
 from .publishing import GRACE_SECONDS, expiry_problem
 from .resources import (
@@ -39,7 +41,7 @@ UNSETTLED = "~unsettled"  # documents_changed's marker while an older transactio
 
 
 class EmbeddingModelConfig(dg.Config):
-    backend: str = Field(
+    backend: Literal["hashing-svd", "pretrained", "http", "sentence-transformers"] = Field(
         "hashing-svd",
         description='"hashing-svd", "pretrained" (a multilingual encoder shipped with its weights, extra '
         '"pretrained"), "http" (an inference service) or "sentence-transformers" (optional extra).',
@@ -56,7 +58,7 @@ class EmbeddingModelConfig(dg.Config):
         description='http: the inference service (OpenAI-compatible /v1/embeddings, or api "tei": /embed); '
         '"" reads PRECOMPUTE_EMBEDDING_URL.',
     )
-    api: str = Field("openai", description='http: "openai" or "tei".')
+    api: Literal["openai", "tei"] = Field("openai", description='http: "openai" or "tei".')
     api_key_env: str = Field(
         ENV_API_KEY, description="http: the NAME of the environment variable holding the API key, never the key."
     )
@@ -103,6 +105,12 @@ def embedding_model(
 ) -> dg.MaterializeResult:
     """The default embedder: hashed character n-grams reduced by a truncated SVD fitted on a corpus sample
     (any language or script, CPU only, nothing downloaded). Its version is a hash of its content."""
+    refuse(
+        "embedding_model",
+        at_least(config, 1, "dim", "sample", "batch_size", "max_concurrency"),
+        positive(config, "timeout_s"),
+        at_least(config, 0, "max_retries"),
+    )
     started = time.perf_counter()
     saved: dict[str, object] = {"backend": config.backend, "model": config.model}
     if config.backend == "sentence-transformers":
@@ -144,7 +152,7 @@ class EmbeddingSyncConfig(dg.Config):
     chunk_size: int = Field(
         10_000, description="Documents per committed chunk (a killed run resumes after the last; at least 1)."
     )
-    dtype: str = Field("int8", description='Stored vectors: "int8" or "float32".')
+    dtype: Literal["int8", "float32"] = Field("int8", description='Stored vectors: "int8" or "float32".')
     recall_sample: int = Field(2000, description="About this many documents sampled by the int8_recall check.")
     ttl_days: int = Field(
         7,

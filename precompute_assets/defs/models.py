@@ -15,6 +15,7 @@ from pydantic import Field
 from ..ml import ctr
 from ..ml.features import spec_dict
 from ..ml.model_store import LocalModelStore
+from .config_checks import at_least, fraction, refuse
 from .partitions import DEFAULT_PARTITIONS, Partitions
 from .records import metadata_of, newest_metadata
 from .resources import LakeResource, ModelStoreResource
@@ -177,6 +178,13 @@ def ctr_model(
     Its version is this materialization (partition + run id); predictions load exactly that version, and the
     stored model carries its feature spec and vocabularies.
     """
+    refuse(
+        CTR_MODEL,
+        at_least(config, 2, "training_days"),
+        fraction(config, "valid_fraction"),
+        at_least(config, 1, "n_estimators", "max_depth", "min_samples_leaf", "max_category_values"),
+        at_least(config, 0, "min_category_ads", "retention_days"),
+    )
     store = lake.lake()
     days = Partitions.of(context).days_ending(context.partition_key, config.training_days)
     impressions, missing = read_impressions(store, days)

@@ -2,6 +2,7 @@
 
 from collections.abc import Iterator
 from dataclasses import replace
+from typing import Literal
 
 import dagster as dg
 import numpy as np
@@ -16,9 +17,10 @@ from ..ml.replay import ShareChoice, shards_keep, shards_rate, tune_share
 from ..ml.selection import DEMAND_WINDOW_DAYS, coverage, select_top
 from ..ml.selection import ad_demand as weighted_demand
 from ..ml.selection import traffic_profile as offpeak_profile
-from ..ml.strategies import BASELINE_DAYS, REPLAY_HYPER_PARAMS, TraceHours, strategy_rankings
-from ..serving.admission import ADMISSION_NAMES
+from ..ml.strategies import BASELINE_DAYS, REPLAY_HYPER_PARAMS, Strategy, TraceHours, strategy_rankings
+from ..serving.admission import ADMISSION_NAMES, AdmissionName
 from ..storage.lake import Lake
+from .config_checks import positive, refuse
 from .partitions import DEFAULT_PARTITIONS, Partitions
 from .records import newest_metadata
 from .resources import ExperimentResource, LakeResource, ModelStoreResource
@@ -57,18 +59,18 @@ class TopAdsConfig(dg.Config):
     this many requests (capacity scaled alike), so the tuning's time stays bounded as traffic grows."""
 
     top_n: int = Field(1000, description="The ads to precompute with precompute_share fixed.")
-    strategy: str = Field(
+    strategy: Strategy = Field(
         "auto",
         description="frequency (ad_demand), ewma, seasonal, lstm (the approved demand_model) or auto (the best on "
         "the held-back day per demand_model's evaluation).",
     )
-    precompute_share: str = Field(
+    precompute_share: Literal["fixed", "auto"] = Field(
         "fixed", description="fixed: precompute top_n ads; auto: choose how many within cache_capacity by replay."
     )
     cache_capacity: int = Field(
         0, description="Keys the serving cache holds (precomputed plus read-through), for precompute_share auto."
     )
-    admission: str = Field(
+    admission: AdmissionName = Field(
         "always",
         description="The serving clients' admission policy (always, second_miss, frequency, probation), for "
         "precompute_share auto.",
@@ -161,6 +163,7 @@ def traffic_profile(context: dg.AssetExecutionContext, lake: LakeResource) -> dg
     "day weighs most), read one hour file at a time.",
 )
 def ad_demand(context: dg.AssetExecutionContext, config: AdDemandConfig, lake: LakeResource):
+    refuse("ad_demand", positive(config, "half_life_days"))
     partitions = Partitions.of(context)
     days, missing = [], []
     for day in partitions.days_ending(context.partition_key, LOOKBACK_DAYS):

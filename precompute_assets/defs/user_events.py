@@ -2,7 +2,7 @@
 trained on them (a calibrated RandomForest gated by a blocking check against two baselines)."""
 
 import time
-from typing import Any
+from typing import Any, Literal
 
 import dagster as dg
 import pandas as pd
@@ -16,6 +16,7 @@ from ..serving.events import events_stream, read_event_window, unknown_action, v
 from ..serving.querylog import quarantine_row
 from ..storage.tables import USER_EVENT_SCHEMA, QuarantinedRows
 from ..workload.users import generate_user_events, make_users
+from .config_checks import at_least, fraction, refuse
 from .models import approved_materializations, prune_model_versions, retention_field
 from .partitions import DEFAULT_PARTITIONS, Partitions
 from .query_logs import (
@@ -153,7 +154,9 @@ class NextActionModelConfig(dg.Config):
     n_estimators: int = Field(100, description="Trees of the forest.")
     max_depth: int = Field(10, description="Depth of each tree.")
     min_samples_leaf: int = Field(10, description="Events per leaf, at least.")
-    calibration: str = Field("isotonic", description='Probability calibration: "isotonic" or "sigmoid".')
+    calibration: Literal["isotonic", "sigmoid"] = Field(
+        "isotonic", description='Probability calibration: "isotonic" or "sigmoid".'
+    )
     retention_days: int = retention_field()
 
 
@@ -225,6 +228,12 @@ def next_action_model(
 ) -> dg.MaterializeResult:
     """Calibrated RandomForest of each user's next action on the last ``training_days`` of user events, split by
     time; top-1/top-3 accuracy and log-loss beside the most-frequent-action and Markov-1 baselines."""
+    refuse(
+        "next_action_model",
+        at_least(config, 1, "training_days", "n_estimators", "max_depth", "min_samples_leaf"),
+        fraction(config, "valid_fraction"),
+        at_least(config, 0, "retention_days"),
+    )
     partitions = Partitions.of(context)
     hours = [h for day in partitions.days_ending(context.partition_key, config.training_days)
              for h in partitions.hours_of(day)]  # fmt: skip

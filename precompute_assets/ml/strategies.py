@@ -32,6 +32,7 @@ from collections import Counter
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, replace
+from typing import Literal, get_args
 
 import numpy as np
 import pandas as pd
@@ -50,7 +51,8 @@ from .demand import (
 from .replay import Trace, read_through_day_hits, replay, sampled_size, shards_keep
 from .selection import select_top
 
-STRATEGIES = ("frequency", "ewma", "seasonal", "lstm", "auto")
+Strategy = Literal["frequency", "ewma", "seasonal", "lstm", "auto"]  # a Config field of this type lists them
+STRATEGIES: tuple[str, ...] = get_args(Strategy)
 LEARNED = ("lstm", "auto")  # ranked by the daily LSTM models (the others: baselines, ranked from counts alone)
 REPLAY_STRATEGIES = (*STRATEGIES, "prefetch")  # prefetch: ours plus learned next-key prefetch (ml.next_key)
 LOOKBACK_DAYS = 14  # demand_model's lookback (defs.demand.DEMAND_LOOKBACK_DAYS)

@@ -65,11 +65,12 @@ import hashlib
 import numbers
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol, get_args
 
 from .keys import FIFO_PARTS, KeySchema
 
-ADMISSION_NAMES = ("always", "second_miss", "frequency", "probation")
+AdmissionName = Literal["always", "second_miss", "frequency", "probation"]  # a Config field of this type lists them
+ADMISSION_NAMES: tuple[str, ...] = get_args(AdmissionName)
 MAX_WINDOW_S = 10**15  # Redis refuses a PX whose expiry in ms from the epoch overflows 64 bits (about 9.2e15 s)
 SKETCH_SHAPE = (32768, 4)  # the default width and depth: its sketch is ``{kind}:sketch``, others have their own
 SKETCH_HEADER_NIBBLES = 8  # the u32 lookup count in front of the counters, in 4-bit units

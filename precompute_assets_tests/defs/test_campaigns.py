@@ -425,6 +425,9 @@ def test_warming_without_an_approved_model_fails_clearly_and_writes_nothing(regi
             "open_ended_ttl_days must be above 1 (the registry warms values again 1 day before they expire), got 0.0",
         ),
         (HOUR, {"grace_hours": -2.0}, "grace_hours must be from 0 to 8760 (a year), got -2.0"),
+        # not an expiry, but retried three times before (h_ui): refused at once too
+        (HOUR, {"draws": 0}, "campaign_budget config: draws must be at least 1, got 0"),
+        (HOUR, {"prior_strength": -1.0}, "campaign_budget config: prior_strength must be a number above 0, got -1.0"),
     ],
 )
 def test_a_config_whose_values_would_expire_at_once_fails_in_one_line_and_warms_nothing(
@@ -437,7 +440,9 @@ def test_a_config_whose_values_would_expire_at_once_fails_in_one_line_and_warms_
     end_at = None if end_in is None else now + HOUR + end_in
     registry.register(campaign_id, "acme", now + HOUR, campaign_ads(campaign_id, 4), end_at=end_at)
     instance.add_dynamic_partitions(CAMPAIGNS.name, [campaign_id])
-    run_config = {"ops": {"campaign_ctr": {"config": config}, "campaign_budget": {"config": config}}}
+    budget_only = {k: v for k, v in config.items() if k in ("draws", "prior_strength")}
+    run_config = {"ops": {"campaign_ctr": {"config": {k: v for k, v in config.items() if k not in budget_only}},
+                          "campaign_budget": {"config": config}}}  # fmt: skip
     run = warm(instance, resources, campaign_id, run_config=run_config, raise_on_error=False)
     assert not run.success
     (failure,) = [e for e in run.all_events if e.event_type_value == "STEP_FAILURE"]
