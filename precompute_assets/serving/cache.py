@@ -148,6 +148,14 @@ def storable(kind: str, value: Any) -> bool:
     return True
 
 
+def _store_failure(error: BaseException) -> str:
+    """What a failed store of a computed value means: a write that timed out may still land (Redis reads a value too
+    big for ``socket_timeout`` to the end and stores it); one refused or cut off did not."""
+    if isinstance(error, redis.TimeoutError):
+        return "a computed value's store was not confirmed (it may have been stored all the same)"
+    return "a computed value was not stored"
+
+
 def _seconds(raw: Any) -> float | None:
     """A stored delta (decimal seconds) as a float; anything else is unknown."""
     if raw is None:
@@ -312,9 +320,9 @@ class PredictionCache:
     def get_many(
         self, kind: str, keys: Sequence[str], *, user: str | None = None, tenant: str | None = None
     ) -> list[Any | None]:
-        """Values for ``keys`` in order (None for misses), from one published version: one round trip, plus
-        one for live read-through values when some keys are not in the published version (on Redis Cluster: one
-        round trip per master, in parallel)."""
+        """Values for ``keys`` in order (None for misses), from one published version: one round trip (per 10,000
+        keys, ``connection.PIPELINE_CHUNK``), plus one for live read-through values when some keys are not in the
+        published version (on Redis Cluster: one round trip per master, in parallel)."""
         check_kind(kind)
         check_keys(keys)
         start = time.perf_counter_ns()
@@ -848,7 +856,7 @@ class PredictionCache:
             log.warning(
                 "Redis failed (%s: %s): %s (%d errors so far)%s",
                 type(error).__name__, " ".join(str(error).split()),
-                "a computed value was not stored" if store else "lookups are misses, computed live", self.errors,
+                _store_failure(error) if store else "lookups are misses, computed live", self.errors,
                 f"; {REAPPLY_HINT}" if is_acl_refusal(error) else "",
             )  # fmt: skip
         if not self._cluster and isinstance(error, redis.ResponseError) and str(error).startswith("Protocol error"):

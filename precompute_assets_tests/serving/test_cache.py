@@ -1033,3 +1033,30 @@ def test_a_reader_limited_to_some_kinds_keeps_the_fence_on_its_own(redis_url, re
         cache.close()
     finally:
         redis_client.execute_command("ACL", "DELUSER", name)
+
+
+def test_a_batch_of_many_keys_is_sent_in_chunks_within_the_socket_timeout(redis_url, redis_client, schema):
+    """A get_many of 200,000 published keys was one write that outlasted the default 50 ms socket timeout while
+    Redis worked through it: every key a miss, logged as such, and the whole client backing off (h_sec). It is sent
+    ``PIPELINE_CHUNK`` commands at a time, each chunk's replies read before the next is written."""
+    keys = [f"k{i}" for i in range(250_000)]
+    publish_version(redis_client, "ctr", "v1", [(k, 0.5) for k in keys], n_keys=len(keys), schema=schema)
+    cache = PredictionCache.from_url(redis_url, schema=schema, pointer_ttl_s=0)  # socket_timeout: the default
+    try:
+        assert cache.get_many("ctr", keys) == [0.5] * len(keys) and cache.errors == 0
+        assert cache.get("ctr", "k2") == 0.5
+    finally:
+        cache.close()
+
+
+def test_a_store_whose_write_timed_out_is_called_unconfirmed_not_lost():
+    """A 20 MB value outlasting a 50 ms socket timeout was stored all the same, while the warning said "a computed
+    value was not stored" (h_sec): a timed-out write may land, a refused or cut-off one did not."""
+    import redis
+
+    assert cache_module._store_failure(redis.TimeoutError("Timeout reading from socket")) == (
+        "a computed value's store was not confirmed (it may have been stored all the same)"
+    )
+    assert cache_module._store_failure(redis.ConnectionError("Connection reset by peer")) == (
+        "a computed value was not stored"
+    )
