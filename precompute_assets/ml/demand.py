@@ -122,6 +122,8 @@ class DemandHyperParams:
             raise ValueError("top_n must be non-negative")
         if self.history_days is not None and self.history_days < 1:
             raise ValueError("history_days must be at least 1")
+        if self.threads is not None and self.threads < 0:  # 0 or None: torch's default
+            raise ValueError(f"threads must be at least 0 (0 or null: torch's default), got {self.threads}")
 
 
 @dataclass

@@ -149,9 +149,10 @@ def storable(kind: str, value: Any) -> bool:
 
 
 def _store_failure(error: BaseException) -> str:
-    """What a failed store of a computed value means: a write that timed out may still land (Redis reads a value too
-    big for ``socket_timeout`` to the end and stores it); one refused or cut off did not."""
-    if isinstance(error, redis.TimeoutError):
+    """What a failed store of a computed value means: one whose reply timed out may have landed (Redis read the whole
+    value, then took longer than ``socket_timeout`` to answer); one refused, or whose write timed out (redis-py then
+    drops the connection mid-value), did not."""
+    if isinstance(error, redis.TimeoutError) and str(error).startswith("Timeout reading"):
         return "a computed value's store was not confirmed (it may have been stored all the same)"
     return "a computed value was not stored"
 

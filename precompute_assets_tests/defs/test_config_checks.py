@@ -61,3 +61,23 @@ def test_a_field_of_a_few_values_is_checked_by_dagster_before_the_run():
     the launchpad lists and checks."""
     with pytest.raises(dg.DagsterInvalidConfigError, match="strategy not in enum type"):
         dg.materialize([selection], run_config={"ops": {"selection": {"config": {"strategy": "bogus"}}}})
+
+
+def test_a_negative_thread_count_is_refused_with_the_other_hyper_parameters(tmp_path):
+    """``threads: -1`` got past the checks and was recorded as the day's demand_model, with torch's error (h_diff12)."""
+    with dg.instance_for_test() as instance:
+        result = dg.materialize(
+            [demand_model],
+            resources={
+                "lake": LakeResource(base_uri=str(tmp_path / "lake")),
+                "model_store": ModelStoreResource(uri=str(tmp_path / "models")),
+            },  # fmt: skip
+            instance=instance,
+            partition_key="2026-12-01",
+            run_config={"ops": {"demand_model": {"config": {"threads": -1}}}},
+            raise_on_error=False,
+        )
+    (failure,) = [e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE]
+    assert failure.step_failure_data.user_failure_data.description == (
+        "demand_model config: threads must be at least 0 (0 or null: torch's default), got -1"
+    )
