@@ -167,8 +167,8 @@ class EmbeddingSyncConfig(dg.Config):
 def sync_config_problem(config: EmbeddingSyncConfig) -> str | None:
     """Why ``config`` cannot sync, or None. Each of these failed deep in the sync (a PostgreSQL limit, a Redis
     expiry), three retries later and holding the embedding_sync pool all along, with the same config every time."""
-    if config.chunk_size < 1:
-        return f"chunk_size must be at least 1, got {config.chunk_size}"
+    if problem := at_least(config, 1, "chunk_size", "recall_sample"):
+        return problem
     if config.dtype not in DTYPE_CODES:
         return f"unknown dtype {config.dtype!r}: use one of {', '.join(sorted(DTYPE_CODES))}"
     return expiry_problem("ttl_days", config.ttl_days, 1, 86_400) or expiry_problem(

@@ -19,6 +19,7 @@ from pydantic import Field
 from ..ml.experiment import SRM_ALPHA, arm_report
 from ..serving import Experiment
 from ..storage.lake import Lake
+from .config_checks import at_least, fraction, refuse
 from .partitions import DEFAULT_PARTITIONS, Partitions
 from .records import metadata_of, newest_metadata
 from .resources import ExperimentResource, LakeResource
@@ -233,6 +234,7 @@ def selection_experiment(
     lake: LakeResource,
     experiment: ExperimentResource,
 ) -> dg.MaterializeResult:
+    refuse("selection_experiment", at_least(config, 1, "n_boot"), fraction(config, "alpha"))
     partitions = Partitions.of(context)
     frame, hours = experiment_rows(lake.lake(), partitions.hours_of(context.partition_key))
     if frame.empty:

@@ -18,9 +18,9 @@ from ..ml.selection import DEMAND_WINDOW_DAYS, coverage, select_top
 from ..ml.selection import ad_demand as weighted_demand
 from ..ml.selection import traffic_profile as offpeak_profile
 from ..ml.strategies import BASELINE_DAYS, REPLAY_HYPER_PARAMS, Strategy, TraceHours, strategy_rankings
-from ..serving.admission import ADMISSION_NAMES, AdmissionName
+from ..serving.admission import AdmissionName
 from ..storage.lake import Lake
-from .config_checks import positive, refuse
+from .config_checks import at_least, positive, refuse
 from .partitions import DEFAULT_PARTITIONS, Partitions
 from .records import newest_metadata
 from .resources import ExperimentResource, LakeResource, ModelStoreResource
@@ -342,19 +342,18 @@ def top_ads(
     )
     from .experiment import EXPERIMENT_COLUMN, experiment_column, experiment_metadata
 
+    auto = config.precompute_share == "auto"
+    refuse(
+        "top_ads",
+        "precompute_share auto needs cache_capacity: the keys the serving cache holds"
+        if auto and config.cache_capacity < 1
+        else None,
+        at_least(config, 1, "share_max_requests"),
+        None if auto else at_least(config, 0, "top_n"),
+    )
     catalog = set(lake.lake().read("ads", columns=["ad_id"])["ad_id"])
     known = ad_demand[ad_demand["ad_id"].isin(catalog)]
     unknown = ad_demand[~ad_demand["ad_id"].isin(catalog)]
-    if config.precompute_share not in ("fixed", "auto"):
-        raise dg.Failure(description=f"unknown precompute_share {config.precompute_share!r}: use fixed or auto")
-    if config.precompute_share == "auto" and config.cache_capacity < 1:
-        raise dg.Failure(description="precompute_share auto needs cache_capacity: the keys the serving cache holds")
-    if config.share_max_requests < 1:
-        raise dg.Failure(description=f"share_max_requests must be at least 1, got {config.share_max_requests}")
-    if config.admission not in ADMISSION_NAMES:
-        raise dg.Failure(description=f"unknown admission {config.admission!r}: use one of {', '.join(ADMISSION_NAMES)}")
-    if config.precompute_share == "fixed" and config.top_n < 0:
-        raise dg.Failure(description=f"top_n must be at least 0, got {config.top_n}")
     frequency = known.set_index("ad_id")["demand"]
     # Read once: every use below (strategy, baselines' parameters, share replay, verdict) sees the same verdict,
     # even when demand_model materializes the day again meanwhile.

@@ -8,8 +8,14 @@ import pytest
 
 from precompute_assets.defs.demand import demand_model
 from precompute_assets.defs.embeddings import embedding_model
+from precompute_assets.defs.experiment import selection_experiment
 from precompute_assets.defs.models import ctr_model
-from precompute_assets.defs.resources import DocumentStoreResource, LakeResource, ModelStoreResource
+from precompute_assets.defs.resources import (
+    DocumentStoreResource,
+    ExperimentResource,
+    LakeResource,
+    ModelStoreResource,
+)
 from precompute_assets.defs.selection import TopAdsConfig, ad_demand
 from precompute_assets.defs.user_events import next_action_model
 
@@ -25,6 +31,8 @@ from precompute_assets.defs.user_events import next_action_model
         (embedding_model, {"dim": -1}, "embedding_model config: dim must be at least 1, got -1"),
         (embedding_model, {"sample": 0}, "embedding_model config: sample must be at least 1, got 0"),
         (next_action_model, {"n_estimators": 0}, "next_action_model config: n_estimators must be at least 1, got 0"),
+        (selection_experiment, {"n_boot": 0}, "selection_experiment config: n_boot must be at least 1, got 0"),
+        (selection_experiment, {"alpha": 1.5}, "selection_experiment config: alpha must be above 0 and below 1"),
     ],
 )
 def test_a_bad_config_value_fails_at_once_naming_its_field(tmp_path, asset, config, message):
@@ -32,6 +40,7 @@ def test_a_bad_config_value_fails_at_once_naming_its_field(tmp_path, asset, conf
         "lake": LakeResource(base_uri=str(tmp_path / "lake")),
         "model_store": ModelStoreResource(uri=str(tmp_path / "models")),
         "documents": DocumentStoreResource(url="postgresql://nobody@127.0.0.1:1/none"),  # never reached
+        "experiment": ExperimentResource(),
     }
     needed = {key: resources[key] for key in asset.required_resource_keys if key in resources}
     with dg.instance_for_test() as instance:

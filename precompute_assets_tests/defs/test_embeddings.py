@@ -576,6 +576,7 @@ def test_fewer_documents_than_dimensions_fail_the_fit_saying_what_to_change(docs
     ("config", "message"),
     [
         ({"chunk_size": 0}, "chunk_size must be at least 1, got 0"),
+        ({"recall_sample": 0}, "recall_sample must be at least 1, got 0"),  # its check's NaN after the whole sync
         ({"ttl_days": 0}, "ttl_days must be from 1 to 11574074074, got 0"),
         ({"grace_seconds": -1}, "grace_seconds must be from 0 to 1000000000000000, got -1"),
         ({"ttl_days": 10**11}, "ttl_days must be from 1 to 11574074074, got 100000000000"),
