@@ -162,10 +162,12 @@ def restore_request(
     records = instance.get_run_records(dg.RunsFilter(job_name=ctr_restore_job.name), limit=1)  # the newest
     if records and (status := records[0].dagster_run.status) in ACTIVE_RUN_STATUSES:
         return dg.SkipReason(f"restoring the ctr version Redis lost (run {records[0].dagster_run.run_id[:8]}): {why}")
-    if records and status in (dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED, dg.DagsterRunStatus.SUCCESS):
+    if records:
         ended = records[0].end_time or records[0].update_timestamp.timestamp()
-        failed = status != dg.DagsterRunStatus.SUCCESS
-        evicted = not failed and evicted_since(records[0].dagster_run.tags.get(SERVER_MARK_TAG), server_mark(client))
+        failed = status in (dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED)
+        evicted = status == dg.DagsterRunStatus.SUCCESS and evicted_since(
+            records[0].dagster_run.tags.get(SERVER_MARK_TAG), server_mark(client)
+        )
         if (failed or evicted) and now.timestamp() - ended < retry_s:
             return None
     return dg.RunRequest(

@@ -14,7 +14,6 @@ from pydantic import Field
 from ..ml.embedder import MAX_CHARS, Embedder, HashingSvdEmbedder, SentenceTransformerEmbedder, document_text
 from ..ml.embedding_service import ENV_API_KEY, http_embedder_from_config
 from ..ml.model_store import write_atomically
-from ..serving.vectors import DTYPE_CODES
 from ..storage.embeddings import EmbeddingStore, sample_documents
 from ..sync.embedding_quality import int8_recall
 from ..sync.embeddings import SyncStats, lost_redis_version, sync_embeddings
@@ -123,9 +122,7 @@ def embedding_model(
         from ..ml.pretrained import PretrainedEmbedder
 
         embedder, sampled = PretrainedEmbedder(config.model or "use-multilingual-v3"), 0
-    elif config.backend != "hashing-svd":
-        raise dg.Failure(description=f"unknown embedding backend {config.backend!r}")
-    else:
+    else:  # hashing-svd
         rows = sample_documents(documents.store(), config.sample, body_chars=MAX_CHARS)  # all that is fitted on
         texts = [document_text(title or "", body or "") for _, title, body in rows]
         if len(texts) <= config.dim:
@@ -169,8 +166,6 @@ def sync_config_problem(config: EmbeddingSyncConfig) -> str | None:
     expiry), three retries later and holding the embedding_sync pool all along, with the same config every time."""
     if problem := at_least(config, 1, "chunk_size", "recall_sample"):
         return problem
-    if config.dtype not in DTYPE_CODES:
-        return f"unknown dtype {config.dtype!r}: use one of {', '.join(sorted(DTYPE_CODES))}"
     return expiry_problem("ttl_days", config.ttl_days, 1, 86_400) or expiry_problem(
         "grace_seconds", config.grace_seconds, 0, 1
     )

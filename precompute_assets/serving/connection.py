@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
@@ -328,11 +328,8 @@ def cluster_send(client, commands: list[tuple], *, retry: bool = False, avoid: C
     sent once more after the refresh. ``retry=True`` also sends once more the commands whose master's connection
     failed, which may have run (for idempotent writes: a publish after a failover reaches the promoted replica).
     ``PIPELINE_CHUNK`` commands at a time, as ``send_pipelined``."""
-    replies = []
-    for start in range(0, len(commands), PIPELINE_CHUNK):
-        part = commands[start : start + PIPELINE_CHUNK]
-        replies += _cluster_send(client, part, retry=retry, avoid=avoid, again=True)
-    return replies
+    return [reply for part in _chunks(commands) for reply in _cluster_send(client, part, retry=retry, avoid=avoid,
+                                                                           again=True)]  # fmt: skip
 
 
 def _cluster_send(client, commands: list[tuple], *, retry: bool, avoid: Collection[str], again: bool) -> list:
@@ -378,6 +375,11 @@ def pack_resp(commands: Sequence[Sequence[bytes | str | int]]) -> bytes:
 PIPELINE_CHUNK = 10_000
 
 
+def _chunks(commands: list[tuple]) -> Iterator[list[tuple]]:
+    """``commands``, ``PIPELINE_CHUNK`` at a time."""
+    return (commands[start : start + PIPELINE_CHUNK] for start in range(0, len(commands), PIPELINE_CHUNK))
+
+
 def send_pipelined(client, commands: list[tuple], *, while_waiting: Callable[[], None] | None = None) -> list:
     """Replies of ``commands`` in order, in one round trip per ``PIPELINE_CHUNK`` of them: on a plain client packed
     and written at once on one pooled connection and read back reply by reply (about half the Python time of a
@@ -391,10 +393,9 @@ def send_pipelined(client, commands: list[tuple], *, while_waiting: Callable[[],
     connection = pool.get_connection()
     try:
         replies = []
-        for start in range(0, len(commands), PIPELINE_CHUNK):
-            part = commands[start : start + PIPELINE_CHUNK]
+        for number, part in enumerate(_chunks(commands)):
             connection.send_packed_command([pack_resp(part)], check_health=False)
-            if while_waiting is not None and not start:
+            if while_waiting is not None and not number:
                 while_waiting()
             replies += [_read_reply(connection) for _ in part]
         return replies

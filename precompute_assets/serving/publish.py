@@ -963,10 +963,8 @@ def flip_pointer(
     previous = None if raw is None else Pointer.decode(raw)
     if previous is not None and previous.version != pointer.version:
         _retire(client, schema, kind, pointer.version, previous, grace_s, replica_wait_s, since=held)
-    elif held:
-        _confirm_flip(
-            client, kind, pointer.version, replica_wait_s, held, ""
-        )  # nothing to retire: confirmed all the same
+    elif held:  # nothing to retire: the flip is confirmed all the same
+        _confirm_flip(client, kind, pointer.version, replica_wait_s, held, "")
     return previous
 
 

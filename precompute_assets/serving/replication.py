@@ -94,12 +94,12 @@ def _wait(client: redis.Redis, timeout_s: float, poll_s: float, since: Replicas)
     while targets:
         time.sleep(poll_s)
         infos = _checked_infos(client, since)
-        behind, offline = {}, []
+        behind, gone = {}, []  # gone: late replicas that confirmed the earlier wait and are offline now
         for node, (offset, replicas) in targets.items():
             acknowledged = online_replicas(infos.get(node, {}))
             if late := sorted(replica for replica in replicas if acknowledged.get(replica, -1) < offset):
                 behind[node] = (offset, late)
-                offline += [replica for replica in late if replica not in acknowledged]
+                gone += [replica for replica in late if replica not in acknowledged and replica in since.get(node, ())]
         if not behind:
             return {node: replicas for node, (_, replicas) in targets.items()}
         if time.monotonic() >= deadline:
@@ -108,7 +108,7 @@ def _wait(client: redis.Redis, timeout_s: float, poll_s: float, since: Replicas)
                 for node, (offset, late) in behind.items()
             )
             message = f"replicas behind their primary after {timeout_s:g} s: {described}"
-            if gone := [replica for replica in offline if any(replica in held for held in since.values())]:
+            if gone:
                 raise ReplicaLostError(f"{message} ({', '.join(gone)} went offline since the last wait: a failover?)")
             raise ReplicationTimeoutError(message)
     return {}
