@@ -33,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -284,7 +284,30 @@ class RedisServer:
         ]
         if self.password:
             lines.append(f"requirepass {self.password}")
-        return lines + list(self.extra_config)
+        return lines + self.kept_users() + list(self.extra_config)
+
+    @property
+    def users_file(self) -> Path:
+        """The ACL users ``precompute redis acl --apply`` set on this server, as ``user`` lines (password hashes
+        only) that its config includes at every start: ``ACL SETUSER`` alone lasts until a restart. (Not an
+        ``aclfile``: Redis ignores ``requirepass`` beside one, and the home's password is ``requirepass``.)"""
+        return self.dir / "acl-users.conf"
+
+    def kept_users(self) -> list[str]:
+        """The ``user`` lines of ``users_file``, none when there is none."""
+        try:
+            text = self.users_file.read_text()
+        except FileNotFoundError:
+            return []
+        return [line for line in text.splitlines() if line.startswith("user ")]
+
+    def keep_users(self, lines: Sequence[str]) -> None:
+        """Add ACL-file ``lines`` (``user NAME RULES...``) to ``users_file``, replacing the lines of the same users."""
+        names = {line.split()[1] for line in lines}
+        kept = [line for line in self.kept_users() if line.split()[1] not in names]
+        staging = self.users_file.with_suffix(f".{os.getpid()}.tmp")  # a kill mid-write keeps the old file whole
+        write_private(staging, "\n".join([*kept, *lines]) + "\n")
+        staging.replace(self.users_file)
 
     def start(self, timeout_s: float = 600) -> None:
         """Start the server unless it runs; return once it answers commands (not while it loads its data). A server
@@ -1210,6 +1233,10 @@ class Stack:
         of now: `up` may have moved the server since that URL was exported)."""
         query = self._own_query.get(name)
         return f"{url}?{query}" if query else url
+
+    def owns_redis(self, url: str) -> bool:
+        """Whether ``url`` names this home's embedded Redis (as `env` exports it, or on a port `up` moved it from)."""
+        return _names_home(url, self.redis.password, (self.redis.port,))
 
     def embeds(self, variable: str) -> bool:
         """Whether the server of ``variable`` (``ENV_REDIS``, ``ENV_DAGSTER_PG``, ``ENV_APP_DB``) is this stack's own,

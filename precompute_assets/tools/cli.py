@@ -243,7 +243,7 @@ def cmd_redis_acl(args: argparse.Namespace) -> int:
     import redis
 
     from ..serving import connect
-    from ..serving.acl import acl_file_lines, apply_acl
+    from ..serving.acl import acl_file_lines, apply_acl, unknown_commands
 
     users = {}
     for role, variable, name in (
@@ -263,19 +263,30 @@ def cmd_redis_acl(args: argparse.Namespace) -> int:
             print("\n".join(acl_file_lines(args.namespace, kinds=kinds, **users)))  # password hashes only
             return 0
         source = ENV_REDIS_ADMIN if os.environ.get(ENV_REDIS_ADMIN) else ENV_REDIS
-        url = os.environ.get(ENV_REDIS_ADMIN) or Stack().env()[ENV_REDIS]
+        stack = Stack()
+        url = os.environ.get(ENV_REDIS_ADMIN) or stack.env()[ENV_REDIS]
         if (error := url_error(source, url)) is not None:  # as `up` and `cache` say it
             raise CliError(error)
         client = connect(url, socket_timeout=5)
         try:
             names = apply_acl(client, args.namespace, kinds=kinds, **users)
+            if embedded := stack.owns_redis(url):  # ours to configure: its next start reads them
+                unknown = unknown_commands(client)
+                stack.redis.keep_users(acl_file_lines(args.namespace, kinds=kinds, unknown=unknown, **users))
         finally:
             client.close()
     except ValueError as error:
         raise CliError(str(error)) from None
     except redis.RedisError as error:
         raise CliError(f"{redact(url)}: {error}") from None
-    print(f"users {' and '.join(names)} set on {redact(url)} until it restarts: persist them in its aclfile")
+    except OSError as error:
+        raise CliError(f"{stack.redis.users_file}: {error.strerror or error}") from None
+    kept = (
+        f"kept in {stack.redis.users_file} for its restarts"
+        if embedded
+        else "until it restarts: persist them in its aclfile"
+    )
+    print(f"users {' and '.join(names)} set on {redact(url)} {kept}")
     return 0
 
 

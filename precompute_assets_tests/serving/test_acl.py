@@ -625,3 +625,48 @@ def test_the_readers_fenced_store_and_lock_release_and_the_publishers_epoch_are_
     assert admin.get(recompute_lock_key(schema, "ctr", "k2")) in (None, b"0")
     assert cache.refused == 0 and cache.errors == 0 and admin.get(schema.epoch("ctr")) == b"3"
     cache.close()
+
+
+def test_users_applied_on_the_embedded_server_survive_its_restart(tmp_path: Path, monkeypatch, capsys) -> None:
+    """`redis acl --apply` on the home's own server set the users until its next start: `down` and `up` lost them,
+    and every service logging in as the reader failed. They are kept in the home, replaced when applied again."""
+    from precompute_assets.stack import Stack
+    from precompute_assets.tools.cli import main
+
+    monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("PRECOMPUTE_REDIS_URL", raising=False)
+    monkeypatch.delenv("PRECOMPUTE_REDIS_ADMIN_URL", raising=False)
+    monkeypatch.setenv("PRECOMPUTE_REDIS_PUBLISHER_PASSWORD", PUBLISHER_PASSWORD)
+    stack = Stack()
+    stack.up(postgres=False)
+    try:
+        for reader_password in ("first-reader-pw-0123456789", READER_PASSWORD):
+            monkeypatch.setenv("PRECOMPUTE_REDIS_READER_PASSWORD", reader_password)
+            assert main(["redis", "acl", "--apply", "--namespace", "kept"]) == 0
+        assert f"kept in {stack.redis.users_file} for its restarts" in capsys.readouterr().out
+        assert main(["redis", "acl", "--apply", "--namespace", "other"]) == 0
+        assert [line.split()[1] for line in stack.redis.kept_users()] == [
+            "kept-publisher",
+            "kept-reader",
+            "other-publisher",
+            "other-reader",
+        ]
+        assert READER_PASSWORD not in stack.redis.users_file.read_text()  # hashes only
+        assert stack.redis.users_file.stat().st_mode & 0o777 == 0o600
+        stack.down()
+        stack = Stack()
+        stack.up(postgres=False)
+        port = stack.redis.port
+        reader = redis.Redis(port=port, username="kept-reader", password=READER_PASSWORD, socket_timeout=5)
+        try:
+            assert reader.ping()
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                reader.flushall()
+        finally:
+            reader.close()
+        stale = redis.Redis(port=port, username="kept-reader", password="first-reader-pw-0123456789")
+        with pytest.raises(redis.AuthenticationError):
+            stale.ping()
+        stale.close()
+    finally:
+        stack.down()
