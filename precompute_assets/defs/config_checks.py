@@ -14,6 +14,14 @@ def at_least(config: dg.Config, least: int, *names: str) -> str | None:
     return None
 
 
+def at_most(config: dg.Config, most: int, *names: str) -> str | None:
+    """Why the first of the fields ``names`` of ``config`` above ``most`` is refused, or None."""
+    for name in names:
+        if (value := getattr(config, name)) > most:
+            return f"{name} must be at most {most:,}, got {value:,}"
+    return None
+
+
 def positive(config: dg.Config, *names: str) -> str | None:
     """Why the first of the fields ``names`` that is not a finite number above 0 is refused, or None."""
     for name in names:

@@ -12,6 +12,7 @@ from pydantic import Field
 
 from ..ml.demand import (
     METHODS,
+    MIN_DAYS,
     DemandEvaluation,
     DemandHyperParams,
     HourlyCounts,
@@ -123,15 +124,16 @@ def read_hourly_counts(lake, partitions: Partitions, days: list[str]) -> HourlyC
     return HourlyCounts.from_hours(hours())
 
 
-def previous_approved_version(instance: dg.DagsterInstance, partition: str, run_id: str) -> str | None:
-    """The newest approved ``demand_model`` version of this day or an earlier one, from another run (its
-    ``beats_baselines`` check passed); None when there is none."""
+def approved_version(instance: dg.DagsterInstance, partition: str, *, same_day: bool) -> str | None:
+    """The newest approved ``demand_model`` version (its ``beats_baselines`` check passed) of ``partition`` or a day
+    before it (``same_day``: what ``top_ads`` of the day ranks by), or of a day before it only (a training's warm
+    start: each re-run of a day warm-started from the last then trained other weights from the same logs); None when
+    there is none."""
     check = dg.AssetCheckKey(dg.AssetKey(DEMAND_MODEL), BEATS_BASELINES)
     approved = [
         ((day, storage_id), metadata["model_version"].value)
-        for day, storage_id, other_run, metadata in approved_materializations(instance, check)
-        if other_run != run_id
-        and day <= partition
+        for day, storage_id, _, metadata in approved_materializations(instance, check)
+        if (day <= partition if same_day else day < partition)
         and "model_version" in metadata
         and metadata.get("approved") is not None
         and metadata["approved"].value
@@ -187,7 +189,7 @@ def strategy_demand(
     note = ""
     model = None
     if strategy == "lstm":
-        version = previous_approved_version(context.instance, context.partition_key, "")
+        version = approved_version(context.instance, context.partition_key, same_day=True)
         if version is None:
             return None, "no approved demand_model version"
         try:
@@ -311,8 +313,10 @@ def demand_model(
 ) -> dg.MaterializeResult:
     """Train (warm-started from the previous approved version), evaluate every method on the held-back day, and
     store the weights as a plain state_dict; the version is this materialization (partition + run id)."""
-    margin = None if math.isfinite(config.margin) else f"margin must be a finite number, got {config.margin}"
-    refuse(DEMAND_MODEL, at_least(config, 2, "lookback_days"), hyper_params_problem(config), margin,
+    # A negative margin approved an LSTM that lost to a baseline: the learned ranking is used only where it wins.
+    margin = None if math.isfinite(config.margin) and config.margin >= 0 else (
+        f"margin must be a finite number of at least 0, got {config.margin}")  # fmt: skip
+    refuse(DEMAND_MODEL, at_least(config, MIN_DAYS, "lookback_days"), hyper_params_problem(config), margin,
            at_least(config, 0, "retention_days"))  # fmt: skip
     partitions = Partitions.of(context)
     days = partitions.days_ending(context.partition_key, config.lookback_days)
@@ -330,7 +334,7 @@ def demand_model(
         f"(safety stop {config.max_seconds:g} s)"
     )
     store = model_store.store()
-    previous = previous_approved_version(context.instance, context.partition_key, context.run_id)
+    previous = approved_version(context.instance, context.partition_key, same_day=False)
     init_state = None
     if config.warm_start and previous is not None:
         try:

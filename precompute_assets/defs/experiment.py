@@ -19,7 +19,7 @@ from pydantic import Field
 from ..ml.experiment import SRM_ALPHA, arm_report
 from ..serving import Experiment
 from ..storage.lake import Lake
-from .config_checks import at_least, fraction, refuse
+from .config_checks import at_least, at_most, fraction, refuse
 from .partitions import DEFAULT_PARTITIONS, Partitions
 from .records import metadata_of, newest_metadata
 from .resources import ExperimentResource, LakeResource
@@ -77,10 +77,13 @@ def selected_experiment(instance: dg.DagsterInstance, partition: str) -> Experim
     return experiment_from_metadata(newest_metadata(instance, SELECTION_ASSET, partition))
 
 
+MAX_BOOT = 100_000  # draws: a 95 % interval needs a few thousand; 10^12 asked numpy for terabytes
+
+
 class ExperimentReportConfig(dg.Config):
     """Bootstrap draws, their seed and the interval's ``alpha`` (0.05: 95 % intervals)."""
 
-    n_boot: int = Field(1000, description="Bootstrap draws over keys.")
+    n_boot: int = Field(1000, description=f"Bootstrap draws over keys (at most {MAX_BOOT:,}).")
     seed: int = Field(0, description="Seed of the bootstrap.")
     alpha: float = Field(0.05, description="1 - the intervals' confidence (0.05: 95 % intervals).")
 
@@ -154,13 +157,20 @@ def served_rows(frame: pd.DataFrame, published: Mapping[str, Experiment | None])
 
 
 def report_arms(
-    configured: Experiment | None, counts: pd.Series, *, source: str = "the configured experiment"
+    configured: Experiment | None,
+    counts: pd.Series,
+    *,
+    source: str = "the configured experiment",
+    recorded: bool = False,
 ) -> tuple[list[str] | None, str]:
     """The two arms to compare (first: the baseline of the difference) and why: ``configured``'s (the experiment
     that served the day, ``source`` says how it is known) when its arms are in the logs, else the two arms with most
-    rows (alphabetical order); None with one arm only."""
+    rows (alphabetical order); None with one arm only. An experiment ``recorded`` as the day's (by its version, or by
+    the day before's top_ads) is compared when one of its arms is logged: an arm without requests is a sample-ratio
+    mismatch to report. One only configured now may have changed since the day was served: it needs both."""
     seen = counts.index.tolist()
-    if configured is not None and set(configured.arms) & set(seen):
+    logged = set(configured.arms) & set(seen) if configured is not None else set()
+    if configured is not None and (logged == set(configured.arms) or (recorded and logged)):
         return list(configured.arms), f"{source} {configured.name}"
     if len(seen) < 2:
         return None, f"only arm {seen[0]!r} in the logs and no configured experiment names the other"
@@ -234,7 +244,8 @@ def selection_experiment(
     lake: LakeResource,
     experiment: ExperimentResource,
 ) -> dg.MaterializeResult:
-    refuse("selection_experiment", at_least(config, 1, "n_boot"), fraction(config, "alpha"))
+    refuse("selection_experiment", at_least(config, 1, "n_boot"), at_most(config, MAX_BOOT, "n_boot"),
+           at_least(config, 0, "seed"), fraction(config, "alpha"))  # fmt: skip
     partitions = Partitions.of(context)
     frame, hours = experiment_rows(lake.lake(), partitions.hours_of(context.partition_key))
     if frame.empty:
@@ -245,6 +256,7 @@ def selection_experiment(
     versions = frame["version"].dropna().unique().tolist()
     served, rows = served_rows(frame, published_experiments(context.instance, versions))
     other = {}
+    recorded = True
     if served is not None:
         named, source = served, "the experiment their version was published with:"
         other = {"other_experiment_rows": int((~rows).sum())}
@@ -256,13 +268,13 @@ def selection_experiment(
         frame = frame[rows]
     else:  # no version recorded: day D was served by the version D-1 published, whose top_ads recorded it
         previous = partitions.days_ending(context.partition_key, 2)[0]
-        recorded = selected_experiment(context.instance, previous) if previous != context.partition_key else None
-        if recorded is None:
-            named, source = experiment.experiment(), "the configured experiment"
+        named = selected_experiment(context.instance, previous) if previous != context.partition_key else None
+        if named is None:
+            named, source, recorded = experiment.experiment(), "the configured experiment", False
         else:
-            named, source = recorded, f"the experiment top_ads of {previous} ran"
+            source = f"the experiment top_ads of {previous} ran"
     hours = {**hours, **other}
-    arms, why = report_arms(named, frame["arm"].value_counts(), source=source)
+    arms, why = report_arms(named, frame["arm"].value_counts(), source=source, recorded=recorded)
     if arms is None:
         context.log.warning(f"{len(frame)} experiment rows, but {why}")
         return dg.MaterializeResult(

@@ -47,6 +47,7 @@ if TYPE_CHECKING:  # torch is imported where the LSTM is built, trained or loade
 METHODS = ("lstm", "frequency", "seasonal", "ewma")
 BASELINES = METHODS[1:]
 HOURS_PER_DAY = 24
+MIN_DAYS = 3  # a day to train on, one for its features, and the held-back day
 # Step features (one step per hour of the last sequence_days): log1p(count), missing hour, sin/cos hour of day,
 # sin/cos day of week, same weekday as the target day, key age (hours since its first request within the
 # window_days before the target day: every target day sees that much history, in training as in serving, so a
@@ -116,8 +117,10 @@ class DemandHyperParams:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         for name in ("max_seconds", "learning_rate", "half_life_days", "ewma_half_life_hours"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive")
+            if not (math.isfinite(value := getattr(self, name)) and value > 0):  # inf trained, then failed to save
+                raise ValueError(f"{name} must be a finite number above 0, got {value}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be at least 0, got {self.seed}")
         if self.top_n < 0:
             raise ValueError("top_n must be non-negative")
         if self.history_days is not None and self.history_days < 1:
@@ -364,7 +367,7 @@ def trained_hyper_params(hp: DemandHyperParams, last_day: int) -> DemandHyperPar
     had; forecasting tomorrow with these feeds the features it was trained and scored on."""
     window = min(hp.window_days, last_day - 1)
     if window < 1:
-        raise ValueError(f"need at least 3 days of logs to train and hold back a day, got {last_day + 1}")
+        raise ValueError(f"need at least {MIN_DAYS} days of logs to train and hold back a day, got {last_day + 1}")
     return replace(hp, window_days=window, history_days=last_day)
 
 
@@ -548,8 +551,8 @@ def evaluate_demand(
     ``progress`` follows the training (``train_lstm``)."""
     if len(data.keys) == 0:
         raise ValueError("no requests in the lookback: nothing to forecast")
-    if data.n_days < 3:
-        raise ValueError(f"need at least 3 days of logs to train and hold back a day, got {data.n_days}")
+    if data.n_days < MIN_DAYS:
+        raise ValueError(f"need at least {MIN_DAYS} days of logs to train and hold back a day, got {data.n_days}")
     held = data.n_days - 1
     daily = data.daily()
     notes = []

@@ -24,7 +24,15 @@ from precompute_assets.defs.user_events import next_action_model
     ("asset", "config", "message"),
     [
         (demand_model, {"max_steps": 0}, "demand_model config: max_steps must be at least 1"),
-        (demand_model, {"lookback_days": 0}, "demand_model config: lookback_days must be at least 2, got 0"),
+        (demand_model, {"lookback_days": 2}, "demand_model config: lookback_days must be at least 3, got 2"),
+        (demand_model, {"seed": -1}, "demand_model config: seed must be at least 0, got -1"),
+        (
+            demand_model,
+            {"max_seconds": float("inf")},
+            "demand_model config: max_seconds must be a finite number above 0",
+        ),
+        (demand_model, {"learning_rate": float("inf")}, "demand_model config: learning_rate must be a finite number"),
+        (demand_model, {"margin": -0.005}, "demand_model config: margin must be a finite number of at least 0"),
         (ctr_model, {"valid_fraction": 1.5}, "ctr_model config: valid_fraction must be above 0 and below 1, got 1.5"),
         (ctr_model, {"training_days": 0}, "ctr_model config: training_days must be at least 2, got 0"),
         (ad_demand, {"half_life_days": 0}, "ad_demand config: half_life_days must be a number above 0, got 0.0"),
@@ -33,6 +41,8 @@ from precompute_assets.defs.user_events import next_action_model
         (next_action_model, {"n_estimators": 0}, "next_action_model config: n_estimators must be at least 1, got 0"),
         (selection_experiment, {"n_boot": 0}, "selection_experiment config: n_boot must be at least 1, got 0"),
         (selection_experiment, {"alpha": 1.5}, "selection_experiment config: alpha must be above 0 and below 1"),
+        (selection_experiment, {"seed": -1}, "selection_experiment config: seed must be at least 0, got -1"),
+        (selection_experiment, {"n_boot": 10**12}, "selection_experiment config: n_boot must be at most 100,000"),
     ],
 )
 def test_a_bad_config_value_fails_at_once_naming_its_field(tmp_path, asset, config, message):

@@ -140,8 +140,24 @@ def test_the_logs_arms_are_reported_when_the_configured_experiment_differs(insta
     assert meta["arms"].value == "frequency,lstm" and "lstm_hit_rate" in meta
     counts = pd.Series({"seasonal": 5, "ewma": 9, "lstm": 1})
     assert report_arms(None, counts)[0] == ["ewma", "seasonal"]
-    assert report_arms(Experiment("e", "s", ("lstm", "frequency")), counts)[0] == ["lstm", "frequency"]
+    # an experiment recorded as the day's, with an arm that got no request: compared (the SRM check tells)
+    assert report_arms(Experiment("e", "s", ("lstm", "frequency")), counts, recorded=True)[0] == ["lstm", "frequency"]
+    # one only configured now, sharing an arm with the logs: the logs' arms
+    assert report_arms(Experiment("e", "s", ("lstm", "frequency")), counts)[0] == ["ewma", "seasonal"]
     assert report_arms(None, pd.Series({"lstm": 3}))[0] is None
+
+
+def test_a_configured_experiment_that_shares_one_arm_with_the_logs_is_not_reported(instance, lake_uri):
+    """Configured ewma,lstm, logged frequency,lstm (the setting changed since the day was served, no version
+    recorded): the report compared ewma, without a request, against lstm, dropped most rows and failed the
+    sample-ratio check (h_dmd)."""
+    write_experiment_day(Lake(lake_uri))
+    result = materialize(instance, lake_uri, arms="ewma,lstm", run_config={
+        "ops": {"selection_experiment": {"config": {"n_boot": 50}}}})  # fmt: skip
+    meta = result.asset_materializations_for_node("selection_experiment")[0].metadata
+    assert meta["arms"].value == "frequency,lstm" and meta["experiment_rows"].value == 24 * 400
+    (srm,) = [c for c in result.get_asset_check_evaluations() if c.check_name == "sample_ratio"]
+    assert srm.passed
 
 
 def test_the_report_follows_the_experiment_the_serving_days_top_ads_ran_not_todays_setting(lake_uri):
