@@ -64,14 +64,19 @@ def _up(stack: Stack, *, postgres: bool = True) -> dict[str, str]:
 
 
 def _check_settings() -> None:
-    """The timezone, partitions start and campaign cap that ``up``, ``dev`` and ``env`` export, checked before anything
-    starts: a typo'd one was exported with exit code 0 and only failed the code location's load in the Dagster UI."""
+    """The settings the Definitions read when they load (timezone, partitions start, campaign cap, A/B experiment,
+    executor), checked before ``up``, ``dev`` and ``env`` start or export anything: a typo'd one was exported with
+    exit code 0 and only failed the code location's load in the Dagster UI."""
+    from ..defs.executors import executor_from_env
+    from ..defs.resources import experiment_fields
     from ..defs.settings import load_settings
     from ..storage.campaigns import max_ads_from_env
 
     try:
         load_settings()
         max_ads_from_env()
+        experiment_fields()
+        executor_from_env()
     except ValueError as error:  # a SettingError, or the cap's error naming its variable
         raise CliError(str(error)) from None
 

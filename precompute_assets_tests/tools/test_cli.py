@@ -1266,6 +1266,9 @@ def test_env_is_shell_safe_and_stable_before_up(tmp_path, monkeypatch, capsys):
             "10k",
             "PRECOMPUTE_CAMPAIGN_MAX_ADS must be a whole number of ads of at least 1, got '10k'",
         ),
+        # the Definitions read these too when they load: each failed the code location in the UI with exit code 0
+        ("PRECOMPUTE_EXPERIMENT", "frequency,bogus", "PRECOMPUTE_EXPERIMENT='frequency,bogus': unknown strategy"),
+        ("PRECOMPUTE_EXECUTOR", "bogus", "PRECOMPUTE_EXECUTOR='bogus' is not an executor"),
     ],
 )
 def test_up_dev_and_env_refuse_a_malformed_setting_they_would_export(
