@@ -339,7 +339,7 @@ def demand_model(
     if config.warm_start and previous is not None:
         try:
             init_state = store.load_state_dict(DEMAND_MODEL, previous)
-        except (KeyError, ValueError) as error:  # gone from the store, or refused: train from scratch
+        except (KeyError, ValueError, OSError) as error:  # gone, refused, or unreadable now: train from scratch
             context.log.warning(f"not warm-starting from {previous}: {error}")
             previous = None
     half_life, source = frequency_half_life(context.instance, context.partition_key)

@@ -245,6 +245,26 @@ def test_a_day_rejected_by_a_rerun_is_not_warm_started_from(
     assert metadata(run(resources, pg_instance, DAYS[-1], max_epochs=1))["warm_started_from"] == before["model_version"]
 
 
+def test_an_approved_version_that_cannot_be_read_now_is_trained_from_scratch(
+    approving, resources, pg_instance, weekly_template, lake_uri, monkeypatch
+):
+    """An I/O error reading the warm start's weights (EIO on a flaky disk, EACCES after a permissions change) failed
+    the step, and with it the night's top_ads and publish."""
+    import errno
+
+    shutil.copytree(weekly_template, lake_uri)
+    first = metadata(run(resources, pg_instance, DAYS[-2], max_epochs=1))
+
+    def unreadable(self, name, version):
+        raise OSError(errno.EIO, "Input/output error", version)
+
+    monkeypatch.setattr(LocalModelStore, "load_state_dict", unreadable)
+    result = run(resources, pg_instance, DAYS[-1], max_epochs=1)
+    assert result.success and "warm_started_from" not in metadata(result)
+    said = "\n".join(entry.user_message for entry in pg_instance.all_logs(result.run_id))
+    assert f"not warm-starting from {first['model_version']}: [Errno 5] Input/output error" in said
+
+
 def test_re_runs_of_a_day_train_the_same_weights(approving, resources, pg_instance, weekly_template, lake_uri,
                                                  tmp_path):  # fmt: skip
     """Each re-run of a day warm-started from the day's previous run, so the same logs and config trained other
