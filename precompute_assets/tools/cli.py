@@ -881,8 +881,10 @@ def _replay_stages(
             )
             if sample is not None:
                 rates = {name: value for name, value in result.items() if name.startswith("hit_rate_")}
-                # the shortfall counts as hits of the hottest keys: not for a static top-N that holds no key
-                adjusted = {n: r for n, r in rates.items() if not (n == "hit_rate_static_top_n" and args.top_n == 0)}
+                # the shortfall counts as hits of the hottest keys: not for a static top-N that holds no key (N = 0,
+                # or `auto` choosing 0 on every day)
+                empty = args.top_n == 0 or not any(result.get("top_n_chosen", [args.top_n]))
+                adjusted = {n: r for n, r in rates.items() if not (n == "hit_rate_static_top_n" and empty)}
                 result.update(shards_adjusted(adjusted, args.sample, result["requests"], sample["requests_counted"]))
                 sample["hit_rates_unadjusted"] = rates
             if whole.logged_hits is not None:  # what the serving client saw on the same counted requests

@@ -123,6 +123,15 @@ def test_replay_of_a_sample_scales_the_cache_and_adjusts_the_rates_it_reports(tm
     assert main([*base[:6], "0", *base[7:], "--sample", "0.2"]) == 0
     nothing = json.loads(capsys.readouterr().out)
     assert nothing["hit_rate_static_top_n"] == 0 and nothing["hit_rate_lru"] == result["hit_rate_lru"]
+    # `auto` choosing N = 0 every day (each day's keys are new): its static top-N held no key either, yet read 0.23
+    vanishing = tmp_path / "vanishing.txt"
+    keys = [f"d{day}k{k}" for day in range(8) for k in np.minimum(rng.zipf(1.3, 3_000), 400)]
+    vanishing.write_text("\n".join(keys) + "\n")
+    auto = ["replay", "--trace", str(vanishing), "--days", "8", "--top-n", "auto", "--capacity", "200"]
+    assert main([*auto, "--sample", "0.5"]) == 0
+    chose_none = json.loads(capsys.readouterr().out)
+    assert not any(chose_none["top_n_chosen"]) and chose_none["hit_rate_static_top_n"] == 0
+    assert chose_none["hit_rate_lru"] > chose_none["sample"]["hit_rates_unadjusted"]["hit_rate_lru"]  # adjusted
     for bad, says in (
         ("0", "--sample must be above 0 and at most 1, got 0.0"),
         ("nan", "--sample must be above 0 and at most 1, got nan"),
