@@ -67,6 +67,7 @@ _ODD_INT_LINE = {
     "csv": re.compile(r",(?:\+|-?0[0-9]|-0(?:\n|$))"),
 }
 _CSV_START_RE = re.compile(_CSV_START)
+_PSQL_FOOTER = re.compile(r"\n\([0-9]+ rows?\)$")
 _SEPARATOR_MARKS = {"tab": "\t", "semicolon": ";", "pipe": "|"}  # separators replaced by commas before the parse
 _DATETIME_START_RE = re.compile(rf"{_PAD}{_DATE}")  # a timestamp that is a date-time, not a number
 _DATETIME_FIELD_RE = re.compile(rf"{_DATE}T\S*")  # one without blanks: a field of a whitespace-separated line
@@ -337,6 +338,8 @@ def _text_trace(
     if _ALL_QUOTED_LINE.fullmatch(text.partition("\n")[0]):  # a QUOTE_ALL export, R's write.csv header
         text = _csv_unquoted(text)  # before the format is told by its first line: "1764000000","ad1" is CSV
     separator = _separator(text)
+    if separator == "pipe":
+        text = _PSQL_FOOTER.sub("", text)  # psql -A's "(5760 rows)" below the rows: no request
     if separator != "comma" and (comma := text.find(",")) >= 0:
         line_no = text.count("\n", 0, comma) + 1
         decimal = " (a decimal comma? Write the numbers with a point)" if separator == "semicolon" else ""
@@ -739,10 +742,20 @@ def _separated_by(text: str, mark: str) -> bool:
     is no comma-separated line (the part before a comma is no timestamp), and its first field, or that of the line
     below a first line of names (a header), is a number or a date-time. A comma in such a line is then an error."""
     first, _, rest = text.partition("\n")
-    if mark not in first or "\t" in first or _CSV_START_RE.match(first):
+    if mark not in first or "\t" in first:
         return False
+    if _CSV_START_RE.match(first) and not (mark == ";" and _timestamp_field(first.partition(mark)[0])):
+        return False  # a comma-separated line; but ``1767225614,862;ad:1`` is a semicolon one with a decimal comma
     below = rest.partition("\n")[0] if _header_names(first.replace(mark, ",")) else first
-    start = below.partition(mark)[0].strip()
+    return _timestamp_field(below.partition(mark)[0], decimal_comma=mark == ";")
+
+
+def _timestamp_field(field: str, *, decimal_comma: bool = True) -> bool:
+    """Whether ``field`` is a number or a date-time, its fraction after a comma too (a spreadsheet's, in a locale
+    whose decimal mark is the comma: ``1767225614,862``, ``2026-01-01 00:00:39,158``) when ``decimal_comma``."""
+    start = field.strip()
+    if decimal_comma:
+        start = re.sub(r"(?<=[0-9]),(?=[0-9]+$)", ".", start)
     return bool(_NUM_RE.fullmatch(start) or re.fullmatch(_DATETIME, start))
 
 
@@ -873,7 +886,10 @@ def day_length_note(trace: Trace, days: int) -> str | None:
         return None
     reading = "" if guessed is None else f", if they are {guessed}"
     fits = round(span / DAY_SECONDS)
-    advice = [f"--days {fits} for days of about 24 h" if fits >= 2 else "too short for 2 days of 24 h"]
+    if fits == days:  # the days asked for are right: the trace starts or ends within one
+        advice = [f"a first or last day only partly in the trace? {days} equal spans cannot each be one of its days"]
+    else:
+        advice = [f"--days {fits} for days of about 24 h" if fits >= 2 else "too short for 2 days of 24 h"]
     if trace.format in ("text", "parquet"):  # fields to choose
         advice.append("--time-field none splits by request count")
     return (
@@ -1030,7 +1046,8 @@ def replay(
     ``capacity`` keys, the number published trace tables use (see ``belady_hits``). It bounds read-through
     policies such as LRU, but ours and static top-N load keys without a miss at day boundaries and can beat it.
     ``hit_rate_oracle_preload`` is a bound on a different question: a cache that may be refilled for free by an
-    oracle at each day boundary; no precompute policy with ``capacity`` slots can beat it.
+    oracle at each day boundary; no precompute policy with ``capacity`` slots that loads keys only at day boundaries
+    or on a miss can beat it (a prefetch, which loads keys within the day before their request, can).
 
     ``admission`` (a name or a ``serving.admission`` policy) adds ``hit_rate_lru_admission`` and
     ``hit_rate_ours_admission``: the same LRU and ours, but a missed key enters the LRU only when the policy
@@ -1267,7 +1284,8 @@ def belady_hits(day_keys: Sequence[np.ndarray], capacity: int, *, warmup_days: i
 
 
 def oracle_preload_day_hits(day: np.ndarray, capacity: int) -> int:
-    """Most hits any cache of ``capacity`` keys can get on one day, given a free reload at the day's start.
+    """Most hits any cache of ``capacity`` keys that loads keys only on a miss can get on one day, given a free reload
+    at the day's start (a prefetch, loading keys before their request, is not bounded by it).
 
     The bound for precompute policies, which classic MIN is not: a policy that swaps in precomputed keys at
     a day boundary (ours does) can beat MIN. So this bound gets the same power: at each boundary an oracle

@@ -364,6 +364,9 @@ def test_a_csv_separated_by_semicolons_is_read_by_its_fields(tmp_path: Path):
         assert trace.keys.tolist() == ["ad1", "ad2"][: len(trace.keys)] and trace.timestamps[0] == 1_764_547_200
         assert trace.layout()["separator"] == "semicolon"
     assert parse_trace(write(tmp_path, "a;b\nc;d\n")).keys.tolist() == ["a;b", "c;d"]  # no timestamp: bare keys
+    for text in ("1764547200,862;ad1\n1764547260,5;ad2\n", "ts;key\n2026-01-01 00:00:39,158;ad1\n"):
+        with pytest.raises(TraceError, match=r"line \d: a comma in a trace of semicolon-separated fields \(a decimal"):
+            parse_trace(write(tmp_path, text))
 
 
 def test_a_trace_separated_by_pipes_is_read_by_its_fields(tmp_path: Path):
@@ -380,6 +383,10 @@ def test_a_trace_separated_by_pipes_is_read_by_its_fields(tmp_path: Path):
     with pytest.raises(TraceError, match="^line 2: a comma in a trace of pipe-separated fields$"):
         parse_trace(write(tmp_path, "1764547200|ad1\n1764547260|ad,2\n"))
     assert parse_trace(write(tmp_path, "a|b\nc|d\n")).keys.tolist() == ["a|b", "c|d"]  # no timestamp: bare keys
+    # psql -A ends with its row count: "line 602: mixed formats ... a bare key" refused the whole file
+    footed = parse_trace(write(tmp_path, "ts|key|user\n" + rows + "(600 rows)\n"))
+    assert footed.keys.tolist() == keys and footed.timestamps.tolist() == times
+    assert parse_trace(write(tmp_path, "1764547200|ad1\n(1 row)\n")).keys.tolist() == ["ad1"]
 
 
 @pytest.mark.parametrize(
@@ -390,6 +397,10 @@ def test_a_trace_separated_by_pipes_is_read_by_its_fields(tmp_path: Path):
         ("ts;key\n1764547200;ad1\n", "semicolon"),
         ("1764547200|ad1\n", "pipe"),
         ("1764547200,ad|1\n", "comma"),
+        # a decimal comma in the timestamp of a semicolon-separated line: read as comma CSV with key "862;ad1" before
+        ("1764547200,862;ad1\n", "semicolon"),
+        ("ts;key\n2026-01-01 00:00:39,158;ad1\n", "semicolon"),
+        ("1764547200,ad;1\n", "comma"),  # a key holding a semicolon
         ("a|b\nc|d\n", "comma"),  # no number first: one key per line, as a comma-separated file of one field
         ("ad1\n", "comma"),
     ],
@@ -488,6 +499,13 @@ def test_days_far_from_24_hours_are_named_with_the_days_that_fit(tmp_path: Path,
     ]
     assert day_notes(four_days, 4) == [] and day_notes([*four_days, epoch + 100 * 3600], 4) == []  # 25 h: near 24
     assert "each of the 3 days is 32 h" in day_notes(four_days, 3)[0]
+    # 4 days, the last ending at 13:20: "--days 4" was the advice given to a replay of --days 4
+    partial = [epoch + 1200 * i for i in range(256)]  # 3.54 days
+    assert day_notes(partial, 4) == [
+        "each of the 4 days is 21.2 h of the trace's timestamps, not 24 h: they span 3.54 days (a first or last day "
+        "only partly in the trace? 4 equal spans cannot each be one of its days; --time-field none splits by request "
+        "count)"
+    ]
     assert day_notes([t * 1000 for t in four_days], 8)[0].startswith("each of the 8 days is 12 h")  # epoch ms
     assert day_notes([t * 10_000_000 + 116_444_736_000_000_000 for t in four_days], 4) == []  # Windows file times
     assert "if they" not in day_notes(four_days, 8, dated=True)[0]  # date-times: seconds, whatever their size
