@@ -715,6 +715,10 @@ def _field_number(field: int | str, header: tuple[str, ...] | None, fields: int,
         if header is None or field.strip() not in header:
             names = f"the header has {', '.join(header)}" if header else "the trace has no header line"
             raise TraceError(f"no {what} column named {field!r}: {names} (or give the field's 1-based number)")
+        if (count := header.count(field.strip())) > 1:  # the first was taken, without a word
+            raise TraceError(
+                f"the header names {count} columns {field.strip()!r}: give the {what} field's 1-based number"
+            )
         return header.index(field.strip()) + 1
     number = int(field)
     if not 1 <= number <= fields:

@@ -261,6 +261,7 @@ def test_columns_pick_the_timestamp_and_key_of_any_csv_layout(tmp_path: Path):
         (MSR, (1, 9), "key field 9 does not exist: the first line has 7 fields"),
         (MSR, (1, "Nope"), "no key column named 'Nope': the header has Timestamp, Hostname"),
         ("1,a,b\n", (1, "key"), "no key column named 'key': the trace has no header line"),
+        ("ts,key,key\n1,a,b\n", (1, "key"), "the header names 2 columns 'key': give the key field's 1-based number"),
         (MSR, ("Offset", 5), "the timestamp and the key are both field 5"),
         ("1,a,x\n2,b\n", (1, 3), "line 2: expected 3 fields as on the first line, got 2"),
         ("t,k,x\n1,a,x\n2,b,y,z\n", (1, 2), "line 3: expected 3 fields"),
