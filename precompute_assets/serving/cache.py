@@ -284,23 +284,28 @@ class PredictionCache:
         log_queries: bool = True,
         log_events: bool = True,
         clock: Callable[[], int] | None = None,
+        stream_maxlen: int | None = None,
         **options: Any,
     ) -> PredictionCache:
         """A cache on ``url``, of the keys of ``namespace`` (or ``schema``, as the constructor takes it); query and
         event logging use connections of their own so they never queue behind lookups. A Redis Cluster none of whose
         nodes answers yet is no error: lookups are misses until one does (``connection.PendingCluster``), as on a
-        single server that is down."""
+        single server that is down. ``stream_maxlen``: the cap, in entries, of the query-log and user-event streams
+        (the loggers' default, 10 million, when None), to bound their memory while nothing drains them."""
         if schema is not None and namespace not in ("pc", schema.namespace):
             raise ValueError(f"namespace {namespace!r} and schema {schema.namespace!r} differ: give one of them")
         schema = schema or KeySchema(namespace)
+        capped = {} if stream_maxlen is None else {"stream_maxlen": stream_maxlen}
         client = connect(url, socket_timeout=socket_timeout, pending=True)
         logger = (
-            QueryLogger(connect(url, socket_timeout=max(socket_timeout, 1.0), pending=True), schema, clock=clock)
+            QueryLogger(
+                connect(url, socket_timeout=max(socket_timeout, 1.0), pending=True), schema, clock=clock, **capped
+            )
             if log_queries
             else None
         )
         events = (
-            EventLogger(connect(url, socket_timeout=max(socket_timeout, 1.0), pending=True), schema)
+            EventLogger(connect(url, socket_timeout=max(socket_timeout, 1.0), pending=True), schema, **capped)
             if log_events
             else None
         )

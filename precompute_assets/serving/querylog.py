@@ -131,6 +131,8 @@ class QueryLogger:
         clock: Callable[[], int] | None = None,
         backoff_s: float = 1.0,
     ) -> None:
+        if stream_maxlen < 1:  # MAXLEN ~ 0 trimmed the stream as it was written; a negative one refused every XADD
+            raise ValueError(f"stream_maxlen must be at least 1 entry, got {stream_maxlen}")
         self.client = client
         self.schema = schema or KeySchema()
         self.max_buffer = max_buffer

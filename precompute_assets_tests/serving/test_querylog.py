@@ -793,3 +793,22 @@ def test_a_query_counted_while_close_runs_is_sent_or_dropped_never_left_behind(r
     assert logger._queue(1, item) == 1
     closer.join(10)
     assert logger.pending == 0 and logger.stats.logged == logger.stats.written + logger.stats.dropped == 1
+
+
+def test_services_can_cap_the_streams_to_a_memory_budget(redis_url, redis_client, schema):
+    """The 10-million-entry cap is ~40 GB of queries: a service could not bound the streams below its server's
+    maxmemory through ``from_url``, and a cap below 1 was taken (MAXLEN ~ 0 trims the stream as it is written)."""
+    from precompute_assets.serving import PredictionCache
+
+    cache = PredictionCache.from_url(redis_url, schema=schema, stream_maxlen=100, socket_timeout=5)
+    try:
+        assert cache.logger.stream_maxlen == 100 and cache.events.stream_maxlen == 100
+        for i in range(3_000):
+            cache.logger.log("ctr", f"ad{i}", hit=False)
+            cache.logger.flush()  # one entry each
+    finally:
+        cache.close()
+    assert 100 <= redis_client.xlen(schema.query_log()) < 300  # MAXLEN ~ trims whole nodes of 100 entries
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match=f"stream_maxlen must be at least 1 entry, got {bad}"):
+            QueryLogger(redis_client, schema, stream_maxlen=bad)
