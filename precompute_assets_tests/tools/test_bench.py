@@ -37,6 +37,8 @@ def test_bench_publish_reports_rates_and_ratios(redis_url, redis_client):
     assert result["ratio_bytes_vs_naive"] == round(
         result["redis_bytes_per_key"] / result["naive_redis_bytes_per_key"], 3
     )
+    # the two sides' values are told apart: 4-byte float32 against JSON text of ~18 characters (repr of a random float)
+    assert result["value_bytes"] == 4 and 15 <= result["naive_value_bytes"] <= 24
     if result["redis_benchmark_set_per_s"] is None:  # redis-tools not installed: reported as null
         assert result["ratio_vs_redis_benchmark"] is None
     else:
