@@ -224,6 +224,9 @@ def test_bench_embed_reports_the_service_backend_beside_its_bare_encode(redis_ur
     # 300 int8 dimensions and a scale a document, with its id, in hash buckets: not a difference of used_memory,
     # which other traffic on the server moves
     assert 300 < result["redis_bytes_per_doc"] < 2 * 300
+    # the lookup latency has its reference and ratios, as bench serve's (it had a bare p99 alone)
+    assert result["p50_ratio"] == round(result["get_p50_us"] / result["raw_get_p50_us"], 3)
+    assert result["p99_ratio"] == round(result["get_p99_us"] / result["raw_get_p99_us"], 3)
     assert not list(redis_client.scan_iter("bench*"))
 
 
