@@ -95,10 +95,13 @@ def _worker(plan: LoadPlan, worker: int, mode: str, start, queue, rate: float | 
     period = int(1e9 / rate) if rate else 0
     n = len(keys)
     while True:
+        due = None  # when the call was due, if it is late: the worker fell behind its rate
         if period:
             wait = begin + calls * period - clock()
             if wait > 0:
                 time.sleep(wait / 1e9)
+            else:
+                due = begin + calls * period
         key = keys[calls % n]
         started = clock()
         try:
@@ -107,7 +110,9 @@ def _worker(plan: LoadPlan, worker: int, mode: str, start, queue, rate: float | 
             errors += 1
         done = clock()
         if calls < len(latencies):
-            latencies[calls] = done - started
+            # Paced, from when the call was due (as wrk2 counts): a side that falls behind its rate waits for its own
+            # late calls, and that wait is latency its callers would see, not time left out of the percentiles.
+            latencies[calls] = done - (started if due is None else due)
         calls += 1
         if done >= deadline:
             break
@@ -221,6 +226,9 @@ def bench_load(
         "rate_share": rate_share,
         "paced_requests_per_s": ours["requests_per_s"],
         "raw_paced_requests_per_s": bare["requests_per_s"],
+        # the share of the rate each side held: below 1 it fell behind, and its latencies count the wait for it
+        "rate_held": _ratio(ours["requests_per_s"], rate * processes),
+        "raw_rate_held": _ratio(bare["requests_per_s"], rate * processes),
         **{key: ours[key] for key in ("p50_us", "p99_us", "p999_us")},
         "errors": ours["errors"] + ours_closed["errors"],
         "events_written": ours["events_written"] + ours_closed["events_written"],

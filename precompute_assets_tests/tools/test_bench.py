@@ -152,6 +152,9 @@ def test_bench_load_reports_ours_beside_the_bare_load(redis_url, redis_client):
     # Latency at one sustained rate for both: half the bare load's capacity, paced in every process.
     assert result["rate_per_s"] == pytest.approx(result["raw_requests_per_s"] / 2, abs=2)
     assert result["raw_paced_requests_per_s"] <= result["rate_per_s"] * 1.02
+    # how much of that rate each side held is said (a side that fell behind showed its latencies as if it had not)
+    assert result["rate_held"] == pytest.approx(result["paced_requests_per_s"] / result["rate_per_s"], abs=0.002)
+    assert 0 < result["raw_rate_held"] <= 1.02
     assert 0 < result["saturated"]["p50_us"] <= result["saturated"]["p999_us"]
     # Every lookup was logged: written and dropped add up to the calls made in the timed loop and the warm-up.
     assert result["events_written"] + result["events_dropped"] >= result["requests_per_s"] * 1.0
