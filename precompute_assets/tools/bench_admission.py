@@ -9,8 +9,11 @@ policy in turn, so drift on a shared machine hits all alike; nothing is warmed b
 Per policy (``policies``): ``hit_rate``; ``p50_us`` / ``p99_us`` over every lookup; ``hit_p50_us`` /
 ``hit_p99_us`` over the hits and ``miss_p50_us`` / ``miss_p99_us`` over the misses (the miss times include storing
 the value, the policy's housekeeping and deleting what it evicted); ``live_keys``, the live values in Redis at the
-end. The reference is ``always`` (a plain ``GET``, and a ``SET`` on a miss): ``hit_p50_ratio`` and
-``miss_p50_ratio`` map each policy to its median over the reference's. ``probation`` gets ``capacity`` keys
+end. ``hit_p50_ratio`` and ``miss_p50_ratio`` map each policy to its median over ``always``'s, the client's whole
+read-through that admits every miss (its lookup, the recompute lock, the fenced store): what a policy adds to it.
+``bare``: a naive read-through from the same stream in the same blocks, with the same connection settings (redis-py
+``GET``, and on a miss ``SET ... EX`` of the computed value), in a namespace of its own; ``hit_p50_ratio_vs_bare``
+and ``miss_p50_ratio_vs_bare`` map each policy to its median over that one's. ``probation`` gets ``capacity`` keys
 (default a tenth of ``keys``); the others are bounded only by the live TTL, so their hit rates are an upper
 bound on what Redis's own eviction would keep within the same memory.
 """
@@ -31,6 +34,7 @@ from .measure import percentile_us
 BLOCK = 1000
 ZIPF_EXPONENT = 0.9  # a long tail: many keys are asked for once, as on the product-page traces
 REFERENCE = "always"
+BARE = "bare"  # the naive read-through beside the policies
 
 
 def key_stream(n_keys: int, lookups: int, seed: int, *, exponent: float = ZIPF_EXPONENT) -> list[str]:
@@ -58,8 +62,11 @@ def bench_admission(
         for name, policy in policies.items()
     }
     stream = key_stream(n_keys, lookups, seed)
-    times: dict[str, dict[bool, list[int]]] = {name: {True: [], False: []} for name in policies}
+    times: dict[str, dict[bool, list[int]]] = {name: {True: [], False: []} for name in [*policies, BARE]}
     clock = time.perf_counter_ns
+    bare_schema = KeySchema(f"bench{run}{len(policies)}")
+    bare = connect(redis_url, socket_timeout=1.0)
+    live_ttl_s = next(iter(caches.values())).live_ttl_s
     try:
         for start in range(0, lookups, BLOCK):
             block = stream[start : start + BLOCK]
@@ -70,6 +77,14 @@ def bench_admission(
                     began = clock()
                     cache.get_or_compute("ctr", key, _free)
                     samples[cache.misses == misses].append(clock() - began)
+            samples = times[BARE]
+            for key in block:  # the naive read-through: GET, and on a miss the computed value SET with its TTL
+                began = clock()
+                name = bare_schema.live("ctr", key)
+                hit = bare.get(name) is not None
+                if not hit:
+                    bare.set(name, b"%f" % _free(key), ex=live_ttl_s)
+                samples[hit].append(clock() - began)
         admin = connect(redis_url, socket_timeout=10)
         result_policies = {}
         for name, cache in caches.items():
@@ -86,10 +101,18 @@ def bench_admission(
                 "live_keys": live,
                 "errors": cache.errors,
             }
+        bare_hits, bare_misses = times[BARE][True], times[BARE][False]
+        bare_result = {
+            "hit_rate": round(len(bare_hits) / lookups, 4),
+            "hit_p50_us": percentile_us(bare_hits, 50) if bare_hits else None,
+            "miss_p50_us": percentile_us(bare_misses, 50) if bare_misses else None,
+        }
     finally:
         for name, cache in caches.items():
             cache.close()
             drop_namespace(connect(redis_url, socket_timeout=10), schemas[name])
+        drop_namespace(bare, bare_schema)
+        bare.close()
     reference = result_policies[REFERENCE]
     return {
         "bench": "admission",
@@ -100,6 +123,9 @@ def bench_admission(
         "policies": result_policies,
         "hit_p50_ratio": _ratios(result_policies, reference, "hit_p50_us"),
         "miss_p50_ratio": _ratios(result_policies, reference, "miss_p50_us"),
+        BARE: bare_result,
+        "hit_p50_ratio_vs_bare": _ratios(result_policies, bare_result, "hit_p50_us"),
+        "miss_p50_ratio_vs_bare": _ratios(result_policies, bare_result, "miss_p50_us"),
         "redis_version": running_version(redis_url),
     }
 

@@ -31,4 +31,9 @@ def test_bench_admission_reports_each_policy_beside_the_reference(redis_url, red
     assert result["policies"]["always"]["live_keys"] == len(set(stream))
     assert result["policies"]["probation"]["live_keys"] == 150
     assert result["hit_p50_ratio"]["always"] == result["miss_p50_ratio"]["always"] == 1.0
+    # a naive GET / SET EX read-through of the same stream beside them: it admits every miss, as `always` does
+    assert result["bare"]["hit_rate"] == result["policies"]["always"]["hit_rate"]
+    assert result["miss_p50_ratio_vs_bare"]["always"] == round(
+        result["policies"]["always"]["miss_p50_us"] / result["bare"]["miss_p50_us"], 3
+    )
     assert set(redis_client.scan_iter("bench*", count=1000)) <= before  # its namespaces are removed
