@@ -1054,7 +1054,13 @@ def login_problem(variable: str, url: str) -> str | None:
         if variable == ENV_REDIS:
             client = connect(url, socket_timeout=3)
             try:
-                client.ping()
+                try:
+                    client.ping()
+                except redis.ResponseError as error:
+                    if not str(error).startswith("MISCONF"):
+                        raise
+                    # PING refused because the server cannot persist (a full disk): our login is fine, and
+                    # ``persistence_warnings`` says what is wrong
                 if wrong := mode_problem(client):
                     return wrong
                 try:

@@ -85,6 +85,9 @@ class RedisResource(dg.ConfigurableResource):
             primary = None if is_cluster(client) or wrong else replica_of(client)
         except (redis.AuthenticationError, redis.ResponseError) as error:
             client.close()
+            if str(error).startswith("MISCONF"):  # it cannot write its RDB or AOF (a full disk): no login problem
+                raise dg.Failure(description=f"{where} cannot write to its disk, and refuses writes until it can "
+                                 f"(full?): {error}") from None  # fmt: skip  # retried: space may come back
             raise dg.Failure(description=f"{where} refuses us: {error}", allow_retries=False) from None
         except REDIS_ERRORS as error:
             client.close()

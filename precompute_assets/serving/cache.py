@@ -157,6 +157,14 @@ def _store_failure(error: BaseException) -> str:
     return "a computed value was not stored"
 
 
+def _lookup_failure(error: BaseException) -> str:
+    """What a failed round trip of a lookup means: a server that does not answer makes lookups misses for
+    ``backoff_s``; one that answered with an error (MISCONF on a full disk, OOM, NOPERM) failed that command alone."""
+    if isinstance(error, redis.ResponseError):
+        return "that command was refused; the server answers, and other lookups go on"
+    return "lookups are misses, computed live"
+
+
 def _seconds(raw: Any) -> float | None:
     """A stored delta (decimal seconds) as a float; anything else is unknown."""
     if raw is None:
@@ -862,7 +870,7 @@ class PredictionCache:
             log.warning(
                 "Redis failed (%s: %s): %s (%d errors so far)%s",
                 type(error).__name__, " ".join(str(error).split()),
-                _store_failure(error) if store else "lookups are misses, computed live", self.errors,
+                _store_failure(error) if store else _lookup_failure(error), self.errors,
                 f"; {REAPPLY_HINT}" if is_acl_refusal(error) else "",
             )  # fmt: skip
         if not self._cluster and isinstance(error, redis.ResponseError) and str(error).startswith("Protocol error"):
