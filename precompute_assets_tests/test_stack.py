@@ -742,3 +742,34 @@ def test_a_url_of_the_homes_server_keeps_its_options(tmp_path: Path, monkeypatch
     assert env[ENV_REDIS] == own[ENV_REDIS] + "?socket_timeout=2&health_check_interval=5"
     assert env[ENV_APP_DB] == own[ENV_APP_DB] + "?connect_timeout=3"
     assert env["DAGSTER_PG_URL"] == own["DAGSTER_PG_URL"]
+
+
+def test_a_corrupt_aof_is_refused_with_a_repair_that_runs_here(tmp_path: Path) -> None:
+    """A byte flipped inside the AOF (not a cut tail, which Redis loads) stopped `up` with Valkey's own advice, to run
+    ./valkey-check-aof, which the embedded wheel does not ship; the repair it names now runs as given."""
+    from precompute_assets.stack import RedisError, RedisServer, free_port
+
+    server = RedisServer(tmp_path / "redis", free_port(), "aof-pw-0123456789")
+    server.start(timeout_s=30)
+    client = redis.Redis.from_url(server.url)
+    for i in range(2000):
+        client.set(f"k{i}", "v" * 50)
+    client.close()
+    server.stop()
+    (incremental,) = (tmp_path / "redis" / "appendonlydir").glob("*.incr.aof")
+    data = bytearray(incremental.read_bytes())
+    middle = data.index(b"\n*", len(data) // 2) + 1
+    data[middle : middle + 1] = b"X"  # a command's array marker, mid-file
+    incremental.write_bytes(bytes(data))
+    with pytest.raises(RedisError, match="Bad file format reading the append only file") as refused:
+        server.start(timeout_s=30)
+    repair = str(refused.value).split("then run: ")[1].split(" (it cuts")[0]
+    done = subprocess.run(repair, shell=True, input="y\n", capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "Successfully truncated AOF" in done.stdout, done.stdout + done.stderr
+    server.start(timeout_s=30)
+    try:
+        client = redis.Redis.from_url(server.url)
+        assert 0 < client.dbsize() < 2000 and client.get("k0") == b"v" * 50  # the writes before the bad record
+        client.close()
+    finally:
+        server.stop()
