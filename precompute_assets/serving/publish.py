@@ -38,6 +38,7 @@ from .acl import REAPPLY_HINT, is_acl_refusal
 from .admission import HAND_OVER, UNTRACK, evictable, fifo_names
 from .cache import live_value_keys
 from .connection import REDIS_ERRORS, cluster_send, follow_primary, is_cluster, key_slot, send_pipelined
+from .events import evicted_since, server_mark
 from .invalidate import Invalidations, bump_epoch, invalidations
 from .keys import (
     Codec,
@@ -165,6 +166,7 @@ def publish_version(
                 kind, version, written, buckets, n_bytes, seconds, None, True, handed, settle_error, mended
             )
         writing = True
+        mark = server_mark(client)  # what tells eviction from a restart or a delete, should buckets go missing
         if _existing(client, names):
             # A retry of this version: start clean so no field of the failed attempt survives.
             send_commands(client, [(b"DEL", name) for name in names])
@@ -189,13 +191,12 @@ def publish_version(
             send_commands(client, [(b"DEL", name) for name in filled_names])  # give the memory back to the live one
             # ... or a failover promoted a replica without some (a cluster's master, Sentinel's primary)
             failover = cluster or primary is not None
-            how = "evicted or lost in a failover" if failover else "evicted"
-            retry = " (after a failover, retry it)" if failover else ""
+            how, advice = _bucket_loss(mark, server_mark(client), failover)
+            memory = _memory_note(client) if advice.startswith(": give") else ""  # evictions: say how full it is
             raise IncompleteVersionError(
                 f"publish of {kind} version {version}: {len(filled) - present} of {len(filled)} buckets were {how} "
-                f"while being written{_memory_note(client)}; readers stay on the previous version"
-                f"{_current_losses(client, schema, kind, current)}: give Redis more memory, or publish fewer keys"
-                f"{retry}"
+                f"while being written{memory}; readers stay on the previous version"
+                f"{_current_losses(client, schema, kind, current)}{advice}"
             )
     except REDIS_ERRORS as error:
         # Refused at maxmemory (noeviction, or nothing volatile left; inside a MULTI an EXECABORT), the partial
@@ -371,6 +372,26 @@ def _bucket_sender(client: redis.Redis) -> Callable[[list[tuple[bytes, ...]]], N
         send_commands(client, _unscripted(commands))
 
     return send
+
+
+def _bucket_loss(before: str | None, after: str | None, failover: bool) -> tuple[str, str]:
+    """How a version's buckets went while they were written, by the servers' ``server_mark`` around it, and the advice
+    (with its leading colon): evicted at maxmemory, lost in a restart, or deleted by someone (a ``FLUSHDB`` evicts
+    nothing: blaming memory sent operators to resize a server that had room)."""
+    if before is not None and after is not None and not failover:
+        restarted = [m.rpartition(":")[0] for m in before.split(",")] != [
+            m.rpartition(":")[0] for m in after.split(",")
+        ]
+        if restarted:
+            return "lost in a restart of Redis", ": publish again"
+        if not evicted_since(before, after):
+            return "deleted, and nothing was evicted (a FLUSHDB, FLUSHALL or DEL by another client?)", ": publish again"
+    if failover:
+        return (
+            "evicted or lost in a failover",
+            ": give Redis more memory, or publish fewer keys (after a failover, retry it)",
+        )
+    return "evicted", ": give Redis more memory, or publish fewer keys"
 
 
 class IncompleteVersionError(RuntimeError):

@@ -198,12 +198,34 @@ def test_a_version_evicted_while_written_is_never_flipped_to(redis_server, schem
     publish_version(client, "ctr", "v1", [(f"ad{i}", 0.5) for i in range(100)], n_keys=100, schema=schema)
     client.config_set("maxmemory", client.info("memory")["used_memory"] + 200_000)
     items = [(f"ad{i:06d}", 0.25) for i in range(50_000)]  # several MB: far past the limit
-    with pytest.raises(publish_module.IncompleteVersionError, match=r"publish of ctr version v2: \d+ of \d+ buckets"):
+    with pytest.raises(publish_module.IncompleteVersionError, match=r"publish of ctr version v2: \d+ of \d+ buckets"
+                       r" were evicted while being written \(Redis at \d+ of maxmemory"):  # fmt: skip
         publish_version(client, "ctr", "v2", items, n_keys=len(items), schema=schema)
     cache = PredictionCache(client, schema=schema, pointer_ttl_s=0)
     assert cache.current_version("ctr").version == "v1"  # readers stay on the previous version
     assert not client.keys(f"{schema.bucket('ctr', 'v2', 0)[:-1]}*")  # its buckets were given back
     client.close()
+
+
+def test_a_version_deleted_while_written_is_not_blamed_on_memory(redis_server, schema):
+    """A FLUSHDB while a version was written was reported as buckets "evicted ... give Redis more memory" on a server
+    at 0.07 % of its maxmemory, where nothing was evicted (h_faults)."""
+    server = redis_server()
+    client = connect(server.url, socket_timeout=5)
+    other = connect(server.url, socket_timeout=5)
+    flushed = []
+
+    def flush_once(written: int) -> None:
+        if not flushed:
+            flushed.append(other.flushdb())
+
+    items = [(f"ad{i:06d}", 0.25) for i in range(30_000)]
+    with pytest.raises(publish_module.IncompleteVersionError) as refused:
+        publish_version(client, "ctr", "v1", items, n_keys=len(items), schema=schema, progress=flush_once)
+    assert flushed and "deleted, and nothing was evicted (a FLUSHDB, FLUSHALL or DEL by another" in str(refused.value)
+    assert "maxmemory" not in str(refused.value) and str(refused.value).endswith(": publish again")
+    client.close()
+    other.close()
 
 
 def test_a_retry_that_writes_back_buckets_redis_evicts_again_fails(redis_server, schema):
