@@ -13,9 +13,12 @@ phases of ``seconds`` in the order ours, bare, bare, ours (a drift of the machin
   and ``raw_*``. A closed loop on 2 shared cores measures run-queue waits, not the client: its latencies are
   reported too (``saturated``).
 
-Latency is per call, measured in the worker (a call that starts late because the one before ran long is not
-charged for the wait: the paced rate leaves headroom for both). Redis CPU is the server's own ``used_cpu_user +
-used_cpu_sys`` in a phase, the mean of the phases of a side.
+Latency is per call, measured in the worker: ``p50_us``... are each call's own time (a call that starts late
+because the ones before ran long is not charged for the wait), and ``response_p50_us``... (with ``raw_`` ones and
+``response_p999_ratio``) count a late call from when it was due, as wrk2 does: what a caller whose requests arrive
+at that rate waits, the time a process spent behind its schedule (descheduled on busy cores, a GIL held by the
+logger's thread) included. ``rate_held`` and ``raw_rate_held``: the share of the rate each side kept. Redis CPU is
+the server's own ``used_cpu_user + used_cpu_sys`` in a phase, the mean of the phases of a side.
 """
 
 from __future__ import annotations
@@ -70,6 +73,7 @@ def _worker(plan: LoadPlan, worker: int, mode: str, start, queue, rate: float | 
         keys = _sample(plan, worker, 200_000)
         errors = 0
         latencies = np.empty(4_000_000, dtype=np.int64)
+        responses = np.empty(4_000_000, dtype=np.int64)  # from when each call was due, when it started late
         calls = 0
         clock = time.perf_counter_ns
         written = dropped = 0
@@ -110,9 +114,8 @@ def _worker(plan: LoadPlan, worker: int, mode: str, start, queue, rate: float | 
             errors += 1
         done = clock()
         if calls < len(latencies):
-            # Paced, from when the call was due (as wrk2 counts): a side that falls behind its rate waits for its own
-            # late calls, and that wait is latency its callers would see, not time left out of the percentiles.
-            latencies[calls] = done - (started if due is None else due)
+            latencies[calls] = done - started
+            responses[calls] = done - (started if due is None else due)
         calls += 1
         if done >= deadline:
             break
@@ -120,7 +123,8 @@ def _worker(plan: LoadPlan, worker: int, mode: str, start, queue, rate: float | 
         errors += cache.errors
         cache.close()  # flushes the query log
         written, dropped = cache.logger.stats.written, cache.logger.stats.dropped
-    queue.put((latencies[: min(calls, len(latencies))].tobytes(), calls, errors, written, dropped))
+    kept = min(calls, len(latencies))
+    queue.put((latencies[:kept].tobytes(), calls, errors, written, dropped, responses[:kept].tobytes()))
 
 
 def _phase(plan: LoadPlan, processes: int, mode: str, admin, rate: float | None = None) -> dict:
@@ -154,16 +158,19 @@ def start_ignoring_interrupt(workers: list) -> None:
             worker.start()
 
 
+PERCENTILES = (("p50", 50), ("p99", 99), ("p999", 99.9))
+
+
 def _summary(phases: list[dict], seconds: float) -> dict:
     """Requests/s and latency percentiles over ``phases`` of ``seconds`` each, as if they were one."""
     results = [result for phase in phases for result in phase["results"]]
     latencies = np.concatenate([np.frombuffer(raw, dtype=np.int64) for raw, *_ in results])
+    responses = np.concatenate([np.frombuffer(r[5], dtype=np.int64) for r in results])
     calls = sum(r[1] for r in results)
     return {
         "requests_per_s": round(calls / (seconds * len(phases))),
-        "p50_us": round(float(np.percentile(latencies, 50)) / 1000, 1),
-        "p99_us": round(float(np.percentile(latencies, 99)) / 1000, 1),
-        "p999_us": round(float(np.percentile(latencies, 99.9)) / 1000, 1),
+        **{f"{name}_us": round(float(np.percentile(latencies, q)) / 1000, 1) for name, q in PERCENTILES},
+        **{f"response_{name}_us": round(float(np.percentile(responses, q)) / 1000, 1) for name, q in PERCENTILES},
         "errors": sum(r[2] for r in results),
         "events_written": sum(r[3] for r in results),
         "events_dropped": sum(r[4] for r in results),
@@ -226,9 +233,11 @@ def bench_load(
         "rate_share": rate_share,
         "paced_requests_per_s": ours["requests_per_s"],
         "raw_paced_requests_per_s": bare["requests_per_s"],
-        # the share of the rate each side held: below 1 it fell behind, and its latencies count the wait for it
-        "rate_held": _ratio(ours["requests_per_s"], rate * processes),
+        "rate_held": _ratio(ours["requests_per_s"], rate * processes),  # below 1: it fell behind its rate
         "raw_rate_held": _ratio(bare["requests_per_s"], rate * processes),
+        **{f"response_{name}_us": ours[f"response_{name}_us"] for name, _ in PERCENTILES},
+        **{f"raw_response_{name}_us": bare[f"response_{name}_us"] for name, _ in PERCENTILES},
+        "response_p999_ratio": _ratio(ours["response_p999_us"], bare["response_p999_us"]),
         **{key: ours[key] for key in ("p50_us", "p99_us", "p999_us")},
         "errors": ours["errors"] + ours_closed["errors"],
         "events_written": ours["events_written"] + ours_closed["events_written"],

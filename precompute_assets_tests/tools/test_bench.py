@@ -155,6 +155,10 @@ def test_bench_load_reports_ours_beside_the_bare_load(redis_url, redis_client):
     # how much of that rate each side held is said (a side that fell behind showed its latencies as if it had not)
     assert result["rate_held"] == pytest.approx(result["paced_requests_per_s"] / result["rate_per_s"], abs=0.002)
     assert 0 < result["raw_rate_held"] <= 1.02
+    # each call's own time, and from when it was due (wrk2's count): never shorter
+    for side in ("", "raw_"):
+        assert 0 < result[f"{side}p50_us"] <= result[f"{side}response_p50_us"] <= result[f"{side}response_p999_us"]
+    assert result["response_p999_ratio"] == round(result["response_p999_us"] / result["raw_response_p999_us"], 3)
     assert 0 < result["saturated"]["p50_us"] <= result["saturated"]["p999_us"]
     # Every lookup was logged: written and dropped add up to the calls made in the timed loop and the warm-up.
     assert result["events_written"] + result["events_dropped"] >= result["requests_per_s"] * 1.0
