@@ -1402,6 +1402,7 @@ def test_env_exports_a_set_campaign_cap(tmp_path, monkeypatch, capsys):
         (["demo", "--days", "0"], "--days: must be at least 1, got 0"),
         (["demo", "--top-n", "x"], "--top-n: expected a whole number, got 'x'"),
         (["bench", "publish", "--n", "-5"], "--n: must be at least 1, got -5"),
+        (["bench", "serve", "--lookups", "1"], "--lookups: must be at least 100, got 1"),  # its p99 was its one sample
         (["bench", "nonsense"], "invalid choice"),
         (["nonsense"], "invalid choice"),
     ],
