@@ -191,8 +191,8 @@ def publish_version(
             send_commands(client, [(b"DEL", name) for name in filled_names])  # give the memory back to the live one
             # ... or a failover promoted a replica without some (a cluster's master, Sentinel's primary)
             failover = cluster or primary is not None
-            how, advice = _bucket_loss(mark, server_mark(client), failover)
-            memory = _memory_note(client) if advice.startswith(": give") else ""  # evictions: say how full it is
+            how, advice, evicted = _bucket_loss(mark, server_mark(client), failover)
+            memory = _memory_note(client) if evicted else ""
             raise IncompleteVersionError(
                 f"publish of {kind} version {version}: {len(filled) - present} of {len(filled)} buckets were {how} "
                 f"while being written{memory}; readers stay on the previous version"
@@ -374,24 +374,25 @@ def _bucket_sender(client: redis.Redis) -> Callable[[list[tuple[bytes, ...]]], N
     return send
 
 
-def _bucket_loss(before: str | None, after: str | None, failover: bool) -> tuple[str, str]:
-    """How a version's buckets went while they were written, by the servers' ``server_mark`` around it, and the advice
-    (with its leading colon): evicted at maxmemory, lost in a restart, or deleted by someone (a ``FLUSHDB`` evicts
-    nothing: blaming memory sent operators to resize a server that had room)."""
-    if before is not None and after is not None and not failover:
-        restarted = [m.rpartition(":")[0] for m in before.split(",")] != [
-            m.rpartition(":")[0] for m in after.split(",")
-        ]
-        if restarted:
-            return "lost in a restart of Redis", ": publish again"
-        if not evicted_since(before, after):
-            return "deleted, and nothing was evicted (a FLUSHDB, FLUSHALL or DEL by another client?)", ": publish again"
+def _bucket_loss(before: str | None, after: str | None, failover: bool) -> tuple[str, str, bool]:
+    """How a version's buckets went while they were written, by the servers' ``server_mark`` around it; the advice
+    (with its leading colon); and whether memory is to blame: evicted at maxmemory (or lost in a failover), lost in a
+    restart, or deleted by someone (a ``FLUSHDB`` evicts nothing: blaming memory sent operators to resize a server
+    that had room)."""
+    more_memory = ": give Redis more memory, or publish fewer keys"
     if failover:
-        return (
-            "evicted or lost in a failover",
-            ": give Redis more memory, or publish fewer keys (after a failover, retry it)",
-        )
-    return "evicted", ": give Redis more memory, or publish fewer keys"
+        return "evicted or lost in a failover", f"{more_memory} (after a failover, retry it)", True
+    if before is not None and after is not None:
+        runs = [[mark.rpartition(":")[0] for mark in marks.split(",")] for marks in (before, after)]
+        if runs[0] != runs[1]:
+            return "lost in a restart of Redis", ": publish again", False
+        if not evicted_since(before, after):
+            return (
+                "deleted, and nothing was evicted (a FLUSHDB, FLUSHALL or DEL by another client?)",
+                ": publish again",
+                False,
+            )
+    return "evicted", more_memory, True
 
 
 class IncompleteVersionError(RuntimeError):
