@@ -132,7 +132,8 @@ def rewarming_request(campaign: Campaign, now: datetime) -> dg.RunRequest:
 
 
 def cleanup_request(campaign: Campaign) -> dg.RunRequest:
-    """The run that removes a cancelled campaign's values from the cache."""
+    """The run that removes a cancelled campaign's values from the cache, or those of one re-registered with an end
+    that has passed (its last warming's values would live until its old end)."""
     return dg.RunRequest(
         run_key=f"{warming_run_key(campaign)}-cancel",
         job_name="campaign_cleanup_job",
@@ -222,16 +223,22 @@ def remove_campaign_values(
     """Delete a campaign's budget and the CTRs of its ads that no other live campaign of its tenant still has, in
     one transaction, or in transactions of ``registry.max_ads`` keys for a campaign with more ads than that
     (registered before the cap, or under a higher one); returns how many keys existed."""
-    ads = set(registry.ads(campaign.campaign_id)["ad_id"])
-    for other in registry.list(tenant_id=campaign.tenant_id, status="active"):
-        if other.campaign_id != campaign.campaign_id and not_warmable(other, now) is None:
-            ads -= set(registry.ads(other.campaign_id)["ad_id"])
+    ads = own_ads(registry, campaign, set(registry.ads(campaign.campaign_id)["ad_id"]), now)
     # an ad registered before ids with braces were refused was never warmed (score_ads skips it): it has no key
     keys = [("ctr", ad_id) for ad_id in sorted(ads) if _is_cache_key(ad_id)] + [("budget", campaign.campaign_id)]
     # One transaction of all of them would hold Redis as long as the warming the cap refuses; a cleanup cut off
     # between batches is run again by its retries or the backstop, and deleting a deleted key is harmless.
     batch = len(keys) if len(ads) <= registry.max_ads else registry.max_ads
     return sum(delete_live_values(client, keys[i : i + batch], schema=schema) for i in range(0, len(keys), batch))
+
+
+def own_ads(registry: CampaignRegistry, campaign: Campaign, ads: set[str], now: datetime) -> set[str]:
+    """Of ``ads`` (the campaign's), those no other live campaign of its tenant has: their values are the campaign's
+    alone, to delete with it or to expire at its end."""
+    for other in registry.list(tenant_id=campaign.tenant_id, status="active"):
+        if other.campaign_id != campaign.campaign_id and not_warmable(other, now) is None:
+            ads = ads - set(registry.ads(other.campaign_id)["ad_id"])
+    return ads
 
 
 def _is_cache_key(key: str) -> bool:
@@ -295,8 +302,11 @@ def campaign_ctr(
         # new CTRs, so readers never get one with the other (campaign_budget writes the new split next). On Redis
         # Cluster, per slot (see transact_per_slot): readers may get both for the length of the write.
         stale = [] if campaign.warm_revision == campaign.revision else [(b"DEL", budget_key(schema, campaign))]
+        # A revision whose end moved earlier: its own ads' values expire at the new end (an expiry is only ever
+        # extended where another live campaign has the ad too).
+        own = own_ads(registry, campaign, set(frame["ad_id"]), now)
         with failing_clearly_when_full(client, f"campaign {campaign.campaign_id} not warmed", LIVE_MEANWHILE):
-            write_live_values(client, "ctr", items, expire_at=expire_at, schema=schema, also=stale)
+            write_live_values(client, "ctr", items, expire_at=expire_at, schema=schema, also=stale, exact=own)
         latest = registry.get(campaign.campaign_id)
         if latest is None or latest.status != "active":
             # cancelled while we scored: its cleanup run may have come first, so take our writes back here
@@ -402,10 +412,10 @@ campaign_warming_job = dg.define_asset_job(
 
 
 class CampaignCleanupConfig(dg.Config):
-    campaign_id: str = Field(description="The cancelled campaign whose CTRs and budget are removed.")
+    campaign_id: str = Field(description="The cancelled (or ended) campaign whose CTRs and budget are removed.")
 
 
-@dg.op(retry_policy=WARMING_RETRY, description="Remove a cancelled campaign's CTRs and budget from the cache.")
+@dg.op(retry_policy=WARMING_RETRY, description="Remove a cancelled or ended campaign's CTRs and budget from the cache.")
 def remove_campaign(
     context: dg.OpExecutionContext,
     config: CampaignCleanupConfig,
@@ -418,21 +428,26 @@ def remove_campaign(
     campaign = registry.get(config.campaign_id)
     if campaign is None:
         raise dg.Failure(description=f"campaign {config.campaign_id!r} is not registered", allow_retries=False)
-    if campaign.status == "active":
-        context.log.info(f"{campaign.campaign_id} was registered again since its cancellation: its values stay")
+    now = datetime.now(UTC)
+    if (reason := not_warmable(campaign, now)) is None:
+        context.log.info(f"{campaign.campaign_id} was registered again since, and runs: its values stay")
         return
-    removed = remove_campaign_values(registry, redis.client(), redis.schema(), campaign, datetime.now(UTC))
-    context.log.info(f"removed {removed} keys of cancelled campaign {campaign.campaign_id}")
+    removed = remove_campaign_values(registry, redis.client(), redis.schema(), campaign, now)
+    context.log.info(f"removed {removed} keys: {reason}")
     context.log_event(
         dg.AssetObservation(
             asset_key=campaign_ctr.key,
             partition=campaign.campaign_id,
-            metadata={"cancelled": True, "keys_removed": removed, "revision": campaign.revision},
+            metadata={
+                "cancelled": campaign.status == "cancelled",
+                "keys_removed": removed,
+                "revision": campaign.revision,
+            },
         )
     )
 
 
-@dg.job(tags=WARMING_TAGS, description="Remove a cancelled campaign's values from the cache.")
+@dg.job(tags=WARMING_TAGS, description="Remove a cancelled or ended campaign's values from the cache.")
 def campaign_cleanup_job():
     remove_campaign()
 
@@ -629,7 +644,9 @@ def campaign_launch_sensor(
         )
         launched = {run.tags.get(RUN_KEY_TAG) for run in runs}
         fresh = [c for c in fresh if warming_run_key(c) not in launched]
-    cancelled = [c for c in changed if c.status == "cancelled"]
+    # Cancelled, or registered again with an end that has passed: its last warming's values expire at its old end (a
+    # new revision forgets that it was warmed; a cleanup of a campaign never warmed deletes nothing)
+    cancelled = [c for c in changed if not_warmable(c, now) is not None]
     requested = {c.campaign_id for c in fresh}
     lost, checked = lost_campaigns(
         context, registry, redis, now, limit=campaign_registry.max_lost_checks_per_tick, after=cursor.checked
@@ -669,8 +686,9 @@ def campaign_launch_sensor(
 
 
 def failed_cleanups(instance: dg.DagsterInstance, registry: CampaignRegistry, *, limit: int = 1000) -> list[Campaign]:
-    """Cancelled campaigns whose newest cleanup run (among the newest ``limit`` of them) failed or was canceled: their
-    values are still in the cache. A revision cancelled since (re-activated, cancelled again) has its own cleanup."""
+    """Cancelled (or ended) campaigns whose newest cleanup run (among the newest ``limit`` of them) failed or was
+    canceled: their values are still in the cache. A revision cancelled since (re-activated, cancelled again) has its
+    own cleanup."""
     newest: dict[str, dg.DagsterRun] = {}
     for run in instance.get_runs(dg.RunsFilter(job_name=campaign_cleanup_job.name), limit=limit):  # newest first
         newest.setdefault(run.tags.get(RUN_KEY_TAG, ""), run)
@@ -678,7 +696,8 @@ def failed_cleanups(instance: dg.DagsterInstance, registry: CampaignRegistry, *,
     out = []
     for run_key, run in sorted(newest.items()):
         campaign = registry.get(run.tags.get(CAMPAIGN_TAG, "")) if run.status in ended else None
-        if campaign is not None and campaign.status == "cancelled" and cleanup_request(campaign).run_key == run_key:
+        gone = campaign is not None and not_warmable(campaign, datetime.now(UTC)) is not None  # cancelled or ended
+        if gone and cleanup_request(campaign).run_key == run_key:
             out.append(campaign)
     return out
 

@@ -360,6 +360,54 @@ def test_a_cancelled_campaign_is_removed_but_ads_of_other_live_campaigns_stay(
     assert observation.asset_observation.metadata["keys_removed"].value == 5  # 4 ads + the budget
 
 
+def test_an_end_moved_earlier_shortens_the_campaigns_own_values_not_those_another_campaign_holds(
+    registry, resources, instance, redis_client, schema
+):
+    """Re-registered with an end 3 days earlier, a campaign's budget went at the new end, but its CTRs lived on to the
+    old one: their expiry was only ever extended (h_camp2)."""
+    now = datetime.now(UTC)
+    moved, other = unique("moved"), unique("other")
+    ads = campaign_ads(moved, 3)
+    registry.register(moved, "acme", now + HOUR, ads, end_at=now + 72 * HOUR)
+    registry.register(other, "acme", now + HOUR, [ads[0]], end_at=now + 96 * HOUR)
+    instance.add_dynamic_partitions(CAMPAIGNS.name, [moved, other])
+    assert warm(instance, resources, moved).success and warm(instance, resources, other).success
+    registry.register(moved, "acme", now + HOUR, ads, end_at=now + 5 * HOUR)  # revision 2: ends in 5 hours
+    assert warm(instance, resources, moved).success
+
+    def hours_left(ad: dict) -> float:
+        return redis_client.ttl(schema.live("ctr", ad["ad_id"])) / 3600
+
+    assert [round(hours_left(ad)) for ad in ads[1:]] == [6, 6]  # the new end and the 1 h grace
+    assert round(hours_left(ads[0])) == 97  # the other campaign's end holds the shared ad
+    assert round(redis_client.ttl(schema.live("budget", moved)) / 3600) == 6
+
+
+def test_a_campaign_registered_again_with_an_end_that_has_passed_is_removed(
+    registry, resources, instance, cache, redis_client, schema
+):
+    """Re-registered with its end a minute ago (accepted as a new revision), a warm campaign kept its budget and CTRs
+    in the cache until its old end, 3 days on: no cleanup was requested for a campaign that was not cancelled."""
+    now = datetime.now(UTC)
+    campaign_id = unique("ended")
+    ads = campaign_ads(campaign_id, 3)
+    registry.register(campaign_id, "acme", now + HOUR, ads, end_at=now + 72 * HOUR)
+    result = tick(instance, resources["campaign_registry"], redis=resources["redis"])
+    add_partitions(instance, result)
+    (warming,) = [r for r in result.run_requests if r.partition_key == campaign_id]
+    assert warm(instance, resources, warming.partition_key).success and cache.get("budget", campaign_id) is not None
+    registry.register(campaign_id, "acme", now - 2 * HOUR, ads, end_at=now - timedelta(minutes=1))
+    later = tick(instance, resources["campaign_registry"], result.cursor, redis=resources["redis"])
+    (cleanup,) = [r for r in later.run_requests if r.tags.get("precompute/campaign") == campaign_id]
+    assert cleanup.job_name == "campaign_cleanup_job"
+    run = campaign_cleanup_job.execute_in_process(run_config=cleanup.run_config, instance=instance, resources=resources)
+    assert run.success
+    assert cache.get("budget", campaign_id) is None
+    assert cache.get_many("ctr", [ad["ad_id"] for ad in ads]) == [None] * 3
+    observation = instance.fetch_observations(campaign_ctr.key, limit=1).records[0]
+    assert not observation.asset_observation.metadata["cancelled"].value  # ended, not cancelled
+
+
 def test_a_changed_campaigns_new_ctrs_are_never_read_with_its_last_revisions_budget(
     registry, resources, instance, cache
 ):
