@@ -148,7 +148,15 @@ def latest_states(
     ``carried_states`` gives the states to keep for the next events."""
     if not prior or "stream_id" not in events.columns:
         features = event_features(events, timezone)
-        return features.groupby("user", sort=False).tail(1).reset_index(drop=True)
+        latest = features.groupby("user", sort=False).tail(1).reset_index(drop=True)
+        if "stream_id" not in events.columns or latest.empty:
+            return latest
+        # the latest event by time need not be the newest counted: one that arrived after it is counted too, and a
+        # tick read again after a crash counted it twice
+        newest: dict[str, tuple[int, int]] = {}
+        for user, entry in zip(events["user"].tolist(), events["stream_id"].tolist(), strict=True):
+            newest[user] = max(newest.get(user, (0, 0)), _id_tuple(entry) or (0, 0))
+        return latest.assign(stream_id=[f"{ms}-{seq}" for ms, seq in map(newest.__getitem__, latest["user"])])
     users, times = events["user"].tolist(), events["ts_ms"].tolist()
     ids = [_id_tuple(entry) or (0, 0) for entry in events["stream_id"].tolist()]
     known = [prior.get(user) for user in users]

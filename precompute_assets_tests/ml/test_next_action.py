@@ -108,6 +108,22 @@ def test_a_tick_read_again_after_a_crash_counts_nothing_twice():
     assert replayed.loc["a", "action"] == "dashboard_view" and replayed.loc["a", "actions_today"] == 2
 
 
+def test_an_event_that_arrived_after_the_latest_is_not_counted_again_on_a_read_again():
+    """A user's first events read out of time order (the last to arrive is not the latest): the state kept the latest
+    event's stream ID, so the one that arrived after it counted again when the tick was read again (h_user2)."""
+    at = START_MS + 9 * 60 * MIN
+    frame = pd.DataFrame(
+        {
+            "stream_id": [f"{at + i * MIN}-0" for i in range(3)], "ts_ms": [at - 20 * MIN, at - 2 * MIN, at - 10 * MIN],
+            "user": ["a", "a", "a"], "action": ["login", "dashboard_view", "analytics_view"],
+        }
+    )  # fmt: skip
+    first = na.latest_states(frame)
+    assert first.loc[0, "stream_id"] == f"{at + 2 * MIN}-0" and first.loc[0, "action"] == "dashboard_view"
+    again = na.latest_states(frame, prior=na.carried_states(first))
+    assert first.loc[0, "actions_today"] == again.loc[0, "actions_today"] == 3
+
+
 def test_a_pause_a_login_or_a_new_day_starts_afresh_across_ticks():
     at = START_MS + 23 * 60 * MIN  # 23:00 UTC
     prior = {"a": na.UserState(f"{at}-0", at, "dashboard_view", None, at - 10 * MIN, 7)}
