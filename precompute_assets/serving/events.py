@@ -120,8 +120,10 @@ class EventLogger(QueryLogger):
 
 
 def _text(value: Any) -> str:
-    """A field as text: bytes (a user id read from Redis) decoded as UTF-8, not ``"b'...'"`` as ``str`` gives."""
-    return value.decode("utf-8", "replace") if isinstance(value, (bytes, bytearray)) else str(value)
+    """A field as text: bytes (a user id read from Redis) decoded as UTF-8, not ``"b'...'"`` as ``str`` gives. Bytes
+    that are no UTF-8 stay what they were (``surrogateescape``), written back as they came for the drain to quarantine
+    and count: decoded with U+FFFD, two users of different bytes became one."""
+    return value.decode("utf-8", "surrogateescape") if isinstance(value, (bytes, bytearray)) else str(value)
 
 
 # --- reading the stream back (the user_events asset and the user_event_sensor) ---------------------------

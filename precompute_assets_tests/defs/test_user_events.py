@@ -94,6 +94,21 @@ def test_an_hour_is_drained_exactly_idempotently_with_quarantine(
     assert again.success and lake.read("user_events", HOUR).equals(events)
 
 
+def test_user_ids_of_bytes_that_are_no_utf8_are_quarantined_not_merged(redis_url, schema, lake_uri, pg_instance):
+    """``record_event(b"\\xff\\xfe", ...)`` and ``(b"\\xfe\\xff", ...)`` were decoded with U+FFFD: two users became one
+    valid user of two U+FFFD, never quarantined, while a str user with a lone surrogate was (h_user2)."""
+    logger = EventLogger(log_client(redis_url), schema, clock=lambda: HOUR_START_MS + 5)
+    for user in (b"\xff\xfe", b"\xfe\xff", "u\ud800", b"ok"):
+        logger.record_event(user, "login", tenant="acme")
+    logger.close()
+    assert logger.stats.dropped == 0
+    result = dg.materialize([user_events], resources=resources(redis_url, schema, lake_uri), partition_key=HOUR,
+                            instance=pg_instance)  # fmt: skip
+    by_key = {m.asset_key.path[-1]: m.metadata for m in result.asset_materializations_for_node("user_events")}
+    assert by_key["user_event_quarantine"]["reasons"].value == {"user is not valid UTF-8": 3}
+    assert Lake(lake_uri).read("user_events", HOUR)["user"].tolist() == ["ok"]
+
+
 def test_an_hour_of_many_chunks_is_drained_whole_and_in_order(
     monkeypatch, redis_url, redis_client, schema, lake_uri, pg_instance
 ):
