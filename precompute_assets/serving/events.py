@@ -281,6 +281,8 @@ def validate_event(entry_id: bytes, fields: dict[bytes, bytes]) -> tuple[dict[st
             return None, reason
     if values["action"] not in ACTION_INDEX:
         return None, f"unknown action: {values['action'][:64]!r}"
+    if "{" in values["user"] or "}" in values["user"]:  # the key of its next actions: no cache key may hold one
+        return None, "user has a brace ('{' or '}'): no cache key can name it"
     return {"stream_id": entry_id.decode(), "ts_ms": ts, **values}, None
 
 

@@ -91,6 +91,18 @@ def test_bytes_are_recorded_as_their_text(redis_url, redis_client, schema):
     assert validate_event(*bad) == (None, "tenant is not valid UTF-8")
 
 
+def test_a_user_no_cache_key_can_name_is_quarantined():
+    """A user holding a brace got a state and a sensor's request, but its next actions could never be stored (a
+    brace picks a key's Redis Cluster slot: no cache key may hold one), nor read: cache.get raised (h_user2)."""
+    fields = {b"ts": b"1764000000000", b"user": b"{u1}", b"action": b"login"}
+    assert validate_event(b"1764000000000-0", fields) == (
+        None,
+        "user has a brace ('{' or '}'): no cache key can name it",
+    )
+    row, reason = validate_event(b"1764000000000-0", {**fields, b"user": b"u1", b"entity": b"{e}"})
+    assert reason is None and row["user"] == "u1"
+
+
 def test_a_huge_user_or_entity_is_recorded_cut_short_and_still_quarantined(redis_url, redis_client, schema):
     """A service that records a request body as the entity (or the user): the query logger cuts such text to
     LOGGED_TEXT_CHARS, the event logger kept it whole in the buffer and in the stream, which Redis never evicts."""
