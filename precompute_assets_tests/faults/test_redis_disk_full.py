@@ -7,6 +7,7 @@ client warned that lookups were misses while they kept hitting. A real server is
 is removed under it with a save point set, so its background save fails (as root, permissions cannot make it fail).
 """
 
+import contextlib
 import logging
 import os
 import shutil
@@ -46,9 +47,12 @@ def full_disk_url(session_dir: Path) -> Iterator[str]:
             admin.ping()
         yield server.url
     finally:
-        os.makedirs(folder / "gone", exist_ok=True)  # it saves there as it stops
+        with contextlib.suppress(redis.RedisError):  # back in its folder: `stop` knows its server by its working dir
+            admin.config_set("dir", str(folder))
+        os.makedirs(folder / "gone", exist_ok=True)  # else it saves there as it stops
         admin.close()
         server.stop()
+        assert server.pid is None, "the test's server is still running"
 
 
 def test_status_says_the_disk_not_the_login(full_disk_url: str) -> None:
