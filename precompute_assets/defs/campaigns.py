@@ -131,6 +131,13 @@ def rewarming_request(campaign: Campaign, now: datetime) -> dg.RunRequest:
     return warming_request(campaign, run_key=f"{warming_run_key(campaign)}-lost{hour}")
 
 
+def ended_when_registered(campaign: Campaign) -> bool:
+    """Whether ``campaign``'s revision was registered with an end that had passed: its last warming's values would
+    live until its old end (a new revision forgets that it was warmed). One that ended since keeps none past its end
+    and grace, and the first tick of a new instance, which reads every change, requests nothing for it."""
+    return campaign.status == "active" and campaign.end_at is not None and campaign.end_at <= campaign.updated_at
+
+
 def cleanup_request(campaign: Campaign) -> dg.RunRequest:
     """The run that removes a cancelled campaign's values from the cache, or those of one re-registered with an end
     that has passed (its last warming's values would live until its old end)."""
@@ -644,9 +651,7 @@ def campaign_launch_sensor(
         )
         launched = {run.tags.get(RUN_KEY_TAG) for run in runs}
         fresh = [c for c in fresh if warming_run_key(c) not in launched]
-    # Cancelled, or registered again with an end that has passed: its last warming's values expire at its old end (a
-    # new revision forgets that it was warmed; a cleanup of a campaign never warmed deletes nothing)
-    cancelled = [c for c in changed if not_warmable(c, now) is not None]
+    cancelled = [c for c in changed if c.status == "cancelled" or ended_when_registered(c)]
     requested = {c.campaign_id for c in fresh}
     lost, checked = lost_campaigns(
         context, registry, redis, now, limit=campaign_registry.max_lost_checks_per_tick, after=cursor.checked

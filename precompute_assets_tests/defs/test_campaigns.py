@@ -408,6 +408,23 @@ def test_a_campaign_registered_again_with_an_end_that_has_passed_is_removed(
     assert not observation.asset_observation.metadata["cancelled"].value  # ended, not cancelled
 
 
+def test_only_a_revision_registered_after_its_end_asks_for_a_cleanup():
+    """A campaign that ended on its own keeps no value past its end and grace: a cleanup of each one ever ended, on a
+    new instance's first tick (which reads every change), would be runs for nothing."""
+    from precompute_assets.defs.campaigns import ended_when_registered
+    from precompute_assets.storage.campaigns import Campaign
+
+    now = datetime.now(UTC)
+
+    def campaign(end_at, updated_at, status="active") -> Campaign:
+        return Campaign("c", "acme", now - 48 * HOUR, end_at, 100.0, status, 2, None, 7, updated_at, 3)
+
+    assert ended_when_registered(campaign(now - HOUR, now))  # registered again with its end an hour ago
+    assert not ended_when_registered(campaign(now - HOUR, now - 2 * HOUR))  # ended after it was registered
+    assert not ended_when_registered(campaign(None, now)) and not ended_when_registered(campaign(now + HOUR, now))
+    assert not ended_when_registered(campaign(now - HOUR, now, status="cancelled"))  # a cancellation's own cleanup
+
+
 def test_a_changed_campaigns_new_ctrs_are_never_read_with_its_last_revisions_budget(
     registry, resources, instance, cache
 ):
