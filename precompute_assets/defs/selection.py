@@ -1,6 +1,6 @@
 """Selection: what will be asked tomorrow. Daily assets over a week of hourly query logs."""
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from typing import Literal
 
@@ -287,11 +287,15 @@ def published_share(instance: dg.DagsterInstance, partitions: Partitions, day: s
     return int(top_n) if isinstance(top_n, int) and top_n >= 0 else None
 
 
-def verdict_top_n(context: dg.AssetExecutionContext, strategy: str, top_n: int, evaluation: dict | None) -> dict:
-    """``{"strategy_evaluated_top_n": M}`` when ``strategy`` follows demand_model's verdict of the day (``auto``,
-    ``lstm``; its ``evaluation``) and that verdict compared the strategies at a top-N other than the ``top_n``
-    selected now, with a warning: which ranking wins (and the LSTM's approval) can change with N. Empty otherwise."""
-    evaluated = evaluation.get("top_n") if evaluation is not None and strategy in ("auto", "lstm") else None
+def verdict_top_n(
+    context: dg.AssetExecutionContext, strategies: Sequence[str], top_n: int, evaluation: dict | None
+) -> dict:
+    """``{"strategy_evaluated_top_n": M}`` when one of the ``strategies`` ranking the selection (the configured one, or
+    an experiment's arms) follows demand_model's verdict of the day (``auto``, ``lstm``; its ``evaluation``) and that
+    verdict compared the strategies at a top-N other than the ``top_n`` selected now, with a warning: which ranking
+    wins (and the LSTM's approval) can change with N. Empty otherwise."""
+    follows = any(strategy in ("auto", "lstm") for strategy in strategies)
+    evaluated = evaluation.get("top_n") if evaluation is not None and follows else None
     if evaluated is None or evaluated == top_n or top_n == 0:
         return {}
     context.log.warning(
@@ -414,7 +418,8 @@ def top_ads(
             f"the days that chose it {choice.hit_rates[top_n]:.4f}; {choice.requests} logged requests on the counted "
             f"days, replayed on a sample of {choice.sample_rate:.2%} of the keys, live tier: {config.admission})"
         )
-    verdict_metadata = verdict_top_n(context, config.strategy, top_n, evaluation)
+    # the arms rank an experiment's selection, whatever the configured strategy
+    verdict_metadata = verdict_top_n(context, running.arms if running else (config.strategy,), top_n, evaluation)
     arm_metadata: dict = {}
     if running is None:
         selected = select_top(demand, top_n)

@@ -615,6 +615,18 @@ def test_the_self_tuned_share_replays_frequency_with_the_half_life_top_ads_ranks
     assert self_tuned_candidates(selection_resources, pg_instance, "frequency", ad_demand_config) == tuned(0.25)
 
 
+def test_the_verdicts_top_n_is_told_when_an_arm_follows_it_not_by_the_configured_strategy():
+    """Under an experiment the arms rank the selection: the warning followed the configured strategy instead, so
+    arms frequency,lstm under strategy frequency said nothing, and arms frequency,ewma under auto warned (h_dmd)."""
+    from precompute_assets.defs.selection import verdict_top_n
+
+    warned = []
+    context = type("Context", (), {"log": type("Log", (), {"warning": lambda self, line: warned.append(line)})()})()
+    assert verdict_top_n(context, ("frequency", "lstm"), 20, {"top_n": 10}) == {"strategy_evaluated_top_n": 10}
+    assert verdict_top_n(context, ("frequency", "ewma"), 20, {"top_n": 10}) == {}
+    assert verdict_top_n(context, ("auto",), 10, {"top_n": 10}) == {} and len(warned) == 1
+
+
 def test_top_ads_reads_the_demand_models_evaluation_once(
     approving, selection_resources, pg_instance, weekly_template, lake_uri, monkeypatch
 ):
