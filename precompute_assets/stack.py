@@ -42,6 +42,7 @@ from .serving.connection import (
     REDIS_ERRORS,
     SENTINEL_SCHEMES,
     URL_UNREADABLE,
+    cannot_persist,
     check_url_parameters,
     check_url_port,
     connect,
@@ -1072,10 +1073,9 @@ def login_problem(variable: str, url: str) -> str | None:
                 try:
                     client.ping()
                 except redis.ResponseError as error:
-                    if not str(error).startswith("MISCONF"):
+                    if not cannot_persist(error):
                         raise
-                    # PING refused because the server cannot persist (a full disk): our login is fine, and
-                    # ``persistence_warnings`` says what is wrong
+                    # our login is fine: ``persistence_warnings`` says what is wrong
                 if wrong := mode_problem(client):
                     return wrong
                 try:

@@ -26,7 +26,7 @@ from ..ml.features import (
 )
 from ..ml.model_store import LocalModelStore
 from ..serving import Experiment, KeySchema, connect
-from ..serving.connection import REDIS_ERRORS, is_cluster, mode_problem
+from ..serving.connection import REDIS_ERRORS, cannot_persist, is_cluster, mode_problem
 from ..serving.replication import REPLICA_WAIT_S
 from ..stack import ENV_APP_DB, ENV_LAKE, ENV_MODEL_STORE, ENV_REDIS, redact
 from ..storage.campaigns import ENV_CAMPAIGN_MAX_ADS, MAX_ADS, CampaignRegistry, max_ads_from_env
@@ -85,7 +85,7 @@ class RedisResource(dg.ConfigurableResource):
             primary = None if is_cluster(client) or wrong else replica_of(client)
         except (redis.AuthenticationError, redis.ResponseError) as error:
             client.close()
-            if str(error).startswith("MISCONF"):  # it cannot write its RDB or AOF (a full disk): no login problem
+            if cannot_persist(error):  # a full disk, not a login problem
                 raise dg.Failure(description=f"{where} cannot write to its disk, and refuses writes until it can "
                                  f"(full?): {error}") from None  # fmt: skip  # retried: space may come back
             raise dg.Failure(description=f"{where} refuses us: {error}", allow_retries=False) from None

@@ -271,6 +271,12 @@ def is_cluster_url(url: str) -> bool:
     return bool(split_cluster_url(url)[1])
 
 
+def cannot_persist(error: BaseException) -> bool:
+    """Whether ``error`` is a server's ``MISCONF`` reply: it cannot write its AOF or RDB (a full disk), and refuses
+    writes, ``PING`` included, while it still answers reads. Not a refusal of the login."""
+    return isinstance(error, redis.ResponseError) and str(error).startswith("MISCONF")
+
+
 def is_cluster(client: object) -> bool:
     """Whether ``client`` is a Redis Cluster client (a cluster has no single connection pool), or one not built yet
     (``PendingCluster``)."""

@@ -228,15 +228,24 @@ def server_mark(client: redis.Redis) -> str | None:
         return None
 
 
+def _marks(mark: str) -> list[tuple[str, int]]:
+    """A ``server_mark``'s ``(run_id, evicted_keys)`` per primary."""
+    return [(run, int(evicted)) for run, _, evicted in (node.rpartition(":") for node in mark.split(","))]
+
+
+def restarted_since(before: str | None, after: str | None) -> bool:
+    """Whether servers whose ``server_mark`` was ``before`` and is ``after`` restarted (or changed) in between."""
+    if before is None or after is None:
+        return False
+    return [run for run, _ in _marks(before)] != [run for run, _ in _marks(after)]
+
+
 def evicted_since(before: str | None, after: str | None) -> bool:
     """Whether servers whose ``server_mark`` was ``before`` and is ``after`` evicted keys in between, and did not
     restart (a restart loses what it held; evictions say the memory is too small for it)."""
-    if before is None or after is None:
+    if before is None or after is None or restarted_since(before, after):
         return False
-    marks = [mark.rpartition(":") for mark in before.split(",")], [mark.rpartition(":") for mark in after.split(",")]
-    if [run for run, _, _ in marks[0]] != [run for run, _, _ in marks[1]]:
-        return False
-    return any(int(now) > int(then) for (_, _, then), (_, _, now) in zip(*marks, strict=True))
+    return any(now > then for (_, then), (_, now) in zip(_marks(before), _marks(after), strict=True))
 
 
 def read_user_states_span(client: redis.Redis, schema: KeySchema) -> UserStatesSpan | None:

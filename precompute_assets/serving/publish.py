@@ -38,7 +38,7 @@ from .acl import REAPPLY_HINT, is_acl_refusal
 from .admission import HAND_OVER, UNTRACK, evictable, fifo_names
 from .cache import live_value_keys
 from .connection import REDIS_ERRORS, cluster_send, follow_primary, is_cluster, key_slot, send_pipelined
-from .events import evicted_since, server_mark
+from .events import evicted_since, restarted_since, server_mark
 from .invalidate import Invalidations, bump_epoch, invalidations
 from .keys import (
     Codec,
@@ -383,8 +383,7 @@ def _bucket_loss(before: str | None, after: str | None, failover: bool) -> tuple
     if failover:
         return "evicted or lost in a failover", f"{more_memory} (after a failover, retry it)", True
     if before is not None and after is not None:
-        runs = [[mark.rpartition(":")[0] for mark in marks.split(",")] for marks in (before, after)]
-        if runs[0] != runs[1]:
+        if restarted_since(before, after):
             return "lost in a restart of Redis", ": publish again", False
         if not evicted_since(before, after):
             return (

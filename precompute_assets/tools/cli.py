@@ -267,15 +267,17 @@ def cmd_redis_acl(args: argparse.Namespace) -> int:
         if not args.apply:
             print("\n".join(acl_file_lines(args.namespace, kinds=kinds, **users)))  # password hashes only
             return 0
-        source = ENV_REDIS_ADMIN if os.environ.get(ENV_REDIS_ADMIN) else ENV_REDIS
-        stack = Stack()
-        url = os.environ.get(ENV_REDIS_ADMIN) or stack.env()[ENV_REDIS]
+        admin = os.environ.get(ENV_REDIS_ADMIN)
+        source = ENV_REDIS_ADMIN if admin else ENV_REDIS
+        # an admin URL with no home here is an external server's: making a home (its state, its secret) is not ours
+        stack = Stack() if not admin or default_home().exists() else None
+        url = admin or stack.env()[ENV_REDIS]
         if (error := url_error(source, url)) is not None:  # as `up` and `cache` say it
             raise CliError(error)
         client = connect(url, socket_timeout=5)
         try:
             names = apply_acl(client, args.namespace, kinds=kinds, **users)
-            if embedded := stack.owns_redis(url):  # ours to configure: its next start reads them
+            if embedded := stack is not None and stack.owns_redis(url):  # ours to configure: its next start reads
                 unknown = unknown_commands(client)
                 stack.redis.keep_users(acl_file_lines(args.namespace, kinds=kinds, unknown=unknown, **users))
         finally:
