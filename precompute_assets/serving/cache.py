@@ -130,22 +130,30 @@ def _release_command(schema: KeySchema, kind: str, key: str, token: bytes) -> tu
     return (b"EVAL", _RELEASE_LOCK, b"1", recompute_lock_key(schema, kind, key), token)
 
 
-def storable(kind: str, value: Any) -> bool:
-    """Whether ``get_or_compute`` stores ``value`` (already encodable) of ``kind``: not None (a None computed live is
-    returned, not cached), for float32 kinds (``ctr``, ``campaign``) a finite number, as the publish path requires
-    of every prediction (a NaN the model returned once would otherwise be served for a whole live TTL), and for JSON
-    kinds a value without NaN or Infinity."""
+def stored_encoding(kind: str, value: Any) -> bytes | None:
+    """The bytes ``get_or_compute`` stores for ``value`` of ``kind``, encoded once, or None when it stores nothing: a
+    None (a None computed live is returned, not cached), for float32 kinds (``ctr``, ``campaign``) a number that is
+    not finite, as the publish path requires of every prediction (a NaN the model returned once would otherwise be
+    served for a whole live TTL), and for JSON kinds a value with NaN or Infinity (no JSON: readers in other
+    languages refuse them, as tasks.py writes values). A value the codec cannot encode raises."""
     if value is None:
-        return False
+        return None
     codec = codec_for(kind)
-    if isinstance(codec, Float32Codec):
-        return math.isfinite(float(value))
     if isinstance(codec, JsonCodec):
-        try:  # NaN and Infinity are no JSON: readers in other languages refuse them (as tasks.py writes values)
-            json.dumps(value, allow_nan=False)
+        try:
+            return json.dumps(value, separators=(",", ":"), allow_nan=False).encode()
         except ValueError:
-            return False
-    return True
+            codec.encode(value)  # a circular value raises here as the codec would; a NaN or Infinity encodes
+            return None
+    encoded = codec.encode(value)
+    if isinstance(codec, Float32Codec) and not math.isfinite(float(value)):
+        return None
+    return encoded
+
+
+def storable(kind: str, value: Any) -> bool:
+    """Whether ``get_or_compute`` stores ``value`` (already encodable) of ``kind`` (``stored_encoding``)."""
+    return stored_encoding(kind, value) is not None
 
 
 def _store_failure(error: BaseException) -> str:
@@ -356,8 +364,8 @@ class PredictionCache:
     ) -> Any:
         """The cached value (a published JSON null too: None, a hit, nothing computed), or ``compute(key)``, stored with
         the live TTL if the admission policy (this call's ``admission``, else the cache's) admits it; a None result, or
-        a non-finite one of a float32 kind, is returned but never stored (``storable``). Redis trouble never raises
-        here.
+        a non-finite one of a float32 kind, is returned but never stored (``stored_encoding``). Redis trouble never
+        raises here.
 
         Stampede protection (on unless ``xfetch_beta=0`` and ``recompute_lock_ms=0``, the plain read-through):
 
@@ -446,8 +454,8 @@ class PredictionCache:
             if decision.admit and self._invalidated_on_cluster(kind, epoch):
                 return value  # nothing stored, nothing admitted: a tracked key without a value wastes a slot
             if decision.admit:
-                encoded = codec_for(kind).encode(value)
-                if not storable(kind, value):
+                encoded = stored_encoding(kind, value)
+                if encoded is None:
                     return value
                 commands = self._store_commands(kind, key, encoded, None, epoch=epoch)
             self._send_with_housekeeping(kind, key, commands, policy, decision, epoch=epoch)
@@ -526,12 +534,12 @@ class PredictionCache:
         try:
             value = compute(key)
             delta_s = time.perf_counter() - started
-            encoded = codec_for(kind).encode(value) if store else b""
+            encoded = stored_encoding(kind, value) if store else b""
         except BaseException:
             if locked:  # let the waiting readers compute for themselves now (also when the codec refuses the value)
                 self._release_lock(kind, key, locked)
             raise
-        if store and not storable(kind, value):
+        if encoded is None:
             # A None is not cached: it would take a write and, under probation, a slot (evicting a real value). A NaN
             # is no prediction.
             if locked:

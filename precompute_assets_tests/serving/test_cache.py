@@ -840,9 +840,14 @@ def test_the_wait_for_a_lock_holder_is_bounded(redis_url, redis_client, schema):
     # So does one whose value the kind's codec refuses (the caller gets the codec's error): the lock once stayed
     # held for recompute_lock_ms, and every reader waiting on the key waited it out.
     with pytest.raises(TypeError):
-        cache.get_or_compute("ctr", "unencodable", lambda key: None)
+        cache.get_or_compute("ctr", "unencodable", lambda key: object())
     time.sleep(0.01)
     assert redis_client.get(recompute_lock_key(schema, "ctr", "unencodable")) is None
+    # A None of a float32 kind is no prediction: returned and never stored, as a JSON kind's, and the lock released.
+    # The float32 codec once refused it, and the caller got a TypeError.
+    for stampede in (cache, make_cache(redis_url, schema, xfetch_beta=0, recompute_lock_ms=0)):
+        assert stampede.get_or_compute("ctr", "nothing", lambda key: None) is None
+    assert redis_client.exists(schema.live("ctr", "nothing"), recompute_lock_key(schema, "ctr", "nothing")) == 0
 
 
 def test_a_reader_without_the_new_permissions_falls_back_to_the_plain_read_through(redis_url, redis_client, schema):
