@@ -171,6 +171,9 @@ def query_logs(context: dg.AssetExecutionContext, redis: RedisResource, lake: La
     stream = redis.schema().query_log()
     if loss := stream_loss(client, stream, lake, "query_logs", context.partition_key, start_ms, trimmed_before):
         context.log.warning(loss_warning(loss, read, first_ts))  # nothing brings them back: the rest is kept
+    footprint = stream_footprint(client, stream)
+    if warning := stream_memory_warning(footprint, stream):
+        context.log.warning(warning)
     total = len(logs) + lost_queries
     # The quarantine first: once query_logs is materialized the hour counts as drained (never drained again, its
     # stream entries trimmed), so a write of the quarantine that failed after it lost the hour's rejected rows.
@@ -194,6 +197,7 @@ def query_logs(context: dg.AssetExecutionContext, redis: RedisResource, lake: La
             "quarantined_queries": lost_queries,  # a batch entry rejected whole is one row for all of its queries
             "stream_trimmed": trimmed,
             **({"stream_lost": loss} if loss else {}),
+            **footprint,
             "events_by_kind": dg.MetadataValue.json(logs["kind"].value_counts().to_dict()),
             "experiment_rows": int(logs["arm"].notna().sum()),
         },
@@ -332,6 +336,36 @@ def trimmed_hours(first_entry_ms: int, cutoff_ms: int, partitions_def: dg.TimeWi
         start = partitions_def.time_window_for_partition_key(first_key).start
     end = datetime.fromtimestamp(cutoff_ms / 1000, tz=ZoneInfo(partitions_def.timezone))
     return list(partitions_def.get_partition_keys_in_time_window(dg.TimeWindow(start, end)))
+
+
+STREAM_MEMORY_WARN_SHARE = 0.5  # a stream above this share of maxmemory leaves little for the versions before eviction
+
+
+def stream_footprint(client, stream: str) -> dict[str, int]:
+    """``stream``'s entries, its bytes (``MEMORY USAGE``) and its server's ``maxmemory`` (0: none), as numbers the UI
+    plots; what Redis refuses (an ACL, a managed server) is left out."""
+    out: dict[str, int] = {}
+    try:
+        out["stream_entries"] = int(client.xlen(stream))
+        out["stream_bytes"] = int(client.memory_usage(stream) or 0)
+        node = {"target_nodes": client.get_node_from_key(stream)} if hasattr(client, "get_node_from_key") else {}
+        out["maxmemory_bytes"] = int(client.info("memory", **node).get("maxmemory", 0))
+    except (redis_errors.RedisError, ValueError, TypeError):
+        pass
+    return out
+
+
+def stream_memory_warning(footprint: dict[str, int], stream: str) -> str | None:
+    """A warning when ``stream`` takes more than ``STREAM_MEMORY_WARN_SHARE`` of its server's ``maxmemory``: the
+    streams have no TTL, so at ``maxmemory`` Redis evicts version buckets instead, and readers miss."""
+    used, limit = footprint.get("stream_bytes", 0), footprint.get("maxmemory_bytes", 0)
+    if not limit or used <= STREAM_MEMORY_WARN_SHARE * limit:
+        return None
+    return (
+        f"the stream {stream} takes {used / limit:.0%} of maxmemory ({used} of {limit} bytes, "
+        f"{footprint.get('stream_entries', 0)} entries): at maxmemory Redis evicts version buckets and readers miss; "
+        "drain the hours behind, or cap the loggers' stream_maxlen"
+    )
 
 
 def oldest_entry_ms(client, stream: str) -> int | None:

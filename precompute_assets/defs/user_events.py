@@ -29,8 +29,10 @@ from .query_logs import (
     loss_warning,
     lost_events,
     quarantine_check,
+    stream_footprint,
     stream_loss,
     stream_lost_failure,
+    stream_memory_warning,
     wait_for_hour_end,
 )
 from .resources import LakeResource, ModelStoreResource, RedisResource
@@ -113,6 +115,9 @@ def user_events(context: dg.AssetExecutionContext, redis: RedisResource, lake: L
     stream = events_stream(schema)
     if loss := stream_loss(client, stream, lake, USER_EVENTS, context.partition_key, start_ms, trimmed_before):
         context.log.warning(loss_warning(loss, read, first_ts))
+    footprint = stream_footprint(client, stream)
+    if warning := stream_memory_warning(footprint, stream):
+        context.log.warning(warning)
     reasons = quarantine["reason"].str.split(":").str[0].value_counts().head(20).to_dict() if len(quarantine) else {}
     # The quarantine first, as query_logs': a materialized hour is never drained again.
     yield dg.Output(
@@ -131,6 +136,7 @@ def user_events(context: dg.AssetExecutionContext, redis: RedisResource, lake: L
             "unknown_actions": sum(unknown.values()),
             "unknown_action_names": dg.MetadataValue.json(dict(sorted(unknown.items())[:20])),
             **({"stream_lost": loss} if loss else {}),
+            **footprint,
         },
     )
     # unknown actions are among the quarantined

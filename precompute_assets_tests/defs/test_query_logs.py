@@ -767,3 +767,25 @@ def test_imported_and_drained_hours_share_one_schema_so_the_folder_reads_as_one_
         lake.write("query_logs", hour, frame)
     table = ds.dataset(lake.path("query_logs", HOUR).rsplit("/", 1)[0], format="parquet").to_table()
     assert table.num_rows == 12 and table.schema.remove_metadata() == QUERY_LOG_DRAIN
+
+
+def test_the_drain_plots_the_stream_s_footprint_and_warns_before_it_fills_maxmemory(
+    redis_url, redis_client, schema, lake_uri, pg_instance
+):
+    """The streams have no TTL: a stream grown into ``maxmemory`` makes Redis evict version buckets instead, and
+    nothing said so before readers missed. Each drain now records the stream's entries, bytes and the server's
+    ``maxmemory`` as numbers, and warns above half of it."""
+    from precompute_assets.defs.query_logs import stream_footprint, stream_memory_warning
+
+    fill(redis_url, schema, HOUR_START_MS, 200)
+    result = materialize(redis_url, schema, lake_uri, pg_instance)
+    meta = drain_metadata(result)
+    assert meta["stream_entries"].value == redis_client.xlen(schema.query_log()) > 0
+    assert meta["stream_bytes"].value > 0
+    assert meta["maxmemory_bytes"].value == int(redis_client.config_get("maxmemory")["maxmemory"])
+    footprint = stream_footprint(redis_client, schema.query_log())
+    assert stream_memory_warning(footprint, "s") is None  # a few hundred bytes of a server's maxmemory
+    full = {"stream_entries": 9, "stream_bytes": 600, "maxmemory_bytes": 1000}
+    assert "takes 60% of maxmemory" in stream_memory_warning(full, "s")
+    assert stream_memory_warning({**full, "maxmemory_bytes": 0}, "s") is None  # no maxmemory: nothing to warn of
+    assert stream_memory_warning({}, "s") is None  # a server that refused the footprint
