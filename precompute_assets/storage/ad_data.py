@@ -42,7 +42,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..serving.querylog import MAX_KEY_LENGTH
-from .files import first_bytes, not_text_reason, unreadable_reason
+from .files import first_bytes, not_text_reason, record_text, tapped_lines, unreadable_reason
 from .lake import Lake
 
 ID_COLUMN = "ad_id"
@@ -178,13 +178,18 @@ def _csv_chunks(
     path: Path, required: Sequence[str], quarantine: _Quarantine
 ) -> Iterator[tuple[pd.DataFrame, np.ndarray]]:
     """Chunks of data rows (text, object dtype) with their line numbers; ragged and malformed lines are
-    quarantined here. A file without a header is an ``AdDataError``."""
+    quarantined here with their raw text. A file without a header, or with a quote that is never closed, is an
+    ``AdDataError``: such a quote takes in every line after it, and the load would write the file without them."""
     opener = gzip.open if path.suffix.lower() == ".gz" else open
+    csv.field_size_limit(2**31 - 1)  # a long text column is one field: the default limit of 128 KiB refused its row
     # surrogateescape: a line with bytes that are not UTF-8 is quarantined, not the whole file refused
     with opener(path, "rt", encoding="utf-8-sig", errors="surrogateescape", newline="") as stream:
-        reader = csv.reader(stream)
+        record: list[str | None] = []  # the lines of the record being read, its raw text if it is rejected
+        # strict: a quote never closed is an error, not a field that runs on to the end of the file; so is text after
+        # a closing quote ("a3"x was read as a3x)
+        reader = csv.reader(tapped_lines(stream, record), strict=True)
         try:
-            header = next(record for record in reader if record)
+            header = next(fields for fields in reader if fields)
         except StopIteration:
             raise AdDataError(f"{path}: empty file: no header row (it needs the columns {list(required)})") from None
         except (csv.Error, OSError, EOFError) as error:
@@ -195,25 +200,31 @@ def _csv_chunks(
         numbers: list[int] = []
         start = reader.line_num + 1
         while True:
+            record.clear()
             try:
-                record = next(reader)
+                row = next(reader)
             except StopIteration:
                 break
             except csv.Error as error:
+                if "unexpected end of data" in str(error):
+                    raise AdDataError(
+                        f"{path}: line {start}: a quote opened there is never closed, so no line after it can be "
+                        "read; nothing was loaded (close or remove the quote)"
+                    ) from None
                 quarantine.summary.rows += 1
-                quarantine.add(start, f"malformed CSV: {error}", None)
+                quarantine.add(start, f"malformed CSV: {error}", record_text(record))
                 start = reader.line_num + 1
                 continue
             except (OSError, EOFError) as error:  # a truncated .gz
                 raise AdDataError(f"{path}: cannot read line {start}: {error}") from None
             line, start = start, reader.line_num + 1
-            if not record:
+            if not row:
                 continue  # a blank line
             quarantine.summary.rows += 1
-            if len(record) != len(header):
-                quarantine.add(line, f"{len(record)} fields, expected {len(header)}", record)
+            if len(row) != len(header):
+                quarantine.add(line, f"{len(row)} fields, expected {len(header)}", record_text(record))
                 continue
-            rows.append(record)
+            rows.append(row)
             numbers.append(line)
             if len(rows) >= CHUNK_ROWS:
                 yield pd.DataFrame(rows, columns=header, dtype=object), np.array(numbers)
@@ -231,6 +242,9 @@ def _parquet_chunks(
     except (pa.ArrowException, OSError) as error:
         raise AdDataError(f"{path}: not a readable Parquet file: {str(error).splitlines()[0]}") from None
     _check_header(path, parquet.schema_arrow.names, required)
+    nested = [f"{f.name} ({f.type})" for f in parquet.schema_arrow if f.name in required and pa.types.is_nested(f.type)]
+    if nested:
+        raise AdDataError(f"{path}: columns {nested} hold lists or records; each needs one value per row")
     first = 1
     batches = parquet.iter_batches(batch_size=CHUNK_ROWS, columns=list(columns) if columns else None)
     while True:
@@ -240,18 +254,31 @@ def _parquet_chunks(
             break
         except (pa.ArrowException, OSError) as error:
             raise AdDataError(f"{path}: unreadable Parquet data: {str(error).splitlines()[0]}") from None
-        # timestamps as epoch milliseconds (truncating finer units: pandas writes nanoseconds), so ts_ms may be
-        # stored as a timestamp column too
-        arrays = [a.cast(pa.timestamp("ms", tz="UTC"), safe=False).cast(pa.int64()) if pa.types.is_timestamp(a.type)
-                  else a for a in batch.columns]  # fmt: skip
-        # integer ids as their exact text here: pandas makes an integer column with a null (or a chunk beside one
-        # that has) float64, which merged 64-bit ids above 2**53 into one, and refused uint64 ids above 2**63
-        arrays = [a.cast(pa.string()) if name == ID_COLUMN and pa.types.is_integer(a.type) else a
-                  for name, a in zip(batch.schema.names, arrays, strict=True)]  # fmt: skip
+        arrays = [_parquet_column(name, a) for name, a in zip(batch.schema.names, batch.columns, strict=True)]
         frame = pa.Table.from_arrays(arrays, names=batch.schema.names).to_pandas()
+        for name, array in zip(batch.schema.names, arrays, strict=True):
+            if _is_binary(array.type):  # Hive, Impala and Spark write strings as BINARY: their bytes are text
+                text = [v.decode("utf-8", "surrogateescape") if isinstance(v, bytes) else v for v in frame[name]]
+                frame[name] = pd.Series(text, index=frame.index, dtype=object)  # object: it may hold surrogates
         quarantine.summary.rows += len(frame)
         yield frame, np.arange(first, first + len(frame))
         first += len(frame)
+
+
+def _parquet_column(name: str, array: pa.Array) -> pa.Array:
+    """A Parquet column as the loaders read it: ``ts_ms`` stored as a timestamp in epoch milliseconds (truncating
+    finer units: pandas writes nanoseconds), integer ids as their exact text (pandas makes an integer column with a
+    null, or a chunk beside one that has, float64, which merged 64-bit ids above 2**53 into one, and refused uint64
+    ids above 2**63); every other column as written."""
+    if name == "ts_ms" and pa.types.is_timestamp(array.type):
+        return array.cast(pa.timestamp("ms", tz="UTC"), safe=False).cast(pa.int64())
+    if name == ID_COLUMN and pa.types.is_integer(array.type):
+        return array.cast(pa.string())
+    return array
+
+
+def _is_binary(kind: pa.DataType) -> bool:
+    return pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_fixed_size_binary(kind)
 
 
 def _chunks(path: Path, kind: str, required: Sequence[str], quarantine: _Quarantine, columns=None):
@@ -267,10 +294,12 @@ def _stripped(values: pd.Series) -> pd.Series:
 
 
 def _undecodable(frame: pd.DataFrame) -> np.ndarray:
-    """Rows with a text value that held bytes that were not UTF-8 (CSV only)."""
+    """Rows with a text value that held bytes that were not UTF-8 (a CSV's, or a Parquet BINARY column's)."""
     pattern = re.compile(_UNDECODABLE)
     bad = np.zeros(len(frame), dtype=bool)
     for column in frame.columns:
+        if frame[column].dtype != object:  # numbers, timestamps, Arrow strings (valid UTF-8): no text of that kind
+            continue
         values = frame[column].to_numpy(dtype=object)
         bad |= np.array([isinstance(v, str) and not v.isascii() and bool(pattern.search(v)) for v in values], bool)
     return bad
@@ -291,11 +320,13 @@ def _id_problems(ids: pd.Series) -> np.ndarray:
 
 
 def _typed(values: pd.Series) -> pd.Series:
-    """A CSV column as numbers when every non-blank value is one, otherwise as text."""
+    """A CSV column as numbers when every non-blank value is one, otherwise as text; integers beyond 64 bits as
+    floats (pandas keeps them as Python ints, which Arrow cannot write)."""
     try:
-        return pd.to_numeric(values)
+        numbers = pd.to_numeric(values)
     except (ValueError, TypeError):
         return values
+    return numbers.astype(float) if numbers.dtype == object else numbers
 
 
 def _ids(values: pd.Series) -> pd.Series:
@@ -345,11 +376,12 @@ def load_ads(
     frame[ID_COLUMN] = _ids(frame[ID_COLUMN])
     if kind == "csv":
         frame = frame.apply(_stripped)
-        undecodable = _undecodable(frame)
-        frame, lines = frame[quarantine.add_rows(frame, lines, undecodable, "not valid UTF-8")], lines[~undecodable]
+    undecodable = _undecodable(frame)  # also a Parquet BINARY column's bytes that are not UTF-8
+    frame, lines = frame[quarantine.add_rows(frame, lines, undecodable, "not valid UTF-8")], lines[~undecodable]
     frame = frame[quarantine.add_rows(frame, lines, row_problems(frame))]
-    if kind == "csv":
-        frame = frame.apply(lambda column: column if column.name in (ID_COLUMN, *text_columns) else _typed(column))
+    if kind == "csv":  # the feature columns as numbers; other columns stay as written (text)
+        numeric = [c for c in required if c not in (ID_COLUMN, *text_columns)]
+        frame = frame.apply(lambda column: _typed(column) if column.name in numeric else column)
     last = ~frame[ID_COLUMN].duplicated(keep="last").to_numpy()
     summary.duplicates = int((~last).sum())
     frame = frame[last].reset_index(drop=True)

@@ -36,7 +36,15 @@ from psycopg2 import sql
 
 from ..ml.embedder import MAX_BODY_BYTES
 from ..serving.keys import BAD_KEY_CHARACTERS, MAX_KEY_LENGTH
-from .files import first_bytes, not_text_reason, unreadable_reason
+from .files import (
+    cut_raw,
+    first_bytes,
+    not_text_reason,
+    record_text,
+    tapped_lines,
+    unreadable_reason,
+    visible_line,
+)
 from .postgres import copy_in, schema_missing, transaction
 from .tables import not_text
 
@@ -63,7 +71,6 @@ CHUNK_BYTES = 64 << 20  # ... or fewer, when their text is this long: a chunk is
 MAX_REJECTIONS_KEPT = 1000  # all rejections are counted and quarantined; the first ones are also kept in memory
 QUARANTINE_BATCH_ROWS = 1000  # rejected rows sent to the quarantine table at a time ...
 QUARANTINE_BATCH_CHARS = 8 << 20  # ... or fewer, when their raw text is this long
-MAX_RAW_CHARS = 16 << 20  # a rejected row's raw text is cut here (a CSV quote never closed takes in the whole rest)
 _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,50}$")
 # serving.keys.BAD_KEY_CHARACTERS in RE2 syntax, for Arrow's screening of doc_ids: control characters and braces
 # (Arrow strings are valid UTF-8, so they hold no lone surrogate).
@@ -124,7 +131,13 @@ class DocumentFields:
 
     def check(self, fields: Collection[str], what: str) -> None:
         """``DocumentFileError`` unless ``fields`` (a header, a schema, the keys of the first records) hold every
-        required column's field; ``what`` names them in the message."""
+        required column's field, each once (a header ``doc_id,body,body`` loaded the first body without a word);
+        ``what`` names them in the message."""
+        names = list(fields)
+        for column in COLUMNS:
+            if (times := names.count(self.source(column))) > 1:
+                raise DocumentFileError(f"the {column} field {self.source(column)!r} appears {times} times: {what} "
+                                        f"{', '.join(map(str, names[:20]))}")  # fmt: skip
         for column in self.required():
             if self.source(column) not in fields:
                 shown = ", ".join(map(str, list(fields)[:20])) or "nothing"
@@ -145,15 +158,11 @@ def _visible_text(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
 
 
-def _visible_line(line: bytes) -> str:
-    """A line of a file as read, its line break dropped: bytes that are not UTF-8 as ``\\xff``, NUL as ``\\x00``."""
-    return _cut(line.rstrip(b"\r\n").decode("utf-8", "backslashreplace").replace("\x00", "\\x00"))
-
-
 def _raw_values(values: Mapping[str, Any]) -> str:
     """A row's values as a JSON object (what a rejected row that was read but refused is quarantined with): missing
     values as null, undecodable bytes visible as ``\\udcXX`` escapes (``_visible_text``)."""
-    return _cut(_visible_text(json.dumps({c: _plain(v) for c, v in values.items()}, ensure_ascii=False, default=_json)))
+    plain = {c: _plain(v) for c, v in values.items()}
+    return cut_raw(_visible_text(json.dumps(plain, ensure_ascii=False, default=_json)))
 
 
 def _plain(value: Any) -> Any:
@@ -172,12 +181,6 @@ def _json(value: Any) -> Any:
     if isinstance(value, (bytes, bytearray, memoryview)):
         return _decoded(value)
     return str(value)
-
-
-def _cut(raw: str) -> str:
-    if len(raw) <= MAX_RAW_CHARS:
-        return raw
-    return f"{raw[:MAX_RAW_CHARS]}... [cut: {len(raw) - MAX_RAW_CHARS} more characters]"
 
 
 def _new_load_id() -> str:
@@ -409,11 +412,11 @@ def _frames_of_jsonl(
             record = json.loads(line)
         except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
             result.rows += 1
-            result.reject(f"line {number}", f"malformed JSON: {exc}", _visible_line(line))
+            result.reject(f"line {number}", f"malformed JSON: {exc}", visible_line(line))
             continue
         if not isinstance(record, dict):
             result.rows += 1
-            result.reject(f"line {number}", "not a JSON object", _visible_line(line))
+            result.reject(f"line {number}", "not a JSON object", visible_line(line))
             continue
         if keys is not None:
             keys.update(dict.fromkeys(record))
@@ -445,7 +448,8 @@ def _frames_of_delimited(
     # strict: a quote never closed is an error, not a field that runs on to the end of the file, taking every record
     # after it along; so is text after a closing quote
     record: list[str | None] = []  # the lines of the record being read, its raw text if it is rejected
-    reader = csv.reader(_tapped(stream, record), delimiter=delimiter, quoting=quoting, strict=quoting != csv.QUOTE_NONE)
+    strict = quoting != csv.QUOTE_NONE
+    reader = csv.reader(tapped_lines(stream, record), delimiter=delimiter, quoting=quoting, strict=strict)
     try:
         first = next((row for row in reader if row), None)
     except csv.Error as error:
@@ -478,7 +482,7 @@ def _frames_of_delimited(
             result.rows += 1
             unclosed = "unexpected end of data" in str(error)
             reason = "a quote opened here is never closed (nothing after it loads)" if unclosed else str(error)
-            result.reject(f"line {start}", f"malformed CSV quoting: {reason}", _record_text(record))
+            result.reject(f"line {start}", f"malformed CSV quoting: {reason}", record_text(record))
             continue
         if row is None:
             break
@@ -488,7 +492,7 @@ def _frames_of_delimited(
         if len(row) != width:
             result.rows += 1
             reason = f"{len(row)} fields, expected {width} as on the first line"
-            result.reject(f"line {number}", reason, _record_text(record))
+            result.reject(f"line {number}", reason, record_text(record))
             continue
         records.append({c: row[i] or None for c, i in at.items()})
         labels.append(f"line {number}")
@@ -498,27 +502,6 @@ def _frames_of_delimited(
             records, labels, size = [], [], 0
     if records:
         yield _object_frame(records), labels
-
-
-def _tapped(stream: IO[str], record: list[str | None]) -> Iterator[str]:
-    """The lines of ``stream``, each also appended to ``record`` (which the reader clears before each record) up to
-    about ``MAX_RAW_CHARS``; then a None says that the record's further lines were not kept."""
-    held = 0
-    for line in stream:
-        if not record:
-            held = 0
-        if held < MAX_RAW_CHARS:
-            record.append(line)
-            held += len(line)
-        elif record[-1] is not None:
-            record.append(None)
-        yield line
-
-
-def _record_text(record: list[str | None]) -> str:
-    """The raw text of a CSV or TSV record (``_tapped``) as read, its final line break dropped (``_visible_line``)."""
-    text = _visible_line("".join(line for line in record if line is not None).encode("utf-8", "surrogateescape"))
-    return f"{text}... [cut: the record's further lines are not kept]" if record and record[-1] is None else text
 
 
 DOCUMENT_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv"}

@@ -1,5 +1,5 @@
-"""Input files given by users: the one check every loader runs before it reads; and the lock file of loads that
-must take turns."""
+"""Input files given by users: the one check every loader runs before it reads, the raw text of a rejected record,
+and the lock file of loads that must take turns."""
 
 from __future__ import annotations
 
@@ -10,6 +10,9 @@ import gzip
 import zlib
 from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
+from typing import IO
+
+MAX_RAW_CHARS = 16 << 20  # a rejected row's raw text is cut here (a CSV quote never closed takes in the whole rest)
 
 
 def unreadable_reason(path: str | Path) -> str | None:
@@ -86,3 +89,37 @@ def exclusive_lock(path: str | Path, on_wait: Callable[[], None] | None = None) 
                 on_wait()
             fcntl.flock(lock, fcntl.LOCK_EX)
         yield
+
+
+def cut_raw(raw: str) -> str:
+    """``raw`` (a rejected record's text) cut to ``MAX_RAW_CHARS``, saying how much more there was."""
+    if len(raw) <= MAX_RAW_CHARS:
+        return raw
+    return f"{raw[:MAX_RAW_CHARS]}... [cut: {len(raw) - MAX_RAW_CHARS} more characters]"
+
+
+def visible_line(line: bytes) -> str:
+    """A line of a file as read, its line break dropped: bytes that are not UTF-8 as ``\\xff``, NUL as ``\\x00``."""
+    return cut_raw(line.rstrip(b"\r\n").decode("utf-8", "backslashreplace").replace("\x00", "\\x00"))
+
+
+def tapped_lines(stream: IO[str], record: list[str | None]) -> Iterator[str]:
+    """The lines of ``stream``, each also appended to ``record`` (which the reader clears before each record) up to
+    about ``MAX_RAW_CHARS``; then a None says that the record's further lines were not kept."""
+    held = 0
+    for line in stream:
+        if not record:
+            held = 0
+        if held < MAX_RAW_CHARS:
+            record.append(line)
+            held += len(line)
+        elif record[-1] is not None:
+            record.append(None)
+        yield line
+
+
+def record_text(record: list[str | None]) -> str:
+    """The raw text of a CSV or TSV record (``tapped_lines``) as read, its final line break dropped
+    (``visible_line``)."""
+    text = visible_line("".join(line for line in record if line is not None).encode("utf-8", "surrogateescape"))
+    return f"{text}... [cut: the record's further lines are not kept]" if record and record[-1] is None else text

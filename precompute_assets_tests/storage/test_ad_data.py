@@ -105,7 +105,7 @@ def test_every_bad_ad_row_is_quarantined_with_its_line_and_reason(lake, tmp_path
     bad = quarantined(lake, summary)
     assert bad["where"].tolist()[:3] == ["line 3", "line 4", "line 5"] and len(bad) == 8
     assert json.loads(bad["raw"].iloc[0])["quality"] == "high"
-    assert json.loads(bad.set_index("where").loc["line 7", "raw"]) == ["a5", "c1", "3", "0.5", "1"]
+    assert json.loads(bad.set_index("where").loc["line 7", "raw"]) == "a5,c1,3,0.5,1"  # the line as written
     assert set(bad["file"]) == {str(path)} and bad["load_id"].nunique() == 1
 
 
@@ -195,6 +195,83 @@ def test_64_bit_parquet_ids_keep_every_digit(lake, tmp_path):
     ads["ad_id"] = [1e19, 2e19]  # floats beyond int64 wrapped to one id
     ads.to_parquet(tmp_path / "floats.parquet", index=False)
     assert ads_into(lake, tmp_path / "floats.parquet").loaded == 2
+
+
+def test_a_quote_never_closed_refuses_the_file_and_keeps_the_catalog(lake, tmp_path):
+    """An unclosed quote took in every line after it as one field: the load wrote one ad, its category the rest of
+    the file, and the catalog lost every other ad without a count (h_data). Impressions lost the rows after it."""
+    ads_into(lake, write(tmp_path / "good.csv", ADS_HEADER + "a1,c1,3,0.5,1.2,40\na2,c1,3,0.5,1.2,40\n"))
+    rows = "".join(f"u{i},c1,3,0.5,1,40\n" for i in range(2, 7))
+    with pytest.raises(AdDataError, match="line 2: a quote opened there is never closed"):
+        ads_into(lake, write(tmp_path / "ads.csv", ADS_HEADER + 'u1,c1,"3,0.5,1,40\n' + rows))
+    assert lake.read("ads")["ad_id"].tolist() == ["a1", "a2"] and not lake.exists("ads_quarantine")
+    lines = "".join(f"{ms('2026-01-02T10:00:00+00:00') + i},a{i},0\n" for i in range(8))
+    with pytest.raises(AdDataError, match="line 3: a quote opened"):
+        load_impressions(
+            write(tmp_path / "i.csv", 'ts_ms,ad_id,clicked\n1,a,0\n2,"b,0\n' + lines), lake, timezone="UTC"
+        )
+    assert not lake.exists("ad_impressions", "2026-01-02")
+
+
+def test_text_after_a_closing_quote_and_long_fields(lake, tmp_path):
+    """``"a3"x`` loaded as ad ``a3x``; a field over 128 KiB (a description) was quarantined without its values."""
+    long = "d" * 200_000
+    path = write(
+        tmp_path / "ads.csv",
+        "ad_id,category,quality,bid,text_len,description\n"
+        + '"a3"x,3,0.5,1,40,short\n'
+        + f"a4,3,0.5,1,40,{long}\n"
+        + f"a5,3,0.5,1,40,{long}\n",
+    )
+    summary = ads_into(lake, path)
+    assert summary.first_quarantined == ["line 2: malformed CSV: ',' expected after '\"'"]
+    assert json.loads(quarantined(lake, summary)["raw"].iloc[0]) == '"a3"x,3,0.5,1,40,short'
+    ads = lake.read("ads")
+    assert ads["ad_id"].tolist() == ["a4", "a5"] and ads["description"].str.len().tolist() == [200_000] * 2
+
+
+def test_other_columns_are_kept_as_written_and_huge_integers_load(lake, tmp_path):
+    """Only the feature columns are numbers: ``campaign_id`` 007 became 7.0 (and a blank NaN), a Parquet timestamp
+    column epoch milliseconds; a 20-digit integer feature failed the whole load with an OverflowError (h_data)."""
+    path = write(
+        tmp_path / "ads.csv",
+        ADS_HEADER + "a1,007,3,0.5,1.2,99999999999999999999\na2,,3,0.5,1.2,40\na3,008,3,0.5,1.2,41\n",
+    )
+    summary = ads_into(lake, path)
+    assert summary.loaded == 3 and summary.quarantined == 0
+    ads = lake.read("ads")
+    assert ads["campaign_id"].fillna("").tolist() == ["007", "", "008"]
+    assert ads["text_len"].tolist() == [1e20, 40.0, 41.0]
+    frame = make_ads(2, days=1)
+    frame["created"] = pd.to_datetime(["2026-01-01", "2026-01-02"], utc=True)
+    frame.to_parquet(tmp_path / "ads.parquet", index=False)
+    ads_into(lake, tmp_path / "ads.parquet")
+    assert pd.api.types.is_datetime64_any_dtype(lake.read("ads")["created"])
+
+
+def test_parquet_binary_strings_are_text_and_nested_columns_are_refused(lake, tmp_path):
+    """Hive, Impala and Spark write strings as BINARY: ids loaded as ``b'a1'``, which joined nothing, and bytes
+    that are not UTF-8 were not quarantined; a list ``ad_id`` loaded as ``['x']`` (h_data)."""
+    frame = make_ads(3, days=1).astype({"category": str})
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    binary = {name: pa.array([v.encode() for v in frame[name]], pa.binary()) for name in ("ad_id", "category")}
+    binary["ad_id"] = pa.array([b"a1", b"a2", b"\xffz"], pa.binary())
+    for name, array in binary.items():
+        table = table.set_column(table.schema.get_field_index(name), name, array)
+    pq.write_table(table, tmp_path / "ads.parquet")
+    summary = ads_into(lake, tmp_path / "ads.parquet")
+    assert summary.first_quarantined == ["row 3: not valid UTF-8"]
+    ads = lake.read("ads")
+    assert ads["ad_id"].tolist() == ["a1", "a2"] and ads["category"].tolist() == frame["category"].tolist()[:2]
+    pq.write_table(pa.table({"ts_ms": [ms("2026-01-02T10:00:00+00:00")] * 2, "ad_id": pa.array([b"a1", b"\xff"]),
+                             "clicked": [1, 0]}), tmp_path / "i.parquet")  # fmt: skip
+    summary = load_impressions(tmp_path / "i.parquet", lake, timezone="UTC")
+    assert (summary.loaded, summary.first_quarantined) == (1, ["row 2: not valid UTF-8"])
+    assert lake.read("ad_impressions", "2026-01-02")["ad_id"].tolist() == ["a1"]
+    table = table.set_column(table.schema.get_field_index("ad_id"), "ad_id", pa.array([["x"], ["y"], ["z"]]))
+    pq.write_table(table, tmp_path / "nested.parquet")
+    with pytest.raises(AdDataError, match=r"columns \['ad_id \(list<\w+: string>\)'\] hold lists or records"):
+        ads_into(lake, tmp_path / "nested.parquet")
 
 
 @pytest.mark.parametrize(

@@ -526,7 +526,7 @@ def test_rejected_csv_records_are_quarantined_as_read(store: DocumentStore, tmp_
 
 
 def test_a_rejected_rows_raw_text_is_cut_at_max_raw_chars(store: DocumentStore, tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr("precompute_assets.storage.documents.MAX_RAW_CHARS", 100)
+    monkeypatch.setattr("precompute_assets.storage.files.MAX_RAW_CHARS", 100)
     path = tmp_path / "docs.csv"  # a quote never closed takes in the rest of the file: its first lines are kept
     path.write_text("doc_id,body\na,ok\n" + 'b,"open\n' + "".join(f"{i},{'x' * 30}\n" for i in range(50)))
     result = store.load_file(path)
@@ -575,6 +575,10 @@ def test_csv_header_without_the_named_field_is_an_error(store: DocumentStore, tm
     pd.DataFrame({"id": ["a"]}).to_parquet(tmp_path / "docs.parquet")
     with pytest.raises(DocumentFileError, match="only CSV and TSV files can be read without a header"):
         store.load_file(tmp_path / "docs.parquet", DocumentFields({"doc_id": "1"}, header=False))
+    # A field named twice: the first body was loaded without a word (h_data); a column not read may repeat.
+    path.write_text("doc_id,body,body,x,x\na,first,second,1,2\n")
+    with pytest.raises(DocumentFileError, match="the body field 'body' appears 2 times: the header has doc_id, body"):
+        store.load_file(path)
     assert store.count() == 0
 
 
