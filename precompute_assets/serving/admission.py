@@ -3,7 +3,8 @@
 A *live-tier lookup* is a lookup of a key that the published version does not hold (the client then reads
 ``{kind}:live:{key}``). A policy sees every live-tier lookup of ``get_or_compute`` in the same pipeline as
 that ``GET`` (so a hit costs no extra round trip) and decides, on a miss, whether the computed value is
-stored:
+stored; it also sees the live values ``get`` and ``get_many`` read (one round trip after them), not their misses:
+
 
 - ``always``: every miss is stored (the default, and the behaviour before admission existed).
 - ``second_miss``: the first live-tier lookup of a key sets ``{kind}:seen:{key}`` with ``SET ... PX W NX GET``;
@@ -119,6 +120,11 @@ class AdmissionPolicy(Protocol):
         its reply: the caller deletes them."""
         ...
 
+    def refused(self, reply: Any) -> bool:
+        """Whether ``after_miss``'s command (its reply) kept out the value the caller stored with it: ``probation``
+        without room beside the published keys (the value is deleted as it was written); counted in ``rejected``."""
+        ...
+
 
 @dataclass(frozen=True)
 class Always:
@@ -147,6 +153,9 @@ class Always:
 
     def evicted(self, reply: Any) -> Sequence[str]:
         return ()
+
+    def refused(self, reply: Any) -> bool:
+        return False
 
 
 @dataclass(frozen=True)
@@ -185,6 +194,9 @@ class SecondMiss:
 
     def evicted(self, reply: Any) -> Sequence[str]:
         return ()
+
+    def refused(self, reply: Any) -> bool:
+        return False
 
 
 # Bytes of counters one aging step halves: one script call reads and writes at most this many, whatever the sketch's
@@ -301,6 +313,9 @@ class FrequencySketch:
     def evicted(self, reply: Any) -> Sequence[str]:
         return ()
 
+    def refused(self, reply: Any) -> bool:
+        return False
+
 
 # KEYS: hits, main, seq; ARGV: key. A lookup of a key in probation counts a hit; one in the main LRU becomes its most
 # recent. Replies 1 when the key is tracked, else 0.
@@ -329,8 +344,9 @@ return 0
 # ghost sizes ``probation_sizes`` of that. Evicts until a key fits (at most ARGV[3] steps, each moving a
 # probation key to the main LRU or evicting one), then inserts ARGV[1]
 # (into the main LRU if its name is in the ghost list, else at the tail of probation); a key that still does not
-# fit (no room beside the published keys, or a tier still shrinking to a smaller size) is not kept. Replies the
-# keys that left the cache (their values are to be deleted; ARGV[1] itself when not kept). A key already tracked
+# fit (no room beside the published keys, or a tier still shrinking to a smaller size) is not kept. Replies 0 when
+# ARGV[1] was not kept for want of room (the client counts it in ``rejected``), else 1, then the keys that left the
+# cache (their values are to be deleted; ARGV[1] itself when not kept). A key already tracked
 # (its value expired) stays put. ARGV[5], when not empty, is the kind's ``{prefix}:{kind}:``: the script then deletes
 # the live values (and deltas) of the keys that left itself, in the same atomic step, so a client that dies or loses
 # its connection before its own delete leaves no value that nothing tracks, and replies only the keys whose delete
@@ -350,11 +366,11 @@ local key, capacity, most, base = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]),
 if base ~= '' and ARGV[6] then
   local epoch = redis.pcall('GET', base .. 'epoch')
   if type(epoch) ~= 'table' and (epoch or '') ~= ARGV[6] and not redis.pcall('GET', base .. 'live:' .. key) then
-    return {}
+    return {1}
   end
 end
 redis.call('HSET', KEYS[7], 'capacity', capacity, 'live_ttl_s', ARGV[4])
-if redis.call('HEXISTS', KEYS[2], key) == 1 or redis.call('ZSCORE', KEYS[3], key) then return {} end
+if redis.call('HEXISTS', KEYS[2], key) == 1 or redis.call('ZSCORE', KEYS[3], key) then return {1} end
 local size = capacity - (tonumber(redis.call('GET', KEYS[6])) or 0)
 local small_size = math.max(1, math.floor(size / 10))
 local ghost_size = math.max(0, size - small_size)
@@ -395,9 +411,12 @@ local function undeleted()
   end
   return left
 end
+local left
 if small + main >= size then
   evicted[#evicted + 1] = key
-  return undeleted()
+  left = undeleted()
+  table.insert(left, 1, 0)
+  return left
 end
 if redis.call('ZREM', KEYS[4], key) == 1 then
   redis.call('ZADD', KEYS[3], redis.call('INCR', KEYS[5]), key)
@@ -405,7 +424,9 @@ else
   redis.call('RPUSH', KEYS[1], key)
   redis.call('HSET', KEYS[2], key, 0)
 end
-return undeleted()
+left = undeleted()
+table.insert(left, 1, 1)
+return left
 """
 # KEYS: main; ARGV: keys of a new version. Its keys leave the main LRU (the version serves them now; their live values
 # are to be deleted); replies those that were there. Keys in probation stay until it moves them.
@@ -517,13 +538,18 @@ class Probation:
         deletes: bool = False,
         epoch: bytes | None = None,
     ) -> tuple[Any, ...] | None:
+        if not decision.admit:  # a miss whose value is not stored (None, NaN): nothing to track
+            return None
         names = fifo_names(schema, kind)
         base = f"{schema.prefix}:{kind}:" if deletes else ""
         fence = (epoch,) if deletes and epoch is not None else ()
         return ("EVAL", _ADMIT, len(names), *names, key, self.capacity, MAX_STEPS, live_ttl_s, base, *fence)
 
     def evicted(self, reply: Any) -> Sequence[str]:
-        return [name.decode() if isinstance(name, bytes) else str(name) for name in reply]
+        return [name.decode() if isinstance(name, bytes) else str(name) for name in reply[1:]]
+
+    def refused(self, reply: Any) -> bool:
+        return bool(reply) and reply[0] == 0
 
 
 @functools.lru_cache(maxsize=256)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -149,6 +150,11 @@ def stored_encoding(kind: str, value: Any) -> bytes | None:
     if isinstance(codec, Float32Codec) and not math.isfinite(float(value)):
         return None
     return encoded
+
+
+def _read(reply: Any) -> bool:
+    """Whether a lookup's reply is a value read (not None, a miss, nor ``FAILED``)."""
+    return isinstance(reply, bytes)
 
 
 def storable(kind: str, value: Any) -> bool:
@@ -414,7 +420,9 @@ class PredictionCache:
             return cached
         if decision is None or not self._available():
             self._count("computes")
-            return compute(key)  # Redis failed during the lookup: nothing is stored
+            value = compute(key)  # Redis failed during the lookup: nothing is stored
+            stored_encoding(kind, value)  # a value the codec refuses raises as when Redis answers
+            return value
         if not decision.admit:
             self._count("rejected")
             return self._compute_and_store(kind, key, compute, policy, decision, store=False)
@@ -445,6 +453,7 @@ class PredictionCache:
         epoch = self._epoch(kind) if decision is not None and decision.admit else None
         self._count("computes")
         value = compute(key)
+        encoded = stored_encoding(kind, value)  # whether or not it is stored: a value the codec refuses always raises
         if decision is None or not self._available():
             return value  # Redis failed during the lookup: nothing is stored
         if not decision.admit:
@@ -454,10 +463,10 @@ class PredictionCache:
             if decision.admit and self._invalidated_on_cluster(kind, epoch):
                 return value  # nothing stored, nothing admitted: a tracked key without a value wastes a slot
             if decision.admit:
-                encoded = stored_encoding(kind, value)
-                if encoded is None:
-                    return value
-                commands = self._store_commands(kind, key, encoded, None, epoch=epoch)
+                if encoded is None:  # not stored; the housekeeping runs as for a rejected miss (_compute_and_store)
+                    decision = dataclasses.replace(decision, admit=False)
+                else:
+                    commands = self._store_commands(kind, key, encoded, None, epoch=epoch)
             self._send_with_housekeeping(kind, key, commands, policy, decision, epoch=epoch)
         except REDIS_ERRORS as error:  # OOM, READONLY, a dead server: the caller still gets its value
             self._trip(error, store=True)
@@ -534,17 +543,20 @@ class PredictionCache:
         try:
             value = compute(key)
             delta_s = time.perf_counter() - started
-            encoded = stored_encoding(kind, value) if store else b""
+            # encoded whether or not it is stored: a value the codec refuses raises at every call, not only at those
+            # the policy admits (a service tried on its first request broke on the second)
+            encoded = stored_encoding(kind, value)
         except BaseException:
             if locked:  # let the waiting readers compute for themselves now (also when the codec refuses the value)
                 self._release_lock(kind, key, locked)
             raise
-        if encoded is None:
+        if store and encoded is None:
             # A None is not cached: it would take a write and, under probation, a slot (evicting a real value). A NaN
-            # is no prediction.
+            # is no prediction. The policy's housekeeping still runs, as for a rejected miss (the sketch ages per
+            # miss, whatever was computed: the replay, which knows no values, decides the same).
             if locked:
                 self._release_lock(kind, key, locked)
-            return value
+            store, decision = False, None if decision is None else dataclasses.replace(decision, admit=False)
         if not self._available():
             return value
         if store and self._invalidated_on_cluster(kind, epoch):
@@ -666,6 +678,8 @@ class PredictionCache:
         evicted = replies[-1] if after is not None else None
         if after is not None and evicted is not FAILED and not isinstance(evicted, BaseException):
             self._evict_live(kind, policy.evicted(evicted))  # on one server only those the script could not delete
+            if policy.refused(evicted):  # probation without room: the value went as it was written
+                self._count("rejected")
         for reply in (replies[0], evicted):
             if isinstance(reply, BaseException):
                 raise reply
@@ -1068,10 +1082,31 @@ class PredictionCache:
                 if raw is not None:
                     return raw
             (raw,) = self._round_trip([(b"GET", self.schema.live(kind, key))])
+            if raw is not None:
+                self._observe_live_hits(kind, [key])
             return raw
         except REDIS_ERRORS as error:
             self._trip(error)
             return None
+
+    def _observe_live_hits(self, kind: str, keys: Sequence[str]) -> None:
+        """Show the cache's admission policy the live values ``get`` and ``get_many`` read, as ``get_or_compute``'s
+        lookups do (``probation`` counts a probation hit or refreshes the key in its LRU, ``frequency`` counts the
+        key): one more round trip, none under ``always``. A key read only through ``get`` was never refreshed, and
+        left the tier while hot. Their misses are not shown: they store nothing, and a caller that computes one with
+        ``get_or_compute`` shows it then. Replies are not read (a refused touch is no reason to fail a read)."""
+        builder = self._recorder if self._cluster else self.client
+        pipe = builder.pipeline(transaction=False)
+        if not sum(self.admission.observe(pipe, self.schema, kind, key) for key in keys):
+            return
+        commands = [args for args, _ in pipe.command_stack]
+        if self._cluster:
+            self._cluster_fetch(commands)
+            return
+        try:
+            send_pipelined(self.client, commands, while_waiting=self._while_waiting)
+        except REDIS_ERRORS as error:
+            self._trip(error)
 
     def _round_trip(self, commands: list[tuple]) -> list:
         """The replies of ``commands`` (``connection.send_pipelined``), the query logger sending its full entries
@@ -1184,6 +1219,7 @@ class PredictionCache:
                 live = self._round_trip_per_key([(b"GET", self.schema.live(kind, keys[i])) for i in missing])
                 for i, raw in zip(missing, live, strict=True):
                     found[i] = raw
+                self._observe_live_hits(kind, [keys[i] for i, raw in zip(missing, live, strict=True) if _read(raw)])
             return [None if raw is FAILED else raw for raw in found]
         except REDIS_ERRORS as error:
             self._trip(error)
@@ -1203,6 +1239,7 @@ class PredictionCache:
             live = self._cluster_fetch([(b"GET", self.schema.live(kind, keys[i])) for i in missing])
             for i, raw in zip(missing, live, strict=True):
                 found[i] = raw
+            self._observe_live_hits(kind, [keys[i] for i, raw in zip(missing, live, strict=True) if _read(raw)])
         return [raw if isinstance(raw, bytes) else None for raw in found]
 
     def _log_many(

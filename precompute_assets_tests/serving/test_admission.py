@@ -606,7 +606,7 @@ def test_probation_admits_a_stored_value_though_the_kind_was_invalidated_right_a
     invalidate(redis_client, "rank", key="other", schema=schema)  # then, before the admission
     for key in ("a", "b"):  # b: a store the moved epoch refused, no value
         admit = policy.after_miss(schema, "rank", key, Decision(True), 3600, deletes=True, epoch=epoch)
-        assert redis_client.execute_command(*admit) == []
+        assert policy.evicted(redis_client.execute_command(*admit)) == []
     assert tracked_keys(redis_client, schema) == {"a"}
 
 
@@ -809,3 +809,72 @@ def test_sketches_of_two_shapes_on_one_kind_keep_their_own_counters(redis_url, r
         schema.admission_sketch("rank"), schema.admission_sketch("rank", (1024, 4))
     }  # fmt: skip
     assert redis_client.strlen(narrow.key(schema, "rank")) == narrow.bytes
+
+
+def test_get_and_get_many_show_the_policy_the_live_values_they_read(redis_server):
+    """A key read through ``get`` (then ``get_or_compute`` on a miss) was never counted as a probation hit nor
+    refreshed in the main LRU, and left the tier while hot: the client made other decisions than the replay's
+    model of the same requests (h_admit). Their misses are not shown: the ``get_or_compute`` after shows them."""
+    keys = list("abacadaeafagahaiajak")
+    for policy in (Probation(capacity=3), FrequencySketch(width=64, depth=3, threshold=2, sample_size=60)):
+        server = redis_server()
+        client = connect(server.url, socket_timeout=5)
+        schema = KeySchema("touch")
+        cache = make_cache(server.url, schema, live_ttl_s=3600, admission=policy)
+        outcomes = []
+        for i, key in enumerate(keys):
+            read = cache.get("rank", key) if i % 2 else cache.get_many("rank", [key])[0]
+            if read is not None:
+                outcomes.append("hit")
+                continue
+            compute = Calls()
+            cache.get_or_compute("rank", key, compute)
+            outcome = "admitted" if client.exists(schema.live("rank", key)) else "rejected"
+            outcomes.append("hit" if not compute.keys else outcome)
+        assert outcomes == admission_decisions(keys, policy), policy.name
+        assert cache.errors == 0
+
+
+def test_a_value_the_codec_refuses_raises_whatever_the_policy_decides(redis_url, redis_client, schema):
+    """A value that is no JSON was returned when the policy rejected the miss and raised when it admitted it: a
+    service tried on its first request broke on its second (h_admit)."""
+    import datetime
+
+    for stampede in ({}, {"xfetch_beta": 0, "recompute_lock_ms": 0}):
+        cache = make_cache(redis_url, schema, admission=SecondMiss(window_s=60), **stampede)
+        for _ in range(2):
+            with pytest.raises(TypeError, match="not JSON serializable"):
+                cache.get_or_compute("rank", f"date{len(stampede)}", lambda key: {"when": datetime.date(2026, 1, 1)})
+    assert not list(redis_client.scan_iter(f"{schema.prefix}:rank:live:*"))
+
+
+def test_probation_counts_a_miss_without_room_as_rejected(redis_server):
+    """A miss that finds the published version filling the capacity is not kept; ``cache.rejected`` counted
+    none of them (h_admit)."""
+    server = redis_server()
+    client = connect(server.url, socket_timeout=5)
+    schema = KeySchema("full")
+    publish(client, schema, "v1", [f"p{i}" for i in range(5)])
+    for stampede in ({}, {"xfetch_beta": 0, "recompute_lock_ms": 0}):
+        cache = make_cache(server.url, schema, live_ttl_s=3600, admission=Probation(capacity=5), **stampede)
+        keys = ["x", "y", "x", "p1", "z"]
+        got = run_through_client(cache, client, schema, keys)
+        assert got == ["rejected", "rejected", "rejected", "hit", "rejected"]  # no room beside the 5 published
+        assert cache.rejected == 4 and cache.errors == 0
+
+
+@pytest.mark.parametrize("stampede", [{}, {"xfetch_beta": 0, "recompute_lock_ms": 0}])
+def test_the_sketch_ages_per_miss_whatever_the_computed_value(redis_url, redis_client, schema, stampede):
+    """An admitted miss whose compute returned None skipped that miss's aging step: the client's decisions then
+    depended on the values computed, which the replay cannot know (h_admit)."""
+    policy = FrequencySketch(width=16, depth=2, threshold=3, sample_size=10)
+    keys = [f"k{i % 37}" for i in range(300)]
+    outcomes = {}
+    for value in (None, 1.0):
+        redis_client.delete(policy.key(schema, "rank"))  # a fresh sketch for each run
+        cache = make_cache(redis_url, schema, live_ttl_s=1, admission=policy, **stampede)
+        for key in keys:
+            cache.get_or_compute("rank", key, lambda key, value=value: value)
+            redis_client.delete(schema.live("rank", key))  # every lookup a miss, as in the report
+        outcomes[value] = cache.rejected
+    assert outcomes[None] == outcomes[1.0] > 0
