@@ -20,6 +20,7 @@ Pure pandas / pyarrow: the caller (the ``precompute`` command) passes the lake, 
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import csv
 import gzip
@@ -158,10 +159,24 @@ def file_format(path: str | Path) -> str:
         raise AdDataError(f"{path}: unknown suffix {path.suffix or '(none)'!r}; expected .csv, .csv.gz or .parquet")
     reason = unreadable_reason(path)
     if reason is None and kind == "csv":
-        reason = not_text_reason(path, first_bytes(path))
+        start = first_bytes(path)
+        reason = not_text_reason(path, start) or _header_problem(start)
     if reason is not None:
         raise AdDataError(f"{path}: {reason}")
     return kind
+
+
+def _header_problem(start: bytes) -> str | None:
+    """Why a CSV file starting with ``start`` has no header of text: its first line is not UTF-8, or holds a NUL (a
+    binary file; its rows would be quarantined one by one, the header refused with a line of garbage as its names)."""
+    line = start.split(b"\n", 1)[0].removeprefix(codecs.BOM_UTF8)
+    if len(line) == len(start) == 1 << 16:
+        line = line[:-3]  # a line cut inside a character by first_bytes' limit: judge what is whole
+    try:
+        line.decode("utf-8")
+    except UnicodeDecodeError as error:
+        return f"the first line is not UTF-8 text ({error.reason} at byte {error.start}): a binary file?"
+    return "the first line holds a NUL byte: a binary file, not CSV text" if b"\x00" in line else None
 
 
 def _check_header(path: Path, names: Sequence[str], required: Sequence[str]) -> None:

@@ -307,9 +307,17 @@ def test_files_that_are_not_csv_or_parquet_are_refused(tmp_path):
         tmp_path / "missing.csv": "no such file",
         tmp_path / "folder.csv": "not a file",
     }
+    # A binary file was refused for missing columns, its "header" a kilobyte of undecodable bytes (h_cli).
+    (tmp_path / "latin1.csv").write_bytes("ad_id,cat\xe9gorie\na1,x\n".encode("latin-1"))
+    (tmp_path / "nul.csv").write_bytes(b"ad_id\x00\x01,x\na1,x\n")
+    (tmp_path / "row.csv").write_bytes(b"ad_id,x\na\xff,x\n")  # a bad row is quarantined, not the file refused
+    cases[tmp_path / "latin1.csv"] = r"the first line is not UTF-8 text \(invalid continuation byte at byte 9\)"
+    cases[tmp_path / "nul.csv"] = "the first line holds a NUL byte: a binary file"
+    assert file_format(tmp_path / "row.csv") == "csv"
     for path, message in cases.items():
-        with pytest.raises(AdDataError, match=message):
+        with pytest.raises(AdDataError, match=message) as raised:
             file_format(path)
+        assert len(str(raised.value)) < 200
     for name in ("empty.parquet", "text.parquet"):
         with pytest.raises(AdDataError, match="not a readable Parquet file"):
             ads_into(Lake(str(tmp_path / "lake")), tmp_path / name)
