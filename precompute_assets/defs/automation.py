@@ -416,31 +416,83 @@ def automation_states(
     return sorted(rows)
 
 
+def _pools(defs: dg.Definitions) -> list[str]:
+    return sorted({a.op.pool for a in defs.resolve_asset_graph().assets_defs if a.is_executable and a.op.pool})
+
+
+LONG_HOLD_S = 3600.0  # a STARTED run holding a pool slot this long may have lost its worker: status says what to do
+
+
 def pool_states(
     instance: dg.DagsterInstance, defs: dg.Definitions, *, now: float | None = None
 ) -> list[tuple[str, str]]:
     """``(pool, "free" | what holds it)`` for every concurrency pool of ``defs``' assets: the runs holding a slot,
     with their status and age, and the steps waiting. A STARTED run that holds a slot for long may have lost its
-    worker (run monitoring ends it, or force termination in the UI); an ended one frees its slot shortly."""
-    pools = sorted({a.op.pool for a in defs.resolve_asset_graph().assets_defs if a.is_executable and a.op.pool})
+    worker (run monitoring ends it, or force termination in the UI); an ended one frees its slot shortly, if a daemon
+    runs: without one, the holder's line names the ``precompute pools free`` that frees it."""
     now = time.time() if now is None else now
     rows = []
-    for pool in pools:
+    for pool in _pools(defs):
         info = instance.event_log_storage.get_concurrency_info(pool)
         holders = []
         for run_id in sorted(info.active_run_ids):
             record = instance.get_run_record_by_id(run_id)
             if record is None:
-                holders.append(f"run {run_id[:8]} (deleted)")
+                holders.append(f"run {run_id[:8]} (deleted; `precompute pools free` frees it)")
                 continue
             if record.end_time:
                 age = f"ended {_duration(now - record.end_time)} ago"
+                if now - record.end_time > FREE_SLOTS_AFTER_END_S:
+                    age += " (no daemon freed it: `precompute pools free` does)"
             else:
-                age = f"for {_duration(now - (record.start_time or record.create_timestamp.timestamp()))}"
+                held_s = now - (record.start_time or record.create_timestamp.timestamp())
+                age = f"for {_duration(held_s)}"
+                if held_s > LONG_HOLD_S:
+                    age += f" (if its worker is gone: `precompute pools free --run {run_id[:8]}`)"
             holders.append(f"run {run_id[:8]} {record.dagster_run.status.value} {age}")
         waiting = f"; {info.pending_step_count} step(s) waiting" if info.pending_step_count else ""
         rows.append((pool, f"held by {', '.join(holders)}{waiting}" if holders else f"free{waiting}"))
     return rows
+
+
+FREE_SLOTS_AFTER_END_S = 30  # dagster.yaml's free_slots_after_run_end_seconds: a daemon frees an ended run's slots
+
+
+def free_pool_slots(instance: dg.DagsterInstance, defs: dg.Definitions, *, run: str | None = None) -> dict:
+    """Free the pool slots no running worker will free: those of runs that ended or were deleted (the daemon's run
+    monitoring frees them ``FREE_SLOTS_AFTER_END_S`` after the end; without a daemon, after ``dagster asset
+    materialize`` was killed, nothing does, and every later run of the pool waits for good). With ``run`` (a run ID
+    or its first characters, as ``precompute status`` shows it), that run's too, after marking it failed if it has
+    not ended: what the UI's force termination does, for a run whose worker is gone. ``ValueError`` when ``run``
+    names no run holding a slot, or several. Returns ``{"freed": [...], "held": [...]}``, each run with its pools and
+    status."""
+    holders: dict[str, list[str]] = {}
+    for pool in _pools(defs):
+        for run_id in instance.event_log_storage.get_concurrency_info(pool).active_run_ids:
+            holders.setdefault(run_id, []).append(pool)
+    chosen = None
+    if run is not None:
+        matches = [run_id for run_id in holders if run_id.startswith(run.strip())] if run.strip() else []
+        if len(matches) != 1:
+            shown = ", ".join(run_id[:8] for run_id in sorted(holders)) or "none"
+            what = "several runs" if matches else "no run"
+            raise ValueError(f"{what} holding a pool slot start with {run!r} (runs holding one: {shown})")
+        chosen = matches[0]
+    freed, held = [], []
+    for run_id, pools in sorted(holders.items()):
+        record = instance.get_run_record_by_id(run_id)
+        status = "deleted" if record is None else record.dagster_run.status.value
+        entry = {"run": run_id, "pools": pools, "status": status}
+        if record is not None and not record.dagster_run.is_finished and run_id != chosen:
+            held.append(entry)
+            continue
+        if record is not None and not record.dagster_run.is_finished:
+            instance.report_run_failed(record.dagster_run, message="marked failed by `precompute pools free --run`: "
+                                       "its worker is gone, and it held a pool slot")  # fmt: skip
+            entry["status"] = f"{status} -> FAILURE"
+        instance.event_log_storage.free_concurrency_slots_for_run(run_id)
+        freed.append(entry)
+    return {"freed": freed, "held": held}
 
 
 def _duration(seconds: float) -> str:

@@ -340,6 +340,30 @@ def _ttl(seconds: int | None) -> str:
     return "-" if seconds is None else f"{seconds}s"
 
 
+def cmd_pools(args: argparse.Namespace) -> int:
+    """``pools free``: free the concurrency-pool slots of runs that ended, or of one run whose worker is gone (JSON
+    out); a Dagster database that cannot be read, or a ``--run`` that names no holder, is one line, exit code 2."""
+    from ..definitions import defs
+    from ..defs.automation import free_pool_slots
+
+    stack = Stack()
+    if (unknown := dagster_unknown(stack, next(s for s in stack.status() if s.name == "postgres"))) is not None:
+        raise CliError(f"Dagster's instance cannot be read: {unknown.strip('()')}")
+    try:
+        with dagster_instance(stack) as instance:
+            done = free_pool_slots(instance, defs(), run=args.run)
+    except ValueError as error:
+        raise CliError(str(error)) from None
+    except Exception as error:  # Dagster's storage refused: one line
+        raise CliError(f"Dagster's database: {_one_line(error)}") from None
+    print(json.dumps(done))
+    if done["held"] and args.run is None:
+        ids = ", ".join(entry["run"][:8] for entry in done["held"])
+        print(f"precompute pools: runs {ids} have not ended and keep their slots: if a worker is gone, "
+              "`precompute pools free --run ID` marks its run failed and frees them", file=sys.stderr)  # fmt: skip
+    return 0
+
+
 def cmd_cache(args: argparse.Namespace) -> int:
     """``cache invalidate`` and ``cache stats``; Redis errors and bad input are one line, exit code 2."""
     import redis
@@ -1521,6 +1545,14 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--json", action="store_true", help="one JSON object")
     stats.add_argument("--namespace", default="pc", help=NAMESPACE_HELP)
     stats.set_defaults(fn=cmd_cache)
+    pools = sub.add_parser("pools", help="Dagster's concurrency pools (redis_publish, embedding_sync)")
+    free = pools.add_subparsers(dest="pools_command", required=True).add_parser(
+        "free",
+        help="free the slots of runs that ended (a daemon frees them 30 s after the end; without one nothing does, "
+        "and every later run of the pool waits)",
+    )
+    free.add_argument("--run", help="also this run (its ID or first characters): marked failed if it has not ended")
+    free.set_defaults(fn=cmd_pools)
     redis_sub = sub.add_parser("redis", help="Redis administration").add_subparsers(dest="redis_command", required=True)
     acl = redis_sub.add_parser(
         "acl",

@@ -25,7 +25,7 @@ from dagster._daemon.monitoring import concurrency, run_monitoring
 from dagster._time import datetime_from_timestamp
 
 from precompute_assets.definitions import defs
-from precompute_assets.defs.automation import pool_states
+from precompute_assets.defs.automation import free_pool_slots, pool_states
 from precompute_assets.defs.campaigns import WARMING_TAGS
 from precompute_assets.stack import project_dir
 from precompute_assets.storage.postgres import scratch_database
@@ -76,7 +76,8 @@ def test_a_killed_run_is_failed_and_frees_its_pool_slot(home: Path, monkeypatch)
         blocked = instance.event_log_storage.claim_concurrency_slot("redis_publish", "next-run", "publish")
         assert not blocked.is_claimed
         states = dict(pool_states(instance, defs(), now=record.start_time + 3 * 3600 + 60))
-        held = f"held by run {killed[:8]} STARTED for 3 h 1 min; 1 step(s) waiting"
+        gone = f"(if its worker is gone: `precompute pools free --run {killed[:8]}`)"
+        held = f"held by run {killed[:8]} STARTED for 3 h 1 min {gone}; 1 step(s) waiting"
         assert states == {"embedding_sync": "free", "redis_publish": held}
 
         later = record.start_time + max_runtime + 1
@@ -98,6 +99,44 @@ def test_a_killed_run_is_failed_and_frees_its_pool_slot(home: Path, monkeypatch)
         instance.event_log_storage.free_concurrency_slots_for_run("next-run")
         claimed = instance.event_log_storage.claim_concurrency_slot("redis_publish", "next-run", "publish")
         assert claimed.is_claimed
+
+
+def killed_pooled_run(instance: dg.DagsterInstance) -> str:
+    """The ID of a run SIGKILLed while it holds a ``redis_publish`` slot, without a daemon: it stays STARTED."""
+    worker = subprocess.Popen([sys.executable, "-c", POOLED_RUN], env=os.environ.copy())
+    try:
+        deadline = time.monotonic() + 120
+        while not held_slots(instance) and worker.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        (killed,) = held_slots(instance)
+    finally:
+        worker.send_signal(signal.SIGKILL)
+        worker.wait()
+    return killed
+
+
+def test_without_a_daemon_pools_free_releases_what_a_killed_run_held(home: Path) -> None:
+    """Without a daemon (``dagster asset materialize`` killed, no ``precompute dev``) nothing freed the slot of a
+    dead run, even once it was marked failed: every later run of the pool waited for good (h_crash)."""
+    with dg.DagsterInstance.get() as instance:
+        killed = killed_pooled_run(instance)
+        done = free_pool_slots(instance, defs())
+        assert done == {"freed": [], "held": [{"run": killed, "pools": ["redis_publish"], "status": "STARTED"}]}
+        assert held_slots(instance) == {killed}  # a run that has not ended keeps its slot unless named
+        with pytest.raises(
+            ValueError, match=f"no run holding a pool slot start with 'zz' .runs holding one: {killed[:8]}"
+        ):
+            free_pool_slots(instance, defs(), run="zz")
+        done = free_pool_slots(instance, defs(), run=killed[:8])
+        assert done["freed"] == [{"run": killed, "pools": ["redis_publish"], "status": "STARTED -> FAILURE"}]
+        assert held_slots(instance) == set() and instance.get_run_by_id(killed).status == dg.DagsterRunStatus.FAILURE
+        assert dict(pool_states(instance, defs()))["redis_publish"] == "free"
+        # A run that ended (failed by the UI or run monitoring) is freed without being named.
+        ended = killed_pooled_run(instance)
+        instance.report_run_failed(instance.get_run_by_id(ended))
+        later = instance.get_run_record_by_id(ended).end_time + 60
+        assert "`precompute pools free` does" in dict(pool_states(instance, defs(), now=later))["redis_publish"]
+        assert free_pool_slots(instance, defs())["freed"][0]["run"] == ended and held_slots(instance) == set()
 
 
 WARMING_RUN = textwrap.dedent(
