@@ -1478,6 +1478,21 @@ def positive_int(text: str) -> int:
     return _whole_number(text, 1)
 
 
+def bench_size(text: str) -> int:
+    """An argparse type: a benchmark's size, 1..``MAX_BENCH_SIZE`` (a typo of a few more zeros ran out of memory
+    before it said anything)."""
+    return _whole_number(text, 1, MAX_BENCH_SIZE)
+
+
+def client_processes(text: str) -> int:
+    """An argparse type: load-test client processes, 1..``MAX_PROCESSES`` (bounded: each is a Python process)."""
+    return _whole_number(text, 1, MAX_PROCESSES)
+
+
+MAX_BENCH_SIZE = 100_000_000  # keys, documents, ads or queries a benchmark generates
+MAX_PROCESSES = 64
+
+
 def percentile_samples(text: str) -> int:
     """An argparse type: a whole number of timed samples >= 100 (a p99 of fewer is one of the few it had)."""
     return _whole_number(text, 100)
@@ -1590,7 +1605,7 @@ def build_parser() -> argparse.ArgumentParser:
         "what",
         choices=["serve", "publish", "graph", "embed", "campaign", "demand", "load", "rerank", "events", "admission"],
     )
-    bench.add_argument("--processes", type=positive_int, default=2, help="load: client processes")
+    bench.add_argument("--processes", type=client_processes, default=2, help="load: client processes (at most 64)")
     bench.add_argument(
         "--daemon-logins",
         type=non_negative_int,
@@ -1598,15 +1613,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="events: logins also timed through a real dagster-daemon (about 5-15 s each; 0: none)",
     )
     bench.add_argument("--seconds", type=positive_int, default=10, help="load: seconds per phase")
-    bench.add_argument("--docs", type=positive_int, default=1_000_000, help="embed: documents")
+    bench.add_argument("--docs", type=bench_size, default=1_000_000, help="embed: documents")
     bench.add_argument(
-        "--queries", type=positive_int, default=10_000_000, help="graph: logged queries over 7 days (at least 7)"
+        "--queries", type=bench_size, default=10_000_000, help="graph: logged queries over 7 days (at least 7)"
     )
-    bench.add_argument("--ads", type=positive_int, default=100_000, help="graph: ads in the catalog")
-    bench.add_argument("--n", type=positive_int, default=1_000_000, help="publish: keys to publish")
+    bench.add_argument("--ads", type=bench_size, default=100_000, help="graph: ads in the catalog")
+    bench.add_argument("--n", type=bench_size, default=1_000_000, help="publish: keys to publish")
     bench.add_argument(
         "--keys",
-        type=positive_int,
+        type=bench_size,
         help="serve: keys (default 10,000); demand, load, rerank, admission: keys or documents (100,000)",
     )
     bench.add_argument("--days", type=positive_int, default=14, help="demand: days of hourly counts (last held back)")
@@ -1639,7 +1654,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     quarantine.add_argument("load_id", help="the load_id of a `docs load` summary")
     generate = docs_sub.add_parser("generate", help="synthetic documents in 14 languages and scripts")
-    generate.add_argument("--n", type=positive_int, required=True, help="documents to generate")
+    generate.add_argument("--n", type=bench_size, required=True, help="documents to generate")
     generate.add_argument("--seed", type=non_negative_int, default=0, help="the same seed, the same documents (0)")
     generate.add_argument("--start-id", type=non_negative_int, default=0, help="the first document's id (0)")
     docs.set_defaults(fn=cmd_docs)

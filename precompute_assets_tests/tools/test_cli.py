@@ -50,6 +50,19 @@ def test_a_window_that_is_no_duration_is_one_line_and_exit_code_2(capsys):
         assert usage.value.code == 2 and says in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_benchmark_sizes_and_processes_are_bounded_in_one_line(capsys):
+    """``bench load --processes 1000`` forked a thousand clients, ``bench publish --n 1000000000`` ran out of memory
+    before it said anything (h_bench): both are refused before anything starts."""
+    for argv, says in [(["bench", "load", "--processes", "65"], "--processes: must be at most 64, got 65"),
+                       (["bench", "publish", "--n", "100000001"], "--n: must be at most 100000000"),
+                       (["bench", "embed", "--docs", "1e9"], "--docs: expected a whole number"),
+                       (["docs", "generate", "--n", "100000001"], "--n: must be at most 100000000")]:  # fmt: skip
+        with pytest.raises(SystemExit) as usage:
+            main(argv)
+        err = capsys.readouterr().err
+        assert usage.value.code == 2 and says in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_replay_reads_a_trace_piped_to_standard_input_as_dash(tmp_path, capsys, monkeypatch):
     """``zcat log.gz | precompute replay --trace -``: a dash named a file called "-", which did not exist."""
     lines = "".join(f"user:{k % 97}\n" for k in range(0, 6_000, 7)).encode()
