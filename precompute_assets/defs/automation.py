@@ -384,7 +384,10 @@ def build_schedules(partitions: Partitions) -> list:
             cron_schedule="0 3 * * *",
             execution_timezone=timezone,
             default_status=RUNNING,
-            description=f"Trim the query-log stream past its retention, at 03:00 {timezone}.",
+            description=f"At 03:00 {timezone}, query_log_cleanup_job: trim the query-log and user-event streams past "
+            "their retention (trim_query_log, trim_user_events), delete the lake's old hourly and daily files "
+            "(expire_lake_partitions), old runs (delete_old_runs), the ads and partitions of long-ended campaigns "
+            "(purge_campaign_ads) and the document loads' old quarantined rows (expire_document_quarantine).",
         ),
         document_embeddings_daily,
     ]

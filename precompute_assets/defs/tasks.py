@@ -782,6 +782,17 @@ def stream_id(text: str) -> str | None:
     return None if int(parts[0]) == int(parts[1]) == 2**64 - 1 else f"{int(parts[0])}-{int(parts[1])}"
 
 
+def first_read_after(lookback_ms: int, span: UserStatesSpan | None) -> str:
+    """Where a tick without a cursor (a new Dagster instance, the first ``precompute dev`` after the demo) reads the
+    user events after: ``lookback_ms``, or the last event a tick of any instance handled (the stored states'
+    ``span``), if that is later: the demo's own tick handled its events, and the next instance did them again."""
+    start = (lookback_ms, 0)
+    through = stream_id(span.through) if span is not None else None
+    if through is not None and tuple(map(int, through.split("-"))) > start:
+        return through
+    return f"{lookback_ms}-0"
+
+
 def build_user_event_sensor(
     *,
     name: str = "user_event_sensor",
@@ -791,7 +802,8 @@ def build_user_event_sensor(
     minimum_interval_seconds: int = 1,
     registry: Callable[[], TaskRegistry] = task_registry,
 ) -> dg.SensorDefinition:
-    """The sensor: reads the events after its cursor (a stream ID; a first tick starts ``first_lookback_s`` back),
+    """The sensor: reads the events after its cursor (a stream ID; a first tick starts ``first_lookback_s`` back, or
+    after the last event a tick handled, ``first_read_after``),
     at most ``max_events`` a tick, and requests the implied task runs, batched and prioritised.
 
     Dagster's sensor daemon visits sensors every 5 s; a minimum interval of 1 s lets this one tick on every
@@ -817,9 +829,11 @@ def build_user_event_sensor(
         if context.cursor and after is None:  # set by hand (`dagster sensor cursor --set`)
             context.log.warning(
                 f"the cursor {context.cursor[:80]!r} is no stream ID to read after (MILLISECONDS-SEQUENCE): "
-                f"reading from {first_lookback_s} s ago instead"
+                f"reading from {first_lookback_s} s ago instead (or the last event a tick handled, if later)"
             )
-        after = after or f"{time.time_ns() // 1_000_000 - first_lookback_s * 1000}-0"
+        if after is None:
+            span = redis.sensor_check(read_user_states_span, context.log, "the span of the stored user states")
+            after = first_read_after(time.time_ns() // 1_000_000 - first_lookback_s * 1000, span)
         entries = redis.sensor_check(
             lambda client, schema: read_events_after(client, schema, after, limit=max_events),
             context.log, f"the user events after {after}",

@@ -399,6 +399,29 @@ def test_a_cursor_that_is_no_stream_id_is_replaced_with_a_warning(redis_url, sch
     assert tasks.stream_id(result.cursor) == result.cursor
 
 
+def test_a_tick_without_a_cursor_starts_after_the_last_event_any_tick_handled(redis_url, schema, tmp_path, pg_instance):
+    """The demo's in-process tick handled its events, and the first tick of ``precompute dev`` after it (no cursor:
+    another instance) read the last 5 minutes again and requested the same runs (h_newbie)."""
+    logger = EventLogger(log_client(redis_url), schema)
+    logger.record_event("u1", "login", tenant="acme")
+    logger.close()
+    sensor = build_user_event_sensor()
+    first = tick(sensor, pg_instance, redis_url, schema, str(tmp_path))
+    assert isinstance(first, dg.SensorResult) and first.run_requests
+    again = tick(sensor, pg_instance, redis_url, schema, str(tmp_path))  # a new instance: no cursor
+    assert isinstance(again, dg.SkipReason) and f"no user events after {first.cursor}" in str(again.skip_message)
+    logger = EventLogger(log_client(redis_url), schema)
+    logger.record_event("u2", "login", tenant="acme")
+    logger.close()
+    later = tick(sensor, pg_instance, redis_url, schema, str(tmp_path))
+    entities = {e for r in later.run_requests for e in r.run_config["ops"]["run_precompute_task"]["config"]["entities"]}
+    assert "u2" in entities and "u1" not in entities
+    # A span older than the lookback does not reach further back than it.
+    old = tasks.UserStatesSpan("1-0", "2-0")
+    assert tasks.first_read_after(5_000, old) == "5000-0" and tasks.first_read_after(1, old) == "2-0"
+    assert tasks.first_read_after(5_000, None) == "5000-0"
+
+
 def test_a_bare_millisecond_cursor_reads_after_its_first_entry_id():
     assert tasks.stream_id("1700000000000") == "1700000000000-0" and tasks.stream_id("5-07") == "5-7"
 
