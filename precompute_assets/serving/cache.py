@@ -348,9 +348,12 @@ class PredictionCache:
     def get_many(
         self, kind: str, keys: Sequence[str], *, user: str | None = None, tenant: str | None = None
     ) -> list[Any | None]:
-        """Values for ``keys`` in order (None for misses), from one published version: one round trip (per 10,000
-        keys, ``connection.PIPELINE_CHUNK``), plus one for live read-through values when some keys are not in the
-        published version (on Redis Cluster: one round trip per master, in parallel)."""
+        """Values for ``keys`` in order (None for misses), those the published version holds from that one version:
+        one round trip (per 10,000 keys, ``connection.PIPELINE_CHUNK``), plus one for live read-through values when
+        some keys are not in the published version (on Redis Cluster: one round trip per master, in parallel). A live
+        value is whatever was stored for its key: computed by ``get_or_compute``, or, under ``probation``, handed
+        over from a version before when the publish dropped the key, so a batch may hold values of older versions
+        for the keys the current one does not serve."""
         check_kind(kind)
         check_keys(keys)
         start = time.perf_counter_ns()

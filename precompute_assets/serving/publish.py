@@ -560,7 +560,10 @@ def settle_published(
         # Values first: a kill (or a lost reply) between the two leaves tracked keys without a value, which ``_ADMIT``
         # keeps and the retry untracks, never untracked values outliving the tier's capacity until their TTL.
         _unlink_live(client, schema, kind, [_text(key) for key in batch], tier_ttl)
-        run_commands(client, [(b"EVAL", UNTRACK, 1, main, *batch)])
+        (gone,) = run_commands(client, [(b"EVAL", UNTRACK, 1, main, *batch)])
+        # A reader still on the old pointer may have stored a value between the two, which its _ADMIT left as it
+        # was (tracked): deleted now, unless a later miss tracks it again (h_concur)
+        _unlink_untracked(client, schema, kind, [_text(key) for key in gone], tier_ttl)
     handed: list[str] = []
     if previous is not None and order_version is not None and _text(order_version) == previous.version:
         before = _list_items(client, order, chunk)

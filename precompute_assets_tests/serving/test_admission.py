@@ -399,6 +399,36 @@ def test_a_key_handed_over_and_evicted_before_its_value_is_copied_keeps_no_value
     assert live == tracked_keys(client, schema) and cache.errors == 0
 
 
+def test_a_value_stored_between_the_settlings_delete_and_untrack_is_not_left_untracked(redis_server, monkeypatch):
+    """The settling deletes the live values of the new version's keys, then untracks them: a reader still on the
+    old pointer that missed one in between stored a value that its admission left as it was (already tracked), and
+    the untrack then left that value tracked by nothing, outside the capacity, for its whole live TTL (h_concur)."""
+    server = redis_server()
+    client = connect(server.url, socket_timeout=5)
+    schema = KeySchema("fifo")
+    policy = Probation(capacity=10)
+    cache = make_cache(server.url, schema, live_ttl_s=3600, admission=policy)
+    run_through_client(cache, client, schema, ["k", "k", *(f"x{i}" for i in range(10))])  # k in the main LRU
+    assert client.zscore(schema.admission_fifo("rank", "main"), "k") is not None
+    # a reader that read the pointer before the flip (none then), and keeps it for its pointer_ttl_s
+    stale = PredictionCache(connect(server.url, socket_timeout=2.0), schema=schema, pointer_ttl_s=3600,
+                            live_ttl_s=3600, admission=policy)  # fmt: skip
+    assert stale.get("rank", "nothing") is None
+    unlink = publish_module._unlink_live
+    raced = []
+
+    def then_a_reader_stores(client_, schema_, kind, keys, ttl):
+        unlink(client_, schema_, kind, keys, ttl)
+        if "k" in keys and not raced:  # the value just deleted; a reader on the old pointer misses and stores it
+            raced.append(run_through_client(stale, client, schema, ["k"]))
+
+    monkeypatch.setattr(publish_module, "_unlink_live", then_a_reader_stores)
+    publish(client, schema, "v1", ["k"])
+    assert raced == [["admitted"]] and "k" not in tracked_keys(client, schema)
+    assert not client.exists(schema.live("rank", "k"))  # nothing untracked left beside the published value
+    assert cache.get("rank", "k") == {"key": "k"} and cache.errors == stale.errors == 0
+
+
 @pytest.mark.parametrize(
     ("capacity", "days", "versions", "handed"),
     [
