@@ -142,7 +142,8 @@ def _record(client: redis.Redis, schema: KeySchema, kind: str, version: Pointer,
     try:
         ttls = [client.ttl(schema.bucket(kind, version.version, index)) for index in {0, version.buckets - 1}]
         client.sadd(name, member)
-        client.expire(name, max(INVALIDATED_MIN_TTL_S, *ttls))
+        if -1 not in ttls:  # a version without a TTL (patched in place): so is the record, which lives as long
+            client.expire(name, max(INVALIDATED_MIN_TTL_S, *ttls))
     except redis.exceptions.OutOfMemoryError:
         return False  # at maxmemory: the caller records it again once its deletes freed memory
     except redis.exceptions.NoPermissionError as error:

@@ -87,7 +87,9 @@ NAMESPACE_PATTERN = VERSION_PATTERN
 # Kinds whose keys would be the shared keys: kind ``stats``'s pointer ``stats:current`` is kind ``current``'s stats.
 RESERVED_KINDS = frozenset({"qlog", "stats", "events"})
 # Versions whose buckets ``{kind}:{version}:{n}`` would be a kind's own keys (``live:0`` is key 0's live value).
-RESERVED_VERSIONS = frozenset({"live", "current", "experiment", "sketch", "seen", "delta", "lock", "fifo"})
+RESERVED_VERSIONS = frozenset(
+    {"live", "current", "previous", "experiment", "sketch", "seen", "delta", "lock", "fifo", "invalidated", "epoch"}
+)
 # admission ``probation``'s state (``admission_fifo``), and the published version's key count it sizes itself by
 FIFO_PARTS = ("small", "hits", "main", "ghost", "seq", "published", "tier", "order")
 MAX_KEY_LENGTH = 256  # characters of a prediction key (the query log quarantines longer ones)

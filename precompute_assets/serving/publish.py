@@ -166,6 +166,11 @@ def publish_version(
                 kind, version, written, buckets, n_bytes, seconds, None, True, handed, settle_error, mended
             )
         writing = True
+        if (taken := invalidations(client, schema, kind, version)) != Invalidations():
+            # A version published again (a rollback to the one in its grace, a retry) keeps out what invalidations
+            # took from it, as mending the current one does (h_inval)
+            filled = [(name, kept) for name, bucket in filled if (kept := _without(bucket, taken))]
+            written = sum(len(bucket) // 2 for _, bucket in filled)
         mark = server_mark(client)  # what tells eviction from a restart or a delete, should buckets go missing
         if _existing(client, names):
             # A retry of this version: start clean so no field of the failed attempt survives.

@@ -69,6 +69,32 @@ def test_an_invalidation_is_not_a_loss_and_a_restore_never_writes_it_back(redis_
     assert cache.get("ctr", "ad7") is None and cache.get("ctr", "ad8") == pytest.approx(0.5)
 
 
+def test_a_rollback_to_the_version_in_grace_keeps_its_invalidated_keys_out(redis_client, schema):
+    """``ctr_cache rollback: true`` publishes the version in its grace again: the keys invalidated from it while it
+    was there came back, although its record named them (h_inval)."""
+    keys = ["u1", "u7", "x1", "x2"]
+    publish(redis_client, schema, "ctr", "v1", keys)
+    publish(redis_client, schema, "ctr", "v2", keys)  # v1 in its grace
+    invalidate(redis_client, "ctr", key="u7", schema=schema)
+    invalidate(redis_client, "ctr", prefix="x", schema=schema)
+    items = [(key, 0.5) for key in keys]
+    result = publish_version(redis_client, "ctr", "v1", items, n_keys=4, schema=schema, ttl_s=600, hand_over=False)
+    assert result.keys == 1
+    cache = PredictionCache(redis_client, schema=schema, pointer_ttl_s=0)
+    assert cache.get_many("ctr", keys) == [pytest.approx(0.5), None, None, None]
+
+
+def test_the_record_of_a_version_without_a_ttl_lives_as_long(redis_client, schema):
+    """A version without a TTL (patched in place) had its record expire after 7 days, and a mend then wrote the
+    invalidated keys back (h_inval)."""
+    publish_version(redis_client, "ctr", "v1", [("u1", 0.5), ("u7", 0.5)], n_keys=2, schema=schema, ttl_s=None)
+    invalidate(redis_client, "ctr", key="u7", schema=schema)
+    assert redis_client.ttl(schema.invalidated("ctr", "v1")) == -1
+    publish(redis_client, schema, "ctr", "v2", ["a"])
+    invalidate(redis_client, "ctr", key="a", schema=schema)
+    assert 0 < redis_client.ttl(schema.invalidated("ctr", "v2")) <= 7 * 86_400  # 600 s buckets: at least 7 days
+
+
 def test_invalidation_still_deletes_at_maxmemory(redis_server, schema):
     """A full server (``noeviction``) refuses the epoch's ``INCRBY`` (it may grow memory) but not the deletes, which
     free memory: invalidating, the way out of a full server, must not fail on the fence. A private server: an OOM
@@ -144,6 +170,8 @@ def test_a_version_is_deleted_only_when_it_is_not_current(redis_client, schema):
         ({"key": "a", "prefix": "b"}, "exactly one of key, prefix or version"),
         ({"prefix": ""}, "empty prefix"),
         ({"version": "v:1"}, "invalid version"),
+        ({"version": "invalidated"}, "reserved"),  # deleted every version's invalidation records (h_inval)
+        ({"version": "previous"}, "reserved"),
         ({"kind": "ctr:live", "key": "a"}, "invalid kind"),
     ],
 )
