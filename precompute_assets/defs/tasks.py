@@ -76,6 +76,8 @@ OP_NAME = "run_precompute_task"
 # The whole run is retried when Redis refuses the write or every entity failed (1 s, 2 s, 4 s); a failing entity is
 # retried inside the run first (TaskRunConfig.max_retries, backoff_s), and a codec error is never retried.
 TASK_RETRY = dg.RetryPolicy(max_retries=3, delay=1, backoff=dg.Backoff.EXPONENTIAL)
+MAX_TASK_RETRIES = 10  # retry rounds inside a run ...
+MAX_TASK_BACKOFF_S = 60.0  # ... after at most this long before the first, doubled for each next (a sleep is capped)
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +257,7 @@ def compute_task(
         pending = [e for e in pending if e in failed and e not in unavailable]
         if not pending or rounds >= max_retries:
             break
-        sleep(backoff_s * 2**rounds)
+        sleep(min(backoff_s * 2**rounds, MAX_TASK_BACKOFF_S))
         rounds += 1
         ctx.new_round()
     codec, encode_errors = codec_for(task.cache_kind), {}
@@ -288,8 +290,10 @@ def publish_task_values(redis: RedisResource, task: TaskType, values: dict[str, 
 class TaskRunConfig(dg.Config):
     task_type: str = Field(description="A registered task type (precompute_assets.defs.tasks).")
     entities: list[str] = Field(description="The entities (users, creatives, tenants) to compute.")
-    max_retries: int = Field(3, description="Retries of an entity whose task function raises.")
-    backoff_s: float = Field(0.5, description="Seconds before the first retry, doubled for each next.")
+    max_retries: int = Field(3, description="Retries of an entity whose task function raises (0 to 10).")
+    backoff_s: float = Field(
+        0.5, description="Seconds before the first retry (0 to 60), doubled for each next, at most 60 s each."
+    )
     as_of_ms: int | None = Field(
         None, description="'now' for tasks that look back (a dashboard's 24 hours), in ms; null: the wall clock."
     )
@@ -311,10 +315,12 @@ def run_precompute_task(
     deployment: DeploymentResource,
 ):
     started = time.perf_counter()
-    if config.max_retries < 0 or not config.backoff_s >= 0:  # NaN too: the same config fails the same way again
+    # NaN and infinity too (an infinite backoff raised OverflowError from sleep, retried 3 times; 30 retries slept
+    # for years): the same config fails the same way again
+    if not 0 <= config.max_retries <= MAX_TASK_RETRIES or not 0 <= config.backoff_s <= MAX_TASK_BACKOFF_S:
         raise dg.Failure(
-            description="max_retries and backoff_s must be at least 0, "
-            f"got {config.max_retries} and {config.backoff_s}",
+            description=f"max_retries must be 0 to {MAX_TASK_RETRIES} and backoff_s 0 to {MAX_TASK_BACKOFF_S:.0f} "
+            f"seconds, got {config.max_retries} and {config.backoff_s}",
             allow_retries=False,
         )
     try:

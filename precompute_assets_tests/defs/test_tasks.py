@@ -154,6 +154,9 @@ def test_failing_entities_are_retried_with_backoff_while_the_rest_are_kept():
     assert outcome.failed == {"broken": "RuntimeError: broken is down"}
     assert delays == [0.1, 0.2, 0.4] and outcome.retries == 3
     assert calls == {"a": 1, "b": 1, "flaky": 3, "broken": 4}  # the good ones are never computed again
+    delays.clear()
+    compute_task(TaskContext(task, ["broken"], now_ms=0), max_retries=8, backoff_s=1, sleep=delays.append)
+    assert delays == [1, 2, 4, 8, 16, 32, 60, 60]  # each sleep at most MAX_TASK_BACKOFF_S
 
 
 def test_an_entity_that_no_retry_can_help_is_not_retried():
@@ -259,11 +262,21 @@ def test_a_full_redis_fails_the_task_in_one_line_naming_maxmemory(
     assert "maxmemory" in description and "volatile-lru" in description and "\n" not in description
 
 
-@pytest.mark.parametrize(("option", "value"), [("max_retries", -1), ("backoff_s", -0.5), ("backoff_s", float("nan"))])
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("max_retries", -1),
+        ("backoff_s", -0.5),
+        ("backoff_s", float("nan")),
+        ("backoff_s", float("inf")),
+        ("max_retries", 30),
+        ("backoff_s", 61),
+    ],  # fmt: skip
+)
 def test_a_negative_retry_setting_fails_once_in_one_line(redis_url, schema, tmp_path, pg_instance, option, value):
     """Both were accepted: a negative max_retries meant no retries without a word, and a negative or NaN backoff_s
     failed only when an entity failed, at time.sleep, after which the op's retry policy re-ran the whole task three
-    times to fail the same way."""
+    times to fail the same way; an infinite one raised OverflowError there, and 30 retries slept for years (h_inval)."""
     name = unique("retries")
     calls: list[str] = []
     register_task_type(name, lambda entity, ctx: calls.append(entity) or 1.0, ttl_s=60, priority=1, batch_size=10)
@@ -274,7 +287,7 @@ def test_a_negative_retry_setting_fails_once_in_one_line(redis_url, schema, tmp_
     )  # fmt: skip
     assert not result.success
     message = result.failure_data_for_node("run_precompute_task").error.message
-    assert "max_retries and backoff_s must be at least 0" in message, message
+    assert "max_retries must be 0 to 10 and backoff_s 0 to 60 seconds" in message, message
     assert calls == []  # refused before any entity was computed, and not retried
 
 
