@@ -59,7 +59,7 @@ from ..serving.events import (
     write_user_states,
 )
 from ..serving.keys import KIND_PATTERN, RESERVED_KINDS, KeySchema, check_key, codec_for
-from ..serving.publish import write_live_values
+from ..serving.publish import InvalidatedMeanwhile, read_epoch, write_live_values
 from .campaigns import approved_model_version
 from .models import CTR_MODEL
 from .resources import DeploymentResource, LakeResource, ModelStoreResource, RedisResource, failing_clearly_when_full
@@ -277,14 +277,22 @@ def compute_task(
     return TaskOutcome(values, failed, rounds, encode_errors, unavailable)
 
 
-def publish_task_values(redis: RedisResource, task: TaskType, values: dict[str, Any], now_s: float) -> int:
+def publish_task_values(
+    redis: RedisResource, task: TaskType, values: dict[str, Any], now_s: float, *, epoch: bytes | None = None
+) -> int:
     """Write ``values`` as live values of the task's kind, expiring ``ttl_s`` from ``now_s`` (or later where a key
-    already lives longer), in one transaction: readable with ``PredictionCache.get(kind, entity)``."""
+    already lives longer), in one transaction: readable with ``PredictionCache.get(kind, entity)``. ``epoch``: the
+    kind's invalidation epoch read before computing them (``InvalidatedMeanwhile`` when it moved since)."""
     expire_at = int(now_s) + task.ttl_s
     client, schema = redis.client(), redis.schema()
     outcome = f"no values of task {task.name} written"
     with failing_clearly_when_full(client, outcome, "Readers compute them live meanwhile."):
-        return write_live_values(client, task.cache_kind, values.items(), expire_at=expire_at, schema=schema)
+        return write_live_values(
+            client, task.cache_kind, values.items(), expire_at=expire_at, schema=schema, epoch=epoch
+        )
+
+
+INVALIDATED_ATTEMPTS = 3  # computations of a task run whose kind was invalidated while it computed
 
 
 class TaskRunConfig(dg.Config):
@@ -338,8 +346,27 @@ def run_precompute_task(
         raise dg.Failure(description=f"task {task.name}: {len(bad)} invalid entities: {bad[:3]}", allow_retries=False)
     now_ms = config.as_of_ms if config.as_of_ms is not None else time.time_ns() // 1_000_000
     ctx = TaskContext(task, entities, now_ms, context.instance, redis, lake, model_store, deployment, context.log)
-    outcome = compute_task(ctx, max_retries=config.max_retries, backoff_s=config.backoff_s)
-    written = publish_task_values(redis, task, outcome.values, time.time()) if outcome.values else 0
+    # Fenced by the kind's invalidation epoch, as get_or_compute's stores are: values computed before an
+    # invalidation of the kind are computed again rather than written after it, for their whole TTL (h_inval).
+    for attempt in range(1, INVALIDATED_ATTEMPTS + 1):
+        epoch = redis.sensor_check(lambda client, schema: read_epoch(client, schema, task.cache_kind), context.log,
+                                   f"the invalidation epoch of {task.cache_kind}")  # fmt: skip
+        outcome = compute_task(ctx, max_retries=config.max_retries, backoff_s=config.backoff_s)
+        try:
+            written = (
+                publish_task_values(redis, task, outcome.values, time.time(), epoch=epoch) if outcome.values else 0
+            )
+            break
+        except InvalidatedMeanwhile:
+            context.log.warning(f"task {task.name}: {task.cache_kind} was invalidated while computing (attempt "
+                                f"{attempt} of {INVALIDATED_ATTEMPTS}): nothing written")  # fmt: skip
+            ctx.new_round()
+    else:
+        raise dg.Failure(
+            description=f"task {task.name}: {task.cache_kind} was invalidated during each of {INVALIDATED_ATTEMPTS} "
+            "computations: nothing written (readers compute live meanwhile)",
+            allow_retries=False,  # something keeps invalidating it: the next request of the entities computes again
+        )
     for entity, error in list(outcome.failed.items())[:20]:
         context.log.warning(f"task {task.name} failed for {entity} after {outcome.retries} retries: {error}")
     metadata = {

@@ -82,6 +82,8 @@ PUBLISHER_COMMANDS = (
     # publish_version / flip_pointer / patch_version / the embedding sync: buckets, pointer, experiment, sentinels
     "get", "set", "del", "exists", "expire", "expireat", "hset", "hdel",
     "multi", "exec", "discard",
+    # a task run's write of its live values WATCHes the kind's epoch (write_live_values' fence)
+    "watch", "unwatch",
     # invalidate / delete_live_values: the kind's epoch, incremented (redis-py sends INCRBY) before values go
     "incrby",
     # the query_logs drain and the cleanup: read the stream, record the trimmed boundary, trim; cache_health and

@@ -1203,6 +1203,16 @@ def _transact_groups(
     return again, asked
 
 
+class InvalidatedMeanwhile(RuntimeError):
+    """The kind was invalidated after the values to write were computed (its epoch moved): nothing was written."""
+
+
+def read_epoch(client: redis.Redis, schema: KeySchema, kind: str) -> bytes:
+    """The kind's invalidation epoch (b"" when it has none), to read before computing what ``write_live_values``
+    writes with ``epoch=``."""
+    return client.get(schema.epoch(kind)) or b""
+
+
 def write_live_values(
     client: redis.Redis,
     kind: str,
@@ -1212,6 +1222,7 @@ def write_live_values(
     schema: KeySchema | None = None,
     also: Sequence[tuple[bytes, ...]] = (),
     exact: Collection[str] = (),
+    epoch: bytes | None = None,
 ) -> int:
     """Write ``items`` as live values of ``kind`` (``{kind}:live:{key}``), each expiring at the Unix time
     ``expire_at`` or later if it already lived longer (None: no expiry), in one MULTI/EXEC transaction with the
@@ -1225,6 +1236,11 @@ def write_live_values(
     expiry always change together, but readers may see some keys of a campaign before others for the length of
     the write (one round trip per master), and a master that fails mid-way leaves the other masters' keys
     written (the run fails and its retry writes all of them again).
+
+    ``epoch`` (``read_epoch`` before the values were computed) fences the write as ``get_or_compute``'s store is
+    fenced: when an invalidation of ``kind`` moved it since, nothing is written and ``InvalidatedMeanwhile`` is
+    raised (values computed from what was invalidated would come back for their whole TTL). On one server the
+    transaction ``WATCH``es the epoch; on a cluster, where it lives in another slot, it is compared just before.
     """
     schema = schema or KeySchema()
     check_kind(kind)
@@ -1250,8 +1266,32 @@ def write_live_values(
             (b"EXPIREAT", name, when, b"NX"),
             (b"EXPIREAT", name, when, b"GT"),
         ]
+    if epoch is not None and not is_cluster(client):
+        try:
+            _fenced_transaction(client, schema.epoch(kind), epoch, [*commands, *also])
+            return len(pairs)
+        except redis.exceptions.NoPermissionError as error:  # a publisher user made before the fence: unfenced
+            _log.warning("%s values written without their invalidation fence (%s); %s", kind, error, REAPPLY_HINT)
+    if epoch is not None and read_epoch(client, schema, kind) != epoch:
+        raise InvalidatedMeanwhile(f"{kind} was invalidated while its values were computed: none written")
     transact_per_slot(client, [*commands, *also])
     return len(pairs)
+
+
+def _fenced_transaction(client: redis.Redis, epoch_key: str, epoch: bytes, commands: list[tuple[bytes, ...]]) -> None:
+    """``commands`` in one MULTI/EXEC that runs only while ``epoch_key`` holds ``epoch`` (``WATCH``);
+    ``InvalidatedMeanwhile`` when it did not."""
+    with client.pipeline(transaction=True) as pipe:
+        pipe.watch(epoch_key)
+        if (pipe.get(epoch_key) or b"") != epoch:
+            raise InvalidatedMeanwhile(f"{epoch_key} moved while the values were computed: none written")
+        pipe.multi()
+        for command in commands:
+            pipe.execute_command(*command)
+        try:
+            pipe.execute()
+        except redis.WatchError:
+            raise InvalidatedMeanwhile(f"{epoch_key} moved while the values were written: none written") from None
 
 
 def delete_live_values(client: redis.Redis, keys: Iterable[tuple[str, str]], *, schema: KeySchema | None = None) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import logging
 import threading
 import time
@@ -289,6 +290,41 @@ def test_a_negative_retry_setting_fails_once_in_one_line(redis_url, schema, tmp_
     message = result.failure_data_for_node("run_precompute_task").error.message
     assert "max_retries must be 0 to 10 and backoff_s 0 to 60 seconds" in message, message
     assert calls == []  # refused before any entity was computed, and not retried
+
+
+def test_values_computed_before_an_invalidation_of_their_kind_are_computed_again_not_written(
+    redis_url, redis_client, schema, tmp_path, pg_instance
+):
+    """A task run that computed its values before an invalidation of its kind wrote them after it, so the
+    invalidated values came back for the type's whole TTL: task runs were not fenced by the epoch as
+    get_or_compute's stores are (h_inval)."""
+    from precompute_assets.serving.invalidate import invalidate
+
+    name = unique("fenced")
+    computed: list[int] = []
+
+    def compute(entity, ctx):
+        computed.append(len(computed))
+        if len(computed) == 1:  # an operator invalidates the kind while the first computation runs
+            invalidate(redis_client, name, prefix="e", schema=schema)
+        return {"computation": len(computed)}
+
+    register_task_type(name, compute, ttl_s=600, priority=1, batch_size=10, kind=name)
+    res = task_resources(redis_url, schema, str(tmp_path / "lake"), str(tmp_path / "models"))
+    result = precompute_tasks_job.execute_in_process(
+        run_config=task_run_config(name, ["e1"]), resources=res, instance=pg_instance
+    )
+    assert result.success and computed == [0, 1]
+    assert json.loads(redis_client.get(schema.live(name, "e1"))) == {"computation": 2}
+    name = unique("always")
+    register_task_type(name, lambda entity, ctx: [invalidate(redis_client, name, key=entity, schema=schema), 1][1],
+                       ttl_s=600, priority=1, batch_size=10, kind=name)  # fmt: skip
+    result = precompute_tasks_job.execute_in_process(
+        run_config=task_run_config(name, ["e1"]), resources=res, instance=pg_instance, raise_on_error=False
+    )
+    message = result.failure_data_for_node("run_precompute_task").error.message
+    assert "was invalidated during each of 3 computations: nothing written" in message
+    assert not redis_client.exists(schema.live(name, "e1"))
 
 
 def test_task_run_stats_count_queued_and_ended_runs_per_task_type(redis_url, schema, tmp_path, pg_instance):

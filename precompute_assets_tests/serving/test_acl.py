@@ -113,9 +113,9 @@ def test_the_exact_rules_of_namespace_pc() -> None:
         "resetkeys", "~pc:1:*", "resetchannels", "-@all",
         "+ping", "+client|setinfo", "+cluster|slots", "+command", "+asking",
         "+get", "+set", "+del", "+exists", "+expire", "+expireat", "+hset", "+hdel",
-        "+multi", "+exec", "+discard", "+incrby", "+xrange", "+xrevrange", "+xtrim", "+xdel", "+xlen", "+hget",
-        "+hmget", "+hlen", "+ttl", "+pttl", "+type", "+eval", "+lrange", "+rpush", "+unlink", "+zrem", "+zadd",
-        "+zscore", "+zrange", "+zcard", "+llen", "+hexists", "+info", "+time", "+sadd", "+smembers",
+        "+multi", "+exec", "+discard", "+watch", "+unwatch", "+incrby", "+xrange", "+xrevrange", "+xtrim", "+xdel",
+        "+xlen", "+hget", "+hmget", "+hlen", "+ttl", "+pttl", "+type", "+eval", "+lrange", "+rpush", "+unlink",
+        "+zrem", "+zadd", "+zscore", "+zrange", "+zcard", "+llen", "+hexists", "+info", "+time", "+sadd", "+smembers",
     ]  # fmt: skip
     assert reader_rules() == [
         "resetkeys", "%R~pc:1:*", "resetchannels", "-@all", "+ping", "+client|setinfo", "+cluster|slots", "+command",
