@@ -930,8 +930,10 @@ def plan_refresh(
     requested: dict[str, dict[str, int]] | None = None,
 ) -> RefreshPlan:
     """The live keys of registered task types that had hits in the query log in the last ``window_s`` and whose
-    ``PTTL`` is below ``fraction`` of their type's TTL (``serving.refresh``), at most ``max_keys`` (soonest expiry
-    first), each at ``REFRESH_PRIORITY``, skipping those requested in the last ``cooldown_s`` (``requested``)."""
+    ``PTTL`` is below ``fraction`` of their type's TTL, or that are gone (``serving.refresh``), at most ``max_keys``
+    (soonest expiry first), each at ``REFRESH_PRIORITY``, skipping those requested in the last ``cooldown_s``
+    (``requested``), or in the last half of the due window for a type whose due window is shorter: with a TTL of 300 s
+    a 600 s cooldown outlived the value, and one failed refresh let a hot key expire."""
     task_of: dict[str, TaskType] = {}
     for task in registry.types.values():
         task_of.setdefault(task.cache_kind, task)  # two types of one kind: the first registered refreshes it
@@ -950,10 +952,13 @@ def plan_refresh(
     due = refresh.due_for_refresh(pttls, {kind: task.ttl_s for kind, task in task_of.items()}, fraction=fraction)
     out.due = len(due)
     for kind, key in due:
-        task = task_of[kind].name
-        if key in out.requested.get(task, {}):
+        task = task_of[kind]
+        cooling_ms = min(cooldown_s, fraction * task.ttl_s / 2) * 1000
+        at = out.requested.get(task.name, {}).get(key)
+        if at is not None and now_ms - at < cooling_ms:
             out.cooling += 1
             continue
+        task = task.name
         if len(out.plan.wanted) >= max_keys:
             break
         out.plan.want(task, key, REFRESH_PRIORITY)

@@ -58,13 +58,15 @@ def due_for_refresh(
     pttls: Mapping[tuple[str, str], int], ttl_s: Mapping[str, int], *, fraction: float = DEFAULT_FRACTION
 ) -> list[tuple[str, str]]:
     """The ``(kind, key)`` pairs whose ``PTTL`` (ms) is below ``fraction`` of their kind's TTL (``ttl_s[kind]``),
-    soonest expiry first; gone (-2), persistent (-1) and unknown kinds are never due."""
+    soonest expiry first: gone ones (-2) first, since the caller passes keys read lately (a hot key whose refresh
+    failed, or came too late, expired while read, and was never due again); persistent (-1) and unknown kinds are
+    never due."""
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
     due = [
         (pttl, kind, key)
         for (kind, key), pttl in pttls.items()
-        if kind in ttl_s and pttl is not None and 0 <= pttl < fraction * ttl_s[kind] * 1000
+        if kind in ttl_s and pttl is not None and (pttl == -2 or 0 <= pttl < fraction * ttl_s[kind] * 1000)
     ]
     return [(kind, key) for _, kind, key in sorted(due)]
 

@@ -881,6 +881,33 @@ def test_live_refresh_requests_hot_keys_near_expiry_and_never_the_cold_tail(
     assert not after.run_requests and "0 due" in after.skip_reason.skip_message
 
 
+def test_a_short_lived_hot_key_is_refreshed_again_and_an_expired_one_too(redis_url, redis_client, schema):
+    """With a type's TTL of 300 s the 600 s cooldown outlived the value: a refresh that failed (or came late) was not
+    asked again, and once the value expired while still read it was never due again (h_inval)."""
+    from precompute_assets.defs.tasks import TaskRegistry, plan_refresh
+    from precompute_assets.serving import QueryLogger
+
+    name = unique("short")
+    registry = TaskRegistry()
+    registry.register(TaskType(name, lambda entity, ctx: 1, 300, 5))
+    redis_client.set(schema.live(name, "t1"), b"1", px=50_000)  # 50 s of 300 left: due (under 20 %)
+    reader = PredictionCache(connect(redis_url, socket_timeout=5), schema=schema, pointer_ttl_s=0,
+                             logger=QueryLogger(log_client(redis_url), schema))  # fmt: skip
+    reader.get(name, "t1")
+    reader.close()
+    now = time.time_ns() // 1_000_000
+    first = plan_refresh(registry, redis_client, schema, now_ms=now)
+    assert list(first.plan.wanted) == [(name, "t1")]
+    # its run failed: 31 s later (past half the 60 s due window, well within the 600 s cooldown) it is asked again
+    soon = plan_refresh(registry, redis_client, schema, now_ms=now + 10_000, requested=first.requested)
+    assert not soon.plan.wanted and soon.cooling == 1
+    later = plan_refresh(registry, redis_client, schema, now_ms=now + 31_000, requested=first.requested)
+    assert list(later.plan.wanted) == [(name, "t1")]
+    redis_client.delete(schema.live(name, "t1"))  # expired while read
+    gone = plan_refresh(registry, redis_client, schema, now_ms=now + 62_000, requested=later.requested)
+    assert list(gone.plan.wanted) == [(name, "t1")] and gone.due == 1
+
+
 def test_both_task_sensors_skip_with_a_warning_when_redis_does_not_answer(tmp_path, capsys):
     """They read Redis on the resource's default client (10 s a command, two retries), which raises dg.Failure when the
     server does not answer: a tick every second that failed. They now skip, say why, and keep their cursors."""
