@@ -70,6 +70,7 @@ _CSV_START_RE = re.compile(_CSV_START)
 _PSQL_FOOTER = re.compile(r"\n\([0-9]+ rows?\)$")
 _SEPARATOR_MARKS = {"tab": "\t", "semicolon": ";", "pipe": "|"}  # separators replaced by commas before the parse
 _DATETIME_START_RE = re.compile(rf"{_PAD}{_DATE}")  # a timestamp that is a date-time, not a number
+_COMMA_MARK = "\ue000"  # a private-use character, in no trace: a comma inside a blank-separated field meanwhile
 _DATETIME_FIELD_RE = re.compile(rf"{_DATE}T\S*")  # one without blanks: a field of a whitespace-separated line
 _NUM_RE = re.compile(_NUM)
 _NUMBER_START = re.compile(r"[+-]?\.?[0-9]")  # a name never starts so; a timestamp in any form does
@@ -340,6 +341,9 @@ def _text_trace(
     separator = _separator(text)
     if separator == "pipe":
         text = _PSQL_FOOTER.sub("", text)  # psql -A's "(5760 rows)" below the rows: no request
+    comma_mark = None  # a comma inside a field of a whitespace trace (a Wikipedia URL), held as this while parsed
+    if separator == "whitespace" and "," in text and _COMMA_MARK not in text:
+        text, comma_mark = text.replace(",", _COMMA_MARK), _COMMA_MARK
     if separator != "comma" and (comma := text.find(",")) >= 0:
         line_no = text.count("\n", 0, comma) + 1
         decimal = " (a decimal comma? Write the numbers with a point)" if separator == "semicolon" else ""
@@ -366,6 +370,9 @@ def _text_trace(
     if names and below.count(",") + 1 == len(names):
         text, first_line = rest, 2  # it names the columns of the CSV lines below it
     header = tuple(names) if first_line == 2 else None
+    one_column = None  # the header of a one-column export (object_id above integer ids): no request
+    if first_line == 1 and _names_integer_column(first, rest):
+        text, first_line, one_column = rest, 2, first.strip()
     chosen = columns is not None  # the caller named the fields
     if columns is None and header is not None and header[0] == "":
         columns = _PANDAS_INDEX[len(header) > 2]  # the row numbers of pandas' index are neither time nor key
@@ -397,7 +404,9 @@ def _text_trace(
     if not integer and (bad := _BAD_LINE[kind].search(text)) is not None:
         line_no = text.count("\n", 0, bad.start()) + first_line
         line = text[bad.start() :].partition("\n")[0]
-        raise TraceError(f"line {line_no}: {_line_problem(line, kind, header=header is not None)}")
+        problem = _line_problem(line, kind, header=header is not None)
+        problem = problem.replace(_COMMA_MARK, ",").replace(repr(_COMMA_MARK)[1:-1], ",")  # as written, quoted too
+        raise TraceError(f"line {line_no}: {problem}")
     number = None if where is None else _field_number(where[0], header, fields, "--where")
     kept = None if number is None else _kept_lines(every_field, number, fields, where[1])
     del every_field  # the file's whole text: not held through the parse of the keys
@@ -415,6 +424,10 @@ def _text_trace(
     layout = {"fields": fields, "timestamp_field": time_field, "key_field": key_field, "header": header}
     layout["separator"] = separator if fields > 1 else None
     keys, timestamps = frame["key"].to_numpy(), None
+    if one_column is not None:
+        layout["header"] = (one_column,)
+    if comma_mark is not None and keys.dtype == object:
+        keys = np.array([key.replace(comma_mark, ",") for key in keys], dtype=object)
     if kind == "csv":
         timestamps = frame["timestamp"].to_numpy(dtype=np.float64) if dated is None else dated
         infinite = np.flatnonzero(~np.isfinite(timestamps))
@@ -728,11 +741,15 @@ def _field_number(field: int | str, header: tuple[str, ...] | None, fields: int,
 
 def _whitespace_separated(text: str) -> bool:
     """Whether ``text``'s fields are separated by spaces or tabs: its first line, or the one below a first line
-    of two or more names (a header), has no comma and two or more fields, the first a number."""
+    of two or more names (a header), has two or more fields, the first a number, and no comma unless the text before
+    it holds blanks and is no timestamp (a comma inside a field: wikibench's URLs, ``Washington,_D.C.``)."""
     first, _, rest = text.partition("\n")
     for line in (first, rest.partition("\n")[0]):
         fields = _BLANKS.split(line.strip(" \t"))
-        if "," in line or len(fields) < 2 or fields[0].startswith("#"):  # a comment is left to the line checks
+        before = line.partition(",")[0].strip(" \t")
+        if "," in line and (not _BLANKS.search(before) or _timestamp_field(before)):
+            return False  # a comma-separated line
+        if len(fields) < 2 or fields[0].startswith("#"):  # a comment is left to the line checks
             return False
         if _NUM_RE.fullmatch(fields[0]) or _DATETIME_FIELD_RE.fullmatch(fields[0]):
             return True
@@ -761,6 +778,19 @@ def _timestamp_field(field: str, *, decimal_comma: bool = True) -> bool:
     if decimal_comma:
         start = re.sub(r"(?<=[0-9]),(?=[0-9]+$)", ".", start)
     return bool(_NUM_RE.fullmatch(start) or re.fullmatch(_DATETIME, start))
+
+
+def _names_integer_column(first: str, rest: str, sample: int = 1000) -> bool:
+    """Whether ``first`` is the name of a one-column export whose ``rest`` holds integer ids (at least the first
+    ``sample`` lines): a word, not a number, a comment or a field list, above lines of digits. Read as a bare key,
+    it was one more request, and made every integer id a string key."""
+    name = first.strip()
+    if not name or "," in name or name.startswith("#") or _NUMBER_START.match(name) or not name.isprintable():
+        return False
+    head = rest[: 1 << 16]  # not a split of the whole file's text
+    lines = head.split("\n")[: -1 if len(head) == 1 << 16 else None][:sample]  # a cut last line is no line
+    lines = [line.strip() for line in lines if line.strip()]
+    return bool(lines) and all(line.isascii() and line.isdigit() for line in lines)
 
 
 def _header_names(line: str) -> list[str] | None:
@@ -857,14 +887,21 @@ def _timestamp_unit(trace: Trace, slice_ticks: float) -> tuple[float, str | None
     guessed."""
     if trace.dated or trace.format in _ORACLE:
         return 1.0, None
-    typical = float(np.median(np.abs(trace.timestamps)))
+    # The median and the 1st percentile both since 1970 (or 1601): a trace's own clock in ms that reaches 2008 as
+    # seconds by its middle (28 days of ms) starts near 0; one corrupt row's 0 stays below the percentile.
+    typical, low = (float(v) for v in np.quantile(np.abs(trace.timestamps), [0.5, 0.01]))
     for factor in _UNITS.values():
-        if EPOCH_2000_S <= typical * factor < EPOCH_2200_S:
+        if _since_2000(typical * factor, low * factor):
             return factor, None
-    if EPOCH_2000_S <= typical * 1e-7 - FILETIME_EPOCH_S < EPOCH_2200_S:
+    if _since_2000(typical * 1e-7 - FILETIME_EPOCH_S, low * 1e-7 - FILETIME_EPOCH_S):
         return 1e-7, None
     name = min(_UNITS, key=lambda unit: abs(np.log(max(slice_ticks * _UNITS[unit], 1e-12) / DAY_SECONDS)))
     return _UNITS[name], name
+
+
+def _since_2000(typical_s: float, low_s: float) -> bool:
+    """Whether a trace whose median and 1st percentile are these seconds since 1970 holds dates from 2000 to 2200."""
+    return EPOCH_2000_S <= typical_s < EPOCH_2200_S and low_s >= EPOCH_2000_S
 
 
 def _duration(seconds: float) -> str:
@@ -932,6 +969,22 @@ def trace_notes(trace: Trace, day_keys: Sequence[np.ndarray], *, key_chosen: boo
             f"every request is of one key, '{keys[0]}', read from field {trace.key_field} of {trace.fields}: "
             "another field is the key? Name it with --key-field"
         )
+    elif text and not chosen and trace.fields > 1 and len(keys) >= FEW_KEYS_REQUESTS:
+        distinct = pd.unique(keys[: 10 * FEW_KEYS_REQUESTS])
+        if len(distinct) <= FEW_KEYS:
+            shown = ", ".join(f"'{key}'" for key in distinct[:5])
+            notes.append(
+                f"only {len(distinct)} distinct keys ({shown}) in the first {min(len(keys), 10 * FEW_KEYS_REQUESTS)} "
+                f"requests, read from field {trace.key_field} of {trace.fields}: an operation or type column? Name "
+                "the key's field with --key-field"
+            )
+    ts = trace.timestamps
+    if text and ts is not None and len(ts) > 1 and ts.min() == ts.max() and trace.timestamp_field is not None:
+        notes.append(
+            f"field {trace.timestamp_field}, read as the time of each request, holds one value ({ts[0]:.10g}) in every "
+            "line: no time? The days were split by request count; name the fields with --time-field and --key-field "
+            "(--time-field none: no timestamps)"
+        )
     sample = keys[:1000]
     if text and trace.fields == 1 and len(sample) and sample.dtype == object and all("," in str(k) for k in sample):
         notes.append(
@@ -941,6 +994,7 @@ def trace_notes(trace: Trace, day_keys: Sequence[np.ndarray], *, key_chosen: boo
     return notes
 
 
+FEW_KEYS, FEW_KEYS_REQUESTS = 16, 1000  # a key field of at most this many values over this many requests is no key
 UNORDERED_SHARE = 0.25  # of the steps between different timestamps that go back: more is no log's disorder
 
 

@@ -375,6 +375,39 @@ def test_replay_reports_requests_per_day_and_warns_of_empty_days(tmp_path, capsy
     assert json.loads(capsys.readouterr().out)["requests_per_day"] == [200, 200, 200, 200]
 
 
+def test_replay_reads_other_public_layouts_or_says_what_looks_wrong(tmp_path, capsys):
+    """Each of these was read wrong without a word (h_formats): a key from an operation column (every hit rate
+    1.0), a constant first field taken for time, a trace's own clock in ms taken for epoch seconds (with advice the
+    CLI refused), a one-column export's header counted as a request; and a comma inside a field of a
+    whitespace-separated trace (a Wikipedia URL) refused the whole file."""
+    base = ["--days", "4", "--top-n", "0", "--capacity", "50"]
+
+    def replay(path, *more) -> dict:
+        assert main(["replay", "--trace", str(path), *base, *more]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    ali = tmp_path / "ali.csv"  # Alibaba's block layout: device,opcode,offset,length,timestamp (us)
+    ali.write_text(
+        "".join(f"7,{'RW'[i % 2]},{4096 * (i % 300)},4096,{1577836800000000 + i * 1000}\n" for i in range(2000))
+    )
+    notes = replay(ali)["trace_notes"]
+    assert any("only 2 distinct keys ('R', 'W')" in note and "--key-field" in note for note in notes), notes
+    assert any("field 1, read as the time of each request, holds one value (7)" in note for note in notes), notes
+    relative = tmp_path / "rel28.csv"  # 28 days of its own clock in ms, from 0
+    relative.write_text("".join(f"{i * 120960},k{i % 97}\n" for i in range(20000)))
+    result = replay(relative, "--days", "28")
+    assert "trace_notes" not in result and len(result["requests_per_day"]) == 28
+    ids = tmp_path / "ids.csv"  # a one-column export with its header
+    ids.write_text("object_id\n" + "".join(f"{i % 300}\n" for i in range(2000)))
+    result = replay(ids)
+    assert sum(result["requests_per_day"]) == 2000 and result["trace_layout"]["header"] == ["object_id"]
+    wiki = tmp_path / "wiki.txt"  # wikibench: counter, timestamp, URL (commas in it), flag
+    urls = ["http://en.wikipedia.org/wiki/Washington,_D.C.", "http://en.wikipedia.org/wiki/Paris"]
+    wiki.write_text("".join(f"{i} {1190146243 + i * 50}.3 {urls[i % 2]}_{i % 7} -\n" for i in range(2000)))
+    result = replay(wiki, "--key-field", "3", "--time-field", "2")
+    assert result["trace_layout"]["distinct_keys"] == 14 and sum(result["requests_per_day"]) == 2000
+
+
 def test_replay_warns_of_a_key_read_from_the_wrong_field(tmp_path, capsys):
     msr = tmp_path / "msr.csv"  # MSR Cambridge's layout, without a header: field 2 is the host; 2 days of file times
     step = 29_300_000_000  # 100 ns ticks: 59 steps are 2 days and 1.3 min
