@@ -344,14 +344,18 @@ STREAM_MEMORY_WARN_SHARE = 0.5  # a stream above this share of maxmemory leaves 
 def stream_footprint(client, stream: str) -> dict[str, int]:
     """``stream``'s entries, its bytes (``MEMORY USAGE``) and its server's ``maxmemory`` (0: none), as numbers the UI
     plots; what Redis refuses (an ACL, a managed server) is left out."""
+    node = {"target_nodes": client.get_node_from_key(stream)} if hasattr(client, "get_node_from_key") else {}
+    reads = {
+        "stream_entries": lambda: client.xlen(stream),
+        "stream_bytes": lambda: client.memory_usage(stream) or 0,
+        "maxmemory_bytes": lambda: client.info("memory", **node).get("maxmemory", 0),
+    }
     out: dict[str, int] = {}
-    try:
-        out["stream_entries"] = int(client.xlen(stream))
-        out["stream_bytes"] = int(client.memory_usage(stream) or 0)
-        node = {"target_nodes": client.get_node_from_key(stream)} if hasattr(client, "get_node_from_key") else {}
-        out["maxmemory_bytes"] = int(client.info("memory", **node).get("maxmemory", 0))
-    except (redis_errors.RedisError, ValueError, TypeError):
-        pass
+    for name, read in reads.items():  # each on its own: a user refused MEMORY USAGE still records the others
+        try:
+            out[name] = int(read())
+        except (redis_errors.RedisError, ValueError, TypeError, AttributeError):
+            continue
     return out
 
 

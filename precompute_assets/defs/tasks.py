@@ -218,6 +218,10 @@ class TaskContext:
         """Forget failed loads, so a retry round tries them again."""
         self._memo = {k: v for k, v in self._memo.items() if v[0]}
 
+    def forget(self) -> None:
+        """Forget every load: what was read before an invalidation of the kind is read again."""
+        self._memo = {}
+
 
 class TaskUnavailable(LookupError):
     """Raised by a task function, or a loader it memoizes, when no retry can help (no approved model): its entity is
@@ -360,7 +364,7 @@ def run_precompute_task(
         except InvalidatedMeanwhile:
             context.log.warning(f"task {task.name}: {task.cache_kind} was invalidated while computing (attempt "
                                 f"{attempt} of {INVALIDATED_ATTEMPTS}): nothing written")  # fmt: skip
-            ctx.new_round()
+            ctx.forget()  # its loads (a model, scores, states) may be what was invalidated: read again (h_diff)
     else:
         raise dg.Failure(
             description=f"task {task.name}: {task.cache_kind} was invalidated during each of {INVALIDATED_ATTEMPTS} "
@@ -930,10 +934,10 @@ def plan_refresh(
     requested: dict[str, dict[str, int]] | None = None,
 ) -> RefreshPlan:
     """The live keys of registered task types that had hits in the query log in the last ``window_s`` and whose
-    ``PTTL`` is below ``fraction`` of their type's TTL, or that are gone (``serving.refresh``), at most ``max_keys``
-    (soonest expiry first), each at ``REFRESH_PRIORITY``, skipping those requested in the last ``cooldown_s``
-    (``requested``), or in the last half of the due window for a type whose due window is shorter: with a TTL of 300 s
-    a 600 s cooldown outlived the value, and one failed refresh let a hot key expire."""
+    ``PTTL`` is below ``fraction`` of their type's TTL, or that are gone though no published version serves them
+    (``serving.refresh``), at most ``max_keys`` (soonest expiry first), each at ``REFRESH_PRIORITY``, skipping those
+    requested in the last ``cooldown_s`` (``requested``). A hot value that expired (a refresh failed, or a type's TTL
+    is shorter than the cooldown) is thus asked again once the cooldown is over, not never."""
     task_of: dict[str, TaskType] = {}
     for task in registry.types.values():
         task_of.setdefault(task.cache_kind, task)  # two types of one kind: the first registered refreshes it
@@ -949,16 +953,16 @@ def plan_refresh(
     )
     out.hot = len(hot)
     pttls = refresh.live_pttls(client, schema, hot)
+    gone = [pair for pair, pttl in pttls.items() if pttl == -2]
+    for pair in refresh.published_keys(client, schema, gone):  # read from the version: nothing live to keep warm
+        del pttls[pair]
     due = refresh.due_for_refresh(pttls, {kind: task.ttl_s for kind, task in task_of.items()}, fraction=fraction)
     out.due = len(due)
     for kind, key in due:
-        task = task_of[kind]
-        cooling_ms = min(cooldown_s, fraction * task.ttl_s / 2) * 1000
-        at = out.requested.get(task.name, {}).get(key)
-        if at is not None and now_ms - at < cooling_ms:
+        task = task_of[kind].name
+        if key in out.requested.get(task, {}):  # requested in the last cooldown_s: its run may still be queued
             out.cooling += 1
             continue
-        task = task.name
         if len(out.plan.wanted) >= max_keys:
             break
         out.plan.want(task, key, REFRESH_PRIORITY)

@@ -94,8 +94,9 @@ PUBLISHER_COMMANDS = (
     # settle_published: probation's scripts after a flip, its order list, and the live values it hands over or deletes;
     # on Redis Cluster a bucket's HSET and EXPIRE are one script too (publish._WRITE_BUCKET)
     "eval", "lrange", "rpush", "unlink", "zrem", "zadd", "zscore", "zrange", "zcard", "llen", "hexists",
-    # flip_pointer: INFO replication, to wait until replicas hold a version before flipping to it
-    "info",
+    # flip_pointer: INFO replication, to wait until replicas hold a version before flipping to it; the drains: INFO
+    # memory's maxmemory and MEMORY USAGE of their stream (``query_logs.stream_footprint``)
+    "info", "memory|usage",
     # the query_logs and user_events drains: Redis's clock, which stamps the stream IDs, says when an hour is over
     "time",
     # invalidate records what it takes out of a version; a restore or a mend of the version reads it back

@@ -39,7 +39,7 @@ from .admission import HAND_OVER, UNTRACK, evictable, fifo_names
 from .cache import live_value_keys
 from .connection import REDIS_ERRORS, cluster_send, follow_primary, is_cluster, key_slot, send_pipelined
 from .events import evicted_since, restarted_since, server_mark
-from .invalidate import Invalidations, bump_epoch, invalidations
+from .invalidate import INVALIDATED_MIN_TTL_S, Invalidations, bump_epoch, invalidations
 from .keys import (
     Codec,
     Experiment,
@@ -1068,7 +1068,10 @@ def _retire(
     expire = [(b"EXPIRE", name(kind, previous.version, i).encode(), grace, b"LT") for i in range(previous.buckets)]
     for start in range(0, len(expire), COMMANDS_PER_PIPELINE):
         run_commands(client, expire[start : start + COMMANDS_PER_PIPELINE])
-    run_commands(client, [remember])
+    # What invalidations took out of it: a version without a TTL kept its record without one too, which outlived it
+    # (h_diff); now the record's usual minimum, never lengthened
+    record = schema.invalidated(kind, previous.version).encode()
+    run_commands(client, [remember, (b"EXPIRE", record, b"%d" % max(grace_s, INVALIDATED_MIN_TTL_S), b"LT")])
 
 
 def experiment_command(name: bytes, experiment: Experiment | None, version: str) -> tuple[bytes, ...]:

@@ -4,8 +4,9 @@ A live value (``{kind}:live:{key}``) written by a task run lives for its task ty
 ask for should be recomputed *before* it expires, so that they never see the miss; a key nobody read lately (the
 cold tail) should be left to expire. The evidence is the query-log stream (``{ns}:1:qlog``): a key is *hot* when
 it had at least ``min_hits`` hits (``hit=1``) in the last ``window_s``; a hot key is *due* when its live value's
-``PTTL`` is below ``fraction`` of its kind's TTL. A key whose live value is gone (``PTTL -2``: its hits came from a
-published version, or it expired) or has no expiry (``-1``) is never due.
+``PTTL`` is below ``fraction`` of its kind's TTL, or when its live value is gone (``PTTL -2``: it expired while read,
+its refresh having failed or come too late) and the published version does not serve it (``published_keys``: its
+hits came from the version). A live value without expiry (``-1``) is never due.
 
 ``read_recent_hits`` and ``live_pttls`` talk to Redis (bounded: at most ``max_queries`` logged queries, newest first;
 one pipelined ``PTTL`` per key, in chunks); ``hot_keys`` and ``due_for_refresh`` are pure. ``live_refresh_sensor``
@@ -19,7 +20,7 @@ from collections.abc import Iterable, Mapping
 
 import redis
 
-from .keys import KeySchema, check_key, check_kind
+from .keys import KeySchema, Pointer, check_key, check_kind
 from .querylog import read_newest_queries
 
 DEFAULT_WINDOW_S = 600
@@ -86,6 +87,25 @@ def read_recent_hits(
     kinds = [check_kind(kind) for kind in kinds]
     queries = list(read_newest_queries(client, schema, since_ms, limit=max_queries, page=page))
     return hot_keys(queries, kinds, min_hits=min_hits), len(queries)
+
+
+def published_keys(client: redis.Redis, schema: KeySchema, pairs: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
+    """The ``(kind, key)`` pairs the current version of their kind serves (``HEXISTS`` on the key's bucket, pipelined
+    per kind)."""
+    by_kind: dict[str, list[str]] = {}
+    for kind, key in pairs:
+        by_kind.setdefault(kind, []).append(key)
+    out: set[tuple[str, str]] = set()
+    for kind, keys in by_kind.items():
+        raw = client.get(schema.pointer(kind))
+        if raw is None:
+            continue
+        pointer = Pointer.decode(raw)
+        pipe = client.pipeline(transaction=False)
+        for key in keys:
+            pipe.hexists(schema.bucket_for_key(kind, pointer, key), key)
+        out |= {(kind, key) for key, served in zip(keys, pipe.execute(), strict=True) if served}
+    return out
 
 
 def live_pttls(

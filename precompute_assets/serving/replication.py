@@ -13,6 +13,7 @@ publish writes through many.
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 import redis
@@ -83,7 +84,10 @@ def wait_for_replicas(
 
 
 def _wait(client: redis.Redis, timeout_s: float, poll_s: float, since: Replicas) -> Replicas:
-    """``wait_for_replicas``; the replicas that confirmed, by primary."""
+    """``wait_for_replicas``; the replicas that confirmed, by primary. ``ValueError`` for a wait that is not a finite
+    number of seconds (NaN or infinity never reached its deadline: a flip waited for good on a replica behind)."""
+    if not math.isfinite(timeout_s):
+        raise ValueError(f"replica_wait_s must be a finite number of seconds (0: no wait), got {timeout_s}")
     if timeout_s <= 0:
         return {}
     targets: dict[str, tuple[int, set[str]]] = {}

@@ -370,9 +370,9 @@ def load_ads(
     """Validate ``path`` and make its valid rows the lake's ``ads`` table.
 
     ``required`` columns must all be in the file (``ad_id`` first); ``row_problems(frame)`` gives one reason or None
-    per row (``ml.features.feature_problems``). CSV values are text: ``text_columns`` (the categorical ones) stay
-    text even when they look like numbers, other columns become numbers where every value is one. Parquet columns
-    keep their types; ids are text either way. ``progress`` gets the rows read so far after each chunk.
+    per row (``ml.features.feature_problems``). CSV values are text: the numeric feature columns (``required`` but
+    ``ad_id`` and ``text_columns``) become numbers where every value is one; every other column stays text. Parquet
+    columns keep their types; ids are text either way. ``progress`` gets the rows read so far after each chunk.
     """
     path = Path(path)
     kind = file_format(path)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from precompute_assets.defs.query_logs import wait_for_hour_end
+from precompute_assets.defs.query_logs import stream_footprint, wait_for_hour_end
 from precompute_assets.serving import KeySchema, PredictionCache, QueryLogger, connect, publish_version
 from precompute_assets.serving.acl import (
     FORBIDDEN_COMMANDS,
@@ -42,7 +42,7 @@ from precompute_assets.serving.publish import (
     write_live_values,
 )
 from precompute_assets.serving.querylog import read_stream_window
-from precompute_assets.serving.refresh import read_recent_hits
+from precompute_assets.serving.refresh import published_keys, read_recent_hits
 from precompute_assets.serving.replication import wait_for_replicas
 from precompute_assets.serving.stats import window_stats
 from precompute_assets.stack import RedisServer, free_port, redact, server_version, url_error
@@ -115,7 +115,8 @@ def test_the_exact_rules_of_namespace_pc() -> None:
         "+get", "+set", "+del", "+exists", "+expire", "+expireat", "+hset", "+hdel",
         "+multi", "+exec", "+discard", "+watch", "+unwatch", "+incrby", "+xrange", "+xrevrange", "+xtrim", "+xdel",
         "+xlen", "+hget", "+hmget", "+hlen", "+ttl", "+pttl", "+type", "+eval", "+lrange", "+rpush", "+unlink",
-        "+zrem", "+zadd", "+zscore", "+zrange", "+zcard", "+llen", "+hexists", "+info", "+time", "+sadd", "+smembers",
+        "+zrem", "+zadd", "+zscore", "+zrange", "+zcard", "+llen", "+hexists", "+info", "+memory|usage",
+        "+time", "+sadd", "+smembers",
     ]  # fmt: skip
     assert reader_rules() == [
         "resetkeys", "%R~pc:1:*", "resetchannels", "-@all", "+ping", "+client|setinfo", "+cluster|slots", "+command",
@@ -306,6 +307,10 @@ def test_the_publisher_reads_the_newest_queries_as_the_sensors_do(
     assert window_stats(publisher, schema, window_s=3600)["ctr"]["requests"] == 2
     hot, read = read_recent_hits(publisher, schema, ["ctr"], since_ms=0)
     assert read == 2 and dict(hot) == {("ctr", "ad1"): 1}
+    assert published_keys(publisher, schema, [("ctr", "ad1")]) == set()  # the refresh's check of gone keys
+    # the drains' footprint of their stream: MEMORY USAGE was refused, and the memory warning could never fire
+    footprint = stream_footprint(publisher, schema.query_log())
+    assert footprint["stream_entries"] == 1 and footprint["stream_bytes"] > 0 and "maxmemory_bytes" in footprint
     reader.close()
 
 

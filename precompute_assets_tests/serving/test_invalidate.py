@@ -93,6 +93,8 @@ def test_the_record_of_a_version_without_a_ttl_lives_as_long(redis_client, schem
     publish(redis_client, schema, "ctr", "v2", ["a"])
     invalidate(redis_client, "ctr", key="a", schema=schema)
     assert 0 < redis_client.ttl(schema.invalidated("ctr", "v2")) <= 7 * 86_400  # 600 s buckets: at least 7 days
+    # once v1 is replaced (v2's flip gave it its grace), its record gets the usual 7 days, not forever (h_diff)
+    assert 0 < redis_client.ttl(schema.invalidated("ctr", "v1")) <= 7 * 86_400
 
 
 def test_invalidation_still_deletes_at_maxmemory(redis_server, schema):

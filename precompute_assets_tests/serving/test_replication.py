@@ -79,6 +79,9 @@ def test_without_replicas_nothing_is_waited_for(redis_client):
     assert online_replicas(redis_client.info("replication")) == {}
     assert wait_for_replicas(redis_client, 5) == 0
     assert wait_for_replicas(redis_client, 0) == 0
+    for endless in (float("nan"), float("inf")):  # never reached their deadline: a flip waited for good (h_inval)
+        with pytest.raises(ValueError, match="replica_wait_s must be a finite number of seconds"):
+            wait_for_replicas(redis_client, endless)
 
 
 def test_a_flip_its_replicas_did_not_confirm_leaves_the_old_version_its_ttl(redis_client, schema, monkeypatch, caplog):
