@@ -317,19 +317,22 @@ class FrequencySketch:
         return False
 
 
-# KEYS: hits, main, seq; ARGV: key. A lookup of a key in probation counts a hit; one in the main LRU becomes its most
-# recent. Replies 1 when the key is tracked, else 0.
+# KEYS: hits, main, seq; ARGV: keys (one for a lookup, many for ``observe_all``'s batch). A lookup of a key in
+# probation counts a hit; one in the main LRU becomes its most recent, in ARGV's order. Replies how many are tracked.
 _TOUCH = """
-if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then
-  redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
-  return 1
+local tracked = 0
+for _, key in ipairs(ARGV) do
+  if redis.call('HEXISTS', KEYS[1], key) == 1 then
+    redis.call('HINCRBY', KEYS[1], key, 1)
+    tracked = tracked + 1
+  elseif redis.call('ZSCORE', KEYS[2], key) then
+    redis.call('ZADD', KEYS[2], redis.call('INCR', KEYS[3]), key)
+    tracked = tracked + 1
+  end
 end
-if redis.call('ZSCORE', KEYS[2], ARGV[1]) then
-  redis.call('ZADD', KEYS[2], redis.call('INCR', KEYS[3]), ARGV[1])
-  return 1
-end
-return 0
+return tracked
 """
+TOUCH_BATCH = 1000  # keys one ``_TOUCH`` of ``observe_all`` takes: a script runs whole, other clients wait
 
 
 # KEYS: small, hits, main, ghost, seq, published, tier; ARGV: key, capacity, most steps, the live values' TTL[, base,
@@ -550,6 +553,19 @@ class Probation:
 
     def refused(self, reply: Any) -> bool:
         return bool(reply) and reply[0] == 0
+
+
+def observe_all(policy: AdmissionPolicy, pipe: Any, schema: KeySchema, kind: str, keys: Sequence[str]) -> int:
+    """Queue ``policy``'s lookup commands for every one of ``keys`` on ``pipe`` (whose replies are not read: the live
+    values ``get`` and ``get_many`` read, ``cache._observe_live_hits``); ``probation`` touches them in one script per
+    ``TOUCH_BATCH`` keys, not one per key (the script's text each time: 93 ms for 5,000 keys). Returns the commands
+    queued."""
+    if not isinstance(policy, Probation):
+        return sum(policy.observe(pipe, schema, kind, key) for key in keys)
+    _, hits, main, _, seq, *_ = fifo_names(schema, kind)
+    for start in range(0, len(keys), TOUCH_BATCH):
+        pipe.execute_command("EVAL", _TOUCH, 3, hits, main, seq, *keys[start : start + TOUCH_BATCH])
+    return -(-len(keys) // TOUCH_BATCH)
 
 
 @functools.lru_cache(maxsize=256)

@@ -19,7 +19,7 @@ from typing import Any
 import redis
 
 from .acl import REAPPLY_HINT, is_acl_refusal
-from .admission import AdmissionPolicy, Decision, admission_policy, evictable
+from .admission import AdmissionPolicy, Decision, admission_policy, evictable, observe_all
 from .connection import (
     REDIS_ERRORS,
     AskTargetError,
@@ -1100,7 +1100,7 @@ class PredictionCache:
         ``get_or_compute`` shows it then. Replies are not read (a refused touch is no reason to fail a read)."""
         builder = self._recorder if self._cluster else self.client
         pipe = builder.pipeline(transaction=False)
-        if not sum(self.admission.observe(pipe, self.schema, kind, key) for key in keys):
+        if not observe_all(self.admission, pipe, self.schema, kind, keys):
             return
         commands = [args for args, _ in pipe.command_stack]
         if self._cluster:
