@@ -72,7 +72,11 @@ def ctr_cache(
     if problem := publish_config_problem(config):
         raise dg.Failure(description=problem, allow_retries=False)  # the same run config fails the same way again
     client, schema = redis.client(), redis.schema()
-    newer = newer_current_version(client.get(schema.pointer("ctr")), context.partition_key)
+    # The pointer, or, when Redis lost it (or failed over to an older one), the newest publish Dagster recorded: a
+    # backfill of an older day published over a lost newer one, and cache_health then never restored the newer day.
+    newer = newer_current_version(client.get(schema.pointer("ctr")), context.partition_key) or newer_recorded(
+        context.instance, context.partition_key
+    )
     held = rolled_back_over(context.instance)
     if newer is not None and config.rollback:
         context.log.warning(f"rollback: {newer} (a newer day) gives way to the predictions of {context.partition_key}")
@@ -87,6 +91,8 @@ def ctr_cache(
         return dg.MaterializeResult(metadata={"published": False, ROLLED_BACK_OVER: held, "keys_written": 0})
     if problem := not_probabilities(ctr_predictions):
         # Wrong values would be served as they are; the predictions on disk do not change by retrying.
+        raise dg.Failure(description=f"nothing published: {problem}", allow_retries=False)
+    if problem := not_the_days_verdict(context.instance, context.partition_key, ctr_predictions):
         raise dg.Failure(description=f"nothing published: {problem}", allow_retries=False)
     items = zip(ctr_predictions["ad_id"].tolist(), ctr_predictions["ctr"].tolist(), strict=True)
     try:
@@ -224,6 +230,32 @@ def newer_current_version(raw_pointer: bytes | None, partition: str) -> str | No
     current = Pointer.decode(raw_pointer).version
     day = version_day(current)
     return current if DAY.fullmatch(day) and day > partition else None
+
+
+def newer_recorded(instance: dg.DagsterInstance, partition: str) -> str | None:
+    """The ctr version the newest recorded publish made current if it is of a later day than ``partition``."""
+    recorded = recorded_publish(instance, "ctr")
+    if recorded is None:
+        return None
+    day = version_day(recorded.version)
+    return recorded.version if DAY.fullmatch(day) and day > partition else None
+
+
+def not_the_days_verdict(instance: dg.DagsterInstance, partition: str, predictions: pd.DataFrame) -> str | None:
+    """Why ``predictions`` of ``partition`` must not be published: the newest ``ctr_model`` materialization of the
+    day (its verdict) rejects it, or approved another model version than the one that made them (the predictions on
+    disk predate a re-run of the day's model); None when they are its approved model's, or the day records no
+    verdict, or there are none (read-through only). The restore refuses the same (``rejected_since``)."""
+    metadata = newest_metadata(instance, CTR_MODEL, partition)
+    if not len(predictions) or "approved" not in metadata or "model_version" not in predictions.columns:
+        return None
+    verdict, made_by = str(metadata["model_version"].value), sorted(set(predictions["model_version"].astype(str)))
+    if not metadata["approved"].value:
+        return f"ctr_model {verdict} of {partition} failed beats_baseline since these predictions were made"
+    if made_by != [verdict]:
+        return (f"the predictions of {partition} were made by ctr_model {', '.join(made_by)}, and the day's approved "
+                f"ctr_model is {verdict} now: materialize ctr_predictions again")  # fmt: skip
+    return None
 
 
 class RecordedPublish(NamedTuple):

@@ -314,7 +314,8 @@ def test_a_version_whose_days_model_a_re_run_rejected_is_not_restored(lake_uri, 
     from precompute_assets.defs.automation import restore_request
     from precompute_assets.defs.publishing import ctr_restore_job
 
-    Lake(lake_uri).write("ctr_predictions", GOOD, pd.DataFrame({"ad_id": ["a1"], "ctr": [0.25], "model_version": "m"}))
+    predictions = pd.DataFrame({"ad_id": ["a1"], "ctr": [0.25], "model_version": f"{GOOD}.aaaaaaaa"})
+    Lake(lake_uri).write("ctr_predictions", GOOD, predictions)
     redis_resource = RedisResource(url=redis_url, namespace=schema.namespace)
     resources = {"lake": LakeResource(base_uri=lake_uri), "redis": redis_resource}
     with dg.instance_for_test() as instance:
@@ -332,6 +333,37 @@ def test_a_version_whose_days_model_a_re_run_rejected_is_not_restored(lake_uri, 
         assert description == (f"ctr version {good} is not restored: its day's ctr_model {GOOD}.bbbbbbbb failed "
                                "beats_baseline since")  # fmt: skip
         assert redis_client.get(schema.pointer("ctr")) is None
+
+
+def test_ctr_cache_publishes_only_the_days_approved_model_and_never_over_a_newer_day_redis_lost(
+    lake_uri, redis_url, redis_client, schema
+):
+    """ctr_cache published whatever predictions the lake held: a day whose ctr_model a re-run rejected since, and,
+    once Redis lost its pointer, an older day over the newer one Dagster had recorded, after which cache_health never
+    restored the newer day (h_graph)."""
+    lake = Lake(lake_uri)
+    made_by = f"{GOOD}.aaaaaaaa"
+    lake.write("ctr_predictions", GOOD, pd.DataFrame({"ad_id": ["a1"], "ctr": [0.1], "model_version": made_by}))
+    lake.write("ctr_predictions", BAD, pd.DataFrame({"ad_id": ["a1"], "ctr": [0.2], "model_version": "m"}))
+    with dg.instance_for_test() as instance:
+
+        def verdict(version: str, approved: bool) -> None:
+            metadata = {"model_version": version, "approved": approved}
+            instance.report_runless_asset_event(dg.AssetMaterialization("ctr_model", partition=GOOD, metadata=metadata))
+
+        verdict(made_by, False)  # a re-run of the day's model failed beats_baseline
+        with pytest.raises(dg.Failure, match=f"ctr_model {made_by} of {GOOD} failed beats_baseline since"):
+            publish(instance, lake_uri, redis_url, schema.namespace, GOOD)
+        verdict(f"{GOOD}.bbbbbbbb", True)  # a newer approved model: these predictions are not its
+        with pytest.raises(dg.Failure, match="made by ctr_model .*aaaaaaaa, and the day's approved ctr_model is"):
+            publish(instance, lake_uri, redis_url, schema.namespace, GOOD)
+        verdict(made_by, True)
+        assert publish(instance, lake_uri, redis_url, schema.namespace, GOOD)["published"]
+        newer = publish(instance, lake_uri, redis_url, schema.namespace, BAD)["version"]  # BAD is the later day
+        redis_client.delete(schema.pointer("ctr"))  # Redis lost it
+        older = publish(instance, lake_uri, redis_url, schema.namespace, GOOD)
+        assert not older["published"] and older["current_version"] == newer
+        assert publish(instance, lake_uri, redis_url, schema.namespace, GOOD, rollback=True)["published"]
 
 
 def test_publishing_the_day_rolled_back_to_again_keeps_the_hold_on_the_bad_day(
