@@ -131,6 +131,13 @@ def test_each_sync_check_says_what_it_measured():
     assert sync_check_results(failing, 0.97, (0.0, 0, 0))[0].description == (
         "2 of 100 documents failed to embed (2.00%); empty text: 2"
     )
+    # One blank document synced alone was 100 % and failed the check (h_emb): a run of fewer than 100 documents is
+    # judged by the corpus.
+    blank = SyncStats("m", "r", full_build=False, embedded=0, failed=1, failure_reasons={"empty text": 1})
+    check = sync_check_results(blank, 0.97, (0.0, 0, 0), corpus=(3, 68_562))[0]
+    assert check.passed and check.metadata["error_rate"].value == 3 / 68_562
+    assert check.metadata["run_error_rate"].value == 1.0 and "judged by the corpus: 3 of 68562" in check.description
+    assert not sync_check_results(failing, 0.97, (0.0, 0, 0), corpus=(2, 10_000))[0].passed  # 100 seen: the run's
 
 
 def test_a_recall_not_measured_is_said_and_left_out_of_the_metadata():
