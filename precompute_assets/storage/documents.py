@@ -15,6 +15,7 @@ import gzip
 import io
 import itertools
 import json
+import math
 import re
 import uuid
 import zlib
@@ -296,6 +297,20 @@ def _text_or_none(value: Any) -> str | None:
     return str(value)
 
 
+def _number_id(value: Any) -> str | None:
+    """Why a doc_id read as a number is no exact id, or None: a boolean (JSON ``true`` was stored as ``True``), a
+    float that is not finite (``Infinity`` as ``inf``) or too large to hold every digit (``1e20`` as ``1e+20``,
+    ``2**60`` in a Parquet float column as ``1.152921504606847e+18``)."""
+    if isinstance(value, bool | np.bool_):
+        return "a boolean, not an id"
+    if isinstance(value, float | np.floating) and not math.isnan(value):
+        if not math.isfinite(value):
+            return "not a finite number"
+        if abs(value) >= 2**53:
+            return "a float too large to hold every digit of an id: write ids as text or integers"
+    return None
+
+
 def _storable(value: str | None) -> str | None:
     """Why PostgreSQL would refuse this text, or None if it can be stored."""
     if value is None:
@@ -368,6 +383,7 @@ def _clean_frame(
         rows = {i: {c: _text_or_none(values[c][i]) for c in COLUMNS} for i in range(n)}
         for c in reversed(COLUMNS):  # each row's first such column is the one named
             shapes.update({i: f"{c}: {p}" for i, value in enumerate(values[c]) if (p := not_text(value))})
+        shapes.update({i: f"doc_id: {p}" for i, value in enumerate(values["doc_id"]) if (p := _number_id(value))})
     keep = np.ones(n, dtype=bool)
     for i, row in rows.items():
         if problem := shapes.get(i) or _row_problem(row):

@@ -737,3 +737,21 @@ def test_concurrent_loads_of_the_same_documents_in_other_orders_do_not_deadlock(
     assert [(r.inserted, r.updated, r.unchanged) for r in results] == [(3, 0, 0), (0, 2, 0)]
     rows = {row.doc_id: row.title for row in store.changed_since(None, limit=10)}
     assert rows == {"a": "B", "k": "A", "z": "B"}
+
+
+def test_a_number_that_is_no_exact_id_is_quarantined(store: DocumentStore, tmp_path: Path) -> None:
+    """JSON ``Infinity`` was stored as doc_id ``inf``, ``true`` as ``True``, ``1e20`` as ``1e+20``, and a Parquet
+    float ``2**60`` as ``1.152921504606847e+18`` (h_emb)."""
+    path = tmp_path / "docs.jsonl"
+    path.write_text(
+        '{"doc_id": Infinity, "body": "a"}\n{"doc_id": true, "body": "b"}\n{"doc_id": 1e20, "body": "c"}\n'
+        '{"doc_id": 7.0, "body": "d"}\n'
+    )
+    result = store.load_file(path)
+    assert (result.inserted, result.rejected) == (1, 3) and store.count() == 1
+    reasons = [reason for _, reason, _ in quarantine_rows(store, result.load_id)]
+    too_large = "doc_id: a float too large to hold every digit of an id: write ids as text or integers"
+    assert reasons == ["doc_id: not a finite number", "doc_id: a boolean, not an id", too_large]
+    pd.DataFrame({"doc_id": [float(2**60), 12.0], "body": ["x", "y"]}).to_parquet(tmp_path / "docs.parquet")
+    result = store.load_file(tmp_path / "docs.parquet")
+    assert (result.inserted, result.rejected) == (1, 1) and store.count() == 2
