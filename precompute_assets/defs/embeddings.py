@@ -248,6 +248,7 @@ def document_embeddings(
             "retried": stats.retried,
             "held_back": stats.held_back,
             "mended": stats.mended,
+            "restored": stats.restored,
             **({"flip_waits": stats.flip_waits} if stats.flip_waits else {}),
             "rebuilt_buckets": dg.MetadataValue.json(list(stats.rebuilt_buckets or [])),
             "error_rate": stats.error_rate,

@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 import psycopg2
 from psycopg2 import sql
 
+from ..serving.vectors import DTYPE_CODES
 from .documents import DocumentRow, DocumentStore, body_column
 from .postgres import connect, copy_in, schema_missing, transaction
 
@@ -367,6 +368,18 @@ class EmbeddingStore:
             cur.execute("SELECT model_version FROM embedding_progress WHERE redis_version = %s", (redis_version,))
             row = cur.fetchone()
         return None if row is None else row[0]
+
+    def stored_count(self, model_version: str, dtype: str) -> int:
+        """How many embeddings of ``model_version`` the store holds when every one is in ``dtype`` (the second byte
+        of a value's header, ``serving.vectors``), else 0: values of two layouts never go into one version."""
+        with self.connect() as conn, conn.cursor() as cur:
+            cur.execute(
+                "SELECT count(*), count(*) FILTER (WHERE get_byte(value, 1) <> %s) FROM document_embeddings"
+                " WHERE model_version = %s",
+                (DTYPE_CODES[dtype], model_version),
+            )
+            stored, other = cur.fetchone()
+        return 0 if other else stored
 
     def embedded_count(self, model_version: str) -> int:
         with self.connect() as conn, conn.cursor() as cur:

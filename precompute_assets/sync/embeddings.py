@@ -86,6 +86,7 @@ class SyncStats:
     flip_waits: str | None = None
     served_version: str | None = None  # while a build waits (``flip_waits``): the version readers stay on
     mended: int = 0  # stored embeddings written back into buckets Redis lost (evicted, expired) under the marker
+    restored: int = 0  # stored embeddings copied into a new version after Redis lost the version whole (none embedded)
     seconds: float = 0.0
     failure_reasons: dict[str, int] = field(default_factory=dict)
 
@@ -147,17 +148,26 @@ def _sync(
     marker = None if progress is None else client.get(_sentinel(schema, progress.redis_version))
     # a version written in another dtype (the config changed) is rebuilt too: one version never mixes layouts
     intact = marker is not None and marker.split()[1:] in ([], [dtype.encode()])
-    if not intact or (progress.complete and (current is None or current.version != progress.redis_version)):
-        # A new model version, or Redis lost (flushed, expired, evicted) the version we build or patch:
-        # rebuild from scratch rather than patch a version that is no longer whole.
+    restored = 0
+    if progress is not None and marker is None and (restored := store.stored_count(model_version, dtype)):
+        # Redis lost (flushed, restarted without persistence, evicted) the version of a model whose embeddings the
+        # offline store holds, all in this dtype: copied into a new version, nothing embedded again (a full rebuild
+        # paid an embedding service for the whole corpus again, and took hours with a large model); the sync then
+        # goes on from its watermark and flips.
+        log(f"Redis lost embedding version {progress.redis_version}: restoring its {restored} stored embeddings")
+        _copy_wider(store, client, schema, model_version, dtype, ttl_s, max(documents.count(), 1))
+        progress = store.progress(model_version)
+    elif not intact or (progress.complete and (current is None or current.version != progress.redis_version)):
+        # A new model version or dtype, or Redis lost the version of a build whose stored embeddings are not all of
+        # this dtype: rebuild from scratch rather than patch a version that is no longer whole.
         n_docs = max(documents.count(), 1)
         redis_version = f"emb{int(time.time())}.{uuid.uuid4().hex[:8]}"  # never the version being read
         progress = store.start_build(model_version, redis_version, bucket_count(n_docs))
         client.set(_sentinel(schema, redis_version), f"building {dtype}", ex=ttl_s)
         log(f"full build of {n_docs} documents with {model_version} into Redis version {redis_version}")
     target = Pointer(progress.redis_version, progress.buckets)
-    stats = SyncStats(model_version, target.version, full_build=not progress.complete)
-    if progress.complete or progress.watermark is not None:  # a version with values: Redis may have lost some
+    stats = SyncStats(model_version, target.version, full_build=not progress.complete, restored=restored)
+    if not restored and (progress.complete or progress.watermark is not None):  # Redis may have lost some values
         stats.mended = _mend_lost_buckets(store, client, schema, model_version, target, ttl_s, log)
     horizon = documents.stable_horizon()
     started = time.perf_counter()  # before the copy below: a sync's seconds include it, as they did at the end

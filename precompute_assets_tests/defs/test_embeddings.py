@@ -513,7 +513,7 @@ def test_embeddings_redis_lost_are_rebuilt_without_waiting_for_a_change(docs, ap
         lost, cursor = tick(cursor)
         assert isinstance(lost, dg.RunRequest) and lost.run_key == f"documents-redis-lost-{first.redis_version}"
         again = sync_embeddings(docs, store, redis_client, embedder, schema=schema, log=lambda m: None)
-        assert again.full_build and again.embedded == N_DOCS
+        assert again.restored == N_DOCS and again.embedded == 0  # from the offline store, nothing embedded again
         assert PredictionCache(redis_client, schema=schema).get_embedding("doc00000003") is not None
         assert isinstance(tick(cursor)[0], dg.SkipReason)
 
@@ -535,7 +535,7 @@ def test_embeddings_whose_values_are_gone_under_their_pointer_are_rebuilt(docs, 
         lost, cursor = tick(cursor)
         assert isinstance(lost, dg.RunRequest) and lost.run_key == f"documents-redis-lost-{first.redis_version}"
         again = sync_embeddings(docs, store, redis_client, embedder, schema=schema, log=lambda m: None)
-        assert again.full_build and again.embedded == N_DOCS
+        assert again.restored == N_DOCS and again.embedded == 0  # from the offline store, nothing embedded again
         assert isinstance(tick(cursor)[0], dg.SkipReason)
 
 
@@ -679,14 +679,29 @@ def test_a_sync_killed_with_sigkill_resumes_without_duplicates_or_gaps(
     assert 0 < redis_client.ttl(schema.bucket(EMBEDDING_KIND, resumed.redis_version, 0)) <= 7 * 86400
 
 
-def test_a_lost_redis_version_is_rebuilt_not_patched(docs, app_db, redis_client, schema, embedder):
+def test_a_lost_redis_version_is_restored_from_the_offline_store_not_re_embedded(
+    docs, app_db, redis_client, schema, embedder
+):
+    """A lost version was rebuilt by embedding the whole corpus again (an embedding service paid twice, hours with a
+    large model), though the README said it was rebuilt from the offline store (h_emb): its stored embeddings are
+    copied into a new version now, and only documents changed since are embedded."""
     store = EmbeddingStore(app_db)
     first = sync_embeddings(docs, store, redis_client, embedder, schema=schema, log=lambda m: None)
+    cache = PredictionCache(redis_client, schema=schema, pointer_ttl_s=0)
+    before = cache.get_embedding("doc00000003")
     for name in redis_client.scan_iter(f"{schema.prefix}:{EMBEDDING_KIND}:{first.redis_version}:*"):
         redis_client.unlink(name)  # as an eviction, an expiry or a flush would
+    docs.load_frame(pd.DataFrame({"doc_id": ["doc00000004"], "title": ["new"], "body": ["a changed body"],
+                                  "language": ["en"]}))  # fmt: skip
     again = sync_embeddings(docs, store, redis_client, embedder, schema=schema, log=lambda m: None)
-    assert again.full_build and again.embedded == N_DOCS and again.redis_version != first.redis_version
-    assert PredictionCache(redis_client, schema=schema).get_embedding("doc00000003") is not None
+    assert again.restored == N_DOCS and again.embedded == 1 and again.redis_version != first.redis_version
+    assert np.array_equal(cache.get_embedding("doc00000003"), before)
+    assert sum(value is not None for value in cache.get_embeddings([f"doc{i:08d}" for i in range(N_DOCS)])) == N_DOCS
+    # stored in another dtype than the config's: re-embedded into a new layout, never mixed
+    for name in redis_client.scan_iter(f"{schema.prefix}:{EMBEDDING_KIND}:*"):
+        redis_client.unlink(name)
+    wide = sync_embeddings(docs, store, redis_client, embedder, schema=schema, dtype="float32", log=lambda m: None)
+    assert wide.restored == 0 and wide.full_build and wide.embedded == N_DOCS
 
 
 def test_buckets_lost_under_a_living_marker_are_written_back_by_the_next_sync(
