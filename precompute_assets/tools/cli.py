@@ -1120,6 +1120,8 @@ def cmd_docs(args: argparse.Namespace) -> int:
     store.ensure_schema()
     if args.docs_command == "quarantine":
         return _print_quarantined(store, args.load_id)
+    if args.docs_command == "delete":
+        return _delete_documents(store, args)
     if args.docs_command == "load":
         from tqdm import tqdm
 
@@ -1152,6 +1154,24 @@ def cmd_docs(args: argparse.Namespace) -> int:
         summary["documents"] = None
         print(f"precompute docs: warning: loaded, but the count failed: {_one_line(error)}", file=sys.stderr)
     print(json.dumps(summary))
+    return 0
+
+
+def _delete_documents(store: DocumentStore, args: argparse.Namespace) -> int:
+    """``docs delete``: soft-delete the ids given and those of ``--file`` (one a line), so the next embedding sync
+    removes them offline and from Redis; prints ``{"deleted": n, "not_live": m}`` (ids unknown or deleted already)."""
+    ids = list(args.ids)
+    if args.file is not None:
+        try:
+            with open(args.file, encoding="utf-8") as lines:
+                ids += [line.strip() for line in lines if line.strip()]
+        except (OSError, UnicodeDecodeError) as error:
+            raise CliError(f"{args.file}: {error}") from None
+    if not ids:
+        raise CliError("name the documents to delete: doc ids, or --file with one id a line")
+    ids = list(dict.fromkeys(ids))
+    deleted = store.delete(ids)
+    print(json.dumps({"deleted": deleted, "not_live": len(ids) - deleted}))
     return 0
 
 
@@ -1653,6 +1673,13 @@ def build_parser() -> argparse.ArgumentParser:
         "quarantine", help="the rows a load rejected, one JSON object a line (position, reason, raw), in file order"
     )
     quarantine.add_argument("load_id", help="the load_id of a `docs load` summary")
+    delete = docs_sub.add_parser(
+        "delete",
+        help="delete documents (kept as tombstones): the next embedding sync removes them offline and from Redis; "
+        "never DELETE rows in SQL, which no sync sees",
+    )
+    delete.add_argument("ids", nargs="*", help="doc ids")
+    delete.add_argument("--file", help="a text file of doc ids, one a line")
     generate = docs_sub.add_parser("generate", help="synthetic documents in 14 languages and scripts")
     generate.add_argument("--n", type=bench_size, required=True, help="documents to generate")
     generate.add_argument("--seed", type=non_negative_int, default=0, help="the same seed, the same documents (0)")

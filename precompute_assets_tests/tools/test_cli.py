@@ -1617,6 +1617,30 @@ def test_docs_that_loaded_but_cannot_be_counted_exit_0_and_say_so(stack, app_db,
     assert count(DocumentStore(app_db)) == 20
 
 
+def test_docs_delete_soft_deletes_what_the_next_sync_removes(stack, app_db, tmp_path, monkeypatch, capsys):
+    """Loads only upsert, and the README promised that deleted documents leave Redis: the only delete was a SQL
+    DELETE, which no sync sees, so their vectors were served for good (h_emb)."""
+    from precompute_assets.stack import ENV_APP_DB, ENV_DAGSTER_PG, ENV_REDIS
+    from precompute_assets.storage.documents import DocumentStore
+
+    monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "home"))
+    for name in (ENV_REDIS, ENV_DAGSTER_PG):
+        monkeypatch.setenv(name, stack.env()[name])
+    monkeypatch.setenv(ENV_APP_DB, app_db)
+    assert main(["docs", "generate", "--n", "5", "--start-id", "900000"]) == 0
+    capsys.readouterr()
+    listed = tmp_path / "ids.txt"
+    listed.write_text("doc00900001\n\ndoc00900002\n")
+    before = DocumentStore(app_db).count()
+    assert main(["docs", "delete", "doc00900000", "doc00900000", "nope", "--file", str(listed)]) == 0
+    assert json.loads(capsys.readouterr().out) == {"deleted": 3, "not_live": 1}
+    assert DocumentStore(app_db).count() == before - 3
+    assert main(["docs", "delete"]) == 2
+    assert capsys.readouterr().err == (
+        "precompute docs: name the documents to delete: doc ids, or --file with one id a line\n"
+    )
+
+
 def test_docs_load_maps_a_corpus_fields_and_refuses_a_field_it_lacks(stack, app_db, tmp_path, monkeypatch, capsys):
     import uuid
 
