@@ -57,20 +57,26 @@ def held_slots(instance: dg.DagsterInstance) -> set[str]:
     return {slot.run_id for slot in instance.event_log_storage.get_concurrency_info("redis_publish").claimed_slots}
 
 
+def killed_pooled_run(instance: dg.DagsterInstance) -> str:
+    """The ID of a run SIGKILLed while it holds a ``redis_publish`` slot, without a daemon: it stays STARTED."""
+    worker = subprocess.Popen([sys.executable, "-c", POOLED_RUN], env=os.environ.copy())
+    try:
+        deadline = time.monotonic() + 120
+        while not held_slots(instance) and worker.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        (killed,) = held_slots(instance)
+    finally:
+        worker.send_signal(signal.SIGKILL)
+        worker.wait()
+    return killed
+
+
 def test_a_killed_run_is_failed_and_frees_its_pool_slot(home: Path, monkeypatch) -> None:
     with dg.DagsterInstance.get() as instance:
         assert instance.run_monitoring_enabled and instance.run_monitoring_settings["free_slots_after_run_end_seconds"]
         max_runtime = instance.run_monitoring_max_runtime_seconds
         assert max_runtime > 0
-        worker = subprocess.Popen([sys.executable, "-c", POOLED_RUN], env=os.environ.copy())
-        try:
-            deadline = time.monotonic() + 120
-            while not held_slots(instance) and worker.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.2)
-            (killed,) = held_slots(instance)
-        finally:
-            worker.send_signal(signal.SIGKILL)
-            worker.wait()
+        killed = killed_pooled_run(instance)
         record = instance.get_run_record_by_id(killed)
         assert record.dagster_run.status == dg.DagsterRunStatus.STARTED  # nothing told Dagster it died
         blocked = instance.event_log_storage.claim_concurrency_slot("redis_publish", "next-run", "publish")
@@ -99,20 +105,6 @@ def test_a_killed_run_is_failed_and_frees_its_pool_slot(home: Path, monkeypatch)
         instance.event_log_storage.free_concurrency_slots_for_run("next-run")
         claimed = instance.event_log_storage.claim_concurrency_slot("redis_publish", "next-run", "publish")
         assert claimed.is_claimed
-
-
-def killed_pooled_run(instance: dg.DagsterInstance) -> str:
-    """The ID of a run SIGKILLed while it holds a ``redis_publish`` slot, without a daemon: it stays STARTED."""
-    worker = subprocess.Popen([sys.executable, "-c", POOLED_RUN], env=os.environ.copy())
-    try:
-        deadline = time.monotonic() + 120
-        while not held_slots(instance) and worker.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
-        (killed,) = held_slots(instance)
-    finally:
-        worker.send_signal(signal.SIGKILL)
-        worker.wait()
-    return killed
 
 
 def test_without_a_daemon_pools_free_releases_what_a_killed_run_held(home: Path) -> None:
