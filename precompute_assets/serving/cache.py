@@ -1098,6 +1098,8 @@ class PredictionCache:
         key): one more round trip, none under ``always``. A key read only through ``get`` was never refreshed, and
         left the tier while hot. Their misses are not shown: they store nothing, and a caller that computes one with
         ``get_or_compute`` shows it then. Replies are not read (a refused touch is no reason to fail a read)."""
+        if not keys or self.admission.name == "always":  # no commands: not even a pipeline built, on the read path
+            return
         builder = self._recorder if self._cluster else self.client
         pipe = builder.pipeline(transaction=False)
         if not observe_all(self.admission, pipe, self.schema, kind, keys):
