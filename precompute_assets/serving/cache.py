@@ -39,6 +39,7 @@ from .keys import (
     JsonCodec,
     KeySchema,
     Pointer,
+    VectorCodec,
     bucket_of,
     check_key,
     check_keys,
@@ -150,6 +151,13 @@ def stored_encoding(kind: str, value: Any) -> bytes | None:
     if isinstance(codec, Float32Codec) and not math.isfinite(float(value)):
         return None
     return encoded
+
+
+def _finite_vector(vector: Any) -> bool:
+    """Whether every component of a decoded embedding is finite (numpy is imported only by readers of embeddings)."""
+    import numpy as np
+
+    return bool(np.isfinite(vector).all())
 
 
 def _read(reply: Any) -> bool:
@@ -843,9 +851,9 @@ class PredictionCache:
     # --- internals ------------------------------------------------------------------------------------
 
     def _decode(self, kind: str, raw: bytes | None) -> Any:
-        """Decode a stored value, ``ABSENT`` when there is none; a corrupt one (a float32 one not finite too) counts as
-        an error and is ``ABSENT`` (a miss), never an exception. A JSON null is a value (None): the model's answer was
-        "nothing"."""
+        """Decode a stored value, ``ABSENT`` when there is none; a corrupt one (a float32 one or an embedding not finite
+        too) counts as an error and is ``ABSENT`` (a miss), never an exception. A JSON null is a value (None): the
+        model's answer was "nothing"."""
         if raw is None:
             return ABSENT
         codec = codec_for(kind)
@@ -855,6 +863,9 @@ class PredictionCache:
             self._count("errors")
             return ABSENT
         if isinstance(codec, Float32Codec) and not math.isfinite(value):  # no prediction: a writer's NaN or Infinity
+            self._count("errors")
+            return ABSENT
+        if isinstance(codec, VectorCodec) and not _finite_vector(value):  # a vector no cosine can rank (h_emb)
             self._count("errors")
             return ABSENT
         return value

@@ -754,6 +754,24 @@ def test_a_stored_ctr_that_is_not_finite_is_a_corrupt_value_recomputed(redis_url
     assert cache.get("ctr", "ad1") == 0.25
 
 
+def test_a_stored_embedding_that_is_not_finite_is_a_corrupt_value(redis_url, redis_client, schema):
+    """A float32 embedding with a NaN, which another writer stored, was returned as a vector that ranks nothing, and
+    the reranker dropped it without a count (h_emb): a miss now, counted in ``errors``."""
+    import numpy as np
+
+    from precompute_assets.serving.keys import EMBEDDING_KIND
+    from precompute_assets.serving.vectors import HEADER, HEADER_SIZE
+
+    cache = make_cache(redis_url, schema)
+    good = np.array([0.6, 0.8, 0.0], dtype="<f4")
+    raw = bytearray(HEADER.pack(1, 2, 3, 1.0, 7) + good.tobytes())  # float32 layout (dtype code 2)
+    redis_client.set(schema.live(EMBEDDING_KIND, "d1"), bytes(raw), ex=3600)
+    assert np.allclose(cache.get_embedding("d1"), good) and cache.errors == 0
+    raw[HEADER_SIZE : HEADER_SIZE + 4] = np.array([np.nan], dtype="<f4").tobytes()
+    redis_client.set(schema.live(EMBEDDING_KIND, "d1"), bytes(raw), ex=3600)
+    assert cache.get_embedding("d1") is None and cache.get_embeddings(["d1"]) == [None] and cache.errors == 2
+
+
 def test_get_many_refuses_one_string_for_its_keys(redis_url, schema):
     """``get_many("ctr", "abc")`` looked up "a", "b" and "c" (h_serve)."""
     cache = make_cache(redis_url, schema)
