@@ -424,6 +424,7 @@ def _pools(defs: dg.Definitions) -> list[str]:
 
 
 LONG_HOLD_S = 3600.0  # a STARTED run holding a pool slot this long may have lost its worker: status says what to do
+FREE_SLOTS_AFTER_END_S = 30  # dagster.yaml's free_slots_after_run_end_seconds: a daemon frees an ended run's slots
 
 
 def pool_states(
@@ -458,9 +459,6 @@ def pool_states(
     return rows
 
 
-FREE_SLOTS_AFTER_END_S = 30  # dagster.yaml's free_slots_after_run_end_seconds: a daemon frees an ended run's slots
-
-
 def free_pool_slots(instance: dg.DagsterInstance, defs: dg.Definitions, *, run: str | None = None) -> dict:
     """Free the pool slots no running worker will free: those of runs that ended or were deleted (the daemon's run
     monitoring frees them ``FREE_SLOTS_AFTER_END_S`` after the end; without a daemon, after ``dagster asset
@@ -486,10 +484,11 @@ def free_pool_slots(instance: dg.DagsterInstance, defs: dg.Definitions, *, run: 
         record = instance.get_run_record_by_id(run_id)
         status = "deleted" if record is None else record.dagster_run.status.value
         entry = {"run": run_id, "pools": pools, "status": status}
-        if record is not None and not record.dagster_run.is_finished and run_id != chosen:
+        running = record is not None and not record.dagster_run.is_finished
+        if running and run_id != chosen:
             held.append(entry)
             continue
-        if record is not None and not record.dagster_run.is_finished:
+        if running:
             instance.report_run_failed(record.dagster_run, message="marked failed by `precompute pools free --run`: "
                                        "its worker is gone, and it held a pool slot")  # fmt: skip
             entry["status"] = f"{status} -> FAILURE"

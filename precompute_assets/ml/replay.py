@@ -341,9 +341,10 @@ def _text_trace(
     separator = _separator(text)
     if separator == "pipe":
         text = _PSQL_FOOTER.sub("", text)  # psql -A's "(5760 rows)" below the rows: no request
-    comma_mark = None  # a comma inside a field of a whitespace trace (a Wikipedia URL), held as this while parsed
-    if separator == "whitespace" and "," in text and _COMMA_MARK not in text:
-        text, comma_mark = text.replace(",", _COMMA_MARK), _COMMA_MARK
+    # a comma inside a field of a whitespace trace (a Wikipedia URL) is held as _COMMA_MARK while the lines are parsed
+    commas_marked = separator == "whitespace" and "," in text and _COMMA_MARK not in text
+    if commas_marked:
+        text = text.replace(",", _COMMA_MARK)
     if separator != "comma" and (comma := text.find(",")) >= 0:
         line_no = text.count("\n", 0, comma) + 1
         decimal = " (a decimal comma? Write the numbers with a point)" if separator == "semicolon" else ""
@@ -426,8 +427,8 @@ def _text_trace(
     keys, timestamps = frame["key"].to_numpy(), None
     if one_column is not None:
         layout["header"] = (one_column,)
-    if comma_mark is not None and keys.dtype == object:
-        keys = np.array([key.replace(comma_mark, ",") for key in keys], dtype=object)
+    if commas_marked and keys.dtype == object:
+        keys = np.array([key.replace(_COMMA_MARK, ",") for key in keys], dtype=object)
     if kind == "csv":
         timestamps = frame["timestamp"].to_numpy(dtype=np.float64) if dated is None else dated
         infinite = np.flatnonzero(~np.isfinite(timestamps))

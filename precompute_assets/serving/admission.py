@@ -5,7 +5,6 @@ A *live-tier lookup* is a lookup of a key that the published version does not ho
 that ``GET`` (so a hit costs no extra round trip) and decides, on a miss, whether the computed value is
 stored; it also sees the live values ``get`` and ``get_many`` read (one round trip after them), not their misses:
 
-
 - ``always``: every miss is stored (the default, and the behaviour before admission existed).
 - ``second_miss``: the first live-tier lookup of a key sets ``{kind}:seen:{key}`` with ``SET ... PX W NX GET``;
   a miss is stored only when that marker was already there, i.e. the key was looked up in the live tier

@@ -165,11 +165,6 @@ def _read(reply: Any) -> bool:
     return isinstance(reply, bytes)
 
 
-def storable(kind: str, value: Any) -> bool:
-    """Whether ``get_or_compute`` stores ``value`` (already encodable) of ``kind`` (``stored_encoding``)."""
-    return stored_encoding(kind, value) is not None
-
-
 def _store_failure(error: BaseException) -> str:
     """What a failed store of a computed value means: one whose reply timed out may have landed (Redis read the whole
     value, then took longer than ``socket_timeout`` to answer); one refused, or whose write timed out (redis-py then
@@ -425,7 +420,8 @@ class PredictionCache:
                         value = self._compute_and_store(
                             kind, key, compute, policy, None, locked=lock or None, replace=True, epoch=epoch
                         )
-                        return value if storable(kind, value) else cached  # nothing new: the value read is valid
+                        # nothing new (not storable): the value read is valid
+                        return value if stored_encoding(kind, value) is not None else cached
                     except Exception:  # the value read is still valid: a failed early recomputation serves it
                         self._failed_early(kind, key)
             return cached
