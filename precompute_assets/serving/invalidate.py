@@ -241,20 +241,25 @@ def _drop_version(client: redis.Redis, kind: str, version: str, schema: KeySchem
     return Invalidated(kind, buckets=buckets, version=version)
 
 
+def _pointer_at(client: redis.Redis, name: str) -> Pointer | None:
+    """The pointer stored at ``name``; None when there is none or it is malformed, as readers take it (no published
+    version: they serve live values, which an invalidation must still reach)."""
+    raw = client.get(name)
+    try:
+        return None if raw is None else Pointer.decode(raw)
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
 def _current(client: redis.Redis, kind: str, schema: KeySchema) -> Pointer | None:
-    raw = client.get(schema.pointer(kind))
-    return None if raw is None else Pointer.decode(raw)
+    return _pointer_at(client, schema.pointer(kind))
 
 
 def _previous(client: redis.Redis, kind: str, schema: KeySchema, current: Pointer | None) -> Pointer | None:
     """The pointer the last flip replaced while its grace lasts (``KeySchema.previous``), unless it is ``current``
     (a flip back) or malformed."""
-    raw = client.get(schema.previous(kind))
-    try:
-        previous = None if raw is None else Pointer.decode(raw)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    return None if previous is None or previous == current else previous
+    previous = _pointer_at(client, schema.previous(kind))
+    return None if previous == current else previous
 
 
 def _name(pointer: Pointer | None) -> str | None:

@@ -335,6 +335,15 @@ def _serving_client(args: argparse.Namespace):
         raise CliError(str(error)) from None
 
 
+def _size(n_bytes: float) -> str:
+    """A memory size as ``cache stats`` prints it, in the largest unit that keeps it at 1 or more: ``812B``,
+    ``3.4kB``, ``12.0MB`` (a small kind's ``0.0MB`` said nothing)."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n_bytes >= scale:
+            return f"{n_bytes / scale:.1f}{unit}"
+    return f"{int(n_bytes)}B"
+
+
 def _ttl(seconds: int | None) -> str:
     """A version's TTL as ``cache stats`` prints it: ``-`` when no bucket of it holds a key."""
     return "-" if seconds is None else f"{seconds}s"
@@ -405,13 +414,12 @@ def cmd_cache(args: argparse.Namespace) -> int:
         rate = "-" if window["hit_rate"] is None else f"{window['hit_rate']:.1%}"
         print(
             f"{kind:<16} {current.get('version') or '-':<28} {current.get('keys', 0):>10} "
-            f"{current.get('memory_bytes', 0) / 1e6:>8.1f}MB {_ttl(current.get('ttl_s')):>8} "
+            f"{_size(current.get('memory_bytes', 0)):>10} {_ttl(current.get('ttl_s')):>8} "
             f"{window['requests']:>9} {rate:>8}"
         )
         replaced = entry["previous"]
         if replaced.get("version"):
-            megabytes = replaced["memory_bytes"] / 1e6
-            print(f"  replaced {replaced['version']:<22} {replaced['keys']:>10} {megabytes:>8.1f}MB "
+            print(f"  replaced {replaced['version']:<22} {replaced['keys']:>10} {_size(replaced['memory_bytes']):>10} "
                   f"{_ttl(replaced['ttl_s']):>8}  (its grace)")  # fmt: skip
         for row in window["versions"]:
             print(f"  read {row['version'] or '(none)':<26} {row['requests']:>9} requests {row['hit_rate']:>8.1%}")

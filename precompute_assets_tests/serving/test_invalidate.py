@@ -31,6 +31,18 @@ def test_a_key_goes_from_the_current_version_and_the_live_tier(redis_client, sch
     assert invalidate(redis_client, "ctr", key="a", schema=schema).total == 0  # idempotent
 
 
+def test_a_malformed_pointer_does_not_keep_live_values_from_an_invalidation(redis_client, schema):
+    publish(redis_client, schema, "ctr", "v1", ["a"])
+    redis_client.set(schema.pointer("ctr"), b"v1:zero")  # readers take it for no version: they serve live values
+    redis_client.set(schema.live("ctr", "a"), b"\x00\x00\x00?")
+    redis_client.set(schema.live("ctr", "ab"), b"\x00\x00\x00?")
+    assert PredictionCache(redis_client, schema=schema).get("ctr", "a") == pytest.approx(0.5)
+    done = invalidate(redis_client, "ctr", key="a", schema=schema)
+    assert (done.fields, done.live_keys, done.version) == (0, 1, None)
+    assert PredictionCache(redis_client, schema=schema).get("ctr", "a") is None
+    assert invalidate(redis_client, "ctr", prefix="a", schema=schema).live_keys == 1
+
+
 def test_keys_taken_out_of_the_current_version_give_probations_live_tier_their_slots_back(redis_client, schema):
     published = schema.admission_fifo("ctr", "published")
     publish(redis_client, schema, "ctr", "v1", ["ad1", "ad10", "ad2", "b"])
@@ -353,4 +365,5 @@ def test_stats_read_the_ttl_of_a_bucket_that_exists(redis_url, redis_client, sch
     monkeypatch.setenv("PRECOMPUTE_REDIS_URL", redis_url)
     assert main(["cache", "stats", "--kind", "ctr", "--namespace", schema.namespace]) == 0
     (current, replaced) = [line.split() for line in capsys.readouterr().out.splitlines()[1:3]]
-    assert current[:5] == ["ctr", "v2", "0", "0.0MB", "-"] and replaced[1:3] == ["v1", str(left)]
+    assert current[:5] == ["ctr", "v2", "0", "0B", "-"] and replaced[1:3] == ["v1", str(left)]
+    assert replaced[3].endswith("kB") and float(replaced[3][:-2]) > 1  # a small version's size, not "0.0MB"
