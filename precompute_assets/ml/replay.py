@@ -182,6 +182,16 @@ Columns = tuple[int | str | None, int | str]  # (timestamp field or None, key fi
 # The fields of a CSV whose header's first name is empty, pandas' unnamed index (its row numbers): with two names
 # after it, the timestamp and the key; with one, the key.
 _PANDAS_INDEX: dict[bool, Columns] = {True: (2, 3), False: (None, 2)}
+# The names a header gives the time and the key of each request (compared in lower case, without "_", "-", "."
+# or blanks), the key's in order of preference: systor17's "Timestamp,Response,IOType,LUN,Offset,Size" is read by
+# its Offset, where field 2 (the default without such names) is a response time.
+_TIME_NAMES = frozenset(
+    ["timestamp", "ts", "time", "clock", "datetime", "epoch", "tsms", "tsus", "timestampms", "requesttime", "eventtime"]
+)
+_KEY_NAMES = (
+    "key", "cachekey", "requestkey", "objid", "objectid", "object", "obj", "itemid", "item", "id", "url", "uri",
+    "path", "page", "offset", "lba", "blockid", "block", "address", "adid", "docid", "productid", "sku",
+)  # fmt: skip
 TRACE_FORMATS = ("auto", "text", "oracle-general", "oracle-general-opns", "parquet")
 # libCacheSim's oracleGeneral records, little-endian and packed: 24 bytes each.
 ORACLE_GENERAL = np.dtype([("time", "<u4"), ("obj_id", "<u8"), ("obj_size", "<u4"), ("next_access_vtime", "<i8")])
@@ -219,9 +229,10 @@ def parse_trace(
     CSV when the part before its first comma is a number or an ISO 8601 date-time (read as seconds since the
     epoch, UTC without an offset), and then keys hold no comma, every line has as many fields as the first and
     fields after the key are ignored (``timestamp,key,size`` of libCacheSim, Twitter's seven columns). A first
-    line of names (none starting like a number, as many fields as the line after it) is a header, skipped, and
-    makes the lines below it CSV. ``columns`` picks the timestamp and key fields of any other CSV layout
-    (``(1, 5)`` or ``("Timestamp", "Offset")`` for MSR Cambridge; a timestamp of None: keys only).
+    line of names (none starting like a number, as many fields as the line after it) is a header, skipped; it
+    makes the lines below it CSV, and its names choose their timestamp and key (``columns_by_name``). ``columns``
+    picks the timestamp and key fields of any other CSV layout (``(1, 5)`` or ``("Timestamp", "Offset")`` for MSR
+    Cambridge; a timestamp of None: keys only).
     Fields may be separated by spaces or tabs instead (``timestamp key size`` of the Wikipedia CDN traces): so
     are they when the first line (or the one below a header of names) has no comma and two or more fields, the
     first a number; every run of spaces and tabs then separates two fields, and keys hold no comma.
@@ -377,7 +388,9 @@ def _text_trace(
     chosen = columns is not None  # the caller named the fields
     if columns is None and header is not None and header[0] == "":
         columns = _PANDAS_INDEX[len(header) > 2]  # the row numbers of pandas' index are neither time nor key
-    elif columns is None and (header or _CSV_START_RE.match(text.partition("\n")[0])):
+    elif columns is None and header:
+        columns = columns_by_name(header)
+    elif columns is None and _CSV_START_RE.match(text.partition("\n")[0]):
         columns = (1, 2)  # timestamp,key and any fields after them
     fields, time_field, key_field = 1, None, 1  # bare keys
     every_field = text
@@ -721,6 +734,16 @@ def _select_columns(
         raise TraceError(f"line {line_no}: {problem}")
     picked = rf"\g<{key_field}>" if time_field is None else rf"\g<{time_field}>,\g<{key_field}>"
     return re.sub(line, picked, text, flags=re.MULTILINE), time_field, key_field, fields
+
+
+def columns_by_name(header: Sequence[str]) -> Columns:
+    """The (timestamp, key) fields of a header's names: the first name of a time (``_TIME_NAMES``) and the most
+    preferred name of a key (``_KEY_NAMES``), as 1-based numbers; a key without a time name is read without
+    timestamps; ``(1, 2)``, timestamp,key, when no name is a key's."""
+    plain = [re.sub(r"[\s_.\-]", "", name).lower() for name in header]
+    time = next((at + 1 for at, name in enumerate(plain) if name in _TIME_NAMES), None)
+    key = next((plain.index(name) + 1 for name in _KEY_NAMES if name in plain and plain.index(name) + 1 != time), None)
+    return (1, 2) if key is None else (time, key)
 
 
 def _field_number(field: int | str, header: tuple[str, ...] | None, fields: int, what: str) -> int:

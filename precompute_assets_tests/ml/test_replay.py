@@ -136,9 +136,10 @@ def test_timestamps_may_be_iso_8601_date_times(tmp_path: Path):
 def test_a_header_line_names_the_fields_whatever_the_first_field_holds(tmp_path: Path):
     # Before, a header over lines that do not start with a number was read as one more bare key.
     with pytest.raises(TraceError, match="^line 2: timestamp 'k1' is not numeric"):
-        parse_trace(write(tmp_path, "key,time\nk1,5\nk2,6\n"))
-    swapped = parse_trace(write(tmp_path, "key,time\nk1,5\nk2,6\n"), columns=("time", "key"))
-    assert swapped.keys.tolist() == ["k1", "k2"] and swapped.timestamps.tolist() == [5.0, 6.0]
+        parse_trace(write(tmp_path, "name,hour\nk1,5\nk2,6\n"))  # names of neither: timestamp,key
+    for columns in (("time", "key"), None):  # named, or known by the header's names
+        swapped = parse_trace(write(tmp_path, "key,time\nk1,5\nk2,6\n"), columns=columns)
+        assert swapped.keys.tolist() == ["k1", "k2"] and swapped.timestamps.tolist() == [5.0, 6.0]
     # A first line of a date-time and a key is a request, not a header.
     assert parse_trace(write(tmp_path, "2026-01-01,a\n2026-01-02,b\n")).keys.tolist() == ["a", "b"]
 
@@ -225,17 +226,23 @@ MSR = (
 
 
 def test_columns_pick_the_timestamp_and_key_of_any_csv_layout(tmp_path: Path):
-    # By default field 2 is the key: here the host name, one key, which the layout shows at once.
+    # A header's names choose the fields: MSR's Offset, not field 2, its host name (one key for every request).
     default = parse_trace(write(tmp_path, MSR))
     assert default.layout() == {
         "format": "text",
         "fields": 7,
         "timestamp_field": 1,
-        "key_field": 2,
+        "key_field": 5,
         "separator": "comma",
         "header": ["Timestamp", "Hostname", "DiskNumber", "Type", "Offset", "Size", "ResponseTime"],
-        "distinct_keys": 1,
+        "distinct_keys": 2,
     }
+    systor = "Timestamp,Response,IOType,LUN,Offset,Size\n1.5,0.0004,R,1,4096,512\n1.6,0.0007,W,1,8192,512\n"
+    assert parse_trace(write(tmp_path, systor)).keys.tolist() == [4096, 8192]  # not field 2, its response times
+    keys_named = parse_trace(write(tmp_path, "obj_id,size\na,1\nb,1\n"))  # a key and no time: keys only
+    assert keys_named.keys.tolist() == ["a", "b"] and keys_named.timestamps is None
+    # Without names it knows, field 1 is the time and 2 the key.
+    assert parse_trace(write(tmp_path, "when,what\n1,a\n2,b\n")).layout()["key_field"] == 2
     for columns in [(1, 5), ("Timestamp", "Offset"), ("1", "5")]:
         trace = parse_trace(write(tmp_path, MSR), columns=columns)
         assert trace.keys.tolist() == [3154152960, 3154152961, 3154152960]
@@ -818,7 +825,7 @@ def test_parse_a_large_string_trace(tmp_path: Path):
         ("2026-01-01T08,a\n2026-01-01T09:00:00Z,b\n", "line 2: mixed formats"),
         ("20260101T083000Z,a\n2026-01-01T09:00:00Z,b\n", "line 2: mixed formats"),
         # a header names the fields: the first is the timestamp unless --time-field says otherwise
-        ("key,time\nk1,5\n", "line 2: timestamp 'k1' is not numeric \\(the header names the fields: choose them"),
+        ("name,hour\nk1,5\n", "line 2: timestamp 'k1' is not numeric \\(the header names the fields: choose them"),
     ],
 )
 def test_parse_errors_name_the_line(tmp_path: Path, text: str, message: str):

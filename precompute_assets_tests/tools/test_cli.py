@@ -307,7 +307,9 @@ def test_replay_reads_the_key_field_it_is_told_and_shows_the_layout(tmp_path, ca
     trace.write_text("Timestamp,Host,Offset\n" + "".join(f"{t},hm,{t % 7}\n" for t in range(100)))
     base = ["replay", "--trace", str(trace), "--days", "2", "--top-n", "0", "--capacity", "3"]
     assert main(base) == 0
-    assert json.loads(capsys.readouterr().out)["trace_layout"]["distinct_keys"] == 1  # field 2: the host
+    assert json.loads(capsys.readouterr().out)["trace_layout"]["key_field"] == 3  # named Offset, not 2: the host
+    assert main([*base, "--key-field", "Host"]) == 0
+    assert json.loads(capsys.readouterr().out)["trace_layout"]["distinct_keys"] == 1  # told: the host
     assert main([*base, "--key-field", "Offset"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["trace_layout"] == {
