@@ -38,14 +38,16 @@ EPSILON = 1e-6  # probabilities are clipped to at least this before the log (and
 
 
 def event_features(events: pd.DataFrame, timezone: str = "UTC") -> pd.DataFrame:
-    """Per event (``ts_ms``, ``user``, ``action``; any order, any extra columns kept) its features and
-    ``next_action`` (None for the last event of a session); sorted by user and time."""
+    """Per event (``ts_ms``, ``user``, ``action``; any order, any extra columns kept) its features,
+    ``next_action`` (None for the last event of a session) and ``session``, the number of the user's session among
+    these events (1 for the first); sorted by user and time."""
     frame = events.sort_values(["user", "ts_ms"], kind="stable", ignore_index=True)
     if frame.empty:
         return frame.assign(
             hour=pd.Series(dtype=float), day_of_week=pd.Series(dtype="int64"), day=pd.Series(dtype=object),
             actions_today=pd.Series(dtype="int64"), session_start_ms=pd.Series(dtype="int64"),
             session_minutes=pd.Series(dtype=float), next_action=pd.Series(dtype=object),
+            session=pd.Series(dtype="int64"),
         )  # fmt: skip
     ts = frame["ts_ms"].to_numpy(dtype=np.int64)
     local = pd.to_datetime(frame["ts_ms"], unit="ms", utc=True).dt.tz_convert(timezone)
@@ -65,6 +67,7 @@ def event_features(events: pd.DataFrame, timezone: str = "UTC") -> pd.DataFrame:
         session_start_ms=session_start,
         session_minutes=(ts - session_start) / 60_000.0,
         next_action=pd.Series([v if isinstance(v, str) else None for v in next_action], dtype=object),
+        session=session - session[np.flatnonzero(new_user)][np.cumsum(new_user) - 1] + 1,
     )
 
 
@@ -202,7 +205,8 @@ def _gone_on(
     first_ts = first["ts_ms"].to_numpy(dtype=np.int64)
     goes_on = (
         has
-        & (latest["session_start_ms"].to_numpy(dtype=np.int64) == first_ts)  # no new session within these events
+        # no new session within these events: a login in the same millisecond as the first event starts one too
+        & (latest["session"].to_numpy(dtype=np.int64) == 1)
         & (first["action"].to_numpy(dtype=object) != "login")
         & (first_ts - last_ts <= SESSION_GAP_MS)
     )

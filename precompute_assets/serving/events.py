@@ -115,8 +115,17 @@ class EventLogger(QueryLogger):
     def _commands(self, batch: list[UserEvent]) -> Iterator[tuple[tuple[bytes, ...], int]]:
         """One ``XADD`` per event (no hit/miss statistics: events are not lookups)."""
         for event in batch:
-            fields = ((name.encode(), value.encode("utf-8", "surrogatepass")) for name, value in event.fields().items())
+            fields = ((name.encode(), _wire(value)) for name, value in event.fields().items())
             yield self._xadd(self._entry_id(event.ts_ms), fields), 1
+
+
+def _wire(text: str) -> bytes:
+    """``text`` as the bytes it came from: bytes that were no UTF-8 (``_text``) as they were, a lone surrogate of a
+    ``str`` as its UTF-8 form; either way no UTF-8, which the drain quarantines."""
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogatepass")
 
 
 def _text(value: Any) -> str:
@@ -290,8 +299,11 @@ def validate_event(entry_id: bytes, fields: dict[bytes, bytes]) -> tuple[dict[st
             return None, reason
     if values["action"] not in ACTION_INDEX:
         return None, f"unknown action: {values['action'][:64]!r}"
-    if "{" in values["user"] or "}" in values["user"]:  # the key of its next actions: no cache key may hold one
-        return None, "user has a brace ('{' or '}'): no cache key can name it"
+    for name in ("user", "entity", "tenant"):  # each may name the key of a task's value: no cache key holds a brace
+        if values[name] is not None and ("{" in values[name] or "}" in values[name]):
+            return None, f"{name} has a brace ('{{' or '}}'): no cache key can name it"
+    for name in ("entity", "tenant"):
+        values[name] = values[name] or None  # written empty: none, as when the field is left out
     return {"stream_id": entry_id.decode(), "ts_ms": ts, **values}, None
 
 

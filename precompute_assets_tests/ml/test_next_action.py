@@ -139,6 +139,13 @@ def test_a_pause_a_login_or_a_new_day_starts_afresh_across_ticks():
     login = state(at + 2 * MIN, "login")
     assert login["session_minutes"] == 0.0 and login["actions_today"] == 8
     assert state(at + 61 * MIN, "dashboard_view")["actions_today"] == 1  # past midnight: a new day
+    # A login in the same millisecond as the tick's first event (clients that stamp whole seconds): a new session.
+    ts = at + 2 * MIN
+    actions = ["analytics_view", "login"]
+    ids = [f"{ts}-0", f"{ts}-1"]
+    same_ms = pd.DataFrame({"stream_id": ids, "ts_ms": [ts] * 2, "user": ["a"] * 2, "action": actions})
+    latest = na.latest_states(same_ms, prior=prior).iloc[0]
+    assert (latest["action"], latest["session_start_ms"], latest["session_minutes"]) == ("login", ts, 0.0)
 
 
 def test_a_late_event_counts_in_its_day_and_never_moves_the_state_back():

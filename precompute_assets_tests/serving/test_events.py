@@ -89,18 +89,22 @@ def test_bytes_are_recorded_as_their_text(redis_url, redis_client, schema):
     row, reason = validate_event(*good)
     assert reason is None and (row["user"], row["action"], good[1][b"entity"]) == ("u1", "creative_upload", b"cr-1")
     assert validate_event(*bad) == (None, "tenant is not valid UTF-8")
+    assert bad[1][b"tenant"] == b"\xffacme"  # as it came: was b"\xed\xb3\xbfacme", the surrogate's own UTF-8
 
 
-def test_a_user_no_cache_key_can_name_is_quarantined():
+def test_a_user_entity_or_tenant_no_cache_key_can_name_is_quarantined():
     """A user holding a brace got a state and a sensor's request, but its next actions could never be stored (a
-    brace picks a key's Redis Cluster slot: no cache key may hold one), nor read: cache.get raised (h_user2)."""
+    brace picks a key's Redis Cluster slot: no cache key may hold one), nor read: cache.get raised (h_user2). An
+    entity or tenant with one was stored as valid, and the sensor dropped its task with a count in a log line only
+    (h_events). Written empty, they are none, as when left out."""
     fields = {b"ts": b"1764000000000", b"user": b"{u1}", b"action": b"login"}
-    assert validate_event(b"1764000000000-0", fields) == (
-        None,
-        "user has a brace ('{' or '}'): no cache key can name it",
-    )
-    row, reason = validate_event(b"1764000000000-0", {**fields, b"user": b"u1", b"entity": b"{e}"})
-    assert reason is None and row["user"] == "u1"
+    for name in (b"user", b"entity", b"tenant"):
+        assert validate_event(b"1764000000000-0", {**fields, b"user": b"u1", name: b"cr{1}"}) == (
+            None,
+            f"{name.decode()} has a brace ('{{' or '}}'): no cache key can name it",
+        )
+    row, reason = validate_event(b"1764000000000-0", {**fields, b"user": b"u1", b"entity": b"", b"tenant": b""})
+    assert reason is None and (row["user"], row["entity"], row["tenant"]) == ("u1", None, None)
 
 
 def test_a_huge_user_or_entity_is_recorded_cut_short_and_still_quarantined(redis_url, redis_client, schema):
