@@ -138,9 +138,34 @@ def ended_when_registered(campaign: Campaign) -> bool:
     return campaign.status == "active" and campaign.end_at is not None and campaign.end_at <= campaign.updated_at
 
 
+def postponed(campaign: Campaign, now: datetime, horizon: timedelta) -> bool:
+    """Whether ``campaign`` is cold and launches beyond the warming ``horizon``: when a change (a later launch) made it
+    so, its last revision's values, a budget split over ads it may no longer have among them, would be served until
+    they expire, though the change made it cold."""
+    return campaign.status == "active" and not campaign.is_warm and campaign.launch_at > now + horizon
+
+
+def still_cached(
+    context: dg.SensorEvaluationContext, redis: RedisResource, campaigns: list[Campaign]
+) -> list[Campaign]:
+    """Those of ``campaigns`` whose budget split is in Redis (one pipelined ``EXISTS`` each); all of them when Redis
+    does not answer (a cleanup of nothing is harmless)."""
+    if not campaigns:
+        return []
+
+    def held(client: redis_py.Redis, schema: KeySchema) -> list[Campaign]:
+        pipe = client.pipeline(transaction=False)
+        for campaign in campaigns:
+            pipe.exists(budget_key(schema, campaign))
+        return [c for c, found in zip(campaigns, pipe.execute(), strict=True) if found]
+
+    found = redis.sensor_check(held, context.log, f"whether {len(campaigns)} postponed campaigns hold values")
+    return campaigns if found is None else found
+
+
 def cleanup_request(campaign: Campaign) -> dg.RunRequest:
     """The run that removes a cancelled campaign's values from the cache, or those of one re-registered with an end
-    that has passed (its last warming's values would live until its old end)."""
+    that has passed (its last warming's values would live until its old end), or postponed beyond the horizon."""
     return dg.RunRequest(
         run_key=f"{warming_run_key(campaign)}-cancel",
         job_name="campaign_cleanup_job",
@@ -242,10 +267,7 @@ def remove_campaign_values(
 def own_ads(registry: CampaignRegistry, campaign: Campaign, ads: set[str], now: datetime) -> set[str]:
     """Of ``ads`` (the campaign's), those no other live campaign of its tenant has: their values are the campaign's
     alone, to delete with it or to expire at its end."""
-    for other in registry.list(tenant_id=campaign.tenant_id, status="active"):
-        if other.campaign_id != campaign.campaign_id and not_warmable(other, now) is None:
-            ads = ads - set(registry.ads(other.campaign_id)["ad_id"])
-    return ads
+    return ads - registry.shared_ads(campaign, ads, now)
 
 
 def _is_cache_key(key: str) -> bool:
@@ -422,7 +444,11 @@ class CampaignCleanupConfig(dg.Config):
     campaign_id: str = Field(description="The cancelled (or ended) campaign whose CTRs and budget are removed.")
 
 
-@dg.op(retry_policy=WARMING_RETRY, description="Remove a cancelled or ended campaign's CTRs and budget from the cache.")
+@dg.op(
+    retry_policy=WARMING_RETRY,
+    description="Remove the CTRs and budget of a campaign that was cancelled, ended, or postponed beyond the warming "
+    "horizon from the cache.",
+)
 def remove_campaign(
     context: dg.OpExecutionContext,
     config: CampaignCleanupConfig,
@@ -436,7 +462,11 @@ def remove_campaign(
     if campaign is None:
         raise dg.Failure(description=f"campaign {config.campaign_id!r} is not registered", allow_retries=False)
     now = datetime.now(UTC)
-    if (reason := not_warmable(campaign, now)) is None:
+    reason = not_warmable(campaign, now)
+    if reason is None and postponed(campaign, now, campaign_registry.warming_horizon):
+        reason = f"campaign {campaign.campaign_id} r{campaign.revision} launches at {campaign.launch_at.isoformat()}"
+        reason += ", beyond the warming horizon: warmed again before then"
+    if reason is None:
         context.log.info(f"{campaign.campaign_id} was registered again since, and runs: its values stay")
         return
     removed = remove_campaign_values(registry, redis.client(), redis.schema(), campaign, now)
@@ -652,6 +682,8 @@ def campaign_launch_sensor(
         launched = {run.tags.get(RUN_KEY_TAG) for run in runs}
         fresh = [c for c in fresh if warming_run_key(c) not in launched]
     cancelled = [c for c in changed if c.status == "cancelled" or ended_when_registered(c)]
+    # a changed campaign that now launches beyond the horizon: cold, so its last revision's values go
+    cancelled += still_cached(context, redis, [c for c in changed if c.revision > 1 and postponed(c, now, horizon)])
     requested = {c.campaign_id for c in fresh}
     lost, checked = lost_campaigns(
         context, registry, redis, now, limit=campaign_registry.max_lost_checks_per_tick, after=cursor.checked

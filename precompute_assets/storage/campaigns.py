@@ -23,7 +23,7 @@ import math
 import os
 import re
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -87,6 +87,8 @@ CREATE TABLE IF NOT EXISTS campaign_ads (
     PRIMARY KEY (campaign_id, position),
     UNIQUE (campaign_id, ad_id)
 );
+-- shared_ads(): the other campaigns that hold given ads
+CREATE INDEX IF NOT EXISTS campaign_ads_ad_id ON campaign_ads (ad_id);
 CREATE TABLE IF NOT EXISTS ad_tenants (
     ad_id TEXT COLLATE "C" PRIMARY KEY,
     tenant_id TEXT NOT NULL
@@ -94,12 +96,13 @@ CREATE TABLE IF NOT EXISTS ad_tenants (
 """
 _OBJECTS = (
     "campaign_change_seq", "campaigns", "campaign_ads", "ad_tenants", "campaigns_cold_launch_at",
-    "campaigns_warm_until",
+    "campaigns_warm_until", "campaign_ads_ad_id",
 )  # fmt: skip
 _COLUMNS = (
     "campaign_id, tenant_id, launch_at, end_at, budget, status, revision, warm_revision, change_seq, updated_at, n_ads,"
     " warm_until"
 )
+LATEST_TIME = datetime(2200, 1, 1, tzinfo=UTC)  # launch and end times are before it
 DEFAULT_REFRESH_MARGIN = timedelta(days=1)  # warm values again this long before they expire
 _LIVE = "launch_at <= %(until)s AND (end_at IS NULL OR end_at > %(now)s)"
 # due(): each arm has its partial index (the cold campaigns; the warm ones by when their values expire)
@@ -264,10 +267,14 @@ def _timestamp(value: Any, name: str, problems: list[str]) -> datetime | None:
     # In UTC: Python compares two times of one zone by their wall clocks, ignoring ``fold``, so across a fall-back
     # an end 20 minutes before the launch passed for after it (and PostgreSQL's check then refused it).
     try:
-        return (value.to_pydatetime() if isinstance(value, pd.Timestamp) else value).astimezone(UTC)
+        utc = (value.to_pydatetime() if isinstance(value, pd.Timestamp) else value).astimezone(UTC)
     except OverflowError:  # within its offset of year 1 or 9999
         problems.append(f"{name} {value.isoformat()} is out of range in UTC")
         return None
+    if utc >= LATEST_TIME:  # its expiry (end plus grace) would pass year 9999: every warming run failed
+        problems.append(f"{name} {value.isoformat()} is not before {LATEST_TIME:%Y}: leave end_at out for no end")
+        return None
+    return utc
 
 
 def _budget(value: Any, problems: list[str]) -> float:
@@ -795,6 +802,21 @@ class CampaignRegistry:
         for column in (ID_COLUMN, *self.spec.categorical):
             frame[column] = frame[column].astype(object)
         return frame
+
+    def shared_ads(self, campaign: Campaign, ad_ids: Collection[str], now: datetime) -> set[str]:
+        """Of ``ad_ids``, those another active campaign of ``campaign``'s tenant has that has not ended by ``now``:
+        one indexed query, whatever the number of the tenant's campaigns."""
+        if not ad_ids:
+            return set()
+        with transaction(self.url) as conn, conn.cursor() as cur:
+            cur.execute(
+                "SELECT DISTINCT a.ad_id FROM campaign_ads a JOIN campaigns c USING (campaign_id)"
+                " WHERE a.ad_id = ANY(%(ads)s) AND c.campaign_id <> %(id)s AND c.tenant_id = %(tenant)s"
+                " AND c.status = 'active' AND (c.end_at IS NULL OR c.end_at > %(now)s)",
+                {"ads": sorted(ad_ids), "id": campaign.campaign_id, "tenant": campaign.tenant_id,
+                 "now": _aware_now(now)},
+            )  # fmt: skip
+            return {row[0] for row in cur.fetchall()}
 
     def list(self, *, tenant_id: str | None = None, status: str | None = None) -> list[Campaign]:
         """Campaigns by launch time (then id), optionally of one tenant and/or one status."""

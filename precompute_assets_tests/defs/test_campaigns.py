@@ -57,7 +57,7 @@ from precompute_assets.ml.budget import thompson_split
 from precompute_assets.serving import KeySchema, PredictionCache, connect, publish, publish_version
 from precompute_assets.serving.keys import codec_for
 from precompute_assets.serving.publish import write_live_values
-from precompute_assets.storage.campaigns import MAX_ADS, Campaign, CampaignRegistry
+from precompute_assets.storage.campaigns import MAX_ADS, Campaign, CampaignError, CampaignRegistry
 from precompute_assets.storage.lake import Lake
 from precompute_assets.storage.postgres import scratch_database
 from precompute_assets.workload.ads import make_ads
@@ -406,6 +406,42 @@ def test_a_campaign_registered_again_with_an_end_that_has_passed_is_removed(
     assert cache.get_many("ctr", [ad["ad_id"] for ad in ads]) == [None] * 3
     observation = instance.fetch_observations(campaign_ctr.key, limit=1).records[0]
     assert not observation.asset_observation.metadata["cancelled"].value  # ended, not cancelled
+
+
+def test_a_warm_campaign_postponed_beyond_the_horizon_is_cold_in_the_cache_too(registry, resources, instance, cache):
+    """Postponed by 10 days with a smaller budget and another ad, a warm campaign kept serving its old revision's
+    split (over the ad it dropped) for 3 days: no run was requested until 24 h before its new launch (h_camp)."""
+    now = datetime.now(UTC)
+    campaign_id = unique("later")
+    ads = campaign_ads(campaign_id, 3)
+    registry.register(campaign_id, "acme", now + HOUR, ads, end_at=now + 72 * HOUR, budget=1000.0)
+    result = tick(instance, resources["campaign_registry"], redis=resources["redis"])
+    add_partitions(instance, result)
+    assert warm(instance, resources, campaign_id).success and cache.get("budget", campaign_id) is not None
+    moved = [*ads[:2], *campaign_ads(f"{campaign_id}-new", 1, seed=1)]
+    registry.register(campaign_id, "acme", now + 240 * HOUR, moved, end_at=now + 300 * HOUR, budget=50.0)
+    later = tick(instance, resources["campaign_registry"], result.cursor, redis=resources["redis"])
+    (cleanup,) = [r for r in later.run_requests if r.tags.get("precompute/campaign") == campaign_id]
+    assert cleanup.job_name == "campaign_cleanup_job"
+    run = campaign_cleanup_job.execute_in_process(run_config=cleanup.run_config, instance=instance, resources=resources)
+    assert run.success and cache.get("budget", campaign_id) is None
+    assert cache.get_many("ctr", [ad["ad_id"] for ad in ads[:2]]) == [None] * 2  # its ads now (the dropped one's
+    # CTR, still that ad's prediction, expires as a changed campaign's dropped ads do)
+    # Moved back within the horizon and warmed before a cleanup of the postponement ran: its values stay.
+    registry.register(campaign_id, "acme", now + HOUR, ads, end_at=now + 72 * HOUR, budget=1000.0)
+    assert warm(instance, resources, campaign_id).success and cache.get("budget", campaign_id) is not None
+    again = campaign_cleanup_job.execute_in_process(
+        run_config=cleanup.run_config, instance=instance, resources=resources
+    )
+    assert again.success and cache.get("budget", campaign_id) is not None
+
+
+def test_a_launch_or_end_past_2200_is_refused_not_a_warming_that_overflows(registry):
+    """An end in year 9999 was accepted, and every warming run then failed with an OverflowError (h_camp)."""
+    now = datetime.now(UTC)
+    with pytest.raises(CampaignError, match="end_at 9999-12-31T23:30:00\\+00:00 is not before 2200"):
+        far = datetime(9999, 12, 31, 23, 30, tzinfo=UTC)
+        registry.register(unique("far"), "acme", now + HOUR, campaign_ads("far", 1), end_at=far)
 
 
 def test_only_a_revision_registered_after_its_end_asks_for_a_cleanup():
