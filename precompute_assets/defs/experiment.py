@@ -167,10 +167,11 @@ def report_arms(
     that served the day, ``source`` says how it is known) when its arms are in the logs, else the two arms with most
     rows (alphabetical order); None with one arm only. An experiment ``recorded`` as the day's (by its version, or by
     the day before's top_ads) is compared when one of its arms is logged: an arm without requests is a sample-ratio
-    mismatch to report. One only configured now may have changed since the day was served: it needs both."""
+    mismatch to report. One only configured now may have changed since the day was served: it needs both, unless
+    its arm is the only one logged (the other's rows lost: then a mismatch to report too)."""
     seen = counts.index.tolist()
     logged = set(configured.arms) & set(seen) if configured is not None else set()
-    if configured is not None and (logged == set(configured.arms) or (recorded and logged)):
+    if configured is not None and (logged == set(configured.arms) or ((recorded or len(seen) == 1) and logged)):
         return list(configured.arms), f"{source} {configured.name}"
     if len(seen) < 2:
         return None, f"only arm {seen[0]!r} in the logs and no configured experiment names the other"
@@ -193,20 +194,23 @@ def report_metadata(report: dict) -> dict[str, Any]:
         out["difference"] = float(difference["value"])
     if difference["ci"][0] is not None:
         out["difference_ci_low"], out["difference_ci_high"] = map(float, difference["ci"])
+    if difference.get("p_value") is not None:
+        out["difference_p_value"] = float(difference["p_value"])
     if report["srm"]["p_value"] is not None:
         out["srm_p_value"] = float(report["srm"]["p_value"])
     out["report"] = dg.MetadataValue.json(report)
     return out
 
 
-def sample_ratio_check(report: dict | None) -> dg.AssetCheckResult:
-    """Fails (WARN) on a sample-ratio mismatch: the arms then differ by more than the strategies."""
+def sample_ratio_check(report: dict | None, why: str = "no experiment rows on this day") -> dg.AssetCheckResult:
+    """Fails (WARN) on a sample-ratio mismatch: the arms then differ by more than the strategies. Without a report,
+    passes saying ``why`` there was nothing to check."""
     if report is None or report["srm"]["p_value"] is None:
         return dg.AssetCheckResult(
             check_name="sample_ratio",
             passed=True,
             severity=dg.AssetCheckSeverity.WARN,
-            description="no experiment rows on this day: nothing to check",
+            description=f"{why}: nothing to check",
         )
     srm = report["srm"]
     keys = ", ".join(f"{arm} {n}" for arm, n in srm["keys"].items())
@@ -279,7 +283,7 @@ def selection_experiment(
         context.log.warning(f"{len(frame)} experiment rows, but {why}")
         return dg.MaterializeResult(
             metadata={"experiment_rows": len(frame), **hours, "note": why},
-            check_results=[sample_ratio_check(None)],
+            check_results=[sample_ratio_check(None, f"{len(frame)} experiment rows, but {why}")],
         )
     report = arm_report(frame, arms=arms, n_boot=config.n_boot, seed=config.seed, alpha=config.alpha)
     for note in report["notes"]:

@@ -14,6 +14,7 @@ from precompute_assets.defs.experiment import (
     experiment_from_metadata,
     experiment_metadata,
     report_arms,
+    sample_ratio_check,
     selection_experiment,
 )
 from precompute_assets.defs.partitions import DEFAULT_PARTITIONS
@@ -97,7 +98,8 @@ def test_the_report_has_per_arm_rates_intervals_difference_and_srm(instance, lak
     assert 0.2 < low < meta["difference"].value < high < 0.4
     assert meta["lstm_hit_rate_ci_low"].value < meta["lstm_hit_rate"].value < meta["lstm_hit_rate_ci_high"].value
     assert meta["srm_p_value"].value > 0.001
-    for name in ("frequency_hit_rate", "difference", "difference_ci_low", "srm_p_value"):
+    assert meta["difference_p_value"].value < 0.05
+    for name in ("frequency_hit_rate", "difference", "difference_ci_low", "difference_p_value", "srm_p_value"):
         assert isinstance(meta[name], dg.FloatMetadataValue), name  # plain numbers: the UI charts them
     assert isinstance(meta["lstm_keys"], dg.IntMetadataValue)
     assert meta["report"].value["difference"]["of"] == "lstm - frequency"
@@ -145,6 +147,12 @@ def test_the_logs_arms_are_reported_when_the_configured_experiment_differs(insta
     # one only configured now, sharing an arm with the logs: the logs' arms
     assert report_arms(Experiment("e", "s", ("lstm", "frequency")), counts)[0] == ["ewma", "seasonal"]
     assert report_arms(None, pd.Series({"lstm": 3}))[0] is None
+    # its arm the only one logged (the other's rows lost, h_ab): compared, so the SRM check fails, not passes "no rows"
+    assert report_arms(Experiment("e", "s", ("lstm", "frequency")), pd.Series({"lstm": 3}))[0] == ["lstm", "frequency"]
+    assert report_arms(Experiment("e", "s", ("ewma", "frequency")), pd.Series({"lstm": 3}))[0] is None
+    why = "7200 experiment rows, but only arm 'lstm' in the logs"
+    check = sample_ratio_check(None, why)
+    assert check.passed and check.description == f"{why}: nothing to check"
 
 
 def test_a_configured_experiment_that_shares_one_arm_with_the_logs_is_not_reported(instance, lake_uri):

@@ -215,9 +215,40 @@ def test_a_rate_resting_on_few_keys_says_its_interval_runs_narrow():
     few = [note for note in report["notes"] if "effective keys" in note]
     # Kish's effective number of keys: requests² / sum of each key's requests² = 100² / (90² + 5² + 5²) = 1.2
     assert few == [
-        "arm lstm's hit rate rests on 1.2 effective keys (requests² / Σ requests per key²), fewer than 30: its "
-        "intervals run narrow (in A/A replays with 10-15 effective keys a 95 % interval covered about 90 %)"
+        "arm lstm's hit rate rests on 1.2 effective keys (requests² / Σ requests per key²), fewer than 30: its own "
+        "interval runs narrow (in A/A replays with 10-15 effective keys a 95 % interval covered about 90 %; the "
+        "difference's, from re-randomization, does not)"
     ]
+
+
+def test_one_key_per_arm_is_no_evidence_of_a_difference():
+    """A bootstrap over keys gave one key per arm, at 50 % and 55 %, a difference interval [0.05, 0.05] that
+    "excluded zero" (h_ab): two keys can differ for any reason, and re-randomizing them says so."""
+    frame = pd.DataFrame(
+        {"key": ["a"] * 100 + ["b"] * 100, "hit": [True] * 50 + [False] * 50 + [True] * 55 + [False] * 45,
+         "arm": ["frequency"] * 100 + ["lstm"] * 100}
+    )  # fmt: skip
+    diff = arm_report(frame, arms=ARMS, n_boot=200)["difference"]
+    assert diff["value"] == pytest.approx(0.05) and diff["excludes_zero"] is False and diff["p_value"] == 1.0
+    assert diff["ci"] == pytest.approx([0.0, 0.1])
+
+
+def test_an_aa_test_of_skewed_traffic_excludes_zero_as_often_as_its_level_says():
+    """Zipf-like traffic (s = 1, 20,000 keys, 20,000 requests; the hottest 5 % of keys hit 95 % of the time, the
+    rest 20 %), both arms one strategy, 300 seeds: the bootstrap's 95 % interval excluded 0 in 13 % of them (40);
+    the re-randomization test at p < 0.05, in 4.7 % (14)."""
+    keys, requests = 20_000, 20_000
+    weights = 1 / np.arange(1, keys + 1)
+    weights /= weights.sum()
+    excluded = 0
+    for seed in range(300):
+        rng = np.random.default_rng(seed)
+        key = rng.choice(keys, size=requests, p=weights)
+        hit = rng.random(requests) < np.where(key < keys // 20, 0.95, 0.2)
+        arm = np.where(rng.random(keys) < 0.5, "frequency", "lstm")[key]
+        report = arm_report(pd.DataFrame({"key": key, "hit": hit, "arm": arm}), arms=ARMS, n_boot=1000, seed=seed)
+        excluded += report["difference"]["excludes_zero"]
+    assert excluded / 300 <= 0.075  # 5 % expected: 2.2 standard errors of 300 draws above it
 
 
 def test_degenerate_inputs_give_defined_values_and_notes():
