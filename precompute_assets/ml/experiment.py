@@ -111,11 +111,13 @@ def _rerandomized(requests: np.ndarray, hits: np.ndarray, n_draws: int, rng: np.
     ``requests`` and ``hits`` (pooled over the arms) going to one side, as the salted hash splits them: how far apart
     two arms of one strategy fall (NaN: a split with an empty side)."""
     total_n, total_h = float(requests.sum()), float(hits.sum())
-    n, h = requests.astype(float), hits.astype(float)
+    # Keys of equal counts are alike: how many of them go to the second arm is binomial (as _boot_rates draws them)
+    pairs, multiplicity = np.unique(np.stack([requests, hits], axis=1), axis=0, return_counts=True)
+    n, h = pairs[:, 0].astype(float), pairs[:, 1].astype(float)
     out = np.empty(n_draws)
-    step = max(1, _BOOT_CELLS // len(n))
+    step = max(1, _BOOT_CELLS // len(pairs))
     for lo in range(0, n_draws, step):
-        second = (rng.random((min(step, n_draws - lo), len(n))) < 0.5).astype(float)
+        second = rng.binomial(multiplicity, 0.5, size=(min(step, n_draws - lo), len(pairs))).astype(float)
         n2, h2 = second @ n, second @ h
         n1, h1 = total_n - n2, total_h - h2
         with np.errstate(invalid="ignore", divide="ignore"):
