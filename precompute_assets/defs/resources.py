@@ -27,6 +27,7 @@ from ..ml.features import (
 from ..ml.model_store import LocalModelStore
 from ..serving import Experiment, KeySchema, connect
 from ..serving.connection import REDIS_ERRORS, cannot_persist, is_cluster, mode_problem
+from ..serving.keys import clean_salt
 from ..serving.replication import REPLICA_WAIT_S
 from ..stack import ENV_APP_DB, ENV_LAKE, ENV_MODEL_STORE, ENV_REDIS, redact
 from ..storage.campaigns import ENV_CAMPAIGN_MAX_ADS, MAX_ADS, CampaignRegistry, max_ads_from_env
@@ -247,11 +248,10 @@ class ExperimentResource(dg.ConfigurableResource):
             first, second = parse_arms(self.arms)
         except ValueError as error:
             raise SettingError(f"{ENV_EXPERIMENT}={self.arms!r}: {error}") from None
-        salt = self.salt.strip()
-        if not salt or len(salt) > 256 or any(ord(c) < 32 or ord(c) == 127 for c in salt):
-            raise SettingError(
-                f"{ENV_EXPERIMENT_SALT}={self.salt!r} is not a salt: use a short printable string such as 'ab1'"
-            )
+        try:
+            salt = clean_salt(self.salt)
+        except ValueError as error:
+            raise SettingError(f"{ENV_EXPERIMENT_SALT}={error}") from None
         return Experiment(self.name.strip() or f"{first}-vs-{second}", salt, (first, second))
 
 

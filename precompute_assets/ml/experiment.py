@@ -344,7 +344,8 @@ def ab_replay(
             notes.append(
                 f"lstm arm: trained on {infos[name]['trained_days']} days (approved on {infos[name]['approved_days']});"
                 f" {infos[name]['fallback_days']} days without an approved model (too few days to train, or none"
-                " approved yet) used the frequency ranking, as top_ads does"
+                " approved yet) ranked as top_ads does then: by frequency before day 3, else by the day's best"
+                " baseline on its held-back day"
             )
     learned = [name for name in names if name in LEARNED]
     if learned and (note := safety_stop_days_note(infos[learned[0]], day_hp, learned)):

@@ -364,6 +364,16 @@ def arm_of(salt: str, key: str, arms: Sequence[str]) -> str:
     return arms[arm_index(salt, key, len(arms))]
 
 
+def clean_salt(salt: str) -> str:
+    """``salt`` as an experiment's key split uses it, stripped; ``ValueError`` when it is empty, longer than
+    ``MAX_SALT`` characters or holds a control character (one the deployment and ``replay --ab`` both refuse, so a
+    replay's split is the one production serves)."""
+    text = salt.strip() if isinstance(salt, str) else ""
+    if not text or len(text) > MAX_SALT or any(ord(c) < 32 or ord(c) == 127 for c in text):
+        raise ValueError(f"{salt!r} is not a salt: use a short printable string such as 'ab1'")
+    return text
+
+
 @dataclass(frozen=True)
 class Experiment:
     """An A/B experiment between two arms (selection strategies): each key belongs to ``arm_of(salt, key, arms)``."""

@@ -789,6 +789,12 @@ def cmd_replay(args: argparse.Namespace) -> int:
         raise CliError(f"--train-days must be at least 1 and less than --days {args.days}, got {train_days}")
     if not math.isfinite(args.margin):
         raise CliError(f"--margin must be a finite number, got {args.margin}")
+    from ..serving.keys import clean_salt
+
+    try:
+        args.ab_salt = clean_salt(args.ab_salt)  # as the deployment's, or the replay's split is not production's
+    except ValueError as error:
+        raise CliError(f"--ab-salt {error}") from None
     if not 0 <= args.prefetch_threshold <= 1:  # a probability; NaN and infinity too
         raise CliError(f"--prefetch-threshold must be a probability between 0 and 1, got {args.prefetch_threshold}")
     unread = [

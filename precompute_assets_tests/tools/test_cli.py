@@ -501,6 +501,8 @@ def test_replay_refuses_options_that_would_be_ignored_or_fall_back(tmp_path, cap
         (["--prefetch-thr=0.9", "--margin", "-5"], "does not read --prefetch-threshold, --margin"),
         # An experiment of no precomputed keys (or of one for one arm) reported a difference of read-through noise.
         (["--ab", "frequency,ewma"], "--ab needs --top-n of at least 2: each arm precomputes half of it, got 0"),
+        # A salt the deployment refuses (PRECOMPUTE_EXPERIMENT_SALT): the replay's split was not the one it serves.
+        (["--ab", "frequency,ewma", "--top-n", "2", "--ab-salt", "a\tb"], "--ab-salt 'a\\tb' is not a salt"),
     ]:
         assert main([*base, *extra]) == 2
         err = capsys.readouterr().err
