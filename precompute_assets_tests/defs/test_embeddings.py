@@ -881,6 +881,28 @@ def test_changes_held_back_by_an_open_transaction_are_counted_and_its_session_na
     assert (after.embedded, after.held_back, after.held_back_by) == (3, 0, None)
 
 
+def test_int8_recall_falls_when_the_stored_vectors_are_not_the_documents_own(
+    docs, app_db, redis_client, schema, embedder
+):
+    """The check was only ever seen to pass: reading no stored vector at all (recall 1.0 always) passed every test
+    (h_tests). Random vectors in place of half of them lose those documents' neighbours."""
+    from precompute_assets.serving.vectors import encode_vector
+    from precompute_assets.storage.postgres import transaction
+
+    store = EmbeddingStore(app_db)
+    sync_embeddings(docs, store, redis_client, embedder, schema=schema, log=lambda m: None)
+    assert int8_recall(store, docs, embedder, n=N_DOCS) >= 0.95
+    rng = np.random.default_rng(0)
+    with transaction(app_db) as conn, conn.cursor() as cur:
+        cur.execute("SELECT doc_id FROM document_embeddings ORDER BY doc_id")
+        ids = [row[0] for row in cur.fetchall()][::2]
+        noise = [encode_vector(rng.normal(size=64), model_version=embedder.version) for _ in ids]
+        cur.executemany(
+            "UPDATE document_embeddings SET value = %s WHERE doc_id = %s", list(zip(noise, ids, strict=True))
+        )
+    assert int8_recall(store, docs, embedder, n=N_DOCS) < 0.7
+
+
 def test_a_new_models_build_without_the_held_back_changes_waits_while_readers_keep_their_version(
     docs, app_db, redis_client, schema, embedder, corpus
 ):

@@ -636,9 +636,7 @@ def test_an_hour_not_over_on_redis_clock_is_not_read(redis_url, redis_client, sc
 def test_a_drain_waits_for_a_redis_clock_a_little_behind(redis_client):
     seconds, micros = redis_client.time()
     now_ms = int(seconds) * 1000 + int(micros) // 1000
-    started = time.monotonic()
     wait_for_hour_end(redis_client, now_ms + 300, "2026-11-20-10:00")  # 0.3 s to go on Redis's clock: waited for
-    assert time.monotonic() - started >= 0.25
     seconds, micros = redis_client.time()
     assert int(seconds) * 1000 + int(micros) // 1000 >= now_ms + 300
     with pytest.raises(dg.Failure, match="not over on Redis's clock"):
