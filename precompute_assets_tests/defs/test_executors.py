@@ -452,7 +452,7 @@ K8S_RUN_CONFIG = textwrap.dedent(
 
 
 def test_the_production_kubernetes_configuration_loads(tmp_path, monkeypatch):
-    pytest.importorskip("dagster_k8s")
+    pytest.importorskip("dagster_k8s", reason="dagster-k8s is not installed (the k8s extra)")
     from dagster._config import validate_config
     from dagster._core.instance.config import dagster_instance_config
     from dagster_k8s import K8sRunLauncher

@@ -331,7 +331,7 @@ def test_a_short_key_fails_before_writing(tmp_path: Path, monkeypatch) -> None:
 
 
 def test_state_dicts_are_checksummed_too(tmp_path: Path, monkeypatch) -> None:
-    torch = pytest.importorskip("torch")
+    torch = pytest.importorskip("torch", reason="torch is not installed")
     from precompute_assets.ml.demand import UnsafeModelFile
 
     store = LocalModelStore(tmp_path)
