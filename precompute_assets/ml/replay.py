@@ -184,14 +184,18 @@ Columns = tuple[int | str | None, int | str]  # (timestamp field or None, key fi
 _PANDAS_INDEX: dict[bool, Columns] = {True: (2, 3), False: (None, 2)}
 # The names a header gives the time and the key of each request (compared in lower case, without "_", "-", "."
 # or blanks), the key's in order of preference: systor17's "Timestamp,Response,IOType,LUN,Offset,Size" is read by
-# its Offset, where field 2 (the default without such names) is a response time.
+# its Offset, where field 2 (the default without such names) is a response time. A bare "id" is no key name: it is
+# as often a request's own id (IBM's registry traces) as an object's.
 _TIME_NAMES = frozenset(
-    ["timestamp", "ts", "time", "clock", "datetime", "epoch", "tsms", "tsus", "timestampms", "requesttime", "eventtime"]
-)
-_KEY_NAMES = (
-    "key", "cachekey", "requestkey", "objid", "objectid", "object", "obj", "itemid", "item", "id", "url", "uri",
-    "path", "page", "offset", "lba", "blockid", "block", "address", "adid", "docid", "productid", "sku",
+    ["timestamp", "ts", "time", "t", "clock", "datetime", "epoch", "tsms", "tsus", "timestampms", "requesttime",
+     "eventtime", "optime", "unixtime", "relativeunix", "reqtime"]
 )  # fmt: skip
+_KEY_NAMES = (
+    "key", "cachekey", "requestkey", "objid", "objectid", "object", "obj", "url", "uri", "path", "page", "itemid",
+    "item", "offset", "lba", "blockid", "block", "address", "adid", "docid", "productid", "sku",
+)  # fmt: skip
+# Given for a field the caller left to the header's names (``read_trace`` with only --key-field or --time-field)
+NAMED = "\0named"
 TRACE_FORMATS = ("auto", "text", "oracle-general", "oracle-general-opns", "parquet")
 # libCacheSim's oracleGeneral records, little-endian and packed: 24 bytes each.
 ORACLE_GENERAL = np.dtype([("time", "<u4"), ("obj_id", "<u8"), ("obj_size", "<u4"), ("next_access_vtime", "<i8")])
@@ -385,13 +389,16 @@ def _text_trace(
     one_column = None  # the header of a one-column export (object_id above integer ids): no request
     if first_line == 1 and _names_integer_column(first, rest):
         text, first_line, one_column = rest, 2, first.strip()
-    chosen = columns is not None  # the caller named the fields
-    if columns is None and header is not None and header[0] == "":
-        columns = _PANDAS_INDEX[len(header) > 2]  # the row numbers of pandas' index are neither time nor key
-    elif columns is None and header:
-        columns = columns_by_name(header)
-    elif columns is None and _CSV_START_RE.match(text.partition("\n")[0]):
-        columns = (1, 2)  # timestamp,key and any fields after them
+    chosen = columns is not None and NAMED not in columns  # the caller named the fields
+    default = _default_columns(header, bool(header) or bool(_CSV_START_RE.match(text.partition("\n")[0])))
+    if columns is None:
+        columns = default
+    elif NAMED in columns:  # one field named by the caller, the other by the header or the default
+        fallback = default or (1, 2)
+        columns = (
+            fallback[0] if columns[0] == NAMED else columns[0],
+            fallback[1] if columns[1] == NAMED else columns[1],
+        )
     fields, time_field, key_field = 1, None, 1  # bare keys
     every_field = text
     if columns is not None:
@@ -736,14 +743,30 @@ def _select_columns(
     return re.sub(line, picked, text, flags=re.MULTILINE), time_field, key_field, fields
 
 
-def columns_by_name(header: Sequence[str]) -> Columns:
-    """The (timestamp, key) fields of a header's names: the first name of a time (``_TIME_NAMES``) and the most
-    preferred name of a key (``_KEY_NAMES``), as 1-based numbers; a key without a time name is read without
-    timestamps; ``(1, 2)``, timestamp,key, when no name is a key's."""
+def columns_by_name(header: Sequence[str]) -> Columns | None:
+    """The (timestamp, key) fields of a header's names, as 1-based numbers: the most preferred name of a key
+    (``_KEY_NAMES``) and the first name of a time (``_TIME_NAMES``), else field 1 unless it is the key's (then no
+    timestamps: keys only); None when no name is a key's."""
     plain = [re.sub(r"[\s_.\-]", "", name).lower() for name in header]
-    time = next((at + 1 for at, name in enumerate(plain) if name in _TIME_NAMES), None)
-    key = next((plain.index(name) + 1 for name in _KEY_NAMES if name in plain and plain.index(name) + 1 != time), None)
-    return (1, 2) if key is None else (time, key)
+    key = next((plain.index(name) + 1 for name in _KEY_NAMES if name in plain), None)
+    if key is None:
+        return None
+    time = next((at + 1 for at, name in enumerate(plain) if name in _TIME_NAMES and at + 1 != key), None)
+    return (time if time is not None else (None if key == 1 else 1)), key
+
+
+def _default_columns(header: tuple[str, ...] | None, csv: bool) -> Columns | None:
+    """The fields read when the caller names none: by the header's names (``columns_by_name``; after pandas' unnamed
+    index column, its names shifted by one), else pandas' layout (``_PANDAS_INDEX``), timestamp,key (``csv``: the
+    first line is such a request, or there is a header), or None: bare keys."""
+    if header and header[0] == "":
+        named = columns_by_name(header[1:])
+        if named is None:
+            return _PANDAS_INDEX[len(header) > 2]  # the row numbers of pandas' index are neither time nor key
+        return (None if named[0] is None else named[0] + 1), named[1] + 1
+    if header:
+        return columns_by_name(header) or (1, 2)
+    return (1, 2) if csv else None
 
 
 def _field_number(field: int | str, header: tuple[str, ...] | None, fields: int, what: str) -> int:

@@ -714,12 +714,12 @@ def read_trace(path: str, args: argparse.Namespace, *, quarantine: bool = False,
     ``quarantine``: ``(trace, malformed lines cut)`` from ``parse_trace_quarantining`` instead (request-log imports);
     ``exact_keys``: keys as written (``007`` stays ``007``), see ``parse_trace``."""
     from ..ml.parquet_trace import PARQUET_COLUMNS, is_parquet
-    from ..ml.replay import TraceError, parse_trace, parse_trace_quarantining
+    from ..ml.replay import NAMED, TraceError, parse_trace, parse_trace_quarantining
 
     columns, source = None, input_path(path)
     if args.time_field is not None or args.key_field is not None:
         parquet = args.format == "parquet" or (args.format == "auto" and is_parquet(source))
-        default_time, default_key = PARQUET_COLUMNS if parquet else ("1", "2")
+        default_time, default_key = PARQUET_COLUMNS if parquet else (NAMED, NAMED)  # a text trace: as its header says
         time_field = default_time if args.time_field is None else args.time_field
         columns = (None if time_field.lower() == "none" else time_field, args.key_field or default_key)
     try:

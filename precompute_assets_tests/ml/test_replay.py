@@ -19,6 +19,7 @@ import pyarrow as pa
 import pytest
 
 from precompute_assets.ml.replay import (
+    NAMED,
     ORACLE_GENERAL,
     ShareChoice,
     Trace,
@@ -241,8 +242,21 @@ def test_columns_pick_the_timestamp_and_key_of_any_csv_layout(tmp_path: Path):
     assert parse_trace(write(tmp_path, systor)).keys.tolist() == [4096, 8192]  # not field 2, its response times
     keys_named = parse_trace(write(tmp_path, "obj_id,size\na,1\nb,1\n"))  # a key and no time: keys only
     assert keys_named.keys.tolist() == ["a", "b"] and keys_named.timestamps is None
-    # Without names it knows, field 1 is the time and 2 the key.
+    # Without names it knows, field 1 is the time and 2 the key; a bare "id" is no key name (a request's own id in
+    # IBM's registry traces): a URL is the key beside it (h_diff).
     assert parse_trace(write(tmp_path, "when,what\n1,a\n2,b\n")).layout()["key_field"] == 2
+    by_url = parse_trace(write(tmp_path, "timestamp,url,id\n1704067200,/a,0\n1704067201,/a,1\n"))
+    assert by_url.keys.tolist() == ["/a", "/a"]
+    # A key name without a time name this reader knows: field 1 is still the time (Meta's op_time, a short "t").
+    for name in ("op_time", "t", "when"):
+        meta = parse_trace(write(tmp_path, f"{name},key,size\n1704067200,k1,9\n1704067260,k2,9\n"))
+        assert meta.timestamps.tolist() == [1704067200.0, 1704067260.0] and meta.keys.tolist() == ["k1", "k2"]
+    # pandas' index column before the names: they choose the fields after it
+    indexed = parse_trace(write(tmp_path, ",obj_id,timestamp\n0,a,1704067200\n1,b,1704067201\n"))
+    assert indexed.keys.tolist() == ["a", "b"] and indexed.timestamps.tolist() == [1704067200.0, 1704067201.0]
+    # One field named by the caller: the other still by the header's names, not field 1 or 2
+    for columns in (("Timestamp", NAMED), (1, NAMED)):
+        assert parse_trace(write(tmp_path, systor), columns=columns).keys.tolist() == [4096, 8192]
     for columns in [(1, 5), ("Timestamp", "Offset"), ("1", "5")]:
         trace = parse_trace(write(tmp_path, MSR), columns=columns)
         assert trace.keys.tolist() == [3154152960, 3154152961, 3154152960]
