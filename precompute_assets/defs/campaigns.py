@@ -37,7 +37,7 @@ from ..serving.connection import is_cluster
 from ..serving.keys import check_key, codec_for
 from ..serving.publish import delete_live_values, run_commands, write_live_values
 from ..serving.replication import confirm_replicas
-from ..storage.campaigns import DEFAULT_REFRESH_MARGIN, Campaign, CampaignRegistry
+from ..storage.campaigns import DEFAULT_REFRESH_MARGIN, LATEST_TIME, Campaign, CampaignRegistry
 from .config_checks import at_least, positive, refuse
 from .models import CTR_MODEL, approved_materializations
 from .resources import (
@@ -177,8 +177,8 @@ def cleanup_request(campaign: Campaign) -> dg.RunRequest:
 def expiry(campaign: Campaign, now: datetime, config: CampaignWarmingConfig) -> int:
     """Unix time at which the campaign's values expire: its end plus the grace, or the open-ended TTL (the
     registry lists such a campaign as due again before then)."""
-    if campaign.end_at is not None:
-        return int((campaign.end_at + timedelta(hours=config.grace_hours)).timestamp())
+    if campaign.end_at is not None:  # at most LATEST_TIME: a registry written before it was a limit may hold year 9999
+        return int(min(campaign.end_at, LATEST_TIME).timestamp() + config.grace_hours * 3600)
     return int((now + timedelta(days=config.open_ended_ttl_days)).timestamp())
 
 

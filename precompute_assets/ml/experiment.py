@@ -211,10 +211,13 @@ def arm_report(
         spread = np.abs(null[np.isfinite(null)])
         difference["value"] = value
         if len(spread):
-            half = float(np.quantile(spread, 1 - alpha))
-            difference["ci"] = [value - half, value + half]
             difference["p_value"] = float((1 + (spread >= abs(value) - 1e-12).sum()) / (1 + len(spread)))
-            difference["excludes_zero"] = bool(difference["p_value"] < alpha)  # the test, exact at any n_boot
+            difference["excludes_zero"] = bool(difference["p_value"] <= alpha)  # the test, exact at any n_boot
+            # The j-th largest distance: beyond it exactly when p_value <= alpha, so the interval and the verdict agree
+            j = math.floor(alpha * (1 + len(spread)) + 1e-9)
+            if j >= 1:
+                half = float(np.sort(spread)[::-1][j - 1])
+                difference["ci"] = [value - half, value + half]
     keys = {arm: per_arm[arm]["keys"] for arm in arms}
     total = sum(keys.values())
     srm: dict = {"keys": keys, "chi2": None, "p_value": None, "mismatch": False}

@@ -272,7 +272,9 @@ def _timestamp(value: Any, name: str, problems: list[str]) -> datetime | None:
         problems.append(f"{name} {value.isoformat()} is out of range in UTC")
         return None
     if utc >= LATEST_TIME:  # its expiry (end plus grace) would pass year 9999: every warming run failed
-        problems.append(f"{name} {value.isoformat()} is not before {LATEST_TIME:%Y}: leave end_at out for no end")
+        problems.append(
+            f"{name} {value.isoformat()} is not before {LATEST_TIME:%Y} in UTC: leave end_at out for no end"
+        )
         return None
     return utc
 

@@ -439,9 +439,15 @@ def test_a_warm_campaign_postponed_beyond_the_horizon_is_cold_in_the_cache_too(r
 def test_a_launch_or_end_past_2200_is_refused_not_a_warming_that_overflows(registry):
     """An end in year 9999 was accepted, and every warming run then failed with an OverflowError (h_camp)."""
     now = datetime.now(UTC)
-    with pytest.raises(CampaignError, match="end_at 9999-12-31T23:30:00\\+00:00 is not before 2200"):
+    with pytest.raises(CampaignError, match="end_at 9999-12-31T23:30:00\\+00:00 is not before 2200 in UTC"):
         far = datetime(9999, 12, 31, 23, 30, tzinfo=UTC)
         registry.register(unique("far"), "acme", now + HOUR, campaign_ads("far", 1), end_at=far)
+    # One registered before the limit (a row of year 9999) is warmed, its values expiring at the limit (h_diff).
+    from precompute_assets.defs.campaigns import CampaignWarmingConfig, expiry
+    from precompute_assets.storage.campaigns import LATEST_TIME
+
+    old = Campaign("c", "acme", now, far, 100.0, "active", 1, None, 7, now, 3)
+    assert expiry(old, now, CampaignWarmingConfig()) == int(LATEST_TIME.timestamp()) + 3600
 
 
 def test_only_a_revision_registered_after_its_end_asks_for_a_cleanup():
