@@ -71,7 +71,7 @@ def invalidate(
     elif not prefix:
         raise ValueError("an empty prefix would invalidate every key of the kind: use a version, or a real prefix")
     fenced = bump_epoch(client, kind, schema)
-    pointer = _current(client, kind, schema)
+    pointer, exact = _current_or_named(client, kind, schema)
     # The version the last flip replaced, in its grace: readers whose pointer is not refreshed yet read it, and
     # probation's settling hands its dropped keys' values over to the live tier (publish.settle_published).
     previous = _previous(client, kind, schema, pointer)
@@ -80,13 +80,18 @@ def invalidate(
         for version in (pointer, previous):
             if version is not None:
                 recorded = _record(client, schema, kind, version, f"k:{key}")
-                bucket = schema.bucket_for_key(kind, version, key)
-                removed = int(client.hdel(bucket, key))
+                # the key's bucket, or each bucket where a malformed pointer leaves the count unknown
+                whole = version is not pointer or exact
+                buckets = [schema.bucket_for_key(kind, version, key)] if whole else [
+                    schema.bucket(kind, version.version, index) for index in range(version.buckets)
+                ]  # fmt: skip
+                for bucket in buckets:
+                    removed = int(client.hdel(bucket, key))
+                    if removed:
+                        _record_if_emptied(client, schema, kind, version, bucket)
+                    fields += removed if version is pointer else 0
                 if not recorded:  # refused at maxmemory: the delete freed memory
                     _record(client, schema, kind, version, f"k:{key}")
-                if removed:
-                    _record_if_emptied(client, schema, kind, version, bucket)
-                fields += removed if version is pointer else 0
         live_keys = int(client.unlink(live_name))
         if not fenced:
             bump_epoch(client, kind, schema)
@@ -216,6 +221,12 @@ def _delete_in_batches(names: Iterable, delete: Callable[..., int]) -> int:
 
 def _drop_version(client: redis.Redis, kind: str, version: str, schema: KeySchema) -> Invalidated:
     pointer = _current(client, kind, schema)
+    raw = client.get(schema.pointer(kind)) if pointer is None else None
+    if raw is not None and _named_version(raw) == version:  # a malformed pointer that, repaired, serves it again
+        raise ValueError(
+            f"{kind} version {version} is named by the malformed current pointer {raw[:80]!r}: repair the pointer "
+            "or flip to another version first, or invalidate keys or a prefix"
+        )
     if pointer is not None and pointer.version == version:
         raise ValueError(
             f"{kind} version {version} is current: readers are on it; publish or flip to another version first, "
@@ -253,6 +264,38 @@ def _pointer_at(client: redis.Redis, name: str) -> Pointer | None:
 
 def _current(client: redis.Redis, kind: str, schema: KeySchema) -> Pointer | None:
     return _pointer_at(client, schema.pointer(kind))
+
+
+def _current_or_named(client: redis.Redis, kind: str, schema: KeySchema) -> tuple[Pointer | None, bool]:
+    """The current pointer and True; or, when it is malformed (``v1:abc``) but names a version, that version with
+    one bucket past the highest it has in Redis, and False: readers serve none of it now, but a repaired pointer
+    would serve it again, so an invalidation takes keys out of it too (from every bucket: its count is unknown)."""
+    raw = client.get(schema.pointer(kind))
+    if raw is None:
+        return None, True
+    try:
+        return Pointer.decode(raw), True
+    except (ValueError, UnicodeDecodeError):
+        pass
+    version = _named_version(raw)
+    if version is None:
+        return None, True
+    log.warning("%s: malformed pointer %r; invalidating in the version it names, %s", kind, raw[:80], version)
+    indexes = [
+        int(suffix)
+        for name in client.scan_iter(match=f"{glob_escape(schema.bucket(kind, version, ''))}*", count=SCAN_COUNT)
+        if (suffix := (name.decode() if isinstance(name, bytes) else name).rpartition(":")[2]).isdigit()
+    ]
+    return (Pointer(version, max(indexes) + 1), False) if indexes else (None, True)
+
+
+def _named_version(raw: bytes | str) -> str | None:
+    """The version a malformed pointer names (the text before its last ``:``), if it is a version name."""
+    try:
+        text = raw.decode() if isinstance(raw, bytes) else raw
+        return check_version(text.rpartition(":")[0])
+    except (ValueError, UnicodeDecodeError):
+        return None
 
 
 def _previous(client: redis.Redis, kind: str, schema: KeySchema, current: Pointer | None) -> Pointer | None:

@@ -32,15 +32,27 @@ def test_a_key_goes_from_the_current_version_and_the_live_tier(redis_client, sch
 
 
 def test_a_malformed_pointer_does_not_keep_live_values_from_an_invalidation(redis_client, schema):
-    publish(redis_client, schema, "ctr", "v1", ["a"])
+    """It raised, so nothing was invalidated; then it reached only the live values, and a repaired pointer served the
+    invalidated key of the version it names again (h_diff)."""
+    keys = [f"a{i}" for i in range(3 * KEYS_PER_BUCKET)]
+    publish(redis_client, schema, "ctr", "v1", keys)
+    good = redis_client.get(schema.pointer("ctr"))
     redis_client.set(schema.pointer("ctr"), b"v1:zero")  # readers take it for no version: they serve live values
-    redis_client.set(schema.live("ctr", "a"), b"\x00\x00\x00?")
-    redis_client.set(schema.live("ctr", "ab"), b"\x00\x00\x00?")
-    assert PredictionCache(redis_client, schema=schema).get("ctr", "a") == pytest.approx(0.5)
-    done = invalidate(redis_client, "ctr", key="a", schema=schema)
-    assert (done.fields, done.live_keys, done.version) == (0, 1, None)
-    assert PredictionCache(redis_client, schema=schema).get("ctr", "a") is None
-    assert invalidate(redis_client, "ctr", prefix="a", schema=schema).live_keys == 1
+    redis_client.set(schema.live("ctr", "a1"), b"\x00\x00\x00?")
+    redis_client.set(schema.live("ctr", "b"), b"\x00\x00\x00?")
+    assert PredictionCache(redis_client, schema=schema).get("ctr", "a1") == pytest.approx(0.5)
+    done = invalidate(redis_client, "ctr", key="a1", schema=schema)
+    assert (done.fields, done.live_keys, done.version) == (1, 1, "v1")
+    assert PredictionCache(redis_client, schema=schema).get("ctr", "a1") is None
+    with pytest.raises(ValueError, match="named by the malformed current pointer"):
+        invalidate(redis_client, "ctr", version="v1", schema=schema)
+    assert invalidate(redis_client, "ctr", prefix="a2", schema=schema).fields > 0
+    assert invalidate(redis_client, "ctr", prefix="b", schema=schema).live_keys == 1
+    redis_client.set(schema.pointer("ctr"), good)  # repaired: the invalidated keys stay out
+    cache = PredictionCache(redis_client, schema=schema)
+    assert cache.get("ctr", "a1") is None and cache.get("ctr", "a20") is None and cache.get("ctr", "a3") == 0.5
+    redis_client.set(schema.pointer("ctr"), b"no version here")  # names none: live values only, as before
+    assert invalidate(redis_client, "ctr", key="a3", schema=schema).version is None
 
 
 def test_keys_taken_out_of_the_current_version_give_probations_live_tier_their_slots_back(redis_client, schema):
