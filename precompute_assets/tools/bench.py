@@ -13,7 +13,7 @@ import numpy as np
 from ..serving import KeySchema, PredictionCache, QueryLogger, connect, publish_version
 from ..serving.stats import keys_memory
 from ..stack import running_version
-from .measure import percentile_us, timed
+from .measure import bare_get, percentile_us, timed
 
 
 def drop_namespace(client, schema: KeySchema) -> None:
@@ -23,8 +23,8 @@ def drop_namespace(client, schema: KeySchema) -> None:
 
 
 def bench_serve(redis_url: str, *, n_keys: int = 10_000, lookups: int = 50_000, seed: int = 0) -> dict:
-    """p50/p99 of ``PredictionCache.get`` with query logging on vs a bare redis-py GET of the same values,
-    and the query-event rate the logger sustains."""
+    """p50/p99 of ``PredictionCache.get`` with query logging on vs a bare GET of the same values on the same
+    transport (``send_pipelined``, as the cache sends its commands), and the query-event rate the logger sustains."""
     schema = KeySchema(f"bench{uuid.uuid4().hex[:8]}")
     admin = connect(redis_url, socket_timeout=10)
     keys = [f"ad{i:06d}" for i in range(n_keys)]
@@ -38,17 +38,17 @@ def bench_serve(redis_url: str, *, n_keys: int = 10_000, lookups: int = 50_000, 
     pipe.execute()
 
     cache = PredictionCache.from_url(redis_url, namespace=schema.namespace, socket_timeout=1.0)
-    raw = connect(redis_url, socket_timeout=1.0)
+    raw_get = bare_get(connect(redis_url, socket_timeout=1.0), raw_prefix)
     rng = random.Random(seed)
     sample = [keys[min(int(rng.paretovariate(1.0)) - 1, n_keys - 1)] for _ in range(lookups)]
     # Warm both connections, then interleave blocks so drift on a shared machine hits both alike.
     timed(lambda k: cache.get("ctr", k), sample[:2000])
-    timed(lambda k: raw.get(raw_prefix + k), sample[:2000])
+    timed(raw_get, sample[:2000])
     ours, bare = [], []
     for start in range(0, lookups, 1000):
         block = sample[start : start + 1000]
         ours += timed(lambda k: cache.get("ctr", k), block)
-        bare += timed(lambda k: raw.get(raw_prefix + k), block)
+        bare += timed(raw_get, block)
     cache.close()
     lookup_stats = cache.logger.stats
 
@@ -444,14 +444,15 @@ def bench_embed(
         pipe.execute()
         raw = connect(redis_url, socket_timeout=1.0)  # as the cache's connection
         cleanup.callback(raw.close)
+        raw_get = bare_get(raw, raw_prefix)
         # Both warmed alike, then the same ids in interleaved blocks: drift on a shared machine hits both alike
         timed(cache.get_embedding, ids[:1000])
-        timed(lambda doc_id: raw.get(raw_prefix + doc_id), ids[:1000])
+        timed(raw_get, ids[:1000])
         single, bare = [], []
         for start in range(0, 5000, 500):
             block = ids[start : start + 500]
             single += timed(cache.get_embedding, block)
-            bare += timed(lambda doc_id: raw.get(raw_prefix + doc_id), block)
+            bare += timed(raw_get, block)
         batches = [ids[i : i + 100] for i in range(0, 10_000, 100)]
         batch = timed(cache.get_embeddings, batches)
         recall = int8_recall(EmbeddingStore(db_url), store, embedder, n=2000)

@@ -22,3 +22,11 @@ def timed(fn: Callable[[str], object], keys: list[str]) -> list[int]:
         fn(key)
         out.append(clock() - start)
     return out
+
+
+def bare_get(client, prefix: str = "") -> Callable[[str], object]:
+    """A reference lookup: ``GET prefix+key`` on ``client`` through ``send_pipelined``, the transport the serving
+    client sends its own commands on (redis-py's ``get`` costs more per call, which made ours look better)."""
+    from ..serving.connection import send_pipelined
+
+    return lambda key: send_pipelined(client, [(b"GET", prefix + key)])[0]
