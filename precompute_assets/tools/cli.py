@@ -1528,8 +1528,23 @@ MAX_PROCESSES = 64
 
 
 def percentile_samples(text: str) -> int:
-    """An argparse type: a whole number of timed samples >= 100 (a p99 of fewer is one of the few it had)."""
-    return _whole_number(text, 100)
+    """An argparse type: a whole number of timed samples, 100 (a p99 of fewer is one of the few it had) to
+    ``MAX_BENCH_SIZE`` (two billion filled memory before a word)."""
+    return _whole_number(text, 100, MAX_BENCH_SIZE)
+
+
+def phase_seconds(text: str) -> int:
+    """An argparse type: seconds of a load phase, 1..``MAX_PHASE_S``."""
+    return _whole_number(text, 1, MAX_PHASE_S)
+
+
+def daemon_logins(text: str) -> int:
+    """An argparse type: logins timed through the daemon, 0..``MAX_DAEMON_LOGINS`` (each takes 5-15 s)."""
+    return _whole_number(text, 0, MAX_DAEMON_LOGINS)
+
+
+MAX_PHASE_S = 3600
+MAX_DAEMON_LOGINS = 100
 
 
 def non_negative_int(text: str) -> int:
@@ -1642,11 +1657,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--processes", type=client_processes, default=2, help="load: client processes (at most 64)")
     bench.add_argument(
         "--daemon-logins",
-        type=non_negative_int,
+        type=daemon_logins,
         default=0,
         help="events: logins also timed through a real dagster-daemon (about 5-15 s each; 0: none)",
     )
-    bench.add_argument("--seconds", type=positive_int, default=10, help="load: seconds per phase")
+    bench.add_argument("--seconds", type=phase_seconds, default=10, help="load: seconds per phase (at most 3600)")
     bench.add_argument("--docs", type=bench_size, default=1_000_000, help="embed: documents")
     bench.add_argument(
         "--queries", type=bench_size, default=10_000_000, help="graph: logged queries over 7 days (at least 7)"
@@ -1662,7 +1677,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seed", type=non_negative_int, default=0, help="demand: synthetic counts")
     bench.add_argument("--lookups", type=percentile_samples, default=50_000,
                        help="serve, admission: lookups timed (50,000; at least 100, for a p99)")  # fmt: skip
-    bench.add_argument("--capacity", type=positive_int, help="admission: probation's keys (default: a tenth of --keys)")
+    bench.add_argument("--capacity", type=bench_size, help="admission: probation's keys (default: a tenth of --keys)")
     bench.set_defaults(fn=cmd_bench)
     docs = sub.add_parser(
         "docs", help="the document store: load a file, list a load's quarantined rows, generate documents"

@@ -56,7 +56,12 @@ def test_benchmark_sizes_and_processes_are_bounded_in_one_line(capsys):
     for argv, says in [(["bench", "load", "--processes", "65"], "--processes: must be at most 64, got 65"),
                        (["bench", "publish", "--n", "100000001"], "--n: must be at most 100000000"),
                        (["bench", "embed", "--docs", "1e9"], "--docs: expected a whole number"),
-                       (["docs", "generate", "--n", "100000001"], "--n: must be at most 100000000")]:  # fmt: skip
+                       (["docs", "generate", "--n", "100000001"], "--n: must be at most 100000000"),
+                       # a list of two billion lookups filled memory; 1e20 seconds was an OverflowError traceback
+                       (["bench", "serve", "--lookups", "2000000000"], "--lookups: must be at most 100000000"),
+                       (["bench", "load", "--seconds", "100000"], "--seconds: must be at most 3600"),
+                       (["bench", "events", "--daemon-logins", "101"], "--daemon-logins: must be at most 100"),
+                       (["bench", "admission", "--capacity", "100000001"], "--capacity: must be")]:  # fmt: skip
         with pytest.raises(SystemExit) as usage:
             main(argv)
         err = capsys.readouterr().err
