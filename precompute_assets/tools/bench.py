@@ -349,9 +349,11 @@ def bench_graph(
     assets = defs.resolve_job_def(refresh_precompute_job.name).asset_layer.executable_asset_keys
     # Each N publishes into a namespace of its own: with fewer ads than N, two selections predict the same ads, and
     # the second publish would find its version current and write nothing.
-    namespaces = [RedisResource(url=redis_url, namespace=f"bench{uuid.uuid4().hex[:6]}") for _ in top_ns]
+    namespaces = [RedisResource(url=redis_url, namespace=f"bench{uuid.uuid4().hex[:6]}") for _ in [None, *top_ns]]
     with dg.instance_for_test() as instance:
-        for top_n, namespace in zip(top_ns, namespaces, strict=True):
+        # A first run untimed, as the floor's first scan: the graph's one-time costs (imports, first use) made the
+        # first timed N look slower than the next (ctr_model 3.7 s against 1.7 s, h_bench)
+        for top_n, namespace in zip([top_ns[0], *top_ns], namespaces, strict=True):
             result = dg.materialize(
                 [spec for spec in defs.assets if getattr(spec, "keys", None) and spec.keys & assets],
                 resources={**resources, "redis": namespace},
@@ -363,6 +365,8 @@ def bench_graph(
             if not result.success:
                 failure = _run_failure(result)
                 break
+            if namespace is namespaces[0]:
+                continue  # the warm-up
             steps = {
                 s.step_key: round(s.end_time - s.start_time, 2) for s in instance.get_run_step_stats(result.run_id)
             }
