@@ -190,9 +190,14 @@ class Pointer:
         """Parse ``version:buckets``; ``ValueError`` when it is malformed."""
         text = raw.decode() if isinstance(raw, bytes) else raw
         version, _, buckets = text.rpartition(":")
-        if not (buckets.isascii() and buckets.isdigit()) or int(buckets) < 1:
-            raise ValueError(f"malformed pointer {text[:80]!r}: expected version:buckets")
+        if not (buckets.isascii() and buckets.isdigit()) or not 1 <= int(buckets) <= MAX_BUCKETS:
+            raise ValueError(f"malformed pointer {text[:80]!r}: expected version:buckets (1 to {MAX_BUCKETS})")
         return cls(check_version(version), int(buckets))
+
+
+# Buckets of one version at most (a billion keys at 64 a bucket): a pointer naming more is malformed, not a version
+# whose buckets ``cache stats`` and ``cache invalidate --prefix`` would walk for hours (v1:4000000000 did)
+MAX_BUCKETS = 1 << 24
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ from .connection import REDIS_ERRORS, cluster_send, follow_primary, is_cluster, 
 from .events import evicted_since, restarted_since, server_mark
 from .invalidate import INVALIDATED_MIN_TTL_S, Invalidations, bump_epoch, invalidations
 from .keys import (
+    MAX_BUCKETS,
     Codec,
     Experiment,
     Float32Codec,
@@ -84,8 +85,13 @@ class PublishResult:
 
 
 def bucket_count(n_keys: int, keys_per_bucket: int = KEYS_PER_BUCKET) -> int:
-    """How many hash buckets a version of ``n_keys`` keys gets."""
-    return max(1, math.ceil(n_keys / keys_per_bucket))
+    """How many hash buckets a version of ``n_keys`` keys gets; ``ValueError`` past ``MAX_BUCKETS``."""
+    buckets = max(1, math.ceil(n_keys / keys_per_bucket))
+    if buckets > MAX_BUCKETS:
+        raise ValueError(
+            f"{n_keys} keys is more than one version holds ({MAX_BUCKETS * keys_per_bucket}): split the kind"
+        )
+    return buckets
 
 
 def publish_version(

@@ -150,7 +150,9 @@ def test_namespaces_that_could_collide_are_refused(namespace):
         KeySchema(namespace)
 
 
-@pytest.mark.parametrize("raw", [b"v1", b"v1:x", b"v1:0", b"live:3", b"v:1:2", b":4", b"v1:\xc2\xb2"])
+@pytest.mark.parametrize("raw", [b"v1", b"v1:x", b"v1:0", b"live:3", b"v:1:2", b":4", b"v1:\xc2\xb2", b"v1:4000000000"])
 def test_malformed_pointers_are_refused(raw):
+    """v1:4000000000 was a version whose buckets cache stats and invalidate --prefix walked for hours (h_diff)."""
     with pytest.raises(ValueError):
         Pointer.decode(raw)
+    assert Pointer.decode(b"v1:16777216").buckets == 16777216  # MAX_BUCKETS: a billion keys
