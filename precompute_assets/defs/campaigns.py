@@ -35,7 +35,7 @@ from ..ml.budget import DEFAULT_DRAWS, DEFAULT_PRIOR_STRENGTH, thompson_split
 from ..serving import KeySchema
 from ..serving.connection import is_cluster
 from ..serving.keys import check_key, codec_for
-from ..serving.publish import delete_live_values, run_commands, write_live_values
+from ..serving.publish import InvalidatedMeanwhile, delete_live_values, read_epoch, run_commands, write_live_values
 from ..serving.replication import confirm_replicas
 from ..storage.campaigns import DEFAULT_REFRESH_MARGIN, LATEST_TIME, Campaign, CampaignRegistry
 from .config_checks import at_least, positive, refuse
@@ -148,8 +148,8 @@ def postponed(campaign: Campaign, now: datetime, horizon: timedelta) -> bool:
 def still_cached(
     context: dg.SensorEvaluationContext, redis: RedisResource, campaigns: list[Campaign]
 ) -> list[Campaign]:
-    """Those of ``campaigns`` whose budget split is in Redis (one pipelined ``EXISTS`` each); all of them when Redis
-    does not answer (a cleanup of nothing is harmless)."""
+    """Those of ``campaigns`` whose budget split (written last by a warming) is in Redis, one pipelined ``EXISTS``
+    each; all of them when Redis does not answer (a cleanup of nothing is harmless)."""
     if not campaigns:
         return []
 
@@ -316,6 +316,9 @@ def campaign_ctr(
             allow_retries=False,
         )
     if reason is None:
+        client, schema = redis.client(), redis.schema()
+        # Fenced as get_or_compute's stores are: CTRs scored before an invalidation of ctr are not written after it
+        epoch = read_epoch(client, schema, "ctr")
         version = approved_model_version(context.instance)
         model = model_store.store().load(CTR_MODEL, version)
         frame, skipped = ctr.score_ads(model, ads, ads["ad_id"].tolist())
@@ -325,7 +328,6 @@ def campaign_ctr(
             )
         if skipped:
             context.log.warning(f"{len(skipped)} ads could not be scored (readers compute them live): {skipped[:5]}")
-        client, schema = redis.client(), redis.schema()
         items = zip(frame["ad_id"].tolist(), frame["ctr"].tolist(), strict=True)
         # A changed campaign's budget split is its last revision's, over ads it may no longer have: it goes with the
         # new CTRs, so readers never get one with the other (campaign_budget writes the new split next). On Redis
@@ -335,7 +337,15 @@ def campaign_ctr(
         # extended where another live campaign has the ad too).
         own = own_ads(registry, campaign, set(frame["ad_id"]), now)
         with failing_clearly_when_full(client, f"campaign {campaign.campaign_id} not warmed", LIVE_MEANWHILE):
-            write_live_values(client, "ctr", items, expire_at=expire_at, schema=schema, also=stale, exact=own)
+            try:
+                write_live_values(
+                    client, "ctr", items, expire_at=expire_at, schema=schema, also=stale, exact=own, epoch=epoch
+                )
+            except InvalidatedMeanwhile as error:  # retried by the policy: scored again after the invalidation
+                raise dg.Failure(
+                    description=f"campaign {campaign.campaign_id} not warmed: ctr was invalidated while its ads were "
+                    f"scored ({error}); a retry scores them again"
+                ) from None
         latest = registry.get(campaign.campaign_id)
         if latest is None or latest.status != "active":
             # cancelled while we scored: its cleanup run may have come first, so take our writes back here
@@ -682,6 +692,8 @@ def campaign_launch_sensor(
         launched = {run.tags.get(RUN_KEY_TAG) for run in runs}
         fresh = [c for c in fresh if warming_run_key(c) not in launched]
     cancelled = [c for c in changed if c.status == "cancelled" or ended_when_registered(c)]
+    if context.cursor is None:  # a first tick reads every change ever made: only those whose values are still there
+        cancelled = still_cached(context, redis, cancelled)
     # a changed campaign that now launches beyond the horizon: cold, so its last revision's values go
     cancelled += still_cached(context, redis, [c for c in changed if c.revision > 1 and postponed(c, now, horizon)])
     requested = {c.campaign_id for c in fresh}

@@ -450,6 +450,24 @@ def test_a_launch_or_end_past_2200_is_refused_not_a_warming_that_overflows(regis
     assert expiry(old, now, CampaignWarmingConfig()) == int(LATEST_TIME.timestamp()) + 3600
 
 
+def test_a_first_tick_cleans_up_only_the_cancelled_campaigns_whose_values_are_still_there(
+    registry, resources, instance, cache
+):
+    """A tick without a cursor (a new instance, a reset sensor) reads every change ever made, and requested a cleanup
+    run for every campaign ever cancelled: runs for nothing, in the warming slots (h_camp)."""
+    now = datetime.now(UTC)
+    warmed, never = unique("gone-warm"), unique("gone-cold")
+    for campaign_id in (warmed, never):
+        registry.register(campaign_id, "acme", now + HOUR, campaign_ads(campaign_id, 2))
+    instance.add_dynamic_partitions(CAMPAIGNS.name, [warmed])
+    assert warm(instance, resources, warmed).success
+    registry.cancel(warmed)
+    registry.cancel(never)
+    first = tick(instance, resources["campaign_registry"], redis=resources["redis"])
+    cleanups = {r.tags.get("precompute/campaign") for r in first.run_requests if r.job_name == "campaign_cleanup_job"}
+    assert warmed in cleanups and never not in cleanups
+
+
 def test_only_a_revision_registered_after_its_end_asks_for_a_cleanup():
     """A campaign that ended on its own keeps no value past its end and grace: a cleanup of each one ever ended, on a
     new instance's first tick (which reads every change), would be runs for nothing."""
@@ -927,6 +945,35 @@ def test_redis_down_fails_the_run_after_retries_then_the_backstop_warms_it(
     reader.close()
 
 
+def test_ctrs_scored_before_an_invalidation_of_ctr_are_not_written_after_it(
+    registry, resources, instance, cache, redis_client, schema, monkeypatch
+):
+    """Campaign warming wrote CTRs it had scored before a `cache invalidate` of ctr, after it, for the campaign's
+    whole life (h_camp): its write is fenced by the kind's epoch, as get_or_compute's and task runs' are."""
+    from precompute_assets.defs import campaigns as campaigns_module
+    from precompute_assets.serving.invalidate import bump_epoch
+
+    monkeypatch.setattr(campaign_ctr.op, "_retry_policy", None)  # one attempt: the retry would score again
+    real_score = campaigns_module.ctr.score_ads
+
+    def invalidated_while_scoring(*args, **kwargs):
+        bump_epoch(redis_client, "ctr", schema)  # what `cache invalidate --kind ctr ...` does first
+        return real_score(*args, **kwargs)
+
+    monkeypatch.setattr(campaigns_module.ctr, "score_ads", invalidated_while_scoring)
+    campaign_id = unique("fenced")
+    ads = campaign_ads(campaign_id, 3)
+    registry.register(campaign_id, "acme", datetime.now(UTC) + HOUR, ads)
+    instance.add_dynamic_partitions(CAMPAIGNS.name, [campaign_id])
+    run = warm(instance, resources, campaign_id, raise_on_error=False)
+    assert not run.success and cache.get_many("ctr", [ad["ad_id"] for ad in ads]) == [None] * 3
+    (failure,) = [e for e in run.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE]
+    assert "ctr was invalidated while its ads were scored" in failure.step_failure_data.user_failure_data.description
+    monkeypatch.setattr(campaigns_module.ctr, "score_ads", real_score)
+    assert warm(instance, resources, campaign_id).success  # scored after it: written
+    assert None not in cache.get_many("ctr", [ad["ad_id"] for ad in ads])
+
+
 def test_a_full_redis_fails_warming_in_one_line_naming_maxmemory(
     registry, resources, instance, redis_server, schema, monkeypatch
 ):
@@ -1038,9 +1085,14 @@ def test_a_campaign_at_the_ad_cap_is_one_bounded_transaction_and_readers_see_all
     ad_list = campaign_ads(campaign_id, MAX_ADS)
     registry.register(campaign_id, "acme", datetime.now(UTC) + HOUR, ad_list)
     instance.add_dynamic_partitions(CAMPAIGNS.name, [campaign_id])
-    transactions, transact = [], publish.transact_per_slot
+    transactions, transact, fenced = [], publish.transact_per_slot, publish._fenced_transaction
     monkeypatch.setattr(publish, "transact_per_slot", lambda c, commands: transactions.append(commands) or
                         transact(c, commands))  # fmt: skip
+    monkeypatch.setattr(
+        publish,
+        "_fenced_transaction",
+        lambda c, name, epoch, commands: transactions.append(commands) or fenced(c, name, epoch, commands),
+    )  # fmt: skip  (the write WATCHes ctr's epoch)
     names = [schema.live("ctr", ad["ad_id"]) for ad in ad_list]
     seen, done = set(), threading.Event()
 
@@ -1095,9 +1147,14 @@ def test_the_cleanup_of_a_campaign_over_the_ad_cap_deletes_in_transactions_of_th
     instance.add_dynamic_partitions(CAMPAIGNS.name, [campaign_id])
     assert warm(instance, resources, campaign_id).success  # under the default cap of 10,000
     registry.cancel(campaign_id)
-    transactions, transact = [], publish.transact_per_slot
+    transactions, transact, fenced = [], publish.transact_per_slot, publish._fenced_transaction
     monkeypatch.setattr(publish, "transact_per_slot", lambda c, commands: transactions.append(commands) or
                         transact(c, commands))  # fmt: skip
+    monkeypatch.setattr(
+        publish,
+        "_fenced_transaction",
+        lambda c, name, epoch, commands: transactions.append(commands) or fenced(c, name, epoch, commands),
+    )  # fmt: skip  (the write WATCHes ctr's epoch)
     capped = {**resources, "campaign_registry": CampaignRegistryResource(url=app_db, max_ads=2)}
     run_config = {"ops": {"remove_campaign": {"config": {"campaign_id": campaign_id}}}}
     assert campaign_cleanup_job.execute_in_process(run_config=run_config, instance=instance, resources=capped).success
