@@ -255,19 +255,35 @@ def remove_campaign_values(
     """Delete a campaign's budget and the CTRs of its ads that no other live campaign of its tenant still has, in
     one transaction, or in transactions of ``registry.max_ads`` keys for a campaign with more ads than that
     (registered before the cap, or under a higher one); returns how many keys existed."""
-    ads = own_ads(registry, campaign, set(registry.ads(campaign.campaign_id)["ad_id"]), now)
+    ads = set(registry.ads(campaign.campaign_id)["ad_id"])
+    shared = registry.shared_ads(campaign, ads, now)
+    # Its own ads, and those another live campaign gives other features: the value may be this campaign's, and its
+    # deletion has the other campaign warmed again (lost_campaigns) with its own
+    gone = {ad for ad in ads if ad not in shared or not shared[ad].same_features}
     # an ad registered before ids with braces were refused was never warmed (score_ads skips it): it has no key
-    keys = [("ctr", ad_id) for ad_id in sorted(ads) if _is_cache_key(ad_id)] + [("budget", campaign.campaign_id)]
+    keys = [("ctr", ad_id) for ad_id in sorted(gone) if _is_cache_key(ad_id)] + [("budget", campaign.campaign_id)]
     # One transaction of all of them would hold Redis as long as the warming the cap refuses; a cleanup cut off
     # between batches is run again by its retries or the backstop, and deleting a deleted key is harmless.
     batch = len(keys) if len(ads) <= registry.max_ads else registry.max_ads
     return sum(delete_live_values(client, keys[i : i + batch], schema=schema) for i in range(0, len(keys), batch))
 
 
-def own_ads(registry: CampaignRegistry, campaign: Campaign, ads: set[str], now: datetime) -> set[str]:
-    """Of ``ads`` (the campaign's), those no other live campaign of its tenant has: their values are the campaign's
-    alone, to delete with it or to expire at its end."""
-    return ads - registry.shared_ads(campaign, ads, now)
+def exact_expiries(
+    registry: CampaignRegistry, campaign: Campaign, ads: set[str], now: datetime, expire_at: int
+) -> dict[str, int]:
+    """When each of ``ads`` (the campaign's) expires, written whatever its expiry was (``write_live_values``' exact):
+    ``expire_at`` for an ad no other live campaign of its tenant has, else the later of it and the other campaigns'
+    warm values' expiry. An ad another campaign holds warm without a recorded expiry is left out (its expiry is only
+    ever extended). Before, a shared ad's expiry was only ever extended: an end moved earlier kept the old one."""
+    shared = registry.shared_ads(campaign, ads, now)
+    out = {}
+    for ad in ads:
+        other = shared.get(ad)
+        if other is None or other.until is None:
+            out[ad] = expire_at
+        elif not other.unknown:
+            out[ad] = max(expire_at, int(other.until.timestamp()))
+    return out
 
 
 def _is_cache_key(key: str) -> bool:
@@ -333,13 +349,12 @@ def campaign_ctr(
         # new CTRs, so readers never get one with the other (campaign_budget writes the new split next). On Redis
         # Cluster, per slot (see transact_per_slot): readers may get both for the length of the write.
         stale = [] if campaign.warm_revision == campaign.revision else [(b"DEL", budget_key(schema, campaign))]
-        # A revision whose end moved earlier: its own ads' values expire at the new end (an expiry is only ever
-        # extended where another live campaign has the ad too).
-        own = own_ads(registry, campaign, set(frame["ad_id"]), now)
+        # A revision whose end moved earlier: its ads' values expire at the new end, or at another live campaign's
+        exact = exact_expiries(registry, campaign, set(frame["ad_id"]), now, expire_at)
         with failing_clearly_when_full(client, f"campaign {campaign.campaign_id} not warmed", LIVE_MEANWHILE):
             try:
                 write_live_values(
-                    client, "ctr", items, expire_at=expire_at, schema=schema, also=stale, exact=own, epoch=epoch
+                    client, "ctr", items, expire_at=expire_at, schema=schema, also=stale, exact=exact, epoch=epoch
                 )
             except InvalidatedMeanwhile as error:  # retried by the policy: scored again after the invalidation
                 raise dg.Failure(

@@ -22,7 +22,7 @@ import queue
 import threading
 import time
 import weakref
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -1230,14 +1230,14 @@ def write_live_values(
     expire_at: int | None,
     schema: KeySchema | None = None,
     also: Sequence[tuple[bytes, ...]] = (),
-    exact: Collection[str] = (),
+    exact: Mapping[str, int] | None = None,
     epoch: bytes | None = None,
 ) -> int:
     """Write ``items`` as live values of ``kind`` (``{kind}:live:{key}``), each expiring at the Unix time
     ``expire_at`` or later if it already lived longer (None: no expiry), in one MULTI/EXEC transaction with the
-    single-key commands ``also`` (a ``DEL`` of what the values make stale); returns how many were written. The keys in
-    ``exact`` expire at ``expire_at`` whatever their expiry was: earlier too (a campaign whose end moved earlier, for
-    the ads no other campaign holds).
+    single-key commands ``also`` (a ``DEL`` of what the values make stale); returns how many were written. A key in
+    ``exact`` (key -> Unix time) expires at its time whatever its expiry was: earlier too (a campaign whose end moved
+    earlier).
 
     Readers see all of them or none; a later publish of a version leaves them in place (readers fall back to
     live values for keys the published version lacks). On Redis Cluster a transaction cannot span the slots
@@ -1265,8 +1265,8 @@ def write_live_values(
         if when is None:
             commands.append((b"SET", name, value))
             continue
-        if key in exact:
-            commands.append((b"SET", name, value, b"EXAT", when))
+        if exact and key in exact:
+            commands.append((b"SET", name, value, b"EXAT", b"%d" % int(exact[key])))
             continue
         # A key shared by several campaigns lives until the latest of their ends: set the expiry where there is
         # none (a new key), extend it where it is earlier, never shorten it (Redis 7+: EXPIREAT NX / GT).

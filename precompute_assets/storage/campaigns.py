@@ -120,6 +120,15 @@ _WARM = (
 )
 
 
+@dataclass(frozen=True)
+class SharedAd:
+    """An ad that other live campaigns of the tenant hold too (``CampaignRegistry.shared_ads``)."""
+
+    until: datetime | None  # the latest expiry of their warm values (None: none of them is warm)
+    unknown: bool  # one of them is warm without a recorded expiry (a registry from before ``warm_until``)
+    same_features: bool  # every one of them gives the ad the features this campaign gives it
+
+
 class CampaignError(ValueError):
     """A registration, batch or cancellation refused; the message names each campaign and every bad ad.
 
@@ -805,20 +814,26 @@ class CampaignRegistry:
             frame[column] = frame[column].astype(object)
         return frame
 
-    def shared_ads(self, campaign: Campaign, ad_ids: Collection[str], now: datetime) -> set[str]:
-        """Of ``ad_ids``, those another active campaign of ``campaign``'s tenant has that has not ended by ``now``:
-        one indexed query, whatever the number of the tenant's campaigns."""
+    def shared_ads(self, campaign: Campaign, ad_ids: Collection[str], now: datetime) -> dict[str, SharedAd]:
+        """Of ``ad_ids``, those another active campaign of ``campaign``'s tenant has that has not ended by ``now``, with
+        what those campaigns wrote for it (``SharedAd``): one indexed query, whatever the number of the tenant's
+        campaigns."""
         if not ad_ids:
-            return set()
+            return {}
         with transaction(self.url) as conn, conn.cursor() as cur:
             cur.execute(
-                "SELECT DISTINCT a.ad_id FROM campaign_ads a JOIN campaigns c USING (campaign_id)"
+                "SELECT a.ad_id,"
+                " max(c.warm_until) FILTER (WHERE c.warm_revision = c.revision),"
+                " bool_or(c.warm_revision = c.revision AND c.warm_until IS NULL),"
+                " bool_and(a.features = mine.features)"
+                " FROM campaign_ads a JOIN campaigns c USING (campaign_id)"
+                " LEFT JOIN campaign_ads mine ON mine.campaign_id = %(id)s AND mine.ad_id = a.ad_id"
                 " WHERE a.ad_id = ANY(%(ads)s) AND c.campaign_id <> %(id)s AND c.tenant_id = %(tenant)s"
-                " AND c.status = 'active' AND (c.end_at IS NULL OR c.end_at > %(now)s)",
+                " AND c.status = 'active' AND (c.end_at IS NULL OR c.end_at > %(now)s) GROUP BY a.ad_id",
                 {"ads": sorted(ad_ids), "id": campaign.campaign_id, "tenant": campaign.tenant_id,
                  "now": _aware_now(now)},
             )  # fmt: skip
-            return {row[0] for row in cur.fetchall()}
+            return {ad: SharedAd(until, bool(unknown), bool(same)) for ad, until, unknown, same in cur.fetchall()}
 
     def list(self, *, tenant_id: str | None = None, status: str | None = None) -> list[Campaign]:
         """Campaigns by launch time (then id), optionally of one tenant and/or one status."""

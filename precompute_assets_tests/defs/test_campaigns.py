@@ -381,6 +381,43 @@ def test_an_end_moved_earlier_shortens_the_campaigns_own_values_not_those_anothe
     assert [round(hours_left(ad)) for ad in ads[1:]] == [6, 6]  # the new end and the 1 h grace
     assert round(hours_left(ads[0])) == 97  # the other campaign's end holds the shared ad
     assert round(redis_client.ttl(schema.live("budget", moved)) / 3600) == 6
+    # The other way round (h_camp): the other campaign ends sooner than the moved one's old end, so the shared ad
+    # expires at the later of the two ends now, not at the old end it had been extended to.
+    registry.register(moved, "acme", now + HOUR, ads, end_at=now + 120 * HOUR)  # revision 3: the shared ad to 121 h
+    assert warm(instance, resources, moved).success and round(hours_left(ads[0])) == 121
+    registry.register(moved, "acme", now + HOUR, ads, end_at=now + 5 * HOUR)  # revision 4: back to 5 hours
+    assert warm(instance, resources, moved).success
+    assert round(hours_left(ads[0])) == 97 and [round(hours_left(ad)) for ad in ads[1:]] == [6, 6]
+
+
+def test_a_cancelled_campaign_that_gave_a_shared_ad_other_features_leaves_no_value_of_its_own(
+    registry, resources, instance, cache, redis_client, schema
+):
+    """Two live campaigns gave one ad different features; the one warmed last wrote its CTR, and once it was cancelled
+    its value stayed, for its own long expiry (h_camp). Its cleanup now deletes such an ad, and the other campaign,
+    whose value is then gone, is warmed again at once."""
+    now = datetime.now(UTC)
+    kept, cancelled = unique("kept"), unique("dropped")
+    ad = campaign_ads(kept, 1)[0]
+    registry.register(kept, "acme", now + HOUR, [{**ad, "quality": 0.95}], end_at=now + 5 * HOUR)
+    registry.register(cancelled, "acme", now + HOUR, [{**ad, "quality": 0.05}], end_at=now + 72 * HOUR)
+    first = tick(instance, resources["campaign_registry"], redis=resources["redis"])
+    add_partitions(instance, first)
+    assert warm(instance, resources, kept).success
+    kept_value = cache.get("ctr", ad["ad_id"])
+    assert warm(instance, resources, cancelled).success and cache.get("ctr", ad["ad_id"]) != kept_value
+    registry.cancel(cancelled)
+    later = tick(instance, resources["campaign_registry"], first.cursor, redis=resources["redis"])
+    (cleanup,) = [r for r in later.run_requests if r.tags.get("precompute/campaign") == cancelled]
+    assert campaign_cleanup_job.execute_in_process(
+        run_config=cleanup.run_config, instance=instance, resources=resources
+    ).success
+    assert cache.get("ctr", ad["ad_id"]) is None  # not the cancelled campaign's value
+    again = tick(instance, resources["campaign_registry"], later.cursor, redis=resources["redis"])
+    (rewarm,) = [r for r in again.run_requests if r.partition_key == kept]
+    assert warm(instance, resources, rewarm.partition_key).success
+    assert cache.get("ctr", ad["ad_id"]) == pytest.approx(kept_value)
+    assert round(redis_client.ttl(schema.live("ctr", ad["ad_id"])) / 3600) == 6  # its own end and grace
 
 
 def test_a_campaign_registered_again_with_an_end_that_has_passed_is_removed(

@@ -268,10 +268,15 @@ def test_shared_ads_are_those_of_the_tenants_other_live_campaigns(registry):
     registry.register("c", "acme", LAUNCH, ads("x2"), end_at=LAUNCH + timedelta(hours=1), now=NOW)
     registry.register("d", "acme", LAUNCH, ads("x3"), now=NOW)
     registry.cancel("d")
+    registry.register("e", "acme", LAUNCH, [ad("x4", quality=0.9)], now=NOW)  # other features for x4
+    registry.mark_warm("b", 1, warm_until=LAUNCH + timedelta(hours=30))
     a = registry.get("a")
-    assert registry.shared_ads(a, {"x1", "x2", "x3", "x4"}, NOW) == {"x1", "x2"}  # not d (cancelled)
-    assert registry.shared_ads(a, {"x1", "x2", "x3", "x4"}, LAUNCH + timedelta(hours=2)) == {"x1"}  # c has ended
-    assert registry.shared_ads(a, set(), NOW) == set() and registry.shared_ads(registry.get("b"), {"y1"}, NOW) == set()
+    shared = registry.shared_ads(a, {"x1", "x2", "x3", "x4"}, NOW)
+    assert set(shared) == {"x1", "x2", "x4"}  # not d (cancelled)
+    assert shared["x1"].until == LAUNCH + timedelta(hours=30) and shared["x2"].until is None  # b warm, c cold
+    assert [shared[x].same_features for x in ("x1", "x2", "x4")] == [True, True, False]
+    assert set(registry.shared_ads(a, {"x1", "x2", "x3"}, LAUNCH + timedelta(hours=2))) == {"x1"}  # c has ended
+    assert registry.shared_ads(a, set(), NOW) == {} and registry.shared_ads(registry.get("b"), {"y1"}, NOW) == {}
 
 
 def test_register_campaign_launch_uses_the_deployments_feature_set(app_db, monkeypatch):
