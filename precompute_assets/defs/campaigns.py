@@ -182,6 +182,7 @@ def expiry(campaign: Campaign, now: datetime, config: CampaignWarmingConfig) -> 
     return int((now + timedelta(days=config.open_ended_ttl_days)).timestamp())
 
 
+WARMING_ATTEMPTS = 3  # scorings of a warming run while the ctr epoch moves (invalidations, other cleanups)
 MAX_GRACE_HOURS = 8760  # a year: more made the expiry a datetime past year 9999 (an OverflowError traceback)
 MAX_OPEN_ENDED_TTL_DAYS = 3650
 
@@ -279,7 +280,7 @@ def exact_expiries(
     out = {}
     for ad in ads:
         other = shared.get(ad)
-        if other is None or other.until is None:
+        if other is None or (other.until is None and not other.unknown):
             out[ad] = expire_at
         elif not other.unknown:
             out[ad] = max(expire_at, int(other.until.timestamp()))
@@ -333,34 +334,41 @@ def campaign_ctr(
         )
     if reason is None:
         client, schema = redis.client(), redis.schema()
-        # Fenced as get_or_compute's stores are: CTRs scored before an invalidation of ctr are not written after it
-        epoch = read_epoch(client, schema, "ctr")
         version = approved_model_version(context.instance)
         model = model_store.store().load(CTR_MODEL, version)
-        frame, skipped = ctr.score_ads(model, ads, ads["ad_id"].tolist())
-        if frame.empty:
-            raise dg.Failure(
-                description=f"none of the {len(ads)} ads of {campaign.campaign_id} could be scored", allow_retries=False
-            )
-        if skipped:
-            context.log.warning(f"{len(skipped)} ads could not be scored (readers compute them live): {skipped[:5]}")
-        items = zip(frame["ad_id"].tolist(), frame["ctr"].tolist(), strict=True)
         # A changed campaign's budget split is its last revision's, over ads it may no longer have: it goes with the
         # new CTRs, so readers never get one with the other (campaign_budget writes the new split next). On Redis
         # Cluster, per slot (see transact_per_slot): readers may get both for the length of the write.
         stale = [] if campaign.warm_revision == campaign.revision else [(b"DEL", budget_key(schema, campaign))]
-        # A revision whose end moved earlier: its ads' values expire at the new end, or at another live campaign's
-        exact = exact_expiries(registry, campaign, set(frame["ad_id"]), now, expire_at)
-        with failing_clearly_when_full(client, f"campaign {campaign.campaign_id} not warmed", LIVE_MEANWHILE):
-            try:
-                write_live_values(
-                    client, "ctr", items, expire_at=expire_at, schema=schema, also=stale, exact=exact, epoch=epoch
-                )
-            except InvalidatedMeanwhile as error:  # retried by the policy: scored again after the invalidation
+        # Fenced as get_or_compute's stores are: CTRs scored before an invalidation of ctr are not written after it.
+        # The epoch also moves when another campaign's cleanup deletes its values: scored again, a few times here.
+        for attempt in range(1, WARMING_ATTEMPTS + 1):
+            epoch = read_epoch(client, schema, "ctr")
+            frame, skipped = ctr.score_ads(model, ads, ads["ad_id"].tolist())
+            if frame.empty:
                 raise dg.Failure(
-                    description=f"campaign {campaign.campaign_id} not warmed: ctr was invalidated while its ads were "
-                    f"scored ({error}); a retry scores them again"
-                ) from None
+                    description=f"none of the {len(ads)} ads of {campaign.campaign_id} could be scored",
+                    allow_retries=False,
+                )
+            items = zip(frame["ad_id"].tolist(), frame["ctr"].tolist(), strict=True)
+            # A revision whose end moved earlier: its ads' values expire at the new end, or at another live campaign's
+            exact = exact_expiries(registry, campaign, set(frame["ad_id"]), now, expire_at)
+            with failing_clearly_when_full(client, f"campaign {campaign.campaign_id} not warmed", LIVE_MEANWHILE):
+                try:
+                    write_live_values(
+                        client, "ctr", items, expire_at=expire_at, schema=schema, also=stale, exact=exact, epoch=epoch
+                    )
+                    break
+                except InvalidatedMeanwhile:
+                    context.log.warning(f"ctr was invalidated while the ads of {campaign.campaign_id} were scored "
+                                        f"(attempt {attempt} of {WARMING_ATTEMPTS}): nothing written")  # fmt: skip
+        else:
+            raise dg.Failure(  # retried by the policy
+                description=f"campaign {campaign.campaign_id} not warmed: ctr was invalidated while its ads were "
+                f"scored, {WARMING_ATTEMPTS} times; a retry scores them again"
+            )
+        if skipped:
+            context.log.warning(f"{len(skipped)} ads could not be scored (readers compute them live): {skipped[:5]}")
         latest = registry.get(campaign.campaign_id)
         if latest is None or latest.status != "active":
             # cancelled while we scored: its cleanup run may have come first, so take our writes back here

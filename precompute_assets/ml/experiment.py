@@ -35,6 +35,7 @@ SRM_ALPHA = 0.001  # a sample-ratio mismatch is flagged below this p-value (the 
 # in A/A replays (600 seeds) its 95 % interval of the difference covered 0 94.7 % of the time with ~900 effective
 # keys per arm, 93.5 % with ~84 and about 90.5 % with 10-15.
 FEW_EFFECTIVE_KEYS = 30
+_TIE = 1e-12  # a re-randomized difference this close to the observed one is as far apart (float rounding)
 _BOOT_CELLS = 4_000_000  # weights drawn at once (bootstrap draws x distinct pairs), to bound memory
 
 
@@ -211,12 +212,12 @@ def arm_report(
         spread = np.abs(null[np.isfinite(null)])
         difference["value"] = value
         if len(spread):
-            difference["p_value"] = float((1 + (spread >= abs(value) - 1e-12).sum()) / (1 + len(spread)))
+            difference["p_value"] = float((1 + (spread >= abs(value) - _TIE).sum()) / (1 + len(spread)))
             difference["excludes_zero"] = bool(difference["p_value"] <= alpha)  # the test, exact at any n_boot
             # The j-th largest distance: beyond it exactly when p_value <= alpha, so the interval and the verdict agree
             j = math.floor(alpha * (1 + len(spread)) + 1e-9)
             if j >= 1:
-                half = float(np.sort(spread)[::-1][j - 1])
+                half = float(np.sort(spread)[::-1][j - 1]) + _TIE  # a tie counts in p_value: it is inside
                 difference["ci"] = [value - half, value + half]
     keys = {arm: per_arm[arm]["keys"] for arm in arms}
     total = sum(keys.values())

@@ -19,7 +19,7 @@ import redis
 
 from .acl import REAPPLY_HINT
 from .admission import UNPUBLISH
-from .keys import KeySchema, Pointer, check_kind, check_version
+from .keys import MAX_BUCKETS, KeySchema, Pointer, check_kind, check_version
 
 log = logging.getLogger(__name__)
 
@@ -85,11 +85,13 @@ def invalidate(
                 buckets = [schema.bucket_for_key(kind, version, key)] if whole else [
                     schema.bucket(kind, version.version, index) for index in range(version.buckets)
                 ]  # fmt: skip
+                pipe = client.pipeline(transaction=False)
                 for bucket in buckets:
-                    removed = int(client.hdel(bucket, key))
+                    pipe.hdel(bucket, key)
+                for bucket, removed in zip(buckets, pipe.execute(), strict=True):
                     if removed:
                         _record_if_emptied(client, schema, kind, version, bucket)
-                    fields += removed if version is pointer else 0
+                    fields += int(removed) if version is pointer else 0
                 if not recorded:  # refused at maxmemory: the delete freed memory
                     _record(client, schema, kind, version, f"k:{key}")
         live_keys = int(client.unlink(live_name))
@@ -286,7 +288,9 @@ def _current_or_named(client: redis.Redis, kind: str, schema: KeySchema) -> tupl
         for name in client.scan_iter(match=f"{glob_escape(schema.bucket(kind, version, ''))}*", count=SCAN_COUNT)
         if (suffix := (name.decode() if isinstance(name, bytes) else name).rpartition(":")[2]).isdigit()
     ]
-    return (Pointer(version, max(indexes) + 1), False) if indexes else (None, True)
+    if not indexes or max(indexes) >= MAX_BUCKETS:  # a stray key numbered past any version's buckets: none named
+        return None, True
+    return Pointer(version, max(indexes) + 1), False
 
 
 def _named_version(raw: bytes | str) -> str | None:

@@ -390,6 +390,27 @@ def test_an_end_moved_earlier_shortens_the_campaigns_own_values_not_those_anothe
     assert round(hours_left(ads[0])) == 97 and [round(hours_left(ad)) for ad in ads[1:]] == [6, 6]
 
 
+def test_a_shared_ads_exact_expiry_is_the_later_of_the_campaigns_and_none_when_one_is_unknown():
+    """A warm holder without a recorded expiry (a registry from before warm_until) had the shared ad's expiry set
+    exactly, shortening that campaign's value by days (h_diff2): such an ad's expiry is only ever extended."""
+    from precompute_assets.defs.campaigns import exact_expiries
+    from precompute_assets.storage.campaigns import SharedAd
+
+    now = datetime.now(UTC)
+    later = now + 96 * HOUR
+    shared = {"warm": SharedAd(later, False, True), "cold": SharedAd(None, False, True),
+              "unknown": SharedAd(None, True, True), "both": SharedAd(later, True, True)}  # fmt: skip
+
+    class Registry:
+        def shared_ads(self, campaign, ads, now):
+            return {ad: shared[ad] for ad in ads if ad in shared}
+
+    mine = int((now + 6 * HOUR).timestamp())
+    campaign = Campaign("c", "acme", now, now + 5 * HOUR, 100.0, "active", 1, None, 7, now, 5)
+    out = exact_expiries(Registry(), campaign, {"own", "warm", "cold", "unknown", "both"}, now, mine)
+    assert out == {"own": mine, "warm": int(later.timestamp()), "cold": mine}
+
+
 def test_a_cancelled_campaign_that_gave_a_shared_ad_other_features_leaves_no_value_of_its_own(
     registry, resources, instance, cache, redis_client, schema
 ):
@@ -991,10 +1012,12 @@ def test_ctrs_scored_before_an_invalidation_of_ctr_are_not_written_after_it(
     from precompute_assets.serving.invalidate import bump_epoch
 
     monkeypatch.setattr(campaign_ctr.op, "_retry_policy", None)  # one attempt: the retry would score again
-    real_score = campaigns_module.ctr.score_ads
+    real_score, scorings = campaigns_module.ctr.score_ads, []
 
     def invalidated_while_scoring(*args, **kwargs):
-        bump_epoch(redis_client, "ctr", schema)  # what `cache invalidate --kind ctr ...` does first
+        scorings.append(1)
+        if len(scorings) <= invalidations:
+            bump_epoch(redis_client, "ctr", schema)  # what `cache invalidate --kind ctr ...` does first
         return real_score(*args, **kwargs)
 
     monkeypatch.setattr(campaigns_module.ctr, "score_ads", invalidated_while_scoring)
@@ -1002,12 +1025,17 @@ def test_ctrs_scored_before_an_invalidation_of_ctr_are_not_written_after_it(
     ads = campaign_ads(campaign_id, 3)
     registry.register(campaign_id, "acme", datetime.now(UTC) + HOUR, ads)
     instance.add_dynamic_partitions(CAMPAIGNS.name, [campaign_id])
+    invalidations = 100  # during every scoring: nothing written, and the run fails for the retry policy
     run = warm(instance, resources, campaign_id, raise_on_error=False)
     assert not run.success and cache.get_many("ctr", [ad["ad_id"] for ad in ads]) == [None] * 3
     (failure,) = [e for e in run.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE]
-    assert "ctr was invalidated while its ads were scored" in failure.step_failure_data.user_failure_data.description
-    monkeypatch.setattr(campaigns_module.ctr, "score_ads", real_score)
-    assert warm(instance, resources, campaign_id).success  # scored after it: written
+    assert "ctr was invalidated while its ads were scored, 3 times" in (
+        failure.step_failure_data.user_failure_data.description
+    )
+    # During the first scoring only (an invalidation, or another campaign's cleanup, h_diff2): scored again, written
+    scorings.clear()
+    invalidations = 1
+    assert warm(instance, resources, campaign_id).success and len(scorings) == 2
     assert None not in cache.get_many("ctr", [ad["ad_id"] for ad in ads])
 
 
