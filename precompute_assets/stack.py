@@ -111,14 +111,18 @@ def _staging(name: str) -> bool:
     return re.fullmatch(r"\.secret\.\d+\.[0-9a-f]+|stack\.\d+\.tmp", name) is not None
 
 
+_HOME_SCHEMES = frozenset({"redis", "postgresql", "postgres", "postgresql+psycopg2"})  # the embedded servers' URLs
+
+
 def _names_home(url: str, secret: str | None, ports: Collection[int]) -> bool:
     """Whether ``url`` names a home's own server: of 127.0.0.1 with its password ``secret``, whatever its port, or
-    with no password on one of its ``ports`` (exported before the home had a password: `up` then gives it one)."""
+    with no password on one of its ``ports`` (exported before the home had a password: `up` then gives it one), and
+    with a scheme the embedded servers speak (a typo'd or Sentinel scheme is the user's URL, checked as such)."""
     from urllib.parse import unquote, urlsplit
 
     try:
         parts = urlsplit(url)
-        if parts.hostname != "127.0.0.1":
+        if parts.hostname != "127.0.0.1" or parts.scheme.lower() not in _HOME_SCHEMES:
             return False
         password = unquote(parts.password or "")
         return (secret is not None and password == secret) or (not password and parts.port in ports)

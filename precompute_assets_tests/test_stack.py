@@ -689,6 +689,11 @@ def test_up_moves_a_server_whose_port_another_program_took(session_dir: Path, ca
             monkeypatch.setenv(name, exported[name])
         after = Stack(home)  # the old URLs counted as external servers, which no longer answered
         assert after.env() == env and after.embeds(ENV_REDIS) and after.embeds(ENV_APP_DB)
+        # `cache stats` and `cache invalidate` too, which timed out on the old port (h_readme)
+        from precompute_assets.tools.cli import main
+
+        monkeypatch.setenv("PRECOMPUTE_HOME", str(home))
+        assert main(["cache", "stats", "--json", "--kind", "ctr"]) == 0, capsys.readouterr().err
         for name in (ENV_REDIS, ENV_APP_DB, "DAGSTER_PG_URL"):
             monkeypatch.delenv(name)
         moved.down()
@@ -715,6 +720,11 @@ def test_a_url_of_the_homes_server_naming_another_database_is_refused(tmp_path: 
         Stack(home)
     monkeypatch.setenv(ENV_APP_DB, own[ENV_APP_DB])
     assert Stack(home).embeds(ENV_REDIS) and Stack(home).embeds(ENV_APP_DB)
+    # A typo'd or Sentinel scheme on the home's password and port is the user's URL, checked as such, not the home's
+    # silently (h_readme: `up` exited 0 on redi://...)
+    for scheme in ("redi", "redis+sentinel"):
+        monkeypatch.setenv(ENV_REDIS, scheme + own[ENV_REDIS].removeprefix("redis"))
+        assert not Stack(home).embeds(ENV_REDIS)
 
 
 def test_a_redis_whose_pid_file_is_empty_is_still_ours(redis_server) -> None:

@@ -321,12 +321,14 @@ def _serving_client(args: argparse.Namespace):
     from ..serving import KeySchema, connect
 
     url = os.environ.get(ENV_REDIS)
+    home = default_home()
     if not url:  # the embedded one: never made up here (a new home's state written, then "connection refused")
-        home = default_home()
         if not (home / "stack.json").exists() or (stack := Stack()).redis.pid is None:
             raise CliError(f"no serving Redis: {ENV_REDIS} is not set and the embedded one of {home} is not running "
                            "(start it with `precompute up`)")  # fmt: skip
         url = stack.env()[ENV_REDIS]
+    elif (home / "stack.json").exists() and (stack := Stack()).owns_redis(url):
+        url = stack.env()[ENV_REDIS]  # this home's server, exported before `up` moved it to another port
     if (error := url_error(ENV_REDIS, url)) is not None:  # as `up` says it, not redis-py's line naming no variable
         raise CliError(error)
     try:

@@ -426,8 +426,21 @@ K8S_DAGSTER_YAML = textwrap.dedent(
     concurrency:
       runs:
         max_concurrent_runs: 4
+        tag_concurrency_limits:          # as the project's dagster.yaml: campaign warming relies on them
+          - key: precompute/warming        # 2 campaign runs at once,
+            limit: 2
+          - key: precompute/campaign       # one per campaign: its revisions and cancellation apply in order
+            value:
+              applyLimitPerUniqueValue: true
+            limit: 1
+          - key: dagster/backfill
+            limit: 2
       pools:
         default_limit: 1
+    run_retries:                       # the daemon re-executes campaign runs whose pod died (dagster/max_retries)
+      enabled: true
+      max_retries: 0
+      retry_on_asset_or_op_failure: false
     run_monitoring:
       enabled: true
       poll_interval_seconds: 60
@@ -459,6 +472,11 @@ def test_the_production_kubernetes_configuration_loads(tmp_path, monkeypatch):
 
     (tmp_path / "dagster.yaml").write_text(K8S_DAGSTER_YAML)
     instance_config, _ = dagster_instance_config(str(tmp_path))  # the instance schema, as dagster reads it
+    # What campaign warming relies on, as the project's dagster.yaml has it: the README's block lacked both (h_readme)
+    project = yaml.safe_load((Path(__file__).resolve().parents[2] / "dagster.yaml").read_text())
+    shown = yaml.safe_load(K8S_DAGSTER_YAML)
+    assert shown["run_retries"] == project["run_retries"]
+    assert shown["concurrency"]["runs"] == project["concurrency"]["runs"]
     assert instance_config["run_monitoring"]["free_slots_after_run_end_seconds"] == 30
     launcher = instance_config["run_launcher"]
     assert (launcher["module"], launcher["class"]) == ("dagster_k8s", "K8sRunLauncher")
