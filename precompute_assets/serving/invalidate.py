@@ -251,6 +251,8 @@ def _drop_version(client: redis.Redis, kind: str, version: str, schema: KeySchem
     names = (name for name in client.scan_iter(match=pattern, count=SCAN_COUNT) if ours(name))
     buckets = _delete_in_batches(names, unlink_unless_current)
     client.unlink(schema.invalidated(kind, version))
+    if (previous := _pointer_at(client, schema.previous(kind))) is not None and previous.version == version:
+        client.unlink(schema.previous(kind))  # its grace ends with it: cache stats showed a version that was gone
     return Invalidated(kind, buckets=buckets, version=version)
 
 

@@ -187,6 +187,7 @@ def test_a_version_is_deleted_only_when_it_is_not_current(redis_client, schema):
     assert done.buckets == len(v1_buckets) and done.fields == 0 and done.live_keys == 0
     assert not list(redis_client.scan_iter(match=f"{schema.prefix}:ctr:v1:*"))
     assert PredictionCache(redis_client, schema=schema).get("ctr", "k1") == pytest.approx(0.5)  # v1.2 intact
+    assert not redis_client.exists(schema.previous("ctr"))  # its grace ended with it (cache stats showed it, h_readme)
 
 
 @pytest.mark.parametrize(
