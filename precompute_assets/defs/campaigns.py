@@ -334,16 +334,26 @@ def campaign_ctr(
         )
     if reason is None:
         client, schema = redis.client(), redis.schema()
-        version = approved_model_version(context.instance)
-        model = model_store.store().load(CTR_MODEL, version)
-        # A changed campaign's budget split is its last revision's, over ads it may no longer have: it goes with the
-        # new CTRs, so readers never get one with the other (campaign_budget writes the new split next). On Redis
-        # Cluster, per slot (see transact_per_slot): readers may get both for the length of the write.
-        stale = [] if campaign.warm_revision == campaign.revision else [(b"DEL", budget_key(schema, campaign))]
+        revision = campaign.revision
         # Fenced as get_or_compute's stores are: CTRs scored before an invalidation of ctr are not written after it.
-        # The epoch also moves when another campaign's cleanup deletes its values: scored again, a few times here.
+        # The epoch also moves when another campaign's cleanup deletes its values: then every input is read again
+        # (the campaign, its ads, the approved model), as a retry of the run would, and scored again, a few times.
         for attempt in range(1, WARMING_ATTEMPTS + 1):
             epoch = read_epoch(client, schema, "ctr")
+            if attempt > 1:
+                campaign, ads = current_campaign(registry, context.partition_key)
+                if (reason := not_warmable(campaign, now)) is None and campaign.revision != revision:
+                    reason = f"campaign {campaign.campaign_id} changed while it was warmed (r{campaign.revision})"
+                if reason is not None:
+                    frame = frame.iloc[:0]
+                    break
+                expire_at = expiry(campaign, now, config)
+            version = approved_model_version(context.instance)
+            model = model_store.store().load(CTR_MODEL, version)
+            # A changed campaign's budget split is its last revision's, over ads it may no longer have: it goes with
+            # the new CTRs, so readers never get one with the other (campaign_budget writes the new split next). On
+            # Redis Cluster, per slot (see transact_per_slot): readers may get both for the length of the write.
+            stale = [] if campaign.warm_revision == campaign.revision else [(b"DEL", budget_key(schema, campaign))]
             frame, skipped = ctr.score_ads(model, ads, ads["ad_id"].tolist())
             if frame.empty:
                 raise dg.Failure(
@@ -369,8 +379,8 @@ def campaign_ctr(
             )
         if skipped:
             context.log.warning(f"{len(skipped)} ads could not be scored (readers compute them live): {skipped[:5]}")
-        latest = registry.get(campaign.campaign_id)
-        if latest is None or latest.status != "active":
+        latest = registry.get(campaign.campaign_id) if reason is None else None  # something was written
+        if reason is None and (latest is None or latest.status != "active"):
             # cancelled while we scored: its cleanup run may have come first, so take our writes back here
             remove_campaign_values(registry, client, schema, campaign, now)
             reason, frame = f"campaign {campaign.campaign_id} was cancelled while it was warmed", frame.iloc[:0]

@@ -85,13 +85,15 @@ def invalidate(
                 buckets = [schema.bucket_for_key(kind, version, key)] if whole else [
                     schema.bucket(kind, version.version, index) for index in range(version.buckets)
                 ]  # fmt: skip
-                pipe = client.pipeline(transaction=False)
-                for bucket in buckets:
-                    pipe.hdel(bucket, key)
-                for bucket, removed in zip(buckets, pipe.execute(), strict=True):
-                    if removed:
-                        _record_if_emptied(client, schema, kind, version, bucket)
-                    fields += int(removed) if version is pointer else 0
+                for start in range(0, len(buckets), SCAN_COUNT):  # pipelined, a bounded number at a time
+                    part = buckets[start : start + SCAN_COUNT]
+                    pipe = client.pipeline(transaction=False)
+                    for bucket in part:
+                        pipe.hdel(bucket, key)
+                    for bucket, removed in zip(part, pipe.execute(), strict=True):
+                        if removed:
+                            _record_if_emptied(client, schema, kind, version, bucket)
+                        fields += int(removed) if version is pointer else 0
                 if not recorded:  # refused at maxmemory: the delete freed memory
                     _record(client, schema, kind, version, f"k:{key}")
         live_keys = int(client.unlink(live_name))
@@ -252,8 +254,12 @@ def _drop_version(client: redis.Redis, kind: str, version: str, schema: KeySchem
     buckets = _delete_in_batches(names, unlink_unless_current)
     client.unlink(schema.invalidated(kind, version))
     if (previous := _pointer_at(client, schema.previous(kind))) is not None and previous.version == version:
-        client.unlink(schema.previous(kind))  # its grace ends with it: cache stats showed a version that was gone
+        # its grace ends with it (cache stats showed a version that was gone); unless a flip replaced it meanwhile
+        client.eval(_DELETE_IF_EQUAL, 1, schema.previous(kind), previous.encode())
     return Invalidated(kind, buckets=buckets, version=version)
+
+
+_DELETE_IF_EQUAL = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 
 
 def _pointer_at(client: redis.Redis, name: str) -> Pointer | None:
@@ -286,13 +292,12 @@ def _current_or_named(client: redis.Redis, kind: str, schema: KeySchema) -> tupl
         return None, True
     log.warning("%s: malformed pointer %r; invalidating in the version it names, %s", kind, raw[:80], version)
     indexes = [
-        int(suffix)
+        index
         for name in client.scan_iter(match=f"{glob_escape(schema.bucket(kind, version, ''))}*", count=SCAN_COUNT)
         if (suffix := (name.decode() if isinstance(name, bytes) else name).rpartition(":")[2]).isdigit()
+        and (index := int(suffix)) < MAX_BUCKETS  # a stray key numbered past any version's buckets is none of them
     ]
-    if not indexes or max(indexes) >= MAX_BUCKETS:  # a stray key numbered past any version's buckets: none named
-        return None, True
-    return Pointer(version, max(indexes) + 1), False
+    return (Pointer(version, max(indexes) + 1), False) if indexes else (None, True)
 
 
 def _named_version(raw: bytes | str) -> str | None:

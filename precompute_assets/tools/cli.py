@@ -327,14 +327,26 @@ def _serving_client(args: argparse.Namespace):
             raise CliError(f"no serving Redis: {ENV_REDIS} is not set and the embedded one of {home} is not running "
                            "(start it with `precompute up`)")  # fmt: skip
         url = stack.env()[ENV_REDIS]
-    elif (home / "stack.json").exists() and (stack := Stack()).owns_redis(url):
-        url = stack.env()[ENV_REDIS]  # this home's server, exported before `up` moved it to another port
+    elif (home / "stack.json").exists() and _local_host(url):
+        with contextlib.suppress(StackError, OSError):  # a home that cannot be read: the URL as it is, as before
+            if (stack := Stack()).owns_redis(url):
+                url = stack.env()[ENV_REDIS]  # this home's server, exported before `up` moved it to another port
     if (error := url_error(ENV_REDIS, url)) is not None:  # as `up` says it, not redis-py's line naming no variable
         raise CliError(error)
     try:
         return connect(url, socket_timeout=10), KeySchema(args.namespace), url
     except ValueError as error:
         raise CliError(str(error)) from None
+
+
+def _local_host(url: str) -> bool:
+    """Whether ``url`` is of 127.0.0.1, where a home's own servers listen (only such a URL may be one of them)."""
+    from urllib.parse import urlsplit
+
+    try:
+        return urlsplit(url).hostname == "127.0.0.1"
+    except ValueError:
+        return False
 
 
 def _size(n_bytes: float) -> str:

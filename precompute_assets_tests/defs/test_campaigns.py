@@ -1032,11 +1032,32 @@ def test_ctrs_scored_before_an_invalidation_of_ctr_are_not_written_after_it(
     assert "ctr was invalidated while its ads were scored, 3 times" in (
         failure.step_failure_data.user_failure_data.description
     )
-    # During the first scoring only (an invalidation, or another campaign's cleanup, h_diff2): scored again, written
+    # During the first scoring only (an invalidation, or another campaign's cleanup, h_diff2): every input read
+    # again, the approved model too (its scoring of the old ones was the unfenced write under another name, h_diff3)
     scorings.clear()
     invalidations = 1
-    assert warm(instance, resources, campaign_id).success and len(scorings) == 2
+    approvals, real_approved = [], campaigns_module.approved_model_version
+    monkeypatch.setattr(campaigns_module, "approved_model_version", lambda i: approvals.append(1) or real_approved(i))
+    assert warm(instance, resources, campaign_id).success and len(scorings) == 2 and len(approvals) == 2
     assert None not in cache.get_many("ctr", [ad["ad_id"] for ad in ads])
+    # Cancelled (and cleaned up) during the first scoring: the second read finds it cancelled and writes nothing; it
+    # wrote its CTRs back after the cleanup before (h_diff3)
+    registry.register(campaign_id, "acme", datetime.now(UTC) + HOUR, ads, budget=2000.0)  # a new revision
+    writes, real_write = [], campaigns_module.write_live_values
+    monkeypatch.setattr(campaigns_module, "write_live_values", lambda *a, **k: writes.append(1) or real_write(*a, **k))
+
+    def cancelled_while_scoring(*args, **kwargs):
+        if not scorings:
+            cancelled = registry.cancel(campaign_id)
+            campaigns_module.remove_campaign_values(registry, redis_client, schema, cancelled, datetime.now(UTC))
+        scorings.append(1)
+        return real_score(*args, **kwargs)
+
+    scorings.clear()
+    monkeypatch.setattr(campaigns_module.ctr, "score_ads", cancelled_while_scoring)
+    run = warm(instance, resources, campaign_id)
+    assert run.success and len(scorings) == 1 and len(writes) == 1  # the fenced first write, refused; no second
+    assert cache.get_many("ctr", [ad["ad_id"] for ad in ads]) == [None] * 3
 
 
 def test_a_full_redis_fails_warming_in_one_line_naming_maxmemory(

@@ -398,6 +398,8 @@ K8S_DAGSTER_YAML = textwrap.dedent(
     run_coordinator:
       module: dagster._core.run_coordinator
       class: QueuedRunCoordinator
+      config:
+        dequeue_interval_seconds: 1
     run_launcher:
       module: dagster_k8s
       class: K8sRunLauncher
@@ -477,6 +479,7 @@ def test_the_production_kubernetes_configuration_loads(tmp_path, monkeypatch):
     shown = yaml.safe_load(K8S_DAGSTER_YAML)
     assert shown["run_retries"] == project["run_retries"]
     assert shown["concurrency"]["runs"] == project["concurrency"]["runs"]
+    assert shown["run_coordinator"] == project["run_coordinator"]  # its 1 s dequeue interval too (h_diff3)
     assert instance_config["run_monitoring"]["free_slots_after_run_end_seconds"] == 30
     launcher = instance_config["run_launcher"]
     assert (launcher["module"], launcher["class"]) == ("dagster_k8s", "K8sRunLauncher")

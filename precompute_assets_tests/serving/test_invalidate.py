@@ -38,6 +38,7 @@ def test_a_malformed_pointer_does_not_keep_live_values_from_an_invalidation(redi
     publish(redis_client, schema, "ctr", "v1", keys)
     good = redis_client.get(schema.pointer("ctr"))
     redis_client.set(schema.pointer("ctr"), b"v1:zero")  # readers take it for no version: they serve live values
+    redis_client.hset(schema.bucket("ctr", "v1", 1 << 30), "x", "1")  # a stray key numbered past any version's
     redis_client.set(schema.live("ctr", "a1"), b"\x00\x00\x00?")
     redis_client.set(schema.live("ctr", "b"), b"\x00\x00\x00?")
     assert PredictionCache(redis_client, schema=schema).get("ctr", "a1") == pytest.approx(0.5)
@@ -310,6 +311,18 @@ def test_cache_cli_invalidates_and_reports_in_one_line_errors(
     assert main(["cache", "invalidate", "--kind", "ctrs", "--key", "a", *ns]) == 0
     out, err = capsys.readouterr()
     assert json.loads(out)["total"] == 0 and "nothing of kind 'ctrs'" in err and err.count("\n") == 1
+
+
+def test_cache_cli_uses_the_url_given_when_the_home_cannot_be_read(redis_url, schema, tmp_path, monkeypatch, capsys):
+    """`cache` follows a home's Redis to a port `up` moved it to, but a home that cannot be read (a stack.json not
+    written by us) refused the command, where the URL given worked (h_diff3)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "stack.json").write_text("garbage")
+    monkeypatch.setenv("PRECOMPUTE_HOME", str(home))
+    monkeypatch.setenv("PRECOMPUTE_REDIS_URL", redis_url)
+    argv = ["cache", "invalidate", "--kind", "ctr", "--key", "zz", "--namespace", schema.namespace]
+    assert main(argv) == 0, capsys.readouterr().err
 
 
 def test_cache_cli_without_a_redis_says_so_and_writes_no_state(tmp_path, monkeypatch, capsys):
