@@ -63,7 +63,7 @@ def test_redis_benchmark_never_has_the_urls_password_on_its_command_line(redis_u
     assert not [user for user in redis_client.acl_users() if user.startswith("precompute-bench-")]  # gone after
 
 
-def test_bench_graph_reports_asset_seconds_and_io_floor(redis_url, redis_client):
+def test_bench_graph_reports_asset_seconds_and_io_floor(redis_url, redis_client, capfd):
     # The days end yesterday and a day's traffic depends on its weekday: on 20,000 queries the forest lost its
     # beats_baseline check to logistic regression for 3 of 7 end days; on 60,000 it passed for all 7.
     result = bench_graph(queries=60_000, ads=500, days=7, top_ns=(100, 1000, 2000), redis_url=redis_url)
@@ -75,6 +75,7 @@ def test_bench_graph_reports_asset_seconds_and_io_floor(redis_url, redis_client)
     # With fewer ads than N, both larger selections predict the same ads: each is still a publish, not a no-op
     assert result["top_1000"]["keys_published"] == result["top_2000"]["keys_published"] > 100
     assert not list(redis_client.scan_iter("bench*", count=1000))
+    assert "STEP_START" not in capfd.readouterr().err  # Dagster's event lines flooded stderr (h_bench)
 
 
 def test_bench_graph_on_too_little_traffic_says_which_check_failed_and_cleans_up(redis_url, redis_client):
@@ -88,7 +89,7 @@ def test_bench_graph_on_too_little_traffic_says_which_check_failed_and_cleans_up
 
 
 def test_bench_campaign_reports_the_tick_the_warming_and_the_naive_loop(
-    redis_url, app_db_url, dagster_pg_url, redis_client
+    redis_url, app_db_url, dagster_pg_url, redis_client, capfd
 ):
     def scratch_databases() -> set[str]:
         with psycopg2.connect(libpq_url(app_db_url)) as conn, conn.cursor() as cur:
@@ -97,6 +98,7 @@ def test_bench_campaign_reports_the_tick_the_warming_and_the_naive_loop(
 
     before = scratch_databases()
     result = bench_campaign(redis_url, app_db_url, dagster_pg_url, campaigns=200, ads_per_campaign=5, warm_ads=50)
+    assert "STEP_START" not in capfd.readouterr().err  # Dagster's event lines flooded stderr (h_bench)
     assert result["campaigns"] == result["runs_requested"] == 200  # one run request per due campaign
     assert result["sensor_tick_s"] > 0 and result["sensor_next_tick_s"] > 0
     assert result["warm_ads"] == 50 and result["values_agree"] is True
