@@ -35,7 +35,14 @@ from ..ml.budget import DEFAULT_DRAWS, DEFAULT_PRIOR_STRENGTH, thompson_split
 from ..serving import KeySchema
 from ..serving.connection import is_cluster
 from ..serving.keys import check_key, codec_for
-from ..serving.publish import InvalidatedMeanwhile, delete_live_values, read_epoch, run_commands, write_live_values
+from ..serving.publish import (
+    FENCED_ATTEMPTS,
+    InvalidatedMeanwhile,
+    delete_live_values,
+    read_epoch,
+    run_commands,
+    write_live_values,
+)
 from ..serving.replication import confirm_replicas
 from ..storage.campaigns import DEFAULT_REFRESH_MARGIN, LATEST_TIME, Campaign, CampaignRegistry
 from .config_checks import at_least, positive, refuse
@@ -182,7 +189,6 @@ def expiry(campaign: Campaign, now: datetime, config: CampaignWarmingConfig) -> 
     return int((now + timedelta(days=config.open_ended_ttl_days)).timestamp())
 
 
-WARMING_ATTEMPTS = 3  # scorings of a warming run while the ctr epoch moves (invalidations, other cleanups)
 MAX_GRACE_HOURS = 8760  # a year: more made the expiry a datetime past year 9999 (an OverflowError traceback)
 MAX_OPEN_ENDED_TTL_DAYS = 3650
 
@@ -338,7 +344,7 @@ def campaign_ctr(
         # Fenced as get_or_compute's stores are: CTRs scored before an invalidation of ctr are not written after it.
         # The epoch also moves when another campaign's cleanup deletes its values: then every input is read again
         # (the campaign, its ads, the approved model), as a retry of the run would, and scored again, a few times.
-        for attempt in range(1, WARMING_ATTEMPTS + 1):
+        for attempt in range(1, FENCED_ATTEMPTS + 1):
             epoch = read_epoch(client, schema, "ctr")
             if attempt > 1:
                 campaign, ads = current_campaign(registry, context.partition_key)
@@ -371,11 +377,11 @@ def campaign_ctr(
                     break
                 except InvalidatedMeanwhile:
                     context.log.warning(f"ctr was invalidated while the ads of {campaign.campaign_id} were scored "
-                                        f"(attempt {attempt} of {WARMING_ATTEMPTS}): nothing written")  # fmt: skip
+                                        f"(attempt {attempt} of {FENCED_ATTEMPTS}): nothing written")  # fmt: skip
         else:
             raise dg.Failure(  # retried by the policy
                 description=f"campaign {campaign.campaign_id} not warmed: ctr was invalidated while its ads were "
-                f"scored, {WARMING_ATTEMPTS} times; a retry scores them again"
+                f"scored, {FENCED_ATTEMPTS} times; a retry scores them again"
             )
         if skipped:
             context.log.warning(f"{len(skipped)} ads could not be scored (readers compute them live): {skipped[:5]}")

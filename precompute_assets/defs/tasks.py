@@ -59,7 +59,7 @@ from ..serving.events import (
     write_user_states,
 )
 from ..serving.keys import KIND_PATTERN, RESERVED_KINDS, KeySchema, check_key, codec_for
-from ..serving.publish import InvalidatedMeanwhile, read_epoch, write_live_values
+from ..serving.publish import FENCED_ATTEMPTS, InvalidatedMeanwhile, read_epoch, write_live_values
 from .campaigns import approved_model_version
 from .models import CTR_MODEL
 from .resources import DeploymentResource, LakeResource, ModelStoreResource, RedisResource, failing_clearly_when_full
@@ -296,9 +296,6 @@ def publish_task_values(
         )
 
 
-INVALIDATED_ATTEMPTS = 3  # computations of a task run whose kind was invalidated while it computed
-
-
 class TaskRunConfig(dg.Config):
     task_type: str = Field(description="A registered task type (precompute_assets.defs.tasks).")
     entities: list[str] = Field(description="The entities (users, creatives, tenants) to compute.")
@@ -352,7 +349,7 @@ def run_precompute_task(
     ctx = TaskContext(task, entities, now_ms, context.instance, redis, lake, model_store, deployment, context.log)
     # Fenced by the kind's invalidation epoch, as get_or_compute's stores are: values computed before an
     # invalidation of the kind are computed again rather than written after it, for their whole TTL (h_inval).
-    for attempt in range(1, INVALIDATED_ATTEMPTS + 1):
+    for attempt in range(1, FENCED_ATTEMPTS + 1):
         epoch = redis.sensor_check(lambda client, schema: read_epoch(client, schema, task.cache_kind), context.log,
                                    f"the invalidation epoch of {task.cache_kind}")  # fmt: skip
         outcome = compute_task(ctx, max_retries=config.max_retries, backoff_s=config.backoff_s)
@@ -363,11 +360,11 @@ def run_precompute_task(
             break
         except InvalidatedMeanwhile:
             context.log.warning(f"task {task.name}: {task.cache_kind} was invalidated while computing (attempt "
-                                f"{attempt} of {INVALIDATED_ATTEMPTS}): nothing written")  # fmt: skip
+                                f"{attempt} of {FENCED_ATTEMPTS}): nothing written")  # fmt: skip
             ctx.forget()  # its loads (a model, scores, states) may be what was invalidated: read again (h_diff)
     else:
         raise dg.Failure(
-            description=f"task {task.name}: {task.cache_kind} was invalidated during each of {INVALIDATED_ATTEMPTS} "
+            description=f"task {task.name}: {task.cache_kind} was invalidated during each of {FENCED_ATTEMPTS} "
             "computations: nothing written (readers compute live meanwhile)",
             allow_retries=False,  # something keeps invalidating it: the next request of the entities computes again
         )

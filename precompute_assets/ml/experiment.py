@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import replace
 from statistics import NormalDist
 from typing import TYPE_CHECKING
@@ -92,38 +92,38 @@ def _chi2_sf_1dof(x: float) -> float:
     return math.erfc(math.sqrt(max(x, 0.0) / 2))
 
 
+def _draw_sums(
+    requests: np.ndarray, hits: np.ndarray, n_draws: int, draw: Callable[[np.ndarray, tuple[int, int]], np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per draw, the requests and the hits of the keys weighted by ``draw(multiplicity, shape)``. Keys of equal counts
+    are alike, so each distinct (requests, hits) pair is drawn once, its weight standing for all its keys (a Poisson
+    or a binomial of their number); ``_BOOT_CELLS`` weights at a time."""
+    pairs, multiplicity = np.unique(np.stack([requests, hits], axis=1), axis=0, return_counts=True)
+    n, h = pairs[:, 0].astype(float), pairs[:, 1].astype(float)
+    sum_n, sum_h = np.empty(n_draws), np.empty(n_draws)
+    step = max(1, _BOOT_CELLS // len(pairs))
+    for lo in range(0, n_draws, step):
+        weights = draw(multiplicity, (min(step, n_draws - lo), len(pairs))).astype(float)
+        sum_n[lo : lo + len(weights)], sum_h[lo : lo + len(weights)] = weights @ n, weights @ h
+    return sum_n, sum_h
+
+
 def _boot_rates(requests: np.ndarray, hits: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
     """``n_boot`` bootstrap hit rates over keys, from per-key request and hit counts (NaN: a draw without
     requests)."""
-    pairs, multiplicity = np.unique(np.stack([requests, hits], axis=1), axis=0, return_counts=True)
-    n, h = pairs[:, 0].astype(float), pairs[:, 1].astype(float)
-    rates = np.empty(n_boot)
-    step = max(1, _BOOT_CELLS // len(pairs))
-    for lo in range(0, n_boot, step):
-        weights = rng.poisson(multiplicity, size=(min(step, n_boot - lo), len(pairs))).astype(float)
-        total = weights @ n
-        with np.errstate(invalid="ignore", divide="ignore"):
-            rates[lo : lo + len(weights)] = np.where(total > 0, (weights @ h) / total, np.nan)
-    return rates
+    total, hit = _draw_sums(requests, hits, n_boot, lambda m, shape: rng.poisson(m, size=shape))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, hit / total, np.nan)
 
 
 def _rerandomized(requests: np.ndarray, hits: np.ndarray, n_draws: int, rng: np.random.Generator) -> np.ndarray:
     """``n_draws`` differences of the hit rates (second minus first) of random even splits of the keys, each key's
     ``requests`` and ``hits`` (pooled over the arms) going to one side, as the salted hash splits them: how far apart
     two arms of one strategy fall (NaN: a split with an empty side)."""
-    total_n, total_h = float(requests.sum()), float(hits.sum())
-    # Keys of equal counts are alike: how many of them go to the second arm is binomial (as _boot_rates draws them)
-    pairs, multiplicity = np.unique(np.stack([requests, hits], axis=1), axis=0, return_counts=True)
-    n, h = pairs[:, 0].astype(float), pairs[:, 1].astype(float)
-    out = np.empty(n_draws)
-    step = max(1, _BOOT_CELLS // len(pairs))
-    for lo in range(0, n_draws, step):
-        second = rng.binomial(multiplicity, 0.5, size=(min(step, n_draws - lo), len(pairs))).astype(float)
-        n2, h2 = second @ n, second @ h
-        n1, h1 = total_n - n2, total_h - h2
-        with np.errstate(invalid="ignore", divide="ignore"):
-            out[lo : lo + len(second)] = np.where((n1 > 0) & (n2 > 0), h2 / n2 - h1 / n1, np.nan)
-    return out
+    n2, h2 = _draw_sums(requests, hits, n_draws, lambda m, shape: rng.binomial(m, 0.5, size=shape))
+    n1, h1 = float(requests.sum()) - n2, float(hits.sum()) - h2
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where((n1 > 0) & (n2 > 0), h2 / n2 - h1 / n1, np.nan)
 
 
 def _interval(draws: np.ndarray, alpha: float) -> list[float | None]:

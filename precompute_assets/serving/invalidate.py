@@ -224,17 +224,16 @@ def _delete_in_batches(names: Iterable, delete: Callable[..., int]) -> int:
 
 
 def _drop_version(client: redis.Redis, kind: str, version: str, schema: KeySchema) -> Invalidated:
-    pointer = _current(client, kind, schema)
-    raw = client.get(schema.pointer(kind)) if pointer is None else None
-    if raw is not None and _named_version(raw) == version:  # a malformed pointer that, repaired, serves it again
-        raise ValueError(
+    raw = client.get(schema.pointer(kind))
+    if raw is not None and _named_version(raw) == version:
+        if _decoded(raw) is not None:
+            raise ValueError(
+                f"{kind} version {version} is current: readers are on it; publish or flip to another version first, "
+                "or invalidate keys or a prefix"
+            )
+        raise ValueError(  # a malformed pointer that, repaired, serves it again
             f"{kind} version {version} is named by the malformed current pointer {raw[:80]!r}: repair the pointer "
             "or flip to another version first, or invalidate keys or a prefix"
-        )
-    if pointer is not None and pointer.version == version:
-        raise ValueError(
-            f"{kind} version {version} is current: readers are on it; publish or flip to another version first, "
-            "or invalidate keys or a prefix"
         )
     pattern = f"{glob_escape(schema.bucket(kind, version, ''))}*"
 
@@ -265,7 +264,11 @@ _DELETE_IF_EQUAL = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.c
 def _pointer_at(client: redis.Redis, name: str) -> Pointer | None:
     """The pointer stored at ``name``; None when there is none or it is malformed, as readers take it (no published
     version: they serve live values, which an invalidation must still reach)."""
-    raw = client.get(name)
+    return _decoded(client.get(name))
+
+
+def _decoded(raw: bytes | None) -> Pointer | None:
+    """``raw`` as a pointer; None when it is None or malformed."""
     try:
         return None if raw is None else Pointer.decode(raw)
     except (ValueError, UnicodeDecodeError):
@@ -281,12 +284,9 @@ def _current_or_named(client: redis.Redis, kind: str, schema: KeySchema) -> tupl
     one bucket past the highest it has in Redis, and False: readers serve none of it now, but a repaired pointer
     would serve it again, so an invalidation takes keys out of it too (from every bucket: its count is unknown)."""
     raw = client.get(schema.pointer(kind))
-    if raw is None:
-        return None, True
-    try:
-        return Pointer.decode(raw), True
-    except (ValueError, UnicodeDecodeError):
-        pass
+    pointer = _decoded(raw)
+    if raw is None or pointer is not None:
+        return pointer, True
     version = _named_version(raw)
     if version is None:
         return None, True

@@ -1212,6 +1212,11 @@ def _transact_groups(
     return again, asked
 
 
+# Computations a fenced writer (a task run, a campaign warming) makes while its kind's epoch keeps moving, before it
+# fails for its retry policy: each reads its inputs again
+FENCED_ATTEMPTS = 3
+
+
 class InvalidatedMeanwhile(RuntimeError):
     """The kind was invalidated after the values to write were computed (its epoch moved): nothing was written."""
 
