@@ -10,6 +10,7 @@ import argparse
 import csv
 import json
 import math
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -128,7 +129,7 @@ def _read_csv(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
                     first_line[campaign_id] = line
                     continue
                 for column, value in fields.items():
-                    if record[column] != value:
+                    if not _same(column, record[column], value):
                         disagreements.append(
                             f"campaign {campaign_id!r}: line {line} has {column} {value!r}, line"
                             f" {first_line[campaign_id]} has {record[column]!r}"
@@ -140,6 +141,23 @@ def _read_csv(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
         raise _error(f"{path}: rows of one campaign must agree on its fields: {'; '.join(disagreements)}")
     records = [{key: value for key, value in record.items() if value is not None} for record in campaigns.values()]
     return records, [f"line {first_line[campaign_id]}" for campaign_id in campaigns]
+
+
+def _same(column: str, first: str | None, other: str | None) -> bool:
+    """Whether two rows' texts of one campaign field mean the same: one instant (``...Z`` and ``...+00:00``), one
+    budget (``100`` and ``100.0``); texts that are not a time or a number are compared as written (the registry
+    then names the problem)."""
+    if first == other or first is None or other is None:
+        return first == other
+    try:
+        if column in ("launch_at", "end_at"):
+            a, b = datetime.fromisoformat(first.strip()), datetime.fromisoformat(other.strip())
+            return (a.tzinfo is None) == (b.tzinfo is None) and a == b
+        if column == "budget":
+            return float(first) == float(other)
+    except ValueError:
+        pass
+    return False
 
 
 def cmd_campaign(args: argparse.Namespace) -> int:

@@ -12,7 +12,8 @@ import pytest
 from precompute_assets.stack import ENV_APP_DB, ENV_DAGSTER_PG, ENV_REDIS, Stack
 from precompute_assets.storage.campaigns import ENV_CAMPAIGN_MAX_ADS as ENV_MAX_ADS
 from precompute_assets.storage.campaigns import CampaignRegistry
-from precompute_assets.tools.cli import main
+from precompute_assets.tools.campaigns import read_campaign_file
+from precompute_assets.tools.cli import CliError, main
 
 LAUNCH = (datetime.now(UTC) + timedelta(hours=6)).replace(microsecond=0)
 FEATURES = {"quality": 0.5, "bid": 1.2, "text_len": 40, "category": "shoes"}
@@ -134,6 +135,27 @@ def test_every_column_of_a_campaign_file_is_kept_for_a_later_feature_set(servers
     assert titles[0] == "Red shoes" and not isinstance(titles[1], str)  # a blank cell was stored as null
     monkeypatch.setenv("PRECOMPUTE_AD_NUMERIC", "quality,bid,text_len,ctr_hist")  # a column no ad was given
     assert [ad["ctr_hist"] for ad in run(capsys, "show", "c1")["ads"]] == [None, None]  # was NaN: no JSON
+
+
+def test_rows_of_a_campaign_agree_by_meaning_not_by_text(tmp_path):
+    """Two spellings of one instant (``Z``, ``+00:00``, seconds) or one budget are one campaign, as the registry reads
+    them; a naive time beside an aware one, or another instant, still disagree."""
+    path = tmp_path / "campaigns.csv"
+    path.write_text(
+        "campaign_id,tenant_id,launch_at,end_at,budget,ad_id\n"
+        "c1,acme,2030-01-01T00:00Z,2030-02-01T00:00Z,100,a1\n"
+        "c1,acme,2030-01-01T00:00:00+00:00,2030-02-01T01:00+01:00,100.00,a2\n"
+    )
+    records, labels = read_campaign_file(path)
+    assert labels == ["line 2"] and [ad["ad_id"] for ad in records[0]["ads"]] == ["a1", "a2"]
+    assert records[0]["launch_at"] == "2030-01-01T00:00Z"  # the first row's text: the registry parses it
+    for launch, budget, column in (("2030-01-01T00:00", "100", "launch_at"), ("2030-01-01T00:00Z", "100.5", "budget")):
+        path.write_text(
+            "campaign_id,tenant_id,launch_at,budget,ad_id\n"
+            f"c1,acme,2030-01-01T00:00Z,100,a1\nc1,acme,{launch},{budget},a2\n"
+        )
+        with pytest.raises(CliError, match=f"line 3 has {column}"):
+            read_campaign_file(path)
 
 
 def test_list_and_cancel_need_no_feature_set_but_register_names_a_bad_one(servers, tmp_path, capsys, monkeypatch):
