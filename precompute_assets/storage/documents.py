@@ -184,6 +184,9 @@ def _json(value: Any) -> Any:
     return str(value)
 
 
+LOAD_ID = re.compile(r"\d{8}T\d{6}Z-[0-9a-f]{6}")  # what _new_load_id makes: 20261207T061500Z-1a2b3c
+
+
 def _new_load_id() -> str:
     """A load's id in the quarantine table: when it started (UTC), and a random suffix."""
     return f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"

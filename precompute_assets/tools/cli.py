@@ -1204,7 +1204,14 @@ def _delete_documents(store: DocumentStore, args: argparse.Namespace) -> int:
 
 
 def _print_quarantined(store: DocumentStore, load_id: str) -> int:
-    """Print the rows a documents load quarantined, one JSON object a line; say so on stderr when there are none."""
+    """Print the rows a documents load quarantined, one JSON object a line; say so on stderr when there are none. A
+    ``load_id`` that no load could have (a typo, a file name) is a CliError."""
+    from ..storage.documents import LOAD_ID
+
+    if LOAD_ID.fullmatch(load_id) is None:
+        raise CliError(
+            f"{load_id!r} is not a load id: give the load_id of a `docs load` summary (like 20261207T061500Z-1a2b3c)"
+        )
     shown = 0
     for position, reason, raw in store.quarantined(load_id):
         print(json.dumps({"position": position, "reason": reason, "raw": raw}, ensure_ascii=False))

@@ -1702,9 +1702,12 @@ def test_docs_load_maps_a_corpus_fields_and_refuses_a_field_it_lacks(stack, app_
         ("line 5", '{"_id": "cut'),
     ]
     assert listed[0]["reason"] == "missing doc_id" and listed[1]["reason"].startswith("malformed JSON: ")
-    assert main(["docs", "quarantine", "no-such-load"]) == 0
+    assert main(["docs", "quarantine", "20200101T000000Z-abcdef"]) == 0  # a load id, of no load or a clean one
     out, err = capsys.readouterr()
-    assert out == "" and err.count("\n") == 1 and "load 'no-such-load' quarantined no rows" in err
+    assert out == "" and err.count("\n") == 1 and "load '20200101T000000Z-abcdef' quarantined no rows" in err
+    assert main(["docs", "quarantine", "no-such-load"]) == 2  # no load has such an id: a typo, not "no rows"
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "'no-such-load' is not a load id" in err
 
 
 def on_the_test_stack(stack, tmp_path, monkeypatch) -> None:
