@@ -150,14 +150,19 @@ def out_of_memory(
     with contextlib.suppress(*REDIS_ERRORS):
         memory = {} if is_cluster(client) else client.info("memory")
     seen = ""
+    policy = str(memory.get("maxmemory_policy", "noeviction"))
     if memory:
         seen = (f" ({memory.get('used_memory')} of maxmemory {memory.get('maxmemory')} bytes used, "
-                f"maxmemory-policy {memory.get('maxmemory_policy')})")  # fmt: skip
-    return (
-        f"{outcome}: the Redis of {ENV_REDIS} is out of memory{seen}: {' '.join(str(error).split())}. {readers}"
-        " Give that server a larger maxmemory, or the policy volatile-lru, which evicts"
-        " versions and live values (they have a TTL) before refusing a write (README: Security and limits)"
-    )
+                f"maxmemory-policy {policy})")  # fmt: skip
+    if policy == "noeviction":
+        advice = (" Give that server a larger maxmemory, or the policy volatile-lru, which evicts versions and live"
+                  " values (they have a TTL) before refusing a write (README: Security and limits)")  # fmt: skip
+    else:  # it evicts, and found nothing it may: keys without a TTL (another application's, the log streams) fill it
+        advice = (f" Nothing is left that {policy} may evict: keys without a TTL fill it (another application's, the"
+                  " query-log and event streams). Give that server a larger maxmemory, or publish fewer keys"
+                  " (README: Security and limits)")  # fmt: skip
+    refused = " ".join(str(error).split())
+    return f"{outcome}: the Redis of {ENV_REDIS} is out of memory{seen}: {refused}. {readers}{advice}"
 
 
 @contextlib.contextmanager

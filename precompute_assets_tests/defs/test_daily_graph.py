@@ -316,14 +316,16 @@ def test_publish_failure_keeps_the_previous_version(
     assert redis_client.get(schema.pointer("ctr")) == before
 
 
+@pytest.mark.parametrize("policy", ["noeviction", "volatile-lru"])
 def test_a_full_redis_fails_the_publish_naming_its_memory_and_policy(
-    resources, pg_instance, platform, redis_server, schema, monkeypatch
+    resources, pg_instance, platform, redis_server, schema, monkeypatch, policy
 ):
     """A production server at its maxmemory with the policy noeviction refused the publish with redis-py's bare
-    "command not allowed when used memory > 'maxmemory'", naming neither the setting nor the policy to change."""
+    "command not allowed when used memory > 'maxmemory'", naming neither the setting nor the policy to change. Under
+    volatile-lru with nothing left to evict, Redis refuses it alike, and the advice was the policy it already had."""
     assert run(resources, pg_instance).success  # the predictions to publish are in the lake
     monkeypatch.setattr(ctr_cache.op, "_retry_policy", dg.RetryPolicy(max_retries=1))
-    server = redis_server(extra_config=("maxmemory-policy noeviction",))
+    server = redis_server(extra_config=(f"maxmemory-policy {policy}",))
     admin = connect(server.url, socket_timeout=5)
     admin.config_set("maxmemory", 1)  # our own test server: full at once
     full = {**resources, "redis": RedisResource(url=server.url, namespace=schema.namespace)}
@@ -334,9 +336,14 @@ def test_a_full_redis_fails_the_publish_naming_its_memory_and_policy(
     (failure,) = [e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE]
     description = failure.step_failure_data.user_failure_data.description
     assert description.startswith("nothing published: the Redis of PRECOMPUTE_REDIS_URL is out of memory")
-    assert "maxmemory-policy noeviction" in description and "volatile-lru" in description, description
+    assert f"maxmemory-policy {policy}" in description, description
+    if policy == "noeviction":
+        assert "or the policy volatile-lru" in description, description
+    else:
+        assert "Nothing is left that volatile-lru may evict" in description, description
+        assert "or the policy volatile-lru" not in description, description
     assert admin.get(schema.pointer("ctr")) is None and admin.config_get("maxmemory-policy") == {
-        "maxmemory-policy": "noeviction"
+        "maxmemory-policy": policy
     }  # nothing flipped, and the server's configuration is the operator's
     admin.close()
 
