@@ -46,7 +46,7 @@ from typing import Any
 import redis
 
 from .acl import REAPPLY_HINT
-from .connection import REDIS_ERRORS, PendingCluster, pack_resp
+from .connection import REDIS_ERRORS, PendingCluster, cluster_send, is_cluster, pack_resp
 from .keys import ARM_PATTERN, KIND_PATTERN, VERSION_PATTERN, KeySchema
 
 MAX_KEY_LENGTH = 256
@@ -513,21 +513,27 @@ class QueryLogger:
             self._connection = None
 
     def _write_pipeline(self, batch: list) -> None:
-        """A client without a plain connection pool (a cluster): ``batch`` through its pipeline, replies at once. A
-        cluster none of whose nodes answered yet (``PendingCluster``) is built first; while it cannot be, the batch
-        is dropped and the logger backs off."""
+        """A client without a plain connection pool (a cluster): ``batch``'s commands, replies at once. A cluster none
+        of whose nodes answered yet (``PendingCluster``) is built first; while it cannot be, the batch is dropped and
+        the logger backs off. On a cluster the commands go through ``cluster_send``, which never sends again a command
+        that may have run: redis-py's cluster pipeline sends again those whose reply timed out (a master that stalled
+        for a second), and each such ``XADD`` wrote its queries twice, counted once. A command without a reply is
+        counted as dropped (it may have landed: at most once)."""
         if isinstance(self.client, PendingCluster):
             try:
                 self.client = self.client.start()
             except REDIS_ERRORS:
                 self._dropped(sum(self._size(item) for item in batch))
                 return
-        pipe = self.client.pipeline(transaction=False)
         commands = self._built(batch)
-        for command, _ in commands:
-            pipe.execute_command(*command)
         try:
-            replies = pipe.execute(raise_on_error=False)
+            if is_cluster(self.client):
+                replies = cluster_send(self.client, [command for command, _ in commands])
+            else:
+                pipe = self.client.pipeline(transaction=False)
+                for command, _ in commands:
+                    pipe.execute_command(*command)
+                replies = pipe.execute(raise_on_error=False)
         except REDIS_ERRORS:
             self._dropped(sum(self._size(item) for item in batch))
             return
