@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Collection
 
 import redis
 
@@ -97,7 +98,7 @@ def _wait(client: redis.Redis, timeout_s: float, poll_s: float, since: Replicas)
     deadline = time.monotonic() + timeout_s
     while targets:
         time.sleep(poll_s)
-        infos = _checked_infos(client, since)
+        infos = _checked_infos(client, since, targets)
         behind, gone = {}, []  # gone: late replicas that confirmed the earlier wait and are offline now
         for node, (offset, replicas) in targets.items():
             acknowledged = online_replicas(infos.get(node, {}))
@@ -118,12 +119,14 @@ def _wait(client: redis.Redis, timeout_s: float, poll_s: float, since: Replicas)
     return {}
 
 
-def _checked_infos(client: redis.Redis, since: Replicas) -> dict[str, dict]:
+def _checked_infos(client: redis.Redis, since: Replicas, waited: Collection[str] = ()) -> dict[str, dict]:
     """``_replication_infos``; raise ``ReplicaLostError`` if a primary whose replicas confirmed an earlier wait
-    (``since``) is a primary no more."""
+    (``since``), or one this wait is waiting on (``waited``), is a primary no more: its replicas never acknowledge
+    it again (a failover, even a lossless ``CLUSTER FAILOVER``, waited out the whole wait, then named the new primary
+    as "behind" the old one)."""
     infos = _replication_infos(client)
-    for node, replicas in since.items():
+    for node in {node for node, replicas in since.items() if replicas} | set(waited):
         role = infos[node].get("role", "master") if node in infos else "former primary"
-        if replicas and role != "master":
+        if role != "master":
             raise ReplicaLostError(f"{node or 'the server'} is a {role} now, no longer a primary: a failover?")
     return infos

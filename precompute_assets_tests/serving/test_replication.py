@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
+import time
 
 import pytest
 import redis
@@ -136,6 +138,28 @@ def test_a_replica_promoted_during_a_flip_fails_the_publish(redis_server, schema
         node.replicaof("127.0.0.1", replica.port)
         with pytest.raises(ReplicaLostError, match="the server is a slave now, no longer a primary"):
             wait_for_replicas(client, 2, since={"": {f"127.0.0.1:{replica.port}"}})
+
+
+def test_a_primary_demoted_while_its_replicas_are_waited_for_fails_the_wait_at_once(redis_server):
+    """A failover while a flip waits for replicas (even a lossless ``CLUSTER FAILOVER``) left the wait on the old
+    primary, whose replicas never acknowledge it again: the publish stalled for the whole ``replica_wait_s``, then
+    failed naming the new primary "behind" the old one. A waited-on primary that is one no more fails it at once."""
+    primary, elsewhere = redis_server(), redis_server()
+    replica = replica_of(redis_server, primary)
+    client = connect(primary.url, socket_timeout=5)
+    os.kill(replica.pid, signal.SIGSTOP)  # behind from now on: the wait cannot end by its acknowledgement
+    try:
+        client.set("written", "after the replica stopped")
+        demote = threading.Timer(0.3, lambda: redis.Redis(port=primary.port).replicaof("127.0.0.1", elsewhere.port))
+        demote.start()
+        started = time.monotonic()
+        with pytest.raises(ReplicaLostError, match="the server is a slave now, no longer a primary") as caught:
+            wait_for_replicas(client, 60)
+        demote.join()
+    finally:  # the test's servers, demoted and resumed mid-sync, each refused SIGTERM for a minute: killed
+        for server in (replica, primary, elsewhere):
+            os.kill(server.pid, signal.SIGKILL)
+    assert time.monotonic() - started < 30, caught.value  # not the whole wait
 
 
 def test_a_first_publish_whose_replica_lags_after_the_flip_only_warns(redis_server, schema, monkeypatch, caplog):
