@@ -1130,7 +1130,20 @@ def reachable(url: str, timeout_s: float = 0.5) -> bool:
         return any(_accepts(address, timeout_s) for address in sentinel.sentinels)
     check_url_port(url)
     parts = urlsplit(url)
-    return _accepts((parts.hostname or "127.0.0.1", parts.port or 0), timeout_s)
+    return _accepts((parts.hostname or "127.0.0.1", parts.port or default_port(url)), timeout_s)
+
+
+def default_port(url: str) -> int:
+    """The port a client of ``url`` connects to when the URL names none: Redis's 6379, PostgreSQL's 5432 (or its
+    ``port`` parameter, as libpq reads it); 0 for other schemes. A URL without a port was "unreachable" (port 0), so
+    ``up`` refused a production server on its default port that the serving client used fine."""
+    from urllib.parse import parse_qs, urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme.startswith("postgres"):
+        port = parse_qs(parts.query).get("port", ["5432"])[-1]
+        return int(port) if port.isdigit() else 5432
+    return 6379 if parts.scheme in ("redis", "rediss") else 0
 
 
 def _accepts(address: tuple[str, int], timeout_s: float) -> bool:

@@ -25,6 +25,7 @@ from precompute_assets.stack import (
     RedisServer,
     Stack,
     StackError,
+    default_port,
     default_redis_binary,
     ensure_system_user,
     free_port,
@@ -783,3 +784,20 @@ def test_a_corrupt_aof_is_refused_with_a_repair_that_runs_here(tmp_path: Path) -
         client.close()
     finally:
         server.stop()
+
+
+def test_a_url_without_a_port_is_reached_on_its_schemes_default_port(monkeypatch) -> None:
+    """``redis://:pw@host/0`` or ``postgresql://u:pw@host/db``, as production URLs on the default port are written, was
+    "unreachable" (port 0): ``up`` and every command that runs it refused a server the serving client used fine."""
+    import socket
+
+    from precompute_assets import stack as stack_module
+
+    assert default_port("redis://:pw@db.internal/0") == default_port("rediss://db.internal") == 6379
+    assert default_port("postgresql+psycopg2://u:pw@db.internal/app") == 5432
+    assert default_port("postgresql://u@db.internal/app?port=6432") == 6432  # libpq's parameter
+    with socket.socket() as listener:  # a server on the "default" port of this test
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        monkeypatch.setattr(stack_module, "default_port", lambda url: listener.getsockname()[1])
+        assert reachable("redis://:pw@127.0.0.1/0") and reachable("postgresql://u:pw@127.0.0.1/app")
