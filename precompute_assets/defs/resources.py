@@ -26,6 +26,7 @@ from ..ml.features import (
 )
 from ..ml.model_store import LocalModelStore
 from ..serving import Experiment, KeySchema, connect
+from ..serving.acl import DATABASE_HINT, refused_select
 from ..serving.connection import REDIS_ERRORS, cannot_persist, is_cluster, mode_problem
 from ..serving.keys import clean_salt
 from ..serving.replication import REPLICA_WAIT_S
@@ -89,7 +90,8 @@ class RedisResource(dg.ConfigurableResource):
             if cannot_persist(error):  # a full disk, not a login problem
                 raise dg.Failure(description=f"{where} cannot write to its disk, and refuses writes until it can "
                                  f"(full?): {error}") from None  # fmt: skip  # retried: space may come back
-            raise dg.Failure(description=f"{where} refuses us: {error}", allow_retries=False) from None
+            hint = f"; {DATABASE_HINT}" if refused_select(error) else ""
+            raise dg.Failure(description=f"{where} refuses us: {error}{hint}", allow_retries=False) from None
         except REDIS_ERRORS as error:
             client.close()
             raise dg.Failure(description=f"{where} does not answer: {error}") from None

@@ -64,6 +64,24 @@ REAPPLY_HINT = (
 )
 
 
+# A URL naming a database other than 0: the users have no SELECT (it would let them reach other databases' keys).
+DATABASE_HINT = (
+    "the users of `precompute redis acl` work on database 0 only (they are granted no SELECT, which would reach"
+    " other databases' keys): name database 0 in the URL (redis://USER:PASSWORD@HOST:PORT/0)"
+)
+
+
+def refused_select(error: BaseException) -> bool:
+    """Whether ``error`` is the ACL refusal of ``SELECT``: the connection's URL names a database other than 0."""
+    return is_acl_refusal(error) and "'select'" in str(error).lower()
+
+
+def acl_hint(error: BaseException) -> str:
+    """What to do about the ACL refusal ``error``: ``DATABASE_HINT`` when it refused ``SELECT`` (re-applying the
+    users changes nothing then), else ``REAPPLY_HINT``."""
+    return DATABASE_HINT if refused_select(error) else REAPPLY_HINT
+
+
 def is_acl_refusal(error: BaseException) -> bool:
     """Whether ``error`` is an ACL refusal: NOPERM, or a command of a script refused (a plain error reply)."""
     return isinstance(error, redis.exceptions.NoPermissionError) or "ACL failure in script" in str(error)

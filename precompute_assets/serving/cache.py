@@ -18,7 +18,7 @@ from typing import Any
 
 import redis
 
-from .acl import REAPPLY_HINT, is_acl_refusal
+from .acl import acl_hint, is_acl_refusal
 from .admission import AdmissionPolicy, Decision, admission_policy, evictable, observe_all
 from .connection import (
     REDIS_ERRORS,
@@ -903,7 +903,7 @@ class PredictionCache:
                 "Redis failed (%s: %s): %s (%d errors so far)%s",
                 type(error).__name__, " ".join(str(error).split()),
                 _store_failure(error) if store else _lookup_failure(error), self.errors,
-                f"; {REAPPLY_HINT}" if is_acl_refusal(error) else "",
+                f"; {acl_hint(error)}" if is_acl_refusal(error) else "",
             )  # fmt: skip
         if not self._cluster and isinstance(error, redis.ResponseError) and str(error).startswith("Protocol error"):
             # The server closes the connection after this reply (a value over its proto-max-bulk-len), maybe only

@@ -45,7 +45,7 @@ from precompute_assets.serving.querylog import read_stream_window
 from precompute_assets.serving.refresh import published_keys, read_recent_hits
 from precompute_assets.serving.replication import wait_for_replicas
 from precompute_assets.serving.stats import window_stats
-from precompute_assets.stack import RedisServer, free_port, redact, server_version, url_error
+from precompute_assets.stack import RedisServer, StackError, free_port, redact, server_version, url_error
 from precompute_assets_tests.factories import logged_queries
 
 ADMIN_PASSWORD = "admin-pw-0123456789"
@@ -345,6 +345,25 @@ def test_users_of_an_older_version_are_told_to_apply_the_rules_again(
             assert cache.get_or_compute("score", f"k{i}", lambda key: 1.0) == 1.0  # served all the same
     assert cache.errors >= 1
     assert any("getrange" in r.message and "precompute redis acl --apply" in r.message for r in caplog.records)
+
+
+def test_users_on_another_database_are_told_it_is_database_0_only(
+    server: RedisServer, users: dict[str, redis.Redis], schema: KeySchema, monkeypatch, caplog
+) -> None:
+    """The users get no SELECT: on a URL naming database 3 every lookup failed, and the warning (and `status`/`up`'s
+    refusal) said to apply the users again, which changed nothing. They now say the users work on database 0 only."""
+    from precompute_assets.stack import ENV_REDIS, check_login
+
+    reader = f"{schema.namespace}-reader"
+    url = f"redis://{reader}:{READER_PASSWORD}@127.0.0.1:{server.port}/3"
+    cache = PredictionCache.from_url(url, schema=schema, log_queries=False, log_events=False, socket_timeout=5)
+    with caplog.at_level("WARNING", logger="precompute_assets.serving.cache"):
+        assert cache.get("ctr", "ad1") is None
+    assert cache.errors == 1 and "work on database 0 only" in caplog.text, caplog.text
+    assert "acl --apply" not in caplog.text
+    cache.close()
+    with pytest.raises(StackError, match="refuses us: .*select.*work on database 0 only"):
+        check_login(ENV_REDIS, url)
 
 
 def test_a_publisher_without_the_invalidation_record_still_invalidates_and_checks(
