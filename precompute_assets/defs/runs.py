@@ -24,9 +24,3 @@ def daemon_heartbeat_age_s(instance: dg.DagsterInstance) -> float | None:
 
     beats = instance.get_daemon_heartbeats().values()
     return None if not beats else time.time() - max(beat.timestamp for beat in beats)
-
-
-def daemon_running(instance: dg.DagsterInstance) -> bool:
-    """Whether a Dagster daemon (``precompute dev``, ``dagster-daemon run``) ticks schedules and sensors now."""
-    age = daemon_heartbeat_age_s(instance)
-    return age is not None and age < DAEMON_FRESH_S

@@ -18,7 +18,7 @@ import pandas as pd
 
 from ..defs.partitions import deployment_partitions
 from ..defs.query_logs import QUARANTINE_OF
-from ..defs.runs import daemon_running
+from ..defs.runs import DAEMON_FRESH_S, daemon_heartbeat_age_s
 from ..ml.replay import replay
 from ..serving import KeySchema, Pointer, PredictionCache, connect
 from ..stack import ENV_APP_DB, ENV_DAGSTER_PG, ENV_LAKE, ENV_MODEL_STORE, ENV_REDIS, Stack, StackError
@@ -126,10 +126,13 @@ def run_demo(
             f"what {', '.join(foreign)} name{'s' if len(foreign) == 1 else ''}"
         )
     instance = dg.DagsterInstance.get()
-    if daemon_running(instance):  # its cache_health put the last demo's version back into the reset Redis
+    age = daemon_heartbeat_age_s(instance)
+    if age is not None and age < DAEMON_FRESH_S:  # its cache_health put the last demo's version back into Redis
         raise StackError(
-            "a Dagster daemon runs on this stack (`precompute dev`?): its sensors and schedules would act on the "
-            "demo's reset Redis and lake while it runs; stop it first"
+            f"a Dagster daemon runs on this stack (`precompute dev`?; its last heartbeat {age:.0f} s ago): its sensors"
+            " and schedules would act on the demo's reset Redis and lake while it runs; stop it first (a daemon"
+            f" stopped just now counts as running until its last heartbeat is {DAEMON_FRESH_S} s old: retry in"
+            f" {DAEMON_FRESH_S - age:.0f} s)"
         )
     stages = Stages()
     redis_url = env[ENV_REDIS]
