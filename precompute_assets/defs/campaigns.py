@@ -130,6 +130,13 @@ def warming_request(campaign: Campaign, *, run_key: str | None = None) -> dg.Run
     )
 
 
+def rescoring_request(campaign: Campaign, model: str, now: datetime) -> dg.RunRequest:
+    """The run that scores a warm campaign again with the newly approved ctr_model ``model``: a run key of its own per
+    model and hour of ``now``, so a run that failed gets another within the hour after, not one every tick."""
+    hour = int(now.timestamp()) // 3600
+    return warming_request(campaign, run_key=f"{warming_run_key(campaign)}-model{model}-h{hour}")
+
+
 def rewarming_request(campaign: Campaign, now: datetime) -> dg.RunRequest:
     """The run that warms ``campaign`` again after Redis lost its values: a run key of its own for each hour of ``now``
     (a sensor never launches a run key twice), so a loss that comes back, or a run that failed, gets another run
@@ -454,7 +461,9 @@ def campaign_budget(
     # means on Redis's replicas too: a failover must not lose what the registry calls warm (a timeout is retried).
     confirm_replicas(client, redis.replica_wait_s)
     warm_until = datetime.fromtimestamp(expire_at, UTC)
-    warm = registry.mark_warm(campaign_id, campaign.revision, warm_until=warm_until)
+    # the model the CTRs were scored with: a newer approved model has the sensor score them again
+    model = str(campaign_ctr["model_version"].iloc[0]) if "model_version" in campaign_ctr else None
+    warm = registry.mark_warm(campaign_id, campaign.revision, warm_until=warm_until, model=model or None)
     latest = registry.get(campaign_id)
     if latest is None or latest.status != "active":
         remove_campaign_values(registry, client, schema, campaign, now)  # cancelled meanwhile, see campaign_ctr
@@ -641,6 +650,28 @@ def lost_campaigns(
     return [c for c in lost if c.campaign_id not in busy], last
 
 
+def scored_by_older_model(
+    context: dg.SensorEvaluationContext, registry: CampaignRegistry, now: datetime, *, skip: set[str], limit: int
+) -> tuple[list[Campaign], str | None]:
+    """The warm campaigns whose CTRs another ctr_model than the approved one scored (or one not recorded: warmed
+    before the registry recorded it), at most ``limit``, launched earliest first, without those in ``skip`` or with
+    a warming run queued or running (that run scores them with the approved model); and the approved version (None
+    when no model is approved: nothing to score again with)."""
+    try:
+        model = approved_model_version(context.instance)
+    except dg.Failure:
+        return [], None
+    older = [c for c in registry.warm(now) if c.warm_model != model and c.campaign_id not in skip]
+    if not older:
+        return [], model
+    active = context.instance.get_runs(
+        dg.RunsFilter(job_name=campaign_warming_job.name, statuses=ACTIVE_RUN_STATUSES,
+                      tags={CAMPAIGN_TAG: [c.campaign_id for c in older]})
+    )  # fmt: skip
+    busy = {run.tags.get(CAMPAIGN_TAG) for run in active}
+    return [c for c in older if c.campaign_id not in busy][:limit], model
+
+
 def _in_turn(warm: list[Campaign], limit: int, after: str | None) -> tuple[list[Campaign], str | None]:
     """The ``limit`` campaigns of ``warm`` after id ``after`` (wrapping round), in ``warm``'s order, and the last
     of them by id; all of them, and None, when there are no more than ``limit``."""
@@ -697,8 +728,8 @@ def changes_since(registry: CampaignRegistry, seq: int, *, page: int = 10_000, p
     default_status=RUNNING,
     description="Warm campaigns launching within the warming horizon whose current revision is not warm (one run "
     "per campaign revision, high priority), warm open-ended campaigns again before their values expire, warm again "
-    "at once warm campaigns whose values Redis lost (at most once an hour each), and remove cancelled campaigns "
-    "from the cache.",
+    "at once warm campaigns whose values Redis lost (at most once an hour each), score warm campaigns again when a "
+    "new ctr_model is approved, and remove cancelled campaigns from the cache.",
 )
 def campaign_launch_sensor(
     context: dg.SensorEvaluationContext, campaign_registry: CampaignRegistryResource, redis: RedisResource
@@ -754,18 +785,30 @@ def campaign_launch_sensor(
             + ", ".join(f"{c.campaign_id} r{c.revision}" for c in lost[:10])
             + (" ..." if len(lost) > 10 else "")
         )
+    rescored, model = [], None
+    if campaign_registry.rescore_on_new_model and len(lost) < campaign_registry.max_rewarms_per_tick:
+        skip = requested | {c.campaign_id for c in [*lost, *cancelled]}
+        rescored, model = scored_by_older_model(
+            context, registry, now, skip=skip, limit=campaign_registry.max_rewarms_per_tick - len(lost)
+        )
+        if rescored:
+            context.log.info(
+                f"scoring {len(rescored)} warm campaigns again with the approved ctr_model {model}: "
+                + ", ".join(f"{c.campaign_id} ({c.warm_model or 'model not recorded'})" for c in rescored[:10])
+                + (" ..." if len(rescored) > 10 else "")
+            )
     known = set(context.instance.get_dynamic_partitions(CAMPAIGNS.name)) if fresh or lost else set()
     new_partitions = sorted({c.campaign_id for c in [*fresh, *lost]} - known)
     next_cursor = LaunchCursor(changed[-1].change_seq if changed else cursor.seq, now + horizon, now, checked).encode()
     context.log.info(
         f"{len(changed)} changed, {len(due)} due (cold, or values expiring), {len(fresh)} requested,"
-        f" {len(lost)} lost in Redis, {len(cancelled)} cancelled"
+        f" {len(lost)} lost in Redis, {len(rescored)} scored again with a new model, {len(cancelled)} cancelled"
     )
-    if not fresh and not lost and not cancelled:
+    if not fresh and not lost and not cancelled and not rescored:
         return dg.SensorResult(
             skip_reason=f"nothing new to warm ({len(due)} due, requested before)", cursor=next_cursor
         )
-    rewarming = [rewarming_request(c, now) for c in lost]
+    rewarming = [rewarming_request(c, now) for c in lost] + [rescoring_request(c, model, now) for c in rescored]
     return dg.SensorResult(
         run_requests=[*map(warming_request, fresh), *rewarming, *map(cleanup_request, cancelled)],
         dynamic_partitions_requests=[CAMPAIGNS.build_add_request(new_partitions)] if new_partitions else [],

@@ -330,6 +330,14 @@ class CampaignRegistryResource(dg.ConfigurableResource):
         "daemon for minutes.",
     )
 
+    rescore_on_new_model: bool = Field(
+        True,
+        description="Score warm campaigns again when a new ctr_model is approved (campaign_launch_sensor, within "
+        "max_rewarms_per_tick a tick, after the campaigns whose values Redis lost): one warming run per campaign and "
+        "model, so their CTRs and budget split come from the current model, not from the one approved when they "
+        "were warmed, for as long as they run. Off: each keeps its model until it is warmed again.",
+    )
+
     max_lost_checks_per_tick: int = Field(
         20_000,
         ge=1,

@@ -69,6 +69,8 @@ CREATE TABLE IF NOT EXISTS campaigns (
     CHECK (end_at IS NULL OR end_at > launch_at)
 );
 ALTER TABLE campaigns ADD COLUMN IF NOT EXISTS warm_until TIMESTAMPTZ;  -- registries created before it
+-- the ctr_model version the warm values were scored with (NULL: not recorded, a registry created before it)
+ALTER TABLE campaigns ADD COLUMN IF NOT EXISTS warm_model TEXT;
 CREATE UNIQUE INDEX IF NOT EXISTS campaigns_change_seq ON campaigns (change_seq);
 CREATE INDEX IF NOT EXISTS campaigns_status_launch_at ON campaigns (status, launch_at);
 -- exactly the predicate of due()'s first arm: a sensor tick reads only the cold active campaigns, whatever
@@ -100,7 +102,7 @@ _OBJECTS = (
 )  # fmt: skip
 _COLUMNS = (
     "campaign_id, tenant_id, launch_at, end_at, budget, status, revision, warm_revision, change_seq, updated_at, n_ads,"
-    " warm_until"
+    " warm_until, warm_model"
 )
 LATEST_TIME = datetime(2200, 1, 1, tzinfo=UTC)  # launch and end times are before it
 DEFAULT_REFRESH_MARGIN = timedelta(days=1)  # warm values again this long before they expire
@@ -154,6 +156,7 @@ class Campaign:
     updated_at: datetime
     n_ads: int
     warm_until: datetime | None = None  # when the warmed values expire (None: at the campaign's end)
+    warm_model: str | None = None  # the ctr_model version they were scored with (None: not recorded)
 
     @property
     def is_warm(self) -> bool:
@@ -175,6 +178,7 @@ class Campaign:
             "warm_revision": self.warm_revision,
             "is_warm": self.is_warm,
             "warm_until": self.warm_until.astimezone(UTC).isoformat() if self.warm_until else None,
+            "warm_model": self.warm_model,
             "change_seq": self.change_seq,
             "updated_at": self.updated_at.astimezone(UTC).isoformat(),
             "n_ads": self.n_ads,
@@ -398,7 +402,11 @@ class CampaignRegistry:
         """Create the sequence, tables and indexes if missing, and upgrade a registry created before
         ``warm_until`` (safe to call from many services at once)."""
         with transaction(self.url) as conn, conn.cursor() as cur:
-            cur.execute("SELECT " + ", ".join(f"to_regclass('{name}')" for name in _OBJECTS))
+            newest_column = (  # a registry created before it lacks it: the schema below adds it
+                "EXISTS (SELECT FROM pg_attribute WHERE attrelid = to_regclass('campaigns') AND attname = 'warm_model'"
+                " AND NOT attisdropped)"
+            )
+            cur.execute("SELECT " + ", ".join([*(f"to_regclass('{name}')" for name in _OBJECTS), newest_column]))
             if all(cur.fetchone()):
                 return
             # concurrent CREATE ... IF NOT EXISTS can still collide in the catalog: one creator at a time
@@ -719,7 +727,7 @@ class CampaignRegistry:
                ON CONFLICT (campaign_id) DO UPDATE
                SET launch_at = EXCLUDED.launch_at, end_at = EXCLUDED.end_at, budget = EXCLUDED.budget,
                    n_ads = EXCLUDED.n_ads, ads_digest = EXCLUDED.ads_digest, status = 'active',
-                   revision = c.revision + 1, warm_revision = NULL, warm_until = NULL,
+                   revision = c.revision + 1, warm_revision = NULL, warm_until = NULL, warm_model = NULL,
                    change_seq = EXCLUDED.change_seq, updated_at = now()""",
             [(c.campaign_id, c.tenant_id, c.launch_at, c.end_at, c.budget, len(c.ads), c.digest) for c in changed],
             template="(%s, %s, %s, %s, %s, %s, %s, 'active', 1, NULL, nextval('campaign_change_seq'), now())",
@@ -746,7 +754,8 @@ class CampaignRegistry:
             cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (_WRITE_LOCK,))
             cur.execute(
                 f"UPDATE campaigns SET status = 'cancelled', revision = revision + 1, warm_revision = NULL,"
-                f" warm_until = NULL, change_seq = nextval('campaign_change_seq'), updated_at = now()"
+                f" warm_until = NULL, warm_model = NULL, change_seq = nextval('campaign_change_seq'),"
+                f" updated_at = now()"
                 f" WHERE campaign_id = %s AND status <> 'cancelled' RETURNING {_COLUMNS}",
                 (campaign_id,),
             )
@@ -758,10 +767,12 @@ class CampaignRegistry:
                 raise CampaignError(f"campaign {campaign_id!r} is not registered", [(campaign_id, "not registered")])
             return Campaign(*row)
 
-    def mark_warm(self, campaign_id: str, revision: int, warm_until: datetime | None = None) -> bool:
+    def mark_warm(
+        self, campaign_id: str, revision: int, warm_until: datetime | None = None, *, model: str | None = None
+    ) -> bool:
         """Record that ``revision`` of the campaign is warm, only if it is still the current revision, with its
-        values expiring at ``warm_until`` (timezone-aware; None: at the campaign's end). ``due`` lists the
-        campaign again ``refresh_margin`` before they expire, unless it ends first.
+        values expiring at ``warm_until`` (timezone-aware; None: at the campaign's end), scored by ctr_model version
+        ``model``. ``due`` lists the campaign again ``refresh_margin`` before they expire, unless it ends first.
 
         Not a change for ``changed_since`` (change_seq stays): a sensor does not re-read what it warmed.
         """
@@ -769,9 +780,9 @@ class CampaignRegistry:
             raise ValueError(f"warm_until must be timezone-aware, got {warm_until.isoformat()}")
         with transaction(self.url) as conn, conn.cursor() as cur:
             cur.execute(
-                "UPDATE campaigns SET warm_revision = revision, warm_until = %s WHERE campaign_id = %s"
+                "UPDATE campaigns SET warm_revision = revision, warm_until = %s, warm_model = %s WHERE campaign_id = %s"
                 " AND revision = %s",
-                (warm_until, campaign_id, revision),
+                (warm_until, model, campaign_id, revision),
             )
             return cur.rowcount == 1
 

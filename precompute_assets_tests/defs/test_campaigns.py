@@ -846,6 +846,42 @@ def test_a_warm_campaign_whose_values_redis_lost_is_warmed_again_at_once(
     assert not tick(instance, resources["campaign_registry"], lost.cursor, **sensor).run_requests  # back in Redis
 
 
+def test_a_newly_approved_ctr_model_scores_the_warm_campaigns_again(
+    registry, resources, instance, model_home, monkeypatch, app_db
+):
+    """Campaign CTRs (and the budget split drawn from them) stayed those of the model approved when the campaign was
+    warmed, for as long as it ran (30 days for an open-ended one), while the nightly graph served every other ad by
+    the new model. The registry now records each warm campaign's model, and the sensor scores it again (once per
+    model, at most once an hour while a run fails) when another model is approved."""
+    from precompute_assets.defs import campaigns as campaigns_module
+
+    now = datetime.now(UTC)
+    campaign_id = unique("rescored")
+    registry.register(campaign_id, "acme", now + HOUR, campaign_ads(campaign_id, 3), end_at=now + 26 * HOUR)
+    sensor = {"redis": resources["redis"]}
+    first = tick(instance, resources["campaign_registry"], **sensor)
+    add_partitions(instance, first)
+    for request in first.run_requests:
+        assert warm(instance, resources, request.partition_key, tags=request.tags).success
+    assert registry.get(campaign_id).warm_model == model_home["version"]  # recorded by the warming run
+    quiet = tick(instance, resources["campaign_registry"], first.cursor, **sensor)
+    assert campaign_id not in {r.partition_key for r in quiet.run_requests}  # the same model: nothing to score
+
+    monkeypatch.setattr(campaigns_module, "approved_model_version", lambda instance: "2099-01-01.newer")
+    again = tick(instance, resources["campaign_registry"], quiet.cursor, **sensor)
+    (request,) = [r for r in again.run_requests if r.partition_key == campaign_id]
+    hour = int(datetime.now(UTC).timestamp()) // 3600
+    prefix = f"{campaigns_module.warming_run_key(registry.get(campaign_id))}-model2099-01-01.newer-h"
+    assert request.run_key in {f"{prefix}{h}" for h in (hour - 1, hour)} and request.job_name == "campaign_warming_job"
+    assert request.tags[CAMPAIGN_TAG] == campaign_id and request.tags["dagster/priority"] == "10"
+    off = CampaignRegistryResource(url=app_db, rescore_on_new_model=False)  # kept on the model it was warmed with
+    assert campaign_id not in {r.partition_key for r in tick(instance, off, quiet.cursor, **sensor).run_requests}
+    registry.mark_warm(campaign_id, registry.get(campaign_id).revision, registry.get(campaign_id).warm_until,
+                       model="2099-01-01.newer")  # fmt: skip  # what the requested run records
+    done = tick(instance, resources["campaign_registry"], again.cursor, **sensor)
+    assert campaign_id not in {r.partition_key for r in done.run_requests}
+
+
 def test_a_warm_campaign_that_lost_one_ctr_to_an_eviction_is_warmed_again(
     registry, resources, instance, cache, redis_client, schema
 ):
