@@ -530,9 +530,7 @@ def _user_states(ctx: TaskContext, timezone: str, hours: int = 24) -> pd.DataFra
         for user, state in parsed.items()
         if state is not None and state.ts_ms >= since and state.whole_since(span.since_ms, timezone)
     }
-    start = (
-        since if len(stored) < len(users) else max(since, min(int(s.stream_id.split("-")[0]) for s in stored.values()))
-    )
+    start = since if len(stored) < len(users) else max(since, min(stream_ms(s.stream_id) for s in stored.values()))
     wanted, rows = set(users), []
     for page in read_event_window(client, schema, start, ctx.now_ms + 1):
         for entry_id, fields in page:
@@ -658,6 +656,7 @@ class TickPlan:
     malformed: int = 0
     no_entity: int = 0
     predicted: int = 0
+    stale: int = 0  # tasks not asked: their event is older than the task type's TTL (``plan_events``' ``now_ms``)
 
     def want(self, task: str, entity: str, priority: int) -> None:
         key = (task, entity)
@@ -683,14 +682,23 @@ def plan_events(
     confidence: float = DEFAULT_CONFIDENCE,
     prior: Callable[[list[str]], Mapping[str, next_action.UserState]] | None = None,
     timezone: str = "UTC",
+    now_ms: int | None = None,
 ) -> TickPlan:
     """The task requests implied by ``entries`` (raw stream entries): each valid event's triggers, then for each
     user's latest event the tasks its predicted next actions (probability >= ``confidence``) need.
 
     ``prior(users)``: the states the users' earlier events left (``next_action.latest_states``), so that a user's
     state is that of their whole day, not of this tick's events alone; ``plan.states`` then holds every user's new
-    one, with or without a model (counted in the model's time zone, else ``timezone``)."""
+    one, with or without a model (counted in the model's time zone, else ``timezone``).
+
+    ``now_ms``: the time of the tick. A task whose event arrived (its stream ID) longer ago than the task type's TTL
+    is not asked, but counted in ``stale``: its value, computed on time, would have expired by now. A sensor that
+    was off for a day (or a daemon down) read a day of logins and asked each one's next actions and dashboard."""
     plan, rows = TickPlan(), []
+
+    def past(task: str, arrived_ms: int) -> bool:
+        return now_ms is not None and now_ms - arrived_ms > registry.types[task].ttl_s * 1000
+
     for entry_id, fields in entries:
         plan.events += 1
         row, _ = validate_event(entry_id, fields)
@@ -705,6 +713,9 @@ def plan_events(
             if not _valid_entity(entity):
                 plan.no_entity += 1
                 continue
+            if past(trigger.task, stream_ms(row["stream_id"])):
+                plan.stale += 1
+                continue
             plan.want(trigger.task, entity, registry.priority_of(trigger))
     predicting = model is not None and bool(registry.predicted)
     if not rows or not (predicting or prior is not None):
@@ -718,13 +729,22 @@ def plan_events(
         return plan
     proba = model.predict_proba(states)
     users, tenants = states["user"].tolist(), states["tenant"].tolist()
+    latest = frame.assign(arrived=frame["stream_id"].map(stream_ms)).groupby("user")["arrived"].max()
     for i, j in zip(*np.nonzero(proba >= confidence), strict=True):
         for trigger in registry.predicted.get(next_action.ACTIONS[j], ()):
             entity = users[i] if trigger.entity_field == "user" else tenants[i]
             if trigger.task in registry.types and _valid_entity(entity):
+                if past(trigger.task, int(latest[users[i]])):  # predicted from a user's event long past
+                    plan.stale += 1
+                    continue
                 plan.predicted += 1
                 plan.want(trigger.task, entity, registry.priority_of(trigger))
     return plan
+
+
+def stream_ms(stream_id: str) -> int:
+    """When an entry with ID ``stream_id`` (``MILLISECONDS-SEQUENCE``) arrived, in ms since the epoch."""
+    return int(stream_id.partition("-")[0])
 
 
 def run_requests(registry: TaskRegistry, plan: TickPlan, key_prefix: str) -> list[dg.RunRequest]:
@@ -880,13 +900,15 @@ def build_user_event_sensor(
         model = _approved_model(context, model_store) if tasks.predicted else None
         stored = StoredStates(redis, context.log)
         timezone = model.timezone if model is not None else deployment.partitions().timezone
-        plan = plan_events(tasks, entries, model=model, confidence=confidence, prior=stored, timezone=timezone)
+        plan = plan_events(tasks, entries, model=model, confidence=confidence, prior=stored, timezone=timezone,
+                           now_ms=time.time_ns() // 1_000_000)  # fmt: skip
         last = entries[-1][0].decode()
         stored.store(plan.states, after, last)  # not stored (warned): the next tick's span starts anew
         requests = run_requests(tasks, plan, f"{after}..{last}")
         context.log.info(
             f"{plan.events} events ({plan.malformed} malformed, {plan.no_entity} without an entity), "
-            f"{plan.predicted} predicted needs, {len(plan.wanted)} tasks in {len(requests)} runs, "
+            f"{plan.predicted} predicted needs, {plan.stale} tasks past their TTL not asked, "
+            f"{len(plan.wanted)} tasks in {len(requests)} runs, "
             f"{time.perf_counter() - started:.2f} s"
         )
         if not requests:

@@ -511,6 +511,30 @@ def test_confident_predictions_request_what_the_predicted_action_needs():
     assert unsure.wanted == {("next_actions", "u1"): 7, ("dashboard", "t1"): 3} and unsure.predicted == 0
 
 
+def test_events_older_than_their_tasks_ttl_ask_for_nothing():
+    """A sensor off for a day (or a daemon down) read a day of logins and asked each one's next actions and dashboard,
+    and predicted next actions from them: values that, computed on time, would have expired long ago. A task is asked
+    only while its event (its arrival, the stream ID) is younger than the task type's TTL; the rest are counted."""
+    now = time.time_ns() // 1_000_000
+
+    def event(ago_s: int, seq: int, user: str, action: str, **more: str) -> tuple[bytes, dict[bytes, bytes]]:
+        at = now - ago_s * 1000
+        fields = {b"ts": str(at).encode(), b"user": user.encode(), b"action": action.encode()}
+        return f"{at}-{seq}".encode(), fields | {k.encode(): v.encode() for k, v in more.items()}
+
+    entries = [
+        event(86_400, 0, "day-old", "login", tenant="t-day"),  # next_actions (1 h) and dashboard (15 min): both past
+        event(1_200, 0, "twenty-min", "login", tenant="t-twenty"),  # its dashboard is past, its next actions are not
+        event(2 * 86_400, 0, "uploader", "creative_upload", entity="cr1"),  # a creative's CTR lives 7 days
+    ]
+    model = NextActionModel(_Stub(), list(ACTIONS[1:]))  # sure of a dashboard view (a 15-minute task) next
+    plan = plan_events(builtin_registry(), entries, model=model, confidence=0.5, now_ms=now)
+    assert plan.wanted == {("next_actions", "twenty-min"): 7, ("ctr", "cr1"): 8}
+    assert plan.stale == 3 + 2 and plan.predicted == 0  # three triggered tasks, two predicted dashboards (the uploader
+    # has no tenant to show one to)
+    assert plan_events(builtin_registry(), entries, model=model, confidence=0.5).stale == 0  # no tick time: all asked
+
+
 def requested_tasks(result) -> set[tuple[str, str, int]]:
     return {
         (request.tags[TASK_TAG], entity, int(request.tags[PRIORITY_TAG]))
