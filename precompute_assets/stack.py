@@ -1117,7 +1117,6 @@ def login_problem(variable: str, url: str) -> str | None:
 def reachable(url: str, timeout_s: float = 0.5) -> bool:
     """Whether the host:port of a service URL accepts TCP connections (its Unix socket, when it names one; any of
     its sentinels, for a Redis Sentinel URL)."""
-    from urllib.parse import urlsplit
 
     if (path := unix_socket(url)) is not None:
         try:
@@ -1130,21 +1129,31 @@ def reachable(url: str, timeout_s: float = 0.5) -> bool:
     if (sentinel := parse_sentinel_url(url)) is not None:
         return any(_accepts(address, timeout_s) for address in sentinel.sentinels)
     check_url_port(url)
-    parts = urlsplit(url)
-    return _accepts((parts.hostname or "127.0.0.1", parts.port or default_port(url)), timeout_s)
+    return _accepts(service_address(url), timeout_s)
 
 
-def default_port(url: str) -> int:
-    """The port a client of ``url`` connects to when the URL names none: Redis's 6379, PostgreSQL's 5432 (or its
-    ``port`` parameter, as libpq reads it); 0 for other schemes. A URL without a port was "unreachable" (port 0), so
-    ``up`` refused a production server on its default port that the serving client used fine."""
-    from urllib.parse import parse_qs, urlsplit
+def service_address(url: str) -> tuple[str, int]:
+    """The host and port a client of the TCP service ``url`` connects to: for PostgreSQL as libpq reads them (its
+    ``host`` and ``port`` parameters over the URL's, then ``PGHOST``/``PGPORT``, then 5432; the first of several
+    hosts), for Redis the URL's or 6379. A URL without a port was "unreachable" (port 0), so ``up`` refused a
+    production server on its default port that the serving client used fine."""
+    from urllib.parse import urlsplit
 
     parts = urlsplit(url)
     if parts.scheme.startswith("postgres"):
-        port = parse_qs(parts.query).get("port", ["5432"])[-1]
-        return int(port) if port.isdigit() else 5432
-    return 6379 if parts.scheme in ("redis", "rediss") else 0
+        import psycopg2
+        from psycopg2.extensions import parse_dsn
+
+        from .storage.postgres import libpq_url
+
+        try:
+            params = parse_dsn(libpq_url(url))
+        except psycopg2.Error:  # no URL libpq reads: the login that follows says why
+            params = {"host": parts.hostname or "", "port": str(parts.port or "")}
+        host = (params.get("host") or os.environ.get("PGHOST") or "127.0.0.1").split(",")[0]
+        port = (params.get("port") or os.environ.get("PGPORT") or "5432").split(",")[0]
+        return host, int(port) if port.isdigit() else 5432
+    return parts.hostname or "127.0.0.1", parts.port or (6379 if parts.scheme in ("redis", "rediss") else 0)
 
 
 def _accepts(address: tuple[str, int], timeout_s: float) -> bool:

@@ -25,12 +25,12 @@ from precompute_assets.stack import (
     RedisServer,
     Stack,
     StackError,
-    default_port,
     default_redis_binary,
     ensure_system_user,
     free_port,
     reachable,
     server_version,
+    service_address,
     service_root,
     wheel_pg_install,
 )
@@ -786,18 +786,25 @@ def test_a_corrupt_aof_is_refused_with_a_repair_that_runs_here(tmp_path: Path) -
         server.stop()
 
 
-def test_a_url_without_a_port_is_reached_on_its_schemes_default_port(monkeypatch) -> None:
+def test_a_url_without_a_port_is_reached_where_its_client_connects(monkeypatch) -> None:
     """``redis://:pw@host/0`` or ``postgresql://u:pw@host/db``, as production URLs on the default port are written, was
-    "unreachable" (port 0): ``up`` and every command that runs it refused a server the serving client used fine."""
+    "unreachable" (port 0): ``up`` and every command that runs it refused a server the serving client used fine. A
+    PostgreSQL URL's port is libpq's: its ``port`` parameter over the URL's, then ``PGPORT``, then 5432."""
     import socket
 
-    from precompute_assets import stack as stack_module
-
-    assert default_port("redis://:pw@db.internal/0") == default_port("rediss://db.internal") == 6379
-    assert default_port("postgresql+psycopg2://u:pw@db.internal/app") == 5432
-    assert default_port("postgresql://u@db.internal/app?port=6432") == 6432  # libpq's parameter
-    with socket.socket() as listener:  # a server on the "default" port of this test
+    monkeypatch.delenv("PGPORT", raising=False)
+    monkeypatch.delenv("PGHOST", raising=False)
+    assert (
+        service_address("redis://:pw@db.internal/0") == service_address("rediss://db.internal") == ("db.internal", 6379)
+    )
+    assert service_address("postgresql+psycopg2://u:pw@db.internal/app") == ("db.internal", 5432)
+    assert service_address("postgresql://u@db.internal:1/app?port=6432") == ("db.internal", 6432)  # as libpq reads it
+    monkeypatch.setenv("PGPORT", "6543")
+    assert service_address("postgresql://u@db.internal/app") == ("db.internal", 6543)
+    assert service_address("postgresql://u@db.internal:5433/app") == ("db.internal", 5433)
+    with socket.socket() as listener:  # a PostgreSQL that only PGPORT or the port parameter names
         listener.bind(("127.0.0.1", 0))
         listener.listen()
-        monkeypatch.setattr(stack_module, "default_port", lambda url: listener.getsockname()[1])
-        assert reachable("redis://:pw@127.0.0.1/0") and reachable("postgresql://u:pw@127.0.0.1/app")
+        port = listener.getsockname()[1]
+        monkeypatch.setenv("PGPORT", str(port))
+        assert reachable("postgresql://u:pw@127.0.0.1/app") and reachable(f"postgresql://u@127.0.0.1:1/app?port={port}")
