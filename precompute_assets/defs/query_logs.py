@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 import redis.exceptions as redis_errors
 from pydantic import Field
 
-from ..serving.acl import REAPPLY_HINT
+from ..serving.acl import acl_hint
 from ..serving.keys import KeySchema
 from ..serving.querylog import (
     expand_entries,
@@ -75,7 +75,7 @@ def wait_for_hour_end(client, end_ms: int, hour: str, *, max_wait_s: float = HOU
         try:
             seconds, micros = client.time()
         except redis_errors.NoPermissionError as error:  # a publisher user of an older `precompute redis acl --apply`
-            raise dg.Failure(description=f"{hour} not read: {error}; {REAPPLY_HINT}", allow_retries=False) from None
+            raise dg.Failure(description=f"{hour} not read: {error}; {acl_hint(error)}", allow_retries=False) from None
         left_ms = end_ms - (int(seconds) * 1000 + int(micros) // 1000)
         if left_ms <= 0:
             return

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import redis
 
-from .acl import REAPPLY_HINT
+from .acl import acl_hint
 from .admission import UNPUBLISH
 from .keys import MAX_BUCKETS, KeySchema, Pointer, check_kind, check_version
 
@@ -156,7 +156,8 @@ def _record(client: redis.Redis, schema: KeySchema, kind: str, version: Pointer,
     except redis.exceptions.OutOfMemoryError:
         return False  # at maxmemory: the caller records it again once its deletes freed memory
     except redis.exceptions.NoPermissionError as error:
-        log.warning("%s: not recorded, so a restore of the version writes it back (%s); %s", name, error, REAPPLY_HINT)
+        hint = acl_hint(error)
+        log.warning("%s: not recorded, so a restore of the version writes it back (%s); %s", name, error, hint)
     return True
 
 
@@ -185,7 +186,7 @@ def invalidations(client: redis.Redis, schema: KeySchema, kind: str, version: st
     try:
         raw = client.smembers(schema.invalidated(kind, version))
     except redis.exceptions.NoPermissionError as error:
-        log.warning("%s: not read (%s); %s", schema.invalidated(kind, version), error, REAPPLY_HINT)
+        log.warning("%s: not read (%s); %s", schema.invalidated(kind, version), error, acl_hint(error))
         return Invalidations()
     members = [m.decode() if isinstance(m, bytes) else m for m in raw]
     by_tag: dict[str, list[str]] = {"k": [], "p": [], "b": []}
@@ -208,7 +209,7 @@ def bump_epoch(client: redis.Redis, kind: str, schema: KeySchema) -> bool:
     except redis.exceptions.OutOfMemoryError:
         return False
     except redis.exceptions.NoPermissionError as error:
-        log.warning("%s: deleting without the invalidation fence (%s); %s", schema.epoch(kind), error, REAPPLY_HINT)
+        log.warning("%s: deleting without the invalidation fence (%s); %s", schema.epoch(kind), error, acl_hint(error))
     return True
 
 

@@ -34,7 +34,7 @@ try:
 except ImportError:  # redis[hiredis] is a dependency; stay importable without it
     hiredis = None
 
-from .acl import REAPPLY_HINT, is_acl_refusal
+from .acl import acl_hint, is_acl_refusal
 from .admission import HAND_OVER, UNTRACK, evictable, fifo_names
 from .cache import live_value_keys
 from .connection import REDIS_ERRORS, cluster_send, follow_primary, is_cluster, key_slot, send_pipelined
@@ -356,7 +356,7 @@ def script_refusal_hint(error: redis.ResponseError) -> str | None:
     if "'eval'" not in text:
         return None
     if is_acl_refusal(error):
-        return REAPPLY_HINT
+        return acl_hint(error)
     return RENAMED_HINT if "unknown command" in text else None
 
 
@@ -517,7 +517,7 @@ def _settle(
     except REDIS_ERRORS as error:
         message = f"{type(error).__name__}: {str(error).rpartition('caused error: ')[2]}"[:300]  # not the script
         if is_acl_refusal(error):
-            message += f"; {REAPPLY_HINT}"
+            message += f"; {acl_hint(error)}"
         _log.warning("%s version published, but probation's live tier was not settled: %s", kind, message)
         return 0, message
 
@@ -1285,7 +1285,7 @@ def write_live_values(
             _fenced_transaction(client, schema.epoch(kind), epoch, [*commands, *also])
             return len(pairs)
         except redis.exceptions.NoPermissionError as error:  # a publisher user made before the fence: unfenced
-            _log.warning("%s values written without their invalidation fence (%s); %s", kind, error, REAPPLY_HINT)
+            _log.warning("%s values written without their invalidation fence (%s); %s", kind, error, acl_hint(error))
     if epoch is not None and read_epoch(client, schema, kind) != epoch:
         raise InvalidatedMeanwhile(f"{kind} was invalidated while its values were computed: none written")
     transact_per_slot(client, [*commands, *also])

@@ -45,7 +45,7 @@ from typing import Any
 
 import redis
 
-from .acl import REAPPLY_HINT
+from .acl import acl_hint
 from .connection import REDIS_ERRORS, PendingCluster, cluster_send, is_cluster, pack_resp
 from .keys import ARM_PATTERN, KIND_PATTERN, VERSION_PATTERN, KeySchema
 
@@ -864,7 +864,7 @@ def read_newest_queries(
         try:
             entries = client.xrevrange(schema.query_log(), max=upper, min=f"{since_ms}-0", count=page)
         except redis.exceptions.NoPermissionError as error:
-            raise redis.exceptions.NoPermissionError(f"{error}; {REAPPLY_HINT}") from None
+            raise redis.exceptions.NoPermissionError(f"{error}; {acl_hint(error)}") from None
         for entry in entries:
             queries = list(expand_entries([entry]))
             yield from reversed(queries[-left:])

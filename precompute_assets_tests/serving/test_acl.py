@@ -364,6 +364,11 @@ def test_users_on_another_database_are_told_it_is_database_0_only(
     cache.close()
     with pytest.raises(StackError, match="refuses us: .*select.*work on database 0 only"):
         check_login(ENV_REDIS, url)
+    publisher = connect(f"redis://{schema.namespace}-publisher:{PUBLISHER_PASSWORD}@127.0.0.1:{server.port}/3")
+    with pytest.raises(redis.exceptions.NoPermissionError, match="select.*work on database 0 only") as refused:
+        window_stats(publisher, schema, window_s=3600)  # as `cache stats` and the sensors read the newest queries
+    assert "acl --apply" not in str(refused.value)
+    publisher.close()
 
 
 def test_a_publisher_without_the_invalidation_record_still_invalidates_and_checks(
