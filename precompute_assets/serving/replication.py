@@ -92,13 +92,22 @@ def _wait(client: redis.Redis, timeout_s: float, poll_s: float, since: Replicas)
     if timeout_s <= 0:
         return {}
     targets: dict[str, tuple[int, set[str]]] = {}
+    history: dict[str, object] = {}  # each target's replication ID: another one is another primary (a failover)
     for node, info in _checked_infos(client, since).items():
         if replicas := set(online_replicas(info)) | since.get(node, set()):
             targets[node] = (int(info.get("master_repl_offset", 0)), replicas)
+            history[node] = info.get("master_replid")
     deadline = time.monotonic() + timeout_s
     while targets:
         time.sleep(poll_s)
         infos = _checked_infos(client, since, targets)
+        for node, replid in history.items():
+            # A Sentinel client follows the promoted replica (the sentinel kills the demoted primary's connections):
+            # it answers as a primary, of another history, whose replicas never reach the old one's offsets.
+            if replid is not None and infos.get(node, {}).get("master_replid", replid) != replid:
+                raise ReplicaLostError(
+                    f"{node or 'the server'} is another primary now (its replication ID changed): a failover?"
+                )
         behind, gone = {}, []  # gone: late replicas that confirmed the earlier wait and are offline now
         for node, (offset, replicas) in targets.items():
             acknowledged = online_replicas(infos.get(node, {}))

@@ -325,6 +325,41 @@ def test_a_failover_during_a_publish_fails_it(sentinel_group: SentinelGroup):
         assert Pointer.decode(promoted.get(schema.pointer("ctr"))).version == "v1"
 
 
+def test_a_sentinel_failover_while_replicas_are_waited_for_fails_the_wait_at_once(sentinel_group, session_dir):
+    """The sentinels kill the demoted primary's connections, so a Sentinel client asks the promoted replica next: it
+    answers as a primary, of another replication history, whose replicas never reach the old primary's offset. The
+    wait ran out its whole timeout (30 s for a flip), then named the new primary "behind". It now fails at once."""
+    from precompute_assets.serving.replication import ReplicaLostError, wait_for_replicas
+    from precompute_assets_tests.factories import PROMPT_FULL_SYNC, wait_for_replica
+
+    never = RedisServer(  # a second replica the sentinels never promote: stopped, it keeps the wait from ending
+        session_dir / "servers" / uuid.uuid4().hex[:8], free_port(),
+        extra_config=("appendonly no", PROMPT_FULL_SYNC, "replica-priority 0",
+                      f"replicaof 127.0.0.1 {sentinel_group.primary.port}"),
+    )  # fmt: skip
+    never.start(timeout_s=30)
+    try:
+        wait_for_replica(redis.Redis(port=sentinel_group.primary.port), redis.Redis(port=never.port))
+        client = connect(sentinel_group.url, socket_timeout=5)
+        os.kill(never.pid, signal.SIGSTOP)
+        client.set("written", "after the second replica stopped")
+
+        def fail_over() -> None:
+            with redis.Redis(port=sentinel_group.sentinel.port) as sentinel:
+                sentinel.execute_command("SENTINEL", "FAILOVER", SERVICE)
+
+        timer = threading.Timer(0.5, fail_over)
+        timer.start()
+        started = time.monotonic()
+        with pytest.raises(ReplicaLostError, match="failover"):
+            wait_for_replicas(client, 60)
+        timer.join()
+        assert time.monotonic() - started < 45  # not the whole wait
+        client.close()
+    finally:
+        os.kill(never.pid, signal.SIGKILL)  # stopped (and its primary demoted): it would refuse SIGTERM for a minute
+
+
 @pytest.mark.skipif(shutil.which("redis-benchmark") is None, reason="no redis-benchmark (apt-get install redis-tools)")
 def test_bench_publish_reference_runs_on_the_sentinels_primary(sentinel_group: SentinelGroup):
     """``bench publish``'s redis-benchmark reference took a Sentinel URL's host:port for the server's: it benchmarked
