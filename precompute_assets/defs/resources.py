@@ -149,19 +149,24 @@ def out_of_memory(
     and what to change: its ``maxmemory``, or the ``volatile-lru`` policy this project's keys are laid out for.
     ``outcome``: what the refused write left undone; ``readers``: what readers see meanwhile."""
     memory: dict = {}
-    with contextlib.suppress(*REDIS_ERRORS):
-        memory = {} if is_cluster(client) else client.info("memory")
+    with contextlib.suppress(*REDIS_ERRORS, IndexError):  # on a cluster, a primary's (they share one configuration)
+        memory = client.info("memory", target_nodes=client.get_primaries()[0]) if is_cluster(client) else (
+            client.info("memory"))  # fmt: skip
+    policy = memory.get("maxmemory_policy")
     seen = ""
-    policy = str(memory.get("maxmemory_policy", "noeviction"))
     if memory:
         seen = (f" ({memory.get('used_memory')} of maxmemory {memory.get('maxmemory')} bytes used, "
                 f"maxmemory-policy {policy})")  # fmt: skip
-    if policy == "noeviction":
-        advice = (" Give that server a larger maxmemory, or the policy volatile-lru, which evicts versions and live"
-                  " values (they have a TTL) before refusing a write (README: Security and limits)")  # fmt: skip
-    else:  # it evicts, and found nothing it may: keys without a TTL (another application's, the log streams) fill it
+    if policy is None or policy == "noeviction":  # a policy not read: the advice for the default one, said as such
+        which = " (if it has noeviction)" if policy is None else ""
+        advice = (f" Give that server a larger maxmemory, or{which} the policy volatile-lru, which evicts versions and"
+                  " live values (they have a TTL) before refusing a write (README: Security and limits)")  # fmt: skip
+    elif policy.startswith("volatile"):  # it found nothing it may evict: keys without a TTL fill it
         advice = (f" Nothing is left that {policy} may evict: keys without a TTL fill it (another application's, the"
                   " query-log and event streams). Give that server a larger maxmemory, or publish fewer keys"
+                  " (README: Security and limits)")  # fmt: skip
+    else:  # allkeys-*: it could evict nothing for this write (one value larger than what it can free)
+        advice = (f" Under {policy} it could free no room for this write. Give that server a larger maxmemory"
                   " (README: Security and limits)")  # fmt: skip
     refused = " ".join(str(error).split())
     return f"{outcome}: the Redis of {ENV_REDIS} is out of memory{seen}: {refused}. {readers}{advice}"

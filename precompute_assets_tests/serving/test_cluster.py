@@ -1095,3 +1095,22 @@ def test_a_plain_url_of_a_cluster_node_is_refused_in_one_line_naming_cluster_1(r
     with pytest.raises(Exception, match=r"is a Redis Cluster node: add \?cluster=1 to the URL"):
         RedisResource(url=plain).client()
     RedisResource(url=redis_cluster.url).client().close()  # the cluster URL itself is fine
+
+
+def test_out_of_memory_on_the_cluster_reads_its_policy(redis_cluster, cluster_client):
+    """On a cluster the failure read no ``INFO`` and took the policy for noeviction: a cluster under volatile-lru was
+    told to switch to volatile-lru."""
+    from precompute_assets.defs.resources import out_of_memory
+
+    nodes = [redis_cluster.client(server.port) for server in redis_cluster.masters]
+    before = [node.config_get("maxmemory-policy")["maxmemory-policy"] for node in nodes]
+    try:
+        for node in nodes:
+            node.config_set("maxmemory-policy", "volatile-lru")
+        text = out_of_memory(cluster_client, redis.exceptions.OutOfMemoryError("OOM command not allowed"))
+        assert "maxmemory-policy volatile-lru" in text and "Nothing is left that volatile-lru may evict" in text, text
+        assert "or the policy volatile-lru" not in text
+    finally:
+        for node, policy in zip(nodes, before, strict=True):
+            node.config_set("maxmemory-policy", policy)
+            node.close()
