@@ -184,7 +184,7 @@ def _json(value: Any) -> Any:
     return str(value)
 
 
-LOAD_ID = re.compile(r"\d{8}T\d{6}Z-[0-9a-f]{6}")  # what _new_load_id makes: 20261207T061500Z-1a2b3c
+LOAD_ID = re.compile(r"[0-9]{8}T[0-9]{6}Z-[0-9a-f]{6}")  # what _new_load_id makes: 20261207T061500Z-1a2b3c
 
 
 def _new_load_id() -> str:

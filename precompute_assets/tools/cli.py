@@ -1208,6 +1208,7 @@ def _print_quarantined(store: DocumentStore, load_id: str) -> int:
     ``load_id`` that no load could have (a typo, a file name) is a CliError."""
     from ..storage.documents import LOAD_ID
 
+    load_id = load_id.strip()  # pasted from a summary with the line's end
     if LOAD_ID.fullmatch(load_id) is None:
         raise CliError(
             f"{load_id!r} is not a load id: give the load_id of a `docs load` summary (like 20261207T061500Z-1a2b3c)"
