@@ -1704,6 +1704,8 @@ def test_docs_load_maps_a_corpus_fields_and_refuses_a_field_it_lacks(stack, app_
         ("line 5", '{"_id": "cut'),
     ]
     assert listed[0]["reason"] == "missing doc_id" and listed[1]["reason"].startswith("malformed JSON: ")
+    assert main(["docs", "quarantine", f" {summary['load_id']}\n"]) == 0  # pasted with the summary line's end
+    assert len(capsys.readouterr().out.splitlines()) == 2
     assert main(["docs", "quarantine", "20200101T000000Z-abcdef"]) == 0  # a load id, of no load or a clean one
     out, err = capsys.readouterr()
     assert out == "" and err.count("\n") == 1 and "load '20200101T000000Z-abcdef' quarantined no rows" in err
