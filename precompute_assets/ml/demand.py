@@ -189,6 +189,13 @@ class HourlyCounts:
             out[:, d] = np.nansum(self.counts[:, self.day == d], axis=1)
         return out
 
+    def whole_days(self) -> np.ndarray:
+        """Per day (bool, days,): whether none of its hours of logs is missing. A missing hour counts 0 in ``daily``,
+        so only whole days compare (``_mase_scale``)."""
+        lost = self.missing if self.missing is not None else (
+            np.isnan(self.counts).all(axis=0) if len(self.keys) else np.zeros(len(self.day), dtype=bool))  # fmt: skip
+        return np.bincount(self.day[lost], minlength=self.n_days) == 0 if len(self.day) else np.zeros(0, dtype=bool)
+
     def day_start(self, d: int) -> int:
         """Index of the first hour of day ``d`` (the number of hours when ``d`` is one past the last day)."""
         return int(np.searchsorted(self.day, d, side="left"))
@@ -505,16 +512,24 @@ def ewma_forecast(data: HourlyCounts, target_day: int, hp: DemandHyperParams) ->
     return HOURS_PER_DAY * rate
 
 
-def _mase_scale(daily: np.ndarray, held_day: int) -> tuple[float, str | None]:
+def _mase_scale(daily: np.ndarray, held_day: int, whole: np.ndarray | None = None) -> tuple[float, str | None]:
     """The pooled in-sample seasonal-naive error of the keys of ``daily`` before ``held_day`` (MASE's scale), and
-    why it cannot scale anything (missing or 0), or None when it can."""
+    why it cannot scale anything (missing or 0), or None when it can. ``whole``: which days have no missing hour
+    (``HourlyCounts.whole_days``); only pairs of whole days count, and the held-back day must be whole. A day whose
+    logs were missing counted 0 requests: every pair with it added its whole traffic to the scale (a deployment's
+    first two weeks scaled errors by 2.7 where 1.5 was due, and reported frequency better than seasonal naive)."""
     season = 7 if held_day > 7 else 1
     if daily.shape[0] == 0:
         return math.nan, "no key was requested before the held-back day"
     if held_day <= season:
         return math.nan, f"{held_day} day(s) before the held-back day: too few for a season of {season} day(s)"
-    history = daily[:, :held_day]
-    scale = float(np.abs(history[:, season:] - history[:, :-season]).mean())
+    whole = np.ones(daily.shape[1], dtype=bool) if whole is None else whole
+    if held_day < len(whole) and not whole[held_day]:
+        return math.nan, "hours of logs are missing on the held-back day: its requests are not all known"
+    later = [d for d in range(season, held_day) if whole[d] and whole[d - season]]
+    if not later:
+        return math.nan, f"no two whole days {season} day(s) apart before the held-back day (hours of logs missing)"
+    scale = float(np.abs(daily[:, later] - daily[:, [d - season for d in later]]).mean())
     if scale == 0:
         return scale, (
             f"no key's daily requests changed from one {season}-day season to the next before the held-back day, "
@@ -523,16 +538,18 @@ def _mase_scale(daily: np.ndarray, held_day: int) -> tuple[float, str | None]:
     return scale, None
 
 
-def mase_undefined(daily: np.ndarray, held_day: int) -> str | None:
-    """Why the MASE of the keys of ``daily`` cannot be measured on ``held_day`` (its scale is missing or 0), or
-    None when it can."""
-    return _mase_scale(daily, held_day)[1]
+def mase_undefined(daily: np.ndarray, held_day: int, whole: np.ndarray | None = None) -> str | None:
+    """Why the MASE of the keys of ``daily`` cannot be measured on ``held_day`` (its scale is missing or 0, or the
+    days it needs are not ``whole``), or None when it can."""
+    return _mase_scale(daily, held_day, whole)[1]
 
 
-def mase(forecast: np.ndarray, actual: np.ndarray, daily: np.ndarray, held_day: int) -> float:
-    """Mean absolute error of ``forecast`` scaled by the pooled in-sample seasonal-naive error (module doc); NaN
-    when that scale is undefined or 0 (``mase_undefined`` says why)."""
-    return _scaled_error(forecast, actual, *_mase_scale(daily, held_day))
+def mase(
+    forecast: np.ndarray, actual: np.ndarray, daily: np.ndarray, held_day: int, whole: np.ndarray | None = None
+) -> float:
+    """Mean absolute error of ``forecast`` scaled by the pooled in-sample seasonal-naive error of the ``whole`` days
+    (module doc); NaN when that scale is undefined or 0 (``mase_undefined`` says why)."""
+    return _scaled_error(forecast, actual, *_mase_scale(daily, held_day, whole))
 
 
 def _scaled_error(forecast: np.ndarray, actual: np.ndarray, scale: float, undefined: str | None) -> float:
@@ -581,7 +598,7 @@ def evaluate_demand(
         )
     known = daily[:, :held].sum(axis=1) > 0  # a method can only choose keys requested before the held-back day
     actual_series = pd.Series(actual, index=pd.Index(data.keys))
-    scale, mase_note = _mase_scale(daily[known], held)  # the same for every method: found once
+    scale, mase_note = _mase_scale(daily[known], held, data.whole_days())  # the same for every method: found once
     hit_rate, errors, series = {}, {}, {}
     for name, forecast in forecasts.items():
         s = pd.Series(forecast, index=pd.Index(data.keys))

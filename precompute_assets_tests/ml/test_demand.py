@@ -348,6 +348,25 @@ def test_mase_undefined_says_why_the_scale_is_missing_or_zero():
     assert mase_undefined(np.ones((0, 4)), held_day=3) == "no key was requested before the held-back day"
 
 
+def test_mase_scales_by_whole_days_only():
+    """A day whose logs were missing counts 0 requests: each season pair with it added the day's whole traffic to the
+    scale (a deployment's first two weeks scaled errors by 2.7 where 1.5 was due), so the methods looked better than
+    seasonal naive. Only pairs of whole days scale, and a held-back day with missing hours measures no MASE."""
+    daily = np.array([[0.0, 0.0, *(10.0 + 2 * (d % 2) for d in range(2, 11))]])  # days 0 and 1: logs missing
+    whole = np.array([False, False, *[True] * 9])
+    # season 7 before day 10: pairs (7, 0), (8, 1), (9, 2); only (9, 2) is of whole days: |12 - 10| = 2
+    assert mase(np.array([14.0]), np.array([10.0]), daily, held_day=10, whole=whole) == pytest.approx(4 / 2)
+    assert mase(np.array([14.0]), np.array([10.0]), daily, held_day=10) == pytest.approx(
+        4 / 8
+    )  # every pair: (12+10+2)/3
+    short = np.array([False, False, False, *[True] * 8])  # (9, 2) lost too
+    assert "no two whole days 7 day(s) apart" in mase_undefined(daily, held_day=10, whole=short)
+    held_partly = np.array([*[True] * 10, False])
+    assert "missing on the held-back day" in mase_undefined(daily, held_day=10, whole=held_partly)
+    lost = [(d, t, None if d < 2 or (d == 9 and t.hour == 3) else c) for d, t, c in synthetic_hours(n_keys=5, days=11)]
+    assert HourlyCounts.from_hours(lost).whole_days().tolist() == [False, False, *[True] * 7, False, True]
+
+
 def test_an_evaluation_without_variation_notes_why_its_mase_is_nan():
     hours = [(d, MONDAY + timedelta(days=d, hours=h)) for d in range(4) for h in range(24)]
     flat = HourlyCounts.from_hours((d, start, pd.Series([1, 2], index=["a", "b"])) for d, start in hours)
