@@ -38,7 +38,6 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .serving.acl import DATABASE_HINT, refused_select
 from .serving.connection import (
     REDIS_ERRORS,
     SENTINEL_SCHEMES,
@@ -1110,6 +1109,8 @@ def login_problem(variable: str, url: str) -> str | None:
         reason = redact(one_line(str(error)))
         return f"{NO_ANSWER} ({reason})" if silent else reason
     except (redis.RedisError, RedisClusterException) as error:  # the latter: "Cluster mode is not enabled", ...
+        from .serving.acl import DATABASE_HINT, refused_select  # here: acl's key schema imports numpy
+
         return redact(one_line(str(error))) + (f"; {DATABASE_HINT}" if refused_select(error) else "")
     return None
 
