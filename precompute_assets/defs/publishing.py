@@ -373,8 +373,11 @@ def changed_served_evaluations(
     instance: dg.DagsterInstance, client: redis.Redis, schema: KeySchema
 ) -> list[dg.AssetCheckEvaluation]:
     """``served_evaluation`` of each published kind whose verdict differs from its check's last stored one (none
-    stored counts as passed): reported once when Redis loses a version, and once when it serves one again."""
-    from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
+    stored counts as passed): reported once when Redis loses a version, and once when it serves one again. A last
+    record that is no verdict (planned by a run that ended without evaluating it: a daily run that failed before its
+    publish) is replaced by one at once: the UI showed the check red, "Execution failed", while Redis served the
+    version, until a later run evaluated it."""
+    from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus as Status
 
     keys = [dg.AssetCheckKey(dg.AssetKey(asset), SERVED_CHECK) for asset, _ in PUBLISHED_KINDS.values()]
     latest = instance.event_log_storage.get_latest_asset_check_execution_by_key(keys)
@@ -382,8 +385,13 @@ def changed_served_evaluations(
     for kind, key in zip(PUBLISHED_KINDS, keys, strict=True):
         evaluation = served_evaluation(instance, client, schema, kind)
         record = latest.get(key)
-        failed_before = record is not None and record.status == AssetCheckExecutionRecordStatus.FAILED
-        if evaluation.passed == failed_before:
+        status = Status.SUCCEEDED if record is None else record.status
+        if status == Status.PLANNED:  # no verdict yet: a run evaluating it now has the word, a finished one none
+            run = instance.get_run_by_id(record.run_id)
+            if run is not None and not run.is_finished:
+                continue
+            changed.append(evaluation)
+        elif (status == Status.SUCCEEDED) != evaluation.passed:
             changed.append(evaluation)
     return changed
 

@@ -136,6 +136,49 @@ def test_a_lost_ctr_version_fails_ctr_caches_check_until_it_is_published_again(l
         assert latest[lost.asset_check_key].status.value == "SUCCEEDED"
 
 
+def test_a_run_that_failed_before_its_publish_leaves_the_served_check_no_verdict_for_long(
+    lake_uri, redis_url, redis_client, schema
+):
+    """A daily run that failed before ctr_cache published left served_by_redis planned and never evaluated: the UI
+    showed it red, "Execution failed", while Redis served the version, and cache_health, which compared the verdict
+    with the last one stored, reported nothing until a later run evaluated the check. It reports one at once."""
+    from precompute_assets.defs.automation import build_cache_health_sensor
+    from precompute_assets.defs.publishing import SERVED_CHECK, SERVED_CHECKS
+
+    Lake(lake_uri).write("ctr_predictions", GOOD, pd.DataFrame({"ad_id": ["a1"], "ctr": [0.1], "model_version": "m"}))
+    resources = {"redis": RedisResource(url=redis_url, namespace=schema.namespace)}
+    key = dg.AssetCheckKey(dg.AssetKey("ctr_cache"), SERVED_CHECK)
+    (check,) = [c for c in SERVED_CHECKS if c.check_keys == {key}]
+    sensor = build_cache_health_sensor("UTC")
+    with dg.instance_for_test() as instance:
+
+        def tick() -> list[dg.AssetCheckEvaluation]:
+            with dg.build_sensor_context(instance=instance, resources=resources) as context:
+                result = sensor(context)
+            evaluations = result.asset_events if isinstance(result, dg.SensorResult) else []
+            for evaluation in evaluations:
+                instance.report_runless_asset_event(evaluation)
+            return evaluations
+
+        assert publish(instance, lake_uri, redis_url, schema.namespace, GOOD)["published"] and tick() == []
+        lake = LakeResource(base_uri=lake_uri)
+        failed = dg.materialize(  # the next day's run: no predictions in the lake, so ctr_cache fails
+            [dg.AssetSpec("ctr_predictions", partitions_def=DEFAULT_PARTITIONS.daily), ctr_cache, check],
+            selection=dg.AssetSelection.assets(ctr_cache),
+            partition_key=BAD,
+            instance=instance,
+            resources={"lake": lake, "io_manager": ParquetIOManager(lake=lake), **resources},
+            raise_on_error=False,
+        )
+        assert not failed.success
+        latest = instance.event_log_storage.get_latest_asset_check_execution_by_key([key])[key]
+        assert latest.status.value == "PLANNED" and latest.run_id == failed.run_id  # no verdict: "Execution failed"
+        (served,) = tick()
+        assert served.passed and served.asset_check_key == key and tick() == []  # reported once
+        latest = instance.event_log_storage.get_latest_asset_check_execution_by_key([key])[key]
+        assert latest.status.value == "SUCCEEDED"
+
+
 def test_ctr_buckets_expired_under_their_pointer_fail_the_check_and_show_in_status(
     lake_uri, redis_url, redis_client, schema
 ):
