@@ -196,8 +196,8 @@ def current_model_path(instance: dg.DagsterInstance) -> Path:
         dg.AssetCheckSpec(
             "int8_recall",
             asset="document_embeddings",
-            description=f"Recall@10 of int8 against float32 neighbours on a sample of documents; warns below "
-            f"{RECALL_GOAL}.",
+            description=f"Recall@10 of int8 against float32 neighbours, searched within a sample of documents (the "
+            f"whole corpus's is lower: its neighbours are closer); warns below {RECALL_GOAL}.",
         ),
         dg.AssetCheckSpec(
             "staleness",
