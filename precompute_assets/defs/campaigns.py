@@ -66,6 +66,7 @@ PRIORITY_TAG = "dagster/priority"
 WARMING_TAG = "precompute/warming"
 CAMPAIGN_TAG = "precompute/campaign"
 WARMING_PRIORITY = 10  # nightly runs have the default 0, backfills -1
+RESCORING_PRIORITY = 5  # a warm campaign scored again by a new model: behind every launch's warming, before the night
 # dagster/max_retries: a warming or cleanup run whose worker died (or that never started) is re-executed by the
 # daemon (dagster.yaml's run_retries; step failures are left to WARMING_RETRY): its run key is never requested again.
 # dagster/max_runtime: with the default launcher, run monitoring ends a run whose worker and code server died (a worker
@@ -130,11 +131,18 @@ def warming_request(campaign: Campaign, *, run_key: str | None = None) -> dg.Run
     )
 
 
+def rescoring_key(campaign: Campaign, model: str, now: datetime) -> str:
+    """``rescoring_request``'s run key: one per model and hour of ``now``, so a run that failed gets another within
+    the hour after, not one every tick."""
+    return f"{warming_run_key(campaign)}-model{model}-h{int(now.timestamp()) // 3600}"
+
+
 def rescoring_request(campaign: Campaign, model: str, now: datetime) -> dg.RunRequest:
-    """The run that scores a warm campaign again with the newly approved ctr_model ``model``: a run key of its own per
-    model and hour of ``now``, so a run that failed gets another within the hour after, not one every tick."""
-    hour = int(now.timestamp()) // 3600
-    return warming_request(campaign, run_key=f"{warming_run_key(campaign)}-model{model}-h{hour}")
+    """The run that scores a warm campaign again with the newly approved ctr_model ``model``, at
+    ``RESCORING_PRIORITY``: a new model each night asks one per warm campaign, and none may hold back the warming of
+    a campaign about to launch (the queue launches higher priorities first; two warming runs go at once)."""
+    request = warming_request(campaign, run_key=rescoring_key(campaign, model, now))
+    return request.with_replaced_attrs(tags={**request.tags, PRIORITY_TAG: str(RESCORING_PRIORITY)})
 
 
 def rewarming_request(campaign: Campaign, now: datetime) -> dg.RunRequest:
@@ -657,11 +665,14 @@ def scored_by_older_model(
     before the registry recorded it), at most ``limit``, launched earliest first, without those in ``skip`` or with
     a warming run queued or running (that run scores them with the approved model); and the approved version (None
     when no model is approved: nothing to score again with)."""
+    warm = [c for c in registry.warm(now) if c.campaign_id not in skip]
+    if not warm:  # nothing to score again: the approved model (every materialization read) is not looked up
+        return [], None
     try:
         model = approved_model_version(context.instance)
     except dg.Failure:
         return [], None
-    older = [c for c in registry.warm(now) if c.warm_model != model and c.campaign_id not in skip]
+    older = [c for c in warm if c.warm_model != model][: limit * 10]
     if not older:
         return [], model
     active = context.instance.get_runs(
@@ -669,7 +680,11 @@ def scored_by_older_model(
                       tags={CAMPAIGN_TAG: [c.campaign_id for c in older]})
     )  # fmt: skip
     busy = {run.tags.get(CAMPAIGN_TAG) for run in active}
-    return [c for c in older if c.campaign_id not in busy][:limit], model
+    # a run of this hour's key that failed: asked again next hour; meanwhile it takes no room from the others
+    keys = [rescoring_key(c, model, now) for c in older]
+    asked = {run.tags.get(RUN_KEY_TAG) for run in context.instance.get_runs(dg.RunsFilter(tags={RUN_KEY_TAG: keys}))}
+    due = [c for c, key in zip(older, keys, strict=True) if c.campaign_id not in busy and key not in asked]
+    return due[:limit], model
 
 
 def _in_turn(warm: list[Campaign], limit: int, after: str | None) -> tuple[list[Campaign], str | None]:

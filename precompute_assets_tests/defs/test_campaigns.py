@@ -873,7 +873,16 @@ def test_a_newly_approved_ctr_model_scores_the_warm_campaigns_again(
     hour = int(datetime.now(UTC).timestamp()) // 3600
     prefix = f"{campaigns_module.warming_run_key(registry.get(campaign_id))}-model2099-01-01.newer-h"
     assert request.run_key in {f"{prefix}{h}" for h in (hour - 1, hour)} and request.job_name == "campaign_warming_job"
-    assert request.tags[CAMPAIGN_TAG] == campaign_id and request.tags["dagster/priority"] == "10"
+    # behind every launch's warming (10): a new model each night asks one run per warm campaign
+    assert request.tags[CAMPAIGN_TAG] == campaign_id and request.tags["dagster/priority"] == "5"
+    create_run_for_test(  # that run failed: asked again next hour, and meanwhile it takes no room from the others
+        instance, job_name="campaign_warming_job", status=dg.DagsterRunStatus.FAILURE,
+        tags={**request.tags, "dagster/run_key": request.run_key},
+    )  # fmt: skip
+    failed = tick(instance, resources["campaign_registry"], again.cursor, **sensor)
+    retried = [r.run_key for r in failed.run_requests if r.partition_key == campaign_id]
+    asked_hour = int(request.run_key.rsplit("-h", 1)[1])
+    assert retried in ([], [f"{prefix}{asked_hour + 1}"]), retried  # not again this hour (unless the hour turned)
     off = CampaignRegistryResource(url=app_db, rescore_on_new_model=False)  # kept on the model it was warmed with
     assert campaign_id not in {r.partition_key for r in tick(instance, off, quiet.cursor, **sensor).run_requests}
     registry.mark_warm(campaign_id, registry.get(campaign_id).revision, registry.get(campaign_id).warm_until,
