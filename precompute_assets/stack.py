@@ -1130,14 +1130,15 @@ def reachable(url: str, timeout_s: float = 0.5) -> bool:
     if (sentinel := parse_sentinel_url(url)) is not None:
         return any(_accepts(address, timeout_s) for address in sentinel.sentinels)
     check_url_port(url)
-    return _accepts(service_address(url), timeout_s)
+    return any(_accepts(address, timeout_s) for address in service_addresses(url))  # libpq's failover form: any
 
 
-def service_address(url: str) -> tuple[str, int]:
-    """The host and port a client of the TCP service ``url`` connects to: for PostgreSQL as libpq reads them (its
-    ``host`` and ``port`` parameters over the URL's, then ``PGHOST``/``PGPORT``, then 5432; the first of several
-    hosts), for Redis the URL's or 6379. A URL without a port was "unreachable" (port 0), so ``up`` refused a
-    production server on its default port that the serving client used fine."""
+def service_addresses(url: str) -> list[tuple[str, int]]:
+    """The hosts and ports a client of the TCP service ``url`` connects to: for PostgreSQL as libpq reads them (its
+    ``host`` and ``port`` parameters over the URL's, then ``PGHOST``/``PGPORT``, then 5432; several hosts, each with
+    its port or all with one, for libpq's failover form ``?host=a,b&port=p,q``), for Redis the URL's or 6379. A URL
+    without a port was "unreachable" (port 0), so ``up`` refused a production server on its default port that the
+    serving client used fine."""
     from urllib.parse import urlsplit
 
     parts = urlsplit(url)
@@ -1151,10 +1152,14 @@ def service_address(url: str) -> tuple[str, int]:
             params = parse_dsn(libpq_url(url))
         except psycopg2.Error:  # no URL libpq reads: the login that follows says why
             params = {"host": parts.hostname or "", "port": str(parts.port or "")}
-        host = (params.get("host") or os.environ.get("PGHOST") or "127.0.0.1").split(",")[0]
-        port = (params.get("port") or os.environ.get("PGPORT") or "5432").split(",")[0]
-        return host, int(port) if port.isdigit() else 5432
-    return parts.hostname or "127.0.0.1", parts.port or (6379 if parts.scheme in ("redis", "rediss") else 0)
+        hosts = (params.get("host") or os.environ.get("PGHOST") or "127.0.0.1").split(",")
+        ports = [
+            p if p.strip().isdigit() else "5432"
+            for p in (params.get("port") or os.environ.get("PGPORT") or "5432").split(",")
+        ]
+        ports = ports * len(hosts) if len(ports) == 1 else ports
+        return [(host or "127.0.0.1", int(port)) for host, port in zip(hosts, ports, strict=False)]
+    return [(parts.hostname or "127.0.0.1", parts.port or (6379 if parts.scheme in ("redis", "rediss") else 0))]
 
 
 def _accepts(address: tuple[str, int], timeout_s: float) -> bool:

@@ -30,7 +30,7 @@ from precompute_assets.stack import (
     free_port,
     reachable,
     server_version,
-    service_address,
+    service_addresses,
     service_root,
     wheel_pg_install,
 )
@@ -789,22 +789,27 @@ def test_a_corrupt_aof_is_refused_with_a_repair_that_runs_here(tmp_path: Path) -
 def test_a_url_without_a_port_is_reached_where_its_client_connects(monkeypatch) -> None:
     """``redis://:pw@host/0`` or ``postgresql://u:pw@host/db``, as production URLs on the default port are written, was
     "unreachable" (port 0): ``up`` and every command that runs it refused a server the serving client used fine. A
-    PostgreSQL URL's port is libpq's: its ``port`` parameter over the URL's, then ``PGPORT``, then 5432."""
+    PostgreSQL URL's port is libpq's: its ``port`` parameter over the URL's, then ``PGPORT``, then 5432; and libpq's
+    failover form lists several hosts, of which any may answer (the first is often the one that failed)."""
     import socket
 
     monkeypatch.delenv("PGPORT", raising=False)
     monkeypatch.delenv("PGHOST", raising=False)
-    assert (
-        service_address("redis://:pw@db.internal/0") == service_address("rediss://db.internal") == ("db.internal", 6379)
-    )
-    assert service_address("postgresql+psycopg2://u:pw@db.internal/app") == ("db.internal", 5432)
-    assert service_address("postgresql://u@db.internal:1/app?port=6432") == ("db.internal", 6432)  # as libpq reads it
+    assert service_addresses("redis://:pw@db.internal/0") == [("db.internal", 6379)]
+    assert service_addresses("rediss://db.internal") == [("db.internal", 6379)]
+    assert service_addresses("postgresql+psycopg2://u:pw@db.internal/app") == [("db.internal", 5432)]
+    assert service_addresses("postgresql://u@db.internal:1/app?port=6432") == [("db.internal", 6432)]  # libpq's order
+    assert service_addresses("postgresql://u@h/app?host=a,b&port=5999,5432") == [("a", 5999), ("b", 5432)]
+    assert service_addresses("postgresql://u@h/app?host=a,b&port=6000") == [("a", 6000), ("b", 6000)]
     monkeypatch.setenv("PGPORT", "6543")
-    assert service_address("postgresql://u@db.internal/app") == ("db.internal", 6543)
-    assert service_address("postgresql://u@db.internal:5433/app") == ("db.internal", 5433)
-    with socket.socket() as listener:  # a PostgreSQL that only PGPORT or the port parameter names
+    assert service_addresses("postgresql://u@db.internal/app") == [("db.internal", 6543)]
+    assert service_addresses("postgresql://u@db.internal:5433/app") == [("db.internal", 5433)]
+    with socket.socket() as listener:  # a PostgreSQL that only PGPORT, the port parameter or a second host names
         listener.bind(("127.0.0.1", 0))
         listener.listen()
         port = listener.getsockname()[1]
         monkeypatch.setenv("PGPORT", str(port))
         assert reachable("postgresql://u:pw@127.0.0.1/app") and reachable(f"postgresql://u@127.0.0.1:1/app?port={port}")
+        down = free_port()
+        failover = f"postgresql://u@127.0.0.1/app?host=127.0.0.1,127.0.0.1&port={down},{port}"
+        assert reachable(failover) and not reachable(f"postgresql://u@127.0.0.1/app?port={down}")
