@@ -888,12 +888,14 @@ def build_user_event_sensor(
         if after is None:
             span = redis.sensor_check(read_user_states_span, context.log, "the span of the stored user states")
             after = first_read_after(time.time_ns() // 1_000_000 - first_lookback_s * 1000, span)
-        entries = redis.sensor_check(
-            lambda client, schema: read_events_after(client, schema, after, limit=max_events),
+        read = redis.sensor_check(
+            lambda client, schema: (read_events_after(client, schema, after, limit=max_events), client.time()),
             context.log, f"the user events after {after}",
         )  # fmt: skip
-        if entries is None:  # the cursor stays: the next tick reads the same events
+        if read is None:  # the cursor stays: the next tick reads the same events
             return dg.SkipReason(f"Redis does not answer: the user events after {after} were not read")
+        entries, (seconds, micros) = read
+        now_ms = seconds * 1000 + micros // 1000  # Redis's clock, which stamped the events' stream IDs
         if not entries:
             return dg.SkipReason(f"no user events after {after}")
         tasks = registry()
@@ -901,7 +903,7 @@ def build_user_event_sensor(
         stored = StoredStates(redis, context.log)
         timezone = model.timezone if model is not None else deployment.partitions().timezone
         plan = plan_events(tasks, entries, model=model, confidence=confidence, prior=stored, timezone=timezone,
-                           now_ms=time.time_ns() // 1_000_000)  # fmt: skip
+                           now_ms=now_ms)  # fmt: skip
         last = entries[-1][0].decode()
         stored.store(plan.states, after, last)  # not stored (warned): the next tick's span starts anew
         requests = run_requests(tasks, plan, f"{after}..{last}")
