@@ -44,6 +44,23 @@ def publish(instance, lake_uri: str, redis_url: str, namespace: str, day: str, *
     return {k: v.value for k, v in result.asset_materializations_for_node("ctr_cache")[0].metadata.items()}
 
 
+def health_ticks(instance, resources: dict):
+    """A tick of cache_health on ``instance``: the check evaluations it reported, stored as the daemon stores them."""
+    from precompute_assets.defs.automation import build_cache_health_sensor
+
+    sensor = build_cache_health_sensor("UTC")
+
+    def tick() -> list[dg.AssetCheckEvaluation]:
+        with dg.build_sensor_context(instance=instance, resources=resources) as context:
+            result = sensor(context)
+        evaluations = result.asset_events if isinstance(result, dg.SensorResult) else []
+        for evaluation in evaluations:
+            instance.report_runless_asset_event(evaluation)
+        return evaluations
+
+    return tick
+
+
 def test_a_rollback_hands_none_of_the_bad_days_values_to_probations_live_tier(
     lake_uri, redis_url, redis_client, schema
 ):
@@ -96,22 +113,12 @@ def test_a_lost_ctr_version_fails_ctr_caches_check_until_it_is_published_again(l
     """After Redis lost its data, ctr_cache stayed green in the UI: nothing on the asset said that the version its
     materialization published was gone. cache_health now reports its served_by_redis check whenever the verdict
     changes, and the check can be executed from the UI too."""
-    from precompute_assets.defs.automation import build_cache_health_sensor
     from precompute_assets.defs.publishing import SERVED_CHECK, SERVED_CHECKS
 
     Lake(lake_uri).write("ctr_predictions", GOOD, pd.DataFrame({"ad_id": ["a1"], "ctr": [0.1], "model_version": "m"}))
     resources = {"redis": RedisResource(url=redis_url, namespace=schema.namespace)}
-    sensor = build_cache_health_sensor("UTC")
     with dg.instance_for_test() as instance:
-
-        def tick() -> list[dg.AssetCheckEvaluation]:
-            """The sensor's check evaluations, stored as the daemon stores them."""
-            with dg.build_sensor_context(instance=instance, resources=resources) as context:
-                result = sensor(context)
-            evaluations = result.asset_events if isinstance(result, dg.SensorResult) else []
-            for evaluation in evaluations:
-                instance.report_runless_asset_event(evaluation)
-            return evaluations
+        tick = health_ticks(instance, resources)
 
         def executed() -> dg.AssetCheckResult:
             (check,) = [c for c in SERVED_CHECKS if c.check_keys == {dg.AssetCheckKey(dg.AssetKey("ctr_cache"),
@@ -142,24 +149,14 @@ def test_a_run_that_failed_before_its_publish_leaves_the_served_check_no_verdict
     """A daily run that failed before ctr_cache published left served_by_redis planned and never evaluated: the UI
     showed it red, "Execution failed", while Redis served the version, and cache_health, which compared the verdict
     with the last one stored, reported nothing until a later run evaluated the check. It reports one at once."""
-    from precompute_assets.defs.automation import build_cache_health_sensor
     from precompute_assets.defs.publishing import SERVED_CHECK, SERVED_CHECKS
 
     Lake(lake_uri).write("ctr_predictions", GOOD, pd.DataFrame({"ad_id": ["a1"], "ctr": [0.1], "model_version": "m"}))
     resources = {"redis": RedisResource(url=redis_url, namespace=schema.namespace)}
     key = dg.AssetCheckKey(dg.AssetKey("ctr_cache"), SERVED_CHECK)
     (check,) = [c for c in SERVED_CHECKS if c.check_keys == {key}]
-    sensor = build_cache_health_sensor("UTC")
     with dg.instance_for_test() as instance:
-
-        def tick() -> list[dg.AssetCheckEvaluation]:
-            with dg.build_sensor_context(instance=instance, resources=resources) as context:
-                result = sensor(context)
-            evaluations = result.asset_events if isinstance(result, dg.SensorResult) else []
-            for evaluation in evaluations:
-                instance.report_runless_asset_event(evaluation)
-            return evaluations
-
+        tick = health_ticks(instance, resources)
         assert publish(instance, lake_uri, redis_url, schema.namespace, GOOD)["published"] and tick() == []
         lake = LakeResource(base_uri=lake_uri)
         failed = dg.materialize(  # the next day's run: no predictions in the lake, so ctr_cache fails
