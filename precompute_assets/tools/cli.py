@@ -1846,7 +1846,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.005,
         help="the beats_baselines rule's margin (demand_model's): auto uses a day's LSTM, and the next day's training "
-        "warm-starts from it, only when its held-back hit rate beats the best baseline's by more than this",
+        "warm-starts from it, only when its held-back hit rate beats the best baseline's by more than this. Unlike "
+        "demand_model's, it may be negative here, to see what following LSTMs that lost would have given",
     )
     replay.add_argument(
         "--prefetch-threshold",
