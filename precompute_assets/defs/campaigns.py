@@ -812,8 +812,9 @@ def campaign_launch_sensor(
                 + ", ".join(f"{c.campaign_id} ({c.warm_model or 'model not recorded'})" for c in rescored[:10])
                 + (" ..." if len(rescored) > 10 else "")
             )
-    known = set(context.instance.get_dynamic_partitions(CAMPAIGNS.name)) if fresh or lost else set()
-    new_partitions = sorted({c.campaign_id for c in [*fresh, *lost]} - known)
+    # a warm campaign's partition too: a Dagster instance newer than the registry's warmth has none
+    known = set(context.instance.get_dynamic_partitions(CAMPAIGNS.name)) if fresh or lost or rescored else set()
+    new_partitions = sorted({c.campaign_id for c in [*fresh, *lost, *rescored]} - known)
     next_cursor = LaunchCursor(changed[-1].change_seq if changed else cursor.seq, now + horizon, now, checked).encode()
     context.log.info(
         f"{len(changed)} changed, {len(due)} due (cold, or values expiring), {len(fresh)} requested,"

@@ -883,6 +883,10 @@ def test_a_newly_approved_ctr_model_scores_the_warm_campaigns_again(
     retried = [r.run_key for r in failed.run_requests if r.partition_key == campaign_id]
     asked_hour = int(request.run_key.rsplit("-h", 1)[1])
     assert retried in ([], [f"{prefix}{asked_hour + 1}"]), retried  # not again this hour (unless the hour turned)
+    with dg.instance_for_test() as newer:  # a Dagster instance newer than the registry: the partition is added too
+        moved = tick(newer, resources["campaign_registry"], quiet.cursor, **sensor)
+        assert campaign_id in {r.partition_key for r in moved.run_requests}
+        assert campaign_id in [key for r in moved.dynamic_partitions_requests for key in r.partition_keys]
     off = CampaignRegistryResource(url=app_db, rescore_on_new_model=False)  # kept on the model it was warmed with
     assert campaign_id not in {r.partition_key for r in tick(instance, off, quiet.cursor, **sensor).run_requests}
     registry.mark_warm(campaign_id, registry.get(campaign_id).revision, registry.get(campaign_id).warm_until,
