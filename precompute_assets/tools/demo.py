@@ -28,6 +28,9 @@ from ..workload.serve import SimClock, serve_traffic
 from .measure import percentile_us, timed
 
 DEMO_TENANT = "demo"
+# Dagster's console logger at WARNING for the demo's runs: at DEBUG its event lines (about 4,000) buried the stages and
+# the summary; a run's warnings and failures still show.
+RUN_LOGS = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 # The replayed day lies in the past, but the registry, the sensor and the warming run work on the real clock:
 # the demo campaign is registered to launch this long after now, which stands for its launch in the replayed day.
 CAMPAIGN_LEAD = timedelta(hours=1)
@@ -177,7 +180,10 @@ def run_demo(
         result = defs.resolve_job_def("daily_precompute_job").execute_in_process(
             partition_key=partition,
             instance=instance,
-            run_config={"ops": {"top_ads": {"config": {"top_n": top_n}}, "demand_model": {"config": demand_config}}},
+            run_config={
+                **RUN_LOGS,
+                "ops": {"top_ads": {"config": {"top_n": top_n}}, "demand_model": {"config": demand_config}},
+            },
         )
         meta = {
             step: result.asset_materializations_for_node(step)[0].metadata
@@ -385,8 +391,9 @@ def warm_demo_campaign(
         raise RuntimeError(f"campaign_launch_sensor requested no warming run for {campaign_id}")
     for request in ours:
         run = defs.resolve_job_def(request.job_name).execute_in_process(
-            partition_key=request.partition_key, instance=instance, tags=request.tags, run_config=request.run_config
-        )
+            partition_key=request.partition_key, instance=instance, tags=request.tags,
+            run_config={**(request.run_config or {}), **RUN_LOGS},
+        )  # fmt: skip
     cache = PredictionCache.from_url(redis_url, log_queries=False, socket_timeout=1.0)
     deadline = time.monotonic() + 30
     while (missing := sum(value is None for value in cache.get_many("ctr", ids))) and time.monotonic() < deadline:
@@ -499,7 +506,7 @@ def embed_demo_documents(stack: Stack, defs, instance: dg.DagsterInstance, *, n_
     result = (
         dg.Definitions(assets=defs.assets, jobs=[job], resources=defs.resources)
         .resolve_job_def("demo_embeddings")
-        .execute_in_process(instance=instance)
+        .execute_in_process(instance=instance, run_config=RUN_LOGS)
     )
     meta = result.asset_materializations_for_node("document_embeddings")[0].metadata
     client = connect(env[ENV_REDIS], socket_timeout=10)
@@ -527,7 +534,7 @@ def drain(job: dg.JobDefinition, instance: dg.DagsterInstance, lake: Lake, hours
     for hour in hours:
         for name in (asset, QUARANTINE_OF[asset]):
             lake.delete(name, hour)
-        result = job.execute_in_process(partition_key=hour, instance=instance, raise_on_error=True)
+        result = job.execute_in_process(partition_key=hour, instance=instance, raise_on_error=True, run_config=RUN_LOGS)
         for materialization in result.asset_materializations_for_node(asset):
             if materialization.asset_key == dg.AssetKey(asset):
                 rows += materialization.metadata["dagster/row_count"].value
@@ -563,7 +570,10 @@ def predictive_precompute(
     model_run = defs.resolve_job_def("next_action_model_job").execute_in_process(
         partition_key=day_keys[-2],
         instance=instance,
-        run_config={"ops": {"next_action_model": {"config": {"training_days": len(event_days), "n_estimators": 50}}}},
+        run_config={
+            **RUN_LOGS,
+            "ops": {"next_action_model": {"config": {"training_days": len(event_days), "n_estimators": 50}}},
+        },
         raise_on_error=False,
     )
     model_meta = _metadata(model_run, "next_action_model")
@@ -583,8 +593,9 @@ def predictive_precompute(
     requests = sorted(result.run_requests or [], key=lambda r: -int(r.tags.get("dagster/priority", 0)))
     for request in requests:
         defs.resolve_job_def(request.job_name).execute_in_process(
-            instance=instance, tags=request.tags, run_config=request.run_config, raise_on_error=False
-        )
+            instance=instance, tags=request.tags, run_config={**(request.run_config or {}), **RUN_LOGS},
+            raise_on_error=False,
+        )  # fmt: skip
     next_actions = cache.get("next_actions", user)
     ctr = [cache.get("ctr", creative) for creative in creatives]
     readable_s = time.perf_counter() - started
