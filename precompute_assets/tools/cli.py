@@ -502,7 +502,9 @@ def cmd_dev(args: argparse.Namespace) -> int:
         str(args.port),
     ]
     print(f"Dagster UI on http://{args.host}:{args.port}  (DAGSTER_HOME={env['DAGSTER_HOME']})", flush=True)
-    os.chdir(project_dir())
+    # In DAGSTER_HOME, whose dagster.yaml is the one used (the project's, linked): from the project folder, Dagster
+    # warned that the dagster.yaml it found there "will not be used", and users took the pools and limits for off.
+    os.chdir(env["DAGSTER_HOME"])
     _restore_interrupt()
     os.execve(command[0], command, {**os.environ, **env})
 

@@ -60,6 +60,8 @@ def test_sigterm_stops_precompute_dev_started_as_a_background_job(stack: Stack, 
         )
     try:
         _wait_until_serving(proc, f"http://127.0.0.1:{port}", log)
+        # run from DAGSTER_HOME, whose dagster.yaml is used: from the project folder Dagster said it "will not be used"
+        assert "will not be used" not in log.read_text(), log.read_text()[-3000:]
         proc.send_signal(signal.SIGTERM)  # the leader only, as a supervisor or `kill PID` does
         try:
             proc.wait(timeout=STOP_TIMEOUT_S)
