@@ -468,8 +468,10 @@ def _ctr_scores(ctx: TaskContext) -> dict[str, float]:
 def creative_ctr(entity: str, ctx: TaskContext) -> float:
     """The creative's CTR from the approved ``ctr_model`` (the whole batch is scored once)."""
     scores = ctx.memo("ctr_scores", lambda: _ctr_scores(ctx))
-    if entity not in scores:
-        raise LookupError(f"creative {entity!r} has no valid features in the lake's ads table")
+    if entity not in scores:  # no retry helps (the batch was scored once): not retried, nor the run if all are so
+        raise TaskUnavailable(
+            f"creative {entity!r} has no valid features in the lake's ads table (load it first: precompute ads load)"
+        )
     return float(scores[entity])
 
 

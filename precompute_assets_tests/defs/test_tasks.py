@@ -177,6 +177,17 @@ def test_an_entity_that_no_retry_can_help_is_not_retried():
     assert delays == [] and calls == {"a": 1, "b": 1}
 
 
+def test_a_creative_the_lake_does_not_have_is_not_retried():
+    """Its CTR failed 3 times a step and 4 steps a run (40 s of retries) though the batch's scores are read once: no
+    retry could find it. It fails once, and a run of such creatives alone fails without Dagster's retries."""
+    ctx = TaskContext(builtin_registry().get("ctr"), ["known", "unknown"], now_ms=0)
+    ctx.memo("ctr_scores", lambda: {"known": 0.25})  # the batch's scores, as _ctr_scores reads them from the lake
+    delays: list[float] = []
+    outcome = compute_task(ctx, backoff_s=0.1, sleep=delays.append)
+    assert outcome.values == {"known": 0.25} and outcome.unavailable == {"unknown"} and delays == []
+    assert "load it first: precompute ads load" in outcome.failed["unknown"]
+
+
 def test_a_run_without_an_approved_model_fails_once_without_dagsters_retries(redis_url, schema, tmp_path, pg_instance):
     """Each login's next_actions run took 26 s and 4 attempts to fail while no next_action_model was approved."""
     res = task_resources(redis_url, schema, str(tmp_path / "lake"), str(tmp_path / "models"))
