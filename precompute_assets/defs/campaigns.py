@@ -628,9 +628,8 @@ def values_lost(client: redis_py.Redis, schema: KeySchema, campaigns: list[Campa
 
 def lost_campaigns(
     context: dg.SensorEvaluationContext,
-    registry: CampaignRegistry,
+    warm: list[Campaign],
     redis: RedisResource,
-    now: datetime,
     *,
     limit: int,
     after: str | None = None,
@@ -640,7 +639,6 @@ def lost_campaigns(
 
     At most ``limit`` warm campaigns are checked a tick, in turns: those after campaign ``after`` (by id), from the
     first again past the last. Also returns the last one checked, where the next tick goes on (None: all were)."""
-    warm = registry.warm(now)
     if not warm:
         return [], None
     checked, last = _in_turn(warm, limit, after)
@@ -659,13 +657,13 @@ def lost_campaigns(
 
 
 def scored_by_older_model(
-    context: dg.SensorEvaluationContext, registry: CampaignRegistry, now: datetime, *, skip: set[str], limit: int
+    context: dg.SensorEvaluationContext, warm: list[Campaign], now: datetime, *, skip: set[str], limit: int
 ) -> tuple[list[Campaign], str | None]:
     """The warm campaigns whose CTRs another ctr_model than the approved one scored (or one not recorded: warmed
     before the registry recorded it), at most ``limit``, launched earliest first, without those in ``skip`` or with
     a warming run queued or running (that run scores them with the approved model); and the approved version (None
     when no model is approved: nothing to score again with)."""
-    warm = [c for c in registry.warm(now) if c.campaign_id not in skip]
+    warm = [c for c in warm if c.campaign_id not in skip]
     if not warm:  # nothing to score again: the approved model (every materialization read) is not looked up
         return [], None
     try:
@@ -782,8 +780,9 @@ def campaign_launch_sensor(
     # a changed campaign that now launches beyond the horizon: cold, so its last revision's values go
     cancelled += still_cached(context, redis, [c for c in changed if c.revision > 1 and postponed(c, now, horizon)])
     requested = {c.campaign_id for c in fresh}
+    warm = registry.warm(now)  # one read for the lost values' check and the re-scoring
     lost, checked = lost_campaigns(
-        context, registry, redis, now, limit=campaign_registry.max_lost_checks_per_tick, after=cursor.checked
+        context, warm, redis, limit=campaign_registry.max_lost_checks_per_tick, after=cursor.checked
     )
     lost = [c for c in lost if c.campaign_id not in requested]
     if lost:
@@ -804,7 +803,7 @@ def campaign_launch_sensor(
     if campaign_registry.rescore_on_new_model and len(lost) < campaign_registry.max_rewarms_per_tick:
         skip = requested | {c.campaign_id for c in [*lost, *cancelled]}
         rescored, model = scored_by_older_model(
-            context, registry, now, skip=skip, limit=campaign_registry.max_rewarms_per_tick - len(lost)
+            context, warm, now, skip=skip, limit=campaign_registry.max_rewarms_per_tick - len(lost)
         )
         if rescored:
             context.log.info(
