@@ -459,13 +459,19 @@ def pool_states(
     return rows
 
 
+# A run in these states counts against dagster.yaml's max_concurrent_runs: one whose worker was killed (a `dagster asset
+# materialize` SIGKILLed) stays so until run monitoring's max runtime, and queued runs wait behind it.
+IN_PROGRESS = [dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING]
+
+
 def free_pool_slots(instance: dg.DagsterInstance, defs: dg.Definitions, *, run: str | None = None) -> dict:
     """Free the pool slots no running worker will free: those of runs that ended or were deleted (the daemon's run
     monitoring frees them ``FREE_SLOTS_AFTER_END_S`` after the end; without a daemon, after ``dagster asset
     materialize`` was killed, nothing does, and every later run of the pool waits for good). With ``run`` (a run ID
     or its first characters, as ``precompute status`` shows it), that run's too, after marking it failed if it has
-    not ended: what the UI's force termination does, for a run whose worker is gone. ``ValueError`` when ``run``
-    names no run holding a slot, or several. Returns ``{"freed": [...], "held": [...]}``, each run with its pools and
+    not ended: what the UI's force termination does, for a run whose worker is gone; ``run`` may also name a run in
+    progress that holds no pool slot, which still holds one of the run slots. ``ValueError`` when ``run`` names no
+    such run, or several. Returns ``{"freed": [...], "held": [...]}``, each run with its pools and
     status."""
     holders: dict[str, list[str]] = {}
     for pool in _pools(defs):
@@ -474,10 +480,16 @@ def free_pool_slots(instance: dg.DagsterInstance, defs: dg.Definitions, *, run: 
     chosen = None
     if run is not None:
         matches = [run_id for run_id in holders if run_id.startswith(run.strip())] if run.strip() else []
+        if not matches and run.strip():  # a run in progress that holds no pool slot, but one of the run slots
+            going = instance.get_runs(dg.RunsFilter(statuses=IN_PROGRESS))
+            matches = [r.run_id for r in going if r.run_id.startswith(run.strip())]
+            holders.update((run_id, []) for run_id in matches if len(matches) == 1)
         if len(matches) != 1:
             shown = ", ".join(run_id[:8] for run_id in sorted(holders)) or "none"
             what = "several runs" if matches else "no run"
-            raise ValueError(f"{what} holding a pool slot start with {run!r} (runs holding one: {shown})")
+            raise ValueError(
+                f"{what} holding a pool slot or in progress start with {run!r} (runs holding a pool slot: {shown})"
+            )
         chosen = matches[0]
     freed, held = [], []
     for run_id, pools in sorted(holders.items()):
@@ -489,8 +501,9 @@ def free_pool_slots(instance: dg.DagsterInstance, defs: dg.Definitions, *, run: 
             held.append(entry)
             continue
         if running:
+            held_what = "a pool slot" if pools else "a run slot"
             instance.report_run_failed(record.dagster_run, message="marked failed by `precompute pools free --run`: "
-                                       "its worker is gone, and it held a pool slot")  # fmt: skip
+                                       f"its worker is gone, and it held {held_what}")  # fmt: skip
             entry["status"] = f"{status} -> FAILURE"
         instance.event_log_storage.free_concurrency_slots_for_run(run_id)
         freed.append(entry)

@@ -21,6 +21,7 @@ from types import SimpleNamespace
 
 import dagster as dg
 import pytest
+from dagster._core.test_utils import create_run_for_test
 from dagster._daemon.monitoring import concurrency, run_monitoring
 from dagster._time import datetime_from_timestamp
 
@@ -116,7 +117,8 @@ def test_without_a_daemon_pools_free_releases_what_a_killed_run_held(home: Path)
         assert done == {"freed": [], "held": [{"run": killed, "pools": ["redis_publish"], "status": "STARTED"}]}
         assert held_slots(instance) == {killed}  # a run that has not ended keeps its slot unless named
         with pytest.raises(
-            ValueError, match=f"no run holding a pool slot start with 'zz' .runs holding one: {killed[:8]}"
+            ValueError,
+            match=f"no run holding a pool slot or in progress start with 'zz' .runs holding a pool slot: {killed[:8]}",
         ):
             free_pool_slots(instance, defs(), run="zz")
         done = free_pool_slots(instance, defs(), run=killed[:8])
@@ -129,6 +131,12 @@ def test_without_a_daemon_pools_free_releases_what_a_killed_run_held(home: Path)
         later = instance.get_run_record_by_id(ended).end_time + 60
         assert "`precompute pools free` does" in dict(pool_states(instance, defs(), now=later))["redis_publish"]
         assert free_pool_slots(instance, defs())["freed"][0]["run"] == ended and held_slots(instance) == set()
+        # A killed run that held no pool slot (a drain, a warming) still holds one of dagster.yaml's run slots, until
+        # run monitoring's max runtime (6 h): queued runs waited behind it, and it could not be named (h_crash2).
+        drain = create_run_for_test(instance, job_name="__ASSET_JOB", status=dg.DagsterRunStatus.STARTED).run_id
+        done = free_pool_slots(instance, defs(), run=drain[:8])
+        assert done["freed"] == [{"run": drain, "pools": [], "status": "STARTED -> FAILURE"}]
+        assert instance.get_run_by_id(drain).status == dg.DagsterRunStatus.FAILURE
 
 
 WARMING_RUN = textwrap.dedent(
@@ -182,7 +190,6 @@ def test_a_killed_warming_run_is_failed_and_retried_within_the_hour(home: Path, 
 )
 def test_a_warming_run_that_died_is_re_executed_by_the_daemon(home: Path, tags, reason, retried) -> None:
     from dagster._core.storage.tags import RUN_FAILURE_REASON_TAG
-    from dagster._core.test_utils import create_run_for_test
     from dagster._daemon.auto_run_reexecution.auto_run_reexecution import should_retry
 
     with dg.DagsterInstance.get() as instance:
