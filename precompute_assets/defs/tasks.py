@@ -749,6 +749,11 @@ def stream_ms(stream_id: str) -> int:
     return int(stream_id.partition("-")[0])
 
 
+# dagster.yaml's run_retries re-execute a run that asks with this tag when its worker died (or it never started), not
+# when a step failed: the sensor's cursor is past its events, so a task run lost with its worker was never asked again.
+RERUN_IF_WORKER_DIES = {"dagster/max_retries": "2"}
+
+
 def run_requests(registry: TaskRegistry, plan: TickPlan, key_prefix: str) -> list[dg.RunRequest]:
     """One run per task type and priority, per ``batch_size`` entities (sorted), tagged with the priority."""
     groups: dict[tuple[str, int], list[str]] = {}
@@ -764,7 +769,7 @@ def run_requests(registry: TaskRegistry, plan: TickPlan, key_prefix: str) -> lis
                     run_key=f"{key_prefix}:{task}:p{priority}:{start // size}",
                     job_name=JOB_NAME,
                     run_config=task_run_config(task, entities[start : start + size]),
-                    tags={PRIORITY_TAG: str(priority), TASK_TAG: task},
+                    tags={PRIORITY_TAG: str(priority), TASK_TAG: task, **RERUN_IF_WORKER_DIES},
                 )
             )
     return requests

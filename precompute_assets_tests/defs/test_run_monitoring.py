@@ -28,6 +28,7 @@ from dagster._time import datetime_from_timestamp
 from precompute_assets.definitions import defs
 from precompute_assets.defs.automation import free_pool_slots, pool_states
 from precompute_assets.defs.campaigns import WARMING_TAGS
+from precompute_assets.defs.tasks import PRIORITY_TAG, RERUN_IF_WORKER_DIES, TASK_TAG
 from precompute_assets.stack import project_dir
 from precompute_assets.storage.postgres import scratch_database
 
@@ -179,6 +180,9 @@ def test_a_killed_warming_run_is_failed_and_retried_within_the_hour(home: Path, 
         assert should_retry(run, instance)
 
 
+TASK_RUN_TAGS = {PRIORITY_TAG: "7", TASK_TAG: "next_actions", **RERUN_IF_WORKER_DIES}  # as run_requests tags them
+
+
 @pytest.mark.parametrize(
     ("tags", "reason", "retried"),
     [
@@ -186,9 +190,11 @@ def test_a_killed_warming_run_is_failed_and_retried_within_the_hour(home: Path, 
         (WARMING_TAGS, "UNEXPECTED_TERMINATION", True),  # its worker was killed
         (WARMING_TAGS, "STEP_FAILURE", False),  # a step that failed had its own retries (WARMING_RETRY)
         ({}, "START_TIMEOUT", False),  # other jobs are not retried
+        (TASK_RUN_TAGS, "UNEXPECTED_TERMINATION", True),  # a task run's worker killed: the sensor never asks again
+        (TASK_RUN_TAGS, "STEP_FAILURE", False),
     ],
 )
-def test_a_warming_run_that_died_is_re_executed_by_the_daemon(home: Path, tags, reason, retried) -> None:
+def test_a_warming_or_task_run_that_died_is_re_executed_by_the_daemon(home: Path, tags, reason, retried) -> None:
     from dagster._core.storage.tags import RUN_FAILURE_REASON_TAG
     from dagster._daemon.auto_run_reexecution.auto_run_reexecution import should_retry
 

@@ -904,7 +904,7 @@ def test_live_refresh_requests_hot_keys_near_expiry_and_never_the_cold_tail(
 
     result = evaluate()
     (request,) = result.run_requests
-    assert request.tags == {PRIORITY_TAG: str(REFRESH_PRIORITY), TASK_TAG: name}
+    assert request.tags == {PRIORITY_TAG: str(REFRESH_PRIORITY), TASK_TAG: name, **tasks.RERUN_IF_WORKER_DIES}
     assert request.run_config["ops"]["run_precompute_task"]["config"]["entities"] == ["hot"]
     # The next tick does not request it again while its run is queued (the cursor remembers it)...
     again = evaluate(result.cursor)
