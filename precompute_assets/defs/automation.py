@@ -469,10 +469,10 @@ def free_pool_slots(instance: dg.DagsterInstance, defs: dg.Definitions, *, run: 
     monitoring frees them ``FREE_SLOTS_AFTER_END_S`` after the end; without a daemon, after ``dagster asset
     materialize`` was killed, nothing does, and every later run of the pool waits for good). With ``run`` (a run ID
     or its first characters, as ``precompute status`` shows it), that run's too, after marking it failed if it has
-    not ended: what the UI's force termination does, for a run whose worker is gone; ``run`` may also name a run in
-    progress that holds no pool slot, which still holds one of the run slots. ``ValueError`` when ``run`` names no
-    such run, or several. Returns ``{"freed": [...], "held": [...]}``, each run with its pools and
-    status."""
+    not ended: what the UI's force termination does, for a run whose worker is gone; ``run`` may also be the whole ID
+    of a run in progress that holds no pool slot, which still holds one of the run slots. ``ValueError`` when ``run``
+    names no such run, or several (listing the runs in progress). Returns ``{"freed": [...], "held": [...]}``, each
+    run with its pools and status."""
     holders: dict[str, list[str]] = {}
     for pool in _pools(defs):
         for run_id in instance.event_log_storage.get_concurrency_info(pool).active_run_ids:
@@ -480,15 +480,19 @@ def free_pool_slots(instance: dg.DagsterInstance, defs: dg.Definitions, *, run: 
     chosen = None
     if run is not None:
         matches = [run_id for run_id in holders if run_id.startswith(run.strip())] if run.strip() else []
-        if not matches and run.strip():  # a run in progress that holds no pool slot, but one of the run slots
+        going = []
+        if not matches and run.strip():  # a run in progress that holds no pool slot, but one of the run slots:
+            # named by its whole ID only (a prefix could name a healthy run, which its worker would then go on with)
             going = instance.get_runs(dg.RunsFilter(statuses=IN_PROGRESS))
-            matches = [r.run_id for r in going if r.run_id.startswith(run.strip())]
-            holders.update((run_id, []) for run_id in matches if len(matches) == 1)
+            matches = [r.run_id for r in going if r.run_id == run.strip()]
+            holders.update((run_id, []) for run_id in matches)
         if len(matches) != 1:
             shown = ", ".join(run_id[:8] for run_id in sorted(holders)) or "none"
+            progress = ", ".join(f"{r.run_id} ({r.job_name})" for r in going[:20]) or "none"
             what = "several runs" if matches else "no run"
             raise ValueError(
-                f"{what} holding a pool slot or in progress start with {run!r} (runs holding a pool slot: {shown})"
+                f"{what} holding a pool slot start with {run!r} (runs holding one: {shown}), nor is it the whole ID of "
+                f"a run in progress (runs in progress: {progress})"
             )
         chosen = matches[0]
     freed, held = [], []

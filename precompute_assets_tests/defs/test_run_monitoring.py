@@ -118,8 +118,7 @@ def test_without_a_daemon_pools_free_releases_what_a_killed_run_held(home: Path)
         assert done == {"freed": [], "held": [{"run": killed, "pools": ["redis_publish"], "status": "STARTED"}]}
         assert held_slots(instance) == {killed}  # a run that has not ended keeps its slot unless named
         with pytest.raises(
-            ValueError,
-            match=f"no run holding a pool slot or in progress start with 'zz' .runs holding a pool slot: {killed[:8]}",
+            ValueError, match=f"no run holding a pool slot start with 'zz' .runs holding one: {killed[:8]}"
         ):
             free_pool_slots(instance, defs(), run="zz")
         done = free_pool_slots(instance, defs(), run=killed[:8])
@@ -135,7 +134,12 @@ def test_without_a_daemon_pools_free_releases_what_a_killed_run_held(home: Path)
         # A killed run that held no pool slot (a drain, a warming) still holds one of dagster.yaml's run slots, until
         # run monitoring's max runtime (6 h): queued runs waited behind it, and it could not be named (h_crash2).
         drain = create_run_for_test(instance, job_name="__ASSET_JOB", status=dg.DagsterRunStatus.STARTED).run_id
-        done = free_pool_slots(instance, defs(), run=drain[:8])
+        with pytest.raises(
+            ValueError, match=f"nor is it the whole ID of a run in progress .runs in progress: {drain} "
+        ):
+            free_pool_slots(instance, defs(), run=drain[:8])  # a prefix could name a healthy run: its whole ID only
+        assert instance.get_run_by_id(drain).status == dg.DagsterRunStatus.STARTED
+        done = free_pool_slots(instance, defs(), run=drain)
         assert done["freed"] == [{"run": drain, "pools": [], "status": "STARTED -> FAILURE"}]
         assert instance.get_run_by_id(drain).status == dg.DagsterRunStatus.FAILURE
 

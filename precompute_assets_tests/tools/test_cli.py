@@ -710,8 +710,8 @@ def test_status_shows_the_automation_of_a_production_dagster_home_without_up(
         assert main(["pools", "free", "--run", "zz"]) == 2
         err = capsys.readouterr().err
         assert err == (
-            "precompute pools: no run holding a pool slot or in progress start with 'zz' (runs holding a pool slot: "
-            "none)\n"
+            "precompute pools: no run holding a pool slot start with 'zz' (runs holding one: none), nor is it the "
+            "whole ID of a run in progress (runs in progress: none)\n"
         ), err
         monkeypatch.setenv(
             "DAGSTER_PG_URL", re.sub(r"^postgresql\+psycopg2://postgres(:[^@]*)?@", "postgresql://nobody@", url)
