@@ -503,7 +503,13 @@ def cmd_dev(args: argparse.Namespace) -> int:
     ]
     print(f"Dagster UI on http://{args.host}:{args.port}  (DAGSTER_HOME={env['DAGSTER_HOME']})", flush=True)
     # In DAGSTER_HOME, whose dagster.yaml is the one used (the project's, linked): from the project folder, Dagster
-    # warned that the dagster.yaml it found there "will not be used", and users took the pools and limits for off.
+    # warned that the dagster.yaml it found there "will not be used", and users took the pools and limits for off. A
+    # relative lake or model store is the caller's, as every other command reads it: made absolute before the move.
+    from ..stack import ENV_LAKE, ENV_MODEL_STORE
+
+    for name in (ENV_LAKE, ENV_MODEL_STORE):
+        if (value := env.get(name)) and "://" not in value and not os.path.isabs(value):
+            env[name] = os.path.abspath(value)
     os.chdir(env["DAGSTER_HOME"])
     _restore_interrupt()
     os.execve(command[0], command, {**os.environ, **env})

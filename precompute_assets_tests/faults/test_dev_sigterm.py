@@ -51,7 +51,8 @@ def test_sigterm_stops_precompute_dev_started_as_a_background_job(stack: Stack, 
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [precompute, "dev", "--port", str(port)],
-            env={**os.environ, **stack.env()},
+            env={**os.environ, **stack.env(), "PRECOMPUTE_LAKE_URI": "lake-here"},  # relative: the caller's
+            cwd=tmp_path,
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -62,6 +63,9 @@ def test_sigterm_stops_precompute_dev_started_as_a_background_job(stack: Stack, 
         _wait_until_serving(proc, f"http://127.0.0.1:{port}", log)
         # run from DAGSTER_HOME, whose dagster.yaml is used: from the project folder Dagster said it "will not be used"
         assert "will not be used" not in log.read_text(), log.read_text()[-3000:]
+        # dev runs in DAGSTER_HOME: a relative lake is made the caller's first, as every other command reads it
+        environ = dict(item.split("=", 1) for item in Path(f"/proc/{proc.pid}/environ").read_text().split("\0") if item)
+        assert environ["PRECOMPUTE_LAKE_URI"] == str(tmp_path / "lake-here")
         proc.send_signal(signal.SIGTERM)  # the leader only, as a supervisor or `kill PID` does
         try:
             proc.wait(timeout=STOP_TIMEOUT_S)
