@@ -459,7 +459,10 @@ def _ctr_scores(ctx: TaskContext) -> dict[str, float]:
     except dg.Failure as error:  # none approved
         raise TaskUnavailable(error.description) from None
     model = ctx.model_store.store().load(CTR_MODEL, version)
-    ads = ctx.lake.lake().read("ads")
+    try:
+        ads = ctx.lake.lake().read("ads")
+    except FileNotFoundError as error:  # no ads loaded yet: no retry finds a creative's features
+        raise TaskUnavailable(f"{error} (load the ads first: precompute ads load)") from None
     known = set(ads["ad_id"].astype(str))
     frame, _ = ctr.score_ads(model, ads, [e for e in ctx.entities if e in known])
     return dict(zip(frame["ad_id"].tolist(), frame["ctr"].tolist(), strict=True))

@@ -188,6 +188,19 @@ def test_a_creative_the_lake_does_not_have_is_not_retried():
     assert "load it first: precompute ads load" in outcome.failed["unknown"]
 
 
+def test_a_lake_without_ads_is_no_reason_to_retry_a_creatives_ctr(tmp_path, monkeypatch):
+    """Before any `precompute ads load`, reading the ads raised FileNotFoundError, retried like a passing fault."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(tasks, "approved_model_version", lambda instance: "v1")
+    store = SimpleNamespace(store=lambda: SimpleNamespace(load=lambda name, version: object()))
+    ctx = TaskContext(builtin_registry().get("ctr"), ["cr1"], now_ms=0,
+                      lake=LakeResource(base_uri=str(tmp_path / "lake")), model_store=store)  # fmt: skip
+    delays: list[float] = []
+    outcome = compute_task(ctx, backoff_s=0.1, sleep=delays.append)
+    assert outcome.unavailable == {"cr1"} and delays == [] and "precompute ads load" in outcome.failed["cr1"]
+
+
 def test_a_run_without_an_approved_model_fails_once_without_dagsters_retries(redis_url, schema, tmp_path, pg_instance):
     """Each login's next_actions run took 26 s and 4 attempts to fail while no next_action_model was approved."""
     res = task_resources(redis_url, schema, str(tmp_path / "lake"), str(tmp_path / "models"))
