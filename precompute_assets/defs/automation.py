@@ -30,7 +30,7 @@ from .publishing import (
 from .query_logs import build_drain_schedule, query_log_cleanup_job, query_logs_job
 from .records import newest_metadata
 from .resources import RedisResource
-from .runs import ACTIVE_RUN_STATUSES, PARTITION_TAG, SENSOR_NAME_TAG, SERVER_MARK_TAG
+from .runs import ACTIVE_RUN_STATUSES, IN_PROGRESS, PARTITION_TAG, SENSOR_NAME_TAG, SERVER_MARK_TAG
 from .selection import OFFPEAK_WINDOW_HOURS, ad_demand, top_ads, traffic_profile
 
 # Until traffic_profile has learned the quiet window of the traffic, it is assumed to start at 02:00.
@@ -457,11 +457,6 @@ def pool_states(
         waiting = f"; {info.pending_step_count} step(s) waiting" if info.pending_step_count else ""
         rows.append((pool, f"held by {', '.join(holders)}{waiting}" if holders else f"free{waiting}"))
     return rows
-
-
-# A run in these states counts against dagster.yaml's max_concurrent_runs: one whose worker was killed (a `dagster asset
-# materialize` SIGKILLed) stays so until run monitoring's max runtime, and queued runs wait behind it.
-IN_PROGRESS = [dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING]
 
 
 def free_pool_slots(instance: dg.DagsterInstance, defs: dg.Definitions, *, run: str | None = None) -> dict:

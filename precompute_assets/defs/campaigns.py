@@ -55,7 +55,7 @@ from .resources import (
     failing_clearly_when_full,
 )
 from .retention import retention_start
-from .runs import ACTIVE_RUN_STATUSES, RUN_KEY_TAG
+from .runs import ACTIVE_RUN_STATUSES, RERUN_IF_WORKER_DIES, RUN_KEY_TAG
 
 CAMPAIGNS = dg.DynamicPartitionsDefinition(name="campaigns")
 LIVE_MEANWHILE = "Its transaction wrote none of it: readers compute its values live meanwhile."
@@ -75,7 +75,7 @@ RESCORING_PRIORITY = 5  # a warm campaign scored again by a new model: behind ev
 WARMING_TAGS = {
     PRIORITY_TAG: str(WARMING_PRIORITY),
     WARMING_TAG: "campaign",
-    "dagster/max_retries": "2",
+    **RERUN_IF_WORKER_DIES,
     "dagster/max_runtime": "1800",
 }
 

@@ -20,6 +20,7 @@ from ..serving.querylog import (
     quarantine_row,
     queries_of,
     read_stream_window,
+    stream_ms,
     trim_stream_before,
     validate_entry,
 )
@@ -269,7 +270,7 @@ def stream_loss(
     if newest is None:
         return None
     partition, entry, rows = newest
-    if int(entry.split("-")[0]) < trimmed_before_ms or client.xrange(stream, min=entry, max=entry, count=1):
+    if stream_ms(entry) < trimmed_before_ms or client.xrange(stream, min=entry, max=entry, count=1):
         return None
     if (oldest := oldest_entry_ms(client, stream)) is not None and oldest < start_ms:
         return None
@@ -377,8 +378,7 @@ def oldest_entry_ms(client, stream: str) -> int | None:
     first = client.xrange(stream, count=1)
     if not first:
         return None
-    entry = first[0][0]
-    return int((entry.decode() if isinstance(entry, bytes) else entry).split("-")[0])
+    return stream_ms(first[0][0])
 
 
 class CleanupConfig(dg.Config):

@@ -15,6 +15,14 @@ ACTIVE_RUN_STATUSES = [
     dg.DagsterRunStatus.STARTED,
 ]
 
+# A run in these states counts against dagster.yaml's max_concurrent_runs: one whose worker was killed (a `dagster asset
+# materialize` SIGKILLed) stays so until run monitoring's max runtime, and queued runs wait behind it.
+IN_PROGRESS = [dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING]
+
+# dagster.yaml's run_retries re-execute a run that asks with this tag when its worker died (or it never started), not
+# when a step failed: warming, cleanup and task runs, whose sensors never request their run keys again.
+RERUN_IF_WORKER_DIES = {"dagster/max_retries": "2"}
+
 DAEMON_FRESH_S = 60  # a daemon beats every 30 s or so: one whose last beat is older has stopped
 
 

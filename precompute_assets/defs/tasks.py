@@ -60,9 +60,11 @@ from ..serving.events import (
 )
 from ..serving.keys import KIND_PATTERN, RESERVED_KINDS, KeySchema, check_key, codec_for
 from ..serving.publish import FENCED_ATTEMPTS, InvalidatedMeanwhile, read_epoch, write_live_values
+from ..serving.querylog import stream_ms
 from .campaigns import approved_model_version
 from .models import CTR_MODEL
 from .resources import DeploymentResource, LakeResource, ModelStoreResource, RedisResource, failing_clearly_when_full
+from .runs import RERUN_IF_WORKER_DIES
 from .user_events import NEXT_ACTION_MODEL, approved_next_action_version
 
 PRIORITY_TAG = "dagster/priority"
@@ -745,16 +747,6 @@ def plan_events(
                 plan.predicted += 1
                 plan.want(trigger.task, entity, registry.priority_of(trigger))
     return plan
-
-
-def stream_ms(stream_id: str) -> int:
-    """When an entry with ID ``stream_id`` (``MILLISECONDS-SEQUENCE``) arrived, in ms since the epoch."""
-    return int(stream_id.partition("-")[0])
-
-
-# dagster.yaml's run_retries re-execute a run that asks with this tag when its worker died (or it never started), not
-# when a step failed: the sensor's cursor is past its events, so a task run lost with its worker was never asked again.
-RERUN_IF_WORKER_DIES = {"dagster/max_retries": "2"}
 
 
 def run_requests(registry: TaskRegistry, plan: TickPlan, key_prefix: str) -> list[dg.RunRequest]:

@@ -173,9 +173,13 @@ class HourlyCounts:
 
     @property
     def missing_hours(self) -> int:
+        return int(self._lost_hours().sum())
+
+    def _lost_hours(self) -> np.ndarray:
+        """Per hour (bool): whether its logs are missing (recorded so, or no key has a count for it)."""
         if self.missing is not None:
-            return int(self.missing.sum())
-        return int(np.isnan(self.counts).all(axis=0).sum()) if len(self.keys) else 0
+            return self.missing
+        return np.isnan(self.counts).all(axis=0) if len(self.keys) else np.zeros(len(self.day), dtype=bool)
 
     def daily(self) -> np.ndarray:
         """Requests per key and day (keys × days; a missing hour counts 0)."""
@@ -192,9 +196,7 @@ class HourlyCounts:
     def whole_days(self) -> np.ndarray:
         """Per day (bool, days,): whether none of its hours of logs is missing. A missing hour counts 0 in ``daily``,
         so only whole days compare (``_mase_scale``)."""
-        lost = self.missing if self.missing is not None else (
-            np.isnan(self.counts).all(axis=0) if len(self.keys) else np.zeros(len(self.day), dtype=bool))  # fmt: skip
-        return np.bincount(self.day[lost], minlength=self.n_days) == 0 if len(self.day) else np.zeros(0, dtype=bool)
+        return np.bincount(self.day[self._lost_hours()], minlength=self.n_days) == 0
 
     def day_start(self, d: int) -> int:
         """Index of the first hour of day ``d`` (the number of hours when ``d`` is one past the last day)."""

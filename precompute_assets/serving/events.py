@@ -23,7 +23,16 @@ import redis
 
 from .connection import connect, is_cluster
 from .keys import KeySchema
-from .querylog import READ_PAGE, QueryLogger, _bounded, _clean_text, _int_field, read_stream_window, ts_problem
+from .querylog import (
+    READ_PAGE,
+    QueryLogger,
+    _bounded,
+    _clean_text,
+    _int_field,
+    read_stream_window,
+    stream_ms,
+    ts_problem,
+)
 
 ACTIONS = ("login", "dashboard_view", "campaign_create", "creative_upload", "variant_review", "analytics_view")
 ACTION_INDEX = {action: i for i, action in enumerate(ACTIONS)}
@@ -192,7 +201,7 @@ class UserStatesSpan:
 
     @property
     def since_ms(self) -> int:
-        return int(self.since.split("-")[0])
+        return stream_ms(self.since)
 
     def encode(self) -> str:
         return " ".join((self.since, self.through, *((self.server,) if self.server else ())))
@@ -202,7 +211,7 @@ class UserStatesSpan:
         """The span read back; None for none, or one that is malformed (no span: every state is partial)."""
         try:
             since, through, *server = raw.decode().split(" ")
-            int(since.split("-")[0])
+            stream_ms(since)
         except (AttributeError, ValueError, UnicodeDecodeError):
             return None
         return cls(since, through, *server) if len(server) <= 1 else None
@@ -286,7 +295,7 @@ def write_user_states(
 def validate_event(entry_id: bytes, fields: dict[bytes, bytes]) -> tuple[dict[str, Any] | None, str | None]:
     """One stream entry as a clean row, or the reason it must be quarantined. An action outside ``ACTIONS`` is
     quarantined with a reason starting ``unknown action`` (counted per action by the asset)."""
-    arrival_ms = int(entry_id.split(b"-")[0])
+    arrival_ms = stream_ms(entry_id)
     ts, reason = _int_field(fields.get(b"ts"), "ts")
     if reason:
         return None, reason

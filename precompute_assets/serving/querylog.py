@@ -592,6 +592,12 @@ class QueryLogger:
         return f"{self._last_id[0]}-{self._last_id[1]}"
 
 
+def stream_ms(entry_id: str | bytes) -> int:
+    """When the stream entry ``entry_id`` (``MILLISECONDS-SEQUENCE``, as text or bytes) arrived, in ms since the
+    epoch."""
+    return int(entry_id.split(b"-" if isinstance(entry_id, bytes) else "-", 1)[0])
+
+
 def _bounded(text: Any) -> Any:
     """``text`` cut to ``LOGGED_TEXT_CHARS`` characters (anything else as it is)."""
     return text[:LOGGED_TEXT_CHARS] if isinstance(text, str) and len(text) > LOGGED_TEXT_CHARS else text
@@ -921,7 +927,7 @@ def validate_entry(entry_id: bytes, fields: dict[bytes, bytes]) -> tuple[dict[st
     reasons by the text before the first colon)."""
     if ENTRY_ERROR in fields:
         return None, fields[ENTRY_ERROR].decode("utf-8", "replace")
-    arrival_ms = int(entry_id.split(b"-")[0])
+    arrival_ms = stream_ms(entry_id)
     ts, reason = _int_field(fields.get(b"ts"), "ts")
     if reason:
         return None, reason
