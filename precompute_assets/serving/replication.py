@@ -56,7 +56,12 @@ def _replication_infos(client: redis.Redis) -> dict[str, dict]:
     """``INFO replication`` of each primary that ``client`` writes to, by node name (a single server: ``""``)."""
     if is_cluster(client):
         return {node.name: client.info("replication", target_nodes=node) for node in client.get_primaries()}
-    return {"": client.info("replication")}
+    try:
+        return {"": client.info("replication")}
+    except redis.ConnectionError:  # not TimeoutError: a server that is slow to answer is not asked twice
+        # A connection the server closed: at a Sentinel failover the sentinels kill the demoted primary's clients.
+        # INFO is a read, asked once more on a new connection (to the primary the sentinels name now).
+        return {"": client.info("replication")}
 
 
 def online_replicas(info: dict) -> dict[str, int]:

@@ -162,6 +162,36 @@ def test_a_primary_demoted_while_its_replicas_are_waited_for_fails_the_wait_at_o
     assert time.monotonic() - started < 30, caught.value  # not the whole wait
 
 
+def test_a_connection_reset_during_a_wait_is_asked_again_on_a_new_one(redis_server, monkeypatch):
+    """At a Sentinel failover the sentinels kill the demoted primary's clients: an INFO in flight then failed the
+    wait with "connection reset" instead of finding the new primary (and its other replication ID) on a new
+    connection. A closed connection between two polls was always replaced (redis-py checks one before it lends it);
+    one closed while its reply was awaited is what the sentinels' kill hit, simulated here by one reset reply."""
+    primary = redis_server()
+    replica = replica_of(redis_server, primary)
+    client = connect(primary.url, socket_timeout=5)
+    real_info, calls = client.info, []
+
+    def reset_once(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 3:  # a poll of the wait, not the first INFO that sets its target
+            client.connection_pool.disconnect()
+            raise redis.ConnectionError("Error while reading from 127.0.0.1 : (104, 'Connection reset by peer')")
+        return real_info(*args, **kwargs)
+
+    os.kill(replica.pid, signal.SIGSTOP)  # behind until resumed: the wait polls through the reset
+    try:
+        client.set("written", "after the replica stopped")
+        monkeypatch.setattr(client, "info", reset_once)
+        timer = threading.Timer(0.5, lambda: os.kill(replica.pid, signal.SIGCONT))
+        timer.start()
+        assert wait_for_replicas(client, 30) == 1
+        timer.join()
+    finally:
+        os.kill(replica.pid, signal.SIGCONT)
+    assert len(calls) > 4  # the wait went on after the reset
+
+
 def test_a_first_publish_whose_replica_lags_after_the_flip_only_warns(redis_server, schema, monkeypatch, caplog):
     """A replica that merely lags behind a first publish's flip (nothing to retire) is warned about, as after any
     other flip; it failed the publish, whose pointer had flipped."""
