@@ -169,6 +169,10 @@ class RedisError(StackError):
     """The embedded Redis could not be started or did not become ready."""
 
 
+class PortTakenError(StackError):
+    """Another program holds the port an embedded server was to start on."""
+
+
 def server_version(binary: str) -> tuple[str, tuple[int, ...]]:
     """``("valkey" | "redis", (major, minor, patch))`` of a server binary, from its ``--version`` line."""
     try:
@@ -325,7 +329,7 @@ class RedisServer:
         running = self.pid is not None
         if not running:
             if reachable(self.url, timeout_s=0.2):
-                raise RedisError(f"port {self.port} is in use by another program; Redis cannot start there")
+                raise PortTakenError(f"port {self.port} is in use by another program; Redis cannot start there")
             # Its config holds the password and its AOF the cache: the folder is ours alone (a home made before
             # passwords had it 0755, its files 0644).
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -767,7 +771,7 @@ class PostgresServer:
             if not (self.data / "global" / "pg_control").exists():
                 self._initdb()
             if reachable(self.url("postgres"), timeout_s=0.2):
-                raise StackError(f"port {self.port} is in use by another program; PostgreSQL cannot start there")
+                raise PortTakenError(f"port {self.port} is in use by another program; PostgreSQL cannot start there")
             options = f"-h 127.0.0.1 -p {self.port} -c unix_socket_directories=''"
             self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", options, "-w", "start")
         self._require_password()
@@ -1321,10 +1325,9 @@ class Stack:
                 check_login(variable, url)
         started_redis = False
         if not self._external(ENV_REDIS):
-            self._move_off_taken_port(self.redis, "redis_port", "Redis")
             started_redis = self.redis.pid is None
             try:
-                self.redis.start()
+                self._start_off_taken_ports(self.redis, "redis_port", "Redis")
             except BaseException:
                 if started_redis:  # started, then never ready: a failed `up` leaves nothing of its own running
                     self.redis.stop()
@@ -1332,8 +1335,7 @@ class Stack:
         if postgres and not (self._external(ENV_DAGSTER_PG) and self._external(ENV_APP_DB)):
             started_postgres = self.postgres.pid is None
             try:
-                self._move_off_taken_port(self.postgres, "pg_port", "PostgreSQL")
-                self.postgres.start()
+                self._start_off_taken_ports(self.postgres, "pg_port", "PostgreSQL")
             except BaseException:  # a failed `up` leaves nothing of its own running (a database it could not make)
                 if started_postgres:
                     self.postgres.stop()
@@ -1342,6 +1344,18 @@ class Stack:
                 raise
         self._link_dagster_yaml()
         return self.env()
+
+    def _start_off_taken_ports(self, server: RedisServer | PostgresServer, key: str, name: str, tries: int = 3) -> None:
+        """Start ``server`` on its port, or on another if another program holds it (``_move_off_taken_port``), also
+        when one takes it after the check: a new home's PostgreSQL runs ``initdb`` for seconds in between, and a
+        port just chosen free was taken by a server started meanwhile."""
+        for attempt in range(tries):
+            self._move_off_taken_port(server, key, name)
+            try:
+                return server.start()
+            except PortTakenError:
+                if attempt == tries - 1:
+                    raise
 
     def _move_off_taken_port(self, server: RedisServer | PostgresServer, key: str, name: str) -> None:
         """Before starting ``server``: when it is not running and another program now holds its port (the ports are

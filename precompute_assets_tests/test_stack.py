@@ -127,13 +127,13 @@ def test_a_server_that_cannot_start_is_one_clear_error(tmp_path: Path) -> None:
 def test_a_port_held_by_another_program_is_one_clear_error(tmp_path: Path) -> None:
     import socket
 
-    from precompute_assets.stack import RedisError
+    from precompute_assets.stack import PortTakenError
 
     with socket.socket() as other:
         other.bind(("127.0.0.1", 0))
         other.listen()
         server = RedisServer(tmp_path / "redis", other.getsockname()[1])
-        with pytest.raises(RedisError, match="in use by another program"):
+        with pytest.raises(PortTakenError, match="in use by another program"):
             server.start()
     assert server.pid is None
 
@@ -653,6 +653,33 @@ def test_a_postgresql_that_cannot_start_says_why_in_one_line(session_dir: Path) 
         assert "\n" not in str(raised.value)
     finally:
         stack.purge()
+
+
+def test_up_moves_off_a_port_taken_while_postgresql_was_being_made(session_dir: Path, capsys, monkeypatch) -> None:
+    """A new home's ports are chosen free, then its PostgreSQL runs ``initdb`` for seconds: a server started meanwhile
+    (another test's, on a busy CI machine) took the port, and the first ``up`` failed "in use by another program".
+    It now moves to another port, as it does for one taken before the ``up``."""
+    import socket
+
+    from precompute_assets.stack import PostgresServer
+
+    stack = Stack(session_dir / "taken-during-initdb")
+    chosen, real_initdb = stack.postgres.port, PostgresServer._initdb
+    with socket.socket() as squatter:
+
+        def initdb_then_taken(server: PostgresServer) -> None:
+            real_initdb(server)
+            squatter.bind(("127.0.0.1", chosen))
+            squatter.listen()
+
+        monkeypatch.setattr(PostgresServer, "_initdb", initdb_then_taken)
+        try:
+            env = stack.up()
+            assert stack.postgres.port != chosen and f":{stack.postgres.port}/" in env["PRECOMPUTE_APP_DB_URL"]
+            assert Stack(stack.home).postgres.port == stack.postgres.port  # recorded for the home
+            assert f"port {chosen} is in use by another program; PostgreSQL moves" in capsys.readouterr().err
+        finally:
+            stack.purge()
 
 
 def test_up_moves_a_server_whose_port_another_program_took(session_dir: Path, capsys, monkeypatch) -> None:
