@@ -50,6 +50,7 @@ from ..serving.connection import REDIS_ERRORS
 from ..serving.events import (
     ACTION_INDEX,
     UserStatesSpan,
+    events_stream,
     read_event_window,
     read_events_after,
     read_user_states,
@@ -60,7 +61,7 @@ from ..serving.events import (
 )
 from ..serving.keys import KIND_PATTERN, RESERVED_KINDS, KeySchema, check_key, codec_for
 from ..serving.publish import FENCED_ATTEMPTS, InvalidatedMeanwhile, read_epoch, write_live_values
-from ..serving.querylog import stream_ms
+from ..serving.querylog import cut_after, stream_ms
 from .campaigns import approved_model_version
 from .models import CTR_MODEL
 from .resources import DeploymentResource, LakeResource, ModelStoreResource, RedisResource, failing_clearly_when_full
@@ -882,6 +883,7 @@ def build_user_event_sensor(
     ):
         started = time.perf_counter()
         after = stream_id(context.cursor) if context.cursor else None
+        resumed = after is not None  # from a tick's cursor: what came after it must all be read
         if context.cursor and after is None:  # set by hand (`dagster sensor cursor --set`)
             context.log.warning(
                 f"the cursor {context.cursor[:80]!r} is no stream ID to read after (MILLISECONDS-SEQUENCE): "
@@ -891,12 +893,23 @@ def build_user_event_sensor(
             span = redis.sensor_check(read_user_states_span, context.log, "the span of the stored user states")
             after = first_read_after(time.time_ns() // 1_000_000 - first_lookback_s * 1000, span)
         read = redis.sensor_check(
-            lambda client, schema: (read_events_after(client, schema, after, limit=max_events), client.time()),
+            lambda client, schema: (
+                read_events_after(client, schema, after, limit=max_events),
+                client.time(),
+                resumed and cut_after(client, events_stream(schema), after),
+            ),
             context.log, f"the user events after {after}",
         )  # fmt: skip
         if read is None:  # the cursor stays: the next tick reads the same events
             return dg.SkipReason(f"Redis does not answer: the user events after {after} were not read")
-        entries, (seconds, micros) = read
+        entries, (seconds, micros), cut = read
+        if cut:
+            context.log.warning(
+                f"the user events stream no longer holds this sensor's cursor {after} nor any event before it: events "
+                f"after the cursor, before {entries[0][0].decode() if entries else 'the oldest left'}, may have gone "
+                "unread, their tasks not requested (trimmed by the loggers' stream_maxlen or by the cleanup's "
+                "retention while the sensor was off, or lost by Redis)"
+            )
         now_ms = seconds * 1000 + micros // 1000  # Redis's clock, which stamped the events' stream IDs
         if not entries:
             return dg.SkipReason(f"no user events after {after}")

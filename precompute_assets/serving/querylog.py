@@ -754,6 +754,18 @@ def read_stream_window(
         lower = "(" + entries[-1][0].decode()
 
 
+def cut_after(client: redis.Redis, stream: str, after: str) -> bool:
+    """Whether entries after ``after`` (a reader's cursor) may have gone unread: ``stream`` holds later entries but
+    none at or before it, its own included. Entries go from the old end only (``MAXLEN`` and ``MINID`` trims, a
+    restart that lost the stream), so a stream that still holds the cursor's entry, or an older one, lost nothing
+    after it. (``XINFO STREAM``'s ``max-deleted-entry-id`` would be exact, but trims do not update it.)"""
+    pipe = client.pipeline(transaction=False)
+    pipe.xrevrange(stream, max=after, min="-", count=1)
+    pipe.xrange(stream, min=f"({after}", max="+", count=1)
+    older, newer = pipe.execute()
+    return not older and bool(newer)
+
+
 TRIM_BATCH = 1000  # stream entries one XTRIM frees at most (a day of query-log entries is millions)
 
 

@@ -499,6 +499,35 @@ def test_a_tick_without_a_cursor_starts_after_the_last_event_any_tick_handled(re
     assert tasks.first_read_after(5_000, None) == "5000-0"
 
 
+def test_events_trimmed_before_the_sensor_read_them_are_warned_about(
+    redis_url, redis_client, schema, tmp_path, pg_instance, capfd
+):
+    """A stream cut by the loggers' MAXLEN (or by the cleanup while the sensor was off) lost events after the cursor:
+    the sensor read on from the oldest entry left, and nothing said that tasks went unrequested."""
+    logger = EventLogger(log_client(redis_url), schema)
+    logger.record_event("u1", "login", tenant="acme")
+    logger.close()
+    sensor = build_user_event_sensor()
+    first = tick(sensor, pg_instance, redis_url, schema, str(tmp_path))
+    stream = f"{schema.prefix}:events"
+    now_ms = time.time_ns() // 1_000_000
+    for user in range(20):
+        redis_client.xadd(stream, {"ts": str(now_ms), "user": f"v{user}", "action": "login", "tenant": "acme"})
+    kept = tick(sensor, pg_instance, redis_url, schema, str(tmp_path), cursor=first.cursor)  # nothing went yet
+    assert kept.run_requests and "no longer holds" not in capfd.readouterr().err
+    for user in range(20, 40):
+        redis_client.xadd(stream, {"ts": str(now_ms), "user": f"v{user}", "action": "login", "tenant": "acme"})
+    ((newest, _),) = redis_client.xrevrange(stream, count=1)
+    redis_client.xtrim(stream, maxlen=5, approximate=False)  # v20..v34 go unread
+    after = tick(sensor, pg_instance, redis_url, schema, str(tmp_path), cursor=kept.cursor)
+    assert after.cursor == newest.decode()  # the five left are read
+    ((oldest, _),) = redis_client.xrange(stream, count=1)
+    said = f"no longer holds this sensor's cursor {kept.cursor} nor any event before it: events after the cursor, "
+    assert said + f"before {oldest.decode()}, may have gone unread" in capfd.readouterr().err
+    assert isinstance(tick(sensor, pg_instance, redis_url, schema, str(tmp_path), cursor=after.cursor), dg.SkipReason)
+    assert "no longer holds" not in capfd.readouterr().err  # said once: the cursor is past the trimmed entries now
+
+
 def test_a_bare_millisecond_cursor_reads_after_its_first_entry_id():
     assert tasks.stream_id("1700000000000") == "1700000000000-0" and tasks.stream_id("5-07") == "5-7"
 
