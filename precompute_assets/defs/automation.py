@@ -459,6 +459,29 @@ def pool_states(
     return rows
 
 
+RUNS_SHOWN = 20  # runs in progress that ``precompute status`` lists, the longest running first
+
+
+def runs_in_progress(instance: dg.DagsterInstance, *, now: float | None = None) -> list[tuple[str, str]]:
+    """``(status, "ID job for DURATION")`` for each run in progress (STARTING, STARTED, CANCELING), the longest
+    running first, at most ``RUNS_SHOWN`` and a line for the rest. Each holds one of ``dagster.yaml``'s run slots: a
+    worker killed without a daemon leaves its run STARTED, queued runs wait behind it until run monitoring's max
+    runtime, and the whole ID here is what ``precompute pools free --run`` takes for a run that holds no pool slot."""
+    now = time.time() if now is None else now
+    records = instance.get_run_records(dg.RunsFilter(statuses=IN_PROGRESS))
+    records.sort(key=lambda record: record.start_time or record.create_timestamp.timestamp())
+    rows = []
+    for record in records[:RUNS_SHOWN]:
+        held_s = now - (record.start_time or record.create_timestamp.timestamp())
+        line = f"{record.dagster_run.run_id} {record.dagster_run.job_name} for {_duration(held_s)}"
+        if held_s > LONG_HOLD_S:
+            line += " (if its worker is gone: `precompute pools free --run ID` fails it and frees its slots)"
+        rows.append((record.dagster_run.status.value, line))
+    if len(records) > RUNS_SHOWN:
+        rows.append(("...", f"{len(records) - RUNS_SHOWN} more runs in progress (the UI's Runs page lists them)"))
+    return rows
+
+
 def free_pool_slots(instance: dg.DagsterInstance, defs: dg.Definitions, *, run: str | None = None) -> dict:
     """Free the pool slots no running worker will free: those of runs that ended or were deleted (the daemon's run
     monitoring frees them ``FREE_SLOTS_AFTER_END_S`` after the end; without a daemon, after ``dagster asset

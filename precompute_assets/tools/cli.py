@@ -154,25 +154,26 @@ def dagster_unknown(stack: Stack, postgres: ServiceStatus) -> str | None:
 
 
 def automation(stack: Stack, postgres: ServiceStatus) -> list[tuple[str, str, str]]:
-    """Each schedule and sensor with the state the Dagster daemon acts on, and each concurrency pool with what holds
-    it, when Dagster's database answers."""
+    """Each schedule and sensor with the state the Dagster daemon acts on, each concurrency pool with what holds it,
+    and each run in progress, when Dagster's database answers."""
     if (unknown := dagster_unknown(stack, postgres)) is not None:
         return [(unknown, "automation", "")]
     from ..definitions import defs
-    from ..defs.automation import automation_states, pool_states
+    from ..defs.automation import automation_states, pool_states, runs_in_progress
     from ..defs.runs import DAEMON_FRESH_S, daemon_heartbeat_age_s
 
     try:
         with dagster_instance(stack) as instance:
             definitions = defs()
             pools = [(state, "pool", name) for name, state in pool_states(instance, definitions)]
+            runs = [(line, "run", status) for status, line in runs_in_progress(instance)]
             age = daemon_heartbeat_age_s(instance)
             if age is not None and age < DAEMON_FRESH_S:
                 daemon = (f"(last heartbeat {age:.0f} s ago)", "daemon", "running")
             else:  # RUNNING below is what a daemon would act on: with none, nothing ticks
                 seen = "never seen" if age is None else f"last heartbeat {age / 60:.0f} min ago"
                 daemon = (f"({seen}: no schedule or sensor ticks; `precompute dev` runs one)", "daemon", "stopped")
-            return [daemon, *automation_states(instance, definitions), *pools]
+            return [daemon, *automation_states(instance, definitions), *pools, *runs]
     except Exception as error:  # status reports; it never fails because Dagster's storage cannot be read
         return [(f"(unknown: {_one_line(error)})", "automation", "")]
 

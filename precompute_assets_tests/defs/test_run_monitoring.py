@@ -26,7 +26,7 @@ from dagster._daemon.monitoring import concurrency, run_monitoring
 from dagster._time import datetime_from_timestamp
 
 from precompute_assets.definitions import defs
-from precompute_assets.defs.automation import free_pool_slots, pool_states
+from precompute_assets.defs.automation import free_pool_slots, pool_states, runs_in_progress
 from precompute_assets.defs.campaigns import WARMING_TAGS
 from precompute_assets.defs.tasks import PRIORITY_TAG, RERUN_IF_WORKER_DIES, TASK_TAG
 from precompute_assets.stack import project_dir
@@ -134,6 +134,12 @@ def test_without_a_daemon_pools_free_releases_what_a_killed_run_held(home: Path)
         # A killed run that held no pool slot (a drain, a warming) still holds one of dagster.yaml's run slots, until
         # run monitoring's max runtime (6 h): queued runs waited behind it, and it could not be named (h_crash2).
         drain = create_run_for_test(instance, job_name="__ASSET_JOB", status=dg.DagsterRunStatus.STARTED).run_id
+        started = instance.get_run_record_by_id(drain).create_timestamp.timestamp()
+        # `precompute status` lists it with the whole ID `pools free --run` takes for it, and says so once it is old
+        assert runs_in_progress(instance, now=started + 120) == [("STARTED", f"{drain} __ASSET_JOB for 2 min")]
+        ((_, old),) = runs_in_progress(instance, now=started + 2 * 3600)
+        assert old.endswith("for 2 h 0 min (if its worker is gone: `precompute pools free --run ID` fails it and "
+                            "frees its slots)")  # fmt: skip
         with pytest.raises(
             ValueError, match=f"nor is it the whole ID of a run in progress .runs in progress: {drain} "
         ):
