@@ -344,7 +344,7 @@ class PredictionCache:
         check_kind(kind)
         check_key(key)
         start = time.perf_counter_ns()
-        value = self._decode(kind, self._lookup(kind, key))
+        value = self._lookup(kind, key)
         self._log(kind, key, value is not ABSENT, start, user, tenant)
         return None if value is ABSENT else value
 
@@ -360,7 +360,7 @@ class PredictionCache:
         check_kind(kind)
         check_keys(keys)
         start = time.perf_counter_ns()
-        values = [self._decode(kind, raw) for raw in self._lookup_many(kind, keys)]
+        values = self._lookup_many(kind, keys)
         self._log_many(kind, keys, [value is not ABSENT for value in values], start, user, tenant)
         return [None if value is ABSENT else value for value in values]
 
@@ -408,8 +408,7 @@ class PredictionCache:
         if not early_on and (self.recompute_lock_ms <= 0 or self._stampede_refused):
             return self._get_or_compute_plain(kind, key, compute, policy, user, tenant)
         start = time.perf_counter_ns()
-        raw, decision, ttl_ms, delta_s = self._lookup_admitting(kind, key, policy, extras=early_on)
-        cached = self._decode(kind, raw)
+        cached, decision, ttl_ms, delta_s = self._lookup_admitting(kind, key, policy, extras=early_on)
         self._log(kind, key, cached is not ABSENT, start, user, tenant)
         if cached is not ABSENT:
             if decision is not None and xfetch_due(ttl_ms, delta_s, self.xfetch_beta, 1.0 - self._random.random()):
@@ -435,7 +434,7 @@ class PredictionCache:
             return self._compute_and_store(kind, key, compute, policy, decision, store=False)
         lock, epoch = self._take_lock(kind, key)
         if lock is False:  # another reader computes it: wait for its value, bounded
-            waited = self._decode(kind, self._wait_for_value(kind, key))
+            waited = self._wait_for_value(kind, key)
             if waited is not ABSENT:
                 self._count("lock_waits")
                 return waited
@@ -452,8 +451,7 @@ class PredictionCache:
     ) -> Any:
         """The read-through without XFetch or lock: every reader that misses computes and stores."""
         start = time.perf_counter_ns()
-        raw, decision, _, _ = self._lookup_admitting(kind, key, policy)
-        cached = self._decode(kind, raw)
+        cached, decision, _, _ = self._lookup_admitting(kind, key, policy)
         self._log(kind, key, cached is not ABSENT, start, user, tenant)
         if cached is not ABSENT:
             return cached
@@ -770,32 +768,37 @@ class PredictionCache:
         except REDIS_ERRORS:
             self._count("errors")
 
-    def _wait_for_value(self, kind: str, key: str) -> bytes | None:
+    def _wait_for_value(self, kind: str, key: str) -> Any:
         """Poll the live value (and the lock) every ``lock_poll_s`` for at most ``recompute_lock_ms``: the value
-        once the lock holder stored it; None when the time is up, the lock went away without a value, or Redis
-        failed."""
+        (decoded) once the lock holder stored it; ``ABSENT`` when the time is up, the lock went away without a value,
+        or Redis failed. A value that does not decode (garbage, or a key of another type, which the holder's store
+        replaces) is waited past as a missing one: every waiter computed at once."""
         live, lock = self.schema.live(kind, key), recompute_lock_key(self.schema, kind, key)
         deadline = time.monotonic() + self.recompute_lock_ms / 1000
         while time.monotonic() < deadline:
             time.sleep(min(self.lock_poll_s, max(0.0, deadline - time.monotonic())))
             if self._cluster:
                 raw, held = self._cluster_fetch([(b"GET", live), (b"GET", lock)])
-                if raw is FAILED:
-                    return None
+                if held is FAILED:
+                    return ABSENT
             else:
                 try:
                     pipe = self.client.pipeline(transaction=False)
                     pipe.get(live)
                     pipe.get(lock)
-                    raw, held = pipe.execute()
+                    raw, held = pipe.execute(raise_on_error=False)
                 except REDIS_ERRORS as error:
                     self._trip(error)
-                    return None
-            if raw is not None:
-                return raw
+                    return ABSENT
+                if isinstance(held, BaseException):
+                    self._trip(held)
+                    return ABSENT
+            value = self._decode(kind, raw if isinstance(raw, bytes) else None, count=False)
+            if value is not ABSENT:
+                return value
             if held is None or held == b"0":
-                return None
-        return None
+                return ABSENT
+        return ABSENT
 
     def _extra_reply(self, reply: Any) -> Any:
         """A reply of PTTL / the delta key: an error is None (unknown), and NOPERM turns the extras off."""
@@ -846,24 +849,24 @@ class PredictionCache:
 
     # --- internals ------------------------------------------------------------------------------------
 
-    def _decode(self, kind: str, raw: bytes | None) -> Any:
+    def _decode(self, kind: str, raw: bytes | None, *, count: bool = True) -> Any:
         """Decode a stored value, ``ABSENT`` when there is none; a corrupt one (a float32 one or an embedding not finite
-        too) counts as an error and is ``ABSENT`` (a miss), never an exception. A JSON null is a value (None): the
-        model's answer was "nothing"."""
+        too) counts as an error (with ``count``) and is ``ABSENT`` (a miss), never an exception. A JSON null is a
+        value (None): the model's answer was "nothing"."""
         if raw is None:
             return ABSENT
         codec = codec_for(kind)
         try:
             value = codec.decode(raw)
         except (ValueError, TypeError, struct.error, RecursionError):  # RecursionError: JSON nested too deep
+            value = ABSENT
+        if value is not ABSENT and (
+            (isinstance(codec, Float32Codec) and not math.isfinite(value))  # no prediction: a writer's NaN or Infinity
+            or (isinstance(codec, VectorCodec) and not _finite_vector(value))  # a vector no cosine can rank (h_emb)
+        ):
+            value = ABSENT
+        if value is ABSENT and count:
             self._count("errors")
-            return ABSENT
-        if isinstance(codec, Float32Codec) and not math.isfinite(value):  # no prediction: a writer's NaN or Infinity
-            self._count("errors")
-            return ABSENT
-        if isinstance(codec, VectorCodec) and not _finite_vector(value):  # a vector no cosine can rank (h_emb)
-            self._count("errors")
-            return ABSENT
         return value
 
     def _failed_early(self, kind: str, key: str) -> None:
@@ -1018,7 +1021,10 @@ class PredictionCache:
             pipe.get(self.schema.pointer(kind))
             pipe.get(self.schema.experiment(kind))
             raw, raw_experiment = pipe.execute(raise_on_error=False)
-            if isinstance(raw, BaseException):
+            if isinstance(raw, redis.ResponseError):  # the server answered (WRONGTYPE): as a malformed pointer
+                self._trip(raw)
+                raw = None
+            elif isinstance(raw, BaseException):
                 raise raw
             if isinstance(raw_experiment, BaseException):  # an error reply (WRONGTYPE): a malformed experiment
                 self._count("errors")
@@ -1080,24 +1086,28 @@ class PredictionCache:
         """The experiment read with that version, without touching Redis (logging never adds a round trip)."""
         return self._last_read(kind)[1]
 
-    def _lookup(self, kind: str, key: str) -> bytes | None:
+    def _lookup(self, kind: str, key: str) -> Any:
+        """The value of ``key`` (decoded), ``ABSENT`` on a miss: the published version's, else the live one. A
+        published value that does not decode, or an error reply for its bucket (a key of another type), is counted
+        as an error and read past, to the live value: it made a miss of every lookup of the key, while the value
+        ``get_or_compute`` stored for it went unread."""
         if self._cluster:
             return self._lookup_many(kind, [key])[0]
         if not self._available():
-            return None
+            return ABSENT
         try:
             pointer = self._pointer(kind)
             if pointer is not None:
-                (raw,) = self._round_trip([(b"HGET", self.schema.bucket_for_key(kind, pointer, key), key)])
-                if raw is not None:
-                    return raw
-            (raw,) = self._round_trip([(b"GET", self.schema.live(kind, key))])
-            if raw is not None:
+                (raw,) = self._round_trip_per_key([(b"HGET", self.schema.bucket_for_key(kind, pointer, key), key)])
+                if (value := self._decode(kind, raw if raw is not FAILED else None)) is not ABSENT:
+                    return value
+            (raw,) = self._round_trip_per_key([(b"GET", self.schema.live(kind, key))])
+            if (value := self._decode(kind, raw if raw is not FAILED else None)) is not ABSENT:
                 self._observe_live_hits(kind, [key])
-            return raw
+            return value
         except REDIS_ERRORS as error:
             self._trip(error)
-            return None
+            return ABSENT
 
     def _observe_live_hits(self, kind: str, keys: Sequence[str]) -> None:
         """Show the cache's admission policy the live values ``get`` and ``get_many`` read, as ``get_or_compute``'s
@@ -1142,21 +1152,22 @@ class PredictionCache:
 
     def _lookup_admitting(
         self, kind: str, key: str, policy: AdmissionPolicy, *, extras: bool = False
-    ) -> tuple[bytes | None, Decision | None, int | None, float | None]:
+    ) -> tuple[Any, Decision | None, int | None, float | None]:
         """``_lookup`` whose live ``GET`` carries the policy's commands in the same round trip; the decision is
         None when Redis failed (or the client is backing off), or refused the policy's commands (the value read is
         still returned). With ``extras``, the same round trip also reads the live value's ``PTTL`` (ms) and its
-        delta (s): both None when published, unknown or refused."""
+        delta (s): both None when published, unknown or refused. A live key that does not decode, or is of another
+        type, is a miss whose computed value is stored over it: it made every call compute and store nothing."""
         if self._cluster:
             return self._lookup_admitting_cluster(kind, key, policy, extras)
         if not self._available():
-            return None, None, None, None
+            return ABSENT, None, None, None
         try:
             pointer = self._pointer(kind)
             if pointer is not None:
-                raw = self.client.hget(self.schema.bucket_for_key(kind, pointer, key), key)
-                if raw is not None:
-                    return raw, Decision(True), None, None  # published: the policy never sees it
+                raw = self._answered(self.client.hget, self.schema.bucket_for_key(kind, pointer, key), key)
+                if (value := self._decode(kind, raw)) is not ABSENT:
+                    return value, Decision(True), None, None  # published: the policy never sees it
             live = self.schema.live(kind, key)
             pipe = self.client.pipeline(transaction=False)
             pipe.get(live)
@@ -1164,25 +1175,38 @@ class PredictionCache:
                 pipe.pttl(live)
                 pipe.get(live_delta_key(self.schema, kind, key))
             if not policy.observe(pipe, self.schema, kind, key) and not extras:
-                return self.client.get(live), Decision(True), None, None  # "always": a plain GET
+                return self._decode(kind, self._answered(self.client.get, live)), Decision(True), None, None  # always
             raw, *replies = pipe.execute(raise_on_error=False)
             ttl, delta, *replies = replies if extras else (None, None, *replies)
-            if isinstance(raw, BaseException):
+            if isinstance(raw, redis.ResponseError):  # WRONGTYPE: a miss, whose store (SET) replaces the key
+                self._trip(raw)
+                raw = None
+            elif isinstance(raw, BaseException):
                 raise raw
+            value = self._decode(kind, raw)
             refused = next((reply for reply in replies if isinstance(reply, BaseException)), None)
             if refused is not None:  # the policy's writes were refused (OOM at maxmemory): the value read still serves
                 self._trip(refused)
-                return raw, None, None, None
+                return value, None, None, None
             if not extras:
-                return raw, policy.decide(replies), None, None
-            return raw, policy.decide(replies), self._extra_reply(ttl), _seconds(self._extra_reply(delta))
+                return value, policy.decide(replies), None, None
+            return value, policy.decide(replies), self._extra_reply(ttl), _seconds(self._extra_reply(delta))
         except REDIS_ERRORS as error:
             self._trip(error)
-            return None, None, None, None
+            return ABSENT, None, None, None
+
+    def _answered(self, command: Callable[..., Any], *args: Any) -> Any:
+        """``command(*args)``'s reply, None for an error reply (a key of another type: WRONGTYPE), counted as an
+        error; other failures raise."""
+        try:
+            return command(*args)
+        except redis.ResponseError as error:
+            self._trip(error)
+            return None
 
     def _lookup_admitting_cluster(
         self, kind: str, key: str, policy: AdmissionPolicy, extras: bool = False
-    ) -> tuple[bytes | None, Decision | None, int | None, float | None]:
+    ) -> tuple[Any, Decision | None, int | None, float | None]:
         """``_lookup_admitting`` on a cluster: the live ``GET`` (and with ``extras`` its ``PTTL`` and delta) and the
         policy's commands go out together, each to its own master; a failing master makes the decision None
         (nothing stored)."""
@@ -1190,9 +1214,9 @@ class PredictionCache:
         if pointer is not None:
             (raw,) = self._cluster_fetch([(b"HGET", self.schema.bucket_for_key(kind, pointer, key), key)])
             if raw is FAILED:
-                return None, None, None, None
-            if raw is not None:
-                return raw, Decision(True), None, None
+                return ABSENT, None, None, None
+            if (value := self._decode(kind, raw)) is not ABSENT:
+                return value, Decision(True), None, None
         recorder = self._recorder.pipeline(transaction=False)
         policy.observe(recorder, self.schema, kind, key)
         live = self.schema.live(kind, key)
@@ -1203,56 +1227,63 @@ class PredictionCache:
         ttl, delta = (rest[0], rest[1]) if extras else (None, None)
         replies = rest[2:] if extras else rest
         if raw is FAILED:
-            return None, None, None, None
+            return ABSENT, None, None, None
+        value = self._decode(kind, raw)
         if any(reply is FAILED for reply in replies):  # the policy's commands failed: the value read still serves
-            return raw, None, None, None
+            return value, None, None, None
         decision = policy.decide(replies) if replies else Decision(True)
-        return raw, decision, self._extra_reply(ttl), _seconds(self._extra_reply(delta))
+        return value, decision, self._extra_reply(ttl), _seconds(self._extra_reply(delta))
 
-    def _lookup_many(self, kind: str, keys: Sequence[str]) -> list[bytes | None]:
+    def _lookup_many(self, kind: str, keys: Sequence[str]) -> list[Any]:
+        """The values of ``keys`` (decoded, ``ABSENT`` for misses), as ``_lookup``: those of the published version,
+        and live values for the keys it lacks, holds undecodable, or answered an error for."""
         if keys and self._cluster:
             return self._lookup_many_cluster(kind, keys)
         if not keys or not self._available():
-            return [None] * len(keys)
+            return [ABSENT] * len(keys)
         try:
             pointer = self._pointer(kind)
-            found: list[Any] = [None] * len(keys)
+            found: list[Any] = [ABSENT] * len(keys)
             if pointer is not None:
-                found = self._round_trip_per_key(
+                replies = self._round_trip_per_key(
                     [
                         (b"HGET", self.schema.bucket(kind, pointer.version, bucket_of(k, pointer.buckets)), k)
                         for k in keys
                     ]
                 )
-            # Live read-through values only for the keys the published version lacks (often none); not FAILED: a key
-            # whose bucket answered with an error stays a miss.
-            missing = [i for i, raw in enumerate(found) if raw is None]
-            if missing:
-                live = self._round_trip_per_key([(b"GET", self.schema.live(kind, keys[i])) for i in missing])
-                for i, raw in zip(missing, live, strict=True):
-                    found[i] = raw
-                self._observe_live_hits(kind, [keys[i] for i, raw in zip(missing, live, strict=True) if _read(raw)])
-            return [None if raw is FAILED else raw for raw in found]
+                found = [self._decode(kind, raw if raw is not FAILED else None) for raw in replies]
+            self._read_live(kind, keys, found, [i for i, value in enumerate(found) if value is ABSENT])
+            return found
         except REDIS_ERRORS as error:
             self._trip(error)
-            return [None] * len(keys)
+            return [ABSENT] * len(keys)
 
-    def _lookup_many_cluster(self, kind: str, keys: Sequence[str]) -> list[bytes | None]:
+    def _read_live(self, kind: str, keys: Sequence[str], found: list[Any], missing: list[int]) -> None:
+        """Fill ``found`` at the indexes ``missing`` with the live values of those keys (decoded; one round trip, on a
+        cluster one per master), and show the admission policy the hits."""
+        if not missing:
+            return
+        commands = [(b"GET", self.schema.live(kind, keys[i])) for i in missing]
+        live = self._cluster_fetch(commands) if self._cluster else self._round_trip_per_key(commands)
+        for i, raw in zip(missing, live, strict=True):
+            found[i] = self._decode(kind, raw if _read(raw) else None)
+        self._observe_live_hits(kind, [keys[i] for i in missing if found[i] is not ABSENT])
+
+    def _lookup_many_cluster(self, kind: str, keys: Sequence[str]) -> list[Any]:
         """``_lookup_many`` on a cluster: one round trip to every master holding a bucket, plus one for live values;
-        the keys of a failing master are misses, the others answer from the same version."""
+        the keys of a failing master (or an error reply) are misses, the others answer from the same version."""
         pointer = self._pointer(kind)
-        found: list[Any] = [None] * len(keys)
+        found: list[Any] = [ABSENT] * len(keys)
+        missing = list(range(len(keys)))
         if pointer is not None:
-            found = self._cluster_fetch(
+            replies = self._cluster_fetch(
                 [(b"HGET", self.schema.bucket(kind, pointer.version, bucket_of(k, pointer.buckets)), k) for k in keys]
             )
-        missing = [i for i, raw in enumerate(found) if raw is None]  # not FAILED: a dead master's keys stay misses
-        if missing:
-            live = self._cluster_fetch([(b"GET", self.schema.live(kind, keys[i])) for i in missing])
-            for i, raw in zip(missing, live, strict=True):
-                found[i] = raw
-            self._observe_live_hits(kind, [keys[i] for i, raw in zip(missing, live, strict=True) if _read(raw)])
-        return [raw if isinstance(raw, bytes) else None for raw in found]
+            found = [self._decode(kind, raw if _read(raw) else None) for raw in replies]
+            # not FAILED: a dead master's keys stay misses
+            missing = [i for i, raw in enumerate(replies) if raw is not FAILED and found[i] is ABSENT]
+        self._read_live(kind, keys, found, missing)
+        return found
 
     def _log_many(
         self, kind: str, keys: Sequence[str], hits: Sequence[bool], start_ns: int, user: str | None, tenant: str | None

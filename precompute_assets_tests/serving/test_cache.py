@@ -754,6 +754,58 @@ def test_a_stored_ctr_that_is_not_finite_is_a_corrupt_value_recomputed(redis_url
     assert cache.get("ctr", "ad1") == 0.25
 
 
+def test_a_corrupt_or_wrong_type_value_is_read_past_to_the_live_one_and_replaced(redis_url, redis_client, schema):
+    """A published value that does not decode made a miss of every lookup of its key while the value
+    ``get_or_compute`` stored for it went unread, so it computed on almost every call; a pointer or a live key of
+    another type (WRONGTYPE) turned the kind's live values off, or made a key compute on every call and store nothing
+    (h_serve). Each is an error and a miss now, read past to the live value, which a computation replaces."""
+    publish_version(redis_client, "ctr", "v1", [("ad1", 0.25), ("bad", 0.5)], n_keys=2, schema=schema)
+    cache = make_cache(redis_url, schema)
+    redis_client.hset(schema.bucket_for_key("ctr", cache.current_version("ctr"), "bad"), "bad", b"zz")
+    calls = []
+
+    def compute(key: str) -> float:
+        calls.append(key)
+        return 0.125
+
+    assert [cache.get_or_compute("ctr", "bad", compute) for _ in range(5)] == [0.125] * 5 and calls == ["bad"]
+    assert cache.get("ctr", "bad") == 0.125 and cache.get_many("ctr", ["ad1", "bad"]) == [0.25, 0.125]
+    assert cache.errors == 7  # each lookup read the corrupt value first
+    pointer = schema.pointer("ctr")
+    redis_client.delete(pointer)
+    redis_client.hset(pointer, "field", "value")  # WRONGTYPE on the pointer's GET: no published version
+    assert cache.get("ctr", "bad") == 0.125 and cache.get_many("ctr", ["bad", "ad1"]) == [0.125, None]
+    assert [cache.get_or_compute("ctr", "z", compute) for _ in range(3)] == [0.125] * 3 and calls == ["bad", "z"]
+    redis_client.hset(schema.live("ctr", "hash"), "field", "value")  # a live key of another type
+    assert [cache.get_or_compute("ctr", "hash", compute) for _ in range(3)] == [0.125] * 3
+    assert calls == ["bad", "z", "hash"] and redis_client.type(schema.live("ctr", "hash")) == b"string"
+
+
+@pytest.mark.parametrize("stored", [b"xx", b"\x00\x00\xc0\x7f"], ids=["garbage", "nan"])
+def test_readers_waiting_on_a_lock_wait_past_a_corrupt_value(redis_url, redis_client, schema, stored):
+    """Readers that found the recompute lock taken returned the first live value they polled: the corrupt one
+    still there, which decoded to a miss, so each computed at once (8 computations for 8 readers, h_serve)."""
+    redis_client.set(schema.live("ctr", "hot"), stored, ex=3600)
+    cache = make_cache(redis_url, schema, recompute_lock_ms=5000, lock_poll_s=0.01)
+    barrier, calls, got = threading.Barrier(8), [], []
+
+    def compute(key: str) -> float:
+        calls.append(key)
+        time.sleep(0.3)
+        return 0.25
+
+    def read() -> None:
+        barrier.wait()
+        got.append(cache.get_or_compute("ctr", "hot", compute))
+
+    threads = [threading.Thread(target=read) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert got == [0.25] * 8 and calls == ["hot"] and cache.lock_waits == 7
+
+
 def test_a_stored_embedding_that_is_not_finite_is_a_corrupt_value(redis_url, redis_client, schema):
     """A float32 embedding with a NaN, which another writer stored, was returned as a vector that ranks nothing, and
     the reranker dropped it without a count (h_emb): a miss now, counted in ``errors``."""
