@@ -14,7 +14,7 @@ from pydantic import Field
 from ..serving import Experiment, KeySchema, Pointer, publish_version
 from ..serving.events import server_mark
 from ..serving.keys import EMBEDDING_KIND
-from ..serving.publish import missing_buckets, sampled_buckets
+from ..serving.publish import IncompleteVersionError, missing_buckets, sampled_buckets
 from ..sync.embeddings import lost_redis_version
 from .experiment import carried_experiment, experiment_metadata, selected_experiment
 from .freshness import CTR_CACHE_FRESHNESS
@@ -120,6 +120,10 @@ def ctr_cache(
         # A full server refuses writes (maxmemory reached, and its policy has nothing with a TTL to evict, or is
         # noeviction). The version replaced by an earlier flip may free room when its grace ends: still retried.
         raise dg.Failure(description=out_of_memory(client, error)) from None
+    except IncompleteVersionError as error:
+        # Evicted at maxmemory: a retry writes the same version into the same memory and evicts what is left (the
+        # serving version's buckets, live values, the version in its grace) three more times.
+        raise dg.Failure(description=str(error), allow_retries=not error.evicted) from None
     except ValueError as error:  # keys it refuses before writing (given twice, malformed): a retry sends the same
         raise dg.Failure(description=f"nothing published: {error}", allow_retries=False) from None
     over = newer
@@ -227,7 +231,10 @@ def newer_current_version(raw_pointer: bytes | None, partition: str) -> str | No
     """The current version if it was published for a later day than ``partition``, else None."""
     if raw_pointer is None:
         return None
-    current = Pointer.decode(raw_pointer).version
+    try:
+        current = Pointer.decode(raw_pointer).version
+    except (ValueError, UnicodeDecodeError):  # a malformed pointer serves nothing: no newer day to publish under
+        return None
     day = version_day(current)
     return current if DAY.fullmatch(day) and day > partition else None
 
@@ -521,6 +528,8 @@ def restore_served_version(
     except redis_errors.OutOfMemoryError as error:
         why = out_of_memory(client, error, "nothing restored", "Readers miss the lost version's keys meanwhile.")
         raise dg.Failure(description=why) from None
+    except IncompleteVersionError as error:  # evicted at maxmemory: a retry evicts again
+        raise dg.Failure(description=str(error), allow_retries=not error.evicted) from None
     written = result.mended if result.already_current else result.keys
     context.log.info(f"restored ctr version {version}: {written} keys written again")
     if mark is not None:  # cache_health tells evictions since from a restart

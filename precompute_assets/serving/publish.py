@@ -158,7 +158,8 @@ def publish_version(
     try:
         primary = follow_primary(client)  # a long-lived publisher's connections may be older than a failover
         (current,) = run_commands(client, [(b"GET", schema.pointer(kind).encode())])
-        if current is not None and Pointer.decode(current).version == version:
+        serving = _decoded_pointer(current)  # a malformed pointer is no version: this publish replaces it
+        if serving is not None and serving.version == version:
             # Never rewrite the version readers are on (a step retried after its flip succeeded); its key count,
             # written after the flip, may be what failed.
             mended = _mend_current(client, schema, kind, version, filled, ttl, replica_wait_s)
@@ -182,18 +183,31 @@ def publish_version(
             # A retry of this version: start clean so no field of the failed attempt survives.
             send_commands(client, [(b"DEL", name) for name in names])
         batch: list[tuple[bytes, ...]] = []
-        pending = 0
+        pending = sent = serving_lost = 0
         cluster = is_cluster(client)
+        watch = _EvictionWatch(client, [] if serving is None else _bucket_names(schema, kind, serving), n_bytes)
         with contextlib.nullcontext(_bucket_sender(client)) if cluster else command_stream(client) as send:
             for name, bucket in filled:
                 batch += _bucket_writes(name, bucket, ttl, cluster=cluster)
                 pending += len(bucket) // 2
-                if len(batch) >= COMMANDS_PER_PIPELINE:
+                if len(batch) >= watch.batch_commands:
                     send(batch)
                     if progress:
                         progress(pending)
+                    sent += pending
                     batch, pending = [], 0
-            send(batch)
+                    if serving_lost := watch.serving_lost():
+                        break
+            else:
+                send(batch)
+        if serving_lost:
+            send_commands(client, [(b"DEL", name) for name in names])  # give the memory back to the serving version
+            raise IncompleteVersionError(
+                f"publish of {kind} version {version}: writing it evicted {serving_lost} of the {len(watch.names)} "
+                f"buckets of the version readers are on ({serving.version}){_memory_note(client)}; stopped after "
+                f"{sent} of {written} keys and deleted them. Readers stay on {serving.version} and miss the evicted "
+                "buckets' keys until it is published again: give Redis more memory (maxmemory), or publish fewer keys"
+            )
         if progress and pending:
             progress(pending)
         filled_names = [name for name, _ in filled]
@@ -207,7 +221,8 @@ def publish_version(
             raise IncompleteVersionError(
                 f"publish of {kind} version {version}: {len(filled) - present} of {len(filled)} buckets were {how} "
                 f"while being written{memory}; readers stay on the previous version"
-                f"{_current_losses(client, schema, kind, current)}{advice}"
+                f"{_current_losses(client, schema, kind, current)}{advice}",
+                evicted=evicted,
             )
     except REDIS_ERRORS as error:
         # Refused at maxmemory (noeviction, or nothing volatile left; inside a MULTI an EXECABORT), the partial
@@ -406,7 +421,60 @@ def _bucket_loss(before: str | None, after: str | None, failover: bool) -> tuple
 
 
 class IncompleteVersionError(RuntimeError):
-    """A version that lost buckets before its flip (evicted at maxmemory): it is not flipped to."""
+    """A version that lost buckets before its flip (evicted at maxmemory): it is not flipped to. ``evicted``: memory
+    is to blame, and a retry evicts again unless memory was freed; else a failover or a delete lost them."""
+
+    def __init__(self, message: str, *, evicted: bool = True) -> None:
+        super().__init__(message)
+        self.evicted = evicted
+
+
+def _decoded_pointer(raw: bytes | None) -> Pointer | None:
+    """The pointer ``raw`` (a ``GET`` of it), None when there is none or it is malformed."""
+    try:
+        return None if raw is None else Pointer.decode(raw)
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def _bucket_names(schema: KeySchema, kind: str, pointer: Pointer) -> list[bytes]:
+    return [schema.bucket(kind, pointer.version, index).encode() for index in range(pointer.buckets)]
+
+
+class _EvictionWatch:
+    """Whether the version readers are on (its bucket ``names``) lost buckets while a new one of ``n_bytes`` is
+    written: at maxmemory a volatile policy evicts them as readily as anything else with a TTL, and a version too big
+    for the memory evicted the serving one whole before its own loss was found (h_pub). Asks ``INFO stats`` once a
+    batch, and the buckets only after evictions; a server whose free memory may not hold the version gets batches of
+    a tenth (``batch_commands``), so that a loss is found within a few dozen buckets. On Redis Cluster (a count per
+    node) it does not watch."""
+
+    def __init__(self, client: redis.Redis, names: list[bytes], n_bytes: int) -> None:
+        self.client, self.names = client, names
+        self.seen = _evicted_keys(client) if names else None
+        self.batch_commands = COMMANDS_PER_PIPELINE
+        if self.seen is not None:
+            memory = client.info("memory")
+            limit, used = int(memory.get("maxmemory", 0)), int(memory.get("used_memory", 0))
+            if limit and limit - used < 2 * n_bytes:  # a bucket takes more memory than its fields and values
+                self.batch_commands = COMMANDS_PER_PIPELINE // 10
+
+    def serving_lost(self) -> int:
+        """How many of the serving version's buckets are gone, when keys were evicted since the last call; else 0."""
+        if self.seen is None or (now := _evicted_keys(self.client)) is None or now == self.seen:
+            return 0
+        self.seen = now
+        return len(self.names) - _existing(self.client, self.names)
+
+
+def _evicted_keys(client: redis.Redis) -> int | None:
+    """The server's count of evicted keys (``INFO stats``), None on a cluster or when it may not be asked."""
+    if is_cluster(client):
+        return None
+    try:
+        return int(client.info("stats").get("evicted_keys", 0))
+    except redis.ResponseError:
+        return None
 
 
 def _existing(client: redis.Redis, names: list[bytes]) -> int:
@@ -461,10 +529,10 @@ def _current_losses(client: redis.Redis, schema: KeySchema, kind: str, current: 
     """``, but the version they are on lost B of its N buckets too`` when a volatile policy evicted the current
     version's buckets along with the new ones (they carry a TTL too); nothing when it lost none or cannot be told."""
     try:
-        pointer = None if current is None else Pointer.decode(current)
+        pointer = _decoded_pointer(current)
         if pointer is None or not pointer.buckets:
             return ""
-        names = [schema.bucket(kind, pointer.version, index).encode() for index in range(pointer.buckets)]
+        names = _bucket_names(schema, kind, pointer)
         lost = len(names) - _existing(client, names)
     except (*REDIS_ERRORS, ValueError):
         return ""

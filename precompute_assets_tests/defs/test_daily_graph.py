@@ -478,6 +478,8 @@ def test_an_older_day_never_replaces_a_newer_version():
     assert newer_current_version(b"2026-11-18.abcd1234.0:16", "2026-11-19") is None
     assert newer_current_version(b"bench:16", "2026-11-19") is None
     assert newer_current_version(None, "2026-11-19") is None
+    for malformed in (b"garbage", b"\xff\xfe:16", b"v1:x"):  # serves nothing: ctr_cache publishes over it (h_pub)
+        assert newer_current_version(malformed, "2026-11-19") is None
 
 
 def test_predictions_refuse_a_model_that_failed_its_gate():
