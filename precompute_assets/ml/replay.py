@@ -2238,8 +2238,9 @@ def iso_seconds(text: pd.Series) -> np.ndarray:
 
 
 def _decode_text(data: bytes) -> str:
-    """The bytes as text: UTF-8 (a leading byte-order mark dropped), CRLF and CR as LF, without the final newline and
-    the blank lines after it (``_without_blank_end``)."""
+    """The bytes as text: UTF-8 (byte-order marks dropped where a line starts: ``cat`` of two exports leaves the
+    second's inside, and its first key became another key), CRLF and CR as LF, without the final newline and the
+    blank lines after it (``_without_blank_end``)."""
     if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):  # Windows' "Unicode" text, PowerShell's export
         raise TraceError("the file is UTF-16 text (it starts with UTF-16's byte order mark): convert it to UTF-8")
     data = data.removeprefix(codecs.BOM_UTF8)
@@ -2250,7 +2251,8 @@ def _decode_text(data: bytes) -> str:
         start, end = data.rfind(b"\n", 0, exc.start) + 1, data.find(b"\n", exc.start)
         line = data[start : None if end < 0 else end].decode("utf-8", "surrogateescape")
         raise TraceError(f"line {line_no}: {_not_utf8(line)}") from None
-    text = _without_blank_end(text.replace("\r\n", "\n").replace("\r", "\n"))  # a lone CR ends a line too
+    text = text.replace("\r\n", "\n").replace("\r", "\n")  # a lone CR ends a line too
+    text = _without_blank_end(text.replace("\n\ufeff", "\n"))
     if not text:
         raise TraceError("trace is empty")
     return text

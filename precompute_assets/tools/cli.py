@@ -891,7 +891,10 @@ def _replay_stages(
     from ..ml.replay import logged_hit_rate, read_through_day_hits, replay, shards_adjusted, split_days, trace_notes
 
     stage("reading the trace")
-    trace = read_trace(args.trace, args)
+    # --ab's arms and the frequency sketch hash each key's text, as top_ads and the serving client hash the id as
+    # written: read as an integer, "007" hashed as "7", and the replay's split was not production's (h_replay).
+    hashed = args.ab is not None or args.admission == "frequency"
+    trace = read_trace(args.trace, args, exact_keys=hashed)
     if args.days > len(trace.keys):
         raise CliError(f"--days {args.days} is larger than the number of requests ({len(trace.keys)})")
     whole, sample, asked = trace, None, args

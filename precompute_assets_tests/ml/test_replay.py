@@ -619,6 +619,9 @@ def test_where_keeps_the_requests_whose_field_has_one_of_the_values(tmp_path: Pa
 def test_parse_drops_a_byte_order_mark(tmp_path: Path):
     trace = parse_trace(write(tmp_path, "\ufeff1\n2\n".encode()))
     assert trace.keys.dtype == np.int64 and trace.keys.tolist() == [1, 2]
+    # `cat a.txt b.txt` of two exports: the second's mark starts a line inside, and "\ufeffk1" was another key
+    twice = parse_trace(write(tmp_path, "\ufeffk1\nk2\nk1\n\ufeffk1\nk2\nk1\r\n\ufeffk2\n".encode()))
+    assert twice.keys.tolist() == ["k1", "k2", "k1", "k1", "k2", "k1", "k2"]
 
 
 @pytest.mark.parametrize("timestamps", [True, False])

@@ -445,6 +445,26 @@ def test_replay_cli_runs_an_ab_experiment_and_refuses_bad_arms(tmp_path, capsys)
     assert "--ab needs a fixed --top-n" in capsys.readouterr().err
 
 
+def test_replay_ab_splits_zero_padded_ids_as_written(tmp_path, capsys):
+    """A text trace's integer keys were read as integers, so ``007`` was hashed into its arm as ``7``, while top_ads
+    and the serving client hash the id as written: the replay's split was not production's (h_replay). With salt s1,
+    ``007`` is in the first arm and ``7`` in the second: the hot key's requests show which was hashed."""
+    import random
+
+    from precompute_assets.serving.keys import arm_of
+
+    arms = ["frequency", "seasonal"]
+    assert arm_of("s1", "007", arms) == "frequency" != arm_of("s1", "7", arms)
+    rng = random.Random(3)
+    keys = ["007" if rng.random() < 0.5 else f"{rng.randrange(10, 300):03d}" for _ in range(4000)]
+    trace = tmp_path / "padded.txt"
+    trace.write_text("\n".join(keys) + "\n")
+    args = ["replay", "--trace", str(trace), "--days", "4", "--top-n", "20", "--capacity", "60"]
+    assert main([*args, "--ab", ",".join(arms), "--ab-salt", "s1"]) == 0
+    per_arm = json.loads(capsys.readouterr().out)["ab"]["per_arm"]
+    assert per_arm["frequency"]["requests"] > per_arm["seasonal"]["requests"]  # 007's half of the requests
+
+
 def strict_json(text: str) -> dict:
     """JSON as other languages read it: NaN and Infinity are not JSON."""
 
