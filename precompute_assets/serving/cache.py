@@ -13,7 +13,7 @@ import struct
 import threading
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import redis
@@ -45,6 +45,7 @@ from .keys import (
     check_keys,
     check_kind,
     codec_for,
+    key_list,
 )
 from .querylog import QueryLogger
 
@@ -349,15 +350,16 @@ class PredictionCache:
         return None if value is ABSENT else value
 
     def get_many(
-        self, kind: str, keys: Sequence[str], *, user: str | None = None, tenant: str | None = None
+        self, kind: str, keys: Iterable[str], *, user: str | None = None, tenant: str | None = None
     ) -> list[Any | None]:
         """Values for ``keys`` in order (None for misses), those the published version holds from that one version:
         one round trip (per 10,000 keys, ``connection.PIPELINE_CHUNK``), plus one for live read-through values when
         some keys are not in the published version (on Redis Cluster: one round trip per master, in parallel). A live
         value is whatever was stored for its key: computed by ``get_or_compute``, or, under ``probation``, handed
         over from a version before when the publish dropped the key, so a batch may hold values of older versions
-        for the keys the current one does not serve."""
+        for the keys the current one does not serve. ``keys`` may be any iterable of str (``key_list``)."""
         check_kind(kind)
+        keys = key_list(keys)
         check_keys(keys)
         start = time.perf_counter_ns()
         values = self._lookup_many(kind, keys)
@@ -481,7 +483,7 @@ class PredictionCache:
         """The document's embedding as a float32 numpy vector, or None."""
         return self.get(EMBEDDING_KIND, doc_id, user=user, tenant=tenant)
 
-    def get_embeddings(self, doc_ids: Sequence[str], *, user: str | None = None, tenant: str | None = None):
+    def get_embeddings(self, doc_ids: Iterable[str], *, user: str | None = None, tenant: str | None = None):
         """Embeddings of ``doc_ids`` in order (None where missing), from one version (see ``get_many``)."""
         return self.get_many(EMBEDDING_KIND, doc_ids, user=user, tenant=tenant)
 

@@ -73,7 +73,7 @@ import json
 import re
 import struct
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -335,6 +335,14 @@ def check_key(key: str) -> str:
             "(control characters, braces and lone surrogates are refused)"
         )
     return key
+
+
+def key_list(keys: Iterable[str]) -> Sequence[str]:
+    """``keys`` as a sequence a batch lookup can index and measure: a list or tuple as it is; any other iterable
+    (a numpy array, a pandas Series or Index, a set, a generator) as a list of its items in iteration order. A numpy
+    array failed with "the truth value of an array is ambiguous", a generator with "has no len()", and a set's
+    queries went unlogged. One str or bytes is refused by ``check_keys``."""
+    return keys if isinstance(keys, list | tuple | str | bytes) else list(keys)
 
 
 def check_keys(keys: Sequence[str]) -> None:

@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .cache import FAILED
 from .connection import REDIS_ERRORS
-from .keys import EMBEDDING_KIND, bucket_of, check_keys
+from .keys import EMBEDDING_KIND, bucket_of, check_keys, key_list
 from .vectors import decode_batch, decode_vector
 
 if TYPE_CHECKING:
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 def rerank(
     cache: PredictionCache,
     query_vector: np.ndarray,
-    doc_ids: Sequence[str],
+    doc_ids: Iterable[str],
     *,
     kind: str = EMBEDDING_KIND,
     user: str | None = None,
@@ -33,6 +33,7 @@ def rerank(
     current version (or when Redis is unreachable), or with one of zeros, come last with ``None``, in their given
     order. Every candidate is logged as a query of ``kind``. A query vector of another dimension than the stored
     ones, or stored vectors of different models, raise ``ValueError`` (comparing them would rank nonsense)."""
+    doc_ids = key_list(doc_ids)
     check_keys(doc_ids)
     query = np.asarray(query_vector, dtype=np.float32).ravel()
     if not np.isfinite(query).all() or not query.any():

@@ -45,6 +45,27 @@ def test_get_reads_the_published_version(redis_url, redis_client, schema):
     assert cache.current_version("ctr").version == "v1"
 
 
+def test_get_many_takes_any_iterable_of_keys_and_logs_each(redis_url, redis_client, schema):
+    """A numpy array of keys failed with "the truth value of an array is ambiguous", a generator with "has no
+    len()", and a set was read but its queries were dropped from the log as invalid (h_serve)."""
+    import numpy as np
+    import pandas as pd
+
+    publish_version(redis_client, "ctr", "v1", [("ad1", 0.25), ("ad2", 0.5)], n_keys=2, schema=schema)
+    logger = QueryLogger(log_client(redis_url), schema)
+    cache = make_cache(redis_url, schema, logger=logger)
+    want, given = [pytest.approx(0.5), None, pytest.approx(0.25)], ["ad2", "nope", "ad1"]
+    for keys in (np.array(given), pd.Series(given), (key for key in given)):
+        assert cache.get_many("ctr", keys) == want
+    assert cache.get_many("ctr", {"ad1"}) == [pytest.approx(0.25)]
+    logger.close()
+    assert [entry[b"key"] for _, entry in logged_queries(redis_client, schema)] == [b"ad2", b"nope", b"ad1"] * 3 + [
+        b"ad1"
+    ]
+    with pytest.raises(ValueError, match="keys must be a sequence of keys, not one str"):
+        cache.get_many("ctr", "ad1")
+
+
 def test_get_or_compute_stores_with_ttl_and_serves_from_cache(redis_url, redis_client, schema):
     cache = make_cache(redis_url, schema, live_ttl_s=120)
     calls = []
