@@ -79,9 +79,9 @@ def bench_serve(redis_url: str, *, n_keys: int = 10_000, lookups: int = 50_000, 
         "raw_get_p50_us": percentile_us(bare, 50),
         "raw_get_p99_us": percentile_us(bare, 99),
         "log_events_per_s": round(logger.stats.written / elapsed),
-        "log_events_dropped": logger.stats.dropped,
+        "log_events_dropped": logger.stats.not_confirmed,
         "lookup_events_logged": lookup_stats.written,
-        "lookup_events_dropped": lookup_stats.dropped,
+        "lookup_events_dropped": lookup_stats.not_confirmed,
         "redis_version": running_version(redis_url),  # "valkey 8.1.8": Valkey's redis_version field says 7.2.4
     }
     result["p50_ratio"] = round(result["get_p50_us"] / result["raw_get_p50_us"], 3)

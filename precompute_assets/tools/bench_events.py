@@ -71,7 +71,7 @@ def _event_rates(redis_url: str, namespace: str, n: int, rate: float) -> dict:
         drained = time.perf_counter() - started
         client = logger.client
         written = client.xlen(events_stream(schema))
-        out[label] = (n / seconds, logger.stats.dropped, written, written / drained)
+        out[label] = (n / seconds, logger.stats.not_confirmed, written, written / drained)
         drop_namespace(client, schema)
         client.close()
     # reference: bare pipelined XADD of the same entries, from this process
@@ -100,7 +100,7 @@ def _event_rates(redis_url: str, namespace: str, n: int, rate: float) -> dict:
         logger.close()
         drop_namespace(logger.client, schema)
         logger.client.close()
-        if not logger.stats.dropped:
+        if not logger.stats.not_confirmed:
             no_drop = n / seconds
             break
     return {

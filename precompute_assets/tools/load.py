@@ -124,7 +124,7 @@ def _worker(plan: LoadPlan, worker: int, mode: str, start, queue, rate: float | 
     if mode == "ours":
         errors += cache.errors
         cache.close()  # flushes the query log
-        written, dropped = cache.logger.stats.written, cache.logger.stats.dropped
+        written, dropped = cache.logger.stats.written, cache.logger.stats.not_confirmed
     kept = min(calls, len(latencies))
     queue.put((latencies[:kept].tobytes(), calls, errors, written, dropped, responses[:kept].tobytes()))
 
