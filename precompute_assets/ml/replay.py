@@ -217,6 +217,7 @@ def parse_trace(
     trace_format: str = "auto",
     where: tuple[int | str, Collection[str]] | None = None,
     exact_keys: bool = False,
+    spelled_keys: bool = False,
 ) -> Trace:
     """Read one key per line, or ``timestamp,key[,more...]`` lines; raise TraceError naming the bad line.
 
@@ -250,14 +251,17 @@ def parse_trace(
     needs (its keys are the ids the serving client is asked for): a text trace's as written (``007``, ``+7``) but
     for the quotes of a field a CSV writer quoted (``"c""d"`` is ``c"d``), a Parquet uint64 key or an oracleGeneral
     object id as its number's text. A file whose first line is quoted fields only (a QUOTE_ALL export, R's
-    ``write.csv``) is CSV, its fields' quotes removed, with or without ``exact_keys``.
+    ``write.csv``) is CSV, its fields' quotes removed, with or without ``exact_keys``. ``spelled_keys`` keeps only
+    the integer spellings of a text trace (``007`` stays ``007``), for a replay that hashes keys as the serving
+    client does (``--ab``, the frequency sketch) but reads the rest as every other replay does.
     """
     if _reads_parquet(path, trace_format):
         from .parquet_trace import read_parquet_trace  # it builds on this module's Trace
 
         return read_parquet_trace(path, columns=columns, where=where, exact_keys=exact_keys)
     path = Path(path)
-    return _local_trace(path.name, functools.partial(_read_bytes, path), columns, trace_format, where, exact_keys)
+    read = functools.partial(_read_bytes, path)
+    return _local_trace(path.name, read, columns, trace_format, where, exact_keys, spelled_keys)
 
 
 def _reads_parquet(path: str | Path, trace_format: str) -> bool:
@@ -279,6 +283,7 @@ def _local_trace(
     trace_format: str,
     where: tuple[int | str, Collection[str]] | None,
     exact_keys: bool,
+    spelled_keys: bool = False,
 ) -> Trace:
     """``parse_trace`` of a file that is not Parquet: the bytes ``read`` returns, of a file called ``name``."""
     data = read()
@@ -303,7 +308,7 @@ def _local_trace(
         )
     text = _decode_text(data)
     del data  # the text holds it now: a trace's bytes need not stay beside it through the parse
-    return _text_trace(text, columns, where, exact_keys)
+    return _text_trace(text, columns, where, exact_keys, spelled_keys)
 
 
 def _archive_kind(data: bytes) -> tuple[str, str] | None:
@@ -339,7 +344,11 @@ def compression_kind(data: bytes) -> tuple[str, str, str] | None:
 
 
 def _text_trace(
-    text: str, columns: Columns | None, where: tuple[int | str, Collection[str]] | None, exact_keys: bool = False
+    text: str,
+    columns: Columns | None,
+    where: tuple[int | str, Collection[str]] | None,
+    exact_keys: bool = False,
+    spelled_keys: bool = False,
 ) -> Trace:
     """The trace of a text file's ``text`` (``parse_trace``'s text formats)."""
     if (nul := text.find("\0")) >= 0:
@@ -438,7 +447,7 @@ def _text_trace(
     frame = _parse_integer_keys(clean, kind) if integer else None
     if frame is not None and _ODD_INT_LINE[kind].search(clean):  # zero-padded ids stay integers unless two merge
         as_written = _parse_string_keys(clean, kind)
-        if exact_keys or as_written["key"].nunique() != frame["key"].nunique():
+        if exact_keys or spelled_keys or as_written["key"].nunique() != frame["key"].nunique():
             frame = as_written
     if frame is None:  # string keys, or integers beyond int64 (then they are kept as the strings they are)
         frame = _parse_string_keys(clean, kind)
@@ -686,7 +695,7 @@ def _utf8_lines(data: bytes) -> tuple[list[str], list[tuple[int, str]]]:
         if _NOT_UTF8 not in str(error):
             raise
         text = data.removeprefix(codecs.BOM_UTF8).decode("utf-8", "surrogateescape")
-        text, decoded = _without_blank_end(text.replace("\r\n", "\n").replace("\r", "\n")), False
+        text, decoded = _normalized_lines(text), False
     lines = text.split("\n")
     if "\0" not in text and decoded:
         return lines, []
@@ -2251,11 +2260,17 @@ def _decode_text(data: bytes) -> str:
         start, end = data.rfind(b"\n", 0, exc.start) + 1, data.find(b"\n", exc.start)
         line = data[start : None if end < 0 else end].decode("utf-8", "surrogateescape")
         raise TraceError(f"line {line_no}: {_not_utf8(line)}") from None
-    text = text.replace("\r\n", "\n").replace("\r", "\n")  # a lone CR ends a line too
-    text = _without_blank_end(text.replace("\n\ufeff", "\n"))
+    text = _normalized_lines(text)
     if not text:
         raise TraceError("trace is empty")
     return text
+
+
+def _normalized_lines(text: str) -> str:
+    """Decoded ``text`` with LF line ends (CRLF and a lone CR end a line too), without a byte order mark that starts a
+    line (``cat`` of two exports), the final newline and the blank lines after it (``_without_blank_end``)."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return _without_blank_end(text.replace("\n\ufeff", "\n"))
 
 
 def _without_blank_end(text: str) -> str:

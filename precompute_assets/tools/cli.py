@@ -732,10 +732,13 @@ def input_path(path: str) -> str:
     return STDIN_PATH if path == "-" else path
 
 
-def read_trace(path: str, args: argparse.Namespace, *, quarantine: bool = False, exact_keys: bool = False):
+def read_trace(
+    path: str, args: argparse.Namespace, *, quarantine: bool = False, exact_keys: bool = False, spelled: bool = False
+):
     """The trace at ``path`` read as ``add_trace_options``' options say; a file that cannot be read is a CliError.
     ``quarantine``: ``(trace, malformed lines cut)`` from ``parse_trace_quarantining`` instead (request-log imports);
-    ``exact_keys``: keys as written (``007`` stays ``007``), see ``parse_trace``."""
+    ``exact_keys``: keys as written (``007`` stays ``007``, CSV quotes removed); ``spelled``: integer spellings
+    only (``spelled_keys``), see ``parse_trace``."""
     from ..ml.parquet_trace import PARQUET_COLUMNS, is_parquet
     from ..ml.replay import NAMED, TraceError, parse_trace, parse_trace_quarantining
 
@@ -746,8 +749,14 @@ def read_trace(path: str, args: argparse.Namespace, *, quarantine: bool = False,
         time_field = default_time if args.time_field is None else args.time_field
         columns = (None if time_field.lower() == "none" else time_field, args.key_field or default_key)
     try:
-        parse = parse_trace_quarantining if quarantine else parse_trace
-        return parse(source, columns=columns, trace_format=args.format, where=args.where, exact_keys=exact_keys)
+        if quarantine:
+            return parse_trace_quarantining(
+                source, columns=columns, trace_format=args.format, where=args.where, exact_keys=exact_keys
+            )
+        return parse_trace(
+            source, columns=columns, trace_format=args.format, where=args.where, exact_keys=exact_keys,
+            spelled_keys=spelled,
+        )  # fmt: skip
     except TraceError as error:
         notes = "".join(f" ({note})" for note in getattr(error, "__notes__", ()))  # how many lines were cut first
         raise CliError(f"{path}: {error}{notes}") from None
@@ -894,7 +903,7 @@ def _replay_stages(
     # --ab's arms and the frequency sketch hash each key's text, as top_ads and the serving client hash the id as
     # written: read as an integer, "007" hashed as "7", and the replay's split was not production's (h_replay).
     hashed = args.ab is not None or args.admission == "frequency"
-    trace = read_trace(args.trace, args, exact_keys=hashed)
+    trace = read_trace(args.trace, args, spelled=hashed)
     if args.days > len(trace.keys):
         raise CliError(f"--days {args.days} is larger than the number of requests ({len(trace.keys)})")
     whole, sample, asked = trace, None, args

@@ -622,6 +622,12 @@ def test_parse_drops_a_byte_order_mark(tmp_path: Path):
     # `cat a.txt b.txt` of two exports: the second's mark starts a line inside, and "\ufeffk1" was another key
     twice = parse_trace(write(tmp_path, "\ufeffk1\nk2\nk1\n\ufeffk1\nk2\nk1\r\n\ufeffk2\n".encode()))
     assert twice.keys.tolist() == ["k1", "k2", "k1", "k1", "k2", "k1", "k2"]
+    # ... also where a line that is no UTF-8 is cut out (a request log's import): the other lines read as above
+    from precompute_assets.ml.replay import parse_trace_quarantining
+
+    mixed = "\ufeff1767225600,ad1\n1767225601,ad2\n\ufeff1767225602,ad1\n".encode() + b"1767225604,caf\xe9\n"
+    trace, cut = parse_trace_quarantining(write(tmp_path, mixed), exact_keys=True)
+    assert trace.keys.tolist() == ["ad1", "ad2", "ad1"] and [line for line, _ in cut] == [4]
 
 
 @pytest.mark.parametrize("timestamps", [True, False])

@@ -463,6 +463,17 @@ def test_replay_ab_splits_zero_padded_ids_as_written(tmp_path, capsys):
     assert main([*args, "--ab", ",".join(arms), "--ab-salt", "s1"]) == 0
     per_arm = json.loads(capsys.readouterr().out)["ab"]["per_arm"]
     assert per_arm["frequency"]["requests"] > per_arm["seasonal"]["requests"]  # 007's half of the requests
+    # Only integer spellings are kept: a CSV whose keys are quoted on some lines reads as every replay reads it, so
+    # the references (LRU here) do not change with --admission (h_diff7: they did, as its quotes were removed).
+    rows = [f'{1_767_225_600 + i},"ad{i % 40}"' if i % 3 else f"{1_767_225_600 + i},ad{i % 40}" for i in range(3000)]
+    quoted = tmp_path / "quoted.csv"
+    quoted.write_text("\n".join(rows) + "\n")
+    lru = []
+    for admission in ("probation", "frequency"):
+        command = ["replay", "--trace", str(quoted), "--days", "3", "--top-n", "5", "--capacity", "30"]
+        assert main([*command, "--admission", admission]) == 0
+        lru.append(json.loads(capsys.readouterr().out)["hit_rate_lru"])
+    assert lru[0] == lru[1]
 
 
 def strict_json(text: str) -> dict:
