@@ -203,7 +203,7 @@ def publish_version(
         if serving_lost:
             send_commands(client, [(b"DEL", name) for name in names])  # give the memory back to the serving version
             raise IncompleteVersionError(
-                f"publish of {kind} version {version}: writing it evicted {serving_lost} of the {len(watch.names)} "
+                f"publish of {kind} version {version}: writing it evicted {serving_lost} of the {watch.present} "
                 f"buckets of the version readers are on ({serving.version}){_memory_note(client)}; stopped after "
                 f"{sent} of {written} keys and deleted them. Readers stay on {serving.version} and miss the evicted "
                 "buckets' keys until it is published again: give Redis more memory (maxmemory), or publish fewer keys"
@@ -446,25 +446,35 @@ class _EvictionWatch:
     written: at maxmemory a volatile policy evicts them as readily as anything else with a TTL, and a version too big
     for the memory evicted the serving one whole before its own loss was found (h_pub). Asks ``INFO stats`` once a
     batch, and the buckets only after evictions; a server whose free memory may not hold the version gets batches of
-    a tenth (``batch_commands``), so that a loss is found within a few dozen buckets. On Redis Cluster (a count per
-    node) it does not watch."""
+    a tenth (``batch_commands``), so that a loss is found within a few dozen buckets. Only buckets lost since the
+    watch began count: those gone before (expired, evicted earlier) are what this publish replaces, and blaming it
+    for them refused every publish while the live tier evicted (h_diff7). On Redis Cluster (a count per node) it
+    does not watch."""
 
     def __init__(self, client: redis.Redis, names: list[bytes], n_bytes: int) -> None:
         self.client, self.names = client, names
-        self.seen = _evicted_keys(client) if names else None
-        self.batch_commands = COMMANDS_PER_PIPELINE
-        if self.seen is not None:
+        self.batch_commands, self.seen, self.present = COMMANDS_PER_PIPELINE, None, 0
+        if not names or is_cluster(client):
+            return
+        try:
             memory = client.info("memory")
-            limit, used = int(memory.get("maxmemory", 0)), int(memory.get("used_memory", 0))
-            if limit and limit - used < 2 * n_bytes:  # a bucket takes more memory than its fields and values
-                self.batch_commands = COMMANDS_PER_PIPELINE // 10
+        except redis.ResponseError:  # a user without INFO: not watched
+            return
+        limit, used = int(memory.get("maxmemory", 0)), int(memory.get("used_memory", 0))
+        if not limit:  # no limit, no eviction
+            return
+        if limit - used < 2 * n_bytes:  # a bucket takes more memory than its fields and values
+            self.batch_commands = COMMANDS_PER_PIPELINE // 10
+        self.seen = _evicted_keys(client)
+        self.present = _existing(client, names) if self.seen is not None else 0
 
     def serving_lost(self) -> int:
-        """How many of the serving version's buckets are gone, when keys were evicted since the last call; else 0."""
+        """How many of the serving version's buckets went since the watch began, when keys were evicted since the last
+        call; else 0."""
         if self.seen is None or (now := _evicted_keys(self.client)) is None or now == self.seen:
             return 0
         self.seen = now
-        return len(self.names) - _existing(self.client, self.names)
+        return max(0, self.present - _existing(self.client, self.names))
 
 
 def _evicted_keys(client: redis.Redis) -> int | None:
