@@ -34,6 +34,7 @@ from .connection import (
 from .events import EventLogger
 from .keys import (
     EMBEDDING_KIND,
+    PROBABILITY_KINDS,
     Experiment,
     Float32Codec,
     JsonCodec,
@@ -136,9 +137,10 @@ def _release_command(schema: KeySchema, kind: str, key: str, token: bytes) -> tu
 def stored_encoding(kind: str, value: Any) -> bytes | None:
     """The bytes ``get_or_compute`` stores for ``value`` of ``kind``, encoded once, or None when it stores nothing: a
     None (a None computed live is returned, not cached), for float32 kinds (``ctr``, ``campaign``) a number that is
-    not finite, as the publish path requires of every prediction (a NaN the model returned once would otherwise be
-    served for a whole live TTL), and for JSON kinds a value with NaN or Infinity (no JSON: readers in other
-    languages refuse them, as tasks.py writes values). A value the codec cannot encode raises."""
+    not a probability (not finite, or outside [0, 1]: a logit), as the publish path requires of every prediction (a
+    NaN or a logit the model returned once would otherwise be served for a whole live TTL), and for JSON kinds a
+    value with NaN or Infinity (no JSON: readers in other languages refuse them, as tasks.py writes values). A value
+    the codec cannot encode raises."""
     if value is None:
         return None
     codec = codec_for(kind)
@@ -149,9 +151,14 @@ def stored_encoding(kind: str, value: Any) -> bytes | None:
             codec.encode(value)  # a circular value raises here as the codec would; a NaN or Infinity encodes
             return None
     encoded = codec.encode(value)
-    if isinstance(codec, Float32Codec) and not math.isfinite(float(value)):
+    if isinstance(codec, Float32Codec) and not _prediction(kind, float(value)):
         return None
     return encoded
+
+
+def _prediction(kind: str, value: float) -> bool:
+    """Whether ``value`` of a float32 kind may be served: finite, and a probability for ``PROBABILITY_KINDS``."""
+    return math.isfinite(value) and (kind not in PROBABILITY_KINDS or 0.0 <= value <= 1.0)
 
 
 def _finite_vector(vector: Any) -> bool:
@@ -863,7 +870,7 @@ class PredictionCache:
         except (ValueError, TypeError, struct.error, RecursionError):  # RecursionError: JSON nested too deep
             value = ABSENT
         if value is not ABSENT and (
-            (isinstance(codec, Float32Codec) and not math.isfinite(value))  # no prediction: a writer's NaN or Infinity
+            (isinstance(codec, Float32Codec) and not _prediction(kind, value))  # a writer's NaN, Infinity or logit
             or (isinstance(codec, VectorCodec) and not _finite_vector(value))  # a vector no cosine can rank (h_emb)
         ):
             value = ABSENT

@@ -157,6 +157,7 @@ class VectorCodec:
 
 EMBEDDING_KIND = "doc_embedding"
 CODECS: dict[str, Codec] = {"ctr": Float32Codec(), "campaign": Float32Codec(), EMBEDDING_KIND: VectorCodec()}
+PROBABILITY_KINDS = frozenset({"ctr", "campaign"})  # click-through rates: a value outside [0, 1] is no prediction
 DEFAULT_CODEC: Codec = JsonCodec()
 
 

@@ -775,6 +775,20 @@ def test_a_stored_ctr_that_is_not_finite_is_a_corrupt_value_recomputed(redis_url
     assert cache.get("ctr", "ad1") == 0.25
 
 
+@pytest.mark.parametrize("logit", [1.5, -3.0])
+def test_a_ctr_that_is_no_probability_is_returned_but_never_stored_nor_served(redis_url, redis_client, schema, logit):
+    """A model bug returning a logit was cached for the live TTL and served by every later read, while the publish
+    refuses such values (h_feast). It is returned to the caller that computed it, not stored; one another writer
+    stored is corrupt, a miss counted in ``errors``."""
+    cache = make_cache(redis_url, schema)
+    assert cache.get_or_compute("ctr", "a4", lambda key: logit) == logit
+    assert redis_client.get(schema.live("ctr", "a4")) is None and cache.get("ctr", "a4") is None
+    redis_client.set(schema.live("campaign", "a5"), codec_for("campaign").encode(logit), ex=3600)
+    errors = cache.errors
+    assert cache.get("campaign", "a5") is None and cache.errors == errors + 1
+    assert cache.get_or_compute("ctr", "a6", lambda key: 1.0) == 1.0 and cache.get("ctr", "a6") == 1.0  # a bound
+
+
 def test_a_corrupt_or_wrong_type_value_is_read_past_to_the_live_one_and_replaced(redis_url, redis_client, schema):
     """A published value that does not decode made a miss of every lookup of its key while the value
     ``get_or_compute`` stored for it went unread, so it computed on almost every call; a pointer or a live key of
