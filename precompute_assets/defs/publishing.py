@@ -2,6 +2,8 @@
 
 import hashlib
 import re
+import time
+from datetime import UTC, datetime
 from typing import NamedTuple
 
 import dagster as dg
@@ -157,6 +159,9 @@ def ctr_cache(
             "published": True,
             "already_current": result.already_current,
             "version": version,
+            # when the version's buckets expire (a retry of the current version renews them): a restore after then
+            # would serve predictions older than ttl_hours again (``expired_at``)
+            "expires_at": dg.MetadataValue.timestamp(time.time() + config.ttl_hours * 3600),
             # each left out rather than shown as a blank value in the UI: a first publish replaced no version, an
             # empty version (read-through only) has no model, and the settling of probation's live tier went well
             **({"previous_version": result.previous_version} if result.previous_version else {}),
@@ -271,6 +276,7 @@ class RecordedPublish(NamedTuple):
     version: str
     newest: dg.EventLogRecord
     empty: bool  # published without values (read-through only): no bucket of it is ever in Redis
+    expires_at: float | None = None  # when its buckets' TTL ends (ctr publishes recorded since it is recorded)
 
 
 def recorded_publish(instance: dg.DagsterInstance, kind: str) -> RecordedPublish | None:
@@ -285,7 +291,10 @@ def recorded_publish(instance: dg.DagsterInstance, kind: str) -> RecordedPublish
         metadata = metadata_of(record)
         if field in metadata:
             empty = kind == "ctr" and "model_version" not in metadata
-            return RecordedPublish(str(metadata[field].value), newest, empty)
+            expires = metadata.get("expires_at")
+            return RecordedPublish(
+                str(metadata[field].value), newest, empty, None if expires is None else expires.value
+            )
     return None
 
 
@@ -324,13 +333,36 @@ def lost_in_redis(client: redis.Redis, schema: KeySchema, kind: str, recorded: R
     )
 
 
+def expired_at(recorded: RecordedPublish, now: float | None = None) -> str | None:
+    """When the TTL of ``recorded``'s buckets ended (UTC, as text), or None while it has not (or is not recorded):
+    values gone after then expired as configured, and restoring them would serve predictions older than
+    ``ttl_hours``; a newer publish is what serves again."""
+    if recorded.expires_at is None or (time.time() if now is None else now) < recorded.expires_at:
+        return None
+    return datetime.fromtimestamp(recorded.expires_at, UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def unserved(client: redis.Redis, schema: KeySchema, kind: str, recorded: RecordedPublish) -> str | None:
+    """Why Redis does not serve ``recorded``, the version of ``kind`` Dagster recorded as published, or None: its
+    values are lost (``lost_in_redis``; expired when its TTL ended, ``expired_at``), or the ctr pointer names another
+    version (a failover back to a replica that missed the flip, a publish outside this deployment's record), which
+    readers were served without a word (h_feast)."""
+    if (why := lost_in_redis(client, schema, kind, recorded)) is not None:
+        if (when := expired_at(recorded)) is not None:
+            return (
+                f"{why}: version {recorded.version} expired at {when} (its ttl_hours), and no newer one was published"
+            )
+        return why
+    return foreign_pointer(client, schema, recorded) if kind == "ctr" else None
+
+
 def lost_publish(instance: dg.DagsterInstance, client: redis.Redis, schema: KeySchema, kind: str) -> str | None:
-    """One line saying that the version of ``kind`` Dagster recorded as published is missing in Redis, or None (also
-    when nothing was published yet)."""
+    """One line saying that the version of ``kind`` Dagster recorded as published is not served by Redis, or None
+    (also when nothing was published yet)."""
     recorded = recorded_publish(instance, kind)
     if recorded is None:
         return None
-    if (why := lost_in_redis(client, schema, kind, recorded)) is None:
+    if (why := unserved(client, schema, kind, recorded)) is None:
         return None
     asset, _ = PUBLISHED_KINDS[kind]
     return f"{kind}: {why}, although {asset} recorded publishing version {recorded.version}"
@@ -349,8 +381,8 @@ def served_state(
     recorded = recorded_publish(instance, kind)
     if recorded is None:
         return True, f"no {kind} version published yet", None
-    version, newest, _ = recorded
-    if (why := lost_in_redis(client, schema, kind, recorded)) is not None:
+    version, newest = recorded.version, recorded.newest
+    if (why := unserved(client, schema, kind, recorded)) is not None:
         return False, f"{why}, although this asset recorded publishing version {version}", newest
     return True, f"Redis serves a {kind} version (this asset last published {version})", newest
 
@@ -430,7 +462,11 @@ SERVED_CHECKS = [build_served_check(kind) for kind in PUBLISHED_KINDS]
 
 
 class RestoreConfig(dg.Config):
-    ttl_hours: int = Field(48, description="TTL of the restored version's keys, from the restore (at least 1).")
+    ttl_hours: int = Field(
+        48,
+        description="TTL of the restored version's keys, from the restore (at least 1), but never past the expiry "
+        "its publish set (ctr_cache's ttl_hours).",
+    )
 
 
 def foreign_pointer(client: redis.Redis, schema: KeySchema, recorded: RecordedPublish) -> str | None:
@@ -491,6 +527,16 @@ def restore_ctr_version(
         client.close()
 
 
+def restored_ttl_s(config: RestoreConfig, recorded: RecordedPublish, now: float | None = None) -> int:
+    """The TTL a restore gives ``recorded``'s buckets: ``ttl_hours``, but never past the expiry its publish set (a
+    restore gave a version a day from expiry a fresh 48 hours, and readers got day-old predictions for good while
+    the nightly publish failed, h_feast)."""
+    ttl_s = config.ttl_hours * 3600
+    if recorded.expires_at is not None:
+        ttl_s = min(ttl_s, int(recorded.expires_at - (time.time() if now is None else now)))
+    return max(1, ttl_s)
+
+
 def restore_served_version(
     context: dg.OpExecutionContext, config: RestoreConfig, lake: LakeResource, redis: RedisResource, client: redis.Redis
 ) -> None:
@@ -501,6 +547,12 @@ def restore_served_version(
     if (why := lost_in_redis(client, schema, "ctr", recorded)) is None:
         context.log.info(f"Redis serves ctr version {served} whole: nothing to restore")
         return
+    if (when := expired_at(recorded)) is not None:
+        raise dg.Failure(
+            description=f"ctr version {served} expired at {when} (its ttl_hours): nothing restored, as that would "
+            "serve predictions older than ttl_hours again; publish a newer day with ctr_cache",
+            allow_retries=False,
+        )
     context.log.info(f"restoring ctr version {served}: {why}")
     mark = server_mark(client)  # before the writes: evictions while they run are evictions after the restore too
     day = version_day(served)
@@ -521,7 +573,7 @@ def restore_served_version(
     items = zip(predictions["ad_id"].tolist(), predictions["ctr"].tolist(), strict=True)
     try:
         result = publish_version(
-            client, "ctr", version, items, n_keys=len(predictions), ttl_s=config.ttl_hours * 3600,
+            client, "ctr", version, items, n_keys=len(predictions), ttl_s=restored_ttl_s(config, recorded),
             grace_s=GRACE_SECONDS, schema=schema, experiment=experiment, replica_wait_s=redis.replica_wait_s,
             hand_over=False,  # the version it replaces, if any, is not one to serve live
         )  # fmt: skip

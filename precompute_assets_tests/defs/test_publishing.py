@@ -211,6 +211,57 @@ def test_ctr_buckets_expired_under_their_pointer_fail_the_check_and_show_in_stat
         assert served().passed and lost_publishes(instance, redis_client, schema) == []
 
 
+def test_a_version_past_its_ttl_is_stale_not_restored_and_another_version_served_fails_the_check(
+    lake_uri, redis_url, redis_client, schema, monkeypatch
+):
+    """ttl_hours did not bound how stale served predictions got: buckets expired under their pointer were "lost",
+    and the restore published the same day again with a fresh 48 h, every 48 h while the nightly publish failed. And
+    served_by_redis stayed green while the pointer named another, older version (a failover to a replica that missed
+    the flip): readers got it without a word (h_feast). A version past its TTL stays expired, the check says why; a
+    restore before then keeps the expiry the publish set; a pointer naming another version fails the check."""
+    from types import SimpleNamespace
+
+    from precompute_assets.defs import publishing
+    from precompute_assets.defs.automation import restore_request
+    from precompute_assets.defs.publishing import RestoreConfig, lost_publishes, recorded_publish, served_state
+
+    ids = [f"ad{i:03d}" for i in range(100)]
+    Lake(lake_uri).write("ctr_predictions", GOOD, pd.DataFrame({"ad_id": ids, "ctr": 0.1, "model_version": "m"}))
+    with dg.instance_for_test() as instance:
+        published = datetime.now(UTC)
+        meta = publish(instance, lake_uri, redis_url, schema.namespace, GOOD, ttl_hours=2)
+        version, expires_at = meta["version"], meta["expires_at"]
+        assert abs(expires_at - (published.timestamp() + 2 * 3600)) < 60
+        recorded = recorded_publish(instance, "ctr")
+        assert recorded.expires_at == expires_at
+        # a restore an hour after the publish gives the buckets the hour left, not a fresh ttl_hours
+        hour_later = published.timestamp() + 3600
+        assert 3540 <= publishing.restored_ttl_s(RestoreConfig(), recorded, hour_later) <= 3600
+
+        pointer = Pointer.decode(redis_client.get(schema.pointer("ctr")))
+        redis_client.delete(*(schema.bucket("ctr", version, index) for index in range(pointer.buckets)))
+        assert isinstance(
+            restore_request(instance, redis_client, schema, published + timedelta(hours=1)), dg.RunRequest
+        )
+        past = published + timedelta(hours=3)  # its TTL ended: expired as configured, not lost
+        assert restore_request(instance, redis_client, schema, past) is None
+        monkeypatch.setattr(publishing, "time", SimpleNamespace(time=lambda: past.timestamp()))
+        passed, said, _ = served_state(instance, redis_client, schema, "ctr")
+        assert not passed and f"version {version} expired at " in said and "no newer one was published" in said
+        (line,) = lost_publishes(instance, redis_client, schema)
+        assert "expired at" in line
+        monkeypatch.undo()
+
+        publish(instance, lake_uri, redis_url, schema.namespace, GOOD)  # served again
+        assert served_state(instance, redis_client, schema, "ctr")[0]
+        older = Pointer(f"{BAD}.0123456789abcdef", 1)  # a failover back to a replica that missed the flip, say
+        publishing.publish_version(redis_client, "ctr", older.version, [("ad000", 0.5)], n_keys=1, schema=schema)
+        passed, said, _ = served_state(instance, redis_client, schema, "ctr")
+        assert not passed and f"names version {older.version}, not {version}" in said
+        (line,) = lost_publishes(instance, redis_client, schema)
+        assert f"names version {older.version}" in line
+
+
 def test_cache_health_restores_the_ctr_version_served_under_an_operators_rollback_without_traffic(
     lake_uri, redis_url, redis_client, schema
 ):
