@@ -41,10 +41,11 @@ from ..serving.publish import (
     delete_live_values,
     read_epoch,
     run_commands,
+    send_commands,
     write_live_values,
 )
 from ..serving.replication import confirm_replicas
-from ..storage.campaigns import DEFAULT_REFRESH_MARGIN, LATEST_TIME, Campaign, CampaignRegistry
+from ..storage.campaigns import DEFAULT_REFRESH_MARGIN, LATEST_TIME, Campaign, CampaignRegistry, SharedAd
 from .config_checks import at_least, positive, refuse
 from .models import CTR_MODEL, approved_materializations
 from .resources import (
@@ -274,20 +275,35 @@ def approved_model_version(instance: dg.DagsterInstance) -> str:
 def remove_campaign_values(
     registry: CampaignRegistry, client: redis_py.Redis, schema: KeySchema, campaign: Campaign, now: datetime
 ) -> int:
-    """Delete a campaign's budget and the CTRs of its ads that no other live campaign of its tenant still has, in
-    one transaction, or in transactions of ``registry.max_ads`` keys for a campaign with more ads than that
-    (registered before the cap, or under a higher one); returns how many keys existed."""
-    ads = set(registry.ads(campaign.campaign_id)["ad_id"])
+    """Delete a campaign's budget and the CTRs of its ads (those of its revisions before too, which a
+    re-registration dropped: ``dropped_ads``) that no other live campaign of its tenant still holds warm, in one
+    transaction, or in transactions of ``registry.max_ads`` keys for a campaign with more ads than that (registered
+    before the cap, or under a higher one); an ad another campaign still holds gets that campaign's expiry back (this
+    one's may have been later). Returns how many keys existed."""
+    dropped = registry.dropped_ads(campaign.campaign_id)
+    ads = set(registry.ads(campaign.campaign_id)["ad_id"]) | set(dropped)
     shared = registry.shared_ads(campaign, ads, now)
-    # Its own ads, and those another live campaign gives other features: the value may be this campaign's, and its
-    # deletion has the other campaign warmed again (lost_campaigns) with its own
-    gone = {ad for ad in ads if ad not in shared or not shared[ad].same_features}
+    gone = {ad for ad in ads if campaigns_value(shared.get(ad))}
     # an ad registered before ids with braces were refused was never warmed (score_ads skips it): it has no key
     keys = [("ctr", ad_id) for ad_id in sorted(gone) if _is_cache_key(ad_id)] + [("budget", campaign.campaign_id)]
     # One transaction of all of them would hold Redis as long as the warming the cap refuses; a cleanup cut off
     # between batches is run again by its retries or the backstop, and deleting a deleted key is harmless.
     batch = len(keys) if len(ads) <= registry.max_ads else registry.max_ads
-    return sum(delete_live_values(client, keys[i : i + batch], schema=schema) for i in range(0, len(keys), batch))
+    deleted = sum(delete_live_values(client, keys[i : i + batch], schema=schema) for i in range(0, len(keys), batch))
+    # A shared ad kept its latest expiry, maybe this campaign's (30 days for an open-ended one): the others' now
+    send_commands(client, [
+        (b"EXPIREAT", schema.live("ctr", ad).encode(), str(int(shared[ad].until.timestamp())).encode())
+        for ad in sorted(ads - gone) if shared[ad].until is not None and not shared[ad].unknown and _is_cache_key(ad)
+    ])  # fmt: skip
+    registry.forget_dropped(campaign.campaign_id, dropped)
+    return deleted
+
+
+def campaigns_value(other: SharedAd | None) -> bool:
+    """Whether the live value of an ad of a campaign is that campaign's, given what the tenant's other live campaigns
+    hold of it (``shared_ads``): none holds it, one gives it other features (its deletion has that campaign warmed
+    again, ``lost_campaigns``, with its own), or none of those holding it is warm (nothing of theirs was written)."""
+    return other is None or not other.same_features or (other.until is None and not other.unknown)
 
 
 def exact_expiries(
@@ -375,6 +391,13 @@ def campaign_ctr(
             # the new CTRs, so readers never get one with the other (campaign_budget writes the new split next). On
             # Redis Cluster, per slot (see transact_per_slot): readers may get both for the length of the write.
             stale = [] if campaign.warm_revision == campaign.revision else [(b"DEL", budget_key(schema, campaign))]
+            # ... and the CTRs of the ads a re-registration dropped, which readers got beside the new revision's
+            dropped = registry.dropped_ads(campaign.campaign_id)
+            others = registry.shared_ads(campaign, dropped, now)
+            stale += [
+                (b"DEL", schema.live("ctr", ad).encode())
+                for ad in dropped if campaigns_value(others.get(ad)) and _is_cache_key(ad)
+            ]  # fmt: skip
             frame, skipped = ctr.score_ads(model, ads, ads["ad_id"].tolist())
             if frame.empty:
                 raise dg.Failure(
@@ -389,6 +412,7 @@ def campaign_ctr(
                     write_live_values(
                         client, "ctr", items, expire_at=expire_at, schema=schema, also=stale, exact=exact, epoch=epoch
                     )
+                    registry.forget_dropped(campaign.campaign_id, dropped)
                     break
                 except InvalidatedMeanwhile:
                     context.log.warning(f"ctr was invalidated while the ads of {campaign.campaign_id} were scored "

@@ -95,10 +95,17 @@ CREATE TABLE IF NOT EXISTS ad_tenants (
     ad_id TEXT COLLATE "C" PRIMARY KEY,
     tenant_id TEXT NOT NULL
 );
+-- ads a re-registration dropped, whose values an earlier warming may have written: the next warming or the cleanup
+-- deletes them, then forgets them (dropped_ads, forget_dropped)
+CREATE TABLE IF NOT EXISTS campaign_dropped_ads (
+    campaign_id TEXT COLLATE "C" NOT NULL REFERENCES campaigns ON DELETE CASCADE,
+    ad_id TEXT COLLATE "C" NOT NULL,
+    PRIMARY KEY (campaign_id, ad_id)
+);
 """
 _OBJECTS = (
     "campaign_change_seq", "campaigns", "campaign_ads", "ad_tenants", "campaigns_cold_launch_at",
-    "campaigns_warm_until", "campaign_ads_ad_id",
+    "campaigns_warm_until", "campaign_ads_ad_id", "campaign_dropped_ads",
 )  # fmt: skip
 _COLUMNS = (
     "campaign_id, tenant_id, launch_at, end_at, budget, status, revision, warm_revision, change_seq, updated_at, n_ads,"
@@ -733,7 +740,14 @@ class CampaignRegistry:
             template="(%s, %s, %s, %s, %s, %s, %s, 'active', 1, NULL, nextval('campaign_change_seq'), now())",
             page_size=1000,
         )
-        cur.execute("DELETE FROM campaign_ads WHERE campaign_id = ANY(%s)", ([c.campaign_id for c in changed],))
+        ids = [c.campaign_id for c in changed]
+        # the ads before, kept as dropped unless the new revision has them: an earlier warming may have written them
+        cur.execute(
+            "INSERT INTO campaign_dropped_ads (campaign_id, ad_id) SELECT campaign_id, ad_id FROM campaign_ads"
+            " WHERE campaign_id = ANY(%s) ON CONFLICT DO NOTHING",
+            (ids,),
+        )
+        cur.execute("DELETE FROM campaign_ads WHERE campaign_id = ANY(%s)", (ids,))
         rows = (
             (c.campaign_id, position, ad_id, features)
             for c in changed
@@ -743,6 +757,11 @@ class CampaignRegistry:
             cur,
             "COPY campaign_ads (campaign_id, position, ad_id, features) FROM STDIN WITH (FORMAT csv)",
             _copy_rows(rows),
+        )
+        cur.execute(
+            "DELETE FROM campaign_dropped_ads d USING campaign_ads a WHERE d.campaign_id = a.campaign_id"
+            " AND d.ad_id = a.ad_id AND d.campaign_id = ANY(%s)",
+            (ids,),
         )
 
     def cancel(self, campaign_id: str) -> Campaign:
@@ -800,7 +819,13 @@ class CampaignRegistry:
                 " RETURNING a.campaign_id",
                 {"before": before},
             )
-            return sorted({campaign_id for (campaign_id,) in cur.fetchall()})
+            purged = {campaign_id for (campaign_id,) in cur.fetchall()}
+            cur.execute(
+                "DELETE FROM campaign_dropped_ads a USING campaigns c WHERE a.campaign_id = c.campaign_id"
+                " AND (c.end_at < %(before)s OR (c.status = 'cancelled' AND c.updated_at < %(before)s))",
+                {"before": before},
+            )
+            return sorted(purged)
 
     # -- reading -------------------------------------------------------------------------------------
 
@@ -824,6 +849,22 @@ class CampaignRegistry:
         for column in (ID_COLUMN, *self.spec.categorical):
             frame[column] = frame[column].astype(object)
         return frame
+
+    def dropped_ads(self, campaign_id: str) -> list[str]:
+        """The ads re-registrations dropped from the campaign that no warming or cleanup has deleted yet, sorted."""
+        with transaction(self.url) as conn, conn.cursor() as cur:
+            cur.execute("SELECT ad_id FROM campaign_dropped_ads WHERE campaign_id = %s ORDER BY ad_id", (campaign_id,))
+            return [ad_id for (ad_id,) in cur.fetchall()]
+
+    def forget_dropped(self, campaign_id: str, ad_ids: Collection[str]) -> None:
+        """Forget ``ad_ids`` as dropped ads of the campaign: their values were deleted (a re-registration since that
+        drops them again records them anew)."""
+        if ad_ids:
+            with transaction(self.url) as conn, conn.cursor() as cur:
+                cur.execute(
+                    "DELETE FROM campaign_dropped_ads WHERE campaign_id = %s AND ad_id = ANY(%s)",
+                    (campaign_id, sorted(ad_ids)),
+                )
 
     def shared_ads(self, campaign: Campaign, ad_ids: Collection[str], now: datetime) -> dict[str, SharedAd]:
         """Of ``ad_ids``, those another active campaign of ``campaign``'s tenant has that has not ended by ``now``, with

@@ -36,6 +36,7 @@ from precompute_assets.defs.campaigns import (
     campaign_ctr,
     campaign_launch_sensor,
     campaign_warming_job,
+    remove_campaign_values,
     values_lost,
     warming_config_problem,
 )
@@ -358,6 +359,38 @@ def test_a_cancelled_campaign_is_removed_but_ads_of_other_live_campaigns_stay(
     observation = instance.fetch_observations(campaign_ctr.key, limit=1).records[0]
     assert observation.partition_key == first and observation.asset_observation.metadata["cancelled"].value
     assert observation.asset_observation.metadata["keys_removed"].value == 5  # 4 ads + the budget
+
+
+def test_ads_a_re_registration_dropped_are_deleted_by_the_warming_and_a_cancel_leaves_no_value(
+    registry, resources, instance, cache, redis_client, schema
+):
+    """A re-registration that dropped ads left their CTRs readable beside the new revision's, and a cancel removed
+    only the current revision's ads: the dropped ones stayed until their TTL, 30 days for an open-ended campaign. A
+    shared ad the cancelled campaign held longer kept its expiry too (h_camp)."""
+    now = datetime.now(UTC)
+    first, other = unique("first"), unique("other")
+    ads = campaign_ads(first, 4)
+    registry.register(first, "acme", now + HOUR, ads[:3])  # open-ended: 30 days
+    registry.register(other, "acme", now + HOUR, [ads[0]], end_at=now + 2 * HOUR)
+    instance.add_dynamic_partitions(CAMPAIGNS.name, [first, other])
+    assert warm(instance, resources, first).success and warm(instance, resources, other).success
+    ids = [ad["ad_id"] for ad in ads]
+    assert all(value is not None for value in cache.get_many("ctr", ids[:3]))
+
+    registry.register(first, "acme", now + HOUR, [ads[0], ads[3]])  # drops ads 1 and 2
+    assert registry.dropped_ads(first) == sorted(ids[1:3])
+    assert warm(instance, resources, first).success
+    assert cache.get_many("ctr", ids[1:3]) == [None, None] and cache.get("ctr", ids[3]) is not None
+    assert registry.dropped_ads(first) == []  # deleted, forgotten
+
+    registry.register(first, "acme", now + HOUR, [ads[0]])  # drops ad 3; cancelled before a warming deletes it
+    registry.cancel(first)
+    assert remove_campaign_values(registry, redis_client, schema, registry.get(first), now) >= 2
+    assert cache.get("ctr", ids[3]) is None and cache.get("budget", first) is None
+    assert registry.dropped_ads(first) == []
+    # the other campaign still holds ad 0: its value stays, expiring at that campaign's end (and grace), not in 30 days
+    assert cache.get("ctr", ids[0]) is not None
+    assert round(redis_client.ttl(schema.live("ctr", ids[0])) / 3600) == 3
 
 
 def test_an_end_moved_earlier_shortens_the_campaigns_own_values_not_those_another_campaign_holds(
