@@ -229,12 +229,16 @@ def warming_config_problem(config: CampaignWarmingConfig) -> str | None:
     return None
 
 
-def not_warmable(campaign: Campaign, now: datetime) -> str | None:
-    """Why ``campaign`` must not be warmed now (cancelled, ended), or None."""
+def not_warmable(campaign: Campaign, now: datetime, horizon: timedelta | None = None) -> str | None:
+    """Why ``campaign`` must not be warmed now (cancelled, ended, or, with ``horizon``, launching beyond it: a run
+    queued before a postponement warmed the new revision a day early), or None."""
     if campaign.status != "active":
         return f"campaign {campaign.campaign_id} is {campaign.status}"
     if campaign.end_at is not None and campaign.end_at <= now:
         return f"campaign {campaign.campaign_id} ended at {campaign.end_at.isoformat()}"
+    if horizon is not None and campaign.launch_at > now + horizon:
+        return (f"campaign {campaign.campaign_id} launches at {campaign.launch_at.isoformat()}, beyond the warming "
+                "horizon: it is warmed when its launch enters it")  # fmt: skip
     return None
 
 
@@ -360,7 +364,8 @@ def campaign_ctr(
     campaign, ads = current_campaign(registry, context.partition_key)
     now = datetime.now(UTC)
     frame = pd.DataFrame({"ad_id": pd.Series(dtype=object), "ctr": pd.Series(dtype=float)})
-    reason = not_warmable(campaign, now)
+    horizon = campaign_registry.warming_horizon
+    reason = not_warmable(campaign, now, horizon)
     version, skipped, expire_at = "", [], expiry(campaign, now, config)
     if reason is None and len(ads) > registry.max_ads:  # registered before the cap: its transaction would stall Redis
         raise dg.Failure(
@@ -379,7 +384,7 @@ def campaign_ctr(
             epoch = read_epoch(client, schema, "ctr")
             if attempt > 1:
                 campaign, ads = current_campaign(registry, context.partition_key)
-                if (reason := not_warmable(campaign, now)) is None and campaign.revision != revision:
+                if (reason := not_warmable(campaign, now, horizon)) is None and campaign.revision != revision:
                     reason = f"campaign {campaign.campaign_id} changed while it was warmed (r{campaign.revision})"
                 if reason is not None:
                     frame = frame.iloc[:0]

@@ -516,8 +516,13 @@ def test_a_warm_campaign_postponed_beyond_the_horizon_is_cold_in_the_cache_too(r
     assert cleanup.job_name == "campaign_cleanup_job"
     run = campaign_cleanup_job.execute_in_process(run_config=cleanup.run_config, instance=instance, resources=resources)
     assert run.success and cache.get("budget", campaign_id) is None
-    assert cache.get_many("ctr", [ad["ad_id"] for ad in ads[:2]]) == [None] * 2  # its ads now (the dropped one's
-    # CTR, still that ad's prediction, expires as a changed campaign's dropped ads do)
+    assert cache.get_many("ctr", [ad["ad_id"] for ad in ads]) == [None] * 3  # the ad it dropped too
+    # A warming run queued before the postponement warmed the new revision 10 days early (h_camp): it warms nothing
+    queued = warm(instance, resources, campaign_id)
+    assert queued.success and cache.get("budget", campaign_id) is None
+    assert cache.get_many("ctr", [ad["ad_id"] for ad in moved]) == [None] * 3
+    (skipped,) = queued.asset_materializations_for_node("campaign_ctr")
+    assert "beyond the warming horizon" in skipped.metadata["reason"].value
     # Moved back within the horizon and warmed before a cleanup of the postponement ran: its values stay.
     registry.register(campaign_id, "acme", now + HOUR, ads, end_at=now + 72 * HOUR, budget=1000.0)
     assert warm(instance, resources, campaign_id).success and cache.get("budget", campaign_id) is not None
