@@ -18,6 +18,7 @@ from .models import ctr_model, model_version
 from .partitions import Partitions
 from .predictions import ctr_predictions
 from .publishing import (
+    RESTORE_MIN_TTL_S,
     SERVED_CHECK,
     changed_served_evaluations,
     ctr_cache,
@@ -160,8 +161,8 @@ def restore_request(
     why = lost_in_redis(client, schema, "ctr", recorded)
     if why is None or foreign_pointer(client, schema, recorded) is not None or rejected_since(instance, recorded):
         return None  # a restore would refuse (another version, a rejected day): the hit rate decides on a refresh
-    if expired_at(recorded, now.timestamp()) is not None:
-        return None  # expired as configured: restoring it would serve stale predictions; served_by_redis says so
+    if expired_at(recorded, now.timestamp() + RESTORE_MIN_TTL_S) is not None:
+        return None  # expired as configured (or about to): a restore would serve stale predictions; the check says so
     records = instance.get_run_records(dg.RunsFilter(job_name=ctr_restore_job.name), limit=1)  # the newest
     if records and (status := records[0].dagster_run.status) in ACTIVE_RUN_STATUSES:
         return dg.SkipReason(f"restoring the ctr version Redis lost (run {records[0].dagster_run.run_id[:8]}): {why}")

@@ -104,6 +104,7 @@ def ctr_cache(
     except ValueError as error:
         raise dg.Failure(description=f"nothing published: ctr_predictions: {error}", allow_retries=False) from None
     version = content_version(context.partition_key, ctr_predictions, experiment)
+    writes_from = time.time()  # the buckets' TTL runs from their writes
     try:
         result = publish_version(
             client,
@@ -161,7 +162,7 @@ def ctr_cache(
             "version": version,
             # when the version's buckets expire (a retry of the current version renews them): a restore after then
             # would serve predictions older than ttl_hours again (``expired_at``)
-            "expires_at": dg.MetadataValue.timestamp(time.time() + config.ttl_hours * 3600),
+            "expires_at": dg.MetadataValue.timestamp(writes_from + config.ttl_hours * 3600),
             # each left out rather than shown as a blank value in the UI: a first publish replaced no version, an
             # empty version (read-through only) has no model, and the settling of probation's live tier went well
             **({"previous_version": result.previous_version} if result.previous_version else {}),
@@ -333,6 +334,9 @@ def lost_in_redis(client: redis.Redis, schema: KeySchema, kind: str, recorded: R
     )
 
 
+RESTORE_MIN_TTL_S = 600  # a version closer to its expiry than this is not restored: its buckets would go as written
+
+
 def expired_at(recorded: RecordedPublish, now: float | None = None) -> str | None:
     """When the TTL of ``recorded``'s buckets ended (UTC, as text), or None while it has not (or is not recorded):
     values gone after then expired as configured, and restoring them would serve predictions older than
@@ -446,7 +450,9 @@ def build_served_check(kind: str) -> dg.AssetChecksDefinition:
         "(Redis restarted without its data, was flushed or failed over to an empty replica) or names a version "
         "whose values are gone ("
         + ("its marker key" if kind == EMBEDDING_KIND else "its first or last bucket: expired, or evicted")
-        + "). The cache_health sensor evaluates it every 5 minutes and reports each change.",
+        + ")"
+        + ("" if kind == EMBEDDING_KIND else ", or names another version than the one it recorded")
+        + ". The cache_health sensor evaluates it every 5 minutes and reports each change.",
     )
     def served(context: dg.AssetCheckExecutionContext, redis: RedisResource) -> dg.AssetCheckResult:
         passed, description, _ = served_state(context.instance, redis.client(), redis.schema(), kind)
@@ -547,10 +553,11 @@ def restore_served_version(
     if (why := lost_in_redis(client, schema, "ctr", recorded)) is None:
         context.log.info(f"Redis serves ctr version {served} whole: nothing to restore")
         return
-    if (when := expired_at(recorded)) is not None:
+    if (when := expired_at(recorded, time.time() + RESTORE_MIN_TTL_S)) is not None:
         raise dg.Failure(
-            description=f"ctr version {served} expired at {when} (its ttl_hours): nothing restored, as that would "
-            "serve predictions older than ttl_hours again; publish a newer day with ctr_cache",
+            description=f"ctr version {served} expires at {when} (its ttl_hours; past, or less than "
+            f"{RESTORE_MIN_TTL_S // 60} minutes away): nothing restored, as that would serve predictions older than "
+            "ttl_hours; publish a newer day with ctr_cache",
             allow_retries=False,
         )
     context.log.info(f"restoring ctr version {served}: {why}")

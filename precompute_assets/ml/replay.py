@@ -251,14 +251,16 @@ def parse_trace(
     needs (its keys are the ids the serving client is asked for): a text trace's as written (``007``, ``+7``) but
     for the quotes of a field a CSV writer quoted (``"c""d"`` is ``c"d``), a Parquet uint64 key or an oracleGeneral
     object id as its number's text. A file whose first line is quoted fields only (a QUOTE_ALL export, R's
-    ``write.csv``) is CSV, its fields' quotes removed, with or without ``exact_keys``. ``spelled_keys`` keeps only
-    the integer spellings of a text trace (``007`` stays ``007``), for a replay that hashes keys as the serving
-    client does (``--ab``, the frequency sketch) but reads the rest as every other replay does.
+    ``write.csv``) is CSV, its fields' quotes removed, with or without ``exact_keys``. ``spelled_keys`` keeps the
+    integer spellings of a text trace (``007`` stays ``007``) and reads a Parquet uint64 or oracleGeneral id as its
+    number's text, for a replay that hashes keys as the serving client does (``--ab``, the frequency sketch), but
+    keeps a text trace's CSV quotes as every other replay does.
     """
     if _reads_parquet(path, trace_format):
         from .parquet_trace import read_parquet_trace  # it builds on this module's Trace
 
-        return read_parquet_trace(path, columns=columns, where=where, exact_keys=exact_keys)
+        # a uint64 id's number text: spelled as the id the serving client gets (2^63 and above not as int64)
+        return read_parquet_trace(path, columns=columns, where=where, exact_keys=exact_keys or spelled_keys)
     path = Path(path)
     read = functools.partial(_read_bytes, path)
     return _local_trace(path.name, read, columns, trace_format, where, exact_keys, spelled_keys)
@@ -294,7 +296,7 @@ def _local_trace(
             raise TraceError(
                 f"--key-field, --time-field and --where read fields of text traces, not {_ORACLE[trace_format][1]}'s"
             )
-        return _oracle_general(data, trace_format, exact_keys)
+        return _oracle_general(data, trace_format, exact_keys or spelled_keys)
     if (archive := _archive_kind(data)) is not None:
         raise TraceError(
             f"the file is a {archive[0]} archive, not a trace: extract the trace from it ({archive[1]} writes it to "

@@ -100,6 +100,7 @@ CREATE TABLE IF NOT EXISTS ad_tenants (
 CREATE TABLE IF NOT EXISTS campaign_dropped_ads (
     campaign_id TEXT COLLATE "C" NOT NULL REFERENCES campaigns ON DELETE CASCADE,
     ad_id TEXT COLLATE "C" NOT NULL,
+    features JSONB NOT NULL,  -- those the campaign gave it last: another campaign's value is this one's if they match
     PRIMARY KEY (campaign_id, ad_id)
 );
 """
@@ -743,8 +744,9 @@ class CampaignRegistry:
         ids = [c.campaign_id for c in changed]
         # the ads before, kept as dropped unless the new revision has them: an earlier warming may have written them
         cur.execute(
-            "INSERT INTO campaign_dropped_ads (campaign_id, ad_id) SELECT campaign_id, ad_id FROM campaign_ads"
-            " WHERE campaign_id = ANY(%s) ON CONFLICT DO NOTHING",
+            "INSERT INTO campaign_dropped_ads (campaign_id, ad_id, features) SELECT campaign_id, ad_id, features"
+            " FROM campaign_ads WHERE campaign_id = ANY(%s)"
+            " ON CONFLICT (campaign_id, ad_id) DO UPDATE SET features = EXCLUDED.features",
             (ids,),
         )
         cur.execute("DELETE FROM campaign_ads WHERE campaign_id = ANY(%s)", (ids,))
@@ -877,9 +879,11 @@ class CampaignRegistry:
                 "SELECT a.ad_id,"
                 " max(c.warm_until) FILTER (WHERE c.warm_revision = c.revision),"
                 " bool_or(c.warm_revision = c.revision AND c.warm_until IS NULL),"
-                " bool_and(a.features = mine.features)"
+                " bool_and(a.features = COALESCE(mine.features, gone.features))"
                 " FROM campaign_ads a JOIN campaigns c USING (campaign_id)"
                 " LEFT JOIN campaign_ads mine ON mine.campaign_id = %(id)s AND mine.ad_id = a.ad_id"
+                # an ad a re-registration dropped: the features this campaign gave it last
+                " LEFT JOIN campaign_dropped_ads gone ON gone.campaign_id = %(id)s AND gone.ad_id = a.ad_id"
                 " WHERE a.ad_id = ANY(%(ads)s) AND c.campaign_id <> %(id)s AND c.tenant_id = %(tenant)s"
                 " AND c.status = 'active' AND (c.end_at IS NULL OR c.end_at > %(now)s) GROUP BY a.ad_id",
                 {"ads": sorted(ad_ids), "id": campaign.campaign_id, "tenant": campaign.tenant_id,

@@ -603,7 +603,7 @@ def predictive_precompute(
     return {
         "users": n_users,
         "events_sent": sent.written,
-        "events_dropped": sent.dropped,
+        "events_dropped": sent.not_confirmed,
         "events_drained": drained,
         "next_action_approved": bool(model_run.success),
         "next_action_log_loss": round(model_meta.get("log_loss", float("nan")), 4),

@@ -393,6 +393,29 @@ def test_ads_a_re_registration_dropped_are_deleted_by_the_warming_and_a_cancel_l
     assert round(redis_client.ttl(schema.live("ctr", ids[0])) / 3600) == 3
 
 
+def test_a_dropped_ad_another_warm_campaign_holds_with_the_same_features_keeps_its_value(
+    registry, resources, instance, cache, redis_client, schema
+):
+    """The features of a dropped ad were compared with the campaign's current ads, which no longer have it: the
+    warming and the cleanup deleted a value another warm campaign held, and its readers missed it (h_diff8)."""
+    now = datetime.now(UTC)
+    first, other = unique("first"), unique("other")
+    ads = campaign_ads(first, 3)
+    ids = [ad["ad_id"] for ad in ads]
+    registry.register(first, "acme", now + HOUR, ads)
+    registry.register(other, "acme", now + HOUR, [ads[1]])
+    instance.add_dynamic_partitions(CAMPAIGNS.name, [first, other])
+    assert warm(instance, resources, first).success and warm(instance, resources, other).success
+    registry.register(first, "acme", now + HOUR, [ads[0], ads[2]])  # drops ad 1, which the other holds warm
+    assert warm(instance, resources, first).success and cache.get("ctr", ids[1]) is not None
+    registry.register(first, "acme", now + HOUR, [ads[0]])  # drops ad 2; the other takes it, warm, same features
+    registry.register(other, "acme", now + HOUR, [ads[1], ads[2]])
+    assert warm(instance, resources, other).success
+    registry.cancel(first)
+    remove_campaign_values(registry, redis_client, schema, registry.get(first), now)
+    assert cache.get("ctr", ids[0]) is None and None not in cache.get_many("ctr", ids[1:])
+
+
 def test_an_end_moved_earlier_shortens_the_campaigns_own_values_not_those_another_campaign_holds(
     registry, resources, instance, redis_client, schema
 ):

@@ -201,6 +201,8 @@ def test_a_folder_may_store_a_column_in_other_types_and_years_beyond_datetime64_
     trace = parse_trace(tmp_path)
     # String keys in one file make every key the string it is (as in a text trace); padding is stripped.
     assert trace.keys.tolist() == ["7", "8", "x", "y", "-1", "9"]
+    # as the serving client gets the id (--ab, the frequency sketch hash its text; h_diff8)
+    assert parse_trace(tmp_path, spelled_keys=True).keys.tolist() == ["7", "8", "x", "y", str(2**64 - 1), "9"]
     year_1500, year_2500 = -14_831_769_600.0, 16_725_225_600.0
     assert trace.timestamps.tolist() == [0.0, 1.0, 2.0, 3.0, year_1500, year_2500]
 

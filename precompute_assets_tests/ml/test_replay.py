@@ -715,6 +715,8 @@ def test_oracle_general_ids_of_2_63_and_above_are_their_numbers_with_exact_keys(
     path.write_bytes(oracle_general([(10, 7, 1, -1), (11, 2**64 - 1, 1, -1), (12, 2**63, 1, -1)]))
     assert list(parse_trace(path, exact_keys=True).keys) == ["7", str(2**64 - 1), str(2**63)]
     assert list(parse_trace(path).keys) == [7, -1, -(2**63)]
+    # --ab and the frequency sketch hash the id's text as the serving client gets it, not the int64's (h_diff8)
+    assert list(parse_trace(path, spelled_keys=True).keys) == ["7", str(2**64 - 1), str(2**63)]
     path.write_bytes(oracle_general([(10, 7, 1, -1)]))
     assert parse_trace(path, exact_keys=True).keys.dtype == np.int64  # small ids stay integers: their text is exact
 
