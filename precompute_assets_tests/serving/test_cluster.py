@@ -206,12 +206,15 @@ def test_publish_spreads_buckets_over_the_masters_and_readers_never_mix(redis_cl
     batches: set[tuple[float, ...]] = set()
     pairs: set[tuple[str, str | None]] = set()
 
-    def read(cache: PredictionCache, first_read: threading.Event) -> None:
+    def read(cache: PredictionCache, first_read: threading.Event, last_read: threading.Event) -> None:
         try:
             while not stop.is_set():
-                batches.add(tuple(sorted(set(cache.get_many("ctr", keys[::7])))))
+                batch = tuple(sorted(set(cache.get_many("ctr", keys[::7]))))
+                batches.add(batch)
                 single = cache.get("ctr", keys[11])
                 batches.add((single,))
+                if batch == (0.5,) and single == 0.5:
+                    last_read.set()
                 pointer, experiment, _ = cache._pointers["ctr"]
                 pairs.add((pointer.version, None if experiment is None else experiment.name))
                 first_read.set()
@@ -219,8 +222,11 @@ def test_publish_spreads_buckets_over_the_masters_and_readers_never_mix(redis_cl
             failures.append(error)
             first_read.set()
 
-    ready = [threading.Event() for _ in range(2)]
-    readers = [threading.Thread(target=read, args=(cache_on(redis_cluster, ns), event)) for event in ready]
+    ready, done = [threading.Event() for _ in range(2)], [threading.Event() for _ in range(2)]
+    readers = [
+        threading.Thread(target=read, args=(cache_on(redis_cluster, ns), first, last))
+        for first, last in zip(ready, done, strict=True)
+    ]
     for reader in readers:
         reader.start()
     try:
@@ -228,18 +234,20 @@ def test_publish_spreads_buckets_over_the_masters_and_readers_never_mix(redis_cl
             assert event.wait(timeout=60)
         for version in range(1, 6):
             experiment = Experiment(f"e{version}", f"s{version}", ("frequency", "lstm")) if version % 2 else None
-            items = [(k, float(version)) for k in keys]
+            items = [(k, version / 10) for k in keys]  # CTRs: a value outside [0, 1] is never served
             publish_version(
                 cluster_client, "ctr", f"v{version}", items, n_keys=len(keys), schema=ns, experiment=experiment
             )
             time.sleep(0.05)
+        for event in done:  # every reader has read v5, however loaded the machine is (a stalled master backs off 1 s)
+            assert event.wait(timeout=60)
     finally:
         stop.set()
         for reader in readers:
             reader.join()
     assert not failures
     assert batches and all(len(values) == 1 for values in batches), batches  # whole versions only
-    assert {values[0] for values in batches} >= {0.0, 5.0}
+    assert {values[0] for values in batches} >= {0.0, 0.5}
 
     # The experiment is written before the pointer and read after it: a reader on a new version never holds an
     # older version's experiment (it may hold the next one's, for a refresh, as a single-server reader may).
