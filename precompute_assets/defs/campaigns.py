@@ -284,22 +284,37 @@ def remove_campaign_values(
     transaction, or in transactions of ``registry.max_ads`` keys for a campaign with more ads than that (registered
     before the cap, or under a higher one); an ad another campaign still holds gets that campaign's expiry back (this
     one's may have been later). Returns how many keys existed."""
-    dropped = registry.dropped_ads(campaign.campaign_id)
-    ads = set(registry.ads(campaign.campaign_id)["ad_id"]) | set(dropped)
+    ads = set(registry.ads(campaign.campaign_id)["ad_id"]) | set(registry.dropped_ads(campaign.campaign_id))
+    deleted = remove_ads(registry, client, schema, campaign, ads, now, [("budget", campaign.campaign_id)])
+    registry.forget_written(campaign.campaign_id)
+    return deleted
+
+
+def remove_ads(
+    registry: CampaignRegistry,
+    client: redis_py.Redis,
+    schema: KeySchema,
+    campaign: Campaign,
+    ads: set[str],
+    now: datetime,
+    also: list[tuple[str, str]] = (),
+) -> int:
+    """Delete the CTRs of ``ads`` of ``campaign`` that are its values (``campaigns_value``), and the live values
+    ``also``, in transactions of ``registry.max_ads`` keys at most; an ad another warm campaign holds gets that
+    campaign's expiry back. Returns how many keys existed."""
     shared = registry.shared_ads(campaign, ads, now)
     gone = {ad for ad in ads if campaigns_value(shared.get(ad))}
     # an ad registered before ids with braces were refused was never warmed (score_ads skips it): it has no key
-    keys = [("ctr", ad_id) for ad_id in sorted(gone) if _is_cache_key(ad_id)] + [("budget", campaign.campaign_id)]
+    keys = [("ctr", ad_id) for ad_id in sorted(gone) if _is_cache_key(ad_id)] + list(also)
     # One transaction of all of them would hold Redis as long as the warming the cap refuses; a cleanup cut off
     # between batches is run again by its retries or the backstop, and deleting a deleted key is harmless.
-    batch = len(keys) if len(ads) <= registry.max_ads else registry.max_ads
+    batch = max(1, len(keys) if len(ads) <= registry.max_ads else registry.max_ads)
     deleted = sum(delete_live_values(client, keys[i : i + batch], schema=schema) for i in range(0, len(keys), batch))
     # A shared ad kept its latest expiry, maybe this campaign's (30 days for an open-ended one): the others' now
     send_commands(client, [
         (b"EXPIREAT", schema.live("ctr", ad).encode(), str(int(shared[ad].until.timestamp())).encode())
         for ad in sorted(ads - gone) if shared[ad].until is not None and not shared[ad].unknown and _is_cache_key(ad)
     ])  # fmt: skip
-    registry.forget_dropped(campaign.campaign_id, dropped)
     return deleted
 
 
@@ -377,6 +392,11 @@ def campaign_ctr(
     if reason is None:
         client, schema = redis.client(), redis.schema()
         revision = campaign.revision
+        # The CTRs of ads a re-registration dropped, which readers got beside the new revision's: deleted first, in
+        # transactions of the cap's keys (before the epoch the writes are fenced with is read: they bump it)
+        if dropped := registry.dropped_ads(campaign.campaign_id):
+            remove_ads(registry, client, schema, campaign, set(dropped), now)
+            registry.forget_written(campaign.campaign_id, dropped)
         # Fenced as get_or_compute's stores are: CTRs scored before an invalidation of ctr are not written after it.
         # The epoch also moves when another campaign's cleanup deletes its values: then every input is read again
         # (the campaign, its ads, the approved model), as a retry of the run would, and scored again, a few times.
@@ -396,13 +416,6 @@ def campaign_ctr(
             # the new CTRs, so readers never get one with the other (campaign_budget writes the new split next). On
             # Redis Cluster, per slot (see transact_per_slot): readers may get both for the length of the write.
             stale = [] if campaign.warm_revision == campaign.revision else [(b"DEL", budget_key(schema, campaign))]
-            # ... and the CTRs of the ads a re-registration dropped, which readers got beside the new revision's
-            dropped = registry.dropped_ads(campaign.campaign_id)
-            others = registry.shared_ads(campaign, dropped, now)
-            stale += [
-                (b"DEL", schema.live("ctr", ad).encode())
-                for ad in dropped if campaigns_value(others.get(ad)) and _is_cache_key(ad)
-            ]  # fmt: skip
             frame, skipped = ctr.score_ads(model, ads, ads["ad_id"].tolist())
             if frame.empty:
                 raise dg.Failure(
@@ -417,7 +430,6 @@ def campaign_ctr(
                     write_live_values(
                         client, "ctr", items, expire_at=expire_at, schema=schema, also=stale, exact=exact, epoch=epoch
                     )
-                    registry.forget_dropped(campaign.campaign_id, dropped)
                     break
                 except InvalidatedMeanwhile:
                     context.log.warning(f"ctr was invalidated while the ads of {campaign.campaign_id} were scored "

@@ -95,9 +95,9 @@ CREATE TABLE IF NOT EXISTS ad_tenants (
     ad_id TEXT COLLATE "C" PRIMARY KEY,
     tenant_id TEXT NOT NULL
 );
--- ads a re-registration dropped, whose values an earlier warming may have written: the next warming or the cleanup
--- deletes them, then forgets them (dropped_ads, forget_dropped)
-CREATE TABLE IF NOT EXISTS campaign_dropped_ads (
+-- the ads of a warm revision that a re-registration replaced: their values may be in Redis. Those the campaign no
+-- longer has (dropped_ads) are deleted by its next warming or its cleanup, then forgotten (forget_written)
+CREATE TABLE IF NOT EXISTS campaign_written_ads (
     campaign_id TEXT COLLATE "C" NOT NULL REFERENCES campaigns ON DELETE CASCADE,
     ad_id TEXT COLLATE "C" NOT NULL,
     features JSONB NOT NULL,  -- those the campaign gave it last: another campaign's value is this one's if they match
@@ -106,7 +106,7 @@ CREATE TABLE IF NOT EXISTS campaign_dropped_ads (
 """
 _OBJECTS = (
     "campaign_change_seq", "campaigns", "campaign_ads", "ad_tenants", "campaigns_cold_launch_at",
-    "campaigns_warm_until", "campaign_ads_ad_id", "campaign_dropped_ads",
+    "campaigns_warm_until", "campaign_ads_ad_id", "campaign_written_ads",
 )  # fmt: skip
 _COLUMNS = (
     "campaign_id, tenant_id, launch_at, end_at, budget, status, revision, warm_revision, change_seq, updated_at, n_ads,"
@@ -722,7 +722,17 @@ class CampaignRegistry:
 
     @staticmethod
     def _write(cur: psycopg2.extensions.cursor, changed: list[_Checked]) -> None:
-        """Insert or bump the changed campaigns, record their ads' tenant, and replace their ads."""
+        """Insert or bump the changed campaigns, record their ads' tenant, and replace their ads (those of a warm
+        revision are kept as written: their values may be in Redis)."""
+        ids = [c.campaign_id for c in changed]
+        # before the bump forgets which revision was warm; a revision never warmed wrote nothing
+        cur.execute(
+            "INSERT INTO campaign_written_ads (campaign_id, ad_id, features) SELECT a.campaign_id, a.ad_id, a.features"
+            " FROM campaign_ads a JOIN campaigns c USING (campaign_id)"
+            " WHERE a.campaign_id = ANY(%s) AND c.warm_revision = c.revision"
+            " ON CONFLICT (campaign_id, ad_id) DO UPDATE SET features = EXCLUDED.features",
+            (ids,),
+        )
         cur.execute(
             "INSERT INTO ad_tenants (ad_id, tenant_id) SELECT DISTINCT ad_id, tenant_id FROM incoming_ads"
             " ON CONFLICT (ad_id) DO NOTHING"
@@ -741,14 +751,6 @@ class CampaignRegistry:
             template="(%s, %s, %s, %s, %s, %s, %s, 'active', 1, NULL, nextval('campaign_change_seq'), now())",
             page_size=1000,
         )
-        ids = [c.campaign_id for c in changed]
-        # the ads before, kept as dropped unless the new revision has them: an earlier warming may have written them
-        cur.execute(
-            "INSERT INTO campaign_dropped_ads (campaign_id, ad_id, features) SELECT campaign_id, ad_id, features"
-            " FROM campaign_ads WHERE campaign_id = ANY(%s)"
-            " ON CONFLICT (campaign_id, ad_id) DO UPDATE SET features = EXCLUDED.features",
-            (ids,),
-        )
         cur.execute("DELETE FROM campaign_ads WHERE campaign_id = ANY(%s)", (ids,))
         rows = (
             (c.campaign_id, position, ad_id, features)
@@ -759,11 +761,6 @@ class CampaignRegistry:
             cur,
             "COPY campaign_ads (campaign_id, position, ad_id, features) FROM STDIN WITH (FORMAT csv)",
             _copy_rows(rows),
-        )
-        cur.execute(
-            "DELETE FROM campaign_dropped_ads d USING campaign_ads a WHERE d.campaign_id = a.campaign_id"
-            " AND d.ad_id = a.ad_id AND d.campaign_id = ANY(%s)",
-            (ids,),
         )
 
     def cancel(self, campaign_id: str) -> Campaign:
@@ -823,7 +820,7 @@ class CampaignRegistry:
             )
             purged = {campaign_id for (campaign_id,) in cur.fetchall()}
             cur.execute(
-                "DELETE FROM campaign_dropped_ads a USING campaigns c WHERE a.campaign_id = c.campaign_id"
+                "DELETE FROM campaign_written_ads a USING campaigns c WHERE a.campaign_id = c.campaign_id"
                 " AND (c.end_at < %(before)s OR (c.status = 'cancelled' AND c.updated_at < %(before)s))",
                 {"before": before},
             )
@@ -853,20 +850,24 @@ class CampaignRegistry:
         return frame
 
     def dropped_ads(self, campaign_id: str) -> list[str]:
-        """The ads re-registrations dropped from the campaign that no warming or cleanup has deleted yet, sorted."""
+        """The ads a warm revision of the campaign had that the current one does not (their values may be in Redis)
+        and no warming or cleanup has deleted yet, sorted."""
         with transaction(self.url) as conn, conn.cursor() as cur:
-            cur.execute("SELECT ad_id FROM campaign_dropped_ads WHERE campaign_id = %s ORDER BY ad_id", (campaign_id,))
+            cur.execute(
+                "SELECT w.ad_id FROM campaign_written_ads w WHERE w.campaign_id = %s AND NOT EXISTS"
+                " (SELECT FROM campaign_ads a WHERE a.campaign_id = w.campaign_id AND a.ad_id = w.ad_id) ORDER BY 1",
+                (campaign_id,),
+            )
             return [ad_id for (ad_id,) in cur.fetchall()]
 
-    def forget_dropped(self, campaign_id: str, ad_ids: Collection[str]) -> None:
-        """Forget ``ad_ids`` as dropped ads of the campaign: their values were deleted (a re-registration since that
-        drops them again records them anew)."""
-        if ad_ids:
-            with transaction(self.url) as conn, conn.cursor() as cur:
-                cur.execute(
-                    "DELETE FROM campaign_dropped_ads WHERE campaign_id = %s AND ad_id = ANY(%s)",
-                    (campaign_id, sorted(ad_ids)),
-                )
+    def forget_written(self, campaign_id: str, ad_ids: Collection[str] | None = None) -> None:
+        """Forget ``ad_ids`` (None: all) as ads the campaign wrote: their values were deleted, or are the current
+        revision's (a re-registration after a warming records them anew)."""
+        with transaction(self.url) as conn, conn.cursor() as cur:
+            cur.execute(
+                "DELETE FROM campaign_written_ads WHERE campaign_id = %s AND (%s::text[] IS NULL OR ad_id = ANY(%s))",
+                (campaign_id, None if ad_ids is None else sorted(ad_ids), None if ad_ids is None else sorted(ad_ids)),
+            )
 
     def shared_ads(self, campaign: Campaign, ad_ids: Collection[str], now: datetime) -> dict[str, SharedAd]:
         """Of ``ad_ids``, those another active campaign of ``campaign``'s tenant has that has not ended by ``now``, with
@@ -883,7 +884,7 @@ class CampaignRegistry:
                 " FROM campaign_ads a JOIN campaigns c USING (campaign_id)"
                 " LEFT JOIN campaign_ads mine ON mine.campaign_id = %(id)s AND mine.ad_id = a.ad_id"
                 # an ad a re-registration dropped: the features this campaign gave it last
-                " LEFT JOIN campaign_dropped_ads gone ON gone.campaign_id = %(id)s AND gone.ad_id = a.ad_id"
+                " LEFT JOIN campaign_written_ads gone ON gone.campaign_id = %(id)s AND gone.ad_id = a.ad_id"
                 " WHERE a.ad_id = ANY(%(ads)s) AND c.campaign_id <> %(id)s AND c.tenant_id = %(tenant)s"
                 " AND c.status = 'active' AND (c.end_at IS NULL OR c.end_at > %(now)s) GROUP BY a.ad_id",
                 {"ads": sorted(ad_ids), "id": campaign.campaign_id, "tenant": campaign.tenant_id,

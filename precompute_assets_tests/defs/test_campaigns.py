@@ -416,6 +416,34 @@ def test_a_dropped_ad_another_warm_campaign_holds_with_the_same_features_keeps_i
     assert cache.get("ctr", ids[0]) is None and None not in cache.get_many("ctr", ids[1:])
 
 
+def test_a_warming_gives_a_dropped_ad_another_campaign_holds_its_expiry_and_a_cold_revision_records_nothing(
+    registry, resources, instance, cache, redis_client, schema
+):
+    """The warming that deleted the ads its re-registration dropped left one another warm campaign holds with this
+    campaign's 30-day expiry; and the ads of revisions never warmed were recorded as dropped, so a first warming
+    deleted another warm campaign's value it never wrote (h_diff9)."""
+    now = datetime.now(UTC)
+    first, other, cold = unique("first"), unique("other"), unique("cold")
+    ads = campaign_ads(first, 3)
+    ids = [ad["ad_id"] for ad in ads]
+    registry.register(first, "acme", now + HOUR, ads)  # open-ended: 30 days
+    registry.register(other, "acme", now + HOUR, [ads[1]], end_at=now + 2 * HOUR)
+    instance.add_dynamic_partitions(CAMPAIGNS.name, [first, other, cold])
+    assert warm(instance, resources, other).success and warm(instance, resources, first).success
+    assert redis_client.ttl(schema.live("ctr", ids[1])) > 24 * 3600
+    registry.register(first, "acme", now + HOUR, [ads[0], ads[2]])  # drops ad 1
+    assert warm(instance, resources, first).success
+    assert cache.get("ctr", ids[1]) is not None and round(redis_client.ttl(schema.live("ctr", ids[1])) / 3600) == 3
+    assert registry.dropped_ads(first) == []
+
+    # a campaign registered, changed before any warming, then warmed: it wrote nothing for the ad it dropped
+    mine = {**ads[0], "quality": ads[0]["quality"] / 2}  # other features than first's, which holds ad 0 warm
+    registry.register(cold, "acme", now + 48 * HOUR, [mine, *campaign_ads(cold, 1)])
+    registry.register(cold, "acme", now + HOUR, campaign_ads(cold, 1))
+    assert registry.dropped_ads(cold) == []
+    assert warm(instance, resources, cold).success and cache.get("ctr", ids[0]) is not None
+
+
 def test_an_end_moved_earlier_shortens_the_campaigns_own_values_not_those_another_campaign_holds(
     registry, resources, instance, redis_client, schema
 ):
