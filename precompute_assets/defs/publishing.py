@@ -356,6 +356,11 @@ def unserved(client: redis.Redis, schema: KeySchema, kind: str, recorded: Record
             return (
                 f"{why}: version {recorded.version} expired at {when} (its ttl_hours), and no newer one was published"
             )
+        if (when := expired_at(recorded, time.time() + RESTORE_MIN_TTL_S)) is not None:  # as restore_request judges
+            return (
+                f"{why}: version {recorded.version} expires at {when} (its ttl_hours), too soon to restore it, and no "
+                "newer one was published"
+            )
         return why
     return foreign_pointer(client, schema, recorded) if kind == "ctr" else None
 

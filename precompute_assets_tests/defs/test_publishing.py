@@ -245,8 +245,13 @@ def test_a_version_past_its_ttl_is_stale_not_restored_and_another_version_served
         )
         past = published + timedelta(hours=3)  # its TTL ended: expired as configured, not lost
         assert restore_request(instance, redis_client, schema, past) is None
-        # nor minutes before its end: the restored buckets would expire as they are written (h_diff8)
-        assert restore_request(instance, redis_client, schema, published + timedelta(minutes=115)) is None
+        # nor minutes before its end: the restored buckets would expire as they are written (h_diff8), as the check
+        # says (h_diff9)
+        soon = published + timedelta(minutes=115)
+        assert restore_request(instance, redis_client, schema, soon) is None
+        monkeypatch.setattr(publishing, "time", SimpleNamespace(time=lambda: soon.timestamp()))
+        assert "too soon to restore it" in served_state(instance, redis_client, schema, "ctr")[1]
+        monkeypatch.undo()
         monkeypatch.setattr(publishing, "time", SimpleNamespace(time=lambda: past.timestamp()))
         passed, said, _ = served_state(instance, redis_client, schema, "ctr")
         assert not passed and f"version {version} expired at " in said and "no newer one was published" in said
