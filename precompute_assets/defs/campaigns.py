@@ -422,6 +422,12 @@ def campaign_ctr(
                     description=f"none of the {len(ads)} ads of {campaign.campaign_id} could be scored",
                     allow_retries=False,
                 )
+            # What it writes is recorded first, with the features scored (a re-registration since would otherwise
+            # lose track of values this run writes); a campaign at another revision now is not written to at all
+            if not registry.record_written(campaign.campaign_id, campaign.revision):
+                reason = f"campaign {campaign.campaign_id} changed while it was warmed (r{campaign.revision})"
+                frame = frame.iloc[:0]
+                break
             items = zip(frame["ad_id"].tolist(), frame["ctr"].tolist(), strict=True)
             # A revision whose end moved earlier: its ads' values expire at the new end, or at another live campaign's
             exact = exact_expiries(registry, campaign, set(frame["ad_id"]), now, expire_at)

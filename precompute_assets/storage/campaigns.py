@@ -95,8 +95,9 @@ CREATE TABLE IF NOT EXISTS ad_tenants (
     ad_id TEXT COLLATE "C" PRIMARY KEY,
     tenant_id TEXT NOT NULL
 );
--- the ads of a warm revision that a re-registration replaced: their values may be in Redis. Those the campaign no
--- longer has (dropped_ads) are deleted by its next warming or its cleanup, then forgotten (forget_written)
+-- the ads a warming wrote (recorded before it writes: record_written), with the features it scored: their values may
+-- be in Redis. Those the campaign no longer has (dropped_ads) are deleted by its next warming or its cleanup, then
+-- forgotten (forget_written)
 CREATE TABLE IF NOT EXISTS campaign_written_ads (
     campaign_id TEXT COLLATE "C" NOT NULL REFERENCES campaigns ON DELETE CASCADE,
     ad_id TEXT COLLATE "C" NOT NULL,
@@ -104,6 +105,10 @@ CREATE TABLE IF NOT EXISTS campaign_written_ads (
     PRIMARY KEY (campaign_id, ad_id)
 );
 """
+_RECORD_WRITTEN = (
+    "INSERT INTO campaign_written_ads (campaign_id, ad_id, features) SELECT a.campaign_id, a.ad_id, a.features"
+    " FROM campaign_ads a JOIN campaigns c USING (campaign_id)"
+)
 _OBJECTS = (
     "campaign_change_seq", "campaigns", "campaign_ads", "ad_tenants", "campaigns_cold_launch_at",
     "campaigns_warm_until", "campaign_ads_ad_id", "campaign_written_ads",
@@ -424,7 +429,11 @@ class CampaignRegistry:
                 " WHERE attrelid = to_regclass('campaigns') AND attname = 'warm_until' AND NOT attisdropped)"
             )
             upgrading = cur.fetchone()[0]
+            cur.execute("SELECT to_regclass('campaigns') IS NOT NULL AND to_regclass('campaign_written_ads') IS NULL")
+            unrecorded = cur.fetchone()[0]
             cur.execute(SCHEMA)
+            if unrecorded:  # warmed before warmings recorded what they wrote: the warm revisions' ads did
+                cur.execute(_RECORD_WRITTEN + " WHERE c.warm_revision = c.revision ON CONFLICT DO NOTHING")
             if upgrading:
                 # when the values of warm open-ended campaigns expire was not recorded: no earlier than their
                 # registration (warmed after it), so that lower bound has them warmed again, once
@@ -722,17 +731,8 @@ class CampaignRegistry:
 
     @staticmethod
     def _write(cur: psycopg2.extensions.cursor, changed: list[_Checked]) -> None:
-        """Insert or bump the changed campaigns, record their ads' tenant, and replace their ads (those of a warm
-        revision are kept as written: their values may be in Redis)."""
+        """Insert or bump the changed campaigns, record their ads' tenant, and replace their ads."""
         ids = [c.campaign_id for c in changed]
-        # before the bump forgets which revision was warm; a revision never warmed wrote nothing
-        cur.execute(
-            "INSERT INTO campaign_written_ads (campaign_id, ad_id, features) SELECT a.campaign_id, a.ad_id, a.features"
-            " FROM campaign_ads a JOIN campaigns c USING (campaign_id)"
-            " WHERE a.campaign_id = ANY(%s) AND c.warm_revision = c.revision"
-            " ON CONFLICT (campaign_id, ad_id) DO UPDATE SET features = EXCLUDED.features",
-            (ids,),
-        )
         cur.execute(
             "INSERT INTO ad_tenants (ad_id, tenant_id) SELECT DISTINCT ad_id, tenant_id FROM incoming_ads"
             " ON CONFLICT (ad_id) DO NOTHING"
@@ -849,9 +849,22 @@ class CampaignRegistry:
             frame[column] = frame[column].astype(object)
         return frame
 
+    def record_written(self, campaign_id: str, revision: int) -> bool:
+        """Record that a warming of ``revision`` writes the campaign's ads, with their features, before it writes them;
+        False (nothing recorded) when the campaign is at another revision now: the caller must not write."""
+        with transaction(self.url) as conn, conn.cursor() as cur:
+            cur.execute(
+                _RECORD_WRITTEN + " WHERE c.campaign_id = %s AND c.revision = %s"
+                " ON CONFLICT (campaign_id, ad_id) DO UPDATE SET features = EXCLUDED.features",
+                (campaign_id, revision),
+            )
+            cur.execute("SELECT revision FROM campaigns WHERE campaign_id = %s", (campaign_id,))
+            row = cur.fetchone()
+            return row is not None and row[0] == revision
+
     def dropped_ads(self, campaign_id: str) -> list[str]:
-        """The ads a warm revision of the campaign had that the current one does not (their values may be in Redis)
-        and no warming or cleanup has deleted yet, sorted."""
+        """The ads a warming of the campaign wrote that its current revision does not have (their values may be in
+        Redis) and no warming or cleanup has deleted yet, sorted."""
         with transaction(self.url) as conn, conn.cursor() as cur:
             cur.execute(
                 "SELECT w.ad_id FROM campaign_written_ads w WHERE w.campaign_id = %s AND NOT EXISTS"
@@ -880,10 +893,10 @@ class CampaignRegistry:
                 "SELECT a.ad_id,"
                 " max(c.warm_until) FILTER (WHERE c.warm_revision = c.revision),"
                 " bool_or(c.warm_revision = c.revision AND c.warm_until IS NULL),"
-                " bool_and(a.features = COALESCE(mine.features, gone.features))"
+                " bool_and(a.features = COALESCE(gone.features, mine.features))"
                 " FROM campaign_ads a JOIN campaigns c USING (campaign_id)"
                 " LEFT JOIN campaign_ads mine ON mine.campaign_id = %(id)s AND mine.ad_id = a.ad_id"
-                # an ad a re-registration dropped: the features this campaign gave it last
+                # the features this campaign's value was scored with: those its last warming wrote, else its current
                 " LEFT JOIN campaign_written_ads gone ON gone.campaign_id = %(id)s AND gone.ad_id = a.ad_id"
                 " WHERE a.ad_id = ANY(%(ads)s) AND c.campaign_id <> %(id)s AND c.tenant_id = %(tenant)s"
                 " AND c.status = 'active' AND (c.end_at IS NULL OR c.end_at > %(now)s) GROUP BY a.ad_id",

@@ -444,6 +444,84 @@ def test_a_warming_gives_a_dropped_ad_another_campaign_holds_its_expiry_and_a_co
     assert warm(instance, resources, cold).success and cache.get("ctr", ids[0]) is not None
 
 
+def test_what_a_warming_wrote_is_recorded_as_it_writes_and_removed_whatever_came_after(
+    registry, resources, instance, cache, redis_client, schema
+):
+    """The registry inferred what a campaign had written from its warm revision at re-registration: a cancel before
+    it, a warming whose budget step never ran, and a re-registration while a warming scored each left values
+    readable for 30 days; and the cleanup compared another campaign's features with ones never written (h_diff10)."""
+    now = datetime.now(UTC)
+
+    def ctr_only(campaign_id: str) -> None:  # the warming's first step, its budget step never run
+        assert dg.materialize([campaign_ctr], partition_key=campaign_id, instance=instance, resources=resources).success
+
+    def gone(campaign_id: str, ids: list[str]) -> bool:
+        registry.cancel(campaign_id)
+        remove_campaign_values(registry, redis_client, schema, registry.get(campaign_id), now)
+        return cache.get_many("ctr", ids) == [None] * len(ids)
+
+    # cancelled, then registered again with other ads before any cleanup ran
+    cancelled = unique("cancelled")
+    ads = campaign_ads(cancelled, 4)
+    ids = [ad["ad_id"] for ad in ads]
+    registry.register(cancelled, "acme", now + HOUR, ads[:3])
+    instance.add_dynamic_partitions(CAMPAIGNS.name, [cancelled])
+    assert warm(instance, resources, cancelled).success
+    registry.cancel(cancelled)
+    registry.register(cancelled, "acme", now + HOUR, ads[3:])
+    assert registry.dropped_ads(cancelled) == sorted(ids[:3])
+    assert warm(instance, resources, cancelled).success and cache.get_many("ctr", ids[:3]) == [None] * 3
+    assert gone(cancelled, ids)
+
+    # CTRs written, the revision never marked warm, then registered again without two of its ads
+    unmarked = unique("unmarked")
+    ads = campaign_ads(unmarked, 3)
+    registry.register(unmarked, "acme", now + HOUR, ads)
+    instance.add_dynamic_partitions(CAMPAIGNS.name, [unmarked])
+    ctr_only(unmarked)
+    registry.register(unmarked, "acme", now + HOUR, ads[:1])
+    assert registry.dropped_ads(unmarked) == sorted(ad["ad_id"] for ad in ads[1:])
+    assert gone(unmarked, [ad["ad_id"] for ad in ads])
+
+    # another warm campaign holds an ad this one wrote with other features, then re-registered with the same ones
+    holder, other = unique("holder"), unique("other")
+    shared = campaign_ads(holder, 1)[0]
+    registry.register(holder, "acme", now + HOUR, [shared], end_at=now + 5 * HOUR)
+    registry.register(other, "acme", now + HOUR, [{**shared, "quality": shared["quality"] / 2}])
+    instance.add_dynamic_partitions(CAMPAIGNS.name, [holder, other])
+    assert warm(instance, resources, holder).success
+    held = cache.get("ctr", shared["ad_id"])
+    assert warm(instance, resources, other).success and cache.get("ctr", shared["ad_id"]) != held  # other's value
+    registry.register(other, "acme", now + HOUR, [shared])  # the holder's features now, never warmed
+    assert gone(other, [shared["ad_id"]])  # other's value goes: the holder is warmed again with its own
+
+
+def test_a_warming_whose_campaign_is_registered_again_while_it_scores_writes_nothing(
+    registry, resources, instance, cache, monkeypatch
+):
+    """A re-registration while a warming scored did not move the epoch its write is fenced with: the old revision's
+    ads were written after the registry had replaced them, untracked (h_diff10)."""
+    from precompute_assets.defs import campaigns as campaigns_module
+
+    now = datetime.now(UTC)
+    campaign_id = unique("racing")
+    ads = campaign_ads(campaign_id, 3)
+    registry.register(campaign_id, "acme", now + HOUR, ads)
+    instance.add_dynamic_partitions(CAMPAIGNS.name, [campaign_id])
+    real_score = campaigns_module.ctr.score_ads
+
+    def score_then_register_again(*args, **kwargs):
+        scored = real_score(*args, **kwargs)
+        registry.register(campaign_id, "acme", now + HOUR, ads[:1])
+        return scored
+
+    monkeypatch.setattr(campaigns_module.ctr, "score_ads", score_then_register_again)
+    run = dg.materialize([campaign_ctr], partition_key=campaign_id, instance=instance, resources=resources)
+    (skipped,) = run.asset_materializations_for_node("campaign_ctr")
+    assert "changed while it was warmed" in skipped.metadata["reason"].value
+    assert cache.get_many("ctr", [ad["ad_id"] for ad in ads]) == [None] * 3 and registry.dropped_ads(campaign_id) == []
+
+
 def test_an_end_moved_earlier_shortens_the_campaigns_own_values_not_those_another_campaign_holds(
     registry, resources, instance, redis_client, schema
 ):
@@ -1194,7 +1272,8 @@ def test_ctrs_scored_before_an_invalidation_of_ctr_are_not_written_after_it(
     scorings.clear()
     monkeypatch.setattr(campaigns_module.ctr, "score_ads", cancelled_while_scoring)
     run = warm(instance, resources, campaign_id)
-    assert run.success and len(scorings) == 1 and len(writes) == 1  # the fenced first write, refused; no second
+    # the cancel bumped the revision: nothing recorded as written, nothing written (the fenced write was refused)
+    assert run.success and len(scorings) == 1 and len(writes) == 0
     assert cache.get_many("ctr", [ad["ad_id"] for ad in ads]) == [None] * 3
 
 
