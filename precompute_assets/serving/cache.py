@@ -788,7 +788,7 @@ class PredictionCache:
             time.sleep(min(self.lock_poll_s, max(0.0, deadline - time.monotonic())))
             if self._cluster:
                 raw, held = self._cluster_fetch([(b"GET", live), (b"GET", lock)])
-                if held is FAILED:
+                if raw is FAILED or held is FAILED:  # a master down: compute now rather than poll out the wait
                     return ABSENT
             else:
                 try:
