@@ -22,6 +22,7 @@ import json
 import math
 import time
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -242,6 +243,11 @@ def not_warmable(campaign: Campaign, now: datetime, horizon: timedelta | None = 
     return None
 
 
+def changed_meanwhile(campaign: Campaign) -> str:
+    """Why a warming of ``campaign`` writes nothing: it was registered again (or cancelled) while it was warmed."""
+    return f"campaign {campaign.campaign_id} changed while it was warmed (r{campaign.revision})"
+
+
 def current_campaign(registry: CampaignRegistry, campaign_id: str) -> tuple[Campaign, pd.DataFrame]:
     """The campaign and the ads of one revision (read again if a re-registration lands in between)."""
     for _ in range(3):
@@ -297,7 +303,7 @@ def remove_ads(
     campaign: Campaign,
     ads: set[str],
     now: datetime,
-    also: list[tuple[str, str]] = (),
+    also: Sequence[tuple[str, str]] = (),
 ) -> int:
     """Delete the CTRs of ``ads`` of ``campaign`` that are its values (``campaigns_value``), and the live values
     ``also``, in transactions of ``registry.max_ads`` keys at most; an ad another warm campaign holds gets that
@@ -405,7 +411,7 @@ def campaign_ctr(
             if attempt > 1:
                 campaign, ads = current_campaign(registry, context.partition_key)
                 if (reason := not_warmable(campaign, now, horizon)) is None and campaign.revision != revision:
-                    reason = f"campaign {campaign.campaign_id} changed while it was warmed (r{campaign.revision})"
+                    reason = changed_meanwhile(campaign)
                 if reason is not None:
                     frame = frame.iloc[:0]
                     break
@@ -425,7 +431,7 @@ def campaign_ctr(
             # What it writes is recorded first, with the features scored (a re-registration since would otherwise
             # lose track of values this run writes); a campaign at another revision now is not written to at all
             if not registry.record_written(campaign.campaign_id, campaign.revision):
-                reason = f"campaign {campaign.campaign_id} changed while it was warmed (r{campaign.revision})"
+                reason = changed_meanwhile(campaign)
                 frame = frame.iloc[:0]
                 break
             items = zip(frame["ad_id"].tolist(), frame["ctr"].tolist(), strict=True)

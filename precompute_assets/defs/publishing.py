@@ -235,12 +235,9 @@ def not_probabilities(predictions: pd.DataFrame) -> str | None:
 
 def newer_current_version(raw_pointer: bytes | None, partition: str) -> str | None:
     """The current version if it was published for a later day than ``partition``, else None."""
-    if raw_pointer is None:
+    if (pointer := Pointer.decode_or_none(raw_pointer)) is None:  # none, or malformed: it serves no newer day
         return None
-    try:
-        current = Pointer.decode(raw_pointer).version
-    except (ValueError, UnicodeDecodeError):  # a malformed pointer serves nothing: no newer day to publish under
-        return None
+    current = pointer.version
     day = version_day(current)
     return current if DAY.fullmatch(day) and day > partition else None
 

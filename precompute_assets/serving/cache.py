@@ -168,11 +168,6 @@ def _finite_vector(vector: Any) -> bool:
     return bool(np.isfinite(vector).all())
 
 
-def _read(reply: Any) -> bool:
-    """Whether a lookup's reply is a value read (not None, a miss, nor ``FAILED``)."""
-    return isinstance(reply, bytes)
-
-
 def _store_failure(error: BaseException) -> str:
     """What a failed store of a computed value means: one whose reply timed out may have landed (Redis read the whole
     value, then took longer than ``socket_timeout`` to answer); one refused, or whose write timed out (redis-py then
@@ -802,7 +797,7 @@ class PredictionCache:
                 if isinstance(held, BaseException):
                     self._trip(held)
                     return ABSENT
-            value = self._decode(kind, raw if isinstance(raw, bytes) else None, count=False)
+            value = self._decode(kind, raw, count=False)
             if value is not ABSENT:
                 return value
             if held is None or held == b"0":
@@ -858,11 +853,12 @@ class PredictionCache:
 
     # --- internals ------------------------------------------------------------------------------------
 
-    def _decode(self, kind: str, raw: bytes | None, *, count: bool = True) -> Any:
-        """Decode a stored value, ``ABSENT`` when there is none; a corrupt one (a float32 one or an embedding not finite
+    def _decode(self, kind: str, raw: Any, *, count: bool = True) -> Any:
+        """Decode a stored value, ``ABSENT`` when there is none (a reply that is no bytes: None, ``FAILED``); a corrupt
+        one (a float32 one or an embedding not finite
         too) counts as an error (with ``count``) and is ``ABSENT`` (a miss), never an exception. A JSON null is a
         value (None): the model's answer was "nothing"."""
-        if raw is None:
+        if not isinstance(raw, bytes):
             return ABSENT
         codec = codec_for(kind)
         try:
@@ -1030,11 +1026,7 @@ class PredictionCache:
             pipe.get(self.schema.pointer(kind))
             pipe.get(self.schema.experiment(kind))
             raw, raw_experiment = pipe.execute(raise_on_error=False)
-            if isinstance(raw, redis.ResponseError):  # the server answered (WRONGTYPE): as a malformed pointer
-                self._trip(raw)
-                raw = None
-            elif isinstance(raw, BaseException):
-                raise raw
+            raw = self._answer(raw)  # an error reply (WRONGTYPE): as a malformed pointer
             if isinstance(raw_experiment, BaseException):  # an error reply (WRONGTYPE): a malformed experiment
                 self._count("errors")
                 raw_experiment = None
@@ -1108,10 +1100,10 @@ class PredictionCache:
             pointer = self._pointer(kind)
             if pointer is not None:
                 (raw,) = self._round_trip_per_key([(b"HGET", self.schema.bucket_for_key(kind, pointer, key), key)])
-                if (value := self._decode(kind, raw if raw is not FAILED else None)) is not ABSENT:
+                if (value := self._decode(kind, raw)) is not ABSENT:
                     return value
             (raw,) = self._round_trip_per_key([(b"GET", self.schema.live(kind, key))])
-            if (value := self._decode(kind, raw if raw is not FAILED else None)) is not ABSENT:
+            if (value := self._decode(kind, raw)) is not ABSENT:
                 self._observe_live_hits(kind, [key])
             return value
         except REDIS_ERRORS as error:
@@ -1187,12 +1179,7 @@ class PredictionCache:
                 return self._decode(kind, self._answered(self.client.get, live)), Decision(True), None, None  # always
             raw, *replies = pipe.execute(raise_on_error=False)
             ttl, delta, *replies = replies if extras else (None, None, *replies)
-            if isinstance(raw, redis.ResponseError):  # WRONGTYPE: a miss, whose store (SET) replaces the key
-                self._trip(raw)
-                raw = None
-            elif isinstance(raw, BaseException):
-                raise raw
-            value = self._decode(kind, raw)
+            value = self._decode(kind, self._answer(raw))  # WRONGTYPE: a miss, whose store (SET) replaces the key
             refused = next((reply for reply in replies if isinstance(reply, BaseException)), None)
             if refused is not None:  # the policy's writes were refused (OOM at maxmemory): the value read still serves
                 self._trip(refused)
@@ -1205,13 +1192,21 @@ class PredictionCache:
             return ABSENT, None, None, None
 
     def _answered(self, command: Callable[..., Any], *args: Any) -> Any:
-        """``command(*args)``'s reply, None for an error reply (a key of another type: WRONGTYPE), counted as an
-        error; other failures raise."""
+        """``command(*args)``'s reply, as ``_answer`` takes a pipeline's."""
         try:
             return command(*args)
         except redis.ResponseError as error:
-            self._trip(error)
+            return self._answer(error)
+
+    def _answer(self, reply: Any) -> Any:
+        """``reply``, or None for an error reply (a key of another type: WRONGTYPE), counted as an error; a failure
+        of the connection raises."""
+        if isinstance(reply, redis.ResponseError):
+            self._trip(reply)
             return None
+        if isinstance(reply, BaseException):
+            raise reply
+        return reply
 
     def _lookup_admitting_cluster(
         self, kind: str, key: str, policy: AdmissionPolicy, extras: bool = False
@@ -1260,7 +1255,7 @@ class PredictionCache:
                         for k in keys
                     ]
                 )
-                found = [self._decode(kind, raw if raw is not FAILED else None) for raw in replies]
+                found = [self._decode(kind, raw) for raw in replies]
             self._read_live(kind, keys, found, [i for i, value in enumerate(found) if value is ABSENT])
             return found
         except REDIS_ERRORS as error:
@@ -1275,7 +1270,7 @@ class PredictionCache:
         commands = [(b"GET", self.schema.live(kind, keys[i])) for i in missing]
         live = self._cluster_fetch(commands) if self._cluster else self._round_trip_per_key(commands)
         for i, raw in zip(missing, live, strict=True):
-            found[i] = self._decode(kind, raw if _read(raw) else None)
+            found[i] = self._decode(kind, raw)
         self._observe_live_hits(kind, [keys[i] for i in missing if found[i] is not ABSENT])
 
     def _lookup_many_cluster(self, kind: str, keys: Sequence[str]) -> list[Any]:
@@ -1288,7 +1283,7 @@ class PredictionCache:
             replies = self._cluster_fetch(
                 [(b"HGET", self.schema.bucket(kind, pointer.version, bucket_of(k, pointer.buckets)), k) for k in keys]
             )
-            found = [self._decode(kind, raw if _read(raw) else None) for raw in replies]
+            found = [self._decode(kind, raw) for raw in replies]
             # not FAILED: a dead master's keys stay misses
             missing = [i for i, raw in enumerate(replies) if raw is not FAILED and found[i] is ABSENT]
         self._read_live(kind, keys, found, missing)

@@ -195,6 +195,14 @@ class Pointer:
             raise ValueError(f"malformed pointer {text[:80]!r}: expected version:buckets (1 to {MAX_BUCKETS})")
         return cls(check_version(version), int(buckets))
 
+    @classmethod
+    def decode_or_none(cls, raw: bytes | None) -> Pointer | None:
+        """``decode`` of a pointer read from Redis: None when there is none, or it is malformed (no version)."""
+        try:
+            return None if raw is None else cls.decode(raw)
+        except (ValueError, UnicodeDecodeError):
+            return None
+
 
 # Buckets of one version at most (a billion keys at 64 a bucket): a pointer naming more is malformed, not a version
 # whose buckets ``cache stats`` and ``cache invalidate --prefix`` would walk for hours (v1:4000000000 did)

@@ -158,7 +158,7 @@ def publish_version(
     try:
         primary = follow_primary(client)  # a long-lived publisher's connections may be older than a failover
         (current,) = run_commands(client, [(b"GET", schema.pointer(kind).encode())])
-        serving = _decoded_pointer(current)  # a malformed pointer is no version: this publish replaces it
+        serving = Pointer.decode_or_none(current)  # a malformed pointer is no version: this publish replaces it
         if serving is not None and serving.version == version:
             # Never rewrite the version readers are on (a step retried after its flip succeeded); its key count,
             # written after the flip, may be what failed.
@@ -429,14 +429,6 @@ class IncompleteVersionError(RuntimeError):
         self.evicted = evicted
 
 
-def _decoded_pointer(raw: bytes | None) -> Pointer | None:
-    """The pointer ``raw`` (a ``GET`` of it), None when there is none or it is malformed."""
-    try:
-        return None if raw is None else Pointer.decode(raw)
-    except (ValueError, UnicodeDecodeError):
-        return None
-
-
 def _bucket_names(schema: KeySchema, kind: str, pointer: Pointer) -> list[bytes]:
     return [schema.bucket(kind, pointer.version, index).encode() for index in range(pointer.buckets)]
 
@@ -478,9 +470,7 @@ class _EvictionWatch:
 
 
 def _evicted_keys(client: redis.Redis) -> int | None:
-    """The server's count of evicted keys (``INFO stats``), None on a cluster or when it may not be asked."""
-    if is_cluster(client):
-        return None
+    """A single server's count of evicted keys (``INFO stats``), None when it may not be asked."""
     try:
         return int(client.info("stats").get("evicted_keys", 0))
     except redis.ResponseError:
@@ -539,7 +529,7 @@ def _current_losses(client: redis.Redis, schema: KeySchema, kind: str, current: 
     """``, but the version they are on lost B of its N buckets too`` when a volatile policy evicted the current
     version's buckets along with the new ones (they carry a TTL too); nothing when it lost none or cannot be told."""
     try:
-        pointer = _decoded_pointer(current)
+        pointer = Pointer.decode_or_none(current)
         if pointer is None or not pointer.buckets:
             return ""
         names = _bucket_names(schema, kind, pointer)

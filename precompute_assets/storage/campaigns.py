@@ -732,7 +732,6 @@ class CampaignRegistry:
     @staticmethod
     def _write(cur: psycopg2.extensions.cursor, changed: list[_Checked]) -> None:
         """Insert or bump the changed campaigns, record their ads' tenant, and replace their ads."""
-        ids = [c.campaign_id for c in changed]
         cur.execute(
             "INSERT INTO ad_tenants (ad_id, tenant_id) SELECT DISTINCT ad_id, tenant_id FROM incoming_ads"
             " ON CONFLICT (ad_id) DO NOTHING"
@@ -751,7 +750,7 @@ class CampaignRegistry:
             template="(%s, %s, %s, %s, %s, %s, %s, 'active', 1, NULL, nextval('campaign_change_seq'), now())",
             page_size=1000,
         )
-        cur.execute("DELETE FROM campaign_ads WHERE campaign_id = ANY(%s)", (ids,))
+        cur.execute("DELETE FROM campaign_ads WHERE campaign_id = ANY(%s)", ([c.campaign_id for c in changed],))
         rows = (
             (c.campaign_id, position, ad_id, features)
             for c in changed
@@ -812,18 +811,11 @@ class CampaignRegistry:
         if before.tzinfo is None or before.utcoffset() is None:
             raise ValueError(f"before must be timezone-aware, got {before.isoformat()}")
         with transaction(self.url) as conn, conn.cursor() as cur:
-            cur.execute(
-                "DELETE FROM campaign_ads a USING campaigns c WHERE a.campaign_id = c.campaign_id"
-                " AND (c.end_at < %(before)s OR (c.status = 'cancelled' AND c.updated_at < %(before)s))"
-                " RETURNING a.campaign_id",
-                {"before": before},
-            )
+            over = " USING campaigns c WHERE a.campaign_id = c.campaign_id AND (c.end_at < %(before)s OR"
+            over += " (c.status = 'cancelled' AND c.updated_at < %(before)s))"
+            cur.execute("DELETE FROM campaign_ads a" + over + " RETURNING a.campaign_id", {"before": before})
             purged = {campaign_id for (campaign_id,) in cur.fetchall()}
-            cur.execute(
-                "DELETE FROM campaign_written_ads a USING campaigns c WHERE a.campaign_id = c.campaign_id"
-                " AND (c.end_at < %(before)s OR (c.status = 'cancelled' AND c.updated_at < %(before)s))",
-                {"before": before},
-            )
+            cur.execute("DELETE FROM campaign_written_ads a" + over, {"before": before})
             return sorted(purged)
 
     # -- reading -------------------------------------------------------------------------------------
