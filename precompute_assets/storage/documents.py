@@ -69,7 +69,8 @@ _LANGUAGE_TAG = re.compile(
 COLUMNS = ("doc_id", "title", "body", "language")
 CHUNK_ROWS = 50_000  # rows read and COPYed at a time by load_file
 CHUNK_BYTES = 64 << 20  # ... or fewer, when their text is this long: a chunk is held several times over while loaded
-MAX_REJECTIONS_KEPT = 1000  # all rejections are counted and quarantined; the first ones are also kept in memory
+MAX_REJECTIONS_KEPT = 1000  # all rejections are counted and quarantined; the first ones (at most twice this many) are
+# also kept in memory
 QUARANTINE_BATCH_ROWS = 1000  # rejected rows sent to the quarantine table at a time ...
 QUARANTINE_BATCH_CHARS = 8 << 20  # ... or fewer, when their raw text is this long
 _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,50}$")
@@ -150,6 +151,11 @@ class Rejection:
     where: str  # "row 12" (0-based, across a whole load) or "line 7" (1-based, JSONL, CSV, TSV)
     reason: str
 
+    @property
+    def number(self) -> int:
+        """The row's or line's number, for file order."""
+        return int(self.where.rpartition(" ")[2])
+
 
 def _visible_text(text: str) -> str:
     """``text`` as PostgreSQL can store it, nothing hidden: a NUL and undecodable bytes (lone surrogates, as
@@ -212,7 +218,7 @@ class _QuarantineWriter:
         self.written = 0
 
     def add(self, where: str, reason: str, raw: str | None) -> None:
-        number = int(where.rpartition(" ")[2])  # "line 7", "row 12": for file order
+        number = Rejection(where, reason).number  # for file order
         self.pending.append((self.load_id, self.file, where, number, _visible_text(reason), raw))
         self.chars += len(raw or "")
         if len(self.pending) >= QUARANTINE_BATCH_ROWS or self.chars >= QUARANTINE_BATCH_CHARS:
@@ -234,7 +240,7 @@ class LoadResult:
     inserted: int = 0
     updated: int = 0  # existing documents whose content changed, including re-created deleted ones
     unchanged: int = 0
-    duplicates: int = 0  # rows superseded by a later row with the same doc_id in the same load
+    duplicates: int = 0  # rows superseded by a later row with the same doc_id in the same load (a rejected one too)
     rejected: int = 0
     quarantined: int = 0  # rejected rows written to the quarantine table (all of them, once the load has committed)
     quarantine_table: str | None = None  # where: the rows of load_id
@@ -244,12 +250,19 @@ class LoadResult:
     quarantine: _QuarantineWriter | None = field(default=None, repr=False, compare=False)  # set during a load
 
     def reject(self, where: str, reason: str, raw: str | None = None) -> None:
-        """Count a rejected row, keep the first ones, and quarantine it with its ``raw`` text (during a load)."""
+        """Count a rejected row, keep the first ones in file order, and quarantine it with its ``raw`` text (during a
+        load). A reader rejects a malformed line as it reads it, the rows of a chunk once the chunk is read: the kept
+        ones are the first in the file, however they came."""
         self.rejected += 1
-        if len(self.rejections) < MAX_REJECTIONS_KEPT:
-            self.rejections.append(Rejection(where, reason))
+        self.rejections.append(Rejection(where, reason))
+        if len(self.rejections) >= 2 * MAX_REJECTIONS_KEPT:
+            self.rejections = self.first_rejections(MAX_REJECTIONS_KEPT)
         if self.quarantine is not None:
             self.quarantine.add(where, reason, raw)
+
+    def first_rejections(self, n: int = MAX_REJECTIONS_KEPT) -> list[Rejection]:
+        """The first ``n`` rejections kept, in file order."""
+        return sorted(self.rejections, key=lambda rejection: rejection.number)[:n]
 
     def summary(self) -> dict[str, Any]:
         """What the load did, as the ``precompute docs`` command prints it (without the rejections themselves)."""
@@ -357,8 +370,10 @@ def _arrow_columns(df: pd.DataFrame) -> dict[str, pa.Array] | None:
 
 def _clean_frame(
     df: pd.DataFrame, first_row: int, labels: Sequence[str] | None, result: LoadResult, row_origin: int = 0
-) -> pa.Table:
-    """The loadable rows of ``df`` as an Arrow table (seq, doc_id, title, body, language); rejects the rest.
+) -> tuple[pa.Table, pa.Table]:
+    """The loadable rows of ``df`` as an Arrow table (seq, doc_id, title, body, language); rejects the rest. Also the
+    rejected rows whose doc_id is a valid id (seq, doc_id): such a row is its id's last word if no later row of the
+    id follows, and the earlier rows of the id it supersedes are not loaded (``DROP_SUPERSEDED``).
 
     ``labels`` name each row in rejections (JSONL line numbers); by default rows are numbered from
     ``first_row``, which also orders rows across chunks so the last occurrence of a doc_id wins, plus
@@ -388,19 +403,28 @@ def _clean_frame(
             shapes.update({i: f"{c}: {p}" for i, value in enumerate(values[c]) if (p := not_text(value))})
         shapes.update({i: f"doc_id: {p}" for i, value in enumerate(values["doc_id"]) if (p := _number_id(value))})
     keep = np.ones(n, dtype=bool)
+    superseding: dict[int, str] = {}  # rejected rows with a valid doc_id: row -> doc_id
     for i, row in rows.items():
         if problem := shapes.get(i) or _row_problem(row):
             keep[i] = False
             # the values as read (a number stays a number, a list a list), not as they would have been stored
             raw = _raw_values({c: values[c][i] for c in COLUMNS} if columns is None else row)
             result.reject(labels[i] if labels is not None else f"row {first_row + i + row_origin}", problem, raw)
+            if not problem.startswith(("doc_id", "missing doc_id")) and isinstance(row["doc_id"], str):
+                superseding[i] = row["doc_id"]
+    rejected_ids = pa.table(
+        {
+            "seq": pa.array([first_row + i for i in superseding], pa.int64()),
+            "doc_id": pa.array(list(superseding.values()), pa.string()),
+        }
+    )
     if columns is None:
         kept = [row for i, row in rows.items() if keep[i]]
         columns = {c: pa.array([row[c] for row in kept], pa.string()) for c in COLUMNS}
         seq = pa.array(np.flatnonzero(keep) + first_row)
-        return pa.table({"seq": seq, **columns})
+        return pa.table({"seq": seq, **columns}), rejected_ids
     table = pa.table({"seq": pa.array(np.arange(first_row, first_row + n, dtype=np.int64)), **columns})
-    return table if keep.all() else table.filter(pa.array(keep))
+    return (table if keep.all() else table.filter(pa.array(keep))), rejected_ids
 
 
 def _object_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
@@ -586,12 +610,14 @@ def _frames_of_parquet(
         yield pd.DataFrame({c: df[source] for c, source in sources.items()}), None
 
 
-# A load's duplicates: every staged row but the last of its doc_id goes. Joined to one row per doc_id, so the work
-# grows with the rows; a self-join on doc_id matched every pair of a doc_id's rows (100,000 rows of 7 ids, a wrong
-# --id-field: 2 min 20 s; a million would take hours).
+# A load's duplicates: every staged row but the last of its doc_id goes, and so does a last row that a later rejected
+# row of its doc_id (``rejected_ids``) supersedes: the document is left as it was, not set to a row the file replaced.
+# Joined to one row per doc_id, so the work grows with the rows; a self-join on doc_id matched every pair of a doc_id's
+# rows (100,000 rows of 7 ids, a wrong --id-field: 2 min 20 s; a million would take hours).
 DROP_SUPERSEDED = (
-    "DELETE FROM staging s USING (SELECT doc_id, max(seq) AS last FROM staging GROUP BY doc_id) kept"
-    " WHERE s.doc_id = kept.doc_id AND s.seq < kept.last"
+    "DELETE FROM staging s USING (SELECT doc_id, max(seq) AS last FROM"
+    " (SELECT doc_id, seq FROM staging UNION ALL SELECT doc_id, seq FROM rejected_ids) occurrences GROUP BY doc_id)"
+    " kept WHERE s.doc_id = kept.doc_id AND s.seq < kept.last"
 )
 
 
@@ -767,11 +793,14 @@ class DocumentStore:
         with self._connect() as conn, conn.cursor() as cur, self._quarantining(cur, result, file):
             cur.execute(
                 'CREATE TEMP TABLE staging (seq BIGINT, doc_id TEXT COLLATE "C", title TEXT, body TEXT,'
-                " language TEXT) ON COMMIT DROP"
+                ' language TEXT) ON COMMIT DROP; CREATE TEMP TABLE rejected_ids (seq BIGINT, doc_id TEXT COLLATE "C")'
+                " ON COMMIT DROP"
             )
             staged = 0
             for df, labels in frames:
-                table = _clean_frame(df, result.rows, labels, result, row_origin)
+                table, rejected_ids = _clean_frame(df, result.rows, labels, result, row_origin)
+                if rejected_ids.num_rows:
+                    copy_in(cur, "COPY rejected_ids (seq, doc_id) FROM STDIN WITH (FORMAT csv)", _csv(rejected_ids))
                 if language is not None:  # the tag of documents that have none
                     at = table.schema.get_field_index("language")
                     table = table.set_column(at, "language", pc.fill_null(table["language"], language))
@@ -785,12 +814,10 @@ class DocumentStore:
                 if after_chunk is not None:
                     after_chunk(result.rows)
             result.quarantine.flush()
-            cur.execute("SELECT count(DISTINCT doc_id) FROM staging")
-            distinct = cur.fetchone()[0]
-            result.duplicates = staged - distinct
-            if result.duplicates:
-                # the last occurrence wins: drop every row that a later row of the same doc_id supersedes
-                cur.execute(DROP_SUPERSEDED)
+            # the last occurrence wins: drop every row that a later row of the same doc_id supersedes, rejected or not
+            cur.execute(DROP_SUPERSEDED)
+            result.duplicates = cur.rowcount
+            distinct = staged - result.duplicates
             cur.execute(
                 "SELECT language, count(*) FROM staging WHERE language IS NOT NULL"
                 " AND NOT (language = ANY(%s)) GROUP BY language",
@@ -835,15 +862,19 @@ class DocumentStore:
         """Soft-delete documents (bumping modified_at so consumers see it); returns how many were live. The row stays
         as a tombstone for the syncs that must remove the document; its title and body go (nothing reads a deleted
         document's text, and a corpus that churns would otherwise keep every text it ever deleted)."""
+        return len(self.delete_returning(doc_ids))
+
+    def delete_returning(self, doc_ids: Iterable[str]) -> set[str]:
+        """``delete``, returning the ids of the documents that were live (the others were unknown or deleted)."""
         with self._connect() as conn, conn.cursor() as cur:
             cur.execute(
                 sql.SQL(
                     "UPDATE {t} SET deleted = true, title = NULL, body = NULL, modified_at = now()"
-                    " WHERE doc_id = ANY(%s) AND NOT deleted"
+                    " WHERE doc_id = ANY(%s) AND NOT deleted RETURNING doc_id"
                 ).format(t=self._t),
                 (list(doc_ids),),
             )
-            return cur.rowcount
+            return {doc_id for (doc_id,) in cur.fetchall()}
 
     def mark_indexed(self, doc_ids: Iterable[str], at: datetime | None = None) -> int:
         """Record when documents were last embedded (``indexed_at``); does not touch modified_at."""

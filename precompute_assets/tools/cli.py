@@ -1196,7 +1196,7 @@ def cmd_docs(args: argparse.Namespace) -> int:
                 result.unchanged += part.unchanged
                 bar.update(len(chunk))
     summary = result.summary()
-    summary["first_rejections"] = [f"{r.where}: {r.reason}" for r in result.rejections[:20]]
+    summary["first_rejections"] = [f"{r.where}: {r.reason}" for r in result.first_rejections(20)]
     try:
         summary["documents"] = store.count()
     except psycopg2.Error as error:  # the load has committed: a count that fails after it does not undo it
@@ -1207,20 +1207,23 @@ def cmd_docs(args: argparse.Namespace) -> int:
 
 
 def _delete_documents(store: DocumentStore, args: argparse.Namespace) -> int:
-    """``docs delete``: soft-delete the ids given and those of ``--file`` (one a line), so the next embedding sync
-    removes them offline and from Redis; prints ``{"deleted": n, "not_live": m}`` (ids unknown or deleted already)."""
+    """``docs delete``: soft-delete the ids given and those of ``--file`` (one a line, as written: only the line's end
+    and a byte order mark go, since ``docs load`` keeps an id's blanks too; blank lines are skipped), so the next
+    embedding sync removes them offline and from Redis; prints ``{"deleted": n, "not_live": m}`` and the first ids not
+    live (unknown or deleted already), ``first_not_live``."""
     ids = list(args.ids)
     if args.file is not None:
         try:
-            with open(args.file, encoding="utf-8") as lines:
-                ids += [line.strip() for line in lines if line.strip()]
+            with open(args.file, encoding="utf-8-sig") as lines:
+                ids += [line.removesuffix("\n") for line in lines if line.strip()]
         except (OSError, UnicodeDecodeError) as error:
             raise CliError(f"{args.file}: {error}") from None
     if not ids:
         raise CliError("name the documents to delete: doc ids, or --file with one id a line")
     ids = list(dict.fromkeys(ids))
-    deleted = store.delete(ids)
-    print(json.dumps({"deleted": deleted, "not_live": len(ids) - deleted}))
+    deleted = store.delete_returning(ids)
+    not_live = [doc_id for doc_id in ids if doc_id not in deleted]
+    print(json.dumps({"deleted": len(deleted), "not_live": len(not_live), "first_not_live": not_live[:20]}))
     return 0
 
 

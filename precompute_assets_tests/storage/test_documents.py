@@ -103,6 +103,44 @@ def test_duplicates_in_one_load_last_occurrence_wins(store: DocumentStore, tmp_p
     assert rows["d1"].title == "third"
 
 
+def test_a_rejected_last_row_leaves_its_document_as_it_was(store: DocumentStore, tmp_path: Path) -> None:
+    """The last row of an id decides: when it is quarantined, the rows it superseded are not loaded in its place (a
+    stale earlier row overwrote the stored document, counted as no duplicate; h_embed)."""
+    store.load_file(write_jsonl(tmp_path / "first.jsonl", [{"doc_id": "d1", "body": "current good text"}]))
+    lines = [
+        {"doc_id": "d1", "body": "stale text"},
+        {"doc_id": "new", "body": "version one"},
+        {"doc_id": "d1", "body": "newest \u0000 text"},
+        {"doc_id": "new", "body": "version two \u0000"},
+        {"doc_id": "kept", "body": "old"},
+        {"doc_id": "kept", "body": "bad \u0000"},
+        {"doc_id": "kept", "body": "newest kept"},
+    ]
+    result = store.load_file(write_jsonl(tmp_path / "second.jsonl", lines))
+    assert (result.rows, result.inserted, result.updated, result.duplicates, result.rejected) == (7, 1, 0, 3, 3)
+    assert result.unchanged == 0
+    rows = {row.doc_id: row.body for row in store.changed_since(None, limit=10)}
+    assert rows == {"d1": "current good text", "kept": "newest kept"}
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("\n".join(json.dumps(record) for record in records) + "\n")
+    return path
+
+
+def test_first_rejections_are_in_file_order(store: DocumentStore, tmp_path: Path) -> None:
+    """A malformed line is rejected as it is read and a refused row once its chunk is read: the summary's first
+    rejections listed lines 5, 6 before line 4 (h_embed)."""
+    path = tmp_path / "docs.jsonl"
+    path.write_text(
+        '{"doc_id": "a", "body": "x"}\n{"doc_id": "b", "body": "x"}\n{"doc_id": "c", "body": "x"}\n'
+        '{"body": "no id"}\n{"doc_id": \n[1]\n'
+    )
+    result = store.load_file(path)
+    assert [r.where for r in result.first_rejections()] == ["line 4", "line 5", "line 6"]
+    assert [r.where for r in result.first_rejections(2)] == ["line 4", "line 5"]
+
+
 def plan_rows(node: dict) -> int:
     """The most rows any node of an EXPLAIN ANALYZE plan produced or filtered away."""
     removed = node.get("Rows Removed by Join Filter", 0) + node.get("Rows Removed by Filter", 0)
@@ -116,6 +154,7 @@ def test_dropping_a_loads_duplicates_does_work_in_proportion_to_its_rows(app_db_
     n = 3_000
     with psycopg2.connect(libpq_url(app_db_url)) as conn, conn.cursor() as cur:
         cur.execute('CREATE TEMP TABLE staging (seq BIGINT, doc_id TEXT COLLATE "C", title TEXT) ON COMMIT DROP')
+        cur.execute('CREATE TEMP TABLE rejected_ids (seq BIGINT, doc_id TEXT COLLATE "C") ON COMMIT DROP')
         cur.execute("INSERT INTO staging SELECT i, CASE WHEN i %% 1000 = 0 THEN 'b' ELSE 'a' END, i::text"
                     " FROM generate_series(1, %s) i", (n,))  # fmt: skip
         cur.execute("ANALYZE staging")

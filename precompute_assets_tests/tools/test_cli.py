@@ -1647,8 +1647,12 @@ def test_docs_delete_soft_deletes_what_the_next_sync_removes(stack, app_db, tmp_
     listed.write_text("doc00900001\n\ndoc00900002\n")
     before = DocumentStore(app_db).count()
     assert main(["docs", "delete", "doc00900000", "doc00900000", "nope", "--file", str(listed)]) == 0
-    assert json.loads(capsys.readouterr().out) == {"deleted": 3, "not_live": 1}
+    assert json.loads(capsys.readouterr().out) == {"deleted": 3, "not_live": 1, "first_not_live": ["nope"]}
     assert DocumentStore(app_db).count() == before - 3
+    # an id list saved with a byte order mark and CRLF line ends; ids as written, their blanks too, as loads keep them
+    listed.write_bytes("\ufeffdoc00900003\r\ndoc00900004 \r\n".encode())
+    assert main(["docs", "delete", "--file", str(listed)]) == 0
+    assert json.loads(capsys.readouterr().out) == {"deleted": 1, "not_live": 1, "first_not_live": ["doc00900004 "]}
     assert main(["docs", "delete"]) == 2
     assert capsys.readouterr().err == (
         "precompute docs: name the documents to delete: doc ids, or --file with one id a line\n"
