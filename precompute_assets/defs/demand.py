@@ -206,7 +206,7 @@ def strategy_demand(
     if len(data.keys) == 0:
         return pd.Series(dtype=float), note
     if strategy == "seasonal":
-        values = seasonal_forecast(data.daily(), data.n_days)
+        values = seasonal_forecast(data.daily(), data.n_days, data.logged_days())
     elif strategy == "ewma":
         values = ewma_forecast(data, data.n_days, hp)
     else:
@@ -324,6 +324,7 @@ def demand_model(
     read = {
         "days": len(days),
         "days_short_of_lookback": config.lookback_days - len(days),
+        "days_without_logs": int((~data.logged_days()).sum()),  # within the partitions read: not a day of no requests
         "keys": len(data.keys),
         "missing_hours": data.missing_hours,
     }
@@ -420,6 +421,7 @@ def demand_model(
             "stopped_by": evaluation.stopped_by,  # epochs or steps; seconds: the safety stop fired (safety_stop)
             **safety_stop,
             "train_samples": evaluation.train_samples,
+            "train_days": evaluation.train_days,  # days of whole logs it learned to forecast (trained_days)
             # trained from scratch: left out, not shown as a blank value
             **({"warm_started_from": previous} if evaluation.warm_started and previous else {}),
             "versions_pruned": pruned,

@@ -261,8 +261,7 @@ def self_tuned_share(
     logged = logged_rows(lake, partitions, days[history:]) if max_requests is not None else None
     rate = 1.0 if logged is None else shards_rate(logged, max_requests, capacity)
     hours, whole = logged_trace(lake, partitions, days, rate=rate)
-    replayed = strategy if strategy in ("frequency", "ewma", "seasonal") else "frequency"
-    rankings, _ = strategy_rankings(hours, replayed, capacity, hp=hp)
+    rankings, _ = strategy_rankings(hours, share_ranking(strategy), capacity, hp=hp)
     # Days before the first logged one would make that day count cold.
     first = next((d for d in range(history, len(days)) if whole[d]), history)
     sampled = (rate, whole[first:]) if rate < 1 else None  # else tune_share samples what it was given, if over
@@ -275,6 +274,12 @@ def self_tuned_share(
         sampled=sampled,
         previous_share=previous_share,
     )
+
+
+def share_ranking(strategy: str) -> str:
+    """The ranking ``self_tuned_share`` replays for ``strategy``: a baseline as it is; the LSTM, whose daily retraining
+    a replay cannot afford here, as frequency."""
+    return strategy if strategy in ("frequency", "ewma", "seasonal") else "frequency"
 
 
 def published_share(instance: dg.DagsterInstance, partitions: Partitions, day: str) -> int | None:
@@ -402,6 +407,11 @@ def top_ads(
         top_n = choice.share
         share_metadata.update(
             cache_capacity=config.cache_capacity,
+            # what chose it: the ranking replayed (under an experiment the configured strategy's, not the arms'), the
+            # best candidate and the share before, which the share rises at most one candidate above
+            share_ranking=share_ranking(strategy),
+            share_best_candidate=choice.best,
+            share_ramped_from=choice.ramped_from,
             share_admission=config.admission,
             share_hit_rate=choice.hit_rates[choice.share],
             share_tuned_hit_rate=choice.tuned_hit_rate,
@@ -416,8 +426,21 @@ def top_ads(
             f"self-tuned share: {top_n} of {config.cache_capacity} keys (self-tuned shares replayed day by day: hit "
             f"rate {choice.tuned_hit_rate:.4f} against read-through only {choice.hit_rates[0]:.4f}; this share on "
             f"the days that chose it {choice.hit_rates[top_n]:.4f}; {choice.requests} logged requests on the counted "
-            f"days, replayed on a sample of {choice.sample_rate:.2%} of the keys, live tier: {config.admission})"
+            f"days, replayed on a sample of {choice.sample_rate:.2%} of the keys, live tier: {config.admission}, "
+            f"ranked by {share_ranking(strategy)}"
+            + (
+                f"; the history's best, {choice.best}, is more than one step above the share before, "
+                f"{choice.ramped_from})"
+                if choice.best > top_n
+                else ")"
+            )
         )
+        if running is not None:
+            context.log.warning(
+                f"the share was tuned with the {share_ranking(strategy)} ranking (the configured strategy "
+                f"{config.strategy}), not with the experiment's arms ({', '.join(running.arms)}), whose split it "
+                "precomputes"
+            )
     # the arms rank an experiment's selection, whatever the configured strategy
     verdict_metadata = verdict_top_n(context, running.arms if running else (config.strategy,), top_n, evaluation)
     arm_metadata: dict = {}

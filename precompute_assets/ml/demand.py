@@ -198,6 +198,10 @@ class HourlyCounts:
         so only whole days compare (``_mase_scale``)."""
         return np.bincount(self.day[self._lost_hours()], minlength=self.n_days) == 0
 
+    def logged_days(self) -> np.ndarray:
+        """Per day (bool, days,): whether any of its hours was logged (a day of none is no day of zero requests)."""
+        return np.bincount(self.day[~self._lost_hours()], minlength=self.n_days) > 0
+
     def day_start(self, d: int) -> int:
         """Index of the first hour of day ``d`` (the number of hours when ``d`` is one past the last day)."""
         return int(np.searchsorted(self.day, d, side="left"))
@@ -260,6 +264,7 @@ class DemandEvaluation:
     new_keys: int = 0  # keys first requested on the held-back day (no method can rank them; outside the MASE)
     new_key_requests: float = 0.0  # their requests on that day
     mase_note: str | None = None  # why ``mase`` holds NaNs (``mase_undefined``); None when it holds none
+    train_days: int = 0  # the days it learned to forecast (``trained_days``: whole days of logs)
 
 
 def approves(evaluation: DemandEvaluation, margin: float) -> bool:
@@ -407,10 +412,11 @@ def train_lstm(
     init_state: Mapping[str, torch.Tensor] | None = None,
     progress: Callable[[int, float, float], None] | None = None,
 ) -> tuple[torch.nn.Module, dict]:
-    """An LSTM trained to forecast days ``window_days .. last_day - 1`` (never ``last_day``) of up to
+    """An LSTM trained to forecast days ``window_days .. last_day - 1`` (never ``last_day``; only the days
+    ``trained_days`` keeps: whole days of logs after some) of up to
     ``max_train_keys`` keys sampled by ``seed`` among those requested before ``last_day`` (nothing of ``last_day``
     or later, not even which keys it holds, changes the training), warm-started from ``init_state`` when its shapes
-    fit; returns the model and ``{"seconds", "epochs", "steps", "stopped_by", "samples", "warm_started"}``.
+    fit; returns the model and ``{"seconds", "epochs", "steps", "stopped_by", "samples", "warm_started", "days"}``.
 
     Training stops at ``max_epochs`` or ``max_steps`` (``stopped_by`` "epochs" or "steps"; both reached at once:
     "epochs"), or when the ``max_seconds`` safety stop fires ("seconds"): it counts feature building too (so does
@@ -433,10 +439,16 @@ def train_lstm(
     sample = HourlyCounts(data.keys[rows], data.counts[rows], data.hour_of_day, data.weekday, data.day, data.missing)
     daily = sample.daily()
     every = slice(None)
-    parts = [_window(sample, every, d, hp_window, daily) for d in range(window, last_day)]
+    days = trained_days(data, window, last_day)
+    if not days:
+        raise ValueError(
+            f"no day before the held-back one to train on: each of days {window}..{last_day - 1} misses hours of "
+            f"logs, or follows {window} days without any (a missing hour would count as no requests)"
+        )
+    parts = [_window(sample, every, d, hp_window, daily) for d in days]
     steps = torch.from_numpy(np.concatenate([p[0] for p in parts]))
     static = torch.from_numpy(np.concatenate([p[1] for p in parts]))
-    target = torch.from_numpy(np.log1p(daily[:, window:last_day].T.reshape(-1)).astype(np.float32))
+    target = torch.from_numpy(np.log1p(daily[:, days].T.reshape(-1)).astype(np.float32))
     del parts
     torch.manual_seed(hp.seed)
     model = demand_lstm(hp.hidden_size)
@@ -475,8 +487,16 @@ def train_lstm(
         "stopped_by": stop,
         "samples": len(target),
         "warm_started": warm,
+        "days": len(days),
     }
     return model, info
+
+
+def trained_days(data: HourlyCounts, window: int, last_day: int) -> list[int]:
+    """The days of ``window .. last_day - 1`` the LSTM learns to forecast: those whose every hour was logged (a missing
+    hour counts 0 in the day's total: a made-up label) after ``window`` days of which at least one has logs."""
+    whole, logged = data.whole_days(), data.logged_days()
+    return [d for d in range(window, last_day) if whole[d] and logged[d - window : d].any()]
 
 
 def frequency_forecast(daily: np.ndarray, keys: np.ndarray, target_day: int, hp: DemandHyperParams) -> np.ndarray:
@@ -490,11 +510,14 @@ def frequency_forecast(daily: np.ndarray, keys: np.ndarray, target_day: int, hp:
     return (demand.reindex(pd.Index(keys)).fillna(0.0) / weights).to_numpy()
 
 
-def seasonal_forecast(daily: np.ndarray, target_day: int) -> np.ndarray:
-    """The same hours a week earlier (the day before when the data holds no day a week earlier)."""
-    if target_day < 1:
-        return np.zeros(daily.shape[0])
-    return daily[:, target_day - 7] if target_day >= 7 else daily[:, target_day - 1]
+def seasonal_forecast(daily: np.ndarray, target_day: int, logged: np.ndarray | None = None) -> np.ndarray:
+    """The same hours a week earlier; when the data holds no day a week earlier, or that day has no logs (``logged``,
+    per day: ``HourlyCounts.logged_days``; None: every day has), the latest day before ``target_day`` with logs (zeros
+    when none has: a day without logs ranked every key 0, so by name)."""
+    logged = np.ones(daily.shape[1], dtype=bool) if logged is None else logged
+    earlier = ([target_day - 7] if target_day >= 7 else []) + list(range(target_day - 1, -1, -1))
+    day = next((d for d in earlier if logged[d]), None)
+    return np.zeros(daily.shape[0]) if day is None else daily[:, day]
 
 
 def ewma_forecast(data: HourlyCounts, target_day: int, hp: DemandHyperParams) -> np.ndarray:
@@ -588,7 +611,7 @@ def evaluate_demand(
     forecasts = {
         "lstm": lstm,
         "frequency": frequency_forecast(daily, data.keys, held, hp),
-        "seasonal": seasonal_forecast(daily, held),
+        "seasonal": seasonal_forecast(daily, held, data.logged_days()),
         "ewma": ewma_forecast(data, held, hp),
     }
     actual = daily[:, held]
@@ -622,6 +645,7 @@ def evaluate_demand(
         train_seconds=info["seconds"],
         epochs=info["epochs"],
         train_samples=info["samples"],
+        train_days=info["days"],
         warm_started=info["warm_started"],
         notes=notes,
         train_steps=info["steps"],
@@ -681,10 +705,19 @@ def load_weights(file: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         raise UnsafeModelFile(f"{file} is not a plain state_dict: the weights-only loader failed ({error})") from error
     except Exception as error:  # a malformed pickle raises almost anything (IndexError, KeyError, TypeError, ...)
         raise UnsafeModelFile(
-            f"{file} is not a plain state_dict: refused by the weights-only loader ({error})"
+            f"{file} is not a plain state_dict: refused by the weights-only loader ({_loader_finding(error)})"
         ) from error
     _check_plain(state, f"{file} is not a plain state_dict")
     return state
+
+
+def _loader_finding(error: Exception) -> str:
+    """What the weights-only loader found in a file it refused, without PyTorch's advice around it: to load the file
+    again with ``weights_only=False`` (which would run the code of a tampered file) and where its documentation is."""
+    advice = ("Weights only load failed", "Check the documentation of torch.load")
+    found = [" ".join(part.split()) for part in str(error).split("\n\n") if part.strip()]
+    kept = [part for part in found if not part.startswith(advice)]
+    return "; ".join(kept) or f"{type(error).__name__}"
 
 
 def _check_plain(state: object, what: str) -> None:

@@ -1642,6 +1642,8 @@ class ShareChoice:
     # it only. ``hit_rates[share]`` is the chosen candidate's rate on the very days it was chosen on (unweighted: the
     # choice weighs the recent days more); this rate is the one to set beside read-through.
     tuned_hit_rate: float = 0.0
+    best: int = 0  # the candidate the history chose before the one-step rise capped it (``share`` when none did)
+    ramped_from: int = 0  # the share before, which ``share`` rises at most one candidate above
 
 
 def tune_share(
@@ -1722,15 +1724,17 @@ def tune_share(
     shares = _day_shares(day_hits, len(days), warmup_days)
     candidates = sorted(day_hits)
     before = shares[-1] if previous_share is None else _on_candidates(previous_share, capacity, candidates)
-    share = _ramped(_best_share(day_hits, warmup_days, len(days)), before, candidates) if counted else 0
+    best = _best_share(day_hits, warmup_days, len(days)) if counted else 0
+    share = _ramped(best, before, candidates)
     chosen = [ranked_codes[:n] for ranked_codes, n in zip(ranking, shares, strict=True)]
     out_of_sample = live(days, [tuned - n for n in shares], precomputed=chosen)
     tuned_rate = sum(out_of_sample[warmup_days:]) / counted if counted else 0.0
     if rate < 1:  # each sampled candidate stands for the whole history's candidate of the same fraction of C
         whole = dict(zip(share_candidates(tuned), share_candidates(capacity), strict=True))
-        share, rates = whole[share], shards_adjusted({whole[n]: r for n, r in rates.items()}, rate, counted, requests)
+        share, best, before = whole[share], whole[best], whole[before]
+        rates = shards_adjusted({whole[n]: r for n, r in rates.items()}, rate, counted, requests)
         tuned_rate = shards_adjusted({"tuned": tuned_rate}, rate, counted, requests)["tuned"]
-    return ShareChoice(share, capacity, rates, requests, rate, tuned_rate)
+    return ShareChoice(share, capacity, rates, requests, rate, tuned_rate, best, before)
 
 
 def _static_hits(day: np.ndarray, chosen: set[Hashable]) -> int:

@@ -254,7 +254,7 @@ def _baseline_rankings(recent: HourlyCounts, hp: DemandHyperParams, limit: int) 
 def _baseline_forecast(name: str, recent: HourlyCounts, hp: DemandHyperParams) -> np.ndarray:
     """Tomorrow's demand per key of ``recent``'s keys under a baseline."""
     if name == "seasonal":
-        return seasonal_forecast(recent.daily(), recent.n_days)
+        return seasonal_forecast(recent.daily(), recent.n_days, recent.logged_days())
     if name == "ewma":
         return ewma_forecast(recent, recent.n_days, hp)
     return frequency_forecast(recent.daily(), recent.keys, recent.n_days, hp)

@@ -887,7 +887,7 @@ def bench_demand(keys: int = 100_000, days: int = 14, seed: int = 0, *, hp=None)
     forecasts = {
         "lstm": lstm,
         "frequency": frequency,
-        "seasonal": seasonal_forecast(daily_before, held),
+        "seasonal": seasonal_forecast(daily_before, held, before.logged_days()),
         "ewma": ewma_forecast(before, held, hp),
     }
     actual = pd.Series(data.daily()[:, held], index=pd.Index(data.keys))

@@ -26,6 +26,7 @@ from precompute_assets.defs.selection import (
     logged_trace,
     published_share,
     self_tuned_share,
+    share_ranking,
     top_ads,
     traffic_profile,
 )
@@ -523,7 +524,12 @@ def test_self_tuned_share_rises_a_step_above_what_the_day_before_published(resou
     )
     assert published_share(pg_instance, Partitions(), DAYS[-1]) == 0
     result = run(resources, pg_instance, precompute_share="auto", cache_capacity=400)
-    assert result.asset_materializations_for_node("top_ads")[0].metadata["top_n"].value <= 25  # C/16 at most
+    meta = result.asset_materializations_for_node("top_ads")[0].metadata
+    assert meta["top_n"].value <= 25  # C/16 at most
+    # what chose it: the history's best candidate and the share it rose from (h_demand: a capped share looked as if
+    # the tuner had picked a worse candidate), and the ranking replayed
+    assert meta["share_ramped_from"].value == 0 and meta["share_best_candidate"].value >= meta["top_n"].value
+    assert meta["share_ranking"].value == share_ranking(meta["strategy"].value)
 
 
 def test_self_tuned_share_is_tuned_on_the_serving_clients_live_tier(resources, pg_instance, platform, lake_uri):

@@ -30,6 +30,7 @@ from precompute_assets.ml.demand import (
     mase,
     mase_undefined,
     save_weights,
+    seasonal_forecast,
     train_lstm,
 )
 from precompute_assets.ml.model_store import LocalModelStore
@@ -307,6 +308,35 @@ def test_missing_hours_are_reported_not_fatal():
     assert "6 hours of logs missing" in e.notes[0]
 
 
+def test_days_without_whole_logs_are_not_trained_on():
+    """A day whose logs are missing is no day of zero requests: the LSTM learned such days as days nobody asked for
+    anything, and from windows with no logs at all (a deployment's first days; h_demand)."""
+    hours = [(d, t, None if d < 2 or (d == 5 and t.hour < 6) else c) for d, t, c in synthetic_hours(n_keys=30, days=10)]
+    data = HourlyCounts.from_hours(hours)
+    assert data.logged_days().tolist() == [False, False] + [True] * 8
+    assert data.whole_days().tolist() == [False, False, True, True, True, False, True, True, True, True]
+    assert demand_module.trained_days(data, 3, 9) == [3, 4, 6, 7, 8]  # day 2 follows days 0-1 only: none logged
+    assert demand_module.trained_days(data, 1, 9) == [3, 4, 6, 7, 8]
+    _, info = train_lstm(data, replace(FAST, window_days=3, max_epochs=1), 9)
+    assert (info["days"], info["samples"]) == (5, 5 * 30)
+    e = evaluate_demand(data, replace(FAST, window_days=3, max_epochs=1)).evaluation
+    assert e.train_days == 5
+    partial = [(d, t, None if t.hour == 0 and d < 9 else c) for d, t, c in synthetic_hours(n_keys=30, days=10)]
+    with pytest.raises(ValueError, match="no day before the held-back one to train on"):
+        evaluate_demand(HourlyCounts.from_hours(partial), replace(FAST, max_epochs=1))
+
+
+def test_seasonal_takes_the_latest_day_with_logs_when_a_week_before_has_none():
+    """A week-earlier day without logs ranked every key 0, so by name, with no word said (h_demand)."""
+    daily = np.arange(1.0, 10.0)[None, :]  # days 0..8, forecasting day 9: a week earlier is day 2
+    logged = np.ones(9, dtype=bool)
+    assert seasonal_forecast(daily, 9, logged)[0] == 3 == seasonal_forecast(daily, 9)[0]
+    logged[[2, 8]] = False
+    assert seasonal_forecast(daily, 9, logged)[0] == 8  # day 7, the latest with logs
+    assert seasonal_forecast(daily, 5, logged)[0] == 5  # no day a week earlier: the day before
+    assert seasonal_forecast(daily, 9, np.zeros(9, dtype=bool))[0] == 0
+
+
 def test_a_single_key_a_silent_day_and_a_short_lookback():
     one = [(d, t, c[c.index == "k0000"]) for d, t, c in synthetic_hours(n_keys=20, days=4)]
     e = evaluate_demand(HourlyCounts.from_hours(one), DemandHyperParams(top_n=5, max_epochs=1)).evaluation
@@ -394,9 +424,11 @@ def test_weights_round_trip_and_a_malicious_pickle_is_refused_without_running(tm
     victim = tmp_path / "pwned"
     evil = tmp_path / "evil.pt"
     evil.write_bytes(pickle.dumps(WritesAFile(victim)))
-    with pytest.raises(UnsafeModelFile, match="not a plain state_dict"):
+    with pytest.raises(UnsafeModelFile, match="not a plain state_dict") as refused:
         load_weights(evil)
     assert not victim.exists()
+    # what the loader found, not PyTorch's advice to load the tampered file with weights_only=False (h_demand)
+    assert "weights_only" not in str(refused.value) and "unsupported" in str(refused.value).lower()
     torch.save({"weights": [1, 2]}, tmp_path / "not_tensors.pt")  # loadable, but not names to tensors
     with pytest.raises(UnsafeModelFile, match="mapping of names to tensors"):
         load_weights(tmp_path / "not_tensors.pt")

@@ -2528,7 +2528,9 @@ def test_tune_share_rises_a_step_above_what_the_day_before_published():
     days = one_hit_wonders_days(np.random.default_rng(54), days=8)
     alone = tune_share(days, 100)
     assert alone.share == 75  # the window's own climb to 3C/4, whatever was published
-    assert tune_share(days, 100, previous_share=0).share == 6  # C/16: one step above nothing published
+    capped = tune_share(days, 100, previous_share=0)
+    assert capped.share == 6  # C/16: one step above nothing published
+    assert (capped.best, capped.ramped_from) == (75, 0)  # what the history chose, and what capped it (h_demand)
     assert tune_share(days, 100, previous_share=6).share == 12
     assert tune_share(days, 100, previous_share=30).share == 50  # 30 is no candidate: from 25, one step
     assert tune_share(days, 100, previous_share=1000).share == 75  # above the best: it falls to it at once
