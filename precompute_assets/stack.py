@@ -49,7 +49,7 @@ from .serving.connection import (
     mode_problem,
     parse_sentinel_url,
 )
-from .serving.urls import split_userinfo
+from .serving.urls import split_userinfo, tls_hint
 from .storage.files import exclusive_lock
 from .storage.postgres import connect as postgres_connect
 
@@ -128,6 +128,16 @@ def _names_home(url: str, secret: str | None, ports: Collection[int]) -> bool:
         return (secret is not None and password == secret) or (not password and parts.port in ports)
     except ValueError:  # a port or host that cannot be read: not one of ours
         return False
+
+
+def _port(url: str) -> int | None:
+    """The port a URL names, or None (none, or one that cannot be read)."""
+    from urllib.parse import urlsplit
+
+    try:
+        return urlsplit(url).port
+    except ValueError:
+        return None
 
 
 def _database(url: str) -> str:
@@ -1111,7 +1121,8 @@ def login_problem(variable: str, url: str) -> str | None:
             isinstance(error, psycopg2.OperationalError) and "timeout expired" in str(error)  # libpq's connect_timeout
         )
         reason = redact(one_line(str(error)))
-        return f"{NO_ANSWER} ({reason})" if silent else reason
+        hint = tls_hint(url) if variable == ENV_REDIS and silent else ""
+        return f"{NO_ANSWER} ({reason}{hint})" if silent else reason
     except (redis.RedisError, RedisClusterException) as error:  # the latter: "Cluster mode is not enabled", ...
         from .serving.acl import DATABASE_HINT, refused_select  # here: acl's key schema imports numpy
 
@@ -1214,9 +1225,11 @@ class Stack:
         }
         ports = (self.redis.port, self.postgres.port)
         self._own_query: dict[str, str] = {}  # the options (``?socket_timeout=2``) a user's URL of a home server sets
+        self._exported_ports: dict[str, int | None] = {}  # the ports the user's URLs of home servers name
         for name, url in own.items():
             exported = self._externals[name]
             if exported is not None and (sqlalchemy_url(exported) == url or _names_home(exported, secret, ports)):
+                self._exported_ports[name] = _port(exported)
                 if (database := _database(exported)) != _database(url):
                     raise StackError(
                         f"{name} names this home's server but database {database or '(none)'}, where the embedded "
@@ -1291,6 +1304,19 @@ class Stack:
         of now: `up` may have moved the server since that URL was exported)."""
         query = self._own_query.get(name)
         return f"{url}?{query}" if query else url
+
+    def _moved_since_exported(self, variable: str, port: int) -> tuple[str, ...]:
+        """What to say when the environment names this home's server (``variable``, and for PostgreSQL the app
+        database's too) on another port than ``port``, where ``up`` moved it since: ``precompute`` commands follow the
+        move, but any other process started with the old URL reaches whatever took that port."""
+        names = (variable, ENV_APP_DB) if variable == ENV_DAGSTER_PG else (variable,)
+        return tuple(
+            f"{name} names port {old}, but this home's server is on port {port} since `up` moved it: run "
+            f'`eval "$(precompute env)"` again, and restart what was started with the old URL (it reaches whatever '
+            f"took port {old})"
+            for name in names
+            if (old := self._exported_ports.get(name)) is not None and old != port
+        )
 
     def owns_redis(self, url: str) -> bool:
         """Whether ``url`` names this home's embedded Redis (as `env` exports it, or on a port `up` moved it from)."""
@@ -1441,12 +1467,12 @@ class Stack:
             refused = login_problem(variable, url) if running else None
             silent = refused is not None and refused.startswith(NO_ANSWER)
             if silent and not embedded:
-                running, refused = False, None  # its port accepts, but nothing answers there: unreachable
+                running = False  # its port accepts, but nothing answers there: unreachable, and `refused` says why
             version = running_version(url) if name == "redis" and running and refused is None else None
             pid = server.pid if embedded else None
-            warnings: tuple[str, ...] = ()
+            warnings: tuple[str, ...] = self._moved_since_exported(variable, server.port) if embedded else ()
             if name == "redis" and version is not None:
-                warnings = persistence_warnings(url) + (() if embedded else memory_warnings(url))
+                warnings += persistence_warnings(url) + (() if embedded else memory_warnings(url))
             out.append(ServiceStatus(name, url, running, embedded, pid, version, refused, warnings))
         return out
 

@@ -717,6 +717,12 @@ def test_up_moves_a_server_whose_port_another_program_took(session_dir: Path, ca
             monkeypatch.setenv(name, exported[name])
         after = Stack(home)  # the old URLs counted as external servers, which no longer answered
         assert after.env() == env and after.embeds(ENV_REDIS) and after.embeds(ENV_APP_DB)
+        # `status` called the moved servers healthy; other processes with the old URLs reached the squatter (h_ops)
+        warned = {service.name: service.warnings for service in after.status()}
+        assert any(f"PRECOMPUTE_REDIS_URL names port {old_redis}, but" in w for w in warned["redis"]), warned
+        assert any(f"DAGSTER_PG_URL names port {old_pg}, but" in w for w in warned["postgres"]), warned
+        assert any(f"PRECOMPUTE_APP_DB_URL names port {old_pg}, but" in w for w in warned["postgres"]), warned
+        assert not any("names port" in w for w in sum((s.warnings for s in moved.status()), ())), moved.status()
         # `cache stats` and `cache invalidate` too, which timed out on the old port (h_readme)
         from precompute_assets.tools.cli import main
 

@@ -60,3 +60,11 @@ def _follows_userinfo(rest: str) -> bool:
         return False
     query, _, fragment = tail[1:].partition("#") if tail.startswith("?") else ("", "", tail[1:])
     return "@" not in fragment and all("@" not in piece.partition("=")[0] for piece in re.split("[&;]", query))
+
+
+def tls_hint(url: str) -> str:
+    """What to add to "does not answer" for a TLS URL (``rediss://``): a plain Redis on its port accepts the connection
+    and waits for a command while the client waits for a TLS handshake, so a scheme mistake looks like a hung server."""
+    if url.partition("://")[0].lower() != "rediss":
+        return ""
+    return "; no TLS handshake came back: a server without TLS takes redis://, not rediss://"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import hashlib
 import json
 import math
@@ -93,6 +94,12 @@ def cmd_down(args: argparse.Namespace) -> int:
         print(f"nothing to stop: {home} holds no embedded services (is {ENV_HOME} the one `up` used?)")
         return 0
     stack = Stack()
+    if not args.force and (runs := runs_losing_servers(stack)):
+        shown = ", ".join(runs[:3]) + (f" and {len(runs) - 3} more" if len(runs) > 3 else "")
+        raise CliError(
+            f"Dagster runs in progress would lose their servers and fail ({shown}): let them finish, or terminate "
+            "them in the UI (a run whose worker is gone: `precompute pools free --run ID`), or give --force"
+        )
     if args.purge:
         stack.purge()
         print(f"embedded services stopped; their data is deleted ({stack.home} and {stack.postgres.runtime})")
@@ -100,6 +107,27 @@ def cmd_down(args: argparse.Namespace) -> int:
         stack.down()
         print("embedded services stopped")
     return 0
+
+
+def runs_losing_servers(stack: Stack) -> list[str]:
+    """The IDs of the runs in progress (STARTING, STARTED, CANCELING) whose Dagster storage is this stack's embedded
+    PostgreSQL, which ``down`` would stop under them; none when it is not running or cannot be read (``down`` is not
+    kept from stopping by a storage it cannot read)."""
+    if not stack.embeds(ENV_DAGSTER_PG) or stack.postgres.pid is None:
+        return []
+    if Path(stack.env()["DAGSTER_HOME"]).resolve() != stack.dagster_home.resolve():
+        return []  # a deployment's own instance: its runs do not use this stack's servers through it
+    import dagster as dg
+
+    from ..defs.runs import IN_PROGRESS
+
+    try:
+        with dagster_instance(stack) as instance:
+            return [
+                record.dagster_run.run_id for record in instance.get_run_records(dg.RunsFilter(statuses=IN_PROGRESS))
+            ]
+    except Exception:  # a storage that cannot be read holds no run to protect
+        return []
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -113,10 +141,11 @@ def print_status(stack: Stack) -> int:
         state = f"running (pid {service.pid})" if service.pid else ("reachable" if service.running else "stopped")
         if not service.embedded and not service.running:
             state = "unreachable"
-        if service.refused is not None:  # its port answers, but not for us: a wrong password, user or database
+        silent = service.refused is not None and service.refused.startswith(NO_ANSWER)  # hung, or no TLS there
+        if service.refused is not None and not silent:  # its port answers, but not for us: a wrong password, ...
             state = "refuses us"
-        if service.embedded and service.refused is not None and service.refused.startswith(NO_ANSWER):
-            state = f"not answering (pid {service.pid})" if service.pid else "not answering"  # hung, or stopped
+        if silent and service.embedded:  # an external one is unreachable, its reason beside it
+            state = f"not answering (pid {service.pid})" if service.pid else "not answering"
         if service.invalid is not None:  # not even a URL of such a server: nothing was asked
             state = "invalid URL"
         reason = service.refused or service.invalid
@@ -394,6 +423,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
     from ..serving.invalidate import invalidate
     from ..serving.stats import cache_stats
+    from ..serving.urls import tls_hint
 
     client, schema, url = _serving_client(args)
     try:
@@ -410,7 +440,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise CliError(str(error)) from None
     except redis.RedisError as error:
-        raise CliError(f"{redact(url)}: {error}") from None
+        hint = tls_hint(url) if isinstance(error, redis.TimeoutError) else ""
+        raise CliError(f"{redact(url)}: {error}{hint}") from None
     stats["tasks"] = task_stats(args.window)
     if args.json:
         print(json.dumps(stats))
@@ -487,8 +518,8 @@ def cmd_dev(args: argparse.Namespace) -> int:
         try:
             probe.bind((args.host, args.port))
         except OSError as error:
-            raise CliError(f"cannot serve the UI on {args.host}:{args.port}: {error.strerror or error} (another "
-                           "`precompute dev`? give --port)") from None  # fmt: skip
+            hint = " (another `precompute dev`? give --port)" if error.errno == errno.EADDRINUSE else " (check --host)"
+            raise CliError(f"cannot serve the UI on {args.host}:{args.port}: {error.strerror or error}{hint}") from None
     env = _up(Stack())
     command = [
         sys.executable,
@@ -1627,6 +1658,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--purge",
         action="store_true",
         help="also delete their data (PRECOMPUTE_HOME and, as root, PostgreSQL's folder)",
+    )
+    down.add_argument(
+        "--force",
+        action="store_true",
+        help="stop them also under Dagster runs in progress (which then fail); without it, such runs refuse the stop",
     )
     down.set_defaults(fn=cmd_down)
     sub.add_parser("status", help="what runs where").set_defaults(fn=cmd_status)

@@ -572,8 +572,21 @@ def test_up_status_down_manage_real_servers(tmp_path, monkeypatch, capsys):
         env = capsys.readouterr().out
         assert f"export DAGSTER_HOME={tmp_path / 'home' / 'dagster'}" in env
         assert (tmp_path / "home" / "dagster" / "dagster.yaml").resolve().name == "dagster.yaml"
+        # `down` under a run in progress stopped its servers without a word; the run retried its database for good
+        import dagster as dg
+        from dagster._core.test_utils import create_run_for_test
+
+        with dagster_instance(Stack()) as instance:
+            run = create_run_for_test(instance, job_name="__ASSET_JOB", status=dg.DagsterRunStatus.STARTED)
+        assert main(["down"]) == 2
+        err = capsys.readouterr().err
+        assert (
+            err.count("\n") == 1 and f"Dagster runs in progress would lose their servers and fail ({run.run_id})" in err
+        )
+        assert "redis     embedded  running" in (main(["status"]) or capsys.readouterr().out)
+        assert main(["down", "--force"]) == 0 and "embedded services stopped" in capsys.readouterr().out
     finally:
-        main(["down"])
+        main(["down", "--force"])
     runtime = Stack(tmp_path / "home").postgres.runtime
     assert runtime.exists()  # `down` keeps the data
     assert main(["down", "--purge"]) == 0
@@ -642,6 +655,8 @@ def test_external_servers_that_accept_connections_but_never_answer_do_not_answer
         out = capsys.readouterr().out
         assert "redis     external  unreachable" in out and "postgres  external  unreachable" in out, out
         assert "app_db    external  unreachable" in out and "(unknown: Dagster's database does not answer)" in out
+        assert "(accepts connections but does not answer (Timeout" in out  # why, and no TLS hint for redis://
+        assert "rediss://" not in out
         assert "refuses us" not in out and "secret" not in out
     finally:
         silent.close()
@@ -1199,6 +1214,26 @@ def test_a_redis_without_info_is_not_taken_for_one_that_refuses_us(tmp_path, mon
     client = RedisResource(url=server.url, namespace=schema.namespace).client()
     assert client.ping()
     client.close()
+
+
+def test_a_tls_url_to_a_redis_without_tls_says_so(tmp_path, monkeypatch, capsys, redis_server):
+    """A rediss:// URL to a plain Redis: the server waits for a command while the client waits for its handshake, and
+    `up`, `status` and `cache` said only that it does not answer, a timeout, or `unreachable` (h_ops)."""
+    from precompute_assets.stack import ENV_REDIS, login_problem
+
+    plain = redis_server().url
+    tls = "rediss://" + plain.partition("://")[2]
+    said = login_problem(ENV_REDIS, tls)
+    assert said is not None and said.startswith("accepts connections but does not answer")
+    assert "a server without TLS takes redis://, not rediss://" in said
+    monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("PRECOMPUTE_REDIS_URL", tls)
+    monkeypatch.delenv("DAGSTER_PG_URL", raising=False)
+    monkeypatch.delenv("PRECOMPUTE_APP_DB_URL", raising=False)
+    assert main(["status"]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("redis "))
+    assert "external  unreachable" in line and "takes redis://, not rediss://" in line, line
+    assert login_problem(ENV_REDIS, plain) is None  # the same server by its own scheme: no hint, no problem
 
 
 def test_an_up_whose_external_server_refuses_its_login_starts_nothing(
@@ -2320,6 +2355,9 @@ def test_demo_and_dev_refuse_what_would_fail_later(monkeypatch, capsys):
         assert main(["dev", "--port", str(taken.getsockname()[1])]) == 2
     err = capsys.readouterr().err
     assert "cannot serve the UI on 127.0.0.1:" in err and "another `precompute dev`?" in err and err.count("\n") == 1
+    assert main(["dev", "--host", "192.0.2.1"]) == 2  # not this machine's address: no other `dev` is to blame (h_ops)
+    err = capsys.readouterr().err
+    assert "cannot serve the UI on 192.0.2.1:" in err and "(check --host)" in err and "another" not in err
 
 
 def test_replay_workers_leave_ctrl_c_to_the_command():
