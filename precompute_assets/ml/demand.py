@@ -442,8 +442,8 @@ def train_lstm(
     days = trained_days(data, window, last_day)
     if not days:
         raise ValueError(
-            f"no day before the held-back one to train on: each of days {window}..{last_day - 1} misses hours of "
-            f"logs, or follows {window} days without any (a missing hour would count as no requests)"
+            f"no day before the held-back one to train on: each of days {window}..{last_day - 1} has no logs, or "
+            f"follows {window} days without any (a day without logs is no day of zero requests)"
         )
     parts = [_window(sample, every, d, hp_window, daily) for d in days]
     steps = torch.from_numpy(np.concatenate([p[0] for p in parts]))
@@ -493,10 +493,12 @@ def train_lstm(
 
 
 def trained_days(data: HourlyCounts, window: int, last_day: int) -> list[int]:
-    """The days of ``window .. last_day - 1`` the LSTM learns to forecast: those whose every hour was logged (a missing
-    hour counts 0 in the day's total: a made-up label) after ``window`` days of which at least one has logs."""
+    """The days of ``window .. last_day - 1`` the LSTM learns to forecast, each after ``window`` days of which at least
+    one has logs: those whose every hour was logged (a missing hour counts 0 in the day's total, a label made up in
+    part), or, when none is (an hour lost every day), those with logs. A day without any is never one."""
     whole, logged = data.whole_days(), data.logged_days()
-    return [d for d in range(window, last_day) if whole[d] and logged[d - window : d].any()]
+    after_logs = [d for d in range(window, last_day) if logged[d - window : d].any()]
+    return [d for d in after_logs if whole[d]] or [d for d in after_logs if logged[d]]
 
 
 def frequency_forecast(daily: np.ndarray, keys: np.ndarray, target_day: int, hp: DemandHyperParams) -> np.ndarray:

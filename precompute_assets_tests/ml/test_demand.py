@@ -321,9 +321,14 @@ def test_days_without_whole_logs_are_not_trained_on():
     assert (info["days"], info["samples"]) == (5, 5 * 30)
     e = evaluate_demand(data, replace(FAST, window_days=3, max_epochs=1)).evaluation
     assert e.train_days == 5
-    partial = [(d, t, None if t.hour == 0 and d < 9 else c) for d, t, c in synthetic_hours(n_keys=30, days=10)]
+    # an hour lost every day: no day is whole, and the days with logs are trained on rather than none
+    partial = HourlyCounts.from_hours(
+        (d, t, None if t.hour == 0 else c) for d, t, c in synthetic_hours(n_keys=30, days=10)
+    )
+    assert demand_module.trained_days(partial, 3, 9) == [3, 4, 5, 6, 7, 8]
+    gaps = [(d, t, None if d in (0, 1, 3, 4, 5) else c) for d, t, c in synthetic_hours(n_keys=30, days=7)]
     with pytest.raises(ValueError, match="no day before the held-back one to train on"):
-        evaluate_demand(HourlyCounts.from_hours(partial), replace(FAST, max_epochs=1))
+        train_lstm(HourlyCounts.from_hours(gaps), replace(FAST, window_days=1, max_epochs=1), 6)
 
 
 def test_seasonal_takes_the_latest_day_with_logs_when_a_week_before_has_none():
