@@ -84,6 +84,9 @@ class LoadSummary:
     duplicates: int | None = None  # ads: valid rows superseded by a later row with the same ad_id
     columns: list[str] | None = None  # ads: the columns of the written table
     note: str | None = None  # why nothing was written
+    # impressions from Parquet: how a ts_ms timestamp without a time zone was read (as UTC: pandas' to_datetime of
+    # epoch milliseconds writes such; local wall-clock times written so land up to a day off)
+    naive_timestamps: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """The summary without the fields that do not apply (None)."""
@@ -260,6 +263,12 @@ def _parquet_chunks(
     nested = [f"{f.name} ({f.type})" for f in parquet.schema_arrow if f.name in required and pa.types.is_nested(f.type)]
     if nested:
         raise AdDataError(f"{path}: columns {nested} hold lists or records; each needs one value per row")
+    stamps = parquet.schema_arrow.field("ts_ms").type if "ts_ms" in parquet.schema_arrow.names else None
+    if "ts_ms" in required and stamps is not None and pa.types.is_timestamp(stamps) and stamps.tz is None:
+        quarantine.summary.naive_timestamps = (
+            "ts_ms is a timestamp without a time zone: read as UTC; if it holds local times, write it with its time "
+            "zone (or as epoch milliseconds)"
+        )
     first = 1
     batches = parquet.iter_batches(batch_size=CHUNK_ROWS, columns=list(columns) if columns else None)
     while True:

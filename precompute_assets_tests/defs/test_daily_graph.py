@@ -193,12 +193,18 @@ def test_the_gate_blocks_a_forest_that_beats_the_logistic_regression_but_not_the
     forest, logistic, history = {"auc": 0.70}, {"auc": 0.66}, {"auc": 0.72}
     lost = beats_baseline_check(forest, {"baseline": logistic, "ad_history": history}, None)
     assert not lost.passed and lost.severity == dg.AssetCheckSeverity.ERROR
-    assert lost.description == "AUC 0.7000 vs logistic regression 0.6600, ad history 0.7200"
+    assert lost.description == "AUC 0.7000 vs logistic regression 0.6600, ad history 0.7200, chance 0.5000"
     assert lost.metadata["best_baseline"].value == "ad_history"
     assert lost.metadata["auc_lift"].value == pytest.approx(-0.02)
     assert lost.metadata["baseline_auc"].value == 0.66 and lost.metadata["ad_history_auc"].value == 0.72
     won = beats_baseline_check({"auc": 0.73}, {"baseline": logistic, "ad_history": history}, None)
     assert won.passed and won.metadata["auc_lift"].value == pytest.approx(0.01)
+    # a few clicks without signal: a forest worse than chance beat baselines worse still, and was approved (h_ctr)
+    noise = beats_baseline_check({"auc": 0.4932}, {"baseline": {"auc": 0.4258}, "ad_history": {"auc": 0.4584}}, None)
+    assert not noise.passed and noise.metadata["best_baseline"].value == "chance"
+    assert noise.metadata["auc_lift"].value == pytest.approx(-0.0068)
+    tie = beats_baseline_check({"auc": 0.5}, {"baseline": {"auc": 0.45}, "ad_history": {"auc": 0.5}}, None)
+    assert not tie.passed  # a constant forest ties chance: it beats nothing
 
 
 def test_new_ads_check_warns_when_the_forest_loses_and_passes_with_a_note_when_unmeasurable():

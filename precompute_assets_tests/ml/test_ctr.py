@@ -280,6 +280,34 @@ def test_forest_beats_logistic_baseline_on_non_linear_ctr(synthetic, forest, bas
     assert rf["log_loss"] < oracle["log_loss"] + 0.005
 
 
+def test_rare_clicks_get_calibrated_rates_not_the_clip() -> None:
+    """At a CTR of 0.1 % most (ad, day) rows hold no click: leaves of such rows predicted 0, served as the 1e-6 clip
+    to ads whose CTR was 100 to 700 times that (h_ctr). Leaves are shrunk toward the overall CTR by one click."""
+    rng = np.random.default_rng(7)
+    ads = make_ads(2000, seed=7)
+    ctr = 0.001 * np.exp(rng.normal(0.0, 0.5, len(ads))) * np.where(ads["quality"].to_numpy() > 0.5, 2.0, 0.5)
+    popularity = 1.0 / np.arange(1, len(ads) + 1) ** 1.1
+    counts = rng.poisson(150_000 * popularity / popularity.sum(), (8, len(ads)))
+    ad_index = np.concatenate([np.repeat(np.arange(len(ads)), counts[d]) for d in range(8)])
+    day = np.repeat(np.arange(8), counts.sum(axis=1))
+    impressions = pd.DataFrame(
+        {
+            "ts_ms": ((FIRST_DAY + day) * MS_PER_DAY + rng.integers(0, MS_PER_DAY, len(day))).astype(np.int64),
+            "ad_id": ads["ad_id"].to_numpy()[ad_index],
+            "clicked": rng.random(len(day)) < ctr[ad_index],
+        }
+    )
+    frame, _ = training_frame(impressions, ads)
+    train, valid = time_split(frame, valid_fraction=0.25)
+    encoder = fit_encoder(train)
+    forest = train_ctr_model(train, encoder, n_estimators=30, n_jobs=2)
+    predicted = predict_ctr(forest, ads)
+    overall = train["clicks"].sum() / train["impressions"].sum()
+    assert predicted.min() > overall / 20, np.sort(predicted)[:5]  # unshrunk: overall / 50 here, the clip elsewhere
+    assert evaluate(forest, valid)["calibration_error"] < overall / 5  # still calibrated on the held-back days
+    assert np.corrcoef(np.log(predicted), np.log(ctr))[0, 1] > 0.5
+
+
 def test_metrics_are_in_sane_ranges(synthetic, forest, baseline) -> None:
     _, train, valid = synthetic
     prior = train["clicks"].sum() / train["impressions"].sum()
@@ -532,6 +560,10 @@ def test_rare_category_values_are_folded_into_the_unseen_bucket() -> None:
     counts = ads[ads["brand"] != "tiny"]["brand"].value_counts()
     assert len(capped) == 2 and set(capped) <= set(counts.index)
     assert min(counts[list(capped)]) >= counts.drop(list(capped)).max()
+    # categorical columns only, every value rarer than min_category_ads: scikit-learn's "0 feature(s)" (h_ctr)
+    only_categories = AdFeatureSpec(numeric=(), categorical=("brand", "device"), log_scaled=())
+    with pytest.raises(ValueError, match="no feature to learn from: .* categorical only"):
+        fit_encoder(frame, only_categories, min_category_ads=1000)
 
 
 # --- cold start: ads first seen after the training cutoff -------------------------------------------------

@@ -484,6 +484,18 @@ def test_parquet_impressions_with_timestamps_bools_and_nulls(lake, tmp_path):
         "row 4: clicked is not 0/1 or true/false",
     ]
     assert lake.read("ad_impressions", "2026-11-18")["ts_ms"].tolist() == [t]
+    assert summary.naive_timestamps is None  # a time zone of its own: nothing to guess
+
+
+def test_parquet_timestamps_without_a_time_zone_are_read_as_utc_and_said_to_be(lake, tmp_path):
+    """Naive timestamps went into UTC days without a word: local wall-clock times land up to a day off (h_ctr)."""
+    t = ms("2026-11-18T12:00:00+00:00")
+    path = tmp_path / "naive.parquet"
+    pq.write_table(pa.table({"ts_ms": pa.array([t], pa.timestamp("ms")), "ad_id": ["a"], "clicked": [True]}), path)
+    summary = load_impressions(path, lake, timezone="UTC")
+    assert summary.written == {"2026-11-18": 1} and lake.read("ad_impressions", "2026-11-18")["ts_ms"].tolist() == [t]
+    assert summary.naive_timestamps.startswith("ts_ms is a timestamp without a time zone: read as UTC")
+    assert "naive_timestamps" in summary.as_dict()
 
 
 def test_gzipped_csv_and_an_empty_impressions_file(lake, tmp_path):
