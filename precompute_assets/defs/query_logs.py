@@ -165,13 +165,17 @@ def query_logs(context: dg.AssetExecutionContext, redis: RedisResource, lake: La
     first_ts = pc.min(table.column("ts")).as_py()
     logs, quarantine = table.to_pandas(), quarantined.to_pandas()
     del table
-    if not read and (kept := _imported(lake, context.partition_key)) is not None:
-        context.log.info(f"the stream holds nothing for this hour: keeping its {len(kept)} imported requests")
-        yield from _keep_imported(kept, quarantine)
+    # Nothing valid: an imported hour stays (its quarantine of what the stream held for it, malformed entries, too).
+    if not len(logs) and (kept := _imported(lake, context.partition_key)) is not None:
+        malformed = f" and quarantining the stream's {len(quarantine)} malformed entries" if len(quarantine) else ""
+        context.log.info(
+            f"the stream holds no valid query for this hour: keeping its {len(kept)} imported requests{malformed}"
+        )
+        yield from _keep_imported(kept, quarantine, lost_queries)
         return
     stream = redis.schema().query_log()
     if loss := stream_loss(client, stream, lake, "query_logs", context.partition_key, start_ms, trimmed_before):
-        context.log.warning(loss_warning(loss, read, first_ts))  # nothing brings them back: the rest is kept
+        context.log.warning(loss_warning(loss, len(logs), first_ts))  # nothing brings them back: the rest is kept
     footprint = stream_footprint(client, stream)
     if warning := stream_memory_warning(footprint, stream):
         context.log.warning(warning)
@@ -277,10 +281,11 @@ def stream_loss(
     return f"the stream lost every event logged after partition {partition} (its {rows} events) was drained"
 
 
-def loss_warning(loss: str, read: int, first: datetime | None) -> str:
-    """A drain's warning when ``stream_loss`` found one: what its hour holds, and since when."""
+def loss_warning(loss: str, kept: int, first: datetime | None) -> str:
+    """A drain's warning when ``stream_loss`` found one: what its hour holds (``kept`` valid events), and since
+    when."""
     since = f", the first at {first:%Y-%m-%d %H:%M:%S} UTC" if first is not None else ""
-    return f"{loss}: this hour holds only the {read} events logged after the loss{since}"
+    return f"{loss}: this hour holds only the {kept} events logged after the loss{since}"
 
 
 def stream_lost_failure(lost: str, hour: str) -> dg.Failure:
@@ -292,12 +297,13 @@ def stream_lost_failure(lost: str, hour: str) -> dg.Failure:
     )
 
 
-def _keep_imported(logs: pd.DataFrame, quarantine: pd.DataFrame):
-    """The outputs of an hour whose imported requests stay: the stream never had its traffic."""
+def _keep_imported(logs: pd.DataFrame, quarantine: pd.DataFrame, lost_queries: int = 0):
+    """The outputs of an hour whose imported requests stay: the stream never had its traffic, only (``quarantine``,
+    standing for ``lost_queries``) malformed entries, if anything."""
     metadata = {"dagster/row_count": len(logs), "distinct_keys": int(logs["key"].nunique()), "imported": True}
-    yield dg.Output(quarantine, output_name="query_log_quarantine", metadata={"dagster/row_count": 0})
-    yield dg.Output(logs, output_name="query_logs", metadata=metadata)
-    yield quarantine_check(0, len(logs))
+    yield dg.Output(quarantine, output_name="query_log_quarantine", metadata={"dagster/row_count": len(quarantine)})
+    yield dg.Output(logs, output_name="query_logs", metadata={**metadata, "quarantined_queries": lost_queries})
+    yield quarantine_check(lost_queries, len(logs) + lost_queries)
 
 
 def _reason_counts(quarantine: pd.DataFrame) -> dict[str, int]:

@@ -114,7 +114,7 @@ def user_events(context: dg.AssetExecutionContext, redis: RedisResource, lake: L
     trimmed_before = int(client.get(schema.events_trimmed()) or 0)
     stream = events_stream(schema)
     if loss := stream_loss(client, stream, lake, USER_EVENTS, context.partition_key, start_ms, trimmed_before):
-        context.log.warning(loss_warning(loss, read, first_ts))
+        context.log.warning(loss_warning(loss, len(events), first_ts))
     footprint = stream_footprint(client, stream)
     if warning := stream_memory_warning(footprint, stream):
         context.log.warning(warning)

@@ -799,8 +799,16 @@ def expand_entries(
     """One ``(query_id, fields)`` per query of query-log ``entries``: each key of each group of a batch entry as a
     field mapping of the one-query form (values as bytes, nulls left out) with the ID ``{entry_id}/{i}``, ``i``
     counting the entry's queries; an entry of the one-query form as it is. A batch that cannot be read, or a
-    group of it, comes out once with ``ENTRY_ERROR`` saying why (``validate_entry`` quarantines it)."""
+    group of it, comes out once with ``ENTRY_ERROR`` saying why (``validate_entry`` quarantines it); so does an entry
+    that holds a field of the names the expansion marks entries with (``ENTRY_ERROR``, ``ENTRY_QUERIES``), which no
+    logger writes: kept under ``written:{name}``, they would be read as the expansion's own (a ``_queries`` of text
+    failed every drain of its hour)."""
     for entry_id, fields in entries:
+        if marked := fields.keys() & (ENTRY_ERROR, ENTRY_QUERIES):
+            kept = {(b"written:" + name if name in marked else name): value for name, value in fields.items()}
+            names = ", ".join(sorted(name.decode() for name in marked))
+            yield entry_id, {**kept, ENTRY_ERROR: f"a field named {names}, which no query logger writes".encode()}
+            continue
         if b"groups" not in fields:
             yield entry_id, fields
             continue

@@ -583,6 +583,16 @@ def test_an_imported_hour_the_stream_never_had_is_kept(redis_url, schema, lake_u
     assert list(Lake(lake_uri).read("query_logs", HOUR)["key"]) == ["a", "b", "a"]
     metadata = drain_metadata(result)
     assert metadata["imported"].value is True and metadata["dagster/row_count"].value == 3
+    # a malformed entry alone (a misconfigured client): no valid query, so the import stays, and it is quarantined
+    # (the import was replaced by an empty hour; h_qlog)
+    client = redis.Redis.from_url(redis_url)
+    bad = {"ts": HOUR_START_MS + 30_000, "kind": "ctr", "key": "x"}  # no hit, no latency
+    client.xadd(schema.query_log(), bad, id=f"{HOUR_START_MS + 30_000}-0")
+    malformed = materialize(redis_url, schema, lake_uri, pg_instance)
+    assert list(Lake(lake_uri).read("query_logs", HOUR)["key"]) == ["a", "b", "a"]
+    assert len(Lake(lake_uri).read("query_log_quarantine", HOUR)) == 1
+    assert drain_metadata(malformed)["quarantined_queries"].value == 1
+    client.close()
     fill(redis_url, schema, HOUR_START_MS + 60_000, 5)  # served traffic for the hour: the stream's rows win
     assert materialize(redis_url, schema, lake_uri, pg_instance).success
     assert len(Lake(lake_uri).read("query_logs", HOUR)) == 5

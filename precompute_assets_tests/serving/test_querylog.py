@@ -196,6 +196,23 @@ def test_an_unreadable_batch_entry_is_quarantined_once(fields, reason):
     assert "_error" not in quarantine_row(event_id, event, why)["raw"]  # the raw entry, as it was
 
 
+def test_an_entry_with_fields_named_as_the_expansions_markers_is_quarantined_as_one_query():
+    """An entry of another producer with a _queries field of text failed every drain of its hour (int() of it), and a
+    numeric one counted as many quarantined queries (h_qlog)."""
+    from precompute_assets.serving.querylog import queries_of
+
+    for fields in (
+        {b"ts": b"1000", b"kind": b"ctr", b"key": b"x", b"lat_us": b"1", b"_queries": b"many"},
+        {b"ts": b"1000", b"kind": b"ctr", b"key": b"x", b"lat_us": b"1", b"hit": b"1", b"_queries": b"500"},
+        {b"ts": b"1000", b"kind": b"ctr", b"key": b"x", b"lat_us": b"1", b"hit": b"1", b"_error": b"mine"},
+        {b"n": b"1", b"cols": COLS, b"groups": b"[]", b"_queries": b"9"},
+    ):
+        ((event_id, event),) = expand_entries([(b"1000-0", fields)])
+        row, why = validate_entry(event_id, event)
+        assert row is None and "which no query logger writes" in why and queries_of(event) == 1
+        assert any(name.startswith(b"written:_") for name in event)  # what the producer wrote, kept
+
+
 def test_a_batch_whose_count_does_not_match_is_flagged():
     queries = list(expand_entries([(b"1000-0", batch(GROUPS, n=5))]))  # holds 3
     assert [i for i, _ in queries] == [b"1000-0/0", b"1000-0/1", b"1000-0/2", b"1000-0/n"]
