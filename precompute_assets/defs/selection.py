@@ -214,13 +214,18 @@ def logged_rows(lake: Lake, partitions: Partitions, days: list[str]) -> int | No
 def logged_trace(
     lake: Lake, partitions: Partitions, days: list[str], *, rate: float = 1.0
 ) -> tuple[TraceHours, list[int]]:
-    """The ``ctr`` queries logged on ``days``, in time order, with the day (0..) and hour (0..23) of each, and each
-    day's requests. With ``rate`` below 1 only a SHARDS sample of the keys is kept (``shards_keep``), hour by hour,
-    so a long history never sits in memory whole; the day counts are still the whole days'."""
+    """The ``ctr`` queries logged on ``days``, in time order, with the day (0..) and hour (0..23) of each and the
+    hours whose logs are missing, and each day's requests. With ``rate`` below 1 only a SHARDS sample of the keys is
+    kept (``shards_keep``), hour by hour, so a long history never sits in memory whole; the day counts are still the
+    whole days'."""
     keys, day_index, hour_index, whole = [], [], [], [0] * len(days)
+    missing = np.zeros(len(days) * 24, dtype=bool)  # hours without logs: no hours of zero requests (seasonal skips)
     for d, day in enumerate(days):
         for h, (_, table) in enumerate(hourly_logs(lake, partitions.hours_of(day))):
-            if table is None or not table.num_rows:
+            if table is None:
+                missing[d * 24 + min(h, 23)] = True
+                continue
+            if not table.num_rows:
                 continue
             in_order = table["key"].take(pc.sort_indices(table["ts"]))  # a stable sort: ties keep the logged order
             ordered = pc.cast(in_order, pa.string()).to_numpy(zero_copy_only=False)
@@ -234,7 +239,9 @@ def logged_trace(
     def joined(parts: list[np.ndarray], dtype) -> np.ndarray:
         return np.concatenate(parts) if parts else np.empty(0, dtype=dtype)
 
-    hours = TraceHours(joined(keys, object), joined(day_index, np.int64), joined(hour_index, np.int64), len(days))
+    hours = TraceHours(
+        joined(keys, object), joined(day_index, np.int64), joined(hour_index, np.int64), len(days), missing
+    )
     return hours, whole
 
 

@@ -1643,7 +1643,7 @@ class ShareChoice:
     # choice weighs the recent days more); this rate is the one to set beside read-through.
     tuned_hit_rate: float = 0.0
     best: int = 0  # the candidate the history chose before the one-step rise capped it (``share`` when none did)
-    ramped_from: int = 0  # the share before, which ``share`` rises at most one candidate above
+    ramped_from: int = 0  # the share before (``previous_share``, as given), which ``share`` rises a candidate above
 
 
 def tune_share(
@@ -1734,7 +1734,8 @@ def tune_share(
         share, best, before = whole[share], whole[best], whole[before]
         rates = shards_adjusted({whole[n]: r for n, r in rates.items()}, rate, counted, requests)
         tuned_rate = shards_adjusted({"tuned": tuned_rate}, rate, counted, requests)["tuned"]
-    return ShareChoice(share, capacity, rates, requests, rate, tuned_rate, best, before)
+    ramped_from = before if previous_share is None else previous_share  # the published share, not its candidate
+    return ShareChoice(share, capacity, rates, requests, rate, tuned_rate, best, ramped_from)
 
 
 def _static_hits(day: np.ndarray, chosen: set[Hashable]) -> int:

@@ -81,6 +81,8 @@ class TraceHours:
     day: np.ndarray
     hour: np.ndarray
     n_days: int
+    # per hour of the days (n_days * 24, day by day): whether its logs are missing (None: none is; a trace's hours)
+    missing: np.ndarray | None = None
 
     def sampled(self, rate: float) -> TraceHours:
         """Only the requests of the keys ``replay.sample_trace`` keeps at ``rate`` (all at 1), each on the day and
@@ -88,7 +90,7 @@ class TraceHours:
         if rate == 1:
             return self
         keep = shards_keep(self.keys, rate)
-        return TraceHours(self.keys[keep], self.day[keep], self.hour[keep], self.n_days)
+        return TraceHours(self.keys[keep], self.day[keep], self.hour[keep], self.n_days, self.missing)
 
     def day_keys(self) -> list[np.ndarray]:
         """Each day's requested keys, in order (the same days as ``split_days``)."""
@@ -96,7 +98,8 @@ class TraceHours:
         return [self.keys[bounds[d] : bounds[d + 1]] for d in range(self.n_days)]
 
     def hourly_counts(self, first: int, last: int) -> HourlyCounts:
-        """Requests per key and hour of days ``first..last`` (keys sorted; every hour present, possibly empty)."""
+        """Requests per key and hour of days ``first..last`` (keys sorted; every hour present, possibly empty, or
+        missing where ``missing`` says so: NaN for every key, as ``HourlyCounts`` marks a missing hour)."""
         lo, hi = np.searchsorted(self.day, [first, last + 1], side="left")
         n_days = last - first + 1
         n_hours = n_days * HOURS_PER_DAY
@@ -107,13 +110,18 @@ class TraceHours:
         cells, requests = np.unique(rows.ravel() * n_hours + column, return_counts=True)
         counts = np.zeros((len(keys), n_hours), dtype=np.float32)
         np.put(counts, cells, requests)
+        if self.missing is None:
+            missing = np.zeros(n_hours, dtype=bool)
+        else:
+            missing = self.missing[first * HOURS_PER_DAY : (last + 1) * HOURS_PER_DAY].copy()
+            counts[:, missing] = np.nan
         return HourlyCounts(
             keys=keys,
             counts=counts,
             hour_of_day=np.tile(np.arange(HOURS_PER_DAY), n_days),
             weekday=np.repeat((first + np.arange(n_days)) % 7, HOURS_PER_DAY),
             day=np.repeat(np.arange(n_days), HOURS_PER_DAY),
-            missing=np.zeros(n_hours, dtype=bool),
+            missing=missing,
         )
 
 

@@ -246,6 +246,8 @@ class LoadResult:
     quarantine_table: str | None = None  # where: the rows of load_id
     load_id: str | None = None
     rejections: list[Rejection] = field(default_factory=list)
+    # rows a reader rejected whose doc_id could be read (line, doc_id), until the load stages them (``rejected_ids``)
+    rejected_ids: list[tuple[int, str]] = field(default_factory=list, repr=False)
     unknown_languages: dict[str, int] = field(default_factory=dict)  # code -> documents, after dedup
     quarantine: _QuarantineWriter | None = field(default=None, repr=False, compare=False)  # set during a load
 
@@ -266,7 +268,7 @@ class LoadResult:
 
     def summary(self) -> dict[str, Any]:
         """What the load did, as the ``precompute docs`` command prints it (without the rejections themselves)."""
-        return {k: v for k, v in vars(self).items() if k not in ("rejections", "quarantine")}
+        return {k: v for k, v in vars(self).items() if k not in ("rejections", "quarantine", "rejected_ids")}
 
 
 class DocumentRow(NamedTuple):
@@ -410,21 +412,33 @@ def _clean_frame(
             # the values as read (a number stays a number, a list a list), not as they would have been stored
             raw = _raw_values({c: values[c][i] for c in COLUMNS} if columns is None else row)
             result.reject(labels[i] if labels is not None else f"row {first_row + i + row_origin}", problem, raw)
-            if not problem.startswith(("doc_id", "missing doc_id")) and isinstance(row["doc_id"], str):
-                superseding[i] = row["doc_id"]
-    rejected_ids = pa.table(
-        {
-            "seq": pa.array([first_row + i for i in superseding], pa.int64()),
-            "doc_id": pa.array(list(superseding.values()), pa.string()),
-        }
-    )
+            if (doc_id := _valid_id(row["doc_id"])) is not None:
+                superseding[i] = doc_id
+    # A row's place in the file orders it among the rows of its doc_id: its line where the reader names lines (the
+    # reader's own rejections, between this chunk's rows, are staged by their lines too), else its row.
+    seq = np.array([Rejection(label, "").number for label in labels], dtype=np.int64) if labels is not None else (
+        np.arange(first_row, first_row + n, dtype=np.int64))  # fmt: skip
+    rejected_ids = _id_table([(int(seq[i]), doc_id) for i, doc_id in superseding.items()])
     if columns is None:
         kept = [row for i, row in rows.items() if keep[i]]
         columns = {c: pa.array([row[c] for row in kept], pa.string()) for c in COLUMNS}
-        seq = pa.array(np.flatnonzero(keep) + first_row)
-        return pa.table({"seq": seq, **columns}), rejected_ids
-    table = pa.table({"seq": pa.array(np.arange(first_row, first_row + n, dtype=np.int64)), **columns})
+        return pa.table({"seq": pa.array(seq[keep]), **columns}), rejected_ids
+    table = pa.table({"seq": pa.array(seq), **columns})
     return (table if keep.all() else table.filter(pa.array(keep))), rejected_ids
+
+
+def _valid_id(doc_id: Any) -> str | None:
+    """``doc_id`` when it is one a loaded row could have (text PostgreSQL stores and the cache serves), else None."""
+    if not isinstance(doc_id, str) or not doc_id.strip() or _storable(doc_id) or _id_problem(doc_id):
+        return None
+    return doc_id
+
+
+def _id_table(ids: Sequence[tuple[int, str]]) -> pa.Table:
+    """(seq, doc_id) rows as the ``rejected_ids`` table stages them."""
+    return pa.table(
+        {"seq": pa.array([s for s, _ in ids], pa.int64()), "doc_id": pa.array([d for _, d in ids], pa.string())}
+    )
 
 
 def _object_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
@@ -536,6 +550,9 @@ def _frames_of_delimited(
             result.rows += 1
             reason = f"{len(row)} fields, expected {width} as on the first line"
             result.reject(f"line {number}", reason, record_text(record))
+            at_id = at.get("doc_id")
+            if at_id is not None and at_id < len(row) and (doc_id := _valid_id(row[at_id] or None)) is not None:
+                result.rejected_ids.append((number, doc_id))  # its last word on the id, if no later row has one
             continue
         records.append({c: row[i] or None for c, i in at.items()})
         labels.append(f"line {number}")
@@ -799,8 +816,7 @@ class DocumentStore:
             staged = 0
             for df, labels in frames:
                 table, rejected_ids = _clean_frame(df, result.rows, labels, result, row_origin)
-                if rejected_ids.num_rows:
-                    copy_in(cur, "COPY rejected_ids (seq, doc_id) FROM STDIN WITH (FORMAT csv)", _csv(rejected_ids))
+                self._stage_rejected_ids(cur, rejected_ids, result)
                 if language is not None:  # the tag of documents that have none
                     at = table.schema.get_field_index("language")
                     table = table.set_column(at, "language", pc.fill_null(table["language"], language))
@@ -813,6 +829,7 @@ class DocumentStore:
                     )
                 if after_chunk is not None:
                     after_chunk(result.rows)
+            self._stage_rejected_ids(cur, _id_table([]), result)  # those of rows rejected after the last chunk
             result.quarantine.flush()
             # the last occurrence wins: drop every row that a later row of the same doc_id supersedes, rejected or not
             cur.execute(DROP_SUPERSEDED)
@@ -847,6 +864,14 @@ class DocumentStore:
             result.inserted, result.updated = cur.fetchone()
             result.unchanged = distinct - result.inserted - result.updated
         return result
+
+    @staticmethod
+    def _stage_rejected_ids(cur: psycopg2.extensions.cursor, cleaned: pa.Table, result: LoadResult) -> None:
+        """Stage the doc_ids of rejected rows, ``_clean_frame``'s of a chunk and those the reader rejected so far."""
+        read, result.rejected_ids = _id_table(result.rejected_ids), []
+        for ids in (cleaned, read):
+            if ids.num_rows:
+                copy_in(cur, "COPY rejected_ids (seq, doc_id) FROM STDIN WITH (FORMAT csv)", _csv(ids))
 
     @contextlib.contextmanager
     def _quarantining(self, cur: psycopg2.extensions.cursor, result: LoadResult, file: str | None) -> Iterator[None]:

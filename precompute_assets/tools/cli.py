@@ -115,8 +115,6 @@ def runs_losing_servers(stack: Stack) -> list[str]:
     kept from stopping by a storage it cannot read)."""
     if not stack.embeds(ENV_DAGSTER_PG) or stack.postgres.pid is None:
         return []
-    if Path(stack.env()["DAGSTER_HOME"]).resolve() != stack.dagster_home.resolve():
-        return []  # a deployment's own instance: its runs do not use this stack's servers through it
     import dagster as dg
 
     from ..defs.runs import IN_PROGRESS

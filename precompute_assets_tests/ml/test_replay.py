@@ -2532,7 +2532,9 @@ def test_tune_share_rises_a_step_above_what_the_day_before_published():
     assert capped.share == 6  # C/16: one step above nothing published
     assert (capped.best, capped.ramped_from) == (75, 0)  # what the history chose, and what capped it (h_demand)
     assert tune_share(days, 100, previous_share=6).share == 12
-    assert tune_share(days, 100, previous_share=30).share == 50  # 30 is no candidate: from 25, one step
+    off_candidate = tune_share(days, 100, previous_share=30)
+    assert off_candidate.share == 50  # 30 is no candidate: from 25, one step
+    assert off_candidate.ramped_from == 30  # what the day before published, not the candidate below it (h_diff12)
     assert tune_share(days, 100, previous_share=1000).share == 75  # above the best: it falls to it at once
 
 

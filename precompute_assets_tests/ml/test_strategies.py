@@ -23,6 +23,7 @@ from precompute_assets.ml.strategies import (
     day_hyper_params,
     progress_stages,
     rankings_of,
+    strategy_rankings,
     strategy_sets,
     trace_hours,
 )
@@ -519,3 +520,26 @@ def test_replay_cli_runs_every_strategy_on_degenerate_traces(tmp_path, capsys, n
     assert main(fixed) == 0
     ab = strict_json(capsys.readouterr().out)["ab"]
     assert ab["arms"] == ["frequency", "lstm"] and ab["requests"] == sum(a["requests"] for a in ab["per_arm"].values())
+
+
+def test_a_replayed_seasonal_ranking_skips_a_day_without_logs():
+    """The self-tuned share replayed seasonal from a day whose logs were missing as a day of no requests, ranking
+    every key by name, where top_ads ranks from the latest day with logs (h_diff12)."""
+    rng = np.random.default_rng(3)
+    popular = [f"k{i:04d}" for i in range(12)]
+    keys, day, hour = [], [], []
+    for d in range(9):
+        if d == 1:
+            continue  # its logs are missing
+        drawn = np.repeat(popular, np.arange(1, 13) * 10)  # k0011 most popular
+        keys += list(drawn)
+        day += [d] * len(drawn)
+        hour += list(rng.integers(0, 24, len(drawn)))
+    order = np.lexsort((hour, day))
+    missing = np.zeros(9 * 24, dtype=bool)
+    missing[24:48] = True
+    hours = TraceHours(np.array(keys, dtype=object)[order], np.array(day)[order], np.array(hour)[order], 9, missing)
+    ranked, _ = strategy_rankings(hours, "seasonal", 5)
+    assert ranked[8][:3] == ["k0011", "k0010", "k0009"], ranked[8]  # from day 7, not from day 1's nothing
+    without = TraceHours(hours.keys, hours.day, hours.hour, 9)  # the missing day read as a day of no requests
+    assert strategy_rankings(without, "seasonal", 5)[0][8] == ["k0000", "k0001", "k0002", "k0003", "k0004"]  # names

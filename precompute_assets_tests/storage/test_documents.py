@@ -123,6 +123,32 @@ def test_a_rejected_last_row_leaves_its_document_as_it_was(store: DocumentStore,
     assert rows == {"d1": "current good text", "kept": "newest kept"}
 
 
+def test_a_row_rejected_for_its_shape_keeps_its_documents_last_word_in_every_format(
+    store: DocumentStore, tmp_path: Path
+) -> None:
+    """A CSV or TSV row with another number of fields is rejected by the reader: an earlier, stale row of its id
+    still overwrote the stored document (h_diff12). A rejected row whose id could not be stored (a NUL, a lone
+    surrogate) aborted the whole load (h_diff12): it supersedes nothing, and the rest loads."""
+    store.load_file(write_jsonl(tmp_path / "first.jsonl", [{"doc_id": i, "body": f"{i}0"} for i in "bc"]))
+    csv_file = tmp_path / "docs.csv"
+    csv_file.write_text("doc_id,title,body,language\nb,B,stale b,en\nb,B,new b,en,extra\nd,D,d,en\n")
+    result = store.load_file(csv_file)
+    assert (result.inserted, result.updated, result.duplicates, result.rejected) == (1, 0, 1, 1)
+    tsv_file = tmp_path / "docs.tsv"
+    tsv_file.write_text("doc_id\ttitle\tbody\tlanguage\nc\tC\tstale c\ten\nc\tC\tnew c\n")
+    result = store.load_file(tsv_file)
+    assert (result.updated, result.duplicates, result.rejected) == (0, 1, 1)
+    unstorable = tmp_path / "unstorable.jsonl"
+    unstorable.write_text(
+        '{"doc_id": "ok1", "body": "b"}\n{"doc_id": "a\\u0000b", "title": ["x"], "body": "b"}\n'
+        '{"doc_id": "a\\ud800b", "title": {"x": 1}, "body": "b"}\n'
+    )
+    result = store.load_file(unstorable)
+    assert (result.inserted, result.rejected) == (1, 2)
+    rows = {row.doc_id: row.body for row in store.changed_since(None, limit=10)}
+    assert rows == {"b": "b0", "c": "c0", "d": "d", "ok1": "b"}
+
+
 def write_jsonl(path: Path, records: list[dict]) -> Path:
     path.write_text("\n".join(json.dumps(record) for record in records) + "\n")
     return path
