@@ -272,13 +272,34 @@ def stream_loss(
     replica, or its MAXLEN cut the stream. An oldest entry older than the hour says the loss came before it."""
     newest = newest_stream_entry(lake, asset, hour)
     if newest is None:
-        return None
+        return cut_before_first_drain(client, stream, start_ms, trimmed_before_ms)
     partition, entry, rows = newest
     if stream_ms(entry) < trimmed_before_ms or client.xrange(stream, min=entry, max=entry, count=1):
         return None
     if (oldest := oldest_entry_ms(client, stream)) is not None and oldest < start_ms:
         return None
     return f"the stream lost every event logged after partition {partition} (its {rows} events) was drained"
+
+
+def cut_before_first_drain(client, stream: str, start_ms: int, trimmed_before_ms: int) -> str | None:
+    """``stream_loss`` of a stream none of whose hours before this one was drained: entries were removed (``XINFO
+    STREAM``'s ``entries-added`` above its length, Redis 7 or later), by none of our trims (there has been none), and
+    its oldest entry is not older than the hour (``start_ms``), so the removed ones came before, or in, it: the
+    loggers' ``stream_maxlen`` cut the stream before its first drain. None when that cannot be told."""
+    if trimmed_before_ms:
+        return None  # our cleanup trimmed it: the entries it removed are not counted apart from others
+    try:
+        info = client.xinfo_stream(stream)
+    except redis_errors.RedisError:  # no stream, an ACL without XINFO: nothing to tell
+        return None
+    removed = int(info.get("entries-added") or 0) - int(info.get("length") or 0)
+    oldest = oldest_entry_ms(client, stream)
+    if removed <= 0 or oldest is None or oldest < start_ms:
+        return None
+    return (
+        f"the stream lost its {removed} oldest events before any hour was drained (the loggers' stream_maxlen cut "
+        f"it, or entries were deleted), up to {datetime.fromtimestamp(oldest / 1000, UTC):%Y-%m-%d %H:%M:%S} UTC"
+    )
 
 
 def loss_warning(loss: str, kept: int, first: datetime | None) -> str:

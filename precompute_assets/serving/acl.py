@@ -106,7 +106,7 @@ PUBLISHER_COMMANDS = (
     "incrby",
     # the query_logs drain and the cleanup: read the stream, record the trimmed boundary, trim; cache_health and
     # live_refresh_sensor read its newest queries first
-    "xrange", "xrevrange", "xtrim", "xdel", "xlen",
+    "xrange", "xrevrange", "xtrim", "xdel", "xlen", "xinfo|stream",
     # read-only inspection inside the namespace (operators, checks)
     "hget", "hmget", "hlen", "ttl", "pttl", "type",
     # settle_published: probation's scripts after a flip, its order list, and the live values it hands over or deletes;

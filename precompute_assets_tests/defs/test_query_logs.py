@@ -505,6 +505,26 @@ def test_rematerializing_an_hour_the_stream_lost_keeps_the_good_partition(
     assert Lake(lake_uri).read("query_logs", HOUR).equals(logs)  # not replaced by an empty hour
 
 
+def test_a_stream_cut_by_its_maxlen_before_a_first_drain_says_so(
+    redis_url, redis_client, schema, lake_uri, pg_instance
+):
+    """A new deployment's loggers cut the stream by their stream_maxlen before anything was drained: the first drain
+    kept the hour's last events as if they were all of them, without a word (h_qlog). (A first drain of a stream
+    nothing was removed from says nothing: test_the_first_drain_after_redis_lost_the_stream_says_so_with_counts.)"""
+    import logging
+
+    logger = QueryLogger(log_client(redis_url), schema, clock=lambda: HOUR_START_MS + 60_000, stream_maxlen=1)
+    for i in range(250):  # an entry each: MAXLEN ~ trims whole nodes of 100 entries
+        logger.log("ctr", f"ad{i}", hit=True, latency_us=40)
+        logger.flush()
+    logger.close()
+    assert redis_client.xlen(schema.query_log()) < 250
+    result = materialize(redis_url, schema, lake_uri, pg_instance)
+    warnings = [e.user_message for e in pg_instance.all_logs(result.run_id) if e.level == logging.WARNING]
+    assert len(warnings) == 1 and "oldest events before any hour was drained (the loggers' stream_maxlen" in warnings[0]
+    assert drain_metadata(result)["stream_lost"].value.startswith("the stream lost its")
+
+
 def test_the_first_drain_after_redis_lost_the_stream_says_so_with_counts(
     redis_url, redis_client, schema, lake_uri, pg_instance
 ):

@@ -114,7 +114,8 @@ def test_the_exact_rules_of_namespace_pc() -> None:
         "+ping", "+client|setinfo", "+cluster|slots", "+command", "+asking",
         "+get", "+set", "+del", "+exists", "+expire", "+expireat", "+hset", "+hdel",
         "+multi", "+exec", "+discard", "+watch", "+unwatch", "+incrby", "+xrange", "+xrevrange", "+xtrim", "+xdel",
-        "+xlen", "+hget", "+hmget", "+hlen", "+ttl", "+pttl", "+type", "+eval", "+lrange", "+rpush", "+unlink",
+        "+xlen", "+xinfo|stream", "+hget", "+hmget", "+hlen", "+ttl", "+pttl", "+type", "+eval", "+lrange", "+rpush",
+        "+unlink",
         "+zrem", "+zadd", "+zscore", "+zrange", "+zcard", "+llen", "+hexists", "+info", "+memory|usage",
         "+time", "+sadd", "+smembers",
     ]  # fmt: skip
