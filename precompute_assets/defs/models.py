@@ -164,8 +164,9 @@ def new_ads_check(new_ads: ctr.NewAdEvaluation | None, error: str | None) -> dg.
             "beats_baseline",
             asset=CTR_MODEL,
             blocking=True,
-            description="The forest's validation AUC is at least a logistic regression's and each ad's own click "
-            "history's on the same time split; blocks: only an approved model is used for predictions and campaigns.",
+            description="The forest's validation AUC is above a logistic regression's, each ad's own click history's "
+            "and chance (0.5) on the same time split; blocks: only an approved model is used for predictions and "
+            "campaigns.",
         ),
         dg.AssetCheckSpec(
             "new_ads_beat_baseline",

@@ -59,6 +59,9 @@ HEAD_FEATURES = 7 + 3
 AGE_CAP_HOURS = 28 * HOURS_PER_DAY
 
 
+TRAINED_MISSING_HOURS = 3  # a day the LSTM learns to forecast misses at most this many hours of logs (trained_days)
+
+
 class UnsafeModelFile(ValueError):
     """A weights file that is not a plain ``state_dict`` of tensors (refused, never executed)."""
 
@@ -196,7 +199,11 @@ class HourlyCounts:
     def whole_days(self) -> np.ndarray:
         """Per day (bool, days,): whether none of its hours of logs is missing. A missing hour counts 0 in ``daily``,
         so only whole days compare (``_mase_scale``)."""
-        return np.bincount(self.day[self._lost_hours()], minlength=self.n_days) == 0
+        return self.missing_per_day() == 0
+
+    def missing_per_day(self) -> np.ndarray:
+        """Per day (int, days,): how many of its hours of logs are missing."""
+        return np.bincount(self.day[self._lost_hours()], minlength=self.n_days)
 
     def logged_days(self) -> np.ndarray:
         """Per day (bool, days,): whether any of its hours was logged (a day of none is no day of zero requests)."""
@@ -442,8 +449,9 @@ def train_lstm(
     days = trained_days(data, window, last_day)
     if not days:
         raise ValueError(
-            f"no day before the held-back one to train on: each of days {window}..{last_day - 1} has no logs, or "
-            f"follows {window} days without any (a day without logs is no day of zero requests)"
+            f"no day before the held-back one to train on: each of days {window}..{last_day - 1} misses more than "
+            f"{TRAINED_MISSING_HOURS} hours of logs, or follows {window} days without any (a missing hour would count "
+            "as no requests)"
         )
     parts = [_window(sample, every, d, hp_window, daily) for d in days]
     steps = torch.from_numpy(np.concatenate([p[0] for p in parts]))
@@ -493,12 +501,12 @@ def train_lstm(
 
 
 def trained_days(data: HourlyCounts, window: int, last_day: int) -> list[int]:
-    """The days of ``window .. last_day - 1`` the LSTM learns to forecast, each after ``window`` days of which at least
-    one has logs: those whose every hour was logged (a missing hour counts 0 in the day's total, a label made up in
-    part), or, when none is (an hour lost every day), those with logs. A day without any is never one."""
-    whole, logged = data.whole_days(), data.logged_days()
-    after_logs = [d for d in range(window, last_day) if logged[d - window : d].any()]
-    return [d for d in after_logs if whole[d]] or [d for d in after_logs if logged[d]]
+    """The days of ``window .. last_day - 1`` the LSTM learns to forecast: each after ``window`` days of which at least
+    one has logs, and missing at most ``TRAINED_MISSING_HOURS`` hours of its own (a missing hour counts 0 in the day's
+    total: a label made up in part, an eighth of the day at most). A day without any logs is never one; a deployment
+    that loses an hour or two a day still trains on every day."""
+    missing, logged = data.missing_per_day(), data.logged_days()
+    return [d for d in range(window, last_day) if missing[d] <= TRAINED_MISSING_HOURS and logged[d - window : d].any()]
 
 
 def frequency_forecast(daily: np.ndarray, keys: np.ndarray, target_day: int, hp: DemandHyperParams) -> np.ndarray:

@@ -804,16 +804,17 @@ def expand_entries(
     logger writes: kept under ``written:{name}``, they would be read as the expansion's own (a ``_queries`` of text
     failed every drain of its hour)."""
     for entry_id, fields in entries:
+        claimed = _count(fields.get(b"n")) if b"groups" in fields else None
+        whole = {} if claimed is None or claimed <= 1 else {ENTRY_QUERIES: b"%d" % claimed}  # all of its queries
         if marked := fields.keys() & (ENTRY_ERROR, ENTRY_QUERIES):
             kept = {(b"written:" + name if name in marked else name): value for name, value in fields.items()}
             names = ", ".join(sorted(name.decode() for name in marked))
-            yield entry_id, {**kept, ENTRY_ERROR: f"a field named {names}, which no query logger writes".encode()}
+            why = f"a field named {names}, which no query logger writes".encode()
+            yield entry_id, {**kept, ENTRY_ERROR: why, **whole}  # a batch's: all of its queries
             continue
         if b"groups" not in fields:
             yield entry_id, fields
             continue
-        claimed = _count(fields.get(b"n"))
-        whole = {} if claimed is None or claimed <= 1 else {ENTRY_QUERIES: b"%d" % claimed}  # all of its queries
         try:
             columns = tuple(fields.get(b"cols", b"").decode("ascii").split(","))
             groups = json.loads(fields[b"groups"])

@@ -517,9 +517,10 @@ def load_impressions(
     quarantine.write(lake, IMPRESSIONS_QUARANTINE, digest)
     summary.written, summary.partition_rows, summary.already_loaded = {}, {}, [] if append else None
     with exclusive or contextlib.nullcontext():
-        added = _write_days(path, lake, valid, digest, append, summary)
+        _write_days(path, lake, valid, digest, append, summary)
     summary.loaded = sum(summary.written.values())
-    summary.unknown_ad_impressions = unknown_ad_impressions(lake, pd.concat(added) if added else [])
+    # all of this file's valid rows, those of the days it had loaded already too (a re-run reported 0)
+    summary.unknown_ad_impressions = unknown_ad_impressions(lake, valid[ID_COLUMN])
     if not len(valid):
         summary.note = "no valid rows: no ad_impressions partition was written"
     elif not summary.written:
@@ -527,20 +528,17 @@ def load_impressions(
     return summary
 
 
-def _write_days(
-    path: Path, lake: Lake, valid: pd.DataFrame, digest: str, append: bool, summary: LoadSummary
-) -> list[pd.Series]:
+def _write_days(path: Path, lake: Lake, valid: pd.DataFrame, digest: str, append: bool, summary: LoadSummary) -> None:
     """Write each day of ``valid`` into its ``ad_impressions`` partition (replaced, or added to with ``append``),
-    recording it in ``summary``; returns the ad ids written."""
-    added: list[pd.Series] = []
+    recording it in ``summary`` (a day that holds this file's rows already: what it holds)."""
     for day, rows in valid.groupby("day", sort=True):
         key = (date(1970, 1, 1) + timedelta(days=int(day))).isoformat()
         rows, loaded, new_rows = rows[list(IMPRESSION_COLUMNS)], [digest], len(rows)
-        new_ids = rows[ID_COLUMN]
         if append and lake.exists(IMPRESSIONS, key):
             loaded = _loaded_files(lake, key)
             if digest in loaded:  # an earlier load of this file wrote this day
                 summary.already_loaded.append(key)
+                summary.partition_rows[key] = len(lake.read(IMPRESSIONS, key, columns=["ts_ms"]))
                 continue
             loaded.append(digest)
             rows = pd.concat([lake.read(IMPRESSIONS, key, columns=list(IMPRESSION_COLUMNS)), rows], ignore_index=True)
@@ -553,8 +551,6 @@ def _write_days(
                 f"{path}: could not write day {key}: {error}; days written before it: {done} ({again})"
             ) from error
         summary.written[key], summary.partition_rows[key] = new_rows, len(rows)
-        added.append(new_ids)
-    return added
 
 
 def _digest(path: Path) -> str:

@@ -113,14 +113,18 @@ def runs_losing_servers(stack: Stack) -> list[str]:
     """The IDs of the runs in progress (STARTING, STARTED, CANCELING) whose Dagster storage is this stack's embedded
     PostgreSQL, which ``down`` would stop under them; none when it is not running or cannot be read (``down`` is not
     kept from stopping by a storage it cannot read)."""
-    if not stack.embeds(ENV_DAGSTER_PG) or stack.postgres.pid is None:
+    if (
+        not stack.embeds(ENV_DAGSTER_PG)
+        or stack.postgres.pid is None
+        or not (stack.dagster_home / "dagster.yaml").exists()
+    ):
         return []
     import dagster as dg
 
     from ..defs.runs import IN_PROGRESS
 
-    try:
-        with dagster_instance(stack) as instance:
+    try:  # the instance stored in the embedded PostgreSQL, whatever DAGSTER_HOME says (another project's, a SQLite)
+        with dagster_instance(stack, own=True) as instance:
             return [
                 record.dagster_run.run_id for record in instance.get_run_records(dg.RunsFilter(statuses=IN_PROGRESS))
             ]
@@ -228,14 +232,17 @@ def lost_publish_lines(stack: Stack, redis_service: ServiceStatus, postgres: Ser
 
 
 @contextlib.contextmanager
-def dagster_instance(stack: Stack) -> Iterator:
-    """The Dagster instance of ``DAGSTER_HOME`` (the stack's unless set), with the stack's variables set while
-    it is open (its dagster.yaml reads the PostgreSQL URL from them)."""
+def dagster_instance(stack: Stack, *, own: bool = False) -> Iterator:
+    """The Dagster instance of ``DAGSTER_HOME`` (the stack's unless set; with ``own``, the stack's whatever is set:
+    the one on its ``DAGSTER_PG_URL``), with the stack's variables set while it is open (its dagster.yaml reads the
+    PostgreSQL URL from them)."""
     import dagster as dg
 
     from ..storage.postgres import connect as postgres_connect
 
     env, saved = stack.env(), dict(os.environ)
+    if own:
+        env["DAGSTER_HOME"] = str(stack.dagster_home)
     if env["DAGSTER_HOME"] == str(stack.dagster_home):  # our dagster.yaml: its storage is DAGSTER_PG_URL
         # One attempt first: Dagster's own connection retries for 15 s, logging a warning each time, before it fails.
         postgres_connect(env[ENV_DAGSTER_PG]).close()
@@ -1726,7 +1733,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--capacity", type=positive_int, help="cache capacity in keys for the hit-rate comparison (default 2 x top-n)"
     )
-    demo.add_argument("--docs", type=positive_int, default=50_000, help="documents to generate and embed")
+    demo.add_argument(
+        "--docs",
+        type=positive_int,
+        default=50_000,
+        help="documents to generate and embed (more than the embedder's dimensions, 300)",
+    )
     demo.add_argument("--seed", type=non_negative_int, default=0, help="of the synthetic traffic (0)")
     demo.set_defaults(fn=cmd_demo)
     bench = sub.add_parser("bench", help="benchmarks: print one JSON object")

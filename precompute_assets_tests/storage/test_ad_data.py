@@ -423,6 +423,10 @@ def test_days_in_a_file_replace_their_partitions_or_are_appended(lake, tmp_path)
     assert lake.read("ad_impressions", "2026-11-18")["ad_id"].tolist() == ["b", "a"]
     again = load_impressions(path, lake, timezone="UTC", append=True)  # the day holds this file's rows already
     assert (again.written, again.already_loaded, again.loaded) == ({}, ["2026-11-18"], 0)
+    # what the day holds now, and the file's rows of ads not in `ads`, as on the first run (h_readme2: {} and 0)
+    lake.write("ads", None, pd.DataFrame({"ad_id": ["a"]}))
+    again = load_impressions(path, lake, timezone="UTC", append=True)
+    assert (again.partition_rows, again.unknown_ad_impressions) == ({"2026-11-18": 2}, 1)
     other = write(tmp_path / "more.csv", "ts_ms,ad_id,clicked\n" + f"{t + 1},a,0\n{t},b,1\n{t + 2},c,0\n")
     appended = load_impressions(other, lake, timezone="UTC", append=True)
     assert (appended.written, appended.partition_rows) == ({"2026-11-18": 3}, {"2026-11-18": 5})

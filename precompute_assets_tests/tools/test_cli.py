@@ -583,13 +583,17 @@ def test_up_status_down_manage_real_servers(tmp_path, monkeypatch, capsys):
         assert (
             err.count("\n") == 1 and f"Dagster runs in progress would lose their servers and fail ({run.run_id})" in err
         )
-        # a DAGSTER_HOME of the user's own whose dagster.yaml is the project's, on the embedded PostgreSQL (h_diff12)
+        # whatever DAGSTER_HOME names (the project's dagster.yaml in a folder of the user's, h_diff12; another
+        # project's SQLite instance, h_diff13), the runs stored in the embedded PostgreSQL are the ones `down` stops
         from precompute_assets.stack import project_dir
 
         (own := tmp_path / "own_dagster").mkdir()
         (own / "dagster.yaml").symlink_to(project_dir() / "dagster.yaml")
-        monkeypatch.setenv("DAGSTER_HOME", str(own))
-        assert main(["down"]) == 2 and run.run_id in capsys.readouterr().err
+        (sqlite := tmp_path / "other_project").mkdir()
+        (sqlite / "dagster.yaml").write_text("")
+        for home in (own, sqlite):
+            monkeypatch.setenv("DAGSTER_HOME", str(home))
+            assert main(["down"]) == 2 and run.run_id in capsys.readouterr().err
         monkeypatch.delenv("DAGSTER_HOME")
         assert "redis     embedded  running" in (main(["status"]) or capsys.readouterr().out)
         assert main(["down", "--force"]) == 0 and "embedded services stopped" in capsys.readouterr().out
