@@ -12,7 +12,7 @@ import pyarrow.compute as pc
 from pydantic import Field
 
 from ..ml.demand import DemandHyperParams
-from ..ml.experiment import split_selection
+from ..ml.experiment import split_ranking, split_selection
 from ..ml.replay import ShareChoice, shards_keep, shards_rate, tune_share
 from ..ml.selection import DEMAND_WINDOW_DAYS, coverage, select_top
 from ..ml.selection import ad_demand as weighted_demand
@@ -255,6 +255,7 @@ def self_tuned_share(
     max_requests: int | None = None,
     hp: DemandHyperParams = REPLAY_HYPER_PARAMS,
     previous_share: int | None = None,
+    split: tuple[str, Sequence[str], Sequence[str]] | None = None,
 ) -> ShareChoice:
     """The precompute share for the day after ``day`` within ``capacity`` keys, from replaying the logged days
     (``LOOKBACK_DAYS`` up to ``day``, from the first with logs; that one only warms the caches) beside the live
@@ -262,13 +263,20 @@ def self_tuned_share(
     day is ranked by ``strategy`` (with ``hp``'s baseline parameters) from the ``BASELINE_DAYS`` before it, as
     tomorrow is ranked (so those days are read too); the LSTM, whose daily retraining a replay cannot afford here,
     is replayed with the frequency ranking. ``previous_share``: what the day before published, which the share rises
-    at most one candidate above (``tune_share``)."""
+    at most one candidate above (``tune_share``). ``split``: an A/B experiment's ``(salt, arms, strategies)``, whose
+    split selection (``split_selection``: each arm's own ranking on its own keys) is replayed instead of ``strategy``'s
+    ranking (``split_ranking``)."""
     days = partitions.days_ending(day, LOOKBACK_DAYS + BASELINE_DAYS)
     history = max(0, len(days) - LOOKBACK_DAYS)  # read for the rankings only, never replayed
     logged = logged_rows(lake, partitions, days[history:]) if max_requests is not None else None
     rate = 1.0 if logged is None else shards_rate(logged, max_requests, capacity)
     hours, whole = logged_trace(lake, partitions, days, rate=rate)
-    rankings, _ = strategy_rankings(hours, share_ranking(strategy), capacity, hp=hp)
+    if split is None:
+        rankings, _ = strategy_rankings(hours, share_ranking(strategy), capacity, hp=hp)
+    else:
+        salt, arms, strategies = split
+        by_arm = [strategy_rankings(hours, share_ranking(used), capacity, hp=hp)[0] for used in strategies]
+        rankings = [split_ranking(day, salt=salt, arms=arms) for day in zip(*by_arm, strict=True)]
     # Days before the first logged one would make that day count cold.
     first = next((d for d in range(history, len(days)) if whole[d]), history)
     sampled = (rate, whole[first:]) if rate < 1 else None  # else tune_share samples what it was given, if over
@@ -393,6 +401,7 @@ def top_ads(
 
     running = experiment.experiment()
     demand, strategy, reason = ranked_by(config.strategy)
+    arms = {arm: ranked_by(arm) for arm in running.arms} if running is not None else {}
     share_metadata: dict = {"precompute_share": config.precompute_share}
     top_n = config.top_n
     if config.precompute_share == "auto":
@@ -410,13 +419,20 @@ def top_ads(
             replace(evaluated_hyper_params(evaluation), half_life_days=half_life),  # as strategy_demand ranks
             # none known (a first run, a day that failed): 0, so the share starts a step up, as after a day of none
             previous_share=published_share(context.instance, Partitions.of(context), context.partition_key) or 0,
+            # an experiment's selection is its arms' split: replayed as such
+            split=(running.salt, running.arms, [used for _, used, _ in arms.values()]) if running else None,
         )
         top_n = choice.share
+        replayed_ranking = (
+            ",".join(f"{arm}:{share_ranking(used)}" for arm, (_, used, _) in arms.items())
+            if running
+            else share_ranking(strategy)
+        )
         share_metadata.update(
             cache_capacity=config.cache_capacity,
             # what chose it: the ranking replayed (under an experiment the configured strategy's, not the arms'), the
             # best candidate and the share before, which the share rises at most one candidate above
-            share_ranking=share_ranking(strategy),
+            share_ranking=replayed_ranking,
             share_best_candidate=choice.best,
             share_ramped_from=choice.ramped_from,
             share_admission=config.admission,
@@ -434,7 +450,7 @@ def top_ads(
             f"rate {choice.tuned_hit_rate:.4f} against read-through only {choice.hit_rates[0]:.4f}; this share on "
             f"the days that chose it {choice.hit_rates[top_n]:.4f}; {choice.requests} logged requests on the counted "
             f"days, replayed on a sample of {choice.sample_rate:.2%} of the keys, live tier: {config.admission}, "
-            f"ranked by {share_ranking(strategy)}"
+            f"ranked by {replayed_ranking}"
             + (
                 f"; the history's best, {choice.best}, is more than one step above the share before, "
                 f"{choice.ramped_from})"
@@ -442,12 +458,6 @@ def top_ads(
                 else ")"
             )
         )
-        if running is not None:
-            context.log.warning(
-                f"the share was tuned with the {share_ranking(strategy)} ranking (the configured strategy "
-                f"{config.strategy}), not with the experiment's arms ({', '.join(running.arms)}), whose split it "
-                "precomputes"
-            )
     # the arms rank an experiment's selection, whatever the configured strategy
     verdict_metadata = verdict_top_n(context, running.arms if running else (config.strategy,), top_n, evaluation)
     arm_metadata: dict = {}
@@ -456,7 +466,6 @@ def top_ads(
         frame = pd.DataFrame({"rank": range(1, len(selected) + 1), "ad_id": selected})
         frame[EXPERIMENT_COLUMN] = experiment_column(None)
     else:
-        arms = {arm: ranked_by(arm) for arm in running.arms}
         split = split_selection({arm: ranked[0] for arm, ranked in arms.items()}, salt=running.salt, top_n=top_n)
         selected = split["ad_id"].tolist()
         frame = pd.DataFrame({"rank": range(1, len(split) + 1), "ad_id": selected, "arm": split["arm"].tolist(),

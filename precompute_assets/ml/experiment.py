@@ -67,6 +67,24 @@ def arm_budgets(top_n: int, n_arms: int = 2) -> list[int]:
     return [top_n // n_arms + (i < top_n % n_arms) for i in range(n_arms)]
 
 
+def split_ranking(rankings: Sequence[Sequence[Hashable]], *, salt: str, arms: Sequence[str]) -> list[Hashable]:
+    """One ranking whose first N keys are the split ``split_selection`` precomputes for a top-N: each arm's own
+    ``rankings`` (in arm order, best first) kept to the keys hashed into it, taken in turns from the first arm, so any
+    prefix holds ``arm_budgets`` of each. When an arm runs out of keys the other's follow (``split_selection`` leaves
+    that budget unused); the self-tuned share replays a split selection with it."""
+    mine = [
+        [key for key, arm in zip(ranked, arms_of(salt, list(ranked), arms), strict=True) if arm == arms[i]]
+        if len(ranked)
+        else []
+        for i, ranked in enumerate(rankings)
+    ]
+    turns = itertools.zip_longest(*mine, fillvalue=_NONE)
+    return [key for turn in turns for key in turn if key is not _NONE]
+
+
+_NONE = object()  # an arm with no key left in its turn
+
+
 def split_selection(rankings: Mapping[str, pd.Series], *, salt: str, top_n: int) -> pd.DataFrame:
     """The keys to precompute under an experiment: ``ad_id`` and ``arm``, arm by arm, best first.
 

@@ -651,6 +651,23 @@ def test_an_experiment_splits_the_selection_and_is_published_with_the_version(
     assert {Experiment.decode(text) for text in predictions["experiment"]} == {published}
 
 
+def test_an_experiments_self_tuned_share_is_tuned_on_its_arms_split(resources, pg_instance, platform, lake_uri):
+    """The share of a split selection was tuned with the configured strategy's ranking, which neither arm used
+    (h_demand): it replays the arms' split, each arm's ranking on its own keys."""
+    experiment = ExperimentResource(arms="frequency,seasonal", salt="t1")
+    result = run({**resources, "experiment": experiment}, pg_instance, precompute_share="auto", cache_capacity=400)
+    assert result.success
+    meta = result.asset_materializations_for_node("top_ads")[0].metadata
+    assert meta["share_ranking"].value == "frequency:frequency,seasonal:seasonal"
+    split = self_tuned_share(
+        Lake(lake_uri), Partitions(), DAYS[-1], "frequency", 400, split=("t1", ("frequency", "seasonal"),
+                                                                          ("frequency", "seasonal"))
+    )  # fmt: skip
+    alone = self_tuned_share(Lake(lake_uri), Partitions(), DAYS[-1], "frequency", 400)
+    candidates = {int(n): rate for n, rate in meta["share_candidates"].value.items()}
+    assert candidates == split.hit_rates != alone.hit_rates  # the split, not the frequency ranking alone
+
+
 @pytest.mark.parametrize(("node", "setting"), [("top_ads", {"half_life_days": 1.0}), ("ad_demand", {"top_n": 5})])
 def test_a_selection_asset_refuses_a_setting_it_would_ignore(resources, node, setting):
     """top_ads's launchpad offered ad_demand's half_life_days and ad_demand's top_ads' top_n, each ignored: a run

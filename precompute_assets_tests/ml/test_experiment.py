@@ -435,3 +435,30 @@ def test_ab_replay_rejects_bad_arguments(kwargs, message):
     arguments = {"arms": ("frequency", "ewma"), "top_n": 10, "capacity": 20, "salt": "s", **kwargs}
     with pytest.raises(ValueError, match=message):
         ab_replay(weekly_trace(days=5, per_day=100), 5, **arguments)
+
+
+def test_a_split_ranking_holds_each_arms_budget_in_every_prefix():
+    """The self-tuned share replays a split selection as one ranking: any first N keys are the N split_selection
+    would precompute, each arm's best keys among its own (h_demand)."""
+    from precompute_assets.ml.experiment import arm_budgets, arms_of, split_ranking
+
+    keys = [f"ad{i:03d}" for i in range(200)]
+    arms = ("frequency", "seasonal")
+    by_name, reversed_names = keys, keys[::-1]  # the arms rank the keys in opposite orders
+    merged = split_ranking([by_name, reversed_names], salt="s1", arms=arms)
+    assert sorted(merged) == keys  # every key once, in its own arm's ranking
+    owner = dict(zip(keys, arms_of("s1", keys, arms), strict=True))
+    for n in (1, 2, 7, 50, 100):
+        prefix = merged[:n]
+        counts = [sum(owner[key] == arm for key in prefix) for arm in arms]
+        assert counts == arm_budgets(n), n
+        assert [k for k in prefix if owner[k] == "frequency"] == [k for k in by_name if owner[k] == "frequency"][
+            : counts[0]
+        ]
+        assert [k for k in prefix if owner[k] == "seasonal"] == [k for k in reversed_names if owner[k] == "seasonal"][
+            : counts[1]
+        ]
+    assert (
+        split_ranking([[], reversed_names], salt="s1", arms=arms)[:3]
+        == [k for k in reversed_names if owner[k] == "seasonal"][:3]
+    )  # an arm without keys leaves its turns to the other
