@@ -946,12 +946,27 @@ def ts_problem(ts: int, arrival_ms: int) -> str | None:
     """Why an event's own time ``ts`` cannot be that of an entry that arrived at ``arrival_ms``, or None: more than
     ``MAX_CLOCK_SKEW_MS`` before it or ``MAX_CLOCK_AHEAD_MS`` after it."""
     if not arrival_ms - MAX_CLOCK_SKEW_MS <= ts <= arrival_ms + MAX_CLOCK_AHEAD_MS:
+        if unit := _unit_of(ts, arrival_ms):  # a unit error, not a clock's
+            return f"ts in {unit}, not milliseconds: ts {ts}, arrival {arrival_ms}"
         where = (
             "more than an hour before its arrival (held back by a writer, or a clock behind)"
             if ts < arrival_ms
             else "more than 5 minutes after its arrival (a clock ahead)"
         )
         return f"ts {where}: ts {ts}, arrival {arrival_ms}"
+    return None
+
+
+def _unit_of(ts: int, arrival_ms: int) -> str | None:
+    """The unit a ``ts`` that is no time in milliseconds near ``arrival_ms`` was likely written in: seconds,
+    microseconds or nanoseconds, when read so it falls within the skew ``ts_problem`` allows; None otherwise (and for
+    an arrival that is no clock's epoch time: before 1973)."""
+    if ts <= 0 or arrival_ms < 10**11:
+        return None
+    for unit, ms in (("seconds", ts * 1000), ("microseconds", ts // 1000), ("nanoseconds", ts // 1_000_000)):
+        if arrival_ms - MAX_CLOCK_SKEW_MS <= ms <= arrival_ms + MAX_CLOCK_AHEAD_MS:
+            return unit
+    return None  # (ms read as large: handled by the caller's other branch)
     return None
 
 

@@ -195,6 +195,11 @@ def test_validation_quarantines_malformed_and_unknown_events():
         "missing field ts": {b"user": b"u1", b"action": b"login"},
         "ts is not an integer": {**good, b"ts": b"soon"},
         "ts more than an hour before its arrival": {**good, b"ts": b"1"},
+        # a unit error says so, not a clock's (h_qlog): seconds, microseconds, nanoseconds
+        "ts in seconds, not milliseconds": {**good, b"ts": str(T0 // 1000).encode()},
+        "ts in microseconds, not milliseconds": {**good, b"ts": str(T0 * 1000).encode()},
+        "ts in nanoseconds, not milliseconds": {**good, b"ts": str(T0 * 1_000_000).encode()},
+        "ts more than 5 minutes after its arrival": {**good, b"ts": str(T0 + 3_600_000).encode()},
         "missing field user": {b"ts": str(T0).encode(), b"action": b"login"},
         "empty action": {**good, b"action": b""},
         "user contains control characters": {**good, b"user": b"u\x00"},
