@@ -421,7 +421,7 @@ def demand_model(
             "stopped_by": evaluation.stopped_by,  # epochs or steps; seconds: the safety stop fired (safety_stop)
             **safety_stop,
             "train_samples": evaluation.train_samples,
-            "train_days": evaluation.train_days,  # days of whole logs it learned to forecast (trained_days)
+            "train_days": evaluation.train_days,  # days with logs it learned to forecast (trained_days)
             # trained from scratch: left out, not shown as a blank value
             **({"warm_started_from": previous} if evaluation.warm_started and previous else {}),
             "versions_pruned": pruned,

@@ -282,7 +282,8 @@ def stream_loss(
 
 
 def cut_before_first_drain(client, stream: str, start_ms: int, trimmed_before_ms: int) -> str | None:
-    """``stream_loss`` of a stream none of whose hours before this one was drained: entries were removed (``XINFO
+    """``stream_loss`` of a stream no hour before this one was drained from (a new deployment; or 24 hours of nothing
+    but imports or quiet): entries were removed (``XINFO
     STREAM``'s ``entries-added`` above its length, Redis 7 or later), by none of our trims (there has been none), and
     its oldest entry is not older than the hour (``start_ms``), so the removed ones came before, or in, it: the
     loggers' ``stream_maxlen`` cut the stream before its first drain. None when that cannot be told."""
@@ -297,8 +298,8 @@ def cut_before_first_drain(client, stream: str, start_ms: int, trimmed_before_ms
     if removed <= 0 or oldest is None or oldest < start_ms:
         return None
     return (
-        f"the stream lost its {removed} oldest events before any hour was drained (the loggers' stream_maxlen cut "
-        f"it, or entries were deleted), up to {datetime.fromtimestamp(oldest / 1000, UTC):%Y-%m-%d %H:%M:%S} UTC"
+        f"the stream lost {removed} entries that no cleanup trimmed (the loggers' stream_maxlen cut it, or entries "
+        f"were deleted) and holds none before {datetime.fromtimestamp(oldest / 1000, UTC):%Y-%m-%d %H:%M:%S} UTC"
     )
 
 

@@ -59,9 +59,6 @@ HEAD_FEATURES = 7 + 3
 AGE_CAP_HOURS = 28 * HOURS_PER_DAY
 
 
-TRAINED_MISSING_HOURS = 3  # a day the LSTM learns to forecast misses at most this many hours of logs (trained_days)
-
-
 class UnsafeModelFile(ValueError):
     """A weights file that is not a plain ``state_dict`` of tensors (refused, never executed)."""
 
@@ -199,11 +196,7 @@ class HourlyCounts:
     def whole_days(self) -> np.ndarray:
         """Per day (bool, days,): whether none of its hours of logs is missing. A missing hour counts 0 in ``daily``,
         so only whole days compare (``_mase_scale``)."""
-        return self.missing_per_day() == 0
-
-    def missing_per_day(self) -> np.ndarray:
-        """Per day (int, days,): how many of its hours of logs are missing."""
-        return np.bincount(self.day[self._lost_hours()], minlength=self.n_days)
+        return np.bincount(self.day[self._lost_hours()], minlength=self.n_days) == 0
 
     def logged_days(self) -> np.ndarray:
         """Per day (bool, days,): whether any of its hours was logged (a day of none is no day of zero requests)."""
@@ -271,7 +264,7 @@ class DemandEvaluation:
     new_keys: int = 0  # keys first requested on the held-back day (no method can rank them; outside the MASE)
     new_key_requests: float = 0.0  # their requests on that day
     mase_note: str | None = None  # why ``mase`` holds NaNs (``mase_undefined``); None when it holds none
-    train_days: int = 0  # the days it learned to forecast (``trained_days``: whole days of logs)
+    train_days: int = 0  # the days it learned to forecast (``trained_days``: days with logs)
 
 
 def approves(evaluation: DemandEvaluation, margin: float) -> bool:
@@ -420,7 +413,7 @@ def train_lstm(
     progress: Callable[[int, float, float], None] | None = None,
 ) -> tuple[torch.nn.Module, dict]:
     """An LSTM trained to forecast days ``window_days .. last_day - 1`` (never ``last_day``; only the days
-    ``trained_days`` keeps: whole days of logs after some) of up to
+    ``trained_days`` keeps: days with logs after some) of up to
     ``max_train_keys`` keys sampled by ``seed`` among those requested before ``last_day`` (nothing of ``last_day``
     or later, not even which keys it holds, changes the training), warm-started from ``init_state`` when its shapes
     fit; returns the model and ``{"seconds", "epochs", "steps", "stopped_by", "samples", "warm_started", "days"}``.
@@ -449,9 +442,8 @@ def train_lstm(
     days = trained_days(data, window, last_day)
     if not days:
         raise ValueError(
-            f"no day before the held-back one to train on: each of days {window}..{last_day - 1} misses more than "
-            f"{TRAINED_MISSING_HOURS} hours of logs, or follows {window} days without any (a missing hour would count "
-            "as no requests)"
+            f"no day before the held-back one to train on: each of days {window}..{last_day - 1} has no logs, or "
+            f"follows {window} days without any (a day without logs is no day of zero requests)"
         )
     parts = [_window(sample, every, d, hp_window, daily) for d in days]
     steps = torch.from_numpy(np.concatenate([p[0] for p in parts]))
@@ -501,12 +493,12 @@ def train_lstm(
 
 
 def trained_days(data: HourlyCounts, window: int, last_day: int) -> list[int]:
-    """The days of ``window .. last_day - 1`` the LSTM learns to forecast: each after ``window`` days of which at least
-    one has logs, and missing at most ``TRAINED_MISSING_HOURS`` hours of its own (a missing hour counts 0 in the day's
-    total: a label made up in part, an eighth of the day at most). A day without any logs is never one; a deployment
-    that loses an hour or two a day still trains on every day."""
-    missing, logged = data.missing_per_day(), data.logged_days()
-    return [d for d in range(window, last_day) if missing[d] <= TRAINED_MISSING_HOURS and logged[d - window : d].any()]
+    """The days of ``window .. last_day - 1`` the LSTM learns to forecast: those with logs, each after ``window`` days
+    of which at least one has logs. A day without any logs is no day of zero requests (a deployment's first days, a
+    lost day); a missing hour of a day with logs counts as no requests, as everywhere (``missing_hours``), since an
+    import writes no file for an hour without requests, and the quiet nights of a service are no loss."""
+    logged = data.logged_days()
+    return [d for d in range(window, last_day) if logged[d] and logged[d - window : d].any()]
 
 
 def frequency_forecast(daily: np.ndarray, keys: np.ndarray, target_day: int, hp: DemandHyperParams) -> np.ndarray:
