@@ -942,6 +942,9 @@ def _int_field(raw: bytes | None, name: str) -> tuple[int | None, str | None]:
         return None, f"{name} is not an integer: {raw[:32]!r}"
 
 
+UNIT_TOLERANCE_MS = 24 * 3600 * 1000  # a ts read in another unit within a day of its arrival is a unit error
+
+
 def ts_problem(ts: int, arrival_ms: int) -> str | None:
     """Why an event's own time ``ts`` cannot be that of an entry that arrived at ``arrival_ms``, or None: more than
     ``MAX_CLOCK_SKEW_MS`` before it or ``MAX_CLOCK_AHEAD_MS`` after it."""
@@ -958,15 +961,15 @@ def ts_problem(ts: int, arrival_ms: int) -> str | None:
 
 
 def _unit_of(ts: int, arrival_ms: int) -> str | None:
-    """The unit a ``ts`` that is no time in milliseconds near ``arrival_ms`` was likely written in: seconds,
-    microseconds or nanoseconds, when read so it falls within the skew ``ts_problem`` allows; None otherwise (and for
-    an arrival that is no clock's epoch time: before 1973)."""
+    """The unit a ``ts`` that is no time in milliseconds near ``arrival_ms`` was written in: seconds, microseconds or
+    nanoseconds, when read so it falls within ``UNIT_TOLERANCE_MS`` of the arrival (a factor of a thousand is no
+    clock's error, whatever the writer's skew; a clock a few minutes off as well was called "a clock behind"); None
+    otherwise, and for an arrival that is no clock's epoch time (before 1973)."""
     if ts <= 0 or arrival_ms < 10**11:
         return None
     for unit, ms in (("seconds", ts * 1000), ("microseconds", ts // 1000), ("nanoseconds", ts // 1_000_000)):
-        if arrival_ms - MAX_CLOCK_SKEW_MS <= ms <= arrival_ms + MAX_CLOCK_AHEAD_MS:
+        if abs(ms - arrival_ms) <= UNIT_TOLERANCE_MS:
             return unit
-    return None  # (ms read as large: handled by the caller's other branch)
     return None
 
 

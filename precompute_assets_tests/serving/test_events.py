@@ -196,8 +196,8 @@ def test_validation_quarantines_malformed_and_unknown_events():
         "ts is not an integer": {**good, b"ts": b"soon"},
         "ts more than an hour before its arrival": {**good, b"ts": b"1"},
         # a unit error says so, not a clock's (h_qlog): seconds, microseconds, nanoseconds
-        "ts in seconds, not milliseconds": {**good, b"ts": str(T0 // 1000).encode()},
-        "ts in microseconds, not milliseconds": {**good, b"ts": str(T0 * 1000).encode()},
+        "ts in seconds, not milliseconds": {**good, b"ts": str(T0 // 1000 + 600).encode()},  # and a clock 10 min fast
+        "ts in microseconds, not milliseconds": {**good, b"ts": str((T0 - 7_200_000) * 1000).encode()},  # 2 h slow
         "ts in nanoseconds, not milliseconds": {**good, b"ts": str(T0 * 1_000_000).encode()},
         "ts more than 5 minutes after its arrival": {**good, b"ts": str(T0 + 3_600_000).encode()},
         "missing field user": {b"ts": str(T0).encode(), b"action": b"login"},
