@@ -199,7 +199,7 @@ def ctr_model(
     started = time.perf_counter()
     try:
         spec = lake.ad_feature_spec()
-        frame, issues = ctr.training_frame(impressions, ads, spec)
+        frame, issues = ctr.training_frame(impressions, ads, spec, timezone=Partitions.of(context).timezone)
         train, valid = ctr.time_split(frame, valid_fraction=config.valid_fraction)
         # The forest's fit is the long silent part (minutes at millions of (ad, day) rows): say what it is fitting.
         context.log.info(

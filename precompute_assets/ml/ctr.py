@@ -96,11 +96,13 @@ def _whole_numbers_as_integers(ids: pd.Series) -> pd.Series:
 
 
 def training_frame(
-    impressions: pd.DataFrame, ads: pd.DataFrame, spec: AdFeatureSpec | None = None
+    impressions: pd.DataFrame, ads: pd.DataFrame, spec: AdFeatureSpec | None = None, *, timezone: str = "UTC"
 ) -> tuple[pd.DataFrame, TrainingIssues]:
-    """One row per (ad, UTC day) with ``ad_id``, ``day``, ``impressions``, ``clicks`` and the ad's ``spec``
+    """One row per (ad, day) with ``ad_id``, ``day``, ``impressions``, ``clicks`` and the ad's ``spec``
     columns (numeric as floats, categorical as labels), plus what was excluded (impressions of unknown ads, ads
-    whose features are invalid). A spec column the ads table lacks is a ``ValueError``."""
+    whose features are invalid). A spec column the ads table lacks is a ``ValueError``. Days are the local dates in
+    ``timezone`` (days since 1970-01-01), the daily partitions' days: in UTC days, a deployment west of Greenwich held
+    back a part of a day (Los Angeles: 00:00-08:00 of the partition's day) as if it were the last whole one."""
     spec = spec or AdFeatureSpec()
     _require_columns(impressions, IMPRESSION_COLUMNS, "impressions table")
     table, complete = _ad_table(ads, spec)
@@ -120,7 +122,7 @@ def training_frame(
         excluded_impressions=int((~usable).sum()),
     )
 
-    day = impressions["ts_ms"].to_numpy(dtype=np.int64)[usable] // MS_PER_DAY
+    day = local_days(impressions["ts_ms"].to_numpy(dtype=np.int64)[usable], timezone)
     clicked = impressions["clicked"].to_numpy(dtype=bool)[usable]
     grouped = (
         pd.DataFrame({"code": codes[usable], "day": day, "clicked": clicked})
@@ -138,6 +140,14 @@ def training_frame(
     )
     frame = pd.concat([row_columns[[ID_COLUMN]], counts, row_columns[spec.columns[1:]]], axis=1)
     return frame, issues
+
+
+def local_days(ts_ms: np.ndarray, timezone: str) -> np.ndarray:
+    """Days since 1970-01-01 of the local date in ``timezone`` of each epoch-milliseconds timestamp."""
+    if timezone == "UTC":
+        return ts_ms // MS_PER_DAY
+    local = pd.DatetimeIndex(pd.to_datetime(ts_ms, unit="ms", utc=True)).tz_convert(timezone).tz_localize(None)
+    return local.to_numpy().astype("datetime64[D]").astype(np.int64)
 
 
 def time_split(frame: pd.DataFrame, *, valid_fraction: float = 0.2) -> tuple[pd.DataFrame, pd.DataFrame]:

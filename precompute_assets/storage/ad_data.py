@@ -42,6 +42,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ..ml.ctr import local_days
 from ..serving.querylog import MAX_KEY_LENGTH
 from .files import first_bytes, not_text_reason, record_text, tapped_lines, unreadable_reason
 from .lake import Lake
@@ -456,12 +457,6 @@ def _impression_problems(frame: pd.DataFrame, ts_reason: np.ndarray, clicked_ok:
     return problems
 
 
-def _local_days(ts_ms: np.ndarray, timezone: str) -> np.ndarray:
-    """Days since 1970-01-01 of the local date of each timestamp in ``timezone``."""
-    local = pd.DatetimeIndex(pd.to_datetime(ts_ms, unit="ms", utc=True)).tz_convert(timezone).tz_localize(None)
-    return local.to_numpy().astype("datetime64[D]").astype(np.int64)
-
-
 def load_impressions(
     path: str | Path,
     lake: Lake,
@@ -497,7 +492,7 @@ def load_impressions(
         ts_ms, ts_reason = _timestamps(frame["ts_ms"])
         clicked, clicked_ok = _clicked(frame["clicked"])
         problems = _impression_problems(frame, ts_reason, clicked_ok)
-        days = _local_days(ts_ms, timezone)
+        days = local_days(ts_ms, timezone)
         if first is not None:
             problems[(days < first) & pd.isna(problems)] = f"ts_ms falls before the first daily partition {first_day}"
         if not_after_ms is not None:

@@ -191,6 +191,31 @@ def test_training_frame_aggregates_per_ad_and_utc_day_and_reports_exclusions() -
     assert frame["category"].tolist() == [str(c) for c in ads["category"].iloc[[0, 0, 1]]]
 
 
+def test_training_frame_days_are_the_partitions_local_days() -> None:
+    """Days were UTC days while the partitions are local: in Los Angeles the held-back "last day" was 00:00-08:00 of
+    the partition's day, and its evening fell in the next UTC day (h_ctr)."""
+    from datetime import datetime
+    from zoneinfo import ZoneInfo
+
+    ads = make_ads(2)
+    la = ZoneInfo("America/Los_Angeles")
+
+    def ms_at(day: int, hour: int) -> int:
+        return int(datetime(2026, 11, day, hour, tzinfo=la).timestamp() * 1000)
+
+    impressions = pd.DataFrame(
+        [(ms_at(17, 1), "ad00000", False), (ms_at(17, 20), "ad00000", True), (ms_at(18, 1), "ad00001", True)],
+        columns=["ts_ms", "ad_id", "clicked"],
+    )
+    local, _ = training_frame(impressions, ads, timezone="America/Los_Angeles")
+    nov17 = (datetime(2026, 11, 17) - datetime(1970, 1, 1)).days
+    assert local[["ad_id", "day", "impressions"]].values.tolist() == [["ad00000", nov17, 2], ["ad00001", nov17 + 1, 1]]
+    utc, _ = training_frame(impressions, ads)  # 20:00 in Los Angeles is 04:00 UTC the next day
+    assert utc[["ad_id", "day", "impressions"]].values.tolist() == [
+        ["ad00000", nov17, 1], ["ad00000", nov17 + 1, 1], ["ad00001", nov17 + 1, 1]
+    ]  # fmt: skip
+
+
 def test_training_frame_compresses_impressions_into_ad_days(synthetic) -> None:
     _, train, valid = synthetic
     both = pd.concat([train, valid])
