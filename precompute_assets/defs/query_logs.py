@@ -283,10 +283,10 @@ def stream_loss(
 
 def cut_before_first_drain(client, stream: str, start_ms: int, trimmed_before_ms: int) -> str | None:
     """``stream_loss`` of a stream no hour before this one was drained from (a new deployment; or 24 hours of nothing
-    but imports or quiet): entries were removed (``XINFO
-    STREAM``'s ``entries-added`` above its length, Redis 7 or later), by none of our trims (there has been none), and
-    its oldest entry is not older than the hour (``start_ms``), so the removed ones came before, or in, it: the
-    loggers' ``stream_maxlen`` cut the stream before its first drain. None when that cannot be told."""
+    but imports or quiet): entries were removed (``XINFO STREAM``'s ``entries-added`` above its length, Redis 7 or
+    later), by none of our trims (there has been none), and its oldest entry is not older than the hour
+    (``start_ms``), so the removed ones came before, or in, it: the loggers' ``stream_maxlen`` cut the stream before
+    its first drain. None when that cannot be told."""
     if trimmed_before_ms:
         return None  # our cleanup trimmed it: the entries it removed are not counted apart from others
     try:
@@ -319,7 +319,7 @@ def stream_lost_failure(lost: str, hour: str) -> dg.Failure:
     )
 
 
-def _keep_imported(logs: pd.DataFrame, quarantine: pd.DataFrame, lost_queries: int = 0):
+def _keep_imported(logs: pd.DataFrame, quarantine: pd.DataFrame, lost_queries: int):
     """The outputs of an hour whose imported requests stay: the stream never had its traffic, only (``quarantine``,
     standing for ``lost_queries``) malformed entries, if anything."""
     metadata = {"dagster/row_count": len(logs), "distinct_keys": int(logs["key"].nunique()), "imported": True}

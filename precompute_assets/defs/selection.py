@@ -430,8 +430,8 @@ def top_ads(
         )
         share_metadata.update(
             cache_capacity=config.cache_capacity,
-            # what chose it: the ranking replayed (under an experiment the configured strategy's, not the arms'), the
-            # best candidate and the share before, which the share rises at most one candidate above
+            # what chose it: the ranking replayed (under an experiment, each arm's), the best candidate and the share
+            # before, which the share rises at most one candidate above
             share_ranking=replayed_ranking,
             share_best_candidate=choice.best,
             share_ramped_from=choice.ramped_from,
@@ -445,18 +445,17 @@ def top_ads(
         )
         # The chosen share's own rate is on the days that chose it: in-sample. The self-tuning policy replayed out
         # of sample (each day's share from the days before it) is the rate to set beside read-through.
+        capped = (
+            f"; the history's best, {choice.best}, is more than one step above the share before, {choice.ramped_from}"
+            if choice.best > top_n
+            else ""
+        )
         context.log.info(
             f"self-tuned share: {top_n} of {config.cache_capacity} keys (self-tuned shares replayed day by day: hit "
             f"rate {choice.tuned_hit_rate:.4f} against read-through only {choice.hit_rates[0]:.4f}; this share on "
             f"the days that chose it {choice.hit_rates[top_n]:.4f}; {choice.requests} logged requests on the counted "
             f"days, replayed on a sample of {choice.sample_rate:.2%} of the keys, live tier: {config.admission}, "
-            f"ranked by {replayed_ranking}"
-            + (
-                f"; the history's best, {choice.best}, is more than one step above the share before, "
-                f"{choice.ramped_from})"
-                if choice.best > top_n
-                else ")"
-            )
+            f"ranked by {replayed_ranking}{capped})"
         )
     # the arms rank an experiment's selection, whatever the configured strategy
     verdict_metadata = verdict_top_n(context, running.arms if running else (config.strategy,), top_n, evaluation)

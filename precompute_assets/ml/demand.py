@@ -719,7 +719,7 @@ def _loader_finding(error: Exception) -> str:
     advice = ("Weights only load failed", "Check the documentation of torch.load")
     found = [" ".join(part.split()) for part in str(error).split("\n\n") if part.strip()]
     kept = [part for part in found if not part.startswith(advice)]
-    return "; ".join(kept) or f"{type(error).__name__}"
+    return "; ".join(kept) or type(error).__name__
 
 
 def _check_plain(state: object, what: str) -> None:

@@ -73,16 +73,11 @@ def split_ranking(rankings: Sequence[Sequence[Hashable]], *, salt: str, arms: Se
     prefix holds ``arm_budgets`` of each. When an arm runs out of keys the other's follow (``split_selection`` leaves
     that budget unused); the self-tuned share replays a split selection with it."""
     mine = [
-        [key for key, arm in zip(ranked, arms_of(salt, list(ranked), arms), strict=True) if arm == arms[i]]
-        if len(ranked)
-        else []
-        for i, ranked in enumerate(rankings)
+        [key for key, arm in zip(ranked, arms_of(salt, list(ranked), arms), strict=True) if arm == own]
+        for ranked, own in zip(rankings, arms, strict=True)
     ]
-    turns = itertools.zip_longest(*mine, fillvalue=_NONE)
-    return [key for turn in turns for key in turn if key is not _NONE]
-
-
-_NONE = object()  # an arm with no key left in its turn
+    none = object()  # an arm with no key left in its turn
+    return [key for turn in itertools.zip_longest(*mine, fillvalue=none) for key in turn if key is not none]
 
 
 def split_selection(rankings: Mapping[str, pd.Series], *, salt: str, top_n: int) -> pd.DataFrame:

@@ -855,9 +855,8 @@ class PredictionCache:
 
     def _decode(self, kind: str, raw: Any, *, count: bool = True) -> Any:
         """Decode a stored value, ``ABSENT`` when there is none (a reply that is no bytes: None, ``FAILED``); a corrupt
-        one (a float32 one or an embedding not finite
-        too) counts as an error (with ``count``) and is ``ABSENT`` (a miss), never an exception. A JSON null is a
-        value (None): the model's answer was "nothing"."""
+        one (a float32 one or an embedding not finite too) counts as an error (with ``count``) and is ``ABSENT`` (a
+        miss), never an exception. A JSON null is a value (None): the model's answer was "nothing"."""
         if not isinstance(raw, bytes):
             return ABSENT
         codec = codec_for(kind)

@@ -811,8 +811,10 @@ class CampaignRegistry:
         if before.tzinfo is None or before.utcoffset() is None:
             raise ValueError(f"before must be timezone-aware, got {before.isoformat()}")
         with transaction(self.url) as conn, conn.cursor() as cur:
-            over = " USING campaigns c WHERE a.campaign_id = c.campaign_id AND (c.end_at < %(before)s OR"
-            over += " (c.status = 'cancelled' AND c.updated_at < %(before)s))"
+            over = (
+                " USING campaigns c WHERE a.campaign_id = c.campaign_id"
+                " AND (c.end_at < %(before)s OR (c.status = 'cancelled' AND c.updated_at < %(before)s))"
+            )
             cur.execute("DELETE FROM campaign_ads a" + over + " RETURNING a.campaign_id", {"before": before})
             purged = {campaign_id for (campaign_id,) in cur.fetchall()}
             cur.execute("DELETE FROM campaign_written_ads a" + over, {"before": before})
@@ -870,8 +872,9 @@ class CampaignRegistry:
         revision's (a re-registration after a warming records them anew)."""
         with transaction(self.url) as conn, conn.cursor() as cur:
             cur.execute(
-                "DELETE FROM campaign_written_ads WHERE campaign_id = %s AND (%s::text[] IS NULL OR ad_id = ANY(%s))",
-                (campaign_id, None if ad_ids is None else sorted(ad_ids), None if ad_ids is None else sorted(ad_ids)),
+                "DELETE FROM campaign_written_ads WHERE campaign_id = %(id)s"
+                " AND (%(ads)s::text[] IS NULL OR ad_id = ANY(%(ads)s))",
+                {"id": campaign_id, "ads": None if ad_ids is None else sorted(ad_ids)},
             )
 
     def shared_ads(self, campaign: Campaign, ad_ids: Collection[str], now: datetime) -> dict[str, SharedAd]:

@@ -246,7 +246,7 @@ class LoadResult:
     quarantine_table: str | None = None  # where: the rows of load_id
     load_id: str | None = None
     rejections: list[Rejection] = field(default_factory=list)
-    # rows a reader rejected whose doc_id could be read (line, doc_id), until the load stages them (``rejected_ids``)
+    # rejected rows whose doc_id could be read (line or row, doc_id), until the load stages them (``rejected_ids``)
     rejected_ids: list[tuple[int, str]] = field(default_factory=list, repr=False)
     unknown_languages: dict[str, int] = field(default_factory=dict)  # code -> documents, after dedup
     quarantine: _QuarantineWriter | None = field(default=None, repr=False, compare=False)  # set during a load
@@ -372,10 +372,10 @@ def _arrow_columns(df: pd.DataFrame) -> dict[str, pa.Array] | None:
 
 def _clean_frame(
     df: pd.DataFrame, first_row: int, labels: Sequence[str] | None, result: LoadResult, row_origin: int = 0
-) -> tuple[pa.Table, pa.Table]:
-    """The loadable rows of ``df`` as an Arrow table (seq, doc_id, title, body, language); rejects the rest. Also the
-    rejected rows whose doc_id is a valid id (seq, doc_id): such a row is its id's last word if no later row of the
-    id follows, and the earlier rows of the id it supersedes are not loaded (``DROP_SUPERSEDED``).
+) -> pa.Table:
+    """The loadable rows of ``df`` as an Arrow table (seq, doc_id, title, body, language); rejects the rest, and adds
+    those whose doc_id is a valid id to ``result.rejected_ids``: such a row is its id's last word if no later row of
+    the id follows, and the earlier rows of the id it supersedes are not loaded (``DROP_SUPERSEDED``).
 
     ``labels`` name each row in rejections (JSONL line numbers); by default rows are numbered from
     ``first_row``, which also orders rows across chunks so the last occurrence of a doc_id wins, plus
@@ -404,8 +404,11 @@ def _clean_frame(
         for c in reversed(COLUMNS):  # each row's first such column is the one named
             shapes.update({i: f"{c}: {p}" for i, value in enumerate(values[c]) if (p := not_text(value))})
         shapes.update({i: f"doc_id: {p}" for i, value in enumerate(values["doc_id"]) if (p := _number_id(value))})
+    # A row's place in the file orders it among the rows of its doc_id: its line where the reader names lines (the
+    # reader's own rejections, between this chunk's rows, are staged by their lines too), else its row.
+    seq = np.array([Rejection(label, "").number for label in labels], dtype=np.int64) if labels is not None else (
+        np.arange(first_row, first_row + n, dtype=np.int64))  # fmt: skip
     keep = np.ones(n, dtype=bool)
-    superseding: dict[int, str] = {}  # rejected rows with a valid doc_id: row -> doc_id
     for i, row in rows.items():
         if problem := shapes.get(i) or _row_problem(row):
             keep[i] = False
@@ -413,18 +416,13 @@ def _clean_frame(
             raw = _raw_values({c: values[c][i] for c in COLUMNS} if columns is None else row)
             result.reject(labels[i] if labels is not None else f"row {first_row + i + row_origin}", problem, raw)
             if (doc_id := _valid_id(row["doc_id"])) is not None:
-                superseding[i] = doc_id
-    # A row's place in the file orders it among the rows of its doc_id: its line where the reader names lines (the
-    # reader's own rejections, between this chunk's rows, are staged by their lines too), else its row.
-    seq = np.array([Rejection(label, "").number for label in labels], dtype=np.int64) if labels is not None else (
-        np.arange(first_row, first_row + n, dtype=np.int64))  # fmt: skip
-    rejected_ids = _id_table([(int(seq[i]), doc_id) for i, doc_id in superseding.items()])
+                result.rejected_ids.append((int(seq[i]), doc_id))
     if columns is None:
         kept = [row for i, row in rows.items() if keep[i]]
         columns = {c: pa.array([row[c] for row in kept], pa.string()) for c in COLUMNS}
-        return pa.table({"seq": pa.array(seq[keep]), **columns}), rejected_ids
+        return pa.table({"seq": pa.array(seq[keep]), **columns})
     table = pa.table({"seq": pa.array(seq), **columns})
-    return (table if keep.all() else table.filter(pa.array(keep))), rejected_ids
+    return table if keep.all() else table.filter(pa.array(keep))
 
 
 def _valid_id(doc_id: Any) -> str | None:
@@ -432,13 +430,6 @@ def _valid_id(doc_id: Any) -> str | None:
     if not isinstance(doc_id, str) or not doc_id.strip() or _storable(doc_id) or _id_problem(doc_id):
         return None
     return doc_id
-
-
-def _id_table(ids: Sequence[tuple[int, str]]) -> pa.Table:
-    """(seq, doc_id) rows as the ``rejected_ids`` table stages them."""
-    return pa.table(
-        {"seq": pa.array([s for s, _ in ids], pa.int64()), "doc_id": pa.array([d for _, d in ids], pa.string())}
-    )
 
 
 def _object_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
@@ -551,7 +542,7 @@ def _frames_of_delimited(
             reason = f"{len(row)} fields, expected {width} as on the first line"
             result.reject(f"line {number}", reason, record_text(record))
             at_id = at.get("doc_id")
-            if at_id is not None and at_id < len(row) and (doc_id := _valid_id(row[at_id] or None)) is not None:
+            if at_id is not None and at_id < len(row) and (doc_id := _valid_id(row[at_id])) is not None:
                 result.rejected_ids.append((number, doc_id))  # its last word on the id, if no later row has one
             continue
         records.append({c: row[i] or None for c, i in at.items()})
@@ -815,8 +806,8 @@ class DocumentStore:
             )
             staged = 0
             for df, labels in frames:
-                table, rejected_ids = _clean_frame(df, result.rows, labels, result, row_origin)
-                self._stage_rejected_ids(cur, rejected_ids, result)
+                table = _clean_frame(df, result.rows, labels, result, row_origin)
+                self._stage_rejected_ids(cur, result)
                 if language is not None:  # the tag of documents that have none
                     at = table.schema.get_field_index("language")
                     table = table.set_column(at, "language", pc.fill_null(table["language"], language))
@@ -829,7 +820,7 @@ class DocumentStore:
                     )
                 if after_chunk is not None:
                     after_chunk(result.rows)
-            self._stage_rejected_ids(cur, _id_table([]), result)  # those of rows rejected after the last chunk
+            self._stage_rejected_ids(cur, result)  # those of rows rejected after the last chunk
             result.quarantine.flush()
             # the last occurrence wins: drop every row that a later row of the same doc_id supersedes, rejected or not
             cur.execute(DROP_SUPERSEDED)
@@ -866,12 +857,13 @@ class DocumentStore:
         return result
 
     @staticmethod
-    def _stage_rejected_ids(cur: psycopg2.extensions.cursor, cleaned: pa.Table, result: LoadResult) -> None:
-        """Stage the doc_ids of rejected rows, ``_clean_frame``'s of a chunk and those the reader rejected so far."""
-        read, result.rejected_ids = _id_table(result.rejected_ids), []
-        for ids in (cleaned, read):
-            if ids.num_rows:
-                copy_in(cur, "COPY rejected_ids (seq, doc_id) FROM STDIN WITH (FORMAT csv)", _csv(ids))
+    def _stage_rejected_ids(cur: psycopg2.extensions.cursor, result: LoadResult) -> None:
+        """Stage the doc_ids of the rows rejected so far (``result.rejected_ids``), and forget them."""
+        if result.rejected_ids:
+            seqs, ids = zip(*result.rejected_ids, strict=True)
+            table = pa.table({"seq": pa.array(seqs, pa.int64()), "doc_id": pa.array(ids, pa.string())})
+            copy_in(cur, "COPY rejected_ids (seq, doc_id) FROM STDIN WITH (FORMAT csv)", _csv(table))
+            result.rejected_ids = []
 
     @contextlib.contextmanager
     def _quarantining(self, cur: psycopg2.extensions.cursor, result: LoadResult, file: str | None) -> Iterator[None]:
