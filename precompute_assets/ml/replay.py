@@ -1974,11 +1974,11 @@ def _probation_day_hits(
                         else:
                             tracked -= 1
                             ghost[oldest] = None
-                            if len(ghost) > ghost_size:
-                                ghost.popitem(last=False)
                     else:
                         main.popitem(last=False)
                         tracked -= 1
+                for _ in range(min(len(ghost) - ghost_size, MAX_STEPS)):  # a smaller tier's ghost list shrinks too
+                    ghost.popitem(last=False)
                 if tracked >= size:  # no room: the stored value is deleted again
                     outcome = "rejected"
                 else:

@@ -390,7 +390,6 @@ while small + main > 0 and small + main >= size and steps < most do
       main = main + 1
     else
       redis.call('ZADD', KEYS[4], redis.call('INCR', KEYS[5]), oldest)
-      if redis.call('ZCARD', KEYS[4]) > ghost_size then redis.call('ZPOPMIN', KEYS[4]) end
       evicted[#evicted + 1] = oldest
     end
   else
@@ -398,6 +397,9 @@ while small + main > 0 and small + main >= size and steps < most do
     main = main - 1
   end
 end
+-- the oldest ghost names beyond ghost_size go, at most ARGV[3] of them: a tier made smaller shrinks its ghost list too
+local excess = redis.call('ZCARD', KEYS[4]) - ghost_size
+if excess > 0 then redis.call('ZPOPMIN', KEYS[4], math.min(excess, most)) end
 local longest = tonumber(ARGV[4]) * 1000
 local function undeleted()
   if base == '' then return evicted end
@@ -499,6 +501,7 @@ def hand_over_order(previous: Sequence[Any], published: Collection[Any], tracked
 # A miss moves or evicts at most this many keys: a tier that must shrink by many (a bigger published version) shrinks
 # over the next misses, each script staying short.
 MAX_STEPS = 64
+MAX_KEYS = 2**32  # the most keys one Redis instance holds: a larger capacity means nothing (and Lua writes 1e+20)
 
 
 def probation_sizes(capacity: int) -> tuple[int, int]:
@@ -518,8 +521,12 @@ class Probation:
     name = "probation"
 
     def __post_init__(self) -> None:
-        if isinstance(self.capacity, bool) or not isinstance(self.capacity, int) or self.capacity < 1:
-            raise ValueError(f"capacity must be a whole number of keys >= 1, got {self.capacity!r}")
+        capacity = self.capacity
+        if isinstance(capacity, bool) or not isinstance(capacity, numbers.Integral) or not 1 <= capacity <= MAX_KEYS:
+            raise ValueError(
+                f"capacity must be a whole number of keys from 1 to 2**32 (the most one Redis holds), got {capacity!r}"
+            )
+        object.__setattr__(self, "capacity", int(capacity))  # numpy's integers, which redis-py refuses to send
 
     def observe(self, pipe: Any, schema: KeySchema, kind: str, key: str) -> int:
         _, hits, main, _, seq, *_ = fifo_names(schema, kind)
@@ -597,6 +604,7 @@ def admission_policy(spec: str | AdmissionPolicy | None) -> AdmissionPolicy:
         return Probation()
     if isinstance(spec, str):
         raise ValueError(f"unknown admission policy {spec!r}: expected one of {', '.join(ADMISSION_NAMES)}")
-    if getattr(spec, "name", None) not in ADMISSION_NAMES:
-        raise ValueError(f"not an admission policy: {spec!r}")
+    if isinstance(spec, type) or getattr(spec, "name", None) not in ADMISSION_NAMES:
+        hint = f"; pass an instance, {spec.__name__}(...)" if isinstance(spec, type) else ""
+        raise ValueError(f"not an admission policy: {spec!r}{hint}")
     return spec

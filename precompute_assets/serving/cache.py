@@ -57,6 +57,24 @@ DEFAULT_RECOMPUTE_LOCK_MS = 1000
 DEFAULT_LOCK_POLL_S = 0.005
 
 log = logging.getLogger(__name__)
+# What a cache counts (its attributes): lookups that hit and missed; Redis errors and undecodable values; misses whose
+# value the admission policy did not store; calls of get_or_compute's compute, of them XFetch recomputations of a value
+# that was still there, and of those the ones whose compute raised (the value read was served); misses served with the
+# value another reader computed while holding the recompute lock; NOPERM on PTTL / the delta or lock keys (XFetch and
+# the lock are then off for this client); computed values not stored because their kind was invalidated meanwhile.
+COUNTERS = (
+    "hits",
+    "misses",
+    "errors",
+    "rejected",
+    "computes",
+    "early_recomputes",
+    "failed_early_recomputes",
+    "lock_waits",
+    "refused",
+    "invalidated",
+)
+
 # Every cache not collected yet, whose locks a forked child renews (``_renew_locks``).
 _CACHES: weakref.WeakSet[PredictionCache] = weakref.WeakSet()
 FAILED_EARLY_LOG_EVERY_S = 60.0  # a failing model fails every due hit's early recomputation: one warning a minute
@@ -198,10 +216,12 @@ def _seconds(raw: Any) -> float | None:
 
 def _renew_locks() -> None:
     """In a forked child, new count and pointer locks for every cache: one that a thread of the parent held at the
-    fork would stay held for ever, and the child's first lookup would hang on it."""
+    fork would stay held for ever, and the child's first lookup would hang on it. Its counters start at 0, as its
+    query logger's: a worker counts its own lookups, not the parent's before the fork."""
     for cache in list(_CACHES):
         cache._count_lock = threading.Lock()
         cache._pointer_lock = threading.Lock()
+        cache._reset_counters()
 
 
 class PredictionCache:
@@ -264,22 +284,13 @@ class PredictionCache:
         self.backoff_s = backoff_s
         self._count_lock = threading.Lock()  # every counter's updates (``_count``)
         _CACHES.add(self)
-        self.errors = 0
-        self.hits = 0
-        self.misses = 0
-        self.rejected = 0
+        self._reset_counters()
         self.xfetch_beta = float(xfetch_beta)
         self.recompute_lock_ms = recompute_lock_ms
         self.lock_poll_s = lock_poll_s
-        self.computes = 0  # calls of get_or_compute's compute
-        self.early_recomputes = 0  # of them, XFetch recomputations of a value that was still there
-        self.failed_early_recomputes = 0  # of those, the ones whose compute raised (the value read was served)
         self._failed_early_logged_at = -math.inf
         self._redis_error_logged_at = -math.inf
-        self.lock_waits = 0  # misses served with the value another reader computed while holding the lock
-        self.refused = 0  # NOPERM on PTTL / the delta or lock keys: XFetch and the lock are then off for this client
         self._stampede_refused = False
-        self.invalidated = 0  # computed values not stored: their kind was invalidated while they computed
         # kinds whose store script the ACL refused (an older ACL, or a reader limited to other kinds): plain SETs there
         self._fence_refused: set[str] = set()
         self._release_refused = False  # NOPERM on the lock's release script (an older ACL): locks lapse at their PX
@@ -416,32 +427,44 @@ class PredictionCache:
         self._log(kind, key, cached is not ABSENT, start, user, tenant)
         if cached is not ABSENT:
             if decision is not None and xfetch_due(ttl_ms, delta_s, self.xfetch_beta, 1.0 - self._random.random()):
-                lock, epoch = self._take_lock(kind, key)
+                lock, epoch, _ = self._take_lock(kind, key)
                 if lock is not False and self._available():  # ours, or no lock (off): recompute; else the holder does
                     self._count("early_recomputes")
-                    try:
-                        value = self._compute_and_store(
-                            kind, key, compute, policy, None, locked=lock or None, replace=True, epoch=epoch
+                    try:  # nothing new (not storable): the value read is valid, and returned
+                        return self._compute_and_store(
+                            kind,
+                            key,
+                            compute,
+                            policy,
+                            None,
+                            locked=lock or None,
+                            replace=True,
+                            epoch=epoch,
+                            keep=cached,
                         )
-                        # nothing new (not storable): the value read is valid
-                        return value if stored_encoding(kind, value) is not None else cached
                     except Exception:  # the value read is still valid: a failed early recomputation serves it
                         self._failed_early(kind, key)
             return cached
         if decision is None or not self._available():
             self._count("computes")
             value = compute(key)  # Redis failed during the lookup: nothing is stored
-            stored_encoding(kind, value)  # a value the codec refuses raises as when Redis answers
-            return value
+            # a value the codec refuses raises as when Redis answers
+            return self._as_read(kind, value, stored_encoding(kind, value))
         if not decision.admit:
             self._count("rejected")
             return self._compute_and_store(kind, key, compute, policy, decision, store=False)
-        lock, epoch = self._take_lock(kind, key)
+        lock, epoch, stored = self._take_lock(kind, key, reread=True)
         if lock is False:  # another reader computes it: wait for its value, bounded
             waited = self._wait_for_value(kind, key)
             if waited is not ABSENT:
                 self._count("lock_waits")
                 return waited
+        elif lock and (value := self._decode(kind, stored, count=False)) is not ABSENT:
+            # A holder stored the value and released its lock between this reader's lookup and its lock: served, not
+            # computed again (a fast compute was often computed twice by a stampede of readers)
+            self._release_lock(kind, key, lock)
+            self._count("lock_waits")
+            return value
         return self._compute_and_store(kind, key, compute, policy, decision, locked=lock or None, epoch=epoch)
 
     def _get_or_compute_plain(
@@ -463,6 +486,7 @@ class PredictionCache:
         self._count("computes")
         value = compute(key)
         encoded = stored_encoding(kind, value)  # whether or not it is stored: a value the codec refuses always raises
+        value = self._as_read(kind, value, encoded)
         if decision is None or not self._available():
             return value  # Redis failed during the lookup: nothing is stored
         if not decision.admit:
@@ -543,10 +567,12 @@ class PredictionCache:
         locked: bytes | None = None,
         replace: bool = False,
         epoch: bytes | None = None,
+        keep: Any = ABSENT,
     ) -> Any:
         """``compute(key)``, timed; stored with its delta when ``store``; the policy's housekeeping after a miss
         (``decision``; None for an early recomputation, which is no miss). ``replace`` (an early recomputation)
-        stores only over a value still there (``_store_commands``). Redis errors are absorbed."""
+        stores only over a value still there (``_store_commands``). Redis errors are absorbed. Returns the value as a
+        hit reads it (``_as_read``), or ``keep`` (unless ``ABSENT``) instead of one that is not storable."""
         self._count("computes")
         started = time.perf_counter()
         try:
@@ -559,6 +585,7 @@ class PredictionCache:
             if locked:  # let the waiting readers compute for themselves now (also when the codec refuses the value)
                 self._release_lock(kind, key, locked)
             raise
+        value = self._as_read(kind, value, encoded) if encoded is not None or keep is ABSENT else keep
         if store and encoded is None:
             # A None is not cached: it would take a write and, under probation, a slot (evicting a real value). A NaN
             # is no prediction. The policy's housekeeping still runs, as for a rejected miss (the sketch ages per
@@ -582,6 +609,15 @@ class PredictionCache:
         except REDIS_ERRORS as error:  # OOM, READONLY, a dead server: the caller still gets its value
             self._trip(error, store=True)
         return value
+
+    def _as_read(self, kind: str, value: Any, encoded: bytes | None) -> Any:
+        """A computed ``value`` as a hit returns it, stored or not: its ``encoded`` bytes decoded (an embedding's
+        bytes are a float32 vector, a float32 kind's number a float, JSON's tuples lists and its keys strings), so a
+        caller gets one type on a miss and on a hit; ``value`` itself when it is not storable (``encoded`` None)."""
+        if encoded is None:
+            return value
+        decoded = self._decode(kind, encoded, count=False)
+        return value if decoded is ABSENT else decoded
 
     def _evict_live(self, kind: str, keys: Sequence[str]) -> None:
         """Delete the live values (and their deltas) of ``keys``, which the admission policy evicted, but not those
@@ -693,12 +729,13 @@ class PredictionCache:
             if isinstance(reply, BaseException):
                 raise reply
 
-    def _take_lock(self, kind: str, key: str) -> tuple[bytes | bool | None, bytes | None]:
+    def _take_lock(self, kind: str, key: str, *, reread: bool = False) -> tuple[bytes | bool | None, bytes | None, Any]:
         """This reader's token (random, never ``0``) when it now holds the recompute lock; False: another does; None:
         no lock (off, refused, or Redis failed: compute without one). With it, the kind's invalidation epoch read in
-        the same round trip (``_epoch``)."""
+        the same round trip (``_epoch``), and with ``reread`` the live value read after the lock was taken (raw; None
+        when not read)."""
         if self.recompute_lock_ms <= 0 or self._stampede_refused or not self._available():
-            return None, self._epoch(kind)
+            return None, self._epoch(kind), None
         token = secrets.token_hex(8).encode()
         command = (
             b"SET",
@@ -708,25 +745,30 @@ class PredictionCache:
             b"PX",
             b"%d" % self.recompute_lock_ms,
         )
-        commands = [command] if kind in self._fence_refused else [command, (b"GET", self.schema.epoch(kind))]
+        commands = [(b"GET", self.schema.live(kind, key))] if reread else []
+        commands.insert(0, command)
+        if kind not in self._fence_refused:
+            commands.append((b"GET", self.schema.epoch(kind)))
         if self._cluster:
-            reply, *epoch = self._cluster_fetch(commands)
-            return None if reply is FAILED else reply is not None and token, self._epoch_reply(epoch)
+            reply, *rest = self._cluster_fetch(commands)
+            stored, epoch = (rest[0], rest[1:]) if reread else (None, rest)
+            return None if reply is FAILED else reply is not None and token, self._epoch_reply(epoch), stored
         try:
             pipe = self.client.pipeline(transaction=False)
             for each in commands:
                 pipe.execute_command(*each)
-            reply, *epoch = pipe.execute(raise_on_error=False)
+            reply, *rest = pipe.execute(raise_on_error=False)
         except REDIS_ERRORS as error:
             self._trip(error)
-            return None, None
+            return None, None, None
+        stored, epoch = (rest[0], rest[1:]) if reread else (None, rest)
         if isinstance(reply, redis.exceptions.NoPermissionError):
             self._refuse()
-            return None, self._epoch_reply(epoch)
+            return None, self._epoch_reply(epoch), None
         if isinstance(reply, BaseException):
             self._trip(reply)
-            return None, self._epoch_reply(epoch)
-        return reply is not None and token, self._epoch_reply(epoch)
+            return None, self._epoch_reply(epoch), None
+        return reply is not None and token, self._epoch_reply(epoch), stored
 
     def _epoch(self, kind: str) -> bytes | None:
         """The kind's invalidation epoch (b"" when it has none) before a computation that will be stored, for
@@ -884,6 +926,11 @@ class PredictionCache:
                 kind, key, self.failed_early_recomputes, exc_info=True,
             )  # fmt: skip
 
+    def _reset_counters(self) -> None:
+        """Every counter to 0 (``COUNTERS``)."""
+        for counter in COUNTERS:
+            setattr(self, counter, 0)
+
     def _count(self, counter: str, n: int = 1) -> None:
         """Add ``n`` to the counter named ``counter`` (``hits``, ``errors``, ...). Services share a cache across a
         thread pool, and ``+=`` is a read and a write that another thread can come between (a lost count); the lock
@@ -968,7 +1015,7 @@ class PredictionCache:
                 if reply.tried:
                     failed.add(reply.node)
             elif isinstance(reply, redis.ResponseError):  # OOM, NOPERM, MOVED after a failover: this key fails
-                self._count("errors")
+                self._trip(reply)  # counted, and warned of as on one server (an older ACL was silent on a cluster)
                 if isinstance(reply, redis.exceptions.AskError):
                     self._refresh_slots()
             else:

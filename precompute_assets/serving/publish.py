@@ -204,7 +204,7 @@ def publish_version(
             send_commands(client, [(b"DEL", name) for name in names])  # give the memory back to the serving version
             raise IncompleteVersionError(
                 f"publish of {kind} version {version}: writing it evicted {serving_lost} of the {watch.present} "
-                f"buckets of the version readers are on ({serving.version}){_memory_note(client)}; stopped after "
+                f"buckets of the version readers are on ({serving.version}){memory_note(client)}; stopped after "
                 f"{sent} of {written} keys and deleted them. Readers stay on {serving.version} and miss the evicted "
                 "buckets' keys until it is published again: give Redis more memory (maxmemory), or publish fewer keys"
             )
@@ -217,7 +217,7 @@ def publish_version(
             # ... or a failover promoted a replica without some (a cluster's master, Sentinel's primary)
             failover = cluster or primary is not None
             how, advice, evicted = _bucket_loss(mark, server_mark(client), failover)
-            memory = _memory_note(client) if evicted else ""
+            memory = memory_note(client) if evicted else ""
             raise IncompleteVersionError(
                 f"publish of {kind} version {version}: {len(filled) - present} of {len(filled)} buckets were {how} "
                 f"while being written{memory}; readers stay on the previous version"
@@ -306,7 +306,7 @@ def _mend_current(
         if (back := _existing(client, [name for name, _ in lost])) < len(lost):  # at maxmemory, evicted again
             raise IncompleteVersionError(
                 f"{kind} version {version} is current and lost {len(lost)} of its {len(filled)} buckets: "
-                f"{len(lost) - back} of them were evicted again while being written back{_memory_note(client)}; "
+                f"{len(lost) - back} of them were evicted again while being written back{memory_note(client)}; "
                 "readers miss their keys: give Redis more memory, or publish fewer keys"
             )
     if ttl is not None:
@@ -542,7 +542,7 @@ def _current_losses(client: redis.Redis, schema: KeySchema, kind: str, current: 
             "miss those keys until it is published again)")  # fmt: skip
 
 
-def _memory_note(client: redis.Redis) -> str:
+def memory_note(client: redis.Redis) -> str:
     """`` (Redis at U of maxmemory M bytes, policy P)``, or nothing when Redis does not say (a cluster client)."""
     if is_cluster(client):
         return ""
@@ -582,7 +582,7 @@ def _settle(
     try:
         record_published(client, schema, kind, written)
         return len(settle_published(client, schema, kind, *args, ttl_s=ttl_s)), None
-    except REDIS_ERRORS as error:
+    except (*REDIS_ERRORS, ValueError) as error:  # ValueError: a tier hash another writer left unreadable
         message = f"{type(error).__name__}: {str(error).rpartition('caused error: ')[2]}"[:300]  # not the script
         if is_acl_refusal(error):
             message += f"; {acl_hint(error)}"

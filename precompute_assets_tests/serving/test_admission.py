@@ -307,6 +307,37 @@ def test_probation_client_and_replay_agree_and_stay_within_capacity(redis_server
     assert sum(key.startswith("once:") for key in state["main"]) <= 2
 
 
+def test_a_smaller_capacity_shrinks_the_ghost_list_too_as_the_replay_does(redis_server):
+    """Clients redeployed with a tenth of the capacity: the queues shrank to it, the ghost list kept its 2,700 names
+    for good (h_admit2). Each miss now drops up to ``MAX_STEPS`` of the oldest names beyond the new ghost size."""
+    server = redis_server()
+    client = connect(server.url, socket_timeout=5)
+    schema = KeySchema("shrink")
+    first, second = [f"a{i}" for i in range(600)], [f"b{i}" for i in range(60)]
+    got = run_through_client(make_cache(server.url, schema, admission=Probation(capacity=300)), client, schema, first)
+    assert len(probation_state(client, schema, "rank")["ghost"]) == probation_sizes(300)[1]
+    got += run_through_client(make_cache(server.url, schema, admission=Probation(capacity=30)), client, schema, second)
+    state = probation_state(client, schema, "rank")
+    assert len(state["ghost"]) <= probation_sizes(30)[1] and len(state["small"]) + len(state["main"]) <= 30
+    expected: list[str] = []
+    _probation_day_hits([np.array(day, dtype=object) for day in (first, second)], [300, 30], outcomes=expected)
+    assert got == expected
+
+
+def test_probation_refuses_what_is_no_capacity_and_takes_numpy_integers():
+    """A capacity of 1e20 ("no limit") was written by Lua as ``1e+20``, which then failed every publish's settling
+    after its flip; a numpy integer from a config frame was refused; the class itself passed for a policy and every
+    lookup raised a TypeError (h_admit2)."""
+    assert Probation(capacity=np.int64(5)).capacity == 5 and type(Probation(capacity=np.int64(5)).capacity) is int
+    assert Probation(capacity=2**32).capacity == 2**32
+    for bad in (0, -1, 2**32 + 1, 10**20, 5.0, True, "5"):
+        with pytest.raises(ValueError, match="capacity must be a whole number of keys from 1 to 2\\*\\*32"):
+            Probation(capacity=bad)
+    for policy in (Probation, SecondMiss, FrequencySketch, Always):
+        with pytest.raises(ValueError, match=f"not an admission policy.*pass an instance, {policy.__name__}"):
+            admission_policy(policy)
+
+
 def test_probation_shares_its_capacity_with_the_published_version(redis_server):
     """``capacity`` counts the published keys too: a version of N keys shrinks the live tier to capacity - N over
     the next misses (at most ``MAX_STEPS`` moves or evictions each, a miss without room not kept), as the replay
@@ -568,6 +599,15 @@ def test_a_publish_whose_settling_fails_still_publishes(redis_server):
     assert "unknown command" in publish(client, schema, "v2", ["c"]).settle_error  # the retry: already current
 
 
+def test_a_tier_capacity_another_writer_left_unreadable_never_fails_a_publish(redis_url, redis_client, schema):
+    """A client of an older version wrote a capacity of 1e20 as Lua prints it, ``1e+20``: the settling's ``int()``
+    raised a ValueError after the flip, failing that publish and every retry (h_admit2). It is said, not raised."""
+    redis_client.hset(schema.admission_fifo("rank", "tier"), "capacity", "1e+20")
+    result = publish(redis_client, schema, "v1", ["a", "b"])
+    assert result.settle_error.startswith("ValueError") and result.keys == 2
+    assert make_cache(redis_url, schema).get("rank", "a") == {"key": "a"}
+
+
 def test_probation_stores_and_admits_a_miss_in_one_round_trip(redis_server):
     server = redis_server()
     client = CountingClient(connect(server.url, socket_timeout=5))
@@ -757,7 +797,7 @@ def test_dead_redis_with_admission_computes_without_raising(schema):
         dead_url = f"redis://127.0.0.1:{s.getsockname()[1]}/0"
     for policy in ("second_miss", "frequency", "probation"):
         cache = PredictionCache.from_url(dead_url, socket_timeout=0.1, namespace=schema.namespace, admission=policy)
-        assert cache.get_or_compute("ctr", "ad1", lambda key: 0.42) == 0.42
+        assert cache.get_or_compute("ctr", "ad1", lambda key: 0.42) == pytest.approx(0.42)
         assert cache.errors == 1 and cache.rejected == 0
         cache.close()
 

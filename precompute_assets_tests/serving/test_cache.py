@@ -126,7 +126,7 @@ def test_dead_redis_computes_live_without_raising(schema):
         dead_url = f"redis://127.0.0.1:{s.getsockname()[1]}/0"  # nothing listens once closed
     cache = PredictionCache.from_url(dead_url, socket_timeout=0.1, namespace=schema.namespace)
     started = time.monotonic()
-    assert cache.get_or_compute("ctr", "ad1", lambda key: 0.42) == 0.42
+    assert cache.get_or_compute("ctr", "ad1", lambda key: 0.42) == pytest.approx(0.42)  # as float32, as a hit
     assert cache.get("ctr", "ad1") is None
     assert cache.get_many("ctr", ["a", "b"]) == [None, None]
     # Bounded by the socket timeout, not hanging (a generous bound: this is not a speed assertion).
@@ -146,10 +146,10 @@ def test_silent_redis_times_out_and_degrades(schema):
     try:
         cache = PredictionCache(connect(url, socket_timeout=0.2), schema=schema, backoff_s=60)
         started = time.monotonic()
-        assert cache.get_or_compute("ctr", "ad1", lambda key: 0.1) == 0.1
+        assert cache.get_or_compute("ctr", "ad1", lambda key: 0.1) == pytest.approx(0.1)
         first = time.monotonic() - started
         # While the breaker is open, callers do not pay the timeout again.
-        assert cache.get_or_compute("ctr", "ad2", lambda key: 0.2) == 0.2
+        assert cache.get_or_compute("ctr", "ad2", lambda key: 0.2) == pytest.approx(0.2)
         assert first < 5 and cache.errors == 1
     finally:
         listener.close()
@@ -373,15 +373,21 @@ def test_a_child_forked_while_a_thread_looks_up_never_hangs_on_the_caches_locks(
     pointer: the child inherits that thread's lock held, with no thread left to release it; it uses new ones."""
     publish_version(redis_client, "ctr", "v1", [("ad1", 0.25)], n_keys=1, schema=schema)
     cache = make_cache(redis_url, schema)
+    assert cache.get("ctr", "ad1") == pytest.approx(0.25) and cache.get("ctr", "nope") is None
     with cache._count_lock, cache._pointer_lock:  # as threads inside ``_count`` and ``_store_pointer`` hold them
         pid = os.fork()
         if pid == 0:  # the child: report through the exit code, never return into pytest
             code = 1
             try:
-                code = 0 if cache.get("ctr", "ad1") == pytest.approx(0.25) and cache.hits == 1 else 3
+                # its counters are its own, as its query logger's: they once went on from the parent's
+                counts = (cache.hits, cache.misses)
+                code = (
+                    0 if counts == (0, 0) and cache.get("ctr", "ad1") == pytest.approx(0.25) and cache.hits == 1 else 3
+                )
             finally:
                 os._exit(code)
-    assert child_exit_code(pid) == 0  # None: the child hung on the parent's lock
+    assert child_exit_code(pid) == 0  # None: the child hung on the parent's lock; 3: it counted the parent's lookups
+    assert (cache.hits, cache.misses) == (1, 1)
 
 
 EXPERIMENT = Experiment("freq-vs-lstm", "s1", ("frequency", "lstm"))
@@ -1018,7 +1024,7 @@ def test_a_computation_slower_than_its_lock_never_releases_another_readers_lock(
 
         def outlives_its_lock(key: str) -> float:
             redis_client.delete(lock)  # the lock's PX ran out while this computed (forced, not waited for)
-            token, _ = other._take_lock("ctr", key)  # another reader's miss takes it and starts computing
+            token, *_ = other._take_lock("ctr", key)  # another reader's miss takes it and starts computing
             assert isinstance(token, bytes)
             taken.append(redis_client.get(lock))
             return 0.5
@@ -1170,3 +1176,56 @@ def test_a_store_whose_write_timed_out_is_called_unconfirmed_not_lost():
     )
     for lost in (redis.TimeoutError("Timeout writing to socket"), redis.ConnectionError("Connection reset by peer")):
         assert cache_module._store_failure(lost) == "a computed value was not stored"  # cut off mid-value
+
+
+def test_a_miss_returns_the_value_as_a_hit_reads_it(redis_url, redis_client, schema):
+    """A service got another type on a key's first request than on the next ones (h_serve2): an embedding's encoded
+    bytes and then a vector, a tuple and then a list, a dict's int keys and then strings, a float32 kind's str and
+    then a float."""
+    import numpy as np
+
+    from precompute_assets.serving.vectors import encode_vector
+
+    vector = np.array([0.6, 0.8], dtype=np.float32)
+    cases = [
+        ("doc_embedding", lambda key: encode_vector(vector, dtype="float32", model_version="m1")),
+        ("rank", lambda key: (1, 2)),
+        ("rank", lambda key: {1: "a"}),
+        ("ctr", lambda key: "0.5"),
+    ]
+    for i, (kind, compute) in enumerate(cases):
+        for cache in (make_cache(redis_url, schema), make_cache(redis_url, schema, xfetch_beta=0, recompute_lock_ms=0)):
+            key = f"k{i}-{cache.recompute_lock_ms}"
+            missed, hit = cache.get_or_compute(kind, key, compute), cache.get_or_compute(kind, key, compute)
+            assert cache.computes == 1 and type(missed) is type(hit), (kind, missed, hit)
+            if kind == "doc_embedding":
+                assert np.array_equal(missed, hit) and np.allclose(missed, vector)
+            else:
+                assert missed == hit
+    # a value that is not stored is returned as computed: None, and a logit of a probability kind
+    cache = make_cache(redis_url, schema)
+    assert cache.get_or_compute("ctr", "none", lambda key: None) is None
+    assert cache.get_or_compute("ctr", "logit", lambda key: 2.5) == 2.5
+
+
+def test_a_value_stored_just_before_this_reader_took_the_lock_is_served_not_computed(redis_url, redis_client, schema):
+    """The holder stored its value and released its lock between this reader's lookup (a miss) and its lock: the
+    reader took the lock and computed again, so a stampede on a fast compute computed it twice (h_serve2)."""
+    from precompute_assets.serving.cache import recompute_lock_key
+
+    other = make_cache(redis_url, schema)
+    cache = make_cache(redis_url, schema)
+    lookup = cache._lookup_admitting
+
+    def lookup_then_the_holder_finishes(*args, **kwargs):
+        found = lookup(*args, **kwargs)
+        other.get_or_compute("ctr", "cold", lambda key: 0.25)  # another reader computes and stores meanwhile
+        time.sleep(0.01)  # and its released lock has lapsed
+        return found
+
+    cache._lookup_admitting = lookup_then_the_holder_finishes
+    calls = []
+    assert cache.get_or_compute("ctr", "cold", lambda key: calls.append(key) or 0.75) == pytest.approx(0.25)
+    assert calls == [] and cache.computes == 0 and cache.lock_waits == 1 and other.computes == 1
+    time.sleep(0.01)  # the lock this reader took is released (it lapses within a millisecond)
+    assert redis_client.exists(recompute_lock_key(schema, "ctr", "cold")) == 0
