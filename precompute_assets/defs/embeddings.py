@@ -147,7 +147,9 @@ def embedding_model(
 
 class EmbeddingSyncConfig(dg.Config):
     chunk_size: int = Field(
-        10_000, description="Documents per committed chunk (a killed run resumes after the last; at least 1)."
+        10_000,
+        description="Documents embedded per chunk (at least 1). Chunks commit once their Redis writes, grouped up to "
+        "100,000 documents, went out; a killed run resumes after the last commit (the log's 'committed').",
     )
     dtype: Literal["int8", "float32"] = Field("int8", description='Stored vectors: "int8" or "float32".')
     recall_sample: int = Field(2000, description="About this many documents sampled by the int8_recall check.")

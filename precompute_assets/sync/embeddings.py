@@ -48,8 +48,10 @@ from ..ml.embedder import MAX_CHARS, Embedder, embed_documents
 from ..serving.keys import EMBEDDING_KIND, KeySchema, Pointer, bucket_ids, check_key, check_keys
 from ..serving.publish import (
     KEYS_PER_BUCKET,
+    IncompleteVersionError,
     bucket_count,
     flip_pointer,
+    memory_note,
     patch_version,
     record_published,
     run_commands,
@@ -173,13 +175,18 @@ def _sync(
     started = time.perf_counter()  # before the copy below: a sync's seconds include it, as they did at the end
     # Widen before writing, not after: a big load patched into a version sized for a small (or empty) corpus grew
     # one bucket to hundreds of thousands of fields until the end of the sync (a huge key to free, expire, replicate).
-    # The version's size from a bounded HLEN sample (a count of the stored embeddings would scan the corpus).
-    held = round(_mean_fill(client, schema, target) * target.buckets)
+    # The version's size is what the store holds: Redis's fill also counts what a killed sync wrote and never
+    # committed, which this sync writes again (counted twice, it copied a resumed build wider for nothing).
+    held = store.embedded_count(model_version)
     expected = held + store.unembedded_count(documents, model_version, progress.watermark, horizon)
     if expected > max_bucket_fill * target.buckets:
         log(f"{expected} documents would fill Redis version {target.version} past {max_bucket_fill:.0f} keys per "
             "bucket: copying it wider first")  # fmt: skip
         wider = _copy_wider(store, client, schema, model_version, dtype, ttl_s, expected)
+        if current is None or current.version != target.version:  # a build nobody reads, replaced: it goes now
+            send_commands(
+                client, [(b"EXPIRE", name.encode(), b"%d" % grace_s) for name in _version_keys(schema, target)]
+            )
         stats.rebuilt_buckets, stats.redis_version = (target.buckets, wider.buckets), wider.version
         target, progress = wider, store.progress(model_version)
     body_chars = getattr(embedder, "max_chars", MAX_CHARS)  # all of a body that is embedded: read no more
@@ -245,8 +252,9 @@ def _sync(
             written = writer.submit(chunks.add, chunk)
             chunk.count_into(stats)
             elapsed = time.perf_counter() - started
-            log(f"chunk {stats.chunks}: {stats.embedded} embedded, {stats.deleted} deleted, {stats.failed} failed"
-                f" ({stats.embedded / max(elapsed, 1e-9):,.0f} docs/s)")  # fmt: skip
+            # committed: what a killed sync keeps (chunks commit once their Redis writes of up to write_batch went out)
+            log(f"chunk {stats.chunks}: {stats.embedded} embedded, {stats.deleted} deleted, {stats.failed} failed, "
+                f"{chunks.committed} committed ({stats.embedded / max(elapsed, 1e-9):,.0f} docs/s)")  # fmt: skip
             if last:
                 break
         if written is not None:
@@ -257,6 +265,15 @@ def _sync(
         send_commands(client, [(b"EXPIRE", schema.bucket(EMBEDDING_KIND, target.version, b).encode(), b"%d" % ttl_s)
                                for b in range(target.buckets)])  # fmt: skip
         client.set(_sentinel(schema, target.version), f"synced {dtype}", ex=ttl_s)
+        # At maxmemory a volatile policy evicts buckets of the version this sync wrote into, readers' own when it
+        # patches in place, without an error: written back from the store now, and the run fails if they cannot be.
+        stats.mended += _mend_lost_buckets(store, client, schema, model_version, target, ttl_s, log)
+        if lacking := _short_buckets(store, client, schema, model_version, target)[1]:
+            raise IncompleteVersionError(
+                f"embedding version {target.version} lacks {lacking} of its stored embeddings after this sync: Redis "
+                f"evicted them while it wrote, and again when they were written back{memory_note(client)}. Give Redis "
+                "more memory (maxmemory); the next sync writes them back"
+            )
     # A transaction open since the horizon and still open holds back every change after it (silent before: a session
     # left idle in transaction, or a backup's, held them back for good); one that ended meanwhile does not.
     holder = None if stopped_early else documents.oldest_transaction()
@@ -330,25 +347,41 @@ def _mend_lost_buckets(
     store: EmbeddingStore, client: redis.Redis, schema: KeySchema, model_version: str, target: Pointer, ttl_s: int,
     log: Callable[[str], None],
 ) -> int:  # fmt: skip
-    """Write the stored embeddings of ``target``'s buckets that Redis lost (evicted or expired, while its marker, read
-    and renewed by every sync, lived on) back from the offline store, which holds every embedding the version holds;
-    the number written. Every bucket is looked at (one ``EXISTS`` each); the store is read only when one is missing,
-    and a bucket no stored embedding falls in (its documents deleted) is none lost."""
-    names = [schema.bucket(EMBEDDING_KIND, target.version, b).encode() for b in range(target.buckets)]
-    missing = {b for b, there in enumerate(run_commands(client, [(b"EXISTS", name) for name in names])) if not there}
-    if not missing:
+    """Write the stored embeddings of ``target``'s buckets that Redis lost, whole or in part (evicted or expired, while
+    its marker, read and renewed by every sync, lived on; a bucket evicted and then re-created by a later write of the
+    same sync holds only that write's fields), back from the offline store, which holds every embedding the version
+    holds; the number written (``_short_buckets``)."""
+    short, lacking = _short_buckets(store, client, schema, model_version, target)
+    if not short:
         return 0
     written = 0
     for page in store.iter_values(model_version):
         ids = bucket_ids([doc_id.encode() for doc_id, _ in page], target.buckets)
-        lost = [item for item, bucket in zip(page, ids.tolist(), strict=True) if bucket in missing]
+        lost = [item for item, bucket in zip(page, ids.tolist(), strict=True) if bucket in short]
         if lost:
             patch_version(client, EMBEDDING_KIND, target, upserts=lost, schema=schema, ttl_s=ttl_s)
             written += len(lost)
-    if written:
-        log(f"Redis lost {len(missing)} of the {target.buckets} buckets of version {target.version} (evicted or "
-            f"expired): {written} stored embeddings written back")  # fmt: skip
+    log(f"Redis lost {lacking} embeddings from {len(short)} of the {target.buckets} buckets of version "
+        f"{target.version} (evicted or expired): {written} stored embeddings of them written back")  # fmt: skip
     return written
+
+
+def _short_buckets(
+    store: EmbeddingStore, client: redis.Redis, schema: KeySchema, model_version: str, target: Pointer
+) -> tuple[set[int], int]:
+    """The buckets of ``target`` that hold fewer fields than the store has embeddings in them, and how many fields they
+    lack. One ``HLEN`` per bucket; the store's ids are read only when the fields fall short of its count or a bucket is
+    empty (a count alone could hide a loss behind fields a killed sync wrote and never committed)."""
+    names = [schema.bucket(EMBEDDING_KIND, target.version, b).encode() for b in range(target.buckets)]
+    lengths = np.array(run_commands(client, [(b"HLEN", name) for name in names]), dtype=np.int64)
+    if lengths.sum() >= store.embedded_count(model_version) and lengths.all():
+        return set(), 0
+    expected = np.zeros(target.buckets, dtype=np.int64)
+    for page in store.iter_values(model_version):
+        expected += np.bincount(bucket_ids([doc_id.encode() for doc_id, _ in page], target.buckets),
+                                minlength=target.buckets)  # fmt: skip
+    missing = np.maximum(expected - lengths, 0)
+    return set(np.flatnonzero(missing).tolist()), int(missing.sum())
 
 
 def _mean_fill(client: redis.Redis, schema: KeySchema, target: Pointer, sample: int = FILL_SAMPLE_BUCKETS) -> float:
@@ -489,6 +522,7 @@ class _ChunkWriter:
         self.model_version, self.batch, self.replica_wait_s, self.ttl_s = model_version, batch, replica_wait_s, ttl_s
         self._held: list[Chunk] = []
         self._docs = 0
+        self.committed = 0  # documents whose chunks committed (embedded, deleted or failed)
 
     def add(self, chunk: Chunk) -> None:
         self._held.append(chunk)
@@ -523,4 +557,5 @@ class _ChunkWriter:
         confirm_replicas(self.client, self.replica_wait_s)
         for chunk in self._held:
             self.store.commit_chunk(self.model_version, chunk.embedded, chunk.deleted, chunk.failures, chunk.watermark)
+            self.committed += len(chunk.embedded) + len(chunk.deleted) + len(chunk.failures)
         self._held, self._docs = [], 0

@@ -250,3 +250,78 @@ def test_a_new_model_version_flips_and_the_old_versions_marker_expires_with_its_
         name = schema.bucket(EMBEDDING_KIND, first.redis_version, part)
         assert 0 < redis_client.ttl(name) <= 60, name  # the old version and its marker live out the same grace
     assert redis_client.ttl(schema.bucket(EMBEDDING_KIND, second.redis_version, "meta")) > 60
+
+
+def test_what_a_killed_sync_wrote_and_never_committed_is_not_counted_twice(app_db, redis_client, schema):
+    """The size of the version was read from Redis's fill, which held what a killed sync had written and not committed,
+    and the count of documents to embed added them again: a resumed sync copied the whole version wider for nothing
+    (h_faults2). The store's count is what the version holds."""
+    docs = DocumentStore(app_db)
+    docs.ensure_schema()
+    docs.load_frame(frame(0, 300))
+    store, embedder = EmbeddingStore(app_db), HashEmbedder()
+    first = sync_embeddings(docs, store, redis_client, embedder, schema=schema, log=quiet)
+    docs.load_frame(frame(300, 100))  # 400 in 5 buckets: 80 a bucket, at the fill and not past it
+    pointer = Pointer(first.redis_version, 5)
+    uncommitted = [(f"d{i:06d}", b"\x01" * 8) for i in range(300, 400)]  # what the killed sync wrote
+    publish.patch_version(redis_client, EMBEDDING_KIND, pointer, upserts=uncommitted, schema=schema)
+    resumed = sync_embeddings(docs, store, redis_client, embedder, schema=schema, log=quiet)
+    assert resumed.embedded == 100 and resumed.rebuilt_buckets is None
+    assert resumed.redis_version == first.redis_version
+    cache = PredictionCache(redis_client, schema=schema, pointer_ttl_s=0)
+    np.testing.assert_allclose(cache.get_embedding("d000350"), embedder.encode(["title 350\nwords 350"])[0], atol=0.02)
+
+
+def test_an_unfinished_build_copied_wider_again_expires_at_once(app_db, redis_client, schema):
+    """A build nobody reads, replaced by a wider copy, kept its whole TTL (7 days of memory) (h_faults2)."""
+    docs = DocumentStore(app_db)
+    docs.ensure_schema()
+    store, embedder = EmbeddingStore(app_db), HashEmbedder()
+    sync_embeddings(docs, store, redis_client, embedder, schema=schema, log=quiet)
+    docs.load_frame(frame(0, 2000))
+    killed = sync_embeddings(docs, store, redis_client, embedder, schema=schema, chunk_size=500, write_batch=500,
+                             stop_after_chunks=1, log=quiet)  # fmt: skip
+    assert killed.rebuilt_buckets == (1, 32)  # an unfinished build of 32 buckets
+    docs.load_frame(frame(2000, 2000))  # 4000 documents would fill it past 80 a bucket
+    done = sync_embeddings(docs, store, redis_client, embedder, schema=schema, grace_s=60, log=quiet)
+    assert done.redis_version != killed.redis_version and done.rebuilt_buckets == (32, 63)
+    for part in (0, 31, "meta"):
+        assert 0 < redis_client.ttl(schema.bucket(EMBEDDING_KIND, killed.redis_version, part)) <= 60
+    assert Pointer.decode(redis_client.get(schema.pointer(EMBEDDING_KIND))) == Pointer(done.redis_version, 63)
+
+
+def test_embeddings_evicted_while_a_sync_writes_are_written_back_before_it_ends(
+    app_db, redis_client, schema, monkeypatch
+):
+    """At maxmemory, a sync patching the version readers use in place had Redis evict its buckets, whole or in part
+    (one re-created by a later write of the same sync held only that write's fields), and ended in success; the next
+    sync wrote back only the buckets gone whole (h_faults2). Both are written back before the sync ends, and a loss
+    that stays fails it."""
+    docs = DocumentStore(app_db)
+    docs.ensure_schema()
+    docs.load_frame(frame(0, 300))
+    store, embedder = EmbeddingStore(app_db), HashEmbedder()
+    first = sync_embeddings(docs, store, redis_client, embedder, schema=schema, log=quiet)
+    bucket = schema.bucket(EMBEDDING_KIND, first.redis_version, 0)
+    docs.load_frame(frame(0, 10, title="changed"))
+
+    def evict_on_the_first_chunk(message: str) -> None:
+        if message.startswith("chunk 1:"):  # as eviction would, while the sync writes: part of one bucket
+            victims = sorted(set(redis_client.hkeys(bucket)) - {f"d{i:06d}".encode() for i in range(10)})[:7]
+            redis_client.hdel(bucket, *victims)
+
+    stats = sync_embeddings(docs, store, redis_client, embedder, schema=schema, log=evict_on_the_first_chunk)
+    assert stats.embedded == 10 and stats.mended > 0
+    cache = PredictionCache(redis_client, schema=schema, pointer_ttl_s=0)
+    assert all(v is not None for v in cache.get_embeddings([f"d{i:06d}" for i in range(300)]))
+    # part of a bucket lost between syncs: the next one writes it back
+    redis_client.hdel(bucket, *sorted(redis_client.hkeys(bucket))[:5])
+    lines: list[str] = []
+    assert sync_embeddings(docs, store, redis_client, embedder, schema=schema, log=lines.append).mended > 0
+    assert any(line.startswith("Redis lost 5 embeddings from 1 of the 5 buckets") for line in lines), lines
+    assert all(v is not None for v in cache.get_embeddings([f"d{i:06d}" for i in range(300)]))
+    # evicted again as they are written back (memory still short): the sync fails, saying so
+    monkeypatch.setattr(sync_module, "_mend_lost_buckets", lambda *args: 0)
+    docs.load_frame(frame(20, 1, title="again"))
+    with pytest.raises(publish.IncompleteVersionError, match="lacks 7 of its stored embeddings after this sync"):
+        sync_embeddings(docs, store, redis_client, embedder, schema=schema, log=evict_on_the_first_chunk)
