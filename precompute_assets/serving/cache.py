@@ -459,10 +459,12 @@ class PredictionCache:
             if waited is not ABSENT:
                 self._count("lock_waits")
                 return waited
-        elif lock and (value := self._decode(kind, stored, count=False)) is not ABSENT:
+        elif (value := self._decode(kind, stored, count=False)) is not ABSENT:
             # A holder stored the value and released its lock between this reader's lookup and its lock: served, not
-            # computed again (a fast compute was often computed twice by a stampede of readers)
-            self._release_lock(kind, key, lock)
+            # computed again (a fast compute was often computed twice by a stampede of readers); also when the lock
+            # itself failed (its master down, or refused) but the value was read
+            if lock:
+                self._release_lock(kind, key, lock)
             self._count("lock_waits")
             return value
         return self._compute_and_store(kind, key, compute, policy, decision, locked=lock or None, epoch=epoch)

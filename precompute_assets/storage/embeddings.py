@@ -381,22 +381,39 @@ class EmbeddingStore:
             stored, other = cur.fetchone()
         return 0 if other else stored
 
-    def embedded_count(self, model_version: str) -> int:
+    def embedded_count(self, model_version: str, *, dtype: str | None = None) -> int:
+        """How many embeddings of ``model_version`` the store holds (only those in ``dtype``, when given)."""
         with self.connect() as conn, conn.cursor() as cur:
-            cur.execute("SELECT count(*) FROM document_embeddings WHERE model_version = %s", (model_version,))
+            cur.execute(
+                "SELECT count(*) FROM document_embeddings WHERE model_version = %s" + _IN_DTYPE,
+                (model_version, *_dtype_code(dtype)),
+            )
             return cur.fetchone()[0]
 
-    def iter_values(self, model_version: str, *, page: int = 50_000) -> Iterator[list[tuple[str, bytes]]]:
-        """Every stored (doc_id, value) of ``model_version`` in pages, by doc_id (keyset over the primary key)."""
+    def iter_values(
+        self, model_version: str, *, dtype: str | None = None, page: int = 50_000
+    ) -> Iterator[list[tuple[str, bytes]]]:
+        """Every stored (doc_id, value) of ``model_version`` (in ``dtype``, when given) in pages, by doc_id."""
+        for rows in self._pages("doc_id, value", model_version, dtype, page):
+            yield [(doc_id, bytes(value)) for doc_id, value in rows]
+
+    def iter_ids(self, model_version: str, *, dtype: str | None = None, page: int = 200_000) -> Iterator[list[str]]:
+        """The doc_ids of ``iter_values``, without reading the values."""
+        for rows in self._pages("doc_id", model_version, dtype, page):
+            yield [doc_id for (doc_id,) in rows]
+
+    def _pages(self, columns: str, model_version: str, dtype: str | None, page: int) -> Iterator[list[tuple]]:
+        """Rows of ``columns`` (doc_id first) of the stored embeddings of ``model_version`` (in ``dtype``, when given),
+        in pages by doc_id (keyset over the primary key)."""
         after = ""
         while True:
             with self.connect() as conn, conn.cursor() as cur:
                 cur.execute(
-                    "SELECT doc_id, value FROM document_embeddings WHERE doc_id > %s AND model_version = %s"
+                    f"SELECT {columns} FROM document_embeddings WHERE doc_id > %s AND model_version = %s{_IN_DTYPE}"
                     " ORDER BY doc_id LIMIT %s",
-                    (after, model_version, page),
+                    (after, model_version, *_dtype_code(dtype), page),
                 )
-                rows = [(doc_id, bytes(value)) for doc_id, value in cur.fetchall()]
+                rows = cur.fetchall()
             if rows:
                 yield rows
             if len(rows) < page:
@@ -511,3 +528,13 @@ def binary_copy(rows: list[tuple[str, datetime, bytes]]) -> bytes:
         parts += [_ROW.pack(3, len(key)), key, struct.pack("!iqi", 8, micros, len(value)), value]
     parts.append(struct.pack("!h", -1))
     return b"".join(parts)
+
+
+# With a dtype: only values of that layout (the second byte of a value's header, ``serving.vectors``), by a format
+# %s of its code after the query's other parameters; ``_dtype_code`` gives that parameter (none without a dtype).
+_IN_DTYPE = " AND (%s::int IS NULL OR get_byte(value, 1) = %s::int)"
+
+
+def _dtype_code(dtype: str | None) -> tuple[int | None, int | None]:
+    code = None if dtype is None else DTYPE_CODES[dtype]
+    return code, code

@@ -50,6 +50,7 @@ from ..serving.publish import (
     KEYS_PER_BUCKET,
     IncompleteVersionError,
     bucket_count,
+    evicted_keys,
     flip_pointer,
     memory_note,
     patch_version,
@@ -168,9 +169,10 @@ def _sync(
         client.set(_sentinel(schema, redis_version), f"building {dtype}", ex=ttl_s)
         log(f"full build of {n_docs} documents with {model_version} into Redis version {redis_version}")
     target = Pointer(progress.redis_version, progress.buckets)
+    evictions = evicted_keys(client)  # Redis's count before this sync writes (None: unknown, a cluster)
     stats = SyncStats(model_version, target.version, full_build=not progress.complete, restored=restored)
     if not restored and (progress.complete or progress.watermark is not None):  # Redis may have lost some values
-        stats.mended = _mend_lost_buckets(store, client, schema, model_version, target, ttl_s, log)
+        stats.mended = _mend_lost_buckets(store, client, schema, model_version, target, dtype, ttl_s, log)
     horizon = documents.stable_horizon()
     started = time.perf_counter()  # before the copy below: a sync's seconds include it, as they did at the end
     # Widen before writing, not after: a big load patched into a version sized for a small (or empty) corpus grew
@@ -267,8 +269,15 @@ def _sync(
         client.set(_sentinel(schema, target.version), f"synced {dtype}", ex=ttl_s)
         # At maxmemory a volatile policy evicts buckets of the version this sync wrote into, readers' own when it
         # patches in place, without an error: written back from the store now, and the run fails if they cannot be.
-        stats.mended += _mend_lost_buckets(store, client, schema, model_version, target, ttl_s, log)
-        if lacking := _short_buckets(store, client, schema, model_version, target)[1]:
+        # Looked for only when Redis evicted keys meanwhile (or cannot say): a sync's cost follows the change.
+        if (evictions is None or evicted_keys(client) != evictions) and (
+            mended := _mend_lost_buckets(store, client, schema, model_version, target, dtype, ttl_s, log)
+        ):
+            stats.mended += mended
+            lacking = _short_buckets(store, client, schema, model_version, target, dtype)[1]
+        else:
+            lacking = 0
+        if lacking:
             raise IncompleteVersionError(
                 f"embedding version {target.version} lacks {lacking} of its stored embeddings after this sync: Redis "
                 f"evicted them while it wrote, and again when they were written back{memory_note(client)}. Give Redis "
@@ -344,18 +353,18 @@ def _version_keys(schema: KeySchema, version: Pointer) -> list[str]:
 
 
 def _mend_lost_buckets(
-    store: EmbeddingStore, client: redis.Redis, schema: KeySchema, model_version: str, target: Pointer, ttl_s: int,
-    log: Callable[[str], None],
+    store: EmbeddingStore, client: redis.Redis, schema: KeySchema, model_version: str, target: Pointer, dtype: str,
+    ttl_s: int, log: Callable[[str], None],
 ) -> int:  # fmt: skip
     """Write the stored embeddings of ``target``'s buckets that Redis lost, whole or in part (evicted or expired, while
     its marker, read and renewed by every sync, lived on; a bucket evicted and then re-created by a later write of the
     same sync holds only that write's fields), back from the offline store, which holds every embedding the version
-    holds; the number written (``_short_buckets``)."""
-    short, lacking = _short_buckets(store, client, schema, model_version, target)
+    holds in its ``dtype``; the number written (``_short_buckets``)."""
+    short, lacking = _short_buckets(store, client, schema, model_version, target, dtype)
     if not short:
         return 0
     written = 0
-    for page in store.iter_values(model_version):
+    for page in store.iter_values(model_version, dtype=dtype):
         ids = bucket_ids([doc_id.encode() for doc_id, _ in page], target.buckets)
         lost = [item for item, bucket in zip(page, ids.tolist(), strict=True) if bucket in short]
         if lost:
@@ -367,18 +376,20 @@ def _mend_lost_buckets(
 
 
 def _short_buckets(
-    store: EmbeddingStore, client: redis.Redis, schema: KeySchema, model_version: str, target: Pointer
+    store: EmbeddingStore, client: redis.Redis, schema: KeySchema, model_version: str, target: Pointer, dtype: str
 ) -> tuple[set[int], int]:
-    """The buckets of ``target`` that hold fewer fields than the store has embeddings in them, and how many fields they
-    lack. One ``HLEN`` per bucket; the store's ids are read only when the fields fall short of its count or a bucket is
-    empty (a count alone could hide a loss behind fields a killed sync wrote and never committed)."""
+    """The buckets of ``target`` that hold fewer fields than the store has embeddings of ``dtype`` in them (its layout:
+    a stored value of another, a document an open transaction held back from a rebuild in a new dtype, is not the
+    version's), and how many fields they lack. One ``HLEN`` per bucket and a count; the store's ids are read only when
+    the fields fall short of that count (fields a killed sync wrote and never committed could hide a loss, until the
+    next sync writes them again)."""
     names = [schema.bucket(EMBEDDING_KIND, target.version, b).encode() for b in range(target.buckets)]
     lengths = np.array(run_commands(client, [(b"HLEN", name) for name in names]), dtype=np.int64)
-    if lengths.sum() >= store.embedded_count(model_version) and lengths.all():
+    if lengths.sum() >= store.embedded_count(model_version, dtype=dtype):
         return set(), 0
     expected = np.zeros(target.buckets, dtype=np.int64)
-    for page in store.iter_values(model_version):
-        expected += np.bincount(bucket_ids([doc_id.encode() for doc_id, _ in page], target.buckets),
+    for ids in store.iter_ids(model_version, dtype=dtype):
+        expected += np.bincount(bucket_ids([doc_id.encode() for doc_id in ids], target.buckets),
                                 minlength=target.buckets)  # fmt: skip
     missing = np.maximum(expected - lengths, 0)
     return set(np.flatnonzero(missing).tolist()), int(missing.sum())

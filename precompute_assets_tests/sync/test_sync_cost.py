@@ -16,6 +16,7 @@ from psycopg2 import sql
 
 from precompute_assets.serving import PredictionCache, publish
 from precompute_assets.serving.keys import EMBEDDING_KIND, Pointer
+from precompute_assets.serving.vectors import DTYPE_CODES
 from precompute_assets.storage.documents import DocumentStore
 from precompute_assets.storage.embeddings import (
     EmbeddingStore,
@@ -304,11 +305,21 @@ def test_embeddings_evicted_while_a_sync_writes_are_written_back_before_it_ends(
     first = sync_embeddings(docs, store, redis_client, embedder, schema=schema, log=quiet)
     bucket = schema.bucket(EMBEDDING_KIND, first.redis_version, 0)
     docs.load_frame(frame(0, 10, title="changed"))
+    # what happened is what Redis's count of evicted keys says (on a cluster, unknown: looked at every time)
+    evicted = [0]
+    monkeypatch.setattr(sync_module, "evicted_keys", lambda client: evicted[0])
+    looked = []
+    short = sync_module._short_buckets
+    monkeypatch.setattr(sync_module, "_short_buckets", lambda *args: looked.append(1) or short(*args))
+    assert sync_embeddings(docs, store, redis_client, embedder, schema=schema, log=quiet).embedded == 10
+    assert len(looked) == 1  # no eviction: the start's look only, a sync's cost follows the change
+    docs.load_frame(frame(0, 10, title="changed again"))
 
     def evict_on_the_first_chunk(message: str) -> None:
         if message.startswith("chunk 1:"):  # as eviction would, while the sync writes: part of one bucket
             victims = sorted(set(redis_client.hkeys(bucket)) - {f"d{i:06d}".encode() for i in range(10)})[:7]
             redis_client.hdel(bucket, *victims)
+            evicted[0] += 7
 
     stats = sync_embeddings(docs, store, redis_client, embedder, schema=schema, log=evict_on_the_first_chunk)
     assert stats.embedded == 10 and stats.mended > 0
@@ -321,7 +332,30 @@ def test_embeddings_evicted_while_a_sync_writes_are_written_back_before_it_ends(
     assert any(line.startswith("Redis lost 5 embeddings from 1 of the 5 buckets") for line in lines), lines
     assert all(v is not None for v in cache.get_embeddings([f"d{i:06d}" for i in range(300)]))
     # evicted again as they are written back (memory still short): the sync fails, saying so
-    monkeypatch.setattr(sync_module, "_mend_lost_buckets", lambda *args: 0)
+    monkeypatch.setattr(sync_module, "_mend_lost_buckets", lambda *args: 7)  # written back, and evicted again
     docs.load_frame(frame(20, 1, title="again"))
     with pytest.raises(publish.IncompleteVersionError, match="lacks 7 of its stored embeddings after this sync"):
         sync_embeddings(docs, store, redis_client, embedder, schema=schema, log=evict_on_the_first_chunk)
+
+
+def test_a_resumed_build_in_a_new_dtype_mends_nothing_from_the_old_dtypes_values(app_db, redis_client, schema):
+    """The store holds the int8 values of the documents a float32 build has not reached yet: counted as lost from the
+    build, they were written into it (mixed layouts, and served so when the flip came before they were embedded again:
+    a rerank then raised), and the log said Redis had evicted them (h_diff16)."""
+    docs = DocumentStore(app_db)
+    docs.ensure_schema()
+    docs.load_frame(frame(0, 300))
+    store, embedder = EmbeddingStore(app_db), HashEmbedder()
+    sync_embeddings(docs, store, redis_client, embedder, schema=schema, log=quiet)
+    killed = sync_embeddings(docs, store, redis_client, embedder, schema=schema, dtype="float32", chunk_size=100,
+                             write_batch=100, stop_after_chunks=1, log=quiet)  # fmt: skip
+    assert killed.full_build and killed.embedded == 100
+    lines: list[str] = []
+    resumed = sync_embeddings(docs, store, redis_client, embedder, schema=schema, dtype="float32", log=lines.append)
+    assert resumed.mended == 0 and not any(line.startswith("Redis lost") for line in lines)
+    assert resumed.redis_version == killed.redis_version and resumed.embedded == 200
+    pointer = Pointer.decode(redis_client.get(schema.pointer(EMBEDDING_KIND)))
+    values = [
+        v for b in range(pointer.buckets) for v in redis_client.hvals(schema.bucket(EMBEDDING_KIND, pointer.version, b))
+    ]
+    assert len(values) == 300 and {value[1] for value in values} == {DTYPE_CODES["float32"]}
