@@ -109,6 +109,7 @@ _RECORD_WRITTEN = (
     "INSERT INTO campaign_written_ads (campaign_id, ad_id, features) SELECT a.campaign_id, a.ad_id, a.features"
     " FROM campaign_ads a JOIN campaigns c USING (campaign_id)"
 )
+_DROPPED_BEFORE = "campaign_dropped_ads"  # what campaign_written_ads replaced: its rows are moved there
 _OBJECTS = (
     "campaign_change_seq", "campaigns", "campaign_ads", "ad_tenants", "campaigns_cold_launch_at",
     "campaigns_warm_until", "campaign_ads_ad_id", "campaign_written_ads",
@@ -419,7 +420,10 @@ class CampaignRegistry:
                 "EXISTS (SELECT FROM pg_attribute WHERE attrelid = to_regclass('campaigns') AND attname = 'warm_model'"
                 " AND NOT attisdropped)"
             )
-            cur.execute("SELECT " + ", ".join([*(f"to_regclass('{name}')" for name in _OBJECTS), newest_column]))
+            cur.execute(
+                "SELECT " + ", ".join([*(f"to_regclass('{name}')" for name in _OBJECTS), newest_column])
+                + f", to_regclass('{_DROPPED_BEFORE}') IS NULL"
+            )  # fmt: skip
             if all(cur.fetchone()):
                 return
             # concurrent CREATE ... IF NOT EXISTS can still collide in the catalog: one creator at a time
@@ -434,6 +438,13 @@ class CampaignRegistry:
             cur.execute(SCHEMA)
             if unrecorded:  # warmed before warmings recorded what they wrote: the warm revisions' ads did
                 cur.execute(_RECORD_WRITTEN + " WHERE c.warm_revision = c.revision ON CONFLICT DO NOTHING")
+            cur.execute(f"SELECT to_regclass('{_DROPPED_BEFORE}') IS NOT NULL")
+            if cur.fetchone()[0]:  # the ads dropped by a re-registration, as a release of 7 December 2026 recorded them
+                cur.execute(
+                    "INSERT INTO campaign_written_ads (campaign_id, ad_id, features)"
+                    f" SELECT campaign_id, ad_id, features FROM {_DROPPED_BEFORE} ON CONFLICT DO NOTHING"
+                )
+                cur.execute(f"DROP TABLE {_DROPPED_BEFORE}")
             if upgrading:
                 # when the values of warm open-ended campaigns expire was not recorded: no earlier than their
                 # registration (warmed after it), so that lower bound has them warmed again, once

@@ -262,6 +262,8 @@ def _sync(
         if written is not None:
             written.result()
         writer.submit(chunks.flush).result()
+        if stats.chunks:  # the chunk lines count commits as they land: the last ones land here
+            log(f"{chunks.committed} documents committed in {stats.chunks} chunks")
     if not stopped_early:
         # Every sync renews the version's TTL: it outlives a stalled pipeline by ``ttl_s``, never forever.
         send_commands(client, [(b"EXPIRE", schema.bucket(EMBEDDING_KIND, target.version, b).encode(), b"%d" % ttl_s)

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from ..defs.partitions import deployment_partitions
+from ..defs.publishing import newer_recorded, rolled_back_over
 from ..defs.query_logs import QUARANTINE_OF
 from ..defs.runs import DAEMON_FRESH_S, daemon_heartbeat_age_s
 from ..ml.replay import replay
@@ -137,16 +138,21 @@ def run_demo(
             f" stopped just now counts as running until its last heartbeat is {DAEMON_FRESH_S} s old: retry in"
             f" {DAEMON_FRESH_S - age:.0f} s)"
         )
-    stages = Stages()
-    redis_url = env[ENV_REDIS]
-    connect(redis_url, socket_timeout=10).flushdb()  # embedded demo server only (checked above)
-    lake = Lake(env[ENV_LAKE])
     partitions = deployment_partitions()
     tz = ZoneInfo(partitions.timezone)
     today = datetime.now(tz).replace(hour=0, minute=0, second=0, microsecond=0)
     day_starts = [today - timedelta(days=days + 1 - d) for d in range(days + 1)]
     day_keys = [d.date().isoformat() for d in day_starts]
     starts_ms = [int(d.timestamp() * 1000) for d in day_starts]
+    if blocked := publish_blocked(instance, day_keys[-2]):  # before anything is reset: it would crash half-way
+        raise StackError(
+            f"the demo publishes the predictions of {day_keys[-2]}, and ctr_cache would not: {blocked} (the daily "
+            "schedule ran on this stack); run the demo with another PRECOMPUTE_HOME, or after `precompute down --purge`"
+        )
+    stages = Stages()
+    redis_url = env[ENV_REDIS]
+    connect(redis_url, socket_timeout=10).flushdb()  # embedded demo server only (checked above)
+    lake = Lake(env[ENV_LAKE])
 
     with stages.timed("generate_workload"):
         ads = make_ads(n_ads, days=days + 1, seed=seed)
@@ -620,3 +626,13 @@ def _metadata(result: dg.ExecuteInProcessResult, node: str) -> dict:
     """The plain metadata values of ``node``'s first materialization in ``result`` ({} when it has none)."""
     materializations = result.asset_materializations_for_node(node)
     return {key: value.value for key, value in materializations[0].metadata.items()} if materializations else {}
+
+
+def publish_blocked(instance: dg.DagsterInstance, day: str) -> str | None:
+    """Why ``ctr_cache`` would not publish ``day`` into the demo's reset Redis, as Dagster's storage records it: a
+    later day's publish (which it never replaces), or an operator's rollback over a day not before it; else None."""
+    if newer := newer_recorded(instance, day):
+        return f"Dagster records a publish of a later day, {newer}"
+    if (held := rolled_back_over(instance)) is not None and day <= held:
+        return f"an operator rolled {held} back"
+    return None

@@ -247,6 +247,27 @@ def test_ensure_schema_upgrades_a_registry_created_before_warm_until(registry):
     assert [c.campaign_id for c in registry.due(now)] == ["cold"]
 
 
+def test_ensure_schema_moves_the_dropped_ads_an_earlier_release_recorded(registry):
+    """Releases of 7 December recorded the ads a re-registration dropped in campaign_dropped_ads, which
+    campaign_written_ads replaced without taking its rows: an upgraded registry forgot them, and their values stayed
+    served after the next warming and a cancel (h_upgrade)."""
+    registry.register("c", "acme", LAUNCH, ads("k1", "k2", "k3"), now=NOW)
+    registry.mark_warm("c", 1)
+    registry.register("c", "acme", LAUNCH, ads("k1"), now=NOW)  # drops k2 and k3
+    with psycopg2.connect(libpq_url(registry.url)) as conn, conn.cursor() as cur:
+        cur.execute(  # the registry of such a release: its table, and none of the one replacing it
+            'CREATE TABLE campaign_dropped_ads (campaign_id TEXT COLLATE "C" NOT NULL REFERENCES campaigns ON'
+            ' DELETE CASCADE, ad_id TEXT COLLATE "C" NOT NULL, features JSONB NOT NULL, PRIMARY KEY (campaign_id,'
+            " ad_id)); INSERT INTO campaign_dropped_ads VALUES ('c', 'k2', '{}'), ('c', 'k3', '{}');"
+            " DROP TABLE campaign_written_ads"
+        )
+    registry.ensure_schema()
+    assert registry.dropped_ads("c") == ["k2", "k3"]
+    with psycopg2.connect(libpq_url(registry.url)) as conn, conn.cursor() as cur:
+        cur.execute("SELECT to_regclass('campaign_dropped_ads')")
+        assert cur.fetchone()[0] is None  # moved, then gone: a release in between left it beside the new one too
+
+
 def test_list_filters_by_tenant_and_status(registry):
     registry.register("b", "acme", LAUNCH + timedelta(hours=1), ads("a1"), now=NOW)
     registry.register("a", "acme", LAUNCH, ads("a2"), now=NOW)

@@ -9,6 +9,7 @@ import os
 from collections import OrderedDict
 from collections.abc import Hashable, Iterable
 
+import dagster as dg
 import numpy as np
 import pandas as pd
 import pytest
@@ -285,3 +286,25 @@ def test_a_demo_clears_the_history_an_earlier_demo_left_outside_its_days(tmp_pat
     assert lake.partitions("ad_impressions") == days[1:]
     assert {hour[:10] for hour in lake.partitions("query_logs")} == set(days[1:])
     assert lake.exists("ads")
+
+
+def test_the_demo_refuses_a_day_ctr_cache_would_not_publish_before_resetting_anything():
+    """The daily schedule had published a later day on the stack: the demo reset Redis and the lake, its ctr_cache
+    declined to publish over the later day Dagster recorded, and the demo crashed on a KeyError (h_upgrade). Whether
+    ctr_cache would publish is asked first."""
+    from precompute_assets.tools.demo import publish_blocked
+
+    with dg.DagsterInstance.ephemeral() as instance:
+        assert publish_blocked(instance, "2026-12-05") is None
+        published = {"version": "2026-12-06.abc", "model_version": "m1"}
+        instance.report_runless_asset_event(
+            dg.AssetMaterialization("ctr_cache", partition="2026-12-06", metadata=published)
+        )
+        assert publish_blocked(instance, "2026-12-05") == "Dagster records a publish of a later day, 2026-12-06.abc"
+        assert publish_blocked(instance, "2026-12-07") is None
+        rolled = {"version": "2026-12-04.def", "model_version": "m1", "rolled_back_over": "2026-12-06"}
+        instance.report_runless_asset_event(
+            dg.AssetMaterialization("ctr_cache", partition="2026-12-04", metadata=rolled)
+        )
+        assert publish_blocked(instance, "2026-12-05") == "an operator rolled 2026-12-06 back"
+        assert publish_blocked(instance, "2026-12-07") is None
