@@ -49,7 +49,7 @@ from .serving.connection import (
     mode_problem,
     parse_sentinel_url,
 )
-from .serving.urls import split_userinfo, tls_hint
+from .serving.urls import redact, tls_hint
 from .storage.files import exclusive_lock
 from .storage.postgres import connect as postgres_connect
 
@@ -1369,7 +1369,19 @@ class Stack:
                     self.redis.stop()
                 raise
         self._link_dagster_yaml()
+        self._private_folders()
         return self.env()
+
+    def _private_folders(self) -> None:
+        """The home's lake, model store and Dagster home (run and compute logs): 0700, as its Redis folder. They hold
+        drained query logs with their users, models and tracebacks, which every account could read under a umask of
+        022. A lake or model store the environment names is not ours: left as it is."""
+        own = [self.dagster_home]
+        own += [self.home / name for variable, name in ((ENV_LAKE, "lake"), (ENV_MODEL_STORE, "models"))
+                if not self._external(variable)]  # fmt: skip
+        for path in own:
+            path.mkdir(parents=True, exist_ok=True)
+            path.chmod(0o700)
 
     def _start_off_taken_ports(self, server: RedisServer | PostgresServer, key: str, name: str, tries: int = 3) -> None:
         """Start ``server`` on its port, or on another if another program holds it (``_move_off_taken_port``), also
@@ -1475,26 +1487,3 @@ class Stack:
                 warnings += persistence_warnings(url) + (() if embedded else memory_warnings(url))
             out.append(ServiceStatus(name, url, running, embedded, pid, version, refused, warnings))
         return out
-
-
-_PASSWORD_PARAM = re.compile(r"(?i)(\b(?:ssl_?|sentinel_)?password\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&#;]*)")
-# A password with spaces (a passphrase, unencoded): a word 'scheme://user:...' without an '@' runs on across them to
-# the line's last '@', as the user info it then is (or, after a host:port, prose up to an '@' is hidden with it).
-_SPACED_USERINFO = re.compile(r"\S*://[^\s/?#@:]*:[^\s@]*\s.*@\S*")
-
-
-def redact(url: str) -> str:
-    """The URL (or libpq ``key=value`` string, or an error message that holds some) with every password replaced by
-    ***: in the user info of each word as ``serving.urls.split_userinfo`` reads it (a mistyped or missing ``://``, an
-    '@', '?' or '#' in the password too; with spaces, across them), and in ``password=`` parameters
-    (``redis://host/0?password=...``, ``host=h password=...``). Else not across whitespace, so that prose in an error
-    message is left alone."""
-    shown = _SPACED_USERINFO.sub(lambda spaced: _without_userinfo_password(spaced.group()), url)
-    return _PASSWORD_PARAM.sub(r"\1***", re.sub(r"\S+", lambda word: _without_userinfo_password(word.group()), shown))
-
-
-def _without_userinfo_password(word: str) -> str:
-    """``word`` with the password of its user info, if it has one, replaced by ***."""
-    head, userinfo, rest = split_userinfo(word)
-    user, colon, _ = (userinfo or "").partition(":")
-    return f"{head}{user}:***@{rest}" if colon else word

@@ -68,6 +68,8 @@ def test_up_from_a_private_folder_changes_no_mode_or_owner_outside_its_own(sessi
                 cur.execute("SELECT 1")
                 assert cur.fetchone() == (1,)
             assert redis.Redis.from_url(env[ENV_REDIS]).ping()
+            for own in (home / "lake", home / "models", stack.dagster_home):  # query logs, models, run logs: private
+                assert stat.S_IMODE(own.stat().st_mode) == 0o700, own
             if os.geteuid() == 0:  # PostgreSQL's data lives in the service folder, owned by its user, 0700
                 assert stack.postgres.data.is_relative_to(service_root())
                 assert stat.S_IMODE(stack.postgres.data.stat().st_mode) == 0o700

@@ -14,6 +14,7 @@ The API key is read from an environment variable (``PRECOMPUTE_EMBEDDING_API_KEY
 
 from __future__ import annotations
 
+import base64
 import email.utils
 import hashlib
 import http.client
@@ -26,7 +27,7 @@ import time
 import urllib.parse
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 
@@ -124,7 +125,14 @@ class HttpEmbedder:
     sleep: Callable[[float], None] = field(default=time.sleep, repr=False)
     version: str = field(init=False)
     _api_key: str | None = field(init=False, repr=False)
+    _basic: str | None = field(init=False, repr=False)
     _local: threading.local = field(init=False, repr=False)
+
+    def __repr__(self) -> str:
+        """The dataclass's, with the URL's user info and query values hidden (``_without_credentials``)."""
+        shown = (f"{f.name}={getattr(self, f.name) if f.name != 'url' else _without_credentials(self.url)!r}"
+                 for f in fields(self) if f.repr)  # fmt: skip
+        return f"{type(self).__name__}({', '.join(shown)})"
 
     def __post_init__(self) -> None:
         self.url = self.url or os.environ.get(ENV_URL, "")
@@ -157,6 +165,9 @@ class HttpEmbedder:
             path += endpoint
         self._path = path + (f"?{parts.query}" if parts.query else "")
         self._api_key = os.environ.get(self.api_key_env) or None
+        # user:password in the URL is HTTP Basic authentication, as curl reads it (it was never sent: refused)
+        userinfo = split_userinfo(self.url)[1]
+        self._basic = None if not userinfo else base64.b64encode(urllib.parse.unquote(userinfo).encode()).decode()
         self._local = threading.local()
         if self.dim <= 0:
             self.dim = self.probe_dimension()
@@ -264,6 +275,8 @@ class HttpEmbedder:
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"
+        elif self._basic:
+            headers["Authorization"] = f"Basic {self._basic}"
         try:
             connection = self._connection()
             connection.request("POST", self._path, body=body, headers=headers)

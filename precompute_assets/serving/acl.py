@@ -251,6 +251,8 @@ def _both(
     ]
     if users[0][0] == users[1][0]:
         raise ValueError("the publisher and the reader must be two different users")
+    if publisher[1] == reader[1]:  # every reader service would hold the publisher's password
+        raise ValueError("the publisher and the reader must have different passwords")
     for user in users:
         check_rules(user[1:])
     return users
@@ -309,6 +311,16 @@ def apply_acl(
         servers = [client]
     made = servers[1:] if is_sentinel(client) else []  # the replicas' clients, made here (a cluster's are its own)
     try:
+        # ACL changes are not rolled back: resetting the user this connection runs as took its own rights away half-way
+        # (the next SETUSER was refused, the first had landed), and an operator whose only admin it was was locked out.
+        names = {publisher[0], reader[0]}
+        for server in servers:
+            if (admin := _whoami(server)) in names:
+                raise ValueError(
+                    f"the {'publisher' if admin == publisher[0] else 'reader'} user {admin!r} is the user this "
+                    "connection runs as (PRECOMPUTE_REDIS_ADMIN_URL): resetting it would take its admin rights away; "
+                    "name another user"
+                )
         for server in servers:
             unknown = unknown_commands(server)
             commands = acl_setuser_commands(namespace, publisher=publisher, reader=reader, kinds=kinds, unknown=unknown)
@@ -320,6 +332,15 @@ def apply_acl(
         for server in made:
             server.close()
     return [command[2] for command in commands]
+
+
+def _whoami(server: redis.Redis) -> str | None:
+    """The ACL user ``server``'s connection runs as (None when the server will not say)."""
+    try:
+        name = server.execute_command("ACL", "WHOAMI")
+    except redis.ResponseError:
+        return None
+    return name.decode() if isinstance(name, bytes) else name
 
 
 def check_rules(rules: Sequence[str]) -> None:

@@ -68,3 +68,26 @@ def tls_hint(url: str) -> str:
     if url.partition("://")[0].lower() != "rediss":
         return ""
     return "; no TLS handshake came back: a server without TLS takes redis://, not rediss://"
+
+
+_PASSWORD_PARAM = re.compile(r"(?i)(\b(?:ssl_?|sentinel_)?password\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&#;]*)")
+# A password with spaces (a passphrase, unencoded): a word 'scheme://user:...' without an '@' runs on across them to
+# the line's last '@', as the user info it then is (or, after a host:port, prose up to an '@' is hidden with it).
+_SPACED_USERINFO = re.compile(r"\S*://[^\s/?#@:]*:[^\s@]*\s.*@\S*")
+
+
+def redact(url: str) -> str:
+    """The URL (or libpq ``key=value`` string, or an error message that holds some) with every password replaced by
+    ***: in the user info of each word as ``serving.urls.split_userinfo`` reads it (a mistyped or missing ``://``, an
+    '@', '?' or '#' in the password too; with spaces, across them), and in ``password=`` parameters
+    (``redis://host/0?password=...``, ``host=h password=...``). Else not across whitespace, so that prose in an error
+    message is left alone."""
+    shown = _SPACED_USERINFO.sub(lambda spaced: _without_userinfo_password(spaced.group()), url)
+    return _PASSWORD_PARAM.sub(r"\1***", re.sub(r"\S+", lambda word: _without_userinfo_password(word.group()), shown))
+
+
+def _without_userinfo_password(word: str) -> str:
+    """``word`` with the password of its user info, if it has one, replaced by ***."""
+    head, userinfo, rest = split_userinfo(word)
+    user, colon, _ = (userinfo or "").partition(":")
+    return f"{head}{user}:***@{rest}" if colon else word

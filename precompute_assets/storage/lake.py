@@ -22,6 +22,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from ..ml.model_store import fsync_path
+from ..serving.urls import redact
 from .tables import LAKE_SCHEMAS
 
 SHAPE_KEY = b"precompute.shape"  # the file's rows and columns as written, in its key-value metadata
@@ -97,7 +98,10 @@ class Lake:
     @cached_property
     def _fs(self) -> tuple[pafs.FileSystem, str]:
         uri = self.base_uri if "://" in self.base_uri else str(Path(self.base_uri).resolve())
-        return pafs.FileSystem.from_uri(uri)
+        try:
+            return pafs.FileSystem.from_uri(uri)
+        except (pa.ArrowException, ValueError) as error:  # its message repeats the URI: an S3 secret in its user info
+            raise ValueError(f"the lake {redact(uri)} cannot be opened: {redact(str(error))}") from None
 
     def path(self, asset: str, partition: str | None = None) -> str:
         root = self._fs[1].rstrip("/")

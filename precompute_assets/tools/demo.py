@@ -22,6 +22,7 @@ from ..defs.query_logs import QUARANTINE_OF
 from ..defs.runs import DAEMON_FRESH_S, daemon_heartbeat_age_s
 from ..ml.replay import replay
 from ..serving import KeySchema, Pointer, PredictionCache, connect
+from ..serving.urls import redact
 from ..stack import ENV_APP_DB, ENV_DAGSTER_PG, ENV_LAKE, ENV_MODEL_STORE, ENV_REDIS, Stack, StackError
 from ..storage.lake import Lake
 from ..workload.ads import generate_traffic, make_ads, true_ctr
@@ -119,7 +120,7 @@ def run_demo(
     if not is_own_folder(env[ENV_LAKE], stack, "lake"):  # before the Redis check and anything written, as that check is
         raise StackError(
             f"the demo replaces the lake's ads and ad_impressions: run it on the stack's own lake, not on "
-            f"{env[ENV_LAKE]} of {ENV_LAKE}"
+            f"{redact(env[ENV_LAKE])} of {ENV_LAKE}"
         )
     if not stack.status()[0].embedded:  # the Redis entry
         # One line and exit code 2 like every command error (SystemExit exited 1), before anything is written.

@@ -149,6 +149,22 @@ def test_the_api_key_comes_from_the_environment_and_is_never_shown(service, monk
     assert embedder(service, api_key_env="MY_EMBEDDING_KEY")._api_key is None
 
 
+def test_user_info_in_the_url_is_basic_authentication_and_never_shown(service):
+    """``http://user:password@host`` was never sent (the service refused every batch), and its repr showed the
+    password (h_secrets)."""
+    import base64
+
+    url = service.url.replace("://", "://svc:Top%40Secret9@", 1)
+    model = embedder(service, url=url)
+    model.encode_checked(TEXTS[:2])
+    assert service.authorization[-1] == "Basic " + base64.b64encode(b"svc:Top@Secret9").decode()
+    assert (
+        "Secret9" not in repr(model) + model.version
+        and "svc" not in repr(model)
+        and "url='http://127.0.0.1:" in repr(model)
+    )
+
+
 def test_version_follows_url_model_and_dimension(service, monkeypatch):
     base = embedder(service).version
     assert base == embedder(service, batch_size=7, max_retries=0).version  # tuning is not identity

@@ -700,3 +700,22 @@ def test_users_applied_on_the_embedded_server_survive_its_restart(tmp_path: Path
         stale.close()
     finally:
         stack.down()
+
+
+def test_applying_refuses_the_admin_user_it_runs_as_and_a_shared_password(
+    server: RedisServer, admin: redis.Redis, schema: KeySchema
+) -> None:
+    """``--publisher-user`` naming the operator's own admin user reset it first, then the next SETUSER was refused:
+    ACL changes are not rolled back, and the admin was locked out; the same password for both users gave every reader
+    service the publisher's (h_secrets). Both are refused before anything is written."""
+    ops, password = f"{schema.namespace}-ops", "an-admin-password-1234"
+    admin.execute_command("ACL", "SETUSER", ops, "reset", "on", f">{password}", "~*", "&*", "+@all")
+    operator = connect(url_of(server, ops, password), socket_timeout=5)
+    reader = f"{schema.namespace}-reader"
+    with pytest.raises(ValueError, match=f"the publisher user '{ops}' is the user this connection runs as"):
+        apply_acl(operator, schema.namespace, publisher=(ops, PUBLISHER_PASSWORD), reader=(reader, READER_PASSWORD))
+    assert operator.config_get("maxmemory") and admin.acl_getuser(reader) is None  # still admin; nothing applied
+    with pytest.raises(ValueError, match="must have different passwords"):
+        apply_acl(admin, schema.namespace, publisher=("p-user", READER_PASSWORD), reader=(reader, READER_PASSWORD))
+    assert admin.acl_getuser("p-user") is None
+    operator.close()

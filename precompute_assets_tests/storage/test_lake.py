@@ -103,3 +103,11 @@ def test_a_local_write_reaches_the_disk_before_it_becomes_the_partition(tmp_path
     (file, moved_then), (dir_, moved_after) = synced
     assert os.path.basename(file).startswith(".2026-11-20-10:00.parquet.tmp-") and not moved_then
     assert dir_ == str(folder) and moved_after
+
+
+def test_a_lake_uri_that_cannot_be_opened_is_named_without_its_secret():
+    """pyarrow's parse error repeats the URI: an S3 secret with an unencoded '/' (common in AWS keys) was printed by
+    the CLI and stored in Dagster's event log (h_secrets)."""
+    with pytest.raises(ValueError, match=r"the lake s3://AKIAX:\*\*\*@bucket/lake cannot be opened") as raised:
+        Lake("s3://AKIAX:Leak/Secret99@bucket/lake").read("ads", None)
+    assert "Secret99" not in str(raised.value)
