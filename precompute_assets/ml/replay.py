@@ -2189,6 +2189,11 @@ def _read_bytes(path: Path) -> bytes:
     except (lzma.LZMAError, OSError, ValueError) as exc:
         if isinstance(exc, FileNotFoundError | PermissionError | IsADirectoryError):
             raise
+        if "too much memory" in str(exc):  # a frame written with a long window (zstd --long): a valid file
+            raise TraceError(
+                f"its {suffix[1:]} frames need a larger window than is read here ({exc}): decompress it first, e.g. "
+                "zstd -dc --long=31 FILE | precompute replay --trace - (with --format for binary records)"
+            ) from None
         raise TraceError(f"not a valid {suffix[1:]} file: {exc}") from None
     return path.read_bytes()
 
@@ -2328,6 +2333,11 @@ def _line_problem(line: str, kind: str, fields: int = 2, *, header: bool = False
     if "," not in line:
         return "mixed formats: line 1 has 'timestamp,key' fields but this line is a bare key"
     parts = line.split(",")
+    if len(parts) > fields:  # a key holding the separator, as some of Twitter's cache traces have
+        return (
+            f"expected {fields} fields as on the first line, got {len(parts)} (a key with a comma? keep only the "
+            f"lines of {fields} fields first, e.g. awk -F, 'NF=={fields}')"
+        )
     if len(parts) != fields:
         return f"expected {fields} fields as on the first line, got {len(parts)}"
     timestamp, key = parts[0].strip(), parts[1].strip()

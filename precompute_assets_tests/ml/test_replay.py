@@ -7,6 +7,7 @@ import itertools
 import json
 import lzma
 import os
+import shutil
 import subprocess
 import sys
 from collections import OrderedDict
@@ -2545,3 +2546,24 @@ def test_cli_with_standard_output_closed_fails_in_one_line_rather_than_losing_th
     run = subprocess.run(["bash", "-c", f'"{sys.executable}" -c "{script}" {args} >&-'], capture_output=True, text=True)
     assert run.returncode == 2
     assert run.stderr == "precompute replay: standard output is closed: nowhere to write the result\n"
+
+
+def test_a_key_holding_the_separator_is_named_with_what_to_do(tmp_path):
+    """Some of Twitter's cache traces have keys with a comma: the whole replay stopped on "expected 7 fields ... got
+    8", with nothing on what to do (h_traces)."""
+    trace = tmp_path / "cluster.csv"
+    trace.write_text("1,a,20,300,1,get,0\n2,b,c,20,300,1,get,0\n3,a,20,300,1,get,0\n")
+    said = r"line 2: expected 7 fields as on the first line, got 8 \(a key with a comma\? keep only the lines of 7"
+    with pytest.raises(TraceError, match=said + r" fields first, e.g. awk -F, 'NF==7'\)"):
+        parse_trace(trace)
+
+
+@pytest.mark.skipif(shutil.which("zstd") is None, reason="needs the zstd command to write a long-window frame")
+def test_a_zst_file_of_a_long_window_is_not_called_invalid(tmp_path):
+    """`zstd --long=31` writes valid frames whose window is larger than the reader's limit: "not a valid zst file" was
+    wrong, and said nothing of what to do (h_traces)."""
+    trace = tmp_path / "long.csv.zst"
+    with trace.open("wb") as out:
+        subprocess.run(["zstd", "-q", "--long=31", "-c"], input=b"1,a\n2,b\n3,a\n", stdout=out, check=True)
+    with pytest.raises(TraceError, match=r"its zst frames need a larger window .*zstd -dc --long=31 FILE \|"):
+        parse_trace(trace)
