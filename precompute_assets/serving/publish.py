@@ -457,23 +457,20 @@ class _EvictionWatch:
             return
         if limit - used < 2 * n_bytes:  # a bucket takes more memory than its fields and values
             self.batch_commands = COMMANDS_PER_PIPELINE // 10
-        self.seen = evicted_keys(client)
+        self.seen = _evicted_keys(client)
         self.present = _existing(client, names) if self.seen is not None else 0
 
     def serving_lost(self) -> int:
         """How many of the serving version's buckets went since the watch began, when keys were evicted since the last
         call; else 0."""
-        if self.seen is None or (now := evicted_keys(self.client)) is None or now == self.seen:
+        if self.seen is None or (now := _evicted_keys(self.client)) is None or now == self.seen:
             return 0
         self.seen = now
         return max(0, self.present - _existing(self.client, self.names))
 
 
-def evicted_keys(client: redis.Redis) -> int | None:
-    """A single server's count of evicted keys (``INFO stats``), None when it may not be asked or is a cluster (a
-    count per node)."""
-    if is_cluster(client):
-        return None
+def _evicted_keys(client: redis.Redis) -> int | None:
+    """A single server's count of evicted keys (``INFO stats``), None when it may not be asked."""
     try:
         return int(client.info("stats").get("evicted_keys", 0))
     except redis.ResponseError:

@@ -438,11 +438,18 @@ class CampaignRegistry:
             cur.execute(SCHEMA)
             if unrecorded:  # warmed before warmings recorded what they wrote: the warm revisions' ads did
                 cur.execute(_RECORD_WRITTEN + " WHERE c.warm_revision = c.revision ON CONFLICT DO NOTHING")
-            cur.execute(f"SELECT to_regclass('{_DROPPED_BEFORE}') IS NOT NULL")
-            if cur.fetchone()[0]:  # the ads dropped by a re-registration, as a release of 7 December 2026 recorded them
+            cur.execute(
+                f"SELECT to_regclass('{_DROPPED_BEFORE}') IS NOT NULL, EXISTS (SELECT FROM pg_attribute WHERE attrelid"
+                f" = to_regclass('{_DROPPED_BEFORE}') AND attname = 'features' AND NOT attisdropped)"
+            )
+            dropped_before, with_features = cur.fetchone()
+            if dropped_before:  # the ads dropped by a re-registration, as the releases of 7 December 2026 recorded them
+                # the first of them kept no features: '{}' matches no campaign's, so the value is deleted as this
+                # campaign's, and another campaign that holds the ad is warmed again with its own (as that release did)
+                features = "features" if with_features else "'{}'::jsonb"
                 cur.execute(
                     "INSERT INTO campaign_written_ads (campaign_id, ad_id, features)"
-                    f" SELECT campaign_id, ad_id, features FROM {_DROPPED_BEFORE} ON CONFLICT DO NOTHING"
+                    f" SELECT campaign_id, ad_id, {features} FROM {_DROPPED_BEFORE} ON CONFLICT DO NOTHING"
                 )
                 cur.execute(f"DROP TABLE {_DROPPED_BEFORE}")
             if upgrading:

@@ -45,12 +45,12 @@ import numpy as np
 import redis
 
 from ..ml.embedder import MAX_CHARS, Embedder, embed_documents
+from ..serving.events import server_mark
 from ..serving.keys import EMBEDDING_KIND, KeySchema, Pointer, bucket_ids, check_key, check_keys
 from ..serving.publish import (
     KEYS_PER_BUCKET,
     IncompleteVersionError,
     bucket_count,
-    evicted_keys,
     flip_pointer,
     memory_note,
     patch_version,
@@ -152,6 +152,7 @@ def _sync(
     # a version written in another dtype (the config changed) is rebuilt too: one version never mixes layouts
     intact = marker is not None and marker.split()[1:] in ([], [dtype.encode()])
     restored = 0
+    mark = server_mark(client)  # before this sync writes: evictions, a restart or a failover change it (None: unknown)
     if progress is not None and marker is None and (restored := store.stored_count(model_version, dtype)):
         # Redis lost (flushed, restarted without persistence, evicted) the version of a model whose embeddings the
         # offline store holds, all in this dtype: copied into a new version, nothing embedded again (a full rebuild
@@ -169,7 +170,6 @@ def _sync(
         client.set(_sentinel(schema, redis_version), f"building {dtype}", ex=ttl_s)
         log(f"full build of {n_docs} documents with {model_version} into Redis version {redis_version}")
     target = Pointer(progress.redis_version, progress.buckets)
-    evictions = evicted_keys(client)  # Redis's count before this sync writes (None: unknown, a cluster)
     stats = SyncStats(model_version, target.version, full_build=not progress.complete, restored=restored)
     if not restored and (progress.complete or progress.watermark is not None):  # Redis may have lost some values
         stats.mended = _mend_lost_buckets(store, client, schema, model_version, target, dtype, ttl_s, log)
@@ -272,7 +272,7 @@ def _sync(
         # At maxmemory a volatile policy evicts buckets of the version this sync wrote into, readers' own when it
         # patches in place, without an error: written back from the store now, and the run fails if they cannot be.
         # Looked for only when Redis evicted keys meanwhile (or cannot say): a sync's cost follows the change.
-        if (evictions is None or evicted_keys(client) != evictions) and (
+        if (mark is None or server_mark(client) != mark) and (
             mended := _mend_lost_buckets(store, client, schema, model_version, target, dtype, ttl_s, log)
         ):
             stats.mended += mended
@@ -438,8 +438,18 @@ def _copy_wider(
     and record it as an unfinished build (``move_version``): nothing reads it until a flip."""
     wider = Pointer(f"emb{int(time.time())}.{uuid.uuid4().hex[:8]}", bucket_count(n_docs))
     client.set(_sentinel(schema, wider.version), f"building {dtype}", ex=ttl_s)
-    for page in store.iter_values(model_version):
+    for page in store.iter_values(model_version, dtype=dtype):  # a version holds one layout (values of another wait)
         patch_version(client, EMBEDDING_KIND, wider, upserts=page, schema=schema, ttl_s=ttl_s)  # each bucket's TTL
+    # The biggest write of all, and the likeliest to evict its own buckets at maxmemory (a restore, a rebuild that
+    # flips at once): checked whole before anything reads it, written back once, and refused if still short.
+    if _mend_lost_buckets(store, client, schema, model_version, wider, dtype, ttl_s, lambda message: None) and (
+        lacking := _short_buckets(store, client, schema, model_version, wider, dtype)[1]
+    ):
+        raise IncompleteVersionError(
+            f"the copy of the stored embeddings into Redis version {wider.version} lacks {lacking} of them: Redis "
+            f"evicted them as they were written, and again when written back{memory_note(client)}. Give Redis more "
+            "memory (maxmemory); readers stay on the version they have"
+        )
     store.move_version(model_version, wider.version, wider.buckets)
     return wider
 

@@ -247,7 +247,8 @@ def test_ensure_schema_upgrades_a_registry_created_before_warm_until(registry):
     assert [c.campaign_id for c in registry.due(now)] == ["cold"]
 
 
-def test_ensure_schema_moves_the_dropped_ads_an_earlier_release_recorded(registry):
+@pytest.mark.parametrize("features", [True, False])  # 944f5c4's table, and 63bb671's before it (no features)
+def test_ensure_schema_moves_the_dropped_ads_an_earlier_release_recorded(registry, features):
     """Releases of 7 December recorded the ads a re-registration dropped in campaign_dropped_ads, which
     campaign_written_ads replaced without taking its rows: an upgraded registry forgot them, and their values stayed
     served after the next warming and a cancel (h_upgrade)."""
@@ -257,10 +258,11 @@ def test_ensure_schema_moves_the_dropped_ads_an_earlier_release_recorded(registr
     with psycopg2.connect(libpq_url(registry.url)) as conn, conn.cursor() as cur:
         cur.execute(  # the registry of such a release: its table, and none of the one replacing it
             'CREATE TABLE campaign_dropped_ads (campaign_id TEXT COLLATE "C" NOT NULL REFERENCES campaigns ON'
-            ' DELETE CASCADE, ad_id TEXT COLLATE "C" NOT NULL, features JSONB NOT NULL, PRIMARY KEY (campaign_id,'
-            " ad_id)); INSERT INTO campaign_dropped_ads VALUES ('c', 'k2', '{}'), ('c', 'k3', '{}');"
-            " DROP TABLE campaign_written_ads"
+            ' DELETE CASCADE, ad_id TEXT COLLATE "C" NOT NULL, PRIMARY KEY (campaign_id, ad_id));'
+            " INSERT INTO campaign_dropped_ads VALUES ('c', 'k2'), ('c', 'k3'); DROP TABLE campaign_written_ads"
         )
+        if features:
+            cur.execute("ALTER TABLE campaign_dropped_ads ADD COLUMN features JSONB NOT NULL DEFAULT '{\"q\": 1}'")
     registry.ensure_schema()
     assert registry.dropped_ads("c") == ["k2", "k3"]
     with psycopg2.connect(libpq_url(registry.url)) as conn, conn.cursor() as cur:

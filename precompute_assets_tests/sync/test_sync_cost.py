@@ -221,8 +221,8 @@ def test_a_wider_copy_that_crashes_half_way_expires(app_db, redis_client, schema
     docs.load_frame(frame(300, 500))
     pages = store.iter_values
 
-    def crash_after_one_page(model_version):
-        yield next(pages(model_version))
+    def crash_after_one_page(model_version, **options):
+        yield next(pages(model_version, **options))
         raise ConnectionError("killed half-way through the copy")
 
     monkeypatch.setattr(store, "iter_values", crash_after_one_page)
@@ -307,7 +307,7 @@ def test_embeddings_evicted_while_a_sync_writes_are_written_back_before_it_ends(
     docs.load_frame(frame(0, 10, title="changed"))
     # what happened is what Redis's count of evicted keys says (on a cluster, unknown: looked at every time)
     evicted = [0]
-    monkeypatch.setattr(sync_module, "evicted_keys", lambda client: evicted[0])
+    monkeypatch.setattr(sync_module, "server_mark", lambda client: f"run1:{evicted[0]}")
     looked = []
     short = sync_module._short_buckets
     monkeypatch.setattr(sync_module, "_short_buckets", lambda *args: looked.append(1) or short(*args))
@@ -359,3 +359,54 @@ def test_a_resumed_build_in_a_new_dtype_mends_nothing_from_the_old_dtypes_values
         v for b in range(pointer.buckets) for v in redis_client.hvals(schema.bucket(EMBEDDING_KIND, pointer.version, b))
     ]
     assert len(values) == 300 and {value[1] for value in values} == {DTYPE_CODES["float32"]}
+
+
+def test_a_copy_into_a_new_version_is_whole_before_anything_reads_it(app_db, redis_client, schema, monkeypatch):
+    """A restore (Redis lost the version) copies the whole corpus, the likeliest write to evict its own buckets at
+    maxmemory; it was never checked, and readers were flipped to a version missing some (h_diff17). The copy holds only
+    values of the version's dtype: a widening during a rebuild in a new dtype copied the old dtype's too."""
+    docs = DocumentStore(app_db)
+    docs.ensure_schema()
+    docs.load_frame(frame(0, 300))
+    store, embedder = EmbeddingStore(app_db), HashEmbedder()
+    first = sync_embeddings(docs, store, redis_client, embedder, schema=schema, log=quiet)
+    for name in redis_client.scan_iter(f"{schema.prefix}:{EMBEDDING_KIND}:*"):
+        redis_client.unlink(name)  # Redis lost the version
+    patch, dropped = sync_module.patch_version, []
+
+    def evicted_as_written(client, kind, pointer, **kwargs):
+        patch(client, kind, pointer, **kwargs)
+        if not dropped and pointer.version != first.redis_version:  # the copy's first page: some of it evicted
+            bucket = schema.bucket(EMBEDDING_KIND, pointer.version, 0)
+            dropped.extend(sorted(redis_client.hkeys(bucket))[:5])
+            redis_client.hdel(bucket, *dropped)
+
+    monkeypatch.setattr(sync_module, "patch_version", evicted_as_written)
+    restored = sync_embeddings(docs, store, redis_client, embedder, schema=schema, log=quiet)
+    assert restored.restored == 300 and len(dropped) == 5
+    cache = PredictionCache(redis_client, schema=schema, pointer_ttl_s=0)
+    assert all(v is not None for v in cache.get_embeddings([f"d{i:06d}" for i in range(300)]))
+    # values of another dtype are not the version's: a float32 build half done, copied wider, holds only its own
+    monkeypatch.setattr(sync_module, "patch_version", patch)
+    killed = sync_embeddings(docs, store, redis_client, embedder, schema=schema, dtype="float32", chunk_size=100,
+                             write_batch=100, stop_after_chunks=1, log=quiet)  # fmt: skip
+    assert killed.embedded == 100
+    wider = sync_module._copy_wider(store, redis_client, schema, embedder.version, "float32", 3600, 300)
+    buckets = [schema.bucket(EMBEDDING_KIND, wider.version, b) for b in range(wider.buckets)]
+    values = [value for bucket in buckets for value in redis_client.hvals(bucket)]
+    assert len(values) == 100 and {value[1] for value in values} == {DTYPE_CODES["float32"]}
+
+
+def test_a_stored_value_shorter_than_its_header_is_of_no_dtype(app_db):
+    """``get_byte(value, 1)`` raised on a one-byte value (another tool's row), failing every sync (h_diff17)."""
+    store = EmbeddingStore(app_db)
+    store.ensure_schema()
+    with store.connect() as conn, conn.cursor() as cur:
+        cur.execute(
+            "INSERT INTO document_embeddings (doc_id, model_version, modified_at, embedded_at, value)"
+            " VALUES ('a', 'm', now(), now(), %s), ('b', 'm', now(), now(), %s)",
+            (b"\x01", bytes([1, DTYPE_CODES["int8"], 0, 0])),
+        )
+    assert store.embedded_count("m") == 2 and store.embedded_count("m", dtype="int8") == 1
+    assert [ids for ids in store.iter_ids("m", dtype="int8")] == [["b"]]
+    assert store.stored_count("m", "int8") == 0  # not all of this dtype: never copied as one
