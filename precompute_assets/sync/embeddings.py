@@ -387,7 +387,11 @@ def _short_buckets(
     next sync writes them again)."""
     names = [schema.bucket(EMBEDDING_KIND, target.version, b).encode() for b in range(target.buckets)]
     lengths = np.array(run_commands(client, [(b"HLEN", name) for name in names]), dtype=np.int64)
-    if lengths.sum() >= store.embedded_count(model_version, dtype=dtype):
+    # The count of every dtype first (its index alone answers it): the one of this dtype reads each row's value,
+    # which only a version short of the whole count needs (a rebuild in a new dtype, or a loss).
+    if lengths.sum() >= store.embedded_count(model_version) or lengths.sum() >= store.embedded_count(
+        model_version, dtype=dtype
+    ):
         return set(), 0
     expected = np.zeros(target.buckets, dtype=np.int64)
     for ids in store.iter_ids(model_version, dtype=dtype):
@@ -445,10 +449,12 @@ def _copy_wider(
     if _mend_lost_buckets(store, client, schema, model_version, wider, dtype, ttl_s, lambda message: None) and (
         lacking := _short_buckets(store, client, schema, model_version, wider, dtype)[1]
     ):
+        send_commands(client, [(b"UNLINK", name.encode()) for name in _version_keys(schema, wider)])  # its memory back
         raise IncompleteVersionError(
-            f"the copy of the stored embeddings into Redis version {wider.version} lacks {lacking} of them: Redis "
-            f"evicted them as they were written, and again when written back{memory_note(client)}. Give Redis more "
-            "memory (maxmemory); readers stay on the version they have"
+            f"the copy of the stored embeddings into Redis version {wider.version} lacked {lacking} of them: Redis "
+            f"evicted them as they were written, and again when written back{memory_note(client)}; the copy was "
+            "deleted. Readers are served the version they were (none, after Redis lost it) until a copy fits: give "
+            "Redis more memory (maxmemory)"
         )
     store.move_version(model_version, wider.version, wider.buckets)
     return wider

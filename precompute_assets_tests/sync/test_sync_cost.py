@@ -410,3 +410,27 @@ def test_a_stored_value_shorter_than_its_header_is_of_no_dtype(app_db):
     assert store.embedded_count("m") == 2 and store.embedded_count("m", dtype="int8") == 1
     assert [ids for ids in store.iter_ids("m", dtype="int8")] == [["b"]]
     assert store.stored_count("m", "int8") == 0  # not all of this dtype: never copied as one
+
+
+def test_a_copy_that_stays_short_is_refused_and_deleted(app_db, redis_client, schema, monkeypatch):
+    """A restore into a Redis too small for it was refused, but each attempt's copy stayed for its 7-day TTL, and the
+    message said readers stayed on their version, which Redis had lost (h_diff18)."""
+    docs = DocumentStore(app_db)
+    docs.ensure_schema()
+    docs.load_frame(frame(0, 300))
+    store, embedder = EmbeddingStore(app_db), HashEmbedder()
+    first = sync_embeddings(docs, store, redis_client, embedder, schema=schema, log=quiet)
+    for name in redis_client.scan_iter(f"{schema.prefix}:{EMBEDDING_KIND}:*"):
+        redis_client.unlink(name)  # Redis lost the version
+    patch = sync_module.patch_version
+
+    def always_evicted(client, kind, pointer, **kwargs):  # every write of the copy loses a field: memory too small
+        patch(client, kind, pointer, **kwargs)
+        bucket = schema.bucket(EMBEDDING_KIND, pointer.version, 0)
+        if pointer.version != first.redis_version and (fields := redis_client.hkeys(bucket)):
+            redis_client.hdel(bucket, fields[0])
+
+    monkeypatch.setattr(sync_module, "patch_version", always_evicted)
+    with pytest.raises(publish.IncompleteVersionError, match="the copy was deleted. Readers are served the version"):
+        sync_embeddings(docs, store, redis_client, embedder, schema=schema, log=quiet)
+    assert list(redis_client.scan_iter(f"{schema.prefix}:{EMBEDDING_KIND}:*")) == []  # nothing left to hold memory
