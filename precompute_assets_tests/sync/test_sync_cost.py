@@ -361,17 +361,24 @@ def test_a_resumed_build_in_a_new_dtype_mends_nothing_from_the_old_dtypes_values
     assert len(values) == 300 and {value[1] for value in values} == {DTYPE_CODES["float32"]}
 
 
-def test_a_copy_into_a_new_version_is_whole_before_anything_reads_it(app_db, redis_client, schema, monkeypatch):
-    """A restore (Redis lost the version) copies the whole corpus, the likeliest write to evict its own buckets at
-    maxmemory; it was never checked, and readers were flipped to a version missing some (h_diff17). The copy holds only
-    values of the version's dtype: a widening during a rebuild in a new dtype copied the old dtype's too."""
+def synced_then_lost(app_db, redis_client, schema):
+    """300 documents synced, then their Redis version lost (a flush, a restart without persistence): the documents,
+    the embedding store, the embedder and the first sync's stats."""
     docs = DocumentStore(app_db)
     docs.ensure_schema()
     docs.load_frame(frame(0, 300))
     store, embedder = EmbeddingStore(app_db), HashEmbedder()
     first = sync_embeddings(docs, store, redis_client, embedder, schema=schema, log=quiet)
     for name in redis_client.scan_iter(f"{schema.prefix}:{EMBEDDING_KIND}:*"):
-        redis_client.unlink(name)  # Redis lost the version
+        redis_client.unlink(name)
+    return docs, store, embedder, first
+
+
+def test_a_copy_into_a_new_version_is_whole_before_anything_reads_it(app_db, redis_client, schema, monkeypatch):
+    """A restore (Redis lost the version) copies the whole corpus, the likeliest write to evict its own buckets at
+    maxmemory; it was never checked, and readers were flipped to a version missing some (h_diff17). The copy holds only
+    values of the version's dtype: a widening during a rebuild in a new dtype copied the old dtype's too."""
+    docs, store, embedder, first = synced_then_lost(app_db, redis_client, schema)
     patch, dropped = sync_module.patch_version, []
 
     def evicted_as_written(client, kind, pointer, **kwargs):
@@ -415,13 +422,7 @@ def test_a_stored_value_shorter_than_its_header_is_of_no_dtype(app_db):
 def test_a_copy_that_stays_short_is_refused_and_deleted(app_db, redis_client, schema, monkeypatch):
     """A restore into a Redis too small for it was refused, but each attempt's copy stayed for its 7-day TTL, and the
     message said readers stayed on their version, which Redis had lost (h_diff18)."""
-    docs = DocumentStore(app_db)
-    docs.ensure_schema()
-    docs.load_frame(frame(0, 300))
-    store, embedder = EmbeddingStore(app_db), HashEmbedder()
-    first = sync_embeddings(docs, store, redis_client, embedder, schema=schema, log=quiet)
-    for name in redis_client.scan_iter(f"{schema.prefix}:{EMBEDDING_KIND}:*"):
-        redis_client.unlink(name)  # Redis lost the version
+    docs, store, embedder, first = synced_then_lost(app_db, redis_client, schema)
     patch = sync_module.patch_version
 
     def always_evicted(client, kind, pointer, **kwargs):  # every write of the copy loses a field: memory too small
