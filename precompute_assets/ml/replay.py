@@ -2333,13 +2333,9 @@ def _line_problem(line: str, kind: str, fields: int = 2, *, header: bool = False
     if "," not in line:
         return "mixed formats: line 1 has 'timestamp,key' fields but this line is a bare key"
     parts = line.split(",")
-    if len(parts) > fields:  # a key holding the separator, as some of Twitter's cache traces have
-        return (
-            f"expected {fields} fields as on the first line, got {len(parts)} (a key with a comma? keep only the "
-            f"lines of {fields} fields first, e.g. awk -F, 'NF=={fields}')"
-        )
-    if len(parts) != fields:
-        return f"expected {fields} fields as on the first line, got {len(parts)}"
+    if len(parts) != fields:  # more: a key holding the separator, as some of Twitter's cache traces have
+        hint = f" (a key with a comma? keep only the lines of {fields} fields first, e.g. awk -F, 'NF=={fields}')"
+        return f"expected {fields} fields as on the first line, got {len(parts)}{hint if len(parts) > fields else ''}"
     timestamp, key = parts[0].strip(), parts[1].strip()
     if not _NUM_RE.fullmatch(timestamp):
         hint = " (the header names the fields: choose them with --time-field and --key-field)" if header else ""

@@ -747,13 +747,12 @@ class PredictionCache:
             b"PX",
             b"%d" % self.recompute_lock_ms,
         )
-        commands = [(b"GET", self.schema.live(kind, key))] if reread else []
-        commands.insert(0, command)
-        if kind not in self._fence_refused:
-            commands.append((b"GET", self.schema.epoch(kind)))
+        live = [(b"GET", self.schema.live(kind, key))] if reread else []
+        epoch_read = [] if kind in self._fence_refused else [(b"GET", self.schema.epoch(kind))]
+        commands = [command, *live, *epoch_read]
         if self._cluster:
             reply, *rest = self._cluster_fetch(commands)
-            stored, epoch = (rest[0], rest[1:]) if reread else (None, rest)
+            stored, epoch = rest[0] if live else None, rest[len(live) :]
             return None if reply is FAILED else reply is not None and token, self._epoch_reply(epoch), stored
         try:
             pipe = self.client.pipeline(transaction=False)
@@ -763,7 +762,7 @@ class PredictionCache:
         except REDIS_ERRORS as error:
             self._trip(error)
             return None, None, None
-        stored, epoch = (rest[0], rest[1:]) if reread else (None, rest)
+        stored, epoch = rest[0] if live else None, rest[len(live) :]
         if isinstance(reply, redis.exceptions.NoPermissionError):
             self._refuse()
             return None, self._epoch_reply(epoch), None

@@ -384,9 +384,10 @@ class EmbeddingStore:
     def embedded_count(self, model_version: str, *, dtype: str | None = None) -> int:
         """How many embeddings of ``model_version`` the store holds (only those in ``dtype``, when given)."""
         with self.connect() as conn, conn.cursor() as cur:
+            condition, params = _in_dtype(dtype)
             cur.execute(
-                "SELECT count(*) FROM document_embeddings WHERE model_version = %s" + _IN_DTYPE,
-                (model_version, *_dtype_code(dtype)),
+                f"SELECT count(*) FROM document_embeddings WHERE model_version = %s{condition}",
+                (model_version, *params),
             )
             return cur.fetchone()[0]
 
@@ -405,13 +406,13 @@ class EmbeddingStore:
     def _pages(self, columns: str, model_version: str, dtype: str | None, page: int) -> Iterator[list[tuple]]:
         """Rows of ``columns`` (doc_id first) of the stored embeddings of ``model_version`` (in ``dtype``, when given),
         in pages by doc_id (keyset over the primary key)."""
-        after = ""
+        after, (condition, params) = "", _in_dtype(dtype)
         while True:
             with self.connect() as conn, conn.cursor() as cur:
                 cur.execute(
-                    f"SELECT {columns} FROM document_embeddings WHERE doc_id > %s AND model_version = %s{_IN_DTYPE}"
+                    f"SELECT {columns} FROM document_embeddings WHERE doc_id > %s AND model_version = %s{condition}"
                     " ORDER BY doc_id LIMIT %s",
-                    (after, model_version, *_dtype_code(dtype), page),
+                    (after, model_version, *params, page),
                 )
                 rows = cur.fetchall()
             if rows:
@@ -530,14 +531,14 @@ def binary_copy(rows: list[tuple[str, datetime, bytes]]) -> bytes:
     return b"".join(parts)
 
 
-# With a dtype: only values of that layout (the second byte of a value's header, ``serving.vectors``), by two format
-# %s of its code after the query's other parameters; ``_dtype_code`` gives them (None without a dtype). ``substring``
-# reads only the value's first bytes (``get_byte`` read every TOASTed value whole: 290 times the pages of a count), and
-# a value shorter than its header is of no dtype (``get_byte`` raised on it).
+# A value's dtype code: the second byte of its header (``serving.vectors``). ``substring`` reads only the first bytes
+# of a value (``get_byte`` read every TOASTed value whole), and a value shorter than its header is of no dtype
+# (``get_byte`` raised on it).
 _DTYPE_BYTE = "substring(value from 2 for 1)"
-_IN_DTYPE = f" AND (%s::bytea IS NULL OR {_DTYPE_BYTE} = %s::bytea)"
 
 
-def _dtype_code(dtype: str | None) -> tuple[bytes | None, bytes | None]:
-    code = None if dtype is None else bytes([DTYPE_CODES[dtype]])
-    return code, code
+def _in_dtype(dtype: str | None) -> tuple[str, tuple[bytes, ...]]:
+    """The condition that keeps only values of ``dtype``, and its parameter; none without a dtype."""
+    if dtype is None:
+        return "", ()
+    return f" AND {_DTYPE_BYTE} = %s", (bytes([DTYPE_CODES[dtype]]),)

@@ -272,13 +272,10 @@ def _sync(
         # At maxmemory a volatile policy evicts buckets of the version this sync wrote into, readers' own when it
         # patches in place, without an error: written back from the store now, and the run fails if they cannot be.
         # Looked for only when Redis evicted keys meanwhile (or cannot say): a sync's cost follows the change.
-        if (mark is None or server_mark(client) != mark) and (
-            mended := _mend_lost_buckets(store, client, schema, model_version, target, dtype, ttl_s, log)
-        ):
+        lacking = 0
+        if mark is None or server_mark(client) != mark:
+            mended, lacking = _mend_and_recount(store, client, schema, model_version, target, dtype, ttl_s, log)
             stats.mended += mended
-            lacking = _short_buckets(store, client, schema, model_version, target, dtype)[1]
-        else:
-            lacking = 0
         if lacking:
             raise IncompleteVersionError(
                 f"embedding version {target.version} lacks {lacking} of its stored embeddings after this sync: Redis "
@@ -377,6 +374,16 @@ def _mend_lost_buckets(
     return written
 
 
+def _mend_and_recount(
+    store: EmbeddingStore, client: redis.Redis, schema: KeySchema, model_version: str, version: Pointer, dtype: str,
+    ttl_s: int, log: Callable[[str], None],
+) -> tuple[int, int]:  # fmt: skip
+    """``_mend_lost_buckets`` of ``version``, and how many embeddings it still lacks after it (evicted again as they
+    were written back at maxmemory; 0 when nothing was written back: nothing was short)."""
+    mended = _mend_lost_buckets(store, client, schema, model_version, version, dtype, ttl_s, log)
+    return mended, (_short_buckets(store, client, schema, model_version, version, dtype)[1] if mended else 0)
+
+
 def _short_buckets(
     store: EmbeddingStore, client: redis.Redis, schema: KeySchema, model_version: str, target: Pointer, dtype: str
 ) -> tuple[set[int], int]:
@@ -387,11 +394,10 @@ def _short_buckets(
     next sync writes them again)."""
     names = [schema.bucket(EMBEDDING_KIND, target.version, b).encode() for b in range(target.buckets)]
     lengths = np.array(run_commands(client, [(b"HLEN", name) for name in names]), dtype=np.int64)
+    fields = int(lengths.sum())
     # The count of every dtype first (its index alone answers it): the one of this dtype reads each row's value,
     # which only a version short of the whole count needs (a rebuild in a new dtype, or a loss).
-    if lengths.sum() >= store.embedded_count(model_version) or lengths.sum() >= store.embedded_count(
-        model_version, dtype=dtype
-    ):
+    if fields >= store.embedded_count(model_version) or fields >= store.embedded_count(model_version, dtype=dtype):
         return set(), 0
     expected = np.zeros(target.buckets, dtype=np.int64)
     for ids in store.iter_ids(model_version, dtype=dtype):
@@ -446,9 +452,8 @@ def _copy_wider(
         patch_version(client, EMBEDDING_KIND, wider, upserts=page, schema=schema, ttl_s=ttl_s)  # each bucket's TTL
     # The biggest write of all, and the likeliest to evict its own buckets at maxmemory (a restore, a rebuild that
     # flips at once): checked whole before anything reads it, written back once, and refused if still short.
-    if _mend_lost_buckets(store, client, schema, model_version, wider, dtype, ttl_s, lambda message: None) and (
-        lacking := _short_buckets(store, client, schema, model_version, wider, dtype)[1]
-    ):
+    _, lacking = _mend_and_recount(store, client, schema, model_version, wider, dtype, ttl_s, lambda message: None)
+    if lacking:
         send_commands(client, [(b"UNLINK", name.encode()) for name in _version_keys(schema, wider)])  # its memory back
         raise IncompleteVersionError(
             f"the copy of the stored embeddings into Redis version {wider.version} lacked {lacking} of them: Redis "
