@@ -100,6 +100,15 @@ def environment_restored() -> Iterator[None]:
         os.environ.update(saved)
 
 
+@pytest.fixture(autouse=True)
+def no_progress_heartbeat(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process commands say no progress lines (``tools.progress``): a command slowed past ``LOG_EVERY_S`` by a
+    loaded machine would add one to the standard error that a test compares whole. ``test_progress`` sets its own."""
+    from precompute_assets.tools import progress
+
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 10.0**6)
+
+
 @pytest.fixture(scope="session")
 def stack(session_dir: Path) -> Iterator[Stack]:
     """The real embedded services, started by our own code (or the servers named by the environment),

@@ -166,7 +166,7 @@ def bench_publish(
     """
     import json as _json
 
-    from tqdm import tqdm
+    from .progress import progress
 
     schema = KeySchema(f"bench{uuid.uuid4().hex[:8]}")
     client = connect(redis_url, socket_timeout=30)
@@ -175,7 +175,7 @@ def bench_publish(
         rng = np.random.default_rng(seed)
         keys = [f"ad{i:07d}" for i in range(n)]
         values = rng.random(n).tolist()
-        with tqdm(total=n, desc="publish", unit="key", disable=None, leave=False) as bar:
+        with progress(desc="publish", total=n, unit="keys") as bar:
             items = zip(keys, values, strict=True)
             ours = publish_version(
                 client, "ctr", "bench", items, n_keys=n, schema=schema, ttl_s=600, progress=bar.update

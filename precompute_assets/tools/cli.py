@@ -38,6 +38,7 @@ from ..stack import (
     redact,
     url_error,
 )
+from .progress import progress
 
 if TYPE_CHECKING:
     from ..storage.documents import DocumentStore
@@ -49,9 +50,6 @@ DOCUMENT_FIELD_OPTIONS = {
     "body": "--body-field",
     "language": "--language-field",
 }
-
-
-PROGRESS_SHARE = "{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}"  # a bar over a share of 1.0
 
 
 class CliError(Exception):
@@ -907,13 +905,11 @@ def replay_strategies(option: str) -> list[str]:
 
 
 class _Stages:
-    """A progress bar of a command's stages on stderr (none when stderr is not a terminal): ``stage(name)``
-    starts the next one."""
+    """The progress of a command's stages on stderr (``tools.progress``: a bar on a terminal, a line per stage
+    elsewhere): ``stage(name)`` starts the next one."""
 
     def __init__(self, total: int) -> None:
-        from tqdm import tqdm
-
-        self._bar = tqdm(total=total, unit="stage", disable=None, file=sys.stderr, leave=False)
+        self._bar = progress(desc="starting", total=total, unit="stages")
         self._started = 0
 
     def __call__(self, name: str) -> None:
@@ -925,8 +921,10 @@ class _Stages:
     def __enter__(self) -> _Stages:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self._bar.close()
+    def __exit__(self, failed: type | None, *exc) -> None:
+        if self._started and failed is None:
+            self._bar.update()  # the last stage is over too
+        self._bar.__exit__(failed, *exc)
 
 
 def _replay_stages(
@@ -1208,22 +1206,18 @@ def cmd_docs(args: argparse.Namespace) -> int:
     if args.docs_command == "delete":
         return _delete_documents(store, args)
     if args.docs_command == "load":
-        from tqdm import tqdm
-
         try:
-            with tqdm(total=1.0, desc="documents", bar_format=PROGRESS_SHARE, disable=None) as bar:
+            with progress(desc="documents", total=1.0, share=True) as bar:
                 result = store.load_file(args.file, fields, progress=lambda share: bar.update(share - bar.n))
         except DocumentFileError as error:
             options = ", ".join(DOCUMENT_FIELD_OPTIONS.values())
             raise CliError(f"{args.file}: {error}; nothing was loaded ({options} name the file's fields)") from None
     else:
-        from tqdm import tqdm
-
         from ..storage.documents import LoadResult
         from ..workload.documents import generate_documents
 
         result = LoadResult()
-        with tqdm(total=args.n, desc="documents", unit="doc", disable=None) as bar:
+        with progress(desc="documents", total=args.n, unit="documents") as bar:
             for chunk in generate_documents(args.n, seed=args.seed, start_id=args.start_id):
                 part = store.load_frame(chunk)
                 result.rows += part.rows
@@ -1302,14 +1296,14 @@ def cmd_ads(args: argparse.Namespace) -> int:
         raise CliError(str(error)) from None
     lake = Lake(Stack().env()[ENV_LAKE])
     try:
-        with _rows_read("ads") as progress:
+        with _rows_read("ads") as rows_read:
             summary = load_ads(
                 args.file,
                 lake,
                 required=spec.columns,
                 row_problems=partial(feature_problems, spec=spec),
                 text_columns=spec.categorical,
-                progress=progress,
+                progress=rows_read,
             )
     except AdDataError as error:
         raise CliError(str(error)) from None
@@ -1340,7 +1334,7 @@ def cmd_impressions(args: argparse.Namespace) -> int:
         print("precompute impressions: waiting for another impressions load of this lake to finish", file=sys.stderr)
 
     try:
-        with _rows_read("impressions") as progress:
+        with _rows_read("impressions") as rows_read:
             summary = load_impressions(
                 args.file,
                 lake,
@@ -1348,7 +1342,7 @@ def cmd_impressions(args: argparse.Namespace) -> int:
                 first_day=settings.partitions_start,
                 not_after_ms=int(time.time() * 1000) + MAX_CLOCK_AHEAD_MS,
                 append=args.append,
-                progress=progress,
+                progress=rows_read,
                 exclusive=exclusive_lock(_load_lock_file(stack, lake, "ad_impressions"), waiting),
             )
     except AdDataError as error:
@@ -1373,9 +1367,7 @@ def _load_lock_file(stack: Stack, lake: Lake, asset: str) -> Path:
 def _rows_read(what: str) -> Iterator[Callable[[int], None]]:
     """A counter of the rows a load has read, on stderr (none when stderr is not a terminal), as a callback of the
     rows read so far: reading and checking 20M impressions takes minutes before the days are written."""
-    from tqdm import tqdm
-
-    with tqdm(desc=what, unit=" rows", unit_scale=True, disable=None, file=sys.stderr, leave=False) as bar:
+    with progress(desc=what, unit="rows") as bar:
         yield lambda rows: bar.update(rows - bar.n)
 
 
@@ -1388,7 +1380,6 @@ def cmd_query_logs(args: argparse.Namespace) -> int:
     from zoneinfo import ZoneInfo
 
     import numpy as np
-    from tqdm import tqdm
 
     from ..defs.settings import load_settings
     from ..serving.keys import KIND_PATTERN
@@ -1498,7 +1489,7 @@ def cmd_query_logs(args: argparse.Namespace) -> int:
             materialized = instance.get_materialized_partitions(dg.AssetKey("query_logs"))
         except _dagster_storage_errors() as error:
             raise CliError(f"Dagster's storage cannot be read, nothing was written: {_one_line(error)}") from None
-        for hour in tqdm(sorted(rows.frames), desc="hours", unit="h", disable=None):
+        for hour in progress(sorted(rows.frames), desc="hours", total=len(rows.frames), unit="hours"):
             existing = lake.read("query_logs", hour) if lake.exists("query_logs", hour) else None
             others = None if existing is None else other_kinds_imported(existing, args.kind)
             # An hour the stream wrote is kept (even with --replace: the client's own log of it), one that holds this

@@ -28,6 +28,7 @@ from ..storage.lake import Lake
 from ..workload.ads import generate_traffic, make_ads, true_ctr
 from ..workload.serve import SimClock, serve_traffic
 from .measure import percentile_us, timed
+from .progress import progress
 
 DEMO_TENANT = "demo"
 # Dagster's console logger at WARNING for the demo's runs: at DEBUG its event lines (about 4,000) buried the stages and
@@ -42,9 +43,7 @@ EVENT_DAYS = 7  # days of users' sessions the demo's next_action_model is traine
 
 @contextmanager
 def _progress(total: int, label: str):
-    from tqdm import tqdm
-
-    with tqdm(total=total, desc=label, unit="q", leave=False) as bar:
+    with progress(desc=label, total=total, unit="queries") as bar:
         yield bar.update
 
 
