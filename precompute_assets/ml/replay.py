@@ -308,9 +308,30 @@ def _local_trace(
             f"the trace is {codec}-compressed: decompress it ({command} FILE | ... --trace -), or name the file "
             f"*{suffix}"
         )
-    text = _decode_text(data)
+    open_end = not data.endswith((b"\n", b"\r"))  # a file cut off mid-line, or one written without a final newline
+    try:
+        text = _decode_text(data)
+    except TraceError as error:
+        _note_if_cut_off(error, data.count(b"\n") + 1 if open_end else 0)
+        raise
     del data  # the text holds it now: a trace's bytes need not stay beside it through the parse
-    return _text_trace(text, columns, where, exact_keys, spelled_keys)
+    try:
+        return _text_trace(text, columns, where, exact_keys, spelled_keys)
+    except TraceError as error:
+        _note_if_cut_off(error, text.count("\n") + 1 if open_end else 0)
+        raise
+
+
+def _note_if_cut_off(error: TraceError, last_line: int) -> None:
+    """Add a note to ``error`` when it names ``last_line``, the file's last line when it ends without a newline (else
+    0): a download or copy that stopped cuts a line, and its problem ("a bare key", "not UTF-8") did not say so. Not
+    for a file of one line: binary records hold no newline byte, and their first is no line cut off."""
+    found = _LINE_ERROR.match(str(error))
+    if last_line > 1 and found is not None and int(found[1]) == last_line:
+        error.add_note(
+            "the file's last line, which ends without a newline: the file may be cut off, as by a copy or download "
+            "that stopped; copy it again, or drop that line with head -n -1"
+        )
 
 
 def _archive_kind(data: bytes) -> tuple[str, str] | None:
@@ -357,6 +378,11 @@ def _text_trace(
         raise TraceError(f"line {text.count(chr(10), 0, nul) + 1}: {_NUL_LINE}")
     if _is_monitor_output(text):
         return _monitor_trace(text, columns, where)
+    if re.fullmatch(r"OK(\nOK)*", text):
+        raise TraceError(
+            "the file holds only Redis MONITOR's reply OK: the capture ended before any command came; run "
+            "redis-cli MONITOR while the traffic flows"
+        )
     if _is_json_object(text.partition("\n")[0]):  # else read as a header of names '{"ts": 1', ' "key": "a"}'
         raise TraceError(
             "line 1 is a JSON object: JSON lines are no trace format; write the timestamp and the key as text lines, "

@@ -2486,6 +2486,34 @@ def test_monitor_output_of_no_key_or_with_field_options_is_refused(tmp_path: Pat
             parse_trace(path, **options)
 
 
+@pytest.mark.parametrize("text", ["OK", "OK\n", "OK\r\nOK\r\n"])
+def test_a_monitor_capture_of_only_its_ok_reply_is_refused_not_read_as_the_key_ok(tmp_path: Path, text: str):
+    with pytest.raises(TraceError, match=r"^the file holds only Redis MONITOR's reply OK: the capture ended before"):
+        parse_trace(write(tmp_path, text))
+    assert parse_trace(write(tmp_path, "OK\nad:1\n")).keys.tolist() == ["OK", "ad:1"]  # a bare key OK is still one
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("1700000000,user:1\n1700000001,user:2\n17000", "line 3: mixed formats"),
+        ("user:1\nuser:2\nus\xc3", "line 3: not valid UTF-8 text"),
+        ('OK\n1.5 [0 127.0.0.1:1] "GET" "a"\n2.5 [0 127.0.0.1:1] "GE', "line 3: "),
+    ],
+)
+def test_a_bad_last_line_without_a_newline_says_the_file_may_be_cut_off(tmp_path: Path, text: str, problem: str):
+    """A copy that stopped mid-line was refused for "mixed formats", which did not say the file looked truncated."""
+    path = tmp_path / "trace.txt"
+    path.write_bytes(text.encode("utf-8", "surrogateescape") if "\xc3" not in text else text.encode("latin-1"))
+    with pytest.raises(TraceError, match=f"^{problem}") as refused:
+        parse_trace(path)
+    assert any("the file may be cut off" in note for note in refused.value.__notes__)
+    path.write_bytes(path.read_bytes() + b"\n")  # the same line with its newline: no such guess
+    with pytest.raises(TraceError, match=f"^{problem}") as refused:
+        parse_trace(path)
+    assert not getattr(refused.value, "__notes__", None)
+
+
 def test_replay_reads_redis_monitor_output(tmp_path: Path, capsys):
     path = write(tmp_path, MONITOR_LOG)
     assert main(["replay", "--trace", str(path), "--days", "2", "--top-n", "0", "--capacity", "2"]) == 0
