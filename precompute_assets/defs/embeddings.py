@@ -251,6 +251,7 @@ def document_embeddings(
             "held_back": stats.held_back,
             "mended": stats.mended,
             "restored": stats.restored,
+            "live_values_dropped": stats.live_values_dropped,
             **({"flip_waits": stats.flip_waits} if stats.flip_waits else {}),
             "rebuilt_buckets": dg.MetadataValue.json(list(stats.rebuilt_buckets or [])),
             "error_rate": stats.error_rate,

@@ -978,6 +978,22 @@ class DocumentStore:
             )
             return cur.fetchall()
 
+    def iter_ids(self, *, page: int = 10_000) -> Iterator[list[str]]:
+        """Every doc_id the table holds, deleted ones too, in pages by doc_id (keyset over the primary key)."""
+        after = ""
+        while True:
+            with self._connect() as conn, conn.cursor() as cur:
+                cur.execute(
+                    sql.SQL("SELECT doc_id FROM {t} WHERE doc_id > %s ORDER BY doc_id LIMIT %s").format(t=self._t),
+                    (after, page),
+                )
+                ids = [doc_id for (doc_id,) in cur.fetchall()]
+            if ids:
+                yield ids
+            if len(ids) < page:
+                return
+            after = ids[-1]
+
     def count(self, *, include_deleted: bool = False) -> int:
         """How many documents the table holds (live ones only by default)."""
         where = sql.SQL("") if include_deleted else sql.SQL(" WHERE NOT deleted")

@@ -51,6 +51,7 @@ from ..serving.publish import (
     KEYS_PER_BUCKET,
     IncompleteVersionError,
     bucket_count,
+    delete_live_values,
     flip_pointer,
     memory_note,
     patch_version,
@@ -88,6 +89,7 @@ class SyncStats:
     # why a build was not flipped to (readers stay on the version they have; the next sync goes on with it), or None
     flip_waits: str | None = None
     served_version: str | None = None  # while a build waits (``flip_waits``): the version readers stay on
+    live_values_dropped: int = 0  # readers' live values deleted when the flip brought another model's embeddings
     mended: int = 0  # stored embeddings written back into buckets Redis lost (evicted, expired) under the marker
     restored: int = 0  # stored embeddings copied into a new version after Redis lost the version whole (none embedded)
     seconds: float = 0.0
@@ -148,6 +150,7 @@ def _sync(
     model_version = embedder.version
     progress = store.progress(model_version)
     current = _current_pointer(client, schema)
+    served_model = None if current is None else store.model_of(current.version)  # before a build renames this one's
     marker = None if progress is None else client.get(_sentinel(schema, progress.redis_version))
     # a version written in another dtype (the config changed) is rebuilt too: one version never mixes layouts
     intact = marker is not None and marker.split()[1:] in ([], [dtype.encode()])
@@ -301,6 +304,10 @@ def _sync(
         flip_pointer(client, schema, EMBEDDING_KIND, target, grace_s=grace_s, replica_wait_s=replica_wait_s)
         if current is not None and current.version != target.version:
             client.expire(_sentinel(schema, current.version), grace_s)  # the old version's marker goes with it
+        if served_model != model_version:
+            stats.live_values_dropped = _drop_live_values(client, schema, documents)
+            log(f"readers now get {model_version}'s embeddings: {stats.live_values_dropped} live values computed "
+                "before it were deleted")  # fmt: skip
         store.mark_complete(model_version)
     elif not stopped_early and (fill := _mean_fill(client, schema, target)) > max_bucket_fill:
         log(f"Redis version {target.version} holds {fill:.0f} keys per bucket (> {max_bucket_fill:.0f}): rebuilding")
@@ -505,6 +512,20 @@ class Chunk:
             stats.failure_reasons[reason] = stats.failure_reasons.get(reason, 0) + 1
 
 
+def _drop_live_values(client: redis.Redis, schema: KeySchema, documents: DocumentStore) -> int:
+    """Delete the live values readers computed (``get_or_compute``) of every document the table holds, deleted ones
+    too, after the kind's epoch moved (``delete_live_values``: a computation running meanwhile stores nothing): they
+    were computed for the model served before, whose vectors are of another space than the new one's, and a lookup
+    that the new version cannot answer fell back to them. One ``DEL`` per document, a page at a time (the publisher
+    may not ``SCAN``); returns how many existed."""
+    dropped = 0
+    for ids in documents.iter_ids():
+        unservable = _unservable(ids)
+        keys = [(EMBEDDING_KIND, doc_id) for doc_id in ids if doc_id not in unservable]
+        dropped += delete_live_values(client, keys, schema=schema)
+    return dropped
+
+
 def _unservable(doc_ids: list[str]) -> set[str]:
     """The ids that cannot be keys of the serving cache; loads refuse them, but a table may hold older ones."""
     try:
@@ -586,6 +607,10 @@ class _ChunkWriter:
         gone = {doc_id for chunk in self._held for doc_id in chunk.deleted}
         if self.served is not None and (deleted := [d for d in removed if d in gone and d not in unservable]):
             patch_version(self.client, EMBEDDING_KIND, self.served, deletes=deleted, schema=self.schema)
+        # A reader's get_or_compute may hold a live value of a removed document, which its lookups fall back to once
+        # the version has none: served until its TTL, a deleted document's vector, a failed one's from its old text.
+        if stale := [doc_id for doc_id in removed if doc_id not in unservable]:
+            delete_live_values(self.client, [(EMBEDDING_KIND, doc_id) for doc_id in stale], schema=self.schema)
         # The commits below say these documents are in Redis: first their replicas must hold them too, or a failover
         # could lose writes the watermark has passed (ReplicationTimeoutError: nothing commits, the next sync redoes).
         confirm_replicas(self.client, self.replica_wait_s)

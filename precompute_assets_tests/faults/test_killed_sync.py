@@ -139,7 +139,7 @@ def leftovers(client: redis.Redis, schema: KeySchema, current: Pointer) -> list[
     for raw in client.scan_iter(f"{schema.prefix}:{EMBEDDING_KIND}:*", count=10_000):
         name = raw.decode()
         version = name.split(":")[3]
-        if version in (current.version, "current", "previous", "fifo"):
+        if version in (current.version, "current", "previous", "fifo", "epoch"):  # the kind's, not a version's
             continue
         if client.ttl(raw) < 0:
             bad.append(f"{name} has no TTL")

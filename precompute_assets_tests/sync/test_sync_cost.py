@@ -16,7 +16,7 @@ from psycopg2 import sql
 
 from precompute_assets.serving import PredictionCache, publish
 from precompute_assets.serving.keys import EMBEDDING_KIND, Pointer
-from precompute_assets.serving.vectors import DTYPE_CODES
+from precompute_assets.serving.vectors import DTYPE_CODES, encode_vector
 from precompute_assets.storage.documents import DocumentStore
 from precompute_assets.storage.embeddings import (
     EmbeddingStore,
@@ -435,3 +435,60 @@ def test_a_copy_that_stays_short_is_refused_and_deleted(app_db, redis_client, sc
     with pytest.raises(publish.IncompleteVersionError, match="the copy was deleted. Readers are served the version"):
         sync_embeddings(docs, store, redis_client, embedder, schema=schema, log=quiet)
     assert list(redis_client.scan_iter(f"{schema.prefix}:{EMBEDDING_KIND}:*")) == []  # nothing left to hold memory
+
+
+def test_a_deleted_or_failed_documents_live_value_goes_with_it(app_db, redis_client, schema):
+    """A reader's get_or_compute of a document loaded but not yet synced stored a live value; the sync that removed the
+    document (deleted, or now failing) left it, and every lookup fell back to it until its TTL (h_corpus2)."""
+    docs = DocumentStore(app_db)
+    docs.ensure_schema()
+    docs.load_frame(frame(0, 20))
+    store, embedder = EmbeddingStore(app_db), HashEmbedder()
+    sync_embeddings(docs, store, redis_client, embedder, schema=schema, log=quiet)
+    docs.load_frame(frame(20, 3))  # not synced yet: readers compute them live
+    cache = PredictionCache(redis_client, schema=schema, pointer_ttl_s=0)
+    for doc_id in ("d000020", "d000021", "d000022", "d000005"):
+        value = encode_vector(np.ones(16), dtype="float32", model_version=embedder.version)
+        cache.get_or_compute(EMBEDDING_KIND, doc_id, lambda _, value=value: value)
+    assert redis_client.exists(*(schema.live(EMBEDDING_KIND, d) for d in ("d000020", "d000021", "d000022"))) == 3
+    redis_client.set(schema.live(EMBEDDING_KIND, "d000005"), value, ex=3600)  # one computed before the first sync
+    docs.delete(["d000020", "d000005"])
+    blank = frame(21, 1).assign(title="", body="")  # now fails: no text to embed
+    docs.load_frame(blank)
+    stats = sync_embeddings(docs, store, redis_client, embedder, schema=schema, log=quiet)
+    assert stats.failed == 1, stats
+    for doc_id in ("d000020", "d000005", "d000021"):
+        assert cache.get_embedding(doc_id) is None, doc_id
+        assert not redis_client.exists(schema.live(EMBEDDING_KIND, doc_id)), doc_id
+    assert cache.get_embedding("d000022") is not None  # synced: the version serves it
+
+
+def test_a_new_models_flip_deletes_the_live_values_computed_for_the_model_before(app_db, redis_client, schema):
+    """After a refit, a lookup the new version could not answer fell back to a live value of the old model: vectors
+    of two spaces in one batch, which no caller can tell apart (h_corpus2). The same model's next sync keeps them."""
+    docs = DocumentStore(app_db)
+    docs.ensure_schema()
+    docs.load_frame(frame(0, 20))
+    store, embedder = EmbeddingStore(app_db), HashEmbedder()
+    sync_embeddings(docs, store, redis_client, embedder, schema=schema, log=quiet)
+    docs.load_frame(frame(20, 2))
+    old = encode_vector(np.ones(16), dtype="float32", model_version=embedder.version)
+    for doc_id in ("d000020", "d000021"):
+        redis_client.set(schema.live(EMBEDDING_KIND, doc_id), old, ex=3600)
+    again = sync_embeddings(docs, store, redis_client, embedder, schema=schema, log=quiet)
+    assert again.live_values_dropped == 0 and redis_client.exists(schema.live(EMBEDDING_KIND, "d000020")) == 1
+    docs.load_frame(frame(22, 1))
+    redis_client.set(schema.live(EMBEDDING_KIND, "d000022"), old, ex=3600)  # not in any version yet
+    redis_client.set(schema.live(EMBEDDING_KIND, "elsewhere"), old, ex=3600)  # no document of the table
+
+    class NextModel(HashEmbedder):
+        version = "hash16-test-v2"
+
+    said: list[str] = []
+    refit = sync_embeddings(docs, store, redis_client, NextModel(), schema=schema, log=said.append, stop_after_chunks=0)
+    assert refit.live_values_dropped == 0 and redis_client.exists(schema.live(EMBEDDING_KIND, "d000022"))  # no flip
+    refit = sync_embeddings(docs, store, redis_client, NextModel(), schema=schema, log=said.append)
+    assert refit.full_build and refit.live_values_dropped == 3, refit
+    assert not any(redis_client.exists(schema.live(EMBEDDING_KIND, d)) for d in ("d000020", "d000021", "d000022"))
+    assert redis_client.exists(schema.live(EMBEDDING_KIND, "elsewhere"))  # only the table's documents are known
+    assert any("3 live values computed before it were deleted" in line for line in said), said
