@@ -480,6 +480,12 @@ def _frames_of_jsonl(
             records, labels, size = [], [], 0
     if not lines:  # an empty export is an error, as for CSV and TSV: never a load of nothing
         raise DocumentFileError(f"empty file: no records (the doc_id field is {fields.source('doc_id')!r})")
+    if keys == {}:  # every line was rejected: a file of another shape than JSON Lines, not a few bad records
+        first = result.first_rejections(1)[0]
+        raise DocumentFileError(
+            f"no line of the file is a JSON object ({first.where}: {first.reason}): JSON Lines holds one object per "
+            "line (jq -c . rewrites pretty-printed JSON so); nothing was loaded"
+        )
     if keys:
         fields.check(keys, "the records have")
     if records:
@@ -581,6 +587,9 @@ def check_document_file(path: str | Path) -> str:
                                 "nothing was loaded: convert it to UTF-8")  # fmt: skip
     if kind != "parquet" and (reason := not_text_reason(path, start)) is not None:
         raise DocumentFileError(f"{path}: {reason}; nothing was loaded")
+    if kind == "jsonl" and start.removeprefix(codecs.BOM_UTF8).lstrip().split(b"\n", 1)[0].strip() == b"{":
+        raise DocumentFileError(f"{path}: the first line is a lone '{{': pretty-printed JSON, not JSON Lines "
+                                "(one object per line); nothing was loaded (jq -c . writes it so)")  # fmt: skip
     if kind == "jsonl" and start.removeprefix(codecs.BOM_UTF8).lstrip().startswith(b"["):
         raise DocumentFileError(f"{path}: the file is one JSON array, not JSON Lines (one object per line); "
                                 "nothing was loaded (jq -c '.[]' writes its objects one per line)")  # fmt: skip

@@ -600,7 +600,7 @@ def test_a_rejected_rows_raw_text_is_cut_at_max_raw_chars(store: DocumentStore, 
     assert raw.startswith('b,"open\n0,xxx') and raw.endswith("... [cut: the record's further lines are not kept]")
     assert len(raw) < 200
     path = tmp_path / "docs.jsonl"
-    path.write_text('{"doc_id": "a", "body": "' + "y" * 500 + "\n")
+    path.write_text('{"doc_id": "a", "body": "' + "y" * 500 + '\n{"doc_id": "b"}\n')  # one record: a load
     raw = raw_of(store, store.load_file(path).load_id)["line 1"]
     assert raw == '{"doc_id": "a", "body": "' + "y" * 75 + "... [cut: 425 more characters]"
 
@@ -622,7 +622,8 @@ def test_rejections_are_sent_in_batches_while_the_file_is_read(
 
     monkeypatch.setattr(documents._QuarantineWriter, "flush", spy)
     path = tmp_path / "docs.jsonl"
-    path.write_text("".join(f"{{not json {i}\n" for i in range(2_500)) + ("{" + "z" * 3_000 + "\n") * 9)
+    lines = "".join(f"{{not json {i}\n" for i in range(2_500)) + ("{" + "z" * 3_000 + "\n") * 9
+    path.write_text(lines + '{"doc_id": "a"}\n')  # one record: a load (of nothing but rejections, it is refused)
     result = store.load_file(path)
     assert (result.rejected, result.quarantined, len(quarantine_rows(store, result.load_id))) == (2_509, 2_509, 2_509)
     assert sent == [100] * 25 + [4, 4, 1]  # 3,000 characters each: four fill a batch of 10,000; the last one at the end
@@ -653,6 +654,27 @@ def test_a_jsonl_file_without_a_record_is_an_error(store: DocumentStore, tmp_pat
     (tmp_path / "docs.jsonl.gz").write_bytes(gzip.compress(text.encode()))
     with pytest.raises(DocumentFileError, match=r"empty file: no records \(the doc_id field is 'nope'\)"):
         store.load_file(tmp_path / "docs.jsonl.gz", DocumentFields({"doc_id": "nope"}))
+
+
+@pytest.mark.parametrize(
+    ("text", "first"),
+    [
+        ('{"doc_id": "1",\n "body": "a"}\n{"doc_id": "2",\n "body": "b"}\n', "line 1: malformed JSON"),  # indented
+        ('"a"\n"b"\n[1]\n', "line 1: not a JSON object"),
+    ],
+)
+def test_a_jsonl_file_of_no_json_object_is_an_error_not_a_load_of_nothing(
+    store: DocumentStore, tmp_path: Path, text: str, first: str
+) -> None:
+    """Pretty-printed JSON loaded nothing, every line quarantined, and exited 0; --id-field went unchecked
+    (h_corpus2)."""
+    path = tmp_path / "export.json"
+    path.write_text(text)
+    with pytest.raises(DocumentFileError, match=rf"^no line of the file is a JSON object \({first}.*jq -c \. rewrites"):
+        store.load_file(path, DocumentFields({"doc_id": "bogus"}))
+    assert store.count() == 0 and not quarantine_rows(store, None)
+    path.write_text(text + '{"doc_id": "3", "body": "c"}\n')  # one record: a load of the rest, the others rejected
+    assert store.load_file(path).inserted == 1
 
 
 @pytest.mark.parametrize("name", ["docs.csv", "docs.tsv", "docs.csv.gz"])

@@ -1574,6 +1574,7 @@ def test_docs_load_bad_files_are_one_line_and_exit_2(tmp_path, monkeypatch, caps
         (folder, "not a file"),
         (tmp_path / "arr.json", "arr.json: the file is one JSON array, not JSON Lines (one object per line)"),
         (tmp_path / "arr.json.gz", "arr.json.gz: the file is one JSON array, not JSON Lines"),
+        (tmp_path / "pretty.json", "pretty.json: the first line is a lone '{': pretty-printed JSON, not JSON Lines"),
         (tmp_path / "corrupt.parquet", "corrupt.parquet: not a readable Parquet file: "),
         (tmp_path / "utf16.jsonl", "utf16.jsonl: the file is UTF-16 text (it starts with UTF-16's byte order mark)"),
         (tmp_path / "utf16.csv.gz", "utf16.csv.gz: the file is UTF-16 text"),
@@ -1584,6 +1585,7 @@ def test_docs_load_bad_files_are_one_line_and_exit_2(tmp_path, monkeypatch, caps
     (tmp_path / "utf16.csv.gz").write_bytes(gzip.compress(b"\xfe\xff" + "doc_id,body\n1,a\n".encode("utf-16-be")))
     (tmp_path / "arr.json").write_text('\ufeff  \n[\n{"doc_id": "1", "body": "a"},\n{"doc_id": "2", "body": "b"}\n]\n')
     (tmp_path / "arr.json.gz").write_bytes(gzip.compress(b'[{"doc_id": "1", "body": "a"}]'))
+    (tmp_path / "pretty.json").write_text('\ufeff\n{\n  "doc_id": "1",\n  "body": "a"\n}\n')  # jq . or indent=2
     (tmp_path / "corrupt.parquet").write_bytes(b"PAR1 this is not parquet")
     if os.geteuid() != 0:  # root reads a file of mode 000
         cases.append((unreadable, "cannot read"))
