@@ -33,7 +33,7 @@ from .freshness import QUERY_LOGS_FRESHNESS
 from .partitions import DEFAULT_PARTITIONS
 from .resources import DeploymentResource, LakeResource, RedisResource
 from .retention import retention_start
-from .runs import ACTIVE_RUN_STATUSES
+from .runs import ACTIVE_RUN_STATUSES, PARTITION_TAG, RANGE_END_TAG, RANGE_START_TAG
 
 if TYPE_CHECKING:  # what define_asset_job returns (not exported by dagster)
     from dagster._core.definitions.unresolved_asset_job_definition import UnresolvedAssetJobDefinition
@@ -633,6 +633,24 @@ def imported_only(instance: dg.DagsterInstance, asset_key: str, hours: list[str]
         cursor = page.cursor
 
 
+def partitions_in_flight(
+    instance: dg.DagsterInstance, asset_key: str, job_name: str, partitions_def: dg.PartitionsDefinition
+) -> set[str]:
+    """The partitions of ``asset_key`` that active runs are materializing: runs of ``job_name``, and any other run whose
+    assets include it (the UI's *Materialize*, an asset backfill, ``dagster asset materialize``: ``__ASSET_JOB``), by
+    their partition tag or their partition range (a single-run backfill)."""
+    key, busy = dg.AssetKey(asset_key), set()
+    for run in instance.get_runs(dg.RunsFilter(statuses=ACTIVE_RUN_STATUSES)):
+        if run.job_name != job_name and key not in (run.asset_selection or ()):
+            continue
+        if (partition := run.tags.get(PARTITION_TAG)) is not None:
+            busy.add(partition)
+        first, last = run.tags.get(RANGE_START_TAG), run.tags.get(RANGE_END_TAG)
+        if first is not None and last is not None:
+            busy.update(partitions_def.get_partition_keys_in_range(dg.PartitionKeyRange(first, last)))
+    return busy
+
+
 def build_drain_schedule(
     job: "UnresolvedAssetJobDefinition",
     asset_key: str,
@@ -671,8 +689,7 @@ def build_drain_schedule(
         busy: set[str] = set()
         if context.instance_ref is not None:
             materialized = context.instance.get_materialized_partitions(dg.AssetKey(asset_key))
-            runs = context.instance.get_runs(dg.RunsFilter(job_name=job.name, statuses=ACTIVE_RUN_STATUSES))
-            busy = {run.tags.get("dagster/partition") for run in runs}
+            busy = partitions_in_flight(context.instance, asset_key, job.name, partitions_def)
         oldest = redis.sensor_check(lambda client, schema: oldest_entry_ms(client, stream(schema)), context.log,
                                     f"the oldest entry of the {asset_key} stream")  # fmt: skip
         first_logged = None
@@ -692,7 +709,7 @@ def build_drain_schedule(
         # As Dagster's own partitioned schedules request them: the run key is the hour (a tick resumed after a crash
         # launches only the hours it had not launched yet), the partition tag already set (resolved).
         return [
-            dg.RunRequest(run_key=key, partition_key=key, job_name=job.name, tags={"dagster/partition": key})
+            dg.RunRequest(run_key=key, partition_key=key, job_name=job.name, tags={PARTITION_TAG: key})
             for key in wanted
         ]
 

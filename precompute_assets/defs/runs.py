@@ -4,6 +4,8 @@ import dagster as dg
 
 RUN_KEY_TAG = "dagster/run_key"  # the tag Dagster gives a run launched with a run key
 PARTITION_TAG = "dagster/partition"  # ... and a run of one partition, its key
+RANGE_START_TAG = "dagster/asset_partition_range_start"  # ... and a run of a range of partitions, its first
+RANGE_END_TAG = "dagster/asset_partition_range_end"  # ... and its last
 SENSOR_NAME_TAG = "dagster/sensor_name"  # ... and a run a sensor launched, its sensor's name
 SERVER_MARK_TAG = "precompute/server_mark"  # a ctr restore's: Redis's ``server_mark`` once it had restored
 

@@ -264,6 +264,38 @@ def test_hours_logged_before_the_first_drain_are_drained_too(redis_url, redis_cl
     assert requested == ["2026-11-20-07:00", "2026-11-20-09:00"]
 
 
+def test_the_drain_schedule_leaves_the_hours_a_backfill_or_the_ui_is_materializing(redis_url, redis_client, schema):
+    """Its tick asked again for hours that an asset backfill or a UI run (``__ASSET_JOB``) was draining: each hour
+    drained twice, two materializations, and two drains of one hour could write its lake file at once (h_dagster2)."""
+    from precompute_assets.definitions import build_definitions
+    from precompute_assets.defs.settings import Settings
+
+    tick = datetime(2026, 11, 20, 10, 5, tzinfo=UTC)
+    redis_client.xadd(
+        schema.query_log(), {"k": "ad1"}, id=f"{int(datetime(2026, 11, 20, 5, 30, tzinfo=UTC).timestamp() * 1000)}-0"
+    )
+    schedule = build_definitions(Settings("UTC")).get_repository_def().get_schedule_def("query_logs_hourly")
+    resources = {"redis": RedisResource(url=redis_url, namespace=schema.namespace)}
+    logs = frozenset({dg.AssetKey("query_logs"), dg.AssetKey("query_log_quarantine")})
+    with dg.instance_for_test() as instance:
+        for tags, status, selection in [
+            ({"dagster/partition": "2026-11-20-05:00"}, dg.DagsterRunStatus.STARTED, logs),  # a backfill's run
+            ({"dagster/partition": "2026-11-20-06:00"}, dg.DagsterRunStatus.STARTING, logs),  # the UI's
+            (  # a single-run backfill of a range
+                {"dagster/asset_partition_range_start": "2026-11-20-07:00",
+                 "dagster/asset_partition_range_end": "2026-11-20-08:00"},
+                dg.DagsterRunStatus.STARTED, logs,
+            ),
+            ({"dagster/partition": "2026-11-20-09:00"}, dg.DagsterRunStatus.FAILURE, logs),  # over: drained again
+            ({"dagster/partition": "2026-11-20-09:00"}, dg.DagsterRunStatus.STARTED, frozenset({dg.AssetKey("other")})),
+        ]:  # fmt: skip
+            run = dg.DagsterRun(job_name="__ASSET_JOB", status=status, tags=tags, asset_selection=selection)
+            instance.add_run(run)
+        with dg.build_schedule_context(instance, scheduled_execution_time=tick, resources=resources) as context:
+            requested = [request.partition_key for request in schedule.evaluate_tick(context).run_requests]
+    assert requested == ["2026-11-20-09:00"]
+
+
 def test_cleanup_job_trims_only_materialized_hours(redis_url, redis_client, schema, lake_uri, pg_instance, app_db):
     old = HOUR_START_MS - 30 * 86_400_000  # 30 days ago: past retention
     old_hours = [HOURLY.get_partition_key_for_timestamp((old + h * 3_600_000) / 1000) for h in range(2)]
