@@ -231,7 +231,8 @@ def arm_report(
             j = math.floor(alpha * (1 + len(spread)) + 1e-9)
             if j >= 1:
                 half = float(np.sort(spread)[::-1][j - 1]) + _TIE  # a tie counts in p_value: it is inside
-                difference["ci"] = [value - half, value + half]
+                # a difference of two rates lies in [-1, 1]: few keys spread the null wider (a wall of them is no test)
+                difference["ci"] = [max(-1.0, value - half), min(1.0, value + half)]
     keys = {arm: per_arm[arm]["keys"] for arm in arms}
     total = sum(keys.values())
     srm: dict = {"keys": keys, "chi2": None, "p_value": None, "mismatch": False}

@@ -181,6 +181,24 @@ def test_the_step_budget_stops_the_training_and_says_so(weekly):
     assert (info["stopped_by"], info["steps"], info["epochs"]) == ("epochs", 22, 2)  # both at once: the epochs
 
 
+def test_a_lookback_longer_than_the_step_budget_reaches_builds_only_the_newest_days(weekly, monkeypatch):
+    """Every day of the lookback was turned into features first: a year of 2,000 keys took 2.8 GB for the 512,000
+    samples that 2,000 steps of 256 can see (h_demand3). The newest days the budget reaches are kept."""
+    built: list[int] = []
+    window = demand_module._window
+
+    def spy(sample, every, day, hp, daily):
+        built.append(day)
+        return window(sample, every, day, hp, daily)
+
+    monkeypatch.setattr(demand_module, "_window", spy)
+    _, info = train_lstm(weekly, DemandHyperParams(top_n=20, max_epochs=1, threads=1), weekly.n_days - 1)
+    assert info["days"] == len(built) == 13 and info["samples"] == 13 * 200  # the budget reaches every day
+    built.clear()
+    _, info = train_lstm(weekly, DemandHyperParams(top_n=20, max_steps=2, threads=1), weekly.n_days - 1)
+    assert built == [18, 19] and info["days"] == 2 and info["samples"] == 400  # 2 × 256 samples: two days of 200
+
+
 def test_the_safety_stop_fires_on_a_slow_machine_and_says_so(weekly, monkeypatch):
     jumping_clock(monkeypatch, 1.0)
     hp = DemandHyperParams(top_n=20, max_epochs=1000, max_steps=1000, max_seconds=30.0, threads=1)

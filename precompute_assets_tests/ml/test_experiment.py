@@ -235,6 +235,19 @@ def test_one_key_per_arm_is_no_evidence_of_a_difference():
     assert diff["ci"] == pytest.approx([0.0, 0.1])
 
 
+def test_the_difference_interval_stays_within_what_a_difference_of_rates_can_be():
+    """A few hot keys spread the re-randomized null past 1: an interval [-1.08, 0.04] for a difference of two hit
+    rates, charted so by selection_experiment (h_demand3)."""
+    frame = pd.DataFrame(
+        {"key": ["a"] * 100 + ["b"] * 100 + ["c"] * 3 + ["d"] * 3,
+         "hit": [True] * 100 + [False] * 100 + [True] * 3 + [False] * 3,
+         "arm": ["frequency"] * 100 + ["lstm"] * 100 + ["frequency"] * 3 + ["lstm"] * 3}
+    )  # fmt: skip
+    diff = arm_report(frame, arms=ARMS, n_boot=200)["difference"]
+    assert diff["value"] == pytest.approx(-1.0) and diff["excludes_zero"] is False
+    assert diff["ci"][0] == -1.0 and diff["ci"][1] <= 1.0 and diff["ci"][0] <= diff["value"] <= diff["ci"][1]
+
+
 def test_the_difference_interval_excludes_zero_exactly_when_the_verdict_says_so():
     """An interpolated quantile gave an interval that excluded 0 beside excludes_zero False (2 of 300 reports, h_diff):
     the interval's half-width is now the order statistic of the p-value's rule."""
