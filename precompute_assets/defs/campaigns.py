@@ -59,6 +59,8 @@ from .resources import (
 from .retention import retention_start
 from .runs import ACTIVE_RUN_STATUSES, RERUN_IF_WORKER_DIES, RUN_KEY_TAG
 
+CTR_KIND = "ctr"  # the kind a warming writes its ads' CTRs to, as live values (the ctr task type's kind too)
+
 CAMPAIGNS = dg.DynamicPartitionsDefinition(name="campaigns")
 LIVE_MEANWHILE = "Its transaction wrote none of it: readers compute its values live meanwhile."
 
@@ -311,14 +313,14 @@ def remove_ads(
     shared = registry.shared_ads(campaign, ads, now)
     gone = {ad for ad in ads if campaigns_value(shared.get(ad))}
     # an ad registered before ids with braces were refused was never warmed (score_ads skips it): it has no key
-    keys = [("ctr", ad_id) for ad_id in sorted(gone) if _is_cache_key(ad_id)] + list(also)
+    keys = [(CTR_KIND, ad_id) for ad_id in sorted(gone) if _is_cache_key(ad_id)] + list(also)
     # One transaction of all of them would hold Redis as long as the warming the cap refuses; a cleanup cut off
     # between batches is run again by its retries or the backstop, and deleting a deleted key is harmless.
     batch = max(1, len(keys) if len(ads) <= registry.max_ads else registry.max_ads)
     deleted = sum(delete_live_values(client, keys[i : i + batch], schema=schema) for i in range(0, len(keys), batch))
     # A shared ad kept its latest expiry, maybe this campaign's (30 days for an open-ended one): the others' now
     send_commands(client, [
-        (b"EXPIREAT", schema.live("ctr", ad).encode(), str(int(shared[ad].until.timestamp())).encode())
+        (b"EXPIREAT", schema.live(CTR_KIND, ad).encode(), str(int(shared[ad].until.timestamp())).encode())
         for ad in sorted(ads - gone) if shared[ad].until is not None and not shared[ad].unknown and _is_cache_key(ad)
     ])  # fmt: skip
     return deleted
@@ -407,7 +409,7 @@ def campaign_ctr(
         # The epoch also moves when another campaign's cleanup deletes its values: then every input is read again
         # (the campaign, its ads, the approved model), as a retry of the run would, and scored again, a few times.
         for attempt in range(1, FENCED_ATTEMPTS + 1):
-            epoch = read_epoch(client, schema, "ctr")
+            epoch = read_epoch(client, schema, CTR_KIND)
             if attempt > 1:
                 campaign, ads = current_campaign(registry, context.partition_key)
                 if (reason := not_warmable(campaign, now, horizon)) is None and campaign.revision != revision:
@@ -440,8 +442,9 @@ def campaign_ctr(
             with failing_clearly_when_full(client, f"campaign {campaign.campaign_id} not warmed", LIVE_MEANWHILE):
                 try:
                     write_live_values(
-                        client, "ctr", items, expire_at=expire_at, schema=schema, also=stale, exact=exact, epoch=epoch
-                    )
+                        client, CTR_KIND, items, expire_at=expire_at, schema=schema, also=stale, exact=exact,
+                        epoch=epoch,
+                    )  # fmt: skip
                     break
                 except InvalidatedMeanwhile:
                     context.log.warning(f"ctr was invalidated while the ads of {campaign.campaign_id} were scored "
@@ -664,7 +667,7 @@ def values_lost(client: redis_py.Redis, schema: KeySchema, campaigns: list[Campa
     for campaign, raw in zip(campaigns, _run_chunked(client, [(b"GET", budget_key(schema, c)) for c in campaigns]),
                              strict=True):  # fmt: skip
         try:
-            splits[campaign.campaign_id] = [schema.live("ctr", str(ad_id)).encode() for ad_id in codec.decode(raw)]
+            splits[campaign.campaign_id] = [schema.live(CTR_KIND, str(ad_id)).encode() for ad_id in codec.decode(raw)]
         except Exception:  # none (None raises), or not a split (written by something else): warmed again
             lost.add(campaign.campaign_id)
     if is_cluster(client):  # an EXISTS per ad: a campaign's keys are in many slots

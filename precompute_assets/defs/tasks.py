@@ -62,9 +62,16 @@ from ..serving.events import (
 from ..serving.keys import KIND_PATTERN, RESERVED_KINDS, KeySchema, check_key, codec_for
 from ..serving.publish import FENCED_ATTEMPTS, InvalidatedMeanwhile, read_epoch, write_live_values
 from ..serving.querylog import cut_after, stream_ms
-from .campaigns import approved_model_version
+from .campaigns import CTR_KIND, approved_model_version
 from .models import CTR_MODEL
-from .resources import DeploymentResource, LakeResource, ModelStoreResource, RedisResource, failing_clearly_when_full
+from .resources import (
+    CampaignRegistryResource,
+    DeploymentResource,
+    LakeResource,
+    ModelStoreResource,
+    RedisResource,
+    failing_clearly_when_full,
+)
 from .runs import RERUN_IF_WORKER_DIES
 from .user_events import NEXT_ACTION_MODEL, approved_next_action_version
 
@@ -952,6 +959,7 @@ class RefreshPlan:
     hot: int = 0
     due: int = 0
     cooling: int = 0  # due, but requested less than cooldown_s ago (its run is still queued, or it failed)
+    campaign_held: int = 0  # due ctr keys that campaigns hold: left to them
     requested: dict[str, dict[str, int]] = field(default_factory=dict)  # task -> entity -> requested at (ms)
 
 
@@ -968,12 +976,14 @@ def plan_refresh(
     max_keys: int = 10_000,
     cooldown_s: int = 600,
     requested: dict[str, dict[str, int]] | None = None,
+    held: Callable[[list[str]], set[str]] | None = None,
 ) -> RefreshPlan:
     """The live keys of registered task types that had hits in the query log in the last ``window_s`` and whose
     ``PTTL`` is below ``fraction`` of their type's TTL, or that are gone though no published version serves them
     (``serving.refresh``), at most ``max_keys`` (soonest expiry first), each at ``REFRESH_PRIORITY``, skipping those
     requested in the last ``cooldown_s`` (``requested``). A hot value that expired (a refresh failed, or a type's TTL
-    is shorter than the cooldown) is thus asked again once the cooldown is over, not never."""
+    is shorter than the cooldown) is thus asked again once the cooldown is over, not never. ``held`` names, of the due
+    ``ctr`` keys, those campaigns hold (``CampaignRegistry.held_ads``): left alone, as their warming wrote them."""
     task_of: dict[str, TaskType] = {}
     for task in registry.types.values():
         task_of.setdefault(task.cache_kind, task)  # two types of one kind: the first registered refreshes it
@@ -993,6 +1003,9 @@ def plan_refresh(
     for pair in refresh.published_keys(client, schema, gone):  # read from the version: nothing live to keep warm
         del pttls[pair]
     due = refresh.due_for_refresh(pttls, {kind: task.ttl_s for kind, task in task_of.items()}, fraction=fraction)
+    if held is not None and (campaigns := held([key for kind, key in due if kind == CTR_KIND])):
+        due = [(kind, key) for kind, key in due if kind != CTR_KIND or key not in campaigns]
+        out.campaign_held = len(campaigns)
     out.due = len(due)
     for kind, key in due:
         task = task_of[kind].name
@@ -1021,7 +1034,10 @@ def build_live_refresh_sensor(
     """The sensor that keeps hot live values of task types warm: every minute, the keys read (hits) in the last
     ``window_s`` whose remaining TTL is below ``fraction`` of their type's TTL are requested as
     ``precompute_tasks_job`` runs at priority 3 (refresh); keys nobody read lately are left to expire. Its cursor
-    remembers what it requested in the last ``cooldown_s`` so that a queued run is not requested again."""
+    remembers what it requested in the last ``cooldown_s`` so that a queued run is not requested again. ``ctr`` keys
+    that campaigns hold (``CampaignRegistry.held_ads``) are left alone: their warming wrote them, scored from the
+    campaign's own features, to expire with it (a refresh wrote the lake's CTR over them for 7 days, and wrote a
+    cancelled campaign's keys back after its cleanup)."""
 
     @dg.sensor(
         name=name,
@@ -1031,7 +1047,9 @@ def build_live_refresh_sensor(
         description=f"Refresh live values of task types that were read in the last {window_s // 60} minutes and "
         f"expire within {fraction:.0%} of their TTL (dagster/priority 3); the cold tail is left to expire.",
     )
-    def live_refresh_sensor(context: dg.SensorEvaluationContext, redis: RedisResource):
+    def live_refresh_sensor(
+        context: dg.SensorEvaluationContext, redis: RedisResource, campaign_registry: CampaignRegistryResource
+    ):
         started, now_ms = time.perf_counter(), time.time_ns() // 1_000_000
         try:
             requested = json.loads(context.cursor)["requested"] if context.cursor else {}
@@ -1042,6 +1060,7 @@ def build_live_refresh_sensor(
             lambda client, schema: plan_refresh(
                 tasks, client, schema, now_ms=now_ms, window_s=window_s, fraction=fraction, min_hits=min_hits,
                 max_queries=max_queries, max_keys=max_keys, cooldown_s=cooldown_s, requested=requested,
+                held=lambda ads: campaign_registry.registry().held_ads(ads, datetime.now(UTC)),
             ),
             context.log, "which live values expire soon",
         )  # fmt: skip
@@ -1051,7 +1070,8 @@ def build_live_refresh_sensor(
         cursor = json.dumps({"requested": found.requested}, separators=(",", ":"), sort_keys=True)
         summary = (
             f"{found.queries_read} logged queries, {found.hot} hot keys, {found.due} due "
-            f"({found.cooling} already requested), {len(found.plan.wanted)} refreshed in {len(requests)} runs, "
+            f"({found.cooling} already requested, {found.campaign_held} held by campaigns), "
+            f"{len(found.plan.wanted)} refreshed in {len(requests)} runs, "
             f"{time.perf_counter() - started:.2f} s"
         )
         context.log.info(summary)

@@ -918,6 +918,21 @@ class CampaignRegistry:
             )  # fmt: skip
             return {ad: SharedAd(until, bool(unknown), bool(same)) for ad, until, unknown, same in cur.fetchall()}
 
+    def held_ads(self, ad_ids: Collection[str], now: datetime) -> set[str]:
+        """Of ``ad_ids``, those an active campaign has whose values are to live on at ``now``: it has not ended, or
+        its warm values expire later (``end + grace``). Their CTR keys hold the campaign's values, scored from its own
+        features and expiring with it, which nothing else may overwrite. One indexed query."""
+        if not ad_ids:
+            return set()
+        with transaction(self.url) as conn, conn.cursor() as cur:
+            cur.execute(
+                "SELECT DISTINCT a.ad_id FROM campaign_ads a JOIN campaigns c USING (campaign_id)"
+                " WHERE a.ad_id = ANY(%(ads)s) AND c.status = 'active'"
+                " AND (c.end_at IS NULL OR c.end_at > %(now)s OR c.warm_until > %(now)s)",
+                {"ads": sorted(ad_ids), "now": _aware_now(now)},
+            )
+            return {ad for (ad,) in cur.fetchall()}
+
     def list(self, *, tenant_id: str | None = None, status: str | None = None) -> list[Campaign]:
         """Campaigns by launch time (then id), optionally of one tenant and/or one status."""
         if status is not None and status not in STATUSES:

@@ -11,6 +11,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from datetime import UTC, datetime, timedelta
 from importlib.metadata import EntryPoint
 
 import dagster as dg
@@ -24,6 +25,7 @@ from precompute_assets.defs import tasks
 from precompute_assets.defs.models import ctr_model
 from precompute_assets.defs.partitions import DEFAULT_PARTITIONS
 from precompute_assets.defs.resources import (
+    CampaignRegistryResource,
     DeploymentResource,
     LakeResource,
     ModelStoreResource,
@@ -68,6 +70,7 @@ from precompute_assets.serving.events import (
     read_user_states_span,
     write_user_states,
 )
+from precompute_assets.serving.keys import codec_for
 from precompute_assets.storage.lake import Lake
 from precompute_assets.storage.tables import query_log_frame
 from precompute_assets_tests.factories import log_client, write_ad_platform
@@ -916,7 +919,7 @@ def test_a_sensor_thread_waits_for_the_entry_points_another_thread_is_loading(mo
 
 
 def test_live_refresh_requests_hot_keys_near_expiry_and_never_the_cold_tail(
-    redis_url, redis_client, schema, tmp_path, pg_instance, cache
+    redis_url, redis_client, schema, tmp_path, pg_instance, cache, app_db
 ):
     from precompute_assets.defs.tasks import REFRESH_PRIORITY
     from precompute_assets.serving import QueryLogger
@@ -941,7 +944,8 @@ def test_live_refresh_requests_hot_keys_near_expiry_and_never_the_cold_tail(
     sensor = build_live_refresh_sensor(registry=task_registry)
 
     def evaluate(cursor=None):
-        context = dg.build_sensor_context(instance=pg_instance, cursor=cursor, resources={"redis": res["redis"]})
+        resources = {"redis": res["redis"], "campaign_registry": CampaignRegistryResource(url=app_db)}
+        context = dg.build_sensor_context(instance=pg_instance, cursor=cursor, resources=resources)
         return sensor(context)
 
     result = evaluate()
@@ -950,7 +954,9 @@ def test_live_refresh_requests_hot_keys_near_expiry_and_never_the_cold_tail(
     assert request.run_config["ops"]["run_precompute_task"]["config"]["entities"] == ["hot"]
     # The next tick does not request it again while its run is queued (the cursor remembers it)...
     again = evaluate(result.cursor)
-    assert not again.run_requests and "1 due (1 already requested)" in again.skip_reason.skip_message
+    assert (
+        not again.run_requests and "1 due (1 already requested, 0 held by campaigns)" in again.skip_reason.skip_message
+    )
     # ...and once the run wrote it with the full TTL it is no longer due.
     run = precompute_tasks_job.execute_in_process(
         run_config=request.run_config, tags=request.tags, instance=pg_instance, resources=res
@@ -992,6 +998,45 @@ def test_a_hot_value_that_expired_is_refreshed_after_the_cooldown_unless_the_ver
     assert list(later.plan.wanted) == [(name, "t1")]
 
 
+def test_the_live_refresh_leaves_the_ctr_keys_campaigns_hold(redis_url, redis_client, schema, pg_instance, app_db):
+    """It took a warm campaign's CTR keys for the ctr task type's: read, and under 20 % of 7 days left, they were
+    refreshed from the lake's features for 7 days (the budget split over values no longer served), and a cancelled
+    campaign's keys, hot and gone after its cleanup, were written back (h_events2)."""
+    from precompute_assets.serving import QueryLogger
+    from precompute_assets.storage.campaigns import CampaignRegistry
+
+    now = datetime.now(UTC)
+    registry = CampaignRegistry(app_db)
+    registry.ensure_schema()
+    campaign_id, held, plain = unique("camp"), unique("held-ad"), unique("plain-ad")
+    features = {"category": 1, "quality": 0.5, "bid": 1.0, "text_len": 40}
+    registry.register(campaign_id, "acme", now + timedelta(minutes=5), [{"ad_id": held, **features}],
+                      end_at=now + timedelta(hours=2))  # fmt: skip
+    value = codec_for("ctr").encode(0.04)
+    for ad in (held, plain):  # warmed to the campaign's end plus its grace: 3 h of 7 days, due for a ctr task
+        redis_client.set(schema.live("ctr", ad), value, px=3 * 3_600_000)
+    reader = PredictionCache(connect(redis_url, socket_timeout=5), schema=schema, pointer_ttl_s=0,
+                             logger=QueryLogger(log_client(redis_url), schema))  # fmt: skip
+    assert reader.get_many("ctr", [held, plain]) == [pytest.approx(0.04)] * 2
+    reader.close()
+    resources = {"redis": RedisResource(url=redis_url, namespace=schema.namespace),
+                 "campaign_registry": CampaignRegistryResource(url=app_db)}  # fmt: skip
+    sensor = build_live_refresh_sensor()
+
+    def refreshed() -> tuple[list[str], str]:
+        result = sensor(dg.build_sensor_context(instance=pg_instance, resources=resources))
+        entities = [
+            e for r in result.run_requests for e in r.run_config["ops"]["run_precompute_task"]["config"]["entities"]
+        ]
+        return entities, "" if result.run_requests else result.skip_reason.skip_message
+
+    entities, _ = refreshed()
+    assert entities == [plain]  # the campaign's key is its own
+    registry.cancel(campaign_id)
+    redis_client.delete(schema.live("ctr", held))  # what the cancelled campaign's cleanup does
+    assert refreshed()[0] == sorted([held, plain])  # an ad no campaign holds: a hot key gone, refreshed as any other
+
+
 def test_both_task_sensors_skip_with_a_warning_when_redis_does_not_answer(tmp_path, capsys):
     """They read Redis on the resource's default client (10 s a command, two retries), which raises dg.Failure when the
     server does not answer: a tick every second that failed. They now skip, say why, and keep their cursors."""
@@ -999,7 +1044,10 @@ def test_both_task_sensors_skip_with_a_warning_when_redis_does_not_answer(tmp_pa
             "model_store": ModelStoreResource(root=str(tmp_path / "models"))}  # fmt: skip
     with dg.instance_for_test() as instance:
         events = build_user_event_sensor()(dg.build_sensor_context(instance=instance, cursor="5-0", resources=down))
-        context = dg.build_sensor_context(instance=instance, resources={"redis": down["redis"]})
+        unasked = CampaignRegistryResource(url="postgresql://127.0.0.1:1/never")  # Redis first: never reached
+        context = dg.build_sensor_context(
+            instance=instance, resources={"redis": down["redis"], "campaign_registry": unasked}
+        )
         refresh = build_live_refresh_sensor()(context)
     assert isinstance(events, dg.SkipReason) and "the user events after 5-0 were not read" in events.skip_message
     assert isinstance(refresh, dg.SkipReason) and "Redis does not answer" in refresh.skip_message
