@@ -634,7 +634,7 @@ def imported_only(instance: dg.DagsterInstance, asset_key: str, hours: list[str]
 
 
 def partitions_in_flight(
-    instance: dg.DagsterInstance, asset_key: str, job_name: str, partitions_def: dg.PartitionsDefinition
+    instance: dg.DagsterInstance, asset_key: str, job_name: str, partitions_def: dg.TimeWindowPartitionsDefinition
 ) -> set[str]:
     """The partitions of ``asset_key`` that active runs are materializing: runs of ``job_name``, and any other run whose
     assets include it (the UI's *Materialize*, an asset backfill, ``dagster asset materialize``: ``__ASSET_JOB``), by
@@ -647,8 +647,20 @@ def partitions_in_flight(
             busy.add(partition)
         first, last = run.tags.get(RANGE_START_TAG), run.tags.get(RANGE_END_TAG)
         if first is not None and last is not None:
-            busy.update(partitions_def.get_partition_keys_in_range(dg.PartitionKeyRange(first, last)))
+            busy.update(_keys_between(partitions_def, first, last))
     return busy
+
+
+def _keys_between(partitions_def: dg.TimeWindowPartitionsDefinition, first: str, last: str) -> list[str]:
+    """The partition keys from ``first`` to ``last`` by their time windows: a range that starts before the definition
+    does (its start moved later since the run began) still names its hours; a key that is no time of the definition's
+    format, none (one odd run must not fail every tick of the schedule)."""
+    try:
+        start = partitions_def.time_window_for_partition_key(first).start
+        end = partitions_def.time_window_for_partition_key(last).end
+    except ValueError:
+        return []
+    return partitions_def.get_partition_keys_in_time_window(dg.TimeWindow(start, end))
 
 
 def build_drain_schedule(

@@ -308,7 +308,7 @@ def _local_trace(
             f"the trace is {codec}-compressed: decompress it ({command} FILE | ... --trace -), or name the file "
             f"*{suffix}"
         )
-    open_end = not data.endswith((b"\n", b"\r"))  # a file cut off mid-line, or one written without a final newline
+    open_end = _ends_mid_line(data)
     try:
         text = _decode_text(data)
     except TraceError as error:
@@ -320,6 +320,15 @@ def _local_trace(
     except TraceError as error:
         _note_if_cut_off(error, text.count("\n") + 1 if open_end else 0)
         raise
+
+
+def _ends_mid_line(data: bytes) -> bool:
+    """Whether the last line that is not blank ends without a newline: a file cut off mid-line, or one written without
+    a final newline (spaces and tabs after a newline are a blank line, which the parse drops). No copy of ``data``."""
+    end = len(data)
+    while end and data[end - 1] in b" \t":
+        end -= 1
+    return end > 0 and data[end - 1] not in b"\n\r"
 
 
 def _note_if_cut_off(error: TraceError, last_line: int) -> None:

@@ -448,6 +448,7 @@ def _frames_of_jsonl(
     keys: dict[str, None] | None = {}  # the first records' keys, in order of appearance; None once checked
     gathered = 0  # records whose keys are in keys
     lines = 0  # lines that are not blank
+    parsed = 0  # lines that are JSON objects
     sources = {c: fields.source(c) for c in COLUMNS}
     size = 0  # bytes of the records held
     for number, line in enumerate(stream, start=1):
@@ -466,6 +467,7 @@ def _frames_of_jsonl(
             result.rows += 1
             result.reject(f"line {number}", "not a JSON object", visible_line(line))
             continue
+        parsed += 1
         if keys is not None:
             keys.update(dict.fromkeys(record))
             gathered += 1
@@ -480,13 +482,13 @@ def _frames_of_jsonl(
             records, labels, size = [], [], 0
     if not lines:  # an empty export is an error, as for CSV and TSV: never a load of nothing
         raise DocumentFileError(f"empty file: no records (the doc_id field is {fields.source('doc_id')!r})")
-    if keys == {}:  # every line was rejected: a file of another shape than JSON Lines, not a few bad records
+    if not parsed:  # every line was rejected: a file of another shape than JSON Lines, not a few bad records
         first = result.first_rejections(1)[0]
         raise DocumentFileError(
             f"no line of the file is a JSON object ({first.where}: {first.reason}): JSON Lines holds one object per "
-            "line (jq -c . rewrites pretty-printed JSON so); nothing was loaded"
+            "line (jq -c . rewrites pretty-printed JSON so)"
         )
-    if keys:
+    if keys is not None:  # fewer records than a check's worth: checked now, empty objects too
         fields.check(keys, "the records have")
     if records:
         yield _object_frame(records), labels

@@ -304,7 +304,9 @@ def _sync(
         flip_pointer(client, schema, EMBEDDING_KIND, target, grace_s=grace_s, replica_wait_s=replica_wait_s)
         if current is not None and current.version != target.version:
             client.expire(_sentinel(schema, current.version), grace_s)  # the old version's marker goes with it
-        if served_model != model_version:
+        # Readers were served another model's version (or this flip was made by a run that died before it was done
+        # here: the pointer is already the target's): their live values are of that model. None served: none are.
+        if current is not None and (served_model != model_version or current.version == target.version):
             stats.live_values_dropped = _drop_live_values(client, schema, documents)
             log(f"readers now get {model_version}'s embeddings: {stats.live_values_dropped} live values computed "
                 "before it were deleted")  # fmt: skip

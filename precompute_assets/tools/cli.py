@@ -15,7 +15,7 @@ import signal
 import socket
 import sys
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -1372,7 +1372,21 @@ def _rows_read(what: str) -> Iterator[Callable[[int], None]]:
 
 
 def cmd_query_logs(args: argparse.Namespace) -> int:
-    """Import a request log into the lake's hourly ``query_logs`` partitions; print one JSON summary."""
+    """Import a request log into the lake's hourly ``query_logs`` partitions; print one JSON summary. Its progress
+    (``tools.progress``) names each stage from the first: reading and grouping a large log take most of the time."""
+    with progress(desc=f"reading {args.file}", unit="hours") as bar:
+        return _import_query_logs(args, bar)
+
+
+def _counted(items: Iterable, bar: Any) -> Iterator:
+    """``items``, each counted on ``bar`` once it is done."""
+    for item in items:
+        yield item
+        bar.update()
+
+
+def _import_query_logs(args: argparse.Namespace, bar: Any) -> int:
+    """``cmd_query_logs``'s work, its stages told to ``bar``."""
     import time
     from collections import Counter
     from datetime import date, datetime
@@ -1456,11 +1470,13 @@ def cmd_query_logs(args: argparse.Namespace) -> int:
     now_key = hourly.get_partition_key_for_timestamp(time.time())  # the hour in progress is not over
     last_s = hourly.time_window_for_partition_key(now_key).start.timestamp()
     source = Path(input_path(args.file)).name.replace(":", "_")[:40]
+    bar.set_description_str(f"grouping {len(trace.keys):,} requests by hour")
     rows = hour_rows(trace.keys, seconds, kind=args.kind, source=source,
                      partition_key=hourly.get_partition_key_for_timestamp, first_s=first_s, last_s=last_s,
                      trace_start_s=trace_start,
                      strays=other_unit(trace.timestamps, unit) if args.time_unit == "auto" else None)  # fmt: skip
     check_placement(args, rows, len(trace.keys), seconds, settings.timezone)
+    bar.set_description_str("starting the stack")
     stack = Stack()
     lake = Lake(_up(stack)[ENV_LAKE])
     written, kept, recorded, kept_logged = {}, [], [], []
@@ -1489,7 +1505,9 @@ def cmd_query_logs(args: argparse.Namespace) -> int:
             materialized = instance.get_materialized_partitions(dg.AssetKey("query_logs"))
         except _dagster_storage_errors() as error:
             raise CliError(f"Dagster's storage cannot be read, nothing was written: {_one_line(error)}") from None
-        for hour in progress(sorted(rows.frames), desc="hours", total=len(rows.frames), unit="hours"):
+        bar.set_description_str("writing the hours")
+        bar.total = len(rows.frames)
+        for hour in _counted(sorted(rows.frames), bar):
             existing = lake.read("query_logs", hour) if lake.exists("query_logs", hour) else None
             others = None if existing is None else other_kinds_imported(existing, args.kind)
             # An hour the stream wrote is kept (even with --replace: the client's own log of it), one that holds this

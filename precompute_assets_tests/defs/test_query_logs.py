@@ -272,7 +272,7 @@ def test_the_drain_schedule_leaves_the_hours_a_backfill_or_the_ui_is_materializi
 
     tick = datetime(2026, 11, 20, 10, 5, tzinfo=UTC)
     redis_client.xadd(
-        schema.query_log(), {"k": "ad1"}, id=f"{int(datetime(2026, 11, 20, 5, 30, tzinfo=UTC).timestamp() * 1000)}-0"
+        schema.query_log(), {"k": "ad1"}, id=f"{int(datetime(2026, 11, 20, 3, 30, tzinfo=UTC).timestamp() * 1000)}-0"
     )
     schedule = build_definitions(Settings("UTC")).get_repository_def().get_schedule_def("query_logs_hourly")
     resources = {"redis": RedisResource(url=redis_url, namespace=schema.namespace)}
@@ -284,6 +284,15 @@ def test_the_drain_schedule_leaves_the_hours_a_backfill_or_the_ui_is_materializi
             (  # a single-run backfill of a range
                 {"dagster/asset_partition_range_start": "2026-11-20-07:00",
                  "dagster/asset_partition_range_end": "2026-11-20-08:00"},
+                dg.DagsterRunStatus.STARTED, logs,
+            ),
+            (  # a range from before the partitions' start (moved later since): no error, its hours still busy
+                {"dagster/asset_partition_range_start": "2019-12-31-22:00",
+                 "dagster/asset_partition_range_end": "2026-11-20-04:00"},
+                dg.DagsterRunStatus.STARTED, logs,
+            ),
+            (  # tags of no hour: ignored
+                {"dagster/asset_partition_range_start": "garbage", "dagster/asset_partition_range_end": "2026-11-20"},
                 dg.DagsterRunStatus.STARTED, logs,
             ),
             ({"dagster/partition": "2026-11-20-09:00"}, dg.DagsterRunStatus.FAILURE, logs),  # over: drained again

@@ -2508,10 +2508,12 @@ def test_a_bad_last_line_without_a_newline_says_the_file_may_be_cut_off(tmp_path
     with pytest.raises(TraceError, match=f"^{problem}") as refused:
         parse_trace(path)
     assert any("the file may be cut off" in note for note in refused.value.__notes__)
-    path.write_bytes(path.read_bytes() + b"\n")  # the same line with its newline: no such guess
-    with pytest.raises(TraceError, match=f"^{problem}") as refused:
-        parse_trace(path)
-    assert not getattr(refused.value, "__notes__", None)
+    for end in (b"\n", b"\n  \t"):  # the same line with its newline (and a blank line of spaces after): no such guess
+        path.write_bytes(text.encode("utf-8") if "\xc3" not in text else text.encode("latin-1"))
+        path.write_bytes(path.read_bytes() + end)
+        with pytest.raises(TraceError, match=f"^{problem}") as refused:
+            parse_trace(path)
+        assert not getattr(refused.value, "__notes__", None), end
 
 
 def test_replay_reads_redis_monitor_output(tmp_path: Path, capsys):

@@ -677,6 +677,16 @@ def test_a_jsonl_file_of_no_json_object_is_an_error_not_a_load_of_nothing(
     assert store.load_file(path).inserted == 1
 
 
+
+def test_a_jsonl_file_of_empty_objects_names_the_missing_field(store: DocumentStore, tmp_path: Path) -> None:
+    """Objects without a key are records without the id field (an IndexError once they were taken for no record)."""
+    path = tmp_path / "docs.jsonl"
+    path.write_text("{}\n{}\n")
+    with pytest.raises(DocumentFileError, match=r"^no doc_id field 'doc_id': the records have nothing$"):
+        store.load_file(path)
+    assert store.count() == 0
+
+
 @pytest.mark.parametrize("name", ["docs.csv", "docs.tsv", "docs.csv.gz"])
 def test_an_empty_csv_or_tsv_has_no_header_and_is_an_error(store: DocumentStore, tmp_path: Path, name: str) -> None:
     path = tmp_path / name

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 import pytest
+import redis
 from psycopg2 import sql
 
 from precompute_assets.serving import PredictionCache, publish
@@ -470,9 +471,11 @@ def test_a_new_models_flip_deletes_the_live_values_computed_for_the_model_before
     docs.ensure_schema()
     docs.load_frame(frame(0, 20))
     store, embedder = EmbeddingStore(app_db), HashEmbedder()
-    sync_embeddings(docs, store, redis_client, embedder, schema=schema, log=quiet)
-    docs.load_frame(frame(20, 2))
     old = encode_vector(np.ones(16), dtype="float32", model_version=embedder.version)
+    redis_client.set(schema.live(EMBEDDING_KIND, "d000019"), old, ex=3600)  # before any version: no model to differ
+    assert sync_embeddings(docs, store, redis_client, embedder, schema=schema, log=quiet).live_values_dropped == 0
+    assert redis_client.exists(schema.live(EMBEDDING_KIND, "d000019"))
+    docs.load_frame(frame(20, 2))
     for doc_id in ("d000020", "d000021"):
         redis_client.set(schema.live(EMBEDDING_KIND, doc_id), old, ex=3600)
     again = sync_embeddings(docs, store, redis_client, embedder, schema=schema, log=quiet)
@@ -488,7 +491,45 @@ def test_a_new_models_flip_deletes_the_live_values_computed_for_the_model_before
     refit = sync_embeddings(docs, store, redis_client, NextModel(), schema=schema, log=said.append, stop_after_chunks=0)
     assert refit.live_values_dropped == 0 and redis_client.exists(schema.live(EMBEDDING_KIND, "d000022"))  # no flip
     refit = sync_embeddings(docs, store, redis_client, NextModel(), schema=schema, log=said.append)
-    assert refit.full_build and refit.live_values_dropped == 3, refit
+    assert refit.full_build and refit.live_values_dropped == 4, refit  # d000019's too
     assert not any(redis_client.exists(schema.live(EMBEDDING_KIND, d)) for d in ("d000020", "d000021", "d000022"))
     assert redis_client.exists(schema.live(EMBEDDING_KIND, "elsewhere"))  # only the table's documents are known
-    assert any("3 live values computed before it were deleted" in line for line in said), said
+    assert any("4 live values computed before it were deleted" in line for line in said), said
+
+
+def test_a_refit_whose_sync_died_while_deleting_the_old_live_values_deletes_them_when_run_again(
+    app_db, redis_client, schema, monkeypatch
+):
+    """The flip came first: a run killed (or failing) while deleting left the rest for their TTL, and the next run,
+    finding the new model served already, deleted none (h_diff19)."""
+    docs = DocumentStore(app_db)
+    docs.ensure_schema()
+    docs.load_frame(frame(0, 30))
+    store = EmbeddingStore(app_db)
+    sync_embeddings(docs, store, redis_client, HashEmbedder(), schema=schema, log=quiet)
+    old = encode_vector(np.ones(16), dtype="float32", model_version=HashEmbedder.version)
+    names = [schema.live(EMBEDDING_KIND, f"d{i:06d}") for i in range(30)]
+    for name in names:
+        redis_client.set(name, old, ex=3600)
+
+    class NextModel(HashEmbedder):
+        version = "hash16-test-v2"
+
+    pages = docs.iter_ids
+    monkeypatch.setattr(DocumentStore, "iter_ids", lambda self: pages(page=10))
+    deletes, calls = sync_module.delete_live_values, []
+
+    def dies_on_the_second_page(client, keys, **kwargs):
+        calls.append(len(keys))
+        if len(calls) == 2:
+            raise redis.ConnectionError("the run died here")
+        return deletes(client, keys, **kwargs)
+
+    monkeypatch.setattr(sync_module, "delete_live_values", dies_on_the_second_page)
+    with pytest.raises(redis.ConnectionError):
+        sync_embeddings(docs, store, redis_client, NextModel(), schema=schema, log=quiet)
+    assert sum(map(redis_client.exists, names)) == 20  # the first page's went
+    monkeypatch.setattr(sync_module, "delete_live_values", deletes)
+    again = sync_embeddings(docs, store, redis_client, NextModel(), schema=schema, log=quiet)
+    assert again.live_values_dropped == 20 and sum(map(redis_client.exists, names)) == 0
+    assert sync_embeddings(docs, store, redis_client, NextModel(), schema=schema, log=quiet).live_values_dropped == 0

@@ -1841,6 +1841,29 @@ def test_imports_of_two_kinds_into_one_hour_at_once_keep_both(stack, tmp_path, m
     assert "waiting for another import into this lake" in capsys.readouterr().err
 
 
+def test_query_logs_import_outside_a_terminal_names_each_stage_from_the_first(stack, tmp_path, monkeypatch, capsys):
+    """Only its loop over the hours said anything: reading and grouping a large log, most of its time, were silent
+    (h_diff19)."""
+    import precompute_assets.tools.cli as cli
+    from precompute_assets.tools import progress
+
+    on_the_test_stack(stack, tmp_path, monkeypatch)
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0.02)
+    log = tmp_path / "history.csv"
+    log.write_text("0.5,ad1\n10,ad2\n7300,ad3\n")
+    real_read = cli.read_trace
+
+    def slow_read(*args, **kwargs):  # a read long enough for a line
+        time.sleep(0.2)
+        return real_read(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "read_trace", slow_read)
+    assert main(["query-logs", "import", str(log), "--start", "2026-02-03", "--time-unit", "s"]) == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith(f"reading {log}: 0 hours in "), lines
+    assert lines[-1].split(" in ")[0] == "writing the hours: 2 of 2 hours" and lines[-1].endswith(", done"), lines
+
+
 def test_query_logs_import_fills_hourly_partitions_that_dagster_knows(stack, tmp_path, monkeypatch, capsys):
     import dagster as dg
 
