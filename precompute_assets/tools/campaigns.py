@@ -45,19 +45,22 @@ def read_campaign_file(path: str | Path) -> tuple[list[dict[str, Any]], list[str
     """The campaign records of a JSONL or CSV file and a label for each (``line 3``), for ``register_many``.
 
     A malformed file (bad JSON, a line that is not an object, a CSV without the campaign columns, rows of one
-    campaign that disagree on its fields) is a CliError naming the line; the records themselves are checked by
-    the registry.
+    campaign that disagree on its fields) is a CliError naming the line, and so is a file of no campaign; the records
+    themselves are checked by the registry.
     """
     path = Path(path)
     kind = check_campaign_file(path)
     if (reason := not_text_reason(path, first_bytes(path), reads=())) is not None:  # not "not UTF-8 at byte 0"
         raise _error(f"{path}: {reason}")
     try:
-        return _read_jsonl(path) if kind == "jsonl" else _read_csv(path)
+        records, labels = _read_jsonl(path) if kind == "jsonl" else _read_csv(path)
     except UnicodeDecodeError as error:
         raise _error(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
     except OSError as error:
         raise _error(f"{path}: cannot read ({error.strerror or error})") from None
+    if not records:  # an export that matched nothing: a pipeline must not read it as campaigns registered
+        raise _error(f"{path}: no campaign in the file" + (" (a header and no row)" if kind == "csv" else ""))
+    return records, labels
 
 
 class _RepeatedField(ValueError):

@@ -231,6 +231,10 @@ def test_bad_files_are_one_line_and_start_nothing(tmp_path, monkeypatch, capsys)
         "twice.jsonl": good[:-1] + ', "campaign_id": "c2"}\n',
         "ad-twice.jsonl": json.dumps(campaign("c1"))[:-3] + ', "quality": 0.1}]}\n',
         "twice.csv": "campaign_id,tenant_id,launch_at,ad_id,quality,quality\nc1,acme,2030-01-01T00:00Z,a1,0.9,0.1\n",
+        # an export that matched nothing registered nothing with exit 0 (h_events2)
+        "empty.jsonl": "",
+        "blank.jsonl": "\n  \n",
+        "header.csv": "campaign_id,tenant_id,launch_at,ad_id,quality\n",
     }
     expected = {
         "missing.jsonl": "no such file",
@@ -246,6 +250,9 @@ def test_bad_files_are_one_line_and_start_nothing(tmp_path, monkeypatch, capsys)
         "ad-twice.jsonl": "line 1: the field 'quality' is given twice",
         "twice.csv": "the header names 'quality' more than once",
         "folder.jsonl": "not a file",
+        "empty.jsonl": "empty.jsonl: no campaign in the file",
+        "blank.jsonl": "blank.jsonl: no campaign in the file",
+        "header.csv": "header.csv: no campaign in the file (a header and no row)",
     }
     for name, content in files.items():
         if isinstance(content, bytes):
