@@ -677,7 +677,6 @@ def test_a_jsonl_file_of_no_json_object_is_an_error_not_a_load_of_nothing(
     assert store.load_file(path).inserted == 1
 
 
-
 def test_a_jsonl_file_of_empty_objects_names_the_missing_field(store: DocumentStore, tmp_path: Path) -> None:
     """Objects without a key are records without the id field (an IndexError once they were taken for no record)."""
     path = tmp_path / "docs.jsonl"
