@@ -1003,7 +1003,8 @@ def plan_refresh(
     for pair in refresh.published_keys(client, schema, gone):  # read from the version: nothing live to keep warm
         del pttls[pair]
     due = refresh.due_for_refresh(pttls, {kind: task.ttl_s for kind, task in task_of.items()}, fraction=fraction)
-    if held is not None and (campaigns := held([key for kind, key in due if kind == CTR_KIND])):
+    ctr_due = [key for kind, key in due if kind == CTR_KIND]
+    if held is not None and ctr_due and (campaigns := held(ctr_due)):  # the registry is read only when one may be
         due = [(kind, key) for kind, key in due if kind != CTR_KIND or key not in campaigns]
         out.campaign_held = len(campaigns)
     out.due = len(due)
