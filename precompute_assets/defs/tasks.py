@@ -41,6 +41,7 @@ from typing import Any
 import dagster as dg
 import numpy as np
 import pandas as pd
+import psycopg2
 import redis as redis_py
 from pydantic import Field
 
@@ -62,6 +63,7 @@ from ..serving.events import (
 from ..serving.keys import KIND_PATTERN, RESERVED_KINDS, KeySchema, check_key, codec_for
 from ..serving.publish import FENCED_ATTEMPTS, InvalidatedMeanwhile, read_epoch, write_live_values
 from ..serving.querylog import cut_after, stream_ms
+from ..stack import ENV_APP_DB
 from .campaigns import CTR_KIND, approved_model_version
 from .models import CTR_MODEL
 from .resources import (
@@ -1003,11 +1005,11 @@ def plan_refresh(
     for pair in refresh.published_keys(client, schema, gone):  # read from the version: nothing live to keep warm
         del pttls[pair]
     due = refresh.due_for_refresh(pttls, {kind: task.ttl_s for kind, task in task_of.items()}, fraction=fraction)
+    out.due = len(due)
     ctr_due = [key for kind, key in due if kind == CTR_KIND]
     if held is not None and ctr_due and (campaigns := held(ctr_due)):  # the registry is read only when one may be
         due = [(kind, key) for kind, key in due if kind != CTR_KIND or key not in campaigns]
         out.campaign_held = len(campaigns)
-    out.due = len(due)
     for kind, key in due:
         task = task_of[kind].name
         if key in out.requested.get(task, {}):  # requested in the last cooldown_s: its run may still be queued
@@ -1018,6 +1020,23 @@ def plan_refresh(
         out.plan.want(task, key, REFRESH_PRIORITY)
         out.requested.setdefault(task, {})[key] = now_ms
     return out
+
+
+def held_by_campaigns(campaign_registry: CampaignRegistryResource, ads: list[str], log: logging.Logger) -> set[str]:
+    """``CampaignRegistry.held_ads`` of ``ads`` now; all of them, with a warning, when the registry does not answer: a
+    refresh could overwrite a campaign's values, so the ``ctr`` keys wait for a tick that can tell (the other kinds'
+    keys do not wait)."""
+    try:
+        return campaign_registry.registry().held_ads(ads, datetime.now(UTC))
+    except (dg.Failure, psycopg2.Error) as error:
+        why = (
+            error.description
+            if isinstance(error, dg.Failure)
+            else f"the campaign registry ({ENV_APP_DB}) failed: " + " ".join(str(error).split())
+        )
+        log.warning(f"{why}; the {len(ads)} due ctr keys wait for the next tick, as a refresh could overwrite a "
+                    "campaign's values")  # fmt: skip
+        return set(ads)
 
 
 def build_live_refresh_sensor(
@@ -1061,7 +1080,7 @@ def build_live_refresh_sensor(
             lambda client, schema: plan_refresh(
                 tasks, client, schema, now_ms=now_ms, window_s=window_s, fraction=fraction, min_hits=min_hits,
                 max_queries=max_queries, max_keys=max_keys, cooldown_s=cooldown_s, requested=requested,
-                held=lambda ads: campaign_registry.registry().held_ads(ads, datetime.now(UTC)),
+                held=lambda ads: held_by_campaigns(campaign_registry, ads, context.log),
             ),
             context.log, "which live values expire soon",
         )  # fmt: skip

@@ -104,6 +104,8 @@ CREATE TABLE IF NOT EXISTS campaign_written_ads (
     features JSONB NOT NULL,  -- those the campaign gave it last: another campaign's value is this one's if they match
     PRIMARY KEY (campaign_id, ad_id)
 );
+-- held_ads(): the campaigns whose warmings wrote given ads
+CREATE INDEX IF NOT EXISTS campaign_written_ads_ad_id ON campaign_written_ads (ad_id);
 """
 _RECORD_WRITTEN = (
     "INSERT INTO campaign_written_ads (campaign_id, ad_id, features) SELECT a.campaign_id, a.ad_id, a.features"
@@ -112,7 +114,7 @@ _RECORD_WRITTEN = (
 _DROPPED_BEFORE = "campaign_dropped_ads"  # what campaign_written_ads replaced: its rows are moved there
 _OBJECTS = (
     "campaign_change_seq", "campaigns", "campaign_ads", "ad_tenants", "campaigns_cold_launch_at",
-    "campaigns_warm_until", "campaign_ads_ad_id", "campaign_written_ads",
+    "campaigns_warm_until", "campaign_ads_ad_id", "campaign_written_ads", "campaign_written_ads_ad_id",
 )  # fmt: skip
 _COLUMNS = (
     "campaign_id, tenant_id, launch_at, end_at, budget, status, revision, warm_revision, change_seq, updated_at, n_ads,"
@@ -919,16 +921,20 @@ class CampaignRegistry:
             return {ad: SharedAd(until, bool(unknown), bool(same)) for ad, until, unknown, same in cur.fetchall()}
 
     def held_ads(self, ad_ids: Collection[str], now: datetime) -> set[str]:
-        """Of ``ad_ids``, those an active campaign has whose values are to live on at ``now``: it has not ended, or
-        its warm values expire later (``end + grace``). Their CTR keys hold the campaign's values, scored from its own
-        features and expiring with it, which nothing else may overwrite. One indexed query."""
+        """Of ``ad_ids``, those whose CTR keys an active campaign's warming wrote (``record_written``, before it
+        writes), with values that have not expired by ``now`` (``warm_until``; none recorded: a warming under way, or
+        values to the campaign's end).
+        They hold the campaign's values, scored from its own features and expiring with it, which nothing else may
+        overwrite. A campaign not warmed yet holds nothing: its ads' keys are anyone's until its warming. One indexed
+        query."""
         if not ad_ids:
             return set()
         with transaction(self.url) as conn, conn.cursor() as cur:
+            cur.execute("SET LOCAL statement_timeout = '5s'")  # a sensor's tick waits on it: a lock fails it soon
             cur.execute(
-                "SELECT DISTINCT a.ad_id FROM campaign_ads a JOIN campaigns c USING (campaign_id)"
-                " WHERE a.ad_id = ANY(%(ads)s) AND c.status = 'active'"
-                " AND (c.end_at IS NULL OR c.end_at > %(now)s OR c.warm_until > %(now)s)",
+                "SELECT DISTINCT w.ad_id FROM campaign_written_ads w JOIN campaigns c USING (campaign_id)"
+                " WHERE w.ad_id = ANY(%(ads)s) AND c.status = 'active' AND (c.warm_until > %(now)s"
+                " OR (c.warm_until IS NULL AND (c.end_at IS NULL OR c.end_at > %(now)s)))",
                 {"ads": sorted(ad_ids), "now": _aware_now(now)},
             )
             return {ad for (ad,) in cur.fetchall()}

@@ -96,8 +96,10 @@ class LogProgress:
     def _say(self, ended: str = "") -> None:
         self._said = True
         if self.share:
-            count = f"{self.n:.0%}"
+            count = f"{self.n:.0%} "
+        elif self.total is None and not self.n:  # a stage that counts nothing yet: its name says enough
+            count = ""
         else:
-            count = f"{self.n:,.0f}" + (f" of {self.total:,.0f}" if self.total is not None else "") + f" {self.unit}"
+            count = f"{self.n:,.0f}" + (f" of {self.total:,.0f}" if self.total is not None else "") + f" {self.unit} "
         tail = f", {ended}" if ended else ""
-        print(f"{self.desc}: {count} in {time.monotonic() - self._started:,.0f} s{tail}", file=self.stream, flush=True)
+        print(f"{self.desc}: {count}in {time.monotonic() - self._started:,.0f} s{tail}", file=self.stream, flush=True)

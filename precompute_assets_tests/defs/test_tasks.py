@@ -998,43 +998,58 @@ def test_a_hot_value_that_expired_is_refreshed_after_the_cooldown_unless_the_ver
     assert list(later.plan.wanted) == [(name, "t1")]
 
 
-def test_the_live_refresh_leaves_the_ctr_keys_campaigns_hold(redis_url, redis_client, schema, pg_instance, app_db):
+def test_the_live_refresh_leaves_the_ctr_keys_campaigns_hold(
+    redis_url, redis_client, schema, pg_instance, app_db, capsys
+):
     """It took a warm campaign's CTR keys for the ctr task type's: read, and under 20 % of 7 days left, they were
     refreshed from the lake's features for 7 days (the budget split over values no longer served), and a cancelled
-    campaign's keys, hot and gone after its cleanup, were written back (h_events2)."""
+    campaign's keys, hot and gone after its cleanup, were written back (h_events2). A campaign holds only what its
+    warming wrote (a far launch held its ads' keys for weeks, h_diff20), and a registry that does not answer holds back
+    only the ctr keys, with a warning that names it (it skipped every kind's, blaming Redis)."""
     from precompute_assets.serving import QueryLogger
     from precompute_assets.storage.campaigns import CampaignRegistry
 
     now = datetime.now(UTC)
     registry = CampaignRegistry(app_db)
     registry.ensure_schema()
-    campaign_id, held, plain = unique("camp"), unique("held-ad"), unique("plain-ad")
+    warm, far = unique("camp"), unique("far")
+    held, later, plain = unique("held-ad"), unique("later-ad"), unique("plain-ad")
     features = {"category": 1, "quality": 0.5, "bid": 1.0, "text_len": 40}
-    registry.register(campaign_id, "acme", now + timedelta(minutes=5), [{"ad_id": held, **features}],
+    registry.register(warm, "acme", now + timedelta(minutes=5), [{"ad_id": held, **features}],
                       end_at=now + timedelta(hours=2))  # fmt: skip
+    registry.register(far, "acme", now + timedelta(days=30), [{"ad_id": later, **features}])  # not warmed yet
+    assert registry.record_written(warm, 1)  # what its warming records before it writes
     value = codec_for("ctr").encode(0.04)
-    for ad in (held, plain):  # warmed to the campaign's end plus its grace: 3 h of 7 days, due for a ctr task
+    for ad in (held, later, plain):  # 3 h of 7 days left: due for a ctr task
         redis_client.set(schema.live("ctr", ad), value, px=3 * 3_600_000)
+    name = unique("board")
+    register_task_type(name, lambda entity, ctx: 1.0, ttl_s=900, priority=5)
+    redis_client.set(schema.live(name, "t1"), b"1.0", px=60_000)  # another kind's key, due too
     reader = PredictionCache(connect(redis_url, socket_timeout=5), schema=schema, pointer_ttl_s=0,
                              logger=QueryLogger(log_client(redis_url), schema))  # fmt: skip
-    assert reader.get_many("ctr", [held, plain]) == [pytest.approx(0.04)] * 2
+    assert reader.get_many("ctr", [held, later, plain]) == [pytest.approx(0.04)] * 3
+    assert reader.get(name, "t1") == 1.0
     reader.close()
-    resources = {"redis": RedisResource(url=redis_url, namespace=schema.namespace),
-                 "campaign_registry": CampaignRegistryResource(url=app_db)}  # fmt: skip
+    redis_resource = RedisResource(url=redis_url, namespace=schema.namespace)
     sensor = build_live_refresh_sensor()
 
-    def refreshed() -> tuple[list[str], str]:
+    def refreshed(registry_url: str = app_db) -> tuple[list[str], str]:
+        resources = {"redis": redis_resource, "campaign_registry": CampaignRegistryResource(url=registry_url)}
         result = sensor(dg.build_sensor_context(instance=pg_instance, resources=resources))
         entities = [
             e for r in result.run_requests for e in r.run_config["ops"]["run_precompute_task"]["config"]["entities"]
         ]
-        return entities, "" if result.run_requests else result.skip_reason.skip_message
+        return sorted(entities), "" if result.run_requests else result.skip_reason.skip_message
 
-    entities, _ = refreshed()
-    assert entities == [plain]  # the campaign's key is its own
-    registry.cancel(campaign_id)
+    assert refreshed()[0] == sorted([later, plain, "t1"])  # the warm campaign's key is its own
+    capsys.readouterr()
+    assert refreshed("postgresql://127.0.0.1:1/never")[0] == ["t1"]  # the ctr keys wait; the others do not
+    warned = capsys.readouterr().err
+    assert "PRECOMPUTE_APP_DB_URL (postgresql://127.0.0.1:1/never) does not answer" in warned, warned
+    assert "the 3 due ctr keys wait for the next tick" in warned and "Redis" not in warned, warned
+    registry.cancel(warm)
     redis_client.delete(schema.live("ctr", held))  # what the cancelled campaign's cleanup does
-    assert refreshed()[0] == sorted([held, plain])  # an ad no campaign holds: a hot key gone, refreshed as any other
+    assert refreshed()[0] == sorted([held, later, plain, "t1"])  # no campaign holds it: refreshed as any other
 
 
 def test_both_task_sensors_skip_with_a_warning_when_redis_does_not_answer(tmp_path, capsys):
