@@ -361,7 +361,7 @@ def demand_model(
         )
     evaluation = result.evaluation
     check = beats_baselines_check(evaluation, config.margin)
-    version = f"{context.partition_key}.{context.run.run_id[:8]}"
+    version = f"{context.partition_key}.{context.run_id[:8]}"
     scores = {
         **{f"hit_rate_{name}": evaluation.hit_rate[name] for name in METHODS},
         **{f"mase_{name}": evaluation.mase[name] for name in METHODS},

@@ -230,7 +230,7 @@ def ctr_model(
             ],
         )
     seconds = time.perf_counter() - started
-    version = f"{context.partition_key}.{context.run.run_id[:8]}"
+    version = f"{context.partition_key}.{context.run_id[:8]}"
     # Before the save: a full model store otherwise failed every night's save before anything made room.
     check_key = dg.AssetCheckKey(dg.AssetKey(CTR_MODEL), "beats_baseline")
     pruned = prune_model_versions(context, model_store.store(), CTR_MODEL, check_key, config.retention_days, version)

@@ -594,7 +594,7 @@ def restore_served_version(
     written = result.mended if result.already_current else result.keys
     context.log.info(f"restored ctr version {version}: {written} keys written again")
     if mark is not None:  # cache_health tells evictions since from a restart
-        context.instance.add_run_tags(context.run.run_id, {SERVER_MARK_TAG: mark})
+        context.instance.add_run_tags(context.run_id, {SERVER_MARK_TAG: mark})
     context.log_event(
         dg.AssetObservation(
             asset_key=dg.AssetKey(PUBLISHED_KINDS["ctr"][0]),

@@ -264,7 +264,7 @@ def next_action_model(
             metadata={"error": str(error), "events": len(events), "missing_hours": missing}, check_results=[check]
         )
     seconds = time.perf_counter() - started
-    version = f"{context.partition_key}.{context.run.run_id[:8]}"
+    version = f"{context.partition_key}.{context.run_id[:8]}"
     check, passed = baselines_check(metrics, baselines, None)
     pruned = prune_model_versions(  # before the save, which a full model store fails
         context, model_store.store(), NEXT_ACTION_MODEL, BEATS_BASELINES, config.retention_days, version
