@@ -961,7 +961,7 @@ class RefreshPlan:
     hot: int = 0
     due: int = 0
     cooling: int = 0  # due, but requested less than cooldown_s ago (its run is still queued, or it failed)
-    campaign_held: int = 0  # due ctr keys that campaigns hold: left to them
+    campaign_held: int = 0  # due ctr keys left to campaigns: held by one, or the registry did not answer
     requested: dict[str, dict[str, int]] = field(default_factory=dict)  # task -> entity -> requested at (ms)
 
 
@@ -1034,8 +1034,8 @@ def held_by_campaigns(campaign_registry: CampaignRegistryResource, ads: list[str
             if isinstance(error, dg.Failure)
             else f"the campaign registry ({ENV_APP_DB}) failed: " + " ".join(str(error).split())
         )
-        log.warning(f"{why}; the {len(ads)} due ctr keys wait for the next tick, as a refresh could overwrite a "
-                    "campaign's values")  # fmt: skip
+        keys = f"{len(ads)} due ctr key" + ("s wait" if len(ads) != 1 else " waits")
+        log.warning(f"{why}; the {keys} for the next tick, as a refresh could overwrite a campaign's values")
         return set(ads)
 
 
@@ -1090,7 +1090,7 @@ def build_live_refresh_sensor(
         cursor = json.dumps({"requested": found.requested}, separators=(",", ":"), sort_keys=True)
         summary = (
             f"{found.queries_read} logged queries, {found.hot} hot keys, {found.due} due "
-            f"({found.cooling} already requested, {found.campaign_held} held by campaigns), "
+            f"({found.cooling} already requested, {found.campaign_held} held for campaigns), "
             f"{len(found.plan.wanted)} refreshed in {len(requests)} runs, "
             f"{time.perf_counter() - started:.2f} s"
         )

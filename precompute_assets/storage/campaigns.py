@@ -104,8 +104,6 @@ CREATE TABLE IF NOT EXISTS campaign_written_ads (
     features JSONB NOT NULL,  -- those the campaign gave it last: another campaign's value is this one's if they match
     PRIMARY KEY (campaign_id, ad_id)
 );
--- held_ads(): the campaigns whose warmings wrote given ads
-CREATE INDEX IF NOT EXISTS campaign_written_ads_ad_id ON campaign_written_ads (ad_id);
 """
 _RECORD_WRITTEN = (
     "INSERT INTO campaign_written_ads (campaign_id, ad_id, features) SELECT a.campaign_id, a.ad_id, a.features"
@@ -114,7 +112,7 @@ _RECORD_WRITTEN = (
 _DROPPED_BEFORE = "campaign_dropped_ads"  # what campaign_written_ads replaced: its rows are moved there
 _OBJECTS = (
     "campaign_change_seq", "campaigns", "campaign_ads", "ad_tenants", "campaigns_cold_launch_at",
-    "campaigns_warm_until", "campaign_ads_ad_id", "campaign_written_ads", "campaign_written_ads_ad_id",
+    "campaigns_warm_until", "campaign_ads_ad_id", "campaign_written_ads",
 )  # fmt: skip
 _COLUMNS = (
     "campaign_id, tenant_id, launch_at, end_at, budget, status, revision, warm_revision, change_seq, updated_at, n_ads,"
@@ -921,20 +919,23 @@ class CampaignRegistry:
             return {ad: SharedAd(until, bool(unknown), bool(same)) for ad, until, unknown, same in cur.fetchall()}
 
     def held_ads(self, ad_ids: Collection[str], now: datetime) -> set[str]:
-        """Of ``ad_ids``, those whose CTR keys an active campaign's warming wrote (``record_written``, before it
-        writes), with values that have not expired by ``now`` (``warm_until``; none recorded: a warming under way, or
-        values to the campaign's end).
-        They hold the campaign's values, scored from its own features and expiring with it, which nothing else may
-        overwrite. A campaign not warmed yet holds nothing: its ads' keys are anyone's until its warming. One indexed
-        query."""
+        """Of ``ad_ids``, those whose CTR keys hold an active campaign's warm values at ``now``: its current revision is
+        warm (``mark_warm``), its warming wrote the ad (``record_written``), and the values have not expired
+        (``warm_until``; none recorded: at the campaign's end). Nothing else may overwrite them: they are scored from
+        the campaign's own features and expire with it. A campaign not warmed, or re-registered since its warming
+        (whose old values' expiry the registration no longer knows), holds nothing until its next warming, which
+        writes its keys over whatever is there. One query on the indexes of ``campaign_ads`` and the written ads' key,
+        with no change of schema."""
         if not ad_ids:
             return set()
         with transaction(self.url) as conn, conn.cursor() as cur:
             cur.execute("SET LOCAL statement_timeout = '5s'")  # a sensor's tick waits on it: a lock fails it soon
             cur.execute(
-                "SELECT DISTINCT w.ad_id FROM campaign_written_ads w JOIN campaigns c USING (campaign_id)"
-                " WHERE w.ad_id = ANY(%(ads)s) AND c.status = 'active' AND (c.warm_until > %(now)s"
-                " OR (c.warm_until IS NULL AND (c.end_at IS NULL OR c.end_at > %(now)s)))",
+                "SELECT DISTINCT a.ad_id FROM campaign_ads a JOIN campaigns c USING (campaign_id)"
+                " WHERE a.ad_id = ANY(%(ads)s) AND c.status = 'active' AND c.warm_revision = c.revision"
+                " AND (c.warm_until > %(now)s OR (c.warm_until IS NULL AND (c.end_at IS NULL OR c.end_at > %(now)s)))"
+                " AND EXISTS (SELECT FROM campaign_written_ads w WHERE w.campaign_id = a.campaign_id"
+                " AND w.ad_id = a.ad_id)",
                 {"ads": sorted(ad_ids), "now": _aware_now(now)},
             )
             return {ad for (ad,) in cur.fetchall()}

@@ -955,7 +955,7 @@ def test_live_refresh_requests_hot_keys_near_expiry_and_never_the_cold_tail(
     # The next tick does not request it again while its run is queued (the cursor remembers it)...
     again = evaluate(result.cursor)
     assert (
-        not again.run_requests and "1 due (1 already requested, 0 held by campaigns)" in again.skip_reason.skip_message
+        not again.run_requests and "1 due (1 already requested, 0 held for campaigns)" in again.skip_reason.skip_message
     )
     # ...and once the run wrote it with the full TTL it is no longer due.
     run = precompute_tasks_job.execute_in_process(
@@ -1018,7 +1018,8 @@ def test_the_live_refresh_leaves_the_ctr_keys_campaigns_hold(
     registry.register(warm, "acme", now + timedelta(minutes=5), [{"ad_id": held, **features}],
                       end_at=now + timedelta(hours=2))  # fmt: skip
     registry.register(far, "acme", now + timedelta(days=30), [{"ad_id": later, **features}])  # not warmed yet
-    assert registry.record_written(warm, 1)  # what its warming records before it writes
+    assert registry.record_written(warm, 1)  # what its warming records before it writes...
+    assert registry.mark_warm(warm, 1, warm_until=now + timedelta(hours=3))  # ...and once it wrote
     value = codec_for("ctr").encode(0.04)
     for ad in (held, later, plain):  # 3 h of 7 days left: due for a ctr task
         redis_client.set(schema.live("ctr", ad), value, px=3 * 3_600_000)
@@ -1047,6 +1048,13 @@ def test_the_live_refresh_leaves_the_ctr_keys_campaigns_hold(
     warned = capsys.readouterr().err
     assert "PRECOMPUTE_APP_DB_URL (postgresql://127.0.0.1:1/never) does not answer" in warned, warned
     assert "the 3 due ctr keys wait for the next tick" in warned and "Redis" not in warned, warned
+    # Re-registered after its warming, a campaign no longer knows when its old values expire: its next warming writes
+    # its keys again, and until then they are anyone's (it held them to its end, or for good when open-ended).
+    registry.register(warm, "acme", now + timedelta(days=30), [{"ad_id": held, **features}],
+                      end_at=now + timedelta(days=31))  # fmt: skip
+    assert refreshed()[0] == sorted([held, later, plain, "t1"])
+    assert registry.record_written(warm, 2) and registry.mark_warm(warm, 2, warm_until=now + timedelta(days=31))
+    assert refreshed()[0] == sorted([later, plain, "t1"])
     registry.cancel(warm)
     redis_client.delete(schema.live("ctr", held))  # what the cancelled campaign's cleanup does
     assert refreshed()[0] == sorted([held, later, plain, "t1"])  # no campaign holds it: refreshed as any other
