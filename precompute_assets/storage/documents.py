@@ -589,10 +589,11 @@ def check_document_file(path: str | Path) -> str:
                                 "nothing was loaded: convert it to UTF-8")  # fmt: skip
     if kind != "parquet" and (reason := not_text_reason(path, start)) is not None:
         raise DocumentFileError(f"{path}: {reason}; nothing was loaded")
-    if kind == "jsonl" and start.removeprefix(codecs.BOM_UTF8).lstrip().split(b"\n", 1)[0].strip() == b"{":
+    head = start.removeprefix(codecs.BOM_UTF8).lstrip()  # the first bytes from the first that is not blank
+    if kind == "jsonl" and head.split(b"\n", 1)[0].strip() == b"{":
         raise DocumentFileError(f"{path}: the first line is a lone '{{': pretty-printed JSON, not JSON Lines "
                                 "(one object per line); nothing was loaded (jq -c . writes it so)")  # fmt: skip
-    if kind == "jsonl" and start.removeprefix(codecs.BOM_UTF8).lstrip().startswith(b"["):
+    if kind == "jsonl" and head.startswith(b"["):
         raise DocumentFileError(f"{path}: the file is one JSON array, not JSON Lines (one object per line); "
                                 "nothing was loaded (jq -c '.[]' writes its objects one per line)")  # fmt: skip
     if kind == "parquet":

@@ -522,10 +522,14 @@ def _drop_live_values(client: redis.Redis, schema: KeySchema, documents: Documen
     may not ``SCAN``); returns how many existed."""
     dropped = 0
     for ids in documents.iter_ids():
-        unservable = _unservable(ids)
-        keys = [(EMBEDDING_KIND, doc_id) for doc_id in ids if doc_id not in unservable]
-        dropped += delete_live_values(client, keys, schema=schema)
+        dropped += delete_live_values(client, [(EMBEDDING_KIND, doc_id) for doc_id in _servable(ids)], schema=schema)
     return dropped
+
+
+def _servable(doc_ids: list[str]) -> list[str]:
+    """``doc_ids`` without those that cannot be keys of the serving cache (``_unservable``), in their order."""
+    unservable = _unservable(doc_ids)
+    return [doc_id for doc_id in doc_ids if doc_id not in unservable]
 
 
 def _unservable(doc_ids: list[str]) -> set[str]:
@@ -595,24 +599,23 @@ class _ChunkWriter:
             final.update((doc_id, value) for doc_id, _, value in chunk.embedded)
             final.update((doc_id, None) for doc_id in chunk.deleted)
             final.update((doc_id, None) for doc_id, _, _ in chunk.failures)
-        removed = [doc_id for doc_id, value in final.items() if value is None]
-        unservable = _unservable(removed)  # never written: nothing to remove
+        removed = _servable([doc_id for doc_id, value in final.items() if value is None])  # others: never written
         patch_version(
             self.client,
             EMBEDDING_KIND,
             self.target,
             upserts=[(doc_id, value) for doc_id, value in final.items() if value is not None],
-            deletes=[doc_id for doc_id in removed if doc_id not in unservable],
+            deletes=removed,
             schema=self.schema,
             ttl_s=self.ttl_s,  # a build killed and never resumed (a new embedder came) still expires
         )
         gone = {doc_id for chunk in self._held for doc_id in chunk.deleted}
-        if self.served is not None and (deleted := [d for d in removed if d in gone and d not in unservable]):
+        if self.served is not None and (deleted := [doc_id for doc_id in removed if doc_id in gone]):
             patch_version(self.client, EMBEDDING_KIND, self.served, deletes=deleted, schema=self.schema)
         # A reader's get_or_compute may hold a live value of a removed document, which its lookups fall back to once
         # the version has none: served until its TTL, a deleted document's vector, a failed one's from its old text.
-        if stale := [doc_id for doc_id in removed if doc_id not in unservable]:
-            delete_live_values(self.client, [(EMBEDDING_KIND, doc_id) for doc_id in stale], schema=self.schema)
+        if removed:
+            delete_live_values(self.client, [(EMBEDDING_KIND, doc_id) for doc_id in removed], schema=self.schema)
         # The commits below say these documents are in Redis: first their replicas must hold them too, or a failover
         # could lose writes the watermark has passed (ReplicationTimeoutError: nothing commits, the next sync redoes).
         confirm_replicas(self.client, self.replica_wait_s)

@@ -1365,8 +1365,8 @@ def _load_lock_file(stack: Stack, lake: Lake, asset: str) -> Path:
 
 @contextlib.contextmanager
 def _rows_read(what: str) -> Iterator[Callable[[int], None]]:
-    """A counter of the rows a load has read, on stderr (none when stderr is not a terminal), as a callback of the
-    rows read so far: reading and checking 20M impressions takes minutes before the days are written."""
+    """A counter of the rows a load has read, on stderr (``tools.progress``), as a callback of the rows read so far:
+    reading and checking 20M impressions takes minutes before the days are written."""
     with progress(desc=what, unit="rows") as bar:
         yield lambda rows: bar.update(rows - bar.n)
 
