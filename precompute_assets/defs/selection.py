@@ -12,7 +12,7 @@ import pyarrow.compute as pc
 from pydantic import Field
 
 from ..ml.demand import DemandHyperParams
-from ..ml.experiment import split_ranking, split_selection
+from ..ml.experiment import arm_strategy, split_ranking, split_selection
 from ..ml.replay import ShareChoice, shards_keep, shards_rate, tune_share
 from ..ml.selection import DEMAND_WINDOW_DAYS, coverage, select_top
 from ..ml.selection import ad_demand as weighted_demand
@@ -401,7 +401,7 @@ def top_ads(
 
     running = experiment.experiment()
     demand, strategy, reason = ranked_by(config.strategy)
-    arms = {arm: ranked_by(arm) for arm in running.arms} if running is not None else {}
+    arms = {arm: ranked_by(arm_strategy(arm)) for arm in running.arms} if running is not None else {}
     share_metadata: dict = {"precompute_share": config.precompute_share}
     top_n = config.top_n
     if config.precompute_share == "auto":
@@ -458,7 +458,9 @@ def top_ads(
             f"ranked by {replayed_ranking}{capped})"
         )
     # the arms rank an experiment's selection, whatever the configured strategy
-    verdict_metadata = verdict_top_n(context, running.arms if running else (config.strategy,), top_n, evaluation)
+    verdict_metadata = verdict_top_n(
+        context, [arm_strategy(arm) for arm in running.arms] if running else (config.strategy,), top_n, evaluation
+    )
     arm_metadata: dict = {}
     if running is None:
         selected = select_top(demand, top_n)

@@ -27,7 +27,17 @@ from .selection import select_top
 if TYPE_CHECKING:  # ml.strategies imports torch: only the replay needs it, so it is imported there
     from .demand import DemandHyperParams
 
-__all__ = ["SRM_ALPHA", "ab_replay", "arm_budgets", "arm_of", "arm_report", "arms_of", "parse_arms", "split_selection"]
+__all__ = [
+    "SRM_ALPHA",
+    "ab_replay",
+    "arm_budgets",
+    "arm_of",
+    "arm_report",
+    "arm_strategy",
+    "arms_of",
+    "parse_arms",
+    "split_selection",
+]
 
 SRM_ALPHA = 0.001  # a sample-ratio mismatch is flagged below this p-value (the usual, conservative threshold)
 # Below this many effective keys an arm's rate rests on a few keys, and a percentile bootstrap over keys (an arm's own
@@ -39,17 +49,48 @@ _TIE = 1e-12  # a re-randomized difference this close to the observed one is as 
 _BOOT_CELLS = 4_000_000  # weights drawn at once (bootstrap draws x distinct pairs), to bound memory
 
 
+AA_SUFFIXES = ("_a", "_b")  # the arm names of an A/A test of one strategy S: S_a and S_b
+
+
 def parse_arms(arms: str | Sequence[str]) -> tuple[str, str]:
-    """Two distinct known strategy names, from ``"frequency,lstm"`` or a sequence; ``ValueError`` otherwise."""
+    """Two distinct arm names from ``"frequency,lstm"`` or a sequence; ``ValueError`` otherwise. An arm is named by its
+    strategy; an A/A test (``"frequency,frequency"``, to check the experiment itself: its difference should be
+    significant at ``alpha`` in about that share of tests) names its arms ``frequency_a`` and ``frequency_b``, which
+    are also taken as given (``arm_strategy``)."""
     from .strategies import STRATEGIES
 
     names = [a.strip() for a in arms.split(",")] if isinstance(arms, str) else [str(a).strip() for a in arms]
-    if len(names) != 2 or names[0] == names[1] or not all(names):
-        raise ValueError(f"an experiment needs exactly two distinct strategies such as 'frequency,lstm', got {arms!r}")
-    unknown = [name for name in names if name not in STRATEGIES]
+    if len(names) != 2 or not all(names):
+        raise ValueError(f"an experiment needs exactly two strategies such as 'frequency,lstm', got {arms!r}")
+    unknown = [name for name in names if _strategy_of(name) is None]
     if unknown:
-        raise ValueError(f"unknown strategy {unknown[0]!r} in experiment arms: use two of {', '.join(STRATEGIES)}")
-    return names[0], names[1]
+        raise ValueError(
+            f"unknown strategy {unknown[0]!r} in experiment arms: use two of {', '.join(STRATEGIES)} (the same one "
+            "twice for an A/A test)"
+        )
+    if names[0] != names[1]:
+        return names[0], names[1]
+    if names[0] not in STRATEGIES:
+        raise ValueError(f"an experiment needs two distinct arms, got {arms!r}")
+    return names[0] + AA_SUFFIXES[0], names[1] + AA_SUFFIXES[1]
+
+
+def _strategy_of(arm: str) -> str | None:
+    from .strategies import STRATEGIES
+
+    if arm in STRATEGIES:
+        return arm
+    base, suffix = arm[:-2], arm[-2:]
+    return base if suffix in AA_SUFFIXES and base in STRATEGIES else None
+
+
+def arm_strategy(arm: str) -> str:
+    """The selection strategy of an arm that ``parse_arms`` named: ``lstm`` for ``lstm`` and for an A/A test's
+    ``lstm_a`` and ``lstm_b``; ``ValueError`` for a name of no strategy."""
+    strategy = _strategy_of(arm)
+    if strategy is None:
+        raise ValueError(f"experiment arm {arm!r} names no selection strategy")
+    return strategy
 
 
 def arms_of(salt: str, keys: Sequence[Hashable] | np.ndarray | pd.Index, arms: Sequence[str]) -> np.ndarray:
@@ -335,11 +376,12 @@ def ab_replay(
     # Every key's history ranks, as in top_ads: a learned strategy trained on one arm's keys alone would see half
     # the traffic its production model learns from (the baselines rank each key by its own counts either way).
     arm_of_key = dict(zip(unique.tolist(), unique_arm.tolist(), strict=True))
-    ranked = rankings_of(hours, list(names), len(unique), hp=day_hp, margin=MARGIN if margin is None else margin,
-                         approved_only=True)  # fmt: skip
+    strategies = {name: arm_strategy(name) for name in names}  # an A/A test's arms rank by one strategy
+    ranked = rankings_of(hours, list(dict.fromkeys(strategies.values())), len(unique), hp=day_hp,
+                         margin=MARGIN if margin is None else margin, approved_only=True)  # fmt: skip
     arm_sets, infos = {}, {}
     for name in names:
-        rankings, infos[name] = ranked[name]
+        rankings, infos[name] = ranked[strategies[name]]
         arm_sets[name] = [
             set(itertools.islice((key for key in ranking if arm_of_key[key] == name), budgets[name]))
             for ranking in rankings
@@ -357,16 +399,19 @@ def ab_replay(
     frame = pd.DataFrame({"key": hours.keys[start:], "hit": hit, "arm": key_arm[start:]})
     report = arm_report(frame, arms=names, n_boot=n_boot, seed=seed, alpha=alpha)
     notes = report.pop("notes")
-    for name in names:
-        if name == "lstm":
-            notes.append(
-                f"lstm arm: trained on {infos[name]['trained_days']} days (approved on {infos[name]['approved_days']});"
-                f" {infos[name]['fallback_days']} days without an approved model (too few days to train, or none"
-                " approved yet) ranked as top_ads does then: by frequency before day 3, else by the day's best"
-                " baseline on its held-back day"
-            )
-    learned = [name for name in names if name in LEARNED]
-    if learned and (note := safety_stop_days_note(infos[learned[0]], day_hp, learned)):
+    lstm_arms = [name for name in names if strategies[name] == "lstm"]  # both in an A/A test: one model
+    if lstm_arms:
+        info = infos[lstm_arms[0]]
+        notes.append(
+            f"{' and '.join(lstm_arms)} arm{'s' if len(lstm_arms) > 1 else ''}: trained on {info['trained_days']} "
+            f"days (approved on {info['approved_days']}); {info['fallback_days']} days without an approved model (too"
+            " few days to train, or none approved yet) ranked as top_ads does then: by frequency before day 3, else by"
+            " the day's best baseline on its held-back day"
+        )
+    learned = [name for name in names if strategies[name] in LEARNED]
+    if learned and (
+        note := safety_stop_days_note(infos[learned[0]], day_hp, list(dict.fromkeys(strategies[n] for n in learned)))
+    ):
         notes.append(note)
     return {
         "ab": {

@@ -651,6 +651,21 @@ def test_an_experiment_splits_the_selection_and_is_published_with_the_version(
     assert {Experiment.decode(text) for text in predictions["experiment"]} == {published}
 
 
+def test_an_aa_experiment_splits_one_strategys_selection_between_its_arms(resources, pg_instance, platform, lake_uri):
+    """frequency,frequency: arms frequency_a and frequency_b, each the frequency top of its own keys."""
+    experiment = ExperimentResource(arms="frequency,frequency", salt="t1")
+    result = run({**resources, "experiment": experiment}, pg_instance, top_n=50)
+    assert result.success
+    top = Lake(lake_uri).read("top_ads", DAYS[-1])
+    assert top["arm"].value_counts().to_dict() == {"frequency_a": 25, "frequency_b": 25}
+    demand = Lake(lake_uri).read("ad_demand", DAYS[-1]).set_index("ad_id")["demand"]
+    for arm, chosen in top.groupby("arm")["ad_id"]:
+        mine = demand[[arm_of("t1", ad, ("frequency_a", "frequency_b")) == arm for ad in demand.index]]
+        assert set(chosen) == set(mine.sort_values(ascending=False, kind="stable").index[:25])
+    meta = result.asset_materializations_for_node("top_ads")[0].metadata
+    assert meta["strategy"].value == "frequency_a:frequency,frequency_b:frequency"
+
+
 def test_an_experiments_self_tuned_share_is_tuned_on_its_arms_split(resources, pg_instance, platform, lake_uri):
     """The share of a split selection was tuned with the configured strategy's ranking, which neither arm used
     (h_demand): it replays the arms' split, each arm's ranking on its own keys."""

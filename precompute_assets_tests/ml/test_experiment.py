@@ -17,6 +17,7 @@ from precompute_assets.ml.experiment import (
     arm_budgets,
     arm_of,
     arm_report,
+    arm_strategy,
     arms_of,
     parse_arms,
     split_selection,
@@ -74,11 +75,13 @@ def test_the_serving_client_logs_the_arm_ml_computes():
 @pytest.mark.parametrize(
     ("arms", "message"),
     [
-        ("frequency", "exactly two distinct"),
-        ("frequency,frequency", "exactly two distinct"),
-        ("frequency,lstm,ewma", "exactly two distinct"),
-        ("frequency,", "exactly two distinct"),
+        ("frequency", "exactly two"),
+        ("frequency,lstm,ewma", "exactly two"),
+        ("frequency,", "exactly two"),
         ("frequency,magic", "unknown strategy 'magic'"),
+        ("frequency_c,lstm", "unknown strategy 'frequency_c'"),
+        ("_a,lstm", "unknown strategy '_a'"),
+        ("frequency_a,frequency_a", "two distinct arms"),
     ],
 )
 def test_parse_arms_rejects_bad_experiments(arms, message):
@@ -89,6 +92,15 @@ def test_parse_arms_rejects_bad_experiments(arms, message):
 def test_parse_arms_accepts_spaces_and_sequences():
     assert parse_arms(" ewma , seasonal ") == ("ewma", "seasonal")
     assert parse_arms(["lstm", "frequency"]) == ("lstm", "frequency")
+
+
+def test_an_aa_test_names_its_arms_apart_and_both_select_by_the_one_strategy():
+    """An A/A test checks the experiment itself (a platform's first experiment): one strategy in both arms."""
+    assert parse_arms("frequency, frequency") == ("frequency_a", "frequency_b")
+    assert parse_arms("lstm_a,lstm_b") == ("lstm_a", "lstm_b")  # as it names them: a config can say so too
+    assert [arm_strategy(arm) for arm in ("lstm_a", "lstm_b", "lstm", "auto_b")] == ["lstm", "lstm", "lstm", "auto"]
+    with pytest.raises(ValueError, match="'oracle_a' names no selection strategy"):
+        arm_strategy("oracle_a")
 
 
 def test_split_selection_gives_each_arm_half_the_budget_from_its_own_keys_by_its_own_scores():
@@ -359,6 +371,26 @@ def test_the_arms_split_is_independent_of_the_shards_sample(keys, salt):
     assert math.erfc(math.sqrt(chi2 / 2)) > SRM_ALPHA, table
 
 
+def test_an_aa_replay_splits_one_ranking_between_its_arms_and_finds_no_difference():
+    trace = weekly_trace(days=9, seed=3)
+    kwargs = {"top_n": 41, "capacity": 50, "salt": "x", "warmup_days": 2}
+    ab = ab_replay(trace, 9, arms=parse_arms("seasonal,seasonal"), **kwargs)["ab"]
+    assert ab["arms"] == ["seasonal_a", "seasonal_b"] and ab["top_n"] == {"seasonal_a": 21, "seasonal_b": 20}
+    # Each arm's budget from one ranking on its own keys: together the seasonal top 41 of each day, as when all of
+    # it is precomputed by seasonal (replay's precomputed sets, here without an experiment).
+    hours = trace_hours(trace, 9)
+    arm = arms_of("x", hours.keys, ab["arms"])
+    sets = []
+    for name, budget in (("seasonal_a", 21), ("seasonal_b", 20)):
+        mask = arm == name
+        sub = type(hours)(hours.keys[mask], hours.day[mask], hours.hour[mask], 9)
+        sets.append(strategy_sets(sub, "seasonal", budget)[0])
+    union = [a | b for a, b in zip(*sets, strict=True)]
+    expected = replay(hours.day_keys(), top_n=41, capacity=50, warmup_days=2, precomputed=union[2:])
+    assert ab["hit_rate_ours"] == pytest.approx(expected["hit_rate_ours"])
+    assert not ab["difference"]["excludes_zero"] and not ab["srm"]["mismatch"]
+
+
 def test_ab_replay_is_replays_ours_with_the_union_of_the_arms_sets():
     trace = weekly_trace(days=9, seed=1)
     out = ab_replay(trace, 9, arms=("seasonal", "ewma"), top_n=41, capacity=50, salt="x", warmup_days=2)["ab"]
@@ -435,7 +467,7 @@ def test_ab_replay_shares_the_step_budget_among_the_days_and_reports_the_safety_
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"arms": ("frequency", "frequency")}, "exactly two distinct"),
+        ({"arms": ("frequency_a", "frequency_a")}, "two distinct arms"),
         ({"arms": ("frequency", "oracle")}, "unknown strategy"),
         ({"top_n": 70}, "top_n <= capacity"),
         ({"top_n": "auto"}, "fixed top_n"),

@@ -438,7 +438,15 @@ def test_replay_cli_runs_an_ab_experiment_and_refuses_bad_arms(tmp_path, capsys)
     assert ab["top_n"] == {"frequency": 30, "seasonal": 30}
     # Seasonal ranks each weekday's keys on time, frequency a week late; with no LRU to hide it the gap is clear.
     assert ab["difference"]["excludes_zero"] and ab["difference"]["value"] > 0
-    for bad, message in [("frequency", "--ab 'frequency'"), ("frequency,oracle", "--ab 'frequency,oracle'")]:
+    assert main([*args, "--ab", "seasonal,seasonal"]) == 0  # an A/A test
+    aa = json.loads(capsys.readouterr().out)["ab"]
+    assert aa["arms"] == ["seasonal_a", "seasonal_b"] and not aa["difference"]["excludes_zero"]
+    bad_arms = [
+        ("frequency", "--ab 'frequency'"),
+        ("frequency,oracle", "--ab 'frequency,oracle'"),
+        ("lstm_b,lstm_b", "two distinct arms"),
+    ]
+    for bad, message in bad_arms:
         assert main([*args, "--ab", bad]) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1
