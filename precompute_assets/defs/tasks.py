@@ -882,13 +882,14 @@ def build_user_event_sensor(
         default_status=dg.DefaultSensorStatus.RUNNING,
         description="Turn new user events (and confident next-action predictions) into precompute task runs: one "
         "run per task type and priority per batch, tagged dagster/priority (campaign creation 9, upload 8, login 7, "
-        "refresh 3, background 1).",
+        "refresh 3, background 1). A ctr task of an ad whose campaign warmed it is left to the campaign.",
     )
     def user_event_sensor(
         context: dg.SensorEvaluationContext,
         redis: RedisResource,
         model_store: ModelStoreResource,
         deployment: DeploymentResource,
+        campaign_registry: CampaignRegistryResource,
     ):
         started = time.perf_counter()
         after = stream_id(context.cursor) if context.cursor else None
@@ -928,12 +929,16 @@ def build_user_event_sensor(
         timezone = model.timezone if model is not None else deployment.partitions().timezone
         plan = plan_events(tasks, entries, model=model, confidence=confidence, prior=stored, timezone=timezone,
                            now_ms=now_ms)  # fmt: skip
+        held = drop_campaign_held(
+            tasks, plan, lambda ads: held_by_campaigns(campaign_registry, ads, context.log, unanswered="ask")
+        )
         last = entries[-1][0].decode()
         stored.store(plan.states, after, last)  # not stored (warned): the next tick's span starts anew
         requests = run_requests(tasks, plan, f"{after}..{last}")
         context.log.info(
             f"{plan.events} events ({plan.malformed} malformed, {plan.no_entity} without an entity), "
             f"{plan.predicted} predicted needs, {plan.stale} tasks past their TTL not asked, "
+            f"{held} ctr tasks left to the campaigns that hold their ads, "
             f"{len(plan.wanted)} tasks in {len(requests)} runs, "
             f"{time.perf_counter() - started:.2f} s"
         )
@@ -1022,10 +1027,13 @@ def plan_refresh(
     return out
 
 
-def held_by_campaigns(campaign_registry: CampaignRegistryResource, ads: list[str], log: logging.Logger) -> set[str]:
-    """``CampaignRegistry.held_ads`` of ``ads`` now; all of them, with a warning, when the registry does not answer: a
-    refresh could overwrite a campaign's values, so the ``ctr`` keys wait for a tick that can tell (the other kinds'
-    keys do not wait)."""
+def held_by_campaigns(
+    campaign_registry: CampaignRegistryResource, ads: list[str], log: logging.Logger, *, unanswered: str = "wait"
+) -> set[str]:
+    """``CampaignRegistry.held_ads`` of ``ads`` now. When the registry does not answer, a warning, and: all of them
+    (``unanswered="wait"``: a refresh could overwrite a campaign's values, so its ``ctr`` keys wait for a tick that can
+    tell; the other kinds' keys do not wait), or none (``"ask"``: an event's task, which no later tick asks again, is
+    requested, though it may overwrite a campaign's value)."""
     try:
         return campaign_registry.registry().held_ads(ads, datetime.now(UTC))
     except (dg.Failure, psycopg2.Error) as error:
@@ -1034,9 +1042,27 @@ def held_by_campaigns(campaign_registry: CampaignRegistryResource, ads: list[str
             if isinstance(error, dg.Failure)
             else f"the campaign registry ({ENV_APP_DB}) failed: " + " ".join(str(error).split())
         )
-        keys = f"{len(ads)} due ctr key" + ("s wait" if len(ads) != 1 else " waits")
+        many = len(ads) != 1
+        if unanswered == "ask":
+            log.warning(
+                f"{why}; {len(ads)} ctr task{'s' if many else ''} requested without knowing whether a campaign holds "
+                f"{'them' if many else 'it'}: a campaign's warm value may be overwritten"
+            )
+            return set()
+        keys = f"{len(ads)} due ctr key" + ("s wait" if many else " waits")
         log.warning(f"{why}; the {keys} for the next tick, as a refresh could overwrite a campaign's values")
         return set(ads)
+
+
+def drop_campaign_held(registry: TaskRegistry, plan: TickPlan, held: Callable[[list[str]], set[str]]) -> int:
+    """Leaves out of ``plan`` the tasks that would write ``ctr`` keys campaigns hold (``held``: of some ads, those
+    held); how many. The registry is read only when the plan has such a task."""
+    ctr = [entity for task, entity in plan.wanted if registry.types[task].cache_kind == CTR_KIND]
+    campaigns = held(sorted(set(ctr))) if ctr else set()
+    for task, entity in [pair for pair in plan.wanted if pair[1] in campaigns]:
+        if registry.types[task].cache_kind == CTR_KIND:
+            del plan.wanted[(task, entity)]
+    return len(campaigns)
 
 
 def build_live_refresh_sensor(

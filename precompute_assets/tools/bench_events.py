@@ -183,12 +183,26 @@ def _recomputes(redis_url: str, namespace: str, *, plain: bool, threads: int, ra
 
 
 def _login_pipeline(
-    redis_url: str, dagster_pg_url: str, namespace: str, *, sensor_events: int, seed: int, daemon_logins: int = 0
+    redis_url: str,
+    dagster_pg_url: str,
+    app_db_url: str,
+    namespace: str,
+    *,
+    sensor_events: int,
+    seed: int,
+    daemon_logins: int = 0,
 ) -> dict:
     import dagster as dg
 
     from ..defs.partitions import DEFAULT_PARTITIONS
-    from ..defs.resources import DeploymentResource, LakeResource, ModelStoreResource, ParquetIOManager, RedisResource
+    from ..defs.resources import (
+        CampaignRegistryResource,
+        DeploymentResource,
+        LakeResource,
+        ModelStoreResource,
+        ParquetIOManager,
+        RedisResource,
+    )
     from ..defs.tasks import TASK_TAG, build_user_event_sensor, precompute_tasks_job
     from ..defs.user_events import NEXT_ACTION_MODEL, next_action_model, write_user_event_lake
     from ..storage.lake import Lake
@@ -202,6 +216,7 @@ def _login_pipeline(
         cleanup.callback(client.close)
         cleanup.callback(drop_namespace, client, schema)
         dagster_db = cleanup.enter_context(scratch_database(dagster_pg_url, "bench"))
+        app_db = cleanup.enter_context(scratch_database(app_db_url, "bench"))  # the sensor asks it about campaigns
         instance = cleanup.enter_context(
             dg.instance_for_test(overrides={"storage": {"postgres": {"postgres_url": dagster_db}}})
         )
@@ -214,6 +229,7 @@ def _login_pipeline(
             "io_manager": ParquetIOManager(lake=lake_resource),
             "model_store": ModelStoreResource(root=models),
             "deployment": DeploymentResource(),
+            "campaign_registry": CampaignRegistryResource(url=app_db),
         }
         write_user_event_lake(Lake(lake_uri), DEFAULT_PARTITIONS.days_ending(DAY, 7), n_users=120, seed=seed)
         trained = dg.materialize(
@@ -234,7 +250,7 @@ def _login_pipeline(
         if logger.stats.written != sensor_events:
             raise RuntimeError(f"only {logger.stats.written} of {sensor_events} events were written")
         sensor = build_user_event_sensor()
-        sensor_resources = {k: resources[k] for k in ("redis", "model_store", "deployment")}
+        sensor_resources = {k: resources[k] for k in ("redis", "model_store", "deployment", "campaign_registry")}
 
         def tick(cursor: str | None):
             return sensor(dg.build_sensor_context(instance=instance, cursor=cursor, resources=sensor_resources))
@@ -276,7 +292,7 @@ def _login_pipeline(
             raise RuntimeError("the login's next actions never became readable")
         daemon = (
             _login_with_daemon(
-                instance, redis_url, dagster_db, f"{namespace}d", lake_uri, models, scratch, daemon_logins
+                instance, redis_url, dagster_db, app_db, f"{namespace}d", lake_uri, models, scratch, daemon_logins
             )
             if daemon_logins
             else {"login_to_readable_daemon_s": None}
@@ -302,7 +318,13 @@ def _login_pipeline(
 _CODE_LOCATION = """
 import dagster as dg
 
-from precompute_assets.defs.resources import DeploymentResource, LakeResource, ModelStoreResource, RedisResource
+from precompute_assets.defs.resources import (
+    CampaignRegistryResource,
+    DeploymentResource,
+    LakeResource,
+    ModelStoreResource,
+    RedisResource,
+)
 from precompute_assets.defs.tasks import precompute_tasks_job, user_event_sensor
 
 defs = dg.Definitions(
@@ -313,6 +335,7 @@ defs = dg.Definitions(
         "lake": LakeResource(base_uri={lake_uri!r}),
         "model_store": ModelStoreResource(root={models!r}),
         "deployment": DeploymentResource(),
+        "campaign_registry": CampaignRegistryResource(url={app_db!r}),
     }},
 )
 """
@@ -350,7 +373,15 @@ def _run_breakdown(instance, logged: list[tuple[str, float, float]]) -> list[dic
 
 
 def _login_with_daemon(
-    instance, redis_url: str, dagster_db: str, namespace: str, lake_uri: str, models: str, scratch: str, logins: int
+    instance,
+    redis_url: str,
+    dagster_db: str,
+    app_db: str,
+    namespace: str,
+    lake_uri: str,
+    models: str,
+    scratch: str,
+    logins: int,
 ) -> dict:
     """``login_to_readable_s`` with a real ``dagster-daemon`` (sensor daemon + queued run coordinator + default run
     launcher: each run in its own process) on the same PostgreSQL instance and approved model, in a fresh Redis
@@ -372,7 +403,7 @@ def _login_with_daemon(
     # The queued run coordinator's dequeue interval (Dagster's default: 5 s).
     dequeue_s = float(config.get("run_coordinator", {}).get("config", {}).get("dequeue_interval_seconds", 5))
     (home / "bench_location.py").write_text(
-        _CODE_LOCATION.format(redis_url=redis_url, namespace=namespace, lake_uri=lake_uri, models=models)
+        _CODE_LOCATION.format(redis_url=redis_url, namespace=namespace, lake_uri=lake_uri, models=models, app_db=app_db)
     )
     (home / "workspace.yaml").write_text(
         f"load_from:\n  - python_file:\n      relative_path: bench_location.py\n      working_directory: {home}\n"
@@ -453,14 +484,15 @@ def bench_events(
     daemon_logins: int = 0,
     seed: int = 0,
 ) -> dict:
-    """The measurements of the module docstring, as one JSON-able dict. ``app_db_url`` is not used (the event
-    path has no application database); without ``dagster_pg_url`` the sensor and login measurements are None."""
+    """The measurements of the module docstring, as one JSON-able dict. ``app_db_url``: the server of a scratch
+    campaign registry, which the sensor asks whether campaigns hold the uploaded creatives' CTRs (``dagster_pg_url``'s
+    when None); without ``dagster_pg_url`` the sensor and login measurements are None."""
     namespace = f"bench{uuid.uuid4().hex[:8]}"
     result: dict = {"bench": "events"}
     result.update(_event_rates(redis_url, f"{namespace}e", events, event_rate))
     if dagster_pg_url:
-        result.update(_login_pipeline(redis_url, dagster_pg_url, f"{namespace}s", sensor_events=sensor_events,
-                                      seed=seed, daemon_logins=daemon_logins))  # fmt: skip
+        result.update(_login_pipeline(redis_url, dagster_pg_url, app_db_url or dagster_pg_url, f"{namespace}s",
+                                      sensor_events=sensor_events, seed=seed, daemon_logins=daemon_logins))  # fmt: skip
     else:
         result.update({"sensor_tick_s": None, "login_to_readable_s": None})
     hot = {"threads": hot_threads, "rate": hot_rate, "seconds": hot_seconds, "ttl_s": hot_ttl_s,

@@ -422,21 +422,22 @@ def expected_tasks(events) -> dict[tuple[str, str], int]:
     return want
 
 
-def tick(sensor, instance, redis_url, schema, models, cursor=None):
+def tick(sensor, instance, redis_url, schema, models, *, registry_url, cursor=None):
     resources = {"redis": RedisResource(url=redis_url, namespace=schema.namespace),
-                 "model_store": ModelStoreResource(root=models), "deployment": DeploymentResource()}  # fmt: skip
+                 "model_store": ModelStoreResource(root=models), "deployment": DeploymentResource(),
+                 "campaign_registry": CampaignRegistryResource(url=registry_url)}  # fmt: skip
     return sensor(dg.build_sensor_context(instance=instance, cursor=cursor, resources=resources))
 
 
 def test_a_tick_over_10000_events_requests_few_batched_prioritised_runs(
-    redis_url, redis_client, schema, tmp_path, pg_instance
+    redis_url, redis_client, schema, tmp_path, pg_instance, app_db_url
 ):
     events = burst(redis_url, schema)
     stream = f"{schema.prefix}:events"
     redis_client.xadd(stream, {"ts": "soon", "user": "u1", "action": "login"})  # malformed: skipped, counted
     redis_client.xadd(stream, {"ts": str(time.time_ns() // 1_000_000), "user": "u1", "action": "logout"})
     sensor = build_user_event_sensor()
-    result = tick(sensor, pg_instance, redis_url, schema, str(tmp_path))
+    result = tick(sensor, pg_instance, redis_url, schema, str(tmp_path), registry_url=app_db_url)
     want = expected_tasks(events)
     by_group = Counter((task, priority) for (task, _), priority in want.items())
     sizes = {"ctr": 1000, "next_actions": 500, "dashboard": 200}
@@ -460,40 +461,47 @@ def test_a_tick_over_10000_events_requests_few_batched_prioritised_runs(
     # the cursor is the last entry read: the next tick reads nothing more
     ((last_id, _),) = redis_client.xrevrange(stream, count=1)
     assert result.cursor == last_id.decode()
-    again = tick(sensor, pg_instance, redis_url, schema, str(tmp_path), cursor=result.cursor)
+    again = tick(sensor, pg_instance, redis_url, schema, str(tmp_path), cursor=result.cursor, registry_url=app_db_url)
     assert isinstance(again, dg.SkipReason)
 
 
 @pytest.mark.parametrize(
     "cursor", ["garbage", "99999999999999999999-0", "18446744073709551615-18446744073709551615", "1-2-3", "-1-0"]
 )
-def test_a_cursor_that_is_no_stream_id_is_replaced_with_a_warning(redis_url, schema, tmp_path, pg_instance, cursor):
+def test_a_cursor_that_is_no_stream_id_is_replaced_with_a_warning(
+    redis_url, schema, tmp_path, pg_instance, cursor, app_db_url
+):
     """A cursor set by hand (`dagster sensor cursor --set`) that Redis refuses stopped the sensor for good, saying
     "Redis does not answer" on every tick."""
     logger = EventLogger(log_client(redis_url), schema)
     logger.record_event("u1", "login", tenant="acme")
     logger.close()
-    result = tick(build_user_event_sensor(), pg_instance, redis_url, schema, str(tmp_path), cursor=cursor)
+    result = tick(
+        build_user_event_sensor(), pg_instance, redis_url, schema, str(tmp_path), cursor=cursor, registry_url=app_db_url
+    )
     assert isinstance(result, dg.SensorResult) and result.run_requests
     assert {r.tags[TASK_TAG] for r in result.run_requests} == {"next_actions", "dashboard"}
     assert tasks.stream_id(result.cursor) == result.cursor
 
 
-def test_a_tick_without_a_cursor_starts_after_the_last_event_any_tick_handled(redis_url, schema, tmp_path, pg_instance):
+def test_a_tick_without_a_cursor_starts_after_the_last_event_any_tick_handled(
+    redis_url, schema, tmp_path, pg_instance, app_db_url
+):
     """The demo's in-process tick handled its events, and the first tick of ``precompute dev`` after it (no cursor:
     another instance) read the last 5 minutes again and requested the same runs (h_newbie)."""
     logger = EventLogger(log_client(redis_url), schema)
     logger.record_event("u1", "login", tenant="acme")
     logger.close()
     sensor = build_user_event_sensor()
-    first = tick(sensor, pg_instance, redis_url, schema, str(tmp_path))
+    first = tick(sensor, pg_instance, redis_url, schema, str(tmp_path), registry_url=app_db_url)
     assert isinstance(first, dg.SensorResult) and first.run_requests
-    again = tick(sensor, pg_instance, redis_url, schema, str(tmp_path))  # a new instance: no cursor
+    # a new instance: no cursor
+    again = tick(sensor, pg_instance, redis_url, schema, str(tmp_path), registry_url=app_db_url)
     assert isinstance(again, dg.SkipReason) and f"no user events after {first.cursor}" in str(again.skip_message)
     logger = EventLogger(log_client(redis_url), schema)
     logger.record_event("u2", "login", tenant="acme")
     logger.close()
-    later = tick(sensor, pg_instance, redis_url, schema, str(tmp_path))
+    later = tick(sensor, pg_instance, redis_url, schema, str(tmp_path), registry_url=app_db_url)
     entities = {e for r in later.run_requests for e in r.run_config["ops"]["run_precompute_task"]["config"]["entities"]}
     assert "u2" in entities and "u1" not in entities
     # A span older than the lookback does not reach further back than it.
@@ -503,7 +511,7 @@ def test_a_tick_without_a_cursor_starts_after_the_last_event_any_tick_handled(re
 
 
 def test_events_trimmed_before_the_sensor_read_them_are_warned_about(
-    redis_url, redis_client, schema, tmp_path, pg_instance, capfd
+    redis_url, redis_client, schema, tmp_path, pg_instance, capfd, app_db_url
 ):
     """A stream cut by the loggers' MAXLEN (or by the cleanup while the sensor was off) lost events after the cursor:
     the sensor read on from the oldest entry left, and nothing said that tasks went unrequested."""
@@ -511,23 +519,27 @@ def test_events_trimmed_before_the_sensor_read_them_are_warned_about(
     logger.record_event("u1", "login", tenant="acme")
     logger.close()
     sensor = build_user_event_sensor()
-    first = tick(sensor, pg_instance, redis_url, schema, str(tmp_path))
+    first = tick(sensor, pg_instance, redis_url, schema, str(tmp_path), registry_url=app_db_url)
     stream = f"{schema.prefix}:events"
     now_ms = time.time_ns() // 1_000_000
     for user in range(20):
         redis_client.xadd(stream, {"ts": str(now_ms), "user": f"v{user}", "action": "login", "tenant": "acme"})
-    kept = tick(sensor, pg_instance, redis_url, schema, str(tmp_path), cursor=first.cursor)  # nothing went yet
+    # nothing went yet
+    kept = tick(sensor, pg_instance, redis_url, schema, str(tmp_path), cursor=first.cursor, registry_url=app_db_url)
     assert kept.run_requests and "no longer holds" not in capfd.readouterr().err
     for user in range(20, 40):
         redis_client.xadd(stream, {"ts": str(now_ms), "user": f"v{user}", "action": "login", "tenant": "acme"})
     ((newest, _),) = redis_client.xrevrange(stream, count=1)
     redis_client.xtrim(stream, maxlen=5, approximate=False)  # v20..v34 go unread
-    after = tick(sensor, pg_instance, redis_url, schema, str(tmp_path), cursor=kept.cursor)
+    after = tick(sensor, pg_instance, redis_url, schema, str(tmp_path), cursor=kept.cursor, registry_url=app_db_url)
     assert after.cursor == newest.decode()  # the five left are read
     ((oldest, _),) = redis_client.xrange(stream, count=1)
     said = f"no longer holds this sensor's cursor {kept.cursor} nor any event before it: events after the cursor, "
     assert said + f"before {oldest.decode()}, may have gone unread" in capfd.readouterr().err
-    assert isinstance(tick(sensor, pg_instance, redis_url, schema, str(tmp_path), cursor=after.cursor), dg.SkipReason)
+    assert isinstance(
+        tick(sensor, pg_instance, redis_url, schema, str(tmp_path), cursor=after.cursor, registry_url=app_db_url),
+        dg.SkipReason,
+    )
     assert "no longer holds" not in capfd.readouterr().err  # said once: the cursor is past the trimmed entries now
 
 
@@ -610,7 +622,7 @@ class _Counting:
 
 
 def test_the_sensor_predicts_from_a_users_whole_day_not_from_its_tick_alone(
-    redis_url, redis_client, schema, tmp_path, pg_instance, monkeypatch
+    redis_url, redis_client, schema, tmp_path, pg_instance, monkeypatch, app_db_url
 ):
     model = NextActionModel(_Counting(), list(ACTIONS[1:]))
     approved = itertools.chain([None], itertools.repeat(model))  # the first tick before a model is approved: its
@@ -621,7 +633,7 @@ def test_the_sensor_predicts_from_a_users_whole_day_not_from_its_tick_alone(
     for action in ("login", "campaign_create", "analytics_view"):  # one event a tick
         logger.record_event("u1", action, tenant="acme")
         logger.flush()
-        result = tick(sensor, pg_instance, redis_url, schema, str(tmp_path), cursor=cursor)
+        result = tick(sensor, pg_instance, redis_url, schema, str(tmp_path), cursor=cursor, registry_url=app_db_url)
         cursor = result.cursor
         cursors.append(cursor)
         dashboards.append(("dashboard", "acme", tasks.BACKGROUND_PRIORITY) in requested_tasks(result))  # predicted
@@ -637,13 +649,13 @@ def test_the_sensor_predicts_from_a_users_whole_day_not_from_its_tick_alone(
     logger = EventLogger(log_client(redis_url), schema)
     logger.record_event("u1", "dashboard_view", tenant="acme")
     logger.close()
-    result = tick(sensor, pg_instance, redis_url, schema, str(tmp_path), cursor=cursor)
+    result = tick(sensor, pg_instance, redis_url, schema, str(tmp_path), cursor=cursor, registry_url=app_db_url)
     assert na.UserState.parse(redis_client.hmget(key, na.UserState.FIELDS)).actions_today == 1
     assert result.cursor != cursor
 
 
 def test_a_state_redis_evicted_starts_its_user_afresh_under_a_new_span_that_does_not_vouch_for_it(
-    redis_server, schema, tmp_path, pg_instance, monkeypatch
+    redis_server, schema, tmp_path, pg_instance, monkeypatch, app_db_url
 ):
     """The fresh state looks like a day that began at the user's next event; only the servers' mark (``INFO``'s
     ``evicted_keys``) tells the sensor a state may be gone, so the span starts anew there."""
@@ -657,7 +669,11 @@ def test_a_state_redis_evicted_starts_its_user_afresh_under_a_new_span_that_does
     def one_tick(action: str) -> na.UserState:
         logger.record_event("u1", action, tenant="acme")
         logger.flush()
-        cursors.append(tick(sensor, pg_instance, server.url, schema, str(tmp_path), cursor=cursors[-1]).cursor)
+        cursors.append(
+            tick(
+                sensor, pg_instance, server.url, schema, str(tmp_path), cursor=cursors[-1], registry_url=app_db_url
+            ).cursor
+        )
         return na.UserState.parse(client.hmget(key, na.UserState.FIELDS))
 
     one_tick("login")
@@ -749,7 +765,7 @@ def test_a_next_actions_run_goes_on_from_the_stored_states_and_reads_only_the_ev
 
 
 def test_events_to_lake_to_model_to_sensor_to_values_readable_through_the_cache(
-    redis_url, redis_client, schema, tmp_path, pg_instance, cache
+    redis_url, redis_client, schema, tmp_path, pg_instance, cache, app_db_url
 ):
     lake_uri, models = str(tmp_path / "lake"), str(tmp_path / "models")
     lake = Lake(lake_uri)
@@ -800,7 +816,7 @@ def test_events_to_lake_to_model_to_sensor_to_values_readable_through_the_cache(
     live.record_event("u00002", "creative_upload", entity="never-seen-creative", tenant="t002")
     live.record_event("u00003", "campaign_create", entity="u00003-c1", tenant="t002")
     live.close()
-    result = tick(build_user_event_sensor(), pg_instance, redis_url, schema, models)
+    result = tick(build_user_event_sensor(), pg_instance, redis_url, schema, models, registry_url=app_db_url)
     summary = sorted((r.tags[TASK_TAG], int(r.tags[PRIORITY_TAG])) for r in result.run_requests)
     assert ("ctr", 8) in summary and ("next_actions", 7) in summary and ("next_actions", 9) in summary
     assert ("dashboard", 9) in summary  # t002 by the campaign; t001 by the login (3), unless a prediction ran
@@ -1060,14 +1076,58 @@ def test_the_live_refresh_leaves_the_ctr_keys_campaigns_hold(
     assert refreshed()[0] == sorted([held, later, plain, "t1"])  # no campaign holds it: refreshed as any other
 
 
+def test_an_upload_of_a_creative_a_warm_campaign_holds_leaves_its_ctr_to_the_campaign(
+    redis_url, redis_client, schema, pg_instance, app_db, tmp_path, capsys
+):
+    """A creative_upload event's ctr task scored the ad from the lake's features over the value its campaign's warming
+    scored from the campaign's own, for 7 days (the live refresh already left it alone, h_events2). The event sensor
+    now leaves it to the campaign too; a registry that does not answer cannot tell, and the task is requested with a
+    warning (no later tick asks for an event's task again)."""
+    from precompute_assets.storage.campaigns import CampaignRegistry
+
+    now = datetime.now(UTC)
+    registry = CampaignRegistry(app_db)
+    registry.ensure_schema()
+    camp, held, free = unique("camp"), unique("held-ad"), unique("free-ad")
+    features = {"category": 1, "quality": 0.5, "bid": 1.0, "text_len": 40}
+    registry.register(camp, "acme", now + timedelta(minutes=5), [{"ad_id": held, **features}],
+                      end_at=now + timedelta(hours=2))  # fmt: skip
+    assert registry.record_written(camp, 1) and registry.mark_warm(camp, 1, warm_until=now + timedelta(hours=3))
+    stream = f"{schema.prefix}:events"
+    after = redis_client.xadd(stream, {"ts": str(time.time_ns() // 1_000_000), "user": "u0", "action": "noop"})
+    for ad in (held, free):
+        redis_client.xadd(stream, {"ts": str(time.time_ns() // 1_000_000), "user": "u1", "action": "creative_upload",
+                                   "entity": ad, "tenant": "acme"})  # fmt: skip
+    sensor = build_user_event_sensor()
+
+    def uploads(registry_url: str) -> list[str]:
+        result = tick(sensor, pg_instance, redis_url, schema, str(tmp_path), registry_url=registry_url,
+                      cursor=after.decode())  # fmt: skip
+        return [
+            e
+            for r in result.run_requests
+            if r.tags[TASK_TAG] == "ctr"
+            for e in r.run_config["ops"]["run_precompute_task"]["config"]["entities"]
+        ]
+
+    assert uploads(app_db) == [free]
+    assert "1 ctr tasks left to the campaigns that hold their ads" in capsys.readouterr().err
+    assert sorted(uploads("postgresql://127.0.0.1:1/never")) == sorted([held, free])
+    warned = capsys.readouterr().err
+    assert "PRECOMPUTE_APP_DB_URL (postgresql://127.0.0.1:1/never) does not answer" in warned, warned
+    assert "2 ctr tasks requested without knowing whether a campaign holds them" in warned, warned
+    registry.cancel(camp)
+    assert sorted(uploads(app_db)) == sorted([held, free])  # no campaign holds it now
+
+
 def test_both_task_sensors_skip_with_a_warning_when_redis_does_not_answer(tmp_path, capsys):
     """They read Redis on the resource's default client (10 s a command, two retries), which raises dg.Failure when the
     server does not answer: a tick every second that failed. They now skip, say why, and keep their cursors."""
+    unasked = CampaignRegistryResource(url="postgresql://127.0.0.1:1/never")  # Redis first: never reached
     down = {"redis": RedisResource(url="redis://127.0.0.1:1/0", namespace="down"), "deployment": DeploymentResource(),
-            "model_store": ModelStoreResource(root=str(tmp_path / "models"))}  # fmt: skip
+            "model_store": ModelStoreResource(root=str(tmp_path / "models")), "campaign_registry": unasked}  # fmt: skip
     with dg.instance_for_test() as instance:
         events = build_user_event_sensor()(dg.build_sensor_context(instance=instance, cursor="5-0", resources=down))
-        unasked = CampaignRegistryResource(url="postgresql://127.0.0.1:1/never")  # Redis first: never reached
         context = dg.build_sensor_context(
             instance=instance, resources={"redis": down["redis"], "campaign_registry": unasked}
         )
