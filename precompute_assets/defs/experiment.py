@@ -16,7 +16,7 @@ import pandas as pd
 import pyarrow as pa
 from pydantic import Field
 
-from ..ml.experiment import SRM_ALPHA, arm_report
+from ..ml.experiment import SRM_ALPHA, arm_report, arms_of
 from ..serving import Experiment
 from ..storage.lake import Lake
 from .config_checks import at_least, at_most, fraction, refuse
@@ -267,7 +267,8 @@ def selection_experiment(
         if other["other_experiment_rows"]:
             context.log.warning(
                 f"{other['other_experiment_rows']} of {len(frame)} experiment rows were served by versions of "
-                f"another experiment (or of none recorded): left out of the report on {served.name}"
+                f"another experiment (or of none recorded): left out of the report on {served.name} (salt "
+                f"{served.salt!r})"
             )
         frame = frame[rows]
     else:  # no version recorded: day D was served by the version D-1 published, whose top_ads recorded it
@@ -285,6 +286,19 @@ def selection_experiment(
             metadata={"experiment_rows": len(frame), **hours, "note": why},
             check_results=[sample_ratio_check(None, f"{len(frame)} experiment rows, but {why}")],
         )
+    split: dict[str, Any] = {}
+    if named is not None and arms == list(named.arms):  # its salt tells each key's arm: another split's rows leave
+        split = {NAME_KEY: named.name, SALT_KEY: named.salt}
+        logged = frame["arm"].isin(arms)
+        elsewhere = logged & (frame["arm"].to_numpy() != arms_of(named.salt, frame["key"].to_numpy(), arms))
+        if elsewhere.any():
+            split["other_split_rows"] = int(elsewhere.sum())
+            context.log.warning(
+                f"{split['other_split_rows']} of {int(logged.sum())} rows of arms {', '.join(arms)} logged an arm that "
+                f"is not their key's under {named.name}'s salt {named.salt!r}: another split's (a salt changed while "
+                "no version was recorded), left out of the report"
+            )
+            frame = frame[~elsewhere]
     report = arm_report(frame, arms=arms, n_boot=config.n_boot, seed=config.seed, alpha=config.alpha)
     for note in report["notes"]:
         context.log.warning(note)
@@ -295,6 +309,6 @@ def selection_experiment(
         + f"; difference {difference['of']} = {difference['value']} (CI {difference['ci']})"
     )
     return dg.MaterializeResult(
-        metadata={**report_metadata(report), **hours},
+        metadata={**report_metadata(report), **split, **hours},
         check_results=[sample_ratio_check(report)],
     )

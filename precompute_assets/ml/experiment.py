@@ -270,7 +270,13 @@ def arm_report(
             difference["excludes_zero"] = bool(difference["p_value"] <= alpha)  # the test, exact at any n_boot
             # The j-th largest distance: beyond it exactly when p_value <= alpha, so the interval and the verdict agree
             j = math.floor(alpha * (1 + len(spread)) + 1e-9)
-            if j >= 1:
+            if j < 1:
+                notes.append(
+                    f"{len(spread)} re-randomizations cannot show a difference at alpha {alpha:g}: the smallest "
+                    f"p-value they give is 1/{1 + len(spread)}, so excludes_zero is false and the interval None "
+                    f"whatever the arms did (use n_boot of at least {math.ceil(1 / alpha - 1 - 1e-9)})"
+                )
+            else:
                 half = float(np.sort(spread)[::-1][j - 1]) + _TIE  # a tie counts in p_value: it is inside
                 # a difference of two rates lies in [-1, 1]: few keys spread the null wider (a wall of them is no test)
                 difference["ci"] = [max(-1.0, value - half), min(1.0, value + half)]

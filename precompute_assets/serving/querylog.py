@@ -725,15 +725,19 @@ def query_logger(
     user: str | None = None,
     tenant: str | None = None,
     arm: str | None = None,
+    version: str | None = None,
 ) -> Iterator[QueryRecord]:
-    """Time the block and log one query event for it, even when the block raises (``arm``: the key's A/B arm)."""
+    """Time the block and log one query event for it, even when the block raises. ``arm``: the key's A/B arm, and
+    ``version``: the published version the block read (``PredictionCache.current_version(kind).version``):
+    ``selection_experiment`` credits a row to the experiment its version was published with, and leaves out an arm's
+    row without one once the day's other rows name theirs."""
     record = QueryRecord()
     start = time.perf_counter_ns()
     try:
         yield record
     finally:
         latency_us = (time.perf_counter_ns() - start) // 1000
-        logger.log(kind, key, hit=record.hit, latency_us=latency_us, user=user, tenant=tenant, arm=arm)
+        logger.log(kind, key, hit=record.hit, latency_us=latency_us, user=user, tenant=tenant, arm=arm, version=version)
 
 
 # --- reading the stream back (used by the query_logs asset) -------------------------------------------

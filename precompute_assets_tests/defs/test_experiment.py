@@ -103,8 +103,32 @@ def test_the_report_has_per_arm_rates_intervals_difference_and_srm(instance, lak
         assert isinstance(meta[name], dg.FloatMetadataValue), name  # plain numbers: the UI charts them
     assert isinstance(meta["lstm_keys"], dg.IntMetadataValue)
     assert meta["report"].value["difference"]["of"] == "lstm - frequency"
+    assert meta["experiment_salt"].value == "s1" and meta["experiment_name"].value == "frequency-vs-lstm"
+    assert "other_split_rows" not in meta  # every row's arm is its key's under s1
     (check,) = result.get_asset_check_evaluations()
     assert check.check_name == "sample_ratio" and check.passed
+
+
+def test_rows_of_another_split_are_left_out_when_no_version_tells_them_apart(instance, lake_uri, tmp_path):
+    """The salt changed at 16:00 and no version was recorded (logs from before the version column, or a new Dagster
+    storage): the report pooled both splits' rows, 465 of 5388 keys counted in both arms (h_ab2). Rows whose logged arm
+    is not their key's under the reported experiment's salt now leave, counted, and the report names that salt."""
+    lake, later = Lake(lake_uri), Lake(str(tmp_path / "s2"))
+    write_experiment_day(lake, salt="s1")
+    write_experiment_day(later, salt="s2", seed=1)
+    hours = DEFAULT_PARTITIONS.hours_of(DAY)
+    for hour in hours[16:]:
+        lake.write("query_logs", hour, later.read("query_logs", hour))
+    result = materialize(instance, lake_uri, salt="s2", run_config={
+        "ops": {"selection_experiment": {"config": {"n_boot": 50}}}})  # fmt: skip
+    meta = result.asset_materializations_for_node("selection_experiment")[0].metadata
+    other = meta["other_split_rows"].value
+    assert 0.4 * 16 * 400 < other < 0.6 * 16 * 400  # about half the keys change arms with the salt
+    assert meta["experiment_rows"].value == 24 * 400 - other and meta["experiment_salt"].value == "s2"
+    kept = pd.concat([lake.read("query_logs", hour) for hour in hours])
+    kept = kept[(kept["kind"] == "ctr") & kept["arm"].isin(ARMS)]
+    kept = kept[kept["arm"].to_numpy() == arms_of("s2", kept["key"].to_numpy(), ARMS)]
+    assert meta["frequency_keys"].value + meta["lstm_keys"].value == kept["key"].nunique()  # no key in both arms
 
 
 def test_a_sample_ratio_mismatch_fails_the_check_as_a_warning(instance, lake_uri):

@@ -311,6 +311,18 @@ def test_degenerate_inputs_give_defined_values_and_notes():
     assert stray["rows"] == 1 and any("1 rows of other arms" in note for note in stray["notes"])
 
 
+def test_too_few_re_randomizations_to_reject_say_so():
+    """With n_boot 10 the smallest p-value is 1/11: a total separation came out not significant, with no word why."""
+    frame = pd.DataFrame({"key": [f"k{i}" for i in range(20)], "hit": [True] * 10 + [False] * 10,
+                          "arm": ["lstm"] * 10 + ["frequency"] * 10})  # fmt: skip
+    few = arm_report(frame, arms=ARMS, n_boot=10)
+    assert few["difference"]["excludes_zero"] is False
+    assert any("10 re-randomizations cannot show a difference at alpha 0.05" in n and "at least 19" in n
+               for n in few["notes"])  # fmt: skip
+    enough = arm_report(frame, arms=ARMS, n_boot=19)
+    assert not any("re-randomizations" in note for note in enough["notes"])
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

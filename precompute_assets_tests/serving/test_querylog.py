@@ -344,11 +344,13 @@ def test_the_logger_writes_the_arm_only_when_given(redis_url, redis_client, sche
     logger = QueryLogger(log_client(redis_url), schema)
     logger.log("ctr", "ad1", hit=True, arm="frequency")
     logger.log("ctr", "ad2", hit=False)
-    with query_logger(logger, "ctr", "ad3", arm="lstm"):
+    with query_logger(logger, "ctr", "ad3", arm="lstm", version="2026-11-20.a1"):
         pass
     logger.close()
     events = [fields for _, fields in logged_queries(redis_client, schema)]
     assert [e.get(b"arm") for e in events] == [b"frequency", None, b"lstm"]
+    # the block's version too: selection_experiment credits an arm's row by it (it left out one without, h_ab2)
+    assert [e.get(b"ver") for e in events] == [None, None, b"2026-11-20.a1"]
 
 
 def test_counts_are_exact_when_threads_share_a_logger(redis_url, redis_client, schema):
