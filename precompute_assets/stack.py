@@ -1335,22 +1335,24 @@ class Stack:
 
         return exclusive_lock(self.home / "stack.lock", on_wait=waiting)
 
-    def up(self, *, postgres: bool = True) -> dict[str, str]:
+    def up(self, *, postgres: bool = True, redis: bool = True) -> dict[str, str]:
         """Start whatever is not provided by the environment (Redis alone with ``postgres=False``, for work that needs
-        no database); return once every service answers. A server the environment names must answer and accept its
-        URL's login before anything of ours starts."""
+        no database; PostgreSQL alone with ``redis=False``, for work that reads no cache); return once every service
+        answers. A server the environment names must answer and accept its URL's login before anything of ours
+        starts."""
         if self.unwritable is not None:
             raise StackError(self.unwritable)
         with self._locked():
             self._read_ports()  # another up may have moved a server since this object read them
-            return self._up(postgres)
+            return self._up(postgres, redis)
 
-    def _up(self, postgres: bool = True) -> dict[str, str]:
-        for variable in (ENV_REDIS, ENV_DAGSTER_PG, ENV_APP_DB) if postgres else (ENV_REDIS,):
+    def _up(self, postgres: bool = True, redis: bool = True) -> dict[str, str]:
+        variables = ((ENV_REDIS,) if redis else ()) + ((ENV_DAGSTER_PG, ENV_APP_DB) if postgres else ())
+        for variable in variables:
             if url := self._external(variable):
                 check_login(variable, url)
         started_redis = False
-        if not self._external(ENV_REDIS):
+        if redis and not self._external(ENV_REDIS):
             started_redis = self.redis.pid is None
             try:
                 self._start_off_taken_ports(self.redis, "redis_port", "Redis")

@@ -184,7 +184,7 @@ def cmd_campaign(args: argparse.Namespace) -> int:
             max_ads = max_ads_from_env()  # the cap the Definitions warm under (PRECOMPUTE_CAMPAIGN_MAX_ADS)
         except ValueError as error:
             raise _error(str(error)) from None
-    env = _up(Stack())
+    env = _up(Stack(), redis=False)  # the registry is the database's: the sensors warm and clean the cache
     registry = CampaignRegistry(env[ENV_APP_DB], spec=spec, max_ads=max_ads)
     registry.ensure_schema()
     try:

@@ -56,8 +56,8 @@ class CliError(Exception):
     """Bad input or an unusable service: printed as one line, exit code 2."""
 
 
-def _up(stack: Stack, *, postgres: bool = True) -> dict[str, str]:
-    env = stack.up(postgres=postgres)
+def _up(stack: Stack, *, postgres: bool = True, redis: bool = True) -> dict[str, str]:
+    env = stack.up(postgres=postgres, redis=redis)
     os.environ.update(env)
     return env
 
@@ -1198,7 +1198,7 @@ def cmd_docs(args: argparse.Namespace) -> int:
             raise CliError(str(error)) from None
         if args.no_header and kind not in ("csv", "tsv"):
             raise CliError(f"--no-header is for CSV and TSV files, not {kind}")
-    env = _up(Stack())
+    env = _up(Stack(), redis=False)  # the documents are the database's: the embedding sync serves them
     store = DocumentStore(env[ENV_APP_DB])
     store.ensure_schema()
     if args.docs_command == "quarantine":
@@ -1478,7 +1478,7 @@ def _import_query_logs(args: argparse.Namespace, bar: Any) -> int:
     check_placement(args, rows, len(trace.keys), seconds, settings.timezone)
     bar.set_description_str("starting the stack")
     stack = Stack()
-    lake = Lake(_up(stack)[ENV_LAKE])
+    lake = Lake(_up(stack, redis=False)[ENV_LAKE])  # the hours go to the lake and Dagster, not to the cache
     written, kept, recorded, kept_logged = {}, [], [], []
 
     def waiting() -> None:

@@ -93,6 +93,17 @@ def test_register_list_show_cancel(servers, tmp_path, capsys):
     assert not (tmp_path / "home" / "redis").exists()  # nothing was started: the session's servers answered
 
 
+def test_the_registry_commands_need_no_cache(servers, tmp_path, capsys, monkeypatch):
+    """They refused to run while the serving Redis was down, and started an embedded Valkey when none was named,
+    though the registry is the database's alone: the sensors warm and clean the cache (h_prod2)."""
+    path = jsonl(tmp_path / "campaigns.jsonl", campaign("spring"))
+    monkeypatch.setenv(ENV_REDIS, "redis://127.0.0.1:1/0")  # the production cache, down
+    assert run(capsys, "register", "--file", str(path))["new"] == 1
+    monkeypatch.delenv(ENV_REDIS)  # a host given only the databases' URLs
+    assert run(capsys, "list")["count"] == 1 and run(capsys, "cancel", "spring")["status"] == "cancelled"
+    assert not (tmp_path / "home" / "redis").exists()
+
+
 def test_register_a_csv_of_one_row_per_ad(servers, tmp_path, capsys):
     path = tmp_path / "campaigns.csv"
     end = (LAUNCH + timedelta(days=7)).isoformat()

@@ -1690,6 +1690,7 @@ def test_docs_delete_soft_deletes_what_the_next_sync_removes(stack, app_db, tmp_
     for name in (ENV_REDIS, ENV_DAGSTER_PG):
         monkeypatch.setenv(name, stack.env()[name])
     monkeypatch.setenv(ENV_APP_DB, app_db)
+    monkeypatch.setenv(ENV_REDIS, "redis://127.0.0.1:1/0")  # the cache, down: documents are the database's (h_prod2)
     assert main(["docs", "generate", "--n", "5", "--start-id", "900000"]) == 0
     capsys.readouterr()
     listed = tmp_path / "ids.txt"
@@ -1848,6 +1849,7 @@ def test_query_logs_import_outside_a_terminal_names_each_stage_from_the_first(st
     from precompute_assets.tools import progress
 
     on_the_test_stack(stack, tmp_path, monkeypatch)
+    monkeypatch.setenv("PRECOMPUTE_REDIS_URL", "redis://127.0.0.1:1/0")  # down: an import needs no cache (h_prod2)
     monkeypatch.setattr(progress, "LOG_EVERY_S", 0.02)
     log = tmp_path / "history.csv"
     log.write_text("0.5,ad1\n10,ad2\n7300,ad3\n")
