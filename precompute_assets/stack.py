@@ -1458,9 +1458,29 @@ class Stack:
                     f"{' and more' if len(others) > 5 else ''}, which the stack never made there (is it really "
                     "PRECOMPUTE_HOME?); move them out, or delete the folder yourself after `precompute down`"
                 )
+        if kept := self._recorded_elsewhere():
+            raise StackError(
+                f"refusing to purge {self.home}: its {' and '.join(kept)} belong to the deployment whose "
+                f"{' and '.join(v for v in (ENV_DAGSTER_PG, ENV_APP_DB) if not self.embeds(v))} the environment names "
+                "(its runs and tables point at them, and outlive this home's embedded servers); move them out, or "
+                "delete the folder yourself after `precompute down`"
+            )
         self.down()
         self.postgres.remove()
         shutil.rmtree(self.home, ignore_errors=True)
+
+    def _recorded_elsewhere(self) -> list[str]:
+        """The home's own lake and model store, those not empty, when a database the environment names (Dagster's
+        storage, the application database) records what they hold: a purge would leave those records pointing at
+        nothing. None when both databases are this stack's own, which the purge deletes with them."""
+        if self.embeds(ENV_DAGSTER_PG) and self.embeds(ENV_APP_DB):
+            return []
+        folders = [("lake", ENV_LAKE), ("models", ENV_MODEL_STORE)]
+        return [
+            f"{name}/"
+            for name, variable in folders
+            if self._external(variable) is None and (self.home / name).is_dir() and any((self.home / name).iterdir())
+        ]
 
     def status(self) -> list[ServiceStatus]:
         """Embedded servers by their pid; external ones by whether their port answers and then accepts our login;

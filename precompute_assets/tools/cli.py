@@ -99,8 +99,12 @@ def cmd_down(args: argparse.Namespace) -> int:
             "them in the UI (a run whose worker is gone: `precompute pools free --run ID`), or give --force"
         )
     if args.purge:
+        service_folder = stack.postgres.runtime if stack.postgres.runtime.exists() else None  # none made: not named
+        embedded = any(stack.embeds(variable) for variable in (ENV_REDIS, ENV_DAGSTER_PG, ENV_APP_DB))
         stack.purge()
-        print(f"embedded services stopped; their data is deleted ({stack.home} and {stack.postgres.runtime})")
+        deleted = f"{stack.home}" + (f" and {service_folder}" if service_folder is not None else "")
+        print(f"embedded services stopped; their data is deleted ({deleted})" if embedded
+              else f"no embedded services here (the environment names every server); deleted {deleted}")  # fmt: skip
     else:
         stack.down()
         print("embedded services stopped")

@@ -609,6 +609,30 @@ def test_up_status_down_manage_real_servers(tmp_path, monkeypatch, capsys):
     assert "running" not in capsys.readouterr().out
 
 
+def test_purge_keeps_the_lake_and_models_that_external_databases_record(stack, tmp_path, monkeypatch, capsys):
+    """On production databases, `down --purge` deleted the home's lake and models, which their runs and tables still
+    pointed at, and said it had deleted embedded data (naming a service folder that never existed, h_prod2)."""
+    from precompute_assets.stack import ENV_APP_DB, ENV_DAGSTER_PG, ENV_REDIS
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("PRECOMPUTE_HOME", str(home))
+    for name in (ENV_REDIS, ENV_DAGSTER_PG, ENV_APP_DB):
+        monkeypatch.setenv(name, stack.env()[name])
+    (home / "lake" / "ads").mkdir(parents=True)
+    (home / "lake" / "ads" / "part.parquet").write_bytes(b"PAR1")
+    (home / "models").mkdir()
+    assert main(["down", "--purge"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"refusing to purge {home.resolve()}: its lake/ belong to the deployment" in err
+    assert "DAGSTER_PG_URL and PRECOMPUTE_APP_DB_URL the environment names" in err, err
+    assert (home / "lake" / "ads" / "part.parquet").exists()
+    monkeypatch.setenv("PRECOMPUTE_LAKE_URI", str(tmp_path / "elsewhere"))  # the lake is not the home's: purged
+    assert main(["down", "--purge"]) == 0
+    said = capsys.readouterr().out
+    assert said == f"no embedded services here (the environment names every server); deleted {home.resolve()}\n"
+    assert not home.exists()
+
+
 def test_up_restarts_the_embedded_servers_after_eval_of_env(tmp_path, monkeypatch, capsys):
     """After `eval "$(precompute env)"` the exported URLs are this home's own: `up` restarts a stopped server, and
     `status` calls the servers embedded."""
