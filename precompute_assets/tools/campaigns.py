@@ -168,7 +168,7 @@ def cmd_campaign(args: argparse.Namespace) -> int:
     from ..ml.features import AdFeatureSpec, spec_from_env
     from ..stack import ENV_APP_DB, Stack
     from ..storage.campaigns import MAX_ADS, CampaignError, CampaignRegistry, max_ads_from_env
-    from .cli import _up
+    from .cli import _up, app_database
 
     command = args.campaign_command
     records, labels = read_campaign_file(args.file) if command == "register" else ([], [])  # before any server
@@ -186,24 +186,25 @@ def cmd_campaign(args: argparse.Namespace) -> int:
             raise _error(str(error)) from None
     env = _up(Stack(), redis=False)  # the registry is the database's: the sensors warm and clean the cache
     registry = CampaignRegistry(env[ENV_APP_DB], spec=spec, max_ads=max_ads)
-    registry.ensure_schema()
-    try:
-        if command == "register":
-            result = register(registry, records, labels, args.file)
-        elif command == "list":
-            campaigns = registry.list(tenant_id=args.tenant, status=args.status)
-            result = {"count": len(campaigns), "campaigns": [c.to_json() for c in campaigns]}
-        elif command == "show":
-            campaign = registry.get(args.campaign_id)
-            if campaign is None:
-                raise _error(f"campaign {args.campaign_id!r} is not registered")
-            result = {**campaign.to_json(), "ads": registry.ads(args.campaign_id).to_dict("records")}
-        elif command == "cancel":
-            result = registry.cancel(args.campaign_id).to_json()
-        else:
-            raise _error(f"unknown campaign command {command!r}")
-    except CampaignError as error:
-        raise _error(str(error)) from None
+    with app_database(env[ENV_APP_DB]):
+        registry.ensure_schema()
+        try:
+            if command == "register":
+                result = register(registry, records, labels, args.file)
+            elif command == "list":
+                campaigns = registry.list(tenant_id=args.tenant, status=args.status)
+                result = {"count": len(campaigns), "campaigns": [c.to_json() for c in campaigns]}
+            elif command == "show":
+                campaign = registry.get(args.campaign_id)
+                if campaign is None:
+                    raise _error(f"campaign {args.campaign_id!r} is not registered")
+                result = {**campaign.to_json(), "ads": registry.ads(args.campaign_id).to_dict("records")}
+            elif command == "cancel":
+                result = registry.cancel(args.campaign_id).to_json()
+            else:
+                raise _error(f"unknown campaign command {command!r}")
+        except CampaignError as error:
+            raise _error(str(error)) from None
     print(json.dumps(_finite(result)))
     return 0
 

@@ -62,6 +62,19 @@ def _up(stack: Stack, *, postgres: bool = True, redis: bool = True) -> dict[str,
     return env
 
 
+@contextlib.contextmanager
+def app_database(url: str) -> Iterator[None]:
+    """Errors of the application database (``url``) as one line that names ``PRECOMPUTE_APP_DB_URL`` (a server that
+    restarted mid-load printed psycopg2's message alone, naming no setting)."""
+    import psycopg2
+
+    try:
+        yield
+    except psycopg2.Error as error:
+        detail = one_line(str(error)) or type(error).__name__
+        raise CliError(f"{ENV_APP_DB} ({redact(url)}) failed: {detail}") from error
+
+
 def _check_settings() -> None:
     """The settings the Definitions read when they load (timezone, partitions start, campaign cap, A/B experiment,
     executor), checked before ``up``, ``dev`` and ``env`` start or export anything: a typo'd one was exported with
@@ -273,7 +286,9 @@ def task_stats(window_s: float) -> dict:
         with dagster_instance(stack) as instance:
             return task_run_stats(instance, task_registry().types, window_s=window_s)
     except Exception as error:
-        return {"unavailable": _one_line(error)}
+        named = os.environ.get(ENV_DAGSTER_PG)
+        where = f"Dagster's storage, {ENV_DAGSTER_PG} ({redact(named)})" if named else "Dagster's storage"
+        return {"unavailable": f"{where}: {_one_line(error)}"}
 
 
 ENV_PUBLISHER_PASSWORD = "PRECOMPUTE_REDIS_PUBLISHER_PASSWORD"
@@ -1188,10 +1203,9 @@ def learned_results(day_keys: list, args: argparse.Namespace, train_days: int, *
 
 
 def cmd_docs(args: argparse.Namespace) -> int:
-    import psycopg2
+    from ..storage.documents import DocumentFields, DocumentStore, check_document_file
 
-    from ..storage.documents import DocumentFields, DocumentFileError, DocumentStore, check_document_file
-
+    fields = None
     if args.docs_command == "load":
         try:
             kind = check_document_file(args.file)
@@ -1203,7 +1217,16 @@ def cmd_docs(args: argparse.Namespace) -> int:
         if args.no_header and kind not in ("csv", "tsv"):
             raise CliError(f"--no-header is for CSV and TSV files, not {kind}")
     env = _up(Stack(), redis=False)  # the documents are the database's: the embedding sync serves them
-    store = DocumentStore(env[ENV_APP_DB])
+    with app_database(env[ENV_APP_DB]):
+        return _docs(args, DocumentStore(env[ENV_APP_DB]), fields)
+
+
+def _docs(args: argparse.Namespace, store: DocumentStore, fields: Any) -> int:
+    """``cmd_docs`` on its database (``fields``: how a file to load names them)."""
+    import psycopg2
+
+    from ..storage.documents import DocumentFileError
+
     store.ensure_schema()
     if args.docs_command == "quarantine":
         return _print_quarantined(store, args.load_id)

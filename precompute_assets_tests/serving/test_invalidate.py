@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
+import psycopg2
 import pytest
 
 from precompute_assets.serving import PredictionCache, QueryLogger, connect, publish_version
@@ -343,6 +345,26 @@ def test_task_stats_say_why_when_dagster_storage_is_not_there(monkeypatch, tmp_p
     monkeypatch.delenv("DAGSTER_HOME", raising=False)
     monkeypatch.setenv(ENV_HOME, str(tmp_path / "nothing-here"))
     assert task_stats(3600) == {"unavailable": "no DAGSTER_HOME and no local stack (`precompute up`)"}
+
+
+def test_task_stats_name_the_dagster_storage_that_failed(monkeypatch, tmp_path):
+    """A storage that did not answer printed psycopg2's line alone, naming no setting (h_prod2)."""
+    from precompute_assets.stack import ENV_DAGSTER_PG, ENV_HOME
+    from precompute_assets.tools import cli
+
+    monkeypatch.setenv(ENV_HOME, str(tmp_path / "home"))
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
+    monkeypatch.setenv(ENV_DAGSTER_PG, "postgresql://u:s3cret@127.0.0.1:1/dagster")
+
+    @contextlib.contextmanager
+    def refused(stack):
+        raise psycopg2.OperationalError('connection to server at "127.0.0.1", port 1 failed: Connection refused')
+        yield
+
+    monkeypatch.setattr(cli, "dagster_instance", refused)
+    why = cli.task_stats(3600)["unavailable"]
+    assert why.startswith("Dagster's storage, DAGSTER_PG_URL (postgresql://u:***@127.0.0.1:1/dagster): "), why
+    assert "OperationalError: connection to server" in why and "s3cret" not in why
 
 
 def test_stats_sample_the_fields_of_a_bucket_grown_big(redis_server, schema):

@@ -1704,6 +1704,31 @@ def test_docs_that_loaded_but_cannot_be_counted_exit_0_and_say_so(stack, app_db,
     assert count(DocumentStore(app_db)) == 20
 
 
+def test_a_database_that_fails_mid_command_is_named(stack, app_db, tmp_path, monkeypatch, capsys):
+    """A server that restarted mid-load printed psycopg2's message alone, naming no setting (h_prod2)."""
+    import psycopg2
+
+    from precompute_assets.stack import ENV_APP_DB, ENV_DAGSTER_PG, ENV_REDIS
+    from precompute_assets.storage.campaigns import CampaignRegistry
+    from precompute_assets.storage.documents import DocumentStore
+
+    monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "home"))
+    for name in (ENV_REDIS, ENV_DAGSTER_PG):
+        monkeypatch.setenv(name, stack.env()[name])
+    monkeypatch.setenv(ENV_APP_DB, app_db)
+
+    def lost(self, *args, **kwargs):
+        raise psycopg2.OperationalError("server closed the connection unexpectedly\n\tThis probably means ...")
+
+    monkeypatch.setattr(DocumentStore, "load_frame", lost)
+    monkeypatch.setattr(CampaignRegistry, "list", lost)
+    for argv, command in ((["docs", "generate", "--n", "5"], "docs"), (["campaign", "list"], "campaign")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"precompute {command}: PRECOMPUTE_APP_DB_URL (") and err.count("\n") == 1, err
+        assert "failed: server closed the connection unexpectedly" in err, err
+
+
 def test_docs_delete_soft_deletes_what_the_next_sync_removes(stack, app_db, tmp_path, monkeypatch, capsys):
     """Loads only upsert, and the README promised that deleted documents leave Redis: the only delete was a SQL
     DELETE, which no sync sees, so their vectors were served for good (h_emb)."""
