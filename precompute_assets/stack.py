@@ -1479,8 +1479,19 @@ class Stack:
         return [
             f"{name}/"
             for name, variable in folders
-            if self._external(variable) is None and (self.home / name).is_dir() and any((self.home / name).iterdir())
+            if self._names_own_folder(variable, name)
+            and (self.home / name).is_dir()
+            and any((self.home / name).iterdir())
         ]
+
+    def _names_own_folder(self, variable: str, name: str) -> bool:
+        """Whether ``variable`` (the lake's or the model store's location) is unset or names the home's own ``name``
+        folder, as ``precompute env`` exports it (a ``file://`` URI or another spelling of the path too)."""
+        value = self._external(variable)
+        if value is None:
+            return True
+        path = value.removeprefix("file://") if value.startswith("file://") or "://" not in value else None
+        return path is not None and Path(path).expanduser().resolve() == (self.home / name).resolve()
 
     def status(self) -> list[ServiceStatus]:
         """Embedded servers by their pid; external ones by whether their port answers and then accepts our login;

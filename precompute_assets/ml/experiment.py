@@ -68,11 +68,16 @@ def parse_arms(arms: str | Sequence[str]) -> tuple[str, str]:
             f"unknown strategy {unknown[0]!r} in experiment arms: use two of {', '.join(STRATEGIES)} (the same one "
             "twice for an A/A test)"
         )
-    if names[0] != names[1]:
-        return names[0], names[1]
-    if names[0] not in STRATEGIES:
-        raise ValueError(f"an experiment needs two distinct arms, got {arms!r}")
-    return names[0] + AA_SUFFIXES[0], names[1] + AA_SUFFIXES[1]
+    if names[0] == names[1] and names[0] in STRATEGIES:
+        return names[0] + AA_SUFFIXES[0], names[1] + AA_SUFFIXES[1]
+    suffixed = [name for name in names if name not in STRATEGIES]
+    strategy = _strategy_of(names[0])
+    if suffixed and names != [f"{strategy}{AA_SUFFIXES[0]}", f"{strategy}{AA_SUFFIXES[1]}"]:
+        raise ValueError(
+            f"{suffixed[0]!r} names an arm of an A/A test: give its two arms as S_a,S_b of one strategy S (or S,S), "
+            f"got {arms!r}"
+        )
+    return names[0], names[1]
 
 
 def _strategy_of(arm: str) -> str | None:

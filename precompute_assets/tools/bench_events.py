@@ -185,7 +185,6 @@ def _recomputes(redis_url: str, namespace: str, *, plain: bool, threads: int, ra
 def _login_pipeline(
     redis_url: str,
     dagster_pg_url: str,
-    app_db_url: str,
     namespace: str,
     *,
     sensor_events: int,
@@ -216,7 +215,9 @@ def _login_pipeline(
         cleanup.callback(client.close)
         cleanup.callback(drop_namespace, client, schema)
         dagster_db = cleanup.enter_context(scratch_database(dagster_pg_url, "bench"))
-        app_db = cleanup.enter_context(scratch_database(app_db_url, "bench"))  # the sensor asks it about campaigns
+        # the sensor asks a campaign registry whether campaigns hold the uploads' CTRs: one of its own, on the server
+        # that holds the scratch Dagster database already (the application database's role may not create databases)
+        app_db = cleanup.enter_context(scratch_database(dagster_pg_url, "benchapp"))
         instance = cleanup.enter_context(
             dg.instance_for_test(overrides={"storage": {"postgres": {"postgres_url": dagster_db}}})
         )
@@ -484,15 +485,15 @@ def bench_events(
     daemon_logins: int = 0,
     seed: int = 0,
 ) -> dict:
-    """The measurements of the module docstring, as one JSON-able dict. ``app_db_url``: the server of a scratch
-    campaign registry, which the sensor asks whether campaigns hold the uploaded creatives' CTRs (``dagster_pg_url``'s
-    when None); without ``dagster_pg_url`` the sensor and login measurements are None."""
+    """The measurements of the module docstring, as one JSON-able dict. ``app_db_url`` is not used (the sensor's
+    campaign registry is a scratch database beside the scratch Dagster one); without ``dagster_pg_url`` the sensor and
+    login measurements are None."""
     namespace = f"bench{uuid.uuid4().hex[:8]}"
     result: dict = {"bench": "events"}
     result.update(_event_rates(redis_url, f"{namespace}e", events, event_rate))
     if dagster_pg_url:
-        result.update(_login_pipeline(redis_url, dagster_pg_url, app_db_url or dagster_pg_url, f"{namespace}s",
-                                      sensor_events=sensor_events, seed=seed, daemon_logins=daemon_logins))  # fmt: skip
+        result.update(_login_pipeline(redis_url, dagster_pg_url, f"{namespace}s", sensor_events=sensor_events,
+                                      seed=seed, daemon_logins=daemon_logins))  # fmt: skip
     else:
         result.update({"sensor_tick_s": None, "login_to_readable_s": None})
     hot = {"threads": hot_threads, "rate": hot_rate, "seconds": hot_seconds, "ttl_s": hot_ttl_s,

@@ -215,7 +215,11 @@ def test_the_resource_builds_the_experiment_and_names_the_variable_when_it_is_wr
     assert ExperimentResource(arms="ewma,seasonal", salt="x", name="n").experiment().name == "n"
     aa = ExperimentResource(arms="lstm,lstm").experiment()  # an A/A test
     assert aa == Experiment("lstm_a-vs-lstm_b", "ab1", ("lstm_a", "lstm_b"))
-    for arms, message in (("lstm", "exactly two"), ("lstm_a,lstm_a", "two distinct"), ("lstm,oracle", "unknown")):
+    for arms, message in (
+        ("lstm", "exactly two"),
+        ("lstm_a,lstm_a", "names an arm of an A/A test"),
+        ("lstm,oracle", "unknown"),
+    ):
         with pytest.raises(SettingError, match=f"PRECOMPUTE_EXPERIMENT='{arms}'.*{message}"):
             ExperimentResource(arms=arms).experiment()
     with pytest.raises(SettingError, match="PRECOMPUTE_EXPERIMENT_SALT"):

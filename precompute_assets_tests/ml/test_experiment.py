@@ -81,7 +81,10 @@ def test_the_serving_client_logs_the_arm_ml_computes():
         ("frequency,magic", "unknown strategy 'magic'"),
         ("frequency_c,lstm", "unknown strategy 'frequency_c'"),
         ("_a,lstm", "unknown strategy '_a'"),
-        ("frequency_a,frequency_a", "two distinct arms"),
+        ("frequency_a,frequency_a", "names an arm of an A/A test"),
+        ("frequency,frequency_a", "names an arm of an A/A test"),  # (h_diff22: an A/A under names that hid it)
+        ("frequency_b,frequency_a", "give its two arms as S_a,S_b"),
+        ("ewma_b,seasonal_a", "'ewma_b' names an arm of an A/A test"),
     ],
 )
 def test_parse_arms_rejects_bad_experiments(arms, message):
@@ -479,7 +482,7 @@ def test_ab_replay_shares_the_step_budget_among_the_days_and_reports_the_safety_
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"arms": ("frequency_a", "frequency_a")}, "two distinct arms"),
+        ({"arms": ("frequency_a", "frequency_a")}, "names an arm of an A/A test"),
         ({"arms": ("frequency", "oracle")}, "unknown strategy"),
         ({"top_n": 70}, "top_n <= capacity"),
         ({"top_n": "auto"}, "fixed top_n"),

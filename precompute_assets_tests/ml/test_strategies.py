@@ -444,7 +444,7 @@ def test_replay_cli_runs_an_ab_experiment_and_refuses_bad_arms(tmp_path, capsys)
     bad_arms = [
         ("frequency", "--ab 'frequency'"),
         ("frequency,oracle", "--ab 'frequency,oracle'"),
-        ("lstm_b,lstm_b", "two distinct arms"),
+        ("lstm_b,lstm_b", "names an arm of an A/A test"),
     ]
     for bad, message in bad_arms:
         assert main([*args, "--ab", bad]) == 2

@@ -626,6 +626,11 @@ def test_purge_keeps_the_lake_and_models_that_external_databases_record(stack, t
     assert err.count("\n") == 1 and f"refusing to purge {home.resolve()}: its lake/ belong to the deployment" in err
     assert "DAGSTER_PG_URL and PRECOMPUTE_APP_DB_URL the environment names" in err, err
     assert (home / "lake" / "ads" / "part.parquet").exists()
+    # as `eval "$(precompute env)"` exports them, and other spellings of the home's own folders: its own (h_diff22)
+    for lake in (str(home / "lake"), f"file://{home}/lake", f"{home}/./lake/"):
+        monkeypatch.setenv("PRECOMPUTE_LAKE_URI", lake)
+        monkeypatch.setenv("PRECOMPUTE_MODEL_STORE", str(home / "models"))
+        assert main(["down", "--purge"]) == 2 and "refusing to purge" in capsys.readouterr().err, lake
     monkeypatch.setenv("PRECOMPUTE_LAKE_URI", str(tmp_path / "elsewhere"))  # the lake is not the home's: purged
     assert main(["down", "--purge"]) == 0
     said = capsys.readouterr().out
