@@ -646,8 +646,30 @@ _FORKABLE: weakref.WeakSet[QueryLogger] = weakref.WeakSet()
 _FORKABLE_LOCK = threading.Lock()
 
 
+class _Token:
+    """Something multiprocessing's registry of after-fork calls can hold a weak reference to."""
+
+    registered = False
+
+
+_MULTIPROCESSING_TOKEN = _Token()
+
+
+def _close_in_multiprocessing_children() -> None:
+    """Have each child multiprocessing forks (``Process``, ``Pool``, ``ProcessPoolExecutor``) close its loggers before
+    it exits. Once its target returns it ends with ``os._exit``, past atexit, after multiprocessing's own finalizers:
+    the queries it still buffered were lost, counted nowhere. Its fork clears the finalizers the parent registered,
+    then runs the after-fork calls registered here, which register one. Only once multiprocessing is imported."""
+    util = sys.modules.get("multiprocessing.util")
+    if util is None or _MULTIPROCESSING_TOKEN.registered:
+        return
+    util.register_after_fork(_MULTIPROCESSING_TOKEN, lambda _: util.Finalize(None, _close_at_exit, exitpriority=0))
+    _MULTIPROCESSING_TOKEN.registered = True
+
+
 def _before_fork() -> None:
     """Before a fork: every logger holds its lock across it (``QueryLogger._before_fork``)."""
+    _close_in_multiprocessing_children()
     _FORKABLE_LOCK.acquire()
     for logger in list(_FORKABLE):
         logger._before_fork()
