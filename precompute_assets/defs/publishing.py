@@ -20,6 +20,7 @@ from ..serving.publish import IncompleteVersionError, missing_buckets, sampled_b
 from ..sync.embeddings import lost_redis_version
 from .experiment import carried_experiment, experiment_metadata, selected_experiment
 from .freshness import CTR_CACHE_FRESHNESS
+from .invalidations import give_back
 from .models import CTR_MODEL
 from .partitions import DEFAULT_PARTITIONS
 from .records import materializations, metadata_of, newest_metadata
@@ -106,6 +107,8 @@ def ctr_cache(
     version = content_version(context.partition_key, ctr_predictions, experiment)
     writes_from = time.time()  # the buckets' TTL runs from their writes
     try:
+        give_back(context.instance, client, schema, asset="ctr_cache", kind="ctr", version=version,
+                  n_keys=len(ctr_predictions), log=context.log)  # fmt: skip
         result = publish_version(
             client,
             "ctr",
@@ -581,6 +584,8 @@ def restore_served_version(
         )
     items = zip(predictions["ad_id"].tolist(), predictions["ctr"].tolist(), strict=True)
     try:
+        give_back(context.instance, client, schema, asset="ctr_cache", kind="ctr", version=version,
+                  n_keys=len(predictions), log=context.log)  # fmt: skip
         result = publish_version(
             client, "ctr", version, items, n_keys=len(predictions), ttl_s=restored_ttl_s(config, recorded),
             grace_s=GRACE_SECONDS, schema=schema, experiment=experiment, replica_wait_s=redis.replica_wait_s,

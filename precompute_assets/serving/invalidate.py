@@ -36,6 +36,7 @@ class Invalidated:
     fields: int = 0  # keys removed from the current version's buckets
     buckets: int = 0  # whole buckets of a non-current version deleted
     version: str | None = None  # the current version the fields were removed from, or the version deleted
+    recorded: tuple[str, ...] = ()  # the versions whose record of invalidations (``KeySchema.invalidated``) it added to
 
     @property
     def total(self) -> int:
@@ -100,7 +101,8 @@ def invalidate(
         if not fenced:
             bump_epoch(client, kind, schema)
         _unpublish(client, schema, kind, fields)
-        return Invalidated(kind, live_keys=live_keys, fields=fields, version=_name(pointer))
+        return Invalidated(kind, live_keys=live_keys, fields=fields, version=_name(pointer),
+                           recorded=_names(pointer, previous))  # fmt: skip
     fields = 0
     for version in (pointer, previous):
         if version is None:
@@ -123,7 +125,11 @@ def invalidate(
     if not fenced:
         bump_epoch(client, kind, schema)
     _unpublish(client, schema, kind, fields)
-    return Invalidated(kind, live_keys=live, fields=fields, version=_name(pointer))
+    return Invalidated(kind, live_keys=live, fields=fields, version=_name(pointer), recorded=_names(pointer, previous))
+
+
+def _names(*versions: Pointer | None) -> tuple[str, ...]:
+    return tuple(version.version for version in versions if version is not None)
 
 
 def _unpublish(client: redis.Redis, schema: KeySchema, kind: str, fields: int) -> None:
@@ -142,15 +148,15 @@ def _unpublish(client: redis.Redis, schema: KeySchema, kind: str, fields: int) -
 INVALIDATED_MIN_TTL_S = 7 * 86_400  # what an invalidation took out is remembered at least this long
 
 
-def _record(client: redis.Redis, schema: KeySchema, kind: str, version: Pointer, member: str) -> bool:
-    """Remember ``member`` (see ``KeySchema.invalidated``) for ``version``, before deleting, for as long as the
+def _record(client: redis.Redis, schema: KeySchema, kind: str, version: Pointer, *members: str) -> bool:
+    """Remember ``members`` (see ``KeySchema.invalidated``) for ``version``, before deleting, for as long as the
     version's buckets live (at least ``INVALIDATED_MIN_TTL_S``): a restore of the version (``cache_health``, after
     Redis lost some of its buckets) or a retried publish of it wrote the invalidated values back. False when Redis
     refused it at ``maxmemory``."""
     name = schema.invalidated(kind, version.version)
     try:
         ttls = [client.ttl(schema.bucket(kind, version.version, index)) for index in {0, version.buckets - 1}]
-        client.sadd(name, member)
+        client.sadd(name, *members)
         if -1 not in ttls:  # a version without a TTL (patched in place): so is the record, which lives as long
             client.expire(name, max(INVALIDATED_MIN_TTL_S, *ttls))
     except redis.exceptions.OutOfMemoryError:
@@ -178,6 +184,24 @@ class Invalidations:
 
     def covers(self, key: str) -> bool:
         return key in self.keys or key.startswith(self.prefixes)
+
+
+def recorded_members(client: redis.Redis, schema: KeySchema, kind: str, version: str) -> list[str]:
+    """The record of what invalidations took out of ``version`` (``KeySchema.invalidated``), as its members, sorted:
+    what a copy kept outside Redis (``remember``) gives back after Redis lost its data."""
+    return sorted(m.decode() if isinstance(m, bytes) else m for m in client.smembers(schema.invalidated(kind, version)))
+
+
+def remember(client: redis.Redis, schema: KeySchema, kind: str, version: Pointer, members: Iterable[str]) -> int:
+    """Add ``members`` (``recorded_members`` of ``version`` kept elsewhere) to Redis's record of what invalidations
+    took out of ``version``, as ``invalidate`` records them (for as long as its buckets live, at least a week), before
+    a publish of it: a restore after Redis lost its data wrote the invalidated values back. How many it lacked."""
+    there = set(recorded_members(client, schema, kind, version.version))
+    missing = [member for member in dict.fromkeys(members) if member not in there]
+    if missing and not _record(client, schema, kind, version, *missing):
+        name = schema.invalidated(kind, version.version)
+        raise redis.exceptions.OutOfMemoryError(f"{name}: not recorded, Redis is at maxmemory")
+    return len(missing)
 
 
 def invalidations(client: redis.Redis, schema: KeySchema, kind: str, version: str) -> Invalidations:

@@ -246,6 +246,30 @@ def lost_publish_lines(stack: Stack, redis_service: ServiceStatus, postgres: Ser
         return [f"(unknown: {_one_line(error)})"]
 
 
+def _keep_invalidations(client: Any, schema: Any, done: Any) -> None:
+    """Copy Redis's record of what ``done`` (an ``Invalidated``) took out of the versions of a kind a restore publishes
+    again (``ctr``) into Dagster's storage (``defs.invalidations``): a Redis that lost its data lost the record, and
+    the restore wrote the invalidated values back. Storage that cannot be reached is one warning line."""
+    from ..defs.invalidations import keep
+    from ..defs.publishing import PUBLISHED_KINDS
+    from ..serving.invalidate import recorded_members
+
+    if done.kind != "ctr" or not done.recorded:
+        return
+    unkept = (f"precompute cache: warning: the invalidation of {', '.join(done.recorded)} is recorded in Redis only: "
+              "a restore after Redis loses its data writes it back")  # fmt: skip
+    try:
+        stack = Stack()
+        if "DAGSTER_HOME" not in os.environ and not (stack.dagster_home / "dagster.yaml").exists():
+            print(f"{unkept} (no DAGSTER_HOME and no local stack)", file=sys.stderr)
+            return
+        with dagster_instance(stack) as instance:
+            for version in done.recorded:
+                keep(instance, PUBLISHED_KINDS["ctr"][0], version, recorded_members(client, schema, "ctr", version))
+    except Exception as error:  # the invalidation is done: a record that fails is said, not raised
+        print(f"{unkept} (Dagster's storage: {_one_line(error)})", file=sys.stderr)
+
+
 @contextlib.contextmanager
 def dagster_instance(stack: Stack, *, own: bool = False) -> Iterator:
     """The Dagster instance of ``DAGSTER_HOME`` (the stack's unless set; with ``own``, the stack's whatever is set:
@@ -457,6 +481,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
                 print(f"precompute cache: warning: nothing of kind {args.kind!r} in namespace {args.namespace!r} "
                       "matched (check --kind, --namespace, and the key, prefix or version)",
                       file=sys.stderr)  # fmt: skip
+            _keep_invalidations(client, schema, done)
             return 0
         stats = cache_stats(client, schema, kinds=[args.kind] if args.kind else None, window_s=args.window)
     except ValueError as error:

@@ -525,3 +525,47 @@ def test_a_restored_version_redis_evicts_again_is_not_restored_every_tick(lake_u
         create_run_for_test(instance, job_name=ctr_restore_job.name, status=dg.DagsterRunStatus.SUCCESS)
         assert isinstance(restore_request(instance, client, schema, datetime.now(UTC)), dg.RunRequest)  # no mark
     client.close()
+
+
+def test_what_an_operator_invalidated_stays_out_of_a_restore_after_redis_lost_its_data(
+    lake_uri, redis_url, redis_client, schema, dagster_pg_url, tmp_path, monkeypatch, capsys
+):
+    """Redis keeps the record of what `cache invalidate` took out of a version beside it, and lost it with its data:
+    the restore that followed wrote the invalidated values back (h_ops3). The command now also keeps the record in
+    Dagster's storage, and the restore (and a publish of the version again) gives it back to Redis first."""
+    from precompute_assets.defs.automation import restore_request
+    from precompute_assets.defs.publishing import ctr_restore_job
+    from precompute_assets.storage.postgres import scratch_database
+    from precompute_assets.tools.cli import main
+
+    ids = [f"ad{i:03d}" for i in range(150)]
+    Lake(lake_uri).write("ctr_predictions", GOOD, pd.DataFrame({"ad_id": ids, "ctr": 0.25, "model_version": "m"}))
+    reader = PredictionCache(connect(redis_url, socket_timeout=5), schema=schema, pointer_ttl_s=0)
+    with scratch_database(dagster_pg_url, "dagster") as url:
+        home = tmp_path / "dagster_home"
+        home.mkdir()
+        (home / "dagster.yaml").write_text(f"storage:\n  postgres:\n    postgres_url: {url}\n")
+        monkeypatch.setenv("DAGSTER_HOME", str(home))
+        monkeypatch.setenv("PRECOMPUTE_REDIS_URL", redis_url)
+        with dg.DagsterInstance.from_config(str(home)) as instance:
+            good = publish(instance, lake_uri, redis_url, schema.namespace, GOOD)["version"]
+            ns = ["--namespace", schema.namespace]
+            assert main(["cache", "invalidate", "--kind", "ctr", "--key", "ad007", *ns]) == 0
+            assert main(["cache", "invalidate", "--kind", "ctr", "--prefix", "ad01", *ns]) == 0
+            assert "recorded in Redis only" not in capsys.readouterr().err
+            gone = ["ad007", *(f"ad01{i}" for i in range(10))]
+            assert reader.get_many("ctr", gone) == [None] * 11
+
+            redis_client.delete(*redis_client.keys(f"{schema.prefix}:*"))  # a restart without persistence
+            request = restore_request(instance, redis_client, schema, datetime.now(UTC))
+            resources = {"lake": LakeResource(base_uri=lake_uri),
+                         "redis": RedisResource(url=redis_url, namespace=schema.namespace)}  # fmt: skip
+            assert ctr_restore_job.execute_in_process(instance=instance, resources=resources, tags=request.tags).success
+            assert reader.get_many("ctr", gone) == [None] * 11
+            kept = [key for key in ids if key not in gone]
+            assert reader.get_many("ctr", kept) == pytest.approx([0.25] * len(kept))
+            # a publish of the day again after another loss leaves them out too
+            redis_client.delete(*redis_client.keys(f"{schema.prefix}:*"))
+            assert publish(instance, lake_uri, redis_url, schema.namespace, GOOD)["version"] == good
+            assert reader.get_many("ctr", gone) == [None] * 11 and reader.get("ctr", "ad100") == pytest.approx(0.25)
+    reader.close()
