@@ -439,9 +439,17 @@ def test_cleanup_job_deletes_old_runs_of_the_precompute_task_jobs(redis_url, sch
         old_task, old_nightly = ended(JOB_NAME), ended("daily_precompute_job")
         still_running = create_run_for_test(pg_instance, job_name=JOB_NAME, status=dg.DagsterRunStatus.STARTED).run_id
     recent_task = ended(JOB_NAME)
+    # their stdout and stderr, where the default compute log manager writes them: a folder per run (h_ops3: left)
+    logs = {}
+    for run in (old_task, recent_task):
+        path = Path(pg_instance.compute_log_manager.get_captured_local_path([run, "compute_logs", "step"], "out"))
+        path.parent.mkdir(parents=True)
+        path.write_text("a task's stdout\n")
+        logs[run] = path
     cleanup(resources(redis_url, schema, lake_uri), pg_instance, app_db)
     assert pg_instance.get_run_by_id(old_task) is None and not pg_instance.all_logs(old_task)
     assert all(pg_instance.get_run_by_id(run) for run in (old_nightly, still_running, recent_task))
+    assert not logs[old_task].parent.parent.exists() and logs[recent_task].exists()
 
 
 def test_run_retention_refuses_an_asset_job_and_deletes_nothing(redis_url, schema, lake_uri, pg_instance, app_db):
