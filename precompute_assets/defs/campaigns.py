@@ -419,7 +419,7 @@ def campaign_ctr(
                     break
                 expire_at = expiry(campaign, now, config)
             version = approved_model_version(context.instance)
-            model = model_store.store().load(CTR_MODEL, version)
+            model = model_store.load(CTR_MODEL, version)
             # A changed campaign's budget split is its last revision's, over ads it may no longer have: it goes with
             # the new CTRs, so readers never get one with the other (campaign_budget writes the new split next). On
             # Redis Cluster, per slot (see transact_per_slot): readers may get both for the length of the write.

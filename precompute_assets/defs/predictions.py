@@ -34,7 +34,7 @@ def ctr_predictions(
     """CTR of every ad in ``top_ads``; ads that cannot be scored are listed, not dropped silently. The model
     encodes the ads with its own feature spec; category values it never learned are counted."""
     version = model_version(context.instance, context.partition_key)
-    model = model_store.store().load(CTR_MODEL, version)
+    model = model_store.load(CTR_MODEL, version)
     ads = lake.lake().read("ads")
     try:
         scores, skipped = ctr.score_ads(model, ads, top_ads["ad_id"].tolist())

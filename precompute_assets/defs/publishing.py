@@ -17,6 +17,7 @@ from ..serving import Experiment, KeySchema, Pointer, publish_version
 from ..serving.events import server_mark
 from ..serving.keys import EMBEDDING_KIND
 from ..serving.publish import IncompleteVersionError, missing_buckets, sampled_buckets
+from ..stack import ENV_LAKE
 from ..sync.embeddings import lost_redis_version
 from .experiment import carried_experiment, experiment_metadata, selected_experiment
 from .freshness import CTR_CACHE_FRESHNESS
@@ -568,7 +569,14 @@ def restore_served_version(
     context.log.info(f"restoring ctr version {served}: {why}")
     mark = server_mark(client)  # before the writes: evictions while they run are evictions after the restore too
     day = version_day(served)
-    predictions = lake.lake().read("ctr_predictions", day)
+    try:
+        predictions = lake.lake().read("ctr_predictions", day)
+    except FileNotFoundError as error:  # a lake restored from an older backup, or wiped: no retry brings it back
+        raise dg.Failure(
+            description=f"nothing restored: {error}, from which version {served} was published: restore the lake "
+            f"({ENV_LAKE}) from a backup taken after that publish, or publish a day with ctr_cache",
+            allow_retries=False,
+        ) from None
     try:
         experiment = carried_experiment(predictions, lambda: selected_experiment(context.instance, day))
     except ValueError as error:

@@ -6,7 +6,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator, Mapping
 from datetime import timedelta
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import dagster as dg
 import pandas as pd
@@ -229,6 +229,20 @@ class ModelStoreResource(dg.ConfigurableResource):
         if not self.root:
             raise unset_error(ENV_MODEL_STORE, "the folder of trained models")
         return LocalModelStore(self.root)
+
+    def load(self, name: str, version: str) -> Any:
+        """``store().load``; a version Dagster recorded (approved, or the day's) that the store lacks is one failure
+        that says so and is not retried (the store was restored from an older backup, or wiped): a KeyError's
+        traceback said only that it was not found."""
+        try:
+            return self.store().load(name, version)
+        except KeyError as error:
+            raise dg.Failure(
+                description=f"{error.args[0] if error.args else error}, though Dagster's storage records it: restore "
+                f"the model store ({ENV_MODEL_STORE}) from a backup taken after that version was trained, or "
+                f"materialize {name} again",
+                allow_retries=False,
+            ) from None
 
 
 class DeploymentResource(dg.ConfigurableResource):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import dagster as dg
 import pandas as pd
@@ -569,3 +570,36 @@ def test_what_an_operator_invalidated_stays_out_of_a_restore_after_redis_lost_it
             assert publish(instance, lake_uri, redis_url, schema.namespace, GOOD)["version"] == good
             assert reader.get_many("ctr", gone) == [None] * 11 and reader.get("ctr", "ad100") == pytest.approx(0.25)
     reader.close()
+
+
+def test_a_restore_whose_predictions_the_lake_lost_fails_once_and_says_what_to_restore(
+    lake_uri, redis_url, redis_client, schema, tmp_path
+):
+    """A lake restored from an older backup: the restore failed with FileNotFoundError's traceback, retried first by
+    its policy though no retry brings the file back; and a model store restored so printed a KeyError (h_ops3)."""
+    from precompute_assets.defs.automation import restore_request
+    from precompute_assets.defs.publishing import ctr_restore_job
+    from precompute_assets.defs.resources import ModelStoreResource
+
+    lake = Lake(lake_uri)
+    lake.write("ctr_predictions", GOOD, pd.DataFrame({"ad_id": ["a1", "a2"], "ctr": 0.25, "model_version": "m"}))
+    with dg.instance_for_test() as instance:
+        publish(instance, lake_uri, redis_url, schema.namespace, GOOD)
+        redis_client.delete(*redis_client.keys(f"{schema.prefix}:ctr:*"))  # a restart without persistence
+        (Path(lake_uri) / "ctr_predictions" / f"{GOOD}.parquet").unlink()  # and a lake from before that day
+        request = restore_request(instance, redis_client, schema, datetime.now(UTC))
+        resources = {"lake": LakeResource(base_uri=lake_uri),
+                     "redis": RedisResource(url=redis_url, namespace=schema.namespace)}  # fmt: skip
+        result = ctr_restore_job.execute_in_process(instance=instance, resources=resources, tags=request.tags,
+                                                    raise_on_error=False)  # fmt: skip
+        assert not result.success
+        events = [e.event_type_value for e in result.all_events]
+        assert "STEP_UP_FOR_RETRY" not in events
+        (failure,) = result.get_step_failure_events()
+        message = failure.step_failure_data.user_failure_data.description
+        assert message.startswith("nothing restored: ") and "restore the lake (PRECOMPUTE_LAKE_URI)" in message
+    with pytest.raises(dg.Failure) as raised:
+        ModelStoreResource(root=str(tmp_path / "models")).load("ctr_model", "2026-11-18.abc")
+    assert "version '2026-11-18.abc' not found in store" in raised.value.description
+    assert "restore the model store (PRECOMPUTE_MODEL_STORE)" in raised.value.description
+    assert not raised.value.allow_retries
