@@ -864,6 +864,30 @@ def test_the_approved_model_is_the_newest_day_whose_beats_baseline_passed():
         assert approved_model_version(instance) == "v17"
 
 
+def test_while_a_rollback_holds_a_day_back_its_models_and_later_ones_are_not_used():
+    """An operator rolled ctr_cache back over a bad day: campaign warming, rescoring and the ctr tasks kept scoring with
+    that day's model, and with any approved since (h_ops3). Until a later day publishes, they use the newest model of a
+    day before the one held back."""
+    from precompute_assets.defs.publishing import ROLLED_BACK_OVER
+
+    def train(instance, day: str, version: str) -> None:
+        config = {"ops": {"ctr_model": {"config": {"version": version, "passes": True}}}}
+        dg.materialize([fake_ctr_model], partition_key=day, instance=instance, run_config=config)
+
+    def published(instance, metadata: dict) -> None:
+        instance.report_runless_asset_event(dg.AssetMaterialization("ctr_cache", partition="2026-11-17",
+                                                                    metadata=metadata))  # fmt: skip
+
+    with dg.instance_for_test() as instance:
+        for day, version in (("2026-11-17", "v17"), ("2026-11-18", "v18-bad"), ("2026-11-19", "v19")):
+            train(instance, day, version)
+        assert approved_model_version(instance) == "v19"
+        published(instance, {ROLLED_BACK_OVER: "2026-11-18", "version": "2026-11-17.x"})  # the rollback
+        assert approved_model_version(instance) == "v17"
+        published(instance, {"version": "2026-11-20.y"})  # a later day published: the hold is over
+        assert approved_model_version(instance) == "v19"
+
+
 def test_the_approved_model_is_found_behind_more_than_100_newer_materializations(monkeypatch):
     def train(instance, version: str, passes: bool, day: str, last_day: str | None = None) -> None:
         """One run of ``day``, or one run of the days ``day``..``last_day`` (a single-run backfill)."""
