@@ -3,46 +3,53 @@
 Redis keeps that record beside the version (``KeySchema.invalidated``), and a publish of the version again (a
 restore, a retry, a rollback) leaves out what it names. A Redis that lost its data lost the record too, and the
 restore that follows (``ctr_restore_job``) wrote the invalidated values back. So the command also records the
-version's members as an observation of the asset that publishes the kind, and the publishers give them back to Redis
-(``give_back``) before they write the version.
+members it added as an observation of the asset that publishes the kind (``keep``), and the publishers give every
+member kept back to Redis (``give_back``) before they write the version.
 """
 
 import logging
 
 import dagster as dg
 import redis
+import redis.exceptions
 
 from ..serving import KeySchema, Pointer
+from ..serving.acl import acl_hint
 from ..serving.invalidate import remember
 from ..serving.publish import bucket_count
 
 VERSION_KEY = "invalidated_version"  # observation metadata: the version
 MEMBERS_KEY = "invalidated"  # observation metadata: the record's members (``k:KEY``, ``p:PREFIX``, ``b:BUCKET``)
-MAX_OBSERVATIONS = 10_000  # observations of the asset read back, newest first, for one version's
+PAGE = 1000  # observations of the asset read at a time
 
 
-def keep(instance: dg.DagsterInstance, asset: str, version: str, members: list[str]) -> None:
-    """Record ``members``, the whole of Redis's record of ``version`` after an invalidation, on ``asset``."""
-    metadata = {VERSION_KEY: version, MEMBERS_KEY: dg.MetadataValue.json(sorted(members))}
-    instance.report_runless_asset_event(dg.AssetObservation(asset_key=asset, metadata=metadata))
+def keep(instance: dg.DagsterInstance, asset: str, version: str, members: list[str]) -> int:
+    """Record on ``asset`` those of ``members`` (Redis's record of ``version`` after an invalidation) that no earlier
+    ``keep`` recorded: each observation holds what was new, so a record Redis evicted between two invalidations loses
+    nothing already kept. How many were new."""
+    new = sorted(set(members) - set(kept(instance, asset, version)))
+    if new:
+        metadata = {VERSION_KEY: version, MEMBERS_KEY: dg.MetadataValue.json(new)}
+        instance.report_runless_asset_event(dg.AssetObservation(asset_key=asset, metadata=metadata))
+    return len(new)
 
 
 def kept(instance: dg.DagsterInstance, asset: str, version: str) -> list[str]:
-    """The members the newest ``keep`` of ``version`` recorded on ``asset`` (each records the whole set); none."""
-    cursor, read = None, 0
-    while read < MAX_OBSERVATIONS:
-        result = instance.fetch_observations(dg.AssetKey(asset), limit=500, cursor=cursor)
+    """Every member the ``keep`` calls of ``version`` recorded on ``asset``, sorted; every observation is read."""
+    found: set[str] = set()
+    cursor = None
+    while True:
+        result = instance.fetch_observations(dg.AssetKey(asset), limit=PAGE, cursor=cursor)
         for record in result.records:
             observation = record.asset_observation
             metadata = observation.metadata if observation is not None else {}
             if getattr(metadata.get(VERSION_KEY), "value", None) == version:
                 members = getattr(metadata.get(MEMBERS_KEY), "value", None)
-                return [str(m) for m in members] if isinstance(members, list) else []
-        read += len(result.records)
+                if isinstance(members, list):
+                    found.update(str(member) for member in members)
         if not result.has_more:
-            break
+            return sorted(found)
         cursor = result.cursor
-    return []
 
 
 def give_back(
@@ -61,7 +68,12 @@ def give_back(
     members = kept(instance, asset, version)
     if not members:
         return 0
-    added = remember(client, schema, kind, Pointer(version, bucket_count(n_keys)), members)
+    try:
+        added = remember(client, schema, kind, Pointer(version, bucket_count(n_keys)), members)
+    except redis.exceptions.NoPermissionError as error:  # a publisher user older than the record: as before it
+        log.warning(f"{schema.invalidated(kind, version)}: not given back ({error}); {acl_hint(error)}; the version is "
+                    "written whole, its invalidated keys too")  # fmt: skip
+        return 0
     if added:
         log.warning(
             f"Redis no longer recorded {added} invalidations of {kind} version {version} (it lost its data since): "

@@ -550,7 +550,7 @@ def delete_old_runs(context: dg.OpExecutionContext, config: RunRetentionConfig) 
     before = retention_start(context.log.info, config.retention_days, "run", "every run is kept")
     if before is None:
         return
-    logs_kept: list[str] = []  # why the compute logs of deleted runs stay, once
+    logs_kept: list[str] = []  # why the compute logs of a deleted run stayed, an entry a run
     for job in config.jobs:
         deleted = 0
         while True:
@@ -567,16 +567,15 @@ def delete_old_runs(context: dg.OpExecutionContext, config: RunRetentionConfig) 
         context.log.info(f"deleted {deleted} {job} runs that ended before {before:%Y-%m-%d %H:%M} UTC")
     if logs_kept:
         context.log.warning(
-            f"the compute logs of deleted runs stay where the compute log manager keeps them: {logs_kept[0]}"
+            f"the compute logs of {len(logs_kept)} deleted runs stay where the compute log manager keeps them (the "
+            f"first: {logs_kept[0]})"
         )
 
 
 def delete_compute_logs(instance: dg.DagsterInstance, run_id: str, problems: list[str]) -> None:
     """Delete the compute logs (stdout, stderr) of a deleted run: ``delete_run`` leaves them, a folder of files per run
     in ``$DAGSTER_HOME/storage`` by default, so a run or more a second of the task sensors left ~86,000 a day for good.
-    A manager that cannot delete (``problems`` gets why, once) keeps them."""
-    if problems:
-        return
+    Logs that cannot be deleted (a manager without a delete, a folder of another user) stay: ``problems`` gets why."""
     try:
         instance.compute_log_manager.delete_logs(prefix=[run_id])
     except Exception as error:  # NotImplementedError of a manager that has no delete, or its storage's error

@@ -237,12 +237,15 @@ class ModelStoreResource(dg.ConfigurableResource):
         try:
             return self.store().load(name, version)
         except KeyError as error:
-            raise dg.Failure(
-                description=f"{error.args[0] if error.args else error}, though Dagster's storage records it: restore "
-                f"the model store ({ENV_MODEL_STORE}) from a backup taken after that version was trained, or "
-                f"materialize {name} again",
-                allow_retries=False,
-            ) from None
+            raise dg.Failure(description=missing_model(error, name), allow_retries=False) from None
+
+
+def missing_model(error: KeyError, name: str) -> str:
+    """What to do about a model version Dagster's storage records and the model store lacks (``error``)."""
+    return (
+        f"{error.args[0] if error.args else error}, though Dagster's storage records it: restore the model store "
+        f"({ENV_MODEL_STORE}) from a backup taken after that version was trained, or materialize {name} again"
+    )
 
 
 class DeploymentResource(dg.ConfigurableResource):

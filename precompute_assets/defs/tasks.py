@@ -73,6 +73,7 @@ from .resources import (
     ModelStoreResource,
     RedisResource,
     failing_clearly_when_full,
+    missing_model,
 )
 from .runs import RERUN_IF_WORKER_DIES
 from .user_events import NEXT_ACTION_MODEL, approved_next_action_version
@@ -470,7 +471,7 @@ def _ctr_scores(ctx: TaskContext) -> dict[str, float]:
         version = approved_model_version(ctx.instance)
     except dg.Failure as error:  # none approved
         raise TaskUnavailable(error.description) from None
-    model = ctx.model_store.store().load(CTR_MODEL, version)
+    model = _load(ctx, CTR_MODEL, version)
     try:
         ads = ctx.lake.lake().read("ads")
     except FileNotFoundError as error:  # no ads loaded yet: no retry finds a creative's features
@@ -524,7 +525,16 @@ def _next_action_model(ctx: TaskContext) -> tuple[str, next_action.NextActionMod
     version = approved_next_action_version(ctx.instance)
     if version is None:
         raise TaskUnavailable("no approved next_action_model: materialize next_action_model first")
-    return version, ctx.model_store.store().load(NEXT_ACTION_MODEL, version)
+    return version, _load(ctx, NEXT_ACTION_MODEL, version)
+
+
+def _load(ctx: TaskContext, name: str, version: str) -> Any:
+    """The approved model ``version``; one the store lacks (restored from an older backup) is ``TaskUnavailable``, as
+    ``ModelStoreResource.load`` fails an asset's step: no retry brings it back."""
+    try:
+        return ctx.model_store.store().load(name, version)
+    except KeyError as error:
+        raise TaskUnavailable(missing_model(error, name)) from None
 
 
 def _user_states(ctx: TaskContext, timezone: str, hours: int = 24) -> pd.DataFrame:

@@ -7,6 +7,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import logging
 import math
 import multiprocessing
 import os
@@ -258,16 +259,22 @@ def _keep_invalidations(client: Any, schema: Any, done: Any) -> None:
         return
     unkept = (f"precompute cache: warning: the invalidation of {', '.join(done.recorded)} is recorded in Redis only: "
               "a restore after Redis loses its data writes it back")  # fmt: skip
+    root = logging.getLogger()
+    level = root.level
     try:
         stack = Stack()
-        if "DAGSTER_HOME" not in os.environ and not (stack.dagster_home / "dagster.yaml").exists():
-            print(f"{unkept} (no DAGSTER_HOME and no local stack)", file=sys.stderr)
+        home = Path(os.environ.get("DAGSTER_HOME") or stack.dagster_home)
+        if not (home / "dagster.yaml").exists():  # Dagster would make a store there that no run reads
+            print(f"{unkept} (no dagster.yaml in {home}: `precompute up`, or set DAGSTER_HOME)", file=sys.stderr)
             return
+        root.setLevel(logging.ERROR)  # a storage that does not answer: Dagster's retries warn for 15 s, line by line
         with dagster_instance(stack) as instance:
             for version in done.recorded:
                 keep(instance, PUBLISHED_KINDS["ctr"][0], version, recorded_members(client, schema, "ctr", version))
     except Exception as error:  # the invalidation is done: a record that fails is said, not raised
         print(f"{unkept} (Dagster's storage: {_one_line(error)})", file=sys.stderr)
+    finally:
+        root.setLevel(level)
 
 
 @contextlib.contextmanager

@@ -552,6 +552,7 @@ def test_what_an_operator_invalidated_stays_out_of_a_restore_after_redis_lost_it
             good = publish(instance, lake_uri, redis_url, schema.namespace, GOOD)["version"]
             ns = ["--namespace", schema.namespace]
             assert main(["cache", "invalidate", "--kind", "ctr", "--key", "ad007", *ns]) == 0
+            redis_client.delete(schema.invalidated("ctr", good))  # evicted at maxmemory: ad007 stays kept (h_diff23)
             assert main(["cache", "invalidate", "--kind", "ctr", "--prefix", "ad01", *ns]) == 0
             assert "recorded in Redis only" not in capsys.readouterr().err
             gone = ["ad007", *(f"ad01{i}" for i in range(10))]
@@ -603,3 +604,31 @@ def test_a_restore_whose_predictions_the_lake_lost_fails_once_and_says_what_to_r
     assert "version '2026-11-18.abc' not found in store" in raised.value.description
     assert "restore the model store (PRECOMPUTE_MODEL_STORE)" in raised.value.description
     assert not raised.value.allow_retries
+
+
+def test_a_publisher_that_may_not_read_the_record_writes_the_version_whole_with_a_warning(redis_client, schema, caplog):
+    """A publisher user made before the record (no SMEMBERS) failed every restore and publish of a version an operator
+    had invalidated keys of, retried three times (h_diff23); as before the kept record, it writes the version whole."""
+    import logging
+
+    import redis
+
+    from precompute_assets.defs import invalidations
+
+    with dg.instance_for_test() as instance:
+        invalidations.keep(instance, "ctr_cache", "2026-11-18.v", ["k:a1"])
+        assert invalidations.keep(instance, "ctr_cache", "2026-11-18.v", ["k:a1", "p:b"]) == 1  # only what is new
+        assert invalidations.kept(instance, "ctr_cache", "2026-11-18.v") == ["k:a1", "p:b"]
+
+        def refused(*args, **kwargs):
+            raise redis.exceptions.NoPermissionError("User pub has no permissions to run the 'smembers' command")
+
+        log = logging.getLogger("test_give_back")
+        with pytest.MonkeyPatch.context() as patch, caplog.at_level("WARNING", logger="test_give_back"):
+            patch.setattr(invalidations, "remember", refused)
+            given = invalidations.give_back(instance, redis_client, schema, asset="ctr_cache", kind="ctr",
+                                            version="2026-11-18.v", n_keys=10, log=log)  # fmt: skip
+        assert given == 0
+        assert any(
+            "not given back" in r.message and "precompute redis acl --apply" in r.message for r in caplog.records
+        )

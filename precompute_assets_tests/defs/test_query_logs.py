@@ -866,3 +866,23 @@ def test_the_drain_plots_the_stream_s_footprint_and_warns_before_it_fills_maxmem
     assert "takes 60% of maxmemory" in stream_memory_warning(full, "s")
     assert stream_memory_warning({**full, "maxmemory_bytes": 0}, "s") is None  # no maxmemory: nothing to warn of
     assert stream_memory_warning({}, "s") is None  # a server that refused the footprint
+
+
+def test_compute_logs_that_cannot_be_deleted_do_not_stop_the_others():
+    """One error stopped every later delete of the cleanup, and the runs went, their logs left for good (h_diff23)."""
+    from types import SimpleNamespace
+
+    from precompute_assets.defs.query_logs import delete_compute_logs
+
+    deleted = []
+
+    def delete_logs(prefix):
+        if prefix == ["r2"]:
+            raise PermissionError("[Errno 13] Permission denied: 'storage/r2'")
+        deleted.append(prefix[0])
+
+    instance = SimpleNamespace(compute_log_manager=SimpleNamespace(delete_logs=delete_logs))
+    problems: list[str] = []
+    for run in ("r1", "r2", "r3"):
+        delete_compute_logs(instance, run, problems)
+    assert deleted == ["r1", "r3"] and len(problems) == 1 and "PermissionError" in problems[0]

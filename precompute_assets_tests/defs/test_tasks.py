@@ -1136,3 +1136,17 @@ def test_both_task_sensors_skip_with_a_warning_when_redis_does_not_answer(tmp_pa
     assert isinstance(refresh, dg.SkipReason) and "Redis does not answer" in refresh.skip_message
     warned = capsys.readouterr().err
     assert "not checked the user events after 5-0" in warned and "not checked which live values" in warned
+
+
+def test_a_model_version_the_store_lacks_is_unavailable_not_retried(tmp_path):
+    """A model store restored from an older backup: the ctr and next_actions tasks raised a KeyError for each entity,
+    retried in rounds and then by the run's retries (h_diff23)."""
+    from types import SimpleNamespace
+
+    from precompute_assets.defs.tasks import TaskUnavailable, _load
+
+    ctx = SimpleNamespace(model_store=ModelStoreResource(root=str(tmp_path / "models")))
+    with pytest.raises(
+        TaskUnavailable, match=r"not found in store .*restore the model store \(PRECOMPUTE_MODEL_STORE\)"
+    ):
+        _load(ctx, "ctr_model", "2026-11-18.abc")

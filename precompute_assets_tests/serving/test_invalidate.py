@@ -415,3 +415,17 @@ def test_stats_read_the_ttl_of_a_bucket_that_exists(redis_url, redis_client, sch
     (current, replaced) = [line.split() for line in capsys.readouterr().out.splitlines()[1:3]]
     assert current[:5] == ["ctr", "v2", "0", "0B", "-"] and replaced[1:3] == ["v1", str(left)]
     assert replaced[3].endswith("kB") and float(replaced[3][:-2]) > 1  # a small version's size, not "0.0MB"
+
+
+def test_an_invalidation_says_in_one_line_when_dagster_keeps_no_copy(redis_url, redis_client, schema, monkeypatch,
+                                                                     capsys, tmp_path):  # fmt: skip
+    """A DAGSTER_HOME without a dagster.yaml: Dagster made a store there that no run reads, and said nothing of the
+    copy (h_diff23). The invalidation is done, exit code 0, and one line says the record is Redis's only."""
+    monkeypatch.setenv("PRECOMPUTE_REDIS_URL", redis_url)
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "empty_home"))
+    (tmp_path / "empty_home").mkdir()
+    publish(redis_client, schema, "ctr", "v1", ["a", "b"])
+    assert main(["cache", "invalidate", "--kind", "ctr", "--key", "a", "--namespace", schema.namespace]) == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the invalidation of v1 is recorded in Redis only" in err, err
+    assert "no dagster.yaml in" in err and not any((tmp_path / "empty_home").iterdir())
