@@ -976,7 +976,8 @@ class RefreshPlan:
     hot: int = 0
     due: int = 0
     cooling: int = 0  # due, but requested less than cooldown_s ago (its run is still queued, or it failed)
-    campaign_held: int = 0  # due ctr keys left to campaigns: held by one, or the registry did not answer
+    campaign_held: int = 0  # due ctr keys left to the campaigns that hold them
+    registry_waits: int = 0  # due ctr keys that wait: the campaign registry did not answer
     requested: dict[str, dict[str, int]] = field(default_factory=dict)  # task -> entity -> requested at (ms)
 
 
@@ -993,14 +994,15 @@ def plan_refresh(
     max_keys: int = 10_000,
     cooldown_s: int = 600,
     requested: dict[str, dict[str, int]] | None = None,
-    held: Callable[[list[str]], set[str]] | None = None,
+    held: Callable[[list[str]], set[str] | None] | None = None,
 ) -> RefreshPlan:
     """The live keys of registered task types that had hits in the query log in the last ``window_s`` and whose
     ``PTTL`` is below ``fraction`` of their type's TTL, or that are gone though no published version serves them
     (``serving.refresh``), at most ``max_keys`` (soonest expiry first), each at ``REFRESH_PRIORITY``, skipping those
     requested in the last ``cooldown_s`` (``requested``). A hot value that expired (a refresh failed, or a type's TTL
     is shorter than the cooldown) is thus asked again once the cooldown is over, not never. ``held`` names, of the due
-    ``ctr`` keys, those campaigns hold (``CampaignRegistry.held_ads``): left alone, as their warming wrote them."""
+    ``ctr`` keys, those campaigns hold (``CampaignRegistry.held_ads``): left alone, as their warming wrote them; None
+    when the registry did not answer: they all wait for a tick that can tell (``registry_waits``)."""
     task_of: dict[str, TaskType] = {}
     for task in registry.types.values():
         task_of.setdefault(task.cache_kind, task)  # two types of one kind: the first registered refreshes it
@@ -1022,9 +1024,12 @@ def plan_refresh(
     due = refresh.due_for_refresh(pttls, {kind: task.ttl_s for kind, task in task_of.items()}, fraction=fraction)
     out.due = len(due)
     ctr_due = [key for kind, key in due if kind == CTR_KIND]
-    if held is not None and ctr_due and (campaigns := held(ctr_due)):  # the registry is read only when one may be
-        due = [(kind, key) for kind, key in due if kind != CTR_KIND or key not in campaigns]
+    campaigns = held(ctr_due) if held is not None and ctr_due else set()  # the registry is read only when one may be
+    if campaigns is None:
+        out.registry_waits, campaigns = len(ctr_due), set(ctr_due)
+    else:
         out.campaign_held = len(campaigns)
+    due = [(kind, key) for kind, key in due if kind != CTR_KIND or key not in campaigns]
     for kind, key in due:
         task = task_of[kind].name
         if key in out.requested.get(task, {}):  # requested in the last cooldown_s: its run may still be queued
@@ -1039,11 +1044,11 @@ def plan_refresh(
 
 def held_by_campaigns(
     campaign_registry: CampaignRegistryResource, ads: list[str], log: logging.Logger, *, unanswered: str = "wait"
-) -> set[str]:
-    """``CampaignRegistry.held_ads`` of ``ads`` now. When the registry does not answer, a warning, and: all of them
+) -> set[str] | None:
+    """``CampaignRegistry.held_ads`` of ``ads`` now. When the registry does not answer, a warning, and: None
     (``unanswered="wait"``: a refresh could overwrite a campaign's values, so its ``ctr`` keys wait for a tick that can
-    tell; the other kinds' keys do not wait), or none (``"ask"``: an event's task, which no later tick asks again, is
-    requested, though it may overwrite a campaign's value)."""
+    tell; the other kinds' keys do not wait), or none held (``"ask"``: an event's task, which no later tick asks again,
+    is requested, though it may overwrite a campaign's value)."""
     try:
         return campaign_registry.registry().held_ads(ads, datetime.now(UTC))
     except (dg.Failure, psycopg2.Error) as error:
@@ -1061,14 +1066,14 @@ def held_by_campaigns(
             return set()
         keys = f"{len(ads)} due ctr key" + ("s wait" if many else " waits")
         log.warning(f"{why}; the {keys} for the next tick, as a refresh could overwrite a campaign's values")
-        return set(ads)
+        return None
 
 
-def drop_campaign_held(registry: TaskRegistry, plan: TickPlan, held: Callable[[list[str]], set[str]]) -> int:
+def drop_campaign_held(registry: TaskRegistry, plan: TickPlan, held: Callable[[list[str]], set[str] | None]) -> int:
     """Leaves out of ``plan`` the tasks that would write ``ctr`` keys campaigns hold (``held``: of some ads, those
-    held); how many. The registry is read only when the plan has such a task."""
+    held; None, not known: none left out); how many. The registry is read only when the plan has such a task."""
     ctr = [entity for task, entity in plan.wanted if registry.types[task].cache_kind == CTR_KIND]
-    campaigns = held(sorted(set(ctr))) if ctr else set()
+    campaigns = (held(sorted(set(ctr))) if ctr else None) or set()
     for task, entity in [pair for pair in plan.wanted if pair[1] in campaigns]:
         if registry.types[task].cache_kind == CTR_KIND:
             del plan.wanted[(task, entity)]
@@ -1126,7 +1131,8 @@ def build_live_refresh_sensor(
         cursor = json.dumps({"requested": found.requested}, separators=(",", ":"), sort_keys=True)
         summary = (
             f"{found.queries_read} logged queries, {found.hot} hot keys, {found.due} due "
-            f"({found.cooling} already requested, {found.campaign_held} held for campaigns), "
+            f"({found.cooling} already requested, {found.campaign_held} held for campaigns, {found.registry_waits} "
+            "waiting for the campaign registry), "
             f"{len(found.plan.wanted)} refreshed in {len(requests)} runs, "
             f"{time.perf_counter() - started:.2f} s"
         )

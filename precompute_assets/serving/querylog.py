@@ -174,6 +174,8 @@ class QueryLogger:
         self._held_for_fork = False  # _lock is held by this process's fork (``_before_fork``)
         self._thread.start()
         _OPEN.add(self)
+        if _in_multiprocessing_child():
+            _close_at_multiprocessing_exit()
         with _FORKABLE_LOCK:
             _FORKABLE.add(self)
 
@@ -650,6 +652,7 @@ class _Token:
     """Something multiprocessing's registry of after-fork calls can hold a weak reference to."""
 
     registered = False
+    finalized_in: int | None = None  # the process whose multiprocessing finalizers close the loggers
 
 
 _MULTIPROCESSING_TOKEN = _Token()
@@ -663,8 +666,23 @@ def _close_in_multiprocessing_children() -> None:
     util = sys.modules.get("multiprocessing.util")
     if util is None or _MULTIPROCESSING_TOKEN.registered:
         return
-    util.register_after_fork(_MULTIPROCESSING_TOKEN, lambda _: util.Finalize(None, _close_at_exit, exitpriority=0))
+    util.register_after_fork(_MULTIPROCESSING_TOKEN, lambda _: _close_at_multiprocessing_exit())
     _MULTIPROCESSING_TOKEN.registered = True
+
+
+def _close_at_multiprocessing_exit() -> None:
+    """Have this process's multiprocessing finalizers close the loggers (``_close_at_exit``), once: a child started
+    by the ``forkserver`` method (Python 3.14's default on Linux) makes its loggers after its start, and ends with
+    ``os._exit`` too."""
+    util = sys.modules.get("multiprocessing.util")
+    if util is not None and _MULTIPROCESSING_TOKEN.finalized_in != os.getpid():
+        util.Finalize(None, _close_at_exit, exitpriority=0)
+        _MULTIPROCESSING_TOKEN.finalized_in = os.getpid()
+
+
+def _in_multiprocessing_child() -> bool:
+    process = sys.modules.get("multiprocessing.process")
+    return process is not None and process.parent_process() is not None
 
 
 def _before_fork() -> None:

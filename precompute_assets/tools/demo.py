@@ -28,7 +28,7 @@ from ..storage.lake import Lake
 from ..workload.ads import generate_traffic, make_ads, true_ctr
 from ..workload.serve import SimClock, serve_traffic
 from .measure import percentile_us, timed
-from .progress import progress
+from .progress import heartbeat, progress
 
 DEMO_TENANT = "demo"
 # Dagster's console logger at WARNING for the demo's runs: at DEBUG its event lines (about 4,000) buried the stages and
@@ -54,7 +54,8 @@ class Stages(dict):
     def timed(self, name: str):
         print(f"== {name}", flush=True)
         started = time.perf_counter()
-        yield
+        with heartbeat(name):  # a stage of minutes of Dagster runs says it is working, in a log too
+            yield
         self[name] = round(time.perf_counter() - started, 2)
 
 

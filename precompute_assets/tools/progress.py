@@ -5,6 +5,7 @@ itself off). Work shorter than that says nothing: a script reading a command's o
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
 import time
@@ -33,6 +34,13 @@ def progress(
         shape = {"bar_format": "{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}"} if share else {}
         return tqdm(iterable, desc=desc, total=total, unit=unit, file=stream, leave=False, unit_scale=True, **shape)
     return LogProgress(iterable, desc=desc, total=total, unit=unit, share=share, stream=stream)
+
+
+def heartbeat(desc: str, stream: TextIO | None = None) -> Any:
+    """A context for work that counts nothing (a stage of Dagster runs): elsewhere than a terminal, ``LogProgress``'s
+    line every ``LOG_EVERY_S`` while it lasts; on a terminal nothing, where the work's own output shows it going."""
+    stream = stream or sys.stderr
+    return contextlib.nullcontext() if stream.isatty() else LogProgress(desc=desc, stream=stream)
 
 
 class LogProgress:

@@ -971,7 +971,9 @@ def test_live_refresh_requests_hot_keys_near_expiry_and_never_the_cold_tail(
     # The next tick does not request it again while its run is queued (the cursor remembers it)...
     again = evaluate(result.cursor)
     assert (
-        not again.run_requests and "1 due (1 already requested, 0 held for campaigns)" in again.skip_reason.skip_message
+        not again.run_requests
+        and "1 due (1 already requested, 0 held for campaigns, 0 waiting for the campaign registry)"
+        in again.skip_reason.skip_message
     )
     # ...and once the run wrote it with the full TTL it is no longer due.
     run = precompute_tasks_job.execute_in_process(
@@ -1064,6 +1066,8 @@ def test_the_live_refresh_leaves_the_ctr_keys_campaigns_hold(
     warned = capsys.readouterr().err
     assert "PRECOMPUTE_APP_DB_URL (postgresql://127.0.0.1:1/never) does not answer" in warned, warned
     assert "the 3 due ctr keys wait for the next tick" in warned and "Redis" not in warned, warned
+    # counted as waiting, not as held: no campaign holds them (h_readme3)
+    assert "0 held for campaigns, 3 waiting for the campaign registry" in warned, warned
     # Re-registered after its warming, a campaign no longer knows when its old values expire: its next warming writes
     # its keys again, and until then they are anyone's (it held them to its end, or for good when open-ended).
     registry.register(warm, "acme", now + timedelta(days=30), [{"ad_id": held, **features}],

@@ -744,6 +744,38 @@ def test_multiprocessing_children_send_what_they_buffered(redis_url, redis_clien
     assert keys == sorted(f"{name}{i}" for name in ("process", "pool", "executor") for i in range(20))
 
 
+FORKSERVER_CHILDREN = """
+import multiprocessing, sys
+from precompute_assets.serving import KeySchema, QueryLogger, connect
+
+def serve(name, url, namespace):  # a child builds its own logger, and returns without closing it
+    logger = QueryLogger(connect(url, socket_timeout=5), KeySchema(namespace), flush_interval_s=60)
+    for i in range(20):
+        logger.log("ctr", f"{name}{i}", hit=True)
+    return name
+
+if __name__ == "__main__":
+    server = multiprocessing.get_context("forkserver")  # Python 3.14's default start method on Linux
+    child = server.Process(target=serve, args=("process", *sys.argv[1:]))
+    child.start()
+    child.join()
+    pool = server.Pool(1)
+    pool.starmap(serve, [("pool", *sys.argv[1:])])
+    pool.close()
+    pool.join()
+"""
+
+
+def test_forkserver_children_send_what_their_own_loggers_buffered(redis_url, redis_client, schema, tmp_path):
+    """A forkserver child ends with os._exit too, and its loggers, made after its start, had no finalizer: every query
+    it logged was lost (h_readme3: 0 of 100)."""
+    script = tmp_path / "forkserver_children.py"
+    script.write_text(FORKSERVER_CHILDREN)
+    subprocess.run([sys.executable, str(script), redis_url, schema.namespace], check=True, timeout=120)
+    keys = sorted(fields[b"key"].decode() for _, fields in logged_queries(redis_client, schema))
+    assert keys == sorted(f"{name}{i}" for name in ("process", "pool") for i in range(20))
+
+
 def test_a_huge_key_or_user_is_logged_cut_short_and_still_quarantined(redis_url, redis_client, schema):
     """A service that logs a request body as the key (``query_logger`` and the decorator take any string), or as the
     user: each such query still reaches the quarantine with its reason, but cut to ``LOGGED_TEXT_CHARS``. Whole, each

@@ -308,3 +308,20 @@ def test_the_demo_refuses_a_day_ctr_cache_would_not_publish_before_resetting_any
         )
         assert publish_blocked(instance, "2026-12-05") == "an operator rolled 2026-12-06 back"
         assert publish_blocked(instance, "2026-12-07") is None
+
+
+def test_a_demo_stage_says_it_is_working_in_a_log(monkeypatch, capsys):
+    """The README says the demo prints a line every 30 s outside a terminal; its stages of minutes of Dagster runs
+    printed none (h_readme3)."""
+    import time
+
+    from precompute_assets.tools import progress
+    from precompute_assets.tools.demo import Stages
+
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0.02)
+    stages = Stages()
+    with stages.timed("materialize_query_logs"):
+        time.sleep(0.15)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines and lines[0].startswith("materialize_query_logs: in ") and lines[-1].endswith(", done"), lines
+    assert stages["materialize_query_logs"] >= 0.15
