@@ -175,7 +175,7 @@ class QueryLogger:
         self._thread.start()
         _OPEN.add(self)
         if _in_multiprocessing_child():
-            _close_at_multiprocessing_exit()
+            _register_multiprocessing_flush()
         with _FORKABLE_LOCK:
             _FORKABLE.add(self)
 
@@ -658,26 +658,41 @@ class _Token:
 _MULTIPROCESSING_TOKEN = _Token()
 
 
-def _close_in_multiprocessing_children() -> None:
-    """Have each child multiprocessing forks (``Process``, ``Pool``, ``ProcessPoolExecutor``) close its loggers before
-    it exits. Once its target returns it ends with ``os._exit``, past atexit, after multiprocessing's own finalizers:
-    the queries it still buffered were lost, counted nowhere. Its fork clears the finalizers the parent registered,
-    then runs the after-fork calls registered here, which register one. Only once multiprocessing is imported."""
+def _flush_in_multiprocessing_children() -> None:
+    """Have each child multiprocessing forks (``Process``, ``Pool``, ``ProcessPoolExecutor``) send what its loggers
+    buffered before it exits. Once its target returns it ends with ``os._exit``, past atexit, after multiprocessing's
+    own finalizers: the queries it still buffered were lost, counted nowhere. Its fork clears the finalizers the parent
+    registered, then runs the after-fork calls registered here, which register one. Only once multiprocessing is
+    imported."""
     util = sys.modules.get("multiprocessing.util")
     if util is None or _MULTIPROCESSING_TOKEN.registered:
         return
-    util.register_after_fork(_MULTIPROCESSING_TOKEN, lambda _: _close_at_multiprocessing_exit())
+    util.register_after_fork(_MULTIPROCESSING_TOKEN, lambda _: _register_multiprocessing_flush())
     _MULTIPROCESSING_TOKEN.registered = True
 
 
-def _close_at_multiprocessing_exit() -> None:
-    """Have this process's multiprocessing finalizers close the loggers (``_close_at_exit``), once: a child started
-    by the ``forkserver`` method (Python 3.14's default on Linux) makes its loggers after its start, and ends with
+def _register_multiprocessing_flush() -> None:
+    """Have this process's multiprocessing finalizers run ``_flush_at_multiprocessing_exit``, once: a child started by
+    the ``forkserver`` method (Python 3.14's default on Linux) makes its loggers after its start, and ends with
     ``os._exit`` too."""
     util = sys.modules.get("multiprocessing.util")
     if util is not None and _MULTIPROCESSING_TOKEN.finalized_in != os.getpid():
-        util.Finalize(None, _close_at_exit, exitpriority=0)
+        util.Finalize(None, _flush_at_multiprocessing_exit, exitpriority=0)
         _MULTIPROCESSING_TOKEN.finalized_in = os.getpid()
+
+
+def _flush_at_multiprocessing_exit() -> None:
+    """What a multiprocessing child's finalizers run once its target returned: wait for its other threads, as Python's
+    exit would later (they may log still: a server thread, pending executor work), then send what every open logger
+    buffered. The loggers stay open: closed there, a thread's later queries were dropped, and a spawn child's own
+    ``atexit`` hooks, which run after the finalizers, could log no more."""
+    current = threading.current_thread()
+    for thread in threading.enumerate():
+        if thread is not current and not thread.daemon and thread.is_alive():
+            thread.join()
+    for logger in list(_OPEN):
+        with contextlib.suppress(Exception):
+            logger.flush()
 
 
 def _in_multiprocessing_child() -> bool:
@@ -687,7 +702,7 @@ def _in_multiprocessing_child() -> bool:
 
 def _before_fork() -> None:
     """Before a fork: every logger holds its lock across it (``QueryLogger._before_fork``)."""
-    _close_in_multiprocessing_children()
+    _flush_in_multiprocessing_children()
     _FORKABLE_LOCK.acquire()
     for logger in list(_FORKABLE):
         logger._before_fork()

@@ -325,3 +325,6 @@ def test_a_demo_stage_says_it_is_working_in_a_log(monkeypatch, capsys):
     lines = capsys.readouterr().err.splitlines()
     assert lines and lines[0].startswith("materialize_query_logs: in ") and lines[-1].endswith(", done"), lines
     assert stages["materialize_query_logs"] >= 0.15
+    with stages.timed("serve_history", counted=True):  # its own counter says it is working: no second line
+        time.sleep(0.1)
+    assert capsys.readouterr().err == ""
