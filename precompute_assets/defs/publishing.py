@@ -91,7 +91,14 @@ def ctr_cache(
                                               **({ROLLED_BACK_OVER: held} if held else {})})  # fmt: skip
     elif held is not None and not config.rollback and context.partition_key <= held:
         # An operator rolled the day back: a refresh (cache_health) or re-run must not publish it again by itself.
-        context.log.warning(f"not published: an operator rolled {held} back; publish it with config rollback: true")
+        current = Pointer.decode_or_none(client.get(schema.pointer("ctr")))
+        if current is not None and version_day(current.version) == context.partition_key:  # the day rolled back to
+            context.log.info(
+                f"not published: {context.partition_key}'s version {current.version} is current, the day an operator "
+                f"rolled {held} back to; config rollback: true publishes it again"
+            )
+        else:
+            context.log.warning(f"not published: an operator rolled {held} back; publish it with config rollback: true")
         return dg.MaterializeResult(metadata={"published": False, ROLLED_BACK_OVER: held, "keys_written": 0})
     if problem := not_probabilities(ctr_predictions):
         # Wrong values would be served as they are; the predictions on disk do not change by retrying.

@@ -445,7 +445,8 @@ def trim_stream(
             f"stopped trimming the {asset} stream at {hour}, an hour that is not materialized yet: its schedule drains "
             f"it if it is at most {CATCH_UP_HOURS} hours old, else materialize {asset} for it (a backfill in the UI)"
         )
-    context.log.info(f"trimmed {removed} {asset} stream entries older than {boundary}")
+    when = f"{datetime.fromtimestamp(boundary / 1000, UTC):%Y-%m-%d %H:%M:%S} UTC"  # it said a raw epoch in ms
+    context.log.info(f"trimmed {removed} {asset} stream entries older than {when}")
     # An observation, not an op output: the job's IO manager stores DataFrames, and the UI plots these numbers.
     context.log_event(
         dg.AssetObservation(

@@ -406,6 +406,11 @@ def test_a_rollback_re_run_after_the_replaced_versions_grace_still_holds_the_bad
         assert again["already_current"] and again["rolled_back_over"] == BAD == rolled_back_over(instance)
         assert not publish(instance, lake_uri, redis_url, schema.namespace, BAD)["published"]
         assert Pointer.decode(redis_client.get(schema.pointer("ctr"))).version == good != bad
+        # a plain re-run of the day rolled back to says it is current, not that it was rolled back (h_ops3)
+        run = run_ctr_cache(instance, lake_uri, redis_url, schema.namespace, GOOD)
+        said = [entry.user_message for entry in instance.all_logs(run.run_id) if "not published" in entry.user_message]
+        assert said == [f"not published: {GOOD}'s version {good} is current, the day an operator rolled {BAD} back to; "
+                        "config rollback: true publishes it again"], said  # fmt: skip
 
 
 def test_a_version_whose_days_model_a_re_run_rejected_is_not_restored(lake_uri, redis_url, redis_client, schema):

@@ -324,8 +324,13 @@ def test_cleanup_job_trims_only_materialized_hours(redis_url, redis_client, sche
     assert len(logged_queries(redis_client, schema)) == 20
 
     dg.materialize([query_logs], resources=res, partition_key=old_hours[1], instance=pg_instance)
-    cleanup(res, pg_instance, app_db)
+    run = cleanup(res, pg_instance, app_db)
     assert len(logged_queries(redis_client, schema)) == 10
+    # the boundary as a time a reader can check, not a raw epoch in milliseconds (h_ops3)
+    said = [entry.user_message for entry in pg_instance.all_logs(run.run_id) if "stream entries older than" in
+            entry.user_message]  # fmt: skip
+    boundary = datetime.fromtimestamp((old + 2 * 3_600_000) / 1000, UTC)
+    assert any(f"older than {boundary:%Y-%m-%d %H:%M:%S} UTC" in message for message in said), said
 
 
 def test_cleanup_job_frees_a_full_redis(redis_server, schema, lake_uri, pg_instance, app_db):
