@@ -78,7 +78,8 @@ def ctr_cache(
     client, schema = redis.client(), redis.schema()
     # The pointer, or, when Redis lost it (or failed over to an older one), the newest publish Dagster recorded: a
     # backfill of an older day published over a lost newer one, and cache_health then never restored the newer day.
-    newer = newer_current_version(client.get(schema.pointer("ctr")), context.partition_key) or newer_recorded(
+    raw_pointer = client.get(schema.pointer("ctr"))
+    newer = newer_current_version(raw_pointer, context.partition_key) or newer_recorded(
         context.instance, context.partition_key
     )
     held = rolled_back_over(context.instance)
@@ -91,7 +92,7 @@ def ctr_cache(
                                               **({ROLLED_BACK_OVER: held} if held else {})})  # fmt: skip
     elif held is not None and not config.rollback and context.partition_key <= held:
         # An operator rolled the day back: a refresh (cache_health) or re-run must not publish it again by itself.
-        current = Pointer.decode_or_none(client.get(schema.pointer("ctr")))
+        current = Pointer.decode_or_none(raw_pointer)
         if current is not None and version_day(current.version) == context.partition_key:  # the day rolled back to
             context.log.info(
                 f"not published: {context.partition_key}'s version {current.version} is current, the day an operator "

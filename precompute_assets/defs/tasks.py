@@ -1045,10 +1045,10 @@ def plan_refresh(
 def held_by_campaigns(
     campaign_registry: CampaignRegistryResource, ads: list[str], log: logging.Logger, *, unanswered: str = "wait"
 ) -> set[str] | None:
-    """``CampaignRegistry.held_ads`` of ``ads`` now. When the registry does not answer, a warning, and: None
-    (``unanswered="wait"``: a refresh could overwrite a campaign's values, so its ``ctr`` keys wait for a tick that can
-    tell; the other kinds' keys do not wait), or none held (``"ask"``: an event's task, which no later tick asks again,
-    is requested, though it may overwrite a campaign's value)."""
+    """``CampaignRegistry.held_ads`` of ``ads`` now; None, with a warning, when the registry does not answer, which
+    says what the caller does then (``unanswered``): ``"wait"``, a refresh's ``ctr`` keys wait for a tick that can
+    tell (``plan_refresh``); ``"ask"``, an event's task, which no later tick asks again, is requested, though it may
+    overwrite a campaign's value (``drop_campaign_held``)."""
     try:
         return campaign_registry.registry().held_ads(ads, datetime.now(UTC))
     except (dg.Failure, psycopg2.Error) as error:
@@ -1063,9 +1063,9 @@ def held_by_campaigns(
                 f"{why}; {len(ads)} ctr task{'s' if many else ''} requested without knowing whether a campaign holds "
                 f"{'them' if many else 'it'}: a campaign's warm value may be overwritten"
             )
-            return set()
-        keys = f"{len(ads)} due ctr key" + ("s wait" if many else " waits")
-        log.warning(f"{why}; the {keys} for the next tick, as a refresh could overwrite a campaign's values")
+        else:
+            keys = f"{len(ads)} due ctr key" + ("s wait" if many else " waits")
+            log.warning(f"{why}; the {keys} for the next tick, as a refresh could overwrite a campaign's values")
         return None
 
 
