@@ -49,7 +49,7 @@ from ..serving.replication import confirm_replicas
 from ..storage.campaigns import DEFAULT_REFRESH_MARGIN, LATEST_TIME, Campaign, CampaignRegistry, SharedAd
 from .config_checks import at_least, positive, refuse
 from .models import CTR_MODEL, approved_materializations
-from .publishing import rolled_back_over
+from .publishing import rollback_hold
 from .resources import (
     CampaignRegistryResource,
     LakeResource,
@@ -267,24 +267,30 @@ def current_campaign(registry: CampaignRegistry, campaign_id: str) -> tuple[Camp
 def approved_model_version(instance: dg.DagsterInstance) -> str:
     """The current approved ``ctr_model`` version: among materializations whose blocking check ``beats_baseline``
     passed, the one of the newest day (the newest run of that day); a backfill of an older day never wins. While an
-    operator's rollback holds a day back (``rolled_back_over``), models of that day and later are not: the operator
-    backed out of it, and campaign warming and the ctr tasks kept scoring with its model.
+    operator's rollback holds a day back (``rolled_back_over``), models of days after the one it published
+    (``rolled_back_to``; for a hold recorded without it, of the held day and later) are not: the operator backed out of
+    them all, the days between of a rollback over several days included.
 
     Reads every materialization and every passed check, page by page: however many backfilled days or retries
     came after the newest approved model, it is found."""
     records = approved_materializations(instance, BEATS_BASELINE, page=APPROVAL_PAGE)
-    held = rolled_back_over(instance)
+    held, held_to = rollback_hold(instance)
     approved = [
         ((partition, storage_id), metadata["model_version"].value)
         for partition, storage_id, _, metadata in records
         if "model_version" in metadata and (metadata.get("approved") is None or metadata["approved"].value)
-        and (held is None or partition < held)
+        and (held is None or (partition <= held_to if held_to else partition < held))
     ]  # fmt: skip
     if not approved:
         raise dg.Failure(
             description="no approved ctr_model: campaigns are scored only by a model that passed beats_baseline; "
             "materialize ctr_model (daily_precompute_job) first"
-            + (f" (models of {held} and later are not used while a rollback holds {held} back)" if held else ""),
+            + (
+                f" (models of {f'days after {held_to}' if held_to else f'{held} and later'} are not used while a "
+                f"rollback holds {held} back)"
+                if held
+                else ""
+            ),
             allow_retries=False,
         )
     return max(approved)[1]

@@ -33,6 +33,7 @@ DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
 # a reader that fetched the old pointer a moment ago still finds its buckets.
 GRACE_SECONDS = 600
 ROLLED_BACK_OVER = "rolled_back_over"  # metadata: the day a rollback replaced
+ROLLED_BACK_TO = "rolled_back_to"  # metadata, beside it: the day the rollback published (older, or the same)
 # The kinds whose versions are published by a materialization: the asset that records each publish, and the metadata
 # field of its materialization naming the version it made current.
 PUBLISHED_KINDS = {"ctr": ("ctr_cache", "version"), EMBEDDING_KIND: ("document_embeddings", "redis_version")}
@@ -82,14 +83,15 @@ def ctr_cache(
     newer = newer_current_version(raw_pointer, context.partition_key) or newer_recorded(
         context.instance, context.partition_key
     )
-    held = rolled_back_over(context.instance)
+    held, held_to = rollback_hold(context.instance)
+    carried = {ROLLED_BACK_OVER: held, **({ROLLED_BACK_TO: held_to} if held_to else {})} if held else {}
     if newer is not None and config.rollback:
         context.log.warning(f"rollback: {newer} (a newer day) gives way to the predictions of {context.partition_key}")
     elif newer is not None:
         # A backfill of an older day must not replace the predictions of a newer one.
         context.log.warning(f"not published: {newer} (a newer day) is current")
         return dg.MaterializeResult(metadata={"published": False, "current_version": newer, "keys_written": 0,
-                                              **({ROLLED_BACK_OVER: held} if held else {})})  # fmt: skip
+                                              **carried})  # fmt: skip
     elif held is not None and not config.rollback and context.partition_key <= held:
         # An operator rolled the day back: a refresh (cache_health) or re-run must not publish it again by itself.
         current = Pointer.decode_or_none(raw_pointer)
@@ -100,7 +102,7 @@ def ctr_cache(
             )
         else:
             context.log.warning(f"not published: an operator rolled {held} back; publish it with config rollback: true")
-        return dg.MaterializeResult(metadata={"published": False, ROLLED_BACK_OVER: held, "keys_written": 0})
+        return dg.MaterializeResult(metadata={"published": False, **carried, "keys_written": 0})
     if problem := not_probabilities(ctr_predictions):
         # Wrong values would be served as they are; the predictions on disk do not change by retrying.
         raise dg.Failure(description=f"nothing published: {problem}", allow_retries=False)
@@ -185,7 +187,7 @@ def ctr_cache(
             **experiment_metadata(experiment),  # selection_experiment credits the version's queries to it
             "handed_over": result.handed_over,
             **({"settle_error": result.settle_error} if result.settle_error else {}),
-            **({ROLLED_BACK_OVER: over_day} if over_day is not None else {}),
+            **({ROLLED_BACK_OVER: over_day, ROLLED_BACK_TO: context.partition_key} if over_day is not None else {}),
         }
     )
 
@@ -213,8 +215,15 @@ def rolled_back_over(instance: dg.DagsterInstance) -> str | None:
     """The day an operator's rollback replaced, while the newest ``ctr_cache`` materialization still carries it
     (the rollback's own, or a publish refused since): until a later day publishes, that day and older ones are
     published only with ``rollback: true``."""
+    return rollback_hold(instance)[0]
+
+
+def rollback_hold(instance: dg.DagsterInstance) -> tuple[str | None, str | None]:
+    """``rolled_back_over`` and the day that rollback published (``rolled_back_to``; None for a hold recorded before
+    it was kept, or for no hold): the days between them were backed out of too."""
     metadata = newest_metadata(instance, "ctr_cache")
-    return metadata[ROLLED_BACK_OVER].value if ROLLED_BACK_OVER in metadata else None
+    over, to = (metadata[name].value if name in metadata else None for name in (ROLLED_BACK_OVER, ROLLED_BACK_TO))
+    return over, to if over is not None else None
 
 
 def version_day(version: str) -> str:

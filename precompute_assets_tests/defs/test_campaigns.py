@@ -888,6 +888,28 @@ def test_while_a_rollback_holds_a_day_back_its_models_and_later_ones_are_not_use
         assert approved_model_version(instance) == "v19"
 
 
+def test_a_rollback_over_several_days_holds_back_the_models_of_the_days_between():
+    """A rollback from 11-19 to 11-16 backed out of 11-17 and 11-18 too, but campaigns went on scoring with their
+    models (h_diff23): only the held day and later were left out. A hold recorded before ``rolled_back_to`` was kept
+    still leaves out the held day and later."""
+    from precompute_assets.defs.publishing import ROLLED_BACK_OVER, ROLLED_BACK_TO
+
+    def published(instance, metadata: dict) -> None:
+        instance.report_runless_asset_event(dg.AssetMaterialization("ctr_cache", partition="2026-11-16",
+                                                                    metadata=metadata))  # fmt: skip
+
+    with dg.instance_for_test() as instance:
+        for day in ("2026-11-16", "2026-11-17", "2026-11-18", "2026-11-19"):
+            config = {"ops": {"ctr_model": {"config": {"version": f"v{day[-2:]}", "passes": True}}}}
+            dg.materialize([fake_ctr_model], partition_key=day, instance=instance, run_config=config)
+        published(instance, {ROLLED_BACK_OVER: "2026-11-19", ROLLED_BACK_TO: "2026-11-16", "version": "2026-11-16.x"})
+        assert approved_model_version(instance) == "v16"
+        published(instance, {"published": False, ROLLED_BACK_OVER: "2026-11-19", ROLLED_BACK_TO: "2026-11-16"})
+        assert approved_model_version(instance) == "v16"  # a refused publish carries the whole hold
+        published(instance, {ROLLED_BACK_OVER: "2026-11-19", "version": "2026-11-16.x"})  # recorded without the day
+        assert approved_model_version(instance) == "v18"
+
+
 def test_the_approved_model_is_found_behind_more_than_100_newer_materializations(monkeypatch):
     def train(instance, version: str, passes: bool, day: str, last_day: str | None = None) -> None:
         """One run of ``day``, or one run of the days ``day``..``last_day`` (a single-run backfill)."""

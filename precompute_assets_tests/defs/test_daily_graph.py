@@ -432,8 +432,9 @@ def test_a_rolled_back_day_is_not_published_again_by_a_refresh(resources, pg_ins
     for _ in range(2):  # a refused publish keeps the hold for the next refresh
         held = publish(DAYS[-1])
         assert held["published"] is False and held["rolled_back_over"] == DAYS[-1]
+        assert held["rolled_back_to"] == DAYS[-2]  # models of days after it stay out of campaigns
         assert cache.current_version("ctr").version == back["version"]
-    assert back["rolled_back_over"] == DAYS[-1]
+    assert back["rolled_back_over"] == DAYS[-1] and back["rolled_back_to"] == DAYS[-2]
     next_day = "2026-11-19"  # the next night publishes its own day, and the hold ends
     lake.write("ctr_predictions", next_day, changed)
     assert publish(next_day)["published"] is True and "rolled_back_over" not in publish(next_day)
