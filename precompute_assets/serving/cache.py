@@ -518,16 +518,19 @@ class PredictionCache:
     def current_version(self, kind: str) -> Pointer | None:
         """The published version of ``kind`` as this reader currently sees it: while Redis fails (or the client
         backs off after a failure), the one it last read, None before any; never raises."""
-        self._refresh_pointer(kind)
-        cached = self._pointers.get(kind)
-        return None if cached is None else cached[0]
+        return self.current(kind)[0]
 
     def current_experiment(self, kind: str) -> Experiment | None:
         """The A/B experiment of ``kind`` as this reader currently sees it (refreshed with the pointer, as
         ``current_version``)."""
+        return self.current(kind)[1]
+
+    def current(self, kind: str) -> tuple[Pointer | None, Experiment | None]:
+        """``current_version`` and ``current_experiment`` read together: the experiment is the version's, even when
+        a publish flips between two calls of those (to log a query outside the cache under its arm and version)."""
         self._refresh_pointer(kind)
         cached = self._pointers.get(kind)
-        return None if cached is None else cached[1]
+        return (None, None) if cached is None else (cached[0], cached[1])
 
     def _refresh_pointer(self, kind: str) -> None:
         """``_pointer`` unless backing off; a Redis error keeps what was last read and backs off (``_trip``)."""

@@ -724,13 +724,16 @@ os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent, 
 
 
 def log_prediction_query(
-    kind: str, logger: QueryLogger, *, key_arg: int | str = 0
+    kind: str, logger: QueryLogger, *, key_arg: int | str = 0, cache: Any = None
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorate a live prediction function so that every call logs a query (a miss: computed live).
 
     The key is the argument ``key_arg`` names (a parameter's position or name), passed by position or by name;
     ``user=`` / ``tenant=`` keyword arguments of the call are logged when present. A call that does not pass the
-    key is not logged (the function's own error, if any, is the caller's).
+    key is not logged (the function's own error, if any, is the caller's). ``cache`` (a ``PredictionCache``):
+    each query is logged with the published version of ``kind`` the cache currently sees and, under an A/B
+    experiment, the key's arm, as the cache's own lookups are; without it, ``selection_experiment`` leaves the
+    queries out of the experiment's report (no arm).
     """
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -744,7 +747,12 @@ def log_prediction_query(
                 key = args[index]
             else:
                 return fn(*args, **kwargs)
-            with query_logger(logger, kind, str(key), user=kwargs.get("user"), tenant=kwargs.get("tenant")):
+            key = str(key)
+            pointer, experiment = (None, None) if cache is None else cache.current(kind)
+            arm = None if experiment is None else experiment.arm(key)
+            version = None if pointer is None else pointer.version
+            with query_logger(logger, kind, key, user=kwargs.get("user"), tenant=kwargs.get("tenant"), arm=arm,
+                              version=version):  # fmt: skip
                 return fn(*args, **kwargs)
 
         return wrapper

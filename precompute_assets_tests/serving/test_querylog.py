@@ -72,6 +72,37 @@ def test_decorator_finds_the_key_by_position_or_by_name(redis_url, redis_client,
     assert [fields[b"key"] for _, fields in logged_queries(redis_client, schema)] == [b"ad1", b"ad2", b"ad3", b"ad4"]
 
 
+def test_decorator_given_the_cache_logs_each_call_under_the_served_version_and_its_arm(redis_url, redis_client, schema):
+    """A service that logs its live predictions with the decorator had those misses outside the A/B report: they
+    carried no arm (h_ab2). Given the cache, each call names the version the cache sees and the key's arm in it."""
+    from precompute_assets.serving import Experiment, PredictionCache, publish_version
+
+    logger = QueryLogger(log_client(redis_url), schema)
+    cache = PredictionCache(connect(redis_url, socket_timeout=5), schema=schema, logger=logger, pointer_ttl_s=0)
+
+    @log_prediction_query("ctr", logger, cache=cache)
+    def predict(ad_id: str) -> float:
+        return 0.5
+
+    predict("before")  # nothing published yet: no version, no arm
+    experiment = Experiment("e1", "salt", ("frequency", "lstm"))
+    publish_version(redis_client, "ctr", "v1", [("a", 0.1)], n_keys=1, schema=schema, experiment=experiment)
+    keys = [f"ad{i}" for i in range(20)]
+    for key in keys:
+        predict(key)
+    publish_version(redis_client, "ctr", "v2", [("a", 0.2)], n_keys=1, schema=schema)  # the experiment ends
+    predict("after")
+    logger.close()
+    cache.close()
+    logged = [(f[b"key"].decode(), f.get(b"arm"), f.get(b"ver")) for _, f in logged_queries(redis_client, schema)]
+    assert logged == [
+        ("before", None, None),
+        *((key, experiment.arm(key).encode(), b"v1") for key in keys),
+        ("after", None, b"v2"),
+    ]
+    assert {arm for _, arm, _ in logged[1:-1]} == {b"frequency", b"lstm"}  # both arms, so the arm is not a constant
+
+
 def test_context_manager_logs_even_when_the_block_raises(redis_url, redis_client, schema):
     logger = QueryLogger(log_client(redis_url), schema)
     with query_logger(logger, "ctr", "ad1", tenant="t1") as record:
