@@ -326,7 +326,7 @@ class TaskRunConfig(dg.Config):
     out=dg.Out(dg.Nothing),
     retry_policy=TASK_RETRY,
     description="Compute one task type for its entities (retrying failed entities with backoff) and write the values "
-    "to Redis as live values with the type's TTL.",
+    "to Redis as live values with the type's TTL; ctr values of ads an active campaign's warming holds are left to it.",
 )
 def run_precompute_task(
     context: dg.OpExecutionContext,
@@ -335,6 +335,7 @@ def run_precompute_task(
     lake: LakeResource,
     model_store: ModelStoreResource,
     deployment: DeploymentResource,
+    campaign_registry: CampaignRegistryResource,
 ):
     started = time.perf_counter()
     # NaN and infinity too (an infinite backoff raised OverflowError from sleep, retried 3 times; 30 retries slept
@@ -366,6 +367,7 @@ def run_precompute_task(
         epoch = redis.sensor_check(lambda client, schema: read_epoch(client, schema, task.cache_kind), context.log,
                                    f"the invalidation epoch of {task.cache_kind}")  # fmt: skip
         outcome = compute_task(ctx, max_retries=config.max_retries, backoff_s=config.backoff_s)
+        held = leave_campaign_values(outcome.values, task, campaign_registry, context.log)
         try:
             written = (
                 publish_task_values(redis, task, outcome.values, time.time(), epoch=epoch) if outcome.values else 0
@@ -388,6 +390,7 @@ def run_precompute_task(
         "kind": task.cache_kind,
         "entities": len(entities),
         "written": written,
+        "campaign_held": held,
         "failed": len(outcome.failed),
         "failed_entities": dg.MetadataValue.json(dict(list(outcome.failed.items())[:20])),
         "encode_errors": len(outcome.encode_errors),
@@ -395,7 +398,8 @@ def run_precompute_task(
         "ttl_s": task.ttl_s,
         "seconds": time.perf_counter() - started,
     }
-    context.log.info(f"task {task.name}: {written} of {len(entities)} written, {len(outcome.failed)} failed")
+    left = f", {held} left to the campaigns that hold them" if held else ""
+    context.log.info(f"task {task.name}: {written} of {len(entities)} written{left}, {len(outcome.failed)} failed")
     if outcome.encode_errors:
         first = next(iter(outcome.encode_errors.values()))
         raise dg.Failure(
@@ -403,7 +407,7 @@ def run_precompute_task(
             metadata=metadata,
             allow_retries=False,
         )
-    if entities and not written and outcome.failed:
+    if entities and not written and not held and outcome.failed:
         first_entity, first_error = next(iter(outcome.failed.items()))
         raise dg.Failure(
             description=f"task {task.name} failed for all {len(entities)} entities, e.g. {first_entity}: {first_error}",
@@ -411,6 +415,21 @@ def run_precompute_task(
             allow_retries=not outcome.failed.keys() <= outcome.unavailable,  # a retry cannot find a missing model
         )
     yield dg.Output(None, metadata=metadata)
+
+
+def leave_campaign_values(
+    values: dict[str, Any], task: TaskType, campaign_registry: CampaignRegistryResource, log: logging.Logger
+) -> int:
+    """Take out of a ``ctr`` task's ``values`` the ads whose keys an active campaign's warming holds
+    (``held_by_campaigns``), right before they are written: a run requested before the warming and run after it
+    wrote the lake's CTR over the campaign's for the task's TTL (the sensors check only when they request it). How
+    many; a registry that does not answer takes none out, with a warning. Other kinds: 0, the registry not read."""
+    if task.cache_kind != CTR_KIND or not values:
+        return 0
+    held = held_by_campaigns(campaign_registry, sorted(values), log, unanswered="write") or set()
+    for ad in held:
+        del values[ad]
+    return len(held)
 
 
 @dg.job(
@@ -1048,7 +1067,8 @@ def held_by_campaigns(
     """``CampaignRegistry.held_ads`` of ``ads`` now; None, with a warning, when the registry does not answer, which
     says what the caller does then (``unanswered``): ``"wait"``, a refresh's ``ctr`` keys wait for a tick that can
     tell (``plan_refresh``); ``"ask"``, an event's task, which no later tick asks again, is requested, though it may
-    overwrite a campaign's value (``drop_campaign_held``)."""
+    overwrite a campaign's value (``drop_campaign_held``); ``"write"``, a task run's values are written all the same
+    (``leave_campaign_values``)."""
     try:
         return campaign_registry.registry().held_ads(ads, datetime.now(UTC))
     except (dg.Failure, psycopg2.Error) as error:
@@ -1058,10 +1078,12 @@ def held_by_campaigns(
             else f"the campaign registry ({ENV_APP_DB}) failed: " + " ".join(str(error).split())
         )
         many = len(ads) != 1
-        if unanswered == "ask":
+        if unanswered in ("ask", "write"):
+            done = "requested" if unanswered == "ask" else "written"
             log.warning(
-                f"{why}; {len(ads)} ctr task{'s' if many else ''} requested without knowing whether a campaign holds "
-                f"{'them' if many else 'it'}: a campaign's warm value may be overwritten"
+                f"{why}; {len(ads)} ctr {'task' if unanswered == 'ask' else 'value'}{'s' if many else ''} {done} "
+                f"without knowing whether a campaign holds {'them' if many else 'it'}: a campaign's warm value may be "
+                "overwritten"
             )
         else:
             keys = f"{len(ads)} due ctr key" + ("s wait" if many else " waits")

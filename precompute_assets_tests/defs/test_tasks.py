@@ -82,7 +82,8 @@ def unique(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:6]}"
 
 
-def task_resources(redis_url, schema, lake_uri, models) -> dict:
+def task_resources(redis_url, schema, lake_uri, models, registry_url: str = "postgresql://127.0.0.1:1/unread") -> dict:
+    """The job's resources; the campaign registry is read only for values of kind ``ctr`` (by default: none there)."""
     lake = LakeResource(base_uri=lake_uri)
     return {
         "redis": RedisResource(url=redis_url, namespace=schema.namespace),
@@ -90,6 +91,7 @@ def task_resources(redis_url, schema, lake_uri, models) -> dict:
         "io_manager": ParquetIOManager(lake=lake),
         "model_store": ModelStoreResource(root=models),
         "deployment": DeploymentResource(),
+        "campaign_registry": CampaignRegistryResource(url=registry_url),
     }
 
 
@@ -1122,6 +1124,44 @@ def test_an_upload_of_a_creative_a_warm_campaign_holds_leaves_its_ctr_to_the_cam
     assert "2 ctr tasks requested without knowing whether a campaign holds them" in warned, warned
     registry.cancel(camp)
     assert sorted(uploads(app_db)) == sorted([held, free])  # no campaign holds it now
+
+
+def test_a_ctr_task_run_after_a_campaigns_warming_leaves_the_campaigns_values(
+    redis_url, redis_client, schema, tmp_path, pg_instance, app_db, cache, capsys
+):
+    """A ctr task requested before a campaign's warming (an upload's) and run after it wrote the lake's CTR over the
+    campaign's, for the task's TTL: the sensors checked only when they requested it. The run now leaves the ads the
+    campaign holds, counted; a registry that does not answer leaves none, with a warning that names it."""
+    from precompute_assets.storage.campaigns import CampaignRegistry
+
+    now = datetime.now(UTC)
+    registry = CampaignRegistry(app_db)
+    registry.ensure_schema()
+    camp, held, free = unique("camp"), unique("held-ad"), unique("free-ad")
+    features = {"category": 1, "quality": 0.5, "bid": 1.0, "text_len": 40}
+    registry.register(camp, "acme", now + timedelta(minutes=5), [{"ad_id": held, **features}],
+                      end_at=now + timedelta(hours=2))  # fmt: skip
+    assert registry.record_written(camp, 1) and registry.mark_warm(camp, 1, warm_until=now + timedelta(hours=3))
+    redis_client.set(schema.live("ctr", held), codec_for("ctr").encode(0.04), px=3 * 3_600_000)  # the warming's
+    name = unique("ctr_from_lake")
+    register_task_type(name, lambda entity, ctx: 0.5, ttl_s=600, priority=8, kind="ctr")
+
+    def run(registry_url: str) -> dict:
+        res = task_resources(redis_url, schema, str(tmp_path / "lake"), str(tmp_path / "models"), registry_url)
+        result = precompute_tasks_job.execute_in_process(run_config=task_run_config(name, [held, free]), resources=res,
+                                                         instance=pg_instance)  # fmt: skip
+        assert result.success
+        return op_metadata(result)
+
+    meta = run(app_db)
+    assert (meta["written"], meta["campaign_held"]) == (1, 1)
+    assert cache.get("ctr", held) == pytest.approx(0.04) and cache.get("ctr", free) == 0.5
+    assert "1 of 2 written, 1 left to the campaigns that hold them" in capsys.readouterr().err
+    meta = run("postgresql://127.0.0.1:1/never")
+    assert (meta["written"], meta["campaign_held"]) == (2, 0) and cache.get("ctr", held) == 0.5
+    warned = capsys.readouterr().err
+    assert "PRECOMPUTE_APP_DB_URL (postgresql://127.0.0.1:1/never) does not answer" in warned, warned
+    assert "2 ctr values written without knowing whether a campaign holds them" in warned, warned
 
 
 def test_both_task_sensors_skip_with_a_warning_when_redis_does_not_answer(tmp_path, capsys):
