@@ -335,7 +335,7 @@ class CampaignRegistryResource(dg.ConfigurableResource):
     """The campaign registry of the application database; campaigns launching within warming_horizon_hours are
     warmed (campaign_launch_sensor and its backstop schedule look that far ahead)."""
 
-    url: str = Field(description="PostgreSQL URL of the application database (PRECOMPUTE_APP_DB_URL).")
+    url: str | None = Field(None, description="PostgreSQL URL of the application database (PRECOMPUTE_APP_DB_URL).")
     warming_horizon_hours: float = Field(24.0, description="Campaigns launching within this many hours are warmed.")
     max_ads: int = Field(
         MAX_ADS,
@@ -373,7 +373,11 @@ class CampaignRegistryResource(dg.ConfigurableResource):
         return timedelta(hours=self.warming_horizon_hours)
 
     def registry(self, spec: AdFeatureSpec | None = None) -> CampaignRegistry:
-        """The registry; ``spec`` is the ad feature set its ``ads`` returns (the CTR model's, ``LakeResource``'s)."""
+        """The registry; ``spec`` is the ad feature set its ``ads`` returns (the CTR model's, ``LakeResource``'s). No
+        URL (the variable unset where the Definitions loaded) fails its user, not every run that has the resource: a
+        task run of a kind that never reads the registry needs none."""
+        if not self.url:
+            raise dg.Failure(description=str(unset_error(ENV_APP_DB, "the application database")), allow_retries=False)
         try:
             registry = CampaignRegistry(self.url, spec=spec, warming_horizon=self.warming_horizon, max_ads=self.max_ads)
         except ValueError as error:  # a setting out of range: a retry would not change it
@@ -458,7 +462,7 @@ def build_resources(settings: Settings) -> dict[str, object]:
         "model_store": ModelStoreResource(root=from_env(ENV_MODEL_STORE)),
         "app_db": AppDatabaseResource(url=dg.EnvVar(ENV_APP_DB)),
         "documents": DocumentStoreResource(url=dg.EnvVar(ENV_APP_DB)),
-        "campaign_registry": CampaignRegistryResource(url=dg.EnvVar(ENV_APP_DB), **campaign_registry_fields()),
+        "campaign_registry": CampaignRegistryResource(url=from_env(ENV_APP_DB), **campaign_registry_fields()),
         "deployment": DeploymentResource(timezone=settings.timezone, partitions_start=settings.partitions_start),
         "experiment": ExperimentResource(**experiment_fields()),
     }

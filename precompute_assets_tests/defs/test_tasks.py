@@ -82,8 +82,9 @@ def unique(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:6]}"
 
 
-def task_resources(redis_url, schema, lake_uri, models, registry_url: str = "postgresql://127.0.0.1:1/unread") -> dict:
-    """The job's resources; the campaign registry is read only for values of kind ``ctr`` (by default: none there)."""
+def task_resources(redis_url, schema, lake_uri, models, registry_url: str | None = None) -> dict:
+    """The job's resources; the campaign registry is read only for values of kind ``ctr`` (by default: none, as where
+    PRECOMPUTE_APP_DB_URL is not set, which a run of another kind needs not)."""
     lake = LakeResource(base_uri=lake_uri)
     return {
         "redis": RedisResource(url=redis_url, namespace=schema.namespace),
@@ -1146,7 +1147,7 @@ def test_a_ctr_task_run_after_a_campaigns_warming_leaves_the_campaigns_values(
     name = unique("ctr_from_lake")
     register_task_type(name, lambda entity, ctx: 0.5, ttl_s=600, priority=8, kind="ctr")
 
-    def run(registry_url: str) -> dict:
+    def run(registry_url: str | None) -> dict:
         res = task_resources(redis_url, schema, str(tmp_path / "lake"), str(tmp_path / "models"), registry_url)
         result = precompute_tasks_job.execute_in_process(run_config=task_run_config(name, [held, free]), resources=res,
                                                          instance=pg_instance)  # fmt: skip
@@ -1162,6 +1163,9 @@ def test_a_ctr_task_run_after_a_campaigns_warming_leaves_the_campaigns_values(
     warned = capsys.readouterr().err
     assert "PRECOMPUTE_APP_DB_URL (postgresql://127.0.0.1:1/never) does not answer" in warned, warned
     assert "2 ctr values written without knowing whether a campaign holds them" in warned, warned
+    meta = run(None)  # PRECOMPUTE_APP_DB_URL not set where the Definitions loaded: the run is not refused whole
+    assert (meta["written"], meta["campaign_held"]) == (2, 0)
+    assert "PRECOMPUTE_APP_DB_URL is not set" in capsys.readouterr().err
 
 
 def test_both_task_sensors_skip_with_a_warning_when_redis_does_not_answer(tmp_path, capsys):
