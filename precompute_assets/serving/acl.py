@@ -117,9 +117,8 @@ PUBLISHER_COMMANDS = (
     "info", "memory|usage",
     # the query_logs and user_events drains: Redis's clock, which stamps the stream IDs, says when an hour is over
     "time",
-    # invalidate records what it takes out of a version; a restore or a mend of the version reads it back, and the
-    # embedding sync takes a document it embeds again off it
-    "sadd", "smembers", "srem",
+    # invalidate records what it takes out of a version; a restore or a mend of the version reads it back
+    "sadd", "smembers",
 )  # fmt: skip
 
 # The reader's root permissions: these commands read anywhere in the namespace, and write nowhere.

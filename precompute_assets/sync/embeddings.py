@@ -29,16 +29,10 @@ version, unchanged, until then. So a big load into a version built for a small c
 hundreds of thousands of fields. Nothing is re-embedded, also when the sync is killed on the way (the copy is
 resumed like a build). A version found past the fill after a sync (one the count missed) is copied and flipped the
 same way then (``_rebuild_wider``).
-
-What ``precompute cache invalidate --kind emb`` takes out of a version (its record, ``KeySchema.invalidated``) stays
-out until the document is embedded again: mending lost buckets does not write it back from the store, a copy wider
-leaves it out and carries the record, and a sync that embeds the document again takes it off the record. The record
-lives as long as the version: every sync renews its TTL with the buckets'.
 """
 
 from __future__ import annotations
 
-import logging
 import random
 import time
 import uuid
@@ -51,9 +45,7 @@ import numpy as np
 import redis
 
 from ..ml.embedder import MAX_CHARS, Embedder, embed_documents
-from ..serving.acl import acl_hint
 from ..serving.events import server_mark
-from ..serving.invalidate import Invalidations, invalidations, remember
 from ..serving.keys import EMBEDDING_KIND, KeySchema, Pointer, bucket_ids, check_key, check_keys
 from ..serving.publish import (
     KEYS_PER_BUCKET,
@@ -71,8 +63,6 @@ from ..serving.replication import REPLICA_WAIT_S, confirm_replicas
 from ..serving.vectors import DTYPE_CODES, encode_batch
 from ..storage.documents import DocumentRow, DocumentStore
 from ..storage.embeddings import EmbeddingStore
-
-_log = logging.getLogger(__name__)
 
 REDIS_BATCH_DOCS = 100_000  # documents whose Redis writes go out together (see _ChunkWriter)
 MAX_BUCKET_FILL = 1.25 * KEYS_PER_BUCKET  # mean keys per bucket past which a version is rebuilt wider
@@ -172,8 +162,7 @@ def _sync(
         # paid an embedding service for the whole corpus again, and took hours with a large model); the sync then
         # goes on from its watermark and flips.
         log(f"Redis lost embedding version {progress.redis_version}: restoring its {restored} stored embeddings")
-        _copy_wider(store, client, schema, model_version, dtype, ttl_s, max(documents.count(), 1),
-                    source=progress.redis_version)  # fmt: skip
+        _copy_wider(store, client, schema, model_version, dtype, ttl_s, max(documents.count(), 1))
         progress = store.progress(model_version)
     elif not intact or (progress.complete and (current is None or current.version != progress.redis_version)):
         # A new model version or dtype, or Redis lost the version of a build whose stored embeddings are not all of
@@ -198,7 +187,7 @@ def _sync(
     if expected > max_bucket_fill * target.buckets:
         log(f"{expected} documents would fill Redis version {target.version} past {max_bucket_fill:.0f} keys per "
             "bucket: copying it wider first")  # fmt: skip
-        wider = _copy_wider(store, client, schema, model_version, dtype, ttl_s, expected, source=target.version)
+        wider = _copy_wider(store, client, schema, model_version, dtype, ttl_s, expected)
         if current is None or current.version != target.version:  # a build nobody reads, replaced: it goes now
             send_commands(
                 client, [(b"EXPIRE", name.encode(), b"%d" % grace_s) for name in _version_keys(schema, target)]
@@ -280,7 +269,8 @@ def _sync(
             log(f"{chunks.committed} documents committed in {stats.chunks} chunks")
     if not stopped_early:
         # Every sync renews the version's TTL: it outlives a stalled pipeline by ``ttl_s``, never forever.
-        send_commands(client, [(b"EXPIRE", name.encode(), b"%d" % ttl_s) for name in _version_keys(schema, target)])
+        send_commands(client, [(b"EXPIRE", schema.bucket(EMBEDDING_KIND, target.version, b).encode(), b"%d" % ttl_s)
+                               for b in range(target.buckets)])  # fmt: skip
         client.set(_sentinel(schema, target.version), f"synced {dtype}", ex=ttl_s)
         # At maxmemory a volatile policy evicts buckets of the version this sync wrote into, readers' own when it
         # patches in place, without an error: written back from the store now, and the run fails if they cannot be.
@@ -323,7 +313,7 @@ def _sync(
         store.mark_complete(model_version)
     elif not stopped_early and (fill := _mean_fill(client, schema, target)) > max_bucket_fill:
         log(f"Redis version {target.version} holds {fill:.0f} keys per bucket (> {max_bucket_fill:.0f}): rebuilding")
-        wider = _rebuild_wider(store, client, schema, model_version, target, dtype, ttl_s, grace_s, replica_wait_s)
+        wider = _rebuild_wider(store, client, schema, model_version, dtype, ttl_s, grace_s, replica_wait_s)
         client.expire(_sentinel(schema, target.version), grace_s)  # the old version's marker goes with it
         stats.rebuilt_buckets, stats.redis_version = (target.buckets, wider.buckets), wider.version
         log(f"embeddings moved to Redis version {wider.version}: {target.buckets} -> {wider.buckets} buckets")
@@ -365,9 +355,9 @@ def _flip_waits(
 
 
 def _version_keys(schema: KeySchema, version: Pointer) -> list[str]:
-    """The keys of a Redis version: its buckets, its marker and the record of its invalidations, which lives as long."""
+    """The keys of a Redis version: its buckets and its marker."""
     return [*(schema.bucket(EMBEDDING_KIND, version.version, b) for b in range(version.buckets)),
-            _sentinel(schema, version.version), schema.invalidated(EMBEDDING_KIND, version.version)]  # fmt: skip
+            _sentinel(schema, version.version)]  # fmt: skip
 
 
 def _mend_lost_buckets(
@@ -377,16 +367,14 @@ def _mend_lost_buckets(
     """Write the stored embeddings of ``target``'s buckets that Redis lost, whole or in part (evicted or expired, while
     its marker, read and renewed by every sync, lived on; a bucket evicted and then re-created by a later write of the
     same sync holds only that write's fields), back from the offline store, which holds every embedding the version
-    holds in its ``dtype``, less what invalidations took out of it; the number written (``_short_buckets``)."""
-    taken = invalidations(client, schema, EMBEDDING_KIND, target.version)
-    short, lacking = _short_buckets(store, client, schema, model_version, target, dtype, taken)
+    holds in its ``dtype``; the number written (``_short_buckets``)."""
+    short, lacking = _short_buckets(store, client, schema, model_version, target, dtype)
     if not short:
         return 0
     written = 0
     for page in store.iter_values(model_version, dtype=dtype):
         ids = bucket_ids([doc_id.encode() for doc_id, _ in page], target.buckets)
-        lost = [item for item, bucket in zip(page, ids.tolist(), strict=True)
-                if bucket in short and not taken.covers(item[0])]  # fmt: skip
+        lost = [item for item, bucket in zip(page, ids.tolist(), strict=True) if bucket in short]
         if lost:
             patch_version(client, EMBEDDING_KIND, target, upserts=lost, schema=schema, ttl_s=ttl_s)
             written += len(lost)
@@ -402,40 +390,28 @@ def _mend_and_recount(
     """``_mend_lost_buckets`` of ``version``, and how many embeddings it still lacks after it (evicted again as they
     were written back at maxmemory; 0 when nothing was written back: nothing was short)."""
     mended = _mend_lost_buckets(store, client, schema, model_version, version, dtype, ttl_s, log)
-    if not mended:
-        return 0, 0
-    taken = invalidations(client, schema, EMBEDDING_KIND, version.version)
-    return mended, _short_buckets(store, client, schema, model_version, version, dtype, taken)[1]
+    return mended, (_short_buckets(store, client, schema, model_version, version, dtype)[1] if mended else 0)
 
 
 def _short_buckets(
-    store: EmbeddingStore, client: redis.Redis, schema: KeySchema, model_version: str, target: Pointer, dtype: str,
-    taken: Invalidations,
-) -> tuple[set[int], int]:  # fmt: skip
+    store: EmbeddingStore, client: redis.Redis, schema: KeySchema, model_version: str, target: Pointer, dtype: str
+) -> tuple[set[int], int]:
     """The buckets of ``target`` that hold fewer fields than the store has embeddings of ``dtype`` in them (its layout:
     a stored value of another, a document an open transaction held back from a rebuild in a new dtype, is not the
-    version's), less those ``taken`` (its invalidations) covers, and how many fields they lack. One ``HLEN`` per bucket
-    and a count (and an ``HEXISTS`` per key invalidated); the store's ids are read only when the fields fall short of
-    that count (fields a killed sync wrote and never committed could hide a loss, until the next sync writes them
-    again), or when an invalidation took a prefix out."""
+    version's), and how many fields they lack. One ``HLEN`` per bucket and a count; the store's ids are read only when
+    the fields fall short of that count (fields a killed sync wrote and never committed could hide a loss, until the
+    next sync writes them again)."""
     names = [schema.bucket(EMBEDDING_KIND, target.version, b).encode() for b in range(target.buckets)]
     lengths = np.array(run_commands(client, [(b"HLEN", name) for name in names]), dtype=np.int64)
     fields = int(lengths.sum())
-    if not taken.prefixes:  # keys taken out and still out count as there
-        keys = sorted(taken.keys)
-        places = bucket_ids([key.encode() for key in keys], target.buckets).tolist()
-        there = run_commands(
-            client, [(b"HEXISTS", names[b], key.encode()) for key, b in zip(keys, places, strict=True)]
-        )
-        fields += sum(1 for found in there if not found)
-        # The count of every dtype first (its index alone answers it): the one of this dtype reads each row's value,
-        # which only a version short of the whole count needs (a rebuild in a new dtype, or a loss).
-        if fields >= store.embedded_count(model_version) or fields >= store.embedded_count(model_version, dtype=dtype):
-            return set(), 0
+    # The count of every dtype first (its index alone answers it): the one of this dtype reads each row's value,
+    # which only a version short of the whole count needs (a rebuild in a new dtype, or a loss).
+    if fields >= store.embedded_count(model_version) or fields >= store.embedded_count(model_version, dtype=dtype):
+        return set(), 0
     expected = np.zeros(target.buckets, dtype=np.int64)
     for ids in store.iter_ids(model_version, dtype=dtype):
-        kept = [doc_id.encode() for doc_id in ids if not taken.covers(doc_id)]
-        expected += np.bincount(bucket_ids(kept, target.buckets), minlength=target.buckets)
+        expected += np.bincount(bucket_ids([doc_id.encode() for doc_id in ids], target.buckets),
+                                minlength=target.buckets)  # fmt: skip
     missing = np.maximum(expected - lengths, 0)
     return set(np.flatnonzero(missing).tolist()), int(missing.sum())
 
@@ -453,23 +429,20 @@ def _rebuild_wider(
     client: redis.Redis,
     schema: KeySchema,
     model_version: str,
-    target: Pointer,
     dtype: str,
     ttl_s: int,
     grace_s: int,
     replica_wait_s: float,
 ) -> Pointer:
-    """Copy the stored embeddings of ``model_version`` (the version ``target`` holds) into a new Redis version with
-    ``bucket_count(n)`` buckets, then flip to it (one atomic SET of the pointer; the old version lives ``grace_s``
-    more).
+    """Copy the stored embeddings of ``model_version`` into a new Redis version with ``bucket_count(n)``
+    buckets, then flip to it (one atomic SET of the pointer; the old version lives ``grace_s`` more).
 
     The offline store mirrors the version being patched (every chunk commits after its Redis writes), so
     nothing is re-embedded. A crash during the copy leaves readers on the old version and the copy to
     expire. Once the copy is whole it is recorded as an unfinished build (``move_version``), so a crash between
     that and the flip is resumed like one: the next sync patches in what changed since and flips to it, rather
     than embedding the corpus again."""
-    wider = _copy_wider(store, client, schema, model_version, dtype, ttl_s, store.embedded_count(model_version),
-                        source=target.version)  # fmt: skip
+    wider = _copy_wider(store, client, schema, model_version, dtype, ttl_s, store.embedded_count(model_version))
     client.set(_sentinel(schema, wider.version), f"synced {dtype}", ex=ttl_s)
     flip_pointer(client, schema, EMBEDDING_KIND, wider, grace_s=grace_s, replica_wait_s=replica_wait_s)
     store.mark_complete(model_version)
@@ -478,18 +451,13 @@ def _rebuild_wider(
 
 def _copy_wider(
     store: EmbeddingStore, client: redis.Redis, schema: KeySchema, model_version: str, dtype: str, ttl_s: int,
-    n_docs: int, *, source: str,
+    n_docs: int,
 ) -> Pointer:  # fmt: skip
     """Copy the stored embeddings of ``model_version`` into a new Redis version of ``bucket_count(n_docs)`` buckets
-    and record it as an unfinished build (``move_version``): nothing reads it until a flip. What invalidations took
-    out of the ``source`` version stays out, and its record (keys and prefixes) goes with the copy."""
+    and record it as an unfinished build (``move_version``): nothing reads it until a flip."""
     wider = Pointer(f"emb{int(time.time())}.{uuid.uuid4().hex[:8]}", bucket_count(n_docs))
     client.set(_sentinel(schema, wider.version), f"building {dtype}", ex=ttl_s)
-    taken = invalidations(client, schema, EMBEDDING_KIND, source)
-    if carried := [f"k:{key}" for key in sorted(taken.keys)] + [f"p:{prefix}" for prefix in taken.prefixes]:
-        remember(client, schema, EMBEDDING_KIND, wider, carried)
     for page in store.iter_values(model_version, dtype=dtype):  # a version holds one layout (values of another wait)
-        page = [item for item in page if not taken.covers(item[0])]
         patch_version(client, EMBEDDING_KIND, wider, upserts=page, schema=schema, ttl_s=ttl_s)  # each bucket's TTL
     # The biggest write of all, and the likeliest to evict its own buckets at maxmemory (a restore, a rebuild that
     # flips at once): checked whole before anything reads it, written back once, and refused if still short.
@@ -616,8 +584,6 @@ class _ChunkWriter:
         self._held: list[Chunk] = []
         self._docs = 0
         self.committed = 0  # documents whose chunks committed (embedded, deleted or failed)
-        # keys an invalidation took out of the target: embedded again, they come off its record
-        self.taken = set(invalidations(client, schema, EMBEDDING_KIND, target.version).keys)
 
     def add(self, chunk: Chunk) -> None:
         self._held.append(chunk)
@@ -643,8 +609,6 @@ class _ChunkWriter:
             schema=self.schema,
             ttl_s=self.ttl_s,  # a build killed and never resumed (a new embedder came) still expires
         )
-        if again := sorted(self.taken.intersection(doc_id for doc_id, value in final.items() if value is not None)):
-            self._forget_invalidated(again)
         gone = {doc_id for chunk in self._held for doc_id in chunk.deleted}
         if self.served is not None and (deleted := [doc_id for doc_id in removed if doc_id in gone]):
             patch_version(self.client, EMBEDDING_KIND, self.served, deletes=deleted, schema=self.schema)
@@ -659,15 +623,3 @@ class _ChunkWriter:
             self.store.commit_chunk(self.model_version, chunk.embedded, chunk.deleted, chunk.failures, chunk.watermark)
             self.committed += len(chunk.embedded) + len(chunk.deleted) + len(chunk.failures)
         self._held, self._docs = [], 0
-
-    def _forget_invalidated(self, doc_ids: list[str]) -> None:
-        """Take ``doc_ids``, just embedded again, off the target's record of invalidations: a mend after Redis lost
-        their bucket writes their new embeddings back. A publisher user older than that (no ``SREM``) keeps them on it,
-        with a warning: such a document is computed live if Redis loses it."""
-        name = self.schema.invalidated(EMBEDDING_KIND, self.target.version)
-        try:
-            self.client.srem(name, *(f"k:{doc_id}" for doc_id in doc_ids))
-        except redis.exceptions.NoPermissionError as error:
-            _log.warning("%s: %d documents embedded again stay on it (%s); %s", name, len(doc_ids), error,
-                         acl_hint(error))  # fmt: skip
-        self.taken.difference_update(doc_ids)

@@ -117,7 +117,7 @@ def test_the_exact_rules_of_namespace_pc() -> None:
         "+xlen", "+xinfo|stream", "+hget", "+hmget", "+hlen", "+ttl", "+pttl", "+type", "+eval", "+lrange", "+rpush",
         "+unlink",
         "+zrem", "+zadd", "+zscore", "+zrange", "+zcard", "+llen", "+hexists", "+info", "+memory|usage",
-        "+time", "+sadd", "+smembers", "+srem",
+        "+time", "+sadd", "+smembers",
     ]  # fmt: skip
     assert reader_rules() == [
         "resetkeys", "%R~pc:1:*", "resetchannels", "-@all", "+ping", "+client|setinfo", "+cluster|slots", "+command",
