@@ -1183,9 +1183,10 @@ def replay(
     (what a real run published); warm-up days keep the selection.
 
     ``top_n="auto"`` tunes the precompute share itself (see ``_self_tuned_shares``): each counted day gets the
-    N whose "top-N + LRU of C-N" got the most hits on the previous counted days, the recent ones weighing more
-    (``_best_share``; ties: the smaller N), but at most one candidate above the day before's (``_ramped``); the
-    first counted day and the warm-up days use N = 0, plain read-through. Ours is then one LRU whose size
+    N whose "top-N + LRU of C-N" got the most hits over plain read-through on the previous counted days, the recent
+    ones weighing more, among the candidates up to one above the day before's, and only one that got more than
+    read-through; N = 0 once the share in use got fewer hits than read-through (``_next_share``); the first counted
+    day and the warm-up days use N = 0, plain read-through. Ours is then one LRU whose size
     follows C-N (shrinking evicts its least recent keys), and static top-N precomputes the chosen N. The
     result adds ``top_n_chosen`` (N per counted day) and ``top_n_mean``; ``top_n`` is ``"auto"``.
 
@@ -1604,18 +1605,41 @@ def _candidate_day_hits(
     }
 
 
-def _best_share(day_hits: dict[int, list[int]], first: int, last: int) -> int:
-    """The candidate with the most hits on days ``first..last-1``, the recent ones weighing more
+def _gain(day_hits: dict[int, list[int]], n: int, first: int, last: int) -> float:
+    """Candidate ``n``'s hits over read-through's (N = 0) on days ``first..last-1``, the recent ones weighing more
     (``SHARE_HALF_LIFE_DAYS``: popularity drifts, and a share that stopped paying is dropped sooner than after as many
-    losing days as it had winning ones); ties: the smaller N; 0 without evidence."""
+    losing days as it had winning ones)."""
+    weights = [0.5 ** ((last - 1 - day) / SHARE_HALF_LIFE_DAYS) for day in range(first, last)]
+    pairs = zip(weights, day_hits[n][first:last], day_hits[0][first:last], strict=True)
+    return sum(weight * (hits - read_through) for weight, hits, read_through in pairs)
+
+
+def _best_share(day_hits: dict[int, list[int]], first: int, last: int, within: Sequence[int] | None = None) -> int:
+    """The candidate (of ``within``, default all) with the most hits over read-through on days ``first..last-1``
+    (``_gain``), and only one that got more than read-through; ties: the smaller N; 0 without evidence."""
     if last <= first:
         return 0
-    weights = [0.5 ** ((last - 1 - day) / SHARE_HALF_LIFE_DAYS) for day in range(first, last)]
+    gains = {n: _gain(day_hits, n, first, last) for n in (day_hits if within is None else within) if n}
+    return max((n for n, gain in gains.items() if gain > 0), key=lambda n: (gains[n], -n), default=0)
 
-    def weighted(n: int) -> float:
-        return sum(weight * hits for weight, hits in zip(weights, day_hits[n][first:last], strict=True))
 
-    return max(day_hits, key=lambda n: (weighted(n), -n))
+def _next_share(day_hits: dict[int, list[int]], first: int, last: int, before: int) -> int:
+    """The share for the day after days ``first..last-1``, the share of the last of them being ``before``: 0 when
+    ``before`` got fewer hits than read-through on them (``_gain``: a share that stopped paying falls at once); else
+    the best candidate (``_best_share``), but at most one step above ``before`` (a share grows a step a day, as its
+    evidence accumulates: a day whose keys all change then costs a small share, not three quarters of the cache chosen
+    on an edge of a point). A step that itself got fewer hits than read-through is not taken on a larger candidate's
+    evidence: the best of those up to ``before`` is (ramping through such steps lost 1.8 points to read-through on the
+    CloudPhysics trace at C = 32,000)."""
+    if last <= first or (before and _gain(day_hits, before, first, last) < 0):
+        return 0
+    best = _best_share(day_hits, first, last)
+    if best <= before:
+        return best
+    step = min(n for n in day_hits if n > before)
+    if step == best or _gain(day_hits, step, first, last) >= 0:
+        return step
+    return _best_share(day_hits, first, last, [n for n in day_hits if n <= before])
 
 
 def _on_candidates(share: int, capacity: int, candidates: Sequence[int]) -> int:
@@ -1623,15 +1647,6 @@ def _on_candidates(share: int, capacity: int, candidates: Sequence[int]) -> int:
     (its own candidate when it is one; a share set by hand, or of another capacity, is taken down to one)."""
     whole = share_candidates(capacity)
     return candidates[max(i for i, n in enumerate(whole) if n <= share)] if share > 0 else 0
-
-
-def _ramped(best: int, before: int, candidates: Sequence[int]) -> int:
-    """``best``, but at most the next candidate above ``before`` (the day before's share): a share grows one step a
-    day, as its evidence accumulates, and falls at once. A day whose keys all change then costs the small share a
-    day or two of gains earned, not three quarters of the cache chosen on an edge of a point."""
-    if best <= before:
-        return best
-    return min(best, min(n for n in candidates if n > before))
 
 
 def _self_tuned_shares(
@@ -1646,10 +1661,11 @@ def _self_tuned_shares(
     """The precompute share N of each day, and its top-N set, chosen without looking at that day.
 
     Every candidate N replays "top-N of the day's ranking (made from the days before it) + LRU of C-N" over the
-    whole trace once, keeping its hits per day. Counted day d then takes the candidate with the most hits on
-    counted days W..d-1, the recent ones weighing more (``_best_share``; ties: the smaller N), but at most one
-    candidate above day d-1's (``_ramped``), so nothing of day d or later is used. The first counted day has
-    no evidence and takes N = 0, as do the warm-up days. ``known``: candidates' hits per day replayed already.
+    whole trace once, keeping its hits per day. Counted day d then takes ``_next_share`` of counted days W..d-1 and
+    day d-1's share: of the candidates up to one above that share, the one with the most hits over read-through,
+    the recent days weighing more, if any got more (0 once that share got fewer), so nothing of day
+    d or later is used. The first counted day has no evidence and takes N = 0, as do the warm-up days. ``known``:
+    candidates' hits per day replayed already.
     """
     shares = _day_shares(_candidate_day_hits(days, capacity, ranking, live, known), len(days), warmup_days)
     return shares, [keys[:share] for keys, share in zip(ranking, shares, strict=True)]
@@ -1657,10 +1673,10 @@ def _self_tuned_shares(
 
 def _day_shares(day_hits: dict[int, list[int]], n_days: int, warmup_days: int) -> list[int]:
     """Each day's share N, from the candidates' hits on the counted days before it (0 without any), growing one
-    candidate a day at most (``_ramped``)."""
+    candidate a day at most (``_next_share``)."""
     shares = [0] * n_days
     for d in range(warmup_days + 1, n_days):
-        shares[d] = _ramped(_best_share(day_hits, warmup_days, d), shares[d - 1], sorted(day_hits))
+        shares[d] = _next_share(day_hits, warmup_days, d, shares[d - 1])
     return shares
 
 
@@ -1677,7 +1693,9 @@ class ShareChoice:
     # it only. ``hit_rates[share]`` is the chosen candidate's rate on the very days it was chosen on (unweighted: the
     # choice weighs the recent days more); this rate is the one to set beside read-through.
     tuned_hit_rate: float = 0.0
-    best: int = 0  # the candidate the history chose before the one-step rise capped it (``share`` when none did)
+    # the candidate the history chose before the one-step rise capped it (``share`` when none did; 0 when none got
+    # more hits than read-through)
+    best: int = 0
     ramped_from: int = 0  # the share before (``previous_share``, as given), which ``share`` rises a candidate above
 
 
@@ -1694,10 +1712,11 @@ def tune_share(
     previous_share: int | None = None,
 ) -> ShareChoice:
     """The precompute share for the day after ``day_keys``: the candidate N (``share_candidates``) whose
-    "top-N + read-through of C-N" got the most hits on days W..D-1 of the history, the recent ones weighing more
-    (``_best_share``; ties: the smaller N), but at most one candidate above the share before it (see below),
-    each day's top-N ranked from the days before it (``ranked``, else recency-weighted frequency). Without a
-    counted day with requests the share is 0: plain read-through until there is evidence.
+    "top-N + read-through of C-N" got the most hits over read-through alone on days W..D-1 of the history, the recent
+    ones weighing more, among those up to one candidate above the share before it (see below) and only one that got
+    more than read-through, or 0 when the share before it got fewer hits than read-through on them
+    (``_next_share``); each day's top-N ranked from the days before it (``ranked``, else recency-weighted frequency).
+    Without a counted day with requests the share is 0: plain read-through until there is evidence.
 
     The read-through is the live tier the serving client's ``admission`` gives (as ``replay`` models it): an LRU
     by default (``always``), behind the policy's filter, or ``probation``'s own queues of C less the published keys.
@@ -1760,7 +1779,7 @@ def tune_share(
     candidates = sorted(day_hits)
     before = shares[-1] if previous_share is None else _on_candidates(previous_share, capacity, candidates)
     best = _best_share(day_hits, warmup_days, len(days)) if counted else 0
-    share = _ramped(best, before, candidates)
+    share = _next_share(day_hits, warmup_days, len(days), before) if counted else 0
     chosen = [ranked_codes[:n] for ranked_codes, n in zip(ranking, shares, strict=True)]
     out_of_sample = live(days, [tuned - n for n in shares], precomputed=chosen)
     tuned_rate = sum(out_of_sample[warmup_days:]) / counted if counted else 0.0

@@ -1671,9 +1671,11 @@ def test_a_large_trace_replays_every_policy_within_the_bounds():
 
 
 def reference_auto(days: list[np.ndarray], capacity: int, *, warmup_days: int = 1) -> tuple[list[int], int]:
-    """Shares chosen the slow way, each from ``replay`` of only the days before it, each day's hits (a replay of
-    the days up to it less one of the days before it) weighing half as much as those two days later, and never more
-    than one candidate above the day before's share; and the hits they get."""
+    """Shares chosen the slow way, each from ``replay`` of only the days before it: each day's hits (a replay of the
+    days up to it less one of the days before it) over read-through's (N = 0), weighing half as much as those two
+    days later; the candidate with the most of them, if above read-through, but never more than one candidate above
+    the day before's share, and not that step if it alone got fewer hits than read-through (then the best up to the
+    day before's share); 0 after a day the share got fewer hits than read-through. And the hits they get."""
     candidates = sorted({capacity * k // 16 for k in (0, 1, 2, 4, 8, 12)})  # never all of the capacity
 
     def counted(n: int, upto: int) -> int:  # candidate n's hits on the counted days before day ``upto``
@@ -1681,15 +1683,30 @@ def reference_auto(days: list[np.ndarray], capacity: int, *, warmup_days: int = 
             return 0
         return hits(replay(days[:upto], top_n=n, capacity=capacity, warmup_days=warmup_days), "hit_rate_ours")
 
+    def day_hits(n: int, e: int) -> int:  # candidate n's hits on day e
+        return counted(n, e + 1) - counted(n, e)
+
+    def best_of(ns: list[int], gain: dict[int, float]) -> int:  # the most gain above read-through, the smaller first
+        above = [n for n in ns if n and gain[n] > 0]
+        return min((n for n in above if gain[n] == max(gain[m] for m in above)), default=0)
+
     shares = [0] * len(days)
     for d in range(warmup_days + 1, len(days)):
-        score = {
-            n: sum(0.5 ** ((d - 1 - e) / 2) * (counted(n, e + 1) - counted(n, e)) for e in range(warmup_days, d))
+        before = shares[d - 1]
+        if before and day_hits(before, d - 1) < day_hits(0, d - 1):
+            continue  # the share lost to read-through yesterday: 0
+        gain = {
+            n: sum(0.5 ** ((d - 1 - e) / 2) * (day_hits(n, e) - day_hits(0, e)) for e in range(warmup_days, d))
             for n in candidates
         }
-        best = min(n for n in candidates if score[n] == max(score.values()))
-        step = min((n for n in candidates if n > shares[d - 1]), default=shares[d - 1])
-        shares[d] = min(best, step)
+        best = best_of(candidates, gain)
+        step = min((n for n in candidates if n > before), default=before)
+        if best <= before:
+            shares[d] = best
+        elif step == best or gain[step] >= 0:
+            shares[d] = step
+        else:
+            shares[d] = best_of([n for n in candidates if n <= before], gain)
     # One LRU (a list, least recent first) whose size follows capacity - share, beside the day's top-N.
     counts = [daily_counts(day) for day in days]
     cache: list = []
@@ -2136,7 +2153,10 @@ def test_tune_share_on_a_sample_of_a_long_history_chooses_what_the_whole_history
     whole = tune_share(days, 4000, admission=admission)
     sampled = tune_share(days, 4000, admission=admission, max_requests=60_000)
     assert whole.sample_rate == 1.0 and sampled.sample_rate == pytest.approx(0.2)
-    assert sampled.share == whole.share > 0 and sampled.requests == whole.requests
+    assert sampled.share == whole.share and sampled.best == whole.best > 0 and sampled.requests == whole.requests
+    # through the LRU both rise to C/2 on their way to 3C/4; beside probation, C/16 and C/8 alone lose to
+    # read-through, so neither rises at all (the best, 3C/4, is not taken on its own evidence through them)
+    assert whole.share == (2000 if admission is None else 0)
     assert sorted(sampled.hit_rates) == share_candidates(4000)
     assert all(abs(sampled.hit_rates[n] - rate) < 0.01 for n, rate in whole.hit_rates.items())
     # A history within the bound, or a capacity too small to keep 16 keys in a sample, is replayed whole.
@@ -2529,7 +2549,9 @@ def test_auto_keeps_read_through_for_a_day_when_every_key_changes():
     """h_i9's trace: three days of one Zipf key set, then a new set every day. The share took the whole capacity on
     an edge of a point, and the day the keys changed it served nothing (0.758 against LRU's 0.882 over the trace).
     A share now leaves at least a quarter of the cache to read-through and grows one step a day, so the day the keys
-    change costs the small share two days of evidence allowed (h_diff3: also with a flatter Zipf)."""
+    change costs the small share two days of evidence allowed (h_diff3: also with a flatter Zipf), and it falls to 0
+    the day after. With the steeper Zipf, C/16 alone lost to read-through on the first counted day: nothing is
+    precomputed on the larger shares' evidence."""
     for zipf_a in (1.3, 1.05):
         rng = np.random.default_rng(7)
         days = [
@@ -2537,7 +2559,8 @@ def test_auto_keeps_read_through_for_a_day_when_every_key_changes():
             for d in range(8)
         ]
         result = replay(days, top_n="auto", capacity=1000)
-        assert 0 < max(result["top_n_chosen"]) <= 125, result["top_n_chosen"]  # two steps: C/16, then C/8
+        shares = result["top_n_chosen"]
+        assert shares == ([0] * 7 if zipf_a == 1.3 else [0, 62, 125, 0, 0, 0, 0]), shares  # two steps: C/16, C/8
         assert result["hit_rate_ours"] >= result["hit_rate_lru"] - 0.01, result
 
 
@@ -2597,3 +2620,31 @@ def test_a_zst_file_of_a_long_window_is_not_called_invalid(tmp_path):
         subprocess.run(["zstd", "-q", "--long=31", "-c"], input=b"1,a\n2,b\n3,a\n", stdout=out, check=True)
     with pytest.raises(TraceError, match=r"its zst frames need a larger window .*zstd -dc --long=31 FILE \|"):
         parse_trace(trace)
+
+
+def test_the_share_does_not_ramp_through_steps_that_lose_to_read_through():
+    """h_issue9b: hits over read-through per day (CloudPhysics, C = 32,000, LRU): 3C/4 won on days 3-6, so the share
+    ramped a step a day through C/16 ... C/2, each of which lost, and ended 1.8 points under LRU; at C = 5,000 beside
+    probation, a share chosen on day 1's evidence kept rising through losing days to 3C/4, 3.2 points under. A step
+    is now taken on a larger share's evidence only if it did not lose itself, and a share whose hits over
+    read-through turn negative falls to 0."""
+    from precompute_assets.ml.replay import _day_shares
+
+    def hits(gains: dict[int, list[int]]) -> dict[int, list[int]]:
+        return {0: [14_000] * 8, **{n: [14_000 + g for g in day] for n, day in gains.items()}}
+
+    lru_32000 = hits({2000: [0, 0, 0, -16, -528, -293, -249, -20], 4000: [0, 0, 0, -52, -532, -940, -285, -76],
+                      8000: [0, 0, -2, -29, -533, -1392, -285, -555], 16000: [0, 0, -10, -17, 176, -246, -284, -26],
+                      24000: [0, -13, 0, 48, 1093, 317, 1299, 44]})  # fmt: skip
+    assert _day_shares(lru_32000, 8, 1) == [0] * 8
+    probation_5000 = hits({312: [0, -53, -33, -3, 2, -274, -580, -161], 625: [0, -67, -36, -5, 1, -409, -774, -228],
+                           1250: [0, -87, -53, -46, 4, -300, -1744, -294],
+                           2500: [0, 242, -1, -53, 16, -150, -2378, -357],
+                           3750: [0, 785, 133, -113, -35, -62, -3044, -456]})  # fmt: skip
+    assert _day_shares(probation_5000, 8, 1) == [0] * 8
+    # where the steps win too, the share still rises a step a day; a day that costs it more than it had gained takes
+    # it back to 0, and a small loss does not (C/16 alone lost nothing that day)
+    for loss, shares in ((20, [0, 0, 50, 100, 200, 0, 50, 50]), (1, [0, 0, 50, 100, 200, 400, 800, 800])):
+        gains = {n: [0, 5 * k, 6 * k, 7 * k, -loss * k * (n > 50), k, k, k] for n in (50, 100, 200, 400, 800)
+                 if (k := n // 50)}  # fmt: skip
+        assert _day_shares(hits(gains), 8, 1) == shares, loss
