@@ -1693,8 +1693,8 @@ class ShareChoice:
     # it only. ``hit_rates[share]`` is the chosen candidate's rate on the very days it was chosen on (unweighted: the
     # choice weighs the recent days more); this rate is the one to set beside read-through.
     tuned_hit_rate: float = 0.0
-    # the candidate the history chose before the one-step rise capped it (``share`` when none did; 0 when none got
-    # more hits than read-through)
+    # the candidate with the most hits over read-through on the history (0 when none got more): ``share`` unless the
+    # one-step rise capped it, a step that lost itself held it lower, or the share before it lost and fell to 0
     best: int = 0
     ramped_from: int = 0  # the share before (``previous_share``, as given), which ``share`` rises a candidate above
 
