@@ -1079,11 +1079,10 @@ def held_by_campaigns(
         )
         many = len(ads) != 1
         if unanswered in ("ask", "write"):
-            done = "requested" if unanswered == "ask" else "written"
+            what, done = ("task", "requested") if unanswered == "ask" else ("value", "written")
             log.warning(
-                f"{why}; {len(ads)} ctr {'task' if unanswered == 'ask' else 'value'}{'s' if many else ''} {done} "
-                f"without knowing whether a campaign holds {'them' if many else 'it'}: a campaign's warm value may be "
-                "overwritten"
+                f"{why}; {len(ads)} ctr {what}{'s' if many else ''} {done} without knowing whether a campaign holds "
+                f"{'them' if many else 'it'}: a campaign's warm value may be overwritten"
             )
         else:
             keys = f"{len(ads)} due ctr key" + ("s wait" if many else " waits")

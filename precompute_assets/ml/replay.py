@@ -1614,13 +1614,16 @@ def _gain(day_hits: dict[int, list[int]], n: int, first: int, last: int) -> floa
     return sum(weight * (hits - read_through) for weight, hits, read_through in pairs)
 
 
-def _best_share(day_hits: dict[int, list[int]], first: int, last: int, within: Sequence[int] | None = None) -> int:
-    """The candidate (of ``within``, default all) with the most hits over read-through on days ``first..last-1``
-    (``_gain``), and only one that got more than read-through; ties: the smaller N; 0 without evidence."""
-    if last <= first:
-        return 0
-    gains = {n: _gain(day_hits, n, first, last) for n in (day_hits if within is None else within) if n}
-    return max((n for n, gain in gains.items() if gain > 0), key=lambda n: (gains[n], -n), default=0)
+def _gains(day_hits: dict[int, list[int]], first: int, last: int) -> dict[int, float]:
+    """Every candidate's ``_gain`` on days ``first..last-1``."""
+    return {n: _gain(day_hits, n, first, last) for n in day_hits}
+
+
+def _best_share(gains: dict[int, float], within: Sequence[int] | None = None) -> int:
+    """The candidate (of ``within``, default all) with the most hits over read-through (``gains``, ``_gains``), and
+    only one that got more than read-through; ties: the smaller N; 0 without one."""
+    above = [n for n in (gains if within is None else within) if n and gains[n] > 0]
+    return max(above, key=lambda n: (gains[n], -n), default=0)
 
 
 def _next_share(day_hits: dict[int, list[int]], first: int, last: int, before: int) -> int:
@@ -1631,15 +1634,18 @@ def _next_share(day_hits: dict[int, list[int]], first: int, last: int, before: i
     on an edge of a point). A step that itself got fewer hits than read-through is not taken on a larger candidate's
     evidence: the best of those up to ``before`` is (ramping through such steps lost 1.8 points to read-through on the
     CloudPhysics trace at C = 32,000)."""
-    if last <= first or (before and _gain(day_hits, before, first, last) < 0):
+    if last <= first:
         return 0
-    best = _best_share(day_hits, first, last)
+    gains = _gains(day_hits, first, last)
+    if before and gains[before] < 0:
+        return 0
+    best = _best_share(gains)
     if best <= before:
         return best
-    step = min(n for n in day_hits if n > before)
-    if step == best or _gain(day_hits, step, first, last) >= 0:
+    step = min(n for n in gains if n > before)
+    if step == best or gains[step] >= 0:
         return step
-    return _best_share(day_hits, first, last, [n for n in day_hits if n <= before])
+    return _best_share(gains, [n for n in gains if n <= before])
 
 
 def _on_candidates(share: int, capacity: int, candidates: Sequence[int]) -> int:
@@ -1778,7 +1784,7 @@ def tune_share(
     shares = _day_shares(day_hits, len(days), warmup_days)
     candidates = sorted(day_hits)
     before = shares[-1] if previous_share is None else _on_candidates(previous_share, capacity, candidates)
-    best = _best_share(day_hits, warmup_days, len(days)) if counted else 0
+    best = _best_share(_gains(day_hits, warmup_days, len(days))) if counted else 0
     share = _next_share(day_hits, warmup_days, len(days), before) if counted else 0
     chosen = [ranked_codes[:n] for ranked_codes, n in zip(ranking, shares, strict=True)]
     out_of_sample = live(days, [tuned - n for n in shares], precomputed=chosen)

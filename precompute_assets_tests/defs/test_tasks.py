@@ -1083,13 +1083,9 @@ def test_the_live_refresh_leaves_the_ctr_keys_campaigns_hold(
     assert refreshed()[0] == sorted([held, later, plain, "t1"])  # no campaign holds it: refreshed as any other
 
 
-def test_an_upload_of_a_creative_a_warm_campaign_holds_leaves_its_ctr_to_the_campaign(
-    redis_url, redis_client, schema, pg_instance, app_db, tmp_path, capsys
-):
-    """A creative_upload event's ctr task scored the ad from the lake's features over the value its campaign's warming
-    scored from the campaign's own, for 7 days (the live refresh already left it alone, h_events2). The event sensor
-    now leaves it to the campaign too; a registry that does not answer cannot tell, and the task is requested with a
-    warning (no later tick asks for an event's task again)."""
+def warm_campaign(app_db: str):
+    """A campaign launching in 5 minutes whose warming wrote its one ad (held) and marked it warm, and an ad of no
+    campaign (free): ``(registry, campaign_id, held, free)``."""
     from precompute_assets.storage.campaigns import CampaignRegistry
 
     now = datetime.now(UTC)
@@ -1100,6 +1096,17 @@ def test_an_upload_of_a_creative_a_warm_campaign_holds_leaves_its_ctr_to_the_cam
     registry.register(camp, "acme", now + timedelta(minutes=5), [{"ad_id": held, **features}],
                       end_at=now + timedelta(hours=2))  # fmt: skip
     assert registry.record_written(camp, 1) and registry.mark_warm(camp, 1, warm_until=now + timedelta(hours=3))
+    return registry, camp, held, free
+
+
+def test_an_upload_of_a_creative_a_warm_campaign_holds_leaves_its_ctr_to_the_campaign(
+    redis_url, redis_client, schema, pg_instance, app_db, tmp_path, capsys
+):
+    """A creative_upload event's ctr task scored the ad from the lake's features over the value its campaign's warming
+    scored from the campaign's own, for 7 days (the live refresh already left it alone, h_events2). The event sensor
+    now leaves it to the campaign too; a registry that does not answer cannot tell, and the task is requested with a
+    warning (no later tick asks for an event's task again)."""
+    registry, camp, held, free = warm_campaign(app_db)
     stream = f"{schema.prefix}:events"
     after = redis_client.xadd(stream, {"ts": str(time.time_ns() // 1_000_000), "user": "u0", "action": "noop"})
     for ad in (held, free):
@@ -1133,16 +1140,7 @@ def test_a_ctr_task_run_after_a_campaigns_warming_leaves_the_campaigns_values(
     """A ctr task requested before a campaign's warming (an upload's) and run after it wrote the lake's CTR over the
     campaign's, for the task's TTL: the sensors checked only when they requested it. The run now leaves the ads the
     campaign holds, counted; a registry that does not answer leaves none, with a warning that names it."""
-    from precompute_assets.storage.campaigns import CampaignRegistry
-
-    now = datetime.now(UTC)
-    registry = CampaignRegistry(app_db)
-    registry.ensure_schema()
-    camp, held, free = unique("camp"), unique("held-ad"), unique("free-ad")
-    features = {"category": 1, "quality": 0.5, "bid": 1.0, "text_len": 40}
-    registry.register(camp, "acme", now + timedelta(minutes=5), [{"ad_id": held, **features}],
-                      end_at=now + timedelta(hours=2))  # fmt: skip
-    assert registry.record_written(camp, 1) and registry.mark_warm(camp, 1, warm_until=now + timedelta(hours=3))
+    registry, camp, held, free = warm_campaign(app_db)
     redis_client.set(schema.live("ctr", held), codec_for("ctr").encode(0.04), px=3 * 3_600_000)  # the warming's
     name = unique("ctr_from_lake")
     register_task_type(name, lambda entity, ctx: 0.5, ttl_s=600, priority=8, kind="ctr")
